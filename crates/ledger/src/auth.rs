@@ -1,0 +1,95 @@
+//! Who is calling: the admin (admin key) or an account (Bearer secret or Basic email:secret).
+
+use std::sync::Arc;
+
+use base64::Engine;
+
+use crate::error::{LedgerError, Result};
+use crate::store::{sha256_hex, AccountRow, Store};
+
+#[derive(Debug, Clone)]
+pub enum Caller {
+    Admin,
+    /// Identity only: the row comes from a cache and its balance may be stale.
+    Account(Arc<AccountRow>),
+}
+
+impl Caller {
+    pub fn is_admin(&self) -> bool {
+        matches!(self, Caller::Admin)
+    }
+
+    pub fn account(&self) -> Result<&AccountRow> {
+        match self {
+            Caller::Account(a) => Ok(a),
+            Caller::Admin => Err(LedgerError::PermissionDenied(
+                "this call needs an account's credentials, not the admin key".into(),
+            )),
+        }
+    }
+
+    /// The admin, or the account with this email.
+    pub fn may_see(&self, email: &str) -> bool {
+        match self {
+            Caller::Admin => true,
+            Caller::Account(a) => a.email == email,
+        }
+    }
+}
+
+/// Generates an account secret: 32 random bytes, URL-safe.
+pub fn generate_secret() -> String {
+    use rand::RngCore;
+    let mut raw = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut raw);
+    format!("syft_sk_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw))
+}
+
+/// Compares in time independent of where the inputs differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Resolves an `authorization` header value to a caller.
+pub async fn authenticate(store: &Store, admin_key: &str, header: Option<&str>) -> Result<Caller> {
+    let header = header.ok_or_else(|| {
+        LedgerError::Unauthenticated("missing authorization (Bearer secret or Basic email:secret)".into())
+    })?;
+    let bad = || LedgerError::Unauthenticated("invalid credentials".into());
+    if let Some(secret) = header.strip_prefix("Bearer ").map(str::trim) {
+        if !admin_key.is_empty() && constant_time_eq(secret.as_bytes(), admin_key.as_bytes()) {
+            return Ok(Caller::Admin);
+        }
+        if secret.is_empty() || secret.len() > 512 {
+            return Err(bad());
+        }
+        return store
+            .account_by_secret_hash(&sha256_hex(secret))
+            .await?
+            .map(Caller::Account)
+            .ok_or_else(bad);
+    }
+    if let Some(encoded) = header.strip_prefix("Basic ").map(str::trim) {
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+            .ok_or_else(bad)?;
+        let (email, secret) = decoded.split_once(':').ok_or_else(bad)?;
+        let email = email.trim().to_ascii_lowercase();
+        let Some((_, stored)) = store.secret_hash_of(&email).await? else {
+            return Err(bad());
+        };
+        if !constant_time_eq(stored.as_bytes(), sha256_hex(secret).as_bytes()) {
+            return Err(bad());
+        }
+        return store
+            .account_by_email(&email)
+            .await?
+            .map(|a| Caller::Account(Arc::new(a)))
+            .ok_or_else(bad);
+    }
+    Err(LedgerError::Unauthenticated(
+        "unsupported authorization scheme: use Bearer or Basic".into(),
+    ))
+}

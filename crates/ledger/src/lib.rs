@@ -1,0 +1,107 @@
+//! syft-ledger: money state for syft-router. Accounts, delegation tokens, two-phase transfers and
+//! usage rows over Postgres or SQLite, served as `syft.ledger.v1.Ledger` over gRPC.
+
+pub mod auth;
+pub mod client;
+pub mod error;
+pub mod money;
+pub mod service;
+pub mod store;
+pub mod validate;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use error::{LedgerError, Result};
+pub use service::LedgerService;
+pub use store::Store;
+
+#[derive(Debug, Clone)]
+pub struct LedgerConfig {
+    /// `postgres://…` or `sqlite://path?mode=rwc`.
+    pub database_url: String,
+    /// Bearer key with admin rights; empty disables admin access.
+    pub admin_key: String,
+    /// Default lifetime of a hold.
+    pub hold_ttl: Duration,
+    /// Longest hold a caller may ask for.
+    pub max_hold_ttl: Duration,
+    /// How often expired holds are swept and hot-account credits rolled up.
+    pub sweep_interval: Duration,
+    /// Currency of new accounts.
+    pub currency: String,
+    /// Upper bound for any single amount (deposit, hold, spend limit).
+    pub max_amount_micros: i64,
+    /// Postgres pool size (SQLite always uses one connection).
+    pub max_connections: u32,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        Self {
+            database_url: "sqlite://syft-ledger.db?mode=rwc".into(),
+            admin_key: String::new(),
+            hold_ttl: Duration::from_secs(300),
+            max_hold_ttl: Duration::from_secs(86_400),
+            sweep_interval: Duration::from_secs(1),
+            currency: "USD".into(),
+            // 1,000,000 USD.
+            max_amount_micros: 1_000_000_000_000,
+            max_connections: 16,
+        }
+    }
+}
+
+/// Connects to the database (running migrations) and serves gRPC on `listener` until `shutdown`
+/// resolves; in-flight calls finish before this returns.
+pub async fn serve(
+    config: LedgerConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let store = Arc::new(Store::connect(&config.database_url, config.max_connections).await?);
+    serve_with_store(store, config, listener, shutdown).await
+}
+
+/// Like [`serve`], over an already connected store.
+pub async fn serve_with_store(
+    store: Arc<Store>,
+    config: LedgerConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let config = Arc::new(config);
+    let sweeper = tokio::spawn(run_sweeper(store.clone(), config.sweep_interval));
+    let service = LedgerService::new(store.clone(), config.clone());
+    let addr = listener.local_addr().ok();
+    tracing::info!(?addr, backend = ?store.backend(), "ledger serving gRPC");
+    let result = tonic::transport::Server::builder()
+        .add_service(syft_proto::ledger::ledger_server::LedgerServer::new(service))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+        .map_err(|e| LedgerError::Unavailable(format!("gRPC server failed: {e}")));
+    sweeper.abort();
+    tracing::info!("ledger stopped");
+    result
+}
+
+/// Cancels expired holds and folds hot-recipient credits into balances, forever.
+pub async fn run_sweeper(store: Arc<Store>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match store.sweep_expired(500).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(cancelled = n, "expired holds cancelled"),
+            Err(e) => tracing::warn!(error = %e, "expiry sweep failed"),
+        }
+        if let Err(e) = store.roll_up_all().await {
+            tracing::warn!(error = %e, "credit roll-up failed");
+        }
+    }
+}

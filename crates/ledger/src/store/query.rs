@@ -1,0 +1,241 @@
+//! Read paths: transfer listing and usage queries with keyset paging.
+
+use sqlx::any::AnyArguments;
+use sqlx::query::Query;
+use sqlx::{Any, Row};
+
+use super::{transfer_from_row, Store, TransferRow, UsageInput, UsageRow, TRANSFER_COLUMNS, TRANSFER_JOINS};
+use crate::error::Result;
+
+#[derive(Debug, Clone, Default)]
+pub struct TransferFilter {
+    /// Only transfers this account sent and/or received; `None` (admin) means every account.
+    pub account_id: Option<i64>,
+    pub as_sender: bool,
+    pub as_recipient: bool,
+    pub status: Option<String>,
+    pub since: Option<i64>,
+    pub until: Option<i64>,
+    pub app_name: Option<String>,
+    /// Keyset cursor: return ids strictly below this one (ids are time-ordered UUIDv7).
+    pub before_id: Option<String>,
+    pub limit: i64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct UsageFilter {
+    /// Rows of this account: as app owner (recipient) or as the user who sent the request.
+    pub account: Option<(i64, String)>,
+    pub since: Option<i64>,
+    pub until: Option<i64>,
+    pub user_email: Option<String>,
+    pub app_name: Option<String>,
+    pub endpoint: Option<String>,
+    pub status: Option<String>,
+    pub before_id: Option<String>,
+    pub limit: i64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UsageTotals {
+    pub requests: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub total_tokens: i64,
+    pub cost: i64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct UsagePage {
+    pub rows: Vec<UsageRow>,
+    pub has_more: bool,
+    pub totals: UsageTotals,
+}
+
+enum Bind {
+    Int(i64),
+    Text(String),
+}
+
+/// A WHERE clause with numbered placeholders that both Postgres and SQLite accept.
+#[derive(Default)]
+struct Where {
+    clauses: Vec<String>,
+    binds: Vec<Bind>,
+}
+
+impl Where {
+    fn next(&self) -> String {
+        format!("${}", self.binds.len() + 1)
+    }
+
+    fn int(&mut self, template: &str, value: i64) {
+        let clause = template.replace('?', &self.next());
+        self.clauses.push(clause);
+        self.binds.push(Bind::Int(value));
+    }
+
+    fn text(&mut self, template: &str, value: &str) {
+        let clause = template.replace('?', &self.next());
+        self.clauses.push(clause);
+        self.binds.push(Bind::Text(value.to_string()));
+    }
+
+    fn sql(&self) -> String {
+        if self.clauses.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", self.clauses.join(" AND "))
+        }
+    }
+
+    fn bind<'q>(&'q self, mut query: Query<'q, Any, AnyArguments<'q>>) -> Query<'q, Any, AnyArguments<'q>> {
+        for b in &self.binds {
+            query = match b {
+                Bind::Int(v) => query.bind(*v),
+                Bind::Text(v) => query.bind(v.as_str()),
+            };
+        }
+        query
+    }
+}
+
+impl Store {
+    /// Returns up to `limit` transfers, newest first, and whether more exist.
+    pub async fn list_transfers(&self, f: &TransferFilter) -> Result<(Vec<TransferRow>, bool)> {
+        let mut w = Where::default();
+        if let Some(account) = f.account_id {
+            match (f.as_sender, f.as_recipient) {
+                (true, false) => w.int("t.sender_id = ?", account),
+                (false, true) => w.int("t.recipient_id = ?", account),
+                _ => {
+                    let p = w.next();
+                    w.clauses.push(format!("(t.sender_id = {p} OR t.recipient_id = {p})"));
+                    w.binds.push(Bind::Int(account));
+                }
+            }
+        }
+        if let Some(status) = &f.status {
+            w.text("t.status = ?", status);
+        }
+        if let Some(since) = f.since {
+            w.int("t.created_at >= ?", since);
+        }
+        if let Some(until) = f.until {
+            w.int("t.created_at < ?", until);
+        }
+        if let Some(app) = &f.app_name {
+            w.text("t.app_name = ?", app);
+        }
+        if let Some(before) = &f.before_id {
+            w.text("t.id < ?", before);
+        }
+        let sql = format!(
+            "SELECT {TRANSFER_COLUMNS} FROM transfers t {TRANSFER_JOINS} {} ORDER BY t.id DESC LIMIT {}",
+            w.sql(),
+            f.limit + 1
+        );
+        let rows = w.bind(sqlx::query(&sql)).fetch_all(self.pool()).await?;
+        let mut transfers = rows.iter().map(transfer_from_row).collect::<Result<Vec<_>>>()?;
+        let has_more = transfers.len() as i64 > f.limit;
+        transfers.truncate(f.limit as usize);
+        Ok((transfers, has_more))
+    }
+
+    pub async fn query_usage(&self, f: &UsageFilter) -> Result<UsagePage> {
+        let mut w = Where::default();
+        if let Some((id, email)) = &f.account {
+            let (p1, p2) = (format!("${}", w.binds.len() + 1), format!("${}", w.binds.len() + 2));
+            w.clauses.push(format!("(u.recipient_id = {p1} OR u.user_email = {p2})"));
+            w.binds.push(Bind::Int(*id));
+            w.binds.push(Bind::Text(email.clone()));
+        }
+        if let Some(since) = f.since {
+            w.int("u.created_at >= ?", since);
+        }
+        if let Some(until) = f.until {
+            w.int("u.created_at < ?", until);
+        }
+        if let Some(v) = &f.user_email {
+            w.text("u.user_email = ?", v);
+        }
+        if let Some(v) = &f.app_name {
+            w.text("u.app_name = ?", v);
+        }
+        if let Some(v) = &f.endpoint {
+            w.text("u.endpoint = ?", v);
+        }
+        if let Some(v) = &f.status {
+            w.text("u.status = ?", v);
+        }
+        let totals_sql = format!(
+            "SELECT COUNT(*), CAST(COALESCE(SUM(u.prompt_tokens), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(u.completion_tokens), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(u.total_tokens), 0) AS BIGINT), CAST(COALESCE(SUM(u.cost), 0) AS BIGINT) \
+             FROM usage_records u {}",
+            w.sql()
+        );
+        let row = w.bind(sqlx::query(&totals_sql)).fetch_one(self.pool()).await?;
+        let totals = UsageTotals {
+            requests: row.try_get(0)?,
+            prompt_tokens: row.try_get(1)?,
+            completion_tokens: row.try_get(2)?,
+            total_tokens: row.try_get(3)?,
+            cost: row.try_get(4)?,
+        };
+        if let Some(before) = &f.before_id {
+            w.text("u.id < ?", before);
+        }
+        let sql = format!(
+            "SELECT {USAGE_COLUMNS} FROM usage_records u JOIN accounts r ON r.id = u.recipient_id {} \
+             ORDER BY u.id DESC LIMIT {}",
+            w.sql(),
+            f.limit + 1
+        );
+        let rows = w.bind(sqlx::query(&sql)).fetch_all(self.pool()).await?;
+        let mut rows = rows.iter().map(usage_from_row).collect::<Result<Vec<_>>>()?;
+        let has_more = rows.len() as i64 > f.limit;
+        rows.truncate(f.limit as usize);
+        Ok(UsagePage { rows, has_more, totals })
+    }
+
+    pub async fn usage_by_request(&self, recipient_id: i64, request_id: &str) -> Result<Option<UsageRow>> {
+        let sql = format!(
+            "SELECT {USAGE_COLUMNS} FROM usage_records u JOIN accounts r ON r.id = u.recipient_id \
+             WHERE u.recipient_id = $1 AND u.request_id = $2"
+        );
+        let row = sqlx::query(&sql)
+            .bind(recipient_id)
+            .bind(request_id)
+            .fetch_optional(self.pool())
+            .await?;
+        row.as_ref().map(usage_from_row).transpose()
+    }
+}
+
+const USAGE_COLUMNS: &str = "u.id, r.email, u.transfer_id, u.cost, u.created_at, u.request_id, u.app_name, \
+     u.endpoint, u.user_email, u.model, u.prompt_tokens, u.completion_tokens, u.total_tokens, u.status, \
+     u.latency_ms, u.upstream_latency_ms";
+
+fn usage_from_row(row: &sqlx::any::AnyRow) -> Result<UsageRow> {
+    Ok(UsageRow {
+        id: row.try_get(0)?,
+        recipient_email: row.try_get(1)?,
+        transfer_id: row.try_get(2)?,
+        cost: row.try_get(3)?,
+        created_at: row.try_get(4)?,
+        usage: UsageInput {
+            request_id: row.try_get(5)?,
+            app_name: row.try_get(6)?,
+            endpoint: row.try_get(7)?,
+            user_email: row.try_get(8)?,
+            model: row.try_get(9)?,
+            prompt_tokens: row.try_get(10)?,
+            completion_tokens: row.try_get(11)?,
+            total_tokens: row.try_get(12)?,
+            status: row.try_get(13)?,
+            latency_ms: row.try_get(14)?,
+            upstream_latency_ms: row.try_get(15)?,
+        },
+    })
+}

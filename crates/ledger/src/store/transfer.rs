@@ -1,0 +1,699 @@
+//! Two-phase transfers: authorize (hold), capture, void, expiry sweep and credit roll-up.
+//!
+//! Each transition is one atomic unit. On Postgres the hot operations are single data-modifying
+//! statements (one round trip, no client-held row locks); on SQLite they are short transactions on
+//! the single connection. Both paths are covered by the same store test suite.
+//!
+//! The recipient of a capture is credited through an append-only journal row (`rolled_up = FALSE`)
+//! instead of an update of its account row, so captures for one hot recipient never queue on a
+//! single row lock; `roll_up` later folds those rows into `accounts.balance`.
+
+use sqlx::{AnyConnection, Row};
+
+use super::{
+    new_id, now_micros, retry_transient, sha256_hex, transfer_from_row, Backend, Store, TokenInfo,
+    TransferRow, UsageInput, TRANSFER_COLUMNS, TRANSFER_JOINS,
+};
+use crate::error::{is_unique_violation, LedgerError, Result};
+
+pub struct AuthorizeInput<'a> {
+    pub recipient_id: i64,
+    pub sender_email: &'a str,
+    pub amount: i64,
+    pub token: &'a str,
+    pub app_name: &'a str,
+    pub app_ep_path: &'a str,
+    pub idempotency_key: &'a str,
+    pub ttl_micros: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaptureAmount {
+    Full,
+    Micros(i64),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolution {
+    Capture(CaptureAmount),
+    Void { reason: String },
+}
+
+pub struct ResolveInput<'a> {
+    pub transfer_id: &'a str,
+    /// `None` for the ledger itself (expiry sweep), which may resolve any transfer.
+    pub recipient_id: Option<i64>,
+    pub resolution: Resolution,
+    pub usage: Option<&'a UsageInput>,
+}
+
+enum AuthorizeOutcome {
+    Created(TransferRow),
+    TokenRejected,
+    InsufficientFunds,
+    DuplicateKey,
+}
+
+const CANCEL_EXPIRED: &str = "hold expired";
+
+impl Store {
+    /// Places a hold for `amount` on the sender's funds, keyed by `(recipient, idempotency_key)`.
+    pub async fn authorize(&self, input: &AuthorizeInput<'_>) -> Result<TransferRow> {
+        let Some(token) = self.token_info(input.token).await? else {
+            return self
+                .fail_authorize(input, "", LedgerError::PermissionDenied("unknown token".into()))
+                .await;
+        };
+        let request_hash = sha256_hex(&format!(
+            "{}\n{}\n{}\n{}\n{}",
+            input.sender_email, input.amount, token.id, input.app_name, input.app_ep_path
+        ));
+        if let Some(replayed) = self.replay_authorize(input, &request_hash).await? {
+            return replayed;
+        }
+        if token.recipient_id != input.recipient_id {
+            let err = LedgerError::PermissionDenied("token was not issued to this recipient".into());
+            return self.fail_authorize(input, &request_hash, err).await;
+        }
+        if token.sender_email != input.sender_email {
+            let err = LedgerError::PermissionDenied("token does not belong to this sender".into());
+            return self.fail_authorize(input, &request_hash, err).await;
+        }
+
+        let mut rolled_up = false;
+        loop {
+            let now = now_micros();
+            let outcome = retry_transient(|| self.try_authorize(input, &token, &request_hash, now)).await?;
+            match outcome {
+                AuthorizeOutcome::Created(row) => return Ok(row),
+                AuthorizeOutcome::DuplicateKey => {
+                    if let Some(replayed) = self.replay_authorize(input, &request_hash).await? {
+                        return replayed;
+                    }
+                    return Err(LedgerError::Unavailable("concurrent authorization, retry".into()));
+                }
+                AuthorizeOutcome::TokenRejected => {
+                    if let Some(replayed) = self.replay_authorize(input, &request_hash).await? {
+                        return replayed;
+                    }
+                    let reason = self
+                        .token_rejection(&token.id, input.amount, now)
+                        .await?
+                        .unwrap_or_else(|| "token cannot be used".into());
+                    return self
+                        .fail_authorize(input, &request_hash, LedgerError::PermissionDenied(reason))
+                        .await;
+                }
+                AuthorizeOutcome::InsufficientFunds => {
+                    // Credits from captures may still sit in the journal; fold them in once and retry.
+                    if !rolled_up && self.roll_up(token.sender_id).await? > 0 {
+                        rolled_up = true;
+                        continue;
+                    }
+                    let err = LedgerError::FailedPrecondition(format!(
+                        "insufficient funds: {} micros requested",
+                        input.amount
+                    ));
+                    return self.fail_authorize(input, &request_hash, err).await;
+                }
+            }
+        }
+    }
+
+    /// The original outcome of an earlier authorization with the same key, if there was one.
+    async fn replay_authorize(
+        &self,
+        input: &AuthorizeInput<'_>,
+        request_hash: &str,
+    ) -> Result<Option<Result<TransferRow>>> {
+        let sql = format!(
+            "SELECT {TRANSFER_COLUMNS}, t.request_hash FROM transfers t {TRANSFER_JOINS} \
+             WHERE t.recipient_id = $1 AND t.idempotency_key = $2"
+        );
+        let row = sqlx::query(&sql)
+            .bind(input.recipient_id)
+            .bind(input.idempotency_key)
+            .fetch_optional(self.pool())
+            .await?;
+        if let Some(row) = row {
+            let original_hash: String = row.try_get(18)?;
+            if original_hash != request_hash {
+                return Ok(Some(Err(key_reused(input.idempotency_key))));
+            }
+            return Ok(Some(Ok(transfer_from_row(&row)?)));
+        }
+        let row = sqlx::query(
+            "SELECT request_hash, error_kind, error_message FROM authorize_failures \
+             WHERE recipient_id = $1 AND idempotency_key = $2",
+        )
+        .bind(input.recipient_id)
+        .bind(input.idempotency_key)
+        .fetch_optional(self.pool())
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let original_hash: String = row.try_get(0)?;
+        if original_hash != request_hash {
+            return Ok(Some(Err(key_reused(input.idempotency_key))));
+        }
+        let kind: String = row.try_get(1)?;
+        Ok(Some(Err(LedgerError::from_kind(&kind, row.try_get(2)?))))
+    }
+
+    /// Records a business failure so that a replay of the same key returns it, then returns it.
+    async fn fail_authorize(
+        &self,
+        input: &AuthorizeInput<'_>,
+        request_hash: &str,
+        err: LedgerError,
+    ) -> Result<TransferRow> {
+        let hash = if request_hash.is_empty() {
+            // An unknown token has no id; hash its text so a replay with another token differs.
+            sha256_hex(&format!("unknown-token\n{}", input.token))
+        } else {
+            request_hash.to_string()
+        };
+        sqlx::query(
+            "INSERT INTO authorize_failures (recipient_id, idempotency_key, request_hash, error_kind, \
+             error_message, created_at) SELECT $1, $2, $3, $4, $5, $6 \
+             WHERE NOT EXISTS (SELECT 1 FROM transfers WHERE recipient_id = $1 AND idempotency_key = $2) \
+             ON CONFLICT (recipient_id, idempotency_key) DO NOTHING",
+        )
+        .bind(input.recipient_id)
+        .bind(input.idempotency_key)
+        .bind(&hash)
+        .bind(err.kind())
+        .bind(err.to_string())
+        .bind(now_micros())
+        .execute(self.pool())
+        .await?;
+        // A concurrent replay may have recorded a different outcome first; return that one.
+        match self.replay_authorize(input, &hash).await? {
+            Some(outcome) => outcome,
+            None => Err(err),
+        }
+    }
+
+    async fn try_authorize(
+        &self,
+        input: &AuthorizeInput<'_>,
+        token: &TokenInfo,
+        request_hash: &str,
+        now: i64,
+    ) -> std::result::Result<AuthorizeOutcome, sqlx::Error> {
+        let id = new_id();
+        let expires_at = now.saturating_add(input.ttl_micros);
+        let result = match self.backend() {
+            Backend::Postgres => {
+                let sql = format!(
+                    "WITH tok AS ( \
+                        UPDATE tokens SET held = held + $5 \
+                        WHERE id = $4 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $11) \
+                          AND (spend_limit IS NULL OR spent + held + $5 <= spend_limit) \
+                          AND NOT EXISTS (SELECT 1 FROM authorize_failures \
+                                          WHERE recipient_id = $3 AND idempotency_key = $9) \
+                        RETURNING id), \
+                     snd AS ( \
+                        UPDATE accounts SET held = held + $5 \
+                        WHERE id = $2 AND balance - held >= $5 AND EXISTS (SELECT 1 FROM tok) \
+                        RETURNING id), \
+                     ins AS ( \
+                        INSERT INTO transfers (id, sender_id, recipient_id, token_id, amount, currency, \
+                            status, created_by, app_name, app_ep_path, idempotency_key, request_hash, \
+                            created_at, expires_at) \
+                        SELECT $1, $2, $3, $4, $5, $6, 'PENDING', 'RECIPIENT', $7, $8, $9, $10, $11, $12 \
+                        FROM snd RETURNING *) \
+                     SELECT {TRANSFER_COLUMNS}, (SELECT COUNT(*) FROM tok), \
+                        CASE WHEN EXISTS (SELECT 1 FROM tok) AND NOT EXISTS (SELECT 1 FROM snd) \
+                             THEN ledger_abort('insufficient funds') ELSE 0 END \
+                     FROM (SELECT 1) AS one LEFT JOIN ins t ON TRUE \
+                     LEFT JOIN accounts sa ON sa.id = t.sender_id LEFT JOIN accounts ra ON ra.id = t.recipient_id"
+                );
+                let row = sqlx::query(&sql)
+                    .bind(&id)
+                    .bind(token.sender_id)
+                    .bind(input.recipient_id)
+                    .bind(&token.id)
+                    .bind(input.amount)
+                    .bind(&token.currency)
+                    .bind(input.app_name)
+                    .bind(input.app_ep_path)
+                    .bind(input.idempotency_key)
+                    .bind(request_hash)
+                    .bind(now)
+                    .bind(expires_at)
+                    .fetch_one(self.pool())
+                    .await;
+                match row {
+                    Ok(row) => {
+                        let tok: i64 = row.try_get(18)?;
+                        if tok == 0 {
+                            Ok(AuthorizeOutcome::TokenRejected)
+                        } else {
+                            Ok(AuthorizeOutcome::Created(
+                                transfer_from_row(&row).map_err(to_sqlx)?,
+                            ))
+                        }
+                    }
+                    Err(e) if is_abort(&e) => Ok(AuthorizeOutcome::InsufficientFunds),
+                    Err(e) => Err(e),
+                }
+            }
+            Backend::Sqlite => {
+                let mut tx = self.pool().begin().await?;
+                let outcome = sqlite_authorize(&mut tx, input, token, request_hash, &id, now, expires_at).await;
+                match outcome {
+                    Ok(true) => {
+                        tx.commit().await?;
+                        let row = self.transfer_by_id(&id).await.map_err(to_sqlx)?;
+                        Ok(AuthorizeOutcome::Created(row.ok_or(sqlx::Error::RowNotFound)?))
+                    }
+                    Ok(false) => Ok(AuthorizeOutcome::TokenRejected),
+                    Err(SqliteAuthorizeError::Funds) => Ok(AuthorizeOutcome::InsufficientFunds),
+                    Err(SqliteAuthorizeError::Sql(e)) => Err(e),
+                }
+            }
+        };
+        match result {
+            Err(e) if is_unique_violation(&e) => Ok(AuthorizeOutcome::DuplicateKey),
+            other => other,
+        }
+    }
+
+    pub async fn transfer_by_id(&self, id: &str) -> Result<Option<TransferRow>> {
+        let sql = format!("SELECT {TRANSFER_COLUMNS} FROM transfers t {TRANSFER_JOINS} WHERE t.id = $1");
+        let row = sqlx::query(&sql).bind(id).fetch_optional(self.pool()).await?;
+        row.as_ref().map(transfer_from_row).transpose()
+    }
+
+    /// Captures or voids a pending transfer exactly once. Repeating the same resolution returns the
+    /// resolved transfer unchanged; a conflicting one is `FAILED_PRECONDITION`.
+    pub async fn resolve(&self, input: &ResolveInput<'_>) -> Result<TransferRow> {
+        for _ in 0..3 {
+            let now = now_micros();
+            if let Some(row) = retry_transient(|| self.try_resolve(input, now)).await? {
+                return Ok(row);
+            }
+            let current = self
+                .transfer_by_id(input.transfer_id)
+                .await?
+                .filter(|t| input.recipient_id.is_none_or(|r| r == t.recipient_id))
+                .ok_or_else(|| LedgerError::NotFound(format!("transfer {} not found", input.transfer_id)))?;
+            match (&input.resolution, current.status.as_str()) {
+                (Resolution::Capture(amount), "COMPLETED") => {
+                    let same = match amount {
+                        CaptureAmount::Full => current.captured == current.amount,
+                        CaptureAmount::Micros(m) => current.captured == *m,
+                    };
+                    if same {
+                        return Ok(current);
+                    }
+                    return Err(LedgerError::FailedPrecondition(format!(
+                        "transfer {} was already captured for {} micros",
+                        current.id, current.captured
+                    )));
+                }
+                (Resolution::Capture(_), "CANCELLED") => {
+                    return Err(LedgerError::FailedPrecondition(format!(
+                        "transfer {} is cancelled ({}), it cannot be captured",
+                        current.id, current.cancel_reason
+                    )))
+                }
+                (Resolution::Void { .. }, "CANCELLED") => return Ok(current),
+                (Resolution::Void { .. }, "COMPLETED") => {
+                    return Err(LedgerError::FailedPrecondition(format!(
+                        "transfer {} is already captured, it cannot be voided",
+                        current.id
+                    )))
+                }
+                (Resolution::Capture(CaptureAmount::Micros(m)), "PENDING") if *m > current.amount => {
+                    return Err(LedgerError::invalid(format!(
+                        "capture amount {m} exceeds the authorized {} micros",
+                        current.amount
+                    )))
+                }
+                (Resolution::Capture(_), "PENDING") if current.expires_at <= now_micros() => {
+                    return Err(LedgerError::FailedPrecondition(format!(
+                        "hold {} expired, it can no longer be captured",
+                        current.id
+                    )))
+                }
+                // Still pending: a concurrent resolution lost its race; look again.
+                _ => continue,
+            }
+        }
+        Err(LedgerError::Unavailable("transfer is busy, retry".into()))
+    }
+
+    async fn try_resolve(
+        &self,
+        input: &ResolveInput<'_>,
+        now: i64,
+    ) -> std::result::Result<Option<TransferRow>, sqlx::Error> {
+        let (status, captured_expr, reason, resolved_by) = match &input.resolution {
+            Resolution::Capture(CaptureAmount::Full) => ("COMPLETED", -1, "", "RECIPIENT"),
+            Resolution::Capture(CaptureAmount::Micros(m)) => ("COMPLETED", *m, "", "RECIPIENT"),
+            Resolution::Void { reason } => (
+                "CANCELLED",
+                0,
+                reason.as_str(),
+                if input.recipient_id.is_some() { "RECIPIENT" } else { "SYSTEM" },
+            ),
+        };
+        let capture = status == "COMPLETED";
+        // Captures must happen before expiry; the sweep may only cancel what has expired.
+        let time_guard = if capture {
+            "t.expires_at > $7"
+        } else if input.recipient_id.is_none() {
+            "t.expires_at <= $7"
+        } else {
+            "TRUE"
+        };
+        let usage = input.usage;
+        let usage_id = new_id();
+        match self.backend() {
+            Backend::Postgres => {
+                let sql = format!(
+                    "WITH t AS ( \
+                        UPDATE transfers t SET status = $2, \
+                            captured = CASE WHEN $3 < 0 THEN t.amount ELSE $3 END, \
+                            resolved_by = $4, resolved_at = $7, cancel_reason = $5 \
+                        WHERE t.id = $1 AND ($6 < 0 OR t.recipient_id = $6) AND t.status = 'PENDING' \
+                          AND {time_guard} AND $3 <= t.amount \
+                        RETURNING t.*), \
+                     k AS ( \
+                        UPDATE tokens k SET held = k.held - t.amount, spent = k.spent + t.captured \
+                        FROM t WHERE k.id = t.token_id RETURNING k.id), \
+                     s AS ( \
+                        UPDATE accounts a SET balance = a.balance - t.captured, held = a.held - t.amount \
+                        FROM t WHERE a.id = t.sender_id \
+                          AND (t.token_id IS NULL OR EXISTS (SELECT 1 FROM k)) RETURNING a.id), \
+                     j AS ( \
+                        INSERT INTO journal (account_id, amount, kind, ref_id, rolled_up, created_at) \
+                        SELECT t.sender_id, -t.captured, 'capture', t.id, TRUE, $7 FROM t WHERE t.captured > 0 \
+                        UNION ALL \
+                        SELECT t.recipient_id, t.captured, 'capture', t.id, FALSE, $7 FROM t WHERE t.captured > 0 \
+                        RETURNING id), \
+                     u AS ( \
+                        INSERT INTO usage_records (id, recipient_id, request_id, transfer_id, app_name, \
+                            endpoint, user_email, model, prompt_tokens, completion_tokens, total_tokens, \
+                            cost, status, latency_ms, upstream_latency_ms, created_at) \
+                        SELECT $8, t.recipient_id, $9, t.id, $10, $11, $12, $13, $14, $15, $16, t.captured, \
+                            $17, $18, $19, $7 FROM t WHERE $20 \
+                        ON CONFLICT (recipient_id, request_id) DO NOTHING RETURNING id) \
+                     SELECT {TRANSFER_COLUMNS}, (SELECT COUNT(*) FROM s), (SELECT COUNT(*) FROM j), \
+                        (SELECT COUNT(*) FROM u) \
+                     FROM t {TRANSFER_JOINS}"
+                );
+                let empty = UsageInput::default();
+                let u = usage.unwrap_or(&empty);
+                let row = sqlx::query(&sql)
+                    .bind(input.transfer_id)
+                    .bind(status)
+                    .bind(captured_expr)
+                    .bind(resolved_by)
+                    .bind(reason)
+                    .bind(input.recipient_id.unwrap_or(-1))
+                    .bind(now)
+                    .bind(&usage_id)
+                    .bind(&u.request_id)
+                    .bind(&u.app_name)
+                    .bind(&u.endpoint)
+                    .bind(&u.user_email)
+                    .bind(&u.model)
+                    .bind(u.prompt_tokens)
+                    .bind(u.completion_tokens)
+                    .bind(u.total_tokens)
+                    .bind(&u.status)
+                    .bind(u.latency_ms)
+                    .bind(u.upstream_latency_ms)
+                    .bind(usage.is_some())
+                    .fetch_optional(self.pool())
+                    .await?;
+                row.as_ref()
+                    .map(|r| transfer_from_row(r).map_err(to_sqlx))
+                    .transpose()
+            }
+            Backend::Sqlite => {
+                let mut tx = self.pool().begin().await?;
+                let sql = format!(
+                    "UPDATE transfers AS t SET status = $2, \
+                        captured = CASE WHEN $3 < 0 THEN t.amount ELSE $3 END, \
+                        resolved_by = $4, resolved_at = $7, cancel_reason = $5 \
+                     WHERE t.id = $1 AND ($6 < 0 OR t.recipient_id = $6) AND t.status = 'PENDING' \
+                       AND {time_guard} AND $3 <= t.amount \
+                     RETURNING sender_id, recipient_id, token_id, amount, captured"
+                );
+                let row = sqlx::query(&sql)
+                    .bind(input.transfer_id)
+                    .bind(status)
+                    .bind(captured_expr)
+                    .bind(resolved_by)
+                    .bind(reason)
+                    .bind(input.recipient_id.unwrap_or(-1))
+                    .bind(now)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                let Some(row) = row else { return Ok(None) };
+                let sender_id: i64 = row.try_get(0)?;
+                let recipient_id: i64 = row.try_get(1)?;
+                let token_id: Option<String> = row.try_get(2)?;
+                let amount: i64 = row.try_get(3)?;
+                let captured: i64 = row.try_get(4)?;
+                sqlx::query("UPDATE accounts SET balance = balance - $1, held = held - $2 WHERE id = $3")
+                    .bind(captured)
+                    .bind(amount)
+                    .bind(sender_id)
+                    .execute(&mut *tx)
+                    .await?;
+                if let Some(token_id) = &token_id {
+                    sqlx::query("UPDATE tokens SET held = held - $1, spent = spent + $2 WHERE id = $3")
+                        .bind(amount)
+                        .bind(captured)
+                        .bind(token_id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                if captured > 0 {
+                    sqlx::query(
+                        "INSERT INTO journal (account_id, amount, kind, ref_id, rolled_up, created_at) \
+                         VALUES ($1, $2, 'capture', $3, TRUE, $4), ($5, $6, 'capture', $3, FALSE, $4)",
+                    )
+                    .bind(sender_id)
+                    .bind(-captured)
+                    .bind(input.transfer_id)
+                    .bind(now)
+                    .bind(recipient_id)
+                    .bind(captured)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                if let Some(u) = usage {
+                    insert_usage(&mut tx, &usage_id, recipient_id, Some(input.transfer_id), captured, u, now)
+                        .await?;
+                }
+                tx.commit().await?;
+                self.transfer_by_id(input.transfer_id).await.map_err(to_sqlx)
+            }
+        }
+    }
+
+    /// Cancels up to `limit` expired holds (resolved by SYSTEM); returns how many it cancelled.
+    pub async fn sweep_expired(&self, limit: i64) -> Result<u64> {
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM transfers WHERE status = 'PENDING' AND expires_at <= $1 \
+             ORDER BY expires_at LIMIT $2",
+        )
+        .bind(now_micros())
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?;
+        let mut cancelled = 0;
+        for id in ids {
+            let input = ResolveInput {
+                transfer_id: &id,
+                recipient_id: None,
+                resolution: Resolution::Void { reason: CANCEL_EXPIRED.into() },
+                usage: None,
+            };
+            match self.resolve(&input).await {
+                Ok(t) if t.resolved_by.as_deref() == Some("SYSTEM") => cancelled += 1,
+                Ok(_) => {}
+                // Another replica or the recipient got there first.
+                Err(LedgerError::FailedPrecondition(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(cancelled)
+    }
+
+    /// Folds an account's unrolled journal credits into its balance; returns the amount folded.
+    pub async fn roll_up(&self, account_id: i64) -> Result<i64> {
+        retry_transient(|| async {
+            let mut tx = self.pool().begin().await?;
+            let amounts: Vec<i64> = sqlx::query_scalar(
+                "UPDATE journal SET rolled_up = TRUE WHERE account_id = $1 AND NOT rolled_up RETURNING amount",
+            )
+            .bind(account_id)
+            .fetch_all(&mut *tx)
+            .await?;
+            let total: i64 = amounts.iter().sum();
+            if total != 0 {
+                sqlx::query("UPDATE accounts SET balance = balance + $1 WHERE id = $2")
+                    .bind(total)
+                    .bind(account_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok(total)
+        })
+        .await
+    }
+
+    /// Rolls up every account with unrolled credits.
+    pub async fn roll_up_all(&self) -> Result<i64> {
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "SELECT DISTINCT account_id FROM journal WHERE NOT rolled_up AND account_id IS NOT NULL",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        let mut total = 0;
+        for id in ids {
+            total += self.roll_up(id).await?;
+        }
+        Ok(total)
+    }
+
+    /// A usage row without money. A request id already recorded returns the existing row.
+    pub async fn record_usage(&self, recipient_id: i64, usage: &UsageInput) -> Result<super::UsageRow> {
+        let id = new_id();
+        let now = now_micros();
+        retry_transient(|| async {
+            let mut conn = self.pool().acquire().await?;
+            insert_usage(&mut conn, &id, recipient_id, None, 0, usage, now).await
+        })
+        .await?;
+        self.usage_by_request(recipient_id, &usage.request_id)
+            .await?
+            .ok_or_else(|| LedgerError::Internal("usage row vanished".into()))
+    }
+}
+
+enum SqliteAuthorizeError {
+    Funds,
+    Sql(sqlx::Error),
+}
+
+impl From<sqlx::Error> for SqliteAuthorizeError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Sql(e)
+    }
+}
+
+/// Returns Ok(false) when the token cannot pay (rolled back by dropping the transaction).
+async fn sqlite_authorize(
+    conn: &mut AnyConnection,
+    input: &AuthorizeInput<'_>,
+    token: &TokenInfo,
+    request_hash: &str,
+    id: &str,
+    now: i64,
+    expires_at: i64,
+) -> std::result::Result<bool, SqliteAuthorizeError> {
+    let tok = sqlx::query(
+        "UPDATE tokens SET held = held + $1 WHERE id = $2 AND revoked_at IS NULL \
+         AND (expires_at IS NULL OR expires_at > $3) \
+         AND (spend_limit IS NULL OR spent + held + $1 <= spend_limit) \
+         AND NOT EXISTS (SELECT 1 FROM authorize_failures WHERE recipient_id = $4 AND idempotency_key = $5)",
+    )
+    .bind(input.amount)
+    .bind(&token.id)
+    .bind(now)
+    .bind(input.recipient_id)
+    .bind(input.idempotency_key)
+    .execute(&mut *conn)
+    .await?;
+    if tok.rows_affected() == 0 {
+        return Ok(false);
+    }
+    let funds = sqlx::query("UPDATE accounts SET held = held + $1 WHERE id = $2 AND balance - held >= $1")
+        .bind(input.amount)
+        .bind(token.sender_id)
+        .execute(&mut *conn)
+        .await?;
+    if funds.rows_affected() == 0 {
+        return Err(SqliteAuthorizeError::Funds);
+    }
+    sqlx::query(
+        "INSERT INTO transfers (id, sender_id, recipient_id, token_id, amount, currency, status, \
+         created_by, app_name, app_ep_path, idempotency_key, request_hash, created_at, expires_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, 'PENDING', 'RECIPIENT', $7, $8, $9, $10, $11, $12)",
+    )
+    .bind(id)
+    .bind(token.sender_id)
+    .bind(input.recipient_id)
+    .bind(&token.id)
+    .bind(input.amount)
+    .bind(&token.currency)
+    .bind(input.app_name)
+    .bind(input.app_ep_path)
+    .bind(input.idempotency_key)
+    .bind(request_hash)
+    .bind(now)
+    .bind(expires_at)
+    .execute(&mut *conn)
+    .await?;
+    Ok(true)
+}
+
+async fn insert_usage(
+    conn: &mut AnyConnection,
+    id: &str,
+    recipient_id: i64,
+    transfer_id: Option<&str>,
+    cost: i64,
+    u: &UsageInput,
+    now: i64,
+) -> std::result::Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO usage_records (id, recipient_id, request_id, transfer_id, app_name, endpoint, \
+         user_email, model, prompt_tokens, completion_tokens, total_tokens, cost, status, latency_ms, \
+         upstream_latency_ms, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
+         ON CONFLICT (recipient_id, request_id) DO NOTHING",
+    )
+    .bind(id)
+    .bind(recipient_id)
+    .bind(&u.request_id)
+    .bind(transfer_id)
+    .bind(&u.app_name)
+    .bind(&u.endpoint)
+    .bind(&u.user_email)
+    .bind(&u.model)
+    .bind(u.prompt_tokens)
+    .bind(u.completion_tokens)
+    .bind(u.total_tokens)
+    .bind(cost)
+    .bind(&u.status)
+    .bind(u.latency_ms)
+    .bind(u.upstream_latency_ms)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+fn key_reused(key: &str) -> LedgerError {
+    LedgerError::AlreadyExists(format!(
+        "idempotency key {key:?} was already used with different parameters"
+    ))
+}
+
+/// `ledger_abort()` (migration 0001) raises P0001 to undo a half-applied data-modifying statement.
+fn is_abort(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(db) if db.code().as_deref() == Some("P0001"))
+}
+
+fn to_sqlx(err: LedgerError) -> sqlx::Error {
+    sqlx::Error::Protocol(err.to_string())
+}

@@ -1,0 +1,155 @@
+//! `verify`: recomputes every balance from the journal and proves conservation.
+
+use sqlx::Row;
+
+use super::Store;
+use crate::error::Result;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub accounts: i64,
+    pub transfers: i64,
+    /// Money that entered through deposits.
+    pub total_deposits: i64,
+    /// Sum of account balances (rolled up plus unrolled credits).
+    pub total_balances: i64,
+    /// Money held by pending transfers (still part of the senders' balances).
+    pub total_held: i64,
+    pub pending_transfers: i64,
+    /// Every violated invariant, in words; empty when the ledger is consistent.
+    pub problems: Vec<String>,
+}
+
+impl VerifyReport {
+    pub fn is_ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+impl Store {
+    pub async fn verify(&self) -> Result<VerifyReport> {
+        let mut report = VerifyReport::default();
+        let pool = self.pool();
+        let sum = |sql: &'static str| async move {
+            let v: i64 = sqlx::query_scalar(sql).fetch_one(pool).await?;
+            Ok::<_, crate::error::LedgerError>(v)
+        };
+        report.accounts = sum("SELECT COUNT(*) FROM accounts").await?;
+        report.transfers = sum("SELECT COUNT(*) FROM transfers").await?;
+        report.pending_transfers = sum("SELECT COUNT(*) FROM transfers WHERE status = 'PENDING'").await?;
+        report.total_deposits =
+            sum("SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM deposits").await?;
+        report.total_held = sum("SELECT CAST(COALESCE(SUM(held), 0) AS BIGINT) FROM accounts").await?;
+        let stored_balances =
+            sum("SELECT CAST(COALESCE(SUM(balance), 0) AS BIGINT) FROM accounts").await?;
+        let unrolled = sum(
+            "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM journal WHERE NOT rolled_up",
+        )
+        .await?;
+        report.total_balances = stored_balances + unrolled;
+        let journal_total = sum("SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM journal").await?;
+        let system_side = sum(
+            "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM journal WHERE account_id IS NULL",
+        )
+        .await?;
+
+        let problems = &mut report.problems;
+        if journal_total != 0 {
+            problems.push(format!("journal does not balance: entries sum to {journal_total}"));
+        }
+        if -system_side != report.total_deposits {
+            problems.push(format!(
+                "system journal side {} does not match deposits {}",
+                -system_side, report.total_deposits
+            ));
+        }
+        if report.total_balances != report.total_deposits {
+            problems.push(format!(
+                "conservation broken: balances {} != deposits {}",
+                report.total_balances, report.total_deposits
+            ));
+        }
+
+        // Each account's balance equals its journal; held equals its pending transfers.
+        let rows = sqlx::query(
+            "SELECT a.email, a.balance, a.held, \
+               COALESCE((SELECT CAST(SUM(j.amount) AS BIGINT) FROM journal j WHERE j.account_id = a.id), 0), \
+               COALESCE((SELECT CAST(SUM(j.amount) AS BIGINT) FROM journal j \
+                         WHERE j.account_id = a.id AND j.rolled_up), 0), \
+               COALESCE((SELECT CAST(SUM(t.amount) AS BIGINT) FROM transfers t \
+                         WHERE t.sender_id = a.id AND t.status = 'PENDING'), 0) \
+             FROM accounts a",
+        )
+        .fetch_all(pool)
+        .await?;
+        for row in rows {
+            let email: String = row.try_get(0)?;
+            let balance: i64 = row.try_get(1)?;
+            let held: i64 = row.try_get(2)?;
+            let journal: i64 = row.try_get(3)?;
+            let rolled: i64 = row.try_get(4)?;
+            let pending: i64 = row.try_get(5)?;
+            if balance != rolled {
+                problems.push(format!("{email}: balance {balance} != rolled-up journal {rolled}"));
+            }
+            if journal < 0 {
+                problems.push(format!("{email}: journal balance {journal} is negative"));
+            }
+            if held != pending {
+                problems.push(format!("{email}: held {held} != pending transfers {pending}"));
+            }
+            if balance - held < 0 {
+                problems.push(format!("{email}: available {} is negative", balance - held));
+            }
+        }
+
+        // Tokens: held and spent match their transfers.
+        let rows = sqlx::query(
+            "SELECT k.id, k.held, k.spent, \
+               COALESCE((SELECT CAST(SUM(t.amount) AS BIGINT) FROM transfers t \
+                         WHERE t.token_id = k.id AND t.status = 'PENDING'), 0), \
+               COALESCE((SELECT CAST(SUM(t.captured) AS BIGINT) FROM transfers t \
+                         WHERE t.token_id = k.id AND t.status = 'COMPLETED'), 0) \
+             FROM tokens k",
+        )
+        .fetch_all(pool)
+        .await?;
+        for row in rows {
+            let id: String = row.try_get(0)?;
+            let (held, spent, pending, captured): (i64, i64, i64, i64) =
+                (row.try_get(1)?, row.try_get(2)?, row.try_get(3)?, row.try_get(4)?);
+            if held != pending || spent != captured {
+                problems.push(format!(
+                    "token {id}: held {held}/spent {spent} != pending {pending}/captured {captured}"
+                ));
+            }
+        }
+
+        // Transfers: each completed one has exactly its two entries; others have none.
+        let bad: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM transfers t WHERE \
+               (t.status = 'COMPLETED' AND (t.captured <= 0 OR \
+                  (SELECT COUNT(*) FROM journal j WHERE j.ref_id = t.id) <> 2 OR \
+                  COALESCE((SELECT SUM(j.amount) FROM journal j WHERE j.ref_id = t.id AND j.amount > 0), 0) \
+                    <> t.captured OR t.resolved_at IS NULL)) \
+               OR (t.status <> 'COMPLETED' AND (t.captured <> 0 OR \
+                  (SELECT COUNT(*) FROM journal j WHERE j.ref_id = t.id) <> 0)) \
+               OR (t.status = 'CANCELLED' AND t.resolved_at IS NULL)",
+        )
+        .fetch_one(pool)
+        .await?;
+        if bad > 0 {
+            problems.push(format!("{bad} transfers do not match their journal entries"));
+        }
+        let per_request: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM (SELECT recipient_id, request_id FROM usage_records \
+             GROUP BY recipient_id, request_id HAVING COUNT(*) > 1) d",
+        )
+        .fetch_one(pool)
+        .await?;
+        if per_request > 0 {
+            problems.push(format!("{per_request} request ids have more than one usage row"));
+        }
+        Ok(report)
+    }
+}

@@ -1,0 +1,19 @@
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // A vendored protoc keeps the build free of system packages.
+    std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?);
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    let protos = [
+        root.join("syft/ledger/v1/ledger.proto"),
+        root.join("syft/router/v1/router.proto"),
+    ];
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out.join("syft_descriptor.bin"))
+        .compile_protos(&protos, &[root])?;
+    for p in &protos {
+        println!("cargo:rerun-if-changed={}", p.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,74 @@
+//! The `syft.router.v1.Router` gRPC service.
+
+use std::pin::Pin;
+
+use futures::{Stream, StreamExt};
+use syft_proto::router::router_server::{Router, RouterServer};
+use syft_proto::router::{
+    ChatRequest, ChatResponse, ChatStreamEvent, GetMetadataRequest, Metadata,
+};
+use tonic::{Request, Response, Status};
+
+use crate::service::RouterService;
+
+/// gRPC adapter over [`RouterService`].
+#[derive(Clone)]
+pub struct GrpcRouter {
+    service: RouterService,
+}
+
+impl GrpcRouter {
+    pub fn new(service: RouterService) -> Self {
+        GrpcRouter { service }
+    }
+
+    /// The tonic service, with message size limits derived from the prompt limit (larger
+    /// messages fail with `RESOURCE_EXHAUSTED` in the transport; smaller over-limit prompts get
+    /// `INVALID_ARGUMENT` from validation).
+    pub fn into_server(self) -> RouterServer<GrpcRouter> {
+        let limit = self
+            .service
+            .config()
+            .limits
+            .max_prompt_bytes
+            .saturating_add(1024 * 1024);
+        RouterServer::new(self)
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(usize::MAX)
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<ChatStreamEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Router for GrpcRouter {
+    async fn chat(&self, request: Request<ChatRequest>) -> Result<Response<ChatResponse>, Status> {
+        let resp = self.service.chat(request.into_inner()).await?;
+        Ok(Response::new(resp))
+    }
+
+    type ChatStreamStream = EventStream;
+
+    async fn chat_stream(
+        &self,
+        request: Request<ChatRequest>,
+    ) -> Result<Response<Self::ChatStreamStream>, Status> {
+        let handle = self.service.chat_stream(request.into_inner()).await?;
+        let events = handle.events.map(|item| item.map_err(Status::from));
+        let mut resp = Response::new(Box::pin(events) as EventStream);
+        if let Ok(v) = handle.request_id.parse() {
+            resp.metadata_mut().insert("x-syft-request-id", v);
+        }
+        if let Some(Ok(v)) = handle.transfer_id.map(|t| t.parse()) {
+            resp.metadata_mut().insert("x-syft-transfer-id", v);
+        }
+        Ok(resp)
+    }
+
+    async fn get_metadata(
+        &self,
+        _request: Request<GetMetadataRequest>,
+    ) -> Result<Response<Metadata>, Status> {
+        Ok(Response::new(self.service.metadata()))
+    }
+}

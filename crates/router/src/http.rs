@@ -1,0 +1,402 @@
+//! OpenAI-compatible HTTP front: `POST /v1/chat/completions` (JSON and SSE),
+//! `GET /v1/models`, `GET /healthz`.
+//!
+//! `Authorization: Bearer <transaction token>` pays, the body's `user` is the user's email and the
+//! `Idempotency-Key` header is the request id. Answers carry `"syft": {cost_micros, transfer_id,
+//! currency, request_id, provider}` and the headers `x-syft-cost-micros`, `x-syft-transfer-id`,
+//! `x-syft-request-id`.
+
+use std::convert::Infallible;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use syft_proto::router::{chat_stream_event, ChatOptions, ChatRequest, Message};
+
+use crate::error::{RouterError, REASON_HEADER};
+use crate::service::RouterService;
+
+pub const COST_HEADER: &str = "x-syft-cost-micros";
+pub const TRANSFER_HEADER: &str = "x-syft-transfer-id";
+pub const REQUEST_ID_HEADER: &str = "x-syft-request-id";
+
+/// The axum router of the HTTP front.
+pub fn http_router(service: RouterService) -> Router {
+    // Room for JSON framing around the prompt limit; above it the body is refused (413).
+    let body_limit = service
+        .config()
+        .limits
+        .max_prompt_bytes
+        .saturating_mul(2)
+        .saturating_add(64 * 1024);
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(list_models))
+        .route("/healthz", get(healthz))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(service)
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn list_models(State(svc): State<RouterService>) -> Json<Value> {
+    let owner = svc.config().name.clone();
+    let data: Vec<Value> = svc
+        .models()
+        .into_iter()
+        .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": owner}))
+        .collect();
+    Json(json!({"object": "list", "data": data}))
+}
+
+/// An error as an OpenAI-style response.
+struct ApiError(RouterError);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let RouterError::Internal(detail) = &self.0 {
+            tracing::error!(error = %detail, "internal router error");
+        }
+        let mut resp = (self.0.http_status(), Json(self.0.openai_body())).into_response();
+        resp.headers_mut()
+            .insert(REASON_HEADER, HeaderValue::from_static(self.0.reason()));
+        resp
+    }
+}
+
+impl From<RouterError> for ApiError {
+    fn from(e: RouterError) -> Self {
+        ApiError(e)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum StopField {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+struct ContentPart {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ContentField {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Deserialize)]
+struct OaiMessage {
+    role: String,
+    #[serde(default)]
+    content: Option<ContentField>,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+#[derive(Deserialize)]
+struct OaiRequest {
+    #[serde(default)]
+    model: String,
+    messages: Vec<OaiMessage>,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    max_completion_tokens: Option<u64>,
+    #[serde(default)]
+    temperature: Option<f64>,
+    #[serde(default)]
+    top_p: Option<f64>,
+    #[serde(default)]
+    stop: Option<StopField>,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    n: Option<u32>,
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError(RouterError::InvalidArgument(msg.into()))
+}
+
+fn to_chat_request(body: OaiRequest, headers: &HeaderMap) -> Result<ChatRequest, ApiError> {
+    if body.n.is_some_and(|n| n != 1) {
+        return Err(bad("only n = 1 is supported"));
+    }
+    let mut messages = Vec::with_capacity(body.messages.len());
+    for (i, m) in body.messages.into_iter().enumerate() {
+        let content = match m.content {
+            None => String::new(),
+            Some(ContentField::Text(t)) => t,
+            Some(ContentField::Parts(parts)) => {
+                let mut text = String::new();
+                for part in parts {
+                    if part.kind != "text" {
+                        return Err(bad(format!(
+                            "messages[{i}]: only text content is supported (got {:?})",
+                            part.kind
+                        )));
+                    }
+                    text.push_str(part.text.as_deref().unwrap_or(""));
+                }
+                text
+            }
+        };
+        messages.push(Message {
+            role: m.role,
+            content,
+            name: m.name,
+        });
+    }
+    let max_tokens = match body.max_completion_tokens.or(body.max_tokens) {
+        None => None,
+        Some(v) => Some(u32::try_from(v).map_err(|_| bad(format!("max_tokens {v} is too large")))?),
+    };
+    let finite = |name: &str, v: Option<f64>| -> Result<Option<f32>, ApiError> {
+        match v {
+            Some(x) if !x.is_finite() || x.abs() > 1e6 => {
+                Err(bad(format!("{name} is out of range")))
+            }
+            Some(x) => Ok(Some(x as f32)),
+            None => Ok(None),
+        }
+    };
+    let options = ChatOptions {
+        max_tokens,
+        temperature: finite("temperature", body.temperature)?,
+        top_p: finite("top_p", body.top_p)?,
+        stop_sequences: match body.stop {
+            None => vec![],
+            Some(StopField::One(s)) => vec![s],
+            Some(StopField::Many(v)) => v,
+        },
+    };
+    let transaction_token = match headers.get(http::header::AUTHORIZATION) {
+        None => String::new(),
+        Some(v) => {
+            let v = v.to_str().map_err(|_| {
+                ApiError(RouterError::Unauthenticated(
+                    "malformed Authorization header".into(),
+                ))
+            })?;
+            match v.split_once(' ') {
+                Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => {
+                    token.trim().to_string()
+                }
+                _ => {
+                    return Err(ApiError(RouterError::Unauthenticated(
+                        "Authorization must be `Bearer <transaction token>`".into(),
+                    )))
+                }
+            }
+        }
+    };
+    let request_id = match headers.get("idempotency-key") {
+        None => String::new(),
+        Some(v) => v
+            .to_str()
+            .map_err(|_| bad("Idempotency-Key must be visible ASCII"))?
+            .to_string(),
+    };
+    Ok(ChatRequest {
+        user_email: body.user.unwrap_or_default(),
+        model: body.model,
+        messages,
+        options: Some(options),
+        transaction_token,
+        request_id,
+    })
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn header(v: &str) -> Option<HeaderValue> {
+    HeaderValue::from_str(v).ok()
+}
+
+async fn chat_completions(
+    State(svc): State<RouterService>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError(RouterError::InvalidArgument(format!(
+                "request body is larger than the limit ({} bytes of prompt)",
+                svc.config().limits.max_prompt_bytes
+            )))
+        } else {
+            bad(format!("cannot read request body: {rejection}"))
+        }
+    })?;
+    let body: OaiRequest =
+        serde_json::from_slice(&body).map_err(|e| bad(format!("invalid JSON body: {e}")))?;
+    let stream = body.stream;
+    let include_usage = body
+        .stream_options
+        .as_ref()
+        .is_some_and(|o| o.include_usage);
+    let req = to_chat_request(body, &headers)?;
+    if stream {
+        return chat_stream(svc, req, include_usage).await;
+    }
+    let resp = svc.chat(req).await?;
+    let usage = resp.usage.unwrap_or_default();
+    let content = resp.message.map(|m| m.content).unwrap_or_default();
+    let provider = resp.provider_info.unwrap_or_default();
+    let out = json!({
+        "id": format!("chatcmpl-{}", resp.id),
+        "object": "chat.completion",
+        "created": unix_now(),
+        "model": resp.model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": content},
+            "finish_reason": resp.finish_reason,
+            "logprobs": null,
+        }],
+        "usage": {
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens,
+        },
+        "syft": {
+            "request_id": resp.id,
+            "cost_micros": resp.cost_micros,
+            "transfer_id": resp.transfer_id,
+            "currency": resp.currency,
+            "provider": provider.provider,
+            "upstream_model": provider.upstream_model,
+        },
+    });
+    let mut r = Json(out).into_response();
+    let h = r.headers_mut();
+    if let Some(v) = header(&resp.cost_micros.to_string()) {
+        h.insert(COST_HEADER, v);
+    }
+    if let Some(v) = header(&resp.transfer_id).filter(|_| !resp.transfer_id.is_empty()) {
+        h.insert(TRANSFER_HEADER, v);
+    }
+    if let Some(v) = header(&resp.id) {
+        h.insert(REQUEST_ID_HEADER, v);
+    }
+    Ok(r)
+}
+
+async fn chat_stream(
+    svc: RouterService,
+    req: ChatRequest,
+    include_usage: bool,
+) -> Result<Response, ApiError> {
+    let handle = svc.chat_stream(req).await?;
+    let id = format!("chatcmpl-{}", handle.request_id);
+    let model = handle.model.clone();
+    let created = unix_now();
+    let chunk = move |delta: Value, finish: Value| {
+        json!({
+            "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}],
+        })
+    };
+    let first = chunk(json!({"role": "assistant", "content": ""}), Value::Null);
+    let request_id = handle.request_id.clone();
+    let transfer_id = handle.transfer_id.clone();
+    let events = handle.events.flat_map(move |item| {
+        let mut out: Vec<Value> = Vec::new();
+        let mut done = false;
+        match item {
+            Ok(ev) => match ev.event {
+                Some(chat_stream_event::Event::Delta(d)) => {
+                    out.push(chunk(json!({"content": d.content}), Value::Null));
+                }
+                Some(chat_stream_event::Event::Final(f)) => {
+                    let usage = f.usage.unwrap_or_default();
+                    let usage = json!({
+                        "prompt_tokens": usage.prompt_tokens,
+                        "completion_tokens": usage.completion_tokens,
+                        "total_tokens": usage.total_tokens,
+                    });
+                    let provider = f.provider_info.unwrap_or_default();
+                    let syft = json!({
+                        "request_id": f.id,
+                        "cost_micros": f.cost_micros,
+                        "transfer_id": f.transfer_id,
+                        "currency": f.currency,
+                        "provider": provider.provider,
+                        "upstream_model": provider.upstream_model,
+                    });
+                    let mut last = chunk(json!({}), json!(f.finish_reason));
+                    last["usage"] = usage.clone();
+                    last["syft"] = syft.clone();
+                    out.push(last);
+                    if include_usage {
+                        let mut u = chunk(json!({}), Value::Null);
+                        u["choices"] = json!([]);
+                        u["usage"] = usage;
+                        u["syft"] = syft;
+                        out.push(u);
+                    }
+                    done = true;
+                }
+                None => {}
+            },
+            Err(e) => out.push(e.openai_body()),
+        }
+        let mut events: Vec<Result<Event, Infallible>> = out
+            .into_iter()
+            .map(|v| Ok(Event::default().data(v.to_string())))
+            .collect();
+        if done {
+            events.push(Ok(Event::default().data("[DONE]")));
+        }
+        futures::stream::iter(events)
+    });
+    let all = futures::stream::iter([Ok::<_, Infallible>(
+        Event::default().data(first.to_string()),
+    )])
+    .chain(events);
+    let mut resp = Sse::new(all)
+        .keep_alive(KeepAlive::default())
+        .into_response();
+    let h = resp.headers_mut();
+    if let Some(v) = header(&request_id) {
+        h.insert(REQUEST_ID_HEADER, v);
+    }
+    if let Some(v) = transfer_id.as_deref().and_then(header) {
+        h.insert(TRANSFER_HEADER, v);
+    }
+    Ok(resp)
+}

@@ -1,0 +1,164 @@
+//! The router's ledger client: authenticated calls with deadlines, ledger errors mapped to
+//! router errors.
+
+use std::time::Duration;
+
+use syft_proto::ledger::ledger_client::LedgerClient;
+use syft_proto::ledger::{
+    capture_request, AuthorizeRequest, CaptureRequest, RecordUsageRequest, Transfer, Usage,
+    VoidRequest,
+};
+use tonic::metadata::{AsciiMetadataValue, MetadataValue};
+use tonic::transport::{Channel, Endpoint};
+use tonic::Code;
+
+use crate::config::LedgerSettings;
+use crate::error::RouterError;
+
+#[derive(Clone)]
+pub(crate) struct Ledger {
+    client: LedgerClient<Channel>,
+    auth: AsciiMetadataValue,
+    timeout: Duration,
+    pub(crate) hold_ttl_seconds: Option<i64>,
+}
+
+/// Which ledger call failed, for error mapping and logs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Op {
+    Authorize,
+    Capture,
+    Void,
+    RecordUsage,
+}
+
+impl Ledger {
+    /// Connects lazily (the first call dials). Must run inside a Tokio runtime.
+    pub(crate) fn connect(settings: &LedgerSettings) -> Result<Self, RouterError> {
+        let endpoint = Endpoint::from_shared(settings.url.clone())
+            .map_err(|e| RouterError::Internal(format!("bad ledger url {:?}: {e}", settings.url)))?
+            .connect_timeout(settings.connect_timeout)
+            .timeout(settings.timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_while_idle(true);
+        let auth: AsciiMetadataValue =
+            MetadataValue::try_from(format!("Bearer {}", settings.secret)).map_err(|_| {
+                RouterError::Internal("ledger secret is not valid header text".into())
+            })?;
+        Ok(Ledger {
+            client: LedgerClient::new(endpoint.connect_lazy()),
+            auth,
+            timeout: settings.timeout,
+            hold_ttl_seconds: settings.hold_ttl_seconds,
+        })
+    }
+
+    fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        req.metadata_mut()
+            .insert("authorization", self.auth.clone());
+        req.set_timeout(self.timeout);
+        req
+    }
+
+    pub(crate) async fn authorize(&self, msg: AuthorizeRequest) -> Result<Transfer, RouterError> {
+        let mut client = self.client.clone();
+        client
+            .authorize(self.request(msg))
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| map_status(Op::Authorize, s))
+    }
+
+    /// Captures; retried (it is idempotent) while the ledger is unreachable.
+    pub(crate) async fn capture(
+        &self,
+        transfer_id: &str,
+        amount_micros: i64,
+        usage: Usage,
+    ) -> Result<Transfer, RouterError> {
+        let mut last = None;
+        for attempt in 0..3u32 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+            }
+            let msg = CaptureRequest {
+                transfer_id: transfer_id.to_string(),
+                amount: Some(capture_request::Amount::AmountMicros(amount_micros)),
+                usage: Some(usage.clone()),
+            };
+            let mut client = self.client.clone();
+            match client.capture(self.request(msg)).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) if matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded) => {
+                    tracing::warn!(transfer_id, attempt, code = ?s.code(), "capture failed, retrying");
+                    last = Some(s);
+                }
+                Err(s) => return Err(map_status(Op::Capture, s)),
+            }
+        }
+        Err(map_status(
+            Op::Capture,
+            last.unwrap_or_else(|| tonic::Status::unavailable("capture failed")),
+        ))
+    }
+
+    pub(crate) async fn void(
+        &self,
+        transfer_id: &str,
+        reason: &str,
+        usage: Usage,
+    ) -> Result<Transfer, RouterError> {
+        let msg = VoidRequest {
+            transfer_id: transfer_id.to_string(),
+            reason: reason.to_string(),
+            usage: Some(usage),
+        };
+        let mut client = self.client.clone();
+        client
+            .void(self.request(msg))
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| map_status(Op::Void, s))
+    }
+
+    pub(crate) async fn record_usage(&self, usage: Usage) -> Result<(), RouterError> {
+        let mut client = self.client.clone();
+        client
+            .record_usage(self.request(RecordUsageRequest { usage: Some(usage) }))
+            .await
+            .map(|_| ())
+            .map_err(|s| map_status(Op::RecordUsage, s))
+    }
+}
+
+/// Ledger status -> router error. The ledger's own messages are client-safe for business
+/// errors; transport and internal failures become a generic `UNAVAILABLE`.
+pub(crate) fn map_status(op: Op, s: tonic::Status) -> RouterError {
+    let msg = s.message().to_string();
+    match s.code() {
+        Code::InvalidArgument => RouterError::InvalidArgument(msg),
+        Code::FailedPrecondition => RouterError::FailedPrecondition {
+            reason: if msg.to_ascii_lowercase().contains("insufficient") {
+                "INSUFFICIENT_FUNDS"
+            } else {
+                "LEDGER_REJECTED"
+            },
+            message: msg,
+        },
+        Code::PermissionDenied => RouterError::PermissionDenied(msg),
+        Code::NotFound => RouterError::NotFound(msg),
+        Code::AlreadyExists => RouterError::AlreadyExists(msg),
+        Code::ResourceExhausted => RouterError::ResourceExhausted(msg),
+        Code::Unauthenticated => {
+            // The router's own credential was refused: a deployment problem, not the user's.
+            tracing::error!(?op, "ledger rejected the router's credentials");
+            RouterError::Unavailable("ledger rejected the router's credentials".into())
+        }
+        code => {
+            tracing::warn!(?op, ?code, message = %msg, "ledger call failed");
+            RouterError::Unavailable("ledger unavailable".into())
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! syft router: prices chat requests, holds the money on the ledger, runs the model, and
+//! captures only what succeeded (DESIGN.md §7).
+//!
+//! - [`config`]: the config file (services, pricing, upstream, limits) and exact amounts.
+//! - [`upstream`]: the `openai` and built-in `echo` upstreams.
+//! - [`service`]: the paid-request flow shared by both fronts.
+//! - [`grpc`]: `syft.router.v1.Router`; [`http`]: the OpenAI-compatible HTTP front.
+//! - [`serve`]: runs both on given listeners until shutdown.
+
+pub mod config;
+pub mod error;
+pub mod grpc;
+pub mod http;
+mod ledger;
+pub mod money;
+pub mod service;
+pub mod tokens;
+pub mod upstream;
+pub mod validate;
+
+use std::future::Future;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use config::{
+    ConfigError, LedgerSettings, Limits, OpenAiConfig, Pricing, PricingKind, RouterConfig,
+    ServiceConfig, UpstreamConfig,
+};
+pub use error::RouterError;
+pub use grpc::GrpcRouter;
+pub use service::{ChatStreamHandle, RouterService};
+pub use upstream::{ECHO_FAIL_TRIGGER, ECHO_MODEL};
+
+/// Why [`serve`] stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("router setup failed: {0}")]
+    Setup(#[from] RouterError),
+    #[error("gRPC server failed: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("HTTP server failed: {0}")]
+    Http(#[from] std::io::Error),
+}
+
+/// Serves the gRPC API on `grpc_listener` and the OpenAI-compatible HTTP front (plus `/healthz`)
+/// on `http_listener` until `shutdown` completes, then drains in-flight requests.
+pub async fn serve(
+    config: RouterConfig,
+    grpc_listener: TcpListener,
+    http_listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let service = RouterService::new(config)?;
+    serve_service(service, grpc_listener, http_listener, shutdown).await
+}
+
+/// Like [`serve`], for an already built [`RouterService`].
+pub async fn serve_service(
+    service: RouterService,
+    grpc_listener: TcpListener,
+    http_listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = tx.send(true);
+    });
+    let signal = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let grpc_addr = grpc_listener.local_addr().ok();
+    let http_addr = http_listener.local_addr().ok();
+    tracing::info!(
+        name = %service.config().name,
+        provider = service.provider(),
+        grpc = ?grpc_addr,
+        http = ?http_addr,
+        "router serving"
+    );
+    let grpc = tonic::transport::Server::builder()
+        .add_service(GrpcRouter::new(service.clone()).into_server())
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), signal(rx.clone()));
+    let http =
+        axum::serve(http_listener, http::http_router(service)).with_graceful_shutdown(signal(rx));
+    let http = async { http.await.map_err(ServeError::from) };
+    let grpc = async { grpc.await.map_err(ServeError::from) };
+    tokio::try_join!(grpc, http)?;
+    Ok(())
+}

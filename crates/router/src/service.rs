@@ -1,0 +1,735 @@
+//! The paid-request flow (DESIGN.md §7), shared by the gRPC service and the HTTP front.
+//!
+//! validate -> price -> Authorize (hold) -> upstream -> Capture (actual cost) or Void.
+//! Free services skip the money steps but still record a usage row.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use futures::StreamExt;
+use syft_proto::ledger::{AuthorizeRequest, TransferStatus, Usage};
+use syft_proto::router::{
+    chat_stream_event, ChatFinal, ChatRequest, ChatResponse, ChatStreamEvent, ContentDelta,
+    Message, Metadata, ProviderInfo, Service, TokenUsage,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::config::{Pricing, PricingKind, RouterConfig, ServiceConfig};
+use crate::error::RouterError;
+use crate::ledger::Ledger;
+use crate::tokens;
+use crate::upstream::{Upstream, UpstreamError, UpstreamRequest, UpstreamStream, UpstreamUsage};
+use crate::validate::{validate_chat, ValidRequest};
+
+/// `app_ep_path` of chat transfers and `endpoint` of chat usage rows.
+pub const CHAT_ENDPOINT: &str = "/chat";
+
+/// Prompts above this size are tokenized on the blocking pool.
+const INLINE_TOKENIZE_BYTES: usize = 64 * 1024;
+
+/// The router: configuration, upstream and ledger client. Cheap to clone.
+#[derive(Clone)]
+pub struct RouterService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: RouterConfig,
+    chat: Option<ServiceConfig>,
+    upstream: Upstream,
+    ledger: Ledger,
+    in_flight: Mutex<HashSet<String>>,
+}
+
+/// A started stream: ids known up front, then the events (deltas, then one final event, or an
+/// error).
+pub struct ChatStreamHandle {
+    pub request_id: String,
+    /// Set for paid requests (the hold is already authorized).
+    pub transfer_id: Option<String>,
+    pub model: String,
+    pub events: ReceiverStream<Result<ChatStreamEvent, RouterError>>,
+}
+
+struct Prepared {
+    v: ValidRequest,
+    model: String,
+    upstream_req: UpstreamRequest,
+    pricing: Pricing,
+    prompt_tokens: Option<u64>,
+    hold_micros: i64,
+}
+
+impl RouterService {
+    /// Validates the config, builds the upstream, and connects (lazily) to the ledger.
+    /// Must be called inside a Tokio runtime.
+    pub fn new(config: RouterConfig) -> Result<Self, RouterError> {
+        config
+            .validate()
+            .map_err(|e| RouterError::InvalidArgument(e.to_string()))?;
+        let upstream = Upstream::from_config(&config.upstream)?;
+        let ledger = Ledger::connect(&config.ledger)?;
+        let chat = config.chat_service().cloned();
+        Ok(RouterService {
+            inner: Arc::new(Inner {
+                config,
+                chat,
+                upstream,
+                ledger,
+                in_flight: Mutex::new(HashSet::new()),
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &RouterConfig {
+        &self.inner.config
+    }
+
+    /// `echo` or `openai`.
+    pub fn provider(&self) -> &'static str {
+        self.inner.upstream.provider()
+    }
+
+    /// Models offered: the configured list, else what the upstream is known to serve.
+    pub fn models(&self) -> Vec<String> {
+        if self.inner.config.models.is_empty() {
+            self.inner.upstream.known_models()
+        } else {
+            self.inner.config.models.clone()
+        }
+    }
+
+    pub fn metadata(&self) -> Metadata {
+        let c = &self.inner.config;
+        Metadata {
+            name: c.name.clone(),
+            description: c.description.clone(),
+            owner_email: c.owner_email.clone(),
+            services: c
+                .services
+                .iter()
+                .map(|s| Service {
+                    r#type: s.service_type.clone(),
+                    enabled: s.enabled,
+                    pricing: Some(pricing_proto(&s.pricing)),
+                })
+                .collect(),
+            models: self.models(),
+        }
+    }
+
+    /// A unary chat. Returns only after the capture (or the usage row, for free services) is
+    /// committed.
+    pub async fn chat(&self, req: ChatRequest) -> Result<ChatResponse, RouterError> {
+        let started = Instant::now();
+        let p = self.prepare(req).await?;
+        let _claim = self.claim(&p.v.request_id)?;
+        let hold = self.authorize(&p).await?;
+        let up_start = Instant::now();
+        let result = self
+            .inner
+            .upstream
+            .complete(&p.upstream_req)
+            .await
+            .and_then(|c| {
+                if c.content.trim().is_empty() {
+                    Err(UpstreamError::Empty)
+                } else {
+                    Ok(c)
+                }
+            });
+        let upstream_ms = elapsed_ms(up_start);
+        let c = match result {
+            Ok(c) => c,
+            Err(e) => {
+                self.fail(&p, hold, &e, started, upstream_ms).await;
+                return Err(e.into());
+            }
+        };
+        let (prompt_tokens, completion_tokens) = self.final_tokens(&p, c.usage, &c.content).await;
+        let cost = self.cost(&p, prompt_tokens, completion_tokens);
+        let usage = self.usage(
+            &p,
+            "success",
+            prompt_tokens,
+            completion_tokens,
+            started,
+            upstream_ms,
+        );
+        let transfer_id = self.settle(&p, hold, cost, usage).await?;
+        let currency = p.pricing.currency.clone();
+        Ok(ChatResponse {
+            id: p.v.request_id.clone(),
+            model: p.model.clone(),
+            message: Some(Message {
+                role: "assistant".into(),
+                content: c.content,
+                name: None,
+            }),
+            finish_reason: normalize_finish(&c.finish_reason),
+            usage: Some(token_usage(prompt_tokens, completion_tokens)),
+            cost_micros: cost,
+            transfer_id,
+            provider_info: Some(ProviderInfo {
+                provider: self.provider().into(),
+                upstream_model: if c.model.is_empty() {
+                    p.upstream_req.model.clone()
+                } else {
+                    c.model
+                },
+                upstream_finish_reason: c.finish_reason,
+                upstream_id: c.id,
+            }),
+            currency,
+        })
+    }
+
+    /// A streamed chat. Errors before the stream starts (validation, payment, the upstream not
+    /// answering) are returned here; later ones arrive as the stream's last item.
+    pub async fn chat_stream(&self, req: ChatRequest) -> Result<ChatStreamHandle, RouterError> {
+        let started = Instant::now();
+        let p = self.prepare(req).await?;
+        let claim = self.claim(&p.v.request_id)?;
+        let hold = self.authorize(&p).await?;
+        let up_start = Instant::now();
+        let upstream = match self.inner.upstream.stream(&p.upstream_req).await {
+            Ok(s) => s,
+            Err(e) => {
+                self.fail(&p, hold, &e, started, elapsed_ms(up_start)).await;
+                return Err(e.into());
+            }
+        };
+        let (tx, rx) = mpsc::channel(32);
+        let handle = ChatStreamHandle {
+            request_id: p.v.request_id.clone(),
+            transfer_id: hold.as_ref().map(|h| h.transfer_id.clone()),
+            model: p.model.clone(),
+            events: ReceiverStream::new(rx),
+        };
+        let svc = self.clone();
+        tokio::spawn(async move {
+            let _claim = claim;
+            svc.drive_stream(p, hold, upstream, tx, started, up_start)
+                .await;
+        });
+        Ok(handle)
+    }
+
+    async fn drive_stream(
+        &self,
+        p: Prepared,
+        hold: Option<HoldGuard>,
+        mut upstream: UpstreamStream,
+        tx: mpsc::Sender<Result<ChatStreamEvent, RouterError>>,
+        started: Instant,
+        up_start: Instant,
+    ) {
+        enum End {
+            Done,
+            Cancelled,
+            Failed(UpstreamError),
+        }
+        let mut content = String::new();
+        let mut finish: Option<String> = None;
+        let mut reported: Option<UpstreamUsage> = None;
+        let mut upstream_id = String::new();
+        let mut upstream_model = String::new();
+        let end = loop {
+            let next = tokio::select! {
+                _ = tx.closed() => break End::Cancelled,
+                next = upstream.next() => next,
+            };
+            let chunk = match next {
+                None => break End::Done,
+                Some(Err(e)) => break End::Failed(e),
+                Some(Ok(chunk)) => chunk,
+            };
+            if let Some(id) = chunk.id {
+                upstream_id = id;
+            }
+            if let Some(m) = chunk.model {
+                upstream_model = m;
+            }
+            if chunk.finish_reason.is_some() {
+                finish = chunk.finish_reason;
+            }
+            if chunk.usage.is_some() {
+                reported = chunk.usage;
+            }
+            if let Some(delta) = chunk.delta {
+                content.push_str(&delta);
+                let event = ChatStreamEvent {
+                    event: Some(chat_stream_event::Event::Delta(ContentDelta {
+                        content: delta,
+                    })),
+                };
+                if tx.send(Ok(event)).await.is_err() {
+                    break End::Cancelled;
+                }
+            }
+        };
+        drop(upstream);
+        let upstream_ms = elapsed_ms(up_start);
+        let end = match end {
+            End::Done if content.trim().is_empty() => End::Failed(UpstreamError::Empty),
+            other => other,
+        };
+        match end {
+            End::Cancelled => {
+                tracing::info!(request_id = %p.v.request_id, "client cancelled the stream");
+                let prompt = self.prompt_tokens(&p).await;
+                let usage = self.usage(
+                    &p,
+                    "cancelled",
+                    prompt,
+                    tokens::count_text(&content),
+                    started,
+                    upstream_ms,
+                );
+                self.release(hold, "client cancelled", usage).await;
+            }
+            End::Failed(e) => {
+                self.fail(&p, hold, &e, started, upstream_ms).await;
+                let _ = tx.send(Err(e.into())).await;
+            }
+            End::Done => {
+                let (prompt_tokens, completion_tokens) =
+                    self.final_tokens(&p, reported, &content).await;
+                let cost = self.cost(&p, prompt_tokens, completion_tokens);
+                let usage = self.usage(
+                    &p,
+                    "success",
+                    prompt_tokens,
+                    completion_tokens,
+                    started,
+                    upstream_ms,
+                );
+                let upstream_finish = finish.unwrap_or_else(|| "stop".into());
+                let item = match self.settle(&p, hold, cost, usage).await {
+                    Ok(transfer_id) => Ok(ChatStreamEvent {
+                        event: Some(chat_stream_event::Event::Final(ChatFinal {
+                            id: p.v.request_id.clone(),
+                            model: p.model.clone(),
+                            finish_reason: normalize_finish(&upstream_finish),
+                            usage: Some(token_usage(prompt_tokens, completion_tokens)),
+                            cost_micros: cost,
+                            transfer_id,
+                            provider_info: Some(ProviderInfo {
+                                provider: self.provider().into(),
+                                upstream_model: if upstream_model.is_empty() {
+                                    p.upstream_req.model.clone()
+                                } else {
+                                    upstream_model
+                                },
+                                upstream_finish_reason: upstream_finish,
+                                upstream_id,
+                            }),
+                            currency: p.pricing.currency.clone(),
+                        })),
+                    }),
+                    Err(e) => Err(e),
+                };
+                let _ = tx.send(item).await;
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // steps
+
+    async fn prepare(&self, req: ChatRequest) -> Result<Prepared, RouterError> {
+        let inner = &self.inner;
+        let v = validate_chat(req, &inner.config.limits)?;
+        let service = match &inner.chat {
+            Some(s) if s.enabled => s,
+            _ => {
+                return Err(RouterError::FailedPrecondition {
+                    reason: "SERVICE_DISABLED",
+                    message: "the chat service is not enabled on this router".into(),
+                })
+            }
+        };
+        let model = if v.model.is_empty() {
+            inner
+                .config
+                .models
+                .first()
+                .cloned()
+                .or_else(|| inner.upstream.default_model())
+                .ok_or_else(|| RouterError::InvalidArgument("model is required".into()))?
+        } else {
+            v.model.clone()
+        };
+        if !inner.config.models.is_empty() && !inner.config.models.contains(&model) {
+            return Err(RouterError::NotFound(format!(
+                "model {model:?} is not served by this router"
+            )));
+        }
+        let pricing = service.pricing.clone();
+        if !pricing.kind.is_free() {
+            if v.transaction_token.is_empty() {
+                return Err(RouterError::PaymentRequired(format!(
+                    "this service costs {}; send a transaction token issued to {}",
+                    describe_price(&pricing),
+                    inner.config.owner_email
+                )));
+            }
+            if v.user_email.is_empty() {
+                return Err(RouterError::InvalidArgument(
+                    "user_email is required for paid requests".into(),
+                ));
+            }
+        }
+        let max_tokens = match pricing.kind {
+            // The hold must bound the answer, so the bound is always sent upstream.
+            PricingKind::PerToken { .. } => Some(
+                v.max_tokens
+                    .unwrap_or(inner.config.limits.default_max_tokens),
+            ),
+            _ => v.max_tokens,
+        };
+        let upstream_req = UpstreamRequest {
+            model: inner.upstream.upstream_model(&model),
+            messages: v.messages.clone(),
+            max_tokens,
+            temperature: v.temperature,
+            top_p: v.top_p,
+            stop: v.stop.clone(),
+            user: v.user_email.clone(),
+        };
+        let mut p = Prepared {
+            v,
+            model,
+            upstream_req,
+            pricing,
+            prompt_tokens: None,
+            hold_micros: 0,
+        };
+        if let PricingKind::PerToken { .. } = p.pricing.kind {
+            let prompt = self.prompt_tokens(&p).await;
+            p.prompt_tokens = Some(prompt);
+            let max_out = u64::from(max_tokens.unwrap_or(0));
+            p.hold_micros = p.pricing.hold_micros(prompt, max_out);
+        } else {
+            p.hold_micros = p.pricing.hold_micros(0, 0);
+        }
+        Ok(p)
+    }
+
+    /// Marks the request id in flight in this process, so a concurrent duplicate is refused
+    /// instead of calling the upstream twice. (Across replicas the ledger's idempotency still
+    /// guarantees a single charge.)
+    fn claim(&self, request_id: &str) -> Result<Claim, RouterError> {
+        let mut set = self
+            .inner
+            .in_flight
+            .lock()
+            .map_err(|_| RouterError::Internal("in-flight set poisoned".into()))?;
+        if !set.insert(request_id.to_string()) {
+            return Err(RouterError::AlreadyExists(format!(
+                "request {request_id} is already in progress"
+            )));
+        }
+        Ok(Claim {
+            inner: self.inner.clone(),
+            request_id: request_id.to_string(),
+        })
+    }
+
+    async fn authorize(&self, p: &Prepared) -> Result<Option<HoldGuard>, RouterError> {
+        if p.pricing.kind.is_free() {
+            return Ok(None);
+        }
+        let inner = &self.inner;
+        let transfer = inner
+            .ledger
+            .authorize(AuthorizeRequest {
+                sender_email: p.v.user_email.clone(),
+                amount_micros: p.hold_micros,
+                token: p.v.transaction_token.clone(),
+                app_name: inner.config.name.clone(),
+                app_ep_path: CHAT_ENDPOINT.into(),
+                idempotency_key: p.v.request_id.clone(),
+                hold_ttl_seconds: inner.ledger.hold_ttl_seconds,
+            })
+            .await?;
+        if transfer.status() != TransferStatus::Pending {
+            let state = match transfer.status() {
+                TransferStatus::Completed => "completed (already charged)",
+                TransferStatus::Cancelled => "cancelled (not charged)",
+                _ => "resolved",
+            };
+            return Err(RouterError::AlreadyExists(format!(
+                "request {} was already processed: transfer {} is {state}; use a new request id \
+                 to send a new request",
+                p.v.request_id, transfer.id
+            )));
+        }
+        tracing::debug!(request_id = %p.v.request_id, transfer_id = %transfer.id, hold_micros = p.hold_micros, "hold authorized");
+        Ok(Some(HoldGuard {
+            ledger: inner.ledger.clone(),
+            transfer_id: transfer.id,
+            cancel_usage: Some(self.usage(p, "cancelled", 0, 0, Instant::now(), 0)),
+        }))
+    }
+
+    /// Success: capture the cost (or record the usage row for a free request). Returns the
+    /// transfer id (empty for free requests).
+    async fn settle(
+        &self,
+        p: &Prepared,
+        hold: Option<HoldGuard>,
+        cost: i64,
+        usage: Usage,
+    ) -> Result<String, RouterError> {
+        let Some(hold) = hold else {
+            self.record_free_usage(usage).await;
+            return Ok(String::new());
+        };
+        let transfer_id = hold.transfer_id.clone();
+        if cost <= 0 {
+            // Nothing to charge (e.g. only free tokens were used): release the hold, keep the row.
+            hold.void("nothing to charge", usage).await;
+            return Ok(transfer_id);
+        }
+        let result = hold.capture(cost, usage).await;
+        match &result {
+            Ok(_) => tracing::info!(
+                request_id = %p.v.request_id, transfer_id = %transfer_id, cost_micros = cost,
+                user = %p.v.user_email, model = %p.model, "chat captured"
+            ),
+            Err(e) => tracing::error!(
+                request_id = %p.v.request_id, transfer_id = %transfer_id, error = %e,
+                "capture failed; the answer is withheld"
+            ),
+        }
+        result.map(|_| transfer_id)
+    }
+
+    /// Failure: void the hold (or record the failed free request).
+    async fn fail(
+        &self,
+        p: &Prepared,
+        hold: Option<HoldGuard>,
+        e: &UpstreamError,
+        started: Instant,
+        upstream_ms: i64,
+    ) {
+        tracing::warn!(request_id = %p.v.request_id, error = %e, status = e.usage_status(), "upstream failed");
+        let prompt = self.prompt_tokens(p).await;
+        let usage = self.usage(p, e.usage_status(), prompt, 0, started, upstream_ms);
+        self.release(hold, &e.to_string(), usage).await;
+    }
+
+    async fn release(&self, hold: Option<HoldGuard>, reason: &str, usage: Usage) {
+        match hold {
+            Some(h) => h.void(reason, usage).await,
+            None => self.record_free_usage(usage).await,
+        }
+    }
+
+    async fn record_free_usage(&self, usage: Usage) {
+        let request_id = usage.request_id.clone();
+        if let Err(e) = self.inner.ledger.record_usage(usage).await {
+            // Free answers do not depend on the ledger being up.
+            tracing::warn!(request_id = %request_id, error = %e, "could not record usage");
+        }
+    }
+
+    async fn prompt_tokens(&self, p: &Prepared) -> u64 {
+        if let Some(n) = p.prompt_tokens {
+            return n;
+        }
+        if p.v.prompt_bytes <= INLINE_TOKENIZE_BYTES {
+            return tokens::count_prompt(&p.v.messages);
+        }
+        let messages = p.v.messages.clone();
+        tokio::task::spawn_blocking(move || tokens::count_prompt(&messages))
+            .await
+            .unwrap_or(0)
+    }
+
+    /// Upstream-reported usage when present, else counted with the tokenizer.
+    async fn final_tokens(
+        &self,
+        p: &Prepared,
+        reported: Option<UpstreamUsage>,
+        content: &str,
+    ) -> (u64, u64) {
+        match reported {
+            Some(u) if u.prompt_tokens > 0 || u.completion_tokens > 0 => {
+                (u.prompt_tokens, u.completion_tokens)
+            }
+            _ => (self.prompt_tokens(p).await, tokens::count_text(content)),
+        }
+    }
+
+    /// The actual cost, never above the hold.
+    fn cost(&self, p: &Prepared, prompt_tokens: u64, completion_tokens: u64) -> i64 {
+        let cost = p.pricing.cost_micros(prompt_tokens, completion_tokens);
+        if cost > p.hold_micros {
+            tracing::warn!(request_id = %p.v.request_id, cost, hold = p.hold_micros, "cost above hold; capped");
+        }
+        cost.min(p.hold_micros)
+    }
+
+    fn usage(
+        &self,
+        p: &Prepared,
+        status: &str,
+        prompt_tokens: u64,
+        completion_tokens: u64,
+        started: Instant,
+        upstream_ms: i64,
+    ) -> Usage {
+        let prompt = i64::try_from(prompt_tokens).unwrap_or(i64::MAX);
+        let completion = i64::try_from(completion_tokens).unwrap_or(i64::MAX);
+        Usage {
+            request_id: p.v.request_id.clone(),
+            app_name: self.inner.config.name.clone(),
+            endpoint: CHAT_ENDPOINT.into(),
+            user_email: p.v.user_email.clone(),
+            model: p.model.clone(),
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: prompt.saturating_add(completion),
+            status: status.into(),
+            latency_ms: elapsed_ms(started),
+            upstream_latency_ms: upstream_ms,
+        }
+    }
+}
+
+/// Removes a request id from the in-flight set when the request ends, however it ends.
+struct Claim {
+    inner: Arc<Inner>,
+    request_id: String,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if let Ok(mut set) = self.inner.in_flight.lock() {
+            set.remove(&self.request_id);
+        }
+    }
+}
+
+/// An authorized hold. Resolved by [`HoldGuard::capture`] or [`HoldGuard::void`]; if dropped
+/// unresolved (the client went away and the request future was dropped), it voids the hold in
+/// the background.
+struct HoldGuard {
+    ledger: Ledger,
+    transfer_id: String,
+    /// Present while the hold is unresolved.
+    cancel_usage: Option<Usage>,
+}
+
+impl HoldGuard {
+    async fn capture(mut self, cost: i64, usage: Usage) -> Result<(), RouterError> {
+        let result = self.ledger.capture(&self.transfer_id, cost, usage).await;
+        match &result {
+            // Unavailable: the outcome is unknown; leave the guard armed so a void is attempted
+            // (whichever resolution commits first wins, exactly once). Else it is resolved.
+            Err(RouterError::Unavailable(_)) => {}
+            _ => self.cancel_usage = None,
+        }
+        result.map(|_| ())
+    }
+
+    async fn void(mut self, reason: &str, usage: Usage) {
+        self.cancel_usage = None;
+        if let Err(e) = self.ledger.void(&self.transfer_id, reason, usage).await {
+            // The hold expires on its own; the user is not charged either way.
+            tracing::warn!(transfer_id = %self.transfer_id, error = %e, "void failed; the hold will expire");
+        }
+    }
+}
+
+impl Drop for HoldGuard {
+    fn drop(&mut self) {
+        let Some(mut usage) = self.cancel_usage.take() else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        usage.status = "cancelled".into();
+        let ledger = self.ledger.clone();
+        let transfer_id = std::mem::take(&mut self.transfer_id);
+        tracing::info!(transfer_id = %transfer_id, "request dropped before resolution; voiding");
+        rt.spawn(async move {
+            if let Err(e) = ledger.void(&transfer_id, "request cancelled", usage).await {
+                tracing::warn!(transfer_id = %transfer_id, error = %e, "void after cancel failed; the hold will expire");
+            }
+        });
+    }
+}
+
+fn elapsed_ms(since: Instant) -> i64 {
+    i64::try_from(since.elapsed().as_millis()).unwrap_or(i64::MAX)
+}
+
+fn token_usage(prompt: u64, completion: u64) -> TokenUsage {
+    let p = i64::try_from(prompt).unwrap_or(i64::MAX);
+    let c = i64::try_from(completion).unwrap_or(i64::MAX);
+    TokenUsage {
+        prompt_tokens: p,
+        completion_tokens: c,
+        total_tokens: p.saturating_add(c),
+    }
+}
+
+fn normalize_finish(reason: &str) -> String {
+    match reason {
+        "" => "stop".into(),
+        r => r.to_string(),
+    }
+}
+
+fn describe_price(p: &Pricing) -> String {
+    use crate::money::format_micros;
+    if !p.description.is_empty() {
+        return p.description.clone();
+    }
+    match p.kind {
+        PricingKind::Free => "nothing".into(),
+        PricingKind::PerRequest { amount_micros } => {
+            format!(
+                "{} {} per request",
+                format_micros(amount_micros),
+                p.currency
+            )
+        }
+        PricingKind::PerToken {
+            input_micros_per_million,
+            output_micros_per_million,
+        } => format!(
+            "{} {} per million input tokens and {} per million output tokens",
+            format_micros(input_micros_per_million),
+            p.currency,
+            format_micros(output_micros_per_million)
+        ),
+    }
+}
+
+/// The proto form of a price.
+pub fn pricing_proto(p: &Pricing) -> syft_proto::router::Pricing {
+    let (amount, input, output) = match p.kind {
+        PricingKind::Free => (0, 0, 0),
+        PricingKind::PerRequest { amount_micros } => (amount_micros, 0, 0),
+        PricingKind::PerToken {
+            input_micros_per_million,
+            output_micros_per_million,
+        } => (0, input_micros_per_million, output_micros_per_million),
+    };
+    syft_proto::router::Pricing {
+        pricing_type: p.kind.as_str().into(),
+        currency: p.currency.clone(),
+        description: p.description.clone(),
+        amount_micros: amount,
+        input_micros_per_million: input,
+        output_micros_per_million: output,
+    }
+}

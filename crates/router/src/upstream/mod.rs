@@ -1,0 +1,191 @@
+//! Where answers come from: an OpenAI-compatible server, or the built-in echo model.
+
+mod echo;
+mod openai;
+
+use std::pin::Pin;
+
+use futures::Stream;
+use syft_proto::router::Message;
+use thiserror::Error;
+
+pub use echo::{EchoUpstream, ECHO_FAIL_TRIGGER, ECHO_MODEL};
+pub use openai::OpenAiUpstream;
+
+use crate::config::UpstreamConfig;
+use crate::error::RouterError;
+
+/// What the router asks the upstream for.
+#[derive(Debug, Clone)]
+pub struct UpstreamRequest {
+    /// The upstream's model name (after the model map).
+    pub model: String,
+    pub messages: Vec<Message>,
+    pub max_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub stop: Vec<String>,
+    /// Forwarded as the OpenAI `user` field (abuse tracking upstream); may be empty.
+    pub user: String,
+}
+
+/// Token counts reported by the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct UpstreamUsage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+/// A whole (unary) answer.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub id: String,
+    pub model: String,
+    pub content: String,
+    pub finish_reason: String,
+    pub usage: Option<UpstreamUsage>,
+}
+
+/// One piece of a streamed answer. Fields are independent: a chunk may carry a delta, a finish
+/// reason, usage, or several.
+#[derive(Debug, Clone, Default)]
+pub struct StreamChunk {
+    pub id: Option<String>,
+    pub model: Option<String>,
+    pub delta: Option<String>,
+    pub finish_reason: Option<String>,
+    pub usage: Option<UpstreamUsage>,
+}
+
+pub type UpstreamStream = Pin<Box<dyn Stream<Item = Result<StreamChunk, UpstreamError>> + Send>>;
+
+/// Why an upstream call failed.
+#[derive(Debug, Clone, Error)]
+pub enum UpstreamError {
+    #[error("upstream timed out")]
+    Timeout,
+    #[error("upstream unreachable: {0}")]
+    Unreachable(String),
+    #[error("upstream returned HTTP {status}: {message}")]
+    Status { status: u16, message: String },
+    #[error("upstream returned an invalid response: {0}")]
+    InvalidResponse(String),
+    #[error("upstream returned an empty answer")]
+    Empty,
+}
+
+impl UpstreamError {
+    /// The usage row `status` for this failure.
+    pub fn usage_status(&self) -> &'static str {
+        match self {
+            UpstreamError::Timeout => "timeout",
+            UpstreamError::InvalidResponse(_) | UpstreamError::Empty => "invalid_response",
+            UpstreamError::Unreachable(_) | UpstreamError::Status { .. } => "upstream_error",
+        }
+    }
+
+    /// Whether a retry (before the first token) may help.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            UpstreamError::Unreachable(_) => true,
+            UpstreamError::Status { status, .. } => matches!(status, 429 | 502 | 503 | 504),
+            _ => false,
+        }
+    }
+}
+
+impl From<UpstreamError> for RouterError {
+    fn from(e: UpstreamError) -> Self {
+        match e {
+            UpstreamError::Timeout => RouterError::DeadlineExceeded("upstream timed out".into()),
+            UpstreamError::Unreachable(_) => {
+                RouterError::Unavailable("upstream unavailable".into())
+            }
+            UpstreamError::Status { status, message } => match status {
+                400 | 413 | 422 => RouterError::InvalidArgument(format!(
+                    "upstream rejected the request: {message}"
+                )),
+                404 => RouterError::NotFound(format!("upstream: {message}")),
+                429 => RouterError::ResourceExhausted("upstream rate limit; retry later".into()),
+                401 | 403 => {
+                    RouterError::Unavailable("upstream rejected the router's credentials".into())
+                }
+                _ => RouterError::Unavailable(format!("upstream error (HTTP {status})")),
+            },
+            UpstreamError::InvalidResponse(_) => {
+                RouterError::BadGateway("upstream returned an invalid response".into())
+            }
+            UpstreamError::Empty => {
+                RouterError::BadGateway("upstream returned an empty answer".into())
+            }
+        }
+    }
+}
+
+/// The configured upstream.
+#[derive(Debug, Clone)]
+pub enum Upstream {
+    Echo(EchoUpstream),
+    OpenAi(OpenAiUpstream),
+}
+
+impl Upstream {
+    pub fn from_config(config: &UpstreamConfig) -> Result<Self, RouterError> {
+        Ok(match config {
+            UpstreamConfig::Echo => Upstream::Echo(EchoUpstream),
+            UpstreamConfig::OpenAi(o) => Upstream::OpenAi(OpenAiUpstream::new(o.clone())?),
+        })
+    }
+
+    /// `provider_info.provider`: `echo` or `openai`.
+    pub fn provider(&self) -> &'static str {
+        match self {
+            Upstream::Echo(_) => "echo",
+            Upstream::OpenAi(_) => "openai",
+        }
+    }
+
+    /// The model used when a request names none.
+    pub fn default_model(&self) -> Option<String> {
+        match self {
+            Upstream::Echo(_) => Some(echo::ECHO_MODEL.to_string()),
+            Upstream::OpenAi(o) => o.config().model_map.keys().next().cloned(),
+        }
+    }
+
+    /// Models this upstream is known to serve (for listings).
+    pub fn known_models(&self) -> Vec<String> {
+        match self {
+            Upstream::Echo(_) => vec![echo::ECHO_MODEL.to_string()],
+            Upstream::OpenAi(o) => o.config().model_map.keys().cloned().collect(),
+        }
+    }
+
+    /// Router model name -> upstream model name.
+    pub fn upstream_model(&self, model: &str) -> String {
+        match self {
+            Upstream::Echo(_) => model.to_string(),
+            Upstream::OpenAi(o) => o
+                .config()
+                .model_map
+                .get(model)
+                .cloned()
+                .unwrap_or_else(|| model.to_string()),
+        }
+    }
+
+    pub async fn complete(&self, req: &UpstreamRequest) -> Result<Completion, UpstreamError> {
+        match self {
+            Upstream::Echo(e) => e.complete(req),
+            Upstream::OpenAi(o) => o.complete(req).await,
+        }
+    }
+
+    /// Opens a stream; errors before the first chunk are returned here (after retries).
+    pub async fn stream(&self, req: &UpstreamRequest) -> Result<UpstreamStream, UpstreamError> {
+        match self {
+            Upstream::Echo(e) => e.stream(req),
+            Upstream::OpenAi(o) => o.stream(req).await,
+        }
+    }
+}

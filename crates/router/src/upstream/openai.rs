@@ -1,0 +1,488 @@
+//! Any OpenAI-compatible `/chat/completions` server, JSON and SSE.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::{Stream, StreamExt};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{
+    Completion, StreamChunk, UpstreamError, UpstreamRequest, UpstreamStream, UpstreamUsage,
+};
+use crate::config::OpenAiConfig;
+use crate::error::RouterError;
+
+/// Largest upstream body (unary) or SSE event the router accepts.
+const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct OpenAiUpstream {
+    config: OpenAiConfig,
+    client: reqwest::Client,
+    url: String,
+}
+
+impl OpenAiUpstream {
+    pub fn new(config: OpenAiConfig) -> Result<Self, RouterError> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| RouterError::Internal(format!("building HTTP client: {e}")))?;
+        let url = format!("{}/chat/completions", config.base_url.trim_end_matches('/'));
+        Ok(OpenAiUpstream {
+            config,
+            client,
+            url,
+        })
+    }
+
+    pub fn config(&self) -> &OpenAiConfig {
+        &self.config
+    }
+
+    fn body(&self, req: &UpstreamRequest, stream: bool) -> serde_json::Value {
+        let messages: Vec<_> = req
+            .messages
+            .iter()
+            .map(|m| {
+                let mut v = json!({"role": m.role, "content": m.content});
+                if let Some(name) = &m.name {
+                    v["name"] = json!(name);
+                }
+                v
+            })
+            .collect();
+        let mut body = json!({"model": req.model, "messages": messages, "stream": stream});
+        if stream {
+            body["stream_options"] = json!({"include_usage": true});
+        }
+        if let Some(v) = req.max_tokens {
+            body["max_tokens"] = json!(v);
+        }
+        if let Some(v) = req.temperature {
+            body["temperature"] = json!(v);
+        }
+        if let Some(v) = req.top_p {
+            body["top_p"] = json!(v);
+        }
+        if !req.stop.is_empty() {
+            body["stop"] = json!(req.stop);
+        }
+        if !req.user.is_empty() {
+            body["user"] = json!(req.user);
+        }
+        body
+    }
+
+    /// Sends the request, retrying connect errors and 429/502/503/504 with exponential backoff.
+    /// Returns a response with a success status.
+    async fn send(&self, body: &serde_json::Value) -> Result<reqwest::Response, UpstreamError> {
+        let mut attempt = 0u32;
+        loop {
+            let mut rb = self.client.post(&self.url).json(body);
+            if let Some(key) = &self.config.api_key {
+                rb = rb.bearer_auth(key);
+            }
+            let err = match rb.send().await {
+                Ok(resp) if resp.status().is_success() => return Ok(resp),
+                Ok(resp) => status_error(resp).await,
+                Err(e) if e.is_timeout() => UpstreamError::Timeout,
+                Err(e) => UpstreamError::Unreachable(e.to_string()),
+            };
+            if attempt >= self.config.max_retries || !err.is_retryable() {
+                return Err(err);
+            }
+            let delay = self
+                .config
+                .retry_backoff
+                .saturating_mul(1 << attempt.min(10));
+            tracing::warn!(attempt, error = %err, delay_ms = delay.as_millis() as u64, "retrying upstream");
+            tokio::time::sleep(delay).await;
+            attempt += 1;
+        }
+    }
+
+    pub async fn complete(&self, req: &UpstreamRequest) -> Result<Completion, UpstreamError> {
+        let body = self.body(req, false);
+        let work = async {
+            let resp = self.send(&body).await?;
+            let bytes = read_limited(resp).await?;
+            parse_completion(&bytes)
+        };
+        tokio::time::timeout(self.config.request_timeout, work)
+            .await
+            .map_err(|_| UpstreamError::Timeout)?
+    }
+
+    pub async fn stream(&self, req: &UpstreamRequest) -> Result<UpstreamStream, UpstreamError> {
+        let body = self.body(req, true);
+        let resp = tokio::time::timeout(self.config.request_timeout, self.send(&body))
+            .await
+            .map_err(|_| UpstreamError::Timeout)??;
+        let is_sse = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.starts_with("text/event-stream"));
+        if !is_sse {
+            // Some servers ignore `stream: true`; accept a JSON answer as a one-chunk stream.
+            let bytes = read_limited(resp).await?;
+            let c = parse_completion(&bytes)?;
+            let chunk = StreamChunk {
+                id: Some(c.id),
+                model: Some(c.model),
+                delta: Some(c.content),
+                finish_reason: Some(c.finish_reason),
+                usage: c.usage,
+            };
+            return Ok(Box::pin(futures::stream::iter([Ok(chunk)])));
+        }
+        Ok(Box::pin(sse_chunks(
+            resp.bytes_stream(),
+            self.config.idle_timeout,
+        )))
+    }
+}
+
+async fn status_error(resp: reqwest::Response) -> UpstreamError {
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap_or_default();
+    let message = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+        .unwrap_or_else(|| text.chars().take(200).collect());
+    let message: String = message.chars().take(500).collect();
+    UpstreamError::Status { status, message }
+}
+
+async fn read_limited(resp: reqwest::Response) -> Result<Bytes, UpstreamError> {
+    let mut body = resp.bytes_stream();
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(body_error)?;
+        if buf.len() + chunk.len() > MAX_BODY_BYTES {
+            return Err(UpstreamError::InvalidResponse(
+                "response body too large".into(),
+            ));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
+fn body_error(e: reqwest::Error) -> UpstreamError {
+    if e.is_timeout() {
+        UpstreamError::Timeout
+    } else {
+        UpstreamError::Unreachable(format!("reading upstream body: {e}"))
+    }
+}
+
+#[derive(Deserialize)]
+struct WireUsage {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+}
+
+impl From<WireUsage> for UpstreamUsage {
+    fn from(u: WireUsage) -> Self {
+        UpstreamUsage {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct WireMessage {
+    #[serde(default)]
+    content: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct WireChoice {
+    #[serde(default)]
+    message: Option<WireMessage>,
+    #[serde(default)]
+    delta: Option<WireMessage>,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct WireResponse {
+    #[serde(default)]
+    id: String,
+    #[serde(default)]
+    model: String,
+    #[serde(default)]
+    choices: Vec<WireChoice>,
+    #[serde(default)]
+    usage: Option<WireUsage>,
+    #[serde(default)]
+    error: Option<serde_json::Value>,
+}
+
+fn parse_completion(bytes: &[u8]) -> Result<Completion, UpstreamError> {
+    let wire: WireResponse = serde_json::from_slice(bytes)
+        .map_err(|e| UpstreamError::InvalidResponse(format!("not a chat completion: {e}")))?;
+    if let Some(err) = wire.error {
+        return Err(UpstreamError::Status {
+            status: 502,
+            message: err["message"]
+                .as_str()
+                .unwrap_or("upstream error")
+                .chars()
+                .take(500)
+                .collect(),
+        });
+    }
+    let choice = wire
+        .choices
+        .into_iter()
+        .next()
+        .ok_or(UpstreamError::Empty)?;
+    let content = choice.message.and_then(|m| m.content).unwrap_or_default();
+    if content.is_empty() {
+        return Err(UpstreamError::Empty);
+    }
+    Ok(Completion {
+        id: wire.id,
+        model: wire.model,
+        content,
+        finish_reason: choice.finish_reason.unwrap_or_else(|| "stop".into()),
+        usage: wire.usage.map(Into::into),
+    })
+}
+
+fn parse_chunk(data: &str) -> Result<StreamChunk, UpstreamError> {
+    let wire: WireResponse = serde_json::from_str(data)
+        .map_err(|e| UpstreamError::InvalidResponse(format!("bad stream event: {e}")))?;
+    if let Some(err) = wire.error {
+        return Err(UpstreamError::Status {
+            status: 502,
+            message: err["message"]
+                .as_str()
+                .unwrap_or("upstream error")
+                .chars()
+                .take(500)
+                .collect(),
+        });
+    }
+    let mut chunk = StreamChunk {
+        id: (!wire.id.is_empty()).then_some(wire.id),
+        model: (!wire.model.is_empty()).then_some(wire.model),
+        usage: wire.usage.map(Into::into),
+        ..StreamChunk::default()
+    };
+    if let Some(choice) = wire.choices.into_iter().next() {
+        chunk.delta = choice
+            .delta
+            .and_then(|d| d.content)
+            .filter(|s| !s.is_empty());
+        chunk.finish_reason = choice.finish_reason;
+    }
+    Ok(chunk)
+}
+
+struct SseState<S> {
+    body: S,
+    buf: Vec<u8>,
+    pending: VecDeque<Result<StreamChunk, UpstreamError>>,
+    done: bool,
+    idle: Duration,
+}
+
+/// Parses `data:` events of an SSE body into chunks, ending at `data: [DONE]` or end of body.
+/// Silence longer than `idle` is a timeout.
+fn sse_chunks<S>(
+    body: S,
+    idle: Duration,
+) -> impl Stream<Item = Result<StreamChunk, UpstreamError>> + Send
+where
+    S: Stream<Item = reqwest::Result<Bytes>> + Send + Unpin + 'static,
+{
+    let state = SseState {
+        body,
+        buf: Vec::new(),
+        pending: VecDeque::new(),
+        done: false,
+        idle,
+    };
+    futures::stream::unfold(state, |mut st| async move {
+        loop {
+            if let Some(item) = st.pending.pop_front() {
+                if item.is_err() {
+                    st.done = true;
+                    st.pending.clear();
+                }
+                return Some((item, st));
+            }
+            if st.done {
+                return None;
+            }
+            match tokio::time::timeout(st.idle, st.body.next()).await {
+                Err(_) => {
+                    st.done = true;
+                    return Some((Err(UpstreamError::Timeout), st));
+                }
+                Ok(None) => {
+                    // End of body: parse a trailing event without its blank line.
+                    st.done = true;
+                    let rest = std::mem::take(&mut st.buf);
+                    parse_events(&rest, &mut st.pending, &mut st.done);
+                }
+                Ok(Some(Err(e))) => {
+                    st.done = true;
+                    return Some((Err(body_error(e)), st));
+                }
+                Ok(Some(Ok(bytes))) => {
+                    st.buf.extend_from_slice(&bytes);
+                    if st.buf.len() > MAX_BODY_BYTES {
+                        st.done = true;
+                        return Some((
+                            Err(UpstreamError::InvalidResponse(
+                                "stream event too large".into(),
+                            )),
+                            st,
+                        ));
+                    }
+                    let mut consumed = 0;
+                    while let Some(end) = find_event_end(&st.buf[consumed..]) {
+                        let (event_len, sep_len) = end;
+                        let event = st.buf[consumed..consumed + event_len].to_vec();
+                        consumed += event_len + sep_len;
+                        parse_events(&event, &mut st.pending, &mut st.done);
+                        if st.done {
+                            break;
+                        }
+                    }
+                    st.buf.drain(..consumed);
+                }
+            }
+        }
+    })
+}
+
+/// Finds the end of the first SSE event: (event length, separator length).
+fn find_event_end(buf: &[u8]) -> Option<(usize, usize)> {
+    let mut i = 0;
+    while i + 1 < buf.len() {
+        if buf[i] == b'\n' && buf[i + 1] == b'\n' {
+            return Some((i, 2));
+        }
+        if buf[i] == b'\r' && buf.get(i + 1..i + 4) == Some(b"\n\r\n") {
+            return Some((i, 4));
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Parses one SSE event (or, at end of body, whatever is left) into chunks.
+fn parse_events(
+    event: &[u8],
+    out: &mut VecDeque<Result<StreamChunk, UpstreamError>>,
+    done: &mut bool,
+) {
+    let text = match std::str::from_utf8(event) {
+        Ok(t) => t,
+        Err(_) => {
+            out.push_back(Err(UpstreamError::InvalidResponse(
+                "stream is not UTF-8".into(),
+            )));
+            *done = true;
+            return;
+        }
+    };
+    let mut data = String::new();
+    for line in text.lines() {
+        let line = line.trim_end_matches('\r');
+        if let Some(rest) = line.strip_prefix("data:") {
+            if !data.is_empty() {
+                data.push('\n');
+            }
+            data.push_str(rest.strip_prefix(' ').unwrap_or(rest));
+        }
+    }
+    if data.is_empty() {
+        return;
+    }
+    if data.trim() == "[DONE]" {
+        *done = true;
+        return;
+    }
+    out.push_back(parse_chunk(&data));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_completion_and_errors() {
+        let ok = br#"{"id":"x","model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}"#;
+        let c = parse_completion(ok).expect("ok");
+        assert_eq!(c.content, "hi");
+        assert_eq!(
+            c.usage,
+            Some(UpstreamUsage {
+                prompt_tokens: 5,
+                completion_tokens: 1
+            })
+        );
+        assert!(matches!(
+            parse_completion(b"not json"),
+            Err(UpstreamError::InvalidResponse(_))
+        ));
+        assert!(matches!(
+            parse_completion(br#"{"choices":[]}"#),
+            Err(UpstreamError::Empty)
+        ));
+        assert!(matches!(
+            parse_completion(br#"{"choices":[{"message":{"content":""}}]}"#),
+            Err(UpstreamError::Empty)
+        ));
+    }
+
+    #[tokio::test]
+    async fn parses_sse() {
+        let parts: Vec<reqwest::Result<Bytes>> = vec![
+            Ok(Bytes::from_static(b"data: {\"id\":\"a\",\"choices\":[{\"delta\":{\"content\":\"He\"}}]}\n\nda")),
+            Ok(Bytes::from_static(b"ta: {\"choices\":[{\"delta\":{\"content\":\"llo\"},\"finish_reason\":\"stop\"}]}\r\n\r\n")),
+            Ok(Bytes::from_static(b": comment\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2}}\n\ndata: [DONE]\n\n")),
+        ];
+        let s = sse_chunks(futures::stream::iter(parts), Duration::from_secs(1));
+        let chunks: Vec<_> = s.collect().await;
+        let chunks: Vec<StreamChunk> = chunks.into_iter().map(|c| c.expect("chunk")).collect();
+        let text: String = chunks.iter().filter_map(|c| c.delta.clone()).collect();
+        assert_eq!(text, "Hello");
+        assert_eq!(chunks[1].finish_reason.as_deref(), Some("stop"));
+        assert_eq!(
+            chunks[2].usage,
+            Some(UpstreamUsage {
+                prompt_tokens: 3,
+                completion_tokens: 2
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn sse_garbage_is_invalid() {
+        let parts: Vec<reqwest::Result<Bytes>> =
+            vec![Ok(Bytes::from_static(b"data: {garbage\n\n"))];
+        let chunks: Vec<_> = sse_chunks(futures::stream::iter(parts), Duration::from_secs(1))
+            .collect()
+            .await;
+        assert!(matches!(
+            chunks.as_slice(),
+            [Err(UpstreamError::InvalidResponse(_))]
+        ));
+    }
+}

@@ -1,0 +1,246 @@
+//! Request validation: everything is checked before any money moves.
+
+use syft_proto::router::{ChatOptions, ChatRequest, Message};
+
+use crate::config::Limits;
+use crate::error::RouterError;
+
+/// Roles a chat message may have.
+pub const ROLES: [&str; 3] = ["system", "user", "assistant"];
+
+/// At most this many stop sequences (as OpenAI).
+pub const MAX_STOP_SEQUENCES: usize = 4;
+
+/// Longest accepted client request id.
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// A pragmatic email check: one `@`, a non-empty local part, a dotted domain, no spaces or
+/// control characters, at most 254 bytes.
+pub fn is_valid_email(email: &str) -> bool {
+    if email.len() > 254 || email.is_empty() {
+        return false;
+    }
+    let Some((local, domain)) = email.split_once('@') else {
+        return false;
+    };
+    let bad_char = |c: char| c.is_whitespace() || c.is_control() || c == '@';
+    !local.is_empty()
+        && local.len() <= 64
+        && !domain.is_empty()
+        && !local.chars().any(bad_char)
+        && !domain.chars().any(bad_char)
+        && domain.contains('.')
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && !domain.contains("..")
+}
+
+/// A request that passed validation; `request_id` is filled in.
+#[derive(Debug, Clone)]
+pub struct ValidRequest {
+    pub request_id: String,
+    pub user_email: String,
+    pub model: String,
+    pub messages: Vec<Message>,
+    pub max_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub stop: Vec<String>,
+    pub transaction_token: String,
+    pub prompt_bytes: usize,
+}
+
+fn bad(msg: impl Into<String>) -> RouterError {
+    RouterError::InvalidArgument(msg.into())
+}
+
+/// Validates a chat request against the limits. `model` is resolved by the caller.
+pub fn validate_chat(req: ChatRequest, limits: &Limits) -> Result<ValidRequest, RouterError> {
+    if req.messages.is_empty() {
+        return Err(bad("messages must not be empty"));
+    }
+    if req.messages.len() > limits.max_messages {
+        return Err(bad(format!(
+            "too many messages: {} (limit {})",
+            req.messages.len(),
+            limits.max_messages
+        )));
+    }
+    let mut prompt_bytes = 0usize;
+    for (i, m) in req.messages.iter().enumerate() {
+        if !ROLES.contains(&m.role.as_str()) {
+            return Err(bad(format!(
+                "messages[{i}].role {:?} is not one of system, user, assistant",
+                truncate(&m.role, 32)
+            )));
+        }
+        prompt_bytes = prompt_bytes
+            .saturating_add(m.content.len())
+            .saturating_add(m.role.len())
+            .saturating_add(m.name.as_ref().map_or(0, String::len));
+    }
+    if prompt_bytes > limits.max_prompt_bytes {
+        return Err(bad(format!(
+            "prompt is too large: {prompt_bytes} bytes (limit {} bytes)",
+            limits.max_prompt_bytes
+        )));
+    }
+    let opts = req.options.unwrap_or_default();
+    let ChatOptions {
+        max_tokens,
+        temperature,
+        top_p,
+        stop_sequences,
+    } = opts;
+    if let Some(mt) = max_tokens {
+        if mt == 0 || mt > limits.max_tokens_limit {
+            return Err(bad(format!(
+                "max_tokens must be in 1..={} (got {mt})",
+                limits.max_tokens_limit
+            )));
+        }
+    }
+    if let Some(t) = temperature {
+        if !(0.0..=2.0).contains(&t) {
+            return Err(bad(format!("temperature must be in 0..=2 (got {t})")));
+        }
+    }
+    if let Some(p) = top_p {
+        if !(0.0..=1.0).contains(&p) {
+            return Err(bad(format!("top_p must be in 0..=1 (got {p})")));
+        }
+    }
+    if stop_sequences.len() > MAX_STOP_SEQUENCES {
+        return Err(bad(format!(
+            "at most {MAX_STOP_SEQUENCES} stop sequences are allowed"
+        )));
+    }
+    if stop_sequences.iter().any(|s| s.is_empty() || s.len() > 256) {
+        return Err(bad("stop sequences must be 1..=256 bytes long"));
+    }
+    let user_email = req.user_email.trim().to_string();
+    if !user_email.is_empty() && !is_valid_email(&user_email) {
+        return Err(bad(format!(
+            "user_email {:?} is not a valid email",
+            truncate(&user_email, 64)
+        )));
+    }
+    let request_id = if req.request_id.is_empty() {
+        uuid::Uuid::now_v7().to_string()
+    } else {
+        let id = req.request_id;
+        if id.len() > MAX_REQUEST_ID_LEN || !id.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+            return Err(bad(format!(
+                "request_id must be 1..={MAX_REQUEST_ID_LEN} visible ASCII characters"
+            )));
+        }
+        id
+    };
+    Ok(ValidRequest {
+        request_id,
+        user_email,
+        model: req.model.trim().to_string(),
+        messages: req.messages,
+        max_tokens,
+        temperature,
+        top_p,
+        stop: stop_sequences,
+        transaction_token: req.transaction_token.trim().to_string(),
+        prompt_bytes,
+    })
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(role: &str, content: &str) -> Message {
+        Message {
+            role: role.into(),
+            content: content.into(),
+            name: None,
+        }
+    }
+
+    fn req() -> ChatRequest {
+        ChatRequest {
+            user_email: "alice@example.com".into(),
+            model: "m".into(),
+            messages: vec![msg("user", "hi")],
+            options: None,
+            transaction_token: String::new(),
+            request_id: String::new(),
+        }
+    }
+
+    fn check(f: impl FnOnce(&mut ChatRequest)) -> Result<ValidRequest, RouterError> {
+        let mut r = req();
+        f(&mut r);
+        validate_chat(r, &Limits::default())
+    }
+
+    fn opts(f: impl FnOnce(&mut ChatOptions)) -> impl FnOnce(&mut ChatRequest) {
+        move |r| {
+            let mut o = ChatOptions::default();
+            f(&mut o);
+            r.options = Some(o);
+        }
+    }
+
+    #[test]
+    fn emails() {
+        assert!(is_valid_email("a@b.co"));
+        assert!(is_valid_email("first.last+tag@sub.example.org"));
+        for bad in [
+            "", "a", "a@", "@b.c", "a@b", "a b@c.d", "a@b..c", "a@.b.c", "a@b@c.d",
+        ] {
+            assert!(!is_valid_email(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn accepts_good_and_generates_id() {
+        let v = check(|_| {}).expect("valid");
+        assert!(!v.request_id.is_empty());
+        assert_eq!(v.prompt_bytes, 6);
+        let v = check(|r| r.request_id = "my-id-1".into()).expect("valid");
+        assert_eq!(v.request_id, "my-id-1");
+        assert!(check(|r| r.user_email.clear()).is_ok());
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        let cases: Vec<Box<dyn FnOnce(&mut ChatRequest)>> = vec![
+            Box::new(|r| r.messages.clear()),
+            Box::new(|r| r.messages.push(msg("tool", "x"))),
+            Box::new(|r| r.user_email = "not-an-email".into()),
+            Box::new(|r| r.request_id = "has space".into()),
+            Box::new(|r| r.request_id = "x".repeat(200)),
+            Box::new(opts(|o| o.temperature = Some(3.0))),
+            Box::new(opts(|o| o.temperature = Some(f32::NAN))),
+            Box::new(opts(|o| o.temperature = Some(-0.1))),
+            Box::new(opts(|o| o.top_p = Some(1.5))),
+            Box::new(opts(|o| o.max_tokens = Some(0))),
+            Box::new(opts(|o| o.max_tokens = Some(1_000_000_000))),
+            Box::new(opts(|o| o.stop_sequences = vec!["a".into(); 5])),
+            Box::new(|r| r.messages = vec![msg("user", &"x".repeat(5 * 1024 * 1024))]),
+        ];
+        for (i, f) in cases.into_iter().enumerate() {
+            match check(f) {
+                Err(RouterError::InvalidArgument(_)) => {}
+                other => panic!("case {i}: expected InvalidArgument, got {other:?}"),
+            }
+        }
+    }
+}
