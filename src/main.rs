@@ -1,1 +1,19 @@
-fn main() {}
+//! `syft-router`: one binary for the ledger, the router, the embedded dev stack and client commands.
+
+mod bench;
+mod cli;
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = cli::Cli::parse();
+    cli::init_tracing(&args.log_format);
+    match cli::run(args).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -71,52 +71,98 @@ async fn accounts_and_auth(h: Harness) -> Harness {
     assert_eq!(created.secret, "bob-secret-123");
     let account = created.account.unwrap();
     assert_eq!(account.email, "bob@example.com");
-    assert_eq!((account.balance_micros, account.currency.as_str()), (0, "USD"));
+    assert_eq!(
+        (account.balance_micros, account.currency.as_str()),
+        (0, "USD")
+    );
 
     let dup = admin
-        .create_account(pb::CreateAccountRequest { email: "bob@example.com".into(), ..Default::default() })
+        .create_account(pb::CreateAccountRequest {
+            email: "bob@example.com".into(),
+            ..Default::default()
+        })
         .await;
     assert_eq!(code(dup), Code::AlreadyExists);
 
     let alice = h.account(ALICE, 0).await;
     // Bearer secret reads its own account, not another's.
     let mut bob = h.client("bob-secret-123");
-    let own = bob.get_account(pb::GetAccountRequest { email: "bob@example.com".into() }).await;
+    let own = bob
+        .get_account(pb::GetAccountRequest {
+            email: "bob@example.com".into(),
+        })
+        .await;
     assert_eq!(own.unwrap().into_inner().organization, "acme");
-    let other = bob.get_account(pb::GetAccountRequest { email: ALICE.into() }).await;
+    let other = bob
+        .get_account(pb::GetAccountRequest {
+            email: ALICE.into(),
+        })
+        .await;
     assert_eq!(code(other), Code::PermissionDenied);
     // Only the admin creates accounts and deposits.
     let mut as_alice = h.client(&alice);
     let create = as_alice
-        .create_account(pb::CreateAccountRequest { email: "x@example.com".into(), ..Default::default() })
+        .create_account(pb::CreateAccountRequest {
+            email: "x@example.com".into(),
+            ..Default::default()
+        })
         .await;
     assert_eq!(code(create), Code::PermissionDenied);
     let deposit = as_alice
-        .deposit(pb::DepositRequest { email: ALICE.into(), amount_micros: USD, idempotency_key: "self".into() })
+        .deposit(pb::DepositRequest {
+            email: ALICE.into(),
+            amount_micros: USD,
+            idempotency_key: "self".into(),
+        })
         .await;
     assert_eq!(code(deposit), Code::PermissionDenied);
     // Missing and wrong credentials.
-    let anon = h.client("").get_account(pb::GetAccountRequest { email: ALICE.into() }).await;
+    let anon = h
+        .client("")
+        .get_account(pb::GetAccountRequest {
+            email: ALICE.into(),
+        })
+        .await;
     assert_eq!(code(anon), Code::Unauthenticated);
-    let wrong = h.client("not-a-secret").get_account(pb::GetAccountRequest { email: ALICE.into() }).await;
+    let wrong = h
+        .client("not-a-secret")
+        .get_account(pb::GetAccountRequest {
+            email: ALICE.into(),
+        })
+        .await;
     assert_eq!(code(wrong), Code::Unauthenticated);
     // Basic email:secret works too.
     use base64::Engine;
     let basic = base64::engine::general_purpose::STANDARD.encode(format!("{ALICE}:{alice}"));
-    let channel = tonic::transport::Endpoint::from_shared(h.url()).unwrap().connect_lazy();
+    let channel = tonic::transport::Endpoint::from_shared(h.url())
+        .unwrap()
+        .connect_lazy();
     let mut client = syft_proto::ledger::ledger_client::LedgerClient::with_interceptor(
         channel,
         move |mut req: tonic::Request<()>| {
-            req.metadata_mut().insert("authorization", format!("Basic {basic}").parse().unwrap());
+            req.metadata_mut()
+                .insert("authorization", format!("Basic {basic}").parse().unwrap());
             Ok(req)
         },
     );
-    let me = client.get_account(pb::GetAccountRequest { email: ALICE.into() }).await;
+    let me = client
+        .get_account(pb::GetAccountRequest {
+            email: ALICE.into(),
+        })
+        .await;
     assert_eq!(me.unwrap().into_inner().email, ALICE);
     // Bad account input writes nothing.
-    for (email, secret) in [("", None), ("not-an-email", None), ("a@b", Some("short".to_string()))] {
+    for (email, secret) in [
+        ("", None),
+        ("not-an-email", None),
+        ("a@b", Some("short".to_string())),
+    ] {
         let r = admin
-            .create_account(pb::CreateAccountRequest { email: email.into(), secret, ..Default::default() })
+            .create_account(pb::CreateAccountRequest {
+                email: email.into(),
+                secret,
+                ..Default::default()
+            })
             .await;
         assert_eq!(code(r), Code::InvalidArgument, "{email}");
     }
@@ -141,15 +187,37 @@ async fn deposits_are_idempotent_and_validated(h: Harness) -> Harness {
         idempotency_key: key.into(),
     };
     admin.deposit(deposit(5 * USD, "d1")).await.unwrap();
-    let again = admin.deposit(deposit(5 * USD, "d1")).await.unwrap().into_inner();
-    assert_eq!(again.balance_micros, 5 * USD, "double submit deposited twice");
-    assert_eq!(code(admin.deposit(deposit(6 * USD, "d1")).await), Code::AlreadyExists);
+    let again = admin
+        .deposit(deposit(5 * USD, "d1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        again.balance_micros,
+        5 * USD,
+        "double submit deposited twice"
+    );
+    assert_eq!(
+        code(admin.deposit(deposit(6 * USD, "d1")).await),
+        Code::AlreadyExists
+    );
     for amount in [0, -1, i64::MIN, i64::MAX, 1_000_000_000_001] {
-        assert_eq!(code(admin.deposit(deposit(amount, "bad")).await), Code::InvalidArgument, "{amount}");
+        assert_eq!(
+            code(admin.deposit(deposit(amount, "bad")).await),
+            Code::InvalidArgument,
+            "{amount}"
+        );
     }
-    assert_eq!(code(admin.deposit(deposit(USD, "")).await), Code::InvalidArgument);
+    assert_eq!(
+        code(admin.deposit(deposit(USD, "")).await),
+        Code::InvalidArgument
+    );
     let unknown = admin
-        .deposit(pb::DepositRequest { email: "nobody@example.com".into(), amount_micros: 1, idempotency_key: "k".into() })
+        .deposit(pb::DepositRequest {
+            email: "nobody@example.com".into(),
+            amount_micros: 1,
+            idempotency_key: "k".into(),
+        })
         .await;
     assert_eq!(code(unknown), Code::NotFound);
     assert_eq!(h.balance(ALICE).await.balance_micros, 5 * USD);
@@ -159,12 +227,22 @@ async fn deposits_are_idempotent_and_validated(h: Harness) -> Harness {
 async fn authorize_then_capture_moves_money(h: Harness) -> Harness {
     let (owner, _alice, token) = setup(&h, 10 * USD).await;
     let mut router = h.client(&owner);
-    let t = router.authorize(authorize(ALICE, 2 * USD, &token, "r1")).await.unwrap().into_inner();
+    let t = router
+        .authorize(authorize(ALICE, 2 * USD, &token, "r1"))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(t.status(), pb::TransferStatus::Pending);
     assert_eq!(t.created_by(), pb::Actor::Recipient);
-    assert_eq!((t.sender_email.as_str(), t.recipient_email.as_str()), (ALICE, OWNER));
+    assert_eq!(
+        (t.sender_email.as_str(), t.recipient_email.as_str()),
+        (ALICE, OWNER)
+    );
     let a = h.balance(ALICE).await;
-    assert_eq!((a.balance_micros, a.held_micros, a.available_micros), (10 * USD, 2 * USD, 8 * USD));
+    assert_eq!(
+        (a.balance_micros, a.held_micros, a.available_micros),
+        (10 * USD, 2 * USD, 8 * USD)
+    );
 
     // Partial capture releases the rest.
     let captured = router
@@ -178,14 +256,21 @@ async fn authorize_then_capture_moves_money(h: Harness) -> Harness {
         .into_inner();
     assert_eq!(captured.status(), pb::TransferStatus::Completed);
     assert_eq!(captured.resolved_by(), pb::Actor::Recipient);
-    assert_eq!((captured.amount_micros, captured.captured_micros), (2 * USD, 1_500_000));
+    assert_eq!(
+        (captured.amount_micros, captured.captured_micros),
+        (2 * USD, 1_500_000)
+    );
     assert!(captured.resolved_at_unix_micros.is_some());
     let a = h.balance(ALICE).await;
     assert_eq!((a.balance_micros, a.held_micros), (10 * USD - 1_500_000, 0));
     assert_eq!(h.balance(OWNER).await.balance_micros, 1_500_000);
 
     // The usage row was written with the capture, cost = captured.
-    let page = router.query_usage(pb::QueryUsageRequest::default()).await.unwrap().into_inner();
+    let page = router
+        .query_usage(pb::QueryUsageRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(page.records.len(), 1);
     assert_eq!(page.records[0].cost_micros, 1_500_000);
     assert_eq!(page.records[0].transfer_id, t.id);
@@ -196,7 +281,11 @@ async fn authorize_then_capture_moves_money(h: Harness) -> Harness {
 async fn capture_and_void_resolve_exactly_once(h: Harness) -> Harness {
     let (owner, _alice, token) = setup(&h, 10 * USD).await;
     let mut router = h.client(&owner);
-    let t1 = router.authorize(authorize(ALICE, USD, &token, "k1")).await.unwrap().into_inner();
+    let t1 = router
+        .authorize(authorize(ALICE, USD, &token, "k1"))
+        .await
+        .unwrap()
+        .into_inner();
     let first = router.capture(full(&t1.id)).await.unwrap().into_inner();
     let second = router.capture(full(&t1.id)).await.unwrap().into_inner();
     assert_eq!(first, second, "double capture must return the same result");
@@ -208,10 +297,17 @@ async fn capture_and_void_resolve_exactly_once(h: Harness) -> Harness {
         })
         .await;
     assert_eq!(code(other_amount), Code::FailedPrecondition);
-    let void_after_capture = router.void(pb::VoidRequest { transfer_id: t1.id.clone(), ..Default::default() });
+    let void_after_capture = router.void(pb::VoidRequest {
+        transfer_id: t1.id.clone(),
+        ..Default::default()
+    });
     assert_eq!(code(void_after_capture.await), Code::FailedPrecondition);
 
-    let t2 = router.authorize(authorize(ALICE, USD, &token, "k2")).await.unwrap().into_inner();
+    let t2 = router
+        .authorize(authorize(ALICE, USD, &token, "k2"))
+        .await
+        .unwrap()
+        .into_inner();
     let void = pb::VoidRequest {
         transfer_id: t2.id.clone(),
         reason: "upstream failed".into(),
@@ -222,10 +318,17 @@ async fn capture_and_void_resolve_exactly_once(h: Harness) -> Harness {
     assert_eq!(v1, v2, "double void must return the same result");
     assert_eq!(v1.status(), pb::TransferStatus::Cancelled);
     assert_eq!(v1.cancel_reason, "upstream failed");
-    assert_eq!(code(router.capture(full(&t2.id)).await), Code::FailedPrecondition);
+    assert_eq!(
+        code(router.capture(full(&t2.id)).await),
+        Code::FailedPrecondition
+    );
 
     // Bad capture input writes nothing.
-    let t3 = router.authorize(authorize(ALICE, USD, &token, "k3")).await.unwrap().into_inner();
+    let t3 = router
+        .authorize(authorize(ALICE, USD, &token, "k3"))
+        .await
+        .unwrap()
+        .into_inner();
     let bad_amounts = [
         Some(pb::capture_request::Amount::AmountMicros(0)),
         Some(pb::capture_request::Amount::AmountMicros(-5)),
@@ -234,19 +337,41 @@ async fn capture_and_void_resolve_exactly_once(h: Harness) -> Harness {
         None,
     ];
     for amount in bad_amounts {
-        let r = router.capture(pb::CaptureRequest { transfer_id: t3.id.clone(), amount, usage: None }).await;
+        let r = router
+            .capture(pb::CaptureRequest {
+                transfer_id: t3.id.clone(),
+                amount,
+                usage: None,
+            })
+            .await;
         assert_eq!(code(r), Code::InvalidArgument, "{amount:?}");
     }
-    let unknown = router.capture(full(&uuid::Uuid::now_v7().to_string())).await;
+    let unknown = router
+        .capture(full(&uuid::Uuid::now_v7().to_string()))
+        .await;
     assert_eq!(code(unknown), Code::NotFound);
     // Only the recipient resolves; to anyone else the transfer does not exist.
     let stranger = h.account("eve@example.com", 0).await;
-    assert_eq!(code(h.client(&stranger).capture(full(&t3.id)).await), Code::NotFound);
     assert_eq!(
-        code(h.client(&stranger).get_transfer(pb::GetTransferRequest { transfer_id: t3.id.clone() }).await),
+        code(h.client(&stranger).capture(full(&t3.id)).await),
         Code::NotFound
     );
-    let pending = router.get_transfer(pb::GetTransferRequest { transfer_id: t3.id.clone() }).await.unwrap();
+    assert_eq!(
+        code(
+            h.client(&stranger)
+                .get_transfer(pb::GetTransferRequest {
+                    transfer_id: t3.id.clone()
+                })
+                .await
+        ),
+        Code::NotFound
+    );
+    let pending = router
+        .get_transfer(pb::GetTransferRequest {
+            transfer_id: t3.id.clone(),
+        })
+        .await
+        .unwrap();
     assert_eq!(pending.into_inner().status(), pb::TransferStatus::Pending);
 
     let a = h.balance(ALICE).await;
@@ -257,29 +382,53 @@ async fn capture_and_void_resolve_exactly_once(h: Harness) -> Harness {
 async fn authorize_idempotency(h: Harness) -> Harness {
     let (owner, _alice, token) = setup(&h, 3 * USD).await;
     let mut router = h.client(&owner);
-    let t = router.authorize(authorize(ALICE, USD, &token, "same")).await.unwrap().into_inner();
-    let replay = router.authorize(authorize(ALICE, USD, &token, "same")).await.unwrap().into_inner();
+    let t = router
+        .authorize(authorize(ALICE, USD, &token, "same"))
+        .await
+        .unwrap()
+        .into_inner();
+    let replay = router
+        .authorize(authorize(ALICE, USD, &token, "same"))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(t, replay);
     assert_eq!(h.balance(ALICE).await.held_micros, USD, "replay held twice");
     // Different parameters under the same key are rejected.
-    let changed = router.authorize(authorize(ALICE, 2 * USD, &token, "same")).await;
+    let changed = router
+        .authorize(authorize(ALICE, 2 * USD, &token, "same"))
+        .await;
     assert_eq!(code(changed), Code::AlreadyExists);
     // Replay after capture returns the completed transfer, never a new hold.
     router.capture(full(&t.id)).await.unwrap();
-    let after = router.authorize(authorize(ALICE, USD, &token, "same")).await.unwrap().into_inner();
+    let after = router
+        .authorize(authorize(ALICE, USD, &token, "same"))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(after.status(), pb::TransferStatus::Completed);
     assert_eq!(h.balance(ALICE).await.held_micros, 0);
 
     // A failure is replayed as the same failure even after the funds arrive.
-    let poor = router.authorize(authorize(ALICE, 5 * USD, &token, "poor")).await;
+    let poor = router
+        .authorize(authorize(ALICE, 5 * USD, &token, "poor"))
+        .await;
     assert_eq!(code(poor), Code::FailedPrecondition);
     h.admin()
-        .deposit(pb::DepositRequest { email: ALICE.into(), amount_micros: 10 * USD, idempotency_key: "more".into() })
+        .deposit(pb::DepositRequest {
+            email: ALICE.into(),
+            amount_micros: 10 * USD,
+            idempotency_key: "more".into(),
+        })
         .await
         .unwrap();
-    let replayed = router.authorize(authorize(ALICE, 5 * USD, &token, "poor")).await;
+    let replayed = router
+        .authorize(authorize(ALICE, 5 * USD, &token, "poor"))
+        .await;
     assert_eq!(code(replayed), Code::FailedPrecondition);
-    let fresh = router.authorize(authorize(ALICE, 5 * USD, &token, "rich")).await;
+    let fresh = router
+        .authorize(authorize(ALICE, 5 * USD, &token, "rich"))
+        .await;
     assert!(fresh.is_ok());
 
     // Concurrent double submit: one hold.
@@ -287,7 +436,9 @@ async fn authorize_idempotency(h: Harness) -> Harness {
     for _ in 0..20 {
         let mut c = router.clone();
         let req = authorize(ALICE, USD, &token, "burst");
-        tasks.push(tokio::spawn(async move { c.authorize(req).await.map(|r| r.into_inner().id) }));
+        tasks.push(tokio::spawn(async move {
+            c.authorize(req).await.map(|r| r.into_inner().id)
+        }));
     }
     let mut ids = std::collections::HashSet::new();
     for task in tasks {
@@ -325,7 +476,10 @@ async fn concurrent_spend_of_one_balance(h: Harness) -> Harness {
     // Concurrent captures of one transfer resolve it once.
     let mut c = router.clone();
     let t = c
-        .list_transfers(pb::ListTransfersRequest { status: pb::TransferStatus::Pending as i32, ..Default::default() })
+        .list_transfers(pb::ListTransfersRequest {
+            status: pb::TransferStatus::Pending as i32,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -338,7 +492,10 @@ async fn concurrent_spend_of_one_balance(h: Harness) -> Harness {
         tasks.push(tokio::spawn(async move { c.capture(full(&id)).await }));
     }
     for task in tasks {
-        assert_eq!(task.await.unwrap().unwrap().into_inner().captured_micros, USD);
+        assert_eq!(
+            task.await.unwrap().unwrap().into_inner().captured_micros,
+            USD
+        );
     }
     assert_eq!(h.balance(OWNER).await.balance_micros, USD);
     h
@@ -363,7 +520,13 @@ async fn expired_holds_are_swept(h: Harness) -> Harness {
     // The sweep cancels it as SYSTEM and releases the funds.
     let mut swept = None;
     for _ in 0..50 {
-        let cur = router.get_transfer(pb::GetTransferRequest { transfer_id: t.id.clone() }).await.unwrap().into_inner();
+        let cur = router
+            .get_transfer(pb::GetTransferRequest {
+                transfer_id: t.id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
         if cur.status() == pb::TransferStatus::Cancelled {
             swept = Some(cur);
             break;
@@ -374,7 +537,10 @@ async fn expired_holds_are_swept(h: Harness) -> Harness {
     assert_eq!(swept.resolved_by(), pb::Actor::System);
     let a = h.balance(ALICE).await;
     assert_eq!((a.balance_micros, a.held_micros), (5 * USD, 0));
-    assert_eq!(code(router.capture(full(&t.id)).await), Code::FailedPrecondition);
+    assert_eq!(
+        code(router.capture(full(&t.id)).await),
+        Code::FailedPrecondition
+    );
     h
 }
 
@@ -386,21 +552,54 @@ async fn token_rules(h: Harness) -> Harness {
     let mut router = h.client(&owner);
     let token = h.token(&alice, OWNER).await;
 
-    let denied = |r: Result<tonic::Response<pb::Transfer>, tonic::Status>| code(r) == Code::PermissionDenied;
+    let denied =
+        |r: Result<tonic::Response<pb::Transfer>, tonic::Status>| code(r) == Code::PermissionDenied;
     // Wrong sender: Alice's token named as Bob's.
-    assert!(denied(router.authorize(authorize("bob@example.com", USD, &token, "t1")).await));
+    assert!(denied(
+        router
+            .authorize(authorize("bob@example.com", USD, &token, "t1"))
+            .await
+    ));
     // Wrong recipient: another router presents Alice's token.
-    assert!(denied(h.client(&other_router).authorize(authorize(ALICE, USD, &token, "t2")).await));
+    assert!(denied(
+        h.client(&other_router)
+            .authorize(authorize(ALICE, USD, &token, "t2"))
+            .await
+    ));
     // Garbage and empty tokens.
-    assert!(denied(router.authorize(authorize(ALICE, USD, "syft_tok_garbage", "t3")).await));
-    assert_eq!(code(router.authorize(authorize(ALICE, USD, "", "t4")).await), Code::InvalidArgument);
+    assert!(denied(
+        router
+            .authorize(authorize(ALICE, USD, "syft_tok_garbage", "t3"))
+            .await
+    ));
+    assert_eq!(
+        code(router.authorize(authorize(ALICE, USD, "", "t4")).await),
+        Code::InvalidArgument
+    );
     // Revoked: only by its sender.
     let revocable = h.token(&bob, OWNER).await;
-    router.authorize(authorize("bob@example.com", USD, &revocable, "t5")).await.unwrap();
-    let not_owner = h.client(&alice).revoke_token(pb::RevokeTokenRequest { token: revocable.clone() }).await;
+    router
+        .authorize(authorize("bob@example.com", USD, &revocable, "t5"))
+        .await
+        .unwrap();
+    let not_owner = h
+        .client(&alice)
+        .revoke_token(pb::RevokeTokenRequest {
+            token: revocable.clone(),
+        })
+        .await;
     assert_eq!(code(not_owner), Code::NotFound);
-    h.client(&bob).revoke_token(pb::RevokeTokenRequest { token: revocable.clone() }).await.unwrap();
-    assert!(denied(router.authorize(authorize("bob@example.com", USD, &revocable, "t6")).await));
+    h.client(&bob)
+        .revoke_token(pb::RevokeTokenRequest {
+            token: revocable.clone(),
+        })
+        .await
+        .unwrap();
+    assert!(denied(
+        router
+            .authorize(authorize("bob@example.com", USD, &revocable, "t6"))
+            .await
+    ));
     // Expired.
     let expiring = h
         .client(&alice)
@@ -413,9 +612,16 @@ async fn token_rules(h: Harness) -> Harness {
         .unwrap()
         .into_inner()
         .token;
-    router.authorize(authorize(ALICE, USD, &expiring, "t7")).await.unwrap();
+    router
+        .authorize(authorize(ALICE, USD, &expiring, "t7"))
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert!(denied(router.authorize(authorize(ALICE, USD, &expiring, "t8")).await));
+    assert!(denied(
+        router
+            .authorize(authorize(ALICE, USD, &expiring, "t8"))
+            .await
+    ));
     // Spend limit counts captured plus held.
     let limited = h
         .client(&alice)
@@ -428,13 +634,30 @@ async fn token_rules(h: Harness) -> Harness {
         .unwrap()
         .into_inner()
         .token;
-    let a = router.authorize(authorize(ALICE, 2 * USD, &limited, "l1")).await.unwrap().into_inner();
+    let a = router
+        .authorize(authorize(ALICE, 2 * USD, &limited, "l1"))
+        .await
+        .unwrap()
+        .into_inner();
     router.capture(full(&a.id)).await.unwrap();
-    let b = router.authorize(authorize(ALICE, USD, &limited, "l2")).await.unwrap().into_inner();
+    let b = router
+        .authorize(authorize(ALICE, USD, &limited, "l2"))
+        .await
+        .unwrap()
+        .into_inner();
     let over = router.authorize(authorize(ALICE, 1, &limited, "l3")).await;
     assert_eq!(code(over), Code::PermissionDenied);
-    router.void(pb::VoidRequest { transfer_id: b.id, ..Default::default() }).await.unwrap();
-    router.authorize(authorize(ALICE, USD, &limited, "l4")).await.unwrap();
+    router
+        .void(pb::VoidRequest {
+            transfer_id: b.id,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    router
+        .authorize(authorize(ALICE, USD, &limited, "l4"))
+        .await
+        .unwrap();
 
     // Issuing: unknown recipient, self, past expiry, bad limits.
     let mut a_client = h.client(&alice);
@@ -443,11 +666,30 @@ async fn token_rules(h: Harness) -> Harness {
         expires_at_unix_micros: expires,
         spend_limit_micros: limit,
     };
-    assert_eq!(code(a_client.issue_token(issue("nobody@example.com", None, None)).await), Code::NotFound);
-    assert_eq!(code(a_client.issue_token(issue(ALICE, None, None)).await), Code::InvalidArgument);
-    assert_eq!(code(a_client.issue_token(issue(OWNER, Some(1), None)).await), Code::InvalidArgument);
-    assert_eq!(code(a_client.issue_token(issue(OWNER, None, Some(0))).await), Code::InvalidArgument);
-    assert_eq!(code(a_client.issue_token(issue(OWNER, None, Some(-1))).await), Code::InvalidArgument);
+    assert_eq!(
+        code(
+            a_client
+                .issue_token(issue("nobody@example.com", None, None))
+                .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(a_client.issue_token(issue(ALICE, None, None)).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(a_client.issue_token(issue(OWNER, Some(1), None)).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(a_client.issue_token(issue(OWNER, None, Some(0))).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(a_client.issue_token(issue(OWNER, None, Some(-1))).await),
+        Code::InvalidArgument
+    );
     h
 }
 
@@ -462,26 +704,59 @@ async fn bad_authorize_input_writes_nothing(h: Harness) -> Harness {
         authorize(ALICE, i64::MAX, &token, "b5"),
         authorize(ALICE, USD, &token, ""),
         authorize(ALICE, USD, &token, &"k".repeat(1000)),
-        pb::AuthorizeRequest { app_name: "x".repeat(100_000), ..authorize(ALICE, USD, &token, "b6") },
-        pb::AuthorizeRequest { app_ep_path: "\u{0}".into(), ..authorize(ALICE, USD, &token, "b7") },
+        pb::AuthorizeRequest {
+            app_name: "x".repeat(100_000),
+            ..authorize(ALICE, USD, &token, "b6")
+        },
+        pb::AuthorizeRequest {
+            app_ep_path: "\u{0}".into(),
+            ..authorize(ALICE, USD, &token, "b7")
+        },
     ];
     for req in cases {
         let r = router.authorize(req.clone()).await;
         assert_eq!(code(r), Code::InvalidArgument, "{:?}", &req.idempotency_key);
     }
     // Insufficient funds is a precondition failure; the admin key is not a recipient.
-    assert_eq!(code(router.authorize(authorize(ALICE, 11 * USD, &token, "b8")).await), Code::FailedPrecondition);
-    assert_eq!(code(h.admin().authorize(authorize(ALICE, USD, &token, "b9")).await), Code::PermissionDenied);
-    let listed = router.list_transfers(pb::ListTransfersRequest::default()).await.unwrap().into_inner();
+    assert_eq!(
+        code(
+            router
+                .authorize(authorize(ALICE, 11 * USD, &token, "b8"))
+                .await
+        ),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        code(
+            h.admin()
+                .authorize(authorize(ALICE, USD, &token, "b9"))
+                .await
+        ),
+        Code::PermissionDenied
+    );
+    let listed = router
+        .list_transfers(pb::ListTransfersRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert!(listed.transfers.is_empty());
     let a = h.balance(ALICE).await;
     assert_eq!((a.balance_micros, a.held_micros), (10 * USD, 0));
     // Paging bounds.
-    let huge = router.list_transfers(pb::ListTransfersRequest { page_size: 1_000_000, ..Default::default() });
+    let huge = router.list_transfers(pb::ListTransfersRequest {
+        page_size: 1_000_000,
+        ..Default::default()
+    });
     assert_eq!(code(huge.await), Code::InvalidArgument);
-    let garbage = router.list_transfers(pb::ListTransfersRequest { page_token: "%%%".into(), ..Default::default() });
+    let garbage = router.list_transfers(pb::ListTransfersRequest {
+        page_token: "%%%".into(),
+        ..Default::default()
+    });
     assert_eq!(code(garbage.await), Code::InvalidArgument);
-    let usage_huge = router.query_usage(pb::QueryUsageRequest { page_size: 501, ..Default::default() });
+    let usage_huge = router.query_usage(pb::QueryUsageRequest {
+        page_size: 501,
+        ..Default::default()
+    });
     assert_eq!(code(usage_huge.await), Code::InvalidArgument);
     h
 }
@@ -490,24 +765,50 @@ async fn listing_and_usage_visibility(h: Harness) -> Harness {
     let (owner, alice, token) = setup(&h, 100 * USD).await;
     let mut router = h.client(&owner);
     for i in 0..7 {
-        let t = router.authorize(authorize(ALICE, USD, &token, &format!("p{i}"))).await.unwrap().into_inner();
+        let t = router
+            .authorize(authorize(ALICE, USD, &token, &format!("p{i}")))
+            .await
+            .unwrap()
+            .into_inner();
         let usage = Some(usage(&format!("p{i}"), "success"));
         if i % 2 == 0 {
-            router.capture(pb::CaptureRequest { usage, ..full(&t.id) }).await.unwrap();
+            router
+                .capture(pb::CaptureRequest {
+                    usage,
+                    ..full(&t.id)
+                })
+                .await
+                .unwrap();
         } else {
-            router.void(pb::VoidRequest { transfer_id: t.id, reason: "failed".into(), usage }).await.unwrap();
+            router
+                .void(pb::VoidRequest {
+                    transfer_id: t.id,
+                    reason: "failed".into(),
+                    usage,
+                })
+                .await
+                .unwrap();
         }
     }
     // Free request: a usage row without money; recording it twice keeps one row.
     for _ in 0..2 {
-        router.record_usage(pb::RecordUsageRequest { usage: Some(usage("free-1", "success")) }).await.unwrap();
+        router
+            .record_usage(pb::RecordUsageRequest {
+                usage: Some(usage("free-1", "success")),
+            })
+            .await
+            .unwrap();
     }
     // Paging walks every transfer exactly once, newest first.
     let mut seen = Vec::new();
     let mut page_token = String::new();
     loop {
         let page = router
-            .list_transfers(pb::ListTransfersRequest { page_size: 3, page_token, ..Default::default() })
+            .list_transfers(pb::ListTransfersRequest {
+                page_size: 3,
+                page_token,
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner();
@@ -517,9 +818,15 @@ async fn listing_and_usage_visibility(h: Harness) -> Harness {
         }
         page_token = page.next_page_token;
     }
-    assert_eq!(seen, (0..7).rev().map(|i| format!("p{i}")).collect::<Vec<_>>());
+    assert_eq!(
+        seen,
+        (0..7).rev().map(|i| format!("p{i}")).collect::<Vec<_>>()
+    );
     let completed = router
-        .list_transfers(pb::ListTransfersRequest { status: pb::TransferStatus::Completed as i32, ..Default::default() })
+        .list_transfers(pb::ListTransfersRequest {
+            status: pb::TransferStatus::Completed as i32,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -527,34 +834,71 @@ async fn listing_and_usage_visibility(h: Harness) -> Harness {
     // Alice sees her transfers as sender; a stranger sees nothing and may not ask for others'.
     let as_sender = h
         .client(&alice)
-        .list_transfers(pb::ListTransfersRequest { role: pb::Role::Sender as i32, ..Default::default() })
+        .list_transfers(pb::ListTransfersRequest {
+            role: pb::Role::Sender as i32,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(as_sender.transfers.len(), 7);
     let eve = h.account("eve@example.com", 0).await;
     let mut eve = h.client(&eve);
-    assert!(eve.list_transfers(pb::ListTransfersRequest::default()).await.unwrap().into_inner().transfers.is_empty());
-    let snoop = eve.list_transfers(pb::ListTransfersRequest { account_email: ALICE.into(), ..Default::default() });
+    assert!(eve
+        .list_transfers(pb::ListTransfersRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .transfers
+        .is_empty());
+    let snoop = eve.list_transfers(pb::ListTransfersRequest {
+        account_email: ALICE.into(),
+        ..Default::default()
+    });
     assert_eq!(code(snoop.await), Code::PermissionDenied);
-    assert!(eve.query_usage(pb::QueryUsageRequest::default()).await.unwrap().into_inner().records.is_empty());
+    assert!(eve
+        .query_usage(pb::QueryUsageRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .records
+        .is_empty());
 
     // Usage totals cover every matching row; filters narrow them.
-    let all = router.query_usage(pb::QueryUsageRequest { page_size: 2, ..Default::default() }).await.unwrap().into_inner();
+    let all = router
+        .query_usage(pb::QueryUsageRequest {
+            page_size: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(all.records.len(), 2);
     let totals = all.totals.unwrap();
     assert_eq!((totals.requests, totals.cost_micros), (8, 4 * USD));
     let failed = router
-        .query_usage(pb::QueryUsageRequest { status: "success".into(), app_name: "chat-app".into(), ..Default::default() })
+        .query_usage(pb::QueryUsageRequest {
+            status: "success".into(),
+            app_name: "chat-app".into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(failed.totals.unwrap().requests, 8);
-    let alice_view = h.client(&alice).query_usage(pb::QueryUsageRequest::default()).await.unwrap().into_inner();
+    let alice_view = h
+        .client(&alice)
+        .query_usage(pb::QueryUsageRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(alice_view.totals.unwrap().requests, 8);
     let admin_view = h
         .admin()
-        .query_usage(pb::QueryUsageRequest { user_email: ALICE.into(), ..Default::default() })
+        .query_usage(pb::QueryUsageRequest {
+            user_email: ALICE.into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -566,7 +910,11 @@ async fn received_credits_can_be_spent(h: Harness) -> Harness {
     // The owner is credited through unrolled journal rows; spending them must still work.
     let (owner, _alice, token) = setup(&h, 10 * USD).await;
     let mut router = h.client(&owner);
-    let t = router.authorize(authorize(ALICE, 3 * USD, &token, "earn")).await.unwrap().into_inner();
+    let t = router
+        .authorize(authorize(ALICE, 3 * USD, &token, "earn"))
+        .await
+        .unwrap()
+        .into_inner();
     router.capture(full(&t.id)).await.unwrap();
     let carol = h.account("carol@example.com", 0).await;
     let owner_token = h.token(&owner, "carol@example.com").await;
@@ -587,13 +935,21 @@ async fn crash_between_phases_leaves_an_expiring_hold(mut h: Harness) -> Harness
     let (owner, _alice, token) = setup(&h, 5 * USD).await;
     let mut short = authorize(ALICE, 2 * USD, &token, "crash");
     short.hold_ttl_seconds = Some(1);
-    let t = h.client(&owner).authorize(short).await.unwrap().into_inner();
+    let t = h
+        .client(&owner)
+        .authorize(short)
+        .await
+        .unwrap()
+        .into_inner();
     // The ledger dies with the hold pending; a new process on the same database takes over.
     h.server.take().unwrap().kill();
     tokio::time::sleep(Duration::from_millis(1_200)).await;
     h.server = Some(common::LedgerServer::start(h.config.clone()).await);
     let mut router = h.client(&owner);
-    assert_eq!(code(router.capture(full(&t.id)).await), Code::FailedPrecondition);
+    assert_eq!(
+        code(router.capture(full(&t.id)).await),
+        Code::FailedPrecondition
+    );
     for _ in 0..50 {
         if h.balance(ALICE).await.held_micros == 0 {
             break;
@@ -601,7 +957,11 @@ async fn crash_between_phases_leaves_an_expiring_hold(mut h: Harness) -> Harness
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let a = h.balance(ALICE).await;
-    assert_eq!((a.balance_micros, a.held_micros), (5 * USD, 0), "user paid for a crashed request");
+    assert_eq!(
+        (a.balance_micros, a.held_micros),
+        (5 * USD, 0),
+        "user paid for a crashed request"
+    );
     h
 }
 

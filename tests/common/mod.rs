@@ -24,7 +24,10 @@ pub enum Db {
 pub async fn fresh_database(postgres: bool) -> Option<(String, Db)> {
     if !postgres {
         let dir = tempfile::tempdir().expect("tempdir");
-        let url = format!("sqlite://{}?mode=rwc", dir.path().join("ledger.db").display());
+        let url = format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("ledger.db").display()
+        );
         return Some((url, Db::Sqlite(dir)));
     }
     let Ok(admin_url) = std::env::var("DATABASE_URL") else {
@@ -37,8 +40,13 @@ pub async fn fresh_database(postgres: bool) -> Option<(String, Db)> {
     let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&admin_url)
         .await
         .expect("connect to DATABASE_URL");
-    conn.execute(format!("CREATE DATABASE {name}").as_str()).await.expect("create database");
-    let base = admin_url.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin_url);
+    conn.execute(format!("CREATE DATABASE {name}").as_str())
+        .await
+        .expect("create database");
+    let base = admin_url
+        .rsplit_once('/')
+        .map(|(b, _)| b)
+        .unwrap_or(&admin_url);
     Some((format!("{base}/{name}"), Db::Postgres { admin_url, name }))
 }
 
@@ -50,13 +58,19 @@ pub struct LedgerServer {
 
 impl LedgerServer {
     pub async fn start(config: LedgerConfig) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(syft_ledger::serve(config, listener, async {
             let _ = rx.await;
         }));
-        let server = Self { addr, shutdown: Some(tx), task };
+        let server = Self {
+            addr,
+            shutdown: Some(tx),
+            task,
+        };
         server.wait_ready().await;
         server
     }
@@ -80,7 +94,10 @@ impl LedgerServer {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        self.task.await.expect("join").expect("ledger exited cleanly");
+        self.task
+            .await
+            .expect("join")
+            .expect("ledger exited cleanly");
     }
 
     /// Simulates a crash: the task is killed without a graceful shutdown.
@@ -114,7 +131,12 @@ impl Harness {
         // Migrate once before the server starts, so two processes never race on a new SQLite file.
         let store = Arc::new(Store::connect(&url, 4).await.expect("store"));
         let server = LedgerServer::start(config.clone()).await;
-        Some(Self { config, server: Some(server), store, db: Some(db) })
+        Some(Self {
+            config,
+            server: Some(server),
+            store,
+            db: Some(db),
+        })
     }
 
     pub fn url(&self) -> String {
@@ -157,7 +179,10 @@ impl Harness {
     /// Issues a token from `sender` (by secret) to `recipient`.
     pub async fn token(&self, sender_secret: &str, recipient: &str) -> String {
         self.client(sender_secret)
-            .issue_token(pb::IssueTokenRequest { recipient_email: recipient.into(), ..Default::default() })
+            .issue_token(pb::IssueTokenRequest {
+                recipient_email: recipient.into(),
+                ..Default::default()
+            })
             .await
             .expect("issue token")
             .into_inner()
@@ -166,7 +191,9 @@ impl Harness {
 
     pub async fn balance(&self, email: &str) -> pb::Account {
         self.admin()
-            .get_account(pb::GetAccountRequest { email: email.into() })
+            .get_account(pb::GetAccountRequest {
+                email: email.into(),
+            })
             .await
             .expect("get account")
             .into_inner()
@@ -186,8 +213,12 @@ impl Harness {
         self.store.close().await;
         if let Some(Db::Postgres { admin_url, name }) = self.db.take() {
             use sqlx::Executor;
-            if let Ok(mut conn) = <sqlx::AnyConnection as sqlx::Connection>::connect(&admin_url).await {
-                let _ = conn.execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str()).await;
+            if let Ok(mut conn) =
+                <sqlx::AnyConnection as sqlx::Connection>::connect(&admin_url).await
+            {
+                let _ = conn
+                    .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+                    .await;
             }
         }
     }

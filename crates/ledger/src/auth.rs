@@ -42,7 +42,10 @@ pub fn generate_secret() -> String {
     use rand::RngCore;
     let mut raw = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut raw);
-    format!("syft_sk_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw))
+    format!(
+        "syft_sk_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+    )
 }
 
 /// Compares in time independent of where the inputs differ.
@@ -53,7 +56,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// Resolves an `authorization` header value to a caller.
 pub async fn authenticate(store: &Store, admin_key: &str, header: Option<&str>) -> Result<Caller> {
     let header = header.ok_or_else(|| {
-        LedgerError::Unauthenticated("missing authorization (Bearer secret or Basic email:secret)".into())
+        LedgerError::Unauthenticated(
+            "missing authorization (Bearer secret or Basic email:secret)".into(),
+        )
     })?;
     let bad = || LedgerError::Unauthenticated("invalid credentials".into());
     if let Some(secret) = header.strip_prefix("Bearer ").map(str::trim) {

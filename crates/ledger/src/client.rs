@@ -33,9 +33,14 @@ impl Credentials {
 }
 
 impl Interceptor for Credentials {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
         if let Some(value) = &self.0 {
-            request.metadata_mut().insert("authorization", value.clone());
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
         }
         Ok(request)
     }
@@ -47,7 +52,10 @@ pub fn connect_lazy(url: &str, secret: &str) -> Result<LedgerClient> {
         .map_err(|e| LedgerError::invalid(format!("invalid ledger url {url:?}: {e}")))?
         .connect_timeout(std::time::Duration::from_secs(3))
         .tcp_nodelay(true);
-    Ok(with_credentials(endpoint.connect_lazy(), Credentials::bearer(secret)?))
+    Ok(with_credentials(
+        endpoint.connect_lazy(),
+        Credentials::bearer(secret)?,
+    ))
 }
 
 pub fn with_credentials(channel: Channel, credentials: Credentials) -> LedgerClient {

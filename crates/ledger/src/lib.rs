@@ -80,7 +80,9 @@ pub async fn serve_with_store(
     let addr = listener.local_addr().ok();
     tracing::info!(?addr, backend = ?store.backend(), "ledger serving gRPC");
     let result = tonic::transport::Server::builder()
-        .add_service(syft_proto::ledger::ledger_server::LedgerServer::new(service))
+        .add_service(syft_proto::ledger::ledger_server::LedgerServer::new(
+            service,
+        ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
         .map_err(|e| LedgerError::Unavailable(format!("gRPC server failed: {e}")));

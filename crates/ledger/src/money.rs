@@ -9,7 +9,11 @@ pub const MICROS_PER_UNIT: i64 = 1_000_000;
 /// Rejects signs, exponents, NaN/inf, more than 6 decimals and values that do not fit in i64.
 pub fn parse_decimal_micros(text: &str) -> Result<i64, LedgerError> {
     let text = text.trim();
-    let bad = || LedgerError::invalid(format!("invalid amount {text:?}: expected a decimal like 0.01"));
+    let bad = || {
+        LedgerError::invalid(format!(
+            "invalid amount {text:?}: expected a decimal like 0.01"
+        ))
+    };
     let (whole, frac) = match text.split_once('.') {
         Some((w, f)) => (w, f),
         None => (text, ""),
@@ -19,7 +23,9 @@ pub fn parse_decimal_micros(text: &str) -> Result<i64, LedgerError> {
     }
     if !whole.bytes().all(|b| b.is_ascii_digit()) || !frac.bytes().all(|b| b.is_ascii_digit()) {
         if text.starts_with('-') {
-            return Err(LedgerError::invalid(format!("amount {text} must not be negative")));
+            return Err(LedgerError::invalid(format!(
+                "amount {text} must not be negative"
+            )));
         }
         return Err(bad());
     }
@@ -32,7 +38,11 @@ pub fn parse_decimal_micros(text: &str) -> Result<i64, LedgerError> {
         )));
     }
     let too_big = || LedgerError::invalid(format!("amount {text} is too large"));
-    let whole: i64 = if whole.is_empty() { 0 } else { whole.parse().map_err(|_| too_big())? };
+    let whole: i64 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().map_err(|_| too_big())?
+    };
     let mut frac_micros: i64 = 0;
     for (i, b) in frac.bytes().enumerate() {
         frac_micros += i64::from(b - b'0') * 10_i64.pow(5 - i as u32);
@@ -90,8 +100,20 @@ mod tests {
     #[test]
     fn rejects_bad_text() {
         for bad in [
-            "", ".", "1.", "-1", "-0.01", "1e3", "NaN", "inf", "0.0000001", "1,5", " ", "+1",
-            "99999999999999999999", "9223372036854.775808",
+            "",
+            ".",
+            "1.",
+            "-1",
+            "-0.01",
+            "1e3",
+            "NaN",
+            "inf",
+            "0.0000001",
+            "1,5",
+            " ",
+            "+1",
+            "99999999999999999999",
+            "9223372036854.775808",
         ] {
             assert!(parse_decimal_micros(bad).is_err(), "{bad:?} accepted");
         }

@@ -10,8 +10,8 @@ use crate::auth::{authenticate, generate_secret, Caller};
 use crate::error::{LedgerError, Result};
 use crate::money::check_positive;
 use crate::store::{
-    now_micros, sha256_hex, AccountRow, AuthorizeInput, CaptureAmount, Resolution, ResolveInput, Store,
-    TransferFilter, TransferRow, UsageFilter, UsageInput, UsageRow,
+    now_micros, sha256_hex, AccountRow, AuthorizeInput, CaptureAmount, Resolution, ResolveInput,
+    Store, TransferFilter, TransferRow, UsageFilter, UsageInput, UsageRow,
 };
 use crate::validate::{self, MAX_KEY, MAX_NAME, MAX_PATH, MAX_REASON};
 use crate::LedgerConfig;
@@ -34,7 +34,11 @@ impl LedgerService {
         let header = request
             .metadata()
             .get("authorization")
-            .map(|v| v.to_str().map_err(|_| LedgerError::Unauthenticated("invalid authorization header".into())))
+            .map(|v| {
+                v.to_str().map_err(|_| {
+                    LedgerError::Unauthenticated("invalid authorization header".into())
+                })
+            })
             .transpose()?;
         authenticate(&self.store, &self.config.admin_key, header).await
     }
@@ -68,9 +72,12 @@ impl LedgerService {
             validate::count("usage.total_tokens", usage.total_tokens)?
         };
         Ok(UsageInput {
-            request_id: validate::text("usage.request_id", &usage.request_id, MAX_KEY, true)?.to_string(),
-            app_name: validate::text("usage.app_name", &usage.app_name, MAX_NAME, false)?.to_string(),
-            endpoint: validate::text("usage.endpoint", &usage.endpoint, MAX_PATH, false)?.to_string(),
+            request_id: validate::text("usage.request_id", &usage.request_id, MAX_KEY, true)?
+                .to_string(),
+            app_name: validate::text("usage.app_name", &usage.app_name, MAX_NAME, false)?
+                .to_string(),
+            endpoint: validate::text("usage.endpoint", &usage.endpoint, MAX_PATH, false)?
+                .to_string(),
             user_email,
             model: validate::text("usage.model", &usage.model, MAX_NAME, false)?.to_string(),
             prompt_tokens: prompt,
@@ -78,11 +85,18 @@ impl LedgerService {
             total_tokens: total,
             status: validate::text("usage.status", &usage.status, 64, true)?.to_string(),
             latency_ms: validate::count("usage.latency_ms", usage.latency_ms)?,
-            upstream_latency_ms: validate::count("usage.upstream_latency_ms", usage.upstream_latency_ms)?,
+            upstream_latency_ms: validate::count(
+                "usage.upstream_latency_ms",
+                usage.upstream_latency_ms,
+            )?,
         })
     }
 
-    async fn create_account(&self, caller: &Caller, req: pb::CreateAccountRequest) -> Result<pb::CreateAccountResponse> {
+    async fn create_account(
+        &self,
+        caller: &Caller,
+        req: pb::CreateAccountRequest,
+    ) -> Result<pb::CreateAccountResponse> {
         Self::require_admin(caller)?;
         let email = validate::email("email", &req.email)?;
         let organization = validate::text("organization", &req.organization, MAX_NAME, false)?;
@@ -93,7 +107,9 @@ impl LedgerService {
         let secret = match req.secret {
             Some(s) => {
                 if s.len() < 8 || s.len() > 256 || s.chars().any(char::is_control) {
-                    return Err(LedgerError::invalid("secret must be 8 to 256 printable characters"));
+                    return Err(LedgerError::invalid(
+                        "secret must be 8 to 256 printable characters",
+                    ));
                 }
                 s
             }
@@ -104,13 +120,20 @@ impl LedgerService {
             .create_account(&email, organization, &currency, &sha256_hex(&secret))
             .await?;
         tracing::info!(account = %account.email, "account created");
-        Ok(pb::CreateAccountResponse { account: Some(account_pb(&account)), secret })
+        Ok(pb::CreateAccountResponse {
+            account: Some(account_pb(&account)),
+            secret,
+        })
     }
 
     async fn authorize(&self, caller: &Caller, req: pb::AuthorizeRequest) -> Result<TransferRow> {
         let recipient = caller.account()?;
         let sender_email = validate::email("sender_email", &req.sender_email)?;
-        let amount = check_positive("amount_micros", req.amount_micros, self.config.max_amount_micros)?;
+        let amount = check_positive(
+            "amount_micros",
+            req.amount_micros,
+            self.config.max_amount_micros,
+        )?;
         let token = validate::text("token", &req.token, 512, true)?;
         let app_name = validate::text("app_name", &req.app_name, MAX_NAME, false)?;
         let app_ep_path = validate::text("app_ep_path", &req.app_ep_path, MAX_PATH, false)?;
@@ -129,6 +152,7 @@ impl LedgerService {
             .store
             .authorize(&AuthorizeInput {
                 recipient_id: recipient.id,
+                recipient_email: &recipient.email,
                 sender_email: &sender_email,
                 amount,
                 token,
@@ -174,19 +198,29 @@ impl LedgerService {
         let recipient = caller.account()?;
         let transfer_id = validate::text("transfer_id", &req.transfer_id, MAX_KEY, true)?;
         let reason = validate::text("reason", &req.reason, MAX_REASON, false)?;
-        let reason = if reason.is_empty() { "voided by recipient" } else { reason };
+        let reason = if reason.is_empty() {
+            "voided by recipient"
+        } else {
+            reason
+        };
         let usage = req.usage.as_ref().map(|u| self.usage(u)).transpose()?;
         self.store
             .resolve(&ResolveInput {
                 transfer_id,
                 recipient_id: Some(recipient.id),
-                resolution: Resolution::Void { reason: reason.to_string() },
+                resolution: Resolution::Void {
+                    reason: reason.to_string(),
+                },
                 usage: usage.as_ref(),
             })
             .await
     }
 
-    async fn list_transfers(&self, caller: &Caller, req: pb::ListTransfersRequest) -> Result<pb::ListTransfersResponse> {
+    async fn list_transfers(
+        &self,
+        caller: &Caller,
+        req: pb::ListTransfersRequest,
+    ) -> Result<pb::ListTransfersResponse> {
         let limit = page_size(req.page_size)?;
         let account_id = match (caller, req.account_email.is_empty()) {
             (Caller::Admin, true) => None,
@@ -198,12 +232,15 @@ impl LedgerService {
             (Caller::Account(a), false) => {
                 let email = validate::email("account_email", &req.account_email)?;
                 if email != a.email {
-                    return Err(LedgerError::PermissionDenied("you may list only your own transfers".into()));
+                    return Err(LedgerError::PermissionDenied(
+                        "you may list only your own transfers".into(),
+                    ));
                 }
                 Some(a.id)
             }
         };
-        let role = pb::Role::try_from(req.role).map_err(|_| LedgerError::invalid("unknown role"))?;
+        let role =
+            pb::Role::try_from(req.role).map_err(|_| LedgerError::invalid("unknown role"))?;
         let status = match pb::TransferStatus::try_from(req.status) {
             Ok(pb::TransferStatus::Unspecified) => None,
             Ok(s) => Some(status_name(s).to_string()),
@@ -225,10 +262,17 @@ impl LedgerService {
             (true, Some(last)) => encode_page_token(&last.id),
             _ => String::new(),
         };
-        Ok(pb::ListTransfersResponse { transfers: rows.iter().map(transfer_pb).collect(), next_page_token })
+        Ok(pb::ListTransfersResponse {
+            transfers: rows.iter().map(transfer_pb).collect(),
+            next_page_token,
+        })
     }
 
-    async fn query_usage(&self, caller: &Caller, req: pb::QueryUsageRequest) -> Result<pb::QueryUsageResponse> {
+    async fn query_usage(
+        &self,
+        caller: &Caller,
+        req: pb::QueryUsageRequest,
+    ) -> Result<pb::QueryUsageResponse> {
         let limit = page_size(req.page_size)?;
         let account = match caller {
             Caller::Admin => None,
@@ -277,24 +321,38 @@ impl pb::ledger_server::Ledger for LedgerService {
         request: Request<pb::CreateAccountRequest>,
     ) -> Result<Response<pb::CreateAccountResponse>, Status> {
         let caller = self.caller(&request).await?;
-        Ok(Response::new(self.create_account(&caller, request.into_inner()).await?))
+        Ok(Response::new(
+            self.create_account(&caller, request.into_inner()).await?,
+        ))
     }
 
-    async fn get_account(&self, request: Request<pb::GetAccountRequest>) -> Result<Response<pb::Account>, Status> {
+    async fn get_account(
+        &self,
+        request: Request<pb::GetAccountRequest>,
+    ) -> Result<Response<pb::Account>, Status> {
         let caller = self.caller(&request).await?;
         let email = validate::email("email", &request.get_ref().email)?;
         if !caller.may_see(&email) {
-            return Err(LedgerError::PermissionDenied("you may read only your own account".into()).into());
+            return Err(
+                LedgerError::PermissionDenied("you may read only your own account".into()).into(),
+            );
         }
         Ok(Response::new(account_pb(&self.account(&email).await?)))
     }
 
-    async fn deposit(&self, request: Request<pb::DepositRequest>) -> Result<Response<pb::Account>, Status> {
+    async fn deposit(
+        &self,
+        request: Request<pb::DepositRequest>,
+    ) -> Result<Response<pb::Account>, Status> {
         let caller = self.caller(&request).await?;
         Self::require_admin(&caller)?;
         let req = request.into_inner();
         let email = validate::email("email", &req.email)?;
-        let amount = check_positive("amount_micros", req.amount_micros, self.config.max_amount_micros)?;
+        let amount = check_positive(
+            "amount_micros",
+            req.amount_micros,
+            self.config.max_amount_micros,
+        )?;
         let key = validate::text("idempotency_key", &req.idempotency_key, MAX_KEY, true)?;
         let account = self.store.deposit(&email, amount, key).await?;
         tracing::info!(account = %email, amount, "deposit");
@@ -330,7 +388,12 @@ impl pb::ledger_server::Ledger for LedgerService {
         }
         let issued = self
             .store
-            .issue_token(sender, &recipient, req.expires_at_unix_micros, req.spend_limit_micros)
+            .issue_token(
+                sender,
+                &recipient,
+                req.expires_at_unix_micros,
+                req.spend_limit_micros,
+            )
             .await?;
         Ok(Response::new(pb::IssueTokenResponse {
             token: issued.token,
@@ -350,28 +413,43 @@ impl pb::ledger_server::Ledger for LedgerService {
         let sender = caller.account()?;
         let token = validate::text("token", &request.get_ref().token, 512, true)?;
         let (token_id, revoked_at) = self.store.revoke_token(sender.id, token).await?;
-        Ok(Response::new(pb::RevokeTokenResponse { token_id, revoked_at_unix_micros: revoked_at }))
+        Ok(Response::new(pb::RevokeTokenResponse {
+            token_id,
+            revoked_at_unix_micros: revoked_at,
+        }))
     }
 
-    async fn authorize(&self, request: Request<pb::AuthorizeRequest>) -> Result<Response<pb::Transfer>, Status> {
+    async fn authorize(
+        &self,
+        request: Request<pb::AuthorizeRequest>,
+    ) -> Result<Response<pb::Transfer>, Status> {
         let caller = self.caller(&request).await?;
         let transfer = self.authorize(&caller, request.into_inner()).await?;
         Ok(Response::new(transfer_pb(&transfer)))
     }
 
-    async fn capture(&self, request: Request<pb::CaptureRequest>) -> Result<Response<pb::Transfer>, Status> {
+    async fn capture(
+        &self,
+        request: Request<pb::CaptureRequest>,
+    ) -> Result<Response<pb::Transfer>, Status> {
         let caller = self.caller(&request).await?;
         let transfer = self.capture(&caller, request.into_inner()).await?;
         Ok(Response::new(transfer_pb(&transfer)))
     }
 
-    async fn void(&self, request: Request<pb::VoidRequest>) -> Result<Response<pb::Transfer>, Status> {
+    async fn void(
+        &self,
+        request: Request<pb::VoidRequest>,
+    ) -> Result<Response<pb::Transfer>, Status> {
         let caller = self.caller(&request).await?;
         let transfer = self.void(&caller, request.into_inner()).await?;
         Ok(Response::new(transfer_pb(&transfer)))
     }
 
-    async fn get_transfer(&self, request: Request<pb::GetTransferRequest>) -> Result<Response<pb::Transfer>, Status> {
+    async fn get_transfer(
+        &self,
+        request: Request<pb::GetTransferRequest>,
+    ) -> Result<Response<pb::Transfer>, Status> {
         let caller = self.caller(&request).await?;
         let id = validate::text("transfer_id", &request.get_ref().transfer_id, MAX_KEY, true)?;
         let not_found = || LedgerError::NotFound(format!("transfer {id} not found"));
@@ -387,10 +465,15 @@ impl pb::ledger_server::Ledger for LedgerService {
         request: Request<pb::ListTransfersRequest>,
     ) -> Result<Response<pb::ListTransfersResponse>, Status> {
         let caller = self.caller(&request).await?;
-        Ok(Response::new(self.list_transfers(&caller, request.into_inner()).await?))
+        Ok(Response::new(
+            self.list_transfers(&caller, request.into_inner()).await?,
+        ))
     }
 
-    async fn record_usage(&self, request: Request<pb::RecordUsageRequest>) -> Result<Response<pb::UsageRecord>, Status> {
+    async fn record_usage(
+        &self,
+        request: Request<pb::RecordUsageRequest>,
+    ) -> Result<Response<pb::UsageRecord>, Status> {
         let caller = self.caller(&request).await?;
         let recipient = caller.account()?;
         let usage = request
@@ -408,7 +491,9 @@ impl pb::ledger_server::Ledger for LedgerService {
         request: Request<pb::QueryUsageRequest>,
     ) -> Result<Response<pb::QueryUsageResponse>, Status> {
         let caller = self.caller(&request).await?;
-        Ok(Response::new(self.query_usage(&caller, request.into_inner()).await?))
+        Ok(Response::new(
+            self.query_usage(&caller, request.into_inner()).await?,
+        ))
     }
 }
 
@@ -416,7 +501,9 @@ fn validate_currency(c: &str) -> Result<String> {
     if c.len() == 3 && c.chars().all(|ch| ch.is_ascii_alphabetic()) {
         Ok(c.to_ascii_uppercase())
     } else {
-        Err(LedgerError::invalid(format!("currency {c:?} must be a 3-letter code such as USD")))
+        Err(LedgerError::invalid(format!(
+            "currency {c:?} must be a 3-letter code such as USD"
+        )))
     }
 }
 
@@ -424,7 +511,9 @@ fn page_size(requested: u32) -> Result<i64> {
     match requested {
         0 => Ok(DEFAULT_PAGE as i64),
         n if n <= MAX_PAGE => Ok(n as i64),
-        n => Err(LedgerError::invalid(format!("page_size {n} exceeds the maximum of {MAX_PAGE}"))),
+        n => Err(LedgerError::invalid(format!(
+            "page_size {n} exceeds the maximum of {MAX_PAGE}"
+        ))),
     }
 }
 

@@ -26,7 +26,9 @@ pub fn email(field: &str, value: &str) -> Result<String> {
         })
         && value.chars().all(|c| !c.is_whitespace() && !c.is_control());
     if !ok {
-        return Err(LedgerError::invalid(format!("{field} {value:?} is not a valid email")));
+        return Err(LedgerError::invalid(format!(
+            "{field} {value:?} is not a valid email"
+        )));
     }
     Ok(value.to_ascii_lowercase())
 }
@@ -43,14 +45,18 @@ pub fn text<'a>(field: &str, value: &'a str, max: usize, required: bool) -> Resu
         )));
     }
     if value.chars().any(|c| c.is_control() && c != '\t') {
-        return Err(LedgerError::invalid(format!("{field} contains control characters")));
+        return Err(LedgerError::invalid(format!(
+            "{field} contains control characters"
+        )));
     }
     Ok(value)
 }
 
 pub fn count(field: &str, value: i64) -> Result<i64> {
     if !(0..=MAX_TOKENS).contains(&value) {
-        return Err(LedgerError::invalid(format!("{field} {value} is out of range")));
+        return Err(LedgerError::invalid(format!(
+            "{field} {value} is out of range"
+        )));
     }
     Ok(value)
 }
@@ -61,8 +67,21 @@ mod tests {
 
     #[test]
     fn emails() {
-        assert_eq!(email("e", " Alice@Example.com ").unwrap(), "alice@example.com");
-        for bad in ["", "alice", "a@", "@b.c", "a@b@c", "a b@c.d", "a@.c", "a@b..c", &"x".repeat(300)] {
+        assert_eq!(
+            email("e", " Alice@Example.com ").unwrap(),
+            "alice@example.com"
+        );
+        for bad in [
+            "",
+            "alice",
+            "a@",
+            "@b.c",
+            "a@b@c",
+            "a b@c.d",
+            "a@.c",
+            "a@b..c",
+            &"x".repeat(300),
+        ] {
             assert!(email("e", bad).is_err(), "{bad:?}");
         }
     }

@@ -897,6 +897,27 @@ mod tests {
     }
 
     #[test]
+    fn shipped_examples_load() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let json = RouterConfig::from_file(dir.join("router.example.json")).expect("json example");
+        assert_eq!(
+            chat_pricing(&json),
+            PricingKind::PerRequest {
+                amount_micros: 10_000
+            }
+        );
+        let toml = RouterConfig::from_file(dir.join("router.example.toml")).expect("toml example");
+        assert_eq!(
+            chat_pricing(&toml),
+            PricingKind::PerToken {
+                input_micros_per_million: 150_000,
+                output_micros_per_million: 600_000
+            }
+        );
+        assert_eq!(toml.ledger.hold_ttl_seconds, Some(300));
+    }
+
+    #[test]
     fn costs() {
         let p = Pricing::per_token(3_000_000, 15_000_000);
         assert_eq!(p.cost_micros(10, 5), 30 + 75);

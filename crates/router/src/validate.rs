@@ -219,9 +219,11 @@ mod tests {
         assert!(check(|r| r.user_email.clear()).is_ok());
     }
 
+    type Mutation = Box<dyn FnOnce(&mut ChatRequest)>;
+
     #[test]
     fn rejects_bad_input() {
-        let cases: Vec<Box<dyn FnOnce(&mut ChatRequest)>> = vec![
+        let cases: Vec<Mutation> = vec![
             Box::new(|r| r.messages.clear()),
             Box::new(|r| r.messages.push(msg("tool", "x"))),
             Box::new(|r| r.user_email = "not-an-email".into()),

@@ -4,6 +4,7 @@
 //! Every invariant is enforced inside a database transaction or a single atomic statement, never in
 //! process memory, so several ledger processes can share one Postgres.
 
+mod batch;
 mod query;
 mod transfer;
 mod verify;
@@ -141,6 +142,8 @@ pub struct Store {
     tokens: RwLock<HashMap<String, Arc<TokenInfo>>>,
     secrets: RwLock<HashMap<String, (Arc<AccountRow>, Instant)>>,
     emails: RwLock<HashMap<String, i64>>,
+    /// Postgres only: the batched write path for holds, captures and voids.
+    batcher: Option<batch::Batcher>,
 }
 
 pub(crate) const TRANSFER_COLUMNS: &str = "t.id, t.sender_id, t.recipient_id, sa.email, ra.email, \
@@ -213,15 +216,16 @@ impl Store {
     /// Connects, applies pragmas (SQLite) and runs migrations.
     pub async fn connect(database_url: &str, max_connections: u32) -> Result<Self> {
         sqlx::any::install_default_drivers();
-        let backend = if database_url.starts_with("postgres:") || database_url.starts_with("postgresql:") {
-            Backend::Postgres
-        } else if database_url.starts_with("sqlite:") {
-            Backend::Sqlite
-        } else {
-            return Err(LedgerError::invalid(
-                "database url must start with postgres:// or sqlite:",
-            ));
-        };
+        let backend =
+            if database_url.starts_with("postgres:") || database_url.starts_with("postgresql:") {
+                Backend::Postgres
+            } else if database_url.starts_with("sqlite:") {
+                Backend::Sqlite
+            } else {
+                return Err(LedgerError::invalid(
+                    "database url must start with postgres:// or sqlite:",
+                ));
+            };
         let options = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(10));
         let pool = match backend {
             Backend::Postgres => options.max_connections(max_connections.max(1)),
@@ -249,7 +253,9 @@ impl Store {
             .run(&pool)
             .await
             .map_err(|e| LedgerError::Internal(format!("migration failed: {e}")))?;
+        let batcher = (backend == Backend::Postgres).then(|| batch::Batcher::start(pool.clone()));
         Ok(Self {
+            batcher,
             pool,
             backend,
             tokens: RwLock::default(),
@@ -299,7 +305,9 @@ impl Store {
         match result {
             Ok(_) => {}
             Err(e) if is_unique_violation(&e) => {
-                return Err(LedgerError::AlreadyExists(format!("account {email} already exists")))
+                return Err(LedgerError::AlreadyExists(format!(
+                    "account {email} already exists"
+                )))
             }
             Err(e) => return Err(e.into()),
         }
@@ -310,7 +318,10 @@ impl Store {
 
     pub async fn account_by_email(&self, email: &str) -> Result<Option<AccountRow>> {
         let sql = format!("SELECT {ACCOUNT_COLUMNS} FROM accounts a WHERE a.email = $1");
-        let row = sqlx::query(&sql).bind(email).fetch_optional(&self.pool).await?;
+        let row = sqlx::query(&sql)
+            .bind(email)
+            .fetch_optional(&self.pool)
+            .await?;
         row.as_ref().map(account_from_row).transpose()
     }
 
@@ -338,18 +349,24 @@ impl Store {
     /// Looks up the one account owning a secret hash (Bearer auth); cached so verification stays
     /// off the hot path. Only identity fields of the cached row may be used: its balance is stale.
     /// Two accounts that chose the same password cannot use Bearer auth (they must use Basic).
-    pub async fn account_by_secret_hash(&self, secret_hash: &str) -> Result<Option<Arc<AccountRow>>> {
+    pub async fn account_by_secret_hash(
+        &self,
+        secret_hash: &str,
+    ) -> Result<Option<Arc<AccountRow>>> {
         if let Some((account, at)) = read_lock(&self.secrets).get(secret_hash) {
             if at.elapsed() < SECRET_CACHE_TTL {
                 return Ok(Some(account.clone()));
             }
         }
-        let sql = format!("SELECT {ACCOUNT_COLUMNS} FROM accounts a WHERE a.secret_hash = $1 LIMIT 2");
+        let sql =
+            format!("SELECT {ACCOUNT_COLUMNS} FROM accounts a WHERE a.secret_hash = $1 LIMIT 2");
         let rows = sqlx::query(&sql)
             .bind(secret_hash)
             .fetch_all(&self.pool)
             .await?;
-        let [row] = rows.as_slice() else { return Ok(None) };
+        let [row] = rows.as_slice() else {
+            return Ok(None);
+        };
         let account = Arc::new(account_from_row(row)?);
         insert_bounded(
             &self.secrets,
@@ -368,19 +385,27 @@ impl Store {
         row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).transpose()
     }
 
-    pub async fn update_secret_hash(&self, account_id: i64, old_hash: &str, new_hash: &str) -> Result<()> {
-        let result = sqlx::query("UPDATE accounts SET secret_hash = $1 WHERE id = $2 AND secret_hash = $3")
-            .bind(new_hash)
-            .bind(account_id)
-            .bind(old_hash)
-            .execute(&self.pool)
-            .await;
+    pub async fn update_secret_hash(
+        &self,
+        account_id: i64,
+        old_hash: &str,
+        new_hash: &str,
+    ) -> Result<()> {
+        let result =
+            sqlx::query("UPDATE accounts SET secret_hash = $1 WHERE id = $2 AND secret_hash = $3")
+                .bind(new_hash)
+                .bind(account_id)
+                .bind(old_hash)
+                .execute(&self.pool)
+                .await;
         match result {
             Ok(r) if r.rows_affected() == 1 => {
                 write_lock(&self.secrets).remove(old_hash);
                 Ok(())
             }
-            Ok(_) => Err(LedgerError::Unauthenticated("old secret does not match".into())),
+            Ok(_) => Err(LedgerError::Unauthenticated(
+                "old secret does not match".into(),
+            )),
             Err(e) => Err(e.into()),
         }
     }
@@ -396,7 +421,12 @@ impl Store {
 
     /// Credits an account from the SYSTEM side. Replaying the key with the same email and amount
     /// returns the account without depositing again.
-    pub async fn deposit(&self, email: &str, amount: i64, idempotency_key: &str) -> Result<AccountRow> {
+    pub async fn deposit(
+        &self,
+        email: &str,
+        amount: i64,
+        idempotency_key: &str,
+    ) -> Result<AccountRow> {
         let account_id = self
             .account_id(email)
             .await?
@@ -503,7 +533,12 @@ impl Store {
         .bind(now_micros())
         .execute(&self.pool)
         .await?;
-        Ok(IssuedToken { token, id, expires_at, spend_limit })
+        Ok(IssuedToken {
+            token,
+            id,
+            expires_at,
+            spend_limit,
+        })
     }
 
     /// Resolves a token string to its immutable facts (cached by hash).
@@ -559,7 +594,12 @@ impl Store {
     }
 
     /// Why a token cannot pay `amount` now, if it cannot.
-    pub(crate) async fn token_rejection(&self, token_id: &str, amount: i64, now: i64) -> Result<Option<String>> {
+    pub(crate) async fn token_rejection(
+        &self,
+        token_id: &str,
+        amount: i64,
+        now: i64,
+    ) -> Result<Option<String>> {
         let row = sqlx::query(
             "SELECT revoked_at, expires_at, spend_limit, spent, held FROM tokens WHERE id = $1",
         )
@@ -596,7 +636,8 @@ fn read_lock<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 }
 
 fn write_lock<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    lock.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+    lock.write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn insert_bounded<V>(cache: &RwLock<HashMap<String, V>>, key: String, value: V) {

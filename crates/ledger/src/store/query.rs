@@ -4,7 +4,9 @@ use sqlx::any::AnyArguments;
 use sqlx::query::Query;
 use sqlx::{Any, Row};
 
-use super::{transfer_from_row, Store, TransferRow, UsageInput, UsageRow, TRANSFER_COLUMNS, TRANSFER_JOINS};
+use super::{
+    transfer_from_row, Store, TransferRow, UsageInput, UsageRow, TRANSFER_COLUMNS, TRANSFER_JOINS,
+};
 use crate::error::Result;
 
 #[derive(Debug, Clone, Default)]
@@ -89,7 +91,10 @@ impl Where {
         }
     }
 
-    fn bind<'q>(&'q self, mut query: Query<'q, Any, AnyArguments<'q>>) -> Query<'q, Any, AnyArguments<'q>> {
+    fn bind<'q>(
+        &'q self,
+        mut query: Query<'q, Any, AnyArguments<'q>>,
+    ) -> Query<'q, Any, AnyArguments<'q>> {
         for b in &self.binds {
             query = match b {
                 Bind::Int(v) => query.bind(*v),
@@ -110,7 +115,8 @@ impl Store {
                 (false, true) => w.int("t.recipient_id = ?", account),
                 _ => {
                     let p = w.next();
-                    w.clauses.push(format!("(t.sender_id = {p} OR t.recipient_id = {p})"));
+                    w.clauses
+                        .push(format!("(t.sender_id = {p} OR t.recipient_id = {p})"));
                     w.binds.push(Bind::Int(account));
                 }
             }
@@ -136,7 +142,10 @@ impl Store {
             f.limit + 1
         );
         let rows = w.bind(sqlx::query(&sql)).fetch_all(self.pool()).await?;
-        let mut transfers = rows.iter().map(transfer_from_row).collect::<Result<Vec<_>>>()?;
+        let mut transfers = rows
+            .iter()
+            .map(transfer_from_row)
+            .collect::<Result<Vec<_>>>()?;
         let has_more = transfers.len() as i64 > f.limit;
         transfers.truncate(f.limit as usize);
         Ok((transfers, has_more))
@@ -145,8 +154,12 @@ impl Store {
     pub async fn query_usage(&self, f: &UsageFilter) -> Result<UsagePage> {
         let mut w = Where::default();
         if let Some((id, email)) = &f.account {
-            let (p1, p2) = (format!("${}", w.binds.len() + 1), format!("${}", w.binds.len() + 2));
-            w.clauses.push(format!("(u.recipient_id = {p1} OR u.user_email = {p2})"));
+            let (p1, p2) = (
+                format!("${}", w.binds.len() + 1),
+                format!("${}", w.binds.len() + 2),
+            );
+            w.clauses
+                .push(format!("(u.recipient_id = {p1} OR u.user_email = {p2})"));
             w.binds.push(Bind::Int(*id));
             w.binds.push(Bind::Text(email.clone()));
         }
@@ -175,7 +188,10 @@ impl Store {
              FROM usage_records u {}",
             w.sql()
         );
-        let row = w.bind(sqlx::query(&totals_sql)).fetch_one(self.pool()).await?;
+        let row = w
+            .bind(sqlx::query(&totals_sql))
+            .fetch_one(self.pool())
+            .await?;
         let totals = UsageTotals {
             requests: row.try_get(0)?,
             prompt_tokens: row.try_get(1)?,
@@ -193,13 +209,24 @@ impl Store {
             f.limit + 1
         );
         let rows = w.bind(sqlx::query(&sql)).fetch_all(self.pool()).await?;
-        let mut rows = rows.iter().map(usage_from_row).collect::<Result<Vec<_>>>()?;
+        let mut rows = rows
+            .iter()
+            .map(usage_from_row)
+            .collect::<Result<Vec<_>>>()?;
         let has_more = rows.len() as i64 > f.limit;
         rows.truncate(f.limit as usize);
-        Ok(UsagePage { rows, has_more, totals })
+        Ok(UsagePage {
+            rows,
+            has_more,
+            totals,
+        })
     }
 
-    pub async fn usage_by_request(&self, recipient_id: i64, request_id: &str) -> Result<Option<UsageRow>> {
+    pub async fn usage_by_request(
+        &self,
+        recipient_id: i64,
+        request_id: &str,
+    ) -> Result<Option<UsageRow>> {
         let sql = format!(
             "SELECT {USAGE_COLUMNS} FROM usage_records u JOIN accounts r ON r.id = u.recipient_id \
              WHERE u.recipient_id = $1 AND u.request_id = $2"

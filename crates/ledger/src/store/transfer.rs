@@ -1,8 +1,8 @@
 //! Two-phase transfers: authorize (hold), capture, void, expiry sweep and credit roll-up.
 //!
-//! Each transition is one atomic unit. On Postgres the hot operations are single data-modifying
-//! statements (one round trip, no client-held row locks); on SQLite they are short transactions on
-//! the single connection. Both paths are covered by the same store test suite.
+//! Each transition is one atomic unit. On Postgres the hot operations go through the batcher
+//! (`batch.rs`: set-based statements, one transaction per batch); on SQLite they are short
+//! transactions on the single connection. Both paths are covered by the same store test suite.
 //!
 //! The recipient of a capture is credited through an append-only journal row (`rolled_up = FALSE`)
 //! instead of an update of its account row, so captures for one hot recipient never queue on a
@@ -10,14 +10,16 @@
 
 use sqlx::{AnyConnection, Row};
 
+use super::batch::{AuthJob, AuthResult, ResolveJob, TimeGuard};
 use super::{
-    new_id, now_micros, retry_transient, sha256_hex, transfer_from_row, Backend, Store, TokenInfo,
+    new_id, now_micros, retry_transient, sha256_hex, transfer_from_row, Store, TokenInfo,
     TransferRow, UsageInput, TRANSFER_COLUMNS, TRANSFER_JOINS,
 };
 use crate::error::{is_unique_violation, LedgerError, Result};
 
 pub struct AuthorizeInput<'a> {
     pub recipient_id: i64,
+    pub recipient_email: &'a str,
     pub sender_email: &'a str,
     pub amount: i64,
     pub token: &'a str,
@@ -61,18 +63,22 @@ impl Store {
     pub async fn authorize(&self, input: &AuthorizeInput<'_>) -> Result<TransferRow> {
         let Some(token) = self.token_info(input.token).await? else {
             return self
-                .fail_authorize(input, "", LedgerError::PermissionDenied("unknown token".into()))
+                .fail_authorize(
+                    input,
+                    "",
+                    LedgerError::PermissionDenied("unknown token".into()),
+                )
                 .await;
         };
         let request_hash = sha256_hex(&format!(
             "{}\n{}\n{}\n{}\n{}",
             input.sender_email, input.amount, token.id, input.app_name, input.app_ep_path
         ));
-        if let Some(replayed) = self.replay_authorize(input, &request_hash).await? {
-            return replayed;
-        }
+        // Replays are found without a read on the hot path: a reused key makes the insert
+        // conflict, and a recorded failure makes the token step refuse (see `try_authorize`).
         if token.recipient_id != input.recipient_id {
-            let err = LedgerError::PermissionDenied("token was not issued to this recipient".into());
+            let err =
+                LedgerError::PermissionDenied("token was not issued to this recipient".into());
             return self.fail_authorize(input, &request_hash, err).await;
         }
         if token.sender_email != input.sender_email {
@@ -83,14 +89,17 @@ impl Store {
         let mut rolled_up = false;
         loop {
             let now = now_micros();
-            let outcome = retry_transient(|| self.try_authorize(input, &token, &request_hash, now)).await?;
+            let outcome =
+                retry_transient(|| self.try_authorize(input, &token, &request_hash, now)).await?;
             match outcome {
                 AuthorizeOutcome::Created(row) => return Ok(row),
                 AuthorizeOutcome::DuplicateKey => {
                     if let Some(replayed) = self.replay_authorize(input, &request_hash).await? {
                         return replayed;
                     }
-                    return Err(LedgerError::Unavailable("concurrent authorization, retry".into()));
+                    return Err(LedgerError::Unavailable(
+                        "concurrent authorization, retry".into(),
+                    ));
                 }
                 AuthorizeOutcome::TokenRejected => {
                     if let Some(replayed) = self.replay_authorize(input, &request_hash).await? {
@@ -105,6 +114,9 @@ impl Store {
                         .await;
                 }
                 AuthorizeOutcome::InsufficientFunds => {
+                    if let Some(replayed) = self.replay_authorize(input, &request_hash).await? {
+                        return replayed;
+                    }
                     // Credits from captures may still sit in the journal; fold them in once and retry.
                     if !rolled_up && self.roll_up(token.sender_id).await? > 0 {
                         rolled_up = true;
@@ -200,88 +212,48 @@ impl Store {
         request_hash: &str,
         now: i64,
     ) -> std::result::Result<AuthorizeOutcome, sqlx::Error> {
-        let id = new_id();
-        let expires_at = now.saturating_add(input.ttl_micros);
-        let result = match self.backend() {
-            Backend::Postgres => {
-                let sql = format!(
-                    "WITH tok AS ( \
-                        UPDATE tokens SET held = held + $5 \
-                        WHERE id = $4 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $11) \
-                          AND (spend_limit IS NULL OR spent + held + $5 <= spend_limit) \
-                          AND NOT EXISTS (SELECT 1 FROM authorize_failures \
-                                          WHERE recipient_id = $3 AND idempotency_key = $9) \
-                        RETURNING id), \
-                     snd AS ( \
-                        UPDATE accounts SET held = held + $5 \
-                        WHERE id = $2 AND balance - held >= $5 AND EXISTS (SELECT 1 FROM tok) \
-                        RETURNING id), \
-                     ins AS ( \
-                        INSERT INTO transfers (id, sender_id, recipient_id, token_id, amount, currency, \
-                            status, created_by, app_name, app_ep_path, idempotency_key, request_hash, \
-                            created_at, expires_at) \
-                        SELECT $1, $2, $3, $4, $5, $6, 'PENDING', 'RECIPIENT', $7, $8, $9, $10, $11, $12 \
-                        FROM snd RETURNING *) \
-                     SELECT {TRANSFER_COLUMNS}, (SELECT COUNT(*) FROM tok), \
-                        CASE WHEN EXISTS (SELECT 1 FROM tok) AND NOT EXISTS (SELECT 1 FROM snd) \
-                             THEN ledger_abort('insufficient funds') ELSE 0 END \
-                     FROM (SELECT 1) AS one LEFT JOIN ins t ON TRUE \
-                     LEFT JOIN accounts sa ON sa.id = t.sender_id LEFT JOIN accounts ra ON ra.id = t.recipient_id"
-                );
-                let row = sqlx::query(&sql)
-                    .bind(&id)
-                    .bind(token.sender_id)
-                    .bind(input.recipient_id)
-                    .bind(&token.id)
-                    .bind(input.amount)
-                    .bind(&token.currency)
-                    .bind(input.app_name)
-                    .bind(input.app_ep_path)
-                    .bind(input.idempotency_key)
-                    .bind(request_hash)
-                    .bind(now)
-                    .bind(expires_at)
-                    .fetch_one(self.pool())
-                    .await;
-                match row {
-                    Ok(row) => {
-                        let tok: i64 = row.try_get(18)?;
-                        if tok == 0 {
-                            Ok(AuthorizeOutcome::TokenRejected)
-                        } else {
-                            Ok(AuthorizeOutcome::Created(
-                                transfer_from_row(&row).map_err(to_sqlx)?,
-                            ))
-                        }
-                    }
-                    Err(e) if is_abort(&e) => Ok(AuthorizeOutcome::InsufficientFunds),
-                    Err(e) => Err(e),
-                }
-            }
-            Backend::Sqlite => {
+        let job = AuthJob {
+            id: new_id(),
+            sender_id: token.sender_id,
+            recipient_id: input.recipient_id,
+            sender_email: token.sender_email.clone(),
+            recipient_email: input.recipient_email.to_string(),
+            token_id: token.id.clone(),
+            amount: input.amount,
+            currency: token.currency.clone(),
+            app_name: input.app_name.to_string(),
+            app_ep_path: input.app_ep_path.to_string(),
+            idempotency_key: input.idempotency_key.to_string(),
+            request_hash: request_hash.to_string(),
+            now,
+            expires_at: now.saturating_add(input.ttl_micros),
+        };
+        let result = match &self.batcher {
+            Some(batcher) => batcher.authorize(job.clone()).await,
+            None => {
                 let mut tx = self.pool().begin().await?;
-                let outcome = sqlite_authorize(&mut tx, input, token, request_hash, &id, now, expires_at).await;
-                match outcome {
-                    Ok(true) => {
-                        tx.commit().await?;
-                        let row = self.transfer_by_id(&id).await.map_err(to_sqlx)?;
-                        Ok(AuthorizeOutcome::Created(row.ok_or(sqlx::Error::RowNotFound)?))
-                    }
-                    Ok(false) => Ok(AuthorizeOutcome::TokenRejected),
-                    Err(SqliteAuthorizeError::Funds) => Ok(AuthorizeOutcome::InsufficientFunds),
-                    Err(SqliteAuthorizeError::Sql(e)) => Err(e),
+                match sqlite_authorize(&mut tx, &job).await {
+                    Ok(AuthResult::Created) => tx.commit().await.map(|_| AuthResult::Created),
+                    other => other,
                 }
             }
         };
         match result {
+            Ok(AuthResult::Created) => Ok(AuthorizeOutcome::Created(job.pending_row())),
+            Ok(AuthResult::TokenRejected) => Ok(AuthorizeOutcome::TokenRejected),
+            Ok(AuthResult::InsufficientFunds) => Ok(AuthorizeOutcome::InsufficientFunds),
             Err(e) if is_unique_violation(&e) => Ok(AuthorizeOutcome::DuplicateKey),
-            other => other,
+            Err(e) => Err(e),
         }
     }
 
     pub async fn transfer_by_id(&self, id: &str) -> Result<Option<TransferRow>> {
-        let sql = format!("SELECT {TRANSFER_COLUMNS} FROM transfers t {TRANSFER_JOINS} WHERE t.id = $1");
-        let row = sqlx::query(&sql).bind(id).fetch_optional(self.pool()).await?;
+        let sql =
+            format!("SELECT {TRANSFER_COLUMNS} FROM transfers t {TRANSFER_JOINS} WHERE t.id = $1");
+        let row = sqlx::query(&sql)
+            .bind(id)
+            .fetch_optional(self.pool())
+            .await?;
         row.as_ref().map(transfer_from_row).transpose()
     }
 
@@ -297,7 +269,9 @@ impl Store {
                 .transfer_by_id(input.transfer_id)
                 .await?
                 .filter(|t| input.recipient_id.is_none_or(|r| r == t.recipient_id))
-                .ok_or_else(|| LedgerError::NotFound(format!("transfer {} not found", input.transfer_id)))?;
+                .ok_or_else(|| {
+                    LedgerError::NotFound(format!("transfer {} not found", input.transfer_id))
+                })?;
             match (&input.resolution, current.status.as_str()) {
                 (Resolution::Capture(amount), "COMPLETED") => {
                     let same = match amount {
@@ -325,7 +299,9 @@ impl Store {
                         current.id
                     )))
                 }
-                (Resolution::Capture(CaptureAmount::Micros(m)), "PENDING") if *m > current.amount => {
+                (Resolution::Capture(CaptureAmount::Micros(m)), "PENDING")
+                    if *m > current.amount =>
+                {
                     return Err(LedgerError::invalid(format!(
                         "capture amount {m} exceeds the authorized {} micros",
                         current.amount
@@ -349,152 +325,120 @@ impl Store {
         input: &ResolveInput<'_>,
         now: i64,
     ) -> std::result::Result<Option<TransferRow>, sqlx::Error> {
-        let (status, captured_expr, reason, resolved_by) = match &input.resolution {
+        let (status, captured, reason, resolved_by) = match &input.resolution {
             Resolution::Capture(CaptureAmount::Full) => ("COMPLETED", -1, "", "RECIPIENT"),
             Resolution::Capture(CaptureAmount::Micros(m)) => ("COMPLETED", *m, "", "RECIPIENT"),
             Resolution::Void { reason } => (
                 "CANCELLED",
                 0,
                 reason.as_str(),
-                if input.recipient_id.is_some() { "RECIPIENT" } else { "SYSTEM" },
+                if input.recipient_id.is_some() {
+                    "RECIPIENT"
+                } else {
+                    "SYSTEM"
+                },
             ),
         };
-        let capture = status == "COMPLETED";
         // Captures must happen before expiry; the sweep may only cancel what has expired.
-        let time_guard = if capture {
-            "t.expires_at > $7"
-        } else if input.recipient_id.is_none() {
-            "t.expires_at <= $7"
-        } else {
-            "TRUE"
+        let guard = match (status, input.recipient_id) {
+            ("COMPLETED", _) => TimeGuard::BeforeExpiry,
+            (_, None) => TimeGuard::AfterExpiry,
+            _ => TimeGuard::Any,
         };
-        let usage = input.usage;
-        let usage_id = new_id();
-        match self.backend() {
-            Backend::Postgres => {
-                let sql = format!(
-                    "WITH t AS ( \
-                        UPDATE transfers t SET status = $2, \
-                            captured = CASE WHEN $3 < 0 THEN t.amount ELSE $3 END, \
-                            resolved_by = $4, resolved_at = $7, cancel_reason = $5 \
-                        WHERE t.id = $1 AND ($6 < 0 OR t.recipient_id = $6) AND t.status = 'PENDING' \
-                          AND {time_guard} AND $3 <= t.amount \
-                        RETURNING t.*), \
-                     k AS ( \
-                        UPDATE tokens k SET held = k.held - t.amount, spent = k.spent + t.captured \
-                        FROM t WHERE k.id = t.token_id RETURNING k.id), \
-                     s AS ( \
-                        UPDATE accounts a SET balance = a.balance - t.captured, held = a.held - t.amount \
-                        FROM t WHERE a.id = t.sender_id \
-                          AND (t.token_id IS NULL OR EXISTS (SELECT 1 FROM k)) RETURNING a.id), \
-                     j AS ( \
-                        INSERT INTO journal (account_id, amount, kind, ref_id, rolled_up, created_at) \
-                        SELECT t.sender_id, -t.captured, 'capture', t.id, TRUE, $7 FROM t WHERE t.captured > 0 \
-                        UNION ALL \
-                        SELECT t.recipient_id, t.captured, 'capture', t.id, FALSE, $7 FROM t WHERE t.captured > 0 \
-                        RETURNING id), \
-                     u AS ( \
-                        INSERT INTO usage_records (id, recipient_id, request_id, transfer_id, app_name, \
-                            endpoint, user_email, model, prompt_tokens, completion_tokens, total_tokens, \
-                            cost, status, latency_ms, upstream_latency_ms, created_at) \
-                        SELECT $8, t.recipient_id, $9, t.id, $10, $11, $12, $13, $14, $15, $16, t.captured, \
-                            $17, $18, $19, $7 FROM t WHERE $20 \
-                        ON CONFLICT (recipient_id, request_id) DO NOTHING RETURNING id) \
-                     SELECT {TRANSFER_COLUMNS}, (SELECT COUNT(*) FROM s), (SELECT COUNT(*) FROM j), \
-                        (SELECT COUNT(*) FROM u) \
-                     FROM t {TRANSFER_JOINS}"
-                );
-                let empty = UsageInput::default();
-                let u = usage.unwrap_or(&empty);
-                let row = sqlx::query(&sql)
-                    .bind(input.transfer_id)
-                    .bind(status)
-                    .bind(captured_expr)
-                    .bind(resolved_by)
-                    .bind(reason)
-                    .bind(input.recipient_id.unwrap_or(-1))
-                    .bind(now)
-                    .bind(&usage_id)
-                    .bind(&u.request_id)
-                    .bind(&u.app_name)
-                    .bind(&u.endpoint)
-                    .bind(&u.user_email)
-                    .bind(&u.model)
-                    .bind(u.prompt_tokens)
-                    .bind(u.completion_tokens)
-                    .bind(u.total_tokens)
-                    .bind(&u.status)
-                    .bind(u.latency_ms)
-                    .bind(u.upstream_latency_ms)
-                    .bind(usage.is_some())
-                    .fetch_optional(self.pool())
-                    .await?;
-                row.as_ref()
-                    .map(|r| transfer_from_row(r).map_err(to_sqlx))
-                    .transpose()
-            }
-            Backend::Sqlite => {
-                let mut tx = self.pool().begin().await?;
-                let sql = format!(
-                    "UPDATE transfers AS t SET status = $2, \
-                        captured = CASE WHEN $3 < 0 THEN t.amount ELSE $3 END, \
-                        resolved_by = $4, resolved_at = $7, cancel_reason = $5 \
-                     WHERE t.id = $1 AND ($6 < 0 OR t.recipient_id = $6) AND t.status = 'PENDING' \
-                       AND {time_guard} AND $3 <= t.amount \
-                     RETURNING sender_id, recipient_id, token_id, amount, captured"
-                );
-                let row = sqlx::query(&sql)
-                    .bind(input.transfer_id)
-                    .bind(status)
-                    .bind(captured_expr)
-                    .bind(resolved_by)
-                    .bind(reason)
-                    .bind(input.recipient_id.unwrap_or(-1))
-                    .bind(now)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                let Some(row) = row else { return Ok(None) };
-                let sender_id: i64 = row.try_get(0)?;
-                let recipient_id: i64 = row.try_get(1)?;
-                let token_id: Option<String> = row.try_get(2)?;
-                let amount: i64 = row.try_get(3)?;
-                let captured: i64 = row.try_get(4)?;
-                sqlx::query("UPDATE accounts SET balance = balance - $1, held = held - $2 WHERE id = $3")
-                    .bind(captured)
-                    .bind(amount)
-                    .bind(sender_id)
-                    .execute(&mut *tx)
-                    .await?;
-                if let Some(token_id) = &token_id {
-                    sqlx::query("UPDATE tokens SET held = held - $1, spent = spent + $2 WHERE id = $3")
-                        .bind(amount)
-                        .bind(captured)
-                        .bind(token_id)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                if captured > 0 {
-                    sqlx::query(
-                        "INSERT INTO journal (account_id, amount, kind, ref_id, rolled_up, created_at) \
-                         VALUES ($1, $2, 'capture', $3, TRUE, $4), ($5, $6, 'capture', $3, FALSE, $4)",
-                    )
-                    .bind(sender_id)
-                    .bind(-captured)
-                    .bind(input.transfer_id)
-                    .bind(now)
-                    .bind(recipient_id)
-                    .bind(captured)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                if let Some(u) = usage {
-                    insert_usage(&mut tx, &usage_id, recipient_id, Some(input.transfer_id), captured, u, now)
-                        .await?;
-                }
-                tx.commit().await?;
-                self.transfer_by_id(input.transfer_id).await.map_err(to_sqlx)
-            }
+        let job = ResolveJob {
+            transfer_id: input.transfer_id.to_string(),
+            recipient_id: input.recipient_id.unwrap_or(-1),
+            status,
+            captured,
+            resolved_by,
+            reason: reason.to_string(),
+            now,
+            guard,
+            usage_id: new_id(),
+            usage: input.usage.cloned(),
+        };
+        match &self.batcher {
+            Some(batcher) => batcher.resolve(job).await,
+            None => self.sqlite_resolve(&job).await,
         }
+    }
+
+    async fn sqlite_resolve(
+        &self,
+        job: &ResolveJob,
+    ) -> std::result::Result<Option<TransferRow>, sqlx::Error> {
+        let time_guard = match job.guard {
+            TimeGuard::BeforeExpiry => "t.expires_at > $7",
+            TimeGuard::AfterExpiry => "t.expires_at <= $7",
+            TimeGuard::Any => "TRUE",
+        };
+        let mut tx = self.pool().begin().await?;
+        let sql = format!(
+            "UPDATE transfers AS t SET status = $2, \
+                captured = CASE WHEN $3 < 0 THEN t.amount ELSE $3 END, \
+                resolved_by = $4, resolved_at = $7, cancel_reason = $5 \
+             WHERE t.id = $1 AND ($6 < 0 OR t.recipient_id = $6) AND t.status = 'PENDING' \
+               AND {time_guard} AND $3 <= t.amount \
+             RETURNING sender_id, recipient_id, token_id, amount, captured"
+        );
+        let row = sqlx::query(&sql)
+            .bind(&job.transfer_id)
+            .bind(job.status)
+            .bind(job.captured)
+            .bind(job.resolved_by)
+            .bind(&job.reason)
+            .bind(job.recipient_id)
+            .bind(job.now)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let sender_id: i64 = row.try_get(0)?;
+        let recipient_id: i64 = row.try_get(1)?;
+        let token_id: Option<String> = row.try_get(2)?;
+        let amount: i64 = row.try_get(3)?;
+        let captured: i64 = row.try_get(4)?;
+        if let Some(token_id) = &token_id {
+            sqlx::query("UPDATE tokens SET held = held - $1, spent = spent + $2 WHERE id = $3")
+                .bind(amount)
+                .bind(captured)
+                .bind(token_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query("UPDATE accounts SET balance = balance - $1, held = held - $2 WHERE id = $3")
+            .bind(captured)
+            .bind(amount)
+            .bind(sender_id)
+            .execute(&mut *tx)
+            .await?;
+        if captured > 0 {
+            sqlx::query(
+                "INSERT INTO journal (account_id, amount, kind, ref_id, rolled_up, created_at) \
+                 VALUES ($1, $2, 'capture', $3, TRUE, $4), ($5, $6, 'capture', $3, FALSE, $4)",
+            )
+            .bind(sender_id)
+            .bind(-captured)
+            .bind(&job.transfer_id)
+            .bind(job.now)
+            .bind(recipient_id)
+            .bind(captured)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if let Some(u) = &job.usage {
+            insert_usage(
+                &mut tx,
+                &job.usage_id,
+                recipient_id,
+                Some(&job.transfer_id),
+                captured,
+                u,
+                job.now,
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        self.transfer_by_id(&job.transfer_id).await.map_err(to_sqlx)
     }
 
     /// Cancels up to `limit` expired holds (resolved by SYSTEM); returns how many it cancelled.
@@ -512,7 +456,9 @@ impl Store {
             let input = ResolveInput {
                 transfer_id: &id,
                 recipient_id: None,
-                resolution: Resolution::Void { reason: CANCEL_EXPIRED.into() },
+                resolution: Resolution::Void {
+                    reason: CANCEL_EXPIRED.into(),
+                },
                 usage: None,
             };
             match self.resolve(&input).await {
@@ -565,7 +511,11 @@ impl Store {
     }
 
     /// A usage row without money. A request id already recorded returns the existing row.
-    pub async fn record_usage(&self, recipient_id: i64, usage: &UsageInput) -> Result<super::UsageRow> {
+    pub async fn record_usage(
+        &self,
+        recipient_id: i64,
+        usage: &UsageInput,
+    ) -> Result<super::UsageRow> {
         let id = new_id();
         let now = now_micros();
         retry_transient(|| async {
@@ -579,71 +529,56 @@ impl Store {
     }
 }
 
-enum SqliteAuthorizeError {
-    Funds,
-    Sql(sqlx::Error),
-}
-
-impl From<sqlx::Error> for SqliteAuthorizeError {
-    fn from(e: sqlx::Error) -> Self {
-        Self::Sql(e)
-    }
-}
-
-/// Returns Ok(false) when the token cannot pay (rolled back by dropping the transaction).
+/// Places one hold inside the caller's transaction; anything but `Created` must be rolled back.
 async fn sqlite_authorize(
     conn: &mut AnyConnection,
-    input: &AuthorizeInput<'_>,
-    token: &TokenInfo,
-    request_hash: &str,
-    id: &str,
-    now: i64,
-    expires_at: i64,
-) -> std::result::Result<bool, SqliteAuthorizeError> {
+    job: &AuthJob,
+) -> std::result::Result<AuthResult, sqlx::Error> {
     let tok = sqlx::query(
         "UPDATE tokens SET held = held + $1 WHERE id = $2 AND revoked_at IS NULL \
          AND (expires_at IS NULL OR expires_at > $3) \
          AND (spend_limit IS NULL OR spent + held + $1 <= spend_limit) \
          AND NOT EXISTS (SELECT 1 FROM authorize_failures WHERE recipient_id = $4 AND idempotency_key = $5)",
     )
-    .bind(input.amount)
-    .bind(&token.id)
-    .bind(now)
-    .bind(input.recipient_id)
-    .bind(input.idempotency_key)
+    .bind(job.amount)
+    .bind(&job.token_id)
+    .bind(job.now)
+    .bind(job.recipient_id)
+    .bind(&job.idempotency_key)
     .execute(&mut *conn)
     .await?;
     if tok.rows_affected() == 0 {
-        return Ok(false);
+        return Ok(AuthResult::TokenRejected);
     }
-    let funds = sqlx::query("UPDATE accounts SET held = held + $1 WHERE id = $2 AND balance - held >= $1")
-        .bind(input.amount)
-        .bind(token.sender_id)
-        .execute(&mut *conn)
-        .await?;
+    let funds =
+        sqlx::query("UPDATE accounts SET held = held + $1 WHERE id = $2 AND balance - held >= $1")
+            .bind(job.amount)
+            .bind(job.sender_id)
+            .execute(&mut *conn)
+            .await?;
     if funds.rows_affected() == 0 {
-        return Err(SqliteAuthorizeError::Funds);
+        return Ok(AuthResult::InsufficientFunds);
     }
     sqlx::query(
         "INSERT INTO transfers (id, sender_id, recipient_id, token_id, amount, currency, status, \
          created_by, app_name, app_ep_path, idempotency_key, request_hash, created_at, expires_at) \
          VALUES ($1, $2, $3, $4, $5, $6, 'PENDING', 'RECIPIENT', $7, $8, $9, $10, $11, $12)",
     )
-    .bind(id)
-    .bind(token.sender_id)
-    .bind(input.recipient_id)
-    .bind(&token.id)
-    .bind(input.amount)
-    .bind(&token.currency)
-    .bind(input.app_name)
-    .bind(input.app_ep_path)
-    .bind(input.idempotency_key)
-    .bind(request_hash)
-    .bind(now)
-    .bind(expires_at)
+    .bind(&job.id)
+    .bind(job.sender_id)
+    .bind(job.recipient_id)
+    .bind(&job.token_id)
+    .bind(job.amount)
+    .bind(&job.currency)
+    .bind(&job.app_name)
+    .bind(&job.app_ep_path)
+    .bind(&job.idempotency_key)
+    .bind(&job.request_hash)
+    .bind(job.now)
+    .bind(job.expires_at)
     .execute(&mut *conn)
     .await?;
-    Ok(true)
+    Ok(AuthResult::Created)
 }
 
 async fn insert_usage(
@@ -687,11 +622,6 @@ fn key_reused(key: &str) -> LedgerError {
     LedgerError::AlreadyExists(format!(
         "idempotency key {key:?} was already used with different parameters"
     ))
-}
-
-/// `ledger_abort()` (migration 0001) raises P0001 to undo a half-applied data-modifying statement.
-fn is_abort(err: &sqlx::Error) -> bool {
-    matches!(err, sqlx::Error::Database(db) if db.code().as_deref() == Some("P0001"))
 }
 
 fn to_sqlx(err: LedgerError) -> sqlx::Error {

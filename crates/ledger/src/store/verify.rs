@@ -36,18 +36,20 @@ impl Store {
         };
         report.accounts = sum("SELECT COUNT(*) FROM accounts").await?;
         report.transfers = sum("SELECT COUNT(*) FROM transfers").await?;
-        report.pending_transfers = sum("SELECT COUNT(*) FROM transfers WHERE status = 'PENDING'").await?;
+        report.pending_transfers =
+            sum("SELECT COUNT(*) FROM transfers WHERE status = 'PENDING'").await?;
         report.total_deposits =
             sum("SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM deposits").await?;
-        report.total_held = sum("SELECT CAST(COALESCE(SUM(held), 0) AS BIGINT) FROM accounts").await?;
+        report.total_held =
+            sum("SELECT CAST(COALESCE(SUM(held), 0) AS BIGINT) FROM accounts").await?;
         let stored_balances =
             sum("SELECT CAST(COALESCE(SUM(balance), 0) AS BIGINT) FROM accounts").await?;
-        let unrolled = sum(
-            "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM journal WHERE NOT rolled_up",
-        )
-        .await?;
+        let unrolled =
+            sum("SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM journal WHERE NOT rolled_up")
+                .await?;
         report.total_balances = stored_balances + unrolled;
-        let journal_total = sum("SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM journal").await?;
+        let journal_total =
+            sum("SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM journal").await?;
         let system_side = sum(
             "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM journal WHERE account_id IS NULL",
         )
@@ -55,7 +57,9 @@ impl Store {
 
         let problems = &mut report.problems;
         if journal_total != 0 {
-            problems.push(format!("journal does not balance: entries sum to {journal_total}"));
+            problems.push(format!(
+                "journal does not balance: entries sum to {journal_total}"
+            ));
         }
         if -system_side != report.total_deposits {
             problems.push(format!(
@@ -72,13 +76,13 @@ impl Store {
 
         // Each account's balance equals its journal; held equals its pending transfers.
         let rows = sqlx::query(
-            "SELECT a.email, a.balance, a.held, \
-               COALESCE((SELECT CAST(SUM(j.amount) AS BIGINT) FROM journal j WHERE j.account_id = a.id), 0), \
-               COALESCE((SELECT CAST(SUM(j.amount) AS BIGINT) FROM journal j \
-                         WHERE j.account_id = a.id AND j.rolled_up), 0), \
-               COALESCE((SELECT CAST(SUM(t.amount) AS BIGINT) FROM transfers t \
-                         WHERE t.sender_id = a.id AND t.status = 'PENDING'), 0) \
-             FROM accounts a",
+            "SELECT a.email, a.balance, a.held, COALESCE(j.total, 0), COALESCE(j.rolled, 0), COALESCE(p.held, 0) \
+             FROM accounts a \
+             LEFT JOIN (SELECT account_id, CAST(SUM(amount) AS BIGINT) AS total, \
+                          CAST(SUM(CASE WHEN rolled_up THEN amount ELSE 0 END) AS BIGINT) AS rolled \
+                        FROM journal GROUP BY account_id) j ON j.account_id = a.id \
+             LEFT JOIN (SELECT sender_id, CAST(SUM(amount) AS BIGINT) AS held FROM transfers \
+                        WHERE status = 'PENDING' GROUP BY sender_id) p ON p.sender_id = a.id",
         )
         .fetch_all(pool)
         .await?;
@@ -90,13 +94,17 @@ impl Store {
             let rolled: i64 = row.try_get(4)?;
             let pending: i64 = row.try_get(5)?;
             if balance != rolled {
-                problems.push(format!("{email}: balance {balance} != rolled-up journal {rolled}"));
+                problems.push(format!(
+                    "{email}: balance {balance} != rolled-up journal {rolled}"
+                ));
             }
             if journal < 0 {
                 problems.push(format!("{email}: journal balance {journal} is negative"));
             }
             if held != pending {
-                problems.push(format!("{email}: held {held} != pending transfers {pending}"));
+                problems.push(format!(
+                    "{email}: held {held} != pending transfers {pending}"
+                ));
             }
             if balance - held < 0 {
                 problems.push(format!("{email}: available {} is negative", balance - held));
@@ -105,19 +113,22 @@ impl Store {
 
         // Tokens: held and spent match their transfers.
         let rows = sqlx::query(
-            "SELECT k.id, k.held, k.spent, \
-               COALESCE((SELECT CAST(SUM(t.amount) AS BIGINT) FROM transfers t \
-                         WHERE t.token_id = k.id AND t.status = 'PENDING'), 0), \
-               COALESCE((SELECT CAST(SUM(t.captured) AS BIGINT) FROM transfers t \
-                         WHERE t.token_id = k.id AND t.status = 'COMPLETED'), 0) \
-             FROM tokens k",
+            "SELECT k.id, k.held, k.spent, COALESCE(x.pending, 0), COALESCE(x.captured, 0) FROM tokens k \
+             LEFT JOIN (SELECT token_id, \
+                          CAST(SUM(CASE WHEN status = 'PENDING' THEN amount ELSE 0 END) AS BIGINT) AS pending, \
+                          CAST(SUM(CASE WHEN status = 'COMPLETED' THEN captured ELSE 0 END) AS BIGINT) AS captured \
+                        FROM transfers WHERE token_id IS NOT NULL GROUP BY token_id) x ON x.token_id = k.id",
         )
         .fetch_all(pool)
         .await?;
         for row in rows {
             let id: String = row.try_get(0)?;
-            let (held, spent, pending, captured): (i64, i64, i64, i64) =
-                (row.try_get(1)?, row.try_get(2)?, row.try_get(3)?, row.try_get(4)?);
+            let (held, spent, pending, captured): (i64, i64, i64, i64) = (
+                row.try_get(1)?,
+                row.try_get(2)?,
+                row.try_get(3)?,
+                row.try_get(4)?,
+            );
             if held != pending || spent != captured {
                 problems.push(format!(
                     "token {id}: held {held}/spent {spent} != pending {pending}/captured {captured}"
@@ -127,19 +138,23 @@ impl Store {
 
         // Transfers: each completed one has exactly its two entries; others have none.
         let bad: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM transfers t WHERE \
-               (t.status = 'COMPLETED' AND (t.captured <= 0 OR \
-                  (SELECT COUNT(*) FROM journal j WHERE j.ref_id = t.id) <> 2 OR \
-                  COALESCE((SELECT SUM(j.amount) FROM journal j WHERE j.ref_id = t.id AND j.amount > 0), 0) \
-                    <> t.captured OR t.resolved_at IS NULL)) \
-               OR (t.status <> 'COMPLETED' AND (t.captured <> 0 OR \
-                  (SELECT COUNT(*) FROM journal j WHERE j.ref_id = t.id) <> 0)) \
-               OR (t.status = 'CANCELLED' AND t.resolved_at IS NULL)",
+            "SELECT COUNT(*) FROM transfers t \
+             LEFT JOIN (SELECT ref_id, COUNT(*) AS entries, \
+                          CAST(SUM(CASE WHEN amount > 0 THEN amount ELSE 0 END) AS BIGINT) AS credited, \
+                          CAST(SUM(amount) AS BIGINT) AS net \
+                        FROM journal WHERE kind = 'capture' GROUP BY ref_id) j ON j.ref_id = t.id \
+             WHERE (t.status = 'COMPLETED' AND (t.captured <= 0 OR COALESCE(j.entries, 0) <> 2 \
+                      OR COALESCE(j.credited, 0) <> t.captured OR COALESCE(j.net, 0) <> 0 \
+                      OR t.resolved_at IS NULL)) \
+                OR (t.status <> 'COMPLETED' AND (t.captured <> 0 OR COALESCE(j.entries, 0) <> 0)) \
+                OR (t.status = 'CANCELLED' AND t.resolved_at IS NULL)",
         )
         .fetch_one(pool)
         .await?;
         if bad > 0 {
-            problems.push(format!("{bad} transfers do not match their journal entries"));
+            problems.push(format!(
+                "{bad} transfers do not match their journal entries"
+            ));
         }
         let per_request: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM (SELECT recipient_id, request_id FROM usage_records \
@@ -148,7 +163,9 @@ impl Store {
         .fetch_one(pool)
         .await?;
         if per_request > 0 {
-            problems.push(format!("{per_request} request ids have more than one usage row"));
+            problems.push(format!(
+                "{per_request} request ids have more than one usage row"
+            ));
         }
         Ok(report)
     }

@@ -1,0 +1,399 @@
+//! Postgres write path: hot operations are queued and applied in batches, one transaction and one
+//! set-based statement per kind per batch.
+//!
+//! Per-statement and per-commit costs dominate Postgres CPU for these tiny operations, so a batch of
+//! N authorizations costs little more than one. A single worker drains the queue: while one batch
+//! is in the database the next one fills up, so batches grow with load and a lone request still
+//! goes out at once. Within a batch:
+//!
+//! - authorizations have distinct senders (a second one for the same sender waits for the next
+//!   batch), so each conditional update decides exactly one hold;
+//! - resolutions are aggregated per sender and per token, so several captures for one sender in one
+//!   batch move the right totals.
+//!
+//! A batch that fails for a non-transient reason is split and each job retried alone, so one bad job
+//! never fails its neighbours. Serialization failures and deadlocks retry the whole batch.
+
+use std::collections::{HashSet, VecDeque};
+
+use serde_json::json;
+use sqlx::{AnyPool, Row};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{transfer_from_row, TransferRow, UsageInput, TRANSFER_COLUMNS};
+use crate::error::is_retryable;
+
+const MAX_BATCH: usize = 256;
+
+/// One hold to place. `id` and times are fixed by the caller so a retried batch is identical.
+#[derive(Debug, Clone)]
+pub(crate) struct AuthJob {
+    pub id: String,
+    pub sender_id: i64,
+    pub recipient_id: i64,
+    pub sender_email: String,
+    pub recipient_email: String,
+    pub token_id: String,
+    pub amount: i64,
+    pub currency: String,
+    pub app_name: String,
+    pub app_ep_path: String,
+    pub idempotency_key: String,
+    pub request_hash: String,
+    pub now: i64,
+    pub expires_at: i64,
+}
+
+impl AuthJob {
+    pub fn pending_row(&self) -> TransferRow {
+        TransferRow {
+            id: self.id.clone(),
+            sender_id: self.sender_id,
+            recipient_id: self.recipient_id,
+            sender_email: self.sender_email.clone(),
+            recipient_email: self.recipient_email.clone(),
+            amount: self.amount,
+            captured: 0,
+            currency: self.currency.clone(),
+            status: "PENDING".into(),
+            created_by: "RECIPIENT".into(),
+            resolved_by: None,
+            app_name: self.app_name.clone(),
+            app_ep_path: self.app_ep_path.clone(),
+            idempotency_key: self.idempotency_key.clone(),
+            created_at: self.now,
+            expires_at: self.expires_at,
+            resolved_at: None,
+            cancel_reason: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AuthResult {
+    Created,
+    TokenRejected,
+    InsufficientFunds,
+}
+
+/// Which expiry condition a resolution needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TimeGuard {
+    /// Captures: only before `expires_at`.
+    BeforeExpiry = 1,
+    /// The sweep: only after `expires_at`.
+    AfterExpiry = 2,
+    /// Voids by the recipient: any time.
+    Any = 0,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct ResolveJob {
+    pub transfer_id: String,
+    /// -1: the ledger itself (sweep).
+    pub recipient_id: i64,
+    pub status: &'static str,
+    /// -1 captures the full authorized amount.
+    pub captured: i64,
+    pub resolved_by: &'static str,
+    pub reason: String,
+    pub now: i64,
+    pub guard: TimeGuard,
+    pub usage_id: String,
+    pub usage: Option<UsageInput>,
+}
+
+enum Job {
+    Authorize(AuthJob, oneshot::Sender<Result<AuthResult, sqlx::Error>>),
+    Resolve(
+        ResolveJob,
+        oneshot::Sender<Result<Option<TransferRow>, sqlx::Error>>,
+    ),
+}
+
+pub(crate) struct Batcher {
+    queue: mpsc::UnboundedSender<Job>,
+}
+
+impl Batcher {
+    pub fn start(pool: AnyPool) -> Self {
+        let (queue, rx) = mpsc::unbounded_channel();
+        tokio::spawn(worker(pool, rx));
+        Self { queue }
+    }
+
+    pub async fn authorize(&self, job: AuthJob) -> Result<AuthResult, sqlx::Error> {
+        let (tx, rx) = oneshot::channel();
+        self.queue
+            .send(Job::Authorize(job, tx))
+            .map_err(|_| sqlx::Error::PoolClosed)?;
+        rx.await.map_err(|_| sqlx::Error::PoolClosed)?
+    }
+
+    pub async fn resolve(&self, job: ResolveJob) -> Result<Option<TransferRow>, sqlx::Error> {
+        let (tx, rx) = oneshot::channel();
+        self.queue
+            .send(Job::Resolve(job, tx))
+            .map_err(|_| sqlx::Error::PoolClosed)?;
+        rx.await.map_err(|_| sqlx::Error::PoolClosed)?
+    }
+}
+
+type AuthReply = (AuthJob, oneshot::Sender<Result<AuthResult, sqlx::Error>>);
+type ResolveReply = (
+    ResolveJob,
+    oneshot::Sender<Result<Option<TransferRow>, sqlx::Error>>,
+);
+
+async fn worker(pool: AnyPool, mut rx: mpsc::UnboundedReceiver<Job>) {
+    let mut waiting: VecDeque<Job> = VecDeque::new();
+    loop {
+        let first = match waiting.pop_front() {
+            Some(job) => job,
+            None => match rx.recv().await {
+                Some(job) => job,
+                None => return,
+            },
+        };
+        let mut auths: Vec<AuthReply> = Vec::new();
+        let mut resolves: Vec<ResolveReply> = Vec::new();
+        let mut senders = HashSet::new();
+        let mut next_round = VecDeque::new();
+        let mut add =
+            |job: Job, auths: &mut Vec<AuthReply>, resolves: &mut Vec<ResolveReply>| match job {
+                Job::Authorize(a, tx) if senders.insert(a.sender_id) => auths.push((a, tx)),
+                job @ Job::Authorize(..) => next_round.push_back(job),
+                Job::Resolve(r, tx) => resolves.push((r, tx)),
+            };
+        add(first, &mut auths, &mut resolves);
+        while auths.len() + resolves.len() < MAX_BATCH {
+            let Some(job) = waiting.pop_front().or_else(|| rx.try_recv().ok()) else {
+                break;
+            };
+            add(job, &mut auths, &mut resolves);
+        }
+        waiting = next_round.into_iter().chain(waiting).collect();
+        run_and_reply(&pool, auths, resolves).await;
+    }
+}
+
+async fn run_and_reply(pool: &AnyPool, auths: Vec<AuthReply>, resolves: Vec<ResolveReply>) {
+    let auth_jobs: Vec<&AuthJob> = auths.iter().map(|(j, _)| j).collect();
+    let resolve_jobs: Vec<&ResolveJob> = resolves.iter().map(|(j, _)| j).collect();
+    match run_with_retry(pool, &auth_jobs, &resolve_jobs).await {
+        Ok((auth_results, resolve_results)) => {
+            for ((_, tx), r) in auths.into_iter().zip(auth_results) {
+                let _ = tx.send(Ok(r));
+            }
+            for ((_, tx), r) in resolves.into_iter().zip(resolve_results) {
+                let _ = tx.send(Ok(r));
+            }
+        }
+        Err(err) if auth_jobs.len() + resolve_jobs.len() == 1 => {
+            if let Some((_, tx)) = auths.into_iter().next() {
+                let _ = tx.send(Err(err));
+            } else if let Some((_, tx)) = resolves.into_iter().next() {
+                let _ = tx.send(Err(err));
+            }
+        }
+        Err(err) => {
+            // Isolate whichever job caused it.
+            tracing::debug!(error = %err, "batch failed, retrying its jobs one by one");
+            for (job, tx) in auths {
+                let r = run_with_retry(pool, &[&job], &[])
+                    .await
+                    .map(|(mut a, _)| a.remove(0));
+                let _ = tx.send(r);
+            }
+            for (job, tx) in resolves {
+                let r = run_with_retry(pool, &[], &[&job])
+                    .await
+                    .map(|(_, mut r)| r.remove(0));
+                let _ = tx.send(r);
+            }
+        }
+    }
+}
+
+type CycleResult = (Vec<AuthResult>, Vec<Option<TransferRow>>);
+
+async fn run_with_retry(
+    pool: &AnyPool,
+    auths: &[&AuthJob],
+    resolves: &[&ResolveJob],
+) -> Result<CycleResult, sqlx::Error> {
+    let mut attempt = 0u32;
+    loop {
+        match run_cycle(pool, auths, resolves).await {
+            Err(err) if is_retryable(&err) && attempt < 8 => {
+                attempt += 1;
+                tracing::debug!(attempt, error = %err, "retrying batch after a transient database error");
+                tokio::time::sleep(std::time::Duration::from_millis(2u64 << attempt.min(6))).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn run_cycle(
+    pool: &AnyPool,
+    auths: &[&AuthJob],
+    resolves: &[&ResolveJob],
+) -> Result<CycleResult, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let mut auth_results = Vec::with_capacity(auths.len());
+    if !auths.is_empty() {
+        let input: Vec<_> = auths
+            .iter()
+            .enumerate()
+            .map(|(n, j)| {
+                json!({"in_n": n, "in_id": j.id, "in_sender": j.sender_id, "in_recipient": j.recipient_id,
+                       "in_token": j.token_id, "in_amount": j.amount, "in_currency": j.currency,
+                       "in_app": j.app_name, "in_path": j.app_ep_path, "in_key": j.idempotency_key,
+                       "in_hash": j.request_hash, "in_now": j.now, "in_expires": j.expires_at})
+            })
+            .collect();
+        let rows = sqlx::query(AUTHORIZE_BATCH)
+            .bind(serde_json::Value::Array(input).to_string())
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut results = vec![AuthResult::TokenRejected; auths.len()];
+        for row in rows {
+            let n: i32 = row.try_get(0)?;
+            let token_ok: bool = row.try_get(1)?;
+            let funds_ok: bool = row.try_get(2)?;
+            let job = auths[n as usize];
+            results[n as usize] = match (token_ok, funds_ok) {
+                (true, true) => AuthResult::Created,
+                (false, _) => AuthResult::TokenRejected,
+                (true, false) => {
+                    // The token hold went in but the funds did not: take it back in this transaction.
+                    sqlx::query("UPDATE tokens SET held = held - $1 WHERE id = $2")
+                        .bind(job.amount)
+                        .bind(&job.token_id)
+                        .execute(&mut *tx)
+                        .await?;
+                    AuthResult::InsufficientFunds
+                }
+            };
+        }
+        auth_results = results;
+    }
+    let mut resolve_results = vec![None; resolves.len()];
+    if !resolves.is_empty() {
+        let empty = UsageInput::default();
+        let input: Vec<_> = resolves
+            .iter()
+            .enumerate()
+            .map(|(n, j)| {
+                let u = j.usage.as_ref().unwrap_or(&empty);
+                json!({"in_n": n, "in_id": j.transfer_id, "in_recipient": j.recipient_id, "in_status": j.status,
+                       "in_captured": j.captured, "in_resolved_by": j.resolved_by, "in_reason": j.reason,
+                       "in_now": j.now, "in_guard": j.guard as i32, "in_usage_id": j.usage_id,
+                       "in_has_usage": j.usage.is_some(), "in_request_id": u.request_id, "in_app": u.app_name,
+                       "in_endpoint": u.endpoint, "in_user": u.user_email, "in_model": u.model,
+                       "in_pt": u.prompt_tokens, "in_ct": u.completion_tokens, "in_tt": u.total_tokens,
+                       "in_ustatus": u.status, "in_lat": u.latency_ms, "in_ulat": u.upstream_latency_ms})
+            })
+            .collect();
+        let rows = sqlx::query(&RESOLVE_BATCH)
+            .bind(serde_json::Value::Array(input).to_string())
+            .fetch_all(&mut *tx)
+            .await?;
+        for row in rows {
+            let n: i32 = row.try_get(18)?;
+            resolve_results[n as usize] =
+                Some(transfer_from_row(&row).map_err(|e| sqlx::Error::Protocol(e.to_string()))?);
+        }
+    }
+    tx.commit().await?;
+    Ok((auth_results, resolve_results))
+}
+
+/// Places holds for a batch of distinct senders. The token step also refuses keys that already have
+/// a transfer or a recorded failure, so replays fall through to the caller's replay lookup.
+const AUTHORIZE_BATCH: &str = "\
+WITH input AS (
+    SELECT * FROM jsonb_to_recordset($1::jsonb) AS i(in_n int, in_id text, in_sender bigint,
+        in_recipient bigint, in_token text, in_amount bigint, in_currency text, in_app text, in_path text,
+        in_key text, in_hash text, in_now bigint, in_expires bigint)
+), tok AS (
+    UPDATE tokens k SET held = k.held + i.in_amount FROM input i
+    WHERE k.id = i.in_token AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > i.in_now)
+      AND (k.spend_limit IS NULL OR k.spent + k.held + i.in_amount <= k.spend_limit)
+      AND NOT EXISTS (SELECT 1 FROM authorize_failures f
+                      WHERE f.recipient_id = i.in_recipient AND f.idempotency_key = i.in_key)
+      AND NOT EXISTS (SELECT 1 FROM transfers x
+                      WHERE x.recipient_id = i.in_recipient AND x.idempotency_key = i.in_key)
+    RETURNING i.in_n
+), snd AS (
+    UPDATE accounts a SET held = a.held + i.in_amount FROM input i
+    WHERE a.id = i.in_sender AND a.balance - a.held >= i.in_amount AND i.in_n IN (SELECT in_n FROM tok)
+    RETURNING i.in_n
+), ins AS (
+    INSERT INTO transfers (id, sender_id, recipient_id, token_id, amount, currency, status, created_by,
+        app_name, app_ep_path, idempotency_key, request_hash, created_at, expires_at)
+    SELECT in_id, in_sender, in_recipient, in_token, in_amount, in_currency, 'PENDING', 'RECIPIENT',
+        in_app, in_path, in_key, in_hash, in_now, in_expires
+    FROM input WHERE in_n IN (SELECT in_n FROM snd)
+    RETURNING id
+)
+SELECT i.in_n, i.in_n IN (SELECT in_n FROM tok), i.in_n IN (SELECT in_n FROM snd),
+       (SELECT COUNT(*) FROM ins)
+FROM input i";
+
+/// Captures and voids a batch. Sender and token updates are aggregated so several resolutions for
+/// one sender in a batch move the right totals. Tokens are updated before accounts, the same lock
+/// order as authorization.
+static RESOLVE_BATCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "\
+WITH input AS (
+    SELECT * FROM jsonb_to_recordset($1::jsonb) AS i(in_n int, in_id text, in_recipient bigint,
+        in_status text, in_captured bigint, in_resolved_by text, in_reason text, in_now bigint,
+        in_guard int, in_usage_id text, in_has_usage boolean, in_request_id text, in_app text,
+        in_endpoint text, in_user text, in_model text, in_pt bigint, in_ct bigint, in_tt bigint,
+        in_ustatus text, in_lat bigint, in_ulat bigint)
+), t AS (
+    UPDATE transfers t SET status = i.in_status,
+        captured = CASE WHEN i.in_captured < 0 THEN t.amount ELSE i.in_captured END,
+        resolved_by = i.in_resolved_by, resolved_at = i.in_now, cancel_reason = i.in_reason
+    FROM input i
+    WHERE t.id = i.in_id AND (i.in_recipient < 0 OR t.recipient_id = i.in_recipient)
+      AND t.status = 'PENDING' AND i.in_captured <= t.amount
+      AND CASE i.in_guard WHEN 1 THEN t.expires_at > i.in_now
+                          WHEN 2 THEN t.expires_at <= i.in_now ELSE TRUE END
+    RETURNING t.*, i.*
+), k AS (
+    UPDATE tokens k SET held = k.held - x.amount, spent = k.spent + x.captured
+    FROM (SELECT token_id, CAST(SUM(amount) AS BIGINT) AS amount, CAST(SUM(captured) AS BIGINT) AS captured
+          FROM t WHERE token_id IS NOT NULL GROUP BY token_id) x
+    WHERE k.id = x.token_id
+    RETURNING k.id
+), s AS (
+    UPDATE accounts a SET balance = a.balance - x.captured, held = a.held - x.amount
+    FROM (SELECT sender_id, CAST(SUM(amount) AS BIGINT) AS amount, CAST(SUM(captured) AS BIGINT) AS captured
+          FROM t GROUP BY sender_id) x
+    WHERE a.id = x.sender_id AND (SELECT COUNT(*) FROM k) >= 0
+    RETURNING a.id
+), j AS (
+    INSERT INTO journal (account_id, amount, kind, ref_id, rolled_up, created_at)
+    SELECT sender_id, -captured, 'capture', id, TRUE, in_now FROM t WHERE captured > 0
+    UNION ALL
+    SELECT recipient_id, captured, 'capture', id, FALSE, in_now FROM t WHERE captured > 0
+    RETURNING id
+), u AS (
+    INSERT INTO usage_records (id, recipient_id, request_id, transfer_id, app_name, endpoint, user_email,
+        model, prompt_tokens, completion_tokens, total_tokens, cost, status, latency_ms,
+        upstream_latency_ms, created_at)
+    SELECT in_usage_id, recipient_id, in_request_id, id, in_app, in_endpoint, in_user, in_model, in_pt,
+        in_ct, in_tt, captured, in_ustatus, in_lat, in_ulat, in_now
+    FROM t WHERE in_has_usage
+    ON CONFLICT (recipient_id, request_id) DO NOTHING
+    RETURNING id
+)
+SELECT {TRANSFER_COLUMNS}, t.in_n, (SELECT COUNT(*) FROM s), (SELECT COUNT(*) FROM j),
+       (SELECT COUNT(*) FROM u)
+FROM t JOIN accounts sa ON sa.id = t.sender_id JOIN accounts ra ON ra.id = t.recipient_id"
+    )
+});

@@ -1,0 +1,898 @@
+//! End-to-end: router + real ledger + real in-process upstream. One test per behaviour of the
+//! router issue's "Behaviour that must hold" list.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures::StreamExt;
+use serde_json::{json, Value};
+use syft_proto::ledger::{Actor, TransferStatus};
+use syft_proto::router::{chat_stream_event, ChatOptions, GetMetadataRequest, Message};
+use syft_router_svc::{tokens, Pricing, RouterConfig};
+use tonic::Code;
+
+fn user_msg(content: &str) -> Vec<Message> {
+    vec![Message {
+        role: "user".into(),
+        content: content.into(),
+        name: None,
+    }]
+}
+
+async fn wait_owner_balance(s: &Stack, want: i64) {
+    for _ in 0..40 {
+        if s.owner_balance().await == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(s.owner_balance().await, want, "owner balance");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paid_success_captures_exactly_the_price() {
+    let s = Stack::start(Pricing::per_request(PRICE)).await;
+    let mut c = s.client().await;
+    let resp = c.chat(s.request("hi")).await.expect("chat").into_inner();
+    assert_eq!(resp.cost_micros, PRICE);
+    assert_eq!(resp.currency, "USD");
+    assert_eq!(
+        resp.message.as_ref().map(|m| m.content.as_str()),
+        Some(CONTENT)
+    );
+    assert_eq!(resp.finish_reason, "stop");
+    let usage = resp.usage.expect("usage");
+    assert_eq!((usage.prompt_tokens, usage.completion_tokens), (20, 5));
+    assert_eq!(
+        resp.provider_info.as_ref().map(|p| p.provider.as_str()),
+        Some("openai")
+    );
+
+    // The answer came back only after the capture committed: no polling needed.
+    let transfers = s.transfers().await;
+    assert_eq!(transfers.len(), 1);
+    let t = &transfers[0];
+    assert_eq!(t.id, resp.transfer_id);
+    assert_eq!(t.status(), TransferStatus::Completed);
+    assert_eq!(t.captured_micros, PRICE);
+    assert_eq!(t.app_name, "test-router");
+    assert_eq!(t.app_ep_path, "/chat");
+    assert_eq!(t.idempotency_key, resp.id);
+
+    assert_eq!(s.alice_money().await, (FUNDS - PRICE, 0, FUNDS - PRICE));
+    wait_owner_balance(&s, PRICE).await;
+
+    let rows = s.usage().await;
+    assert_eq!(rows.len(), 1);
+    let row = &rows[0];
+    let u = row.usage.as_ref().expect("usage");
+    assert_eq!(u.status, "success");
+    assert_eq!(u.request_id, resp.id);
+    assert_eq!(
+        (u.prompt_tokens, u.completion_tokens, u.total_tokens),
+        (20, 5, 25)
+    );
+    assert!(u.latency_ms >= u.upstream_latency_ms);
+    assert_eq!(row.cost_micros, PRICE);
+    assert_eq!(row.transfer_id, resp.transfer_id);
+
+    assert_eq!(s.upstream.hits(), 1);
+    let body = s.upstream.last_body().expect("upstream body");
+    assert_eq!(body["model"], "test-model");
+    assert_eq!(body["max_tokens"], 100);
+    s.check_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_token_holds_the_maximum_and_captures_the_actual_cost() {
+    let (input, output) = (3_000_000, 15_000_000); // $3 / $15 per million tokens
+    let s = Stack::start(Pricing::per_token(input, output)).await;
+    let mut c = s.client().await;
+    let req = s.request("count my tokens please");
+    let counted_prompt = tokens::count_prompt(&req.messages);
+    let resp = c.chat(req).await.expect("chat").into_inner();
+    // Upstream reports 20 prompt + 5 completion tokens.
+    let expected = (20 * 3) + (5 * 15);
+    assert_eq!(resp.cost_micros, expected);
+    let t = s.transfers().await;
+    assert_eq!(t.len(), 1);
+    assert_eq!(
+        t[0].amount_micros,
+        counted_prompt as i64 * 3 + 100 * 15,
+        "hold = max cost"
+    );
+    assert_eq!(t[0].captured_micros, expected);
+    assert_eq!(s.alice_money().await.0, FUNDS - expected);
+
+    // Without upstream usage, the router counts with the tokenizer.
+    s.upstream.set_mode(Mode::NoUsage);
+    let req = s.request("count my tokens please");
+    let resp = c.chat(req).await.expect("chat").into_inner();
+    let completion = tokens::count_text(CONTENT) as i64;
+    assert_eq!(
+        resp.cost_micros,
+        counted_prompt as i64 * 3 + completion * 15
+    );
+    let usage = resp.usage.expect("usage");
+    assert_eq!(usage.prompt_tokens, counted_prompt as i64);
+    assert_eq!(usage.completion_tokens, completion);
+    assert_eq!(s.alice_money().await.0, FUNDS - expected - resp.cost_micros);
+
+    // Without max_tokens the configured default bounds the hold and is sent upstream.
+    let mut req = s.request("x");
+    req.options = None;
+    c.chat(req).await.expect("chat");
+    let body = s.upstream.last_body().expect("body");
+    assert_eq!(body["max_tokens"], 4096);
+    s.check_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_failures_are_voided_and_recorded() {
+    let s = Stack::start(Pricing::per_request(PRICE)).await;
+    let mut c = s.client().await;
+    let cases = [
+        (Mode::Status(500), Code::Unavailable, "upstream_error"),
+        (Mode::Status(400), Code::InvalidArgument, "upstream_error"),
+        (Mode::Stall, Code::DeadlineExceeded, "timeout"),
+        (Mode::Garbage, Code::Unavailable, "invalid_response"),
+        (Mode::EmptyChoices, Code::Unavailable, "invalid_response"),
+    ];
+    for (mode, code, _) in &cases {
+        s.upstream.set_mode(mode.clone());
+        let err = c.chat(s.request("hi")).await.expect_err("must fail");
+        assert_eq!(err.code(), *code, "{mode:?}: {err:?}");
+        // The void is committed before the error is returned.
+        assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS), "{mode:?}");
+    }
+    let transfers = s.transfers().await;
+    assert_eq!(transfers.len(), cases.len());
+    assert!(transfers
+        .iter()
+        .all(|t| t.status() == TransferStatus::Cancelled && t.captured_micros == 0));
+    let rows = s.usage().await;
+    let mut statuses: Vec<String> = rows
+        .iter()
+        .filter_map(|r| r.usage.as_ref().map(|u| u.status.clone()))
+        .collect();
+    statuses.sort();
+    let mut want: Vec<String> = cases.iter().map(|c| c.2.to_string()).collect();
+    want.sort();
+    assert_eq!(statuses, want);
+    assert!(rows.iter().all(|r| r.cost_micros == 0));
+    assert_eq!(s.owner_balance().await, 0);
+
+    // 503 is retried (max_retries = 1) before giving up; still nothing charged.
+    let before = s.upstream.hits();
+    s.upstream.set_mode(Mode::Status(503));
+    let err = c.chat(s.request("hi")).await.expect_err("must fail");
+    assert_eq!(err.code(), Code::Unavailable);
+    assert_eq!(s.upstream.hits() - before, 2);
+    assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));
+    s.check_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_final_event_carries_usage_cost_and_transfer() {
+    let s = Stack::start(Pricing::per_request(PRICE)).await;
+    let mut c = s.client().await;
+    let mut stream = c
+        .chat_stream(s.request("hi"))
+        .await
+        .expect("stream")
+        .into_inner();
+    let mut text = String::new();
+    let mut fin = None;
+    while let Some(ev) = stream.next().await {
+        match ev.expect("event").event {
+            Some(chat_stream_event::Event::Delta(d)) => {
+                assert!(fin.is_none(), "delta after final");
+                text.push_str(&d.content);
+            }
+            Some(chat_stream_event::Event::Final(f)) => fin = Some(f),
+            None => {}
+        }
+    }
+    let fin = fin.expect("final event");
+    assert_eq!(text, CONTENT);
+    assert_eq!(fin.cost_micros, PRICE);
+    assert_eq!(fin.finish_reason, "stop");
+    assert_eq!(
+        fin.usage.map(|u| (u.prompt_tokens, u.completion_tokens)),
+        Some((20, 5))
+    );
+    let t = s.transfers().await;
+    assert_eq!(t.len(), 1);
+    assert_eq!(t[0].id, fin.transfer_id);
+    assert_eq!(t[0].status(), TransferStatus::Completed);
+    assert_eq!(s.alice_money().await, (FUNDS - PRICE, 0, FUNDS - PRICE));
+    let body = s.upstream.last_body().expect("body");
+    assert_eq!(body["stream"], true);
+    assert_eq!(body["stream_options"]["include_usage"], true);
+    s.check_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_failures_are_voided() {
+    let s = Stack::start(Pricing::per_request(PRICE)).await;
+    let mut c = s.client().await;
+    for (mode, code) in [
+        (Mode::StreamStall, Code::DeadlineExceeded),
+        (Mode::StreamGarbage, Code::Unavailable),
+        (Mode::EmptyChoices, Code::Unavailable),
+    ] {
+        s.upstream.set_mode(mode.clone());
+        let mut stream = c
+            .chat_stream(s.request("hi"))
+            .await
+            .expect("stream")
+            .into_inner();
+        let mut last = None;
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(ev) => assert!(
+                    !matches!(ev.event, Some(chat_stream_event::Event::Final(_))),
+                    "{mode:?}: a failed stream has no final event"
+                ),
+                Err(e) => {
+                    last = Some(e);
+                    break;
+                }
+            }
+        }
+        let err = last.unwrap_or_else(|| panic!("{mode:?}: stream must end with an error"));
+        assert_eq!(err.code(), code, "{mode:?}: {err:?}");
+        assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS), "{mode:?}");
+    }
+    // A stream that fails before its first byte fails the call itself.
+    s.upstream.set_mode(Mode::Status(500));
+    let err = c.chat_stream(s.request("hi")).await.expect_err("must fail");
+    assert_eq!(err.code(), Code::Unavailable);
+    let t = s.wait_no_pending(Duration::from_secs(3)).await;
+    assert_eq!(t.len(), 4);
+    assert!(t.iter().all(|t| t.status() == TransferStatus::Cancelled));
+    assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));
+    assert_eq!(s.usage().await.len(), 4);
+    s.check_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_cancelling_a_stream_voids_the_hold() {
+    let s = Stack::start(Pricing::per_request(PRICE)).await;
+    s.upstream
+        .set_mode(Mode::SlowStream(Duration::from_millis(100)));
+    {
+        let mut c = s.client().await;
+        let mut stream = c
+            .chat_stream(s.request("hi"))
+            .await
+            .expect("stream")
+            .into_inner();
+        let first = stream.next().await.expect("first").expect("ok");
+        assert!(matches!(
+            first.event,
+            Some(chat_stream_event::Event::Delta(_))
+        ));
+        assert_eq!(s.alice_money().await.1, PRICE, "held while streaming");
+        drop(stream);
+        drop(c);
+    }
+    let t = s.wait_no_pending(Duration::from_secs(5)).await;
+    assert_eq!(t.len(), 1);
+    assert_eq!(t[0].status(), TransferStatus::Cancelled);
+    assert_eq!(t[0].resolved_by(), Actor::Recipient);
+    assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));
+    let rows = s.usage().await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        rows[0].usage.as_ref().map(|u| u.status.as_str()),
+        Some("cancelled")
+    );
+    s.check_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_giving_up_on_a_unary_call_voids_the_hold() {
+    let s = Stack::start(Pricing::per_request(PRICE)).await;
+    s.upstream
+        .set_mode(Mode::Delay(Duration::from_millis(1000)));
+    let mut c = s.client().await;
+    let mut req = tonic::Request::new(s.request("hi"));
+    req.set_timeout(Duration::from_millis(300));
+    let err = c.chat(req).await.expect_err("client deadline");
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{err:?}"
+    );
+    let t = s.wait_no_pending(Duration::from_secs(5)).await;
+    assert_eq!(t.len(), 1);
+    assert_eq!(t[0].status(), TransferStatus::Cancelled);
+    assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));
+    let rows = s.usage().await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        rows[0].usage.as_ref().map(|u| u.status.as_str()),
+        Some("cancelled")
+    );
+    s.check_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payment_required_bad_token_and_insufficient_funds_never_call_upstream() {
+    let s = Stack::start(Pricing::per_request(PRICE)).await;
+    let mut c = s.client().await;
+
+    let mut req = s.request("hi");
+    req.transaction_token.clear();
+    let err = c.chat(req).await.expect_err("payment required");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message().starts_with("payment required"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(reason(&err).as_deref(), Some("PAYMENT_REQUIRED"));
+
+    let http = reqwest::Client::new();
+    let resp = http
+        .post(format!("{}/v1/chat/completions", s.router.http_url))
+        .json(&json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}], "user": s.alice.email}))
+        .send()
+        .await
+        .expect("http");
+    assert_eq!(resp.status().as_u16(), 402);
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "payment_required");
+    assert!(body["error"]["message"]
+        .as_str()
+        .is_some_and(|m| m.starts_with("payment required")));
+
+    let mut req = s.request("hi");
+    req.transaction_token = "not-a-real-token".into();
+    let err = c.chat(req).await.expect_err("bad token");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+
+    let bob = create_account(&s.ledger.url, "bob").await;
+    deposit(&s.ledger.url, &bob.email, PRICE / 2).await;
+    let bob_token = issue_token(&s.ledger.url, &bob, &s.owner.email).await;
+    let mut req = s.request("hi");
+    req.user_email = bob.email.clone();
+    req.transaction_token = bob_token;
+    let err = c.chat(req).await.expect_err("insufficient funds");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(
+        reason(&err).as_deref(),
+        Some("INSUFFICIENT_FUNDS"),
+        "{err:?}"
+    );
+
+    assert_eq!(s.upstream.hits(), 0);
+    assert_eq!(
+        account(&s.ledger.url, &bob.email).await.balance_micros,
+        PRICE / 2
+    );
+    assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));
+    assert!(s.transfers().await.is_empty());
+    s.check_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_request_id_is_charged_once() {
+    let s = Stack::start(Pricing::per_request(PRICE)).await;
+    let mut c = s.client().await;
+
+    // Sequential replay.
+    let mut req = s.request("hi");
+    req.request_id = "dup-sequential".into();
+    let first = c.chat(req.clone()).await.expect("first").into_inner();
+    assert_eq!(first.id, "dup-sequential");
+    let err = c.chat(req).await.expect_err("replay");
+    assert_eq!(err.code(), Code::AlreadyExists);
+    assert!(
+        err.message().contains("already processed"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(s.upstream.hits(), 1);
+    assert_eq!(s.alice_money().await.0, FUNDS - PRICE);
+
+    // Concurrent duplicates on one router.
+    s.upstream.set_mode(Mode::Delay(Duration::from_millis(300)));
+    let mut req = s.request("hi");
+    req.request_id = "dup-concurrent".into();
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let mut c = c.clone();
+        let req = req.clone();
+        tasks.push(tokio::spawn(async move { c.chat(req).await }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.expect("join") {
+            Ok(_) => ok += 1,
+            Err(e) => assert_eq!(e.code(), Code::AlreadyExists, "{e:?}"),
+        }
+    }
+    assert_eq!(ok, 1);
+    assert_eq!(s.upstream.hits(), 2);
+    assert_eq!(s.alice_money().await.0, FUNDS - 2 * PRICE);
+
+    // Concurrent duplicates on two replicas: the ledger's idempotency still charges once.
+    let replica = RouterHandle::start(router_config(
+        "test-router",
+        &s.owner.email,
+        &s.owner.secret,
+        &s.ledger.url,
+        Pricing::per_request(PRICE),
+        Some(&s.upstream.base_url),
+    ))
+    .await;
+    let mut c2 = replica.client().await;
+    let mut req = s.request("hi");
+    req.request_id = "dup-replicas".into();
+    let (a, b) = tokio::join!(c.chat(req.clone()), c2.chat(req));
+    let transfer_ids: Vec<String> = [a, b]
+        .into_iter()
+        .filter_map(|r| r.ok().map(|r| r.into_inner().transfer_id))
+        .collect();
+    assert!(!transfer_ids.is_empty(), "at least one replica answers");
+    assert!(
+        transfer_ids.windows(2).all(|w| w[0] == w[1]),
+        "same transfer"
+    );
+    assert_eq!(s.alice_money().await.0, FUNDS - 3 * PRICE);
+
+    // HTTP: the Idempotency-Key header is the request id.
+    s.upstream.set_mode(Mode::Ok);
+    let http = reqwest::Client::new();
+    let send = || {
+        http.post(format!("{}/v1/chat/completions", s.router.http_url))
+            .bearer_auth(&s.token)
+            .header("Idempotency-Key", "dup-http")
+            .json(&json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}], "user": s.alice.email}))
+            .send()
+    };
+    assert_eq!(send().await.expect("http").status().as_u16(), 200);
+    let second = send().await.expect("http");
+    assert_eq!(second.status().as_u16(), 409);
+    assert_eq!(s.alice_money().await.0, FUNDS - 4 * PRICE);
+    s.check_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_killed_between_authorize_and_capture_pays_nothing() {
+    let s = Stack::start_with(
+        Db::sqlite(),
+        Pricing::per_request(PRICE),
+        Duration::from_secs(1),
+        |_| {},
+    )
+    .await;
+    s.upstream.set_mode(Mode::Stall);
+    // A router on its own runtime, so that it can be killed without running any cleanup.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let grpc = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let http = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    grpc.set_nonblocking(true).expect("nonblocking");
+    http.set_nonblocking(true).expect("nonblocking");
+    let grpc_url = format!("http://{}", grpc.local_addr().expect("addr"));
+    let mut config = router_config(
+        "test-router",
+        &s.owner.email,
+        &s.owner.secret,
+        &s.ledger.url,
+        Pricing::per_request(PRICE),
+        Some(&s.upstream.base_url),
+    );
+    if let syft_router_svc::UpstreamConfig::OpenAi(o) = &mut config.upstream {
+        o.request_timeout = Duration::from_secs(60);
+    }
+    rt.spawn(async move {
+        let grpc = tokio::net::TcpListener::from_std(grpc).expect("listener");
+        let http = tokio::net::TcpListener::from_std(http).expect("listener");
+        let _ = syft_router_svc::serve(config, grpc, http, futures::future::pending()).await;
+    });
+    let mut c = syft_proto::router::router_client::RouterClient::connect(grpc_url)
+        .await
+        .expect("connect");
+    let req = s.request("hi");
+    let call = tokio::spawn(async move { c.chat(req).await });
+    // Wait for the hold.
+    let mut pending = false;
+    for _ in 0..100 {
+        if s.transfers()
+            .await
+            .iter()
+            .any(|t| t.status() == TransferStatus::Pending)
+        {
+            pending = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(pending, "hold authorized");
+    assert_eq!(s.alice_money().await.1, PRICE);
+    rt.shutdown_background(); // the router dies: no capture, no void
+    assert!(call.await.expect("join").is_err());
+
+    let t = s.wait_no_pending(Duration::from_secs(10)).await;
+    assert_eq!(t.len(), 1);
+    assert_eq!(t[0].status(), TransferStatus::Cancelled);
+    assert_eq!(t[0].resolved_by(), Actor::System, "expired, not voided");
+    assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));
+    assert_eq!(s.owner_balance().await, 0);
+    s.check_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ledger_unreachable_fails_paid_requests_but_not_free_ones() {
+    let upstream = FakeUpstream::start().await;
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        format!("http://{}", l.local_addr().expect("addr"))
+    };
+    let paid = RouterHandle::start(router_config(
+        "paid",
+        "owner@example.com",
+        "secret",
+        &closed,
+        Pricing::per_request(PRICE),
+        Some(&upstream.base_url),
+    ))
+    .await;
+    let free = RouterHandle::start(router_config(
+        "free",
+        "owner@example.com",
+        "secret",
+        &closed,
+        Pricing::free(),
+        Some(&upstream.base_url),
+    ))
+    .await;
+    let req = syft_proto::router::ChatRequest {
+        user_email: "alice@example.com".into(),
+        model: "m".into(),
+        messages: user_msg("hi"),
+        options: None,
+        transaction_token: "tok".into(),
+        request_id: String::new(),
+    };
+    let err = paid
+        .client()
+        .await
+        .chat(req.clone())
+        .await
+        .expect_err("paid fails");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let err = paid
+        .client()
+        .await
+        .chat_stream(req.clone())
+        .await
+        .expect_err("paid stream fails");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(upstream.hits(), 0);
+    let resp = free
+        .client()
+        .await
+        .chat(req)
+        .await
+        .expect("free works")
+        .into_inner();
+    assert_eq!(resp.cost_micros, 0);
+    assert!(resp.transfer_id.is_empty());
+    assert_eq!(upstream.hits(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unary_answer_is_withheld_when_capture_cannot_commit() {
+    let mut s = Stack::start(Pricing::per_request(PRICE)).await;
+    s.upstream.set_mode(Mode::Delay(Duration::from_millis(600)));
+    let mut c = s.client().await;
+    let req = s.request("hi");
+    let call = tokio::spawn(async move { c.chat(req).await });
+    // Let the hold be authorized, then take the ledger away before the upstream answers.
+    for _ in 0..100 {
+        if s.transfers()
+            .await
+            .iter()
+            .any(|t| t.status() == TransferStatus::Pending)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    s.ledger.stop().await;
+    let result = call.await.expect("join");
+    let err = result.expect_err("no answer without a committed capture");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(s.upstream.hits(), 1);
+    // Back up: nothing was captured.
+    s.ledger = LedgerHandle::start(&s.db, Duration::from_secs(300)).await;
+    let t = s.transfers().await;
+    assert_eq!(t.len(), 1);
+    assert_ne!(t[0].status(), TransferStatus::Completed);
+    assert_eq!(s.alice_money().await.0, FUNDS);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_input_is_rejected_and_nothing_is_charged() {
+    let s = Stack::start_with(
+        Db::sqlite(),
+        Pricing::per_request(PRICE),
+        Duration::from_secs(300),
+        |c: &mut RouterConfig| c.limits.max_prompt_bytes = 10_000,
+    )
+    .await;
+    let mut c = s.client().await;
+    let opts = |f: fn(&mut ChatOptions)| {
+        let mut o = ChatOptions::default();
+        f(&mut o);
+        Some(o)
+    };
+    let mut cases = Vec::new();
+    let mut r = s.request("hi");
+    r.messages.clear();
+    cases.push(("no messages", r));
+    let mut r = s.request("hi");
+    r.messages[0].role = "wizard".into();
+    cases.push(("unknown role", r));
+    let mut r = s.request("hi");
+    r.options = opts(|o| o.temperature = Some(3.0));
+    cases.push(("temperature 3", r));
+    let mut r = s.request("hi");
+    r.options = opts(|o| o.top_p = Some(1.5));
+    cases.push(("top_p 1.5", r));
+    let mut r = s.request("hi");
+    r.options = opts(|o| o.max_tokens = Some(0));
+    cases.push(("max_tokens 0", r));
+    let mut r = s.request("hi");
+    r.options = opts(|o| o.max_tokens = Some(1_000_000_000));
+    cases.push(("max_tokens 1e9", r));
+    let mut r = s.request("hi");
+    r.user_email = "not-an-email".into();
+    cases.push(("bad email", r));
+    let mut r = s.request("hi");
+    r.messages = user_msg(&"x".repeat(20_000));
+    cases.push(("prompt over limit", r));
+    for (name, req) in cases {
+        let err = c.chat(req.clone()).await.expect_err(name);
+        assert_eq!(err.code(), Code::InvalidArgument, "{name}: {err:?}");
+        let err = c.chat_stream(req).await.expect_err(name);
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{name} (stream): {err:?}"
+        );
+    }
+    // Far above the limit the transport refuses the message itself.
+    let mut r = s.request("hi");
+    r.messages = user_msg(&"x".repeat(2 * 1024 * 1024));
+    let err = c.chat(r).await.expect_err("huge");
+    assert!(
+        matches!(
+            err.code(),
+            Code::OutOfRange | Code::ResourceExhausted | Code::InvalidArgument
+        ),
+        "{err:?}"
+    );
+    // HTTP: 400 with an OpenAI error body.
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", s.router.http_url))
+        .bearer_auth(&s.token)
+        .json(&json!({"model": "test-model", "messages": [], "user": s.alice.email}))
+        .send()
+        .await
+        .expect("http");
+    assert_eq!(resp.status().as_u16(), 400);
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+
+    assert_eq!(s.upstream.hits(), 0);
+    assert!(s.transfers().await.is_empty());
+    assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_front_speaks_openai_json_and_sse() {
+    let s = Stack::start(Pricing::per_request(PRICE)).await;
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/chat/completions", s.router.http_url);
+    let resp = http
+        .post(&url)
+        .bearer_auth(&s.token)
+        .header("Idempotency-Key", "http-json-1")
+        .json(&json!({"model": "test-model", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                      "user": s.alice.email, "max_tokens": 50, "temperature": 0.5, "stop": "\n\n"}))
+        .send()
+        .await
+        .expect("http");
+    assert_eq!(resp.status().as_u16(), 200);
+    let cost_header = resp
+        .headers()
+        .get("x-syft-cost-micros")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let transfer_header = resp
+        .headers()
+        .get("x-syft-transfer-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(cost_header.as_deref(), Some(PRICE.to_string().as_str()));
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["choices"][0]["message"]["content"], CONTENT);
+    assert_eq!(body["choices"][0]["finish_reason"], "stop");
+    assert_eq!(body["usage"]["total_tokens"], 25);
+    assert_eq!(body["syft"]["cost_micros"], PRICE);
+    assert_eq!(body["syft"]["currency"], "USD");
+    assert_eq!(body["syft"]["request_id"], "http-json-1");
+    assert_eq!(
+        body["syft"]["transfer_id"].as_str(),
+        transfer_header.as_deref()
+    );
+    let up = s.upstream.last_body().expect("body");
+    assert_eq!(up["max_tokens"], 50);
+    assert_eq!(up["stop"], json!(["\n\n"]));
+
+    let resp = http
+        .post(&url)
+        .bearer_auth(&s.token)
+        .json(&json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}],
+                      "user": s.alice.email, "stream": true, "stream_options": {"include_usage": true}}))
+        .send()
+        .await
+        .expect("http");
+    assert_eq!(resp.status().as_u16(), 200);
+    assert!(resp.headers().get("x-syft-transfer-id").is_some());
+    let text = resp.text().await.expect("sse body");
+    let data: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")))
+        .collect();
+    assert_eq!(data.last().copied(), Some("[DONE]"));
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).expect("chunk json"))
+        .collect();
+    let content: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(content, CONTENT);
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
+    let finals: Vec<&Value> = chunks
+        .iter()
+        .filter(|c| c["syft"]["cost_micros"] == PRICE)
+        .collect();
+    assert!(!finals.is_empty(), "cost in the final chunk");
+    assert!(chunks
+        .iter()
+        .any(|c| c["choices"] == json!([]) && c["usage"]["total_tokens"] == 25));
+
+    let models: Value = http
+        .get(format!("{}/v1/models", s.router.http_url))
+        .send()
+        .await
+        .expect("models")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(models["object"], "list");
+    let health = http
+        .get(format!("{}/healthz", s.router.http_url))
+        .send()
+        .await
+        .expect("health");
+    assert_eq!(health.status().as_u16(), 200);
+
+    assert_eq!(s.alice_money().await.0, FUNDS - 2 * PRICE);
+    s.check_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_upstream_runs_offline_and_metadata_shows_pricing() {
+    let db = Db::sqlite();
+    let ledger = LedgerHandle::start(&db, Duration::from_secs(300)).await;
+    let owner = create_account(&ledger.url, "owner").await;
+    let alice = create_account(&ledger.url, "alice").await;
+    deposit(&ledger.url, &alice.email, FUNDS).await;
+    let token = issue_token(&ledger.url, &alice, &owner.email).await;
+    let mut config = router_config(
+        "echo-router",
+        &owner.email,
+        &owner.secret,
+        &ledger.url,
+        Pricing::per_request(PRICE),
+        None,
+    );
+    config.description = "an echo".into();
+    let router = RouterHandle::start(config).await;
+    let mut c = router.client().await;
+    let meta = c
+        .get_metadata(GetMetadataRequest {})
+        .await
+        .expect("meta")
+        .into_inner();
+    assert_eq!(meta.name, "echo-router");
+    assert_eq!(meta.owner_email, owner.email);
+    assert_eq!(meta.models, vec!["echo".to_string()]);
+    let svc = &meta.services[0];
+    assert_eq!(svc.r#type, "chat");
+    assert!(svc.enabled);
+    let p = svc.pricing.as_ref().expect("pricing");
+    assert_eq!(
+        (p.pricing_type.as_str(), p.amount_micros),
+        ("per_request", PRICE)
+    );
+
+    let req = syft_proto::router::ChatRequest {
+        user_email: alice.email.clone(),
+        model: String::new(),
+        messages: user_msg("hello echo"),
+        options: None,
+        transaction_token: token.clone(),
+        request_id: String::new(),
+    };
+    let resp = c.chat(req.clone()).await.expect("echo").into_inner();
+    assert_eq!(
+        resp.message.map(|m| m.content),
+        Some("echo: hello echo".to_string())
+    );
+    assert_eq!(
+        resp.provider_info.map(|p| p.provider),
+        Some("echo".to_string())
+    );
+    assert_eq!(resp.model, "echo");
+    assert_eq!(resp.cost_micros, PRICE);
+
+    // The echo failure trigger is voided like any upstream failure.
+    let mut fail = req;
+    fail.messages = user_msg(&format!("{} boom", syft_router_svc::ECHO_FAIL_TRIGGER));
+    let err = c.chat(fail).await.expect_err("simulated failure");
+    assert_eq!(err.code(), Code::Unavailable);
+    let a = account(&ledger.url, &alice.email).await;
+    assert_eq!((a.balance_micros, a.held_micros), (FUNDS - PRICE, 0));
+    let report = ledger.store.verify().await.expect("verify");
+    assert!(report.is_ok(), "{:?}", report.problems);
+}
+
+/// The core money scenarios again on Postgres (DATABASE_URL), when available.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_paid_flow() {
+    let Some(db) = Db::postgres("postgres_paid_flow").await else {
+        return;
+    };
+    let s = Stack::start_with(
+        db,
+        Pricing::per_request(PRICE),
+        Duration::from_secs(300),
+        |_| {},
+    )
+    .await;
+    let mut c = s.client().await;
+    let resp = c.chat(s.request("hi")).await.expect("chat").into_inner();
+    assert_eq!(resp.cost_micros, PRICE);
+    s.upstream.set_mode(Mode::Status(500));
+    assert!(c.chat(s.request("hi")).await.is_err());
+    s.upstream.set_mode(Mode::Delay(Duration::from_millis(200)));
+    let mut req = s.request("hi");
+    req.request_id = "pg-dup".into();
+    let mut c2 = c.clone();
+    let (a, b) = tokio::join!(c2.chat(req.clone()), c.chat(req));
+    assert_eq!([a.is_ok(), b.is_ok()].iter().filter(|ok| **ok).count(), 1);
+    assert_eq!(
+        s.alice_money().await,
+        (FUNDS - 2 * PRICE, 0, FUNDS - 2 * PRICE)
+    );
+    s.check_invariants().await;
+    s.db.drop_postgres().await;
+}

@@ -1,0 +1,360 @@
+//! `syft-router bench ledger`: authorize+capture pairs over gRPC against a real database, with the
+//! client in the same process (so the machine's cores are shared, as the targets require).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Args, Subcommand, ValueEnum};
+use hdrhistogram::Histogram;
+use sqlx::Executor;
+use syft_ledger::client::{with_credentials, Credentials, LedgerClient};
+use syft_ledger::LedgerConfig;
+use syft_proto::ledger as pb;
+use tokio::sync::Mutex;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    target: BenchTarget,
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchTarget {
+    /// Authorize+capture pairs against the ledger.
+    Ledger(LedgerBench),
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// One recipient, 1,000 senders: every capture credits the same account.
+    Hot,
+    /// 100 recipients, 1,000 senders.
+    Spread,
+}
+
+#[derive(Args, Debug)]
+struct LedgerBench {
+    /// Server URL to create a fresh benchmark database on (postgres://… or sqlite).
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    database_url: String,
+    #[arg(long, value_enum, default_values_t = [Shape::Hot, Shape::Spread], num_args = 1..)]
+    shape: Vec<Shape>,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 128)]
+    concurrency: usize,
+    /// Measured time per shape (after a warm-up of 2 s or a fifth of it).
+    #[arg(long, default_value = "10s", value_parser = crate::cli::parse_duration)]
+    duration: Duration,
+    /// HTTP/2 connections shared by the clients.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Postgres pool size of the ledger under test.
+    #[arg(long, default_value_t = 32)]
+    pool: u32,
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    match args.target {
+        BenchTarget::Ledger(b) => {
+            for shape in &b.shape {
+                bench_ledger(&b, *shape).await?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// A throwaway database, dropped afterwards.
+struct BenchDb {
+    url: String,
+    drop: Option<(String, String)>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+async fn fresh_db(server_url: &str) -> anyhow::Result<BenchDb> {
+    if server_url.starts_with("sqlite") {
+        let dir = tempfile::tempdir()?;
+        let url = format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("bench.db").display()
+        );
+        return Ok(BenchDb {
+            url,
+            drop: None,
+            _dir: Some(dir),
+        });
+    }
+    sqlx::any::install_default_drivers();
+    let name = format!("syft_bench_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(server_url)
+        .await
+        .context("connect to the benchmark database server")?;
+    conn.execute(format!("CREATE DATABASE {name}").as_str())
+        .await?;
+    let base = server_url
+        .rsplit_once('/')
+        .map(|(b, _)| b)
+        .unwrap_or(server_url);
+    Ok(BenchDb {
+        url: format!("{base}/{name}"),
+        drop: Some((server_url.to_string(), name)),
+        _dir: None,
+    })
+}
+
+impl BenchDb {
+    async fn drop_db(self) {
+        if let Some((server, name)) = self.drop {
+            if let Ok(mut conn) = <sqlx::AnyConnection as sqlx::Connection>::connect(&server).await
+            {
+                let _ = conn
+                    .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+                    .await;
+            }
+        }
+    }
+}
+
+struct Payer {
+    email: String,
+    token: String,
+    recipient: usize,
+}
+
+#[derive(Default)]
+struct Stats {
+    authorize: Option<Histogram<u64>>,
+    capture: Option<Histogram<u64>>,
+}
+
+async fn bench_ledger(b: &LedgerBench, shape: Shape) -> anyhow::Result<()> {
+    const ADMIN: &str = "bench-admin";
+    let db = fresh_db(&b.database_url).await?;
+    let config = LedgerConfig {
+        database_url: db.url.clone(),
+        admin_key: ADMIN.into(),
+        max_connections: b.pool,
+        ..LedgerConfig::default()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(syft_ledger::serve(config, listener, async {
+        let _ = stop_rx.await;
+    }));
+    let mut channels = Vec::new();
+    for _ in 0..b.connections.max(1) {
+        let endpoint = tonic::transport::Endpoint::from_shared(url.clone())?.tcp_nodelay(true);
+        let mut channel = None;
+        for _ in 0..100 {
+            match endpoint.connect().await {
+                Ok(c) => {
+                    channel = Some(c);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        channels.push(channel.context("ledger did not start")?);
+    }
+    let client = |i: usize, secret: &str| -> anyhow::Result<LedgerClient> {
+        Ok(with_credentials(
+            channels[i % channels.len()].clone(),
+            Credentials::bearer(secret)?,
+        ))
+    };
+
+    // Setup: recipients, 1,000 funded senders, one token each.
+    let recipients = if shape == Shape::Hot { 1 } else { 100 };
+    let mut admin = client(0, ADMIN)?;
+    let mut recipient_secrets = Vec::new();
+    for r in 0..recipients {
+        let created = admin
+            .create_account(pb::CreateAccountRequest {
+                email: format!("router{r}@bench.example"),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        recipient_secrets.push(created.secret);
+    }
+    let mut payers = Vec::new();
+    for s in 0..1000 {
+        let email = format!("user{s}@bench.example");
+        let created = admin
+            .create_account(pb::CreateAccountRequest {
+                email: email.clone(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        admin
+            .deposit(pb::DepositRequest {
+                email: email.clone(),
+                amount_micros: 1_000_000_000_000,
+                idempotency_key: email.clone(),
+            })
+            .await?;
+        let recipient = s % recipients;
+        let token = client(s, &created.secret)?
+            .issue_token(pb::IssueTokenRequest {
+                recipient_email: format!("router{recipient}@bench.example"),
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .token;
+        payers.push(Payer {
+            email,
+            token,
+            recipient,
+        });
+    }
+    let payers = Arc::new(payers);
+
+    let warmup = (b.duration / 5).max(Duration::from_secs(2));
+    let started = Instant::now();
+    let measuring = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let pairs = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let next = Arc::new(AtomicU64::new(0));
+    let stats = Arc::new(Mutex::new(Stats::default()));
+    let mut workers = Vec::new();
+    for w in 0..b.concurrency {
+        let routers: Vec<LedgerClient> = recipient_secrets
+            .iter()
+            .map(|s| client(w, s))
+            .collect::<anyhow::Result<_>>()?;
+        let (payers, measuring, stop, pairs, errors, next, stats) = (
+            payers.clone(),
+            measuring.clone(),
+            stop.clone(),
+            pairs.clone(),
+            errors.clone(),
+            next.clone(),
+            stats.clone(),
+        );
+        workers.push(tokio::spawn(async move {
+            let mut auth_h = Histogram::<u64>::new(3).expect("histogram");
+            let mut cap_h = Histogram::<u64>::new(3).expect("histogram");
+            let mut routers = routers;
+            while !stop.load(Ordering::Relaxed) {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                let payer = &payers[(n % payers.len() as u64) as usize];
+                let router = &mut routers[payer.recipient];
+                let t0 = Instant::now();
+                let auth = router
+                    .authorize(pb::AuthorizeRequest {
+                        sender_email: payer.email.clone(),
+                        amount_micros: 10_000,
+                        token: payer.token.clone(),
+                        app_name: "bench".into(),
+                        app_ep_path: "/chat".into(),
+                        idempotency_key: format!("req-{n}"),
+                        hold_ttl_seconds: None,
+                    })
+                    .await;
+                let t1 = Instant::now();
+                let Ok(transfer) = auth else {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                let cap = router
+                    .capture(pb::CaptureRequest {
+                        transfer_id: transfer.into_inner().id,
+                        amount: Some(pb::capture_request::Amount::AmountMicros(7_000)),
+                        usage: Some(pb::Usage {
+                            request_id: format!("req-{n}"),
+                            app_name: "bench".into(),
+                            endpoint: "/chat".into(),
+                            user_email: payer.email.clone(),
+                            model: "echo".into(),
+                            prompt_tokens: 20,
+                            completion_tokens: 30,
+                            total_tokens: 50,
+                            status: "success".into(),
+                            latency_ms: 1,
+                            upstream_latency_ms: 0,
+                        }),
+                    })
+                    .await;
+                let t2 = Instant::now();
+                if cap.is_err() {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                if measuring.load(Ordering::Relaxed) {
+                    pairs.fetch_add(1, Ordering::Relaxed);
+                    let _ = auth_h.record((t1 - t0).as_micros() as u64);
+                    let _ = cap_h.record((t2 - t1).as_micros() as u64);
+                }
+            }
+            let mut s = stats.lock().await;
+            match &mut s.authorize {
+                Some(h) => h.add(&auth_h).expect("same bounds"),
+                None => s.authorize = Some(auth_h),
+            }
+            match &mut s.capture {
+                Some(h) => h.add(&cap_h).expect("same bounds"),
+                None => s.capture = Some(cap_h),
+            }
+        }));
+    }
+    tokio::time::sleep(warmup).await;
+    measuring.store(true, Ordering::Relaxed);
+    let measure_start = Instant::now();
+    tokio::time::sleep(b.duration).await;
+    measuring.store(false, Ordering::Relaxed);
+    let elapsed = measure_start.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await?;
+    }
+    let done = pairs.load(Ordering::Relaxed);
+    let s = stats.lock().await;
+    let ms = |h: &Option<Histogram<u64>>, q: f64| {
+        h.as_ref()
+            .map(|h| h.value_at_quantile(q) as f64 / 1000.0)
+            .unwrap_or(0.0)
+    };
+    println!(
+        "ledger bench shape={:?} backend={} concurrency={} duration={:.1}s: {:.0} pairs/s ({} pairs, {} errors)",
+        shape,
+        if db.url.starts_with("postgres") { "postgres" } else { "sqlite" },
+        b.concurrency,
+        elapsed.as_secs_f64(),
+        done as f64 / elapsed.as_secs_f64(),
+        done,
+        errors.load(Ordering::Relaxed)
+    );
+    println!(
+        "  authorize p50 {:.2} ms  p99 {:.2} ms | capture p50 {:.2} ms  p99 {:.2} ms   (setup+warm-up {:.1}s)",
+        ms(&s.authorize, 0.5),
+        ms(&s.authorize, 0.99),
+        ms(&s.capture, 0.5),
+        ms(&s.capture, 0.99),
+        (measure_start - started).as_secs_f64()
+    );
+    drop(s);
+    let _ = stop_tx.send(());
+    server.await??;
+    // Every benchmark run must also leave a consistent ledger.
+    let store = syft_ledger::Store::connect(&db.url, 2).await?;
+    let report = store.verify().await?;
+    store.close().await;
+    anyhow::ensure!(
+        report.is_ok(),
+        "ledger inconsistent after the benchmark: {:?}",
+        report.problems
+    );
+    println!("  verify: ok ({} transfers)", report.transfers);
+    db.drop_db().await;
+    Ok(())
+}

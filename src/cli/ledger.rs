@@ -1,0 +1,190 @@
+//! `syft-router ledger`: serve, and `verify`.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use syft_ledger::{LedgerConfig, Store};
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct LedgerArgs {
+    #[command(subcommand)]
+    pub action: Option<LedgerAction>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LedgerAction {
+    /// Recompute every balance from the journal and check conservation; exits 1 on any problem.
+    Verify {
+        #[command(flatten)]
+        db: DatabaseArgs,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DatabaseArgs {
+    /// postgres://user@host/db or sqlite://path?mode=rwc (default: a SQLite file in the data dir).
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Directory for the embedded SQLite database.
+    #[arg(long, env = "SYFT_DATA_DIR", default_value = "data")]
+    pub data_dir: String,
+}
+
+impl DatabaseArgs {
+    pub fn url(&self) -> anyhow::Result<String> {
+        if let Some(url) = &self.database_url {
+            return Ok(url.clone());
+        }
+        std::fs::create_dir_all(&self.data_dir)
+            .with_context(|| format!("cannot create data dir {}", self.data_dir))?;
+        Ok(format!("sqlite://{}/ledger.db?mode=rwc", self.data_dir))
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// gRPC listen address.
+    #[arg(
+        long = "grpc-addr",
+        env = "SYFT_LEDGER_GRPC_ADDR",
+        default_value = "127.0.0.1:50051"
+    )]
+    pub grpc_addr: String,
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+    /// Admin bearer key (create accounts, deposit, read everything). Unset: admin calls are refused.
+    #[arg(
+        long,
+        env = "SYFT_LEDGER_ADMIN_KEY",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub admin_key: String,
+    /// Accounting backend. Only `local` is available in this version.
+    #[arg(long, env = "SYFT_LEDGER_BACKEND", default_value = "local")]
+    pub backend: String,
+    /// Default lifetime of a hold (e.g. 300s, 5m).
+    #[arg(long, env = "SYFT_LEDGER_HOLD_TTL", default_value = "5m", value_parser = super::parse_duration)]
+    pub hold_ttl: Duration,
+    /// Longest hold a caller may request.
+    #[arg(long, env = "SYFT_LEDGER_MAX_HOLD_TTL", default_value = "24h", value_parser = super::parse_duration)]
+    pub max_hold_ttl: Duration,
+    /// How often expired holds are cancelled and hot-account credits rolled up.
+    #[arg(long, env = "SYFT_LEDGER_SWEEP_INTERVAL", default_value = "1s", value_parser = super::parse_duration)]
+    pub sweep_interval: Duration,
+    /// Currency of new accounts.
+    #[arg(long, env = "SYFT_LEDGER_CURRENCY", default_value = "USD")]
+    pub currency: String,
+    /// Largest single amount in micros (deposit, hold, spend limit).
+    #[arg(
+        long,
+        env = "SYFT_LEDGER_MAX_AMOUNT_MICROS",
+        default_value_t = 1_000_000_000_000
+    )]
+    pub max_amount_micros: i64,
+    /// Postgres connection pool size.
+    #[arg(long, env = "SYFT_LEDGER_DB_MAX_CONNECTIONS", default_value_t = 16)]
+    pub max_connections: u32,
+}
+
+impl ServeArgs {
+    pub fn config(&self) -> anyhow::Result<LedgerConfig> {
+        if self.backend != "local" {
+            anyhow::bail!(
+                "backend {:?} is not available in this version; use local",
+                self.backend
+            );
+        }
+        if self.hold_ttl > self.max_hold_ttl {
+            anyhow::bail!("--hold-ttl must not exceed --max-hold-ttl");
+        }
+        Ok(LedgerConfig {
+            database_url: self.db.url()?,
+            admin_key: self.admin_key.clone(),
+            hold_ttl: self.hold_ttl,
+            max_hold_ttl: self.max_hold_ttl,
+            sweep_interval: self.sweep_interval,
+            currency: self.currency.to_ascii_uppercase(),
+            max_amount_micros: self.max_amount_micros,
+            max_connections: self.max_connections,
+        })
+    }
+}
+
+pub async fn run(args: LedgerArgs) -> anyhow::Result<()> {
+    match args.action {
+        Some(LedgerAction::Verify { db, json }) => verify(&db, json).await,
+        None => serve(&args.serve).await,
+    }
+}
+
+async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
+    let config = args.config()?;
+    if config.admin_key.is_empty() {
+        tracing::warn!("no admin key set (SYFT_LEDGER_ADMIN_KEY): admin calls will be refused");
+    }
+    let listener = tokio::net::TcpListener::bind(&args.grpc_addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.grpc_addr))?;
+    syft_ledger::serve(config, listener, super::shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn verify(db: &DatabaseArgs, json: bool) -> anyhow::Result<()> {
+    let store = Store::connect(&db.url()?, 2).await?;
+    let report = store.verify().await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "ok": report.is_ok(),
+                "accounts": report.accounts,
+                "transfers": report.transfers,
+                "pending_transfers": report.pending_transfers,
+                "total_deposits_micros": report.total_deposits,
+                "total_balances_micros": report.total_balances,
+                "total_held_micros": report.total_held,
+                "problems": report.problems,
+            })
+        );
+    } else {
+        use syft_ledger::money::format_micros;
+        println!("accounts            {}", report.accounts);
+        println!(
+            "transfers           {} ({} pending)",
+            report.transfers, report.pending_transfers
+        );
+        println!(
+            "deposits            {}",
+            format_micros(report.total_deposits)
+        );
+        println!(
+            "balances            {}",
+            format_micros(report.total_balances)
+        );
+        println!("held                {}", format_micros(report.total_held));
+        for p in &report.problems {
+            println!("PROBLEM  {p}");
+        }
+        println!(
+            "{}",
+            if report.is_ok() {
+                "ledger is consistent"
+            } else {
+                "LEDGER IS INCONSISTENT"
+            }
+        );
+    }
+    store.close().await;
+    if !report.is_ok() {
+        anyhow::bail!("{} problems found", report.problems.len());
+    }
+    Ok(())
+}
