@@ -1,7 +1,9 @@
 //! Command-line interface: flags with matching env vars (DESIGN.md §2), dispatch to the libraries.
 
 mod client;
+mod dev;
 mod ledger;
+mod router;
 
 use std::time::Duration;
 
@@ -25,6 +27,14 @@ pub struct Cli {
 pub enum Command {
     /// Serve the ledger (gRPC), or run a ledger maintenance command.
     Ledger(ledger::LedgerArgs),
+    /// Serve the router (gRPC and the OpenAI-compatible HTTP front).
+    Router(router::RouterArgs),
+    /// Ledger + router in one process on the embedded defaults (SQLite, echo model), with demo accounts.
+    Dev(dev::DevArgs),
+    /// Run a short paid-chat scenario on a throwaway embedded stack, print balances and usage, exit.
+    Demo(dev::DemoArgs),
+    /// Send one chat request to a router.
+    Chat(router::ChatArgs),
     /// Account commands (create, show, deposit).
     Account(client::AccountArgs),
     /// Delegation tokens (issue, revoke).
@@ -40,6 +50,10 @@ pub enum Command {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Ledger(args) => ledger::run(args).await,
+        Command::Router(args) => router::run(args).await,
+        Command::Dev(args) => dev::dev(args).await,
+        Command::Demo(args) => dev::demo(args).await,
+        Command::Chat(args) => router::chat(args).await,
         Command::Account(args) => client::account(args).await,
         Command::Token(args) => client::token(args).await,
         Command::Transfers(args) => client::transfers(args).await,

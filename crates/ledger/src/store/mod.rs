@@ -611,17 +611,17 @@ impl Store {
         let spend_limit: Option<i64> = row.try_get(2)?;
         let spent: i64 = row.try_get(3)?;
         let held: i64 = row.try_get(4)?;
-        Ok(if revoked_at.is_some() {
-            Some("token has been revoked".into())
-        } else if expires_at.is_some_and(|e| e <= now) {
-            Some("token has expired".into())
-        } else if let Some(limit) = spend_limit.filter(|l| spent + held + amount > *l) {
-            Some(format!(
+        if revoked_at.is_some() {
+            return Ok(Some("token has been revoked".into()));
+        }
+        if expires_at.is_some_and(|e| e <= now) {
+            return Ok(Some("token has expired".into()));
+        }
+        Ok(spend_limit.filter(|l| spent + held + amount > *l).map(|limit| {
+            format!(
                 "token spend limit exceeded: limit {limit}, spent {spent}, held {held}, requested {amount} micros"
-            ))
-        } else {
-            None
-        })
+            )
+        }))
     }
 }
 

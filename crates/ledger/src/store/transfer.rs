@@ -50,7 +50,7 @@ pub struct ResolveInput<'a> {
 }
 
 enum AuthorizeOutcome {
-    Created(TransferRow),
+    Created(Box<TransferRow>),
     TokenRejected,
     InsufficientFunds,
     DuplicateKey,
@@ -92,7 +92,7 @@ impl Store {
             let outcome =
                 retry_transient(|| self.try_authorize(input, &token, &request_hash, now)).await?;
             match outcome {
-                AuthorizeOutcome::Created(row) => return Ok(row),
+                AuthorizeOutcome::Created(row) => return Ok(*row),
                 AuthorizeOutcome::DuplicateKey => {
                     if let Some(replayed) = self.replay_authorize(input, &request_hash).await? {
                         return replayed;
@@ -239,7 +239,7 @@ impl Store {
             }
         };
         match result {
-            Ok(AuthResult::Created) => Ok(AuthorizeOutcome::Created(job.pending_row())),
+            Ok(AuthResult::Created) => Ok(AuthorizeOutcome::Created(Box::new(job.pending_row()))),
             Ok(AuthResult::TokenRejected) => Ok(AuthorizeOutcome::TokenRejected),
             Ok(AuthResult::InsufficientFunds) => Ok(AuthorizeOutcome::InsufficientFunds),
             Err(e) if is_unique_violation(&e) => Ok(AuthorizeOutcome::DuplicateKey),

@@ -1,0 +1,473 @@
+//! `syft-router dev` (ledger + router in one long-running process on the embedded defaults) and
+//! `syft-router demo` (the same stack on a throwaway database, a short paid-chat scenario, exit 0).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use serde::{Deserialize, Serialize};
+use syft_ledger::client::{connect_lazy, LedgerClient};
+use syft_ledger::money::format_micros;
+use syft_ledger::LedgerConfig;
+use syft_proto::ledger as lpb;
+use syft_proto::router as rpb;
+use syft_router_svc::{Pricing, RouterConfig, ECHO_FAIL_TRIGGER};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use super::router::RouterSetup;
+
+const DEV_OWNER: &str = "owner@router.local";
+const DEV_USER: &str = "alice@example.com";
+
+#[derive(Args, Debug)]
+pub struct DevArgs {
+    #[arg(long, env = "SYFT_DATA_DIR", default_value = "data")]
+    data_dir: String,
+    /// Database URL (default: a SQLite file in the data dir).
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: Option<String>,
+    #[arg(long, env = "SYFT_LEDGER_GRPC_ADDR", default_value = "127.0.0.1:50051")]
+    ledger_grpc_addr: String,
+    #[arg(long, env = "SYFT_ROUTER_GRPC_ADDR", default_value = "127.0.0.1:50052")]
+    router_grpc_addr: String,
+    #[arg(long, env = "SYFT_ROUTER_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    router_http_addr: String,
+    /// Router config file (default: a chat service at $0.01 per request on the echo model).
+    #[arg(long, env = "SYFT_ROUTER_CONFIG")]
+    config: Option<String>,
+    #[arg(long = "upstream-url", env = "OPENAI_BASE_URL")]
+    upstream_url: Option<String>,
+    #[arg(
+        long = "upstream-api-key",
+        env = "OPENAI_API_KEY",
+        hide_env_values = true
+    )]
+    upstream_api_key: Option<String>,
+}
+
+/// What `dev` creates on a new database; kept in the data dir so a restart can reuse it.
+#[derive(Serialize, Deserialize)]
+struct DevCredentials {
+    admin_key: String,
+    owner_email: String,
+    owner_secret: String,
+    user_email: String,
+    user_secret: String,
+    user_token: String,
+}
+
+/// A ledger served on an already bound listener, stopped by dropping `stop`.
+struct Running {
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Running {
+    fn new() -> Self {
+        Self {
+            stop: tokio::sync::watch::channel(false).0,
+            tasks: Vec::new(),
+        }
+    }
+
+    fn signal(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.stop.subscribe();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    }
+
+    async fn start_ledger(&mut self, config: LedgerConfig, listener: TcpListener) {
+        let signal = self.signal();
+        self.tasks.push(tokio::spawn(async move {
+            Ok(syft_ledger::serve(config, listener, signal).await?)
+        }));
+    }
+
+    fn start_router(&mut self, config: RouterConfig, grpc: TcpListener, http: TcpListener) {
+        let signal = self.signal();
+        self.tasks.push(tokio::spawn(async move {
+            Ok(syft_router_svc::serve(config, grpc, http, signal).await?)
+        }));
+    }
+
+    async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            task.await??;
+        }
+        Ok(())
+    }
+}
+
+async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))
+}
+
+async fn wait_for_ledger(client: &mut LedgerClient) -> anyhow::Result<()> {
+    for _ in 0..100 {
+        match client
+            .get_account(lpb::GetAccountRequest {
+                email: "probe@local".into(),
+            })
+            .await
+        {
+            Err(s) if s.code() == tonic::Code::Unavailable => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            _ => return Ok(()),
+        }
+    }
+    anyhow::bail!("the ledger did not start")
+}
+
+async fn create_account(
+    admin: &mut LedgerClient,
+    email: &str,
+    deposit: i64,
+) -> anyhow::Result<String> {
+    let created = admin
+        .create_account(lpb::CreateAccountRequest {
+            email: email.into(),
+            organization: "demo".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    if deposit > 0 {
+        admin
+            .deposit(lpb::DepositRequest {
+                email: email.into(),
+                amount_micros: deposit,
+                idempotency_key: format!("welcome-{email}"),
+            })
+            .await?;
+    }
+    Ok(created.secret)
+}
+
+async fn issue_token(ledger_url: &str, secret: &str, recipient: &str) -> anyhow::Result<String> {
+    Ok(connect_lazy(ledger_url, secret)?
+        .issue_token(lpb::IssueTokenRequest {
+            recipient_email: recipient.into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .token)
+}
+
+fn random_key() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot create {}", args.data_dir))?;
+    let database_url = args
+        .database_url
+        .clone()
+        .unwrap_or_else(|| format!("sqlite://{}/ledger.db?mode=rwc", args.data_dir));
+    let creds_path = PathBuf::from(&args.data_dir).join("dev-credentials.json");
+    let saved: Option<DevCredentials> = std::fs::read_to_string(&creds_path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
+    let admin_key = saved
+        .as_ref()
+        .map(|c| c.admin_key.clone())
+        .unwrap_or_else(random_key);
+
+    let ledger_listener = bind(&args.ledger_grpc_addr).await?;
+    let ledger_url = format!("http://{}", ledger_listener.local_addr()?);
+    let mut running = Running::new();
+    running
+        .start_ledger(
+            LedgerConfig {
+                database_url: database_url.clone(),
+                admin_key: admin_key.clone(),
+                ..LedgerConfig::default()
+            },
+            ledger_listener,
+        )
+        .await;
+    let mut admin = connect_lazy(&ledger_url, &admin_key)?;
+    wait_for_ledger(&mut admin).await?;
+
+    let owner_exists = admin
+        .get_account(lpb::GetAccountRequest {
+            email: DEV_OWNER.into(),
+        })
+        .await
+        .is_ok();
+    let creds = match saved {
+        Some(c) if owner_exists => c,
+        _ if owner_exists => anyhow::bail!(
+            "{database_url} already has dev accounts but {} is missing; delete the data dir to start over",
+            creds_path.display()
+        ),
+        _ => {
+            let owner_secret = create_account(&mut admin, DEV_OWNER, 0).await?;
+            let user_secret = create_account(&mut admin, DEV_USER, 10_000_000).await?;
+            let user_token = issue_token(&ledger_url, &user_secret, DEV_OWNER).await?;
+            let c = DevCredentials {
+                admin_key,
+                owner_email: DEV_OWNER.into(),
+                owner_secret,
+                user_email: DEV_USER.into(),
+                user_secret,
+                user_token,
+            };
+            write_private(&creds_path, &serde_json::to_string_pretty(&c)?)?;
+            c
+        }
+    };
+
+    let setup = RouterSetup {
+        ledger_url: ledger_url.clone(),
+        ledger_secret: creds.owner_secret.clone(),
+        config: args.config.clone(),
+        owner_email: args.config.is_none().then(|| creds.owner_email.clone()),
+        upstream_url: args.upstream_url.clone(),
+        upstream_api_key: args.upstream_api_key.clone(),
+    };
+    let mut router_config = setup.config()?;
+    if args.config.is_none() {
+        router_config.name = "dev-router".into();
+        router_config = router_config.with_chat_pricing(Pricing {
+            description: "$0.01 per chat request".into(),
+            ..Pricing::per_request(10_000)
+        });
+    }
+    let grpc = bind(&args.router_grpc_addr).await?;
+    let http = bind(&args.router_http_addr).await?;
+    let (grpc_addr, http_addr) = (grpc.local_addr()?, http.local_addr()?);
+    running.start_router(router_config, grpc, http);
+
+    println!("syft-router dev is running (Ctrl-C to stop)");
+    println!("  ledger  gRPC  {ledger_url}   database {database_url}");
+    println!("  router  gRPC  http://{grpc_addr}");
+    println!("  router  HTTP  http://{http_addr}/v1/chat/completions   (OpenAI-compatible)");
+    println!("  credentials   {}", creds_path.display());
+    println!();
+    println!("Try it:");
+    println!(
+        "  syft-router chat --router-url http://{grpc_addr} --user {} --token {} \"hello\"",
+        creds.user_email, creds.user_token
+    );
+    println!(
+        "  curl -s http://{http_addr}/v1/chat/completions -H 'Authorization: Bearer {}' \\\n       -H 'Content-Type: application/json' -d '{{\"model\":\"echo\",\"user\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"hello\"}}]}}'",
+        creds.user_token, creds.user_email
+    );
+    println!(
+        "  SYFT_LEDGER_URL={ledger_url} SYFT_SECRET={} syft-router account show {}",
+        creds.user_secret, creds.user_email
+    );
+    println!(
+        "  SYFT_LEDGER_URL={ledger_url} SYFT_SECRET={} syft-router usage",
+        creds.owner_secret
+    );
+    super::shutdown_signal().await;
+    running.shutdown().await
+}
+
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    file.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {}
+
+struct DemoRouter {
+    name: &'static str,
+    owner: &'static str,
+    client: rpb::router_client::RouterClient<tonic::transport::Channel>,
+    token: String,
+}
+
+pub async fn demo(_args: DemoArgs) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let database_url = format!("sqlite://{}?mode=rwc", dir.path().join("demo.db").display());
+    let admin_key = random_key();
+    let ledger_listener = bind("127.0.0.1:0").await?;
+    let ledger_url = format!("http://{}", ledger_listener.local_addr()?);
+    let mut running = Running::new();
+    running
+        .start_ledger(
+            LedgerConfig {
+                database_url: database_url.clone(),
+                admin_key: admin_key.clone(),
+                ..LedgerConfig::default()
+            },
+            ledger_listener,
+        )
+        .await;
+    let mut admin = connect_lazy(&ledger_url, &admin_key)?;
+    wait_for_ledger(&mut admin).await?;
+
+    println!("== syft-router demo: embedded ledger (SQLite), echo model, two priced routers\n");
+    let alice_secret = create_account(&mut admin, DEV_USER, 1_000_000).await?;
+    println!("alice@example.com is funded with 1 USD");
+    let services: [(&str, &str, Pricing); 2] = [
+        (
+            "search-router",
+            "search@router.local",
+            Pricing {
+                description: "$0.01 per search query".into(),
+                ..Pricing::per_request(10_000)
+            },
+        ),
+        (
+            "token-router",
+            "tokens@router.local",
+            Pricing {
+                description: "$5 / $15 per million input / output tokens".into(),
+                ..Pricing::per_token(5_000_000, 15_000_000)
+            },
+        ),
+    ];
+    let mut routers = Vec::new();
+    for (name, owner, pricing) in services {
+        let owner_secret = create_account(&mut admin, owner, 0).await?;
+        let token = issue_token(&ledger_url, &alice_secret, owner).await?;
+        let mut config = RouterConfig::new(name, owner).with_chat_pricing(pricing);
+        config.ledger.url = ledger_url.clone();
+        config.ledger.secret = owner_secret;
+        let grpc = bind("127.0.0.1:0").await?;
+        let http = bind("127.0.0.1:0").await?;
+        let grpc_url = format!("http://{}", grpc.local_addr()?);
+        running.start_router(config, grpc, http);
+        let channel = tonic::transport::Endpoint::from_shared(grpc_url)?.connect_lazy();
+        routers.push(DemoRouter {
+            name,
+            owner,
+            client: rpb::router_client::RouterClient::new(channel),
+            token,
+        });
+        println!("{name}: owned by {owner}, alice issued it a delegation token");
+    }
+    println!();
+
+    let chats: [(usize, &str, bool); 6] = [
+        (0, "best pizza in Naples", true),
+        (0, "weather in Lisbon tomorrow", true),
+        (
+            0,
+            &format!("{ECHO_FAIL_TRIGGER} this upstream call fails"),
+            true,
+        ),
+        (0, "cheapest flight to Oslo", true),
+        (1, "Summarize the plot of Hamlet in two sentences.", true),
+        (0, "no token: payment required", false),
+    ];
+    let mut expected_cost = 0;
+    for (i, (router_index, prompt, with_token)) in chats.iter().enumerate() {
+        let r = &mut routers[*router_index];
+        let request = rpb::ChatRequest {
+            user_email: DEV_USER.into(),
+            model: "echo".into(),
+            messages: vec![rpb::Message {
+                role: "user".into(),
+                content: prompt.to_string(),
+                name: None,
+            }],
+            options: Some(rpb::ChatOptions {
+                max_tokens: Some(64),
+                ..Default::default()
+            }),
+            transaction_token: if *with_token {
+                r.token.clone()
+            } else {
+                String::new()
+            },
+            request_id: format!("demo-{i}"),
+        };
+        match r.client.chat(request).await {
+            Ok(resp) => {
+                let resp = resp.into_inner();
+                expected_cost += resp.cost_micros;
+                println!(
+                    "{:<14} charged {:>9} USD  \"{}\"",
+                    r.name,
+                    format_micros(resp.cost_micros),
+                    resp.message
+                        .map(|m| m.content)
+                        .unwrap_or_default()
+                        .chars()
+                        .take(60)
+                        .collect::<String>()
+                );
+            }
+            Err(status) => println!(
+                "{:<14} charged {:>9} USD  refused: {:?} {}",
+                r.name,
+                "0",
+                status.code(),
+                status.message()
+            ),
+        }
+    }
+
+    let alice = admin
+        .get_account(lpb::GetAccountRequest {
+            email: DEV_USER.into(),
+        })
+        .await?
+        .into_inner();
+    println!("\nBalances");
+    println!(
+        "  {:<24} {:>10} USD (held {})",
+        alice.email,
+        format_micros(alice.balance_micros),
+        format_micros(alice.held_micros)
+    );
+    for r in &routers {
+        let owner = admin
+            .get_account(lpb::GetAccountRequest {
+                email: r.owner.into(),
+            })
+            .await?
+            .into_inner();
+        println!(
+            "  {:<24} {:>10} USD",
+            owner.email,
+            format_micros(owner.balance_micros)
+        );
+    }
+    let usage = admin
+        .query_usage(lpb::QueryUsageRequest::default())
+        .await?
+        .into_inner();
+    println!("\nUsage rows (one per request, failures included, nothing charged for them)");
+    super::client::print_usage_table(&usage.records);
+
+    running.shutdown().await?;
+    let store = syft_ledger::Store::connect(&database_url, 1).await?;
+    let report = store.verify().await?;
+    store.close().await;
+    anyhow::ensure!(report.is_ok(), "ledger inconsistent: {:?}", report.problems);
+    anyhow::ensure!(
+        alice.balance_micros == 1_000_000 - expected_cost && alice.held_micros == 0,
+        "alice was charged {} but the answers cost {}",
+        1_000_000 - alice.balance_micros,
+        expected_cost
+    );
+    println!(
+        "\nverify: ok — alice paid exactly {} USD for {} answered requests; the failed one cost nothing",
+        format_micros(expected_cost),
+        usage.records.iter().filter(|r| r.usage.as_ref().is_some_and(|u| u.status == "success")).count()
+    );
+    Ok(())
+}

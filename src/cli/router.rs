@@ -1,0 +1,239 @@
+//! `syft-router router`: serve the router; `syft-router chat`: a small client for people.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use syft_proto::router as pb;
+use syft_router_svc::{OpenAiConfig, RouterConfig, UpstreamConfig};
+use tokio_stream::StreamExt;
+
+#[derive(Args, Debug, Clone)]
+pub struct RouterArgs {
+    /// gRPC listen address.
+    #[arg(
+        long = "grpc-addr",
+        env = "SYFT_ROUTER_GRPC_ADDR",
+        default_value = "127.0.0.1:50052"
+    )]
+    pub grpc_addr: String,
+    /// HTTP listen address (OpenAI-compatible front, health).
+    #[arg(
+        long = "http-addr",
+        env = "SYFT_ROUTER_HTTP_ADDR",
+        default_value = "127.0.0.1:8080"
+    )]
+    pub http_addr: String,
+    #[command(flatten)]
+    pub setup: RouterSetup,
+}
+
+/// Router settings shared by `router` and `dev`.
+#[derive(Args, Debug, Clone)]
+pub struct RouterSetup {
+    /// Ledger gRPC URL.
+    #[arg(
+        long,
+        env = "SYFT_LEDGER_URL",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub ledger_url: String,
+    /// The owner account's secret, used to authorize and capture on the ledger.
+    #[arg(
+        long,
+        env = "SYFT_ROUTER_LEDGER_SECRET",
+        hide_env_values = true,
+        default_value = ""
+    )]
+    pub ledger_secret: String,
+    /// Config file (JSON or TOML): name, owner email, services, pricing, limits; see docs/router.md.
+    #[arg(long, env = "SYFT_ROUTER_CONFIG")]
+    pub config: Option<String>,
+    /// Owner email when no config file is given (or to override it).
+    #[arg(long, env = "SYFT_ROUTER_OWNER_EMAIL")]
+    pub owner_email: Option<String>,
+    /// OpenAI-compatible upstream base URL (e.g. http://127.0.0.1:11434/v1); unset: the built-in echo model.
+    #[arg(long = "upstream-url", env = "OPENAI_BASE_URL")]
+    pub upstream_url: Option<String>,
+    /// Upstream API key.
+    #[arg(
+        long = "upstream-api-key",
+        env = "OPENAI_API_KEY",
+        hide_env_values = true
+    )]
+    pub upstream_api_key: Option<String>,
+}
+
+impl RouterSetup {
+    pub fn config(&self) -> anyhow::Result<RouterConfig> {
+        let mut config = match &self.config {
+            Some(path) => RouterConfig::from_file(path)?,
+            None => RouterConfig::new(
+                "syft-router",
+                self.owner_email
+                    .clone()
+                    .context("set --config or --owner-email (SYFT_ROUTER_OWNER_EMAIL)")?,
+            ),
+        };
+        if let Some(owner) = &self.owner_email {
+            config.owner_email = owner.clone();
+        }
+        config.ledger.url = self.ledger_url.clone();
+        config.ledger.secret = self.ledger_secret.clone();
+        if let Some(url) = &self.upstream_url {
+            config.upstream = UpstreamConfig::OpenAi(OpenAiConfig {
+                api_key: self.upstream_api_key.clone(),
+                ..OpenAiConfig::new(url.clone())
+            });
+        }
+        Ok(config)
+    }
+}
+
+pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
+    let config = args.setup.config()?;
+    let grpc = tokio::net::TcpListener::bind(&args.grpc_addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.grpc_addr))?;
+    let http = tokio::net::TcpListener::bind(&args.http_addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.http_addr))?;
+    syft_router_svc::serve(config, grpc, http, super::shutdown_signal()).await?;
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct ChatArgs {
+    /// The message to send.
+    pub message: String,
+    /// Router gRPC URL.
+    #[arg(
+        long,
+        env = "SYFT_ROUTER_URL",
+        default_value = "http://127.0.0.1:50052"
+    )]
+    pub router_url: String,
+    /// Your email (the payer).
+    #[arg(long = "user", env = "SYFT_USER_EMAIL")]
+    pub user_email: String,
+    /// Your delegation token for the router's owner (paid services).
+    #[arg(long, env = "SYFT_TOKEN", hide_env_values = true, default_value = "")]
+    pub token: String,
+    #[arg(long, default_value = "echo")]
+    pub model: String,
+    #[arg(long)]
+    pub system: Option<String>,
+    #[arg(long)]
+    pub max_tokens: Option<u32>,
+    /// Idempotency key: retrying with the same id is never charged twice.
+    #[arg(long)]
+    pub request_id: Option<String>,
+    /// Stream the answer as it is generated.
+    #[arg(long)]
+    pub stream: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
+    let channel = tonic::transport::Endpoint::from_shared(args.router_url.clone())?
+        .connect_timeout(Duration::from_secs(3))
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the router at {}", args.router_url))?;
+    let mut client = pb::router_client::RouterClient::new(channel);
+    let mut messages = Vec::new();
+    if let Some(system) = &args.system {
+        messages.push(pb::Message {
+            role: "system".into(),
+            content: system.clone(),
+            name: None,
+        });
+    }
+    messages.push(pb::Message {
+        role: "user".into(),
+        content: args.message.clone(),
+        name: None,
+    });
+    let request = pb::ChatRequest {
+        user_email: args.user_email.clone(),
+        model: args.model.clone(),
+        messages,
+        options: Some(pb::ChatOptions {
+            max_tokens: args.max_tokens,
+            ..Default::default()
+        }),
+        transaction_token: args.token.clone(),
+        request_id: args.request_id.clone().unwrap_or_default(),
+    };
+    if !args.stream {
+        let response = client
+            .chat(request)
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        if args.json {
+            let usage = response.usage.unwrap_or_default();
+            println!(
+                "{}",
+                serde_json::json!({"id": response.id, "model": response.model,
+                    "content": response.message.map(|m| m.content).unwrap_or_default(),
+                    "finish_reason": response.finish_reason, "prompt_tokens": usage.prompt_tokens,
+                    "completion_tokens": usage.completion_tokens, "cost_micros": response.cost_micros,
+                    "currency": response.currency, "transfer_id": response.transfer_id})
+            );
+        } else {
+            println!(
+                "{}",
+                response.message.map(|m| m.content).unwrap_or_default()
+            );
+            print_cost(
+                response.cost_micros,
+                &response.currency,
+                &response.transfer_id,
+                response.usage,
+            );
+        }
+        return Ok(());
+    }
+    let mut stream = client
+        .chat_stream(request)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    use std::io::Write;
+    while let Some(event) = stream.next().await {
+        match event.map_err(status_error)?.event {
+            Some(pb::chat_stream_event::Event::Delta(d)) => {
+                print!("{}", d.content);
+                let _ = std::io::stdout().flush();
+            }
+            Some(pb::chat_stream_event::Event::Final(f)) => {
+                println!();
+                print_cost(f.cost_micros, &f.currency, &f.transfer_id, f.usage);
+            }
+            None => {}
+        }
+    }
+    Ok(())
+}
+
+fn print_cost(cost: i64, currency: &str, transfer_id: &str, usage: Option<pb::TokenUsage>) {
+    let usage = usage.unwrap_or_default();
+    eprintln!(
+        "-- {} prompt + {} completion tokens, cost {} {}{}",
+        usage.prompt_tokens,
+        usage.completion_tokens,
+        syft_ledger::money::format_micros(cost),
+        currency,
+        if transfer_id.is_empty() {
+            String::new()
+        } else {
+            format!(", transfer {transfer_id}")
+        }
+    );
+}
+
+fn status_error(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", status.code(), status.message())
+}
