@@ -14,6 +14,8 @@ use syft_ledger::LedgerConfig;
 use syft_proto::ledger as pb;
 use tokio::sync::Mutex;
 
+pub use crate::bench_router::RouterBench;
+
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     #[command(subcommand)]
@@ -24,6 +26,8 @@ pub struct BenchArgs {
 enum BenchTarget {
     /// Authorize+capture pairs against the ledger.
     Ledger(LedgerBench),
+    /// Paid chat requests through router + ledger + an in-process upstream that answers at once.
+    Router(RouterBench),
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,17 +71,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        BenchTarget::Router(b) => crate::bench_router::run(&b).await,
     }
 }
 
 /// A throwaway database, dropped afterwards.
-struct BenchDb {
-    url: String,
+pub(crate) struct BenchDb {
+    pub(crate) url: String,
     drop: Option<(String, String)>,
     _dir: Option<tempfile::TempDir>,
 }
 
-async fn fresh_db(server_url: &str) -> anyhow::Result<BenchDb> {
+pub(crate) async fn fresh_db(server_url: &str) -> anyhow::Result<BenchDb> {
     if server_url.starts_with("sqlite") {
         let dir = tempfile::tempdir()?;
         let url = format!(
@@ -109,7 +114,7 @@ async fn fresh_db(server_url: &str) -> anyhow::Result<BenchDb> {
 }
 
 impl BenchDb {
-    async fn drop_db(self) {
+    pub(crate) async fn drop_db(self) {
         if let Some((server, name)) = self.drop {
             if let Ok(mut conn) = <sqlx::AnyConnection as sqlx::Connection>::connect(&server).await
             {

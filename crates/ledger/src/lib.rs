@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 pub use error::{LedgerError, Result};
 pub use service::LedgerService;
@@ -83,12 +83,17 @@ pub async fn serve_with_store(
         .add_service(syft_proto::ledger::ledger_server::LedgerServer::new(
             service,
         ))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await
         .map_err(|e| LedgerError::Unavailable(format!("gRPC server failed: {e}")));
     sweeper.abort();
     tracing::info!("ledger stopped");
     result
+}
+
+/// Accepted connections with Nagle's algorithm off: small RPCs must not wait for delayed ACKs.
+pub fn incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 /// Cancels expired holds and folds hot-recipient credits into balances, forever.

@@ -20,8 +20,9 @@ pub mod validate;
 
 use std::future::Future;
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 pub use config::{
     ConfigError, LedgerSettings, Limits, OpenAiConfig, Pricing, PricingKind, RouterConfig,
@@ -81,9 +82,17 @@ pub async fn serve_service(
     );
     let grpc = tonic::transport::Server::builder()
         .add_service(GrpcRouter::new(service.clone()).into_server())
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), signal(rx.clone()));
-    let http =
-        axum::serve(http_listener, http::http_router(service)).with_graceful_shutdown(signal(rx));
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+            signal(rx.clone()),
+        );
+    let http = axum::serve(
+        http_listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        }),
+        http::http_router(service),
+    )
+    .with_graceful_shutdown(signal(rx));
     let http = async { http.await.map_err(ServeError::from) };
     let grpc = async { grpc.await.map_err(ServeError::from) };
     tokio::try_join!(grpc, http)?;

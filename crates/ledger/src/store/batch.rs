@@ -1,10 +1,10 @@
-//! Postgres write path: hot operations are queued and applied in batches, one transaction and one
-//! set-based statement per kind per batch.
+//! Postgres write path: hot operations are queued and applied in batches, one set-based statement
+//! (one round trip, one commit) per kind per batch.
 //!
 //! Per-statement and per-commit costs dominate Postgres CPU for these tiny operations, so a batch of
-//! N authorizations costs little more than one. A single worker drains the queue: while one batch
-//! is in the database the next one fills up, so batches grow with load and a lone request still
-//! goes out at once. Within a batch:
+//! N authorizations costs little more than one. A few workers drain one queue: while a batch is in
+//! the database the next one fills up, so batches grow with load, and a lone request still goes
+//! out at once. Within a batch:
 //!
 //! - authorizations have distinct senders (a second one for the same sender waits for the next
 //!   batch), so each conditional update decides exactly one hold;
@@ -15,10 +15,11 @@
 //! never fails its neighbours. Serialization failures and deadlocks retry the whole batch.
 
 use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
 
 use serde_json::json;
 use sqlx::{AnyPool, Row};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Mutex};
 
 use super::{transfer_from_row, TransferRow, UsageInput, TRANSFER_COLUMNS};
 use crate::error::is_retryable;
@@ -115,10 +116,17 @@ pub(crate) struct Batcher {
     queue: mpsc::UnboundedSender<Job>,
 }
 
+/// Batches in flight at once. Each worker drains whatever is queued into one batch, so under load
+/// batches grow; with several workers a lone request never waits behind a whole batch's commit.
+const WORKERS: usize = 4;
+
 impl Batcher {
     pub fn start(pool: AnyPool) -> Self {
         let (queue, rx) = mpsc::unbounded_channel();
-        tokio::spawn(worker(pool, rx));
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..WORKERS {
+            tokio::spawn(worker(pool.clone(), rx.clone()));
+        }
         Self { queue }
     }
 
@@ -145,16 +153,9 @@ type ResolveReply = (
     oneshot::Sender<Result<Option<TransferRow>, sqlx::Error>>,
 );
 
-async fn worker(pool: AnyPool, mut rx: mpsc::UnboundedReceiver<Job>) {
+async fn worker(pool: AnyPool, rx: Arc<Mutex<mpsc::UnboundedReceiver<Job>>>) {
     let mut waiting: VecDeque<Job> = VecDeque::new();
     loop {
-        let first = match waiting.pop_front() {
-            Some(job) => job,
-            None => match rx.recv().await {
-                Some(job) => job,
-                None => return,
-            },
-        };
         let mut auths: Vec<AuthReply> = Vec::new();
         let mut resolves: Vec<ResolveReply> = Vec::new();
         let mut senders = HashSet::new();
@@ -165,12 +166,27 @@ async fn worker(pool: AnyPool, mut rx: mpsc::UnboundedReceiver<Job>) {
                 job @ Job::Authorize(..) => next_round.push_back(job),
                 Job::Resolve(r, tx) => resolves.push((r, tx)),
             };
+        // Jobs this worker deferred go first, without waiting on the shared queue: another
+        // worker may be parked on it, and deferred callers must not wait for new traffic.
+        let first = match waiting.pop_front() {
+            Some(job) => job,
+            None => match rx.lock().await.recv().await {
+                Some(job) => job,
+                None => return,
+            },
+        };
         add(first, &mut auths, &mut resolves);
         while auths.len() + resolves.len() < MAX_BATCH {
-            let Some(job) = waiting.pop_front().or_else(|| rx.try_recv().ok()) else {
+            let Some(job) = waiting.pop_front() else {
                 break;
             };
             add(job, &mut auths, &mut resolves);
+        }
+        if let Ok(mut rx) = rx.try_lock() {
+            while auths.len() + resolves.len() < MAX_BATCH {
+                let Ok(job) = rx.try_recv() else { break };
+                add(job, &mut auths, &mut resolves);
+            }
         }
         waiting = next_round.into_iter().chain(waiting).collect();
         run_and_reply(&pool, auths, resolves).await;
@@ -240,8 +256,7 @@ async fn run_cycle(
     auths: &[&AuthJob],
     resolves: &[&ResolveJob],
 ) -> Result<CycleResult, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    let mut auth_results = Vec::with_capacity(auths.len());
+    let mut auth_results = vec![AuthResult::TokenRejected; auths.len()];
     if !auths.is_empty() {
         let input: Vec<_> = auths
             .iter()
@@ -255,29 +270,18 @@ async fn run_cycle(
             .collect();
         let rows = sqlx::query(AUTHORIZE_BATCH)
             .bind(serde_json::Value::Array(input).to_string())
-            .fetch_all(&mut *tx)
+            .fetch_all(pool)
             .await?;
-        let mut results = vec![AuthResult::TokenRejected; auths.len()];
         for row in rows {
             let n: i32 = row.try_get(0)?;
             let token_ok: bool = row.try_get(1)?;
             let funds_ok: bool = row.try_get(2)?;
-            let job = auths[n as usize];
-            results[n as usize] = match (token_ok, funds_ok) {
+            auth_results[n as usize] = match (token_ok, funds_ok) {
                 (true, true) => AuthResult::Created,
+                (true, false) => AuthResult::InsufficientFunds,
                 (false, _) => AuthResult::TokenRejected,
-                (true, false) => {
-                    // The token hold went in but the funds did not: take it back in this transaction.
-                    sqlx::query("UPDATE tokens SET held = held - $1 WHERE id = $2")
-                        .bind(job.amount)
-                        .bind(&job.token_id)
-                        .execute(&mut *tx)
-                        .await?;
-                    AuthResult::InsufficientFunds
-                }
             };
         }
-        auth_results = results;
     }
     let mut resolve_results = vec![None; resolves.len()];
     if !resolves.is_empty() {
@@ -298,7 +302,7 @@ async fn run_cycle(
             .collect();
         let rows = sqlx::query(&RESOLVE_BATCH)
             .bind(serde_json::Value::Array(input).to_string())
-            .fetch_all(&mut *tx)
+            .fetch_all(pool)
             .await?;
         for row in rows {
             let n: i32 = row.try_get(18)?;
@@ -306,45 +310,59 @@ async fn run_cycle(
                 Some(transfer_from_row(&row).map_err(|e| sqlx::Error::Protocol(e.to_string()))?);
         }
     }
-    tx.commit().await?;
     Ok((auth_results, resolve_results))
 }
 
-/// Places holds for a batch of distinct senders. The token step also refuses keys that already have
-/// a transfer or a recorded failure, so replays fall through to the caller's replay lookup.
+/// Places holds for a batch of distinct senders, as one statement. Token and sender rows are locked
+/// first (in id order) and the checks read the locked rows, so the updates that follow cannot fail
+/// half-way. Keys that already have a transfer or a recorded failure are refused at the token step,
+/// so replays fall through to the caller's replay lookup.
 const AUTHORIZE_BATCH: &str = "\
 WITH input AS (
     SELECT * FROM jsonb_to_recordset($1::jsonb) AS i(in_n int, in_id text, in_sender bigint,
         in_recipient bigint, in_token text, in_amount bigint, in_currency text, in_app text, in_path text,
         in_key text, in_hash text, in_now bigint, in_expires bigint)
-), tok AS (
-    UPDATE tokens k SET held = k.held + i.in_amount FROM input i
-    WHERE k.id = i.in_token AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > i.in_now)
+), lock_tokens AS (
+    SELECT id, revoked_at, expires_at, spend_limit, spent, held FROM tokens
+    WHERE id IN (SELECT in_token FROM input) ORDER BY id FOR UPDATE
+), lock_accounts AS (
+    SELECT id, balance - held AS available FROM accounts
+    WHERE id IN (SELECT in_sender FROM input) AND (SELECT COUNT(*) FROM lock_tokens) >= 0
+    ORDER BY id FOR UPDATE
+), token_ok AS (
+    SELECT i.in_n FROM input i JOIN lock_tokens k ON k.id = i.in_token
+    WHERE k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > i.in_now)
       AND (k.spend_limit IS NULL OR k.spent + k.held + i.in_amount <= k.spend_limit)
       AND NOT EXISTS (SELECT 1 FROM authorize_failures f
                       WHERE f.recipient_id = i.in_recipient AND f.idempotency_key = i.in_key)
       AND NOT EXISTS (SELECT 1 FROM transfers x
                       WHERE x.recipient_id = i.in_recipient AND x.idempotency_key = i.in_key)
-    RETURNING i.in_n
+), funds_ok AS (
+    SELECT i.in_n FROM input i JOIN lock_accounts a ON a.id = i.in_sender
+    WHERE i.in_n IN (SELECT in_n FROM token_ok) AND a.available >= i.in_amount
+), tok AS (
+    UPDATE tokens k SET held = k.held + i.in_amount FROM input i
+    WHERE k.id = i.in_token AND i.in_n IN (SELECT in_n FROM funds_ok)
+    RETURNING k.id
 ), snd AS (
     UPDATE accounts a SET held = a.held + i.in_amount FROM input i
-    WHERE a.id = i.in_sender AND a.balance - a.held >= i.in_amount AND i.in_n IN (SELECT in_n FROM tok)
-    RETURNING i.in_n
+    WHERE a.id = i.in_sender AND i.in_n IN (SELECT in_n FROM funds_ok)
+    RETURNING a.id
 ), ins AS (
     INSERT INTO transfers (id, sender_id, recipient_id, token_id, amount, currency, status, created_by,
         app_name, app_ep_path, idempotency_key, request_hash, created_at, expires_at)
     SELECT in_id, in_sender, in_recipient, in_token, in_amount, in_currency, 'PENDING', 'RECIPIENT',
         in_app, in_path, in_key, in_hash, in_now, in_expires
-    FROM input WHERE in_n IN (SELECT in_n FROM snd)
+    FROM input WHERE in_n IN (SELECT in_n FROM funds_ok)
     RETURNING id
 )
-SELECT i.in_n, i.in_n IN (SELECT in_n FROM tok), i.in_n IN (SELECT in_n FROM snd),
-       (SELECT COUNT(*) FROM ins)
+SELECT i.in_n, i.in_n IN (SELECT in_n FROM token_ok), i.in_n IN (SELECT in_n FROM funds_ok),
+       (SELECT COUNT(*) FROM tok) + (SELECT COUNT(*) FROM snd) + (SELECT COUNT(*) FROM ins)
 FROM input i";
 
 /// Captures and voids a batch. Sender and token updates are aggregated so several resolutions for
-/// one sender in a batch move the right totals. Tokens are updated before accounts, the same lock
-/// order as authorization.
+/// one sender in a batch move the right totals. The `lock_*` steps take row locks in a global order
+/// (transfers, tokens, accounts; each by id) before anything is modified.
 static RESOLVE_BATCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "\
@@ -354,12 +372,22 @@ WITH input AS (
         in_guard int, in_usage_id text, in_has_usage boolean, in_request_id text, in_app text,
         in_endpoint text, in_user text, in_model text, in_pt bigint, in_ct bigint, in_tt bigint,
         in_ustatus text, in_lat bigint, in_ulat bigint)
+), lock_transfers AS (
+    SELECT id, sender_id, token_id FROM transfers
+    WHERE id IN (SELECT in_id FROM input) AND status = 'PENDING' ORDER BY id FOR UPDATE
+), lock_tokens AS (
+    SELECT id FROM tokens WHERE id IN (SELECT token_id FROM lock_transfers) ORDER BY id FOR UPDATE
+), lock_accounts AS (
+    SELECT id FROM accounts WHERE id IN (SELECT sender_id FROM lock_transfers)
+      AND (SELECT COUNT(*) FROM lock_tokens) >= 0
+    ORDER BY id FOR UPDATE
 ), t AS (
     UPDATE transfers t SET status = i.in_status,
         captured = CASE WHEN i.in_captured < 0 THEN t.amount ELSE i.in_captured END,
         resolved_by = i.in_resolved_by, resolved_at = i.in_now, cancel_reason = i.in_reason
     FROM input i
-    WHERE t.id = i.in_id AND (i.in_recipient < 0 OR t.recipient_id = i.in_recipient)
+    WHERE t.id = i.in_id AND (SELECT COUNT(*) FROM lock_accounts) >= 0
+      AND (i.in_recipient < 0 OR t.recipient_id = i.in_recipient)
       AND t.status = 'PENDING' AND i.in_captured <= t.amount
       AND CASE i.in_guard WHEN 1 THEN t.expires_at > i.in_now
                           WHEN 2 THEN t.expires_at <= i.in_now ELSE TRUE END
@@ -374,7 +402,7 @@ WITH input AS (
     UPDATE accounts a SET balance = a.balance - x.captured, held = a.held - x.amount
     FROM (SELECT sender_id, CAST(SUM(amount) AS BIGINT) AS amount, CAST(SUM(captured) AS BIGINT) AS captured
           FROM t GROUP BY sender_id) x
-    WHERE a.id = x.sender_id AND (SELECT COUNT(*) FROM k) >= 0
+    WHERE a.id = x.sender_id
     RETURNING a.id
 ), j AS (
     INSERT INTO journal (account_id, amount, kind, ref_id, rolled_up, created_at)

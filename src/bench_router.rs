@@ -1,0 +1,352 @@
+//! `syft-router bench router`: paid chat requests through the router, the ledger (fresh Postgres
+//! database) and an in-process OpenAI-compatible upstream that answers at once, over gRPC and over
+//! the HTTP front. Everything shares this machine's cores with the client.
+//!
+//! Two measurements per front:
+//! - throughput: `--concurrency` closed-loop clients for `--duration`;
+//! - latency at a fixed rate (`--rate`, open loop): total latency, upstream handler time, and the
+//!   router's added latency = total − upstream handler time (per percentile).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use hdrhistogram::Histogram;
+use syft_ledger::client::connect_lazy;
+use syft_ledger::LedgerConfig;
+use syft_proto::ledger as lpb;
+use syft_proto::router as rpb;
+use syft_router_svc::{OpenAiConfig, Pricing, RouterConfig, UpstreamConfig};
+use tokio::net::TcpListener;
+use tokio::sync::Mutex;
+
+#[derive(Args, Debug)]
+pub struct RouterBench {
+    /// Server URL to create a fresh benchmark database on.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    database_url: String,
+    /// Closed-loop clients for the throughput run.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Requests per second for the latency run.
+    #[arg(long, default_value_t = 200)]
+    rate: u64,
+    #[arg(long, default_value = "10s", value_parser = crate::cli::parse_duration)]
+    duration: Duration,
+}
+
+/// Upstream handler time in microseconds, recorded by the fake upstream itself.
+type UpstreamTimes = Arc<std::sync::Mutex<Histogram<u64>>>;
+
+async fn start_upstream(times: UpstreamTimes) -> anyhow::Result<String> {
+    use axum::routing::post;
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        post(move |axum::Json(body): axum::Json<serde_json::Value>| {
+            let times = times.clone();
+            async move {
+                let t0 = Instant::now();
+                let model = body["model"].as_str().unwrap_or("bench").to_string();
+                let answer = serde_json::json!({
+                    "id": "chatcmpl-bench", "object": "chat.completion", "created": 0, "model": model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok, here is the answer"},
+                                 "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 12, "completion_tokens": 6, "total_tokens": 18}
+                });
+                if let Ok(mut h) = times.lock() {
+                    let _ = h.record(t0.elapsed().as_micros() as u64);
+                }
+                axum::Json(answer)
+            }
+        }),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/v1", listener.local_addr()?);
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(url)
+}
+
+struct User {
+    email: String,
+    token: String,
+}
+
+pub async fn run(b: &RouterBench) -> anyhow::Result<()> {
+    const ADMIN: &str = "bench-admin";
+    const OWNER: &str = "owner@bench.example";
+    let db = crate::bench::fresh_db(&b.database_url).await?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let signal = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let ledger_listener = TcpListener::bind("127.0.0.1:0").await?;
+    let ledger_url = format!("http://{}", ledger_listener.local_addr()?);
+    let ledger = tokio::spawn(syft_ledger::serve(
+        LedgerConfig {
+            database_url: db.url.clone(),
+            admin_key: ADMIN.into(),
+            max_connections: 16,
+            ..LedgerConfig::default()
+        },
+        ledger_listener,
+        signal(),
+    ));
+    let mut admin = connect_lazy(&ledger_url, ADMIN)?;
+    let mut ready = false;
+    for _ in 0..100 {
+        match admin
+            .get_account(lpb::GetAccountRequest {
+                email: "probe@x.y".into(),
+            })
+            .await
+        {
+            Err(s) if s.code() == tonic::Code::Unavailable => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            _ => {
+                ready = true;
+                break;
+            }
+        }
+    }
+    anyhow::ensure!(ready, "ledger did not start");
+    let owner_secret = admin
+        .create_account(lpb::CreateAccountRequest {
+            email: OWNER.into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .secret;
+    let mut users = Vec::new();
+    for i in 0..1000 {
+        let email = format!("user{i}@bench.example");
+        let secret = admin
+            .create_account(lpb::CreateAccountRequest {
+                email: email.clone(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .secret;
+        admin
+            .deposit(lpb::DepositRequest {
+                email: email.clone(),
+                amount_micros: 1_000_000_000_000,
+                idempotency_key: email.clone(),
+            })
+            .await?;
+        let token = connect_lazy(&ledger_url, &secret)?
+            .issue_token(lpb::IssueTokenRequest {
+                recipient_email: OWNER.into(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .token;
+        users.push(User { email, token });
+    }
+    let users = Arc::new(users);
+
+    let upstream_times: UpstreamTimes = Arc::new(std::sync::Mutex::new(Histogram::new(3)?));
+    let upstream_url = start_upstream(upstream_times.clone()).await?;
+    let mut config =
+        RouterConfig::new("bench-router", OWNER).with_chat_pricing(Pricing::per_request(10_000));
+    config.ledger.url = ledger_url.clone();
+    config.ledger.secret = owner_secret;
+    config.upstream = UpstreamConfig::OpenAi(OpenAiConfig::new(upstream_url));
+    let grpc = TcpListener::bind("127.0.0.1:0").await?;
+    let http = TcpListener::bind("127.0.0.1:0").await?;
+    let grpc_url = format!("http://{}", grpc.local_addr()?);
+    let http_url = format!("http://{}/v1/chat/completions", http.local_addr()?);
+    let router = tokio::spawn(syft_router_svc::serve(config, grpc, http, signal()));
+
+    let channel = tonic::transport::Endpoint::from_shared(grpc_url)?
+        .tcp_nodelay(true)
+        .connect_lazy();
+    let grpc_client = rpb::router_client::RouterClient::new(channel);
+    let http_client = reqwest::Client::builder().tcp_nodelay(true).build()?;
+    let counter = Arc::new(AtomicU64::new(0));
+    let send = {
+        let users = users.clone();
+        let counter = counter.clone();
+        move |front: Front| {
+            let n = counter.fetch_add(1, Ordering::Relaxed);
+            let user = &users[(n % users.len() as u64) as usize];
+            let (email, token) = (user.email.clone(), user.token.clone());
+            let mut grpc = grpc_client.clone();
+            let http = http_client.clone();
+            let http_url = http_url.clone();
+            async move {
+                match front {
+                    Front::Grpc => grpc
+                        .chat(rpb::ChatRequest {
+                            user_email: email,
+                            model: "bench".into(),
+                            messages: vec![rpb::Message {
+                                role: "user".into(),
+                                content: "hello there".into(),
+                                name: None,
+                            }],
+                            options: Some(rpb::ChatOptions {
+                                max_tokens: Some(32),
+                                ..Default::default()
+                            }),
+                            transaction_token: token,
+                            request_id: format!("bench-{n}"),
+                        })
+                        .await
+                        .map(|r| r.into_inner().cost_micros == 10_000)
+                        .unwrap_or(false),
+                    Front::Http => {
+                        let body = serde_json::json!({"model": "bench", "user": email, "max_tokens": 32,
+                            "messages": [{"role": "user", "content": "hello there"}]});
+                        match http
+                            .post(&http_url)
+                            .bearer_auth(token)
+                            .header("Idempotency-Key", format!("bench-{n}"))
+                            .json(&body)
+                            .send()
+                            .await
+                        {
+                            Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
+                            Err(_) => false,
+                        }
+                    }
+                }
+            }
+        }
+    };
+
+    println!("router bench: paid requests ($0.01 each) via router + ledger (postgres) + instant upstream");
+    for front in [Front::Grpc, Front::Http] {
+        // Throughput, closed loop.
+        let deadline = Instant::now() + b.duration;
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let warm_until = Instant::now() + Duration::from_secs(1);
+        let mut workers = Vec::new();
+        for _ in 0..b.concurrency {
+            let (send, ok, failed) = (send.clone(), ok.clone(), failed.clone());
+            workers.push(tokio::spawn(async move {
+                while Instant::now() < deadline {
+                    let good = send(front).await;
+                    if Instant::now() >= warm_until {
+                        if good {
+                            ok.fetch_add(1, Ordering::Relaxed)
+                        } else {
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        };
+                    }
+                }
+            }));
+        }
+        for w in workers {
+            w.await?;
+        }
+        let measured = b
+            .duration
+            .saturating_sub(Duration::from_secs(1))
+            .as_secs_f64();
+        println!(
+            "  {:<4} throughput: {:.0} paid requests/s with {} clients ({} ok, {} failed)",
+            front.name(),
+            ok.load(Ordering::Relaxed) as f64 / measured,
+            b.concurrency,
+            ok.load(Ordering::Relaxed),
+            failed.load(Ordering::Relaxed)
+        );
+
+        // Latency at a fixed rate, open loop.
+        if let Ok(mut h) = upstream_times.lock() {
+            h.reset();
+        }
+        let total = Arc::new(Mutex::new(Histogram::<u64>::new(3)?));
+        let failures = Arc::new(AtomicU64::new(0));
+        let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / b.rate.max(1)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let end = Instant::now() + b.duration;
+        let mut inflight = Vec::new();
+        while Instant::now() < end {
+            tick.tick().await;
+            let (send, total, failures) = (send.clone(), total.clone(), failures.clone());
+            inflight.push(tokio::spawn(async move {
+                let t0 = Instant::now();
+                let good = send(front).await;
+                let us = t0.elapsed().as_micros() as u64;
+                if good {
+                    let _ = total.lock().await.record(us);
+                } else {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+        for t in inflight {
+            t.await?;
+        }
+        let total = total.lock().await;
+        let upstream = upstream_times
+            .lock()
+            .map(|h| h.clone())
+            .map_err(|_| anyhow::anyhow!("poisoned"))?;
+        let ms = |v: u64| v as f64 / 1000.0;
+        println!(
+            "  {:<4} at {} req/s: total p50 {:.2} ms p99 {:.2} ms | upstream p50 {:.3} ms p99 {:.3} ms | added p50 {:.2} ms p99 {:.2} ms ({} failed)",
+            front.name(),
+            b.rate,
+            ms(total.value_at_quantile(0.5)),
+            ms(total.value_at_quantile(0.99)),
+            ms(upstream.value_at_quantile(0.5)),
+            ms(upstream.value_at_quantile(0.99)),
+            ms(total.value_at_quantile(0.5).saturating_sub(upstream.value_at_quantile(0.5))),
+            ms(total.value_at_quantile(0.99).saturating_sub(upstream.value_at_quantile(0.99))),
+            failures.load(Ordering::Relaxed)
+        );
+    }
+
+    let _ = stop_tx.send(true);
+    router.await?.context("router")?;
+    ledger.await?.context("ledger")?;
+    let store = syft_ledger::Store::connect(&db.url, 2).await?;
+    let report = store.verify().await?;
+    store.close().await;
+    anyhow::ensure!(
+        report.is_ok(),
+        "ledger inconsistent after the benchmark: {:?}",
+        report.problems
+    );
+    println!(
+        "  verify: ok ({} transfers, {} pending)",
+        report.transfers, report.pending_transfers
+    );
+    db.drop_db().await;
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Front {
+    Grpc,
+    Http,
+}
+
+impl Front {
+    fn name(self) -> &'static str {
+        match self {
+            Front::Grpc => "grpc",
+            Front::Http => "http",
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! The binary as people use it: `demo`, client commands with `--json`, and `ledger verify`.
+
+mod common;
+
+use std::process::Command;
+
+use common::{Harness, ADMIN_KEY};
+
+fn syft_router() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_syft-router"));
+    cmd.env("RUST_LOG", "warn");
+    cmd
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("run syft-router");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[test]
+fn demo_runs_a_paid_scenario_and_exits_zero() {
+    let out = run(syft_router().arg("demo"));
+    assert!(out.contains("verify: ok"), "{out}");
+    assert!(
+        out.contains("refused: FailedPrecondition payment required"),
+        "{out}"
+    );
+    assert!(out.contains("upstream_error"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_commands_and_verify() {
+    let h = Harness::new(false).await.unwrap();
+    let url = h.url();
+    let cli = |args: &[&str]| {
+        let mut cmd = syft_router();
+        cmd.args(args)
+            .env("SYFT_LEDGER_URL", &url)
+            .env("SYFT_LEDGER_ADMIN_KEY", ADMIN_KEY)
+            .env_remove("SYFT_SECRET");
+        cmd
+    };
+    let created: serde_json::Value = serde_json::from_str(&run(&mut cli(&[
+        "account",
+        "create",
+        "bob@example.com",
+        "--json",
+    ])))
+    .unwrap();
+    let secret = created["secret"].as_str().unwrap().to_string();
+    let deposited: serde_json::Value = serde_json::from_str(&run(&mut cli(&[
+        "account",
+        "deposit",
+        "bob@example.com",
+        "12.5",
+        "--idempotency-key",
+        "d1",
+        "--json",
+    ])))
+    .unwrap();
+    assert_eq!(deposited["balance_micros"], 12_500_000);
+    // Replaying the deposit with the same key does not deposit again.
+    run(&mut cli(&[
+        "account",
+        "deposit",
+        "bob@example.com",
+        "12.5",
+        "--idempotency-key",
+        "d1",
+    ]));
+    // Bad amounts are refused before anything is sent.
+    for bad in ["-1", "0.0000001", "NaN", "abc"] {
+        let out = cli(&["account", "deposit", "bob@example.com", bad])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{bad} accepted");
+    }
+    let shown = run(cli(&["account", "show", "bob@example.com"]).env("SYFT_SECRET", &secret));
+    assert!(shown.contains("12.5 USD"), "{shown}");
+    h.account("owner@router.example", 0).await;
+    let token: serde_json::Value = serde_json::from_str(&run(cli(&[
+        "token",
+        "issue",
+        "owner@router.example",
+        "--limit",
+        "1.5",
+        "--json",
+    ])
+    .env("SYFT_SECRET", &secret)))
+    .unwrap();
+    assert_eq!(token["spend_limit_micros"], 1_500_000);
+    run(cli(&["token", "revoke", token["token"].as_str().unwrap()]).env("SYFT_SECRET", &secret));
+    let transfers = run(&mut cli(&["transfers", "--json"]));
+    assert!(transfers.contains("\"transfers\":[]"), "{transfers}");
+
+    let db = h.config.database_url.clone();
+    let report: serde_json::Value = serde_json::from_str(&run(syft_router().args([
+        "ledger",
+        "verify",
+        "--json",
+        "--database-url",
+        &db,
+    ])))
+    .unwrap();
+    assert_eq!(report["ok"], true);
+    assert_eq!(report["total_deposits_micros"], 12_500_000);
+    h.finish().await;
+}

@@ -1,0 +1,97 @@
+//! Several ledger processes on one Postgres stay correct: invariants live in the database.
+
+mod common;
+
+use common::{code, Harness, LedgerServer, USD};
+use syft_ledger::client::connect_lazy;
+use syft_proto::ledger as pb;
+use tonic::Code;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_ledgers_on_one_postgres_share_one_truth() {
+    let Some(h) = Harness::new(true).await else {
+        return;
+    };
+    let second = LedgerServer::start(h.config.clone()).await;
+    let owner = h.account("owner@router.example", 0).await;
+    let alice = h.account("alice@example.com", 10 * USD).await;
+    let token = h.token(&alice, "owner@router.example").await;
+    let replicas = [
+        h.client(&owner),
+        connect_lazy(&second.url(), &owner).unwrap(),
+    ];
+
+    // 100 concurrent holds of 1 USD through both replicas against 10 USD: exactly 10 succeed, and
+    // every key is used twice (once per replica) without a second hold.
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        for replica in &replicas {
+            let mut client = replica.clone();
+            let req = pb::AuthorizeRequest {
+                sender_email: "alice@example.com".into(),
+                amount_micros: USD,
+                token: token.clone(),
+                app_name: "chat".into(),
+                app_ep_path: "/chat".into(),
+                idempotency_key: format!("k{i}"),
+                hold_ttl_seconds: None,
+            };
+            tasks.push(tokio::spawn(async move {
+                client.authorize(req).await.map(|r| r.into_inner())
+            }));
+        }
+    }
+    let mut held = std::collections::HashMap::new();
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(t) => {
+                let previous = held.insert(t.idempotency_key.clone(), t.id.clone());
+                assert!(
+                    previous.is_none_or(|id| id == t.id),
+                    "one key, two transfers"
+                );
+            }
+            Err(s) => assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}"),
+        }
+    }
+    assert_eq!(held.len(), 10);
+    assert_eq!(h.balance("alice@example.com").await.held_micros, 10 * USD);
+
+    // Captures race across replicas; each transfer resolves once.
+    let mut tasks = Vec::new();
+    for id in held.values() {
+        for replica in &replicas {
+            let mut client = replica.clone();
+            let id = id.clone();
+            tasks.push(tokio::spawn(async move {
+                client
+                    .capture(pb::CaptureRequest {
+                        transfer_id: id,
+                        amount: Some(pb::capture_request::Amount::AmountMicros(USD / 2)),
+                        usage: None,
+                    })
+                    .await
+            }));
+        }
+    }
+    for task in tasks {
+        assert_eq!(
+            task.await.unwrap().unwrap().into_inner().captured_micros,
+            USD / 2
+        );
+    }
+    let a = h.balance("alice@example.com").await;
+    assert_eq!((a.balance_micros, a.held_micros), (5 * USD, 0));
+    assert_eq!(
+        h.balance("owner@router.example").await.balance_micros,
+        5 * USD
+    );
+    let mut again = replicas[1].clone();
+    let late = again.void(pb::VoidRequest {
+        transfer_id: held.values().next().unwrap().clone(),
+        ..Default::default()
+    });
+    assert_eq!(code(late.await), Code::FailedPrecondition);
+    second.stop().await;
+    h.finish().await;
+}
