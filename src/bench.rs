@@ -61,6 +61,9 @@ struct LedgerBench {
     /// Postgres pool size of the ledger under test.
     #[arg(long, default_value_t = 32)]
     pool: u32,
+    /// Batch workers of the ledger under test.
+    #[arg(long, default_value_t = syft_ledger::store::DEFAULT_BATCH_WORKERS)]
+    batch_workers: usize,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -145,6 +148,7 @@ async fn bench_ledger(b: &LedgerBench, shape: Shape) -> anyhow::Result<()> {
         database_url: db.url.clone(),
         admin_key: ADMIN.into(),
         max_connections: b.pool,
+        batch_workers: b.batch_workers,
         ..LedgerConfig::default()
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

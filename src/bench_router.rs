@@ -232,44 +232,8 @@ pub async fn run(b: &RouterBench) -> anyhow::Result<()> {
     };
 
     println!("router bench: paid requests ($0.01 each) via router + ledger (postgres) + instant upstream");
+    // Latency first, on a quiet system; then throughput.
     for front in [Front::Grpc, Front::Http] {
-        // Throughput, closed loop.
-        let deadline = Instant::now() + b.duration;
-        let ok = Arc::new(AtomicU64::new(0));
-        let failed = Arc::new(AtomicU64::new(0));
-        let warm_until = Instant::now() + Duration::from_secs(1);
-        let mut workers = Vec::new();
-        for _ in 0..b.concurrency {
-            let (send, ok, failed) = (send.clone(), ok.clone(), failed.clone());
-            workers.push(tokio::spawn(async move {
-                while Instant::now() < deadline {
-                    let good = send(front).await;
-                    if Instant::now() >= warm_until {
-                        if good {
-                            ok.fetch_add(1, Ordering::Relaxed)
-                        } else {
-                            failed.fetch_add(1, Ordering::Relaxed)
-                        };
-                    }
-                }
-            }));
-        }
-        for w in workers {
-            w.await?;
-        }
-        let measured = b
-            .duration
-            .saturating_sub(Duration::from_secs(1))
-            .as_secs_f64();
-        println!(
-            "  {:<4} throughput: {:.0} paid requests/s with {} clients ({} ok, {} failed)",
-            front.name(),
-            ok.load(Ordering::Relaxed) as f64 / measured,
-            b.concurrency,
-            ok.load(Ordering::Relaxed),
-            failed.load(Ordering::Relaxed)
-        );
-
         // Latency at a fixed rate, open loop.
         if let Ok(mut h) = upstream_times.lock() {
             h.reset();
@@ -314,6 +278,44 @@ pub async fn run(b: &RouterBench) -> anyhow::Result<()> {
             ms(total.value_at_quantile(0.5).saturating_sub(upstream.value_at_quantile(0.5))),
             ms(total.value_at_quantile(0.99).saturating_sub(upstream.value_at_quantile(0.99))),
             failures.load(Ordering::Relaxed)
+        );
+    }
+    for front in [Front::Grpc, Front::Http] {
+        // Throughput, closed loop.
+        let deadline = Instant::now() + b.duration;
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let warm_until = Instant::now() + Duration::from_secs(1);
+        let mut workers = Vec::new();
+        for _ in 0..b.concurrency {
+            let (send, ok, failed) = (send.clone(), ok.clone(), failed.clone());
+            workers.push(tokio::spawn(async move {
+                while Instant::now() < deadline {
+                    let good = send(front).await;
+                    if Instant::now() >= warm_until {
+                        if good {
+                            ok.fetch_add(1, Ordering::Relaxed)
+                        } else {
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        };
+                    }
+                }
+            }));
+        }
+        for w in workers {
+            w.await?;
+        }
+        let measured = b
+            .duration
+            .saturating_sub(Duration::from_secs(1))
+            .as_secs_f64();
+        println!(
+            "  {:<4} throughput: {:.0} paid requests/s with {} clients ({} ok, {} failed)",
+            front.name(),
+            ok.load(Ordering::Relaxed) as f64 / measured,
+            b.concurrency,
+            ok.load(Ordering::Relaxed),
+            failed.load(Ordering::Relaxed)
         );
     }
 

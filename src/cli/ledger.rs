@@ -92,6 +92,9 @@ pub struct ServeArgs {
     /// Postgres connection pool size.
     #[arg(long, env = "SYFT_LEDGER_DB_MAX_CONNECTIONS", default_value_t = 16)]
     pub max_connections: u32,
+    /// Postgres write batches in flight at once: fewer = bigger batches and fewer commits.
+    #[arg(long, env = "SYFT_LEDGER_BATCH_WORKERS", default_value_t = syft_ledger::store::DEFAULT_BATCH_WORKERS)]
+    pub batch_workers: usize,
 }
 
 impl ServeArgs {
@@ -114,6 +117,7 @@ impl ServeArgs {
             currency: self.currency.to_ascii_uppercase(),
             max_amount_micros: self.max_amount_micros,
             max_connections: self.max_connections,
+            batch_workers: self.batch_workers,
         })
     }
 }

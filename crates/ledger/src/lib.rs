@@ -38,6 +38,8 @@ pub struct LedgerConfig {
     pub max_amount_micros: i64,
     /// Postgres pool size (SQLite always uses one connection).
     pub max_connections: u32,
+    /// Postgres write batches in flight at once (see `store/batch.rs`).
+    pub batch_workers: usize,
 }
 
 impl Default for LedgerConfig {
@@ -52,6 +54,7 @@ impl Default for LedgerConfig {
             // 1,000,000 USD.
             max_amount_micros: 1_000_000_000_000,
             max_connections: 16,
+            batch_workers: store::DEFAULT_BATCH_WORKERS,
         }
     }
 }
@@ -63,7 +66,14 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let store = Arc::new(Store::connect(&config.database_url, config.max_connections).await?);
+    let store = Arc::new(
+        Store::connect_with(
+            &config.database_url,
+            config.max_connections,
+            config.batch_workers,
+        )
+        .await?,
+    );
     serve_with_store(store, config, listener, shutdown).await
 }
 

@@ -116,15 +116,14 @@ pub(crate) struct Batcher {
     queue: mpsc::UnboundedSender<Job>,
 }
 
-/// Batches in flight at once. Each worker drains whatever is queued into one batch, so under load
-/// batches grow; with several workers a lone request never waits behind a whole batch's commit.
-const WORKERS: usize = 4;
-
 impl Batcher {
-    pub fn start(pool: AnyPool) -> Self {
+    /// `workers` batches may be in the database at once. Each worker drains whatever is queued
+    /// into one batch: fewer workers make bigger batches (fewer commits, more throughput when
+    /// commits are the bottleneck); more workers let a lone request skip a batch's commit.
+    pub fn start(pool: AnyPool, workers: usize) -> Self {
         let (queue, rx) = mpsc::unbounded_channel();
         let rx = Arc::new(Mutex::new(rx));
-        for _ in 0..WORKERS {
+        for _ in 0..workers.max(1) {
             tokio::spawn(worker(pool.clone(), rx.clone()));
         }
         Self { queue }

@@ -30,6 +30,8 @@ static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migratio
 const SECRET_CACHE_TTL: Duration = Duration::from_secs(60);
 const CACHE_MAX_ENTRIES: usize = 100_000;
 
+pub const DEFAULT_BATCH_WORKERS: usize = 2;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Postgres,
@@ -215,6 +217,15 @@ where
 impl Store {
     /// Connects, applies pragmas (SQLite) and runs migrations.
     pub async fn connect(database_url: &str, max_connections: u32) -> Result<Self> {
+        Self::connect_with(database_url, max_connections, DEFAULT_BATCH_WORKERS).await
+    }
+
+    /// Like [`Store::connect`], with the number of Postgres batch workers (see `batch.rs`).
+    pub async fn connect_with(
+        database_url: &str,
+        max_connections: u32,
+        batch_workers: usize,
+    ) -> Result<Self> {
         sqlx::any::install_default_drivers();
         let backend =
             if database_url.starts_with("postgres:") || database_url.starts_with("postgresql:") {
@@ -253,7 +264,8 @@ impl Store {
             .run(&pool)
             .await
             .map_err(|e| LedgerError::Internal(format!("migration failed: {e}")))?;
-        let batcher = (backend == Backend::Postgres).then(|| batch::Batcher::start(pool.clone()));
+        let batcher = (backend == Backend::Postgres)
+            .then(|| batch::Batcher::start(pool.clone(), batch_workers));
         Ok(Self {
             batcher,
             pool,
