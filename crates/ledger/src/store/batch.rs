@@ -192,54 +192,59 @@ async fn worker(pool: AnyPool, rx: Arc<Mutex<mpsc::UnboundedReceiver<Job>>>) {
     }
 }
 
+/// Runs the authorizations and the resolutions of one batch side by side, on two connections:
+/// they are independent statements, and both take row locks in the same global order.
 async fn run_and_reply(pool: &AnyPool, auths: Vec<AuthReply>, resolves: Vec<ResolveReply>) {
-    let auth_jobs: Vec<&AuthJob> = auths.iter().map(|(j, _)| j).collect();
-    let resolve_jobs: Vec<&ResolveJob> = resolves.iter().map(|(j, _)| j).collect();
-    match run_with_retry(pool, &auth_jobs, &resolve_jobs).await {
-        Ok((auth_results, resolve_results)) => {
-            for ((_, tx), r) in auths.into_iter().zip(auth_results) {
-                let _ = tx.send(Ok(r));
-            }
-            for ((_, tx), r) in resolves.into_iter().zip(resolve_results) {
+    tokio::join!(
+        reply_all(pool, auths, authorize_batch),
+        reply_all(pool, resolves, resolve_batch)
+    );
+}
+
+/// Runs `jobs` as one batch and answers each caller. A batch that fails for a non-transient reason
+/// is split and each job retried alone, so one bad job never fails its neighbours.
+async fn reply_all<J, R>(
+    pool: &AnyPool,
+    jobs: Vec<(J, oneshot::Sender<Result<R, sqlx::Error>>)>,
+    run: impl AsyncFn(&AnyPool, &[&J]) -> Result<Vec<R>, sqlx::Error>,
+) {
+    if jobs.is_empty() {
+        return;
+    }
+    let refs: Vec<&J> = jobs.iter().map(|(j, _)| j).collect();
+    match retried(pool, &run, &refs).await {
+        Ok(results) => {
+            for ((_, tx), r) in jobs.into_iter().zip(results) {
                 let _ = tx.send(Ok(r));
             }
         }
-        Err(err) if auth_jobs.len() + resolve_jobs.len() == 1 => {
-            if let Some((_, tx)) = auths.into_iter().next() {
-                let _ = tx.send(Err(err));
-            } else if let Some((_, tx)) = resolves.into_iter().next() {
+        Err(err) if jobs.len() == 1 => {
+            if let Some((_, tx)) = jobs.into_iter().next() {
                 let _ = tx.send(Err(err));
             }
         }
         Err(err) => {
-            // Isolate whichever job caused it.
             tracing::debug!(error = %err, "batch failed, retrying its jobs one by one");
-            for (job, tx) in auths {
-                let r = run_with_retry(pool, &[&job], &[])
-                    .await
-                    .map(|(mut a, _)| a.remove(0));
-                let _ = tx.send(r);
-            }
-            for (job, tx) in resolves {
-                let r = run_with_retry(pool, &[], &[&job])
-                    .await
-                    .map(|(_, mut r)| r.remove(0));
+            for (job, tx) in jobs {
+                let r = retried(pool, &run, &[&job]).await.and_then(|mut r| {
+                    r.pop()
+                        .ok_or_else(|| sqlx::Error::Protocol("empty batch result".into()))
+                });
                 let _ = tx.send(r);
             }
         }
     }
 }
 
-type CycleResult = (Vec<AuthResult>, Vec<Option<TransferRow>>);
-
-async fn run_with_retry(
+/// Serialization failures and deadlocks retry the whole batch.
+async fn retried<J, R>(
     pool: &AnyPool,
-    auths: &[&AuthJob],
-    resolves: &[&ResolveJob],
-) -> Result<CycleResult, sqlx::Error> {
+    run: &impl AsyncFn(&AnyPool, &[&J]) -> Result<Vec<R>, sqlx::Error>,
+    jobs: &[&J],
+) -> Result<Vec<R>, sqlx::Error> {
     let mut attempt = 0u32;
     loop {
-        match run_cycle(pool, auths, resolves).await {
+        match run(pool, jobs).await {
             Err(err) if is_retryable(&err) && attempt < 8 => {
                 attempt += 1;
                 tracing::debug!(attempt, error = %err, "retrying batch after a transient database error");
@@ -250,66 +255,69 @@ async fn run_with_retry(
     }
 }
 
-async fn run_cycle(
+async fn authorize_batch(
     pool: &AnyPool,
     auths: &[&AuthJob],
+) -> Result<Vec<AuthResult>, sqlx::Error> {
+    let input: Vec<_> = auths
+        .iter()
+        .enumerate()
+        .map(|(n, j)| {
+            json!({"in_n": n, "in_id": j.id, "in_sender": j.sender_id, "in_recipient": j.recipient_id,
+                   "in_token": j.token_id, "in_amount": j.amount, "in_currency": j.currency,
+                   "in_app": j.app_name, "in_path": j.app_ep_path, "in_key": j.idempotency_key,
+                   "in_hash": j.request_hash, "in_now": j.now, "in_expires": j.expires_at})
+        })
+        .collect();
+    let rows = sqlx::query(AUTHORIZE_BATCH)
+        .bind(serde_json::Value::Array(input).to_string())
+        .fetch_all(pool)
+        .await?;
+    let mut results = vec![AuthResult::TokenRejected; auths.len()];
+    for row in rows {
+        let n: i32 = row.try_get(0)?;
+        let token_ok: bool = row.try_get(1)?;
+        let funds_ok: bool = row.try_get(2)?;
+        results[n as usize] = match (token_ok, funds_ok) {
+            (true, true) => AuthResult::Created,
+            (true, false) => AuthResult::InsufficientFunds,
+            (false, _) => AuthResult::TokenRejected,
+        };
+    }
+    Ok(results)
+}
+
+/// `None` for a job whose transfer was not pending (or not the caller's, or past its time guard).
+async fn resolve_batch(
+    pool: &AnyPool,
     resolves: &[&ResolveJob],
-) -> Result<CycleResult, sqlx::Error> {
-    let mut auth_results = vec![AuthResult::TokenRejected; auths.len()];
-    if !auths.is_empty() {
-        let input: Vec<_> = auths
-            .iter()
-            .enumerate()
-            .map(|(n, j)| {
-                json!({"in_n": n, "in_id": j.id, "in_sender": j.sender_id, "in_recipient": j.recipient_id,
-                       "in_token": j.token_id, "in_amount": j.amount, "in_currency": j.currency,
-                       "in_app": j.app_name, "in_path": j.app_ep_path, "in_key": j.idempotency_key,
-                       "in_hash": j.request_hash, "in_now": j.now, "in_expires": j.expires_at})
-            })
-            .collect();
-        let rows = sqlx::query(AUTHORIZE_BATCH)
-            .bind(serde_json::Value::Array(input).to_string())
-            .fetch_all(pool)
-            .await?;
-        for row in rows {
-            let n: i32 = row.try_get(0)?;
-            let token_ok: bool = row.try_get(1)?;
-            let funds_ok: bool = row.try_get(2)?;
-            auth_results[n as usize] = match (token_ok, funds_ok) {
-                (true, true) => AuthResult::Created,
-                (true, false) => AuthResult::InsufficientFunds,
-                (false, _) => AuthResult::TokenRejected,
-            };
-        }
+) -> Result<Vec<Option<TransferRow>>, sqlx::Error> {
+    let empty = UsageInput::default();
+    let input: Vec<_> = resolves
+        .iter()
+        .enumerate()
+        .map(|(n, j)| {
+            let u = j.usage.as_ref().unwrap_or(&empty);
+            json!({"in_n": n, "in_id": j.transfer_id, "in_recipient": j.recipient_id, "in_status": j.status,
+                   "in_captured": j.captured, "in_resolved_by": j.resolved_by, "in_reason": j.reason,
+                   "in_now": j.now, "in_guard": j.guard as i32, "in_usage_id": j.usage_id,
+                   "in_has_usage": j.usage.is_some(), "in_request_id": u.request_id, "in_app": u.app_name,
+                   "in_endpoint": u.endpoint, "in_user": u.user_email, "in_model": u.model,
+                   "in_pt": u.prompt_tokens, "in_ct": u.completion_tokens, "in_tt": u.total_tokens,
+                   "in_ustatus": u.status, "in_lat": u.latency_ms, "in_ulat": u.upstream_latency_ms})
+        })
+        .collect();
+    let rows = sqlx::query(&RESOLVE_BATCH)
+        .bind(serde_json::Value::Array(input).to_string())
+        .fetch_all(pool)
+        .await?;
+    let mut results = vec![None; resolves.len()];
+    for row in rows {
+        let n: i32 = row.try_get(18)?;
+        results[n as usize] =
+            Some(transfer_from_row(&row).map_err(|e| sqlx::Error::Protocol(e.to_string()))?);
     }
-    let mut resolve_results = vec![None; resolves.len()];
-    if !resolves.is_empty() {
-        let empty = UsageInput::default();
-        let input: Vec<_> = resolves
-            .iter()
-            .enumerate()
-            .map(|(n, j)| {
-                let u = j.usage.as_ref().unwrap_or(&empty);
-                json!({"in_n": n, "in_id": j.transfer_id, "in_recipient": j.recipient_id, "in_status": j.status,
-                       "in_captured": j.captured, "in_resolved_by": j.resolved_by, "in_reason": j.reason,
-                       "in_now": j.now, "in_guard": j.guard as i32, "in_usage_id": j.usage_id,
-                       "in_has_usage": j.usage.is_some(), "in_request_id": u.request_id, "in_app": u.app_name,
-                       "in_endpoint": u.endpoint, "in_user": u.user_email, "in_model": u.model,
-                       "in_pt": u.prompt_tokens, "in_ct": u.completion_tokens, "in_tt": u.total_tokens,
-                       "in_ustatus": u.status, "in_lat": u.latency_ms, "in_ulat": u.upstream_latency_ms})
-            })
-            .collect();
-        let rows = sqlx::query(&RESOLVE_BATCH)
-            .bind(serde_json::Value::Array(input).to_string())
-            .fetch_all(pool)
-            .await?;
-        for row in rows {
-            let n: i32 = row.try_get(18)?;
-            resolve_results[n as usize] =
-                Some(transfer_from_row(&row).map_err(|e| sqlx::Error::Protocol(e.to_string()))?);
-        }
-    }
-    Ok((auth_results, resolve_results))
+    Ok(results)
 }
 
 /// Places holds for a batch of distinct senders, as one statement. Token and sender rows are locked

@@ -30,7 +30,7 @@ static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migratio
 const SECRET_CACHE_TTL: Duration = Duration::from_secs(60);
 const CACHE_MAX_ENTRIES: usize = 100_000;
 
-pub const DEFAULT_BATCH_WORKERS: usize = 2;
+pub const DEFAULT_BATCH_WORKERS: usize = 1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
