@@ -14,6 +14,8 @@ use syft_ledger::LedgerConfig;
 use syft_proto::ledger as pb;
 use tokio::sync::Mutex;
 
+use crate::setup::{create_account, issue_token};
+
 pub use crate::bench_router::RouterBench;
 
 #[derive(Args, Debug)]
@@ -184,41 +186,19 @@ async fn bench_ledger(b: &LedgerBench, shape: Shape) -> anyhow::Result<()> {
     let mut admin = client(0, ADMIN)?;
     let mut recipient_secrets = Vec::new();
     for r in 0..recipients {
-        let created = admin
-            .create_account(pb::CreateAccountRequest {
-                email: format!("router{r}@bench.example"),
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
-        recipient_secrets.push(created.secret);
+        recipient_secrets
+            .push(create_account(&mut admin, &format!("router{r}@bench.example"), 0).await?);
     }
     let mut payers = Vec::new();
     for s in 0..1000 {
         let email = format!("user{s}@bench.example");
-        let created = admin
-            .create_account(pb::CreateAccountRequest {
-                email: email.clone(),
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
-        admin
-            .deposit(pb::DepositRequest {
-                email: email.clone(),
-                amount_micros: 1_000_000_000_000,
-                idempotency_key: email.clone(),
-            })
-            .await?;
+        let secret = create_account(&mut admin, &email, 1_000_000_000_000).await?;
         let recipient = s % recipients;
-        let token = client(s, &created.secret)?
-            .issue_token(pb::IssueTokenRequest {
-                recipient_email: format!("router{recipient}@bench.example"),
-                ..Default::default()
-            })
-            .await?
-            .into_inner()
-            .token;
+        let token = issue_token(
+            &mut client(s, &secret)?,
+            &format!("router{recipient}@bench.example"),
+        )
+        .await?;
         payers.push(Payer {
             email,
             token,

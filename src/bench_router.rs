@@ -16,11 +16,12 @@ use clap::Args;
 use hdrhistogram::Histogram;
 use syft_ledger::client::connect_lazy;
 use syft_ledger::LedgerConfig;
-use syft_proto::ledger as lpb;
 use syft_proto::router as rpb;
 use syft_router_svc::{OpenAiConfig, Pricing, RouterConfig, UpstreamConfig};
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
+
+use crate::setup::{create_account, issue_token, wait_for_ledger};
 
 #[derive(Args, Debug)]
 pub struct RouterBench {
@@ -105,58 +106,13 @@ pub async fn run(b: &RouterBench) -> anyhow::Result<()> {
         signal(),
     ));
     let mut admin = connect_lazy(&ledger_url, ADMIN)?;
-    let mut ready = false;
-    for _ in 0..100 {
-        match admin
-            .get_account(lpb::GetAccountRequest {
-                email: "probe@x.y".into(),
-            })
-            .await
-        {
-            Err(s) if s.code() == tonic::Code::Unavailable => {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
-            _ => {
-                ready = true;
-                break;
-            }
-        }
-    }
-    anyhow::ensure!(ready, "ledger did not start");
-    let owner_secret = admin
-        .create_account(lpb::CreateAccountRequest {
-            email: OWNER.into(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .secret;
+    wait_for_ledger(&mut admin).await?;
+    let owner_secret = create_account(&mut admin, OWNER, 0).await?;
     let mut users = Vec::new();
     for i in 0..1000 {
         let email = format!("user{i}@bench.example");
-        let secret = admin
-            .create_account(lpb::CreateAccountRequest {
-                email: email.clone(),
-                ..Default::default()
-            })
-            .await?
-            .into_inner()
-            .secret;
-        admin
-            .deposit(lpb::DepositRequest {
-                email: email.clone(),
-                amount_micros: 1_000_000_000_000,
-                idempotency_key: email.clone(),
-            })
-            .await?;
-        let token = connect_lazy(&ledger_url, &secret)?
-            .issue_token(lpb::IssueTokenRequest {
-                recipient_email: OWNER.into(),
-                ..Default::default()
-            })
-            .await?
-            .into_inner()
-            .token;
+        let secret = create_account(&mut admin, &email, 1_000_000_000_000).await?;
+        let token = issue_token(&mut connect_lazy(&ledger_url, &secret)?, OWNER).await?;
         users.push(User { email, token });
     }
     let users = Arc::new(users);

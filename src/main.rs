@@ -3,6 +3,7 @@
 mod bench;
 mod bench_router;
 mod cli;
+mod setup;
 
 use clap::Parser;
 

@@ -2,12 +2,11 @@
 //! `syft-router demo` (the same stack on a throwaway database, a short paid-chat scenario, exit 0).
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
 use serde::{Deserialize, Serialize};
-use syft_ledger::client::{connect_lazy, LedgerClient};
+use syft_ledger::client::connect_lazy;
 use syft_ledger::money::format_micros;
 use syft_ledger::LedgerConfig;
 use syft_proto::ledger as lpb;
@@ -17,6 +16,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use super::router::RouterSetup;
+use crate::setup::{create_account, issue_token, wait_for_ledger};
 
 const DEV_OWNER: &str = "owner@router.local";
 const DEV_USER: &str = "alice@example.com";
@@ -108,59 +108,6 @@ async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("cannot listen on {addr}"))
 }
 
-async fn wait_for_ledger(client: &mut LedgerClient) -> anyhow::Result<()> {
-    for _ in 0..100 {
-        match client
-            .get_account(lpb::GetAccountRequest {
-                email: "probe@local".into(),
-            })
-            .await
-        {
-            Err(s) if s.code() == tonic::Code::Unavailable => {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
-            _ => return Ok(()),
-        }
-    }
-    anyhow::bail!("the ledger did not start")
-}
-
-async fn create_account(
-    admin: &mut LedgerClient,
-    email: &str,
-    deposit: i64,
-) -> anyhow::Result<String> {
-    let created = admin
-        .create_account(lpb::CreateAccountRequest {
-            email: email.into(),
-            organization: "demo".into(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    if deposit > 0 {
-        admin
-            .deposit(lpb::DepositRequest {
-                email: email.into(),
-                amount_micros: deposit,
-                idempotency_key: format!("welcome-{email}"),
-            })
-            .await?;
-    }
-    Ok(created.secret)
-}
-
-async fn issue_token(ledger_url: &str, secret: &str, recipient: &str) -> anyhow::Result<String> {
-    Ok(connect_lazy(ledger_url, secret)?
-        .issue_token(lpb::IssueTokenRequest {
-            recipient_email: recipient.into(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .token)
-}
-
 fn random_key() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
@@ -212,7 +159,7 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
         _ => {
             let owner_secret = create_account(&mut admin, DEV_OWNER, 0).await?;
             let user_secret = create_account(&mut admin, DEV_USER, 10_000_000).await?;
-            let user_token = issue_token(&ledger_url, &user_secret, DEV_OWNER).await?;
+            let user_token = issue_token(&mut connect_lazy(&ledger_url, &user_secret)?, DEV_OWNER).await?;
             let c = DevCredentials {
                 admin_key,
                 owner_email: DEV_OWNER.into(),
@@ -341,7 +288,7 @@ pub async fn demo(_args: DemoArgs) -> anyhow::Result<()> {
     let mut routers = Vec::new();
     for (name, owner, pricing) in services {
         let owner_secret = create_account(&mut admin, owner, 0).await?;
-        let token = issue_token(&ledger_url, &alice_secret, owner).await?;
+        let token = issue_token(&mut connect_lazy(&ledger_url, &alice_secret)?, owner).await?;
         let mut config = RouterConfig::new(name, owner).with_chat_pricing(pricing);
         config.ledger.url = ledger_url.clone();
         config.ledger.secret = owner_secret;
