@@ -14,7 +14,7 @@ use syft_ledger::LedgerConfig;
 use syft_proto::ledger as pb;
 use tokio::sync::Mutex;
 
-use crate::setup::{create_account, issue_token};
+use crate::setup::{create_account, issue_token, verify_ledger};
 
 pub use crate::bench_router::RouterBench;
 
@@ -335,14 +335,7 @@ async fn bench_ledger(b: &LedgerBench, shape: Shape) -> anyhow::Result<()> {
     let _ = stop_tx.send(());
     server.await??;
     // Every benchmark run must also leave a consistent ledger.
-    let store = syft_ledger::Store::connect(&db.url, 2).await?;
-    let report = store.verify().await?;
-    store.close().await;
-    anyhow::ensure!(
-        report.is_ok(),
-        "ledger inconsistent after the benchmark: {:?}",
-        report.problems
-    );
+    let report = verify_ledger(&db.url).await?;
     println!("  verify: ok ({} transfers)", report.transfers);
     db.drop_db().await;
     Ok(())

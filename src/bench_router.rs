@@ -21,7 +21,7 @@ use syft_router_svc::{OpenAiConfig, Pricing, RouterConfig, UpstreamConfig};
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 
-use crate::setup::{create_account, issue_token, wait_for_ledger};
+use crate::setup::{create_account, issue_token, verify_ledger, wait_for_ledger};
 
 #[derive(Args, Debug)]
 pub struct RouterBench {
@@ -278,14 +278,7 @@ pub async fn run(b: &RouterBench) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     router.await?.context("router")?;
     ledger.await?.context("ledger")?;
-    let store = syft_ledger::Store::connect(&db.url, 2).await?;
-    let report = store.verify().await?;
-    store.close().await;
-    anyhow::ensure!(
-        report.is_ok(),
-        "ledger inconsistent after the benchmark: {:?}",
-        report.problems
-    );
+    let report = verify_ledger(&db.url).await?;
     println!(
         "  verify: ok ({} transfers, {} pending)",
         report.transfers, report.pending_transfers

@@ -61,3 +61,13 @@ pub async fn issue_token(sender: &mut LedgerClient, recipient: &str) -> anyhow::
         .into_inner()
         .token)
 }
+
+/// Connects to a ledger database, runs `verify`, and fails unless the ledger is consistent.
+pub async fn verify_ledger(database_url: &str) -> anyhow::Result<syft_ledger::store::VerifyReport> {
+    let store = syft_ledger::Store::connect(database_url, 2).await?;
+    let report = store.verify().await;
+    store.close().await;
+    let report = report?;
+    anyhow::ensure!(report.is_ok(), "ledger inconsistent: {:?}", report.problems);
+    Ok(report)
+}

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::Args;
 use serde::{Deserialize, Serialize};
-use syft_ledger::client::connect_lazy;
+use syft_ledger::client::{connect_lazy, LedgerClient};
 use syft_ledger::money::format_micros;
 use syft_ledger::LedgerConfig;
 use syft_proto::ledger as lpb;
@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use super::router::RouterSetup;
-use crate::setup::{create_account, issue_token, wait_for_ledger};
+use crate::setup::{create_account, issue_token, verify_ledger, wait_for_ledger};
 
 const DEV_OWNER: &str = "owner@router.local";
 const DEV_USER: &str = "alice@example.com";
@@ -79,11 +79,27 @@ impl Running {
         }
     }
 
-    async fn start_ledger(&mut self, config: LedgerConfig, listener: TcpListener) {
+    /// Serves a ledger on `addr` and returns its URL and an admin client, once it answers.
+    async fn start_ledger(
+        &mut self,
+        addr: &str,
+        database_url: &str,
+        admin_key: &str,
+    ) -> anyhow::Result<(String, LedgerClient)> {
+        let listener = bind(addr).await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let config = LedgerConfig {
+            database_url: database_url.to_string(),
+            admin_key: admin_key.to_string(),
+            ..LedgerConfig::default()
+        };
         let signal = self.signal();
         self.tasks.push(tokio::spawn(async move {
             Ok(syft_ledger::serve(config, listener, signal).await?)
         }));
+        let mut admin = connect_lazy(&url, admin_key)?;
+        wait_for_ledger(&mut admin).await?;
+        Ok((url, admin))
     }
 
     fn start_router(&mut self, config: RouterConfig, grpc: TcpListener, http: TcpListener) {
@@ -128,21 +144,10 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
         .map(|c| c.admin_key.clone())
         .unwrap_or_else(random_key);
 
-    let ledger_listener = bind(&args.ledger_grpc_addr).await?;
-    let ledger_url = format!("http://{}", ledger_listener.local_addr()?);
     let mut running = Running::new();
-    running
-        .start_ledger(
-            LedgerConfig {
-                database_url: database_url.clone(),
-                admin_key: admin_key.clone(),
-                ..LedgerConfig::default()
-            },
-            ledger_listener,
-        )
-        .await;
-    let mut admin = connect_lazy(&ledger_url, &admin_key)?;
-    wait_for_ledger(&mut admin).await?;
+    let (ledger_url, mut admin) = running
+        .start_ledger(&args.ledger_grpc_addr, &database_url, &admin_key)
+        .await?;
 
     let owner_exists = admin
         .get_account(lpb::GetAccountRequest {
@@ -248,21 +253,10 @@ pub async fn demo(_args: DemoArgs) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let database_url = format!("sqlite://{}?mode=rwc", dir.path().join("demo.db").display());
     let admin_key = random_key();
-    let ledger_listener = bind("127.0.0.1:0").await?;
-    let ledger_url = format!("http://{}", ledger_listener.local_addr()?);
     let mut running = Running::new();
-    running
-        .start_ledger(
-            LedgerConfig {
-                database_url: database_url.clone(),
-                admin_key: admin_key.clone(),
-                ..LedgerConfig::default()
-            },
-            ledger_listener,
-        )
-        .await;
-    let mut admin = connect_lazy(&ledger_url, &admin_key)?;
-    wait_for_ledger(&mut admin).await?;
+    let (ledger_url, mut admin) = running
+        .start_ledger("127.0.0.1:0", &database_url, &admin_key)
+        .await?;
 
     println!("== syft-router demo: embedded ledger (SQLite), echo model, two priced routers\n");
     let alice_secret = create_account(&mut admin, DEV_USER, 1_000_000).await?;
@@ -401,10 +395,7 @@ pub async fn demo(_args: DemoArgs) -> anyhow::Result<()> {
     super::client::print_usage_table(&usage.records);
 
     running.shutdown().await?;
-    let store = syft_ledger::Store::connect(&database_url, 1).await?;
-    let report = store.verify().await?;
-    store.close().await;
-    anyhow::ensure!(report.is_ok(), "ledger inconsistent: {:?}", report.problems);
+    verify_ledger(&database_url).await?;
     anyhow::ensure!(
         alice.balance_micros == 1_000_000 - expected_cost && alice.held_micros == 0,
         "alice was charged {} but the answers cost {}",
