@@ -71,14 +71,6 @@ impl LedgerError {
             _ => Self::Internal(message),
         }
     }
-
-    /// Business outcomes are final and replayed to idempotent retries; transient ones are not.
-    pub fn is_business_outcome(&self) -> bool {
-        matches!(
-            self,
-            Self::PermissionDenied(_) | Self::FailedPrecondition(_) | Self::NotFound(_)
-        )
-    }
 }
 
 impl From<LedgerError> for Status {

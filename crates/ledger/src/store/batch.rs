@@ -370,12 +370,12 @@ WITH input AS (
     FROM input WHERE in_n IN (SELECT in_n FROM funds_ok)
     RETURNING id
 )
-SELECT i.in_n, i.in_n IN (SELECT in_n FROM token_ok), i.in_n IN (SELECT in_n FROM funds_ok),
-       (SELECT COUNT(*) FROM tok) + (SELECT COUNT(*) FROM snd) + (SELECT COUNT(*) FROM ins)
+SELECT i.in_n, i.in_n IN (SELECT in_n FROM token_ok), i.in_n IN (SELECT in_n FROM funds_ok)
 FROM input i";
 
 /// Captures and voids a batch. Sender and token updates are aggregated so several resolutions for
-/// one sender in a batch move the right totals. The `lock_*` steps take row locks in a global order
+/// one sender in a batch move the right totals. Data-modifying CTEs always run to completion, so the
+/// final SELECT reads only what the caller needs. The `lock_*` steps take row locks in a global order
 /// (transfers, tokens, accounts; each by id) before anything is modified.
 static RESOLVE_BATCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
@@ -434,8 +434,7 @@ WITH input AS (
     ON CONFLICT (recipient_id, request_id) DO NOTHING
     RETURNING id
 )
-SELECT {TRANSFER_COLUMNS}, t.in_n, (SELECT COUNT(*) FROM s), (SELECT COUNT(*) FROM j),
-       (SELECT COUNT(*) FROM u)
+SELECT {TRANSFER_COLUMNS}, t.in_n
 FROM t JOIN accounts sa ON sa.id = t.sender_id JOIN accounts ra ON ra.id = t.recipient_id"
     )
 });

@@ -397,40 +397,6 @@ impl Store {
         row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).transpose()
     }
 
-    pub async fn update_secret_hash(
-        &self,
-        account_id: i64,
-        old_hash: &str,
-        new_hash: &str,
-    ) -> Result<()> {
-        let result =
-            sqlx::query("UPDATE accounts SET secret_hash = $1 WHERE id = $2 AND secret_hash = $3")
-                .bind(new_hash)
-                .bind(account_id)
-                .bind(old_hash)
-                .execute(&self.pool)
-                .await;
-        match result {
-            Ok(r) if r.rows_affected() == 1 => {
-                write_lock(&self.secrets).remove(old_hash);
-                Ok(())
-            }
-            Ok(_) => Err(LedgerError::Unauthenticated(
-                "old secret does not match".into(),
-            )),
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    pub async fn update_organization(&self, account_id: i64, organization: &str) -> Result<()> {
-        sqlx::query("UPDATE accounts SET organization = $1 WHERE id = $2")
-            .bind(organization)
-            .bind(account_id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
     /// Credits an account from the SYSTEM side. Replaying the key with the same email and amount
     /// returns the account without depositing again.
     pub async fn deposit(
