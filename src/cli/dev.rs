@@ -30,6 +30,9 @@ pub struct DevArgs {
     database_url: Option<String>,
     #[arg(long, env = "SYFT_LEDGER_GRPC_ADDR", default_value = "127.0.0.1:50051")]
     ledger_grpc_addr: String,
+    /// The ledger's HTTP port, serving the Syft accounting REST API in dev.
+    #[arg(long, env = "SYFT_LEDGER_HTTP_ADDR", default_value = "127.0.0.1:8081")]
+    ledger_http_addr: String,
     #[arg(long, env = "SYFT_ROUTER_GRPC_ADDR", default_value = "127.0.0.1:50052")]
     router_grpc_addr: String,
     #[arg(long, env = "SYFT_ROUTER_HTTP_ADDR", default_value = "127.0.0.1:8080")]
@@ -79,23 +82,30 @@ impl Running {
         }
     }
 
-    /// Serves a ledger on `addr` and returns its URL and an admin client, once it answers.
+    /// Serves a ledger on `addr` (and the accounting REST API on `http_addr`) and returns its URL
+    /// and an admin client, once it answers.
     async fn start_ledger(
         &mut self,
         addr: &str,
+        http_addr: Option<&str>,
         database_url: &str,
         admin_key: &str,
     ) -> anyhow::Result<(String, LedgerClient)> {
         let listener = bind(addr).await?;
         let url = format!("http://{}", listener.local_addr()?);
+        let http_listener = match http_addr {
+            Some(a) => Some(bind(a).await?),
+            None => None,
+        };
         let config = LedgerConfig {
             database_url: database_url.to_string(),
             admin_key: admin_key.to_string(),
+            accounting_api: http_listener.is_some(),
             ..LedgerConfig::default()
         };
         let signal = self.signal();
         self.tasks.push(tokio::spawn(async move {
-            Ok(syft_ledger::serve(config, listener, signal).await?)
+            Ok(syft_ledger::serve_with_http(config, listener, http_listener, signal).await?)
         }));
         let mut admin = connect_lazy(&url, admin_key)?;
         wait_for_ledger(&mut admin).await?;
@@ -146,7 +156,12 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
 
     let mut running = Running::new();
     let (ledger_url, mut admin) = running
-        .start_ledger(&args.ledger_grpc_addr, &database_url, &admin_key)
+        .start_ledger(
+            &args.ledger_grpc_addr,
+            Some(&args.ledger_http_addr),
+            &database_url,
+            &admin_key,
+        )
         .await?;
 
     let owner_exists = admin
@@ -201,6 +216,10 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
 
     println!("syft-router dev is running (Ctrl-C to stop)");
     println!("  ledger  gRPC  {ledger_url}   database {database_url}");
+    println!(
+        "  ledger  HTTP  http://{}   (Syft accounting REST API)",
+        args.ledger_http_addr
+    );
     println!("  router  gRPC  http://{grpc_addr}");
     println!("  router  HTTP  http://{http_addr}/v1/chat/completions   (OpenAI-compatible)");
     println!("  credentials   {}", creds_path.display());
@@ -221,6 +240,10 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     println!(
         "  SYFT_LEDGER_URL={ledger_url} SYFT_SECRET={} syft-router usage",
         creds.owner_secret
+    );
+    println!(
+        "  curl -s -u {}:{} http://{}/user/my-info",
+        creds.user_email, creds.user_secret, args.ledger_http_addr
     );
     super::shutdown_signal().await;
     running.shutdown().await
@@ -255,7 +278,7 @@ pub async fn demo(_args: DemoArgs) -> anyhow::Result<()> {
     let admin_key = random_key();
     let mut running = Running::new();
     let (ledger_url, mut admin) = running
-        .start_ledger("127.0.0.1:0", &database_url, &admin_key)
+        .start_ledger("127.0.0.1:0", None, &database_url, &admin_key)
         .await?;
 
     println!("== syft-router demo: embedded ledger (SQLite), echo model, two priced routers\n");

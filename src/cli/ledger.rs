@@ -57,6 +57,16 @@ pub struct ServeArgs {
         default_value = "127.0.0.1:50051"
     )]
     pub grpc_addr: String,
+    /// HTTP listen address: /healthz, /readyz and, with --accounting-api, the accounting REST API.
+    #[arg(
+        long = "http-addr",
+        env = "SYFT_LEDGER_HTTP_ADDR",
+        default_value = "127.0.0.1:8081"
+    )]
+    pub http_addr: String,
+    /// Serve the Syft accounting REST API (what syft-accounting-sdk speaks) on the HTTP port.
+    #[arg(long, env = "SYFT_LEDGER_ACCOUNTING_API", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub accounting_api: bool,
     #[command(flatten)]
     pub db: DatabaseArgs,
     /// Admin bearer key (create accounts, deposit, read everything). Unset: admin calls are refused.
@@ -67,9 +77,23 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     pub admin_key: String,
-    /// Accounting backend. Only `local` is available in this version.
-    #[arg(long, env = "SYFT_LEDGER_BACKEND", default_value = "local")]
+    /// Accounting backend: `local` (balances in the database) or `hosted` (a remote service that
+    /// speaks the Syft accounting REST API; see docs/hosted.md).
+    #[arg(long, env = "SYFT_LEDGER_BACKEND", default_value = "local", value_parser = ["local", "hosted"])]
     pub backend: String,
+    /// hosted: base URL of the accounting service.
+    #[arg(long, env = "SYFT_ACCOUNTING_URL")]
+    pub accounting_url: Option<String>,
+    /// hosted: the router owner's email there.
+    #[arg(long, env = "SYFT_ACCOUNTING_EMAIL")]
+    pub accounting_email: Option<String>,
+    /// hosted: the router owner's password there (prefer the env var). Routers authenticate to
+    /// this ledger with the same password.
+    #[arg(long, env = "SYFT_ACCOUNTING_PASSWORD", hide_env_values = true)]
+    pub accounting_password: Option<String>,
+    /// hosted: timeout of one call to the accounting service.
+    #[arg(long, env = "SYFT_ACCOUNTING_TIMEOUT", default_value = "10s", value_parser = super::parse_duration)]
+    pub accounting_timeout: Duration,
     /// Default lifetime of a hold (e.g. 300s, 5m).
     #[arg(long, env = "SYFT_LEDGER_HOLD_TTL", default_value = "5m", value_parser = super::parse_duration)]
     pub hold_ttl: Duration,
@@ -99,12 +123,26 @@ pub struct ServeArgs {
 
 impl ServeArgs {
     pub fn config(&self) -> anyhow::Result<LedgerConfig> {
-        if self.backend != "local" {
-            anyhow::bail!(
-                "backend {:?} is not available in this version; use local",
-                self.backend
-            );
-        }
+        let hosted = match self.backend.as_str() {
+            "hosted" => {
+                let (Some(url), Some(email), Some(password)) = (
+                    &self.accounting_url,
+                    &self.accounting_email,
+                    &self.accounting_password,
+                ) else {
+                    anyhow::bail!("backend hosted needs SYFT_ACCOUNTING_URL, SYFT_ACCOUNTING_EMAIL and SYFT_ACCOUNTING_PASSWORD");
+                };
+                if self.accounting_api {
+                    anyhow::bail!("--accounting-api serves local accounting; it cannot be combined with backend hosted");
+                }
+                let mut hosted = syft_ledger::HostedConfig::new(url, email, password);
+                hosted.timeout = self.accounting_timeout;
+                // A driver must finish every remote step of one resolution within its lease.
+                hosted.lease = (self.accounting_timeout * 12).max(Duration::from_secs(30));
+                Some(hosted)
+            }
+            _ => None,
+        };
         if self.hold_ttl > self.max_hold_ttl {
             anyhow::bail!("--hold-ttl must not exceed --max-hold-ttl");
         }
@@ -118,6 +156,8 @@ impl ServeArgs {
             max_amount_micros: self.max_amount_micros,
             max_connections: self.max_connections,
             batch_workers: self.batch_workers,
+            accounting_api: self.accounting_api,
+            hosted,
         })
     }
 }
@@ -137,7 +177,16 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&args.grpc_addr)
         .await
         .with_context(|| format!("cannot listen on {}", args.grpc_addr))?;
-    syft_ledger::serve(config, listener, super::shutdown_signal()).await?;
+    let http_listener = tokio::net::TcpListener::bind(&args.http_addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.http_addr))?;
+    syft_ledger::serve_with_http(
+        config,
+        listener,
+        Some(http_listener),
+        super::shutdown_signal(),
+    )
+    .await?;
     Ok(())
 }
 

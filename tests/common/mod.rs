@@ -52,6 +52,8 @@ pub async fn fresh_database(postgres: bool) -> Option<(String, Db)> {
 
 pub struct LedgerServer {
     pub addr: SocketAddr,
+    /// Probes, and the accounting REST API when the config enables it.
+    pub http_addr: SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<syft_ledger::Result<()>>,
 }
@@ -62,12 +64,22 @@ impl LedgerServer {
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let http_addr = http.local_addr().expect("addr");
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(syft_ledger::serve(config, listener, async {
-            let _ = rx.await;
-        }));
+        let task = tokio::spawn(syft_ledger::serve_with_http(
+            config,
+            listener,
+            Some(http),
+            async {
+                let _ = rx.await;
+            },
+        ));
         let server = Self {
             addr,
+            http_addr,
             shutdown: Some(tx),
             task,
         };
@@ -88,6 +100,10 @@ impl LedgerServer {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.http_addr)
     }
 
     pub async fn stop(mut self) {
@@ -125,6 +141,7 @@ impl Harness {
             admin_key: ADMIN_KEY.into(),
             sweep_interval: Duration::from_millis(200),
             max_connections: 8,
+            accounting_api: true,
             ..LedgerConfig::default()
         };
         tweak(&mut config);
@@ -141,6 +158,10 @@ impl Harness {
 
     pub fn url(&self) -> String {
         self.server.as_ref().expect("server running").url()
+    }
+
+    pub fn http_url(&self) -> String {
+        self.server.as_ref().expect("server running").http_url()
     }
 
     pub fn admin(&self) -> LedgerClient {

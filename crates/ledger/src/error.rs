@@ -18,6 +18,9 @@ pub enum LedgerError {
     /// Idempotency key reused with other parameters; account exists.
     #[error("{0}")]
     AlreadyExists(String),
+    /// Rate limit or quota (from the hosted accounting service).
+    #[error("{0}")]
+    ResourceExhausted(String),
     #[error("{0}")]
     Unavailable(String),
     /// Details are logged, never sent to clients.
@@ -40,6 +43,7 @@ impl LedgerError {
             Self::FailedPrecondition(_) => Code::FailedPrecondition,
             Self::NotFound(_) => Code::NotFound,
             Self::AlreadyExists(_) => Code::AlreadyExists,
+            Self::ResourceExhausted(_) => Code::ResourceExhausted,
             Self::Unavailable(_) => Code::Unavailable,
             Self::Internal(_) => Code::Internal,
         }
@@ -54,6 +58,7 @@ impl LedgerError {
             Self::FailedPrecondition(_) => "FAILED_PRECONDITION",
             Self::NotFound(_) => "NOT_FOUND",
             Self::AlreadyExists(_) => "ALREADY_EXISTS",
+            Self::ResourceExhausted(_) => "RESOURCE_EXHAUSTED",
             Self::Unavailable(_) => "UNAVAILABLE",
             Self::Internal(_) => "INTERNAL",
         }
@@ -67,6 +72,7 @@ impl LedgerError {
             "FAILED_PRECONDITION" => Self::FailedPrecondition(message),
             "NOT_FOUND" => Self::NotFound(message),
             "ALREADY_EXISTS" => Self::AlreadyExists(message),
+            "RESOURCE_EXHAUSTED" => Self::ResourceExhausted(message),
             "UNAVAILABLE" => Self::Unavailable(message),
             _ => Self::Internal(message),
         }

@@ -4,7 +4,10 @@
 pub mod auth;
 pub mod client;
 pub mod error;
+pub mod hosted;
+pub mod http;
 pub mod money;
+pub mod rest;
 pub mod service;
 pub mod store;
 pub mod validate;
@@ -17,6 +20,7 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
 pub use error::{LedgerError, Result};
+pub use hosted::HostedConfig;
 pub use service::LedgerService;
 pub use store::Store;
 
@@ -40,6 +44,10 @@ pub struct LedgerConfig {
     pub max_connections: u32,
     /// Postgres write batches in flight at once (see `store/batch.rs`).
     pub batch_workers: usize,
+    /// Serve the Syft accounting REST API on the HTTP port (local backend only).
+    pub accounting_api: bool,
+    /// `Some`: backend = hosted, transfers are made on this remote accounting service.
+    pub hosted: Option<HostedConfig>,
 }
 
 impl Default for LedgerConfig {
@@ -55,6 +63,8 @@ impl Default for LedgerConfig {
             max_amount_micros: 1_000_000_000_000,
             max_connections: 16,
             batch_workers: store::DEFAULT_BATCH_WORKERS,
+            accounting_api: false,
+            hosted: None,
         }
     }
 }
@@ -66,6 +76,16 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    serve_with_http(config, listener, None, shutdown).await
+}
+
+/// Like [`serve`], plus the HTTP port (probes, and the accounting REST API when enabled).
+pub async fn serve_with_http(
+    config: LedgerConfig,
+    listener: TcpListener,
+    http_listener: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     let store = Arc::new(
         Store::connect_with(
             &config.database_url,
@@ -74,7 +94,7 @@ pub async fn serve(
         )
         .await?,
     );
-    serve_with_store(store, config, listener, shutdown).await
+    serve_with_store(store, config, listener, http_listener, shutdown).await
 }
 
 /// Like [`serve`], over an already connected store.
@@ -82,21 +102,73 @@ pub async fn serve_with_store(
     store: Arc<Store>,
     config: LedgerConfig,
     listener: TcpListener,
+    http_listener: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let config = Arc::new(config);
-    let sweeper = tokio::spawn(run_sweeper(store.clone(), config.sweep_interval));
-    let service = LedgerService::new(store.clone(), config.clone());
+    let mut service = LedgerService::new(store.clone(), config.clone());
+    let mut background = vec![tokio::spawn(run_sweeper(
+        store.clone(),
+        config.sweep_interval,
+    ))];
+    if let Some(hosted_config) = &config.hosted {
+        if config.accounting_api {
+            return Err(LedgerError::invalid(
+                "the accounting REST API is served over local accounting only, not with backend = hosted",
+            ));
+        }
+        let hosted = Arc::new(
+            hosted::Hosted::start(store.clone(), hosted_config.clone(), &config.currency).await?,
+        );
+        background.push(tokio::spawn(hosted::run_recovery(
+            hosted.clone(),
+            config.sweep_interval.max(Duration::from_secs(1)),
+        )));
+        service = service.with_hosted(hosted);
+    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
     let addr = listener.local_addr().ok();
-    tracing::info!(?addr, backend = ?store.backend(), "ledger serving gRPC");
-    let result = tonic::transport::Server::builder()
+    let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
+    tracing::info!(
+        ?addr,
+        ?http_addr,
+        database = ?store.backend(),
+        hosted = config.hosted.is_some(),
+        accounting_api = config.accounting_api,
+        "ledger serving"
+    );
+    let grpc = tonic::transport::Server::builder()
         .add_service(syft_proto::ledger::ledger_server::LedgerServer::new(
-            service,
+            service.clone(),
         ))
-        .serve_with_incoming_shutdown(incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming(listener), stopped(stop_rx.clone()));
+    let grpc = async {
+        grpc.await
+            .map_err(|e| LedgerError::Unavailable(format!("gRPC server failed: {e}")))
+    };
+    let http = async {
+        let Some(http_listener) = http_listener else {
+            return Ok(());
+        };
+        axum::serve(
+            http_listener,
+            http::router(service.clone(), config.accounting_api),
+        )
+        .with_graceful_shutdown(stopped(stop_rx.clone()))
         .await
-        .map_err(|e| LedgerError::Unavailable(format!("gRPC server failed: {e}")));
-    sweeper.abort();
+        .map_err(|e| LedgerError::Unavailable(format!("HTTP server failed: {e}")))
+    };
+    let result = tokio::try_join!(grpc, http).map(|_| ());
+    for task in background {
+        task.abort();
+    }
     tracing::info!("ledger stopped");
     result
 }

@@ -8,6 +8,7 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::{authenticate, generate_secret, Caller};
 use crate::error::{LedgerError, Result};
+use crate::hosted::{Hosted, HostedAuthorize};
 use crate::money::check_positive;
 use crate::store::{
     now_micros, sha256_hex, AccountRow, AuthorizeInput, CaptureAmount, Resolution, ResolveInput,
@@ -23,11 +24,40 @@ const MAX_PAGE: u32 = 500;
 pub struct LedgerService {
     store: Arc<Store>,
     config: Arc<LedgerConfig>,
+    /// `backend = hosted`: transfers live on the remote accounting service.
+    hosted: Option<Arc<Hosted>>,
 }
 
 impl LedgerService {
     pub fn new(store: Arc<Store>, config: Arc<LedgerConfig>) -> Self {
-        Self { store, config }
+        Self {
+            store,
+            config,
+            hosted: None,
+        }
+    }
+
+    pub fn with_hosted(mut self, hosted: Arc<Hosted>) -> Self {
+        self.hosted = Some(hosted);
+        self
+    }
+
+    /// Accounts, deposits and tokens belong to the remote service when the backend is hosted.
+    fn local_only(&self, what: &str) -> Result<()> {
+        match &self.hosted {
+            Some(_) => Err(LedgerError::FailedPrecondition(format!(
+                "{what} is managed by the hosted accounting service (this ledger runs backend = hosted)"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    pub(crate) fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    pub(crate) fn config(&self) -> &LedgerConfig {
+        &self.config
     }
 
     async fn caller<T>(&self, request: &Request<T>) -> Result<Caller> {
@@ -43,7 +73,7 @@ impl LedgerService {
         authenticate(&self.store, &self.config.admin_key, header).await
     }
 
-    fn require_admin(caller: &Caller) -> Result<()> {
+    pub(crate) fn require_admin(caller: &Caller) -> Result<()> {
         if caller.is_admin() {
             Ok(())
         } else {
@@ -51,7 +81,7 @@ impl LedgerService {
         }
     }
 
-    async fn account(&self, email: &str) -> Result<AccountRow> {
+    pub(crate) async fn account(&self, email: &str) -> Result<AccountRow> {
         self.store
             .account_by_email(email)
             .await?
@@ -92,12 +122,13 @@ impl LedgerService {
         })
     }
 
-    async fn create_account(
+    pub(crate) async fn create_account(
         &self,
         caller: &Caller,
         req: pb::CreateAccountRequest,
     ) -> Result<pb::CreateAccountResponse> {
         Self::require_admin(caller)?;
+        self.local_only("account creation")?;
         let email = validate::email("email", &req.email)?;
         let organization = validate::text("organization", &req.organization, MAX_NAME, false)?;
         let currency = match &req.currency {
@@ -126,7 +157,77 @@ impl LedgerService {
         })
     }
 
-    async fn authorize(&self, caller: &Caller, req: pb::AuthorizeRequest) -> Result<TransferRow> {
+    pub(crate) async fn deposit(
+        &self,
+        caller: &Caller,
+        req: pb::DepositRequest,
+    ) -> Result<AccountRow> {
+        Self::require_admin(caller)?;
+        self.local_only("depositing")?;
+        let email = validate::email("email", &req.email)?;
+        let amount = check_positive(
+            "amount_micros",
+            req.amount_micros,
+            self.config.max_amount_micros,
+        )?;
+        let key = validate::text("idempotency_key", &req.idempotency_key, MAX_KEY, true)?;
+        let account = self.store.deposit(&email, amount, key).await?;
+        tracing::info!(account = %email, amount, "deposit");
+        Ok(account)
+    }
+
+    pub(crate) async fn issue_token(
+        &self,
+        caller: &Caller,
+        req: pb::IssueTokenRequest,
+    ) -> Result<pb::IssueTokenResponse> {
+        let sender = caller.account()?;
+        self.local_only("issuing tokens")?;
+        let recipient_email = validate::email("recipient_email", &req.recipient_email)?;
+        if recipient_email == sender.email {
+            return Err(LedgerError::invalid(
+                "a token must be issued to another account",
+            ));
+        }
+        if let Some(expires) = req.expires_at_unix_micros {
+            if expires <= now_micros() {
+                return Err(LedgerError::invalid("expires_at must be in the future"));
+            }
+        }
+        if let Some(limit) = req.spend_limit_micros {
+            check_positive("spend_limit_micros", limit, self.config.max_amount_micros)?;
+        }
+        let recipient = self.account(&recipient_email).await?;
+        if recipient.currency != sender.currency {
+            return Err(LedgerError::FailedPrecondition(format!(
+                "currencies differ: {} pays in {}, {} is paid in {}",
+                sender.email, sender.currency, recipient.email, recipient.currency
+            )));
+        }
+        let issued = self
+            .store
+            .issue_token(
+                sender,
+                &recipient,
+                req.expires_at_unix_micros,
+                req.spend_limit_micros,
+            )
+            .await?;
+        Ok(pb::IssueTokenResponse {
+            token: issued.token,
+            token_id: issued.id,
+            sender_email: sender.email.clone(),
+            recipient_email,
+            expires_at_unix_micros: issued.expires_at,
+            spend_limit_micros: issued.spend_limit,
+        })
+    }
+
+    pub(crate) async fn authorize(
+        &self,
+        caller: &Caller,
+        req: pb::AuthorizeRequest,
+    ) -> Result<TransferRow> {
         let recipient = caller.account()?;
         let sender_email = validate::email("sender_email", &req.sender_email)?;
         let amount = check_positive(
@@ -148,6 +249,19 @@ impl LedgerService {
                 )))
             }
         };
+        if let Some(hosted) = &self.hosted {
+            return hosted
+                .authorize(&HostedAuthorize {
+                    sender_email: &sender_email,
+                    amount,
+                    token,
+                    app_name,
+                    app_ep_path,
+                    idempotency_key: key,
+                    ttl_micros: ttl,
+                })
+                .await;
+        }
         let transfer = self
             .store
             .authorize(&AuthorizeInput {
@@ -166,7 +280,11 @@ impl LedgerService {
         Ok(transfer)
     }
 
-    async fn capture(&self, caller: &Caller, req: pb::CaptureRequest) -> Result<TransferRow> {
+    pub(crate) async fn capture(
+        &self,
+        caller: &Caller,
+        req: pb::CaptureRequest,
+    ) -> Result<TransferRow> {
         let recipient = caller.account()?;
         let transfer_id = validate::text("transfer_id", &req.transfer_id, MAX_KEY, true)?;
         let amount = match req.amount {
@@ -184,17 +302,21 @@ impl LedgerService {
             }
         };
         let usage = req.usage.as_ref().map(|u| self.usage(u)).transpose()?;
+        if let Some(hosted) = &self.hosted {
+            return hosted.capture(transfer_id, amount, usage.as_ref()).await;
+        }
         self.store
             .resolve(&ResolveInput {
                 transfer_id,
                 recipient_id: Some(recipient.id),
                 resolution: Resolution::Capture(amount),
                 usage: usage.as_ref(),
+                by_sender: false,
             })
             .await
     }
 
-    async fn void(&self, caller: &Caller, req: pb::VoidRequest) -> Result<TransferRow> {
+    pub(crate) async fn void(&self, caller: &Caller, req: pb::VoidRequest) -> Result<TransferRow> {
         let recipient = caller.account()?;
         let transfer_id = validate::text("transfer_id", &req.transfer_id, MAX_KEY, true)?;
         let reason = validate::text("reason", &req.reason, MAX_REASON, false)?;
@@ -204,6 +326,11 @@ impl LedgerService {
             reason
         };
         let usage = req.usage.as_ref().map(|u| self.usage(u)).transpose()?;
+        if let Some(hosted) = &self.hosted {
+            return hosted
+                .void(transfer_id, reason, "RECIPIENT", usage.as_ref())
+                .await;
+        }
         self.store
             .resolve(&ResolveInput {
                 transfer_id,
@@ -212,6 +339,7 @@ impl LedgerService {
                     reason: reason.to_string(),
                 },
                 usage: usage.as_ref(),
+                by_sender: false,
             })
             .await
     }
@@ -257,7 +385,18 @@ impl LedgerService {
             before_id: decode_page_token(&req.page_token)?,
             limit,
         };
-        let (rows, has_more) = self.store.list_transfers(&filter).await?;
+        let (rows, has_more) = match &self.hosted {
+            Some(hosted) => {
+                hosted
+                    .list(
+                        filter.status.as_deref(),
+                        filter.before_id.as_deref(),
+                        filter.limit,
+                    )
+                    .await?
+            }
+            None => self.store.list_transfers(&filter).await?,
+        };
         let next_page_token = match (has_more, rows.last()) {
             (true, Some(last)) => encode_page_token(&last.id),
             _ => String::new(),
@@ -337,6 +476,15 @@ impl pb::ledger_server::Ledger for LedgerService {
                 LedgerError::PermissionDenied("you may read only your own account".into()).into(),
             );
         }
+        if let Some(hosted) = &self.hosted {
+            if email != hosted.owner_email() {
+                return Err(LedgerError::NotFound(format!(
+                    "account {email} is not known to this hosted ledger"
+                ))
+                .into());
+            }
+            return Ok(Response::new(hosted.account().await?));
+        }
         Ok(Response::new(account_pb(&self.account(&email).await?)))
     }
 
@@ -345,17 +493,7 @@ impl pb::ledger_server::Ledger for LedgerService {
         request: Request<pb::DepositRequest>,
     ) -> Result<Response<pb::Account>, Status> {
         let caller = self.caller(&request).await?;
-        Self::require_admin(&caller)?;
-        let req = request.into_inner();
-        let email = validate::email("email", &req.email)?;
-        let amount = check_positive(
-            "amount_micros",
-            req.amount_micros,
-            self.config.max_amount_micros,
-        )?;
-        let key = validate::text("idempotency_key", &req.idempotency_key, MAX_KEY, true)?;
-        let account = self.store.deposit(&email, amount, key).await?;
-        tracing::info!(account = %email, amount, "deposit");
+        let account = self.deposit(&caller, request.into_inner()).await?;
         Ok(Response::new(account_pb(&account)))
     }
 
@@ -364,45 +502,9 @@ impl pb::ledger_server::Ledger for LedgerService {
         request: Request<pb::IssueTokenRequest>,
     ) -> Result<Response<pb::IssueTokenResponse>, Status> {
         let caller = self.caller(&request).await?;
-        let sender = caller.account()?;
-        let req = request.into_inner();
-        let recipient_email = validate::email("recipient_email", &req.recipient_email)?;
-        if recipient_email == sender.email {
-            return Err(LedgerError::invalid("a token must be issued to another account").into());
-        }
-        if let Some(expires) = req.expires_at_unix_micros {
-            if expires <= now_micros() {
-                return Err(LedgerError::invalid("expires_at must be in the future").into());
-            }
-        }
-        if let Some(limit) = req.spend_limit_micros {
-            check_positive("spend_limit_micros", limit, self.config.max_amount_micros)?;
-        }
-        let recipient = self.account(&recipient_email).await?;
-        if recipient.currency != sender.currency {
-            return Err(LedgerError::FailedPrecondition(format!(
-                "currencies differ: {} pays in {}, {} is paid in {}",
-                sender.email, sender.currency, recipient.email, recipient.currency
-            ))
-            .into());
-        }
-        let issued = self
-            .store
-            .issue_token(
-                sender,
-                &recipient,
-                req.expires_at_unix_micros,
-                req.spend_limit_micros,
-            )
-            .await?;
-        Ok(Response::new(pb::IssueTokenResponse {
-            token: issued.token,
-            token_id: issued.id,
-            sender_email: sender.email.clone(),
-            recipient_email,
-            expires_at_unix_micros: issued.expires_at,
-            spend_limit_micros: issued.spend_limit,
-        }))
+        Ok(Response::new(
+            self.issue_token(&caller, request.into_inner()).await?,
+        ))
     }
 
     async fn revoke_token(
@@ -411,6 +513,7 @@ impl pb::ledger_server::Ledger for LedgerService {
     ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
         let caller = self.caller(&request).await?;
         let sender = caller.account()?;
+        self.local_only("revoking tokens")?;
         let token = validate::text("token", &request.get_ref().token, 512, true)?;
         let (token_id, revoked_at) = self.store.revoke_token(sender.id, token).await?;
         Ok(Response::new(pb::RevokeTokenResponse {
@@ -453,7 +556,11 @@ impl pb::ledger_server::Ledger for LedgerService {
         let caller = self.caller(&request).await?;
         let id = validate::text("transfer_id", &request.get_ref().transfer_id, MAX_KEY, true)?;
         let not_found = || LedgerError::NotFound(format!("transfer {id} not found"));
-        let transfer = self.store.transfer_by_id(id).await?.ok_or_else(not_found)?;
+        let transfer = match &self.hosted {
+            Some(hosted) => hosted.transfer(id).await?,
+            None => self.store.transfer_by_id(id).await?,
+        }
+        .ok_or_else(not_found)?;
         if !(caller.may_see(&transfer.sender_email) || caller.may_see(&transfer.recipient_email)) {
             return Err(not_found().into());
         }

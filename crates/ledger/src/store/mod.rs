@@ -19,7 +19,7 @@ use sqlx::{AnyPool, Executor, Row};
 use crate::error::{is_retryable, is_unique_violation, LedgerError, Result};
 
 pub use query::{TransferFilter, UsageFilter, UsagePage, UsageTotals};
-pub use transfer::{AuthorizeInput, CaptureAmount, Resolution, ResolveInput};
+pub use transfer::{AuthorizeInput, CaptureAmount, DirectInput, Resolution, ResolveInput};
 pub use verify::VerifyReport;
 
 static PG_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
@@ -97,7 +97,7 @@ pub struct TransferRow {
 }
 
 /// A usage row as written; `cost` and `transfer_id` are set by the ledger, not the caller.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct UsageInput {
     pub request_id: String,
     pub app_name: String,
@@ -341,6 +341,49 @@ impl Store {
         let sql = format!("SELECT {ACCOUNT_COLUMNS} FROM accounts a ORDER BY a.id");
         let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
         rows.iter().map(account_from_row).collect()
+    }
+
+    /// Replaces an account's secret. Cached Bearer lookups of the old secret are dropped here; other
+    /// ledger replicas drop theirs within the cache TTL.
+    pub async fn update_secret_hash(&self, account_id: i64, secret_hash: &str) -> Result<()> {
+        sqlx::query("UPDATE accounts SET secret_hash = $1 WHERE id = $2")
+            .bind(secret_hash)
+            .bind(account_id)
+            .execute(&self.pool)
+            .await?;
+        write_lock(&self.secrets).clear();
+        Ok(())
+    }
+
+    pub async fn update_organization(&self, account_id: i64, organization: &str) -> Result<()> {
+        sqlx::query("UPDATE accounts SET organization = $1 WHERE id = $2")
+            .bind(organization)
+            .bind(account_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Creates the account, or sets its secret if it exists (the hosted backend's local mirror of
+    /// the router owner).
+    pub async fn ensure_account(
+        &self,
+        email: &str,
+        currency: &str,
+        secret_hash: &str,
+    ) -> Result<AccountRow> {
+        match self.create_account(email, "", currency, secret_hash).await {
+            Ok(account) => Ok(account),
+            Err(LedgerError::AlreadyExists(_)) => {
+                let account = self
+                    .account_by_email(email)
+                    .await?
+                    .ok_or_else(|| LedgerError::Internal("account vanished".into()))?;
+                self.update_secret_hash(account.id, secret_hash).await?;
+                Ok(account)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Account id for an email, cached: ids never change and accounts are never deleted.

@@ -240,7 +240,7 @@ impl Store {
     }
 }
 
-const USAGE_COLUMNS: &str = "u.id, r.email, u.transfer_id, u.cost, u.created_at, u.request_id, u.app_name, \
+const USAGE_COLUMNS: &str = "u.id, r.email, COALESCE(u.transfer_id, u.hosted_transfer_id), u.cost, u.created_at, u.request_id, u.app_name, \
      u.endpoint, u.user_email, u.model, u.prompt_tokens, u.completion_tokens, u.total_tokens, u.status, \
      u.latency_ms, u.upstream_latency_ms";
 

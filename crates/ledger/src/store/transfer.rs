@@ -47,6 +47,19 @@ pub struct ResolveInput<'a> {
     pub recipient_id: Option<i64>,
     pub resolution: Resolution,
     pub usage: Option<&'a UsageInput>,
+    /// The sender resolves its own direct transfer (REST compat API); `recipient_id` must then
+    /// be the transfer's recipient, checked by the caller.
+    pub by_sender: bool,
+}
+
+/// A hold placed by the sender itself, without a delegation token (REST compat API).
+pub struct DirectInput<'a> {
+    pub sender_id: i64,
+    pub recipient_id: i64,
+    pub amount: i64,
+    pub app_name: &'a str,
+    pub app_ep_path: &'a str,
+    pub ttl_micros: i64,
 }
 
 enum AuthorizeOutcome {
@@ -247,6 +260,63 @@ impl Store {
         }
     }
 
+    /// Places a hold the sender asked for itself (no token, created by SENDER). Not on the hot
+    /// path, so it is one short transaction on both backends.
+    pub async fn authorize_direct(&self, input: &DirectInput<'_>) -> Result<TransferRow> {
+        let id = new_id();
+        let mut rolled_up = false;
+        loop {
+            let now = now_micros();
+            let placed = retry_transient(|| async {
+                let mut tx = self.pool().begin().await?;
+                let funds = sqlx::query(
+                    "UPDATE accounts SET held = held + $1 WHERE id = $2 AND balance - held >= $1 \
+                     RETURNING currency",
+                )
+                .bind(input.amount)
+                .bind(input.sender_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let Some(funds) = funds else { return Ok(false) };
+                let currency: String = funds.try_get(0)?;
+                sqlx::query(
+                    "INSERT INTO transfers (id, sender_id, recipient_id, token_id, amount, currency, \
+                     status, created_by, app_name, app_ep_path, idempotency_key, request_hash, \
+                     created_at, expires_at) \
+                     VALUES ($1, $2, $3, NULL, $4, $5, 'PENDING', 'SENDER', $6, $7, $1, '', $8, $9)",
+                )
+                .bind(&id)
+                .bind(input.sender_id)
+                .bind(input.recipient_id)
+                .bind(input.amount)
+                .bind(&currency)
+                .bind(input.app_name)
+                .bind(input.app_ep_path)
+                .bind(now)
+                .bind(now.saturating_add(input.ttl_micros))
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(true)
+            })
+            .await?;
+            if placed {
+                return self
+                    .transfer_by_id(&id)
+                    .await?
+                    .ok_or_else(|| LedgerError::Internal("transfer vanished".into()));
+            }
+            if !rolled_up && self.roll_up(input.sender_id).await? > 0 {
+                rolled_up = true;
+                continue;
+            }
+            return Err(LedgerError::FailedPrecondition(format!(
+                "insufficient funds: {} micros requested",
+                input.amount
+            )));
+        }
+    }
+
     pub async fn transfer_by_id(&self, id: &str) -> Result<Option<TransferRow>> {
         let sql =
             format!("SELECT {TRANSFER_COLUMNS} FROM transfers t {TRANSFER_JOINS} WHERE t.id = $1");
@@ -338,6 +408,11 @@ impl Store {
                     "SYSTEM"
                 },
             ),
+        };
+        let resolved_by = if input.by_sender {
+            "SENDER"
+        } else {
+            resolved_by
         };
         // Captures must happen before expiry; the sweep may only cancel what has expired.
         let guard = match (status, input.recipient_id) {
@@ -460,6 +535,7 @@ impl Store {
                     reason: CANCEL_EXPIRED.into(),
                 },
                 usage: None,
+                by_sender: false,
             };
             match self.resolve(&input).await {
                 Ok(t) if t.resolved_by.as_deref() == Some("SYSTEM") => cancelled += 1,

@@ -314,7 +314,7 @@ impl LedgerHandle {
         let (tx, rx) = oneshot::channel();
         let s = store.clone();
         let task = tokio::spawn(async move {
-            let _ = syft_ledger::serve_with_store(s, config, listener, async {
+            let _ = syft_ledger::serve_with_store(s, config, listener, None, async {
                 let _ = rx.await;
             })
             .await;

@@ -1,0 +1,334 @@
+//! HTTP client for a remote service speaking the Syft accounting REST API, as the router owner.
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::error::LedgerError;
+use crate::money::format_micros;
+
+/// How a remote call failed; the difference decides whether a retry is safe.
+#[derive(Debug)]
+pub enum RemoteError {
+    /// The service answered with an error: nothing happened there.
+    Rejected { status: StatusCode, message: String },
+    /// The request never reached the service (connection refused, DNS): nothing happened there.
+    Unreachable(String),
+    /// Timeout, 5xx or a broken answer: the operation may or may not have happened.
+    Unknown(String),
+}
+
+impl RemoteError {
+    /// The ledger error a caller sees (DESIGN.md §6), with the remote's message.
+    pub fn into_ledger(self) -> LedgerError {
+        match self {
+            RemoteError::Rejected { status, message } => {
+                let message = format!("accounting service: {message}");
+                match status.as_u16() {
+                    400 | 422 => LedgerError::InvalidArgument(message),
+                    401 => LedgerError::Unavailable(
+                        "the accounting service rejected this ledger's credentials \
+                         (SYFT_ACCOUNTING_EMAIL / SYFT_ACCOUNTING_PASSWORD)"
+                            .into(),
+                    ),
+                    403 => LedgerError::PermissionDenied(message),
+                    404 => LedgerError::NotFound(message),
+                    429 => LedgerError::ResourceExhausted(message),
+                    _ => LedgerError::FailedPrecondition(message),
+                }
+            }
+            RemoteError::Unreachable(m) | RemoteError::Unknown(m) => {
+                LedgerError::Unavailable(format!("accounting service unavailable: {m}"))
+            }
+        }
+    }
+
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, RemoteError::Rejected { status, .. }
+            if *status == StatusCode::CONFLICT || *status == StatusCode::PAYMENT_REQUIRED)
+    }
+}
+
+/// A remote transaction, amounts converted exactly to micros.
+#[derive(Debug, Clone)]
+pub struct RemoteTx {
+    pub id: String,
+    pub sender_email: String,
+    pub recipient_email: String,
+    pub created_by: String,
+    pub status: String,
+    pub amount: i64,
+    pub created_at: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TxJson {
+    id: String,
+    sender_email: String,
+    recipient_email: String,
+    #[serde(default)]
+    created_by: String,
+    status: String,
+    amount: Box<RawValue>,
+    #[serde(default)]
+    created_at: Option<String>,
+}
+
+impl TxJson {
+    fn into_tx(self) -> Result<RemoteTx, RemoteError> {
+        Ok(RemoteTx {
+            amount: units_to_micros(&self.amount)?,
+            created_at: self.created_at.as_deref().and_then(parse_time),
+            id: self.id,
+            sender_email: self.sender_email.to_ascii_lowercase(),
+            recipient_email: self.recipient_email.to_ascii_lowercase(),
+            created_by: self.created_by,
+            status: self.status,
+        })
+    }
+}
+
+/// The remote's user record.
+#[derive(Debug, Clone)]
+pub struct RemoteUser {
+    pub email: String,
+    pub organization: String,
+    pub balance: i64,
+}
+
+fn units_to_micros(raw: &RawValue) -> Result<i64, RemoteError> {
+    let text = raw.get().trim().trim_matches('"');
+    syft_money::parse_decimal_micros(text, i64::MAX).map_err(|e| {
+        RemoteError::Unknown(format!(
+            "unreadable amount from the accounting service: {e}"
+        ))
+    })
+}
+
+/// ISO-8601 with or without an offset (naive times are taken as UTC).
+fn parse_time(text: &str) -> Option<i64> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
+        return Some(t.timestamp_micros());
+    }
+    chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f")
+        .ok()
+        .map(|t| t.and_utc().timestamp_micros())
+}
+
+#[derive(Clone)]
+pub struct RemoteClient {
+    http: reqwest::Client,
+    base: String,
+    email: String,
+    password: String,
+}
+
+impl RemoteClient {
+    pub fn new(
+        base: &str,
+        email: &str,
+        password: &str,
+        timeout: Duration,
+    ) -> Result<Self, LedgerError> {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .build()
+            .map_err(|e| LedgerError::Internal(format!("http client: {e}")))?;
+        Ok(Self {
+            http,
+            base: base.trim_end_matches('/').to_string(),
+            email: email.to_string(),
+            password: password.to_string(),
+        })
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<String>,
+        idempotency_key: Option<&str>,
+    ) -> Result<serde_json::Value, RemoteError> {
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .basic_auth(&self.email, Some(&self.password));
+        if let Some(body) = body {
+            request = request
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body);
+        }
+        if let Some(key) = idempotency_key {
+            request = request.header("Idempotency-Key", key);
+        }
+        let response = request.send().await.map_err(|e| {
+            if e.is_connect() {
+                RemoteError::Unreachable(e.to_string())
+            } else {
+                RemoteError::Unknown(e.to_string())
+            }
+        })?;
+        let status = response.status();
+        let text = response
+            .text()
+            .await
+            .map_err(|e| RemoteError::Unknown(format!("reading the answer: {e}")))?;
+        if status.is_server_error() {
+            return Err(RemoteError::Unknown(format!(
+                "{status}: {}",
+                error_message(&text)
+            )));
+        }
+        if !status.is_success() {
+            return Err(RemoteError::Rejected {
+                status,
+                message: error_message(&text),
+            });
+        }
+        serde_json::from_str(&text)
+            .map_err(|e| RemoteError::Unknown(format!("answer is not JSON: {e}")))
+    }
+
+    fn transaction(value: serde_json::Value) -> Result<RemoteTx, RemoteError> {
+        let tx = value
+            .get("transaction")
+            .cloned()
+            .ok_or_else(|| RemoteError::Unknown("answer has no transaction".into()))?;
+        serde_json::from_value::<TxJson>(tx)
+            .map_err(|e| RemoteError::Unknown(format!("unreadable transaction: {e}")))?
+            .into_tx()
+    }
+
+    /// A delegated transaction created by the owner (the recipient). `idempotency_key` is sent as
+    /// a header: a service that honours it makes retries safe, one that ignores it is still
+    /// handled (see `Hosted::sweep_orphans`).
+    pub async fn create(
+        &self,
+        sender_email: &str,
+        amount: i64,
+        token: &str,
+        app_name: &str,
+        app_ep_path: &str,
+        idempotency_key: &str,
+    ) -> Result<RemoteTx, RemoteError> {
+        let body = format!(
+            r#"{{"senderEmail":{},"recipientEmail":{},"amount":{},"token":{},"appName":{},"appEpPath":{}}}"#,
+            json_str(sender_email),
+            json_str(&self.email),
+            format_micros(amount),
+            json_str(token),
+            json_opt(app_name),
+            json_opt(app_ep_path),
+        );
+        let value = self
+            .call(
+                Method::POST,
+                "/transaction/create",
+                Some(body),
+                Some(idempotency_key),
+            )
+            .await?;
+        Self::transaction(value)
+    }
+
+    pub async fn confirm(&self, id: &str) -> Result<RemoteTx, RemoteError> {
+        let body = serde_json::json!({ "transactionId": id }).to_string();
+        Self::transaction(
+            self.call(Method::POST, "/transaction/confirm", Some(body), None)
+                .await?,
+        )
+    }
+
+    pub async fn cancel(&self, id: &str) -> Result<RemoteTx, RemoteError> {
+        let body = serde_json::json!({ "transactionId": id }).to_string();
+        Self::transaction(
+            self.call(Method::POST, "/transaction/cancel", Some(body), None)
+                .await?,
+        )
+    }
+
+    /// The owner's transactions (`status` is a filter the service may ignore; callers filter too).
+    pub async fn transactions(&self, status: Option<&str>) -> Result<Vec<RemoteTx>, RemoteError> {
+        let path = match status {
+            Some(s) => format!("/transactions?status={s}"),
+            None => "/transactions".into(),
+        };
+        let value = self.call(Method::GET, &path, None, None).await?;
+        let items = value
+            .get("transactions")
+            .and_then(|t| t.as_array())
+            .cloned()
+            .ok_or_else(|| RemoteError::Unknown("answer has no transactions".into()))?;
+        items
+            .into_iter()
+            .map(|item| {
+                serde_json::from_value::<TxJson>(item)
+                    .map_err(|e| RemoteError::Unknown(format!("unreadable transaction: {e}")))?
+                    .into_tx()
+            })
+            .collect()
+    }
+
+    pub async fn my_info(&self) -> Result<RemoteUser, RemoteError> {
+        let value = self.call(Method::GET, "/user/my-info", None, None).await?;
+        let user = value
+            .get("user")
+            .ok_or_else(|| RemoteError::Unknown("answer has no user".into()))?;
+        let balance: Box<RawValue> =
+            serde_json::from_value(user.get("balance").cloned().unwrap_or_default())
+                .map_err(|e| RemoteError::Unknown(format!("unreadable balance: {e}")))?;
+        Ok(RemoteUser {
+            email: user
+                .get("email")
+                .and_then(|v| v.as_str())
+                .unwrap_or(&self.email)
+                .to_string(),
+            organization: user
+                .get("organization")
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_string(),
+            balance: units_to_micros(&balance)?,
+        })
+    }
+}
+
+fn json_str(s: &str) -> String {
+    serde_json::Value::String(s.to_string()).to_string()
+}
+
+fn json_opt(s: &str) -> String {
+    if s.is_empty() {
+        "null".into()
+    } else {
+        json_str(s)
+    }
+}
+
+/// The message of an error body: FastAPI's `detail`, or `message` / `error`, or the raw text.
+fn error_message(text: &str) -> String {
+    let from_json = serde_json::from_str::<serde_json::Value>(text)
+        .ok()
+        .and_then(|v| {
+            ["detail", "message", "error"]
+                .iter()
+                .find_map(|k| match v.get(*k) {
+                    Some(serde_json::Value::String(s)) => Some(s.clone()),
+                    Some(other) if !other.is_null() => Some(other.to_string()),
+                    _ => None,
+                })
+        });
+    let mut message = from_json.unwrap_or_else(|| text.trim().to_string());
+    if message.chars().count() > 300 {
+        message = message.chars().take(300).collect();
+    }
+    if message.is_empty() {
+        "no details".into()
+    } else {
+        message
+    }
+}
