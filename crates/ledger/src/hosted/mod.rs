@@ -749,6 +749,18 @@ impl Hosted {
                         // Not enough funds beside the hold: release the hold, then charge.
                         self.release_hold(&mut e, stamp).await?;
                         stamp = self.renew(&e.id, stamp).await?;
+                        // A new key: a service honouring keys would replay the refusal.
+                        let key = format!("{}-capture-after-release", e.id);
+                        let create = || {
+                            self.remote.create(
+                                &sender,
+                                target,
+                                &token,
+                                &app_name,
+                                &app_ep_path,
+                                &key,
+                            )
+                        };
                         match self.retry(false, create).await {
                             Ok(tx) => tx,
                             Err(err @ RemoteError::Rejected { .. }) => {

@@ -1,0 +1,592 @@
+//! `backend = hosted`: ledger A wraps ledger B's accounting REST API (a real second ledger, not a
+//! mock), through a proxy that can slow down, fail or lose answers. Money is checked on B, which
+//! is the source of truth; A's journal must never charge twice and never leave a hold behind.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use common::{code, Harness, USD};
+use syft_ledger::client::{connect_lazy, LedgerClient};
+use syft_ledger::HostedConfig;
+use syft_proto::ledger as pb;
+use tonic::Code;
+
+const OWNER: &str = "owner@router.example";
+const ALICE: &str = "alice@example.com";
+
+/// What the proxy does to requests whose path starts with `path`.
+#[derive(Clone, Debug)]
+enum Fault {
+    Pass,
+    /// Waits, then forwards (the caller may have given up meanwhile).
+    Slow(&'static str, Duration),
+    /// Forwards, then answers 500 instead of the real answer, `n` times.
+    LoseAnswer(&'static str, u32),
+    /// Answers 500 without forwarding, `n` times.
+    Fail(&'static str, u32),
+}
+
+#[derive(Clone)]
+struct Proxy {
+    target: String,
+    fault: Arc<Mutex<Fault>>,
+    http: reqwest::Client,
+}
+
+impl Proxy {
+    fn set(&self, fault: Fault) {
+        *self.fault.lock().expect("lock") = fault;
+    }
+
+    /// Decides what to do with one request and updates the remaining fault count.
+    fn plan(&self, path: &str) -> Fault {
+        let mut fault = self.fault.lock().expect("lock");
+        let plan = fault.clone();
+        match &mut *fault {
+            Fault::LoseAnswer(p, n) | Fault::Fail(p, n) if path.starts_with(*p) => {
+                *n -= 1;
+                if *n == 0 {
+                    *fault = Fault::Pass;
+                }
+                plan
+            }
+            Fault::Slow(p, _) if path.starts_with(*p) => plan,
+            _ => Fault::Pass,
+        }
+    }
+}
+
+async fn forward(
+    State(proxy): State<Proxy>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    // A detached task, so a request the caller gave up on still reaches the service.
+    let task = tokio::spawn(relay(proxy, method, uri, headers, body));
+    task.await
+        .unwrap_or_else(|_| (StatusCode::BAD_GATEWAY, "{\"detail\":\"proxy\"}").into_response())
+}
+
+async fn relay(
+    proxy: Proxy,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let path = uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .to_string();
+    let plan = proxy.plan(&path);
+    match plan {
+        Fault::Fail(..) => {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "{\"detail\":\"injected\"}",
+            )
+                .into_response()
+        }
+        Fault::Slow(_, d) => tokio::time::sleep(d).await,
+        _ => {}
+    }
+    let mut req = proxy
+        .http
+        .request(method, format!("{}{path}", proxy.target))
+        .body(body);
+    for name in ["authorization", "content-type", "idempotency-key"] {
+        if let Some(v) = headers.get(name) {
+            req = req.header(name, v.as_bytes());
+        }
+    }
+    let Ok(resp) = req.send().await else {
+        return (StatusCode::BAD_GATEWAY, "{\"detail\":\"upstream\"}").into_response();
+    };
+    let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let text = resp.text().await.unwrap_or_default();
+    if let Fault::LoseAnswer(..) = plan {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "{\"detail\":\"lost\"}").into_response();
+    }
+    (status, [("content-type", "application/json")], text).into_response()
+}
+
+async fn start_proxy(target: String) -> (Proxy, String) {
+    let proxy = Proxy {
+        target,
+        fault: Arc::new(Mutex::new(Fault::Pass)),
+        http: reqwest::Client::new(),
+    };
+    let app = axum::Router::new()
+        .fallback(forward)
+        .with_state(proxy.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (proxy, url)
+}
+
+/// Ledger B (local, REST) with a funded Alice and her token for the owner, and ledger A (hosted)
+/// wrapping B through a proxy.
+struct Pair {
+    b: Harness,
+    a: Harness,
+    proxy: Proxy,
+    owner_secret: String,
+    token: String,
+}
+
+impl Pair {
+    async fn new(postgres: bool, alice_micros: i64) -> Option<Self> {
+        Self::with(postgres, alice_micros, None, |_| {}).await
+    }
+
+    async fn with(
+        postgres: bool,
+        alice_micros: i64,
+        url_override: Option<String>,
+        tweak: impl FnOnce(&mut syft_ledger::LedgerConfig),
+    ) -> Option<Self> {
+        let b = Harness::new(postgres).await?;
+        let owner_secret = b.account(OWNER, 0).await;
+        let alice_secret = b.account(ALICE, alice_micros).await;
+        let token = b.token(&alice_secret, OWNER).await;
+        let (proxy, proxy_url) = start_proxy(b.http_url()).await;
+        let mut hosted =
+            HostedConfig::new(&url_override.unwrap_or(proxy_url), OWNER, &owner_secret);
+        hosted.timeout = Duration::from_millis(800);
+        hosted.retries = 2;
+        hosted.lease = Duration::from_secs(2);
+        let a = Harness::with(postgres, |c| {
+            c.accounting_api = false;
+            c.hosted = Some(hosted);
+            c.sweep_interval = Duration::from_millis(200);
+            tweak(c);
+        })
+        .await?;
+        Some(Self {
+            b,
+            a,
+            proxy,
+            owner_secret,
+            token,
+        })
+    }
+
+    fn router(&self) -> LedgerClient {
+        connect_lazy(&self.a.url(), &self.owner_secret).expect("client")
+    }
+
+    async fn authorize(&self, amount: i64, key: &str) -> Result<pb::Transfer, tonic::Status> {
+        self.router()
+            .authorize(pb::AuthorizeRequest {
+                sender_email: ALICE.into(),
+                amount_micros: amount,
+                token: self.token.clone(),
+                app_name: "chat".into(),
+                app_ep_path: "/chat".into(),
+                idempotency_key: key.into(),
+                hold_ttl_seconds: None,
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    async fn capture(
+        &self,
+        id: &str,
+        micros: i64,
+        request_id: &str,
+    ) -> Result<pb::Transfer, tonic::Status> {
+        self.router()
+            .capture(pb::CaptureRequest {
+                transfer_id: id.into(),
+                amount: Some(pb::capture_request::Amount::AmountMicros(micros)),
+                usage: Some(pb::Usage {
+                    request_id: request_id.into(),
+                    app_name: "chat".into(),
+                    user_email: ALICE.into(),
+                    prompt_tokens: 3,
+                    completion_tokens: 4,
+                    status: "ok".into(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    async fn void(&self, id: &str) -> Result<pb::Transfer, tonic::Status> {
+        self.router()
+            .void(pb::VoidRequest {
+                transfer_id: id.into(),
+                reason: "upstream failed".into(),
+                usage: None,
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// Alice's and the owner's (balance, held) on B.
+    async fn money(&self) -> ((i64, i64), (i64, i64)) {
+        let alice = self.b.balance(ALICE).await;
+        let owner = self.b.balance(OWNER).await;
+        (
+            (alice.balance_micros, alice.held_micros),
+            (owner.balance_micros, owner.held_micros),
+        )
+    }
+
+    /// Waits until Alice holds nothing on B (recovery runs in the background).
+    async fn await_no_hold(&self) {
+        for _ in 0..100 {
+            if self.b.balance(ALICE).await.held_micros == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "a hold was left on the accounting service: {:?}",
+            self.money().await
+        );
+    }
+
+    async fn finish(self) {
+        self.a.finish().await;
+        self.b.finish().await;
+    }
+}
+
+async fn capture_void_and_replay(postgres: bool) {
+    let Some(p) = Pair::new(postgres, 10 * USD).await else {
+        return;
+    };
+    let t = p.authorize(USD, "k1").await.expect("authorize");
+    assert_eq!(t.status, pb::TransferStatus::Pending as i32);
+    assert_eq!(p.money().await.0, (10 * USD, USD));
+    assert_eq!(p.authorize(USD, "k1").await.expect("replay").id, t.id);
+    assert_eq!(code(p.authorize(2 * USD, "k1").await), Code::AlreadyExists);
+
+    let done = p.capture(&t.id, USD, "req-1").await.expect("capture");
+    assert_eq!(done.status, pb::TransferStatus::Completed as i32);
+    assert_eq!(done.captured_micros, USD);
+    assert_eq!(
+        p.capture(&t.id, USD, "req-1")
+            .await
+            .expect("again")
+            .captured_micros,
+        USD
+    );
+    assert_eq!(p.money().await, ((9 * USD, 0), (USD, 0)));
+
+    // Per-token pricing: hold 2, charge the actual 0.3.
+    let t2 = p.authorize(2 * USD, "k2").await.expect("authorize");
+    let done = p.capture(&t2.id, 300_000, "req-2").await.expect("partial");
+    assert_eq!(done.captured_micros, 300_000);
+    assert_eq!(p.money().await, ((8_700_000, 0), (1_300_000, 0)));
+
+    let t3 = p.authorize(USD / 2, "k3").await.expect("authorize");
+    assert_eq!(
+        p.void(&t3.id).await.expect("void").status,
+        pb::TransferStatus::Cancelled as i32
+    );
+    assert_eq!(
+        p.void(&t3.id).await.expect("void again").status,
+        pb::TransferStatus::Cancelled as i32
+    );
+    assert_eq!(
+        code(p.capture(&t3.id, USD / 2, "req-3").await),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        code(p.capture(&t.id, USD / 2, "req-1").await),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        code(p.capture(&t2.id, 3 * USD, "req-2").await),
+        Code::InvalidArgument
+    );
+    assert_eq!(p.money().await, ((8_700_000, 0), (1_300_000, 0)));
+
+    // The remote's refusals map to the right codes, and a replay returns the same refusal.
+    assert_eq!(
+        code(p.authorize(100 * USD, "k4").await),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        code(p.authorize(100 * USD, "k4").await),
+        Code::FailedPrecondition
+    );
+    let mut bad = p.router();
+    let status = bad
+        .authorize(pb::AuthorizeRequest {
+            sender_email: ALICE.into(),
+            amount_micros: USD,
+            token: "not-a-token".into(),
+            idempotency_key: "k5".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("bad token");
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert!(
+        status.message().contains("accounting service"),
+        "{}",
+        status.message()
+    );
+
+    // The owner's account is read from the remote; local-only calls are refused.
+    let owner = p
+        .router()
+        .get_account(pb::GetAccountRequest {
+            email: OWNER.into(),
+        })
+        .await
+        .expect("owner account")
+        .into_inner();
+    assert_eq!(owner.balance_micros, 1_300_000);
+    let refused =
+        p.a.admin()
+            .create_account(pb::CreateAccountRequest {
+                email: "x@example.com".into(),
+                ..Default::default()
+            })
+            .await;
+    assert_eq!(code(refused), Code::FailedPrecondition);
+
+    // Usage rows are kept locally, with the cost actually charged.
+    let usage = p
+        .router()
+        .query_usage(pb::QueryUsageRequest::default())
+        .await
+        .expect("usage")
+        .into_inner();
+    let mut costs: Vec<(String, i64, String)> = usage
+        .records
+        .iter()
+        .map(|r| {
+            let u = r.usage.clone().unwrap_or_default();
+            (u.request_id, r.cost_micros, r.transfer_id.clone())
+        })
+        .collect();
+    costs.sort();
+    assert_eq!(
+        costs,
+        vec![
+            ("req-1".to_string(), USD, t.id.clone()),
+            ("req-2".to_string(), 300_000, t2.id.clone())
+        ]
+    );
+    let listed = p
+        .router()
+        .list_transfers(pb::ListTransfersRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(listed.transfers.len(), 3);
+    p.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_capture_void_and_replay() {
+    capture_void_and_replay(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_capture_void_and_replay() {
+    capture_void_and_replay(true).await;
+}
+
+/// The user can afford the hold but not the hold plus the actual amount: the hold is released
+/// first, then the actual amount is charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn partial_capture_with_exact_funds() {
+    let Some(p) = Pair::new(false, USD).await else {
+        return;
+    };
+    let t = p.authorize(USD, "k1").await.expect("authorize");
+    let done = p.capture(&t.id, 400_000, "req-1").await.expect("capture");
+    assert_eq!(done.captured_micros, 400_000);
+    assert_eq!(p.money().await, ((600_000, 0), (400_000, 0)));
+    p.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_captures_charge_once() {
+    for postgres in [false, true] {
+        let Some(p) = Pair::new(postgres, 10 * USD).await else {
+            continue;
+        };
+        let p = Arc::new(p);
+        let t = p.authorize(2 * USD, "k1").await.expect("authorize");
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let (p, id) = (p.clone(), t.id.clone());
+            tasks.push(tokio::spawn(async move {
+                p.capture(&id, USD / 2, "req-1").await
+            }));
+        }
+        for task in tasks {
+            match task.await.expect("join") {
+                Ok(t) => assert_eq!(t.captured_micros, USD / 2),
+                Err(s) => assert_eq!(s.code(), Code::Unavailable, "{s:?}"),
+            }
+        }
+        // Whoever lost the race retries and sees the one capture.
+        let done = p.capture(&t.id, USD / 2, "req-1").await.expect("retry");
+        assert_eq!(done.captured_micros, USD / 2);
+        assert_eq!(p.money().await, ((9_500_000, 0), (USD / 2, 0)));
+        let Ok(p) = Arc::try_unwrap(p) else {
+            panic!("still shared")
+        };
+        p.finish().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn remote_down_fails_fast_and_holds_nothing() {
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let dead_url = format!("http://{}", dead.local_addr().expect("addr"));
+    drop(dead);
+    let Some(p) = Pair::with(false, 10 * USD, Some(dead_url), |_| {}).await else {
+        return;
+    };
+    let status = p.authorize(USD, "k1").await.expect_err("remote down");
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(p.money().await, ((10 * USD, 0), (0, 0)));
+    // Nothing was placed, so the same key may be retried later.
+    assert_eq!(code(p.authorize(USD, "k1").await), Code::Unavailable);
+    p.finish().await;
+}
+
+/// The create reaches the remote only after ledger A gave up: A reports UNAVAILABLE and later
+/// cancels the orphan hold, so the user's money is not held forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_remote_orphan_hold_is_cancelled() {
+    let Some(p) = Pair::new(false, 10 * USD).await else {
+        return;
+    };
+    p.proxy.set(Fault::Slow(
+        "/transaction/create",
+        Duration::from_millis(1200),
+    ));
+    assert_eq!(code(p.authorize(USD, "k1").await), Code::Unavailable);
+    p.proxy.set(Fault::Pass);
+    // The slow create lands on B...
+    for _ in 0..50 {
+        if p.b.balance(ALICE).await.held_micros == USD {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        p.b.balance(ALICE).await.held_micros,
+        USD,
+        "the late create landed"
+    );
+    // ...and is cancelled once older than the lease.
+    p.await_no_hold().await;
+    assert_eq!(p.money().await, ((10 * USD, 0), (0, 0)));
+    assert_eq!(
+        code(p.authorize(USD, "k1").await),
+        Code::Unavailable,
+        "replay keeps its outcome"
+    );
+    // A later request still works end to end.
+    let t = p.authorize(USD, "k2").await.expect("authorize");
+    p.capture(&t.id, USD, "req-2").await.expect("capture");
+    assert_eq!(p.money().await, ((9 * USD, 0), (USD, 0)));
+    p.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lost_confirm_answer_is_reconciled_and_charged_once() {
+    let Some(p) = Pair::new(false, 10 * USD).await else {
+        return;
+    };
+    // Full capture: B confirms, the answer is lost, the retry finds it completed.
+    let t = p.authorize(USD, "k1").await.expect("authorize");
+    p.proxy.set(Fault::LoseAnswer("/transaction/confirm", 1));
+    let done = p.capture(&t.id, USD, "req-1").await.expect("capture");
+    assert_eq!(done.captured_micros, USD);
+    assert_eq!(p.money().await, ((9 * USD, 0), (USD, 0)));
+    // Partial capture: the charge transaction's confirm answer is lost.
+    let t = p.authorize(USD, "k2").await.expect("authorize");
+    p.proxy.set(Fault::LoseAnswer("/transaction/confirm", 1));
+    let done = p.capture(&t.id, 250_000, "req-2").await.expect("partial");
+    assert_eq!(done.captured_micros, 250_000);
+    assert_eq!(p.money().await, ((8_750_000, 0), (1_250_000, 0)));
+    p.finish().await;
+}
+
+/// The remote keeps failing confirms: the capture reports UNAVAILABLE, nothing is charged, and the
+/// router's void afterwards releases the hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn remote_500_on_confirm_then_void() {
+    let Some(p) = Pair::new(false, 10 * USD).await else {
+        return;
+    };
+    let t = p.authorize(USD, "k1").await.expect("authorize");
+    p.proxy.set(Fault::Fail("/transaction/confirm", 100));
+    assert_eq!(
+        code(p.capture(&t.id, USD, "req-1").await),
+        Code::Unavailable
+    );
+    p.proxy.set(Fault::Pass);
+    let voided = p.void(&t.id).await.expect("void");
+    assert_eq!(voided.status, pb::TransferStatus::Cancelled as i32);
+    assert_eq!(p.money().await, ((10 * USD, 0), (0, 0)));
+    assert_eq!(
+        code(p.capture(&t.id, USD, "req-1").await),
+        Code::FailedPrecondition
+    );
+    p.finish().await;
+}
+
+/// Ledger A dies after the remote hold was placed; restarted on the same database, it cancels the
+/// expired hold remotely.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn crash_between_create_and_confirm() {
+    for postgres in [false, true] {
+        let Some(mut p) = Pair::with(postgres, 10 * USD, None, |c| {
+            c.hold_ttl = Duration::from_secs(1)
+        })
+        .await
+        else {
+            continue;
+        };
+        let t = p.authorize(USD, "k1").await.expect("authorize");
+        assert_eq!(p.money().await.0, (10 * USD, USD));
+        p.a.server.take().expect("server").kill();
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert_eq!(
+            p.money().await.0,
+            (10 * USD, USD),
+            "nobody cancels while A is down"
+        );
+        p.a.server = Some(common::LedgerServer::start(p.a.config.clone()).await);
+        p.await_no_hold().await;
+        let t = p
+            .router()
+            .get_transfer(pb::GetTransferRequest { transfer_id: t.id })
+            .await
+            .expect("get")
+            .into_inner();
+        assert_eq!(t.status, pb::TransferStatus::Cancelled as i32);
+        assert_eq!(t.resolved_by, pb::Actor::System as i32);
+        assert_eq!(p.money().await, ((10 * USD, 0), (0, 0)));
+        p.finish().await;
+    }
+}
