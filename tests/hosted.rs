@@ -590,3 +590,112 @@ async fn crash_between_create_and_confirm() {
         p.finish().await;
     }
 }
+
+/// The whole path: a router with per-token pricing pays through ledger A (hosted) on ledger B. The
+/// user is charged exactly the actual cost although the hold was the maximum, and a failed answer
+/// costs nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn router_pays_through_the_hosted_ledger() {
+    use syft_proto::router::{self as rpb, router_client::RouterClient};
+    use syft_router_svc::{Pricing, RouterConfig, ECHO_FAIL_TRIGGER};
+
+    let Some(p) = Pair::new(false, 10 * USD).await else {
+        return;
+    };
+    let mut config = RouterConfig::new("hosted-router", OWNER)
+        .with_chat_pricing(Pricing::per_token(2_000_000, 10_000_000));
+    config.ledger.url = p.a.url();
+    config.ledger.secret = p.owner_secret.clone();
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let router_url = format!("http://{}", grpc.local_addr().expect("addr"));
+    tokio::spawn(syft_router_svc::serve(
+        config,
+        grpc,
+        http,
+        std::future::pending(),
+    ));
+    let mut client = None;
+    for _ in 0..100 {
+        if let Ok(c) = RouterClient::connect(router_url.clone()).await {
+            client = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut client = client.expect("router up");
+    let chat = |content: &str, id: &str| rpb::ChatRequest {
+        user_email: ALICE.into(),
+        model: String::new(),
+        messages: vec![rpb::Message {
+            role: "user".into(),
+            content: content.into(),
+            name: None,
+        }],
+        options: Some(rpb::ChatOptions {
+            max_tokens: Some(200),
+            ..Default::default()
+        }),
+        transaction_token: p.token.clone(),
+        request_id: id.into(),
+    };
+    let answer = client
+        .chat(chat("hello through the hosted ledger", "req-ok"))
+        .await
+        .expect("paid chat")
+        .into_inner();
+    let usage = answer.usage.expect("usage");
+    let expected = syft_money::token_cost_micros(usage.prompt_tokens as u64, 2_000_000)
+        + syft_money::token_cost_micros(usage.completion_tokens as u64, 10_000_000);
+    assert!(answer.cost_micros > 0);
+    assert_eq!(answer.cost_micros, expected);
+    assert_eq!(
+        p.money().await,
+        ((10 * USD - expected, 0), (expected, 0)),
+        "charged exactly the actual cost"
+    );
+
+    let failed = client
+        .chat(chat(&format!("{ECHO_FAIL_TRIGGER} please"), "req-fail"))
+        .await;
+    assert!(failed.is_err(), "{failed:?}");
+    assert_eq!(p.money().await, ((10 * USD - expected, 0), (expected, 0)));
+
+    // Replaying the paid request does not charge again.
+    let again = client
+        .chat(chat("hello through the hosted ledger", "req-ok"))
+        .await;
+    if let Ok(again) = again {
+        assert_eq!(again.into_inner().transfer_id, answer.transfer_id);
+    }
+    assert_eq!(p.money().await, ((10 * USD - expected, 0), (expected, 0)));
+    let usage = p
+        .router()
+        .query_usage(pb::QueryUsageRequest::default())
+        .await
+        .expect("usage")
+        .into_inner();
+    let mut rows: Vec<(String, i64)> = usage
+        .records
+        .iter()
+        .map(|r| {
+            (
+                r.usage.clone().unwrap_or_default().request_id,
+                r.cost_micros,
+            )
+        })
+        .collect();
+    rows.sort();
+    assert_eq!(
+        rows,
+        vec![
+            ("req-fail".to_string(), 0),
+            ("req-ok".to_string(), expected)
+        ]
+    );
+    p.finish().await;
+}
