@@ -107,10 +107,10 @@ pub async fn serve_with_store(
 ) -> Result<()> {
     let config = Arc::new(config);
     let mut service = LedgerService::new(store.clone(), config.clone());
-    let mut background = vec![tokio::spawn(run_sweeper(
+    let mut background = Background(vec![tokio::spawn(run_sweeper(
         store.clone(),
         config.sweep_interval,
-    ))];
+    ))]);
     if let Some(hosted_config) = &config.hosted {
         if config.accounting_api {
             return Err(LedgerError::invalid(
@@ -120,7 +120,7 @@ pub async fn serve_with_store(
         let hosted = Arc::new(
             hosted::Hosted::start(store.clone(), hosted_config.clone(), &config.currency).await?,
         );
-        background.push(tokio::spawn(hosted::run_recovery(
+        background.0.push(tokio::spawn(hosted::run_recovery(
             hosted.clone(),
             config.sweep_interval.max(Duration::from_secs(1)),
         )));
@@ -166,11 +166,20 @@ pub async fn serve_with_store(
         .map_err(|e| LedgerError::Unavailable(format!("HTTP server failed: {e}")))
     };
     let result = tokio::try_join!(grpc, http).map(|_| ());
-    for task in background {
-        task.abort();
-    }
+    drop(background);
     tracing::info!("ledger stopped");
     result
+}
+
+/// Background loops of one server; they stop with it, also when its future is dropped.
+struct Background(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
 }
 
 /// Accepted connections with Nagle's algorithm off: small RPCs must not wait for delayed ACKs.

@@ -251,11 +251,12 @@ impl RemoteClient {
         )
     }
 
-    /// The owner's transactions (`status` is a filter the service may ignore; callers filter too).
+    /// The owner's transactions. `status` and `limit` are understood by this ledger's own REST API;
+    /// other services may ignore them, so callers filter the answer themselves.
     pub async fn transactions(&self, status: Option<&str>) -> Result<Vec<RemoteTx>, RemoteError> {
         let path = match status {
-            Some(s) => format!("/transactions?status={s}"),
-            None => "/transactions".into(),
+            Some(s) => format!("/transactions?status={s}&limit=10000"),
+            None => "/transactions?limit=10000".into(),
         };
         let value = self.call(Method::GET, &path, None, None).await?;
         let items = value
