@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod client;
 pub mod error;
+pub mod health;
 pub mod money;
 pub mod service;
 pub mod store;
@@ -87,9 +88,15 @@ pub async fn serve_with_store(
     let config = Arc::new(config);
     let sweeper = tokio::spawn(run_sweeper(store.clone(), config.sweep_interval));
     let service = LedgerService::new(store.clone(), config.clone());
+    let (health, health_service) = health::Health::new().await;
+    let _probe = health::spawn_database_probe(store.clone(), health);
+    let (reflection_v1, reflection_v1alpha) = health::reflection()?;
     let addr = listener.local_addr().ok();
     tracing::info!(?addr, backend = ?store.backend(), "ledger serving gRPC");
     let result = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(syft_proto::ledger::ledger_server::LedgerServer::new(
             service,
         ))

@@ -10,6 +10,7 @@
 pub mod config;
 pub mod error;
 pub mod grpc;
+pub mod health;
 pub mod http;
 mod ledger;
 pub mod money;
@@ -64,8 +65,10 @@ pub async fn serve_service(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let (tx, rx) = tokio::sync::watch::channel(false);
+    let draining = service.clone();
     tokio::spawn(async move {
         shutdown.await;
+        health::mark_shutting_down(&draining);
         let _ = tx.send(true);
     });
     let signal = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -80,7 +83,13 @@ pub async fn serve_service(
         http = ?http_addr,
         "router serving"
     );
+    let (reporter, health_service) = health::Reporter::new().await;
+    let (reflection_v1, reflection_v1alpha) = health::reflection()?;
+    let _health = health::spawn(&service, reporter);
     let grpc = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(GrpcRouter::new(service.clone()).into_server())
         .serve_with_incoming_shutdown(
             TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),

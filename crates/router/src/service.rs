@@ -18,6 +18,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::config::{Pricing, PricingKind, RouterConfig, ServiceConfig};
 use crate::error::RouterError;
+use crate::health::{LedgerState, Readiness, ReadinessCell};
 use crate::ledger::Ledger;
 use crate::tokens;
 use crate::upstream::{Upstream, UpstreamError, UpstreamRequest, UpstreamStream, UpstreamUsage};
@@ -41,6 +42,7 @@ struct Inner {
     upstream: Upstream,
     ledger: Ledger,
     in_flight: Mutex<HashSet<String>>,
+    readiness: ReadinessCell,
 }
 
 /// A started stream: ids known up front, then the events (deltas, then one final event, or an
@@ -72,6 +74,12 @@ impl RouterService {
         let upstream = Upstream::from_config(&config.upstream)?;
         let ledger = Ledger::connect(&config.ledger)?;
         let chat = config.chat_service().cloned();
+        let ledger_required = config
+            .services
+            .iter()
+            .any(|s| s.enabled && !s.pricing.kind.is_free());
+        let readiness =
+            Arc::new(tokio::sync::watch::channel(Readiness::starting(ledger_required)).0);
         Ok(RouterService {
             inner: Arc::new(Inner {
                 config,
@@ -79,8 +87,33 @@ impl RouterService {
                 upstream,
                 ledger,
                 in_flight: Mutex::new(HashSet::new()),
+                readiness,
             }),
         })
+    }
+
+    /// Current readiness (see [`crate::health`]).
+    pub fn readiness(&self) -> Readiness {
+        self.inner.readiness.borrow().clone()
+    }
+
+    /// Follows readiness changes.
+    pub fn watch_readiness(&self) -> tokio::sync::watch::Receiver<Readiness> {
+        self.inner.readiness.subscribe()
+    }
+
+    pub(crate) fn update_readiness(&self, f: impl FnOnce(&Readiness) -> Readiness) {
+        self.inner.readiness.send_if_modified(|r| {
+            let next = f(r);
+            let changed = next != *r;
+            *r = next;
+            changed
+        });
+    }
+
+    /// Asks the ledger's gRPC health service whether it is serving.
+    pub async fn probe_ledger(&self, timeout: std::time::Duration) -> LedgerState {
+        self.inner.ledger.probe(timeout).await
     }
 
     pub fn config(&self) -> &RouterConfig {
