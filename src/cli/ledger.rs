@@ -1,5 +1,6 @@
 //! `syft-router ledger`: serve, and `verify`.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -95,6 +96,15 @@ pub struct ServeArgs {
     /// Postgres write batches in flight at once: fewer = bigger batches and fewer commits.
     #[arg(long, env = "SYFT_LEDGER_BATCH_WORKERS", default_value_t = syft_ledger::store::DEFAULT_BATCH_WORKERS)]
     pub batch_workers: usize,
+    /// PEM certificate chain: serve gRPC over TLS (with --tls-key).
+    #[arg(long, env = "SYFT_LEDGER_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "SYFT_LEDGER_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA: require client certificates signed by it (mutual TLS, e.g. with the router).
+    #[arg(long, env = "SYFT_LEDGER_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -118,6 +128,11 @@ impl ServeArgs {
             max_amount_micros: self.max_amount_micros,
             max_connections: self.max_connections,
             batch_workers: self.batch_workers,
+            tls: super::server_tls(
+                self.tls_cert.as_ref(),
+                self.tls_key.as_ref(),
+                self.tls_client_ca.as_ref(),
+            )?,
         })
     }
 }

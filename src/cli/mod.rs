@@ -5,9 +5,12 @@ mod dev;
 mod ledger;
 mod router;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
+use syft_tls::{ClientTls, ServerTls};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -101,6 +104,45 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         return Err("duration must be positive".into());
     }
     Ok(d)
+}
+
+/// Listener TLS from `--tls-cert`/`--tls-key` (both or neither) and an optional client CA.
+pub fn server_tls(
+    cert: Option<&PathBuf>,
+    key: Option<&PathBuf>,
+    client_ca: Option<&PathBuf>,
+) -> anyhow::Result<Option<ServerTls>> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some(
+            ServerTls::from_files(cert, key, client_ca.map(PathBuf::as_path))
+                .context("TLS configuration")?,
+        )),
+        (None, None) if client_ca.is_some() => {
+            anyhow::bail!("a client CA needs TLS: set --tls-cert and --tls-key too")
+        }
+        (None, None) => Ok(None),
+        _ => anyhow::bail!("TLS needs both --tls-cert and --tls-key"),
+    }
+}
+
+/// Client TLS for an `https://` URL: a CA to trust and an optional client certificate; `None`
+/// when nothing is set (the public web PKI roots are then used for `https://`).
+pub fn client_tls(
+    ca: Option<&PathBuf>,
+    cert: Option<&PathBuf>,
+    key: Option<&PathBuf>,
+) -> anyhow::Result<Option<ClientTls>> {
+    if ca.is_none() && cert.is_none() && key.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(
+        ClientTls::from_files(
+            ca.map(PathBuf::as_path),
+            cert.map(PathBuf::as_path),
+            key.map(PathBuf::as_path),
+        )
+        .context("client TLS configuration")?,
+    ))
 }
 
 /// Resolves with the first SIGINT or SIGTERM.

@@ -41,6 +41,8 @@ pub struct LedgerConfig {
     pub max_connections: u32,
     /// Postgres write batches in flight at once (see `store/batch.rs`).
     pub batch_workers: usize,
+    /// TLS on the gRPC listener; with a client CA, clients must present a certificate it signed.
+    pub tls: Option<syft_tls::ServerTls>,
 }
 
 impl Default for LedgerConfig {
@@ -56,6 +58,7 @@ impl Default for LedgerConfig {
             max_amount_micros: 1_000_000_000_000,
             max_connections: 16,
             batch_workers: store::DEFAULT_BATCH_WORKERS,
+            tls: None,
         }
     }
 }
@@ -92,8 +95,17 @@ pub async fn serve_with_store(
     let _probe = health::spawn_database_probe(store.clone(), health);
     let (reflection_v1, reflection_v1alpha) = health::reflection()?;
     let addr = listener.local_addr().ok();
-    tracing::info!(?addr, backend = ?store.backend(), "ledger serving gRPC");
-    let result = tonic::transport::Server::builder()
+    let tls = config.tls.as_ref();
+    let mut server =
+        syft_tls::grpc_server(tls).map_err(|e| LedgerError::Internal(e.to_string()))?;
+    tracing::info!(
+        ?addr,
+        backend = ?store.backend(),
+        tls = tls.is_some(),
+        client_auth = tls.is_some_and(|t| t.requires_client_cert()),
+        "ledger serving gRPC"
+    );
+    let result = server
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -51,6 +51,8 @@ impl Ledger {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true);
+        let endpoint = syft_tls::configure_endpoint(endpoint, settings.tls.as_ref())
+            .map_err(|e| RouterError::Internal(format!("ledger TLS: {e}")))?;
         let auth: AsciiMetadataValue =
             MetadataValue::try_from(format!("Bearer {}", settings.secret)).map_err(|_| {
                 RouterError::Internal("ledger secret is not valid header text".into())

@@ -19,9 +19,11 @@ pub mod tokens;
 pub mod upstream;
 pub mod validate;
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
 
 use axum::serve::ListenerExt;
+use syft_tls::TlsListener;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
@@ -43,6 +45,8 @@ pub enum ServeError {
     Grpc(#[from] tonic::transport::Error),
     #[error("HTTP server failed: {0}")]
     Http(#[from] std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] syft_tls::TlsError),
 }
 
 /// Serves the gRPC API on `grpc_listener` and the OpenAI-compatible HTTP front (plus `/healthz`)
@@ -81,12 +85,15 @@ pub async fn serve_service(
         provider = service.provider(),
         grpc = ?grpc_addr,
         http = ?http_addr,
+        tls = service.config().tls.is_some(),
+        ledger_tls = service.config().ledger.tls.is_some(),
         "router serving"
     );
     let (reporter, health_service) = health::Reporter::new().await;
     let (reflection_v1, reflection_v1alpha) = health::reflection()?;
     let _health = health::spawn(&service, reporter);
-    let grpc = tonic::transport::Server::builder()
+    let tls = service.config().tls.clone();
+    let grpc = syft_tls::grpc_server(tls.as_ref())?
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -95,13 +102,24 @@ pub async fn serve_service(
             TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
             signal(rx.clone()),
         );
-    let http = axum::serve(
-        http_listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        }),
-        http::http_router(service),
-    )
-    .with_graceful_shutdown(signal(rx));
+    let app = http::http_router(service);
+    let http: Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> = match &tls {
+        Some(tls) => Box::pin(
+            axum::serve(TlsListener::new(http_listener, tls.rustls()?)?, app)
+                .with_graceful_shutdown(signal(rx))
+                .into_future(),
+        ),
+        None => Box::pin(
+            axum::serve(
+                http_listener.tap_io(|tcp| {
+                    let _ = tcp.set_nodelay(true);
+                }),
+                app,
+            )
+            .with_graceful_shutdown(signal(rx))
+            .into_future(),
+        ),
+    };
     let http = async { http.await.map_err(ServeError::from) };
     let grpc = async { grpc.await.map_err(ServeError::from) };
     tokio::try_join!(grpc, http)?;

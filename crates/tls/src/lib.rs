@@ -378,3 +378,58 @@ impl axum::serve::Listener for TlsListener {
         Ok(self.local_addr)
     }
 }
+
+/// A tonic server builder, with TLS when `tls` is set.
+pub fn grpc_server(tls: Option<&ServerTls>) -> Result<tonic::transport::Server, TlsError> {
+    let builder = tonic::transport::Server::builder();
+    match tls {
+        Some(tls) => builder
+            .tls_config(tls.tonic())
+            .map_err(|e| TlsError::Config(e.to_string())),
+        None => Ok(builder),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn self_signed() -> (String, String) {
+        let c = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
+        (c.cert.pem(), c.signing_key.serialize_pem())
+    }
+
+    #[test]
+    fn keys_never_show_in_debug_output() {
+        let (cert, key) = self_signed();
+        let server = ServerTls::from_pem(cert.clone(), key.clone())
+            .expect("server")
+            .with_client_ca(cert.clone())
+            .expect("ca");
+        let client = ClientTls::new()
+            .with_ca(cert.clone())
+            .expect("ca")
+            .with_identity(cert, key.clone())
+            .expect("identity");
+        for text in [format!("{server:?}"), format!("{client:?}")] {
+            assert!(!text.contains("PRIVATE KEY"), "{text}");
+            let body: String = key.lines().nth(1).unwrap_or_default().into();
+            assert!(!text.contains(&body), "{text}");
+        }
+        assert!(server.requires_client_cert());
+        assert!(client.has_identity());
+        server.rustls().expect("rustls config");
+    }
+
+    #[test]
+    fn bad_material_is_refused_at_load_time() {
+        let (cert, key) = self_signed();
+        assert!(ServerTls::from_pem("not pem", key.clone()).is_err());
+        assert!(ServerTls::from_pem(cert.clone(), "not a key").is_err());
+        assert!(ClientTls::new().with_ca("garbage").is_err());
+        assert!(ClientTls::from_files(None, Some(Path::new("/nonexistent")), None).is_err());
+        let missing = ServerTls::from_files("/nonexistent/cert.pem", "/nonexistent/key.pem", None);
+        let msg = missing.expect_err("missing file").to_string();
+        assert!(msg.contains("/nonexistent/cert.pem"), "{msg}");
+    }
+}
