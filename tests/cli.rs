@@ -112,3 +112,87 @@ async fn client_commands_and_verify() {
     assert_eq!(report["total_deposits_micros"], 12_500_000);
     h.finish().await;
 }
+
+/// Starts `syft-router args…`, waits for `ready` on stderr, sends SIGTERM, and returns the exit
+/// status and what was logged.
+fn sigterm_after(args: &[&str], ready: &str) -> (std::process::ExitStatus, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = syft_router()
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn syft-router");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut log = String::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !log.contains(ready) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                log.push_str(&line);
+                log.push('\n');
+            }
+            Err(_) => {
+                let _ = child.kill();
+                panic!("{ready:?} never logged:\n{log}");
+            }
+        }
+    }
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(kill.success());
+    let status = child.wait().expect("wait");
+    while let Ok(line) = rx.recv_timeout(std::time::Duration::from_millis(200)) {
+        log.push_str(&line);
+        log.push('\n');
+    }
+    (status, log)
+}
+
+#[test]
+fn ledger_and_router_exit_zero_on_sigterm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = format!("sqlite://{}/ledger.db?mode=rwc", dir.path().display());
+    let (status, log) = sigterm_after(
+        &[
+            "ledger",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--database-url",
+            &db,
+            "--shutdown-grace",
+            "5s",
+        ],
+        "ledger serving gRPC",
+    );
+    assert!(status.success(), "ledger exited {status:?}:\n{log}");
+    assert!(log.contains("ledger stopped"), "{log}");
+
+    let (status, log) = sigterm_after(
+        &[
+            "router",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--owner-email",
+            "owner@example.com",
+            "--shutdown-grace",
+            "5s",
+        ],
+        "router serving",
+    );
+    assert!(status.success(), "router exited {status:?}:\n{log}");
+    assert!(log.contains("router stopped"), "{log}");
+}

@@ -105,6 +105,9 @@ pub struct ServeArgs {
     /// PEM CA: require client certificates signed by it (mutual TLS, e.g. with the router).
     #[arg(long, env = "SYFT_LEDGER_TLS_CLIENT_CA")]
     pub tls_client_ca: Option<PathBuf>,
+    /// On SIGTERM/SIGINT: stop accepting, let in-flight calls finish for this long, then exit.
+    #[arg(long, env = "SYFT_LEDGER_SHUTDOWN_GRACE", default_value = "30s", value_parser = super::parse_duration)]
+    pub shutdown_grace: Duration,
 }
 
 impl ServeArgs {
@@ -133,6 +136,7 @@ impl ServeArgs {
                 self.tls_key.as_ref(),
                 self.tls_client_ca.as_ref(),
             )?,
+            shutdown_grace: self.shutdown_grace,
         })
     }
 }

@@ -33,6 +33,10 @@ pub struct RouterArgs {
     /// PEM private key of --tls-cert.
     #[arg(long, env = "SYFT_ROUTER_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
+    /// On SIGTERM/SIGINT: stop accepting, let in-flight requests (streams included) finish for
+    /// this long, then cancel the rest and void their holds.
+    #[arg(long, env = "SYFT_ROUTER_SHUTDOWN_GRACE", default_value = "30s", value_parser = super::parse_duration)]
+    pub shutdown_grace: Duration,
 }
 
 /// Router settings shared by `router` and `dev`.
@@ -114,6 +118,7 @@ impl RouterSetup {
 pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
     let mut config = args.setup.config()?;
     config.tls = super::server_tls(args.tls_cert.as_ref(), args.tls_key.as_ref(), None)?;
+    config.shutdown_grace = args.shutdown_grace;
     let grpc = tokio::net::TcpListener::bind(&args.grpc_addr)
         .await
         .with_context(|| format!("cannot listen on {}", args.grpc_addr))?;

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod client;
 pub mod error;
 pub mod health;
+pub mod lifecycle;
 pub mod money;
 pub mod service;
 pub mod store;
@@ -43,6 +44,8 @@ pub struct LedgerConfig {
     pub batch_workers: usize,
     /// TLS on the gRPC listener; with a client CA, clients must present a certificate it signed.
     pub tls: Option<syft_tls::ServerTls>,
+    /// After the shutdown signal, how long in-flight calls may run before they are dropped.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for LedgerConfig {
@@ -59,12 +62,13 @@ impl Default for LedgerConfig {
             max_connections: 16,
             batch_workers: store::DEFAULT_BATCH_WORKERS,
             tls: None,
+            shutdown_grace: lifecycle::DEFAULT_SHUTDOWN_GRACE,
         }
     }
 }
 
 /// Connects to the database (running migrations) and serves gRPC on `listener` until `shutdown`
-/// resolves; in-flight calls finish before this returns.
+/// resolves; in-flight calls finish (within `config.shutdown_grace`) before this returns.
 pub async fn serve(
     config: LedgerConfig,
     listener: TcpListener,
@@ -95,6 +99,7 @@ pub async fn serve_with_store(
     let _probe = health::spawn_database_probe(store.clone(), health);
     let (reflection_v1, reflection_v1alpha) = health::reflection()?;
     let addr = listener.local_addr().ok();
+    let (signal, deadline) = lifecycle::with_grace(shutdown, config.shutdown_grace);
     let tls = config.tls.as_ref();
     let mut server =
         syft_tls::grpc_server(tls).map_err(|e| LedgerError::Internal(e.to_string()))?;
@@ -112,9 +117,11 @@ pub async fn serve_with_store(
         .add_service(syft_proto::ledger::ledger_server::LedgerServer::new(
             service,
         ))
-        .serve_with_incoming_shutdown(incoming(listener), shutdown)
-        .await
-        .map_err(|e| LedgerError::Unavailable(format!("gRPC server failed: {e}")));
+        .serve_with_incoming_shutdown(incoming(listener), signal);
+    let result = tokio::select! {
+        r = result => r.map_err(|e| LedgerError::Unavailable(format!("gRPC server failed: {e}"))),
+        _ = deadline => Ok(()),
+    };
     sweeper.abort();
     tracing::info!("ledger stopped");
     result

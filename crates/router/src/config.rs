@@ -289,7 +289,13 @@ pub struct RouterConfig {
     pub ledger: LedgerSettings,
     /// TLS on the router's gRPC and HTTP listeners (not read from the config file).
     pub tls: Option<syft_tls::ServerTls>,
+    /// After a shutdown signal, how long in-flight requests (streams included) may run before
+    /// they are cancelled and their holds voided (not read from the config file).
+    pub shutdown_grace: Duration,
 }
+
+/// Default [`RouterConfig::shutdown_grace`].
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 impl RouterConfig {
     /// A router with one free chat service on the echo upstream.
@@ -308,6 +314,7 @@ impl RouterConfig {
             limits: Limits::default(),
             ledger: LedgerSettings::default(),
             tls: None,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
         }
     }
 
@@ -648,6 +655,7 @@ impl<N: NumberText> RawConfig<N> {
             limits,
             ledger,
             tls: None,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
         };
         config.validate()?;
         Ok(config)

@@ -8,6 +8,7 @@
 //! - [`serve`]: runs both on given listeners until shutdown.
 
 pub mod config;
+mod drain;
 pub mod error;
 pub mod grpc;
 pub mod health;
@@ -49,8 +50,10 @@ pub enum ServeError {
     Tls(#[from] syft_tls::TlsError),
 }
 
-/// Serves the gRPC API on `grpc_listener` and the OpenAI-compatible HTTP front (plus `/healthz`)
-/// on `http_listener` until `shutdown` completes, then drains in-flight requests.
+/// Serves the gRPC API on `grpc_listener` and the OpenAI-compatible HTTP front (plus `/healthz`,
+/// `/readyz`) on `http_listener` until `shutdown` completes. Then it stops accepting, lets
+/// in-flight requests (streams included) finish within `config.shutdown_grace`, cancels the
+/// rest (voiding their holds, which completes before this returns), and returns `Ok`.
 pub async fn serve(
     config: RouterConfig,
     grpc_listener: TcpListener,
@@ -69,6 +72,8 @@ pub async fn serve_service(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let (tx, rx) = tokio::sync::watch::channel(false);
+    let stop = rx.clone();
+    let grace = service.config().shutdown_grace;
     let draining = service.clone();
     tokio::spawn(async move {
         shutdown.await;
@@ -102,7 +107,7 @@ pub async fn serve_service(
             TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
             signal(rx.clone()),
         );
-    let app = http::http_router(service);
+    let app = http::http_router(service.clone());
     let http: Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> = match &tls {
         Some(tls) => Box::pin(
             axum::serve(TlsListener::new(http_listener, tls.rustls()?)?, app)
@@ -122,6 +127,6 @@ pub async fn serve_service(
     };
     let http = async { http.await.map_err(ServeError::from) };
     let grpc = async { grpc.await.map_err(ServeError::from) };
-    tokio::try_join!(grpc, http)?;
-    Ok(())
+    let servers = async { tokio::try_join!(grpc, http).map(|_| ()) };
+    drain::run_with_grace(&service, servers, signal(stop), grace).await
 }

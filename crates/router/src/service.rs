@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::config::{Pricing, PricingKind, RouterConfig, ServiceConfig};
+use crate::drain::{Drain, DrainGuard};
 use crate::error::RouterError;
 use crate::health::{LedgerState, Readiness, ReadinessCell};
 use crate::ledger::Ledger;
@@ -43,6 +44,7 @@ struct Inner {
     ledger: Ledger,
     in_flight: Mutex<HashSet<String>>,
     readiness: ReadinessCell,
+    drain: Arc<Drain>,
 }
 
 /// A started stream: ids known up front, then the events (deltas, then one final event, or an
@@ -88,8 +90,36 @@ impl RouterService {
                 ledger,
                 in_flight: Mutex::new(HashSet::new()),
                 readiness,
+                drain: Drain::new(),
             }),
         })
+    }
+
+    /// Requests (and unresolved holds) in flight.
+    pub fn in_flight(&self) -> usize {
+        self.inner.drain.active()
+    }
+
+    /// Ends the grace period: running requests stop waiting for the upstream, void their holds
+    /// and fail with `UNAVAILABLE`; new requests are refused.
+    pub fn cancel_in_flight(&self) {
+        self.inner.drain.abort();
+    }
+
+    /// Resolves when nothing is in flight (every hold captured or voided).
+    pub async fn wait_idle(&self) {
+        self.inner.drain.idle().await;
+    }
+
+    /// Runs `work` unless the grace period ends first.
+    async fn until_shutdown<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, UpstreamError>>,
+    ) -> Result<T, UpstreamError> {
+        tokio::select! {
+            r = work => r,
+            _ = self.inner.drain.aborted() => Err(UpstreamError::ShuttingDown),
+        }
     }
 
     /// Current readiness (see [`crate::health`]).
@@ -162,9 +192,7 @@ impl RouterService {
         let hold = self.authorize(&p).await?;
         let up_start = Instant::now();
         let result = self
-            .inner
-            .upstream
-            .complete(&p.upstream_req)
+            .until_shutdown(self.inner.upstream.complete(&p.upstream_req))
             .await
             .and_then(|c| {
                 if c.content.trim().is_empty() {
@@ -227,7 +255,10 @@ impl RouterService {
         let claim = self.claim(&p.v.request_id)?;
         let hold = self.authorize(&p).await?;
         let up_start = Instant::now();
-        let upstream = match self.inner.upstream.stream(&p.upstream_req).await {
+        let upstream = match self
+            .until_shutdown(self.inner.upstream.stream(&p.upstream_req))
+            .await
+        {
             Ok(s) => s,
             Err(e) => {
                 self.fail(&p, hold, &e, started, elapsed_ms(up_start)).await;
@@ -272,6 +303,7 @@ impl RouterService {
         let end = loop {
             let next = tokio::select! {
                 _ = tx.closed() => break End::Cancelled,
+                _ = self.inner.drain.aborted() => break End::Failed(UpstreamError::ShuttingDown),
                 next = upstream.next() => next,
             };
             let chunk = match next {
@@ -455,6 +487,11 @@ impl RouterService {
     /// instead of calling the upstream twice. (Across replicas the ledger's idempotency still
     /// guarantees a single charge.)
     fn claim(&self, request_id: &str) -> Result<Claim, RouterError> {
+        if self.inner.drain.is_aborting() {
+            return Err(RouterError::Unavailable(
+                "the router is shutting down; retry".into(),
+            ));
+        }
         let mut set = self
             .inner
             .in_flight
@@ -468,6 +505,7 @@ impl RouterService {
         Ok(Claim {
             inner: self.inner.clone(),
             request_id: request_id.to_string(),
+            _work: self.inner.drain.enter(),
         })
     }
 
@@ -502,6 +540,7 @@ impl RouterService {
         }
         tracing::debug!(request_id = %p.v.request_id, transfer_id = %transfer.id, hold_micros = p.hold_micros, "hold authorized");
         Ok(Some(HoldGuard {
+            work: Some(inner.drain.enter()),
             ledger: inner.ledger.clone(),
             transfer_id: transfer.id,
             cancel_usage: Some(self.usage(p, "cancelled", 0, 0, Instant::now(), 0)),
@@ -639,6 +678,8 @@ impl RouterService {
 struct Claim {
     inner: Arc<Inner>,
     request_id: String,
+    /// Counts the request as in flight for graceful shutdown.
+    _work: DrainGuard,
 }
 
 impl Drop for Claim {
@@ -653,6 +694,8 @@ impl Drop for Claim {
 /// unresolved (the client went away and the request future was dropped), it voids the hold in
 /// the background.
 struct HoldGuard {
+    /// Keeps shutdown waiting until the hold is resolved, including by the background void.
+    work: Option<DrainGuard>,
     ledger: Ledger,
     transfer_id: String,
     /// Present while the hold is unresolved.
@@ -691,8 +734,10 @@ impl Drop for HoldGuard {
         usage.status = "cancelled".into();
         let ledger = self.ledger.clone();
         let transfer_id = std::mem::take(&mut self.transfer_id);
+        let work = self.work.take();
         tracing::info!(transfer_id = %transfer_id, "request dropped before resolution; voiding");
         rt.spawn(async move {
+            let _work = work;
             if let Err(e) = ledger.void(&transfer_id, "request cancelled", usage).await {
                 tracing::warn!(transfer_id = %transfer_id, error = %e, "void after cancel failed; the hold will expire");
             }
