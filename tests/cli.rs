@@ -196,3 +196,64 @@ fn ledger_and_router_exit_zero_on_sigterm() {
     assert!(status.success(), "router exited {status:?}:\n{log}");
     assert!(log.contains("router stopped"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_command_and_idempotent_owner_setup() {
+    let h = Harness::new(false).await.unwrap();
+    let url = h.url();
+    // SERVING once the first database probe ran.
+    let mut served = None;
+    for _ in 0..50 {
+        let out = syft_router()
+            .args([
+                "health",
+                "--url",
+                &url,
+                "--service",
+                "syft.ledger.v1.Ledger",
+            ])
+            .output()
+            .expect("run health");
+        if out.status.success() {
+            served = Some(String::from_utf8_lossy(&out.stdout).to_string());
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(served.as_deref().map(str::trim), Some("SERVING"));
+    // Nothing listening: non-zero exit.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let closed_url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let out = syft_router()
+        .args(["health", "--url", &closed_url, "--timeout", "1s"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+
+    // The compose setup job: a chosen secret, and a re-run is a no-op.
+    let setup = || {
+        let mut cmd = syft_router();
+        cmd.args([
+            "account",
+            "create",
+            "owner@router.local",
+            "--organization",
+            "router",
+            "--exists-ok",
+        ])
+        .env("SYFT_LEDGER_URL", &url)
+        .env("SYFT_LEDGER_ADMIN_KEY", ADMIN_KEY)
+        .env("SYFT_ACCOUNT_SECRET", "owner-secret-0123456789");
+        cmd
+    };
+    run(&mut setup());
+    let again = run(&mut setup());
+    assert!(again.contains("already exists"), "{again}");
+    let shown = run(syft_router()
+        .args(["account", "show", "owner@router.local", "--json"])
+        .env("SYFT_LEDGER_URL", &url)
+        .env("SYFT_SECRET", "owner-secret-0123456789"));
+    assert!(shown.contains("owner@router.local"), "{shown}");
+    h.finish().await;
+}

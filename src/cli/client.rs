@@ -86,6 +86,13 @@ enum AccountAction {
         email: String,
         #[arg(long, default_value = "")]
         organization: String,
+        /// Use this secret instead of a generated one (8 to 256 characters), e.g. for a
+        /// deployment that provisions the router owner's secret itself.
+        #[arg(long, env = "SYFT_ACCOUNT_SECRET", hide_env_values = true)]
+        account_secret: Option<String>,
+        /// Succeed without changes when the account already exists (idempotent setup jobs).
+        #[arg(long)]
+        exists_ok: bool,
     },
     /// Show an account's balance.
     Show { email: String },
@@ -163,16 +170,29 @@ pub async fn account(args: AccountArgs) -> anyhow::Result<()> {
         AccountAction::Create {
             email,
             organization,
+            account_secret,
+            exists_ok,
         } => {
             let created = conn
                 .admin()?
                 .create_account(pb::CreateAccountRequest {
-                    email,
+                    email: email.clone(),
                     organization,
+                    secret: account_secret,
                     ..Default::default()
                 })
-                .await?
-                .into_inner();
+                .await;
+            let created = match created {
+                Err(s) if exists_ok && s.code() == tonic::Code::AlreadyExists => {
+                    if conn.json {
+                        println!("{}", json!({"email": email, "existed": true}));
+                    } else {
+                        println!("account {email} already exists; nothing to do");
+                    }
+                    return Ok(());
+                }
+                other => other?.into_inner(),
+            };
             let account = created.account.unwrap_or_default();
             if conn.json {
                 println!(

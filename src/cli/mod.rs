@@ -2,6 +2,7 @@
 
 mod client;
 mod dev;
+mod health;
 mod ledger;
 mod router;
 
@@ -48,6 +49,8 @@ pub enum Command {
     Usage(client::UsageArgs),
     /// Benchmarks that drive real servers.
     Bench(crate::bench::BenchArgs),
+    /// Check a ledger's or router's gRPC health; exits 0 when SERVING (container healthchecks).
+    Health(health::HealthArgs),
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -62,6 +65,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Transfers(args) => client::transfers(args).await,
         Command::Usage(args) => client::usage(args).await,
         Command::Bench(args) => crate::bench::run(args).await,
+        Command::Health(args) => health::run(args).await,
     }
 }
 
@@ -145,27 +149,47 @@ pub fn client_tls(
     ))
 }
 
-/// Resolves with the first SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Resolves with the first SIGINT or SIGTERM. The handlers are installed when this is called
+/// (not when first polled), so a signal that arrives while the server starts is not fatal.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
+    let (mut int, mut term) = {
+        use tokio::signal::unix::{signal, SignalKind};
+        (
+            signal(SignalKind::interrupt()).ok(),
+            signal(SignalKind::terminate()).ok(),
+        )
     };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
+    async move {
+        #[cfg(unix)]
+        {
+            let int = async {
+                match int.as_mut() {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            let term = async {
+                match term.as_mut() {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = int => {},
+                _ = term => {},
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        tracing::info!("shutdown signal received");
     }
-    tracing::info!("shutdown signal received");
 }
 
 #[cfg(test)]
