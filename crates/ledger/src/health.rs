@@ -27,6 +27,7 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct Health {
     reporter: HealthReporter,
     ready: Arc<watch::Sender<bool>>,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Health {
@@ -39,6 +40,7 @@ impl Health {
         let health = Health {
             reporter,
             ready: Arc::new(watch::channel(false).0),
+            stopping: Arc::default(),
         };
         health.publish(false).await;
         (health, server)
@@ -49,8 +51,16 @@ impl Health {
         self.ready.subscribe()
     }
 
+    /// NOT_SERVING from now on, whatever the database says (the server is shutting down).
+    pub async fn shut_down(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.set_serving(false).await;
+    }
+
     /// Sets SERVING or NOT_SERVING for `""` and [`LEDGER_SERVICE`].
     pub async fn set_serving(&self, serving: bool) {
+        let serving = serving && !self.stopping.load(std::sync::atomic::Ordering::SeqCst);
         if self.ready.send_replace(serving) != serving {
             if serving {
                 tracing::info!("database reachable: ledger SERVING");

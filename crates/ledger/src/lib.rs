@@ -96,10 +96,14 @@ pub async fn serve_with_store(
     let sweeper = tokio::spawn(run_sweeper(store.clone(), config.sweep_interval));
     let service = LedgerService::new(store.clone(), config.clone());
     let (health, health_service) = health::Health::new().await;
-    let _probe = health::spawn_database_probe(store.clone(), health);
+    let _probe = health::spawn_database_probe(store.clone(), health.clone());
     let (reflection_v1, reflection_v1alpha) = health::reflection()?;
     let addr = listener.local_addr().ok();
     let (signal, deadline) = lifecycle::with_grace(shutdown, config.shutdown_grace);
+    let signal = async move {
+        signal.await;
+        health.shut_down().await;
+    };
     let tls = config.tls.as_ref();
     let mut server =
         syft_tls::grpc_server(tls).map_err(|e| LedgerError::Internal(e.to_string()))?;
