@@ -3,7 +3,7 @@
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use serde_json::json;
-use syft_ledger::client::{connect_lazy, LedgerClient};
+use syft_ledger::client::{connect_lazy_tls, LedgerClient};
 use syft_ledger::money::{format_micros, parse_decimal_micros};
 use syft_proto::ledger as pb;
 
@@ -31,6 +31,15 @@ pub struct Conn {
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
+    /// PEM CA to trust for an https:// ledger URL.
+    #[arg(long, env = "SYFT_LEDGER_CA", global = true)]
+    pub ledger_ca: Option<std::path::PathBuf>,
+    /// PEM client certificate for a ledger that requires mutual TLS.
+    #[arg(long, env = "SYFT_LEDGER_CLIENT_CERT", global = true)]
+    pub ledger_client_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --ledger-client-cert.
+    #[arg(long, env = "SYFT_LEDGER_CLIENT_KEY", global = true)]
+    pub ledger_client_key: Option<std::path::PathBuf>,
 }
 
 impl Conn {
@@ -39,7 +48,16 @@ impl Conn {
             .admin_key
             .as_deref()
             .context("this command needs --admin-key or SYFT_LEDGER_ADMIN_KEY")?;
-        Ok(connect_lazy(&self.ledger_url, key)?)
+        self.connect(key)
+    }
+
+    fn connect(&self, secret: &str) -> anyhow::Result<LedgerClient> {
+        let tls = super::client_tls(
+            self.ledger_ca.as_ref(),
+            self.ledger_client_cert.as_ref(),
+            self.ledger_client_key.as_ref(),
+        )?;
+        Ok(connect_lazy_tls(&self.ledger_url, secret, tls.as_ref())?)
     }
 
     /// Your own credentials, or the admin key when no secret is given.
@@ -49,7 +67,7 @@ impl Conn {
             .as_deref()
             .or(self.admin_key.as_deref())
             .context("this command needs --secret (SYFT_SECRET) or --admin-key")?;
-        Ok(connect_lazy(&self.ledger_url, secret)?)
+        self.connect(secret)
     }
 }
 
@@ -68,6 +86,13 @@ enum AccountAction {
         email: String,
         #[arg(long, default_value = "")]
         organization: String,
+        /// Use this secret instead of a generated one (8 to 256 characters), e.g. for a
+        /// deployment that provisions the router owner's secret itself.
+        #[arg(long, env = "SYFT_ACCOUNT_SECRET", hide_env_values = true)]
+        account_secret: Option<String>,
+        /// Succeed without changes when the account already exists (idempotent setup jobs).
+        #[arg(long)]
+        exists_ok: bool,
     },
     /// Show an account's balance.
     Show { email: String },
@@ -145,16 +170,29 @@ pub async fn account(args: AccountArgs) -> anyhow::Result<()> {
         AccountAction::Create {
             email,
             organization,
+            account_secret,
+            exists_ok,
         } => {
             let created = conn
                 .admin()?
                 .create_account(pb::CreateAccountRequest {
-                    email,
+                    email: email.clone(),
                     organization,
+                    secret: account_secret,
                     ..Default::default()
                 })
-                .await?
-                .into_inner();
+                .await;
+            let created = match created {
+                Err(s) if exists_ok && s.code() == tonic::Code::AlreadyExists => {
+                    if conn.json {
+                        println!("{}", json!({"email": email, "existed": true}));
+                    } else {
+                        println!("account {email} already exists; nothing to do");
+                    }
+                    return Ok(());
+                }
+                other => other?.into_inner(),
+            };
             let account = created.account.unwrap_or_default();
             if conn.json {
                 println!(

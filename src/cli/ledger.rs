@@ -1,5 +1,6 @@
 //! `syft-router ledger`: serve, and `verify`.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -119,6 +120,18 @@ pub struct ServeArgs {
     /// Postgres write batches in flight at once: fewer = bigger batches and fewer commits.
     #[arg(long, env = "SYFT_LEDGER_BATCH_WORKERS", default_value_t = syft_ledger::store::DEFAULT_BATCH_WORKERS)]
     pub batch_workers: usize,
+    /// PEM certificate chain: serve gRPC over TLS (with --tls-key).
+    #[arg(long, env = "SYFT_LEDGER_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "SYFT_LEDGER_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA: require client certificates signed by it (mutual TLS, e.g. with the router).
+    #[arg(long, env = "SYFT_LEDGER_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// On SIGTERM/SIGINT: stop accepting, let in-flight calls finish for this long, then exit.
+    #[arg(long, env = "SYFT_LEDGER_SHUTDOWN_GRACE", default_value = "30s", value_parser = super::parse_duration)]
+    pub shutdown_grace: Duration,
 }
 
 impl ServeArgs {
@@ -158,6 +171,12 @@ impl ServeArgs {
             batch_workers: self.batch_workers,
             accounting_api: self.accounting_api,
             hosted,
+            tls: super::server_tls(
+                self.tls_cert.as_ref(),
+                self.tls_key.as_ref(),
+                self.tls_client_ca.as_ref(),
+            )?,
+            shutdown_grace: self.shutdown_grace,
         })
     }
 }

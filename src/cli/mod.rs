@@ -2,12 +2,16 @@
 
 mod client;
 mod dev;
+mod health;
 mod ledger;
 mod router;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
+use syft_tls::{ClientTls, ServerTls};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -45,6 +49,8 @@ pub enum Command {
     Usage(client::UsageArgs),
     /// Benchmarks that drive real servers.
     Bench(crate::bench::BenchArgs),
+    /// Check a ledger's or router's gRPC health; exits 0 when SERVING (container healthchecks).
+    Health(health::HealthArgs),
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -59,6 +65,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Transfers(args) => client::transfers(args).await,
         Command::Usage(args) => client::usage(args).await,
         Command::Bench(args) => crate::bench::run(args).await,
+        Command::Health(args) => health::run(args).await,
     }
 }
 
@@ -103,27 +110,86 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-/// Resolves with the first SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// Listener TLS from `--tls-cert`/`--tls-key` (both or neither) and an optional client CA.
+pub fn server_tls(
+    cert: Option<&PathBuf>,
+    key: Option<&PathBuf>,
+    client_ca: Option<&PathBuf>,
+) -> anyhow::Result<Option<ServerTls>> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some(
+            ServerTls::from_files(cert, key, client_ca.map(PathBuf::as_path))
+                .context("TLS configuration")?,
+        )),
+        (None, None) if client_ca.is_some() => {
+            anyhow::bail!("a client CA needs TLS: set --tls-cert and --tls-key too")
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
+        (None, None) => Ok(None),
+        _ => anyhow::bail!("TLS needs both --tls-cert and --tls-key"),
     }
-    tracing::info!("shutdown signal received");
+}
+
+/// Client TLS for an `https://` URL: a CA to trust and an optional client certificate; `None`
+/// when nothing is set (the public web PKI roots are then used for `https://`).
+pub fn client_tls(
+    ca: Option<&PathBuf>,
+    cert: Option<&PathBuf>,
+    key: Option<&PathBuf>,
+) -> anyhow::Result<Option<ClientTls>> {
+    if ca.is_none() && cert.is_none() && key.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(
+        ClientTls::from_files(
+            ca.map(PathBuf::as_path),
+            cert.map(PathBuf::as_path),
+            key.map(PathBuf::as_path),
+        )
+        .context("client TLS configuration")?,
+    ))
+}
+
+/// Resolves with the first SIGINT or SIGTERM. The handlers are installed when this is called
+/// (not when first polled), so a signal that arrives while the server starts is not fatal.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
+    #[cfg(unix)]
+    let (mut int, mut term) = {
+        use tokio::signal::unix::{signal, SignalKind};
+        (
+            signal(SignalKind::interrupt()).ok(),
+            signal(SignalKind::terminate()).ok(),
+        )
+    };
+    async move {
+        #[cfg(unix)]
+        {
+            let int = async {
+                match int.as_mut() {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            let term = async {
+                match term.as_mut() {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = int => {},
+                _ = term => {},
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        tracing::info!("shutdown signal received");
+    }
 }
 
 #[cfg(test)]

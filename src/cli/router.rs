@@ -1,5 +1,6 @@
 //! `syft-router router`: serve the router; `syft-router chat`: a small client for people.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -26,6 +27,16 @@ pub struct RouterArgs {
     pub http_addr: String,
     #[command(flatten)]
     pub setup: RouterSetup,
+    /// PEM certificate chain: serve gRPC and HTTP over TLS (with --tls-key).
+    #[arg(long, env = "SYFT_ROUTER_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "SYFT_ROUTER_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// On SIGTERM/SIGINT: stop accepting, let in-flight requests (streams included) finish for
+    /// this long, then cancel the rest and void their holds.
+    #[arg(long, env = "SYFT_ROUTER_SHUTDOWN_GRACE", default_value = "30s", value_parser = super::parse_duration)]
+    pub shutdown_grace: Duration,
 }
 
 /// Router settings shared by `router` and `dev`.
@@ -62,6 +73,15 @@ pub struct RouterSetup {
         hide_env_values = true
     )]
     pub upstream_api_key: Option<String>,
+    /// PEM CA to trust for an https:// ledger URL (default: the public web PKI roots).
+    #[arg(long, env = "SYFT_ROUTER_LEDGER_CA")]
+    pub ledger_ca: Option<PathBuf>,
+    /// PEM client certificate presented to the ledger (mutual TLS; with --ledger-client-key).
+    #[arg(long, env = "SYFT_ROUTER_LEDGER_CLIENT_CERT")]
+    pub ledger_client_cert: Option<PathBuf>,
+    /// PEM private key of --ledger-client-cert.
+    #[arg(long, env = "SYFT_ROUTER_LEDGER_CLIENT_KEY")]
+    pub ledger_client_key: Option<PathBuf>,
 }
 
 impl RouterSetup {
@@ -80,6 +100,11 @@ impl RouterSetup {
         }
         config.ledger.url = self.ledger_url.clone();
         config.ledger.secret = self.ledger_secret.clone();
+        config.ledger.tls = super::client_tls(
+            self.ledger_ca.as_ref(),
+            self.ledger_client_cert.as_ref(),
+            self.ledger_client_key.as_ref(),
+        )?;
         if let Some(url) = &self.upstream_url {
             config.upstream = UpstreamConfig::OpenAi(OpenAiConfig {
                 api_key: self.upstream_api_key.clone(),
@@ -91,7 +116,9 @@ impl RouterSetup {
 }
 
 pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
-    let config = args.setup.config()?;
+    let mut config = args.setup.config()?;
+    config.tls = super::server_tls(args.tls_cert.as_ref(), args.tls_key.as_ref(), None)?;
+    config.shutdown_grace = args.shutdown_grace;
     let grpc = tokio::net::TcpListener::bind(&args.grpc_addr)
         .await
         .with_context(|| format!("cannot listen on {}", args.grpc_addr))?;

@@ -47,11 +47,24 @@ impl Interceptor for Credentials {
 }
 
 /// A lazily connecting client: the first call connects, and a down ledger is `UNAVAILABLE`.
+/// An `https://` URL is verified against the public web PKI roots; see [`connect_lazy_tls`].
 pub fn connect_lazy(url: &str, secret: &str) -> Result<LedgerClient> {
+    connect_lazy_tls(url, secret, None)
+}
+
+/// Like [`connect_lazy`], with TLS settings for an `https://` URL (the CA to trust and, for
+/// mutual TLS, a client certificate). TLS settings with an `http://` URL are refused.
+pub fn connect_lazy_tls(
+    url: &str,
+    secret: &str,
+    tls: Option<&syft_tls::ClientTls>,
+) -> Result<LedgerClient> {
     let endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|e| LedgerError::invalid(format!("invalid ledger url {url:?}: {e}")))?
         .connect_timeout(std::time::Duration::from_secs(3))
         .tcp_nodelay(true);
+    let endpoint = syft_tls::configure_endpoint(endpoint, tls)
+        .map_err(|e| LedgerError::invalid(e.to_string()))?;
     Ok(with_credentials(
         endpoint.connect_lazy(),
         Credentials::bearer(secret)?,

@@ -5,17 +5,23 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
+use tokio::sync::watch;
 
 use crate::service::LedgerService;
 
-pub fn router(service: LedgerService, accounting_api: bool) -> Router {
+/// `ready` is the gRPC health state: the database answers and the ledger is not shutting down.
+pub fn router(
+    service: LedgerService,
+    accounting_api: bool,
+    ready: watch::Receiver<bool>,
+) -> Router {
     let probes = Router::new()
         .route(
             "/healthz",
             get(|| async { Json(serde_json::json!({"status": "ok"})) }),
         )
         .route("/readyz", get(readyz))
-        .with_state(service.clone());
+        .with_state(ready);
     if accounting_api {
         probes.merge(crate::rest::router(service))
     } else {
@@ -23,13 +29,14 @@ pub fn router(service: LedgerService, accounting_api: bool) -> Router {
     }
 }
 
-/// Ready when the database answers.
-async fn readyz(State(service): State<LedgerService>) -> (StatusCode, Json<serde_json::Value>) {
-    match service.store().ping().await {
-        Ok(()) => (StatusCode::OK, Json(serde_json::json!({"status": "ready"}))),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({"status": "not ready", "detail": e.to_string()})),
-        ),
-    }
+async fn readyz(
+    State(ready): State<watch::Receiver<bool>>,
+) -> (StatusCode, Json<serde_json::Value>) {
+    let ready = *ready.borrow();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(serde_json::json!({ "ready": ready })))
 }

@@ -4,8 +4,10 @@
 pub mod auth;
 pub mod client;
 pub mod error;
+pub mod health;
 pub mod hosted;
 pub mod http;
+pub mod lifecycle;
 pub mod money;
 pub mod rest;
 pub mod service;
@@ -48,6 +50,11 @@ pub struct LedgerConfig {
     pub accounting_api: bool,
     /// `Some`: backend = hosted, transfers are made on this remote accounting service.
     pub hosted: Option<HostedConfig>,
+    /// TLS on the gRPC and HTTP listeners; with a client CA, clients must present a certificate
+    /// it signed.
+    pub tls: Option<syft_tls::ServerTls>,
+    /// After the shutdown signal, how long in-flight calls may run before they are dropped.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for LedgerConfig {
@@ -65,12 +72,14 @@ impl Default for LedgerConfig {
             batch_workers: store::DEFAULT_BATCH_WORKERS,
             accounting_api: false,
             hosted: None,
+            tls: None,
+            shutdown_grace: lifecycle::DEFAULT_SHUTDOWN_GRACE,
         }
     }
 }
 
 /// Connects to the database (running migrations) and serves gRPC on `listener` until `shutdown`
-/// resolves; in-flight calls finish before this returns.
+/// resolves; in-flight calls finish (within `config.shutdown_grace`) before this returns.
 pub async fn serve(
     config: LedgerConfig,
     listener: TcpListener,
@@ -126,9 +135,15 @@ pub async fn serve_with_store(
         )));
         service = service.with_hosted(hosted);
     }
+    let (health, health_service) = health::Health::new().await;
+    let _probe = health::spawn_database_probe(store.clone(), health.clone());
+    let (reflection_v1, reflection_v1alpha) = health::reflection()?;
+    let (signal, deadline) = lifecycle::with_grace(shutdown, config.shutdown_grace);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopping = health.clone();
     tokio::spawn(async move {
-        shutdown.await;
+        signal.await;
+        stopping.shut_down().await;
         let _ = stop_tx.send(true);
     });
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -136,15 +151,22 @@ pub async fn serve_with_store(
     };
     let addr = listener.local_addr().ok();
     let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let tls = config.tls.as_ref();
     tracing::info!(
         ?addr,
         ?http_addr,
         database = ?store.backend(),
         hosted = config.hosted.is_some(),
         accounting_api = config.accounting_api,
+        tls = tls.is_some(),
+        client_auth = tls.is_some_and(|t| t.requires_client_cert()),
         "ledger serving"
     );
-    let grpc = tonic::transport::Server::builder()
+    let grpc = syft_tls::grpc_server(tls)
+        .map_err(|e| LedgerError::Internal(e.to_string()))?
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(syft_proto::ledger::ledger_server::LedgerServer::new(
             service.clone(),
         ))
@@ -157,15 +179,30 @@ pub async fn serve_with_store(
         let Some(http_listener) = http_listener else {
             return Ok(());
         };
-        axum::serve(
-            http_listener,
-            http::router(service.clone(), config.accounting_api),
-        )
-        .with_graceful_shutdown(stopped(stop_rx.clone()))
-        .await
-        .map_err(|e| LedgerError::Unavailable(format!("HTTP server failed: {e}")))
+        let app = http::router(service.clone(), config.accounting_api, health.readiness());
+        let served = match tls {
+            Some(tls) => {
+                let rustls = tls
+                    .rustls()
+                    .map_err(|e| LedgerError::Internal(e.to_string()))?;
+                let listener = syft_tls::TlsListener::new(http_listener, rustls)
+                    .map_err(|e| LedgerError::Internal(e.to_string()))?;
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stopped(stop_rx.clone()))
+                    .await
+            }
+            None => {
+                axum::serve(http_listener, app)
+                    .with_graceful_shutdown(stopped(stop_rx.clone()))
+                    .await
+            }
+        };
+        served.map_err(|e| LedgerError::Unavailable(format!("HTTP server failed: {e}")))
     };
-    let result = tokio::try_join!(grpc, http).map(|_| ());
+    let result = tokio::select! {
+        r = async { tokio::try_join!(grpc, http).map(|_| ()) } => r,
+        _ = deadline => Ok(()),
+    };
     drop(background);
     tracing::info!("ledger stopped");
     result

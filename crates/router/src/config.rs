@@ -240,6 +240,9 @@ pub struct LedgerSettings {
     pub connect_timeout: Duration,
     /// Hold TTL requested on Authorize; `None` uses the ledger's default.
     pub hold_ttl_seconds: Option<i64>,
+    /// TLS for an `https://` ledger URL: the CA to trust and, for mutual TLS, the router's
+    /// client certificate. `None` with `https://` trusts the public web PKI roots.
+    pub tls: Option<syft_tls::ClientTls>,
 }
 
 impl Default for LedgerSettings {
@@ -250,6 +253,7 @@ impl Default for LedgerSettings {
             timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(2),
             hold_ttl_seconds: None,
+            tls: None,
         }
     }
 }
@@ -262,6 +266,7 @@ impl fmt::Debug for LedgerSettings {
             .field("timeout", &self.timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("hold_ttl_seconds", &self.hold_ttl_seconds)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -282,7 +287,15 @@ pub struct RouterConfig {
     pub upstream: UpstreamConfig,
     pub limits: Limits,
     pub ledger: LedgerSettings,
+    /// TLS on the router's gRPC and HTTP listeners (not read from the config file).
+    pub tls: Option<syft_tls::ServerTls>,
+    /// After a shutdown signal, how long in-flight requests (streams included) may run before
+    /// they are cancelled and their holds voided (not read from the config file).
+    pub shutdown_grace: Duration,
 }
+
+/// Default [`RouterConfig::shutdown_grace`].
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 impl RouterConfig {
     /// A router with one free chat service on the echo upstream.
@@ -300,6 +313,8 @@ impl RouterConfig {
             upstream: UpstreamConfig::Echo,
             limits: Limits::default(),
             ledger: LedgerSettings::default(),
+            tls: None,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
         }
     }
 
@@ -639,6 +654,8 @@ impl<N: NumberText> RawConfig<N> {
             upstream,
             limits,
             ledger,
+            tls: None,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
         };
         config.validate()?;
         Ok(config)

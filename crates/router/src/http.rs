@@ -1,5 +1,5 @@
 //! OpenAI-compatible HTTP front: `POST /v1/chat/completions` (JSON and SSE),
-//! `GET /v1/models`, `GET /healthz`.
+//! `GET /v1/models`, `GET /healthz` (liveness), `GET /readyz` (readiness).
 //!
 //! `Authorization: Bearer <transaction token>` pays, the body's `user` is the user's email and the
 //! `Idempotency-Key` header is the request id. Answers carry `"syft": {cost_micros, transfer_id,
@@ -42,12 +42,25 @@ pub fn http_router(service: RouterService) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(list_models))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(service)
 }
 
 async fn healthz() -> &'static str {
     "ok"
+}
+
+/// 200 when the router can serve (its ledger answers, if it sells anything), else 503; the body
+/// is the [`crate::health::Readiness`] as JSON.
+async fn readyz(State(svc): State<RouterService>) -> Response {
+    let readiness = svc.readiness();
+    let status = if readiness.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(readiness)).into_response()
 }
 
 async fn list_models(State(svc): State<RouterService>) -> Json<Value> {

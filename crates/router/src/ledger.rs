@@ -12,12 +12,21 @@ use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
 use crate::config::LedgerSettings;
 use crate::error::RouterError;
+use crate::health::LedgerState;
+
+/// The ledger's gRPC service name, as its health service reports it.
+const LEDGER_SERVICE: &str = "syft.ledger.v1.Ledger";
 
 #[derive(Clone)]
 pub(crate) struct Ledger {
     client: LedgerClient<Channel>,
+    channel: Channel,
     auth: AsciiMetadataValue,
     timeout: Duration,
     pub(crate) hold_ttl_seconds: Option<i64>,
@@ -42,16 +51,42 @@ impl Ledger {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true);
+        let endpoint = syft_tls::configure_endpoint(endpoint, settings.tls.as_ref())
+            .map_err(|e| RouterError::Internal(format!("ledger TLS: {e}")))?;
         let auth: AsciiMetadataValue =
             MetadataValue::try_from(format!("Bearer {}", settings.secret)).map_err(|_| {
                 RouterError::Internal("ledger secret is not valid header text".into())
             })?;
+        let channel = endpoint.connect_lazy();
         Ok(Ledger {
-            client: LedgerClient::new(endpoint.connect_lazy()),
+            client: LedgerClient::new(channel.clone()),
+            channel,
             auth,
             timeout: settings.timeout,
             hold_ttl_seconds: settings.hold_ttl_seconds,
         })
+    }
+
+    /// The ledger's own gRPC health status. A ledger without the health service
+    /// (`UNIMPLEMENTED`) answered, so it counts as serving.
+    pub(crate) async fn probe(&self, timeout: Duration) -> LedgerState {
+        let mut client = HealthClient::new(self.channel.clone());
+        let mut req = tonic::Request::new(HealthCheckRequest {
+            service: LEDGER_SERVICE.into(),
+        });
+        req.set_timeout(timeout);
+        match tokio::time::timeout(timeout, client.check(req)).await {
+            Ok(Ok(resp)) => match resp.into_inner().status() {
+                ServingStatus::Serving => LedgerState::Serving,
+                _ => LedgerState::NotServing,
+            },
+            Ok(Err(s)) if s.code() == Code::Unimplemented => LedgerState::Serving,
+            Ok(Err(s)) => {
+                tracing::debug!(code = ?s.code(), message = %s.message(), "ledger health check failed");
+                LedgerState::Unreachable
+            }
+            Err(_) => LedgerState::Unreachable,
+        }
     }
 
     fn request<T>(&self, msg: T) -> tonic::Request<T> {

@@ -17,7 +17,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::config::{Pricing, PricingKind, RouterConfig, ServiceConfig};
+use crate::drain::{Drain, DrainGuard};
 use crate::error::RouterError;
+use crate::health::{LedgerState, Readiness, ReadinessCell};
 use crate::ledger::Ledger;
 use crate::tokens;
 use crate::upstream::{Upstream, UpstreamError, UpstreamRequest, UpstreamStream, UpstreamUsage};
@@ -41,6 +43,8 @@ struct Inner {
     upstream: Upstream,
     ledger: Ledger,
     in_flight: Mutex<HashSet<String>>,
+    readiness: ReadinessCell,
+    drain: Arc<Drain>,
 }
 
 /// A started stream: ids known up front, then the events (deltas, then one final event, or an
@@ -72,6 +76,12 @@ impl RouterService {
         let upstream = Upstream::from_config(&config.upstream)?;
         let ledger = Ledger::connect(&config.ledger)?;
         let chat = config.chat_service().cloned();
+        let ledger_required = config
+            .services
+            .iter()
+            .any(|s| s.enabled && !s.pricing.kind.is_free());
+        let readiness =
+            Arc::new(tokio::sync::watch::channel(Readiness::starting(ledger_required)).0);
         Ok(RouterService {
             inner: Arc::new(Inner {
                 config,
@@ -79,8 +89,61 @@ impl RouterService {
                 upstream,
                 ledger,
                 in_flight: Mutex::new(HashSet::new()),
+                readiness,
+                drain: Drain::new(),
             }),
         })
+    }
+
+    /// Requests (and unresolved holds) in flight.
+    pub fn in_flight(&self) -> usize {
+        self.inner.drain.active()
+    }
+
+    /// Ends the grace period: running requests stop waiting for the upstream, void their holds
+    /// and fail with `UNAVAILABLE`; new requests are refused.
+    pub fn cancel_in_flight(&self) {
+        self.inner.drain.abort();
+    }
+
+    /// Resolves when nothing is in flight (every hold captured or voided).
+    pub async fn wait_idle(&self) {
+        self.inner.drain.idle().await;
+    }
+
+    /// Runs `work` unless the grace period ends first.
+    async fn until_shutdown<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, UpstreamError>>,
+    ) -> Result<T, UpstreamError> {
+        tokio::select! {
+            r = work => r,
+            _ = self.inner.drain.aborted() => Err(UpstreamError::ShuttingDown),
+        }
+    }
+
+    /// Current readiness (see [`crate::health`]).
+    pub fn readiness(&self) -> Readiness {
+        self.inner.readiness.borrow().clone()
+    }
+
+    /// Follows readiness changes.
+    pub fn watch_readiness(&self) -> tokio::sync::watch::Receiver<Readiness> {
+        self.inner.readiness.subscribe()
+    }
+
+    pub(crate) fn update_readiness(&self, f: impl FnOnce(&Readiness) -> Readiness) {
+        self.inner.readiness.send_if_modified(|r| {
+            let next = f(r);
+            let changed = next != *r;
+            *r = next;
+            changed
+        });
+    }
+
+    /// Asks the ledger's gRPC health service whether it is serving.
+    pub async fn probe_ledger(&self, timeout: std::time::Duration) -> LedgerState {
+        self.inner.ledger.probe(timeout).await
     }
 
     pub fn config(&self) -> &RouterConfig {
@@ -129,9 +192,7 @@ impl RouterService {
         let hold = self.authorize(&p).await?;
         let up_start = Instant::now();
         let result = self
-            .inner
-            .upstream
-            .complete(&p.upstream_req)
+            .until_shutdown(self.inner.upstream.complete(&p.upstream_req))
             .await
             .and_then(|c| {
                 if c.content.trim().is_empty() {
@@ -194,7 +255,10 @@ impl RouterService {
         let claim = self.claim(&p.v.request_id)?;
         let hold = self.authorize(&p).await?;
         let up_start = Instant::now();
-        let upstream = match self.inner.upstream.stream(&p.upstream_req).await {
+        let upstream = match self
+            .until_shutdown(self.inner.upstream.stream(&p.upstream_req))
+            .await
+        {
             Ok(s) => s,
             Err(e) => {
                 self.fail(&p, hold, &e, started, elapsed_ms(up_start)).await;
@@ -239,6 +303,7 @@ impl RouterService {
         let end = loop {
             let next = tokio::select! {
                 _ = tx.closed() => break End::Cancelled,
+                _ = self.inner.drain.aborted() => break End::Failed(UpstreamError::ShuttingDown),
                 next = upstream.next() => next,
             };
             let chunk = match next {
@@ -422,6 +487,11 @@ impl RouterService {
     /// instead of calling the upstream twice. (Across replicas the ledger's idempotency still
     /// guarantees a single charge.)
     fn claim(&self, request_id: &str) -> Result<Claim, RouterError> {
+        if self.inner.drain.is_aborting() {
+            return Err(RouterError::Unavailable(
+                "the router is shutting down; retry".into(),
+            ));
+        }
         let mut set = self
             .inner
             .in_flight
@@ -435,6 +505,7 @@ impl RouterService {
         Ok(Claim {
             inner: self.inner.clone(),
             request_id: request_id.to_string(),
+            _work: self.inner.drain.enter(),
         })
     }
 
@@ -469,6 +540,7 @@ impl RouterService {
         }
         tracing::debug!(request_id = %p.v.request_id, transfer_id = %transfer.id, hold_micros = p.hold_micros, "hold authorized");
         Ok(Some(HoldGuard {
+            work: Some(inner.drain.enter()),
             ledger: inner.ledger.clone(),
             transfer_id: transfer.id,
             cancel_usage: Some(self.usage(p, "cancelled", 0, 0, Instant::now(), 0)),
@@ -606,6 +678,8 @@ impl RouterService {
 struct Claim {
     inner: Arc<Inner>,
     request_id: String,
+    /// Counts the request as in flight for graceful shutdown.
+    _work: DrainGuard,
 }
 
 impl Drop for Claim {
@@ -620,6 +694,8 @@ impl Drop for Claim {
 /// unresolved (the client went away and the request future was dropped), it voids the hold in
 /// the background.
 struct HoldGuard {
+    /// Keeps shutdown waiting until the hold is resolved, including by the background void.
+    work: Option<DrainGuard>,
     ledger: Ledger,
     transfer_id: String,
     /// Present while the hold is unresolved.
@@ -658,8 +734,10 @@ impl Drop for HoldGuard {
         usage.status = "cancelled".into();
         let ledger = self.ledger.clone();
         let transfer_id = std::mem::take(&mut self.transfer_id);
+        let work = self.work.take();
         tracing::info!(transfer_id = %transfer_id, "request dropped before resolution; voiding");
         rt.spawn(async move {
+            let _work = work;
             if let Err(e) = ledger.void(&transfer_id, "request cancelled", usage).await {
                 tracing::warn!(transfer_id = %transfer_id, error = %e, "void after cancel failed; the hold will expire");
             }

@@ -72,6 +72,9 @@ pub enum UpstreamError {
     InvalidResponse(String),
     #[error("upstream returned an empty answer")]
     Empty,
+    /// The router's shutdown grace period ended before the upstream finished.
+    #[error("router shutting down before the upstream finished")]
+    ShuttingDown,
 }
 
 impl UpstreamError {
@@ -81,6 +84,7 @@ impl UpstreamError {
             UpstreamError::Timeout => "timeout",
             UpstreamError::InvalidResponse(_) | UpstreamError::Empty => "invalid_response",
             UpstreamError::Unreachable(_) | UpstreamError::Status { .. } => "upstream_error",
+            UpstreamError::ShuttingDown => "cancelled",
         }
     }
 
@@ -118,6 +122,9 @@ impl From<UpstreamError> for RouterError {
             UpstreamError::Empty => {
                 RouterError::BadGateway("upstream returned an empty answer".into())
             }
+            UpstreamError::ShuttingDown => RouterError::Unavailable(
+                "the router is shutting down; nothing was charged, retry".into(),
+            ),
         }
     }
 }

@@ -525,6 +525,7 @@ pub fn router_config(
         timeout: Duration::from_secs(2),
         connect_timeout: Duration::from_millis(500),
         hold_ttl_seconds: None,
+        ..LedgerSettings::default()
     };
     if let Some(url) = upstream_url {
         let mut o = OpenAiConfig::new(url);

@@ -1,0 +1,159 @@
+//! `grpc.health.v1.Health` and gRPC server reflection for the ledger.
+//!
+//! The ledger is SERVING (for the overall server `""` and for `syft.ledger.v1.Ledger`) only while
+//! its database answers: [`run_database_probe`] pings it every [`PROBE_INTERVAL`] and flips the
+//! status. [`Health::readiness`] exposes the same state for HTTP `/readyz` handlers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tonic_health::pb::health_server::HealthServer;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
+
+use crate::error::{LedgerError, Result};
+use crate::store::Store;
+
+/// The fully-qualified name of the ledger's gRPC service.
+pub const LEDGER_SERVICE: &str = "syft.ledger.v1.Ledger";
+/// How often the database is pinged.
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// A ping slower than this counts as the database being down.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The ledger's health state: the gRPC health reporter plus a watch for HTTP probes.
+#[derive(Clone)]
+pub struct Health {
+    reporter: HealthReporter,
+    ready: Arc<watch::Sender<bool>>,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Health {
+    /// A NOT_SERVING health state and the gRPC service that serves it.
+    pub async fn new() -> (
+        Self,
+        HealthServer<impl tonic_health::pb::health_server::Health>,
+    ) {
+        let (reporter, server) = tonic_health::server::health_reporter();
+        let health = Health {
+            reporter,
+            ready: Arc::new(watch::channel(false).0),
+            stopping: Arc::default(),
+        };
+        health.publish(false).await;
+        (health, server)
+    }
+
+    /// True while the database answers.
+    pub fn readiness(&self) -> watch::Receiver<bool> {
+        self.ready.subscribe()
+    }
+
+    /// NOT_SERVING from now on, whatever the database says (the server is shutting down).
+    pub async fn shut_down(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.set_serving(false).await;
+    }
+
+    /// Sets SERVING or NOT_SERVING for `""` and [`LEDGER_SERVICE`].
+    pub async fn set_serving(&self, serving: bool) {
+        let serving = serving && !self.stopping.load(std::sync::atomic::Ordering::SeqCst);
+        if self.ready.send_replace(serving) != serving {
+            if serving {
+                tracing::info!("database reachable: ledger SERVING");
+            } else {
+                tracing::warn!("ledger NOT_SERVING");
+            }
+        }
+        self.publish(serving).await;
+    }
+
+    async fn publish(&self, serving: bool) {
+        let status = if serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        self.reporter.set_service_status("", status).await;
+        self.reporter
+            .set_service_status(LEDGER_SERVICE, status)
+            .await;
+    }
+}
+
+/// A background task that is aborted when this handle is dropped (so it ends with the server,
+/// however the server's future ends).
+pub struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Spawns [`run_database_probe`]; the probe stops when the handle is dropped.
+pub fn spawn_database_probe(store: Arc<Store>, health: Health) -> AbortOnDrop {
+    AbortOnDrop(tokio::spawn(run_database_probe(
+        store,
+        health,
+        PROBE_INTERVAL,
+    )))
+}
+
+/// Pings the database every `every` and publishes the result, forever.
+pub async fn run_database_probe(store: Arc<Store>, health: Health, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let ok = match tokio::time::timeout(PROBE_TIMEOUT, store.ping()).await {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "database ping failed");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(
+                    timeout_ms = PROBE_TIMEOUT.as_millis() as u64,
+                    "database ping timed out"
+                );
+                false
+            }
+        };
+        health.set_serving(ok).await;
+    }
+}
+
+/// gRPC server reflection (v1 and v1alpha, for older `grpcurl`s) advertising the ledger, health
+/// and reflection services.
+#[allow(clippy::type_complexity)]
+pub fn reflection() -> Result<(
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+)> {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(syft_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name(LEDGER_SERVICE)
+            .with_service_name("grpc.health.v1.Health")
+            .with_service_name("grpc.reflection.v1.ServerReflection")
+    };
+    let err = |e: tonic_reflection::server::Error| {
+        LedgerError::Internal(format!("reflection descriptors: {e}"))
+    };
+    Ok((
+        builder().build_v1().map_err(err)?,
+        builder()
+            .with_service_name("grpc.reflection.v1alpha.ServerReflection")
+            .build_v1alpha()
+            .map_err(err)?,
+    ))
+}

@@ -1,0 +1,238 @@
+//! Health and discovery: `grpc.health.v1.Health` follows the database (ledger) and the ledger
+//! (router), `/readyz` agrees, and server reflection lists the services.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures::StreamExt;
+use serde_json::Value;
+use syft_router_svc::{Pricing, RouterConfig};
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+const LEDGER: &str = "syft.ledger.v1.Ledger";
+const ROUTER: &str = "syft.router.v1.Router";
+
+async fn channel(url: &str) -> Channel {
+    for _ in 0..100 {
+        if let Ok(c) = Channel::from_shared(url.to_string())
+            .expect("url")
+            .connect()
+            .await
+        {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{url} did not start");
+}
+
+async fn status(ch: &Channel, service: &str) -> ServingStatus {
+    HealthClient::new(ch.clone())
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .expect("health check")
+        .into_inner()
+        .status()
+}
+
+/// Waits until both the server (`""`) and `service` report `want`.
+async fn wait_status(ch: &Channel, service: &str, want: ServingStatus) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let overall = status(ch, "").await;
+        let named = status(ch, service).await;
+        if overall == want && named == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{service}: want {want:?}, have overall {overall:?} / service {named:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn readyz(http_url: &str) -> (u16, Value) {
+    let resp = reqwest::get(format!("{http_url}/readyz"))
+        .await
+        .expect("GET /readyz");
+    let code = resp.status().as_u16();
+    (code, resp.json().await.expect("json body"))
+}
+
+async fn ledger_follows_its_database(db: Db) {
+    let ledger = LedgerHandle::start(&db, Duration::from_secs(300)).await;
+    let ch = channel(&ledger.url).await;
+    wait_status(&ch, LEDGER, ServingStatus::Serving).await;
+    // Unknown services are NOT_FOUND, as the health protocol requires.
+    let unknown = HealthClient::new(ch.clone())
+        .check(HealthCheckRequest {
+            service: "no.such.Service".into(),
+        })
+        .await;
+    assert_eq!(
+        unknown.expect_err("unknown service").code(),
+        tonic::Code::NotFound
+    );
+    // The database goes away: the ledger stops serving.
+    ledger.store.close().await;
+    wait_status(&ch, LEDGER, ServingStatus::NotServing).await;
+    db.drop_postgres().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ledger_health_follows_the_database_sqlite() {
+    ledger_follows_its_database(Db::sqlite()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ledger_health_follows_the_database_postgres() {
+    let Some(db) = Db::postgres("ledger_health_follows_the_database_postgres").await else {
+        return;
+    };
+    ledger_follows_its_database(db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paid_router_is_ready_only_while_its_ledger_serves() {
+    let mut s = Stack::start(Pricing::per_request(PRICE)).await;
+    let ch = channel(&s.router.grpc_url).await;
+    wait_status(&ch, ROUTER, ServingStatus::Serving).await;
+    let (code, body) = readyz(&s.router.http_url).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["ready"], true);
+    assert_eq!(body["ledger"], "serving");
+    assert_eq!(body["ledger_required"], true);
+
+    // The ledger's database goes down: the ledger answers NOT_SERVING, so the router is not ready.
+    s.ledger.store.close().await;
+    wait_status(&ch, ROUTER, ServingStatus::NotServing).await;
+    let (code, body) = readyz(&s.router.http_url).await;
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(body["ledger"], "not_serving");
+
+    // The ledger process goes away entirely.
+    s.ledger.stop().await;
+    wait_status(&ch, ROUTER, ServingStatus::NotServing).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, body) = readyz(&s.router.http_url).await;
+        assert_eq!(code, 503, "{body}");
+        if body["ledger"] == "unreachable" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Liveness is not readiness: the process itself is fine.
+    let live = reqwest::get(format!("{}/healthz", s.router.http_url))
+        .await
+        .expect("GET /healthz");
+    assert_eq!(live.status().as_u16(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn free_router_without_a_ledger_is_ready() {
+    // Nothing listens on the ledger URL.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", closed.local_addr().expect("addr"));
+    drop(closed);
+    let config = RouterConfig::new("free-router", "owner@example.com");
+    let mut config = config;
+    config.ledger.url = url;
+    config.ledger.connect_timeout = Duration::from_millis(200);
+    let router = RouterHandle::start(config).await;
+    let ch = channel(&router.grpc_url).await;
+    wait_status(&ch, ROUTER, ServingStatus::Serving).await;
+    // The probe has run and found no ledger, and the router is still ready.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, body) = readyz(&router.http_url).await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(body["ledger_required"], false);
+        if body["ledger"] == "unreachable" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Lists services over reflection, and resolves `symbol` to its file descriptor.
+async fn reflect(ch: &Channel, symbol: &str) -> (Vec<String>, usize) {
+    let requests = futures::stream::iter(vec![
+        ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        },
+        ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::FileContainingSymbol(symbol.into())),
+        },
+    ]);
+    let mut responses = ServerReflectionClient::new(ch.clone())
+        .server_reflection_info(requests)
+        .await
+        .expect("reflection")
+        .into_inner();
+    let mut services = Vec::new();
+    let mut files = 0;
+    while let Some(resp) = responses.next().await {
+        match resp.expect("reflection response").message_response {
+            Some(MessageResponse::ListServicesResponse(list)) => {
+                services.extend(list.service.into_iter().map(|s| s.name));
+            }
+            Some(MessageResponse::FileDescriptorResponse(fd)) => {
+                files += fd.file_descriptor_proto.len();
+            }
+            Some(MessageResponse::ErrorResponse(e)) => {
+                panic!("reflection error for {symbol}: {}", e.error_message)
+            }
+            other => panic!("unexpected reflection response {other:?}"),
+        }
+    }
+    services.sort();
+    (services, files)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_the_services() {
+    let s = Stack::start(Pricing::per_request(PRICE)).await;
+    let ledger = channel(&s.ledger.url).await;
+    let (services, files) = reflect(&ledger, "syft.ledger.v1.Ledger.Authorize").await;
+    assert_eq!(
+        services,
+        [
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            LEDGER
+        ],
+        "the ledger advertises only what it serves"
+    );
+    assert!(files >= 1);
+
+    let router = channel(&s.router.grpc_url).await;
+    let (services, files) = reflect(&router, "syft.router.v1.ChatRequest").await;
+    assert_eq!(
+        services,
+        [
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            ROUTER
+        ]
+    );
+    assert!(files >= 1);
+}

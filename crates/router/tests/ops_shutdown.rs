@@ -1,0 +1,220 @@
+//! Graceful shutdown: requests that finish within the grace period are served and charged;
+//! requests still running at its end are cancelled and their holds voided before `serve`
+//! returns; nothing new is accepted meanwhile.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures::StreamExt;
+use syft_proto::ledger::TransferStatus;
+use syft_proto::router::{chat_stream_event, ChatRequest};
+use syft_router_svc::{Pricing, UpstreamConfig};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+const GRACE: Duration = Duration::from_millis(1500);
+
+async fn wait_hits(up: &FakeUpstream, n: usize) {
+    for _ in 0..200 {
+        if up.hits() >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("upstream saw {} requests, want {n}", up.hits());
+}
+
+fn request(alice: &Account, token: &str, id: &str) -> ChatRequest {
+    ChatRequest {
+        user_email: alice.email.clone(),
+        model: "test-model".into(),
+        messages: vec![syft_proto::router::Message {
+            role: "user".into(),
+            content: format!("request {id}"),
+            name: None,
+        }],
+        transaction_token: token.into(),
+        request_id: id.into(),
+        ..Default::default()
+    }
+}
+
+/// Final event's cost, or the error status, of a streamed chat.
+async fn collect_stream(
+    mut client: syft_proto::router::router_client::RouterClient<tonic::transport::Channel>,
+    req: ChatRequest,
+) -> (usize, Result<i64, tonic::Status>) {
+    let mut events = match client.chat_stream(req).await {
+        Ok(resp) => resp.into_inner(),
+        Err(status) => return (0, Err(status)),
+    };
+    let mut deltas = 0;
+    while let Some(event) = events.next().await {
+        match event.map(|e| e.event) {
+            Ok(Some(chat_stream_event::Event::Delta(_))) => deltas += 1,
+            Ok(Some(chat_stream_event::Event::Final(f))) => return (deltas, Ok(f.cost_micros)),
+            Ok(None) => {}
+            Err(status) => return (deltas, Err(status)),
+        }
+    }
+    (
+        deltas,
+        Err(tonic::Status::unknown("stream ended without a final event")),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_short_requests_and_voids_the_rest() {
+    let db = Db::sqlite();
+    let ledger = LedgerHandle::start(&db, Duration::from_secs(300)).await;
+    let owner = create_account(&ledger.url, "owner").await;
+    let alice = create_account(&ledger.url, "alice").await;
+    deposit(&ledger.url, &alice.email, FUNDS).await;
+    let token = issue_token(&ledger.url, &alice, &owner.email).await;
+    let upstream = FakeUpstream::start().await;
+    let mut config = router_config(
+        "shutdown-router",
+        &owner.email,
+        &owner.secret,
+        &ledger.url,
+        Pricing::per_request(PRICE),
+        Some(&upstream.base_url),
+    );
+    // Only the shutdown may end the stalled requests.
+    if let UpstreamConfig::OpenAi(o) = &mut config.upstream {
+        o.request_timeout = Duration::from_secs(120);
+        o.idle_timeout = Duration::from_secs(120);
+    }
+    config.shutdown_grace = GRACE;
+    let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let http = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let grpc_url = format!("http://{}", grpc.local_addr().expect("addr"));
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(syft_router_svc::serve(config, grpc, http, async {
+        let _ = stopped.await;
+    }));
+    let handle = RouterHandleless { url: grpc_url };
+    let client = handle.client().await;
+
+    // A: unary, answers after 700 ms (inside the grace period).
+    upstream.set_mode(Mode::Delay(Duration::from_millis(700)));
+    let a = tokio::spawn({
+        let mut c = client.clone();
+        let req = request(&alice, &token, "short-unary");
+        async move { c.chat(req).await }
+    });
+    wait_hits(&upstream, 1).await;
+    // B: a stream of 100 chunks, 8 ms apart (inside the grace period).
+    upstream.set_mode(Mode::SlowStream(Duration::from_millis(8)));
+    let b = tokio::spawn(collect_stream(
+        client.clone(),
+        request(&alice, &token, "short-stream"),
+    ));
+    wait_hits(&upstream, 2).await;
+    // C: unary, the upstream never answers.
+    upstream.set_mode(Mode::Stall);
+    let c = tokio::spawn({
+        let mut c = client.clone();
+        let req = request(&alice, &token, "stalled-unary");
+        async move { c.chat(req).await }
+    });
+    wait_hits(&upstream, 3).await;
+    // D: a stream that sends one chunk, then stalls.
+    upstream.set_mode(Mode::StreamStall);
+    let d = tokio::spawn(collect_stream(
+        client.clone(),
+        request(&alice, &token, "stalled-stream"),
+    ));
+    wait_hits(&upstream, 4).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let started = Instant::now();
+    stop.send(()).expect("router running");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // Nothing new is served once shutting down.
+    upstream.set_mode(Mode::Ok);
+    let late = tokio::time::timeout(Duration::from_millis(800), async {
+        let mut c = tonic::transport::Endpoint::from_shared(handle.url.clone())
+            .expect("url")
+            .connect()
+            .await
+            .map(syft_proto::router::router_client::RouterClient::new)
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        c.chat(request(&alice, &token, "late")).await
+    })
+    .await;
+    assert!(
+        !matches!(late, Ok(Ok(_))),
+        "a request after the shutdown signal was served"
+    );
+
+    server
+        .await
+        .expect("join")
+        .expect("serve returns Ok after a graceful shutdown");
+    let took = started.elapsed();
+    assert!(
+        took >= GRACE,
+        "serve returned after {took:?}, before the grace period ended, with requests running"
+    );
+    assert!(took < GRACE + Duration::from_secs(6), "took {took:?}");
+
+    // The voids happened before serve returned: no waiting here.
+    let transfers = transfers_of(&ledger.url, &alice.email).await;
+    let status_of = |id: &str| {
+        transfers
+            .iter()
+            .find(|t| t.idempotency_key == id)
+            .map(|t| t.status())
+            .unwrap_or_else(|| panic!("no transfer for {id}: {transfers:?}"))
+    };
+    assert_eq!(status_of("short-unary"), TransferStatus::Completed);
+    assert_eq!(status_of("short-stream"), TransferStatus::Completed);
+    assert_eq!(status_of("stalled-unary"), TransferStatus::Cancelled);
+    assert_eq!(status_of("stalled-stream"), TransferStatus::Cancelled);
+    let money = account(&ledger.url, &alice.email).await;
+    assert_eq!(money.balance_micros, FUNDS - 2 * PRICE);
+    assert_eq!(money.held_micros, 0);
+
+    // What the clients saw.
+    let a = a.await.expect("join").expect("short unary served");
+    assert_eq!(a.into_inner().cost_micros, PRICE);
+    let (deltas, b) = b.await.expect("join");
+    assert_eq!(b.expect("short stream finished"), PRICE);
+    assert_eq!(deltas, 100);
+    let c = c.await.expect("join").expect_err("stalled unary cancelled");
+    assert_eq!(c.code(), tonic::Code::Unavailable, "{c:?}");
+    let (deltas, d) = d.await.expect("join");
+    assert!(deltas >= 1);
+    let d = d.expect_err("stalled stream cancelled");
+    assert_eq!(d.code(), tonic::Code::Unavailable, "{d:?}");
+
+    let report = ledger.store.verify().await.expect("verify");
+    assert!(report.is_ok(), "{:?}", report.problems);
+    let usage = usage_of(&ledger.url, &alice.email).await;
+    assert_eq!(usage.len(), 4, "one usage row per request: {usage:?}");
+}
+
+/// A router served by the test itself (so it can await `serve`).
+struct RouterHandleless {
+    url: String,
+}
+
+impl RouterHandleless {
+    async fn client(
+        &self,
+    ) -> syft_proto::router::router_client::RouterClient<tonic::transport::Channel> {
+        for _ in 0..100 {
+            if let Ok(c) =
+                syft_proto::router::router_client::RouterClient::connect(self.url.clone()).await
+            {
+                return c;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("router did not start");
+    }
+}

@@ -1,0 +1,452 @@
+//! TLS on every listener and mutual TLS between router and ledger, with certificates made at
+//! test time (rcgen).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Db, ADMIN_KEY, PRICE};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+use syft_ledger::client::{connect_lazy_tls, LedgerClient};
+use syft_ledger::{LedgerConfig, Store};
+use syft_proto::ledger as lpb;
+use syft_proto::router as rpb;
+use syft_proto::router::router_client::RouterClient;
+use syft_router_svc::{Pricing, RouterConfig, ECHO_MODEL};
+use syft_tls::{ClientTls, ServerTls};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tonic::transport::{Channel, Endpoint};
+
+/// A test certificate authority.
+struct Ca {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+/// A PEM certificate and key.
+struct Leaf {
+    cert: String,
+    key: String,
+}
+
+impl Ca {
+    fn new(name: &str) -> Self {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = KeyPair::generate().expect("key");
+        Ca {
+            issuer: CertifiedIssuer::self_signed(params, key).expect("CA"),
+        }
+    }
+
+    fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    fn leaf(&self, name: &str, usage: ExtendedKeyUsagePurpose) -> Leaf {
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+                .expect("params");
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.extended_key_usages = vec![usage];
+        let key = KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, &self.issuer).expect("sign");
+        Leaf {
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        }
+    }
+
+    fn server(&self) -> ServerTls {
+        let leaf = self.leaf("server", ExtendedKeyUsagePurpose::ServerAuth);
+        ServerTls::from_pem(leaf.cert, leaf.key).expect("server tls")
+    }
+
+    fn client_identity(&self, name: &str) -> Leaf {
+        self.leaf(name, ExtendedKeyUsagePurpose::ClientAuth)
+    }
+
+    /// Trusts this CA only, no client certificate.
+    fn trust(&self) -> ClientTls {
+        ClientTls::new().with_ca(self.pem()).expect("client tls")
+    }
+}
+
+struct TlsLedger {
+    url: String,
+    store: Arc<Store>,
+    _stop: oneshot::Sender<()>,
+    _db: Db,
+}
+
+async fn tls_ledger(tls: ServerTls) -> TlsLedger {
+    let db = Db::sqlite();
+    let store = Arc::new(Store::connect(&db.url, 4).await.expect("store"));
+    let config = LedgerConfig {
+        database_url: db.url.clone(),
+        admin_key: ADMIN_KEY.into(),
+        sweep_interval: Duration::from_millis(100),
+        tls: Some(tls),
+        ..LedgerConfig::default()
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("https://{}", listener.local_addr().expect("addr"));
+    let (tx, rx) = oneshot::channel();
+    let s = store.clone();
+    tokio::spawn(async move {
+        if let Err(e) = syft_ledger::serve_with_store(s, config, listener, None, async {
+            let _ = rx.await;
+        })
+        .await
+        {
+            eprintln!("ledger stopped: {e}");
+        }
+    });
+    TlsLedger {
+        url,
+        store,
+        _stop: tx,
+        _db: db,
+    }
+}
+
+fn client(ledger: &TlsLedger, secret: &str, tls: Option<&ClientTls>) -> LedgerClient {
+    connect_lazy_tls(&ledger.url, secret, tls).expect("client")
+}
+
+/// A refused TLS connection: the call fails in the transport (UNAVAILABLE when the handshake
+/// fails on the client side; UNKNOWN or CANCELLED when a TLS 1.3 server rejects the client
+/// certificate after the client considered the handshake done), never with an answer from the
+/// service itself (a status from the wire has no transport error as its source).
+fn assert_refused(err: &tonic::Status) {
+    assert!(
+        matches!(
+            err.code(),
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+        ),
+        "{err:?}"
+    );
+    assert!(
+        std::error::Error::source(err).is_some(),
+        "expected a transport failure, got a service answer: {err:?}"
+    );
+}
+
+/// A cheap admin call; retried briefly while the server starts.
+async fn list_accounts(c: &LedgerClient) -> Result<(), tonic::Status> {
+    let mut last = None;
+    for _ in 0..40 {
+        match c
+            .clone()
+            .get_account(lpb::GetAccountRequest {
+                email: "nobody@example.com".into(),
+            })
+            .await
+        {
+            // The call reached the service: the TLS handshake succeeded.
+            Ok(_) => return Ok(()),
+            Err(s) if s.code() == tonic::Code::NotFound => return Ok(()),
+            Err(s) => last = Some(s),
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    Err(last.unwrap_or_else(|| tonic::Status::unknown("no attempt")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_ledger_serves_tls_clients_and_refuses_others() {
+    let ca = Ca::new("test CA");
+    let ledger = tls_ledger(ca.server()).await;
+    list_accounts(&client(&ledger, ADMIN_KEY, Some(&ca.trust())))
+        .await
+        .expect("a client trusting the CA gets through");
+
+    // Plaintext to a TLS port fails.
+    let plain_url = ledger.url.replace("https://", "http://");
+    let plain = syft_ledger::client::connect_lazy(&plain_url, ADMIN_KEY).expect("client");
+    assert!(
+        plain
+            .clone()
+            .get_account(lpb::GetAccountRequest {
+                email: "x@example.com".into()
+            })
+            .await
+            .is_err(),
+        "plaintext client must not get an answer"
+    );
+    // A client that does not trust the server's CA refuses the server.
+    let other = Ca::new("other CA");
+    let err = list_accounts(&client(&ledger, ADMIN_KEY, Some(&other.trust())))
+        .await
+        .expect_err("untrusted server certificate");
+    assert_refused(&err);
+    // TLS settings with an http:// URL are a configuration error, not a silent plaintext channel.
+    assert!(connect_lazy_tls(&plain_url, ADMIN_KEY, Some(&ca.trust())).is_err());
+    ledger.store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_rejects_clients_without_a_certificate_from_its_ca() {
+    let ca = Ca::new("mesh CA");
+    let ledger = tls_ledger(ca.server().with_client_ca(ca.pem()).expect("client ca")).await;
+
+    let good = ca.client_identity("router");
+    let with_cert = ca
+        .trust()
+        .with_identity(good.cert, good.key)
+        .expect("identity");
+    list_accounts(&client(&ledger, ADMIN_KEY, Some(&with_cert)))
+        .await
+        .expect("a client certificate signed by the CA is accepted");
+
+    // No client certificate.
+    let err = list_accounts(&client(&ledger, ADMIN_KEY, Some(&ca.trust())))
+        .await
+        .expect_err("client without a certificate");
+    assert_refused(&err);
+
+    // A client certificate from another CA.
+    let rogue = Ca::new("rogue CA").client_identity("intruder");
+    let wrong_ca = ca
+        .trust()
+        .with_identity(rogue.cert, rogue.key)
+        .expect("identity");
+    let err = list_accounts(&client(&ledger, ADMIN_KEY, Some(&wrong_ca)))
+        .await
+        .expect_err("client certificate from another CA");
+    assert_refused(&err);
+    ledger.store.close().await;
+}
+
+async fn tls_router(config: RouterConfig) -> (String, String, oneshot::Sender<()>) {
+    let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let http = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let grpc_url = format!("https://{}", grpc.local_addr().expect("addr"));
+    let http_url = format!("https://{}", http.local_addr().expect("addr"));
+    let (tx, rx) = oneshot::channel();
+    tokio::spawn(async move {
+        if let Err(e) = syft_router_svc::serve(config, grpc, http, async {
+            let _ = rx.await;
+        })
+        .await
+        {
+            eprintln!("router stopped: {e}");
+        }
+    });
+    (grpc_url, http_url, tx)
+}
+
+async fn router_client(url: &str, tls: &ClientTls) -> RouterClient<Channel> {
+    let endpoint = syft_tls::configure_endpoint(
+        Endpoint::from_shared(url.to_string()).expect("url"),
+        Some(tls),
+    )
+    .expect("tls");
+    for _ in 0..100 {
+        if let Ok(ch) = endpoint.connect().await {
+            return RouterClient::new(ch);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("router did not start");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_serves_grpc_and_https_over_tls() {
+    let ca = Ca::new("router CA");
+    let mut config = RouterConfig::new("tls-router", "owner@example.com");
+    config.tls = Some(ca.server());
+    let (grpc_url, http_url, _stop) = tls_router(config).await;
+
+    let meta = router_client(&grpc_url, &ca.trust())
+        .await
+        .get_metadata(rpb::GetMetadataRequest {})
+        .await
+        .expect("metadata over TLS")
+        .into_inner();
+    assert_eq!(meta.name, "tls-router");
+
+    let https = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.pem().as_bytes()).expect("ca"))
+        .build()
+        .expect("client");
+    let resp = https
+        .get(format!("{http_url}/healthz"))
+        .send()
+        .await
+        .expect("GET /healthz over TLS");
+    assert_eq!(resp.status().as_u16(), 200);
+    let models: serde_json::Value = https
+        .get(format!("{http_url}/v1/models"))
+        .send()
+        .await
+        .expect("GET /v1/models")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(models["data"][0]["id"], ECHO_MODEL);
+
+    // Plain HTTP to the TLS port gets no answer; a client not trusting the CA refuses it.
+    let plain = http_url.replace("https://", "http://");
+    assert!(reqwest::get(format!("{plain}/healthz")).await.is_err());
+    assert!(reqwest::get(format!("{http_url}/healthz")).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_pays_through_a_mutual_tls_ledger() {
+    let ca = Ca::new("mesh CA");
+    let ledger = tls_ledger(ca.server().with_client_ca(ca.pem()).expect("client ca")).await;
+    let router_id = ca.client_identity("router");
+    let router_tls = ca
+        .trust()
+        .with_identity(router_id.cert, router_id.key)
+        .expect("identity");
+    let admin_id = ca.client_identity("admin");
+    let admin_tls = ca
+        .trust()
+        .with_identity(admin_id.cert, admin_id.key)
+        .expect("identity");
+    let admin = client(&ledger, ADMIN_KEY, Some(&admin_tls));
+    list_accounts(&admin).await.expect("admin over mTLS");
+
+    let create = |email: &str| {
+        let mut admin = admin.clone();
+        let email = email.to_string();
+        async move {
+            admin
+                .create_account(lpb::CreateAccountRequest {
+                    email,
+                    organization: "test".into(),
+                    ..Default::default()
+                })
+                .await
+                .expect("create account")
+                .into_inner()
+                .secret
+        }
+    };
+    let owner_secret = create("owner@example.com").await;
+    let alice_secret = create("alice@example.com").await;
+    admin
+        .clone()
+        .deposit(lpb::DepositRequest {
+            email: "alice@example.com".into(),
+            amount_micros: 1_000_000,
+            idempotency_key: "fund-alice".into(),
+        })
+        .await
+        .expect("deposit");
+    let token = client(&ledger, &alice_secret, Some(&admin_tls))
+        .issue_token(lpb::IssueTokenRequest {
+            recipient_email: "owner@example.com".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("token")
+        .into_inner()
+        .token;
+
+    let mut config = RouterConfig::new("mtls-router", "owner@example.com")
+        .with_chat_pricing(Pricing::per_request(PRICE));
+    config.ledger.url = ledger.url.clone();
+    config.ledger.secret = owner_secret.clone();
+    config.ledger.tls = Some(router_tls);
+    config.tls = Some(ca.server());
+    let (grpc_url, _http, _stop) = tls_router(config).await;
+
+    let chat = rpb::ChatRequest {
+        user_email: "alice@example.com".into(),
+        model: ECHO_MODEL.into(),
+        messages: vec![rpb::Message {
+            role: "user".into(),
+            content: "hello over mTLS".into(),
+            name: None,
+        }],
+        transaction_token: token.clone(),
+        ..Default::default()
+    };
+    let resp = router_client(&grpc_url, &ca.trust())
+        .await
+        .chat(chat.clone())
+        .await
+        .expect("paid chat through the mTLS ledger")
+        .into_inner();
+    assert_eq!(resp.cost_micros, PRICE);
+    assert!(!resp.transfer_id.is_empty());
+    let transfer = admin
+        .clone()
+        .get_transfer(lpb::GetTransferRequest {
+            transfer_id: resp.transfer_id.clone(),
+        })
+        .await
+        .expect("transfer")
+        .into_inner();
+    assert_eq!(transfer.status(), lpb::TransferStatus::Completed);
+    let alice = admin
+        .clone()
+        .get_account(lpb::GetAccountRequest {
+            email: "alice@example.com".into(),
+        })
+        .await
+        .expect("account")
+        .into_inner();
+    assert_eq!(alice.balance_micros, 1_000_000 - PRICE);
+    assert_eq!(alice.held_micros, 0);
+
+    // The same router without a client certificate cannot reach the ledger: paid requests are
+    // UNAVAILABLE and nothing is charged.
+    let mut config = RouterConfig::new("no-cert-router", "owner@example.com")
+        .with_chat_pricing(Pricing::per_request(PRICE));
+    config.ledger.url = ledger.url.clone();
+    config.ledger.secret = owner_secret;
+    config.ledger.tls = Some(ca.trust());
+    let (grpc_url, _http, _stop2) = {
+        let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let http = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", grpc.local_addr().expect("addr"));
+        let (tx, rx) = oneshot::channel::<()>();
+        tokio::spawn(syft_router_svc::serve(config, grpc, http, async {
+            let _ = rx.await;
+        }));
+        (url, (), tx)
+    };
+    let mut plain_router = None;
+    for _ in 0..100 {
+        if let Ok(c) = RouterClient::connect(grpc_url.clone()).await {
+            plain_router = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let err = plain_router
+        .expect("router")
+        .chat(rpb::ChatRequest {
+            request_id: "no-cert-1".into(),
+            ..chat
+        })
+        .await
+        .expect_err("ledger refuses a router without a client certificate");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    let alice = admin
+        .clone()
+        .get_account(lpb::GetAccountRequest {
+            email: "alice@example.com".into(),
+        })
+        .await
+        .expect("account")
+        .into_inner();
+    assert_eq!(alice.balance_micros, 1_000_000 - PRICE);
+    let report = ledger.store.verify().await.expect("verify");
+    assert!(report.is_ok(), "{:?}", report.problems);
+    ledger.store.close().await;
+}
