@@ -14,8 +14,17 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = cli::Cli::parse();
-    cli::init_tracing(&args.log_format);
-    match cli::run(args).await {
+    let telemetry = match syft_telemetry::init(cli::service_name(&args.command), &args.log_format) {
+        Ok(t) => t,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = cli::run(args).await;
+    // Spans still buffered are exported before the process exits.
+    tokio::task::block_in_place(|| telemetry.shutdown());
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");

@@ -69,17 +69,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-pub fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,sqlx=warn,h2=warn,tower=warn")
-    });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
+/// The service name traces are exported under (unless `OTEL_SERVICE_NAME` says otherwise).
+pub fn service_name(command: &Command) -> &'static str {
+    match command {
+        Command::Ledger(_) => "syft-ledger",
+        Command::Router(_) => "syft-router",
+        Command::Dev(_) | Command::Demo(_) => "syft-dev",
+        _ => "syft-cli",
     }
 }
 

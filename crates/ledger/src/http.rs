@@ -1,5 +1,5 @@
-//! The ledger's HTTP port: liveness and readiness probes, and the Syft accounting REST API when
-//! enabled (`--accounting-api`).
+//! The ledger's HTTP port: liveness and readiness probes, Prometheus `/metrics`, and the Syft
+//! accounting REST API when enabled (`--accounting-api`).
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -22,11 +22,23 @@ pub fn router(
         )
         .route("/readyz", get(readyz))
         .with_state(ready);
-    if accounting_api {
-        probes.merge(crate::rest::router(service))
+    let metrics = Router::new()
+        .route(
+            "/metrics",
+            get(|State(service): State<LedgerService>| async move {
+                crate::metrics::render(service.store()).await
+            }),
+        )
+        .with_state(service.clone());
+    let app = probes.merge(metrics);
+    let app = if accounting_api {
+        app.merge(crate::rest::router(service))
     } else {
-        probes
-    }
+        app
+    };
+    app.layer(syft_telemetry::RequestLayer(syft_telemetry::Server::Http(
+        "ledger",
+    )))
 }
 
 async fn readyz(

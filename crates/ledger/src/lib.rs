@@ -8,6 +8,7 @@ pub mod health;
 pub mod hosted;
 pub mod http;
 pub mod lifecycle;
+pub mod metrics;
 pub mod money;
 pub mod rest;
 pub mod service;
@@ -164,6 +165,7 @@ pub async fn serve_with_store(
     );
     let grpc = syft_tls::grpc_server(tls)
         .map_err(|e| LedgerError::Internal(e.to_string()))?
+        .layer(syft_telemetry::RequestLayer(syft_telemetry::Server::Grpc))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -232,7 +234,10 @@ pub async fn run_sweeper(store: Arc<Store>, every: Duration) {
         tick.tick().await;
         match store.sweep_expired(500).await {
             Ok(0) => {}
-            Ok(n) => tracing::info!(cancelled = n, "expired holds cancelled"),
+            Ok(n) => {
+                metrics::expired(n);
+                tracing::info!(cancelled = n, "expired holds cancelled");
+            }
             Err(e) => tracing::warn!(error = %e, "expiry sweep failed"),
         }
         if let Err(e) = store.roll_up_all().await {

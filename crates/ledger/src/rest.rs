@@ -490,7 +490,8 @@ async fn create_transaction(
                 ))
                 .into());
             }
-            service
+            let started = crate::metrics::now();
+            let transfer = service
                 .store()
                 .authorize_direct(&DirectInput {
                     sender_id: account.id,
@@ -500,7 +501,9 @@ async fn create_transaction(
                     app_ep_path,
                     ttl_micros: service.config().hold_ttl.as_micros() as i64,
                 })
-                .await?
+                .await?;
+            crate::metrics::authorized(&transfer, started);
+            transfer
         }
     };
     transaction_reply(StatusCode::CREATED, &transfer)
@@ -552,6 +555,7 @@ async fn confirm_transaction(
         ))
         .into());
     }
+    let started = crate::metrics::now();
     let resolved = service
         .store()
         .resolve(&ResolveInput {
@@ -562,6 +566,7 @@ async fn confirm_transaction(
             by_sender,
         })
         .await?;
+    crate::metrics::resolved(&resolved, started);
     transaction_reply(StatusCode::OK, &resolved)
 }
 
@@ -588,6 +593,7 @@ async fn cancel_transaction(
     } else {
         "cancelled by recipient"
     };
+    let started = crate::metrics::now();
     let resolved = service
         .store()
         .resolve(&ResolveInput {
@@ -600,6 +606,7 @@ async fn cancel_transaction(
             by_sender,
         })
         .await?;
+    crate::metrics::resolved(&resolved, started);
     transaction_reply(StatusCode::OK, &resolved)
 }
 

@@ -9,6 +9,7 @@ use tonic::{Request, Response, Status};
 use crate::auth::{authenticate, generate_secret, Caller};
 use crate::error::{LedgerError, Result};
 use crate::hosted::{Hosted, HostedAuthorize};
+use crate::metrics;
 use crate::money::check_positive;
 use crate::store::{
     now_micros, sha256_hex, AccountRow, AuthorizeInput, CaptureAmount, Resolution, ResolveInput,
@@ -223,11 +224,37 @@ impl LedgerService {
         })
     }
 
+    /// Places a hold (counted in the metrics once, not on replays).
     pub(crate) async fn authorize(
         &self,
         caller: &Caller,
         req: pb::AuthorizeRequest,
     ) -> Result<TransferRow> {
+        let started = metrics::now();
+        let transfer = self.place_hold(caller, req).await?;
+        metrics::authorized(&transfer, started);
+        Ok(transfer)
+    }
+
+    pub(crate) async fn capture(
+        &self,
+        caller: &Caller,
+        req: pb::CaptureRequest,
+    ) -> Result<TransferRow> {
+        let started = metrics::now();
+        let transfer = self.capture_hold(caller, req).await?;
+        metrics::resolved(&transfer, started);
+        Ok(transfer)
+    }
+
+    pub(crate) async fn void(&self, caller: &Caller, req: pb::VoidRequest) -> Result<TransferRow> {
+        let started = metrics::now();
+        let transfer = self.void_hold(caller, req).await?;
+        metrics::resolved(&transfer, started);
+        Ok(transfer)
+    }
+
+    async fn place_hold(&self, caller: &Caller, req: pb::AuthorizeRequest) -> Result<TransferRow> {
         let recipient = caller.account()?;
         let sender_email = validate::email("sender_email", &req.sender_email)?;
         let amount = check_positive(
@@ -280,11 +307,7 @@ impl LedgerService {
         Ok(transfer)
     }
 
-    pub(crate) async fn capture(
-        &self,
-        caller: &Caller,
-        req: pb::CaptureRequest,
-    ) -> Result<TransferRow> {
+    async fn capture_hold(&self, caller: &Caller, req: pb::CaptureRequest) -> Result<TransferRow> {
         let recipient = caller.account()?;
         let transfer_id = validate::text("transfer_id", &req.transfer_id, MAX_KEY, true)?;
         let amount = match req.amount {
@@ -316,7 +339,7 @@ impl LedgerService {
             .await
     }
 
-    pub(crate) async fn void(&self, caller: &Caller, req: pb::VoidRequest) -> Result<TransferRow> {
+    async fn void_hold(&self, caller: &Caller, req: pb::VoidRequest) -> Result<TransferRow> {
         let recipient = caller.account()?;
         let transfer_id = validate::text("transfer_id", &req.transfer_id, MAX_KEY, true)?;
         let reason = validate::text("reason", &req.reason, MAX_REASON, false)?;

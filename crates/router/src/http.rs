@@ -43,7 +43,14 @@ pub fn http_router(service: RouterService) -> Router {
         .route("/v1/models", get(list_models))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route(
+            "/metrics",
+            get(|| async { syft_telemetry::metrics::response() }),
+        )
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(syft_telemetry::RequestLayer(syft_telemetry::Server::Http(
+            "router",
+        )))
         .with_state(service)
 }
 

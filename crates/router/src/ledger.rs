@@ -94,6 +94,7 @@ impl Ledger {
         req.metadata_mut()
             .insert("authorization", self.auth.clone());
         req.set_timeout(self.timeout);
+        syft_telemetry::inject_grpc(req.metadata_mut());
         req
     }
 

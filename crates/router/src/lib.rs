@@ -14,6 +14,7 @@ pub mod grpc;
 pub mod health;
 pub mod http;
 mod ledger;
+mod metrics;
 pub mod money;
 pub mod service;
 pub mod tokens;
@@ -99,6 +100,7 @@ pub async fn serve_service(
     let _health = health::spawn(&service, reporter);
     let tls = service.config().tls.clone();
     let grpc = syft_tls::grpc_server(tls.as_ref())?
+        .layer(syft_telemetry::RequestLayer(syft_telemetry::Server::Grpc))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

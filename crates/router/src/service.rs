@@ -15,12 +15,14 @@ use syft_proto::router::{
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tracing::Instrument;
 
 use crate::config::{Pricing, PricingKind, RouterConfig, ServiceConfig};
 use crate::drain::{Drain, DrainGuard};
 use crate::error::RouterError;
 use crate::health::{LedgerState, Readiness, ReadinessCell};
 use crate::ledger::Ledger;
+use crate::metrics;
 use crate::tokens;
 use crate::upstream::{Upstream, UpstreamError, UpstreamRequest, UpstreamStream, UpstreamUsage};
 use crate::validate::{validate_chat, ValidRequest};
@@ -186,10 +188,31 @@ impl RouterService {
     /// A unary chat. Returns only after the capture (or the usage row, for free services) is
     /// committed.
     pub async fn chat(&self, req: ChatRequest) -> Result<ChatResponse, RouterError> {
+        let span = self.span(&req, false);
+        self.unary(req).instrument(span).await
+    }
+
+    /// The request's span: request id, user, app and transfer id (never the token).
+    fn span(&self, req: &ChatRequest, stream: bool) -> tracing::Span {
+        tracing::info_span!(
+            "chat",
+            request_id = %req.request_id,
+            user = %req.user_email,
+            app = %self.inner.config.name,
+            transfer_id = tracing::field::Empty,
+            stream,
+        )
+    }
+
+    async fn unary(&self, req: ChatRequest) -> Result<ChatResponse, RouterError> {
         let started = Instant::now();
         let p = self.prepare(req).await?;
+        tracing::Span::current().record("request_id", p.v.request_id.as_str());
         let _claim = self.claim(&p.v.request_id)?;
         let hold = self.authorize(&p).await?;
+        if let Some(h) = &hold {
+            tracing::Span::current().record("transfer_id", h.transfer_id.as_str());
+        }
         let up_start = Instant::now();
         let result = self
             .until_shutdown(self.inner.upstream.complete(&p.upstream_req))
@@ -201,11 +224,19 @@ impl RouterService {
                     Ok(c)
                 }
             });
+        let upstream_time = up_start.elapsed();
         let upstream_ms = elapsed_ms(up_start);
         let c = match result {
             Ok(c) => c,
             Err(e) => {
                 self.fail(&p, hold, &e, started, upstream_ms).await;
+                metrics::observe(
+                    self.provider(),
+                    "unary",
+                    e.usage_status(),
+                    started,
+                    upstream_time,
+                );
                 return Err(e.into());
             }
         };
@@ -219,7 +250,14 @@ impl RouterService {
             started,
             upstream_ms,
         );
-        let transfer_id = self.settle(&p, hold, cost, usage).await?;
+        let settled = self.settle(&p, hold, cost, usage).await;
+        let outcome = if settled.is_ok() {
+            "success"
+        } else {
+            "not_settled"
+        };
+        metrics::observe(self.provider(), "unary", outcome, started, upstream_time);
+        let transfer_id = settled?;
         let currency = p.pricing.currency.clone();
         Ok(ChatResponse {
             id: p.v.request_id.clone(),
@@ -250,10 +288,19 @@ impl RouterService {
     /// A streamed chat. Errors before the stream starts (validation, payment, the upstream not
     /// answering) are returned here; later ones arrive as the stream's last item.
     pub async fn chat_stream(&self, req: ChatRequest) -> Result<ChatStreamHandle, RouterError> {
+        let span = self.span(&req, true);
+        self.stream(req).instrument(span).await
+    }
+
+    async fn stream(&self, req: ChatRequest) -> Result<ChatStreamHandle, RouterError> {
         let started = Instant::now();
         let p = self.prepare(req).await?;
+        tracing::Span::current().record("request_id", p.v.request_id.as_str());
         let claim = self.claim(&p.v.request_id)?;
         let hold = self.authorize(&p).await?;
+        if let Some(h) = &hold {
+            tracing::Span::current().record("transfer_id", h.transfer_id.as_str());
+        }
         let up_start = Instant::now();
         let upstream = match self
             .until_shutdown(self.inner.upstream.stream(&p.upstream_req))
@@ -273,11 +320,14 @@ impl RouterService {
             events: ReceiverStream::new(rx),
         };
         let svc = self.clone();
-        tokio::spawn(async move {
-            let _claim = claim;
-            svc.drive_stream(p, hold, upstream, tx, started, up_start)
-                .await;
-        });
+        tokio::spawn(
+            async move {
+                let _claim = claim;
+                svc.drive_stream(p, hold, upstream, tx, started, up_start)
+                    .await;
+            }
+            .instrument(tracing::Span::current()),
+        );
         Ok(handle)
     }
 
@@ -336,6 +386,7 @@ impl RouterService {
             }
         };
         drop(upstream);
+        let upstream_time = up_start.elapsed();
         let upstream_ms = elapsed_ms(up_start);
         let end = match end {
             End::Done if content.trim().is_empty() => End::Failed(UpstreamError::Empty),
@@ -354,9 +405,23 @@ impl RouterService {
                     upstream_ms,
                 );
                 self.release(hold, "client cancelled", usage).await;
+                metrics::observe(
+                    self.provider(),
+                    "stream",
+                    "cancelled",
+                    started,
+                    upstream_time,
+                );
             }
             End::Failed(e) => {
                 self.fail(&p, hold, &e, started, upstream_ms).await;
+                metrics::observe(
+                    self.provider(),
+                    "stream",
+                    e.usage_status(),
+                    started,
+                    upstream_time,
+                );
                 let _ = tx.send(Err(e.into())).await;
             }
             End::Done => {
@@ -396,6 +461,12 @@ impl RouterService {
                     }),
                     Err(e) => Err(e),
                 };
+                let outcome = if item.is_ok() {
+                    "success"
+                } else {
+                    "not_settled"
+                };
+                metrics::observe(self.provider(), "stream", outcome, started, upstream_time);
                 let _ = tx.send(item).await;
             }
         }

@@ -1003,7 +1003,8 @@ impl Hosted {
             if let Some(stamp) = claimed {
                 match self.drive(&e.id, stamp).await {
                     Ok(t) => {
-                        tracing::info!(transfer = %t.id, status = %t.status, "recovered hosted transfer")
+                        crate::metrics::resolved(&t, now);
+                        tracing::info!(transfer = %t.id, status = %t.status, "recovered hosted transfer");
                     }
                     Err(LedgerError::FailedPrecondition(m)) => {
                         tracing::info!(transfer = %e.id, detail = %m, "recovered hosted transfer")

@@ -157,6 +157,9 @@ impl RemoteClient {
             .http
             .request(method, format!("{}{path}", self.base))
             .basic_auth(&self.email, Some(&self.password));
+        let mut trace = reqwest::header::HeaderMap::new();
+        syft_telemetry::inject_http(&mut trace);
+        request = request.headers(trace);
         if let Some(body) = body {
             request = request
                 .header(reqwest::header::CONTENT_TYPE, "application/json")

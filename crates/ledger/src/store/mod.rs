@@ -289,6 +289,19 @@ impl Store {
         Ok(())
     }
 
+    /// Holds not yet resolved, local and hosted.
+    pub async fn pending_holds(&self) -> Result<i64> {
+        let local: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM transfers WHERE status = 'PENDING'")
+                .fetch_one(&self.pool)
+                .await?;
+        let hosted: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM hosted_transfers WHERE status = 'PENDING'")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(local + hosted)
+    }
+
     pub async fn close(&self) {
         self.pool.close().await;
     }

@@ -83,7 +83,9 @@ impl OpenAiUpstream {
     async fn send(&self, body: &serde_json::Value) -> Result<reqwest::Response, UpstreamError> {
         let mut attempt = 0u32;
         loop {
-            let mut rb = self.client.post(&self.url).json(body);
+            let mut trace = reqwest::header::HeaderMap::new();
+            syft_telemetry::inject_http(&mut trace);
+            let mut rb = self.client.post(&self.url).headers(trace).json(body);
             if let Some(key) = &self.config.api_key {
                 rb = rb.bearer_auth(key);
             }

@@ -1,0 +1,92 @@
+//! The ledger's own metrics (request counts and latencies come from `syft_telemetry`).
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    register_int_counter_vec, register_int_gauge, register_int_gauge_vec, IntCounterVec, IntGauge,
+    IntGaugeVec,
+};
+
+use crate::store::{now_micros, Store, TransferRow};
+
+static HOLDS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "syft_ledger_holds_total",
+        "Holds by what happened to them: authorized, captured, voided, expired",
+        &["event"]
+    )
+    .expect("register syft_ledger_holds_total")
+});
+
+static CAPTURED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "syft_ledger_captured_micros_total",
+        "Money captured, in micros of the account currency, by app",
+        &["app"]
+    )
+    .expect("register syft_ledger_captured_micros_total")
+});
+
+static PENDING: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "syft_ledger_pending_holds",
+        "Holds authorized and not yet captured, voided or expired"
+    )
+    .expect("register syft_ledger_pending_holds")
+});
+
+static POOL: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "syft_ledger_db_connections",
+        "Database pool connections by state (idle, in_use)",
+        &["state"]
+    )
+    .expect("register syft_ledger_db_connections")
+});
+
+pub fn expired(n: u64) {
+    HOLDS.with_label_values(&["expired"]).inc_by(n);
+}
+
+/// Counts a call's outcome once: a replayed call (same idempotency key, or a resolution repeated)
+/// returns a transfer that changed before the call started, and is not counted again.
+pub fn authorized(t: &TransferRow, call_started: i64) {
+    if t.created_at >= call_started {
+        HOLDS.with_label_values(&["authorized"]).inc();
+    }
+}
+
+pub fn resolved(t: &TransferRow, call_started: i64) {
+    if t.resolved_at.is_none_or(|at| at < call_started) {
+        return;
+    }
+    match t.status.as_str() {
+        "COMPLETED" => {
+            HOLDS.with_label_values(&["captured"]).inc();
+            CAPTURED
+                .with_label_values(&[t.app_name.as_str()])
+                .inc_by(t.captured.max(0) as u64);
+        }
+        "CANCELLED" if t.resolved_by.as_deref() == Some("SYSTEM") => expired(1),
+        "CANCELLED" => HOLDS.with_label_values(&["voided"]).inc(),
+        _ => {}
+    }
+}
+
+pub fn now() -> i64 {
+    now_micros()
+}
+
+/// Refreshes the gauges that are read from the database, then renders every metric.
+pub async fn render(store: &Store) -> axum::response::Response {
+    match store.pending_holds().await {
+        Ok(n) => PENDING.set(n),
+        Err(e) => tracing::warn!(error = %e, "pending holds not counted"),
+    }
+    let pool = store.pool();
+    let idle = pool.num_idle() as i64;
+    POOL.with_label_values(&["idle"]).set(idle);
+    POOL.with_label_values(&["in_use"])
+        .set(i64::from(pool.size()).saturating_sub(idle));
+    syft_telemetry::metrics::response()
+}

@@ -1,0 +1,39 @@
+//! The router's own metrics (request counts and latencies come from `syft_telemetry`).
+
+use std::sync::LazyLock;
+use std::time::{Duration, Instant};
+
+use prometheus::{register_histogram_vec, HistogramVec};
+use syft_telemetry::metrics::LATENCY_BUCKETS;
+
+static UPSTREAM: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "syft_router_upstream_duration_seconds",
+        "Time spent waiting for the upstream model (a stream: until its end), by provider and outcome",
+        &["provider", "outcome"],
+        LATENCY_BUCKETS.to_vec()
+    )
+    .expect("register syft_router_upstream_duration_seconds")
+});
+
+static ADDED: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "syft_router_added_latency_seconds",
+        "The router's own share of a chat request: total time minus upstream time (pricing, \
+         authorize, capture or void, usage)",
+        &["mode", "outcome"],
+        LATENCY_BUCKETS.to_vec()
+    )
+    .expect("register syft_router_added_latency_seconds")
+});
+
+/// Records one finished chat request.
+pub fn observe(provider: &str, mode: &str, outcome: &str, started: Instant, upstream: Duration) {
+    let total = started.elapsed();
+    UPSTREAM
+        .with_label_values(&[provider, outcome])
+        .observe(upstream.as_secs_f64());
+    ADDED
+        .with_label_values(&[mode, outcome])
+        .observe(total.saturating_sub(upstream).as_secs_f64());
+}

@@ -1,0 +1,169 @@
+//! A tower layer for servers: each request gets a span whose parent is the caller's W3C trace
+//! context, and is counted and timed in the request metrics.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::metrics::{GRPC_DURATION, GRPC_REQUESTS, HTTP_DURATION, HTTP_REQUESTS};
+use crate::propagation;
+
+/// What the layer serves, for span and metric names.
+#[derive(Debug, Clone, Copy)]
+pub enum Server {
+    /// A tonic server: the path is `/package.Service/Method`.
+    Grpc,
+    /// An axum server, named (`ledger`, `router`); routes come from axum's `MatchedPath`.
+    Http(&'static str),
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct RequestLayer(pub Server);
+
+impl<S> tower::Layer<S> for RequestLayer {
+    type Service = RequestService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RequestService {
+            inner,
+            server: self.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RequestService<S> {
+    inner: S,
+    server: Server,
+}
+
+impl<S, B, RB> tower::Service<http::Request<B>> for RequestService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
+    S::Error: 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let parent = propagation::extract(req.headers());
+        let started = Instant::now();
+        let server = self.server;
+        let method = req.method().as_str().to_string();
+        let (span, labels) = match server {
+            Server::Grpc => {
+                let path = req.uri().path().trim_start_matches('/');
+                let (service, rpc) = path.split_once('/').unwrap_or((path, ""));
+                let span = tracing::info_span!(
+                    "grpc",
+                    otel.name = %path,
+                    otel.kind = "server",
+                    rpc.system = "grpc",
+                    rpc.service = %service,
+                    rpc.method = %rpc,
+                    rpc.grpc.status_code = tracing::field::Empty,
+                );
+                (span, [service.to_string(), rpc.to_string()])
+            }
+            Server::Http(name) => {
+                let route = req
+                    .extensions()
+                    .get::<axum::extract::MatchedPath>()
+                    .map(|p| p.as_str().to_string())
+                    .unwrap_or_else(|| "unmatched".into());
+                let span = tracing::info_span!(
+                    "http",
+                    otel.name = %format!("{method} {route}"),
+                    otel.kind = "server",
+                    http.request.method = %method,
+                    http.route = %route,
+                    http.response.status_code = tracing::field::Empty,
+                    server = name,
+                );
+                (span, [name.to_string(), route])
+            }
+        };
+        let _ = span.set_parent(parent);
+        let future = self.inner.call(req).instrument(span.clone());
+        Box::pin(async move {
+            let result = future.await;
+            let elapsed = started.elapsed().as_secs_f64();
+            if let Ok(response) = &result {
+                match server {
+                    Server::Grpc => {
+                        // Errors come as a trailers-only answer (the code in the headers); a
+                        // success puts it in the trailers, after the body.
+                        let code = response
+                            .headers()
+                            .get("grpc-status")
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.parse::<i32>().ok())
+                            .unwrap_or(0);
+                        let name = code_name(code);
+                        span.record("rpc.grpc.status_code", code);
+                        GRPC_REQUESTS
+                            .with_label_values(&[&labels[0], &labels[1], name])
+                            .inc();
+                        GRPC_DURATION
+                            .with_label_values(&[&labels[0], &labels[1]])
+                            .observe(elapsed);
+                    }
+                    Server::Http(_) => {
+                        let status = response.status().as_u16();
+                        span.record("http.response.status_code", status);
+                        HTTP_REQUESTS
+                            .with_label_values(&[
+                                &labels[0],
+                                &method,
+                                &labels[1],
+                                &status.to_string(),
+                            ])
+                            .inc();
+                        HTTP_DURATION
+                            .with_label_values(&[&labels[0], &method, &labels[1]])
+                            .observe(elapsed);
+                    }
+                }
+            }
+            result
+        })
+    }
+}
+
+/// The canonical name of a gRPC status code, as grpc-prometheus labels it.
+fn code_name(code: i32) -> &'static str {
+    const NAMES: [&str; 17] = [
+        "OK",
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+    ];
+    usize::try_from(code)
+        .ok()
+        .and_then(|i| NAMES.get(i))
+        .copied()
+        .unwrap_or("UNKNOWN")
+}

@@ -1,0 +1,193 @@
+//! Telemetry shared by the ledger and the router: structured logs (`RUST_LOG`, text or JSON),
+//! OpenTelemetry traces exported over OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT` is set, W3C
+//! trace context across calls, and Prometheus metrics for every request.
+//!
+//! Standard OpenTelemetry environment variables apply: `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+//! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`), `OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_SERVICE_NAME`,
+//! `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG` and
+//! `OTEL_SDK_DISABLED`.
+
+pub mod layer;
+pub mod metrics;
+pub mod propagation;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+use opentelemetry_sdk::Resource;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+pub use layer::{RequestLayer, Server};
+pub use propagation::{inject_grpc, inject_http};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("OTLP exporter: {0}")]
+    Exporter(String),
+    #[error("log format {0:?} is neither text nor json")]
+    LogFormat(String),
+}
+
+/// Keeps the trace pipeline alive; [`Telemetry::shutdown`] (or drop) flushes pending spans.
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+    /// Runs the OTLP exporter's I/O: the SDK exports from its own thread, outside any runtime.
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Telemetry {
+    /// Whether spans are exported.
+    pub fn exporting(&self) -> bool {
+        self.provider.is_some()
+    }
+
+    /// Exports what is pending and stops the pipeline.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        if let Some(provider) = self.provider.take() {
+            if let Err(e) = provider.shutdown() {
+                eprintln!("telemetry: flushing spans failed: {e}");
+            }
+        }
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn otlp_configured() -> bool {
+    let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.trim().is_empty());
+    let disabled = std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true"));
+    !disabled && (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+}
+
+/// Installs the global subscriber: logs to stderr filtered by `RUST_LOG` (default `info`), in
+/// `text` or `json`, plus OpenTelemetry export when an OTLP endpoint is configured. Call once, from
+/// `main`, inside a Tokio runtime.
+pub fn init(service_name: &str, log_format: &str) -> Result<Telemetry, TelemetryError> {
+    let filter = || {
+        EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,h2=warn,tower=warn"))
+    };
+    let fmt = match log_format {
+        "json" => tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .with_filter(filter())
+            .boxed(),
+        "text" => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_filter(filter())
+            .boxed(),
+        other => return Err(TelemetryError::LogFormat(other.to_string())),
+    };
+    opentelemetry::global::set_text_map_propagator(
+        opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+    );
+    let (provider, runtime) = if otlp_configured() {
+        let (provider, runtime) = otlp_provider(service_name)?;
+        (Some(provider), Some(runtime))
+    } else {
+        (None, None)
+    };
+    let otel = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("syft"))
+            .with_filter(filter())
+    });
+    // A second init (tests) keeps the first subscriber.
+    let _ = tracing_subscriber::registry()
+        .with(fmt)
+        .with(otel)
+        .try_init();
+    if provider.is_some() {
+        tracing::info!(service = service_name, "exporting traces over OTLP");
+    }
+    Ok(Telemetry { provider, runtime })
+}
+
+fn otlp_provider(
+    service_name: &str,
+) -> Result<(SdkTracerProvider, tokio::runtime::Runtime), TelemetryError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("otlp-export")
+        .enable_all()
+        .build()
+        .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+    // The gRPC channel's background work belongs to the exporter's runtime, not the caller's.
+    let exporter = {
+        let _on_export_runtime = runtime.enter();
+        opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .build()
+            .map_err(|e| TelemetryError::Exporter(e.to_string()))?
+    };
+    let exporter = OnRuntime {
+        inner: Arc::new(tokio::sync::Mutex::new(exporter)),
+        runtime: runtime.handle().clone(),
+    };
+    let mut resource = Resource::builder();
+    if std::env::var("OTEL_SERVICE_NAME").is_err() {
+        resource = resource.with_service_name(service_name.to_string());
+    }
+    let provider = SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource.build())
+        .build();
+    Ok((provider, runtime))
+}
+
+/// Runs the OTLP exporter on a runtime of its own: the SDK calls `export` from its batch thread,
+/// where the gRPC client would find no reactor.
+#[derive(Debug)]
+struct OnRuntime {
+    inner: Arc<tokio::sync::Mutex<opentelemetry_otlp::SpanExporter>>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl SpanExporter for OnRuntime {
+    fn export(
+        &self,
+        batch: Vec<SpanData>,
+    ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
+        let inner = self.inner.clone();
+        let task = self
+            .runtime
+            .spawn(async move { inner.lock().await.export(batch).await });
+        async move {
+            task.await.unwrap_or_else(|e| {
+                Err(opentelemetry_sdk::error::OTelSdkError::InternalFailure(
+                    e.to_string(),
+                ))
+            })
+        }
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        match self.inner.try_lock() {
+            Ok(inner) => inner.shutdown_with_timeout(timeout),
+            Err(_) => Ok(()),
+        }
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        if let Ok(mut inner) = self.inner.try_lock() {
+            inner.set_resource(resource);
+        }
+    }
+}

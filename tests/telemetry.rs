@@ -1,0 +1,361 @@
+//! Observability of the real binaries: a ledger and a router run as processes that export traces
+//! over OTLP to a collector started here (an in-process gRPC server implementing the collector's
+//! trace service). One paid chat must be one trace spanning router and ledger, and both services'
+//! `/metrics` must count it.
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use syft_ledger::client::connect_lazy;
+use syft_proto::ledger as pb;
+use syft_proto::router as rpb;
+
+const ADMIN_KEY: &str = "telemetry-admin-key";
+const OWNER: &str = "owner@router.example";
+const OWNER_SECRET: &str = "owner-secret-0123456789";
+const ALICE: &str = "alice@example.com";
+
+#[derive(Default, Clone)]
+struct Collector(Arc<Mutex<Vec<ExportTraceServiceRequest>>>);
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.0.lock().expect("lock").push(request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+/// One exported span, flattened.
+#[derive(Debug, Clone)]
+struct Span {
+    service: String,
+    name: String,
+    trace_id: Vec<u8>,
+    span_id: Vec<u8>,
+    parent: Vec<u8>,
+    attributes: HashMap<String, String>,
+}
+
+impl Collector {
+    fn spans(&self) -> Vec<Span> {
+        let mut out = Vec::new();
+        for request in self.0.lock().expect("lock").iter() {
+            for rs in &request.resource_spans {
+                let service = rs
+                    .resource
+                    .as_ref()
+                    .and_then(|r| r.attributes.iter().find(|a| a.key == "service.name"))
+                    .and_then(|a| a.value.as_ref())
+                    .and_then(|v| match &v.value {
+                        Some(Value::StringValue(s)) => Some(s.clone()),
+                        _ => None,
+                    })
+                    .unwrap_or_default();
+                for ss in &rs.scope_spans {
+                    for s in &ss.spans {
+                        let attributes = s
+                            .attributes
+                            .iter()
+                            .map(|a| {
+                                let v = match a.value.as_ref().and_then(|v| v.value.as_ref()) {
+                                    Some(Value::StringValue(s)) => s.clone(),
+                                    Some(Value::IntValue(i)) => i.to_string(),
+                                    Some(Value::BoolValue(b)) => b.to_string(),
+                                    other => format!("{other:?}"),
+                                };
+                                (a.key.clone(), v)
+                            })
+                            .collect();
+                        out.push(Span {
+                            service: service.clone(),
+                            name: s.name.clone(),
+                            trace_id: s.trace_id.clone(),
+                            span_id: s.span_id.clone(),
+                            parent: s.parent_span_id.clone(),
+                            attributes,
+                        });
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+struct Process(Child);
+
+impl Process {
+    fn start(args: &[&str], envs: &[(&str, String)]) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_syft-router"));
+        cmd.args(args)
+            .env("RUST_LOG", "info")
+            .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        Self(cmd.spawn().expect("spawn syft-router"))
+    }
+
+    /// SIGTERM, then the exit status (spans are flushed on the way out).
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        self.0.wait().expect("wait")
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+    }
+}
+
+async fn wait_http(url: &str) {
+    for _ in 0..200 {
+        if reqwest::get(url)
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{url} never became ready");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_request_is_one_trace_across_router_and_ledger() {
+    let collector = Collector::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let otlp = format!("http://{}", listener.local_addr().expect("addr"));
+    let server = tonic::transport::Server::builder()
+        .add_service(TraceServiceServer::new(collector.clone()))
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+    tokio::spawn(server);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ledger_grpc, ledger_http) = (free_port(), free_port());
+    let (router_grpc, router_http) = (free_port(), free_port());
+    let otel = ("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.clone());
+    let ledger = Process::start(
+        &["ledger", "--accounting-api"],
+        &[
+            otel.clone(),
+            ("SYFT_LEDGER_GRPC_ADDR", format!("127.0.0.1:{ledger_grpc}")),
+            ("SYFT_LEDGER_HTTP_ADDR", format!("127.0.0.1:{ledger_http}")),
+            (
+                "DATABASE_URL",
+                format!("sqlite://{}/ledger.db?mode=rwc", dir.path().display()),
+            ),
+            ("SYFT_LEDGER_ADMIN_KEY", ADMIN_KEY.into()),
+        ],
+    );
+    wait_http(&format!("http://127.0.0.1:{ledger_http}/readyz")).await;
+
+    let ledger_url = format!("http://127.0.0.1:{ledger_grpc}");
+    let mut admin = connect_lazy(&ledger_url, ADMIN_KEY).expect("client");
+    admin
+        .create_account(pb::CreateAccountRequest {
+            email: OWNER.into(),
+            secret: Some(OWNER_SECRET.into()),
+            ..Default::default()
+        })
+        .await
+        .expect("create owner");
+    let alice_secret = admin
+        .create_account(pb::CreateAccountRequest {
+            email: ALICE.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("create alice")
+        .into_inner()
+        .secret;
+    admin
+        .deposit(pb::DepositRequest {
+            email: ALICE.into(),
+            amount_micros: 5_000_000,
+            idempotency_key: "fund-alice".into(),
+        })
+        .await
+        .expect("deposit");
+    let token = connect_lazy(&ledger_url, &alice_secret)
+        .expect("client")
+        .issue_token(pb::IssueTokenRequest {
+            recipient_email: OWNER.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("token")
+        .into_inner()
+        .token;
+
+    let config = dir.path().join("router.json");
+    std::fs::write(
+        &config,
+        serde_json::json!({
+            "name": "traced-router",
+            "owner_email": OWNER,
+            "services": [{"type": "chat", "enabled": true,
+                "pricing": {"pricing_type": "per_request", "amount": 0.01, "currency": "USD"}}]
+        })
+        .to_string(),
+    )
+    .expect("config");
+    let router = Process::start(
+        &["router"],
+        &[
+            otel,
+            ("SYFT_ROUTER_GRPC_ADDR", format!("127.0.0.1:{router_grpc}")),
+            ("SYFT_ROUTER_HTTP_ADDR", format!("127.0.0.1:{router_http}")),
+            ("SYFT_LEDGER_URL", ledger_url.clone()),
+            ("SYFT_ROUTER_LEDGER_SECRET", OWNER_SECRET.into()),
+            ("SYFT_ROUTER_CONFIG", config.display().to_string()),
+        ],
+    );
+    wait_http(&format!("http://127.0.0.1:{router_http}/readyz")).await;
+
+    let mut chat =
+        rpb::router_client::RouterClient::connect(format!("http://127.0.0.1:{router_grpc}"))
+            .await
+            .expect("router client");
+    let answer = chat
+        .chat(rpb::ChatRequest {
+            user_email: ALICE.into(),
+            messages: vec![rpb::Message {
+                role: "user".into(),
+                content: "trace me".into(),
+                name: None,
+            }],
+            transaction_token: token.clone(),
+            request_id: "traced-request-1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("paid chat")
+        .into_inner();
+    assert_eq!(answer.cost_micros, 10_000);
+
+    // Both services count the request in Prometheus format.
+    let ledger_metrics = reqwest::get(format!("http://127.0.0.1:{ledger_http}/metrics"))
+        .await
+        .expect("ledger metrics")
+        .text()
+        .await
+        .expect("text");
+    for needle in [
+        "syft_grpc_server_requests_total{grpc_code=\"OK\",grpc_method=\"Authorize\",grpc_service=\"syft.ledger.v1.Ledger\"} 1",
+        "syft_grpc_server_requests_total{grpc_code=\"OK\",grpc_method=\"Capture\",grpc_service=\"syft.ledger.v1.Ledger\"} 1",
+        "syft_ledger_holds_total{event=\"authorized\"} 1",
+        "syft_ledger_holds_total{event=\"captured\"} 1",
+        "syft_ledger_captured_micros_total{app=\"traced-router\"} 10000",
+        "syft_ledger_pending_holds 0",
+        "syft_ledger_db_connections{state=\"idle\"}",
+        "syft_grpc_server_request_duration_seconds_bucket",
+    ] {
+        assert!(ledger_metrics.contains(needle), "ledger /metrics lacks {needle}:\n{ledger_metrics}");
+    }
+    let router_metrics = reqwest::get(format!("http://127.0.0.1:{router_http}/metrics"))
+        .await
+        .expect("router metrics")
+        .text()
+        .await
+        .expect("text");
+    for needle in [
+        "syft_grpc_server_requests_total{grpc_code=\"OK\",grpc_method=\"Chat\",grpc_service=\"syft.router.v1.Router\"} 1",
+        "syft_router_added_latency_seconds_count{mode=\"unary\",outcome=\"success\"} 1",
+        "syft_router_upstream_duration_seconds_count{outcome=\"success\",provider=\"echo\"} 1",
+        "syft_http_server_requests_total{method=\"GET\",route=\"/readyz\",server=\"router\",status=\"200\"}",
+    ] {
+        assert!(router_metrics.contains(needle), "router /metrics lacks {needle}:\n{router_metrics}");
+    }
+    assert!(!router_metrics.contains(&token) && !ledger_metrics.contains(&token));
+
+    // SIGTERM flushes the spans; both exit 0.
+    assert!(router.terminate().success());
+    assert!(ledger.terminate().success());
+
+    let spans = collector.spans();
+    let chat_span = spans
+        .iter()
+        .find(|s| s.service == "syft-router" && s.name == "chat")
+        .unwrap_or_else(|| panic!("no chat span: {spans:#?}"));
+    assert_eq!(
+        chat_span.attributes.get("request_id").map(String::as_str),
+        Some("traced-request-1")
+    );
+    assert_eq!(
+        chat_span.attributes.get("user").map(String::as_str),
+        Some(ALICE)
+    );
+    assert_eq!(
+        chat_span.attributes.get("app").map(String::as_str),
+        Some("traced-router")
+    );
+    assert_eq!(
+        chat_span.attributes.get("transfer_id"),
+        Some(&answer.transfer_id)
+    );
+    let trace: Vec<&Span> = spans
+        .iter()
+        .filter(|s| s.trace_id == chat_span.trace_id)
+        .collect();
+    let router_ids: Vec<&Vec<u8>> = trace
+        .iter()
+        .filter(|s| s.service == "syft-router")
+        .map(|s| &s.span_id)
+        .collect();
+    for rpc in [
+        "syft.ledger.v1.Ledger/Authorize",
+        "syft.ledger.v1.Ledger/Capture",
+    ] {
+        let ledger_span = trace
+            .iter()
+            .find(|s| s.service == "syft-ledger" && s.name == rpc)
+            .unwrap_or_else(|| panic!("{rpc} is not in the chat's trace: {trace:#?}"));
+        assert!(
+            router_ids.contains(&&ledger_span.parent),
+            "{rpc}'s parent is not a router span"
+        );
+    }
+    assert!(
+        trace
+            .iter()
+            .any(|s| s.service == "syft-router" && s.name == "syft.router.v1.Router/Chat"),
+        "the router's server span is the root: {trace:#?}"
+    );
+    // Nothing secret in any span.
+    for s in &spans {
+        for v in s.attributes.values() {
+            assert!(
+                !v.contains(&token) && !v.contains(OWNER_SECRET),
+                "secret in span {s:?}"
+            );
+        }
+    }
+}
