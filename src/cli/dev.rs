@@ -200,6 +200,8 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
         owner_email: args.config.is_none().then(|| creds.owner_email.clone()),
         upstream_url: args.upstream_url.clone(),
         upstream_api_key: args.upstream_api_key.clone(),
+        ledger_secret_file: None,
+        upstream_api_key_file: None,
         ledger_ca: None,
         ledger_client_cert: None,
         ledger_client_key: None,

@@ -78,6 +78,9 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     pub admin_key: String,
+    /// File holding the admin key (Docker/Kubernetes secrets), instead of the value.
+    #[arg(long, env = "SYFT_LEDGER_ADMIN_KEY_FILE")]
+    pub admin_key_file: Option<std::path::PathBuf>,
     /// Accounting backend: `local` (balances in the database) or `hosted` (a remote service that
     /// speaks the Syft accounting REST API; see docs/hosted.md).
     #[arg(long, env = "SYFT_LEDGER_BACKEND", default_value = "local", value_parser = ["local", "hosted"])]
@@ -92,6 +95,9 @@ pub struct ServeArgs {
     /// this ledger with the same password.
     #[arg(long, env = "SYFT_ACCOUNTING_PASSWORD", hide_env_values = true)]
     pub accounting_password: Option<String>,
+    /// hosted: file holding that password, instead of the value.
+    #[arg(long, env = "SYFT_ACCOUNTING_PASSWORD_FILE")]
+    pub accounting_password_file: Option<std::path::PathBuf>,
     /// hosted: timeout of one call to the accounting service.
     #[arg(long, env = "SYFT_ACCOUNTING_TIMEOUT", default_value = "10s", value_parser = super::parse_duration)]
     pub accounting_timeout: Duration,
@@ -138,11 +144,14 @@ impl ServeArgs {
     pub fn config(&self) -> anyhow::Result<LedgerConfig> {
         let hosted = match self.backend.as_str() {
             "hosted" => {
-                let (Some(url), Some(email), Some(password)) = (
-                    &self.accounting_url,
-                    &self.accounting_email,
-                    &self.accounting_password,
-                ) else {
+                let password = super::secret(
+                    self.accounting_password.as_deref(),
+                    self.accounting_password_file.as_ref(),
+                    "--accounting-password",
+                )?;
+                let (Some(url), Some(email), Some(password)) =
+                    (&self.accounting_url, &self.accounting_email, &password)
+                else {
                     anyhow::bail!("backend hosted needs SYFT_ACCOUNTING_URL, SYFT_ACCOUNTING_EMAIL and SYFT_ACCOUNTING_PASSWORD");
                 };
                 if self.accounting_api {
@@ -161,7 +170,12 @@ impl ServeArgs {
         }
         Ok(LedgerConfig {
             database_url: self.db.url()?,
-            admin_key: self.admin_key.clone(),
+            admin_key: super::secret(
+                Some(&self.admin_key),
+                self.admin_key_file.as_ref(),
+                "--admin-key",
+            )?
+            .unwrap_or_default(),
             hold_ttl: self.hold_ttl,
             max_hold_ttl: self.max_hold_ttl,
             sweep_interval: self.sweep_interval,

@@ -188,9 +188,47 @@ pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'stat
     }
 }
 
+/// A secret given as a value (flag or env var) or as a file, as container platforms mount them;
+/// a trailing newline in the file is not part of the secret.
+pub fn secret(
+    value: Option<&str>,
+    file: Option<&PathBuf>,
+    flag: &str,
+) -> anyhow::Result<Option<String>> {
+    match (value.filter(|v| !v.is_empty()), file) {
+        (Some(_), Some(_)) => anyhow::bail!("give {flag} or {flag}-file, not both"),
+        (Some(v), None) => Ok(Some(v.to_string())),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {flag}-file {}", path.display()))?;
+            let text = text.trim_end_matches(['\r', '\n']);
+            anyhow::ensure!(!text.is_empty(), "{flag}-file {} is empty", path.display());
+            Ok(Some(text.to_string()))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_from_values_or_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        std::fs::write(&path, "s3cret\n").unwrap();
+        assert_eq!(
+            secret(None, Some(&path), "--k").unwrap(),
+            Some("s3cret".into())
+        );
+        assert_eq!(secret(Some("v"), None, "--k").unwrap(), Some("v".into()));
+        assert_eq!(secret(Some(""), None, "--k").unwrap(), None);
+        assert!(secret(Some("v"), Some(&path), "--k").is_err());
+        std::fs::write(&path, "\n").unwrap();
+        assert!(secret(None, Some(&path), "--k").is_err());
+        assert!(secret(None, Some(&dir.path().join("missing")), "--k").is_err());
+    }
 
     #[test]
     fn durations() {

@@ -57,6 +57,9 @@ pub struct RouterSetup {
         default_value = ""
     )]
     pub ledger_secret: String,
+    /// File holding the owner account's secret (Docker/Kubernetes secrets), instead of the value.
+    #[arg(long, env = "SYFT_ROUTER_LEDGER_SECRET_FILE")]
+    pub ledger_secret_file: Option<PathBuf>,
     /// Config file (JSON or TOML): name, owner email, services, pricing, limits; see docs/router.md.
     #[arg(long, env = "SYFT_ROUTER_CONFIG")]
     pub config: Option<String>,
@@ -73,6 +76,9 @@ pub struct RouterSetup {
         hide_env_values = true
     )]
     pub upstream_api_key: Option<String>,
+    /// File holding the upstream API key, instead of the value.
+    #[arg(long = "upstream-api-key-file", env = "OPENAI_API_KEY_FILE")]
+    pub upstream_api_key_file: Option<PathBuf>,
     /// PEM CA to trust for an https:// ledger URL (default: the public web PKI roots).
     #[arg(long, env = "SYFT_ROUTER_LEDGER_CA")]
     pub ledger_ca: Option<PathBuf>,
@@ -99,7 +105,12 @@ impl RouterSetup {
             config.owner_email = owner.clone();
         }
         config.ledger.url = self.ledger_url.clone();
-        config.ledger.secret = self.ledger_secret.clone();
+        config.ledger.secret = super::secret(
+            Some(&self.ledger_secret),
+            self.ledger_secret_file.as_ref(),
+            "--ledger-secret",
+        )?
+        .unwrap_or_default();
         config.ledger.tls = super::client_tls(
             self.ledger_ca.as_ref(),
             self.ledger_client_cert.as_ref(),
@@ -107,7 +118,11 @@ impl RouterSetup {
         )?;
         if let Some(url) = &self.upstream_url {
             config.upstream = UpstreamConfig::OpenAi(OpenAiConfig {
-                api_key: self.upstream_api_key.clone(),
+                api_key: super::secret(
+                    self.upstream_api_key.as_deref(),
+                    self.upstream_api_key_file.as_ref(),
+                    "--upstream-api-key",
+                )?,
                 ..OpenAiConfig::new(url.clone())
             });
         }

@@ -27,7 +27,8 @@ pub use hosted::HostedConfig;
 pub use service::LedgerService;
 pub use store::Store;
 
-#[derive(Debug, Clone)]
+/// `Debug` shows every field but the admin key.
+#[derive(Clone)]
 pub struct LedgerConfig {
     /// `postgres://…` or `sqlite://path?mode=rwc`.
     pub database_url: String,
@@ -56,6 +57,26 @@ pub struct LedgerConfig {
     pub tls: Option<syft_tls::ServerTls>,
     /// After the shutdown signal, how long in-flight calls may run before they are dropped.
     pub shutdown_grace: Duration,
+}
+
+impl std::fmt::Debug for LedgerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LedgerConfig")
+            .field("database_url", &self.database_url)
+            .field("admin_key", &"<redacted>")
+            .field("hold_ttl", &self.hold_ttl)
+            .field("max_hold_ttl", &self.max_hold_ttl)
+            .field("sweep_interval", &self.sweep_interval)
+            .field("currency", &self.currency)
+            .field("max_amount_micros", &self.max_amount_micros)
+            .field("max_connections", &self.max_connections)
+            .field("batch_workers", &self.batch_workers)
+            .field("accounting_api", &self.accounting_api)
+            .field("hosted", &self.hosted)
+            .field("tls", &self.tls)
+            .field("shutdown_grace", &self.shutdown_grace)
+            .finish()
+    }
 }
 
 impl Default for LedgerConfig {
@@ -243,5 +264,26 @@ pub async fn run_sweeper(store: Arc<Store>, every: Duration) {
         if let Err(e) = store.roll_up_all().await {
             tracing::warn!(error = %e, "credit roll-up failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn debug_hides_secrets() {
+        let config = crate::LedgerConfig {
+            admin_key: "admin-key-secret".into(),
+            hosted: Some(crate::HostedConfig::new(
+                "http://x",
+                "o@x.io",
+                "remote-password",
+            )),
+            ..Default::default()
+        };
+        let text = format!("{config:?}");
+        assert!(
+            !text.contains("admin-key-secret") && !text.contains("remote-password"),
+            "{text}"
+        );
     }
 }

@@ -381,7 +381,12 @@ impl axum::serve::Listener for TlsListener {
 
 /// A tonic server builder, with TLS when `tls` is set.
 pub fn grpc_server(tls: Option<&ServerTls>) -> Result<tonic::transport::Server, TlsError> {
-    let builder = tonic::transport::Server::builder();
+    // HTTP/2 pings find dead peers behind load balancers and NATs that drop idle connections
+    // silently; TCP keepalive does the same below HTTP/2.
+    let builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+        .tcp_keepalive(Some(std::time::Duration::from_secs(60)));
     match tls {
         Some(tls) => builder
             .tls_config(tls.tonic())

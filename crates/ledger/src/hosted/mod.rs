@@ -25,7 +25,7 @@ use crate::error::{is_unique_violation, LedgerError, Result};
 use crate::store::{new_id, now_micros, sha256_hex, CaptureAmount, Store, TransferRow, UsageInput};
 use remote::{RemoteClient, RemoteError, RemoteTx};
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HostedConfig {
     /// Base URL of the accounting service.
     pub url: String,
@@ -39,6 +39,19 @@ pub struct HostedConfig {
     /// How long a driver owns a resolution in progress before recovery may take it over; also how
     /// old an untracked remote hold must be before it is cancelled as an orphan.
     pub lease: Duration,
+}
+
+impl std::fmt::Debug for HostedConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostedConfig")
+            .field("url", &self.url)
+            .field("email", &self.email)
+            .field("password", &"<redacted>")
+            .field("timeout", &self.timeout)
+            .field("retries", &self.retries)
+            .field("lease", &self.lease)
+            .finish()
+    }
 }
 
 impl HostedConfig {
