@@ -40,6 +40,9 @@ pub struct RouterBench {
     rate: u64,
     #[arg(long, default_value = "10s", value_parser = crate::cli::parse_duration)]
     duration: Duration,
+    /// The ledger's Postgres batch workers (see docs/ledger.md).
+    #[arg(long, default_value_t = syft_ledger::store::DEFAULT_BATCH_WORKERS)]
+    batch_workers: usize,
 }
 
 /// Upstream handler time in microseconds, recorded by the fake upstream itself.
@@ -100,6 +103,7 @@ pub async fn run(b: &RouterBench) -> anyhow::Result<()> {
             database_url: db.url.clone(),
             admin_key: ADMIN.into(),
             max_connections: 16,
+            batch_workers: b.batch_workers,
             ..LedgerConfig::default()
         },
         ledger_listener,
@@ -190,6 +194,18 @@ pub async fn run(b: &RouterBench) -> anyhow::Result<()> {
     println!("router bench: paid requests ($0.01 each) via router + ledger (postgres) + instant upstream");
     // Latency first, on a quiet system; then throughput.
     for front in [Front::Grpc, Front::Http] {
+        // Warm up first: new database connections, statements planned on each of them for the
+        // first time and new HTTP/2 connections are start-up costs, not the steady state measured.
+        let warm_up = Instant::now() + Duration::from_secs(2);
+        let mut warm = tokio::time::interval(Duration::from_micros(1_000_000 / b.rate.max(1)));
+        let mut warming = Vec::new();
+        while Instant::now() < warm_up {
+            warm.tick().await;
+            warming.push(tokio::spawn(send(front)));
+        }
+        for t in warming {
+            t.await?;
+        }
         // Latency at a fixed rate, open loop.
         if let Ok(mut h) = upstream_times.lock() {
             h.reset();
@@ -224,7 +240,7 @@ pub async fn run(b: &RouterBench) -> anyhow::Result<()> {
             .map_err(|_| anyhow::anyhow!("poisoned"))?;
         let ms = |v: u64| v as f64 / 1000.0;
         println!(
-            "  {:<4} at {} req/s: total p50 {:.2} ms p99 {:.2} ms | upstream p50 {:.3} ms p99 {:.3} ms | added p50 {:.2} ms p99 {:.2} ms ({} failed)",
+            "  {:<4} at {} req/s: total p50 {:.2} ms p99 {:.2} ms | upstream p50 {:.3} ms p99 {:.3} ms | added p50 {:.2} ms p99 {:.2} ms (p90 {:.2}, p99.9 {:.2}, max {:.2}) ({} failed)",
             front.name(),
             b.rate,
             ms(total.value_at_quantile(0.5)),
@@ -233,6 +249,9 @@ pub async fn run(b: &RouterBench) -> anyhow::Result<()> {
             ms(upstream.value_at_quantile(0.99)),
             ms(total.value_at_quantile(0.5).saturating_sub(upstream.value_at_quantile(0.5))),
             ms(total.value_at_quantile(0.99).saturating_sub(upstream.value_at_quantile(0.99))),
+            ms(total.value_at_quantile(0.9).saturating_sub(upstream.value_at_quantile(0.9))),
+            ms(total.value_at_quantile(0.999).saturating_sub(upstream.value_at_quantile(0.999))),
+            ms(total.max().saturating_sub(upstream.max())),
             failures.load(Ordering::Relaxed)
         );
     }
