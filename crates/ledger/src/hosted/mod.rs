@@ -194,6 +194,8 @@ pub struct Hosted {
     config: HostedConfig,
     owner_id: i64,
     currency: String,
+    /// When the remote history was last listed for orphans; the listing can be large.
+    orphans_listed: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl Hosted {
@@ -216,6 +218,7 @@ impl Hosted {
             config,
             owner_id: owner.id,
             currency: currency.to_string(),
+            orphans_listed: std::sync::Mutex::new(None),
         };
         if let Err(e) = hosted.recover().await {
             tracing::warn!(error = %e, "hosted recovery at start did not finish; it runs again periodically");
@@ -1039,7 +1042,22 @@ impl Hosted {
         .bind(stale)
         .execute(self.store.pool())
         .await?;
-        self.sweep_orphans(stale).await
+        // At most a few listings per lease: an orphan only becomes eligible after a lease anyway.
+        let due = {
+            let mut last = self
+                .orphans_listed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let due = last.is_none_or(|at| at.elapsed() >= self.config.lease / 4);
+            if due {
+                *last = Some(std::time::Instant::now());
+            }
+            due
+        };
+        if due {
+            self.sweep_orphans(stale).await?;
+        }
+        Ok(())
     }
 
     /// Cancels remote holds this ledger created but does not track (a create whose answer was
