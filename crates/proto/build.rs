@@ -3,7 +3,8 @@ use std::path::PathBuf;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // A vendored protoc keeps the build free of system packages.
     std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?);
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read at run time: a build script binary can be reused by another checkout of the crate.
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     let protos = [
         root.join("syft/ledger/v1/ledger.proto"),

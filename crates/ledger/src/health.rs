@@ -138,22 +138,6 @@ pub fn reflection() -> Result<(
         impl tonic_reflection::server::v1alpha::ServerReflection,
     >,
 )> {
-    let builder = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(syft_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .with_service_name(LEDGER_SERVICE)
-            .with_service_name("grpc.health.v1.Health")
-            .with_service_name("grpc.reflection.v1.ServerReflection")
-    };
-    let err = |e: tonic_reflection::server::Error| {
-        LedgerError::Internal(format!("reflection descriptors: {e}"))
-    };
-    Ok((
-        builder().build_v1().map_err(err)?,
-        builder()
-            .with_service_name("grpc.reflection.v1alpha.ServerReflection")
-            .build_v1alpha()
-            .map_err(err)?,
-    ))
+    syft_proto::reflection(LEDGER_SERVICE)
+        .map_err(|e| LedgerError::Internal(format!("reflection descriptors: {e}")))
 }

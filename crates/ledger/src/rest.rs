@@ -555,19 +555,13 @@ async fn confirm_transaction(
         ))
         .into());
     }
-    let started = crate::metrics::now();
-    let resolved = service
-        .store()
-        .resolve(&ResolveInput {
-            transfer_id: &transfer.id,
-            recipient_id: Some(transfer.recipient_id),
-            resolution: Resolution::Capture(CaptureAmount::Full),
-            usage: None,
-            by_sender,
-        })
-        .await?;
-    crate::metrics::resolved(&resolved, started);
-    transaction_reply(StatusCode::OK, &resolved)
+    resolve(
+        &service,
+        &transfer,
+        Resolution::Capture(CaptureAmount::Full),
+        by_sender,
+    )
+    .await
 }
 
 /// The recipient may always cancel (it gives up the money); the sender only a direct transfer it
@@ -593,15 +587,24 @@ async fn cancel_transaction(
     } else {
         "cancelled by recipient"
     };
+    let reason = reason.to_string();
+    resolve(&service, &transfer, Resolution::Void { reason }, by_sender).await
+}
+
+/// Resolves a transfer the caller was found entitled to resolve, counting it in the metrics.
+async fn resolve(
+    service: &LedgerService,
+    transfer: &TransferRow,
+    resolution: Resolution,
+    by_sender: bool,
+) -> Reply {
     let started = crate::metrics::now();
     let resolved = service
         .store()
         .resolve(&ResolveInput {
             transfer_id: &transfer.id,
             recipient_id: Some(transfer.recipient_id),
-            resolution: Resolution::Void {
-                reason: reason.into(),
-            },
+            resolution,
             usage: None,
             by_sender,
         })

@@ -10,3 +10,35 @@ pub mod router {
 
 /// Encoded descriptor set of every service, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("syft_descriptor");
+
+/// gRPC server reflection, v1 and v1alpha (for older `grpcurl`s), advertising `service`, the
+/// health service and reflection itself.
+#[allow(clippy::type_complexity)]
+pub fn reflection(
+    service: &'static str,
+) -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+    tonic_reflection::server::Error,
+> {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name(service)
+            .with_service_name("grpc.health.v1.Health")
+            .with_service_name("grpc.reflection.v1.ServerReflection")
+    };
+    Ok((
+        builder().build_v1()?,
+        builder()
+            .with_service_name("grpc.reflection.v1alpha.ServerReflection")
+            .build_v1alpha()?,
+    ))
+}

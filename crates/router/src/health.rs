@@ -177,24 +177,8 @@ pub(crate) fn reflection() -> Result<
     ),
     RouterError,
 > {
-    let builder = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(syft_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .with_service_name(ROUTER_SERVICE)
-            .with_service_name("grpc.health.v1.Health")
-            .with_service_name("grpc.reflection.v1.ServerReflection")
-    };
-    let err = |e: tonic_reflection::server::Error| {
-        RouterError::Internal(format!("reflection descriptors: {e}"))
-    };
-    Ok((
-        builder().build_v1().map_err(err)?,
-        builder()
-            .with_service_name("grpc.reflection.v1alpha.ServerReflection")
-            .build_v1alpha()
-            .map_err(err)?,
-    ))
+    syft_proto::reflection(ROUTER_SERVICE)
+        .map_err(|e| RouterError::Internal(format!("reflection descriptors: {e}")))
 }
 
 /// Shared readiness cell of a [`RouterService`].

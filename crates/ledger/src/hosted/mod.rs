@@ -952,30 +952,15 @@ impl Hosted {
         .await?;
         if done.rows_affected() == 1 {
             if let Some(u) = &usage {
-                sqlx::query(
-                    "INSERT INTO usage_records (id, recipient_id, request_id, transfer_id, app_name, \
-                     endpoint, user_email, model, prompt_tokens, completion_tokens, total_tokens, cost, \
-                     status, latency_ms, upstream_latency_ms, created_at, hosted_transfer_id) \
-                     VALUES ($1, $2, $3, NULL, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
-                     ON CONFLICT (recipient_id, request_id) DO NOTHING",
+                crate::store::insert_usage(
+                    &mut tx,
+                    &new_id(),
+                    self.owner_id,
+                    crate::store::UsageLink::Hosted(&e.id),
+                    captured,
+                    u,
+                    now,
                 )
-                .bind(new_id())
-                .bind(self.owner_id)
-                .bind(&u.request_id)
-                .bind(&u.app_name)
-                .bind(&u.endpoint)
-                .bind(&u.user_email)
-                .bind(&u.model)
-                .bind(u.prompt_tokens)
-                .bind(u.completion_tokens)
-                .bind(u.total_tokens)
-                .bind(captured)
-                .bind(&u.status)
-                .bind(u.latency_ms)
-                .bind(u.upstream_latency_ms)
-                .bind(now)
-                .bind(&e.id)
-                .execute(&mut *tx)
                 .await?;
             }
         }

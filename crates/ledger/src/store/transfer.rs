@@ -505,7 +505,7 @@ impl Store {
                 &mut tx,
                 &job.usage_id,
                 recipient_id,
-                Some(&job.transfer_id),
+                UsageLink::Transfer(&job.transfer_id),
                 captured,
                 u,
                 job.now,
@@ -596,7 +596,7 @@ impl Store {
         let now = now_micros();
         retry_transient(|| async {
             let mut conn = self.pool().acquire().await?;
-            insert_usage(&mut conn, &id, recipient_id, None, 0, usage, now).await
+            insert_usage(&mut conn, &id, recipient_id, UsageLink::None, 0, usage, now).await
         })
         .await?;
         self.usage_by_request(recipient_id, &usage.request_id)
@@ -657,20 +657,37 @@ async fn sqlite_authorize(
     Ok(AuthResult::Created)
 }
 
-async fn insert_usage(
+/// The transfer a usage row belongs to.
+#[derive(Clone, Copy)]
+pub(crate) enum UsageLink<'a> {
+    /// A free request.
+    None,
+    /// A local transfer (`transfers`).
+    Transfer(&'a str),
+    /// A transfer of the hosted backend (`hosted_transfers`).
+    Hosted(&'a str),
+}
+
+/// Writes a usage row; a request id already recorded for this recipient is left as it is.
+pub(crate) async fn insert_usage(
     conn: &mut AnyConnection,
     id: &str,
     recipient_id: i64,
-    transfer_id: Option<&str>,
+    link: UsageLink<'_>,
     cost: i64,
     u: &UsageInput,
     now: i64,
 ) -> std::result::Result<(), sqlx::Error> {
+    let (transfer_id, hosted_transfer_id) = match link {
+        UsageLink::None => (None, None),
+        UsageLink::Transfer(t) => (Some(t), None),
+        UsageLink::Hosted(t) => (None, Some(t)),
+    };
     sqlx::query(
         "INSERT INTO usage_records (id, recipient_id, request_id, transfer_id, app_name, endpoint, \
          user_email, model, prompt_tokens, completion_tokens, total_tokens, cost, status, latency_ms, \
-         upstream_latency_ms, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
+         upstream_latency_ms, created_at, hosted_transfer_id) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
          ON CONFLICT (recipient_id, request_id) DO NOTHING",
     )
     .bind(id)
@@ -689,6 +706,7 @@ async fn insert_usage(
     .bind(u.latency_ms)
     .bind(u.upstream_latency_ms)
     .bind(now)
+    .bind(hosted_transfer_id)
     .execute(&mut *conn)
     .await?;
     Ok(())
