@@ -588,12 +588,69 @@ async fn concurrent_spend_and_idempotency(h: Harness) -> Harness {
     h
 }
 
+async fn direct_idempotency_and_concurrent_spend(h: Harness) -> Harness {
+    let api = std::sync::Arc::new(Rest::new(&h));
+    let alice_pw = api.user(ALICE, "alice-password", "1").await;
+    api.user(OWNER, "owner-password", "0").await;
+    let direct = |amount: &str| {
+        format!(r#"{{"senderEmail":"{ALICE}","recipientEmail":"{OWNER}","amount":{amount}}}"#)
+    };
+    // A retried create with the same key is the same transfer; another amount is a conflict.
+    let send = |body: String, key: &'static str| {
+        let (api, alice_pw) = (api.clone(), alice_pw.clone());
+        async move {
+            api.send(
+                reqwest::Method::POST,
+                "/transaction/create",
+                Auth::Basic(ALICE, &alice_pw),
+                Some(body),
+                Some(key),
+            )
+            .await
+        }
+    };
+    let (s1, v1) = send(direct("0.2"), "direct-key").await;
+    let (s2, v2) = send(direct("0.2"), "direct-key").await;
+    assert_eq!(
+        (s1, s2),
+        (StatusCode::CREATED, StatusCode::CREATED),
+        "{v1} {v2}"
+    );
+    assert_eq!(v1["transaction"]["id"], v2["transaction"]["id"]);
+    let (s, _) = send(direct("0.3"), "direct-key").await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    assert_eq!(api.balance(ALICE).await, "0.8");
+
+    // Ten concurrent direct transfers of 0.3 against 0.8 available: exactly two fit.
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let (api, alice_pw, body) = (api.clone(), alice_pw.clone(), direct("0.3"));
+        tasks.push(tokio::spawn(async move {
+            api.post_raw("/transaction/create", Auth::Basic(ALICE, &alice_pw), &body)
+                .await
+                .0
+        }));
+    }
+    let mut created = 0;
+    for t in tasks {
+        match t.await.expect("join") {
+            StatusCode::CREATED => created += 1,
+            StatusCode::CONFLICT => {}
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(created, 2);
+    assert_eq!(api.balance(ALICE).await, "0.2");
+    h
+}
+
 store_suite!(
     users_and_passwords,
     delegated_confirm_and_cancel,
     direct_transfers,
     bad_input_changes_nothing,
     concurrent_spend_and_idempotency,
+    direct_idempotency_and_concurrent_spend,
 );
 
 /// A hold that expired cannot be confirmed over REST either, and the sweep returns the money.

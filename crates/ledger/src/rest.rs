@@ -500,6 +500,7 @@ async fn create_transaction(
                     app_name,
                     app_ep_path,
                     ttl_micros: service.config().hold_ttl.as_micros() as i64,
+                    idempotency_key: &idempotency_key(&headers, "rest-direct")?,
                 })
                 .await?;
             crate::metrics::authorized(&transfer, started);

@@ -60,6 +60,8 @@ pub struct DirectInput<'a> {
     pub app_name: &'a str,
     pub app_ep_path: &'a str,
     pub ttl_micros: i64,
+    /// The sender's key: the same key with the same parameters returns the original transfer.
+    pub idempotency_key: &'a str,
 }
 
 enum AuthorizeOutcome {
@@ -263,6 +265,15 @@ impl Store {
     /// Places a hold the sender asked for itself (no token, created by SENDER). Not on the hot
     /// path, so it is one short transaction on both backends.
     pub async fn authorize_direct(&self, input: &DirectInput<'_>) -> Result<TransferRow> {
+        // Namespaced per sender, so a sender's key never meets the recipient's own keys.
+        let key = format!("direct:{}:{}", input.sender_id, input.idempotency_key);
+        let request_hash = sha256_hex(&format!(
+            "direct\n{}\n{}\n{}\n{}",
+            input.recipient_id, input.amount, input.app_name, input.app_ep_path
+        ));
+        if let Some(replayed) = self.replay_direct(input, &key, &request_hash).await? {
+            return replayed;
+        }
         let id = new_id();
         let mut rolled_up = false;
         loop {
@@ -277,13 +288,13 @@ impl Store {
                 .bind(input.sender_id)
                 .fetch_optional(&mut *tx)
                 .await?;
-                let Some(funds) = funds else { return Ok(false) };
+                let Some(funds) = funds else { return Ok(Some(false)) };
                 let currency: String = funds.try_get(0)?;
-                sqlx::query(
+                let inserted = sqlx::query(
                     "INSERT INTO transfers (id, sender_id, recipient_id, token_id, amount, currency, \
                      status, created_by, app_name, app_ep_path, idempotency_key, request_hash, \
                      created_at, expires_at) \
-                     VALUES ($1, $2, $3, NULL, $4, $5, 'PENDING', 'SENDER', $6, $7, $1, '', $8, $9)",
+                     VALUES ($1, $2, $3, NULL, $4, $5, 'PENDING', 'SENDER', $6, $7, $8, $9, $10, $11)",
                 )
                 .bind(&id)
                 .bind(input.sender_id)
@@ -292,19 +303,38 @@ impl Store {
                 .bind(&currency)
                 .bind(input.app_name)
                 .bind(input.app_ep_path)
+                .bind(&key)
+                .bind(&request_hash)
                 .bind(now)
                 .bind(now.saturating_add(input.ttl_micros))
                 .execute(&mut *tx)
-                .await?;
+                .await;
+                match inserted {
+                    Ok(_) => {}
+                    // A concurrent request with the same key won; the hold rolls back with `tx`.
+                    Err(e) if is_unique_violation(&e) => return Ok(None),
+                    Err(e) => return Err(e),
+                }
                 tx.commit().await?;
-                Ok(true)
+                Ok(Some(true))
             })
             .await?;
-            if placed {
-                return self
-                    .transfer_by_id(&id)
-                    .await?
-                    .ok_or_else(|| LedgerError::Internal("transfer vanished".into()));
+            match placed {
+                Some(true) => {
+                    return self
+                        .transfer_by_id(&id)
+                        .await?
+                        .ok_or_else(|| LedgerError::Internal("transfer vanished".into()))
+                }
+                None => {
+                    return match self.replay_direct(input, &key, &request_hash).await? {
+                        Some(replayed) => replayed,
+                        None => Err(LedgerError::Unavailable(
+                            "concurrent transfer, retry".into(),
+                        )),
+                    }
+                }
+                Some(false) => {}
             }
             if !rolled_up && self.roll_up(input.sender_id).await? > 0 {
                 rolled_up = true;
@@ -315,6 +345,30 @@ impl Store {
                 input.amount
             )));
         }
+    }
+
+    /// The transfer an earlier direct request with this key created, if any.
+    async fn replay_direct(
+        &self,
+        input: &DirectInput<'_>,
+        key: &str,
+        request_hash: &str,
+    ) -> Result<Option<Result<TransferRow>>> {
+        let sql = format!(
+            "SELECT {TRANSFER_COLUMNS}, t.request_hash FROM transfers t {TRANSFER_JOINS} \
+             WHERE t.recipient_id = $1 AND t.idempotency_key = $2"
+        );
+        let row = sqlx::query(&sql)
+            .bind(input.recipient_id)
+            .bind(key)
+            .fetch_optional(self.pool())
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let original_hash: String = row.try_get(18)?;
+        if original_hash != request_hash {
+            return Ok(Some(Err(key_reused(input.idempotency_key))));
+        }
+        Ok(Some(Ok(transfer_from_row(&row)?)))
     }
 
     pub async fn transfer_by_id(&self, id: &str) -> Result<Option<TransferRow>> {
