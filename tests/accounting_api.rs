@@ -160,6 +160,19 @@ impl Rest {
     }
 }
 
+/// How many of several concurrent creates succeeded; every other one must be refused for funds.
+async fn count_created(tasks: Vec<tokio::task::JoinHandle<StatusCode>>) -> usize {
+    let mut created = 0;
+    for t in tasks {
+        match t.await.expect("join") {
+            StatusCode::CREATED => created += 1,
+            StatusCode::CONFLICT => {}
+            other => panic!("unexpected {other}"),
+        }
+    }
+    created
+}
+
 async fn users_and_passwords(h: Harness) -> Harness {
     let api = Rest::new(&h);
     // Generated password when none is given (the SDK sends null).
@@ -546,14 +559,7 @@ async fn concurrent_spend_and_idempotency(h: Harness) -> Harness {
             api.delegated(&owner_pw, ALICE, "0.3", &token).await.0
         }));
     }
-    let mut created = 0;
-    for t in tasks {
-        match t.await.expect("join") {
-            StatusCode::CREATED => created += 1,
-            StatusCode::CONFLICT => {}
-            other => panic!("unexpected {other}"),
-        }
-    }
+    let created = count_created(tasks).await;
     assert_eq!(created, 3);
     assert_eq!(api.balance(ALICE).await, "0.1");
 
@@ -631,14 +637,7 @@ async fn direct_idempotency_and_concurrent_spend(h: Harness) -> Harness {
                 .0
         }));
     }
-    let mut created = 0;
-    for t in tasks {
-        match t.await.expect("join") {
-            StatusCode::CREATED => created += 1,
-            StatusCode::CONFLICT => {}
-            other => panic!("unexpected {other}"),
-        }
-    }
+    let created = count_created(tasks).await;
     assert_eq!(created, 2);
     assert_eq!(api.balance(ALICE).await, "0.2");
     h

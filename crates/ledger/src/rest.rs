@@ -516,20 +516,23 @@ struct TransactionId {
     transaction_id: String,
 }
 
-/// The transfer named in the body, if the caller is a party to it (otherwise it does not exist
-/// for them).
+/// The authenticated account and the transfer named in the body, if the account is a party to
+/// it (otherwise the transfer does not exist for it).
 async fn party_transfer(
     service: &LedgerService,
-    caller: &Caller,
+    headers: &HeaderMap,
     bytes: &Bytes,
-) -> Result<TransferRow> {
+) -> Result<(String, TransferRow)> {
+    let caller = caller(service, headers).await?;
+    let email = caller.account()?.email.clone();
     let req: TransactionId = body(bytes)?;
     let id = validate::text("transactionId", &req.transaction_id, MAX_KEY, true)?;
     service
         .store()
         .transfer_by_id(id)
         .await?
-        .filter(|t| caller.may_see(&t.sender_email) || caller.may_see(&t.recipient_email))
+        .filter(|t| t.sender_email == email || t.recipient_email == email)
+        .map(|t| (email, t))
         .ok_or_else(|| LedgerError::NotFound(format!("transaction {id} not found")))
 }
 
@@ -540,16 +543,14 @@ async fn confirm_transaction(
     headers: HeaderMap,
     bytes: Bytes,
 ) -> Reply {
-    let caller = caller(&service, &headers).await?;
-    let account = caller.account()?;
-    let transfer = party_transfer(&service, &caller, &bytes).await?;
+    let (email, transfer) = party_transfer(&service, &headers, &bytes).await?;
     let by_sender = transfer.created_by == "SENDER";
     let creator = if by_sender {
         &transfer.sender_email
     } else {
         &transfer.recipient_email
     };
-    if &account.email != creator {
+    if &email != creator {
         return Err(LedgerError::PermissionDenied(format!(
             "only the party that created transaction {} may confirm it",
             transfer.id
@@ -572,10 +573,8 @@ async fn cancel_transaction(
     headers: HeaderMap,
     bytes: Bytes,
 ) -> Reply {
-    let caller = caller(&service, &headers).await?;
-    let account = caller.account()?;
-    let transfer = party_transfer(&service, &caller, &bytes).await?;
-    let by_sender = account.email == transfer.sender_email;
+    let (email, transfer) = party_transfer(&service, &headers, &bytes).await?;
+    let by_sender = email == transfer.sender_email;
     if by_sender && transfer.created_by != "SENDER" {
         return Err(LedgerError::PermissionDenied(format!(
             "transaction {} was created by its recipient; only the recipient may cancel it",
