@@ -156,9 +156,13 @@ async fn bench_ledger(b: &LedgerBench, shape: Shape) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(syft_ledger::serve(config, listener, async {
-        let _ = stop_rx.await;
-    }));
+    let server = tokio::spawn(syft_ledger::serve(
+        config,
+        syft_ledger::Listeners::grpc(listener),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
     let mut channels = Vec::new();
     for _ in 0..b.connections.max(1) {
         let endpoint = tonic::transport::Endpoint::from_shared(url.clone())?.tcp_nodelay(true);

@@ -106,7 +106,7 @@ pub async fn run(b: &RouterBench) -> anyhow::Result<()> {
             batch_workers: b.batch_workers,
             ..LedgerConfig::default()
         },
-        ledger_listener,
+        syft_ledger::Listeners::grpc(ledger_listener),
         signal(),
     ));
     let mut admin = connect_lazy(&ledger_url, ADMIN)?;

@@ -105,7 +105,11 @@ impl Running {
         };
         let signal = self.signal();
         self.tasks.push(tokio::spawn(async move {
-            Ok(syft_ledger::serve_with_http(config, listener, http_listener, signal).await?)
+            let listeners = syft_ledger::Listeners {
+                grpc: listener,
+                http: http_listener,
+            };
+            Ok(syft_ledger::serve(config, listeners, signal).await?)
         }));
         let mut admin = connect_lazy(&url, admin_key)?;
         wait_for_ledger(&mut admin).await?;

@@ -213,13 +213,8 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     let http_listener = tokio::net::TcpListener::bind(&args.http_addr)
         .await
         .with_context(|| format!("cannot listen on {}", args.http_addr))?;
-    syft_ledger::serve_with_http(
-        config,
-        listener,
-        Some(http_listener),
-        super::shutdown_signal(),
-    )
-    .await?;
+    let listeners = syft_ledger::Listeners::grpc(listener).with_http(http_listener);
+    syft_ledger::serve(config, listeners, super::shutdown_signal()).await?;
     Ok(())
 }
 

@@ -69,10 +69,9 @@ impl LedgerServer {
             .expect("bind");
         let http_addr = http.local_addr().expect("addr");
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(syft_ledger::serve_with_http(
+        let task = tokio::spawn(syft_ledger::serve(
             config,
-            listener,
-            Some(http),
+            syft_ledger::Listeners::grpc(listener).with_http(http),
             async {
                 let _ = rx.await;
             },

@@ -1,6 +1,11 @@
-//! The ledger's one error type, mapped to gRPC status codes in one place (DESIGN.md §6).
+//! The ledger's one error type. Each variant says which [`ErrorCode`] it is; the code decides
+//! the gRPC code and the HTTP status (see `syft_error` and docs/design.md, "Errors").
 
-use tonic::{Code, Status};
+use syft_error::{ErrorCode, Reason};
+use tonic::Status;
+
+/// `ErrorInfo.domain` of every ledger error.
+pub const ERROR_DOMAIN: &str = "syft.ledger";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
@@ -10,12 +15,12 @@ pub enum LedgerError {
     Unauthenticated(String),
     #[error("{0}")]
     PermissionDenied(String),
-    /// Insufficient funds, transfer not pending, hold expired.
+    /// A state that refuses the request, without a more specific reason.
     #[error("{0}")]
     FailedPrecondition(String),
     #[error("{0}")]
     NotFound(String),
-    /// Idempotency key reused with other parameters; account exists.
+    /// Account exists, and other conflicts without a more specific reason.
     #[error("{0}")]
     AlreadyExists(String),
     /// Rate limit or quota (from the hosted accounting service).
@@ -23,6 +28,9 @@ pub enum LedgerError {
     ResourceExhausted(String),
     #[error("{0}")]
     Unavailable(String),
+    /// A refusal a client must tell apart: its reason decides its code.
+    #[error("{message}")]
+    Refused { reason: Reason, message: String },
     /// Details are logged, never sent to clients.
     #[error("internal error: {0}")]
     Internal(String),
@@ -35,59 +43,90 @@ impl LedgerError {
         Self::InvalidArgument(msg.into())
     }
 
-    pub fn code(&self) -> Code {
-        match self {
-            Self::InvalidArgument(_) => Code::InvalidArgument,
-            Self::Unauthenticated(_) => Code::Unauthenticated,
-            Self::PermissionDenied(_) => Code::PermissionDenied,
-            Self::FailedPrecondition(_) => Code::FailedPrecondition,
-            Self::NotFound(_) => Code::NotFound,
-            Self::AlreadyExists(_) => Code::AlreadyExists,
-            Self::ResourceExhausted(_) => Code::ResourceExhausted,
-            Self::Unavailable(_) => Code::Unavailable,
-            Self::Internal(_) => Code::Internal,
+    pub fn refused(reason: Reason, msg: impl Into<String>) -> Self {
+        Self::Refused {
+            reason,
+            message: msg.into(),
         }
     }
 
-    /// Stable short name, stored with recorded authorization failures so a replay returns the same error.
+    pub fn error_code(&self) -> ErrorCode {
+        match self {
+            Self::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            Self::Unauthenticated(_) => ErrorCode::Unauthenticated,
+            Self::PermissionDenied(_) => ErrorCode::PermissionDenied,
+            Self::FailedPrecondition(_) => ErrorCode::FailedPrecondition,
+            Self::NotFound(_) => ErrorCode::NotFound,
+            Self::AlreadyExists(_) => ErrorCode::AlreadyExists,
+            Self::ResourceExhausted(_) => ErrorCode::ResourceExhausted,
+            Self::Unavailable(_) => ErrorCode::Unavailable,
+            Self::Refused { reason, .. } => reason.code(),
+            Self::Internal(_) => ErrorCode::Internal,
+        }
+    }
+
+    pub fn code(&self) -> tonic::Code {
+        self.error_code().grpc()
+    }
+
+    pub fn reason(&self) -> Option<Reason> {
+        match self {
+            Self::Refused { reason, .. } => Some(*reason),
+            _ => None,
+        }
+    }
+
+    /// Stable short name: the reason, or the code's name. Sent as `ErrorInfo.reason` and as the
+    /// REST body's `code`, and stored with recorded authorization failures so that a replay
+    /// returns the same error.
     pub fn kind(&self) -> &'static str {
         match self {
-            Self::InvalidArgument(_) => "INVALID_ARGUMENT",
-            Self::Unauthenticated(_) => "UNAUTHENTICATED",
-            Self::PermissionDenied(_) => "PERMISSION_DENIED",
-            Self::FailedPrecondition(_) => "FAILED_PRECONDITION",
-            Self::NotFound(_) => "NOT_FOUND",
-            Self::AlreadyExists(_) => "ALREADY_EXISTS",
-            Self::ResourceExhausted(_) => "RESOURCE_EXHAUSTED",
-            Self::Unavailable(_) => "UNAVAILABLE",
-            Self::Internal(_) => "INTERNAL",
+            Self::Refused { reason, .. } => reason.as_str(),
+            other => other.error_code().as_str(),
         }
     }
 
     pub fn from_kind(kind: &str, message: String) -> Self {
-        match kind {
-            "INVALID_ARGUMENT" => Self::InvalidArgument(message),
-            "UNAUTHENTICATED" => Self::Unauthenticated(message),
-            "PERMISSION_DENIED" => Self::PermissionDenied(message),
-            "FAILED_PRECONDITION" => Self::FailedPrecondition(message),
-            "NOT_FOUND" => Self::NotFound(message),
-            "ALREADY_EXISTS" => Self::AlreadyExists(message),
-            "RESOURCE_EXHAUSTED" => Self::ResourceExhausted(message),
-            "UNAVAILABLE" => Self::Unavailable(message),
-            _ => Self::Internal(message),
+        if let Ok(reason) = kind.parse::<Reason>() {
+            return Self::refused(reason, message);
+        }
+        match kind.parse::<ErrorCode>() {
+            Ok(ErrorCode::InvalidArgument) => Self::InvalidArgument(message),
+            Ok(ErrorCode::Unauthenticated) => Self::Unauthenticated(message),
+            Ok(ErrorCode::PermissionDenied) => Self::PermissionDenied(message),
+            Ok(ErrorCode::FailedPrecondition | ErrorCode::PaymentRequired) => {
+                Self::FailedPrecondition(message)
+            }
+            Ok(ErrorCode::NotFound) => Self::NotFound(message),
+            Ok(ErrorCode::AlreadyExists) => Self::AlreadyExists(message),
+            Ok(ErrorCode::ResourceExhausted) => Self::ResourceExhausted(message),
+            Ok(ErrorCode::Unavailable | ErrorCode::DeadlineExceeded | ErrorCode::BadGateway) => {
+                Self::Unavailable(message)
+            }
+            Ok(ErrorCode::Cancelled | ErrorCode::Internal) | Err(_) => Self::Internal(message),
+        }
+    }
+
+    /// The message a client may see: internal details are logged here and replaced.
+    pub fn public_message(&self) -> String {
+        match self {
+            Self::Internal(detail) => {
+                tracing::error!(error = %detail, "internal ledger error");
+                "internal error".to_string()
+            }
+            other => other.to_string(),
         }
     }
 }
 
 impl From<LedgerError> for Status {
     fn from(err: LedgerError) -> Self {
-        match &err {
-            LedgerError::Internal(detail) => {
-                tracing::error!(error = %detail, "internal ledger error");
-                Status::internal("internal error")
-            }
-            other => Status::new(other.code(), other.to_string()),
-        }
+        syft_error::grpc_status(
+            err.error_code(),
+            err.kind(),
+            ERROR_DOMAIN,
+            err.public_message(),
+        )
     }
 }
 

@@ -7,10 +7,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use syft_server::HealthPublisher;
 use tokio::sync::watch;
 use tonic_health::pb::health_server::HealthServer;
-use tonic_health::server::HealthReporter;
-use tonic_health::ServingStatus;
 
 use crate::error::{LedgerError, Result};
 use crate::store::Store;
@@ -22,10 +21,10 @@ pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// A ping slower than this counts as the database being down.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The ledger's health state: the gRPC health reporter plus a watch for HTTP probes.
+/// The ledger's health state: the gRPC health publisher plus a watch for HTTP probes.
 #[derive(Clone)]
 pub struct Health {
-    reporter: HealthReporter,
+    publisher: HealthPublisher,
     ready: Arc<watch::Sender<bool>>,
     stopping: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -36,13 +35,12 @@ impl Health {
         Self,
         HealthServer<impl tonic_health::pb::health_server::Health>,
     ) {
-        let (reporter, server) = tonic_health::server::health_reporter();
+        let (publisher, server) = HealthPublisher::new(LEDGER_SERVICE).await;
         let health = Health {
-            reporter,
+            publisher,
             ready: Arc::new(watch::channel(false).0),
             stopping: Arc::default(),
         };
-        health.publish(false).await;
         (health, server)
     }
 
@@ -68,39 +66,8 @@ impl Health {
                 tracing::warn!("ledger NOT_SERVING");
             }
         }
-        self.publish(serving).await;
+        self.publisher.publish(serving).await;
     }
-
-    async fn publish(&self, serving: bool) {
-        let status = if serving {
-            ServingStatus::Serving
-        } else {
-            ServingStatus::NotServing
-        };
-        self.reporter.set_service_status("", status).await;
-        self.reporter
-            .set_service_status(LEDGER_SERVICE, status)
-            .await;
-    }
-}
-
-/// A background task that is aborted when this handle is dropped (so it ends with the server,
-/// however the server's future ends).
-pub struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// Spawns [`run_database_probe`]; the probe stops when the handle is dropped.
-pub fn spawn_database_probe(store: Arc<Store>, health: Health) -> AbortOnDrop {
-    AbortOnDrop(tokio::spawn(run_database_probe(
-        store,
-        health,
-        PROBE_INTERVAL,
-    )))
 }
 
 /// Pings the database every `every` and publishes the result, forever.

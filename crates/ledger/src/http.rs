@@ -7,14 +7,10 @@ use axum::routing::get;
 use axum::{Json, Router};
 use tokio::sync::watch;
 
-use crate::service::LedgerService;
+use crate::core::Ledger;
 
 /// `ready` is the gRPC health state: the database answers and the ledger is not shutting down.
-pub fn router(
-    service: LedgerService,
-    accounting_api: bool,
-    ready: watch::Receiver<bool>,
-) -> Router {
+pub fn router(ledger: Ledger, accounting_api: bool, ready: watch::Receiver<bool>) -> Router {
     let probes = Router::new()
         .route(
             "/healthz",
@@ -25,14 +21,14 @@ pub fn router(
     let metrics = Router::new()
         .route(
             "/metrics",
-            get(|State(service): State<LedgerService>| async move {
-                crate::metrics::render(service.store()).await
+            get(|State(ledger): State<Ledger>| async move {
+                crate::metrics::render(ledger.store()).await
             }),
         )
-        .with_state(service.clone());
+        .with_state(ledger.clone());
     let app = probes.merge(metrics);
     let app = if accounting_api {
-        app.merge(crate::rest::router(service))
+        app.merge(crate::rest::router(ledger))
     } else {
         app
     };

@@ -1,17 +1,25 @@
 //! syft-ledger: money state for syft-router. Accounts, delegation tokens, two-phase transfers and
-//! usage rows over Postgres or SQLite, served as `syft.ledger.v1.Ledger` over gRPC.
+//! usage rows over Postgres or SQLite, served as `syft.ledger.v1.Ledger` over gRPC and as the Syft
+//! accounting REST API over HTTP.
+//!
+//! - [`core`]: the `Ledger` core (authentication, validation, transfer rules) over a
+//!   [`backend::TransferBackend`]: [`backend::LocalBackend`] (the [`store`]) or
+//!   [`hosted::backend::HostedBackend`] (a remote accounting service).
+//! - [`grpc`] and [`rest`]: thin protocol adapters over the core; [`http`]: the HTTP port.
+//! - [`serve`]: runs it all on given listeners until shutdown.
 
 pub mod auth;
+pub mod backend;
 pub mod client;
+pub mod core;
 pub mod error;
+pub mod grpc;
 pub mod health;
 pub mod hosted;
 pub mod http;
-pub mod lifecycle;
 pub mod metrics;
 pub mod money;
 pub mod rest;
-pub mod service;
 pub mod store;
 pub mod validate;
 
@@ -20,11 +28,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
 
+pub use core::Ledger;
 pub use error::{LedgerError, Result};
 pub use hosted::HostedConfig;
-pub use service::LedgerService;
 pub use store::Store;
 
 /// `Debug` shows every field but the admin key.
@@ -95,26 +102,34 @@ impl Default for LedgerConfig {
             accounting_api: false,
             hosted: None,
             tls: None,
-            shutdown_grace: lifecycle::DEFAULT_SHUTDOWN_GRACE,
+            shutdown_grace: syft_server::DEFAULT_SHUTDOWN_GRACE,
         }
     }
 }
 
-/// Connects to the database (running migrations) and serves gRPC on `listener` until `shutdown`
-/// resolves; in-flight calls finish (within `config.shutdown_grace`) before this returns.
-pub async fn serve(
-    config: LedgerConfig,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<()> {
-    serve_with_http(config, listener, None, shutdown).await
+/// Where the ledger listens: gRPC, and optionally the HTTP port (probes, `/metrics`, and the
+/// accounting REST API when `config.accounting_api`).
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub http: Option<TcpListener>,
 }
 
-/// Like [`serve`], plus the HTTP port (probes, and the accounting REST API when enabled).
-pub async fn serve_with_http(
+impl Listeners {
+    pub fn grpc(grpc: TcpListener) -> Self {
+        Self { grpc, http: None }
+    }
+
+    pub fn with_http(mut self, http: TcpListener) -> Self {
+        self.http = Some(http);
+        self
+    }
+}
+
+/// Connects to the database (running migrations) and serves until `shutdown` resolves; in-flight
+/// calls finish (within `config.shutdown_grace`) before this returns.
+pub async fn serve(
     config: LedgerConfig,
-    listener: TcpListener,
-    http_listener: Option<TcpListener>,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let store = Arc::new(
@@ -125,54 +140,40 @@ pub async fn serve_with_http(
         )
         .await?,
     );
-    serve_with_store(store, config, listener, http_listener, shutdown).await
-}
-
-/// Like [`serve`], over an already connected store.
-pub async fn serve_with_store(
-    store: Arc<Store>,
-    config: LedgerConfig,
-    listener: TcpListener,
-    http_listener: Option<TcpListener>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<()> {
     let config = Arc::new(config);
-    let mut service = LedgerService::new(store.clone(), config.clone());
-    let mut background = Background(vec![tokio::spawn(run_sweeper(
-        store.clone(),
-        config.sweep_interval,
-    ))]);
-    if let Some(hosted_config) = &config.hosted {
-        if config.accounting_api {
-            return Err(LedgerError::invalid(
-                "the accounting REST API is served over local accounting only, not with backend = hosted",
+    let mut background = syft_server::Tasks::default();
+    background.spawn(run_sweeper(store.clone(), config.sweep_interval));
+    let backend: Arc<dyn backend::TransferBackend> = match &config.hosted {
+        None => Arc::new(backend::LocalBackend::new(store.clone())),
+        Some(hosted_config) => {
+            if config.accounting_api {
+                return Err(LedgerError::invalid(
+                    "the accounting REST API is served over local accounting only, not with backend = hosted",
+                ));
+            }
+            let hosted = Arc::new(
+                hosted::Hosted::start(store.clone(), hosted_config.clone(), &config.currency)
+                    .await?,
+            );
+            background.spawn(hosted::run_recovery(
+                hosted.clone(),
+                config.sweep_interval.max(Duration::from_secs(1)),
             ));
+            Arc::new(hosted::backend::HostedBackend::new(hosted, store.clone()))
         }
-        let hosted = Arc::new(
-            hosted::Hosted::start(store.clone(), hosted_config.clone(), &config.currency).await?,
-        );
-        background.0.push(tokio::spawn(hosted::run_recovery(
-            hosted.clone(),
-            config.sweep_interval.max(Duration::from_secs(1)),
-        )));
-        service = service.with_hosted(hosted);
-    }
-    let (health, health_service) = health::Health::new().await;
-    let _probe = health::spawn_database_probe(store.clone(), health.clone());
-    let (reflection_v1, reflection_v1alpha) = health::reflection()?;
-    let (signal, deadline) = lifecycle::with_grace(shutdown, config.shutdown_grace);
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopping = health.clone();
-    tokio::spawn(async move {
-        signal.await;
-        stopping.shut_down().await;
-        let _ = stop_tx.send(true);
-    });
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|stop| *stop).await;
     };
-    let addr = listener.local_addr().ok();
-    let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let ledger = Ledger::new(store.clone(), backend, config.clone());
+    let (health, health_service) = health::Health::new().await;
+    background.spawn(health::run_database_probe(
+        store.clone(),
+        health.clone(),
+        health::PROBE_INTERVAL,
+    ));
+    let (reflection_v1, reflection_v1alpha) = health::reflection()?;
+    let stopping = health.clone();
+    let stop = syft_server::Stop::on(shutdown, move || async move { stopping.shut_down().await });
+    let addr = listeners.grpc.local_addr().ok();
+    let http_addr = listeners.http.as_ref().and_then(|l| l.local_addr().ok());
     let tls = config.tls.as_ref();
     tracing::info!(
         ?addr,
@@ -190,61 +191,28 @@ pub async fn serve_with_store(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(syft_proto::ledger::ledger_server::LedgerServer::new(
-            service.clone(),
-        ))
-        .serve_with_incoming_shutdown(incoming(listener), stopped(stop_rx.clone()));
+        .add_service(grpc::GrpcLedger(ledger.clone()).into_server())
+        .serve_with_incoming_shutdown(syft_server::grpc_incoming(listeners.grpc), stop.stopped());
     let grpc = async {
         grpc.await
             .map_err(|e| LedgerError::Unavailable(format!("gRPC server failed: {e}")))
     };
     let http = async {
-        let Some(http_listener) = http_listener else {
+        let Some(listener) = listeners.http else {
             return Ok(());
         };
-        let app = http::router(service.clone(), config.accounting_api, health.readiness());
-        let served = match tls {
-            Some(tls) => {
-                let rustls = tls
-                    .rustls()
-                    .map_err(|e| LedgerError::Internal(e.to_string()))?;
-                let listener = syft_tls::TlsListener::new(http_listener, rustls)
-                    .map_err(|e| LedgerError::Internal(e.to_string()))?;
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(stopped(stop_rx.clone()))
-                    .await
-            }
-            None => {
-                axum::serve(http_listener, app)
-                    .with_graceful_shutdown(stopped(stop_rx.clone()))
-                    .await
-            }
-        };
-        served.map_err(|e| LedgerError::Unavailable(format!("HTTP server failed: {e}")))
+        let app = http::router(ledger.clone(), config.accounting_api, health.readiness());
+        syft_server::serve_http(listener, app, tls, stop.stopped())
+            .await
+            .map_err(|e| LedgerError::Unavailable(format!("HTTP server failed: {e}")))
     };
     let result = tokio::select! {
         r = async { tokio::try_join!(grpc, http).map(|_| ()) } => r,
-        _ = deadline => Ok(()),
+        _ = stop.deadline(config.shutdown_grace) => Ok(()),
     };
     drop(background);
     tracing::info!("ledger stopped");
     result
-}
-
-/// Background loops of one server; they stop with it, also when its future is dropped.
-struct Background(Vec<tokio::task::JoinHandle<()>>);
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        for task in &self.0 {
-            task.abort();
-        }
-    }
-}
-
-/// Accepted connections with Nagle's algorithm off: small RPCs must not wait for delayed ACKs.
-pub fn incoming(listener: TcpListener) -> TcpIncoming {
-    TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 /// Cancels expired holds and folds hot-recipient credits into balances, forever.

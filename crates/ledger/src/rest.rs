@@ -1,7 +1,7 @@
-//! The Syft accounting REST API (what `syft-accounting-sdk` clients speak), served over the same
-//! store and the same rules as gRPC: every handler goes through [`LedgerService`]'s methods or the
-//! store calls they use. See docs/accounting-api.md for the contract and the choices made where the
-//! API is silent.
+//! The Syft accounting REST API (what `syft-accounting-sdk` clients speak): a thin adapter over
+//! the same [`Ledger`] core as gRPC, so whatever is created through one interface is visible and
+//! usable through the other under the same rules. See docs/accounting-api.md for the contract and
+//! the choices made where the API is silent.
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -12,23 +12,19 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use syft_proto::ledger as pb;
 
-use crate::auth::{authenticate, constant_time_eq, Caller};
+use crate::auth::Caller;
+use crate::core::{HoldRequest, Ledger, PartyAction};
 use crate::error::{LedgerError, Result};
 use crate::money::{check_positive, format_micros};
-use crate::service::LedgerService;
-use crate::store::{
-    new_id, sha256_hex, AccountRow, CaptureAmount, DirectInput, Resolution, ResolveInput,
-    TransferFilter, TransferRow,
-};
-use crate::validate::{self, MAX_KEY, MAX_NAME, MAX_PATH};
+use crate::store::{new_id, AccountRow, TransferRow};
+use crate::validate::{self, MAX_KEY};
 
 /// Most transactions `GET /transactions` returns (newest first) unless `limit` asks for fewer.
 const DEFAULT_HISTORY: i64 = 1000;
 const MAX_HISTORY: i64 = 10_000;
 
-pub fn router(service: LedgerService) -> Router {
+pub fn router(ledger: Ledger) -> Router {
     Router::new()
         .route("/user/create", post(create_user))
         .route("/user/add-balance", post(add_balance))
@@ -43,11 +39,12 @@ pub fn router(service: LedgerService) -> Router {
         .route("/transaction/cancel", post(cancel_transaction))
         .route("/transactions", get(list_transactions))
         .fallback(|| async { RestError(LedgerError::NotFound("no such endpoint".into())) })
-        .with_state(service)
+        .with_state(ledger)
 }
 
-/// A ledger error as an HTTP response: status per DESIGN.md §6 and always a JSON body, because
-/// clients parse the body of a failed response as JSON.
+/// A ledger error as an HTTP response: the status of its error code and always a JSON body
+/// `{"detail", "code"}` (`code` is the machine-readable reason), because clients parse the body
+/// of a failed response as JSON.
 pub struct RestError(pub LedgerError);
 
 impl From<LedgerError> for RestError {
@@ -56,29 +53,10 @@ impl From<LedgerError> for RestError {
     }
 }
 
-pub fn http_status(err: &LedgerError) -> StatusCode {
-    match err {
-        LedgerError::InvalidArgument(_) => StatusCode::BAD_REQUEST,
-        LedgerError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
-        LedgerError::PermissionDenied(_) => StatusCode::FORBIDDEN,
-        LedgerError::FailedPrecondition(_) | LedgerError::AlreadyExists(_) => StatusCode::CONFLICT,
-        LedgerError::NotFound(_) => StatusCode::NOT_FOUND,
-        LedgerError::ResourceExhausted(_) => StatusCode::TOO_MANY_REQUESTS,
-        LedgerError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-        LedgerError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-    }
-}
-
 impl IntoResponse for RestError {
     fn into_response(self) -> Response {
-        let status = http_status(&self.0);
-        let message = match &self.0 {
-            LedgerError::Internal(detail) => {
-                tracing::error!(error = %detail, "internal ledger error (REST)");
-                "internal error".to_string()
-            }
-            other => other.to_string(),
-        };
+        let status = self.0.error_code().http();
+        let message = self.0.public_message();
         let body = serde_json::json!({"detail": message, "code": self.0.kind()});
         let mut response = (status, Json(body)).into_response();
         if status == StatusCode::UNAUTHORIZED {
@@ -103,7 +81,7 @@ fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T> {
         .map_err(|e| LedgerError::invalid(format!("invalid JSON body: {e}")))
 }
 
-async fn caller(service: &LedgerService, headers: &HeaderMap) -> Result<Caller> {
+async fn caller(ledger: &Ledger, headers: &HeaderMap) -> Result<Caller> {
     let header = headers
         .get(header::AUTHORIZATION)
         .map(|v| {
@@ -111,7 +89,7 @@ async fn caller(service: &LedgerService, headers: &HeaderMap) -> Result<Caller> 
                 .map_err(|_| LedgerError::Unauthenticated("invalid authorization header".into()))
         })
         .transpose()?;
-    authenticate(service.store(), &service.config().admin_key, header).await
+    ledger.authenticate(header).await
 }
 
 /// The client's `Idempotency-Key` header (an extension of the API), or a fresh key.
@@ -228,15 +206,6 @@ fn transaction_reply(status: StatusCode, t: &TransferRow) -> Reply {
     )
 }
 
-fn check_password(field: &str, password: &str) -> Result<()> {
-    if password.len() < 8 || password.len() > 256 || password.chars().any(char::is_control) {
-        return Err(LedgerError::invalid(format!(
-            "{field} must be 8 to 256 printable characters"
-        )));
-    }
-    Ok(())
-}
-
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct CreateUser {
@@ -247,29 +216,18 @@ struct CreateUser {
     organization: Option<String>,
 }
 
-/// Open registration, as in the hosted service: a new account starts with nothing, so creating one
-/// needs no credentials.
-async fn create_user(State(service): State<LedgerService>, bytes: Bytes) -> Reply {
+async fn create_user(State(ledger): State<Ledger>, bytes: Bytes) -> Reply {
     let req: CreateUser = body(&bytes)?;
-    if let Some(p) = &req.password {
-        check_password("password", p)?;
-    }
-    let created = service
-        .create_account(
-            &Caller::Admin,
-            pb::CreateAccountRequest {
-                email: req.email,
-                organization: req.organization.unwrap_or_default(),
-                secret: req.password,
-                currency: None,
-            },
+    let (account, password) = ledger
+        .register(
+            req.email,
+            req.password,
+            req.organization.unwrap_or_default(),
         )
         .await?;
-    let email = created.account.map(|a| a.email).unwrap_or_default();
-    let account = service.account(&email).await?;
     ok(
         StatusCode::CREATED,
-        serde_json::json!({ "user": user_json(&account), "password": created.secret }),
+        serde_json::json!({ "user": user_json(&account), "password": password }),
     )
 }
 
@@ -280,58 +238,43 @@ struct AddBalance {
     amount: Box<RawValue>,
 }
 
-async fn add_balance(
-    State(service): State<LedgerService>,
-    headers: HeaderMap,
-    bytes: Bytes,
-) -> Reply {
-    let caller = caller(&service, &headers).await?;
-    LedgerService::require_admin(&caller)?;
+async fn add_balance(State(ledger): State<Ledger>, headers: HeaderMap, bytes: Bytes) -> Reply {
+    let caller = caller(&ledger, &headers).await?;
+    if !caller.is_admin() {
+        return Err(LedgerError::PermissionDenied("admin only".into()).into());
+    }
     let req: AddBalance = body(&bytes)?;
-    let amount = amount_micros("amount", &req.amount, service.config().max_amount_micros)?;
-    let account = service
-        .deposit(
-            &caller,
-            pb::DepositRequest {
-                email: req.recipient_email,
-                amount_micros: amount,
-                idempotency_key: idempotency_key(&headers, "rest-deposit")?,
-            },
-        )
+    let amount = amount_micros("amount", &req.amount, ledger.config().max_amount_micros)?;
+    let key = idempotency_key(&headers, "rest-deposit")?;
+    let account = ledger
+        .deposit(&caller, &req.recipient_email, amount, &key)
         .await?;
     user_reply(StatusCode::OK, &account)
 }
 
 async fn get_user(
-    State(service): State<LedgerService>,
+    State(ledger): State<Ledger>,
     headers: HeaderMap,
     Path(email): Path<String>,
 ) -> Reply {
-    let caller = caller(&service, &headers).await?;
+    let caller = caller(&ledger, &headers).await?;
     let email = validate::email("email", &email)?;
     if !caller.may_see(&email) {
         return Err(LedgerError::PermissionDenied("admin only".into()).into());
     }
-    user_reply(StatusCode::OK, &service.account(&email).await?)
+    user_reply(StatusCode::OK, &ledger.account(&caller, &email).await?)
 }
 
-async fn list_users(State(service): State<LedgerService>, headers: HeaderMap) -> Reply {
-    let caller = caller(&service, &headers).await?;
-    LedgerService::require_admin(&caller)?;
-    let accounts = service.store().list_accounts().await?;
+async fn list_users(State(ledger): State<Ledger>, headers: HeaderMap) -> Reply {
+    let caller = caller(&ledger, &headers).await?;
+    let accounts = ledger.list_accounts(&caller).await?;
     let users: Vec<_> = accounts.iter().map(user_json).collect();
     ok(StatusCode::OK, serde_json::json!({ "users": users }))
 }
 
-/// The caller's account, freshly read (the authenticated row may come from a cache).
-async fn me(service: &LedgerService, headers: &HeaderMap) -> Result<AccountRow> {
-    let caller = caller(service, headers).await?;
-    let email = caller.account()?.email.clone();
-    service.account(&email).await
-}
-
-async fn my_info(State(service): State<LedgerService>, headers: HeaderMap) -> Reply {
-    user_reply(StatusCode::OK, &me(&service, &headers).await?)
+async fn my_info(State(ledger): State<Ledger>, headers: HeaderMap) -> Reply {
+    let caller = caller(&ledger, &headers).await?;
+    user_reply(StatusCode::OK, &ledger.me(&caller).await?)
 }
 
 #[derive(Deserialize)]
@@ -341,30 +284,12 @@ struct UpdatePassword {
     new_password: String,
 }
 
-async fn update_password(
-    State(service): State<LedgerService>,
-    headers: HeaderMap,
-    bytes: Bytes,
-) -> Reply {
-    let account = me(&service, &headers).await?;
+async fn update_password(State(ledger): State<Ledger>, headers: HeaderMap, bytes: Bytes) -> Reply {
+    let caller = caller(&ledger, &headers).await?;
     let req: UpdatePassword = body(&bytes)?;
-    check_password("newPassword", &req.new_password)?;
-    let (_, stored) = service
-        .store()
-        .secret_hash_of(&account.email)
-        .await?
-        .ok_or_else(|| LedgerError::NotFound("account not found".into()))?;
-    if !constant_time_eq(stored.as_bytes(), sha256_hex(&req.old_password).as_bytes()) {
-        return Err(LedgerError::PermissionDenied(
-            "oldPassword is not the current password".into(),
-        )
-        .into());
-    }
-    service
-        .store()
-        .update_secret_hash(account.id, &sha256_hex(&req.new_password))
+    let account = ledger
+        .change_secret(&caller, &req.old_password, &req.new_password)
         .await?;
-    tracing::info!(account = %account.email, "password changed");
     user_reply(StatusCode::OK, &account)
 }
 
@@ -374,18 +299,14 @@ struct UpdateOrganization {
 }
 
 async fn update_organization(
-    State(service): State<LedgerService>,
+    State(ledger): State<Ledger>,
     headers: HeaderMap,
     bytes: Bytes,
 ) -> Reply {
-    let account = me(&service, &headers).await?;
+    let caller = caller(&ledger, &headers).await?;
     let req: UpdateOrganization = body(&bytes)?;
-    let organization = validate::text("organization", &req.organization, MAX_NAME, false)?;
-    service
-        .store()
-        .update_organization(account.id, organization)
-        .await?;
-    user_reply(StatusCode::OK, &service.account(&account.email).await?)
+    let account = ledger.set_organization(&caller, &req.organization).await?;
+    user_reply(StatusCode::OK, &account)
 }
 
 #[derive(Deserialize)]
@@ -394,26 +315,21 @@ struct CreateToken {
     recipient_email: String,
 }
 
-async fn create_token(
-    State(service): State<LedgerService>,
-    headers: HeaderMap,
-    bytes: Bytes,
-) -> Reply {
-    let caller = caller(&service, &headers).await?;
+async fn create_token(State(ledger): State<Ledger>, headers: HeaderMap, bytes: Bytes) -> Reply {
+    let caller = caller(&ledger, &headers).await?;
     let req: CreateToken = body(&bytes)?;
-    let issued = service
+    let (issued, _) = ledger
         .issue_token(
             &caller,
-            pb::IssueTokenRequest {
+            crate::core::NewToken {
                 recipient_email: req.recipient_email,
-                expires_at_unix_micros: None,
-                spend_limit_micros: None,
+                ..Default::default()
             },
         )
         .await?;
     ok(
         StatusCode::CREATED,
-        serde_json::json!({ "token": issued.token, "tokenId": issued.token_id }),
+        serde_json::json!({ "token": issued.token, "tokenId": issued.id }),
     )
 }
 
@@ -434,21 +350,18 @@ struct CreateTransaction {
 /// With a token: a delegated hold created by the recipient (the caller), exactly gRPC `Authorize`.
 /// Without: a hold the sender (the caller) places for the recipient.
 async fn create_transaction(
-    State(service): State<LedgerService>,
+    State(ledger): State<Ledger>,
     headers: HeaderMap,
     bytes: Bytes,
 ) -> Reply {
-    let caller = caller(&service, &headers).await?;
+    let caller = caller(&ledger, &headers).await?;
     let account = caller.account()?;
     let req: CreateTransaction = body(&bytes)?;
-    let max = service.config().max_amount_micros;
-    let amount = amount_micros("amount", &req.amount, max)?;
+    let amount = amount_micros("amount", &req.amount, ledger.config().max_amount_micros)?;
     let sender_email = validate::email("senderEmail", &req.sender_email)?;
     let recipient_email = validate::email("recipientEmail", &req.recipient_email)?;
     let app_name = req.app_name.unwrap_or_default();
     let app_ep_path = req.app_ep_path.unwrap_or_default();
-    let app_name = validate::text("appName", &app_name, MAX_NAME, false)?;
-    let app_ep_path = validate::text("appEpPath", &app_ep_path, MAX_PATH, false)?;
     if sender_email == recipient_email {
         return Err(LedgerError::invalid("sender and recipient must differ").into());
     }
@@ -460,20 +373,16 @@ async fn create_transaction(
                 )
                 .into());
             }
-            service
-                .authorize(
-                    &caller,
-                    pb::AuthorizeRequest {
-                        sender_email,
-                        amount_micros: amount,
-                        token,
-                        app_name: app_name.to_string(),
-                        app_ep_path: app_ep_path.to_string(),
-                        idempotency_key: idempotency_key(&headers, "rest")?,
-                        hold_ttl_seconds: None,
-                    },
-                )
-                .await?
+            let hold = HoldRequest {
+                sender_email,
+                amount,
+                token,
+                app_name,
+                app_ep_path,
+                idempotency_key: idempotency_key(&headers, "rest")?,
+                hold_ttl_seconds: None,
+            };
+            ledger.authorize(&caller, &hold).await?
         }
         _ => {
             if account.email != sender_email {
@@ -482,29 +391,17 @@ async fn create_transaction(
                 )
                 .into());
             }
-            let recipient = service.account(&recipient_email).await?;
-            if recipient.currency != account.currency {
-                return Err(LedgerError::FailedPrecondition(format!(
-                    "currencies differ: {} pays in {}, {} is paid in {}",
-                    account.email, account.currency, recipient.email, recipient.currency
-                ))
-                .into());
-            }
-            let started = crate::metrics::now();
-            let transfer = service
-                .store()
-                .authorize_direct(&DirectInput {
-                    sender_id: account.id,
-                    recipient_id: recipient.id,
+            let key = idempotency_key(&headers, "rest-direct")?;
+            ledger
+                .send(
+                    &caller,
+                    &recipient_email,
                     amount,
-                    app_name,
-                    app_ep_path,
-                    ttl_micros: service.config().hold_ttl.as_micros() as i64,
-                    idempotency_key: &idempotency_key(&headers, "rest-direct")?,
-                })
-                .await?;
-            crate::metrics::authorized(&transfer, started);
-            transfer
+                    &app_name,
+                    &app_ep_path,
+                    &key,
+                )
+                .await?
         }
     };
     transaction_reply(StatusCode::CREATED, &transfer)
@@ -516,101 +413,35 @@ struct TransactionId {
     transaction_id: String,
 }
 
-/// The authenticated account and the transfer named in the body, if the account is a party to
-/// it (otherwise the transfer does not exist for it).
-async fn party_transfer(
-    service: &LedgerService,
+async fn party_action(
+    ledger: &Ledger,
     headers: &HeaderMap,
     bytes: &Bytes,
-) -> Result<(String, TransferRow)> {
-    let caller = caller(service, headers).await?;
-    let email = caller.account()?.email.clone();
+    action: PartyAction,
+) -> Reply {
+    let caller = caller(ledger, headers).await?;
+    caller.account()?;
     let req: TransactionId = body(bytes)?;
-    let id = validate::text("transactionId", &req.transaction_id, MAX_KEY, true)?;
-    service
-        .store()
-        .transfer_by_id(id)
-        .await?
-        .filter(|t| t.sender_email == email || t.recipient_email == email)
-        .map(|t| (email, t))
-        .ok_or_else(|| LedgerError::NotFound(format!("transaction {id} not found")))
-}
-
-/// The party that created a transaction confirms it: the recipient a delegated one, the sender a
-/// direct one.
-async fn confirm_transaction(
-    State(service): State<LedgerService>,
-    headers: HeaderMap,
-    bytes: Bytes,
-) -> Reply {
-    let (email, transfer) = party_transfer(&service, &headers, &bytes).await?;
-    let by_sender = transfer.created_by == "SENDER";
-    let creator = if by_sender {
-        &transfer.sender_email
-    } else {
-        &transfer.recipient_email
-    };
-    if &email != creator {
-        return Err(LedgerError::PermissionDenied(format!(
-            "only the party that created transaction {} may confirm it",
-            transfer.id
-        ))
-        .into());
-    }
-    resolve(
-        &service,
-        &transfer,
-        Resolution::Capture(CaptureAmount::Full),
-        by_sender,
-    )
-    .await
-}
-
-/// The recipient may always cancel (it gives up the money); the sender only a direct transfer it
-/// created itself, never a hold a service placed for work it is doing.
-async fn cancel_transaction(
-    State(service): State<LedgerService>,
-    headers: HeaderMap,
-    bytes: Bytes,
-) -> Reply {
-    let (email, transfer) = party_transfer(&service, &headers, &bytes).await?;
-    let by_sender = email == transfer.sender_email;
-    if by_sender && transfer.created_by != "SENDER" {
-        return Err(LedgerError::PermissionDenied(format!(
-            "transaction {} was created by its recipient; only the recipient may cancel it",
-            transfer.id
-        ))
-        .into());
-    }
-    let reason = if by_sender {
-        "cancelled by sender"
-    } else {
-        "cancelled by recipient"
-    };
-    let reason = reason.to_string();
-    resolve(&service, &transfer, Resolution::Void { reason }, by_sender).await
-}
-
-/// Resolves a transfer the caller was found entitled to resolve, counting it in the metrics.
-async fn resolve(
-    service: &LedgerService,
-    transfer: &TransferRow,
-    resolution: Resolution,
-    by_sender: bool,
-) -> Reply {
-    let started = crate::metrics::now();
-    let resolved = service
-        .store()
-        .resolve(&ResolveInput {
-            transfer_id: &transfer.id,
-            recipient_id: Some(transfer.recipient_id),
-            resolution,
-            usage: None,
-            by_sender,
-        })
+    let resolved = ledger
+        .resolve_as_party(&caller, &req.transaction_id, action)
         .await?;
-    crate::metrics::resolved(&resolved, started);
     transaction_reply(StatusCode::OK, &resolved)
+}
+
+async fn confirm_transaction(
+    State(ledger): State<Ledger>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> Reply {
+    party_action(&ledger, &headers, &bytes, PartyAction::Confirm).await
+}
+
+async fn cancel_transaction(
+    State(ledger): State<Ledger>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> Reply {
+    party_action(&ledger, &headers, &bytes, PartyAction::Cancel).await
 }
 
 #[derive(Deserialize)]
@@ -620,12 +451,12 @@ struct HistoryQuery {
 }
 
 async fn list_transactions(
-    State(service): State<LedgerService>,
+    State(ledger): State<Ledger>,
     headers: HeaderMap,
     Query(query): Query<HistoryQuery>,
 ) -> Reply {
-    let caller = caller(&service, &headers).await?;
-    let account = caller.account()?;
+    let caller = caller(&ledger, &headers).await?;
+    caller.account()?;
     let status = match query.status.as_deref() {
         None | Some("") => None,
         Some(s @ ("PENDING" | "COMPLETED" | "CANCELLED")) => Some(s.to_string()),
@@ -641,15 +472,7 @@ async fn list_transactions(
             .into())
         }
     };
-    let (rows, _) = service
-        .store()
-        .list_transfers(&TransferFilter {
-            account_id: Some(account.id),
-            status,
-            limit,
-            ..Default::default()
-        })
-        .await?;
+    let rows = ledger.history(&caller, status, limit).await?;
     let transactions: Vec<_> = rows.iter().map(transaction_json).collect();
     ok(
         StatusCode::OK,

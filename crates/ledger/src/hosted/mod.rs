@@ -12,6 +12,7 @@
 //! Recovery never completes a capture on its own: if the router dies mid-way the user pays nothing,
 //! unless the remote service had already completed the charge, which is then recorded.
 
+pub mod backend;
 pub mod remote;
 
 use std::collections::HashSet;

@@ -132,8 +132,11 @@ impl Store {
                     if let Some(replayed) = self.replay_authorize(input, &request_hash).await? {
                         return replayed;
                     }
-                    // Credits from captures may still sit in the journal; fold them in once and retry.
-                    if !rolled_up && self.roll_up(token.sender_id).await? > 0 {
+                    // Credits from captures may still sit in the journal; fold them in once and
+                    // retry. Retry even when this roll-up found nothing: the sweeper may have
+                    // folded them in since the check above.
+                    if !rolled_up {
+                        self.roll_up(token.sender_id).await?;
                         rolled_up = true;
                         continue;
                     }
@@ -336,7 +339,9 @@ impl Store {
                 }
                 Some(false) => {}
             }
-            if !rolled_up && self.roll_up(input.sender_id).await? > 0 {
+            // As in `authorize`: retry once after a roll-up, whoever did it.
+            if !rolled_up {
+                self.roll_up(input.sender_id).await?;
                 rolled_up = true;
                 continue;
             }

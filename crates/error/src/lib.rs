@@ -1,0 +1,316 @@
+//! One error vocabulary for the router and the ledger.
+//!
+//! Each service keeps its own error enum, but every variant says only which [`ErrorCode`] it is;
+//! the code knows its gRPC code, HTTP status and default machine-readable reason. Refusals that a
+//! client must tell apart (insufficient funds, an expired hold, …) carry a [`Reason`], sent as
+//! `google.rpc.ErrorInfo` on gRPC and as `code` in JSON bodies, so that callers branch on the
+//! reason and never on message text. The table is in docs/design.md ("Errors").
+
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// Metadata key (gRPC) and header (HTTP) carrying the machine-readable reason next to ErrorInfo,
+/// for clients that do not decode `grpc-status-details-bin`.
+pub const REASON_HEADER: &str = "x-syft-error-reason";
+
+/// What kind of failure this is; decides the gRPC code and the HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    InvalidArgument,
+    Unauthenticated,
+    PermissionDenied,
+    /// The router needs a payment it was not given (no token, no sender).
+    PaymentRequired,
+    /// The request is valid but the state refuses it (funds, a resolved or expired hold).
+    FailedPrecondition,
+    NotFound,
+    /// A key reused with other parameters, an account that exists.
+    AlreadyExists,
+    /// Rate limit or quota.
+    ResourceExhausted,
+    Unavailable,
+    /// The upstream answered with something unusable.
+    BadGateway,
+    DeadlineExceeded,
+    Cancelled,
+    /// Details are logged, never sent.
+    Internal,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 13] = [
+        Self::InvalidArgument,
+        Self::Unauthenticated,
+        Self::PermissionDenied,
+        Self::PaymentRequired,
+        Self::FailedPrecondition,
+        Self::NotFound,
+        Self::AlreadyExists,
+        Self::ResourceExhausted,
+        Self::Unavailable,
+        Self::BadGateway,
+        Self::DeadlineExceeded,
+        Self::Cancelled,
+        Self::Internal,
+    ];
+
+    pub const fn grpc(self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            Self::InvalidArgument => Code::InvalidArgument,
+            Self::Unauthenticated => Code::Unauthenticated,
+            Self::PermissionDenied => Code::PermissionDenied,
+            Self::PaymentRequired | Self::FailedPrecondition => Code::FailedPrecondition,
+            Self::NotFound => Code::NotFound,
+            Self::AlreadyExists => Code::AlreadyExists,
+            Self::ResourceExhausted => Code::ResourceExhausted,
+            Self::Unavailable | Self::BadGateway => Code::Unavailable,
+            Self::DeadlineExceeded => Code::DeadlineExceeded,
+            Self::Cancelled => Code::Cancelled,
+            Self::Internal => Code::Internal,
+        }
+    }
+
+    pub const fn http(self) -> http::StatusCode {
+        use http::StatusCode;
+        match self {
+            Self::InvalidArgument => StatusCode::BAD_REQUEST,
+            Self::Unauthenticated => StatusCode::UNAUTHORIZED,
+            Self::PermissionDenied => StatusCode::FORBIDDEN,
+            Self::PaymentRequired => StatusCode::PAYMENT_REQUIRED,
+            Self::FailedPrecondition | Self::AlreadyExists => StatusCode::CONFLICT,
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::BadGateway => StatusCode::BAD_GATEWAY,
+            Self::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+            // 499 (client closed request) is not a standard code; the client is gone anyway.
+            Self::Cancelled => StatusCode::REQUEST_TIMEOUT,
+            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Stable name, the default reason of errors that carry no more specific one.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidArgument => "INVALID_ARGUMENT",
+            Self::Unauthenticated => "UNAUTHENTICATED",
+            Self::PermissionDenied => "PERMISSION_DENIED",
+            Self::PaymentRequired => "PAYMENT_REQUIRED",
+            Self::FailedPrecondition => "FAILED_PRECONDITION",
+            Self::NotFound => "NOT_FOUND",
+            Self::AlreadyExists => "ALREADY_EXISTS",
+            Self::ResourceExhausted => "RESOURCE_EXHAUSTED",
+            Self::Unavailable => "UNAVAILABLE",
+            Self::BadGateway => "UPSTREAM_INVALID_RESPONSE",
+            Self::DeadlineExceeded => "DEADLINE_EXCEEDED",
+            Self::Cancelled => "CANCELLED",
+            Self::Internal => "INTERNAL",
+        }
+    }
+
+    /// The code a peer's gRPC status stands for (transport codes collapse to `Unavailable`).
+    pub const fn from_grpc(code: tonic::Code) -> Self {
+        use tonic::Code;
+        match code {
+            Code::InvalidArgument | Code::OutOfRange => Self::InvalidArgument,
+            Code::Unauthenticated => Self::Unauthenticated,
+            Code::PermissionDenied => Self::PermissionDenied,
+            Code::FailedPrecondition | Code::Aborted => Self::FailedPrecondition,
+            Code::NotFound => Self::NotFound,
+            Code::AlreadyExists => Self::AlreadyExists,
+            Code::ResourceExhausted => Self::ResourceExhausted,
+            Code::DeadlineExceeded => Self::DeadlineExceeded,
+            Code::Cancelled => Self::Cancelled,
+            Code::Internal | Code::DataLoss | Code::Unimplemented => Self::Internal,
+            Code::Ok | Code::Unknown | Code::Unavailable => Self::Unavailable,
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ErrorCode {
+    type Err = UnknownName;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|c| c.as_str() == s)
+            .ok_or_else(|| UnknownName(s.to_string()))
+    }
+}
+
+/// A name that is not one of this vocabulary's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownName(pub String);
+
+impl fmt::Display for UnknownName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "unknown name {:?}", self.0)
+    }
+}
+
+impl std::error::Error for UnknownName {}
+
+/// Refusals a client must be able to tell apart, each with the code it is sent with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// The sender's available balance does not cover the hold.
+    InsufficientFunds,
+    /// A capture after the hold's expiry.
+    HoldExpired,
+    /// A capture or void of a transfer that is already resolved the other way (or for another
+    /// amount).
+    TransferNotPending,
+    TokenRevoked,
+    TokenExpired,
+    /// The delegation token's spend limit does not cover the hold.
+    TokenLimitExceeded,
+    /// The token is unknown, or not for this recipient.
+    TokenInvalid,
+    /// An idempotency key reused with other parameters.
+    IdempotencyConflict,
+    /// The operation is not served by this ledger's backend (hosted accounting).
+    NotSupported,
+    AccountExists,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 10] = [
+        Self::InsufficientFunds,
+        Self::HoldExpired,
+        Self::TransferNotPending,
+        Self::TokenRevoked,
+        Self::TokenExpired,
+        Self::TokenLimitExceeded,
+        Self::TokenInvalid,
+        Self::IdempotencyConflict,
+        Self::NotSupported,
+        Self::AccountExists,
+    ];
+
+    pub const fn code(self) -> ErrorCode {
+        match self {
+            Self::InsufficientFunds
+            | Self::HoldExpired
+            | Self::TransferNotPending
+            | Self::NotSupported => ErrorCode::FailedPrecondition,
+            Self::TokenRevoked
+            | Self::TokenExpired
+            | Self::TokenLimitExceeded
+            | Self::TokenInvalid => ErrorCode::PermissionDenied,
+            Self::IdempotencyConflict | Self::AccountExists => ErrorCode::AlreadyExists,
+        }
+    }
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::InsufficientFunds => "INSUFFICIENT_FUNDS",
+            Self::HoldExpired => "HOLD_EXPIRED",
+            Self::TransferNotPending => "TRANSFER_NOT_PENDING",
+            Self::TokenRevoked => "TOKEN_REVOKED",
+            Self::TokenExpired => "TOKEN_EXPIRED",
+            Self::TokenLimitExceeded => "TOKEN_LIMIT_EXCEEDED",
+            Self::TokenInvalid => "TOKEN_INVALID",
+            Self::IdempotencyConflict => "IDEMPOTENCY_CONFLICT",
+            Self::NotSupported => "NOT_SUPPORTED",
+            Self::AccountExists => "ACCOUNT_EXISTS",
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Reason {
+    type Err = UnknownName;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| UnknownName(s.to_string()))
+    }
+}
+
+/// A gRPC status with `google.rpc.ErrorInfo { reason, domain }` and the reason header.
+pub fn grpc_status(code: ErrorCode, reason: &str, domain: &str, message: String) -> tonic::Status {
+    let details = ErrorDetails::with_error_info(reason, domain, HashMap::<String, String>::new());
+    let mut status = tonic::Status::with_error_details(code.grpc(), message, details);
+    if let Ok(v) = reason.parse() {
+        status.metadata_mut().insert(REASON_HEADER, v);
+    }
+    status
+}
+
+/// The `ErrorInfo.reason` of a status, falling back to the reason header.
+pub fn reason_of(status: &tonic::Status) -> Option<String> {
+    status
+        .get_details_error_info()
+        .map(|info| info.reason)
+        .or_else(|| {
+            status
+                .metadata()
+                .get(REASON_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for code in ErrorCode::ALL {
+            assert_eq!(code.as_str().parse::<ErrorCode>(), Ok(code));
+        }
+        for reason in Reason::ALL {
+            assert_eq!(reason.as_str().parse::<Reason>(), Ok(reason));
+        }
+        assert!("insufficient".parse::<Reason>().is_err());
+    }
+
+    #[test]
+    fn status_carries_reason() {
+        let status = grpc_status(
+            Reason::InsufficientFunds.code(),
+            Reason::InsufficientFunds.as_str(),
+            "syft.ledger",
+            "insufficient funds".into(),
+        );
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(reason_of(&status).as_deref(), Some("INSUFFICIENT_FUNDS"));
+        let info = status.get_details_error_info().expect("error info");
+        assert_eq!(info.domain, "syft.ledger");
+    }
+
+    #[test]
+    fn codes_map_consistently() {
+        // Every code survives a trip through gRPC, except those that share a gRPC code.
+        for code in ErrorCode::ALL {
+            let back = ErrorCode::from_grpc(code.grpc());
+            match code {
+                ErrorCode::PaymentRequired => assert_eq!(back, ErrorCode::FailedPrecondition),
+                ErrorCode::BadGateway => assert_eq!(back, ErrorCode::Unavailable),
+                _ => assert_eq!(back, code),
+            }
+        }
+        assert_eq!(
+            ErrorCode::PaymentRequired.http(),
+            http::StatusCode::PAYMENT_REQUIRED
+        );
+    }
+}

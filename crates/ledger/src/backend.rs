@@ -1,0 +1,288 @@
+//! Where transfers (and, for the local backend, accounts and tokens) live.
+//!
+//! The [`crate::core::Ledger`] core authenticates, validates and applies the rules that do not
+//! depend on where money is kept; a [`TransferBackend`] performs the operation. Two backends:
+//! [`LocalBackend`] keeps balances in the ledger's own database; `crate::hosted::Hosted` makes
+//! the transfers on a remote Syft accounting service. Account and token management exist only
+//! locally: the trait's default methods refuse them with `NOT_SUPPORTED`, so the core never asks
+//! which backend it runs on.
+
+use std::sync::Arc;
+
+use syft_error::Reason;
+
+use crate::error::{LedgerError, Result};
+use crate::store::{
+    AccountRow, AuthorizeInput, CaptureAmount, DirectInput, IssuedToken, Resolution, ResolveInput,
+    Store, TransferFilter, TransferRow, UsageInput,
+};
+
+/// A hold to place, validated by the core. `recipient` is the authenticated caller.
+#[derive(Debug, Clone)]
+pub struct Hold<'a> {
+    pub recipient: &'a AccountRow,
+    pub sender_email: &'a str,
+    pub amount: i64,
+    pub token: &'a str,
+    pub app_name: &'a str,
+    pub app_ep_path: &'a str,
+    pub idempotency_key: &'a str,
+    pub ttl_micros: i64,
+}
+
+/// Who resolves a transfer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Party {
+    /// The recipient (a router capturing or voiding its hold).
+    Recipient,
+    /// The sender of a direct transfer it created itself (REST API).
+    Sender,
+}
+
+fn not_supported(what: &str) -> LedgerError {
+    LedgerError::refused(
+        Reason::NotSupported,
+        format!(
+            "{what} is managed by the hosted accounting service (this ledger runs backend = hosted)"
+        ),
+    )
+}
+
+#[tonic::async_trait]
+pub trait TransferBackend: Send + Sync + 'static {
+    async fn authorize(&self, hold: &Hold<'_>) -> Result<TransferRow>;
+
+    /// Captures a pending hold of `recipient_id` (the caller has checked it may).
+    async fn capture(
+        &self,
+        recipient_id: i64,
+        transfer_id: &str,
+        amount: CaptureAmount,
+        usage: Option<&UsageInput>,
+    ) -> Result<TransferRow>;
+
+    async fn void(
+        &self,
+        recipient_id: i64,
+        transfer_id: &str,
+        reason: &str,
+        by: Party,
+        usage: Option<&UsageInput>,
+    ) -> Result<TransferRow>;
+
+    async fn transfer(&self, id: &str) -> Result<Option<TransferRow>>;
+
+    /// Newest first, keyset-paged; the bool says whether there are more.
+    async fn list(&self, filter: &TransferFilter) -> Result<(Vec<TransferRow>, bool)>;
+
+    /// An account's balances as this backend knows them.
+    async fn account(&self, email: &str) -> Result<AccountRow>;
+
+    async fn create_account(
+        &self,
+        _email: &str,
+        _organization: &str,
+        _currency: &str,
+        _secret_hash: &str,
+    ) -> Result<AccountRow> {
+        Err(not_supported("account creation"))
+    }
+
+    async fn deposit(&self, _email: &str, _amount: i64, _key: &str) -> Result<AccountRow> {
+        Err(not_supported("depositing"))
+    }
+
+    async fn list_accounts(&self) -> Result<Vec<AccountRow>> {
+        Err(not_supported("listing accounts"))
+    }
+
+    async fn set_secret_hash(&self, _account_id: i64, _secret_hash: &str) -> Result<()> {
+        Err(not_supported("changing a password"))
+    }
+
+    async fn secret_hash(&self, _email: &str) -> Result<Option<String>> {
+        Err(not_supported("changing a password"))
+    }
+
+    async fn set_organization(&self, _account_id: i64, _organization: &str) -> Result<()> {
+        Err(not_supported("changing an organization"))
+    }
+
+    async fn issue_token(
+        &self,
+        _sender: &AccountRow,
+        _recipient: &AccountRow,
+        _expires_at: Option<i64>,
+        _spend_limit: Option<i64>,
+    ) -> Result<IssuedToken> {
+        Err(not_supported("issuing tokens"))
+    }
+
+    async fn revoke_token(&self, _sender_id: i64, _token: &str) -> Result<(String, i64)> {
+        Err(not_supported("revoking tokens"))
+    }
+
+    /// A hold the sender places for the recipient itself, without a token (REST API).
+    async fn authorize_direct(&self, _input: &DirectInput<'_>) -> Result<TransferRow> {
+        Err(not_supported("a direct transfer"))
+    }
+
+    /// Captures the full amount of a direct transfer on behalf of its sender (REST API).
+    async fn capture_by_sender(&self, _recipient_id: i64, _id: &str) -> Result<TransferRow> {
+        Err(not_supported("confirming a direct transfer"))
+    }
+}
+
+/// Balances, tokens and transfers in the ledger's own database.
+pub struct LocalBackend {
+    store: Arc<Store>,
+}
+
+impl LocalBackend {
+    pub fn new(store: Arc<Store>) -> Self {
+        Self { store }
+    }
+}
+
+#[tonic::async_trait]
+impl TransferBackend for LocalBackend {
+    async fn authorize(&self, hold: &Hold<'_>) -> Result<TransferRow> {
+        self.store
+            .authorize(&AuthorizeInput {
+                recipient_id: hold.recipient.id,
+                recipient_email: &hold.recipient.email,
+                sender_email: hold.sender_email,
+                amount: hold.amount,
+                token: hold.token,
+                app_name: hold.app_name,
+                app_ep_path: hold.app_ep_path,
+                idempotency_key: hold.idempotency_key,
+                ttl_micros: hold.ttl_micros,
+            })
+            .await
+    }
+
+    async fn capture(
+        &self,
+        recipient_id: i64,
+        transfer_id: &str,
+        amount: CaptureAmount,
+        usage: Option<&UsageInput>,
+    ) -> Result<TransferRow> {
+        self.store
+            .resolve(&ResolveInput {
+                transfer_id,
+                recipient_id: Some(recipient_id),
+                resolution: Resolution::Capture(amount),
+                usage,
+                by_sender: false,
+            })
+            .await
+    }
+
+    async fn void(
+        &self,
+        recipient_id: i64,
+        transfer_id: &str,
+        reason: &str,
+        by: Party,
+        usage: Option<&UsageInput>,
+    ) -> Result<TransferRow> {
+        self.store
+            .resolve(&ResolveInput {
+                transfer_id,
+                recipient_id: Some(recipient_id),
+                resolution: Resolution::Void {
+                    reason: reason.to_string(),
+                },
+                usage,
+                by_sender: by == Party::Sender,
+            })
+            .await
+    }
+
+    async fn transfer(&self, id: &str) -> Result<Option<TransferRow>> {
+        self.store.transfer_by_id(id).await
+    }
+
+    async fn list(&self, filter: &TransferFilter) -> Result<(Vec<TransferRow>, bool)> {
+        self.store.list_transfers(filter).await
+    }
+
+    async fn account(&self, email: &str) -> Result<AccountRow> {
+        self.store
+            .account_by_email(email)
+            .await?
+            .ok_or_else(|| LedgerError::NotFound(format!("account {email} not found")))
+    }
+
+    async fn create_account(
+        &self,
+        email: &str,
+        organization: &str,
+        currency: &str,
+        secret_hash: &str,
+    ) -> Result<AccountRow> {
+        self.store
+            .create_account(email, organization, currency, secret_hash)
+            .await
+    }
+
+    async fn deposit(&self, email: &str, amount: i64, key: &str) -> Result<AccountRow> {
+        self.store.deposit(email, amount, key).await
+    }
+
+    async fn list_accounts(&self) -> Result<Vec<AccountRow>> {
+        self.store.list_accounts().await
+    }
+
+    async fn set_secret_hash(&self, account_id: i64, secret_hash: &str) -> Result<()> {
+        self.store.update_secret_hash(account_id, secret_hash).await
+    }
+
+    async fn secret_hash(&self, email: &str) -> Result<Option<String>> {
+        Ok(self
+            .store
+            .secret_hash_of(email)
+            .await?
+            .map(|(_, hash)| hash))
+    }
+
+    async fn set_organization(&self, account_id: i64, organization: &str) -> Result<()> {
+        self.store
+            .update_organization(account_id, organization)
+            .await
+    }
+
+    async fn issue_token(
+        &self,
+        sender: &AccountRow,
+        recipient: &AccountRow,
+        expires_at: Option<i64>,
+        spend_limit: Option<i64>,
+    ) -> Result<IssuedToken> {
+        self.store
+            .issue_token(sender, recipient, expires_at, spend_limit)
+            .await
+    }
+
+    async fn revoke_token(&self, sender_id: i64, token: &str) -> Result<(String, i64)> {
+        self.store.revoke_token(sender_id, token).await
+    }
+
+    async fn authorize_direct(&self, input: &DirectInput<'_>) -> Result<TransferRow> {
+        self.store.authorize_direct(input).await
+    }
+
+    async fn capture_by_sender(&self, recipient_id: i64, id: &str) -> Result<TransferRow> {
+        self.store
+            .resolve(&ResolveInput {
+                transfer_id: id,
+                recipient_id: Some(recipient_id),
+                resolution: Resolution::Capture(CaptureAmount::Full),
+                usage: None,
+                by_sender: true,
+            })
+            .await
+    }
+}

@@ -1,0 +1,713 @@
+//! The ledger core: authentication, validation and the transfer rules, over a
+//! [`TransferBackend`]. It takes domain inputs and returns store rows; `grpc.rs` (tonic) and
+//! `rest.rs` (the Syft accounting REST API) are thin adapters that translate their protocol to
+//! these calls, so both interfaces follow one set of rules.
+
+use std::sync::Arc;
+
+use base64::Engine;
+use syft_error::Reason;
+
+use crate::auth::{authenticate, constant_time_eq, generate_secret, Caller};
+use crate::backend::{Hold, Party, TransferBackend};
+use crate::error::{LedgerError, Result};
+use crate::metrics;
+use crate::money::check_positive;
+use crate::store::{
+    now_micros, sha256_hex, AccountRow, CaptureAmount, DirectInput, IssuedToken, Store,
+    TransferFilter, TransferRow, UsageFilter, UsageInput, UsagePage, UsageRow,
+};
+use crate::validate::{self, MAX_KEY, MAX_NAME, MAX_PATH, MAX_REASON};
+use crate::LedgerConfig;
+
+const DEFAULT_PAGE: u32 = 100;
+const MAX_PAGE: u32 = 500;
+
+/// A new account. `secret: None` generates one.
+#[derive(Debug, Clone, Default)]
+pub struct NewAccount {
+    pub email: String,
+    pub organization: String,
+    pub currency: Option<String>,
+    pub secret: Option<String>,
+}
+
+/// A delegation token to issue to `recipient_email`.
+#[derive(Debug, Clone, Default)]
+pub struct NewToken {
+    pub recipient_email: String,
+    pub expires_at: Option<i64>,
+    pub spend_limit: Option<i64>,
+}
+
+/// A hold to place, as a caller asks for it (not yet validated).
+#[derive(Debug, Clone, Default)]
+pub struct HoldRequest {
+    pub sender_email: String,
+    pub amount: i64,
+    pub token: String,
+    pub app_name: String,
+    pub app_ep_path: String,
+    pub idempotency_key: String,
+    pub hold_ttl_seconds: Option<i64>,
+}
+
+/// Which side of a transfer the caller lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Role {
+    #[default]
+    Any,
+    Sender,
+    Recipient,
+}
+
+/// A page of transfers to list (not yet validated).
+#[derive(Debug, Clone, Default)]
+pub struct TransferQuery {
+    /// Empty: the caller's own (admin: every account's).
+    pub account_email: String,
+    pub role: Role,
+    pub status: Option<String>,
+    pub since: Option<i64>,
+    pub until: Option<i64>,
+    pub app_name: String,
+    pub page_token: String,
+    pub page_size: u32,
+}
+
+/// A page of usage rows to read (not yet validated).
+#[derive(Debug, Clone, Default)]
+pub struct UsageQuery {
+    pub user_email: String,
+    pub app_name: String,
+    pub endpoint: String,
+    pub status: String,
+    pub since: Option<i64>,
+    pub until: Option<i64>,
+    pub page_token: String,
+    pub page_size: u32,
+}
+
+/// A page and the token of the next one (empty when this is the last).
+pub struct Page<T> {
+    pub items: T,
+    pub next_page_token: String,
+}
+
+/// How the party of a transaction resolves it (REST `confirm` / `cancel`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartyAction {
+    Confirm,
+    Cancel,
+}
+
+#[derive(Clone)]
+pub struct Ledger {
+    store: Arc<Store>,
+    backend: Arc<dyn TransferBackend>,
+    config: Arc<LedgerConfig>,
+}
+
+impl Ledger {
+    pub fn new(
+        store: Arc<Store>,
+        backend: Arc<dyn TransferBackend>,
+        config: Arc<LedgerConfig>,
+    ) -> Self {
+        Self {
+            store,
+            backend,
+            config,
+        }
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    pub fn config(&self) -> &LedgerConfig {
+        &self.config
+    }
+
+    /// Resolves an `authorization` header value (Bearer secret, Basic email:secret, admin key).
+    pub async fn authenticate(&self, header: Option<&str>) -> Result<Caller> {
+        authenticate(&self.store, &self.config.admin_key, header).await
+    }
+
+    fn require_admin(caller: &Caller) -> Result<()> {
+        if caller.is_admin() {
+            Ok(())
+        } else {
+            Err(LedgerError::PermissionDenied("admin only".into()))
+        }
+    }
+
+    /// The account with this email, freshly read, if the caller may see it.
+    pub async fn account(&self, caller: &Caller, email: &str) -> Result<AccountRow> {
+        let email = validate::email("email", email)?;
+        if !caller.may_see(&email) {
+            return Err(LedgerError::PermissionDenied(
+                "you may read only your own account".into(),
+            ));
+        }
+        self.backend.account(&email).await
+    }
+
+    /// The caller's own account, freshly read (the authenticated row may come from a cache).
+    pub async fn me(&self, caller: &Caller) -> Result<AccountRow> {
+        let email = caller.account()?.email.clone();
+        self.backend.account(&email).await
+    }
+
+    /// Creates an account (admin); returns it with its secret (generated when not given).
+    pub async fn create_account(
+        &self,
+        caller: &Caller,
+        req: NewAccount,
+    ) -> Result<(AccountRow, String)> {
+        Self::require_admin(caller)?;
+        let email = validate::email("email", &req.email)?;
+        let organization = validate::text("organization", &req.organization, MAX_NAME, false)?;
+        let currency = match &req.currency {
+            Some(c) => validate_currency(c)?,
+            None => self.config.currency.clone(),
+        };
+        let secret = match req.secret {
+            Some(s) => {
+                check_secret("secret", &s)?;
+                s
+            }
+            None => generate_secret(),
+        };
+        let account = self
+            .backend
+            .create_account(&email, organization, &currency, &sha256_hex(&secret))
+            .await?;
+        tracing::info!(account = %account.email, "account created");
+        Ok((account, secret))
+    }
+
+    /// Open registration (REST `POST /user/create`): a new account starts with nothing, so it
+    /// needs no credentials.
+    pub async fn register(
+        &self,
+        email: String,
+        password: Option<String>,
+        organization: String,
+    ) -> Result<(AccountRow, String)> {
+        if let Some(p) = &password {
+            check_secret("password", p)?;
+        }
+        let req = NewAccount {
+            email,
+            organization,
+            currency: None,
+            secret: password,
+        };
+        self.create_account(&Caller::Admin, req).await
+    }
+
+    pub async fn list_accounts(&self, caller: &Caller) -> Result<Vec<AccountRow>> {
+        Self::require_admin(caller)?;
+        self.backend.list_accounts().await
+    }
+
+    pub async fn deposit(
+        &self,
+        caller: &Caller,
+        email: &str,
+        amount: i64,
+        idempotency_key: &str,
+    ) -> Result<AccountRow> {
+        Self::require_admin(caller)?;
+        let email = validate::email("email", email)?;
+        let amount = check_positive("amount_micros", amount, self.config.max_amount_micros)?;
+        let key = validate::text("idempotency_key", idempotency_key, MAX_KEY, true)?;
+        let account = self.backend.deposit(&email, amount, key).await?;
+        tracing::info!(account = %email, amount, "deposit");
+        Ok(account)
+    }
+
+    /// Changes the caller's secret, given the current one.
+    pub async fn change_secret(&self, caller: &Caller, old: &str, new: &str) -> Result<AccountRow> {
+        let account = self.me(caller).await?;
+        check_secret("newPassword", new)?;
+        let stored = self
+            .backend
+            .secret_hash(&account.email)
+            .await?
+            .ok_or_else(|| LedgerError::NotFound("account not found".into()))?;
+        if !constant_time_eq(stored.as_bytes(), sha256_hex(old).as_bytes()) {
+            return Err(LedgerError::PermissionDenied(
+                "oldPassword is not the current password".into(),
+            ));
+        }
+        self.backend
+            .set_secret_hash(account.id, &sha256_hex(new))
+            .await?;
+        tracing::info!(account = %account.email, "password changed");
+        Ok(account)
+    }
+
+    pub async fn set_organization(
+        &self,
+        caller: &Caller,
+        organization: &str,
+    ) -> Result<AccountRow> {
+        let account = self.me(caller).await?;
+        let organization = validate::text("organization", organization, MAX_NAME, false)?;
+        self.backend
+            .set_organization(account.id, organization)
+            .await?;
+        self.backend.account(&account.email).await
+    }
+
+    /// Issues a token; returns it with the recipient's normalised email.
+    pub async fn issue_token(
+        &self,
+        caller: &Caller,
+        req: NewToken,
+    ) -> Result<(IssuedToken, String)> {
+        let sender = caller.account()?;
+        let recipient_email = validate::email("recipient_email", &req.recipient_email)?;
+        if recipient_email == sender.email {
+            return Err(LedgerError::invalid(
+                "a token must be issued to another account",
+            ));
+        }
+        if let Some(expires) = req.expires_at {
+            if expires <= now_micros() {
+                return Err(LedgerError::invalid("expires_at must be in the future"));
+            }
+        }
+        if let Some(limit) = req.spend_limit {
+            check_positive("spend_limit_micros", limit, self.config.max_amount_micros)?;
+        }
+        let recipient = self.backend.account(&recipient_email).await?;
+        same_currency(sender, &recipient)?;
+        let issued = self
+            .backend
+            .issue_token(sender, &recipient, req.expires_at, req.spend_limit)
+            .await?;
+        Ok((issued, recipient_email))
+    }
+
+    pub async fn revoke_token(&self, caller: &Caller, token: &str) -> Result<(String, i64)> {
+        let sender = caller.account()?;
+        let token = validate::text("token", token, 512, true)?;
+        self.backend.revoke_token(sender.id, token).await
+    }
+
+    /// Places a hold on the sender's funds for the caller (the recipient), with a delegation
+    /// token. Counted in the metrics once, not on replays.
+    pub async fn authorize(&self, caller: &Caller, req: &HoldRequest) -> Result<TransferRow> {
+        let started = metrics::now();
+        let recipient = caller.account()?;
+        let sender_email = validate::email("sender_email", &req.sender_email)?;
+        let max_ttl = self.config.max_hold_ttl.as_secs() as i64;
+        let ttl_micros = match req.hold_ttl_seconds {
+            None => self.config.hold_ttl.as_micros() as i64,
+            Some(s) if (1..=max_ttl).contains(&s) => s * 1_000_000,
+            Some(s) => {
+                return Err(LedgerError::invalid(format!(
+                    "hold_ttl_seconds {s} must be between 1 and {max_ttl}"
+                )))
+            }
+        };
+        let hold = Hold {
+            recipient,
+            sender_email: &sender_email,
+            amount: check_positive("amount_micros", req.amount, self.config.max_amount_micros)?,
+            token: validate::text("token", &req.token, 512, true)?,
+            app_name: validate::text("app_name", &req.app_name, MAX_NAME, false)?,
+            app_ep_path: validate::text("app_ep_path", &req.app_ep_path, MAX_PATH, false)?,
+            idempotency_key: validate::text(
+                "idempotency_key",
+                &req.idempotency_key,
+                MAX_KEY,
+                true,
+            )?,
+            ttl_micros,
+        };
+        let transfer = self.backend.authorize(&hold).await?;
+        tracing::debug!(transfer = %transfer.id, sender = %transfer.sender_email, amount = hold.amount, "authorized");
+        metrics::authorized(&transfer, started);
+        Ok(transfer)
+    }
+
+    pub async fn capture(
+        &self,
+        caller: &Caller,
+        transfer_id: &str,
+        amount: CaptureAmount,
+        usage: Option<UsageInput>,
+    ) -> Result<TransferRow> {
+        let started = metrics::now();
+        let recipient = caller.account()?;
+        let transfer_id = validate::text("transfer_id", transfer_id, MAX_KEY, true)?;
+        let amount = match amount {
+            CaptureAmount::Full => CaptureAmount::Full,
+            CaptureAmount::Micros(0) => {
+                return Err(LedgerError::invalid(
+                    "capture amount 0: use Void to release a hold",
+                ))
+            }
+            CaptureAmount::Micros(m) => CaptureAmount::Micros(check_positive(
+                "amount_micros",
+                m,
+                self.config.max_amount_micros,
+            )?),
+        };
+        let usage = usage.map(validate_usage).transpose()?;
+        let transfer = self
+            .backend
+            .capture(recipient.id, transfer_id, amount, usage.as_ref())
+            .await?;
+        metrics::resolved(&transfer, started);
+        Ok(transfer)
+    }
+
+    pub async fn void(
+        &self,
+        caller: &Caller,
+        transfer_id: &str,
+        reason: &str,
+        usage: Option<UsageInput>,
+    ) -> Result<TransferRow> {
+        let started = metrics::now();
+        let recipient = caller.account()?;
+        let transfer_id = validate::text("transfer_id", transfer_id, MAX_KEY, true)?;
+        let reason = validate::text("reason", reason, MAX_REASON, false)?;
+        let reason = if reason.is_empty() {
+            "voided by recipient"
+        } else {
+            reason
+        };
+        let usage = usage.map(validate_usage).transpose()?;
+        let transfer = self
+            .backend
+            .void(
+                recipient.id,
+                transfer_id,
+                reason,
+                Party::Recipient,
+                usage.as_ref(),
+            )
+            .await?;
+        metrics::resolved(&transfer, started);
+        Ok(transfer)
+    }
+
+    /// A transfer the caller is a party to (to anyone else it does not exist).
+    pub async fn transfer(&self, caller: &Caller, id: &str) -> Result<TransferRow> {
+        let id = validate::text("transfer_id", id, MAX_KEY, true)?;
+        self.backend
+            .transfer(id)
+            .await?
+            .filter(|t| caller.may_see(&t.sender_email) || caller.may_see(&t.recipient_email))
+            .ok_or_else(|| LedgerError::NotFound(format!("transfer {id} not found")))
+    }
+
+    pub async fn list_transfers(
+        &self,
+        caller: &Caller,
+        q: &TransferQuery,
+    ) -> Result<Page<Vec<TransferRow>>> {
+        let limit = page_size(q.page_size)?;
+        let account_id = match (caller, q.account_email.is_empty()) {
+            (Caller::Admin, true) => None,
+            (Caller::Admin, false) => {
+                let email = validate::email("account_email", &q.account_email)?;
+                Some(self.backend.account(&email).await?.id)
+            }
+            (Caller::Account(a), true) => Some(a.id),
+            (Caller::Account(a), false) => {
+                let email = validate::email("account_email", &q.account_email)?;
+                if email != a.email {
+                    return Err(LedgerError::PermissionDenied(
+                        "you may list only your own transfers".into(),
+                    ));
+                }
+                Some(a.id)
+            }
+        };
+        let filter = TransferFilter {
+            account_id,
+            as_sender: q.role == Role::Sender,
+            as_recipient: q.role == Role::Recipient,
+            status: q.status.clone(),
+            since: q.since,
+            until: q.until,
+            app_name: non_empty(validate::text("app_name", &q.app_name, MAX_NAME, false)?),
+            before_id: decode_page_token(&q.page_token)?,
+            limit,
+        };
+        let (rows, has_more) = self.backend.list(&filter).await?;
+        let next_page_token = match (has_more, rows.last()) {
+            (true, Some(last)) => encode_page_token(&last.id),
+            _ => String::new(),
+        };
+        Ok(Page {
+            items: rows,
+            next_page_token,
+        })
+    }
+
+    /// The caller's transaction history, newest first (REST `GET /transactions`).
+    pub async fn history(
+        &self,
+        caller: &Caller,
+        status: Option<String>,
+        limit: i64,
+    ) -> Result<Vec<TransferRow>> {
+        let account = caller.account()?;
+        let filter = TransferFilter {
+            account_id: Some(account.id),
+            status,
+            limit,
+            ..Default::default()
+        };
+        Ok(self.backend.list(&filter).await?.0)
+    }
+
+    /// A usage row without money (free services, refused requests).
+    pub async fn record_usage(&self, caller: &Caller, usage: UsageInput) -> Result<UsageRow> {
+        let recipient = caller.account()?;
+        let usage = validate_usage(usage)?;
+        self.store.record_usage(recipient.id, &usage).await
+    }
+
+    pub async fn query_usage(&self, caller: &Caller, q: &UsageQuery) -> Result<Page<UsagePage>> {
+        let limit = page_size(q.page_size)?;
+        let account = match caller {
+            Caller::Admin => None,
+            Caller::Account(a) => Some((a.id, a.email.clone())),
+        };
+        let user_email = if q.user_email.is_empty() {
+            None
+        } else {
+            Some(validate::email("user_email", &q.user_email)?)
+        };
+        let filter = UsageFilter {
+            account,
+            since: q.since,
+            until: q.until,
+            user_email,
+            app_name: non_empty(validate::text("app_name", &q.app_name, MAX_NAME, false)?),
+            endpoint: non_empty(validate::text("endpoint", &q.endpoint, MAX_PATH, false)?),
+            status: non_empty(validate::text("status", &q.status, 64, false)?),
+            before_id: decode_page_token(&q.page_token)?,
+            limit,
+        };
+        let page = self.store.query_usage(&filter).await?;
+        let next_page_token = match (page.has_more, page.rows.last()) {
+            (true, Some(last)) => encode_page_token(&last.id),
+            _ => String::new(),
+        };
+        Ok(Page {
+            items: page,
+            next_page_token,
+        })
+    }
+
+    /// A transfer the caller creates itself, without a token (REST `POST /transaction/create`
+    /// with no token): the caller is the sender.
+    pub async fn send(
+        &self,
+        caller: &Caller,
+        recipient_email: &str,
+        amount: i64,
+        app_name: &str,
+        app_ep_path: &str,
+        idempotency_key: &str,
+    ) -> Result<TransferRow> {
+        let started = metrics::now();
+        let sender = caller.account()?;
+        let recipient = self.backend.account(recipient_email).await?;
+        same_currency(sender, &recipient)?;
+        let transfer = self
+            .backend
+            .authorize_direct(&DirectInput {
+                sender_id: sender.id,
+                recipient_id: recipient.id,
+                amount: check_positive("amount", amount, self.config.max_amount_micros)?,
+                app_name: validate::text("appName", app_name, MAX_NAME, false)?,
+                app_ep_path: validate::text("appEpPath", app_ep_path, MAX_PATH, false)?,
+                ttl_micros: self.config.hold_ttl.as_micros() as i64,
+                idempotency_key: validate::text("Idempotency-Key", idempotency_key, MAX_KEY, true)?,
+            })
+            .await?;
+        metrics::authorized(&transfer, started);
+        Ok(transfer)
+    }
+
+    /// A party resolves a transaction (REST `confirm` / `cancel`): the party that created it
+    /// confirms it (the recipient a delegated hold, the sender a direct transfer); the recipient
+    /// may always cancel (it gives up the money), the sender only a direct transfer it created.
+    pub async fn resolve_as_party(
+        &self,
+        caller: &Caller,
+        id: &str,
+        action: PartyAction,
+    ) -> Result<TransferRow> {
+        let email = caller.account()?.email.clone();
+        let id = validate::text("transactionId", id, MAX_KEY, true)?;
+        let transfer = self
+            .backend
+            .transfer(id)
+            .await?
+            .filter(|t| t.sender_email == email || t.recipient_email == email)
+            .ok_or_else(|| LedgerError::NotFound(format!("transaction {id} not found")))?;
+        let created_by_sender = transfer.created_by == "SENDER";
+        let started = metrics::now();
+        let resolved = match action {
+            PartyAction::Confirm => {
+                let creator = if created_by_sender {
+                    &transfer.sender_email
+                } else {
+                    &transfer.recipient_email
+                };
+                if &email != creator {
+                    return Err(LedgerError::PermissionDenied(format!(
+                        "only the party that created transaction {} may confirm it",
+                        transfer.id
+                    )));
+                }
+                if created_by_sender {
+                    self.backend
+                        .capture_by_sender(transfer.recipient_id, &transfer.id)
+                        .await?
+                } else {
+                    self.backend
+                        .capture(
+                            transfer.recipient_id,
+                            &transfer.id,
+                            CaptureAmount::Full,
+                            None,
+                        )
+                        .await?
+                }
+            }
+            PartyAction::Cancel => {
+                let by = if email == transfer.sender_email {
+                    Party::Sender
+                } else {
+                    Party::Recipient
+                };
+                if by == Party::Sender && !created_by_sender {
+                    return Err(LedgerError::PermissionDenied(format!(
+                        "transaction {} was created by its recipient; only the recipient may cancel it",
+                        transfer.id
+                    )));
+                }
+                let reason = match by {
+                    Party::Sender => "cancelled by sender",
+                    Party::Recipient => "cancelled by recipient",
+                };
+                self.backend
+                    .void(transfer.recipient_id, &transfer.id, reason, by, None)
+                    .await?
+            }
+        };
+        metrics::resolved(&resolved, started);
+        Ok(resolved)
+    }
+}
+
+/// Checks the fields of a usage row a caller reports.
+pub fn validate_usage(usage: UsageInput) -> Result<UsageInput> {
+    let user_email = if usage.user_email.is_empty() {
+        String::new()
+    } else {
+        validate::email("usage.user_email", &usage.user_email)?
+    };
+    let prompt = validate::count("usage.prompt_tokens", usage.prompt_tokens)?;
+    let completion = validate::count("usage.completion_tokens", usage.completion_tokens)?;
+    let total = if usage.total_tokens == 0 {
+        prompt + completion
+    } else {
+        validate::count("usage.total_tokens", usage.total_tokens)?
+    };
+    Ok(UsageInput {
+        request_id: validate::text("usage.request_id", &usage.request_id, MAX_KEY, true)?
+            .to_string(),
+        app_name: validate::text("usage.app_name", &usage.app_name, MAX_NAME, false)?.to_string(),
+        endpoint: validate::text("usage.endpoint", &usage.endpoint, MAX_PATH, false)?.to_string(),
+        user_email,
+        model: validate::text("usage.model", &usage.model, MAX_NAME, false)?.to_string(),
+        prompt_tokens: prompt,
+        completion_tokens: completion,
+        total_tokens: total,
+        status: validate::text("usage.status", &usage.status, 64, true)?.to_string(),
+        latency_ms: validate::count("usage.latency_ms", usage.latency_ms)?,
+        upstream_latency_ms: validate::count(
+            "usage.upstream_latency_ms",
+            usage.upstream_latency_ms,
+        )?,
+    })
+}
+
+fn check_secret(field: &str, secret: &str) -> Result<()> {
+    if secret.len() < 8 || secret.len() > 256 || secret.chars().any(char::is_control) {
+        return Err(LedgerError::invalid(format!(
+            "{field} must be 8 to 256 printable characters"
+        )));
+    }
+    Ok(())
+}
+
+fn same_currency(sender: &AccountRow, recipient: &AccountRow) -> Result<()> {
+    if recipient.currency != sender.currency {
+        return Err(LedgerError::FailedPrecondition(format!(
+            "currencies differ: {} pays in {}, {} is paid in {}",
+            sender.email, sender.currency, recipient.email, recipient.currency
+        )));
+    }
+    Ok(())
+}
+
+fn validate_currency(c: &str) -> Result<String> {
+    if c.len() == 3 && c.chars().all(|ch| ch.is_ascii_alphabetic()) {
+        Ok(c.to_ascii_uppercase())
+    } else {
+        Err(LedgerError::invalid(format!(
+            "currency {c:?} must be a 3-letter code such as USD"
+        )))
+    }
+}
+
+fn page_size(requested: u32) -> Result<i64> {
+    match requested {
+        0 => Ok(DEFAULT_PAGE as i64),
+        n if n <= MAX_PAGE => Ok(n as i64),
+        n => Err(LedgerError::invalid(format!(
+            "page_size {n} exceeds the maximum of {MAX_PAGE}"
+        ))),
+    }
+}
+
+fn non_empty(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_string())
+}
+
+fn encode_page_token(last_id: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(last_id)
+}
+
+fn decode_page_token(token: &str) -> Result<Option<String>> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .filter(|s| s.len() <= 64 && uuid::Uuid::parse_str(s).is_ok())
+        .map(Some)
+        .ok_or_else(|| LedgerError::invalid("invalid page_token"))
+}
+
+/// The reason a refused operation is not served by this ledger (see [`Reason::NotSupported`]).
+pub fn is_not_supported(err: &LedgerError) -> bool {
+    err.reason() == Some(Reason::NotSupported)
+}

@@ -1,0 +1,103 @@
+//! `backend = hosted` as a [`TransferBackend`]: transfers are made on the remote accounting
+//! service through [`Hosted`]'s journal; accounts and tokens stay the remote's (the trait's
+//! defaults refuse them).
+
+use std::sync::Arc;
+
+use super::{Hosted, HostedAuthorize};
+use crate::backend::{Hold, Party, TransferBackend};
+use crate::error::{LedgerError, Result};
+use crate::store::{AccountRow, CaptureAmount, Store, TransferFilter, TransferRow, UsageInput};
+
+pub struct HostedBackend {
+    hosted: Arc<Hosted>,
+    /// The local mirror of the owner's account (its id and creation time).
+    store: Arc<Store>,
+}
+
+impl HostedBackend {
+    pub fn new(hosted: Arc<Hosted>, store: Arc<Store>) -> Self {
+        Self { hosted, store }
+    }
+}
+
+#[tonic::async_trait]
+impl TransferBackend for HostedBackend {
+    async fn authorize(&self, hold: &Hold<'_>) -> Result<TransferRow> {
+        self.hosted
+            .authorize(&HostedAuthorize {
+                sender_email: hold.sender_email,
+                amount: hold.amount,
+                token: hold.token,
+                app_name: hold.app_name,
+                app_ep_path: hold.app_ep_path,
+                idempotency_key: hold.idempotency_key,
+                ttl_micros: hold.ttl_micros,
+            })
+            .await
+    }
+
+    async fn capture(
+        &self,
+        _recipient_id: i64,
+        transfer_id: &str,
+        amount: CaptureAmount,
+        usage: Option<&UsageInput>,
+    ) -> Result<TransferRow> {
+        // Every transfer of a hosted ledger is its one owner's: no recipient to check.
+        self.hosted.capture(transfer_id, amount, usage).await
+    }
+
+    async fn void(
+        &self,
+        _recipient_id: i64,
+        transfer_id: &str,
+        reason: &str,
+        by: Party,
+        usage: Option<&UsageInput>,
+    ) -> Result<TransferRow> {
+        let actor = match by {
+            Party::Recipient => "RECIPIENT",
+            Party::Sender => "SENDER",
+        };
+        self.hosted.void(transfer_id, reason, actor, usage).await
+    }
+
+    async fn transfer(&self, id: &str) -> Result<Option<TransferRow>> {
+        self.hosted.transfer(id).await
+    }
+
+    async fn list(&self, filter: &TransferFilter) -> Result<(Vec<TransferRow>, bool)> {
+        // One owner: the account and role filters select every transfer of this ledger.
+        self.hosted
+            .list(
+                filter.status.as_deref(),
+                filter.before_id.as_deref(),
+                filter.limit,
+            )
+            .await
+    }
+
+    async fn account(&self, email: &str) -> Result<AccountRow> {
+        let not_known = || {
+            LedgerError::NotFound(format!(
+                "account {email} is not known to this hosted ledger"
+            ))
+        };
+        if email != self.hosted.owner_email() {
+            return Err(not_known());
+        }
+        let mirror = self
+            .store
+            .account_by_email(email)
+            .await?
+            .ok_or_else(not_known)?;
+        let remote = self.hosted.account().await?;
+        Ok(AccountRow {
+            organization: remote.organization,
+            balance: remote.balance_micros,
+            held: remote.held_micros,
+            ..mirror
+        })
+    }
+}
