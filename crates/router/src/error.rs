@@ -11,6 +11,9 @@ pub const ERROR_DOMAIN: &str = "syft.router";
 /// Metadata key (gRPC) and header (HTTP) carrying the machine-readable reason.
 pub const REASON_HEADER: &str = "x-syft-error-reason";
 
+/// The reason of a hold refused because the user's balance cannot cover it.
+pub const INSUFFICIENT_FUNDS: &str = "INSUFFICIENT_FUNDS";
+
 /// Everything a router call can fail with. Messages are safe to show to clients; internal details
 /// go to the log only.
 #[derive(Debug, Clone, Error)]

@@ -17,7 +17,7 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 use crate::config::LedgerSettings;
-use crate::error::RouterError;
+use crate::error::{RouterError, INSUFFICIENT_FUNDS};
 use crate::health::LedgerState;
 
 /// The ledger's gRPC service name, as its health service reports it.
@@ -169,6 +169,13 @@ impl Ledger {
     }
 }
 
+/// Whether the ledger refused for lack of funds. The ledger sends no machine-readable reason yet,
+/// so this reads its message; swap it for its `ErrorInfo.reason` once the ledger sends one.
+fn is_insufficient_funds(s: &tonic::Status) -> bool {
+    s.code() == Code::FailedPrecondition
+        && s.message().to_ascii_lowercase().contains("insufficient")
+}
+
 /// Ledger status -> router error. The ledger's own messages are client-safe for business
 /// errors; transport and internal failures become a generic `UNAVAILABLE`.
 pub(crate) fn map_status(op: Op, s: tonic::Status) -> RouterError {
@@ -176,8 +183,8 @@ pub(crate) fn map_status(op: Op, s: tonic::Status) -> RouterError {
     match s.code() {
         Code::InvalidArgument => RouterError::InvalidArgument(msg),
         Code::FailedPrecondition => RouterError::FailedPrecondition {
-            reason: if msg.to_ascii_lowercase().contains("insufficient") {
-                "INSUFFICIENT_FUNDS"
+            reason: if is_insufficient_funds(&s) {
+                INSUFFICIENT_FUNDS
             } else {
                 "LEDGER_REJECTED"
             },

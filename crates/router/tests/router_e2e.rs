@@ -367,6 +367,11 @@ async fn payment_required_bad_token_and_insufficient_funds_never_call_upstream()
         Some("INSUFFICIENT_FUNDS"),
         "{err:?}"
     );
+    assert_eq!(
+        err.message(),
+        "insufficient funds: this request costs 0.01 USD (the router's price per request); add \
+         funds to pay for it"
+    );
 
     assert_eq!(s.upstream.hits(), 0);
     assert_eq!(
@@ -375,6 +380,81 @@ async fn payment_required_bad_token_and_insufficient_funds_never_call_upstream()
     );
     assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));
     assert!(s.transfers().await.is_empty());
+    s.check_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insufficient_funds_says_what_the_hold_reserves_and_how_to_reserve_less() {
+    let (input, output) = (3_000_000, 10_000_000); // $3 / $10 per million tokens
+    let s = Stack::start(Pricing::per_token(input, output)).await;
+    let mut c = s.client().await;
+    let bob = create_account(&s.ledger.url, "bob").await;
+    deposit(&s.ledger.url, &bob.email, 10_000).await; // $0.01
+    let bob_token = issue_token(&s.ledger.url, &bob, &s.owner.email).await;
+    let bob_req = |max_tokens: Option<u32>| {
+        let mut req = s.request("hi");
+        req.user_email = bob.email.clone();
+        req.transaction_token = bob_token.clone();
+        req.options = max_tokens.map(|m| ChatOptions {
+            max_tokens: Some(m),
+            ..Default::default()
+        });
+        req
+    };
+    let prompt = tokens::count_prompt(&bob_req(None).messages);
+    assert_eq!(prompt, 8, "\"hi\" in OpenAI's chat framing");
+
+    // No max_tokens: the router's default (4096) sizes the hold: 8 x 3 + 4096 x 10 = 40,984 micros.
+    let default_msg =
+        "insufficient funds: this request reserves 0.040984 USD (8 prompt tokens at 3 \
+                       USD and up to 4096 completion tokens at 10 USD per million tokens; the \
+                       request set no max_tokens, so the router's default applies); send a \
+                       smaller max_tokens to reserve less, or add funds. Only the actual cost is \
+                       charged";
+    let err = c.chat(bob_req(None)).await.expect_err("insufficient funds");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(reason(&err).as_deref(), Some("INSUFFICIENT_FUNDS"));
+    assert_eq!(err.message(), default_msg);
+
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/chat/completions", s.router.http_url);
+    let oai = |max_tokens: Option<u32>| {
+        let mut body = json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}],
+                              "user": bob.email});
+        if let Some(m) = max_tokens {
+            body["max_tokens"] = json!(m);
+        }
+        http.post(&url).bearer_auth(&bob_token).json(&body).send()
+    };
+    let resp = oai(None).await.expect("http");
+    assert_eq!(resp.status().as_u16(), 409);
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "insufficient_funds");
+    assert_eq!(body["error"]["message"], default_msg);
+
+    // The request's own max_tokens sizes it: 8 x 3 + 2000 x 10 = 20,024 micros.
+    let resp = oai(Some(2000)).await.expect("http");
+    assert_eq!(resp.status().as_u16(), 409);
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(
+        body["error"]["message"],
+        "insufficient funds: this request reserves 0.020024 USD (8 prompt tokens at 3 USD and up \
+         to 2000 completion tokens at 10 USD per million tokens; the request's max_tokens); send \
+         a smaller max_tokens to reserve less, or add funds. Only the actual cost is charged"
+    );
+    assert_eq!(s.upstream.hits(), 0);
+
+    // Following the advice works: 8 x 3 + 500 x 10 = 5,024 micros fits in $0.01.
+    let resp = c
+        .chat(bob_req(Some(500)))
+        .await
+        .expect("smaller max_tokens")
+        .into_inner();
+    assert_eq!(resp.cost_micros, 20 * 3 + 5 * 10);
+    assert_eq!(
+        account(&s.ledger.url, &bob.email).await.balance_micros,
+        10_000 - resp.cost_micros
+    );
     s.check_invariants().await;
 }
 

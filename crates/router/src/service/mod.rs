@@ -1,31 +1,37 @@
 //! The paid-request flow (DESIGN.md §7), shared by the gRPC service and the HTTP front.
 //!
 //! validate -> price -> Authorize (hold) -> upstream -> Capture (actual cost) or Void.
-//! Free services skip the money steps but still record a usage row.
+//! Free services skip the money steps but still record a usage row. The streamed variant lives in
+//! `stream`; the guards that resolve a request's claim and hold exactly once in `hold`.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use futures::StreamExt;
 use syft_proto::ledger::{AuthorizeRequest, TransferStatus, Usage};
 use syft_proto::router::{
-    chat_stream_event, ChatFinal, ChatRequest, ChatResponse, ChatStreamEvent, ContentDelta,
-    Message, Metadata, ProviderInfo, Service, TokenUsage,
+    ChatRequest, ChatResponse, Message, Metadata, ProviderInfo, Service, TokenUsage,
 };
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 
-use crate::config::{Pricing, PricingKind, RouterConfig, ServiceConfig};
-use crate::drain::{Drain, DrainGuard};
-use crate::error::RouterError;
+use crate::config::{
+    describe_price, insufficient_funds_message, pricing_proto, Pricing, PricingKind, RouterConfig,
+    ServiceConfig, TokenBound,
+};
+use crate::drain::Drain;
+use crate::error::{RouterError, INSUFFICIENT_FUNDS};
 use crate::health::{LedgerState, Readiness, ReadinessCell};
 use crate::ledger::Ledger;
 use crate::metrics;
 use crate::tokens;
-use crate::upstream::{Upstream, UpstreamError, UpstreamRequest, UpstreamStream, UpstreamUsage};
+use crate::upstream::{Upstream, UpstreamError, UpstreamRequest, UpstreamUsage};
 use crate::validate::{validate_chat, ValidRequest};
+
+mod hold;
+mod stream;
+
+use hold::{Claim, HoldGuard};
+pub use stream::ChatStreamHandle;
 
 /// `app_ep_path` of chat transfers and `endpoint` of chat usage rows.
 pub const CHAT_ENDPOINT: &str = "/chat";
@@ -49,16 +55,6 @@ struct Inner {
     drain: Arc<Drain>,
 }
 
-/// A started stream: ids known up front, then the events (deltas, then one final event, or an
-/// error).
-pub struct ChatStreamHandle {
-    pub request_id: String,
-    /// Set for paid requests (the hold is already authorized).
-    pub transfer_id: Option<String>,
-    pub model: String,
-    pub events: ReceiverStream<Result<ChatStreamEvent, RouterError>>,
-}
-
 struct Prepared {
     v: ValidRequest,
     model: String,
@@ -66,6 +62,8 @@ struct Prepared {
     pricing: Pricing,
     prompt_tokens: Option<u64>,
     hold_micros: i64,
+    /// What sized a per-token hold (explains an insufficient-funds refusal).
+    bound: Option<TokenBound>,
 }
 
 impl RouterService {
@@ -285,193 +283,6 @@ impl RouterService {
         })
     }
 
-    /// A streamed chat. Errors before the stream starts (validation, payment, the upstream not
-    /// answering) are returned here; later ones arrive as the stream's last item.
-    pub async fn chat_stream(&self, req: ChatRequest) -> Result<ChatStreamHandle, RouterError> {
-        let span = self.span(&req, true);
-        self.stream(req).instrument(span).await
-    }
-
-    async fn stream(&self, req: ChatRequest) -> Result<ChatStreamHandle, RouterError> {
-        let started = Instant::now();
-        let p = self.prepare(req).await?;
-        tracing::Span::current().record("request_id", p.v.request_id.as_str());
-        let claim = self.claim(&p.v.request_id)?;
-        let hold = self.authorize(&p).await?;
-        if let Some(h) = &hold {
-            tracing::Span::current().record("transfer_id", h.transfer_id.as_str());
-        }
-        let up_start = Instant::now();
-        let upstream = match self
-            .until_shutdown(self.inner.upstream.stream(&p.upstream_req))
-            .await
-        {
-            Ok(s) => s,
-            Err(e) => {
-                self.fail(&p, hold, &e, started, elapsed_ms(up_start)).await;
-                return Err(e.into());
-            }
-        };
-        let (tx, rx) = mpsc::channel(32);
-        let handle = ChatStreamHandle {
-            request_id: p.v.request_id.clone(),
-            transfer_id: hold.as_ref().map(|h| h.transfer_id.clone()),
-            model: p.model.clone(),
-            events: ReceiverStream::new(rx),
-        };
-        let svc = self.clone();
-        tokio::spawn(
-            async move {
-                let _claim = claim;
-                svc.drive_stream(p, hold, upstream, tx, started, up_start)
-                    .await;
-            }
-            .instrument(tracing::Span::current()),
-        );
-        Ok(handle)
-    }
-
-    async fn drive_stream(
-        &self,
-        p: Prepared,
-        hold: Option<HoldGuard>,
-        mut upstream: UpstreamStream,
-        tx: mpsc::Sender<Result<ChatStreamEvent, RouterError>>,
-        started: Instant,
-        up_start: Instant,
-    ) {
-        enum End {
-            Done,
-            Cancelled,
-            Failed(UpstreamError),
-        }
-        let mut content = String::new();
-        let mut finish: Option<String> = None;
-        let mut reported: Option<UpstreamUsage> = None;
-        let mut upstream_id = String::new();
-        let mut upstream_model = String::new();
-        let end = loop {
-            let next = tokio::select! {
-                _ = tx.closed() => break End::Cancelled,
-                _ = self.inner.drain.aborted() => break End::Failed(UpstreamError::ShuttingDown),
-                next = upstream.next() => next,
-            };
-            let chunk = match next {
-                None => break End::Done,
-                Some(Err(e)) => break End::Failed(e),
-                Some(Ok(chunk)) => chunk,
-            };
-            if let Some(id) = chunk.id {
-                upstream_id = id;
-            }
-            if let Some(m) = chunk.model {
-                upstream_model = m;
-            }
-            if chunk.finish_reason.is_some() {
-                finish = chunk.finish_reason;
-            }
-            if chunk.usage.is_some() {
-                reported = chunk.usage;
-            }
-            if let Some(delta) = chunk.delta {
-                content.push_str(&delta);
-                let event = ChatStreamEvent {
-                    event: Some(chat_stream_event::Event::Delta(ContentDelta {
-                        content: delta,
-                    })),
-                };
-                if tx.send(Ok(event)).await.is_err() {
-                    break End::Cancelled;
-                }
-            }
-        };
-        drop(upstream);
-        let upstream_time = up_start.elapsed();
-        let upstream_ms = elapsed_ms(up_start);
-        let end = match end {
-            End::Done if content.trim().is_empty() => End::Failed(UpstreamError::Empty),
-            other => other,
-        };
-        match end {
-            End::Cancelled => {
-                tracing::info!(request_id = %p.v.request_id, "client cancelled the stream");
-                let prompt = self.prompt_tokens(&p).await;
-                let usage = self.usage(
-                    &p,
-                    "cancelled",
-                    prompt,
-                    tokens::count_text(&content),
-                    started,
-                    upstream_ms,
-                );
-                self.release(hold, "client cancelled", usage).await;
-                metrics::observe(
-                    self.provider(),
-                    "stream",
-                    "cancelled",
-                    started,
-                    upstream_time,
-                );
-            }
-            End::Failed(e) => {
-                self.fail(&p, hold, &e, started, upstream_ms).await;
-                metrics::observe(
-                    self.provider(),
-                    "stream",
-                    e.usage_status(),
-                    started,
-                    upstream_time,
-                );
-                let _ = tx.send(Err(e.into())).await;
-            }
-            End::Done => {
-                let (prompt_tokens, completion_tokens) =
-                    self.final_tokens(&p, reported, &content).await;
-                let cost = self.cost(&p, prompt_tokens, completion_tokens);
-                let usage = self.usage(
-                    &p,
-                    "success",
-                    prompt_tokens,
-                    completion_tokens,
-                    started,
-                    upstream_ms,
-                );
-                let upstream_finish = finish.unwrap_or_else(|| "stop".into());
-                let item = match self.settle(&p, hold, cost, usage).await {
-                    Ok(transfer_id) => Ok(ChatStreamEvent {
-                        event: Some(chat_stream_event::Event::Final(ChatFinal {
-                            id: p.v.request_id.clone(),
-                            model: p.model.clone(),
-                            finish_reason: normalize_finish(&upstream_finish),
-                            usage: Some(token_usage(prompt_tokens, completion_tokens)),
-                            cost_micros: cost,
-                            transfer_id,
-                            provider_info: Some(ProviderInfo {
-                                provider: self.provider().into(),
-                                upstream_model: if upstream_model.is_empty() {
-                                    p.upstream_req.model.clone()
-                                } else {
-                                    upstream_model
-                                },
-                                upstream_finish_reason: upstream_finish,
-                                upstream_id,
-                            }),
-                            currency: p.pricing.currency.clone(),
-                        })),
-                    }),
-                    Err(e) => Err(e),
-                };
-                let outcome = if item.is_ok() {
-                    "success"
-                } else {
-                    "not_settled"
-                };
-                metrics::observe(self.provider(), "stream", outcome, started, upstream_time);
-                let _ = tx.send(item).await;
-            }
-        }
-    }
-
     // -----------------------------------------------------------------------------------------
     // steps
 
@@ -542,12 +353,18 @@ impl RouterService {
             pricing,
             prompt_tokens: None,
             hold_micros: 0,
+            bound: None,
         };
         if let PricingKind::PerToken { .. } = p.pricing.kind {
             let prompt = self.prompt_tokens(&p).await;
             p.prompt_tokens = Some(prompt);
             let max_out = u64::from(max_tokens.unwrap_or(0));
             p.hold_micros = p.pricing.hold_micros(prompt, max_out);
+            p.bound = Some(TokenBound {
+                prompt_tokens: prompt,
+                max_completion_tokens: max_out,
+                defaulted: p.v.max_tokens.is_none(),
+            });
         } else {
             p.hold_micros = p.pricing.hold_micros(0, 0);
         }
@@ -596,7 +413,8 @@ impl RouterService {
                 idempotency_key: p.v.request_id.clone(),
                 hold_ttl_seconds: inner.ledger.hold_ttl_seconds,
             })
-            .await?;
+            .await
+            .map_err(|e| explain_refusal(p, e))?;
         if transfer.status() != TransferStatus::Pending {
             let state = match transfer.status() {
                 TransferStatus::Completed => "completed (already charged)",
@@ -745,74 +563,21 @@ impl RouterService {
     }
 }
 
-/// Removes a request id from the in-flight set when the request ends, however it ends.
-struct Claim {
-    inner: Arc<Inner>,
-    request_id: String,
-    /// Counts the request as in flight for graceful shutdown.
-    _work: DrainGuard,
-}
-
-impl Drop for Claim {
-    fn drop(&mut self) {
-        if let Ok(mut set) = self.inner.in_flight.lock() {
-            set.remove(&self.request_id);
-        }
-    }
-}
-
-/// An authorized hold. Resolved by [`HoldGuard::capture`] or [`HoldGuard::void`]; if dropped
-/// unresolved (the client went away and the request future was dropped), it voids the hold in
-/// the background.
-struct HoldGuard {
-    /// Keeps shutdown waiting until the hold is resolved, including by the background void.
-    work: Option<DrainGuard>,
-    ledger: Ledger,
-    transfer_id: String,
-    /// Present while the hold is unresolved.
-    cancel_usage: Option<Usage>,
-}
-
-impl HoldGuard {
-    async fn capture(mut self, cost: i64, usage: Usage) -> Result<(), RouterError> {
-        let result = self.ledger.capture(&self.transfer_id, cost, usage).await;
-        match &result {
-            // Unavailable: the outcome is unknown; leave the guard armed so a void is attempted
-            // (whichever resolution commits first wins, exactly once). Else it is resolved.
-            Err(RouterError::Unavailable(_)) => {}
-            _ => self.cancel_usage = None,
-        }
-        result.map(|_| ())
-    }
-
-    async fn void(mut self, reason: &str, usage: Usage) {
-        self.cancel_usage = None;
-        if let Err(e) = self.ledger.void(&self.transfer_id, reason, usage).await {
-            // The hold expires on its own; the user is not charged either way.
-            tracing::warn!(transfer_id = %self.transfer_id, error = %e, "void failed; the hold will expire");
-        }
-    }
-}
-
-impl Drop for HoldGuard {
-    fn drop(&mut self) {
-        let Some(mut usage) = self.cancel_usage.take() else {
-            return;
-        };
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        usage.status = "cancelled".into();
-        let ledger = self.ledger.clone();
-        let transfer_id = std::mem::take(&mut self.transfer_id);
-        let work = self.work.take();
-        tracing::info!(transfer_id = %transfer_id, "request dropped before resolution; voiding");
-        rt.spawn(async move {
-            let _work = work;
-            if let Err(e) = ledger.void(&transfer_id, "request cancelled", usage).await {
-                tracing::warn!(transfer_id = %transfer_id, error = %e, "void after cancel failed; the hold will expire");
+/// Replaces the ledger's insufficient-funds message (a bare amount in micros) with one that says
+/// what the hold is in money, what sized it, and how to reserve less.
+fn explain_refusal(p: &Prepared, e: RouterError) -> RouterError {
+    match e {
+        RouterError::FailedPrecondition {
+            reason: INSUFFICIENT_FUNDS,
+            message,
+        } => {
+            tracing::debug!(request_id = %p.v.request_id, ledger_message = %message, "hold refused");
+            RouterError::FailedPrecondition {
+                reason: INSUFFICIENT_FUNDS,
+                message: insufficient_funds_message(&p.pricing, p.hold_micros, p.bound),
             }
-        });
+        }
+        other => other,
     }
 }
 
@@ -834,51 +599,5 @@ fn normalize_finish(reason: &str) -> String {
     match reason {
         "" => "stop".into(),
         r => r.to_string(),
-    }
-}
-
-fn describe_price(p: &Pricing) -> String {
-    use crate::money::format_micros;
-    if !p.description.is_empty() {
-        return p.description.clone();
-    }
-    match p.kind {
-        PricingKind::Free => "nothing".into(),
-        PricingKind::PerRequest { amount_micros } => {
-            format!(
-                "{} {} per request",
-                format_micros(amount_micros),
-                p.currency
-            )
-        }
-        PricingKind::PerToken {
-            input_micros_per_million,
-            output_micros_per_million,
-        } => format!(
-            "{} {} per million input tokens and {} per million output tokens",
-            format_micros(input_micros_per_million),
-            p.currency,
-            format_micros(output_micros_per_million)
-        ),
-    }
-}
-
-/// The proto form of a price.
-pub fn pricing_proto(p: &Pricing) -> syft_proto::router::Pricing {
-    let (amount, input, output) = match p.kind {
-        PricingKind::Free => (0, 0, 0),
-        PricingKind::PerRequest { amount_micros } => (amount_micros, 0, 0),
-        PricingKind::PerToken {
-            input_micros_per_million,
-            output_micros_per_million,
-        } => (0, input_micros_per_million, output_micros_per_million),
-    };
-    syft_proto::router::Pricing {
-        pricing_type: p.kind.as_str().into(),
-        currency: p.currency.clone(),
-        description: p.description.clone(),
-        amount_micros: amount,
-        input_micros_per_million: input,
-        output_micros_per_million: output,
     }
 }

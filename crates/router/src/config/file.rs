@@ -1,0 +1,431 @@
+//! The config file format (JSON or TOML) and its parsing into a [`RouterConfig`].
+//!
+//! Every object refuses unknown keys, so a typo fails at load instead of silently falling back
+//! to a default; the error names the key, where it is (`services[0].pricing`) and the accepted
+//! keys. The one open map is `upstream.model_map`, whose keys are model names.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::pricing::RawPricing;
+use super::{
+    invalid, ConfigError, LedgerSettings, Limits, OpenAiConfig, Pricing, RouterConfig,
+    ServiceConfig, UpstreamConfig, DEFAULT_SHUTDOWN_GRACE,
+};
+use crate::money;
+
+/// Parses a JSON config file's text.
+pub(super) fn parse_json(text: &str) -> Result<RouterConfig, ConfigError> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let raw: RawConfig<Box<RawValue>> =
+        with_path(&mut de).map_err(|(path, source)| ConfigError::Json { path, source })?;
+    de.end().map_err(|source| ConfigError::Json {
+        path: String::new(),
+        source,
+    })?;
+    raw.into_config()
+}
+
+/// Parses a TOML config file's text.
+pub(super) fn parse_toml(text: &str) -> Result<RouterConfig, ConfigError> {
+    let de = toml::Deserializer::parse(text).map_err(|source| ConfigError::Toml {
+        path: String::new(),
+        source,
+    })?;
+    let raw: RawConfig<toml::Value> =
+        with_path(de).map_err(|(path, source)| ConfigError::Toml { path, source })?;
+    raw.into_config()
+}
+
+/// Deserializes `T`, keeping where in the file an error happened (`services[0].pricing`).
+fn with_path<'de, D, T>(de: D) -> Result<T, (String, D::Error)>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        // `.` is the path of the document itself.
+        let path = if path == "." { String::new() } else { path };
+        (path, e.into_inner())
+    })
+}
+
+/// A number as written in the file, before exact parsing.
+pub(super) trait NumberText {
+    fn number_text(&self) -> Result<String, String>;
+}
+
+impl NumberText for Box<RawValue> {
+    fn number_text(&self) -> Result<String, String> {
+        let raw = self.get().trim();
+        if raw.starts_with('"') {
+            serde_json::from_str::<String>(raw).map_err(|e| e.to_string())
+        } else if raw.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
+            Ok(raw.to_string())
+        } else {
+            Err(format!("expected a number, got {raw}"))
+        }
+    }
+}
+
+impl NumberText for toml::Value {
+    fn number_text(&self) -> Result<String, String> {
+        match self {
+            toml::Value::String(s) => Ok(s.clone()),
+            toml::Value::Integer(i) => Ok(i.to_string()),
+            // Display prints the shortest decimal that reads back as the same float.
+            toml::Value::Float(f) if f.is_finite() => Ok(format!("{f}")),
+            toml::Value::Float(f) => Ok(f.to_string()),
+            other => Err(format!("expected a number, got {}", other.type_str())),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, bound(deserialize = "N: Deserialize<'de>"))]
+struct RawConfig<N> {
+    name: String,
+    #[serde(default)]
+    description: String,
+    owner_email: String,
+    #[serde(default = "default_services")]
+    services: Vec<RawService<N>>,
+    #[serde(default)]
+    models: Vec<String>,
+    #[serde(default)]
+    upstream: Option<RawUpstream>,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    ledger: RawLedger,
+}
+
+fn default_services<N>() -> Vec<RawService<N>> {
+    vec![RawService {
+        service_type: "chat".into(),
+        enabled: true,
+        pricing: None,
+    }]
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, bound(deserialize = "N: Deserialize<'de>"))]
+struct RawService<N> {
+    #[serde(rename = "type")]
+    service_type: String,
+    #[serde(default = "yes")]
+    enabled: bool,
+    #[serde(default)]
+    pricing: Option<RawPricing<N>>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    #[serde(default = "default_upstream_kind")]
+    kind: String,
+    #[serde(default)]
+    base_url: Option<String>,
+    #[serde(default)]
+    api_key: Option<String>,
+    /// Name of an environment variable holding the API key.
+    #[serde(default)]
+    api_key_env: Option<String>,
+    #[serde(default)]
+    model_map: BTreeMap<String, String>,
+    #[serde(default)]
+    connect_timeout_ms: Option<u64>,
+    #[serde(default)]
+    request_timeout_ms: Option<u64>,
+    #[serde(default)]
+    idle_timeout_ms: Option<u64>,
+    #[serde(default)]
+    max_retries: Option<u32>,
+    #[serde(default)]
+    retry_backoff_ms: Option<u64>,
+}
+
+fn default_upstream_kind() -> String {
+    "openai".into()
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_prompt_bytes: Option<usize>,
+    max_messages: Option<usize>,
+    max_tokens_limit: Option<u32>,
+    default_max_tokens: Option<u32>,
+    max_amount: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLedger {
+    url: Option<String>,
+    timeout_ms: Option<u64>,
+    connect_timeout_ms: Option<u64>,
+    hold_ttl_seconds: Option<i64>,
+}
+
+impl<N: NumberText> RawConfig<N> {
+    fn into_config(self) -> Result<RouterConfig, ConfigError> {
+        let mut limits = Limits::default();
+        let rl = self.limits;
+        if let Some(v) = rl.max_prompt_bytes {
+            limits.max_prompt_bytes = v;
+        }
+        if let Some(v) = rl.max_messages {
+            limits.max_messages = v;
+        }
+        if let Some(v) = rl.max_tokens_limit {
+            limits.max_tokens_limit = v;
+        }
+        if let Some(v) = rl.default_max_tokens {
+            limits.default_max_tokens = v;
+        } else if limits.default_max_tokens > limits.max_tokens_limit {
+            limits.default_max_tokens = limits.max_tokens_limit;
+        }
+        if let Some(v) = rl.max_amount {
+            limits.max_amount_micros =
+                money::parse_decimal_micros(&v, i64::MAX).map_err(|source| {
+                    ConfigError::Amount {
+                        field: "limits.max_amount".into(),
+                        source,
+                    }
+                })?;
+        }
+        let max = limits.max_amount_micros;
+        let services = self
+            .services
+            .into_iter()
+            .map(|s| {
+                let pricing = match s.pricing {
+                    None => Pricing::free(),
+                    Some(p) => p.into_pricing(&s.service_type, max)?,
+                };
+                Ok(ServiceConfig {
+                    service_type: s.service_type,
+                    enabled: s.enabled,
+                    pricing,
+                })
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
+        let upstream = match self.upstream {
+            None => UpstreamConfig::Echo,
+            Some(u) => u.into_upstream()?,
+        };
+        let mut ledger = LedgerSettings::default();
+        if let Some(url) = self.ledger.url {
+            ledger.url = url;
+        }
+        if let Some(ms) = self.ledger.timeout_ms {
+            ledger.timeout = Duration::from_millis(ms);
+        }
+        if let Some(ms) = self.ledger.connect_timeout_ms {
+            ledger.connect_timeout = Duration::from_millis(ms);
+        }
+        ledger.hold_ttl_seconds = self.ledger.hold_ttl_seconds;
+        let config = RouterConfig {
+            name: self.name,
+            description: self.description,
+            owner_email: self.owner_email,
+            services,
+            models: self.models,
+            upstream,
+            limits,
+            ledger,
+            tls: None,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+impl RawUpstream {
+    fn into_upstream(self) -> Result<UpstreamConfig, ConfigError> {
+        match self.kind.as_str() {
+            "echo" => Ok(UpstreamConfig::Echo),
+            "openai" => {
+                let base_url = self
+                    .base_url
+                    .ok_or_else(|| invalid("upstream.base_url is required for kind openai"))?;
+                let mut o = OpenAiConfig::new(base_url);
+                o.api_key = match (self.api_key, self.api_key_env) {
+                    (Some(k), _) => Some(k),
+                    (None, Some(var)) => std::env::var(&var).ok(),
+                    (None, None) => None,
+                };
+                o.model_map = self.model_map;
+                if let Some(ms) = self.connect_timeout_ms {
+                    o.connect_timeout = Duration::from_millis(ms);
+                }
+                if let Some(ms) = self.request_timeout_ms {
+                    o.request_timeout = Duration::from_millis(ms);
+                }
+                if let Some(ms) = self.idle_timeout_ms {
+                    o.idle_timeout = Duration::from_millis(ms);
+                }
+                if let Some(n) = self.max_retries {
+                    o.max_retries = n;
+                }
+                if let Some(ms) = self.retry_backoff_ms {
+                    o.retry_backoff = Duration::from_millis(ms);
+                }
+                Ok(UpstreamConfig::OpenAi(o))
+            }
+            other => Err(invalid(format!(
+                "upstream.kind {other:?}: expected openai or echo"
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{chat_pricing, PricingKind};
+
+    #[test]
+    fn toml_config() {
+        let c = RouterConfig::from_toml_str(
+            r#"
+            name = "my-router"
+            description = "demo"
+            owner_email = "owner@example.com"
+            models = ["gpt-4o-mini"]
+
+            [[services]]
+            type = "chat"
+            pricing = { pricing_type = "per_token", input_per_million = "0.15", output_per_million = 0.6 }
+
+            [upstream]
+            kind = "openai"
+            base_url = "http://127.0.0.1:9/v1"
+            model_map = { "gpt-4o-mini" = "upstream-mini" }
+            request_timeout_ms = 1500
+
+            [limits]
+            max_prompt_bytes = 1000
+            "#,
+        )
+        .expect("valid toml");
+        assert_eq!(
+            chat_pricing(&c),
+            PricingKind::PerToken {
+                input_micros_per_million: 150_000,
+                output_micros_per_million: 600_000
+            }
+        );
+        let UpstreamConfig::OpenAi(o) = &c.upstream else {
+            panic!("expected openai upstream")
+        };
+        assert_eq!(o.request_timeout, Duration::from_millis(1500));
+        assert_eq!(
+            o.model_map.get("gpt-4o-mini").map(String::as_str),
+            Some("upstream-mini")
+        );
+        assert_eq!(c.limits.max_prompt_bytes, 1000);
+        let c = RouterConfig::from_toml_str(
+            r#"
+            name = "r"
+            owner_email = "owner@example.com"
+            [[services]]
+            type = "chat"
+            pricing = { pricing_type = "per_request", amount = 0.01 }
+            "#,
+        )
+        .expect("toml float amount");
+        assert_eq!(
+            chat_pricing(&c),
+            PricingKind::PerRequest {
+                amount_micros: 10_000
+            }
+        );
+    }
+
+    #[test]
+    fn rejects_bad_config() {
+        assert!(RouterConfig::from_json_str(r#"{"name":"r","owner_email":"nope"}"#).is_err());
+        assert!(RouterConfig::from_json_str(r#"{"name":"","owner_email":"o@e.com"}"#).is_err());
+        assert!(
+            RouterConfig::from_json_str(r#"{"name":"r","owner_email":"o@e.com","typo":1}"#)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn unknown_keys_anywhere_are_refused_with_their_place() {
+        let base = r#""name":"r","owner_email":"o@example.com""#;
+        for (extra, want) in [
+            (
+                r#""services":[{"type":"chat","enabld":true}]"#,
+                "invalid JSON config at services[0].enabld: unknown field `enabld`, expected one \
+                 of `type`, `enabled`, `pricing` at line 1 column 77",
+            ),
+            (
+                r#""upstream":{"kind":"echo","base_ulr":"x"}"#,
+                "invalid JSON config at upstream.base_ulr: unknown field `base_ulr`, expected one \
+                 of `kind`, `base_url`, `api_key`, `api_key_env`, `model_map`, \
+                 `connect_timeout_ms`, `request_timeout_ms`, `idle_timeout_ms`, `max_retries`, \
+                 `retry_backoff_ms` at line 1 column 78",
+            ),
+            (
+                r#""limits":{"max_token":5}"#,
+                "invalid JSON config at limits.max_token: unknown field `max_token`, expected one \
+                 of `max_prompt_bytes`, `max_messages`, `max_tokens_limit`, \
+                 `default_max_tokens`, `max_amount` at line 1 column 63",
+            ),
+            (
+                r#""ledger":{"hold_ttl":5}"#,
+                "invalid JSON config at ledger.hold_ttl: unknown field `hold_ttl`, expected one \
+                 of `url`, `timeout_ms`, `connect_timeout_ms`, `hold_ttl_seconds` at line 1 \
+                 column 62",
+            ),
+            (
+                r#""modles":["m"]"#,
+                "invalid JSON config at modles: unknown field `modles`, expected one of `name`, \
+                 `description`, `owner_email`, `services`, `models`, `upstream`, `limits`, \
+                 `ledger` at line 1 column 50",
+            ),
+        ] {
+            let err = RouterConfig::from_json_str(&format!("{{{base},{extra}}}")).expect_err(extra);
+            assert_eq!(err.to_string(), want);
+        }
+        // Model names are the keys of `model_map`, so any key is accepted there.
+        RouterConfig::from_json_str(&format!(
+            r#"{{{base},"upstream":{{"kind":"openai","base_url":"http://h/v1","model_map":{{"any name":"x"}}}}}}"#
+        ))
+        .expect("model_map is open");
+    }
+
+    #[test]
+    fn shipped_examples_load() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let json = RouterConfig::from_file(dir.join("router.example.json")).expect("json example");
+        assert_eq!(
+            chat_pricing(&json),
+            PricingKind::PerRequest {
+                amount_micros: 10_000
+            }
+        );
+        let toml = RouterConfig::from_file(dir.join("router.example.toml")).expect("toml example");
+        assert_eq!(
+            chat_pricing(&toml),
+            PricingKind::PerToken {
+                input_micros_per_million: 150_000,
+                output_micros_per_million: 600_000
+            }
+        );
+        assert_eq!(toml.ledger.hold_ttl_seconds, Some(300));
+    }
+}

@@ -1,0 +1,370 @@
+//! Router configuration: identity, services with pricing, upstream, limits, ledger connection.
+//!
+//! This module holds the typed configuration; `pricing` the price types and how prices read;
+//! `file` the JSON/TOML file format.
+//!
+//! The file format (JSON or TOML) is documented in `docs/router.md`. Amounts are decimal numbers
+//! of currency units and are parsed exactly into micros: in JSON the number's own text is parsed
+//! (never through a float); in TOML write them as strings (`"0.01"`) for the same guarantee, or as
+//! numbers, which are read through their shortest exact decimal form (exact for every amount with
+//! at most 6 decimals).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use thiserror::Error;
+
+use crate::money::{AmountError, DEFAULT_MAX_AMOUNT_MICROS};
+
+mod file;
+mod pricing;
+
+pub use pricing::{
+    describe_price, insufficient_funds_message, pricing_proto, Pricing, PricingKind, TokenBound,
+};
+
+/// Why a configuration was rejected.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    /// `path` is where in the file (`services[0].pricing`), empty for the document itself.
+    #[error("invalid JSON config{}: {source}", at(.path))]
+    Json {
+        path: String,
+        source: serde_json::Error,
+    },
+    #[error("invalid TOML config{}: {source}", at(.path))]
+    Toml {
+        path: String,
+        source: toml::de::Error,
+    },
+    #[error("invalid amount in {field}: {source}")]
+    Amount { field: String, source: AmountError },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+fn at(path: &str) -> String {
+    if path.is_empty() {
+        String::new()
+    } else {
+        format!(" at {path}")
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid(msg.into())
+}
+
+/// One service the router offers (today: `chat`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceConfig {
+    /// `chat`, ...
+    pub service_type: String,
+    pub enabled: bool,
+    pub pricing: Pricing,
+}
+
+/// Where answers come from.
+#[derive(Debug, Clone, Default)]
+pub enum UpstreamConfig {
+    /// The built-in deterministic echo model (offline).
+    #[default]
+    Echo,
+    /// Any OpenAI-compatible `/v1/chat/completions` server.
+    OpenAi(OpenAiConfig),
+}
+
+/// Settings of the `openai` upstream.
+#[derive(Clone)]
+pub struct OpenAiConfig {
+    /// e.g. `https://api.openai.com/v1` or `http://127.0.0.1:8000/v1`; `/chat/completions` is
+    /// appended.
+    pub base_url: String,
+    pub api_key: Option<String>,
+    /// Router model name -> upstream model name. Unmapped names pass through unchanged.
+    pub model_map: BTreeMap<String, String>,
+    pub connect_timeout: Duration,
+    /// Deadline for a whole unary request, and for a stream to produce its first event.
+    pub request_timeout: Duration,
+    /// Longest silence allowed between two stream events.
+    pub idle_timeout: Duration,
+    /// Retries before the first token (connect errors, 429, 502, 503, 504).
+    pub max_retries: u32,
+    /// First retry delay; doubles each retry.
+    pub retry_backoff: Duration,
+}
+
+impl OpenAiConfig {
+    pub fn new(base_url: impl Into<String>) -> Self {
+        OpenAiConfig {
+            base_url: base_url.into(),
+            api_key: None,
+            model_map: BTreeMap::new(),
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(120),
+            idle_timeout: Duration::from_secs(60),
+            max_retries: 2,
+            retry_backoff: Duration::from_millis(200),
+        }
+    }
+}
+
+impl fmt::Debug for OpenAiConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OpenAiConfig")
+            .field("base_url", &self.base_url)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("model_map", &self.model_map)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("max_retries", &self.max_retries)
+            .field("retry_backoff", &self.retry_backoff)
+            .finish()
+    }
+}
+
+/// Request limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Total bytes of all message contents, names and roles.
+    pub max_prompt_bytes: usize,
+    pub max_messages: usize,
+    /// The largest `max_tokens` a request may ask for.
+    pub max_tokens_limit: u32,
+    /// `max_tokens` used for per-token holds (and sent upstream) when a request gives none.
+    pub default_max_tokens: u32,
+    /// Upper bound for configured prices.
+    pub max_amount_micros: i64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_prompt_bytes: 4 * 1024 * 1024,
+            max_messages: 10_000,
+            max_tokens_limit: 1_000_000,
+            default_max_tokens: 4096,
+            max_amount_micros: DEFAULT_MAX_AMOUNT_MICROS,
+        }
+    }
+}
+
+/// How the router reaches the ledger.
+#[derive(Clone)]
+pub struct LedgerSettings {
+    /// gRPC URL, e.g. `http://127.0.0.1:50051`.
+    pub url: String,
+    /// The router owner's account secret (sent as `authorization: Bearer <secret>`).
+    pub secret: String,
+    /// Deadline of each ledger call.
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Hold TTL requested on Authorize; `None` uses the ledger's default.
+    pub hold_ttl_seconds: Option<i64>,
+    /// TLS for an `https://` ledger URL: the CA to trust and, for mutual TLS, the router's
+    /// client certificate. `None` with `https://` trusts the public web PKI roots.
+    pub tls: Option<syft_tls::ClientTls>,
+}
+
+impl Default for LedgerSettings {
+    fn default() -> Self {
+        LedgerSettings {
+            url: "http://127.0.0.1:50051".into(),
+            secret: String::new(),
+            timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(2),
+            hold_ttl_seconds: None,
+            tls: None,
+        }
+    }
+}
+
+impl fmt::Debug for LedgerSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LedgerSettings")
+            .field("url", &self.url)
+            .field("secret", &"<redacted>")
+            .field("timeout", &self.timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("hold_ttl_seconds", &self.hold_ttl_seconds)
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
+/// The whole router configuration. Load it with [`RouterConfig::from_file`] (or build it in
+/// code), then override `ledger` and `upstream` from flags.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// Router (app) name; the `app_name` of its transfers and usage rows.
+    pub name: String,
+    pub description: String,
+    /// The account that receives payments; must match the ledger secret's account.
+    pub owner_email: String,
+    pub services: Vec<ServiceConfig>,
+    /// Models offered (`GET /v1/models`, metadata). Empty: any model is passed through and the
+    /// list shows the upstream's mapped names (or `echo`).
+    pub models: Vec<String>,
+    pub upstream: UpstreamConfig,
+    pub limits: Limits,
+    pub ledger: LedgerSettings,
+    /// TLS on the router's gRPC and HTTP listeners (not read from the config file).
+    pub tls: Option<syft_tls::ServerTls>,
+    /// After a shutdown signal, how long in-flight requests (streams included) may run before
+    /// they are cancelled and their holds voided (not read from the config file).
+    pub shutdown_grace: Duration,
+}
+
+/// Default [`RouterConfig::shutdown_grace`].
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+impl RouterConfig {
+    /// A router with one free chat service on the echo upstream.
+    pub fn new(name: impl Into<String>, owner_email: impl Into<String>) -> Self {
+        RouterConfig {
+            name: name.into(),
+            description: String::new(),
+            owner_email: owner_email.into(),
+            services: vec![ServiceConfig {
+                service_type: "chat".into(),
+                enabled: true,
+                pricing: Pricing::free(),
+            }],
+            models: Vec::new(),
+            upstream: UpstreamConfig::Echo,
+            limits: Limits::default(),
+            ledger: LedgerSettings::default(),
+            tls: None,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+        }
+    }
+
+    /// Sets the chat service's pricing (adding the service when missing).
+    pub fn with_chat_pricing(mut self, pricing: Pricing) -> Self {
+        match self.services.iter_mut().find(|s| s.service_type == "chat") {
+            Some(s) => s.pricing = pricing,
+            None => self.services.push(ServiceConfig {
+                service_type: "chat".into(),
+                enabled: true,
+                pricing,
+            }),
+        }
+        self
+    }
+
+    /// The chat service, if configured.
+    pub fn chat_service(&self) -> Option<&ServiceConfig> {
+        self.services.iter().find(|s| s.service_type == "chat")
+    }
+
+    /// Loads a `.json` or `.toml` file (other extensions: JSON, then TOML).
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("json") => Self::from_json_str(&text),
+            Some("toml") => Self::from_toml_str(&text),
+            _ => Self::from_json_str(&text).or_else(|json_err| {
+                Self::from_toml_str(&text).map_err(|toml_err| {
+                    invalid(format!("neither JSON ({json_err}) nor TOML ({toml_err})"))
+                })
+            }),
+        }
+    }
+
+    pub fn from_json_str(text: &str) -> Result<Self, ConfigError> {
+        file::parse_json(text)
+    }
+
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        file::parse_toml(text)
+    }
+
+    /// Checks everything the service relies on.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.name.trim().is_empty() {
+            return Err(invalid("name must not be empty"));
+        }
+        if !crate::validate::is_valid_email(&self.owner_email) {
+            return Err(invalid(format!(
+                "owner_email {:?} is not a valid email",
+                self.owner_email
+            )));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for s in &self.services {
+            if !seen.insert(s.service_type.as_str()) {
+                return Err(invalid(format!(
+                    "service {:?} is listed twice",
+                    s.service_type
+                )));
+            }
+            validate_currency(&s.pricing.currency)?;
+            let max = self.limits.max_amount_micros;
+            let amounts: &[i64] = match &s.pricing.kind {
+                PricingKind::Free => &[],
+                PricingKind::PerRequest { amount_micros } => &[*amount_micros],
+                PricingKind::PerToken {
+                    input_micros_per_million,
+                    output_micros_per_million,
+                } => &[*input_micros_per_million, *output_micros_per_million],
+            };
+            for &a in amounts {
+                if !(0..=max).contains(&a) {
+                    return Err(invalid(format!(
+                        "service {:?}: amount {a} micros is outside 0..={max}",
+                        s.service_type
+                    )));
+                }
+            }
+        }
+        let l = &self.limits;
+        if l.max_prompt_bytes == 0 || l.max_messages == 0 || l.max_tokens_limit == 0 {
+            return Err(invalid("limits must be positive"));
+        }
+        if l.default_max_tokens == 0 || l.default_max_tokens > l.max_tokens_limit {
+            return Err(invalid(
+                "limits.default_max_tokens must be in 1..=max_tokens_limit",
+            ));
+        }
+        if let UpstreamConfig::OpenAi(o) = &self.upstream {
+            let ok = o.base_url.starts_with("http://") || o.base_url.starts_with("https://");
+            if !ok {
+                return Err(invalid(format!(
+                    "upstream base_url {:?} must start with http:// or https://",
+                    o.base_url
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn validate_currency(c: &str) -> Result<(), ConfigError> {
+    if c.len() == 3 && c.bytes().all(|b| b.is_ascii_uppercase()) {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "currency {c:?} must be a 3-letter upper-case code"
+        )))
+    }
+}
+
+/// The chat service's pricing kind (free when there is no chat service).
+#[cfg(test)]
+fn chat_pricing(c: &RouterConfig) -> PricingKind {
+    c.chat_service()
+        .map(|s| s.pricing.kind)
+        .unwrap_or(PricingKind::Free)
+}

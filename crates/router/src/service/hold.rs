@@ -1,0 +1,82 @@
+//! Guards that keep a request's bookkeeping right however it ends: the in-flight claim on its
+//! request id, and the hold that must be captured or voided exactly once.
+
+use std::sync::Arc;
+
+use syft_proto::ledger::Usage;
+
+use super::Inner;
+use crate::drain::DrainGuard;
+use crate::error::RouterError;
+use crate::ledger::Ledger;
+
+/// Removes a request id from the in-flight set when the request ends, however it ends.
+pub(super) struct Claim {
+    pub(super) inner: Arc<Inner>,
+    pub(super) request_id: String,
+    /// Counts the request as in flight for graceful shutdown.
+    pub(super) _work: DrainGuard,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if let Ok(mut set) = self.inner.in_flight.lock() {
+            set.remove(&self.request_id);
+        }
+    }
+}
+
+/// An authorized hold. Resolved by [`HoldGuard::capture`] or [`HoldGuard::void`]; if dropped
+/// unresolved (the client went away and the request future was dropped), it voids the hold in
+/// the background.
+pub(super) struct HoldGuard {
+    /// Keeps shutdown waiting until the hold is resolved, including by the background void.
+    pub(super) work: Option<DrainGuard>,
+    pub(super) ledger: Ledger,
+    pub(super) transfer_id: String,
+    /// Present while the hold is unresolved.
+    pub(super) cancel_usage: Option<Usage>,
+}
+
+impl HoldGuard {
+    pub(super) async fn capture(mut self, cost: i64, usage: Usage) -> Result<(), RouterError> {
+        let result = self.ledger.capture(&self.transfer_id, cost, usage).await;
+        match &result {
+            // Unavailable: the outcome is unknown; leave the guard armed so a void is attempted
+            // (whichever resolution commits first wins, exactly once). Else it is resolved.
+            Err(RouterError::Unavailable(_)) => {}
+            _ => self.cancel_usage = None,
+        }
+        result.map(|_| ())
+    }
+
+    pub(super) async fn void(mut self, reason: &str, usage: Usage) {
+        self.cancel_usage = None;
+        if let Err(e) = self.ledger.void(&self.transfer_id, reason, usage).await {
+            // The hold expires on its own; the user is not charged either way.
+            tracing::warn!(transfer_id = %self.transfer_id, error = %e, "void failed; the hold will expire");
+        }
+    }
+}
+
+impl Drop for HoldGuard {
+    fn drop(&mut self) {
+        let Some(mut usage) = self.cancel_usage.take() else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        usage.status = "cancelled".into();
+        let ledger = self.ledger.clone();
+        let transfer_id = std::mem::take(&mut self.transfer_id);
+        let work = self.work.take();
+        tracing::info!(transfer_id = %transfer_id, "request dropped before resolution; voiding");
+        rt.spawn(async move {
+            let _work = work;
+            if let Err(e) = ledger.void(&transfer_id, "request cancelled", usage).await {
+                tracing::warn!(transfer_id = %transfer_id, error = %e, "void after cancel failed; the hold will expire");
+            }
+        });
+    }
+}
