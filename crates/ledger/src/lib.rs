@@ -140,6 +140,17 @@ pub async fn serve(
         )
         .await?,
     );
+    serve_store(store, config, listeners, shutdown).await
+}
+
+/// [`serve`] over an already connected store (tests that take the database away under a running
+/// ledger use it); `config.database_url` is not used.
+pub async fn serve_store(
+    store: Arc<Store>,
+    config: LedgerConfig,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     let config = Arc::new(config);
     let mut background = syft_server::Tasks::default();
     background.spawn(run_sweeper(store.clone(), config.sweep_interval));

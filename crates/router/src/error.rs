@@ -1,18 +1,18 @@
-//! The router's one error enum, mapped to gRPC and HTTP in one place each.
+//! The router's one error enum. Each variant says which [`ErrorCode`] it is; the shared code
+//! decides the gRPC code and the HTTP status (docs/design.md, "Errors").
 
 use http::StatusCode;
+use syft_error::{ErrorCode, Reason};
 use thiserror::Error;
 use tonic::Code;
-use tonic_types::{ErrorDetails, StatusExt};
+
+pub use syft_error::REASON_HEADER;
 
 /// `ErrorInfo.domain` of every router error.
 pub const ERROR_DOMAIN: &str = "syft.router";
 
-/// Metadata key (gRPC) and header (HTTP) carrying the machine-readable reason.
-pub const REASON_HEADER: &str = "x-syft-error-reason";
-
 /// The reason of a hold refused because the user's balance cannot cover it.
-pub const INSUFFICIENT_FUNDS: &str = "INSUFFICIENT_FUNDS";
+pub const INSUFFICIENT_FUNDS: &str = Reason::InsufficientFunds.as_str();
 
 /// Everything a router call can fail with. Messages are safe to show to clients; internal details
 /// go to the log only.
@@ -52,60 +52,38 @@ pub enum RouterError {
 }
 
 impl RouterError {
+    pub fn error_code(&self) -> ErrorCode {
+        match self {
+            RouterError::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            RouterError::PaymentRequired(_) => ErrorCode::PaymentRequired,
+            RouterError::FailedPrecondition { .. } => ErrorCode::FailedPrecondition,
+            RouterError::Unauthenticated(_) => ErrorCode::Unauthenticated,
+            RouterError::PermissionDenied(_) => ErrorCode::PermissionDenied,
+            RouterError::NotFound(_) => ErrorCode::NotFound,
+            RouterError::AlreadyExists(_) => ErrorCode::AlreadyExists,
+            RouterError::ResourceExhausted(_) => ErrorCode::ResourceExhausted,
+            RouterError::Unavailable(_) => ErrorCode::Unavailable,
+            RouterError::BadGateway(_) => ErrorCode::BadGateway,
+            RouterError::DeadlineExceeded(_) => ErrorCode::DeadlineExceeded,
+            RouterError::Cancelled(_) => ErrorCode::Cancelled,
+            RouterError::Internal(_) => ErrorCode::Internal,
+        }
+    }
+
     /// Machine-readable reason (`ErrorInfo.reason`, `x-syft-error-reason`, OpenAI `code`).
     pub fn reason(&self) -> &'static str {
         match self {
-            RouterError::InvalidArgument(_) => "INVALID_ARGUMENT",
-            RouterError::PaymentRequired(_) => "PAYMENT_REQUIRED",
             RouterError::FailedPrecondition { reason, .. } => reason,
-            RouterError::Unauthenticated(_) => "UNAUTHENTICATED",
-            RouterError::PermissionDenied(_) => "PERMISSION_DENIED",
-            RouterError::NotFound(_) => "NOT_FOUND",
-            RouterError::AlreadyExists(_) => "ALREADY_EXISTS",
-            RouterError::ResourceExhausted(_) => "RESOURCE_EXHAUSTED",
-            RouterError::Unavailable(_) => "UNAVAILABLE",
-            RouterError::BadGateway(_) => "UPSTREAM_INVALID_RESPONSE",
-            RouterError::DeadlineExceeded(_) => "DEADLINE_EXCEEDED",
-            RouterError::Cancelled(_) => "CANCELLED",
-            RouterError::Internal(_) => "INTERNAL",
+            other => other.error_code().as_str(),
         }
     }
 
     pub fn grpc_code(&self) -> Code {
-        match self {
-            RouterError::InvalidArgument(_) => Code::InvalidArgument,
-            RouterError::PaymentRequired(_) | RouterError::FailedPrecondition { .. } => {
-                Code::FailedPrecondition
-            }
-            RouterError::Unauthenticated(_) => Code::Unauthenticated,
-            RouterError::PermissionDenied(_) => Code::PermissionDenied,
-            RouterError::NotFound(_) => Code::NotFound,
-            RouterError::AlreadyExists(_) => Code::AlreadyExists,
-            RouterError::ResourceExhausted(_) => Code::ResourceExhausted,
-            RouterError::Unavailable(_) | RouterError::BadGateway(_) => Code::Unavailable,
-            RouterError::DeadlineExceeded(_) => Code::DeadlineExceeded,
-            RouterError::Cancelled(_) => Code::Cancelled,
-            RouterError::Internal(_) => Code::Internal,
-        }
+        self.error_code().grpc()
     }
 
     pub fn http_status(&self) -> StatusCode {
-        match self {
-            RouterError::InvalidArgument(_) => StatusCode::BAD_REQUEST,
-            RouterError::PaymentRequired(_) => StatusCode::PAYMENT_REQUIRED,
-            RouterError::FailedPrecondition { .. } => StatusCode::CONFLICT,
-            RouterError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
-            RouterError::PermissionDenied(_) => StatusCode::FORBIDDEN,
-            RouterError::NotFound(_) => StatusCode::NOT_FOUND,
-            RouterError::AlreadyExists(_) => StatusCode::CONFLICT,
-            RouterError::ResourceExhausted(_) => StatusCode::TOO_MANY_REQUESTS,
-            RouterError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            RouterError::BadGateway(_) => StatusCode::BAD_GATEWAY,
-            RouterError::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
-            // 499 (client closed request) is not a standard code; the client is gone anyway.
-            RouterError::Cancelled(_) => StatusCode::REQUEST_TIMEOUT,
-            RouterError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        }
+        self.error_code().http()
     }
 
     /// The OpenAI error `type`.
@@ -148,23 +126,19 @@ impl From<RouterError> for tonic::Status {
         if let RouterError::Internal(detail) = &err {
             tracing::error!(error = %detail, "internal router error");
         }
-        let details = ErrorDetails::with_error_info(
+        syft_error::grpc_status(
+            err.error_code(),
             err.reason(),
             ERROR_DOMAIN,
-            std::collections::HashMap::<String, String>::new(),
-        );
-        let mut status =
-            tonic::Status::with_error_details(err.grpc_code(), err.public_message(), details);
-        if let Ok(v) = err.reason().parse() {
-            status.metadata_mut().insert(REASON_HEADER, v);
-        }
-        status
+            err.public_message(),
+        )
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tonic_types::StatusExt;
 
     #[test]
     fn payment_required_maps_to_failed_precondition_with_reason() {

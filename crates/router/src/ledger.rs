@@ -17,8 +17,9 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 use crate::config::LedgerSettings;
-use crate::error::{RouterError, INSUFFICIENT_FUNDS};
+use crate::error::RouterError;
 use crate::health::LedgerState;
+use syft_error::Reason;
 
 /// The ledger's gRPC service name, as its health service reports it.
 const LEDGER_SERVICE: &str = "syft.ledger.v1.Ledger";
@@ -169,11 +170,9 @@ impl Ledger {
     }
 }
 
-/// Whether the ledger refused for lack of funds. The ledger sends no machine-readable reason yet,
-/// so this reads its message; swap it for its `ErrorInfo.reason` once the ledger sends one.
-fn is_insufficient_funds(s: &tonic::Status) -> bool {
-    s.code() == Code::FailedPrecondition
-        && s.message().to_ascii_lowercase().contains("insufficient")
+/// The ledger's machine-readable reason (`ErrorInfo.reason`), if it sent one we know.
+fn ledger_reason(s: &tonic::Status) -> Option<Reason> {
+    syft_error::reason_of(s).and_then(|r| r.parse().ok())
 }
 
 /// Ledger status -> router error. The ledger's own messages are client-safe for business
@@ -183,11 +182,9 @@ pub(crate) fn map_status(op: Op, s: tonic::Status) -> RouterError {
     match s.code() {
         Code::InvalidArgument => RouterError::InvalidArgument(msg),
         Code::FailedPrecondition => RouterError::FailedPrecondition {
-            reason: if is_insufficient_funds(&s) {
-                INSUFFICIENT_FUNDS
-            } else {
-                "LEDGER_REJECTED"
-            },
+            reason: ledger_reason(&s)
+                .map(Reason::as_str)
+                .unwrap_or("LEDGER_REJECTED"),
             message: msg,
         },
         Code::PermissionDenied => RouterError::PermissionDenied(msg),

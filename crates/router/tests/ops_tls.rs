@@ -102,11 +102,13 @@ async fn tls_ledger(tls: ServerTls) -> TlsLedger {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let url = format!("https://{}", listener.local_addr().expect("addr"));
     let (tx, rx) = oneshot::channel();
+    let s = store.clone();
     tokio::spawn(async move {
-        if let Err(e) = syft_ledger::serve(config, syft_ledger::Listeners::grpc(listener), async {
-            let _ = rx.await;
-        })
-        .await
+        if let Err(e) =
+            syft_ledger::serve_store(s, config, syft_ledger::Listeners::grpc(listener), async {
+                let _ = rx.await;
+            })
+            .await
         {
             eprintln!("ledger stopped: {e}");
         }

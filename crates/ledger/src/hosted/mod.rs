@@ -25,6 +25,7 @@ use sqlx::Row;
 use crate::error::{is_unique_violation, LedgerError, Result};
 use crate::store::{new_id, now_micros, sha256_hex, CaptureAmount, Store, TransferRow, UsageInput};
 use remote::{RemoteClient, RemoteError, RemoteTx};
+use syft_error::{ErrorCode, Reason};
 
 #[derive(Clone)]
 pub struct HostedConfig {
@@ -572,9 +573,10 @@ impl Hosted {
             .await?
             .ok_or_else(|| LedgerError::Unavailable("concurrent authorization, retry".into()))?;
         if e.request_hash != request_hash {
-            return Err(LedgerError::AlreadyExists(format!(
-                "idempotency key {key:?} was already used with different parameters"
-            )));
+            return Err(LedgerError::refused(
+                Reason::IdempotencyConflict,
+                format!("idempotency key {key:?} was already used with different parameters"),
+            ));
         }
         match e.step.as_str() {
             "failed" | "unknown" => Err(e.recorded_error()),
@@ -606,22 +608,29 @@ impl Hosted {
             match (e.status.as_str(), e.step.as_str()) {
                 ("COMPLETED", _) if e.captured == target => return Ok(e.transfer()),
                 ("COMPLETED", _) => {
-                    return Err(LedgerError::FailedPrecondition(format!(
-                        "transfer {id} was already captured for {} micros",
-                        e.captured
-                    )))
+                    return Err(LedgerError::refused(
+                        Reason::TransferNotPending,
+                        format!(
+                            "transfer {id} was already captured for {} micros",
+                            e.captured
+                        ),
+                    ))
                 }
                 ("CANCELLED", _) => {
-                    return Err(LedgerError::FailedPrecondition(format!(
-                        "transfer {id} is cancelled ({}), it cannot be captured",
-                        e.cancel_reason
-                    )))
+                    return Err(LedgerError::refused(
+                        Reason::TransferNotPending,
+                        format!(
+                            "transfer {id} is cancelled ({}), it cannot be captured",
+                            e.cancel_reason
+                        ),
+                    ))
                 }
                 (_, "held") => {
                     if e.expires_at <= now_micros() {
-                        return Err(LedgerError::FailedPrecondition(format!(
-                            "hold {id} expired, it can no longer be captured"
-                        )));
+                        return Err(LedgerError::refused(
+                            Reason::HoldExpired,
+                            format!("hold {id} expired, it can no longer be captured"),
+                        ));
                     }
                     let claimed = self
                         .claim(
@@ -680,9 +689,10 @@ impl Hosted {
             match (e.status.as_str(), e.step.as_str()) {
                 ("CANCELLED", _) => return Ok(e.transfer()),
                 ("COMPLETED", _) => {
-                    return Err(LedgerError::FailedPrecondition(format!(
-                        "transfer {id} is already captured, it cannot be voided"
-                    )))
+                    return Err(LedgerError::refused(
+                        Reason::TransferNotPending,
+                        format!("transfer {id} is already captured, it cannot be voided"),
+                    ))
                 }
                 // A capture that is not being driven right now may still be rolled back: the void
                 // discovers whether the remote service completed it meanwhile.
@@ -847,10 +857,13 @@ impl Hosted {
 
     async fn drive_void(&self, e: Entry, _stamp: i64) -> Result<TransferRow> {
         let already = |captured: i64| {
-            LedgerError::FailedPrecondition(format!(
-                "transfer {} was already captured for {captured} micros, it cannot be voided",
-                e.id
-            ))
+            LedgerError::refused(
+                Reason::TransferNotPending,
+                format!(
+                    "transfer {} was already captured for {captured} micros, it cannot be voided",
+                    e.id
+                ),
+            )
         };
         if let Some(charge) = &e.capture_remote_id {
             if self.cancel_remote(charge).await? == Outcome::Completed {
@@ -1008,8 +1021,8 @@ impl Hosted {
                         crate::metrics::resolved(&t, now);
                         tracing::info!(transfer = %t.id, status = %t.status, "recovered hosted transfer");
                     }
-                    Err(LedgerError::FailedPrecondition(m)) => {
-                        tracing::info!(transfer = %e.id, detail = %m, "recovered hosted transfer")
+                    Err(err) if err.error_code() == ErrorCode::FailedPrecondition => {
+                        tracing::info!(transfer = %e.id, detail = %err, "recovered hosted transfer")
                     }
                     Err(err) => {
                         tracing::warn!(transfer = %e.id, error = %err, "recovery will retry")

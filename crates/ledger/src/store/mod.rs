@@ -17,6 +17,7 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Executor, Row};
 
 use crate::error::{is_retryable, is_unique_violation, LedgerError, Result};
+use syft_error::Reason;
 
 pub use query::{TransferFilter, UsageFilter, UsagePage, UsageTotals};
 pub(crate) use transfer::{insert_usage, UsageLink};
@@ -634,7 +635,7 @@ impl Store {
         token_id: &str,
         amount: i64,
         now: i64,
-    ) -> Result<Option<String>> {
+    ) -> Result<Option<LedgerError>> {
         let row = sqlx::query(
             "SELECT revoked_at, expires_at, spend_limit, spent, held FROM tokens WHERE id = $1",
         )
@@ -647,14 +648,23 @@ impl Store {
         let spent: i64 = row.try_get(3)?;
         let held: i64 = row.try_get(4)?;
         if revoked_at.is_some() {
-            return Ok(Some("token has been revoked".into()));
+            return Ok(Some(LedgerError::refused(
+                Reason::TokenRevoked,
+                "token has been revoked",
+            )));
         }
         if expires_at.is_some_and(|e| e <= now) {
-            return Ok(Some("token has expired".into()));
+            return Ok(Some(LedgerError::refused(
+                Reason::TokenExpired,
+                "token has expired",
+            )));
         }
         Ok(spend_limit.filter(|l| spent + held + amount > *l).map(|limit| {
-            format!(
-                "token spend limit exceeded: limit {limit}, spent {spent}, held {held}, requested {amount} micros"
+            LedgerError::refused(
+                Reason::TokenLimitExceeded,
+                format!(
+                    "token spend limit exceeded: limit {limit}, spent {spent}, held {held}, requested {amount} micros"
+                ),
             )
         }))
     }

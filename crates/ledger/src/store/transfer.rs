@@ -16,6 +16,7 @@ use super::{
     TransferRow, UsageInput, TRANSFER_COLUMNS, TRANSFER_JOINS,
 };
 use crate::error::{is_unique_violation, LedgerError, Result};
+use syft_error::{ErrorCode, Reason};
 
 pub struct AuthorizeInput<'a> {
     pub recipient_id: i64,
@@ -81,7 +82,7 @@ impl Store {
                 .fail_authorize(
                     input,
                     "",
-                    LedgerError::PermissionDenied("unknown token".into()),
+                    LedgerError::refused(Reason::TokenInvalid, "unknown token"),
                 )
                 .await;
         };
@@ -92,12 +93,15 @@ impl Store {
         // Replays are found without a read on the hot path: a reused key makes the insert
         // conflict, and a recorded failure makes the token step refuse (see `try_authorize`).
         if token.recipient_id != input.recipient_id {
-            let err =
-                LedgerError::PermissionDenied("token was not issued to this recipient".into());
+            let err = LedgerError::refused(
+                Reason::TokenInvalid,
+                "token was not issued to this recipient",
+            );
             return self.fail_authorize(input, &request_hash, err).await;
         }
         if token.sender_email != input.sender_email {
-            let err = LedgerError::PermissionDenied("token does not belong to this sender".into());
+            let err =
+                LedgerError::refused(Reason::TokenInvalid, "token does not belong to this sender");
             return self.fail_authorize(input, &request_hash, err).await;
         }
 
@@ -120,13 +124,13 @@ impl Store {
                     if let Some(replayed) = self.replay_authorize(input, &request_hash).await? {
                         return replayed;
                     }
-                    let reason = self
+                    let err = self
                         .token_rejection(&token.id, input.amount, now)
                         .await?
-                        .unwrap_or_else(|| "token cannot be used".into());
-                    return self
-                        .fail_authorize(input, &request_hash, LedgerError::PermissionDenied(reason))
-                        .await;
+                        .unwrap_or_else(|| {
+                            LedgerError::refused(Reason::TokenInvalid, "token cannot be used")
+                        });
+                    return self.fail_authorize(input, &request_hash, err).await;
                 }
                 AuthorizeOutcome::InsufficientFunds => {
                     if let Some(replayed) = self.replay_authorize(input, &request_hash).await? {
@@ -140,10 +144,10 @@ impl Store {
                         rolled_up = true;
                         continue;
                     }
-                    let err = LedgerError::FailedPrecondition(format!(
-                        "insufficient funds: {} micros requested",
-                        input.amount
-                    ));
+                    let err = LedgerError::refused(
+                        Reason::InsufficientFunds,
+                        format!("insufficient funds: {} micros requested", input.amount),
+                    );
                     return self.fail_authorize(input, &request_hash, err).await;
                 }
             }
@@ -345,10 +349,10 @@ impl Store {
                 rolled_up = true;
                 continue;
             }
-            return Err(LedgerError::FailedPrecondition(format!(
-                "insufficient funds: {} micros requested",
-                input.amount
-            )));
+            return Err(LedgerError::refused(
+                Reason::InsufficientFunds,
+                format!("insufficient funds: {} micros requested", input.amount),
+            ));
         }
     }
 
@@ -410,23 +414,32 @@ impl Store {
                     if same {
                         return Ok(current);
                     }
-                    return Err(LedgerError::FailedPrecondition(format!(
-                        "transfer {} was already captured for {} micros",
-                        current.id, current.captured
-                    )));
+                    return Err(LedgerError::refused(
+                        Reason::TransferNotPending,
+                        format!(
+                            "transfer {} was already captured for {} micros",
+                            current.id, current.captured
+                        ),
+                    ));
                 }
                 (Resolution::Capture(_), "CANCELLED") => {
-                    return Err(LedgerError::FailedPrecondition(format!(
-                        "transfer {} is cancelled ({}), it cannot be captured",
-                        current.id, current.cancel_reason
-                    )))
+                    return Err(LedgerError::refused(
+                        Reason::TransferNotPending,
+                        format!(
+                            "transfer {} is cancelled ({}), it cannot be captured",
+                            current.id, current.cancel_reason
+                        ),
+                    ))
                 }
                 (Resolution::Void { .. }, "CANCELLED") => return Ok(current),
                 (Resolution::Void { .. }, "COMPLETED") => {
-                    return Err(LedgerError::FailedPrecondition(format!(
-                        "transfer {} is already captured, it cannot be voided",
-                        current.id
-                    )))
+                    return Err(LedgerError::refused(
+                        Reason::TransferNotPending,
+                        format!(
+                            "transfer {} is already captured, it cannot be voided",
+                            current.id
+                        ),
+                    ))
                 }
                 (Resolution::Capture(CaptureAmount::Micros(m)), "PENDING")
                     if *m > current.amount =>
@@ -437,10 +450,10 @@ impl Store {
                     )))
                 }
                 (Resolution::Capture(_), "PENDING") if current.expires_at <= now_micros() => {
-                    return Err(LedgerError::FailedPrecondition(format!(
-                        "hold {} expired, it can no longer be captured",
-                        current.id
-                    )))
+                    return Err(LedgerError::refused(
+                        Reason::HoldExpired,
+                        format!("hold {} expired, it can no longer be captured", current.id),
+                    ))
                 }
                 // Still pending: a concurrent resolution lost its race; look again.
                 _ => continue,
@@ -600,7 +613,7 @@ impl Store {
                 Ok(t) if t.resolved_by.as_deref() == Some("SYSTEM") => cancelled += 1,
                 Ok(_) => {}
                 // Another replica or the recipient got there first.
-                Err(LedgerError::FailedPrecondition(_)) => {}
+                Err(e) if e.error_code() == ErrorCode::FailedPrecondition => {}
                 Err(e) => return Err(e),
             }
         }
@@ -772,9 +785,10 @@ pub(crate) async fn insert_usage(
 }
 
 fn key_reused(key: &str) -> LedgerError {
-    LedgerError::AlreadyExists(format!(
-        "idempotency key {key:?} was already used with different parameters"
-    ))
+    LedgerError::refused(
+        Reason::IdempotencyConflict,
+        format!("idempotency key {key:?} was already used with different parameters"),
+    )
 }
 
 fn to_sqlx(err: LedgerError) -> sqlx::Error {

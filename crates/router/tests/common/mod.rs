@@ -312,10 +312,16 @@ impl LedgerHandle {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind ledger");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let (tx, rx) = oneshot::channel();
+        let s = store.clone();
         let task = tokio::spawn(async move {
-            let _ = syft_ledger::serve(config, syft_ledger::Listeners::grpc(listener), async {
-                let _ = rx.await;
-            })
+            let _ = syft_ledger::serve_store(
+                s,
+                config,
+                syft_ledger::Listeners::grpc(listener),
+                async {
+                    let _ = rx.await;
+                },
+            )
             .await;
         });
         LedgerHandle {
