@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod domain;
 pub mod error;
 pub mod health;
 pub mod hosted;

@@ -15,6 +15,7 @@ use serde_json::value::RawValue;
 use syft_proto::ledger as pb;
 
 use crate::auth::{authenticate, constant_time_eq, Caller};
+use crate::domain::{Actor, TransferStatus};
 use crate::error::{LedgerError, Result};
 use crate::money::{check_positive, format_micros};
 use crate::service::LedgerService;
@@ -168,10 +169,10 @@ fn user_json(a: &AccountRow) -> UserJson {
     UserJson {
         id: a.id.to_string(),
         email: a.email.clone(),
-        balance: units(a.available().max(0)),
+        balance: units(a.available().get().max(0)),
         organization: a.organization.clone(),
         currency: a.currency.clone(),
-        held: units(a.held),
+        held: units(a.held.get()),
     }
 }
 
@@ -195,19 +196,19 @@ struct TransactionJson {
 }
 
 fn transaction_json(t: &TransferRow) -> TransactionJson {
-    let amount = if t.status == "COMPLETED" {
-        t.captured
+    let amount = if t.status == TransferStatus::Completed {
+        t.captured.get()
     } else {
-        t.amount
+        t.amount.get()
     };
     TransactionJson {
         id: t.id.clone(),
         sender_email: t.sender_email.clone(),
         recipient_email: t.recipient_email.clone(),
-        created_by: t.created_by.clone(),
-        resolved_by: t.resolved_by.clone(),
+        created_by: t.created_by.to_string(),
+        resolved_by: t.resolved_by.map(|a| a.to_string()),
         amount: units(amount),
-        status: t.status.clone(),
+        status: t.status.to_string(),
         created_at: iso(t.created_at),
         resolved_at: t.resolved_at.map(iso),
         app_name: (!t.app_name.is_empty()).then(|| t.app_name.clone()),
@@ -544,7 +545,7 @@ async fn confirm_transaction(
     bytes: Bytes,
 ) -> Reply {
     let (email, transfer) = party_transfer(&service, &headers, &bytes).await?;
-    let by_sender = transfer.created_by == "SENDER";
+    let by_sender = transfer.created_by == Actor::Sender;
     let creator = if by_sender {
         &transfer.sender_email
     } else {
@@ -575,7 +576,7 @@ async fn cancel_transaction(
 ) -> Reply {
     let (email, transfer) = party_transfer(&service, &headers, &bytes).await?;
     let by_sender = email == transfer.sender_email;
-    if by_sender && transfer.created_by != "SENDER" {
+    if by_sender && transfer.created_by != Actor::Sender {
         return Err(LedgerError::PermissionDenied(format!(
             "transaction {} was created by its recipient; only the recipient may cancel it",
             transfer.id
@@ -628,8 +629,10 @@ async fn list_transactions(
     let account = caller.account()?;
     let status = match query.status.as_deref() {
         None | Some("") => None,
-        Some(s @ ("PENDING" | "COMPLETED" | "CANCELLED")) => Some(s.to_string()),
-        Some(other) => return Err(LedgerError::invalid(format!("unknown status {other:?}")).into()),
+        Some(other) => match other.parse::<TransferStatus>() {
+            Ok(status) => Some(status),
+            Err(_) => return Err(LedgerError::invalid(format!("unknown status {other:?}")).into()),
+        },
     };
     let limit = match query.limit {
         None => DEFAULT_HISTORY,
