@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use syft_error::Reason;
 
+use crate::domain::Micros;
 use crate::error::{LedgerError, Result};
 use crate::store::{
     AccountRow, AuthorizeInput, CaptureAmount, DirectInput, IssuedToken, Resolution, ResolveInput,
@@ -113,7 +114,7 @@ pub trait TransferBackend: Send + Sync + 'static {
         _sender: &AccountRow,
         _recipient: &AccountRow,
         _expires_at: Option<i64>,
-        _spend_limit: Option<i64>,
+        _spend_limit: Option<Micros>,
     ) -> Result<IssuedToken> {
         Err(not_supported("issuing tokens"))
     }
@@ -259,7 +260,7 @@ impl TransferBackend for LocalBackend {
         sender: &AccountRow,
         recipient: &AccountRow,
         expires_at: Option<i64>,
-        spend_limit: Option<i64>,
+        spend_limit: Option<Micros>,
     ) -> Result<IssuedToken> {
         self.store
             .issue_token(sender, recipient, expires_at, spend_limit)

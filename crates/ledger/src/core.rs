@@ -10,6 +10,7 @@ use syft_error::Reason;
 
 use crate::auth::{authenticate, constant_time_eq, generate_secret, Caller};
 use crate::backend::{Hold, Party, TransferBackend};
+use crate::domain::{Actor, Micros, TransferStatus};
 use crate::error::{LedgerError, Result};
 use crate::metrics;
 use crate::money::check_positive;
@@ -67,7 +68,7 @@ pub struct TransferQuery {
     /// Empty: the caller's own (admin: every account's).
     pub account_email: String,
     pub role: Role,
-    pub status: Option<String>,
+    pub status: Option<TransferStatus>,
     pub since: Option<i64>,
     pub until: Option<i64>,
     pub app_name: String,
@@ -287,7 +288,12 @@ impl Ledger {
         same_currency(sender, &recipient)?;
         let issued = self
             .backend
-            .issue_token(sender, &recipient, req.expires_at, req.spend_limit)
+            .issue_token(
+                sender,
+                &recipient,
+                req.expires_at,
+                req.spend_limit.map(Micros::new),
+            )
             .await?;
         Ok((issued, recipient_email))
     }
@@ -435,7 +441,7 @@ impl Ledger {
             account_id,
             as_sender: q.role == Role::Sender,
             as_recipient: q.role == Role::Recipient,
-            status: q.status.clone(),
+            status: q.status,
             since: q.since,
             until: q.until,
             app_name: non_empty(validate::text("app_name", &q.app_name, MAX_NAME, false)?),
@@ -457,7 +463,7 @@ impl Ledger {
     pub async fn history(
         &self,
         caller: &Caller,
-        status: Option<String>,
+        status: Option<TransferStatus>,
         limit: i64,
     ) -> Result<Vec<TransferRow>> {
         let account = caller.account()?;
@@ -558,7 +564,7 @@ impl Ledger {
             .await?
             .filter(|t| t.sender_email == email || t.recipient_email == email)
             .ok_or_else(|| LedgerError::NotFound(format!("transaction {id} not found")))?;
-        let created_by_sender = transfer.created_by == "SENDER";
+        let created_by_sender = transfer.created_by == Actor::Sender;
         let started = metrics::now();
         let resolved = match action {
             PartyAction::Confirm => {

@@ -7,6 +7,8 @@ use tonic::Status;
 /// `ErrorInfo.domain` of every ledger error.
 pub const ERROR_DOMAIN: &str = "syft.ledger";
 
+use crate::store::db_error::{classify, DbErrorClass};
+
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
     #[error("{0}")]
@@ -130,27 +132,13 @@ impl From<LedgerError> for Status {
     }
 }
 
-/// Postgres SQLSTATEs for serialization failure and deadlock: retried inside the ledger.
+/// Serialization failure, deadlock, busy or locked database: retried inside the ledger.
 pub(crate) fn is_retryable(err: &sqlx::Error) -> bool {
-    match err {
-        sqlx::Error::Database(db) => {
-            matches!(db.code().as_deref(), Some("40001") | Some("40P01"))
-                || db.message().contains("database is locked")
-        }
-        _ => false,
-    }
+    classify(err) == DbErrorClass::Transient
 }
 
 pub(crate) fn is_unique_violation(err: &sqlx::Error) -> bool {
-    match err {
-        sqlx::Error::Database(db) => {
-            db.code().as_deref() == Some("23505")
-                || db.code().as_deref() == Some("2067")
-                || db.code().as_deref() == Some("1555")
-                || db.message().contains("UNIQUE constraint failed")
-        }
-        _ => false,
-    }
+    classify(err) == DbErrorClass::UniqueViolation
 }
 
 /// The one place database errors become ledger errors.

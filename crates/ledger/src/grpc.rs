@@ -6,6 +6,7 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::Caller;
 use crate::core::{HoldRequest, Ledger, NewAccount, NewToken, Role, TransferQuery, UsageQuery};
+use crate::domain::{Micros, TransferStatus};
 use crate::error::{LedgerError, Result};
 use crate::store::{AccountRow, CaptureAmount, TransferRow, UsageInput, UsageRow};
 
@@ -98,7 +99,7 @@ impl pb::ledger_server::Ledger for GrpcLedger {
             sender_email: caller.account()?.email.clone(),
             recipient_email,
             expires_at_unix_micros: issued.expires_at,
-            spend_limit_micros: issued.spend_limit,
+            spend_limit_micros: issued.spend_limit.map(Micros::get),
         }))
     }
 
@@ -188,7 +189,7 @@ impl pb::ledger_server::Ledger for GrpcLedger {
         };
         let status = match pb::TransferStatus::try_from(req.status) {
             Ok(pb::TransferStatus::Unspecified) => None,
-            Ok(s) => Some(status_name(s).to_string()),
+            Ok(s) => TransferStatus::try_from(s).ok(),
             Err(_) => return Err(LedgerError::invalid("unknown status").into()),
         };
         let query = TransferQuery {
@@ -247,7 +248,7 @@ impl pb::ledger_server::Ledger for GrpcLedger {
                 prompt_tokens: t.prompt_tokens,
                 completion_tokens: t.completion_tokens,
                 total_tokens: t.total_tokens,
-                cost_micros: t.cost,
+                cost_micros: t.cost.get(),
             }),
         }))
     }
@@ -269,41 +270,14 @@ fn usage_input(u: pb::Usage) -> UsageInput {
     }
 }
 
-pub fn status_name(s: pb::TransferStatus) -> &'static str {
-    match s {
-        pb::TransferStatus::Pending => "PENDING",
-        pb::TransferStatus::Completed => "COMPLETED",
-        pb::TransferStatus::Cancelled => "CANCELLED",
-        pb::TransferStatus::Unspecified => "",
-    }
-}
-
-fn status_pb(s: &str) -> pb::TransferStatus {
-    match s {
-        "PENDING" => pb::TransferStatus::Pending,
-        "COMPLETED" => pb::TransferStatus::Completed,
-        "CANCELLED" => pb::TransferStatus::Cancelled,
-        _ => pb::TransferStatus::Unspecified,
-    }
-}
-
-fn actor_pb(s: Option<&str>) -> pb::Actor {
-    match s {
-        Some("SYSTEM") => pb::Actor::System,
-        Some("SENDER") => pb::Actor::Sender,
-        Some("RECIPIENT") => pb::Actor::Recipient,
-        _ => pb::Actor::Unspecified,
-    }
-}
-
 pub fn account_pb(a: &AccountRow) -> pb::Account {
     pb::Account {
         email: a.email.clone(),
         organization: a.organization.clone(),
         currency: a.currency.clone(),
-        balance_micros: a.balance,
-        held_micros: a.held,
-        available_micros: a.available(),
+        balance_micros: a.balance.get(),
+        held_micros: a.held.get(),
+        available_micros: a.available().get(),
         created_at_unix_micros: a.created_at,
     }
 }
@@ -313,12 +287,15 @@ pub fn transfer_pb(t: &TransferRow) -> pb::Transfer {
         id: t.id.clone(),
         sender_email: t.sender_email.clone(),
         recipient_email: t.recipient_email.clone(),
-        amount_micros: t.amount,
-        captured_micros: t.captured,
+        amount_micros: t.amount.get(),
+        captured_micros: t.captured.get(),
         currency: t.currency.clone(),
-        status: status_pb(&t.status).into(),
-        created_by: actor_pb(Some(&t.created_by)).into(),
-        resolved_by: actor_pb(t.resolved_by.as_deref()).into(),
+        status: pb::TransferStatus::from(t.status).into(),
+        created_by: pb::Actor::from(t.created_by).into(),
+        resolved_by: t
+            .resolved_by
+            .map_or(pb::Actor::Unspecified, pb::Actor::from)
+            .into(),
         app_name: t.app_name.clone(),
         app_ep_path: t.app_ep_path.clone(),
         created_at_unix_micros: t.created_at,
@@ -348,7 +325,7 @@ pub fn usage_pb(u: &UsageRow) -> pb::UsageRecord {
         }),
         transfer_id: u.transfer_id.clone().unwrap_or_default(),
         recipient_email: u.recipient_email.clone(),
-        cost_micros: u.cost,
+        cost_micros: u.cost.get(),
         created_at_unix_micros: u.created_at,
     }
 }

@@ -12,6 +12,7 @@ pub mod auth;
 pub mod backend;
 pub mod client;
 pub mod core;
+pub mod domain;
 pub mod error;
 pub mod grpc;
 pub mod health;

@@ -7,6 +7,7 @@ use prometheus::{
     IntGaugeVec,
 };
 
+use crate::domain::{Actor, TransferStatus};
 use crate::store::{now_micros, Store, TransferRow};
 
 static HOLDS: LazyLock<IntCounterVec> = LazyLock::new(|| {
@@ -60,16 +61,16 @@ pub fn resolved(t: &TransferRow, call_started: i64) {
     if t.resolved_at.is_none_or(|at| at < call_started) {
         return;
     }
-    match t.status.as_str() {
-        "COMPLETED" => {
+    match t.status {
+        TransferStatus::Completed => {
             HOLDS.with_label_values(&["captured"]).inc();
             CAPTURED
                 .with_label_values(&[t.app_name.as_str()])
-                .inc_by(t.captured.max(0) as u64);
+                .inc_by(t.captured.get().max(0) as u64);
         }
-        "CANCELLED" if t.resolved_by.as_deref() == Some("SYSTEM") => expired(1),
-        "CANCELLED" => HOLDS.with_label_values(&["voided"]).inc(),
-        _ => {}
+        TransferStatus::Cancelled if t.resolved_by == Some(Actor::System) => expired(1),
+        TransferStatus::Cancelled => HOLDS.with_label_values(&["voided"]).inc(),
+        TransferStatus::Pending => {}
     }
 }
 

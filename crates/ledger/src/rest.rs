@@ -15,6 +15,7 @@ use serde_json::value::RawValue;
 
 use crate::auth::Caller;
 use crate::core::{HoldRequest, Ledger, PartyAction};
+use crate::domain::TransferStatus;
 use crate::error::{LedgerError, Result};
 use crate::money::{check_positive, format_micros};
 use crate::store::{new_id, AccountRow, TransferRow};
@@ -146,10 +147,10 @@ fn user_json(a: &AccountRow) -> UserJson {
     UserJson {
         id: a.id.to_string(),
         email: a.email.clone(),
-        balance: units(a.available().max(0)),
+        balance: units(a.available().get().max(0)),
         organization: a.organization.clone(),
         currency: a.currency.clone(),
-        held: units(a.held),
+        held: units(a.held.get()),
     }
 }
 
@@ -173,19 +174,19 @@ struct TransactionJson {
 }
 
 fn transaction_json(t: &TransferRow) -> TransactionJson {
-    let amount = if t.status == "COMPLETED" {
-        t.captured
+    let amount = if t.status == TransferStatus::Completed {
+        t.captured.get()
     } else {
-        t.amount
+        t.amount.get()
     };
     TransactionJson {
         id: t.id.clone(),
         sender_email: t.sender_email.clone(),
         recipient_email: t.recipient_email.clone(),
-        created_by: t.created_by.clone(),
-        resolved_by: t.resolved_by.clone(),
+        created_by: t.created_by.to_string(),
+        resolved_by: t.resolved_by.map(|a| a.to_string()),
         amount: units(amount),
-        status: t.status.clone(),
+        status: t.status.to_string(),
         created_at: iso(t.created_at),
         resolved_at: t.resolved_at.map(iso),
         app_name: (!t.app_name.is_empty()).then(|| t.app_name.clone()),
@@ -459,8 +460,10 @@ async fn list_transactions(
     caller.account()?;
     let status = match query.status.as_deref() {
         None | Some("") => None,
-        Some(s @ ("PENDING" | "COMPLETED" | "CANCELLED")) => Some(s.to_string()),
-        Some(other) => return Err(LedgerError::invalid(format!("unknown status {other:?}")).into()),
+        Some(other) => match other.parse::<TransferStatus>() {
+            Ok(status) => Some(status),
+            Err(_) => return Err(LedgerError::invalid(format!("unknown status {other:?}")).into()),
+        },
     };
     let limit = match query.limit {
         None => DEFAULT_HISTORY,

@@ -6,6 +6,10 @@
 
 use thiserror::Error;
 
+mod micros;
+
+pub use micros::Micros;
+
 /// Micros in one unit of currency.
 pub const MICROS_PER_UNIT: i64 = 1_000_000;
 

@@ -71,7 +71,7 @@ impl TransferBackend for HostedBackend {
         // One owner: the account and role filters select every transfer of this ledger.
         self.hosted
             .list(
-                filter.status.as_deref(),
+                filter.status.map(|s| s.as_str()),
                 filter.before_id.as_deref(),
                 filter.limit,
             )
@@ -95,8 +95,8 @@ impl TransferBackend for HostedBackend {
         let remote = self.hosted.account().await?;
         Ok(AccountRow {
             organization: remote.organization,
-            balance: remote.balance_micros,
-            held: remote.held_micros,
+            balance: remote.balance_micros.into(),
+            held: remote.held_micros.into(),
             ..mirror
         })
     }

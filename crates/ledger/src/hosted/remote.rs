@@ -6,6 +6,7 @@ use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::domain::{Actor, TransferStatus};
 use crate::error::LedgerError;
 use crate::money::format_micros;
 
@@ -57,8 +58,10 @@ pub struct RemoteTx {
     pub id: String,
     pub sender_email: String,
     pub recipient_email: String,
-    pub created_by: String,
-    pub status: String,
+    /// `None`: the service did not say, or said something this ledger does not know.
+    pub created_by: Option<Actor>,
+    /// `None`: a status this ledger does not know, treated as not resolved.
+    pub status: Option<TransferStatus>,
     pub amount: i64,
     pub created_at: Option<i64>,
 }
@@ -85,8 +88,8 @@ impl TxJson {
             id: self.id,
             sender_email: self.sender_email.to_ascii_lowercase(),
             recipient_email: self.recipient_email.to_ascii_lowercase(),
-            created_by: self.created_by,
-            status: self.status,
+            created_by: self.created_by.parse().ok(),
+            status: self.status.parse().ok(),
         })
     }
 }

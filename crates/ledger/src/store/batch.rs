@@ -18,10 +18,10 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
 use serde_json::json;
-use sqlx::{AnyPool, Row};
+use sqlx::{AnyPool, FromRow, Row};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
-use super::{transfer_from_row, TransferRow, UsageInput, TRANSFER_COLUMNS};
+use super::{Actor, Micros, TransferRow, TransferStatus, UsageInput, TRANSFER_COLUMNS};
 use crate::error::is_retryable;
 
 const MAX_BATCH: usize = 256;
@@ -53,11 +53,11 @@ impl AuthJob {
             recipient_id: self.recipient_id,
             sender_email: self.sender_email.clone(),
             recipient_email: self.recipient_email.clone(),
-            amount: self.amount,
-            captured: 0,
+            amount: Micros::new(self.amount),
+            captured: Micros::ZERO,
             currency: self.currency.clone(),
-            status: "PENDING".into(),
-            created_by: "RECIPIENT".into(),
+            status: TransferStatus::Pending,
+            created_by: Actor::Recipient,
             resolved_by: None,
             app_name: self.app_name.clone(),
             app_ep_path: self.app_ep_path.clone(),
@@ -93,10 +93,10 @@ pub(crate) struct ResolveJob {
     pub transfer_id: String,
     /// -1: the ledger itself (sweep).
     pub recipient_id: i64,
-    pub status: &'static str,
+    pub status: TransferStatus,
     /// -1 captures the full authorized amount.
     pub captured: i64,
-    pub resolved_by: &'static str,
+    pub resolved_by: Actor,
     pub reason: String,
     pub now: i64,
     pub guard: TimeGuard,
@@ -281,9 +281,9 @@ async fn authorize_batch(
         .await?;
     let mut results = vec![AuthResult::TokenRejected; auths.len()];
     for row in rows {
-        let n: i32 = row.try_get(0)?;
-        let token_ok: bool = row.try_get(1)?;
-        let funds_ok: bool = row.try_get(2)?;
+        let n: i32 = row.try_get("in_n")?;
+        let token_ok: bool = row.try_get("token_ok")?;
+        let funds_ok: bool = row.try_get("funds_ok")?;
         results[n as usize] = match (token_ok, funds_ok) {
             (true, true) => AuthResult::Created,
             (true, false) => AuthResult::InsufficientFunds,
@@ -304,8 +304,8 @@ async fn resolve_batch(
         .enumerate()
         .map(|(n, j)| {
             let u = j.usage.as_ref().unwrap_or(&empty);
-            json!({"in_n": n, "in_id": j.transfer_id, "in_recipient": j.recipient_id, "in_status": j.status,
-                   "in_captured": j.captured, "in_resolved_by": j.resolved_by, "in_reason": j.reason,
+            json!({"in_n": n, "in_id": j.transfer_id, "in_recipient": j.recipient_id, "in_status": j.status.as_str(),
+                   "in_captured": j.captured, "in_resolved_by": j.resolved_by.as_str(), "in_reason": j.reason,
                    "in_now": j.now, "in_guard": j.guard as i32, "in_usage_id": j.usage_id,
                    "in_has_usage": j.usage.is_some(), "in_request_id": u.request_id, "in_app": u.app_name,
                    "in_endpoint": u.endpoint, "in_user": u.user_email, "in_model": u.model,
@@ -319,9 +319,8 @@ async fn resolve_batch(
         .await?;
     let mut results = vec![None; resolves.len()];
     for row in rows {
-        let n: i32 = row.try_get(18)?;
-        results[n as usize] =
-            Some(transfer_from_row(&row).map_err(|e| sqlx::Error::Protocol(e.to_string()))?);
+        let n: i32 = row.try_get("in_n")?;
+        results[n as usize] = Some(TransferRow::from_row(&row)?);
     }
     Ok(results)
 }
@@ -370,7 +369,8 @@ WITH input AS (
     FROM input WHERE in_n IN (SELECT in_n FROM funds_ok)
     RETURNING id
 )
-SELECT i.in_n, i.in_n IN (SELECT in_n FROM token_ok), i.in_n IN (SELECT in_n FROM funds_ok)
+SELECT i.in_n, i.in_n IN (SELECT in_n FROM token_ok) AS token_ok,
+    i.in_n IN (SELECT in_n FROM funds_ok) AS funds_ok
 FROM input i";
 
 /// Captures and voids a batch. Sender and token updates are aggregated so several resolutions for

@@ -1,11 +1,12 @@
 //! Read paths: transfer listing and usage queries with keyset paging.
 
 use sqlx::any::AnyArguments;
-use sqlx::query::Query;
-use sqlx::{Any, Row};
+use sqlx::query::QueryAs;
+use sqlx::Any;
 
 use super::{
-    transfer_from_row, Store, TransferRow, UsageInput, UsageRow, TRANSFER_COLUMNS, TRANSFER_JOINS,
+    Micros, Store, TransferRow, TransferStatus, UsageRow, TRANSFER_COLUMNS, TRANSFER_JOINS,
+    USAGE_COLUMNS,
 };
 use crate::error::Result;
 
@@ -15,7 +16,7 @@ pub struct TransferFilter {
     pub account_id: Option<i64>,
     pub as_sender: bool,
     pub as_recipient: bool,
-    pub status: Option<String>,
+    pub status: Option<TransferStatus>,
     pub since: Option<i64>,
     pub until: Option<i64>,
     pub app_name: Option<String>,
@@ -38,13 +39,13 @@ pub struct UsageFilter {
     pub limit: i64,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, sqlx::FromRow)]
 pub struct UsageTotals {
     pub requests: i64,
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
     pub total_tokens: i64,
-    pub cost: i64,
+    pub cost: Micros,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -91,10 +92,10 @@ impl Where {
         }
     }
 
-    fn bind<'q>(
+    fn bind_as<'q, O>(
         &'q self,
-        mut query: Query<'q, Any, AnyArguments<'q>>,
-    ) -> Query<'q, Any, AnyArguments<'q>> {
+        mut query: QueryAs<'q, Any, O, AnyArguments<'q>>,
+    ) -> QueryAs<'q, Any, O, AnyArguments<'q>> {
         for b in &self.binds {
             query = match b {
                 Bind::Int(v) => query.bind(*v),
@@ -122,7 +123,7 @@ impl Store {
             }
         }
         if let Some(status) = &f.status {
-            w.text("t.status = ?", status);
+            w.text("t.status = ?", status.as_str());
         }
         if let Some(since) = f.since {
             w.int("t.created_at >= ?", since);
@@ -141,11 +142,10 @@ impl Store {
             w.sql(),
             f.limit + 1
         );
-        let rows = w.bind(sqlx::query(&sql)).fetch_all(self.pool()).await?;
-        let mut transfers = rows
-            .iter()
-            .map(transfer_from_row)
-            .collect::<Result<Vec<_>>>()?;
+        let mut transfers: Vec<TransferRow> = w
+            .bind_as(sqlx::query_as(&sql))
+            .fetch_all(self.pool())
+            .await?;
         let has_more = transfers.len() as i64 > f.limit;
         transfers.truncate(f.limit as usize);
         Ok((transfers, has_more))
@@ -182,23 +182,18 @@ impl Store {
             w.text("u.status = ?", v);
         }
         let totals_sql = format!(
-            "SELECT COUNT(*), CAST(COALESCE(SUM(u.prompt_tokens), 0) AS BIGINT), \
-             CAST(COALESCE(SUM(u.completion_tokens), 0) AS BIGINT), \
-             CAST(COALESCE(SUM(u.total_tokens), 0) AS BIGINT), CAST(COALESCE(SUM(u.cost), 0) AS BIGINT) \
+            "SELECT COUNT(*) AS requests, \
+             CAST(COALESCE(SUM(u.prompt_tokens), 0) AS BIGINT) AS prompt_tokens, \
+             CAST(COALESCE(SUM(u.completion_tokens), 0) AS BIGINT) AS completion_tokens, \
+             CAST(COALESCE(SUM(u.total_tokens), 0) AS BIGINT) AS total_tokens, \
+             CAST(COALESCE(SUM(u.cost), 0) AS BIGINT) AS cost \
              FROM usage_records u {}",
             w.sql()
         );
-        let row = w
-            .bind(sqlx::query(&totals_sql))
+        let totals: UsageTotals = w
+            .bind_as(sqlx::query_as(&totals_sql))
             .fetch_one(self.pool())
             .await?;
-        let totals = UsageTotals {
-            requests: row.try_get(0)?,
-            prompt_tokens: row.try_get(1)?,
-            completion_tokens: row.try_get(2)?,
-            total_tokens: row.try_get(3)?,
-            cost: row.try_get(4)?,
-        };
         if let Some(before) = &f.before_id {
             w.text("u.id < ?", before);
         }
@@ -208,11 +203,10 @@ impl Store {
             w.sql(),
             f.limit + 1
         );
-        let rows = w.bind(sqlx::query(&sql)).fetch_all(self.pool()).await?;
-        let mut rows = rows
-            .iter()
-            .map(usage_from_row)
-            .collect::<Result<Vec<_>>>()?;
+        let mut rows: Vec<UsageRow> = w
+            .bind_as(sqlx::query_as(&sql))
+            .fetch_all(self.pool())
+            .await?;
         let has_more = rows.len() as i64 > f.limit;
         rows.truncate(f.limit as usize);
         Ok(UsagePage {
@@ -231,38 +225,10 @@ impl Store {
             "SELECT {USAGE_COLUMNS} FROM usage_records u JOIN accounts r ON r.id = u.recipient_id \
              WHERE u.recipient_id = $1 AND u.request_id = $2"
         );
-        let row = sqlx::query(&sql)
+        Ok(sqlx::query_as(&sql)
             .bind(recipient_id)
             .bind(request_id)
             .fetch_optional(self.pool())
-            .await?;
-        row.as_ref().map(usage_from_row).transpose()
+            .await?)
     }
-}
-
-const USAGE_COLUMNS: &str = "u.id, r.email, COALESCE(u.transfer_id, u.hosted_transfer_id), u.cost, u.created_at, u.request_id, u.app_name, \
-     u.endpoint, u.user_email, u.model, u.prompt_tokens, u.completion_tokens, u.total_tokens, u.status, \
-     u.latency_ms, u.upstream_latency_ms";
-
-fn usage_from_row(row: &sqlx::any::AnyRow) -> Result<UsageRow> {
-    Ok(UsageRow {
-        id: row.try_get(0)?,
-        recipient_email: row.try_get(1)?,
-        transfer_id: row.try_get(2)?,
-        cost: row.try_get(3)?,
-        created_at: row.try_get(4)?,
-        usage: UsageInput {
-            request_id: row.try_get(5)?,
-            app_name: row.try_get(6)?,
-            endpoint: row.try_get(7)?,
-            user_email: row.try_get(8)?,
-            model: row.try_get(9)?,
-            prompt_tokens: row.try_get(10)?,
-            completion_tokens: row.try_get(11)?,
-            total_tokens: row.try_get(12)?,
-            status: row.try_get(13)?,
-            latency_ms: row.try_get(14)?,
-            upstream_latency_ms: row.try_get(15)?,
-        },
-    })
 }

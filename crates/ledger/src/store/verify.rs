@@ -1,7 +1,5 @@
 //! `verify`: recomputes every balance from the journal and proves conservation.
 
-use sqlx::Row;
-
 use super::Store;
 use crate::error::Result;
 
@@ -24,6 +22,27 @@ impl VerifyReport {
     pub fn is_ok(&self) -> bool {
         self.problems.is_empty()
     }
+}
+
+/// One account's stored totals beside what its journal and pending transfers say.
+#[derive(sqlx::FromRow)]
+struct AccountCheck {
+    email: String,
+    balance: i64,
+    held: i64,
+    journal: i64,
+    rolled: i64,
+    pending: i64,
+}
+
+/// One token's counters beside what its transfers say.
+#[derive(sqlx::FromRow)]
+struct TokenCheck {
+    id: String,
+    held: i64,
+    spent: i64,
+    pending: i64,
+    captured: i64,
 }
 
 impl Store {
@@ -75,8 +94,9 @@ impl Store {
         }
 
         // Each account's balance equals its journal; held equals its pending transfers.
-        let rows = sqlx::query(
-            "SELECT a.email, a.balance, a.held, COALESCE(j.total, 0), COALESCE(j.rolled, 0), COALESCE(p.held, 0) \
+        let rows: Vec<AccountCheck> = sqlx::query_as(
+            "SELECT a.email, a.balance, a.held, COALESCE(j.total, 0) AS journal, \
+             COALESCE(j.rolled, 0) AS rolled, COALESCE(p.held, 0) AS pending \
              FROM accounts a \
              LEFT JOIN (SELECT account_id, CAST(SUM(amount) AS BIGINT) AS total, \
                           CAST(SUM(CASE WHEN rolled_up THEN amount ELSE 0 END) AS BIGINT) AS rolled \
@@ -86,13 +106,15 @@ impl Store {
         )
         .fetch_all(pool)
         .await?;
-        for row in rows {
-            let email: String = row.try_get(0)?;
-            let balance: i64 = row.try_get(1)?;
-            let held: i64 = row.try_get(2)?;
-            let journal: i64 = row.try_get(3)?;
-            let rolled: i64 = row.try_get(4)?;
-            let pending: i64 = row.try_get(5)?;
+        for AccountCheck {
+            email,
+            balance,
+            held,
+            journal,
+            rolled,
+            pending,
+        } in rows
+        {
             if balance != rolled {
                 problems.push(format!(
                     "{email}: balance {balance} != rolled-up journal {rolled}"
@@ -112,8 +134,9 @@ impl Store {
         }
 
         // Tokens: held and spent match their transfers.
-        let rows = sqlx::query(
-            "SELECT k.id, k.held, k.spent, COALESCE(x.pending, 0), COALESCE(x.captured, 0) FROM tokens k \
+        let rows: Vec<TokenCheck> = sqlx::query_as(
+            "SELECT k.id, k.held, k.spent, COALESCE(x.pending, 0) AS pending, \
+             COALESCE(x.captured, 0) AS captured FROM tokens k \
              LEFT JOIN (SELECT token_id, \
                           CAST(SUM(CASE WHEN status = 'PENDING' THEN amount ELSE 0 END) AS BIGINT) AS pending, \
                           CAST(SUM(CASE WHEN status = 'COMPLETED' THEN captured ELSE 0 END) AS BIGINT) AS captured \
@@ -121,14 +144,14 @@ impl Store {
         )
         .fetch_all(pool)
         .await?;
-        for row in rows {
-            let id: String = row.try_get(0)?;
-            let (held, spent, pending, captured): (i64, i64, i64, i64) = (
-                row.try_get(1)?,
-                row.try_get(2)?,
-                row.try_get(3)?,
-                row.try_get(4)?,
-            );
+        for TokenCheck {
+            id,
+            held,
+            spent,
+            pending,
+            captured,
+        } in rows
+        {
             if held != pending || spent != captured {
                 problems.push(format!(
                     "token {id}: held {held}/spent {spent} != pending {pending}/captured {captured}"

@@ -1,0 +1,123 @@
+//! Phase one: a hold on the remote service, journalled before the remote create.
+
+use super::journal::{Inserted, NewEntry, Step};
+use super::remote::RemoteError;
+use super::Hosted;
+use crate::error::{LedgerError, Result};
+use crate::store::{new_id, now_micros, sha256_hex, TransferRow};
+use syft_error::Reason;
+
+pub struct HostedAuthorize<'a> {
+    pub sender_email: &'a str,
+    pub amount: i64,
+    pub token: &'a str,
+    pub app_name: &'a str,
+    pub app_ep_path: &'a str,
+    pub idempotency_key: &'a str,
+    pub ttl_micros: i64,
+}
+
+impl Hosted {
+    pub async fn authorize(&self, input: &HostedAuthorize<'_>) -> Result<TransferRow> {
+        let request_hash = sha256_hex(&format!(
+            "{}\n{}\n{}\n{}\n{}",
+            input.sender_email,
+            input.amount,
+            sha256_hex(input.token),
+            input.app_name,
+            input.app_ep_path
+        ));
+        let id = new_id();
+        let now = now_micros();
+        let entry = NewEntry {
+            id: &id,
+            idempotency_key: input.idempotency_key,
+            request_hash: &request_hash,
+            sender_email: input.sender_email,
+            recipient_email: &self.config.email,
+            token: input.token,
+            amount: input.amount,
+            currency: &self.currency,
+            app_name: input.app_name,
+            app_ep_path: input.app_ep_path,
+            now,
+            expires_at: now.saturating_add(input.ttl_micros),
+        };
+        if let Inserted::DuplicateKey = self.journal.insert(&entry).await? {
+            return self.replay(input.idempotency_key, &request_hash).await;
+        }
+        let created = self
+            .retry(false, || {
+                self.remote.create(
+                    input.sender_email,
+                    input.amount,
+                    input.token,
+                    input.app_name,
+                    input.app_ep_path,
+                    &id,
+                )
+            })
+            .await;
+        match created {
+            Ok(tx) => {
+                if tx.amount != input.amount || tx.sender_email != input.sender_email {
+                    tracing::error!(transfer = %id, remote = %tx.id, "accounting service created a different transaction");
+                }
+                self.journal.mark_held(&id, &tx.id).await?;
+                tracing::debug!(transfer = %id, remote = %tx.id, sender = input.sender_email, amount = input.amount, "hosted hold placed");
+                Ok(self.journal.must_entry(&id).await?.transfer())
+            }
+            Err(RemoteError::Rejected { status, message })
+                if status.as_u16() == 401 || status.as_u16() == 429 =>
+            {
+                // Not an answer about this transfer: forget the attempt so the key can be retried.
+                self.journal.forget(&id).await?;
+                Err(RemoteError::Rejected { status, message }.into_ledger())
+            }
+            Err(e @ RemoteError::Rejected { .. }) => {
+                let err = e.into_ledger();
+                self.journal
+                    .mark_not_held(&id, Step::Failed, "refused by the accounting service", &err)
+                    .await?;
+                Err(err)
+            }
+            Err(RemoteError::Unreachable(m)) => {
+                self.journal.forget(&id).await?;
+                Err(RemoteError::Unreachable(m).into_ledger())
+            }
+            Err(e @ RemoteError::Unknown(_)) => {
+                let err = e.into_ledger();
+                self.journal
+                    .mark_not_held(
+                        &id,
+                        Step::Unknown,
+                        "outcome unknown; a remote hold, if placed, is cancelled by recovery",
+                        &err,
+                    )
+                    .await?;
+                Err(err)
+            }
+        }
+    }
+
+    /// The outcome of an earlier authorization with the same key.
+    async fn replay(&self, key: &str, request_hash: &str) -> Result<TransferRow> {
+        let e =
+            self.journal.entry_by_key(key).await?.ok_or_else(|| {
+                LedgerError::Unavailable("concurrent authorization, retry".into())
+            })?;
+        if e.request_hash != request_hash {
+            return Err(LedgerError::refused(
+                Reason::IdempotencyConflict,
+                format!("idempotency key {key:?} was already used with different parameters"),
+            ));
+        }
+        match e.step {
+            Step::Failed | Step::Unknown => Err(e.recorded_error()),
+            Step::Creating => Err(LedgerError::Unavailable(
+                "an authorization with this key is in progress, retry".into(),
+            )),
+            _ => Ok(e.transfer()),
+        }
+    }
+}

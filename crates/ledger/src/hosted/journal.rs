@@ -1,0 +1,616 @@
+//! The local journal of remote steps (`hosted_transfers`): every statement the hosted backend runs
+//! on that table, and the lease that lets one driver at a time take a transfer's next remote step.
+//!
+//! `updated_at` is the lease stamp. Only the holder of the current stamp may move an entry on, so
+//! two drivers can never both charge; a `held` entry has no driver, so any stamp on it is free.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::any::AnyRow;
+use sqlx::{FromRow, Row};
+
+use crate::domain::{text_enum, Actor, Micros, TransferStatus};
+use crate::error::{is_unique_violation, LedgerError, Result};
+use crate::store::{new_id, now_micros, Store, TransferRow, UsageInput};
+
+text_enum! {
+    /// Where a hosted transfer stands locally (`hosted_transfers.step`); each step is written
+    /// before the remote call it leads to.
+    pub(super) enum Step {
+        /// The remote create is under way.
+        Creating = "creating",
+        /// The remote hold exists; nobody is resolving it.
+        Held = "held",
+        /// A driver is capturing (confirm, or charge + cancel for a partial capture).
+        Capturing = "capturing",
+        /// A driver is cancelling the remote hold (and any charge transaction).
+        Voiding = "voiding",
+        /// Resolved; `status` says how.
+        Done = "done",
+        /// The remote service refused the create: nothing is held.
+        Failed = "failed",
+        /// The create's outcome is unknown; recovery cancels a remote hold if one appears.
+        Unknown = "unknown",
+    }
+}
+
+/// What a remote transaction turned out to be after a confirm or cancel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Outcome {
+    Completed,
+    Cancelled,
+}
+
+/// One row of `hosted_transfers`.
+#[derive(Debug, Clone)]
+pub(super) struct Entry {
+    pub id: String,
+    pub idempotency_key: String,
+    pub request_hash: String,
+    pub sender_email: String,
+    pub recipient_email: String,
+    pub token: String,
+    pub amount: Micros,
+    pub captured: Micros,
+    pub currency: String,
+    pub status: TransferStatus,
+    pub step: Step,
+    pub remote_id: Option<String>,
+    pub capture_amount: Option<Micros>,
+    pub capture_remote_id: Option<String>,
+    pub hold_released: bool,
+    pub pending_usage: Option<String>,
+    pub app_name: String,
+    pub app_ep_path: String,
+    pub resolved_by: Option<Actor>,
+    pub cancel_reason: String,
+    pub error_kind: Option<String>,
+    pub error_message: Option<String>,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub lease: i64,
+    pub resolved_at: Option<i64>,
+}
+
+const COLUMNS: &str = "id, idempotency_key, request_hash, sender_email, recipient_email, token, \
+    amount, captured, currency, status, step, remote_id, capture_amount, capture_remote_id, \
+    CAST(CASE WHEN hold_released THEN 1 ELSE 0 END AS BIGINT) AS hold_released, pending_usage, \
+    app_name, app_ep_path, resolved_by, cancel_reason, error_kind, error_message, created_at, \
+    expires_at, updated_at, resolved_at";
+
+/// By column name; `hold_released` is read as an integer because SQLite returns booleans as
+/// integers, which the `Any` driver will not decode as `bool`.
+impl FromRow<'_, AnyRow> for Entry {
+    fn from_row(r: &AnyRow) -> sqlx::Result<Self> {
+        Ok(Entry {
+            id: r.try_get("id")?,
+            idempotency_key: r.try_get("idempotency_key")?,
+            request_hash: r.try_get("request_hash")?,
+            sender_email: r.try_get("sender_email")?,
+            recipient_email: r.try_get("recipient_email")?,
+            token: r.try_get("token")?,
+            amount: r.try_get("amount")?,
+            captured: r.try_get("captured")?,
+            currency: r.try_get("currency")?,
+            status: r.try_get("status")?,
+            step: r.try_get("step")?,
+            remote_id: r.try_get("remote_id")?,
+            capture_amount: r.try_get("capture_amount")?,
+            capture_remote_id: r.try_get("capture_remote_id")?,
+            hold_released: r.try_get::<i64, _>("hold_released")? != 0,
+            pending_usage: r.try_get("pending_usage")?,
+            app_name: r.try_get("app_name")?,
+            app_ep_path: r.try_get("app_ep_path")?,
+            resolved_by: r.try_get("resolved_by")?,
+            cancel_reason: r.try_get("cancel_reason")?,
+            error_kind: r.try_get("error_kind")?,
+            error_message: r.try_get("error_message")?,
+            created_at: r.try_get("created_at")?,
+            expires_at: r.try_get("expires_at")?,
+            lease: r.try_get("updated_at")?,
+            resolved_at: r.try_get("resolved_at")?,
+        })
+    }
+}
+
+impl Entry {
+    pub fn transfer(&self) -> TransferRow {
+        TransferRow {
+            id: self.id.clone(),
+            sender_id: 0,
+            recipient_id: 0,
+            sender_email: self.sender_email.clone(),
+            recipient_email: self.recipient_email.clone(),
+            amount: self.amount,
+            captured: self.captured,
+            currency: self.currency.clone(),
+            status: self.status,
+            created_by: Actor::Recipient,
+            resolved_by: self.resolved_by.filter(|_| self.resolved_at.is_some()),
+            app_name: self.app_name.clone(),
+            app_ep_path: self.app_ep_path.clone(),
+            idempotency_key: self.idempotency_key.clone(),
+            created_at: self.created_at,
+            expires_at: self.expires_at,
+            resolved_at: self.resolved_at,
+            cancel_reason: self.cancel_reason.clone(),
+        }
+    }
+
+    /// The error an authorization that never held money answered, for a replay of its key.
+    pub fn recorded_error(&self) -> LedgerError {
+        LedgerError::from_kind(
+            self.error_kind.as_deref().unwrap_or("UNAVAILABLE"),
+            self.error_message.clone().unwrap_or_default(),
+        )
+    }
+}
+
+/// A new entry in step `creating`, written before the remote create.
+pub(super) struct NewEntry<'a> {
+    pub id: &'a str,
+    pub idempotency_key: &'a str,
+    pub request_hash: &'a str,
+    pub sender_email: &'a str,
+    pub recipient_email: &'a str,
+    pub token: &'a str,
+    pub amount: i64,
+    pub currency: &'a str,
+    pub app_name: &'a str,
+    pub app_ep_path: &'a str,
+    pub now: i64,
+    pub expires_at: i64,
+}
+
+/// A driver taking a transfer into a resolution: from step `from` to step `to`, with what the
+/// resolution needs recorded before any remote call.
+pub(super) struct Claim<'a> {
+    pub from: Step,
+    pub to: Step,
+    /// A capture's target amount; `None` keeps what is recorded.
+    pub capture_amount: Option<Micros>,
+    /// The usage row written when the transfer is resolved; `None` keeps what is recorded.
+    pub usage: Option<&'a UsageInput>,
+    pub reason: &'a str,
+    pub resolved_by: Actor,
+    /// Refuse the claim once the hold has expired (captures).
+    pub only_unexpired: bool,
+}
+
+/// Proof that this driver owns an entry's resolution: the stamp it last wrote into `updated_at`.
+/// Renewed before every irreversible remote step; given back after a transient failure.
+#[derive(Debug)]
+pub(super) struct Lease {
+    pub id: String,
+    stamp: i64,
+}
+
+/// Whether a new entry was written or its key was already taken.
+pub(super) enum Inserted {
+    New,
+    DuplicateKey,
+}
+
+pub(super) struct Journal {
+    store: Arc<Store>,
+    lease: Duration,
+    /// The router owner's local account: usage rows of hosted transfers belong to it.
+    owner_id: i64,
+}
+
+impl Journal {
+    pub fn new(store: Arc<Store>, lease: Duration, owner_id: i64) -> Self {
+        Self {
+            store,
+            lease,
+            owner_id,
+        }
+    }
+
+    pub fn lease_micros(&self) -> i64 {
+        self.lease.as_micros() as i64
+    }
+
+    fn pool(&self) -> &sqlx::AnyPool {
+        self.store.pool()
+    }
+
+    // ---------------------------------------------------------------- reads
+
+    pub async fn entry(&self, id: &str) -> Result<Option<Entry>> {
+        let sql = format!("SELECT {COLUMNS} FROM hosted_transfers WHERE id = $1");
+        Ok(sqlx::query_as(&sql)
+            .bind(id)
+            .fetch_optional(self.pool())
+            .await?)
+    }
+
+    pub async fn entry_by_key(&self, key: &str) -> Result<Option<Entry>> {
+        let sql = format!("SELECT {COLUMNS} FROM hosted_transfers WHERE idempotency_key = $1");
+        Ok(sqlx::query_as(&sql)
+            .bind(key)
+            .fetch_optional(self.pool())
+            .await?)
+    }
+
+    pub async fn must_entry(&self, id: &str) -> Result<Entry> {
+        self.entry(id)
+            .await?
+            .ok_or_else(|| LedgerError::NotFound(format!("transfer {id} not found")))
+    }
+
+    /// Transfers that held money, newest first, and whether more exist.
+    pub async fn list(
+        &self,
+        status: Option<&str>,
+        before_id: Option<&str>,
+        limit: i64,
+    ) -> Result<(Vec<TransferRow>, bool)> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM hosted_transfers WHERE step NOT IN ('failed', 'unknown') \
+             AND ($1 = '' OR status = $1) AND ($2 = '' OR id < $2) ORDER BY id DESC LIMIT $3"
+        );
+        let entries: Vec<Entry> = sqlx::query_as(&sql)
+            .bind(status.unwrap_or(""))
+            .bind(before_id.unwrap_or(""))
+            .bind(limit + 1)
+            .fetch_all(self.pool())
+            .await?;
+        let mut transfers: Vec<TransferRow> = entries.iter().map(Entry::transfer).collect();
+        let more = transfers.len() as i64 > limit;
+        transfers.truncate(limit as usize);
+        Ok((transfers, more))
+    }
+
+    // ---------------------------------------------------------------- authorize
+
+    pub async fn insert(&self, e: &NewEntry<'_>) -> Result<Inserted> {
+        let inserted = sqlx::query(
+            "INSERT INTO hosted_transfers (id, idempotency_key, request_hash, sender_email, \
+             recipient_email, token, amount, currency, status, step, app_name, app_ep_path, \
+             created_at, expires_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'PENDING', 'creating', $9, $10, $11, $12, $11)",
+        )
+        .bind(e.id)
+        .bind(e.idempotency_key)
+        .bind(e.request_hash)
+        .bind(e.sender_email)
+        .bind(e.recipient_email)
+        .bind(e.token)
+        .bind(e.amount)
+        .bind(e.currency)
+        .bind(e.app_name)
+        .bind(e.app_ep_path)
+        .bind(e.now)
+        .bind(e.expires_at)
+        .execute(self.pool())
+        .await;
+        match inserted {
+            Ok(_) => Ok(Inserted::New),
+            Err(e) if is_unique_violation(&e) => Ok(Inserted::DuplicateKey),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The remote create succeeded: the entry now holds money there.
+    pub async fn mark_held(&self, id: &str, remote_id: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE hosted_transfers SET step = 'held', remote_id = $2, updated_at = $3 \
+             WHERE id = $1 AND step = 'creating'",
+        )
+        .bind(id)
+        .bind(remote_id)
+        .bind(now_micros())
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Forgets a create that certainly did not happen, so its key may be used again.
+    pub async fn forget(&self, id: &str) -> Result<()> {
+        sqlx::query("DELETE FROM hosted_transfers WHERE id = $1 AND step = 'creating'")
+            .bind(id)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// Closes a create that holds no money (`failed`, or `unknown` when the remote may have
+    /// created a hold that recovery then cancels), recording the error a replay returns.
+    pub async fn mark_not_held(
+        &self,
+        id: &str,
+        step: Step,
+        reason: &str,
+        err: &LedgerError,
+    ) -> Result<()> {
+        let now = now_micros();
+        sqlx::query(
+            "UPDATE hosted_transfers SET step = $2, status = 'CANCELLED', token = '', \
+             cancel_reason = $3, error_kind = $4, error_message = $5, resolved_by = 'SYSTEM', \
+             resolved_at = $6, updated_at = $6 WHERE id = $1 AND step = 'creating'",
+        )
+        .bind(id)
+        .bind(step)
+        .bind(reason)
+        .bind(err.kind())
+        .bind(err.to_string())
+        .bind(now)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- the lease
+
+    /// Moves a pending entry from `claim.from` to `claim.to`, taking the lease; `None` if someone
+    /// else moved it or holds it.
+    pub async fn claim(&self, id: &str, claim: &Claim<'_>) -> Result<Option<Lease>> {
+        let now = now_micros();
+        let usage = claim
+            .usage
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(|e| LedgerError::Internal(e.to_string()))?;
+        let done = sqlx::query(
+            "UPDATE hosted_transfers SET step = $3, capture_amount = COALESCE($4, capture_amount), \
+             pending_usage = COALESCE($5, pending_usage), cancel_reason = $6, resolved_by = $7, \
+             updated_at = $8 \
+             WHERE id = $1 AND step = $2 AND status = 'PENDING' AND updated_at < $9 \
+               AND ($10 = 0 OR expires_at > $8)",
+        )
+        .bind(id)
+        .bind(claim.from)
+        .bind(claim.to)
+        .bind(claim.capture_amount)
+        .bind(usage)
+        .bind(claim.reason)
+        .bind(claim.resolved_by)
+        .bind(now)
+        .bind(self.free_before(claim.from, now))
+        .bind(i64::from(claim.only_unexpired))
+        .execute(self.pool())
+        .await?;
+        Ok(self.leased(id, now, done.rows_affected()))
+    }
+
+    /// Lease stamps older than this are free. A `held` entry has no driver, so any stamp is free.
+    fn free_before(&self, step: Step, now: i64) -> i64 {
+        if step == Step::Held {
+            i64::MAX
+        } else {
+            now - self.lease_micros()
+        }
+    }
+
+    fn leased(&self, id: &str, stamp: i64, rows: u64) -> Option<Lease> {
+        (rows == 1).then(|| Lease {
+            id: id.to_string(),
+            stamp,
+        })
+    }
+
+    /// Takes over an in-progress resolution whose driver is gone or gave up.
+    pub async fn take_over(&self, e: &Entry) -> Result<Option<Lease>> {
+        let now = now_micros();
+        let done = sqlx::query(
+            "UPDATE hosted_transfers SET updated_at = $3 WHERE id = $1 AND step = $2 \
+             AND status = 'PENDING' AND updated_at = $5 AND updated_at < $4",
+        )
+        .bind(&e.id)
+        .bind(e.step)
+        .bind(now)
+        .bind(now - self.lease_micros())
+        .bind(e.lease)
+        .execute(self.pool())
+        .await?;
+        Ok(self.leased(&e.id, now, done.rows_affected()))
+    }
+
+    /// Renews the lease before an irreversible remote step; an error if another driver took over.
+    pub async fn renew(&self, lease: &mut Lease) -> Result<()> {
+        let now = now_micros().max(lease.stamp + 1);
+        let done = sqlx::query(
+            "UPDATE hosted_transfers SET updated_at = $3 WHERE id = $1 AND updated_at = $2 \
+             AND status = 'PENDING'",
+        )
+        .bind(&lease.id)
+        .bind(lease.stamp)
+        .bind(now)
+        .execute(self.pool())
+        .await?;
+        if done.rows_affected() == 1 {
+            lease.stamp = now;
+            Ok(())
+        } else {
+            Err(LedgerError::Unavailable(
+                "another ledger process took over this transfer, retry".into(),
+            ))
+        }
+    }
+
+    /// Gives up the lease after a transient failure, so a retry (or recovery) may continue at once.
+    pub async fn release(&self, lease: &Lease) {
+        let result = sqlx::query(
+            "UPDATE hosted_transfers SET updated_at = 0 WHERE id = $1 AND updated_at = $2",
+        )
+        .bind(&lease.id)
+        .bind(lease.stamp)
+        .execute(self.pool())
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(transfer = %lease.id, error = %e, "could not release the lease; it expires by itself");
+        }
+    }
+
+    // ---------------------------------------------------------------- resolution steps
+
+    /// Records the charge transaction of a partial capture (only while `lease` is current).
+    pub async fn set_charge(&self, lease: &Lease, remote_id: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE hosted_transfers SET capture_remote_id = $2 WHERE id = $1 AND updated_at = $3",
+        )
+        .bind(&lease.id)
+        .bind(remote_id)
+        .bind(lease.stamp)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Forgets a charge transaction someone cancelled, so a retry creates another.
+    pub async fn clear_charge(&self, id: &str) -> Result<()> {
+        sqlx::query("UPDATE hosted_transfers SET capture_remote_id = NULL WHERE id = $1")
+            .bind(id)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// Records that the remote hold of a partial capture is cancelled.
+    pub async fn mark_hold_released(&self, lease: &Lease) -> Result<()> {
+        sqlx::query(
+            "UPDATE hosted_transfers SET hold_released = TRUE WHERE id = $1 AND updated_at = $2",
+        )
+        .bind(&lease.id)
+        .bind(lease.stamp)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Records the final state and the usage row in one local transaction.
+    pub async fn finish(
+        &self,
+        e: &Entry,
+        outcome: Outcome,
+        captured: Micros,
+    ) -> Result<TransferRow> {
+        let now = now_micros();
+        let (status, resolved_by) = match outcome {
+            Outcome::Completed => (TransferStatus::Completed, Actor::Recipient),
+            Outcome::Cancelled => (
+                TransferStatus::Cancelled,
+                e.resolved_by.unwrap_or(Actor::Recipient),
+            ),
+        };
+        let reason = if outcome == Outcome::Cancelled {
+            if e.cancel_reason.is_empty() {
+                "voided"
+            } else {
+                e.cancel_reason.as_str()
+            }
+        } else {
+            ""
+        };
+        let usage: Option<UsageInput> = e
+            .pending_usage
+            .as_deref()
+            .and_then(|u| serde_json::from_str(u).ok());
+        let mut tx = self.pool().begin().await?;
+        let done = sqlx::query(
+            "UPDATE hosted_transfers SET status = $2, captured = $3, step = 'done', token = '', \
+             resolved_by = $4, resolved_at = $5, cancel_reason = $6, pending_usage = NULL, \
+             updated_at = $5 WHERE id = $1 AND status = 'PENDING'",
+        )
+        .bind(&e.id)
+        .bind(status)
+        .bind(captured)
+        .bind(resolved_by)
+        .bind(now)
+        .bind(reason)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() == 1 {
+            if let Some(u) = &usage {
+                crate::store::insert_usage(
+                    &mut tx,
+                    &new_id(),
+                    self.owner_id,
+                    crate::store::UsageLink::Hosted(&e.id),
+                    captured,
+                    u,
+                    now,
+                )
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        tracing::info!(transfer = %e.id, %status, captured = captured.get(), "hosted transfer resolved");
+        Ok(self.must_entry(&e.id).await?.transfer())
+    }
+
+    // ---------------------------------------------------------------- recovery
+
+    /// Pending entries recovery must void: expired holds, and resolutions whose lease is older
+    /// than `stale`.
+    pub async fn abandoned(&self, now: i64, stale: i64) -> Result<Vec<Entry>> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM hosted_transfers WHERE status = 'PENDING' AND \
+             ((step = 'held' AND expires_at <= $1) OR (step IN ('capturing', 'voiding') AND updated_at < $2)) \
+             ORDER BY expires_at LIMIT 200"
+        );
+        Ok(sqlx::query_as(&sql)
+            .bind(now)
+            .bind(stale)
+            .fetch_all(self.pool())
+            .await?)
+    }
+
+    /// Closes creates whose process died before the answer: a remote hold, if any, is an orphan.
+    pub async fn close_interrupted_creates(&self, now: i64, created_before: i64) -> Result<()> {
+        sqlx::query(
+            "UPDATE hosted_transfers SET step = 'unknown', status = 'CANCELLED', token = '', \
+             cancel_reason = 'interrupted while creating', error_kind = 'UNAVAILABLE', \
+             error_message = 'the authorization was interrupted; retry with a new request id', \
+             resolved_by = 'SYSTEM', resolved_at = $1 WHERE step = 'creating' AND created_at < $2",
+        )
+        .bind(now)
+        .bind(created_before)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// How many entries created after `since` may have left an untracked remote hold: an unknown
+    /// create, or a partial capture (its charge transaction).
+    pub async fn doubtful_since(&self, since: i64) -> Result<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT COUNT(*) FROM hosted_transfers WHERE created_at > $1 AND (step = 'unknown' OR \
+             (capture_amount IS NOT NULL AND capture_amount < amount))",
+        )
+        .bind(since)
+        .fetch_one(self.pool())
+        .await?)
+    }
+
+    /// Remote ids (holds and charges) of pending entries.
+    pub async fn tracked_remote_ids(&self) -> Result<HashSet<String>> {
+        let ids: Vec<(Option<String>, Option<String>)> = sqlx::query_as(
+            "SELECT remote_id, capture_remote_id FROM hosted_transfers WHERE status = 'PENDING'",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        Ok(ids
+            .into_iter()
+            .flat_map(|(hold, charge)| [hold, charge])
+            .flatten()
+            .collect())
+    }
+
+    /// Whether this ledger was charging `sender` between `from` and `to`.
+    pub async fn charged_between(&self, sender: &str, from: i64, to: i64) -> Result<bool> {
+        let ours: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM hosted_transfers WHERE sender_email = $1 \
+             AND created_at BETWEEN $2 AND $3",
+        )
+        .bind(sender)
+        .bind(from)
+        .bind(to)
+        .fetch_one(self.pool())
+        .await?;
+        Ok(ours > 0)
+    }
+}

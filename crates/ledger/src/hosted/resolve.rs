@@ -1,0 +1,370 @@
+//! Phase two: capture or void a remote hold. A caller first claims the transfer (taking its
+//! lease), then drives the resolution's remote steps to the end.
+
+use super::journal::{Claim, Entry, Lease, Outcome, Step};
+use super::remote::{RemoteError, RemoteTx};
+use super::Hosted;
+use crate::domain::{Actor, Micros, TransferStatus};
+use crate::error::{LedgerError, Result};
+use crate::store::{now_micros, CaptureAmount, TransferRow, UsageInput};
+use syft_error::Reason;
+
+impl Hosted {
+    pub async fn capture(
+        &self,
+        id: &str,
+        amount: CaptureAmount,
+        usage: Option<&UsageInput>,
+    ) -> Result<TransferRow> {
+        for _ in 0..3 {
+            let e = self.journal.must_entry(id).await?;
+            let target = match amount {
+                CaptureAmount::Full => e.amount,
+                CaptureAmount::Micros(m) if m > e.amount.get() => {
+                    return Err(LedgerError::invalid(format!(
+                        "capture amount {m} exceeds the authorized {} micros",
+                        e.amount.get()
+                    )))
+                }
+                CaptureAmount::Micros(m) => Micros::new(m),
+            };
+            match (e.status, e.step) {
+                (TransferStatus::Completed, _) if e.captured == target => return Ok(e.transfer()),
+                (TransferStatus::Completed, _) => {
+                    return Err(LedgerError::refused(
+                        Reason::TransferNotPending,
+                        format!(
+                            "transfer {id} was already captured for {} micros",
+                            e.captured.get()
+                        ),
+                    ))
+                }
+                (TransferStatus::Cancelled, _) => {
+                    return Err(LedgerError::refused(
+                        Reason::TransferNotPending,
+                        format!(
+                            "transfer {id} is cancelled ({}), it cannot be captured",
+                            e.cancel_reason
+                        ),
+                    ))
+                }
+                (_, Step::Held) => {
+                    if e.expires_at <= now_micros() {
+                        return Err(LedgerError::refused(
+                            Reason::HoldExpired,
+                            format!("hold {id} expired, it can no longer be captured"),
+                        ));
+                    }
+                    let claim = Claim {
+                        from: Step::Held,
+                        to: Step::Capturing,
+                        capture_amount: Some(target),
+                        usage,
+                        reason: "",
+                        resolved_by: Actor::Recipient,
+                        only_unexpired: true,
+                    };
+                    if let Some(lease) = self.journal.claim(id, &claim).await? {
+                        return self.drive(lease).await;
+                    }
+                }
+                (_, Step::Capturing) => {
+                    if e.capture_amount != Some(target) {
+                        return Err(LedgerError::FailedPrecondition(format!(
+                            "transfer {id} is being captured for {} micros",
+                            e.capture_amount.unwrap_or(e.amount).get()
+                        )));
+                    }
+                    return match self.journal.take_over(&e).await? {
+                        Some(lease) => self.drive(lease).await,
+                        None => Err(LedgerError::Unavailable(
+                            "this transfer's capture is in progress, retry".into(),
+                        )),
+                    };
+                }
+                (_, Step::Voiding) => {
+                    return Err(LedgerError::FailedPrecondition(format!(
+                        "transfer {id} is being voided, it cannot be captured"
+                    )))
+                }
+                _ => {
+                    return Err(LedgerError::FailedPrecondition(format!(
+                        "transfer {id} holds no money"
+                    )))
+                }
+            }
+        }
+        Err(LedgerError::Unavailable("transfer is busy, retry".into()))
+    }
+
+    pub async fn void(
+        &self,
+        id: &str,
+        reason: &str,
+        resolved_by: &str,
+        usage: Option<&UsageInput>,
+    ) -> Result<TransferRow> {
+        let resolved_by: Actor = resolved_by
+            .parse()
+            .map_err(|e: crate::domain::UnknownText| LedgerError::Internal(e.to_string()))?;
+        for _ in 0..3 {
+            let e = self.journal.must_entry(id).await?;
+            match (e.status, e.step) {
+                (TransferStatus::Cancelled, _) => return Ok(e.transfer()),
+                (TransferStatus::Completed, _) => {
+                    return Err(LedgerError::refused(
+                        Reason::TransferNotPending,
+                        format!("transfer {id} is already captured, it cannot be voided"),
+                    ))
+                }
+                // A capture that is not being driven right now may still be rolled back: the void
+                // discovers whether the remote service completed it meanwhile.
+                (_, from @ (Step::Held | Step::Capturing)) => {
+                    let claim = Claim {
+                        from,
+                        to: Step::Voiding,
+                        capture_amount: None,
+                        usage,
+                        reason,
+                        resolved_by,
+                        only_unexpired: false,
+                    };
+                    if let Some(lease) = self.journal.claim(id, &claim).await? {
+                        return self.drive(lease).await;
+                    }
+                    if from == Step::Capturing {
+                        return Err(LedgerError::FailedPrecondition(format!(
+                            "transfer {id} is being captured, it cannot be voided"
+                        )));
+                    }
+                }
+                (_, Step::Voiding) => {
+                    return match self.journal.take_over(&e).await? {
+                        Some(lease) => self.drive(lease).await,
+                        None => Err(LedgerError::Unavailable(
+                            "this transfer's void is in progress, retry".into(),
+                        )),
+                    };
+                }
+                _ => return Ok(e.transfer()),
+            }
+        }
+        Err(LedgerError::Unavailable("transfer is busy, retry".into()))
+    }
+
+    /// Runs the claimed resolution to its end; on a transient failure gives the lease back.
+    pub(super) async fn drive(&self, mut lease: Lease) -> Result<TransferRow> {
+        let e = self.journal.must_entry(&lease.id).await?;
+        let result = match e.step {
+            Step::Capturing => self.drive_capture(e, &mut lease).await,
+            Step::Voiding => self.drive_void(e).await,
+            _ => Ok(e.transfer()),
+        };
+        if let Err(LedgerError::Unavailable(_)) = &result {
+            self.journal.release(&lease).await;
+        }
+        result
+    }
+
+    async fn drive_capture(&self, mut e: Entry, lease: &mut Lease) -> Result<TransferRow> {
+        let target = e.capture_amount.unwrap_or(e.amount);
+        let hold = e
+            .remote_id
+            .clone()
+            .ok_or_else(|| LedgerError::Internal(format!("transfer {} has no remote id", e.id)))?;
+        if target == e.amount {
+            return match self.confirm_remote(&hold).await? {
+                Outcome::Completed => self.journal.finish(&e, Outcome::Completed, target).await,
+                Outcome::Cancelled => {
+                    self.journal
+                        .finish(&e, Outcome::Cancelled, Micros::ZERO)
+                        .await?;
+                    Err(LedgerError::FailedPrecondition(format!(
+                        "the accounting service cancelled hold {} (expired?); nothing was charged",
+                        e.id
+                    )))
+                }
+            };
+        }
+        // Partial capture: the remote API confirms only whole transactions, so the actual amount
+        // is charged by a second transaction and the hold is cancelled (docs/hosted.md).
+        let charge = match e.capture_remote_id.clone() {
+            Some(charge) => charge,
+            None => {
+                let created = self.create_charge(&mut e, lease, target).await?;
+                self.journal.set_charge(lease, &created).await?;
+                e.capture_remote_id = Some(created.clone());
+                created
+            }
+        };
+        match self.confirm_remote(&charge).await? {
+            Outcome::Completed => {}
+            Outcome::Cancelled => {
+                // Someone cancelled the charge transaction; forget it so a retry creates another.
+                self.journal.clear_charge(&e.id).await?;
+                return Err(LedgerError::Unavailable(
+                    "the accounting service cancelled the charge transaction, retry".into(),
+                ));
+            }
+        }
+        if !e.hold_released {
+            self.release_hold(&mut e, lease).await?;
+        }
+        self.journal.finish(&e, Outcome::Completed, target).await
+    }
+
+    /// Creates the transaction that charges a partial capture's `target`; returns its remote id.
+    async fn create_charge(
+        &self,
+        e: &mut Entry,
+        lease: &mut Lease,
+        target: Micros,
+    ) -> Result<String> {
+        self.journal.renew(lease).await?;
+        let key = format!("{}-capture", e.id);
+        let (sender, token) = (e.sender_email.clone(), e.token.clone());
+        let (app_name, app_ep_path) = (e.app_name.clone(), e.app_ep_path.clone());
+        let created = self
+            .retry(false, || {
+                self.remote
+                    .create(&sender, target.get(), &token, &app_name, &app_ep_path, &key)
+            })
+            .await;
+        match created {
+            Ok(tx) => Ok(tx.id),
+            Err(err) if err.is_conflict() && !e.hold_released => {
+                // Not enough funds beside the hold: release the hold, then charge.
+                self.release_hold(e, lease).await?;
+                self.journal.renew(lease).await?;
+                // A new key: a service honouring keys would replay the refusal.
+                let key = format!("{}-capture-after-release", e.id);
+                let created = self
+                    .retry(false, || {
+                        self.remote.create(
+                            &sender,
+                            target.get(),
+                            &token,
+                            &app_name,
+                            &app_ep_path,
+                            &key,
+                        )
+                    })
+                    .await;
+                match created {
+                    Ok(tx) => Ok(tx.id),
+                    Err(err @ RemoteError::Rejected { .. }) => {
+                        let err = err.into_ledger();
+                        tracing::error!(transfer = %e.id, error = %err, "actual amount could not be charged after releasing the hold");
+                        self.journal
+                            .finish(e, Outcome::Cancelled, Micros::ZERO)
+                            .await?;
+                        Err(err)
+                    }
+                    Err(err) => Err(err.into_ledger()),
+                }
+            }
+            Err(err) => Err(err.into_ledger()),
+        }
+    }
+
+    /// Cancels the remote hold of a partial capture and records that it is gone.
+    async fn release_hold(&self, e: &mut Entry, lease: &Lease) -> Result<()> {
+        let hold = e.remote_id.clone().unwrap_or_default();
+        match self.cancel_remote(&hold).await? {
+            Outcome::Cancelled => {}
+            Outcome::Completed => {
+                return Err(LedgerError::Internal(format!(
+                    "hold {hold} of transfer {} was completed by someone else",
+                    e.id
+                )))
+            }
+        }
+        self.journal.mark_hold_released(lease).await?;
+        e.hold_released = true;
+        Ok(())
+    }
+
+    async fn drive_void(&self, e: Entry) -> Result<TransferRow> {
+        let already = |captured: Micros| {
+            LedgerError::refused(
+                Reason::TransferNotPending,
+                format!(
+                    "transfer {} was already captured for {} micros, it cannot be voided",
+                    e.id,
+                    captured.get()
+                ),
+            )
+        };
+        if let Some(charge) = &e.capture_remote_id {
+            if self.cancel_remote(charge).await? == Outcome::Completed {
+                // The partial capture went through before the void: finish it.
+                let target = e.capture_amount.unwrap_or(e.amount);
+                if !e.hold_released {
+                    let hold = e.remote_id.clone().unwrap_or_default();
+                    self.cancel_remote(&hold).await?;
+                }
+                self.journal.finish(&e, Outcome::Completed, target).await?;
+                return Err(already(target));
+            }
+        }
+        if !e.hold_released {
+            if let Some(hold) = &e.remote_id {
+                if self.cancel_remote(hold).await? == Outcome::Completed {
+                    self.journal
+                        .finish(&e, Outcome::Completed, e.amount)
+                        .await?;
+                    return Err(already(e.amount));
+                }
+            }
+        }
+        self.journal
+            .finish(&e, Outcome::Cancelled, Micros::ZERO)
+            .await
+    }
+
+    async fn confirm_remote(&self, remote_id: &str) -> Result<Outcome> {
+        match self.retry(true, || self.remote.confirm(remote_id)).await {
+            Ok(tx) => outcome(&tx).ok_or_else(|| {
+                LedgerError::Unavailable(
+                    "the accounting service did not complete the transaction, retry".into(),
+                )
+            }),
+            Err(err) => self.reconcile(remote_id, err).await,
+        }
+    }
+
+    pub(super) async fn cancel_remote(&self, remote_id: &str) -> Result<Outcome> {
+        match self.retry(true, || self.remote.cancel(remote_id)).await {
+            Ok(tx) => outcome(&tx).ok_or_else(|| {
+                LedgerError::Unavailable(
+                    "the accounting service did not cancel the transaction, retry".into(),
+                )
+            }),
+            Err(err) => self.reconcile(remote_id, err).await,
+        }
+    }
+
+    /// After a refused or unanswered confirm/cancel: the transaction's actual state decides.
+    async fn reconcile(&self, remote_id: &str, err: RemoteError) -> Result<Outcome> {
+        if matches!(err, RemoteError::Unreachable(_)) {
+            return Err(err.into_ledger());
+        }
+        let listed = self
+            .retry(true, || self.remote.transactions(None))
+            .await
+            .map_err(RemoteError::into_ledger)?;
+        match listed.iter().find(|t| t.id == remote_id).and_then(outcome) {
+            Some(outcome) => Ok(outcome),
+            None => Err(err.into_ledger()),
+        }
+    }
+}
+
+/// A remote transaction that is resolved, and how; `None` while it is pending (or unreadable).
+fn outcome(tx: &RemoteTx) -> Option<Outcome> {
+    match tx.status? {
+        TransferStatus::Completed => Some(Outcome::Completed),
+        TransferStatus::Cancelled => Some(Outcome::Cancelled),
+        TransferStatus::Pending => None,
+    }
+}

@@ -1,0 +1,246 @@
+//! Accounts and deposits.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::{
+    insert_bounded, new_id, now_micros, read_lock, retry_transient, write_lock, AccountRow, Store,
+    ACCOUNT_COLUMNS, SECRET_CACHE_TTL,
+};
+use crate::error::{is_unique_violation, LedgerError, Result};
+
+impl Store {
+    pub async fn create_account(
+        &self,
+        email: &str,
+        organization: &str,
+        currency: &str,
+        secret_hash: &str,
+    ) -> Result<AccountRow> {
+        let now = now_micros();
+        let result = sqlx::query(
+            "INSERT INTO accounts (email, organization, currency, secret_hash, created_at) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(email)
+        .bind(organization)
+        .bind(currency)
+        .bind(secret_hash)
+        .bind(now)
+        .execute(&self.pool)
+        .await;
+        match result {
+            Ok(_) => {}
+            Err(e) if is_unique_violation(&e) => {
+                return Err(LedgerError::AlreadyExists(format!(
+                    "account {email} already exists"
+                )))
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.account_by_email(email)
+            .await?
+            .ok_or_else(|| LedgerError::Internal("account vanished after insert".into()))
+    }
+
+    pub async fn account_by_email(&self, email: &str) -> Result<Option<AccountRow>> {
+        let sql = format!("SELECT {ACCOUNT_COLUMNS} FROM accounts a WHERE a.email = $1");
+        Ok(sqlx::query_as(&sql)
+            .bind(email)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    pub async fn list_accounts(&self) -> Result<Vec<AccountRow>> {
+        let sql = format!("SELECT {ACCOUNT_COLUMNS} FROM accounts a ORDER BY a.id");
+        Ok(sqlx::query_as(&sql).fetch_all(&self.pool).await?)
+    }
+
+    /// Replaces an account's secret. Cached Bearer lookups of the old secret are dropped here; other
+    /// ledger replicas drop theirs within the cache TTL.
+    pub async fn update_secret_hash(&self, account_id: i64, secret_hash: &str) -> Result<()> {
+        sqlx::query("UPDATE accounts SET secret_hash = $1 WHERE id = $2")
+            .bind(secret_hash)
+            .bind(account_id)
+            .execute(&self.pool)
+            .await?;
+        write_lock(&self.secrets).clear();
+        Ok(())
+    }
+
+    pub async fn update_organization(&self, account_id: i64, organization: &str) -> Result<()> {
+        sqlx::query("UPDATE accounts SET organization = $1 WHERE id = $2")
+            .bind(organization)
+            .bind(account_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Creates the account, or sets its secret if it exists (the hosted backend's local mirror of
+    /// the router owner).
+    pub async fn ensure_account(
+        &self,
+        email: &str,
+        currency: &str,
+        secret_hash: &str,
+    ) -> Result<AccountRow> {
+        match self.create_account(email, "", currency, secret_hash).await {
+            Ok(account) => Ok(account),
+            Err(LedgerError::AlreadyExists(_)) => {
+                let account = self
+                    .account_by_email(email)
+                    .await?
+                    .ok_or_else(|| LedgerError::Internal("account vanished".into()))?;
+                self.update_secret_hash(account.id, secret_hash).await?;
+                Ok(account)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Account id for an email, cached: ids never change and accounts are never deleted.
+    pub async fn account_id(&self, email: &str) -> Result<Option<i64>> {
+        if let Some(id) = read_lock(&self.emails).get(email) {
+            return Ok(Some(*id));
+        }
+        let id: Option<i64> = sqlx::query_scalar("SELECT id FROM accounts WHERE email = $1")
+            .bind(email)
+            .fetch_optional(&self.pool)
+            .await?;
+        if let Some(id) = id {
+            insert_bounded(&self.emails, email.to_string(), id);
+        }
+        Ok(id)
+    }
+
+    /// Looks up the one account owning a secret hash (Bearer auth); cached so verification stays
+    /// off the hot path. Only identity fields of the cached row may be used: its balance is stale.
+    /// Two accounts that chose the same password cannot use Bearer auth (they must use Basic).
+    pub async fn account_by_secret_hash(
+        &self,
+        secret_hash: &str,
+    ) -> Result<Option<Arc<AccountRow>>> {
+        if let Some((account, at)) = read_lock(&self.secrets).get(secret_hash) {
+            if at.elapsed() < SECRET_CACHE_TTL {
+                return Ok(Some(account.clone()));
+            }
+        }
+        let sql =
+            format!("SELECT {ACCOUNT_COLUMNS} FROM accounts a WHERE a.secret_hash = $1 LIMIT 2");
+        let mut rows: Vec<AccountRow> = sqlx::query_as(&sql)
+            .bind(secret_hash)
+            .fetch_all(&self.pool)
+            .await?;
+        if rows.len() != 1 {
+            return Ok(None);
+        }
+        let Some(account) = rows.pop().map(Arc::new) else {
+            return Ok(None);
+        };
+        insert_bounded(
+            &self.secrets,
+            secret_hash.to_string(),
+            (account.clone(), Instant::now()),
+        );
+        Ok(Some(account))
+    }
+
+    /// The secret hash stored for an account (Basic auth).
+    pub async fn secret_hash_of(&self, email: &str) -> Result<Option<(i64, String)>> {
+        Ok(
+            sqlx::query_as("SELECT id, secret_hash FROM accounts WHERE email = $1")
+                .bind(email)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Credits an account from the SYSTEM side. Replaying the key with the same email and amount
+    /// returns the account without depositing again.
+    pub async fn deposit(
+        &self,
+        email: &str,
+        amount: i64,
+        idempotency_key: &str,
+    ) -> Result<AccountRow> {
+        let account_id = self
+            .account_id(email)
+            .await?
+            .ok_or_else(|| LedgerError::NotFound(format!("account {email} not found")))?;
+        let deposit_id = new_id();
+        let outcome = retry_transient(|| async {
+            let mut tx = self.pool.begin().await?;
+            let now = now_micros();
+            let inserted = sqlx::query(
+                "INSERT INTO deposits (id, account_id, amount, idempotency_key, created_at) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (idempotency_key) DO NOTHING",
+            )
+            .bind(&deposit_id)
+            .bind(account_id)
+            .bind(amount)
+            .bind(idempotency_key)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if inserted == 0 {
+                return Ok(DepositOutcome::Replay);
+            }
+            let credited = sqlx::query(
+                "UPDATE accounts SET balance = balance + $1 WHERE id = $2 AND balance <= $3 - $1",
+            )
+            .bind(amount)
+            .bind(account_id)
+            .bind(i64::MAX / 2)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if credited == 0 {
+                return Ok(DepositOutcome::Overflow);
+            }
+            sqlx::query(
+                "INSERT INTO journal (account_id, amount, kind, ref_id, rolled_up, created_at) \
+                 VALUES (NULL, $1, 'deposit', $2, TRUE, $3), ($4, $5, 'deposit', $2, TRUE, $3)",
+            )
+            .bind(-amount)
+            .bind(&deposit_id)
+            .bind(now)
+            .bind(account_id)
+            .bind(amount)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(DepositOutcome::Done)
+        })
+        .await?;
+        match outcome {
+            DepositOutcome::Done => {}
+            DepositOutcome::Overflow => {
+                return Err(LedgerError::invalid("deposit would overflow the balance"))
+            }
+            DepositOutcome::Replay => {
+                let (prev_account, prev_amount): (i64, i64) = sqlx::query_as(
+                    "SELECT account_id, amount FROM deposits WHERE idempotency_key = $1",
+                )
+                .bind(idempotency_key)
+                .fetch_one(&self.pool)
+                .await?;
+                if prev_account != account_id || prev_amount != amount {
+                    return Err(LedgerError::AlreadyExists(format!(
+                        "idempotency key {idempotency_key:?} was used for a different deposit"
+                    )));
+                }
+            }
+        }
+        self.account_by_email(email)
+            .await?
+            .ok_or_else(|| LedgerError::Internal("account vanished".into()))
+    }
+}
+
+enum DepositOutcome {
+    Done,
+    Replay,
+    Overflow,
+}

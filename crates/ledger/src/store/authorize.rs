@@ -1,0 +1,427 @@
+//! Phase one of a two-phase transfer: the hold. A recipient's hold through a delegation token
+//! (the hot path; batched on Postgres, see `batch.rs`) and a sender's own direct hold.
+
+use sqlx::AnyConnection;
+use syft_error::Reason;
+
+use super::batch::{AuthJob, AuthResult};
+use super::{
+    new_id, now_micros, retry_transient, sha256_hex, Micros, Store, TokenInfo, TransferRow,
+    TRANSFER_COLUMNS, TRANSFER_JOINS,
+};
+use crate::error::{is_unique_violation, LedgerError, Result};
+
+pub struct AuthorizeInput<'a> {
+    pub recipient_id: i64,
+    pub recipient_email: &'a str,
+    pub sender_email: &'a str,
+    pub amount: i64,
+    pub token: &'a str,
+    pub app_name: &'a str,
+    pub app_ep_path: &'a str,
+    pub idempotency_key: &'a str,
+    pub ttl_micros: i64,
+}
+
+/// A hold placed by the sender itself, without a delegation token (REST compat API).
+pub struct DirectInput<'a> {
+    pub sender_id: i64,
+    pub recipient_id: i64,
+    pub amount: i64,
+    pub app_name: &'a str,
+    pub app_ep_path: &'a str,
+    pub ttl_micros: i64,
+    /// The sender's key: the same key with the same parameters returns the original transfer.
+    pub idempotency_key: &'a str,
+}
+
+/// A transfer found by its idempotency key, with the hash of the request that created it.
+#[derive(sqlx::FromRow)]
+struct KeyedTransfer {
+    #[sqlx(flatten)]
+    transfer: TransferRow,
+    request_hash: String,
+}
+
+/// An authorization refused for a business reason, recorded so a replay answers the same.
+#[derive(sqlx::FromRow)]
+struct RecordedFailure {
+    request_hash: String,
+    error_kind: String,
+    error_message: String,
+}
+
+enum AuthorizeOutcome {
+    Created(Box<TransferRow>),
+    TokenRejected,
+    InsufficientFunds,
+    DuplicateKey,
+}
+
+impl Store {
+    /// Places a hold for `amount` on the sender's funds, keyed by `(recipient, idempotency_key)`.
+    pub async fn authorize(&self, input: &AuthorizeInput<'_>) -> Result<TransferRow> {
+        let Some(token) = self.token_info(input.token).await? else {
+            return self
+                .fail_authorize(
+                    input,
+                    "",
+                    LedgerError::refused(Reason::TokenInvalid, "unknown token"),
+                )
+                .await;
+        };
+        let request_hash = sha256_hex(&format!(
+            "{}\n{}\n{}\n{}\n{}",
+            input.sender_email, input.amount, token.id, input.app_name, input.app_ep_path
+        ));
+        // Replays are found without a read on the hot path: a reused key makes the insert
+        // conflict, and a recorded failure makes the token step refuse (see `try_authorize`).
+        if token.recipient_id != input.recipient_id {
+            let err = LedgerError::refused(
+                Reason::TokenInvalid,
+                "token was not issued to this recipient",
+            );
+            return self.fail_authorize(input, &request_hash, err).await;
+        }
+        if token.sender_email != input.sender_email {
+            let err =
+                LedgerError::refused(Reason::TokenInvalid, "token does not belong to this sender");
+            return self.fail_authorize(input, &request_hash, err).await;
+        }
+
+        let mut rolled_up = false;
+        loop {
+            let now = now_micros();
+            let outcome =
+                retry_transient(|| self.try_authorize(input, &token, &request_hash, now)).await?;
+            match outcome {
+                AuthorizeOutcome::Created(row) => return Ok(*row),
+                AuthorizeOutcome::DuplicateKey => {
+                    if let Some(replayed) = self.replay_authorize(input, &request_hash).await? {
+                        return replayed;
+                    }
+                    return Err(LedgerError::Unavailable(
+                        "concurrent authorization, retry".into(),
+                    ));
+                }
+                AuthorizeOutcome::TokenRejected => {
+                    if let Some(replayed) = self.replay_authorize(input, &request_hash).await? {
+                        return replayed;
+                    }
+                    let reason = self
+                        .token_rejection(&token.id, Micros::new(input.amount), now)
+                        .await?
+                        .unwrap_or_else(|| {
+                            LedgerError::refused(Reason::TokenInvalid, "token cannot be used")
+                        });
+                    return self.fail_authorize(input, &request_hash, reason).await;
+                }
+                AuthorizeOutcome::InsufficientFunds => {
+                    if let Some(replayed) = self.replay_authorize(input, &request_hash).await? {
+                        return replayed;
+                    }
+                    // Credits from captures may still sit in the journal; fold them in once and
+                    // retry. Retry even when this roll-up found nothing: the sweeper may have
+                    // folded them in since the check above.
+                    if !rolled_up {
+                        self.roll_up(token.sender_id).await?;
+                        rolled_up = true;
+                        continue;
+                    }
+                    let err = LedgerError::refused(
+                        Reason::InsufficientFunds,
+                        format!("insufficient funds: {} micros requested", input.amount),
+                    );
+                    return self.fail_authorize(input, &request_hash, err).await;
+                }
+            }
+        }
+    }
+
+    /// The original outcome of an earlier authorization with the same key, if there was one.
+    async fn replay_authorize(
+        &self,
+        input: &AuthorizeInput<'_>,
+        request_hash: &str,
+    ) -> Result<Option<Result<TransferRow>>> {
+        let sql = format!(
+            "SELECT {TRANSFER_COLUMNS}, t.request_hash FROM transfers t {TRANSFER_JOINS} \
+             WHERE t.recipient_id = $1 AND t.idempotency_key = $2"
+        );
+        let keyed: Option<KeyedTransfer> = sqlx::query_as(&sql)
+            .bind(input.recipient_id)
+            .bind(input.idempotency_key)
+            .fetch_optional(self.pool())
+            .await?;
+        if let Some(keyed) = keyed {
+            if keyed.request_hash != request_hash {
+                return Ok(Some(Err(key_reused(input.idempotency_key))));
+            }
+            return Ok(Some(Ok(keyed.transfer)));
+        }
+        let failure: Option<RecordedFailure> = sqlx::query_as(
+            "SELECT request_hash, error_kind, error_message FROM authorize_failures \
+             WHERE recipient_id = $1 AND idempotency_key = $2",
+        )
+        .bind(input.recipient_id)
+        .bind(input.idempotency_key)
+        .fetch_optional(self.pool())
+        .await?;
+        let Some(failure) = failure else {
+            return Ok(None);
+        };
+        if failure.request_hash != request_hash {
+            return Ok(Some(Err(key_reused(input.idempotency_key))));
+        }
+        Ok(Some(Err(LedgerError::from_kind(
+            &failure.error_kind,
+            failure.error_message,
+        ))))
+    }
+
+    /// Records a business failure so that a replay of the same key returns it, then returns it.
+    async fn fail_authorize(
+        &self,
+        input: &AuthorizeInput<'_>,
+        request_hash: &str,
+        err: LedgerError,
+    ) -> Result<TransferRow> {
+        let hash = if request_hash.is_empty() {
+            // An unknown token has no id; hash its text so a replay with another token differs.
+            sha256_hex(&format!("unknown-token\n{}", input.token))
+        } else {
+            request_hash.to_string()
+        };
+        sqlx::query(
+            "INSERT INTO authorize_failures (recipient_id, idempotency_key, request_hash, error_kind, \
+             error_message, created_at) SELECT $1, $2, $3, $4, $5, $6 \
+             WHERE NOT EXISTS (SELECT 1 FROM transfers WHERE recipient_id = $1 AND idempotency_key = $2) \
+             ON CONFLICT (recipient_id, idempotency_key) DO NOTHING",
+        )
+        .bind(input.recipient_id)
+        .bind(input.idempotency_key)
+        .bind(&hash)
+        .bind(err.kind())
+        .bind(err.to_string())
+        .bind(now_micros())
+        .execute(self.pool())
+        .await?;
+        // A concurrent replay may have recorded a different outcome first; return that one.
+        match self.replay_authorize(input, &hash).await? {
+            Some(outcome) => outcome,
+            None => Err(err),
+        }
+    }
+
+    async fn try_authorize(
+        &self,
+        input: &AuthorizeInput<'_>,
+        token: &TokenInfo,
+        request_hash: &str,
+        now: i64,
+    ) -> std::result::Result<AuthorizeOutcome, sqlx::Error> {
+        let job = AuthJob {
+            id: new_id(),
+            sender_id: token.sender_id,
+            recipient_id: input.recipient_id,
+            sender_email: token.sender_email.clone(),
+            recipient_email: input.recipient_email.to_string(),
+            token_id: token.id.clone(),
+            amount: input.amount,
+            currency: token.currency.clone(),
+            app_name: input.app_name.to_string(),
+            app_ep_path: input.app_ep_path.to_string(),
+            idempotency_key: input.idempotency_key.to_string(),
+            request_hash: request_hash.to_string(),
+            now,
+            expires_at: now.saturating_add(input.ttl_micros),
+        };
+        let result = match &self.batcher {
+            Some(batcher) => batcher.authorize(job.clone()).await,
+            None => {
+                let mut tx = self.pool().begin().await?;
+                match sqlite_authorize(&mut tx, &job).await {
+                    Ok(AuthResult::Created) => tx.commit().await.map(|_| AuthResult::Created),
+                    other => other,
+                }
+            }
+        };
+        match result {
+            Ok(AuthResult::Created) => Ok(AuthorizeOutcome::Created(Box::new(job.pending_row()))),
+            Ok(AuthResult::TokenRejected) => Ok(AuthorizeOutcome::TokenRejected),
+            Ok(AuthResult::InsufficientFunds) => Ok(AuthorizeOutcome::InsufficientFunds),
+            Err(e) if is_unique_violation(&e) => Ok(AuthorizeOutcome::DuplicateKey),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Places a hold the sender asked for itself (no token, created by SENDER). Not on the hot
+    /// path, so it is one short transaction on both backends.
+    pub async fn authorize_direct(&self, input: &DirectInput<'_>) -> Result<TransferRow> {
+        // Namespaced per sender, so a sender's key never meets the recipient's own keys.
+        let key = format!("direct:{}:{}", input.sender_id, input.idempotency_key);
+        let request_hash = sha256_hex(&format!(
+            "direct\n{}\n{}\n{}\n{}",
+            input.recipient_id, input.amount, input.app_name, input.app_ep_path
+        ));
+        if let Some(replayed) = self.replay_direct(input, &key, &request_hash).await? {
+            return replayed;
+        }
+        let id = new_id();
+        let mut rolled_up = false;
+        loop {
+            let now = now_micros();
+            let placed = retry_transient(|| async {
+                let mut tx = self.pool().begin().await?;
+                let currency: Option<String> = sqlx::query_scalar(
+                    "UPDATE accounts SET held = held + $1 WHERE id = $2 AND balance - held >= $1 \
+                     RETURNING currency",
+                )
+                .bind(input.amount)
+                .bind(input.sender_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let Some(currency) = currency else {
+                    return Ok(Some(false));
+                };
+                let inserted = sqlx::query(
+                    "INSERT INTO transfers (id, sender_id, recipient_id, token_id, amount, currency, \
+                     status, created_by, app_name, app_ep_path, idempotency_key, request_hash, \
+                     created_at, expires_at) \
+                     VALUES ($1, $2, $3, NULL, $4, $5, 'PENDING', 'SENDER', $6, $7, $8, $9, $10, $11)",
+                )
+                .bind(&id)
+                .bind(input.sender_id)
+                .bind(input.recipient_id)
+                .bind(input.amount)
+                .bind(&currency)
+                .bind(input.app_name)
+                .bind(input.app_ep_path)
+                .bind(&key)
+                .bind(&request_hash)
+                .bind(now)
+                .bind(now.saturating_add(input.ttl_micros))
+                .execute(&mut *tx)
+                .await;
+                match inserted {
+                    Ok(_) => {}
+                    // A concurrent request with the same key won; the hold rolls back with `tx`.
+                    Err(e) if is_unique_violation(&e) => return Ok(None),
+                    Err(e) => return Err(e),
+                }
+                tx.commit().await?;
+                Ok(Some(true))
+            })
+            .await?;
+            match placed {
+                Some(true) => {
+                    return self
+                        .transfer_by_id(&id)
+                        .await?
+                        .ok_or_else(|| LedgerError::Internal("transfer vanished".into()))
+                }
+                None => {
+                    return match self.replay_direct(input, &key, &request_hash).await? {
+                        Some(replayed) => replayed,
+                        None => Err(LedgerError::Unavailable(
+                            "concurrent transfer, retry".into(),
+                        )),
+                    }
+                }
+                Some(false) => {}
+            }
+            // As in `authorize`: retry once after a roll-up, whoever did it.
+            if !rolled_up {
+                self.roll_up(input.sender_id).await?;
+                rolled_up = true;
+                continue;
+            }
+            return Err(LedgerError::refused(
+                Reason::InsufficientFunds,
+                format!("insufficient funds: {} micros requested", input.amount),
+            ));
+        }
+    }
+
+    /// The transfer an earlier direct request with this key created, if any.
+    async fn replay_direct(
+        &self,
+        input: &DirectInput<'_>,
+        key: &str,
+        request_hash: &str,
+    ) -> Result<Option<Result<TransferRow>>> {
+        let sql = format!(
+            "SELECT {TRANSFER_COLUMNS}, t.request_hash FROM transfers t {TRANSFER_JOINS} \
+             WHERE t.recipient_id = $1 AND t.idempotency_key = $2"
+        );
+        let keyed: Option<KeyedTransfer> = sqlx::query_as(&sql)
+            .bind(input.recipient_id)
+            .bind(key)
+            .fetch_optional(self.pool())
+            .await?;
+        let Some(keyed) = keyed else { return Ok(None) };
+        if keyed.request_hash != request_hash {
+            return Ok(Some(Err(key_reused(input.idempotency_key))));
+        }
+        Ok(Some(Ok(keyed.transfer)))
+    }
+}
+
+/// Places one hold inside the caller's transaction; anything but `Created` must be rolled back.
+async fn sqlite_authorize(
+    conn: &mut AnyConnection,
+    job: &AuthJob,
+) -> std::result::Result<AuthResult, sqlx::Error> {
+    let tok = sqlx::query(
+        "UPDATE tokens SET held = held + $1 WHERE id = $2 AND revoked_at IS NULL \
+         AND (expires_at IS NULL OR expires_at > $3) \
+         AND (spend_limit IS NULL OR spent + held + $1 <= spend_limit) \
+         AND NOT EXISTS (SELECT 1 FROM authorize_failures WHERE recipient_id = $4 AND idempotency_key = $5)",
+    )
+    .bind(job.amount)
+    .bind(&job.token_id)
+    .bind(job.now)
+    .bind(job.recipient_id)
+    .bind(&job.idempotency_key)
+    .execute(&mut *conn)
+    .await?;
+    if tok.rows_affected() == 0 {
+        return Ok(AuthResult::TokenRejected);
+    }
+    let funds =
+        sqlx::query("UPDATE accounts SET held = held + $1 WHERE id = $2 AND balance - held >= $1")
+            .bind(job.amount)
+            .bind(job.sender_id)
+            .execute(&mut *conn)
+            .await?;
+    if funds.rows_affected() == 0 {
+        return Ok(AuthResult::InsufficientFunds);
+    }
+    sqlx::query(
+        "INSERT INTO transfers (id, sender_id, recipient_id, token_id, amount, currency, status, \
+         created_by, app_name, app_ep_path, idempotency_key, request_hash, created_at, expires_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, 'PENDING', 'RECIPIENT', $7, $8, $9, $10, $11, $12)",
+    )
+    .bind(&job.id)
+    .bind(job.sender_id)
+    .bind(job.recipient_id)
+    .bind(&job.token_id)
+    .bind(job.amount)
+    .bind(&job.currency)
+    .bind(&job.app_name)
+    .bind(&job.app_ep_path)
+    .bind(&job.idempotency_key)
+    .bind(&job.request_hash)
+    .bind(job.now)
+    .bind(job.expires_at)
+    .execute(&mut *conn)
+    .await?;
+    Ok(AuthResult::Created)
+}
+
+fn key_reused(key: &str) -> LedgerError {
+    LedgerError::refused(
+        Reason::IdempotencyConflict,
+        format!("idempotency key {key:?} was already used with different parameters"),
+    )
+}

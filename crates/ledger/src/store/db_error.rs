@@ -1,0 +1,121 @@
+//! The one place a database error is classified: by the driver's error kind, Postgres SQLSTATE and
+//! SQLite result code, never by message text (messages change between versions and locales).
+
+use sqlx::error::{DatabaseError, ErrorKind};
+use sqlx::postgres::PgDatabaseError;
+use sqlx::sqlite::SqliteError;
+
+/// Postgres SQLSTATE `40001`: the transaction lost a serialization race.
+const PG_SERIALIZATION_FAILURE: &str = "40001";
+/// Postgres SQLSTATE `40P01`: the transaction was chosen as a deadlock victim.
+const PG_DEADLOCK_DETECTED: &str = "40P01";
+/// SQLite primary result code `SQLITE_BUSY`: another connection holds the write lock.
+const SQLITE_BUSY: i32 = 5;
+/// SQLite primary result code `SQLITE_LOCKED`: a conflict inside this connection's shared cache.
+const SQLITE_LOCKED: i32 = 6;
+
+/// What a database error means for the ledger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DbErrorClass {
+    /// A unique index refused the row: an idempotency key or an email already taken.
+    UniqueViolation,
+    /// Lost a race that repeating the same statements can win (serialization failure, deadlock,
+    /// a busy or locked SQLite database).
+    Transient,
+    /// Anything else.
+    Other,
+}
+
+pub(crate) fn classify(err: &sqlx::Error) -> DbErrorClass {
+    let sqlx::Error::Database(db) = err else {
+        return DbErrorClass::Other;
+    };
+    if db.kind() == ErrorKind::UniqueViolation {
+        return DbErrorClass::UniqueViolation;
+    }
+    if is_transient(db.as_ref()) {
+        return DbErrorClass::Transient;
+    }
+    DbErrorClass::Other
+}
+
+fn is_transient(db: &dyn DatabaseError) -> bool {
+    if let Some(pg) = db.try_downcast_ref::<PgDatabaseError>() {
+        return matches!(pg.code(), PG_SERIALIZATION_FAILURE | PG_DEADLOCK_DETECTED);
+    }
+    if let Some(sqlite) = db.try_downcast_ref::<SqliteError>() {
+        // `code()` is the extended result code; its low byte is the primary code
+        // (`SQLITE_BUSY_SNAPSHOT` = 517 is `SQLITE_BUSY` too).
+        let code = sqlite.code().and_then(|c| c.parse::<i32>().ok());
+        return code.is_some_and(|c| matches!(c & 0xff, SQLITE_BUSY | SQLITE_LOCKED));
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_database_errors_are_other() {
+        assert_eq!(classify(&sqlx::Error::RowNotFound), DbErrorClass::Other);
+        assert_eq!(classify(&sqlx::Error::PoolTimedOut), DbErrorClass::Other);
+    }
+
+    /// Real SQLite errors through the `Any` driver, as the store sees them.
+    #[tokio::test]
+    async fn sqlite_errors_are_classified_by_result_code() {
+        sqlx::any::install_default_drivers();
+        let path = std::env::temp_dir().join(format!("syft-db-error-{}.db", uuid::Uuid::now_v7()));
+        let url = format!("sqlite://{}?mode=rwc", path.display());
+        let pool = |url: String| async move {
+            sqlx::any::AnyPoolOptions::new()
+                .max_connections(1)
+                .connect(&url)
+                .await
+                .expect("sqlite")
+        };
+        let a = pool(url.clone()).await;
+        sqlx::query("CREATE TABLE k (id TEXT PRIMARY KEY, v TEXT UNIQUE)")
+            .execute(&a)
+            .await
+            .expect("create");
+        sqlx::query("INSERT INTO k VALUES ('1', 'x')")
+            .execute(&a)
+            .await
+            .expect("insert");
+        for dup in [
+            "INSERT INTO k VALUES ('2', 'x')",
+            "INSERT INTO k VALUES ('1', 'y')",
+        ] {
+            let err = sqlx::query(dup).execute(&a).await.expect_err(dup);
+            assert_eq!(classify(&err), DbErrorClass::UniqueViolation, "{err}");
+        }
+        let other = sqlx::query("INSERT INTO missing VALUES (1)")
+            .execute(&a)
+            .await
+            .expect_err("no table");
+        assert_eq!(classify(&other), DbErrorClass::Other, "{other}");
+
+        // A second connection cannot write while the first holds the write lock: SQLITE_BUSY.
+        let mut holder = a.begin().await.expect("begin");
+        sqlx::query("INSERT INTO k VALUES ('3', 'z')")
+            .execute(&mut *holder)
+            .await
+            .expect("insert");
+        let b = pool(url).await;
+        sqlx::query("PRAGMA busy_timeout = 0")
+            .execute(&b)
+            .await
+            .expect("pragma");
+        let busy = sqlx::query("INSERT INTO k VALUES ('4', 'w')")
+            .execute(&b)
+            .await
+            .expect_err("locked");
+        assert_eq!(classify(&busy), DbErrorClass::Transient, "{busy}");
+        holder.rollback().await.expect("rollback");
+        a.close().await;
+        b.close().await;
+        let _ = std::fs::remove_file(&path);
+    }
+}

@@ -1,0 +1,122 @@
+//! What the store reads and returns: one `FromRow` type per kind of row, read by column name, with
+//! money as [`Micros`] and statuses and actors as enums.
+
+use crate::domain::{Actor, Micros, TransferStatus};
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct AccountRow {
+    pub id: i64,
+    pub email: String,
+    pub organization: String,
+    pub currency: String,
+    /// Includes credits not yet rolled up.
+    pub balance: Micros,
+    pub held: Micros,
+    pub created_at: i64,
+}
+
+impl AccountRow {
+    pub fn available(&self) -> Micros {
+        self.balance.saturating_sub(self.held)
+    }
+}
+
+/// `SELECT {ACCOUNT_COLUMNS} FROM accounts a`: the balance includes unrolled journal credits.
+pub(crate) const ACCOUNT_COLUMNS: &str = "a.id, a.email, a.organization, a.currency, \
+     a.balance + COALESCE((SELECT CAST(SUM(j.amount) AS BIGINT) FROM journal j \
+        WHERE j.account_id = a.id AND NOT j.rolled_up), 0) AS balance, \
+     a.held, a.created_at";
+
+/// The immutable facts of a delegation token; revocation, expiry and limits are checked in the DB.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct TokenInfo {
+    pub id: String,
+    pub sender_id: i64,
+    pub recipient_id: i64,
+    pub sender_email: String,
+    pub currency: String,
+}
+
+/// What may stop a token from paying: read when the database refused a hold, to say why.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(crate) struct TokenLimits {
+    pub revoked_at: Option<i64>,
+    pub expires_at: Option<i64>,
+    pub spend_limit: Option<Micros>,
+    pub spent: Micros,
+    pub held: Micros,
+}
+
+#[derive(Debug, Clone)]
+pub struct IssuedToken {
+    pub token: String,
+    pub id: String,
+    pub expires_at: Option<i64>,
+    pub spend_limit: Option<Micros>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct TransferRow {
+    pub id: String,
+    pub sender_id: i64,
+    pub recipient_id: i64,
+    pub sender_email: String,
+    pub recipient_email: String,
+    pub amount: Micros,
+    pub captured: Micros,
+    pub currency: String,
+    pub status: TransferStatus,
+    pub created_by: Actor,
+    pub resolved_by: Option<Actor>,
+    pub app_name: String,
+    pub app_ep_path: String,
+    pub idempotency_key: String,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub resolved_at: Option<i64>,
+    pub cancel_reason: String,
+}
+
+/// `SELECT {TRANSFER_COLUMNS} FROM transfers t {TRANSFER_JOINS}` reads a [`TransferRow`].
+pub(crate) const TRANSFER_COLUMNS: &str = "t.id, t.sender_id, t.recipient_id, \
+     sa.email AS sender_email, ra.email AS recipient_email, t.amount, t.captured, t.currency, \
+     t.status, t.created_by, t.resolved_by, t.app_name, t.app_ep_path, t.idempotency_key, \
+     t.created_at, t.expires_at, t.resolved_at, t.cancel_reason";
+pub(crate) const TRANSFER_JOINS: &str =
+    "JOIN accounts sa ON sa.id = t.sender_id JOIN accounts ra ON ra.id = t.recipient_id";
+
+/// A usage row as written; `cost` and `transfer_id` are set by the ledger, not the caller.
+#[derive(
+    Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, sqlx::FromRow,
+)]
+pub struct UsageInput {
+    pub request_id: String,
+    pub app_name: String,
+    pub endpoint: String,
+    pub user_email: String,
+    pub model: String,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub total_tokens: i64,
+    pub status: String,
+    pub latency_ms: i64,
+    pub upstream_latency_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct UsageRow {
+    pub id: String,
+    pub recipient_email: String,
+    pub transfer_id: Option<String>,
+    pub cost: Micros,
+    pub created_at: i64,
+    #[sqlx(flatten)]
+    pub usage: UsageInput,
+}
+
+/// `SELECT {USAGE_COLUMNS} FROM usage_records u JOIN accounts r ON r.id = u.recipient_id` reads a
+/// [`UsageRow`].
+pub(crate) const USAGE_COLUMNS: &str = "u.id, r.email AS recipient_email, \
+     COALESCE(u.transfer_id, u.hosted_transfer_id) AS transfer_id, u.cost, u.created_at, \
+     u.request_id, u.app_name, u.endpoint, u.user_email, u.model, u.prompt_tokens, \
+     u.completion_tokens, u.total_tokens, u.status, u.latency_ms, u.upstream_latency_ms";

@@ -1,0 +1,143 @@
+//! Delegation tokens: issue, resolve (cached), revoke, and why one cannot pay.
+
+use std::sync::Arc;
+use syft_error::Reason;
+
+use super::{
+    insert_bounded, new_id, now_micros, read_lock, sha256_hex, AccountRow, IssuedToken, Micros,
+    Store, TokenInfo, TokenLimits,
+};
+use crate::error::{LedgerError, Result};
+
+impl Store {
+    pub async fn issue_token(
+        &self,
+        sender: &AccountRow,
+        recipient: &AccountRow,
+        expires_at: Option<i64>,
+        spend_limit: Option<Micros>,
+    ) -> Result<IssuedToken> {
+        use base64::Engine;
+        use rand::RngCore;
+        let mut raw = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut raw);
+        let token = format!(
+            "syft_tok_{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+        );
+        let id = new_id();
+        sqlx::query(
+            "INSERT INTO tokens (id, token_hash, sender_id, recipient_id, expires_at, spend_limit, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&id)
+        .bind(sha256_hex(&token))
+        .bind(sender.id)
+        .bind(recipient.id)
+        .bind(expires_at)
+        .bind(spend_limit)
+        .bind(now_micros())
+        .execute(&self.pool)
+        .await?;
+        Ok(IssuedToken {
+            token,
+            id,
+            expires_at,
+            spend_limit,
+        })
+    }
+
+    /// Resolves a token string to its immutable facts (cached by hash).
+    pub async fn token_info(&self, token: &str) -> Result<Option<Arc<TokenInfo>>> {
+        let hash = sha256_hex(token);
+        if let Some(info) = read_lock(&self.tokens).get(&hash) {
+            return Ok(Some(info.clone()));
+        }
+        let info: Option<TokenInfo> = sqlx::query_as(
+            "SELECT k.id, k.sender_id, k.recipient_id, s.email AS sender_email, s.currency \
+             FROM tokens k JOIN accounts s ON s.id = k.sender_id WHERE k.token_hash = $1",
+        )
+        .bind(&hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(info) = info.map(Arc::new) else {
+            return Ok(None);
+        };
+        insert_bounded(&self.tokens, hash, info.clone());
+        Ok(Some(info))
+    }
+
+    /// Revokes a token (by string or id) owned by `sender_id`; revoking twice keeps the first time.
+    pub async fn revoke_token(&self, sender_id: i64, token_or_id: &str) -> Result<(String, i64)> {
+        let hash = sha256_hex(token_or_id);
+        let now = now_micros();
+        sqlx::query(
+            "UPDATE tokens SET revoked_at = $1 WHERE (token_hash = $2 OR id = $3) AND sender_id = $4 \
+             AND revoked_at IS NULL",
+        )
+        .bind(now)
+        .bind(&hash)
+        .bind(token_or_id)
+        .bind(sender_id)
+        .execute(&self.pool)
+        .await?;
+        let (id, revoked_at): (String, Option<i64>) = sqlx::query_as(
+            "SELECT id, revoked_at FROM tokens WHERE (token_hash = $1 OR id = $2) AND sender_id = $3",
+        )
+        .bind(&hash)
+        .bind(token_or_id)
+        .bind(sender_id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| LedgerError::NotFound("token not found".into()))?;
+        Ok((id, revoked_at.unwrap_or(now)))
+    }
+
+    /// Why a token cannot pay `amount` now, if it cannot.
+    pub(crate) async fn token_rejection(
+        &self,
+        token_id: &str,
+        amount: Micros,
+        now: i64,
+    ) -> Result<Option<LedgerError>> {
+        let TokenLimits {
+            revoked_at,
+            expires_at,
+            spend_limit,
+            spent,
+            held,
+        } = sqlx::query_as(
+            "SELECT revoked_at, expires_at, spend_limit, spent, held FROM tokens WHERE id = $1",
+        )
+        .bind(token_id)
+        .fetch_one(&self.pool)
+        .await?;
+        if revoked_at.is_some() {
+            return Ok(Some(LedgerError::refused(
+                Reason::TokenRevoked,
+                "token has been revoked",
+            )));
+        }
+        if expires_at.is_some_and(|e| e <= now) {
+            return Ok(Some(LedgerError::refused(
+                Reason::TokenExpired,
+                "token has expired",
+            )));
+        }
+        let committed = spent.checked_add(held).and_then(|c| c.checked_add(amount));
+        Ok(spend_limit
+            .filter(|l| committed.is_none_or(|c| c > *l))
+            .map(|limit| {
+                LedgerError::refused(
+                    Reason::TokenLimitExceeded,
+                    format!(
+                        "token spend limit exceeded: limit {}, spent {}, held {}, requested {} micros",
+                        limit.get(),
+                        spent.get(),
+                        held.get(),
+                        amount.get()
+                    ),
+                )
+            }))
+    }
+}

@@ -1,0 +1,86 @@
+//! Usage rows: written with a resolution (same transaction) or alone for a free request.
+
+use sqlx::AnyConnection;
+
+use super::{new_id, now_micros, retry_transient, Micros, Store, UsageInput, UsageRow};
+use crate::error::{LedgerError, Result};
+
+impl Store {
+    /// A usage row without money. A request id already recorded returns the existing row.
+    pub async fn record_usage(&self, recipient_id: i64, usage: &UsageInput) -> Result<UsageRow> {
+        let id = new_id();
+        let now = now_micros();
+        retry_transient(|| async {
+            let mut conn = self.pool().acquire().await?;
+            insert_usage(
+                &mut conn,
+                &id,
+                recipient_id,
+                UsageLink::None,
+                Micros::ZERO,
+                usage,
+                now,
+            )
+            .await
+        })
+        .await?;
+        self.usage_by_request(recipient_id, &usage.request_id)
+            .await?
+            .ok_or_else(|| LedgerError::Internal("usage row vanished".into()))
+    }
+}
+
+/// The transfer a usage row belongs to.
+#[derive(Clone, Copy)]
+pub(crate) enum UsageLink<'a> {
+    /// A free request.
+    None,
+    /// A local transfer (`transfers`).
+    Transfer(&'a str),
+    /// A transfer of the hosted backend (`hosted_transfers`).
+    Hosted(&'a str),
+}
+
+/// Writes a usage row; a request id already recorded for this recipient is left as it is.
+pub(crate) async fn insert_usage(
+    conn: &mut AnyConnection,
+    id: &str,
+    recipient_id: i64,
+    link: UsageLink<'_>,
+    cost: Micros,
+    u: &UsageInput,
+    now: i64,
+) -> std::result::Result<(), sqlx::Error> {
+    let (transfer_id, hosted_transfer_id) = match link {
+        UsageLink::None => (None, None),
+        UsageLink::Transfer(t) => (Some(t), None),
+        UsageLink::Hosted(t) => (None, Some(t)),
+    };
+    sqlx::query(
+        "INSERT INTO usage_records (id, recipient_id, request_id, transfer_id, app_name, endpoint, \
+         user_email, model, prompt_tokens, completion_tokens, total_tokens, cost, status, latency_ms, \
+         upstream_latency_ms, created_at, hosted_transfer_id) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
+         ON CONFLICT (recipient_id, request_id) DO NOTHING",
+    )
+    .bind(id)
+    .bind(recipient_id)
+    .bind(&u.request_id)
+    .bind(transfer_id)
+    .bind(&u.app_name)
+    .bind(&u.endpoint)
+    .bind(&u.user_email)
+    .bind(&u.model)
+    .bind(u.prompt_tokens)
+    .bind(u.completion_tokens)
+    .bind(u.total_tokens)
+    .bind(cost)
+    .bind(&u.status)
+    .bind(u.latency_ms)
+    .bind(u.upstream_latency_ms)
+    .bind(now)
+    .bind(hosted_transfer_id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
