@@ -1,10 +1,8 @@
 //! The binary as people use it: `demo`, client commands with `--json`, and `ledger verify`.
 
-mod common;
-
 use std::process::Command;
 
-use common::{Harness, ADMIN_KEY};
+use syft_testkit::{Harness, ADMIN_KEY};
 
 fn syft_router() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_syft-router"));
@@ -54,26 +52,19 @@ async fn client_commands_and_verify() {
     ])))
     .unwrap();
     let secret = created["secret"].as_str().unwrap().to_string();
-    let deposited: serde_json::Value = serde_json::from_str(&run(&mut cli(&[
+    let deposit = [
         "account",
         "deposit",
         "bob@example.com",
         "12.5",
         "--idempotency-key",
         "d1",
-        "--json",
-    ])))
-    .unwrap();
+    ];
+    let deposited: serde_json::Value =
+        serde_json::from_str(&run(&mut cli(&[&deposit[..], &["--json"]].concat()))).unwrap();
     assert_eq!(deposited["balance_micros"], 12_500_000);
     // Replaying the deposit with the same key does not deposit again.
-    run(&mut cli(&[
-        "account",
-        "deposit",
-        "bob@example.com",
-        "12.5",
-        "--idempotency-key",
-        "d1",
-    ]));
+    run(&mut cli(&deposit));
     // Bad amounts are refused before anything is sent.
     for bad in ["-1", "0.0000001", "NaN", "abc"] {
         let out = cli(&["account", "deposit", "bob@example.com", bad])

@@ -1,14 +1,12 @@
 //! Health and discovery: `grpc.health.v1.Health` follows the database (ledger) and the ledger
 //! (router), `/readyz` agrees, and server reflection lists the services.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
 use futures::StreamExt;
 use serde_json::Value;
 use syft_router_svc::{Pricing, RouterConfig};
+use syft_testkit::*;
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -72,7 +70,7 @@ async fn readyz(http_url: &str) -> (u16, Value) {
 }
 
 async fn ledger_follows_its_database(db: Db) {
-    let ledger = LedgerHandle::start(&db, Duration::from_secs(300)).await;
+    let ledger = LedgerServer::start(ledger_config(&db.url)).await;
     let ch = channel(&ledger.url).await;
     wait_status(&ch, LEDGER, ServingStatus::Serving).await;
     // Unknown services are NOT_FOUND, as the health protocol requires.
@@ -98,7 +96,7 @@ async fn ledger_health_follows_the_database_sqlite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ledger_health_follows_the_database_postgres() {
-    let Some(db) = Db::postgres("ledger_health_follows_the_database_postgres").await else {
+    let Some(db) = Db::postgres().await else {
         return;
     };
     ledger_follows_its_database(db).await;
@@ -123,7 +121,7 @@ async fn paid_router_is_ready_only_while_its_ledger_serves() {
     assert_eq!(body["ledger"], "not_serving");
 
     // The ledger process goes away entirely.
-    s.ledger.stop().await;
+    s.ledger.stop_now().await;
     wait_status(&ch, ROUTER, ServingStatus::NotServing).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {

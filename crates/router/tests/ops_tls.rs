@@ -1,25 +1,23 @@
 //! TLS on every listener and mutual TLS between router and ledger, with certificates made at
 //! test time (rcgen).
 
-mod common;
-
-use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Db, ADMIN_KEY, PRICE};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose,
 };
 use syft_ledger::client::{connect_lazy_tls, LedgerClient};
-use syft_ledger::{LedgerConfig, Store};
+use syft_ledger::client::{create_account, deposit, issue_token};
+use syft_ledger::LedgerConfig;
 use syft_proto::ledger as lpb;
 use syft_proto::router as rpb;
 use syft_proto::router::router_client::RouterClient;
 use syft_router_svc::{Pricing, RouterConfig, ECHO_MODEL};
+use syft_testkit::{
+    assert_consistent, ledger_config, Db, LedgerServer, RouterHandle, ADMIN_KEY, PRICE,
+};
 use syft_tls::{ClientTls, ServerTls};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 use tonic::transport::{Channel, Endpoint};
 
 /// A test certificate authority.
@@ -82,45 +80,18 @@ impl Ca {
     }
 }
 
-struct TlsLedger {
-    url: String,
-    store: Arc<Store>,
-    _stop: oneshot::Sender<()>,
-    _db: Db,
-}
-
-async fn tls_ledger(tls: ServerTls) -> TlsLedger {
+/// A ledger serving TLS with `tls`, on a fresh SQLite file (dropped with the `Db`).
+async fn tls_ledger(tls: ServerTls) -> (LedgerServer, Db) {
     let db = Db::sqlite();
-    let store = Arc::new(Store::connect(&db.url, 4).await.expect("store"));
     let config = LedgerConfig {
-        database_url: db.url.clone(),
-        admin_key: ADMIN_KEY.into(),
         sweep_interval: Duration::from_millis(100),
         tls: Some(tls),
-        ..LedgerConfig::default()
+        ..ledger_config(&db.url)
     };
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let url = format!("https://{}", listener.local_addr().expect("addr"));
-    let (tx, rx) = oneshot::channel();
-    let s = store.clone();
-    tokio::spawn(async move {
-        if let Err(e) = syft_ledger::serve_with_store(s, config, listener, None, async {
-            let _ = rx.await;
-        })
-        .await
-        {
-            eprintln!("ledger stopped: {e}");
-        }
-    });
-    TlsLedger {
-        url,
-        store,
-        _stop: tx,
-        _db: db,
-    }
+    (LedgerServer::start(config).await, db)
 }
 
-fn client(ledger: &TlsLedger, secret: &str, tls: Option<&ClientTls>) -> LedgerClient {
+fn client(ledger: &LedgerServer, secret: &str, tls: Option<&ClientTls>) -> LedgerClient {
     connect_lazy_tls(&ledger.url, secret, tls).expect("client")
 }
 
@@ -166,7 +137,7 @@ async fn list_accounts(c: &LedgerClient) -> Result<(), tonic::Status> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_ledger_serves_tls_clients_and_refuses_others() {
     let ca = Ca::new("test CA");
-    let ledger = tls_ledger(ca.server()).await;
+    let (ledger, _db) = tls_ledger(ca.server()).await;
     list_accounts(&client(&ledger, ADMIN_KEY, Some(&ca.trust())))
         .await
         .expect("a client trusting the CA gets through");
@@ -198,7 +169,7 @@ async fn tls_ledger_serves_tls_clients_and_refuses_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_rejects_clients_without_a_certificate_from_its_ca() {
     let ca = Ca::new("mesh CA");
-    let ledger = tls_ledger(ca.server().with_client_ca(ca.pem()).expect("client ca")).await;
+    let (ledger, _db) = tls_ledger(ca.server().with_client_ca(ca.pem()).expect("client ca")).await;
 
     let good = ca.client_identity("router");
     let with_cert = ca
@@ -228,24 +199,6 @@ async fn mutual_tls_rejects_clients_without_a_certificate_from_its_ca() {
     ledger.store.close().await;
 }
 
-async fn tls_router(config: RouterConfig) -> (String, String, oneshot::Sender<()>) {
-    let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let http = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let grpc_url = format!("https://{}", grpc.local_addr().expect("addr"));
-    let http_url = format!("https://{}", http.local_addr().expect("addr"));
-    let (tx, rx) = oneshot::channel();
-    tokio::spawn(async move {
-        if let Err(e) = syft_router_svc::serve(config, grpc, http, async {
-            let _ = rx.await;
-        })
-        .await
-        {
-            eprintln!("router stopped: {e}");
-        }
-    });
-    (grpc_url, http_url, tx)
-}
-
 async fn router_client(url: &str, tls: &ClientTls) -> RouterClient<Channel> {
     let endpoint = syft_tls::configure_endpoint(
         Endpoint::from_shared(url.to_string()).expect("url"),
@@ -266,9 +219,10 @@ async fn router_serves_grpc_and_https_over_tls() {
     let ca = Ca::new("router CA");
     let mut config = RouterConfig::new("tls-router", "owner@example.com");
     config.tls = Some(ca.server());
-    let (grpc_url, http_url, _stop) = tls_router(config).await;
+    let router = RouterHandle::start(config).await;
+    let (grpc_url, http_url) = (&router.grpc_url, &router.http_url);
 
-    let meta = router_client(&grpc_url, &ca.trust())
+    let meta = router_client(grpc_url, &ca.trust())
         .await
         .get_metadata(rpb::GetMetadataRequest {})
         .await
@@ -305,7 +259,7 @@ async fn router_serves_grpc_and_https_over_tls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn router_pays_through_a_mutual_tls_ledger() {
     let ca = Ca::new("mesh CA");
-    let ledger = tls_ledger(ca.server().with_client_ca(ca.pem()).expect("client ca")).await;
+    let (ledger, _db) = tls_ledger(ca.server().with_client_ca(ca.pem()).expect("client ca")).await;
     let router_id = ca.client_identity("router");
     let router_tls = ca
         .trust()
@@ -319,42 +273,26 @@ async fn router_pays_through_a_mutual_tls_ledger() {
     let admin = client(&ledger, ADMIN_KEY, Some(&admin_tls));
     list_accounts(&admin).await.expect("admin over mTLS");
 
-    let create = |email: &str| {
-        let mut admin = admin.clone();
-        let email = email.to_string();
-        async move {
-            admin
-                .create_account(lpb::CreateAccountRequest {
-                    email,
-                    organization: "test".into(),
-                    ..Default::default()
-                })
-                .await
-                .expect("create account")
-                .into_inner()
-                .secret
-        }
-    };
-    let owner_secret = create("owner@example.com").await;
-    let alice_secret = create("alice@example.com").await;
-    admin
-        .clone()
-        .deposit(lpb::DepositRequest {
-            email: "alice@example.com".into(),
-            amount_micros: 1_000_000,
-            idempotency_key: "fund-alice".into(),
-        })
+    let owner_secret = create_account(&mut admin.clone(), "owner@example.com", "test")
         .await
-        .expect("deposit");
-    let token = client(&ledger, &alice_secret, Some(&admin_tls))
-        .issue_token(lpb::IssueTokenRequest {
-            recipient_email: "owner@example.com".into(),
-            ..Default::default()
-        })
+        .expect("create account");
+    let alice_secret = create_account(&mut admin.clone(), "alice@example.com", "test")
         .await
-        .expect("token")
-        .into_inner()
-        .token;
+        .expect("create account");
+    deposit(
+        &mut admin.clone(),
+        "alice@example.com",
+        1_000_000,
+        "fund-alice",
+    )
+    .await
+    .expect("deposit");
+    let token = issue_token(
+        &mut client(&ledger, &alice_secret, Some(&admin_tls)),
+        "owner@example.com",
+    )
+    .await
+    .expect("token");
 
     let mut config = RouterConfig::new("mtls-router", "owner@example.com")
         .with_chat_pricing(Pricing::per_request(PRICE));
@@ -362,7 +300,7 @@ async fn router_pays_through_a_mutual_tls_ledger() {
     config.ledger.secret = owner_secret.clone();
     config.ledger.tls = Some(router_tls);
     config.tls = Some(ca.server());
-    let (grpc_url, _http, _stop) = tls_router(config).await;
+    let router = RouterHandle::start(config).await;
 
     let chat = rpb::ChatRequest {
         user_email: "alice@example.com".into(),
@@ -375,7 +313,7 @@ async fn router_pays_through_a_mutual_tls_ledger() {
         transaction_token: token.clone(),
         ..Default::default()
     };
-    let resp = router_client(&grpc_url, &ca.trust())
+    let resp = router_client(&router.grpc_url, &ca.trust())
         .await
         .chat(chat.clone())
         .await
@@ -410,26 +348,10 @@ async fn router_pays_through_a_mutual_tls_ledger() {
     config.ledger.url = ledger.url.clone();
     config.ledger.secret = owner_secret;
     config.ledger.tls = Some(ca.trust());
-    let (grpc_url, _http, _stop2) = {
-        let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let http = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let url = format!("http://{}", grpc.local_addr().expect("addr"));
-        let (tx, rx) = oneshot::channel::<()>();
-        tokio::spawn(syft_router_svc::serve(config, grpc, http, async {
-            let _ = rx.await;
-        }));
-        (url, (), tx)
-    };
-    let mut plain_router = None;
-    for _ in 0..100 {
-        if let Ok(c) = RouterClient::connect(grpc_url.clone()).await {
-            plain_router = Some(c);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let err = plain_router
-        .expect("router")
+    let no_cert = RouterHandle::start(config).await;
+    let err = no_cert
+        .client()
+        .await
         .chat(rpb::ChatRequest {
             request_id: "no-cert-1".into(),
             ..chat
@@ -446,7 +368,6 @@ async fn router_pays_through_a_mutual_tls_ledger() {
         .expect("account")
         .into_inner();
     assert_eq!(alice.balance_micros, 1_000_000 - PRICE);
-    let report = ledger.store.verify().await.expect("verify");
-    assert!(report.is_ok(), "{:?}", report.problems);
+    assert_consistent(&ledger.store).await;
     ledger.store.close().await;
 }

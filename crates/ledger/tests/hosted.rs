@@ -2,8 +2,6 @@
 //! mock), through a proxy that can slow down, fail or lose answers. Money is checked on B, which
 //! is the source of truth; A's journal must never charge twice and never leave a hold behind.
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -11,10 +9,10 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use common::{code, Harness, USD};
 use syft_ledger::client::{connect_lazy, LedgerClient};
 use syft_ledger::HostedConfig;
 use syft_proto::ledger as pb;
+use syft_testkit::{code, Harness, LedgerServer, RouterHandle, USD};
 use tonic::Code;
 
 const OWNER: &str = "owner@router.example";
@@ -576,7 +574,7 @@ async fn crash_between_create_and_confirm() {
             (10 * USD, USD),
             "nobody cancels while A is down"
         );
-        p.a.server = Some(common::LedgerServer::start(p.a.config.clone()).await);
+        p.a.server = Some(LedgerServer::start(p.a.config.clone()).await);
         p.await_no_hold().await;
         let t = p
             .router()
@@ -596,7 +594,7 @@ async fn crash_between_create_and_confirm() {
 /// costs nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn router_pays_through_the_hosted_ledger() {
-    use syft_proto::router::{self as rpb, router_client::RouterClient};
+    use syft_proto::router as rpb;
     use syft_router_svc::{Pricing, RouterConfig, ECHO_FAIL_TRIGGER};
 
     let Some(p) = Pair::new(false, 10 * USD).await else {
@@ -606,28 +604,8 @@ async fn router_pays_through_the_hosted_ledger() {
         .with_chat_pricing(Pricing::per_token(2_000_000, 10_000_000));
     config.ledger.url = p.a.url();
     config.ledger.secret = p.owner_secret.clone();
-    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let http = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let router_url = format!("http://{}", grpc.local_addr().expect("addr"));
-    tokio::spawn(syft_router_svc::serve(
-        config,
-        grpc,
-        http,
-        std::future::pending(),
-    ));
-    let mut client = None;
-    for _ in 0..100 {
-        if let Ok(c) = RouterClient::connect(router_url.clone()).await {
-            client = Some(c);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let mut client = client.expect("router up");
+    let router = RouterHandle::start(config).await;
+    let mut client = router.client().await;
     let chat = |content: &str, id: &str| rpb::ChatRequest {
         user_email: ALICE.into(),
         model: String::new(),
