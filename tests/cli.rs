@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use syft_testkit::{Harness, ADMIN_KEY};
+use syft_testkit::{closed_url, Harness, ADMIN_KEY};
 
 fn syft_router() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_syft-router"));
@@ -216,11 +216,8 @@ async fn health_command_and_idempotent_owner_setup() {
     }
     assert_eq!(served.as_deref().map(str::trim), Some("SERVING"));
     // Nothing listening: non-zero exit.
-    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let closed_url = format!("http://{}", closed.local_addr().unwrap());
-    drop(closed);
     let out = syft_router()
-        .args(["health", "--url", &closed_url, "--timeout", "1s"])
+        .args(["health", "--url", &closed_url(), "--timeout", "1s"])
         .output()
         .unwrap();
     assert!(!out.status.success());

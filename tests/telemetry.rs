@@ -18,6 +18,7 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use syft_ledger::client::{connect_lazy, create_account, deposit, issue_token};
 use syft_proto::ledger as pb;
 use syft_proto::router as rpb;
+use syft_testkit::{chat_request, free_port};
 
 const ADMIN_KEY: &str = "telemetry-admin-key";
 const OWNER: &str = "owner@router.example";
@@ -93,13 +94,6 @@ impl Collector {
         }
         out
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 struct Process(Child);
@@ -234,15 +228,8 @@ async fn one_request_is_one_trace_across_router_and_ledger() {
             .expect("router client");
     let answer = chat
         .chat(rpb::ChatRequest {
-            user_email: ALICE.into(),
-            messages: vec![rpb::Message {
-                role: "user".into(),
-                content: "trace me".into(),
-                name: None,
-            }],
-            transaction_token: token.clone(),
             request_id: "traced-request-1".into(),
-            ..Default::default()
+            ..chat_request(ALICE, &token, "trace me")
         })
         .await
         .expect("paid chat")

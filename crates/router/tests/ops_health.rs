@@ -143,14 +143,8 @@ async fn paid_router_is_ready_only_while_its_ledger_serves() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn free_router_without_a_ledger_is_ready() {
     // Nothing listens on the ledger URL.
-    let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", closed.local_addr().expect("addr"));
-    drop(closed);
-    let config = RouterConfig::new("free-router", "owner@example.com");
-    let mut config = config;
-    config.ledger.url = url;
+    let mut config = RouterConfig::new("free-router", "owner@example.com");
+    config.ledger.url = closed_url();
     config.ledger.connect_timeout = Duration::from_millis(200);
     let router = RouterHandle::start(config).await;
     let ch = channel(&router.grpc_url).await;
@@ -206,6 +200,15 @@ async fn reflect(ch: &Channel, symbol: &str) -> (Vec<String>, usize) {
     (services, files)
 }
 
+/// The services a server lists over reflection: health, reflection and its own `service`.
+fn advertised(service: &str) -> [&str; 3] {
+    [
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        service,
+    ]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reflection_lists_the_services() {
     let s = Stack::start(Pricing::per_request(PRICE)).await;
@@ -213,24 +216,13 @@ async fn reflection_lists_the_services() {
     let (services, files) = reflect(&ledger, "syft.ledger.v1.Ledger.Authorize").await;
     assert_eq!(
         services,
-        [
-            "grpc.health.v1.Health",
-            "grpc.reflection.v1.ServerReflection",
-            LEDGER
-        ],
+        advertised(LEDGER),
         "the ledger advertises only what it serves"
     );
     assert!(files >= 1);
 
     let router = channel(&s.router.grpc_url).await;
     let (services, files) = reflect(&router, "syft.router.v1.ChatRequest").await;
-    assert_eq!(
-        services,
-        [
-            "grpc.health.v1.Health",
-            "grpc.reflection.v1.ServerReflection",
-            ROUTER
-        ]
-    );
+    assert_eq!(services, advertised(ROUTER));
     assert!(files >= 1);
 }

@@ -24,16 +24,9 @@ async fn wait_hits(up: &FakeUpstream, n: usize) {
 
 fn request(alice: &Account, token: &str, id: &str) -> ChatRequest {
     ChatRequest {
-        user_email: alice.email.clone(),
         model: "test-model".into(),
-        messages: vec![syft_proto::router::Message {
-            role: "user".into(),
-            content: format!("request {id}"),
-            name: None,
-        }],
-        transaction_token: token.into(),
         request_id: id.into(),
-        ..Default::default()
+        ..chat_request(&alice.email, token, &format!("request {id}"))
     }
 }
 

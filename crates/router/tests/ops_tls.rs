@@ -15,7 +15,8 @@ use syft_proto::router as rpb;
 use syft_proto::router::router_client::RouterClient;
 use syft_router_svc::{Pricing, RouterConfig, ECHO_MODEL};
 use syft_testkit::{
-    assert_consistent, ledger_config, Db, LedgerServer, RouterHandle, ADMIN_KEY, PRICE,
+    assert_consistent, chat_request, ledger_config, Db, LedgerServer, RouterHandle, ADMIN_KEY,
+    PRICE,
 };
 use syft_tls::{ClientTls, ServerTls};
 use tonic::transport::{Channel, Endpoint};
@@ -77,6 +78,13 @@ impl Ca {
     /// Trusts this CA only, no client certificate.
     fn trust(&self) -> ClientTls {
         ClientTls::new().with_ca(self.pem()).expect("client tls")
+    }
+
+    /// Trusts this CA and presents `identity` (a client certificate, from any CA).
+    fn trust_as(&self, identity: Leaf) -> ClientTls {
+        self.trust()
+            .with_identity(identity.cert, identity.key)
+            .expect("identity")
     }
 }
 
@@ -171,11 +179,7 @@ async fn mutual_tls_rejects_clients_without_a_certificate_from_its_ca() {
     let ca = Ca::new("mesh CA");
     let (ledger, _db) = tls_ledger(ca.server().with_client_ca(ca.pem()).expect("client ca")).await;
 
-    let good = ca.client_identity("router");
-    let with_cert = ca
-        .trust()
-        .with_identity(good.cert, good.key)
-        .expect("identity");
+    let with_cert = ca.trust_as(ca.client_identity("router"));
     list_accounts(&client(&ledger, ADMIN_KEY, Some(&with_cert)))
         .await
         .expect("a client certificate signed by the CA is accepted");
@@ -187,11 +191,7 @@ async fn mutual_tls_rejects_clients_without_a_certificate_from_its_ca() {
     assert_refused(&err);
 
     // A client certificate from another CA.
-    let rogue = Ca::new("rogue CA").client_identity("intruder");
-    let wrong_ca = ca
-        .trust()
-        .with_identity(rogue.cert, rogue.key)
-        .expect("identity");
+    let wrong_ca = ca.trust_as(Ca::new("rogue CA").client_identity("intruder"));
     let err = list_accounts(&client(&ledger, ADMIN_KEY, Some(&wrong_ca)))
         .await
         .expect_err("client certificate from another CA");
@@ -260,17 +260,22 @@ async fn router_serves_grpc_and_https_over_tls() {
 async fn router_pays_through_a_mutual_tls_ledger() {
     let ca = Ca::new("mesh CA");
     let (ledger, _db) = tls_ledger(ca.server().with_client_ca(ca.pem()).expect("client ca")).await;
-    let router_id = ca.client_identity("router");
-    let router_tls = ca
-        .trust()
-        .with_identity(router_id.cert, router_id.key)
-        .expect("identity");
-    let admin_id = ca.client_identity("admin");
-    let admin_tls = ca
-        .trust()
-        .with_identity(admin_id.cert, admin_id.key)
-        .expect("identity");
+    let router_tls = ca.trust_as(ca.client_identity("router"));
+    let admin_tls = ca.trust_as(ca.client_identity("admin"));
     let admin = client(&ledger, ADMIN_KEY, Some(&admin_tls));
+    let alice_account = || {
+        let mut admin = admin.clone();
+        async move {
+            let request = lpb::GetAccountRequest {
+                email: "alice@example.com".into(),
+            };
+            admin
+                .get_account(request)
+                .await
+                .expect("account")
+                .into_inner()
+        }
+    };
     list_accounts(&admin).await.expect("admin over mTLS");
 
     let owner_secret = create_account(&mut admin.clone(), "owner@example.com", "test")
@@ -303,15 +308,8 @@ async fn router_pays_through_a_mutual_tls_ledger() {
     let router = RouterHandle::start(config).await;
 
     let chat = rpb::ChatRequest {
-        user_email: "alice@example.com".into(),
         model: ECHO_MODEL.into(),
-        messages: vec![rpb::Message {
-            role: "user".into(),
-            content: "hello over mTLS".into(),
-            name: None,
-        }],
-        transaction_token: token.clone(),
-        ..Default::default()
+        ..chat_request("alice@example.com", &token, "hello over mTLS")
     };
     let resp = router_client(&router.grpc_url, &ca.trust())
         .await
@@ -330,14 +328,7 @@ async fn router_pays_through_a_mutual_tls_ledger() {
         .expect("transfer")
         .into_inner();
     assert_eq!(transfer.status(), lpb::TransferStatus::Completed);
-    let alice = admin
-        .clone()
-        .get_account(lpb::GetAccountRequest {
-            email: "alice@example.com".into(),
-        })
-        .await
-        .expect("account")
-        .into_inner();
+    let alice = alice_account().await;
     assert_eq!(alice.balance_micros, 1_000_000 - PRICE);
     assert_eq!(alice.held_micros, 0);
 
@@ -359,14 +350,7 @@ async fn router_pays_through_a_mutual_tls_ledger() {
         .await
         .expect_err("ledger refuses a router without a client certificate");
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
-    let alice = admin
-        .clone()
-        .get_account(lpb::GetAccountRequest {
-            email: "alice@example.com".into(),
-        })
-        .await
-        .expect("account")
-        .into_inner();
+    let alice = alice_account().await;
     assert_eq!(alice.balance_micros, 1_000_000 - PRICE);
     assert_consistent(&ledger.store).await;
     ledger.store.close().await;

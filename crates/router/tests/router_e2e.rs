@@ -500,10 +500,7 @@ async fn router_killed_between_authorize_and_capture_pays_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ledger_unreachable_fails_paid_requests_but_not_free_ones() {
     let upstream = FakeUpstream::start().await;
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        format!("http://{}", l.local_addr().expect("addr"))
-    };
+    let closed = closed_url();
     let paid = RouterHandle::start(router_config(
         "paid",
         "owner@example.com",
@@ -523,12 +520,8 @@ async fn ledger_unreachable_fails_paid_requests_but_not_free_ones() {
     ))
     .await;
     let req = syft_proto::router::ChatRequest {
-        user_email: "alice@example.com".into(),
         model: "m".into(),
-        messages: user_msg("hi"),
-        options: None,
-        transaction_token: "tok".into(),
-        request_id: String::new(),
+        ..chat_request("alice@example.com", "tok", "hi")
     };
     let err = paid
         .client()
@@ -796,14 +789,7 @@ async fn echo_upstream_runs_offline_and_metadata_shows_pricing() {
         ("per_request", PRICE)
     );
 
-    let req = syft_proto::router::ChatRequest {
-        user_email: alice.email.clone(),
-        model: String::new(),
-        messages: user_msg("hello echo"),
-        options: None,
-        transaction_token: token.clone(),
-        request_id: String::new(),
-    };
+    let req = chat_request(&alice.email, &token, "hello echo");
     let resp = c.chat(req.clone()).await.expect("echo").into_inner();
     assert_eq!(
         resp.message.map(|m| m.content),

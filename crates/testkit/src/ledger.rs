@@ -286,21 +286,23 @@ pub async fn account(ledger: &str, email: &str) -> pb::Account {
 }
 
 pub async fn transfers_of(ledger: &str, email: &str) -> Vec<pb::Transfer> {
+    let mut admin = admin(ledger);
     let request = pb::ListTransfersRequest {
         account_email: email.into(),
         page_size: 500,
         ..Default::default()
     };
-    let listed = admin(ledger).list_transfers(request).await;
-    listed.expect("list transfers").into_inner().transfers
+    let listed = admin.list_transfers(request).await.expect("list transfers");
+    listed.into_inner().transfers
 }
 
 pub async fn usage_of(ledger: &str, user_email: &str) -> Vec<pb::UsageRecord> {
+    let mut admin = admin(ledger);
     let request = pb::QueryUsageRequest {
         user_email: user_email.into(),
         page_size: 500,
         ..Default::default()
     };
-    let usage = admin(ledger).query_usage(request).await;
-    usage.expect("query usage").into_inner().records
+    let usage = admin.query_usage(request).await.expect("query usage");
+    usage.into_inner().records
 }

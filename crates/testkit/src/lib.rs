@@ -16,7 +16,9 @@ pub use ledger::{
     account, create_account, deposit, issue_token, ledger_config, serve_ledger, transfers_of,
     usage_of, Account, Harness, LedgerServer,
 };
-pub use router::{router_config, serve_router, Funded, RouterHandle, Stack, FUNDS, PRICE};
+pub use router::{
+    chat_request, router_config, serve_router, Funded, RouterHandle, Stack, FUNDS, PRICE,
+};
 pub use upstream::{FakeUpstream, Mode, CONTENT, UP_COMPLETION, UP_PROMPT};
 
 use syft_ledger::Store;
@@ -25,6 +27,19 @@ use syft_ledger::Store;
 pub const ADMIN_KEY: &str = "test-admin-key-0123456789";
 /// One dollar in micros.
 pub const USD: i64 = 1_000_000;
+
+/// A port that was free a moment ago (for processes that bind it themselves).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// An `http://` URL nothing listens on.
+pub fn closed_url() -> String {
+    format!("http://127.0.0.1:{}", free_port())
+}
 
 /// The code of a call that must fail.
 pub fn code<T: std::fmt::Debug>(result: Result<T, tonic::Status>) -> tonic::Code {

@@ -106,6 +106,20 @@ impl RouterHandle {
     }
 }
 
+/// One user message from `user` paying with `token`; default model, options and request id.
+pub fn chat_request(user: &str, token: &str, content: &str) -> ChatRequest {
+    ChatRequest {
+        user_email: user.into(),
+        messages: vec![Message {
+            role: "user".into(),
+            content: content.into(),
+            name: None,
+        }],
+        transaction_token: token.into(),
+        ..Default::default()
+    }
+}
+
 /// A router named `name`, owned by `owner`, paying through `ledger_url`, priced `pricing`, with
 /// short timeouts; the echo upstream unless `upstream_url` names an OpenAI-compatible one.
 pub fn router_config(
@@ -209,39 +223,26 @@ impl Stack {
         let upstream = FakeUpstream::start().await;
         let mut config = funded.router_config("test-router", pricing, Some(&upstream.base_url));
         tweak(&mut config);
-        let router = RouterHandle::start(config).await;
-        let Funded {
-            ledger,
-            owner,
-            alice,
-            token,
-        } = funded;
         Stack {
+            router: RouterHandle::start(config).await,
             db,
-            ledger,
-            owner,
-            alice,
-            token,
+            ledger: funded.ledger,
+            owner: funded.owner,
+            alice: funded.alice,
+            token: funded.token,
             upstream,
-            router,
         }
     }
 
+    /// A chat from alice with her token, for `test-model`, at most 100 tokens.
     pub fn request(&self, content: &str) -> ChatRequest {
         ChatRequest {
-            user_email: self.alice.email.clone(),
             model: "test-model".into(),
-            messages: vec![Message {
-                role: "user".into(),
-                content: content.into(),
-                name: None,
-            }],
             options: Some(ChatOptions {
                 max_tokens: Some(100),
                 ..Default::default()
             }),
-            transaction_token: self.token.clone(),
-            request_id: String::new(),
+            ..chat_request(&self.alice.email, &self.token, content)
         }
     }
 
