@@ -1,27 +1,14 @@
 //! Account setup shared by `dev`, `demo` and the benchmarks: wait for a ledger, create funded
-//! accounts, issue tokens.
+//! accounts, issue tokens. The ledger calls themselves live in `syft_ledger::client`, which the
+//! test kit uses too.
 
-use std::time::Duration;
-
-use syft_ledger::client::LedgerClient;
-use syft_proto::ledger as pb;
+use syft_ledger::client::{self, LedgerClient};
 
 /// Waits until the ledger answers (any answer but `UNAVAILABLE`).
 pub async fn wait_for_ledger(client: &mut LedgerClient) -> anyhow::Result<()> {
-    for _ in 0..100 {
-        match client
-            .get_account(pb::GetAccountRequest {
-                email: "probe@ledger.local".into(),
-            })
-            .await
-        {
-            Err(s) if s.code() == tonic::Code::Unavailable => {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
-            _ => return Ok(()),
-        }
-    }
-    anyhow::bail!("the ledger did not start")
+    client::wait_for_ledger(client)
+        .await
+        .map_err(|_| anyhow::anyhow!("the ledger did not start"))
 }
 
 /// Creates an account and deposits `deposit` micros (if positive); returns its secret.
@@ -30,36 +17,16 @@ pub async fn create_account(
     email: &str,
     deposit: i64,
 ) -> anyhow::Result<String> {
-    let created = admin
-        .create_account(pb::CreateAccountRequest {
-            email: email.into(),
-            organization: "demo".into(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
+    let secret = client::create_account(admin, email, "demo").await?;
     if deposit > 0 {
-        admin
-            .deposit(pb::DepositRequest {
-                email: email.into(),
-                amount_micros: deposit,
-                idempotency_key: format!("welcome-{email}"),
-            })
-            .await?;
+        client::deposit(admin, email, deposit, &format!("welcome-{email}")).await?;
     }
-    Ok(created.secret)
+    Ok(secret)
 }
 
 /// Issues a token from the client's account to `recipient`.
 pub async fn issue_token(sender: &mut LedgerClient, recipient: &str) -> anyhow::Result<String> {
-    Ok(sender
-        .issue_token(pb::IssueTokenRequest {
-            recipient_email: recipient.into(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .token)
+    Ok(client::issue_token(sender, recipient).await?)
 }
 
 /// Connects to a ledger database, runs `verify`, and fails unless the ledger is consistent.

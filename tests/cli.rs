@@ -1,10 +1,8 @@
 //! The binary as people use it: `demo`, client commands with `--json`, and `ledger verify`.
 
-mod common;
-
 use std::process::Command;
 
-use common::{Harness, ADMIN_KEY};
+use syft_testkit::{closed_url, Harness, ADMIN_KEY};
 
 fn syft_router() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_syft-router"));
@@ -54,26 +52,19 @@ async fn client_commands_and_verify() {
     ])))
     .unwrap();
     let secret = created["secret"].as_str().unwrap().to_string();
-    let deposited: serde_json::Value = serde_json::from_str(&run(&mut cli(&[
+    let deposit = [
         "account",
         "deposit",
         "bob@example.com",
         "12.5",
         "--idempotency-key",
         "d1",
-        "--json",
-    ])))
-    .unwrap();
+    ];
+    let deposited: serde_json::Value =
+        serde_json::from_str(&run(&mut cli(&[&deposit[..], &["--json"]].concat()))).unwrap();
     assert_eq!(deposited["balance_micros"], 12_500_000);
     // Replaying the deposit with the same key does not deposit again.
-    run(&mut cli(&[
-        "account",
-        "deposit",
-        "bob@example.com",
-        "12.5",
-        "--idempotency-key",
-        "d1",
-    ]));
+    run(&mut cli(&deposit));
     // Bad amounts are refused before anything is sent.
     for bad in ["-1", "0.0000001", "NaN", "abc"] {
         let out = cli(&["account", "deposit", "bob@example.com", bad])
@@ -225,11 +216,8 @@ async fn health_command_and_idempotent_owner_setup() {
     }
     assert_eq!(served.as_deref().map(str::trim), Some("SERVING"));
     // Nothing listening: non-zero exit.
-    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let closed_url = format!("http://{}", closed.local_addr().unwrap());
-    drop(closed);
     let out = syft_router()
-        .args(["health", "--url", &closed_url, "--timeout", "1s"])
+        .args(["health", "--url", &closed_url(), "--timeout", "1s"])
         .output()
         .unwrap();
     assert!(!out.status.success());

@@ -2,12 +2,10 @@
 //! accounting REST API with `syft-accounting-sdk` 0.1.1 from PyPI, in a virtualenv made by
 //! `tests/python/setup-venv.sh` (`.ci/run` makes it first; this test makes it if it is missing).
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{Harness, ADMIN_KEY};
+use syft_testkit::{Harness, ADMIN_KEY};
 
 fn venv_python() -> Option<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));

@@ -15,9 +15,10 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
-use syft_ledger::client::connect_lazy;
+use syft_ledger::client::{connect_lazy, create_account, deposit, issue_token};
 use syft_proto::ledger as pb;
 use syft_proto::router as rpb;
+use syft_testkit::{chat_request, free_port};
 
 const ADMIN_KEY: &str = "telemetry-admin-key";
 const OWNER: &str = "owner@router.example";
@@ -95,13 +96,6 @@ impl Collector {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 struct Process(Child);
 
 impl Process {
@@ -146,6 +140,13 @@ async fn wait_http(url: &str) {
     panic!("{url} never became ready");
 }
 
+/// The Prometheus text a service serves on its HTTP `port`.
+async fn metrics(port: u16) -> String {
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let resp = reqwest::get(&url).await.expect("GET /metrics");
+    resp.text().await.expect("text")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_request_is_one_trace_across_router_and_ledger() {
     let collector = Collector::default();
@@ -187,33 +188,14 @@ async fn one_request_is_one_trace_across_router_and_ledger() {
         })
         .await
         .expect("create owner");
-    let alice_secret = admin
-        .create_account(pb::CreateAccountRequest {
-            email: ALICE.into(),
-            ..Default::default()
-        })
+    let alice_secret = create_account(&mut admin, ALICE, "")
         .await
-        .expect("create alice")
-        .into_inner()
-        .secret;
-    admin
-        .deposit(pb::DepositRequest {
-            email: ALICE.into(),
-            amount_micros: 5_000_000,
-            idempotency_key: "fund-alice".into(),
-        })
+        .expect("create alice");
+    deposit(&mut admin, ALICE, 5_000_000, "fund-alice")
         .await
         .expect("deposit");
-    let token = connect_lazy(&ledger_url, &alice_secret)
-        .expect("client")
-        .issue_token(pb::IssueTokenRequest {
-            recipient_email: OWNER.into(),
-            ..Default::default()
-        })
-        .await
-        .expect("token")
-        .into_inner()
-        .token;
+    let mut alice = connect_lazy(&ledger_url, &alice_secret).expect("client");
+    let token = issue_token(&mut alice, OWNER).await.expect("token");
 
     let config = dir.path().join("router.json");
     std::fs::write(
@@ -246,15 +228,8 @@ async fn one_request_is_one_trace_across_router_and_ledger() {
             .expect("router client");
     let answer = chat
         .chat(rpb::ChatRequest {
-            user_email: ALICE.into(),
-            messages: vec![rpb::Message {
-                role: "user".into(),
-                content: "trace me".into(),
-                name: None,
-            }],
-            transaction_token: token.clone(),
             request_id: "traced-request-1".into(),
-            ..Default::default()
+            ..chat_request(ALICE, &token, "trace me")
         })
         .await
         .expect("paid chat")
@@ -262,12 +237,7 @@ async fn one_request_is_one_trace_across_router_and_ledger() {
     assert_eq!(answer.cost_micros, 10_000);
 
     // Both services count the request in Prometheus format.
-    let ledger_metrics = reqwest::get(format!("http://127.0.0.1:{ledger_http}/metrics"))
-        .await
-        .expect("ledger metrics")
-        .text()
-        .await
-        .expect("text");
+    let ledger_metrics = metrics(ledger_http).await;
     for needle in [
         "syft_grpc_server_requests_total{grpc_code=\"OK\",grpc_method=\"Authorize\",grpc_service=\"syft.ledger.v1.Ledger\"} 1",
         "syft_grpc_server_requests_total{grpc_code=\"OK\",grpc_method=\"Capture\",grpc_service=\"syft.ledger.v1.Ledger\"} 1",
@@ -280,12 +250,7 @@ async fn one_request_is_one_trace_across_router_and_ledger() {
     ] {
         assert!(ledger_metrics.contains(needle), "ledger /metrics lacks {needle}:\n{ledger_metrics}");
     }
-    let router_metrics = reqwest::get(format!("http://127.0.0.1:{router_http}/metrics"))
-        .await
-        .expect("router metrics")
-        .text()
-        .await
-        .expect("text");
+    let router_metrics = metrics(router_http).await;
     for needle in [
         "syft_grpc_server_requests_total{grpc_code=\"OK\",grpc_method=\"Chat\",grpc_service=\"syft.router.v1.Router\"} 1",
         "syft_router_added_latency_seconds_count{mode=\"unary\",outcome=\"success\"} 1",

@@ -1,5 +1,7 @@
-//! An authenticated gRPC client for the ledger, used by the router, the CLI and tests.
+//! An authenticated gRPC client for the ledger, used by the router, the CLI and tests, and the
+//! account set-up calls they share.
 
+use syft_proto::ledger as pb;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
@@ -73,4 +75,74 @@ pub fn connect_lazy_tls(
 
 pub fn with_credentials(channel: Channel, credentials: Credentials) -> LedgerClient {
     syft_proto::ledger::ledger_client::LedgerClient::with_interceptor(channel, credentials)
+}
+
+// Account set-up used by `dev`, `demo`, the benchmarks and the test kit: one implementation, so
+// what tests set up is what the binary sets up.
+
+/// Waits until the ledger answers (any answer but `UNAVAILABLE`); `UNAVAILABLE` after ~5 s.
+pub async fn wait_for_ledger(client: &mut LedgerClient) -> std::result::Result<(), tonic::Status> {
+    for _ in 0..100 {
+        match client
+            .get_account(pb::GetAccountRequest {
+                email: "probe@ledger.local".into(),
+            })
+            .await
+        {
+            Err(s) if s.code() == tonic::Code::Unavailable => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await
+            }
+            _ => return Ok(()),
+        }
+    }
+    Err(tonic::Status::unavailable("the ledger did not start"))
+}
+
+/// Creates `email` in `organization` (as the admin); returns the new account's secret.
+pub async fn create_account(
+    admin: &mut LedgerClient,
+    email: &str,
+    organization: &str,
+) -> std::result::Result<String, tonic::Status> {
+    Ok(admin
+        .create_account(pb::CreateAccountRequest {
+            email: email.into(),
+            organization: organization.into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .secret)
+}
+
+/// Deposits `micros` into `email` (as the admin), once per `idempotency_key`.
+pub async fn deposit(
+    admin: &mut LedgerClient,
+    email: &str,
+    micros: i64,
+    idempotency_key: &str,
+) -> std::result::Result<pb::Account, tonic::Status> {
+    Ok(admin
+        .deposit(pb::DepositRequest {
+            email: email.into(),
+            amount_micros: micros,
+            idempotency_key: idempotency_key.into(),
+        })
+        .await?
+        .into_inner())
+}
+
+/// Issues a token from the client's account to `recipient`, without expiry or limit.
+pub async fn issue_token(
+    sender: &mut LedgerClient,
+    recipient: &str,
+) -> std::result::Result<String, tonic::Status> {
+    Ok(sender
+        .issue_token(pb::IssueTokenRequest {
+            recipient_email: recipient.into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .token)
 }

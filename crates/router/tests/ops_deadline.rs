@@ -1,13 +1,10 @@
 //! Per-RPC deadlines: a client's `grpc-timeout` ends the call on the router, and a paid call cut
 //! short this way is never charged: its hold is voided.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
-use syft_proto::ledger::TransferStatus;
 use syft_router_svc::Pricing;
+use syft_testkit::*;
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -29,10 +26,7 @@ async fn client_deadline_ends_the_call_and_voids_the_hold() {
         started.elapsed() < Duration::from_millis(1000),
         "the deadline was not honoured"
     );
-    let transfers = s.wait_no_pending(Duration::from_secs(5)).await;
-    assert_eq!(transfers.len(), 1);
-    assert_eq!(transfers[0].status(), TransferStatus::Cancelled);
-    assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));
+    s.assert_voided_once(Duration::from_secs(5)).await;
 
     // Without a deadline the same request completes and is charged once.
     let answer = client

@@ -1,14 +1,12 @@
 //! Health and discovery: `grpc.health.v1.Health` follows the database (ledger) and the ledger
 //! (router), `/readyz` agrees, and server reflection lists the services.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
 use futures::StreamExt;
 use serde_json::Value;
 use syft_router_svc::{Pricing, RouterConfig};
+use syft_testkit::*;
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -72,7 +70,7 @@ async fn readyz(http_url: &str) -> (u16, Value) {
 }
 
 async fn ledger_follows_its_database(db: Db) {
-    let ledger = LedgerHandle::start(&db, Duration::from_secs(300)).await;
+    let ledger = LedgerServer::start(ledger_config(&db.url)).await;
     let ch = channel(&ledger.url).await;
     wait_status(&ch, LEDGER, ServingStatus::Serving).await;
     // Unknown services are NOT_FOUND, as the health protocol requires.
@@ -98,7 +96,7 @@ async fn ledger_health_follows_the_database_sqlite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ledger_health_follows_the_database_postgres() {
-    let Some(db) = Db::postgres("ledger_health_follows_the_database_postgres").await else {
+    let Some(db) = Db::postgres().await else {
         return;
     };
     ledger_follows_its_database(db).await;
@@ -123,7 +121,7 @@ async fn paid_router_is_ready_only_while_its_ledger_serves() {
     assert_eq!(body["ledger"], "not_serving");
 
     // The ledger process goes away entirely.
-    s.ledger.stop().await;
+    s.ledger.stop_now().await;
     wait_status(&ch, ROUTER, ServingStatus::NotServing).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
@@ -145,14 +143,8 @@ async fn paid_router_is_ready_only_while_its_ledger_serves() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn free_router_without_a_ledger_is_ready() {
     // Nothing listens on the ledger URL.
-    let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", closed.local_addr().expect("addr"));
-    drop(closed);
-    let config = RouterConfig::new("free-router", "owner@example.com");
-    let mut config = config;
-    config.ledger.url = url;
+    let mut config = RouterConfig::new("free-router", "owner@example.com");
+    config.ledger.url = closed_url();
     config.ledger.connect_timeout = Duration::from_millis(200);
     let router = RouterHandle::start(config).await;
     let ch = channel(&router.grpc_url).await;
@@ -208,6 +200,15 @@ async fn reflect(ch: &Channel, symbol: &str) -> (Vec<String>, usize) {
     (services, files)
 }
 
+/// The services a server lists over reflection: health, reflection and its own `service`.
+fn advertised(service: &str) -> [&str; 3] {
+    [
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        service,
+    ]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reflection_lists_the_services() {
     let s = Stack::start(Pricing::per_request(PRICE)).await;
@@ -215,24 +216,13 @@ async fn reflection_lists_the_services() {
     let (services, files) = reflect(&ledger, "syft.ledger.v1.Ledger.Authorize").await;
     assert_eq!(
         services,
-        [
-            "grpc.health.v1.Health",
-            "grpc.reflection.v1.ServerReflection",
-            LEDGER
-        ],
+        advertised(LEDGER),
         "the ledger advertises only what it serves"
     );
     assert!(files >= 1);
 
     let router = channel(&s.router.grpc_url).await;
     let (services, files) = reflect(&router, "syft.router.v1.ChatRequest").await;
-    assert_eq!(
-        services,
-        [
-            "grpc.health.v1.Health",
-            "grpc.reflection.v1.ServerReflection",
-            ROUTER
-        ]
-    );
+    assert_eq!(services, advertised(ROUTER));
     assert!(files >= 1);
 }

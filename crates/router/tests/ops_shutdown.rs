@@ -2,17 +2,13 @@
 //! requests still running at its end are cancelled and their holds voided before `serve`
 //! returns; nothing new is accepted meanwhile.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
 use futures::StreamExt;
 use syft_proto::ledger::TransferStatus;
 use syft_proto::router::{chat_stream_event, ChatRequest};
 use syft_router_svc::{Pricing, UpstreamConfig};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use syft_testkit::*;
 
 const GRACE: Duration = Duration::from_millis(1500);
 
@@ -28,16 +24,9 @@ async fn wait_hits(up: &FakeUpstream, n: usize) {
 
 fn request(alice: &Account, token: &str, id: &str) -> ChatRequest {
     ChatRequest {
-        user_email: alice.email.clone(),
         model: "test-model".into(),
-        messages: vec![syft_proto::router::Message {
-            role: "user".into(),
-            content: format!("request {id}"),
-            name: None,
-        }],
-        transaction_token: token.into(),
         request_id: id.into(),
-        ..Default::default()
+        ..chat_request(&alice.email, token, &format!("request {id}"))
     }
 }
 
@@ -68,35 +57,27 @@ async fn collect_stream(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_finishes_short_requests_and_voids_the_rest() {
     let db = Db::sqlite();
-    let ledger = LedgerHandle::start(&db, Duration::from_secs(300)).await;
-    let owner = create_account(&ledger.url, "owner").await;
-    let alice = create_account(&ledger.url, "alice").await;
-    deposit(&ledger.url, &alice.email, FUNDS).await;
-    let token = issue_token(&ledger.url, &alice, &owner.email).await;
+    let funded = Funded::start(&db, Duration::from_secs(300)).await;
     let upstream = FakeUpstream::start().await;
-    let mut config = router_config(
+    let mut config = funded.router_config(
         "shutdown-router",
-        &owner.email,
-        &owner.secret,
-        &ledger.url,
         Pricing::per_request(PRICE),
         Some(&upstream.base_url),
     );
+    let Funded {
+        ledger,
+        alice,
+        token,
+        ..
+    } = funded;
     // Only the shutdown may end the stalled requests.
     if let UpstreamConfig::OpenAi(o) = &mut config.upstream {
         o.request_timeout = Duration::from_secs(120);
         o.idle_timeout = Duration::from_secs(120);
     }
     config.shutdown_grace = GRACE;
-    let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let http = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let grpc_url = format!("http://{}", grpc.local_addr().expect("addr"));
-    let (stop, stopped) = oneshot::channel::<()>();
-    let server = tokio::spawn(syft_router_svc::serve(config, grpc, http, async {
-        let _ = stopped.await;
-    }));
-    let handle = RouterHandleless { url: grpc_url };
-    let client = handle.client().await;
+    let mut router = RouterHandle::start(config).await;
+    let client = router.client().await;
 
     // A: unary, answers after 700 ms (inside the grace period).
     upstream.set_mode(Mode::Delay(Duration::from_millis(700)));
@@ -131,13 +112,13 @@ async fn shutdown_finishes_short_requests_and_voids_the_rest() {
     tokio::time::sleep(Duration::from_millis(100)).await;
 
     let started = Instant::now();
-    stop.send(()).expect("router running");
+    router.shutdown();
     tokio::time::sleep(Duration::from_millis(100)).await;
 
     // Nothing new is served once shutting down.
     upstream.set_mode(Mode::Ok);
     let late = tokio::time::timeout(Duration::from_millis(800), async {
-        let mut c = tonic::transport::Endpoint::from_shared(handle.url.clone())
+        let mut c = tonic::transport::Endpoint::from_shared(router.grpc_url.clone())
             .expect("url")
             .connect()
             .await
@@ -151,9 +132,9 @@ async fn shutdown_finishes_short_requests_and_voids_the_rest() {
         "a request after the shutdown signal was served"
     );
 
-    server
+    router
+        .join()
         .await
-        .expect("join")
         .expect("serve returns Ok after a graceful shutdown");
     let took = started.elapsed();
     assert!(
@@ -192,29 +173,7 @@ async fn shutdown_finishes_short_requests_and_voids_the_rest() {
     let d = d.expect_err("stalled stream cancelled");
     assert_eq!(d.code(), tonic::Code::Unavailable, "{d:?}");
 
-    let report = ledger.store.verify().await.expect("verify");
-    assert!(report.is_ok(), "{:?}", report.problems);
+    assert_consistent(&ledger.store).await;
     let usage = usage_of(&ledger.url, &alice.email).await;
     assert_eq!(usage.len(), 4, "one usage row per request: {usage:?}");
-}
-
-/// A router served by the test itself (so it can await `serve`).
-struct RouterHandleless {
-    url: String,
-}
-
-impl RouterHandleless {
-    async fn client(
-        &self,
-    ) -> syft_proto::router::router_client::RouterClient<tonic::transport::Channel> {
-        for _ in 0..100 {
-            if let Ok(c) =
-                syft_proto::router::router_client::RouterClient::connect(self.url.clone()).await
-            {
-                return c;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("router did not start");
-    }
 }

@@ -1,25 +1,24 @@
 //! TLS on every listener and mutual TLS between router and ledger, with certificates made at
 //! test time (rcgen).
 
-mod common;
-
-use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Db, ADMIN_KEY, PRICE};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose,
 };
 use syft_ledger::client::{connect_lazy_tls, LedgerClient};
-use syft_ledger::{LedgerConfig, Store};
+use syft_ledger::client::{create_account, deposit, issue_token};
+use syft_ledger::LedgerConfig;
 use syft_proto::ledger as lpb;
 use syft_proto::router as rpb;
 use syft_proto::router::router_client::RouterClient;
 use syft_router_svc::{Pricing, RouterConfig, ECHO_MODEL};
+use syft_testkit::{
+    assert_consistent, chat_request, ledger_config, Db, LedgerServer, RouterHandle, ADMIN_KEY,
+    PRICE,
+};
 use syft_tls::{ClientTls, ServerTls};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 use tonic::transport::{Channel, Endpoint};
 
 /// A test certificate authority.
@@ -80,48 +79,27 @@ impl Ca {
     fn trust(&self) -> ClientTls {
         ClientTls::new().with_ca(self.pem()).expect("client tls")
     }
-}
 
-struct TlsLedger {
-    url: String,
-    store: Arc<Store>,
-    _stop: oneshot::Sender<()>,
-    _db: Db,
-}
-
-async fn tls_ledger(tls: ServerTls) -> TlsLedger {
-    let db = Db::sqlite();
-    let store = Arc::new(Store::connect(&db.url, 4).await.expect("store"));
-    let config = LedgerConfig {
-        database_url: db.url.clone(),
-        admin_key: ADMIN_KEY.into(),
-        sweep_interval: Duration::from_millis(100),
-        tls: Some(tls),
-        ..LedgerConfig::default()
-    };
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let url = format!("https://{}", listener.local_addr().expect("addr"));
-    let (tx, rx) = oneshot::channel();
-    let s = store.clone();
-    tokio::spawn(async move {
-        if let Err(e) =
-            syft_ledger::serve_store(s, config, syft_ledger::Listeners::grpc(listener), async {
-                let _ = rx.await;
-            })
-            .await
-        {
-            eprintln!("ledger stopped: {e}");
-        }
-    });
-    TlsLedger {
-        url,
-        store,
-        _stop: tx,
-        _db: db,
+    /// Trusts this CA and presents `identity` (a client certificate, from any CA).
+    fn trust_as(&self, identity: Leaf) -> ClientTls {
+        self.trust()
+            .with_identity(identity.cert, identity.key)
+            .expect("identity")
     }
 }
 
-fn client(ledger: &TlsLedger, secret: &str, tls: Option<&ClientTls>) -> LedgerClient {
+/// A ledger serving TLS with `tls`, on a fresh SQLite file (dropped with the `Db`).
+async fn tls_ledger(tls: ServerTls) -> (LedgerServer, Db) {
+    let db = Db::sqlite();
+    let config = LedgerConfig {
+        sweep_interval: Duration::from_millis(100),
+        tls: Some(tls),
+        ..ledger_config(&db.url)
+    };
+    (LedgerServer::start(config).await, db)
+}
+
+fn client(ledger: &LedgerServer, secret: &str, tls: Option<&ClientTls>) -> LedgerClient {
     connect_lazy_tls(&ledger.url, secret, tls).expect("client")
 }
 
@@ -167,7 +145,7 @@ async fn list_accounts(c: &LedgerClient) -> Result<(), tonic::Status> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_ledger_serves_tls_clients_and_refuses_others() {
     let ca = Ca::new("test CA");
-    let ledger = tls_ledger(ca.server()).await;
+    let (ledger, _db) = tls_ledger(ca.server()).await;
     list_accounts(&client(&ledger, ADMIN_KEY, Some(&ca.trust())))
         .await
         .expect("a client trusting the CA gets through");
@@ -199,13 +177,9 @@ async fn tls_ledger_serves_tls_clients_and_refuses_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_rejects_clients_without_a_certificate_from_its_ca() {
     let ca = Ca::new("mesh CA");
-    let ledger = tls_ledger(ca.server().with_client_ca(ca.pem()).expect("client ca")).await;
+    let (ledger, _db) = tls_ledger(ca.server().with_client_ca(ca.pem()).expect("client ca")).await;
 
-    let good = ca.client_identity("router");
-    let with_cert = ca
-        .trust()
-        .with_identity(good.cert, good.key)
-        .expect("identity");
+    let with_cert = ca.trust_as(ca.client_identity("router"));
     list_accounts(&client(&ledger, ADMIN_KEY, Some(&with_cert)))
         .await
         .expect("a client certificate signed by the CA is accepted");
@@ -217,34 +191,12 @@ async fn mutual_tls_rejects_clients_without_a_certificate_from_its_ca() {
     assert_refused(&err);
 
     // A client certificate from another CA.
-    let rogue = Ca::new("rogue CA").client_identity("intruder");
-    let wrong_ca = ca
-        .trust()
-        .with_identity(rogue.cert, rogue.key)
-        .expect("identity");
+    let wrong_ca = ca.trust_as(Ca::new("rogue CA").client_identity("intruder"));
     let err = list_accounts(&client(&ledger, ADMIN_KEY, Some(&wrong_ca)))
         .await
         .expect_err("client certificate from another CA");
     assert_refused(&err);
     ledger.store.close().await;
-}
-
-async fn tls_router(config: RouterConfig) -> (String, String, oneshot::Sender<()>) {
-    let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let http = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let grpc_url = format!("https://{}", grpc.local_addr().expect("addr"));
-    let http_url = format!("https://{}", http.local_addr().expect("addr"));
-    let (tx, rx) = oneshot::channel();
-    tokio::spawn(async move {
-        if let Err(e) = syft_router_svc::serve(config, grpc, http, async {
-            let _ = rx.await;
-        })
-        .await
-        {
-            eprintln!("router stopped: {e}");
-        }
-    });
-    (grpc_url, http_url, tx)
 }
 
 async fn router_client(url: &str, tls: &ClientTls) -> RouterClient<Channel> {
@@ -267,9 +219,10 @@ async fn router_serves_grpc_and_https_over_tls() {
     let ca = Ca::new("router CA");
     let mut config = RouterConfig::new("tls-router", "owner@example.com");
     config.tls = Some(ca.server());
-    let (grpc_url, http_url, _stop) = tls_router(config).await;
+    let router = RouterHandle::start(config).await;
+    let (grpc_url, http_url) = (&router.grpc_url, &router.http_url);
 
-    let meta = router_client(&grpc_url, &ca.trust())
+    let meta = router_client(grpc_url, &ca.trust())
         .await
         .get_metadata(rpb::GetMetadataRequest {})
         .await
@@ -306,56 +259,45 @@ async fn router_serves_grpc_and_https_over_tls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn router_pays_through_a_mutual_tls_ledger() {
     let ca = Ca::new("mesh CA");
-    let ledger = tls_ledger(ca.server().with_client_ca(ca.pem()).expect("client ca")).await;
-    let router_id = ca.client_identity("router");
-    let router_tls = ca
-        .trust()
-        .with_identity(router_id.cert, router_id.key)
-        .expect("identity");
-    let admin_id = ca.client_identity("admin");
-    let admin_tls = ca
-        .trust()
-        .with_identity(admin_id.cert, admin_id.key)
-        .expect("identity");
+    let (ledger, _db) = tls_ledger(ca.server().with_client_ca(ca.pem()).expect("client ca")).await;
+    let router_tls = ca.trust_as(ca.client_identity("router"));
+    let admin_tls = ca.trust_as(ca.client_identity("admin"));
     let admin = client(&ledger, ADMIN_KEY, Some(&admin_tls));
-    list_accounts(&admin).await.expect("admin over mTLS");
-
-    let create = |email: &str| {
+    let alice_account = || {
         let mut admin = admin.clone();
-        let email = email.to_string();
         async move {
+            let request = lpb::GetAccountRequest {
+                email: "alice@example.com".into(),
+            };
             admin
-                .create_account(lpb::CreateAccountRequest {
-                    email,
-                    organization: "test".into(),
-                    ..Default::default()
-                })
+                .get_account(request)
                 .await
-                .expect("create account")
+                .expect("account")
                 .into_inner()
-                .secret
         }
     };
-    let owner_secret = create("owner@example.com").await;
-    let alice_secret = create("alice@example.com").await;
-    admin
-        .clone()
-        .deposit(lpb::DepositRequest {
-            email: "alice@example.com".into(),
-            amount_micros: 1_000_000,
-            idempotency_key: "fund-alice".into(),
-        })
+    list_accounts(&admin).await.expect("admin over mTLS");
+
+    let owner_secret = create_account(&mut admin.clone(), "owner@example.com", "test")
         .await
-        .expect("deposit");
-    let token = client(&ledger, &alice_secret, Some(&admin_tls))
-        .issue_token(lpb::IssueTokenRequest {
-            recipient_email: "owner@example.com".into(),
-            ..Default::default()
-        })
+        .expect("create account");
+    let alice_secret = create_account(&mut admin.clone(), "alice@example.com", "test")
         .await
-        .expect("token")
-        .into_inner()
-        .token;
+        .expect("create account");
+    deposit(
+        &mut admin.clone(),
+        "alice@example.com",
+        1_000_000,
+        "fund-alice",
+    )
+    .await
+    .expect("deposit");
+    let token = issue_token(
+        &mut client(&ledger, &alice_secret, Some(&admin_tls)),
+        "owner@example.com",
+    )
+    .await
+    .expect("token");
 
     let mut config = RouterConfig::new("mtls-router", "owner@example.com")
         .with_chat_pricing(Pricing::per_request(PRICE));
@@ -363,20 +305,13 @@ async fn router_pays_through_a_mutual_tls_ledger() {
     config.ledger.secret = owner_secret.clone();
     config.ledger.tls = Some(router_tls);
     config.tls = Some(ca.server());
-    let (grpc_url, _http, _stop) = tls_router(config).await;
+    let router = RouterHandle::start(config).await;
 
     let chat = rpb::ChatRequest {
-        user_email: "alice@example.com".into(),
         model: ECHO_MODEL.into(),
-        messages: vec![rpb::Message {
-            role: "user".into(),
-            content: "hello over mTLS".into(),
-            name: None,
-        }],
-        transaction_token: token.clone(),
-        ..Default::default()
+        ..chat_request("alice@example.com", &token, "hello over mTLS")
     };
-    let resp = router_client(&grpc_url, &ca.trust())
+    let resp = router_client(&router.grpc_url, &ca.trust())
         .await
         .chat(chat.clone())
         .await
@@ -393,14 +328,7 @@ async fn router_pays_through_a_mutual_tls_ledger() {
         .expect("transfer")
         .into_inner();
     assert_eq!(transfer.status(), lpb::TransferStatus::Completed);
-    let alice = admin
-        .clone()
-        .get_account(lpb::GetAccountRequest {
-            email: "alice@example.com".into(),
-        })
-        .await
-        .expect("account")
-        .into_inner();
+    let alice = alice_account().await;
     assert_eq!(alice.balance_micros, 1_000_000 - PRICE);
     assert_eq!(alice.held_micros, 0);
 
@@ -411,26 +339,10 @@ async fn router_pays_through_a_mutual_tls_ledger() {
     config.ledger.url = ledger.url.clone();
     config.ledger.secret = owner_secret;
     config.ledger.tls = Some(ca.trust());
-    let (grpc_url, _http, _stop2) = {
-        let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let http = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let url = format!("http://{}", grpc.local_addr().expect("addr"));
-        let (tx, rx) = oneshot::channel::<()>();
-        tokio::spawn(syft_router_svc::serve(config, grpc, http, async {
-            let _ = rx.await;
-        }));
-        (url, (), tx)
-    };
-    let mut plain_router = None;
-    for _ in 0..100 {
-        if let Ok(c) = RouterClient::connect(grpc_url.clone()).await {
-            plain_router = Some(c);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let err = plain_router
-        .expect("router")
+    let no_cert = RouterHandle::start(config).await;
+    let err = no_cert
+        .client()
+        .await
         .chat(rpb::ChatRequest {
             request_id: "no-cert-1".into(),
             ..chat
@@ -438,16 +350,8 @@ async fn router_pays_through_a_mutual_tls_ledger() {
         .await
         .expect_err("ledger refuses a router without a client certificate");
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
-    let alice = admin
-        .clone()
-        .get_account(lpb::GetAccountRequest {
-            email: "alice@example.com".into(),
-        })
-        .await
-        .expect("account")
-        .into_inner();
+    let alice = alice_account().await;
     assert_eq!(alice.balance_micros, 1_000_000 - PRICE);
-    let report = ledger.store.verify().await.expect("verify");
-    assert!(report.is_ok(), "{:?}", report.problems);
+    assert_consistent(&ledger.store).await;
     ledger.store.close().await;
 }

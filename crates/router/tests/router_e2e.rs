@@ -1,16 +1,14 @@
 //! End-to-end: router + real ledger + real in-process upstream. One test per behaviour of the
 //! router issue's "Behaviour that must hold" list.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
 use futures::StreamExt;
 use serde_json::{json, Value};
 use syft_proto::ledger::{Actor, TransferStatus};
 use syft_proto::router::{chat_stream_event, ChatOptions, GetMetadataRequest, Message};
 use syft_router_svc::{tokens, Pricing, RouterConfig};
+use syft_testkit::*;
 use tonic::Code;
 
 fn user_msg(content: &str) -> Vec<Message> {
@@ -279,17 +277,9 @@ async fn client_cancelling_a_stream_voids_the_hold() {
         drop(stream);
         drop(c);
     }
-    let t = s.wait_no_pending(Duration::from_secs(5)).await;
-    assert_eq!(t.len(), 1);
-    assert_eq!(t[0].status(), TransferStatus::Cancelled);
-    assert_eq!(t[0].resolved_by(), Actor::Recipient);
-    assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));
-    let rows = s.usage().await;
-    assert_eq!(rows.len(), 1);
-    assert_eq!(
-        rows[0].usage.as_ref().map(|u| u.status.as_str()),
-        Some("cancelled")
-    );
+    let t = s.assert_voided_once(Duration::from_secs(5)).await;
+    assert_eq!(t.resolved_by(), Actor::Recipient);
+    s.assert_one_usage("cancelled").await;
     s.check_invariants().await;
 }
 
@@ -306,16 +296,8 @@ async fn client_giving_up_on_a_unary_call_voids_the_hold() {
         matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
         "{err:?}"
     );
-    let t = s.wait_no_pending(Duration::from_secs(5)).await;
-    assert_eq!(t.len(), 1);
-    assert_eq!(t[0].status(), TransferStatus::Cancelled);
-    assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));
-    let rows = s.usage().await;
-    assert_eq!(rows.len(), 1);
-    assert_eq!(
-        rows[0].usage.as_ref().map(|u| u.status.as_str()),
-        Some("cancelled")
-    );
+    s.assert_voided_once(Duration::from_secs(5)).await;
+    s.assert_one_usage("cancelled").await;
     s.check_invariants().await;
 }
 
@@ -500,15 +482,7 @@ async fn same_request_id_is_charged_once() {
     assert_eq!(s.alice_money().await.0, FUNDS - 2 * PRICE);
 
     // Concurrent duplicates on two replicas: the ledger's idempotency still charges once.
-    let replica = RouterHandle::start(router_config(
-        "test-router",
-        &s.owner.email,
-        &s.owner.secret,
-        &s.ledger.url,
-        Pricing::per_request(PRICE),
-        Some(&s.upstream.base_url),
-    ))
-    .await;
+    let replica = RouterHandle::start(s.router_config(Pricing::per_request(PRICE))).await;
     let mut c2 = replica.client().await;
     let mut req = s.request("hi");
     req.request_id = "dup-replicas".into();
@@ -562,21 +536,14 @@ async fn router_killed_between_authorize_and_capture_pays_nothing() {
     grpc.set_nonblocking(true).expect("nonblocking");
     http.set_nonblocking(true).expect("nonblocking");
     let grpc_url = format!("http://{}", grpc.local_addr().expect("addr"));
-    let mut config = router_config(
-        "test-router",
-        &s.owner.email,
-        &s.owner.secret,
-        &s.ledger.url,
-        Pricing::per_request(PRICE),
-        Some(&s.upstream.base_url),
-    );
+    let mut config = s.router_config(Pricing::per_request(PRICE));
     if let syft_router_svc::UpstreamConfig::OpenAi(o) = &mut config.upstream {
         o.request_timeout = Duration::from_secs(60);
     }
     rt.spawn(async move {
         let grpc = tokio::net::TcpListener::from_std(grpc).expect("listener");
         let http = tokio::net::TcpListener::from_std(http).expect("listener");
-        let _ = syft_router_svc::serve(config, grpc, http, futures::future::pending()).await;
+        let _ = serve_router(config, grpc, http, futures::future::pending()).await;
     });
     let mut c = syft_proto::router::router_client::RouterClient::connect(grpc_url)
         .await
@@ -613,10 +580,7 @@ async fn router_killed_between_authorize_and_capture_pays_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ledger_unreachable_fails_paid_requests_but_not_free_ones() {
     let upstream = FakeUpstream::start().await;
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        format!("http://{}", l.local_addr().expect("addr"))
-    };
+    let closed = closed_url();
     let paid = RouterHandle::start(router_config(
         "paid",
         "owner@example.com",
@@ -636,12 +600,8 @@ async fn ledger_unreachable_fails_paid_requests_but_not_free_ones() {
     ))
     .await;
     let req = syft_proto::router::ChatRequest {
-        user_email: "alice@example.com".into(),
         model: "m".into(),
-        messages: user_msg("hi"),
-        options: None,
-        transaction_token: "tok".into(),
-        request_id: String::new(),
+        ..chat_request("alice@example.com", "tok", "hi")
     };
     let err = paid
         .client()
@@ -688,13 +648,13 @@ async fn unary_answer_is_withheld_when_capture_cannot_commit() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    s.ledger.stop().await;
+    s.ledger.stop_now().await;
     let result = call.await.expect("join");
     let err = result.expect_err("no answer without a committed capture");
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert_eq!(s.upstream.hits(), 1);
     // Back up: nothing was captured.
-    s.ledger = LedgerHandle::start(&s.db, Duration::from_secs(300)).await;
+    s.ledger = LedgerServer::start(ledger_config(&s.db.url)).await;
     let t = s.transfers().await;
     assert_eq!(t.len(), 1);
     assert_ne!(t[0].status(), TransferStatus::Completed);
@@ -881,19 +841,14 @@ async fn http_front_speaks_openai_json_and_sse() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn echo_upstream_runs_offline_and_metadata_shows_pricing() {
     let db = Db::sqlite();
-    let ledger = LedgerHandle::start(&db, Duration::from_secs(300)).await;
-    let owner = create_account(&ledger.url, "owner").await;
-    let alice = create_account(&ledger.url, "alice").await;
-    deposit(&ledger.url, &alice.email, FUNDS).await;
-    let token = issue_token(&ledger.url, &alice, &owner.email).await;
-    let mut config = router_config(
-        "echo-router",
-        &owner.email,
-        &owner.secret,
-        &ledger.url,
-        Pricing::per_request(PRICE),
-        None,
-    );
+    let funded = Funded::start(&db, Duration::from_secs(300)).await;
+    let mut config = funded.router_config("echo-router", Pricing::per_request(PRICE), None);
+    let Funded {
+        ledger,
+        owner,
+        alice,
+        token,
+    } = funded;
     config.description = "an echo".into();
     let router = RouterHandle::start(config).await;
     let mut c = router.client().await;
@@ -914,14 +869,7 @@ async fn echo_upstream_runs_offline_and_metadata_shows_pricing() {
         ("per_request", PRICE)
     );
 
-    let req = syft_proto::router::ChatRequest {
-        user_email: alice.email.clone(),
-        model: String::new(),
-        messages: user_msg("hello echo"),
-        options: None,
-        transaction_token: token.clone(),
-        request_id: String::new(),
-    };
+    let req = chat_request(&alice.email, &token, "hello echo");
     let resp = c.chat(req.clone()).await.expect("echo").into_inner();
     assert_eq!(
         resp.message.map(|m| m.content),
@@ -941,14 +889,13 @@ async fn echo_upstream_runs_offline_and_metadata_shows_pricing() {
     assert_eq!(err.code(), Code::Unavailable);
     let a = account(&ledger.url, &alice.email).await;
     assert_eq!((a.balance_micros, a.held_micros), (FUNDS - PRICE, 0));
-    let report = ledger.store.verify().await.expect("verify");
-    assert!(report.is_ok(), "{:?}", report.problems);
+    assert_consistent(&ledger.store).await;
 }
 
 /// The core money scenarios again on Postgres (DATABASE_URL), when available.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_paid_flow() {
-    let Some(db) = Db::postgres("postgres_paid_flow").await else {
+    let Some(db) = Db::postgres().await else {
         return;
     };
     let s = Stack::start_with(

@@ -1,14 +1,12 @@
 //! The Syft accounting REST API served by the ledger (`--accounting-api`), over SQLite and Postgres:
 //! the same store and rules as gRPC, JSON everywhere (errors included), exact amounts.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{Harness, ADMIN_KEY};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use syft_proto::ledger as pb;
+use syft_testkit::{store_suite, Harness, ADMIN_KEY};
 
 const OWNER: &str = "owner@router.example";
 const ALICE: &str = "alice@example.com";

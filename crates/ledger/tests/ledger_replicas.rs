@@ -1,10 +1,8 @@
 //! Several ledger processes on one Postgres stay correct: invariants live in the database.
 
-mod common;
-
-use common::{code, Harness, LedgerServer, USD};
 use syft_ledger::client::connect_lazy;
 use syft_proto::ledger as pb;
+use syft_testkit::{code, Harness, LedgerServer, USD};
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -16,10 +14,7 @@ async fn two_ledgers_on_one_postgres_share_one_truth() {
     let owner = h.account("owner@router.example", 0).await;
     let alice = h.account("alice@example.com", 10 * USD).await;
     let token = h.token(&alice, "owner@router.example").await;
-    let replicas = [
-        h.client(&owner),
-        connect_lazy(&second.url(), &owner).unwrap(),
-    ];
+    let replicas = [h.client(&owner), connect_lazy(&second.url, &owner).unwrap()];
 
     // 100 concurrent holds of 1 USD through both replicas against 10 USD: exactly 10 succeed, and
     // every key is used twice (once per replica) without a second hold.

@@ -1,12 +1,10 @@
 //! The ledger's behaviour over gRPC, run against SQLite and Postgres alike. Every scenario ends with
 //! `verify` (conservation, held = pending, one usage row per request) via `Harness::finish`.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{code, Harness, USD};
 use syft_proto::ledger as pb;
+use syft_testkit::{code, store_suite, Harness, LedgerServer, USD};
 use tonic::Code;
 
 const OWNER: &str = "owner@router.example";
@@ -946,7 +944,7 @@ async fn crash_between_phases_leaves_an_expiring_hold(mut h: Harness) -> Harness
     // The ledger dies with the hold pending; a new process on the same database takes over.
     h.server.take().unwrap().kill();
     tokio::time::sleep(Duration::from_millis(1_200)).await;
-    h.server = Some(common::LedgerServer::start(h.config.clone()).await);
+    h.server = Some(LedgerServer::start(h.config.clone()).await);
     let mut router = h.client(&owner);
     assert_eq!(
         code(router.capture(full(&t.id)).await),

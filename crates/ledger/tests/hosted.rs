@@ -2,8 +2,6 @@
 //! mock), through a proxy that can slow down, fail or lose answers. Money is checked on B, which
 //! is the source of truth; A's journal must never charge twice and never leave a hold behind.
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -11,10 +9,10 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use common::{code, Harness, USD};
 use syft_ledger::client::{connect_lazy, LedgerClient};
 use syft_ledger::HostedConfig;
 use syft_proto::ledger as pb;
+use syft_testkit::{chat_request, closed_url, code, Harness, LedgerServer, RouterHandle, USD};
 use tonic::Code;
 
 const OWNER: &str = "owner@router.example";
@@ -149,6 +147,10 @@ struct Pair {
 impl Pair {
     async fn new(postgres: bool, alice_micros: i64) -> Option<Self> {
         Self::with(postgres, alice_micros, None, |_| {}).await
+    }
+
+    async fn sqlite(alice_micros: i64) -> Self {
+        Self::new(false, alice_micros).await.expect("sqlite pair")
     }
 
     async fn with(
@@ -411,9 +413,7 @@ async fn postgres_capture_void_and_replay() {
 /// first, then the actual amount is charged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn partial_capture_with_exact_funds() {
-    let Some(p) = Pair::new(false, USD).await else {
-        return;
-    };
+    let p = Pair::sqlite(USD).await;
     let t = p.authorize(USD, "k1").await.expect("authorize");
     let done = p.capture(&t.id, 400_000, "req-1").await.expect("capture");
     assert_eq!(done.captured_micros, 400_000);
@@ -455,12 +455,7 @@ async fn concurrent_captures_charge_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn remote_down_fails_fast_and_holds_nothing() {
-    let dead = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let dead_url = format!("http://{}", dead.local_addr().expect("addr"));
-    drop(dead);
-    let Some(p) = Pair::with(false, 10 * USD, Some(dead_url), |_| {}).await else {
+    let Some(p) = Pair::with(false, 10 * USD, Some(closed_url()), |_| {}).await else {
         return;
     };
     let status = p.authorize(USD, "k1").await.expect_err("remote down");
@@ -475,9 +470,7 @@ async fn remote_down_fails_fast_and_holds_nothing() {
 /// cancels the orphan hold, so the user's money is not held forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn slow_remote_orphan_hold_is_cancelled() {
-    let Some(p) = Pair::new(false, 10 * USD).await else {
-        return;
-    };
+    let p = Pair::sqlite(10 * USD).await;
     p.proxy.set(Fault::Slow(
         "/transaction/create",
         Duration::from_millis(1200),
@@ -513,9 +506,7 @@ async fn slow_remote_orphan_hold_is_cancelled() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lost_confirm_answer_is_reconciled_and_charged_once() {
-    let Some(p) = Pair::new(false, 10 * USD).await else {
-        return;
-    };
+    let p = Pair::sqlite(10 * USD).await;
     // Full capture: B confirms, the answer is lost, the retry finds it completed.
     let t = p.authorize(USD, "k1").await.expect("authorize");
     p.proxy.set(Fault::LoseAnswer("/transaction/confirm", 1));
@@ -535,9 +526,7 @@ async fn lost_confirm_answer_is_reconciled_and_charged_once() {
 /// router's void afterwards releases the hold.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn remote_500_on_confirm_then_void() {
-    let Some(p) = Pair::new(false, 10 * USD).await else {
-        return;
-    };
+    let p = Pair::sqlite(10 * USD).await;
     let t = p.authorize(USD, "k1").await.expect("authorize");
     p.proxy.set(Fault::Fail("/transaction/confirm", 100));
     assert_eq!(
@@ -576,7 +565,7 @@ async fn crash_between_create_and_confirm() {
             (10 * USD, USD),
             "nobody cancels while A is down"
         );
-        p.a.server = Some(common::LedgerServer::start(p.a.config.clone()).await);
+        p.a.server = Some(LedgerServer::start(p.a.config.clone()).await);
         p.await_no_hold().await;
         let t = p
             .router()
@@ -596,52 +585,23 @@ async fn crash_between_create_and_confirm() {
 /// costs nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn router_pays_through_the_hosted_ledger() {
-    use syft_proto::router::{self as rpb, router_client::RouterClient};
+    use syft_proto::router as rpb;
     use syft_router_svc::{Pricing, RouterConfig, ECHO_FAIL_TRIGGER};
 
-    let Some(p) = Pair::new(false, 10 * USD).await else {
-        return;
-    };
+    let p = Pair::sqlite(10 * USD).await;
     let mut config = RouterConfig::new("hosted-router", OWNER)
         .with_chat_pricing(Pricing::per_token(2_000_000, 10_000_000));
     config.ledger.url = p.a.url();
     config.ledger.secret = p.owner_secret.clone();
-    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let http = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let router_url = format!("http://{}", grpc.local_addr().expect("addr"));
-    tokio::spawn(syft_router_svc::serve(
-        config,
-        grpc,
-        http,
-        std::future::pending(),
-    ));
-    let mut client = None;
-    for _ in 0..100 {
-        if let Ok(c) = RouterClient::connect(router_url.clone()).await {
-            client = Some(c);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let mut client = client.expect("router up");
+    let router = RouterHandle::start(config).await;
+    let mut client = router.client().await;
     let chat = |content: &str, id: &str| rpb::ChatRequest {
-        user_email: ALICE.into(),
-        model: String::new(),
-        messages: vec![rpb::Message {
-            role: "user".into(),
-            content: content.into(),
-            name: None,
-        }],
         options: Some(rpb::ChatOptions {
             max_tokens: Some(200),
             ..Default::default()
         }),
-        transaction_token: p.token.clone(),
         request_id: id.into(),
+        ..chat_request(ALICE, &p.token, content)
     };
     let answer = client
         .chat(chat("hello through the hosted ledger", "req-ok"))

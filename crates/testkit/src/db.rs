@@ -1,0 +1,88 @@
+//! A database for one test: a fresh SQLite file, or a fresh database on the Postgres server of
+//! `DATABASE_URL`.
+
+use sqlx::Connection;
+
+pub struct Db {
+    pub url: String,
+    _dir: Option<tempfile::TempDir>,
+    /// (server URL, database name) of a Postgres database created for the test.
+    pg: Option<(String, String)>,
+}
+
+impl Db {
+    pub fn sqlite() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("ledger.db").display()
+        );
+        Db {
+            url,
+            _dir: Some(dir),
+            pg: None,
+        }
+    }
+
+    /// A fresh Postgres database, or `None` with a `SKIPPED: …` line (which `.ci/run` counts)
+    /// when `DATABASE_URL` does not name a Postgres server.
+    pub async fn postgres() -> Option<Self> {
+        let test = std::thread::current()
+            .name()
+            .map(|n| format!(" {n}:"))
+            .unwrap_or_default();
+        let Ok(base) = std::env::var("DATABASE_URL") else {
+            eprintln!("SKIPPED:{test} DATABASE_URL is not set, Postgres test not run");
+            return None;
+        };
+        if !base.starts_with("postgres") {
+            eprintln!("SKIPPED:{test} DATABASE_URL is not a Postgres URL, Postgres test not run");
+            return None;
+        }
+        let name = format!("syft_test_{}", uuid::Uuid::new_v4().simple());
+        let mut conn = sqlx::PgConnection::connect(&base)
+            .await
+            .expect("connect to DATABASE_URL");
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .expect("create database");
+        let (prefix, query) = match base.split_once('?') {
+            Some((p, q)) => (p.to_string(), format!("?{q}")),
+            None => (base.clone(), String::new()),
+        };
+        let root = match prefix.rfind('/') {
+            Some(i) if i > "postgres://".len() => prefix[..i].to_string(),
+            _ => prefix.clone(),
+        };
+        Some(Db {
+            url: format!("{root}/{name}{query}"),
+            _dir: None,
+            pg: Some((base, name)),
+        })
+    }
+
+    /// SQLite, or Postgres (`None` when it is not available).
+    pub async fn fresh(postgres: bool) -> Option<Self> {
+        if postgres {
+            Self::postgres().await
+        } else {
+            Some(Self::sqlite())
+        }
+    }
+
+    /// Drops a Postgres test database (best effort; SQLite files go with the value).
+    pub async fn drop_postgres(&self) {
+        let Some((base, name)) = &self.pg else { return };
+        let result = match sqlx::PgConnection::connect(base).await {
+            Ok(mut conn) => sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .execute(&mut conn)
+                .await
+                .map(|_| ()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            eprintln!("could not drop test database {name}: {e}");
+        }
+    }
+}

@@ -1,0 +1,309 @@
+//! The ledger in tests: a server on 127.0.0.1:0 over a test database, the [`Harness`] the
+//! ledger's own tests run in, and account set-up through the ledger's gRPC API.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use syft_ledger::client::{self, connect_lazy, LedgerClient};
+use syft_ledger::{LedgerConfig, Store};
+use syft_proto::ledger as pb;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::{assert_consistent, Db, ADMIN_KEY};
+
+/// The ledger configuration of tests: the kit's admin key, sweeps every 200 ms (so expiry tests
+/// are quick), eight database connections and the accounting REST API on the HTTP port.
+pub fn ledger_config(database_url: &str) -> LedgerConfig {
+    LedgerConfig {
+        database_url: database_url.into(),
+        admin_key: ADMIN_KEY.into(),
+        sweep_interval: Duration::from_millis(200),
+        max_connections: 8,
+        accounting_api: true,
+        ..LedgerConfig::default()
+    }
+}
+
+/// Serves a ledger over `store` on the given listeners until `shutdown`. The only place the kit
+/// starts a ledger.
+pub async fn serve_ledger(
+    store: Arc<Store>,
+    config: LedgerConfig,
+    grpc: TcpListener,
+    http: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> syft_ledger::Result<()> {
+    let listeners = syft_ledger::Listeners::grpc(grpc).with_http(http);
+    syft_ledger::serve_store(store, config, listeners, shutdown).await
+}
+
+async fn bind() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0").await.expect("bind")
+}
+
+/// A ledger served in-process on 127.0.0.1:0 (gRPC, and HTTP for probes and the REST API).
+pub struct LedgerServer {
+    /// `http://` or, with TLS configured, `https://` address of the gRPC API.
+    pub url: String,
+    pub http_url: String,
+    /// The server's own store: closing it takes the database away from the server.
+    pub store: Arc<Store>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<syft_ledger::Result<()>>,
+}
+
+impl LedgerServer {
+    /// Connects to the database (migrating it), starts serving, and waits until the port accepts.
+    pub async fn start(config: LedgerConfig) -> Self {
+        let store = Arc::new(
+            Store::connect_with(
+                &config.database_url,
+                config.max_connections,
+                config.batch_workers,
+            )
+            .await
+            .expect("connect store"),
+        );
+        let (grpc, http) = (bind().await, bind().await);
+        let scheme = if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let addr = grpc.local_addr().expect("addr");
+        let url = format!("{scheme}://{addr}");
+        let http_url = format!("{scheme}://{}", http.local_addr().expect("addr"));
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(serve_ledger(store.clone(), config, grpc, http, async {
+            let _ = rx.await;
+        }));
+        for _ in 0..200 {
+            assert!(!task.is_finished(), "ledger exited during start");
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                return Self {
+                    url,
+                    http_url,
+                    store,
+                    shutdown: Some(tx),
+                    task,
+                };
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("ledger did not start");
+    }
+
+    /// A graceful shutdown that must end cleanly.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        (&mut self.task)
+            .await
+            .expect("join")
+            .expect("ledger exited cleanly");
+    }
+
+    /// Takes the ledger away at once (it becomes unreachable), keeping the value in place.
+    pub async fn stop_now(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.task.abort();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    /// Simulates a crash: the task is killed without a graceful shutdown.
+    pub fn kill(self) {
+        self.task.abort();
+    }
+}
+
+/// A ledger on a fresh database, as the ledger's tests use it: a server, a store of its own on
+/// the same database (for `verify`), and helpers that act as the admin.
+pub struct Harness {
+    pub config: LedgerConfig,
+    pub server: Option<LedgerServer>,
+    pub store: Arc<Store>,
+    db: Option<Db>,
+}
+
+impl Harness {
+    pub async fn new(postgres: bool) -> Option<Self> {
+        Self::with(postgres, |_| {}).await
+    }
+
+    /// `None` when Postgres is wanted but not available (a `SKIPPED` line says so).
+    pub async fn with(postgres: bool, tweak: impl FnOnce(&mut LedgerConfig)) -> Option<Self> {
+        let db = Db::fresh(postgres).await?;
+        let mut config = ledger_config(&db.url);
+        tweak(&mut config);
+        // Migrate once before the server starts, so two processes never race on a new SQLite file.
+        let store = Arc::new(Store::connect(&db.url, 4).await.expect("store"));
+        let server = LedgerServer::start(config.clone()).await;
+        Some(Self {
+            config,
+            server: Some(server),
+            store,
+            db: Some(db),
+        })
+    }
+
+    fn running(&self) -> &LedgerServer {
+        self.server.as_ref().expect("server running")
+    }
+
+    pub fn url(&self) -> String {
+        self.running().url.clone()
+    }
+
+    pub fn http_url(&self) -> String {
+        self.running().http_url.clone()
+    }
+
+    pub fn admin(&self) -> LedgerClient {
+        self.client(ADMIN_KEY)
+    }
+
+    pub fn client(&self, secret: &str) -> LedgerClient {
+        connect_lazy(&self.url(), secret).expect("client")
+    }
+
+    /// Creates an account and deposits `micros` (if positive); returns its secret.
+    pub async fn account(&self, email: &str, micros: i64) -> String {
+        let mut admin = self.admin();
+        let secret = client::create_account(&mut admin, email, "test")
+            .await
+            .expect("create account");
+        if micros > 0 {
+            client::deposit(&mut admin, email, micros, &format!("initial-{email}"))
+                .await
+                .expect("deposit");
+        }
+        secret
+    }
+
+    /// Issues a token from `sender` (by secret) to `recipient`.
+    pub async fn token(&self, sender_secret: &str, recipient: &str) -> String {
+        client::issue_token(&mut self.client(sender_secret), recipient)
+            .await
+            .expect("issue token")
+    }
+
+    pub async fn balance(&self, email: &str) -> pb::Account {
+        account(&self.url(), email).await
+    }
+
+    pub async fn assert_consistent(&self) {
+        assert_consistent(&self.store).await;
+    }
+
+    /// Verifies the ledger, stops the server and drops the database.
+    pub async fn finish(mut self) {
+        self.assert_consistent().await;
+        if let Some(server) = self.server.take() {
+            server.stop().await;
+        }
+        self.store.close().await;
+        if let Some(db) = self.db.take() {
+            db.drop_postgres().await;
+        }
+    }
+}
+
+/// Runs each listed `async fn(Harness) -> Harness` against SQLite and Postgres, ending each with
+/// [`Harness::finish`] (the ledger must verify).
+#[macro_export]
+macro_rules! store_suite {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    let h = $crate::Harness::new(false).await.expect("sqlite harness");
+                    let h = super::$name(h).await;
+                    h.finish().await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    let Some(h) = $crate::Harness::new(true).await else { return };
+                    let h = super::$name(h).await;
+                    h.finish().await;
+                }
+            )*
+        }
+    };
+}
+
+// Set-up by ledger URL, acting as the admin (or as the sender, for tokens).
+
+fn admin(ledger: &str) -> LedgerClient {
+    connect_lazy(ledger, ADMIN_KEY).expect("ledger client")
+}
+
+/// An account with a unique email and its secret.
+pub struct Account {
+    pub email: String,
+    pub secret: String,
+}
+
+/// A new, empty account whose email starts with `prefix`.
+pub async fn create_account(ledger: &str, prefix: &str) -> Account {
+    let email = format!("{prefix}-{}@example.com", uuid::Uuid::new_v4().simple());
+    let secret = client::create_account(&mut admin(ledger), &email, "test")
+        .await
+        .expect("create account");
+    Account { email, secret }
+}
+
+pub async fn deposit(ledger: &str, email: &str, amount: i64) {
+    let key = uuid::Uuid::new_v4().to_string();
+    client::deposit(&mut admin(ledger), email, amount, &key)
+        .await
+        .expect("deposit");
+}
+
+pub async fn issue_token(ledger: &str, sender: &Account, recipient: &str) -> String {
+    let mut sender = connect_lazy(ledger, &sender.secret).expect("ledger client");
+    client::issue_token(&mut sender, recipient)
+        .await
+        .expect("issue token")
+}
+
+pub async fn account(ledger: &str, email: &str) -> pb::Account {
+    admin(ledger)
+        .get_account(pb::GetAccountRequest {
+            email: email.into(),
+        })
+        .await
+        .expect("get account")
+        .into_inner()
+}
+
+pub async fn transfers_of(ledger: &str, email: &str) -> Vec<pb::Transfer> {
+    let mut admin = admin(ledger);
+    let request = pb::ListTransfersRequest {
+        account_email: email.into(),
+        page_size: 500,
+        ..Default::default()
+    };
+    let listed = admin.list_transfers(request).await.expect("list transfers");
+    listed.into_inner().transfers
+}
+
+pub async fn usage_of(ledger: &str, user_email: &str) -> Vec<pb::UsageRecord> {
+    let mut admin = admin(ledger);
+    let request = pb::QueryUsageRequest {
+        user_email: user_email.into(),
+        page_size: 500,
+        ..Default::default()
+    };
+    let usage = admin.query_usage(request).await.expect("query usage");
+    usage.into_inner().records
+}

@@ -1,0 +1,335 @@
+//! The router in tests: a server on 127.0.0.1:0 (gRPC and HTTP), its test configuration, and a
+//! [`Stack`] of ledger, funded user, upstream and router.
+
+use std::time::Duration;
+
+use syft_proto::ledger::{self as lpb, Transfer, UsageRecord};
+use syft_proto::router::router_client::RouterClient;
+use syft_proto::router::{ChatOptions, ChatRequest, Message};
+use syft_router_svc::{
+    LedgerSettings, OpenAiConfig, Pricing, RouterConfig, ServeError, UpstreamConfig,
+};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+use crate::{
+    account, assert_consistent, create_account, deposit, issue_token, ledger_config, transfers_of,
+    usage_of, Account, Db, FakeUpstream, LedgerServer,
+};
+use syft_ledger::LedgerConfig;
+
+/// The per-request price of the stack's router: $0.01.
+pub const PRICE: i64 = 10_000;
+/// What the stack's user starts with: $1.
+pub const FUNDS: i64 = 1_000_000;
+
+/// Serves a router on the given listeners until `shutdown`. The only place the kit starts a
+/// router.
+pub async fn serve_router(
+    config: RouterConfig,
+    grpc: TcpListener,
+    http: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    syft_router_svc::serve(config, grpc, http, shutdown).await
+}
+
+/// A router served in-process; dropping the handle shuts it down.
+pub struct RouterHandle {
+    /// `http://` or, with TLS configured, `https://` addresses.
+    pub grpc_url: String,
+    pub http_url: String,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), ServeError>>>,
+}
+
+impl Drop for RouterHandle {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl RouterHandle {
+    pub async fn start(config: RouterConfig) -> Self {
+        let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
+        let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
+        let scheme = if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let grpc_url = format!("{scheme}://{}", grpc.local_addr().expect("addr"));
+        let http_url = format!("{scheme}://{}", http.local_addr().expect("addr"));
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            let served = serve_router(config, grpc, http, async {
+                let _ = rx.await;
+            })
+            .await;
+            if let Err(e) = &served {
+                eprintln!("router stopped: {e}");
+            }
+            served
+        });
+        RouterHandle {
+            grpc_url,
+            http_url,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// A plaintext gRPC client, once the router accepts.
+    pub async fn client(&self) -> RouterClient<Channel> {
+        for _ in 0..100 {
+            if let Ok(c) = RouterClient::connect(self.grpc_url.clone()).await {
+                return c.max_decoding_message_size(64 * 1024 * 1024);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("router did not start");
+    }
+
+    /// Signals a graceful shutdown (in-flight requests get the configured grace).
+    pub fn shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Waits for the router to stop (after [`Self::shutdown`]) and returns how `serve` ended.
+    pub async fn join(mut self) -> Result<(), ServeError> {
+        let task = self.task.take().expect("router task");
+        task.await.expect("join")
+    }
+}
+
+/// One user message from `user` paying with `token`; default model, options and request id.
+pub fn chat_request(user: &str, token: &str, content: &str) -> ChatRequest {
+    ChatRequest {
+        user_email: user.into(),
+        messages: vec![Message {
+            role: "user".into(),
+            content: content.into(),
+            name: None,
+        }],
+        transaction_token: token.into(),
+        ..Default::default()
+    }
+}
+
+/// A router named `name`, owned by `owner`, paying through `ledger_url`, priced `pricing`, with
+/// short timeouts; the echo upstream unless `upstream_url` names an OpenAI-compatible one.
+pub fn router_config(
+    name: &str,
+    owner: &str,
+    owner_secret: &str,
+    ledger_url: &str,
+    pricing: Pricing,
+    upstream_url: Option<&str>,
+) -> RouterConfig {
+    let mut config = RouterConfig::new(name, owner).with_chat_pricing(pricing);
+    config.ledger = LedgerSettings {
+        url: ledger_url.into(),
+        secret: owner_secret.into(),
+        timeout: Duration::from_secs(2),
+        connect_timeout: Duration::from_millis(500),
+        hold_ttl_seconds: None,
+        ..LedgerSettings::default()
+    };
+    if let Some(url) = upstream_url {
+        let mut o = OpenAiConfig::new(url);
+        o.request_timeout = Duration::from_millis(1500);
+        o.idle_timeout = Duration::from_millis(800);
+        o.max_retries = 1;
+        o.retry_backoff = Duration::from_millis(20);
+        o.api_key = Some("upstream-key".into());
+        config.upstream = UpstreamConfig::OpenAi(o);
+    }
+    config
+}
+
+/// A ledger on `db` with a router owner and a user (alice) funded with [`FUNDS`], holding a token
+/// for the owner.
+pub struct Funded {
+    pub ledger: LedgerServer,
+    pub owner: Account,
+    pub alice: Account,
+    pub token: String,
+}
+
+impl Funded {
+    pub async fn start(db: &Db, hold_ttl: Duration) -> Self {
+        let ledger = LedgerServer::start(LedgerConfig {
+            hold_ttl,
+            ..ledger_config(&db.url)
+        })
+        .await;
+        let owner = create_account(&ledger.url, "owner").await;
+        let alice = create_account(&ledger.url, "alice").await;
+        deposit(&ledger.url, &alice.email, FUNDS).await;
+        let token = issue_token(&ledger.url, &alice, &owner.email).await;
+        Funded {
+            ledger,
+            owner,
+            alice,
+            token,
+        }
+    }
+
+    /// [`router_config`] for a router of the owner's, paying through this ledger.
+    pub fn router_config(
+        &self,
+        name: &str,
+        pricing: Pricing,
+        upstream_url: Option<&str>,
+    ) -> RouterConfig {
+        router_config(
+            name,
+            &self.owner.email,
+            &self.owner.secret,
+            &self.ledger.url,
+            pricing,
+            upstream_url,
+        )
+    }
+}
+
+/// [`Funded`], a fake upstream, and a router priced `pricing` in front of both.
+pub struct Stack {
+    pub db: Db,
+    pub ledger: LedgerServer,
+    pub owner: Account,
+    pub alice: Account,
+    pub token: String,
+    pub upstream: FakeUpstream,
+    pub router: RouterHandle,
+}
+
+impl Stack {
+    pub async fn start(pricing: Pricing) -> Self {
+        Self::start_with(Db::sqlite(), pricing, Duration::from_secs(300), |_| {}).await
+    }
+
+    pub async fn start_with(
+        db: Db,
+        pricing: Pricing,
+        hold_ttl: Duration,
+        tweak: impl FnOnce(&mut RouterConfig),
+    ) -> Self {
+        let funded = Funded::start(&db, hold_ttl).await;
+        let upstream = FakeUpstream::start().await;
+        let mut config = funded.router_config("test-router", pricing, Some(&upstream.base_url));
+        tweak(&mut config);
+        Stack {
+            router: RouterHandle::start(config).await,
+            db,
+            ledger: funded.ledger,
+            owner: funded.owner,
+            alice: funded.alice,
+            token: funded.token,
+            upstream,
+        }
+    }
+
+    /// A chat from alice with her token, for `test-model`, at most 100 tokens.
+    pub fn request(&self, content: &str) -> ChatRequest {
+        ChatRequest {
+            model: "test-model".into(),
+            options: Some(ChatOptions {
+                max_tokens: Some(100),
+                ..Default::default()
+            }),
+            ..chat_request(&self.alice.email, &self.token, content)
+        }
+    }
+
+    pub async fn client(&self) -> RouterClient<Channel> {
+        self.router.client().await
+    }
+
+    /// The configuration of another router like the stack's (same owner, ledger and upstream).
+    pub fn router_config(&self, pricing: Pricing) -> RouterConfig {
+        router_config(
+            "test-router",
+            &self.owner.email,
+            &self.owner.secret,
+            &self.ledger.url,
+            pricing,
+            Some(&self.upstream.base_url),
+        )
+    }
+
+    /// (balance, held, available) of alice.
+    pub async fn alice_money(&self) -> (i64, i64, i64) {
+        let a = account(&self.ledger.url, &self.alice.email).await;
+        (a.balance_micros, a.held_micros, a.available_micros)
+    }
+
+    pub async fn owner_balance(&self) -> i64 {
+        account(&self.ledger.url, &self.owner.email)
+            .await
+            .balance_micros
+    }
+
+    pub async fn transfers(&self) -> Vec<Transfer> {
+        transfers_of(&self.ledger.url, &self.alice.email).await
+    }
+
+    pub async fn usage(&self) -> Vec<UsageRecord> {
+        usage_of(&self.ledger.url, &self.alice.email).await
+    }
+
+    /// Money invariants: conservation, available >= 0, one usage row per request id.
+    pub async fn check_invariants(&self) {
+        assert_consistent(&self.ledger.store).await;
+        let (_, _, available) = self.alice_money().await;
+        assert!(available >= 0, "available below zero: {available}");
+        let usage = self.usage().await;
+        let mut ids: Vec<_> = usage
+            .iter()
+            .filter_map(|u| u.usage.as_ref().map(|u| u.request_id.clone()))
+            .collect();
+        let n = ids.len();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), n, "more than one usage row for a request");
+    }
+
+    /// Waits until alice has no pending transfer (a void or expiry happened).
+    pub async fn wait_no_pending(&self, within: Duration) -> Vec<Transfer> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let t = self.transfers().await;
+            if t.iter().all(|t| t.status() != lpb::TransferStatus::Pending) {
+                return t;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("transfers still pending: {t:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The one request made so far was voided (within `within`): its only transfer is cancelled
+    /// and alice has all her funds back, none held.
+    pub async fn assert_voided_once(&self, within: Duration) -> Transfer {
+        let t = self.wait_no_pending(within).await;
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].status(), lpb::TransferStatus::Cancelled);
+        assert_eq!(self.alice_money().await, (FUNDS, 0, FUNDS));
+        t.into_iter().next().expect("one transfer")
+    }
+
+    /// The one usage row recorded so far has `status`.
+    pub async fn assert_one_usage(&self, status: &str) {
+        let rows = self.usage().await;
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            rows[0].usage.as_ref().map(|u| u.status.as_str()),
+            Some(status)
+        );
+    }
+}

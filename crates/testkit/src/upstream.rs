@@ -1,0 +1,199 @@
+//! An in-process OpenAI-compatible upstream (`POST /v1/chat/completions`, JSON and SSE) on
+//! 127.0.0.1:0 that can be told to misbehave.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Json;
+use futures::StreamExt as _;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+
+/// What the upstream answers.
+pub const CONTENT: &str = "Hello from the upstream model";
+/// The usage it reports.
+pub const UP_PROMPT: u64 = 20;
+pub const UP_COMPLETION: u64 = 5;
+
+/// How the fake upstream answers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Mode {
+    /// A good answer with usage.
+    Ok,
+    /// A good answer without usage (the router must count tokens itself).
+    NoUsage,
+    /// An HTTP error status with an OpenAI error body.
+    Status(u16),
+    /// Never answers.
+    Stall,
+    /// Answers after a delay.
+    Delay(Duration),
+    /// 200 with a body that is not JSON.
+    Garbage,
+    /// 200 with `choices: []`.
+    EmptyChoices,
+    /// Streams: one chunk per `Duration`, 100 chunks.
+    SlowStream(Duration),
+    /// Streams one chunk, then stalls.
+    StreamStall,
+    /// Streams one chunk, then garbage.
+    StreamGarbage,
+}
+
+pub struct FakeUpstream {
+    pub base_url: String,
+    state: Arc<UpState>,
+}
+
+struct UpState {
+    mode: Mutex<Mode>,
+    hits: AtomicUsize,
+    last_body: Mutex<Option<Value>>,
+}
+
+impl FakeUpstream {
+    pub async fn start() -> Self {
+        let state = Arc::new(UpState {
+            mode: Mutex::new(Mode::Ok),
+            hits: AtomicUsize::new(0),
+            last_body: Mutex::new(None),
+        });
+        let app = axum::Router::new()
+            .route("/v1/chat/completions", post(upstream_handler))
+            .with_state(state.clone());
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        FakeUpstream {
+            base_url: format!("http://{addr}/v1"),
+            state,
+        }
+    }
+
+    pub fn set_mode(&self, mode: Mode) {
+        *self.state.mode.lock().expect("lock") = mode;
+    }
+
+    pub fn hits(&self) -> usize {
+        self.state.hits.load(Ordering::SeqCst)
+    }
+
+    pub fn last_body(&self) -> Option<Value> {
+        self.state.last_body.lock().expect("lock").clone()
+    }
+}
+
+fn completion_json(model: &str, usage: bool) -> Value {
+    let mut v = json!({
+        "id": "up-1", "object": "chat.completion", "created": 1, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": CONTENT}, "finish_reason": "stop"}],
+    });
+    if usage {
+        v["usage"] = json!({"prompt_tokens": UP_PROMPT, "completion_tokens": UP_COMPLETION, "total_tokens": UP_PROMPT + UP_COMPLETION});
+    }
+    v
+}
+
+fn sse(data: &Value) -> String {
+    format!("data: {data}\n\n")
+}
+
+fn chunk(model: &str, content: Option<&str>, finish: Option<&str>) -> Value {
+    let delta = match content {
+        Some(c) => json!({"content": c}),
+        None => json!({}),
+    };
+    json!({"id": "up-1", "object": "chat.completion.chunk", "created": 1, "model": model,
+           "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+}
+
+async fn upstream_handler(State(state): State<Arc<UpState>>, Json(body): Json<Value>) -> Response {
+    state.hits.fetch_add(1, Ordering::SeqCst);
+    *state.last_body.lock().expect("lock") = Some(body.clone());
+    let mode = state.mode.lock().expect("lock").clone();
+    let model = body["model"].as_str().unwrap_or("m").to_string();
+    let stream = body["stream"].as_bool().unwrap_or(false);
+    let include_usage = body["stream_options"]["include_usage"]
+        .as_bool()
+        .unwrap_or(false);
+    match mode {
+        Mode::Status(code) => {
+            let status = axum::http::StatusCode::from_u16(code).expect("status");
+            return (
+                status,
+                Json(json!({"error": {"message": "upstream exploded", "type": "server_error"}})),
+            )
+                .into_response();
+        }
+        Mode::Stall => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+        Mode::Delay(d) => tokio::time::sleep(d).await,
+        Mode::Garbage => {
+            return ([(CONTENT_TYPE, "application/json")], "{\"choices\": [oops").into_response();
+        }
+        Mode::EmptyChoices if !stream => {
+            return Json(json!({"id": "x", "model": model, "choices": []})).into_response();
+        }
+        _ => {}
+    }
+    if !stream {
+        return Json(completion_json(&model, mode != Mode::NoUsage)).into_response();
+    }
+    let words: Vec<String> = CONTENT.split_inclusive(' ').map(str::to_string).collect();
+    let events: futures::stream::BoxStream<'static, Result<String, Infallible>> = match mode {
+        Mode::EmptyChoices => Box::pin(futures::stream::iter(vec![
+            Ok(sse(&chunk(&model, None, Some("stop")))),
+            Ok("data: [DONE]\n\n".to_string()),
+        ])),
+        Mode::SlowStream(every) => {
+            let model = model.clone();
+            Box::pin(futures::stream::unfold(0u32, move |i| {
+                let model = model.clone();
+                async move {
+                    if i >= 100 {
+                        return None;
+                    }
+                    tokio::time::sleep(every).await;
+                    Some((Ok(sse(&chunk(&model, Some("tick "), None))), i + 1))
+                }
+            }))
+        }
+        Mode::StreamStall => {
+            let first = sse(&chunk(&model, Some("partial "), None));
+            Box::pin(futures::stream::iter(vec![Ok(first)]).chain(futures::stream::pending()))
+        }
+        Mode::StreamGarbage => Box::pin(futures::stream::iter(vec![
+            Ok(sse(&chunk(&model, Some("partial "), None))),
+            Ok("data: {not json\n\n".to_string()),
+        ])),
+        _ => {
+            let mut out: Vec<Result<String, Infallible>> = words
+                .iter()
+                .map(|w| Ok(sse(&chunk(&model, Some(w), None))))
+                .collect();
+            out.push(Ok(sse(&chunk(&model, None, Some("stop")))));
+            if include_usage && mode != Mode::NoUsage {
+                out.push(Ok(sse(&json!({"id": "up-1", "object": "chat.completion.chunk", "model": model, "choices": [],
+                    "usage": {"prompt_tokens": UP_PROMPT, "completion_tokens": UP_COMPLETION, "total_tokens": UP_PROMPT + UP_COMPLETION}}))));
+            }
+            out.push(Ok("data: [DONE]\n\n".to_string()));
+            Box::pin(futures::stream::iter(out))
+        }
+    };
+    Response::builder()
+        .header(CONTENT_TYPE, "text/event-stream")
+        .body(Body::from_stream(events))
+        .expect("response")
+}
