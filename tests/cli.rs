@@ -28,10 +28,12 @@ fn demo_runs_a_paid_scenario_and_exits_zero() {
     let out = run(syft_router().arg("demo"));
     assert!(out.contains("verify: ok"), "{out}");
     assert!(
-        out.contains("refused: FailedPrecondition payment required"),
+        out.contains("refused: payment required: this service costs"),
         "{out}"
     );
     assert!(out.contains("upstream_error"), "{out}");
+    // Refusals in words, not gRPC code names.
+    assert!(!out.contains("FailedPrecondition"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -240,7 +242,7 @@ async fn health_command_and_idempotent_owner_setup() {
         cmd.args([
             "account",
             "create",
-            "owner@router.local",
+            "owner@example.com",
             "--organization",
             "router",
             "--exists-ok",
@@ -254,9 +256,9 @@ async fn health_command_and_idempotent_owner_setup() {
     let again = run(&mut setup());
     assert!(again.contains("already exists"), "{again}");
     let shown = run(syft_router()
-        .args(["account", "show", "owner@router.local", "--json"])
+        .args(["account", "show", "owner@example.com", "--json"])
         .env("SYFT_LEDGER_URL", &url)
         .env("SYFT_SECRET", "owner-secret-0123456789"));
-    assert!(shown.contains("owner@router.local"), "{shown}");
+    assert!(shown.contains("owner@example.com"), "{shown}");
     h.finish().await;
 }

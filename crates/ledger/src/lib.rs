@@ -8,6 +8,7 @@ pub mod health;
 pub mod hosted;
 pub mod http;
 pub mod lifecycle;
+mod listing;
 pub mod metrics;
 pub mod money;
 pub mod rest;

@@ -130,7 +130,7 @@ impl LedgerService {
     ) -> Result<pb::CreateAccountResponse> {
         Self::require_admin(caller)?;
         self.local_only("account creation")?;
-        let email = validate::email("email", &req.email)?;
+        let email = validate::new_account_email("email", &req.email)?;
         let organization = validate::text("organization", &req.organization, MAX_NAME, false)?;
         let currency = match &req.currency {
             Some(c) => validate_currency(c)?,
@@ -471,6 +471,7 @@ impl LedgerService {
                 completion_tokens: t.completion_tokens,
                 total_tokens: t.total_tokens,
                 cost_micros: t.cost,
+                currency: crate::listing::usage_currency(self, caller),
             }),
         })
     }
@@ -588,6 +589,24 @@ impl pb::ledger_server::Ledger for LedgerService {
             return Err(not_found().into());
         }
         Ok(Response::new(transfer_pb(&transfer)))
+    }
+
+    async fn list_tokens(
+        &self,
+        request: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        let caller = self.caller(&request).await?;
+        let page = crate::listing::list_tokens(self, &caller, request.into_inner()).await?;
+        Ok(Response::new(page))
+    }
+
+    async fn list_accounts(
+        &self,
+        request: Request<pb::ListAccountsRequest>,
+    ) -> Result<Response<pb::ListAccountsResponse>, Status> {
+        let caller = self.caller(&request).await?;
+        let page = crate::listing::list_accounts(self, &caller, request.into_inner()).await?;
+        Ok(Response::new(page))
     }
 
     async fn list_transfers(

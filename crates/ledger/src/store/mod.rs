@@ -18,7 +18,7 @@ use sqlx::{AnyPool, Executor, Row};
 
 use crate::error::{is_retryable, is_unique_violation, LedgerError, Result};
 
-pub use query::{TransferFilter, UsageFilter, UsagePage, UsageTotals};
+pub use query::{TokenFilter, TokenRow, TransferFilter, UsageFilter, UsagePage, UsageTotals};
 pub(crate) use transfer::{insert_usage, UsageLink};
 pub use transfer::{AuthorizeInput, CaptureAmount, DirectInput, Resolution, ResolveInput};
 pub use verify::VerifyReport;
