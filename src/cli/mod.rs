@@ -6,6 +6,7 @@ pub mod errors;
 mod health;
 mod ledger;
 mod router;
+mod tables;
 mod time;
 
 use std::path::PathBuf;
