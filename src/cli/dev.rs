@@ -430,12 +430,22 @@ pub async fn demo(_args: DemoArgs) -> anyhow::Result<()> {
                         .collect::<String>()
                 );
             }
-            Err(status) => println!(
-                "{:<14} charged {:>9} USD  refused: {}",
-                r.name,
-                "0",
-                super::errors::describe(&status, super::errors::Server::Router, r.name)
-            ),
+            Err(status) => {
+                // Refused before any work (payment, input), or failed while answering.
+                let verdict = match status.code() {
+                    tonic::Code::FailedPrecondition
+                    | tonic::Code::InvalidArgument
+                    | tonic::Code::PermissionDenied
+                    | tonic::Code::Unauthenticated => "refused",
+                    _ => "failed",
+                };
+                println!(
+                    "{:<14} charged {:>9} USD  {verdict}: {}",
+                    r.name,
+                    "0",
+                    super::errors::describe(&status, super::errors::Server::Router, r.name)
+                )
+            }
         }
     }
 

@@ -42,7 +42,7 @@ pub fn describe(status: &tonic::Status, server: Server, url: &str) -> String {
             root_cause(status).unwrap_or_else(|| status.message().to_string()),
             server.url_flag()
         ),
-        Code::Unavailable => format!("the {name} at {url} is unavailable: {msg}"),
+        Code::Unavailable => format!("unavailable: {msg}"),
         Code::DeadlineExceeded => format!("the {name} at {url} did not answer in time"),
         Code::Unauthenticated => format!(
             "the {name} refused the credentials: {msg} (check --secret / SYFT_SECRET, or --admin-key / SYFT_LEDGER_ADMIN_KEY)"

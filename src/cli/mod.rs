@@ -83,10 +83,12 @@ pub fn service_name(command: &Command) -> &'static str {
 }
 
 /// The log filter when `RUST_LOG` is unset: servers log requests (`info`); commands that print
-/// their own output to people (`demo`, `dev`'s banner and commands, client commands) only warn.
+/// their own output to people (`dev`'s banner, client commands) only warn; `demo`, whose story
+/// prints its failures itself (the simulated upstream error), logs only errors.
 pub fn default_log_filter(command: &Command) -> &'static str {
     match command {
         Command::Ledger(_) | Command::Router(_) => "info,sqlx=warn,h2=warn,tower=warn",
+        Command::Demo(_) => "error",
         _ => "warn",
     }
 }
