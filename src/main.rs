@@ -14,7 +14,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = cli::Cli::parse();
-    let telemetry = match syft_telemetry::init(cli::service_name(&args.command), &args.log_format) {
+    let telemetry = match syft_telemetry::init_with_default_filter(
+        cli::service_name(&args.command),
+        &args.log_format,
+        cli::default_log_filter(&args.command),
+    ) {
         Ok(t) => t,
         Err(err) => {
             eprintln!("error: {err}");
@@ -27,7 +31,7 @@ async fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", cli::errors::one_line(&err));
             std::process::ExitCode::FAILURE
         }
     }

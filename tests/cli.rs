@@ -23,13 +23,27 @@ fn run(cmd: &mut Command) -> String {
 
 #[test]
 fn demo_runs_a_paid_scenario_and_exits_zero() {
-    let out = run(syft_router().arg("demo"));
+    // As a user runs it: no RUST_LOG, so only warnings may be logged around the story.
+    let output = syft_router()
+        .env_remove("RUST_LOG")
+        .arg("demo")
+        .output()
+        .expect("run demo");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        !stderr.contains("INFO") && !stderr.contains("WARN"),
+        "demo logged around its story:\n{stderr}"
+    );
+    let out = String::from_utf8_lossy(&output.stdout).to_string();
     assert!(out.contains("verify: ok"), "{out}");
     assert!(
-        out.contains("refused: FailedPrecondition payment required"),
+        out.contains("refused: payment required: this service costs"),
         "{out}"
     );
     assert!(out.contains("upstream_error"), "{out}");
+    // Refusals in words, not gRPC code names.
+    assert!(!out.contains("FailedPrecondition"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -228,7 +242,7 @@ async fn health_command_and_idempotent_owner_setup() {
         cmd.args([
             "account",
             "create",
-            "owner@router.local",
+            "owner@example.com",
             "--organization",
             "router",
             "--exists-ok",
@@ -238,13 +252,205 @@ async fn health_command_and_idempotent_owner_setup() {
         .env("SYFT_ACCOUNT_SECRET", "owner-secret-0123456789");
         cmd
     };
-    run(&mut setup());
+    let first = run(&mut setup());
+    assert!(
+        !first.contains("owner-secret-0123456789"),
+        "a secret the caller gave is printed: {first}"
+    );
+    let json = run(syft_router()
+        .args(["account", "create", "second@example.com", "--json"])
+        .env("SYFT_LEDGER_URL", &url)
+        .env("SYFT_LEDGER_ADMIN_KEY", ADMIN_KEY)
+        .env("SYFT_ACCOUNT_SECRET", "second-secret-0123456789"));
+    assert!(json.contains("second@example.com"), "{json}");
+    assert!(!json.contains("second-secret-0123456789"), "{json}");
     let again = run(&mut setup());
     assert!(again.contains("already exists"), "{again}");
     let shown = run(syft_router()
-        .args(["account", "show", "owner@router.local", "--json"])
+        .args(["account", "show", "owner@example.com", "--json"])
         .env("SYFT_LEDGER_URL", &url)
         .env("SYFT_SECRET", "owner-secret-0123456789"));
-    assert!(shown.contains("owner@router.local"), "{shown}");
+    assert!(shown.contains("owner@example.com"), "{shown}");
+    h.finish().await;
+}
+
+/// Runs a command that must fail and returns its stderr, which must be one line.
+fn fails(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("run syft-router");
+    assert!(
+        !out.status.success(),
+        "succeeded: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    assert_eq!(stderr.lines().count(), 1, "not one line:\n{stderr}");
+    for leak in [
+        "tonic",
+        "transport::Error",
+        "Status {",
+        "source:",
+        "Unavailable",
+    ] {
+        assert!(!stderr.contains(leak), "leaks {leak:?}: {stderr}");
+    }
+    stderr
+}
+
+#[test]
+fn client_errors_are_one_line_in_the_users_terms() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let err = fails(
+        syft_router()
+            .args(["account", "show", "alice@example.com"])
+            .env("SYFT_LEDGER_URL", &url)
+            .env("SYFT_SECRET", "s3cret-s3cret"),
+    );
+    assert!(
+        err.contains(&format!("cannot reach the ledger at {url}"))
+            && err.contains("is the ledger running there?"),
+        "{err}"
+    );
+    let err = fails(syft_router().args([
+        "chat",
+        "hi",
+        "--user",
+        "alice@example.com",
+        "--router-url",
+        &url,
+    ]));
+    assert!(
+        err.contains(&format!("cannot reach the router at {url}")),
+        "{err}"
+    );
+    // A cause is printed once, not once per layer that wrapped it.
+    let err = fails(syft_router().args([
+        "health",
+        "--url",
+        "https://127.0.0.1:1",
+        "--ca",
+        "/no/such/ca.pem",
+    ]));
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn listings_page_past_500_rows_with_times_and_currency() {
+    let h = Harness::new(false).await.unwrap();
+    let url = h.url();
+    let cli = |args: &[&str]| {
+        let mut cmd = syft_router();
+        cmd.args(args)
+            .env("SYFT_LEDGER_URL", &url)
+            .env("SYFT_LEDGER_ADMIN_KEY", ADMIN_KEY)
+            .env_remove("SYFT_SECRET");
+        cmd
+    };
+    let json = |cmd: &mut Command| -> serde_json::Value {
+        serde_json::from_str(&run(cmd)).expect("JSON output")
+    };
+    // More accounts than one page (500) holds.
+    let alice = h.account("alice@example.com", 2_000_000).await;
+    h.account("owner@router.example", 0).await;
+    for i in 0..510 {
+        h.account(&format!("user{i}@example.com"), 0).await;
+    }
+    let all = json(&mut cli(&["account", "list", "--all", "--json"]));
+    assert_eq!(all["accounts"].as_array().unwrap().len(), 512);
+    assert_eq!(all["next_page_token"], "");
+    let some = json(&mut cli(&["account", "list", "--limit", "501", "--json"]));
+    assert_eq!(some["accounts"].as_array().unwrap().len(), 501);
+    assert_ne!(some["next_page_token"], "");
+    let table = run(&mut cli(&["account", "list", "--limit", "3"]));
+    assert!(
+        table.contains("alice@example.com") && table.contains("USD"),
+        "{table}"
+    );
+    // account list is for the admin only.
+    let err = fails(
+        cli(&["account", "list"])
+            .env_remove("SYFT_LEDGER_ADMIN_KEY")
+            .env("SYFT_SECRET", &alice),
+    );
+    assert!(err.contains("--secret") || err.contains("admin"), "{err}");
+
+    // token issue echoes what it set; token list shows it, to both parties.
+    let issued = run(cli(&[
+        "token",
+        "issue",
+        "owner@router.example",
+        "--limit",
+        "1.5",
+        "--ttl",
+        "24h",
+    ])
+    .env("SYFT_SECRET", &alice));
+    assert!(issued.contains("limit      1.5 USD"), "{issued}");
+    assert!(
+        issued.contains("expires    20") && issued.contains("UTC"),
+        "{issued}"
+    );
+    run(cli(&["token", "issue", "owner@router.example"]).env("SYFT_SECRET", &alice));
+    let tokens = json(cli(&["token", "list", "--json"]).env("SYFT_SECRET", &alice));
+    let tokens = tokens["tokens"].as_array().unwrap().clone();
+    assert_eq!(tokens.len(), 2, "{tokens:?}");
+    assert!(tokens.iter().any(|t| t["spend_limit_micros"] == 1_500_000));
+    let listed = run(cli(&["token", "list"]).env("SYFT_SECRET", &alice));
+    assert!(
+        listed.contains("owner@router.example") && listed.contains("active"),
+        "{listed}"
+    );
+    let received = json(&mut cli(&[
+        "token",
+        "list",
+        "--account",
+        "owner@router.example",
+        "--role",
+        "recipient",
+        "--json",
+    ]));
+    assert_eq!(received["tokens"].as_array().unwrap().len(), 2);
+    let revoked = tokens[0]["token_id"].as_str().unwrap();
+    run(cli(&["token", "revoke", revoked]).env("SYFT_SECRET", &alice));
+    let active = json(cli(&["token", "list", "--json"]).env("SYFT_SECRET", &alice));
+    assert_eq!(active["tokens"].as_array().unwrap().len(), 1);
+    let every = json(cli(&["token", "list", "--inactive", "--json"]).env("SYFT_SECRET", &alice));
+    assert_eq!(every["tokens"].as_array().unwrap().len(), 2);
+
+    // Time windows, timestamps and the currency of totals.
+    let usage = json(&mut cli(&[
+        "usage",
+        "--since",
+        "7d",
+        "--until",
+        "2999-01-01",
+        "--json",
+    ]));
+    assert_eq!(usage["totals"]["currency"], "USD", "{usage}");
+    let table = run(&mut cli(&["usage"]));
+    assert!(
+        table.contains("time (UTC)") && table.contains("cost 0 USD"),
+        "{table}"
+    );
+    let table = run(&mut cli(&[
+        "transfers",
+        "--since",
+        "2020-01-01T00:00:00Z",
+        "--all",
+    ]));
+    assert!(
+        table.contains("created (UTC)") && table.contains("currency"),
+        "{table}"
+    );
+    let out = cli(&["transfers", "--since", "last tuesday"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("invalid time") && err.contains("--since"),
+        "{err}"
+    );
     h.finish().await;
 }

@@ -7,6 +7,14 @@ use syft_ledger::client::{connect_lazy_tls, LedgerClient};
 use syft_ledger::money::{format_micros, parse_decimal_micros};
 use syft_proto::ledger as pb;
 
+use super::errors::Server;
+pub use super::tables::print_usage_table;
+use super::tables::{
+    account_json, fetch_pages, more_hint, print_account, print_accounts, print_tokens, status_word,
+    token_json, transfer_json, usage_json,
+};
+use super::time::{format_time, parse_time};
+
 #[derive(Args, Debug, Clone)]
 pub struct Conn {
     /// Ledger gRPC URL.
@@ -60,6 +68,11 @@ impl Conn {
         Ok(connect_lazy_tls(&self.ledger_url, secret, tls.as_ref())?)
     }
 
+    /// A failed ledger call, in the user's terms.
+    fn fail(&self, status: tonic::Status) -> anyhow::Error {
+        super::errors::rpc(status, Server::Ledger, &self.ledger_url)
+    }
+
     /// Your own credentials, or the admin key when no secret is given.
     fn user(&self) -> anyhow::Result<LedgerClient> {
         let secret = self
@@ -81,9 +94,11 @@ pub struct AccountArgs {
 
 #[derive(Subcommand, Debug)]
 enum AccountAction {
-    /// Create an account (admin). Prints its secret once.
+    /// Create an account (admin). Prints a generated secret once; a given one is never printed.
     Create {
+        /// The account's email (its id on the ledger).
         email: String,
+        /// Organization shown with the account.
         #[arg(long, default_value = "")]
         organization: String,
         /// Use this secret instead of a generated one (8 to 256 characters), e.g. for a
@@ -94,10 +109,23 @@ enum AccountAction {
         #[arg(long)]
         exists_ok: bool,
     },
-    /// Show an account's balance.
-    Show { email: String },
+    /// Show an account's balance (your own, or any with the admin key).
+    Show {
+        /// The account's email.
+        email: String,
+    },
+    /// List every account with its balance (admin).
+    List {
+        /// Most accounts to print (pages of up to 500 are fetched as needed).
+        #[arg(long, default_value_t = 100, conflicts_with = "all")]
+        limit: u32,
+        /// Every account, however many.
+        #[arg(long)]
+        all: bool,
+    },
     /// Deposit money into an account (admin), e.g. `deposit alice@example.com 10.00`.
     Deposit {
+        /// The account to credit.
         email: String,
         /// Decimal amount in the account's currency.
         amount: String,
@@ -119,49 +147,100 @@ pub struct TokenArgs {
 enum TokenAction {
     /// Issue a delegation token that lets RECIPIENT charge you.
     Issue {
+        /// Who may charge you with it, e.g. a router's owner.
         recipient: String,
-        /// Spend limit, decimal (captured plus held).
+        /// Spend limit in your account's currency, decimal (captured plus held); default none.
         #[arg(long)]
         limit: Option<String>,
-        /// Lifetime, e.g. 24h.
+        /// Lifetime, e.g. 90m, 24h; default: until revoked.
         #[arg(long, value_parser = super::parse_duration)]
         ttl: Option<std::time::Duration>,
     },
     /// Revoke a token (by its text or id).
-    Revoke { token: String },
+    Revoke {
+        /// The token, or its id (from `token list`).
+        token: String,
+    },
+    /// List your tokens, issued and received (admin: everyone's, or --account's).
+    List {
+        /// sender (tokens you issued) or recipient (tokens issued to you); default both.
+        #[arg(long, value_parser = ["sender", "recipient"])]
+        role: Option<String>,
+        /// Admin: one account's tokens.
+        #[arg(long)]
+        account: Option<String>,
+        /// Revoked and expired tokens too.
+        #[arg(long)]
+        inactive: bool,
+        /// Most tokens to print (pages of up to 500 are fetched as needed).
+        #[arg(long, default_value_t = 100, conflicts_with = "all")]
+        limit: u32,
+        /// Every token, however many.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+/// Which rows of a paged listing to fetch.
+#[derive(Args, Debug, Clone)]
+pub struct Window {
+    /// Only rows created at or after this time: a date (2025-01-31), a UTC time
+    /// (2025-01-31T12:00:00Z) or a duration ago (90m, 24h, 7d).
+    #[arg(long, value_parser = parse_time)]
+    since: Option<i64>,
+    /// Only rows created before this time (same forms as --since).
+    #[arg(long, value_parser = parse_time)]
+    until: Option<i64>,
+    /// Most rows to print, newest first (pages of up to 500 are fetched as needed).
+    #[arg(long, default_value_t = 50, conflicts_with = "all")]
+    limit: u32,
+    /// Every matching row, however many (progress on stderr when it is a terminal).
+    #[arg(long)]
+    all: bool,
 }
 
 #[derive(Args, Debug)]
 pub struct TransfersArgs {
     #[command(flatten)]
     conn: Conn,
-    /// pending, completed or cancelled.
-    #[arg(long)]
+    /// Only transfers in this state.
+    #[arg(long, value_parser = ["pending", "completed", "cancelled"])]
     status: Option<String>,
-    /// sender or recipient.
-    #[arg(long)]
+    /// sender (money you paid) or recipient (money paid to you); default both.
+    #[arg(long, value_parser = ["sender", "recipient"])]
     role: Option<String>,
+    /// Only transfers of this app (a router's name).
     #[arg(long)]
     app: Option<String>,
     /// Admin: another account's transfers.
     #[arg(long)]
     account: Option<String>,
-    #[arg(long, default_value_t = 50)]
-    limit: u32,
+    #[command(flatten)]
+    window: Window,
 }
 
 #[derive(Args, Debug)]
 pub struct UsageArgs {
     #[command(flatten)]
     conn: Conn,
+    /// Only requests paid by (or made by) this user's email.
     #[arg(long)]
     user: Option<String>,
+    /// Only requests to this app (a router's name).
     #[arg(long)]
     app: Option<String>,
+    /// Only rows with this outcome: success, upstream_error, cancelled, rejected, timeout,
+    /// invalid_response.
     #[arg(long)]
     status: Option<String>,
-    #[arg(long, default_value_t = 50)]
-    limit: u32,
+    #[command(flatten)]
+    window: Window,
+}
+
+impl Window {
+    fn limit(&self) -> Option<u32> {
+        (!self.all).then_some(self.limit)
+    }
 }
 
 pub async fn account(args: AccountArgs) -> anyhow::Result<()> {
@@ -173,6 +252,9 @@ pub async fn account(args: AccountArgs) -> anyhow::Result<()> {
             account_secret,
             exists_ok,
         } => {
+            // A secret the caller chose is theirs already: printing it would only put it in logs
+            // (`docker compose logs`). A generated one is shown once, since nobody else knows it.
+            let chosen = account_secret.is_some();
             let created = conn
                 .admin()?
                 .create_account(pb::CreateAccountRequest {
@@ -191,28 +273,64 @@ pub async fn account(args: AccountArgs) -> anyhow::Result<()> {
                     }
                     return Ok(());
                 }
-                other => other?.into_inner(),
+                other => other.map_err(|s| conn.fail(s))?.into_inner(),
             };
             let account = created.account.unwrap_or_default();
             if conn.json {
-                println!(
-                    "{}",
-                    json!({"account": account_json(&account), "secret": created.secret})
-                );
+                let mut out = json!({"account": account_json(&account)});
+                if !chosen {
+                    out["secret"] = json!(created.secret);
+                }
+                println!("{out}");
             } else {
                 print_account(&account);
-                println!(
-                    "secret        {}   (shown once: store it now)",
-                    created.secret
-                );
+                if chosen {
+                    println!("secret        (the one you gave; not printed)");
+                } else {
+                    println!(
+                        "secret        {}   (shown once: store it now)",
+                        created.secret
+                    );
+                }
             }
             return Ok(());
         }
         AccountAction::Show { email } => conn
             .user()?
             .get_account(pb::GetAccountRequest { email })
-            .await?
+            .await
+            .map_err(|s| conn.fail(s))?
             .into_inner(),
+        AccountAction::List { limit, all } => {
+            let client = conn.admin()?;
+            let (accounts, next) = fetch_pages(
+                (!all).then_some(limit),
+                "accounts",
+                |page_size, page_token| {
+                    let mut client = client.clone();
+                    async move {
+                        let page = client
+                            .list_accounts(pb::ListAccountsRequest {
+                                page_size,
+                                page_token,
+                            })
+                            .await
+                            .map_err(|s| conn.fail(s))?
+                            .into_inner();
+                        Ok((page.accounts, page.next_page_token))
+                    }
+                },
+            )
+            .await?;
+            if conn.json {
+                let rows: Vec<_> = accounts.iter().map(account_json).collect();
+                println!("{}", json!({"accounts": rows, "next_page_token": next}));
+            } else {
+                print_accounts(&accounts);
+                more_hint(&next, "accounts");
+            }
+            return Ok(());
+        }
         AccountAction::Deposit {
             email,
             amount,
@@ -226,7 +344,8 @@ pub async fn account(args: AccountArgs) -> anyhow::Result<()> {
                     amount_micros,
                     idempotency_key: key,
                 })
-                .await?
+                .await
+                .map_err(|s| conn.fail(s))?
                 .into_inner()
         }
     };
@@ -249,14 +368,15 @@ pub async fn token(args: TokenArgs) -> anyhow::Result<()> {
             let spend_limit_micros = limit.as_deref().map(parse_decimal_micros).transpose()?;
             let expires_at_unix_micros =
                 ttl.map(|d| syft_ledger::store::now_micros() + d.as_micros() as i64);
-            let issued = conn
-                .user()?
+            let mut client = conn.user()?;
+            let issued = client
                 .issue_token(pb::IssueTokenRequest {
                     recipient_email: recipient,
                     expires_at_unix_micros,
                     spend_limit_micros,
                 })
-                .await?
+                .await
+                .map_err(|s| conn.fail(s))?
                 .into_inner();
             if conn.json {
                 println!(
@@ -266,17 +386,41 @@ pub async fn token(args: TokenArgs) -> anyhow::Result<()> {
                            "spend_limit_micros": issued.spend_limit_micros})
                 );
             } else {
-                println!("token      {}", issued.token);
+                // The limit is in the sender's currency; best effort, the token is issued anyway.
+                let currency = client
+                    .get_account(pb::GetAccountRequest {
+                        email: issued.sender_email.clone(),
+                    })
+                    .await
+                    .map(|a| a.into_inner().currency)
+                    .unwrap_or_default();
+                println!("token      {}   (shown once: store it now)", issued.token);
                 println!("id         {}", issued.token_id);
                 println!("sender     {}", issued.sender_email);
                 println!("recipient  {}", issued.recipient_email);
+                println!(
+                    "limit      {}",
+                    issued.spend_limit_micros.map_or("none".to_string(), |l| {
+                        format!("{} {currency}", format_micros(l))
+                            .trim_end()
+                            .to_string()
+                    })
+                );
+                println!(
+                    "expires    {}",
+                    issued.expires_at_unix_micros.map_or(
+                        "never (until revoked)".to_string(),
+                        |t| format!("{} UTC", format_time(t))
+                    )
+                );
             }
         }
         TokenAction::Revoke { token } => {
             let revoked = conn
                 .user()?
                 .revoke_token(pb::RevokeTokenRequest { token })
-                .await?
+                .await
+                .map_err(|s| conn.fail(s))?
                 .into_inner();
             if conn.json {
                 println!(
@@ -287,180 +431,182 @@ pub async fn token(args: TokenArgs) -> anyhow::Result<()> {
                 println!("revoked {}", revoked.token_id);
             }
         }
+        TokenAction::List {
+            role,
+            account,
+            inactive,
+            limit,
+            all,
+        } => {
+            let role = match role.as_deref() {
+                Some("sender") => pb::Role::Sender,
+                Some("recipient") => pb::Role::Recipient,
+                _ => pb::Role::Any,
+            };
+            let client = conn.user()?;
+            let account = account.unwrap_or_default();
+            let (tokens, next) = fetch_pages(
+                (!all).then_some(limit),
+                "tokens",
+                |page_size, page_token| {
+                    let mut client = client.clone();
+                    let account_email = account.clone();
+                    async move {
+                        let page = client
+                            .list_tokens(pb::ListTokensRequest {
+                                role: role as i32,
+                                account_email,
+                                include_inactive: inactive,
+                                page_size,
+                                page_token,
+                            })
+                            .await
+                            .map_err(|s| conn.fail(s))?
+                            .into_inner();
+                        Ok((page.tokens, page.next_page_token))
+                    }
+                },
+            )
+            .await?;
+            if conn.json {
+                let rows: Vec<_> = tokens.iter().map(token_json).collect();
+                println!("{}", json!({"tokens": rows, "next_page_token": next}));
+            } else {
+                print_tokens(&tokens);
+                more_hint(&next, "tokens");
+            }
+        }
     }
     Ok(())
 }
 
 pub async fn transfers(args: TransfersArgs) -> anyhow::Result<()> {
-    let status = match args
-        .status
-        .as_deref()
-        .map(str::to_ascii_lowercase)
-        .as_deref()
-    {
-        None => pb::TransferStatus::Unspecified,
+    let status = match args.status.as_deref() {
         Some("pending") => pb::TransferStatus::Pending,
         Some("completed") => pb::TransferStatus::Completed,
         Some("cancelled") => pb::TransferStatus::Cancelled,
-        Some(other) => {
-            anyhow::bail!("unknown status {other:?}: use pending, completed or cancelled")
-        }
+        _ => pb::TransferStatus::Unspecified,
     };
     let role = match args.role.as_deref() {
-        None => pb::Role::Any,
         Some("sender") => pb::Role::Sender,
         Some("recipient") => pb::Role::Recipient,
-        Some(other) => anyhow::bail!("unknown role {other:?}: use sender or recipient"),
+        _ => pb::Role::Any,
     };
-    let page = args
-        .conn
-        .user()?
-        .list_transfers(pb::ListTransfersRequest {
-            status: status as i32,
-            role: role as i32,
-            app_name: args.app.unwrap_or_default(),
-            account_email: args.account.unwrap_or_default(),
-            page_size: args.limit,
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    if args.conn.json {
-        let rows: Vec<_> = page.transfers.iter().map(transfer_json).collect();
-        println!(
-            "{}",
-            json!({"transfers": rows, "next_page_token": page.next_page_token})
-        );
+    let conn = &args.conn;
+    let client = conn.user()?;
+    let w = &args.window;
+    let request = pb::ListTransfersRequest {
+        status: status as i32,
+        role: role as i32,
+        since_unix_micros: w.since,
+        until_unix_micros: w.until,
+        app_name: args.app.clone().unwrap_or_default(),
+        account_email: args.account.clone().unwrap_or_default(),
+        ..Default::default()
+    };
+    let (rows, next) = fetch_pages(w.limit(), "transfers", |page_size, page_token| {
+        let mut client = client.clone();
+        let request = pb::ListTransfersRequest {
+            page_size,
+            page_token,
+            ..request.clone()
+        };
+        async move {
+            let page = client
+                .list_transfers(request)
+                .await
+                .map_err(|s| conn.fail(s))?
+                .into_inner();
+            Ok((page.transfers, page.next_page_token))
+        }
+    })
+    .await?;
+    if conn.json {
+        let rows: Vec<_> = rows.iter().map(transfer_json).collect();
+        println!("{}", json!({"transfers": rows, "next_page_token": next}));
         return Ok(());
     }
     println!(
-        "{:<36}  {:<9}  {:>10}  {:>10}  {:<24}  {:<24}  app",
-        "id", "status", "held", "captured", "sender", "recipient"
+        "{:<19}  {:<36}  {:<9}  {:>10}  {:>10}  {:<8}  {:<24}  {:<24}  app",
+        "created (UTC)", "id", "status", "held", "captured", "currency", "sender", "recipient"
     );
-    for t in &page.transfers {
+    for t in &rows {
         println!(
-            "{:<36}  {:<9}  {:>10}  {:>10}  {:<24}  {:<24}  {}",
+            "{:<19}  {:<36}  {:<9}  {:>10}  {:>10}  {:<8}  {:<24}  {:<24}  {}",
+            format_time(t.created_at_unix_micros),
             t.id,
             status_word(t.status()),
             format_micros(t.amount_micros),
             format_micros(t.captured_micros),
+            t.currency,
             t.sender_email,
             t.recipient_email,
             t.app_name
         );
     }
+    more_hint(&next, "transfers");
     Ok(())
 }
 
 pub async fn usage(args: UsageArgs) -> anyhow::Result<()> {
-    let page = args
-        .conn
-        .user()?
-        .query_usage(pb::QueryUsageRequest {
-            user_email: args.user.unwrap_or_default(),
-            app_name: args.app.unwrap_or_default(),
-            status: args.status.unwrap_or_default(),
-            page_size: args.limit,
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    let totals = page.totals.unwrap_or_default();
-    if args.conn.json {
-        let rows: Vec<_> = page.records.iter().map(usage_json).collect();
+    let conn = &args.conn;
+    let client = conn.user()?;
+    let w = &args.window;
+    let request = pb::QueryUsageRequest {
+        since_unix_micros: w.since,
+        until_unix_micros: w.until,
+        user_email: args.user.clone().unwrap_or_default(),
+        app_name: args.app.clone().unwrap_or_default(),
+        status: args.status.clone().unwrap_or_default(),
+        ..Default::default()
+    };
+    // Totals cover every matching row, whatever the page; the first page's are kept.
+    let totals = std::sync::Mutex::new(None);
+    let (rows, next) = fetch_pages(w.limit(), "usage rows", |page_size, page_token| {
+        let mut client = client.clone();
+        let request = pb::QueryUsageRequest {
+            page_size,
+            page_token,
+            ..request.clone()
+        };
+        let totals = &totals;
+        async move {
+            let page = client
+                .query_usage(request)
+                .await
+                .map_err(|s| conn.fail(s))?
+                .into_inner();
+            let mut kept = totals.lock().unwrap_or_else(|e| e.into_inner());
+            if kept.is_none() {
+                *kept = page.totals;
+            }
+            Ok((page.records, page.next_page_token))
+        }
+    })
+    .await?;
+    let totals = totals
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner())
+        .unwrap_or_default();
+    if conn.json {
+        let rows: Vec<_> = rows.iter().map(usage_json).collect();
         println!(
             "{}",
-            json!({"records": rows, "next_page_token": page.next_page_token,
+            json!({"records": rows, "next_page_token": next,
                    "totals": {"requests": totals.requests, "prompt_tokens": totals.prompt_tokens,
                               "completion_tokens": totals.completion_tokens, "total_tokens": totals.total_tokens,
-                              "cost_micros": totals.cost_micros}})
+                              "cost_micros": totals.cost_micros, "currency": totals.currency}})
         );
         return Ok(());
     }
-    print_usage_table(&page.records);
+    print_usage_table(&rows);
+    more_hint(&next, "usage rows");
     println!(
-        "total: {} requests, {} tokens, cost {}",
+        "total: {} requests, {} tokens, cost {} {}",
         totals.requests,
         totals.total_tokens,
-        format_micros(totals.cost_micros)
+        format_micros(totals.cost_micros),
+        totals.currency
     );
     Ok(())
-}
-
-pub fn print_usage_table(records: &[pb::UsageRecord]) {
-    println!(
-        "{:<24}  {:<22}  {:<10}  {:<15}  {:>7}  {:>10}  {:>8}",
-        "request", "user", "model", "status", "tokens", "cost", "latency"
-    );
-    for r in records {
-        let u = r.usage.clone().unwrap_or_default();
-        println!(
-            "{:<24}  {:<22}  {:<10}  {:<15}  {:>7}  {:>10}  {:>6}ms",
-            truncate(&u.request_id, 24),
-            truncate(&u.user_email, 22),
-            truncate(&u.model, 10),
-            u.status,
-            u.total_tokens,
-            format_micros(r.cost_micros),
-            u.latency_ms
-        );
-    }
-}
-
-fn truncate(s: &str, n: usize) -> String {
-    if s.chars().count() <= n {
-        s.to_string()
-    } else {
-        s.chars().take(n - 1).chain(std::iter::once('…')).collect()
-    }
-}
-
-fn status_word(s: pb::TransferStatus) -> &'static str {
-    match s {
-        pb::TransferStatus::Pending => "pending",
-        pb::TransferStatus::Completed => "completed",
-        pb::TransferStatus::Cancelled => "cancelled",
-        pb::TransferStatus::Unspecified => "?",
-    }
-}
-
-pub fn print_account(a: &pb::Account) {
-    println!("email         {}", a.email);
-    println!("organization  {}", a.organization);
-    println!(
-        "balance       {} {}",
-        format_micros(a.balance_micros),
-        a.currency
-    );
-    println!(
-        "held          {} {}",
-        format_micros(a.held_micros),
-        a.currency
-    );
-    println!(
-        "available     {} {}",
-        format_micros(a.available_micros),
-        a.currency
-    );
-}
-
-fn account_json(a: &pb::Account) -> serde_json::Value {
-    json!({"email": a.email, "organization": a.organization, "currency": a.currency,
-           "balance_micros": a.balance_micros, "held_micros": a.held_micros,
-           "available_micros": a.available_micros})
-}
-
-fn transfer_json(t: &pb::Transfer) -> serde_json::Value {
-    json!({"id": t.id, "status": status_word(t.status()), "sender": t.sender_email, "recipient": t.recipient_email,
-           "amount_micros": t.amount_micros, "captured_micros": t.captured_micros, "currency": t.currency,
-           "app_name": t.app_name, "app_ep_path": t.app_ep_path, "created_at_unix_micros": t.created_at_unix_micros,
-           "resolved_at_unix_micros": t.resolved_at_unix_micros, "cancel_reason": t.cancel_reason})
-}
-
-fn usage_json(r: &pb::UsageRecord) -> serde_json::Value {
-    let u = r.usage.clone().unwrap_or_default();
-    json!({"id": r.id, "request_id": u.request_id, "transfer_id": r.transfer_id, "app_name": u.app_name,
-           "endpoint": u.endpoint, "user_email": u.user_email, "model": u.model, "prompt_tokens": u.prompt_tokens,
-           "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens, "cost_micros": r.cost_micros,
-           "status": u.status, "latency_ms": u.latency_ms, "upstream_latency_ms": u.upstream_latency_ms})
 }

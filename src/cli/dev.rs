@@ -18,30 +18,37 @@ use tokio::task::JoinHandle;
 use super::router::RouterSetup;
 use crate::setup::{create_account, issue_token, verify_ledger, wait_for_ledger};
 
-const DEV_OWNER: &str = "owner@router.local";
+const DEV_OWNER: &str = "owner@example.com";
 const DEV_USER: &str = "alice@example.com";
 
 #[derive(Args, Debug)]
 pub struct DevArgs {
+    /// Directory for the SQLite database and dev-credentials.json (kept across restarts).
     #[arg(long, env = "SYFT_DATA_DIR", default_value = "data")]
     data_dir: String,
-    /// Database URL (default: a SQLite file in the data dir).
+    /// Database URL, postgres://… or sqlite://… (default: a SQLite file in the data dir).
     #[arg(long, env = "DATABASE_URL")]
     database_url: Option<String>,
+    /// The ledger's gRPC listen address.
     #[arg(long, env = "SYFT_LEDGER_GRPC_ADDR", default_value = "127.0.0.1:50051")]
     ledger_grpc_addr: String,
-    /// The ledger's HTTP port, serving the Syft accounting REST API in dev.
+    /// The ledger's HTTP listen address: health and the Syft accounting REST API.
     #[arg(long, env = "SYFT_LEDGER_HTTP_ADDR", default_value = "127.0.0.1:8081")]
     ledger_http_addr: String,
+    /// The router's gRPC listen address.
     #[arg(long, env = "SYFT_ROUTER_GRPC_ADDR", default_value = "127.0.0.1:50052")]
     router_grpc_addr: String,
+    /// The router's HTTP listen address: the OpenAI-compatible front and health.
     #[arg(long, env = "SYFT_ROUTER_HTTP_ADDR", default_value = "127.0.0.1:8080")]
     router_http_addr: String,
     /// Router config file (default: a chat service at $0.01 per request on the echo model).
     #[arg(long, env = "SYFT_ROUTER_CONFIG")]
     config: Option<String>,
+    /// OpenAI-compatible upstream base URL, e.g. http://127.0.0.1:11434/v1 (default: the
+    /// built-in echo model).
     #[arg(long = "upstream-url", env = "OPENAI_BASE_URL")]
     upstream_url: Option<String>,
+    /// The upstream's API key.
     #[arg(
         long = "upstream-api-key",
         env = "OPENAI_API_KEY",
@@ -82,19 +89,23 @@ impl Running {
         }
     }
 
-    /// Serves a ledger on `addr` (and the accounting REST API on `http_addr`) and returns its URL
-    /// and an admin client, once it answers.
+    /// Serves a ledger on `addr` (and the accounting REST API on `http_addr`) and returns its
+    /// gRPC URL, its HTTP URL and an admin client, once it answers.
     async fn start_ledger(
         &mut self,
         addr: &str,
         http_addr: Option<&str>,
         database_url: &str,
         admin_key: &str,
-    ) -> anyhow::Result<(String, LedgerClient)> {
+    ) -> anyhow::Result<(String, Option<String>, LedgerClient)> {
         let listener = bind(addr).await?;
         let url = format!("http://{}", listener.local_addr()?);
         let http_listener = match http_addr {
             Some(a) => Some(bind(a).await?),
+            None => None,
+        };
+        let http_url = match &http_listener {
+            Some(l) => Some(format!("http://{}", l.local_addr()?)),
             None => None,
         };
         let config = LedgerConfig {
@@ -113,7 +124,7 @@ impl Running {
         }));
         let mut admin = connect_lazy(&url, admin_key)?;
         wait_for_ledger(&mut admin).await?;
-        Ok((url, admin))
+        Ok((url, http_url, admin))
     }
 
     fn start_router(&mut self, config: RouterConfig, grpc: TcpListener, http: TcpListener) {
@@ -159,7 +170,7 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
         .unwrap_or_else(random_key);
 
     let mut running = Running::new();
-    let (ledger_url, mut admin) = running
+    let (ledger_url, ledger_http_url, mut admin) = running
         .start_ledger(
             &args.ledger_grpc_addr,
             Some(&args.ledger_http_addr),
@@ -168,9 +179,13 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
         )
         .await?;
 
+    // A data dir made by an older version keeps its owner (its email may predate today's default).
+    let owner_email = saved
+        .as_ref()
+        .map_or(DEV_OWNER.to_string(), |c| c.owner_email.clone());
     let owner_exists = admin
         .get_account(lpb::GetAccountRequest {
-            email: DEV_OWNER.into(),
+            email: owner_email.clone(),
         })
         .await
         .is_ok();
@@ -223,39 +238,75 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     let (grpc_addr, http_addr) = (grpc.local_addr()?, http.local_addr()?);
     running.start_router(router_config, grpc, http);
 
+    let ledger_http_url = ledger_http_url.unwrap_or_default();
+    let me = self_command();
     println!("syft-router dev is running (Ctrl-C to stop)");
     println!("  ledger  gRPC  {ledger_url}   database {database_url}");
-    println!(
-        "  ledger  HTTP  http://{}   (Syft accounting REST API)",
-        args.ledger_http_addr
-    );
+    println!("  ledger  HTTP  {ledger_http_url}   (Syft accounting REST API)");
     println!("  router  gRPC  http://{grpc_addr}");
     println!("  router  HTTP  http://{http_addr}/v1/chat/completions   (OpenAI-compatible)");
     println!("  credentials   {}", creds_path.display());
+    println!("  logs          warnings only; RUST_LOG=info shows every request");
     println!();
-    println!("Try it:");
+    println!("Try it (in another terminal):");
     println!(
-        "  syft-router chat --router-url http://{grpc_addr} --user {} --token {} \"hello\"",
+        "  {me} chat --router-url http://{grpc_addr} --user {} --token {} \"hello\"",
         creds.user_email, creds.user_token
     );
+    println!("      prints the echoed answer, then its cost (0.01 USD) on stderr");
     println!(
         "  curl -s http://{http_addr}/v1/chat/completions -H 'Authorization: Bearer {}' \\\n       -H 'Content-Type: application/json' -d '{{\"model\":\"echo\",\"user\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"hello\"}}]}}'",
         creds.user_token, creds.user_email
     );
     println!(
-        "  SYFT_LEDGER_URL={ledger_url} SYFT_SECRET={} syft-router account show {}",
+        "  SYFT_LEDGER_URL={ledger_url} SYFT_SECRET={} {me} account show {}",
         creds.user_secret, creds.user_email
     );
     println!(
-        "  SYFT_LEDGER_URL={ledger_url} SYFT_SECRET={} syft-router usage",
-        creds.owner_secret
+        "      {}'s balance: 10 USD at first, 0.01 less per chat",
+        creds.user_email
     );
     println!(
-        "  curl -s -u {}:{} http://{}/user/my-info",
-        creds.user_email, creds.user_secret, args.ledger_http_addr
+        "  SYFT_LEDGER_URL={ledger_url} SYFT_SECRET={} {me} usage",
+        creds.owner_secret
+    );
+    println!("      one row per chat the router answered, with its cost");
+    println!(
+        "  curl -s -u {}:{} {ledger_http_url}/user/my-info",
+        creds.user_email, creds.user_secret
     );
     super::shutdown_signal().await;
     running.shutdown().await
+}
+
+/// How to run this binary from a shell: `syft-router` when that name on PATH is this very file
+/// (e.g. after `cargo install --path .`), else its path (e.g. `target/release/syft-router` under
+/// `cargo run`), so the printed commands run as pasted.
+fn self_command() -> String {
+    let Ok(exe) = std::env::current_exe().and_then(|p| p.canonicalize()) else {
+        return "syft-router".into();
+    };
+    let on_path = std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|dir| {
+            dir.join("syft-router")
+                .canonicalize()
+                .is_ok_and(|p| p == exe)
+        })
+    });
+    if on_path {
+        return "syft-router".into();
+    }
+    // Relative to the working directory when below it: shorter, and what `cargo run` users see.
+    let shown = std::env::current_dir()
+        .ok()
+        .and_then(|cwd| exe.strip_prefix(cwd).ok().map(|p| Path::new(".").join(p)))
+        .unwrap_or(exe);
+    let text = shown.display().to_string();
+    if text.contains(|c: char| c.is_whitespace() || "'\"$`\\".contains(c)) {
+        format!("'{}'", text.replace('\'', "'\\''"))
+    } else {
+        text
+    }
 }
 
 fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
@@ -286,7 +337,7 @@ pub async fn demo(_args: DemoArgs) -> anyhow::Result<()> {
     let database_url = format!("sqlite://{}?mode=rwc", dir.path().join("demo.db").display());
     let admin_key = random_key();
     let mut running = Running::new();
-    let (ledger_url, mut admin) = running
+    let (ledger_url, _, mut admin) = running
         .start_ledger("127.0.0.1:0", None, &database_url, &admin_key)
         .await?;
 
@@ -296,7 +347,7 @@ pub async fn demo(_args: DemoArgs) -> anyhow::Result<()> {
     let services: [(&str, &str, Pricing); 2] = [
         (
             "search-router",
-            "search@router.local",
+            "search-router@example.com",
             Pricing {
                 description: "$0.01 per search query".into(),
                 ..Pricing::per_request(10_000)
@@ -304,7 +355,7 @@ pub async fn demo(_args: DemoArgs) -> anyhow::Result<()> {
         ),
         (
             "token-router",
-            "tokens@router.local",
+            "token-router@example.com",
             Pricing {
                 description: "$5 / $15 per million input / output tokens".into(),
                 ..Pricing::per_token(5_000_000, 15_000_000)
@@ -383,13 +434,22 @@ pub async fn demo(_args: DemoArgs) -> anyhow::Result<()> {
                         .collect::<String>()
                 );
             }
-            Err(status) => println!(
-                "{:<14} charged {:>9} USD  refused: {:?} {}",
-                r.name,
-                "0",
-                status.code(),
-                status.message()
-            ),
+            Err(status) => {
+                // Refused before any work (payment, input), or failed while answering.
+                let verdict = match status.code() {
+                    tonic::Code::FailedPrecondition
+                    | tonic::Code::InvalidArgument
+                    | tonic::Code::PermissionDenied
+                    | tonic::Code::Unauthenticated => "refused",
+                    _ => "failed",
+                };
+                println!(
+                    "{:<14} charged {:>9} USD  {verdict}: {}",
+                    r.name,
+                    "0",
+                    super::errors::describe(&status, super::errors::Server::Router, r.name)
+                )
+            }
         }
     }
 

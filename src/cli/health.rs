@@ -40,16 +40,23 @@ pub async fn run(args: HealthArgs) -> anyhow::Result<()> {
         .timeout(args.timeout);
     let endpoint = syft_tls::configure_endpoint(endpoint, tls.as_ref())?;
     let check = async {
-        let channel = endpoint
-            .connect()
-            .await
-            .with_context(|| format!("cannot reach {}", args.url))?;
+        let channel = endpoint.connect().await.map_err(|e| {
+            let cause = super::errors::root_cause(&e).unwrap_or_else(|| e.to_string());
+            anyhow::anyhow!("cannot reach {} ({cause})", args.url)
+        })?;
         let status = HealthClient::new(channel)
             .check(HealthCheckRequest {
                 service: args.service.clone(),
             })
             .await
-            .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+            .map_err(|s| {
+                anyhow::anyhow!(
+                    "{} answered {}: {}",
+                    args.url,
+                    s.code().description(),
+                    s.message()
+                )
+            })?
             .into_inner()
             .status();
         anyhow::Ok(status)

@@ -2,9 +2,12 @@
 
 mod client;
 mod dev;
+pub mod errors;
 mod health;
 mod ledger;
 mod router;
+mod tables;
+mod time;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -39,13 +42,13 @@ pub enum Command {
     Demo(dev::DemoArgs),
     /// Send one chat request to a router.
     Chat(router::ChatArgs),
-    /// Account commands (create, show, deposit).
+    /// Account commands (create, show, list, deposit).
     Account(client::AccountArgs),
-    /// Delegation tokens (issue, revoke).
+    /// Delegation tokens (issue, revoke, list).
     Token(client::TokenArgs),
-    /// List transfers.
+    /// List transfers, newest first.
     Transfers(client::TransfersArgs),
-    /// Query usage rows and totals.
+    /// Usage rows (one per request), newest first, and totals.
     Usage(client::UsageArgs),
     /// Benchmarks that drive real servers.
     Bench(crate::bench::BenchArgs),
@@ -76,6 +79,17 @@ pub fn service_name(command: &Command) -> &'static str {
         Command::Router(_) => "syft-router",
         Command::Dev(_) | Command::Demo(_) => "syft-dev",
         _ => "syft-cli",
+    }
+}
+
+/// The log filter when `RUST_LOG` is unset: servers log requests (`info`); commands that print
+/// their own output to people (`dev`'s banner, client commands) only warn; `demo`, whose story
+/// prints its failures itself (the simulated upstream error), logs only errors.
+pub fn default_log_filter(command: &Command) -> &'static str {
+    match command {
+        Command::Ledger(_) | Command::Router(_) => "info,sqlx=warn,h2=warn,tower=warn",
+        Command::Demo(_) => "error",
+        _ => "warn",
     }
 }
 

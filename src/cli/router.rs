@@ -161,10 +161,13 @@ pub struct ChatArgs {
     /// Your delegation token for the router's owner (paid services).
     #[arg(long, env = "SYFT_TOKEN", hide_env_values = true, default_value = "")]
     pub token: String,
-    #[arg(long, default_value = "echo")]
-    pub model: String,
+    /// Model to ask for (default: the first model the router lists in its metadata).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// A system message sent before yours.
     #[arg(long)]
     pub system: Option<String>,
+    /// Longest answer in tokens (on a per-token router this also sizes the hold on your funds).
     #[arg(long)]
     pub max_tokens: Option<u32>,
     /// Idempotency key: retrying with the same id is never charged twice.
@@ -173,17 +176,32 @@ pub struct ChatArgs {
     /// Stream the answer as it is generated.
     #[arg(long)]
     pub stream: bool,
-    #[arg(long)]
+    /// Print the answer, usage and cost as one JSON object (not with --stream).
+    #[arg(long, conflicts_with = "stream")]
     pub json: bool,
 }
 
 pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
-    let channel = tonic::transport::Endpoint::from_shared(args.router_url.clone())?
+    let url = args.router_url.as_str();
+    let fail = |s: tonic::Status| super::errors::rpc(s, super::errors::Server::Router, url);
+    let channel = tonic::transport::Endpoint::from_shared(args.router_url.clone())
+        .with_context(|| format!("invalid --router-url {url:?}"))?
         .connect_timeout(Duration::from_secs(3))
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach the router at {}", args.router_url))?;
+        .connect_lazy();
     let mut client = pb::router_client::RouterClient::new(channel);
+    let model = match &args.model {
+        Some(m) => m.clone(),
+        // Empty if the router lists none: it then picks its upstream's default itself.
+        None => client
+            .get_metadata(pb::GetMetadataRequest {})
+            .await
+            .map_err(fail)?
+            .into_inner()
+            .models
+            .into_iter()
+            .next()
+            .unwrap_or_default(),
+    };
     let mut messages = Vec::new();
     if let Some(system) = &args.system {
         messages.push(pb::Message {
@@ -199,7 +217,7 @@ pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
     });
     let request = pb::ChatRequest {
         user_email: args.user_email.clone(),
-        model: args.model.clone(),
+        model,
         messages,
         options: Some(pb::ChatOptions {
             max_tokens: args.max_tokens,
@@ -209,11 +227,7 @@ pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
         request_id: args.request_id.clone().unwrap_or_default(),
     };
     if !args.stream {
-        let response = client
-            .chat(request)
-            .await
-            .map_err(status_error)?
-            .into_inner();
+        let response = client.chat(request).await.map_err(fail)?.into_inner();
         if args.json {
             let usage = response.usage.unwrap_or_default();
             println!(
@@ -241,11 +255,11 @@ pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
     let mut stream = client
         .chat_stream(request)
         .await
-        .map_err(status_error)?
+        .map_err(fail)?
         .into_inner();
     use std::io::Write;
     while let Some(event) = stream.next().await {
-        match event.map_err(status_error)?.event {
+        match event.map_err(fail)?.event {
             Some(pb::chat_stream_event::Event::Delta(d)) => {
                 print!("{}", d.content);
                 let _ = std::io::stdout().flush();
@@ -274,8 +288,4 @@ fn print_cost(cost: i64, currency: &str, transfer_id: &str, usage: Option<pb::To
             format!(", transfer {transfer_id}")
         }
     );
-}
-
-fn status_error(status: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", status.code(), status.message())
 }

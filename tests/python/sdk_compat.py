@@ -113,4 +113,32 @@ owner.update_password(old_password=owner_pw, new_password="owner-password-2")
 check(UserClient(url, owner_email, "owner-password-2").get_user_info().email == owner_email, "new password works")
 expect_error(401, owner.get_user_info)
 
+# The ledger creates only accounts whose email the SDK can read back: it refuses exactly what the
+# SDK's validator (pydantic EmailStr, i.e. email-validator) refuses, saying why.
+from pydantic import EmailStr, TypeAdapter, ValidationError
+
+email_type = TypeAdapter(EmailStr)
+candidates = [
+    f"ok-{run}@example.com", f"ok-{run}@router.example", f"o+{run}@mail.example.org", f"x-{run}@a-b.co",
+    f"owner-{run}@router.local", f"a-{run}@localhost", f"a-{run}@b.localhost", f"a-{run}@foo.test",
+    f"a-{run}@x.invalid", f"a-{run}@abc.onion", f"a-{run}@1.in-addr.arpa", f"a-{run}@example.123",
+    f"a-{run}@example", f".a-{run}@example.com", f"a-{run}.@example.com", f"a..{run}@example.com",
+    f"a-{run}@-x.example.com", f"a-{run}@x_y.example.com", f"a-{run}@ab--cd.example.com",
+    f"{'x' * 60}-{run}@example.com",
+]
+for candidate in candidates:
+    try:
+        email_type.validate_python(candidate)
+        sdk_accepts = True
+    except ValidationError:
+        sdk_accepts = False
+    try:
+        admin.create_user(email=candidate, organization="emails")
+        ledger_accepts = True
+    except ServiceException as e:
+        check(e.status_code == 400, f"{candidate}: HTTP {e.status_code} {e.body}")
+        check("syft-accounting-sdk" in e.body["detail"], f"{candidate}: the refusal says why: {e.body}")
+        ledger_accepts = False
+    check(sdk_accepts == ledger_accepts, f"{candidate}: SDK accepts {sdk_accepts}, ledger accepts {ledger_accepts}")
+
 print("syft-accounting-sdk 0.1.1 compatibility: ok")

@@ -15,7 +15,7 @@ use crate::domain::Micros;
 use crate::error::{LedgerError, Result};
 use crate::store::{
     AccountRow, AuthorizeInput, CaptureAmount, DirectInput, IssuedToken, Resolution, ResolveInput,
-    Store, TransferFilter, TransferRow, UsageInput,
+    Store, TokenFilter, TokenRow, TransferFilter, TransferRow, UsageInput,
 };
 
 /// A hold to place, validated by the core. `recipient` is the authenticated caller.
@@ -95,6 +95,19 @@ pub trait TransferBackend: Send + Sync + 'static {
 
     async fn list_accounts(&self) -> Result<Vec<AccountRow>> {
         Err(not_supported("listing accounts"))
+    }
+
+    /// Accounts with ids above `after_id`, oldest first; the bool says whether there are more.
+    async fn list_accounts_page(
+        &self,
+        _after_id: Option<i64>,
+        _limit: i64,
+    ) -> Result<(Vec<AccountRow>, bool)> {
+        Err(not_supported("listing accounts"))
+    }
+
+    async fn list_tokens(&self, _filter: &TokenFilter) -> Result<(Vec<TokenRow>, bool)> {
+        Err(not_supported("listing tokens"))
     }
 
     async fn set_secret_hash(&self, _account_id: i64, _secret_hash: &str) -> Result<()> {
@@ -235,6 +248,18 @@ impl TransferBackend for LocalBackend {
 
     async fn list_accounts(&self) -> Result<Vec<AccountRow>> {
         self.store.list_accounts().await
+    }
+
+    async fn list_accounts_page(
+        &self,
+        after_id: Option<i64>,
+        limit: i64,
+    ) -> Result<(Vec<AccountRow>, bool)> {
+        self.store.list_accounts_page(after_id, limit).await
+    }
+
+    async fn list_tokens(&self, filter: &TokenFilter) -> Result<(Vec<TokenRow>, bool)> {
+        self.store.list_tokens(filter).await
     }
 
     async fn set_secret_hash(&self, account_id: i64, secret_hash: &str) -> Result<()> {

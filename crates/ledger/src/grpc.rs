@@ -5,10 +5,12 @@ use syft_proto::ledger as pb;
 use tonic::{Request, Response, Status};
 
 use crate::auth::Caller;
-use crate::core::{HoldRequest, Ledger, NewAccount, NewToken, Role, TransferQuery, UsageQuery};
+use crate::core::{
+    HoldRequest, Ledger, NewAccount, NewToken, Role, TokenQuery, TransferQuery, UsageQuery,
+};
 use crate::domain::{Micros, TransferStatus};
 use crate::error::{LedgerError, Result};
-use crate::store::{AccountRow, CaptureAmount, TransferRow, UsageInput, UsageRow};
+use crate::store::{AccountRow, CaptureAmount, TokenRow, TransferRow, UsageInput, UsageRow};
 
 #[derive(Clone)]
 pub struct GrpcLedger(pub Ledger);
@@ -181,12 +183,7 @@ impl pb::ledger_server::Ledger for GrpcLedger {
     ) -> Reply<pb::ListTransfersResponse> {
         let caller = self.caller(&request).await?;
         let req = request.into_inner();
-        let role = match pb::Role::try_from(req.role) {
-            Ok(pb::Role::Sender) => Role::Sender,
-            Ok(pb::Role::Recipient) => Role::Recipient,
-            Ok(_) => Role::Any,
-            Err(_) => return Err(LedgerError::invalid("unknown role").into()),
-        };
+        let role = role(req.role)?;
         let status = match pb::TransferStatus::try_from(req.status) {
             Ok(pb::TransferStatus::Unspecified) => None,
             Ok(s) => TransferStatus::try_from(s).ok(),
@@ -205,6 +202,42 @@ impl pb::ledger_server::Ledger for GrpcLedger {
         let page = self.0.list_transfers(&caller, &query).await?;
         Ok(Response::new(pb::ListTransfersResponse {
             transfers: page.items.iter().map(transfer_pb).collect(),
+            next_page_token: page.next_page_token,
+        }))
+    }
+
+    async fn list_tokens(
+        &self,
+        request: Request<pb::ListTokensRequest>,
+    ) -> Reply<pb::ListTokensResponse> {
+        let caller = self.caller(&request).await?;
+        let req = request.into_inner();
+        let query = TokenQuery {
+            account_email: req.account_email,
+            role: role(req.role)?,
+            include_inactive: req.include_inactive,
+            page_token: req.page_token,
+            page_size: req.page_size,
+        };
+        let page = self.0.list_tokens(&caller, &query).await?;
+        Ok(Response::new(pb::ListTokensResponse {
+            tokens: page.items.iter().map(token_pb).collect(),
+            next_page_token: page.next_page_token,
+        }))
+    }
+
+    async fn list_accounts(
+        &self,
+        request: Request<pb::ListAccountsRequest>,
+    ) -> Reply<pb::ListAccountsResponse> {
+        let caller = self.caller(&request).await?;
+        let req = request.get_ref();
+        let page = self
+            .0
+            .list_accounts_page(&caller, &req.page_token, req.page_size)
+            .await?;
+        Ok(Response::new(pb::ListAccountsResponse {
+            accounts: page.items.iter().map(account_pb).collect(),
             next_page_token: page.next_page_token,
         }))
     }
@@ -249,8 +282,33 @@ impl pb::ledger_server::Ledger for GrpcLedger {
                 completion_tokens: t.completion_tokens,
                 total_tokens: t.total_tokens,
                 cost_micros: t.cost.get(),
+                currency: self.0.usage_currency(&caller),
             }),
         }))
+    }
+}
+
+fn role(value: i32) -> Result<Role> {
+    match pb::Role::try_from(value) {
+        Ok(pb::Role::Sender) => Ok(Role::Sender),
+        Ok(pb::Role::Recipient) => Ok(Role::Recipient),
+        Ok(_) => Ok(Role::Any),
+        Err(_) => Err(LedgerError::invalid("unknown role")),
+    }
+}
+
+fn token_pb(t: &TokenRow) -> pb::Token {
+    pb::Token {
+        token_id: t.id.clone(),
+        sender_email: t.sender_email.clone(),
+        recipient_email: t.recipient_email.clone(),
+        currency: t.currency.clone(),
+        created_at_unix_micros: t.created_at,
+        expires_at_unix_micros: t.expires_at,
+        spend_limit_micros: t.spend_limit.map(Micros::get),
+        spent_micros: t.spent.get(),
+        held_micros: t.held.get(),
+        revoked_at_unix_micros: t.revoked_at,
     }
 }
 

@@ -33,6 +33,80 @@ pub fn email(field: &str, value: &str) -> Result<String> {
     Ok(value.to_ascii_lowercase())
 }
 
+/// Domains that `email-validator` (behind pydantic's `EmailStr`, which `syft-accounting-sdk`
+/// uses for every email it reads) refuses as special-use or reserved, with their subdomains.
+const SPECIAL_USE_DOMAINS: [&str; 6] = ["arpa", "invalid", "local", "localhost", "onion", "test"];
+/// `atext` of RFC 5322: what an unquoted local part may contain besides dots.
+const ATEXT_SYMBOLS: &str = "!#$%&'*+-/=?^_`{|}~";
+
+/// [`email`], plus the rules of the Python `email-validator` package (syntax and special-use
+/// domains, no DNS), so an account created here can be read by `syft-accounting-sdk`: its
+/// `EmailStr` fields make `get_user`, `get_all_users` and the transaction history fail on an
+/// email it considers invalid, such as `owner@router.local`. Used when an account is created;
+/// lookups keep [`email`] so accounts made before this rule stay reachable.
+pub fn new_account_email(field: &str, value: &str) -> Result<String> {
+    let email = email(field, value)?;
+    match sdk_email_problem(&email) {
+        None => Ok(email),
+        Some(why) => Err(LedgerError::invalid(format!(
+            "{field} {email:?} cannot be used for an account: {why}. Clients such as \
+             syft-accounting-sdk refuse it; use a routable domain, e.g. example.com"
+        ))),
+    }
+}
+
+/// Why `email-validator` would refuse `email` (already checked by [`email`]), if it would.
+fn sdk_email_problem(email: &str) -> Option<String> {
+    let (local, domain) = email.split_once('@')?;
+    let dot_atom_ok = |s: &str, allowed: &dyn Fn(char) -> bool| {
+        !s.starts_with('.') && !s.ends_with('.') && !s.contains("..") && s.chars().all(allowed)
+    };
+    // No 64-byte limit on the local part: email-validator applies it only in strict mode.
+    let local_char = |c: char| c == '.' || c.is_alphanumeric() || ATEXT_SYMBOLS.contains(c);
+    if !dot_atom_ok(local, &local_char) {
+        return Some(
+            "the part before the @ may hold letters, digits, dots (not first, last or doubled) \
+             and !#$%&'*+-/=?^_`{|}~ only"
+                .into(),
+        );
+    }
+    let domain_char = |c: char| c == '.' || c == '-' || c.is_alphanumeric();
+    if !dot_atom_ok(domain, &domain_char) {
+        return Some("the domain may hold letters, digits, dashes and dots only".into());
+    }
+    for label in domain.split('.') {
+        if label.starts_with('-') || label.ends_with('-') {
+            return Some(format!(
+                "the domain label {label:?} starts or ends with a dash"
+            ));
+        }
+        if label.len() > 63 {
+            return Some(format!(
+                "the domain label {label:?} is longer than 63 bytes"
+            ));
+        }
+        if label.get(2..4) == Some("--") && !label.starts_with("xn") {
+            return Some(format!(
+                "the domain label {label:?} has two dashes in third and fourth place"
+            ));
+        }
+    }
+    if !domain.contains('.') {
+        return Some(format!("the domain {domain:?} has no dot"));
+    }
+    if !domain.ends_with(|c: char| c.is_alphabetic()) {
+        return Some(format!(
+            "the domain {domain:?} does not end in a top-level domain (letters)"
+        ));
+    }
+    let special = SPECIAL_USE_DOMAINS
+        .iter()
+        .find(|d| domain == **d || domain.ends_with(&format!(".{d}")))?;
+    Some(format!(
+        "its domain {domain:?} is under .{special}, a special-use name that has no public email"
+    ))
+}
+
 /// A free-text field with a length limit; `required` rejects empty.
 pub fn text<'a>(field: &str, value: &'a str, max: usize, required: bool) -> Result<&'a str> {
     if required && value.trim().is_empty() {
@@ -84,6 +158,47 @@ mod tests {
         ] {
             assert!(email("e", bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn new_account_emails_follow_the_sdk_validator() {
+        for good in [
+            "owner@example.com",
+            "alice+tag@mail.example.org",
+            "o'neil@router.example",
+            "a_b.c-d@xn--bcher-kva.example",
+            "x@a-b.co",
+        ] {
+            assert_eq!(new_account_email("e", good).unwrap(), good, "{good}");
+        }
+        for (bad, why) in [
+            ("owner@router.local", "special-use"),
+            ("a@b.localhost", "special-use"),
+            ("a@localhost", "no dot"),
+            ("a@foo.test", "special-use"),
+            ("a@x.invalid", "special-use"),
+            ("a@1.in-addr.arpa", "special-use"),
+            ("a@abc.onion", "special-use"),
+            ("a@example.123", "top-level"),
+            (".a@example.com", "before the @"),
+            ("a.@example.com", "before the @"),
+            ("a..b@example.com", "before the @"),
+            ("a\"b@example.com", "before the @"),
+            ("a@-x.example.com", "dash"),
+            ("a@x_y.example.com", "domain may hold"),
+            ("a@ab--cd.example.com", "two dashes"),
+        ] {
+            let err = new_account_email("email", bad).unwrap_err().to_string();
+            assert!(err.contains(why), "{bad}: {err}");
+            assert!(err.contains("syft-accounting-sdk"), "{bad}: {err}");
+        }
+        // The 64-byte local-part limit is not applied (the SDK does not apply it).
+        let long_local = format!("{}@example.com", "x".repeat(65));
+        assert!(new_account_email("e", &long_local).is_ok());
+        let long_label = format!("a@{}.com", "x".repeat(64));
+        assert!(new_account_email("e", &long_label).is_err());
+        // Lookups stay lenient: accounts created before the rule remain reachable.
+        assert!(email("e", "owner@router.local").is_ok());
     }
 
     #[test]

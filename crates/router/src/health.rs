@@ -1,9 +1,16 @@
 //! Readiness of the router: `grpc.health.v1.Health`, HTTP `/readyz`, and gRPC server reflection.
 //!
 //! A router that sells anything needs its ledger, so it is SERVING only while the ledger answers
-//! its own health check ([`run_ledger_probe`] asks every [`PROBE_INTERVAL`]). A router whose
-//! enabled services are all free only records usage on the ledger (best effort), so it is ready
-//! whatever the ledger's state. During shutdown it reports NOT_SERVING.
+//! its own health check ([`run_ledger_probe`] asks every [`PROBE_INTERVAL`]) and has accepted the
+//! router's secret as the credentials of `owner_email` (checked once the ledger answers, then
+//! every [`OWNER_RECHECK`]). A wrong `--ledger-secret`, or a secret of another account than
+//! `owner_email`, would otherwise show only at the first paid request (and with the other
+//! account, the money would go where the config does not say). The router does not refuse to
+//! start on it: the ledger may come up after the router, or the owner's account may be created
+//! by a setup job that runs after it; it stays not ready, logs the problem once, and `/readyz`
+//! says why. A router whose enabled services are all free only records usage on the ledger
+//! (best effort), so it is ready whatever the ledger's state (the owner check is still logged).
+//! During shutdown it reports NOT_SERVING.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +30,8 @@ pub const ROUTER_SERVICE: &str = "syft.router.v1.Router";
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// A probe slower than this counts as the ledger being unreachable.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often a verified owner is checked again (its secret may be rotated or revoked).
+pub const OWNER_RECHECK: Duration = Duration::from_secs(60);
 
 /// What the last ledger probe found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -38,6 +47,44 @@ pub enum LedgerState {
     Unreachable,
 }
 
+/// Whether the ledger accepts the router's secret as the credentials of its `owner_email`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OwnerCheck {
+    /// Not checked yet (the ledger has not answered).
+    Unchecked,
+    /// The secret authenticates as `owner_email`.
+    Verified,
+    /// The ledger refused the secret (wrong `--ledger-secret`).
+    SecretRejected,
+    /// The secret is valid but belongs to another account than `owner_email`.
+    NotOwner,
+    /// `owner_email` has no account on the ledger (or, hosted, is not its owner).
+    OwnerUnknown,
+}
+
+impl OwnerCheck {
+    /// What an operator should read, for the log and `/readyz`.
+    pub fn problem(self, owner_email: &str) -> Option<String> {
+        match self {
+            OwnerCheck::Unchecked | OwnerCheck::Verified => None,
+            OwnerCheck::SecretRejected => Some(
+                "the ledger rejected the router's secret: check --ledger-secret \
+                 (SYFT_ROUTER_LEDGER_SECRET or --ledger-secret-file)"
+                    .into(),
+            ),
+            OwnerCheck::NotOwner => Some(format!(
+                "the router's ledger secret belongs to another account than owner_email \
+                 {owner_email}: set owner_email to that account, or give {owner_email}'s secret"
+            )),
+            OwnerCheck::OwnerUnknown => Some(format!(
+                "owner_email {owner_email} has no account on the ledger: create it \
+                 (syft-router account create {owner_email}) or fix owner_email"
+            )),
+        }
+    }
+}
+
 /// The router's readiness, as shown by `/readyz`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Readiness {
@@ -45,17 +92,36 @@ pub struct Readiness {
     pub ledger: LedgerState,
     /// Whether readiness depends on the ledger (some enabled service is paid).
     pub ledger_required: bool,
+    /// Whether the router's secret authenticates as its owner.
+    pub owner: OwnerCheck,
     pub shutting_down: bool,
+    /// Why the router is not ready, in words; absent when ready.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip)]
+    owner_email: String,
 }
 
 impl Readiness {
-    pub(crate) fn starting(ledger_required: bool) -> Self {
-        Readiness {
-            ready: !ledger_required,
+    pub(crate) fn starting(ledger_required: bool, owner_email: &str) -> Self {
+        let mut r = Readiness {
+            ready: false,
             ledger: LedgerState::Unknown,
             ledger_required,
+            owner: OwnerCheck::Unchecked,
             shutting_down: false,
-        }
+            reason: None,
+            owner_email: owner_email.to_string(),
+        };
+        r.recompute();
+        r
+    }
+
+    fn with_owner(&self, owner: OwnerCheck) -> Self {
+        let mut next = self.clone();
+        next.owner = owner;
+        next.recompute();
+        next
     }
 
     fn with_ledger(&self, ledger: LedgerState) -> Self {
@@ -66,8 +132,24 @@ impl Readiness {
     }
 
     fn recompute(&mut self) {
-        self.ready =
-            !self.shutting_down && (!self.ledger_required || self.ledger == LedgerState::Serving);
+        self.reason = if self.shutting_down {
+            Some("shutting down".into())
+        } else if !self.ledger_required {
+            None
+        } else {
+            match self.ledger {
+                LedgerState::Unknown => Some("the ledger has not been probed yet".into()),
+                LedgerState::NotServing => Some("the ledger is not serving".into()),
+                LedgerState::Unreachable => Some("the ledger is unreachable".into()),
+                LedgerState::Serving => match self.owner {
+                    OwnerCheck::Unchecked => {
+                        Some("the router's ledger credentials are not checked yet".into())
+                    }
+                    other => other.problem(&self.owner_email),
+                },
+            }
+        };
+        self.ready = self.reason.is_none();
     }
 }
 
@@ -131,13 +213,24 @@ pub(crate) async fn run_reporter(mut ready: watch::Receiver<Readiness>, reporter
     }
 }
 
-/// Probes the ledger every `every` and updates `service`'s readiness, forever.
+/// Probes the ledger every `every` and updates `service`'s readiness, forever; checks the
+/// router's credentials while the ledger serves and they are not verified, and every
+/// [`OWNER_RECHECK`] after.
 pub(crate) async fn run_ledger_probe(service: RouterService, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut verified_at: Option<tokio::time::Instant> = None;
     loop {
         tick.tick().await;
         let state = service.probe_ledger(PROBE_TIMEOUT).await;
+        let due = verified_at.is_none_or(|at| at.elapsed() >= OWNER_RECHECK);
+        if state == LedgerState::Serving && due {
+            // `None`: no answer this time; the previous verdict stands.
+            if let Some(owner) = service.check_owner(PROBE_TIMEOUT).await {
+                verified_at = (owner == OwnerCheck::Verified).then(tokio::time::Instant::now);
+                update_owner(&service, owner);
+            }
+        }
         service.update_readiness(|r| {
             let next = r.with_ledger(state);
             if next.ledger != r.ledger {
@@ -151,6 +244,28 @@ pub(crate) async fn run_ledger_probe(service: RouterService, every: Duration) {
             next
         });
     }
+}
+
+/// Records a verdict on the router's credentials, logging it when it changes.
+fn update_owner(service: &RouterService, owner: OwnerCheck) {
+    let email = service.config().owner_email.clone();
+    service.update_readiness(|r| {
+        let next = r.with_owner(owner);
+        if next.owner != r.owner {
+            match owner.problem(&email) {
+                None => tracing::info!(owner = %email, "the ledger accepts the router's secret as its owner's"),
+                Some(problem) if r.ledger_required => tracing::error!(
+                    owner = %email,
+                    "{problem}; the router stays not ready (paid requests would fail) until this is fixed"
+                ),
+                Some(problem) => tracing::warn!(
+                    owner = %email,
+                    "{problem}; usage rows of this free router cannot be recorded"
+                ),
+            }
+        }
+        next
+    });
 }
 
 /// Marks the router as shutting down (NOT_SERVING from now on).

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use syft_proto::ledger::ledger_client::LedgerClient;
 use syft_proto::ledger::{
-    capture_request, AuthorizeRequest, CaptureRequest, RecordUsageRequest, Transfer, Usage,
-    VoidRequest,
+    capture_request, AuthorizeRequest, CaptureRequest, GetAccountRequest, RecordUsageRequest,
+    Transfer, Usage, VoidRequest,
 };
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
@@ -18,7 +18,7 @@ use tonic_health::pb::HealthCheckRequest;
 
 use crate::config::LedgerSettings;
 use crate::error::RouterError;
-use crate::health::LedgerState;
+use crate::health::{LedgerState, OwnerCheck};
 use syft_error::Reason;
 
 /// The ledger's gRPC service name, as its health service reports it.
@@ -87,6 +87,33 @@ impl Ledger {
                 LedgerState::Unreachable
             }
             Err(_) => LedgerState::Unreachable,
+        }
+    }
+
+    /// Reads `owner_email`'s account with the router's secret: only that account (or the admin)
+    /// may, so success shows the secret is the owner's. `None` when the ledger did not answer.
+    pub(crate) async fn check_owner(
+        &self,
+        owner_email: &str,
+        timeout: Duration,
+    ) -> Option<OwnerCheck> {
+        let mut req = self.request(GetAccountRequest {
+            email: owner_email.to_string(),
+        });
+        req.set_timeout(timeout);
+        let mut client = self.client.clone();
+        match tokio::time::timeout(timeout, client.get_account(req)).await {
+            Ok(Ok(_)) => Some(OwnerCheck::Verified),
+            Ok(Err(s)) => match s.code() {
+                Code::Unauthenticated => Some(OwnerCheck::SecretRejected),
+                Code::PermissionDenied => Some(OwnerCheck::NotOwner),
+                Code::NotFound | Code::InvalidArgument => Some(OwnerCheck::OwnerUnknown),
+                code => {
+                    tracing::debug!(?code, message = %s.message(), "owner check failed");
+                    None
+                }
+            },
+            Err(_) => None,
         }
     }
 

@@ -121,7 +121,7 @@ pub fn validate_chat(req: ChatRequest, limits: &Limits) -> Result<ValidRequest, 
     let user_email = req.user_email.trim().to_string();
     if !user_email.is_empty() && !is_valid_email(&user_email) {
         return Err(bad(format!(
-            "user_email {:?} is not a valid email",
+            "the payer's email (`user` in the OpenAI API, `user_email` over gRPC) {:?} is not a valid email",
             truncate(&user_email, 64)
         )));
     }

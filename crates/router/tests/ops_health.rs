@@ -140,6 +140,82 @@ async fn paid_router_is_ready_only_while_its_ledger_serves() {
     assert_eq!(live.status().as_u16(), 200);
 }
 
+/// Polls `/readyz` until its `owner` field is `want`; returns the status code and body.
+async fn wait_owner(http_url: &str, want: &str) -> (u16, Value) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, body) = readyz(http_url).await;
+        if body["owner"] == want {
+            return (code, body);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "want owner {want}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Config mistakes show at start, not at the first paid request: a paid router whose secret the
+/// ledger refuses, whose secret is another account's, or whose owner has no account, stays not
+/// ready with the reason in words; with the owner's own secret it becomes ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paid_router_is_ready_only_with_its_owners_secret() {
+    let db = Db::sqlite();
+    let ledger = LedgerServer::start(ledger_config(&db.url)).await;
+    let owner = create_account(&ledger.url, "owner").await;
+    let other = create_account(&ledger.url, "other").await;
+    let paid = || Pricing::per_request(PRICE);
+    let cases = [
+        (
+            "wrong secret",
+            owner.email.clone(),
+            "not-the-secret-0123456789".to_string(),
+            "secret_rejected",
+            "--ledger-secret",
+        ),
+        (
+            "another account's secret",
+            owner.email.clone(),
+            other.secret.clone(),
+            "not_owner",
+            "belongs to another account than owner_email",
+        ),
+        (
+            "owner without an account",
+            "nobody@example.com".to_string(),
+            owner.secret.clone(),
+            // The secret is valid but not nobody@'s: the ledger says so before looking it up.
+            "not_owner",
+            "nobody@example.com",
+        ),
+    ];
+    for (what, owner_email, secret, want, says) in cases {
+        let config = router_config("r", &owner_email, &secret, &ledger.url, paid(), None);
+        let router = RouterHandle::start(config).await;
+        let ch = channel(&router.grpc_url).await;
+        let (code, body) = wait_owner(&router.http_url, want).await;
+        assert_eq!(code, 503, "{what}: {body}");
+        assert_eq!(body["ready"], false, "{what}: {body}");
+        assert_eq!(body["ledger"], "serving", "{what}: {body}");
+        let reason = body["reason"].as_str().unwrap_or_default();
+        assert!(reason.contains(says), "{what}: {reason}");
+        assert_eq!(
+            status(&ch, ROUTER).await,
+            ServingStatus::NotServing,
+            "{what}"
+        );
+    }
+    // The right secret: verified and ready, no reason.
+    let config = router_config("r", &owner.email, &owner.secret, &ledger.url, paid(), None);
+    let router = RouterHandle::start(config).await;
+    let ch = channel(&router.grpc_url).await;
+    wait_status(&ch, ROUTER, ServingStatus::Serving).await;
+    let (code, body) = wait_owner(&router.http_url, "verified").await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.get("reason").is_none(), "{body}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn free_router_without_a_ledger_is_ready() {
     // Nothing listens on the ledger URL.

@@ -79,10 +79,23 @@ fn otlp_configured() -> bool {
 /// `text` or `json`, plus OpenTelemetry export when an OTLP endpoint is configured. Call once, from
 /// `main`, inside a Tokio runtime.
 pub fn init(service_name: &str, log_format: &str) -> Result<Telemetry, TelemetryError> {
-    let filter = || {
-        EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,h2=warn,tower=warn"))
-    };
+    init_with_default_filter(
+        service_name,
+        log_format,
+        "info,sqlx=warn,h2=warn,tower=warn",
+    )
+}
+
+/// [`init`] with another filter when `RUST_LOG` is unset: commands that print their own story
+/// (`demo`, `dev`, client commands) log only warnings by default, so the story stays readable.
+/// Text logs are coloured only when stderr is a terminal.
+pub fn init_with_default_filter(
+    service_name: &str,
+    log_format: &str,
+    default_filter: &str,
+) -> Result<Telemetry, TelemetryError> {
+    let filter =
+        || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let fmt = match log_format {
         "json" => tracing_subscriber::fmt::layer()
             .json()
@@ -91,6 +104,7 @@ pub fn init(service_name: &str, log_format: &str) -> Result<Telemetry, Telemetry
             .boxed(),
         "text" => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_filter(filter())
             .boxed(),
         other => return Err(TelemetryError::LogFormat(other.to_string())),

@@ -26,7 +26,7 @@ use crate::error::{is_retryable, LedgerError, Result};
 
 pub use crate::domain::{Actor, Micros, TransferStatus};
 pub use authorize::{AuthorizeInput, DirectInput};
-pub use query::{TransferFilter, UsageFilter, UsagePage, UsageTotals};
+pub use query::{TokenFilter, TokenRow, TransferFilter, UsageFilter, UsagePage, UsageTotals};
 pub use rows::{AccountRow, IssuedToken, TokenInfo, TransferRow, UsageInput, UsageRow};
 pub(crate) use rows::{
     TokenLimits, ACCOUNT_COLUMNS, TRANSFER_COLUMNS, TRANSFER_JOINS, USAGE_COLUMNS,

@@ -1,12 +1,12 @@
-//! Read paths: transfer listing and usage queries with keyset paging.
+//! Read paths: transfer, token and account listing and usage queries with keyset paging.
 
 use sqlx::any::AnyArguments;
 use sqlx::query::QueryAs;
 use sqlx::Any;
 
 use super::{
-    Micros, Store, TransferRow, TransferStatus, UsageRow, TRANSFER_COLUMNS, TRANSFER_JOINS,
-    USAGE_COLUMNS,
+    AccountRow, Micros, Store, TransferRow, TransferStatus, UsageRow, ACCOUNT_COLUMNS,
+    TRANSFER_COLUMNS, TRANSFER_JOINS, USAGE_COLUMNS,
 };
 use crate::error::Result;
 
@@ -23,6 +23,36 @@ pub struct TransferFilter {
     /// Keyset cursor: return ids strictly below this one (ids are time-ordered UUIDv7).
     pub before_id: Option<String>,
     pub limit: i64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TokenFilter {
+    /// Only tokens this account issued and/or received; `None` (admin) means every account.
+    pub account_id: Option<i64>,
+    pub as_sender: bool,
+    pub as_recipient: bool,
+    /// Revoked and expired tokens too.
+    pub include_inactive: bool,
+    /// The current time, for expiry.
+    pub now: i64,
+    /// Keyset cursor: ids strictly below this one (UUIDv7, time-ordered).
+    pub before_id: Option<String>,
+    pub limit: i64,
+}
+
+/// A delegation token as listed (its hash is never read back).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct TokenRow {
+    pub id: String,
+    pub sender_email: String,
+    pub recipient_email: String,
+    pub currency: String,
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
+    pub spend_limit: Option<Micros>,
+    pub held: Micros,
+    pub spent: Micros,
+    pub revoked_at: Option<i64>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -107,6 +137,64 @@ impl Where {
 }
 
 impl Store {
+    /// Returns up to `limit` tokens, newest first, and whether more exist.
+    pub async fn list_tokens(&self, f: &TokenFilter) -> Result<(Vec<TokenRow>, bool)> {
+        let mut w = Where::default();
+        if let Some(account) = f.account_id {
+            match (f.as_sender, f.as_recipient) {
+                (true, false) => w.int("k.sender_id = ?", account),
+                (false, true) => w.int("k.recipient_id = ?", account),
+                _ => {
+                    let p = w.next();
+                    w.clauses
+                        .push(format!("(k.sender_id = {p} OR k.recipient_id = {p})"));
+                    w.binds.push(Bind::Int(account));
+                }
+            }
+        }
+        if !f.include_inactive {
+            w.clauses.push("k.revoked_at IS NULL".into());
+            w.int("(k.expires_at IS NULL OR k.expires_at > ?)", f.now);
+        }
+        if let Some(before) = &f.before_id {
+            w.text("k.id < ?", before);
+        }
+        let sql = format!(
+            "SELECT k.id, s.email AS sender_email, r.email AS recipient_email, s.currency, \
+             k.created_at, k.expires_at, k.spend_limit, k.held, k.spent, k.revoked_at \
+             FROM tokens k JOIN accounts s ON s.id = k.sender_id \
+             JOIN accounts r ON r.id = k.recipient_id {} ORDER BY k.id DESC LIMIT {}",
+            w.sql(),
+            f.limit + 1
+        );
+        let mut tokens: Vec<TokenRow> = w
+            .bind_as(sqlx::query_as(&sql))
+            .fetch_all(self.pool())
+            .await?;
+        let has_more = tokens.len() as i64 > f.limit;
+        tokens.truncate(f.limit as usize);
+        Ok((tokens, has_more))
+    }
+
+    /// Up to `limit` accounts with ids above `after_id`, oldest first, and whether more exist.
+    pub async fn list_accounts_page(
+        &self,
+        after_id: Option<i64>,
+        limit: i64,
+    ) -> Result<(Vec<AccountRow>, bool)> {
+        let sql = format!(
+            "SELECT {ACCOUNT_COLUMNS} FROM accounts a WHERE a.id > $1 ORDER BY a.id LIMIT {}",
+            limit + 1
+        );
+        let mut accounts: Vec<AccountRow> = sqlx::query_as(&sql)
+            .bind(after_id.unwrap_or(i64::MIN))
+            .fetch_all(self.pool())
+            .await?;
+        let has_more = accounts.len() as i64 > limit;
+        accounts.truncate(limit as usize);
+        Ok((accounts, has_more))
+    }
+
     /// Returns up to `limit` transfers, newest first, and whether more exist.
     pub async fn list_transfers(&self, f: &TransferFilter) -> Result<(Vec<TransferRow>, bool)> {
         let mut w = Where::default();

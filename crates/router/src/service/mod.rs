@@ -80,8 +80,10 @@ impl RouterService {
             .services
             .iter()
             .any(|s| s.enabled && !s.pricing.kind.is_free());
-        let readiness =
-            Arc::new(tokio::sync::watch::channel(Readiness::starting(ledger_required)).0);
+        let readiness = Arc::new(
+            tokio::sync::watch::channel(Readiness::starting(ledger_required, &config.owner_email))
+                .0,
+        );
         Ok(RouterService {
             inner: Arc::new(Inner {
                 config,
@@ -144,6 +146,17 @@ impl RouterService {
     /// Asks the ledger's gRPC health service whether it is serving.
     pub async fn probe_ledger(&self, timeout: std::time::Duration) -> LedgerState {
         self.inner.ledger.probe(timeout).await
+    }
+
+    /// Whether the ledger accepts the router's secret as its owner's; `None` without an answer.
+    pub async fn check_owner(
+        &self,
+        timeout: std::time::Duration,
+    ) -> Option<crate::health::OwnerCheck> {
+        self.inner
+            .ledger
+            .check_owner(&self.inner.config.owner_email, timeout)
+            .await
     }
 
     pub fn config(&self) -> &RouterConfig {
@@ -325,7 +338,7 @@ impl RouterService {
             }
             if v.user_email.is_empty() {
                 return Err(RouterError::InvalidArgument(
-                    "user_email is required for paid requests".into(),
+                    "the payer's email is required for paid requests (`user` in the OpenAI API, `user_email` over gRPC)".into(),
                 ));
             }
         }

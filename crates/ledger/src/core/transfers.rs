@@ -1,0 +1,293 @@
+//! The transfer rules of the core: holds, captures, voids, listings, and the REST API's direct
+//! transfers and party resolutions.
+
+use crate::auth::Caller;
+use crate::backend::{Hold, Party};
+use crate::domain::{Actor, TransferStatus};
+use crate::error::{LedgerError, Result};
+use crate::metrics;
+use crate::money::check_positive;
+use crate::store::{CaptureAmount, DirectInput, TransferFilter, TransferRow, UsageInput};
+use crate::validate::{self, MAX_KEY, MAX_NAME, MAX_PATH, MAX_REASON};
+
+use super::{
+    decode_page_token, encode_page_token, non_empty, page_size, same_currency, validate_usage,
+    HoldRequest, Ledger, Page, PartyAction, Role, TransferQuery,
+};
+
+impl Ledger {
+    /// Places a hold on the sender's funds for the caller (the recipient), with a delegation
+    /// token. Counted in the metrics once, not on replays.
+    pub async fn authorize(&self, caller: &Caller, req: &HoldRequest) -> Result<TransferRow> {
+        let started = metrics::now();
+        let recipient = caller.account()?;
+        let sender_email = validate::email("sender_email", &req.sender_email)?;
+        let max_ttl = self.config.max_hold_ttl.as_secs() as i64;
+        let ttl_micros = match req.hold_ttl_seconds {
+            None => self.config.hold_ttl.as_micros() as i64,
+            Some(s) if (1..=max_ttl).contains(&s) => s * 1_000_000,
+            Some(s) => {
+                return Err(LedgerError::invalid(format!(
+                    "hold_ttl_seconds {s} must be between 1 and {max_ttl}"
+                )))
+            }
+        };
+        let hold = Hold {
+            recipient,
+            sender_email: &sender_email,
+            amount: check_positive("amount_micros", req.amount, self.config.max_amount_micros)?,
+            token: validate::text("token", &req.token, 512, true)?,
+            app_name: validate::text("app_name", &req.app_name, MAX_NAME, false)?,
+            app_ep_path: validate::text("app_ep_path", &req.app_ep_path, MAX_PATH, false)?,
+            idempotency_key: validate::text(
+                "idempotency_key",
+                &req.idempotency_key,
+                MAX_KEY,
+                true,
+            )?,
+            ttl_micros,
+        };
+        let transfer = self.backend.authorize(&hold).await?;
+        tracing::debug!(transfer = %transfer.id, sender = %transfer.sender_email, amount = hold.amount, "authorized");
+        metrics::authorized(&transfer, started);
+        Ok(transfer)
+    }
+
+    pub async fn capture(
+        &self,
+        caller: &Caller,
+        transfer_id: &str,
+        amount: CaptureAmount,
+        usage: Option<UsageInput>,
+    ) -> Result<TransferRow> {
+        let started = metrics::now();
+        let recipient = caller.account()?;
+        let transfer_id = validate::text("transfer_id", transfer_id, MAX_KEY, true)?;
+        let amount = match amount {
+            CaptureAmount::Full => CaptureAmount::Full,
+            CaptureAmount::Micros(0) => {
+                return Err(LedgerError::invalid(
+                    "capture amount 0: use Void to release a hold",
+                ))
+            }
+            CaptureAmount::Micros(m) => CaptureAmount::Micros(check_positive(
+                "amount_micros",
+                m,
+                self.config.max_amount_micros,
+            )?),
+        };
+        let usage = usage.map(validate_usage).transpose()?;
+        let transfer = self
+            .backend
+            .capture(recipient.id, transfer_id, amount, usage.as_ref())
+            .await?;
+        metrics::resolved(&transfer, started);
+        Ok(transfer)
+    }
+
+    pub async fn void(
+        &self,
+        caller: &Caller,
+        transfer_id: &str,
+        reason: &str,
+        usage: Option<UsageInput>,
+    ) -> Result<TransferRow> {
+        let started = metrics::now();
+        let recipient = caller.account()?;
+        let transfer_id = validate::text("transfer_id", transfer_id, MAX_KEY, true)?;
+        let reason = validate::text("reason", reason, MAX_REASON, false)?;
+        let reason = if reason.is_empty() {
+            "voided by recipient"
+        } else {
+            reason
+        };
+        let usage = usage.map(validate_usage).transpose()?;
+        let transfer = self
+            .backend
+            .void(
+                recipient.id,
+                transfer_id,
+                reason,
+                Party::Recipient,
+                usage.as_ref(),
+            )
+            .await?;
+        metrics::resolved(&transfer, started);
+        Ok(transfer)
+    }
+
+    /// A transfer the caller is a party to (to anyone else it does not exist).
+    pub async fn transfer(&self, caller: &Caller, id: &str) -> Result<TransferRow> {
+        let id = validate::text("transfer_id", id, MAX_KEY, true)?;
+        self.backend
+            .transfer(id)
+            .await?
+            .filter(|t| caller.may_see(&t.sender_email) || caller.may_see(&t.recipient_email))
+            .ok_or_else(|| LedgerError::NotFound(format!("transfer {id} not found")))
+    }
+
+    pub async fn list_transfers(
+        &self,
+        caller: &Caller,
+        q: &TransferQuery,
+    ) -> Result<Page<Vec<TransferRow>>> {
+        let limit = page_size(q.page_size)?;
+        let account_id = match (caller, q.account_email.is_empty()) {
+            (Caller::Admin, true) => None,
+            (Caller::Admin, false) => {
+                let email = validate::email("account_email", &q.account_email)?;
+                Some(self.backend.account(&email).await?.id)
+            }
+            (Caller::Account(a), true) => Some(a.id),
+            (Caller::Account(a), false) => {
+                let email = validate::email("account_email", &q.account_email)?;
+                if email != a.email {
+                    return Err(LedgerError::PermissionDenied(
+                        "you may list only your own transfers".into(),
+                    ));
+                }
+                Some(a.id)
+            }
+        };
+        let filter = TransferFilter {
+            account_id,
+            as_sender: q.role == Role::Sender,
+            as_recipient: q.role == Role::Recipient,
+            status: q.status,
+            since: q.since,
+            until: q.until,
+            app_name: non_empty(validate::text("app_name", &q.app_name, MAX_NAME, false)?),
+            before_id: decode_page_token(&q.page_token)?,
+            limit,
+        };
+        let (rows, has_more) = self.backend.list(&filter).await?;
+        let next_page_token = match (has_more, rows.last()) {
+            (true, Some(last)) => encode_page_token(&last.id),
+            _ => String::new(),
+        };
+        Ok(Page {
+            items: rows,
+            next_page_token,
+        })
+    }
+
+    /// The caller's transaction history, newest first (REST `GET /transactions`).
+    pub async fn history(
+        &self,
+        caller: &Caller,
+        status: Option<TransferStatus>,
+        limit: i64,
+    ) -> Result<Vec<TransferRow>> {
+        let account = caller.account()?;
+        let filter = TransferFilter {
+            account_id: Some(account.id),
+            status,
+            limit,
+            ..Default::default()
+        };
+        Ok(self.backend.list(&filter).await?.0)
+    }
+
+    /// A transfer the caller creates itself, without a token (REST `POST /transaction/create`
+    /// with no token): the caller is the sender.
+    pub async fn send(
+        &self,
+        caller: &Caller,
+        recipient_email: &str,
+        amount: i64,
+        app_name: &str,
+        app_ep_path: &str,
+        idempotency_key: &str,
+    ) -> Result<TransferRow> {
+        let started = metrics::now();
+        let sender = caller.account()?;
+        let recipient = self.backend.account(recipient_email).await?;
+        same_currency(sender, &recipient)?;
+        let transfer = self
+            .backend
+            .authorize_direct(&DirectInput {
+                sender_id: sender.id,
+                recipient_id: recipient.id,
+                amount: check_positive("amount", amount, self.config.max_amount_micros)?,
+                app_name: validate::text("appName", app_name, MAX_NAME, false)?,
+                app_ep_path: validate::text("appEpPath", app_ep_path, MAX_PATH, false)?,
+                ttl_micros: self.config.hold_ttl.as_micros() as i64,
+                idempotency_key: validate::text("Idempotency-Key", idempotency_key, MAX_KEY, true)?,
+            })
+            .await?;
+        metrics::authorized(&transfer, started);
+        Ok(transfer)
+    }
+
+    /// A party resolves a transaction (REST `confirm` / `cancel`): the party that created it
+    /// confirms it (the recipient a delegated hold, the sender a direct transfer); the recipient
+    /// may always cancel (it gives up the money), the sender only a direct transfer it created.
+    pub async fn resolve_as_party(
+        &self,
+        caller: &Caller,
+        id: &str,
+        action: PartyAction,
+    ) -> Result<TransferRow> {
+        let email = caller.account()?.email.clone();
+        let id = validate::text("transactionId", id, MAX_KEY, true)?;
+        let transfer = self
+            .backend
+            .transfer(id)
+            .await?
+            .filter(|t| t.sender_email == email || t.recipient_email == email)
+            .ok_or_else(|| LedgerError::NotFound(format!("transaction {id} not found")))?;
+        let created_by_sender = transfer.created_by == Actor::Sender;
+        let started = metrics::now();
+        let resolved = match action {
+            PartyAction::Confirm => {
+                let creator = if created_by_sender {
+                    &transfer.sender_email
+                } else {
+                    &transfer.recipient_email
+                };
+                if &email != creator {
+                    return Err(LedgerError::PermissionDenied(format!(
+                        "only the party that created transaction {} may confirm it",
+                        transfer.id
+                    )));
+                }
+                if created_by_sender {
+                    self.backend
+                        .capture_by_sender(transfer.recipient_id, &transfer.id)
+                        .await?
+                } else {
+                    self.backend
+                        .capture(
+                            transfer.recipient_id,
+                            &transfer.id,
+                            CaptureAmount::Full,
+                            None,
+                        )
+                        .await?
+                }
+            }
+            PartyAction::Cancel => {
+                let by = if email == transfer.sender_email {
+                    Party::Sender
+                } else {
+                    Party::Recipient
+                };
+                if by == Party::Sender && !created_by_sender {
+                    return Err(LedgerError::PermissionDenied(format!(
+                        "transaction {} was created by its recipient; only the recipient may cancel it",
+                        transfer.id
+                    )));
+                }
+                let reason = match by {
+                    Party::Sender => "cancelled by sender",
+                    Party::Recipient => "cancelled by recipient",
+                };
+                self.backend
+                    .void(transfer.recipient_id, &transfer.id, reason, by, None)
+                    .await?
+            }
+        };
+        metrics::resolved(&resolved, started);
+        Ok(resolved)
+    }
+}
