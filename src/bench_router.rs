@@ -126,7 +126,7 @@ pub async fn run(b: &RouterBench) -> anyhow::Result<()> {
     let mut config =
         RouterConfig::new("bench-router", OWNER).with_chat_pricing(Pricing::per_request(10_000));
     config.ledger.url = ledger_url.clone();
-    config.ledger.secret = owner_secret;
+    config.ledger.secret = owner_secret.into();
     config.upstream = UpstreamConfig::OpenAi(OpenAiConfig::new(upstream_url));
     let grpc = TcpListener::bind("127.0.0.1:0").await?;
     let http = TcpListener::bind("127.0.0.1:0").await?;

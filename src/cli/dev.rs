@@ -110,7 +110,7 @@ impl Running {
         };
         let config = LedgerConfig {
             database_url: database_url.to_string(),
-            admin_key: admin_key.to_string(),
+            admin_key: admin_key.into(),
             accounting_api: http_listener.is_some(),
             ..LedgerConfig::default()
         };
@@ -368,7 +368,7 @@ pub async fn demo(_args: DemoArgs) -> anyhow::Result<()> {
         let token = issue_token(&mut connect_lazy(&ledger_url, &alice_secret)?, owner).await?;
         let mut config = RouterConfig::new(name, owner).with_chat_pricing(pricing);
         config.ledger.url = ledger_url.clone();
-        config.ledger.secret = owner_secret;
+        config.ledger.secret = owner_secret.into();
         let grpc = bind("127.0.0.1:0").await?;
         let http = bind("127.0.0.1:0").await?;
         let grpc_url = format!("http://{}", grpc.local_addr()?);

@@ -175,7 +175,8 @@ impl ServeArgs {
                 self.admin_key_file.as_ref(),
                 "--admin-key",
             )?
-            .unwrap_or_default(),
+            .unwrap_or_default()
+            .into(),
             hold_ttl: self.hold_ttl,
             max_hold_ttl: self.max_hold_ttl,
             sweep_interval: self.sweep_interval,

@@ -1,4 +1,4 @@
-//! Command-line interface: flags with matching env vars (DESIGN.md §2), dispatch to the libraries.
+//! Command-line interface: flags with matching env vars (docs/design.md §1), dispatch to the libraries.
 
 mod client;
 mod dev;

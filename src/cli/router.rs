@@ -110,7 +110,8 @@ impl RouterSetup {
             self.ledger_secret_file.as_ref(),
             "--ledger-secret",
         )?
-        .unwrap_or_default();
+        .unwrap_or_default()
+        .into();
         config.ledger.tls = super::client_tls(
             self.ledger_ca.as_ref(),
             self.ledger_client_cert.as_ref(),
@@ -122,7 +123,8 @@ impl RouterSetup {
                     self.upstream_api_key.as_deref(),
                     self.upstream_api_key_file.as_ref(),
                     "--upstream-api-key",
-                )?,
+                )?
+                .map(Into::into),
                 ..OpenAiConfig::new(url.clone())
             });
         }

@@ -112,6 +112,25 @@ impl ErrorCode {
         }
     }
 
+    /// The code an HTTP peer's error status stands for (the inverse of [`ErrorCode::http`] where
+    /// it is one-to-one; 409 is a refused state, 5xx and unknown statuses are unavailability).
+    pub const fn from_http(status: u16) -> Self {
+        match status {
+            400 | 422 => Self::InvalidArgument,
+            401 => Self::Unauthenticated,
+            402 => Self::PaymentRequired,
+            403 => Self::PermissionDenied,
+            404 => Self::NotFound,
+            408 => Self::Cancelled,
+            409 | 412 => Self::FailedPrecondition,
+            429 => Self::ResourceExhausted,
+            502 => Self::BadGateway,
+            504 => Self::DeadlineExceeded,
+            500 => Self::Internal,
+            _ => Self::Unavailable,
+        }
+    }
+
     /// The code a peer's gRPC status stands for (transport codes collapse to `Unavailable`).
     pub const fn from_grpc(code: tonic::Code) -> Self {
         use tonic::Code;
@@ -312,5 +331,13 @@ mod tests {
             ErrorCode::PaymentRequired.http(),
             http::StatusCode::PAYMENT_REQUIRED
         );
+        // HTTP statuses map back, except the two codes that share 409.
+        for code in ErrorCode::ALL {
+            let back = ErrorCode::from_http(code.http().as_u16());
+            match code {
+                ErrorCode::AlreadyExists => assert_eq!(back, ErrorCode::FailedPrecondition),
+                _ => assert_eq!(back, code),
+            }
+        }
     }
 }

@@ -92,20 +92,25 @@ impl LedgerError {
         if let Ok(reason) = kind.parse::<Reason>() {
             return Self::refused(reason, message);
         }
-        match kind.parse::<ErrorCode>() {
-            Ok(ErrorCode::InvalidArgument) => Self::InvalidArgument(message),
-            Ok(ErrorCode::Unauthenticated) => Self::Unauthenticated(message),
-            Ok(ErrorCode::PermissionDenied) => Self::PermissionDenied(message),
-            Ok(ErrorCode::FailedPrecondition | ErrorCode::PaymentRequired) => {
+        Self::with_code(kind.parse().unwrap_or(ErrorCode::Internal), message)
+    }
+
+    /// The ledger error of a code (the codes the ledger never sends collapse to the nearest).
+    pub fn with_code(code: ErrorCode, message: String) -> Self {
+        match code {
+            ErrorCode::InvalidArgument => Self::InvalidArgument(message),
+            ErrorCode::Unauthenticated => Self::Unauthenticated(message),
+            ErrorCode::PermissionDenied => Self::PermissionDenied(message),
+            ErrorCode::FailedPrecondition | ErrorCode::PaymentRequired => {
                 Self::FailedPrecondition(message)
             }
-            Ok(ErrorCode::NotFound) => Self::NotFound(message),
-            Ok(ErrorCode::AlreadyExists) => Self::AlreadyExists(message),
-            Ok(ErrorCode::ResourceExhausted) => Self::ResourceExhausted(message),
-            Ok(ErrorCode::Unavailable | ErrorCode::DeadlineExceeded | ErrorCode::BadGateway) => {
+            ErrorCode::NotFound => Self::NotFound(message),
+            ErrorCode::AlreadyExists => Self::AlreadyExists(message),
+            ErrorCode::ResourceExhausted => Self::ResourceExhausted(message),
+            ErrorCode::Unavailable | ErrorCode::DeadlineExceeded | ErrorCode::BadGateway => {
                 Self::Unavailable(message)
             }
-            Ok(ErrorCode::Cancelled | ErrorCode::Internal) | Err(_) => Self::Internal(message),
+            ErrorCode::Cancelled | ErrorCode::Internal => Self::Internal(message),
         }
     }
 

@@ -35,13 +35,13 @@ pub use error::{LedgerError, Result};
 pub use hosted::HostedConfig;
 pub use store::Store;
 
-/// `Debug` shows every field but the admin key.
-#[derive(Clone)]
+/// `Debug` shows every field but the secrets.
+#[derive(Clone, Debug)]
 pub struct LedgerConfig {
     /// `postgres://…` or `sqlite://path?mode=rwc`.
     pub database_url: String,
     /// Bearer key with admin rights; empty disables admin access.
-    pub admin_key: String,
+    pub admin_key: syft_server::Secret,
     /// Default lifetime of a hold.
     pub hold_ttl: Duration,
     /// Longest hold a caller may ask for.
@@ -67,31 +67,11 @@ pub struct LedgerConfig {
     pub shutdown_grace: Duration,
 }
 
-impl std::fmt::Debug for LedgerConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LedgerConfig")
-            .field("database_url", &self.database_url)
-            .field("admin_key", &"<redacted>")
-            .field("hold_ttl", &self.hold_ttl)
-            .field("max_hold_ttl", &self.max_hold_ttl)
-            .field("sweep_interval", &self.sweep_interval)
-            .field("currency", &self.currency)
-            .field("max_amount_micros", &self.max_amount_micros)
-            .field("max_connections", &self.max_connections)
-            .field("batch_workers", &self.batch_workers)
-            .field("accounting_api", &self.accounting_api)
-            .field("hosted", &self.hosted)
-            .field("tls", &self.tls)
-            .field("shutdown_grace", &self.shutdown_grace)
-            .finish()
-    }
-}
-
 impl Default for LedgerConfig {
     fn default() -> Self {
         Self {
             database_url: "sqlite://syft-ledger.db?mode=rwc".into(),
-            admin_key: String::new(),
+            admin_key: syft_server::Secret::default(),
             hold_ttl: Duration::from_secs(300),
             max_hold_ttl: Duration::from_secs(86_400),
             sweep_interval: Duration::from_secs(1),

@@ -592,7 +592,7 @@ async fn router_pays_through_the_hosted_ledger() {
     let mut config = RouterConfig::new("hosted-router", OWNER)
         .with_chat_pricing(Pricing::per_token(2_000_000, 10_000_000));
     config.ledger.url = p.a.url();
-    config.ledger.secret = p.owner_secret.clone();
+    config.ledger.secret = p.owner_secret.clone().into();
     let router = RouterHandle::start(config).await;
     let mut client = router.client().await;
     let chat = |content: &str, id: &str| rpb::ChatRequest {

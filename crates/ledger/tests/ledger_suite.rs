@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use syft_proto::ledger as pb;
-use syft_testkit::{code, store_suite, Harness, LedgerServer, USD};
+use syft_testkit::{code, reason, store_suite, Harness, LedgerServer, USD};
 use tonic::Code;
 
 const OWNER: &str = "owner@router.example";
@@ -965,6 +965,96 @@ async fn crash_between_phases_leaves_an_expiring_hold(mut h: Harness) -> Harness
     h
 }
 
+/// Every refusal a client must tell apart carries its machine-readable reason in
+/// `google.rpc.ErrorInfo` (and the matching gRPC code), so callers never parse messages.
+async fn refusals_carry_machine_readable_reasons(h: Harness) -> Harness {
+    let (owner, alice, token) = setup(&h, USD).await;
+    let mut router = h.client(&owner);
+    let refused = |r: Result<tonic::Response<pb::Transfer>, tonic::Status>| {
+        let status = r.expect_err("refused");
+        (status.code(), reason(&status).unwrap_or_default())
+    };
+    let want = |code: Code, reason: &str| (code, reason.to_string());
+    assert_eq!(
+        refused(
+            router
+                .authorize(authorize(ALICE, 2 * USD, &token, "r1"))
+                .await
+        ),
+        want(Code::FailedPrecondition, "INSUFFICIENT_FUNDS")
+    );
+    let t = router
+        .authorize(authorize(ALICE, USD / 2, &token, "r2"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        refused(
+            router
+                .authorize(authorize(ALICE, USD / 4, &token, "r2"))
+                .await
+        ),
+        want(Code::AlreadyExists, "IDEMPOTENCY_CONFLICT")
+    );
+    router.capture(full(&t.id)).await.unwrap();
+    let void = pb::VoidRequest {
+        transfer_id: t.id.clone(),
+        reason: String::new(),
+        usage: None,
+    };
+    assert_eq!(
+        refused(router.void(void).await),
+        want(Code::FailedPrecondition, "TRANSFER_NOT_PENDING")
+    );
+    assert_eq!(
+        refused(
+            router
+                .authorize(authorize(ALICE, 1, "syft_tok_unknown", "r3"))
+                .await
+        ),
+        want(Code::PermissionDenied, "TOKEN_INVALID")
+    );
+    let limited = h
+        .client(&alice)
+        .issue_token(pb::IssueTokenRequest {
+            recipient_email: OWNER.into(),
+            expires_at_unix_micros: None,
+            spend_limit_micros: Some(100),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    assert_eq!(
+        refused(
+            router
+                .authorize(authorize(ALICE, 200, &limited, "r4"))
+                .await
+        ),
+        want(Code::PermissionDenied, "TOKEN_LIMIT_EXCEEDED")
+    );
+    h.client(&alice)
+        .revoke_token(pb::RevokeTokenRequest {
+            token: limited.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        refused(router.authorize(authorize(ALICE, 50, &limited, "r5")).await),
+        want(Code::PermissionDenied, "TOKEN_REVOKED")
+    );
+    // A replay of a refused key returns the same reason, not a generic one.
+    assert_eq!(
+        refused(
+            router
+                .authorize(authorize(ALICE, 2 * USD, &token, "r1"))
+                .await
+        ),
+        want(Code::FailedPrecondition, "INSUFFICIENT_FUNDS")
+    );
+    h
+}
+
 store_suite!(
     accounts_and_auth,
     deposits_are_idempotent_and_validated,
@@ -978,4 +1068,5 @@ store_suite!(
     listing_and_usage_visibility,
     received_credits_can_be_spent,
     crash_between_phases_leaves_an_expiring_hold,
+    refusals_carry_machine_readable_reasons,
 );

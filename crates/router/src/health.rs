@@ -16,10 +16,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
+use syft_server::{HealthPublisher, Tasks};
 use tokio::sync::watch;
-use tonic_health::pb::health_server::HealthServer;
-use tonic_health::server::HealthReporter;
-use tonic_health::ServingStatus;
 
 use crate::error::RouterError;
 use crate::service::RouterService;
@@ -153,57 +151,17 @@ impl Readiness {
     }
 }
 
-/// Publishes readiness to the gRPC health service.
-#[derive(Clone)]
-pub(crate) struct Reporter {
-    reporter: HealthReporter,
-}
-
-impl Reporter {
-    pub(crate) async fn new() -> (
-        Self,
-        HealthServer<impl tonic_health::pb::health_server::Health>,
-    ) {
-        let (reporter, server) = tonic_health::server::health_reporter();
-        let reporter = Reporter { reporter };
-        reporter.publish(false).await;
-        (reporter, server)
-    }
-
-    pub(crate) async fn publish(&self, serving: bool) {
-        let status = if serving {
-            ServingStatus::Serving
-        } else {
-            ServingStatus::NotServing
-        };
-        self.reporter.set_service_status("", status).await;
-        self.reporter
-            .set_service_status(ROUTER_SERVICE, status)
-            .await;
-    }
-}
-
-/// Background tasks aborted when dropped, so they end with the server however it ends.
-pub(crate) struct Tasks(Vec<tokio::task::JoinHandle<()>>);
-
-impl Drop for Tasks {
-    fn drop(&mut self) {
-        for t in &self.0 {
-            t.abort();
-        }
-    }
-}
-
-/// Starts the ledger probe and the gRPC health reporter of `service`.
-pub(crate) fn spawn(service: &RouterService, reporter: Reporter) -> Tasks {
-    Tasks(vec![
-        tokio::spawn(run_ledger_probe(service.clone(), PROBE_INTERVAL)),
-        tokio::spawn(run_reporter(service.watch_readiness(), reporter)),
-    ])
+/// Starts the ledger probe and the gRPC health publisher of `service`; they stop when the
+/// returned tasks are dropped.
+pub(crate) fn spawn(service: &RouterService, publisher: HealthPublisher) -> Tasks {
+    let mut tasks = Tasks::default();
+    tasks.spawn(run_ledger_probe(service.clone(), PROBE_INTERVAL));
+    tasks.spawn(run_reporter(service.watch_readiness(), publisher));
+    tasks
 }
 
 /// Follows `service`'s readiness into the gRPC health service, forever.
-pub(crate) async fn run_reporter(mut ready: watch::Receiver<Readiness>, reporter: Reporter) {
+pub(crate) async fn run_reporter(mut ready: watch::Receiver<Readiness>, reporter: HealthPublisher) {
     loop {
         let serving = ready.borrow_and_update().ready;
         reporter.publish(serving).await;

@@ -55,9 +55,9 @@ impl Ledger {
         let endpoint = syft_tls::configure_endpoint(endpoint, settings.tls.as_ref())
             .map_err(|e| RouterError::Internal(format!("ledger TLS: {e}")))?;
         let auth: AsciiMetadataValue =
-            MetadataValue::try_from(format!("Bearer {}", settings.secret)).map_err(|_| {
-                RouterError::Internal("ledger secret is not valid header text".into())
-            })?;
+            MetadataValue::try_from(format!("Bearer {}", settings.secret.expose())).map_err(
+                |_| RouterError::Internal("ledger secret is not valid header text".into()),
+            )?;
         let channel = endpoint.connect_lazy();
         Ok(Ledger {
             client: LedgerClient::new(channel.clone()),

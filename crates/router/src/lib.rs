@@ -1,5 +1,5 @@
 //! syft router: prices chat requests, holds the money on the ledger, runs the model, and
-//! captures only what succeeded (DESIGN.md §7).
+//! captures only what succeeded (docs/design.md §3).
 //!
 //! - [`config`]: the config file (services, pricing, upstream, limits) and exact amounts.
 //! - [`upstream`]: the `openai` and built-in `echo` upstreams.
@@ -21,13 +21,9 @@ pub mod tokens;
 pub mod upstream;
 pub mod validate;
 
-use std::future::{Future, IntoFuture};
-use std::pin::Pin;
+use std::future::Future;
 
-use axum::serve::ListenerExt;
-use syft_tls::TlsListener;
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
 
 pub use config::{
     ConfigError, LedgerSettings, Limits, OpenAiConfig, Pricing, PricingKind, RouterConfig,
@@ -72,32 +68,24 @@ pub async fn serve_service(
     http_listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    let stop = rx.clone();
     let grace = service.config().shutdown_grace;
     let draining = service.clone();
-    tokio::spawn(async move {
-        shutdown.await;
+    let stop = syft_server::Stop::on(shutdown, move || async move {
         health::mark_shutting_down(&draining);
-        let _ = tx.send(true);
     });
-    let signal = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|stop| *stop).await;
-    };
-    let grpc_addr = grpc_listener.local_addr().ok();
-    let http_addr = http_listener.local_addr().ok();
     tracing::info!(
         name = %service.config().name,
         provider = service.provider(),
-        grpc = ?grpc_addr,
-        http = ?http_addr,
+        grpc = ?grpc_listener.local_addr().ok(),
+        http = ?http_listener.local_addr().ok(),
         tls = service.config().tls.is_some(),
         ledger_tls = service.config().ledger.tls.is_some(),
         "router serving"
     );
-    let (reporter, health_service) = health::Reporter::new().await;
+    let (publisher, health_service) =
+        syft_server::HealthPublisher::new(health::ROUTER_SERVICE).await;
     let (reflection_v1, reflection_v1alpha) = health::reflection()?;
-    let _health = health::spawn(&service, reporter);
+    let _health = health::spawn(&service, publisher);
     let tls = service.config().tls.clone();
     let grpc = syft_tls::grpc_server(tls.as_ref())?
         .layer(syft_telemetry::RequestLayer(syft_telemetry::Server::Grpc))
@@ -105,30 +93,11 @@ pub async fn serve_service(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(GrpcRouter::new(service.clone()).into_server())
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
-            signal(rx.clone()),
-        );
+        .serve_with_incoming_shutdown(syft_server::grpc_incoming(grpc_listener), stop.stopped());
     let app = http::http_router(service.clone());
-    let http: Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> = match &tls {
-        Some(tls) => Box::pin(
-            axum::serve(TlsListener::new(http_listener, tls.rustls()?)?, app)
-                .with_graceful_shutdown(signal(rx))
-                .into_future(),
-        ),
-        None => Box::pin(
-            axum::serve(
-                http_listener.tap_io(|tcp| {
-                    let _ = tcp.set_nodelay(true);
-                }),
-                app,
-            )
-            .with_graceful_shutdown(signal(rx))
-            .into_future(),
-        ),
-    };
+    let http = syft_server::serve_http(http_listener, app, tls.as_ref(), stop.stopped());
     let http = async { http.await.map_err(ServeError::from) };
     let grpc = async { grpc.await.map_err(ServeError::from) };
     let servers = async { tokio::try_join!(grpc, http).map(|_| ()) };
-    drain::run_with_grace(&service, servers, signal(stop), grace).await
+    drain::run_with_grace(&service, servers, stop.stopped(), grace).await
 }

@@ -302,7 +302,7 @@ async fn router_pays_through_a_mutual_tls_ledger() {
     let mut config = RouterConfig::new("mtls-router", "owner@example.com")
         .with_chat_pricing(Pricing::per_request(PRICE));
     config.ledger.url = ledger.url.clone();
-    config.ledger.secret = owner_secret.clone();
+    config.ledger.secret = owner_secret.clone().into();
     config.ledger.tls = Some(router_tls);
     config.tls = Some(ca.server());
     let router = RouterHandle::start(config).await;
@@ -337,7 +337,7 @@ async fn router_pays_through_a_mutual_tls_ledger() {
     let mut config = RouterConfig::new("no-cert-router", "owner@example.com")
         .with_chat_pricing(Pricing::per_request(PRICE));
     config.ledger.url = ledger.url.clone();
-    config.ledger.secret = owner_secret;
+    config.ledger.secret = owner_secret.into();
     config.ledger.tls = Some(ca.trust());
     let no_cert = RouterHandle::start(config).await;
     let err = no_cert

@@ -2,6 +2,10 @@
 //! without TLS, gRPC health publishing, one shutdown signal fanned out to every server, the grace
 //! period, and background tasks that end with the server.
 
+mod secret;
+
+pub use secret::Secret;
+
 use std::future::{Future, IntoFuture};
 use std::time::Duration;
 

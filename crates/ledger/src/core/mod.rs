@@ -136,7 +136,7 @@ impl Ledger {
 
     /// Resolves an `authorization` header value (Bearer secret, Basic email:secret, admin key).
     pub async fn authenticate(&self, header: Option<&str>) -> Result<Caller> {
-        authenticate(&self.store, &self.config.admin_key, header).await
+        authenticate(&self.store, self.config.admin_key.expose(), header).await
     }
 
     fn require_admin(caller: &Caller) -> Result<()> {

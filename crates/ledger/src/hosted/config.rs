@@ -2,13 +2,14 @@
 
 use std::time::Duration;
 
-#[derive(Clone)]
+/// `Debug` shows every field but the password.
+#[derive(Clone, Debug)]
 pub struct HostedConfig {
     /// Base URL of the accounting service.
     pub url: String,
     /// The router owner's account there.
     pub email: String,
-    pub password: String,
+    pub password: syft_server::Secret,
     /// Per remote call.
     pub timeout: Duration,
     /// Extra attempts for a remote call that is safe to repeat.
@@ -18,25 +19,12 @@ pub struct HostedConfig {
     pub lease: Duration,
 }
 
-impl std::fmt::Debug for HostedConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HostedConfig")
-            .field("url", &self.url)
-            .field("email", &self.email)
-            .field("password", &"<redacted>")
-            .field("timeout", &self.timeout)
-            .field("retries", &self.retries)
-            .field("lease", &self.lease)
-            .finish()
-    }
-}
-
 impl HostedConfig {
     pub fn new(url: &str, email: &str, password: &str) -> Self {
         Self {
             url: url.to_string(),
             email: email.to_ascii_lowercase(),
-            password: password.to_string(),
+            password: password.into(),
             timeout: Duration::from_secs(10),
             retries: 3,
             lease: Duration::from_secs(120),

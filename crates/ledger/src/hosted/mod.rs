@@ -53,10 +53,18 @@ impl Hosted {
                 "backend hosted needs SYFT_ACCOUNTING_URL, SYFT_ACCOUNTING_EMAIL and SYFT_ACCOUNTING_PASSWORD",
             ));
         }
-        let remote =
-            RemoteClient::new(&config.url, &config.email, &config.password, config.timeout)?;
+        let remote = RemoteClient::new(
+            &config.url,
+            &config.email,
+            config.password.expose(),
+            config.timeout,
+        )?;
         let owner = store
-            .ensure_account(&config.email, currency, &sha256_hex(&config.password))
+            .ensure_account(
+                &config.email,
+                currency,
+                &sha256_hex(config.password.expose()),
+            )
             .await?;
         let hosted = Self {
             journal: Journal::new(store, config.lease, owner.id),

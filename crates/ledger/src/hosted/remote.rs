@@ -9,6 +9,7 @@ use serde_json::value::RawValue;
 use crate::domain::{Actor, TransferStatus};
 use crate::error::LedgerError;
 use crate::money::format_micros;
+use syft_error::ErrorCode;
 
 /// How a remote call failed; the difference decides whether a retry is safe.
 #[derive(Debug)]
@@ -22,22 +23,24 @@ pub enum RemoteError {
 }
 
 impl RemoteError {
-    /// The ledger error a caller sees (DESIGN.md §6), with the remote's message.
+    /// The ledger error a caller sees (docs/design.md, "Errors"), with the remote's message.
     pub fn into_ledger(self) -> LedgerError {
         match self {
             RemoteError::Rejected { status, message } => {
                 let message = format!("accounting service: {message}");
-                match status.as_u16() {
-                    400 | 422 => LedgerError::InvalidArgument(message),
-                    401 => LedgerError::Unavailable(
+                match ErrorCode::from_http(status.as_u16()) {
+                    // The remote refused this ledger's own credentials: a deployment problem,
+                    // not the caller's.
+                    ErrorCode::Unauthenticated => LedgerError::Unavailable(
                         "the accounting service rejected this ledger's credentials \
                          (SYFT_ACCOUNTING_EMAIL / SYFT_ACCOUNTING_PASSWORD)"
                             .into(),
                     ),
-                    403 => LedgerError::PermissionDenied(message),
-                    404 => LedgerError::NotFound(message),
-                    429 => LedgerError::ResourceExhausted(message),
-                    _ => LedgerError::FailedPrecondition(message),
+                    // Any other answered refusal: nothing happened there; the state refuses it.
+                    ErrorCode::Unavailable | ErrorCode::Internal | ErrorCode::Cancelled => {
+                        LedgerError::FailedPrecondition(message)
+                    }
+                    code => LedgerError::with_code(code, message),
                 }
             }
             RemoteError::Unreachable(m) | RemoteError::Unknown(m) => {

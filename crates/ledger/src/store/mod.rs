@@ -78,7 +78,7 @@ pub struct Store {
 }
 
 /// Runs `op` again when the database reports a serialization failure or deadlock; those are never
-/// business errors (DESIGN.md §4).
+/// business errors (docs/design.md §3).
 pub(crate) async fn retry_transient<T, F, Fut>(mut op: F) -> Result<T>
 where
     F: FnMut() -> Fut,

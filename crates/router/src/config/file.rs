@@ -261,8 +261,8 @@ impl RawUpstream {
                     .ok_or_else(|| invalid("upstream.base_url is required for kind openai"))?;
                 let mut o = OpenAiConfig::new(base_url);
                 o.api_key = match (self.api_key, self.api_key_env) {
-                    (Some(k), _) => Some(k),
-                    (None, Some(var)) => std::env::var(&var).ok(),
+                    (Some(k), _) => Some(k.into()),
+                    (None, Some(var)) => std::env::var(&var).ok().map(Into::into),
                     (None, None) => None,
                 };
                 o.model_map = self.model_map;

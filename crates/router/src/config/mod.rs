@@ -10,10 +10,10 @@
 //! at most 6 decimals).
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::Path;
 use std::time::Duration;
 
+use syft_server::Secret;
 use thiserror::Error;
 
 use crate::money::{AmountError, DEFAULT_MAX_AMOUNT_MICROS};
@@ -82,12 +82,13 @@ pub enum UpstreamConfig {
 }
 
 /// Settings of the `openai` upstream.
-#[derive(Clone)]
+/// `Debug` shows every field but the API key.
+#[derive(Clone, Debug)]
 pub struct OpenAiConfig {
     /// e.g. `https://api.openai.com/v1` or `http://127.0.0.1:8000/v1`; `/chat/completions` is
     /// appended.
     pub base_url: String,
-    pub api_key: Option<String>,
+    pub api_key: Option<Secret>,
     /// Router model name -> upstream model name. Unmapped names pass through unchanged.
     pub model_map: BTreeMap<String, String>,
     pub connect_timeout: Duration,
@@ -113,21 +114,6 @@ impl OpenAiConfig {
             max_retries: 2,
             retry_backoff: Duration::from_millis(200),
         }
-    }
-}
-
-impl fmt::Debug for OpenAiConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("OpenAiConfig")
-            .field("base_url", &self.base_url)
-            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
-            .field("model_map", &self.model_map)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("request_timeout", &self.request_timeout)
-            .field("idle_timeout", &self.idle_timeout)
-            .field("max_retries", &self.max_retries)
-            .field("retry_backoff", &self.retry_backoff)
-            .finish()
     }
 }
 
@@ -158,12 +144,12 @@ impl Default for Limits {
 }
 
 /// How the router reaches the ledger.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct LedgerSettings {
     /// gRPC URL, e.g. `http://127.0.0.1:50051`.
     pub url: String,
     /// The router owner's account secret (sent as `authorization: Bearer <secret>`).
-    pub secret: String,
+    pub secret: Secret,
     /// Deadline of each ledger call.
     pub timeout: Duration,
     pub connect_timeout: Duration,
@@ -178,25 +164,12 @@ impl Default for LedgerSettings {
     fn default() -> Self {
         LedgerSettings {
             url: "http://127.0.0.1:50051".into(),
-            secret: String::new(),
+            secret: Secret::default(),
             timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(2),
             hold_ttl_seconds: None,
             tls: None,
         }
-    }
-}
-
-impl fmt::Debug for LedgerSettings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LedgerSettings")
-            .field("url", &self.url)
-            .field("secret", &"<redacted>")
-            .field("timeout", &self.timeout)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("hold_ttl_seconds", &self.hold_ttl_seconds)
-            .field("tls", &self.tls)
-            .finish()
     }
 }
 
@@ -224,7 +197,7 @@ pub struct RouterConfig {
 }
 
 /// Default [`RouterConfig::shutdown_grace`].
-pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = syft_server::DEFAULT_SHUTDOWN_GRACE;
 
 impl RouterConfig {
     /// A router with one free chat service on the echo upstream.

@@ -1,4 +1,4 @@
-//! The paid-request flow (DESIGN.md §7), shared by the gRPC service and the HTTP front.
+//! The paid-request flow (docs/design.md §3), shared by the gRPC service and the HTTP front.
 //!
 //! validate -> price -> Authorize (hold) -> upstream -> Capture (actual cost) or Void.
 //! Free services skip the money steps but still record a usage row. The streamed variant lives in

@@ -87,7 +87,7 @@ impl OpenAiUpstream {
             syft_telemetry::inject_http(&mut trace);
             let mut rb = self.client.post(&self.url).headers(trace).json(body);
             if let Some(key) = &self.config.api_key {
-                rb = rb.bearer_auth(key);
+                rb = rb.bearer_auth(key.expose());
             }
             let err = match rb.send().await {
                 Ok(resp) if resp.status().is_success() => return Ok(resp),
