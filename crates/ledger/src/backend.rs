@@ -18,19 +18,6 @@ use crate::store::{
     Store, TokenFilter, TokenRow, TransferFilter, TransferRow, UsageInput,
 };
 
-/// A hold to place, validated by the core. `recipient` is the authenticated caller.
-#[derive(Debug, Clone)]
-pub struct Hold<'a> {
-    pub recipient: &'a AccountRow,
-    pub sender_email: &'a str,
-    pub amount: i64,
-    pub token: &'a str,
-    pub app_name: &'a str,
-    pub app_ep_path: &'a str,
-    pub idempotency_key: &'a str,
-    pub ttl_micros: i64,
-}
-
 /// Who resolves a transfer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Party {
@@ -51,7 +38,8 @@ fn not_supported(what: &str) -> LedgerError {
 
 #[tonic::async_trait]
 pub trait TransferBackend: Send + Sync + 'static {
-    async fn authorize(&self, hold: &Hold<'_>) -> Result<TransferRow>;
+    /// Places a hold validated by the core (the recipient is the authenticated caller).
+    async fn authorize(&self, input: &AuthorizeInput<'_>) -> Result<TransferRow>;
 
     /// Captures a pending hold of `recipient_id` (the caller has checked it may).
     async fn capture(
@@ -156,24 +144,30 @@ impl LocalBackend {
     pub fn new(store: Arc<Store>) -> Self {
         Self { store }
     }
+
+    async fn resolve(
+        &self,
+        recipient_id: i64,
+        transfer_id: &str,
+        resolution: Resolution,
+        usage: Option<&UsageInput>,
+        by_sender: bool,
+    ) -> Result<TransferRow> {
+        let input = ResolveInput {
+            transfer_id,
+            recipient_id: Some(recipient_id),
+            resolution,
+            usage,
+            by_sender,
+        };
+        self.store.resolve(&input).await
+    }
 }
 
 #[tonic::async_trait]
 impl TransferBackend for LocalBackend {
-    async fn authorize(&self, hold: &Hold<'_>) -> Result<TransferRow> {
-        self.store
-            .authorize(&AuthorizeInput {
-                recipient_id: hold.recipient.id,
-                recipient_email: &hold.recipient.email,
-                sender_email: hold.sender_email,
-                amount: hold.amount,
-                token: hold.token,
-                app_name: hold.app_name,
-                app_ep_path: hold.app_ep_path,
-                idempotency_key: hold.idempotency_key,
-                ttl_micros: hold.ttl_micros,
-            })
-            .await
+    async fn authorize(&self, input: &AuthorizeInput<'_>) -> Result<TransferRow> {
+        self.store.authorize(input).await
     }
 
     async fn capture(
@@ -183,14 +177,8 @@ impl TransferBackend for LocalBackend {
         amount: CaptureAmount,
         usage: Option<&UsageInput>,
     ) -> Result<TransferRow> {
-        self.store
-            .resolve(&ResolveInput {
-                transfer_id,
-                recipient_id: Some(recipient_id),
-                resolution: Resolution::Capture(amount),
-                usage,
-                by_sender: false,
-            })
+        let capture = Resolution::Capture(amount);
+        self.resolve(recipient_id, transfer_id, capture, usage, false)
             .await
     }
 
@@ -202,16 +190,10 @@ impl TransferBackend for LocalBackend {
         by: Party,
         usage: Option<&UsageInput>,
     ) -> Result<TransferRow> {
-        self.store
-            .resolve(&ResolveInput {
-                transfer_id,
-                recipient_id: Some(recipient_id),
-                resolution: Resolution::Void {
-                    reason: reason.to_string(),
-                },
-                usage,
-                by_sender: by == Party::Sender,
-            })
+        let void = Resolution::Void {
+            reason: reason.to_string(),
+        };
+        self.resolve(recipient_id, transfer_id, void, usage, by == Party::Sender)
             .await
     }
 
@@ -301,14 +283,7 @@ impl TransferBackend for LocalBackend {
     }
 
     async fn capture_by_sender(&self, recipient_id: i64, id: &str) -> Result<TransferRow> {
-        self.store
-            .resolve(&ResolveInput {
-                transfer_id: id,
-                recipient_id: Some(recipient_id),
-                resolution: Resolution::Capture(CaptureAmount::Full),
-                usage: None,
-                by_sender: true,
-            })
-            .await
+        let full = Resolution::Capture(CaptureAmount::Full);
+        self.resolve(recipient_id, id, full, None, true).await
     }
 }

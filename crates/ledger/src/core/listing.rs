@@ -20,6 +20,30 @@ pub struct TokenQuery {
 }
 
 impl Ledger {
+    /// Whose rows a listing shows: `account_email` (the admin may name anyone, an account only
+    /// itself), or when empty the caller's own (the admin's: everyone's, `None`).
+    pub(super) async fn listed_account(
+        &self,
+        caller: &Caller,
+        account_email: &str,
+        what: &str,
+    ) -> Result<Option<i64>> {
+        if account_email.is_empty() {
+            return Ok(match caller {
+                Caller::Admin => None,
+                Caller::Account(a) => Some(a.id),
+            });
+        }
+        let email = validate::email("account_email", account_email)?;
+        match caller {
+            Caller::Admin => Ok(Some(self.backend.account(&email).await?.id)),
+            Caller::Account(a) if a.email == email => Ok(Some(a.id)),
+            Caller::Account(_) => Err(LedgerError::PermissionDenied(format!(
+                "you may list only your own {what}"
+            ))),
+        }
+    }
+
     /// Tokens the caller issued or received (the admin: anyone's), newest first.
     pub async fn list_tokens(
         &self,
@@ -27,22 +51,9 @@ impl Ledger {
         q: &TokenQuery,
     ) -> Result<Page<Vec<TokenRow>>> {
         let limit = page_size(q.page_size)?;
-        let account_id = match (caller, q.account_email.is_empty()) {
-            (Caller::Admin, true) => None,
-            (Caller::Admin, false) => {
-                let email = validate::email("account_email", &q.account_email)?;
-                Some(self.backend.account(&email).await?.id)
-            }
-            (Caller::Account(a), true) => Some(a.id),
-            (Caller::Account(a), false) => {
-                if validate::email("account_email", &q.account_email)? != a.email {
-                    return Err(LedgerError::PermissionDenied(
-                        "you may list only your own tokens".into(),
-                    ));
-                }
-                Some(a.id)
-            }
-        };
+        let account_id = self
+            .listed_account(caller, &q.account_email, "tokens")
+            .await?;
         let filter = TokenFilter {
             account_id,
             as_sender: q.role == Role::Sender,

@@ -2,12 +2,14 @@
 //! transfers and party resolutions.
 
 use crate::auth::Caller;
-use crate::backend::{Hold, Party};
+use crate::backend::Party;
 use crate::domain::{Actor, TransferStatus};
 use crate::error::{LedgerError, Result};
 use crate::metrics;
 use crate::money::check_positive;
-use crate::store::{CaptureAmount, DirectInput, TransferFilter, TransferRow, UsageInput};
+use crate::store::{
+    AuthorizeInput, CaptureAmount, DirectInput, TransferFilter, TransferRow, UsageInput,
+};
 use crate::validate::{self, MAX_KEY, MAX_NAME, MAX_PATH, MAX_REASON};
 
 use super::{
@@ -32,8 +34,9 @@ impl Ledger {
                 )))
             }
         };
-        let hold = Hold {
-            recipient,
+        let hold = AuthorizeInput {
+            recipient_id: recipient.id,
+            recipient_email: &recipient.email,
             sender_email: &sender_email,
             amount: check_positive("amount_micros", req.amount, self.config.max_amount_micros)?,
             token: validate::text("token", &req.token, 512, true)?,
@@ -132,23 +135,9 @@ impl Ledger {
         q: &TransferQuery,
     ) -> Result<Page<Vec<TransferRow>>> {
         let limit = page_size(q.page_size)?;
-        let account_id = match (caller, q.account_email.is_empty()) {
-            (Caller::Admin, true) => None,
-            (Caller::Admin, false) => {
-                let email = validate::email("account_email", &q.account_email)?;
-                Some(self.backend.account(&email).await?.id)
-            }
-            (Caller::Account(a), true) => Some(a.id),
-            (Caller::Account(a), false) => {
-                let email = validate::email("account_email", &q.account_email)?;
-                if email != a.email {
-                    return Err(LedgerError::PermissionDenied(
-                        "you may list only your own transfers".into(),
-                    ));
-                }
-                Some(a.id)
-            }
-        };
+        let account_id = self
+            .listed_account(caller, &q.account_email, "transfers")
+            .await?;
         let filter = TransferFilter {
             account_id,
             as_sender: q.role == Role::Sender,

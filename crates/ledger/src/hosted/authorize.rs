@@ -4,21 +4,12 @@ use super::journal::{Inserted, NewEntry, Step};
 use super::remote::RemoteError;
 use super::Hosted;
 use crate::error::{LedgerError, Result};
-use crate::store::{new_id, now_micros, sha256_hex, TransferRow};
+use crate::store::{new_id, now_micros, sha256_hex, AuthorizeInput, TransferRow};
 use syft_error::Reason;
 
-pub struct HostedAuthorize<'a> {
-    pub sender_email: &'a str,
-    pub amount: i64,
-    pub token: &'a str,
-    pub app_name: &'a str,
-    pub app_ep_path: &'a str,
-    pub idempotency_key: &'a str,
-    pub ttl_micros: i64,
-}
-
 impl Hosted {
-    pub async fn authorize(&self, input: &HostedAuthorize<'_>) -> Result<TransferRow> {
+    /// `input.recipient_*` are not used: every transfer of a hosted ledger is its owner's.
+    pub async fn authorize(&self, input: &AuthorizeInput<'_>) -> Result<TransferRow> {
         let request_hash = sha256_hex(&format!(
             "{}\n{}\n{}\n{}\n{}",
             input.sender_email,

@@ -4,10 +4,12 @@
 
 use std::sync::Arc;
 
-use super::{Hosted, HostedAuthorize};
-use crate::backend::{Hold, Party, TransferBackend};
+use super::Hosted;
+use crate::backend::{Party, TransferBackend};
 use crate::error::{LedgerError, Result};
-use crate::store::{AccountRow, CaptureAmount, Store, TransferFilter, TransferRow, UsageInput};
+use crate::store::{
+    AccountRow, AuthorizeInput, CaptureAmount, Store, TransferFilter, TransferRow, UsageInput,
+};
 
 pub struct HostedBackend {
     hosted: Arc<Hosted>,
@@ -23,18 +25,8 @@ impl HostedBackend {
 
 #[tonic::async_trait]
 impl TransferBackend for HostedBackend {
-    async fn authorize(&self, hold: &Hold<'_>) -> Result<TransferRow> {
-        self.hosted
-            .authorize(&HostedAuthorize {
-                sender_email: hold.sender_email,
-                amount: hold.amount,
-                token: hold.token,
-                app_name: hold.app_name,
-                app_ep_path: hold.app_ep_path,
-                idempotency_key: hold.idempotency_key,
-                ttl_micros: hold.ttl_micros,
-            })
-            .await
+    async fn authorize(&self, input: &AuthorizeInput<'_>) -> Result<TransferRow> {
+        self.hosted.authorize(input).await
     }
 
     async fn capture(

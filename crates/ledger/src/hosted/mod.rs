@@ -29,7 +29,6 @@ use std::time::Duration;
 
 use crate::error::{LedgerError, Result};
 use crate::store::{sha256_hex, Store, TransferRow};
-pub use authorize::HostedAuthorize;
 pub use config::HostedConfig;
 use journal::Journal;
 pub use recovery::run_recovery;
