@@ -5,7 +5,7 @@ use crate::error::{LedgerError, Result};
 use crate::store::{now_micros, AccountRow, TokenFilter, TokenRow};
 use crate::validate;
 
-use super::{decode_page_token, encode_page_token, page_size, Ledger, Page, Role};
+use super::{decode_page_token, keyset_page, page_size, Ledger, Page, Role};
 
 /// A page of delegation tokens to list (not yet validated).
 #[derive(Debug, Clone, Default)]
@@ -64,14 +64,7 @@ impl Ledger {
             limit,
         };
         let (rows, has_more) = self.backend.list_tokens(&filter).await?;
-        let next_page_token = match (has_more, rows.last()) {
-            (true, Some(last)) => encode_page_token(&last.id),
-            _ => String::new(),
-        };
-        Ok(Page {
-            items: rows,
-            next_page_token,
-        })
+        Ok(keyset_page(rows, has_more, |t| t.id.clone()))
     }
 
     /// Every account, oldest first, a page at a time (admin).
@@ -99,14 +92,7 @@ impl Ledger {
             Some(id)
         };
         let (rows, has_more) = self.backend.list_accounts_page(after_id, limit).await?;
-        let next_page_token = match (has_more, rows.last()) {
-            (true, Some(last)) => encode_page_token(&last.id.to_string()),
-            _ => String::new(),
-        };
-        Ok(Page {
-            items: rows,
-            next_page_token,
-        })
+        Ok(keyset_page(rows, has_more, |a| a.id.to_string()))
     }
 
     /// The currency of usage costs: usage rows carry none, and a ledger keeps one currency per

@@ -425,6 +425,18 @@ fn non_empty(s: &str) -> Option<String> {
     (!s.is_empty()).then(|| s.to_string())
 }
 
+/// A page of rows in keyset order: the next page starts after the last row's cursor.
+fn keyset_page<T>(rows: Vec<T>, has_more: bool, cursor: impl Fn(&T) -> String) -> Page<Vec<T>> {
+    let next_page_token = match (has_more, rows.last()) {
+        (true, Some(last)) => encode_page_token(&cursor(last)),
+        _ => String::new(),
+    };
+    Page {
+        items: rows,
+        next_page_token,
+    }
+}
+
 fn encode_page_token(last_id: &str) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(last_id)
 }

@@ -13,7 +13,7 @@ use crate::store::{
 use crate::validate::{self, MAX_KEY, MAX_NAME, MAX_PATH, MAX_REASON};
 
 use super::{
-    decode_page_token, encode_page_token, non_empty, page_size, same_currency, validate_usage,
+    decode_page_token, keyset_page, non_empty, page_size, same_currency, validate_usage,
     HoldRequest, Ledger, Page, PartyAction, Role, TransferQuery,
 };
 
@@ -150,14 +150,7 @@ impl Ledger {
             limit,
         };
         let (rows, has_more) = self.backend.list(&filter).await?;
-        let next_page_token = match (has_more, rows.last()) {
-            (true, Some(last)) => encode_page_token(&last.id),
-            _ => String::new(),
-        };
-        Ok(Page {
-            items: rows,
-            next_page_token,
-        })
+        Ok(keyset_page(rows, has_more, |t| t.id.clone()))
     }
 
     /// The caller's transaction history, newest first (REST `GET /transactions`).
