@@ -1152,6 +1152,148 @@ async fn one_failing_hold_does_not_block_the_sweep(h: Harness) -> Harness {
     h
 }
 
+/// Idempotency keys are scoped per paying user: two senders who use the same key with one
+/// recipient get a hold each and are each charged once, and a usage row each; the same sender
+/// replaying its key gets its own transfer back, or IDEMPOTENCY_CONFLICT with other parameters.
+async fn idempotency_keys_are_per_sender(h: Harness) -> Harness {
+    const BOB: &str = "bob@example.com";
+    const CAROL: &str = "carol@example.com";
+    let owner = h.account(OWNER, 0).await;
+    let mut tokens = std::collections::HashMap::new();
+    for (email, funds) in [(ALICE, 3 * USD), (BOB, 3 * USD), (CAROL, 0)] {
+        let secret = h.account(email, funds).await;
+        tokens.insert(email, h.token(&secret, OWNER).await);
+    }
+    let mut router = h.client(&owner);
+    let hold =
+        |sender: &str, amount: i64, key: &str| authorize(sender, amount, &tokens[sender], key);
+
+    let a = router
+        .authorize(hold(ALICE, USD, "req-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    let b = router
+        .authorize(hold(BOB, USD, "req-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(a.id, b.id, "two senders' keys collided");
+    assert_eq!(
+        (a.sender_email.as_str(), b.sender_email.as_str()),
+        (ALICE, BOB)
+    );
+    // The same sender replays: its own transfer, never the other sender's, never a new hold.
+    let replay = router
+        .authorize(hold(ALICE, USD, "req-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(replay, a);
+    let replay = router
+        .authorize(hold(BOB, USD, "req-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(replay, b);
+    let changed = router
+        .authorize(hold(ALICE, 2 * USD, "req-1"))
+        .await
+        .unwrap_err();
+    assert_eq!(changed.code(), Code::AlreadyExists);
+    assert_eq!(
+        syft_testkit::reason(&changed).as_deref(),
+        Some(syft_error::Reason::IdempotencyConflict.as_str())
+    );
+
+    // Both captured with a usage row under the same request id: each charged once, two rows.
+    for (t, user) in [(&a, ALICE), (&b, BOB)] {
+        let mut u = usage("req-1", "ok");
+        u.user_email = user.into();
+        let mut capture = full(&t.id);
+        capture.usage = Some(u);
+        assert_eq!(
+            router
+                .capture(capture)
+                .await
+                .unwrap()
+                .into_inner()
+                .captured_micros,
+            USD
+        );
+    }
+    for user in [ALICE, BOB] {
+        let account = h.balance(user).await;
+        assert_eq!(
+            (account.balance_micros, account.held_micros),
+            (2 * USD, 0),
+            "{user}"
+        );
+        let rows = syft_testkit::usage_of(&h.url(), user).await;
+        assert_eq!(rows.len(), 1, "{user}: {rows:?}");
+        let row = rows[0].usage.as_ref().unwrap();
+        assert_eq!(
+            (row.request_id.as_str(), rows[0].cost_micros),
+            ("req-1", USD)
+        );
+    }
+    assert_eq!(h.balance(OWNER).await.balance_micros, 2 * USD);
+    // A free request's usage row is per user too.
+    for user in [ALICE, BOB] {
+        let mut u = usage("free-1", "ok");
+        u.user_email = user.into();
+        let rec = pb::RecordUsageRequest { usage: Some(u) };
+        let row = router.record_usage(rec).await.unwrap().into_inner();
+        assert_eq!(row.usage.unwrap().user_email, user);
+    }
+
+    // A failure is replayed to its sender only: Carol's refusal does not refuse Alice's key.
+    let poor = router.authorize(hold(CAROL, USD, "req-2")).await;
+    assert_eq!(code(poor), Code::FailedPrecondition);
+    let again = router.authorize(hold(CAROL, USD, "req-2")).await;
+    assert_eq!(code(again), Code::FailedPrecondition);
+    let rich = router
+        .authorize(hold(ALICE, USD, "req-2"))
+        .await
+        .unwrap()
+        .into_inner();
+    router
+        .void(pb::VoidRequest {
+            transfer_id: rich.id,
+            reason: "done".into(),
+            usage: None,
+        })
+        .await
+        .unwrap();
+
+    // Concurrent duplicates from two senders: one hold per sender.
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let mut c = router.clone();
+        let sender = if i % 2 == 0 { ALICE } else { BOB };
+        let req = hold(sender, USD / 10, "burst");
+        tasks.push(tokio::spawn(async move {
+            c.authorize(req).await.map(|r| r.into_inner().id)
+        }));
+    }
+    let mut ids = std::collections::HashSet::new();
+    for task in tasks {
+        if let Ok(id) = task.await.unwrap() {
+            ids.insert(id);
+        }
+    }
+    assert_eq!(
+        ids.len(),
+        2,
+        "one key per sender produced {} transfers",
+        ids.len()
+    );
+    for user in [ALICE, BOB] {
+        assert_eq!(h.balance(user).await.held_micros, USD / 10, "{user}");
+    }
+    h
+}
+
 store_suite!(
     accounts_and_auth,
     deposits_are_idempotent_and_validated,
@@ -1167,4 +1309,5 @@ store_suite!(
     crash_between_phases_leaves_an_expiring_hold,
     verify_is_consistent_under_load,
     one_failing_hold_does_not_block_the_sweep,
+    idempotency_keys_are_per_sender,
 );

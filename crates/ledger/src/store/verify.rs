@@ -75,20 +75,19 @@ async fn sum(conn: &mut AnyConnection, sql: &str) -> Result<i64> {
 
 /// Every check of [`Store::verify`], each statement on `conn` (one transaction).
 async fn verify_snapshot(conn: &mut AnyConnection) -> Result<VerifyReport> {
-    let mut report = VerifyReport::default();
-    report.accounts = sum(&mut *conn, "SELECT COUNT(*) FROM accounts").await?;
-    report.transfers = sum(&mut *conn, "SELECT COUNT(*) FROM transfers").await?;
-    report.pending_transfers = sum(
+    let accounts = sum(&mut *conn, "SELECT COUNT(*) FROM accounts").await?;
+    let transfers = sum(&mut *conn, "SELECT COUNT(*) FROM transfers").await?;
+    let pending_transfers = sum(
         &mut *conn,
         "SELECT COUNT(*) FROM transfers WHERE status = 'PENDING'",
     )
     .await?;
-    report.total_deposits = sum(
+    let total_deposits = sum(
         &mut *conn,
         "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM deposits",
     )
     .await?;
-    report.total_held = sum(
+    let total_held = sum(
         &mut *conn,
         "SELECT CAST(COALESCE(SUM(held), 0) AS BIGINT) FROM accounts",
     )
@@ -103,7 +102,15 @@ async fn verify_snapshot(conn: &mut AnyConnection) -> Result<VerifyReport> {
         "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM journal WHERE NOT rolled_up",
     )
     .await?;
-    report.total_balances = stored_balances + unrolled;
+    let mut report = VerifyReport {
+        accounts,
+        transfers,
+        total_deposits,
+        total_balances: stored_balances + unrolled,
+        total_held,
+        pending_transfers,
+        problems: Vec::new(),
+    };
     let journal_total = sum(
         &mut *conn,
         "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM journal",
@@ -221,8 +228,8 @@ async fn verify_snapshot(conn: &mut AnyConnection) -> Result<VerifyReport> {
         ));
     }
     let per_request: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM (SELECT recipient_id, request_id FROM usage_records \
-             GROUP BY recipient_id, request_id HAVING COUNT(*) > 1) d",
+        "SELECT COUNT(*) FROM (SELECT recipient_id, user_email, request_id FROM usage_records \
+             GROUP BY recipient_id, user_email, request_id HAVING COUNT(*) > 1) d",
     )
     .fetch_one(&mut *conn)
     .await?;
