@@ -1311,3 +1311,119 @@ store_suite!(
     one_failing_hold_does_not_block_the_sweep,
     idempotency_keys_are_per_sender,
 );
+
+/// Migration 0003 (keys per sender) keeps a ledger's existing rows valid: a database at 0002 with
+/// accounts, a deposit, a captured transfer with its usage row, a pending hold, a recorded
+/// failure and a hosted journal entry migrates, still verifies, and the pending hold can still be
+/// captured.
+async fn migration_keeps_existing_rows(postgres: bool) {
+    use syft_ledger::store::{CaptureAmount, Resolution, ResolveInput};
+    let Some(db) = syft_testkit::Db::fresh(postgres).await else {
+        return;
+    };
+    let engine = if postgres { "postgres" } else { "sqlite" };
+    let old = tempfile::tempdir().unwrap();
+    let all = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../migrations")
+        .join(engine);
+    for file in ["0001_ledger.sql", "0002_hosted.sql"] {
+        std::fs::copy(all.join(file), old.path().join(file)).unwrap();
+    }
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&db.url).await.unwrap();
+    let migrator = sqlx::migrate::Migrator::new(old.path()).await.unwrap();
+    migrator.run(&pool).await.unwrap();
+    let statements = [
+        "INSERT INTO accounts (id, email, organization, currency, secret_hash, balance, held, created_at) \
+         VALUES (1, 'owner@router.example', 't', 'USD', 'x', 0, 0, 1), \
+                (2, 'alice@example.com', 't', 'USD', 'x', 9000000, 2000000, 1)",
+        "INSERT INTO deposits (id, account_id, amount, idempotency_key, created_at) \
+         VALUES ('d1', 2, 10000000, 'initial', 1)",
+        "INSERT INTO tokens (id, token_hash, sender_id, recipient_id, held, spent, created_at) \
+         VALUES ('k1', 'hash', 2, 1, 2000000, 1000000, 1)",
+        "INSERT INTO transfers (id, sender_id, recipient_id, token_id, amount, captured, currency, \
+         status, created_by, resolved_by, app_name, app_ep_path, idempotency_key, request_hash, \
+         created_at, expires_at, resolved_at) VALUES \
+         ('t1', 2, 1, 'k1', 1000000, 1000000, 'USD', 'COMPLETED', 'RECIPIENT', 'RECIPIENT', 'app', \
+          '/chat', 'req-1', 'h1', 1, 9000000000000000, 2), \
+         ('t2', 2, 1, 'k1', 2000000, 0, 'USD', 'PENDING', 'RECIPIENT', NULL, 'app', '/chat', \
+          'req-2', 'h2', 1, 9000000000000000, NULL)",
+        "INSERT INTO journal (account_id, amount, kind, ref_id, rolled_up, created_at) VALUES \
+         (NULL, -10000000, 'deposit', 'd1', TRUE, 1), (2, 10000000, 'deposit', 'd1', TRUE, 1), \
+         (2, -1000000, 'capture', 't1', TRUE, 2), (1, 1000000, 'capture', 't1', FALSE, 2)",
+        "INSERT INTO usage_records (id, recipient_id, request_id, transfer_id, app_name, endpoint, \
+         user_email, model, prompt_tokens, completion_tokens, total_tokens, cost, status, latency_ms, \
+         upstream_latency_ms, created_at) VALUES ('u1', 1, 'req-1', 't1', 'app', '/chat', \
+         'alice@example.com', 'm', 1, 1, 2, 1000000, 'ok', 1, 1, 2)",
+        "INSERT INTO authorize_failures (recipient_id, idempotency_key, request_hash, error_kind, \
+         error_message, created_at) VALUES (1, 'req-3', 'h3', 'insufficient_funds', 'poor', 3)",
+        "INSERT INTO hosted_transfers (id, idempotency_key, request_hash, sender_email, \
+         recipient_email, token, amount, currency, status, step, app_name, app_ep_path, \
+         created_at, expires_at, updated_at) VALUES ('h1', 'req-1', 'h', 'alice@example.com', \
+         'owner@router.example', '', 5, 'USD', 'CANCELLED', 'done', 'app', '/chat', 1, 2, 3)",
+    ];
+    for sql in statements {
+        sqlx::query(sql)
+            .execute(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    pool.close().await;
+
+    let store = syft_ledger::Store::connect(&db.url, 2)
+        .await
+        .expect("migrate to the latest");
+    syft_testkit::assert_consistent(&store).await;
+    let pool = store.pool().clone();
+    let count = |sql: &'static str| {
+        let pool = pool.clone();
+        async move {
+            let n: i64 = sqlx::query_scalar(sql).fetch_one(&pool).await.unwrap();
+            n
+        }
+    };
+    assert_eq!(count("SELECT COUNT(*) FROM transfers").await, 2);
+    assert_eq!(
+        count("SELECT COUNT(*) FROM usage_records WHERE transfer_id = 't1'").await,
+        1
+    );
+    assert_eq!(count("SELECT COUNT(*) FROM authorize_failures").await, 1);
+    assert_eq!(count("SELECT COUNT(*) FROM hosted_transfers").await, 1);
+    if !postgres {
+        // The rebuilt tables left no row pointing nowhere.
+        let orphans = sqlx::query("PRAGMA foreign_key_check")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        assert!(
+            orphans.is_empty(),
+            "{} rows violate foreign keys",
+            orphans.len()
+        );
+    }
+    let input = ResolveInput {
+        transfer_id: "t2",
+        recipient_id: Some(1),
+        resolution: Resolution::Capture(CaptureAmount::Full),
+        usage: None,
+        by_sender: false,
+    };
+    let captured = store
+        .resolve(&input)
+        .await
+        .expect("capture after the migration");
+    assert_eq!(captured.captured.get(), 2_000_000);
+    syft_testkit::assert_consistent(&store).await;
+    store.close().await;
+    db.drop_postgres().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_migration_keeps_existing_rows() {
+    migration_keeps_existing_rows(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_migration_keeps_existing_rows() {
+    migration_keeps_existing_rows(true).await;
+}
