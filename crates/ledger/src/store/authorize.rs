@@ -141,7 +141,9 @@ impl Store {
     }
 
     /// The original outcome of an earlier authorization by this sender with the same key, if
-    /// there was one.
+    /// there was one. The sender is looked up by email first (a refused request may carry no
+    /// valid token), so the probe uses the whole `(recipient, sender, key)` unique index instead
+    /// of scanning a hot recipient's transfers.
     async fn replay_authorize(
         &self,
         input: &AuthorizeInput<'_>,
@@ -149,7 +151,8 @@ impl Store {
     ) -> Result<Option<Result<TransferRow>>> {
         let sql = format!(
             "SELECT {TRANSFER_COLUMNS}, t.request_hash FROM transfers t {TRANSFER_JOINS} \
-             WHERE t.recipient_id = $1 AND t.idempotency_key = $2 AND sa.email = $3"
+             WHERE t.recipient_id = $1 AND t.idempotency_key = $2 \
+               AND t.sender_id = (SELECT id FROM accounts WHERE email = $3)"
         );
         let keyed: Option<KeyedTransfer> = sqlx::query_as(&sql)
             .bind(input.recipient_id)
@@ -200,8 +203,8 @@ impl Store {
         sqlx::query(
             "INSERT INTO authorize_failures (recipient_id, idempotency_key, request_hash, error_kind, \
              error_message, created_at, sender_email) SELECT $1, $2, $3, $4, $5, $6, $7 \
-             WHERE NOT EXISTS (SELECT 1 FROM transfers t JOIN accounts sa ON sa.id = t.sender_id \
-                               WHERE t.recipient_id = $1 AND t.idempotency_key = $2 AND sa.email = $7) \
+             WHERE NOT EXISTS (SELECT 1 FROM transfers WHERE recipient_id = $1 AND idempotency_key = $2 \
+                               AND sender_id = (SELECT id FROM accounts WHERE email = $7)) \
              ON CONFLICT (recipient_id, sender_email, idempotency_key) DO NOTHING",
         )
         .bind(input.recipient_id)
