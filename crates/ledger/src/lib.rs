@@ -213,11 +213,12 @@ pub async fn run_sweeper(store: Arc<Store>, every: Duration) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        // Failures of single holds are logged and counted inside; only the listing can fail here.
         match store.sweep_expired(500).await {
-            Ok(0) => {}
-            Ok(n) => {
-                metrics::expired(n);
-                tracing::info!(cancelled = n, "expired holds cancelled");
+            Ok(store::SweepReport { cancelled: 0, .. }) => {}
+            Ok(store::SweepReport { cancelled, .. }) => {
+                metrics::expired(cancelled);
+                tracing::info!(cancelled, "expired holds cancelled");
             }
             Err(e) => tracing::warn!(error = %e, "expiry sweep failed"),
         }

@@ -3,8 +3,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    register_int_counter_vec, register_int_gauge, register_int_gauge_vec, IntCounterVec, IntGauge,
-    IntGaugeVec,
+    register_int_counter, register_int_counter_vec, register_int_gauge, register_int_gauge_vec,
+    IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
 };
 
 use crate::domain::{Actor, TransferStatus};
@@ -28,6 +28,14 @@ static CAPTURED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("register syft_ledger_captured_micros_total")
 });
 
+static SWEEP_FAILURES: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "syft_ledger_sweep_failures_total",
+        "Expired holds the sweep failed to cancel (each is retried at the next sweep)"
+    )
+    .expect("register syft_ledger_sweep_failures_total")
+});
+
 static PENDING: LazyLock<IntGauge> = LazyLock::new(|| {
     register_int_gauge!(
         "syft_ledger_pending_holds",
@@ -47,6 +55,11 @@ static POOL: LazyLock<IntGaugeVec> = LazyLock::new(|| {
 
 pub fn expired(n: u64) {
     HOLDS.with_label_values(&["expired"]).inc_by(n);
+}
+
+/// One expired hold the sweep could not cancel this time.
+pub fn sweep_failed() {
+    SWEEP_FAILURES.inc();
 }
 
 /// Counts a call's outcome once: a replayed call (same idempotency key, or a resolution repeated)

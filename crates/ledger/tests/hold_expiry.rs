@@ -52,7 +52,7 @@ async fn capture_after_expiry_is_refused(db: Db) {
         .await
         .expect_err("a capture after expiry is refused");
     assert_eq!(refused.reason(), Some(Reason::HoldExpired), "{refused}");
-    assert_eq!(store.sweep_expired(10).await.expect("sweep"), 1);
+    assert_eq!(store.sweep_expired(10).await.expect("sweep").cancelled, 1);
     let alice = store
         .account_by_email("alice@example.com")
         .await

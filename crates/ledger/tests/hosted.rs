@@ -269,6 +269,72 @@ impl Pair {
     }
 }
 
+/// The hosted journal scopes idempotency keys per sender too: Alice and Bob both using "k1" get a
+/// hold each on the accounting service, each replay finds its own, and each is charged once.
+async fn keys_are_per_sender(postgres: bool) {
+    const BOB: &str = "bob@example.com";
+    let Some(p) = Pair::new(postgres, 10 * USD).await else {
+        return;
+    };
+    let bob_secret = p.b.account(BOB, 5 * USD).await;
+    let bob_token = p.b.token(&bob_secret, OWNER).await;
+    let by_bob = |amount: i64| pb::AuthorizeRequest {
+        sender_email: BOB.into(),
+        amount_micros: amount,
+        token: bob_token.clone(),
+        app_name: "chat".into(),
+        app_ep_path: "/chat".into(),
+        idempotency_key: "k1".into(),
+        hold_ttl_seconds: None,
+    };
+    let a = p.authorize(USD, "k1").await.expect("alice");
+    let b = p
+        .router()
+        .authorize(by_bob(USD))
+        .await
+        .expect("bob")
+        .into_inner();
+    assert_ne!(a.id, b.id, "two senders' keys collided");
+    assert_eq!(p.authorize(USD, "k1").await.expect("alice again").id, a.id);
+    let again = p.router().authorize(by_bob(USD)).await.expect("bob again");
+    assert_eq!(again.into_inner().id, b.id);
+    assert_eq!(
+        code(p.router().authorize(by_bob(2 * USD)).await),
+        Code::AlreadyExists
+    );
+    for t in [&a, &b] {
+        let mut router = p.router();
+        let full = pb::CaptureRequest {
+            transfer_id: t.id.clone(),
+            amount: Some(pb::capture_request::Amount::Full(true)),
+            usage: None,
+        };
+        assert_eq!(
+            router
+                .capture(full)
+                .await
+                .expect("capture")
+                .into_inner()
+                .captured_micros,
+            USD
+        );
+    }
+    let bob = p.b.balance(BOB).await;
+    assert_eq!((bob.balance_micros, bob.held_micros), (4 * USD, 0));
+    assert_eq!(p.money().await, ((9 * USD, 0), (2 * USD, 0)));
+    p.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_keys_are_per_sender() {
+    keys_are_per_sender(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_keys_are_per_sender() {
+    keys_are_per_sender(true).await;
+}
+
 async fn capture_void_and_replay(postgres: bool) {
     let Some(p) = Pair::new(postgres, 10 * USD).await else {
         return;

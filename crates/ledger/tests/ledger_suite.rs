@@ -1055,6 +1055,335 @@ async fn refusals_carry_machine_readable_reasons(h: Harness) -> Harness {
     h
 }
 
+/// `verify` reads one snapshot: run again and again while holds are placed, captured, voided and
+/// left to expire, and while credits are rolled up (by the server's sweeper and by this test), it
+/// never reports a problem. Read in separate statements, a credit rolled up between two reads was
+/// counted zero times or twice ("conservation broken").
+async fn verify_is_consistent_under_load(h: Harness) -> Harness {
+    let owner = h.account(OWNER, 0).await;
+    let mut tokens = Vec::new();
+    for sender in [ALICE, "bob@example.com"] {
+        let secret = h.account(sender, 1_000 * USD).await;
+        tokens.push((sender, h.token(&secret, OWNER).await));
+    }
+    let router = h.client(&owner);
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for w in 0..4usize {
+        let mut c = router.clone();
+        let (sender, token) = tokens[w % 2].clone();
+        workers.push(tokio::spawn(async move {
+            for i in 0..40usize {
+                let mut req = authorize(sender, 1_000 + i as i64, &token, &format!("w{w}-{i}"));
+                if i % 5 == 4 {
+                    // Abandoned: the sweeper cancels it once it expires.
+                    req.hold_ttl_seconds = Some(1);
+                }
+                let t = c.authorize(req).await.expect("authorize").into_inner();
+                match i % 5 {
+                    0 | 1 => drop(c.capture(full(&t.id)).await.expect("capture")),
+                    2 => {
+                        let part = pb::CaptureRequest {
+                            transfer_id: t.id.clone(),
+                            amount: Some(pb::capture_request::Amount::AmountMicros(500)),
+                            usage: None,
+                        };
+                        drop(c.capture(part).await.expect("partial capture"));
+                    }
+                    3 => {
+                        let void = pb::VoidRequest {
+                            transfer_id: t.id.clone(),
+                            reason: "client went away".into(),
+                            usage: None,
+                        };
+                        drop(c.void(void).await.expect("void"));
+                    }
+                    _ => {}
+                }
+            }
+        }));
+    }
+    let roller = {
+        let (store, done) = (h.store.clone(), done.clone());
+        tokio::spawn(async move {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                store.roll_up_all().await.expect("roll up");
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+        })
+    };
+    let verifier = {
+        let (store, done) = (h.store.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut runs = 0u32;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let report = store.verify().await.expect("verify");
+                assert!(
+                    report.is_ok(),
+                    "false alarm under load: {:#?}",
+                    report.problems
+                );
+                runs += 1;
+            }
+            runs
+        })
+    };
+    for w in workers {
+        w.await.expect("worker");
+    }
+    // The sweeper cancels the abandoned holds while verify keeps running.
+    let mut held = (-1, -1);
+    for _ in 0..100 {
+        held = (
+            h.balance(ALICE).await.held_micros,
+            h.balance("bob@example.com").await.held_micros,
+        );
+        if held == (0, 0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    roller.await.expect("roller");
+    let runs = verifier.await.expect("verifier");
+    assert!(runs >= 5, "verify ran only {runs} times during the load");
+    assert_eq!(held, (0, 0), "expired holds not swept");
+    h
+}
+
+/// One hold whose cancellation fails never keeps the sweep from the others: the failing hold
+/// (the first to expire, so the first the sweep meets) is logged, counted and retried at a later
+/// sweep. The failure is a real one: its token's `held` was lowered behind the ledger's back, so
+/// releasing the hold violates the `held >= 0` CHECK constraint.
+async fn one_failing_hold_does_not_block_the_sweep(h: Harness) -> Harness {
+    let owner = h.account(OWNER, 0).await;
+    let alice = h.account(ALICE, 5 * USD).await;
+    let (bad_token, good_token) = (h.token(&alice, OWNER).await, h.token(&alice, OWNER).await);
+    let mut router = h.client(&owner);
+    let mut holds = Vec::new();
+    for (i, token) in [&bad_token, &good_token, &good_token]
+        .into_iter()
+        .enumerate()
+    {
+        let mut req = authorize(ALICE, USD, token, &format!("expiring-{i}"));
+        req.hold_ttl_seconds = Some(1);
+        holds.push(router.authorize(req).await.unwrap().into_inner().id);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let set_held = |held: i64| {
+        sqlx::query(
+            "UPDATE tokens SET held = $1 WHERE id = (SELECT token_id FROM transfers WHERE id = $2)",
+        )
+        .bind(held)
+        .bind(holds[0].clone())
+        .execute(h.store.pool())
+    };
+    assert_eq!(set_held(0).await.unwrap().rows_affected(), 1);
+
+    let status = |id: String| {
+        let mut c = router.clone();
+        async move {
+            c.get_transfer(pb::GetTransferRequest { transfer_id: id })
+                .await
+                .unwrap()
+                .into_inner()
+                .status()
+        }
+    };
+    // The server's sweeper (every 200 ms) cancels the two good holds past the bad one.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    for _ in 0..100 {
+        if status(holds[1].clone()).await == pb::TransferStatus::Cancelled
+            && status(holds[2].clone()).await == pb::TransferStatus::Cancelled
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        status(holds[1].clone()).await,
+        pb::TransferStatus::Cancelled
+    );
+    assert_eq!(
+        status(holds[2].clone()).await,
+        pb::TransferStatus::Cancelled
+    );
+    assert_eq!(status(holds[0].clone()).await, pb::TransferStatus::Pending);
+    // A sweep reports the failing hold instead of stopping at it, and so does the metric.
+    let report = h.store.sweep_expired(500).await.expect("sweep");
+    assert_eq!((report.cancelled, report.failed), (0, 1));
+    let metrics = reqwest::get(format!("{}/metrics", h.http_url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let failures = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("syft_ledger_sweep_failures_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .expect("sweep failure metric exported");
+    assert!(failures >= 1.0, "{failures}");
+
+    // Repaired, the hold is cancelled by a later sweep and every micro is back.
+    assert_eq!(set_held(USD).await.unwrap().rows_affected(), 1);
+    for _ in 0..100 {
+        if status(holds[0].clone()).await == pb::TransferStatus::Cancelled {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        status(holds[0].clone()).await,
+        pb::TransferStatus::Cancelled
+    );
+    let a = h.balance(ALICE).await;
+    assert_eq!((a.balance_micros, a.held_micros), (5 * USD, 0));
+    h
+}
+
+/// Idempotency keys are scoped per paying user: two senders who use the same key with one
+/// recipient get a hold each and are each charged once, and a usage row each; the same sender
+/// replaying its key gets its own transfer back, or IDEMPOTENCY_CONFLICT with other parameters.
+async fn idempotency_keys_are_per_sender(h: Harness) -> Harness {
+    const BOB: &str = "bob@example.com";
+    const CAROL: &str = "carol@example.com";
+    let owner = h.account(OWNER, 0).await;
+    let mut tokens = std::collections::HashMap::new();
+    for (email, funds) in [(ALICE, 3 * USD), (BOB, 3 * USD), (CAROL, 0)] {
+        let secret = h.account(email, funds).await;
+        tokens.insert(email, h.token(&secret, OWNER).await);
+    }
+    let mut router = h.client(&owner);
+    let hold =
+        |sender: &str, amount: i64, key: &str| authorize(sender, amount, &tokens[sender], key);
+
+    let a = router
+        .authorize(hold(ALICE, USD, "req-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    let b = router
+        .authorize(hold(BOB, USD, "req-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(a.id, b.id, "two senders' keys collided");
+    assert_eq!(
+        (a.sender_email.as_str(), b.sender_email.as_str()),
+        (ALICE, BOB)
+    );
+    // The same sender replays: its own transfer, never the other sender's, never a new hold.
+    let replay = router
+        .authorize(hold(ALICE, USD, "req-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(replay, a);
+    let replay = router
+        .authorize(hold(BOB, USD, "req-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(replay, b);
+    let changed = router
+        .authorize(hold(ALICE, 2 * USD, "req-1"))
+        .await
+        .unwrap_err();
+    assert_eq!(changed.code(), Code::AlreadyExists);
+    assert_eq!(
+        syft_testkit::reason(&changed).as_deref(),
+        Some(syft_error::Reason::IdempotencyConflict.as_str())
+    );
+
+    // Both captured with a usage row under the same request id: each charged once, two rows.
+    for (t, user) in [(&a, ALICE), (&b, BOB)] {
+        let mut u = usage("req-1", "ok");
+        u.user_email = user.into();
+        let mut capture = full(&t.id);
+        capture.usage = Some(u);
+        assert_eq!(
+            router
+                .capture(capture)
+                .await
+                .unwrap()
+                .into_inner()
+                .captured_micros,
+            USD
+        );
+    }
+    for user in [ALICE, BOB] {
+        let account = h.balance(user).await;
+        assert_eq!(
+            (account.balance_micros, account.held_micros),
+            (2 * USD, 0),
+            "{user}"
+        );
+        let rows = syft_testkit::usage_of(&h.url(), user).await;
+        assert_eq!(rows.len(), 1, "{user}: {rows:?}");
+        let row = rows[0].usage.as_ref().unwrap();
+        assert_eq!(
+            (row.request_id.as_str(), rows[0].cost_micros),
+            ("req-1", USD)
+        );
+    }
+    assert_eq!(h.balance(OWNER).await.balance_micros, 2 * USD);
+    // A free request's usage row is per user too.
+    for user in [ALICE, BOB] {
+        let mut u = usage("free-1", "ok");
+        u.user_email = user.into();
+        let rec = pb::RecordUsageRequest { usage: Some(u) };
+        let row = router.record_usage(rec).await.unwrap().into_inner();
+        assert_eq!(row.usage.unwrap().user_email, user);
+    }
+
+    // A failure is replayed to its sender only: Carol's refusal does not refuse Alice's key.
+    let poor = router.authorize(hold(CAROL, USD, "req-2")).await;
+    assert_eq!(code(poor), Code::FailedPrecondition);
+    let again = router.authorize(hold(CAROL, USD, "req-2")).await;
+    assert_eq!(code(again), Code::FailedPrecondition);
+    let rich = router
+        .authorize(hold(ALICE, USD, "req-2"))
+        .await
+        .unwrap()
+        .into_inner();
+    router
+        .void(pb::VoidRequest {
+            transfer_id: rich.id,
+            reason: "done".into(),
+            usage: None,
+        })
+        .await
+        .unwrap();
+
+    // Concurrent duplicates from two senders: one hold per sender.
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let mut c = router.clone();
+        let sender = if i % 2 == 0 { ALICE } else { BOB };
+        let req = hold(sender, USD / 10, "burst");
+        tasks.push(tokio::spawn(async move {
+            c.authorize(req).await.map(|r| r.into_inner().id)
+        }));
+    }
+    let mut ids = std::collections::HashSet::new();
+    for task in tasks {
+        if let Ok(id) = task.await.unwrap() {
+            ids.insert(id);
+        }
+    }
+    assert_eq!(
+        ids.len(),
+        2,
+        "one key per sender produced {} transfers",
+        ids.len()
+    );
+    for user in [ALICE, BOB] {
+        assert_eq!(h.balance(user).await.held_micros, USD / 10, "{user}");
+    }
+    h
+}
+
 store_suite!(
     accounts_and_auth,
     deposits_are_idempotent_and_validated,
@@ -1069,4 +1398,123 @@ store_suite!(
     received_credits_can_be_spent,
     crash_between_phases_leaves_an_expiring_hold,
     refusals_carry_machine_readable_reasons,
+    verify_is_consistent_under_load,
+    one_failing_hold_does_not_block_the_sweep,
+    idempotency_keys_are_per_sender,
 );
+
+/// Migration 0003 (keys per sender) keeps a ledger's existing rows valid: a database at 0002 with
+/// accounts, a deposit, a captured transfer with its usage row, a pending hold, a recorded
+/// failure and a hosted journal entry migrates, still verifies, and the pending hold can still be
+/// captured.
+async fn migration_keeps_existing_rows(postgres: bool) {
+    use syft_ledger::store::{CaptureAmount, Resolution, ResolveInput};
+    let Some(db) = syft_testkit::Db::fresh(postgres).await else {
+        return;
+    };
+    let engine = if postgres { "postgres" } else { "sqlite" };
+    let old = tempfile::tempdir().unwrap();
+    let all = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../migrations")
+        .join(engine);
+    for file in ["0001_ledger.sql", "0002_hosted.sql"] {
+        std::fs::copy(all.join(file), old.path().join(file)).unwrap();
+    }
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&db.url).await.unwrap();
+    let migrator = sqlx::migrate::Migrator::new(old.path()).await.unwrap();
+    migrator.run(&pool).await.unwrap();
+    let statements = [
+        "INSERT INTO accounts (id, email, organization, currency, secret_hash, balance, held, created_at) \
+         VALUES (1, 'owner@router.example', 't', 'USD', 'x', 0, 0, 1), \
+                (2, 'alice@example.com', 't', 'USD', 'x', 9000000, 2000000, 1)",
+        "INSERT INTO deposits (id, account_id, amount, idempotency_key, created_at) \
+         VALUES ('d1', 2, 10000000, 'initial', 1)",
+        "INSERT INTO tokens (id, token_hash, sender_id, recipient_id, held, spent, created_at) \
+         VALUES ('k1', 'hash', 2, 1, 2000000, 1000000, 1)",
+        "INSERT INTO transfers (id, sender_id, recipient_id, token_id, amount, captured, currency, \
+         status, created_by, resolved_by, app_name, app_ep_path, idempotency_key, request_hash, \
+         created_at, expires_at, resolved_at) VALUES \
+         ('t1', 2, 1, 'k1', 1000000, 1000000, 'USD', 'COMPLETED', 'RECIPIENT', 'RECIPIENT', 'app', \
+          '/chat', 'req-1', 'h1', 1, 9000000000000000, 2), \
+         ('t2', 2, 1, 'k1', 2000000, 0, 'USD', 'PENDING', 'RECIPIENT', NULL, 'app', '/chat', \
+          'req-2', 'h2', 1, 9000000000000000, NULL)",
+        "INSERT INTO journal (account_id, amount, kind, ref_id, rolled_up, created_at) VALUES \
+         (NULL, -10000000, 'deposit', 'd1', TRUE, 1), (2, 10000000, 'deposit', 'd1', TRUE, 1), \
+         (2, -1000000, 'capture', 't1', TRUE, 2), (1, 1000000, 'capture', 't1', FALSE, 2)",
+        "INSERT INTO usage_records (id, recipient_id, request_id, transfer_id, app_name, endpoint, \
+         user_email, model, prompt_tokens, completion_tokens, total_tokens, cost, status, latency_ms, \
+         upstream_latency_ms, created_at) VALUES ('u1', 1, 'req-1', 't1', 'app', '/chat', \
+         'alice@example.com', 'm', 1, 1, 2, 1000000, 'ok', 1, 1, 2)",
+        "INSERT INTO authorize_failures (recipient_id, idempotency_key, request_hash, error_kind, \
+         error_message, created_at) VALUES (1, 'req-3', 'h3', 'insufficient_funds', 'poor', 3)",
+        "INSERT INTO hosted_transfers (id, idempotency_key, request_hash, sender_email, \
+         recipient_email, token, amount, currency, status, step, app_name, app_ep_path, \
+         created_at, expires_at, updated_at) VALUES ('h1', 'req-1', 'h', 'alice@example.com', \
+         'owner@router.example', '', 5, 'USD', 'CANCELLED', 'done', 'app', '/chat', 1, 2, 3)",
+    ];
+    for sql in statements {
+        sqlx::query(sql)
+            .execute(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    pool.close().await;
+
+    let store = syft_ledger::Store::connect(&db.url, 2)
+        .await
+        .expect("migrate to the latest");
+    syft_testkit::assert_consistent(&store).await;
+    let pool = store.pool().clone();
+    let count = |sql: &'static str| {
+        let pool = pool.clone();
+        async move {
+            let n: i64 = sqlx::query_scalar(sql).fetch_one(&pool).await.unwrap();
+            n
+        }
+    };
+    assert_eq!(count("SELECT COUNT(*) FROM transfers").await, 2);
+    assert_eq!(
+        count("SELECT COUNT(*) FROM usage_records WHERE transfer_id = 't1'").await,
+        1
+    );
+    assert_eq!(count("SELECT COUNT(*) FROM authorize_failures").await, 1);
+    assert_eq!(count("SELECT COUNT(*) FROM hosted_transfers").await, 1);
+    if !postgres {
+        // The rebuilt tables left no row pointing nowhere.
+        let orphans = sqlx::query("PRAGMA foreign_key_check")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        assert!(
+            orphans.is_empty(),
+            "{} rows violate foreign keys",
+            orphans.len()
+        );
+    }
+    let input = ResolveInput {
+        transfer_id: "t2",
+        recipient_id: Some(1),
+        resolution: Resolution::Capture(CaptureAmount::Full),
+        usage: None,
+        by_sender: false,
+    };
+    let captured = store
+        .resolve(&input)
+        .await
+        .expect("capture after the migration");
+    assert_eq!(captured.captured.get(), 2_000_000);
+    syft_testkit::assert_consistent(&store).await;
+    store.close().await;
+    db.drop_postgres().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_migration_keeps_existing_rows() {
+    migration_keeps_existing_rows(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_migration_keeps_existing_rows() {
+    migration_keeps_existing_rows(true).await;
+}

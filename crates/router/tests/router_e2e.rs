@@ -515,6 +515,76 @@ async fn same_request_id_is_charged_once() {
     s.check_invariants().await;
 }
 
+/// Request ids (idempotency keys) are scoped per paying user: two users of one router who send
+/// the same id at the same time both get their answer, are each charged once, and each get their
+/// own usage row; each user's own replay is still refused as already processed.
+async fn two_users_with_one_request_id(db: Db) {
+    let s = Stack::start_with(
+        db,
+        Pricing::per_request(PRICE),
+        Duration::from_secs(300),
+        |_| {},
+    )
+    .await;
+    let bob = create_account(&s.ledger.url, "bob").await;
+    deposit(&s.ledger.url, &bob.email, FUNDS).await;
+    let bob_token = issue_token(&s.ledger.url, &bob, &s.owner.email).await;
+    let mut c = s.client().await;
+    // Slow answers, so both requests are in flight together (the router's in-flight claim).
+    s.upstream.set_mode(Mode::Delay(Duration::from_millis(300)));
+    let mut alice_req = s.request("hi");
+    alice_req.request_id = "req-1".into();
+    let mut bob_req = alice_req.clone();
+    bob_req.user_email = bob.email.clone();
+    bob_req.transaction_token = bob_token.clone();
+    let mut c2 = c.clone();
+    let (a, b) = tokio::join!(c.chat(alice_req.clone()), c2.chat(bob_req.clone()));
+    let (a, b) = (a.expect("alice").into_inner(), b.expect("bob").into_inner());
+    assert_ne!(a.transfer_id, b.transfer_id);
+    assert_eq!((a.cost_micros, b.cost_micros), (PRICE, PRICE));
+    assert_eq!(s.upstream.hits(), 2);
+    for (email, transfer_id) in [
+        (&s.alice.email, &a.transfer_id),
+        (&bob.email, &b.transfer_id),
+    ] {
+        let money = account(&s.ledger.url, email).await;
+        assert_eq!(
+            (money.balance_micros, money.held_micros),
+            (FUNDS - PRICE, 0),
+            "{email}"
+        );
+        let rows = usage_of(&s.ledger.url, email).await;
+        assert_eq!(rows.len(), 1, "{email}: {rows:?}");
+        assert_eq!(&rows[0].transfer_id, transfer_id);
+        assert_eq!(
+            rows[0].usage.as_ref().map(|u| u.request_id.as_str()),
+            Some("req-1")
+        );
+    }
+    // Each user's replay of its own id is still answered as already processed, and not charged.
+    s.upstream.set_mode(Mode::Ok);
+    for req in [alice_req, bob_req] {
+        let err = c.chat(req).await.expect_err("replay");
+        assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    }
+    assert_eq!(s.upstream.hits(), 2);
+    assert_eq!(s.owner_balance().await, 2 * PRICE);
+    s.check_invariants().await;
+    s.db.drop_postgres().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_users_with_one_request_id_are_each_charged_once() {
+    two_users_with_one_request_id(Db::sqlite()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_two_users_with_one_request_id_are_each_charged_once() {
+    if let Some(db) = Db::postgres().await {
+        two_users_with_one_request_id(db).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn router_killed_between_authorize_and_capture_pays_nothing() {
     let s = Stack::start_with(

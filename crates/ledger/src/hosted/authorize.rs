@@ -35,7 +35,7 @@ impl Hosted {
             expires_at: now.saturating_add(input.ttl_micros),
         };
         if let Inserted::DuplicateKey = self.journal.insert(&entry).await? {
-            return self.replay(input.idempotency_key, &request_hash).await;
+            return self.replay(input, &request_hash).await;
         }
         let created = self
             .retry(false, || {
@@ -91,12 +91,14 @@ impl Hosted {
         }
     }
 
-    /// The outcome of an earlier authorization with the same key.
-    async fn replay(&self, key: &str, request_hash: &str) -> Result<TransferRow> {
-        let e =
-            self.journal.entry_by_key(key).await?.ok_or_else(|| {
-                LedgerError::Unavailable("concurrent authorization, retry".into())
-            })?;
+    /// The outcome of an earlier authorization by the same sender with the same key.
+    async fn replay(&self, input: &AuthorizeInput<'_>, request_hash: &str) -> Result<TransferRow> {
+        let key = input.idempotency_key;
+        let e = self
+            .journal
+            .entry_by_key(&self.config.email, input.sender_email, key)
+            .await?
+            .ok_or_else(|| LedgerError::Unavailable("concurrent authorization, retry".into()))?;
         if e.request_hash != request_hash {
             return Err(LedgerError::refused(
                 Reason::IdempotencyConflict,

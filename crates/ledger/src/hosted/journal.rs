@@ -227,9 +227,20 @@ impl Journal {
             .await?)
     }
 
-    pub async fn entry_by_key(&self, key: &str) -> Result<Option<Entry>> {
-        let sql = format!("SELECT {COLUMNS} FROM hosted_transfers WHERE idempotency_key = $1");
+    /// The entry of an idempotency key, which is scoped per (recipient, sender).
+    pub async fn entry_by_key(
+        &self,
+        recipient_email: &str,
+        sender_email: &str,
+        key: &str,
+    ) -> Result<Option<Entry>> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM hosted_transfers \
+             WHERE recipient_email = $1 AND sender_email = $2 AND idempotency_key = $3"
+        );
         Ok(sqlx::query_as(&sql)
+            .bind(recipient_email)
+            .bind(sender_email)
             .bind(key)
             .fetch_optional(self.pool())
             .await?)

@@ -59,7 +59,9 @@ enum AuthorizeOutcome {
 }
 
 impl Store {
-    /// Places a hold for `amount` on the sender's funds, keyed by `(recipient, idempotency_key)`.
+    /// Places a hold for `amount` on the sender's funds, keyed by `(recipient, sender,
+    /// idempotency_key)`: keys are scoped per paying user, so two users of one recipient may use
+    /// the same key.
     pub async fn authorize(&self, input: &AuthorizeInput<'_>) -> Result<TransferRow> {
         let Some(token) = self.token_info(input.token).await? else {
             return self
@@ -138,7 +140,10 @@ impl Store {
         }
     }
 
-    /// The original outcome of an earlier authorization with the same key, if there was one.
+    /// The original outcome of an earlier authorization by this sender with the same key, if
+    /// there was one. The sender is looked up by email first (a refused request may carry no
+    /// valid token), so the probe uses the whole `(recipient, sender, key)` unique index instead
+    /// of scanning a hot recipient's transfers.
     async fn replay_authorize(
         &self,
         input: &AuthorizeInput<'_>,
@@ -146,11 +151,13 @@ impl Store {
     ) -> Result<Option<Result<TransferRow>>> {
         let sql = format!(
             "SELECT {TRANSFER_COLUMNS}, t.request_hash FROM transfers t {TRANSFER_JOINS} \
-             WHERE t.recipient_id = $1 AND t.idempotency_key = $2"
+             WHERE t.recipient_id = $1 AND t.idempotency_key = $2 \
+               AND t.sender_id = (SELECT id FROM accounts WHERE email = $3)"
         );
         let keyed: Option<KeyedTransfer> = sqlx::query_as(&sql)
             .bind(input.recipient_id)
             .bind(input.idempotency_key)
+            .bind(input.sender_email)
             .fetch_optional(self.pool())
             .await?;
         if let Some(keyed) = keyed {
@@ -161,10 +168,11 @@ impl Store {
         }
         let failure: Option<RecordedFailure> = sqlx::query_as(
             "SELECT request_hash, error_kind, error_message FROM authorize_failures \
-             WHERE recipient_id = $1 AND idempotency_key = $2",
+             WHERE recipient_id = $1 AND idempotency_key = $2 AND sender_email = $3",
         )
         .bind(input.recipient_id)
         .bind(input.idempotency_key)
+        .bind(input.sender_email)
         .fetch_optional(self.pool())
         .await?;
         let Some(failure) = failure else {
@@ -194,9 +202,10 @@ impl Store {
         };
         sqlx::query(
             "INSERT INTO authorize_failures (recipient_id, idempotency_key, request_hash, error_kind, \
-             error_message, created_at) SELECT $1, $2, $3, $4, $5, $6 \
-             WHERE NOT EXISTS (SELECT 1 FROM transfers WHERE recipient_id = $1 AND idempotency_key = $2) \
-             ON CONFLICT (recipient_id, idempotency_key) DO NOTHING",
+             error_message, created_at, sender_email) SELECT $1, $2, $3, $4, $5, $6, $7 \
+             WHERE NOT EXISTS (SELECT 1 FROM transfers WHERE recipient_id = $1 AND idempotency_key = $2 \
+                               AND sender_id = (SELECT id FROM accounts WHERE email = $7)) \
+             ON CONFLICT (recipient_id, sender_email, idempotency_key) DO NOTHING",
         )
         .bind(input.recipient_id)
         .bind(input.idempotency_key)
@@ -204,6 +213,7 @@ impl Store {
         .bind(err.kind())
         .bind(err.to_string())
         .bind(now_micros())
+        .bind(input.sender_email)
         .execute(self.pool())
         .await?;
         // A concurrent replay may have recorded a different outcome first; return that one.
@@ -352,11 +362,12 @@ impl Store {
     ) -> Result<Option<Result<TransferRow>>> {
         let sql = format!(
             "SELECT {TRANSFER_COLUMNS}, t.request_hash FROM transfers t {TRANSFER_JOINS} \
-             WHERE t.recipient_id = $1 AND t.idempotency_key = $2"
+             WHERE t.recipient_id = $1 AND t.idempotency_key = $2 AND t.sender_id = $3"
         );
         let keyed: Option<KeyedTransfer> = sqlx::query_as(&sql)
             .bind(input.recipient_id)
             .bind(key)
+            .bind(input.sender_id)
             .fetch_optional(self.pool())
             .await?;
         let Some(keyed) = keyed else { return Ok(None) };
@@ -376,13 +387,15 @@ async fn sqlite_authorize(
         "UPDATE tokens SET held = held + $1 WHERE id = $2 AND revoked_at IS NULL \
          AND (expires_at IS NULL OR expires_at > $3) \
          AND (spend_limit IS NULL OR spent + held + $1 <= spend_limit) \
-         AND NOT EXISTS (SELECT 1 FROM authorize_failures WHERE recipient_id = $4 AND idempotency_key = $5)",
+         AND NOT EXISTS (SELECT 1 FROM authorize_failures \
+                         WHERE recipient_id = $4 AND idempotency_key = $5 AND sender_email = $6)",
     )
     .bind(job.amount)
     .bind(&job.token_id)
     .bind(job.now)
     .bind(job.recipient_id)
     .bind(&job.idempotency_key)
+    .bind(&job.sender_email)
     .execute(&mut *conn)
     .await?;
     if tok.rows_affected() == 0 {

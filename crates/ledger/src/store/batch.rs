@@ -271,7 +271,7 @@ async fn authorize_batch(
         .map(|(n, j)| {
             json!({"in_n": n, "in_id": j.id, "in_sender": j.sender_id, "in_recipient": j.recipient_id,
                    "in_token": j.token_id, "in_amount": j.amount, "in_currency": j.currency,
-                   "in_app": j.app_name, "in_path": j.app_ep_path, "in_key": j.idempotency_key,
+                   "in_app": j.app_name, "in_path": j.app_ep_path, "in_key": j.idempotency_key, "in_sender_email": j.sender_email,
                    "in_hash": j.request_hash, "in_now": j.now, "in_expires": j.expires_at})
         })
         .collect();
@@ -336,7 +336,7 @@ const AUTHORIZE_BATCH: &str = "\
 WITH input AS (
     SELECT * FROM jsonb_to_recordset($1::jsonb) AS i(in_n int, in_id text, in_sender bigint,
         in_recipient bigint, in_token text, in_amount bigint, in_currency text, in_app text, in_path text,
-        in_key text, in_hash text, in_now bigint, in_expires bigint)
+        in_key text, in_sender_email text, in_hash text, in_now bigint, in_expires bigint)
 ), lock_tokens AS (
     SELECT id, revoked_at, expires_at, spend_limit, spent, held FROM tokens
     WHERE id IN (SELECT in_token FROM input) ORDER BY id FOR UPDATE
@@ -349,7 +349,8 @@ WITH input AS (
     WHERE k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > i.in_now)
       AND (k.spend_limit IS NULL OR k.spent + k.held + i.in_amount <= k.spend_limit)
       AND NOT EXISTS (SELECT 1 FROM authorize_failures f
-                      WHERE f.recipient_id = i.in_recipient AND f.idempotency_key = i.in_key)
+                      WHERE f.recipient_id = i.in_recipient AND f.idempotency_key = i.in_key
+                        AND f.sender_email = i.in_sender_email)
 ), funds_ok AS (
     SELECT i.in_n FROM input i JOIN lock_accounts a ON a.id = i.in_sender
     WHERE i.in_n IN (SELECT in_n FROM token_ok) AND a.available >= i.in_amount
@@ -431,7 +432,7 @@ WITH input AS (
     SELECT in_usage_id, recipient_id, in_request_id, id, in_app, in_endpoint, in_user, in_model, in_pt,
         in_ct, in_tt, captured, in_ustatus, in_lat, in_ulat, in_now
     FROM t WHERE in_has_usage
-    ON CONFLICT (recipient_id, request_id) DO NOTHING
+    ON CONFLICT (recipient_id, user_email, request_id) DO NOTHING
     RETURNING id
 )
 SELECT {TRANSFER_COLUMNS}, t.in_n

@@ -31,7 +31,7 @@ pub use rows::{AccountRow, IssuedToken, TokenInfo, TransferRow, UsageInput, Usag
 pub(crate) use rows::{
     TokenLimits, ACCOUNT_COLUMNS, TRANSFER_COLUMNS, TRANSFER_JOINS, USAGE_COLUMNS,
 };
-pub use transfer::{CaptureAmount, Resolution, ResolveInput};
+pub use transfer::{CaptureAmount, Resolution, ResolveInput, SweepReport};
 pub(crate) use usage::{insert_usage, UsageLink};
 pub use verify::VerifyReport;
 

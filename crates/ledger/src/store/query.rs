@@ -307,15 +307,17 @@ impl Store {
     pub async fn usage_by_request(
         &self,
         recipient_id: i64,
+        user_email: &str,
         request_id: &str,
     ) -> Result<Option<UsageRow>> {
         let sql = format!(
             "SELECT {USAGE_COLUMNS} FROM usage_records u JOIN accounts r ON r.id = u.recipient_id \
-             WHERE u.recipient_id = $1 AND u.request_id = $2"
+             WHERE u.recipient_id = $1 AND u.request_id = $2 AND u.user_email = $3"
         );
         Ok(sqlx::query_as(&sql)
             .bind(recipient_id)
             .bind(request_id)
+            .bind(user_email)
             .fetch_optional(self.pool())
             .await?)
     }

@@ -43,6 +43,15 @@ pub struct ResolveInput<'a> {
 
 const CANCEL_EXPIRED: &str = "hold expired";
 
+/// What one expiry sweep did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Expired holds this sweep cancelled.
+    pub cancelled: u64,
+    /// Expired holds whose cancellation failed; they stay pending for the next sweep.
+    pub failed: u64,
+}
+
 /// What a resolution changed, as `sqlite_resolve` reads it back to move the money.
 #[derive(sqlx::FromRow)]
 struct Resolved {
@@ -269,8 +278,10 @@ impl Store {
         self.transfer_by_id(&job.transfer_id).await.map_err(to_sqlx)
     }
 
-    /// Cancels up to `limit` expired holds (resolved by SYSTEM); returns how many it cancelled.
-    pub async fn sweep_expired(&self, limit: i64) -> Result<u64> {
+    /// Cancels up to `limit` expired holds (resolved by SYSTEM). A hold whose cancellation fails
+    /// is logged, counted (`syft_ledger_sweep_failures_total`) and skipped: it stays PENDING and
+    /// expired, so the next sweep selects it again, and it never keeps the holds after it held.
+    pub async fn sweep_expired(&self, limit: i64) -> Result<SweepReport> {
         let ids: Vec<String> = sqlx::query_scalar(
             "SELECT id FROM transfers WHERE status = 'PENDING' AND expires_at <= $1 \
              ORDER BY expires_at LIMIT $2",
@@ -279,7 +290,7 @@ impl Store {
         .bind(limit)
         .fetch_all(self.pool())
         .await?;
-        let mut cancelled = 0;
+        let mut report = SweepReport::default();
         for id in ids {
             let input = ResolveInput {
                 transfer_id: &id,
@@ -291,14 +302,19 @@ impl Store {
                 by_sender: false,
             };
             match self.resolve(&input).await {
-                Ok(t) if t.resolved_by == Some(Actor::System) => cancelled += 1,
+                Ok(t) if t.resolved_by == Some(Actor::System) => report.cancelled += 1,
                 Ok(_) => {}
                 // Another replica or the recipient got there first.
                 Err(e) if e.error_code() == ErrorCode::FailedPrecondition => {}
-                Err(e) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(transfer_id = %id, error = %e,
+                        "expired hold not cancelled, retried at the next sweep");
+                    crate::metrics::sweep_failed();
+                    report.failed += 1;
+                }
             }
         }
-        Ok(cancelled)
+        Ok(report)
     }
 
     /// Folds an account's unrolled journal credits into its balance; returns the amount folded.

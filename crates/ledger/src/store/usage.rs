@@ -6,7 +6,8 @@ use super::{new_id, now_micros, retry_transient, Micros, Store, UsageInput, Usag
 use crate::error::{LedgerError, Result};
 
 impl Store {
-    /// A usage row without money. A request id already recorded returns the existing row.
+    /// A usage row without money. A request id already recorded for this user returns the
+    /// existing row (request ids are scoped per user, like idempotency keys).
     pub async fn record_usage(&self, recipient_id: i64, usage: &UsageInput) -> Result<UsageRow> {
         let id = new_id();
         let now = now_micros();
@@ -24,7 +25,7 @@ impl Store {
             .await
         })
         .await?;
-        self.usage_by_request(recipient_id, &usage.request_id)
+        self.usage_by_request(recipient_id, &usage.user_email, &usage.request_id)
             .await?
             .ok_or_else(|| LedgerError::Internal("usage row vanished".into()))
     }
@@ -41,7 +42,7 @@ pub(crate) enum UsageLink<'a> {
     Hosted(&'a str),
 }
 
-/// Writes a usage row; a request id already recorded for this recipient is left as it is.
+/// Writes a usage row; a request id already recorded for this recipient and user is left as it is.
 pub(crate) async fn insert_usage(
     conn: &mut AnyConnection,
     id: &str,
@@ -61,7 +62,7 @@ pub(crate) async fn insert_usage(
          user_email, model, prompt_tokens, completion_tokens, total_tokens, cost, status, latency_ms, \
          upstream_latency_ms, created_at, hosted_transfer_id) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
-         ON CONFLICT (recipient_id, request_id) DO NOTHING",
+         ON CONFLICT (recipient_id, user_email, request_id) DO NOTHING",
     )
     .bind(id)
     .bind(recipient_id)

@@ -1,6 +1,8 @@
 //! `verify`: recomputes every balance from the journal and proves conservation.
 
-use super::Store;
+use sqlx::AnyConnection;
+
+use super::{Backend, Store};
 use crate::error::Result;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -46,55 +48,101 @@ struct TokenCheck {
 }
 
 impl Store {
+    /// Checks every invariant on ONE consistent snapshot of the database, so it is safe to run
+    /// against a ledger under load: read in separate statements, a credit rolled up (or a hold
+    /// placed or resolved) between two reads would be counted zero times or twice and raise a
+    /// false alarm. Postgres reads in one `REPEATABLE READ READ ONLY` transaction; SQLite in one
+    /// deferred transaction, which in WAL mode (set by `connect`) reads one snapshot while other
+    /// connections keep writing.
     pub async fn verify(&self) -> Result<VerifyReport> {
-        let mut report = VerifyReport::default();
-        let pool = self.pool();
-        let sum = |sql: &'static str| async move {
-            let v: i64 = sqlx::query_scalar(sql).fetch_one(pool).await?;
-            Ok::<_, crate::error::LedgerError>(v)
-        };
-        report.accounts = sum("SELECT COUNT(*) FROM accounts").await?;
-        report.transfers = sum("SELECT COUNT(*) FROM transfers").await?;
-        report.pending_transfers =
-            sum("SELECT COUNT(*) FROM transfers WHERE status = 'PENDING'").await?;
-        report.total_deposits =
-            sum("SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM deposits").await?;
-        report.total_held =
-            sum("SELECT CAST(COALESCE(SUM(held), 0) AS BIGINT) FROM accounts").await?;
-        let stored_balances =
-            sum("SELECT CAST(COALESCE(SUM(balance), 0) AS BIGINT) FROM accounts").await?;
-        let unrolled =
-            sum("SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM journal WHERE NOT rolled_up")
+        let mut tx = self.pool().begin().await?;
+        if self.backend == Backend::Postgres {
+            // Must be the transaction's first statement, before any snapshot is taken.
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                .execute(&mut *tx)
                 .await?;
-        report.total_balances = stored_balances + unrolled;
-        let journal_total =
-            sum("SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM journal").await?;
-        let system_side = sum(
-            "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM journal WHERE account_id IS NULL",
-        )
-        .await?;
+        }
+        let report = verify_snapshot(&mut tx).await?;
+        // Nothing was written; ending the transaction releases the snapshot.
+        tx.rollback().await?;
+        Ok(report)
+    }
+}
 
-        let problems = &mut report.problems;
-        if journal_total != 0 {
-            problems.push(format!(
-                "journal does not balance: entries sum to {journal_total}"
-            ));
-        }
-        if -system_side != report.total_deposits {
-            problems.push(format!(
-                "system journal side {} does not match deposits {}",
-                -system_side, report.total_deposits
-            ));
-        }
-        if report.total_balances != report.total_deposits {
-            problems.push(format!(
-                "conservation broken: balances {} != deposits {}",
-                report.total_balances, report.total_deposits
-            ));
-        }
+async fn sum(conn: &mut AnyConnection, sql: &str) -> Result<i64> {
+    Ok(sqlx::query_scalar(sql).fetch_one(conn).await?)
+}
 
-        // Each account's balance equals its journal; held equals its pending transfers.
-        let rows: Vec<AccountCheck> = sqlx::query_as(
+/// Every check of [`Store::verify`], each statement on `conn` (one transaction).
+async fn verify_snapshot(conn: &mut AnyConnection) -> Result<VerifyReport> {
+    let accounts = sum(&mut *conn, "SELECT COUNT(*) FROM accounts").await?;
+    let transfers = sum(&mut *conn, "SELECT COUNT(*) FROM transfers").await?;
+    let pending_transfers = sum(
+        &mut *conn,
+        "SELECT COUNT(*) FROM transfers WHERE status = 'PENDING'",
+    )
+    .await?;
+    let total_deposits = sum(
+        &mut *conn,
+        "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM deposits",
+    )
+    .await?;
+    let total_held = sum(
+        &mut *conn,
+        "SELECT CAST(COALESCE(SUM(held), 0) AS BIGINT) FROM accounts",
+    )
+    .await?;
+    let stored_balances = sum(
+        &mut *conn,
+        "SELECT CAST(COALESCE(SUM(balance), 0) AS BIGINT) FROM accounts",
+    )
+    .await?;
+    let unrolled = sum(
+        &mut *conn,
+        "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM journal WHERE NOT rolled_up",
+    )
+    .await?;
+    let mut report = VerifyReport {
+        accounts,
+        transfers,
+        total_deposits,
+        total_balances: stored_balances + unrolled,
+        total_held,
+        pending_transfers,
+        problems: Vec::new(),
+    };
+    let journal_total = sum(
+        &mut *conn,
+        "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM journal",
+    )
+    .await?;
+    let system_side = sum(
+        &mut *conn,
+        "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM journal WHERE account_id IS NULL",
+    )
+    .await?;
+
+    let problems = &mut report.problems;
+    if journal_total != 0 {
+        problems.push(format!(
+            "journal does not balance: entries sum to {journal_total}"
+        ));
+    }
+    if -system_side != report.total_deposits {
+        problems.push(format!(
+            "system journal side {} does not match deposits {}",
+            -system_side, report.total_deposits
+        ));
+    }
+    if report.total_balances != report.total_deposits {
+        problems.push(format!(
+            "conservation broken: balances {} != deposits {}",
+            report.total_balances, report.total_deposits
+        ));
+    }
+
+    // Each account's balance equals its journal; held equals its pending transfers.
+    let rows: Vec<AccountCheck> = sqlx::query_as(
             "SELECT a.email, a.balance, a.held, COALESCE(j.total, 0) AS journal, \
              COALESCE(j.rolled, 0) AS rolled, COALESCE(p.held, 0) AS pending \
              FROM accounts a \
@@ -104,37 +152,37 @@ impl Store {
              LEFT JOIN (SELECT sender_id, CAST(SUM(amount) AS BIGINT) AS held FROM transfers \
                         WHERE status = 'PENDING' GROUP BY sender_id) p ON p.sender_id = a.id",
         )
-        .fetch_all(pool)
+        .fetch_all(&mut *conn)
         .await?;
-        for AccountCheck {
-            email,
-            balance,
-            held,
-            journal,
-            rolled,
-            pending,
-        } in rows
-        {
-            if balance != rolled {
-                problems.push(format!(
-                    "{email}: balance {balance} != rolled-up journal {rolled}"
-                ));
-            }
-            if journal < 0 {
-                problems.push(format!("{email}: journal balance {journal} is negative"));
-            }
-            if held != pending {
-                problems.push(format!(
-                    "{email}: held {held} != pending transfers {pending}"
-                ));
-            }
-            if balance - held < 0 {
-                problems.push(format!("{email}: available {} is negative", balance - held));
-            }
+    for AccountCheck {
+        email,
+        balance,
+        held,
+        journal,
+        rolled,
+        pending,
+    } in rows
+    {
+        if balance != rolled {
+            problems.push(format!(
+                "{email}: balance {balance} != rolled-up journal {rolled}"
+            ));
         }
+        if journal < 0 {
+            problems.push(format!("{email}: journal balance {journal} is negative"));
+        }
+        if held != pending {
+            problems.push(format!(
+                "{email}: held {held} != pending transfers {pending}"
+            ));
+        }
+        if balance - held < 0 {
+            problems.push(format!("{email}: available {} is negative", balance - held));
+        }
+    }
 
-        // Tokens: held and spent match their transfers.
-        let rows: Vec<TokenCheck> = sqlx::query_as(
+    // Tokens: held and spent match their transfers.
+    let rows: Vec<TokenCheck> = sqlx::query_as(
             "SELECT k.id, k.held, k.spent, COALESCE(x.pending, 0) AS pending, \
              COALESCE(x.captured, 0) AS captured FROM tokens k \
              LEFT JOIN (SELECT token_id, \
@@ -142,25 +190,25 @@ impl Store {
                           CAST(SUM(CASE WHEN status = 'COMPLETED' THEN captured ELSE 0 END) AS BIGINT) AS captured \
                         FROM transfers WHERE token_id IS NOT NULL GROUP BY token_id) x ON x.token_id = k.id",
         )
-        .fetch_all(pool)
+        .fetch_all(&mut *conn)
         .await?;
-        for TokenCheck {
-            id,
-            held,
-            spent,
-            pending,
-            captured,
-        } in rows
-        {
-            if held != pending || spent != captured {
-                problems.push(format!(
-                    "token {id}: held {held}/spent {spent} != pending {pending}/captured {captured}"
-                ));
-            }
+    for TokenCheck {
+        id,
+        held,
+        spent,
+        pending,
+        captured,
+    } in rows
+    {
+        if held != pending || spent != captured {
+            problems.push(format!(
+                "token {id}: held {held}/spent {spent} != pending {pending}/captured {captured}"
+            ));
         }
+    }
 
-        // Transfers: each completed one has exactly its two entries; others have none.
-        let bad: i64 = sqlx::query_scalar(
+    // Transfers: each completed one has exactly its two entries; others have none.
+    let bad: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM transfers t \
              LEFT JOIN (SELECT ref_id, COUNT(*) AS entries, \
                           CAST(SUM(CASE WHEN amount > 0 THEN amount ELSE 0 END) AS BIGINT) AS credited, \
@@ -172,24 +220,23 @@ impl Store {
                 OR (t.status <> 'COMPLETED' AND (t.captured <> 0 OR COALESCE(j.entries, 0) <> 0)) \
                 OR (t.status = 'CANCELLED' AND t.resolved_at IS NULL)",
         )
-        .fetch_one(pool)
+        .fetch_one(&mut *conn)
         .await?;
-        if bad > 0 {
-            problems.push(format!(
-                "{bad} transfers do not match their journal entries"
-            ));
-        }
-        let per_request: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM (SELECT recipient_id, request_id FROM usage_records \
-             GROUP BY recipient_id, request_id HAVING COUNT(*) > 1) d",
-        )
-        .fetch_one(pool)
-        .await?;
-        if per_request > 0 {
-            problems.push(format!(
-                "{per_request} request ids have more than one usage row"
-            ));
-        }
-        Ok(report)
+    if bad > 0 {
+        problems.push(format!(
+            "{bad} transfers do not match their journal entries"
+        ));
     }
+    let per_request: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM (SELECT recipient_id, user_email, request_id FROM usage_records \
+             GROUP BY recipient_id, user_email, request_id HAVING COUNT(*) > 1) d",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    if per_request > 0 {
+        problems.push(format!(
+            "{per_request} request ids have more than one usage row"
+        ));
+    }
+    Ok(report)
 }

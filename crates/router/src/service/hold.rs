@@ -10,10 +10,10 @@ use crate::drain::DrainGuard;
 use crate::error::RouterError;
 use crate::ledger::Ledger;
 
-/// Removes a request id from the in-flight set when the request ends, however it ends.
+/// Removes a (user, request id) from the in-flight set when the request ends, however it ends.
 pub(super) struct Claim {
     pub(super) inner: Arc<Inner>,
-    pub(super) request_id: String,
+    pub(super) key: (String, String),
     /// Counts the request as in flight for graceful shutdown.
     pub(super) _work: DrainGuard,
 }
@@ -21,7 +21,7 @@ pub(super) struct Claim {
 impl Drop for Claim {
     fn drop(&mut self) {
         if let Ok(mut set) = self.inner.in_flight.lock() {
-            set.remove(&self.request_id);
+            set.remove(&self.key);
         }
     }
 }

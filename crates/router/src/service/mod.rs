@@ -50,7 +50,8 @@ struct Inner {
     chat: Option<ServiceConfig>,
     upstream: Upstream,
     ledger: Ledger,
-    in_flight: Mutex<HashSet<String>>,
+    /// (user email, request id) of the requests in progress.
+    in_flight: Mutex<HashSet<(String, String)>>,
     readiness: ReadinessCell,
     drain: Arc<Drain>,
 }
@@ -219,7 +220,7 @@ impl RouterService {
         let started = Instant::now();
         let p = self.prepare(req).await?;
         tracing::Span::current().record("request_id", p.v.request_id.as_str());
-        let _claim = self.claim(&p.v.request_id)?;
+        let _claim = self.claim(&p.v.user_email, &p.v.request_id)?;
         let hold = self.authorize(&p).await?;
         if let Some(h) = &hold {
             tracing::Span::current().record("transfer_id", h.transfer_id.as_str());
@@ -384,10 +385,11 @@ impl RouterService {
         Ok(p)
     }
 
-    /// Marks the request id in flight in this process, so a concurrent duplicate is refused
-    /// instead of calling the upstream twice. (Across replicas the ledger's idempotency still
-    /// guarantees a single charge.)
-    fn claim(&self, request_id: &str) -> Result<Claim, RouterError> {
+    /// Marks the user's request id in flight in this process, so a concurrent duplicate is
+    /// refused instead of calling the upstream twice. (Across replicas the ledger's idempotency
+    /// still guarantees a single charge.) Request ids are scoped per user, like the ledger's
+    /// idempotency keys: two users who send the same id do not collide.
+    fn claim(&self, user_email: &str, request_id: &str) -> Result<Claim, RouterError> {
         if self.inner.drain.is_aborting() {
             return Err(RouterError::Unavailable(
                 "the router is shutting down; retry".into(),
@@ -398,14 +400,15 @@ impl RouterService {
             .in_flight
             .lock()
             .map_err(|_| RouterError::Internal("in-flight set poisoned".into()))?;
-        if !set.insert(request_id.to_string()) {
+        let key = (user_email.to_string(), request_id.to_string());
+        if !set.insert(key.clone()) {
             return Err(RouterError::AlreadyExists(format!(
                 "request {request_id} is already in progress"
             )));
         }
         Ok(Claim {
             inner: self.inner.clone(),
-            request_id: request_id.to_string(),
+            key,
             _work: self.inner.drain.enter(),
         })
     }

@@ -41,7 +41,7 @@ impl RouterService {
         let started = Instant::now();
         let p = self.prepare(req).await?;
         tracing::Span::current().record("request_id", p.v.request_id.as_str());
-        let claim = self.claim(&p.v.request_id)?;
+        let claim = self.claim(&p.v.user_email, &p.v.request_id)?;
         let hold = self.authorize(&p).await?;
         if let Some(h) = &hold {
             tracing::Span::current().record("transfer_id", h.transfer_id.as_str());
