@@ -501,3 +501,24 @@ pub async fn demo(_args: DemoArgs) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    /// The commands `dev` prints start with something a shell can run as pasted: here (a test
+    /// binary, not named `syft-router` nor on PATH) that is this binary's own path, relative to
+    /// the working directory when below it.
+    #[test]
+    fn printed_command_runs_this_binary() {
+        let shown = super::self_command();
+        let exe = std::env::current_exe()
+            .and_then(|p| p.canonicalize())
+            .expect("current exe");
+        let path = std::path::Path::new(shown.trim_matches('\''));
+        let resolved = std::env::current_dir()
+            .expect("cwd")
+            .join(path)
+            .canonicalize()
+            .expect("the printed command names a file that exists");
+        assert_eq!(resolved, exe, "{shown}");
+    }
+}
