@@ -218,13 +218,7 @@ impl RouterService {
 
     async fn unary(&self, req: ChatRequest) -> Result<ChatResponse, RouterError> {
         let started = Instant::now();
-        let p = self.prepare(req).await?;
-        tracing::Span::current().record("request_id", p.v.request_id.as_str());
-        let _claim = self.claim(&p.v.user_email, &p.v.request_id)?;
-        let hold = self.authorize(&p).await?;
-        if let Some(h) = &hold {
-            tracing::Span::current().record("transfer_id", h.transfer_id.as_str());
-        }
+        let (p, _claim, hold) = self.admit(req).await?;
         let up_start = Instant::now();
         let result = self
             .until_shutdown(self.inner.upstream.complete(&p.upstream_req))
@@ -299,6 +293,22 @@ impl RouterService {
 
     // -----------------------------------------------------------------------------------------
     // steps
+
+    /// Validates and prices a request, claims its id (held until the returned claim is dropped)
+    /// and places its hold when the service is paid.
+    async fn admit(
+        &self,
+        req: ChatRequest,
+    ) -> Result<(Prepared, Claim, Option<HoldGuard>), RouterError> {
+        let p = self.prepare(req).await?;
+        tracing::Span::current().record("request_id", p.v.request_id.as_str());
+        let claim = self.claim(&p.v.user_email, &p.v.request_id)?;
+        let hold = self.authorize(&p).await?;
+        if let Some(h) = &hold {
+            tracing::Span::current().record("transfer_id", h.transfer_id.as_str());
+        }
+        Ok((p, claim, hold))
+    }
 
     async fn prepare(&self, req: ChatRequest) -> Result<Prepared, RouterError> {
         let inner = &self.inner;

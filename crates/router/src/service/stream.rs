@@ -39,13 +39,7 @@ impl RouterService {
 
     async fn stream(&self, req: ChatRequest) -> Result<ChatStreamHandle, RouterError> {
         let started = Instant::now();
-        let p = self.prepare(req).await?;
-        tracing::Span::current().record("request_id", p.v.request_id.as_str());
-        let claim = self.claim(&p.v.user_email, &p.v.request_id)?;
-        let hold = self.authorize(&p).await?;
-        if let Some(h) = &hold {
-            tracing::Span::current().record("transfer_id", h.transfer_id.as_str());
-        }
+        let (p, claim, hold) = self.admit(req).await?;
         let up_start = Instant::now();
         let upstream = match self
             .until_shutdown(self.inner.upstream.stream(&p.upstream_req))
