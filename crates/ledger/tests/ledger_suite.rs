@@ -1043,6 +1043,34 @@ async fn refusals_carry_machine_readable_reasons(h: Harness) -> Harness {
         refused(router.authorize(authorize(ALICE, 50, &limited, "r5")).await),
         want(Code::PermissionDenied, "TOKEN_REVOKED")
     );
+    // Account and deposit conflicts name their reason too.
+    let again = h
+        .admin()
+        .create_account(pb::CreateAccountRequest {
+            email: ALICE.into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("duplicate account");
+    assert_eq!(
+        (again.code(), reason(&again).unwrap_or_default()),
+        want(Code::AlreadyExists, "ACCOUNT_EXISTS")
+    );
+    let deposit = |amount| pb::DepositRequest {
+        email: ALICE.into(),
+        amount_micros: amount,
+        idempotency_key: "d1".into(),
+    };
+    h.admin().deposit(deposit(10)).await.unwrap();
+    let reused = h
+        .admin()
+        .deposit(deposit(20))
+        .await
+        .expect_err("deposit key reused");
+    assert_eq!(
+        (reused.code(), reason(&reused).unwrap_or_default()),
+        want(Code::AlreadyExists, "IDEMPOTENCY_CONFLICT")
+    );
     // A replay of a refused key returns the same reason, not a generic one.
     assert_eq!(
         refused(

@@ -6,7 +6,6 @@
 use std::sync::Arc;
 
 use base64::Engine;
-use syft_error::Reason;
 
 use crate::auth::{authenticate, constant_time_eq, generate_secret, Caller};
 use crate::backend::TransferBackend;
@@ -452,9 +451,4 @@ fn decode_page_token(token: &str) -> Result<Option<String>> {
         .filter(|s| s.len() <= 64 && uuid::Uuid::parse_str(s).is_ok())
         .map(Some)
         .ok_or_else(|| LedgerError::invalid("invalid page_token"))
-}
-
-/// The reason a refused operation is not served by this ledger (see [`Reason::NotSupported`]).
-pub fn is_not_supported(err: &LedgerError) -> bool {
-    err.reason() == Some(Reason::NotSupported)
 }

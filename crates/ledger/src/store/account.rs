@@ -8,6 +8,7 @@ use super::{
     ACCOUNT_COLUMNS, SECRET_CACHE_TTL,
 };
 use crate::error::{is_unique_violation, LedgerError, Result};
+use syft_error::Reason;
 
 impl Store {
     pub async fn create_account(
@@ -32,9 +33,10 @@ impl Store {
         match result {
             Ok(_) => {}
             Err(e) if is_unique_violation(&e) => {
-                return Err(LedgerError::AlreadyExists(format!(
-                    "account {email} already exists"
-                )))
+                return Err(LedgerError::refused(
+                    Reason::AccountExists,
+                    format!("account {email} already exists"),
+                ))
             }
             Err(e) => return Err(e.into()),
         }
@@ -87,7 +89,7 @@ impl Store {
     ) -> Result<AccountRow> {
         match self.create_account(email, "", currency, secret_hash).await {
             Ok(account) => Ok(account),
-            Err(LedgerError::AlreadyExists(_)) => {
+            Err(e) if e.reason() == Some(Reason::AccountExists) => {
                 let account = self
                     .account_by_email(email)
                     .await?
@@ -227,9 +229,12 @@ impl Store {
                 .fetch_one(&self.pool)
                 .await?;
                 if prev_account != account_id || prev_amount != amount {
-                    return Err(LedgerError::AlreadyExists(format!(
-                        "idempotency key {idempotency_key:?} was used for a different deposit"
-                    )));
+                    return Err(LedgerError::refused(
+                        Reason::IdempotencyConflict,
+                        format!(
+                            "idempotency key {idempotency_key:?} was used for a different deposit"
+                        ),
+                    ));
                 }
             }
         }
