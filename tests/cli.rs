@@ -49,15 +49,7 @@ fn demo_runs_a_paid_scenario_and_exits_zero() {
 #[tokio::test(flavor = "multi_thread")]
 async fn client_commands_and_verify() {
     let h = Harness::new(false).await.unwrap();
-    let url = h.url();
-    let cli = |args: &[&str]| {
-        let mut cmd = syft_router();
-        cmd.args(args)
-            .env("SYFT_LEDGER_URL", &url)
-            .env("SYFT_LEDGER_ADMIN_KEY", ADMIN_KEY)
-            .env_remove("SYFT_SECRET");
-        cmd
-    };
+    let cli = admin_cli(h.url());
     let created: serde_json::Value = serde_json::from_str(&run(&mut cli(&[
         "account",
         "create",
@@ -121,7 +113,6 @@ async fn client_commands_and_verify() {
 /// Starts `syft-router args…`, waits for `ready` on stderr, sends SIGTERM, and returns the exit
 /// status and what was logged.
 fn sigterm_after(args: &[&str], ready: &str) -> (std::process::ExitStatus, String) {
-    use std::io::{BufRead, BufReader};
     let mut child = syft_router()
         .args(args)
         .env("RUST_LOG", "info")
@@ -131,12 +122,7 @@ fn sigterm_after(args: &[&str], ready: &str) -> (std::process::ExitStatus, Strin
         .spawn()
         .expect("spawn syft-router");
     let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = syft_testkit::lines_of(stderr);
     let mut log = String::new();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while !log.contains(ready) {
@@ -338,15 +324,7 @@ fn client_errors_are_one_line_in_the_users_terms() {
 #[tokio::test(flavor = "multi_thread")]
 async fn listings_page_past_500_rows_with_times_and_currency() {
     let h = Harness::new(false).await.unwrap();
-    let url = h.url();
-    let cli = |args: &[&str]| {
-        let mut cmd = syft_router();
-        cmd.args(args)
-            .env("SYFT_LEDGER_URL", &url)
-            .env("SYFT_LEDGER_ADMIN_KEY", ADMIN_KEY)
-            .env_remove("SYFT_SECRET");
-        cmd
-    };
+    let cli = admin_cli(h.url());
     let json = |cmd: &mut Command| -> serde_json::Value {
         serde_json::from_str(&run(cmd)).expect("JSON output")
     };
@@ -453,4 +431,16 @@ async fn listings_page_past_500_rows_with_times_and_currency() {
         "{err}"
     );
     h.finish().await;
+}
+
+/// `syft-router ARGS` against the ledger at `url`, with the admin key and no user secret.
+fn admin_cli(url: String) -> impl Fn(&[&str]) -> Command {
+    move |args: &[&str]| {
+        let mut cmd = syft_router();
+        cmd.args(args)
+            .env("SYFT_LEDGER_URL", &url)
+            .env("SYFT_LEDGER_ADMIN_KEY", ADMIN_KEY)
+            .env_remove("SYFT_SECRET");
+        cmd
+    }
 }

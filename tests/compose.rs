@@ -221,11 +221,7 @@ fn compose_env_vars_commands_and_healthchecks_exist_in_the_binary() {
             }
         }
     }
-    assert!(
-        problems.is_empty(),
-        "docker-compose.yml does not match the binary:\n  {}",
-        problems.join("\n  ")
-    );
+    assert_none("docker-compose.yml does not match the binary", &problems);
 }
 
 fn port_of(addr: &str) -> u16 {
@@ -324,11 +320,7 @@ fn compose_ports_and_urls_match_listen_addresses() {
             }
         }
     }
-    assert!(
-        problems.is_empty(),
-        "docker-compose.yml ports and URLs:\n  {}",
-        problems.join("\n  ")
-    );
+    assert_none("docker-compose.yml ports and URLs", &problems);
 }
 
 #[test]
@@ -580,11 +572,7 @@ fn dockerfile_build_stage_covers_every_workspace_member() {
             problems.push(format!("{path} does not exist"));
         }
     }
-    assert!(
-        problems.is_empty(),
-        "Dockerfile vs workspace:\n  {}",
-        problems.join("\n  ")
-    );
+    assert_none("Dockerfile vs workspace", &problems);
 }
 
 /// Builds the image when a container engine answers here; CI machines without one print
@@ -622,4 +610,9 @@ fn docker_image_builds_when_an_engine_runs() {
         String::from_utf8_lossy(&help.stdout).contains("ledger"),
         "the image runs syft-router"
     );
+}
+
+/// Fails with every problem found, one a line, under `what`.
+fn assert_none(what: &str, problems: &[String]) {
+    assert!(problems.is_empty(), "{what}:\n  {}", problems.join("\n  "));
 }

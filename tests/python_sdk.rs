@@ -68,7 +68,6 @@ async fn syft_accounting_sdk_works_unchanged() {
 /// accounts it created (`dev-credentials.json`) through every SDK call that parses an email.
 #[test]
 fn syft_accounting_sdk_works_with_the_dev_stack_defaults() {
-    use std::io::{BufRead, BufReader};
     let Some(python) = venv_python() else { return };
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let data = tempfile::tempdir().expect("tempdir");
@@ -89,12 +88,7 @@ fn syft_accounting_sdk_works_with_the_dev_stack_defaults() {
     // The banner names the ledger's HTTP address. Its reader runs to the end, so `dev` never
     // writes into a closed pipe.
     let stdout = dev.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = syft_testkit::lines_of(stdout);
     let mut http_url = None;
     while let Ok(line) = rx.recv_timeout(std::time::Duration::from_secs(60)) {
         if let Some(rest) = line.trim().strip_prefix("ledger  HTTP") {

@@ -299,36 +299,20 @@ pub async fn account(args: AccountArgs) -> anyhow::Result<()> {
             .user()?
             .get_account(pb::GetAccountRequest { email })
             .await
-            .map_err(|s| conn.fail(s))?
-            .into_inner(),
+            .or_fail(conn)?,
         AccountAction::List { limit, all } => {
             let client = conn.admin()?;
-            let (accounts, next) = fetch_pages(
-                (!all).then_some(limit),
+            let request = pb::ListAccountsRequest::default();
+            let (accounts, next) =
+                list_all(conn, &client, request, (!all).then_some(limit)).await?;
+            print_list(
+                conn,
                 "accounts",
-                |page_size, page_token| {
-                    let mut client = client.clone();
-                    async move {
-                        let page = client
-                            .list_accounts(pb::ListAccountsRequest {
-                                page_size,
-                                page_token,
-                            })
-                            .await
-                            .map_err(|s| conn.fail(s))?
-                            .into_inner();
-                        Ok((page.accounts, page.next_page_token))
-                    }
-                },
-            )
-            .await?;
-            if conn.json {
-                let rows: Vec<_> = accounts.iter().map(account_json).collect();
-                println!("{}", json!({"accounts": rows, "next_page_token": next}));
-            } else {
-                print_accounts(&accounts);
-                more_hint(&next, "accounts");
-            }
+                &accounts,
+                &next,
+                account_json,
+                print_accounts,
+            );
             return Ok(());
         }
         AccountAction::Deposit {
@@ -345,8 +329,7 @@ pub async fn account(args: AccountArgs) -> anyhow::Result<()> {
                     idempotency_key: key,
                 })
                 .await
-                .map_err(|s| conn.fail(s))?
-                .into_inner()
+                .or_fail(conn)?
         }
     };
     if conn.json {
@@ -376,8 +359,7 @@ pub async fn token(args: TokenArgs) -> anyhow::Result<()> {
                     spend_limit_micros,
                 })
                 .await
-                .map_err(|s| conn.fail(s))?
-                .into_inner();
+                .or_fail(conn)?;
             if conn.json {
                 println!(
                     "{}",
@@ -420,8 +402,7 @@ pub async fn token(args: TokenArgs) -> anyhow::Result<()> {
                 .user()?
                 .revoke_token(pb::RevokeTokenRequest { token })
                 .await
-                .map_err(|s| conn.fail(s))?
-                .into_inner();
+                .or_fail(conn)?;
             if conn.json {
                 println!(
                     "{}",
@@ -444,37 +425,14 @@ pub async fn token(args: TokenArgs) -> anyhow::Result<()> {
                 _ => pb::Role::Any,
             };
             let client = conn.user()?;
-            let account = account.unwrap_or_default();
-            let (tokens, next) = fetch_pages(
-                (!all).then_some(limit),
-                "tokens",
-                |page_size, page_token| {
-                    let mut client = client.clone();
-                    let account_email = account.clone();
-                    async move {
-                        let page = client
-                            .list_tokens(pb::ListTokensRequest {
-                                role: role as i32,
-                                account_email,
-                                include_inactive: inactive,
-                                page_size,
-                                page_token,
-                            })
-                            .await
-                            .map_err(|s| conn.fail(s))?
-                            .into_inner();
-                        Ok((page.tokens, page.next_page_token))
-                    }
-                },
-            )
-            .await?;
-            if conn.json {
-                let rows: Vec<_> = tokens.iter().map(token_json).collect();
-                println!("{}", json!({"tokens": rows, "next_page_token": next}));
-            } else {
-                print_tokens(&tokens);
-                more_hint(&next, "tokens");
-            }
+            let request = pb::ListTokensRequest {
+                role: role as i32,
+                account_email: account.unwrap_or_default(),
+                include_inactive: inactive,
+                ..Default::default()
+            };
+            let (tokens, next) = list_all(conn, &client, request, (!all).then_some(limit)).await?;
+            print_list(conn, "tokens", &tokens, &next, token_json, print_tokens);
         }
     }
     Ok(())
@@ -504,47 +462,15 @@ pub async fn transfers(args: TransfersArgs) -> anyhow::Result<()> {
         account_email: args.account.clone().unwrap_or_default(),
         ..Default::default()
     };
-    let (rows, next) = fetch_pages(w.limit(), "transfers", |page_size, page_token| {
-        let mut client = client.clone();
-        let request = pb::ListTransfersRequest {
-            page_size,
-            page_token,
-            ..request.clone()
-        };
-        async move {
-            let page = client
-                .list_transfers(request)
-                .await
-                .map_err(|s| conn.fail(s))?
-                .into_inner();
-            Ok((page.transfers, page.next_page_token))
-        }
-    })
-    .await?;
-    if conn.json {
-        let rows: Vec<_> = rows.iter().map(transfer_json).collect();
-        println!("{}", json!({"transfers": rows, "next_page_token": next}));
-        return Ok(());
-    }
-    println!(
-        "{:<19}  {:<36}  {:<9}  {:>10}  {:>10}  {:<8}  {:<24}  {:<24}  app",
-        "created (UTC)", "id", "status", "held", "captured", "currency", "sender", "recipient"
+    let (rows, next) = list_all(conn, &client, request, w.limit()).await?;
+    print_list(
+        conn,
+        "transfers",
+        &rows,
+        &next,
+        transfer_json,
+        print_transfers,
     );
-    for t in &rows {
-        println!(
-            "{:<19}  {:<36}  {:<9}  {:>10}  {:>10}  {:<8}  {:<24}  {:<24}  {}",
-            format_time(t.created_at_unix_micros),
-            t.id,
-            status_word(t.status()),
-            format_micros(t.amount_micros),
-            format_micros(t.captured_micros),
-            t.currency,
-            t.sender_email,
-            t.recipient_email,
-            t.app_name
-        );
-    }
-    more_hint(&next, "transfers");
     Ok(())
 }
 
@@ -571,11 +497,7 @@ pub async fn usage(args: UsageArgs) -> anyhow::Result<()> {
         };
         let totals = &totals;
         async move {
-            let page = client
-                .query_usage(request)
-                .await
-                .map_err(|s| conn.fail(s))?
-                .into_inner();
+            let page = client.query_usage(request).await.or_fail(conn)?;
             let mut kept = totals.lock().unwrap_or_else(|e| e.into_inner());
             if kept.is_none() {
                 *kept = page.totals;
@@ -609,4 +531,109 @@ pub async fn usage(args: UsageArgs) -> anyhow::Result<()> {
         totals.currency
     );
     Ok(())
+}
+
+fn print_transfers(rows: &[pb::Transfer]) {
+    println!(
+        "{:<19}  {:<36}  {:<9}  {:>10}  {:>10}  {:<8}  {:<24}  {:<24}  app",
+        "created (UTC)", "id", "status", "held", "captured", "currency", "sender", "recipient"
+    );
+    for t in rows {
+        println!(
+            "{:<19}  {:<36}  {:<9}  {:>10}  {:>10}  {:<8}  {:<24}  {:<24}  {}",
+            format_time(t.created_at_unix_micros),
+            t.id,
+            status_word(t.status()),
+            format_micros(t.amount_micros),
+            format_micros(t.captured_micros),
+            t.currency,
+            t.sender_email,
+            t.recipient_email,
+            t.app_name
+        );
+    }
+}
+
+/// A ledger answer, or its error in the user's terms.
+trait OrFail<T> {
+    fn or_fail(self, conn: &Conn) -> anyhow::Result<T>;
+}
+
+impl<T> OrFail<T> for Result<tonic::Response<T>, tonic::Status> {
+    fn or_fail(self, conn: &Conn) -> anyhow::Result<T> {
+        self.map(tonic::Response::into_inner)
+            .map_err(|s| conn.fail(s))
+    }
+}
+
+/// A list call of the ledger API, paged by `page_size` and `page_token`.
+trait Paged: Clone {
+    type Item;
+    /// The key of the rows in `--json` output, and their name in messages.
+    const NAME: &'static str;
+    fn page(self, page_size: u32, page_token: String) -> Self;
+    async fn fetch(
+        self,
+        client: &mut LedgerClient,
+    ) -> Result<(Vec<Self::Item>, String), tonic::Status>;
+}
+
+macro_rules! paged {
+    ($request:ty, $call:ident, $rows:ident: $item:ty) => {
+        impl Paged for $request {
+            type Item = $item;
+            const NAME: &'static str = stringify!($rows);
+            fn page(self, page_size: u32, page_token: String) -> Self {
+                Self {
+                    page_size,
+                    page_token,
+                    ..self
+                }
+            }
+            async fn fetch(
+                self,
+                client: &mut LedgerClient,
+            ) -> Result<(Vec<$item>, String), tonic::Status> {
+                let page = client.$call(self).await?.into_inner();
+                Ok((page.$rows, page.next_page_token))
+            }
+        }
+    };
+}
+
+paged!(pb::ListAccountsRequest, list_accounts, accounts: pb::Account);
+paged!(pb::ListTokensRequest, list_tokens, tokens: pb::Token);
+paged!(pb::ListTransfersRequest, list_transfers, transfers: pb::Transfer);
+
+/// Every row of `request` up to `limit` (`None`: all), page by page.
+async fn list_all<R: Paged>(
+    conn: &Conn,
+    client: &LedgerClient,
+    request: R,
+    limit: Option<u32>,
+) -> anyhow::Result<(Vec<R::Item>, String)> {
+    fetch_pages(limit, R::NAME, |page_size, page_token| {
+        let mut client = client.clone();
+        let request = request.clone().page(page_size, page_token);
+        async move { request.fetch(&mut client).await.map_err(|s| conn.fail(s)) }
+    })
+    .await
+}
+
+/// Rows as `{"<name>": [...], "next_page_token": ...}` with `--json`, else as a table.
+fn print_list<T>(
+    conn: &Conn,
+    name: &str,
+    rows: &[T],
+    next: &str,
+    to_json: fn(&T) -> serde_json::Value,
+    table: fn(&[T]),
+) {
+    if conn.json {
+        let rows: Vec<_> = rows.iter().map(to_json).collect();
+        println!("{}", json!({name: rows, "next_page_token": next}));
+    } else {
+        table(rows);
+        more_hint(next, name);
+    }
 }

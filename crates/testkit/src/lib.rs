@@ -28,6 +28,21 @@ pub const ADMIN_KEY: &str = "test-admin-key-0123456789";
 /// One dollar in micros.
 pub const USD: i64 = 1_000_000;
 
+/// The lines a child process writes to `pipe`, read on a thread until the pipe closes (so the
+/// child never writes into a closed pipe), as a channel a test can wait on with a deadline.
+pub fn lines_of(pipe: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
 /// A port that was free a moment ago (for processes that bind it themselves).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

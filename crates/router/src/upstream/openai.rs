@@ -231,19 +231,25 @@ struct WireResponse {
     error: Option<serde_json::Value>,
 }
 
+/// An `error` object inside a 200 answer (some servers report failures that way): a bad gateway,
+/// with the upstream's message cut to 500 characters so a huge body never reaches a client.
+fn error_in_body(err: &serde_json::Value) -> UpstreamError {
+    UpstreamError::Status {
+        status: 502,
+        message: err["message"]
+            .as_str()
+            .unwrap_or("upstream error")
+            .chars()
+            .take(500)
+            .collect(),
+    }
+}
+
 fn parse_completion(bytes: &[u8]) -> Result<Completion, UpstreamError> {
     let wire: WireResponse = serde_json::from_slice(bytes)
         .map_err(|e| UpstreamError::InvalidResponse(format!("not a chat completion: {e}")))?;
     if let Some(err) = wire.error {
-        return Err(UpstreamError::Status {
-            status: 502,
-            message: err["message"]
-                .as_str()
-                .unwrap_or("upstream error")
-                .chars()
-                .take(500)
-                .collect(),
-        });
+        return Err(error_in_body(&err));
     }
     let choice = wire
         .choices
@@ -267,15 +273,7 @@ fn parse_chunk(data: &str) -> Result<StreamChunk, UpstreamError> {
     let wire: WireResponse = serde_json::from_str(data)
         .map_err(|e| UpstreamError::InvalidResponse(format!("bad stream event: {e}")))?;
     if let Some(err) = wire.error {
-        return Err(UpstreamError::Status {
-            status: 502,
-            message: err["message"]
-                .as_str()
-                .unwrap_or("upstream error")
-                .chars()
-                .take(500)
-                .collect(),
-        });
+        return Err(error_in_body(&err));
     }
     let mut chunk = StreamChunk {
         id: (!wire.id.is_empty()).then_some(wire.id),
