@@ -150,22 +150,29 @@ impl ErrorCode {
     }
 }
 
-impl fmt::Display for ErrorCode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
+/// `Display` and `FromStr` by the enum's wire name (`as_str`, `ALL`).
+macro_rules! named_text {
+    ($name:ident) => {
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = UnknownName;
+
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                Self::ALL
+                    .into_iter()
+                    .find(|v| v.as_str() == s)
+                    .ok_or_else(|| UnknownName(s.to_string()))
+            }
+        }
+    };
 }
 
-impl FromStr for ErrorCode {
-    type Err = UnknownName;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|c| c.as_str() == s)
-            .ok_or_else(|| UnknownName(s.to_string()))
-    }
-}
+named_text!(ErrorCode);
 
 /// A name that is not one of this vocabulary's.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -246,22 +253,7 @@ impl Reason {
     }
 }
 
-impl fmt::Display for Reason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Reason {
-    type Err = UnknownName;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|r| r.as_str() == s)
-            .ok_or_else(|| UnknownName(s.to_string()))
-    }
-}
+named_text!(Reason);
 
 /// A gRPC status with `google.rpc.ErrorInfo { reason, domain }` and the reason header.
 pub fn grpc_status(code: ErrorCode, reason: &str, domain: &str, message: String) -> tonic::Status {

@@ -60,14 +60,7 @@ impl TransferBackend for HostedBackend {
     }
 
     async fn list(&self, filter: &TransferFilter) -> Result<(Vec<TransferRow>, bool)> {
-        // One owner: the account and role filters select every transfer of this ledger.
-        self.hosted
-            .list(
-                filter.status.map(|s| s.as_str()),
-                filter.before_id.as_deref(),
-                filter.limit,
-            )
-            .await
+        self.hosted.list(filter).await
     }
 
     async fn account(&self, email: &str) -> Result<AccountRow> {

@@ -13,7 +13,7 @@ use sqlx::{FromRow, Row};
 
 use crate::domain::{text_enum, Actor, Micros, TransferStatus};
 use crate::error::{is_unique_violation, LedgerError, Result};
-use crate::store::{new_id, now_micros, Store, TransferRow, UsageInput};
+use crate::store::{new_id, now_micros, Store, TransferFilter, TransferRow, UsageInput};
 
 text_enum! {
     /// Where a hosted transfer stands locally (`hosted_transfers.step`); each step is written
@@ -252,20 +252,17 @@ impl Journal {
             .ok_or_else(|| LedgerError::NotFound(format!("transfer {id} not found")))
     }
 
-    /// Transfers that held money, newest first, and whether more exist.
-    pub async fn list(
-        &self,
-        status: Option<&str>,
-        before_id: Option<&str>,
-        limit: i64,
-    ) -> Result<(Vec<TransferRow>, bool)> {
+    /// Transfers that held money, newest first, and whether more exist. One owner: the account
+    /// and role filters select every transfer of this ledger.
+    pub async fn list(&self, filter: &TransferFilter) -> Result<(Vec<TransferRow>, bool)> {
+        let limit = filter.limit;
         let sql = format!(
             "SELECT {COLUMNS} FROM hosted_transfers WHERE step NOT IN ('failed', 'unknown') \
              AND ($1 = '' OR status = $1) AND ($2 = '' OR id < $2) ORDER BY id DESC LIMIT $3"
         );
         let entries: Vec<Entry> = sqlx::query_as(&sql)
-            .bind(status.unwrap_or(""))
-            .bind(before_id.unwrap_or(""))
+            .bind(filter.status.map_or("", |s| s.as_str()))
+            .bind(filter.before_id.as_deref().unwrap_or(""))
             .bind(limit + 1)
             .fetch_all(self.pool())
             .await?;

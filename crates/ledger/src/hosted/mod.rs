@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{LedgerError, Result};
-use crate::store::{sha256_hex, Store, TransferRow};
+use crate::store::{sha256_hex, Store, TransferFilter, TransferRow};
 pub use config::HostedConfig;
 use journal::Journal;
 pub use recovery::run_recovery;
@@ -130,12 +130,7 @@ impl Hosted {
     }
 
     /// Newest first, like the local store's listing.
-    pub async fn list(
-        &self,
-        status: Option<&str>,
-        before_id: Option<&str>,
-        limit: i64,
-    ) -> Result<(Vec<TransferRow>, bool)> {
-        self.journal.list(status, before_id, limit).await
+    pub async fn list(&self, filter: &TransferFilter) -> Result<(Vec<TransferRow>, bool)> {
+        self.journal.list(filter).await
     }
 }

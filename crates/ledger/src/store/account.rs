@@ -61,18 +61,29 @@ impl Store {
     /// Replaces an account's secret. Cached Bearer lookups of the old secret are dropped here; other
     /// ledger replicas drop theirs within the cache TTL.
     pub async fn update_secret_hash(&self, account_id: i64, secret_hash: &str) -> Result<()> {
-        sqlx::query("UPDATE accounts SET secret_hash = $1 WHERE id = $2")
-            .bind(secret_hash)
-            .bind(account_id)
-            .execute(&self.pool)
-            .await?;
+        self.update_text(
+            "UPDATE accounts SET secret_hash = $1 WHERE id = $2",
+            account_id,
+            secret_hash,
+        )
+        .await?;
         write_lock(&self.secrets).clear();
         Ok(())
     }
 
     pub async fn update_organization(&self, account_id: i64, organization: &str) -> Result<()> {
-        sqlx::query("UPDATE accounts SET organization = $1 WHERE id = $2")
-            .bind(organization)
+        self.update_text(
+            "UPDATE accounts SET organization = $1 WHERE id = $2",
+            account_id,
+            organization,
+        )
+        .await
+    }
+
+    /// One text column of one account (`sql` binds the value as $1, the id as $2).
+    async fn update_text(&self, sql: &'static str, account_id: i64, value: &str) -> Result<()> {
+        sqlx::query(sql)
+            .bind(value)
             .bind(account_id)
             .execute(&self.pool)
             .await?;

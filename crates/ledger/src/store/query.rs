@@ -114,6 +114,19 @@ impl Where {
         self.binds.push(Bind::Text(value.to_string()));
     }
 
+    /// `template` when the filter is set, else nothing.
+    fn opt_int(&mut self, template: &str, value: Option<i64>) {
+        if let Some(v) = value {
+            self.int(template, v);
+        }
+    }
+
+    fn opt_text(&mut self, template: &str, value: Option<&str>) {
+        if let Some(v) = value {
+            self.text(template, v);
+        }
+    }
+
     fn sql(&self) -> String {
         if self.clauses.is_empty() {
             String::new()
@@ -156,9 +169,7 @@ impl Store {
             w.clauses.push("k.revoked_at IS NULL".into());
             w.int("(k.expires_at IS NULL OR k.expires_at > ?)", f.now);
         }
-        if let Some(before) = &f.before_id {
-            w.text("k.id < ?", before);
-        }
+        w.opt_text("k.id < ?", f.before_id.as_deref());
         let sql = format!(
             "SELECT k.id, s.email AS sender_email, r.email AS recipient_email, s.currency, \
              k.created_at, k.expires_at, k.spend_limit, k.held, k.spent, k.revoked_at \
@@ -210,21 +221,11 @@ impl Store {
                 }
             }
         }
-        if let Some(status) = &f.status {
-            w.text("t.status = ?", status.as_str());
-        }
-        if let Some(since) = f.since {
-            w.int("t.created_at >= ?", since);
-        }
-        if let Some(until) = f.until {
-            w.int("t.created_at < ?", until);
-        }
-        if let Some(app) = &f.app_name {
-            w.text("t.app_name = ?", app);
-        }
-        if let Some(before) = &f.before_id {
-            w.text("t.id < ?", before);
-        }
+        w.opt_text("t.status = ?", f.status.map(|s| s.as_str()));
+        w.opt_int("t.created_at >= ?", f.since);
+        w.opt_int("t.created_at < ?", f.until);
+        w.opt_text("t.app_name = ?", f.app_name.as_deref());
+        w.opt_text("t.id < ?", f.before_id.as_deref());
         let sql = format!(
             "SELECT {TRANSFER_COLUMNS} FROM transfers t {TRANSFER_JOINS} {} ORDER BY t.id DESC LIMIT {}",
             w.sql(),
@@ -251,24 +252,12 @@ impl Store {
             w.binds.push(Bind::Int(*id));
             w.binds.push(Bind::Text(email.clone()));
         }
-        if let Some(since) = f.since {
-            w.int("u.created_at >= ?", since);
-        }
-        if let Some(until) = f.until {
-            w.int("u.created_at < ?", until);
-        }
-        if let Some(v) = &f.user_email {
-            w.text("u.user_email = ?", v);
-        }
-        if let Some(v) = &f.app_name {
-            w.text("u.app_name = ?", v);
-        }
-        if let Some(v) = &f.endpoint {
-            w.text("u.endpoint = ?", v);
-        }
-        if let Some(v) = &f.status {
-            w.text("u.status = ?", v);
-        }
+        w.opt_int("u.created_at >= ?", f.since);
+        w.opt_int("u.created_at < ?", f.until);
+        w.opt_text("u.user_email = ?", f.user_email.as_deref());
+        w.opt_text("u.app_name = ?", f.app_name.as_deref());
+        w.opt_text("u.endpoint = ?", f.endpoint.as_deref());
+        w.opt_text("u.status = ?", f.status.as_deref());
         let totals_sql = format!(
             "SELECT COUNT(*) AS requests, \
              CAST(COALESCE(SUM(u.prompt_tokens), 0) AS BIGINT) AS prompt_tokens, \
@@ -282,9 +271,7 @@ impl Store {
             .bind_as(sqlx::query_as(&totals_sql))
             .fetch_one(self.pool())
             .await?;
-        if let Some(before) = &f.before_id {
-            w.text("u.id < ?", before);
-        }
+        w.opt_text("u.id < ?", f.before_id.as_deref());
         let sql = format!(
             "SELECT {USAGE_COLUMNS} FROM usage_records u JOIN accounts r ON r.id = u.recipient_id {} \
              ORDER BY u.id DESC LIMIT {}",

@@ -69,38 +69,26 @@ impl Store {
     }
 }
 
-async fn sum(conn: &mut AnyConnection, sql: &str) -> Result<i64> {
-    Ok(sqlx::query_scalar(sql).fetch_one(conn).await?)
-}
-
 /// Every check of [`Store::verify`], each statement on `conn` (one transaction).
 async fn verify_snapshot(conn: &mut AnyConnection) -> Result<VerifyReport> {
-    let accounts = sum(&mut *conn, "SELECT COUNT(*) FROM accounts").await?;
-    let transfers = sum(&mut *conn, "SELECT COUNT(*) FROM transfers").await?;
-    let pending_transfers = sum(
-        &mut *conn,
-        "SELECT COUNT(*) FROM transfers WHERE status = 'PENDING'",
+    let (accounts, transfers, pending_transfers, total_deposits, total_held, stored_balances) =
+        sqlx::query_as::<_, (i64, i64, i64, i64, i64, i64)>(
+            "SELECT (SELECT COUNT(*) FROM accounts), (SELECT COUNT(*) FROM transfers), \
+             (SELECT COUNT(*) FROM transfers WHERE status = 'PENDING'), \
+             (SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM deposits), \
+             (SELECT CAST(COALESCE(SUM(held), 0) AS BIGINT) FROM accounts), \
+             (SELECT CAST(COALESCE(SUM(balance), 0) AS BIGINT) FROM accounts)",
+        )
+        .fetch_one(&mut *conn)
+        .await?;
+    // The journal's totals: unrolled credits, all entries (must be 0), the system side (-deposits).
+    let (unrolled, journal_total, system_side) = sqlx::query_as::<_, (i64, i64, i64)>(
+        "SELECT CAST(COALESCE(SUM(CASE WHEN NOT rolled_up THEN amount ELSE 0 END), 0) AS BIGINT), \
+         CAST(COALESCE(SUM(amount), 0) AS BIGINT), \
+         CAST(COALESCE(SUM(CASE WHEN account_id IS NULL THEN amount ELSE 0 END), 0) AS BIGINT) \
+         FROM journal",
     )
-    .await?;
-    let total_deposits = sum(
-        &mut *conn,
-        "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM deposits",
-    )
-    .await?;
-    let total_held = sum(
-        &mut *conn,
-        "SELECT CAST(COALESCE(SUM(held), 0) AS BIGINT) FROM accounts",
-    )
-    .await?;
-    let stored_balances = sum(
-        &mut *conn,
-        "SELECT CAST(COALESCE(SUM(balance), 0) AS BIGINT) FROM accounts",
-    )
-    .await?;
-    let unrolled = sum(
-        &mut *conn,
-        "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM journal WHERE NOT rolled_up",
-    )
+    .fetch_one(&mut *conn)
     .await?;
     let mut report = VerifyReport {
         accounts,
@@ -111,16 +99,6 @@ async fn verify_snapshot(conn: &mut AnyConnection) -> Result<VerifyReport> {
         pending_transfers,
         problems: Vec::new(),
     };
-    let journal_total = sum(
-        &mut *conn,
-        "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM journal",
-    )
-    .await?;
-    let system_side = sum(
-        &mut *conn,
-        "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM journal WHERE account_id IS NULL",
-    )
-    .await?;
 
     let problems = &mut report.problems;
     if journal_total != 0 {
