@@ -583,6 +583,8 @@ macro_rules! paged {
         impl Paged for $request {
             type Item = $item;
             const NAME: &'static str = stringify!($rows);
+            // Some requests have no fields but the page ones.
+            #[allow(clippy::needless_update)]
             fn page(self, page_size: u32, page_token: String) -> Self {
                 Self {
                     page_size,
