@@ -127,9 +127,11 @@ impl Store {
             // can never hit a lock-upgrade deadlock (SQLITE_BUSY) between two of our transactions.
             Backend::Sqlite => options.max_connections(1).after_connect(|conn, _| {
                 Box::pin(async move {
+                    // busy_timeout first: switching to WAL takes a lock another process (a CLI
+                    // reading the same file) may hold; without the timeout that fails at once.
                     conn.execute(
-                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
-                         PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;",
+                        "PRAGMA busy_timeout = 5000; PRAGMA journal_mode = WAL; \
+                         PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
                     )
                     .await?;
                     Ok(())
