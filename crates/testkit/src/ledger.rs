@@ -278,9 +278,7 @@ pub async fn issue_token(ledger: &str, sender: &Account, recipient: &str) -> Str
 
 pub async fn account(ledger: &str, email: &str) -> pb::Account {
     admin(ledger)
-        .get_account(pb::GetAccountRequest {
-            email: email.into(),
-        })
+        .get_account(crate::req::get_account(email))
         .await
         .expect("get account")
         .into_inner()

@@ -8,6 +8,7 @@
 
 mod db;
 mod ledger;
+pub mod req;
 mod router;
 mod upstream;
 
@@ -54,6 +55,14 @@ pub fn free_port() -> u16 {
 /// An `http://` URL nothing listens on.
 pub fn closed_url() -> String {
     format!("http://127.0.0.1:{}", free_port())
+}
+
+/// The message of a call that must succeed (the status is in the panic message otherwise).
+pub fn ok<T>(result: Result<tonic::Response<T>, tonic::Status>) -> T {
+    match result {
+        Ok(response) => response.into_inner(),
+        Err(status) => panic!("expected success, got {status:?}"),
+    }
 }
 
 /// The code of a call that must fail.
