@@ -355,9 +355,7 @@ async fn delegated_confirm_and_cancel(h: Harness) -> Harness {
     assert_eq!(api.history(alice).await, vec![cancel_id, id.clone()]);
     let grpc = h
         .client(&alice_pw)
-        .get_transfer(pb::GetTransferRequest {
-            transfer_id: id.clone(),
-        })
+        .get_transfer(req::get_transfer(&id))
         .await
         .expect("grpc sees the REST transfer")
         .into_inner();

@@ -17,3 +17,31 @@ pub fn create_account(email: &str) -> pb::CreateAccountRequest {
         ..Default::default()
     }
 }
+
+/// Reads the transfer `id`.
+pub fn get_transfer(id: &str) -> pb::GetTransferRequest {
+    pb::GetTransferRequest {
+        transfer_id: id.into(),
+    }
+}
+
+/// How many rows the kit asks for at once: more than any test writes.
+const PAGE: u32 = 500;
+
+/// The transfers `email` sent or received (as the admin asks: any account).
+pub fn transfers_of(email: &str) -> pb::ListTransfersRequest {
+    pb::ListTransfersRequest {
+        account_email: email.into(),
+        page_size: PAGE,
+        ..Default::default()
+    }
+}
+
+/// The usage rows of `email` (as the admin asks: any user).
+pub fn usage_of(email: &str) -> pb::QueryUsageRequest {
+    pb::QueryUsageRequest {
+        user_email: email.into(),
+        page_size: PAGE,
+        ..Default::default()
+    }
+}
