@@ -73,6 +73,20 @@ pub fn code<T: std::fmt::Debug>(result: Result<T, tonic::Status>) -> tonic::Code
     }
 }
 
+/// The status of a call that must fail with `want` (the whole status is shown otherwise).
+pub fn refused<T: std::fmt::Debug>(
+    result: Result<T, tonic::Status>,
+    want: tonic::Code,
+) -> tonic::Status {
+    match result {
+        Ok(v) => panic!("expected {want:?}, got {v:?}"),
+        Err(status) => {
+            assert_eq!(status.code(), want, "{status:?}");
+            status
+        }
+    }
+}
+
 /// The `google.rpc.ErrorInfo` reason of a status.
 pub fn reason(status: &tonic::Status) -> Option<String> {
     use tonic_types::StatusExt;
