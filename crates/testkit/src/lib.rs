@@ -44,6 +44,16 @@ pub fn lines_of(pipe: impl std::io::Read + Send + 'static) -> std::sync::mpsc::R
     rx
 }
 
+/// [`lines_of`] a child's stdout, which must be piped.
+pub fn stdout_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    lines_of(child.stdout.take().expect("stdout is piped"))
+}
+
+/// [`lines_of`] a child's stderr, which must be piped.
+pub fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    lines_of(child.stderr.take().expect("stderr is piped"))
+}
+
 /// A port that was free a moment ago (for processes that bind it themselves).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
