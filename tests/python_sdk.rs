@@ -87,8 +87,7 @@ fn syft_accounting_sdk_works_with_the_dev_stack_defaults() {
         .expect("spawn syft-router dev");
     // The banner names the ledger's HTTP address. Its reader runs to the end, so `dev` never
     // writes into a closed pipe.
-    let stdout = dev.stdout.take().expect("stdout");
-    let rx = syft_testkit::lines_of(stdout);
+    let rx = syft_testkit::stdout_lines(&mut dev);
     let mut http_url = None;
     while let Ok(line) = rx.recv_timeout(std::time::Duration::from_secs(60)) {
         if let Some(rest) = line.trim().strip_prefix("ledger  HTTP") {

@@ -1,18 +1,19 @@
 //! The Syft accounting REST API served by the ledger (`--accounting-api`), over SQLite and Postgres:
 //! the same store and rules as gRPC, JSON everywhere (errors included), exact amounts.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use syft_proto::ledger as pb;
-use syft_testkit::{store_suite, Harness, ADMIN_KEY};
+use syft_testkit::{req, store_suite, Harness, ADMIN_KEY};
 
 const OWNER: &str = "owner@router.example";
 const ALICE: &str = "alice@example.com";
 const BOB: &str = "bob@example.com";
 
-#[derive(Clone)]
+#[derive(Clone, Copy)]
 enum Auth<'a> {
     None,
     Admin,
@@ -34,7 +35,7 @@ impl Rest {
 
     async fn send(
         &self,
-        method: reqwest::Method,
+        method: Method,
         path: &str,
         auth: Auth<'_>,
         body: Option<String>,
@@ -67,46 +68,34 @@ impl Rest {
     }
 
     async fn post(&self, path: &str, auth: Auth<'_>, body: Value) -> (StatusCode, Value) {
-        self.send(
-            reqwest::Method::POST,
-            path,
-            auth,
-            Some(body.to_string()),
-            None,
-        )
-        .await
+        self.post_raw(path, auth, &body.to_string()).await
     }
 
     async fn post_raw(&self, path: &str, auth: Auth<'_>, body: &str) -> (StatusCode, Value) {
-        self.send(reqwest::Method::POST, path, auth, Some(body.into()), None)
+        self.send(Method::POST, path, auth, Some(body.into()), None)
             .await
     }
 
     async fn put(&self, path: &str, auth: Auth<'_>, body: Value) -> (StatusCode, Value) {
-        self.send(
-            reqwest::Method::PUT,
-            path,
-            auth,
-            Some(body.to_string()),
-            None,
-        )
-        .await
+        let body = Some(body.to_string());
+        self.send(Method::PUT, path, auth, body, None).await
     }
 
     async fn get(&self, path: &str, auth: Auth<'_>) -> (StatusCode, Value) {
-        self.send(reqwest::Method::GET, path, auth, None, None)
+        self.send(Method::GET, path, auth, None, None).await
+    }
+
+    /// `POST /transaction/create` with a raw JSON body, under an Idempotency-Key if given.
+    async fn create(&self, auth: Auth<'_>, body: &str, key: Option<&str>) -> (StatusCode, Value) {
+        let body = Some(body.to_string());
+        self.send(Method::POST, "/transaction/create", auth, body, key)
             .await
     }
 
     /// Creates a user (open registration) and funds it; returns its password.
     async fn user(&self, email: &str, password: &str, units: &str) -> String {
-        let (s, v) = self
-            .post(
-                "/user/create",
-                Auth::None,
-                json!({"email": email, "password": password, "organization": "acme"}),
-            )
-            .await;
+        let body = json!({"email": email, "password": password, "organization": "acme"});
+        let (s, v) = self.post("/user/create", Auth::None, body).await;
         assert_eq!(s, StatusCode::CREATED, "{v}");
         if units != "0" {
             let body = format!(r#"{{"recipientEmail":"{email}","amount":{units}}}"#);
@@ -123,12 +112,9 @@ impl Rest {
     }
 
     async fn token(&self, sender: &str, password: &str, recipient: &str) -> String {
+        let auth = Auth::Basic(sender, password);
         let (s, v) = self
-            .post(
-                "/token/create",
-                Auth::Basic(sender, password),
-                json!({"recipientEmail": recipient}),
-            )
+            .post("/token/create", auth, json!({"recipientEmail": recipient}))
             .await;
         assert_eq!(s, StatusCode::CREATED, "{v}");
         v["token"].as_str().expect("token").to_string()
@@ -141,25 +127,55 @@ impl Rest {
         amount: &str,
         token: &str,
     ) -> (StatusCode, Value) {
-        let body = format!(
-            r#"{{"senderEmail":"{sender}","recipientEmail":"{OWNER}","amount":{amount},"token":"{token}","appName":"chat","appEpPath":"/chat"}}"#
-        );
+        let body = delegated_body(sender, amount, token);
         self.post_raw("/transaction/create", Auth::Basic(OWNER, owner_pw), &body)
             .await
     }
 
     async fn resolve(&self, action: &str, auth: Auth<'_>, id: &str) -> (StatusCode, Value) {
-        self.post(
-            &format!("/transaction/{action}"),
-            auth,
-            json!({"transactionId": id}),
-        )
-        .await
+        let body = json!({"transactionId": id});
+        self.post(&format!("/transaction/{action}"), auth, body)
+            .await
+    }
+
+    /// The ids in `/transactions` as `auth` sees them, newest first.
+    async fn history(&self, auth: Auth<'_>) -> Vec<String> {
+        let (s, v) = self.get("/transactions", auth).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let listed = v["transactions"].as_array().expect("list");
+        listed
+            .iter()
+            .map(|t| t["id"].as_str().expect("id").to_string())
+            .collect()
     }
 }
 
-/// How many of several concurrent creates succeeded; every other one must be refused for funds.
-async fn count_created(tasks: Vec<tokio::task::JoinHandle<StatusCode>>) -> usize {
+/// A transaction the owner creates on `sender`'s behalf with `sender`'s token (for app "chat").
+fn delegated_body(sender: &str, amount: &str, token: &str) -> String {
+    format!(
+        r#"{{"senderEmail":"{sender}","recipientEmail":"{OWNER}","amount":{amount},"token":"{token}","appName":"chat","appEpPath":"/chat"}}"#
+    )
+}
+
+/// The id of the transaction in a reply.
+fn id_of(reply: &Value) -> String {
+    reply["transaction"]["id"].as_str().expect("id").to_string()
+}
+
+/// Sends the same create ten times at once; how many succeeded. Every other one must be refused
+/// for funds.
+async fn created_of_ten_at_once(
+    api: &Arc<Rest>,
+    email: &'static str,
+    pw: &str,
+    body: &str,
+) -> usize {
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let (api, pw, body) = (api.clone(), pw.to_string(), body.to_string());
+            tokio::spawn(async move { api.create(Auth::Basic(email, &pw), &body, None).await.0 })
+        })
+        .collect();
     let mut created = 0;
     for t in tasks {
         match t.await.expect("join") {
@@ -186,26 +202,21 @@ async fn users_and_passwords(h: Harness) -> Harness {
     assert_eq!(v["user"]["email"], ALICE);
     assert_eq!(v["user"]["balance"], json!(0));
     assert!(v["user"]["id"].is_string());
-    let (s, _) = api
-        .post(
-            "/user/create",
-            Auth::None,
+    // Refused registrations: a taken email, a malformed one, a short password.
+    for (body, want) in [
+        (
             json!({"email": ALICE, "organization": "other"}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CONFLICT);
-    let (s, _) = api
-        .post("/user/create", Auth::None, json!({"email": "not-an-email"}))
-        .await;
-    assert_eq!(s, StatusCode::BAD_REQUEST);
-    let (s, _) = api
-        .post(
-            "/user/create",
-            Auth::None,
+            StatusCode::CONFLICT,
+        ),
+        (json!({"email": "not-an-email"}), StatusCode::BAD_REQUEST),
+        (
             json!({"email": BOB, "password": "short"}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::BAD_REQUEST);
+            StatusCode::BAD_REQUEST,
+        ),
+    ] {
+        let (s, v) = api.post("/user/create", Auth::None, body).await;
+        assert_eq!(s, want, "{v}");
+    }
 
     // Exact amounts: 12.5 in, 12.5 out; a user may not add balance.
     let (s, v) = api
@@ -217,85 +228,74 @@ async fn users_and_passwords(h: Harness) -> Harness {
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["user"]["balance"].to_string(), "12.5");
-    let (s, _) = api
-        .post(
-            "/user/add-balance",
-            Auth::Basic(ALICE, &generated),
-            json!({"recipientEmail": ALICE, "amount": 1}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::FORBIDDEN);
-    let (s, _) = api
-        .post(
-            "/user/add-balance",
-            Auth::None,
-            json!({"recipientEmail": ALICE, "amount": 1}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let alice = Auth::Basic(ALICE, &generated);
+    for (auth, want) in [
+        (alice, StatusCode::FORBIDDEN),
+        (Auth::None, StatusCode::UNAUTHORIZED),
+    ] {
+        let body = json!({"recipientEmail": ALICE, "amount": 1});
+        let (s, v) = api.post("/user/add-balance", auth, body).await;
+        assert_eq!(s, want, "{v}");
+    }
 
-    let (s, v) = api
-        .get("/user/my-info", Auth::Basic(ALICE, &generated))
-        .await;
+    let (s, v) = api.get("/user/my-info", alice).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["user"]["organization"], "acme");
-    let (s, _) = api
-        .get("/user/my-info", Auth::Basic(ALICE, "wrong-password"))
-        .await;
-    assert_eq!(s, StatusCode::UNAUTHORIZED);
-    let (s, _) = api.get("/users", Auth::Basic(ALICE, &generated)).await;
-    assert_eq!(s, StatusCode::FORBIDDEN);
     let (s, v) = api.get("/users", Auth::Admin).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v["users"].as_array().map(Vec::len), Some(1));
-    let (s, _) = api.get("/user/nobody@example.com", Auth::Admin).await;
-    assert_eq!(s, StatusCode::NOT_FOUND);
+    // Refused reads: a wrong password, a user listing users, an unknown user, an unknown path.
+    for (path, auth, want) in [
+        (
+            "/user/my-info",
+            Auth::Basic(ALICE, "wrong-password"),
+            StatusCode::UNAUTHORIZED,
+        ),
+        ("/users", alice, StatusCode::FORBIDDEN),
+        (
+            "/user/nobody@example.com",
+            Auth::Admin,
+            StatusCode::NOT_FOUND,
+        ),
+        ("/no/such/endpoint", Auth::None, StatusCode::NOT_FOUND),
+    ] {
+        let (s, v) = api.get(path, auth).await;
+        assert_eq!(s, want, "{path}: {v}");
+    }
 
     let (s, v) = api
         .put(
             "/user/update-organization",
-            Auth::Basic(ALICE, &generated),
+            alice,
             json!({"organization": "new-org"}),
         )
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["user"]["organization"], "new-org");
-    let (s, _) = api
-        .put(
-            "/user/update-password",
-            Auth::Basic(ALICE, &generated),
-            json!({"oldPassword": "not-the-password", "newPassword": "new-password-1"}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::FORBIDDEN);
-    let (s, v) = api
-        .put(
-            "/user/update-password",
-            Auth::Basic(ALICE, &generated),
-            json!({"oldPassword": generated, "newPassword": "new-password-1"}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::OK, "{v}");
-    let (s, _) = api
-        .get("/user/my-info", Auth::Basic(ALICE, &generated))
-        .await;
-    assert_eq!(s, StatusCode::UNAUTHORIZED);
-    let (s, _) = api
-        .get("/user/my-info", Auth::Basic(ALICE, "new-password-1"))
-        .await;
-    assert_eq!(s, StatusCode::OK);
+    for (old, want) in [
+        ("not-the-password", StatusCode::FORBIDDEN),
+        (generated.as_str(), StatusCode::OK),
+    ] {
+        let body = json!({"oldPassword": old, "newPassword": "new-password-1"});
+        let (s, v) = api.put("/user/update-password", alice, body).await;
+        assert_eq!(s, want, "old password {old}: {v}");
+    }
+    // The old password is refused from now on, the new one accepted.
+    for (password, want) in [
+        (generated.as_str(), StatusCode::UNAUTHORIZED),
+        ("new-password-1", StatusCode::OK),
+    ] {
+        let (s, v) = api.get("/user/my-info", Auth::Basic(ALICE, password)).await;
+        assert_eq!(s, want, "password {password}: {v}");
+    }
     // The gRPC API accepts the new password too.
     let account = h
         .client("new-password-1")
-        .get_account(pb::GetAccountRequest {
-            email: ALICE.into(),
-        })
+        .get_account(req::get_account(ALICE))
         .await
         .expect("grpc with new password")
         .into_inner();
     assert_eq!(account.balance_micros, 12_500_000);
-    let (s, _) = api.get("/no/such/endpoint", Auth::None).await;
-    assert_eq!(s, StatusCode::NOT_FOUND);
     h
 }
 
@@ -304,6 +304,7 @@ async fn delegated_confirm_and_cancel(h: Harness) -> Harness {
     let alice_pw = api.user(ALICE, "alice-password", "10").await;
     let owner_pw = api.user(OWNER, "owner-password", "0").await;
     let token = api.token(ALICE, &alice_pw, OWNER).await;
+    let (alice, owner) = (Auth::Basic(ALICE, &alice_pw), Auth::Basic(OWNER, &owner_pw));
 
     let (s, v) = api.delegated(&owner_pw, ALICE, "0.25", &token).await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
@@ -313,79 +314,48 @@ async fn delegated_confirm_and_cancel(h: Harness) -> Harness {
     assert_eq!(tx["amount"].to_string(), "0.25");
     assert_eq!(tx["appName"], "chat");
     assert!(tx["createdAt"].as_str().is_some_and(|t| t.ends_with('Z')));
-    let id = tx["id"].as_str().expect("id").to_string();
+    let id = id_of(&v);
     assert_eq!(api.balance(ALICE).await, "9.75");
 
     // Only the recipient that created it may confirm; the sender may not cancel a service's hold.
-    let (s, _) = api
-        .resolve("confirm", Auth::Basic(ALICE, &alice_pw), &id)
-        .await;
-    assert_eq!(s, StatusCode::FORBIDDEN);
-    let (s, _) = api
-        .resolve("cancel", Auth::Basic(ALICE, &alice_pw), &id)
-        .await;
-    assert_eq!(s, StatusCode::FORBIDDEN);
-    let (s, v) = api
-        .resolve("confirm", Auth::Basic(OWNER, &owner_pw), &id)
-        .await;
+    for action in ["confirm", "cancel"] {
+        let (s, _) = api.resolve(action, alice, &id).await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{action} by the sender");
+    }
+    let (s, v) = api.resolve("confirm", owner, &id).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["transaction"]["status"], "COMPLETED");
     assert_eq!(v["transaction"]["resolvedBy"], "RECIPIENT");
     // Confirming again is idempotent; cancelling a completed transaction is a conflict.
-    let (s, _) = api
-        .resolve("confirm", Auth::Basic(OWNER, &owner_pw), &id)
-        .await;
+    let (s, _) = api.resolve("confirm", owner, &id).await;
     assert_eq!(s, StatusCode::OK);
-    let (s, _) = api
-        .resolve("cancel", Auth::Basic(OWNER, &owner_pw), &id)
-        .await;
+    let (s, _) = api.resolve("cancel", owner, &id).await;
     assert_eq!(s, StatusCode::CONFLICT);
     assert_eq!(api.balance(ALICE).await, "9.75");
     assert_eq!(api.balance(OWNER).await, "0.25");
 
     let (s, v) = api.delegated(&owner_pw, ALICE, "1", &token).await;
     assert_eq!(s, StatusCode::CREATED);
-    let cancel_id = v["transaction"]["id"].as_str().expect("id").to_string();
-    let (s, v) = api
-        .resolve("cancel", Auth::Basic(OWNER, &owner_pw), &cancel_id)
-        .await;
+    let cancel_id = id_of(&v);
+    let (s, v) = api.resolve("cancel", owner, &cancel_id).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v["transaction"]["status"], "CANCELLED");
-    let (s, _) = api
-        .resolve("confirm", Auth::Basic(OWNER, &owner_pw), &cancel_id)
-        .await;
+    let (s, _) = api.resolve("confirm", owner, &cancel_id).await;
     assert_eq!(s, StatusCode::CONFLICT);
     assert_eq!(api.balance(ALICE).await, "9.75");
 
     // A stranger sees neither transaction.
     api.user(BOB, "bob-password", "0").await;
-    let (s, _) = api
-        .resolve("cancel", Auth::Basic(BOB, "bob-password"), &id)
-        .await;
+    let bob = Auth::Basic(BOB, "bob-password");
+    let (s, _) = api.resolve("cancel", bob, &id).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
-    let (s, v) = api
-        .get("/transactions", Auth::Basic(BOB, "bob-password"))
-        .await;
-    assert_eq!(s, StatusCode::OK);
-    assert_eq!(v["transactions"].as_array().map(Vec::len), Some(0));
+    assert_eq!(api.history(bob).await, Vec::<String>::new());
 
     // History, newest first, and the same transfers over gRPC.
-    let (s, v) = api
-        .get("/transactions", Auth::Basic(ALICE, &alice_pw))
-        .await;
-    assert_eq!(s, StatusCode::OK);
-    let history: Vec<&str> = v["transactions"]
-        .as_array()
-        .expect("list")
-        .iter()
-        .filter_map(|t| t["id"].as_str())
-        .collect();
-    assert_eq!(history, vec![cancel_id.as_str(), id.as_str()]);
+    assert_eq!(api.history(alice).await, vec![cancel_id, id.clone()]);
     let grpc = h
         .client(&alice_pw)
-        .get_transfer(pb::GetTransferRequest {
-            transfer_id: id.clone(),
-        })
+        .get_transfer(req::get_transfer(&id))
         .await
         .expect("grpc sees the REST transfer")
         .into_inner();
@@ -406,9 +376,7 @@ async fn delegated_confirm_and_cancel(h: Harness) -> Harness {
         .await
         .expect("grpc authorize with a REST token")
         .into_inner();
-    let (s, v) = api
-        .resolve("confirm", Auth::Basic(OWNER, &owner_pw), &hold.id)
-        .await;
+    let (s, v) = api.resolve("confirm", owner, &hold.id).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(api.balance(ALICE).await, "9.25");
     assert_eq!(api.balance(OWNER).await, "0.75");
@@ -419,68 +387,37 @@ async fn direct_transfers(h: Harness) -> Harness {
     let api = Rest::new(&h);
     let alice_pw = api.user(ALICE, "alice-password", "5").await;
     let owner_pw = api.user(OWNER, "owner-password", "0").await;
+    let (alice, owner) = (Auth::Basic(ALICE, &alice_pw), Auth::Basic(OWNER, &owner_pw));
     let direct = |amount: &str| {
         format!(
             r#"{{"senderEmail":"{ALICE}","recipientEmail":"{OWNER}","amount":{amount},"appName":null,"appEpPath":null}}"#
         )
     };
     // Without a token only the sender may create it.
-    let (s, _) = api
-        .post_raw(
-            "/transaction/create",
-            Auth::Basic(OWNER, &owner_pw),
-            &direct("1"),
-        )
-        .await;
+    let (s, _) = api.create(owner, &direct("1"), None).await;
     assert_eq!(s, StatusCode::FORBIDDEN);
-    let (s, v) = api
-        .post_raw(
-            "/transaction/create",
-            Auth::Basic(ALICE, &alice_pw),
-            &direct("1.5"),
-        )
-        .await;
+    let (s, v) = api.create(alice, &direct("1.5"), None).await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
     assert_eq!(v["transaction"]["createdBy"], "SENDER");
     assert_eq!(v["transaction"]["appName"], Value::Null);
-    let id = v["transaction"]["id"].as_str().expect("id").to_string();
-    let (s, _) = api
-        .resolve("confirm", Auth::Basic(OWNER, &owner_pw), &id)
-        .await;
+    let id = id_of(&v);
+    let (s, _) = api.resolve("confirm", owner, &id).await;
     assert_eq!(s, StatusCode::FORBIDDEN);
-    let (s, v) = api
-        .resolve("confirm", Auth::Basic(ALICE, &alice_pw), &id)
-        .await;
+    let (s, v) = api.resolve("confirm", alice, &id).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["transaction"]["resolvedBy"], "SENDER");
     assert_eq!(api.balance(ALICE).await, "3.5");
     assert_eq!(api.balance(OWNER).await, "1.5");
 
     // Either party may cancel a direct transfer.
-    for (who, pw, by) in [
-        (ALICE, &alice_pw, "SENDER"),
-        (OWNER, &owner_pw, "RECIPIENT"),
-    ] {
-        let (s, v) = api
-            .post_raw(
-                "/transaction/create",
-                Auth::Basic(ALICE, &alice_pw),
-                &direct("1"),
-            )
-            .await;
+    for (who, by) in [(alice, "SENDER"), (owner, "RECIPIENT")] {
+        let (s, v) = api.create(alice, &direct("1"), None).await;
         assert_eq!(s, StatusCode::CREATED);
-        let id = v["transaction"]["id"].as_str().expect("id").to_string();
-        let (s, v) = api.resolve("cancel", Auth::Basic(who, pw), &id).await;
+        let (s, v) = api.resolve("cancel", who, &id_of(&v)).await;
         assert_eq!(s, StatusCode::OK, "{v}");
         assert_eq!(v["transaction"]["resolvedBy"], by);
     }
-    let (s, _) = api
-        .post_raw(
-            "/transaction/create",
-            Auth::Basic(ALICE, &alice_pw),
-            &direct("3.6"),
-        )
-        .await;
+    let (s, _) = api.create(alice, &direct("3.6"), None).await;
     assert_eq!(s, StatusCode::CONFLICT, "more than the balance");
     assert_eq!(api.balance(ALICE).await, "3.5");
     h
@@ -509,9 +446,7 @@ async fn bad_input_changes_nothing(h: Harness) -> Harness {
     // NaN is not JSON: a JSON 400, not a plain-text rejection.
     let (s, _) = api.delegated(&owner_pw, ALICE, "NaN", &token).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
-    let (s, _) = api
-        .post_raw("/transaction/create", Auth::Basic(OWNER, &owner_pw), "{")
-        .await;
+    let (s, _) = api.create(Auth::Basic(OWNER, &owner_pw), "{", None).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     let (s, _) = api.delegated(&owner_pw, ALICE, "2.000001", &token).await;
     assert_eq!(s, StatusCode::CONFLICT, "insufficient funds");
@@ -529,35 +464,24 @@ async fn bad_input_changes_nothing(h: Harness) -> Harness {
         .resolve("confirm", Auth::Basic(OWNER, &owner_pw), "no-such-id")
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
+    let negative = format!(r#"{{"recipientEmail":"{ALICE}","amount":-5}}"#);
     let (s, _) = api
-        .post_raw(
-            "/user/add-balance",
-            Auth::Admin,
-            &format!(r#"{{"recipientEmail":"{ALICE}","amount":-5}}"#),
-        )
+        .post_raw("/user/add-balance", Auth::Admin, &negative)
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert_eq!(api.balance(ALICE).await, "2");
-    let (_, v) = api
-        .get("/transactions", Auth::Basic(ALICE, &alice_pw))
-        .await;
-    assert_eq!(v["transactions"].as_array().map(Vec::len), Some(0));
+    let alice = Auth::Basic(ALICE, &alice_pw);
+    assert_eq!(api.history(alice).await, Vec::<String>::new());
     h
 }
 
 async fn concurrent_spend_and_idempotency(h: Harness) -> Harness {
-    let api = std::sync::Arc::new(Rest::new(&h));
+    let api = Arc::new(Rest::new(&h));
     let alice_pw = api.user(ALICE, "alice-password", "1").await;
     let owner_pw = api.user(OWNER, "owner-password", "0").await;
     let token = api.token(ALICE, &alice_pw, OWNER).await;
-    let mut tasks = Vec::new();
-    for _ in 0..10 {
-        let (api, owner_pw, token) = (api.clone(), owner_pw.clone(), token.clone());
-        tasks.push(tokio::spawn(async move {
-            api.delegated(&owner_pw, ALICE, "0.3", &token).await.0
-        }));
-    }
-    let created = count_created(tasks).await;
+    let body = delegated_body(ALICE, "0.3", &token);
+    let created = created_of_ten_at_once(&api, OWNER, &owner_pw, &body).await;
     assert_eq!(created, 3);
     assert_eq!(api.balance(ALICE).await, "0.1");
 
@@ -565,77 +489,43 @@ async fn concurrent_spend_and_idempotency(h: Harness) -> Harness {
     let body = format!(
         r#"{{"senderEmail":"{ALICE}","recipientEmail":"{OWNER}","amount":0.05,"token":"{token}"}}"#
     );
-    let send = |body: String| {
-        let api = api.clone();
-        let owner_pw = owner_pw.clone();
-        async move {
-            api.send(
-                reqwest::Method::POST,
-                "/transaction/create",
-                Auth::Basic(OWNER, &owner_pw),
-                Some(body),
-                Some("retry-key-1"),
-            )
-            .await
-        }
-    };
-    let (s1, v1) = send(body.clone()).await;
-    let (s2, v2) = send(body).await;
+    let (owner, key) = (Auth::Basic(OWNER, &owner_pw), Some("retry-key-1"));
+    let (s1, v1) = api.create(owner, &body, key).await;
+    let (s2, v2) = api.create(owner, &body, key).await;
     assert_eq!((s1, s2), (StatusCode::CREATED, StatusCode::CREATED));
     assert_eq!(v1["transaction"]["id"], v2["transaction"]["id"]);
     let other = format!(
         r#"{{"senderEmail":"{ALICE}","recipientEmail":"{OWNER}","amount":0.06,"token":"{token}"}}"#
     );
-    let (s, _) = send(other).await;
+    let (s, _) = api.create(owner, &other, key).await;
     assert_eq!(s, StatusCode::CONFLICT, "same key, other amount");
     assert_eq!(api.balance(ALICE).await, "0.05");
     h
 }
 
 async fn direct_idempotency_and_concurrent_spend(h: Harness) -> Harness {
-    let api = std::sync::Arc::new(Rest::new(&h));
+    let api = Arc::new(Rest::new(&h));
     let alice_pw = api.user(ALICE, "alice-password", "1").await;
     api.user(OWNER, "owner-password", "0").await;
     let direct = |amount: &str| {
         format!(r#"{{"senderEmail":"{ALICE}","recipientEmail":"{OWNER}","amount":{amount}}}"#)
     };
     // A retried create with the same key is the same transfer; another amount is a conflict.
-    let send = |body: String, key: &'static str| {
-        let (api, alice_pw) = (api.clone(), alice_pw.clone());
-        async move {
-            api.send(
-                reqwest::Method::POST,
-                "/transaction/create",
-                Auth::Basic(ALICE, &alice_pw),
-                Some(body),
-                Some(key),
-            )
-            .await
-        }
-    };
-    let (s1, v1) = send(direct("0.2"), "direct-key").await;
-    let (s2, v2) = send(direct("0.2"), "direct-key").await;
+    let (alice, key) = (Auth::Basic(ALICE, &alice_pw), Some("direct-key"));
+    let (s1, v1) = api.create(alice, &direct("0.2"), key).await;
+    let (s2, v2) = api.create(alice, &direct("0.2"), key).await;
     assert_eq!(
         (s1, s2),
         (StatusCode::CREATED, StatusCode::CREATED),
         "{v1} {v2}"
     );
     assert_eq!(v1["transaction"]["id"], v2["transaction"]["id"]);
-    let (s, _) = send(direct("0.3"), "direct-key").await;
+    let (s, _) = api.create(alice, &direct("0.3"), key).await;
     assert_eq!(s, StatusCode::CONFLICT);
     assert_eq!(api.balance(ALICE).await, "0.8");
 
     // Ten concurrent direct transfers of 0.3 against 0.8 available: exactly two fit.
-    let mut tasks = Vec::new();
-    for _ in 0..10 {
-        let (api, alice_pw, body) = (api.clone(), alice_pw.clone(), direct("0.3"));
-        tasks.push(tokio::spawn(async move {
-            api.post_raw("/transaction/create", Auth::Basic(ALICE, &alice_pw), &body)
-                .await
-                .0
-        }));
-    }
-    let created = count_created(tasks).await;
+    let created = created_of_ten_at_once(&api, ALICE, &alice_pw, &direct("0.3")).await;
     assert_eq!(created, 2);
     assert_eq!(api.balance(ALICE).await, "0.2");
     h

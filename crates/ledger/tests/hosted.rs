@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use syft_ledger::client::{connect_lazy, LedgerClient};
 use syft_ledger::HostedConfig;
 use syft_proto::ledger as pb;
-use syft_testkit::{chat_request, closed_url, code, Harness, LedgerServer, RouterHandle, USD};
+use syft_testkit::{chat_request, closed_url, code, req, Harness, LedgerServer, RouterHandle, USD};
 use tonic::Code;
 
 const OWNER: &str = "owner@router.example";
@@ -228,6 +228,20 @@ impl Pair {
             .map(tonic::Response::into_inner)
     }
 
+    /// A capture that must succeed and charge exactly `micros`.
+    async fn captured(&self, id: &str, micros: i64, request_id: &str) {
+        let done = self.capture(id, micros, request_id).await;
+        let done = done.unwrap_or_else(|s| panic!("capture {request_id}: {s:?}"));
+        assert_eq!(done.captured_micros, micros, "capture {request_id}");
+    }
+
+    /// The usage rows ledger A keeps.
+    async fn usage(&self) -> pb::QueryUsageResponse {
+        let mut router = self.router();
+        let usage = router.query_usage(pb::QueryUsageRequest::default()).await;
+        usage.expect("usage").into_inner()
+    }
+
     async fn void(&self, id: &str) -> Result<pb::Transfer, tonic::Status> {
         self.router()
             .void(pb::VoidRequest {
@@ -416,29 +430,19 @@ async fn capture_void_and_replay(postgres: bool) {
     // The owner's account is read from the remote; local-only calls are refused.
     let owner = p
         .router()
-        .get_account(pb::GetAccountRequest {
-            email: OWNER.into(),
-        })
+        .get_account(req::get_account(OWNER))
         .await
         .expect("owner account")
         .into_inner();
     assert_eq!(owner.balance_micros, 1_300_000);
     let refused =
         p.a.admin()
-            .create_account(pb::CreateAccountRequest {
-                email: "x@example.com".into(),
-                ..Default::default()
-            })
+            .create_account(req::create_account("x@example.com"))
             .await;
     assert_eq!(code(refused), Code::FailedPrecondition);
 
     // Usage rows are kept locally, with the cost actually charged.
-    let usage = p
-        .router()
-        .query_usage(pb::QueryUsageRequest::default())
-        .await
-        .expect("usage")
-        .into_inner();
+    let usage = p.usage().await;
     let mut costs: Vec<(String, i64, String)> = usage
         .records
         .iter()
@@ -481,8 +485,7 @@ async fn postgres_capture_void_and_replay() {
 async fn partial_capture_with_exact_funds() {
     let p = Pair::sqlite(USD).await;
     let t = p.authorize(USD, "k1").await.expect("authorize");
-    let done = p.capture(&t.id, 400_000, "req-1").await.expect("capture");
-    assert_eq!(done.captured_micros, 400_000);
+    p.captured(&t.id, 400_000, "req-1").await;
     assert_eq!(p.money().await, ((600_000, 0), (400_000, 0)));
     p.finish().await;
 }
@@ -509,8 +512,7 @@ async fn concurrent_captures_charge_once() {
             }
         }
         // Whoever lost the race retries and sees the one capture.
-        let done = p.capture(&t.id, USD / 2, "req-1").await.expect("retry");
-        assert_eq!(done.captured_micros, USD / 2);
+        p.captured(&t.id, USD / 2, "req-1").await;
         assert_eq!(p.money().await, ((9_500_000, 0), (USD / 2, 0)));
         let Ok(p) = Arc::try_unwrap(p) else {
             panic!("still shared")
@@ -573,18 +575,17 @@ async fn slow_remote_orphan_hold_is_cancelled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lost_confirm_answer_is_reconciled_and_charged_once() {
     let p = Pair::sqlite(10 * USD).await;
-    // Full capture: B confirms, the answer is lost, the retry finds it completed.
-    let t = p.authorize(USD, "k1").await.expect("authorize");
-    p.proxy.set(Fault::LoseAnswer("/transaction/confirm", 1));
-    let done = p.capture(&t.id, USD, "req-1").await.expect("capture");
-    assert_eq!(done.captured_micros, USD);
-    assert_eq!(p.money().await, ((9 * USD, 0), (USD, 0)));
-    // Partial capture: the charge transaction's confirm answer is lost.
-    let t = p.authorize(USD, "k2").await.expect("authorize");
-    p.proxy.set(Fault::LoseAnswer("/transaction/confirm", 1));
-    let done = p.capture(&t.id, 250_000, "req-2").await.expect("partial");
-    assert_eq!(done.captured_micros, 250_000);
-    assert_eq!(p.money().await, ((8_750_000, 0), (1_250_000, 0)));
+    // Full capture (req-1): B confirms, the answer is lost, the retry finds it completed.
+    // Partial capture (req-2): the charge transaction's confirm answer is lost.
+    for (key, micros, request_id, money) in [
+        ("k1", USD, "req-1", ((9 * USD, 0), (USD, 0))),
+        ("k2", 250_000, "req-2", ((8_750_000, 0), (1_250_000, 0))),
+    ] {
+        let t = p.authorize(USD, key).await.expect("authorize");
+        p.proxy.set(Fault::LoseAnswer("/transaction/confirm", 1));
+        p.captured(&t.id, micros, request_id).await;
+        assert_eq!(p.money().await, money, "after {request_id}");
+    }
     p.finish().await;
 }
 
@@ -699,12 +700,7 @@ async fn router_pays_through_the_hosted_ledger() {
         assert_eq!(again.into_inner().transfer_id, answer.transfer_id);
     }
     assert_eq!(p.money().await, ((10 * USD - expected, 0), (expected, 0)));
-    let usage = p
-        .router()
-        .query_usage(pb::QueryUsageRequest::default())
-        .await
-        .expect("usage")
-        .into_inner();
+    let usage = p.usage().await;
     let mut rows: Vec<(String, i64)> = usage
         .records
         .iter()

@@ -1,10 +1,12 @@
 //! The ledger's behaviour over gRPC, run against SQLite and Postgres alike. Every scenario ends with
 //! `verify` (conservation, held = pending, one usage row per request) via `Harness::finish`.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
+use syft_ledger::client::LedgerClient;
 use syft_proto::ledger as pb;
-use syft_testkit::{code, reason, store_suite, Harness, LedgerServer, USD};
+use syft_testkit::{code, ok, reason, req, store_suite, Harness, LedgerServer, USD};
 use tonic::Code;
 
 const OWNER: &str = "owner@router.example";
@@ -46,6 +48,31 @@ fn usage(request_id: &str, status: &str) -> pb::Usage {
     }
 }
 
+/// A hold on Alice's funds that the ledger must grant.
+async fn granted(router: &mut LedgerClient, amount: i64, token: &str, key: &str) -> pb::Transfer {
+    ok(router.authorize(authorize(ALICE, amount, token, key)).await)
+}
+
+/// Sends every request at once; the ids of the holds granted (a replayed hold counts once).
+async fn ids_granted_at_once(
+    router: &LedgerClient,
+    requests: impl Iterator<Item = pb::AuthorizeRequest>,
+) -> HashSet<String> {
+    let tasks: Vec<_> = requests
+        .map(|req| {
+            let mut c = router.clone();
+            tokio::spawn(async move { c.authorize(req).await.map(|r| r.into_inner().id) })
+        })
+        .collect();
+    let mut ids = HashSet::new();
+    for task in tasks {
+        if let Ok(id) = task.await.unwrap() {
+            ids.insert(id);
+        }
+    }
+    ids
+}
+
 /// Owner with a secret, Alice funded with `funds`, and Alice's token for the owner.
 async fn setup(h: &Harness, funds: i64) -> (String, String, String) {
     let owner = h.account(OWNER, 0).await;
@@ -56,16 +83,14 @@ async fn setup(h: &Harness, funds: i64) -> (String, String, String) {
 
 async fn accounts_and_auth(h: Harness) -> Harness {
     let mut admin = h.admin();
-    let created = admin
+    let created = ok(admin
         .create_account(pb::CreateAccountRequest {
             email: "Bob@Example.com".into(),
             organization: "acme".into(),
             secret: Some("bob-secret-123".into()),
             currency: None,
         })
-        .await
-        .unwrap()
-        .into_inner();
+        .await);
     assert_eq!(created.secret, "bob-secret-123");
     let account = created.account.unwrap();
     assert_eq!(account.email, "bob@example.com");
@@ -75,35 +100,21 @@ async fn accounts_and_auth(h: Harness) -> Harness {
     );
 
     let dup = admin
-        .create_account(pb::CreateAccountRequest {
-            email: "bob@example.com".into(),
-            ..Default::default()
-        })
+        .create_account(req::create_account("bob@example.com"))
         .await;
     assert_eq!(code(dup), Code::AlreadyExists);
 
     let alice = h.account(ALICE, 0).await;
     // Bearer secret reads its own account, not another's.
     let mut bob = h.client("bob-secret-123");
-    let own = bob
-        .get_account(pb::GetAccountRequest {
-            email: "bob@example.com".into(),
-        })
-        .await;
+    let own = bob.get_account(req::get_account("bob@example.com")).await;
     assert_eq!(own.unwrap().into_inner().organization, "acme");
-    let other = bob
-        .get_account(pb::GetAccountRequest {
-            email: ALICE.into(),
-        })
-        .await;
+    let other = bob.get_account(req::get_account(ALICE)).await;
     assert_eq!(code(other), Code::PermissionDenied);
     // Only the admin creates accounts and deposits.
     let mut as_alice = h.client(&alice);
     let create = as_alice
-        .create_account(pb::CreateAccountRequest {
-            email: "x@example.com".into(),
-            ..Default::default()
-        })
+        .create_account(req::create_account("x@example.com"))
         .await;
     assert_eq!(code(create), Code::PermissionDenied);
     let deposit = as_alice
@@ -115,18 +126,11 @@ async fn accounts_and_auth(h: Harness) -> Harness {
         .await;
     assert_eq!(code(deposit), Code::PermissionDenied);
     // Missing and wrong credentials.
-    let anon = h
-        .client("")
-        .get_account(pb::GetAccountRequest {
-            email: ALICE.into(),
-        })
-        .await;
+    let anon = h.client("").get_account(req::get_account(ALICE)).await;
     assert_eq!(code(anon), Code::Unauthenticated);
     let wrong = h
         .client("not-a-secret")
-        .get_account(pb::GetAccountRequest {
-            email: ALICE.into(),
-        })
+        .get_account(req::get_account(ALICE))
         .await;
     assert_eq!(code(wrong), Code::Unauthenticated);
     // Basic email:secret works too.
@@ -143,11 +147,7 @@ async fn accounts_and_auth(h: Harness) -> Harness {
             Ok(req)
         },
     );
-    let me = client
-        .get_account(pb::GetAccountRequest {
-            email: ALICE.into(),
-        })
-        .await;
+    let me = client.get_account(req::get_account(ALICE)).await;
     assert_eq!(me.unwrap().into_inner().email, ALICE);
     // Bad account input writes nothing.
     for (email, secret) in [
@@ -185,11 +185,7 @@ async fn deposits_are_idempotent_and_validated(h: Harness) -> Harness {
         idempotency_key: key.into(),
     };
     admin.deposit(deposit(5 * USD, "d1")).await.unwrap();
-    let again = admin
-        .deposit(deposit(5 * USD, "d1"))
-        .await
-        .unwrap()
-        .into_inner();
+    let again = ok(admin.deposit(deposit(5 * USD, "d1")).await);
     assert_eq!(
         again.balance_micros,
         5 * USD,
@@ -225,11 +221,7 @@ async fn deposits_are_idempotent_and_validated(h: Harness) -> Harness {
 async fn authorize_then_capture_moves_money(h: Harness) -> Harness {
     let (owner, _alice, token) = setup(&h, 10 * USD).await;
     let mut router = h.client(&owner);
-    let t = router
-        .authorize(authorize(ALICE, 2 * USD, &token, "r1"))
-        .await
-        .unwrap()
-        .into_inner();
+    let t = granted(&mut router, 2 * USD, &token, "r1").await;
     assert_eq!(t.status(), pb::TransferStatus::Pending);
     assert_eq!(t.created_by(), pb::Actor::Recipient);
     assert_eq!(
@@ -243,15 +235,13 @@ async fn authorize_then_capture_moves_money(h: Harness) -> Harness {
     );
 
     // Partial capture releases the rest.
-    let captured = router
+    let captured = ok(router
         .capture(pb::CaptureRequest {
             transfer_id: t.id.clone(),
             amount: Some(pb::capture_request::Amount::AmountMicros(1_500_000)),
             usage: Some(usage("r1", "success")),
         })
-        .await
-        .unwrap()
-        .into_inner();
+        .await);
     assert_eq!(captured.status(), pb::TransferStatus::Completed);
     assert_eq!(captured.resolved_by(), pb::Actor::Recipient);
     assert_eq!(
@@ -264,11 +254,7 @@ async fn authorize_then_capture_moves_money(h: Harness) -> Harness {
     assert_eq!(h.balance(OWNER).await.balance_micros, 1_500_000);
 
     // The usage row was written with the capture, cost = captured.
-    let page = router
-        .query_usage(pb::QueryUsageRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let page = ok(router.query_usage(pb::QueryUsageRequest::default()).await);
     assert_eq!(page.records.len(), 1);
     assert_eq!(page.records[0].cost_micros, 1_500_000);
     assert_eq!(page.records[0].transfer_id, t.id);
@@ -279,11 +265,7 @@ async fn authorize_then_capture_moves_money(h: Harness) -> Harness {
 async fn capture_and_void_resolve_exactly_once(h: Harness) -> Harness {
     let (owner, _alice, token) = setup(&h, 10 * USD).await;
     let mut router = h.client(&owner);
-    let t1 = router
-        .authorize(authorize(ALICE, USD, &token, "k1"))
-        .await
-        .unwrap()
-        .into_inner();
+    let t1 = granted(&mut router, USD, &token, "k1").await;
     let first = router.capture(full(&t1.id)).await.unwrap().into_inner();
     let second = router.capture(full(&t1.id)).await.unwrap().into_inner();
     assert_eq!(first, second, "double capture must return the same result");
@@ -301,11 +283,7 @@ async fn capture_and_void_resolve_exactly_once(h: Harness) -> Harness {
     });
     assert_eq!(code(void_after_capture.await), Code::FailedPrecondition);
 
-    let t2 = router
-        .authorize(authorize(ALICE, USD, &token, "k2"))
-        .await
-        .unwrap()
-        .into_inner();
+    let t2 = granted(&mut router, USD, &token, "k2").await;
     let void = pb::VoidRequest {
         transfer_id: t2.id.clone(),
         reason: "upstream failed".into(),
@@ -322,11 +300,7 @@ async fn capture_and_void_resolve_exactly_once(h: Harness) -> Harness {
     );
 
     // Bad capture input writes nothing.
-    let t3 = router
-        .authorize(authorize(ALICE, USD, &token, "k3"))
-        .await
-        .unwrap()
-        .into_inner();
+    let t3 = granted(&mut router, USD, &token, "k3").await;
     let bad_amounts = [
         Some(pb::capture_request::Amount::AmountMicros(0)),
         Some(pb::capture_request::Amount::AmountMicros(-5)),
@@ -380,16 +354,8 @@ async fn capture_and_void_resolve_exactly_once(h: Harness) -> Harness {
 async fn authorize_idempotency(h: Harness) -> Harness {
     let (owner, _alice, token) = setup(&h, 3 * USD).await;
     let mut router = h.client(&owner);
-    let t = router
-        .authorize(authorize(ALICE, USD, &token, "same"))
-        .await
-        .unwrap()
-        .into_inner();
-    let replay = router
-        .authorize(authorize(ALICE, USD, &token, "same"))
-        .await
-        .unwrap()
-        .into_inner();
+    let t = granted(&mut router, USD, &token, "same").await;
+    let replay = granted(&mut router, USD, &token, "same").await;
     assert_eq!(t, replay);
     assert_eq!(h.balance(ALICE).await.held_micros, USD, "replay held twice");
     // Different parameters under the same key are rejected.
@@ -399,11 +365,7 @@ async fn authorize_idempotency(h: Harness) -> Harness {
     assert_eq!(code(changed), Code::AlreadyExists);
     // Replay after capture returns the completed transfer, never a new hold.
     router.capture(full(&t.id)).await.unwrap();
-    let after = router
-        .authorize(authorize(ALICE, USD, &token, "same"))
-        .await
-        .unwrap()
-        .into_inner();
+    let after = granted(&mut router, USD, &token, "same").await;
     assert_eq!(after.status(), pb::TransferStatus::Completed);
     assert_eq!(h.balance(ALICE).await.held_micros, 0);
 
@@ -430,20 +392,8 @@ async fn authorize_idempotency(h: Harness) -> Harness {
     assert!(fresh.is_ok());
 
     // Concurrent double submit: one hold.
-    let mut tasks = Vec::new();
-    for _ in 0..20 {
-        let mut c = router.clone();
-        let req = authorize(ALICE, USD, &token, "burst");
-        tasks.push(tokio::spawn(async move {
-            c.authorize(req).await.map(|r| r.into_inner().id)
-        }));
-    }
-    let mut ids = std::collections::HashSet::new();
-    for task in tasks {
-        if let Ok(id) = task.await.unwrap() {
-            ids.insert(id);
-        }
-    }
+    let burst = (0..20).map(|_| authorize(ALICE, USD, &token, "burst"));
+    let ids = ids_granted_at_once(&router, burst).await;
     assert_eq!(ids.len(), 1, "one key produced several transfers");
     let held = h.balance(ALICE).await.held_micros;
     assert_eq!(held, 6 * USD);
@@ -459,30 +409,28 @@ async fn concurrent_spend_of_one_balance(h: Harness) -> Harness {
         let req = authorize(ALICE, USD, &token, &format!("c{i}"));
         tasks.push(tokio::spawn(async move { c.authorize(req).await }));
     }
-    let (mut ok, mut refused) = (0, 0);
+    let (mut accepted, mut refused) = (0, 0);
     for task in tasks {
         match task.await.unwrap() {
-            Ok(_) => ok += 1,
+            Ok(_) => accepted += 1,
             Err(s) if s.code() == Code::FailedPrecondition => refused += 1,
             Err(s) => panic!("unexpected error {s:?}"),
         }
     }
-    assert_eq!((ok, refused), (10, 90));
+    assert_eq!((accepted, refused), (10, 90));
     let a = h.balance(ALICE).await;
     assert_eq!((a.held_micros, a.available_micros), (10 * USD, 0));
 
     // Concurrent captures of one transfer resolve it once.
     let mut c = router.clone();
-    let t = c
+    let t = ok(c
         .list_transfers(pb::ListTransfersRequest {
             status: pb::TransferStatus::Pending as i32,
             ..Default::default()
         })
-        .await
-        .unwrap()
-        .into_inner()
-        .transfers
-        .remove(0);
+        .await)
+    .transfers
+    .remove(0);
     let mut tasks = Vec::new();
     for _ in 0..10 {
         let mut c = router.clone();
@@ -518,13 +466,11 @@ async fn expired_holds_are_swept(h: Harness) -> Harness {
     // The sweep cancels it as SYSTEM and releases the funds.
     let mut swept = None;
     for _ in 0..50 {
-        let cur = router
+        let cur = ok(router
             .get_transfer(pb::GetTransferRequest {
                 transfer_id: t.id.clone(),
             })
-            .await
-            .unwrap()
-            .into_inner();
+            .await);
         if cur.status() == pb::TransferStatus::Cancelled {
             swept = Some(cur);
             break;
@@ -599,17 +545,15 @@ async fn token_rules(h: Harness) -> Harness {
             .await
     ));
     // Expired.
-    let expiring = h
+    let expiring = ok(h
         .client(&alice)
         .issue_token(pb::IssueTokenRequest {
             recipient_email: OWNER.into(),
             expires_at_unix_micros: Some(syft_ledger::store::now_micros() + 300_000),
             spend_limit_micros: None,
         })
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
+        .await)
+    .token;
     router
         .authorize(authorize(ALICE, USD, &expiring, "t7"))
         .await
@@ -621,28 +565,18 @@ async fn token_rules(h: Harness) -> Harness {
             .await
     ));
     // Spend limit counts captured plus held.
-    let limited = h
+    let limited = ok(h
         .client(&alice)
         .issue_token(pb::IssueTokenRequest {
             recipient_email: OWNER.into(),
             expires_at_unix_micros: None,
             spend_limit_micros: Some(3 * USD),
         })
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
-    let a = router
-        .authorize(authorize(ALICE, 2 * USD, &limited, "l1"))
-        .await
-        .unwrap()
-        .into_inner();
+        .await)
+    .token;
+    let a = granted(&mut router, 2 * USD, &limited, "l1").await;
     router.capture(full(&a.id)).await.unwrap();
-    let b = router
-        .authorize(authorize(ALICE, USD, &limited, "l2"))
-        .await
-        .unwrap()
-        .into_inner();
+    let b = granted(&mut router, USD, &limited, "l2").await;
     let over = router.authorize(authorize(ALICE, 1, &limited, "l3")).await;
     assert_eq!(code(over), Code::PermissionDenied);
     router
@@ -732,11 +666,9 @@ async fn bad_authorize_input_writes_nothing(h: Harness) -> Harness {
         ),
         Code::PermissionDenied
     );
-    let listed = router
+    let listed = ok(router
         .list_transfers(pb::ListTransfersRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+        .await);
     assert!(listed.transfers.is_empty());
     let a = h.balance(ALICE).await;
     assert_eq!((a.balance_micros, a.held_micros), (10 * USD, 0));
@@ -763,11 +695,9 @@ async fn listing_and_usage_visibility(h: Harness) -> Harness {
     let (owner, alice, token) = setup(&h, 100 * USD).await;
     let mut router = h.client(&owner);
     for i in 0..7 {
-        let t = router
+        let t = ok(router
             .authorize(authorize(ALICE, USD, &token, &format!("p{i}")))
-            .await
-            .unwrap()
-            .into_inner();
+            .await);
         let usage = Some(usage(&format!("p{i}"), "success"));
         if i % 2 == 0 {
             router
@@ -801,15 +731,13 @@ async fn listing_and_usage_visibility(h: Harness) -> Harness {
     let mut seen = Vec::new();
     let mut page_token = String::new();
     loop {
-        let page = router
+        let page = ok(router
             .list_transfers(pb::ListTransfersRequest {
                 page_size: 3,
                 page_token,
                 ..Default::default()
             })
-            .await
-            .unwrap()
-            .into_inner();
+            .await);
         seen.extend(page.transfers.into_iter().map(|t| t.idempotency_key));
         if page.next_page_token.is_empty() {
             break;
@@ -820,86 +748,66 @@ async fn listing_and_usage_visibility(h: Harness) -> Harness {
         seen,
         (0..7).rev().map(|i| format!("p{i}")).collect::<Vec<_>>()
     );
-    let completed = router
+    let completed = ok(router
         .list_transfers(pb::ListTransfersRequest {
             status: pb::TransferStatus::Completed as i32,
             ..Default::default()
         })
-        .await
-        .unwrap()
-        .into_inner();
+        .await);
     assert_eq!(completed.transfers.len(), 4);
     // Alice sees her transfers as sender; a stranger sees nothing and may not ask for others'.
-    let as_sender = h
+    let as_sender = ok(h
         .client(&alice)
         .list_transfers(pb::ListTransfersRequest {
             role: pb::Role::Sender as i32,
             ..Default::default()
         })
-        .await
-        .unwrap()
-        .into_inner();
+        .await);
     assert_eq!(as_sender.transfers.len(), 7);
     let eve = h.account("eve@example.com", 0).await;
     let mut eve = h.client(&eve);
-    assert!(eve
+    let listed = ok(eve
         .list_transfers(pb::ListTransfersRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .transfers
-        .is_empty());
+        .await);
+    assert!(listed.transfers.is_empty());
     let snoop = eve.list_transfers(pb::ListTransfersRequest {
         account_email: ALICE.into(),
         ..Default::default()
     });
     assert_eq!(code(snoop.await), Code::PermissionDenied);
-    assert!(eve
-        .query_usage(pb::QueryUsageRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .records
-        .is_empty());
+    let usage = ok(eve.query_usage(pb::QueryUsageRequest::default()).await);
+    assert!(usage.records.is_empty());
 
     // Usage totals cover every matching row; filters narrow them.
-    let all = router
+    let all = ok(router
         .query_usage(pb::QueryUsageRequest {
             page_size: 2,
             ..Default::default()
         })
-        .await
-        .unwrap()
-        .into_inner();
+        .await);
     assert_eq!(all.records.len(), 2);
     let totals = all.totals.unwrap();
     assert_eq!((totals.requests, totals.cost_micros), (8, 4 * USD));
-    let failed = router
+    let failed = ok(router
         .query_usage(pb::QueryUsageRequest {
             status: "success".into(),
             app_name: "chat-app".into(),
             ..Default::default()
         })
-        .await
-        .unwrap()
-        .into_inner();
+        .await);
     assert_eq!(failed.totals.unwrap().requests, 8);
-    let alice_view = h
+    let alice_view = ok(h
         .client(&alice)
         .query_usage(pb::QueryUsageRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+        .await);
     assert_eq!(alice_view.totals.unwrap().requests, 8);
-    let admin_view = h
+    let admin_view = ok(h
         .admin()
         .query_usage(pb::QueryUsageRequest {
             user_email: ALICE.into(),
             ..Default::default()
         })
-        .await
-        .unwrap()
-        .into_inner();
+        .await);
     assert_eq!(admin_view.totals.unwrap().total_tokens, 8 * 15);
     h
 }
@@ -908,20 +816,14 @@ async fn received_credits_can_be_spent(h: Harness) -> Harness {
     // The owner is credited through unrolled journal rows; spending them must still work.
     let (owner, _alice, token) = setup(&h, 10 * USD).await;
     let mut router = h.client(&owner);
-    let t = router
-        .authorize(authorize(ALICE, 3 * USD, &token, "earn"))
-        .await
-        .unwrap()
-        .into_inner();
+    let t = granted(&mut router, 3 * USD, &token, "earn").await;
     router.capture(full(&t.id)).await.unwrap();
     let carol = h.account("carol@example.com", 0).await;
     let owner_token = h.token(&owner, "carol@example.com").await;
-    let spend = h
+    let spend = ok(h
         .client(&carol)
         .authorize(authorize(OWNER, 3 * USD, &owner_token, "spend"))
-        .await
-        .unwrap()
-        .into_inner();
+        .await);
     h.client(&carol).capture(full(&spend.id)).await.unwrap();
     assert_eq!(h.balance(OWNER).await.balance_micros, 0);
     assert_eq!(h.balance("carol@example.com").await.balance_micros, 3 * USD);
@@ -935,12 +837,7 @@ async fn crash_between_phases_leaves_an_expiring_hold(mut h: Harness) -> Harness
     let (owner, _alice, token) = setup(&h, 5 * USD).await;
     let mut short = authorize(ALICE, 2 * USD, &token, "crash");
     short.hold_ttl_seconds = Some(1);
-    let t = h
-        .client(&owner)
-        .authorize(short)
-        .await
-        .unwrap()
-        .into_inner();
+    let t = ok(h.client(&owner).authorize(short).await);
     // The ledger dies with the hold pending; a new process on the same database takes over.
     h.server.take().unwrap().kill();
     tokio::time::sleep(Duration::from_millis(1_200)).await;
@@ -975,19 +872,12 @@ async fn refusals_carry_machine_readable_reasons(h: Harness) -> Harness {
         (status.code(), reason(&status).unwrap_or_default())
     };
     let want = |code: Code, reason: &str| (code, reason.to_string());
+    let over_balance = authorize(ALICE, 2 * USD, &token, "r1");
     assert_eq!(
-        refused(
-            router
-                .authorize(authorize(ALICE, 2 * USD, &token, "r1"))
-                .await
-        ),
+        refused(router.authorize(over_balance.clone()).await),
         want(Code::FailedPrecondition, "INSUFFICIENT_FUNDS")
     );
-    let t = router
-        .authorize(authorize(ALICE, USD / 2, &token, "r2"))
-        .await
-        .unwrap()
-        .into_inner();
+    let t = granted(&mut router, USD / 2, &token, "r2").await;
     assert_eq!(
         refused(
             router
@@ -1014,17 +904,15 @@ async fn refusals_carry_machine_readable_reasons(h: Harness) -> Harness {
         ),
         want(Code::PermissionDenied, "TOKEN_INVALID")
     );
-    let limited = h
+    let limited = ok(h
         .client(&alice)
         .issue_token(pb::IssueTokenRequest {
             recipient_email: OWNER.into(),
             expires_at_unix_micros: None,
             spend_limit_micros: Some(100),
         })
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
+        .await)
+    .token;
     assert_eq!(
         refused(
             router
@@ -1046,10 +934,7 @@ async fn refusals_carry_machine_readable_reasons(h: Harness) -> Harness {
     // Account and deposit conflicts name their reason too.
     let again = h
         .admin()
-        .create_account(pb::CreateAccountRequest {
-            email: ALICE.into(),
-            ..Default::default()
-        })
+        .create_account(req::create_account(ALICE))
         .await
         .expect_err("duplicate account");
     assert_eq!(
@@ -1073,11 +958,7 @@ async fn refusals_carry_machine_readable_reasons(h: Harness) -> Harness {
     );
     // A replay of a refused key returns the same reason, not a generic one.
     assert_eq!(
-        refused(
-            router
-                .authorize(authorize(ALICE, 2 * USD, &token, "r1"))
-                .await
-        ),
+        refused(router.authorize(over_balance.clone()).await),
         want(Code::FailedPrecondition, "INSUFFICIENT_FUNDS")
     );
     h
@@ -1286,33 +1167,17 @@ async fn idempotency_keys_are_per_sender(h: Harness) -> Harness {
     let hold =
         |sender: &str, amount: i64, key: &str| authorize(sender, amount, &tokens[sender], key);
 
-    let a = router
-        .authorize(hold(ALICE, USD, "req-1"))
-        .await
-        .unwrap()
-        .into_inner();
-    let b = router
-        .authorize(hold(BOB, USD, "req-1"))
-        .await
-        .unwrap()
-        .into_inner();
+    let a = ok(router.authorize(hold(ALICE, USD, "req-1")).await);
+    let b = ok(router.authorize(hold(BOB, USD, "req-1")).await);
     assert_ne!(a.id, b.id, "two senders' keys collided");
     assert_eq!(
         (a.sender_email.as_str(), b.sender_email.as_str()),
         (ALICE, BOB)
     );
     // The same sender replays: its own transfer, never the other sender's, never a new hold.
-    let replay = router
-        .authorize(hold(ALICE, USD, "req-1"))
-        .await
-        .unwrap()
-        .into_inner();
+    let replay = ok(router.authorize(hold(ALICE, USD, "req-1")).await);
     assert_eq!(replay, a);
-    let replay = router
-        .authorize(hold(BOB, USD, "req-1"))
-        .await
-        .unwrap()
-        .into_inner();
+    let replay = ok(router.authorize(hold(BOB, USD, "req-1")).await);
     assert_eq!(replay, b);
     let changed = router
         .authorize(hold(ALICE, 2 * USD, "req-1"))
@@ -1370,11 +1235,7 @@ async fn idempotency_keys_are_per_sender(h: Harness) -> Harness {
     assert_eq!(code(poor), Code::FailedPrecondition);
     let again = router.authorize(hold(CAROL, USD, "req-2")).await;
     assert_eq!(code(again), Code::FailedPrecondition);
-    let rich = router
-        .authorize(hold(ALICE, USD, "req-2"))
-        .await
-        .unwrap()
-        .into_inner();
+    let rich = ok(router.authorize(hold(ALICE, USD, "req-2")).await);
     router
         .void(pb::VoidRequest {
             transfer_id: rich.id,
@@ -1385,21 +1246,8 @@ async fn idempotency_keys_are_per_sender(h: Harness) -> Harness {
         .unwrap();
 
     // Concurrent duplicates from two senders: one hold per sender.
-    let mut tasks = Vec::new();
-    for i in 0..20 {
-        let mut c = router.clone();
-        let sender = if i % 2 == 0 { ALICE } else { BOB };
-        let req = hold(sender, USD / 10, "burst");
-        tasks.push(tokio::spawn(async move {
-            c.authorize(req).await.map(|r| r.into_inner().id)
-        }));
-    }
-    let mut ids = std::collections::HashSet::new();
-    for task in tasks {
-        if let Ok(id) = task.await.unwrap() {
-            ids.insert(id);
-        }
-    }
+    let burst = (0..20).map(|i| hold(if i % 2 == 0 { ALICE } else { BOB }, USD / 10, "burst"));
+    let ids = ids_granted_at_once(&router, burst).await;
     assert_eq!(
         ids.len(),
         2,

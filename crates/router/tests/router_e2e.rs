@@ -6,7 +6,9 @@ use std::time::Duration;
 use futures::StreamExt;
 use serde_json::{json, Value};
 use syft_proto::ledger::{Actor, TransferStatus};
-use syft_proto::router::{chat_stream_event, ChatOptions, GetMetadataRequest, Message};
+use syft_proto::router::{
+    chat_stream_event, ChatOptions, ChatRequest, GetMetadataRequest, Message,
+};
 use syft_router_svc::{tokens, Pricing, RouterConfig};
 use syft_testkit::*;
 use tonic::Code;
@@ -17,6 +19,14 @@ fn user_msg(content: &str) -> Vec<Message> {
         content: content.into(),
         name: None,
     }]
+}
+
+/// Sends an OpenAI-style request that must fail with `status`; the `error` object of its body.
+async fn openai_error(request: reqwest::RequestBuilder, status: u16) -> Value {
+    let resp = request.send().await.expect("http");
+    assert_eq!(resp.status().as_u16(), status);
+    let body: Value = resp.json().await.expect("json");
+    body["error"].clone()
 }
 
 async fn wait_owner_balance(s: &Stack, want: i64) {
@@ -31,8 +41,7 @@ async fn wait_owner_balance(s: &Stack, want: i64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paid_success_captures_exactly_the_price() {
-    let s = Stack::start(Pricing::per_request(PRICE)).await;
-    let mut c = s.client().await;
+    let (s, mut c) = Stack::start_with_client(Pricing::per_request(PRICE)).await;
     let resp = c.chat(s.request("hi")).await.expect("chat").into_inner();
     assert_eq!(resp.cost_micros, PRICE);
     assert_eq!(resp.currency, "USD");
@@ -86,8 +95,7 @@ async fn paid_success_captures_exactly_the_price() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_token_holds_the_maximum_and_captures_the_actual_cost() {
     let (input, output) = (3_000_000, 15_000_000); // $3 / $15 per million tokens
-    let s = Stack::start(Pricing::per_token(input, output)).await;
-    let mut c = s.client().await;
+    let (s, mut c) = Stack::start_with_client(Pricing::per_token(input, output)).await;
     let req = s.request("count my tokens please");
     let counted_prompt = tokens::count_prompt(&req.messages);
     let resp = c.chat(req).await.expect("chat").into_inner();
@@ -129,8 +137,7 @@ async fn per_token_holds_the_maximum_and_captures_the_actual_cost() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_failures_are_voided_and_recorded() {
-    let s = Stack::start(Pricing::per_request(PRICE)).await;
-    let mut c = s.client().await;
+    let (s, mut c) = Stack::start_with_client(Pricing::per_request(PRICE)).await;
     let cases = [
         (Mode::Status(500), Code::Unavailable, "upstream_error"),
         (Mode::Status(400), Code::InvalidArgument, "upstream_error"),
@@ -174,13 +181,8 @@ async fn upstream_failures_are_voided_and_recorded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_final_event_carries_usage_cost_and_transfer() {
-    let s = Stack::start(Pricing::per_request(PRICE)).await;
-    let mut c = s.client().await;
-    let mut stream = c
-        .chat_stream(s.request("hi"))
-        .await
-        .expect("stream")
-        .into_inner();
+    let (s, mut c) = Stack::start_with_client(Pricing::per_request(PRICE)).await;
+    let mut stream = ok(c.chat_stream(s.request("hi")).await);
     let mut text = String::new();
     let mut fin = None;
     while let Some(ev) = stream.next().await {
@@ -214,19 +216,14 @@ async fn stream_final_event_carries_usage_cost_and_transfer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_failures_are_voided() {
-    let s = Stack::start(Pricing::per_request(PRICE)).await;
-    let mut c = s.client().await;
+    let (s, mut c) = Stack::start_with_client(Pricing::per_request(PRICE)).await;
     for (mode, code) in [
         (Mode::StreamStall, Code::DeadlineExceeded),
         (Mode::StreamGarbage, Code::Unavailable),
         (Mode::EmptyChoices, Code::Unavailable),
     ] {
         s.upstream.set_mode(mode.clone());
-        let mut stream = c
-            .chat_stream(s.request("hi"))
-            .await
-            .expect("stream")
-            .into_inner();
+        let mut stream = ok(c.chat_stream(s.request("hi")).await);
         let mut last = None;
         while let Some(ev) = stream.next().await {
             match ev {
@@ -258,16 +255,11 @@ async fn stream_failures_are_voided() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_cancelling_a_stream_voids_the_hold() {
-    let s = Stack::start(Pricing::per_request(PRICE)).await;
+    let (s, mut c) = Stack::start_with_client(Pricing::per_request(PRICE)).await;
     s.upstream
         .set_mode(Mode::SlowStream(Duration::from_millis(100)));
     {
-        let mut c = s.client().await;
-        let mut stream = c
-            .chat_stream(s.request("hi"))
-            .await
-            .expect("stream")
-            .into_inner();
+        let mut stream = ok(c.chat_stream(s.request("hi")).await);
         let first = stream.next().await.expect("first").expect("ok");
         assert!(matches!(
             first.event,
@@ -285,12 +277,12 @@ async fn client_cancelling_a_stream_voids_the_hold() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_giving_up_on_a_unary_call_voids_the_hold() {
-    let s = Stack::start(Pricing::per_request(PRICE)).await;
-    s.upstream
-        .set_mode(Mode::Delay(Duration::from_millis(1000)));
-    let mut c = s.client().await;
+    let (s, mut c) = Stack::start_with_client(Pricing::per_request(PRICE)).await;
+    // The upstream answers long after the client's deadline.
+    let (answer_after, deadline) = (Duration::from_millis(1000), Duration::from_millis(300));
+    s.upstream.set_mode(Mode::Delay(answer_after));
     let mut req = tonic::Request::new(s.request("hi"));
-    req.set_timeout(Duration::from_millis(300));
+    req.set_timeout(deadline);
     let err = c.chat(req).await.expect_err("client deadline");
     assert!(
         matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
@@ -303,31 +295,22 @@ async fn client_giving_up_on_a_unary_call_voids_the_hold() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn payment_required_bad_token_and_insufficient_funds_never_call_upstream() {
-    let s = Stack::start(Pricing::per_request(PRICE)).await;
-    let mut c = s.client().await;
+    let (s, mut c) = Stack::start_with_client(Pricing::per_request(PRICE)).await;
 
     let mut req = s.request("hi");
     req.transaction_token.clear();
-    let err = c.chat(req).await.expect_err("payment required");
-    assert_eq!(err.code(), Code::FailedPrecondition);
-    assert!(
-        err.message().starts_with("payment required"),
-        "{}",
-        err.message()
-    );
+    let err = refused(c.chat(req).await, Code::FailedPrecondition);
+    let msg = err.message();
+    assert!(msg.starts_with("payment required"), "{msg}");
     assert_eq!(reason(&err).as_deref(), Some("PAYMENT_REQUIRED"));
 
     let http = reqwest::Client::new();
-    let resp = http
+    let no_token = http
         .post(format!("{}/v1/chat/completions", s.router.http_url))
-        .json(&json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}], "user": s.alice.email}))
-        .send()
-        .await
-        .expect("http");
-    assert_eq!(resp.status().as_u16(), 402);
-    let body: Value = resp.json().await.expect("json");
-    assert_eq!(body["error"]["code"], "payment_required");
-    assert!(body["error"]["message"]
+        .json(&json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}], "user": s.alice.email}));
+    let error = openai_error(no_token, 402).await;
+    assert_eq!(error["code"], "payment_required");
+    assert!(error["message"]
         .as_str()
         .is_some_and(|m| m.starts_with("payment required")));
 
@@ -368,8 +351,7 @@ async fn payment_required_bad_token_and_insufficient_funds_never_call_upstream()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn insufficient_funds_says_what_the_hold_reserves_and_how_to_reserve_less() {
     let (input, output) = (3_000_000, 10_000_000); // $3 / $10 per million tokens
-    let s = Stack::start(Pricing::per_token(input, output)).await;
-    let mut c = s.client().await;
+    let (s, mut c) = Stack::start_with_client(Pricing::per_token(input, output)).await;
     let bob = create_account(&s.ledger.url, "bob").await;
     deposit(&s.ledger.url, &bob.email, 10_000).await; // $0.01
     let bob_token = issue_token(&s.ledger.url, &bob, &s.owner.email).await;
@@ -442,21 +424,16 @@ async fn insufficient_funds_says_what_the_hold_reserves_and_how_to_reserve_less(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_request_id_is_charged_once() {
-    let s = Stack::start(Pricing::per_request(PRICE)).await;
-    let mut c = s.client().await;
+    let (s, mut c) = Stack::start_with_client(Pricing::per_request(PRICE)).await;
 
     // Sequential replay.
     let mut req = s.request("hi");
     req.request_id = "dup-sequential".into();
     let first = c.chat(req.clone()).await.expect("first").into_inner();
     assert_eq!(first.id, "dup-sequential");
-    let err = c.chat(req).await.expect_err("replay");
-    assert_eq!(err.code(), Code::AlreadyExists);
-    assert!(
-        err.message().contains("already processed"),
-        "{}",
-        err.message()
-    );
+    let err = refused(c.chat(req).await, Code::AlreadyExists);
+    let msg = err.message();
+    assert!(msg.contains("already processed"), "{msg}");
     assert_eq!(s.upstream.hits(), 1);
     assert_eq!(s.alice_money().await.0, FUNDS - PRICE);
 
@@ -519,13 +496,7 @@ async fn same_request_id_is_charged_once() {
 /// the same id at the same time both get their answer, are each charged once, and each get their
 /// own usage row; each user's own replay is still refused as already processed.
 async fn two_users_with_one_request_id(db: Db) {
-    let s = Stack::start_with(
-        db,
-        Pricing::per_request(PRICE),
-        Duration::from_secs(300),
-        |_| {},
-    )
-    .await;
+    let s = Stack::start_on(db, Pricing::per_request(PRICE)).await;
     let bob = create_account(&s.ledger.url, "bob").await;
     deposit(&s.ledger.url, &bob.email, FUNDS).await;
     let bob_token = issue_token(&s.ledger.url, &bob, &s.owner.email).await;
@@ -669,24 +640,13 @@ async fn ledger_unreachable_fails_paid_requests_but_not_free_ones() {
         Some(&upstream.base_url),
     ))
     .await;
-    let req = syft_proto::router::ChatRequest {
+    let req = ChatRequest {
         model: "m".into(),
         ..chat_request("alice@example.com", "tok", "hi")
     };
-    let err = paid
-        .client()
-        .await
-        .chat(req.clone())
-        .await
-        .expect_err("paid fails");
-    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    let err = paid
-        .client()
-        .await
-        .chat_stream(req.clone())
-        .await
-        .expect_err("paid stream fails");
-    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let mut to_paid = paid.client().await;
+    refused(to_paid.chat(req.clone()).await, Code::Unavailable);
+    refused(to_paid.chat_stream(req.clone()).await, Code::Unavailable);
     assert_eq!(upstream.hits(), 0);
     let resp = free
         .client()
@@ -733,12 +693,9 @@ async fn unary_answer_is_withheld_when_capture_cannot_commit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_input_is_rejected_and_nothing_is_charged() {
-    let s = Stack::start_with(
-        Db::sqlite(),
-        Pricing::per_request(PRICE),
-        Duration::from_secs(300),
-        |c: &mut RouterConfig| c.limits.max_prompt_bytes = 10_000,
-    )
+    let s = Stack::start_tweaked(Pricing::per_request(PRICE), |c: &mut RouterConfig| {
+        c.limits.max_prompt_bytes = 10_000
+    })
     .await;
     let mut c = s.client().await;
     let opts = |f: fn(&mut ChatOptions)| {
@@ -746,31 +703,29 @@ async fn invalid_input_is_rejected_and_nothing_is_charged() {
         f(&mut o);
         Some(o)
     };
-    let mut cases = Vec::new();
-    let mut r = s.request("hi");
-    r.messages.clear();
-    cases.push(("no messages", r));
-    let mut r = s.request("hi");
-    r.messages[0].role = "wizard".into();
-    cases.push(("unknown role", r));
-    let mut r = s.request("hi");
-    r.options = opts(|o| o.temperature = Some(3.0));
-    cases.push(("temperature 3", r));
-    let mut r = s.request("hi");
-    r.options = opts(|o| o.top_p = Some(1.5));
-    cases.push(("top_p 1.5", r));
-    let mut r = s.request("hi");
-    r.options = opts(|o| o.max_tokens = Some(0));
-    cases.push(("max_tokens 0", r));
-    let mut r = s.request("hi");
-    r.options = opts(|o| o.max_tokens = Some(1_000_000_000));
-    cases.push(("max_tokens 1e9", r));
-    let mut r = s.request("hi");
-    r.user_email = "not-an-email".into();
-    cases.push(("bad email", r));
-    let mut r = s.request("hi");
-    r.messages = user_msg(&"x".repeat(20_000));
-    cases.push(("prompt over limit", r));
+    let case = |name: &'static str, edit: &dyn Fn(&mut ChatRequest)| {
+        let mut r = s.request("hi");
+        edit(&mut r);
+        (name, r)
+    };
+    let cases = [
+        case("no messages", &|r| r.messages.clear()),
+        case("unknown role", &|r| r.messages[0].role = "wizard".into()),
+        case("temperature 3", &|r| {
+            r.options = opts(|o| o.temperature = Some(3.0))
+        }),
+        case("top_p 1.5", &|r| r.options = opts(|o| o.top_p = Some(1.5))),
+        case("max_tokens 0", &|r| {
+            r.options = opts(|o| o.max_tokens = Some(0))
+        }),
+        case("max_tokens 1e9", &|r| {
+            r.options = opts(|o| o.max_tokens = Some(1_000_000_000))
+        }),
+        case("bad email", &|r| r.user_email = "not-an-email".into()),
+        case("prompt over limit", &|r| {
+            r.messages = user_msg(&"x".repeat(20_000))
+        }),
+    ];
     for (name, req) in cases {
         let err = c.chat(req.clone()).await.expect_err(name);
         assert_eq!(err.code(), Code::InvalidArgument, "{name}: {err:?}");
@@ -793,16 +748,12 @@ async fn invalid_input_is_rejected_and_nothing_is_charged() {
         "{err:?}"
     );
     // HTTP: 400 with an OpenAI error body.
-    let resp = reqwest::Client::new()
+    let no_messages = reqwest::Client::new()
         .post(format!("{}/v1/chat/completions", s.router.http_url))
         .bearer_auth(&s.token)
-        .json(&json!({"model": "test-model", "messages": [], "user": s.alice.email}))
-        .send()
-        .await
-        .expect("http");
-    assert_eq!(resp.status().as_u16(), 400);
-    let body: Value = resp.json().await.expect("json");
-    assert_eq!(body["error"]["type"], "invalid_request_error");
+        .json(&json!({"model": "test-model", "messages": [], "user": s.alice.email}));
+    let error = openai_error(no_messages, 400).await;
+    assert_eq!(error["type"], "invalid_request_error");
 
     assert_eq!(s.upstream.hits(), 0);
     assert!(s.transfers().await.is_empty());
@@ -968,13 +919,7 @@ async fn postgres_paid_flow() {
     let Some(db) = Db::postgres().await else {
         return;
     };
-    let s = Stack::start_with(
-        db,
-        Pricing::per_request(PRICE),
-        Duration::from_secs(300),
-        |_| {},
-    )
-    .await;
+    let s = Stack::start_on(db, Pricing::per_request(PRICE)).await;
     let mut c = s.client().await;
     let resp = c.chat(s.request("hi")).await.expect("chat").into_inner();
     assert_eq!(resp.cost_micros, PRICE);

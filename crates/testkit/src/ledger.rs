@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::{assert_consistent, Db, ADMIN_KEY};
+use crate::{assert_consistent, req, Db, ADMIN_KEY};
 
 /// The ledger configuration of tests: the kit's admin key, sweeps every 200 ms (so expiry tests
 /// are quick), eight database connections and the accounting REST API on the HTTP port.
@@ -278,32 +278,18 @@ pub async fn issue_token(ledger: &str, sender: &Account, recipient: &str) -> Str
 
 pub async fn account(ledger: &str, email: &str) -> pb::Account {
     admin(ledger)
-        .get_account(pb::GetAccountRequest {
-            email: email.into(),
-        })
+        .get_account(req::get_account(email))
         .await
         .expect("get account")
         .into_inner()
 }
 
 pub async fn transfers_of(ledger: &str, email: &str) -> Vec<pb::Transfer> {
-    let mut admin = admin(ledger);
-    let request = pb::ListTransfersRequest {
-        account_email: email.into(),
-        page_size: 500,
-        ..Default::default()
-    };
-    let listed = admin.list_transfers(request).await.expect("list transfers");
-    listed.into_inner().transfers
+    let listed = admin(ledger).list_transfers(req::transfers_of(email)).await;
+    listed.expect("list transfers").into_inner().transfers
 }
 
 pub async fn usage_of(ledger: &str, user_email: &str) -> Vec<pb::UsageRecord> {
-    let mut admin = admin(ledger);
-    let request = pb::QueryUsageRequest {
-        user_email: user_email.into(),
-        page_size: 500,
-        ..Default::default()
-    };
-    let usage = admin.query_usage(request).await.expect("query usage");
-    usage.into_inner().records
+    let usage = admin(ledger).query_usage(req::usage_of(user_email)).await;
+    usage.expect("query usage").into_inner().records
 }

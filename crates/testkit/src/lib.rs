@@ -8,6 +8,7 @@
 
 mod db;
 mod ledger;
+pub mod req;
 mod router;
 mod upstream;
 
@@ -43,6 +44,16 @@ pub fn lines_of(pipe: impl std::io::Read + Send + 'static) -> std::sync::mpsc::R
     rx
 }
 
+/// [`lines_of`] a child's stdout, which must be piped.
+pub fn stdout_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    lines_of(child.stdout.take().expect("stdout is piped"))
+}
+
+/// [`lines_of`] a child's stderr, which must be piped.
+pub fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    lines_of(child.stderr.take().expect("stderr is piped"))
+}
+
 /// A port that was free a moment ago (for processes that bind it themselves).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -56,11 +67,33 @@ pub fn closed_url() -> String {
     format!("http://127.0.0.1:{}", free_port())
 }
 
+/// The message of a call that must succeed (the status is in the panic message otherwise).
+pub fn ok<T>(result: Result<tonic::Response<T>, tonic::Status>) -> T {
+    match result {
+        Ok(response) => response.into_inner(),
+        Err(status) => panic!("expected success, got {status:?}"),
+    }
+}
+
 /// The code of a call that must fail.
 pub fn code<T: std::fmt::Debug>(result: Result<T, tonic::Status>) -> tonic::Code {
     match result {
         Ok(v) => panic!("expected an error, got {v:?}"),
         Err(status) => status.code(),
+    }
+}
+
+/// The status of a call that must fail with `want` (the whole status is shown otherwise).
+pub fn refused<T: std::fmt::Debug>(
+    result: Result<T, tonic::Status>,
+    want: tonic::Code,
+) -> tonic::Status {
+    match result {
+        Ok(v) => panic!("expected {want:?}, got {v:?}"),
+        Err(status) => {
+            assert_eq!(status.code(), want, "{status:?}");
+            status
+        }
     }
 }
 

@@ -197,6 +197,9 @@ impl Funded {
     }
 }
 
+/// The hold lifetime of a [`Stack`] unless a test asks for another: longer than any test.
+const HOLD_TTL: Duration = Duration::from_secs(300);
+
 /// [`Funded`], a fake upstream, and a router priced `pricing` in front of both.
 pub struct Stack {
     pub db: Db,
@@ -210,7 +213,24 @@ pub struct Stack {
 
 impl Stack {
     pub async fn start(pricing: Pricing) -> Self {
-        Self::start_with(Db::sqlite(), pricing, Duration::from_secs(300), |_| {}).await
+        Self::start_on(Db::sqlite(), pricing).await
+    }
+
+    /// [`Stack::start`] and a client of its router, as most scenarios begin.
+    pub async fn start_with_client(pricing: Pricing) -> (Self, RouterClient<Channel>) {
+        let stack = Self::start(pricing).await;
+        let client = stack.client().await;
+        (stack, client)
+    }
+
+    /// [`Stack::start`] on a database of the caller's (Postgres, for the scenarios run on both).
+    pub async fn start_on(db: Db, pricing: Pricing) -> Self {
+        Self::start_with(db, pricing, HOLD_TTL, |_| {}).await
+    }
+
+    /// [`Stack::start`] with the router's configuration changed by `tweak`.
+    pub async fn start_tweaked(pricing: Pricing, tweak: impl FnOnce(&mut RouterConfig)) -> Self {
+        Self::start_with(Db::sqlite(), pricing, HOLD_TTL, tweak).await
     }
 
     pub async fn start_with(

@@ -1,0 +1,47 @@
+//! Builders for the ledger's gRPC requests that tests send again and again, so a test reads as
+//! the call it makes (`admin.get_account(req::get_account(ALICE))`).
+
+use syft_proto::ledger as pb;
+
+/// Reads the account of `email`.
+pub fn get_account(email: &str) -> pb::GetAccountRequest {
+    pb::GetAccountRequest {
+        email: email.into(),
+    }
+}
+
+/// Creates an account for `email` with every other field left to the ledger.
+pub fn create_account(email: &str) -> pb::CreateAccountRequest {
+    pb::CreateAccountRequest {
+        email: email.into(),
+        ..Default::default()
+    }
+}
+
+/// Reads the transfer `id`.
+pub fn get_transfer(id: &str) -> pb::GetTransferRequest {
+    pb::GetTransferRequest {
+        transfer_id: id.into(),
+    }
+}
+
+/// How many rows the kit asks for at once: more than any test writes.
+const PAGE: u32 = 500;
+
+/// The transfers `email` sent or received (as the admin asks: any account).
+pub fn transfers_of(email: &str) -> pb::ListTransfersRequest {
+    pb::ListTransfersRequest {
+        account_email: email.into(),
+        page_size: PAGE,
+        ..Default::default()
+    }
+}
+
+/// The usage rows of `email` (as the admin asks: any user).
+pub fn usage_of(email: &str) -> pb::QueryUsageRequest {
+    pb::QueryUsageRequest {
+        user_email: email.into(),
+        page_size: PAGE,
+        ..Default::default()
+    }
+}
