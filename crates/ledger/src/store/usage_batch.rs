@@ -56,7 +56,11 @@ impl UsageWriter {
     }
 }
 
-async fn worker(pool: AnyPool, backend: Backend, mut rx: mpsc::UnboundedReceiver<(UsageJob, Reply)>) {
+async fn worker(
+    pool: AnyPool,
+    backend: Backend,
+    mut rx: mpsc::UnboundedReceiver<(UsageJob, Reply)>,
+) {
     while let Some(first) = rx.recv().await {
         let mut jobs = vec![first];
         while jobs.len() < MAX_BATCH {
@@ -110,7 +114,10 @@ async fn write_retried(
 }
 
 /// The ids of the rows inserted (a row whose request id was already recorded is skipped).
-async fn write_postgres(pool: &AnyPool, jobs: &[&UsageJob]) -> Result<HashSet<String>, sqlx::Error> {
+async fn write_postgres(
+    pool: &AnyPool,
+    jobs: &[&UsageJob],
+) -> Result<HashSet<String>, sqlx::Error> {
     let input: Vec<_> = jobs
         .iter()
         .map(|j| {
@@ -134,7 +141,17 @@ async fn write_sqlite(pool: &AnyPool, jobs: &[&UsageJob]) -> Result<HashSet<Stri
     let mut inserted = HashSet::new();
     for j in jobs {
         let link = UsageLink::None;
-        if insert_usage(&mut tx, &j.id, j.recipient_id, link, Micros::ZERO, &j.usage, j.now).await? {
+        if insert_usage(
+            &mut tx,
+            &j.id,
+            j.recipient_id,
+            link,
+            Micros::ZERO,
+            &j.usage,
+            j.now,
+        )
+        .await?
+        {
             inserted.insert(j.id.clone());
         }
     }

@@ -83,7 +83,9 @@ impl UpstreamError {
     pub fn usage_status(&self) -> UsageStatus {
         match self {
             UpstreamError::Timeout => UsageStatus::Timeout,
-            UpstreamError::InvalidResponse(_) | UpstreamError::Empty => UsageStatus::InvalidResponse,
+            UpstreamError::InvalidResponse(_) | UpstreamError::Empty => {
+                UsageStatus::InvalidResponse
+            }
             UpstreamError::Unreachable(_) | UpstreamError::Status { .. } => {
                 UsageStatus::UpstreamError
             }
