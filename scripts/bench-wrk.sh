@@ -5,6 +5,10 @@
 #
 #   scripts/bench-wrk.sh            # BIN=target/release/syft-router, DURATION=10s, CONNECTIONS=32
 #
+# LITELLM=path/to/litellm (e.g. a venv with `pip install 'litellm[proxy]'`) adds the LiteLLM proxy
+# (2 workers, no database, no accounting) in front of the same nginx upstream, for the
+# paid / LiteLLM ratio.
+#
 # Needs: wrk, nginx (Debian: apt-get install wrk nginx-light), psql, a Postgres server
 # (PG=postgres://postgres@127.0.0.1:5432, its default database is used to create a throwaway one).
 set -euo pipefail
@@ -60,6 +64,17 @@ CONF
 router paid 50161 '{"pricing_type": "per_request", "amount": "0.01"}' "$SYFT_LEDGER_URL"
 router free 50171 '{"pricing_type": "free"}' "$SYFT_LEDGER_URL"
 router noledger 50181 '{"pricing_type": "free"}' http://127.0.0.1:9
+if [ -n "${LITELLM:-}" ]; then
+    cat >"$work/litellm.yaml" <<CONF
+model_list:
+  - model_name: bench
+    litellm_params: {model: openai/bench, api_base: "$upstream", api_key: "none"}
+CONF
+    "$LITELLM" --config "$work/litellm.yaml" --host 127.0.0.1 --port 50192 --num_workers 2 \
+        >"$work/litellm.log" 2>&1 &
+    pids+=($!)
+    for _ in $(seq 120); do curl -sf http://127.0.0.1:50192/health/liveliness >/dev/null && break; sleep 0.5; done
+fi
 sleep 1
 
 run() { # label port connections users...
@@ -87,11 +102,17 @@ run "free" 50171 "$CONNECTIONS" "${free_users[@]}"
 run "free-noledger" 50181 "$CONNECTIONS" "${free_users[@]}"
 run "paid-c1" 50161 1 "${users[@]}"
 run "free-c1" 50171 1 "${free_users[@]}"
+if [ -n "${LITELLM:-}" ]; then
+    run "litellm" 50191 "$CONNECTIONS" "${free_users[@]}"
+fi
 ratio() { awk -v a="$(cat "$work/$1.rps")" -v b="$(cat "$work/$2.rps")" 'BEGIN {printf "%.2f", a / b}'; }
 echo "ratios: one payer / 64 payers $(ratio paid-1 paid-64) (>= 0.8); free with ledger / without $(ratio free free-noledger) (>= 0.7); paid / free $(ratio paid-64 free) (>= 0.5)"
-for p in "${pids[@]:1}"; do
+if [ -n "${LITELLM:-}" ]; then
+    echo "ratio: paid (64 payers) / LiteLLM $(ratio paid-64 litellm) (>= 25)"
+fi
+for p in "${pids[@]}"; do
     rss=$(awk '/VmHWM/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)
-    echo "  router pid $p peak RSS $((rss / 1024)) MB"
+    echo "  $(tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | cut -c1-60): peak RSS $((rss / 1024)) MB"
 done
 for p in "${pids[@]}"; do kill -INT "$p" 2>/dev/null || true; done
 wait "${pids[@]}" 2>/dev/null || true
