@@ -55,9 +55,20 @@ async fn fan_out(
     for (i, &amount) in amounts.iter().enumerate() {
         let mut c = owner.clone();
         let req = hold(amount, token, &format!("k{i}"));
-        tasks.push(tokio::spawn(
-            async move { (amount, c.authorize(req).await) },
-        ));
+        tasks.push(tokio::spawn(async move {
+            // A client retries UNAVAILABLE with the same key (an overloaded SQLite ledger times out
+            // waiting for its one connection); the key makes the retry safe.
+            let mut result = c.authorize(req.clone()).await;
+            for _ in 0..5 {
+                match &result {
+                    Err(s) if s.code() == Code::Unavailable => {
+                        result = c.authorize(req.clone()).await
+                    }
+                    _ => break,
+                }
+            }
+            (amount, result)
+        }));
     }
     let (mut ok, mut refused) = (Vec::new(), Vec::new());
     for t in tasks {
