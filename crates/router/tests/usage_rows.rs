@@ -30,9 +30,10 @@ async fn refusals_leave_rows_and_free_the_request_id(s: Stack) {
         .expect("http");
     assert_eq!(resp.status().as_u16(), 402);
 
-    // token_refused, then invalid_request (an empty message list; no valid request id either).
+    // token_refused (the ledger records this refusal for its key and replays it, so it gets an
+    // id of its own), then invalid_request (an empty message list; no valid request id either).
     let mut req = s.request("hi");
-    req.request_id = "r-1".into();
+    req.request_id = "r-2".into();
     req.transaction_token = "not-a-real-token".into();
     assert_eq!(code(c.chat(req).await), Code::PermissionDenied);
     let mut req = s.request("hi");
@@ -48,7 +49,7 @@ async fn refusals_leave_rows_and_free_the_request_id(s: Stack) {
     req.transaction_token = bob_token;
     assert_eq!(code(c.chat(req).await), Code::FailedPrecondition);
 
-    // The same request id, now with a valid token: answered and charged once.
+    // The id refused by the router itself (no token), now with a token: answered, charged once.
     let mut req = s.request("hi");
     req.request_id = "r-1".into();
     let answer = c.chat(req.clone()).await.expect("paid answer").into_inner();
@@ -87,7 +88,7 @@ async fn refusals_leave_rows_and_free_the_request_id(s: Stack) {
             row("r-1", "duplicate", 0),
             row("r-1", "payment_required", 0),
             row("r-1", "success", PRICE),
-            row("r-1", "token_refused", 0),
+            row("r-2", "token_refused", 0),
             row("r-http", "payment_required", 0),
         ]
     );
