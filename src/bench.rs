@@ -28,8 +28,11 @@ pub struct BenchArgs {
 enum BenchTarget {
     /// Authorize+capture pairs against the ledger.
     Ledger(LedgerBench),
-    /// Paid chat requests through router + ledger + an in-process upstream that answers at once.
+    /// Paid and free chat requests through router + ledger + an upstream (in-process or
+    /// `--upstream-url`), by payer count, with the issue-16 ratios.
     Router(RouterBench),
+    /// Usage rows ingested per second (acknowledged after commit).
+    Usage(crate::bench_usage::UsageBench),
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +41,8 @@ enum Shape {
     Hot,
     /// 100 recipients, 1,000 senders.
     Spread,
+    /// One recipient, one sender: every client spends the same balance (one busy payer).
+    OneSender,
 }
 
 #[derive(Args, Debug)]
@@ -49,8 +54,12 @@ struct LedgerBench {
         default_value = "postgres://postgres@127.0.0.1:5432/postgres"
     )]
     database_url: String,
-    #[arg(long, value_enum, default_values_t = [Shape::Hot, Shape::Spread], num_args = 1..)]
+    #[arg(long, value_enum, default_values_t = [Shape::Hot, Shape::Spread, Shape::OneSender], num_args = 1..)]
     shape: Vec<Shape>,
+    /// Also run `pgbench` (custom script updating one row, 8 clients) for the same duration and
+    /// print the hot shape's pairs/s against it (needs `pgbench` on PATH; Postgres only).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pgbench: bool,
     /// Concurrent clients.
     #[arg(long, default_value_t = 128)]
     concurrency: usize,
@@ -71,12 +80,32 @@ struct LedgerBench {
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.target {
         BenchTarget::Ledger(b) => {
+            let mut rates = Vec::new();
             for shape in &b.shape {
-                bench_ledger(&b, *shape).await?;
+                rates.push((*shape, bench_ledger(&b, *shape).await?));
+            }
+            let rate = |s: Shape| rates.iter().find(|(r, _)| *r == s).map(|(_, v)| *v);
+            if let (Some(hot), Some(one)) = (rate(Shape::Hot), rate(Shape::OneSender)) {
+                println!(
+                    "ratio one sender / hot recipient (1,000 senders): {:.2}",
+                    one / hot
+                );
+            }
+            if b.pgbench && b.database_url.starts_with("postgres") {
+                let tps = crate::bench_pg::hot_row_tps(&b.database_url, b.duration).await?;
+                println!("pgbench hot row (one UPDATE of one row per transaction, 8 clients): {tps:.0} tps");
+                if let Some(hot) = rate(Shape::Hot) {
+                    println!(
+                        "ratio hot recipient pairs/s / pgbench hot-row tps: {:.2} (target >= 2.0: {})",
+                        hot / tps,
+                        if hot / tps >= 2.0 { "met" } else { "NOT met" }
+                    );
+                }
             }
             Ok(())
         }
         BenchTarget::Router(b) => crate::bench_router::run(&b).await,
+        BenchTarget::Usage(b) => crate::bench_usage::run(&b).await,
     }
 }
 
@@ -143,7 +172,8 @@ struct Stats {
     capture: Option<Histogram<u64>>,
 }
 
-async fn bench_ledger(b: &LedgerBench, shape: Shape) -> anyhow::Result<()> {
+/// Runs one shape; returns its pairs/s.
+async fn bench_ledger(b: &LedgerBench, shape: Shape) -> anyhow::Result<f64> {
     const ADMIN: &str = "bench-admin";
     let db = fresh_db(&b.database_url).await?;
     let config = LedgerConfig {
@@ -194,7 +224,8 @@ async fn bench_ledger(b: &LedgerBench, shape: Shape) -> anyhow::Result<()> {
             .push(create_account(&mut admin, &format!("router{r}@bench.example"), 0).await?);
     }
     let mut payers = Vec::new();
-    for s in 0..1000 {
+    let senders = if shape == Shape::OneSender { 1 } else { 1000 };
+    for s in 0..senders {
         let email = format!("user{s}@bench.example");
         let secret = create_account(&mut admin, &email, 1_000_000_000_000).await?;
         let recipient = s % recipients;
@@ -342,5 +373,5 @@ async fn bench_ledger(b: &LedgerBench, shape: Shape) -> anyhow::Result<()> {
     let report = verify_ledger(&db.url).await?;
     println!("  verify: ok ({} transfers)", report.transfers);
     db.drop_db().await;
-    Ok(())
+    Ok(done as f64 / elapsed.as_secs_f64())
 }

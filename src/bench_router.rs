@@ -1,11 +1,14 @@
 //! `syft-router bench router`: paid chat requests through the router, the ledger (fresh Postgres
-//! database) and an in-process OpenAI-compatible upstream that answers at once, over gRPC and over
-//! the HTTP front. Everything shares this machine's cores with the client.
+//! database) and an OpenAI-compatible upstream (in-process and instant, or `--upstream-url`), over
+//! gRPC and over the HTTP front. Everything shares this machine's cores with the client.
 //!
 //! Two measurements per front:
 //! - throughput: `--concurrency` closed-loop clients for `--duration`;
 //! - latency at a fixed rate (`--rate`, open loop): total latency, upstream handler time, and the
 //!   router's added latency = total − upstream handler time (per percentile).
+//!
+//! Then the issue-16 shapes over HTTP (`bench_shapes.rs`): paid by `--payers`, free with and
+//! without a reachable ledger, one client; with their ratios.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -32,14 +35,21 @@ pub struct RouterBench {
         default_value = "postgres://postgres@127.0.0.1:5432/postgres"
     )]
     database_url: String,
-    /// Closed-loop clients for the throughput run.
-    #[arg(long, default_value_t = 64)]
-    concurrency: usize,
+    /// Closed-loop clients for the throughput runs.
+    #[arg(long, default_value_t = 32)]
+    pub(crate) concurrency: usize,
+    /// Payer counts of the paid shapes: requests cycle over this many paying users.
+    #[arg(long, default_values_t = [1, 64], num_args = 1..)]
+    pub(crate) payers: Vec<usize>,
+    /// An OpenAI-compatible upstream to call (`http://host:port/v1`) instead of the in-process one
+    /// (e.g. nginx serving a canned answer: scripts/bench-nginx.sh).
+    #[arg(long)]
+    upstream_url: Option<String>,
     /// Requests per second for the latency run.
     #[arg(long, default_value_t = 200)]
     rate: u64,
     #[arg(long, default_value = "10s", value_parser = crate::cli::parse_duration)]
-    duration: Duration,
+    pub(crate) duration: Duration,
     /// The ledger's Postgres batch workers (see docs/ledger.md).
     #[arg(long, default_value_t = syft_ledger::store::DEFAULT_BATCH_WORKERS)]
     batch_workers: usize,
@@ -80,14 +90,38 @@ async fn start_upstream(times: UpstreamTimes) -> anyhow::Result<String> {
     Ok(url)
 }
 
-struct User {
-    email: String,
-    token: String,
+pub(crate) struct User {
+    pub(crate) email: String,
+    pub(crate) token: String,
 }
+
+/// Serves a router with `pricing` against `ledger_url` and `upstream_url`; returns its gRPC and
+/// HTTP chat URLs and the serving task.
+pub(crate) async fn start_router(
+    pricing: Pricing,
+    ledger_url: &str,
+    secret: &str,
+    upstream_url: &str,
+    signal: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<(String, String, RouterTask)> {
+    let mut config = RouterConfig::new("bench-router", OWNER).with_chat_pricing(pricing);
+    config.ledger.url = ledger_url.to_string();
+    config.ledger.secret = secret.to_string().into();
+    config.upstream = UpstreamConfig::OpenAi(OpenAiConfig::new(upstream_url.to_string()));
+    let grpc = TcpListener::bind("127.0.0.1:0").await?;
+    let http = TcpListener::bind("127.0.0.1:0").await?;
+    let grpc_url = format!("http://{}", grpc.local_addr()?);
+    let http_url = format!("http://{}/v1/chat/completions", http.local_addr()?);
+    let task = tokio::spawn(syft_router_svc::serve(config, grpc, http, signal));
+    Ok((grpc_url, http_url, task))
+}
+
+pub(crate) type RouterTask = tokio::task::JoinHandle<Result<(), syft_router_svc::ServeError>>;
+
+const OWNER: &str = "owner@bench.example";
 
 pub async fn run(b: &RouterBench) -> anyhow::Result<()> {
     const ADMIN: &str = "bench-admin";
-    const OWNER: &str = "owner@bench.example";
     let db = crate::bench::fresh_db(&b.database_url).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let signal = move || {
@@ -122,17 +156,25 @@ pub async fn run(b: &RouterBench) -> anyhow::Result<()> {
     let users = Arc::new(users);
 
     let upstream_times: UpstreamTimes = Arc::new(std::sync::Mutex::new(Histogram::new(3)?));
-    let upstream_url = start_upstream(upstream_times.clone()).await?;
-    let mut config =
-        RouterConfig::new("bench-router", OWNER).with_chat_pricing(Pricing::per_request(10_000));
-    config.ledger.url = ledger_url.clone();
-    config.ledger.secret = owner_secret.into();
-    config.upstream = UpstreamConfig::OpenAi(OpenAiConfig::new(upstream_url));
-    let grpc = TcpListener::bind("127.0.0.1:0").await?;
-    let http = TcpListener::bind("127.0.0.1:0").await?;
-    let grpc_url = format!("http://{}", grpc.local_addr()?);
-    let http_url = format!("http://{}/v1/chat/completions", http.local_addr()?);
-    let router = tokio::spawn(syft_router_svc::serve(config, grpc, http, signal()));
+    let upstream_url = match &b.upstream_url {
+        Some(url) => url.clone(),
+        None => start_upstream(upstream_times.clone()).await?,
+    };
+    let (grpc_url, http_url, router) = start_router(
+        Pricing::per_request(10_000),
+        &ledger_url,
+        &owner_secret,
+        &upstream_url,
+        signal(),
+    )
+    .await?;
+    let shapes = crate::bench_shapes::Shapes {
+        ledger_url: ledger_url.clone(),
+        owner_secret: owner_secret.clone(),
+        upstream_url: upstream_url.clone(),
+        paid_http_url: http_url.clone(),
+        users: users.clone(),
+    };
 
     let channel = tonic::transport::Endpoint::from_shared(grpc_url)?
         .tcp_nodelay(true)
@@ -191,7 +233,13 @@ pub async fn run(b: &RouterBench) -> anyhow::Result<()> {
         }
     };
 
-    println!("router bench: paid requests ($0.01 each) via router + ledger (postgres) + instant upstream");
+    let upstream_name = b
+        .upstream_url
+        .as_deref()
+        .unwrap_or("in-process instant upstream");
+    println!(
+        "router bench: paid requests ($0.01 each) via router + ledger (postgres) + {upstream_name}"
+    );
     // Latency first, on a quiet system; then throughput.
     for front in [Front::Grpc, Front::Http] {
         // Warm up first: new database connections, statements planned on each of them for the
@@ -294,8 +342,13 @@ pub async fn run(b: &RouterBench) -> anyhow::Result<()> {
         );
     }
 
+    let shape_routers = shapes.run(b, signal).await?;
+
     let _ = stop_tx.send(true);
     router.await?.context("router")?;
+    for r in shape_routers {
+        r.await?.context("router")?;
+    }
     ledger.await?.context("ledger")?;
     let report = verify_ledger(&db.url).await?;
     println!(

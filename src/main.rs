@@ -1,7 +1,10 @@
 //! `syft-router`: one binary for the ledger, the router, the embedded dev stack and client commands.
 
 mod bench;
+mod bench_pg;
 mod bench_router;
+mod bench_shapes;
+mod bench_usage;
 mod cli;
 mod setup;
 

@@ -12,6 +12,9 @@ use std::str::FromStr;
 
 use tonic_types::{ErrorDetails, StatusExt};
 
+mod usage;
+pub use usage::UsageStatus;
+
 /// Metadata key (gRPC) and header (HTTP) carrying the machine-readable reason next to ErrorInfo,
 /// for clients that do not decode `grpc-status-details-bin`.
 pub const REASON_HEADER: &str = "x-syft-error-reason";

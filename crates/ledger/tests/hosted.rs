@@ -696,14 +696,23 @@ async fn router_pays_through_the_hosted_ledger() {
     let again = client
         .chat(chat("hello through the hosted ledger", "req-ok"))
         .await;
+    let refused_replays = usize::from(again.is_err());
     if let Ok(again) = again {
         assert_eq!(again.into_inner().transfer_id, answer.transfer_id);
     }
     assert_eq!(p.money().await, ((10 * USD - expected, 0), (expected, 0)));
     let usage = p.usage().await;
+    // A refused replay leaves a row of its own (status `duplicate`, nothing charged).
+    let duplicates = usage
+        .records
+        .iter()
+        .filter(|r| r.usage.as_ref().is_some_and(|u| u.status == "duplicate"))
+        .count();
+    assert_eq!(duplicates, refused_replays);
     let mut rows: Vec<(String, i64)> = usage
         .records
         .iter()
+        .filter(|r| r.usage.as_ref().is_some_and(|u| u.status != "duplicate"))
         .map(|r| {
             (
                 r.usage.clone().unwrap_or_default().request_id,

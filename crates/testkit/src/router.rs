@@ -302,15 +302,28 @@ impl Stack {
         usage_of(&self.ledger.url, &self.alice.email).await
     }
 
-    /// Money invariants: conservation, available >= 0, one usage row per request id.
+    /// Alice's usage rows except refusals (requests refused before any hold or upstream call).
+    pub async fn answered_usage(&self) -> Vec<UsageRecord> {
+        let mut rows = self.usage().await;
+        rows.retain(|r| {
+            r.usage.as_ref().is_none_or(|u| {
+                !syft_error::UsageStatus::parse(&u.status).is_some_and(|s| s.is_refusal())
+            })
+        });
+        rows
+    }
+
+    /// Money invariants: conservation, available >= 0, one usage row per request id (refusals
+    /// aside: each refused attempt has its own row).
     pub async fn check_invariants(&self) {
         assert_consistent(&self.ledger.store).await;
         let (_, _, available) = self.alice_money().await;
         assert!(available >= 0, "available below zero: {available}");
-        let usage = self.usage().await;
-        let mut ids: Vec<_> = usage
-            .iter()
-            .filter_map(|u| u.usage.as_ref().map(|u| u.request_id.clone()))
+        let mut ids: Vec<_> = self
+            .answered_usage()
+            .await
+            .into_iter()
+            .filter_map(|u| u.usage.map(|u| u.request_id))
             .collect();
         let n = ids.len();
         ids.sort();

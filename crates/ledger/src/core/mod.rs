@@ -311,7 +311,9 @@ impl Ledger {
     pub async fn record_usage(&self, caller: &Caller, usage: UsageInput) -> Result<UsageRow> {
         let recipient = caller.account()?;
         let usage = validate_usage(usage)?;
-        self.store.record_usage(recipient.id, &usage).await
+        self.store
+            .record_usage(recipient.id, &recipient.email, &usage)
+            .await
     }
 
     pub async fn query_usage(&self, caller: &Caller, q: &UsageQuery) -> Result<Page<UsagePage>> {

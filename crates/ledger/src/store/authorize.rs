@@ -260,6 +260,9 @@ impl Store {
             Ok(AuthResult::Created) => Ok(AuthorizeOutcome::Created(Box::new(job.pending_row()))),
             Ok(AuthResult::TokenRejected) => Ok(AuthorizeOutcome::TokenRejected),
             Ok(AuthResult::InsufficientFunds) => Ok(AuthorizeOutcome::InsufficientFunds),
+            Ok(AuthResult::Deferred) => Err(sqlx::Error::Protocol(
+                "a deferred hold left the batcher".into(),
+            )),
             Err(e) if is_unique_violation(&e) => Ok(AuthorizeOutcome::DuplicateKey),
             Err(e) => Err(e),
         }

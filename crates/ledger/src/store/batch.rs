@@ -6,15 +6,14 @@
 //! the database the next one fills up, so batches grow with load, and a lone request still goes
 //! out at once. Within a batch:
 //!
-//! - authorizations have distinct senders (a second one for the same sender waits for the next
-//!   batch), so each conditional update decides exactly one hold;
+//! - several authorizations of one sender (or token) are decided together against running totals
+//!   (see `AUTHORIZE_BATCH`), so one busy payer is not serialised to one hold per batch;
 //! - resolutions are aggregated per sender and per token, so several captures for one sender in one
 //!   batch move the right totals.
 //!
 //! A batch that fails for a non-transient reason is split and each job retried alone, so one bad job
 //! never fails its neighbours. Serialization failures and deadlocks retry the whole batch.
 
-use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
 use serde_json::json;
@@ -73,6 +72,8 @@ impl AuthJob {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum AuthResult {
     Created,
+    /// Decided again in a later batch (never returned by [`Batcher::authorize`]).
+    Deferred,
     TokenRejected,
     InsufficientFunds,
 }
@@ -129,12 +130,21 @@ impl Batcher {
         Self { queue }
     }
 
+    /// Places one hold. A job refused only because of its batch neighbours (same sender or token)
+    /// goes back into the queue: the neighbours' holds are committed by then, so the next batch
+    /// decides it against the real state. Each batch decides at least the first job of every
+    /// sender for good, so this ends.
     pub async fn authorize(&self, job: AuthJob) -> Result<AuthResult, sqlx::Error> {
-        let (tx, rx) = oneshot::channel();
-        self.queue
-            .send(Job::Authorize(job, tx))
-            .map_err(|_| sqlx::Error::PoolClosed)?;
-        rx.await.map_err(|_| sqlx::Error::PoolClosed)?
+        loop {
+            let (tx, rx) = oneshot::channel();
+            self.queue
+                .send(Job::Authorize(job.clone(), tx))
+                .map_err(|_| sqlx::Error::PoolClosed)?;
+            match rx.await.map_err(|_| sqlx::Error::PoolClosed)? {
+                Ok(AuthResult::Deferred) => continue,
+                other => return other,
+            }
+        }
     }
 
     pub async fn resolve(&self, job: ResolveJob) -> Result<Option<TransferRow>, sqlx::Error> {
@@ -153,45 +163,28 @@ type ResolveReply = (
 );
 
 async fn worker(pool: AnyPool, rx: Arc<Mutex<mpsc::UnboundedReceiver<Job>>>) {
-    let mut waiting: VecDeque<Job> = VecDeque::new();
     loop {
         let mut auths: Vec<AuthReply> = Vec::new();
         let mut resolves: Vec<ResolveReply> = Vec::new();
-        let mut senders = HashSet::new();
-        let mut next_round = VecDeque::new();
-        let mut add =
-            |job: Job, auths: &mut Vec<AuthReply>, resolves: &mut Vec<ResolveReply>| match job {
-                Job::Authorize(a, tx) if senders.insert(a.sender_id) => auths.push((a, tx)),
-                job @ Job::Authorize(..) => next_round.push_back(job),
-                Job::Resolve(r, tx) => resolves.push((r, tx)),
-            };
-        // Jobs this worker deferred go first, without waiting on the shared queue: another
-        // worker may be parked on it, and deferred callers must not wait for new traffic.
-        let first = match waiting.pop_front() {
+        let add = |job: Job, auths: &mut Vec<AuthReply>, resolves: &mut Vec<ResolveReply>| match job
+        {
+            Job::Authorize(a, tx) => auths.push((a, tx)),
+            Job::Resolve(r, tx) => resolves.push((r, tx)),
+        };
+        let first = match rx.lock().await.recv().await {
             Some(job) => job,
-            None => match rx.lock().await.recv().await {
-                Some(job) => job,
-                None => return,
-            },
+            None => return,
         };
         add(first, &mut auths, &mut resolves);
-        while auths.len() + resolves.len() < MAX_BATCH {
-            let Some(job) = waiting.pop_front() else {
-                break;
-            };
-            add(job, &mut auths, &mut resolves);
-        }
         if let Ok(mut rx) = rx.try_lock() {
             while auths.len() + resolves.len() < MAX_BATCH {
                 let Ok(job) = rx.try_recv() else { break };
                 add(job, &mut auths, &mut resolves);
             }
         }
-        waiting = next_round.into_iter().chain(waiting).collect();
         tracing::trace!(
             authorizations = auths.len(),
             resolutions = resolves.len(),
-            deferred = waiting.len(),
             "batch"
         );
         run_and_reply(&pool, auths, resolves).await;
@@ -284,10 +277,13 @@ async fn authorize_batch(
         let n: i32 = row.try_get("in_n")?;
         let token_ok: bool = row.try_get("token_ok")?;
         let funds_ok: bool = row.try_get("funds_ok")?;
-        results[n as usize] = match (token_ok, funds_ok) {
-            (true, true) => AuthResult::Created,
-            (true, false) => AuthResult::InsufficientFunds,
-            (false, _) => AuthResult::TokenRejected,
+        let alone_ok: bool = row.try_get("alone_ok")?;
+        results[n as usize] = match (token_ok, funds_ok, alone_ok) {
+            (true, true, _) => AuthResult::Created,
+            // Refused only because of holds of the same sender or token earlier in this batch.
+            (_, false, true) => AuthResult::Deferred,
+            (true, false, false) => AuthResult::InsufficientFunds,
+            (false, _, _) => AuthResult::TokenRejected,
         };
     }
     Ok(results)
@@ -325,18 +321,34 @@ async fn resolve_batch(
     Ok(results)
 }
 
-/// Places holds for a batch of distinct senders, as one statement. Token and sender rows are locked
-/// first (in id order) and the checks read the locked rows, so the updates that follow cannot fail
-/// half-way. A key with a recorded failure is refused at the token step; a key that already has a
-/// transfer fails the insert on the unique index, which aborts the statement, splits the batch and
-/// sends that job to the caller's replay lookup. (An explicit existence check here was tried: with
-/// one hot recipient the planner probed it through `transfers_recipient` and scanned all of that
+/// Places a batch of holds as one statement. Token and sender rows are locked first (in id order)
+/// and the checks read the locked rows, so the updates that follow cannot fail half-way.
+///
+/// Several holds of one sender (or one token) are decided together: each job is checked against
+/// the locked row plus the running total of the jobs before it in the batch (`SUM() OVER (PARTITION
+/// BY … ORDER BY in_n)`), so the accepted holds of a sender never exceed its available balance and
+/// those of a token never exceed its spend limit. The running totals count every earlier candidate,
+/// even one refused later, so a job can be refused only because of a neighbour; such a job reports
+/// `alone_ok` and is decided again in a later batch (see `Batcher::authorize`), so a refusal always
+/// means "refused against the committed state", exactly as if the holds were placed one by one.
+///
+/// The hold commits asynchronously (`set_config('synchronous_commit', 'off', true)`: this
+/// statement's transaction only): the caller does not wait for its WAL flush. A hold lost in a
+/// Postgres crash moved no money, and the capture that follows commits synchronously, which flushes
+/// the WAL up to and including the hold, so a captured hold is always durable (docs/design.md,
+/// "Asynchronous hold commit").
+///
+/// A key with a recorded failure is refused at the token step; a key that already has a transfer
+/// fails the insert on the unique index, which aborts the statement, splits the batch and sends that
+/// job to the caller's replay lookup. (An explicit existence check here was tried: with one hot
+/// recipient the planner probed it through `transfers_recipient` and scanned all of that
 /// recipient's transfers per job.)
 const AUTHORIZE_BATCH: &str = "\
 WITH input AS (
     SELECT * FROM jsonb_to_recordset($1::jsonb) AS i(in_n int, in_id text, in_sender bigint,
         in_recipient bigint, in_token text, in_amount bigint, in_currency text, in_app text, in_path text,
         in_key text, in_sender_email text, in_hash text, in_now bigint, in_expires bigint)
+    WHERE (SELECT set_config('synchronous_commit', 'off', true)) IS NOT NULL
 ), lock_tokens AS (
     SELECT id, revoked_at, expires_at, spend_limit, spent, held FROM tokens
     WHERE id IN (SELECT in_token FROM input) ORDER BY id FOR UPDATE
@@ -344,23 +356,36 @@ WITH input AS (
     SELECT id, balance - held AS available FROM accounts
     WHERE id IN (SELECT in_sender FROM input) AND (SELECT COUNT(*) FROM lock_tokens) >= 0
     ORDER BY id FOR UPDATE
-), token_ok AS (
-    SELECT i.in_n FROM input i JOIN lock_tokens k ON k.id = i.in_token
+), token_usable AS (
+    SELECT i.in_n, i.in_sender, i.in_amount, k.spend_limit - k.spent - k.held AS headroom,
+        CAST(SUM(i.in_amount) OVER (PARTITION BY i.in_token ORDER BY i.in_n) AS BIGINT) AS running
+    FROM input i JOIN lock_tokens k ON k.id = i.in_token
     WHERE k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > i.in_now)
-      AND (k.spend_limit IS NULL OR k.spent + k.held + i.in_amount <= k.spend_limit)
       AND NOT EXISTS (SELECT 1 FROM authorize_failures f
                       WHERE f.recipient_id = i.in_recipient AND f.idempotency_key = i.in_key
                         AND f.sender_email = i.in_sender_email)
+), token_ok AS (
+    SELECT in_n, in_sender, in_amount FROM token_usable WHERE headroom IS NULL OR running <= headroom
+), funds AS (
+    SELECT t.in_n, a.available,
+        CAST(SUM(t.in_amount) OVER (PARTITION BY t.in_sender ORDER BY t.in_n) AS BIGINT) AS running
+    FROM token_ok t JOIN lock_accounts a ON a.id = t.in_sender
 ), funds_ok AS (
-    SELECT i.in_n FROM input i JOIN lock_accounts a ON a.id = i.in_sender
-    WHERE i.in_n IN (SELECT in_n FROM token_ok) AND a.available >= i.in_amount
+    SELECT in_n FROM funds WHERE running <= available
+), alone_ok AS (
+    SELECT u.in_n FROM token_usable u JOIN lock_accounts a ON a.id = u.in_sender
+    WHERE (u.headroom IS NULL OR u.in_amount <= u.headroom) AND u.in_amount <= a.available
 ), tok AS (
-    UPDATE tokens k SET held = k.held + i.in_amount FROM input i
-    WHERE k.id = i.in_token AND i.in_n IN (SELECT in_n FROM funds_ok)
+    UPDATE tokens k SET held = k.held + x.amount
+    FROM (SELECT in_token, CAST(SUM(in_amount) AS BIGINT) AS amount FROM input
+          WHERE in_n IN (SELECT in_n FROM funds_ok) GROUP BY in_token) x
+    WHERE k.id = x.in_token
     RETURNING k.id
 ), snd AS (
-    UPDATE accounts a SET held = a.held + i.in_amount FROM input i
-    WHERE a.id = i.in_sender AND i.in_n IN (SELECT in_n FROM funds_ok)
+    UPDATE accounts a SET held = a.held + x.amount
+    FROM (SELECT in_sender, CAST(SUM(in_amount) AS BIGINT) AS amount FROM input
+          WHERE in_n IN (SELECT in_n FROM funds_ok) GROUP BY in_sender) x
+    WHERE a.id = x.in_sender
     RETURNING a.id
 ), ins AS (
     INSERT INTO transfers (id, sender_id, recipient_id, token_id, amount, currency, status, created_by,
@@ -371,7 +396,8 @@ WITH input AS (
     RETURNING id
 )
 SELECT i.in_n, i.in_n IN (SELECT in_n FROM token_ok) AS token_ok,
-    i.in_n IN (SELECT in_n FROM funds_ok) AS funds_ok
+    i.in_n IN (SELECT in_n FROM funds_ok) AS funds_ok,
+    i.in_n IN (SELECT in_n FROM alone_ok) AS alone_ok
 FROM input i";
 
 /// Captures and voids a batch. Sender and token updates are aggregated so several resolutions for
@@ -432,7 +458,7 @@ WITH input AS (
     SELECT in_usage_id, recipient_id, in_request_id, id, in_app, in_endpoint, in_user, in_model, in_pt,
         in_ct, in_tt, captured, in_ustatus, in_lat, in_ulat, in_now
     FROM t WHERE in_has_usage
-    ON CONFLICT (recipient_id, user_email, request_id) DO NOTHING
+    ON CONFLICT (recipient_id, user_email, request_id) WHERE NOT refused DO NOTHING
     RETURNING id
 )
 SELECT {TRANSFER_COLUMNS}, t.in_n

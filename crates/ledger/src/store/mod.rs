@@ -13,6 +13,7 @@ mod rows;
 mod token;
 mod transfer;
 mod usage;
+mod usage_batch;
 mod verify;
 
 use std::collections::HashMap;
@@ -75,6 +76,8 @@ pub struct Store {
     emails: RwLock<HashMap<String, i64>>,
     /// Postgres only: the batched write path for holds, captures and voids.
     batcher: Option<batch::Batcher>,
+    /// Group commit for usage rows without money (both backends).
+    usage_writer: usage_batch::UsageWriter,
 }
 
 /// Runs `op` again when the database reports a serialization failure or deadlock; those are never
@@ -151,8 +154,10 @@ impl Store {
             .map_err(|e| LedgerError::Internal(format!("migration failed: {e}")))?;
         let batcher = (backend == Backend::Postgres)
             .then(|| batch::Batcher::start(pool.clone(), batch_workers));
+        let usage_writer = usage_batch::UsageWriter::start(pool.clone(), backend);
         Ok(Self {
             batcher,
+            usage_writer,
             pool,
             backend,
             tokens: RwLock::default(),

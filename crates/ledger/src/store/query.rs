@@ -299,7 +299,8 @@ impl Store {
     ) -> Result<Option<UsageRow>> {
         let sql = format!(
             "SELECT {USAGE_COLUMNS} FROM usage_records u JOIN accounts r ON r.id = u.recipient_id \
-             WHERE u.recipient_id = $1 AND u.request_id = $2 AND u.user_email = $3"
+             WHERE u.recipient_id = $1 AND u.request_id = $2 AND u.user_email = $3 \
+               AND NOT u.refused"
         );
         Ok(sqlx::query_as(&sql)
             .bind(recipient_id)

@@ -1,30 +1,39 @@
 //! Usage rows: written with a resolution (same transaction) or alone for a free request.
 
 use sqlx::AnyConnection;
+use syft_error::UsageStatus;
 
-use super::{new_id, now_micros, retry_transient, Micros, Store, UsageInput, UsageRow};
+use super::usage_batch::UsageJob;
+use super::{new_id, now_micros, Micros, Store, UsageInput, UsageRow};
 use crate::error::{LedgerError, Result};
 
 impl Store {
-    /// A usage row without money. A request id already recorded for this user returns the
-    /// existing row (request ids are scoped per user, like idempotency keys).
-    pub async fn record_usage(&self, recipient_id: i64, usage: &UsageInput) -> Result<UsageRow> {
-        let id = new_id();
-        let now = now_micros();
-        retry_transient(|| async {
-            let mut conn = self.pool().acquire().await?;
-            insert_usage(
-                &mut conn,
-                &id,
-                recipient_id,
-                UsageLink::None,
-                Micros::ZERO,
-                usage,
-                now,
-            )
-            .await
-        })
-        .await?;
+    /// A usage row without money, written through the group-commit writer (`usage_batch.rs`):
+    /// returns once its batch committed. A request id already recorded for this user returns the
+    /// existing row (request ids are scoped per user, like idempotency keys); refusals always get
+    /// a row of their own.
+    pub async fn record_usage(
+        &self,
+        recipient_id: i64,
+        recipient_email: &str,
+        usage: &UsageInput,
+    ) -> Result<UsageRow> {
+        let job = UsageJob {
+            id: new_id(),
+            recipient_id,
+            now: now_micros(),
+            usage: usage.clone(),
+        };
+        if self.usage_writer.write(job.clone()).await? {
+            return Ok(UsageRow {
+                id: job.id,
+                recipient_email: recipient_email.to_string(),
+                transfer_id: None,
+                cost: Micros::ZERO,
+                created_at: job.now,
+                usage: job.usage,
+            });
+        }
         self.usage_by_request(recipient_id, &usage.user_email, &usage.request_id)
             .await?
             .ok_or_else(|| LedgerError::Internal("usage row vanished".into()))
@@ -42,7 +51,13 @@ pub(crate) enum UsageLink<'a> {
     Hosted(&'a str),
 }
 
-/// Writes a usage row; a request id already recorded for this recipient and user is left as it is.
+/// Whether a row records a refusal: such rows do not take their request id (migration 0005).
+pub(crate) fn is_refused(u: &UsageInput) -> bool {
+    UsageStatus::parse(&u.status).is_some_and(UsageStatus::is_refusal)
+}
+
+/// Writes a usage row; a request id already recorded for this recipient and user is left as it is
+/// (`false`).
 pub(crate) async fn insert_usage(
     conn: &mut AnyConnection,
     id: &str,
@@ -51,18 +66,18 @@ pub(crate) async fn insert_usage(
     cost: Micros,
     u: &UsageInput,
     now: i64,
-) -> std::result::Result<(), sqlx::Error> {
+) -> std::result::Result<bool, sqlx::Error> {
     let (transfer_id, hosted_transfer_id) = match link {
         UsageLink::None => (None, None),
         UsageLink::Transfer(t) => (Some(t), None),
         UsageLink::Hosted(t) => (None, Some(t)),
     };
-    sqlx::query(
+    let r = sqlx::query(
         "INSERT INTO usage_records (id, recipient_id, request_id, transfer_id, app_name, endpoint, \
          user_email, model, prompt_tokens, completion_tokens, total_tokens, cost, status, latency_ms, \
-         upstream_latency_ms, created_at, hosted_transfer_id) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
-         ON CONFLICT (recipient_id, user_email, request_id) DO NOTHING",
+         upstream_latency_ms, created_at, hosted_transfer_id, refused) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
+         ON CONFLICT (recipient_id, user_email, request_id) WHERE NOT refused DO NOTHING",
     )
     .bind(id)
     .bind(recipient_id)
@@ -81,7 +96,8 @@ pub(crate) async fn insert_usage(
     .bind(u.upstream_latency_ms)
     .bind(now)
     .bind(hosted_transfer_id)
+    .bind(is_refused(u))
     .execute(&mut *conn)
     .await?;
-    Ok(())
+    Ok(r.rows_affected() > 0)
 }

@@ -207,13 +207,13 @@ async fn verify_snapshot(conn: &mut AnyConnection) -> Result<VerifyReport> {
     }
     let per_request: i64 = sqlx::query_scalar(
         "SELECT COUNT(*) FROM (SELECT recipient_id, user_email, request_id FROM usage_records \
-             GROUP BY recipient_id, user_email, request_id HAVING COUNT(*) > 1) d",
+             WHERE NOT refused GROUP BY recipient_id, user_email, request_id HAVING COUNT(*) > 1) d",
     )
     .fetch_one(&mut *conn)
     .await?;
     if per_request > 0 {
         problems.push(format!(
-            "{per_request} request ids have more than one usage row"
+            "{per_request} request ids have more than one usage row (refusals aside)"
         ));
     }
     Ok(report)

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use syft_error::UsageStatus;
 use syft_proto::ledger::Usage;
 
 use super::Inner;
@@ -67,7 +68,7 @@ impl Drop for HoldGuard {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        usage.status = "cancelled".into();
+        usage.status = UsageStatus::Cancelled.as_str().into();
         let ledger = self.ledger.clone();
         let transfer_id = std::mem::take(&mut self.transfer_id);
         let work = self.work.take();

@@ -8,6 +8,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use syft_error::UsageStatus;
 use syft_proto::ledger::{AuthorizeRequest, TransferStatus, Usage};
 use syft_proto::router::{
     ChatRequest, ChatResponse, Message, Metadata, ProviderInfo, Service, TokenUsage,
@@ -28,6 +29,7 @@ use crate::upstream::{Upstream, UpstreamError, UpstreamRequest, UpstreamUsage};
 use crate::validate::{validate_chat, ValidRequest};
 
 mod hold;
+mod refusal;
 mod stream;
 
 use hold::{Claim, HoldGuard};
@@ -239,7 +241,7 @@ impl RouterService {
                 metrics::observe(
                     self.provider(),
                     "unary",
-                    e.usage_status(),
+                    e.usage_status().as_str(),
                     started,
                     upstream_time,
                 );
@@ -250,7 +252,7 @@ impl RouterService {
         let cost = self.cost(&p, prompt_tokens, completion_tokens);
         let usage = self.usage(
             &p,
-            "success",
+            UsageStatus::Success,
             prompt_tokens,
             completion_tokens,
             started,
@@ -296,7 +298,22 @@ impl RouterService {
 
     /// Validates and prices a request, claims its id (held until the returned claim is dropped)
     /// and places its hold when the service is paid.
+    /// A refused request leaves a usage row with its refusal status (`refusal.rs`).
     async fn admit(
+        &self,
+        req: ChatRequest,
+    ) -> Result<(Prepared, Claim, Option<HoldGuard>), RouterError> {
+        let attempt = refusal::Attempt::of(&req);
+        match self.try_admit(req).await {
+            Ok(admitted) => Ok(admitted),
+            Err(e) => {
+                self.record_refusal(attempt, &e).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn try_admit(
         &self,
         req: ChatRequest,
     ) -> Result<(Prepared, Claim, Option<HoldGuard>), RouterError> {
@@ -458,7 +475,7 @@ impl RouterService {
             work: Some(inner.drain.enter()),
             ledger: inner.ledger.clone(),
             transfer_id: transfer.id,
-            cancel_usage: Some(self.usage(p, "cancelled", 0, 0, Instant::now(), 0)),
+            cancel_usage: Some(self.usage(p, UsageStatus::Cancelled, 0, 0, Instant::now(), 0)),
         }))
     }
 
@@ -504,7 +521,7 @@ impl RouterService {
         started: Instant,
         upstream_ms: i64,
     ) {
-        tracing::warn!(request_id = %p.v.request_id, error = %e, status = e.usage_status(), "upstream failed");
+        tracing::warn!(request_id = %p.v.request_id, error = %e, status = %e.usage_status(), "upstream failed");
         let prompt = self.prompt_tokens(p).await;
         let usage = self.usage(p, e.usage_status(), prompt, 0, started, upstream_ms);
         self.release(hold, &e.to_string(), usage).await;
@@ -565,7 +582,7 @@ impl RouterService {
     fn usage(
         &self,
         p: &Prepared,
-        status: &str,
+        status: UsageStatus,
         prompt_tokens: u64,
         completion_tokens: u64,
         started: Instant,
@@ -582,7 +599,7 @@ impl RouterService {
             prompt_tokens: prompt,
             completion_tokens: completion,
             total_tokens: prompt.saturating_add(completion),
-            status: status.into(),
+            status: status.as_str().into(),
             latency_ms: elapsed_ms(started),
             upstream_latency_ms: upstream_ms,
         }

@@ -5,6 +5,7 @@
 use std::time::Instant;
 
 use futures::StreamExt;
+use syft_error::UsageStatus;
 use syft_proto::router::{
     chat_stream_event, ChatFinal, ChatRequest, ChatStreamEvent, ContentDelta, ProviderInfo,
 };
@@ -137,7 +138,7 @@ impl RouterService {
                 let prompt = self.prompt_tokens(&p).await;
                 let usage = self.usage(
                     &p,
-                    "cancelled",
+                    UsageStatus::Cancelled,
                     prompt,
                     tokens::count_text(&content),
                     started,
@@ -157,7 +158,7 @@ impl RouterService {
                 metrics::observe(
                     self.provider(),
                     "stream",
-                    e.usage_status(),
+                    e.usage_status().as_str(),
                     started,
                     upstream_time,
                 );
@@ -169,7 +170,7 @@ impl RouterService {
                 let cost = self.cost(&p, prompt_tokens, completion_tokens);
                 let usage = self.usage(
                     &p,
-                    "success",
+                    UsageStatus::Success,
                     prompt_tokens,
                     completion_tokens,
                     started,

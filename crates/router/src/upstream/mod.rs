@@ -6,6 +6,7 @@ mod openai;
 use std::pin::Pin;
 
 use futures::Stream;
+use syft_error::UsageStatus;
 use syft_proto::router::Message;
 use thiserror::Error;
 
@@ -79,12 +80,16 @@ pub enum UpstreamError {
 
 impl UpstreamError {
     /// The usage row `status` for this failure.
-    pub fn usage_status(&self) -> &'static str {
+    pub fn usage_status(&self) -> UsageStatus {
         match self {
-            UpstreamError::Timeout => "timeout",
-            UpstreamError::InvalidResponse(_) | UpstreamError::Empty => "invalid_response",
-            UpstreamError::Unreachable(_) | UpstreamError::Status { .. } => "upstream_error",
-            UpstreamError::ShuttingDown => "cancelled",
+            UpstreamError::Timeout => UsageStatus::Timeout,
+            UpstreamError::InvalidResponse(_) | UpstreamError::Empty => {
+                UsageStatus::InvalidResponse
+            }
+            UpstreamError::Unreachable(_) | UpstreamError::Status { .. } => {
+                UsageStatus::UpstreamError
+            }
+            UpstreamError::ShuttingDown => UsageStatus::Cancelled,
         }
     }
 

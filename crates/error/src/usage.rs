@@ -1,0 +1,114 @@
+//! The status of a usage row: how a request ended. Sent over the wire and stored as its text
+//! (`as_str`), so rows stay readable with plain SQL; both services name it only through this enum.
+
+/// How a request ended, as recorded in its usage row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UsageStatus {
+    /// Answered (and captured, when paid).
+    Success,
+    /// The upstream failed or answered with an error status.
+    UpstreamError,
+    /// The upstream did not answer in time.
+    Timeout,
+    /// The upstream's answer was malformed or empty.
+    InvalidResponse,
+    /// The client went away or the router shut down before the answer.
+    Cancelled,
+    /// Refused: a paid service was called without a transaction token.
+    PaymentRequired,
+    /// Refused: the ledger did not accept the token (unknown, revoked, expired, over its limit).
+    TokenRefused,
+    /// Refused: the payer's balance cannot cover the hold.
+    InsufficientFunds,
+    /// Refused: the request itself is invalid (bad input, unknown model, disabled service).
+    InvalidRequest,
+    /// Refused: the request id is in progress or was already processed.
+    Duplicate,
+    /// Refused: the ledger could not be reached or the router is shutting down.
+    Unavailable,
+}
+
+impl UsageStatus {
+    pub const ALL: [UsageStatus; 11] = [
+        Self::Success,
+        Self::UpstreamError,
+        Self::Timeout,
+        Self::InvalidResponse,
+        Self::Cancelled,
+        Self::PaymentRequired,
+        Self::TokenRefused,
+        Self::InsufficientFunds,
+        Self::InvalidRequest,
+        Self::Duplicate,
+        Self::Unavailable,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Success => "success",
+            Self::UpstreamError => "upstream_error",
+            Self::Timeout => "timeout",
+            Self::InvalidResponse => "invalid_response",
+            Self::Cancelled => "cancelled",
+            Self::PaymentRequired => "payment_required",
+            Self::TokenRefused => "token_refused",
+            Self::InsufficientFunds => "insufficient_funds",
+            Self::InvalidRequest => "invalid_request",
+            Self::Duplicate => "duplicate",
+            Self::Unavailable => "unavailable",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+
+    /// Refused before any upstream call or hold. A refused row does not take its request id: a
+    /// client may retry the same id after a refusal, and that attempt gets its own row.
+    pub const fn is_refusal(self) -> bool {
+        matches!(
+            self,
+            Self::PaymentRequired
+                | Self::TokenRefused
+                | Self::InsufficientFunds
+                | Self::InvalidRequest
+                | Self::Duplicate
+                | Self::Unavailable
+        )
+    }
+}
+
+impl std::fmt::Display for UsageStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::UsageStatus;
+
+    #[test]
+    fn names_round_trip_and_refusals_are_the_pre_upstream_ones() {
+        for s in UsageStatus::ALL {
+            assert_eq!(UsageStatus::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(UsageStatus::parse("ok"), None);
+        let refusals: Vec<_> = UsageStatus::ALL
+            .into_iter()
+            .filter(|s| s.is_refusal())
+            .map(UsageStatus::as_str)
+            .collect();
+        assert_eq!(
+            refusals,
+            [
+                "payment_required",
+                "token_refused",
+                "insufficient_funds",
+                "invalid_request",
+                "duplicate",
+                "unavailable"
+            ]
+        );
+    }
+}

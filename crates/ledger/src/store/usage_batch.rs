@@ -1,0 +1,174 @@
+//! Group commit for usage rows without money (free requests, refusals, failures).
+//!
+//! Each of these rows used to cost one commit, which made the ledger the bottleneck of a free
+//! service (one WAL flush per request). Rows are queued and one worker writes whatever is queued as
+//! one transaction: on Postgres a single multi-row `INSERT … SELECT FROM jsonb_to_recordset`, on
+//! SQLite one transaction of single-row inserts (SQLite's cost is the commit's fsync, not the
+//! statements). A caller is answered only after its batch committed, so a row acknowledged to the
+//! router is durable; a lone row goes out at once and under load batches grow.
+//!
+//! The queue is separate from the money batcher (`batch.rs`): a flood of refusals fills usage
+//! batches, never the batches of holds and captures.
+
+use std::collections::HashSet;
+
+use serde_json::json;
+use sqlx::{AnyPool, Row};
+use tokio::sync::{mpsc, oneshot};
+
+use super::usage::{insert_usage, is_refused, UsageLink};
+use super::{Backend, Micros, UsageInput};
+use crate::error::is_retryable;
+
+/// Rows per statement: large enough to amortise the commit, small enough to keep the JSON
+/// parameter and the statement's lock time modest.
+const MAX_BATCH: usize = 1_000;
+
+/// One usage row to write. `id` and `now` are fixed by the caller, so a retried batch is identical.
+#[derive(Debug, Clone)]
+pub(crate) struct UsageJob {
+    pub id: String,
+    pub recipient_id: i64,
+    pub now: i64,
+    pub usage: UsageInput,
+}
+
+type Reply = oneshot::Sender<Result<bool, sqlx::Error>>;
+
+pub(crate) struct UsageWriter {
+    queue: mpsc::UnboundedSender<(UsageJob, Reply)>,
+}
+
+impl UsageWriter {
+    pub fn start(pool: AnyPool, backend: Backend) -> Self {
+        let (queue, rx) = mpsc::unbounded_channel();
+        tokio::spawn(worker(pool, backend, rx));
+        Self { queue }
+    }
+
+    /// Writes one row; `Ok(false)` when a row with its request id already existed (left as is).
+    pub async fn write(&self, job: UsageJob) -> Result<bool, sqlx::Error> {
+        let (tx, rx) = oneshot::channel();
+        self.queue
+            .send((job, tx))
+            .map_err(|_| sqlx::Error::PoolClosed)?;
+        rx.await.map_err(|_| sqlx::Error::PoolClosed)?
+    }
+}
+
+async fn worker(
+    pool: AnyPool,
+    backend: Backend,
+    mut rx: mpsc::UnboundedReceiver<(UsageJob, Reply)>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_BATCH {
+            let Ok(job) = rx.try_recv() else { break };
+            jobs.push(job);
+        }
+        tracing::trace!(rows = jobs.len(), "usage batch");
+        let rows: Vec<&UsageJob> = jobs.iter().map(|(j, _)| j).collect();
+        match write_retried(&pool, backend, &rows).await {
+            Ok(inserted) => {
+                for (job, tx) in jobs {
+                    let _ = tx.send(Ok(inserted.contains(&job.id)));
+                }
+            }
+            // One bad row must not fail its neighbours: write each alone.
+            Err(err) if jobs.len() > 1 => {
+                tracing::debug!(error = %err, "usage batch failed, writing its rows one by one");
+                for (job, tx) in jobs {
+                    let r = write_retried(&pool, backend, &[&job]).await;
+                    let _ = tx.send(r.map(|ids| ids.contains(&job.id)));
+                }
+            }
+            Err(err) => {
+                if let Some((_, tx)) = jobs.into_iter().next() {
+                    let _ = tx.send(Err(err));
+                }
+            }
+        }
+    }
+}
+
+async fn write_retried(
+    pool: &AnyPool,
+    backend: Backend,
+    jobs: &[&UsageJob],
+) -> Result<HashSet<String>, sqlx::Error> {
+    let mut attempt = 0u32;
+    loop {
+        let r = match backend {
+            Backend::Postgres => write_postgres(pool, jobs).await,
+            Backend::Sqlite => write_sqlite(pool, jobs).await,
+        };
+        match r {
+            Err(err) if is_retryable(&err) && attempt < 8 => {
+                attempt += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(2u64 << attempt.min(6))).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// The ids of the rows inserted (a row whose request id was already recorded is skipped).
+async fn write_postgres(
+    pool: &AnyPool,
+    jobs: &[&UsageJob],
+) -> Result<HashSet<String>, sqlx::Error> {
+    let input: Vec<_> = jobs
+        .iter()
+        .map(|j| {
+            let u = &j.usage;
+            json!({"id": j.id, "recipient": j.recipient_id, "request_id": u.request_id,
+                   "app": u.app_name, "endpoint": u.endpoint, "user_email": u.user_email,
+                   "model": u.model, "pt": u.prompt_tokens, "ct": u.completion_tokens,
+                   "tt": u.total_tokens, "status": u.status, "lat": u.latency_ms,
+                   "ulat": u.upstream_latency_ms, "now": j.now, "refused": is_refused(u)})
+        })
+        .collect();
+    let rows = sqlx::query(USAGE_BATCH)
+        .bind(serde_json::Value::Array(input).to_string())
+        .fetch_all(pool)
+        .await?;
+    rows.iter().map(|r| r.try_get::<String, _>("id")).collect()
+}
+
+async fn write_sqlite(pool: &AnyPool, jobs: &[&UsageJob]) -> Result<HashSet<String>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let mut inserted = HashSet::new();
+    for j in jobs {
+        let link = UsageLink::None;
+        if insert_usage(
+            &mut tx,
+            &j.id,
+            j.recipient_id,
+            link,
+            Micros::ZERO,
+            &j.usage,
+            j.now,
+        )
+        .await?
+        {
+            inserted.insert(j.id.clone());
+        }
+    }
+    tx.commit().await?;
+    Ok(inserted)
+}
+
+/// Rows without money (cost 0, no transfer). Two rows of one request id in a batch: the first is
+/// inserted, the second skipped by `DO NOTHING` like any other duplicate.
+const USAGE_BATCH: &str = "\
+INSERT INTO usage_records (id, recipient_id, request_id, transfer_id, app_name, endpoint, user_email,
+    model, prompt_tokens, completion_tokens, total_tokens, cost, status, latency_ms,
+    upstream_latency_ms, created_at, refused)
+SELECT id, recipient, request_id, NULL, app, endpoint, user_email, model, pt, ct, tt, 0, status, lat,
+    ulat, now, refused
+FROM jsonb_to_recordset($1::jsonb) AS i(id text, recipient bigint, request_id text, app text,
+    endpoint text, user_email text, model text, pt bigint, ct bigint, tt bigint, status text,
+    lat bigint, ulat bigint, now bigint, refused boolean)
+ON CONFLICT (recipient_id, user_email, request_id) WHERE NOT refused DO NOTHING
+RETURNING id";

@@ -1,0 +1,254 @@
+//! Issue 16 on both engines: one busy payer's holds decided together without overdraft, a hold
+//! lost by its asynchronous commit is never charged, and usage rows (refusals included) through
+//! the group-commit writer.
+
+use syft_proto::ledger as pb;
+use syft_testkit::{code, reason, store_suite, Harness, USD};
+use tonic::Code;
+
+const OWNER: &str = "owner@router.example";
+const ALICE: &str = "alice@example.com";
+
+fn hold(amount: i64, token: &str, key: &str) -> pb::AuthorizeRequest {
+    pb::AuthorizeRequest {
+        sender_email: ALICE.into(),
+        amount_micros: amount,
+        token: token.into(),
+        app_name: "chat-app".into(),
+        app_ep_path: "/chat".into(),
+        idempotency_key: key.into(),
+        hold_ttl_seconds: None,
+    }
+}
+
+fn full(id: &str) -> pb::CaptureRequest {
+    pb::CaptureRequest {
+        transfer_id: id.into(),
+        amount: Some(pb::capture_request::Amount::Full(true)),
+        usage: None,
+    }
+}
+
+async fn token_with_limit(h: &Harness, alice: &str, limit: Option<i64>) -> String {
+    h.client(alice)
+        .issue_token(pb::IssueTokenRequest {
+            recipient_email: OWNER.into(),
+            expires_at_unix_micros: None,
+            spend_limit_micros: limit,
+        })
+        .await
+        .expect("issue token")
+        .into_inner()
+        .token
+}
+
+/// Sends all `amounts` at once as holds of alice; returns (accepted, refused) amounts and the
+/// refusal reasons.
+async fn fan_out(
+    h: &Harness,
+    owner: &str,
+    token: &str,
+    amounts: &[i64],
+) -> (Vec<i64>, Vec<(i64, String)>) {
+    let owner = h.client(owner);
+    let mut tasks = Vec::new();
+    for (i, &amount) in amounts.iter().enumerate() {
+        let mut c = owner.clone();
+        let req = hold(amount, token, &format!("k{i}"));
+        tasks.push(tokio::spawn(async move {
+            // A client retries UNAVAILABLE with the same key (an overloaded SQLite ledger times out
+            // waiting for its one connection); the key makes the retry safe.
+            let mut result = c.authorize(req.clone()).await;
+            for _ in 0..5 {
+                match &result {
+                    Err(s) if s.code() == Code::Unavailable => {
+                        result = c.authorize(req.clone()).await
+                    }
+                    _ => break,
+                }
+            }
+            (amount, result)
+        }));
+    }
+    let (mut ok, mut refused) = (Vec::new(), Vec::new());
+    for t in tasks {
+        match t.await.expect("task") {
+            (a, Ok(_)) => ok.push(a),
+            (a, Err(s)) => refused.push((a, reason(&s).unwrap_or_else(|| format!("{s:?}")))),
+        }
+    }
+    (ok, refused)
+}
+
+async fn one_payer_many_holds_at_once(h: Harness) -> Harness {
+    let owner = h.account(OWNER, 0).await;
+    let alice = h.account(ALICE, 100 * USD).await;
+    let token = token_with_limit(&h, &alice, None).await;
+    // 64 holds of one payer, all affordable: all placed, none lost, none doubled.
+    let (ok, refused) = fan_out(&h, &owner, &token, &[USD; 64]).await;
+    assert_eq!((ok.len(), refused.len()), (64, 0), "{refused:?}");
+    let a = h.balance(ALICE).await;
+    assert_eq!((a.held_micros, a.available_micros), (64 * USD, 36 * USD));
+    h
+}
+
+/// Mixed amounts on a balance that covers only some: accepted holds never exceed the balance, and
+/// a hold is refused only if it did not fit when decided, so at the end every refused amount is
+/// above what is left (as if the holds had been placed one at a time in some order).
+async fn one_payer_mixed_amounts_never_overdraw(h: Harness) -> Harness {
+    let owner = h.account(OWNER, 0).await;
+    let alice = h.account(ALICE, 10 * USD).await;
+    let token = token_with_limit(&h, &alice, None).await;
+    let amounts: Vec<i64> = (0..60).map(|i| [3 * USD, USD, USD / 2][i % 3]).collect();
+    let (ok, refused) = fan_out(&h, &owner, &token, &amounts).await;
+    let placed: i64 = ok.iter().sum();
+    let a = h.balance(ALICE).await;
+    assert_eq!(a.held_micros, placed);
+    assert!(placed <= 10 * USD, "overdraft: {placed}");
+    for (amount, why) in &refused {
+        assert_eq!(why, "INSUFFICIENT_FUNDS");
+        assert!(
+            *amount > a.available_micros,
+            "{amount} refused but {} left",
+            a.available_micros
+        );
+    }
+    h
+}
+
+/// The token's spend limit holds under the same fan-out.
+async fn one_token_limit_under_fan_out(h: Harness) -> Harness {
+    let owner = h.account(OWNER, 0).await;
+    let alice = h.account(ALICE, 100 * USD).await;
+    let token = token_with_limit(&h, &alice, Some(5 * USD)).await;
+    let (ok, refused) = fan_out(&h, &owner, &token, &[USD; 40]).await;
+    assert_eq!((ok.len(), refused.len()), (5, 35));
+    assert!(
+        refused.iter().all(|(_, r)| r == "TOKEN_LIMIT_EXCEEDED"),
+        "{refused:?}"
+    );
+    assert_eq!(h.balance(ALICE).await.held_micros, 5 * USD);
+    h
+}
+
+/// A hold acknowledged but lost (Postgres crashed before its asynchronous commit reached the disk)
+/// leaves exactly the state before it: the transaction never happened. Reproduced by undoing the
+/// hold's writes in one transaction, then: its capture is refused, nothing is charged, a retry
+/// with the same key places a new hold and is charged once.
+async fn lost_hold_is_never_charged(h: Harness) -> Harness {
+    let owner = h.account(OWNER, 0).await;
+    let alice = h.account(ALICE, 10 * USD).await;
+    let token = token_with_limit(&h, &alice, Some(5 * USD)).await;
+    let mut owner = h.client(&owner);
+    let lost = owner
+        .authorize(hold(2 * USD, &token, "req-1"))
+        .await
+        .expect("hold")
+        .into_inner();
+    let pool = h.store.pool();
+    let mut tx = pool.begin().await.expect("begin");
+    for sql in [
+        "UPDATE accounts SET held = held - (SELECT amount FROM transfers WHERE id = $1) \
+         WHERE id = (SELECT sender_id FROM transfers WHERE id = $1)",
+        "UPDATE tokens SET held = held - (SELECT amount FROM transfers WHERE id = $1) \
+         WHERE id = (SELECT token_id FROM transfers WHERE id = $1)",
+        "DELETE FROM transfers WHERE id = $1",
+    ] {
+        sqlx::query(sql)
+            .bind(&lost.id)
+            .execute(&mut *tx)
+            .await
+            .expect("undo the hold");
+    }
+    tx.commit().await.expect("commit");
+    h.assert_consistent().await;
+
+    assert_eq!(code(owner.capture(full(&lost.id)).await), Code::NotFound);
+    let a = h.balance(ALICE).await;
+    assert_eq!((a.balance_micros, a.held_micros), (10 * USD, 0));
+    assert_eq!(h.balance(OWNER).await.balance_micros, 0);
+
+    let again = owner
+        .authorize(hold(2 * USD, &token, "req-1"))
+        .await
+        .expect("retry")
+        .into_inner();
+    assert_ne!(again.id, lost.id);
+    owner.capture(full(&again.id)).await.expect("capture");
+    assert_eq!(h.balance(ALICE).await.balance_micros, 8 * USD);
+    h
+}
+
+fn usage(request_id: &str, status: &str) -> pb::RecordUsageRequest {
+    pb::RecordUsageRequest {
+        usage: Some(pb::Usage {
+            request_id: request_id.into(),
+            app_name: "chat-app".into(),
+            endpoint: "/chat".into(),
+            user_email: ALICE.into(),
+            model: "echo".into(),
+            status: status.into(),
+            ..Default::default()
+        }),
+    }
+}
+
+/// Rows without money: refusals each get a row, the answered request one row (a repeat returns
+/// it), and a burst of rows all land.
+async fn usage_rows_refusals_and_bursts(h: Harness) -> Harness {
+    let owner = h.account(OWNER, 0).await;
+    h.account(ALICE, 0).await;
+    let mut owner = h.client(&owner);
+    for status in ["payment_required", "insufficient_funds"] {
+        owner
+            .record_usage(usage("r-1", status))
+            .await
+            .expect("refusal row");
+    }
+    let first = owner
+        .record_usage(usage("r-1", "success"))
+        .await
+        .expect("row")
+        .into_inner();
+    let repeat = owner
+        .record_usage(usage("r-1", "success"))
+        .await
+        .expect("row")
+        .into_inner();
+    assert_eq!(first.id, repeat.id, "one row per answered request id");
+
+    let mut tasks = Vec::new();
+    for i in 0..300 {
+        let mut c = owner.clone();
+        let status = if i % 3 == 0 {
+            "token_refused"
+        } else {
+            "success"
+        };
+        tasks.push(tokio::spawn(async move {
+            c.record_usage(usage(&format!("b-{i}"), status)).await
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task").expect("burst row");
+    }
+    let rows = owner
+        .query_usage(pb::QueryUsageRequest {
+            page_size: 500,
+            ..Default::default()
+        })
+        .await
+        .expect("usage")
+        .into_inner()
+        .records;
+    assert_eq!(rows.len(), 3 + 300);
+    h
+}
+
+store_suite!(
+    one_payer_many_holds_at_once,
+    one_payer_mixed_amounts_never_overdraw,
+    one_token_limit_under_fan_out,
+    lost_hold_is_never_charged,
+    usage_rows_refusals_and_bursts,
+);

@@ -1,0 +1,116 @@
+//! A usage row for every refused request (issue 15, point 7): payment required, token refused,
+//! insufficient funds, invalid request, duplicate, ledger unavailable. Owners see refusals next to
+//! answers in `syft-router usage --status …`.
+//!
+//! The row goes through the ledger's group-commit path (`RecordUsage`, batched in the ledger), so a
+//! flood of refusals shares commits instead of costing one each, and never enters the batches of
+//! holds and captures. The refusal is returned after its row is written (or the write failed and
+//! was logged), like every other usage row.
+
+use std::time::Instant;
+
+use syft_error::UsageStatus;
+use syft_proto::ledger::Usage;
+use syft_proto::router::ChatRequest;
+
+use super::{elapsed_ms, RouterService, CHAT_ENDPOINT};
+use crate::error::{RouterError, INSUFFICIENT_FUNDS};
+use crate::validate::MAX_REQUEST_ID_LEN;
+
+/// What a refused request is recorded under, taken before validation (which may be what failed).
+pub(super) struct Attempt {
+    request_id: String,
+    user_email: String,
+    model: String,
+    started: Instant,
+}
+
+impl Attempt {
+    pub(super) fn of(req: &ChatRequest) -> Self {
+        Attempt {
+            request_id: req.request_id.clone(),
+            user_email: req.user_email.clone(),
+            model: req.model.clone(),
+            started: Instant::now(),
+        }
+    }
+}
+
+/// The usage status a refusal is recorded with.
+pub(super) fn refusal_status(e: &RouterError) -> UsageStatus {
+    match e {
+        RouterError::PaymentRequired(_) => UsageStatus::PaymentRequired,
+        RouterError::FailedPrecondition {
+            reason: INSUFFICIENT_FUNDS,
+            ..
+        } => UsageStatus::InsufficientFunds,
+        // Every token refusal of the ledger (unknown, revoked, expired, over its limit).
+        RouterError::PermissionDenied(_) => UsageStatus::TokenRefused,
+        RouterError::InvalidArgument(_)
+        | RouterError::NotFound(_)
+        | RouterError::FailedPrecondition { .. } => UsageStatus::InvalidRequest,
+        RouterError::AlreadyExists(_) => UsageStatus::Duplicate,
+        RouterError::Unauthenticated(_)
+        | RouterError::ResourceExhausted(_)
+        | RouterError::Unavailable(_)
+        | RouterError::BadGateway(_)
+        | RouterError::DeadlineExceeded(_)
+        | RouterError::Cancelled(_)
+        | RouterError::Internal(_) => UsageStatus::Unavailable,
+    }
+}
+
+/// A request id the ledger accepts: the client's when it is a valid one, else a fresh id (an
+/// invalid or missing id is often the very reason of the refusal).
+fn recordable_id(id: &str) -> String {
+    let valid = !id.is_empty()
+        && id.len() <= MAX_REQUEST_ID_LEN
+        && id.bytes().all(|b| b.is_ascii_graphic());
+    if valid {
+        id.to_string()
+    } else {
+        format!("refused-{}", uuid::Uuid::now_v7())
+    }
+}
+
+impl RouterService {
+    /// Records the refusal of `attempt` with `e`. Never fails the request: the refusal is the
+    /// answer either way.
+    pub(super) async fn record_refusal(&self, attempt: Attempt, e: &RouterError) {
+        let status = refusal_status(e);
+        let model = if attempt.model.is_empty() {
+            self.models().into_iter().next().unwrap_or_default()
+        } else {
+            attempt.model
+        };
+        let usage = Usage {
+            request_id: recordable_id(&attempt.request_id),
+            app_name: self.inner.config.name.clone(),
+            endpoint: CHAT_ENDPOINT.into(),
+            user_email: attempt.user_email,
+            model,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            total_tokens: 0,
+            status: status.as_str().into(),
+            latency_ms: elapsed_ms(attempt.started),
+            upstream_latency_ms: 0,
+        };
+        let Err(err) = self.inner.ledger.record_usage(usage.clone()).await else {
+            return;
+        };
+        if let RouterError::InvalidArgument(_) = err {
+            // Malformed fields (an invalid email, a model name too long) are often why the
+            // request was refused: record the refusal without them.
+            let bare = Usage {
+                user_email: String::new(),
+                model: String::new(),
+                ..usage
+            };
+            if self.inner.ledger.record_usage(bare).await.is_ok() {
+                return;
+            }
+        }
+        tracing::warn!(status = %status, error = %err, "could not record the usage row of a refusal");
+    }
+}

@@ -1,0 +1,124 @@
+//! Issue 15, point 7: every request leaves a usage row, refused ones included, each with its
+//! status; a refusal does not take the request id, so a retry of the same id after a refusal is
+//! answered, charged once and recorded once.
+
+use std::time::Duration;
+
+use serde_json::json;
+use syft_router_svc::Pricing;
+use syft_testkit::*;
+use tonic::Code;
+
+async fn refusals_leave_rows_and_free_the_request_id(s: Stack) {
+    let mut c = s.client().await;
+
+    // payment_required over gRPC and over HTTP (no token).
+    let mut req = s.request("hi");
+    req.request_id = "r-1".into();
+    req.transaction_token.clear();
+    assert_eq!(code(c.chat(req).await), Code::FailedPrecondition);
+    let http = reqwest::Client::new();
+    let resp = http
+        .post(format!("{}/v1/chat/completions", s.router.http_url))
+        .header("Idempotency-Key", "r-http")
+        .json(
+            &json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}],
+                      "user": s.alice.email}),
+        )
+        .send()
+        .await
+        .expect("http");
+    assert_eq!(resp.status().as_u16(), 402);
+
+    // token_refused (the ledger records this refusal for its key and replays it, so it gets an
+    // id of its own), then invalid_request (an empty message list; no valid request id either).
+    let mut req = s.request("hi");
+    req.request_id = "r-2".into();
+    req.transaction_token = "not-a-real-token".into();
+    assert_eq!(code(c.chat(req).await), Code::PermissionDenied);
+    let mut req = s.request("hi");
+    req.request_id = "bad id with spaces".into();
+    req.messages.clear();
+    assert_eq!(code(c.chat(req).await), Code::InvalidArgument);
+
+    // insufficient_funds: a hold larger than alice's balance.
+    let bob = create_account(&s.ledger.url, "bob").await;
+    let bob_token = issue_token(&s.ledger.url, &bob, &s.owner.email).await;
+    let mut req = s.request("hi");
+    req.user_email = bob.email.clone();
+    req.transaction_token = bob_token;
+    assert_eq!(code(c.chat(req).await), Code::FailedPrecondition);
+
+    // The id refused by the router itself (no token), now with a token: answered, charged once.
+    let mut req = s.request("hi");
+    req.request_id = "r-1".into();
+    let answer = c.chat(req.clone()).await.expect("paid answer").into_inner();
+    assert_eq!(answer.cost_micros, PRICE);
+    // A replay of the answered id is refused as a duplicate, charges nothing, leaves a row.
+    assert_eq!(code(c.chat(req).await), Code::AlreadyExists);
+    assert_eq!(s.upstream.hits(), 1);
+    assert_eq!(s.alice_money().await, (FUNDS - PRICE, 0, FUNDS - PRICE));
+
+    let rows = s.usage().await;
+    // The invalid request is recorded under a fresh id (its own was unusable).
+    let invalid: Vec<_> = rows
+        .iter()
+        .filter_map(|r| r.usage.as_ref())
+        .filter(|u| u.status == "invalid_request")
+        .collect();
+    assert_eq!(invalid.len(), 1, "{rows:?}");
+    assert!(invalid[0].request_id.starts_with("refused-"));
+    let mut statuses: Vec<(String, String, i64)> = rows
+        .into_iter()
+        .filter(|r| {
+            r.usage
+                .as_ref()
+                .is_some_and(|u| u.status != "invalid_request")
+        })
+        .map(|r| {
+            let u = r.usage.unwrap_or_default();
+            (u.request_id, u.status, r.cost_micros)
+        })
+        .collect();
+    statuses.sort();
+    let row = |id: &str, status: &str, cost: i64| (id.to_string(), status.to_string(), cost);
+    assert_eq!(
+        statuses,
+        vec![
+            row("r-1", "duplicate", 0),
+            row("r-1", "payment_required", 0),
+            row("r-1", "success", PRICE),
+            row("r-2", "token_refused", 0),
+            row("r-http", "payment_required", 0),
+        ]
+    );
+    let bob_rows = usage_of(&s.ledger.url, &bob.email).await;
+    assert_eq!(bob_rows.len(), 1);
+    assert_eq!(
+        bob_rows[0].usage.as_ref().map(|u| u.status.as_str()),
+        Some("insufficient_funds")
+    );
+    s.check_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_refusals_leave_rows_and_free_the_request_id() {
+    let s = Stack::start(Pricing::per_request(PRICE)).await;
+    refusals_leave_rows_and_free_the_request_id(s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_refusals_leave_rows_and_free_the_request_id() {
+    let Some(db) = Db::postgres().await else {
+        println!("SKIPPED: no DATABASE_URL");
+        return;
+    };
+    let s = Stack::start_with(
+        db,
+        Pricing::per_request(PRICE),
+        Duration::from_secs(300),
+        |_| {},
+    )
+    .await;
+    refusals_leave_rows_and_free_the_request_id(s).await;
+}

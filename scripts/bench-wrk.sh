@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# The issue-16 shapes measured as a user would: every part a separate process started from the CLI
+# (ledger on a fresh Postgres database, routers, nginx as an instant OpenAI-compatible upstream)
+# and `wrk` as the external load generator over the OpenAI HTTP front. Ends with `ledger verify`.
+#
+#   scripts/bench-wrk.sh            # BIN=target/release/syft-router, DURATION=10s, CONNECTIONS=32
+#
+# LITELLM=path/to/litellm (e.g. a venv with `pip install 'litellm[proxy]'`) adds the LiteLLM proxy
+# (2 workers, no database, no accounting) in front of the same nginx upstream, for the
+# paid / LiteLLM ratio.
+#
+# Needs: wrk, nginx (Debian: apt-get install wrk nginx-light), psql, a Postgres server
+# (PG=postgres://postgres@127.0.0.1:5432, its default database is used to create a throwaway one).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+BIN=${BIN:-$here/../target/release/syft-router}
+PG=${PG:-postgres://postgres@127.0.0.1:5432}
+DURATION=${DURATION:-10s}
+CONNECTIONS=${CONNECTIONS:-32}
+ADMIN=bench-admin-key-0123456789
+OWNER=owner@bench.example
+work=$(mktemp -d)
+db=syft_wrk_$$
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    BENCH_NGINX_DIR=$work/nginx "$here/bench-nginx.sh" stop >/dev/null 2>&1 || true
+    psql -q "$PG/postgres" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+psql -q "$PG/postgres" -c "CREATE DATABASE $db"
+upstream=$(BENCH_NGINX_DIR=$work/nginx "$here/bench-nginx.sh" start 18181)
+
+export SYFT_LEDGER_URL=http://127.0.0.1:50151 SYFT_LEDGER_ADMIN_KEY=$ADMIN RUST_LOG=error
+"$BIN" ledger --database-url "$PG/$db" --admin-key "$ADMIN" --grpc-addr 127.0.0.1:50151 \
+    --http-addr 127.0.0.1:50152 >"$work/ledger.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do "$BIN" health --url "$SYFT_LEDGER_URL" >/dev/null 2>&1 && break; sleep 0.1; done
+
+owner_secret=$("$BIN" account create "$OWNER" --json | sed -n 's/.*"secret": *"\([^"]*\)".*/\1/p')
+users=()
+for i in $(seq 0 63); do
+    email=user$i@bench.example
+    secret=$("$BIN" account create "$email" --json | sed -n 's/.*"secret": *"\([^"]*\)".*/\1/p')
+    "$BIN" account deposit "$email" 1000000 >/dev/null
+    token=$(SYFT_SECRET=$secret "$BIN" token issue "$OWNER" --json | sed -n 's/.*"token": *"\([^"]*\)".*/\1/p')
+    users+=("$email:$token")
+done
+
+router() { # name port pricing-json ledger-url
+    cat >"$work/$1.json" <<CONF
+{"name": "$1", "owner_email": "$OWNER", "models": ["bench"],
+ "services": [{"type": "chat", "enabled": true, "pricing": $3}],
+ "upstream": {"kind": "openai", "base_url": "$upstream"}}
+CONF
+    SYFT_ROUTER_LEDGER_SECRET=$owner_secret "$BIN" router --config "$work/$1.json" \
+        --ledger-url "$4" --grpc-addr "127.0.0.1:$2" --http-addr "127.0.0.1:$(($2 + 1))" \
+        >"$work/$1.log" 2>&1 &
+    pids+=($!)
+}
+router paid 50161 '{"pricing_type": "per_request", "amount": "0.01"}' "$SYFT_LEDGER_URL"
+router free 50171 '{"pricing_type": "free"}' "$SYFT_LEDGER_URL"
+router noledger 50181 '{"pricing_type": "free"}' http://127.0.0.1:9
+if [ -n "${LITELLM:-}" ]; then
+    cat >"$work/litellm.yaml" <<CONF
+model_list:
+  - model_name: bench
+    litellm_params: {model: openai/bench, api_base: "$upstream", api_key: "none"}
+CONF
+    "$LITELLM" --config "$work/litellm.yaml" --host 127.0.0.1 --port 50192 --num_workers 2 \
+        >"$work/litellm.log" 2>&1 &
+    pids+=($!)
+    for _ in $(seq 120); do curl -sf http://127.0.0.1:50192/health/liveliness >/dev/null && break; sleep 0.5; done
+fi
+sleep 1
+
+run() { # label port connections users...
+    local label=$1 port=$2 conns=$3
+    shift 3
+    local joined
+    joined=$(IFS=,; echo "$*")
+    local out
+    out=$(SYFT_USERS=$joined wrk -t2 -c"$conns" -d"$DURATION" --latency \
+        -s "$here/wrk-chat.lua" "http://127.0.0.1:$((port + 1))" 2>&1)
+    local rps p50 p99 non2xx
+    rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+    p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
+    p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
+    non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
+    printf '  %-36s %10s req/s  p50 %8s  p99 %8s  non-2xx %s\n' "$label" "$rps" "$p50" "$p99" "${non2xx:-0}"
+    echo "$rps" >"$work/$label.rps"
+}
+free_users=()
+for u in "${users[@]}"; do free_users+=("${u%%:*}:"); done
+echo "wrk shapes over the HTTP front (c=$CONNECTIONS, $DURATION each; nginx upstream):"
+run "paid-64" 50161 "$CONNECTIONS" "${users[@]}"
+run "paid-1" 50161 "$CONNECTIONS" "${users[0]}"
+run "free" 50171 "$CONNECTIONS" "${free_users[@]}"
+run "free-noledger" 50181 "$CONNECTIONS" "${free_users[@]}"
+run "paid-c1" 50161 1 "${users[@]}"
+run "free-c1" 50171 1 "${free_users[@]}"
+if [ -n "${LITELLM:-}" ]; then
+    run "litellm" 50191 "$CONNECTIONS" "${free_users[@]}"
+fi
+ratio() { awk -v a="$(cat "$work/$1.rps")" -v b="$(cat "$work/$2.rps")" 'BEGIN {printf "%.2f", a / b}'; }
+echo "ratios: one payer / 64 payers $(ratio paid-1 paid-64) (>= 0.8); free with ledger / without $(ratio free free-noledger) (>= 0.7); paid / free $(ratio paid-64 free) (>= 0.5)"
+if [ -n "${LITELLM:-}" ]; then
+    echo "ratio: paid (64 payers) / LiteLLM $(ratio paid-64 litellm) (>= 25)"
+fi
+for p in "${pids[@]}"; do
+    rss=$(awk '/VmHWM/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)
+    echo "  $(tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | cut -c1-60): peak RSS $((rss / 1024)) MB"
+done
+for p in "${pids[@]}"; do kill -INT "$p" 2>/dev/null || true; done
+wait "${pids[@]}" 2>/dev/null || true
+pids=()
+"$BIN" ledger verify --database-url "$PG/$db"

@@ -1,0 +1,228 @@
+//! The shapes of issue 16, over the OpenAI HTTP front (as users call it), each closed loop for
+//! `--duration`, then the ratios the issue sets as targets:
+//!
+//! - paid, by payer count (`--payers`, 1 and 64): one busy payer must not be serialised;
+//! - free service with the ledger (a usage row per request) and with no ledger reachable: the
+//!   usage row's cost;
+//! - paid and free with one client: the latency a paid request adds.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use syft_router_svc::Pricing;
+use tokio::sync::Mutex;
+
+use crate::bench_router::{start_router, RouterBench, RouterTask, User};
+
+pub(crate) struct Shapes {
+    pub ledger_url: String,
+    pub owner_secret: String,
+    pub upstream_url: String,
+    pub paid_http_url: String,
+    pub users: Arc<Vec<User>>,
+}
+
+/// One closed-loop run.
+struct Measured {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    failed: u64,
+}
+
+/// Who sends: a paid request of one of the first `payers` users, or a free one.
+#[derive(Clone)]
+struct Sender {
+    http: reqwest::Client,
+    url: String,
+    users: Arc<Vec<User>>,
+    payers: usize,
+    paid: bool,
+    counter: Arc<AtomicU64>,
+}
+
+impl Sender {
+    async fn send(&self) -> bool {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let user = &self.users[(n % self.payers.clamp(1, self.users.len()) as u64) as usize];
+        let body = serde_json::json!({"model": "bench", "user": user.email, "max_tokens": 32,
+            "messages": [{"role": "user", "content": "hello there"}]});
+        let mut req = self
+            .http
+            .post(&self.url)
+            .header("Idempotency-Key", format!("shape-{n}"))
+            .json(&body);
+        if self.paid {
+            req = req.bearer_auth(&user.token);
+        }
+        match req.send().await {
+            Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
+            Err(_) => false,
+        }
+    }
+}
+
+async fn closed_loop(sender: &Sender, clients: usize, duration: Duration) -> Measured {
+    let warm_until = Instant::now() + Duration::from_secs(1);
+    let deadline = warm_until + duration;
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let hist = Arc::new(Mutex::new(
+        Histogram::<u64>::new(3).expect("3 significant figures are valid"),
+    ));
+    let mut workers = Vec::new();
+    for _ in 0..clients.max(1) {
+        let (sender, ok, failed, hist) = (sender.clone(), ok.clone(), failed.clone(), hist.clone());
+        workers.push(tokio::spawn(async move {
+            let mut h = Histogram::<u64>::new(3).expect("3 significant figures are valid");
+            while Instant::now() < deadline {
+                let t0 = Instant::now();
+                let good = sender.send().await;
+                if t0 < warm_until {
+                    continue;
+                }
+                if good {
+                    ok.fetch_add(1, Ordering::Relaxed);
+                    let _ = h.record(t0.elapsed().as_micros() as u64);
+                } else {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            let _ = hist.lock().await.add(&h);
+        }));
+    }
+    for w in workers {
+        let _ = w.await;
+    }
+    let h = hist.lock().await;
+    Measured {
+        rps: ok.load(Ordering::Relaxed) as f64 / duration.as_secs_f64(),
+        p50_ms: h.value_at_quantile(0.5) as f64 / 1000.0,
+        p99_ms: h.value_at_quantile(0.99) as f64 / 1000.0,
+        failed: failed.load(Ordering::Relaxed),
+    }
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met {
+        "met"
+    } else {
+        "NOT met"
+    }
+}
+
+impl Shapes {
+    /// Runs every shape and prints a table and the ratios; returns the extra routers it started
+    /// (they stop with `signal`).
+    pub async fn run<F, Fut>(&self, b: &RouterBench, signal: F) -> anyhow::Result<Vec<RouterTask>>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let (_, free_url, free_router) = start_router(
+            Pricing::free(),
+            &self.ledger_url,
+            &self.owner_secret,
+            &self.upstream_url,
+            signal(),
+        )
+        .await?;
+        // A port nothing listens on: the free router answers without recording usage.
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            format!("http://{}", l.local_addr()?)
+        };
+        let (_, no_ledger_url, no_ledger_router) = start_router(
+            Pricing::free(),
+            &closed,
+            &self.owner_secret,
+            &self.upstream_url,
+            signal(),
+        )
+        .await?;
+        let counter = Arc::new(AtomicU64::new(0));
+        let http = reqwest::Client::builder().tcp_nodelay(true).build()?;
+        let sender = |url: &str, payers: usize, paid: bool| Sender {
+            http: http.clone(),
+            url: url.to_string(),
+            users: self.users.clone(),
+            payers,
+            paid,
+            counter: counter.clone(),
+        };
+        let c = b.concurrency;
+        println!(
+            "shapes over HTTP, {:.0}s each after 1 s warm-up:",
+            b.duration.as_secs_f64()
+        );
+        let row = |name: String, m: &Measured| {
+            println!(
+                "  {name:<38} {:>8.0} req/s  p50 {:>7.2} ms  p99 {:>7.2} ms  ({} failed)",
+                m.rps, m.p50_ms, m.p99_ms, m.failed
+            );
+        };
+        let mut paid = Vec::new();
+        for &payers in &b.payers {
+            let m = closed_loop(&sender(&self.paid_http_url, payers, true), c, b.duration).await;
+            row(format!("paid, {payers} payer(s), c={c}"), &m);
+            paid.push((payers, m));
+        }
+        let free = closed_loop(&sender(&free_url, 64, false), c, b.duration).await;
+        row(format!("free (usage row only), c={c}"), &free);
+        let no_ledger = closed_loop(&sender(&no_ledger_url, 64, false), c, b.duration).await;
+        row(format!("free, no ledger reachable, c={c}"), &no_ledger);
+        let paid_one = closed_loop(&sender(&self.paid_http_url, 64, true), 1, b.duration).await;
+        row("paid, one client (c=1)".into(), &paid_one);
+        let free_one = closed_loop(&sender(&free_url, 64, false), 1, b.duration).await;
+        row("free, one client (c=1)".into(), &free_one);
+
+        println!("ratios (targets of issue 16):");
+        let by = |n: usize| paid.iter().find(|(p, _)| *p == n).map(|(_, m)| m.rps);
+        if let (Some(one), Some(many)) = (by(1), by(64)) {
+            let r = one / many;
+            println!(
+                "  one payer / 64 payers: {r:.2} (>= 0.8: {})",
+                verdict(r >= 0.8)
+            );
+        }
+        let r = free.rps / no_ledger.rps;
+        println!(
+            "  free with ledger / without: {r:.2} (>= 0.7: {})",
+            verdict(r >= 0.7)
+        );
+        if let Some(many) = by(64) {
+            let r = many / free.rps;
+            println!(
+                "  paid (64 payers) / free: {r:.2} (>= 0.5: {})",
+                verdict(r >= 0.5)
+            );
+        }
+        let p50 = paid_one.p50_ms - free_one.p50_ms;
+        let p99 = paid_one.p99_ms - free_one.p99_ms;
+        println!(
+            "  paid - free at c=1: p50 +{p50:.2} ms (<= 1.5 ms: {}), p99 +{p99:.2} ms (<= 5 ms: {})",
+            verdict(p50 <= 1.5),
+            verdict(p99 <= 5.0)
+        );
+        if let Some(rss) = peak_rss_mb() {
+            println!("  peak RSS of this process (client, routers, ledger together): {rss:.0} MB");
+        }
+        Ok(vec![free_router, no_ledger_router])
+    }
+}
+
+/// `VmHWM` of this process (Linux), in MB.
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
