@@ -18,6 +18,7 @@ mod metrics;
 pub mod money;
 pub mod search;
 pub mod service;
+mod syft_http;
 pub mod tokens;
 pub mod upstream;
 pub mod validate;

@@ -23,7 +23,8 @@ mod pricing;
 mod search;
 
 pub use pricing::{
-    describe_price, insufficient_funds_message, pricing_proto, Pricing, PricingKind, TokenBound,
+    describe_price, insufficient_funds_message, pricing_json, pricing_proto, Pricing, PricingKind,
+    TokenBound,
 };
 pub use search::{HttpSearchConfig, SearchBackendConfig, SearchConfig, DEFAULT_RESCAN};
 

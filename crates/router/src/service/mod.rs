@@ -172,6 +172,11 @@ impl RouterService {
         self.inner.upstream.provider()
     }
 
+    /// The search backend (`embedded` or `http`), when the config has one.
+    pub fn search_provider(&self) -> Option<&'static str> {
+        self.inner.search.as_ref().map(SearchBackend::provider)
+    }
+
     /// Models offered: the configured list, else what the upstream is known to serve.
     pub fn models(&self) -> Vec<String> {
         if self.inner.config.models.is_empty() {
