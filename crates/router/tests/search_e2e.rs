@@ -278,65 +278,33 @@ async fn bad_search_input_is_refused_and_nothing_is_charged() {
         f(&mut r);
         r
     };
-    let opts =
-        |o: SearchOptions| move |r: &mut syft_proto::router::SearchRequest| r.options = Some(o);
+    let limit = |n: u32| {
+        with(&move |r| {
+            r.options = Some(SearchOptions {
+                limit: Some(n),
+                ..Default::default()
+            })
+        })
+    };
+    let threshold = |x: f32| {
+        with(&move |r| {
+            r.options = Some(SearchOptions {
+                similarity_threshold: Some(x),
+                ..Default::default()
+            })
+        })
+    };
+    let bad = Code::InvalidArgument;
     let cases: Vec<(syft_proto::router::SearchRequest, Code, Option<&str>)> = vec![
-        (
-            with(&|r| r.query = "   ".into()),
-            Code::InvalidArgument,
-            None,
-        ),
-        (
-            with(&|r| r.query = "x".repeat(5000)),
-            Code::InvalidArgument,
-            None,
-        ),
-        (
-            with(&opts(SearchOptions {
-                limit: Some(0),
-                ..Default::default()
-            })),
-            Code::InvalidArgument,
-            None,
-        ),
-        (
-            with(&opts(SearchOptions {
-                limit: Some(1_000_000),
-                ..Default::default()
-            })),
-            Code::InvalidArgument,
-            None,
-        ),
-        (
-            with(&opts(SearchOptions {
-                similarity_threshold: Some(-0.1),
-                ..Default::default()
-            })),
-            Code::InvalidArgument,
-            None,
-        ),
-        (
-            with(&opts(SearchOptions {
-                similarity_threshold: Some(1.5),
-                ..Default::default()
-            })),
-            Code::InvalidArgument,
-            None,
-        ),
-        (
-            with(&opts(SearchOptions {
-                similarity_threshold: Some(f32::NAN),
-                ..Default::default()
-            })),
-            Code::InvalidArgument,
-            None,
-        ),
-        (with(&|r| r.user_email.clear()), Code::InvalidArgument, None),
-        (
-            with(&|r| r.user_email = "not-an-email".into()),
-            Code::InvalidArgument,
-            None,
-        ),
+        (with(&|r| r.query = "   ".into()), bad, None),
+        (with(&|r| r.query = "x".repeat(5000)), bad, None),
+        (limit(0), bad, None),
+        (limit(1_000_000), bad, None),
+        (threshold(-0.1), bad, None),
+        (threshold(1.5), bad, None),
+        (threshold(f32::NAN), bad, None),
+        (with(&|r| r.user_email.clear()), bad, None),
+        (with(&|r| r.user_email = "not-an-email".into()), bad, None),
         (
             with(&|r| r.transaction_token.clear()),
             Code::FailedPrecondition,
