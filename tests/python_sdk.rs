@@ -157,7 +157,14 @@ async fn syft_llm_router_clients_work_against_chat_search_and_health() {
     let bob = create_account(&s.ledger.url, "bob").await;
     deposit(&s.ledger.url, &bob.email, PRICE / 2).await;
     let bob_token = issue_token(&s.ledger.url, &bob, &s.owner.email).await;
-    s.client().await; // the router accepts
+    // /health says "healthy" once the router is ready (its ledger accepted the owner's secret).
+    let readyz = format!("{}/readyz", s.router.http_url);
+    for _ in 0..100 {
+        match reqwest::get(&readyz).await {
+            Ok(r) if r.status().is_success() => break,
+            _ => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+        }
+    }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/syft_router_api.py");
     let args = [
         s.router.http_url.clone(),

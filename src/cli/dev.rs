@@ -554,8 +554,9 @@ async fn demo_search(
     let summary = match resp.results.first() {
         None => format!("search \"{query}\": no results (the hold was voided)"),
         Some(best) => format!(
-            "search \"{query}\": {} results, best {} (score {:.2})",
+            "search \"{query}\": {} result{}, best {} (score {:.2})",
             resp.results.len(),
+            if resp.results.len() == 1 { "" } else { "s" },
             best.id,
             best.score
         ),
