@@ -2,6 +2,10 @@
 //! database) and an OpenAI-compatible upstream (in-process and instant, or `--upstream-url`), over
 //! gRPC and over the HTTP front. Everything shares this machine's cores with the client.
 //!
+//! `--mode search` (or `all`, the default, next to chat) measures paid searches over gRPC against
+//! the embedded index, generated here with `--search-chunks` chunks (100,000 by default); its
+//! added latency is total − the index's own search time (measured on the same queries directly).
+//!
 //! Two measurements per front:
 //! - throughput: `--concurrency` closed-loop clients for `--duration`;
 //! - latency at a fixed rate (`--rate`, open loop): total latency, upstream handler time, and the
@@ -20,7 +24,10 @@ use hdrhistogram::Histogram;
 use syft_ledger::client::connect_lazy;
 use syft_ledger::LedgerConfig;
 use syft_proto::router as rpb;
-use syft_router_svc::{OpenAiConfig, Pricing, RouterConfig, UpstreamConfig};
+use syft_router_svc::search::{DocIndex, SourceDoc};
+use syft_router_svc::{
+    OpenAiConfig, Pricing, RouterConfig, SearchBackendConfig, SearchConfig, UpstreamConfig,
+};
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 
@@ -53,6 +60,44 @@ pub struct RouterBench {
     /// The ledger's Postgres batch workers (see docs/ledger.md).
     #[arg(long, default_value_t = syft_ledger::store::DEFAULT_BATCH_WORKERS)]
     batch_workers: usize,
+    /// What to measure: chat (gRPC and HTTP), search (gRPC), or all.
+    #[arg(long, value_enum, default_value = "all")]
+    mode: Mode,
+    /// Chunks in the generated search index.
+    #[arg(long, default_value_t = 100_000)]
+    search_chunks: usize,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq)]
+enum Mode {
+    Chat,
+    Search,
+    All,
+}
+
+/// A deterministic corpus: `n` one-chunk documents of 40 words from a 2,000-word vocabulary.
+fn bench_docs(n: usize) -> impl Iterator<Item = SourceDoc> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..n).map(move |i| {
+        let words: Vec<String> = (0..40)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                format!("w{}", (x >> 33) % 2000)
+            })
+            .collect();
+        SourceDoc {
+            id: format!("doc-{i}"),
+            content: words.join(" "),
+            metadata: Default::default(),
+        }
+    })
+}
+
+/// Two-word queries over the bench vocabulary (each matches many chunks).
+fn bench_query(n: u64) -> String {
+    format!("w{} w{}", n % 2000, (n * 7 + 3) % 2000)
 }
 
 /// Upstream handler time in microseconds, recorded by the fake upstream itself.
@@ -102,9 +147,13 @@ pub(crate) async fn start_router(
     ledger_url: &str,
     secret: &str,
     upstream_url: &str,
+    search: Option<SearchConfig>,
     signal: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<(String, String, RouterTask)> {
-    let mut config = RouterConfig::new("bench-router", OWNER).with_chat_pricing(pricing);
+    let mut config = RouterConfig::new("bench-router", OWNER).with_chat_pricing(pricing.clone());
+    if let Some(search) = search {
+        config = config.with_search(pricing, search);
+    }
     config.ledger.url = ledger_url.to_string();
     config.ledger.secret = secret.to_string().into();
     config.upstream = UpstreamConfig::OpenAi(OpenAiConfig::new(upstream_url.to_string()));
@@ -160,11 +209,35 @@ pub async fn run(b: &RouterBench) -> anyhow::Result<()> {
         Some(url) => url.clone(),
         None => start_upstream(upstream_times.clone()).await?,
     };
+    let index_dir = tempfile::tempdir()?;
+    let mut index_times = Histogram::<u64>::new(3)?;
+    let mut search = None;
+    if b.mode != Mode::Chat {
+        let (dir, chunks) = (index_dir.path().to_path_buf(), b.search_chunks);
+        let t0 = Instant::now();
+        let index =
+            tokio::task::spawn_blocking(move || DocIndex::build(bench_docs(chunks), Some(&dir)))
+                .await??;
+        println!(
+            "search index: {} chunks built in {:.1} s",
+            index.chunks(),
+            t0.elapsed().as_secs_f64()
+        );
+        for n in 0..2000 {
+            let t0 = Instant::now();
+            index.search(&bench_query(n), 5, 0.0, true)?;
+            index_times.record(t0.elapsed().as_micros() as u64)?;
+        }
+        search = Some(SearchConfig::new(SearchBackendConfig::Index(
+            index_dir.path().to_path_buf(),
+        )));
+    }
     let (grpc_url, http_url, router) = start_router(
         Pricing::per_request(10_000),
         &ledger_url,
         &owner_secret,
         &upstream_url,
+        search,
         signal(),
     )
     .await?;
@@ -194,6 +267,17 @@ pub async fn run(b: &RouterBench) -> anyhow::Result<()> {
             let http_url = http_url.clone();
             async move {
                 match front {
+                    Front::Search => grpc
+                        .search(rpb::SearchRequest {
+                            user_email: email,
+                            query: bench_query(n),
+                            options: None,
+                            transaction_token: token,
+                            request_id: format!("bench-{n}"),
+                        })
+                        .await
+                        .map(|r| r.into_inner().cost_micros == 10_000)
+                        .unwrap_or(false),
                     Front::Grpc => grpc
                         .chat(rpb::ChatRequest {
                             user_email: email,
@@ -240,8 +324,13 @@ pub async fn run(b: &RouterBench) -> anyhow::Result<()> {
     println!(
         "router bench: paid requests ($0.01 each) via router + ledger (postgres) + {upstream_name}"
     );
+    let fronts: Vec<Front> = match b.mode {
+        Mode::Chat => vec![Front::Grpc, Front::Http],
+        Mode::Search => vec![Front::Search],
+        Mode::All => vec![Front::Grpc, Front::Http, Front::Search],
+    };
     // Latency first, on a quiet system; then throughput.
-    for front in [Front::Grpc, Front::Http] {
+    for &front in &fronts {
         // Warm up first: new database connections, statements planned on each of them for the
         // first time and new HTTP/2 connections are start-up costs, not the steady state measured.
         let warm_up = Instant::now() + Duration::from_secs(2);
@@ -282,10 +371,14 @@ pub async fn run(b: &RouterBench) -> anyhow::Result<()> {
             t.await?;
         }
         let total = total.lock().await;
-        let upstream = upstream_times
-            .lock()
-            .map(|h| h.clone())
-            .map_err(|_| anyhow::anyhow!("poisoned"))?;
+        // For search the "upstream" is the index itself, timed directly above.
+        let upstream = match front {
+            Front::Search => index_times.clone(),
+            _ => upstream_times
+                .lock()
+                .map(|h| h.clone())
+                .map_err(|_| anyhow::anyhow!("poisoned"))?,
+        };
         let ms = |v: u64| v as f64 / 1000.0;
         println!(
             "  {:<4} at {} req/s: total p50 {:.2} ms p99 {:.2} ms | upstream p50 {:.3} ms p99 {:.3} ms | added p50 {:.2} ms p99 {:.2} ms (p90 {:.2}, p99.9 {:.2}, max {:.2}) ({} failed)",
@@ -303,7 +396,7 @@ pub async fn run(b: &RouterBench) -> anyhow::Result<()> {
             failures.load(Ordering::Relaxed)
         );
     }
-    for front in [Front::Grpc, Front::Http] {
+    for &front in &fronts {
         // Throughput, closed loop.
         let deadline = Instant::now() + b.duration;
         let ok = Arc::new(AtomicU64::new(0));
@@ -363,6 +456,8 @@ pub async fn run(b: &RouterBench) -> anyhow::Result<()> {
 enum Front {
     Grpc,
     Http,
+    /// Paid searches over gRPC.
+    Search,
 }
 
 impl Front {
@@ -370,6 +465,7 @@ impl Front {
         match self {
             Front::Grpc => "grpc",
             Front::Http => "http",
+            Front::Search => "search",
         }
     }
 }

@@ -126,6 +126,7 @@ impl Shapes {
             &self.ledger_url,
             &self.owner_secret,
             &self.upstream_url,
+            None,
             signal(),
         )
         .await?;
@@ -139,6 +140,7 @@ impl Shapes {
             &closed,
             &self.owner_secret,
             &self.upstream_url,
+            None,
             signal(),
         )
         .await?;

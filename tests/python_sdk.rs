@@ -119,3 +119,74 @@ fn syft_accounting_sdk_works_with_the_dev_stack_defaults() {
     assert!(stdout.contains("dev defaults: ok"), "{stdout}");
     assert!(status.success(), "dev exited {status:?}");
 }
+
+/// The router's syft-llm-router endpoints (`/chat`, `/search`, `/health`) with a Python client
+/// that builds its bodies from syft-llm-router's field names, camelCase and snake_case
+/// (`tests/python/syft_router_api.py`, standard library only). Paid search and chat, an empty
+/// search (voided), and refusals (402, 403, 409, 400) that charge nothing; `ledger verify` after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn syft_llm_router_clients_work_against_chat_search_and_health() {
+    use syft_router_svc::{Pricing, SearchBackendConfig, SearchConfig};
+    use syft_testkit::*;
+    let Some(python) = venv_python() else { return };
+    let docs = docs_dir(&[
+        (
+            "ledger.md",
+            "The ledger holds money: authorize, then capture or void.",
+        ),
+        ("router.md", "The router sells chat and search."),
+    ]);
+    let search = SearchConfig::new(SearchBackendConfig::Docs {
+        dir: docs.path().to_path_buf(),
+        rescan: std::time::Duration::from_secs(60),
+    });
+    let s = Stack::start_with(
+        Db::sqlite(),
+        Pricing::per_request(PRICE),
+        std::time::Duration::from_secs(300),
+        move |c| *c = c.clone().with_search(Pricing::per_request(PRICE), search),
+    )
+    .await;
+    let bob = create_account(&s.ledger.url, "bob").await;
+    deposit(&s.ledger.url, &bob.email, PRICE / 2).await;
+    let bob_token = issue_token(&s.ledger.url, &bob, &s.owner.email).await;
+    // /health says "healthy" once the router is ready (its ledger accepted the owner's secret).
+    let readyz = format!("{}/readyz", s.router.http_url);
+    for _ in 0..100 {
+        match reqwest::get(&readyz).await {
+            Ok(r) if r.status().is_success() => break,
+            _ => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+        }
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/syft_router_api.py");
+    let args = [
+        s.router.http_url.clone(),
+        s.alice.email.clone(),
+        s.token.clone(),
+        bob.email.clone(),
+        bob_token,
+        PRICE.to_string(),
+    ];
+    let output =
+        tokio::task::spawn_blocking(move || Command::new(python).arg(script).args(args).output())
+            .await
+            .expect("join")
+            .expect("run python");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "router API script failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("router api: ok"), "{stdout}");
+    // Two paid searches and two paid chats; the empty search and every refusal cost nothing.
+    assert_eq!(
+        s.alice_money().await,
+        (FUNDS - 4 * PRICE, 0, FUNDS - 4 * PRICE)
+    );
+    assert_eq!(
+        account(&s.ledger.url, &bob.email).await.balance_micros,
+        PRICE / 2
+    );
+    s.check_invariants().await;
+}

@@ -11,7 +11,9 @@ use syft_ledger::money::format_micros;
 use syft_ledger::LedgerConfig;
 use syft_proto::ledger as lpb;
 use syft_proto::router as rpb;
-use syft_router_svc::{Pricing, RouterConfig, ECHO_FAIL_TRIGGER};
+use syft_router_svc::{
+    Pricing, RouterConfig, SearchBackendConfig, SearchConfig, ServiceKind, ECHO_FAIL_TRIGGER,
+};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -149,6 +151,22 @@ async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("cannot listen on {addr}"))
 }
 
+/// The price of `demo`'s and `dev`'s search service.
+fn search_pricing() -> Pricing {
+    Pricing {
+        description: "$0.01 per search query".into(),
+        ..Pricing::per_request(10_000)
+    }
+}
+
+/// The embedded search backend over the bundled documents written to `docs`.
+fn bundled_search(docs: &Path, rescan_seconds: u64) -> SearchConfig {
+    SearchConfig::new(SearchBackendConfig::Docs {
+        dir: docs.to_path_buf(),
+        rescan: std::time::Duration::from_secs(rescan_seconds),
+    })
+}
+
 fn random_key() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
@@ -232,6 +250,9 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
             description: "$0.01 per chat request".into(),
             ..Pricing::per_request(10_000)
         });
+        let docs = PathBuf::from(&args.data_dir).join("docs");
+        super::index::write_bundled_docs(&docs)?;
+        router_config = router_config.with_search(search_pricing(), bundled_search(&docs, 5));
     }
     let grpc = bind(&args.router_grpc_addr).await?;
     let http = bind(&args.router_http_addr).await?;
@@ -245,6 +266,7 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     println!("  ledger  HTTP  {ledger_http_url}   (Syft accounting REST API)");
     println!("  router  gRPC  http://{grpc_addr}");
     println!("  router  HTTP  http://{http_addr}/v1/chat/completions   (OpenAI-compatible)");
+    println!("                http://{http_addr}/chat /search /health   (syft-llm-router API)");
     println!("  credentials   {}", creds_path.display());
     println!("  logs          warnings only; RUST_LOG=info shows every request");
     println!();
@@ -258,6 +280,16 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
         "  curl -s http://{http_addr}/v1/chat/completions -H 'Authorization: Bearer {}' \\\n       -H 'Content-Type: application/json' -d '{{\"model\":\"echo\",\"user\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"hello\"}}]}}'",
         creds.user_token, creds.user_email
     );
+    if args.config.is_none() {
+        println!(
+            "  curl -s http://{http_addr}/search -H 'Content-Type: application/json' \\\n       -d '{{\"userEmail\":\"{}\",\"transactionToken\":\"{}\",\"query\":\"delegation token\"}}'",
+            creds.user_email, creds.user_token
+        );
+        println!(
+            "      searches {}/docs ($0.01 per query with results; edit the folder, it is re-indexed)",
+            args.data_dir
+        );
+    }
     println!(
         "  SYFT_LEDGER_URL={ledger_url} SYFT_SECRET={} {me} account show {}",
         creds.user_secret, creds.user_email
@@ -344,18 +376,20 @@ pub async fn demo(_args: DemoArgs) -> anyhow::Result<()> {
     println!("== syft-router demo: embedded ledger (SQLite), echo model, two priced routers\n");
     let alice_secret = create_account(&mut admin, DEV_USER, 1_000_000).await?;
     println!("alice@example.com is funded with 1 USD");
-    let services: [(&str, &str, Pricing); 2] = [
+    let docs = dir.path().join("docs");
+    super::index::write_bundled_docs(&docs)?;
+    // The search router sells only search (over the bundled documents); the token router chat.
+    let services: [(&str, &str, ServiceKind, Pricing); 2] = [
         (
             "search-router",
             "search-router@example.com",
-            Pricing {
-                description: "$0.01 per search query".into(),
-                ..Pricing::per_request(10_000)
-            },
+            ServiceKind::Search,
+            search_pricing(),
         ),
         (
             "token-router",
             "token-router@example.com",
+            ServiceKind::Chat,
             Pricing {
                 description: "$5 / $15 per million input / output tokens".into(),
                 ..Pricing::per_token(5_000_000, 15_000_000)
@@ -363,10 +397,18 @@ pub async fn demo(_args: DemoArgs) -> anyhow::Result<()> {
         ),
     ];
     let mut routers = Vec::new();
-    for (name, owner, pricing) in services {
+    for (name, owner, kind, pricing) in services {
         let owner_secret = create_account(&mut admin, owner, 0).await?;
         let token = issue_token(&mut connect_lazy(&ledger_url, &alice_secret)?, owner).await?;
-        let mut config = RouterConfig::new(name, owner).with_chat_pricing(pricing);
+        let mut config = match kind {
+            ServiceKind::Chat => RouterConfig::new(name, owner).with_chat_pricing(pricing),
+            ServiceKind::Search => {
+                let mut c =
+                    RouterConfig::new(name, owner).with_search(pricing, bundled_search(&docs, 30));
+                c.services.retain(|s| s.kind == ServiceKind::Search);
+                c
+            }
+        };
         config.ledger.url = ledger_url.clone();
         config.ledger.secret = owner_secret.into();
         let grpc = bind("127.0.0.1:0").await?;
@@ -384,54 +426,40 @@ pub async fn demo(_args: DemoArgs) -> anyhow::Result<()> {
     }
     println!();
 
-    let chats: [(usize, &str, bool); 6] = [
-        (0, "best pizza in Naples", true),
-        (0, "weather in Lisbon tomorrow", true),
+    // (router, text, with a token): router 0 searches, router 1 chats.
+    let requests: [(usize, &str, bool); 7] = [
+        (0, "two-phase transfers hold capture void", true),
+        (0, "delegation token spend limit", true),
+        (0, "xylophone quartz", true),
+        (0, "price per search query", true),
+        (1, "Summarize the plot of Hamlet in two sentences.", true),
         (
-            0,
+            1,
             &format!("{ECHO_FAIL_TRIGGER} this upstream call fails"),
             true,
         ),
-        (0, "cheapest flight to Oslo", true),
-        (1, "Summarize the plot of Hamlet in two sentences.", true),
         (0, "no token: payment required", false),
     ];
     let mut expected_cost = 0;
-    for (i, (router_index, prompt, with_token)) in chats.iter().enumerate() {
+    for (i, (router_index, text, with_token)) in requests.iter().enumerate() {
         let r = &mut routers[*router_index];
-        let request = rpb::ChatRequest {
-            user_email: DEV_USER.into(),
-            model: "echo".into(),
-            messages: vec![rpb::Message {
-                role: "user".into(),
-                content: prompt.to_string(),
-                name: None,
-            }],
-            options: Some(rpb::ChatOptions {
-                max_tokens: Some(64),
-                ..Default::default()
-            }),
-            transaction_token: if *with_token {
-                r.token.clone()
-            } else {
-                String::new()
-            },
-            request_id: format!("demo-{i}"),
+        let token = if *with_token {
+            r.token.clone()
+        } else {
+            String::new()
         };
-        match r.client.chat(request).await {
-            Ok(resp) => {
-                let resp = resp.into_inner();
-                expected_cost += resp.cost_micros;
+        let outcome = if *router_index == 0 {
+            demo_search(r, text, token, i).await
+        } else {
+            demo_chat(r, text, token, i).await
+        };
+        match outcome {
+            Ok((cost, summary)) => {
+                expected_cost += cost;
                 println!(
-                    "{:<14} charged {:>9} USD  \"{}\"",
+                    "{:<14} charged {:>9} USD  {summary}",
                     r.name,
-                    format_micros(resp.cost_micros),
-                    resp.message
-                        .map(|m| m.content)
-                        .unwrap_or_default()
-                        .chars()
-                        .take(60)
-                        .collect::<String>()
+                    format_micros(cost)
                 );
             }
             Err(status) => {
@@ -495,11 +523,81 @@ pub async fn demo(_args: DemoArgs) -> anyhow::Result<()> {
         expected_cost
     );
     println!(
-        "\nverify: ok — alice paid exactly {} USD for {} answered requests; the failed one cost nothing",
+        "\nverify: ok — alice paid exactly {} USD for {} answered requests; the failed one and the empty search cost nothing",
         format_micros(expected_cost),
         usage.records.iter().filter(|r| r.usage.as_ref().is_some_and(|u| u.status == "success")).count()
     );
     Ok(())
+}
+
+/// One demo search: (cost, what it found).
+async fn demo_search(
+    r: &mut DemoRouter,
+    query: &str,
+    token: String,
+    i: usize,
+) -> Result<(i64, String), tonic::Status> {
+    let resp = r
+        .client
+        .search(rpb::SearchRequest {
+            user_email: DEV_USER.into(),
+            query: query.into(),
+            options: Some(rpb::SearchOptions {
+                limit: Some(3),
+                ..Default::default()
+            }),
+            transaction_token: token,
+            request_id: format!("demo-{i}"),
+        })
+        .await?
+        .into_inner();
+    let summary = match resp.results.first() {
+        None => format!("search \"{query}\": no results (the hold was voided)"),
+        Some(best) => format!(
+            "search \"{query}\": {} result{}, best {} (score {:.2})",
+            resp.results.len(),
+            if resp.results.len() == 1 { "" } else { "s" },
+            best.id,
+            best.score
+        ),
+    };
+    Ok((resp.cost_micros, summary))
+}
+
+/// One demo chat: (cost, the start of the answer).
+async fn demo_chat(
+    r: &mut DemoRouter,
+    prompt: &str,
+    token: String,
+    i: usize,
+) -> Result<(i64, String), tonic::Status> {
+    let resp = r
+        .client
+        .chat(rpb::ChatRequest {
+            user_email: DEV_USER.into(),
+            model: "echo".into(),
+            messages: vec![rpb::Message {
+                role: "user".into(),
+                content: prompt.to_string(),
+                name: None,
+            }],
+            options: Some(rpb::ChatOptions {
+                max_tokens: Some(64),
+                ..Default::default()
+            }),
+            transaction_token: token,
+            request_id: format!("demo-{i}"),
+        })
+        .await?
+        .into_inner();
+    let answer: String = resp
+        .message
+        .map(|m| m.content)
+        .unwrap_or_default()
+        .chars()
+        .take(60)
+        .collect();
+    Ok((resp.cost_micros, format!("\"{answer}\"")))
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@ mod client;
 mod dev;
 pub mod errors;
 mod health;
+pub(crate) mod index;
 mod ledger;
 mod router;
 mod tables;
@@ -50,6 +51,8 @@ pub enum Command {
     Transfers(client::TransfersArgs),
     /// Usage rows (one per request), newest first, and totals.
     Usage(client::UsageArgs),
+    /// Build the embedded search index of a folder of documents.
+    Index(index::IndexArgs),
     /// Benchmarks that drive real servers.
     Bench(crate::bench::BenchArgs),
     /// Check a ledger's or router's gRPC health; exits 0 when SERVING (container healthchecks).
@@ -67,6 +70,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token(args) => client::token(args).await,
         Command::Transfers(args) => client::transfers(args).await,
         Command::Usage(args) => client::usage(args).await,
+        Command::Index(args) => index::run(args).await,
         Command::Bench(args) => crate::bench::run(args).await,
         Command::Health(args) => health::run(args).await,
     }

@@ -14,6 +14,8 @@ pub enum UsageStatus {
     InvalidResponse,
     /// The client went away or the router shut down before the answer.
     Cancelled,
+    /// A search that succeeded without results (voided: users pay for answers).
+    NoResults,
     /// Refused: a paid service was called without a transaction token.
     PaymentRequired,
     /// Refused: the ledger did not accept the token (unknown, revoked, expired, over its limit).
@@ -29,12 +31,13 @@ pub enum UsageStatus {
 }
 
 impl UsageStatus {
-    pub const ALL: [UsageStatus; 11] = [
+    pub const ALL: [UsageStatus; 12] = [
         Self::Success,
         Self::UpstreamError,
         Self::Timeout,
         Self::InvalidResponse,
         Self::Cancelled,
+        Self::NoResults,
         Self::PaymentRequired,
         Self::TokenRefused,
         Self::InsufficientFunds,
@@ -50,6 +53,7 @@ impl UsageStatus {
             Self::Timeout => "timeout",
             Self::InvalidResponse => "invalid_response",
             Self::Cancelled => "cancelled",
+            Self::NoResults => "no_results",
             Self::PaymentRequired => "payment_required",
             Self::TokenRefused => "token_refused",
             Self::InsufficientFunds => "insufficient_funds",

@@ -5,7 +5,8 @@ use std::pin::Pin;
 use futures::{Stream, StreamExt};
 use syft_proto::router::router_server::{Router, RouterServer};
 use syft_proto::router::{
-    ChatRequest, ChatResponse, ChatStreamEvent, GetMetadataRequest, Metadata,
+    ChatRequest, ChatResponse, ChatStreamEvent, GetMetadataRequest, Metadata, SearchRequest,
+    SearchResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -63,6 +64,14 @@ impl Router for GrpcRouter {
             resp.metadata_mut().insert("x-syft-transfer-id", v);
         }
         Ok(resp)
+    }
+
+    async fn search(
+        &self,
+        request: Request<SearchRequest>,
+    ) -> Result<Response<SearchResponse>, Status> {
+        let resp = self.service.search(request.into_inner()).await?;
+        Ok(Response::new(resp))
     }
 
     async fn get_metadata(

@@ -1,5 +1,6 @@
 //! OpenAI-compatible HTTP front: `POST /v1/chat/completions` (JSON and SSE),
-//! `GET /v1/models`, `GET /healthz` (liveness), `GET /readyz` (readiness).
+//! `GET /v1/models`, `GET /healthz` (liveness), `GET /readyz` (readiness); beside it the
+//! syft-llm-router endpoints `POST /chat`, `POST /search`, `GET /health` (`crate::syft_http`).
 //!
 //! `Authorization: Bearer <transaction token>` pays, the body's `user` is the user's email and the
 //! `Idempotency-Key` header is the request id. Answers carry `"syft": {cost_micros, transfer_id,
@@ -40,6 +41,9 @@ pub fn http_router(service: RouterService) -> Router {
         .saturating_add(64 * 1024);
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/chat", post(crate::syft_http::chat))
+        .route("/search", post(crate::syft_http::search))
+        .route("/health", get(crate::syft_http::health))
         .route("/v1/models", get(list_models))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -219,33 +223,8 @@ fn to_chat_request(body: OaiRequest, headers: &HeaderMap) -> Result<ChatRequest,
             Some(StopField::Many(v)) => v,
         },
     };
-    let transaction_token = match headers.get(http::header::AUTHORIZATION) {
-        None => String::new(),
-        Some(v) => {
-            let v = v.to_str().map_err(|_| {
-                ApiError(RouterError::Unauthenticated(
-                    "malformed Authorization header".into(),
-                ))
-            })?;
-            match v.split_once(' ') {
-                Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => {
-                    token.trim().to_string()
-                }
-                _ => {
-                    return Err(ApiError(RouterError::Unauthenticated(
-                        "Authorization must be `Bearer <transaction token>`".into(),
-                    )))
-                }
-            }
-        }
-    };
-    let request_id = match headers.get("idempotency-key") {
-        None => String::new(),
-        Some(v) => v
-            .to_str()
-            .map_err(|_| bad("Idempotency-Key must be visible ASCII"))?
-            .to_string(),
-    };
+    let transaction_token = bearer_token(headers)?;
+    let request_id = idempotency_key(headers)?;
     Ok(ChatRequest {
         user_email: body.user.unwrap_or_default(),
         model: body.model,
@@ -254,6 +233,53 @@ fn to_chat_request(body: OaiRequest, headers: &HeaderMap) -> Result<ChatRequest,
         transaction_token,
         request_id,
     })
+}
+
+/// The transaction token of `Authorization: Bearer <token>`; empty without the header.
+pub(crate) fn bearer_token(headers: &HeaderMap) -> Result<String, RouterError> {
+    let Some(v) = headers.get(http::header::AUTHORIZATION) else {
+        return Ok(String::new());
+    };
+    let v = v
+        .to_str()
+        .map_err(|_| RouterError::Unauthenticated("malformed Authorization header".into()))?;
+    match v.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => {
+            Ok(token.trim().to_string())
+        }
+        _ => Err(RouterError::Unauthenticated(
+            "Authorization must be `Bearer <transaction token>`".into(),
+        )),
+    }
+}
+
+/// The `Idempotency-Key` header (the request id); empty without it.
+pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<String, RouterError> {
+    match headers.get("idempotency-key") {
+        None => Ok(String::new()),
+        Some(v) => v.to_str().map(str::to_string).map_err(|_| {
+            RouterError::InvalidArgument("Idempotency-Key must be visible ASCII".into())
+        }),
+    }
+}
+
+/// Reads a JSON body, refusing oversized or malformed ones as bad input.
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(
+    svc: &RouterService,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, RouterError> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            RouterError::InvalidArgument(format!(
+                "request body is larger than the limit ({} bytes of prompt)",
+                svc.config().limits.max_prompt_bytes
+            ))
+        } else {
+            RouterError::InvalidArgument(format!("cannot read request body: {rejection}"))
+        }
+    })?;
+    serde_json::from_slice(&body)
+        .map_err(|e| RouterError::InvalidArgument(format!("invalid JSON body: {e}")))
 }
 
 fn unix_now() -> u64 {
@@ -272,18 +298,7 @@ async fn chat_completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError(RouterError::InvalidArgument(format!(
-                "request body is larger than the limit ({} bytes of prompt)",
-                svc.config().limits.max_prompt_bytes
-            )))
-        } else {
-            bad(format!("cannot read request body: {rejection}"))
-        }
-    })?;
-    let body: OaiRequest =
-        serde_json::from_slice(&body).map_err(|e| bad(format!("invalid JSON body: {e}")))?;
+    let body: OaiRequest = read_json(&svc, body)?;
     let stream = body.stream;
     let include_usage = body
         .stream_options

@@ -16,7 +16,9 @@ pub mod http;
 mod ledger;
 mod metrics;
 pub mod money;
+pub mod search;
 pub mod service;
+mod syft_http;
 pub mod tokens;
 pub mod upstream;
 pub mod validate;
@@ -26,8 +28,8 @@ use std::future::Future;
 use tokio::net::TcpListener;
 
 pub use config::{
-    ConfigError, LedgerSettings, Limits, OpenAiConfig, Pricing, PricingKind, RouterConfig,
-    ServiceConfig, UpstreamConfig,
+    ConfigError, HttpSearchConfig, LedgerSettings, Limits, OpenAiConfig, Pricing, PricingKind,
+    RouterConfig, SearchBackendConfig, SearchConfig, ServiceConfig, ServiceKind, UpstreamConfig,
 };
 pub use error::RouterError;
 pub use grpc::GrpcRouter;

@@ -1,9 +1,10 @@
 //! Request validation: everything is checked before any money moves.
 
-use syft_proto::router::{ChatOptions, ChatRequest, Message};
+use syft_proto::router::{ChatOptions, ChatRequest, Message, SearchRequest};
 
-use crate::config::Limits;
+use crate::config::{Limits, SearchConfig};
 use crate::error::RouterError;
+use crate::search::SearchQuery;
 
 /// Roles a chat message may have.
 pub const ROLES: [&str; 3] = ["system", "user", "assistant"];
@@ -118,24 +119,8 @@ pub fn validate_chat(req: ChatRequest, limits: &Limits) -> Result<ValidRequest, 
     if stop_sequences.iter().any(|s| s.is_empty() || s.len() > 256) {
         return Err(bad("stop sequences must be 1..=256 bytes long"));
     }
-    let user_email = req.user_email.trim().to_string();
-    if !user_email.is_empty() && !is_valid_email(&user_email) {
-        return Err(bad(format!(
-            "the payer's email (`user` in the OpenAI API, `user_email` over gRPC) {:?} is not a valid email",
-            truncate(&user_email, 64)
-        )));
-    }
-    let request_id = if req.request_id.is_empty() {
-        uuid::Uuid::now_v7().to_string()
-    } else {
-        let id = req.request_id;
-        if id.len() > MAX_REQUEST_ID_LEN || !id.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
-            return Err(bad(format!(
-                "request_id must be 1..={MAX_REQUEST_ID_LEN} visible ASCII characters"
-            )));
-        }
-        id
-    };
+    let user_email = payer_email(&req.user_email)?;
+    let request_id = request_id_or_new(req.request_id)?;
     Ok(ValidRequest {
         request_id,
         user_email,
@@ -147,6 +132,83 @@ pub fn validate_chat(req: ChatRequest, limits: &Limits) -> Result<ValidRequest, 
         stop: stop_sequences,
         transaction_token: req.transaction_token.trim().to_string(),
         prompt_bytes,
+    })
+}
+
+/// The payer's email, trimmed; empty (a free request) or valid.
+fn payer_email(email: &str) -> Result<String, RouterError> {
+    let user_email = email.trim().to_string();
+    if !user_email.is_empty() && !is_valid_email(&user_email) {
+        return Err(bad(format!(
+            "the payer's email (`user` in the OpenAI API, `user_email` over gRPC) {:?} is not a valid email",
+            truncate(&user_email, 64)
+        )));
+    }
+    Ok(user_email)
+}
+
+/// The client's request id, checked, or a new one.
+fn request_id_or_new(id: String) -> Result<String, RouterError> {
+    if id.is_empty() {
+        return Ok(uuid::Uuid::now_v7().to_string());
+    }
+    if id.len() > MAX_REQUEST_ID_LEN || !id.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+        return Err(bad(format!(
+            "request_id must be 1..={MAX_REQUEST_ID_LEN} visible ASCII characters"
+        )));
+    }
+    Ok(id)
+}
+
+/// A search request that passed validation.
+#[derive(Debug, Clone)]
+pub struct ValidSearch {
+    pub request_id: String,
+    pub user_email: String,
+    pub transaction_token: String,
+    pub query: SearchQuery,
+}
+
+/// Validates a search request against the search service's bounds: a non-empty query of at
+/// most `max_query_bytes`, `limit` in 1..=`max_limit`, `similarity_threshold` in 0..=1.
+pub fn validate_search(req: SearchRequest, c: &SearchConfig) -> Result<ValidSearch, RouterError> {
+    let query = req.query.trim().to_string();
+    if query.is_empty() {
+        return Err(bad("query must not be empty"));
+    }
+    if query.len() > c.max_query_bytes {
+        return Err(bad(format!(
+            "query is too long: {} bytes (limit {} bytes)",
+            query.len(),
+            c.max_query_bytes
+        )));
+    }
+    let opts = req.options.unwrap_or_default();
+    let limit = opts.limit.unwrap_or(c.default_limit);
+    if limit == 0 || limit > c.max_limit {
+        return Err(bad(format!(
+            "limit must be in 1..={} (got {limit})",
+            c.max_limit
+        )));
+    }
+    let threshold = opts.similarity_threshold.unwrap_or(0.0);
+    if !(0.0..=1.0).contains(&threshold) {
+        return Err(bad(format!(
+            "similarity_threshold must be in 0..=1 (got {threshold})"
+        )));
+    }
+    let user_email = payer_email(&req.user_email)?;
+    Ok(ValidSearch {
+        request_id: request_id_or_new(req.request_id)?,
+        query: SearchQuery {
+            query,
+            limit,
+            similarity_threshold: threshold,
+            include_metadata: opts.include_metadata.unwrap_or(true),
+            user_email: user_email.clone(),
+        },
+        user_email,
+        transaction_token: req.transaction_token.trim().to_string(),
     })
 }
 

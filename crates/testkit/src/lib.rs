@@ -18,9 +18,10 @@ pub use ledger::{
     usage_of, Account, Harness, LedgerServer,
 };
 pub use router::{
-    chat_request, router_config, serve_router, Funded, RouterHandle, Stack, FUNDS, PRICE,
+    chat_request, docs_dir, router_config, search_request, serve_router, Funded, RouterHandle,
+    Stack, FUNDS, PRICE,
 };
-pub use upstream::{FakeUpstream, Mode, CONTENT, UP_COMPLETION, UP_PROMPT};
+pub use upstream::{FakeUpstream, Mode, CONTENT, SEARCH_HITS, UP_COMPLETION, UP_PROMPT};
 
 use syft_ledger::Store;
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use syft_proto::ledger::{self as lpb, Transfer, UsageRecord};
 use syft_proto::router::router_client::RouterClient;
-use syft_proto::router::{ChatOptions, ChatRequest, Message};
+use syft_proto::router::{ChatOptions, ChatRequest, Message, SearchOptions, SearchRequest};
 use syft_router_svc::{
     LedgerSettings, OpenAiConfig, Pricing, RouterConfig, ServeError, UpstreamConfig,
 };
@@ -118,6 +118,31 @@ pub fn chat_request(user: &str, token: &str, content: &str) -> ChatRequest {
         transaction_token: token.into(),
         ..Default::default()
     }
+}
+
+/// A search for `query` from `user` paying with `token`; default options and request id.
+pub fn search_request(user: &str, token: &str, query: &str) -> SearchRequest {
+    SearchRequest {
+        user_email: user.into(),
+        query: query.into(),
+        options: Some(SearchOptions::default()),
+        transaction_token: token.into(),
+        ..Default::default()
+    }
+}
+
+/// A temporary folder holding `files` (relative path, text): documents for the embedded search
+/// backend. The folder is removed when the returned value is dropped.
+pub fn docs_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    for (name, text) in files {
+        let path = dir.path().join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).expect("mkdir");
+        }
+        std::fs::write(path, text).expect("write doc");
+    }
+    dir
 }
 
 /// A router named `name`, owned by `owner`, paying through `ledger_url`, priced `pricing`, with
@@ -264,6 +289,11 @@ impl Stack {
             }),
             ..chat_request(&self.alice.email, &self.token, content)
         }
+    }
+
+    /// A search from alice with her token.
+    pub fn search(&self, query: &str) -> SearchRequest {
+        search_request(&self.alice.email, &self.token, query)
     }
 
     pub async fn client(&self) -> RouterClient<Channel> {

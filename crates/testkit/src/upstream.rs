@@ -1,5 +1,6 @@
 //! An in-process OpenAI-compatible upstream (`POST /v1/chat/completions`, JSON and SSE) on
-//! 127.0.0.1:0 that can be told to misbehave.
+//! 127.0.0.1:0 that can be told to misbehave. It also answers `POST /v1/search` in the
+//! syft-llm-router shape (for the router's `http` search backend), under the same [`Mode`]s.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,6 +19,8 @@ use tokio::net::TcpListener;
 
 /// What the upstream answers.
 pub const CONTENT: &str = "Hello from the upstream model";
+/// The results `/v1/search` answers (`Mode::EmptyChoices`: none).
+pub const SEARCH_HITS: usize = 2;
 /// The usage it reports.
 pub const UP_PROMPT: u64 = 20;
 pub const UP_COMPLETION: u64 = 5;
@@ -67,6 +70,7 @@ impl FakeUpstream {
         });
         let app = axum::Router::new()
             .route("/v1/chat/completions", post(upstream_handler))
+            .route("/v1/search", post(search_handler))
             .with_state(state.clone());
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
@@ -118,35 +122,70 @@ fn chunk(model: &str, content: Option<&str>, finish: Option<&str>) -> Value {
            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
 }
 
-async fn upstream_handler(State(state): State<Arc<UpState>>, Json(body): Json<Value>) -> Response {
+/// Counts the call, keeps its body, and answers the failure modes shared by both endpoints;
+/// `None` means: answer normally (after any delay).
+async fn misbehave(state: &UpState, body: &Value) -> (Mode, Option<Response>) {
     state.hits.fetch_add(1, Ordering::SeqCst);
     *state.last_body.lock().expect("lock") = Some(body.clone());
     let mode = state.mode.lock().expect("lock").clone();
+    let early = match mode {
+        Mode::Status(code) => {
+            let status = axum::http::StatusCode::from_u16(code).expect("status");
+            let body = json!({"error": {"message": "upstream exploded", "type": "server_error"}});
+            Some((status, Json(body)).into_response())
+        }
+        Mode::Stall => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            None
+        }
+        Mode::Delay(d) => {
+            tokio::time::sleep(d).await;
+            None
+        }
+        Mode::Garbage => {
+            Some(([(CONTENT_TYPE, "application/json")], "{\"choices\": [oops").into_response())
+        }
+        _ => None,
+    };
+    (mode, early)
+}
+
+async fn search_handler(State(state): State<Arc<UpState>>, Json(body): Json<Value>) -> Response {
+    let (mode, early) = misbehave(&state, &body).await;
+    if let Some(resp) = early {
+        return resp;
+    }
+    let n = if mode == Mode::EmptyChoices {
+        0
+    } else {
+        SEARCH_HITS
+    };
+    let results: Vec<Value> = (0..n)
+        .map(|i| {
+            json!({"id": format!("doc-{i}"), "score": 0.9 - i as f64 * 0.1,
+                        "content": format!("result {i} for {}", body["query"]),
+                        "metadata": {"rank": i}, "embedding": null})
+        })
+        .collect();
+    Json(
+        json!({"id": "00000000-0000-4000-8000-000000000000", "query": body["query"],
+                "results": results, "providerInfo": {"provider": "fake"}}),
+    )
+    .into_response()
+}
+
+async fn upstream_handler(State(state): State<Arc<UpState>>, Json(body): Json<Value>) -> Response {
+    let (mode, early) = misbehave(&state, &body).await;
+    if let Some(resp) = early {
+        return resp;
+    }
     let model = body["model"].as_str().unwrap_or("m").to_string();
     let stream = body["stream"].as_bool().unwrap_or(false);
     let include_usage = body["stream_options"]["include_usage"]
         .as_bool()
         .unwrap_or(false);
-    match mode {
-        Mode::Status(code) => {
-            let status = axum::http::StatusCode::from_u16(code).expect("status");
-            return (
-                status,
-                Json(json!({"error": {"message": "upstream exploded", "type": "server_error"}})),
-            )
-                .into_response();
-        }
-        Mode::Stall => {
-            tokio::time::sleep(Duration::from_secs(3600)).await;
-        }
-        Mode::Delay(d) => tokio::time::sleep(d).await,
-        Mode::Garbage => {
-            return ([(CONTENT_TYPE, "application/json")], "{\"choices\": [oops").into_response();
-        }
-        Mode::EmptyChoices if !stream => {
-            return Json(json!({"id": "x", "model": model, "choices": []})).into_response();
-        }
-        _ => {}
+    if mode == Mode::EmptyChoices && !stream {
+        return Json(json!({"id": "x", "model": model, "choices": []})).into_response();
     }
     if !stream {
         return Json(completion_json(&model, mode != Mode::NoUsage)).into_response();

@@ -11,9 +11,10 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::pricing::RawPricing;
+use super::search::RawSearch;
 use super::{
     invalid, ConfigError, LedgerSettings, Limits, OpenAiConfig, Pricing, RouterConfig,
-    ServiceConfig, UpstreamConfig, DEFAULT_SHUTDOWN_GRACE,
+    ServiceConfig, ServiceKind, UpstreamConfig, DEFAULT_SHUTDOWN_GRACE,
 };
 use crate::money;
 
@@ -98,6 +99,8 @@ struct RawConfig<N> {
     models: Vec<String>,
     #[serde(default)]
     upstream: Option<RawUpstream>,
+    #[serde(default)]
+    search: Option<RawSearch>,
     #[serde(default)]
     limits: RawLimits,
     #[serde(default)]
@@ -208,12 +211,18 @@ impl<N: NumberText> RawConfig<N> {
             .services
             .into_iter()
             .map(|s| {
+                let kind = ServiceKind::parse(&s.service_type).ok_or_else(|| {
+                    invalid(format!(
+                        "service type {:?}: expected chat or search",
+                        s.service_type
+                    ))
+                })?;
                 let pricing = match s.pricing {
                     None => Pricing::free(),
                     Some(p) => p.into_pricing(&s.service_type, max)?,
                 };
                 Ok(ServiceConfig {
-                    service_type: s.service_type,
+                    kind,
                     enabled: s.enabled,
                     pricing,
                 })
@@ -223,6 +232,7 @@ impl<N: NumberText> RawConfig<N> {
             None => UpstreamConfig::Echo,
             Some(u) => u.into_upstream()?,
         };
+        let search = self.search.map(RawSearch::into_config).transpose()?;
         let mut ledger = LedgerSettings::default();
         if let Some(url) = self.ledger.url {
             ledger.url = url;
@@ -241,6 +251,7 @@ impl<N: NumberText> RawConfig<N> {
             services,
             models: self.models,
             upstream,
+            search,
             limits,
             ledger,
             tls: None,
@@ -394,8 +405,8 @@ mod tests {
             (
                 r#""modles":["m"]"#,
                 "invalid JSON config at modles: unknown field `modles`, expected one of `name`, \
-                 `description`, `owner_email`, `services`, `models`, `upstream`, `limits`, \
-                 `ledger` at line 1 column 50",
+                 `description`, `owner_email`, `services`, `models`, `upstream`, `search`, \
+                 `limits`, `ledger` at line 1 column 50",
             ),
         ] {
             let err = RouterConfig::from_json_str(&format!("{{{base},{extra}}}")).expect_err(extra);

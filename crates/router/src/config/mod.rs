@@ -20,10 +20,13 @@ use crate::money::{AmountError, DEFAULT_MAX_AMOUNT_MICROS};
 
 mod file;
 mod pricing;
+mod search;
 
 pub use pricing::{
-    describe_price, insufficient_funds_message, pricing_proto, Pricing, PricingKind, TokenBound,
+    describe_price, insufficient_funds_message, pricing_json, pricing_proto, Pricing, PricingKind,
+    TokenBound,
 };
+pub use search::{HttpSearchConfig, SearchBackendConfig, SearchConfig, DEFAULT_RESCAN};
 
 /// Why a configuration was rejected.
 #[derive(Debug, Error)]
@@ -62,11 +65,45 @@ fn invalid(msg: impl Into<String>) -> ConfigError {
     ConfigError::Invalid(msg.into())
 }
 
-/// One service the router offers (today: `chat`).
+/// The kinds of service a router sells. Each has its own endpoint, pricing and usage rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ServiceKind {
+    /// Chat generation against the upstream model.
+    Chat,
+    /// Document search over the configured search backend.
+    Search,
+}
+
+impl ServiceKind {
+    /// The config file's `type` and the metadata's service type.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceKind::Chat => "chat",
+            ServiceKind::Search => "search",
+        }
+    }
+
+    /// `app_ep_path` of its transfers and `endpoint` of its usage rows.
+    pub fn endpoint(self) -> &'static str {
+        match self {
+            ServiceKind::Chat => "/chat",
+            ServiceKind::Search => "/search",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "chat" => Some(ServiceKind::Chat),
+            "search" => Some(ServiceKind::Search),
+            _ => None,
+        }
+    }
+}
+
+/// One service the router offers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceConfig {
-    /// `chat`, ...
-    pub service_type: String,
+    pub kind: ServiceKind,
     pub enabled: bool,
     pub pricing: Pricing,
 }
@@ -187,6 +224,8 @@ pub struct RouterConfig {
     /// list shows the upstream's mapped names (or `echo`).
     pub models: Vec<String>,
     pub upstream: UpstreamConfig,
+    /// The search backend of the `search` service; required when that service is listed.
+    pub search: Option<SearchConfig>,
     pub limits: Limits,
     pub ledger: LedgerSettings,
     /// TLS on the router's gRPC and HTTP listeners (not read from the config file).
@@ -207,12 +246,13 @@ impl RouterConfig {
             description: String::new(),
             owner_email: owner_email.into(),
             services: vec![ServiceConfig {
-                service_type: "chat".into(),
+                kind: ServiceKind::Chat,
                 enabled: true,
                 pricing: Pricing::free(),
             }],
             models: Vec::new(),
             upstream: UpstreamConfig::Echo,
+            search: None,
             limits: Limits::default(),
             ledger: LedgerSettings::default(),
             tls: None,
@@ -221,11 +261,21 @@ impl RouterConfig {
     }
 
     /// Sets the chat service's pricing (adding the service when missing).
-    pub fn with_chat_pricing(mut self, pricing: Pricing) -> Self {
-        match self.services.iter_mut().find(|s| s.service_type == "chat") {
+    pub fn with_chat_pricing(self, pricing: Pricing) -> Self {
+        self.with_service_pricing(ServiceKind::Chat, pricing)
+    }
+
+    /// Adds (or reprices) the search service over `search`.
+    pub fn with_search(mut self, pricing: Pricing, search: SearchConfig) -> Self {
+        self.search = Some(search);
+        self.with_service_pricing(ServiceKind::Search, pricing)
+    }
+
+    fn with_service_pricing(mut self, kind: ServiceKind, pricing: Pricing) -> Self {
+        match self.services.iter_mut().find(|s| s.kind == kind) {
             Some(s) => s.pricing = pricing,
             None => self.services.push(ServiceConfig {
-                service_type: "chat".into(),
+                kind,
                 enabled: true,
                 pricing,
             }),
@@ -233,9 +283,14 @@ impl RouterConfig {
         self
     }
 
+    /// The service of that kind, if configured.
+    pub fn service(&self, kind: ServiceKind) -> Option<&ServiceConfig> {
+        self.services.iter().find(|s| s.kind == kind)
+    }
+
     /// The chat service, if configured.
     pub fn chat_service(&self) -> Option<&ServiceConfig> {
-        self.services.iter().find(|s| s.service_type == "chat")
+        self.service(ServiceKind::Chat)
     }
 
     /// Loads a `.json` or `.toml` file (other extensions: JSON, then TOML).
@@ -277,10 +332,10 @@ impl RouterConfig {
         }
         let mut seen = std::collections::HashSet::new();
         for s in &self.services {
-            if !seen.insert(s.service_type.as_str()) {
+            if !seen.insert(s.kind) {
                 return Err(invalid(format!(
                     "service {:?} is listed twice",
-                    s.service_type
+                    s.kind.as_str()
                 )));
             }
             validate_currency(&s.pricing.currency)?;
@@ -297,7 +352,7 @@ impl RouterConfig {
                 if !(0..=max).contains(&a) {
                     return Err(invalid(format!(
                         "service {:?}: amount {a} micros is outside 0..={max}",
-                        s.service_type
+                        s.kind.as_str()
                     )));
                 }
             }
@@ -310,6 +365,19 @@ impl RouterConfig {
             return Err(invalid(
                 "limits.default_max_tokens must be in 1..=max_tokens_limit",
             ));
+        }
+        if let Some(s) = self.service(ServiceKind::Search) {
+            if let PricingKind::PerToken { .. } = s.pricing.kind {
+                return Err(invalid(
+                    "the search service is priced per request (or free), not per token",
+                ));
+            }
+            match &self.search {
+                None => return Err(invalid(
+                    "the search service needs a `search` section (backend, index or docs, or url)",
+                )),
+                Some(s) => s.validate()?,
+            }
         }
         if let UpstreamConfig::OpenAi(o) = &self.upstream {
             let ok = o.base_url.starts_with("http://") || o.base_url.starts_with("https://");

@@ -199,6 +199,31 @@ pub fn pricing_proto(p: &Pricing) -> syft_proto::router::Pricing {
     }
 }
 
+/// The pricing as JSON, in the config file's shape with exact decimal strings:
+/// `{"pricing_type", "currency", "description", "amount"}` or `input_per_million` /
+/// `output_per_million` (`/health`).
+pub fn pricing_json(p: &Pricing) -> serde_json::Value {
+    let mut v = serde_json::json!({
+        "pricing_type": p.kind.as_str(),
+        "currency": p.currency,
+        "description": describe_price(p),
+    });
+    match p.kind {
+        PricingKind::Free => {}
+        PricingKind::PerRequest { amount_micros } => {
+            v["amount"] = format_micros(amount_micros).into()
+        }
+        PricingKind::PerToken {
+            input_micros_per_million,
+            output_micros_per_million,
+        } => {
+            v["input_per_million"] = format_micros(input_micros_per_million).into();
+            v["output_per_million"] = format_micros(output_micros_per_million).into();
+        }
+    }
+    v
+}
+
 /// The pricing object as router owners write it. Unknown keys are refused: a misspelt price
 /// (`input_per_milion`) would otherwise bill those tokens at 0. The refusal names the key and
 /// lists every accepted one, aliases included.

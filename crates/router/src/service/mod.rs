@@ -9,18 +9,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use syft_error::UsageStatus;
-use syft_proto::ledger::{AuthorizeRequest, TransferStatus, Usage};
 use syft_proto::router::{
     ChatRequest, ChatResponse, Message, Metadata, ProviderInfo, Service, TokenUsage,
 };
 use tracing::Instrument;
 
-use crate::config::{
-    describe_price, insufficient_funds_message, pricing_proto, Pricing, PricingKind, RouterConfig,
-    ServiceConfig, TokenBound,
-};
+use crate::config::{pricing_proto, PricingKind, RouterConfig, ServiceKind, TokenBound};
 use crate::drain::Drain;
-use crate::error::{RouterError, INSUFFICIENT_FUNDS};
+use crate::error::RouterError;
 use crate::health::{LedgerState, Readiness, ReadinessCell};
 use crate::ledger::Ledger;
 use crate::metrics;
@@ -28,12 +24,17 @@ use crate::tokens;
 use crate::upstream::{Upstream, UpstreamError, UpstreamRequest, UpstreamUsage};
 use crate::validate::{validate_chat, ValidRequest};
 
+mod admission;
 mod hold;
 mod refusal;
+mod search;
 mod stream;
 
+use admission::{Ticket, Units};
 use hold::{Claim, HoldGuard};
 pub use stream::ChatStreamHandle;
+
+use crate::search::SearchBackend;
 
 /// `app_ep_path` of chat transfers and `endpoint` of chat usage rows.
 pub const CHAT_ENDPOINT: &str = "/chat";
@@ -49,8 +50,9 @@ pub struct RouterService {
 
 struct Inner {
     config: RouterConfig,
-    chat: Option<ServiceConfig>,
     upstream: Upstream,
+    /// Present when the config has a `search` section.
+    search: Option<SearchBackend>,
     ledger: Ledger,
     /// (user email, request id) of the requests in progress.
     in_flight: Mutex<HashSet<(String, String)>>,
@@ -58,15 +60,12 @@ struct Inner {
     drain: Arc<Drain>,
 }
 
+/// A chat request, validated and priced.
 struct Prepared {
+    t: Ticket,
     v: ValidRequest,
-    model: String,
     upstream_req: UpstreamRequest,
-    pricing: Pricing,
     prompt_tokens: Option<u64>,
-    hold_micros: i64,
-    /// What sized a per-token hold (explains an insufficient-funds refusal).
-    bound: Option<TokenBound>,
 }
 
 impl RouterService {
@@ -78,7 +77,11 @@ impl RouterService {
             .map_err(|e| RouterError::InvalidArgument(e.to_string()))?;
         let upstream = Upstream::from_config(&config.upstream)?;
         let ledger = Ledger::connect(&config.ledger)?;
-        let chat = config.chat_service().cloned();
+        let search = config
+            .search
+            .as_ref()
+            .map(SearchBackend::from_config)
+            .transpose()?;
         let ledger_required = config
             .services
             .iter()
@@ -90,8 +93,8 @@ impl RouterService {
         Ok(RouterService {
             inner: Arc::new(Inner {
                 config,
-                chat,
                 upstream,
+                search,
                 ledger,
                 in_flight: Mutex::new(HashSet::new()),
                 readiness,
@@ -171,6 +174,11 @@ impl RouterService {
         self.inner.upstream.provider()
     }
 
+    /// The search backend (`embedded` or `http`), when the config has one.
+    pub fn search_provider(&self) -> Option<&'static str> {
+        self.inner.search.as_ref().map(SearchBackend::provider)
+    }
+
     /// Models offered: the configured list, else what the upstream is known to serve.
     pub fn models(&self) -> Vec<String> {
         if self.inner.config.models.is_empty() {
@@ -190,7 +198,7 @@ impl RouterService {
                 .services
                 .iter()
                 .map(|s| Service {
-                    r#type: s.service_type.clone(),
+                    r#type: s.kind.as_str().into(),
                     enabled: s.enabled,
                     pricing: Some(pricing_proto(&s.pricing)),
                 })
@@ -250,15 +258,12 @@ impl RouterService {
         };
         let (prompt_tokens, completion_tokens) = self.final_tokens(&p, c.usage, &c.content).await;
         let cost = self.cost(&p, prompt_tokens, completion_tokens);
-        let usage = self.usage(
-            &p,
-            UsageStatus::Success,
-            prompt_tokens,
-            completion_tokens,
-            started,
-            upstream_ms,
-        );
-        let settled = self.settle(&p, hold, cost, usage).await;
+        let units = Units {
+            input: prompt_tokens,
+            output: completion_tokens,
+        };
+        let usage = self.usage(&p.t, UsageStatus::Success, units, started, upstream_ms);
+        let settled = self.settle(&p.t, hold, cost, usage).await;
         let outcome = if settled.is_ok() {
             "success"
         } else {
@@ -266,10 +271,10 @@ impl RouterService {
         };
         metrics::observe(self.provider(), "unary", outcome, started, upstream_time);
         let transfer_id = settled?;
-        let currency = p.pricing.currency.clone();
+        let currency = p.t.pricing.currency.clone();
         Ok(ChatResponse {
             id: p.v.request_id.clone(),
-            model: p.model.clone(),
+            model: p.t.model.clone(),
             message: Some(Message {
                 role: "assistant".into(),
                 content: c.content,
@@ -303,7 +308,7 @@ impl RouterService {
         &self,
         req: ChatRequest,
     ) -> Result<(Prepared, Claim, Option<HoldGuard>), RouterError> {
-        let attempt = refusal::Attempt::of(&req);
+        let attempt = refusal::Attempt::chat(&req);
         match self.try_admit(req).await {
             Ok(admitted) => Ok(admitted),
             Err(e) => {
@@ -318,27 +323,14 @@ impl RouterService {
         req: ChatRequest,
     ) -> Result<(Prepared, Claim, Option<HoldGuard>), RouterError> {
         let p = self.prepare(req).await?;
-        tracing::Span::current().record("request_id", p.v.request_id.as_str());
-        let claim = self.claim(&p.v.user_email, &p.v.request_id)?;
-        let hold = self.authorize(&p).await?;
-        if let Some(h) = &hold {
-            tracing::Span::current().record("transfer_id", h.transfer_id.as_str());
-        }
+        let (claim, hold) = self.admit_ticket(&p.t).await?;
         Ok((p, claim, hold))
     }
 
     async fn prepare(&self, req: ChatRequest) -> Result<Prepared, RouterError> {
         let inner = &self.inner;
         let v = validate_chat(req, &inner.config.limits)?;
-        let service = match &inner.chat {
-            Some(s) if s.enabled => s,
-            _ => {
-                return Err(RouterError::FailedPrecondition {
-                    reason: "SERVICE_DISABLED",
-                    message: "the chat service is not enabled on this router".into(),
-                })
-            }
-        };
+        let pricing = self.price_for(ServiceKind::Chat, &v.user_email, &v.transaction_token)?;
         let model = if v.model.is_empty() {
             inner
                 .config
@@ -354,21 +346,6 @@ impl RouterService {
             return Err(RouterError::NotFound(format!(
                 "model {model:?} is not served by this router"
             )));
-        }
-        let pricing = service.pricing.clone();
-        if !pricing.kind.is_free() {
-            if v.transaction_token.is_empty() {
-                return Err(RouterError::PaymentRequired(format!(
-                    "this service costs {}; send a transaction token issued to {}",
-                    describe_price(&pricing),
-                    inner.config.owner_email
-                )));
-            }
-            if v.user_email.is_empty() {
-                return Err(RouterError::InvalidArgument(
-                    "the payer's email is required for paid requests (`user` in the OpenAI API, `user_email` over gRPC)".into(),
-                ));
-            }
         }
         let max_tokens = match pricing.kind {
             // The hold must bound the answer, so the bound is always sent upstream.
@@ -387,129 +364,36 @@ impl RouterService {
             stop: v.stop.clone(),
             user: v.user_email.clone(),
         };
-        let mut p = Prepared {
-            v,
-            model,
-            upstream_req,
+        let t = Ticket {
+            kind: ServiceKind::Chat,
+            request_id: v.request_id.clone(),
+            user_email: v.user_email.clone(),
+            transaction_token: v.transaction_token.clone(),
             pricing,
-            prompt_tokens: None,
             hold_micros: 0,
             bound: None,
+            model,
         };
-        if let PricingKind::PerToken { .. } = p.pricing.kind {
+        let mut p = Prepared {
+            t,
+            v,
+            upstream_req,
+            prompt_tokens: None,
+        };
+        if let PricingKind::PerToken { .. } = p.t.pricing.kind {
             let prompt = self.prompt_tokens(&p).await;
             p.prompt_tokens = Some(prompt);
             let max_out = u64::from(max_tokens.unwrap_or(0));
-            p.hold_micros = p.pricing.hold_micros(prompt, max_out);
-            p.bound = Some(TokenBound {
+            p.t.hold_micros = p.t.pricing.hold_micros(prompt, max_out);
+            p.t.bound = Some(TokenBound {
                 prompt_tokens: prompt,
                 max_completion_tokens: max_out,
                 defaulted: p.v.max_tokens.is_none(),
             });
         } else {
-            p.hold_micros = p.pricing.hold_micros(0, 0);
+            p.t.hold_micros = p.t.pricing.hold_micros(0, 0);
         }
         Ok(p)
-    }
-
-    /// Marks the user's request id in flight in this process, so a concurrent duplicate is
-    /// refused instead of calling the upstream twice. (Across replicas the ledger's idempotency
-    /// still guarantees a single charge.) Request ids are scoped per user, like the ledger's
-    /// idempotency keys: two users who send the same id do not collide.
-    fn claim(&self, user_email: &str, request_id: &str) -> Result<Claim, RouterError> {
-        if self.inner.drain.is_aborting() {
-            return Err(RouterError::Unavailable(
-                "the router is shutting down; retry".into(),
-            ));
-        }
-        let mut set = self
-            .inner
-            .in_flight
-            .lock()
-            .map_err(|_| RouterError::Internal("in-flight set poisoned".into()))?;
-        let key = (user_email.to_string(), request_id.to_string());
-        if !set.insert(key.clone()) {
-            return Err(RouterError::AlreadyExists(format!(
-                "request {request_id} is already in progress"
-            )));
-        }
-        Ok(Claim {
-            inner: self.inner.clone(),
-            key,
-            _work: self.inner.drain.enter(),
-        })
-    }
-
-    async fn authorize(&self, p: &Prepared) -> Result<Option<HoldGuard>, RouterError> {
-        if p.pricing.kind.is_free() {
-            return Ok(None);
-        }
-        let inner = &self.inner;
-        let transfer = inner
-            .ledger
-            .authorize(AuthorizeRequest {
-                sender_email: p.v.user_email.clone(),
-                amount_micros: p.hold_micros,
-                token: p.v.transaction_token.clone(),
-                app_name: inner.config.name.clone(),
-                app_ep_path: CHAT_ENDPOINT.into(),
-                idempotency_key: p.v.request_id.clone(),
-                hold_ttl_seconds: inner.ledger.hold_ttl_seconds,
-            })
-            .await
-            .map_err(|e| explain_refusal(p, e))?;
-        if transfer.status() != TransferStatus::Pending {
-            let state = match transfer.status() {
-                TransferStatus::Completed => "completed (already charged)",
-                TransferStatus::Cancelled => "cancelled (not charged)",
-                _ => "resolved",
-            };
-            return Err(RouterError::AlreadyExists(format!(
-                "request {} was already processed: transfer {} is {state}; use a new request id \
-                 to send a new request",
-                p.v.request_id, transfer.id
-            )));
-        }
-        tracing::debug!(request_id = %p.v.request_id, transfer_id = %transfer.id, hold_micros = p.hold_micros, "hold authorized");
-        Ok(Some(HoldGuard {
-            work: Some(inner.drain.enter()),
-            ledger: inner.ledger.clone(),
-            transfer_id: transfer.id,
-            cancel_usage: Some(self.usage(p, UsageStatus::Cancelled, 0, 0, Instant::now(), 0)),
-        }))
-    }
-
-    /// Success: capture the cost (or record the usage row for a free request). Returns the
-    /// transfer id (empty for free requests).
-    async fn settle(
-        &self,
-        p: &Prepared,
-        hold: Option<HoldGuard>,
-        cost: i64,
-        usage: Usage,
-    ) -> Result<String, RouterError> {
-        let Some(hold) = hold else {
-            self.record_free_usage(usage).await;
-            return Ok(String::new());
-        };
-        let transfer_id = hold.transfer_id.clone();
-        if cost <= 0 {
-            // Nothing to charge (e.g. only free tokens were used): release the hold, keep the row.
-            hold.void("nothing to charge", usage).await;
-            return Ok(transfer_id);
-        }
-        let result = hold.capture(cost, usage).await;
-        match &result {
-            Ok(_) => tracing::info!(
-                request_id = %p.v.request_id, transfer_id = %transfer_id, cost_micros = cost,
-                user = %p.v.user_email, model = %p.model, "chat captured"
-            ),
-            Err(e) => tracing::error!(
-                request_id = %p.v.request_id, transfer_id = %transfer_id, error = %e,
-                "capture failed; the answer is withheld"
-            ),
-        }
-        result.map(|_| transfer_id)
     }
 
     /// Failure: void the hold (or record the failed free request).
@@ -522,24 +406,12 @@ impl RouterService {
         upstream_ms: i64,
     ) {
         tracing::warn!(request_id = %p.v.request_id, error = %e, status = %e.usage_status(), "upstream failed");
-        let prompt = self.prompt_tokens(p).await;
-        let usage = self.usage(p, e.usage_status(), prompt, 0, started, upstream_ms);
+        let units = Units {
+            input: self.prompt_tokens(p).await,
+            output: 0,
+        };
+        let usage = self.usage(&p.t, e.usage_status(), units, started, upstream_ms);
         self.release(hold, &e.to_string(), usage).await;
-    }
-
-    async fn release(&self, hold: Option<HoldGuard>, reason: &str, usage: Usage) {
-        match hold {
-            Some(h) => h.void(reason, usage).await,
-            None => self.record_free_usage(usage).await,
-        }
-    }
-
-    async fn record_free_usage(&self, usage: Usage) {
-        let request_id = usage.request_id.clone();
-        if let Err(e) = self.inner.ledger.record_usage(usage).await {
-            // Free answers do not depend on the ledger being up.
-            tracing::warn!(request_id = %request_id, error = %e, "could not record usage");
-        }
     }
 
     async fn prompt_tokens(&self, p: &Prepared) -> u64 {
@@ -572,55 +444,11 @@ impl RouterService {
 
     /// The actual cost, never above the hold.
     fn cost(&self, p: &Prepared, prompt_tokens: u64, completion_tokens: u64) -> i64 {
-        let cost = p.pricing.cost_micros(prompt_tokens, completion_tokens);
-        if cost > p.hold_micros {
-            tracing::warn!(request_id = %p.v.request_id, cost, hold = p.hold_micros, "cost above hold; capped");
+        let cost = p.t.pricing.cost_micros(prompt_tokens, completion_tokens);
+        if cost > p.t.hold_micros {
+            tracing::warn!(request_id = %p.v.request_id, cost, hold = p.t.hold_micros, "cost above hold; capped");
         }
-        cost.min(p.hold_micros)
-    }
-
-    fn usage(
-        &self,
-        p: &Prepared,
-        status: UsageStatus,
-        prompt_tokens: u64,
-        completion_tokens: u64,
-        started: Instant,
-        upstream_ms: i64,
-    ) -> Usage {
-        let prompt = i64::try_from(prompt_tokens).unwrap_or(i64::MAX);
-        let completion = i64::try_from(completion_tokens).unwrap_or(i64::MAX);
-        Usage {
-            request_id: p.v.request_id.clone(),
-            app_name: self.inner.config.name.clone(),
-            endpoint: CHAT_ENDPOINT.into(),
-            user_email: p.v.user_email.clone(),
-            model: p.model.clone(),
-            prompt_tokens: prompt,
-            completion_tokens: completion,
-            total_tokens: prompt.saturating_add(completion),
-            status: status.as_str().into(),
-            latency_ms: elapsed_ms(started),
-            upstream_latency_ms: upstream_ms,
-        }
-    }
-}
-
-/// Replaces the ledger's insufficient-funds message (a bare amount in micros) with one that says
-/// what the hold is in money, what sized it, and how to reserve less.
-fn explain_refusal(p: &Prepared, e: RouterError) -> RouterError {
-    match e {
-        RouterError::FailedPrecondition {
-            reason: INSUFFICIENT_FUNDS,
-            message,
-        } => {
-            tracing::debug!(request_id = %p.v.request_id, ledger_message = %message, "hold refused");
-            RouterError::FailedPrecondition {
-                reason: INSUFFICIENT_FUNDS,
-                message: insufficient_funds_message(&p.pricing, p.hold_micros, p.bound),
-            }
-        }
-        other => other,
+        cost.min(p.t.hold_micros)
     }
 }
 

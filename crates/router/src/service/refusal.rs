@@ -11,9 +11,10 @@ use std::time::Instant;
 
 use syft_error::UsageStatus;
 use syft_proto::ledger::Usage;
-use syft_proto::router::ChatRequest;
+use syft_proto::router::{ChatRequest, SearchRequest};
 
-use super::{elapsed_ms, RouterService, CHAT_ENDPOINT};
+use super::{elapsed_ms, RouterService};
+use crate::config::ServiceKind;
 use crate::error::{RouterError, INSUFFICIENT_FUNDS};
 use crate::validate::MAX_REQUEST_ID_LEN;
 
@@ -22,15 +23,28 @@ pub(super) struct Attempt {
     request_id: String,
     user_email: String,
     model: String,
+    kind: ServiceKind,
     started: Instant,
 }
 
 impl Attempt {
-    pub(super) fn of(req: &ChatRequest) -> Self {
+    pub(super) fn chat(req: &ChatRequest) -> Self {
         Attempt {
             request_id: req.request_id.clone(),
             user_email: req.user_email.clone(),
             model: req.model.clone(),
+            kind: ServiceKind::Chat,
+            started: Instant::now(),
+        }
+    }
+
+    /// `provider`: the search backend, the `model` of search usage rows.
+    pub(super) fn search(req: &SearchRequest, provider: &str) -> Self {
+        Attempt {
+            request_id: req.request_id.clone(),
+            user_email: req.user_email.clone(),
+            model: provider.to_string(),
+            kind: ServiceKind::Search,
             started: Instant::now(),
         }
     }
@@ -86,7 +100,7 @@ impl RouterService {
         let usage = Usage {
             request_id: recordable_id(&attempt.request_id),
             app_name: self.inner.config.name.clone(),
-            endpoint: CHAT_ENDPOINT.into(),
+            endpoint: attempt.kind.endpoint().into(),
             user_email: attempt.user_email,
             model,
             prompt_tokens: 0,

@@ -14,7 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 
 use super::hold::HoldGuard;
-use super::{elapsed_ms, normalize_finish, token_usage, Prepared, RouterService};
+use super::{elapsed_ms, normalize_finish, token_usage, Prepared, RouterService, Units};
 use crate::error::RouterError;
 use crate::metrics;
 use crate::tokens;
@@ -56,7 +56,7 @@ impl RouterService {
         let handle = ChatStreamHandle {
             request_id: p.v.request_id.clone(),
             transfer_id: hold.as_ref().map(|h| h.transfer_id.clone()),
-            model: p.model.clone(),
+            model: p.t.model.clone(),
             events: ReceiverStream::new(rx),
         };
         let svc = self.clone();
@@ -135,15 +135,11 @@ impl RouterService {
         match end {
             End::Cancelled => {
                 tracing::info!(request_id = %p.v.request_id, "client cancelled the stream");
-                let prompt = self.prompt_tokens(&p).await;
-                let usage = self.usage(
-                    &p,
-                    UsageStatus::Cancelled,
-                    prompt,
-                    tokens::count_text(&content),
-                    started,
-                    upstream_ms,
-                );
+                let units = Units {
+                    input: self.prompt_tokens(&p).await,
+                    output: tokens::count_text(&content),
+                };
+                let usage = self.usage(&p.t, UsageStatus::Cancelled, units, started, upstream_ms);
                 self.release(hold, "client cancelled", usage).await;
                 metrics::observe(
                     self.provider(),
@@ -168,20 +164,17 @@ impl RouterService {
                 let (prompt_tokens, completion_tokens) =
                     self.final_tokens(&p, reported, &content).await;
                 let cost = self.cost(&p, prompt_tokens, completion_tokens);
-                let usage = self.usage(
-                    &p,
-                    UsageStatus::Success,
-                    prompt_tokens,
-                    completion_tokens,
-                    started,
-                    upstream_ms,
-                );
+                let units = Units {
+                    input: prompt_tokens,
+                    output: completion_tokens,
+                };
+                let usage = self.usage(&p.t, UsageStatus::Success, units, started, upstream_ms);
                 let upstream_finish = finish.unwrap_or_else(|| "stop".into());
-                let item = match self.settle(&p, hold, cost, usage).await {
+                let item = match self.settle(&p.t, hold, cost, usage).await {
                     Ok(transfer_id) => Ok(ChatStreamEvent {
                         event: Some(chat_stream_event::Event::Final(ChatFinal {
                             id: p.v.request_id.clone(),
-                            model: p.model.clone(),
+                            model: p.t.model.clone(),
                             finish_reason: normalize_finish(&upstream_finish),
                             usage: Some(token_usage(prompt_tokens, completion_tokens)),
                             cost_micros: cost,
@@ -196,7 +189,7 @@ impl RouterService {
                                 upstream_finish_reason: upstream_finish,
                                 upstream_id,
                             }),
-                            currency: p.pricing.currency.clone(),
+                            currency: p.t.pricing.currency.clone(),
                         })),
                     }),
                     Err(e) => Err(e),

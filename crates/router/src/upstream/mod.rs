@@ -12,6 +12,7 @@ use thiserror::Error;
 
 pub use echo::{EchoUpstream, ECHO_FAIL_TRIGGER, ECHO_MODEL};
 pub use openai::OpenAiUpstream;
+pub(crate) use openai::{read_limited, status_error};
 
 use crate::config::UpstreamConfig;
 use crate::error::RouterError;

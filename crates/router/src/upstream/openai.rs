@@ -150,7 +150,7 @@ impl OpenAiUpstream {
     }
 }
 
-async fn status_error(resp: reqwest::Response) -> UpstreamError {
+pub(crate) async fn status_error(resp: reqwest::Response) -> UpstreamError {
     let status = resp.status().as_u16();
     let text = resp.text().await.unwrap_or_default();
     let message = serde_json::from_str::<serde_json::Value>(&text)
@@ -161,7 +161,7 @@ async fn status_error(resp: reqwest::Response) -> UpstreamError {
     UpstreamError::Status { status, message }
 }
 
-async fn read_limited(resp: reqwest::Response) -> Result<Bytes, UpstreamError> {
+pub(crate) async fn read_limited(resp: reqwest::Response) -> Result<Bytes, UpstreamError> {
     let mut body = resp.bytes_stream();
     let mut buf = BytesMut::new();
     while let Some(chunk) = body.next().await {

@@ -1,0 +1,191 @@
+//! The `search` section: which backend answers the `search` service, and its request bounds.
+//!
+//! ```toml
+//! [search]
+//! backend = "embedded"      # or "http"
+//! docs = "docs/"            # a folder indexed in memory and re-indexed when it changes, or
+//! index = "data/index"      # an index built by `syft-router index build`
+//! rescan_seconds = 30       # how often `docs` is checked for changes
+//! # backend = "http": url = "http://127.0.0.1:8000" (POST /search is appended), timeout_ms
+//! ```
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+use syft_server::Secret;
+
+use super::{invalid, ConfigError};
+
+/// How often a watched `docs` folder is checked for changes, by default.
+pub const DEFAULT_RESCAN: Duration = Duration::from_secs(30);
+
+/// The search service's backend and bounds.
+#[derive(Debug, Clone)]
+pub struct SearchConfig {
+    pub backend: SearchBackendConfig,
+    /// Results returned when a request sets no `limit`.
+    pub default_limit: u32,
+    /// The largest `limit` a request may ask for.
+    pub max_limit: u32,
+    /// The longest query, in bytes.
+    pub max_query_bytes: usize,
+}
+
+impl SearchConfig {
+    pub fn new(backend: SearchBackendConfig) -> Self {
+        SearchConfig {
+            backend,
+            default_limit: 5,
+            max_limit: 100,
+            max_query_bytes: 4096,
+        }
+    }
+
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_limit == 0 || self.default_limit == 0 || self.default_limit > self.max_limit {
+            return Err(invalid(
+                "search: need 1 <= default_limit <= max_limit (and max_limit >= 1)",
+            ));
+        }
+        if self.max_query_bytes == 0 {
+            return Err(invalid("search.max_query_bytes must be positive"));
+        }
+        match &self.backend {
+            SearchBackendConfig::Docs { rescan, .. } if rescan.is_zero() => {
+                Err(invalid("search.rescan_seconds must be positive"))
+            }
+            SearchBackendConfig::Http(h)
+                if !(h.base_url.starts_with("http://") || h.base_url.starts_with("https://")) =>
+            {
+                Err(invalid(format!(
+                    "search.url {:?} must start with http:// or https://",
+                    h.base_url
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Where search answers come from.
+#[derive(Debug, Clone)]
+pub enum SearchBackendConfig {
+    /// An index directory built by `syft-router index build` (opened read-only).
+    Index(PathBuf),
+    /// A folder of documents indexed in memory at start and re-indexed when a periodic rescan
+    /// sees a file added, removed or changed (size or modification time).
+    Docs { dir: PathBuf, rescan: Duration },
+    /// An upstream that speaks the syft-llm-router `POST /search` JSON shape.
+    Http(HttpSearchConfig),
+}
+
+/// Settings of the `http` search backend. `Debug` hides the API key.
+#[derive(Debug, Clone)]
+pub struct HttpSearchConfig {
+    /// `POST {base_url}/search`.
+    pub base_url: String,
+    pub api_key: Option<Secret>,
+    pub connect_timeout: Duration,
+    /// Deadline of the whole upstream call.
+    pub timeout: Duration,
+}
+
+impl HttpSearchConfig {
+    pub fn new(base_url: impl Into<String>) -> Self {
+        HttpSearchConfig {
+            base_url: base_url.into(),
+            api_key: None,
+            connect_timeout: Duration::from_secs(5),
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The `search` section as written in the file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSearch {
+    #[serde(default = "default_backend")]
+    backend: String,
+    #[serde(default)]
+    index: Option<PathBuf>,
+    #[serde(default)]
+    docs: Option<PathBuf>,
+    #[serde(default)]
+    rescan_seconds: Option<u64>,
+    #[serde(default)]
+    url: Option<String>,
+    #[serde(default)]
+    api_key: Option<String>,
+    #[serde(default)]
+    api_key_env: Option<String>,
+    #[serde(default)]
+    connect_timeout_ms: Option<u64>,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+    #[serde(default)]
+    default_limit: Option<u32>,
+    #[serde(default)]
+    max_limit: Option<u32>,
+    #[serde(default)]
+    max_query_bytes: Option<usize>,
+}
+
+fn default_backend() -> String {
+    "embedded".into()
+}
+
+impl RawSearch {
+    pub(super) fn into_config(self) -> Result<SearchConfig, ConfigError> {
+        let backend = match (self.backend.as_str(), self.index, self.docs) {
+            ("embedded", Some(index), None) => SearchBackendConfig::Index(index),
+            ("embedded", None, Some(dir)) => SearchBackendConfig::Docs {
+                dir,
+                rescan: self
+                    .rescan_seconds
+                    .map_or(DEFAULT_RESCAN, Duration::from_secs),
+            },
+            ("embedded", _, _) => {
+                return Err(invalid(
+                    "search: the embedded backend needs exactly one of `index` (built with \
+                     `syft-router index build`) or `docs` (a folder indexed at start)",
+                ))
+            }
+            ("http", _, _) => {
+                let url = self
+                    .url
+                    .ok_or_else(|| invalid("search.url is required for backend http"))?;
+                let mut h = HttpSearchConfig::new(url.trim_end_matches('/'));
+                h.api_key = match (self.api_key, self.api_key_env) {
+                    (Some(k), _) => Some(k.into()),
+                    (None, Some(var)) => std::env::var(&var).ok().map(Into::into),
+                    (None, None) => None,
+                };
+                if let Some(ms) = self.connect_timeout_ms {
+                    h.connect_timeout = Duration::from_millis(ms);
+                }
+                if let Some(ms) = self.timeout_ms {
+                    h.timeout = Duration::from_millis(ms);
+                }
+                SearchBackendConfig::Http(h)
+            }
+            (other, _, _) => {
+                return Err(invalid(format!(
+                    "search.backend {other:?}: expected embedded or http"
+                )))
+            }
+        };
+        let mut c = SearchConfig::new(backend);
+        if let Some(v) = self.default_limit {
+            c.default_limit = v;
+        }
+        if let Some(v) = self.max_limit {
+            c.max_limit = v;
+        }
+        if let Some(v) = self.max_query_bytes {
+            c.max_query_bytes = v;
+        }
+        Ok(c)
+    }
+}

@@ -1,0 +1,235 @@
+//! Documents and their chunks: reading a folder (`.txt`, `.md`, JSON lines) and cutting text into
+//! overlapping chunks of whole words (docs/search.md, "Index building").
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::IndexError;
+
+/// Longest chunk, in characters (a single longer word is kept whole).
+pub const CHUNK_CHARS: usize = 800;
+/// Characters of whole words repeated from the end of one chunk at the start of the next, so a
+/// phrase cut by a boundary is still found in one piece.
+pub const CHUNK_OVERLAP_CHARS: usize = 100;
+
+/// One document before chunking.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceDoc {
+    /// A file's path relative to the folder, or a JSON line's `id`.
+    pub id: String,
+    pub content: String,
+    pub metadata: Map<String, Value>,
+}
+
+/// One indexed chunk.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Chunk {
+    /// The document id, plus `#n` when the document has more than one chunk.
+    pub id: String,
+    pub content: String,
+    /// The document's metadata plus `chunk` (its index) and, for files, `source`.
+    pub metadata: Map<String, Value>,
+}
+
+/// Splits `text` into chunks of at most [`CHUNK_CHARS`] characters of whole words (whitespace
+/// collapsed to single spaces), each starting with up to [`CHUNK_OVERLAP_CHARS`] characters of the
+/// previous one's last words.
+pub fn chunk_text(text: &str) -> Vec<String> {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    while start < words.len() {
+        let mut end = start;
+        let mut len = 0;
+        while end < words.len() {
+            let add = words[end].chars().count() + usize::from(end > start);
+            if end > start && len + add > CHUNK_CHARS {
+                break;
+            }
+            len += add;
+            end += 1;
+        }
+        chunks.push(words[start..end].join(" "));
+        if end == words.len() {
+            break;
+        }
+        // Step back over the last words that fit in the overlap, always moving forward.
+        let mut next = end;
+        let mut overlap = 0;
+        while next > start + 1 {
+            let w = words[next - 1].chars().count() + 1;
+            if overlap + w > CHUNK_OVERLAP_CHARS {
+                break;
+            }
+            overlap += w;
+            next -= 1;
+        }
+        start = next;
+    }
+    chunks
+}
+
+/// The chunks of one document.
+pub fn chunk_doc(doc: SourceDoc) -> Vec<Chunk> {
+    let parts = chunk_text(&doc.content);
+    let many = parts.len() > 1;
+    parts
+        .into_iter()
+        .enumerate()
+        .map(|(i, content)| {
+            let mut metadata = doc.metadata.clone();
+            metadata.insert("chunk".into(), Value::from(i));
+            Chunk {
+                id: if many {
+                    format!("{}#{i}", doc.id)
+                } else {
+                    doc.id.clone()
+                },
+                content,
+                metadata,
+            }
+        })
+        .collect()
+}
+
+/// A JSON line of a `.jsonl`/`.json` file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonDoc {
+    id: Value,
+    content: String,
+    #[serde(default)]
+    metadata: Option<Map<String, Value>>,
+}
+
+/// The documents of a folder, recursively, in path order: `.txt` and `.md` files whole (id = the
+/// path relative to the folder), `.jsonl` and `.json` files as JSON lines `{id, content,
+/// metadata}`. Other files and hidden entries are skipped.
+pub fn read_folder(dir: &Path) -> Result<Vec<SourceDoc>, IndexError> {
+    let mut docs = Vec::new();
+    for path in document_files(dir)? {
+        let rel = path
+            .strip_prefix(dir)
+            .unwrap_or(&path)
+            .to_string_lossy()
+            .replace('\\', "/");
+        let text = std::fs::read_to_string(&path).map_err(|e| IndexError::io(&path, e))?;
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("jsonl" | "json") => docs.extend(json_lines(&path, &rel, &text)?),
+            _ => {
+                let mut metadata = Map::new();
+                metadata.insert("source".into(), Value::from(rel.clone()));
+                docs.push(SourceDoc {
+                    id: rel,
+                    content: text,
+                    metadata,
+                });
+            }
+        }
+    }
+    Ok(docs)
+}
+
+fn json_lines(path: &Path, rel: &str, text: &str) -> Result<Vec<SourceDoc>, IndexError> {
+    let mut docs = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = |message: String| IndexError::BadLine {
+            path: path.display().to_string(),
+            line: n + 1,
+            message,
+        };
+        let d: JsonDoc = serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
+        let id = match d.id {
+            Value::String(s) if !s.is_empty() => s,
+            Value::Number(n) => n.to_string(),
+            _ => return Err(bad("`id` must be a non-empty string or a number".into())),
+        };
+        let mut metadata = d.metadata.unwrap_or_default();
+        metadata
+            .entry("source")
+            .or_insert_with(|| Value::from(rel.to_string()));
+        docs.push(SourceDoc {
+            id,
+            content: d.content,
+            metadata,
+        });
+    }
+    Ok(docs)
+}
+
+/// Document files under `dir`, sorted, skipping hidden names.
+pub fn document_files(dir: &Path) -> Result<Vec<PathBuf>, IndexError> {
+    let mut out = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(d) = pending.pop() {
+        let entries = std::fs::read_dir(&d).map_err(|e| IndexError::io(&d, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| IndexError::io(&d, e))?;
+            let path = entry.path();
+            if entry.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            let kind = entry.file_type().map_err(|e| IndexError::io(&path, e))?;
+            if kind.is_dir() {
+                pending.push(path);
+            } else if is_document(&path) {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn is_document(path: &Path) -> bool {
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("txt" | "md" | "jsonl" | "json")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_are_bounded_overlapping_and_cover_every_word() {
+        let text: String = (0..1000).map(|i| format!("word{i} ")).collect();
+        let chunks = chunk_text(&text);
+        assert!(chunks.len() > 1);
+        for c in &chunks {
+            assert!(c.chars().count() <= CHUNK_CHARS, "{}", c.len());
+        }
+        for pair in chunks.windows(2) {
+            let last_word = pair[0].split(' ').next_back().expect("a word");
+            assert!(pair[1].starts_with(pair[1].split(' ').next().expect("word")));
+            assert!(
+                pair[1].contains(last_word),
+                "overlap keeps the boundary word"
+            );
+        }
+        let all: std::collections::HashSet<&str> =
+            chunks.iter().flat_map(|c| c.split(' ')).collect();
+        assert_eq!(all.len(), 1000);
+        assert!(chunk_text("  \n ").is_empty());
+        assert_eq!(chunk_text("a  b\nc"), vec!["a b c"]);
+    }
+
+    #[test]
+    fn a_single_chunk_keeps_the_document_id() {
+        let doc = SourceDoc {
+            id: "a.md".into(),
+            content: "short".into(),
+            metadata: Map::new(),
+        };
+        let chunks = chunk_doc(doc);
+        assert_eq!(chunks.len(), 1);
+        assert_eq!(chunks[0].id, "a.md");
+        assert_eq!(chunks[0].metadata["chunk"], 0);
+    }
+}

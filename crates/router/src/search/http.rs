@@ -1,0 +1,130 @@
+//! The `http` search backend: `POST {url}/search` in the syft-llm-router JSON shape, so an
+//! existing Python search router (over ChromaDB, say) can run behind this router's billing
+//! unchanged. It is called without a transaction token: the router has already taken payment.
+
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use super::{SearchHit, SearchQuery};
+use crate::config::HttpSearchConfig;
+use crate::error::RouterError;
+use crate::upstream::{read_limited, status_error, UpstreamError};
+
+#[derive(Clone)]
+pub struct HttpSearch {
+    config: HttpSearchConfig,
+    client: reqwest::Client,
+    url: String,
+}
+
+/// The upstream's answer; camelCase (what syft-llm-router sends) or snake_case.
+#[derive(Deserialize)]
+struct WireResponse {
+    results: Vec<WireResult>,
+}
+
+#[derive(Deserialize)]
+struct WireResult {
+    id: Value,
+    score: f64,
+    content: String,
+    #[serde(default)]
+    metadata: Option<Map<String, Value>>,
+}
+
+impl HttpSearch {
+    pub fn new(config: HttpSearchConfig) -> Result<Self, RouterError> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| RouterError::Internal(format!("building HTTP client: {e}")))?;
+        let url = format!("{}/search", config.base_url.trim_end_matches('/'));
+        Ok(HttpSearch {
+            config,
+            client,
+            url,
+        })
+    }
+
+    pub async fn search(&self, q: &SearchQuery) -> Result<Vec<SearchHit>, UpstreamError> {
+        let body = json!({
+            "userEmail": q.user_email,
+            "query": q.query,
+            "options": {
+                "limit": q.limit,
+                "similarityThreshold": q.similarity_threshold,
+                "includeMetadata": q.include_metadata,
+            },
+        });
+        let work = async {
+            let mut trace = reqwest::header::HeaderMap::new();
+            syft_telemetry::inject_http(&mut trace);
+            let mut rb = self.client.post(&self.url).headers(trace).json(&body);
+            if let Some(key) = &self.config.api_key {
+                rb = rb.bearer_auth(key.expose());
+            }
+            let resp = match rb.send().await {
+                Ok(r) if r.status().is_success() => r,
+                Ok(r) => return Err(status_error(r).await),
+                Err(e) if e.is_timeout() => return Err(UpstreamError::Timeout),
+                Err(e) => return Err(UpstreamError::Unreachable(e.to_string())),
+            };
+            let bytes = read_limited(resp).await?;
+            parse(&bytes)
+        };
+        tokio::time::timeout(self.config.timeout, work)
+            .await
+            .map_err(|_| UpstreamError::Timeout)?
+    }
+}
+
+fn parse(bytes: &[u8]) -> Result<Vec<SearchHit>, UpstreamError> {
+    let wire: WireResponse = serde_json::from_slice(bytes)
+        .map_err(|e| UpstreamError::InvalidResponse(format!("search answer: {e}")))?;
+    wire.results
+        .into_iter()
+        .map(|r| {
+            let id = match r.id {
+                Value::String(s) => s,
+                Value::Number(n) => n.to_string(),
+                other => {
+                    return Err(UpstreamError::InvalidResponse(format!(
+                        "result id {other} is not a string"
+                    )))
+                }
+            };
+            if !r.score.is_finite() {
+                return Err(UpstreamError::InvalidResponse(
+                    "result score is not a number".into(),
+                ));
+            }
+            Ok(SearchHit {
+                id,
+                score: r.score.clamp(0.0, 1.0) as f32,
+                content: r.content,
+                metadata: r.metadata,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_syft_shape_and_refuses_garbage() {
+        let hits = parse(
+            br#"{"id":"00000000-0000-0000-0000-000000000000","query":"q","results":[
+                {"id":"d1","score":0.9,"content":"c","metadata":{"k":1}},{"id":7,"score":1.5,"content":"x"}],
+                "providerInfo":{"p":"chroma"}}"#,
+        )
+        .expect("valid");
+        assert_eq!(hits.len(), 2);
+        assert_eq!(hits[1].id, "7");
+        assert_eq!(hits[1].score, 1.0, "scores are clamped to 0..=1");
+        assert!(parse(b"not json").is_err());
+        assert!(parse(br#"{"results":[{"id":null,"score":1,"content":""}]}"#).is_err());
+    }
+}

@@ -1,0 +1,254 @@
+//! The money steps every service shares, whatever it sells (chat or search): pick the service and
+//! its price, refuse unpaid requests to paid services, claim the request id, hold the price on
+//! the ledger; afterwards capture the cost (with the usage row) or void the hold. A service's
+//! own flow only describes its request as a [`Ticket`] and says, at the end, what it cost.
+
+use std::time::Instant;
+
+use syft_error::UsageStatus;
+use syft_proto::ledger::{AuthorizeRequest, TransferStatus, Usage};
+
+use super::hold::{Claim, HoldGuard};
+use super::{elapsed_ms, RouterService};
+use crate::config::{describe_price, insufficient_funds_message, Pricing, ServiceKind, TokenBound};
+use crate::error::{RouterError, INSUFFICIENT_FUNDS};
+
+/// What admission needs to know of a request, for any service.
+pub(super) struct Ticket {
+    pub kind: ServiceKind,
+    pub request_id: String,
+    pub user_email: String,
+    pub transaction_token: String,
+    pub pricing: Pricing,
+    /// The most the request can cost.
+    pub hold_micros: i64,
+    /// What sized a per-token hold (explains an insufficient-funds refusal).
+    pub bound: Option<TokenBound>,
+    /// The usage rows' `model`: the chat model, or the search backend.
+    pub model: String,
+}
+
+/// Counts of a usage row: tokens for chat; for search, the query's tokens and the results.
+#[derive(Clone, Copy, Default)]
+pub(super) struct Units {
+    pub input: u64,
+    pub output: u64,
+}
+
+impl RouterService {
+    /// The enabled service of that kind and its price; a paid one needs a token and a payer.
+    pub(super) fn price_for(
+        &self,
+        kind: ServiceKind,
+        user_email: &str,
+        transaction_token: &str,
+    ) -> Result<Pricing, RouterError> {
+        let config = &self.inner.config;
+        let service = match config.service(kind) {
+            Some(s) if s.enabled => s,
+            _ => return Err(disabled(kind)),
+        };
+        let pricing = service.pricing.clone();
+        if !pricing.kind.is_free() {
+            if transaction_token.is_empty() {
+                return Err(RouterError::PaymentRequired(format!(
+                    "this service costs {}; send a transaction token issued to {}",
+                    describe_price(&pricing),
+                    config.owner_email
+                )));
+            }
+            if user_email.is_empty() {
+                return Err(RouterError::InvalidArgument(
+                    "the payer's email is required for paid requests (`user` in the OpenAI API, `user_email` over gRPC and in /chat and /search)".into(),
+                ));
+            }
+        }
+        Ok(pricing)
+    }
+
+    /// Claims the request id (held until the returned claim is dropped) and places the hold when
+    /// the service is paid.
+    pub(super) async fn admit_ticket(
+        &self,
+        t: &Ticket,
+    ) -> Result<(Claim, Option<HoldGuard>), RouterError> {
+        tracing::Span::current().record("request_id", t.request_id.as_str());
+        let claim = self.claim(&t.user_email, &t.request_id)?;
+        let hold = self.authorize(t).await?;
+        if let Some(h) = &hold {
+            tracing::Span::current().record("transfer_id", h.transfer_id.as_str());
+        }
+        Ok((claim, hold))
+    }
+
+    /// Marks the user's request id in flight in this process, so a concurrent duplicate is
+    /// refused instead of calling the upstream twice. (Across replicas the ledger's idempotency
+    /// still guarantees a single charge.) Request ids are scoped per user, like the ledger's
+    /// idempotency keys: two users who send the same id do not collide.
+    fn claim(&self, user_email: &str, request_id: &str) -> Result<Claim, RouterError> {
+        if self.inner.drain.is_aborting() {
+            return Err(RouterError::Unavailable(
+                "the router is shutting down; retry".into(),
+            ));
+        }
+        let mut set = self
+            .inner
+            .in_flight
+            .lock()
+            .map_err(|_| RouterError::Internal("in-flight set poisoned".into()))?;
+        let key = (user_email.to_string(), request_id.to_string());
+        if !set.insert(key.clone()) {
+            return Err(RouterError::AlreadyExists(format!(
+                "request {request_id} is already in progress"
+            )));
+        }
+        Ok(Claim {
+            inner: self.inner.clone(),
+            key,
+            _work: self.inner.drain.enter(),
+        })
+    }
+
+    async fn authorize(&self, t: &Ticket) -> Result<Option<HoldGuard>, RouterError> {
+        if t.pricing.kind.is_free() {
+            return Ok(None);
+        }
+        let inner = &self.inner;
+        let transfer = inner
+            .ledger
+            .authorize(AuthorizeRequest {
+                sender_email: t.user_email.clone(),
+                amount_micros: t.hold_micros,
+                token: t.transaction_token.clone(),
+                app_name: inner.config.name.clone(),
+                app_ep_path: t.kind.endpoint().into(),
+                idempotency_key: t.request_id.clone(),
+                hold_ttl_seconds: inner.ledger.hold_ttl_seconds,
+            })
+            .await
+            .map_err(|e| explain_refusal(t, e))?;
+        if transfer.status() != TransferStatus::Pending {
+            let state = match transfer.status() {
+                TransferStatus::Completed => "completed (already charged)",
+                TransferStatus::Cancelled => "cancelled (not charged)",
+                _ => "resolved",
+            };
+            return Err(RouterError::AlreadyExists(format!(
+                "request {} was already processed: transfer {} is {state}; use a new request id \
+                 to send a new request",
+                t.request_id, transfer.id
+            )));
+        }
+        tracing::debug!(request_id = %t.request_id, transfer_id = %transfer.id, hold_micros = t.hold_micros, "hold authorized");
+        Ok(Some(HoldGuard {
+            work: Some(inner.drain.enter()),
+            ledger: inner.ledger.clone(),
+            transfer_id: transfer.id,
+            cancel_usage: Some(self.usage(t, UsageStatus::Cancelled, Units::default(), Instant::now(), 0)),
+        }))
+    }
+
+    /// Success: capture the cost (or record the usage row for a free request). Returns the
+    /// transfer id (empty for free requests).
+    pub(super) async fn settle(
+        &self,
+        t: &Ticket,
+        hold: Option<HoldGuard>,
+        cost: i64,
+        usage: Usage,
+    ) -> Result<String, RouterError> {
+        let Some(hold) = hold else {
+            self.record_free_usage(usage).await;
+            return Ok(String::new());
+        };
+        let transfer_id = hold.transfer_id.clone();
+        if cost <= 0 {
+            // Nothing to charge (e.g. only free tokens were used): release the hold, keep the row.
+            hold.void("nothing to charge", usage).await;
+            return Ok(transfer_id);
+        }
+        let result = hold.capture(cost, usage).await;
+        match &result {
+            Ok(_) => tracing::info!(
+                request_id = %t.request_id, transfer_id = %transfer_id, cost_micros = cost,
+                user = %t.user_email, model = %t.model, service = t.kind.as_str(), "captured"
+            ),
+            Err(e) => tracing::error!(
+                request_id = %t.request_id, transfer_id = %transfer_id, error = %e,
+                "capture failed; the answer is withheld"
+            ),
+        }
+        result.map(|_| transfer_id)
+    }
+
+    /// No charge: void the hold (or record the free request's row).
+    pub(super) async fn release(&self, hold: Option<HoldGuard>, reason: &str, usage: Usage) {
+        match hold {
+            Some(h) => h.void(reason, usage).await,
+            None => self.record_free_usage(usage).await,
+        }
+    }
+
+    async fn record_free_usage(&self, usage: Usage) {
+        let request_id = usage.request_id.clone();
+        if let Err(e) = self.inner.ledger.record_usage(usage).await {
+            // Free answers do not depend on the ledger being up.
+            tracing::warn!(request_id = %request_id, error = %e, "could not record usage");
+        }
+    }
+
+    /// The request's usage row.
+    pub(super) fn usage(
+        &self,
+        t: &Ticket,
+        status: UsageStatus,
+        units: Units,
+        started: Instant,
+        upstream_ms: i64,
+    ) -> Usage {
+        let input = i64::try_from(units.input).unwrap_or(i64::MAX);
+        let output = i64::try_from(units.output).unwrap_or(i64::MAX);
+        Usage {
+            request_id: t.request_id.clone(),
+            app_name: self.inner.config.name.clone(),
+            endpoint: t.kind.endpoint().into(),
+            user_email: t.user_email.clone(),
+            model: t.model.clone(),
+            prompt_tokens: input,
+            completion_tokens: output,
+            total_tokens: input.saturating_add(output),
+            status: status.as_str().into(),
+            latency_ms: elapsed_ms(started),
+            upstream_latency_ms: upstream_ms,
+        }
+    }
+}
+
+/// The refusal of a service that is not listed or not enabled.
+pub(super) fn disabled(kind: ServiceKind) -> RouterError {
+    RouterError::FailedPrecondition {
+        reason: "SERVICE_DISABLED",
+        message: format!(
+            "the {} service is not enabled on this router",
+            kind.as_str()
+        ),
+    }
+}
+
+/// Replaces the ledger's insufficient-funds message (a bare amount in micros) with one that says
+/// what the hold is in money, what sized it, and how to reserve less.
+fn explain_refusal(t: &Ticket, e: RouterError) -> RouterError {
+    match e {
+        RouterError::FailedPrecondition {
+            reason: INSUFFICIENT_FUNDS,
+            message,
+        } => {
+            tracing::debug!(request_id = %t.request_id, ledger_message = %message, "hold refused");
+            RouterError::FailedPrecondition {
+                reason: INSUFFICIENT_FUNDS,
+                message: insufficient_funds_message(&t.pricing, t.hold_micros, t.bound),
+            }
+        }
+        other => other,
+    }
+}

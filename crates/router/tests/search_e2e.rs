@@ -1,0 +1,499 @@
+//! End-to-end search (issue 14): the router with a real ledger, the embedded tantivy backend over
+//! a real folder, and the `http` backend against a real in-process upstream. Every scenario ends
+//! with the money checks (`ledger verify`, available >= 0, one usage row per request).
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use syft_proto::ledger::TransferStatus;
+use syft_proto::router::{GetMetadataRequest, SearchOptions};
+use syft_router_svc::{HttpSearchConfig, Pricing, RouterConfig, SearchBackendConfig, SearchConfig};
+use syft_testkit::*;
+use tonic::Code;
+
+const DOCS: &[(&str, &str)] = &[
+    ("ledger.md", "# Ledger\nThe ledger holds money in two phases: authorize, then capture or void."),
+    ("router.txt", "The router sells chat completions and search queries."),
+    (
+        "notes/faq.jsonl",
+        "{\"id\": \"faq-1\", \"content\": \"Refunds: a voided hold costs nothing.\", \"metadata\": {\"topic\": \"billing\"}}\n",
+    ),
+];
+
+fn embedded(dir: &std::path::Path, rescan: Duration) -> SearchConfig {
+    SearchConfig::new(SearchBackendConfig::Docs {
+        dir: dir.to_path_buf(),
+        rescan,
+    })
+}
+
+fn http_backend(upstream: &FakeUpstream) -> SearchConfig {
+    let mut h = HttpSearchConfig::new(upstream.base_url.clone());
+    h.timeout = Duration::from_millis(800);
+    SearchConfig::new(SearchBackendConfig::Http(h))
+}
+
+/// A stack whose router also sells search at `price` over `search`.
+async fn search_stack(db: Db, price: Pricing, search: SearchConfig) -> Stack {
+    Stack::start_with(db, Pricing::free(), Duration::from_secs(300), move |c| {
+        *c = c.clone().with_search(price, search);
+    })
+    .await
+}
+
+async fn status_of(s: &Stack, transfer_id: &str) -> TransferStatus {
+    let t = s.transfers().await;
+    t.iter()
+        .find(|t| t.id == transfer_id)
+        .expect("transfer")
+        .status()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_search_charges_answers_once_and_voids_empty_ones() {
+    let docs = docs_dir(DOCS);
+    let s = search_stack(
+        Db::sqlite(),
+        Pricing::per_request(PRICE),
+        embedded(docs.path(), Duration::from_secs(60)),
+    )
+    .await;
+    let mut c = s.client().await;
+
+    let resp = c
+        .search(s.search("ledger capture"))
+        .await
+        .expect("search")
+        .into_inner();
+    assert_eq!(resp.query, "ledger capture");
+    assert_eq!(resp.cost_micros, PRICE);
+    assert_eq!(resp.currency, "USD");
+    assert_eq!(resp.results[0].id, "ledger.md");
+    assert!(resp.results.iter().all(|r| r.score > 0.0 && r.score <= 1.0));
+    let meta: Value = serde_json::from_str(&resp.results[0].metadata_json).expect("metadata");
+    assert_eq!(meta["source"], "ledger.md");
+    assert_eq!(
+        resp.provider_info.as_ref().map(|p| p.provider.as_str()),
+        Some("embedded")
+    );
+    let t = s.transfers().await;
+    assert_eq!(t.len(), 1);
+    assert_eq!(t[0].status(), TransferStatus::Completed);
+    assert_eq!(t[0].captured_micros, PRICE);
+    assert_eq!(t[0].app_ep_path, "/search");
+    assert_eq!(t[0].id, resp.transfer_id);
+
+    // Nothing found: the hold is voided, the answer is still a 200 with no results.
+    let empty = c
+        .search(s.search("zebra"))
+        .await
+        .expect("search")
+        .into_inner();
+    assert!(empty.results.is_empty());
+    assert_eq!(empty.cost_micros, 0);
+    assert_eq!(
+        status_of(&s, &empty.transfer_id).await,
+        TransferStatus::Cancelled
+    );
+
+    // A threshold above every score is an empty answer too.
+    let mut strict = s.search("ledger");
+    strict.options = Some(SearchOptions {
+        similarity_threshold: Some(1.0),
+        ..Default::default()
+    });
+    let strict = c.search(strict).await.expect("search").into_inner();
+    assert!(strict.results.is_empty());
+    assert_eq!(strict.cost_micros, 0);
+
+    // Metadata only when asked for; limit respected.
+    let mut lean = s.search("the");
+    lean.options = Some(SearchOptions {
+        limit: Some(1),
+        include_metadata: Some(false),
+        ..Default::default()
+    });
+    let lean = c.search(lean).await.expect("search").into_inner();
+    assert_eq!(lean.results.len(), 1);
+    assert!(lean.results[0].metadata_json.is_empty());
+
+    assert_eq!(
+        s.alice_money().await,
+        (FUNDS - 2 * PRICE, 0, FUNDS - 2 * PRICE)
+    );
+    let rows = s.usage().await;
+    assert_eq!(rows.len(), 4, "one usage row per request");
+    let row = rows
+        .iter()
+        .find(|r| r.transfer_id == resp.transfer_id)
+        .and_then(|r| r.usage.clone())
+        .expect("row");
+    assert_eq!(row.endpoint, "/search");
+    assert_eq!(row.model, "embedded");
+    assert_eq!(row.status, "success");
+    assert_eq!(
+        row.completion_tokens,
+        resp.results.len() as i64,
+        "result count"
+    );
+    assert!(row.prompt_tokens > 0, "query length");
+    let empty_row = rows
+        .iter()
+        .find_map(|r| r.usage.clone().filter(|u| u.request_id == empty.id))
+        .expect("empty row");
+    assert_eq!(empty_row.status, "no_results");
+
+    let meta = c
+        .get_metadata(GetMetadataRequest {})
+        .await
+        .expect("meta")
+        .into_inner();
+    let search = meta
+        .services
+        .iter()
+        .find(|s| s.r#type == "search")
+        .expect("search service");
+    assert_eq!(
+        search.pricing.as_ref().map(|p| p.amount_micros),
+        Some(PRICE)
+    );
+    s.check_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_search_request_id_is_charged_once() {
+    let docs = docs_dir(DOCS);
+    let s = search_stack(
+        Db::sqlite(),
+        Pricing::per_request(PRICE),
+        embedded(docs.path(), Duration::from_secs(60)),
+    )
+    .await;
+    let mut c = s.client().await;
+    let mut req = s.search("router");
+    req.request_id = "search-dup-1".into();
+    let first = c.search(req.clone()).await.expect("first").into_inner();
+    assert_eq!(first.cost_micros, PRICE);
+    let replay = c.search(req.clone()).await.expect_err("replay");
+    assert_eq!(replay.code(), Code::AlreadyExists, "{replay:?}");
+    assert!(
+        replay.message().contains("already processed"),
+        "{}",
+        replay.message()
+    );
+
+    // Concurrent duplicates: one answer, one charge.
+    req.request_id = "search-dup-2".into();
+    let mut c2 = c.clone();
+    let (a, b) = tokio::join!(c.search(req.clone()), c2.search(req));
+    let oks = [a.is_ok(), b.is_ok()].iter().filter(|ok| **ok).count();
+    assert_eq!(oks, 1, "{a:?} {b:?}");
+    assert_eq!(s.alice_money().await.0, FUNDS - 2 * PRICE);
+    s.check_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_backend_forwards_the_syft_shape_and_voids_failures() {
+    let db = Db::sqlite();
+    let upstream_for_config = FakeUpstream::start().await;
+    let s = search_stack(
+        db,
+        Pricing::per_request(PRICE),
+        http_backend(&upstream_for_config),
+    )
+    .await;
+    let up = &upstream_for_config;
+    let mut c = s.client().await;
+
+    let ok = c
+        .search(s.search("find me"))
+        .await
+        .expect("search")
+        .into_inner();
+    assert_eq!(ok.results.len(), SEARCH_HITS);
+    assert_eq!(ok.cost_micros, PRICE);
+    assert_eq!(ok.results[0].id, "doc-0");
+    let body = up.last_body().expect("forwarded body");
+    assert_eq!(body["query"], "find me");
+    assert_eq!(body["userEmail"], s.alice.email);
+    assert_eq!(body["options"]["limit"], 5);
+    assert!(
+        body.get("transactionToken").is_none(),
+        "the token stays with the router"
+    );
+
+    for (mode, code) in [
+        (Mode::Status(500), Code::Unavailable),
+        (Mode::Garbage, Code::Unavailable),
+        (Mode::Stall, Code::DeadlineExceeded),
+    ] {
+        up.set_mode(mode.clone());
+        let err = c.search(s.search("find me")).await.expect_err("fails");
+        assert_eq!(err.code(), code, "{mode:?}");
+    }
+    up.set_mode(Mode::EmptyChoices);
+    let empty = c
+        .search(s.search("find me"))
+        .await
+        .expect("empty")
+        .into_inner();
+    assert!(empty.results.is_empty());
+    assert_eq!(empty.cost_micros, 0);
+
+    assert_eq!(s.alice_money().await, (FUNDS - PRICE, 0, FUNDS - PRICE));
+    let t = s.transfers().await;
+    assert_eq!(t.len(), 5);
+    assert_eq!(
+        t.iter()
+            .filter(|t| t.status() == TransferStatus::Cancelled)
+            .count(),
+        4,
+        "every failure and the empty answer were voided"
+    );
+    let statuses: Vec<String> = s
+        .usage()
+        .await
+        .into_iter()
+        .filter_map(|r| r.usage.map(|u| u.status))
+        .collect();
+    for want in [
+        "success",
+        "upstream_error",
+        "invalid_response",
+        "timeout",
+        "no_results",
+    ] {
+        assert!(statuses.iter().any(|s| s == want), "{want} in {statuses:?}");
+    }
+    s.check_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_search_input_is_refused_and_nothing_is_charged() {
+    let up = FakeUpstream::start().await;
+    let s = search_stack(Db::sqlite(), Pricing::per_request(PRICE), http_backend(&up)).await;
+    let mut c = s.client().await;
+    let with = |f: &dyn Fn(&mut syft_proto::router::SearchRequest)| {
+        let mut r = s.search("q");
+        f(&mut r);
+        r
+    };
+    let limit = |n: u32| {
+        with(&move |r| {
+            r.options = Some(SearchOptions {
+                limit: Some(n),
+                ..Default::default()
+            })
+        })
+    };
+    let threshold = |x: f32| {
+        with(&move |r| {
+            r.options = Some(SearchOptions {
+                similarity_threshold: Some(x),
+                ..Default::default()
+            })
+        })
+    };
+    let bad = Code::InvalidArgument;
+    let cases: Vec<(syft_proto::router::SearchRequest, Code, Option<&str>)> = vec![
+        (with(&|r| r.query = "   ".into()), bad, None),
+        (with(&|r| r.query = "x".repeat(5000)), bad, None),
+        (limit(0), bad, None),
+        (limit(1_000_000), bad, None),
+        (threshold(-0.1), bad, None),
+        (threshold(1.5), bad, None),
+        (threshold(f32::NAN), bad, None),
+        (with(&|r| r.user_email.clear()), bad, None),
+        (with(&|r| r.user_email = "not-an-email".into()), bad, None),
+        (
+            with(&|r| r.transaction_token.clear()),
+            Code::FailedPrecondition,
+            Some("PAYMENT_REQUIRED"),
+        ),
+        (
+            with(&|r| r.transaction_token = "bogus".into()),
+            Code::PermissionDenied,
+            None,
+        ),
+    ];
+    for (i, (req, want, want_reason)) in cases.into_iter().enumerate() {
+        let err = c.search(req).await.expect_err("refused");
+        assert_eq!(err.code(), want, "case {i}: {}", err.message());
+        if let Some(r) = want_reason {
+            assert_eq!(reason(&err).as_deref(), Some(r), "case {i}");
+        }
+    }
+    assert_eq!(up.hits(), 0, "the backend was never called");
+    assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));
+    assert!(s.usage().await.is_empty());
+    s.check_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watched_folder_is_reindexed_and_a_free_search_costs_nothing() {
+    let docs = docs_dir(DOCS);
+    let s = search_stack(
+        Db::sqlite(),
+        Pricing::free(),
+        embedded(docs.path(), Duration::from_millis(100)),
+    )
+    .await;
+    let mut c = s.client().await;
+    let mut req = s.search("kiwi");
+    req.transaction_token.clear();
+    assert!(c
+        .search(req.clone())
+        .await
+        .expect("search")
+        .into_inner()
+        .results
+        .is_empty());
+    std::fs::write(docs.path().join("fruit.md"), "A kiwi is a fruit.").expect("write");
+    let mut found = Vec::new();
+    for _ in 0..50 {
+        found = c
+            .search(req.clone())
+            .await
+            .expect("search")
+            .into_inner()
+            .results;
+        if !found.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(found.first().map(|r| r.id.as_str()), Some("fruit.md"));
+    std::fs::remove_file(docs.path().join("fruit.md")).expect("rm");
+    let mut gone = false;
+    for _ in 0..50 {
+        if c.search(req.clone())
+            .await
+            .expect("search")
+            .into_inner()
+            .results
+            .is_empty()
+        {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "a removed file leaves the index");
+    assert!(s.transfers().await.is_empty(), "free: no money moves");
+    assert!(
+        !s.usage().await.is_empty(),
+        "free searches still leave usage rows"
+    );
+    assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));
+    s.check_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_query_price_comes_from_the_config_files_pricing_object() {
+    let docs = docs_dir(DOCS);
+    let text = json!({
+        "name": "search-router",
+        "owner_email": "placeholder@example.com",
+        "services": [
+            {"type": "chat", "enabled": false},
+            {"type": "search", "pricing": {"pricing_type": "per_request", "amount": 0.02,
+                                          "currency": "USD", "description": "$0.02 per search query"}}
+        ],
+        "search": {"backend": "embedded", "docs": docs.path(), "max_limit": 10}
+    })
+    .to_string();
+    let parsed = RouterConfig::from_json_str(&text).expect("config");
+    let s = Stack::start_with(
+        Db::sqlite(),
+        Pricing::free(),
+        Duration::from_secs(300),
+        |c| {
+            c.services = parsed.services.clone();
+            c.search = parsed.search.clone();
+        },
+    )
+    .await;
+    let mut c = s.client().await;
+    let resp = c
+        .search(s.search("ledger"))
+        .await
+        .expect("search")
+        .into_inner();
+    assert_eq!(resp.cost_micros, 20_000);
+    let mut big = s.search("ledger");
+    big.options = Some(SearchOptions {
+        limit: Some(11),
+        ..Default::default()
+    });
+    assert_eq!(
+        c.search(big).await.expect_err("over max_limit").code(),
+        Code::InvalidArgument
+    );
+    let mut unpaid = s.search("ledger");
+    unpaid.transaction_token.clear();
+    let err = c.search(unpaid).await.expect_err("payment required");
+    assert!(
+        err.message().contains("$0.02 per search query"),
+        "{}",
+        err.message()
+    );
+    let chat = c.chat(s.request("hi")).await.expect_err("chat disabled");
+    assert_eq!(chat.code(), Code::FailedPrecondition);
+    assert_eq!(s.alice_money().await.0, FUNDS - 20_000);
+    s.check_invariants().await;
+
+    // Per-token pricing makes no sense per query, and a search service needs a backend.
+    let v: Value = serde_json::from_str(&text).expect("json");
+    let mut per_token = v.clone();
+    per_token["services"][1]["pricing"] =
+        json!({"pricing_type": "per_token", "input_per_million": 1});
+    let err = RouterConfig::from_json_str(&per_token.to_string()).expect_err("per token");
+    assert!(err.to_string().contains("per request"), "{err}");
+    let mut no_backend = v.clone();
+    no_backend.as_object_mut().expect("obj").remove("search");
+    let err = RouterConfig::from_json_str(&no_backend.to_string()).expect_err("no backend");
+    assert!(err.to_string().contains("`search` section"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_search_flow() {
+    let Some(db) = Db::postgres().await else {
+        return;
+    };
+    let docs = docs_dir(DOCS);
+    let s = search_stack(
+        db,
+        Pricing::per_request(PRICE),
+        embedded(docs.path(), Duration::from_secs(60)),
+    )
+    .await;
+    let mut c = s.client().await;
+    assert_eq!(
+        c.search(s.search("ledger"))
+            .await
+            .expect("ok")
+            .into_inner()
+            .cost_micros,
+        PRICE
+    );
+    assert_eq!(
+        c.search(s.search("zebra"))
+            .await
+            .expect("empty")
+            .into_inner()
+            .cost_micros,
+        0
+    );
+    let mut req = s.search("router");
+    req.request_id = "pg-search-dup".into();
+    let mut c2 = c.clone();
+    let (a, b) = tokio::join!(c2.search(req.clone()), c.search(req));
+    let oks = [a.is_ok(), b.is_ok()].iter().filter(|ok| **ok).count();
+    assert_eq!(oks, 1, "{a:?} {b:?}");
+    assert_eq!(
+        s.alice_money().await,
+        (FUNDS - 2 * PRICE, 0, FUNDS - 2 * PRICE)
+    );
+    s.check_invariants().await;
+    s.db.drop_postgres().await;
+}

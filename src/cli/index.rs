@@ -1,0 +1,86 @@
+//! `syft-router index build DIR --out INDEX`: the embedded search backend's index, built ahead of
+//! time (docs/search.md), and the small document set `demo` and `dev` search.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use syft_router_svc::search::{read_folder, DocIndex};
+
+#[derive(Args, Debug)]
+pub struct IndexArgs {
+    #[command(subcommand)]
+    command: IndexCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum IndexCommand {
+    /// Index a folder of .txt, .md and JSON-lines (.jsonl/.json: {"id","content","metadata"})
+    /// documents; serve it with `search.index = "INDEX"` in the router config.
+    Build {
+        /// The folder to index (recursively; hidden files are skipped).
+        dir: PathBuf,
+        /// Where to write the index: a new or empty directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+pub async fn run(args: IndexArgs) -> anyhow::Result<()> {
+    match args.command {
+        IndexCommand::Build { dir, out } => {
+            let (docs, chunks) = tokio::task::spawn_blocking(move || build(&dir, &out)).await??;
+            println!("indexed {docs} documents into {chunks} chunks");
+            Ok(())
+        }
+    }
+}
+
+fn build(dir: &Path, out: &Path) -> anyhow::Result<(usize, u64)> {
+    anyhow::ensure!(dir.is_dir(), "{} is not a directory", dir.display());
+    if out.exists() {
+        let mut entries = std::fs::read_dir(out)
+            .with_context(|| format!("--out {} is not a directory", out.display()))?;
+        anyhow::ensure!(
+            entries.next().is_none(),
+            "--out {} is not empty; remove it or choose a new directory",
+            out.display()
+        );
+    }
+    let docs = read_folder(dir)?;
+    let n = docs.len();
+    let index = DocIndex::build(docs, Some(out))?;
+    Ok((n, index.chunks()))
+}
+
+/// The documents `demo` and `dev` search (`examples/docs/`), embedded so an installed binary
+/// needs no checkout.
+pub const BUNDLED_DOCS: [(&str, &str); 4] = [
+    (
+        "two-phase-transfers.md",
+        include_str!("../../examples/docs/two-phase-transfers.md"),
+    ),
+    (
+        "delegation-tokens.md",
+        include_str!("../../examples/docs/delegation-tokens.md"),
+    ),
+    ("pricing.md", include_str!("../../examples/docs/pricing.md")),
+    (
+        "usage-and-verify.md",
+        include_str!("../../examples/docs/usage-and-verify.md"),
+    ),
+];
+
+/// Writes the bundled documents into `dir` (created), leaving files that already exist alone:
+/// `dev` keeps a user's edits across restarts.
+pub fn write_bundled_docs(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    for (name, text) in BUNDLED_DOCS {
+        let path = dir.join(name);
+        if !path.exists() {
+            std::fs::write(&path, text)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
