@@ -16,6 +16,7 @@ pub mod core;
 pub mod domain;
 pub mod error;
 pub mod grpc;
+pub mod grpc_alerts;
 pub mod health;
 pub mod hosted;
 pub mod http;
@@ -197,6 +198,7 @@ pub async fn serve_store(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(grpc::GrpcLedger(ledger.clone()).into_server())
+        .add_service(grpc::GrpcLedger(ledger.clone()).into_alerts_server())
         .serve_with_incoming_shutdown(syft_server::grpc_incoming(listeners.grpc), stop.stopped());
     let grpc = async {
         grpc.await

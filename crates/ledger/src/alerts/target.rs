@@ -29,9 +29,11 @@ pub fn parse_url(raw: &str, allowed_hosts: &[String]) -> Result<Url> {
     match url.scheme() {
         "https" => {}
         "http" if is_allowed(host, allowed_hosts) => {}
-        "http" => return Err(LedgerError::invalid(format!(
+        "http" => {
+            return Err(LedgerError::invalid(format!(
             "url must be https (http only to hosts allowed by --alerts-allow-host; {host} is not)"
-        ))),
+        )))
+        }
         other => {
             return Err(LedgerError::invalid(format!(
                 "url scheme {other:?} is not https"
