@@ -10,6 +10,7 @@ mod db;
 mod ledger;
 mod router;
 mod upstream;
+mod webhook;
 
 pub use db::Db;
 pub use ledger::{
@@ -20,6 +21,7 @@ pub use router::{
     chat_request, router_config, serve_router, Funded, RouterHandle, Stack, FUNDS, PRICE,
 };
 pub use upstream::{FakeUpstream, Mode, CONTENT, UP_COMPLETION, UP_PROMPT};
+pub use webhook::{signature_matches, Received, Reply, WebhookReceiver};
 
 use syft_ledger::Store;
 

@@ -1,0 +1,154 @@
+//! Shared set-up of the alerts tests: a ledger with alerts on (short, injectable schedule), an
+//! endpoint on an in-process receiver, and money moves that cross thresholds.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use syft_ledger::alerts::{parse_schedule, AlertsConfig, SealKey};
+use syft_ledger::client::{connect_alerts_lazy, AlertsClient};
+use syft_ledger::LedgerConfig;
+use syft_proto::ledger as pb;
+use syft_testkit::{Harness, WebhookReceiver};
+
+pub const ALICE: &str = "alice@example.com";
+pub const BOB: &str = "bob@example.com";
+pub const KEY: &str = "test-alerts-key-0123456789";
+
+/// Alerts on, every retry 200 ms apart (five retries), answers within 500 ms, evaluated every
+/// 100 ms: the production code paths on a schedule that runs in seconds.
+pub fn alerts_on(c: &mut LedgerConfig) {
+    c.alerts = AlertsConfig {
+        key: Some(Arc::new(SealKey::from_passphrase(KEY).expect("key"))),
+        allowed_hosts: vec!["127.0.0.1".into()],
+        retry_schedule: parse_schedule("200ms,200ms,200ms,200ms,200ms").expect("schedule"),
+        jitter_percent: 0,
+        request_timeout: Duration::from_millis(500),
+        disable_after: Duration::from_secs(3600),
+        evaluate_interval: Duration::from_millis(100),
+        deliver_interval: Duration::from_millis(50),
+        rate_per_minute: 600,
+    };
+}
+
+/// [`alerts_on`], and endpoints failing for a second are disabled.
+pub fn alerts_disable_fast(c: &mut LedgerConfig) {
+    alerts_on(c);
+    c.alerts.retry_schedule = parse_schedule("300ms").expect("schedule").repeat(20);
+    c.alerts.disable_after = Duration::from_secs(1);
+}
+
+/// Runs each `async fn(Harness) -> Harness` on SQLite and Postgres with `$tweak`, ending with
+/// `Harness::finish` (the ledger must verify).
+#[macro_export]
+macro_rules! alerts_suite {
+    ($module:ident, $tweak:path; $($name:ident),* $(,)?) => {
+        mod $module {
+            mod sqlite {
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                    async fn $name() {
+                        let h = syft_testkit::Harness::with(false, $tweak).await.expect("harness");
+                        super::super::$name(h).await.finish().await;
+                    }
+                )*
+            }
+            mod postgres {
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                    async fn $name() {
+                        let Some(h) = syft_testkit::Harness::with(true, $tweak).await else { return };
+                        super::super::$name(h).await.finish().await;
+                    }
+                )*
+            }
+        }
+    };
+}
+
+pub fn alerts(h: &Harness, secret: &str) -> AlertsClient {
+    connect_alerts_lazy(&h.url(), secret, None).expect("alerts client")
+}
+
+pub fn balance_low(below: i64) -> pb::AlertRule {
+    pb::AlertRule {
+        event: pb::AlertEvent::BalanceLow as i32,
+        threshold_micros: below,
+        ..Default::default()
+    }
+}
+
+/// Adds an endpoint for the caller; the receiver learns its secret. Returns the endpoint id.
+pub async fn add(
+    h: &Harness,
+    secret: &str,
+    rx: &WebhookReceiver,
+    format: pb::AlertFormat,
+    rules: Vec<pb::AlertRule>,
+) -> String {
+    let added = alerts(h, secret)
+        .add_alert_endpoint(pb::AddAlertEndpointRequest {
+            url: rx.url.clone(),
+            format: format as i32,
+            rules,
+            ..Default::default()
+        })
+        .await
+        .expect("add endpoint")
+        .into_inner();
+    assert!(added.secret.starts_with("whsec_"));
+    rx.set_secrets(&[&added.secret]);
+    added.endpoint.expect("endpoint").id
+}
+
+pub fn authorize(amount: i64, token: &str, key: &str) -> pb::AuthorizeRequest {
+    pb::AuthorizeRequest {
+        sender_email: ALICE.into(),
+        amount_micros: amount,
+        token: token.into(),
+        app_name: "chat-app".into(),
+        app_ep_path: "/chat".into(),
+        idempotency_key: key.into(),
+        hold_ttl_seconds: None,
+    }
+}
+
+/// Alice pays Bob `amount` (hold, then full capture) with `token`.
+pub async fn spend(h: &Harness, bob_secret: &str, token: &str, amount: i64, key: &str) {
+    let mut bob = h.client(bob_secret);
+    let hold = bob
+        .authorize(authorize(amount, token, key))
+        .await
+        .expect("authorize")
+        .into_inner();
+    bob.capture(pb::CaptureRequest {
+        transfer_id: hold.id,
+        amount: Some(pb::capture_request::Amount::Full(true)),
+        usage: None,
+    })
+    .await
+    .expect("capture");
+}
+
+/// Received requests of one event type.
+pub fn of_type(received: &[syft_testkit::Received], kind: &str) -> Vec<syft_testkit::Received> {
+    received
+        .iter()
+        .filter(|r| r.event_type() == kind)
+        .cloned()
+        .collect()
+}
+
+pub async fn deliveries(h: &Harness, secret: &str, endpoint: &str) -> Vec<pb::AlertDelivery> {
+    alerts(h, secret)
+        .list_alert_deliveries(pb::ListAlertDeliveriesRequest {
+            endpoint_id: endpoint.into(),
+            limit: 100,
+        })
+        .await
+        .expect("deliveries")
+        .into_inner()
+        .deliveries
+}
+
+pub const WAIT: Duration = Duration::from_secs(15);
