@@ -73,10 +73,12 @@ pub fn connect_alerts_lazy(
     secret: &str,
     tls: Option<&syft_tls::ClientTls>,
 ) -> Result<AlertsClient> {
-    Ok(syft_proto::ledger::alerts_client::AlertsClient::with_interceptor(
-        lazy_channel(url, tls)?,
-        Credentials::bearer(secret)?,
-    ))
+    Ok(
+        syft_proto::ledger::alerts_client::AlertsClient::with_interceptor(
+            lazy_channel(url, tls)?,
+            Credentials::bearer(secret)?,
+        ),
+    )
 }
 
 pub type AlertsClient =

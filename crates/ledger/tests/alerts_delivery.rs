@@ -14,7 +14,7 @@ use tonic::Code;
 
 alerts_suite!(
     delivery,
-    alerts_support::alerts_on;
+    crate::alerts_support::alerts_on;
     retries_until_delivered_with_one_id,
     client_errors_are_not_retried,
     killed_ledger_delivers_after_restart_with_the_same_id,
@@ -25,7 +25,7 @@ alerts_suite!(
 
 alerts_suite!(
     disabling,
-    alerts_support::alerts_disable_fast;
+    crate::alerts_support::alerts_disable_fast;
     failing_endpoint_is_disabled_and_the_owner_told,
 );
 
@@ -42,8 +42,15 @@ async fn test_event(h: &Harness, secret: &str, endpoint: &str) -> String {
 
 async fn retries_until_delivered_with_one_id(h: Harness) -> Harness {
     let rx = WebhookReceiver::start().await;
-    let alice = h.account(ALICE, 0).await;
-    let ep = add(&h, &alice, &rx, pb::AlertFormat::Json, vec![balance_low(USD)]).await;
+    let alice = h.account(ALICE, 10 * USD).await;
+    let ep = add(
+        &h,
+        &alice,
+        &rx,
+        pb::AlertFormat::Json,
+        vec![balance_low(USD)],
+    )
+    .await;
     rx.script(&[
         Reply::RetryAfter(429, 1),
         Reply::Hang,
@@ -52,17 +59,24 @@ async fn retries_until_delivered_with_one_id(h: Harness) -> Harness {
     ]);
     let id = test_event(&h, &alice, &ep).await;
     let got = rx
-        .wait_until(WAIT, "five attempts", |r| r.iter().any(|x| x.reply == Reply::Ok))
+        .wait_until(WAIT, "five attempts", |r| {
+            r.iter().any(|x| x.reply == Reply::Ok)
+        })
         .await;
     let attempts: Vec<_> = got.iter().filter(|r| r.id == id).collect();
     assert_eq!(attempts.len(), 5, "{got:#?}");
-    assert!(attempts.iter().all(|a| a.valid && a.body == attempts[0].body));
+    assert!(attempts
+        .iter()
+        .all(|a| a.valid && a.body == attempts[0].body));
     // Retry-After: 1 wins over the 200 ms schedule.
     let waited = attempts[1].at - attempts[0].at;
     assert!(waited >= Duration::from_millis(950), "{waited:?}");
     // The log, newest first: what each attempt got, the same event id throughout.
     let log = deliveries(&h, &alice, &ep).await;
-    let seen: Vec<_> = log.iter().map(|d| (d.outcome.as_str(), d.status_code)).collect();
+    let seen: Vec<_> = log
+        .iter()
+        .map(|d| (d.outcome.as_str(), d.status_code))
+        .collect();
     assert_eq!(
         seen,
         [
@@ -74,7 +88,11 @@ async fn retries_until_delivered_with_one_id(h: Harness) -> Harness {
         ]
     );
     assert!(log.iter().all(|d| d.event_id == id));
-    assert!(log[2].error.contains("dropped") || log[2].error.contains("connection"), "{:?}", log[2]);
+    assert!(
+        log[2].error.contains("dropped") || log[2].error.contains("connection"),
+        "{:?}",
+        log[2]
+    );
     assert!(log[3].error.contains("timed out"), "{:?}", log[3]);
     assert!(log[1].next_attempt_at_unix_micros.is_some());
     h
@@ -83,20 +101,37 @@ async fn retries_until_delivered_with_one_id(h: Harness) -> Harness {
 async fn client_errors_are_not_retried(h: Harness) -> Harness {
     let rx = WebhookReceiver::start().await;
     rx.set_default(Reply::Status(400));
-    let alice = h.account(ALICE, 0).await;
-    let ep = add(&h, &alice, &rx, pb::AlertFormat::Json, vec![balance_low(USD)]).await;
+    let alice = h.account(ALICE, 10 * USD).await;
+    let ep = add(
+        &h,
+        &alice,
+        &rx,
+        pb::AlertFormat::Json,
+        vec![balance_low(USD)],
+    )
+    .await;
     test_event(&h, &alice, &ep).await;
     rx.wait_until(WAIT, "one attempt", |r| !r.is_empty()).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(rx.received().len(), 1, "a 400 is final");
     let log = deliveries(&h, &alice, &ep).await;
     assert_eq!(log.len(), 1);
-    assert_eq!((log[0].outcome.as_str(), log[0].status_code), ("GAVE_UP", Some(400)));
+    assert_eq!(
+        (log[0].outcome.as_str(), log[0].status_code),
+        ("GAVE_UP", Some(400))
+    );
     assert!(log[0].error.starts_with("HTTP 400"));
     // A 500 forever: the schedule (five retries) ends, then the event is given up.
     let rx2 = WebhookReceiver::start().await;
     rx2.set_default(Reply::Status(500));
-    let ep2 = add(&h, &alice, &rx2, pb::AlertFormat::Json, vec![balance_low(USD)]).await;
+    let ep2 = add(
+        &h,
+        &alice,
+        &rx2,
+        pb::AlertFormat::Json,
+        vec![balance_low(USD)],
+    )
+    .await;
     test_event(&h, &alice, &ep2).await;
     rx2.wait_until(WAIT, "six attempts", |r| r.len() >= 6).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -107,14 +142,33 @@ async fn client_errors_are_not_retried(h: Harness) -> Harness {
 }
 
 async fn failing_endpoint_is_disabled_and_the_owner_told(h: Harness) -> Harness {
-    let (bad, good) = (WebhookReceiver::start().await, WebhookReceiver::start().await);
+    let (bad, good) = (
+        WebhookReceiver::start().await,
+        WebhookReceiver::start().await,
+    );
     bad.set_default(Reply::Status(500));
-    let alice = h.account(ALICE, 0).await;
-    let ep_bad = add(&h, &alice, &bad, pb::AlertFormat::Json, vec![balance_low(USD)]).await;
-    add(&h, &alice, &good, pb::AlertFormat::Json, vec![balance_low(USD)]).await;
+    let alice = h.account(ALICE, 10 * USD).await;
+    let ep_bad = add(
+        &h,
+        &alice,
+        &bad,
+        pb::AlertFormat::Json,
+        vec![balance_low(USD)],
+    )
+    .await;
+    add(
+        &h,
+        &alice,
+        &good,
+        pb::AlertFormat::Json,
+        vec![balance_low(USD)],
+    )
+    .await;
     test_event(&h, &alice, &ep_bad).await;
     let got = good
-        .wait_until(WAIT, "endpoint.disabled", |r| !of_type(r, "endpoint.disabled").is_empty())
+        .wait_until(WAIT, "endpoint.disabled", |r| {
+            !of_type(r, "endpoint.disabled").is_empty()
+        })
         .await;
     let notice = &of_type(&got, "endpoint.disabled")[0];
     assert_eq!(notice.json()["data"]["endpoint_id"], ep_bad);
@@ -126,7 +180,9 @@ async fn failing_endpoint_is_disabled_and_the_owner_told(h: Harness) -> Harness 
         .into_inner()
         .endpoints;
     let bad_row = listed.iter().find(|e| e.id == ep_bad).expect("listed");
-    assert!(bad_row.disabled_at_unix_micros.is_some() && bad_row.failing_since_unix_micros.is_some());
+    assert!(
+        bad_row.disabled_at_unix_micros.is_some() && bad_row.failing_since_unix_micros.is_some()
+    );
     // Disabled: no more attempts.
     let attempts = bad.received().len();
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -140,9 +196,18 @@ async fn killed_ledger_delivers_after_restart_with_the_same_id(mut h: Harness) -
     let alice = h.account(ALICE, 10 * USD).await;
     let bob = h.account(BOB, 0).await;
     let token = h.token(&alice, BOB).await;
-    add(&h, &alice, &rx, pb::AlertFormat::Json, vec![balance_low(5 * USD)]).await;
+    add(
+        &h,
+        &alice,
+        &rx,
+        pb::AlertFormat::Json,
+        vec![balance_low(5 * USD)],
+    )
+    .await;
     spend(&h, &bob, &token, 6 * USD, "k1").await;
-    let got = rx.wait_until(WAIT, "a failed attempt", |r| !r.is_empty()).await;
+    let got = rx
+        .wait_until(WAIT, "a failed attempt", |r| !r.is_empty())
+        .await;
     let id = got[0].id.clone();
     // Killed (no graceful stop) with the event committed but undelivered.
     h.server.take().expect("server").kill();
@@ -166,13 +231,21 @@ async fn two_replicas_never_send_one_event_in_parallel(h: Harness) -> Harness {
     let rx = WebhookReceiver::start().await;
     rx.set_delay(Duration::from_millis(150));
     let second = LedgerServer::start(h.config.clone()).await;
-    let alice = h.account(ALICE, 0).await;
-    let ep = add(&h, &alice, &rx, pb::AlertFormat::Json, vec![balance_low(USD)]).await;
+    let alice = h.account(ALICE, 10 * USD).await;
+    let ep = add(
+        &h,
+        &alice,
+        &rx,
+        pb::AlertFormat::Json,
+        vec![balance_low(USD)],
+    )
+    .await;
     let mut ids = Vec::new();
     for _ in 0..20 {
         ids.push(test_event(&h, &alice, &ep).await);
     }
-    rx.wait_until(WAIT, "20 deliveries", |r| r.len() >= 20).await;
+    rx.wait_until(WAIT, "20 deliveries", |r| r.len() >= 20)
+        .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let received = rx.received();
     assert_eq!(received.len(), 20, "each event once, none twice");
@@ -186,7 +259,7 @@ async fn two_replicas_never_send_one_event_in_parallel(h: Harness) -> Harness {
 }
 
 async fn bad_endpoint_configs_are_refused(h: Harness) -> Harness {
-    let alice = h.account(ALICE, 0).await;
+    let alice = h.account(ALICE, 10 * USD).await;
     let bob = h.account(BOB, 0).await;
     let mut client = alerts(&h, &alice);
     let good_url = WebhookReceiver::start().await.url;
@@ -203,12 +276,30 @@ async fn bad_endpoint_configs_are_refused(h: Harness) -> Harness {
     let balance = pb::AlertEvent::BalanceLow as i32;
     let cases = [
         ("not a url", request("not a url", vec![balance_low(USD)])),
-        ("http to a host not allowed", request("http://hooks.example.com/x", vec![balance_low(USD)])),
-        ("private address", request("https://192.168.1.10/x", vec![balance_low(USD)])),
-        ("metadata address", request("https://169.254.169.254/x", vec![balance_low(USD)])),
-        ("loopback by name", request("https://localhost:9/x", vec![balance_low(USD)])),
-        ("huge threshold", request(&good_url, vec![rule(balance, i64::MAX)])),
-        ("negative threshold", request(&good_url, vec![rule(balance, -5)])),
+        (
+            "http to a host not allowed",
+            request("http://hooks.example.com/x", vec![balance_low(USD)]),
+        ),
+        (
+            "private address",
+            request("https://192.168.1.10/x", vec![balance_low(USD)]),
+        ),
+        (
+            "metadata address",
+            request("https://169.254.169.254/x", vec![balance_low(USD)]),
+        ),
+        (
+            "loopback by name",
+            request("https://localhost:9/x", vec![balance_low(USD)]),
+        ),
+        (
+            "huge threshold",
+            request(&good_url, vec![rule(balance, i64::MAX)]),
+        ),
+        (
+            "negative threshold",
+            request(&good_url, vec![rule(balance, -5)]),
+        ),
         ("unknown event", request(&good_url, vec![rule(99, USD)])),
         ("no event", request(&good_url, vec![rule(0, USD)])),
         ("no rules", request(&good_url, vec![])),
@@ -236,9 +327,18 @@ async fn bad_endpoint_configs_are_refused(h: Harness) -> Harness {
     assert!(listed.endpoints.is_empty(), "nothing half-written");
     // Someone else's endpoint does not exist for you; the admin must name an account.
     let rx = WebhookReceiver::start().await;
-    let ep = add(&h, &alice, &rx, pb::AlertFormat::Json, vec![balance_low(USD)]).await;
+    let ep = add(
+        &h,
+        &alice,
+        &rx,
+        pb::AlertFormat::Json,
+        vec![balance_low(USD)],
+    )
+    .await;
     let removed = alerts(&h, &bob)
-        .remove_alert_endpoint(pb::RemoveAlertEndpointRequest { endpoint_id: ep.clone() })
+        .remove_alert_endpoint(pb::RemoveAlertEndpointRequest {
+            endpoint_id: ep.clone(),
+        })
         .await;
     assert_eq!(code(removed), Code::NotFound);
     let admin_add = alerts(&h, ADMIN_KEY)
@@ -247,14 +347,20 @@ async fn bad_endpoint_configs_are_refused(h: Harness) -> Harness {
     assert_eq!(code(admin_add), Code::PermissionDenied);
     let mut for_bob = request(&good_url, vec![balance_low(USD)]);
     for_bob.account_email = BOB.into();
-    let added = alerts(&h, ADMIN_KEY).add_alert_endpoint(for_bob).await.expect("admin adds");
-    assert_eq!(added.into_inner().endpoint.expect("endpoint").account_email, BOB);
+    let added = alerts(&h, ADMIN_KEY)
+        .add_alert_endpoint(for_bob)
+        .await
+        .expect("admin adds");
+    assert_eq!(
+        added.into_inner().endpoint.expect("endpoint").account_email,
+        BOB
+    );
     h
 }
 
 async fn secrets_are_sealed_and_rotate_with_overlap(h: Harness) -> Harness {
     let rx = WebhookReceiver::start().await;
-    let alice = h.account(ALICE, 0).await;
+    let alice = h.account(ALICE, 10 * USD).await;
     let added = alerts(&h, &alice)
         .add_alert_endpoint(pb::AddAlertEndpointRequest {
             url: rx.url.clone(),
@@ -285,8 +391,13 @@ async fn secrets_are_sealed_and_rotate_with_overlap(h: Harness) -> Harness {
     assert_ne!(rotated.secret, old);
     rx.set_secrets(&[&old]);
     test_event(&h, &alice, &ep).await;
-    let got = rx.wait_until(WAIT, "signed with both", |r| !r.is_empty()).await;
-    assert!(got[0].valid, "the old secret still verifies during the overlap");
+    let got = rx
+        .wait_until(WAIT, "signed with both", |r| !r.is_empty())
+        .await;
+    assert!(
+        got[0].valid,
+        "the old secret still verifies during the overlap"
+    );
     assert_eq!(got[0].signature.split(' ').count(), 2);
     rx.set_secrets(&[&rotated.secret]);
     test_event(&h, &alice, &ep).await;

@@ -142,7 +142,13 @@ impl WebhookReceiver {
 }
 
 /// Whether `signature` (space-separated `v1,<b64>` entries) matches any secret.
-pub fn signature_matches(secrets: &[String], id: &str, ts: &str, body: &str, signature: &str) -> bool {
+pub fn signature_matches(
+    secrets: &[String],
+    id: &str,
+    ts: &str,
+    body: &str,
+    signature: &str,
+) -> bool {
     secrets.iter().any(|secret| {
         let Ok(key) = STANDARD.decode(secret.trim_start_matches("whsec_")) else {
             return false;
@@ -161,7 +167,11 @@ async fn serve(mut socket: TcpStream, state: Arc<Mutex<State>>) {
         return;
     };
     let get = |name: &str| headers.get(name).cloned().unwrap_or_default();
-    let (id, ts, signature) = (get("webhook-id"), get("webhook-timestamp"), get("webhook-signature"));
+    let (id, ts, signature) = (
+        get("webhook-id"),
+        get("webhook-timestamp"),
+        get("webhook-signature"),
+    );
     let (reply, delay) = {
         let mut s = lock(&state);
         let reply = s.script.pop_front().or(s.default).unwrap_or(Reply::Ok);
@@ -228,7 +238,10 @@ async fn read_request(socket: &mut TcpStream) -> Option<(HashMap<String, String>
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
         .collect();
-    let length: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let length: usize = headers
+        .get("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     while buf.len() < head_end + length {
         let n = socket.read(&mut chunk).await.ok()?;
         if n == 0 {

@@ -6,7 +6,7 @@ use sqlx::{Any, AnyPool, Transaction};
 
 use super::rules::EventKind;
 use crate::error::Result;
-use crate::store::{Backend, Store};
+use crate::store::{now_micros, Backend, Store};
 
 const ENDPOINT_COLUMNS: &str = "id, account_id, url, format, secret_sealed, \
     previous_secret_sealed, previous_secret_until, rules, rate_per_minute, failing_since, \
@@ -162,7 +162,8 @@ pub(crate) async fn rotate_secret(
     Ok(())
 }
 
-/// Appends an event to the outbox, due now, inside the caller's transaction.
+/// Appends an event to the outbox inside the caller's transaction. `now` is the time the rule was
+/// evaluated as of (its payload's time); the event is due at once, by the wall clock.
 pub(crate) async fn insert_event(
     tx: &mut Transaction<'_, Any>,
     id: &str,
@@ -173,12 +174,13 @@ pub(crate) async fn insert_event(
 ) -> Result<()> {
     sqlx::query(
         "INSERT INTO alert_events (id, endpoint_id, kind, payload, status, next_attempt_at, \
-         created_at) VALUES ($1, $2, $3, $4, 'PENDING', $5, $5)",
+         created_at) VALUES ($1, $2, $3, $4, 'PENDING', $5, $6)",
     )
     .bind(id)
     .bind(endpoint_id)
     .bind(kind.as_str())
     .bind(payload)
+    .bind(now_micros().min(now))
     .bind(now)
     .execute(&mut **tx)
     .await?;
