@@ -1,5 +1,6 @@
 //! Command-line interface: flags with matching env vars (docs/design.md §1), dispatch to the libraries.
 
+mod alerts;
 mod client;
 mod dev;
 pub mod errors;
@@ -54,6 +55,8 @@ pub enum Command {
     Bench(crate::bench::BenchArgs),
     /// Check a ledger's or router's gRPC health; exits 0 when SERVING (container healthchecks).
     Health(health::HealthArgs),
+    /// Webhook alerts: add, list, remove, test, rotate, deliveries (docs/alerts.md).
+    Alerts(alerts::AlertsArgs),
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -69,6 +72,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Usage(args) => client::usage(args).await,
         Command::Bench(args) => crate::bench::run(args).await,
         Command::Health(args) => health::run(args).await,
+        Command::Alerts(args) => alerts::alerts(args).await,
     }
 }
 
