@@ -169,7 +169,11 @@ pub async fn alerts(args: AlertsArgs) -> anyhow::Result<()> {
     let mut client = conn.alerts()?;
     match args.action {
         AlertsAction::Add(add) => {
-            let format = if add.slack { Format::Slack } else { Format::Json };
+            let format = if add.slack {
+                Format::Slack
+            } else {
+                Format::Json
+            };
             let request = pb::AddAlertEndpointRequest {
                 account_email: add.account.clone().unwrap_or_default(),
                 url: add.url.clone(),
@@ -187,10 +191,16 @@ pub async fn alerts(args: AlertsArgs) -> anyhow::Result<()> {
                 .into_inner();
             let endpoint = added.endpoint.unwrap_or_default();
             if conn.json {
-                println!("{}", json!({"secret": added.secret, "endpoint": endpoint_json(&endpoint)}));
+                println!(
+                    "{}",
+                    json!({"secret": added.secret, "endpoint": endpoint_json(&endpoint)})
+                );
             } else {
                 println!("endpoint  {}", endpoint.id);
-                println!("secret    {}   (shown once: give it to your receiver)", added.secret);
+                println!(
+                    "secret    {}   (shown once: give it to your receiver)",
+                    added.secret
+                );
                 print_endpoint(&endpoint);
             }
         }
@@ -330,7 +340,8 @@ fn print_deliveries(log: &[pb::AlertDelivery], as_json: bool) {
             d.status_code.map_or("-".to_string(), |c| c.to_string()),
             d.latency_ms,
             d.outcome,
-            d.next_attempt_at_unix_micros.map_or("-".to_string(), format_time),
+            d.next_attempt_at_unix_micros
+                .map_or("-".to_string(), format_time),
             d.error
         );
     }

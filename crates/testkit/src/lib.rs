@@ -14,8 +14,8 @@ mod webhook;
 
 pub use db::Db;
 pub use ledger::{
-    account, create_account, deposit, issue_token, ledger_config, serve_ledger, transfers_of,
-    usage_of, Account, Harness, LedgerServer,
+    account, alerts_on, create_account, deposit, issue_token, ledger_config, serve_ledger,
+    transfers_of, usage_of, Account, Harness, LedgerServer, ALERTS_KEY,
 };
 pub use router::{
     chat_request, router_config, serve_router, Funded, RouterHandle, Stack, FUNDS, PRICE,

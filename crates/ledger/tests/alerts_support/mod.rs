@@ -2,10 +2,9 @@
 //! endpoint on an in-process receiver, and money moves that cross thresholds.
 #![allow(dead_code)]
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use syft_ledger::alerts::{parse_schedule, AlertsConfig, SealKey};
+use syft_ledger::alerts::parse_schedule;
 use syft_ledger::client::{connect_alerts_lazy, AlertsClient};
 use syft_ledger::LedgerConfig;
 use syft_proto::ledger as pb;
@@ -13,23 +12,8 @@ use syft_testkit::{Harness, WebhookReceiver};
 
 pub const ALICE: &str = "alice@example.com";
 pub const BOB: &str = "bob@example.com";
-pub const KEY: &str = "test-alerts-key-0123456789";
 
-/// Alerts on, every retry 200 ms apart (five retries), answers within 500 ms, evaluated every
-/// 100 ms: the production code paths on a schedule that runs in seconds.
-pub fn alerts_on(c: &mut LedgerConfig) {
-    c.alerts = AlertsConfig {
-        key: Some(Arc::new(SealKey::from_passphrase(KEY).expect("key"))),
-        allowed_hosts: vec!["127.0.0.1".into()],
-        retry_schedule: parse_schedule("200ms,200ms,200ms,200ms,200ms").expect("schedule"),
-        jitter_percent: 0,
-        request_timeout: Duration::from_millis(500),
-        disable_after: Duration::from_secs(3600),
-        evaluate_interval: Duration::from_millis(100),
-        deliver_interval: Duration::from_millis(50),
-        rate_per_minute: 600,
-    };
-}
+pub use syft_testkit::alerts_on;
 
 /// [`alerts_on`], and endpoints failing for a second are disabled.
 pub fn alerts_disable_fast(c: &mut LedgerConfig) {
