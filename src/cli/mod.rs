@@ -34,7 +34,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Serve the ledger (gRPC), or run a ledger maintenance command.
-    Ledger(ledger::LedgerArgs),
+    Ledger(Box<ledger::LedgerArgs>),
     /// Serve the router (gRPC and the OpenAI-compatible HTTP front).
     Router(router::RouterArgs),
     /// Ledger + router in one process on the embedded defaults (SQLite, echo model), with demo accounts.
@@ -61,7 +61,7 @@ pub enum Command {
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Ledger(args) => ledger::run(args).await,
+        Command::Ledger(args) => ledger::run(*args).await,
         Command::Router(args) => router::run(args).await,
         Command::Dev(args) => dev::dev(args).await,
         Command::Demo(args) => dev::demo(args).await,

@@ -364,19 +364,19 @@ fn next_step(
                     .unwrap_or(0);
             }
         }
-        (Rule::SpendThreshold { side, above_micros }, Value::DayTotal(total)) => {
-            if level == 0 && *total >= *above_micros {
-                step.new_level = 1;
-                let side = match side {
-                    SpendSide::Spend => "spend",
-                    SpendSide::Revenue => "revenue",
-                };
-                step.fired.push(fire(
-                    EventKind::SpendThreshold,
-                    json!({"side": side, "day": step.subject, "total_micros": total, "threshold_micros": above_micros}),
-                    format!("{} {side} today is {}, over {}", account.email, amount(*total, cur), amount(*above_micros, cur)),
-                ));
-            }
+        (Rule::SpendThreshold { side, above_micros }, Value::DayTotal(total))
+            if level == 0 && *total >= *above_micros =>
+        {
+            step.new_level = 1;
+            let side = match side {
+                SpendSide::Spend => "spend",
+                SpendSide::Revenue => "revenue",
+            };
+            step.fired.push(fire(
+                EventKind::SpendThreshold,
+                json!({"side": side, "day": step.subject, "total_micros": total, "threshold_micros": above_micros}),
+                format!("{} {side} today is {}, over {}", account.email, amount(*total, cur), amount(*above_micros, cur)),
+            ));
         }
         (
             Rule::ErrorsSpike {
