@@ -43,14 +43,7 @@ async fn test_event(h: &Harness, secret: &str, endpoint: &str) -> String {
 async fn retries_until_delivered_with_one_id(h: Harness) -> Harness {
     let rx = WebhookReceiver::start().await;
     let alice = h.account(ALICE, 10 * USD).await;
-    let ep = add(
-        &h,
-        &alice,
-        &rx,
-        pb::AlertFormat::Json,
-        vec![balance_low(USD)],
-    )
-    .await;
+    let ep = add_rule(&h, &alice, &rx, balance_low(USD)).await;
     rx.script(&[
         Reply::RetryAfter(429, 1),
         Reply::Hang,
@@ -102,14 +95,7 @@ async fn client_errors_are_not_retried(h: Harness) -> Harness {
     let rx = WebhookReceiver::start().await;
     rx.set_default(Reply::Status(400));
     let alice = h.account(ALICE, 10 * USD).await;
-    let ep = add(
-        &h,
-        &alice,
-        &rx,
-        pb::AlertFormat::Json,
-        vec![balance_low(USD)],
-    )
-    .await;
+    let ep = add_rule(&h, &alice, &rx, balance_low(USD)).await;
     test_event(&h, &alice, &ep).await;
     rx.wait_until(WAIT, "one attempt", |r| !r.is_empty()).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -124,14 +110,7 @@ async fn client_errors_are_not_retried(h: Harness) -> Harness {
     // A 500 forever: the schedule (five retries) ends, then the event is given up.
     let rx2 = WebhookReceiver::start().await;
     rx2.set_default(Reply::Status(500));
-    let ep2 = add(
-        &h,
-        &alice,
-        &rx2,
-        pb::AlertFormat::Json,
-        vec![balance_low(USD)],
-    )
-    .await;
+    let ep2 = add_rule(&h, &alice, &rx2, balance_low(USD)).await;
     test_event(&h, &alice, &ep2).await;
     rx2.wait_until(WAIT, "six attempts", |r| r.len() >= 6).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -148,22 +127,8 @@ async fn failing_endpoint_is_disabled_and_the_owner_told(h: Harness) -> Harness 
     );
     bad.set_default(Reply::Status(500));
     let alice = h.account(ALICE, 10 * USD).await;
-    let ep_bad = add(
-        &h,
-        &alice,
-        &bad,
-        pb::AlertFormat::Json,
-        vec![balance_low(USD)],
-    )
-    .await;
-    add(
-        &h,
-        &alice,
-        &good,
-        pb::AlertFormat::Json,
-        vec![balance_low(USD)],
-    )
-    .await;
+    let ep_bad = add_rule(&h, &alice, &bad, balance_low(USD)).await;
+    add_rule(&h, &alice, &good, balance_low(USD)).await;
     test_event(&h, &alice, &ep_bad).await;
     let got = good
         .wait_until(WAIT, "endpoint.disabled", |r| {
@@ -193,17 +158,8 @@ async fn failing_endpoint_is_disabled_and_the_owner_told(h: Harness) -> Harness 
 async fn killed_ledger_delivers_after_restart_with_the_same_id(mut h: Harness) -> Harness {
     let rx = WebhookReceiver::start().await;
     rx.set_default(Reply::Drop);
-    let alice = h.account(ALICE, 10 * USD).await;
-    let bob = h.account(BOB, 0).await;
-    let token = h.token(&alice, BOB).await;
-    add(
-        &h,
-        &alice,
-        &rx,
-        pb::AlertFormat::Json,
-        vec![balance_low(5 * USD)],
-    )
-    .await;
+    let (alice, bob, token) = alice_and_bob(&h, 10 * USD).await;
+    add_rule(&h, &alice, &rx, balance_low(5 * USD)).await;
     spend(&h, &bob, &token, 6 * USD, "k1").await;
     let got = rx
         .wait_until(WAIT, "a failed attempt", |r| !r.is_empty())
@@ -232,14 +188,7 @@ async fn two_replicas_never_send_one_event_in_parallel(h: Harness) -> Harness {
     rx.set_delay(Duration::from_millis(150));
     let second = LedgerServer::start(h.config.clone()).await;
     let alice = h.account(ALICE, 10 * USD).await;
-    let ep = add(
-        &h,
-        &alice,
-        &rx,
-        pb::AlertFormat::Json,
-        vec![balance_low(USD)],
-    )
-    .await;
+    let ep = add_rule(&h, &alice, &rx, balance_low(USD)).await;
     let mut ids = Vec::new();
     for _ in 0..20 {
         ids.push(test_event(&h, &alice, &ep).await);
@@ -327,14 +276,7 @@ async fn bad_endpoint_configs_are_refused(h: Harness) -> Harness {
     assert!(listed.endpoints.is_empty(), "nothing half-written");
     // Someone else's endpoint does not exist for you; the admin must name an account.
     let rx = WebhookReceiver::start().await;
-    let ep = add(
-        &h,
-        &alice,
-        &rx,
-        pb::AlertFormat::Json,
-        vec![balance_low(USD)],
-    )
-    .await;
+    let ep = add_rule(&h, &alice, &rx, balance_low(USD)).await;
     let removed = alerts(&h, &bob)
         .remove_alert_endpoint(pb::RemoveAlertEndpointRequest {
             endpoint_id: ep.clone(),

@@ -26,17 +26,8 @@ async fn settle() {
 
 async fn balance_low_fires_once_per_crossing_and_rearms(h: Harness) -> Harness {
     let rx = WebhookReceiver::start().await;
-    let alice = h.account(ALICE, 10 * USD).await;
-    let bob = h.account(BOB, 0).await;
-    let token = h.token(&alice, BOB).await;
-    add(
-        &h,
-        &alice,
-        &rx,
-        pb::AlertFormat::Json,
-        vec![balance_low(5 * USD)],
-    )
-    .await;
+    let (alice, bob, token) = alice_and_bob(&h, 10 * USD).await;
+    add_rule(&h, &alice, &rx, balance_low(5 * USD)).await;
 
     // 10 -> 5: exactly at the threshold is not below it.
     spend(&h, &bob, &token, 5 * USD, "k1").await;
@@ -101,7 +92,7 @@ async fn budget_burst_sends_one_event_per_step(h: Harness) -> Harness {
         steps: vec![50, 80, 100],
         ..Default::default()
     };
-    add(&h, &alice, &rx, pb::AlertFormat::Json, vec![rule]).await;
+    add_rule(&h, &alice, &rx, rule).await;
     // A burst of 100 concurrent one-cent payments uses the whole dollar.
     let payments = (0..100).map(|i| {
         let (h, bob, token) = (&h, bob.clone(), token.clone());
@@ -132,9 +123,7 @@ async fn spend_errors_expiry_and_digest_fire_at_their_thresholds(h: Harness) -> 
         WebhookReceiver::start().await,
         WebhookReceiver::start().await,
     );
-    let alice = h.account(ALICE, 10 * USD).await;
-    let bob = h.account(BOB, 0).await;
-    let token = h.token(&alice, BOB).await;
+    let (alice, bob, token) = alice_and_bob(&h, 10 * USD).await;
     let spend_rule = pb::AlertRule {
         event: pb::AlertEvent::SpendThreshold as i32,
         threshold_micros: 3 * USD,
@@ -146,14 +135,8 @@ async fn spend_errors_expiry_and_digest_fire_at_their_thresholds(h: Harness) -> 
         window_minutes: 60,
         ..Default::default()
     };
-    add(
-        &h,
-        &alice,
-        &rx_alice,
-        pb::AlertFormat::Json,
-        vec![spend_rule, expired_rule],
-    )
-    .await;
+    let rules = vec![spend_rule, expired_rule];
+    add(&h, &alice, &rx_alice, pb::AlertFormat::Json, rules).await;
     let errors_rule = pb::AlertRule {
         event: pb::AlertEvent::ErrorsSpike as i32,
         percent: 50,

@@ -16,23 +16,7 @@ fn repo() -> PathBuf {
 }
 
 fn venv_python() -> Option<PathBuf> {
-    let dir = std::env::var("SYFT_SDK_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| repo().join("target/sdk-venv"));
-    let status = Command::new(repo().join("tests/python/setup-venv.sh"))
-        .arg(&dir)
-        .status();
-    match status {
-        Ok(s) if s.success() => Some(dir.join("bin/python")),
-        other => {
-            assert!(
-                std::env::var("SYFT_SDK_REQUIRED").is_err(),
-                "cannot create the Python test virtualenv: {other:?}"
-            );
-            eprintln!("SKIPPED: cannot create the Python test virtualenv ({other:?})");
-            None
-        }
-    }
+    syft_testkit::python_venv(&repo())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -38,6 +38,31 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// The Python of the test virtualenv (`SYFT_SDK_VENV`, default `<repo>/target/sdk-venv`), made
+/// by `tests/python/setup-venv.sh` if missing. `None` (with a `SKIPPED` line) when it cannot be
+/// made, which fails the test instead when `SYFT_SDK_REQUIRED` is set (CI).
+pub fn python_venv(repo: &std::path::Path) -> Option<std::path::PathBuf> {
+    let dir = std::env::var("SYFT_SDK_VENV")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| repo.join("target/sdk-venv"));
+    let status = std::process::Command::new(repo.join("tests/python/setup-venv.sh"))
+        .arg(&dir)
+        .status();
+    match status {
+        Ok(s) if s.success() => Some(dir.join("bin/python")),
+        other => {
+            // CI (.ci/run sets SYFT_SDK_REQUIRED) must run these tests; elsewhere (no python3 or
+            // no PyPI access) they may skip.
+            assert!(
+                std::env::var("SYFT_SDK_REQUIRED").is_err(),
+                "cannot create the Python test virtualenv: {other:?}"
+            );
+            eprintln!("SKIPPED: cannot create the Python test virtualenv ({other:?})");
+            None
+        }
+    }
+}
+
 /// An `http://` URL nothing listens on.
 pub fn closed_url() -> String {
     format!("http://127.0.0.1:{}", free_port())

@@ -85,6 +85,24 @@ pub async fn add(
     added.endpoint.expect("endpoint").id
 }
 
+/// An endpoint of the caller's with one rule, JSON format; returns its id.
+pub async fn add_rule(
+    h: &Harness,
+    secret: &str,
+    rx: &WebhookReceiver,
+    rule: pb::AlertRule,
+) -> String {
+    add(h, secret, rx, pb::AlertFormat::Json, vec![rule]).await
+}
+
+/// Alice (with `funds`) and Bob, and a token that lets Bob charge Alice: their secrets and the token.
+pub async fn alice_and_bob(h: &Harness, funds: i64) -> (String, String, String) {
+    let alice = h.account(ALICE, funds).await;
+    let bob = h.account(BOB, 0).await;
+    let token = h.token(&alice, BOB).await;
+    (alice, bob, token)
+}
+
 pub fn authorize(amount: i64, token: &str, key: &str) -> pb::AuthorizeRequest {
     pb::AuthorizeRequest {
         sender_email: ALICE.into(),
