@@ -1,6 +1,7 @@
 //! The binary as people use it: `demo`, client commands with `--json`, and `ledger verify`.
 
 use std::process::Command;
+use std::time::Duration;
 
 use syft_testkit::{closed_url, Harness, ADMIN_KEY};
 
@@ -427,4 +428,67 @@ fn admin_cli(url: String) -> impl Fn(&[&str]) -> Command {
             .env_remove("SYFT_SECRET");
         cmd
     }
+}
+
+/// `syft-router alerts`: add (secret shown once), list, test, deliveries, a refused URL, remove;
+/// the receiver gets the balance.low the new rule fires, correctly signed.
+#[tokio::test(flavor = "multi_thread")]
+async fn alerts_commands() {
+    use syft_testkit::{alerts_on, WebhookReceiver};
+    let h = Harness::with(false, alerts_on).await.unwrap();
+    let secret = h.account("carol@example.com", 10_000_000).await;
+    let rx = WebhookReceiver::start().await;
+    let url = h.url();
+    let cli = |args: &[&str]| {
+        let mut cmd = syft_router();
+        cmd.args(args)
+            .env("SYFT_LEDGER_URL", &url)
+            .env("SYFT_SECRET", &secret)
+            .env_remove("SYFT_LEDGER_ADMIN_KEY");
+        cmd
+    };
+    let added: serde_json::Value = serde_json::from_str(&run(&mut cli(&[
+        "alerts",
+        "add",
+        &rx.url,
+        "--balance-below",
+        "20",
+        "--budget-steps",
+        "50,80",
+        "--json",
+    ])))
+    .unwrap();
+    let whsec = added["secret"].as_str().unwrap().to_string();
+    let id = added["endpoint"]["id"].as_str().unwrap().to_string();
+    rx.set_secrets(&[&whsec]);
+    // 10 USD available is below 20: one balance.low, signed with the secret just shown.
+    let got = rx
+        .wait_until(Duration::from_secs(15), "balance.low", |r| !r.is_empty())
+        .await;
+    assert_eq!(got[0].event_type(), "balance.low");
+    assert!(got[0].valid);
+    let listed: serde_json::Value =
+        serde_json::from_str(&run(&mut cli(&["alerts", "list", "--json"]))).unwrap();
+    assert_eq!(listed[0]["rules"][0]["below_micros"], 20_000_000);
+    assert_eq!(listed[0]["rules"][1]["steps"], serde_json::json!([50, 80]));
+    let table = run(&mut cli(&["alerts", "list"]));
+    assert!(table.contains(&id) && table.contains("healthy"), "{table}");
+    assert!(run(&mut cli(&["alerts", "test", &id])).contains("queued test event msg_"));
+    rx.wait_until(Duration::from_secs(15), "test event", |r| r.len() >= 2)
+        .await;
+    let log: serde_json::Value =
+        serde_json::from_str(&run(&mut cli(&["alerts", "deliveries", &id, "--json"]))).unwrap();
+    assert_eq!(log[0]["outcome"], "DELIVERED");
+    assert_eq!(log[0]["status_code"], 200);
+    let refused = fails(&mut cli(&[
+        "alerts",
+        "add",
+        "http://example.com/x",
+        "--balance-below",
+        "1",
+    ]));
+    assert!(refused.contains("https"), "{refused}");
+    run(&mut cli(&["alerts", "remove", &id]));
+    assert!(run(&mut cli(&["alerts", "list"])).contains("no alert endpoints"));
+    h.finish().await;
 }

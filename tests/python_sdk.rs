@@ -8,26 +8,7 @@ use std::process::Command;
 use syft_testkit::{Harness, ADMIN_KEY};
 
 fn venv_python() -> Option<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let dir = std::env::var("SYFT_SDK_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| root.join("target/sdk-venv"));
-    let status = Command::new(root.join("tests/python/setup-venv.sh"))
-        .arg(&dir)
-        .status();
-    match status {
-        Ok(s) if s.success() => Some(dir.join("bin/python")),
-        other => {
-            // CI (.ci/run sets SYFT_SDK_REQUIRED) must run this test; elsewhere (no python3 or no
-            // PyPI access) it may skip.
-            assert!(
-                std::env::var("SYFT_SDK_REQUIRED").is_err(),
-                "cannot create the SDK virtualenv: {other:?}"
-            );
-            eprintln!("SKIPPED: cannot create the syft-accounting-sdk virtualenv ({other:?})");
-            None
-        }
-    }
+    syft_testkit::python_venv(Path::new(env!("CARGO_MANIFEST_DIR")))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     let protos = [
         root.join("syft/ledger/v1/ledger.proto"),
+        root.join("syft/ledger/v1/alerts.proto"),
         root.join("syft/router/v1/router.proto"),
     ];
     tonic_prost_build::configure()

@@ -59,28 +59,45 @@ impl Conn {
         self.connect(key)
     }
 
-    fn connect(&self, secret: &str) -> anyhow::Result<LedgerClient> {
-        let tls = super::client_tls(
+    /// The alerts service, with your secret (or the admin key when no secret is given).
+    pub(super) fn alerts(&self) -> anyhow::Result<syft_ledger::client::AlertsClient> {
+        let secret = self.user_secret()?;
+        let tls = self.tls()?;
+        Ok(syft_ledger::client::connect_alerts_lazy(
+            &self.ledger_url,
+            secret,
+            tls.as_ref(),
+        )?)
+    }
+
+    fn tls(&self) -> anyhow::Result<Option<syft_tls::ClientTls>> {
+        super::client_tls(
             self.ledger_ca.as_ref(),
             self.ledger_client_cert.as_ref(),
             self.ledger_client_key.as_ref(),
-        )?;
+        )
+    }
+
+    fn connect(&self, secret: &str) -> anyhow::Result<LedgerClient> {
+        let tls = self.tls()?;
         Ok(connect_lazy_tls(&self.ledger_url, secret, tls.as_ref())?)
     }
 
     /// A failed ledger call, in the user's terms.
-    fn fail(&self, status: tonic::Status) -> anyhow::Error {
+    pub(super) fn fail(&self, status: tonic::Status) -> anyhow::Error {
         super::errors::rpc(status, Server::Ledger, &self.ledger_url)
     }
 
     /// Your own credentials, or the admin key when no secret is given.
     fn user(&self) -> anyhow::Result<LedgerClient> {
-        let secret = self
-            .secret
+        self.connect(self.user_secret()?)
+    }
+
+    fn user_secret(&self) -> anyhow::Result<&str> {
+        self.secret
             .as_deref()
             .or(self.admin_key.as_deref())
-            .context("this command needs --secret (SYFT_SECRET) or --admin-key")?;
-        self.connect(secret)
+            .context("this command needs --secret (SYFT_SECRET) or --admin-key")
     }
 }
 

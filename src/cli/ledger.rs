@@ -138,6 +138,61 @@ pub struct ServeArgs {
     /// On SIGTERM/SIGINT: stop accepting, let in-flight calls finish for this long, then exit.
     #[arg(long, env = "SYFT_LEDGER_SHUTDOWN_GRACE", default_value = "30s", value_parser = super::parse_duration)]
     pub shutdown_grace: Duration,
+    #[command(flatten)]
+    pub alerts: AlertsFlags,
+}
+
+/// Webhook alerts (docs/alerts.md); off until an alerts key is given.
+#[derive(Args, Debug, Clone)]
+pub struct AlertsFlags {
+    /// Seals webhook signing secrets at rest (at least 16 characters); alerts are off without
+    /// it. Changing it makes existing endpoints undeliverable (remove and add them again).
+    #[arg(long, env = "SYFT_LEDGER_ALERTS_KEY", hide_env_values = true)]
+    pub alerts_key: Option<String>,
+    /// File holding the alerts key, instead of the value.
+    #[arg(long, env = "SYFT_LEDGER_ALERTS_KEY_FILE")]
+    pub alerts_key_file: Option<PathBuf>,
+    /// Hosts webhooks may reach over http and at private or loopback addresses (comma list,
+    /// e.g. 127.0.0.1,localhost), for local use; every other endpoint must be public https.
+    #[arg(long, env = "SYFT_LEDGER_ALERTS_ALLOW_HOSTS", value_delimiter = ',')]
+    pub alerts_allow_host: Vec<String>,
+    /// Delay before each retry of a failed delivery; after the last the event is given up.
+    #[arg(long, env = "SYFT_LEDGER_ALERTS_RETRY_SCHEDULE", default_value = "5s,30s,2m,10m,30m,1h,2h,4h,8h,8h,8h", value_parser = syft_ledger::alerts::parse_schedule)]
+    pub alerts_retry_schedule: std::vec::Vec<Duration>,
+    /// Time budget of one delivery attempt.
+    #[arg(long, env = "SYFT_LEDGER_ALERTS_TIMEOUT", default_value = "5s", value_parser = super::parse_duration)]
+    pub alerts_timeout: Duration,
+    /// An endpoint failing without any success for this long is disabled (its owner is told).
+    #[arg(long, env = "SYFT_LEDGER_ALERTS_DISABLE_AFTER", default_value = "72h", value_parser = super::parse_duration)]
+    pub alerts_disable_after: Duration,
+    /// How often alert rules are evaluated.
+    #[arg(long, env = "SYFT_LEDGER_ALERTS_EVALUATE_INTERVAL", default_value = "5s", value_parser = super::parse_duration)]
+    pub alerts_evaluate_interval: Duration,
+    /// Default cap of delivery attempts per endpoint per minute.
+    #[arg(long, env = "SYFT_LEDGER_ALERTS_RATE_PER_MINUTE", default_value_t = 60)]
+    pub alerts_rate_per_minute: u32,
+}
+
+impl AlertsFlags {
+    pub fn config(&self) -> anyhow::Result<syft_ledger::alerts::AlertsConfig> {
+        let key = super::secret(
+            self.alerts_key.as_deref(),
+            self.alerts_key_file.as_ref(),
+            "--alerts-key",
+        )?
+        .map(|k| syft_ledger::alerts::SealKey::from_passphrase(&k).map(std::sync::Arc::new))
+        .transpose()?;
+        Ok(syft_ledger::alerts::AlertsConfig {
+            key,
+            allowed_hosts: self.alerts_allow_host.clone(),
+            retry_schedule: self.alerts_retry_schedule.clone(),
+            request_timeout: self.alerts_timeout,
+            disable_after: self.alerts_disable_after,
+            evaluate_interval: self.alerts_evaluate_interval,
+            rate_per_minute: self.alerts_rate_per_minute,
+            ..Default::default()
+        })
+    }
 }
 
 impl ServeArgs {
@@ -192,6 +247,7 @@ impl ServeArgs {
                 self.tls_client_ca.as_ref(),
             )?,
             shutdown_grace: self.shutdown_grace,
+            alerts: self.alerts.config()?,
         })
     }
 }

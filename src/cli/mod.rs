@@ -1,5 +1,6 @@
 //! Command-line interface: flags with matching env vars (docs/design.md §1), dispatch to the libraries.
 
+mod alerts;
 mod client;
 mod dev;
 pub mod errors;
@@ -34,7 +35,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Serve the ledger (gRPC), or run a ledger maintenance command.
-    Ledger(ledger::LedgerArgs),
+    Ledger(Box<ledger::LedgerArgs>),
     /// Serve the router (gRPC and the OpenAI-compatible HTTP front).
     Router(router::RouterArgs),
     /// Ledger + router in one process on the embedded defaults (SQLite, echo model), with demo accounts.
@@ -57,11 +58,13 @@ pub enum Command {
     Bench(crate::bench::BenchArgs),
     /// Check a ledger's or router's gRPC health; exits 0 when SERVING (container healthchecks).
     Health(health::HealthArgs),
+    /// Webhook alerts: add, list, remove, test, rotate, deliveries (docs/alerts.md).
+    Alerts(alerts::AlertsArgs),
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Ledger(args) => ledger::run(args).await,
+        Command::Ledger(args) => ledger::run(*args).await,
         Command::Router(args) => router::run(args).await,
         Command::Dev(args) => dev::dev(args).await,
         Command::Demo(args) => dev::demo(args).await,
@@ -73,6 +76,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Index(args) => index::run(args).await,
         Command::Bench(args) => crate::bench::run(args).await,
         Command::Health(args) => health::run(args).await,
+        Command::Alerts(args) => alerts::alerts(args).await,
     }
 }
 

@@ -61,16 +61,37 @@ pub fn connect_lazy_tls(
     secret: &str,
     tls: Option<&syft_tls::ClientTls>,
 ) -> Result<LedgerClient> {
+    Ok(with_credentials(
+        lazy_channel(url, tls)?,
+        Credentials::bearer(secret)?,
+    ))
+}
+
+/// The `syft.ledger.v1.Alerts` service of a ledger, like [`connect_lazy_tls`].
+pub fn connect_alerts_lazy(
+    url: &str,
+    secret: &str,
+    tls: Option<&syft_tls::ClientTls>,
+) -> Result<AlertsClient> {
+    Ok(
+        syft_proto::ledger::alerts_client::AlertsClient::with_interceptor(
+            lazy_channel(url, tls)?,
+            Credentials::bearer(secret)?,
+        ),
+    )
+}
+
+pub type AlertsClient =
+    syft_proto::ledger::alerts_client::AlertsClient<InterceptedService<Channel, Credentials>>;
+
+fn lazy_channel(url: &str, tls: Option<&syft_tls::ClientTls>) -> Result<Channel> {
     let endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|e| LedgerError::invalid(format!("invalid ledger url {url:?}: {e}")))?
         .connect_timeout(std::time::Duration::from_secs(3))
         .tcp_nodelay(true);
     let endpoint = syft_tls::configure_endpoint(endpoint, tls)
         .map_err(|e| LedgerError::invalid(e.to_string()))?;
-    Ok(with_credentials(
-        endpoint.connect_lazy(),
-        Credentials::bearer(secret)?,
-    ))
+    Ok(endpoint.connect_lazy())
 }
 
 pub fn with_credentials(channel: Channel, credentials: Credentials) -> LedgerClient {

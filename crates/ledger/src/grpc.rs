@@ -20,7 +20,7 @@ impl GrpcLedger {
         pb::ledger_server::LedgerServer::new(self)
     }
 
-    async fn caller<T>(&self, request: &Request<T>) -> Result<Caller> {
+    pub(crate) async fn caller<T>(&self, request: &Request<T>) -> Result<Caller> {
         let header = request
             .metadata()
             .get("authorization")

@@ -8,6 +8,7 @@
 //! - [`grpc`] and [`rest`]: thin protocol adapters over the core; [`http`]: the HTTP port.
 //! - [`serve`]: runs it all on given listeners until shutdown.
 
+pub mod alerts;
 pub mod auth;
 pub mod backend;
 pub mod client;
@@ -15,6 +16,7 @@ pub mod core;
 pub mod domain;
 pub mod error;
 pub mod grpc;
+pub mod grpc_alerts;
 pub mod health;
 pub mod hosted;
 pub mod http;
@@ -65,6 +67,8 @@ pub struct LedgerConfig {
     pub tls: Option<syft_tls::ServerTls>,
     /// After the shutdown signal, how long in-flight calls may run before they are dropped.
     pub shutdown_grace: Duration,
+    /// Webhook alerts (docs/alerts.md); off until `alerts.key` is set.
+    pub alerts: alerts::AlertsConfig,
 }
 
 impl Default for LedgerConfig {
@@ -84,6 +88,7 @@ impl Default for LedgerConfig {
             hosted: None,
             tls: None,
             shutdown_grace: syft_server::DEFAULT_SHUTDOWN_GRACE,
+            alerts: alerts::AlertsConfig::default(),
         }
     }
 }
@@ -135,6 +140,15 @@ pub async fn serve_store(
     let config = Arc::new(config);
     let mut background = syft_server::Tasks::default();
     background.spawn(run_sweeper(store.clone(), config.sweep_interval));
+    // Alerts run only where they can work: local accounting and a key to open secrets.
+    if config.alerts.key.is_some() && config.hosted.is_none() {
+        let alerts_config = Arc::new(config.alerts.clone());
+        background.spawn(alerts::evaluate::run(
+            store.clone(),
+            alerts_config.evaluate_interval,
+        ));
+        background.spawn(alerts::deliver::Worker::new(store.clone(), alerts_config).run());
+    }
     let backend: Arc<dyn backend::TransferBackend> = match &config.hosted {
         None => Arc::new(backend::LocalBackend::new(store.clone())),
         Some(hosted_config) => {
@@ -184,6 +198,7 @@ pub async fn serve_store(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(grpc::GrpcLedger(ledger.clone()).into_server())
+        .add_service(grpc::GrpcLedger(ledger.clone()).into_alerts_server())
         .serve_with_incoming_shutdown(syft_server::grpc_incoming(listeners.grpc), stop.stopped());
     let grpc = async {
         grpc.await

@@ -2,7 +2,9 @@
 //! ledger's own tests run in, and account set-up through the ledger's gRPC API.
 
 use std::sync::Arc;
+
 use std::time::Duration;
+use syft_ledger::alerts::{parse_schedule, AlertsConfig, SealKey};
 
 use syft_ledger::client::{self, connect_lazy, LedgerClient};
 use syft_ledger::{LedgerConfig, Store};
@@ -24,6 +26,25 @@ pub fn ledger_config(database_url: &str) -> LedgerConfig {
         accounting_api: true,
         ..LedgerConfig::default()
     }
+}
+
+/// The alerts key of ledgers the kit starts with [`alerts_on`].
+pub const ALERTS_KEY: &str = "test-alerts-key-0123456789";
+
+/// Alerts on, every retry 200 ms apart (five retries), answers within 500 ms, evaluated every
+/// 100 ms: the production code paths on a schedule that runs in seconds.
+pub fn alerts_on(c: &mut LedgerConfig) {
+    c.alerts = AlertsConfig {
+        key: Some(Arc::new(SealKey::from_passphrase(ALERTS_KEY).expect("key"))),
+        allowed_hosts: vec!["127.0.0.1".into()],
+        retry_schedule: parse_schedule("200ms,200ms,200ms,200ms,200ms").expect("schedule"),
+        jitter_percent: 0,
+        request_timeout: Duration::from_millis(500),
+        disable_after: Duration::from_secs(3600),
+        evaluate_interval: Duration::from_millis(100),
+        deliver_interval: Duration::from_millis(50),
+        rate_per_minute: 600,
+    };
 }
 
 /// Serves a ledger over `store` on the given listeners until `shutdown`. The only place the kit

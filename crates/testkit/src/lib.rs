@@ -11,17 +11,19 @@ mod ledger;
 pub mod req;
 mod router;
 mod upstream;
+mod webhook;
 
 pub use db::Db;
 pub use ledger::{
-    account, create_account, deposit, issue_token, ledger_config, serve_ledger, transfers_of,
-    usage_of, Account, Harness, LedgerServer,
+    account, alerts_on, create_account, deposit, issue_token, ledger_config, serve_ledger,
+    transfers_of, usage_of, Account, Harness, LedgerServer, ALERTS_KEY,
 };
 pub use router::{
     chat_request, docs_dir, router_config, search_request, serve_router, Funded, RouterHandle,
     Stack, FUNDS, PRICE,
 };
 pub use upstream::{FakeUpstream, Mode, CONTENT, SEARCH_HITS, UP_COMPLETION, UP_PROMPT};
+pub use webhook::{signature_matches, Received, Reply, WebhookReceiver};
 
 use syft_ledger::Store;
 
@@ -61,6 +63,31 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("free port")
+}
+
+/// The Python of the test virtualenv (`SYFT_SDK_VENV`, default `<repo>/target/sdk-venv`), made
+/// by `tests/python/setup-venv.sh` if missing. `None` (with a `SKIPPED` line) when it cannot be
+/// made, which fails the test instead when `SYFT_SDK_REQUIRED` is set (CI).
+pub fn python_venv(repo: &std::path::Path) -> Option<std::path::PathBuf> {
+    let dir = std::env::var("SYFT_SDK_VENV")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| repo.join("target/sdk-venv"));
+    let status = std::process::Command::new(repo.join("tests/python/setup-venv.sh"))
+        .arg(&dir)
+        .status();
+    match status {
+        Ok(s) if s.success() => Some(dir.join("bin/python")),
+        other => {
+            // CI (.ci/run sets SYFT_SDK_REQUIRED) must run these tests; elsewhere (no python3 or
+            // no PyPI access) they may skip.
+            assert!(
+                std::env::var("SYFT_SDK_REQUIRED").is_err(),
+                "cannot create the Python test virtualenv: {other:?}"
+            );
+            eprintln!("SKIPPED: cannot create the Python test virtualenv ({other:?})");
+            None
+        }
+    }
 }
 
 /// An `http://` URL nothing listens on.

@@ -1,0 +1,330 @@
+//! The delivery worker: claims due events under a lease, signs and sends them, records every
+//! attempt, schedules retries (exponential backoff with jitter, `Retry-After` honoured), gives up
+//! after the schedule, and disables endpoints that fail for `disable_after` (telling the account's
+//! other endpoints with an `endpoint.disabled` event, in the same transaction).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::json;
+
+use super::payload::{body, event_id, Fired};
+use super::rules::{EventKind, Format};
+use super::seal::{signature_header, SealKey};
+use super::store::{self as db, Attempt, ClaimedEvent, EndpointRecord, Outcome};
+use super::target;
+use super::AlertsConfig;
+use crate::error::{LedgerError, Result};
+use crate::store::{now_micros, Store};
+
+const CLAIM_BATCH: i64 = 32;
+const PARALLEL_SENDS: usize = 8;
+/// Bytes of a response read (then dropped); at most this much of an error body is kept.
+const RESPONSE_CAP: usize = 1024;
+const ERROR_TEXT_CAP: usize = 256;
+/// A `Retry-After` longer than this is cut to it (a receiver cannot park an event for a week).
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(86_400);
+
+/// One delivery worker; `id` names it in leases and in the delivery log.
+#[derive(Clone)]
+pub struct Worker {
+    store: Arc<Store>,
+    config: Arc<AlertsConfig>,
+    id: String,
+}
+
+impl Worker {
+    pub fn new(store: Arc<Store>, config: Arc<AlertsConfig>) -> Self {
+        let id = format!("worker-{}", uuid::Uuid::new_v4().simple());
+        Self { store, config, id }
+    }
+
+    /// Delivers due events every `deliver_interval`, forever.
+    pub async fn run(self) {
+        let mut tick = tokio::time::interval(self.config.deliver_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = self.deliver_due().await {
+                tracing::warn!(error = %e, "alert delivery round failed");
+            }
+        }
+    }
+
+    /// Claims and sends one batch of due events; returns how many were attempted.
+    pub async fn deliver_due(&self) -> Result<usize> {
+        let now = now_micros();
+        // The lease outlives any attempt (timeout + margin), so two workers never send one
+        // event at the same time; a crashed worker's lease lapses and the event is claimed again.
+        let lease = self.config.request_timeout * 2 + Duration::from_secs(5);
+        let lease_until = now + lease.as_micros() as i64;
+        let events = db::claim_due(&self.store, &self.id, now, lease_until, CLAIM_BATCH).await?;
+        let count = events.len();
+        futures::stream::iter(events)
+            .for_each_concurrent(PARALLEL_SENDS, |event| async move {
+                if let Err(e) = self.deliver(&event).await {
+                    tracing::warn!(event = %event.id, error = %e, "alert delivery failed");
+                }
+            })
+            .await;
+        Ok(count)
+    }
+
+    async fn deliver(&self, event: &ClaimedEvent) -> Result<()> {
+        let pool = self.store.pool();
+        let Some(endpoint) = db::endpoint(pool, &event.endpoint_id).await? else {
+            return Ok(());
+        };
+        let now = now_micros();
+        if db::attempts_since(pool, &endpoint.id, now - 60_000_000).await?
+            >= endpoint.rate_per_minute
+        {
+            // Over the endpoint's cap: try again in a second, without spending an attempt.
+            return db::postpone(pool, &event.id, &self.id, now + 1_000_000).await;
+        }
+        let secrets = live_secrets(self.key()?, &endpoint, now)?;
+        let started = Instant::now();
+        let answer = send(&self.config, &endpoint.url, event, &secrets).await;
+        let latency_ms = started.elapsed().as_millis() as i64;
+        let (outcome, next) = self.decide(event, &answer);
+        let attempt = Attempt {
+            event,
+            worker: &self.id,
+            started_at: now,
+            latency_ms,
+            status_code: answer.status,
+            outcome,
+            error: &answer.error,
+            next_attempt_at: next,
+        };
+        let failing_since = db::record_attempt(pool, &attempt, now_micros()).await?;
+        tracing::info!(event = %event.id, endpoint = %endpoint.id, status = ?answer.status,
+            outcome = outcome.as_str(), error = %answer.error, "alert delivery attempt");
+        if let Some(since) = failing_since {
+            if now_micros() - since >= self.config.disable_after.as_micros() as i64 {
+                disable(&self.store, &endpoint, since).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn key(&self) -> Result<&SealKey> {
+        self.config.key.as_deref().ok_or_else(|| {
+            LedgerError::FailedPrecondition("alerts need --alerts-key to open secrets".into())
+        })
+    }
+
+    /// Delivered, retried (when), or given up.
+    fn decide(&self, event: &ClaimedEvent, answer: &Answer) -> (Outcome, Option<i64>) {
+        let retryable = match answer.status {
+            Some(code) if (200..300).contains(&code) => return (Outcome::Delivered, None),
+            Some(code) => code == 408 || code == 429 || code >= 500,
+            None => answer.retryable_failure,
+        };
+        let delay = usize::try_from(event.attempts)
+            .ok()
+            .and_then(|n| self.config.retry_schedule.get(n));
+        match (retryable, delay) {
+            (true, Some(delay)) => {
+                let delay = jitter(*delay, self.config.jitter_percent)
+                    .max(answer.retry_after.unwrap_or_default().min(MAX_RETRY_AFTER));
+                (
+                    Outcome::Retry,
+                    Some(now_micros() + delay.as_micros() as i64),
+                )
+            }
+            _ => (Outcome::GaveUp, None),
+        }
+    }
+}
+
+/// The secrets that sign now: the current one, and the previous one during a rotation's overlap.
+fn live_secrets(key: &SealKey, endpoint: &EndpointRecord, now: i64) -> Result<Vec<String>> {
+    let mut secrets = vec![key.open(&endpoint.id, &endpoint.secret_sealed)?];
+    if let (Some(previous), Some(until)) = (
+        &endpoint.previous_secret_sealed,
+        endpoint.previous_secret_until,
+    ) {
+        if now < until {
+            secrets.push(key.open(&endpoint.id, previous)?);
+        }
+    }
+    Ok(secrets)
+}
+
+fn jitter(delay: Duration, percent: u8) -> Duration {
+    use rand::Rng;
+    if percent == 0 {
+        return delay;
+    }
+    let spread = i64::from(percent.min(100));
+    let factor = 100 + rand::thread_rng().gen_range(-spread..=spread);
+    delay * factor as u32 / 100
+}
+
+/// What one attempt got back.
+#[derive(Debug, Default)]
+struct Answer {
+    status: Option<u16>,
+    retry_after: Option<Duration>,
+    /// Without a status: whether the failure is one to retry (timeouts, refused or dropped
+    /// connections) or not (the endpoint now resolves to a forbidden address).
+    retryable_failure: bool,
+    error: String,
+}
+
+async fn send(
+    config: &AlertsConfig,
+    url: &str,
+    event: &ClaimedEvent,
+    secrets: &[String],
+) -> Answer {
+    match try_send(config, url, event, secrets).await {
+        Ok(answer) => answer,
+        Err(SendError::Refused(msg)) => Answer {
+            error: msg,
+            ..Answer::default()
+        },
+        Err(SendError::Transport(msg)) => Answer {
+            error: msg,
+            retryable_failure: true,
+            ..Answer::default()
+        },
+    }
+}
+
+enum SendError {
+    Refused(String),
+    Transport(String),
+}
+
+async fn try_send(
+    config: &AlertsConfig,
+    url: &str,
+    event: &ClaimedEvent,
+    secrets: &[String],
+) -> std::result::Result<Answer, SendError> {
+    let refused = |e: LedgerError| SendError::Refused(e.to_string());
+    let url = target::parse_url(url, &config.allowed_hosts).map_err(refused)?;
+    // Checked now, and the connection pinned to the checked addresses (no DNS rebinding).
+    let addrs = target::resolve(&url, &config.allowed_hosts)
+        .await
+        .map_err(refused)?;
+    let mut client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(config.request_timeout)
+        .no_proxy()
+        .user_agent("syft-router-webhooks/1");
+    if let Some(host) = url.domain() {
+        client = client.resolve_to_addrs(host, &addrs);
+    }
+    let client = client
+        .build()
+        .map_err(|e| SendError::Refused(format!("http client: {e}")))?;
+    let timestamp = now_micros() / 1_000_000;
+    let signature = signature_header(secrets, &event.id, timestamp, event.payload.as_bytes())
+        .map_err(refused)?;
+    let response = client
+        .post(url)
+        .header("content-type", "application/json")
+        .header("webhook-id", &event.id)
+        .header("webhook-timestamp", timestamp.to_string())
+        .header("webhook-signature", signature)
+        .body(event.payload.clone())
+        .send()
+        .await
+        .map_err(|e| SendError::Transport(transport_error(&e)))?;
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let head = read_capped(response).await;
+    let error = if (200..300).contains(&status) {
+        String::new()
+    } else if (300..400).contains(&status) {
+        format!("HTTP {status}: redirects are not followed")
+    } else {
+        format!(
+            "HTTP {status}: {}",
+            head.chars().take(ERROR_TEXT_CAP).collect::<String>()
+        )
+    };
+    Ok(Answer {
+        status: Some(status),
+        retry_after,
+        retryable_failure: false,
+        error,
+    })
+}
+
+/// Reads at most [`RESPONSE_CAP`] bytes of the body (the rest is never read, never stored).
+async fn read_capped(mut response: reqwest::Response) -> String {
+    let mut head = Vec::new();
+    while head.len() < RESPONSE_CAP {
+        match response.chunk().await {
+            Ok(Some(chunk)) => head.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
+    head.truncate(RESPONSE_CAP);
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+fn transport_error(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        "timed out".into()
+    } else if e.is_connect() {
+        "connection failed".into()
+    } else {
+        "connection dropped before an answer".into()
+    }
+}
+
+/// Disables an endpoint (once, whichever replica gets there) and tells the account's other
+/// enabled endpoints, in one transaction.
+async fn disable(store: &Store, endpoint: &EndpointRecord, failing_since: i64) -> Result<()> {
+    let now = now_micros();
+    // Read before the transaction: SQLite has one connection, which the transaction takes.
+    let others = db::endpoints(store.pool(), Some(endpoint.account_id)).await?;
+    let mut tx = store.pool().begin().await?;
+    if !db::disable(&mut tx, &endpoint.id, now).await? {
+        return Ok(());
+    }
+    let fired = Fired {
+        kind: EventKind::EndpointDisabled,
+        data: json!({
+            "endpoint_id": endpoint.id,
+            "url": endpoint.url,
+            "failing_since": super::payload::rfc3339(failing_since),
+        }),
+        summary: format!(
+            "webhook endpoint {} ({}) was disabled after failing since {}",
+            endpoint.id,
+            endpoint.url,
+            super::payload::rfc3339(failing_since)
+        ),
+    };
+    for other in others {
+        if other.id == endpoint.id || other.disabled_at.is_some() {
+            continue;
+        }
+        let id = event_id();
+        let payload = body(Format::parse(&other.format)?, &id, &fired, now);
+        db::insert_event(
+            &mut tx,
+            &id,
+            &other.id,
+            EventKind::EndpointDisabled,
+            &payload,
+            now,
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    tracing::warn!(endpoint = %endpoint.id, "alert endpoint disabled after persistent failure");
+    Ok(())
+}

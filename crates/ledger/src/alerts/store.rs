@@ -1,0 +1,412 @@
+//! The alerts tables (migration 0008). One SQL text for Postgres and SQLite except the claim,
+//! which adds `FOR UPDATE SKIP LOCKED` on Postgres (SQLite has one writer connection, so its
+//! claim statement is already exclusive).
+
+use sqlx::{Any, AnyPool, Transaction};
+
+use super::rules::EventKind;
+use crate::error::Result;
+use crate::store::{now_micros, Backend, Store};
+
+const ENDPOINT_COLUMNS: &str = "id, account_id, url, format, secret_sealed, \
+    previous_secret_sealed, previous_secret_until, rules, rate_per_minute, failing_since, \
+    disabled_at, created_at";
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(crate) struct EndpointRecord {
+    pub id: String,
+    pub account_id: i64,
+    pub url: String,
+    pub format: String,
+    pub secret_sealed: String,
+    pub previous_secret_sealed: Option<String>,
+    pub previous_secret_until: Option<i64>,
+    pub rules: String,
+    pub rate_per_minute: i64,
+    pub failing_since: Option<i64>,
+    pub disabled_at: Option<i64>,
+    pub created_at: i64,
+}
+
+/// An event a worker holds the lease of.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(crate) struct ClaimedEvent {
+    pub id: String,
+    pub endpoint_id: String,
+    pub payload: String,
+    pub attempts: i64,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct DeliveryRow {
+    pub event_id: String,
+    pub kind: String,
+    pub attempt: i64,
+    pub worker: String,
+    pub started_at: i64,
+    pub latency_ms: i64,
+    pub status_code: Option<i64>,
+    pub outcome: String,
+    pub error: String,
+    pub next_attempt_at: Option<i64>,
+}
+
+/// What one attempt ended in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered,
+    Retry,
+    GaveUp,
+}
+
+impl Outcome {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Delivered => "DELIVERED",
+            Outcome::Retry => "RETRY",
+            Outcome::GaveUp => "GAVE_UP",
+        }
+    }
+}
+
+/// One attempt, as recorded in the delivery log.
+#[derive(Debug, Clone)]
+pub(crate) struct Attempt<'a> {
+    pub event: &'a ClaimedEvent,
+    pub worker: &'a str,
+    pub started_at: i64,
+    pub latency_ms: i64,
+    pub status_code: Option<u16>,
+    pub outcome: Outcome,
+    pub error: &'a str,
+    pub next_attempt_at: Option<i64>,
+}
+
+pub(crate) async fn insert_endpoint(pool: &AnyPool, e: &EndpointRecord) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO alert_endpoints (id, account_id, url, format, secret_sealed, rules, \
+         rate_per_minute, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(&e.id)
+    .bind(e.account_id)
+    .bind(&e.url)
+    .bind(&e.format)
+    .bind(&e.secret_sealed)
+    .bind(&e.rules)
+    .bind(e.rate_per_minute)
+    .bind(e.created_at)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Endpoints not removed: of one account, or (None) of every account.
+pub(crate) async fn endpoints(
+    pool: &AnyPool,
+    account_id: Option<i64>,
+) -> Result<Vec<EndpointRecord>> {
+    let sql = format!(
+        "SELECT {ENDPOINT_COLUMNS} FROM alert_endpoints WHERE removed_at IS NULL \
+         AND ($1 IS NULL OR account_id = $1) ORDER BY created_at, id"
+    );
+    Ok(sqlx::query_as(&sql)
+        .bind(account_id)
+        .fetch_all(pool)
+        .await?)
+}
+
+pub(crate) async fn endpoint(pool: &AnyPool, id: &str) -> Result<Option<EndpointRecord>> {
+    let sql = format!(
+        "SELECT {ENDPOINT_COLUMNS} FROM alert_endpoints WHERE id = $1 AND removed_at IS NULL"
+    );
+    Ok(sqlx::query_as(&sql).bind(id).fetch_optional(pool).await?)
+}
+
+/// Removes an endpoint; its undelivered events are given up with it.
+pub(crate) async fn remove_endpoint(pool: &AnyPool, id: &str, now: i64) -> Result<()> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("UPDATE alert_endpoints SET removed_at = $1 WHERE id = $2 AND removed_at IS NULL")
+        .bind(now)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "UPDATE alert_events SET status = 'FAILED', finished_at = $1, lease_owner = NULL, \
+         lease_until = NULL WHERE endpoint_id = $2 AND status = 'PENDING'",
+    )
+    .bind(now)
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+pub(crate) async fn rotate_secret(
+    pool: &AnyPool,
+    id: &str,
+    sealed: &str,
+    previous_sealed: &str,
+    previous_until: i64,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE alert_endpoints SET secret_sealed = $1, previous_secret_sealed = $2, \
+         previous_secret_until = $3 WHERE id = $4",
+    )
+    .bind(sealed)
+    .bind(previous_sealed)
+    .bind(previous_until)
+    .bind(id)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Appends an event to the outbox inside the caller's transaction. `now` is the time the rule was
+/// evaluated as of (its payload's time); the event is due at once, by the wall clock.
+pub(crate) async fn insert_event(
+    tx: &mut Transaction<'_, Any>,
+    id: &str,
+    endpoint_id: &str,
+    kind: EventKind,
+    payload: &str,
+    now: i64,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO alert_events (id, endpoint_id, kind, payload, status, next_attempt_at, \
+         created_at) VALUES ($1, $2, $3, $4, 'PENDING', $5, $6)",
+    )
+    .bind(id)
+    .bind(endpoint_id)
+    .bind(kind.as_str())
+    .bind(payload)
+    .bind(now_micros().min(now))
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// The stored level of a rule's subject (None: never evaluated, i.e. armed).
+pub(crate) async fn level(
+    pool: &AnyPool,
+    endpoint_id: &str,
+    rule_index: i64,
+    subject: &str,
+) -> Result<Option<i64>> {
+    Ok(sqlx::query_scalar(
+        "SELECT level FROM alert_state WHERE endpoint_id = $1 AND rule_index = $2 AND subject = $3",
+    )
+    .bind(endpoint_id)
+    .bind(rule_index)
+    .bind(subject)
+    .fetch_optional(pool)
+    .await?)
+}
+
+/// Moves a rule's level from `old` to `new` only if nobody moved it first (another replica's
+/// evaluator); true when this transaction made the move. The caller writes the fired events in
+/// the same transaction and commits.
+pub(crate) async fn compare_and_set_level(
+    tx: &mut Transaction<'_, Any>,
+    key: (&str, i64, &str),
+    old: Option<i64>,
+    new: i64,
+    now: i64,
+) -> Result<bool> {
+    let (endpoint_id, rule_index, subject) = key;
+    let result =
+        match old {
+            None => sqlx::query(
+                "INSERT INTO alert_state (endpoint_id, rule_index, subject, level, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+            )
+            .bind(endpoint_id)
+            .bind(rule_index)
+            .bind(subject)
+            .bind(new)
+            .bind(now)
+            .execute(&mut **tx)
+            .await?,
+            Some(old) => {
+                sqlx::query(
+                    "UPDATE alert_state SET level = $1, updated_at = $2 WHERE endpoint_id = $3 \
+                 AND rule_index = $4 AND subject = $5 AND level = $6",
+                )
+                .bind(new)
+                .bind(now)
+                .bind(endpoint_id)
+                .bind(rule_index)
+                .bind(subject)
+                .bind(old)
+                .execute(&mut **tx)
+                .await?
+            }
+        };
+    Ok(result.rows_affected() == 1)
+}
+
+/// Leases up to `limit` due events of enabled endpoints to `worker` until `lease_until`.
+pub(crate) async fn claim_due(
+    store: &Store,
+    worker: &str,
+    now: i64,
+    lease_until: i64,
+    limit: i64,
+) -> Result<Vec<ClaimedEvent>> {
+    let lock = match store.backend() {
+        Backend::Postgres => "FOR UPDATE OF e SKIP LOCKED",
+        Backend::Sqlite => "",
+    };
+    let sql = format!(
+        "UPDATE alert_events SET lease_owner = $1, lease_until = $2 WHERE id IN (\
+           SELECT e.id FROM alert_events e JOIN alert_endpoints p ON p.id = e.endpoint_id \
+           WHERE e.status = 'PENDING' AND e.next_attempt_at <= $3 \
+           AND (e.lease_until IS NULL OR e.lease_until < $3) \
+           AND p.disabled_at IS NULL AND p.removed_at IS NULL \
+           ORDER BY e.next_attempt_at LIMIT $4 {lock}) \
+         RETURNING id, endpoint_id, payload, attempts"
+    );
+    Ok(sqlx::query_as(&sql)
+        .bind(worker)
+        .bind(lease_until)
+        .bind(now)
+        .bind(limit)
+        .fetch_all(store.pool())
+        .await?)
+}
+
+/// Gives an event back for later without counting an attempt (the endpoint's rate cap).
+pub(crate) async fn postpone(
+    pool: &AnyPool,
+    event_id: &str,
+    worker: &str,
+    until: i64,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE alert_events SET next_attempt_at = $1, lease_owner = NULL, lease_until = NULL \
+         WHERE id = $2 AND lease_owner = $3",
+    )
+    .bind(until)
+    .bind(event_id)
+    .bind(worker)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+pub(crate) async fn attempts_since(pool: &AnyPool, endpoint_id: &str, since: i64) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT COUNT(*) FROM alert_deliveries WHERE endpoint_id = $1 AND started_at >= $2",
+    )
+    .bind(endpoint_id)
+    .bind(since)
+    .fetch_one(pool)
+    .await?)
+}
+
+/// Records an attempt and moves the event on, only while `worker` still holds its lease; returns
+/// the endpoint's `failing_since` after the attempt (None when it is healthy).
+pub(crate) async fn record_attempt(
+    pool: &AnyPool,
+    a: &Attempt<'_>,
+    now: i64,
+) -> Result<Option<i64>> {
+    let mut tx = pool.begin().await?;
+    let status = match a.outcome {
+        Outcome::Delivered => "DELIVERED",
+        Outcome::Retry => "PENDING",
+        Outcome::GaveUp => "FAILED",
+    };
+    let finished = (a.outcome != Outcome::Retry).then_some(now);
+    let moved = sqlx::query(
+        "UPDATE alert_events SET status = $1, attempts = attempts + 1, next_attempt_at = $2, \
+         finished_at = $3, lease_owner = NULL, lease_until = NULL \
+         WHERE id = $4 AND lease_owner = $5 AND status = 'PENDING'",
+    )
+    .bind(status)
+    .bind(a.next_attempt_at.unwrap_or(now))
+    .bind(finished)
+    .bind(&a.event.id)
+    .bind(a.worker)
+    .execute(&mut *tx)
+    .await?;
+    if moved.rows_affected() != 1 {
+        // The lease ran out and another worker owns the event now: its attempt is the record.
+        tracing::warn!(event = %a.event.id, "alert event lease lost before the attempt was recorded");
+    }
+    sqlx::query(
+        "INSERT INTO alert_deliveries (event_id, endpoint_id, attempt, worker, started_at, \
+         latency_ms, status_code, outcome, error, next_attempt_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+    )
+    .bind(&a.event.id)
+    .bind(&a.event.endpoint_id)
+    .bind(a.event.attempts + 1)
+    .bind(a.worker)
+    .bind(a.started_at)
+    .bind(a.latency_ms)
+    .bind(a.status_code.map(i64::from))
+    .bind(a.outcome.as_str())
+    .bind(a.error)
+    .bind(a.next_attempt_at)
+    .execute(&mut *tx)
+    .await?;
+    let healthy = a.outcome == Outcome::Delivered;
+    sqlx::query(
+        "UPDATE alert_endpoints SET failing_since = CASE WHEN $1 THEN NULL \
+         ELSE COALESCE(failing_since, $2) END WHERE id = $3",
+    )
+    .bind(healthy)
+    .bind(a.started_at)
+    .bind(&a.event.endpoint_id)
+    .execute(&mut *tx)
+    .await?;
+    let failing_since: Option<i64> =
+        sqlx::query_scalar("SELECT failing_since FROM alert_endpoints WHERE id = $1")
+            .bind(&a.event.endpoint_id)
+            .fetch_one(&mut *tx)
+            .await?;
+    tx.commit().await?;
+    Ok(failing_since)
+}
+
+/// Marks an endpoint disabled, once; true when this call disabled it.
+pub(crate) async fn disable(tx: &mut Transaction<'_, Any>, id: &str, now: i64) -> Result<bool> {
+    let result = sqlx::query(
+        "UPDATE alert_endpoints SET disabled_at = $1 WHERE id = $2 AND disabled_at IS NULL",
+    )
+    .bind(now)
+    .bind(id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(result.rows_affected() == 1)
+}
+
+/// The delivery log of an endpoint, newest first.
+pub(crate) async fn deliveries(
+    pool: &AnyPool,
+    endpoint_id: &str,
+    limit: i64,
+) -> Result<Vec<DeliveryRow>> {
+    Ok(sqlx::query_as(
+        "SELECT d.event_id, e.kind, d.attempt, d.worker, d.started_at, d.latency_ms, \
+         d.status_code, d.outcome, d.error, d.next_attempt_at \
+         FROM alert_deliveries d JOIN alert_events e ON e.id = d.event_id \
+         WHERE d.endpoint_id = $1 ORDER BY d.id DESC LIMIT $2",
+    )
+    .bind(endpoint_id)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Events of an endpoint not yet delivered nor given up.
+pub(crate) async fn pending_events(pool: &AnyPool, endpoint_id: &str) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT COUNT(*) FROM alert_events WHERE endpoint_id = $1 AND status = 'PENDING'",
+    )
+    .bind(endpoint_id)
+    .fetch_one(pool)
+    .await?)
+}

@@ -1,0 +1,161 @@
+//! Where a webhook may go: https URLs (http only to hosts the operator allowed), never to private,
+//! loopback or link-local addresses unless the host is allowed. Checked when an endpoint is added
+//! and again at every delivery against the address actually connected to (DNS may change).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use url::Url;
+
+use crate::error::{LedgerError, Result};
+
+const MAX_URL: usize = 2048;
+
+/// Parses and checks an endpoint URL (syntax and scheme; addresses are checked by [`resolve`]).
+pub fn parse_url(raw: &str, allowed_hosts: &[String]) -> Result<Url> {
+    if raw.len() > MAX_URL {
+        return Err(LedgerError::invalid(format!(
+            "url is longer than {MAX_URL} characters"
+        )));
+    }
+    let url = Url::parse(raw).map_err(|e| LedgerError::invalid(format!("url {raw:?}: {e}")))?;
+    let host = url
+        .host_str()
+        .ok_or_else(|| LedgerError::invalid(format!("url {raw:?} has no host")))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(LedgerError::invalid(
+            "url must not carry credentials; the signature authenticates the ledger",
+        ));
+    }
+    match url.scheme() {
+        "https" => {}
+        "http" if is_allowed(host, allowed_hosts) => {}
+        "http" => {
+            return Err(LedgerError::invalid(format!(
+            "url must be https (http only to hosts allowed by --alerts-allow-host; {host} is not)"
+        )))
+        }
+        other => {
+            return Err(LedgerError::invalid(format!(
+                "url scheme {other:?} is not https"
+            )))
+        }
+    }
+    Ok(url)
+}
+
+fn is_allowed(host: &str, allowed_hosts: &[String]) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    allowed_hosts.iter().any(|a| a.eq_ignore_ascii_case(host))
+}
+
+/// Resolves the URL's host and returns the addresses that may be connected to; refuses when any
+/// resolved address is private (a name that resolves to one public and one private address could
+/// be steered to the private one).
+pub async fn resolve(url: &Url, allowed_hosts: &[String]) -> Result<Vec<SocketAddr>> {
+    let host = url
+        .host_str()
+        .ok_or_else(|| LedgerError::invalid("url has no host"))?;
+    let port = url
+        .port_or_known_default()
+        .ok_or_else(|| LedgerError::invalid("url has no port"))?;
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((bare, port))
+        .await
+        .map_err(|e| LedgerError::invalid(format!("cannot resolve {host}: {e}")))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(LedgerError::invalid(format!("{host} resolves to nothing")));
+    }
+    if !is_allowed(host, allowed_hosts) {
+        if let Some(bad) = addrs.iter().find(|a| !is_public(a.ip())) {
+            return Err(LedgerError::invalid(format!(
+                "{host} resolves to {}, a private, loopback or reserved address (allow the host \
+                 with --alerts-allow-host for local use)",
+                bad.ip()
+            )));
+        }
+    }
+    Ok(addrs)
+}
+
+/// Whether an address is on the public internet.
+pub fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => is_public_v4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => is_public_v4(v4),
+            None => is_public_v6(v6),
+        },
+    }
+}
+
+fn is_public_v4(ip: Ipv4Addr) -> bool {
+    let [a, b, ..] = ip.octets();
+    !(ip.is_private()
+        || ip.is_loopback()
+        || ip.is_link_local()
+        || ip.is_unspecified()
+        || ip.is_broadcast()
+        || ip.is_multicast()
+        || ip.is_documentation()
+        || a == 0
+        // Carrier-grade NAT 100.64.0.0/10 and benchmarking 198.18.0.0/15.
+        || (a == 100 && (64..128).contains(&b))
+        || (a == 198 && (18..20).contains(&b))
+        || a >= 240)
+}
+
+fn is_public_v6(ip: Ipv6Addr) -> bool {
+    let first = ip.segments()[0];
+    !(ip.is_loopback()
+        || ip.is_unspecified()
+        || ip.is_multicast()
+        // Unique local fc00::/7, link-local fe80::/10, documentation 2001:db8::/32.
+        || (first & 0xfe00) == 0xfc00
+        || (first & 0xffc0) == 0xfe80
+        || (first == 0x2001 && ip.segments()[1] == 0x0db8))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn private_and_reserved_addresses_are_not_public() {
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::1",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+        ] {
+            assert!(!is_public(ip.parse().unwrap()), "{ip} counted as public");
+        }
+        assert!(is_public("93.184.216.34".parse().unwrap()));
+        assert!(is_public("2606:4700::1111".parse().unwrap()));
+    }
+
+    #[test]
+    fn urls_need_https_unless_allowed() {
+        let allowed = vec!["127.0.0.1".to_string()];
+        assert!(parse_url("https://hooks.example.com/x", &[]).is_ok());
+        assert!(parse_url("http://hooks.example.com/x", &[]).is_err());
+        assert!(parse_url("http://127.0.0.1:9/x", &allowed).is_ok());
+        assert!(parse_url("ftp://hooks.example.com", &allowed).is_err());
+        assert!(parse_url("not a url", &allowed).is_err());
+        assert!(parse_url("https://u:p@hooks.example.com", &allowed).is_err());
+    }
+
+    #[tokio::test]
+    async fn loopback_is_refused_unless_allowed() {
+        let url = parse_url("https://127.0.0.1:9/x", &[]).unwrap();
+        assert!(resolve(&url, &[]).await.is_err());
+        assert!(resolve(&url, &["127.0.0.1".into()]).await.is_ok());
+    }
+}

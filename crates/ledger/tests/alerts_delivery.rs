@@ -1,0 +1,362 @@
+//! Alert delivery: retries (timeouts, dropped connections, 429 with Retry-After, 5xx), no retry
+//! after other 4xx, disabling after persistent failure, a ledger killed before delivery, two
+//! replicas, refused endpoint configs, secrets sealed at rest, and the signature checked by the
+//! `standardwebhooks` Python package. SQLite and Postgres.
+
+mod alerts_support;
+
+use std::time::{Duration, Instant};
+
+use alerts_support::*;
+use syft_proto::ledger as pb;
+use syft_testkit::{code, Harness, LedgerServer, Reply, WebhookReceiver, ADMIN_KEY, USD};
+use tonic::Code;
+
+alerts_suite!(
+    delivery,
+    crate::alerts_support::alerts_on;
+    retries_until_delivered_with_one_id,
+    client_errors_are_not_retried,
+    killed_ledger_delivers_after_restart_with_the_same_id,
+    two_replicas_never_send_one_event_in_parallel,
+    bad_endpoint_configs_are_refused,
+    secrets_are_sealed_and_rotate_with_overlap,
+);
+
+alerts_suite!(
+    disabling,
+    crate::alerts_support::alerts_disable_fast;
+    failing_endpoint_is_disabled_and_the_owner_told,
+);
+
+async fn test_event(h: &Harness, secret: &str, endpoint: &str) -> String {
+    alerts(h, secret)
+        .send_test_alert(pb::SendTestAlertRequest {
+            endpoint_id: endpoint.into(),
+        })
+        .await
+        .expect("test event")
+        .into_inner()
+        .event_id
+}
+
+async fn retries_until_delivered_with_one_id(h: Harness) -> Harness {
+    let rx = WebhookReceiver::start().await;
+    let alice = h.account(ALICE, 10 * USD).await;
+    let ep = add_rule(&h, &alice, &rx, balance_low(USD)).await;
+    rx.script(&[
+        Reply::RetryAfter(429, 1),
+        Reply::Hang,
+        Reply::Drop,
+        Reply::Status(503),
+    ]);
+    let id = test_event(&h, &alice, &ep).await;
+    let got = rx
+        .wait_until(WAIT, "five attempts", |r| {
+            r.iter().any(|x| x.reply == Reply::Ok)
+        })
+        .await;
+    let attempts: Vec<_> = got.iter().filter(|r| r.id == id).collect();
+    assert_eq!(attempts.len(), 5, "{got:#?}");
+    assert!(attempts
+        .iter()
+        .all(|a| a.valid && a.body == attempts[0].body));
+    // Retry-After: 1 wins over the 200 ms schedule.
+    let waited = attempts[1].at - attempts[0].at;
+    assert!(waited >= Duration::from_millis(950), "{waited:?}");
+    // The log, newest first: what each attempt got, the same event id throughout.
+    let log = deliveries(&h, &alice, &ep).await;
+    let seen: Vec<_> = log
+        .iter()
+        .map(|d| (d.outcome.as_str(), d.status_code))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("DELIVERED", Some(200)),
+            ("RETRY", Some(503)),
+            ("RETRY", None),
+            ("RETRY", None),
+            ("RETRY", Some(429)),
+        ]
+    );
+    assert!(log.iter().all(|d| d.event_id == id));
+    assert!(
+        log[2].error.contains("dropped") || log[2].error.contains("connection"),
+        "{:?}",
+        log[2]
+    );
+    assert!(log[3].error.contains("timed out"), "{:?}", log[3]);
+    assert!(log[1].next_attempt_at_unix_micros.is_some());
+    h
+}
+
+async fn client_errors_are_not_retried(h: Harness) -> Harness {
+    let rx = WebhookReceiver::start().await;
+    rx.set_default(Reply::Status(400));
+    let alice = h.account(ALICE, 10 * USD).await;
+    let ep = add_rule(&h, &alice, &rx, balance_low(USD)).await;
+    test_event(&h, &alice, &ep).await;
+    rx.wait_until(WAIT, "one attempt", |r| !r.is_empty()).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(rx.received().len(), 1, "a 400 is final");
+    let log = deliveries(&h, &alice, &ep).await;
+    assert_eq!(log.len(), 1);
+    assert_eq!(
+        (log[0].outcome.as_str(), log[0].status_code),
+        ("GAVE_UP", Some(400))
+    );
+    assert!(log[0].error.starts_with("HTTP 400"));
+    // A 500 forever: the schedule (five retries) ends, then the event is given up.
+    let rx2 = WebhookReceiver::start().await;
+    rx2.set_default(Reply::Status(500));
+    let ep2 = add_rule(&h, &alice, &rx2, balance_low(USD)).await;
+    test_event(&h, &alice, &ep2).await;
+    rx2.wait_until(WAIT, "six attempts", |r| r.len() >= 6).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(rx2.received().len(), 6);
+    let log = deliveries(&h, &alice, &ep2).await;
+    assert_eq!(log[0].outcome, "GAVE_UP");
+    h
+}
+
+async fn failing_endpoint_is_disabled_and_the_owner_told(h: Harness) -> Harness {
+    let (bad, good) = (
+        WebhookReceiver::start().await,
+        WebhookReceiver::start().await,
+    );
+    bad.set_default(Reply::Status(500));
+    let alice = h.account(ALICE, 10 * USD).await;
+    let ep_bad = add_rule(&h, &alice, &bad, balance_low(USD)).await;
+    add_rule(&h, &alice, &good, balance_low(USD)).await;
+    test_event(&h, &alice, &ep_bad).await;
+    let got = good
+        .wait_until(WAIT, "endpoint.disabled", |r| {
+            !of_type(r, "endpoint.disabled").is_empty()
+        })
+        .await;
+    let notice = &of_type(&got, "endpoint.disabled")[0];
+    assert_eq!(notice.json()["data"]["endpoint_id"], ep_bad);
+    assert!(notice.valid);
+    let listed = alerts(&h, &alice)
+        .list_alert_endpoints(pb::ListAlertEndpointsRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .endpoints;
+    let bad_row = listed.iter().find(|e| e.id == ep_bad).expect("listed");
+    assert!(
+        bad_row.disabled_at_unix_micros.is_some() && bad_row.failing_since_unix_micros.is_some()
+    );
+    // Disabled: no more attempts.
+    let attempts = bad.received().len();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(bad.received().len(), attempts);
+    h
+}
+
+async fn killed_ledger_delivers_after_restart_with_the_same_id(mut h: Harness) -> Harness {
+    let rx = WebhookReceiver::start().await;
+    rx.set_default(Reply::Drop);
+    let (alice, bob, token) = alice_and_bob(&h, 10 * USD).await;
+    add_rule(&h, &alice, &rx, balance_low(5 * USD)).await;
+    spend(&h, &bob, &token, 6 * USD, "k1").await;
+    let got = rx
+        .wait_until(WAIT, "a failed attempt", |r| !r.is_empty())
+        .await;
+    let id = got[0].id.clone();
+    // Killed (no graceful stop) with the event committed but undelivered.
+    h.server.take().expect("server").kill();
+    rx.set_default(Reply::Ok);
+    h.server = Some(LedgerServer::start(h.config.clone()).await);
+    let got = rx
+        .wait_until(WAIT, "delivery after restart", |r| {
+            r.iter().any(|x| x.reply == Reply::Ok)
+        })
+        .await;
+    let delivered: Vec<_> = got.iter().filter(|x| x.reply == Reply::Ok).collect();
+    assert_eq!(delivered[0].id, id, "the same event, the same id");
+    assert!(delivered[0].valid);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let ids: std::collections::HashSet<_> = rx.received().iter().map(|r| r.id.clone()).collect();
+    assert_eq!(ids.len(), 1, "the restart fired no second event");
+    h
+}
+
+async fn two_replicas_never_send_one_event_in_parallel(h: Harness) -> Harness {
+    let rx = WebhookReceiver::start().await;
+    rx.set_delay(Duration::from_millis(150));
+    let second = LedgerServer::start(h.config.clone()).await;
+    let alice = h.account(ALICE, 10 * USD).await;
+    let ep = add_rule(&h, &alice, &rx, balance_low(USD)).await;
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.push(test_event(&h, &alice, &ep).await);
+    }
+    rx.wait_until(WAIT, "20 deliveries", |r| r.len() >= 20)
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let received = rx.received();
+    assert_eq!(received.len(), 20, "each event once, none twice");
+    let mut got: Vec<_> = received.iter().map(|r| r.id.clone()).collect();
+    got.sort();
+    ids.sort();
+    assert_eq!(got, ids);
+    assert_eq!(rx.max_parallel_same_id(), 1);
+    second.stop().await;
+    h
+}
+
+async fn bad_endpoint_configs_are_refused(h: Harness) -> Harness {
+    let alice = h.account(ALICE, 10 * USD).await;
+    let bob = h.account(BOB, 0).await;
+    let mut client = alerts(&h, &alice);
+    let good_url = WebhookReceiver::start().await.url;
+    let request = |url: &str, rules: Vec<pb::AlertRule>| pb::AddAlertEndpointRequest {
+        url: url.into(),
+        rules,
+        ..Default::default()
+    };
+    let rule = |event: i32, threshold: i64| pb::AlertRule {
+        event,
+        threshold_micros: threshold,
+        ..Default::default()
+    };
+    let balance = pb::AlertEvent::BalanceLow as i32;
+    let cases = [
+        ("not a url", request("not a url", vec![balance_low(USD)])),
+        (
+            "http to a host not allowed",
+            request("http://hooks.example.com/x", vec![balance_low(USD)]),
+        ),
+        (
+            "private address",
+            request("https://192.168.1.10/x", vec![balance_low(USD)]),
+        ),
+        (
+            "metadata address",
+            request("https://169.254.169.254/x", vec![balance_low(USD)]),
+        ),
+        (
+            "loopback by name",
+            request("https://localhost:9/x", vec![balance_low(USD)]),
+        ),
+        (
+            "huge threshold",
+            request(&good_url, vec![rule(balance, i64::MAX)]),
+        ),
+        (
+            "negative threshold",
+            request(&good_url, vec![rule(balance, -5)]),
+        ),
+        ("unknown event", request(&good_url, vec![rule(99, USD)])),
+        ("no event", request(&good_url, vec![rule(0, USD)])),
+        ("no rules", request(&good_url, vec![])),
+        (
+            "steps not increasing",
+            request(
+                &good_url,
+                vec![pb::AlertRule {
+                    event: pb::AlertEvent::BudgetThreshold as i32,
+                    steps: vec![80, 50],
+                    ..Default::default()
+                }],
+            ),
+        ),
+    ];
+    for (what, req) in cases {
+        let result = client.add_alert_endpoint(req).await;
+        assert_eq!(code(result), Code::InvalidArgument, "{what}");
+    }
+    let listed = client
+        .list_alert_endpoints(pb::ListAlertEndpointsRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(listed.endpoints.is_empty(), "nothing half-written");
+    // Someone else's endpoint does not exist for you; the admin must name an account.
+    let rx = WebhookReceiver::start().await;
+    let ep = add_rule(&h, &alice, &rx, balance_low(USD)).await;
+    let removed = alerts(&h, &bob)
+        .remove_alert_endpoint(pb::RemoveAlertEndpointRequest {
+            endpoint_id: ep.clone(),
+        })
+        .await;
+    assert_eq!(code(removed), Code::NotFound);
+    let admin_add = alerts(&h, ADMIN_KEY)
+        .add_alert_endpoint(request(&good_url, vec![balance_low(USD)]))
+        .await;
+    assert_eq!(code(admin_add), Code::PermissionDenied);
+    let mut for_bob = request(&good_url, vec![balance_low(USD)]);
+    for_bob.account_email = BOB.into();
+    let added = alerts(&h, ADMIN_KEY)
+        .add_alert_endpoint(for_bob)
+        .await
+        .expect("admin adds");
+    assert_eq!(
+        added.into_inner().endpoint.expect("endpoint").account_email,
+        BOB
+    );
+    h
+}
+
+async fn secrets_are_sealed_and_rotate_with_overlap(h: Harness) -> Harness {
+    let rx = WebhookReceiver::start().await;
+    let alice = h.account(ALICE, 10 * USD).await;
+    let added = alerts(&h, &alice)
+        .add_alert_endpoint(pb::AddAlertEndpointRequest {
+            url: rx.url.clone(),
+            rules: vec![balance_low(USD)],
+            ..Default::default()
+        })
+        .await
+        .expect("add")
+        .into_inner();
+    let (ep, old) = (added.endpoint.expect("endpoint").id, added.secret);
+    // A dump of the table does not contain the secret, nor its base64 key.
+    let rows: Vec<(String, String)> =
+        sqlx::query_as("SELECT secret_sealed, url FROM alert_endpoints")
+            .fetch_all(h.store.pool())
+            .await
+            .expect("dump");
+    let key_part = old.trim_start_matches("whsec_");
+    assert!(rows.iter().all(|(s, _)| !s.contains(key_part)));
+    // Rotation: during the overlap both secrets sign; a receiver knowing either verifies.
+    let rotated = alerts(&h, &alice)
+        .rotate_alert_secret(pb::RotateAlertSecretRequest {
+            endpoint_id: ep.clone(),
+            overlap_seconds: 3600,
+        })
+        .await
+        .expect("rotate")
+        .into_inner();
+    assert_ne!(rotated.secret, old);
+    rx.set_secrets(&[&old]);
+    test_event(&h, &alice, &ep).await;
+    let got = rx
+        .wait_until(WAIT, "signed with both", |r| !r.is_empty())
+        .await;
+    assert!(
+        got[0].valid,
+        "the old secret still verifies during the overlap"
+    );
+    assert_eq!(got[0].signature.split(' ').count(), 2);
+    rx.set_secrets(&[&rotated.secret]);
+    test_event(&h, &alice, &ep).await;
+    let got = rx.wait_until(WAIT, "second", |r| r.len() >= 2).await;
+    assert!(got[1].valid, "the new secret verifies");
+    // Overlap 0: the old secret stops at once.
+    alerts(&h, &alice)
+        .rotate_alert_secret(pb::RotateAlertSecretRequest {
+            endpoint_id: ep.clone(),
+            overlap_seconds: 0,
+        })
+        .await
+        .expect("rotate again");
+    test_event(&h, &alice, &ep).await;
+    let got = rx.wait_until(WAIT, "third", |r| r.len() >= 3).await;
+    assert!(!got[2].valid, "a rotated-out secret no longer verifies");
+    assert_eq!(got[2].signature.split(' ').count(), 1);
+    let _ = Instant::now();
+    h
+}

@@ -1,0 +1,259 @@
+//! Alerts fire exactly at their thresholds, once per crossing, and re-arm after recovery; every
+//! request a real receiver gets is signed (Standard Webhooks). SQLite and Postgres.
+
+mod alerts_support;
+
+use std::time::Duration;
+
+use alerts_support::*;
+use syft_ledger::alerts::evaluate::evaluate_all;
+use syft_ledger::store::now_micros;
+use syft_proto::ledger as pb;
+use syft_testkit::{Harness, WebhookReceiver, USD};
+
+alerts_suite!(
+    events,
+    crate::alerts_support::alerts_on;
+    balance_low_fires_once_per_crossing_and_rearms,
+    budget_burst_sends_one_event_per_step,
+    spend_errors_expiry_and_digest_fire_at_their_thresholds,
+);
+
+/// Several evaluations (100 ms apart) pass: time for any duplicate to show up.
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(600)).await;
+}
+
+async fn balance_low_fires_once_per_crossing_and_rearms(h: Harness) -> Harness {
+    let rx = WebhookReceiver::start().await;
+    let (alice, bob, token) = alice_and_bob(&h, 10 * USD).await;
+    add_rule(&h, &alice, &rx, balance_low(5 * USD)).await;
+
+    // 10 -> 5: exactly at the threshold is not below it.
+    spend(&h, &bob, &token, 5 * USD, "k1").await;
+    settle().await;
+    assert!(of_type(&rx.received(), "balance.low").is_empty());
+    // 5 -> 4: below; one event, and staying below (4 -> 3) sends no other.
+    spend(&h, &bob, &token, USD, "k2").await;
+    let got = rx
+        .wait_until(WAIT, "balance.low", |r| {
+            !of_type(r, "balance.low").is_empty()
+        })
+        .await;
+    let first = &of_type(&got, "balance.low")[0];
+    assert!(first.valid, "signature must verify");
+    assert_eq!(first.json()["data"]["available_micros"], 4 * USD);
+    assert_eq!(first.json()["data"]["threshold_micros"], 5 * USD);
+    assert_eq!(first.json()["data"]["account"], ALICE);
+    spend(&h, &bob, &token, USD, "k3").await;
+    settle().await;
+    assert_eq!(of_type(&rx.received(), "balance.low").len(), 1);
+
+    // 3 -> 5.4: back over the threshold but inside the 10 % hysteresis: not re-armed.
+    syft_testkit::deposit(&h.url(), ALICE, 2_400_000).await;
+    settle().await;
+    spend(&h, &bob, &token, 1_000_000, "k4").await;
+    settle().await;
+    assert_eq!(of_type(&rx.received(), "balance.low").len(), 1);
+    // 4.4 -> 6.4 re-arms; 6.4 -> 4.4 fires a second, distinct event.
+    syft_testkit::deposit(&h.url(), ALICE, 2 * USD).await;
+    settle().await;
+    spend(&h, &bob, &token, 2 * USD, "k5").await;
+    let got = rx
+        .wait_until(WAIT, "second balance.low", |r| {
+            of_type(r, "balance.low").len() == 2
+        })
+        .await;
+    let events = of_type(&got, "balance.low");
+    assert_ne!(events[0].id, events[1].id);
+    assert!(events.iter().all(|e| e.valid));
+    settle().await;
+    assert_eq!(of_type(&rx.received(), "balance.low").len(), 2);
+    h
+}
+
+async fn budget_burst_sends_one_event_per_step(h: Harness) -> Harness {
+    let rx = WebhookReceiver::start().await;
+    let alice = h.account(ALICE, 10 * USD).await;
+    let bob = h.account(BOB, 0).await;
+    let token = h
+        .client(&alice)
+        .issue_token(pb::IssueTokenRequest {
+            recipient_email: BOB.into(),
+            spend_limit_micros: Some(USD),
+            ..Default::default()
+        })
+        .await
+        .expect("token")
+        .into_inner()
+        .token;
+    let rule = pb::AlertRule {
+        event: pb::AlertEvent::BudgetThreshold as i32,
+        steps: vec![50, 80, 100],
+        ..Default::default()
+    };
+    add_rule(&h, &alice, &rx, rule).await;
+    // A burst of 100 concurrent one-cent payments uses the whole dollar.
+    let payments = (0..100).map(|i| {
+        let (h, bob, token) = (&h, bob.clone(), token.clone());
+        async move { spend(h, &bob, &token, 10_000, &format!("burst-{i}")).await }
+    });
+    futures::future::join_all(payments).await;
+    let got = rx
+        .wait_until(WAIT, "three budget steps", |r| {
+            of_type(r, "budget.threshold").len() >= 3
+        })
+        .await;
+    settle().await;
+    let events = of_type(&rx.received(), "budget.threshold");
+    assert_eq!(events.len(), 3, "one event per step: {got:#?}");
+    let mut steps: Vec<i64> = events
+        .iter()
+        .map(|e| e.json()["data"]["step_percent"].as_i64().unwrap_or(0))
+        .collect();
+    steps.sort();
+    assert_eq!(steps, [50, 80, 100]);
+    assert!(events.iter().all(|e| e.valid));
+    assert_eq!(events[2].json()["data"]["window"], "lifetime");
+    h
+}
+
+async fn spend_errors_expiry_and_digest_fire_at_their_thresholds(h: Harness) -> Harness {
+    let (rx_alice, rx_bob) = (
+        WebhookReceiver::start().await,
+        WebhookReceiver::start().await,
+    );
+    let (alice, bob, token) = alice_and_bob(&h, 10 * USD).await;
+    let spend_rule = pb::AlertRule {
+        event: pb::AlertEvent::SpendThreshold as i32,
+        threshold_micros: 3 * USD,
+        ..Default::default()
+    };
+    let expired_rule = pb::AlertRule {
+        event: pb::AlertEvent::HoldsExpired as i32,
+        count: 1,
+        window_minutes: 60,
+        ..Default::default()
+    };
+    let rules = vec![spend_rule, expired_rule];
+    add(&h, &alice, &rx_alice, pb::AlertFormat::Json, rules).await;
+    let errors_rule = pb::AlertRule {
+        event: pb::AlertEvent::ErrorsSpike as i32,
+        percent: 50,
+        window_minutes: 5,
+        min_requests: 4,
+        ..Default::default()
+    };
+    let digest_rule = pb::AlertRule {
+        event: pb::AlertEvent::DigestDaily as i32,
+        hour: 0,
+        ..Default::default()
+    };
+    add(
+        &h,
+        &bob,
+        &rx_bob,
+        pb::AlertFormat::Slack,
+        vec![errors_rule, digest_rule],
+    )
+    .await;
+
+    // spend.threshold: 2 USD today is under 3; the third dollar reaches it, once.
+    spend(&h, &bob, &token, 2 * USD, "s1").await;
+    settle().await;
+    assert!(of_type(&rx_alice.received(), "spend.threshold").is_empty());
+    spend(&h, &bob, &token, USD, "s2").await;
+    rx_alice
+        .wait_until(WAIT, "spend.threshold", |r| {
+            !of_type(r, "spend.threshold").is_empty()
+        })
+        .await;
+
+    // errors.spike: three failures are too few requests; a fourth (successful) request makes
+    // 75 % of 4, over 50 %. Bob's endpoint speaks Slack.
+    let mut bob_client = h.client(&bob);
+    for (i, status) in ["upstream_error", "timeout", "invalid_response", "success"]
+        .iter()
+        .enumerate()
+    {
+        if i == 3 {
+            settle().await;
+            assert!(rx_bob.received().is_empty(), "fired before min_requests");
+        }
+        bob_client
+            .record_usage(pb::RecordUsageRequest {
+                usage: Some(pb::Usage {
+                    request_id: format!("r{i}"),
+                    app_name: "chat-app".into(),
+                    endpoint: "/chat".into(),
+                    user_email: ALICE.into(),
+                    model: "echo".into(),
+                    status: status.to_string(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .expect("usage");
+    }
+    let got = rx_bob
+        .wait_until(WAIT, "errors.spike", |r| !r.is_empty())
+        .await;
+    let text = got[0].json()["text"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        text.contains("errors.spike") && text.contains("3 of 4"),
+        "{text}"
+    );
+    assert!(got[0].valid);
+
+    // holds.expired: a one-second hold nobody captures expires (the sweep cancels it).
+    let mut hold = authorize(USD, &token, "expiring");
+    hold.hold_ttl_seconds = Some(1);
+    h.client(&bob).authorize(hold).await.expect("hold");
+    let got = rx_alice
+        .wait_until(WAIT, "holds.expired", |r| {
+            !of_type(r, "holds.expired").is_empty()
+        })
+        .await;
+    assert_eq!(
+        of_type(&got, "holds.expired")[0].json()["data"]["expired"],
+        1
+    );
+
+    // Nothing fired twice.
+    settle().await;
+    assert_eq!(of_type(&rx_alice.received(), "spend.threshold").len(), 1);
+    assert_eq!(of_type(&rx_alice.received(), "holds.expired").len(), 1);
+
+    // digest.daily at 00:00 UTC: evaluated as of tomorrow 01:00 (an injected time), it fires
+    // once for that day, however often it is evaluated.
+    let day = 86_400_000_000i64;
+    let tomorrow = now_micros() - now_micros().rem_euclid(day) + day + 3_600_000_000;
+    evaluate_all(&h.store, tomorrow).await.expect("evaluate");
+    evaluate_all(&h.store, tomorrow + 1_000_000)
+        .await
+        .expect("evaluate");
+    let got = rx_bob
+        .wait_until(WAIT, "digest", |r| {
+            r.iter().any(|x| {
+                x.json()["text"]
+                    .as_str()
+                    .is_some_and(|t| t.contains("digest.daily"))
+            })
+        })
+        .await;
+    settle().await;
+    let digests = rx_bob
+        .received()
+        .iter()
+        .filter(|x| {
+            x.json()["text"]
+                .as_str()
+                .is_some_and(|t| t.contains("digest.daily"))
+        })
+        .count();
+    assert_eq!(digests, 1, "{got:#?}");
+    h
+}

@@ -1,0 +1,156 @@
+//! Shared set-up of the alerts tests: a ledger with alerts on (short, injectable schedule), an
+//! endpoint on an in-process receiver, and money moves that cross thresholds.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use syft_ledger::alerts::parse_schedule;
+use syft_ledger::client::{connect_alerts_lazy, AlertsClient};
+use syft_ledger::LedgerConfig;
+use syft_proto::ledger as pb;
+use syft_testkit::{Harness, WebhookReceiver};
+
+pub const ALICE: &str = "alice@example.com";
+pub const BOB: &str = "bob@example.com";
+
+pub use syft_testkit::alerts_on;
+
+/// [`alerts_on`], and endpoints failing for a second are disabled.
+pub fn alerts_disable_fast(c: &mut LedgerConfig) {
+    alerts_on(c);
+    c.alerts.retry_schedule = parse_schedule("300ms").expect("schedule").repeat(20);
+    c.alerts.disable_after = Duration::from_secs(1);
+}
+
+/// Runs each `async fn(Harness) -> Harness` on SQLite and Postgres with `$tweak`, ending with
+/// `Harness::finish` (the ledger must verify).
+#[macro_export]
+macro_rules! alerts_suite {
+    ($module:ident, $tweak:path; $($name:ident),* $(,)?) => {
+        mod $module {
+            mod sqlite {
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                    async fn $name() {
+                        let h = syft_testkit::Harness::with(false, $tweak).await.expect("harness");
+                        super::super::$name(h).await.finish().await;
+                    }
+                )*
+            }
+            mod postgres {
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                    async fn $name() {
+                        let Some(h) = syft_testkit::Harness::with(true, $tweak).await else { return };
+                        super::super::$name(h).await.finish().await;
+                    }
+                )*
+            }
+        }
+    };
+}
+
+pub fn alerts(h: &Harness, secret: &str) -> AlertsClient {
+    connect_alerts_lazy(&h.url(), secret, None).expect("alerts client")
+}
+
+pub fn balance_low(below: i64) -> pb::AlertRule {
+    pb::AlertRule {
+        event: pb::AlertEvent::BalanceLow as i32,
+        threshold_micros: below,
+        ..Default::default()
+    }
+}
+
+/// Adds an endpoint for the caller; the receiver learns its secret. Returns the endpoint id.
+pub async fn add(
+    h: &Harness,
+    secret: &str,
+    rx: &WebhookReceiver,
+    format: pb::AlertFormat,
+    rules: Vec<pb::AlertRule>,
+) -> String {
+    let added = alerts(h, secret)
+        .add_alert_endpoint(pb::AddAlertEndpointRequest {
+            url: rx.url.clone(),
+            format: format as i32,
+            rules,
+            ..Default::default()
+        })
+        .await
+        .expect("add endpoint")
+        .into_inner();
+    assert!(added.secret.starts_with("whsec_"));
+    rx.set_secrets(&[&added.secret]);
+    added.endpoint.expect("endpoint").id
+}
+
+/// An endpoint of the caller's with one rule, JSON format; returns its id.
+pub async fn add_rule(
+    h: &Harness,
+    secret: &str,
+    rx: &WebhookReceiver,
+    rule: pb::AlertRule,
+) -> String {
+    add(h, secret, rx, pb::AlertFormat::Json, vec![rule]).await
+}
+
+/// Alice (with `funds`) and Bob, and a token that lets Bob charge Alice: their secrets and the token.
+pub async fn alice_and_bob(h: &Harness, funds: i64) -> (String, String, String) {
+    let alice = h.account(ALICE, funds).await;
+    let bob = h.account(BOB, 0).await;
+    let token = h.token(&alice, BOB).await;
+    (alice, bob, token)
+}
+
+pub fn authorize(amount: i64, token: &str, key: &str) -> pb::AuthorizeRequest {
+    pb::AuthorizeRequest {
+        sender_email: ALICE.into(),
+        amount_micros: amount,
+        token: token.into(),
+        app_name: "chat-app".into(),
+        app_ep_path: "/chat".into(),
+        idempotency_key: key.into(),
+        hold_ttl_seconds: None,
+    }
+}
+
+/// Alice pays Bob `amount` (hold, then full capture) with `token`.
+pub async fn spend(h: &Harness, bob_secret: &str, token: &str, amount: i64, key: &str) {
+    let mut bob = h.client(bob_secret);
+    let hold = bob
+        .authorize(authorize(amount, token, key))
+        .await
+        .expect("authorize")
+        .into_inner();
+    bob.capture(pb::CaptureRequest {
+        transfer_id: hold.id,
+        amount: Some(pb::capture_request::Amount::Full(true)),
+        usage: None,
+    })
+    .await
+    .expect("capture");
+}
+
+/// Received requests of one event type.
+pub fn of_type(received: &[syft_testkit::Received], kind: &str) -> Vec<syft_testkit::Received> {
+    received
+        .iter()
+        .filter(|r| r.event_type() == kind)
+        .cloned()
+        .collect()
+}
+
+pub async fn deliveries(h: &Harness, secret: &str, endpoint: &str) -> Vec<pb::AlertDelivery> {
+    alerts(h, secret)
+        .list_alert_deliveries(pb::ListAlertDeliveriesRequest {
+            endpoint_id: endpoint.into(),
+            limit: 100,
+        })
+        .await
+        .expect("deliveries")
+        .into_inner()
+        .deliveries
+}
+
+pub const WAIT: Duration = Duration::from_secs(15);
