@@ -261,6 +261,7 @@ async fn bench_ledger(b: &LedgerBench, shape: Shape) -> anyhow::Result<()> {
                 };
                 let cap = router
                     .capture(pb::CaptureRequest {
+                        answer: None,
                         transfer_id: transfer.into_inner().id,
                         amount: Some(pb::capture_request::Amount::AmountMicros(7_000)),
                         usage: Some(pb::Usage {

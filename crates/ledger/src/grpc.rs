@@ -6,6 +6,7 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::Caller;
 use crate::core::{
+    AnswerInput,
     HoldRequest, Ledger, NewAccount, NewToken, Role, TokenQuery, TransferQuery, UsageQuery,
 };
 use crate::domain::{Micros, TransferStatus};
@@ -150,9 +151,13 @@ impl pb::ledger_server::Ledger for GrpcLedger {
             }
         };
         let usage = req.usage.map(usage_input);
+        let answer = req.answer.map(|a| AnswerInput {
+            body: a.body,
+            retention_seconds: a.retention_seconds,
+        });
         let transfer = self
             .0
-            .capture(&caller, &req.transfer_id, amount, usage)
+            .capture(&caller, &req.transfer_id, amount, usage, answer)
             .await?;
         Ok(Response::new(transfer_pb(&transfer)))
     }
@@ -175,6 +180,19 @@ impl pb::ledger_server::Ledger for GrpcLedger {
             .transfer(&caller, &request.get_ref().transfer_id)
             .await?;
         Ok(Response::new(transfer_pb(&transfer)))
+    }
+
+    async fn get_answer(&self, request: Request<pb::GetAnswerRequest>) -> Reply<pb::StoredAnswer> {
+        let caller = self.caller(&request).await?;
+        let answer = self
+            .0
+            .answer(&caller, &request.get_ref().transfer_id)
+            .await?;
+        Ok(Response::new(pb::StoredAnswer {
+            transfer_id: answer.transfer_id,
+            body: answer.body,
+            expires_at_unix_micros: answer.expires_at,
+        }))
     }
 
     async fn list_transfers(

@@ -212,6 +212,7 @@ impl Pair {
     ) -> Result<pb::Transfer, tonic::Status> {
         self.router()
             .capture(pb::CaptureRequest {
+                answer: None,
                 transfer_id: id.into(),
                 amount: Some(pb::capture_request::Amount::AmountMicros(micros)),
                 usage: Some(pb::Usage {
@@ -305,6 +306,7 @@ async fn keys_are_per_sender(postgres: bool) {
     for t in [&a, &b] {
         let mut router = p.router();
         let full = pb::CaptureRequest {
+            answer: None,
             transfer_id: t.id.clone(),
             amount: Some(pb::capture_request::Amount::Full(true)),
             usage: None,

@@ -27,7 +27,7 @@ use tokio::net::TcpListener;
 
 pub use config::{
     ConfigError, LedgerSettings, Limits, OpenAiConfig, Pricing, PricingKind, RouterConfig,
-    ServiceConfig, UpstreamConfig,
+    ReplaySettings, ServiceConfig, UpstreamConfig,
 };
 pub use error::RouterError;
 pub use grpc::GrpcRouter;

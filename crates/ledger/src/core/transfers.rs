@@ -13,7 +13,7 @@ use crate::store::{
 use crate::validate::{self, MAX_KEY, MAX_NAME, MAX_PATH, MAX_REASON};
 
 use super::{
-    decode_page_token, keyset_page, non_empty, page_size, same_currency, validate_usage,
+    decode_page_token, AnswerInput, keyset_page, non_empty, page_size, same_currency, validate_usage,
     HoldRequest, Ledger, Page, PartyAction, Role, TransferQuery,
 };
 
@@ -62,6 +62,7 @@ impl Ledger {
         transfer_id: &str,
         amount: CaptureAmount,
         usage: Option<UsageInput>,
+        answer: Option<AnswerInput>,
     ) -> Result<TransferRow> {
         let started = metrics::now();
         let recipient = caller.account()?;
@@ -80,6 +81,10 @@ impl Ledger {
             )?),
         };
         let usage = usage.map(validate_usage).transpose()?;
+        if let Some(answer) = &answer {
+            Self::check_answer(answer)?;
+            self.store_answer(recipient.id, transfer_id, answer).await?;
+        }
         let transfer = self
             .backend
             .capture(recipient.id, transfer_id, amount, usage.as_ref())

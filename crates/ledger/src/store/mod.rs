@@ -5,6 +5,7 @@
 //! process memory, so several ledger processes can share one Postgres.
 
 mod account;
+mod answer;
 mod authorize;
 mod batch;
 pub(crate) mod db_error;
@@ -25,6 +26,7 @@ use sqlx::{AnyPool, Executor};
 use crate::error::{is_retryable, LedgerError, Result};
 
 pub use crate::domain::{Actor, Micros, TransferStatus};
+pub use answer::AnswerRow;
 pub use authorize::{AuthorizeInput, DirectInput};
 pub use query::{TokenFilter, TokenRow, TransferFilter, UsageFilter, UsagePage, UsageTotals};
 pub use rows::{AccountRow, IssuedToken, TokenInfo, TransferRow, UsageInput, UsageRow};

@@ -243,6 +243,7 @@ impl<N: NumberText> RawConfig<N> {
             upstream,
             limits,
             ledger,
+            replay: super::ReplaySettings::default(),
             tls: None,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
         };

@@ -173,6 +173,31 @@ impl Default for LedgerSettings {
     }
 }
 
+/// Idempotent replay of paid answers (docs/router.md "Replay of paid answers").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplaySettings {
+    /// How long the ledger keeps a paid answer for replay; zero turns storage off (a retry of a
+    /// charged request id is then refused with 409 and gets no answer).
+    pub retention: Duration,
+    /// Answers whose stored form is larger are not stored (their retries get the 409).
+    pub max_bytes: usize,
+}
+
+impl Default for ReplaySettings {
+    fn default() -> Self {
+        ReplaySettings {
+            retention: Duration::from_secs(24 * 3600),
+            max_bytes: 1024 * 1024,
+        }
+    }
+}
+
+impl ReplaySettings {
+    pub fn enabled(&self) -> bool {
+        !self.retention.is_zero() && self.max_bytes > 0
+    }
+}
+
 /// The whole router configuration. Load it with [`RouterConfig::from_file`] (or build it in
 /// code), then override `ledger` and `upstream` from flags.
 #[derive(Debug, Clone)]
@@ -189,6 +214,8 @@ pub struct RouterConfig {
     pub upstream: UpstreamConfig,
     pub limits: Limits,
     pub ledger: LedgerSettings,
+    /// Storage of paid answers for replay (not read from the config file).
+    pub replay: ReplaySettings,
     /// TLS on the router's gRPC and HTTP listeners (not read from the config file).
     pub tls: Option<syft_tls::ServerTls>,
     /// After a shutdown signal, how long in-flight requests (streams included) may run before
@@ -215,6 +242,7 @@ impl RouterConfig {
             upstream: UpstreamConfig::Echo,
             limits: Limits::default(),
             ledger: LedgerSettings::default(),
+            replay: ReplaySettings::default(),
             tls: None,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
         }
@@ -310,6 +338,10 @@ impl RouterConfig {
             return Err(invalid(
                 "limits.default_max_tokens must be in 1..=max_tokens_limit",
             ));
+        }
+        let max_retention = Duration::from_secs(30 * 86_400);
+        if self.replay.retention > max_retention {
+            return Err(invalid("answer retention must be at most 30 days"));
         }
         if let UpstreamConfig::OpenAi(o) = &self.upstream {
             let ok = o.base_url.starts_with("http://") || o.base_url.starts_with("https://");

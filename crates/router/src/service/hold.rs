@@ -2,8 +2,10 @@
 //! request id, and the hold that must be captured or voided exactly once.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use syft_proto::ledger::Usage;
+use syft_proto::ledger::{AnswerToStore, Usage};
+use tokio::time::Instant;
 
 use super::Inner;
 use crate::drain::DrainGuard;
@@ -34,13 +36,23 @@ pub(super) struct HoldGuard {
     pub(super) work: Option<DrainGuard>,
     pub(super) ledger: Ledger,
     pub(super) transfer_id: String,
+    /// Until when an unknown capture or void outcome is asked again (see [`settle_until`]).
+    pub(super) settle_until: Instant,
     /// Present while the hold is unresolved.
     pub(super) cancel_usage: Option<Usage>,
 }
 
 impl HoldGuard {
-    pub(super) async fn capture(mut self, cost: i64, usage: Usage) -> Result<(), RouterError> {
-        let result = self.ledger.capture(&self.transfer_id, cost, usage).await;
+    pub(super) async fn capture(
+        mut self,
+        cost: i64,
+        usage: Usage,
+        answer: Option<AnswerToStore>,
+    ) -> Result<(), RouterError> {
+        let result = self
+            .ledger
+            .capture(&self.transfer_id, cost, usage, answer, self.settle_until)
+            .await;
         match &result {
             // Unavailable: the outcome is unknown; leave the guard armed so a void is attempted
             // (whichever resolution commits first wins, exactly once). Else it is resolved.
@@ -52,7 +64,8 @@ impl HoldGuard {
 
     pub(super) async fn void(mut self, reason: &str, usage: Usage) {
         self.cancel_usage = None;
-        if let Err(e) = self.ledger.void(&self.transfer_id, reason, usage).await {
+        let until = self.settle_until;
+        if let Err(e) = self.ledger.void(&self.transfer_id, reason, usage, until).await {
             // The hold expires on its own; the user is not charged either way.
             tracing::warn!(transfer_id = %self.transfer_id, error = %e, "void failed; the hold will expire");
         }
@@ -71,12 +84,30 @@ impl Drop for HoldGuard {
         let ledger = self.ledger.clone();
         let transfer_id = std::mem::take(&mut self.transfer_id);
         let work = self.work.take();
+        let until = self.settle_until;
         tracing::info!(transfer_id = %transfer_id, "request dropped before resolution; voiding");
         rt.spawn(async move {
             let _work = work;
-            if let Err(e) = ledger.void(&transfer_id, "request cancelled", usage).await {
+            if let Err(e) = ledger.void(&transfer_id, "request cancelled", usage, until).await {
                 tracing::warn!(transfer_id = %transfer_id, error = %e, "void after cancel failed; the hold will expire");
             }
         });
     }
+}
+
+/// Margin past a hold's expiry during which an unknown resolution is still asked about: once the
+/// hold has expired the ledger's answer is definite (captured, or no longer capturable).
+const SETTLE_MARGIN: Duration = Duration::from_secs(5);
+
+/// When to stop settling an unknown outcome for a hold that expires at `expires_at_unix_micros`:
+/// the hold's remaining life plus [`SETTLE_MARGIN`].
+pub(super) fn settle_until(expires_at_unix_micros: i64) -> Instant {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
+    let remaining = u64::try_from(expires_at_unix_micros.saturating_sub(now)).unwrap_or(0);
+    // A day at most, whatever the ledger says.
+    let remaining = Duration::from_micros(remaining).min(Duration::from_secs(86_400));
+    Instant::now() + remaining + SETTLE_MARGIN
 }

@@ -28,6 +28,7 @@ use crate::upstream::{Upstream, UpstreamError, UpstreamRequest, UpstreamUsage};
 use crate::validate::{validate_chat, ValidRequest};
 
 mod hold;
+mod replay;
 mod stream;
 
 use hold::{Claim, HoldGuard};
@@ -54,6 +55,22 @@ struct Inner {
     in_flight: Mutex<HashSet<(String, String)>>,
     readiness: ReadinessCell,
     drain: Arc<Drain>,
+}
+
+/// What admission decided: run the request, or replay the stored answer of its earlier,
+/// already charged attempt.
+enum Admission {
+    Run(Prepared, Claim, Option<HoldGuard>),
+    Replay(Box<ChatResponse>),
+}
+
+/// The outcome of the hold step.
+enum Authorized {
+    /// A free service: no hold.
+    Free,
+    Hold(HoldGuard),
+    /// The request id's transfer is already resolved (a retry).
+    Resolved(Box<syft_proto::ledger::Transfer>),
 }
 
 struct Prepared {
@@ -218,7 +235,13 @@ impl RouterService {
 
     async fn unary(&self, req: ChatRequest) -> Result<ChatResponse, RouterError> {
         let started = Instant::now();
-        let (p, _claim, hold) = self.admit(req).await?;
+        let (p, _claim, hold) = match self.admit(req).await? {
+            Admission::Run(p, claim, hold) => (p, claim, hold),
+            Admission::Replay(r) => {
+                metrics::observe(self.provider(), "unary", "replay", started, Default::default());
+                return Ok(*r);
+            }
+        };
         let up_start = Instant::now();
         let result = self
             .until_shutdown(self.inner.upstream.complete(&p.upstream_req))
@@ -256,16 +279,7 @@ impl RouterService {
             started,
             upstream_ms,
         );
-        let settled = self.settle(&p, hold, cost, usage).await;
-        let outcome = if settled.is_ok() {
-            "success"
-        } else {
-            "not_settled"
-        };
-        metrics::observe(self.provider(), "unary", outcome, started, upstream_time);
-        let transfer_id = settled?;
-        let currency = p.pricing.currency.clone();
-        Ok(ChatResponse {
+        let response = ChatResponse {
             id: p.v.request_id.clone(),
             model: p.model.clone(),
             message: Some(Message {
@@ -276,7 +290,10 @@ impl RouterService {
             finish_reason: normalize_finish(&c.finish_reason),
             usage: Some(token_usage(prompt_tokens, completion_tokens)),
             cost_micros: cost,
-            transfer_id,
+            transfer_id: hold
+                .as_ref()
+                .map(|h| h.transfer_id.clone())
+                .unwrap_or_default(),
             provider_info: Some(ProviderInfo {
                 provider: self.provider().into(),
                 upstream_model: if c.model.is_empty() {
@@ -287,8 +304,17 @@ impl RouterService {
                 upstream_finish_reason: c.finish_reason,
                 upstream_id: c.id,
             }),
-            currency,
-        })
+            currency: p.pricing.currency.clone(),
+            replay: false,
+        };
+        let settled = self.settle(&p, hold, cost, usage, &response).await;
+        let outcome = if settled.is_ok() {
+            "success"
+        } else {
+            "not_settled"
+        };
+        metrics::observe(self.provider(), "unary", outcome, started, upstream_time);
+        settled.map(|()| response)
     }
 
     // -----------------------------------------------------------------------------------------
@@ -296,18 +322,23 @@ impl RouterService {
 
     /// Validates and prices a request, claims its id (held until the returned claim is dropped)
     /// and places its hold when the service is paid.
-    async fn admit(
-        &self,
-        req: ChatRequest,
-    ) -> Result<(Prepared, Claim, Option<HoldGuard>), RouterError> {
+    async fn admit(&self, req: ChatRequest) -> Result<Admission, RouterError> {
         let p = self.prepare(req).await?;
         tracing::Span::current().record("request_id", p.v.request_id.as_str());
         let claim = self.claim(&p.v.user_email, &p.v.request_id)?;
-        let hold = self.authorize(&p).await?;
+        let hold = match self.authorize(&p).await? {
+            Authorized::Free => None,
+            Authorized::Hold(h) => Some(h),
+            Authorized::Resolved(transfer) => {
+                tracing::Span::current().record("transfer_id", transfer.id.as_str());
+                let answer = self.replay(&p, &transfer).await?;
+                return Ok(Admission::Replay(Box::new(answer)));
+            }
+        };
         if let Some(h) = &hold {
             tracing::Span::current().record("transfer_id", h.transfer_id.as_str());
         }
-        Ok((p, claim, hold))
+        Ok(Admission::Run(p, claim, hold))
     }
 
     async fn prepare(&self, req: ChatRequest) -> Result<Prepared, RouterError> {
@@ -423,9 +454,9 @@ impl RouterService {
         })
     }
 
-    async fn authorize(&self, p: &Prepared) -> Result<Option<HoldGuard>, RouterError> {
+    async fn authorize(&self, p: &Prepared) -> Result<Authorized, RouterError> {
         if p.pricing.kind.is_free() {
-            return Ok(None);
+            return Ok(Authorized::Free);
         }
         let inner = &self.inner;
         let transfer = inner
@@ -442,46 +473,40 @@ impl RouterService {
             .await
             .map_err(|e| explain_refusal(p, e))?;
         if transfer.status() != TransferStatus::Pending {
-            let state = match transfer.status() {
-                TransferStatus::Completed => "completed (already charged)",
-                TransferStatus::Cancelled => "cancelled (not charged)",
-                _ => "resolved",
-            };
-            return Err(RouterError::AlreadyExists(format!(
-                "request {} was already processed: transfer {} is {state}; use a new request id \
-                 to send a new request",
-                p.v.request_id, transfer.id
-            )));
+            return Ok(Authorized::Resolved(Box::new(transfer)));
         }
         tracing::debug!(request_id = %p.v.request_id, transfer_id = %transfer.id, hold_micros = p.hold_micros, "hold authorized");
-        Ok(Some(HoldGuard {
+        Ok(Authorized::Hold(HoldGuard {
             work: Some(inner.drain.enter()),
             ledger: inner.ledger.clone(),
+            settle_until: hold::settle_until(transfer.expires_at_unix_micros),
             transfer_id: transfer.id,
             cancel_usage: Some(self.usage(p, "cancelled", 0, 0, Instant::now(), 0)),
         }))
     }
 
-    /// Success: capture the cost (or record the usage row for a free request). Returns the
-    /// transfer id (empty for free requests).
+    /// Success: capture the cost, storing `response` for replay (or record the usage row for a
+    /// free request). `Ok` only once the capture is known to have committed.
     async fn settle(
         &self,
         p: &Prepared,
         hold: Option<HoldGuard>,
         cost: i64,
         usage: Usage,
-    ) -> Result<String, RouterError> {
+        response: &ChatResponse,
+    ) -> Result<(), RouterError> {
         let Some(hold) = hold else {
             self.record_free_usage(usage).await;
-            return Ok(String::new());
+            return Ok(());
         };
         let transfer_id = hold.transfer_id.clone();
         if cost <= 0 {
             // Nothing to charge (e.g. only free tokens were used): release the hold, keep the row.
             hold.void("nothing to charge", usage).await;
-            return Ok(transfer_id);
+            return Ok(());
         }
-        let result = hold.capture(cost, usage).await;
+        let answer = self.answer_to_store(p, response);
+        let result = hold.capture(cost, usage, answer).await;
         match &result {
             Ok(_) => tracing::info!(
                 request_id = %p.v.request_id, transfer_id = %transfer_id, cost_micros = cost,
@@ -492,7 +517,7 @@ impl RouterService {
                 "capture failed; the answer is withheld"
             ),
         }
-        result.map(|_| transfer_id)
+        result
     }
 
     /// Failure: void the hold (or record the failed free request).

@@ -6,14 +6,16 @@ use std::time::Instant;
 
 use futures::StreamExt;
 use syft_proto::router::{
-    chat_stream_event, ChatFinal, ChatRequest, ChatStreamEvent, ContentDelta, ProviderInfo,
+    chat_stream_event, ChatRequest, ChatResponse, ChatStreamEvent, ContentDelta, Message,
+    ProviderInfo,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 
 use super::hold::HoldGuard;
-use super::{elapsed_ms, normalize_finish, token_usage, Prepared, RouterService};
+use super::replay::final_event;
+use super::{elapsed_ms, normalize_finish, token_usage, Admission, Prepared, RouterService};
 use crate::error::RouterError;
 use crate::metrics;
 use crate::tokens;
@@ -26,6 +28,8 @@ pub struct ChatStreamHandle {
     /// Set for paid requests (the hold is already authorized).
     pub transfer_id: Option<String>,
     pub model: String,
+    /// The stored answer of an earlier, already charged attempt (no upstream call, no charge).
+    pub replay: bool,
     pub events: ReceiverStream<Result<ChatStreamEvent, RouterError>>,
 }
 
@@ -39,7 +43,13 @@ impl RouterService {
 
     async fn stream(&self, req: ChatRequest) -> Result<ChatStreamHandle, RouterError> {
         let started = Instant::now();
-        let (p, claim, hold) = self.admit(req).await?;
+        let (p, claim, hold) = match self.admit(req).await? {
+            Admission::Run(p, claim, hold) => (p, claim, hold),
+            Admission::Replay(r) => {
+                metrics::observe(self.provider(), "stream", "replay", started, Default::default());
+                return Ok(replayed(*r));
+            }
+        };
         let up_start = Instant::now();
         let upstream = match self
             .until_shutdown(self.inner.upstream.stream(&p.upstream_req))
@@ -56,6 +66,7 @@ impl RouterService {
             request_id: p.v.request_id.clone(),
             transfer_id: hold.as_ref().map(|h| h.transfer_id.clone()),
             model: p.model.clone(),
+            replay: false,
             events: ReceiverStream::new(rx),
         };
         let svc = self.clone();
@@ -176,30 +187,38 @@ impl RouterService {
                     upstream_ms,
                 );
                 let upstream_finish = finish.unwrap_or_else(|| "stop".into());
-                let item = match self.settle(&p, hold, cost, usage).await {
-                    Ok(transfer_id) => Ok(ChatStreamEvent {
-                        event: Some(chat_stream_event::Event::Final(ChatFinal {
-                            id: p.v.request_id.clone(),
-                            model: p.model.clone(),
-                            finish_reason: normalize_finish(&upstream_finish),
-                            usage: Some(token_usage(prompt_tokens, completion_tokens)),
-                            cost_micros: cost,
-                            transfer_id,
-                            provider_info: Some(ProviderInfo {
-                                provider: self.provider().into(),
-                                upstream_model: if upstream_model.is_empty() {
-                                    p.upstream_req.model.clone()
-                                } else {
-                                    upstream_model
-                                },
-                                upstream_finish_reason: upstream_finish,
-                                upstream_id,
-                            }),
-                            currency: p.pricing.currency.clone(),
-                        })),
+                let response = ChatResponse {
+                    id: p.v.request_id.clone(),
+                    model: p.model.clone(),
+                    message: Some(Message {
+                        role: "assistant".into(),
+                        content,
+                        name: None,
                     }),
-                    Err(e) => Err(e),
+                    finish_reason: normalize_finish(&upstream_finish),
+                    usage: Some(token_usage(prompt_tokens, completion_tokens)),
+                    cost_micros: cost,
+                    transfer_id: hold
+                        .as_ref()
+                        .map(|h| h.transfer_id.clone())
+                        .unwrap_or_default(),
+                    provider_info: Some(ProviderInfo {
+                        provider: self.provider().into(),
+                        upstream_model: if upstream_model.is_empty() {
+                            p.upstream_req.model.clone()
+                        } else {
+                            upstream_model
+                        },
+                        upstream_finish_reason: upstream_finish,
+                        upstream_id,
+                    }),
+                    currency: p.pricing.currency.clone(),
+                    replay: false,
                 };
+                let item = self
+                    .settle(&p, hold, cost, usage, &response)
+                    .await
+                    .map(|()| final_event(response).1);
                 let outcome = if item.is_ok() {
                     "success"
                 } else {
@@ -209,5 +228,25 @@ impl RouterService {
                 let _ = tx.send(item).await;
             }
         }
+    }
+}
+
+/// A stream that replays a stored answer: the whole text as one delta, then the final event.
+fn replayed(r: ChatResponse) -> ChatStreamHandle {
+    let request_id = r.id.clone();
+    let transfer_id = Some(r.transfer_id.clone()).filter(|t| !t.is_empty());
+    let model = r.model.clone();
+    let (delta, last) = final_event(r);
+    let (tx, rx) = mpsc::channel(2);
+    for event in [delta, last] {
+        // The channel has room for both events and its receiver is alive: this cannot fail.
+        let _ = tx.try_send(Ok(event));
+    }
+    ChatStreamHandle {
+        request_id,
+        transfer_id,
+        model,
+        replay: true,
+        events: ReceiverStream::new(rx),
     }
 }
