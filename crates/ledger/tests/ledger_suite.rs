@@ -23,7 +23,6 @@ fn authorize(sender: &str, amount: i64, token: &str, key: &str) -> pb::Authorize
 }
 
 fn full(id: &str) -> pb::CaptureRequest {
-    answer: None,
     pb::CaptureRequest {
         answer: None,
         transfer_id: id.into(),
