@@ -6,8 +6,8 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::Caller;
 use crate::core::{
-    AnswerInput,
-    HoldRequest, Ledger, NewAccount, NewToken, Role, TokenQuery, TransferQuery, UsageQuery,
+    AnswerInput, HoldRequest, Ledger, NewAccount, NewToken, Role, TokenQuery, TransferQuery,
+    UsageQuery,
 };
 use crate::domain::{Micros, TransferStatus};
 use crate::error::{LedgerError, Result};

@@ -83,6 +83,8 @@ impl Router for GrpcRouter {
 
 /// The replay marker as metadata (besides the `replay` field), like the HTTP front's header.
 fn mark_replay<T>(resp: &mut Response<T>) {
-    resp.metadata_mut()
-        .insert("x-syft-replay", tonic::metadata::MetadataValue::from_static("true"));
+    resp.metadata_mut().insert(
+        "x-syft-replay",
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
 }

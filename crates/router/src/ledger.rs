@@ -52,7 +52,11 @@ const MAX_SETTLE_BACKOFF: Duration = Duration::from_secs(2);
 fn outcome_unknown(code: Code) -> bool {
     matches!(
         code,
-        Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled | Code::Aborted
+        Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Unknown
+            | Code::Cancelled
+            | Code::Aborted
     )
 }
 
@@ -164,9 +168,13 @@ impl Ledger {
             usage: Some(usage),
             answer,
         };
-        self.settled(Op::Capture, transfer_id, settle_until, |mut client, req| async move {
-            client.capture(req).await
-        }, msg)
+        self.settled(
+            Op::Capture,
+            transfer_id,
+            settle_until,
+            |mut client, req| async move { client.capture(req).await },
+            msg,
+        )
         .await
     }
 
@@ -183,9 +191,13 @@ impl Ledger {
             reason: reason.to_string(),
             usage: Some(usage),
         };
-        self.settled(Op::Void, transfer_id, settle_until, |mut client, req| async move {
-            client.void(req).await
-        }, msg)
+        self.settled(
+            Op::Void,
+            transfer_id,
+            settle_until,
+            |mut client, req| async move { client.void(req).await },
+            msg,
+        )
         .await
     }
 

@@ -26,8 +26,8 @@ use std::future::Future;
 use tokio::net::TcpListener;
 
 pub use config::{
-    ConfigError, LedgerSettings, Limits, OpenAiConfig, Pricing, PricingKind, RouterConfig,
-    ReplaySettings, ServiceConfig, UpstreamConfig,
+    ConfigError, LedgerSettings, Limits, OpenAiConfig, Pricing, PricingKind, ReplaySettings,
+    RouterConfig, ServiceConfig, UpstreamConfig,
 };
 pub use error::RouterError;
 pub use grpc::GrpcRouter;

@@ -13,8 +13,8 @@ use crate::store::{
 use crate::validate::{self, MAX_KEY, MAX_NAME, MAX_PATH, MAX_REASON};
 
 use super::{
-    decode_page_token, AnswerInput, keyset_page, non_empty, page_size, same_currency, validate_usage,
-    HoldRequest, Ledger, Page, PartyAction, Role, TransferQuery,
+    decode_page_token, keyset_page, non_empty, page_size, same_currency, validate_usage,
+    AnswerInput, HoldRequest, Ledger, Page, PartyAction, Role, TransferQuery,
 };
 
 impl Ledger {

@@ -65,7 +65,11 @@ impl HoldGuard {
     pub(super) async fn void(mut self, reason: &str, usage: Usage) {
         self.cancel_usage = None;
         let until = self.settle_until;
-        if let Err(e) = self.ledger.void(&self.transfer_id, reason, usage, until).await {
+        if let Err(e) = self
+            .ledger
+            .void(&self.transfer_id, reason, usage, until)
+            .await
+        {
             // The hold expires on its own; the user is not charged either way.
             tracing::warn!(transfer_id = %self.transfer_id, error = %e, "void failed; the hold will expire");
         }

@@ -238,7 +238,13 @@ impl RouterService {
         let (p, _claim, hold) = match self.admit(req).await? {
             Admission::Run(p, claim, hold) => (p, claim, hold),
             Admission::Replay(r) => {
-                metrics::observe(self.provider(), "unary", "replay", started, Default::default());
+                metrics::observe(
+                    self.provider(),
+                    "unary",
+                    "replay",
+                    started,
+                    Default::default(),
+                );
                 return Ok(*r);
             }
         };

@@ -90,7 +90,9 @@ impl RouterService {
             return Err(refused(""));
         }
         let Some(body) = self.inner.ledger.answer(&transfer.id).await? else {
-            return Err(refused(", and its answer is not kept (past retention or not stored)"));
+            return Err(refused(
+                ", and its answer is not kept (past retention or not stored)",
+            ));
         };
         let record = ReplayRecord::decode(body.as_slice()).map_err(|e| {
             tracing::error!(transfer_id = %transfer.id, error = %e, "stored answer unreadable");

@@ -46,7 +46,13 @@ impl RouterService {
         let (p, claim, hold) = match self.admit(req).await? {
             Admission::Run(p, claim, hold) => (p, claim, hold),
             Admission::Replay(r) => {
-                metrics::observe(self.provider(), "stream", "replay", started, Default::default());
+                metrics::observe(
+                    self.provider(),
+                    "stream",
+                    "replay",
+                    started,
+                    Default::default(),
+                );
                 return Ok(replayed(*r));
             }
         };
