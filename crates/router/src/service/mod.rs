@@ -58,13 +58,15 @@ struct Inner {
 }
 
 /// What admission decided: run the request, or replay the stored answer of its earlier,
-/// already charged attempt.
+/// already charged attempt. (One per request, moved once: its size does not matter.)
+#[allow(clippy::large_enum_variant)]
 enum Admission {
     Run(Prepared, Claim, Option<HoldGuard>),
     Replay(Box<ChatResponse>),
 }
 
 /// The outcome of the hold step.
+#[allow(clippy::large_enum_variant)]
 enum Authorized {
     /// A free service: no hold.
     Free,
