@@ -182,6 +182,16 @@ impl pb::ledger_server::Ledger for GrpcLedger {
         Ok(Response::new(transfer_pb(&transfer)))
     }
 
+    async fn extend_hold(&self, request: Request<pb::ExtendHoldRequest>) -> Reply<pb::Transfer> {
+        let caller = self.caller(&request).await?;
+        let req = request.into_inner();
+        let transfer = self
+            .0
+            .extend_hold(&caller, &req.transfer_id, req.ttl_seconds)
+            .await?;
+        Ok(Response::new(transfer_pb(&transfer)))
+    }
+
     async fn get_answer(&self, request: Request<pb::GetAnswerRequest>) -> Reply<pb::StoredAnswer> {
         let caller = self.caller(&request).await?;
         let answer = self

@@ -93,6 +93,32 @@ impl Ledger {
         Ok(transfer)
     }
 
+    /// Keeps the caller's pending hold alive for `ttl_seconds` more (bounded by the maximum
+    /// hold TTL, counted from the hold's creation).
+    pub async fn extend_hold(
+        &self,
+        caller: &Caller,
+        transfer_id: &str,
+        ttl_seconds: i64,
+    ) -> Result<TransferRow> {
+        let recipient = caller.account()?;
+        let transfer_id = validate::text("transfer_id", transfer_id, MAX_KEY, true)?;
+        let max_ttl = self.config.max_hold_ttl.as_secs() as i64;
+        if !(1..=max_ttl).contains(&ttl_seconds) {
+            return Err(LedgerError::invalid(format!(
+                "ttl_seconds {ttl_seconds} must be between 1 and {max_ttl}"
+            )));
+        }
+        self.backend
+            .extend_hold(
+                recipient.id,
+                transfer_id,
+                ttl_seconds * 1_000_000,
+                max_ttl * 1_000_000,
+            )
+            .await
+    }
+
     pub async fn void(
         &self,
         caller: &Caller,

@@ -9,6 +9,7 @@ mod answer;
 mod authorize;
 mod batch;
 pub(crate) mod db_error;
+mod extend;
 mod query;
 mod rows;
 mod token;
