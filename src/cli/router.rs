@@ -27,6 +27,10 @@ pub struct RouterArgs {
     pub http_addr: String,
     #[command(flatten)]
     pub setup: RouterSetup,
+    /// Longest a streamed answer may run; it is then ended (finish reason `length`) and what was
+    /// delivered is charged. Holds of running streams are extended meanwhile.
+    #[arg(long, env = "SYFT_ROUTER_MAX_STREAM_DURATION", default_value = "15m", value_parser = super::parse_duration)]
+    pub max_stream_duration: Duration,
     /// PEM certificate chain: serve gRPC and HTTP over TLS (with --tls-key).
     #[arg(long, env = "SYFT_ROUTER_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
@@ -147,6 +151,7 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
     let mut config = args.setup.config()?;
     config.tls = super::server_tls(args.tls_cert.as_ref(), args.tls_key.as_ref(), None)?;
     config.shutdown_grace = args.shutdown_grace;
+    config.max_stream_duration = args.max_stream_duration;
     let grpc = tokio::net::TcpListener::bind(&args.grpc_addr)
         .await
         .with_context(|| format!("cannot listen on {}", args.grpc_addr))?;

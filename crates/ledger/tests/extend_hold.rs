@@ -79,7 +79,10 @@ async fn extended_holds_outlive_their_first_expiry(h: Harness) -> Harness {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let done = router.capture(full(&t.id)).await.expect("capture");
     assert_eq!(done.into_inner().status(), pb::TransferStatus::Completed);
-    let late = router.extend_hold(extend(&t.id, 3)).await.expect_err("resolved");
+    let late = router
+        .extend_hold(extend(&t.id, 3))
+        .await
+        .expect_err("resolved");
     assert_eq!(reason(&late).as_deref(), Some("TRANSFER_NOT_PENDING"));
 
     // Bounded by the maximum hold TTL counted from the hold's creation.
@@ -119,15 +122,24 @@ async fn expired_holds_cannot_be_extended(h: Harness) -> Harness {
         .expect("hold")
         .into_inner();
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let err = router.extend_hold(extend(&t.id, 60)).await.expect_err("expired");
+    let err = router
+        .extend_hold(extend(&t.id, 60))
+        .await
+        .expect_err("expired");
     assert_eq!(err.code(), Code::FailedPrecondition);
     let why = reason(&err);
     // Expired but not yet swept, or already swept (cancelled).
     assert!(
-        matches!(why.as_deref(), Some("HOLD_EXPIRED" | "TRANSFER_NOT_PENDING")),
+        matches!(
+            why.as_deref(),
+            Some("HOLD_EXPIRED" | "TRANSFER_NOT_PENDING")
+        ),
         "{why:?}"
     );
-    assert_eq!(code(router.capture(full(&t.id)).await), Code::FailedPrecondition);
+    assert_eq!(
+        code(router.capture(full(&t.id)).await),
+        Code::FailedPrecondition
+    );
     h
 }
 

@@ -7,8 +7,8 @@ use tokio::time::Instant;
 
 use syft_proto::ledger::ledger_client::LedgerClient;
 use syft_proto::ledger::{
-    capture_request, AnswerToStore, AuthorizeRequest, CaptureRequest, GetAccountRequest,
-    GetAnswerRequest, RecordUsageRequest, Transfer, Usage, VoidRequest,
+    capture_request, AnswerToStore, AuthorizeRequest, CaptureRequest, ExtendHoldRequest,
+    GetAccountRequest, GetAnswerRequest, RecordUsageRequest, Transfer, Usage, VoidRequest,
 };
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
@@ -43,6 +43,7 @@ pub(crate) enum Op {
     Void,
     RecordUsage,
     GetAnswer,
+    ExtendHold,
 }
 
 /// Longest wait between two attempts to settle an unknown outcome.
@@ -238,6 +239,24 @@ impl Ledger {
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(MAX_SETTLE_BACKOFF);
         }
+    }
+
+    /// Moves a pending hold's expiry to now + `ttl_seconds`.
+    pub(crate) async fn extend_hold(
+        &self,
+        transfer_id: &str,
+        ttl_seconds: i64,
+    ) -> Result<Transfer, RouterError> {
+        let mut client = self.client.clone();
+        let req = self.request(ExtendHoldRequest {
+            transfer_id: transfer_id.to_string(),
+            ttl_seconds,
+        });
+        client
+            .extend_hold(req)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| map_status(Op::ExtendHold, s))
     }
 
     /// The answer stored with a capture; `None` when there is none (not stored, expired, or the

@@ -216,12 +216,18 @@ pub struct RouterConfig {
     pub ledger: LedgerSettings,
     /// Storage of paid answers for replay (not read from the config file).
     pub replay: ReplaySettings,
+    /// Longest a stream may run; it is then ended and what was delivered is charged (not read
+    /// from the config file).
+    pub max_stream_duration: Duration,
     /// TLS on the router's gRPC and HTTP listeners (not read from the config file).
     pub tls: Option<syft_tls::ServerTls>,
     /// After a shutdown signal, how long in-flight requests (streams included) may run before
     /// they are cancelled and their holds voided (not read from the config file).
     pub shutdown_grace: Duration,
 }
+
+/// Default [`RouterConfig::max_stream_duration`].
+pub const DEFAULT_MAX_STREAM_DURATION: Duration = Duration::from_secs(15 * 60);
 
 /// Default [`RouterConfig::shutdown_grace`].
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = syft_server::DEFAULT_SHUTDOWN_GRACE;
@@ -243,6 +249,7 @@ impl RouterConfig {
             limits: Limits::default(),
             ledger: LedgerSettings::default(),
             replay: ReplaySettings::default(),
+            max_stream_duration: DEFAULT_MAX_STREAM_DURATION,
             tls: None,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
         }

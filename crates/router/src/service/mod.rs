@@ -487,7 +487,11 @@ impl RouterService {
         Ok(Authorized::Hold(HoldGuard {
             work: Some(inner.drain.enter()),
             ledger: inner.ledger.clone(),
-            settle_until: hold::settle_until(transfer.expires_at_unix_micros),
+            expires_at: hold::local_instant(transfer.expires_at_unix_micros),
+            ttl: hold::hold_ttl(
+                transfer.created_at_unix_micros,
+                transfer.expires_at_unix_micros,
+            ),
             transfer_id: transfer.id,
             cancel_usage: Some(self.usage(p, "cancelled", 0, 0, Instant::now(), 0)),
         }))

@@ -90,7 +90,7 @@ impl RouterService {
     async fn drive_stream(
         &self,
         p: Prepared,
-        hold: Option<HoldGuard>,
+        mut hold: Option<HoldGuard>,
         mut upstream: UpstreamStream,
         tx: mpsc::Sender<Result<ChatStreamEvent, RouterError>>,
         started: Instant,
@@ -98,18 +98,38 @@ impl RouterService {
     ) {
         enum End {
             Done,
+            /// Ended by the router: the stream reached `--max-stream-duration`, or its hold could
+            /// not be extended and is about to expire. What was delivered is charged.
+            Cut,
             Cancelled,
             Failed(UpstreamError),
         }
+        let max_end = tokio::time::Instant::now() + self.inner.config.max_stream_duration;
+        let mut keep_alive = hold.as_ref().map(|h| {
+            let every = h.keep_alive_every();
+            tokio::time::interval_at(tokio::time::Instant::now() + every, every)
+        });
         let mut content = String::new();
         let mut finish: Option<String> = None;
         let mut reported: Option<UpstreamUsage> = None;
         let mut upstream_id = String::new();
         let mut upstream_model = String::new();
         let end = loop {
+            let cut_at = hold
+                .as_ref()
+                .map_or(max_end, |h| h.capture_by().min(max_end));
             let next = tokio::select! {
                 _ = tx.closed() => break End::Cancelled,
                 _ = self.inner.drain.aborted() => break End::Failed(UpstreamError::ShuttingDown),
+                _ = tokio::time::sleep_until(cut_at) => break End::Cut,
+                _ = tick(&mut keep_alive) => {
+                    if let Some(h) = hold.as_mut() {
+                        if !h.extend().await {
+                            keep_alive = None;
+                        }
+                    }
+                    continue;
+                }
                 next = upstream.next() => next,
             };
             let chunk = match next {
@@ -145,7 +165,12 @@ impl RouterService {
         let upstream_time = up_start.elapsed();
         let upstream_ms = elapsed_ms(up_start);
         let end = match end {
-            End::Done if content.trim().is_empty() => End::Failed(UpstreamError::Empty),
+            End::Done | End::Cut if content.trim().is_empty() => End::Failed(UpstreamError::Empty),
+            End::Cut => {
+                tracing::warn!(request_id = %p.v.request_id, "stream ended by the router (duration bound or hold expiring); delivered text is charged");
+                finish = Some("length".into());
+                End::Done
+            }
             other => other,
         };
         match end {
@@ -180,7 +205,8 @@ impl RouterService {
                 );
                 let _ = tx.send(Err(e.into())).await;
             }
-            End::Done => {
+            // `Cut` was turned into `Done` above.
+            End::Done | End::Cut => {
                 let (prompt_tokens, completion_tokens) =
                     self.final_tokens(&p, reported, &content).await;
                 let cost = self.cost(&p, prompt_tokens, completion_tokens);
@@ -254,5 +280,15 @@ fn replayed(r: ChatResponse) -> ChatStreamHandle {
         model,
         replay: true,
         events: ReceiverStream::new(rx),
+    }
+}
+
+/// The next keep-alive tick; never, without one.
+async fn tick(keep_alive: &mut Option<tokio::time::Interval>) {
+    match keep_alive {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => std::future::pending().await,
     }
 }
