@@ -15,9 +15,11 @@ pub struct AnswerRow {
 }
 
 impl Store {
-    /// Stores (or replaces) the answer of `recipient_id`'s transfer. A row of another recipient
-    /// under the same transfer id is left alone (that transfer is not the caller's; its capture
-    /// then fails with NOT_FOUND).
+    /// Stores the answer of `recipient_id`'s transfer; the first one written wins. A repeated
+    /// capture (an unknown outcome asked again) carries the same answer; a conflicting capture
+    /// (refused by the ledger) must not replace the answer that was paid for, and a row of
+    /// another recipient under the same transfer id is never touched (that capture then fails
+    /// with NOT_FOUND).
     pub async fn put_answer(
         &self,
         transfer_id: &str,
@@ -29,9 +31,7 @@ impl Store {
             sqlx::query(
                 "INSERT INTO answers (transfer_id, recipient_id, body, created_at, expires_at) \
                  VALUES ($1, $2, $3, $4, $5) \
-                 ON CONFLICT (transfer_id) DO UPDATE SET body = excluded.body, \
-                    expires_at = excluded.expires_at \
-                 WHERE answers.recipient_id = excluded.recipient_id",
+                 ON CONFLICT (transfer_id) DO NOTHING
             )
             .bind(transfer_id)
             .bind(recipient_id)
