@@ -31,7 +31,7 @@ impl Store {
             sqlx::query(
                 "INSERT INTO answers (transfer_id, recipient_id, body, created_at, expires_at) \
                  VALUES ($1, $2, $3, $4, $5) \
-                 ON CONFLICT (transfer_id) DO NOTHING
+                 ON CONFLICT (transfer_id) DO NOTHING",
             )
             .bind(transfer_id)
             .bind(recipient_id)
