@@ -9,9 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use syft_proto::ledger::{AuthorizeRequest, TransferStatus, Usage};
-use syft_proto::router::{
-    ChatRequest, ChatResponse, Message, Metadata, ProviderInfo, Service, TokenUsage,
-};
+use syft_proto::router::{ChatRequest, ChatResponse, Metadata, Service, TokenUsage};
 use tracing::Instrument;
 
 use crate::config::{
@@ -287,34 +285,8 @@ impl RouterService {
             started,
             upstream_ms,
         );
-        let response = ChatResponse {
-            id: p.v.request_id.clone(),
-            model: p.model.clone(),
-            message: Some(Message {
-                role: "assistant".into(),
-                content: c.content,
-                name: None,
-            }),
-            finish_reason: normalize_finish(&c.finish_reason),
-            usage: Some(token_usage(prompt_tokens, completion_tokens)),
-            cost_micros: cost,
-            transfer_id: hold
-                .as_ref()
-                .map(|h| h.transfer_id.clone())
-                .unwrap_or_default(),
-            provider_info: Some(ProviderInfo {
-                provider: self.provider().into(),
-                upstream_model: if c.model.is_empty() {
-                    p.upstream_req.model.clone()
-                } else {
-                    c.model
-                },
-                upstream_finish_reason: c.finish_reason,
-                upstream_id: c.id,
-            }),
-            currency: p.pricing.currency.clone(),
-            replay: false,
-        };
+        let transfer_id = hold.as_ref().map(|h| h.transfer_id.clone());
+        let response = self.response(&p, c, (prompt_tokens, completion_tokens), cost, transfer_id);
         let settled = self.settle(&p, hold, cost, usage, &response).await;
         let outcome = if settled.is_ok() {
             "success"

@@ -10,11 +10,12 @@ use sha2::{Digest, Sha256};
 use syft_proto::ledger::{AnswerToStore, Transfer};
 use syft_proto::router::{
     chat_stream_event, ChatFinal, ChatOptions, ChatRequest, ChatResponse, ChatStreamEvent,
-    ContentDelta, ReplayRecord,
+    ContentDelta, Message, ProviderInfo, ReplayRecord,
 };
 
-use super::{Prepared, RouterService};
+use super::{normalize_finish, token_usage, Prepared, RouterService};
 use crate::error::RouterError;
+use crate::upstream::Completion;
 use crate::validate::ValidRequest;
 
 /// What identifies "the same request": everything that shapes the answer and its price, not the
@@ -38,6 +39,43 @@ pub(super) fn fingerprint(v: &ValidRequest, model: &str) -> String {
 }
 
 impl RouterService {
+    /// The response to a request answered by the upstream with `c` (unary, or a stream's
+    /// assembled text): what the client gets and what is stored for replay.
+    pub(super) fn response(
+        &self,
+        p: &Prepared,
+        c: Completion,
+        (prompt_tokens, completion_tokens): (u64, u64),
+        cost: i64,
+        transfer_id: Option<String>,
+    ) -> ChatResponse {
+        ChatResponse {
+            id: p.v.request_id.clone(),
+            model: p.model.clone(),
+            message: Some(Message {
+                role: "assistant".into(),
+                content: c.content,
+                name: None,
+            }),
+            finish_reason: normalize_finish(&c.finish_reason),
+            usage: Some(token_usage(prompt_tokens, completion_tokens)),
+            cost_micros: cost,
+            transfer_id: transfer_id.unwrap_or_default(),
+            provider_info: Some(ProviderInfo {
+                provider: self.provider().into(),
+                upstream_model: if c.model.is_empty() {
+                    p.upstream_req.model.clone()
+                } else {
+                    c.model
+                },
+                upstream_finish_reason: c.finish_reason,
+                upstream_id: c.id,
+            }),
+            currency: p.pricing.currency.clone(),
+            replay: false,
+        }
+    }
+
     /// The answer to store with the capture, unless storage is off or the answer is too large.
     pub(super) fn answer_to_store(
         &self,

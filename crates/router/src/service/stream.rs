@@ -6,8 +6,7 @@ use std::time::Instant;
 
 use futures::StreamExt;
 use syft_proto::router::{
-    chat_stream_event, ChatRequest, ChatResponse, ChatStreamEvent, ContentDelta, Message,
-    ProviderInfo,
+    chat_stream_event, ChatRequest, ChatResponse, ChatStreamEvent, ContentDelta,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -15,11 +14,11 @@ use tracing::Instrument;
 
 use super::hold::HoldGuard;
 use super::replay::final_event;
-use super::{elapsed_ms, normalize_finish, token_usage, Admission, Prepared, RouterService};
+use super::{elapsed_ms, Admission, Prepared, RouterService};
 use crate::error::RouterError;
 use crate::metrics;
 use crate::tokens;
-use crate::upstream::{UpstreamError, UpstreamStream, UpstreamUsage};
+use crate::upstream::{Completion, UpstreamError, UpstreamStream, UpstreamUsage};
 
 /// A started stream: ids known up front, then the events (deltas, then one final event, or an
 /// error).
@@ -219,34 +218,16 @@ impl RouterService {
                     upstream_ms,
                 );
                 let upstream_finish = finish.unwrap_or_else(|| "stop".into());
-                let response = ChatResponse {
-                    id: p.v.request_id.clone(),
-                    model: p.model.clone(),
-                    message: Some(Message {
-                        role: "assistant".into(),
-                        content,
-                        name: None,
-                    }),
-                    finish_reason: normalize_finish(&upstream_finish),
-                    usage: Some(token_usage(prompt_tokens, completion_tokens)),
-                    cost_micros: cost,
-                    transfer_id: hold
-                        .as_ref()
-                        .map(|h| h.transfer_id.clone())
-                        .unwrap_or_default(),
-                    provider_info: Some(ProviderInfo {
-                        provider: self.provider().into(),
-                        upstream_model: if upstream_model.is_empty() {
-                            p.upstream_req.model.clone()
-                        } else {
-                            upstream_model
-                        },
-                        upstream_finish_reason: upstream_finish,
-                        upstream_id,
-                    }),
-                    currency: p.pricing.currency.clone(),
-                    replay: false,
+                let completion = Completion {
+                    id: upstream_id,
+                    model: upstream_model,
+                    content,
+                    finish_reason: upstream_finish,
+                    usage: None,
                 };
+                let transfer_id = hold.as_ref().map(|h| h.transfer_id.clone());
+                let tokens = (prompt_tokens, completion_tokens);
+                let response = self.response(&p, completion, tokens, cost, transfer_id);
                 let item = self
                     .settle(&p, hold, cost, usage, &response)
                     .await
