@@ -292,6 +292,7 @@ async fn bench_ledger(b: &LedgerBench, shape: Shape) -> anyhow::Result<f64> {
                 };
                 let cap = router
                     .capture(pb::CaptureRequest {
+                        answer: None,
                         transfer_id: transfer.into_inner().id,
                         amount: Some(pb::capture_request::Amount::AmountMicros(7_000)),
                         usage: Some(pb::Usage {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use syft_proto::router as pb;
-use syft_router_svc::{OpenAiConfig, RouterConfig, UpstreamConfig};
+use syft_router_svc::{OpenAiConfig, ReplaySettings, RouterConfig, UpstreamConfig};
 use tokio_stream::StreamExt;
 
 #[derive(Args, Debug, Clone)]
@@ -27,6 +27,10 @@ pub struct RouterArgs {
     pub http_addr: String,
     #[command(flatten)]
     pub setup: RouterSetup,
+    /// Longest a streamed answer may run; it is then ended (finish reason `length`) and what was
+    /// delivered is charged. Holds of running streams are extended meanwhile.
+    #[arg(long, env = "SYFT_ROUTER_MAX_STREAM_DURATION", default_value = "15m", value_parser = super::parse_duration)]
+    pub max_stream_duration: Duration,
     /// PEM certificate chain: serve gRPC and HTTP over TLS (with --tls-key).
     #[arg(long, env = "SYFT_ROUTER_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
@@ -79,6 +83,13 @@ pub struct RouterSetup {
     /// File holding the upstream API key, instead of the value.
     #[arg(long = "upstream-api-key-file", env = "OPENAI_API_KEY_FILE")]
     pub upstream_api_key_file: Option<PathBuf>,
+    /// How long paid answers are kept (in the ledger) so a retry with the same request id gets
+    /// the answer again instead of a 409; `0s` stores nothing (privacy; retries then get 409).
+    #[arg(long, env = "SYFT_ROUTER_ANSWER_RETENTION", default_value = "24h", value_parser = super::parse_duration)]
+    pub answer_retention: Duration,
+    /// Answers whose stored form is larger than this many bytes are not kept for replay.
+    #[arg(long, env = "SYFT_ROUTER_ANSWER_MAX_BYTES", default_value_t = 1024 * 1024)]
+    pub answer_max_bytes: usize,
     /// PEM CA to trust for an https:// ledger URL (default: the public web PKI roots).
     #[arg(long, env = "SYFT_ROUTER_LEDGER_CA")]
     pub ledger_ca: Option<PathBuf>,
@@ -117,6 +128,10 @@ impl RouterSetup {
             self.ledger_client_cert.as_ref(),
             self.ledger_client_key.as_ref(),
         )?;
+        config.replay = ReplaySettings {
+            retention: self.answer_retention,
+            max_bytes: self.answer_max_bytes,
+        };
         if let Some(url) = &self.upstream_url {
             config.upstream = UpstreamConfig::OpenAi(OpenAiConfig {
                 api_key: super::secret(
@@ -136,6 +151,7 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
     let mut config = args.setup.config()?;
     config.tls = super::server_tls(args.tls_cert.as_ref(), args.tls_key.as_ref(), None)?;
     config.shutdown_grace = args.shutdown_grace;
+    config.max_stream_duration = args.max_stream_duration;
     let grpc = tokio::net::TcpListener::bind(&args.grpc_addr)
         .await
         .with_context(|| format!("cannot listen on {}", args.grpc_addr))?;

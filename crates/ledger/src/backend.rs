@@ -129,6 +129,17 @@ pub trait TransferBackend: Send + Sync + 'static {
         Err(not_supported("a direct transfer"))
     }
 
+    /// Moves a pending hold's expiry (see `Store::extend_hold`).
+    async fn extend_hold(
+        &self,
+        _recipient_id: i64,
+        _transfer_id: &str,
+        _ttl_micros: i64,
+        _max_life_micros: i64,
+    ) -> Result<TransferRow> {
+        Err(not_supported("extending a hold"))
+    }
+
     /// Captures the full amount of a direct transfer on behalf of its sender (REST API).
     async fn capture_by_sender(&self, _recipient_id: i64, _id: &str) -> Result<TransferRow> {
         Err(not_supported("confirming a direct transfer"))
@@ -199,6 +210,18 @@ impl TransferBackend for LocalBackend {
 
     async fn transfer(&self, id: &str) -> Result<Option<TransferRow>> {
         self.store.transfer_by_id(id).await
+    }
+
+    async fn extend_hold(
+        &self,
+        recipient_id: i64,
+        transfer_id: &str,
+        ttl_micros: i64,
+        max_life_micros: i64,
+    ) -> Result<TransferRow> {
+        self.store
+            .extend_hold(transfer_id, recipient_id, ttl_micros, max_life_micros)
+            .await
     }
 
     async fn list(&self, filter: &TransferFilter) -> Result<(Vec<TransferRow>, bool)> {

@@ -6,7 +6,8 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::Caller;
 use crate::core::{
-    HoldRequest, Ledger, NewAccount, NewToken, Role, TokenQuery, TransferQuery, UsageQuery,
+    AnswerInput, HoldRequest, Ledger, NewAccount, NewToken, Role, TokenQuery, TransferQuery,
+    UsageQuery,
 };
 use crate::domain::{Micros, TransferStatus};
 use crate::error::{LedgerError, Result};
@@ -150,9 +151,13 @@ impl pb::ledger_server::Ledger for GrpcLedger {
             }
         };
         let usage = req.usage.map(usage_input);
+        let answer = req.answer.map(|a| AnswerInput {
+            body: a.body,
+            retention_seconds: a.retention_seconds,
+        });
         let transfer = self
             .0
-            .capture(&caller, &req.transfer_id, amount, usage)
+            .capture(&caller, &req.transfer_id, amount, usage, answer)
             .await?;
         Ok(Response::new(transfer_pb(&transfer)))
     }
@@ -175,6 +180,29 @@ impl pb::ledger_server::Ledger for GrpcLedger {
             .transfer(&caller, &request.get_ref().transfer_id)
             .await?;
         Ok(Response::new(transfer_pb(&transfer)))
+    }
+
+    async fn extend_hold(&self, request: Request<pb::ExtendHoldRequest>) -> Reply<pb::Transfer> {
+        let caller = self.caller(&request).await?;
+        let req = request.into_inner();
+        let transfer = self
+            .0
+            .extend_hold(&caller, &req.transfer_id, req.ttl_seconds)
+            .await?;
+        Ok(Response::new(transfer_pb(&transfer)))
+    }
+
+    async fn get_answer(&self, request: Request<pb::GetAnswerRequest>) -> Reply<pb::StoredAnswer> {
+        let caller = self.caller(&request).await?;
+        let answer = self
+            .0
+            .answer(&caller, &request.get_ref().transfer_id)
+            .await?;
+        Ok(Response::new(pb::StoredAnswer {
+            transfer_id: answer.transfer_id,
+            body: answer.body,
+            expires_at_unix_micros: answer.expires_at,
+        }))
     }
 
     async fn list_transfers(

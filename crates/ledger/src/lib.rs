@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-pub use core::Ledger;
+pub use core::{AnswerInput, Ledger, MAX_ANSWER_BYTES, MAX_ANSWER_RETENTION_SECONDS};
 pub use error::{LedgerError, Result};
 pub use hosted::HostedConfig;
 pub use store::Store;
@@ -222,7 +222,7 @@ pub async fn serve_store(
     result
 }
 
-/// Cancels expired holds and folds hot-recipient credits into balances, forever.
+/// Cancels expired holds, deletes answers past their retention and folds hot-recipient credits into balances, forever.
 pub async fn run_sweeper(store: Arc<Store>, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -236,6 +236,11 @@ pub async fn run_sweeper(store: Arc<Store>, every: Duration) {
                 tracing::info!(cancelled, "expired holds cancelled");
             }
             Err(e) => tracing::warn!(error = %e, "expiry sweep failed"),
+        }
+        match store.purge_answers(1000).await {
+            Ok(0) => {}
+            Ok(purged) => tracing::debug!(purged, "expired answers deleted"),
+            Err(e) => tracing::warn!(error = %e, "answer purge failed"),
         }
         if let Err(e) = store.roll_up_all().await {
             tracing::warn!(error = %e, "credit roll-up failed");

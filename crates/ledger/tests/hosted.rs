@@ -212,6 +212,11 @@ impl Pair {
     ) -> Result<pb::Transfer, tonic::Status> {
         self.router()
             .capture(pb::CaptureRequest {
+                // Kept in the local journal database, like the usage row.
+                answer: Some(pb::AnswerToStore {
+                    body: format!("answer to {request_id}").into_bytes(),
+                    retention_seconds: 60,
+                }),
                 transfer_id: id.into(),
                 amount: Some(pb::capture_request::Amount::AmountMicros(micros)),
                 usage: Some(pb::Usage {
@@ -319,6 +324,7 @@ async fn keys_are_per_sender(postgres: bool) {
     for t in [&a, &b] {
         let mut router = p.router();
         let full = pb::CaptureRequest {
+            answer: None,
             transfer_id: t.id.clone(),
             amount: Some(pb::capture_request::Amount::Full(true)),
             usage: None,
@@ -362,6 +368,26 @@ async fn capture_void_and_replay(postgres: bool) {
     let done = p.capture(&t.id, USD, "req-1").await.expect("capture");
     assert_eq!(done.status, pb::TransferStatus::Completed as i32);
     assert_eq!(done.captured_micros, USD);
+    // The answer stored with the capture is served back (idempotent replay); holds cannot be
+    // extended on a hosted ledger.
+    let answer = p
+        .router()
+        .get_answer(pb::GetAnswerRequest {
+            transfer_id: t.id.clone(),
+        })
+        .await
+        .expect("stored answer")
+        .into_inner();
+    assert_eq!(answer.body, b"answer to req-1");
+    let extend = p
+        .router()
+        .extend_hold(pb::ExtendHoldRequest {
+            transfer_id: t.id.clone(),
+            ttl_seconds: 60,
+        })
+        .await
+        .expect_err("not supported");
+    assert_eq!(extend.code(), Code::FailedPrecondition);
     assert_eq!(
         p.capture(&t.id, USD, "req-1")
             .await

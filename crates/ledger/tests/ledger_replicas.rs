@@ -61,6 +61,7 @@ async fn two_ledgers_on_one_postgres_share_one_truth() {
             tasks.push(tokio::spawn(async move {
                 client
                     .capture(pb::CaptureRequest {
+                        answer: None,
                         transfer_id: id,
                         amount: Some(pb::capture_request::Amount::AmountMicros(USD / 2)),
                         usage: None,

@@ -26,6 +26,7 @@ fn authorize(sender: &str, amount: i64, token: &str, key: &str) -> pb::Authorize
 
 fn full(id: &str) -> pb::CaptureRequest {
     pb::CaptureRequest {
+        answer: None,
         transfer_id: id.into(),
         amount: Some(pb::capture_request::Amount::Full(true)),
         usage: None,
@@ -237,6 +238,7 @@ async fn authorize_then_capture_moves_money(h: Harness) -> Harness {
     // Partial capture releases the rest.
     let captured = ok(router
         .capture(pb::CaptureRequest {
+            answer: None,
             transfer_id: t.id.clone(),
             amount: Some(pb::capture_request::Amount::AmountMicros(1_500_000)),
             usage: Some(usage("r1", "success")),
@@ -271,6 +273,7 @@ async fn capture_and_void_resolve_exactly_once(h: Harness) -> Harness {
     assert_eq!(first, second, "double capture must return the same result");
     let other_amount = router
         .capture(pb::CaptureRequest {
+            answer: None,
             transfer_id: t1.id.clone(),
             amount: Some(pb::capture_request::Amount::AmountMicros(10)),
             usage: None,
@@ -311,6 +314,7 @@ async fn capture_and_void_resolve_exactly_once(h: Harness) -> Harness {
     for amount in bad_amounts {
         let r = router
             .capture(pb::CaptureRequest {
+                answer: None,
                 transfer_id: t3.id.clone(),
                 amount,
                 usage: None,
@@ -702,6 +706,7 @@ async fn listing_and_usage_visibility(h: Harness) -> Harness {
         if i % 2 == 0 {
             router
                 .capture(pb::CaptureRequest {
+                    answer: None,
                     usage,
                     ..full(&t.id)
                 })
@@ -993,6 +998,7 @@ async fn verify_is_consistent_under_load(h: Harness) -> Harness {
                     0 | 1 => drop(c.capture(full(&t.id)).await.expect("capture")),
                     2 => {
                         let part = pb::CaptureRequest {
+                            answer: None,
                             transfer_id: t.id.clone(),
                             amount: Some(pb::capture_request::Amount::AmountMicros(500)),
                             usage: None,

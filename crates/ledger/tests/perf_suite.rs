@@ -26,6 +26,7 @@ fn full(id: &str) -> pb::CaptureRequest {
         transfer_id: id.into(),
         amount: Some(pb::capture_request::Amount::Full(true)),
         usage: None,
+        answer: None,
     }
 }
 

@@ -45,7 +45,12 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<ChatStreamEvent, Status>> + 
 impl Router for GrpcRouter {
     async fn chat(&self, request: Request<ChatRequest>) -> Result<Response<ChatResponse>, Status> {
         let resp = self.service.chat(request.into_inner()).await?;
-        Ok(Response::new(resp))
+        let replay = resp.replay;
+        let mut resp = Response::new(resp);
+        if replay {
+            mark_replay(&mut resp);
+        }
+        Ok(resp)
     }
 
     type ChatStreamStream = EventStream;
@@ -62,6 +67,9 @@ impl Router for GrpcRouter {
         }
         if let Some(Ok(v)) = handle.transfer_id.map(|t| t.parse()) {
             resp.metadata_mut().insert("x-syft-transfer-id", v);
+        }
+        if handle.replay {
+            mark_replay(&mut resp);
         }
         Ok(resp)
     }
@@ -80,4 +88,12 @@ impl Router for GrpcRouter {
     ) -> Result<Response<Metadata>, Status> {
         Ok(Response::new(self.service.metadata()))
     }
+}
+
+/// The replay marker as metadata (besides the `replay` field), like the HTTP front's header.
+fn mark_replay<T>(resp: &mut Response<T>) {
+    resp.metadata_mut().insert(
+        "x-syft-replay",
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
 }

@@ -5,7 +5,8 @@
 //! `Authorization: Bearer <transaction token>` pays, the body's `user` is the user's email and the
 //! `Idempotency-Key` header is the request id. Answers carry `"syft": {cost_micros, transfer_id,
 //! currency, request_id, provider}` and the headers `x-syft-cost-micros`, `x-syft-transfer-id`,
-//! `x-syft-request-id`.
+//! `x-syft-request-id`, and `x-syft-replay: true` (and `"syft": {"replay": true}`) when the answer is
+//! the stored answer of an earlier, already charged request with the same key.
 
 use std::convert::Infallible;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -28,6 +29,7 @@ use crate::service::RouterService;
 
 pub const COST_HEADER: &str = "x-syft-cost-micros";
 pub const TRANSFER_HEADER: &str = "x-syft-transfer-id";
+pub const REPLAY_HEADER: &str = "x-syft-replay";
 pub const REQUEST_ID_HEADER: &str = "x-syft-request-id";
 
 /// The axum router of the HTTP front.
@@ -335,6 +337,7 @@ async fn chat_completions(
             "currency": resp.currency,
             "provider": provider.provider,
             "upstream_model": provider.upstream_model,
+            "replay": resp.replay,
         },
     });
     let mut r = Json(out).into_response();
@@ -347,6 +350,9 @@ async fn chat_completions(
     }
     if let Some(v) = header(&resp.id) {
         h.insert(REQUEST_ID_HEADER, v);
+    }
+    if resp.replay {
+        h.insert(REPLAY_HEADER, HeaderValue::from_static("true"));
     }
     Ok(r)
 }
@@ -369,6 +375,7 @@ async fn chat_stream(
     let first = chunk(json!({"role": "assistant", "content": ""}), Value::Null);
     let request_id = handle.request_id.clone();
     let transfer_id = handle.transfer_id.clone();
+    let replay = handle.replay;
     let events = handle.events.flat_map(move |item| {
         let mut out: Vec<Value> = Vec::new();
         let mut done = false;
@@ -392,6 +399,7 @@ async fn chat_stream(
                         "currency": f.currency,
                         "provider": provider.provider,
                         "upstream_model": provider.upstream_model,
+                        "replay": f.replay,
                     });
                     let mut last = chunk(json!({}), json!(f.finish_reason));
                     last["usage"] = usage.clone();
@@ -432,6 +440,9 @@ async fn chat_stream(
     }
     if let Some(v) = transfer_id.as_deref().and_then(header) {
         h.insert(TRANSFER_HEADER, v);
+    }
+    if replay {
+        h.insert(REPLAY_HEADER, HeaderValue::from_static("true"));
     }
     Ok(resp)
 }

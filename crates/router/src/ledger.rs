@@ -3,10 +3,12 @@
 
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use syft_proto::ledger::ledger_client::LedgerClient;
 use syft_proto::ledger::{
-    capture_request, AuthorizeRequest, CaptureRequest, GetAccountRequest, RecordUsageRequest,
-    Transfer, Usage, VoidRequest,
+    capture_request, AnswerToStore, AuthorizeRequest, CaptureRequest, ExtendHoldRequest,
+    GetAccountRequest, GetAnswerRequest, RecordUsageRequest, Transfer, Usage, VoidRequest,
 };
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
@@ -40,6 +42,23 @@ pub(crate) enum Op {
     Capture,
     Void,
     RecordUsage,
+    GetAnswer,
+    ExtendHold,
+}
+
+/// Longest wait between two attempts to settle an unknown outcome.
+const MAX_SETTLE_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Whether a failed call may nevertheless have been applied by the ledger.
+fn outcome_unknown(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Unknown
+            | Code::Cancelled
+            | Code::Aborted
+    )
 }
 
 impl Ledger {
@@ -135,56 +154,123 @@ impl Ledger {
             .map_err(|s| map_status(Op::Authorize, s))
     }
 
-    /// Captures; retried (it is idempotent) while the ledger is unreachable.
+    /// Captures, storing `answer` with it. The outcome is settled: see [`Ledger::settled`].
     pub(crate) async fn capture(
         &self,
         transfer_id: &str,
         amount_micros: i64,
         usage: Usage,
+        answer: Option<AnswerToStore>,
+        settle_until: Instant,
     ) -> Result<Transfer, RouterError> {
-        let mut last = None;
-        for attempt in 0..3u32 {
-            if attempt > 0 {
-                tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
-            }
-            let msg = CaptureRequest {
-                transfer_id: transfer_id.to_string(),
-                amount: Some(capture_request::Amount::AmountMicros(amount_micros)),
-                usage: Some(usage.clone()),
-            };
-            let mut client = self.client.clone();
-            match client.capture(self.request(msg)).await {
-                Ok(r) => return Ok(r.into_inner()),
-                Err(s) if matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded) => {
-                    tracing::warn!(transfer_id, attempt, code = ?s.code(), "capture failed, retrying");
-                    last = Some(s);
-                }
-                Err(s) => return Err(map_status(Op::Capture, s)),
-            }
-        }
-        Err(map_status(
+        let msg = CaptureRequest {
+            transfer_id: transfer_id.to_string(),
+            amount: Some(capture_request::Amount::AmountMicros(amount_micros)),
+            usage: Some(usage),
+            answer,
+        };
+        self.settled(
             Op::Capture,
-            last.unwrap_or_else(|| tonic::Status::unavailable("capture failed")),
-        ))
+            transfer_id,
+            settle_until,
+            |mut client, req| async move { client.capture(req).await },
+            msg,
+        )
+        .await
     }
 
+    /// Voids; settled like a capture.
     pub(crate) async fn void(
         &self,
         transfer_id: &str,
         reason: &str,
         usage: Usage,
+        settle_until: Instant,
     ) -> Result<Transfer, RouterError> {
         let msg = VoidRequest {
             transfer_id: transfer_id.to_string(),
             reason: reason.to_string(),
             usage: Some(usage),
         };
+        self.settled(
+            Op::Void,
+            transfer_id,
+            settle_until,
+            |mut client, req| async move { client.void(req).await },
+            msg,
+        )
+        .await
+    }
+
+    /// Runs a resolution (capture or void) until its outcome is known. A call whose result is
+    /// unknown (connection reset, timeout, `UNKNOWN`, a ledger restarting) may or may not have
+    /// committed, so it is sent again: resolutions are idempotent, so the repeat returns the
+    /// committed transfer, or a definite refusal (`TRANSFER_NOT_PENDING`, `HOLD_EXPIRED`) when it
+    /// did not commit and can no longer. Repeated with backoff until `settle_until` (the hold's
+    /// expiry plus a margin: past it the ledger answers definitely whenever it answers at all).
+    async fn settled<M, F, Fut>(
+        &self,
+        op: Op,
+        transfer_id: &str,
+        settle_until: Instant,
+        call: F,
+        msg: M,
+    ) -> Result<Transfer, RouterError>
+    where
+        M: Clone,
+        F: Fn(LedgerClient<Channel>, tonic::Request<M>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<Transfer>, tonic::Status>>,
+    {
+        let mut delay = Duration::from_millis(50);
+        let mut attempt = 0u32;
+        loop {
+            let status = match call(self.client.clone(), self.request(msg.clone())).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) if outcome_unknown(s.code()) => s,
+                Err(s) => return Err(map_status(op, s)),
+            };
+            attempt += 1;
+            let now = Instant::now();
+            if now + delay >= settle_until {
+                tracing::error!(transfer_id, ?op, attempt, code = ?status.code(), "outcome still unknown; giving up");
+                return Err(map_status(op, status));
+            }
+            tracing::warn!(transfer_id, ?op, attempt, code = ?status.code(), "outcome unknown, asking again");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(MAX_SETTLE_BACKOFF);
+        }
+    }
+
+    /// Moves a pending hold's expiry to now + `ttl_seconds`.
+    pub(crate) async fn extend_hold(
+        &self,
+        transfer_id: &str,
+        ttl_seconds: i64,
+    ) -> Result<Transfer, RouterError> {
         let mut client = self.client.clone();
+        let req = self.request(ExtendHoldRequest {
+            transfer_id: transfer_id.to_string(),
+            ttl_seconds,
+        });
         client
-            .void(self.request(msg))
+            .extend_hold(req)
             .await
             .map(tonic::Response::into_inner)
-            .map_err(|s| map_status(Op::Void, s))
+            .map_err(|s| map_status(Op::ExtendHold, s))
+    }
+
+    /// The answer stored with a capture; `None` when there is none (not stored, expired, or the
+    /// transfer is not captured).
+    pub(crate) async fn answer(&self, transfer_id: &str) -> Result<Option<Vec<u8>>, RouterError> {
+        let mut client = self.client.clone();
+        let req = self.request(GetAnswerRequest {
+            transfer_id: transfer_id.to_string(),
+        });
+        match client.get_answer(req).await {
+            Ok(r) => Ok(Some(r.into_inner().body)),
+            Err(s) if s.code() == Code::NotFound => Ok(None),
+            Err(s) => Err(map_status(Op::GetAnswer, s)),
+        }
     }
 
     pub(crate) async fn record_usage(&self, usage: Usage) -> Result<(), RouterError> {

@@ -29,7 +29,8 @@ use tokio::net::TcpListener;
 
 pub use config::{
     ConfigError, HttpSearchConfig, LedgerSettings, Limits, OpenAiConfig, Pricing, PricingKind,
-    RouterConfig, SearchBackendConfig, SearchConfig, ServiceConfig, ServiceKind, UpstreamConfig,
+    ReplaySettings, RouterConfig, SearchBackendConfig, SearchConfig, ServiceConfig, ServiceKind,
+    UpstreamConfig,
 };
 pub use error::RouterError;
 pub use grpc::GrpcRouter;

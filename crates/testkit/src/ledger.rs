@@ -78,6 +78,18 @@ pub struct LedgerServer {
 impl LedgerServer {
     /// Connects to the database (migrating it), starts serving, and waits until the port accepts.
     pub async fn start(config: LedgerConfig) -> Self {
+        Self::start_on(config, bind().await).await
+    }
+
+    /// [`LedgerServer::start`] on the gRPC address of `url` (a ledger restarted where routers
+    /// already point).
+    pub async fn start_at(config: LedgerConfig, url: &str) -> Self {
+        let addr = url.rsplit("://").next().unwrap_or(url);
+        let grpc = TcpListener::bind(addr).await.expect("bind the old address");
+        Self::start_on(config, grpc).await
+    }
+
+    async fn start_on(config: LedgerConfig, grpc: TcpListener) -> Self {
         let store = Arc::new(
             Store::connect_with(
                 &config.database_url,
@@ -87,7 +99,7 @@ impl LedgerServer {
             .await
             .expect("connect store"),
         );
-        let (grpc, http) = (bind().await, bind().await);
+        let http = bind().await;
         let scheme = if config.tls.is_some() {
             "https"
         } else {

@@ -19,6 +19,7 @@ use crate::store::{
 use crate::validate::{self, MAX_KEY, MAX_NAME, MAX_PATH};
 use crate::LedgerConfig;
 
+mod answers;
 mod listing;
 mod transfers;
 
@@ -55,6 +56,21 @@ pub struct HoldRequest {
     pub idempotency_key: String,
     pub hold_ttl_seconds: Option<i64>,
 }
+
+/// The answer a capture pays for, kept for idempotent replay (not yet validated).
+#[derive(Debug, Clone, Default)]
+pub struct AnswerInput {
+    /// Opaque to the ledger (the router's encoding of what it sent).
+    pub body: Vec<u8>,
+    /// How long to keep it: 1 ..= [`MAX_ANSWER_RETENTION_SECONDS`].
+    pub retention_seconds: i64,
+}
+
+/// Largest stored answer: the default gRPC message size, so a stored answer can always be read
+/// back in one message. Routers cap their own answers lower (`--answer-max-bytes`).
+pub const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024 - 64 * 1024;
+/// Longest answer retention a router may ask for (30 days).
+pub const MAX_ANSWER_RETENTION_SECONDS: i64 = 30 * 86_400;
 
 /// Which side of a transfer the caller lists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

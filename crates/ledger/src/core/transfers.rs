@@ -14,7 +14,7 @@ use crate::validate::{self, MAX_KEY, MAX_NAME, MAX_PATH, MAX_REASON};
 
 use super::{
     decode_page_token, keyset_page, non_empty, page_size, same_currency, validate_usage,
-    HoldRequest, Ledger, Page, PartyAction, Role, TransferQuery,
+    AnswerInput, HoldRequest, Ledger, Page, PartyAction, Role, TransferQuery,
 };
 
 impl Ledger {
@@ -62,6 +62,7 @@ impl Ledger {
         transfer_id: &str,
         amount: CaptureAmount,
         usage: Option<UsageInput>,
+        answer: Option<AnswerInput>,
     ) -> Result<TransferRow> {
         let started = metrics::now();
         let recipient = caller.account()?;
@@ -80,12 +81,42 @@ impl Ledger {
             )?),
         };
         let usage = usage.map(validate_usage).transpose()?;
+        if let Some(answer) = &answer {
+            Self::check_answer(answer)?;
+            self.store_answer(recipient.id, transfer_id, answer).await?;
+        }
         let transfer = self
             .backend
             .capture(recipient.id, transfer_id, amount, usage.as_ref())
             .await?;
         metrics::resolved(&transfer, started);
         Ok(transfer)
+    }
+
+    /// Keeps the caller's pending hold alive for `ttl_seconds` more (bounded by the maximum
+    /// hold TTL, counted from the hold's creation).
+    pub async fn extend_hold(
+        &self,
+        caller: &Caller,
+        transfer_id: &str,
+        ttl_seconds: i64,
+    ) -> Result<TransferRow> {
+        let recipient = caller.account()?;
+        let transfer_id = validate::text("transfer_id", transfer_id, MAX_KEY, true)?;
+        let max_ttl = self.config.max_hold_ttl.as_secs() as i64;
+        if !(1..=max_ttl).contains(&ttl_seconds) {
+            return Err(LedgerError::invalid(format!(
+                "ttl_seconds {ttl_seconds} must be between 1 and {max_ttl}"
+            )));
+        }
+        self.backend
+            .extend_hold(
+                recipient.id,
+                transfer_id,
+                ttl_seconds * 1_000_000,
+                max_ttl * 1_000_000,
+            )
+            .await
     }
 
     pub async fn void(

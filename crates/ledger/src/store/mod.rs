@@ -5,9 +5,11 @@
 //! process memory, so several ledger processes can share one Postgres.
 
 mod account;
+mod answer;
 mod authorize;
 mod batch;
 pub(crate) mod db_error;
+mod extend;
 mod query;
 mod rows;
 mod token;
@@ -26,6 +28,7 @@ use sqlx::{AnyPool, Executor};
 use crate::error::{is_retryable, LedgerError, Result};
 
 pub use crate::domain::{Actor, Micros, TransferStatus};
+pub use answer::AnswerRow;
 pub use authorize::{AuthorizeInput, DirectInput};
 pub use query::{TokenFilter, TokenRow, TransferFilter, UsageFilter, UsagePage, UsageTotals};
 pub use rows::{AccountRow, IssuedToken, TokenInfo, TransferRow, UsageInput, UsageRow};

@@ -127,6 +127,7 @@ pub async fn spend(h: &Harness, bob_secret: &str, token: &str, amount: i64, key:
         transfer_id: hold.id,
         amount: Some(pb::capture_request::Amount::Full(true)),
         usage: None,
+        answer: None,
     })
     .await
     .expect("capture");

@@ -254,6 +254,8 @@ impl<N: NumberText> RawConfig<N> {
             search,
             limits,
             ledger,
+            replay: super::ReplaySettings::default(),
+            max_stream_duration: super::DEFAULT_MAX_STREAM_DURATION,
             tls: None,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
         };

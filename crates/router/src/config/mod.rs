@@ -210,6 +210,31 @@ impl Default for LedgerSettings {
     }
 }
 
+/// Idempotent replay of paid answers (docs/router.md "Replay of paid answers").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplaySettings {
+    /// How long the ledger keeps a paid answer for replay; zero turns storage off (a retry of a
+    /// charged request id is then refused with 409 and gets no answer).
+    pub retention: Duration,
+    /// Answers whose stored form is larger are not stored (their retries get the 409).
+    pub max_bytes: usize,
+}
+
+impl Default for ReplaySettings {
+    fn default() -> Self {
+        ReplaySettings {
+            retention: Duration::from_secs(24 * 3600),
+            max_bytes: 1024 * 1024,
+        }
+    }
+}
+
+impl ReplaySettings {
+    pub fn enabled(&self) -> bool {
+        !self.retention.is_zero() && self.max_bytes > 0
+    }
+}
+
 /// The whole router configuration. Load it with [`RouterConfig::from_file`] (or build it in
 /// code), then override `ledger` and `upstream` from flags.
 #[derive(Debug, Clone)]
@@ -228,12 +253,20 @@ pub struct RouterConfig {
     pub search: Option<SearchConfig>,
     pub limits: Limits,
     pub ledger: LedgerSettings,
+    /// Storage of paid answers for replay (not read from the config file).
+    pub replay: ReplaySettings,
+    /// Longest a stream may run; it is then ended and what was delivered is charged (not read
+    /// from the config file).
+    pub max_stream_duration: Duration,
     /// TLS on the router's gRPC and HTTP listeners (not read from the config file).
     pub tls: Option<syft_tls::ServerTls>,
     /// After a shutdown signal, how long in-flight requests (streams included) may run before
     /// they are cancelled and their holds voided (not read from the config file).
     pub shutdown_grace: Duration,
 }
+
+/// Default [`RouterConfig::max_stream_duration`].
+pub const DEFAULT_MAX_STREAM_DURATION: Duration = Duration::from_secs(15 * 60);
 
 /// Default [`RouterConfig::shutdown_grace`].
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = syft_server::DEFAULT_SHUTDOWN_GRACE;
@@ -255,6 +288,8 @@ impl RouterConfig {
             search: None,
             limits: Limits::default(),
             ledger: LedgerSettings::default(),
+            replay: ReplaySettings::default(),
+            max_stream_duration: DEFAULT_MAX_STREAM_DURATION,
             tls: None,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
         }
@@ -378,6 +413,10 @@ impl RouterConfig {
                 )),
                 Some(s) => s.validate()?,
             }
+        }
+        let max_retention = Duration::from_secs(30 * 86_400);
+        if self.replay.retention > max_retention {
+            return Err(invalid("answer retention must be at most 30 days"));
         }
         if let UpstreamConfig::OpenAi(o) = &self.upstream {
             let ok = o.base_url.starts_with("http://") || o.base_url.starts_with("https://");

@@ -6,9 +6,9 @@
 use std::time::Instant;
 
 use syft_error::UsageStatus;
-use syft_proto::ledger::{AuthorizeRequest, TransferStatus, Usage};
+use syft_proto::ledger::{AnswerToStore, AuthorizeRequest, Transfer, TransferStatus, Usage};
 
-use super::hold::{Claim, HoldGuard};
+use super::hold::{self, Claim, HoldGuard};
 use super::{elapsed_ms, RouterService};
 use crate::config::{describe_price, insufficient_funds_message, Pricing, ServiceKind, TokenBound};
 use crate::error::{RouterError, INSUFFICIENT_FUNDS};
@@ -71,14 +71,20 @@ impl RouterService {
     pub(super) async fn admit_ticket(
         &self,
         t: &Ticket,
-    ) -> Result<(Claim, Option<HoldGuard>), RouterError> {
+    ) -> Result<(Claim, Authorized), RouterError> {
         tracing::Span::current().record("request_id", t.request_id.as_str());
         let claim = self.claim(&t.user_email, &t.request_id)?;
-        let hold = self.authorize(t).await?;
-        if let Some(h) = &hold {
-            tracing::Span::current().record("transfer_id", h.transfer_id.as_str());
+        let authorized = self.authorize(t).await?;
+        match &authorized {
+            Authorized::Hold(h) => {
+                tracing::Span::current().record("transfer_id", h.transfer_id.as_str());
+            }
+            Authorized::Resolved(transfer) => {
+                tracing::Span::current().record("transfer_id", transfer.id.as_str());
+            }
+            Authorized::Free => {}
         }
-        Ok((claim, hold))
+        Ok((claim, authorized))
     }
 
     /// Marks the user's request id in flight in this process, so a concurrent duplicate is
@@ -109,9 +115,9 @@ impl RouterService {
         })
     }
 
-    async fn authorize(&self, t: &Ticket) -> Result<Option<HoldGuard>, RouterError> {
+    async fn authorize(&self, t: &Ticket) -> Result<Authorized, RouterError> {
         if t.pricing.kind.is_free() {
-            return Ok(None);
+            return Ok(Authorized::Free);
         }
         let inner = &self.inner;
         let transfer = inner
@@ -128,34 +134,38 @@ impl RouterService {
             .await
             .map_err(|e| explain_refusal(t, e))?;
         if transfer.status() != TransferStatus::Pending {
-            let state = match transfer.status() {
-                TransferStatus::Completed => "completed (already charged)",
-                TransferStatus::Cancelled => "cancelled (not charged)",
-                _ => "resolved",
-            };
-            return Err(RouterError::AlreadyExists(format!(
-                "request {} was already processed: transfer {} is {state}; use a new request id \
-                 to send a new request",
-                t.request_id, transfer.id
-            )));
+            return Ok(Authorized::Resolved(Box::new(transfer)));
         }
         tracing::debug!(request_id = %t.request_id, transfer_id = %transfer.id, hold_micros = t.hold_micros, "hold authorized");
-        Ok(Some(HoldGuard {
+        Ok(Authorized::Hold(HoldGuard {
             work: Some(inner.drain.enter()),
             ledger: inner.ledger.clone(),
+            expires_at: hold::local_instant(transfer.expires_at_unix_micros),
+            ttl: hold::hold_ttl(
+                transfer.created_at_unix_micros,
+                transfer.expires_at_unix_micros,
+            ),
             transfer_id: transfer.id,
-            cancel_usage: Some(self.usage(t, UsageStatus::Cancelled, Units::default(), Instant::now(), 0)),
+            cancel_usage: Some(self.usage(
+                t,
+                UsageStatus::Cancelled,
+                Units::default(),
+                Instant::now(),
+                0,
+            )),
         }))
     }
 
-    /// Success: capture the cost (or record the usage row for a free request). Returns the
-    /// transfer id (empty for free requests).
+    /// Success: capture the cost, storing `answer` for replay when given (or record the usage
+    /// row for a free request). `Ok` (the transfer id, empty for free requests) only once the
+    /// capture is known to have committed.
     pub(super) async fn settle(
         &self,
         t: &Ticket,
         hold: Option<HoldGuard>,
         cost: i64,
         usage: Usage,
+        answer: Option<AnswerToStore>,
     ) -> Result<String, RouterError> {
         let Some(hold) = hold else {
             self.record_free_usage(usage).await;
@@ -167,7 +177,7 @@ impl RouterService {
             hold.void("nothing to charge", usage).await;
             return Ok(transfer_id);
         }
-        let result = hold.capture(cost, usage).await;
+        let result = hold.capture(cost, usage, answer).await;
         match &result {
             Ok(_) => tracing::info!(
                 request_id = %t.request_id, transfer_id = %transfer_id, cost_micros = cost,
@@ -222,6 +232,35 @@ impl RouterService {
             upstream_latency_ms: upstream_ms,
         }
     }
+}
+
+/// The outcome of the hold step.
+#[allow(clippy::large_enum_variant)]
+pub(super) enum Authorized {
+    /// A free service: no hold.
+    Free,
+    Hold(HoldGuard),
+    /// The request id's transfer is already resolved (a retry).
+    Resolved(Box<Transfer>),
+}
+
+/// The refusal of a retry whose transfer is already resolved (`detail` says why no stored answer
+/// is replayed), saying whether the user was charged.
+pub(super) fn already_processed(
+    request_id: &str,
+    transfer: &Transfer,
+    detail: &str,
+) -> RouterError {
+    let state = match transfer.status() {
+        TransferStatus::Completed => "completed (already charged)",
+        TransferStatus::Cancelled => "cancelled (not charged)",
+        _ => "resolved",
+    };
+    RouterError::AlreadyExists(format!(
+        "request {request_id} was already processed: transfer {} is {state}{detail}; use a new \
+         request id to send a new request",
+        transfer.id
+    ))
 }
 
 /// The refusal of a service that is not listed or not enabled.

@@ -2,9 +2,11 @@
 //! request id, and the hold that must be captured or voided exactly once.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use syft_error::UsageStatus;
-use syft_proto::ledger::Usage;
+use syft_proto::ledger::{AnswerToStore, Usage};
+use tokio::time::Instant;
 
 use super::Inner;
 use crate::drain::DrainGuard;
@@ -35,13 +37,25 @@ pub(super) struct HoldGuard {
     pub(super) work: Option<DrainGuard>,
     pub(super) ledger: Ledger,
     pub(super) transfer_id: String,
+    /// When the hold expires (on this process's clock), as last known.
+    pub(super) expires_at: Instant,
+    /// The hold's time to live (what each extension asks for).
+    pub(super) ttl: Duration,
     /// Present while the hold is unresolved.
     pub(super) cancel_usage: Option<Usage>,
 }
 
 impl HoldGuard {
-    pub(super) async fn capture(mut self, cost: i64, usage: Usage) -> Result<(), RouterError> {
-        let result = self.ledger.capture(&self.transfer_id, cost, usage).await;
+    pub(super) async fn capture(
+        mut self,
+        cost: i64,
+        usage: Usage,
+        answer: Option<AnswerToStore>,
+    ) -> Result<(), RouterError> {
+        let result = self
+            .ledger
+            .capture(&self.transfer_id, cost, usage, answer, self.settle_until())
+            .await;
         match &result {
             // Unavailable: the outcome is unknown; leave the guard armed so a void is attempted
             // (whichever resolution commits first wins, exactly once). Else it is resolved.
@@ -53,7 +67,12 @@ impl HoldGuard {
 
     pub(super) async fn void(mut self, reason: &str, usage: Usage) {
         self.cancel_usage = None;
-        if let Err(e) = self.ledger.void(&self.transfer_id, reason, usage).await {
+        let until = self.settle_until();
+        if let Err(e) = self
+            .ledger
+            .void(&self.transfer_id, reason, usage, until)
+            .await
+        {
             // The hold expires on its own; the user is not charged either way.
             tracing::warn!(transfer_id = %self.transfer_id, error = %e, "void failed; the hold will expire");
         }
@@ -72,12 +91,74 @@ impl Drop for HoldGuard {
         let ledger = self.ledger.clone();
         let transfer_id = std::mem::take(&mut self.transfer_id);
         let work = self.work.take();
+        let until = self.settle_until();
         tracing::info!(transfer_id = %transfer_id, "request dropped before resolution; voiding");
         rt.spawn(async move {
             let _work = work;
-            if let Err(e) = ledger.void(&transfer_id, "request cancelled", usage).await {
+            if let Err(e) = ledger.void(&transfer_id, "request cancelled", usage, until).await {
                 tracing::warn!(transfer_id = %transfer_id, error = %e, "void after cancel failed; the hold will expire");
             }
         });
+    }
+}
+
+/// Margin past a hold's expiry during which an unknown resolution is still asked about: once the
+/// hold has expired the ledger's answer is definite (captured, or no longer capturable).
+const SETTLE_MARGIN: Duration = Duration::from_secs(5);
+
+/// A ledger timestamp as an instant of this process's clock (a day ahead at most, whatever the
+/// ledger says).
+pub(super) fn local_instant(unix_micros: i64) -> Instant {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
+    let remaining = u64::try_from(unix_micros.saturating_sub(now)).unwrap_or(0);
+    Instant::now() + Duration::from_micros(remaining).min(Duration::from_secs(86_400))
+}
+
+/// A hold's time to live, from its creation and expiry (at least a second).
+pub(super) fn hold_ttl(created_at_unix_micros: i64, expires_at_unix_micros: i64) -> Duration {
+    let micros = expires_at_unix_micros.saturating_sub(created_at_unix_micros);
+    Duration::from_micros(u64::try_from(micros).unwrap_or(0)).max(Duration::from_secs(1))
+}
+
+impl HoldGuard {
+    /// Until when an unknown capture or void outcome is asked again: the hold's remaining life
+    /// plus [`SETTLE_MARGIN`] (past its expiry the ledger's answer is definite).
+    pub(super) fn settle_until(&self) -> Instant {
+        self.expires_at + SETTLE_MARGIN
+    }
+
+    /// How often a stream's hold is extended: three times per time to live.
+    pub(super) fn keep_alive_every(&self) -> Duration {
+        (self.ttl / 3).max(Duration::from_millis(100))
+    }
+
+    /// When a stream must end so that its capture commits before the hold expires: a quarter of
+    /// the time to live (5 s at most) before the expiry.
+    pub(super) fn capture_by(&self) -> Instant {
+        self.expires_at - (self.ttl / 4).min(Duration::from_secs(5))
+    }
+
+    /// Extends the hold by its time to live. `false` when the ledger refused for good (resolved,
+    /// expired, not supported): stop asking. A ledger that does not answer is asked again at the
+    /// next tick; meanwhile [`HoldGuard::capture_by`] bounds the stream.
+    pub(super) async fn extend(&mut self) -> bool {
+        let ttl = i64::try_from(self.ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+        match self.ledger.extend_hold(&self.transfer_id, ttl).await {
+            Ok(t) => {
+                self.expires_at = local_instant(t.expires_at_unix_micros);
+                true
+            }
+            Err(RouterError::Unavailable(e)) => {
+                tracing::warn!(transfer_id = %self.transfer_id, error = %e, "hold not extended; retrying");
+                true
+            }
+            Err(e) => {
+                tracing::info!(transfer_id = %self.transfer_id, error = %e, "hold cannot be extended");
+                false
+            }
+        }
     }
 }

@@ -9,9 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use syft_error::UsageStatus;
-use syft_proto::router::{
-    ChatRequest, ChatResponse, Message, Metadata, ProviderInfo, Service, TokenUsage,
-};
+use syft_proto::router::{ChatRequest, ChatResponse, Metadata, Service, TokenUsage};
 use tracing::Instrument;
 
 use crate::config::{pricing_proto, PricingKind, RouterConfig, ServiceKind, TokenBound};
@@ -27,10 +25,11 @@ use crate::validate::{validate_chat, ValidRequest};
 mod admission;
 mod hold;
 mod refusal;
+mod replay;
 mod search;
 mod stream;
 
-use admission::{Ticket, Units};
+use admission::{Authorized, Ticket, Units};
 use hold::{Claim, HoldGuard};
 pub use stream::ChatStreamHandle;
 
@@ -58,6 +57,14 @@ struct Inner {
     in_flight: Mutex<HashSet<(String, String)>>,
     readiness: ReadinessCell,
     drain: Arc<Drain>,
+}
+
+/// What admission decided: run the request, or replay the stored answer of its earlier,
+/// already charged attempt. (One per request, moved once: its size does not matter.)
+#[allow(clippy::large_enum_variant)]
+enum Admission {
+    Run(Prepared, Claim, Option<HoldGuard>),
+    Replay(Box<ChatResponse>),
 }
 
 /// A chat request, validated and priced.
@@ -228,7 +235,19 @@ impl RouterService {
 
     async fn unary(&self, req: ChatRequest) -> Result<ChatResponse, RouterError> {
         let started = Instant::now();
-        let (p, _claim, hold) = self.admit(req).await?;
+        let (p, _claim, hold) = match self.admit(req).await? {
+            Admission::Run(p, claim, hold) => (p, claim, hold),
+            Admission::Replay(r) => {
+                metrics::observe(
+                    self.provider(),
+                    "unary",
+                    "replay",
+                    started,
+                    Default::default(),
+                );
+                return Ok(*r);
+            }
+        };
         let up_start = Instant::now();
         let result = self
             .until_shutdown(self.inner.upstream.complete(&p.upstream_req))
@@ -263,39 +282,17 @@ impl RouterService {
             output: completion_tokens,
         };
         let usage = self.usage(&p.t, UsageStatus::Success, units, started, upstream_ms);
-        let settled = self.settle(&p.t, hold, cost, usage).await;
+        let transfer_id = hold.as_ref().map(|h| h.transfer_id.clone());
+        let response = self.response(&p, c, (prompt_tokens, completion_tokens), cost, transfer_id);
+        let answer = self.answer_to_store(&p, &response);
+        let settled = self.settle(&p.t, hold, cost, usage, answer).await;
         let outcome = if settled.is_ok() {
             "success"
         } else {
             "not_settled"
         };
         metrics::observe(self.provider(), "unary", outcome, started, upstream_time);
-        let transfer_id = settled?;
-        let currency = p.t.pricing.currency.clone();
-        Ok(ChatResponse {
-            id: p.v.request_id.clone(),
-            model: p.t.model.clone(),
-            message: Some(Message {
-                role: "assistant".into(),
-                content: c.content,
-                name: None,
-            }),
-            finish_reason: normalize_finish(&c.finish_reason),
-            usage: Some(token_usage(prompt_tokens, completion_tokens)),
-            cost_micros: cost,
-            transfer_id,
-            provider_info: Some(ProviderInfo {
-                provider: self.provider().into(),
-                upstream_model: if c.model.is_empty() {
-                    p.upstream_req.model.clone()
-                } else {
-                    c.model
-                },
-                upstream_finish_reason: c.finish_reason,
-                upstream_id: c.id,
-            }),
-            currency,
-        })
+        settled.map(|_| response)
     }
 
     // -----------------------------------------------------------------------------------------
@@ -304,10 +301,7 @@ impl RouterService {
     /// Validates and prices a request, claims its id (held until the returned claim is dropped)
     /// and places its hold when the service is paid.
     /// A refused request leaves a usage row with its refusal status (`refusal.rs`).
-    async fn admit(
-        &self,
-        req: ChatRequest,
-    ) -> Result<(Prepared, Claim, Option<HoldGuard>), RouterError> {
+    async fn admit(&self, req: ChatRequest) -> Result<Admission, RouterError> {
         let attempt = refusal::Attempt::chat(&req);
         match self.try_admit(req).await {
             Ok(admitted) => Ok(admitted),
@@ -318,13 +312,18 @@ impl RouterService {
         }
     }
 
-    async fn try_admit(
-        &self,
-        req: ChatRequest,
-    ) -> Result<(Prepared, Claim, Option<HoldGuard>), RouterError> {
+    async fn try_admit(&self, req: ChatRequest) -> Result<Admission, RouterError> {
         let p = self.prepare(req).await?;
-        let (claim, hold) = self.admit_ticket(&p.t).await?;
-        Ok((p, claim, hold))
+        let (claim, authorized) = self.admit_ticket(&p.t).await?;
+        let hold = match authorized {
+            Authorized::Free => None,
+            Authorized::Hold(h) => Some(h),
+            Authorized::Resolved(transfer) => {
+                let answer = self.replay(&p, &transfer).await?;
+                return Ok(Admission::Replay(Box::new(answer)));
+            }
+        };
+        Ok(Admission::Run(p, claim, hold))
     }
 
     async fn prepare(&self, req: ChatRequest) -> Result<Prepared, RouterError> {

@@ -9,7 +9,7 @@ use syft_error::UsageStatus;
 use syft_proto::router::{ProviderInfo, SearchRequest, SearchResponse, SearchResult};
 use tracing::Instrument;
 
-use super::admission::{Ticket, Units};
+use super::admission::{already_processed, Authorized, Ticket, Units};
 use super::hold::{Claim, HoldGuard};
 use super::refusal::Attempt;
 use super::{elapsed_ms, RouterService};
@@ -19,7 +19,6 @@ use crate::metrics;
 use crate::search::SearchHit;
 use crate::tokens;
 use crate::validate::{validate_search, ValidSearch};
-
 
 impl RouterService {
     /// One search. Returns only after the capture (or void, or usage row) is committed.
@@ -84,8 +83,14 @@ impl RouterService {
             (0, Ok(transfer_id))
         } else {
             let cost = t.pricing.cost_micros(0, 0).min(t.hold_micros);
-            let usage = self.usage(&t, UsageStatus::Success, units(hits.len()), started, upstream_ms);
-            (cost, self.settle(&t, hold, cost, usage).await)
+            let usage = self.usage(
+                &t,
+                UsageStatus::Success,
+                units(hits.len()),
+                started,
+                upstream_ms,
+            );
+            (cost, self.settle(&t, hold, cost, usage, None).await)
         };
         let outcome = match (&settled, hits.is_empty()) {
             (Err(_), _) => "not_settled",
@@ -133,7 +138,15 @@ impl RouterService {
             bound: None,
             model: backend.provider().into(),
         };
-        let (claim, hold) = self.admit_ticket(&t).await?;
+        let (claim, authorized) = self.admit_ticket(&t).await?;
+        let hold = match authorized {
+            Authorized::Free => None,
+            Authorized::Hold(h) => Some(h),
+            // Search answers are not stored for replay: a retry of a settled search is refused.
+            Authorized::Resolved(transfer) => {
+                return Err(already_processed(&t.request_id, &transfer, ""))
+            }
+        };
         Ok((v, t, claim, hold))
     }
 }

@@ -7,18 +7,19 @@ use std::time::Instant;
 use futures::StreamExt;
 use syft_error::UsageStatus;
 use syft_proto::router::{
-    chat_stream_event, ChatFinal, ChatRequest, ChatStreamEvent, ContentDelta, ProviderInfo,
+    chat_stream_event, ChatRequest, ChatResponse, ChatStreamEvent, ContentDelta,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 
 use super::hold::HoldGuard;
-use super::{elapsed_ms, normalize_finish, token_usage, Prepared, RouterService, Units};
+use super::replay::final_event;
+use super::{elapsed_ms, Admission, Prepared, RouterService, Units};
 use crate::error::RouterError;
 use crate::metrics;
 use crate::tokens;
-use crate::upstream::{UpstreamError, UpstreamStream, UpstreamUsage};
+use crate::upstream::{Completion, UpstreamError, UpstreamStream, UpstreamUsage};
 
 /// A started stream: ids known up front, then the events (deltas, then one final event, or an
 /// error).
@@ -27,6 +28,8 @@ pub struct ChatStreamHandle {
     /// Set for paid requests (the hold is already authorized).
     pub transfer_id: Option<String>,
     pub model: String,
+    /// The stored answer of an earlier, already charged attempt (no upstream call, no charge).
+    pub replay: bool,
     pub events: ReceiverStream<Result<ChatStreamEvent, RouterError>>,
 }
 
@@ -40,7 +43,19 @@ impl RouterService {
 
     async fn stream(&self, req: ChatRequest) -> Result<ChatStreamHandle, RouterError> {
         let started = Instant::now();
-        let (p, claim, hold) = self.admit(req).await?;
+        let (p, claim, hold) = match self.admit(req).await? {
+            Admission::Run(p, claim, hold) => (p, claim, hold),
+            Admission::Replay(r) => {
+                metrics::observe(
+                    self.provider(),
+                    "stream",
+                    "replay",
+                    started,
+                    Default::default(),
+                );
+                return Ok(replayed(*r));
+            }
+        };
         let up_start = Instant::now();
         let upstream = match self
             .until_shutdown(self.inner.upstream.stream(&p.upstream_req))
@@ -57,6 +72,7 @@ impl RouterService {
             request_id: p.v.request_id.clone(),
             transfer_id: hold.as_ref().map(|h| h.transfer_id.clone()),
             model: p.t.model.clone(),
+            replay: false,
             events: ReceiverStream::new(rx),
         };
         let svc = self.clone();
@@ -74,7 +90,7 @@ impl RouterService {
     async fn drive_stream(
         &self,
         p: Prepared,
-        hold: Option<HoldGuard>,
+        mut hold: Option<HoldGuard>,
         mut upstream: UpstreamStream,
         tx: mpsc::Sender<Result<ChatStreamEvent, RouterError>>,
         started: Instant,
@@ -82,18 +98,38 @@ impl RouterService {
     ) {
         enum End {
             Done,
+            /// Ended by the router: the stream reached `--max-stream-duration`, or its hold could
+            /// not be extended and is about to expire. What was delivered is charged.
+            Cut,
             Cancelled,
             Failed(UpstreamError),
         }
+        let max_end = tokio::time::Instant::now() + self.inner.config.max_stream_duration;
+        let mut keep_alive = hold.as_ref().map(|h| {
+            let every = h.keep_alive_every();
+            tokio::time::interval_at(tokio::time::Instant::now() + every, every)
+        });
         let mut content = String::new();
         let mut finish: Option<String> = None;
         let mut reported: Option<UpstreamUsage> = None;
         let mut upstream_id = String::new();
         let mut upstream_model = String::new();
         let end = loop {
+            let cut_at = hold
+                .as_ref()
+                .map_or(max_end, |h| h.capture_by().min(max_end));
             let next = tokio::select! {
                 _ = tx.closed() => break End::Cancelled,
                 _ = self.inner.drain.aborted() => break End::Failed(UpstreamError::ShuttingDown),
+                _ = tokio::time::sleep_until(cut_at) => break End::Cut,
+                _ = tick(&mut keep_alive) => {
+                    if let Some(h) = hold.as_mut() {
+                        if !h.extend().await {
+                            keep_alive = None;
+                        }
+                    }
+                    continue;
+                }
                 next = upstream.next() => next,
             };
             let chunk = match next {
@@ -129,7 +165,12 @@ impl RouterService {
         let upstream_time = up_start.elapsed();
         let upstream_ms = elapsed_ms(up_start);
         let end = match end {
-            End::Done if content.trim().is_empty() => End::Failed(UpstreamError::Empty),
+            End::Done | End::Cut if content.trim().is_empty() => End::Failed(UpstreamError::Empty),
+            End::Cut => {
+                tracing::warn!(request_id = %p.v.request_id, "stream ended by the router (duration bound or hold expiring); delivered text is charged");
+                finish = Some("length".into());
+                End::Done
+            }
             other => other,
         };
         match end {
@@ -160,7 +201,8 @@ impl RouterService {
                 );
                 let _ = tx.send(Err(e.into())).await;
             }
-            End::Done => {
+            // `Cut` was turned into `Done` above.
+            End::Done | End::Cut => {
                 let (prompt_tokens, completion_tokens) =
                     self.final_tokens(&p, reported, &content).await;
                 let cost = self.cost(&p, prompt_tokens, completion_tokens);
@@ -170,30 +212,21 @@ impl RouterService {
                 };
                 let usage = self.usage(&p.t, UsageStatus::Success, units, started, upstream_ms);
                 let upstream_finish = finish.unwrap_or_else(|| "stop".into());
-                let item = match self.settle(&p.t, hold, cost, usage).await {
-                    Ok(transfer_id) => Ok(ChatStreamEvent {
-                        event: Some(chat_stream_event::Event::Final(ChatFinal {
-                            id: p.v.request_id.clone(),
-                            model: p.t.model.clone(),
-                            finish_reason: normalize_finish(&upstream_finish),
-                            usage: Some(token_usage(prompt_tokens, completion_tokens)),
-                            cost_micros: cost,
-                            transfer_id,
-                            provider_info: Some(ProviderInfo {
-                                provider: self.provider().into(),
-                                upstream_model: if upstream_model.is_empty() {
-                                    p.upstream_req.model.clone()
-                                } else {
-                                    upstream_model
-                                },
-                                upstream_finish_reason: upstream_finish,
-                                upstream_id,
-                            }),
-                            currency: p.t.pricing.currency.clone(),
-                        })),
-                    }),
-                    Err(e) => Err(e),
+                let completion = Completion {
+                    id: upstream_id,
+                    model: upstream_model,
+                    content,
+                    finish_reason: upstream_finish,
+                    usage: None,
                 };
+                let transfer_id = hold.as_ref().map(|h| h.transfer_id.clone());
+                let tokens = (prompt_tokens, completion_tokens);
+                let response = self.response(&p, completion, tokens, cost, transfer_id);
+                let answer = self.answer_to_store(&p, &response);
+                let item = self
+                    .settle(&p.t, hold, cost, usage, answer)
+                    .await
+                    .map(|_| final_event(response).1);
                 let outcome = if item.is_ok() {
                     "success"
                 } else {
@@ -203,5 +236,35 @@ impl RouterService {
                 let _ = tx.send(item).await;
             }
         }
+    }
+}
+
+/// A stream that replays a stored answer: the whole text as one delta, then the final event.
+fn replayed(r: ChatResponse) -> ChatStreamHandle {
+    let request_id = r.id.clone();
+    let transfer_id = Some(r.transfer_id.clone()).filter(|t| !t.is_empty());
+    let model = r.model.clone();
+    let (delta, last) = final_event(r);
+    let (tx, rx) = mpsc::channel(2);
+    for event in [delta, last] {
+        // The channel has room for both events and its receiver is alive: this cannot fail.
+        let _ = tx.try_send(Ok(event));
+    }
+    ChatStreamHandle {
+        request_id,
+        transfer_id,
+        model,
+        replay: true,
+        events: ReceiverStream::new(rx),
+    }
+}
+
+/// The next keep-alive tick; never, without one.
+async fn tick(keep_alive: &mut Option<tokio::time::Interval>) {
+    match keep_alive {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => std::future::pending().await,
     }
 }

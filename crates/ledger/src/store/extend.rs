@@ -1,0 +1,61 @@
+//! Extending a pending hold's life (a router keeping the hold of a long stream alive).
+
+use super::{now_micros, retry_transient, Store, TransferRow, TransferStatus};
+use crate::error::{LedgerError, Result};
+use syft_error::Reason;
+
+impl Store {
+    /// Moves the expiry of `recipient_id`'s pending, unexpired hold to `now + ttl_micros`, never
+    /// earlier than it was and never past `created_at + max_life_micros`. Idempotent (asking again
+    /// only moves the expiry forward); refused with `TRANSFER_NOT_PENDING` once the transfer is
+    /// resolved and `HOLD_EXPIRED` once it has expired (then it can only be swept).
+    pub async fn extend_hold(
+        &self,
+        transfer_id: &str,
+        recipient_id: i64,
+        ttl_micros: i64,
+        max_life_micros: i64,
+    ) -> Result<TransferRow> {
+        let now = now_micros();
+        let wanted = now.saturating_add(ttl_micros);
+        let updated = retry_transient(|| async {
+            sqlx::query(
+                "UPDATE transfers SET expires_at = CASE \
+                    WHEN $3 > created_at + $4 THEN \
+                        CASE WHEN created_at + $4 > expires_at THEN created_at + $4 ELSE expires_at END \
+                    WHEN $3 > expires_at THEN $3 ELSE expires_at END \
+                 WHERE id = $1 AND recipient_id = $2 AND status = 'PENDING' AND expires_at > $5",
+            )
+            .bind(transfer_id)
+            .bind(recipient_id)
+            .bind(wanted)
+            .bind(max_life_micros)
+            .bind(now)
+            .execute(self.pool())
+            .await
+            .map(|r| r.rows_affected())
+        })
+        .await?;
+        let row = self
+            .transfer_by_id(transfer_id)
+            .await?
+            .filter(|t| t.recipient_id == recipient_id)
+            .ok_or_else(|| LedgerError::NotFound(format!("transfer {transfer_id} not found")))?;
+        if updated == 1 {
+            return Ok(row);
+        }
+        Err(match row.status {
+            TransferStatus::Pending => LedgerError::refused(
+                Reason::HoldExpired,
+                format!("hold {transfer_id} expired, it can no longer be extended"),
+            ),
+            _ => LedgerError::refused(
+                Reason::TransferNotPending,
+                format!(
+                    "transfer {transfer_id} is {}, only a pending hold can be extended",
+                    row.status.as_str().to_lowercase()
+                ),
+            ),
+        })
+    }
+}

@@ -1,0 +1,168 @@
+//! Answers stored with captures (idempotent replay, migration 0004), on SQLite and Postgres: served
+//! only to the transfer's recipient and only once it is COMPLETED, bounded in size and retention,
+//! refused whole when unusable (nothing captured), deleted after their retention.
+
+use syft_proto::ledger as pb;
+use syft_testkit::{code, store_suite, Harness, USD};
+use tonic::Code;
+
+const OWNER: &str = "owner@router.example";
+const OTHER: &str = "other@router.example";
+const ALICE: &str = "alice@example.com";
+
+fn hold(amount: i64, token: &str, key: &str) -> pb::AuthorizeRequest {
+    pb::AuthorizeRequest {
+        sender_email: ALICE.into(),
+        amount_micros: amount,
+        token: token.into(),
+        app_name: "chat-app".into(),
+        app_ep_path: "/chat".into(),
+        idempotency_key: key.into(),
+        hold_ttl_seconds: None,
+    }
+}
+
+fn capture(id: &str, body: &[u8], retention_seconds: i64) -> pb::CaptureRequest {
+    pb::CaptureRequest {
+        transfer_id: id.into(),
+        amount: Some(pb::capture_request::Amount::AmountMicros(USD / 2)),
+        usage: None,
+        answer: Some(pb::AnswerToStore {
+            body: body.to_vec(),
+            retention_seconds,
+        }),
+    }
+}
+
+fn get(id: &str) -> pb::GetAnswerRequest {
+    pb::GetAnswerRequest {
+        transfer_id: id.into(),
+    }
+}
+
+async fn answers_are_served_once_captured_to_the_recipient_only(h: Harness) -> Harness {
+    let owner = h.account(OWNER, 0).await;
+    let other = h.account(OTHER, 0).await;
+    let alice = h.account(ALICE, 10 * USD).await;
+    let token = h.token(&alice, OWNER).await;
+    let mut router = h.client(&owner);
+    let t = router
+        .authorize(hold(USD, &token, "k1"))
+        .await
+        .expect("hold")
+        .into_inner();
+    // Nothing stored yet, and a pending transfer has no answer.
+    assert_eq!(code(router.get_answer(get(&t.id)).await), Code::NotFound);
+
+    let done = router
+        .capture(capture(&t.id, b"the answer", 3600))
+        .await
+        .expect("capture")
+        .into_inner();
+    assert_eq!(done.status(), pb::TransferStatus::Completed);
+    let a = router
+        .get_answer(get(&t.id))
+        .await
+        .expect("answer")
+        .into_inner();
+    assert_eq!(a.body, b"the answer");
+    assert_eq!(a.transfer_id, t.id);
+    assert!(a.expires_at_unix_micros > done.resolved_at_unix_micros.unwrap_or(0));
+
+    // The retry of the capture (an unknown outcome asked again) is idempotent, answer included.
+    let again = router
+        .capture(capture(&t.id, b"the answer", 3600))
+        .await
+        .expect("repeat")
+        .into_inner();
+    assert_eq!(again, done);
+
+    // Another recipient neither sees nor overwrites it; the sender does not see it either.
+    let mut stranger = h.client(&other);
+    assert_eq!(code(stranger.get_answer(get(&t.id)).await), Code::NotFound);
+    let overwrite = stranger.capture(capture(&t.id, b"forged", 3600)).await;
+    assert_eq!(code(overwrite), Code::NotFound);
+    assert_eq!(
+        code(h.client(&alice).get_answer(get(&t.id)).await),
+        Code::NotFound
+    );
+    let a = router.get_answer(get(&t.id)).await.expect("answer");
+    assert_eq!(a.into_inner().body, b"the answer");
+    h
+}
+
+async fn unusable_answers_refuse_the_capture_whole(h: Harness) -> Harness {
+    let owner = h.account(OWNER, 0).await;
+    let alice = h.account(ALICE, 10 * USD).await;
+    let token = h.token(&alice, OWNER).await;
+    let mut router = h.client(&owner);
+    let t = router
+        .authorize(hold(USD, &token, "k1"))
+        .await
+        .expect("hold")
+        .into_inner();
+    let too_big = vec![b'x'; syft_ledger::MAX_ANSWER_BYTES + 1];
+    for bad in [
+        capture(&t.id, &too_big, 60),
+        capture(&t.id, b"a", 0),
+        capture(&t.id, b"a", syft_ledger::MAX_ANSWER_RETENTION_SECONDS + 1),
+    ] {
+        assert_eq!(code(router.capture(bad).await), Code::InvalidArgument);
+    }
+    // Nothing was captured and nothing stored: the hold is intact.
+    let still = router
+        .get_transfer(pb::GetTransferRequest {
+            transfer_id: t.id.clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(still.status(), pb::TransferStatus::Pending);
+    assert_eq!(h.balance(ALICE).await.held_micros, USD);
+
+    // A voided transfer's answer (written before a capture that then failed) is never served.
+    router
+        .void(pb::VoidRequest {
+            transfer_id: t.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("void");
+    let late = router.capture(capture(&t.id, b"never paid", 60)).await;
+    assert_eq!(code(late), Code::FailedPrecondition);
+    assert_eq!(code(router.get_answer(get(&t.id)).await), Code::NotFound);
+    h
+}
+
+async fn answers_expire_and_are_purged(h: Harness) -> Harness {
+    let owner = h.account(OWNER, 0).await;
+    let alice = h.account(ALICE, 10 * USD).await;
+    let token = h.token(&alice, OWNER).await;
+    let mut router = h.client(&owner);
+    let t = router
+        .authorize(hold(USD, &token, "k1"))
+        .await
+        .expect("hold")
+        .into_inner();
+    router
+        .capture(capture(&t.id, b"short-lived", 1))
+        .await
+        .expect("capture");
+    assert!(router.get_answer(get(&t.id)).await.is_ok());
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(code(router.get_answer(get(&t.id)).await), Code::NotFound);
+    // The sweeper (every 200 ms in tests) or this purge deletes the row.
+    h.store.purge_answers(100).await.expect("purge");
+    let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM answers")
+        .fetch_one(h.store.pool())
+        .await
+        .expect("count");
+    assert_eq!(left, 0);
+    h
+}
+
+store_suite!(
+    answers_are_served_once_captured_to_the_recipient_only,
+    unusable_answers_refuse_the_capture_whole,
+    answers_expire_and_are_purged,
+);

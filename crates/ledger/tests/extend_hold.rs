@@ -1,0 +1,149 @@
+//! `ExtendHold` (issue 15, holds that outlive long streams), on SQLite and Postgres: an extended
+//! hold outlives its first expiry and can still be captured; extension is idempotent, bounded by
+//! the maximum hold TTL from the hold's creation, refused with a reason once the hold is resolved
+//! or expired, and invisible to other recipients.
+
+use std::time::Duration;
+
+use syft_proto::ledger as pb;
+use syft_testkit::{code, reason, store_suite, Harness, USD};
+use tonic::Code;
+
+const OWNER: &str = "owner@router.example";
+const OTHER: &str = "other@router.example";
+const ALICE: &str = "alice@example.com";
+
+fn hold(key: &str, ttl: i64, token: &str) -> pb::AuthorizeRequest {
+    pb::AuthorizeRequest {
+        sender_email: ALICE.into(),
+        amount_micros: USD,
+        token: token.into(),
+        app_name: "chat-app".into(),
+        app_ep_path: "/chat".into(),
+        idempotency_key: key.into(),
+        hold_ttl_seconds: Some(ttl),
+    }
+}
+
+fn extend(id: &str, ttl_seconds: i64) -> pb::ExtendHoldRequest {
+    pb::ExtendHoldRequest {
+        transfer_id: id.into(),
+        ttl_seconds,
+    }
+}
+
+fn full(id: &str) -> pb::CaptureRequest {
+    pb::CaptureRequest {
+        transfer_id: id.into(),
+        amount: Some(pb::capture_request::Amount::Full(true)),
+        usage: None,
+        answer: None,
+    }
+}
+
+async fn extended_holds_outlive_their_first_expiry(h: Harness) -> Harness {
+    let owner = h.account(OWNER, 0).await;
+    let other = h.account(OTHER, 0).await;
+    let alice = h.account(ALICE, 10 * USD).await;
+    let token = h.token(&alice, OWNER).await;
+    let mut router = h.client(&owner);
+    let t = router
+        .authorize(hold("k1", 1, &token))
+        .await
+        .expect("hold")
+        .into_inner();
+    let e1 = router
+        .extend_hold(extend(&t.id, 3))
+        .await
+        .expect("extend")
+        .into_inner();
+    assert!(e1.expires_at_unix_micros >= t.expires_at_unix_micros + 1_500_000);
+    // Idempotent: asking again never moves the expiry back.
+    let e2 = router
+        .extend_hold(extend(&t.id, 1))
+        .await
+        .expect("again")
+        .into_inner();
+    assert_eq!(e2.expires_at_unix_micros, e1.expires_at_unix_micros);
+    assert_eq!(e2.status(), pb::TransferStatus::Pending);
+    // Nobody else may extend it, and bad input is refused.
+    let stranger = h.client(&other).extend_hold(extend(&t.id, 3)).await;
+    assert_eq!(code(stranger), Code::NotFound);
+    for bad in [0, -1, 86_400 * 365] {
+        assert_eq!(
+            code(router.extend_hold(extend(&t.id, bad)).await),
+            Code::InvalidArgument
+        );
+    }
+    // Past the first expiry (and a sweep), still pending and capturable.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let done = router.capture(full(&t.id)).await.expect("capture");
+    assert_eq!(done.into_inner().status(), pb::TransferStatus::Completed);
+    let late = router
+        .extend_hold(extend(&t.id, 3))
+        .await
+        .expect_err("resolved");
+    assert_eq!(reason(&late).as_deref(), Some("TRANSFER_NOT_PENDING"));
+
+    // Bounded by the maximum hold TTL counted from the hold's creation.
+    let max = h.config.max_hold_ttl.as_secs() as i64;
+    let t2 = router
+        .authorize(hold("k2", 1, &token))
+        .await
+        .expect("hold")
+        .into_inner();
+    let e = router
+        .extend_hold(extend(&t2.id, max))
+        .await
+        .expect("extend to the max")
+        .into_inner();
+    assert_eq!(
+        e.expires_at_unix_micros,
+        t2.created_at_unix_micros + max * 1_000_000
+    );
+    router
+        .void(pb::VoidRequest {
+            transfer_id: t2.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("void");
+    h
+}
+
+async fn expired_holds_cannot_be_extended(h: Harness) -> Harness {
+    let owner = h.account(OWNER, 0).await;
+    let alice = h.account(ALICE, 10 * USD).await;
+    let token = h.token(&alice, OWNER).await;
+    let mut router = h.client(&owner);
+    let t = router
+        .authorize(hold("k1", 1, &token))
+        .await
+        .expect("hold")
+        .into_inner();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let err = router
+        .extend_hold(extend(&t.id, 60))
+        .await
+        .expect_err("expired");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let why = reason(&err);
+    // Expired but not yet swept, or already swept (cancelled).
+    assert!(
+        matches!(
+            why.as_deref(),
+            Some("HOLD_EXPIRED" | "TRANSFER_NOT_PENDING")
+        ),
+        "{why:?}"
+    );
+    assert_eq!(
+        code(router.capture(full(&t.id)).await),
+        Code::FailedPrecondition
+    );
+    h
+}
+
+store_suite!(
+    extended_holds_outlive_their_first_expiry,
+    expired_holds_cannot_be_extended,
+);

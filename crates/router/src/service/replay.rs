@@ -1,0 +1,164 @@
+//! Idempotent replay of paid answers (docs/router.md "Replay of paid answers").
+//!
+//! A paid answer is stored by the ledger with its capture (`CaptureRequest.answer`), encoded as a
+//! `ReplayRecord`: the response as sent, and a fingerprint of the request. A retry with the same
+//! request id finds its transfer COMPLETED at Authorize; the router then fetches the stored answer
+//! and, if the retry is the same request, returns it marked `replay`: no upstream call, no charge.
+
+use prost::Message as _;
+use sha2::{Digest, Sha256};
+use syft_proto::ledger::{AnswerToStore, Transfer};
+use syft_proto::router::{
+    chat_stream_event, ChatFinal, ChatOptions, ChatRequest, ChatResponse, ChatStreamEvent,
+    ContentDelta, Message, ProviderInfo, ReplayRecord,
+};
+
+use super::admission::already_processed;
+use super::{normalize_finish, token_usage, Prepared, RouterService};
+use crate::error::RouterError;
+use crate::upstream::Completion;
+use crate::validate::ValidRequest;
+
+/// What identifies "the same request": everything that shapes the answer and its price, not the
+/// token (a retry may carry a fresh one) nor the request id (the key itself).
+pub(super) fn fingerprint(v: &ValidRequest, model: &str) -> String {
+    let canonical = ChatRequest {
+        user_email: v.user_email.clone(),
+        model: model.to_string(),
+        messages: v.messages.clone(),
+        options: Some(ChatOptions {
+            max_tokens: v.max_tokens,
+            temperature: v.temperature,
+            top_p: v.top_p,
+            stop_sequences: v.stop.clone(),
+        }),
+        transaction_token: String::new(),
+        request_id: String::new(),
+    };
+    // prost encodes fields in tag order, so equal requests have equal bytes.
+    hex::encode(Sha256::digest(canonical.encode_to_vec()))
+}
+
+impl RouterService {
+    /// The response to a request answered by the upstream with `c` (unary, or a stream's
+    /// assembled text): what the client gets and what is stored for replay.
+    pub(super) fn response(
+        &self,
+        p: &Prepared,
+        c: Completion,
+        (prompt_tokens, completion_tokens): (u64, u64),
+        cost: i64,
+        transfer_id: Option<String>,
+    ) -> ChatResponse {
+        ChatResponse {
+            id: p.v.request_id.clone(),
+            model: p.t.model.clone(),
+            message: Some(Message {
+                role: "assistant".into(),
+                content: c.content,
+                name: None,
+            }),
+            finish_reason: normalize_finish(&c.finish_reason),
+            usage: Some(token_usage(prompt_tokens, completion_tokens)),
+            cost_micros: cost,
+            transfer_id: transfer_id.unwrap_or_default(),
+            provider_info: Some(ProviderInfo {
+                provider: self.provider().into(),
+                upstream_model: if c.model.is_empty() {
+                    p.upstream_req.model.clone()
+                } else {
+                    c.model
+                },
+                upstream_finish_reason: c.finish_reason,
+                upstream_id: c.id,
+            }),
+            currency: p.t.pricing.currency.clone(),
+            replay: false,
+        }
+    }
+
+    /// The answer to store with the capture, unless storage is off or the answer is too large.
+    pub(super) fn answer_to_store(
+        &self,
+        p: &Prepared,
+        response: &ChatResponse,
+    ) -> Option<AnswerToStore> {
+        let settings = &self.inner.config.replay;
+        if !settings.enabled() {
+            return None;
+        }
+        let body = ReplayRecord {
+            request_fingerprint: fingerprint(&p.v, &p.t.model),
+            response: Some(response.clone()),
+        }
+        .encode_to_vec();
+        if body.len() > settings.max_bytes {
+            tracing::info!(request_id = %p.v.request_id, bytes = body.len(), max = settings.max_bytes,
+                "answer above --answer-max-bytes; not kept for replay");
+            return None;
+        }
+        Some(AnswerToStore {
+            body,
+            retention_seconds: i64::try_from(settings.retention.as_secs().max(1))
+                .unwrap_or(i64::MAX),
+        })
+    }
+
+    /// A retry of a request whose transfer is already resolved: the stored answer when the
+    /// transfer was captured, an answer is stored, and the retry is the same request; otherwise
+    /// `ALREADY_EXISTS` (409), saying whether the user was charged.
+    pub(super) async fn replay(
+        &self,
+        p: &Prepared,
+        transfer: &Transfer,
+    ) -> Result<ChatResponse, RouterError> {
+        use syft_proto::ledger::TransferStatus;
+        let refused = |detail: &str| already_processed(&p.v.request_id, transfer, detail);
+        if transfer.status() != TransferStatus::Completed || !self.inner.config.replay.enabled() {
+            return Err(refused(""));
+        }
+        let Some(body) = self.inner.ledger.answer(&transfer.id).await? else {
+            return Err(refused(
+                ", and its answer is not kept (past retention or not stored)",
+            ));
+        };
+        let record = ReplayRecord::decode(body.as_slice()).map_err(|e| {
+            tracing::error!(transfer_id = %transfer.id, error = %e, "stored answer unreadable");
+            refused(", and its stored answer is unreadable")
+        })?;
+        if record.request_fingerprint != fingerprint(&p.v, &p.t.model) {
+            return Err(refused(
+                " for a different request (same request id, other content)",
+            ));
+        }
+        let mut response = record
+            .response
+            .ok_or_else(|| refused(", and its stored answer is empty"))?;
+        response.replay = true;
+        tracing::info!(request_id = %p.v.request_id, transfer_id = %transfer.id, "replayed a paid answer");
+        Ok(response)
+    }
+}
+
+/// A response as stream events: its text as one delta, and the final event.
+pub(super) fn final_event(r: ChatResponse) -> (ChatStreamEvent, ChatStreamEvent) {
+    let content = r.message.map(|m| m.content).unwrap_or_default();
+    let delta = ChatStreamEvent {
+        event: Some(chat_stream_event::Event::Delta(ContentDelta { content })),
+    };
+    let last = ChatFinal {
+        id: r.id,
+        model: r.model,
+        finish_reason: r.finish_reason,
+        usage: r.usage,
+        cost_micros: r.cost_micros,
+        transfer_id: r.transfer_id,
+        provider_info: r.provider_info,
+        currency: r.currency,
+        replay: r.replay,
+    };
+    let last = ChatStreamEvent {
+        event: Some(chat_stream_event::Event::Final(last)),
+    };
+    (delta, last)
+}

@@ -1,0 +1,80 @@
+//! Holds that outlive long streams (issue 15): the router extends a running stream's hold, so a
+//! stream longer than the hold's TTL is still captured; `max_stream_duration` ends any stream,
+//! charging what was delivered. Either way no answer is delivered uncharged.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use syft_proto::ledger::TransferStatus;
+use syft_proto::router::{chat_stream_event, ChatFinal};
+use syft_router_svc::{Pricing, RouterConfig};
+use syft_testkit::*;
+
+async fn slow_stream(
+    hold_ttl: Duration,
+    tweak: impl FnOnce(&mut RouterConfig),
+) -> (Stack, String, ChatFinal) {
+    let s = Stack::start_with(Db::sqlite(), Pricing::per_request(PRICE), hold_ttl, tweak).await;
+    // 100 chunks, one per 40 ms: 4 s, past a 2 s hold.
+    s.upstream
+        .set_mode(Mode::SlowStream(Duration::from_millis(40)));
+    let mut c = s.client().await;
+    let mut events = c
+        .chat_stream(s.request("tell me a long story"))
+        .await
+        .expect("stream")
+        .into_inner();
+    let mut text = String::new();
+    let mut last = None;
+    while let Some(ev) = events.next().await {
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(e) => panic!("{e:?}: {:?}", s.transfers().await),
+        };
+        match ev.event {
+            Some(chat_stream_event::Event::Delta(d)) => text.push_str(&d.content),
+            Some(chat_stream_event::Event::Final(f)) => last = Some(f),
+            None => {}
+        }
+    }
+    (s, text, last.expect("final event"))
+}
+
+async fn assert_charged_once(s: &Stack, last: &ChatFinal) {
+    let t = s.transfers().await;
+    assert_eq!(t.len(), 1);
+    assert_eq!(t[0].status(), TransferStatus::Completed, "{t:?}");
+    assert_eq!(t[0].id, last.transfer_id);
+    assert_eq!(t[0].captured_micros, PRICE);
+    assert_eq!(s.alice_money().await, (FUNDS - PRICE, 0, FUNDS - PRICE));
+    s.check_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_longer_than_its_hold_is_kept_alive_and_captured() {
+    let (s, text, last) = slow_stream(Duration::from_secs(2), |_| {}).await;
+    assert_eq!(text, "tick ".repeat(100), "the whole answer");
+    assert_eq!(last.finish_reason, "stop");
+    assert_eq!(last.cost_micros, PRICE);
+    let t = s.transfers().await;
+    assert!(
+        t[0].expires_at_unix_micros - t[0].created_at_unix_micros > 2_500_000,
+        "the hold was extended: {t:?}"
+    );
+    assert_charged_once(&s, &last).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_stream_duration_ends_a_stream_and_charges_what_was_delivered() {
+    let (s, text, last) = slow_stream(Duration::from_secs(300), |c| {
+        c.max_stream_duration = Duration::from_millis(400);
+    })
+    .await;
+    assert!(
+        !text.is_empty() && text.len() < "tick ".len() * 100,
+        "{text:?}"
+    );
+    assert_eq!(last.finish_reason, "length");
+    assert_eq!(last.cost_micros, PRICE);
+    assert_charged_once(&s, &last).await;
+}

@@ -1,0 +1,264 @@
+//! Idempotent replay of paid answers and settlement of unknown capture outcomes (issue 15): a
+//! retry with the same request id after the capture gets the stored answer, marked as a replay,
+//! over every front, with no upstream call and no second charge; a capture whose outcome was
+//! unknown is settled, and the client gets the answer exactly when it was charged.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::{json, Value};
+use syft_proto::ledger::TransferStatus;
+use syft_proto::router::router_client::RouterClient;
+use syft_proto::router::{chat_stream_event, ChatFinal, ChatRequest};
+use syft_router_svc::{Pricing, ReplaySettings};
+use syft_testkit::*;
+use tonic::transport::Channel;
+use tonic::Code;
+
+fn keyed(s: &Stack, content: &str, key: &str) -> ChatRequest {
+    let mut req = s.request(content);
+    req.request_id = key.into();
+    req
+}
+
+/// Streams `req`; returns the concatenated deltas, the final event and the replay metadata.
+async fn stream(c: &mut RouterClient<Channel>, req: ChatRequest) -> (String, ChatFinal, bool) {
+    let resp = c.chat_stream(req).await.expect("stream");
+    let marked = resp.metadata().get("x-syft-replay").is_some();
+    let mut events = resp.into_inner();
+    let mut text = String::new();
+    let mut last = None;
+    while let Some(ev) = events.next().await {
+        match ev.expect("event").event {
+            Some(chat_stream_event::Event::Delta(d)) => text.push_str(&d.content),
+            Some(chat_stream_event::Event::Final(f)) => last = Some(f),
+            None => {}
+        }
+    }
+    (text, last.expect("final event"), marked)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_retries_after_the_capture_get_the_stored_answer() {
+    let s = Stack::start(Pricing::per_request(PRICE)).await;
+    let mut c = s.client().await;
+
+    // Unary, then its unary and streamed retries.
+    let first = c
+        .chat(keyed(&s, "hi", "unary-1"))
+        .await
+        .expect("first")
+        .into_inner();
+    assert!(!first.replay);
+    let again = c.chat(keyed(&s, "hi", "unary-1")).await.expect("retry");
+    assert_eq!(
+        again.metadata().get("x-syft-replay").map(|v| v.as_bytes()),
+        Some(&b"true"[..])
+    );
+    let again = again.into_inner();
+    assert!(again.replay);
+    assert_eq!(
+        (
+            &again.transfer_id,
+            again.cost_micros,
+            &again.message,
+            &again.usage
+        ),
+        (
+            &first.transfer_id,
+            first.cost_micros,
+            &first.message,
+            &first.usage
+        )
+    );
+    let (text, last, marked) = stream(&mut c, keyed(&s, "hi", "unary-1")).await;
+    assert!(marked && last.replay);
+    assert_eq!(text, CONTENT);
+    assert_eq!(
+        (last.transfer_id.as_str(), last.cost_micros),
+        (first.transfer_id.as_str(), PRICE)
+    );
+
+    // Streamed, then its streamed and unary retries.
+    let (text, first, marked) = stream(&mut c, keyed(&s, "hello", "stream-1")).await;
+    assert!(!marked && !first.replay);
+    let (again_text, again, marked) = stream(&mut c, keyed(&s, "hello", "stream-1")).await;
+    assert!(marked && again.replay);
+    assert_eq!(again_text, text);
+    assert_eq!(
+        (
+            &again.transfer_id,
+            again.cost_micros,
+            &again.usage,
+            &again.finish_reason
+        ),
+        (
+            &first.transfer_id,
+            first.cost_micros,
+            &first.usage,
+            &first.finish_reason
+        )
+    );
+    let unary = c
+        .chat(keyed(&s, "hello", "stream-1"))
+        .await
+        .expect("unary retry")
+        .into_inner();
+    assert!(unary.replay);
+    assert_eq!(unary.message.map(|m| m.content), Some(text));
+
+    // Two paid requests, each charged once, each called upstream once.
+    assert_eq!(s.upstream.hits(), 2);
+    assert_eq!(
+        s.alice_money().await,
+        (FUNDS - 2 * PRICE, 0, FUNDS - 2 * PRICE)
+    );
+    assert_eq!(s.usage().await.len(), 2);
+    s.check_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_retries_get_the_stored_answer_with_the_replay_header() {
+    let s = Stack::start(Pricing::per_request(PRICE)).await;
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/chat/completions", s.router.http_url);
+    let send = |key: &'static str, stream: bool| {
+        http.post(&url)
+            .bearer_auth(&s.token)
+            .header("Idempotency-Key", key)
+            .json(
+                &json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}],
+                          "user": s.alice.email, "max_tokens": 50, "stream": stream}),
+            )
+            .send()
+    };
+    let replay_header = |r: &reqwest::Response| {
+        r.headers()
+            .get("x-syft-replay")
+            .map(|v| v.as_bytes().to_vec())
+    };
+
+    let first = send("http-1", false).await.expect("http");
+    assert_eq!(first.status().as_u16(), 200);
+    assert_eq!(replay_header(&first), None);
+    let first: Value = first.json().await.expect("json");
+    let again = send("http-1", false).await.expect("http");
+    assert_eq!(again.status().as_u16(), 200);
+    assert_eq!(replay_header(&again), Some(b"true".to_vec()));
+    let again: Value = again.json().await.expect("json");
+    assert_eq!(again["syft"]["replay"], true);
+    assert_eq!(again["syft"]["transfer_id"], first["syft"]["transfer_id"]);
+    assert_eq!(again["syft"]["cost_micros"], PRICE);
+    assert_eq!(again["choices"][0]["message"]["content"], CONTENT);
+
+    // SSE retry of the same key.
+    let sse = send("http-1", true).await.expect("sse");
+    assert_eq!(sse.status().as_u16(), 200);
+    assert_eq!(replay_header(&sse), Some(b"true".to_vec()));
+    let body = sse.text().await.expect("body");
+    assert!(body.contains("\"replay\":true"), "{body}");
+    assert!(body.contains(CONTENT) && body.contains("[DONE]"), "{body}");
+
+    assert_eq!(s.upstream.hits(), 1);
+    assert_eq!(s.alice_money().await.0, FUNDS - PRICE);
+    s.check_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_different_request_under_a_used_key_is_refused_without_an_upstream_call() {
+    let s = Stack::start(Pricing::per_request(PRICE)).await;
+    let mut c = s.client().await;
+    c.chat(keyed(&s, "hi", "k")).await.expect("first");
+    let err = c
+        .chat(keyed(&s, "something else", "k"))
+        .await
+        .expect_err("other request, same key");
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    assert!(
+        err.message().contains("different request"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(s.upstream.hits(), 1);
+    assert_eq!(s.alice_money().await.0, FUNDS - PRICE);
+    s.check_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_storage_or_above_the_size_cap_a_retry_gets_409() {
+    for replay in [
+        ReplaySettings {
+            retention: Duration::ZERO,
+            ..ReplaySettings::default()
+        },
+        ReplaySettings {
+            max_bytes: 16,
+            ..ReplaySettings::default()
+        },
+    ] {
+        let s = Stack::start_with(
+            Db::sqlite(),
+            Pricing::per_request(PRICE),
+            Duration::from_secs(300),
+            |c| c.replay = replay.clone(),
+        )
+        .await;
+        let mut c = s.client().await;
+        c.chat(keyed(&s, "hi", "k")).await.expect("first");
+        let err = c.chat(keyed(&s, "hi", "k")).await.expect_err("retry");
+        assert_eq!(err.code(), Code::AlreadyExists, "{replay:?}: {err:?}");
+        assert!(
+            err.message().contains("already charged"),
+            "{}",
+            err.message()
+        );
+        assert_eq!(s.upstream.hits(), 1);
+        assert_eq!(s.alice_money().await.0, FUNDS - PRICE);
+        s.check_invariants().await;
+    }
+}
+
+/// The ledger goes away after the hold and comes back while the router is still settling the
+/// capture: the capture commits then, and the client gets its answer (never "failed" while
+/// charged).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capture_during_a_ledger_outage_is_settled_when_it_returns() {
+    let mut s = Stack::start(Pricing::per_request(PRICE)).await;
+    s.upstream.set_mode(Mode::Delay(Duration::from_millis(400)));
+    let mut c = s.client().await;
+    let req = keyed(&s, "hi", "outage-1");
+    let call = tokio::spawn(async move { c.chat(req).await });
+    wait_pending(&s).await;
+    let addr = s.ledger.url.clone();
+    s.ledger.stop_now().await;
+    // Down for longer than the old retry budget (3 tries within ~300 ms).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    s.ledger = LedgerServer::start_at(ledger_config(&s.db.url), &addr).await;
+    let resp = call
+        .await
+        .expect("join")
+        .expect("answered once charged")
+        .into_inner();
+    assert_eq!(resp.cost_micros, PRICE);
+    let t = s.transfers().await;
+    assert_eq!(t.len(), 1);
+    assert_eq!(t[0].status(), TransferStatus::Completed);
+    assert_eq!(t[0].id, resp.transfer_id);
+    assert_eq!(s.alice_money().await.0, FUNDS - PRICE);
+    assert_eq!(s.upstream.hits(), 1);
+    s.check_invariants().await;
+}
+
+async fn wait_pending(s: &Stack) {
+    for _ in 0..200 {
+        if s.transfers()
+            .await
+            .iter()
+            .any(|t| t.status() == TransferStatus::Pending)
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no hold was placed");
+}
