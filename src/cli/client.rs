@@ -10,8 +10,8 @@ use syft_proto::ledger as pb;
 use super::errors::Server;
 pub use super::tables::print_usage_table;
 use super::tables::{
-    account_json, fetch_pages, more_hint, print_account, print_accounts, print_tokens, status_word,
-    token_json, transfer_json, usage_json,
+    account_json, fetch_pages, more_hint, print_account, print_accounts, print_tokens,
+    print_transfers, token_json, transfer_json, usage_json,
 };
 use super::time::{format_time, parse_time};
 
@@ -548,27 +548,6 @@ pub async fn usage(args: UsageArgs) -> anyhow::Result<()> {
         totals.currency
     );
     Ok(())
-}
-
-fn print_transfers(rows: &[pb::Transfer]) {
-    println!(
-        "{:<19}  {:<36}  {:<9}  {:>10}  {:>10}  {:<8}  {:<24}  {:<24}  app",
-        "created (UTC)", "id", "status", "held", "captured", "currency", "sender", "recipient"
-    );
-    for t in rows {
-        println!(
-            "{:<19}  {:<36}  {:<9}  {:>10}  {:>10}  {:<8}  {:<24}  {:<24}  {}",
-            format_time(t.created_at_unix_micros),
-            t.id,
-            status_word(t.status()),
-            format_micros(t.amount_micros),
-            format_micros(t.captured_micros),
-            t.currency,
-            t.sender_email,
-            t.recipient_email,
-            t.app_name
-        );
-    }
 }
 
 /// A ledger answer, or its error in the user's terms.

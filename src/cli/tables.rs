@@ -187,3 +187,24 @@ pub fn usage_json(r: &pb::UsageRecord) -> serde_json::Value {
            "status": u.status, "latency_ms": u.latency_ms, "upstream_latency_ms": u.upstream_latency_ms,
            "created_at_unix_micros": r.created_at_unix_micros})
 }
+
+pub fn print_transfers(rows: &[pb::Transfer]) {
+    println!(
+        "{:<19}  {:<36}  {:<9}  {:>10}  {:>10}  {:<8}  {:<24}  {:<24}  app",
+        "created (UTC)", "id", "status", "held", "captured", "currency", "sender", "recipient"
+    );
+    for t in rows {
+        println!(
+            "{:<19}  {:<36}  {:<9}  {:>10}  {:>10}  {:<8}  {:<24}  {:<24}  {}",
+            format_time(t.created_at_unix_micros),
+            t.id,
+            status_word(t.status()),
+            format_micros(t.amount_micros),
+            format_micros(t.captured_micros),
+            t.currency,
+            t.sender_email,
+            t.recipient_email,
+            t.app_name
+        );
+    }
+}

@@ -627,7 +627,20 @@ async fn remote_500_on_confirm_then_void() {
         Code::Unavailable
     );
     p.proxy.set(Fault::Pass);
-    let voided = p.void(&t.id).await.expect("void");
+    // The journal's reconciler may be settling the failed confirm right now; the ledger then
+    // answers UNAVAILABLE "in progress, retry", and a router retries (as it does for any unknown
+    // outcome).
+    let mut voided = p.void(&t.id).await;
+    for _ in 0..100 {
+        match &voided {
+            Err(s) if s.code() == Code::Unavailable => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                voided = p.void(&t.id).await;
+            }
+            _ => break,
+        }
+    }
+    let voided = voided.expect("void");
     assert_eq!(voided.status, pb::TransferStatus::Cancelled as i32);
     assert_eq!(p.money().await, ((10 * USD, 0), (0, 0)));
     assert_eq!(
