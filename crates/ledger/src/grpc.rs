@@ -325,6 +325,7 @@ fn usage_input(u: pb::Usage) -> UsageInput {
         status: u.status,
         latency_ms: u.latency_ms,
         upstream_latency_ms: u.upstream_latency_ms,
+        ttft_ms: u.ttft_ms,
     }
 }
 
@@ -380,6 +381,7 @@ pub fn usage_pb(u: &UsageRow) -> pb::UsageRecord {
             status: x.status.clone(),
             latency_ms: x.latency_ms,
             upstream_latency_ms: x.upstream_latency_ms,
+            ttft_ms: x.ttft_ms,
         }),
         transfer_id: u.transfer_id.clone().unwrap_or_default(),
         recipient_email: u.recipient_email.clone(),

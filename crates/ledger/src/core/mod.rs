@@ -378,6 +378,10 @@ pub fn validate_usage(usage: UsageInput) -> Result<UsageInput> {
             "usage.upstream_latency_ms",
             usage.upstream_latency_ms,
         )?,
+        ttft_ms: usage
+            .ttft_ms
+            .map(|t| validate::count("usage.ttft_ms", t))
+            .transpose()?,
     })
 }
 

@@ -9,6 +9,7 @@ mod authorize;
 mod batch;
 pub(crate) mod db_error;
 mod query;
+pub mod rollup;
 mod rows;
 mod token;
 mod transfer;
@@ -32,7 +33,7 @@ pub(crate) use rows::{
     TokenLimits, ACCOUNT_COLUMNS, TRANSFER_COLUMNS, TRANSFER_JOINS, USAGE_COLUMNS,
 };
 pub use transfer::{CaptureAmount, Resolution, ResolveInput, SweepReport};
-pub(crate) use usage::{insert_usage, UsageLink};
+pub(crate) use usage::{insert_usage, UsageLink, UsageWrite};
 pub use verify::VerifyReport;
 
 static PG_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");

@@ -585,6 +585,7 @@ impl RouterService {
             status: status.into(),
             latency_ms: elapsed_ms(started),
             upstream_latency_ms: upstream_ms,
+            ttft_ms: None,
         }
     }
 }

@@ -8,6 +8,7 @@ use futures::StreamExt;
 use syft_proto::router::{
     chat_stream_event, ChatFinal, ChatRequest, ChatStreamEvent, ContentDelta, ProviderInfo,
 };
+use syft_proto::ledger::Usage;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
@@ -85,6 +86,7 @@ impl RouterService {
             Failed(UpstreamError),
         }
         let mut content = String::new();
+        let mut ttft_ms: Option<i64> = None;
         let mut finish: Option<String> = None;
         let mut reported: Option<UpstreamUsage> = None;
         let mut upstream_id = String::new();
@@ -113,6 +115,10 @@ impl RouterService {
                 reported = chunk.usage;
             }
             if let Some(delta) = chunk.delta {
+                // Time to first token: from the request's start to the first content delta.
+                if ttft_ms.is_none() && !delta.is_empty() {
+                    ttft_ms = Some(elapsed_ms(started));
+                }
                 content.push_str(&delta);
                 let event = ChatStreamEvent {
                     event: Some(chat_stream_event::Event::Delta(ContentDelta {
@@ -143,6 +149,7 @@ impl RouterService {
                     started,
                     upstream_ms,
                 );
+                let usage = Usage { ttft_ms, ..usage };
                 self.release(hold, "client cancelled", usage).await;
                 metrics::observe(
                     self.provider(),
@@ -175,6 +182,7 @@ impl RouterService {
                     started,
                     upstream_ms,
                 );
+                let usage = Usage { ttft_ms, ..usage };
                 let upstream_finish = finish.unwrap_or_else(|| "stop".into());
                 let item = match self.settle(&p, hold, cost, usage).await {
                     Ok(transfer_id) => Ok(ChatStreamEvent {
