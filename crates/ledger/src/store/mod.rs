@@ -5,6 +5,7 @@
 //! process memory, so several ledger processes can share one Postgres.
 
 mod account;
+mod analytics;
 mod authorize;
 mod batch;
 pub(crate) mod db_error;
@@ -26,6 +27,9 @@ use sqlx::{AnyPool, Executor};
 use crate::error::{is_retryable, LedgerError, Result};
 
 pub use crate::domain::{Actor, Micros, TransferStatus};
+pub use analytics::{
+    Dimension, KeyValue, Measures, Percentiles, StatsFilter, StatsGroup, StatsScope,
+};
 pub use authorize::{AuthorizeInput, DirectInput};
 pub use query::{TokenFilter, TokenRow, TransferFilter, UsageFilter, UsagePage, UsageTotals};
 pub use rows::{AccountRow, IssuedToken, TokenInfo, TransferRow, UsageInput, UsageRow};
