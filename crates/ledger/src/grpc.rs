@@ -255,6 +255,16 @@ impl pb::ledger_server::Ledger for GrpcLedger {
         Ok(Response::new(usage_pb(&row)))
     }
 
+    async fn get_usage_stats(
+        &self,
+        request: Request<pb::GetUsageStatsRequest>,
+    ) -> Reply<pb::GetUsageStatsResponse> {
+        let caller = self.caller(&request).await?;
+        let query = crate::grpc_stats::stats_query(request.into_inner())?;
+        let stats = self.0.usage_stats(&caller, &query).await?;
+        Ok(Response::new(crate::grpc_stats::stats_pb(stats)))
+    }
+
     async fn query_usage(
         &self,
         request: Request<pb::QueryUsageRequest>,

@@ -15,6 +15,7 @@ pub mod core;
 pub mod domain;
 pub mod error;
 pub mod grpc;
+mod grpc_stats;
 pub mod health;
 pub mod hosted;
 pub mod http;
@@ -23,6 +24,7 @@ pub mod money;
 pub mod rest;
 pub mod store;
 pub mod validate;
+pub mod web;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -20,9 +20,11 @@ use crate::validate::{self, MAX_KEY, MAX_NAME, MAX_PATH};
 use crate::LedgerConfig;
 
 mod listing;
+mod stats;
 mod transfers;
 
 pub use listing::TokenQuery;
+pub use stats::{parse_dimensions, Stats, StatsQuery, StatsRole, MAX_GROUPS};
 
 const DEFAULT_PAGE: u32 = 100;
 const MAX_PAGE: u32 = 500;

@@ -104,6 +104,8 @@ pub struct StatsFilter {
     pub user_email: Option<String>,
     pub model: Option<String>,
     pub status: Option<String>,
+    /// At most this many groups are read.
+    pub limit: usize,
 }
 
 /// The value of one grouping dimension.
@@ -284,9 +286,10 @@ impl Store {
             format!("GROUP BY {0} ORDER BY {0}", n.join(", "))
         };
         let sql = format!(
-            "SELECT {} FROM usage_rollups r {} {group}",
+            "SELECT {} FROM usage_rollups r {} {group} LIMIT {}",
             select.join(", "),
-            w.sql()
+            w.sql(),
+            f.limit
         );
         let rows = w
             .bind_query(sqlx::query(&sql).persistent(false))
