@@ -154,14 +154,16 @@ impl Store {
             .map_err(|e| LedgerError::Internal(format!("migration failed: {e}")))?;
         let batcher = (backend == Backend::Postgres)
             .then(|| batch::Batcher::start(pool.clone(), batch_workers));
-        Ok(Self {
+        let store = Self {
             batcher,
             pool,
             backend,
             tokens: RwLock::default(),
             secrets: RwLock::default(),
             emails: RwLock::default(),
-        })
+        };
+        store.backfill_rollups().await?;
+        Ok(store)
     }
 
     pub fn backend(&self) -> Backend {

@@ -12,7 +12,8 @@ use std::fmt::Write;
 
 use sqlx::AnyConnection;
 
-use super::UsageInput;
+use super::{Backend, Store, UsageInput};
+use crate::error::Result;
 
 /// Histogram buckets per measure.
 pub const HIST_BUCKETS: usize = 64;
@@ -236,6 +237,87 @@ pub(crate) async fn upsert_rollups(
     }
     q.execute(&mut *conn).await?;
     Ok(())
+}
+
+/// A usage row with the hold it settled, as a rebuild reads it.
+#[derive(sqlx::FromRow)]
+struct RawRow {
+    id: String,
+    recipient_id: i64,
+    created_at: i64,
+    cost: i64,
+    held: i64,
+    #[sqlx(flatten)]
+    usage: UsageInput,
+}
+
+const REBUILD_PAGE: i64 = 1_000;
+
+impl Store {
+    /// Recomputes every rollup from the usage rows, in one transaction that keeps writers out
+    /// (Postgres: table locks; SQLite: the single writer). Used when a ledger upgrades with usage
+    /// rows older than the rollups, and by `ledger rollups rebuild`. Returns the rows counted.
+    pub async fn rebuild_rollups(&self) -> Result<u64> {
+        let mut tx = self.pool().begin().await?;
+        if self.backend() == Backend::Postgres {
+            // Writers take ROW EXCLUSIVE on usage_records, then usage_rollups: same order here.
+            sqlx::query("LOCK TABLE usage_records, usage_rollups IN SHARE ROW EXCLUSIVE MODE")
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query("DELETE FROM usage_rollups")
+            .execute(&mut *tx)
+            .await?;
+        let mut after = String::new();
+        let mut counted = 0u64;
+        loop {
+            let rows: Vec<RawRow> = sqlx::query_as(
+                "SELECT u.id, u.recipient_id, u.created_at, u.cost, \
+                 COALESCE(t.amount, h.amount, u.cost) AS held, u.request_id, u.app_name, \
+                 u.endpoint, u.user_email, u.model, u.prompt_tokens, u.completion_tokens, \
+                 u.total_tokens, u.status, u.latency_ms, u.upstream_latency_ms, u.ttft_ms \
+                 FROM usage_records u LEFT JOIN transfers t ON t.id = u.transfer_id \
+                 LEFT JOIN hosted_transfers h ON h.id = u.hosted_transfer_id \
+                 WHERE u.id > $1 ORDER BY u.id LIMIT $2",
+            )
+            .bind(&after)
+            .bind(REBUILD_PAGE)
+            .fetch_all(&mut *tx)
+            .await?;
+            let Some(last) = rows.last() else { break };
+            after = last.id.clone();
+            let inputs: Vec<RollupInput<'_>> = rows
+                .iter()
+                .map(|r| RollupInput {
+                    recipient_id: r.recipient_id,
+                    created_at: r.created_at,
+                    revenue: r.cost,
+                    refund: r.held.saturating_sub(r.cost).max(0),
+                    usage: &r.usage,
+                })
+                .collect();
+            upsert_rollups(&mut tx, &inputs).await?;
+            counted += rows.len() as u64;
+        }
+        tx.commit().await?;
+        Ok(counted)
+    }
+
+    /// After migrations: rollups are empty but usage rows exist (a ledger upgraded from before
+    /// rollups), so they are computed once.
+    pub(crate) async fn backfill_rollups(&self) -> Result<()> {
+        let rollups: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM (SELECT 1 FROM usage_rollups LIMIT 1) x")
+            .fetch_one(self.pool())
+            .await?;
+        let usage: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM (SELECT 1 FROM usage_records LIMIT 1) x")
+            .fetch_one(self.pool())
+            .await?;
+        if rollups == 0 && usage > 0 {
+            let n = self.rebuild_rollups().await?;
+            tracing::info!(rows = n, "usage rollups computed from existing usage rows");
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
