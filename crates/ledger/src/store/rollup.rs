@@ -189,7 +189,11 @@ pub(crate) async fn upsert_rollups(
         "INSERT INTO usage_rollups (grain, bucket_start, recipient_id, app_name, endpoint, \
          user_email, model, status",
     );
-    for c in SUM_COLUMNS.iter().copied().chain(hist.iter().map(String::as_str)) {
+    for c in SUM_COLUMNS
+        .iter()
+        .copied()
+        .chain(hist.iter().map(String::as_str))
+    {
         let _ = write!(sql, ", {c}");
     }
     sql.push_str(") VALUES ");
@@ -233,7 +237,12 @@ pub(crate) async fn upsert_rollups(
     }
     let mut q = sqlx::query(&sql).persistent(false);
     for (_, _, _, app, endpoint, user, model, status) in agg.keys() {
-        q = q.bind(app).bind(endpoint).bind(user).bind(model).bind(status);
+        q = q
+            .bind(app)
+            .bind(endpoint)
+            .bind(user)
+            .bind(model)
+            .bind(status);
     }
     q.execute(&mut *conn).await?;
     Ok(())
@@ -306,12 +315,14 @@ impl Store {
     /// After migrations: rollups are empty but usage rows exist (a ledger upgraded from before
     /// rollups), so they are computed once.
     pub(crate) async fn backfill_rollups(&self) -> Result<()> {
-        let rollups: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM (SELECT 1 FROM usage_rollups LIMIT 1) x")
-            .fetch_one(self.pool())
-            .await?;
-        let usage: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM (SELECT 1 FROM usage_records LIMIT 1) x")
-            .fetch_one(self.pool())
-            .await?;
+        let rollups: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM (SELECT 1 FROM usage_rollups LIMIT 1) x")
+                .fetch_one(self.pool())
+                .await?;
+        let usage: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM (SELECT 1 FROM usage_records LIMIT 1) x")
+                .fetch_one(self.pool())
+                .await?;
         if rollups == 0 && usage > 0 {
             let n = self.rebuild_rollups().await?;
             tracing::info!(rows = n, "usage rollups computed from existing usage rows");

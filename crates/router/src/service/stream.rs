@@ -5,10 +5,10 @@
 use std::time::Instant;
 
 use futures::StreamExt;
+use syft_proto::ledger::Usage;
 use syft_proto::router::{
     chat_stream_event, ChatFinal, ChatRequest, ChatStreamEvent, ContentDelta, ProviderInfo,
 };
-use syft_proto::ledger::Usage;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
