@@ -74,7 +74,7 @@ impl Conn {
     }
 
     /// Your own credentials, or the admin key when no secret is given.
-    fn user(&self) -> anyhow::Result<LedgerClient> {
+    pub(super) fn user(&self) -> anyhow::Result<LedgerClient> {
         let secret = self
             .secret
             .as_deref()
@@ -555,7 +555,7 @@ fn print_transfers(rows: &[pb::Transfer]) {
 }
 
 /// A ledger answer, or its error in the user's terms.
-trait OrFail<T> {
+pub(super) trait OrFail<T> {
     fn or_fail(self, conn: &Conn) -> anyhow::Result<T>;
 }
 

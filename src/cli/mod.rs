@@ -6,6 +6,7 @@ pub mod errors;
 mod health;
 mod ledger;
 mod router;
+mod stats;
 mod tables;
 mod time;
 
@@ -50,6 +51,8 @@ pub enum Command {
     Transfers(client::TransfersArgs),
     /// Usage rows (one per request), newest first, and totals.
     Usage(client::UsageArgs),
+    /// Usage analytics: requests, tokens, money and latency grouped by time, app, user, ...
+    Stats(stats::StatsArgs),
     /// Benchmarks that drive real servers.
     Bench(crate::bench::BenchArgs),
     /// Check a ledger's or router's gRPC health; exits 0 when SERVING (container healthchecks).
@@ -67,6 +70,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token(args) => client::token(args).await,
         Command::Transfers(args) => client::transfers(args).await,
         Command::Usage(args) => client::usage(args).await,
+        Command::Stats(args) => stats::run(args).await,
         Command::Bench(args) => crate::bench::run(args).await,
         Command::Health(args) => health::run(args).await,
     }
