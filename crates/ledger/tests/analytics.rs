@@ -15,6 +15,9 @@ const BOB: &str = "bob@example.com";
 
 use pb::StatsDimension as D;
 
+/// Which raw rows a caller's answer must cover.
+type Keep = Box<dyn Fn(&pb::UsageRecord) -> bool>;
+
 fn stats_req(group_by: &[D], role: pb::StatsRole) -> pb::GetUsageStatsRequest {
     pb::GetUsageStatsRequest {
         group_by: group_by.iter().map(|d| *d as i32).collect(),
@@ -29,14 +32,19 @@ fn usage(n: usize, user: &str, app: &str, status: &str) -> pb::Usage {
         app_name: app.into(),
         endpoint: "/chat".into(),
         user_email: user.into(),
-        model: if n % 2 == 0 { "m-even" } else { "m-odd" }.into(),
+        model: if n.is_multiple_of(2) {
+            "m-even"
+        } else {
+            "m-odd"
+        }
+        .into(),
         prompt_tokens: 10 + n as i64,
         completion_tokens: 3 * n as i64,
         total_tokens: 0,
         status: status.into(),
         latency_ms: 5 + 37 * n as i64,
         upstream_latency_ms: 2 + 30 * n as i64,
-        ttft_ms: (n % 3 == 0).then_some(1 + 11 * n as i64),
+        ttft_ms: n.is_multiple_of(3).then_some(1 + 11 * n as i64),
     }
 }
 
@@ -268,7 +276,7 @@ async fn stats_match_raw_rows(h: Harness) -> Harness {
     let role_owner = pb::StatsRole::Owner;
     let role_user = pb::StatsRole::User;
     for by in groupings {
-        let cases: Vec<(&str, pb::StatsRole, Box<dyn Fn(&pb::UsageRecord) -> bool>)> = vec![
+        let cases: Vec<(&str, pb::StatsRole, Keep)> = vec![
             (
                 syft_testkit::ADMIN_KEY,
                 role_owner,
