@@ -7,7 +7,7 @@
 use sqlx::Row;
 
 use super::query::Where;
-use super::rollup::{bucket_value, hist_columns, Grain, HIST_BUCKETS, MEASURES};
+use super::rollup::{bucket_value, hist_columns, Grain, HIST_BUCKETS, MEASURES, SUM_COLUMNS};
 use super::Store;
 use crate::error::Result;
 
@@ -256,19 +256,7 @@ impl Store {
             .map(|(i, k)| format!("{k} AS k{i}"))
             .collect();
         let sum = |c: &str| format!("CAST(SUM(r.{c}) AS BIGINT) AS {c}");
-        select.extend(
-            [
-                "requests",
-                "prompt_tokens",
-                "completion_tokens",
-                "total_tokens",
-                "revenue",
-                "refunds",
-                "latency_sum",
-                "ttft_count",
-            ]
-            .map(sum),
-        );
+        select.extend(SUM_COLUMNS.map(sum));
         select.push(
             "CAST(SUM(CASE WHEN r.status = 'success' THEN r.requests ELSE 0 END) AS BIGINT) \
              AS successes"

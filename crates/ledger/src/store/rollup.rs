@@ -138,7 +138,8 @@ impl Sums {
     }
 }
 
-const SUM_COLUMNS: [&str; 8] = [
+/// The summed columns, as written and read.
+pub(super) const SUM_COLUMNS: [&str; 8] = [
     "requests",
     "prompt_tokens",
     "completion_tokens",
