@@ -89,7 +89,7 @@ impl Conn {
     }
 
     /// Your own credentials, or the admin key when no secret is given.
-    fn user(&self) -> anyhow::Result<LedgerClient> {
+    pub(super) fn user(&self) -> anyhow::Result<LedgerClient> {
         self.connect(self.user_secret()?)
     }
 
@@ -572,7 +572,7 @@ fn print_transfers(rows: &[pb::Transfer]) {
 }
 
 /// A ledger answer, or its error in the user's terms.
-trait OrFail<T> {
+pub(super) trait OrFail<T> {
     fn or_fail(self, conn: &Conn) -> anyhow::Result<T>;
 }
 

@@ -144,7 +144,13 @@ impl RouterService {
             work: Some(inner.drain.enter()),
             ledger: inner.ledger.clone(),
             transfer_id: transfer.id,
-            cancel_usage: Some(self.usage(t, UsageStatus::Cancelled, Units::default(), Instant::now(), 0)),
+            cancel_usage: Some(self.usage(
+                t,
+                UsageStatus::Cancelled,
+                Units::default(),
+                Instant::now(),
+                0,
+            )),
         }))
     }
 
@@ -220,6 +226,8 @@ impl RouterService {
             status: status.as_str().into(),
             latency_ms: elapsed_ms(started),
             upstream_latency_ms: upstream_ms,
+            // Streams set it once the first token arrived.
+            ttft_ms: None,
         }
     }
 }

@@ -20,7 +20,6 @@ use crate::search::SearchHit;
 use crate::tokens;
 use crate::validate::{validate_search, ValidSearch};
 
-
 impl RouterService {
     /// One search. Returns only after the capture (or void, or usage row) is committed.
     pub async fn search(&self, req: SearchRequest) -> Result<SearchResponse, RouterError> {
@@ -84,7 +83,13 @@ impl RouterService {
             (0, Ok(transfer_id))
         } else {
             let cost = t.pricing.cost_micros(0, 0).min(t.hold_micros);
-            let usage = self.usage(&t, UsageStatus::Success, units(hits.len()), started, upstream_ms);
+            let usage = self.usage(
+                &t,
+                UsageStatus::Success,
+                units(hits.len()),
+                started,
+                upstream_ms,
+            );
             (cost, self.settle(&t, hold, cost, usage).await)
         };
         let outcome = match (&settled, hits.is_empty()) {
