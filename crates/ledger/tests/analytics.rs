@@ -342,6 +342,56 @@ async fn stats_match_raw_rows(h: Harness) -> Harness {
     h
 }
 
+/// Rows without money go through the usage group commit (`store/usage_batch.rs`): many at once
+/// so batches hold several rows, replays of one request id (counted once), refusals retried under
+/// one id (each attempt a row, a failure under its own status). The rollups equal the raw rows.
+async fn group_committed_rows_and_refusals(h: Harness) -> Harness {
+    let owner = h.account(OWNER, 0).await;
+    let statuses = ["success", "upstream_error", "insufficient_funds", "token_refused"];
+    let calls = (0..60).map(|n| {
+        let mut c = h.client(&owner);
+        // Request ids repeat every 20 calls: successes and failures keep the first row only,
+        // refusals get a row per attempt.
+        let mut u = usage(n % 20, ALICE, "chat-app", statuses[n % 20 % 4]);
+        u.latency_ms = 3 + n as i64;
+        async move {
+            c.record_usage(pb::RecordUsageRequest { usage: Some(u) })
+                .await
+                .expect("record usage")
+        }
+    });
+    futures::future::join_all(calls).await;
+    let raw = raw(&h).await;
+    // 10 non-refused ids once each, 10 refused ids three times each.
+    assert_eq!(raw.rows.len(), 10 + 30);
+    let all = |_: &pb::UsageRecord| true;
+    for by in [&[][..], &[D::Status][..], &[D::Status, D::Model][..]] {
+        let got = h
+            .client(&owner)
+            .get_usage_stats(stats_req(by, pb::StatsRole::Owner))
+            .await
+            .expect("stats")
+            .into_inner();
+        assert_matches(&got, &expected(&raw, all, by));
+    }
+    let total = h
+        .client(&owner)
+        .get_usage_stats(stats_req(&[], pb::StatsRole::Owner))
+        .await
+        .expect("stats")
+        .into_inner();
+    assert_eq!((total.groups[0].requests, total.groups[0].successes), (40, 5));
+    h.store.rebuild_rollups().await.expect("rebuild");
+    let rebuilt = h
+        .client(&owner)
+        .get_usage_stats(stats_req(&[], pb::StatsRole::Owner))
+        .await
+        .expect("stats")
+        .into_inner();
+    assert_eq!(total, rebuilt);
+    h
+}
+
 /// Rows at chosen instants around minute, hour and day edges (written raw, then rolled up by a
 /// rebuild), read back over ranges that start and end on and off those edges.
 async fn bucket_boundaries(h: Harness) -> Harness {
@@ -508,4 +558,9 @@ async fn bad_input(h: Harness) -> Harness {
     h
 }
 
-store_suite!(stats_match_raw_rows, bucket_boundaries, bad_input);
+store_suite!(
+    stats_match_raw_rows,
+    group_committed_rows_and_refusals,
+    bucket_boundaries,
+    bad_input
+);
