@@ -347,7 +347,12 @@ async fn stats_match_raw_rows(h: Harness) -> Harness {
 /// one id (each attempt a row, a failure under its own status). The rollups equal the raw rows.
 async fn group_committed_rows_and_refusals(h: Harness) -> Harness {
     let owner = h.account(OWNER, 0).await;
-    let statuses = ["success", "upstream_error", "insufficient_funds", "token_refused"];
+    let statuses = [
+        "success",
+        "upstream_error",
+        "insufficient_funds",
+        "token_refused",
+    ];
     let calls = (0..60).map(|n| {
         let mut c = h.client(&owner);
         // Request ids repeat every 20 calls: successes and failures keep the first row only,
@@ -380,7 +385,10 @@ async fn group_committed_rows_and_refusals(h: Harness) -> Harness {
         .await
         .expect("stats")
         .into_inner();
-    assert_eq!((total.groups[0].requests, total.groups[0].successes), (40, 5));
+    assert_eq!(
+        (total.groups[0].requests, total.groups[0].successes),
+        (40, 5)
+    );
     h.store.rebuild_rollups().await.expect("rebuild");
     let rebuilt = h
         .client(&owner)
