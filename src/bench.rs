@@ -307,6 +307,7 @@ async fn bench_ledger(b: &LedgerBench, shape: Shape) -> anyhow::Result<f64> {
                             status: "success".into(),
                             latency_ms: 1,
                             upstream_latency_ms: 0,
+                            ttft_ms: None,
                         }),
                     })
                     .await;

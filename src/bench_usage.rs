@@ -85,6 +85,7 @@ pub async fn run(b: &UsageBench) -> anyhow::Result<()> {
                     status: status.as_str().into(),
                     latency_ms: 1,
                     upstream_latency_ms: 0,
+                    ttft_ms: None,
                 };
                 let t0 = Instant::now();
                 let r = store

@@ -492,3 +492,75 @@ async fn alerts_commands() {
     assert!(run(&mut cli(&["alerts", "list"])).contains("no alert endpoints"));
     h.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stats_prints_tables_json_and_csv() {
+    use syft_proto::ledger as pb;
+    let h = Harness::new(false).await.unwrap();
+    let owner = h.account("owner@router.example", 0).await;
+    let mut ledger = h.client(&owner);
+    for (n, status) in ["success", "success", "upstream_error"].iter().enumerate() {
+        let usage = pb::Usage {
+            request_id: format!("r{n}"),
+            app_name: "chat-app".into(),
+            endpoint: "/chat".into(),
+            user_email: "alice@example.com".into(),
+            model: "echo".into(),
+            prompt_tokens: 10,
+            completion_tokens: 5,
+            status: status.to_string(),
+            latency_ms: 20,
+            upstream_latency_ms: 10,
+            ..Default::default()
+        };
+        ledger
+            .record_usage(pb::RecordUsageRequest { usage: Some(usage) })
+            .await
+            .unwrap();
+    }
+    let url = h.url();
+    let cli = |args: &[&str]| {
+        let mut cmd = syft_router();
+        cmd.args(args)
+            .env("SYFT_LEDGER_URL", &url)
+            .env("SYFT_SECRET", &owner)
+            .env_remove("SYFT_LEDGER_ADMIN_KEY");
+        cmd
+    };
+    let stats: serde_json::Value =
+        serde_json::from_str(&run(&mut cli(&["stats", "--by", "status", "--json"]))).unwrap();
+    let groups = stats["groups"].as_array().unwrap();
+    assert_eq!(groups.len(), 2, "{stats}");
+    assert_eq!(groups[0]["key"]["status"], "success");
+    assert_eq!(groups[0]["requests"], 2);
+    assert_eq!(groups[1]["requests"], 1);
+    assert_eq!(stats["currency"], "USD");
+
+    let csv = run(&mut cli(&["stats", "--by", "app,status", "--csv"]));
+    let lines: Vec<&str> = csv.lines().collect();
+    assert!(lines[0].starts_with("app,status,requests,"), "{csv}");
+    assert_eq!(lines.len(), 3, "{csv}");
+    assert!(lines[1].starts_with("chat-app,success,2,"), "{csv}");
+
+    let table = run(&mut cli(&["stats", "--by", "day", "--since", "7d"]));
+    assert!(
+        table.contains("requests") && table.contains("latency_p99_ms") && table.contains("USD"),
+        "{table}"
+    );
+    // As a user, the owner sent nothing.
+    let mine = run(&mut cli(&["stats", "--as", "user"]));
+    assert!(mine.contains("no requests"), "{mine}");
+    for bad in [
+        &["stats", "--by", "weekday"][..],
+        &["stats", "--by", "minute", "--since", "30d"][..],
+    ] {
+        let out = cli(bad).output().unwrap();
+        assert!(!out.status.success(), "{bad:?}");
+    }
+    let out = cli(&["stats", "--by", "minute", "--since", "30d"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("range too wide"), "{err}");
+    h.finish().await;
+}

@@ -89,7 +89,7 @@ impl Conn {
     }
 
     /// Your own credentials, or the admin key when no secret is given.
-    fn user(&self) -> anyhow::Result<LedgerClient> {
+    pub(super) fn user(&self) -> anyhow::Result<LedgerClient> {
         self.connect(self.user_secret()?)
     }
 
@@ -551,7 +551,7 @@ pub async fn usage(args: UsageArgs) -> anyhow::Result<()> {
 }
 
 /// A ledger answer, or its error in the user's terms.
-trait OrFail<T> {
+pub(super) trait OrFail<T> {
     fn or_fail(self, conn: &Conn) -> anyhow::Result<T>;
 }
 

@@ -8,6 +8,7 @@ mod health;
 pub(crate) mod index;
 mod ledger;
 mod router;
+mod stats;
 mod tables;
 mod time;
 
@@ -54,6 +55,8 @@ pub enum Command {
     Usage(client::UsageArgs),
     /// Build the embedded search index of a folder of documents.
     Index(index::IndexArgs),
+    /// Usage analytics: requests, tokens, money and latency grouped by time, app, user, ...
+    Stats(stats::StatsArgs),
     /// Benchmarks that drive real servers.
     Bench(crate::bench::BenchArgs),
     /// Check a ledger's or router's gRPC health; exits 0 when SERVING (container healthchecks).
@@ -74,6 +77,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Transfers(args) => client::transfers(args).await,
         Command::Usage(args) => client::usage(args).await,
         Command::Index(args) => index::run(args).await,
+        Command::Stats(args) => stats::run(args).await,
         Command::Bench(args) => crate::bench::run(args).await,
         Command::Health(args) => health::run(args).await,
         Command::Alerts(args) => alerts::alerts(args).await,

@@ -283,6 +283,16 @@ impl pb::ledger_server::Ledger for GrpcLedger {
         Ok(Response::new(usage_pb(&row)))
     }
 
+    async fn get_usage_stats(
+        &self,
+        request: Request<pb::GetUsageStatsRequest>,
+    ) -> Reply<pb::GetUsageStatsResponse> {
+        let caller = self.caller(&request).await?;
+        let query = crate::grpc_stats::stats_query(request.into_inner())?;
+        let stats = self.0.usage_stats(&caller, &query).await?;
+        Ok(Response::new(crate::grpc_stats::stats_pb(stats)))
+    }
+
     async fn query_usage(
         &self,
         request: Request<pb::QueryUsageRequest>,
@@ -353,6 +363,7 @@ fn usage_input(u: pb::Usage) -> UsageInput {
         status: u.status,
         latency_ms: u.latency_ms,
         upstream_latency_ms: u.upstream_latency_ms,
+        ttft_ms: u.ttft_ms,
     }
 }
 
@@ -408,6 +419,7 @@ pub fn usage_pb(u: &UsageRow) -> pb::UsageRecord {
             status: x.status.clone(),
             latency_ms: x.latency_ms,
             upstream_latency_ms: x.upstream_latency_ms,
+            ttft_ms: x.ttft_ms,
         }),
         transfer_id: u.transfer_id.clone().unwrap_or_default(),
         recipient_email: u.recipient_email.clone(),

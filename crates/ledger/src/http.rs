@@ -26,7 +26,9 @@ pub fn router(ledger: Ledger, accounting_api: bool, ready: watch::Receiver<bool>
             }),
         )
         .with_state(ledger.clone());
-    let app = probes.merge(metrics);
+    let app = probes
+        .merge(metrics)
+        .merge(crate::web::router(ledger.clone()));
     let app = if accounting_api {
         app.merge(crate::rest::router(ledger))
     } else {

@@ -17,6 +17,7 @@ pub mod domain;
 pub mod error;
 pub mod grpc;
 pub mod grpc_alerts;
+mod grpc_stats;
 pub mod health;
 pub mod hosted;
 pub mod http;
@@ -25,6 +26,7 @@ pub mod money;
 pub mod rest;
 pub mod store;
 pub mod validate;
+pub mod web;
 
 use std::future::Future;
 use std::sync::Arc;

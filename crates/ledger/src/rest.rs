@@ -82,7 +82,7 @@ fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T> {
         .map_err(|e| LedgerError::invalid(format!("invalid JSON body: {e}")))
 }
 
-async fn caller(ledger: &Ledger, headers: &HeaderMap) -> Result<Caller> {
+pub(crate) async fn caller(ledger: &Ledger, headers: &HeaderMap) -> Result<Caller> {
     let header = headers
         .get(header::AUTHORIZATION)
         .map(|v| {

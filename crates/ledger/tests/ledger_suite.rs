@@ -46,6 +46,7 @@ fn usage(request_id: &str, status: &str) -> pb::Usage {
         status: status.into(),
         latency_ms: 12,
         upstream_latency_ms: 10,
+        ttft_ms: None,
     }
 }
 

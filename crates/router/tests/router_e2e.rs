@@ -82,6 +82,8 @@ async fn paid_success_captures_exactly_the_price() {
         (20, 5, 25)
     );
     assert!(u.latency_ms >= u.upstream_latency_ms);
+    // Time to first token is a stream's measure only.
+    assert_eq!(u.ttft_ms, None);
     assert_eq!(row.cost_micros, PRICE);
     assert_eq!(row.transfer_id, resp.transfer_id);
 
@@ -208,6 +210,11 @@ async fn stream_final_event_carries_usage_cost_and_transfer() {
     assert_eq!(t[0].id, fin.transfer_id);
     assert_eq!(t[0].status(), TransferStatus::Completed);
     assert_eq!(s.alice_money().await, (FUNDS - PRICE, 0, FUNDS - PRICE));
+    // The usage row carries the time to first token, within the whole request's latency.
+    let rows = s.usage().await;
+    let u = rows[0].usage.as_ref().expect("usage");
+    let ttft = u.ttft_ms.expect("ttft of a stream");
+    assert!((0..=u.latency_ms).contains(&ttft), "{u:?}");
     let body = s.upstream.last_body().expect("body");
     assert_eq!(body["stream"], true);
     assert_eq!(body["stream_options"]["include_usage"], true);

@@ -21,9 +21,11 @@ use crate::LedgerConfig;
 
 mod answers;
 mod listing;
+mod stats;
 mod transfers;
 
 pub use listing::TokenQuery;
+pub use stats::{parse_dimensions, Stats, StatsQuery, StatsRole, MAX_GROUPS};
 
 const DEFAULT_PAGE: u32 = 100;
 const MAX_PAGE: u32 = 500;
@@ -396,6 +398,10 @@ pub fn validate_usage(usage: UsageInput) -> Result<UsageInput> {
             "usage.upstream_latency_ms",
             usage.upstream_latency_ms,
         )?,
+        ttft_ms: usage
+            .ttft_ms
+            .map(|t| validate::count("usage.ttft_ms", t))
+            .transpose()?,
     })
 }
 

@@ -533,16 +533,17 @@ impl Journal {
         .await?;
         if done.rows_affected() == 1 {
             if let Some(u) = &usage {
-                crate::store::insert_usage(
-                    &mut tx,
-                    &new_id(),
-                    self.owner_id,
-                    crate::store::UsageLink::Hosted(&e.id),
-                    captured,
-                    u,
+                let id = new_id();
+                let write = crate::store::UsageWrite {
+                    id: &id,
+                    recipient_id: self.owner_id,
+                    link: crate::store::UsageLink::Hosted(&e.id),
+                    cost: captured,
+                    held: e.amount,
+                    usage: u,
                     now,
-                )
-                .await?;
+                };
+                crate::store::insert_usage(&mut tx, &write).await?;
             }
         }
         tx.commit().await?;

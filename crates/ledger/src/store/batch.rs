@@ -20,6 +20,7 @@ use serde_json::json;
 use sqlx::{AnyPool, FromRow, Row};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
+use super::rollup::{upsert_rollups, RollupInput};
 use super::{Actor, Micros, TransferRow, TransferStatus, UsageInput, TRANSFER_COLUMNS};
 use crate::error::is_retryable;
 
@@ -306,18 +307,40 @@ async fn resolve_batch(
                    "in_has_usage": j.usage.is_some(), "in_request_id": u.request_id, "in_app": u.app_name,
                    "in_endpoint": u.endpoint, "in_user": u.user_email, "in_model": u.model,
                    "in_pt": u.prompt_tokens, "in_ct": u.completion_tokens, "in_tt": u.total_tokens,
-                   "in_ustatus": u.status, "in_lat": u.latency_ms, "in_ulat": u.upstream_latency_ms})
+                   "in_ustatus": u.status, "in_lat": u.latency_ms, "in_ulat": u.upstream_latency_ms,
+                   "in_ttft": u.ttft_ms})
         })
         .collect();
+    // The rollups of the inserted usage rows commit with them (store/rollup.rs).
+    let mut tx = pool.begin().await?;
     let rows = sqlx::query(&RESOLVE_BATCH)
         .bind(serde_json::Value::Array(input).to_string())
-        .fetch_all(pool)
+        .fetch_all(&mut *tx)
         .await?;
     let mut results = vec![None; resolves.len()];
+    let mut inserted = Vec::new();
     for row in rows {
         let n: i32 = row.try_get("in_n")?;
-        results[n as usize] = Some(TransferRow::from_row(&row)?);
+        let t = TransferRow::from_row(&row)?;
+        if row.try_get::<bool, _>("usage_inserted")? {
+            if let Some(u) = &resolves[n as usize].usage {
+                inserted.push((t.clone(), u));
+            }
+        }
+        results[n as usize] = Some(t);
     }
+    let rollups: Vec<RollupInput<'_>> = inserted
+        .iter()
+        .map(|(t, u)| RollupInput {
+            recipient_id: t.recipient_id,
+            created_at: t.resolved_at.unwrap_or(t.created_at),
+            revenue: t.captured.get(),
+            refund: t.amount.get().saturating_sub(t.captured.get()).max(0),
+            usage: u,
+        })
+        .collect();
+    upsert_rollups(&mut tx, &rollups).await?;
+    tx.commit().await?;
     Ok(results)
 }
 
@@ -412,7 +435,7 @@ WITH input AS (
         in_status text, in_captured bigint, in_resolved_by text, in_reason text, in_now bigint,
         in_guard int, in_usage_id text, in_has_usage boolean, in_request_id text, in_app text,
         in_endpoint text, in_user text, in_model text, in_pt bigint, in_ct bigint, in_tt bigint,
-        in_ustatus text, in_lat bigint, in_ulat bigint)
+        in_ustatus text, in_lat bigint, in_ulat bigint, in_ttft bigint)
 ), lock_transfers AS (
     SELECT id, sender_id, token_id FROM transfers
     WHERE id IN (SELECT in_id FROM input) AND status = 'PENDING' ORDER BY id FOR UPDATE
@@ -454,14 +477,14 @@ WITH input AS (
 ), u AS (
     INSERT INTO usage_records (id, recipient_id, request_id, transfer_id, app_name, endpoint, user_email,
         model, prompt_tokens, completion_tokens, total_tokens, cost, status, latency_ms,
-        upstream_latency_ms, created_at)
+        upstream_latency_ms, created_at, ttft_ms)
     SELECT in_usage_id, recipient_id, in_request_id, id, in_app, in_endpoint, in_user, in_model, in_pt,
-        in_ct, in_tt, captured, in_ustatus, in_lat, in_ulat, in_now
+        in_ct, in_tt, captured, in_ustatus, in_lat, in_ulat, in_now, in_ttft
     FROM t WHERE in_has_usage
     ON CONFLICT (recipient_id, user_email, request_id) WHERE NOT refused DO NOTHING
     RETURNING id
 )
-SELECT {TRANSFER_COLUMNS}, t.in_n
+SELECT {TRANSFER_COLUMNS}, t.in_n, t.in_usage_id IN (SELECT id FROM u) AS usage_inserted
 FROM t JOIN accounts sa ON sa.id = t.sender_id JOIN accounts ra ON ra.id = t.recipient_id"
     )
 });

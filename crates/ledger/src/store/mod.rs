@@ -5,12 +5,14 @@
 //! process memory, so several ledger processes can share one Postgres.
 
 mod account;
+mod analytics;
 mod answer;
 mod authorize;
 mod batch;
 pub(crate) mod db_error;
 mod extend;
 mod query;
+pub mod rollup;
 mod rows;
 mod token;
 mod transfer;
@@ -28,6 +30,9 @@ use sqlx::{AnyPool, Executor};
 use crate::error::{is_retryable, LedgerError, Result};
 
 pub use crate::domain::{Actor, Micros, TransferStatus};
+pub use analytics::{
+    Dimension, KeyValue, Measures, Percentiles, StatsFilter, StatsGroup, StatsScope,
+};
 pub use answer::AnswerRow;
 pub use authorize::{AuthorizeInput, DirectInput};
 pub use query::{TokenFilter, TokenRow, TransferFilter, UsageFilter, UsagePage, UsageTotals};
@@ -36,7 +41,7 @@ pub(crate) use rows::{
     TokenLimits, ACCOUNT_COLUMNS, TRANSFER_COLUMNS, TRANSFER_JOINS, USAGE_COLUMNS,
 };
 pub use transfer::{CaptureAmount, Resolution, ResolveInput, SweepReport};
-pub(crate) use usage::{insert_usage, UsageLink};
+pub(crate) use usage::{insert_usage, UsageLink, UsageWrite};
 pub use verify::VerifyReport;
 
 static PG_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
@@ -158,7 +163,7 @@ impl Store {
         let batcher = (backend == Backend::Postgres)
             .then(|| batch::Batcher::start(pool.clone(), batch_workers));
         let usage_writer = usage_batch::UsageWriter::start(pool.clone(), backend);
-        Ok(Self {
+        let store = Self {
             batcher,
             usage_writer,
             pool,
@@ -166,7 +171,9 @@ impl Store {
             tokens: RwLock::default(),
             secrets: RwLock::default(),
             emails: RwLock::default(),
-        })
+        };
+        store.backfill_rollups().await?;
+        Ok(store)
     }
 
     pub fn backend(&self) -> Backend {

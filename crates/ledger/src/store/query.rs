@@ -85,30 +85,30 @@ pub struct UsagePage {
     pub totals: UsageTotals,
 }
 
-enum Bind {
+pub(super) enum Bind {
     Int(i64),
     Text(String),
 }
 
 /// A WHERE clause with numbered placeholders that both Postgres and SQLite accept.
 #[derive(Default)]
-struct Where {
-    clauses: Vec<String>,
-    binds: Vec<Bind>,
+pub(super) struct Where {
+    pub(super) clauses: Vec<String>,
+    pub(super) binds: Vec<Bind>,
 }
 
 impl Where {
-    fn next(&self) -> String {
+    pub(super) fn next(&self) -> String {
         format!("${}", self.binds.len() + 1)
     }
 
-    fn int(&mut self, template: &str, value: i64) {
+    pub(super) fn int(&mut self, template: &str, value: i64) {
         let clause = template.replace('?', &self.next());
         self.clauses.push(clause);
         self.binds.push(Bind::Int(value));
     }
 
-    fn text(&mut self, template: &str, value: &str) {
+    pub(super) fn text(&mut self, template: &str, value: &str) {
         let clause = template.replace('?', &self.next());
         self.clauses.push(clause);
         self.binds.push(Bind::Text(value.to_string()));
@@ -127,12 +127,26 @@ impl Where {
         }
     }
 
-    fn sql(&self) -> String {
+    pub(super) fn sql(&self) -> String {
         if self.clauses.is_empty() {
             String::new()
         } else {
             format!("WHERE {}", self.clauses.join(" AND "))
         }
+    }
+
+    /// Binds the values to a plain query (rows read by column).
+    pub(super) fn bind_query<'q>(
+        &'q self,
+        mut query: sqlx::query::Query<'q, Any, AnyArguments<'q>>,
+    ) -> sqlx::query::Query<'q, Any, AnyArguments<'q>> {
+        for b in &self.binds {
+            query = match b {
+                Bind::Int(v) => query.bind(*v),
+                Bind::Text(v) => query.bind(v.as_str()),
+            };
+        }
+        query
     }
 
     fn bind_as<'q, O>(

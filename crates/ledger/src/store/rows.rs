@@ -101,6 +101,9 @@ pub struct UsageInput {
     pub status: String,
     pub latency_ms: i64,
     pub upstream_latency_ms: i64,
+    /// Time to first token of a streamed request (ms); `None` for unary requests.
+    #[serde(default)]
+    pub ttft_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -119,4 +122,4 @@ pub struct UsageRow {
 pub(crate) const USAGE_COLUMNS: &str = "u.id, r.email AS recipient_email, \
      COALESCE(u.transfer_id, u.hosted_transfer_id) AS transfer_id, u.cost, u.created_at, \
      u.request_id, u.app_name, u.endpoint, u.user_email, u.model, u.prompt_tokens, \
-     u.completion_tokens, u.total_tokens, u.status, u.latency_ms, u.upstream_latency_ms";
+     u.completion_tokens, u.total_tokens, u.status, u.latency_ms, u.upstream_latency_ms, u.ttft_ms";

@@ -10,7 +10,7 @@
 //! single row lock; `roll_up` later folds those rows into `accounts.balance`.
 
 use super::batch::{ResolveJob, TimeGuard};
-use super::usage::{insert_usage, UsageLink};
+use super::usage::{insert_usage, UsageLink, UsageWrite};
 use super::{
     new_id, now_micros, retry_transient, Actor, Micros, Store, TransferRow, TransferStatus,
     UsageInput, TRANSFER_COLUMNS, TRANSFER_JOINS,
@@ -263,16 +263,16 @@ impl Store {
             .await?;
         }
         if let Some(u) = &job.usage {
-            insert_usage(
-                &mut tx,
-                &job.usage_id,
+            let write = UsageWrite {
+                id: &job.usage_id,
                 recipient_id,
-                UsageLink::Transfer(&job.transfer_id),
-                captured,
-                u,
-                job.now,
-            )
-            .await?;
+                link: UsageLink::Transfer(&job.transfer_id),
+                cost: captured,
+                held: amount,
+                usage: u,
+                now: job.now,
+            };
+            insert_usage(&mut tx, &write).await?;
         }
         tx.commit().await?;
         self.transfer_by_id(&job.transfer_id).await.map_err(to_sqlx)

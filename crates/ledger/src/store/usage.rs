@@ -3,6 +3,7 @@
 use sqlx::AnyConnection;
 use syft_error::UsageStatus;
 
+use super::rollup::{upsert_rollups, RollupInput};
 use super::usage_batch::UsageJob;
 use super::{new_id, now_micros, Micros, Store, UsageInput, UsageRow};
 use crate::error::{LedgerError, Result};
@@ -51,36 +52,70 @@ pub(crate) enum UsageLink<'a> {
     Hosted(&'a str),
 }
 
+/// A usage row to write with the money its resolution moved.
+pub(crate) struct UsageWrite<'a> {
+    pub id: &'a str,
+    pub recipient_id: i64,
+    pub link: UsageLink<'a>,
+    /// Captured micros (the row's cost and the rollups' revenue).
+    pub cost: Micros,
+    /// The authorized hold; what was not captured is counted as refunded.
+    pub held: Micros,
+    pub usage: &'a UsageInput,
+    pub now: i64,
+}
+
 /// Whether a row records a refusal: such rows do not take their request id (migration 0005).
 pub(crate) fn is_refused(u: &UsageInput) -> bool {
     UsageStatus::parse(&u.status).is_some_and(UsageStatus::is_refusal)
 }
 
-/// Writes a usage row; a request id already recorded for this recipient and user is left as it is
-/// (`false`).
+/// Writes a usage row and adds it to the rollups, in the caller's transaction; a request id
+/// already recorded for this recipient and user is left as it is (and not counted again).
 pub(crate) async fn insert_usage(
     conn: &mut AnyConnection,
-    id: &str,
-    recipient_id: i64,
-    link: UsageLink<'_>,
-    cost: Micros,
-    u: &UsageInput,
-    now: i64,
+    w: &UsageWrite<'_>,
+) -> std::result::Result<(), sqlx::Error> {
+    if insert_usage_row(conn, w).await? {
+        upsert_rollups(conn, &[w.rollup()]).await?;
+    }
+    Ok(())
+}
+
+impl UsageWrite<'_> {
+    /// The row as the rollups count it.
+    pub(crate) fn rollup(&self) -> RollupInput<'_> {
+        RollupInput {
+            recipient_id: self.recipient_id,
+            created_at: self.now,
+            revenue: self.cost.get(),
+            refund: self.held.get().saturating_sub(self.cost.get()).max(0),
+            usage: self.usage,
+        }
+    }
+}
+
+/// Writes a usage row only (the caller adds it to the rollups); `false` when its request id was
+/// already recorded for this recipient and user (left as it is). Refusals never conflict.
+pub(crate) async fn insert_usage_row(
+    conn: &mut AnyConnection,
+    w: &UsageWrite<'_>,
 ) -> std::result::Result<bool, sqlx::Error> {
-    let (transfer_id, hosted_transfer_id) = match link {
+    let (transfer_id, hosted_transfer_id) = match w.link {
         UsageLink::None => (None, None),
         UsageLink::Transfer(t) => (Some(t), None),
         UsageLink::Hosted(t) => (None, Some(t)),
     };
-    let r = sqlx::query(
+    let u = w.usage;
+    let inserted = sqlx::query(
         "INSERT INTO usage_records (id, recipient_id, request_id, transfer_id, app_name, endpoint, \
          user_email, model, prompt_tokens, completion_tokens, total_tokens, cost, status, latency_ms, \
-         upstream_latency_ms, created_at, hosted_transfer_id, refused) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
+         upstream_latency_ms, created_at, hosted_transfer_id, refused, ttft_ms) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19) \
          ON CONFLICT (recipient_id, user_email, request_id) WHERE NOT refused DO NOTHING",
     )
-    .bind(id)
-    .bind(recipient_id)
+    .bind(w.id)
+    .bind(w.recipient_id)
     .bind(&u.request_id)
     .bind(transfer_id)
     .bind(&u.app_name)
@@ -90,14 +125,16 @@ pub(crate) async fn insert_usage(
     .bind(u.prompt_tokens)
     .bind(u.completion_tokens)
     .bind(u.total_tokens)
-    .bind(cost)
+    .bind(w.cost)
     .bind(&u.status)
     .bind(u.latency_ms)
     .bind(u.upstream_latency_ms)
-    .bind(now)
+    .bind(w.now)
     .bind(hosted_transfer_id)
     .bind(is_refused(u))
+    .bind(u.ttft_ms)
     .execute(&mut *conn)
-    .await?;
-    Ok(r.rows_affected() > 0)
+    .await?
+    .rows_affected();
+    Ok(inserted > 0)
 }

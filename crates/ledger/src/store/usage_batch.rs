@@ -5,7 +5,8 @@
 //! one transaction: on Postgres a single multi-row `INSERT … SELECT FROM jsonb_to_recordset`, on
 //! SQLite one transaction of single-row inserts (SQLite's cost is the commit's fsync, not the
 //! statements). A caller is answered only after its batch committed, so a row acknowledged to the
-//! router is durable; a lone row goes out at once and under load batches grow.
+//! router is durable; a lone row goes out at once and under load batches grow. The rows a batch
+//! inserted are added to the usage rollups (`rollup.rs`) in the same transaction, with one upsert.
 //!
 //! The queue is separate from the money batcher (`batch.rs`): a flood of refusals fills usage
 //! batches, never the batches of holds and captures.
@@ -13,10 +14,11 @@
 use std::collections::HashSet;
 
 use serde_json::json;
-use sqlx::{AnyPool, Row};
+use sqlx::{AnyConnection, AnyPool, Row};
 use tokio::sync::{mpsc, oneshot};
 
-use super::usage::{insert_usage, is_refused, UsageLink};
+use super::rollup::{upsert_rollups, RollupInput};
+use super::usage::{insert_usage_row, is_refused, UsageLink, UsageWrite};
 use super::{Backend, Micros, UsageInput};
 use crate::error::is_retryable;
 
@@ -99,11 +101,7 @@ async fn write_retried(
 ) -> Result<HashSet<String>, sqlx::Error> {
     let mut attempt = 0u32;
     loop {
-        let r = match backend {
-            Backend::Postgres => write_postgres(pool, jobs).await,
-            Backend::Sqlite => write_sqlite(pool, jobs).await,
-        };
-        match r {
+        match write_batch(pool, backend, jobs).await {
             Err(err) if is_retryable(&err) && attempt < 8 => {
                 attempt += 1;
                 tokio::time::sleep(std::time::Duration::from_millis(2u64 << attempt.min(6))).await;
@@ -113,9 +111,45 @@ async fn write_retried(
     }
 }
 
-/// The ids of the rows inserted (a row whose request id was already recorded is skipped).
-async fn write_postgres(
+/// Writes the batch and, in the same transaction, adds the rows actually inserted to the rollups
+/// (one `upsert_rollups` per batch, `rollup.rs`). Returns the ids of the rows inserted (a row whose
+/// request id was already recorded is skipped, and not counted).
+async fn write_batch(
     pool: &AnyPool,
+    backend: Backend,
+    jobs: &[&UsageJob],
+) -> Result<HashSet<String>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let inserted = match backend {
+        Backend::Postgres => insert_postgres(&mut tx, jobs).await?,
+        Backend::Sqlite => insert_sqlite(&mut tx, jobs).await?,
+    };
+    let writes: Vec<UsageWrite<'_>> = jobs
+        .iter()
+        .filter(|j| inserted.contains(&j.id))
+        .map(|j| free_write(j))
+        .collect();
+    let rollups: Vec<RollupInput<'_>> = writes.iter().map(UsageWrite::rollup).collect();
+    upsert_rollups(&mut tx, &rollups).await?;
+    tx.commit().await?;
+    Ok(inserted)
+}
+
+/// A job as a usage row without money.
+fn free_write(j: &UsageJob) -> UsageWrite<'_> {
+    UsageWrite {
+        id: &j.id,
+        recipient_id: j.recipient_id,
+        link: UsageLink::None,
+        cost: Micros::ZERO,
+        held: Micros::ZERO,
+        usage: &j.usage,
+        now: j.now,
+    }
+}
+
+async fn insert_postgres(
+    conn: &mut AnyConnection,
     jobs: &[&UsageJob],
 ) -> Result<HashSet<String>, sqlx::Error> {
     let input: Vec<_> = jobs
@@ -126,36 +160,27 @@ async fn write_postgres(
                    "app": u.app_name, "endpoint": u.endpoint, "user_email": u.user_email,
                    "model": u.model, "pt": u.prompt_tokens, "ct": u.completion_tokens,
                    "tt": u.total_tokens, "status": u.status, "lat": u.latency_ms,
-                   "ulat": u.upstream_latency_ms, "now": j.now, "refused": is_refused(u)})
+                   "ulat": u.upstream_latency_ms, "now": j.now, "refused": is_refused(u),
+                   "ttft": u.ttft_ms})
         })
         .collect();
     let rows = sqlx::query(USAGE_BATCH)
         .bind(serde_json::Value::Array(input).to_string())
-        .fetch_all(pool)
+        .fetch_all(&mut *conn)
         .await?;
     rows.iter().map(|r| r.try_get::<String, _>("id")).collect()
 }
 
-async fn write_sqlite(pool: &AnyPool, jobs: &[&UsageJob]) -> Result<HashSet<String>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
+async fn insert_sqlite(
+    conn: &mut AnyConnection,
+    jobs: &[&UsageJob],
+) -> Result<HashSet<String>, sqlx::Error> {
     let mut inserted = HashSet::new();
     for j in jobs {
-        let link = UsageLink::None;
-        if insert_usage(
-            &mut tx,
-            &j.id,
-            j.recipient_id,
-            link,
-            Micros::ZERO,
-            &j.usage,
-            j.now,
-        )
-        .await?
-        {
+        if insert_usage_row(conn, &free_write(j)).await? {
             inserted.insert(j.id.clone());
         }
     }
-    tx.commit().await?;
     Ok(inserted)
 }
 
@@ -164,11 +189,11 @@ async fn write_sqlite(pool: &AnyPool, jobs: &[&UsageJob]) -> Result<HashSet<Stri
 const USAGE_BATCH: &str = "\
 INSERT INTO usage_records (id, recipient_id, request_id, transfer_id, app_name, endpoint, user_email,
     model, prompt_tokens, completion_tokens, total_tokens, cost, status, latency_ms,
-    upstream_latency_ms, created_at, refused)
+    upstream_latency_ms, created_at, refused, ttft_ms)
 SELECT id, recipient, request_id, NULL, app, endpoint, user_email, model, pt, ct, tt, 0, status, lat,
-    ulat, now, refused
+    ulat, now, refused, ttft
 FROM jsonb_to_recordset($1::jsonb) AS i(id text, recipient bigint, request_id text, app text,
     endpoint text, user_email text, model text, pt bigint, ct bigint, tt bigint, status text,
-    lat bigint, ulat bigint, now bigint, refused boolean)
+    lat bigint, ulat bigint, now bigint, refused boolean, ttft bigint)
 ON CONFLICT (recipient_id, user_email, request_id) WHERE NOT refused DO NOTHING
 RETURNING id";

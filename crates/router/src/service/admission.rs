@@ -230,6 +230,8 @@ impl RouterService {
             status: status.as_str().into(),
             latency_ms: elapsed_ms(started),
             upstream_latency_ms: upstream_ms,
+            // Streams set it once the first token arrived.
+            ttft_ms: None,
         }
     }
 }

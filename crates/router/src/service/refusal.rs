@@ -109,6 +109,7 @@ impl RouterService {
             status: status.as_str().into(),
             latency_ms: elapsed_ms(attempt.started),
             upstream_latency_ms: 0,
+            ttft_ms: None,
         };
         let Err(err) = self.inner.ledger.record_usage(usage.clone()).await else {
             return;

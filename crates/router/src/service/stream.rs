@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use futures::StreamExt;
 use syft_error::UsageStatus;
+use syft_proto::ledger::Usage;
 use syft_proto::router::{
     chat_stream_event, ChatRequest, ChatResponse, ChatStreamEvent, ContentDelta,
 };
@@ -110,6 +111,7 @@ impl RouterService {
             tokio::time::interval_at(tokio::time::Instant::now() + every, every)
         });
         let mut content = String::new();
+        let mut ttft_ms: Option<i64> = None;
         let mut finish: Option<String> = None;
         let mut reported: Option<UpstreamUsage> = None;
         let mut upstream_id = String::new();
@@ -150,6 +152,10 @@ impl RouterService {
                 reported = chunk.usage;
             }
             if let Some(delta) = chunk.delta {
+                // Time to first token: from the request's start to the first content delta.
+                if ttft_ms.is_none() && !delta.is_empty() {
+                    ttft_ms = Some(elapsed_ms(started));
+                }
                 content.push_str(&delta);
                 let event = ChatStreamEvent {
                     event: Some(chat_stream_event::Event::Delta(ContentDelta {
@@ -181,6 +187,7 @@ impl RouterService {
                     output: tokens::count_text(&content),
                 };
                 let usage = self.usage(&p.t, UsageStatus::Cancelled, units, started, upstream_ms);
+                let usage = Usage { ttft_ms, ..usage };
                 self.release(hold, "client cancelled", usage).await;
                 metrics::observe(
                     self.provider(),
@@ -211,6 +218,7 @@ impl RouterService {
                     output: completion_tokens,
                 };
                 let usage = self.usage(&p.t, UsageStatus::Success, units, started, upstream_ms);
+                let usage = Usage { ttft_ms, ..usage };
                 let upstream_finish = finish.unwrap_or_else(|| "stop".into());
                 let completion = Completion {
                     id: upstream_id,

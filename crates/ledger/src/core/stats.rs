@@ -1,0 +1,209 @@
+//! Analytics queries: validation and who sees what, over the store's rollups (docs/analytics.md).
+
+use crate::auth::Caller;
+use crate::error::{LedgerError, Result};
+use crate::store::rollup::{DAY, HOUR, MINUTE};
+use crate::store::{now_micros, Dimension, StatsFilter, StatsGroup, StatsScope};
+use crate::validate::{self, MAX_NAME, MAX_PATH};
+
+use super::{non_empty, Ledger};
+
+/// Widest range per finest time dimension: keeps every answer to a few thousand points.
+const MAX_MINUTE_RANGE: i64 = 2 * DAY;
+const MAX_HOUR_RANGE: i64 = 92 * DAY;
+const MAX_RANGE: i64 = 3_700 * DAY;
+/// More groups than this is an error (narrow the range or the dimensions), never a silent cut.
+pub const MAX_GROUPS: usize = 10_000;
+
+/// Which rows an account reads: those of the apps it is paid for, or the requests it sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StatsRole {
+    #[default]
+    Owner,
+    User,
+}
+
+impl StatsRole {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "" | "owner" => Ok(StatsRole::Owner),
+            "user" => Ok(StatsRole::User),
+            other => Err(LedgerError::invalid(format!(
+                "unknown role {other:?}: use owner or user"
+            ))),
+        }
+    }
+}
+
+/// An analytics query as a caller asks for it (not yet validated).
+#[derive(Debug, Clone, Default)]
+pub struct StatsQuery {
+    pub group_by: Vec<Dimension>,
+    /// Unix micros; default: a window fitting the finest time dimension, ending now.
+    pub since: Option<i64>,
+    pub until: Option<i64>,
+    pub role: StatsRole,
+    pub app_name: String,
+    pub endpoint: String,
+    pub user_email: String,
+    pub model: String,
+    pub status: String,
+}
+
+/// The answer: groups in key order, with the range actually used (whole minutes).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Stats {
+    pub group_by: Vec<Dimension>,
+    pub since: i64,
+    pub until: i64,
+    pub currency: String,
+    pub groups: Vec<StatsGroup>,
+}
+
+/// Parses dimension names (`day`, `app`, ...), as adapters receive them.
+pub fn parse_dimensions<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<Vec<Dimension>> {
+    names
+        .into_iter()
+        .filter(|n| !n.trim().is_empty())
+        .map(|n| {
+            Dimension::parse(n).ok_or_else(|| {
+                LedgerError::invalid(format!(
+                    "unknown dimension {n:?}: use minute, hour, day, app, endpoint, user, model \
+                     or status"
+                ))
+            })
+        })
+        .collect()
+}
+
+fn check_group_by(group_by: &[Dimension]) -> Result<()> {
+    if group_by.len() > 2 {
+        return Err(LedgerError::invalid(
+            "group_by takes at most two dimensions",
+        ));
+    }
+    if group_by.len() == 2 && group_by[0] == group_by[1] {
+        return Err(LedgerError::invalid("group_by names a dimension twice"));
+    }
+    if group_by.iter().filter(|d| d.grain().is_some()).count() > 1 {
+        return Err(LedgerError::invalid(
+            "group_by takes at most one time dimension (minute, hour or day)",
+        ));
+    }
+    Ok(())
+}
+
+/// `[since, until)` widened to whole minutes and checked against the finest time dimension.
+fn range(q: &StatsQuery, now: i64) -> Result<(i64, i64)> {
+    let finest = q.group_by.iter().filter_map(|d| d.grain()).min();
+    let (max, default) = match finest.map(|g| g.micros()) {
+        Some(MINUTE) => (MAX_MINUTE_RANGE, HOUR),
+        Some(HOUR) => (MAX_HOUR_RANGE, 2 * DAY),
+        _ => (MAX_RANGE, 30 * DAY),
+    };
+    let until = q.until.unwrap_or(now);
+    let since = q.since.unwrap_or(until.saturating_sub(default));
+    if since < 0 || until < 0 {
+        return Err(LedgerError::invalid("since and until must not be negative"));
+    }
+    if since >= until {
+        return Err(LedgerError::invalid("since must be before until"));
+    }
+    let since = since.div_euclid(MINUTE) * MINUTE;
+    let until = until.saturating_add(MINUTE - 1).div_euclid(MINUTE) * MINUTE;
+    if until - since > max {
+        let what = match finest.map(|g| g.micros()) {
+            Some(MINUTE) => "minute buckets: at most 2 days",
+            Some(HOUR) => "hour buckets: at most 92 days",
+            _ => "a query: at most 3700 days",
+        };
+        return Err(LedgerError::invalid(format!("range too wide for {what}")));
+    }
+    Ok((since, until))
+}
+
+impl Ledger {
+    /// Grouped usage measures. An owner reads the rows of the apps it is paid for, a user the rows
+    /// of the requests it sent, the admin every row.
+    pub async fn usage_stats(&self, caller: &Caller, q: &StatsQuery) -> Result<Stats> {
+        check_group_by(&q.group_by)?;
+        let (since, until) = range(q, now_micros())?;
+        let (scope, currency) = match caller {
+            Caller::Admin => (StatsScope::All, self.config().currency.clone()),
+            Caller::Account(a) => (
+                match q.role {
+                    StatsRole::Owner => StatsScope::Owner(a.id),
+                    StatsRole::User => StatsScope::User(a.email.clone()),
+                },
+                a.currency.clone(),
+            ),
+        };
+        let user_email = if q.user_email.is_empty() {
+            None
+        } else {
+            Some(validate::email("user_email", &q.user_email)?)
+        };
+        let filter = StatsFilter {
+            scope,
+            since,
+            until,
+            group_by: q.group_by.clone(),
+            app_name: non_empty(validate::text("app_name", &q.app_name, MAX_NAME, false)?),
+            endpoint: non_empty(validate::text("endpoint", &q.endpoint, MAX_PATH, false)?),
+            user_email,
+            model: non_empty(validate::text("model", &q.model, MAX_NAME, false)?),
+            status: non_empty(validate::text("status", &q.status, 64, false)?),
+            limit: MAX_GROUPS + 1,
+        };
+        let groups = self.store().usage_stats(&filter).await?;
+        if groups.len() > MAX_GROUPS {
+            return Err(LedgerError::invalid(format!(
+                "more than {MAX_GROUPS} groups: narrow the range, the filters or the dimensions"
+            )));
+        }
+        Ok(Stats {
+            group_by: q.group_by.clone(),
+            since,
+            until,
+            currency,
+            groups,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_are_whole_minutes_and_bounded() {
+        let q = |since, until, by: &[Dimension]| StatsQuery {
+            since,
+            until,
+            group_by: by.to_vec(),
+            ..Default::default()
+        };
+        let now = 100 * DAY + 30_000_000;
+        assert_eq!(
+            range(&q(None, None, &[]), now).ok(),
+            Some((70 * DAY, 100 * DAY + MINUTE))
+        );
+        assert_eq!(
+            range(&q(Some(5), Some(MINUTE + 1), &[]), now).ok(),
+            Some((0, 2 * MINUTE))
+        );
+        assert!(range(&q(Some(10), Some(10), &[]), now).is_err());
+        assert!(range(&q(Some(DAY), Some(0), &[]), now).is_err());
+        assert!(range(&q(Some(0), Some(3 * DAY), &[Dimension::Minute]), now).is_err());
+        assert!(range(&q(Some(0), Some(2 * DAY), &[Dimension::Minute]), now).is_ok());
+        assert!(check_group_by(&[Dimension::Day, Dimension::Hour]).is_err());
+        assert!(check_group_by(&[Dimension::App, Dimension::App]).is_err());
+        assert!(check_group_by(&[Dimension::Day, Dimension::App]).is_ok());
+        assert!(parse_dimensions(["day", "weekday"]).is_err());
+        assert_eq!(
+            parse_dimensions(["Day", "app"]).ok(),
+            Some(vec![Dimension::Day, Dimension::App])
+        );
+    }
+}

@@ -1,0 +1,575 @@
+//! Analytics (issue 12): `GetUsageStats` answers checked against sums computed from the raw usage
+//! rows and transfers of the same ledger, on SQLite and Postgres; every permission rule; bucket
+//! boundaries; bad input. Every scenario ends with `verify`.
+
+use std::collections::{BTreeMap, HashMap};
+
+use syft_proto::ledger as pb;
+use syft_testkit::{code, store_suite, Harness, USD};
+use tonic::Code;
+
+const OWNER: &str = "owner@router.example";
+const OWNER2: &str = "owner2@router.example";
+const ALICE: &str = "alice@example.com";
+const BOB: &str = "bob@example.com";
+
+use pb::StatsDimension as D;
+
+/// Which raw rows a caller's answer must cover.
+type Keep = Box<dyn Fn(&pb::UsageRecord) -> bool>;
+
+fn stats_req(group_by: &[D], role: pb::StatsRole) -> pb::GetUsageStatsRequest {
+    pb::GetUsageStatsRequest {
+        group_by: group_by.iter().map(|d| *d as i32).collect(),
+        role: role as i32,
+        ..Default::default()
+    }
+}
+
+fn usage(n: usize, user: &str, app: &str, status: &str) -> pb::Usage {
+    pb::Usage {
+        request_id: format!("req-{n}"),
+        app_name: app.into(),
+        endpoint: "/chat".into(),
+        user_email: user.into(),
+        model: if n.is_multiple_of(2) {
+            "m-even"
+        } else {
+            "m-odd"
+        }
+        .into(),
+        prompt_tokens: 10 + n as i64,
+        completion_tokens: 3 * n as i64,
+        total_tokens: 0,
+        status: status.into(),
+        latency_ms: 5 + 37 * n as i64,
+        upstream_latency_ms: 2 + 30 * n as i64,
+        ttft_ms: n.is_multiple_of(3).then_some(1 + 11 * n as i64),
+    }
+}
+
+/// One paid request: a hold of 1000 micros, captured (`Some(amount)`) or voided (`None`).
+async fn paid(h: &Harness, owner: &str, token: &str, u: pb::Usage, capture: Option<i64>) {
+    let mut c = h.client(owner);
+    let t = c
+        .authorize(pb::AuthorizeRequest {
+            sender_email: u.user_email.clone(),
+            amount_micros: 1_000,
+            token: token.into(),
+            app_name: u.app_name.clone(),
+            app_ep_path: "/chat".into(),
+            idempotency_key: u.request_id.clone(),
+            hold_ttl_seconds: None,
+        })
+        .await
+        .expect("authorize")
+        .into_inner();
+    match capture {
+        Some(amount) => {
+            let req = pb::CaptureRequest {
+                transfer_id: t.id,
+                amount: Some(pb::capture_request::Amount::AmountMicros(amount)),
+                usage: Some(u),
+                answer: None,
+            };
+            // A double submit (a replay or a refusal, by backend) must not count twice: the
+            // totals below are compared with the raw rows.
+            c.capture(req.clone()).await.expect("capture");
+            let _ = c.capture(req).await;
+        }
+        None => {
+            c.void(pb::VoidRequest {
+                transfer_id: t.id,
+                reason: "upstream failed".into(),
+                usage: Some(u),
+            })
+            .await
+            .expect("void");
+        }
+    }
+}
+
+/// What the raw rows say a group should hold.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct Expected {
+    requests: i64,
+    successes: i64,
+    prompt_tokens: i64,
+    total_tokens: i64,
+    revenue: i64,
+    refunds: i64,
+    users: std::collections::BTreeSet<String>,
+    latencies: Vec<i64>,
+}
+
+struct Raw {
+    rows: Vec<pb::UsageRecord>,
+    held: HashMap<String, i64>,
+}
+
+async fn raw(h: &Harness) -> Raw {
+    let mut admin = h.admin();
+    let rows = admin
+        .query_usage(pb::QueryUsageRequest {
+            page_size: 500,
+            ..Default::default()
+        })
+        .await
+        .expect("query usage")
+        .into_inner()
+        .records;
+    let transfers = admin
+        .list_transfers(pb::ListTransfersRequest {
+            page_size: 500,
+            ..Default::default()
+        })
+        .await
+        .expect("transfers")
+        .into_inner()
+        .transfers;
+    let held = transfers
+        .into_iter()
+        .map(|t| (t.id, t.amount_micros))
+        .collect();
+    Raw { rows, held }
+}
+
+fn key_of(r: &pb::UsageRecord, d: D) -> String {
+    let u = r.usage.as_ref().expect("usage");
+    match d {
+        D::App => u.app_name.clone(),
+        D::User => u.user_email.clone(),
+        D::Model => u.model.clone(),
+        D::Status => u.status.clone(),
+        D::Endpoint => u.endpoint.clone(),
+        D::Day => (r.created_at_unix_micros / 86_400_000_000 * 86_400_000_000).to_string(),
+        _ => unreachable!("not used here"),
+    }
+}
+
+fn expected(
+    raw: &Raw,
+    keep: impl Fn(&pb::UsageRecord) -> bool,
+    by: &[D],
+) -> BTreeMap<Vec<String>, Expected> {
+    let mut out: BTreeMap<Vec<String>, Expected> = BTreeMap::new();
+    for r in raw.rows.iter().filter(|r| keep(r)) {
+        let u = r.usage.as_ref().expect("usage");
+        let key = by.iter().map(|d| key_of(r, *d)).collect();
+        let e = out.entry(key).or_default();
+        e.requests += 1;
+        e.successes += i64::from(u.status == "success");
+        e.prompt_tokens += u.prompt_tokens;
+        e.total_tokens += u.total_tokens;
+        e.revenue += r.cost_micros;
+        e.refunds += raw
+            .held
+            .get(&r.transfer_id)
+            .map_or(0, |h| h - r.cost_micros);
+        if !u.user_email.is_empty() {
+            e.users.insert(u.user_email.clone());
+        }
+        e.latencies.push(u.latency_ms);
+    }
+    out
+}
+
+fn key_text(k: &pb::StatsKey) -> String {
+    match &k.value {
+        Some(pb::stats_key::Value::Text(t)) => t.clone(),
+        Some(pb::stats_key::Value::BucketStartUnixMicros(t)) => t.to_string(),
+        None => String::new(),
+    }
+}
+
+/// The answer equals the raw sums, group by group, and p99 is within the documented 10%.
+fn assert_matches(got: &pb::GetUsageStatsResponse, want: &BTreeMap<Vec<String>, Expected>) {
+    let keys: Vec<Vec<String>> = got
+        .groups
+        .iter()
+        .map(|g| g.key.iter().map(key_text).collect())
+        .collect();
+    assert_eq!(keys, want.keys().cloned().collect::<Vec<_>>());
+    for (g, (_, e)) in got.groups.iter().zip(want) {
+        let fields = (
+            g.requests,
+            g.successes,
+            g.failures,
+            g.prompt_tokens,
+            g.total_tokens,
+            g.revenue_micros,
+            g.refunds_micros,
+            g.active_users,
+        );
+        let expect = (
+            e.requests,
+            e.successes,
+            e.requests - e.successes,
+            e.prompt_tokens,
+            e.total_tokens,
+            e.revenue,
+            e.refunds,
+            e.users.len() as i64,
+        );
+        assert_eq!(fields, expect, "group {:?}", g.key);
+        let mut lat = e.latencies.clone();
+        lat.sort_unstable();
+        let rank = ((0.99 * lat.len() as f64).ceil() as usize).max(1);
+        let exact = lat[rank - 1] as f64;
+        let p99 = g.latency_ms.as_ref().expect("latency").p99;
+        assert!(
+            (p99 - exact).abs() <= 0.1 * exact + 0.05,
+            "p99 {p99} vs exact {exact}"
+        );
+    }
+}
+
+async fn stats_match_raw_rows(h: Harness) -> Harness {
+    let owner = h.account(OWNER, 0).await;
+    let owner2 = h.account(OWNER2, 0).await;
+    let alice = h.account(ALICE, 10 * USD).await;
+    let bob = h.account(BOB, 10 * USD).await;
+    let alice_1 = h.token(&alice, OWNER).await;
+    let bob_1 = h.token(&bob, OWNER).await;
+    let alice_2 = h.token(&alice, OWNER2).await;
+    for n in 0..8 {
+        let (user, token) = if n % 3 == 0 {
+            (BOB, &bob_1)
+        } else {
+            (ALICE, &alice_1)
+        };
+        let status = if n == 5 { "upstream_error" } else { "success" };
+        let capture = (n != 5).then_some(400 + 10 * n as i64);
+        paid(
+            &h,
+            &owner,
+            token,
+            usage(n, user, "chat-app", status),
+            capture,
+        )
+        .await;
+    }
+    for n in 8..11 {
+        let u = usage(n, ALICE, "other-app", "success");
+        paid(&h, &owner2, &alice_2, u, Some(900)).await;
+    }
+    // A free row (no transfer) for owner 1.
+    h.client(&owner)
+        .record_usage(pb::RecordUsageRequest {
+            usage: Some(usage(11, ALICE, "chat-app", "rejected")),
+        })
+        .await
+        .expect("record usage");
+    let raw = raw(&h).await;
+    assert_eq!(raw.rows.len(), 12);
+
+    let owner_of = |email: &'static str| move |r: &pb::UsageRecord| r.recipient_email == email;
+    let user_of = |email: &'static str| {
+        move |r: &pb::UsageRecord| r.usage.as_ref().is_some_and(|u| u.user_email == email)
+    };
+    let groupings: [&[D]; 5] = [
+        &[],
+        &[D::App, D::Status],
+        &[D::Day, D::User],
+        &[D::Model],
+        &[D::Endpoint, D::App],
+    ];
+    let role_owner = pb::StatsRole::Owner;
+    let role_user = pb::StatsRole::User;
+    for by in groupings {
+        let cases: Vec<(&str, pb::StatsRole, Keep)> = vec![
+            (
+                syft_testkit::ADMIN_KEY,
+                role_owner,
+                Box::new(|_: &pb::UsageRecord| true),
+            ),
+            (&owner, role_owner, Box::new(owner_of(OWNER))),
+            (&owner2, role_owner, Box::new(owner_of(OWNER2))),
+            (&alice, role_user, Box::new(user_of(ALICE))),
+            (&bob, role_user, Box::new(user_of(BOB))),
+            // An account that is only a user sees nothing as an owner.
+            (&bob, role_owner, Box::new(|_: &pb::UsageRecord| false)),
+        ];
+        for (secret, role, keep) in cases {
+            let got = h
+                .client(secret)
+                .get_usage_stats(stats_req(by, role))
+                .await
+                .expect("stats")
+                .into_inner();
+            assert_eq!(got.currency, "USD");
+            assert_matches(&got, &expected(&raw, keep, by));
+        }
+    }
+    // A filter never widens a scope: Alice asking for Bob's rows, owner 1 for owner 2's app.
+    let mut req = stats_req(&[D::User], role_user);
+    req.user_email = BOB.into();
+    let got = h.client(&alice).get_usage_stats(req).await.expect("stats");
+    assert!(got.into_inner().groups.is_empty());
+    let mut req = stats_req(&[D::App], role_owner);
+    req.app_name = "other-app".into();
+    let got = h.client(&owner).get_usage_stats(req).await.expect("stats");
+    assert!(got.into_inner().groups.is_empty());
+    // Filters: model and status.
+    let mut req = stats_req(&[], role_owner);
+    req.model = "m-odd".into();
+    req.status = "success".into();
+    let got = h.client(&owner).get_usage_stats(req).await.expect("stats");
+    let keep = |r: &pb::UsageRecord| {
+        let u = r.usage.as_ref().expect("usage");
+        r.recipient_email == OWNER && u.model == "m-odd" && u.status == "success"
+    };
+    assert_matches(&got.into_inner(), &expected(&raw, keep, &[]));
+    // TTFT only from streamed rows (n % 3 == 0 carry one).
+    let got = h
+        .admin()
+        .get_usage_stats(stats_req(&[], role_owner))
+        .await
+        .expect("stats")
+        .into_inner();
+    assert_eq!(got.groups[0].streams, 4);
+    assert!(got.groups[0].ttft_ms.is_some());
+
+    // Rebuilding the rollups from the raw rows gives the same answers as the live upserts.
+    let before = got;
+    h.store.rebuild_rollups().await.expect("rebuild");
+    let after = h
+        .admin()
+        .get_usage_stats(stats_req(&[], role_owner))
+        .await
+        .expect("stats")
+        .into_inner();
+    assert_eq!(before, after);
+    h
+}
+
+/// Rows without money go through the usage group commit (`store/usage_batch.rs`): many at once
+/// so batches hold several rows, replays of one request id (counted once), refusals retried under
+/// one id (each attempt a row, a failure under its own status). The rollups equal the raw rows.
+async fn group_committed_rows_and_refusals(h: Harness) -> Harness {
+    let owner = h.account(OWNER, 0).await;
+    let statuses = [
+        "success",
+        "upstream_error",
+        "insufficient_funds",
+        "token_refused",
+    ];
+    let calls = (0..60).map(|n| {
+        let mut c = h.client(&owner);
+        // Request ids repeat every 20 calls: successes and failures keep the first row only,
+        // refusals get a row per attempt.
+        let mut u = usage(n % 20, ALICE, "chat-app", statuses[n % 20 % 4]);
+        u.latency_ms = 3 + n as i64;
+        async move {
+            c.record_usage(pb::RecordUsageRequest { usage: Some(u) })
+                .await
+                .expect("record usage")
+        }
+    });
+    futures::future::join_all(calls).await;
+    let raw = raw(&h).await;
+    // 10 non-refused ids once each, 10 refused ids three times each.
+    assert_eq!(raw.rows.len(), 10 + 30);
+    let all = |_: &pb::UsageRecord| true;
+    for by in [&[][..], &[D::Status][..], &[D::Status, D::Model][..]] {
+        let got = h
+            .client(&owner)
+            .get_usage_stats(stats_req(by, pb::StatsRole::Owner))
+            .await
+            .expect("stats")
+            .into_inner();
+        assert_matches(&got, &expected(&raw, all, by));
+    }
+    let total = h
+        .client(&owner)
+        .get_usage_stats(stats_req(&[], pb::StatsRole::Owner))
+        .await
+        .expect("stats")
+        .into_inner();
+    assert_eq!(
+        (total.groups[0].requests, total.groups[0].successes),
+        (40, 5)
+    );
+    h.store.rebuild_rollups().await.expect("rebuild");
+    let rebuilt = h
+        .client(&owner)
+        .get_usage_stats(stats_req(&[], pb::StatsRole::Owner))
+        .await
+        .expect("stats")
+        .into_inner();
+    assert_eq!(total, rebuilt);
+    h
+}
+
+/// Rows at chosen instants around minute, hour and day edges (written raw, then rolled up by a
+/// rebuild), read back over ranges that start and end on and off those edges.
+async fn bucket_boundaries(h: Harness) -> Harness {
+    h.account(OWNER, 0).await;
+    let pool = h.store.pool();
+    let owner_id: i64 = sqlx::query_scalar("SELECT id FROM accounts WHERE email = $1")
+        .bind(OWNER)
+        .fetch_one(pool)
+        .await
+        .expect("owner id");
+    const M: i64 = 60_000_000;
+    const HR: i64 = 60 * M;
+    const DY: i64 = 24 * HR;
+    let t0 = 20_000 * DY; // a UTC midnight
+    let instants = [
+        t0 - 1,
+        t0,
+        t0 + M - 1,
+        t0 + M,
+        t0 + HR - 1,
+        t0 + HR,
+        t0 + HR + 30 * M,
+        t0 + DY - 1,
+        t0 + DY,
+        t0 + 3 * DY + 5 * HR + 7 * M,
+    ];
+    for (n, at) in instants.iter().enumerate() {
+        sqlx::query(
+            "INSERT INTO usage_records (id, recipient_id, request_id, app_name, endpoint, \
+             user_email, model, prompt_tokens, completion_tokens, total_tokens, cost, status, \
+             latency_ms, upstream_latency_ms, created_at) VALUES ($1, $2, $3, 'app', '/chat', \
+             $4, 'm', 1, 1, 2, 0, 'success', 10, 5, $5)",
+        )
+        .bind(format!("00000000-0000-7000-8000-{n:012}"))
+        .bind(owner_id)
+        .bind(format!("b-{n}"))
+        .bind(ALICE)
+        .bind(*at)
+        .execute(pool)
+        .await
+        .expect("insert raw usage");
+    }
+    assert_eq!(h.store.rebuild_rollups().await.expect("rebuild"), 10);
+    let ranges = [
+        (t0, t0 + DY),
+        (t0 - M, t0 + M),
+        (t0 + 30_000_000, t0 + HR + 1),
+        (t0 - DY, t0 + 4 * DY),
+        (t0 + 2 * DY, t0 + 2 * DY + M), // empty
+        (t0 + M, t0 + 2 * M),
+    ];
+    let mut admin = h.admin();
+    for (since, until) in ranges {
+        // The answer's range is [since, until) widened to whole minutes.
+        let (s, u) = (since / M * M, (until + M - 1) / M * M);
+        for (dim, unit) in [(D::Minute, M), (D::Hour, HR), (D::Day, DY)] {
+            if dim == D::Minute && u - s > 2 * DY {
+                continue;
+            }
+            let mut req = stats_req(&[dim], pb::StatsRole::Owner);
+            req.since_unix_micros = Some(since);
+            req.until_unix_micros = Some(until);
+            let got = admin
+                .get_usage_stats(req)
+                .await
+                .expect("stats")
+                .into_inner();
+            assert_eq!((got.since_unix_micros, got.until_unix_micros), (s, u));
+            let mut want: BTreeMap<i64, i64> = BTreeMap::new();
+            for at in instants.iter().filter(|at| (s..u).contains(*at)) {
+                *want.entry(at.div_euclid(unit) * unit).or_default() += 1;
+            }
+            let got: BTreeMap<i64, i64> = got
+                .groups
+                .iter()
+                .map(|g| (key_text(&g.key[0]).parse().expect("time key"), g.requests))
+                .collect();
+            assert_eq!(got, want, "range {since}..{until} by {dim:?}");
+        }
+    }
+    h
+}
+
+async fn bad_input(h: Harness) -> Harness {
+    let owner = h.account(OWNER, 0).await;
+    let mut c = h.client(&owner);
+    let unknown_dim = pb::GetUsageStatsRequest {
+        group_by: vec![99],
+        ..Default::default()
+    };
+    let three = stats_req(&[D::App, D::User, D::Model], pb::StatsRole::Owner);
+    let two_times = stats_req(&[D::Day, D::Hour], pb::StatsRole::Owner);
+    let mut inverted = stats_req(&[], pb::StatsRole::Owner);
+    inverted.since_unix_micros = Some(2_000_000_000_000_000);
+    inverted.until_unix_micros = Some(1_000_000_000_000_000);
+    let mut wide = stats_req(&[D::Minute], pb::StatsRole::Owner);
+    wide.since_unix_micros = Some(1_000_000_000_000_000);
+    wide.until_unix_micros = Some(1_000_000_000_000_000 + 3 * 86_400_000_000);
+    let mut bad_user = stats_req(&[], pb::StatsRole::Owner);
+    bad_user.user_email = "not an email".into();
+    let bad_role = pb::GetUsageStatsRequest {
+        role: 7,
+        ..Default::default()
+    };
+    for req in [
+        unknown_dim,
+        three,
+        two_times,
+        inverted,
+        wide,
+        bad_user,
+        bad_role,
+    ] {
+        assert_eq!(
+            code(c.get_usage_stats(req.clone()).await),
+            Code::InvalidArgument,
+            "{req:?}"
+        );
+    }
+    let wrong = h.client("syft_sk_wrong-secret");
+    assert_eq!(
+        code(
+            wrong
+                .clone()
+                .get_usage_stats(stats_req(&[], pb::StatsRole::Owner))
+                .await
+        ),
+        Code::Unauthenticated
+    );
+
+    // The same rules over HTTP: 400 with a JSON reason, 401 without valid credentials.
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/usage/stats", h.http_url());
+    let get = |query: &'static str, auth: Option<String>| {
+        let mut r = http.get(format!("{url}?{query}"));
+        if let Some(a) = auth {
+            r = r.bearer_auth(a);
+        }
+        r.send()
+    };
+    for query in [
+        "group_by=weekday",
+        "since=yesterday",
+        "grop_by=day",
+        "since=5&until=1",
+    ] {
+        let r = get(query, Some(owner.clone())).await.expect("http");
+        assert_eq!(r.status(), 400, "{query}");
+        let body: serde_json::Value = r.json().await.expect("json");
+        assert_eq!(body["code"], "INVALID_ARGUMENT", "{body}");
+    }
+    let r = get("group_by=day", None).await.expect("http");
+    assert_eq!(r.status(), 401);
+    let r = get("group_by=day", Some("wrong-secret".into()))
+        .await
+        .expect("http");
+    assert_eq!(r.status(), 401);
+    let r = get("group_by=day,app&role=owner", Some(owner.clone()))
+        .await
+        .expect("http");
+    assert_eq!(r.status(), 200);
+    let body: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(body["groups"], serde_json::json!([]));
+    h
+}
+
+store_suite!(
+    stats_match_raw_rows,
+    group_committed_rows_and_refusals,
+    bucket_boundaries,
+    bad_input
+);

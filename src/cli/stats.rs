@@ -1,0 +1,261 @@
+//! `syft-router stats`: grouped usage measures from the ledger's analytics (docs/analytics.md), as a
+//! table, `--json` or `--csv`.
+
+use clap::{Args, ValueEnum};
+use syft_ledger::money::format_micros;
+use syft_proto::ledger as pb;
+
+use super::client::{Conn, OrFail};
+use super::time::{format_time, parse_time};
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum By {
+    Minute,
+    Hour,
+    Day,
+    App,
+    Endpoint,
+    User,
+    Model,
+    Status,
+}
+
+impl By {
+    fn pb(self) -> pb::StatsDimension {
+        match self {
+            By::Minute => pb::StatsDimension::Minute,
+            By::Hour => pb::StatsDimension::Hour,
+            By::Day => pb::StatsDimension::Day,
+            By::App => pb::StatsDimension::App,
+            By::Endpoint => pb::StatsDimension::Endpoint,
+            By::User => pb::StatsDimension::User,
+            By::Model => pb::StatsDimension::Model,
+            By::Status => pb::StatsDimension::Status,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct StatsArgs {
+    #[command(flatten)]
+    conn: Conn,
+    /// Group by up to two of: day, hour, minute (UTC), app, endpoint, user, model, status
+    /// (`--by day --by app` or `--by day,app`). None: one total.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    by: Vec<By>,
+    /// From this time: a date (2025-01-31), a UTC time (2025-01-31T12:00:00Z) or a duration ago
+    /// (90m, 24h, 7d). Default: 1 hour (minute groups), 2 days (hour groups) or 30 days ago.
+    #[arg(long, value_parser = parse_time)]
+    since: Option<i64>,
+    /// Until this time (same forms as --since); default now.
+    #[arg(long, value_parser = parse_time)]
+    until: Option<i64>,
+    #[arg(long)]
+    app: Option<String>,
+    #[arg(long)]
+    endpoint: Option<String>,
+    /// A user's email.
+    #[arg(long)]
+    user: Option<String>,
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long)]
+    status: Option<String>,
+    /// owner: the apps you are paid for; user: the requests you sent (the admin sees everything).
+    #[arg(long = "as", value_parser = ["owner", "user"], default_value = "owner")]
+    role: String,
+    /// Print CSV instead of a table.
+    #[arg(long, conflicts_with = "json")]
+    csv: bool,
+}
+
+const HEADER: [&str; 12] = [
+    "requests",
+    "success_rate",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "revenue",
+    "refunds",
+    "active_users",
+    "latency_p50_ms",
+    "latency_p95_ms",
+    "latency_p99_ms",
+    "upstream_p99_ms",
+];
+
+fn key_text(k: &pb::StatsKey, csv: bool) -> String {
+    match &k.value {
+        Some(pb::stats_key::Value::BucketStartUnixMicros(t)) if csv => t.to_string(),
+        Some(pb::stats_key::Value::BucketStartUnixMicros(t)) => format_time(*t),
+        Some(pb::stats_key::Value::Text(t)) if t.is_empty() => "-".into(),
+        Some(pb::stats_key::Value::Text(t)) => t.clone(),
+        None => String::new(),
+    }
+}
+
+/// The measures of a group as cells: money in currency units (table) or micros (CSV).
+fn cells(g: &pb::StatsGroup, csv: bool) -> Vec<String> {
+    let lat = g.latency_ms.unwrap_or_default();
+    let up = g.upstream_latency_ms.unwrap_or_default();
+    let money = |m: i64| if csv { m.to_string() } else { format_micros(m) };
+    vec![
+        g.requests.to_string(),
+        format!("{:.1}%", 100.0 * g.success_rate),
+        g.prompt_tokens.to_string(),
+        g.completion_tokens.to_string(),
+        g.total_tokens.to_string(),
+        money(g.revenue_micros),
+        money(g.refunds_micros),
+        g.active_users.to_string(),
+        lat.p50.to_string(),
+        lat.p95.to_string(),
+        lat.p99.to_string(),
+        up.p99.to_string(),
+    ]
+}
+
+pub async fn run(args: StatsArgs) -> anyhow::Result<()> {
+    let conn = &args.conn;
+    let mut client = conn.user()?;
+    let role = if args.role == "user" {
+        pb::StatsRole::User
+    } else {
+        pb::StatsRole::Owner
+    };
+    let request = pb::GetUsageStatsRequest {
+        group_by: args.by.iter().map(|b| b.pb() as i32).collect(),
+        since_unix_micros: args.since,
+        until_unix_micros: args.until,
+        role: role as i32,
+        app_name: args.app.clone().unwrap_or_default(),
+        endpoint: args.endpoint.clone().unwrap_or_default(),
+        user_email: args.user.clone().unwrap_or_default(),
+        model: args.model.clone().unwrap_or_default(),
+        status: args.status.clone().unwrap_or_default(),
+    };
+    let stats = client.get_usage_stats(request).await.or_fail(conn)?;
+    let names: Vec<String> = args
+        .by
+        .iter()
+        .filter_map(|b| b.to_possible_value().map(|v| v.get_name().to_string()))
+        .collect();
+    if conn.json {
+        println!("{}", stats_json(&stats, &names));
+        return Ok(());
+    }
+    let header: Vec<String> = names
+        .iter()
+        .cloned()
+        .chain(HEADER.iter().map(|h| h.to_string()))
+        .collect();
+    let rows: Vec<Vec<String>> = stats
+        .groups
+        .iter()
+        .map(|g| {
+            g.key
+                .iter()
+                .map(|k| key_text(k, args.csv))
+                .chain(cells(g, args.csv))
+                .collect()
+        })
+        .collect();
+    if args.csv {
+        println!("{}", header.join(","));
+        for r in rows {
+            let quoted: Vec<String> = r.iter().map(|c| csv_cell(c)).collect();
+            println!("{}", quoted.join(","));
+        }
+        return Ok(());
+    }
+    print_table(&header, &rows);
+    println!(
+        "{} to {} (UTC), money in {}",
+        format_time(stats.since_unix_micros),
+        format_time(stats.until_unix_micros),
+        stats.currency
+    );
+    Ok(())
+}
+
+fn csv_cell(c: &str) -> String {
+    if c.contains([',', '"', '\n']) {
+        format!("\"{}\"", c.replace('"', "\"\""))
+    } else {
+        c.to_string()
+    }
+}
+
+/// Columns as wide as their widest cell; text left, numbers right.
+fn print_table(header: &[String], rows: &[Vec<String>]) {
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| {
+            rows.iter()
+                .map(|r| r[i].chars().count())
+                .chain([header[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let keys = header.len() - HEADER.len();
+    let line = |cells: &[String]| {
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(i, (c, w))| {
+                if i < keys {
+                    format!("{c:<w$}")
+                } else {
+                    format!("{c:>w$}")
+                }
+            })
+            .collect();
+        println!("{}", parts.join("  "));
+    };
+    line(header);
+    for r in rows {
+        line(r);
+    }
+    if rows.is_empty() {
+        println!("(no requests in this range)");
+    }
+}
+
+fn stats_json(s: &pb::GetUsageStatsResponse, names: &[String]) -> serde_json::Value {
+    let pct = |p: &Option<pb::LatencyPercentiles>| {
+        p.map(|p| serde_json::json!({"p50": p.p50, "p95": p.p95, "p99": p.p99}))
+    };
+    let groups: Vec<_> = s
+        .groups
+        .iter()
+        .map(|g| {
+            let key: serde_json::Map<String, serde_json::Value> = names
+                .iter()
+                .zip(&g.key)
+                .map(|(n, k)| {
+                    let v = match &k.value {
+                        Some(pb::stats_key::Value::BucketStartUnixMicros(t)) => (*t).into(),
+                        Some(pb::stats_key::Value::Text(t)) => t.clone().into(),
+                        None => serde_json::Value::Null,
+                    };
+                    (n.clone(), v)
+                })
+                .collect();
+            serde_json::json!({
+                "key": key, "requests": g.requests, "successes": g.successes,
+                "failures": g.failures, "success_rate": g.success_rate,
+                "prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens,
+                "total_tokens": g.total_tokens, "revenue_micros": g.revenue_micros,
+                "refunds_micros": g.refunds_micros, "active_users": g.active_users,
+                "latency_ms": pct(&g.latency_ms), "upstream_latency_ms": pct(&g.upstream_latency_ms),
+                "ttft_ms": pct(&g.ttft_ms), "streams": g.streams,
+                "mean_latency_ms": g.mean_latency_ms,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "since_unix_micros": s.since_unix_micros, "until_unix_micros": s.until_unix_micros,
+        "currency": s.currency, "groups": groups,
+    })
+}
