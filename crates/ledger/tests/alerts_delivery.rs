@@ -64,8 +64,16 @@ async fn retries_until_delivered_with_one_id(h: Harness) -> Harness {
     // Retry-After: 1 wins over the 200 ms schedule.
     let waited = attempts[1].at - attempts[0].at;
     assert!(waited >= Duration::from_millis(950), "{waited:?}");
-    // The log, newest first: what each attempt got, the same event id throughout.
-    let log = deliveries(&h, &alice, &ep).await;
+    // The log, newest first: what each attempt got, the same event id throughout. The worker
+    // writes an attempt's entry after the receiver answered it: wait for the last one.
+    let mut log = deliveries(&h, &alice, &ep).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while log.first().map(|d| d.outcome.as_str()) != Some("DELIVERED")
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        log = deliveries(&h, &alice, &ep).await;
+    }
     let seen: Vec<_> = log
         .iter()
         .map(|d| (d.outcome.as_str(), d.status_code))

@@ -54,8 +54,15 @@ async fn refusals_leave_rows_and_free_the_request_id(s: Stack) {
     req.request_id = "r-1".into();
     let answer = c.chat(req.clone()).await.expect("paid answer").into_inner();
     assert_eq!(answer.cost_micros, PRICE);
-    // A replay of the answered id is refused as a duplicate, charges nothing, leaves a row.
-    assert_eq!(code(c.chat(req).await), Code::AlreadyExists);
+    // The same request again: the stored answer (tests/replay.rs), not charged again.
+    let again = c.chat(req).await.expect("replay").into_inner();
+    assert!(again.replay);
+    assert_eq!(again.transfer_id, answer.transfer_id);
+    // Another request under the answered id is refused as a duplicate, charges nothing, leaves
+    // a row.
+    let mut other = s.request("something else");
+    other.request_id = "r-1".into();
+    assert_eq!(code(c.chat(other).await), Code::AlreadyExists);
     assert_eq!(s.upstream.hits(), 1);
     assert_eq!(s.alice_money().await, (FUNDS - PRICE, 0, FUNDS - PRICE));
 
