@@ -11,6 +11,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::pricing::RawPricing;
+use super::rate::{RawBudgets, RawLimiter, RawRateLimits};
 use super::{
     invalid, ConfigError, LedgerSettings, Limits, OpenAiConfig, Pricing, RouterConfig,
     ServiceConfig, UpstreamConfig, DEFAULT_SHUTDOWN_GRACE,
@@ -101,6 +102,12 @@ struct RawConfig<N> {
     #[serde(default)]
     limits: RawLimits,
     #[serde(default)]
+    rate_limits: RawRateLimits,
+    #[serde(default)]
+    budgets: RawBudgets,
+    #[serde(default)]
+    limiter: RawLimiter,
+    #[serde(default)]
     ledger: RawLedger,
 }
 
@@ -109,6 +116,7 @@ fn default_services<N>() -> Vec<RawService<N>> {
         service_type: "chat".into(),
         enabled: true,
         pricing: None,
+        rate_limits: None,
     }]
 }
 
@@ -121,6 +129,8 @@ struct RawService<N> {
     enabled: bool,
     #[serde(default)]
     pricing: Option<RawPricing<N>>,
+    #[serde(default)]
+    rate_limits: Option<RawRateLimits>,
 }
 
 fn yes() -> bool {
@@ -207,7 +217,12 @@ impl<N: NumberText> RawConfig<N> {
         let services = self
             .services
             .into_iter()
-            .map(|s| {
+            .enumerate()
+            .map(|(i, s)| {
+                let rate_limits = match s.rate_limits {
+                    None => Default::default(),
+                    Some(r) => r.into_limits(&format!("services[{i}].rate_limits"))?,
+                };
                 let pricing = match s.pricing {
                     None => Pricing::free(),
                     Some(p) => p.into_pricing(&s.service_type, max)?,
@@ -216,6 +231,7 @@ impl<N: NumberText> RawConfig<N> {
                     service_type: s.service_type,
                     enabled: s.enabled,
                     pricing,
+                    rate_limits,
                 })
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
@@ -242,6 +258,9 @@ impl<N: NumberText> RawConfig<N> {
             models: self.models,
             upstream,
             limits,
+            rate_limits: self.rate_limits.into_limits("rate_limits")?,
+            budgets: self.budgets.into_budgets(max)?,
+            limiter: self.limiter.into_config()?,
             ledger,
             tls: None,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,

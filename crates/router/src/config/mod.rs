@@ -20,9 +20,14 @@ use crate::money::{AmountError, DEFAULT_MAX_AMOUNT_MICROS};
 
 mod file;
 mod pricing;
+mod rate;
 
 pub use pricing::{
     describe_price, insufficient_funds_message, pricing_proto, Pricing, PricingKind, TokenBound,
+};
+pub use rate::{
+    Budgets, LimiterBackend, LimiterConfig, OnFailure, Rate, RateLimits, RateUnit, MAX_CONCURRENCY,
+    MAX_RATE_COUNT,
 };
 
 /// Why a configuration was rejected.
@@ -69,6 +74,8 @@ pub struct ServiceConfig {
     pub service_type: String,
     pub enabled: bool,
     pub pricing: Pricing,
+    /// Per-user limits of this service, checked in addition to the router's own.
+    pub rate_limits: RateLimits,
 }
 
 /// Where answers come from.
@@ -188,6 +195,12 @@ pub struct RouterConfig {
     pub models: Vec<String>,
     pub upstream: UpstreamConfig,
     pub limits: Limits,
+    /// Per-user request, token and concurrency limits over all services (docs/limits.md).
+    pub rate_limits: RateLimits,
+    /// Per-user spend budgets, enforced by the ledger when it places a hold.
+    pub budgets: Budgets,
+    /// Where the rate-limit windows are counted, and what happens when that store fails.
+    pub limiter: LimiterConfig,
     pub ledger: LedgerSettings,
     /// TLS on the router's gRPC and HTTP listeners (not read from the config file).
     pub tls: Option<syft_tls::ServerTls>,
@@ -210,10 +223,14 @@ impl RouterConfig {
                 service_type: "chat".into(),
                 enabled: true,
                 pricing: Pricing::free(),
+                rate_limits: RateLimits::default(),
             }],
             models: Vec::new(),
             upstream: UpstreamConfig::Echo,
             limits: Limits::default(),
+            rate_limits: RateLimits::default(),
+            budgets: Budgets::default(),
+            limiter: LimiterConfig::default(),
             ledger: LedgerSettings::default(),
             tls: None,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
@@ -228,6 +245,7 @@ impl RouterConfig {
                 service_type: "chat".into(),
                 enabled: true,
                 pricing,
+                rate_limits: RateLimits::default(),
             }),
         }
         self

@@ -22,19 +22,25 @@ use crate::drain::Drain;
 use crate::error::{RouterError, INSUFFICIENT_FUNDS};
 use crate::health::{LedgerState, Readiness, ReadinessCell};
 use crate::ledger::Ledger;
+use crate::limits::{Gate, Pass, RateHeaders};
 use crate::metrics;
 use crate::tokens;
 use crate::upstream::{Upstream, UpstreamError, UpstreamRequest, UpstreamUsage};
 use crate::validate::{validate_chat, ValidRequest};
 
 mod hold;
+mod limit;
 mod stream;
 
 use hold::{Claim, HoldGuard};
+pub use limit::RefusalStatus;
 pub use stream::ChatStreamHandle;
 
 /// `app_ep_path` of chat transfers and `endpoint` of chat usage rows.
 pub const CHAT_ENDPOINT: &str = "/chat";
+
+/// The `type` of the chat service in the config (its per-service limits).
+const CHAT_SERVICE: &str = "chat";
 
 /// Prompts above this size are tokenized on the blocking pool.
 const INLINE_TOKENIZE_BYTES: usize = 64 * 1024;
@@ -54,6 +60,8 @@ struct Inner {
     in_flight: Mutex<HashSet<(String, String)>>,
     readiness: ReadinessCell,
     drain: Arc<Drain>,
+    /// The rate limits; `None` when none are configured.
+    gate: Option<Arc<Gate>>,
 }
 
 struct Prepared {
@@ -65,6 +73,8 @@ struct Prepared {
     hold_micros: i64,
     /// What sized a per-token hold (explains an insufficient-funds refusal).
     bound: Option<TokenBound>,
+    /// The request's place in the rate-limit windows (released when the request ends).
+    pass: Option<Pass>,
 }
 
 impl RouterService {
@@ -77,6 +87,7 @@ impl RouterService {
         let upstream = Upstream::from_config(&config.upstream)?;
         let ledger = Ledger::connect(&config.ledger)?;
         let chat = config.chat_service().cloned();
+        let gate = Gate::from_config(&config)?;
         let ledger_required = config
             .services
             .iter()
@@ -94,6 +105,7 @@ impl RouterService {
                 in_flight: Mutex::new(HashSet::new()),
                 readiness,
                 drain: Drain::new(),
+                gate,
             }),
         })
     }
@@ -200,6 +212,14 @@ impl RouterService {
     /// A unary chat. Returns only after the capture (or the usage row, for free services) is
     /// committed.
     pub async fn chat(&self, req: ChatRequest) -> Result<ChatResponse, RouterError> {
+        self.chat_with_limits(req).await.map(|(resp, _)| resp)
+    }
+
+    /// [`RouterService::chat`], with the rate-limit headers of the answer.
+    pub async fn chat_with_limits(
+        &self,
+        req: ChatRequest,
+    ) -> Result<(ChatResponse, RateHeaders), RouterError> {
         let span = self.span(&req, false);
         self.unary(req).instrument(span).await
     }
@@ -216,7 +236,7 @@ impl RouterService {
         )
     }
 
-    async fn unary(&self, req: ChatRequest) -> Result<ChatResponse, RouterError> {
+    async fn unary(&self, req: ChatRequest) -> Result<(ChatResponse, RateHeaders), RouterError> {
         let started = Instant::now();
         let (p, _claim, hold) = self.admit(req).await?;
         let up_start = Instant::now();
@@ -247,6 +267,7 @@ impl RouterService {
             }
         };
         let (prompt_tokens, completion_tokens) = self.final_tokens(&p, c.usage, &c.content).await;
+        Self::settle_pass(&p, prompt_tokens.saturating_add(completion_tokens)).await;
         let cost = self.cost(&p, prompt_tokens, completion_tokens);
         let usage = self.usage(
             &p,
@@ -265,7 +286,8 @@ impl RouterService {
         metrics::observe(self.provider(), "unary", outcome, started, upstream_time);
         let transfer_id = settled?;
         let currency = p.pricing.currency.clone();
-        Ok(ChatResponse {
+        let headers = Self::rate_headers(&p);
+        let resp = ChatResponse {
             id: p.v.request_id.clone(),
             model: p.model.clone(),
             message: Some(Message {
@@ -288,7 +310,8 @@ impl RouterService {
                 upstream_id: c.id,
             }),
             currency,
-        })
+        };
+        Ok((resp, headers))
     }
 
     // -----------------------------------------------------------------------------------------
@@ -300,10 +323,20 @@ impl RouterService {
         &self,
         req: ChatRequest,
     ) -> Result<(Prepared, Claim, Option<HoldGuard>), RouterError> {
-        let p = self.prepare(req).await?;
+        let mut p = self.prepare(req).await?;
         tracing::Span::current().record("request_id", p.v.request_id.as_str());
         let claim = self.claim(&p.v.user_email, &p.v.request_id)?;
-        let hold = self.authorize(&p).await?;
+        let admitted = match self.pass_gate(&mut p).await {
+            Ok(()) => self.authorize(&p).await,
+            Err(e) => Err(e),
+        };
+        let hold = match admitted {
+            Ok(hold) => hold,
+            Err(e) => {
+                self.record_refusal(&p, &e).await;
+                return Err(e);
+            }
+        };
         if let Some(h) = &hold {
             tracing::Span::current().record("transfer_id", h.transfer_id.as_str());
         }
@@ -378,6 +411,7 @@ impl RouterService {
             prompt_tokens: None,
             hold_micros: 0,
             bound: None,
+            pass: None,
         };
         if let PricingKind::PerToken { .. } = p.pricing.kind {
             let prompt = self.prompt_tokens(&p).await;
