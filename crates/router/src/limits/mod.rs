@@ -108,6 +108,36 @@ pub trait Limiter: Send + Sync {
     ) -> BoxFuture<'a, Result<Vec<WindowState>, LimiterError>>;
 }
 
+impl RuleKind {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RuleKind::Requests => "requests",
+            RuleKind::Tokens => "tokens",
+            RuleKind::Concurrency => "concurrent",
+            RuleKind::RouterConcurrency => "router_concurrent",
+        }
+    }
+}
+
+/// `GET /v1/limits` and `syft-router limits`: what is left of each window.
+pub fn remaining_json(user: &str, windows: &[(Rule, WindowState)]) -> serde_json::Value {
+    let limits: Vec<_> = windows
+        .iter()
+        .map(|(r, s)| {
+            serde_json::json!({
+                "kind": r.kind.as_str(),
+                "limit": s.limit,
+                "remaining": s.remaining,
+                "window_seconds": r.window.as_secs(),
+                "reset": format_reset(s.reset),
+                "reset_ms": u64::try_from(s.reset.as_millis()).unwrap_or(u64::MAX),
+                "description": r.describe,
+            })
+        })
+        .collect();
+    serde_json::json!({"user": user, "limits": limits})
+}
+
 /// Milliseconds since the Unix epoch on this machine's clock.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()

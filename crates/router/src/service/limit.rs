@@ -97,6 +97,33 @@ impl RouterService {
         }
     }
 
+    /// The configured limits, as `GET /v1/models` shows them.
+    pub fn limits_json(&self) -> serde_json::Value {
+        let c = &self.inner.config;
+        let scope = |l: &crate::config::RateLimits| {
+            serde_json::json!({
+                "requests": l.requests.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "tokens": l.tokens.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "concurrent": l.concurrent,
+            })
+        };
+        let services: serde_json::Map<String, serde_json::Value> = c
+            .services
+            .iter()
+            .filter(|s| !s.rate_limits.is_empty())
+            .map(|s| (s.service_type.clone(), scope(&s.rate_limits)))
+            .collect();
+        serde_json::json!({
+            "per_user": scope(&c.rate_limits),
+            "services": services,
+            "max_concurrent_requests": c.limiter.max_concurrent_requests,
+            "budgets": {
+                "per_day_micros": c.budgets.per_day_micros,
+                "per_month_micros": c.budgets.per_month_micros,
+            },
+        })
+    }
+
     /// Admission without the request: takes and drops a pass (benchmarks, tests).
     pub async fn check_limits(&self, user: &str, tokens: u64) -> Result<Option<Pass>, RouterError> {
         match &self.inner.gate {
