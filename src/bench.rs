@@ -252,6 +252,8 @@ async fn bench_ledger(b: &LedgerBench, shape: Shape) -> anyhow::Result<()> {
                         app_ep_path: "/chat".into(),
                         idempotency_key: format!("req-{n}"),
                         hold_ttl_seconds: None,
+                        budget_per_day_micros: None,
+                        budget_per_month_micros: None,
                     })
                     .await;
                 let t1 = Instant::now();

@@ -131,6 +131,8 @@ impl pb::ledger_server::Ledger for GrpcLedger {
             app_ep_path: req.app_ep_path,
             idempotency_key: req.idempotency_key,
             hold_ttl_seconds: req.hold_ttl_seconds,
+            budget_per_day_micros: req.budget_per_day_micros,
+            budget_per_month_micros: req.budget_per_month_micros,
         };
         let transfer = self.0.authorize(&caller, &hold).await?;
         Ok(Response::new(transfer_pb(&transfer)))

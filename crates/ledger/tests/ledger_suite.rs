@@ -19,6 +19,8 @@ fn authorize(sender: &str, amount: i64, token: &str, key: &str) -> pb::Authorize
         app_ep_path: "/chat".into(),
         idempotency_key: key.into(),
         hold_ttl_seconds: None,
+        budget_per_day_micros: None,
+        budget_per_month_micros: None,
     }
 }
 

@@ -54,6 +54,9 @@ pub struct HoldRequest {
     pub app_ep_path: String,
     pub idempotency_key: String,
     pub hold_ttl_seconds: Option<i64>,
+    /// The recipient's budgets for this sender, in micros (`None`: no budget).
+    pub budget_per_day_micros: Option<i64>,
+    pub budget_per_month_micros: Option<i64>,
 }
 
 /// Which side of a transfer the caller lists.

@@ -7,6 +7,7 @@
 mod account;
 mod authorize;
 mod batch;
+mod budget;
 pub(crate) mod db_error;
 mod query;
 mod rows;
@@ -26,6 +27,7 @@ use crate::error::{is_retryable, LedgerError, Result};
 
 pub use crate::domain::{Actor, Micros, TransferStatus};
 pub use authorize::{AuthorizeInput, DirectInput};
+pub use budget::{BudgetRefusal, BudgetWindow, HoldBudgets};
 pub use query::{TokenFilter, TokenRow, TransferFilter, UsageFilter, UsagePage, UsageTotals};
 pub use rows::{AccountRow, IssuedToken, TokenInfo, TransferRow, UsageInput, UsageRow};
 pub(crate) use rows::{

@@ -54,7 +54,8 @@ impl Store {
             return Ok(Some(info.clone()));
         }
         let info: Option<TokenInfo> = sqlx::query_as(
-            "SELECT k.id, k.sender_id, k.recipient_id, s.email AS sender_email, s.currency \
+            "SELECT k.id, k.sender_id, k.recipient_id, s.email AS sender_email, s.currency, \
+             k.limit_per_day \
              FROM tokens k JOIN accounts s ON s.id = k.sender_id WHERE k.token_hash = $1",
         )
         .bind(&hash)

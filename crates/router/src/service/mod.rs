@@ -472,6 +472,8 @@ impl RouterService {
                 app_ep_path: CHAT_ENDPOINT.into(),
                 idempotency_key: p.v.request_id.clone(),
                 hold_ttl_seconds: inner.ledger.hold_ttl_seconds,
+                budget_per_day_micros: inner.config.budgets.per_day_micros,
+                budget_per_month_micros: inner.config.budgets.per_month_micros,
             })
             .await
             .map_err(|e| explain_refusal(p, e))?;
