@@ -12,8 +12,8 @@ use syft_router_svc::config::{LimiterBackend, OnFailure, Rate, RateUnit};
 use syft_router_svc::limits::{Limiter, MemoryLimiter, RedisLimiter, Rule, RuleKind, Verdict};
 use syft_router_svc::{Pricing, RouterConfig};
 use syft_testkit::{
-    assert_consistent, free_port, ledger_config, reason, Db, FakeUpstream, Funded, LedgerServer,
-    Mode, RouterHandle, Stack, PRICE,
+    assert_consistent, deposit, free_port, ledger_config, reason, Db, FakeUpstream, Funded,
+    LedgerServer, Mode, RouterHandle, Stack, PRICE,
 };
 use tonic::Code;
 use tonic_types::StatusExt;
@@ -234,6 +234,100 @@ async fn http_refusals_are_429_with_headers() {
     s.check_invariants().await;
 }
 
+/// Two ledgers on one Postgres and three routers (the middle one on the second ledger).
+struct Replicas {
+    funded: Funded,
+    _second: LedgerServer,
+    _upstream: FakeUpstream,
+    _routers: Vec<RouterHandle>,
+    clients: Vec<syft_proto::router::router_client::RouterClient<tonic::transport::Channel>>,
+}
+
+impl Replicas {
+    async fn start(db: &Db, price: i64, tweak: impl Fn(&mut RouterConfig)) -> Self {
+        let funded = Funded::start(db, Duration::from_secs(300)).await;
+        let second = LedgerServer::start(ledger_config(&db.url)).await;
+        let upstream = FakeUpstream::start().await;
+        let name = unique_name();
+        let routers = join_all((0..3).map(|i| {
+            let mut c =
+                funded.router_config(&name, Pricing::per_request(price), Some(&upstream.base_url));
+            if i == 1 {
+                c.ledger.url = second.url.clone();
+            }
+            // Holds of one sender are serialized on its row across both ledgers; on a loaded
+            // 2-core machine that can take longer than the kit's short deadline.
+            c.ledger.timeout = Duration::from_secs(30);
+            tweak(&mut c);
+            RouterHandle::start(c)
+        }))
+        .await;
+        let mut clients = Vec::new();
+        for r in &routers {
+            clients.push(r.client().await);
+        }
+        Replicas {
+            funded,
+            _second: second,
+            _upstream: upstream,
+            _routers: routers,
+            clients,
+        }
+    }
+
+    /// `n` concurrent chats of alice, spread over the routers.
+    async fn fire(&self, n: usize) -> Vec<Result<syft_proto::router::ChatResponse, tonic::Status>> {
+        let calls = (0..n).map(|i| {
+            let mut c = self.clients[i % 3].clone();
+            let req = ChatRequest {
+                model: "test-model".into(),
+                ..syft_testkit::chat_request(&self.funded.alice.email, &self.funded.token, "hi")
+            };
+            async move { c.chat(req).await.map(tonic::Response::into_inner) }
+        });
+        join_all(calls).await
+    }
+}
+
+/// A $1.00/day budget hit by 200 concurrent $0.03 requests across 3 routers and 2 ledgers:
+/// exactly 33 are captured ($0.99), the 167 refusals are `BUDGET_EXCEEDED`, cost nothing and
+/// leave `budget_exceeded` usage rows.
+#[tokio::test]
+async fn budget_exact_across_replicas() {
+    let Some(db) = Db::postgres().await else {
+        eprintln!("SKIPPED: no DATABASE_URL");
+        return;
+    };
+    let r = Replicas::start(&db, 30_000, |c| c.budgets.per_day_micros = Some(1_000_000)).await;
+    deposit(&r.funded.ledger.url, &r.funded.alice.email, 10_000_000).await;
+    let results = r.fire(200).await;
+    let ok = results.iter().filter(|x| x.is_ok()).count();
+    assert_eq!(ok, 33);
+    for err in results.iter().filter_map(|x| x.as_ref().err()) {
+        assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+        assert_eq!(reason(err).as_deref(), Some("BUDGET_EXCEEDED"));
+        assert!(err.get_details_retry_info().is_some());
+    }
+    let f = &r.funded;
+    let a = syft_testkit::account(&f.ledger.url, &f.alice.email).await;
+    assert_eq!(
+        a.balance_micros,
+        syft_testkit::FUNDS + 10_000_000 - 33 * 30_000
+    );
+    assert_eq!(a.held_micros, 0);
+    let usage = syft_testkit::usage_of(&f.ledger.url, &f.alice.email).await;
+    let refused = usage
+        .iter()
+        .filter(|u| {
+            u.usage
+                .as_ref()
+                .is_some_and(|u| u.status == "budget_exceeded")
+        })
+        .count();
+    assert_eq!(refused, 167);
+    assert_consistent(&f.ledger.store).await;
+}
+
 /// Three routers and two ledgers on one Postgres, limits counted in the shared Redis: 100
 /// concurrent requests of one user at 10/minute give exactly 10 answers and 90
 /// `RESOURCE_EXHAUSTED` refusals that cost nothing.
@@ -247,39 +341,15 @@ async fn exact_across_replicas() {
         eprintln!("SKIPPED: no Redis at {SHARED_REDIS}");
         return;
     }
-    let funded = Funded::start(&db, Duration::from_secs(300)).await;
-    let second = LedgerServer::start(ledger_config(&db.url)).await;
-    let upstream = FakeUpstream::start().await;
-    let name = unique_name();
-    let routers = join_all((0..3).map(|i| {
-        let mut c =
-            funded.router_config(&name, Pricing::per_request(PRICE), Some(&upstream.base_url));
-        if i == 1 {
-            c.ledger.url = second.url.clone();
-        }
-        // Ten holds of one sender are serialized on its row across both ledgers; on a loaded
-        // 2-core machine that can take longer than the kit's short deadline.
-        c.ledger.timeout = Duration::from_secs(15);
+    let r = Replicas::start(&db, PRICE, |c| {
         c.rate_limits.requests = vec![per_minute(10)];
         c.limiter.backend = LimiterBackend::Redis {
             url: SHARED_REDIS.into(),
         };
-        RouterHandle::start(c)
-    }))
+    })
     .await;
-    let mut clients = Vec::new();
-    for r in &routers {
-        clients.push(r.client().await);
-    }
-    let calls = (0..100).map(|i| {
-        let mut c = clients[i % 3].clone();
-        let req = ChatRequest {
-            model: "test-model".into(),
-            ..syft_testkit::chat_request(&funded.alice.email, &funded.token, "hi")
-        };
-        async move { c.chat(req).await }
-    });
-    let results = join_all(calls).await;
+    let results = r.fire(100).await;
+    let funded = &r.funded;
     let ok = results.iter().filter(|r| r.is_ok()).count();
     let mut codes = std::collections::BTreeMap::new();
     for r in &results {
