@@ -30,6 +30,8 @@ enum BenchTarget {
     Ledger(LedgerBench),
     /// Paid chat requests through router + ledger + an in-process upstream that answers at once.
     Router(RouterBench),
+    /// Checks per second of the shared rate limiter alone (docs/limits.md).
+    Limits(crate::bench_limits::LimitsBench),
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +79,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             Ok(())
         }
         BenchTarget::Router(b) => crate::bench_router::run(&b).await,
+        BenchTarget::Limits(b) => crate::bench_limits::run(&b).await,
     }
 }
 

@@ -54,7 +54,7 @@ async fn budget_lifecycle(postgres: bool) {
 
     // Reserve: a pending hold counts against the day's budget.
     let first = c
-        .authorize(hold(&token, "a", 30_000, budget, 1))
+        .authorize(hold(&token, "a", 30_000, budget, 300))
         .await
         .expect("first")
         .into_inner();
@@ -184,5 +184,59 @@ async fn concurrent_holds_never_overspend_a_budget() {
     }
     assert_eq!(placed, 33);
     assert_eq!(h.balance(ALICE).await.held_micros, 33 * 30_000);
+    h.assert_consistent().await;
+}
+
+/// A token issued with a per-day limit loses at most that much in any 24 hours, whatever the
+/// owner's budgets; the hold is refused with `TOKEN_DAILY_LIMIT_EXCEEDED`.
+#[tokio::test]
+async fn token_daily_limit() {
+    let Some(h) = Harness::new(false).await else {
+        return;
+    };
+    let owner = h.account(OWNER, 0).await;
+    let alice = h.account(ALICE, 10 * USD).await;
+    let token = h
+        .client(&alice)
+        .issue_token(pb::IssueTokenRequest {
+            recipient_email: OWNER.into(),
+            limit_per_day_micros: Some(50_000),
+            ..Default::default()
+        })
+        .await
+        .expect("issue")
+        .into_inner();
+    assert_eq!(token.limit_per_day_micros, Some(50_000));
+    let mut c = h.client(&owner);
+    c.authorize(hold(&token.token, "a", 30_000, None, 300))
+        .await
+        .expect("first");
+    let err = c
+        .authorize(hold(&token.token, "b", 30_000, None, 300))
+        .await
+        .expect_err("over the token's day");
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert_eq!(reason(&err).as_deref(), Some("TOKEN_DAILY_LIMIT_EXCEEDED"));
+    let retry = err
+        .get_details_retry_info()
+        .and_then(|r| r.retry_delay)
+        .expect("retry");
+    assert!(retry > Duration::from_secs(86_000) && retry <= Duration::from_secs(86_400));
+    // 24 hours later the first hold no longer counts.
+    a_day_passes(&h).await;
+    c.authorize(hold(&token.token, "b", 30_000, None, 300))
+        .await
+        .expect("a day later");
+    // A limit of zero or below is refused at issue.
+    let err = h
+        .client(&alice)
+        .issue_token(pb::IssueTokenRequest {
+            recipient_email: OWNER.into(),
+            limit_per_day_micros: Some(0),
+            ..Default::default()
+        })
+        .await
+        .expect_err("zero");
+    assert_eq!(err.code(), Code::InvalidArgument);
     h.assert_consistent().await;
 }

@@ -23,7 +23,7 @@ async fn capture_after_expiry_is_refused(db: Db) {
         .await
         .expect("deposit");
     let token = store
-        .issue_token(&alice, &owner, None, None)
+        .issue_token(&alice, &owner, None, None, None)
         .await
         .expect("token");
     let hold = store

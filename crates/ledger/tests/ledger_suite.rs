@@ -607,6 +607,7 @@ async fn token_rules(h: Harness) -> Harness {
             recipient_email: OWNER.into(),
             expires_at_unix_micros: Some(syft_ledger::store::now_micros() + 300_000),
             spend_limit_micros: None,
+            limit_per_day_micros: None,
         })
         .await
         .unwrap()
@@ -629,6 +630,7 @@ async fn token_rules(h: Harness) -> Harness {
             recipient_email: OWNER.into(),
             expires_at_unix_micros: None,
             spend_limit_micros: Some(3 * USD),
+            limit_per_day_micros: None,
         })
         .await
         .unwrap()
@@ -665,6 +667,7 @@ async fn token_rules(h: Harness) -> Harness {
         recipient_email: recipient.into(),
         expires_at_unix_micros: expires,
         spend_limit_micros: limit,
+        limit_per_day_micros: None,
     };
     assert_eq!(
         code(
@@ -1022,6 +1025,7 @@ async fn refusals_carry_machine_readable_reasons(h: Harness) -> Harness {
             recipient_email: OWNER.into(),
             expires_at_unix_micros: None,
             spend_limit_micros: Some(100),
+            limit_per_day_micros: None,
         })
         .await
         .unwrap()

@@ -42,6 +42,8 @@ pub struct NewToken {
     pub recipient_email: String,
     pub expires_at: Option<i64>,
     pub spend_limit: Option<i64>,
+    /// At most this much through the token in any 24 hours.
+    pub limit_per_day: Option<i64>,
 }
 
 /// A hold to place, as a caller asks for it (not yet validated).
@@ -290,6 +292,9 @@ impl Ledger {
         if let Some(limit) = req.spend_limit {
             check_positive("spend_limit_micros", limit, self.config.max_amount_micros)?;
         }
+        if let Some(limit) = req.limit_per_day {
+            check_positive("limit_per_day_micros", limit, self.config.max_amount_micros)?;
+        }
         let recipient = self.backend.account(&recipient_email).await?;
         same_currency(sender, &recipient)?;
         let issued = self
@@ -299,6 +304,7 @@ impl Ledger {
                 &recipient,
                 req.expires_at,
                 req.spend_limit.map(Micros::new),
+                req.limit_per_day.map(Micros::new),
             )
             .await?;
         Ok((issued, recipient_email))

@@ -264,6 +264,11 @@ impl Store {
         let result = match &self.batcher {
             Some(batcher) if !budgeted => batcher.authorize(job.clone()).await,
             _ => {
+                let _turn = if budgeted {
+                    Some(self.sender_queues.turn(job.sender_id).await)
+                } else {
+                    None
+                };
                 let mut tx = self.pool().begin().await?;
                 match single_authorize(&mut tx, &job).await {
                     Ok(AuthResult::Created) => tx.commit().await.map(|_| AuthResult::Created),

@@ -77,6 +77,8 @@ pub struct Store {
     emails: RwLock<HashMap<String, i64>>,
     /// Postgres only: the batched write path for holds, captures and voids.
     batcher: Option<batch::Batcher>,
+    /// Budgeted holds of one sender wait here, not on a pooled connection (see `budget.rs`).
+    sender_queues: budget::SenderQueues,
 }
 
 /// Runs `op` again when the database reports a serialization failure or deadlock; those are never
@@ -152,6 +154,7 @@ impl Store {
         let batcher = (backend == Backend::Postgres)
             .then(|| batch::Batcher::start(pool.clone(), batch_workers));
         Ok(Self {
+            sender_queues: budget::SenderQueues::default(),
             batcher,
             pool,
             backend,
