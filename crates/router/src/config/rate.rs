@@ -280,8 +280,7 @@ pub(super) struct RawLimiter {
 
 impl RawLimiter {
     pub(super) fn into_config(self) -> Result<LimiterConfig, ConfigError> {
-        let mut c = LimiterConfig::default();
-        c.backend = match (self.backend.as_deref(), self.redis_url) {
+        let backend = match (self.backend.as_deref(), self.redis_url) {
             (None | Some("memory"), None) => LimiterBackend::Memory,
             (None | Some("memory"), Some(_)) => {
                 return Err(invalid(
@@ -298,7 +297,7 @@ impl RawLimiter {
                 )))
             }
         };
-        c.on_failure = match self.on_failure.as_deref() {
+        let on_failure = match self.on_failure.as_deref() {
             None | Some("fail_closed") => OnFailure::FailClosed,
             Some("fail_open") => OnFailure::FailOpen,
             Some(other) => {
@@ -306,6 +305,11 @@ impl RawLimiter {
                     "limiter.on_failure {other:?} is unknown (use \"fail_closed\" or \"fail_open\")"
                 )))
             }
+        };
+        let mut c = LimiterConfig {
+            backend,
+            on_failure,
+            ..LimiterConfig::default()
         };
         if let Some(ms) = self.timeout_ms {
             if !(1..=60_000).contains(&ms) {
