@@ -389,7 +389,7 @@ mod tests {
             (
                 r#""services":[{"type":"chat","enabld":true}]"#,
                 "invalid JSON config at services[0].enabld: unknown field `enabld`, expected one \
-                 of `type`, `enabled`, `pricing` at line 1 column 77",
+                 of `type`, `enabled`, `pricing`, `rate_limits` at line 1 column 77",
             ),
             (
                 r#""upstream":{"kind":"echo","base_ulr":"x"}"#,
@@ -414,7 +414,7 @@ mod tests {
                 r#""modles":["m"]"#,
                 "invalid JSON config at modles: unknown field `modles`, expected one of `name`, \
                  `description`, `owner_email`, `services`, `models`, `upstream`, `limits`, \
-                 `ledger` at line 1 column 50",
+                 `rate_limits`, `budgets`, `limiter`, `ledger` at line 1 column 50",
             ),
         ] {
             let err = RouterConfig::from_json_str(&format!("{{{base},{extra}}}")).expect_err(extra);
