@@ -9,9 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use syft_proto::ledger::{AuthorizeRequest, TransferStatus, Usage};
-use syft_proto::router::{
-    ChatRequest, ChatResponse, Message, Metadata, ProviderInfo, Service, TokenUsage,
-};
+use syft_proto::router::{ChatRequest, ChatResponse, Message, Metadata, ProviderInfo, Service};
 use tracing::Instrument;
 
 use crate::config::{
@@ -28,10 +26,12 @@ use crate::tokens;
 use crate::upstream::{Upstream, UpstreamError, UpstreamRequest, UpstreamUsage};
 use crate::validate::{validate_chat, ValidRequest};
 
+mod answer;
 mod hold;
 mod limit;
 mod stream;
 
+use answer::{elapsed_ms, normalize_finish, token_usage};
 use hold::{Claim, HoldGuard};
 pub use limit::RefusalStatus;
 pub use stream::ChatStreamHandle;
@@ -640,26 +640,5 @@ fn explain_refusal(p: &Prepared, e: RouterError) -> RouterError {
             }
         }
         other => other,
-    }
-}
-
-fn elapsed_ms(since: Instant) -> i64 {
-    i64::try_from(since.elapsed().as_millis()).unwrap_or(i64::MAX)
-}
-
-fn token_usage(prompt: u64, completion: u64) -> TokenUsage {
-    let p = i64::try_from(prompt).unwrap_or(i64::MAX);
-    let c = i64::try_from(completion).unwrap_or(i64::MAX);
-    TokenUsage {
-        prompt_tokens: p,
-        completion_tokens: c,
-        total_tokens: p.saturating_add(c),
-    }
-}
-
-fn normalize_finish(reason: &str) -> String {
-    match reason {
-        "" => "stop".into(),
-        r => r.to_string(),
     }
 }
