@@ -7,6 +7,7 @@
 mod account;
 mod authorize;
 mod batch;
+mod budget;
 pub(crate) mod db_error;
 mod query;
 mod rows;
@@ -27,6 +28,7 @@ use crate::error::{is_retryable, LedgerError, Result};
 
 pub use crate::domain::{Actor, Micros, TransferStatus};
 pub use authorize::{AuthorizeInput, DirectInput};
+pub use budget::{BudgetRefusal, BudgetWindow, HoldBudgets};
 pub use query::{TokenFilter, TokenRow, TransferFilter, UsageFilter, UsagePage, UsageTotals};
 pub use rows::{AccountRow, IssuedToken, TokenInfo, TransferRow, UsageInput, UsageRow};
 pub(crate) use rows::{
@@ -78,6 +80,8 @@ pub struct Store {
     batcher: Option<batch::Batcher>,
     /// Group commit for usage rows without money (both backends).
     usage_writer: usage_batch::UsageWriter,
+    /// Budgeted holds of one sender wait here, not on a pooled connection (see `budget.rs`).
+    sender_queues: budget::SenderQueues,
 }
 
 /// Runs `op` again when the database reports a serialization failure or deadlock; those are never
@@ -156,6 +160,7 @@ impl Store {
             .then(|| batch::Batcher::start(pool.clone(), batch_workers));
         let usage_writer = usage_batch::UsageWriter::start(pool.clone(), backend);
         Ok(Self {
+            sender_queues: budget::SenderQueues::default(),
             batcher,
             usage_writer,
             pool,

@@ -9,9 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use syft_error::UsageStatus;
-use syft_proto::router::{
-    ChatRequest, ChatResponse, Message, Metadata, ProviderInfo, Service, TokenUsage,
-};
+use syft_proto::router::{ChatRequest, ChatResponse, Message, Metadata, ProviderInfo, Service};
 use tracing::Instrument;
 
 use crate::config::{pricing_proto, PricingKind, RouterConfig, ServiceKind, TokenBound};
@@ -19,18 +17,22 @@ use crate::drain::Drain;
 use crate::error::RouterError;
 use crate::health::{LedgerState, Readiness, ReadinessCell};
 use crate::ledger::Ledger;
+use crate::limits::{Gate, RateHeaders};
 use crate::metrics;
 use crate::tokens;
 use crate::upstream::{Upstream, UpstreamError, UpstreamRequest, UpstreamUsage};
 use crate::validate::{validate_chat, ValidRequest};
 
 mod admission;
+mod answer;
 mod hold;
+mod limit;
 mod refusal;
 mod search;
 mod stream;
 
 use admission::{Ticket, Units};
+use answer::{elapsed_ms, normalize_finish, token_usage};
 use hold::{Claim, HoldGuard};
 pub use stream::ChatStreamHandle;
 
@@ -58,6 +60,8 @@ struct Inner {
     in_flight: Mutex<HashSet<(String, String)>>,
     readiness: ReadinessCell,
     drain: Arc<Drain>,
+    /// The rate limits; `None` when none are configured.
+    gate: Option<Arc<Gate>>,
 }
 
 /// A chat request, validated and priced.
@@ -82,6 +86,7 @@ impl RouterService {
             .as_ref()
             .map(SearchBackend::from_config)
             .transpose()?;
+        let gate = Gate::from_config(&config)?;
         let ledger_required = config
             .services
             .iter()
@@ -99,6 +104,7 @@ impl RouterService {
                 in_flight: Mutex::new(HashSet::new()),
                 readiness,
                 drain: Drain::new(),
+                gate,
             }),
         })
     }
@@ -210,6 +216,14 @@ impl RouterService {
     /// A unary chat. Returns only after the capture (or the usage row, for free services) is
     /// committed.
     pub async fn chat(&self, req: ChatRequest) -> Result<ChatResponse, RouterError> {
+        self.chat_with_limits(req).await.map(|(resp, _)| resp)
+    }
+
+    /// [`RouterService::chat`], with the rate-limit headers of the answer.
+    pub async fn chat_with_limits(
+        &self,
+        req: ChatRequest,
+    ) -> Result<(ChatResponse, RateHeaders), RouterError> {
         let span = self.span(&req, false);
         self.unary(req).instrument(span).await
     }
@@ -226,7 +240,7 @@ impl RouterService {
         )
     }
 
-    async fn unary(&self, req: ChatRequest) -> Result<ChatResponse, RouterError> {
+    async fn unary(&self, req: ChatRequest) -> Result<(ChatResponse, RateHeaders), RouterError> {
         let started = Instant::now();
         let (p, _claim, hold) = self.admit(req).await?;
         let up_start = Instant::now();
@@ -257,6 +271,7 @@ impl RouterService {
             }
         };
         let (prompt_tokens, completion_tokens) = self.final_tokens(&p, c.usage, &c.content).await;
+        Self::settle_pass(&p.t, prompt_tokens.saturating_add(completion_tokens)).await;
         let cost = self.cost(&p, prompt_tokens, completion_tokens);
         let units = Units {
             input: prompt_tokens,
@@ -272,7 +287,8 @@ impl RouterService {
         metrics::observe(self.provider(), "unary", outcome, started, upstream_time);
         let transfer_id = settled?;
         let currency = p.t.pricing.currency.clone();
-        Ok(ChatResponse {
+        let headers = Self::rate_headers(&p.t);
+        let resp = ChatResponse {
             id: p.v.request_id.clone(),
             model: p.t.model.clone(),
             message: Some(Message {
@@ -295,7 +311,8 @@ impl RouterService {
                 upstream_id: c.id,
             }),
             currency,
-        })
+        };
+        Ok((resp, headers))
     }
 
     // -----------------------------------------------------------------------------------------
@@ -322,8 +339,9 @@ impl RouterService {
         &self,
         req: ChatRequest,
     ) -> Result<(Prepared, Claim, Option<HoldGuard>), RouterError> {
-        let p = self.prepare(req).await?;
-        let (claim, hold) = self.admit_ticket(&p.t).await?;
+        let mut p = self.prepare(req).await?;
+        let reserve = self.chat_reservation(&p).await;
+        let (claim, hold) = self.admit_ticket(&mut p.t, reserve).await?;
         Ok((p, claim, hold))
     }
 
@@ -373,6 +391,7 @@ impl RouterService {
             hold_micros: 0,
             bound: None,
             model,
+            pass: None,
         };
         let mut p = Prepared {
             t,
@@ -449,26 +468,5 @@ impl RouterService {
             tracing::warn!(request_id = %p.v.request_id, cost, hold = p.t.hold_micros, "cost above hold; capped");
         }
         cost.min(p.t.hold_micros)
-    }
-}
-
-fn elapsed_ms(since: Instant) -> i64 {
-    i64::try_from(since.elapsed().as_millis()).unwrap_or(i64::MAX)
-}
-
-fn token_usage(prompt: u64, completion: u64) -> TokenUsage {
-    let p = i64::try_from(prompt).unwrap_or(i64::MAX);
-    let c = i64::try_from(completion).unwrap_or(i64::MAX);
-    TokenUsage {
-        prompt_tokens: p,
-        completion_tokens: c,
-        total_tokens: p.saturating_add(c),
-    }
-}
-
-fn normalize_finish(reason: &str) -> String {
-    match reason {
-        "" => "stop".into(),
-        r => r.to_string(),
     }
 }

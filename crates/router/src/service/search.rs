@@ -20,7 +20,6 @@ use crate::search::SearchHit;
 use crate::tokens;
 use crate::validate::{validate_search, ValidSearch};
 
-
 impl RouterService {
     /// One search. Returns only after the capture (or void, or usage row) is committed.
     pub async fn search(&self, req: SearchRequest) -> Result<SearchResponse, RouterError> {
@@ -83,8 +82,15 @@ impl RouterService {
             self.release(hold, "no results", usage).await;
             (0, Ok(transfer_id))
         } else {
+            Self::settle_pass(&t, query_tokens).await;
             let cost = t.pricing.cost_micros(0, 0).min(t.hold_micros);
-            let usage = self.usage(&t, UsageStatus::Success, units(hits.len()), started, upstream_ms);
+            let usage = self.usage(
+                &t,
+                UsageStatus::Success,
+                units(hits.len()),
+                started,
+                upstream_ms,
+            );
             (cost, self.settle(&t, hold, cost, usage).await)
         };
         let outcome = match (&settled, hits.is_empty()) {
@@ -123,7 +129,7 @@ impl RouterService {
         };
         let v = validate_search(req, bounds)?;
         let pricing = self.price_for(ServiceKind::Search, &v.user_email, &v.transaction_token)?;
-        let t = Ticket {
+        let mut t = Ticket {
             kind: ServiceKind::Search,
             request_id: v.request_id.clone(),
             user_email: v.user_email.clone(),
@@ -132,8 +138,16 @@ impl RouterService {
             pricing,
             bound: None,
             model: backend.provider().into(),
+            pass: None,
         };
-        let (claim, hold) = self.admit_ticket(&t).await?;
+        // A search counts its query's tokens in the token windows (what its usage row reports
+        // as `prompt_tokens`).
+        let reserve = if self.counts_tokens(ServiceKind::Search) {
+            tokens::count_text(&v.query.query)
+        } else {
+            0
+        };
+        let (claim, hold) = self.admit_ticket(&mut t, reserve).await?;
         Ok((v, t, claim, hold))
     }
 }

@@ -27,6 +27,8 @@ pub struct ChatStreamHandle {
     /// Set for paid requests (the hold is already authorized).
     pub transfer_id: Option<String>,
     pub model: String,
+    /// The rate-limit headers of the answer.
+    pub rate_limits: crate::limits::RateHeaders,
     pub events: ReceiverStream<Result<ChatStreamEvent, RouterError>>,
 }
 
@@ -57,6 +59,7 @@ impl RouterService {
             request_id: p.v.request_id.clone(),
             transfer_id: hold.as_ref().map(|h| h.transfer_id.clone()),
             model: p.t.model.clone(),
+            rate_limits: Self::rate_headers(&p.t),
             events: ReceiverStream::new(rx),
         };
         let svc = self.clone();
@@ -163,6 +166,7 @@ impl RouterService {
             End::Done => {
                 let (prompt_tokens, completion_tokens) =
                     self.final_tokens(&p, reported, &content).await;
+                Self::settle_pass(&p.t, prompt_tokens.saturating_add(completion_tokens)).await;
                 let cost = self.cost(&p, prompt_tokens, completion_tokens);
                 let units = Units {
                     input: prompt_tokens,
