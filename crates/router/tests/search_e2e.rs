@@ -325,7 +325,9 @@ async fn bad_search_input_is_refused_and_nothing_is_charged() {
     }
     assert_eq!(up.hits(), 0, "the backend was never called");
     assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));
-    assert!(s.usage().await.is_empty());
+    // Refusals leave their own rows (`refusal.rs`); nothing was answered or charged.
+    let rows = s.answered_usage().await;
+    assert!(rows.is_empty(), "{rows:#?}");
     s.check_invariants().await;
 }
 
