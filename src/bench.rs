@@ -33,6 +33,8 @@ enum BenchTarget {
     Router(RouterBench),
     /// Usage rows ingested per second (acknowledged after commit).
     Usage(crate::bench_usage::UsageBench),
+    /// Checks per second of the shared rate limiter alone (docs/limits.md).
+    Limits(crate::bench_limits::LimitsBench),
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,6 +108,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         BenchTarget::Router(b) => crate::bench_router::run(&b).await,
         BenchTarget::Usage(b) => crate::bench_usage::run(&b).await,
+        BenchTarget::Limits(b) => crate::bench_limits::run(&b).await,
     }
 }
 
@@ -283,6 +286,8 @@ async fn bench_ledger(b: &LedgerBench, shape: Shape) -> anyhow::Result<f64> {
                         app_ep_path: "/chat".into(),
                         idempotency_key: format!("req-{n}"),
                         hold_ttl_seconds: None,
+                        budget_per_day_micros: None,
+                        budget_per_month_micros: None,
                     })
                     .await;
                 let t1 = Instant::now();

@@ -169,6 +169,10 @@ enum TokenAction {
         /// Spend limit in your account's currency, decimal (captured plus held); default none.
         #[arg(long)]
         limit: Option<String>,
+        /// At most this much (decimal, your currency) through the token in any 24 hours, so a
+        /// leaked token can only lose so much per day; default none.
+        #[arg(long)]
+        limit_per_day: Option<String>,
         /// Lifetime, e.g. 90m, 24h; default: until revoked.
         #[arg(long, value_parser = super::parse_duration)]
         ttl: Option<std::time::Duration>,
@@ -363,9 +367,14 @@ pub async fn token(args: TokenArgs) -> anyhow::Result<()> {
         TokenAction::Issue {
             recipient,
             limit,
+            limit_per_day,
             ttl,
         } => {
             let spend_limit_micros = limit.as_deref().map(parse_decimal_micros).transpose()?;
+            let limit_per_day_micros = limit_per_day
+                .as_deref()
+                .map(parse_decimal_micros)
+                .transpose()?;
             let expires_at_unix_micros =
                 ttl.map(|d| syft_ledger::store::now_micros() + d.as_micros() as i64);
             let mut client = conn.user()?;
@@ -374,6 +383,7 @@ pub async fn token(args: TokenArgs) -> anyhow::Result<()> {
                     recipient_email: recipient,
                     expires_at_unix_micros,
                     spend_limit_micros,
+                    limit_per_day_micros,
                 })
                 .await
                 .or_fail(conn)?;
@@ -382,7 +392,8 @@ pub async fn token(args: TokenArgs) -> anyhow::Result<()> {
                     "{}",
                     json!({"token": issued.token, "token_id": issued.token_id, "sender": issued.sender_email,
                            "recipient": issued.recipient_email, "expires_at_unix_micros": issued.expires_at_unix_micros,
-                           "spend_limit_micros": issued.spend_limit_micros})
+                           "spend_limit_micros": issued.spend_limit_micros,
+                           "limit_per_day_micros": issued.limit_per_day_micros})
                 );
             } else {
                 // The limit is in the sender's currency; best effort, the token is issued anyway.

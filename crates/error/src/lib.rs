@@ -210,10 +210,19 @@ pub enum Reason {
     /// The operation is not served by this ledger's backend (hosted accounting).
     NotSupported,
     AccountExists,
+    /// A request or token rate limit of the router refused the request (retry after `RetryInfo`).
+    RateLimited,
+    /// The user (or the router as a whole) has as many requests in flight as allowed.
+    ConcurrencyLimited,
+    /// The owner-set spend budget of the user for this day or month does not cover the hold;
+    /// not retryable before the budget's window resets.
+    BudgetExceeded,
+    /// The delegation token's per-day spend limit does not cover the hold.
+    TokenDailyLimitExceeded,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 10] = [
+    pub const ALL: [Reason; 14] = [
         Self::InsufficientFunds,
         Self::HoldExpired,
         Self::TransferNotPending,
@@ -224,6 +233,10 @@ impl Reason {
         Self::IdempotencyConflict,
         Self::NotSupported,
         Self::AccountExists,
+        Self::RateLimited,
+        Self::ConcurrencyLimited,
+        Self::BudgetExceeded,
+        Self::TokenDailyLimitExceeded,
     ];
 
     pub const fn code(self) -> ErrorCode {
@@ -237,6 +250,10 @@ impl Reason {
             | Self::TokenLimitExceeded
             | Self::TokenInvalid => ErrorCode::PermissionDenied,
             Self::IdempotencyConflict | Self::AccountExists => ErrorCode::AlreadyExists,
+            Self::RateLimited
+            | Self::ConcurrencyLimited
+            | Self::BudgetExceeded
+            | Self::TokenDailyLimitExceeded => ErrorCode::ResourceExhausted,
         }
     }
 
@@ -252,6 +269,10 @@ impl Reason {
             Self::IdempotencyConflict => "IDEMPOTENCY_CONFLICT",
             Self::NotSupported => "NOT_SUPPORTED",
             Self::AccountExists => "ACCOUNT_EXISTS",
+            Self::RateLimited => "RATE_LIMITED",
+            Self::ConcurrencyLimited => "CONCURRENCY_LIMITED",
+            Self::BudgetExceeded => "BUDGET_EXCEEDED",
+            Self::TokenDailyLimitExceeded => "TOKEN_DAILY_LIMIT_EXCEEDED",
         }
     }
 }
@@ -266,6 +287,52 @@ pub fn grpc_status(code: ErrorCode, reason: &str, domain: &str, message: String)
         status.metadata_mut().insert(REASON_HEADER, v);
     }
     status
+}
+
+/// Why a quota refused a request and when to come back: sent as `google.rpc.RetryInfo` and
+/// `google.rpc.QuotaFailure` next to the `ErrorInfo` (and as `Retry-After` over HTTP).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct QuotaDetails {
+    /// When a retry can succeed; `None` when no retry helps before an unknown time.
+    pub retry_after: Option<std::time::Duration>,
+    /// `(subject, description)` of each quota that refused, e.g. `("user:a@x", "10 requests per
+    /// minute")`.
+    pub violations: Vec<(String, String)>,
+}
+
+/// A `RESOURCE_EXHAUSTED`-style status with `ErrorInfo`, `RetryInfo` and `QuotaFailure`.
+pub fn grpc_quota_status(
+    reason: Reason,
+    domain: &str,
+    message: String,
+    quota: &QuotaDetails,
+) -> tonic::Status {
+    let mut details =
+        ErrorDetails::with_error_info(reason.as_str(), domain, HashMap::<String, String>::new());
+    if let Some(after) = quota.retry_after {
+        details.set_retry_info(Some(after));
+    }
+    if !quota.violations.is_empty() {
+        details.set_quota_failure(
+            quota
+                .violations
+                .iter()
+                .map(|(s, d)| tonic_types::QuotaViolation::new(s.clone(), d.clone()))
+                .collect::<Vec<_>>(),
+        );
+    }
+    let mut status = tonic::Status::with_error_details(reason.code().grpc(), message, details);
+    if let Ok(v) = reason.as_str().parse() {
+        status.metadata_mut().insert(REASON_HEADER, v);
+    }
+    status
+}
+
+/// The `RetryInfo` delay of a status, if it carries one.
+pub fn retry_after_of(status: &tonic::Status) -> Option<std::time::Duration> {
+    status
+        .get_details_retry_info()
+        .and_then(|info| info.retry_delay)
 }
 
 /// The `ErrorInfo.reason` of a status, falling back to the reason header.
@@ -309,6 +376,23 @@ mod tests {
         assert_eq!(reason_of(&status).as_deref(), Some("INSUFFICIENT_FUNDS"));
         let info = status.get_details_error_info().expect("error info");
         assert_eq!(info.domain, "syft.ledger");
+    }
+
+    #[test]
+    fn quota_status_carries_retry_and_violations() {
+        let quota = QuotaDetails {
+            retry_after: Some(std::time::Duration::from_secs(6)),
+            violations: vec![("user:a@x.org".into(), "10 requests per minute".into())],
+        };
+        let status = grpc_quota_status(Reason::RateLimited, "syft.router", "slow".into(), &quota);
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(reason_of(&status).as_deref(), Some("RATE_LIMITED"));
+        assert_eq!(
+            retry_after_of(&status),
+            Some(std::time::Duration::from_secs(6))
+        );
+        let failure = status.get_details_quota_failure().expect("quota failure");
+        assert_eq!(failure.violations[0].subject, "user:a@x.org");
     }
 
     #[test]

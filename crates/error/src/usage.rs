@@ -28,10 +28,15 @@ pub enum UsageStatus {
     Duplicate,
     /// Refused: the ledger could not be reached or the router is shutting down.
     Unavailable,
+    /// Refused: a rate or concurrency limit of the router (docs/limits.md).
+    RateLimited,
+    /// Refused: a spend budget of the recipient, or the token's limit per 24 hours (decided by
+    /// the ledger when it places the hold).
+    BudgetExceeded,
 }
 
 impl UsageStatus {
-    pub const ALL: [UsageStatus; 12] = [
+    pub const ALL: [UsageStatus; 14] = [
         Self::Success,
         Self::UpstreamError,
         Self::Timeout,
@@ -44,6 +49,8 @@ impl UsageStatus {
         Self::InvalidRequest,
         Self::Duplicate,
         Self::Unavailable,
+        Self::RateLimited,
+        Self::BudgetExceeded,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -60,6 +67,8 @@ impl UsageStatus {
             Self::InvalidRequest => "invalid_request",
             Self::Duplicate => "duplicate",
             Self::Unavailable => "unavailable",
+            Self::RateLimited => "rate_limited",
+            Self::BudgetExceeded => "budget_exceeded",
         }
     }
 
@@ -78,6 +87,8 @@ impl UsageStatus {
                 | Self::InvalidRequest
                 | Self::Duplicate
                 | Self::Unavailable
+                | Self::RateLimited
+                | Self::BudgetExceeded
         )
     }
 }
@@ -111,7 +122,9 @@ mod tests {
                 "insufficient_funds",
                 "invalid_request",
                 "duplicate",
-                "unavailable"
+                "unavailable",
+                "rate_limited",
+                "budget_exceeded"
             ]
         );
     }

@@ -116,6 +116,7 @@ pub trait TransferBackend: Send + Sync + 'static {
         _recipient: &AccountRow,
         _expires_at: Option<i64>,
         _spend_limit: Option<Micros>,
+        _limit_per_day: Option<Micros>,
     ) -> Result<IssuedToken> {
         Err(not_supported("issuing tokens"))
     }
@@ -291,9 +292,10 @@ impl TransferBackend for LocalBackend {
         recipient: &AccountRow,
         expires_at: Option<i64>,
         spend_limit: Option<Micros>,
+        limit_per_day: Option<Micros>,
     ) -> Result<IssuedToken> {
         self.store
-            .issue_token(sender, recipient, expires_at, spend_limit)
+            .issue_token(sender, recipient, expires_at, spend_limit, limit_per_day)
             .await
     }
 

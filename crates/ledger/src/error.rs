@@ -1,7 +1,7 @@
 //! The ledger's one error type. Each variant says which [`ErrorCode`] it is; the code decides
 //! the gRPC code and the HTTP status (see `syft_error` and docs/design.md, "Errors").
 
-use syft_error::{ErrorCode, Reason};
+use syft_error::{ErrorCode, QuotaDetails, Reason};
 use tonic::Status;
 
 /// `ErrorInfo.domain` of every ledger error.
@@ -33,6 +33,14 @@ pub enum LedgerError {
     /// A refusal a client must tell apart: its reason decides its code.
     #[error("{message}")]
     Refused { reason: Reason, message: String },
+    /// A budget refused a hold: sent with `RetryInfo` (when the window has room again) and
+    /// `QuotaFailure`.
+    #[error("{message}")]
+    Quota {
+        reason: Reason,
+        message: String,
+        details: QuotaDetails,
+    },
     /// Details are logged, never sent to clients.
     #[error("internal error: {0}")]
     Internal(String),
@@ -62,7 +70,7 @@ impl LedgerError {
             Self::AlreadyExists(_) => ErrorCode::AlreadyExists,
             Self::ResourceExhausted(_) => ErrorCode::ResourceExhausted,
             Self::Unavailable(_) => ErrorCode::Unavailable,
-            Self::Refused { reason, .. } => reason.code(),
+            Self::Refused { reason, .. } | Self::Quota { reason, .. } => reason.code(),
             Self::Internal(_) => ErrorCode::Internal,
         }
     }
@@ -83,7 +91,7 @@ impl LedgerError {
     /// returns the same error.
     pub fn kind(&self) -> &'static str {
         match self {
-            Self::Refused { reason, .. } => reason.as_str(),
+            Self::Refused { reason, .. } | Self::Quota { reason, .. } => reason.as_str(),
             other => other.error_code().as_str(),
         }
     }
@@ -128,6 +136,14 @@ impl LedgerError {
 
 impl From<LedgerError> for Status {
     fn from(err: LedgerError) -> Self {
+        if let LedgerError::Quota {
+            reason,
+            message,
+            details,
+        } = &err
+        {
+            return syft_error::grpc_quota_status(*reason, ERROR_DOMAIN, message.clone(), details);
+        }
         syft_error::grpc_status(
             err.error_code(),
             err.kind(),

@@ -93,6 +93,7 @@ impl pb::ledger_server::Ledger for GrpcLedger {
                     recipient_email: req.recipient_email,
                     expires_at: req.expires_at_unix_micros,
                     spend_limit: req.spend_limit_micros,
+                    limit_per_day: req.limit_per_day_micros,
                 },
             )
             .await?;
@@ -103,6 +104,7 @@ impl pb::ledger_server::Ledger for GrpcLedger {
             recipient_email,
             expires_at_unix_micros: issued.expires_at,
             spend_limit_micros: issued.spend_limit.map(Micros::get),
+            limit_per_day_micros: req.limit_per_day_micros,
         }))
     }
 
@@ -132,6 +134,8 @@ impl pb::ledger_server::Ledger for GrpcLedger {
             app_ep_path: req.app_ep_path,
             idempotency_key: req.idempotency_key,
             hold_ttl_seconds: req.hold_ttl_seconds,
+            budget_per_day_micros: req.budget_per_day_micros,
+            budget_per_month_micros: req.budget_per_month_micros,
         };
         let transfer = self.0.authorize(&caller, &hold).await?;
         Ok(Response::new(transfer_pb(&transfer)))

@@ -382,6 +382,9 @@ async fn create_transaction(
                 app_ep_path,
                 idempotency_key: idempotency_key(&headers, "rest")?,
                 hold_ttl_seconds: None,
+                // The Syft accounting REST API has no budget fields (docs/limits.md).
+                budget_per_day_micros: None,
+                budget_per_month_micros: None,
             };
             ledger.authorize(&caller, &hold).await?
         }

@@ -372,6 +372,8 @@ async fn delegated_confirm_and_cancel(h: Harness) -> Harness {
             app_ep_path: "/chat".into(),
             idempotency_key: "grpc-hold".into(),
             hold_ttl_seconds: None,
+            budget_per_day_micros: None,
+            budget_per_month_micros: None,
         })
         .await
         .expect("grpc authorize with a REST token")

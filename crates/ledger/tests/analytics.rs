@@ -60,6 +60,7 @@ async fn paid(h: &Harness, owner: &str, token: &str, u: pb::Usage, capture: Opti
             app_ep_path: "/chat".into(),
             idempotency_key: u.request_id.clone(),
             hold_ttl_seconds: None,
+            ..Default::default()
         })
         .await
         .expect("authorize")

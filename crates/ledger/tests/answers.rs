@@ -19,6 +19,7 @@ fn hold(amount: i64, token: &str, key: &str) -> pb::AuthorizeRequest {
         app_ep_path: "/chat".into(),
         idempotency_key: key.into(),
         hold_ttl_seconds: None,
+        ..Default::default()
     }
 }
 

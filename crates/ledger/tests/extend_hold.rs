@@ -22,6 +22,7 @@ fn hold(key: &str, ttl: i64, token: &str) -> pb::AuthorizeRequest {
         app_ep_path: "/chat".into(),
         idempotency_key: key.into(),
         hold_ttl_seconds: Some(ttl),
+        ..Default::default()
     }
 }
 

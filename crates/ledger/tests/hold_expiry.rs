@@ -23,7 +23,7 @@ async fn capture_after_expiry_is_refused(db: Db) {
         .await
         .expect("deposit");
     let token = store
-        .issue_token(&alice, &owner, None, None)
+        .issue_token(&alice, &owner, None, None, None)
         .await
         .expect("token");
     let hold = store
@@ -37,6 +37,7 @@ async fn capture_after_expiry_is_refused(db: Db) {
             app_ep_path: "/chat",
             idempotency_key: "k1",
             ttl_micros: 300_000,
+            budgets: Default::default(),
         })
         .await
         .expect("hold");

@@ -199,6 +199,8 @@ impl Pair {
                 app_ep_path: "/chat".into(),
                 idempotency_key: key.into(),
                 hold_ttl_seconds: None,
+                budget_per_day_micros: None,
+                budget_per_month_micros: None,
             })
             .await
             .map(tonic::Response::into_inner)
@@ -305,6 +307,8 @@ async fn keys_are_per_sender(postgres: bool) {
         app_ep_path: "/chat".into(),
         idempotency_key: "k1".into(),
         hold_ttl_seconds: None,
+        budget_per_day_micros: None,
+        budget_per_month_micros: None,
     };
     let a = p.authorize(USD, "k1").await.expect("alice");
     let b = p

@@ -30,6 +30,8 @@ async fn two_ledgers_on_one_postgres_share_one_truth() {
                 app_ep_path: "/chat".into(),
                 idempotency_key: format!("k{i}"),
                 hold_ttl_seconds: None,
+                budget_per_day_micros: None,
+                budget_per_month_micros: None,
             };
             tasks.push(tokio::spawn(async move {
                 client.authorize(req).await.map(|r| r.into_inner())

@@ -21,6 +21,8 @@ fn authorize(sender: &str, amount: i64, token: &str, key: &str) -> pb::Authorize
         app_ep_path: "/chat".into(),
         idempotency_key: key.into(),
         hold_ttl_seconds: None,
+        budget_per_day_micros: None,
+        budget_per_month_micros: None,
     }
 }
 
@@ -556,6 +558,7 @@ async fn token_rules(h: Harness) -> Harness {
             recipient_email: OWNER.into(),
             expires_at_unix_micros: Some(syft_ledger::store::now_micros() + 300_000),
             spend_limit_micros: None,
+            limit_per_day_micros: None,
         })
         .await)
     .token;
@@ -576,6 +579,7 @@ async fn token_rules(h: Harness) -> Harness {
             recipient_email: OWNER.into(),
             expires_at_unix_micros: None,
             spend_limit_micros: Some(3 * USD),
+            limit_per_day_micros: None,
         })
         .await)
     .token;
@@ -602,6 +606,7 @@ async fn token_rules(h: Harness) -> Harness {
         recipient_email: recipient.into(),
         expires_at_unix_micros: expires,
         spend_limit_micros: limit,
+        limit_per_day_micros: None,
     };
     assert_eq!(
         code(
@@ -916,6 +921,7 @@ async fn refusals_carry_machine_readable_reasons(h: Harness) -> Harness {
             recipient_email: OWNER.into(),
             expires_at_unix_micros: None,
             spend_limit_micros: Some(100),
+            limit_per_day_micros: None,
         })
         .await)
     .token;

@@ -18,6 +18,8 @@ fn hold(amount: i64, token: &str, key: &str) -> pb::AuthorizeRequest {
         app_ep_path: "/chat".into(),
         idempotency_key: key.into(),
         hold_ttl_seconds: None,
+        budget_per_day_micros: None,
+        budget_per_month_micros: None,
     }
 }
 
@@ -36,6 +38,7 @@ async fn token_with_limit(h: &Harness, alice: &str, limit: Option<i64>) -> Strin
             recipient_email: OWNER.into(),
             expires_at_unix_micros: None,
             spend_limit_micros: limit,
+            limit_per_day_micros: None,
         })
         .await
         .expect("issue token")

@@ -2,7 +2,7 @@
 //! decides the gRPC code and the HTTP status (docs/design.md, "Errors").
 
 use http::StatusCode;
-use syft_error::{ErrorCode, Reason};
+use syft_error::{ErrorCode, QuotaDetails, Reason};
 use thiserror::Error;
 use tonic::Code;
 
@@ -13,6 +13,16 @@ pub const ERROR_DOMAIN: &str = "syft.router";
 
 /// The reason of a hold refused because the user's balance cannot cover it.
 pub const INSUFFICIENT_FUNDS: &str = Reason::InsufficientFunds.as_str();
+
+/// A request refused by a rate, concurrency or budget limit: the reason, when to retry, which
+/// quota, and the rate-limit headers of the refusal.
+#[derive(Debug, Clone)]
+pub struct QuotaRefusal {
+    pub reason: Reason,
+    pub message: String,
+    pub details: QuotaDetails,
+    pub headers: crate::limits::RateHeaders,
+}
 
 /// Everything a router call can fail with. Messages are safe to show to clients; internal details
 /// go to the log only.
@@ -37,6 +47,9 @@ pub enum RouterError {
     AlreadyExists(String),
     #[error("{0}")]
     ResourceExhausted(String),
+    /// A limit refused the request (`RESOURCE_EXHAUSTED` / 429 with retry details).
+    #[error("{}", .0.message)]
+    Quota(Box<QuotaRefusal>),
     #[error("{0}")]
     Unavailable(String),
     /// The upstream answered with something unusable (malformed, empty).
@@ -61,7 +74,9 @@ impl RouterError {
             RouterError::PermissionDenied(_) => ErrorCode::PermissionDenied,
             RouterError::NotFound(_) => ErrorCode::NotFound,
             RouterError::AlreadyExists(_) => ErrorCode::AlreadyExists,
-            RouterError::ResourceExhausted(_) => ErrorCode::ResourceExhausted,
+            RouterError::ResourceExhausted(_) | RouterError::Quota(_) => {
+                ErrorCode::ResourceExhausted
+            }
             RouterError::Unavailable(_) => ErrorCode::Unavailable,
             RouterError::BadGateway(_) => ErrorCode::BadGateway,
             RouterError::DeadlineExceeded(_) => ErrorCode::DeadlineExceeded,
@@ -74,6 +89,7 @@ impl RouterError {
     pub fn reason(&self) -> &'static str {
         match self {
             RouterError::FailedPrecondition { reason, .. } => reason,
+            RouterError::Quota(q) => q.reason.as_str(),
             other => other.error_code().as_str(),
         }
     }
@@ -96,6 +112,9 @@ impl RouterError {
             RouterError::PermissionDenied(_) => "permission_error",
             RouterError::AlreadyExists(_) => "conflict_error",
             RouterError::ResourceExhausted(_) => "rate_limit_error",
+            // OpenAI's type for a spent quota (not retryable soon), as opposed to a rate.
+            RouterError::Quota(q) if q.reason == Reason::BudgetExceeded => "insufficient_quota",
+            RouterError::Quota(_) => "rate_limit_error",
             RouterError::Unavailable(_) | RouterError::BadGateway(_) => "service_unavailable",
             RouterError::DeadlineExceeded(_) => "timeout",
             RouterError::Cancelled(_) => "cancelled",
@@ -125,6 +144,20 @@ impl From<RouterError> for tonic::Status {
     fn from(err: RouterError) -> Self {
         if let RouterError::Internal(detail) = &err {
             tracing::error!(error = %detail, "internal router error");
+        }
+        if let RouterError::Quota(q) = &err {
+            let mut status = syft_error::grpc_quota_status(
+                q.reason,
+                ERROR_DOMAIN,
+                q.message.clone(),
+                &q.details,
+            );
+            for (name, value) in q.headers.pairs() {
+                if let Ok(v) = value.parse() {
+                    status.metadata_mut().insert(name, v);
+                }
+            }
+            return status;
         }
         syft_error::grpc_status(
             err.error_code(),

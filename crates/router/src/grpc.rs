@@ -44,11 +44,16 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<ChatStreamEvent, Status>> + 
 #[tonic::async_trait]
 impl Router for GrpcRouter {
     async fn chat(&self, request: Request<ChatRequest>) -> Result<Response<ChatResponse>, Status> {
-        let resp = self.service.chat(request.into_inner()).await?;
+        let (resp, limits) = self.service.chat_with_limits(request.into_inner()).await?;
         let replay = resp.replay;
         let mut resp = Response::new(resp);
         if replay {
             mark_replay(&mut resp);
+        }
+        for (name, value) in limits.pairs() {
+            if let Ok(v) = value.parse() {
+                resp.metadata_mut().insert(name, v);
+            }
         }
         Ok(resp)
     }

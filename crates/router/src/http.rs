@@ -25,6 +25,7 @@ use serde_json::{json, Value};
 use syft_proto::router::{chat_stream_event, ChatOptions, ChatRequest, Message};
 
 use crate::error::{RouterError, REASON_HEADER};
+use crate::limits::RateHeaders;
 use crate::service::RouterService;
 
 pub const COST_HEADER: &str = "x-syft-cost-micros";
@@ -47,6 +48,7 @@ pub fn http_router(service: RouterService) -> Router {
         .route("/search", post(crate::syft_http::search))
         .route("/health", get(crate::syft_http::health))
         .route("/v1/models", get(list_models))
+        .route("/v1/limits", get(limits_left))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route(
@@ -83,7 +85,22 @@ async fn list_models(State(svc): State<RouterService>) -> Json<Value> {
         .into_iter()
         .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": owner}))
         .collect();
-    Json(json!({"object": "list", "data": data}))
+    Json(json!({"object": "list", "data": data, "syft_limits": svc.limits_json()}))
+}
+
+#[derive(Deserialize)]
+struct LimitsQuery {
+    user: String,
+}
+
+/// `GET /v1/limits?user=<email>`: what is left of each of the user's windows.
+async fn limits_left(
+    State(svc): State<RouterService>,
+    query: Result<axum::extract::Query<LimitsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let query = query.map_err(|e| bad(format!("expected ?user=<email>: {e}")))?;
+    let windows = svc.remaining_limits(&query.user).await?;
+    Ok(Json(crate::limits::remaining_json(&query.user, &windows)))
 }
 
 /// An error as an OpenAI-style response.
@@ -97,6 +114,17 @@ impl IntoResponse for ApiError {
         let mut resp = (self.0.http_status(), Json(self.0.openai_body())).into_response();
         resp.headers_mut()
             .insert(REASON_HEADER, HeaderValue::from_static(self.0.reason()));
+        if let RouterError::Quota(q) = &self.0 {
+            let h = resp.headers_mut();
+            if let Some(after) = q.details.retry_after {
+                // Whole seconds, rounded up: never invite a retry that is still too early.
+                let secs = after.as_millis().div_ceil(1000).max(1);
+                if let Some(v) = header(&secs.to_string()) {
+                    h.insert(http::header::RETRY_AFTER, v);
+                }
+            }
+            rate_limit_headers(h, &q.headers);
+        }
         resp
     }
 }
@@ -295,6 +323,15 @@ fn header(v: &str) -> Option<HeaderValue> {
     HeaderValue::from_str(v).ok()
 }
 
+/// OpenAI's `x-ratelimit-*` headers (sent on answers and refusals alike).
+fn rate_limit_headers(h: &mut HeaderMap, limits: &RateHeaders) {
+    for (name, value) in limits.pairs() {
+        if let Some(v) = header(&value) {
+            h.insert(name, v);
+        }
+    }
+}
+
 async fn chat_completions(
     State(svc): State<RouterService>,
     headers: HeaderMap,
@@ -310,7 +347,7 @@ async fn chat_completions(
     if stream {
         return chat_stream(svc, req, include_usage).await;
     }
-    let resp = svc.chat(req).await?;
+    let (resp, limits) = svc.chat_with_limits(req).await?;
     let usage = resp.usage.unwrap_or_default();
     let content = resp.message.map(|m| m.content).unwrap_or_default();
     let provider = resp.provider_info.unwrap_or_default();
@@ -354,6 +391,7 @@ async fn chat_completions(
     if resp.replay {
         h.insert(REPLAY_HEADER, HeaderValue::from_static("true"));
     }
+    rate_limit_headers(h, &limits);
     Ok(r)
 }
 
@@ -376,6 +414,7 @@ async fn chat_stream(
     let request_id = handle.request_id.clone();
     let transfer_id = handle.transfer_id.clone();
     let replay = handle.replay;
+    let limits = handle.rate_limits.clone();
     let events = handle.events.flat_map(move |item| {
         let mut out: Vec<Value> = Vec::new();
         let mut done = false;
@@ -444,5 +483,6 @@ async fn chat_stream(
     if replay {
         h.insert(REPLAY_HEADER, HeaderValue::from_static("true"));
     }
+    rate_limit_headers(h, &limits);
     Ok(resp)
 }

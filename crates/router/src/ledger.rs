@@ -22,6 +22,7 @@ use crate::config::LedgerSettings;
 use crate::error::RouterError;
 use crate::health::{LedgerState, OwnerCheck};
 use syft_error::Reason;
+use tonic_types::StatusExt;
 
 /// The ledger's gRPC service name, as its health service reports it.
 const LEDGER_SERVICE: &str = "syft.ledger.v1.Ledger";
@@ -303,7 +304,27 @@ pub(crate) fn map_status(op: Op, s: tonic::Status) -> RouterError {
         Code::PermissionDenied => RouterError::PermissionDenied(msg),
         Code::NotFound => RouterError::NotFound(msg),
         Code::AlreadyExists => RouterError::AlreadyExists(msg),
-        Code::ResourceExhausted => RouterError::ResourceExhausted(msg),
+        Code::ResourceExhausted => match ledger_reason(&s) {
+            // A budget or token-window refusal: passed on with the ledger's retry time.
+            Some(reason) => RouterError::Quota(Box::new(crate::error::QuotaRefusal {
+                reason,
+                details: syft_error::QuotaDetails {
+                    retry_after: syft_error::retry_after_of(&s),
+                    violations: s
+                        .get_details_quota_failure()
+                        .map(|q| {
+                            q.violations
+                                .into_iter()
+                                .map(|v| (v.subject, v.description))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                },
+                message: msg,
+                headers: Default::default(),
+            })),
+            None => RouterError::ResourceExhausted(msg),
+        },
         Code::Unauthenticated => {
             // The router's own credential was refused: a deployment problem, not the user's.
             tracing::error!(?op, "ledger rejected the router's credentials");

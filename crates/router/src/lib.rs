@@ -14,6 +14,7 @@ pub mod grpc;
 pub mod health;
 pub mod http;
 mod ledger;
+pub mod limits;
 mod metrics;
 pub mod money;
 pub mod search;

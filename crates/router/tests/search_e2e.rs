@@ -7,7 +7,9 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use syft_proto::ledger::TransferStatus;
 use syft_proto::router::{GetMetadataRequest, SearchOptions};
-use syft_router_svc::{HttpSearchConfig, Pricing, RouterConfig, SearchBackendConfig, SearchConfig};
+use syft_router_svc::{
+    HttpSearchConfig, Pricing, RouterConfig, SearchBackendConfig, SearchConfig, ServiceKind,
+};
 use syft_testkit::*;
 use tonic::Code;
 
@@ -325,7 +327,9 @@ async fn bad_search_input_is_refused_and_nothing_is_charged() {
     }
     assert_eq!(up.hits(), 0, "the backend was never called");
     assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));
-    assert!(s.answered_usage().await.is_empty(), "refusals only");
+    // Refusals leave their own rows (`refusal.rs`); nothing was answered or charged.
+    let rows = s.answered_usage().await;
+    assert!(rows.is_empty(), "{rows:#?}");
     s.check_invariants().await;
 }
 
@@ -496,4 +500,66 @@ async fn postgres_search_flow() {
     );
     s.check_invariants().await;
     s.db.drop_postgres().await;
+}
+
+/// The limits run in the shared admission for search too: a per-service request window on search
+/// (4 per minute) and the owner's daily budget (two searches' worth, decided by the ledger in the
+/// hold's transaction). Two searches are charged, the next two are `BUDGET_EXCEEDED`, the fifth is
+/// `RATE_LIMITED` (a budget refusal still spent its place in the request window); refusals cost
+/// nothing and leave `budget_exceeded` / `rate_limited` rows on `/search`. Chat, which has no
+/// limit of its own, is not touched by the search window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_limits_and_budgets_refuse_with_usage_rows() {
+    use syft_router_svc::config::{Rate, RateUnit};
+    let docs = docs_dir(DOCS);
+    let search = embedded(docs.path(), Duration::from_secs(60));
+    let s = Stack::start_with(
+        Db::sqlite(),
+        Pricing::free(),
+        Duration::from_secs(300),
+        |c| {
+            *c = c.clone().with_search(Pricing::per_request(PRICE), search);
+            c.budgets.per_day_micros = Some(2 * PRICE);
+            if let Some(svc) = c
+                .services
+                .iter_mut()
+                .find(|s| s.kind == ServiceKind::Search)
+            {
+                svc.rate_limits.requests = vec![Rate {
+                    count: 4,
+                    unit: RateUnit::Minute,
+                }];
+            }
+        },
+    )
+    .await;
+    let mut c = s.client().await;
+    for _ in 0..2 {
+        c.search(s.search("ledger capture")).await.expect("charged");
+    }
+    for want in ["BUDGET_EXCEEDED", "BUDGET_EXCEEDED", "RATE_LIMITED"] {
+        let err = c.search(s.search("ledger capture")).await.expect_err(want);
+        assert_eq!(err.code(), Code::ResourceExhausted, "{want}: {err:?}");
+        assert_eq!(reason(&err).as_deref(), Some(want));
+    }
+    c.chat(s.request("hi"))
+        .await
+        .expect("chat is not in the search window");
+    assert_eq!(
+        s.alice_money().await,
+        (FUNDS - 2 * PRICE, 0, FUNDS - 2 * PRICE)
+    );
+    let statuses: Vec<(String, String)> = s
+        .usage()
+        .await
+        .into_iter()
+        .filter_map(|r| r.usage)
+        .filter(|u| u.endpoint == "/search")
+        .map(|u| (u.status, u.endpoint))
+        .collect();
+    let count = |st: &str| statuses.iter().filter(|(s, _)| s == st).count();
+    assert_eq!(count("success"), 2, "{statuses:?}");
+    assert_eq!(count("budget_exceeded"), 2, "{statuses:?}");
+    assert_eq!(count("rate_limited"), 1, "{statuses:?}");
+    s.check_invariants().await;
 }

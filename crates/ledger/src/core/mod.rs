@@ -45,6 +45,8 @@ pub struct NewToken {
     pub recipient_email: String,
     pub expires_at: Option<i64>,
     pub spend_limit: Option<i64>,
+    /// At most this much through the token in any 24 hours.
+    pub limit_per_day: Option<i64>,
 }
 
 /// A hold to place, as a caller asks for it (not yet validated).
@@ -57,6 +59,9 @@ pub struct HoldRequest {
     pub app_ep_path: String,
     pub idempotency_key: String,
     pub hold_ttl_seconds: Option<i64>,
+    /// The recipient's budgets for this sender, in micros (`None`: no budget).
+    pub budget_per_day_micros: Option<i64>,
+    pub budget_per_month_micros: Option<i64>,
 }
 
 /// The answer a capture pays for, kept for idempotent replay (not yet validated).
@@ -305,6 +310,9 @@ impl Ledger {
         if let Some(limit) = req.spend_limit {
             check_positive("spend_limit_micros", limit, self.config.max_amount_micros)?;
         }
+        if let Some(limit) = req.limit_per_day {
+            check_positive("limit_per_day_micros", limit, self.config.max_amount_micros)?;
+        }
         let recipient = self.backend.account(&recipient_email).await?;
         same_currency(sender, &recipient)?;
         let issued = self
@@ -314,6 +322,7 @@ impl Ledger {
                 &recipient,
                 req.expires_at,
                 req.spend_limit.map(Micros::new),
+                req.limit_per_day.map(Micros::new),
             )
             .await?;
         Ok((issued, recipient_email))

@@ -17,6 +17,17 @@ use super::{
     AnswerInput, HoldRequest, Ledger, Page, PartyAction, Role, TransferQuery,
 };
 
+/// A hold's budgets, each positive and at most the largest amount.
+fn budgets(req: &HoldRequest) -> Result<crate::store::HoldBudgets> {
+    let check = |field: &str, v: Option<i64>| -> Result<Option<i64>> {
+        v.map(|m| check_positive(field, m, i64::MAX)).transpose()
+    };
+    Ok(crate::store::HoldBudgets {
+        per_day: check("budget_per_day_micros", req.budget_per_day_micros)?,
+        per_month: check("budget_per_month_micros", req.budget_per_month_micros)?,
+    })
+}
+
 impl Ledger {
     /// Places a hold on the sender's funds for the caller (the recipient), with a delegation
     /// token. Counted in the metrics once, not on replays.
@@ -49,6 +60,7 @@ impl Ledger {
                 true,
             )?,
             ttl_micros,
+            budgets: budgets(req)?,
         };
         let transfer = self.backend.authorize(&hold).await?;
         tracing::debug!(transfer = %transfer.id, sender = %transfer.sender_email, amount = hold.amount, "authorized");

@@ -10,6 +10,7 @@ use crate::error::{LedgerError, Result};
 use crate::store::{
     AccountRow, AuthorizeInput, CaptureAmount, Store, TransferFilter, TransferRow, UsageInput,
 };
+use syft_error::Reason;
 
 pub struct HostedBackend {
     hosted: Arc<Hosted>,
@@ -26,6 +27,14 @@ impl HostedBackend {
 #[tonic::async_trait]
 impl TransferBackend for HostedBackend {
     async fn authorize(&self, input: &AuthorizeInput<'_>) -> Result<TransferRow> {
+        // The remote service keeps the money, so no local transaction can decide a budget
+        // exactly: refuse rather than overspend (docs/limits.md).
+        if !input.budgets.is_empty() {
+            return Err(LedgerError::refused(
+                Reason::NotSupported,
+                "spend budgets need a local ledger; this ledger uses hosted accounting",
+            ));
+        }
         self.hosted.authorize(input).await
     }
 

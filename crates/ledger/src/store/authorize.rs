@@ -5,6 +5,7 @@ use sqlx::AnyConnection;
 use syft_error::Reason;
 
 use super::batch::{AuthJob, AuthResult};
+use super::budget::{BudgetCheck, BudgetRefusal, HoldBudgets};
 use super::{
     new_id, now_micros, retry_transient, sha256_hex, Micros, Store, TokenInfo, TransferRow,
     TRANSFER_COLUMNS, TRANSFER_JOINS,
@@ -21,6 +22,8 @@ pub struct AuthorizeInput<'a> {
     pub app_ep_path: &'a str,
     pub idempotency_key: &'a str,
     pub ttl_micros: i64,
+    /// The recipient's spend budgets for this sender (checked in the hold's transaction).
+    pub budgets: HoldBudgets,
 }
 
 /// A hold placed by the sender itself, without a delegation token (REST compat API).
@@ -56,6 +59,7 @@ enum AuthorizeOutcome {
     TokenRejected,
     InsufficientFunds,
     DuplicateKey,
+    BudgetExceeded(BudgetRefusal),
 }
 
 impl Store {
@@ -98,6 +102,14 @@ impl Store {
                 retry_transient(|| self.try_authorize(input, &token, &request_hash, now)).await?;
             match outcome {
                 AuthorizeOutcome::Created(row) => return Ok(*row),
+                AuthorizeOutcome::BudgetExceeded(refusal) => {
+                    if let Some(replayed) = self.replay_authorize(input, &request_hash).await? {
+                        return replayed;
+                    }
+                    // Not recorded as the key's outcome: the same request may be retried once
+                    // the window has room again (a refusal moved no money).
+                    return Err(refusal.into_error(now));
+                }
                 AuthorizeOutcome::DuplicateKey => {
                     if let Some(replayed) = self.replay_authorize(input, &request_hash).await? {
                         return replayed;
@@ -245,12 +257,20 @@ impl Store {
             request_hash: request_hash.to_string(),
             now,
             expires_at: now.saturating_add(input.ttl_micros),
+            budgets: input.budgets,
+            token_limit_per_day: token.limit_per_day,
         };
+        let budgeted = !job.budgets.is_empty() || job.token_limit_per_day.is_some();
         let result = match &self.batcher {
-            Some(batcher) => batcher.authorize(job.clone()).await,
-            None => {
+            Some(batcher) if !budgeted => batcher.authorize(job.clone()).await,
+            _ => {
+                let _turn = if budgeted {
+                    Some(self.sender_queues.turn(job.sender_id).await)
+                } else {
+                    None
+                };
                 let mut tx = self.pool().begin().await?;
-                match sqlite_authorize(&mut tx, &job).await {
+                match single_authorize(&mut tx, &job).await {
                     Ok(AuthResult::Created) => tx.commit().await.map(|_| AuthResult::Created),
                     other => other,
                 }
@@ -263,6 +283,7 @@ impl Store {
             Ok(AuthResult::Deferred) => Err(sqlx::Error::Protocol(
                 "a deferred hold left the batcher".into(),
             )),
+            Ok(AuthResult::BudgetExceeded(r)) => Ok(AuthorizeOutcome::BudgetExceeded(r)),
             Err(e) if is_unique_violation(&e) => Ok(AuthorizeOutcome::DuplicateKey),
             Err(e) => Err(e),
         }
@@ -382,7 +403,9 @@ impl Store {
 }
 
 /// Places one hold inside the caller's transaction; anything but `Created` must be rolled back.
-async fn sqlite_authorize(
+/// SQLite's holds, and on Postgres the holds with a budget: the budget check needs the sender's
+/// row locked (by the funds step) before it reads what the window has used.
+async fn single_authorize(
     conn: &mut AnyConnection,
     job: &AuthJob,
 ) -> std::result::Result<AuthResult, sqlx::Error> {
@@ -412,6 +435,20 @@ async fn sqlite_authorize(
             .await?;
     if funds.rows_affected() == 0 {
         return Ok(AuthResult::InsufficientFunds);
+    }
+    let budget = BudgetCheck {
+        sender_id: job.sender_id,
+        recipient_id: job.recipient_id,
+        token_id: &job.token_id,
+        token_limit_per_day: job.token_limit_per_day,
+        budgets: job.budgets,
+        amount: job.amount,
+        now: job.now,
+    };
+    if budget.is_needed() {
+        if let Some(refusal) = budget.run(conn).await? {
+            return Ok(AuthResult::BudgetExceeded(refusal));
+        }
     }
     sqlx::query(
         "INSERT INTO transfers (id, sender_id, recipient_id, token_id, amount, currency, status, \

@@ -21,7 +21,10 @@ use sqlx::{AnyPool, FromRow, Row};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
 use super::rollup::{upsert_rollups, RollupInput};
-use super::{Actor, Micros, TransferRow, TransferStatus, UsageInput, TRANSFER_COLUMNS};
+use super::{
+    Actor, BudgetRefusal, HoldBudgets, Micros, TransferRow, TransferStatus, UsageInput,
+    TRANSFER_COLUMNS,
+};
 use crate::error::is_retryable;
 
 const MAX_BATCH: usize = 256;
@@ -43,6 +46,10 @@ pub(crate) struct AuthJob {
     pub request_hash: String,
     pub now: i64,
     pub expires_at: i64,
+    /// The recipient's budgets for this sender, and the token's own limit per 24 hours: a job
+    /// with any is placed by the per-hold transaction with its budget check, not in a batch.
+    pub budgets: HoldBudgets,
+    pub token_limit_per_day: Option<i64>,
 }
 
 impl AuthJob {
@@ -77,6 +84,7 @@ pub(crate) enum AuthResult {
     Deferred,
     TokenRejected,
     InsufficientFunds,
+    BudgetExceeded(BudgetRefusal),
 }
 
 /// Which expiry condition a resolution needs.

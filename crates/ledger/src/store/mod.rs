@@ -9,6 +9,7 @@ mod analytics;
 mod answer;
 mod authorize;
 mod batch;
+mod budget;
 pub(crate) mod db_error;
 mod extend;
 mod query;
@@ -35,6 +36,7 @@ pub use analytics::{
 };
 pub use answer::AnswerRow;
 pub use authorize::{AuthorizeInput, DirectInput};
+pub use budget::{BudgetRefusal, BudgetWindow, HoldBudgets};
 pub use query::{TokenFilter, TokenRow, TransferFilter, UsageFilter, UsagePage, UsageTotals};
 pub use rows::{AccountRow, IssuedToken, TokenInfo, TransferRow, UsageInput, UsageRow};
 pub(crate) use rows::{
@@ -86,6 +88,8 @@ pub struct Store {
     batcher: Option<batch::Batcher>,
     /// Group commit for usage rows without money (both backends).
     usage_writer: usage_batch::UsageWriter,
+    /// Budgeted holds of one sender wait here, not on a pooled connection (see `budget.rs`).
+    sender_queues: budget::SenderQueues,
 }
 
 /// Runs `op` again when the database reports a serialization failure or deadlock; those are never
@@ -164,6 +168,7 @@ impl Store {
             .then(|| batch::Batcher::start(pool.clone(), batch_workers));
         let usage_writer = usage_batch::UsageWriter::start(pool.clone(), backend);
         let store = Self {
+            sender_queues: budget::SenderQueues::default(),
             batcher,
             usage_writer,
             pool,

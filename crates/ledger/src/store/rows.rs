@@ -35,6 +35,8 @@ pub struct TokenInfo {
     pub recipient_id: i64,
     pub sender_email: String,
     pub currency: String,
+    /// At most this many micros in any 24 hours (`token issue --limit-per-day`).
+    pub limit_per_day: Option<i64>,
 }
 
 /// What may stop a token from paying: read when the database refused a hold, to say why.

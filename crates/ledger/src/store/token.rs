@@ -16,6 +16,7 @@ impl Store {
         recipient: &AccountRow,
         expires_at: Option<i64>,
         spend_limit: Option<Micros>,
+        limit_per_day: Option<Micros>,
     ) -> Result<IssuedToken> {
         use base64::Engine;
         use rand::RngCore;
@@ -27,8 +28,8 @@ impl Store {
         );
         let id = new_id();
         sqlx::query(
-            "INSERT INTO tokens (id, token_hash, sender_id, recipient_id, expires_at, spend_limit, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO tokens (id, token_hash, sender_id, recipient_id, expires_at, spend_limit, \
+             created_at, limit_per_day) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(&id)
         .bind(sha256_hex(&token))
@@ -37,6 +38,7 @@ impl Store {
         .bind(expires_at)
         .bind(spend_limit)
         .bind(now_micros())
+        .bind(limit_per_day)
         .execute(&self.pool)
         .await?;
         Ok(IssuedToken {
@@ -54,7 +56,8 @@ impl Store {
             return Ok(Some(info.clone()));
         }
         let info: Option<TokenInfo> = sqlx::query_as(
-            "SELECT k.id, k.sender_id, k.recipient_id, s.email AS sender_email, s.currency \
+            "SELECT k.id, k.sender_id, k.recipient_id, s.email AS sender_email, s.currency, \
+             k.limit_per_day \
              FROM tokens k JOIN accounts s ON s.id = k.sender_id WHERE k.token_hash = $1",
         )
         .bind(&hash)

@@ -112,6 +112,8 @@ pub fn authorize(amount: i64, token: &str, key: &str) -> pb::AuthorizeRequest {
         app_ep_path: "/chat".into(),
         idempotency_key: key.into(),
         hold_ttl_seconds: None,
+        budget_per_day_micros: None,
+        budget_per_month_micros: None,
     }
 }
 

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::pricing::RawPricing;
+use super::rate::{RawBudgets, RawLimiter, RawRateLimits};
 use super::search::RawSearch;
 use super::{
     invalid, ConfigError, LedgerSettings, Limits, OpenAiConfig, Pricing, RouterConfig,
@@ -104,6 +105,12 @@ struct RawConfig<N> {
     #[serde(default)]
     limits: RawLimits,
     #[serde(default)]
+    rate_limits: RawRateLimits,
+    #[serde(default)]
+    budgets: RawBudgets,
+    #[serde(default)]
+    limiter: RawLimiter,
+    #[serde(default)]
     ledger: RawLedger,
 }
 
@@ -112,6 +119,7 @@ fn default_services<N>() -> Vec<RawService<N>> {
         service_type: "chat".into(),
         enabled: true,
         pricing: None,
+        rate_limits: None,
     }]
 }
 
@@ -124,6 +132,8 @@ struct RawService<N> {
     enabled: bool,
     #[serde(default)]
     pricing: Option<RawPricing<N>>,
+    #[serde(default)]
+    rate_limits: Option<RawRateLimits>,
 }
 
 fn yes() -> bool {
@@ -210,13 +220,18 @@ impl<N: NumberText> RawConfig<N> {
         let services = self
             .services
             .into_iter()
-            .map(|s| {
+            .enumerate()
+            .map(|(i, s)| {
                 let kind = ServiceKind::parse(&s.service_type).ok_or_else(|| {
                     invalid(format!(
                         "service type {:?}: expected chat or search",
                         s.service_type
                     ))
                 })?;
+                let rate_limits = match s.rate_limits {
+                    None => Default::default(),
+                    Some(r) => r.into_limits(&format!("services[{i}].rate_limits"))?,
+                };
                 let pricing = match s.pricing {
                     None => Pricing::free(),
                     Some(p) => p.into_pricing(&s.service_type, max)?,
@@ -225,6 +240,7 @@ impl<N: NumberText> RawConfig<N> {
                     kind,
                     enabled: s.enabled,
                     pricing,
+                    rate_limits,
                 })
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
@@ -253,6 +269,9 @@ impl<N: NumberText> RawConfig<N> {
             upstream,
             search,
             limits,
+            rate_limits: self.rate_limits.into_limits("rate_limits")?,
+            budgets: self.budgets.into_budgets(max)?,
+            limiter: self.limiter.into_config()?,
             ledger,
             replay: super::ReplaySettings::default(),
             max_stream_duration: super::DEFAULT_MAX_STREAM_DURATION,
@@ -383,7 +402,7 @@ mod tests {
             (
                 r#""services":[{"type":"chat","enabld":true}]"#,
                 "invalid JSON config at services[0].enabld: unknown field `enabld`, expected one \
-                 of `type`, `enabled`, `pricing` at line 1 column 77",
+                 of `type`, `enabled`, `pricing`, `rate_limits` at line 1 column 77",
             ),
             (
                 r#""upstream":{"kind":"echo","base_ulr":"x"}"#,
@@ -408,7 +427,7 @@ mod tests {
                 r#""modles":["m"]"#,
                 "invalid JSON config at modles: unknown field `modles`, expected one of `name`, \
                  `description`, `owner_email`, `services`, `models`, `upstream`, `search`, \
-                 `limits`, `ledger` at line 1 column 50",
+                 `limits`, `rate_limits`, `budgets`, `limiter`, `ledger` at line 1 column 50",
             ),
         ] {
             let err = RouterConfig::from_json_str(&format!("{{{base},{extra}}}")).expect_err(extra);

@@ -20,11 +20,16 @@ use crate::money::{AmountError, DEFAULT_MAX_AMOUNT_MICROS};
 
 mod file;
 mod pricing;
+mod rate;
 mod search;
 
 pub use pricing::{
     describe_price, insufficient_funds_message, pricing_json, pricing_proto, Pricing, PricingKind,
     TokenBound,
+};
+pub use rate::{
+    Budgets, LimiterBackend, LimiterConfig, OnFailure, Rate, RateLimits, RateUnit, MAX_CONCURRENCY,
+    MAX_RATE_COUNT,
 };
 pub use search::{HttpSearchConfig, SearchBackendConfig, SearchConfig, DEFAULT_RESCAN};
 
@@ -106,6 +111,8 @@ pub struct ServiceConfig {
     pub kind: ServiceKind,
     pub enabled: bool,
     pub pricing: Pricing,
+    /// Per-user limits of this service, checked in addition to the router's own.
+    pub rate_limits: RateLimits,
 }
 
 /// Where answers come from.
@@ -252,6 +259,12 @@ pub struct RouterConfig {
     /// The search backend of the `search` service; required when that service is listed.
     pub search: Option<SearchConfig>,
     pub limits: Limits,
+    /// Per-user request, token and concurrency limits over all services (docs/limits.md).
+    pub rate_limits: RateLimits,
+    /// Per-user spend budgets, enforced by the ledger when it places a hold.
+    pub budgets: Budgets,
+    /// Where the rate-limit windows are counted, and what happens when that store fails.
+    pub limiter: LimiterConfig,
     pub ledger: LedgerSettings,
     /// Storage of paid answers for replay (not read from the config file).
     pub replay: ReplaySettings,
@@ -282,11 +295,15 @@ impl RouterConfig {
                 kind: ServiceKind::Chat,
                 enabled: true,
                 pricing: Pricing::free(),
+                rate_limits: RateLimits::default(),
             }],
             models: Vec::new(),
             upstream: UpstreamConfig::Echo,
             search: None,
             limits: Limits::default(),
+            rate_limits: RateLimits::default(),
+            budgets: Budgets::default(),
+            limiter: LimiterConfig::default(),
             ledger: LedgerSettings::default(),
             replay: ReplaySettings::default(),
             max_stream_duration: DEFAULT_MAX_STREAM_DURATION,
@@ -313,6 +330,7 @@ impl RouterConfig {
                 kind,
                 enabled: true,
                 pricing,
+                rate_limits: RateLimits::default(),
             }),
         }
         self

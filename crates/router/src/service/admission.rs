@@ -12,6 +12,7 @@ use super::hold::{self, Claim, HoldGuard};
 use super::{elapsed_ms, RouterService};
 use crate::config::{describe_price, insufficient_funds_message, Pricing, ServiceKind, TokenBound};
 use crate::error::{RouterError, INSUFFICIENT_FUNDS};
+use crate::limits::Pass;
 
 /// What admission needs to know of a request, for any service.
 pub(super) struct Ticket {
@@ -26,6 +27,9 @@ pub(super) struct Ticket {
     pub bound: Option<TokenBound>,
     /// The usage rows' `model`: the chat model, or the search backend.
     pub model: String,
+    /// The request's place in the rate-limit windows, once admitted (frees its in-flight slots
+    /// when the request ends; `None` when no limit is configured).
+    pub pass: Option<Pass>,
 }
 
 /// Counts of a usage row: tokens for chat; for search, the query's tokens and the results.
@@ -66,14 +70,18 @@ impl RouterService {
         Ok(pricing)
     }
 
-    /// Claims the request id (held until the returned claim is dropped) and places the hold when
-    /// the service is paid.
+    /// Claims the request id (held until the returned claim is dropped), takes the request's
+    /// place in the rate-limit windows (`reserve_tokens` in the token windows; `limit.rs`), and
+    /// places the hold when the service is paid (the ledger decides the spend budgets there).
+    /// The limits run after the claim, so a concurrent duplicate never spends a window's room.
     pub(super) async fn admit_ticket(
         &self,
-        t: &Ticket,
+        t: &mut Ticket,
+        reserve_tokens: u64,
     ) -> Result<(Claim, Authorized), RouterError> {
         tracing::Span::current().record("request_id", t.request_id.as_str());
         let claim = self.claim(&t.user_email, &t.request_id)?;
+        t.pass = self.pass_gate(t, reserve_tokens).await?;
         let authorized = self.authorize(t).await?;
         match &authorized {
             Authorized::Hold(h) => {
@@ -130,6 +138,8 @@ impl RouterService {
                 app_ep_path: t.kind.endpoint().into(),
                 idempotency_key: t.request_id.clone(),
                 hold_ttl_seconds: inner.ledger.hold_ttl_seconds,
+                budget_per_day_micros: inner.config.budgets.per_day_micros,
+                budget_per_month_micros: inner.config.budgets.per_month_micros,
             })
             .await
             .map_err(|e| explain_refusal(t, e))?;

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use syft_error::UsageStatus;
-use syft_proto::router::{ChatRequest, ChatResponse, Metadata, Service, TokenUsage};
+use syft_proto::router::{ChatRequest, ChatResponse, Metadata, Service};
 use tracing::Instrument;
 
 use crate::config::{pricing_proto, PricingKind, RouterConfig, ServiceKind, TokenBound};
@@ -17,19 +17,23 @@ use crate::drain::Drain;
 use crate::error::RouterError;
 use crate::health::{LedgerState, Readiness, ReadinessCell};
 use crate::ledger::Ledger;
+use crate::limits::{Gate, RateHeaders};
 use crate::metrics;
 use crate::tokens;
 use crate::upstream::{Upstream, UpstreamError, UpstreamRequest, UpstreamUsage};
 use crate::validate::{validate_chat, ValidRequest};
 
 mod admission;
+mod answer;
 mod hold;
+mod limit;
 mod refusal;
 mod replay;
 mod search;
 mod stream;
 
 use admission::{Authorized, Ticket, Units};
+use answer::{elapsed_ms, normalize_finish, token_usage};
 use hold::{Claim, HoldGuard};
 pub use stream::ChatStreamHandle;
 
@@ -57,6 +61,8 @@ struct Inner {
     in_flight: Mutex<HashSet<(String, String)>>,
     readiness: ReadinessCell,
     drain: Arc<Drain>,
+    /// The rate limits; `None` when none are configured.
+    gate: Option<Arc<Gate>>,
 }
 
 /// What admission decided: run the request, or replay the stored answer of its earlier,
@@ -64,7 +70,8 @@ struct Inner {
 #[allow(clippy::large_enum_variant)]
 enum Admission {
     Run(Prepared, Claim, Option<HoldGuard>),
-    Replay(Box<ChatResponse>),
+    /// The stored answer, and the rate-limit headers of this retry.
+    Replay(Box<ChatResponse>, RateHeaders),
 }
 
 /// A chat request, validated and priced.
@@ -89,6 +96,7 @@ impl RouterService {
             .as_ref()
             .map(SearchBackend::from_config)
             .transpose()?;
+        let gate = Gate::from_config(&config)?;
         let ledger_required = config
             .services
             .iter()
@@ -106,6 +114,7 @@ impl RouterService {
                 in_flight: Mutex::new(HashSet::new()),
                 readiness,
                 drain: Drain::new(),
+                gate,
             }),
         })
     }
@@ -217,6 +226,14 @@ impl RouterService {
     /// A unary chat. Returns only after the capture (or the usage row, for free services) is
     /// committed.
     pub async fn chat(&self, req: ChatRequest) -> Result<ChatResponse, RouterError> {
+        self.chat_with_limits(req).await.map(|(resp, _)| resp)
+    }
+
+    /// [`RouterService::chat`], with the rate-limit headers of the answer.
+    pub async fn chat_with_limits(
+        &self,
+        req: ChatRequest,
+    ) -> Result<(ChatResponse, RateHeaders), RouterError> {
         let span = self.span(&req, false);
         self.unary(req).instrument(span).await
     }
@@ -233,11 +250,11 @@ impl RouterService {
         )
     }
 
-    async fn unary(&self, req: ChatRequest) -> Result<ChatResponse, RouterError> {
+    async fn unary(&self, req: ChatRequest) -> Result<(ChatResponse, RateHeaders), RouterError> {
         let started = Instant::now();
         let (p, _claim, hold) = match self.admit(req).await? {
             Admission::Run(p, claim, hold) => (p, claim, hold),
-            Admission::Replay(r) => {
+            Admission::Replay(r, headers) => {
                 metrics::observe(
                     self.provider(),
                     "unary",
@@ -245,7 +262,7 @@ impl RouterService {
                     started,
                     Default::default(),
                 );
-                return Ok(*r);
+                return Ok((*r, headers));
             }
         };
         let up_start = Instant::now();
@@ -276,6 +293,7 @@ impl RouterService {
             }
         };
         let (prompt_tokens, completion_tokens) = self.final_tokens(&p, c.usage, &c.content).await;
+        Self::settle_pass(&p.t, prompt_tokens.saturating_add(completion_tokens)).await;
         let cost = self.cost(&p, prompt_tokens, completion_tokens);
         let units = Units {
             input: prompt_tokens,
@@ -292,7 +310,8 @@ impl RouterService {
             "not_settled"
         };
         metrics::observe(self.provider(), "unary", outcome, started, upstream_time);
-        settled.map(|_| response)
+        let headers = Self::rate_headers(&p.t);
+        settled.map(|_| (response, headers))
     }
 
     // -----------------------------------------------------------------------------------------
@@ -313,14 +332,16 @@ impl RouterService {
     }
 
     async fn try_admit(&self, req: ChatRequest) -> Result<Admission, RouterError> {
-        let p = self.prepare(req).await?;
-        let (claim, authorized) = self.admit_ticket(&p.t).await?;
+        let mut p = self.prepare(req).await?;
+        let reserve = self.chat_reservation(&p).await;
+        let (claim, authorized) = self.admit_ticket(&mut p.t, reserve).await?;
         let hold = match authorized {
             Authorized::Free => None,
             Authorized::Hold(h) => Some(h),
             Authorized::Resolved(transfer) => {
                 let answer = self.replay(&p, &transfer).await?;
-                return Ok(Admission::Replay(Box::new(answer)));
+                let headers = Self::rate_headers(&p.t);
+                return Ok(Admission::Replay(Box::new(answer), headers));
             }
         };
         Ok(Admission::Run(p, claim, hold))
@@ -372,6 +393,7 @@ impl RouterService {
             hold_micros: 0,
             bound: None,
             model,
+            pass: None,
         };
         let mut p = Prepared {
             t,
@@ -448,26 +470,5 @@ impl RouterService {
             tracing::warn!(request_id = %p.v.request_id, cost, hold = p.t.hold_micros, "cost above hold; capped");
         }
         cost.min(p.t.hold_micros)
-    }
-}
-
-fn elapsed_ms(since: Instant) -> i64 {
-    i64::try_from(since.elapsed().as_millis()).unwrap_or(i64::MAX)
-}
-
-fn token_usage(prompt: u64, completion: u64) -> TokenUsage {
-    let p = i64::try_from(prompt).unwrap_or(i64::MAX);
-    let c = i64::try_from(completion).unwrap_or(i64::MAX);
-    TokenUsage {
-        prompt_tokens: p,
-        completion_tokens: c,
-        total_tokens: p.saturating_add(c),
-    }
-}
-
-fn normalize_finish(reason: &str) -> String {
-    match reason {
-        "" => "stop".into(),
-        r => r.to_string(),
     }
 }

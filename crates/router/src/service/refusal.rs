@@ -1,5 +1,6 @@
 //! A usage row for every refused request (issue 15, point 7): payment required, token refused,
-//! insufficient funds, invalid request, duplicate, ledger unavailable. Owners see refusals next to
+//! insufficient funds, invalid request, duplicate, rate limited, budget exceeded, ledger
+//! unavailable. Owners see refusals next to
 //! answers in `syft-router usage --status …`.
 //!
 //! The row goes through the ledger's group-commit path (`RecordUsage`, batched in the ledger), so a
@@ -9,7 +10,7 @@
 
 use std::time::Instant;
 
-use syft_error::UsageStatus;
+use syft_error::{Reason, UsageStatus};
 use syft_proto::ledger::Usage;
 use syft_proto::router::{ChatRequest, SearchRequest};
 
@@ -64,6 +65,11 @@ pub(super) fn refusal_status(e: &RouterError) -> UsageStatus {
         | RouterError::NotFound(_)
         | RouterError::FailedPrecondition { .. } => UsageStatus::InvalidRequest,
         RouterError::AlreadyExists(_) => UsageStatus::Duplicate,
+        // A limit: the router's rate and concurrency windows, or the ledger's spend budgets.
+        RouterError::Quota(q) => match q.reason {
+            Reason::BudgetExceeded | Reason::TokenDailyLimitExceeded => UsageStatus::BudgetExceeded,
+            _ => UsageStatus::RateLimited,
+        },
         RouterError::Unauthenticated(_)
         | RouterError::ResourceExhausted(_)
         | RouterError::Unavailable(_)

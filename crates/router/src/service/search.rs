@@ -82,6 +82,7 @@ impl RouterService {
             self.release(hold, "no results", usage).await;
             (0, Ok(transfer_id))
         } else {
+            Self::settle_pass(&t, query_tokens).await;
             let cost = t.pricing.cost_micros(0, 0).min(t.hold_micros);
             let usage = self.usage(
                 &t,
@@ -128,7 +129,7 @@ impl RouterService {
         };
         let v = validate_search(req, bounds)?;
         let pricing = self.price_for(ServiceKind::Search, &v.user_email, &v.transaction_token)?;
-        let t = Ticket {
+        let mut t = Ticket {
             kind: ServiceKind::Search,
             request_id: v.request_id.clone(),
             user_email: v.user_email.clone(),
@@ -137,8 +138,16 @@ impl RouterService {
             pricing,
             bound: None,
             model: backend.provider().into(),
+            pass: None,
         };
-        let (claim, authorized) = self.admit_ticket(&t).await?;
+        // A search counts its query's tokens in the token windows (what its usage row reports
+        // as `prompt_tokens`).
+        let reserve = if self.counts_tokens(ServiceKind::Search) {
+            tokens::count_text(&v.query.query)
+        } else {
+            0
+        };
+        let (claim, authorized) = self.admit_ticket(&mut t, reserve).await?;
         let hold = match authorized {
             Authorized::Free => None,
             Authorized::Hold(h) => Some(h),

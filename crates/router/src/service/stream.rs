@@ -31,6 +31,8 @@ pub struct ChatStreamHandle {
     pub model: String,
     /// The stored answer of an earlier, already charged attempt (no upstream call, no charge).
     pub replay: bool,
+    /// The rate-limit headers of the answer.
+    pub rate_limits: crate::limits::RateHeaders,
     pub events: ReceiverStream<Result<ChatStreamEvent, RouterError>>,
 }
 
@@ -46,7 +48,7 @@ impl RouterService {
         let started = Instant::now();
         let (p, claim, hold) = match self.admit(req).await? {
             Admission::Run(p, claim, hold) => (p, claim, hold),
-            Admission::Replay(r) => {
+            Admission::Replay(r, headers) => {
                 metrics::observe(
                     self.provider(),
                     "stream",
@@ -54,7 +56,7 @@ impl RouterService {
                     started,
                     Default::default(),
                 );
-                return Ok(replayed(*r));
+                return Ok(replayed(*r, headers));
             }
         };
         let up_start = Instant::now();
@@ -74,6 +76,7 @@ impl RouterService {
             transfer_id: hold.as_ref().map(|h| h.transfer_id.clone()),
             model: p.t.model.clone(),
             replay: false,
+            rate_limits: Self::rate_headers(&p.t),
             events: ReceiverStream::new(rx),
         };
         let svc = self.clone();
@@ -212,6 +215,7 @@ impl RouterService {
             End::Done | End::Cut => {
                 let (prompt_tokens, completion_tokens) =
                     self.final_tokens(&p, reported, &content).await;
+                Self::settle_pass(&p.t, prompt_tokens.saturating_add(completion_tokens)).await;
                 let cost = self.cost(&p, prompt_tokens, completion_tokens);
                 let units = Units {
                     input: prompt_tokens,
@@ -248,7 +252,7 @@ impl RouterService {
 }
 
 /// A stream that replays a stored answer: the whole text as one delta, then the final event.
-fn replayed(r: ChatResponse) -> ChatStreamHandle {
+fn replayed(r: ChatResponse, rate_limits: crate::limits::RateHeaders) -> ChatStreamHandle {
     let request_id = r.id.clone();
     let transfer_id = Some(r.transfer_id.clone()).filter(|t| !t.is_empty());
     let model = r.model.clone();
@@ -263,6 +267,7 @@ fn replayed(r: ChatResponse) -> ChatStreamHandle {
         transfer_id,
         model,
         replay: true,
+        rate_limits,
         events: ReceiverStream::new(rx),
     }
 }

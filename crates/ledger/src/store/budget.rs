@@ -1,0 +1,299 @@
+//! Spend budgets decided inside the transaction that places a hold (docs/limits.md).
+//!
+//! A budget caps what one sender may commit to one recipient in a window: the recipient's
+//! per-user budgets per UTC day and per UTC month (sent with the hold), and the token's own limit
+//! in any 24 hours (`tokens.limit_per_day`). What a window has used is read from the transfers
+//! themselves, so there is no counter to keep in step: a pending hold counts its amount until it
+//! expires (reserve), a captured one its captured amount (settle), a voided or expired one nothing
+//! (release). [`check`] runs after the hold's transaction has locked the sender's row, which
+//! every hold of that sender takes, so the sum it reads cannot change until the hold commits or
+//! rolls back: concurrent holds across ledger replicas cannot overspend.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{Datelike, TimeZone, Utc};
+use sqlx::AnyConnection;
+use syft_error::{QuotaDetails, Reason};
+
+use crate::error::LedgerError;
+
+const DAY_MICROS: i64 = 86_400_000_000;
+
+/// One queue per sender for its budgeted holds in this process. Those holds are decided one at a
+/// time anyway (on the sender's row lock); queueing them here first keeps a burst of one user's
+/// requests from holding every pooled connection while they wait on that lock.
+#[derive(Default)]
+pub(crate) struct SenderQueues {
+    queues: std::sync::Mutex<HashMap<i64, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// A sender's turn; the next hold of that sender goes when it is dropped.
+pub(crate) struct Turn<'a> {
+    queues: &'a SenderQueues,
+    sender: i64,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl SenderQueues {
+    pub(crate) async fn turn(&self, sender: i64) -> Turn<'_> {
+        let queue = match self.queues.lock() {
+            Ok(mut map) => map.entry(sender).or_default().clone(),
+            // A poisoned map only loses the queueing, never correctness (the row lock decides).
+            Err(_) => Arc::new(tokio::sync::Mutex::new(())),
+        };
+        Turn {
+            queues: self,
+            sender,
+            guard: Some(queue.lock_owned().await),
+        }
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        if let Ok(mut map) = self.queues.queues.lock() {
+            // Only the map holds it: nobody waits, forget the queue.
+            if map
+                .get(&self.sender)
+                .is_some_and(|q| Arc::strong_count(q) == 1)
+            {
+                map.remove(&self.sender);
+            }
+        }
+    }
+}
+
+/// The recipient's budgets for the sender of one hold, in micros.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HoldBudgets {
+    pub per_day: Option<i64>,
+    pub per_month: Option<i64>,
+}
+
+impl HoldBudgets {
+    pub fn is_empty(&self) -> bool {
+        self.per_day.is_none() && self.per_month.is_none()
+    }
+}
+
+/// Which budget refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetWindow {
+    /// The recipient's budget per UTC calendar day.
+    Day,
+    /// The recipient's budget per UTC calendar month.
+    Month,
+    /// The token's limit in any 24 hours.
+    TokenDay,
+}
+
+/// A hold a budget refused: nothing was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BudgetRefusal {
+    pub window: BudgetWindow,
+    pub limit: i64,
+    pub used: i64,
+    pub requested: i64,
+    /// When enough of the window frees for this hold (micros since the epoch); `None` if the
+    /// hold is larger than the budget itself.
+    pub retry_at: Option<i64>,
+}
+
+impl BudgetRefusal {
+    pub fn into_error(self, now: i64) -> LedgerError {
+        let (reason, what) = match self.window {
+            BudgetWindow::Day => (Reason::BudgetExceeded, "daily budget (UTC day)"),
+            BudgetWindow::Month => (Reason::BudgetExceeded, "monthly budget (UTC month)"),
+            BudgetWindow::TokenDay => (
+                Reason::TokenDailyLimitExceeded,
+                "token's limit per 24 hours",
+            ),
+        };
+        let retry_after = self
+            .retry_at
+            .map(|at| Duration::from_micros(u64::try_from(at.saturating_sub(now)).unwrap_or(0)));
+        let when = match self.retry_at {
+            Some(at) => format!(
+                "; not retryable before {}",
+                Utc.timestamp_micros(at)
+                    .single()
+                    .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+                    .unwrap_or_default()
+            ),
+            None => "; the request is larger than the whole budget".into(),
+        };
+        LedgerError::Quota {
+            reason,
+            message: format!(
+                "{what} exceeded: limit {}, used {}, requested {} micros{when}",
+                self.limit, self.used, self.requested
+            ),
+            details: QuotaDetails {
+                retry_after,
+                violations: vec![("sender".into(), format!("{what} of {} micros", self.limit))],
+            },
+        }
+    }
+}
+
+/// Start of the UTC day and of the UTC month containing `now` (micros), and the next starts.
+fn windows(now: i64) -> ((i64, i64), (i64, i64)) {
+    let day = now - now.rem_euclid(DAY_MICROS);
+    let t = Utc.timestamp_micros(now).single().unwrap_or_default();
+    let month_start = |y: i32, m: u32| {
+        Utc.with_ymd_and_hms(y, m, 1, 0, 0, 0)
+            .single()
+            .map(|d| d.timestamp_micros())
+            .unwrap_or(0)
+    };
+    let (ny, nm) = if t.month() == 12 {
+        (t.year() + 1, 1)
+    } else {
+        (t.year(), t.month() + 1)
+    };
+    (
+        (day, day + DAY_MICROS),
+        (month_start(t.year(), t.month()), month_start(ny, nm)),
+    )
+}
+
+/// What the sender's holds to this recipient (or through this token) since `since` still commit.
+const USED: &str = "SELECT CAST(COALESCE(SUM(CASE WHEN status = 'COMPLETED' THEN captured \
+     WHEN status = 'PENDING' AND expires_at > $1 THEN amount ELSE 0 END), 0) AS BIGINT) \
+     FROM transfers WHERE sender_id = $2 AND recipient_id = $3 AND created_at >= $4";
+const USED_BY_TOKEN: &str =
+    "SELECT CAST(COALESCE(SUM(CASE WHEN status = 'COMPLETED' THEN captured \
+     WHEN status = 'PENDING' AND expires_at > $1 THEN amount ELSE 0 END), 0) AS BIGINT) \
+     FROM transfers WHERE token_id = $2 AND created_at > $3";
+/// The token's transfers still counting, oldest first (when the rolling window frees).
+const TOKEN_ENTRIES: &str = "SELECT created_at, CASE WHEN status = 'COMPLETED' THEN captured \
+     WHEN status = 'PENDING' AND expires_at > $1 THEN amount ELSE 0 END AS used \
+     FROM transfers WHERE token_id = $2 AND created_at > $3 ORDER BY created_at";
+
+/// One hold's budget check, inside its transaction and after the sender's row is locked.
+pub(crate) struct BudgetCheck<'a> {
+    pub sender_id: i64,
+    pub recipient_id: i64,
+    pub token_id: &'a str,
+    pub token_limit_per_day: Option<i64>,
+    pub budgets: HoldBudgets,
+    pub amount: i64,
+    pub now: i64,
+}
+
+impl BudgetCheck<'_> {
+    pub(crate) fn is_needed(&self) -> bool {
+        !self.budgets.is_empty() || self.token_limit_per_day.is_some()
+    }
+
+    /// `Some` if a budget refuses the hold.
+    pub(crate) async fn run(
+        &self,
+        conn: &mut AnyConnection,
+    ) -> Result<Option<BudgetRefusal>, sqlx::Error> {
+        let ((day, next_day), (month, next_month)) = windows(self.now);
+        let calendar = [
+            (BudgetWindow::Day, self.budgets.per_day, day, next_day),
+            (
+                BudgetWindow::Month,
+                self.budgets.per_month,
+                month,
+                next_month,
+            ),
+        ];
+        for (window, limit, since, resets) in calendar {
+            let Some(limit) = limit else { continue };
+            let used: i64 = sqlx::query_scalar(USED)
+                .bind(self.now)
+                .bind(self.sender_id)
+                .bind(self.recipient_id)
+                .bind(since)
+                .fetch_one(&mut *conn)
+                .await?;
+            if used.saturating_add(self.amount) > limit {
+                return Ok(Some(BudgetRefusal {
+                    window,
+                    limit,
+                    used,
+                    requested: self.amount,
+                    retry_at: (self.amount <= limit).then_some(resets),
+                }));
+            }
+        }
+        if let Some(limit) = self.token_limit_per_day {
+            let since = self.now - DAY_MICROS;
+            let used: i64 = sqlx::query_scalar(USED_BY_TOKEN)
+                .bind(self.now)
+                .bind(self.token_id)
+                .bind(since)
+                .fetch_one(&mut *conn)
+                .await?;
+            if used.saturating_add(self.amount) > limit {
+                let retry_at = if self.amount > limit {
+                    None
+                } else {
+                    self.rolling_retry(conn, limit, used, since).await?
+                };
+                return Ok(Some(BudgetRefusal {
+                    window: BudgetWindow::TokenDay,
+                    limit,
+                    used,
+                    requested: self.amount,
+                    retry_at,
+                }));
+            }
+        }
+        Ok(None)
+    }
+
+    /// When enough of the token's rolling 24 hours ages out for this hold.
+    async fn rolling_retry(
+        &self,
+        conn: &mut AnyConnection,
+        limit: i64,
+        used: i64,
+        since: i64,
+    ) -> Result<Option<i64>, sqlx::Error> {
+        let entries: Vec<(i64, i64)> = sqlx::query_as(TOKEN_ENTRIES)
+            .bind(self.now)
+            .bind(self.token_id)
+            .bind(since)
+            .fetch_all(&mut *conn)
+            .await?;
+        let mut left = used;
+        for (at, c) in entries {
+            left -= c;
+            if left.saturating_add(self.amount) <= limit {
+                return Ok(Some(at + DAY_MICROS));
+            }
+        }
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calendar_windows_are_utc() {
+        // 2026-12-31T23:59:59.5Z
+        let now = Utc
+            .with_ymd_and_hms(2026, 12, 31, 23, 59, 59)
+            .single()
+            .map(|d| d.timestamp_micros() + 500_000)
+            .expect("time");
+        let ((day, next_day), (month, next_month)) = windows(now);
+        let at = |y, m, d| {
+            Utc.with_ymd_and_hms(y, m, d, 0, 0, 0)
+                .single()
+                .map(|t| t.timestamp_micros())
+                .expect("time")
+        };
+        assert_eq!((day, next_day), (at(2026, 12, 31), at(2027, 1, 1)));
+        assert_eq!((month, next_month), (at(2026, 12, 1), at(2027, 1, 1)));
+    }
+}

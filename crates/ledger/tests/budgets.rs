@@ -1,0 +1,243 @@
+//! Spend budgets decided in the hold's transaction (docs/limits.md): a hold reserves, a capture
+//! settles, a void or an expiry releases, and the window's reset frees the budget. Both engines;
+//! `ledger verify` after each scenario.
+
+use std::time::Duration;
+
+use syft_ledger::client::connect_lazy;
+use syft_proto::ledger as pb;
+use syft_testkit::{reason, Harness, LedgerServer, USD};
+use tonic::Code;
+use tonic_types::StatusExt;
+
+const OWNER: &str = "owner@router.example";
+const ALICE: &str = "alice@example.com";
+
+fn hold(
+    token: &str,
+    key: &str,
+    amount: i64,
+    per_day: Option<i64>,
+    ttl: i64,
+) -> pb::AuthorizeRequest {
+    pb::AuthorizeRequest {
+        sender_email: ALICE.into(),
+        amount_micros: amount,
+        token: token.into(),
+        app_name: "chat".into(),
+        app_ep_path: "/chat".into(),
+        idempotency_key: key.into(),
+        hold_ttl_seconds: Some(ttl),
+        budget_per_day_micros: per_day,
+        budget_per_month_micros: None,
+    }
+}
+
+/// Moves every transfer of the test a day back, as if the window had passed.
+async fn a_day_passes(h: &Harness) {
+    sqlx::query("UPDATE transfers SET created_at = created_at - 86400000000")
+        .execute(h.store.pool())
+        .await
+        .expect("backdate");
+}
+
+async fn budget_lifecycle(postgres: bool) {
+    let Some(h) = Harness::new(postgres).await else {
+        eprintln!("SKIPPED: no DATABASE_URL");
+        return;
+    };
+    let owner = h.account(OWNER, 0).await;
+    let alice = h.account(ALICE, 10 * USD).await;
+    let token = h.token(&alice, OWNER).await;
+    let mut c = h.client(&owner);
+    let budget = Some(50_000);
+
+    // Reserve: a pending hold counts against the day's budget.
+    let first = c
+        .authorize(hold(&token, "a", 30_000, budget, 300))
+        .await
+        .expect("first")
+        .into_inner();
+    let err = c
+        .authorize(hold(&token, "b", 30_000, budget, 300))
+        .await
+        .expect_err("over budget");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert_eq!(reason(&err).as_deref(), Some("BUDGET_EXCEEDED"));
+    assert!(
+        err.message().contains("not retryable before"),
+        "{}",
+        err.message()
+    );
+    let retry = err
+        .get_details_retry_info()
+        .and_then(|r| r.retry_delay)
+        .expect("retry info");
+    assert!(retry <= Duration::from_secs(86_400));
+    assert!(err.get_details_quota_failure().is_some());
+    // The refusal wrote nothing: no hold, nothing held beyond the first.
+    assert_eq!(h.balance(ALICE).await.held_micros, 30_000);
+
+    // Release by expiry: once the first hold is past its expiry it no longer counts, even
+    // before the sweep cancels it. (Its expiry is moved to the past rather than waited for, so
+    // a slow machine cannot expire it before the refusal above.)
+    sqlx::query("UPDATE transfers SET expires_at = created_at WHERE id = $1")
+        .bind(&first.id)
+        .execute(h.store.pool())
+        .await
+        .expect("expire");
+    assert_eq!(first.status(), pb::TransferStatus::Pending);
+    let second = c
+        .authorize(hold(&token, "b", 30_000, budget, 300))
+        .await
+        .expect("after expiry")
+        .into_inner();
+
+    // Settle: a capture of less than the hold counts what was captured.
+    let captured = c
+        .capture(pb::CaptureRequest {
+            transfer_id: second.id.clone(),
+            amount: Some(pb::capture_request::Amount::AmountMicros(10_000)),
+            usage: None,
+            answer: None,
+        })
+        .await
+        .expect("capture")
+        .into_inner();
+    assert_eq!(captured.status(), pb::TransferStatus::Completed);
+    // 10_000 captured + 40_000 = 50_000: exactly the budget.
+    c.authorize(hold(&token, "c", 40_000, budget, 300))
+        .await
+        .expect("fits exactly");
+    let err = c
+        .authorize(hold(&token, "d", 1, budget, 300))
+        .await
+        .expect_err("full");
+    assert_eq!(reason(&err).as_deref(), Some("BUDGET_EXCEEDED"));
+    // A retry of a refused key is decided afresh (a refusal is not the key's outcome), and a
+    // replay of an admitted key still returns its transfer, budget or not.
+    let replay = c
+        .authorize(hold(&token, "c", 40_000, budget, 300))
+        .await
+        .expect("replay")
+        .into_inner();
+    assert_eq!(replay.amount_micros, 40_000);
+
+    // Reset: a new day has the whole budget again.
+    a_day_passes(&h).await;
+    c.authorize(hold(&token, "d", 1, budget, 300))
+        .await
+        .expect("new day");
+
+    // A hold larger than the whole budget says no retry helps.
+    let err = c
+        .authorize(hold(&token, "e", 60_000, budget, 300))
+        .await
+        .expect_err("too big");
+    assert!(
+        err.message().contains("larger than the whole budget"),
+        "{}",
+        err.message()
+    );
+    assert!(err.get_details_retry_info().is_none());
+    h.assert_consistent().await;
+}
+
+#[tokio::test]
+async fn budget_lifecycle_sqlite() {
+    budget_lifecycle(false).await;
+}
+
+#[tokio::test]
+async fn budget_lifecycle_postgres() {
+    budget_lifecycle(true).await;
+}
+
+/// Two ledgers on one Postgres, 200 concurrent holds of $0.03 against a $1.00 daily budget:
+/// exactly 33 are placed, never more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_holds_never_overspend_a_budget() {
+    let Some(h) = Harness::new(true).await else {
+        eprintln!("SKIPPED: no DATABASE_URL");
+        return;
+    };
+    let second = LedgerServer::start(h.config.clone()).await;
+    let owner = h.account(OWNER, 0).await;
+    let alice = h.account(ALICE, 10 * USD).await;
+    let token = h.token(&alice, OWNER).await;
+    let replicas = [
+        h.client(&owner),
+        connect_lazy(&second.url, &owner).expect("client"),
+    ];
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let mut c = replicas[i % 2].clone();
+            let req = hold(&token, &format!("k{i}"), 30_000, Some(USD), 300);
+            tokio::spawn(async move { c.authorize(req).await })
+        })
+        .collect();
+    let mut placed = 0;
+    for t in tasks {
+        match t.await.expect("join") {
+            Ok(_) => placed += 1,
+            Err(s) => assert_eq!(reason(&s).as_deref(), Some("BUDGET_EXCEEDED"), "{s:?}"),
+        }
+    }
+    assert_eq!(placed, 33);
+    assert_eq!(h.balance(ALICE).await.held_micros, 33 * 30_000);
+    h.assert_consistent().await;
+}
+
+/// A token issued with a per-day limit loses at most that much in any 24 hours, whatever the
+/// owner's budgets; the hold is refused with `TOKEN_DAILY_LIMIT_EXCEEDED`.
+#[tokio::test]
+async fn token_daily_limit() {
+    let Some(h) = Harness::new(false).await else {
+        return;
+    };
+    let owner = h.account(OWNER, 0).await;
+    let alice = h.account(ALICE, 10 * USD).await;
+    let token = h
+        .client(&alice)
+        .issue_token(pb::IssueTokenRequest {
+            recipient_email: OWNER.into(),
+            limit_per_day_micros: Some(50_000),
+            ..Default::default()
+        })
+        .await
+        .expect("issue")
+        .into_inner();
+    assert_eq!(token.limit_per_day_micros, Some(50_000));
+    let mut c = h.client(&owner);
+    c.authorize(hold(&token.token, "a", 30_000, None, 300))
+        .await
+        .expect("first");
+    let err = c
+        .authorize(hold(&token.token, "b", 30_000, None, 300))
+        .await
+        .expect_err("over the token's day");
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert_eq!(reason(&err).as_deref(), Some("TOKEN_DAILY_LIMIT_EXCEEDED"));
+    let retry = err
+        .get_details_retry_info()
+        .and_then(|r| r.retry_delay)
+        .expect("retry");
+    assert!(retry > Duration::from_secs(86_000) && retry <= Duration::from_secs(86_400));
+    // 24 hours later the first hold no longer counts.
+    a_day_passes(&h).await;
+    c.authorize(hold(&token.token, "b", 30_000, None, 300))
+        .await
+        .expect("a day later");
+    // A limit of zero or below is refused at issue.
+    let err = h
+        .client(&alice)
+        .issue_token(pb::IssueTokenRequest {
+            recipient_email: OWNER.into(),
+            limit_per_day_micros: Some(0),
+            ..Default::default()
+        })
+        .await
+        .expect_err("zero");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    h.assert_consistent().await;
+}

@@ -1,0 +1,428 @@
+//! The router's admission gate: turns the configured limits into windows for one request, asks
+//! the [`Limiter`], applies the failure mode, and hands back a [`Pass`] that settles the token
+//! reservation and frees the in-flight slots when the request ends.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use prometheus::{register_int_counter_vec, IntCounterVec};
+use syft_error::{QuotaDetails, Reason};
+
+use super::{
+    now_ms, Limiter, LimiterError, MemoryLimiter, RedisLimiter, Rule, RuleKind, Verdict,
+    WindowState,
+};
+use crate::config::{LimiterBackend, OnFailure, RateLimits, RouterConfig, ServiceKind};
+use crate::error::{QuotaRefusal, RouterError};
+
+static CHECKS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "syft_router_limit_checks_total",
+        "Admission checks against the rate limits, by backend and outcome (admitted, refused, \
+         store_failed_open, store_failed_closed)",
+        &["backend", "outcome"]
+    )
+    .expect("register syft_router_limit_checks_total")
+});
+
+/// The configured limits of one router and the store that counts them.
+pub struct Gate {
+    limiter: Arc<dyn Limiter>,
+    on_failure: OnFailure,
+    app: String,
+    router: RateLimits,
+    services: HashMap<ServiceKind, RateLimits>,
+    max_concurrent: Option<u64>,
+    lease: Duration,
+}
+
+impl Gate {
+    /// `None` when nothing is limited (admission then costs nothing). Must run inside a Tokio
+    /// runtime (the Redis connection is made lazily on it).
+    pub fn from_config(c: &RouterConfig) -> Result<Option<Arc<Gate>>, RouterError> {
+        let services: HashMap<ServiceKind, RateLimits> = c
+            .services
+            .iter()
+            .filter(|s| !s.rate_limits.is_empty())
+            .map(|s| (s.kind, s.rate_limits.clone()))
+            .collect();
+        if c.rate_limits.is_empty()
+            && services.is_empty()
+            && c.limiter.max_concurrent_requests.is_none()
+        {
+            return Ok(None);
+        }
+        let limiter: Arc<dyn Limiter> = match &c.limiter.backend {
+            LimiterBackend::Memory => Arc::new(MemoryLimiter::new()),
+            LimiterBackend::Redis { url } => Arc::new(
+                RedisLimiter::new(url, c.limiter.timeout)
+                    .map_err(|e| RouterError::InvalidArgument(e.0))?,
+            ),
+        };
+        Ok(Some(Arc::new(Gate::with_limiter(c, limiter, services))))
+    }
+
+    fn with_limiter(
+        c: &RouterConfig,
+        limiter: Arc<dyn Limiter>,
+        services: HashMap<ServiceKind, RateLimits>,
+    ) -> Self {
+        Gate {
+            limiter,
+            on_failure: c.limiter.on_failure,
+            app: c.name.clone(),
+            router: c.rate_limits.clone(),
+            services,
+            max_concurrent: c.limiter.max_concurrent_requests,
+            lease: c.limiter.lease,
+        }
+    }
+
+    /// Whether any window counts tokens (the prompt is then tokenized at admission).
+    pub fn counts_tokens(&self, service: ServiceKind) -> bool {
+        !self.router.tokens.is_empty()
+            || self
+                .services
+                .get(&service)
+                .is_some_and(|l| !l.tokens.is_empty())
+    }
+
+    /// The windows of `user`'s request to `service` reserving `tokens`.
+    pub fn rules(&self, user: &str, service: ServiceKind, tokens: u64) -> Vec<Rule> {
+        // Keys name the app so several routers can share one store; the user part is last so
+        // an email can never make one key look like another scope's.
+        let user = if user.is_empty() { "-" } else { user };
+        let mut rules = Vec::new();
+        let scopes = std::iter::once(("*", &self.router))
+            .chain(self.services.get(&service).map(|l| (service.as_str(), l)));
+        for (scope, limits) in scopes {
+            let base = format!("syft:rl:{}:{scope}", self.app);
+            for r in &limits.requests {
+                rules.push(Rule {
+                    key: format!("{base}:req:{}:{user}", r.unit.as_str()),
+                    kind: RuleKind::Requests,
+                    limit: r.count,
+                    window: r.unit.window(),
+                    cost: 1,
+                    describe: format!("{} requests per {}", r.count, r.unit.as_str()),
+                });
+            }
+            for r in &limits.tokens {
+                rules.push(Rule {
+                    key: format!("{base}:tok:{}:{user}", r.unit.as_str()),
+                    kind: RuleKind::Tokens,
+                    limit: r.count,
+                    window: r.unit.window(),
+                    cost: tokens,
+                    describe: format!("{} tokens per {}", r.count, r.unit.as_str()),
+                });
+            }
+            if let Some(n) = limits.concurrent {
+                rules.push(Rule {
+                    key: format!("{base}:inflight:{user}"),
+                    kind: RuleKind::Concurrency,
+                    limit: n,
+                    window: self.lease,
+                    cost: 1,
+                    describe: format!("{n} requests in flight per user"),
+                });
+            }
+        }
+        if let Some(n) = self.max_concurrent {
+            rules.push(Rule {
+                key: format!("syft:rl:{}:inflight", self.app),
+                kind: RuleKind::RouterConcurrency,
+                limit: n,
+                window: self.lease,
+                cost: 1,
+                describe: format!("{n} requests in flight on this router"),
+            });
+        }
+        rules
+    }
+
+    /// Admits `user`'s request or refuses it with `RESOURCE_EXHAUSTED` (or `UNAVAILABLE` when the
+    /// store fails and the mode is `fail_closed`).
+    pub async fn admit(
+        &self,
+        user: &str,
+        service: ServiceKind,
+        tokens: u64,
+    ) -> Result<Pass, RouterError> {
+        let rules = self.rules(user, service, tokens);
+        let lease = uuid::Uuid::now_v7().to_string();
+        let backend = self.limiter.backend();
+        match self.limiter.acquire(now_ms(), &lease, &rules).await {
+            Ok(Verdict::Admitted(states)) => {
+                CHECKS.with_label_values(&[backend, "admitted"]).inc();
+                Ok(Pass::new(self.limiter.clone(), lease, &rules, &states))
+            }
+            Ok(Verdict::Refused {
+                rule,
+                retry_after,
+                states,
+            }) => {
+                CHECKS.with_label_values(&[backend, "refused"]).inc();
+                Err(refusal(user, &rules, rule, retry_after, &states))
+            }
+            Err(e) => self.store_failed(user, e),
+        }
+    }
+
+    fn store_failed(&self, user: &str, e: LimiterError) -> Result<Pass, RouterError> {
+        let backend = self.limiter.backend();
+        match self.on_failure {
+            OnFailure::FailOpen => {
+                CHECKS
+                    .with_label_values(&[backend, "store_failed_open"])
+                    .inc();
+                tracing::warn!(user, error = %e, "rate limiter store failed; admitting (fail_open)");
+                Ok(Pass::unlimited())
+            }
+            OnFailure::FailClosed => {
+                CHECKS
+                    .with_label_values(&[backend, "store_failed_closed"])
+                    .inc();
+                tracing::error!(user, error = %e, "rate limiter store failed; refusing (fail_closed)");
+                Err(RouterError::Unavailable(
+                    "the rate limiter is unavailable; retry shortly".into(),
+                ))
+            }
+        }
+    }
+
+    /// What is left of each of `user`'s windows on `service` (nothing is recorded).
+    pub async fn remaining(
+        &self,
+        user: &str,
+        service: ServiceKind,
+    ) -> Result<Vec<(Rule, WindowState)>, RouterError> {
+        let rules = self.rules(user, service, 0);
+        let states = self
+            .limiter
+            .peek(now_ms(), &rules)
+            .await
+            .map_err(|e| RouterError::Unavailable(e.to_string()))?;
+        Ok(rules.into_iter().zip(states).collect())
+    }
+
+    /// The store (for `bench limits`).
+    pub fn limiter(&self) -> Arc<dyn Limiter> {
+        self.limiter.clone()
+    }
+}
+
+fn refusal(
+    user: &str,
+    rules: &[Rule],
+    idx: usize,
+    retry_after: Option<Duration>,
+    states: &[WindowState],
+) -> RouterError {
+    let rule = &rules[idx];
+    let reason = match rule.kind {
+        RuleKind::Requests | RuleKind::Tokens => Reason::RateLimited,
+        RuleKind::Concurrency | RuleKind::RouterConcurrency => Reason::ConcurrencyLimited,
+    };
+    let subject = match rule.kind {
+        RuleKind::RouterConcurrency => "router".to_string(),
+        _ => format!("user:{user}"),
+    };
+    let message = match (rule.kind, retry_after) {
+        (RuleKind::Tokens, None) => format!(
+            "this request reserves {} tokens, more than the limit of {}; lower max_tokens",
+            rule.cost, rule.describe
+        ),
+        (_, Some(after)) => format!(
+            "rate limit reached ({}); retry after {}",
+            rule.describe,
+            format_reset(after)
+        ),
+        (_, None) => format!(
+            "limit reached ({}); retry when a request ends",
+            rule.describe
+        ),
+    };
+    // A slot frees when some request ends: suggest a short wait rather than none.
+    let retry_after = match rule.kind {
+        RuleKind::Concurrency | RuleKind::RouterConcurrency => Some(Duration::from_secs(1)),
+        _ => retry_after,
+    };
+    RouterError::Quota(Box::new(QuotaRefusal {
+        reason,
+        message,
+        details: QuotaDetails {
+            retry_after,
+            violations: vec![(subject, rule.describe.clone())],
+        },
+        headers: RateHeaders::from_states(rules, states),
+    }))
+}
+
+/// The OpenAI rate-limit headers: the tightest request window and the tightest token window.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RateHeaders {
+    pub requests: Option<WindowState>,
+    pub tokens: Option<WindowState>,
+}
+
+impl RateHeaders {
+    pub fn from_states(rules: &[Rule], states: &[WindowState]) -> Self {
+        let tightest = |kind: RuleKind| {
+            rules
+                .iter()
+                .zip(states)
+                .filter(|(r, _)| r.kind == kind)
+                .map(|(_, s)| *s)
+                .min_by_key(|s| s.remaining)
+        };
+        RateHeaders {
+            requests: tightest(RuleKind::Requests),
+            tokens: tightest(RuleKind::Tokens),
+        }
+    }
+
+    /// `(name, value)` of each header to send.
+    pub fn pairs(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if let Some(s) = self.requests {
+            out.push(("x-ratelimit-limit-requests", s.limit.to_string()));
+            out.push(("x-ratelimit-remaining-requests", s.remaining.to_string()));
+            out.push(("x-ratelimit-reset-requests", format_reset(s.reset)));
+        }
+        if let Some(s) = self.tokens {
+            out.push(("x-ratelimit-limit-tokens", s.limit.to_string()));
+            out.push(("x-ratelimit-remaining-tokens", s.remaining.to_string()));
+            out.push(("x-ratelimit-reset-tokens", format_reset(s.reset)));
+        }
+        out
+    }
+}
+
+/// OpenAI's duration format: `20ms`, `1.5s`, `6m0s`, `1h2m3s`.
+pub fn format_reset(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let secs = d.as_secs();
+    let (h, m, s) = (secs / 3600, (secs / 60) % 60, secs % 60);
+    let frac = d.subsec_millis();
+    let s = if frac == 0 || h > 0 || m > 0 {
+        format!("{s}s")
+    } else {
+        format!("{s}.{}s", format!("{frac:03}").trim_end_matches('0'))
+    };
+    match (h, m) {
+        (0, 0) => s,
+        (0, m) => format!("{m}m{s}"),
+        (h, m) => format!("{h}h{m}m{s}"),
+    }
+}
+
+/// An admitted request's place in its windows. Settle the tokens once the answer's count is
+/// known; dropping the pass frees the in-flight slots (and refunds the tokens if they were never
+/// settled: a failed or cancelled request used nothing it pays for).
+pub struct Pass {
+    limiter: Option<Arc<dyn Limiter>>,
+    lease: String,
+    token_keys: Vec<String>,
+    slot_keys: Vec<String>,
+    settled: AtomicBool,
+    pub headers: RateHeaders,
+}
+
+impl Pass {
+    fn new(
+        limiter: Arc<dyn Limiter>,
+        lease: String,
+        rules: &[Rule],
+        states: &[WindowState],
+    ) -> Self {
+        let keys = |pred: fn(RuleKind) -> bool| {
+            rules
+                .iter()
+                .filter(|r| pred(r.kind) && r.cost > 0)
+                .map(|r| r.key.clone())
+                .collect::<Vec<_>>()
+        };
+        Pass {
+            limiter: Some(limiter),
+            lease,
+            token_keys: keys(|k| k == RuleKind::Tokens),
+            slot_keys: keys(|k| matches!(k, RuleKind::Concurrency | RuleKind::RouterConcurrency)),
+            settled: AtomicBool::new(false),
+            headers: RateHeaders::from_states(rules, states),
+        }
+    }
+
+    /// Admitted without counting (the store failed and the mode is `fail_open`).
+    pub fn unlimited() -> Self {
+        Pass {
+            limiter: None,
+            lease: String::new(),
+            token_keys: Vec::new(),
+            slot_keys: Vec::new(),
+            settled: AtomicBool::new(true),
+            headers: RateHeaders::default(),
+        }
+    }
+
+    /// Replaces the reserved tokens with the actual count.
+    pub async fn settle_tokens(&self, actual: u64) {
+        let Some(limiter) = &self.limiter else { return };
+        if self.token_keys.is_empty() || self.settled.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // A request that used no tokens still spent its place in the window: keep at least 1 so
+        // the entry is not removed (a cost of 0 means removal).
+        let updates: Vec<(String, u64)> = self
+            .token_keys
+            .iter()
+            .map(|k| (k.clone(), actual.max(1)))
+            .collect();
+        if let Err(e) = limiter.settle(now_ms(), &self.lease, &updates).await {
+            tracing::warn!(error = %e, "could not settle the token reservation; the reservation stands");
+        }
+    }
+}
+
+impl Drop for Pass {
+    fn drop(&mut self) {
+        let Some(limiter) = self.limiter.take() else {
+            return;
+        };
+        let mut updates: Vec<(String, u64)> = self.slot_keys.drain(..).map(|k| (k, 0)).collect();
+        if !*self.settled.get_mut() {
+            updates.extend(self.token_keys.drain(..).map(|k| (k, 0)));
+        }
+        if updates.is_empty() {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let lease = std::mem::take(&mut self.lease);
+        rt.spawn(async move {
+            // If this fails the slot frees itself when its lease ages out.
+            if let Err(e) = limiter.settle(now_ms(), &lease, &updates).await {
+                tracing::warn!(error = %e, "could not release a request's limiter slots");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resets_read_like_openai() {
+        assert_eq!(format_reset(Duration::from_millis(20)), "20ms");
+        assert_eq!(format_reset(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(format_reset(Duration::from_secs(360)), "6m0s");
+        assert_eq!(format_reset(Duration::from_secs(3723)), "1h2m3s");
+    }
+}

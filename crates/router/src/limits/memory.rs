@@ -1,0 +1,179 @@
+//! The in-process limiter: exact for one router, needs no server (the embedded default).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+
+use super::{retry_after, Limiter, LimiterError, Rule, Verdict, WindowState};
+
+/// Windows are dropped when empty; above this many keys a full sweep of empty ones runs.
+const SWEEP_ABOVE: usize = 100_000;
+
+#[derive(Default)]
+struct Window {
+    /// `(added_ms, lease, cost)`, oldest first.
+    entries: VecDeque<(u64, String, u64)>,
+    total: u64,
+}
+
+impl Window {
+    fn expire(&mut self, now_ms: u64, window_ms: u64) {
+        while let Some((at, _, cost)) = self.entries.front() {
+            if at.saturating_add(window_ms) > now_ms {
+                break;
+            }
+            self.total = self.total.saturating_sub(*cost);
+            self.entries.pop_front();
+        }
+    }
+
+    fn state(&self, limit: u64, window_ms: u64, now_ms: u64) -> WindowState {
+        let reset = self
+            .entries
+            .back()
+            .map(|(at, _, _)| at.saturating_add(window_ms).saturating_sub(now_ms))
+            .unwrap_or(0);
+        WindowState {
+            limit,
+            remaining: limit.saturating_sub(self.total),
+            reset: Duration::from_millis(reset),
+        }
+    }
+}
+
+/// Sliding windows in a map behind one mutex: a check is a few hash lookups, far below the cost
+/// of anything else a request does, so one lock does not limit throughput.
+#[derive(Default)]
+pub struct MemoryLimiter {
+    windows: Mutex<HashMap<String, Window>>,
+}
+
+impl MemoryLimiter {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn locked(&self) -> Result<std::sync::MutexGuard<'_, HashMap<String, Window>>, LimiterError> {
+        self.windows
+            .lock()
+            .map_err(|_| LimiterError("limiter state poisoned".into()))
+    }
+
+    fn acquire_now(&self, now: u64, lease: &str, rules: &[Rule]) -> Result<Verdict, LimiterError> {
+        let mut map = self.locked()?;
+        if map.len() > SWEEP_ABOVE {
+            map.retain(|_, w| !w.entries.is_empty());
+        }
+        let mut refused = None;
+        for (i, r) in rules.iter().enumerate() {
+            let w = map.entry(r.key.clone()).or_default();
+            let window_ms = ms(r.window);
+            w.expire(now, window_ms);
+            if refused.is_none() && w.total.saturating_add(r.cost) > r.limit {
+                let entries = w.entries.iter().map(|(at, _, c)| (*at, *c));
+                refused = Some((
+                    i,
+                    retry_after(entries, w.total, r.cost, r.limit, window_ms, now),
+                ));
+            }
+        }
+        if refused.is_none() {
+            for r in rules.iter().filter(|r| r.cost > 0) {
+                if let Some(w) = map.get_mut(&r.key) {
+                    w.entries.push_back((now, lease.to_string(), r.cost));
+                    w.total = w.total.saturating_add(r.cost);
+                }
+            }
+        }
+        let states = states(&map, rules, now);
+        Ok(match refused {
+            None => Verdict::Admitted(states),
+            Some((rule, retry_after)) => Verdict::Refused {
+                rule,
+                retry_after,
+                states,
+            },
+        })
+    }
+
+    fn settle_now(&self, lease: &str, updates: &[(String, u64)]) -> Result<(), LimiterError> {
+        let mut map = self.locked()?;
+        for (key, cost) in updates {
+            let Some(w) = map.get_mut(key) else { continue };
+            // Settlements follow admissions closely, so the lease is near the back.
+            let Some(pos) = w.entries.iter().rposition(|(_, l, _)| l == lease) else {
+                continue;
+            };
+            let old = w.entries[pos].2;
+            w.total = w.total.saturating_sub(old).saturating_add(*cost);
+            if *cost == 0 {
+                w.entries.remove(pos);
+            } else {
+                w.entries[pos].2 = *cost;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn states(map: &HashMap<String, Window>, rules: &[Rule], now: u64) -> Vec<WindowState> {
+    rules
+        .iter()
+        .map(|r| match map.get(&r.key) {
+            Some(w) => w.state(r.limit, ms(r.window), now),
+            None => WindowState {
+                limit: r.limit,
+                remaining: r.limit,
+                reset: Duration::ZERO,
+            },
+        })
+        .collect()
+}
+
+impl Limiter for MemoryLimiter {
+    fn backend(&self) -> &'static str {
+        "memory"
+    }
+
+    fn acquire<'a>(
+        &'a self,
+        now_ms: u64,
+        lease: &'a str,
+        rules: &'a [Rule],
+    ) -> BoxFuture<'a, Result<Verdict, LimiterError>> {
+        let r = self.acquire_now(now_ms, lease, rules);
+        Box::pin(async move { r })
+    }
+
+    fn settle<'a>(
+        &'a self,
+        _now_ms: u64,
+        lease: &'a str,
+        updates: &'a [(String, u64)],
+    ) -> BoxFuture<'a, Result<(), LimiterError>> {
+        let r = self.settle_now(lease, updates);
+        Box::pin(async move { r })
+    }
+
+    fn peek<'a>(
+        &'a self,
+        now_ms: u64,
+        rules: &'a [Rule],
+    ) -> BoxFuture<'a, Result<Vec<WindowState>, LimiterError>> {
+        let r = self.locked().map(|mut map| {
+            for r in rules {
+                if let Some(w) = map.get_mut(&r.key) {
+                    w.expire(now_ms, ms(r.window));
+                }
+            }
+            states(&map, rules, now_ms)
+        });
+        Box::pin(async move { r })
+    }
+}

@@ -1,0 +1,192 @@
+//! Rate limits and concurrency limits: the [`Limiter`] trait (a store of sliding windows shared by
+//! the router's replicas) and its backends, chosen by config (docs/limits.md).
+//!
+//! Every limit is one sliding window of weighted entries: an entry (a request's lease id, its
+//! cost, its time) counts for `window` after it was added, and a window admits a new entry only if
+//! the entries still in it plus the new cost fit under `limit`. Request rates are windows of cost
+//! 1, token rates windows of the reserved tokens (settled to the actual count later), concurrency a
+//! window as long as the lease whose entry is removed when the request ends. One `acquire` checks
+//! all of a request's windows and records it in all of them or in none, atomically, so replicas
+//! sharing the store admit exactly `limit`.
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use thiserror::Error;
+
+mod gate;
+mod memory;
+mod redis;
+
+pub use gate::{format_reset, Gate, Pass, RateHeaders};
+pub use memory::MemoryLimiter;
+pub use redis::RedisLimiter;
+
+/// What a window counts (decides the refusal reason and the response headers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RuleKind {
+    Requests,
+    Tokens,
+    /// Requests of one user in flight.
+    Concurrency,
+    /// Requests of all users in flight on the router.
+    RouterConcurrency,
+}
+
+/// One window a request must fit in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    /// The store key: who (user, scope) and what (kind, window).
+    pub key: String,
+    pub kind: RuleKind,
+    pub limit: u64,
+    pub window: Duration,
+    /// What this request adds (1 request, the reserved tokens, one slot).
+    pub cost: u64,
+    /// Human description for refusals (`"10 requests per minute"`).
+    pub describe: String,
+}
+
+/// A window after a decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WindowState {
+    pub limit: u64,
+    pub remaining: u64,
+    /// Until the window is empty again (every entry in it has aged out).
+    pub reset: Duration,
+}
+
+/// The outcome of [`Limiter::acquire`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Recorded in every window; states in rule order.
+    Admitted(Vec<WindowState>),
+    /// Recorded nowhere. `rule` is the index of the first window that refused; `retry_after` is
+    /// when enough of it ages out (`None`: the cost can never fit, or a slot frees when another
+    /// request ends).
+    Refused {
+        rule: usize,
+        retry_after: Option<Duration>,
+        states: Vec<WindowState>,
+    },
+}
+
+/// The shared store could not answer (down, timed out, bad reply).
+#[derive(Debug, Clone, Error)]
+#[error("rate limiter store unavailable: {0}")]
+pub struct LimiterError(pub String);
+
+/// A store of sliding windows. Times are milliseconds on the caller's clock (the routers' clocks;
+/// a skew between replicas shifts a window's edge by that skew, it never admits more).
+pub trait Limiter: Send + Sync {
+    /// `memory` or `redis` (metrics and logs).
+    fn backend(&self) -> &'static str;
+
+    /// Checks `rules` and, if every one fits, records `lease` with each rule's cost in all of
+    /// them, atomically.
+    fn acquire<'a>(
+        &'a self,
+        now_ms: u64,
+        lease: &'a str,
+        rules: &'a [Rule],
+    ) -> BoxFuture<'a, Result<Verdict, LimiterError>>;
+
+    /// Changes the cost of `lease` in each `(key, cost)` window; cost 0 removes it (a finished
+    /// request's slot, a refund). A lease that aged out already is left alone.
+    fn settle<'a>(
+        &'a self,
+        now_ms: u64,
+        lease: &'a str,
+        updates: &'a [(String, u64)],
+    ) -> BoxFuture<'a, Result<(), LimiterError>>;
+
+    /// The windows' states without recording anything.
+    fn peek<'a>(
+        &'a self,
+        now_ms: u64,
+        rules: &'a [Rule],
+    ) -> BoxFuture<'a, Result<Vec<WindowState>, LimiterError>>;
+}
+
+impl RuleKind {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RuleKind::Requests => "requests",
+            RuleKind::Tokens => "tokens",
+            RuleKind::Concurrency => "concurrent",
+            RuleKind::RouterConcurrency => "router_concurrent",
+        }
+    }
+}
+
+/// `GET /v1/limits` and `syft-router limits`: what is left of each window.
+pub fn remaining_json(user: &str, windows: &[(Rule, WindowState)]) -> serde_json::Value {
+    let limits: Vec<_> = windows
+        .iter()
+        .map(|(r, s)| {
+            serde_json::json!({
+                "kind": r.kind.as_str(),
+                "limit": s.limit,
+                "remaining": s.remaining,
+                "window_seconds": r.window.as_secs(),
+                "reset": format_reset(s.reset),
+                "reset_ms": u64::try_from(s.reset.as_millis()).unwrap_or(u64::MAX),
+                "description": r.describe,
+            })
+        })
+        .collect();
+    serde_json::json!({"user": user, "limits": limits})
+}
+
+/// Milliseconds since the Unix epoch on this machine's clock.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// How long until `total - freed` plus `cost` fits under `limit`, walking entries oldest first
+/// (`(added_ms, cost)`); `None` if it never can.
+pub(crate) fn retry_after(
+    entries: impl Iterator<Item = (u64, u64)>,
+    total: u64,
+    cost: u64,
+    limit: u64,
+    window_ms: u64,
+    now_ms: u64,
+) -> Option<Duration> {
+    if cost > limit {
+        return None;
+    }
+    let mut left = total;
+    for (at, c) in entries {
+        left = left.saturating_sub(c);
+        if left.saturating_add(cost) <= limit {
+            return Some(Duration::from_millis(
+                at.saturating_add(window_ms).saturating_sub(now_ms).max(1),
+            ));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_waits_for_enough_to_age_out() {
+        let entries = [(1_000u64, 4u64), (2_000, 4), (3_000, 2)];
+        // 10 used of 10: a cost of 3 needs the first entry (4) gone, at 1000 + 60000.
+        let r = retry_after(entries.into_iter(), 10, 3, 10, 60_000, 5_000);
+        assert_eq!(r, Some(Duration::from_millis(56_000)));
+        // A cost of 5 needs the first two gone.
+        let r = retry_after(entries.into_iter(), 10, 5, 10, 60_000, 5_000);
+        assert_eq!(r, Some(Duration::from_millis(57_000)));
+        assert_eq!(
+            retry_after(entries.into_iter(), 10, 11, 10, 60_000, 5_000),
+            None
+        );
+    }
+}

@@ -1,0 +1,244 @@
+//! The Redis limiter: the windows live in one Redis shared by every router replica; each check is
+//! one Lua script, which Redis runs atomically, so replicas never admit more than the limit.
+//!
+//! A window is three keys: a sorted set of leases scored by the time they were added (`<key>`),
+//! a hash of their costs (`<key>:c`) and their running total (`<key>:s`). Every key expires a
+//! second after its window, so an idle user leaves nothing behind.
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use super::{Limiter, LimiterError, Rule, Verdict, WindowState};
+
+/// KEYS: three per rule (set, costs, total). ARGV: now, lease, record (1) or peek (0), then per
+/// rule: limit, window_ms, cost. Returns `{refused rule (1-based, 0 = none), retry_ms (-1 =
+/// none), then per rule: total, reset_ms}`.
+const ACQUIRE: &str = r"
+local now = tonumber(ARGV[1])
+local lease = ARGV[2]
+local record = ARGV[3] == '1'
+local n = #KEYS / 3
+local refused, retry = 0, -1
+local totals = {}
+for i = 1, n do
+  local z, h, s = KEYS[3*i-2], KEYS[3*i-1], KEYS[3*i]
+  local limit, window, cost = tonumber(ARGV[3*i+1]), tonumber(ARGV[3*i+2]), tonumber(ARGV[3*i+3])
+  local cutoff = now - window
+  local old = redis.call('ZRANGEBYSCORE', z, '-inf', cutoff)
+  if #old > 0 then
+    local freed = 0
+    for j = 1, #old, 500 do
+      local chunk = {}
+      for k = j, math.min(j + 499, #old) do chunk[#chunk + 1] = old[k] end
+      for _, c in ipairs(redis.call('HMGET', h, unpack(chunk))) do freed = freed + (tonumber(c) or 0) end
+      redis.call('HDEL', h, unpack(chunk))
+    end
+    redis.call('ZREMRANGEBYSCORE', z, '-inf', cutoff)
+    redis.call('DECRBY', s, freed)
+  end
+  local total = tonumber(redis.call('GET', s) or '0')
+  if total < 0 then total = 0 end
+  totals[i] = total
+  if refused == 0 and total + cost > limit then
+    refused = i
+    if cost <= limit then
+      local left, start = total, 0
+      while retry < 0 do
+        local batch = redis.call('ZRANGE', z, start, start + 99, 'WITHSCORES')
+        if #batch == 0 then break end
+        for k = 1, #batch, 2 do
+          left = left - (tonumber(redis.call('HGET', h, batch[k])) or 0)
+          if left + cost <= limit then
+            retry = math.max(1, tonumber(batch[k + 1]) + window - now)
+            break
+          end
+        end
+        start = start + 100
+      end
+    end
+  end
+end
+if refused == 0 and record then
+  for i = 1, n do
+    local z, h, s = KEYS[3*i-2], KEYS[3*i-1], KEYS[3*i]
+    local window, cost = tonumber(ARGV[3*i+2]), tonumber(ARGV[3*i+3])
+    if cost > 0 then
+      redis.call('ZADD', z, now, lease)
+      redis.call('HSET', h, lease, cost)
+      redis.call('INCRBY', s, cost)
+      totals[i] = totals[i] + cost
+      for _, k in ipairs({z, h, s}) do redis.call('PEXPIRE', k, window + 1000) end
+    end
+  end
+end
+local out = {refused, retry}
+for i = 1, n do
+  local window = tonumber(ARGV[3*i+2])
+  local newest = redis.call('ZRANGE', KEYS[3*i-2], -1, -1, 'WITHSCORES')
+  local reset = 0
+  if #newest > 0 then reset = math.max(0, tonumber(newest[2]) + window - now) end
+  out[#out + 1] = totals[i]
+  out[#out + 1] = reset
+end
+return out
+";
+
+/// KEYS: three per window (set, costs, total). ARGV: lease, then the new cost per window.
+const SETTLE: &str = r"
+local lease = ARGV[1]
+for i = 1, #KEYS / 3 do
+  local z, h, s = KEYS[3*i-2], KEYS[3*i-1], KEYS[3*i]
+  local cost = tonumber(ARGV[i + 1])
+  local old = redis.call('HGET', h, lease)
+  if old then
+    if cost == 0 then
+      redis.call('ZREM', z, lease)
+      redis.call('HDEL', h, lease)
+    else
+      redis.call('HSET', h, lease, cost)
+    end
+    redis.call('INCRBY', s, cost - tonumber(old))
+  end
+end
+return 1
+";
+
+pub struct RedisLimiter {
+    conn: ConnectionManager,
+    timeout: Duration,
+    acquire: redis::Script,
+    settle: redis::Script,
+}
+
+impl RedisLimiter {
+    /// Parses the URL now (a bad one is refused at start) and connects lazily, so a router
+    /// starts while Redis is down and follows its `on_failure` mode until Redis is back. Must be
+    /// called inside a Tokio runtime.
+    pub fn new(url: &str, timeout: Duration) -> Result<Self, LimiterError> {
+        let client = redis::Client::open(url)
+            .map_err(|e| LimiterError(format!("bad limiter.redis_url: {e}")))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|e| LimiterError(format!("redis: {e}")))?;
+        Ok(RedisLimiter {
+            conn,
+            timeout,
+            acquire: redis::Script::new(ACQUIRE),
+            settle: redis::Script::new(SETTLE),
+        })
+    }
+
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        inv: redis::ScriptInvocation<'_>,
+    ) -> Result<T, LimiterError> {
+        let mut conn = self.conn.clone();
+        match tokio::time::timeout(self.timeout, inv.invoke_async(&mut conn)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(LimiterError(format!("redis: {e}"))),
+            Err(_) => Err(LimiterError(format!(
+                "redis did not answer within {:?}",
+                self.timeout
+            ))),
+        }
+    }
+
+    async fn check(
+        &self,
+        now: u64,
+        lease: &str,
+        rules: &[Rule],
+        record: bool,
+    ) -> Result<Verdict, LimiterError> {
+        let mut inv = self.acquire.prepare_invoke();
+        inv.arg(now).arg(lease).arg(if record { 1 } else { 0 });
+        for r in rules {
+            inv.key(&r.key)
+                .key(format!("{}:c", r.key))
+                .key(format!("{}:s", r.key))
+                .arg(r.limit)
+                .arg(u64::try_from(r.window.as_millis()).unwrap_or(u64::MAX))
+                .arg(r.cost);
+        }
+        let out: Vec<i64> = self.run(inv).await?;
+        if out.len() != 2 + 2 * rules.len() {
+            return Err(LimiterError("redis: unexpected script reply".into()));
+        }
+        let states = rules
+            .iter()
+            .zip(out[2..].chunks(2))
+            .map(|(r, pair)| {
+                let total = u64::try_from(pair[0]).unwrap_or(0);
+                WindowState {
+                    limit: r.limit,
+                    remaining: r.limit.saturating_sub(total),
+                    reset: Duration::from_millis(u64::try_from(pair[1]).unwrap_or(0)),
+                }
+            })
+            .collect();
+        Ok(match usize::try_from(out[0]).unwrap_or(0) {
+            0 => Verdict::Admitted(states),
+            n => Verdict::Refused {
+                rule: n - 1,
+                retry_after: u64::try_from(out[1]).ok().map(Duration::from_millis),
+                states,
+            },
+        })
+    }
+}
+
+impl Limiter for RedisLimiter {
+    fn backend(&self) -> &'static str {
+        "redis"
+    }
+
+    fn acquire<'a>(
+        &'a self,
+        now_ms: u64,
+        lease: &'a str,
+        rules: &'a [Rule],
+    ) -> BoxFuture<'a, Result<Verdict, LimiterError>> {
+        Box::pin(self.check(now_ms, lease, rules, true))
+    }
+
+    fn settle<'a>(
+        &'a self,
+        _now_ms: u64,
+        lease: &'a str,
+        updates: &'a [(String, u64)],
+    ) -> BoxFuture<'a, Result<(), LimiterError>> {
+        Box::pin(async move {
+            if updates.is_empty() {
+                return Ok(());
+            }
+            let mut inv = self.settle.prepare_invoke();
+            inv.arg(lease);
+            for (key, cost) in updates {
+                inv.key(key)
+                    .key(format!("{key}:c"))
+                    .key(format!("{key}:s"))
+                    .arg(*cost);
+            }
+            self.run::<i64>(inv).await.map(|_| ())
+        })
+    }
+
+    fn peek<'a>(
+        &'a self,
+        now_ms: u64,
+        rules: &'a [Rule],
+    ) -> BoxFuture<'a, Result<Vec<WindowState>, LimiterError>> {
+        Box::pin(async move {
+            // A peek is an acquire that records nothing.
+            match self.check(now_ms, "", rules, false).await? {
+                Verdict::Admitted(s) | Verdict::Refused { states: s, .. } => Ok(s),
+            }
+        })
+    }
+}

@@ -1,0 +1,611 @@
+//! Rate and concurrency limits with real routers, ledgers and Redis (docs/limits.md). Every
+//! scenario ends with the ledger's verify.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures::future::join_all;
+use serde_json::{json, Value};
+use syft_proto::ledger::TransferStatus;
+use syft_proto::router::ChatRequest;
+use syft_router_svc::config::{LimiterBackend, OnFailure, Rate, RateUnit};
+use syft_router_svc::limits::{Limiter, MemoryLimiter, RedisLimiter, Rule, RuleKind, Verdict};
+use syft_router_svc::{Pricing, RouterConfig};
+use syft_testkit::{
+    assert_consistent, deposit, free_port, ledger_config, reason, Db, FakeUpstream, Funded,
+    LedgerServer, Mode, RouterHandle, Stack, PRICE,
+};
+use tonic::Code;
+use tonic_types::StatusExt;
+
+const SHARED_REDIS: &str = "redis://127.0.0.1:6379";
+
+/// Whether a Redis answers at `url` (tests that need one print SKIPPED otherwise).
+async fn redis_up(url: &str) -> bool {
+    let Ok(client) = redis::Client::open(url) else {
+        return false;
+    };
+    let conn = tokio::time::timeout(
+        Duration::from_secs(1),
+        client.get_multiplexed_async_connection(),
+    )
+    .await;
+    matches!(conn, Ok(Ok(_)))
+}
+
+/// A router name no other test run shares (Redis keys are scoped by it).
+fn unique_name() -> String {
+    format!("rl-{}", uuid::Uuid::new_v4().simple())
+}
+
+fn per_minute(n: u64) -> Rate {
+    Rate {
+        count: n,
+        unit: RateUnit::Minute,
+    }
+}
+
+fn request_rule(key: &str, limit: u64, window: Duration) -> Rule {
+    Rule {
+        key: key.into(),
+        kind: RuleKind::Requests,
+        limit,
+        window,
+        cost: 1,
+        describe: format!("{limit} requests"),
+    }
+}
+
+async fn admitted(l: &dyn Limiter, now: u64, lease: &str, rules: &[Rule]) -> bool {
+    matches!(
+        l.acquire(now, lease, rules).await.expect("limiter"),
+        Verdict::Admitted(_)
+    )
+}
+
+/// A sliding window never admits more than its limit in any window-long span, also across what a
+/// fixed bucket would call its boundary, and says exactly when to retry.
+async fn window_boundary(l: &dyn Limiter, key: &str) {
+    let minute = Duration::from_secs(60);
+    let rules = [request_rule(key, 10, minute)];
+    let t0 = 1_000_000_000u64;
+    for i in 0..5 {
+        assert!(admitted(l, t0, &format!("a{i}"), &rules).await);
+    }
+    // Five more just before a fixed bucket's edge, five right after it: a fixed bucket would admit
+    // all ten after the edge; the sliding window admits none until the first five age out.
+    for i in 0..5 {
+        assert!(admitted(l, t0 + 59_000, &format!("b{i}"), &rules).await);
+    }
+    let refused = l.acquire(t0 + 59_500, "c", &rules).await.expect("limiter");
+    match refused {
+        Verdict::Refused {
+            rule, retry_after, ..
+        } => {
+            assert_eq!(rule, 0);
+            // The first five age out at t0 + 60 s.
+            assert_eq!(retry_after, Some(Duration::from_millis(500)));
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // At t0 + 60 s the first five are out: exactly five fit.
+    for i in 0..5 {
+        assert!(admitted(l, t0 + 60_000, &format!("d{i}"), &rules).await);
+    }
+    assert!(!admitted(l, t0 + 60_000, "e", &rules).await);
+    // A refund (cost 0) frees a place at once.
+    l.settle(t0 + 60_001, "d0", &[(key.to_string(), 0)])
+        .await
+        .expect("settle");
+    assert!(admitted(l, t0 + 60_002, "f", &rules).await);
+    let state = l.peek(t0 + 60_002, &rules).await.expect("peek");
+    assert_eq!(state[0].remaining, 0);
+}
+
+#[tokio::test]
+async fn sliding_window_boundary_memory() {
+    window_boundary(&MemoryLimiter::new(), "boundary").await;
+}
+
+#[tokio::test]
+async fn sliding_window_boundary_redis() {
+    if !redis_up(SHARED_REDIS).await {
+        eprintln!("SKIPPED: no Redis at {SHARED_REDIS}");
+        return;
+    }
+    let l = RedisLimiter::new(SHARED_REDIS, Duration::from_secs(2)).expect("redis");
+    window_boundary(&l, &format!("syft:test:{}", unique_name())).await;
+}
+
+/// A request reserving more tokens than fit waits for the reservation of others to be settled.
+#[tokio::test]
+async fn token_reservations_settle_to_the_actual_count() {
+    let l = MemoryLimiter::new();
+    let rule = |cost| Rule {
+        key: "tok".into(),
+        kind: RuleKind::Tokens,
+        limit: 1_000,
+        window: Duration::from_secs(60),
+        cost,
+        describe: "1000 tokens per minute".into(),
+    };
+    assert!(admitted(&l, 1, "a", &[rule(600)]).await);
+    assert!(!admitted(&l, 2, "b", &[rule(600)]).await);
+    // `a` used only 100 of its 600.
+    l.settle(3, "a", &[("tok".into(), 100)])
+        .await
+        .expect("settle");
+    assert!(admitted(&l, 4, "b", &[rule(600)]).await);
+    // A reservation above the whole limit can never fit: no retry time.
+    match l.acquire(5, "c", &[rule(1_001)]).await.expect("limiter") {
+        Verdict::Refused { retry_after, .. } => assert_eq!(retry_after, None),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+/// One router, in-process limiter: 30 concurrent HTTP requests at 10/minute, exactly 10 answered;
+/// the refusals are 429 with Retry-After and OpenAI's headers, cost nothing and leave usage rows.
+#[tokio::test]
+async fn http_refusals_are_429_with_headers() {
+    let s = Stack::start_with(
+        Db::sqlite(),
+        Pricing::per_request(PRICE),
+        Duration::from_secs(300),
+        |c| c.rate_limits.requests = vec![per_minute(10)],
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/chat/completions", s.router.http_url);
+    let calls = (0..30).map(|_| {
+        http.post(&url)
+            .bearer_auth(&s.token)
+            .json(&json!({"model": "test-model", "max_tokens": 10,
+                          "messages": [{"role": "user", "content": "hi"}], "user": s.alice.email}))
+            .send()
+    });
+    let answers = join_all(calls).await;
+    let mut ok = 0;
+    let mut limited = 0;
+    for a in answers {
+        let resp = a.expect("http");
+        let h = resp.headers().clone();
+        assert_eq!(h["x-ratelimit-limit-requests"], "10");
+        assert!(h.contains_key("x-ratelimit-reset-requests"));
+        match resp.status().as_u16() {
+            200 => ok += 1,
+            429 => {
+                limited += 1;
+                let retry: u64 = h["retry-after"]
+                    .to_str()
+                    .expect("ascii")
+                    .parse()
+                    .expect("secs");
+                assert!((1..=60).contains(&retry), "retry-after {retry}");
+                assert_eq!(h["x-ratelimit-remaining-requests"], "0");
+                let body: Value = resp.json().await.expect("json");
+                assert_eq!(body["error"]["code"], "rate_limited");
+                assert_eq!(body["error"]["type"], "rate_limit_error");
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!((ok, limited), (10, 20));
+    assert_eq!(s.upstream.hits(), 10);
+    let (balance, held, _) = s.alice_money().await;
+    assert_eq!((balance, held), (syft_testkit::FUNDS - 10 * PRICE, 0));
+    let usage = s.usage().await;
+    let status = |u: &syft_proto::ledger::UsageRecord| {
+        u.usage
+            .as_ref()
+            .map(|u| u.status.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        usage.iter().filter(|u| status(u) == "rate_limited").count(),
+        20
+    );
+    assert_eq!(usage.iter().filter(|u| status(u) == "success").count(), 10);
+    // What is left, and the configured limits in the model list.
+    let left: Value = http
+        .get(format!(
+            "{}/v1/limits?user={}",
+            s.router.http_url, s.alice.email
+        ))
+        .send()
+        .await
+        .expect("limits")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(left["limits"][0]["remaining"], 0);
+    assert_eq!(left["limits"][0]["limit"], 10);
+    let models: Value = http
+        .get(format!("{}/v1/models", s.router.http_url))
+        .send()
+        .await
+        .expect("models")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        models["syft_limits"]["per_user"]["requests"][0],
+        "10/minute"
+    );
+    s.check_invariants().await;
+}
+
+/// Two ledgers on one Postgres and three routers (the middle one on the second ledger).
+struct Replicas {
+    funded: Funded,
+    _second: LedgerServer,
+    _upstream: FakeUpstream,
+    _routers: Vec<RouterHandle>,
+    clients: Vec<syft_proto::router::router_client::RouterClient<tonic::transport::Channel>>,
+}
+
+impl Replicas {
+    async fn start(db: &Db, price: i64, tweak: impl Fn(&mut RouterConfig)) -> Self {
+        let funded = Funded::start(db, Duration::from_secs(300)).await;
+        let second = LedgerServer::start(ledger_config(&db.url)).await;
+        let upstream = FakeUpstream::start().await;
+        let name = unique_name();
+        let routers = join_all((0..3).map(|i| {
+            let mut c =
+                funded.router_config(&name, Pricing::per_request(price), Some(&upstream.base_url));
+            if i == 1 {
+                c.ledger.url = second.url.clone();
+            }
+            // Holds of one sender are serialized on its row across both ledgers; on a loaded
+            // 2-core machine that can take longer than the kit's short deadline.
+            c.ledger.timeout = Duration::from_secs(30);
+            tweak(&mut c);
+            RouterHandle::start(c)
+        }))
+        .await;
+        let mut clients = Vec::new();
+        for r in &routers {
+            clients.push(r.client().await);
+        }
+        Replicas {
+            funded,
+            _second: second,
+            _upstream: upstream,
+            _routers: routers,
+            clients,
+        }
+    }
+
+    /// `n` concurrent chats of alice, spread over the routers.
+    async fn fire(&self, n: usize) -> Vec<Result<syft_proto::router::ChatResponse, tonic::Status>> {
+        let calls = (0..n).map(|i| {
+            let mut c = self.clients[i % 3].clone();
+            let req = ChatRequest {
+                model: "test-model".into(),
+                ..syft_testkit::chat_request(&self.funded.alice.email, &self.funded.token, "hi")
+            };
+            async move { c.chat(req).await.map(tonic::Response::into_inner) }
+        });
+        join_all(calls).await
+    }
+}
+
+/// A $1.00/day budget hit by 200 concurrent $0.03 requests across 3 routers and 2 ledgers:
+/// exactly 33 are captured ($0.99), the 167 refusals are `BUDGET_EXCEEDED`, cost nothing and
+/// leave `budget_exceeded` usage rows.
+#[tokio::test]
+async fn budget_exact_across_replicas() {
+    let Some(db) = Db::postgres().await else {
+        eprintln!("SKIPPED: no DATABASE_URL");
+        return;
+    };
+    let r = Replicas::start(&db, 30_000, |c| c.budgets.per_day_micros = Some(1_000_000)).await;
+    deposit(&r.funded.ledger.url, &r.funded.alice.email, 10_000_000).await;
+    let results = r.fire(200).await;
+    let ok = results.iter().filter(|x| x.is_ok()).count();
+    assert_eq!(ok, 33);
+    for err in results.iter().filter_map(|x| x.as_ref().err()) {
+        assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+        assert_eq!(reason(err).as_deref(), Some("BUDGET_EXCEEDED"));
+        assert!(err.get_details_retry_info().is_some());
+    }
+    let f = &r.funded;
+    let a = syft_testkit::account(&f.ledger.url, &f.alice.email).await;
+    assert_eq!(
+        a.balance_micros,
+        syft_testkit::FUNDS + 10_000_000 - 33 * 30_000
+    );
+    assert_eq!(a.held_micros, 0);
+    let usage = syft_testkit::usage_of(&f.ledger.url, &f.alice.email).await;
+    let refused = usage
+        .iter()
+        .filter(|u| {
+            u.usage
+                .as_ref()
+                .is_some_and(|u| u.status == "budget_exceeded")
+        })
+        .count();
+    assert_eq!(refused, 167);
+    assert_consistent(&f.ledger.store).await;
+}
+
+/// Three routers and two ledgers on one Postgres, limits counted in the shared Redis: 100
+/// concurrent requests of one user at 10/minute give exactly 10 answers and 90
+/// `RESOURCE_EXHAUSTED` refusals that cost nothing.
+#[tokio::test]
+async fn exact_across_replicas() {
+    let Some(db) = Db::postgres().await else {
+        eprintln!("SKIPPED: no DATABASE_URL");
+        return;
+    };
+    if !redis_up(SHARED_REDIS).await {
+        eprintln!("SKIPPED: no Redis at {SHARED_REDIS}");
+        return;
+    }
+    let r = Replicas::start(&db, PRICE, |c| {
+        c.rate_limits.requests = vec![per_minute(10)];
+        c.limiter.backend = LimiterBackend::Redis {
+            url: SHARED_REDIS.into(),
+        };
+    })
+    .await;
+    let results = r.fire(100).await;
+    let funded = &r.funded;
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    let mut codes = std::collections::BTreeMap::new();
+    for r in &results {
+        let k = match r {
+            Ok(_) => "ok".to_string(),
+            Err(e) => format!("{:?} {}", e.code(), e.message()),
+        };
+        *codes.entry(k).or_insert(0) += 1;
+    }
+    eprintln!("outcomes: {codes:#?}");
+    assert_eq!(ok, 10, "exactly the limit is admitted across replicas");
+    for err in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+        assert_eq!(reason(err).as_deref(), Some("RATE_LIMITED"));
+        let retry = err.get_details_retry_info().and_then(|r| r.retry_delay);
+        // Each router stamps its own time: another's entry may be a few ms "later".
+        assert!(
+            retry.is_some_and(|d| d <= Duration::from_secs(61)),
+            "{retry:?}"
+        );
+        assert!(err.get_details_quota_failure().is_some());
+    }
+    let transfers = syft_testkit::transfers_of(&funded.ledger.url, &funded.alice.email).await;
+    assert_eq!(transfers.len(), 10, "refused requests place no hold");
+    assert!(transfers
+        .iter()
+        .all(|t| t.status() == TransferStatus::Completed));
+    let a = syft_testkit::account(&funded.ledger.url, &funded.alice.email).await;
+    assert_eq!(a.balance_micros, syft_testkit::FUNDS - 10 * PRICE);
+    assert_consistent(&funded.ledger.store).await;
+}
+
+/// Per-user concurrency: with a slow upstream and 2 in flight allowed, of 6 simultaneous requests
+/// 2 are answered and 4 refused with `CONCURRENCY_LIMITED`; once they end, the slots are free.
+/// The limit holds on a free service too.
+#[tokio::test]
+async fn concurrency_limit_on_a_free_service() {
+    let s = Stack::start_with(
+        Db::sqlite(),
+        Pricing::free(),
+        Duration::from_secs(300),
+        |c| c.rate_limits.concurrent = Some(2),
+    )
+    .await;
+    s.upstream.set_mode(Mode::Delay(Duration::from_millis(400)));
+    let client = s.client().await;
+    let calls = (0..6).map(|_| {
+        let mut c = client.clone();
+        let req = s.request("hi");
+        async move { c.chat(req).await }
+    });
+    let results = join_all(calls).await;
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 2);
+    for err in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert_eq!(err.code(), Code::ResourceExhausted);
+        assert_eq!(reason(err).as_deref(), Some("CONCURRENCY_LIMITED"));
+    }
+    // The slots are released when the requests end (the release is asynchronous).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.upstream.set_mode(Mode::Ok);
+    let mut c = client.clone();
+    c.chat(s.request("again")).await.expect("slot freed");
+    assert_consistent(&s.ledger.store).await;
+}
+
+/// Request limits on a free service: 3 per minute, the 4th refused, all without a ledger charge.
+#[tokio::test]
+async fn free_service_request_limit() {
+    let s = Stack::start_with(
+        Db::sqlite(),
+        Pricing::free(),
+        Duration::from_secs(300),
+        |c| c.rate_limits.requests = vec![per_minute(3)],
+    )
+    .await;
+    let mut c = s.client().await;
+    for _ in 0..3 {
+        c.chat(s.request("hi")).await.expect("admitted");
+    }
+    let err = c.chat(s.request("hi")).await.expect_err("limited");
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert_eq!(reason(&err).as_deref(), Some("RATE_LIMITED"));
+    assert!(s.transfers().await.is_empty());
+    assert_consistent(&s.ledger.store).await;
+}
+
+/// A Redis of this test's own, on a free port; killed on drop.
+struct OwnRedis {
+    child: Child,
+    url: String,
+}
+
+impl OwnRedis {
+    async fn start() -> Option<Self> {
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let url = format!("redis://127.0.0.1:{port}");
+        let me = OwnRedis { child, url };
+        for _ in 0..50 {
+            if redis_up(&me.url).await {
+                return Some(me);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The shared store dies mid-test: a `fail_closed` router refuses with `UNAVAILABLE` and places no
+/// hold; a `fail_open` router keeps answering and charging normally. Nothing is charged wrongly.
+#[tokio::test]
+async fn store_killed_mid_test() {
+    let Some(mut redis) = OwnRedis::start().await else {
+        eprintln!("SKIPPED: cannot start redis-server");
+        return;
+    };
+    let s = Stack::start_with(
+        Db::sqlite(),
+        Pricing::per_request(PRICE),
+        Duration::from_secs(300),
+        |c| {
+            c.rate_limits.requests = vec![per_minute(100)];
+            c.limiter.backend = LimiterBackend::Redis {
+                url: redis.url.clone(),
+            };
+        },
+    )
+    .await;
+    let mut open = s.router_config(Pricing::per_request(PRICE));
+    open.rate_limits.requests = vec![per_minute(100)];
+    open.limiter.backend = LimiterBackend::Redis {
+        url: redis.url.clone(),
+    };
+    open.limiter.on_failure = OnFailure::FailOpen;
+    let open = RouterHandle::start(open).await;
+    let mut closed = s.client().await;
+    let mut open = open.client().await;
+    closed.chat(s.request("before")).await.expect("redis up");
+    open.chat(s.request("before")).await.expect("redis up");
+
+    redis.kill();
+    let err = closed
+        .chat(s.request("down"))
+        .await
+        .expect_err("fail closed");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    open.chat(s.request("down"))
+        .await
+        .expect("fail open admits");
+
+    let transfers = s.transfers().await;
+    assert_eq!(transfers.len(), 3, "the refused request placed no hold");
+    assert!(transfers
+        .iter()
+        .all(|t| t.status() == TransferStatus::Completed));
+    let (balance, held, _) = s.alice_money().await;
+    assert_eq!((balance, held), (syft_testkit::FUNDS - 3 * PRICE, 0));
+    s.check_invariants().await;
+}
+
+/// Nonsense limits are refused when the config loads, with a message naming the field.
+#[test]
+fn bad_limit_config_is_refused_at_start() {
+    let base = |extra: &str| format!(r#"{{"name":"r","owner_email":"o@example.com",{extra}}}"#);
+    for (extra, says) in [
+        (
+            r#""rate_limits":{"requests":["-5/minute"]}"#,
+            "positive whole number",
+        ),
+        (r#""rate_limits":{"requests":["0/minute"]}"#, "zero"),
+        (
+            r#""rate_limits":{"tokens":["10/fortnight"]}"#,
+            "unknown unit",
+        ),
+        (
+            r#""rate_limits":{"requests":["99999999999999/day"]}"#,
+            "at most",
+        ),
+        (
+            r#""rate_limits":{"requests":["1/minute","2/minute"]}"#,
+            "two rates per minute",
+        ),
+        (
+            r#""rate_limits":{"concurrent":0}"#,
+            "rate_limits.concurrent must be in",
+        ),
+        (
+            r#""rate_limits":{"concurrent":-3}"#,
+            "rate_limits.concurrent must be in",
+        ),
+        (r#""budgets":{"per_day":"-1.00"}"#, "budgets.per_day"),
+        (r#""budgets":{"per_day":"0"}"#, "above zero"),
+        (r#""limiter":{"backend":"memcached"}"#, "unknown"),
+        (
+            r#""limiter":{"backend":"redis"}"#,
+            "needs limiter.redis_url",
+        ),
+        (r#""limiter":{"on_failure":"sometimes"}"#, "fail_closed"),
+        (
+            r#""limiter":{"max_concurrent_requests":0}"#,
+            "max_concurrent_requests",
+        ),
+        (
+            r#""services":[{"type":"chat","rate_limits":{"requests":["5/eon"]}}]"#,
+            "services[0].rate_limits.requests",
+        ),
+    ] {
+        let err = RouterConfig::from_json_str(&base(extra))
+            .expect_err(extra)
+            .to_string();
+        assert!(err.contains(says), "{extra}: {err}");
+    }
+    let ok = RouterConfig::from_json_str(&base(
+        r#""rate_limits":{"requests":["10/minute","1000/day"],"tokens":["50000/min"],"concurrent":4},
+           "budgets":{"per_day":"1.00","per_month":"20"},
+           "limiter":{"backend":"redis","redis_url":"redis://127.0.0.1:6379","on_failure":"fail_open"}"#,
+    ))
+    .expect("valid");
+    assert_eq!(ok.rate_limits.requests.len(), 2);
+    assert_eq!(ok.budgets.per_day_micros, Some(1_000_000));
+    assert_eq!(ok.limiter.on_failure, OnFailure::FailOpen);
+}
+
+/// A Redis URL that cannot be parsed stops the router from starting.
+#[tokio::test]
+async fn bad_redis_url_is_refused_at_start() {
+    let mut c = RouterConfig::new("r", "o@example.com");
+    c.rate_limits.requests = vec![per_minute(1)];
+    c.limiter.backend = LimiterBackend::Redis {
+        url: "not a url".into(),
+    };
+    let err = syft_router_svc::RouterService::new(c)
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("redis_url"), "{err}");
+}
