@@ -4,6 +4,7 @@
 //! or expired, and invisible to other recipients.
 
 use std::time::Duration;
+use syft_testkit::req::capture_full;
 
 use syft_proto::ledger as pb;
 use syft_testkit::{code, reason, store_suite, Harness, USD};
@@ -30,15 +31,6 @@ fn extend(id: &str, ttl_seconds: i64) -> pb::ExtendHoldRequest {
     pb::ExtendHoldRequest {
         transfer_id: id.into(),
         ttl_seconds,
-    }
-}
-
-fn full(id: &str) -> pb::CaptureRequest {
-    pb::CaptureRequest {
-        transfer_id: id.into(),
-        amount: Some(pb::capture_request::Amount::Full(true)),
-        usage: None,
-        answer: None,
     }
 }
 
@@ -78,7 +70,7 @@ async fn extended_holds_outlive_their_first_expiry(h: Harness) -> Harness {
     }
     // Past the first expiry (and a sweep), still pending and capturable.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let done = router.capture(full(&t.id)).await.expect("capture");
+    let done = router.capture(capture_full(&t.id)).await.expect("capture");
     assert_eq!(done.into_inner().status(), pb::TransferStatus::Completed);
     let late = router
         .extend_hold(extend(&t.id, 3))
@@ -138,7 +130,7 @@ async fn expired_holds_cannot_be_extended(h: Harness) -> Harness {
         "{why:?}"
     );
     assert_eq!(
-        code(router.capture(full(&t.id)).await),
+        code(router.capture(capture_full(&t.id)).await),
         Code::FailedPrecondition
     );
     h

@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 use std::time::Duration;
+use syft_testkit::req::capture_full;
 
 use syft_ledger::client::LedgerClient;
 use syft_proto::ledger as pb;
@@ -23,15 +24,6 @@ fn authorize(sender: &str, amount: i64, token: &str, key: &str) -> pb::Authorize
         hold_ttl_seconds: None,
         budget_per_day_micros: None,
         budget_per_month_micros: None,
-    }
-}
-
-fn full(id: &str) -> pb::CaptureRequest {
-    pb::CaptureRequest {
-        answer: None,
-        transfer_id: id.into(),
-        amount: Some(pb::capture_request::Amount::Full(true)),
-        usage: None,
     }
 }
 
@@ -271,8 +263,16 @@ async fn capture_and_void_resolve_exactly_once(h: Harness) -> Harness {
     let (owner, _alice, token) = setup(&h, 10 * USD).await;
     let mut router = h.client(&owner);
     let t1 = granted(&mut router, USD, &token, "k1").await;
-    let first = router.capture(full(&t1.id)).await.unwrap().into_inner();
-    let second = router.capture(full(&t1.id)).await.unwrap().into_inner();
+    let first = router
+        .capture(capture_full(&t1.id))
+        .await
+        .unwrap()
+        .into_inner();
+    let second = router
+        .capture(capture_full(&t1.id))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(first, second, "double capture must return the same result");
     let other_amount = router
         .capture(pb::CaptureRequest {
@@ -301,7 +301,7 @@ async fn capture_and_void_resolve_exactly_once(h: Harness) -> Harness {
     assert_eq!(v1.status(), pb::TransferStatus::Cancelled);
     assert_eq!(v1.cancel_reason, "upstream failed");
     assert_eq!(
-        code(router.capture(full(&t2.id)).await),
+        code(router.capture(capture_full(&t2.id)).await),
         Code::FailedPrecondition
     );
 
@@ -326,13 +326,13 @@ async fn capture_and_void_resolve_exactly_once(h: Harness) -> Harness {
         assert_eq!(code(r), Code::InvalidArgument, "{amount:?}");
     }
     let unknown = router
-        .capture(full(&uuid::Uuid::now_v7().to_string()))
+        .capture(capture_full(&uuid::Uuid::now_v7().to_string()))
         .await;
     assert_eq!(code(unknown), Code::NotFound);
     // Only the recipient resolves; to anyone else the transfer does not exist.
     let stranger = h.account("eve@example.com", 0).await;
     assert_eq!(
-        code(h.client(&stranger).capture(full(&t3.id)).await),
+        code(h.client(&stranger).capture(capture_full(&t3.id)).await),
         Code::NotFound
     );
     assert_eq!(
@@ -371,7 +371,7 @@ async fn authorize_idempotency(h: Harness) -> Harness {
         .await;
     assert_eq!(code(changed), Code::AlreadyExists);
     // Replay after capture returns the completed transfer, never a new hold.
-    router.capture(full(&t.id)).await.unwrap();
+    router.capture(capture_full(&t.id)).await.unwrap();
     let after = granted(&mut router, USD, &token, "same").await;
     assert_eq!(after.status(), pb::TransferStatus::Completed);
     assert_eq!(h.balance(ALICE).await.held_micros, 0);
@@ -442,7 +442,9 @@ async fn concurrent_spend_of_one_balance(h: Harness) -> Harness {
     for _ in 0..10 {
         let mut c = router.clone();
         let id = t.id.clone();
-        tasks.push(tokio::spawn(async move { c.capture(full(&id)).await }));
+        tasks.push(tokio::spawn(
+            async move { c.capture(capture_full(&id)).await },
+        ));
     }
     for task in tasks {
         assert_eq!(
@@ -468,7 +470,7 @@ async fn expired_holds_are_swept(h: Harness) -> Harness {
     }
     tokio::time::sleep(Duration::from_millis(1_100)).await;
     // Expired: cannot be captured even before the sweep runs.
-    let late = router.capture(full(&t.id)).await;
+    let late = router.capture(capture_full(&t.id)).await;
     assert_eq!(code(late), Code::FailedPrecondition);
     // The sweep cancels it as SYSTEM and releases the funds.
     let mut swept = None;
@@ -489,7 +491,7 @@ async fn expired_holds_are_swept(h: Harness) -> Harness {
     let a = h.balance(ALICE).await;
     assert_eq!((a.balance_micros, a.held_micros), (5 * USD, 0));
     assert_eq!(
-        code(router.capture(full(&t.id)).await),
+        code(router.capture(capture_full(&t.id)).await),
         Code::FailedPrecondition
     );
     h
@@ -584,7 +586,7 @@ async fn token_rules(h: Harness) -> Harness {
         .await)
     .token;
     let a = granted(&mut router, 2 * USD, &limited, "l1").await;
-    router.capture(full(&a.id)).await.unwrap();
+    router.capture(capture_full(&a.id)).await.unwrap();
     let b = granted(&mut router, USD, &limited, "l2").await;
     let over = router.authorize(authorize(ALICE, 1, &limited, "l3")).await;
     assert_eq!(code(over), Code::PermissionDenied);
@@ -714,7 +716,7 @@ async fn listing_and_usage_visibility(h: Harness) -> Harness {
                 .capture(pb::CaptureRequest {
                     answer: None,
                     usage,
-                    ..full(&t.id)
+                    ..capture_full(&t.id)
                 })
                 .await
                 .unwrap();
@@ -828,14 +830,17 @@ async fn received_credits_can_be_spent(h: Harness) -> Harness {
     let (owner, _alice, token) = setup(&h, 10 * USD).await;
     let mut router = h.client(&owner);
     let t = granted(&mut router, 3 * USD, &token, "earn").await;
-    router.capture(full(&t.id)).await.unwrap();
+    router.capture(capture_full(&t.id)).await.unwrap();
     let carol = h.account("carol@example.com", 0).await;
     let owner_token = h.token(&owner, "carol@example.com").await;
     let spend = ok(h
         .client(&carol)
         .authorize(authorize(OWNER, 3 * USD, &owner_token, "spend"))
         .await);
-    h.client(&carol).capture(full(&spend.id)).await.unwrap();
+    h.client(&carol)
+        .capture(capture_full(&spend.id))
+        .await
+        .unwrap();
     assert_eq!(h.balance(OWNER).await.balance_micros, 0);
     assert_eq!(h.balance("carol@example.com").await.balance_micros, 3 * USD);
     // Rolling up changes where the credit is stored, never the visible balance.
@@ -855,7 +860,7 @@ async fn crash_between_phases_leaves_an_expiring_hold(mut h: Harness) -> Harness
     h.server = Some(LedgerServer::start(h.config.clone()).await);
     let mut router = h.client(&owner);
     assert_eq!(
-        code(router.capture(full(&t.id)).await),
+        code(router.capture(capture_full(&t.id)).await),
         Code::FailedPrecondition
     );
     for _ in 0..50 {
@@ -897,7 +902,7 @@ async fn refusals_carry_machine_readable_reasons(h: Harness) -> Harness {
         ),
         want(Code::AlreadyExists, "IDEMPOTENCY_CONFLICT")
     );
-    router.capture(full(&t.id)).await.unwrap();
+    router.capture(capture_full(&t.id)).await.unwrap();
     let void = pb::VoidRequest {
         transfer_id: t.id.clone(),
         reason: String::new(),
@@ -1002,7 +1007,7 @@ async fn verify_is_consistent_under_load(h: Harness) -> Harness {
                 }
                 let t = c.authorize(req).await.expect("authorize").into_inner();
                 match i % 5 {
-                    0 | 1 => drop(c.capture(full(&t.id)).await.expect("capture")),
+                    0 | 1 => drop(c.capture(capture_full(&t.id)).await.expect("capture")),
                     2 => {
                         let part = pb::CaptureRequest {
                             answer: None,
@@ -1206,7 +1211,7 @@ async fn idempotency_keys_are_per_sender(h: Harness) -> Harness {
     for (t, user) in [(&a, ALICE), (&b, BOB)] {
         let mut u = usage("req-1", "ok");
         u.user_email = user.into();
-        let mut capture = full(&t.id);
+        let mut capture = capture_full(&t.id);
         capture.usage = Some(u);
         assert_eq!(
             router

@@ -3,6 +3,7 @@
 //! the group-commit writer.
 
 use syft_proto::ledger as pb;
+use syft_testkit::req::capture_full;
 use syft_testkit::{code, reason, store_suite, Harness, USD};
 use tonic::Code;
 
@@ -20,15 +21,6 @@ fn hold(amount: i64, token: &str, key: &str) -> pb::AuthorizeRequest {
         hold_ttl_seconds: None,
         budget_per_day_micros: None,
         budget_per_month_micros: None,
-    }
-}
-
-fn full(id: &str) -> pb::CaptureRequest {
-    pb::CaptureRequest {
-        transfer_id: id.into(),
-        amount: Some(pb::capture_request::Amount::Full(true)),
-        usage: None,
-        answer: None,
     }
 }
 
@@ -167,7 +159,10 @@ async fn lost_hold_is_never_charged(h: Harness) -> Harness {
     tx.commit().await.expect("commit");
     h.assert_consistent().await;
 
-    assert_eq!(code(owner.capture(full(&lost.id)).await), Code::NotFound);
+    assert_eq!(
+        code(owner.capture(capture_full(&lost.id)).await),
+        Code::NotFound
+    );
     let a = h.balance(ALICE).await;
     assert_eq!((a.balance_micros, a.held_micros), (10 * USD, 0));
     assert_eq!(h.balance(OWNER).await.balance_micros, 0);
@@ -178,7 +173,10 @@ async fn lost_hold_is_never_charged(h: Harness) -> Harness {
         .expect("retry")
         .into_inner();
     assert_ne!(again.id, lost.id);
-    owner.capture(full(&again.id)).await.expect("capture");
+    owner
+        .capture(capture_full(&again.id))
+        .await
+        .expect("capture");
     assert_eq!(h.balance(ALICE).await.balance_micros, 8 * USD);
     h
 }

@@ -45,3 +45,13 @@ pub fn usage_of(email: &str) -> pb::QueryUsageRequest {
         ..Default::default()
     }
 }
+
+/// Captures the whole hold of transfer `id`, without a usage row or a stored answer.
+pub fn capture_full(id: &str) -> pb::CaptureRequest {
+    pb::CaptureRequest {
+        transfer_id: id.into(),
+        amount: Some(pb::capture_request::Amount::Full(true)),
+        usage: None,
+        answer: None,
+    }
+}
