@@ -1,0 +1,107 @@
+//! The dashboard's alerts panel (issue 13): the signed-in account's webhook endpoints, add and
+//! remove, "send test event" and the delivery log, through the alerts calls of the ledger core
+//! (`alerts/api.rs`), so the rules are those of gRPC and the CLI.
+
+use std::collections::HashMap;
+
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::api::by_id;
+use super::session::{session, session_for_change};
+use super::{json, Dash, Reply};
+use crate::alerts::{AlertEndpoint, Format, NewEndpoint, Rule};
+use crate::error::LedgerError;
+
+fn endpoint_json(e: &AlertEndpoint) -> Value {
+    json!({
+        "id": e.id,
+        "account_email": e.account_email,
+        "url": e.url,
+        "format": e.format.as_str(),
+        "rules": e.rules,
+        "rate_per_minute": e.rate_per_minute,
+        "failing_since": e.failing_since,
+        "disabled_at": e.disabled_at,
+        "pending_events": e.pending_events,
+        "created_at": e.created_at,
+    })
+}
+
+/// `GET /dashboard/api/alerts`: the caller's endpoints (never their secrets).
+pub(super) async fn list(State(d): State<Dash>, headers: HeaderMap) -> Reply {
+    let s = session(&d, &headers).await?;
+    let endpoints = d.ledger.list_alert_endpoints(&s.caller, "").await?;
+    json(json!({ "endpoints": endpoints.iter().map(endpoint_json).collect::<Vec<_>>() }))
+}
+
+#[derive(Deserialize)]
+struct Add {
+    url: String,
+    #[serde(default)]
+    format: String,
+    rules: Vec<Rule>,
+}
+
+/// `POST /dashboard/api/alerts {"url", "format", "rules"}`: the new endpoint and its signing
+/// secret, shown this once (the page displays it until reload, as the CLI prints it once).
+pub(super) async fn add(State(d): State<Dash>, headers: HeaderMap, bytes: Bytes) -> Reply {
+    let s = session_for_change(&d, &headers).await?;
+    let body: Add = serde_json::from_slice(&bytes)
+        .map_err(|e| LedgerError::invalid(format!("invalid alert endpoint: {e}")))?;
+    let req = NewEndpoint {
+        url: body.url,
+        format: Format::parse(&body.format)?,
+        rules: body.rules,
+        ..Default::default()
+    };
+    let (endpoint, secret) = d.ledger.add_alert_endpoint(&s.caller, req).await?;
+    json(json!({ "endpoint": endpoint_json(&endpoint), "secret": secret }))
+}
+
+/// `POST /dashboard/api/alerts/remove {"id"}`.
+pub(super) async fn remove(State(d): State<Dash>, headers: HeaderMap, bytes: Bytes) -> Reply {
+    let s = session_for_change(&d, &headers).await?;
+    let id = by_id(&bytes)?;
+    d.ledger.remove_alert_endpoint(&s.caller, &id).await?;
+    json(json!({ "removed": id }))
+}
+
+/// `POST /dashboard/api/alerts/test {"id"}`: queues a `test` event; returns its id.
+pub(super) async fn test(State(d): State<Dash>, headers: HeaderMap, bytes: Bytes) -> Reply {
+    let s = session_for_change(&d, &headers).await?;
+    let id = by_id(&bytes)?;
+    let event = d.ledger.send_test_alert(&s.caller, &id).await?;
+    json(json!({ "event_id": event }))
+}
+
+/// `GET /dashboard/api/alerts/deliveries?id=`: the endpoint's last attempts, newest first.
+pub(super) async fn deliveries(
+    State(d): State<Dash>,
+    headers: HeaderMap,
+    Query(params): Query<HashMap<String, String>>,
+) -> Reply {
+    let s = session(&d, &headers).await?;
+    let id = params.get("id").map(String::as_str).unwrap_or_default();
+    let rows = d.ledger.alert_deliveries(&s.caller, id, 50).await?;
+    let rows: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            json!({
+                "event_id": r.event_id,
+                "kind": r.kind,
+                "attempt": r.attempt,
+                "started_at": r.started_at,
+                "latency_ms": r.latency_ms,
+                "status_code": r.status_code,
+                "outcome": r.outcome,
+                "error": r.error,
+                "next_attempt_at": r.next_attempt_at,
+            })
+        })
+        .collect();
+    json(json!({ "deliveries": rows }))
+}

@@ -1,0 +1,232 @@
+//! The dashboard's JSON reads (and the token revoke button): each one the ledger core's call with
+//! the session's caller, so an account sees exactly what the gRPC and analytics APIs show it.
+
+use std::collections::HashMap;
+
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::session::{has_cookie, session, session_for_change};
+use super::{json, Dash, Reply};
+use crate::auth::Caller;
+use crate::core::{Role, TokenQuery, TransferQuery, UsageQuery};
+use crate::domain::TransferStatus;
+use crate::error::{LedgerError, Result};
+use crate::store::{TokenRow, TransferRow, UsageRow};
+
+/// `GET /dashboard/api/me`: who is signed in, their money (freshly read) and the CSRF token the
+/// page sends back on changes (the cookie itself is out of the page's reach).
+/// Without any cookie it answers `{"signed_in": false}` (the page's first question, which must not
+/// log an error in the browser); a bad or expired cookie is 401 like everywhere else.
+pub(super) async fn me(State(d): State<Dash>, headers: HeaderMap) -> Reply {
+    if !has_cookie(&headers) {
+        return json(json!({ "signed_in": false }));
+    }
+    let s = session(&d, &headers).await?;
+    match &s.caller {
+        Caller::Admin => json(json!({
+            "signed_in": true,
+            "admin": true,
+            "email": "",
+            "currency": d.ledger.config().currency,
+            "csrf": s.csrf,
+        })),
+        Caller::Account(_) => {
+            let a = d.ledger.me(&s.caller).await?;
+            json(json!({
+                "signed_in": true,
+                "admin": false,
+                "email": a.email,
+                "currency": a.currency,
+                "balance_micros": a.balance.get(),
+                "held_micros": a.held.get(),
+                "available_micros": a.available().get(),
+                "csrf": s.csrf,
+            }))
+        }
+    }
+}
+
+/// `GET /dashboard/api/stats`: the analytics API (`GET /v1/usage/stats`, same parameters).
+pub(super) async fn stats(
+    State(d): State<Dash>,
+    headers: HeaderMap,
+    Query(params): Query<HashMap<String, String>>,
+) -> Reply {
+    let s = session(&d, &headers).await?;
+    let query = crate::web::stats_query(&params)?;
+    let stats = d.ledger.usage_stats(&s.caller, &query).await?;
+    json(serde_json::to_value(stats).map_err(|e| LedgerError::Internal(e.to_string()))?)
+}
+
+fn param<'a>(params: &'a HashMap<String, String>, key: &str) -> &'a str {
+    params.get(key).map(String::as_str).unwrap_or_default()
+}
+
+fn page_size(params: &HashMap<String, String>) -> Result<u32> {
+    match param(params, "page_size") {
+        "" => Ok(0),
+        n => n
+            .parse()
+            .map_err(|_| LedgerError::invalid(format!("page_size must be a number, not {n:?}"))),
+    }
+}
+
+fn micros(params: &HashMap<String, String>, key: &str) -> Result<Option<i64>> {
+    match param(params, key) {
+        "" => Ok(None),
+        v => v.parse().map(Some).map_err(|_| {
+            LedgerError::invalid(format!("{key} must be unix microseconds, not {v:?}"))
+        }),
+    }
+}
+
+pub(crate) fn transfer_json(t: &TransferRow) -> Value {
+    json!({
+        "id": t.id,
+        "sender_email": t.sender_email,
+        "recipient_email": t.recipient_email,
+        "amount_micros": t.amount.get(),
+        "captured_micros": t.captured.get(),
+        "currency": t.currency,
+        "status": t.status.as_str(),
+        "app_name": t.app_name,
+        "endpoint": t.app_ep_path,
+        "created_at": t.created_at,
+        "resolved_at": t.resolved_at,
+    })
+}
+
+pub(crate) fn usage_json(u: &UsageRow) -> Value {
+    json!({
+        "id": u.id,
+        "request_id": u.usage.request_id,
+        "created_at": u.created_at,
+        "owner_email": u.recipient_email,
+        "app_name": u.usage.app_name,
+        "endpoint": u.usage.endpoint,
+        "user_email": u.usage.user_email,
+        "model": u.usage.model,
+        "status": u.usage.status,
+        "total_tokens": u.usage.total_tokens,
+        "latency_ms": u.usage.latency_ms,
+        "cost_micros": u.cost.get(),
+    })
+}
+
+fn token_json(t: &TokenRow) -> Value {
+    json!({
+        "id": t.id,
+        "sender_email": t.sender_email,
+        "recipient_email": t.recipient_email,
+        "currency": t.currency,
+        "created_at": t.created_at,
+        "expires_at": t.expires_at,
+        "spend_limit_micros": t.spend_limit.map(|m| m.get()),
+        "held_micros": t.held.get(),
+        "spent_micros": t.spent.get(),
+        "revoked_at": t.revoked_at,
+    })
+}
+
+/// `GET /dashboard/api/transfers?status=&role=sender|recipient&page_token=`: newest first.
+pub(super) async fn transfers(
+    State(d): State<Dash>,
+    headers: HeaderMap,
+    Query(params): Query<HashMap<String, String>>,
+) -> Reply {
+    let s = session(&d, &headers).await?;
+    let status = match param(&params, "status") {
+        "" => None,
+        text => Some(text.parse::<TransferStatus>().map_err(|_| {
+            LedgerError::invalid(format!(
+                "unknown status {text:?}: use PENDING, COMPLETED or CANCELLED"
+            ))
+        })?),
+    };
+    let role = match param(&params, "role") {
+        "" => Role::Any,
+        "sender" => Role::Sender,
+        "recipient" => Role::Recipient,
+        other => {
+            return Err(LedgerError::invalid(format!(
+                "unknown role {other:?}: use sender or recipient"
+            ))
+            .into())
+        }
+    };
+    let q = TransferQuery {
+        role,
+        status,
+        page_token: param(&params, "page_token").to_string(),
+        page_size: page_size(&params)?,
+        ..Default::default()
+    };
+    let page = d.ledger.list_transfers(&s.caller, &q).await?;
+    json(json!({
+        "transfers": page.items.iter().map(transfer_json).collect::<Vec<_>>(),
+        "next_page_token": page.next_page_token,
+    }))
+}
+
+/// `GET /dashboard/api/usage?since=&page_token=`: usage rows the caller may see, newest first.
+pub(super) async fn usage(
+    State(d): State<Dash>,
+    headers: HeaderMap,
+    Query(params): Query<HashMap<String, String>>,
+) -> Reply {
+    let s = session(&d, &headers).await?;
+    let q = UsageQuery {
+        since: micros(&params, "since")?,
+        page_token: param(&params, "page_token").to_string(),
+        page_size: page_size(&params)?,
+        ..Default::default()
+    };
+    let page = d.ledger.query_usage(&s.caller, &q).await?;
+    json(json!({
+        "rows": page.items.rows.iter().map(usage_json).collect::<Vec<_>>(),
+        "next_page_token": page.next_page_token,
+    }))
+}
+
+/// `GET /dashboard/api/tokens`: tokens the caller issued or received, revoked and expired too.
+pub(super) async fn tokens(
+    State(d): State<Dash>,
+    headers: HeaderMap,
+    Query(params): Query<HashMap<String, String>>,
+) -> Reply {
+    let s = session(&d, &headers).await?;
+    let q = TokenQuery {
+        include_inactive: true,
+        page_token: param(&params, "page_token").to_string(),
+        page_size: page_size(&params)?,
+        ..Default::default()
+    };
+    let page = d.ledger.list_tokens(&s.caller, &q).await?;
+    json(json!({
+        "tokens": page.items.iter().map(token_json).collect::<Vec<_>>(),
+        "next_page_token": page.next_page_token,
+    }))
+}
+
+#[derive(Deserialize)]
+pub(super) struct ById {
+    pub id: String,
+}
+
+pub(super) fn by_id(bytes: &Bytes) -> Result<String> {
+    serde_json::from_slice::<ById>(bytes)
+        .map(|b| b.id)
+        .map_err(|e| LedgerError::invalid(format!("invalid JSON body: {e}")))
+}
+
+/// `POST /dashboard/api/tokens/revoke {"id"}`: only the token's sender may revoke it.
+pub(super) async fn revoke_token(State(d): State<Dash>, headers: HeaderMap, bytes: Bytes) -> Reply {
+    let s = session_for_change(&d, &headers).await?;
+    let id = by_id(&bytes)?;
+    let (revoked, _) = d.ledger.revoke_token(&s.caller, &id).await?;
+    json(json!({ "revoked": revoked }))
+}

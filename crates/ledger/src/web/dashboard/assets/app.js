@@ -1,0 +1,419 @@
+// The syft-router dashboard: vanilla JS over /dashboard/api (JSON) and /dashboard/events (SSE).
+// The session cookie is HttpOnly; the page keeps only the CSRF token it is given.
+'use strict';
+
+const $ = (sel) => document.querySelector(sel);
+const MIN = 60e6, HOUR = 3600e6, DAY = 86400e6;
+const RANGES = {
+  '1h': { span: HOUR, by: 'minute', step: MIN },
+  '24h': { span: DAY, by: 'hour', step: HOUR },
+  '7d': { span: 7 * DAY, by: 'hour', step: HOUR },
+  '30d': { span: 30 * DAY, by: 'day', step: DAY },
+};
+const state = { me: null, csrf: '', currency: 'USD', source: null, charts: {},
+  transfers: { pages: [''], status: '' }, history: { pages: [''] }, liveIds: new Set(),
+  refreshTimer: null, selectedEndpoint: '' };
+
+class HttpError extends Error {
+  constructor(status, detail) { super(detail); this.status = status; }
+}
+
+async function api(path, body) {
+  const init = { credentials: 'same-origin', headers: { Accept: 'application/json' } };
+  if (body !== undefined) {
+    init.method = 'POST';
+    init.headers['Content-Type'] = 'application/json';
+    init.headers['X-CSRF-Token'] = state.csrf;
+    init.body = JSON.stringify(body);
+  }
+  const resp = await fetch(path, init);
+  const data = await resp.json().catch(() => ({}));
+  if (!resp.ok) {
+    if (resp.status === 401 && path !== '/dashboard/login') showSignIn();
+    throw new HttpError(resp.status, data.detail || resp.statusText);
+  }
+  return data;
+}
+
+function money(micros, currency) {
+  const fmt = new Intl.NumberFormat(undefined, { style: 'currency', currency: currency || state.currency,
+    minimumFractionDigits: 2, maximumFractionDigits: 6 });
+  return fmt.format((micros || 0) / 1e6);
+}
+const count = (n) => new Intl.NumberFormat().format(n || 0);
+const pct = (r) => `${(100 * (r || 0)).toFixed(1)} %`;
+const when = (micros) => (micros ? new Date(micros / 1000).toLocaleString() : '–');
+
+function setMoney(sel, micros) {
+  const el = $(sel);
+  el.textContent = money(micros);
+  el.dataset.micros = String(micros || 0);
+}
+
+function cell(text, cls) {
+  const td = document.createElement('td');
+  td.textContent = text;
+  if (cls) td.className = cls;
+  return td;
+}
+
+function row(cells) {
+  const tr = document.createElement('tr');
+  cells.forEach((c) => tr.appendChild(c instanceof Node ? c : cell(c)));
+  return tr;
+}
+
+function fill(sel, rows, empty) {
+  const body = $(`${sel} tbody`);
+  body.replaceChildren(...rows);
+  if (!rows.length) {
+    const td = cell(empty || 'Nothing yet', 'empty');
+    td.colSpan = $(`${sel} thead tr`).children.length;
+    body.appendChild(row([td]));
+  }
+}
+
+function showSignIn() {
+  if (state.source) { state.source.close(); state.source = null; }
+  state.me = null;
+  $('#app').hidden = true;
+  $('#who').hidden = true;
+  $('#signin').hidden = false;
+}
+
+async function start() {
+  const me = await api('/dashboard/api/me');
+  if (!me.signed_in) { showSignIn(); return; }
+  state.me = me;
+  state.csrf = me.csrf;
+  state.currency = me.currency;
+  $('#signin').hidden = true;
+  $('#app').hidden = false;
+  $('#who').hidden = false;
+  $('#who-email').textContent = me.admin ? 'admin (every account)' : me.email;
+  $('#tab-user').hidden = me.admin;
+  $('#tab-alerts').hidden = me.admin;
+  connectLive();
+  await refreshAll();
+}
+
+async function refreshAll() {
+  await Promise.all([refreshMoney(), refreshOwner(), loadTransfers(), loadLive()]);
+  if (!state.me.admin) await Promise.all([refreshUser(), loadAlerts()]);
+  document.body.dataset.loaded = 'true';
+}
+
+async function refreshMoney() {
+  if (state.me.admin) {
+    ['#balance', '#held', '#available'].forEach((s) => { $(s).textContent = '–'; });
+    return;
+  }
+  const me = await api('/dashboard/api/me');
+  setMoney('#balance', me.balance_micros);
+  setMoney('#held', me.held_micros);
+  setMoney('#available', me.available_micros);
+}
+
+function stats(params) {
+  return api(`/dashboard/api/stats?${new URLSearchParams(params)}`);
+}
+
+const total = (s) => (s.groups[0] ? s.groups[0].measures : {});
+
+async function refreshOwner() {
+  const now = Date.now() * 1000;
+  const today = Math.floor(now / DAY) * DAY;
+  const range = RANGES[$('#range').value];
+  const since = String(Math.floor(now - range.span));
+  const [day, week, month, series, all, byApp, byUser] = await Promise.all([
+    stats({ role: 'owner', since: String(today) }),
+    stats({ role: 'owner', since: String(now - 7 * DAY) }),
+    stats({ role: 'owner', since: String(now - 30 * DAY) }),
+    stats({ role: 'owner', since, group_by: range.by }),
+    stats({ role: 'owner', since }),
+    stats({ role: 'owner', since, group_by: 'app,endpoint' }),
+    stats({ role: 'owner', since, group_by: 'user' }),
+  ]);
+  setMoney('#rev-today', total(day).revenue_micros);
+  setMoney('#rev-7d', total(week).revenue_micros);
+  setMoney('#rev-30d', total(month).revenue_micros);
+  $('#requests-range').textContent = count(total(all).requests);
+  $('#success-range').textContent = total(all).requests ? pct(total(all).success_rate) : '–';
+  drawOwnerCharts(series, range);
+  fill('#by-app', byApp.groups.map((g) => row([g.key[0] || '(none)', g.key[1] || '/',
+    count(g.measures.requests), pct(g.measures.success_rate), count(g.measures.total_tokens),
+    String(g.measures.latency_ms.p95), money(g.measures.revenue_micros, byApp.currency)])));
+  const top = (measure, show) => byUser.groups.slice()
+    .sort((a, b) => b.measures[measure] - a.measures[measure]).slice(0, 10)
+    .map((g) => row([g.key[0] || '(anonymous)', show(g.measures[measure])]));
+  fill('#top-spend', top('revenue_micros', (m) => money(m, byUser.currency)));
+  fill('#top-requests', top('requests', count));
+}
+
+// Every bucket of the range, so a quiet hour draws as zero instead of a line across it.
+function buckets(s, range) {
+  const xs = [];
+  for (let t = Math.floor(s.since / range.step) * range.step; t < s.until; t += range.step) xs.push(t);
+  return xs;
+}
+
+function byTime(s) {
+  const m = new Map();
+  s.groups.forEach((g) => m.set(g.key[0], g.measures));
+  return m;
+}
+
+function chart(id, labels, data, opts) {
+  const el = $(id);
+  if (state.charts[id]) state.charts[id].destroy();
+  const width = Math.max(260, el.clientWidth || el.parentElement.clientWidth || 300);
+  const colors = ['#2563eb', '#dc2626', '#16a34a', '#9333ea', '#ea580c', '#0891b2'];
+  const series = [{}].concat(labels.map((label, i) => ({ label, stroke: colors[i % colors.length],
+    width: 2, value: opts && opts.value })));
+  state.charts[id] = new uPlot({ width, height: 200, series, legend: { live: false },
+    axes: [{}, { size: 60 }], scales: { x: { time: true } } }, data, el);
+}
+
+function drawOwnerCharts(s, range) {
+  const xs = buckets(s, range);
+  const m = byTime(s);
+  const get = (f) => xs.map((x) => (m.has(x) ? f(m.get(x)) : null));
+  const t = xs.map((x) => x / 1e6);
+  const zero = (f) => xs.map((x) => (m.has(x) ? f(m.get(x)) : 0));
+  chart('#chart-requests', ['requests', 'failures'], [t, zero((v) => v.requests), zero((v) => v.failures)]);
+  chart('#chart-success', ['success %'], [t, get((v) => 100 * v.success_rate)]);
+  chart('#chart-tokens', ['prompt', 'completion'], [t, zero((v) => v.prompt_tokens), zero((v) => v.completion_tokens)]);
+  chart('#chart-latency', ['p50', 'p95', 'p99'], [t, get((v) => v.latency_ms.p50), get((v) => v.latency_ms.p95), get((v) => v.latency_ms.p99)]);
+}
+
+async function refreshUser() {
+  const now = Date.now() * 1000;
+  const range = RANGES[$('#range').value];
+  const s = await stats({ role: 'user', since: String(Math.floor(now - range.span)), group_by: `${range.by},app` });
+  const xs = buckets(s, range);
+  const apps = [...new Set(s.groups.map((g) => g.key[1]))].sort();
+  const spend = new Map(s.groups.map((g) => [`${g.key[0]}|${g.key[1]}`, g.measures.revenue_micros / 1e6]));
+  const data = [xs.map((x) => x / 1e6)].concat(apps.map((a) => xs.map((x) => spend.get(`${x}|${a}`) || 0)));
+  chart('#chart-spend', apps.length ? apps : ['spend'], apps.length ? data : [data[0], xs.map(() => 0)],
+    { value: (u, v) => (v == null ? '–' : money(v * 1e6)) });
+  await Promise.all([loadTokens(), loadHistory()]);
+}
+
+async function loadTokens() {
+  const { tokens } = await api('/dashboard/api/tokens?page_size=100');
+  const now = Date.now() * 1000;
+  fill('#tokens', tokens.map((t) => {
+    const active = !t.revoked_at && !(t.expires_at && t.expires_at <= now);
+    const action = document.createElement('td');
+    if (active && t.sender_email === state.me.email) {
+      const b = document.createElement('button');
+      b.type = 'button';
+      b.textContent = 'Revoke';
+      b.setAttribute('aria-label', `Revoke token ${t.id}`);
+      b.addEventListener('click', () => revoke(t.id));
+      action.appendChild(b);
+    }
+    return row([t.id.slice(0, 8), t.sender_email, t.recipient_email,
+      t.spend_limit_micros == null ? 'none' : money(t.spend_limit_micros, t.currency),
+      money(t.spent_micros, t.currency), t.expires_at ? when(t.expires_at) : 'never',
+      t.revoked_at ? 'revoked' : (active ? 'active' : 'expired'), action]);
+  }), 'No tokens');
+}
+
+async function revoke(id) {
+  if (!window.confirm('Revoke this token? Routers holding it can no longer charge it.')) return;
+  await api('/dashboard/api/tokens/revoke', { id });
+  await loadTokens();
+}
+
+function transferRow(t, mine) {
+  const cells = [when(t.created_at)];
+  if (!mine) cells.push(t.sender_email);
+  cells.push(t.recipient_email, t.app_name || '–', t.status.toLowerCase(),
+    money(t.amount_micros, t.currency), money(t.captured_micros, t.currency));
+  return row(cells);
+}
+
+async function loadTransfers() {
+  const p = state.transfers;
+  const token = p.pages[p.pages.length - 1];
+  const q = new URLSearchParams({ page_size: '20', status: p.status, page_token: token });
+  const page = await api(`/dashboard/api/transfers?${q}`);
+  p.next = page.next_page_token;
+  $('#transfers-next').disabled = !p.next;
+  $('#transfers-first').disabled = p.pages.length === 1;
+  fill('#transfers', page.transfers.map((t) => transferRow(t, false)), 'No transfers');
+}
+
+async function loadHistory() {
+  const p = state.history;
+  const q = new URLSearchParams({ page_size: '20', role: 'sender', page_token: p.pages[p.pages.length - 1] });
+  const page = await api(`/dashboard/api/transfers?${q}`);
+  p.next = page.next_page_token;
+  $('#history-next').disabled = !p.next;
+  $('#history-first').disabled = p.pages.length === 1;
+  fill('#history', page.transfers.map((t) => transferRow(t, true)), 'No payments yet');
+}
+
+function usageRow(u) {
+  const tr = row([new Date(u.created_at / 1000).toLocaleTimeString(), u.app_name || '–',
+    u.endpoint || '/', u.user_email || '–', u.status, count(u.total_tokens), String(u.latency_ms),
+    money(u.cost_micros)]);
+  tr.dataset.id = u.id;
+  return tr;
+}
+
+async function loadLive() {
+  const since = String(Date.now() * 1000 - DAY);
+  const { rows } = await api(`/dashboard/api/usage?page_size=25&since=${since}`);
+  state.liveIds = new Set(rows.map((u) => u.id));
+  fill('#live', rows.map(usageRow), 'No requests in the last 24 hours');
+}
+
+function addLive(rows) {
+  const body = $('#live tbody');
+  const fresh = rows.filter((u) => !state.liveIds.has(u.id)).reverse();
+  if (!fresh.length) return;
+  body.querySelectorAll('td.empty').forEach((td) => td.parentElement.remove());
+  fresh.forEach((u) => { state.liveIds.add(u.id); body.prepend(usageRow(u)); });
+  while (body.children.length > 50) body.lastElementChild.remove();
+}
+
+function connectLive() {
+  if (state.source) state.source.close();
+  const source = new EventSource('/dashboard/events');
+  state.source = source;
+  source.addEventListener('open', () => { $('#live-status').textContent = 'live'; });
+  source.addEventListener('usage', (e) => {
+    addLive(JSON.parse(e.data).rows);
+    // The figures follow the rows, at most once a second (the server sends no more often).
+    clearTimeout(state.refreshTimer);
+    state.refreshTimer = setTimeout(() => {
+      Promise.all([refreshMoney(), refreshOwner(), loadTransfers()]).catch(report);
+    }, 300);
+  });
+  source.addEventListener('error', () => {
+    $('#live-status').textContent = 'reconnecting';
+    if (source.readyState === EventSource.CLOSED && state.me) api('/dashboard/api/me').then((me) => { if (!me.signed_in) showSignIn(); }).catch(() => {});
+  });
+}
+
+async function loadAlerts() {
+  const { endpoints } = await api('/dashboard/api/alerts').catch((e) => {
+    $('#alerts-note').textContent = e.message;
+    return { endpoints: [] };
+  });
+  fill('#alert-endpoints', endpoints.map((e) => {
+    const actions = document.createElement('td');
+    [['Test', () => api('/dashboard/api/alerts/test', { id: e.id }).then(() => loadDeliveries(e.id))],
+      ['Deliveries', () => loadDeliveries(e.id)],
+      ['Remove', () => window.confirm('Remove this endpoint?') && api('/dashboard/api/alerts/remove', { id: e.id }).then(loadAlerts)],
+    ].forEach(([label, act]) => {
+      const b = document.createElement('button');
+      b.type = 'button';
+      b.textContent = label;
+      b.setAttribute('aria-label', `${label} ${e.url}`);
+      b.addEventListener('click', () => Promise.resolve(act()).catch(report));
+      actions.appendChild(b);
+    });
+    const stateText = e.disabled_at ? 'disabled' : (e.failing_since ? 'failing' : 'ok');
+    return row([e.url, e.rules.map((r) => r.event).join(', '), `${stateText}, ${e.pending_events} pending`, actions]);
+  }), 'No endpoints');
+}
+
+async function loadDeliveries(id) {
+  state.selectedEndpoint = id;
+  $('#deliveries-of').textContent = id;
+  const { deliveries } = await api(`/dashboard/api/alerts/deliveries?id=${encodeURIComponent(id)}`);
+  fill('#deliveries', deliveries.map((d) => row([when(d.started_at), d.kind, String(d.attempt),
+    d.status_code == null ? '–' : String(d.status_code), String(d.latency_ms), d.outcome,
+    d.next_attempt_at ? when(d.next_attempt_at) : '–'])), 'No attempts yet');
+}
+
+function toMicros(text) {
+  const v = Number(text);
+  if (!Number.isFinite(v) || v <= 0) throw new Error('the threshold must be a positive amount');
+  return Math.round(v * 1e6);
+}
+
+function ruleOf(event, value) {
+  switch (event) {
+    case 'balance.low': return { event, below_micros: toMicros(value) };
+    case 'spend.threshold': return { event, side: 'spend', above_micros: toMicros(value) };
+    case 'budget.threshold': return { event, steps: value.split(',').map((s) => Number(s.trim())) };
+    case 'errors.spike': return { event, percent: Number(value), window_minutes: 5, min_requests: 10 };
+    default: return { event, hour: Number(value) };
+  }
+}
+
+async function addAlert(ev) {
+  ev.preventDefault();
+  $('#alert-error').textContent = '';
+  try {
+    const res = await api('/dashboard/api/alerts', { url: $('#alert-url').value,
+      format: $('#alert-format').value, rules: [ruleOf($('#alert-event').value, $('#alert-value').value)] });
+    $('#alert-secret').textContent = `Signing secret (shown once, keep it now): ${res.secret}`;
+    $('#alert-form').reset();
+    await loadAlerts();
+  } catch (e) {
+    $('#alert-error').textContent = e.message;
+  }
+}
+
+async function signIn(ev) {
+  ev.preventDefault();
+  $('#signin-error').textContent = '';
+  try {
+    const res = await api('/dashboard/login', { email: $('#signin-email').value, secret: $('#signin-secret').value });
+    state.csrf = res.csrf;
+    $('#signin-form').reset();
+    await start();
+  } catch (e) {
+    $('#signin-error').textContent = e.status === 401 ? 'Wrong email or secret.' : e.message;
+  }
+}
+
+async function signOut() {
+  if (state.source) { state.source.close(); state.source = null; }
+  await api('/dashboard/logout', {}).catch(() => {});
+  showSignIn();
+}
+
+function select(tab) {
+  ['owner', 'user', 'alerts'].forEach((t) => {
+    $(`#tab-${t}`).setAttribute('aria-selected', String(t === tab));
+    $(`#view-${t}`).hidden = t !== tab;
+  });
+  if (tab === 'user') refreshUser().catch(report);
+}
+
+function report(e) {
+  if (!(e instanceof HttpError && e.status === 401)) console.warn('dashboard:', e.message || e);
+}
+
+function wire() {
+  $('#signin-form').addEventListener('submit', signIn);
+  $('#signout').addEventListener('click', () => signOut().catch(report));
+  $('#alert-form').addEventListener('submit', addAlert);
+  ['owner', 'user', 'alerts'].forEach((t) => $(`#tab-${t}`).addEventListener('click', () => select(t)));
+  $('#range').addEventListener('change', () => {
+    refreshOwner().catch(report);
+    if (!state.me.admin) refreshUser().catch(report);
+  });
+  $('#transfer-status').addEventListener('change', () => {
+    state.transfers = { pages: [''], status: $('#transfer-status').value };
+    loadTransfers().catch(report);
+  });
+  $('#transfers-next').addEventListener('click', () => { state.transfers.pages.push(state.transfers.next); loadTransfers().catch(report); });
+  $('#transfers-first').addEventListener('click', () => { state.transfers.pages = ['']; loadTransfers().catch(report); });
+  $('#history-next').addEventListener('click', () => { state.history.pages.push(state.history.next); loadHistory().catch(report); });
+  $('#history-first').addEventListener('click', () => { state.history.pages = ['']; loadHistory().catch(report); });
+  let resize;
+  window.addEventListener('resize', () => {
+    clearTimeout(resize);
+    resize = setTimeout(() => { if (state.me) refreshOwner().catch(report); }, 250);
+  });
+}
+
+wire();
+start().catch(report);

@@ -1,0 +1,203 @@
+//! Live updates: `GET /dashboard/events`, one server-sent event stream per open page, at most one
+//! `usage` event a second carrying the usage rows the caller may see that it has not been sent.
+//!
+//! What wakes the streams must see rows written by any ledger replica, so it comes from the
+//! database, not from this process's writes: on Postgres one `LISTEN syft_usage` connection per
+//! ledger process (migration 0010's trigger notifies at every commit that wrote usage rows); on
+//! SQLite, which one process owns, a check of the highest usage rowid every 500 ms. Either one
+//! fans out through a `tokio::sync::broadcast` channel and runs only once a page has subscribed.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use futures::Stream;
+use serde_json::json;
+use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
+
+use super::api::usage_json;
+use super::session::{session, Session};
+use super::{Dash, DashError};
+use crate::core::UsageQuery;
+use crate::error::Result;
+use crate::store::{now_micros, Backend, Store};
+
+/// The channel migration 0010's trigger notifies.
+const CHANNEL: &str = "syft_usage";
+/// At most one update a second per page.
+const MIN_GAP: Duration = Duration::from_secs(1);
+const SQLITE_POLL: Duration = Duration::from_millis(500);
+/// Rows are read back this far before the newest row sent: a row stamped earlier can commit
+/// later (group commit), and must not be skipped.
+const SLACK_MICROS: i64 = 10_000_000;
+const TAIL_PAGE: u32 = 100;
+
+/// This process's fan-out of "usage rows were committed".
+pub(crate) struct Hub {
+    tx: broadcast::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Hub {
+    pub fn start(store: Arc<Store>) -> Self {
+        let (tx, _) = broadcast::channel(16);
+        let task = tokio::spawn(watch(store, tx.clone()));
+        Self { tx, task }
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<()> {
+        self.tx.subscribe()
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn watch(store: Arc<Store>, tx: broadcast::Sender<()>) {
+    loop {
+        // Nothing is watched (no database connection held) until a page subscribes.
+        while tx.receiver_count() == 0 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let result = match store.backend() {
+            Backend::Postgres => listen(&store, &tx).await,
+            Backend::Sqlite => poll(&store, &tx).await,
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "dashboard live updates: watching usage rows failed");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
+/// Postgres: one listening connection, kept once opened (it reconnects by itself).
+async fn listen(store: &Store, tx: &broadcast::Sender<()>) -> Result<()> {
+    let url = store.pool().connect_options().database_url.to_string();
+    let mut listener = sqlx::postgres::PgListener::connect(&url).await?;
+    listener.listen(CHANNEL).await?;
+    loop {
+        // `None`: the connection was lost and is re-established on the next call; rows may have
+        // been committed meanwhile, so the streams look anyway.
+        let _ = listener.try_recv().await?;
+        let _ = tx.send(());
+    }
+}
+
+/// SQLite: the highest rowid of `usage_records` (an index lookup), while anyone watches.
+async fn poll(store: &Store, tx: &broadcast::Sender<()>) -> Result<()> {
+    let newest = || async {
+        sqlx::query_scalar::<_, i64>("SELECT COALESCE(MAX(rowid), 0) FROM usage_records")
+            .fetch_one(store.pool())
+            .await
+    };
+    let mut last = newest().await?;
+    while tx.receiver_count() > 0 {
+        tokio::time::sleep(SQLITE_POLL).await;
+        let now = newest().await?;
+        if now != last {
+            last = now;
+            let _ = tx.send(());
+        }
+    }
+    Ok(())
+}
+
+/// One page's stream: what it was sent, and when.
+struct Tail {
+    d: Dash,
+    session: Session,
+    rx: broadcast::Receiver<()>,
+    /// Ids sent with `created_at >= since`.
+    seen: HashMap<String, i64>,
+    since: i64,
+    last_sent: Option<Instant>,
+}
+
+impl Tail {
+    async fn next(&mut self) -> Option<Event> {
+        loop {
+            match self.rx.recv().await {
+                Ok(()) | Err(RecvError::Lagged(_)) => {}
+                Err(RecvError::Closed) => return None,
+            }
+            if let Some(last) = self.last_sent {
+                tokio::time::sleep(MIN_GAP.saturating_sub(last.elapsed())).await;
+            }
+            // Signals that came while waiting are answered by the read below.
+            while !matches!(
+                self.rx.try_recv(),
+                Err(TryRecvError::Empty | TryRecvError::Closed)
+            ) {}
+            // Signed out (here or on another replica) or expired: the stream ends.
+            if !self.session.alive(&self.d).await.unwrap_or(false) {
+                return None;
+            }
+            let rows = match self.fresh().await {
+                Ok(rows) => rows,
+                Err(e) => {
+                    tracing::warn!(error = %e, "dashboard live updates: reading usage failed");
+                    continue;
+                }
+            };
+            if rows.is_empty() {
+                continue;
+            }
+            self.last_sent = Some(Instant::now());
+            return Event::default()
+                .event("usage")
+                .json_data(json!({ "rows": rows }))
+                .ok();
+        }
+    }
+
+    /// Rows not sent yet, newest first, through the core's usage query (the caller's rows only).
+    async fn fresh(&mut self) -> Result<Vec<serde_json::Value>> {
+        let q = UsageQuery {
+            since: Some(self.since),
+            page_size: TAIL_PAGE,
+            ..Default::default()
+        };
+        let page = self.d.ledger.query_usage(&self.session.caller, &q).await?;
+        let mut out = Vec::new();
+        for row in &page.items.rows {
+            if self.seen.insert(row.id.clone(), row.created_at).is_none() {
+                out.push(usage_json(row));
+            }
+        }
+        if let Some(newest) = self.seen.values().max() {
+            self.since = self.since.max(newest - SLACK_MICROS);
+        }
+        let since = self.since;
+        self.seen.retain(|_, at| *at >= since);
+        Ok(out)
+    }
+}
+
+/// `GET /dashboard/events`: `usage` events with `{"rows": [...]}` (as `/dashboard/api/usage`).
+pub(super) async fn events(
+    State(d): State<Dash>,
+    headers: HeaderMap,
+) -> std::result::Result<Sse<impl Stream<Item = std::result::Result<Event, Infallible>>>, DashError>
+{
+    let session = session(&d, &headers).await?;
+    let tail = Tail {
+        rx: d.live.subscribe(),
+        d,
+        session,
+        seen: HashMap::new(),
+        since: now_micros() - SLACK_MICROS,
+        last_sent: None,
+    };
+    let stream = futures::stream::unfold(tail, |mut tail| async move {
+        let event = tail.next().await?;
+        Some((Ok(event), tail))
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}

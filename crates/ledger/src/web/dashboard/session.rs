@@ -1,0 +1,259 @@
+//! Dashboard sessions: sign-in with an account's email and secret (or the admin key) in a POST
+//! body, a random session token in an `HttpOnly; SameSite=Strict` cookie (`Secure` under TLS),
+//! the token's SHA-256 in `dashboard_sessions` (migration 0010) so every replica accepts it and a
+//! database dump signs no one in, a fixed lifetime, and sign-out.
+//!
+//! State-changing requests need three things: the cookie (which `SameSite=Strict` keeps off
+//! cross-site requests), an `Origin` naming this host, and `X-CSRF-Token` equal to the session's
+//! CSRF token (derived from the session token, so it is never stored and differs per session).
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue};
+use base64::Engine;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{json, Dash, Reply};
+use crate::auth::{constant_time_eq, generate_secret, Caller};
+use crate::error::{LedgerError, Result};
+use crate::store::{now_micros, sha256_hex};
+
+const COOKIE: &str = "syft_session";
+/// Sessions end this long after sign-in, whatever happens in between.
+pub(crate) const SESSION_TTL_SECONDS: i64 = 12 * 3600;
+const CSRF_HEADER: &str = "x-csrf-token";
+
+/// A signed-in caller.
+pub(crate) struct Session {
+    pub caller: Caller,
+    pub csrf: String,
+    token_hash: String,
+}
+
+impl Session {
+    /// Whether the session still exists (signed out or expired sessions end live streams).
+    pub async fn alive(&self, d: &Dash) -> Result<bool> {
+        Ok(lookup(d, &self.token_hash).await?.is_some())
+    }
+}
+
+fn unauthenticated() -> LedgerError {
+    LedgerError::Unauthenticated("not signed in, or the session expired".into())
+}
+
+fn csrf_of(token: &str) -> String {
+    sha256_hex(&format!("csrf:{token}"))
+}
+
+/// The session token of the request's cookie.
+fn cookie_token(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == COOKIE)
+        .map(|(_, value)| value.trim().to_string())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+}
+
+/// Whether the request carries a session cookie at all (valid or not).
+pub(crate) fn has_cookie(headers: &HeaderMap) -> bool {
+    cookie_token(headers).is_some()
+}
+
+/// `Some(account_id)` of a live session (`None` inside: the admin).
+async fn lookup(d: &Dash, token_hash: &str) -> Result<Option<(Option<i64>, Option<String>)>> {
+    Ok(sqlx::query_as(
+        "SELECT s.account_id, a.email FROM dashboard_sessions s \
+         LEFT JOIN accounts a ON a.id = s.account_id \
+         WHERE s.token_hash = $1 AND s.expires_at > $2",
+    )
+    .bind(token_hash)
+    .bind(now_micros())
+    .fetch_optional(d.ledger.store().pool())
+    .await?)
+}
+
+/// The caller of a read request, from its session cookie.
+pub(crate) async fn session(d: &Dash, headers: &HeaderMap) -> Result<Session> {
+    let token = cookie_token(headers).ok_or_else(unauthenticated)?;
+    let token_hash = sha256_hex(&token);
+    let caller = match lookup(d, &token_hash).await?.ok_or_else(unauthenticated)? {
+        // An admin session outlives no admin key: removing the key signs the admin out.
+        (None, _) if d.ledger.config().admin_key.expose().is_empty() => {
+            return Err(unauthenticated())
+        }
+        (None, _) => Caller::Admin,
+        (Some(_), Some(email)) => d
+            .ledger
+            .store()
+            .account_by_email(&email)
+            .await?
+            .map(|a| Caller::Account(Arc::new(a)))
+            .ok_or_else(unauthenticated)?,
+        (Some(_), None) => return Err(unauthenticated()),
+    };
+    Ok(Session {
+        caller,
+        csrf: csrf_of(&token),
+        token_hash,
+    })
+}
+
+/// The caller of a state-changing request: a session, this origin, and its CSRF token.
+pub(crate) async fn session_for_change(d: &Dash, headers: &HeaderMap) -> Result<Session> {
+    check_origin(headers)?;
+    let session = session(d, headers).await?;
+    let sent = headers
+        .get(CSRF_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if !constant_time_eq(sent.as_bytes(), session.csrf.as_bytes()) {
+        return Err(LedgerError::PermissionDenied(
+            "missing or wrong X-CSRF-Token".into(),
+        ));
+    }
+    Ok(session)
+}
+
+/// `Origin` must name the host the request was sent to: a page of another site cannot post here
+/// even if a browser sent the cookie along.
+pub(crate) fn check_origin(headers: &HeaderMap) -> Result<()> {
+    let text = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+    };
+    let refused = |why: &str| LedgerError::PermissionDenied(format!("cross-origin request: {why}"));
+    let origin = text(header::ORIGIN).ok_or_else(|| refused("no Origin header"))?;
+    let host = text(header::HOST).ok_or_else(|| refused("no Host header"))?;
+    let origin_host = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+        .ok_or_else(|| refused("Origin is not http(s)"))?;
+    if !origin_host.eq_ignore_ascii_case(host) {
+        return Err(refused("Origin is another site"));
+    }
+    Ok(())
+}
+
+fn cookie(d: &Dash, value: &str, max_age: i64) -> Result<HeaderValue> {
+    let secure = if d.secure { "; Secure" } else { "" };
+    HeaderValue::from_str(&format!(
+        "{COOKIE}={value}; Path=/dashboard; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}"
+    ))
+    .map_err(|e| LedgerError::Internal(e.to_string()))
+}
+
+#[derive(Deserialize)]
+struct Login {
+    /// Empty: `secret` is the admin key.
+    #[serde(default)]
+    email: String,
+    secret: String,
+}
+
+/// `POST /dashboard/login` `{"email", "secret"}`: a new session, its cookie and CSRF token.
+pub(super) async fn login(State(d): State<Dash>, headers: HeaderMap, bytes: Bytes) -> Reply {
+    check_origin(&headers)?;
+    let body: Login = serde_json::from_slice(&bytes)
+        .map_err(|e| LedgerError::invalid(format!("invalid JSON body: {e}")))?;
+    let email = body.email.trim();
+    let account_id = if email.is_empty() {
+        let key = d.ledger.config().admin_key.expose();
+        if key.is_empty() || !constant_time_eq(body.secret.as_bytes(), key.as_bytes()) {
+            return Err(LedgerError::Unauthenticated("invalid credentials".into()).into());
+        }
+        None
+    } else {
+        // The API's own check of email and secret (Basic), so both accept the same credentials.
+        let basic =
+            base64::engine::general_purpose::STANDARD.encode(format!("{email}:{}", body.secret));
+        Some(
+            d.ledger
+                .authenticate(Some(&format!("Basic {basic}")))
+                .await?
+                .account()?
+                .id,
+        )
+    };
+    let token = generate_secret();
+    let now = now_micros();
+    let pool = d.ledger.store().pool();
+    sqlx::query("DELETE FROM dashboard_sessions WHERE expires_at <= $1")
+        .bind(now)
+        .execute(pool)
+        .await
+        .map_err(LedgerError::from)?;
+    sqlx::query(
+        "INSERT INTO dashboard_sessions (token_hash, account_id, created_at, expires_at) \
+         VALUES ($1, $2, $3, $4)",
+    )
+    .bind(sha256_hex(&token))
+    .bind(account_id)
+    .bind(now)
+    .bind(now + SESSION_TTL_SECONDS * 1_000_000)
+    .execute(pool)
+    .await
+    .map_err(LedgerError::from)?;
+    tracing::info!(admin = account_id.is_none(), "dashboard sign-in");
+    let mut response = json(json!({"csrf": csrf_of(&token)}))?;
+    response
+        .headers_mut()
+        .insert(header::SET_COOKIE, cookie(&d, &token, SESSION_TTL_SECONDS)?);
+    Ok(response)
+}
+
+/// `POST /dashboard/logout`: the session row goes, so the cookie is dead on every replica.
+pub(super) async fn logout(State(d): State<Dash>, headers: HeaderMap) -> Reply {
+    let session = session_for_change(&d, &headers).await?;
+    sqlx::query("DELETE FROM dashboard_sessions WHERE token_hash = $1")
+        .bind(&session.token_hash)
+        .execute(d.ledger.store().pool())
+        .await
+        .map_err(LedgerError::from)?;
+    let mut response = json(json!({"signed_out": true}))?;
+    response
+        .headers_mut()
+        .insert(header::SET_COOKIE, cookie(&d, "", 0)?);
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_session_cookie_among_others() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; syft_session=abc ; b=2"),
+        );
+        assert_eq!(cookie_token(&h).as_deref(), Some("abc"));
+        h.insert(header::COOKIE, HeaderValue::from_static("syft_session="));
+        assert_eq!(cookie_token(&h), None);
+    }
+
+    #[test]
+    fn origin_must_be_this_host() {
+        let h = |origin: Option<&'static str>| {
+            let mut h = HeaderMap::new();
+            h.insert(header::HOST, HeaderValue::from_static("127.0.0.1:8080"));
+            if let Some(o) = origin {
+                h.insert(header::ORIGIN, HeaderValue::from_static(o));
+            }
+            h
+        };
+        assert!(check_origin(&h(Some("http://127.0.0.1:8080"))).is_ok());
+        assert!(check_origin(&h(Some("https://127.0.0.1:8080"))).is_ok());
+        assert!(check_origin(&h(Some("http://evil.example"))).is_err());
+        assert!(check_origin(&h(Some("null"))).is_err());
+        assert!(check_origin(&h(None)).is_err());
+    }
+}

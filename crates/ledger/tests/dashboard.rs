@@ -1,0 +1,537 @@
+//! The dashboard over HTTP (issue 12), on SQLite and Postgres: sign-in and its refusals, the
+//! session cookie and the stored hash, CSRF and Origin checks, sign-out and expiry, who sees which
+//! rows, the alerts panel (issue 13) and live usage over server-sent events (across two ledger
+//! replicas on Postgres). The browser itself is driven in `dashboard_browser.rs`.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::{json, Value};
+use syft_ledger::store::{sha256_hex, Backend};
+use syft_proto::ledger as pb;
+use syft_testkit::{alerts_on, Harness, LedgerServer, WebhookReceiver, ADMIN_KEY, USD};
+
+const OWNER: &str = "owner@router.example";
+const OWNER2: &str = "owner2@router.example";
+const ALICE: &str = "alice@example.com";
+const BOB: &str = "bob@example.com";
+
+/// A signed-in browser as the server sees it: the cookie and the CSRF token.
+struct Web {
+    http: reqwest::Client,
+    base: String,
+    cookie: String,
+    csrf: String,
+}
+
+fn origin(base: &str) -> &str {
+    base
+}
+
+async fn login(base: &str, email: &str, secret: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{base}/dashboard/login"))
+        .header("origin", origin(base))
+        .json(&json!({"email": email, "secret": secret}))
+        .send()
+        .await
+        .expect("login")
+}
+
+impl Web {
+    async fn sign_in(base: &str, email: &str, secret: &str) -> Self {
+        let resp = login(base, email, secret).await;
+        assert_eq!(resp.status(), 200, "sign-in of {email:?}");
+        let set_cookie = resp.headers()["set-cookie"]
+            .to_str()
+            .expect("ascii")
+            .to_string();
+        for attr in ["HttpOnly", "SameSite=Strict", "Path=/dashboard", "Max-Age="] {
+            assert!(set_cookie.contains(attr), "{set_cookie}");
+        }
+        assert!(
+            !set_cookie.contains("Secure"),
+            "no TLS, no Secure: {set_cookie}"
+        );
+        let cookie = set_cookie
+            .split(';')
+            .next()
+            .expect("cookie pair")
+            .to_string();
+        let body: Value = resp.json().await.expect("json");
+        Self {
+            http: reqwest::Client::new(),
+            base: base.to_string(),
+            cookie,
+            csrf: body["csrf"].as_str().expect("csrf").to_string(),
+        }
+    }
+
+    fn token(&self) -> &str {
+        self.cookie
+            .split_once('=')
+            .map(|(_, v)| v)
+            .unwrap_or_default()
+    }
+
+    async fn get_status(&self, path: &str) -> (u16, Value) {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .header("cookie", &self.cookie)
+            .send()
+            .await
+            .expect("get");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        let (status, body) = self.get_status(path).await;
+        assert_eq!(status, 200, "GET {path}: {body}");
+        body
+    }
+
+    /// A state-changing request; `csrf` and `origin` can be left out or wrong to test refusals.
+    async fn post_with(
+        &self,
+        path: &str,
+        body: Value,
+        csrf: Option<&str>,
+        origin: Option<&str>,
+    ) -> (u16, Value) {
+        let mut req = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header("cookie", &self.cookie)
+            .json(&body);
+        if let Some(c) = csrf {
+            req = req.header("x-csrf-token", c);
+        }
+        if let Some(o) = origin {
+            req = req.header("origin", o);
+        }
+        let resp = req.send().await.expect("post");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Value {
+        let (status, body) = self
+            .post_with(path, body, Some(&self.csrf), Some(origin(&self.base)))
+            .await;
+        assert_eq!(status, 200, "POST {path}: {body}");
+        body
+    }
+}
+
+fn usage(request_id: &str, user: &str, app: &str) -> pb::RecordUsageRequest {
+    pb::RecordUsageRequest {
+        usage: Some(pb::Usage {
+            request_id: request_id.into(),
+            app_name: app.into(),
+            endpoint: "/chat".into(),
+            user_email: user.into(),
+            model: "m".into(),
+            prompt_tokens: 3,
+            completion_tokens: 4,
+            status: "success".into(),
+            latency_ms: 12,
+            ..Default::default()
+        }),
+    }
+}
+
+/// Free usage rows of two owners and two users.
+async fn rows(h: &Harness, owner: &str, owner2: &str) {
+    let (mut o1, mut o2) = (h.client(owner), h.client(owner2));
+    o1.record_usage(usage("a-1", ALICE, "app-one"))
+        .await
+        .expect("usage");
+    o1.record_usage(usage("b-1", BOB, "app-one"))
+        .await
+        .expect("usage");
+    o2.record_usage(usage("a-2", ALICE, "app-two"))
+        .await
+        .expect("usage");
+}
+
+fn ids(usage: &Value) -> Vec<String> {
+    let mut ids: Vec<String> = usage["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| {
+            format!(
+                "{}:{}",
+                r["owner_email"].as_str().unwrap_or_default(),
+                r["user_email"].as_str().unwrap_or_default()
+            )
+        })
+        .collect();
+    ids.sort();
+    ids
+}
+
+fn requests(stats: &Value) -> i64 {
+    stats["groups"]
+        .as_array()
+        .and_then(|g| g.first())
+        .map(|g| g["measures"]["requests"].as_i64().unwrap_or(0))
+        .unwrap_or(0)
+}
+
+async fn sessions_and_permissions(h: &Harness) {
+    let base = h.http_url();
+    let owner = h.account(OWNER, 0).await;
+    let owner2 = h.account(OWNER2, 0).await;
+    let alice = h.account(ALICE, 10 * USD).await;
+    h.account(BOB, 10 * USD).await;
+    rows(h, &owner, &owner2).await;
+    let http = reqwest::Client::new();
+
+    // The page: from the binary, locked down, no secret in it.
+    let page = http
+        .get(format!("{base}/dashboard"))
+        .send()
+        .await
+        .expect("page");
+    assert_eq!(page.status(), 200);
+    let csp = page.headers()["content-security-policy"]
+        .to_str()
+        .expect("csp")
+        .to_string();
+    assert!(csp.contains("script-src 'self'"), "{csp}");
+    let html = page.text().await.expect("html");
+    assert!(html.contains("/dashboard/vendor/uPlot.min.js") && !html.contains(ADMIN_KEY));
+    let me: Value = http
+        .get(format!("{base}/dashboard/api/me"))
+        .send()
+        .await
+        .expect("me")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(me["signed_in"], false);
+
+    // Refused sign-ins: wrong secret, unknown account, wrong admin key, no Origin, foreign Origin.
+    for (email, secret) in [
+        (OWNER, "wrong-secret-123"),
+        ("nobody@x.io", owner.as_str()),
+        ("", "not-the-admin-key"),
+    ] {
+        let resp = login(&base, email, secret).await;
+        assert_eq!(resp.status(), 401, "{email}");
+        assert!(resp.headers().get("set-cookie").is_none());
+        assert!(resp.headers().get("www-authenticate").is_none());
+    }
+    for origin in [None, Some("http://evil.example")] {
+        let mut req = http
+            .post(format!("{base}/dashboard/login"))
+            .json(&json!({"email": OWNER, "secret": owner}));
+        if let Some(o) = origin {
+            req = req.header("origin", o);
+        }
+        assert_eq!(req.send().await.expect("login").status(), 403, "{origin:?}");
+    }
+
+    // A session: the database keeps only the token's hash.
+    let web = Web::sign_in(&base, OWNER, &owner).await;
+    let stored: Vec<String> = sqlx::query_scalar("SELECT token_hash FROM dashboard_sessions")
+        .fetch_all(h.store.pool())
+        .await
+        .expect("sessions");
+    assert_eq!(stored, vec![sha256_hex(web.token())]);
+    assert_eq!(web.get("/dashboard/api/me").await["email"], OWNER);
+
+    // A bad cookie is refused everywhere (401, UNAUTHENTICATED), as is none at all.
+    let forged = Web {
+        cookie: "syft_session=forged-token".into(),
+        ..Web::sign_in(&base, OWNER, &owner).await
+    };
+    for path in [
+        "/dashboard/api/me",
+        "/dashboard/api/stats",
+        "/dashboard/api/usage",
+        "/dashboard/api/transfers",
+        "/dashboard/api/tokens",
+        "/dashboard/events",
+    ] {
+        let (status, body) = forged.get_status(path).await;
+        assert_eq!(status, 401, "{path}: {body}");
+    }
+    let anonymous = http
+        .get(format!("{base}/dashboard/api/usage"))
+        .send()
+        .await
+        .expect("usage");
+    assert_eq!(anonymous.status(), 401);
+
+    // Who sees what: an owner its apps' rows, a user its own requests, the admin everything.
+    let admin = Web::sign_in(&base, "", ADMIN_KEY).await;
+    let web2 = Web::sign_in(&base, OWNER2, &owner2).await;
+    let alice_web = Web::sign_in(&base, ALICE, &alice).await;
+    assert_eq!(
+        ids(&web.get("/dashboard/api/usage").await),
+        vec![format!("{OWNER}:{ALICE}"), format!("{OWNER}:{BOB}")]
+    );
+    assert_eq!(
+        ids(&web2.get("/dashboard/api/usage").await),
+        vec![format!("{OWNER2}:{ALICE}")]
+    );
+    assert_eq!(
+        ids(&alice_web.get("/dashboard/api/usage").await),
+        vec![format!("{OWNER2}:{ALICE}"), format!("{OWNER}:{ALICE}")]
+    );
+    assert_eq!(ids(&admin.get("/dashboard/api/usage").await).len(), 3);
+    assert_eq!(
+        requests(&web.get("/dashboard/api/stats?role=owner").await),
+        2
+    );
+    assert_eq!(
+        requests(&web2.get("/dashboard/api/stats?role=owner").await),
+        1
+    );
+    assert_eq!(
+        requests(&alice_web.get("/dashboard/api/stats?role=owner").await),
+        0
+    );
+    assert_eq!(
+        requests(&alice_web.get("/dashboard/api/stats?role=user").await),
+        2
+    );
+    assert_eq!(requests(&admin.get("/dashboard/api/stats").await), 3);
+    let bob_only = "/dashboard/api/stats?role=user&user=bob@example.com";
+    assert_eq!(requests(&alice_web.get(bob_only).await), 0);
+    let (status, _) = web
+        .get_status("/dashboard/api/stats?group_by=weekday")
+        .await;
+    assert_eq!(status, 400);
+    let me = alice_web.get("/dashboard/api/me").await;
+    assert_eq!(
+        (me["balance_micros"].as_i64(), me["currency"].as_str()),
+        (Some(10 * USD), Some("USD"))
+    );
+
+    // Changes need the CSRF token and this Origin; the token's sender may then revoke it.
+    let token = h.token(&alice, OWNER).await;
+    let tokens = alice_web.get("/dashboard/api/tokens").await;
+    let id = tokens["tokens"][0]["id"].as_str().expect("id").to_string();
+    let revoke = json!({ "id": id });
+    let right = Some(origin(&base));
+    for (csrf, origin, status) in [
+        (None, right, 403),
+        (Some("wrong"), right, 403),
+        (Some(web.csrf.as_str()), right, 403),
+        (Some(alice_web.csrf.as_str()), None, 403),
+        (
+            Some(alice_web.csrf.as_str()),
+            Some("http://evil.example"),
+            403,
+        ),
+    ] {
+        let (got, body) = alice_web
+            .post_with("/dashboard/api/tokens/revoke", revoke.clone(), csrf, origin)
+            .await;
+        assert_eq!(got, status, "{csrf:?} {origin:?}: {body}");
+    }
+    // The owner receives the token but did not issue it: not theirs to revoke.
+    let (got, _) = web
+        .post_with(
+            "/dashboard/api/tokens/revoke",
+            revoke.clone(),
+            Some(&web.csrf),
+            right,
+        )
+        .await;
+    assert_ne!(got, 200);
+    alice_web.post("/dashboard/api/tokens/revoke", revoke).await;
+    let tokens = alice_web.get("/dashboard/api/tokens").await;
+    assert!(tokens["tokens"][0]["revoked_at"].is_i64(), "{tokens}");
+    assert!(!token.is_empty());
+
+    // Sign-out ends the session for every replica; an expired session is refused too.
+    web.post("/dashboard/logout", json!({})).await;
+    assert_eq!(web.get_status("/dashboard/api/me").await.0, 401);
+    sqlx::query("UPDATE dashboard_sessions SET expires_at = 1")
+        .execute(h.store.pool())
+        .await
+        .expect("expire");
+    assert_eq!(alice_web.get_status("/dashboard/api/me").await.0, 401);
+}
+
+async fn alerts_panel(h: &Harness) {
+    let base = h.http_url();
+    let owner = h.account(OWNER, 0).await;
+    let other = h.account(OWNER2, 0).await;
+    let receiver = WebhookReceiver::start().await;
+    let web = Web::sign_in(&base, OWNER, &owner).await;
+    let added = web
+        .post(
+            "/dashboard/api/alerts",
+            json!({"url": receiver.url, "format": "json",
+                   "rules": [{"event": "balance.low", "below_micros": 5 * USD}]}),
+        )
+        .await;
+    let id = added["endpoint"]["id"].as_str().expect("id").to_string();
+    let secret = added["secret"].as_str().expect("secret").to_string();
+    receiver.set_secrets(&[&secret]);
+    // Bad configuration is refused with the API's message.
+    let (status, body) = web
+        .post_with(
+            "/dashboard/api/alerts",
+            json!({"url": "not a url", "rules": [{"event": "balance.low", "below_micros": 1}]}),
+            Some(&web.csrf),
+            Some(&base),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    let listed = web.get("/dashboard/api/alerts").await;
+    assert_eq!(listed["endpoints"][0]["id"], id.as_str());
+    assert!(
+        !listed.to_string().contains(&secret),
+        "secrets are shown once"
+    );
+    web.post("/dashboard/api/alerts/test", json!({ "id": id }))
+        .await;
+    receiver
+        .wait_until(Duration::from_secs(10), "the test event", |r| {
+            r.iter().any(|r| r.event_type() == "test" && r.valid)
+        })
+        .await;
+    let log_path = format!("/dashboard/api/alerts/deliveries?id={id}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = web.get(&log_path).await;
+        if log["deliveries"][0]["status_code"] == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no delivery logged: {log}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Another account cannot see, test or remove it.
+    let stranger = Web::sign_in(&base, OWNER2, &other).await;
+    assert_eq!(stranger.get_status(&log_path).await.0, 404);
+    let (status, _) = stranger
+        .post_with(
+            "/dashboard/api/alerts/remove",
+            json!({ "id": id }),
+            Some(&stranger.csrf),
+            Some(&base),
+        )
+        .await;
+    assert_eq!(status, 404);
+    web.post("/dashboard/api/alerts/remove", json!({ "id": id }))
+        .await;
+    assert_eq!(
+        web.get("/dashboard/api/alerts").await["endpoints"],
+        json!([])
+    );
+}
+
+/// Reads server-sent events until one carries `request_id`; returns how long that took.
+async fn wait_for_row<B: AsRef<[u8]>>(
+    events: &mut (impl futures::Stream<Item = reqwest::Result<B>> + Unpin),
+    seen: &mut String,
+    request_id: &str,
+    within: Duration,
+) {
+    let deadline = Instant::now() + within;
+    while !seen.contains(request_id) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let chunk = tokio::time::timeout(left, events.next())
+            .await
+            .unwrap_or_else(|_| panic!("{request_id} not pushed within {within:?}: {seen}"))
+            .expect("stream open")
+            .expect("chunk");
+        seen.push_str(&String::from_utf8_lossy(chunk.as_ref()));
+    }
+}
+
+async fn live_usage(h: &Harness) {
+    let owner = h.account(OWNER, 0).await;
+    let owner2 = h.account(OWNER2, 0).await;
+    // On Postgres the page is served by a second replica: the rows are written through the
+    // first, so only the database's NOTIFY can tell the second.
+    let replica = match h.store.backend() {
+        Backend::Postgres => Some(LedgerServer::start(h.config.clone()).await),
+        Backend::Sqlite => None,
+    };
+    let base = replica
+        .as_ref()
+        .map_or_else(|| h.http_url(), |r| r.http_url.clone());
+    let web = Web::sign_in(&base, OWNER, &owner).await;
+    let resp = web
+        .http
+        .get(format!("{base}/dashboard/events"))
+        .header("cookie", &web.cookie)
+        .send()
+        .await
+        .expect("events");
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap_or_default()
+        .starts_with("text/event-stream"));
+    let mut events = Box::pin(resp.bytes_stream());
+    let opened = Instant::now();
+    let mut seen = String::new();
+    // Let the stream subscribe before the first row.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (mut o1, mut o2) = (h.client(&owner), h.client(&owner2));
+    for n in 0..3 {
+        let id = format!("live-{n}");
+        let started = Instant::now();
+        o1.record_usage(usage(&id, ALICE, "app-one"))
+            .await
+            .expect("usage");
+        // Another owner's row is never pushed to this page.
+        o2.record_usage(usage(&format!("foreign-{n}"), BOB, "app-two"))
+            .await
+            .expect("usage");
+        wait_for_row(&mut events, &mut seen, &id, Duration::from_secs(2)).await;
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+    // A burst: every row arrives, in at most one update a second.
+    for n in 0..20 {
+        o1.record_usage(usage(&format!("burst-{n}"), ALICE, "app-one"))
+            .await
+            .expect("usage");
+    }
+    wait_for_row(&mut events, &mut seen, "burst-19", Duration::from_secs(3)).await;
+    let updates = seen.matches("event: usage").count() as u64;
+    assert!(
+        updates <= opened.elapsed().as_secs() + 1,
+        "{updates} updates in {:?}",
+        opened.elapsed()
+    );
+    assert!(!seen.contains("foreign-") && !seen.contains(BOB), "{seen}");
+    drop(events);
+    if let Some(r) = replica {
+        r.stop().await;
+    }
+}
+
+async fn suite(postgres: bool) {
+    for scenario in 0..3 {
+        let Some(h) = Harness::with(postgres, alerts_on).await else {
+            return;
+        };
+        match scenario {
+            0 => sessions_and_permissions(&h).await,
+            1 => alerts_panel(&h).await,
+            _ => live_usage(&h).await,
+        }
+        h.finish().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dashboard_sqlite() {
+    suite(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dashboard_postgres() {
+    suite(true).await;
+}
