@@ -39,6 +39,7 @@ pub(super) async fn me(State(d): State<Dash>, headers: HeaderMap) -> Reply {
             json(json!({
                 "signed_in": true,
                 "admin": false,
+                "alerts": alerts_on(&d),
                 "email": a.email,
                 "currency": a.currency,
                 "balance_micros": a.balance.get(),
@@ -48,6 +49,12 @@ pub(super) async fn me(State(d): State<Dash>, headers: HeaderMap) -> Reply {
             }))
         }
     }
+}
+
+/// Whether the alerts panel can work here (the same conditions `alerts/api.rs` checks).
+fn alerts_on(d: &Dash) -> bool {
+    let config = d.ledger.config();
+    config.alerts.key.is_some() && config.hosted.is_none()
 }
 
 /// `GET /dashboard/api/stats`: the analytics API (`GET /v1/usage/stats`, same parameters).

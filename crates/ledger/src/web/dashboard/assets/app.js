@@ -166,12 +166,14 @@ function byTime(s) {
 function chart(id, labels, data, opts) {
   const el = $(id);
   if (state.charts[id]) state.charts[id].destroy();
-  const width = Math.max(260, el.clientWidth || el.parentElement.clientWidth || 300);
+  const width = Math.max(200, el.clientWidth || el.parentElement.clientWidth || 300);
   const colors = ['#2563eb', '#dc2626', '#16a34a', '#9333ea', '#ea580c', '#0891b2'];
+  // Sparse series (no value in quiet buckets) join their points and show them.
+  const sparse = opts && opts.sparse;
   const series = [{}].concat(labels.map((label, i) => ({ label, stroke: colors[i % colors.length],
-    width: 2, value: opts && opts.value })));
+    width: 2, value: opts && opts.value, spanGaps: !!sparse, points: { show: sparse ? true : undefined } })));
   state.charts[id] = new uPlot({ width, height: 200, series, legend: { live: false },
-    axes: [{}, { size: 60 }], scales: { x: { time: true } } }, data, el);
+    axes: [{}, { size: 60 }], scales: { x: { time: true }, y: opts && opts.yRange ? { range: opts.yRange } : {} } }, data, el);
 }
 
 function drawOwnerCharts(s, range) {
@@ -181,9 +183,9 @@ function drawOwnerCharts(s, range) {
   const t = xs.map((x) => x / 1e6);
   const zero = (f) => xs.map((x) => (m.has(x) ? f(m.get(x)) : 0));
   chart('#chart-requests', ['requests', 'failures'], [t, zero((v) => v.requests), zero((v) => v.failures)]);
-  chart('#chart-success', ['success %'], [t, get((v) => 100 * v.success_rate)]);
+  chart('#chart-success', ['success %'], [t, get((v) => 100 * v.success_rate)], { sparse: true, yRange: [0, 100] });
   chart('#chart-tokens', ['prompt', 'completion'], [t, zero((v) => v.prompt_tokens), zero((v) => v.completion_tokens)]);
-  chart('#chart-latency', ['p50', 'p95', 'p99'], [t, get((v) => v.latency_ms.p50), get((v) => v.latency_ms.p95), get((v) => v.latency_ms.p99)]);
+  chart('#chart-latency', ['p50', 'p95', 'p99'], [t, get((v) => v.latency_ms.p50), get((v) => v.latency_ms.p95), get((v) => v.latency_ms.p99)], { sparse: true });
 }
 
 async function refreshUser() {
@@ -299,10 +301,13 @@ function connectLive() {
 }
 
 async function loadAlerts() {
-  const { endpoints } = await api('/dashboard/api/alerts').catch((e) => {
-    $('#alerts-note').textContent = e.message;
-    return { endpoints: [] };
-  });
+  $('#alert-form').hidden = !state.me.alerts;
+  if (!state.me.alerts) {
+    $('#alerts-note').textContent = 'Alerts are off on this ledger: start it with --alerts-key.';
+    fill('#alert-endpoints', [], 'Alerts are off');
+    return;
+  }
+  const { endpoints } = await api('/dashboard/api/alerts');
   fill('#alert-endpoints', endpoints.map((e) => {
     const actions = document.createElement('td');
     [['Test', () => api('/dashboard/api/alerts/test', { id: e.id }).then(() => loadDeliveries(e.id))],
