@@ -17,6 +17,10 @@ use serde_json::{json, Value};
 use syft_router_svc::Pricing;
 use syft_testkit::{free_port, Stack, PRICE};
 
+const SIGN_IN_SHOWN: &str = "return !document.querySelector('#signin').hidden";
+const SIGNED_OUT: &str =
+    "return !document.querySelector('#signin').hidden && document.querySelector('#app').hidden";
+
 /// chromedriver, killed with the test.
 struct Driver(Child);
 
@@ -88,7 +92,8 @@ async fn js(c: &Client, script: &str) -> Value {
 }
 
 /// Waits until `script` returns true (it is evaluated in the page).
-async fn until(c: &Client, script: &str, within: Duration, what: &str) -> Duration {
+async fn until(c: &Client, script: &str, seconds: u64, what: &str) -> Duration {
+    let within = Duration::from_secs(seconds);
     let started = Instant::now();
     loop {
         if js(c, script).await == Value::Bool(true) {
@@ -113,31 +118,20 @@ async fn micros_of(c: &Client, id: &str) -> i64 {
 }
 
 async fn sign_in(c: &Client, email: &str, secret: &str) {
-    until(
-        c,
-        "return !document.querySelector('#signin').hidden",
-        Duration::from_secs(10),
-        "sign-in form",
-    )
-    .await;
-    c.find(Locator::Css("#signin-email"))
-        .await
-        .expect("email")
-        .send_keys(email)
-        .await
-        .expect("type");
-    c.find(Locator::Css("#signin-secret"))
-        .await
-        .expect("secret")
-        .send_keys(secret)
-        .await
-        .expect("type");
-    c.find(Locator::Css("#signin-submit"))
-        .await
-        .expect("submit")
-        .click()
-        .await
-        .expect("click");
+    until(c, SIGN_IN_SHOWN, 10, "sign-in form").await;
+    type_into(c, "#signin-email", email).await;
+    type_into(c, "#signin-secret", secret).await;
+    click(c, "#signin-submit").await;
+}
+
+async fn type_into(c: &Client, css: &str, text: &str) {
+    let field = c.find(Locator::Css(css)).await.expect(css);
+    field.send_keys(text).await.expect("type");
+}
+
+async fn click(c: &Client, css: &str) {
+    let element = c.find(Locator::Css(css)).await.expect(css);
+    element.click().await.expect("click");
 }
 
 async fn paid_request(s: &Stack, content: &str) {
@@ -173,13 +167,7 @@ async fn dashboard_in_chromium() {
     // Signed in, the page shows the ledger's own figures.
     sign_in(&c, &s.owner.email, &s.owner.secret).await;
     let loaded = "return document.body.dataset.loaded === 'true'";
-    until(
-        &c,
-        loaded,
-        Duration::from_secs(10),
-        "the page loads its data",
-    )
-    .await;
+    until(&c, loaded, 10, "the page loads its data").await;
     assert_eq!(micros_of(&c, "balance").await, s.owner_balance().await);
     assert_eq!(micros_of(&c, "rev-30d").await, PRICE);
     assert_eq!(micros_of(&c, "rev-today").await, PRICE);
@@ -193,7 +181,7 @@ async fn dashboard_in_chromium() {
     until(
         &c,
         "return document.querySelector('#live-status').textContent === 'live'",
-        Duration::from_secs(5),
+        5,
         "the live stream opens",
     )
     .await;
@@ -203,7 +191,7 @@ async fn dashboard_in_chromium() {
     let took = until(
         &c,
         "return document.querySelectorAll('#live tbody tr[data-id]').length === 2",
-        Duration::from_secs(2),
+        2,
         "the new request in the live tail",
     )
     .await;
@@ -214,32 +202,22 @@ async fn dashboard_in_chromium() {
             "return Number(document.querySelector('#rev-30d').dataset.micros) === {}",
             2 * PRICE
         ),
-        Duration::from_secs(3),
+        3,
         "revenue follows",
     )
     .await;
     assert_eq!(micros_of(&c, "balance").await, s.owner_balance().await);
 
     // The user view and the alerts tab render too.
-    c.find(Locator::Css("#tab-user"))
-        .await
-        .expect("tab")
-        .click()
-        .await
-        .expect("click");
+    click(&c, "#tab-user").await;
     until(
         &c,
         "return document.querySelectorAll('#chart-spend .uplot').length === 1",
-        Duration::from_secs(5),
+        5,
         "the spend chart",
     )
     .await;
-    c.find(Locator::Css("#tab-owner"))
-        .await
-        .expect("tab")
-        .click()
-        .await
-        .expect("click");
+    click(&c, "#tab-owner").await;
 
     if let Ok(path) = std::env::var("SYFT_DASHBOARD_SCREENSHOT") {
         let png = c.screenshot().await.expect("screenshot");
@@ -262,41 +240,24 @@ async fn dashboard_in_chromium() {
         .map((e) => e.tagName + '#' + e.id + '.' + e.className).slice(0, 10)";
     let fits = tokio::time::timeout(
         Duration::from_secs(3),
-        until(&c, overflow, Duration::from_secs(4), "phone width"),
+        until(&c, overflow, 4, "phone width"),
     )
     .await;
     assert!(fits.is_ok(), "wider than a phone: {}", js(&c, wide).await);
     c.set_window_size(1280, 2200).await.expect("resize");
 
     // Sign-out: the form is back and the session is gone.
-    c.find(Locator::Css("#signout"))
-        .await
-        .expect("sign out")
-        .click()
-        .await
-        .expect("click");
-    until(
-        &c,
-        "return !document.querySelector('#signin').hidden",
-        Duration::from_secs(5),
-        "signed out",
-    )
-    .await;
+    click(&c, "#signout").await;
+    until(&c, SIGN_IN_SHOWN, 5, "signed out").await;
     c.goto(&page).await.expect("reload");
-    until(
-        &c,
-        "return !document.querySelector('#signin').hidden && document.querySelector('#app').hidden",
-        Duration::from_secs(5),
-        "still signed out after a reload",
-    )
-    .await;
+    until(&c, SIGNED_OUT, 5, "still signed out after a reload").await;
 
     // A wrong secret and a forged cookie get the sign-in form, nothing else.
     sign_in(&c, &s.owner.email, "not-the-secret").await;
     until(
         &c,
         "return document.querySelector('#signin-error').textContent === 'Wrong email or secret.'",
-        Duration::from_secs(5),
+        5,
         "wrong secret refused",
     )
     .await;
@@ -306,13 +267,7 @@ async fn dashboard_in_chromium() {
     )
     .await;
     c.goto(&page).await.expect("reload");
-    until(
-        &c,
-        "return !document.querySelector('#signin').hidden && document.querySelector('#app').hidden",
-        Duration::from_secs(5),
-        "forged cookie refused",
-    )
-    .await;
+    until(&c, SIGNED_OUT, 5, "forged cookie refused").await;
     c.close().await.expect("close");
     s.check_invariants().await;
 }
