@@ -269,6 +269,7 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     println!("  router  gRPC  http://{grpc_addr}");
     println!("  router  HTTP  http://{http_addr}/v1/chat/completions   (OpenAI-compatible)");
     println!("                http://{http_addr}/chat /search /health   (syft-llm-router API)");
+    println!("  dashboard     {ledger_http_url}/dashboard   (sign in with a secret from the credentials file)");
     println!("  credentials   {}", creds_path.display());
     println!("  logs          warnings only; RUST_LOG=info shows every request");
     println!();
