@@ -345,10 +345,7 @@ impl Ledger {
 
     pub async fn query_usage(&self, caller: &Caller, q: &UsageQuery) -> Result<Page<UsagePage>> {
         let limit = page_size(q.page_size)?;
-        let account = match caller {
-            Caller::Admin => None,
-            Caller::Account(a) => Some((a.id, a.email.clone())),
-        };
+        let account = usage_scope(caller);
         let user_email = if q.user_email.is_empty() {
             None
         } else {
@@ -375,6 +372,39 @@ impl Ledger {
             next_page_token,
         })
     }
+
+    /// The newest usage rows (at most `limit`, ≤ the page maximum) written from `since` on, by
+    /// the rule of [`Ledger::query_usage`]; read by id range (UUIDv7 ids start with their
+    /// millisecond), for live tails.
+    pub async fn usage_since(
+        &self,
+        caller: &Caller,
+        since: i64,
+        limit: u32,
+    ) -> Result<Vec<UsageRow>> {
+        let limit = page_size(limit)?;
+        self.store
+            .usage_after(&usage_scope(caller), &v7_floor(since), limit)
+            .await
+    }
+}
+
+/// Whose usage rows a caller reads: an account its apps' rows and its own requests, the admin all.
+fn usage_scope(caller: &Caller) -> Option<(i64, String)> {
+    match caller {
+        Caller::Admin => None,
+        Caller::Account(a) => Some((a.id, a.email.clone())),
+    }
+}
+
+/// The smallest UUIDv7 text of the millisecond `micros` falls in (ids are compared as text).
+fn v7_floor(micros: i64) -> String {
+    let ms = micros.max(0) / 1000;
+    format!(
+        "{:08x}-{:04x}-0000-0000-000000000000",
+        ms >> 16,
+        ms & 0xffff
+    )
 }
 
 /// Checks the fields of a usage row a caller reports.
@@ -484,4 +514,23 @@ fn decode_page_token(token: &str) -> Result<Option<String>> {
         .filter(|s| s.len() <= 64 && uuid::Uuid::parse_str(s).is_ok())
         .map(Some)
         .ok_or_else(|| LedgerError::invalid("invalid page_token"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn v7_floor_orders_ids_by_time() {
+        let at = |micros: i64| {
+            let ts = uuid::Timestamp::from_unix(
+                uuid::NoContext,
+                (micros / 1_000_000) as u64,
+                ((micros % 1_000_000) * 1000) as u32,
+            );
+            uuid::Uuid::new_v7(ts).to_string()
+        };
+        let t = 1_796_189_618_076_218;
+        assert!(at(t) >= super::v7_floor(t));
+        assert!(at(t - 1_000) < super::v7_floor(t));
+        assert!(at(t + 5_000_000) > super::v7_floor(t));
+    }
 }

@@ -256,16 +256,7 @@ impl Store {
 
     pub async fn query_usage(&self, f: &UsageFilter) -> Result<UsagePage> {
         let mut w = Where::default();
-        if let Some((id, email)) = &f.account {
-            let (p1, p2) = (
-                format!("${}", w.binds.len() + 1),
-                format!("${}", w.binds.len() + 2),
-            );
-            w.clauses
-                .push(format!("(u.recipient_id = {p1} OR u.user_email = {p2})"));
-            w.binds.push(Bind::Int(*id));
-            w.binds.push(Bind::Text(email.clone()));
-        }
+        usage_account(&mut w, &f.account);
         w.opt_int("u.created_at >= ?", f.since);
         w.opt_int("u.created_at < ?", f.until);
         w.opt_text("u.user_email = ?", f.user_email.as_deref());
@@ -305,6 +296,28 @@ impl Store {
         })
     }
 
+    /// The newest `limit` usage rows with an id above `after_id` (ids are UUIDv7: time-ordered),
+    /// of this account as in [`UsageFilter::account`]: a range of the primary key, so a live tail
+    /// reads only recent rows however large the table (no totals either).
+    pub async fn usage_after(
+        &self,
+        account: &Option<(i64, String)>,
+        after_id: &str,
+        limit: i64,
+    ) -> Result<Vec<UsageRow>> {
+        let mut w = Where::default();
+        usage_account(&mut w, account);
+        w.text("u.id > ?", after_id);
+        let sql = format!(
+            "SELECT {USAGE_COLUMNS} FROM usage_records u JOIN accounts r ON r.id = u.recipient_id {} \
+             ORDER BY u.id DESC LIMIT {limit}",
+            w.sql()
+        );
+        Ok(w.bind_as(sqlx::query_as(&sql))
+            .fetch_all(self.pool())
+            .await?)
+    }
+
     pub async fn usage_by_request(
         &self,
         recipient_id: i64,
@@ -322,5 +335,19 @@ impl Store {
             .bind(user_email)
             .fetch_optional(self.pool())
             .await?)
+    }
+}
+
+/// Rows of an account: as app owner (recipient) or as the user who sent the request.
+fn usage_account(w: &mut Where, account: &Option<(i64, String)>) {
+    if let Some((id, email)) = account {
+        let (p1, p2) = (
+            format!("${}", w.binds.len() + 1),
+            format!("${}", w.binds.len() + 2),
+        );
+        w.clauses
+            .push(format!("(u.recipient_id = {p1} OR u.user_email = {p2})"));
+        w.binds.push(Bind::Int(*id));
+        w.binds.push(Bind::Text(email.clone()));
     }
 }

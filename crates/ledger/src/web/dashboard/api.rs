@@ -12,10 +12,10 @@ use serde_json::{json, Value};
 use super::session::{has_cookie, session, session_for_change};
 use super::{json, Dash, Reply};
 use crate::auth::Caller;
-use crate::core::{Role, TokenQuery, TransferQuery, UsageQuery};
+use crate::core::{Role, TokenQuery, TransferQuery};
 use crate::domain::TransferStatus;
 use crate::error::{LedgerError, Result};
-use crate::store::{TokenRow, TransferRow, UsageRow};
+use crate::store::{now_micros, TokenRow, TransferRow, UsageRow};
 
 /// `GET /dashboard/api/me`: who is signed in, their money (freshly read) and the CSRF token the
 /// page sends back on changes (the cookie itself is out of the page's reach).
@@ -179,24 +179,20 @@ pub(super) async fn transfers(
     }))
 }
 
-/// `GET /dashboard/api/usage?since=&page_token=`: usage rows the caller may see, newest first.
+/// `GET /dashboard/api/usage?since=&page_size=`: the newest usage rows the caller may see
+/// (default: of the last 24 hours), by the id range the live tail reads too.
 pub(super) async fn usage(
     State(d): State<Dash>,
     headers: HeaderMap,
     Query(params): Query<HashMap<String, String>>,
 ) -> Reply {
     let s = session(&d, &headers).await?;
-    let q = UsageQuery {
-        since: micros(&params, "since")?,
-        page_token: param(&params, "page_token").to_string(),
-        page_size: page_size(&params)?,
-        ..Default::default()
-    };
-    let page = d.ledger.query_usage(&s.caller, &q).await?;
-    json(json!({
-        "rows": page.items.rows.iter().map(usage_json).collect::<Vec<_>>(),
-        "next_page_token": page.next_page_token,
-    }))
+    let since = micros(&params, "since")?.unwrap_or_else(|| now_micros() - 86_400_000_000);
+    let rows = d
+        .ledger
+        .usage_since(&s.caller, since, page_size(&params)?)
+        .await?;
+    json(json!({ "rows": rows.iter().map(usage_json).collect::<Vec<_>>() }))
 }
 
 /// `GET /dashboard/api/tokens`: tokens the caller issued or received, revoked and expired too.

@@ -22,7 +22,6 @@ use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
 use super::api::usage_json;
 use super::session::{session, Session};
 use super::{Dash, DashError};
-use crate::core::UsageQuery;
 use crate::error::Result;
 use crate::store::{now_micros, Backend, Store};
 
@@ -157,16 +156,13 @@ impl Tail {
         }
     }
 
-    /// Rows not sent yet, newest first, through the core's usage query (the caller's rows only).
+    /// Rows not sent yet, newest first, by the core's usage rule (the caller's rows only).
     async fn fresh(&mut self) -> Result<Vec<serde_json::Value>> {
-        let q = UsageQuery {
-            since: Some(self.since),
-            page_size: TAIL_PAGE,
-            ..Default::default()
-        };
-        let page = self.d.ledger.query_usage(&self.session.caller, &q).await?;
+        let rows = (self.d.ledger)
+            .usage_since(&self.session.caller, self.since, TAIL_PAGE)
+            .await?;
         let mut out = Vec::new();
-        for row in &page.items.rows {
+        for row in &rows {
             if self.seen.insert(row.id.clone(), row.created_at).is_none() {
                 out.push(usage_json(row));
             }
