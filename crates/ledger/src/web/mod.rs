@@ -1,5 +1,8 @@
 //! The ledger's web surface beside the accounting API: the analytics JSON API
-//! (`GET /v1/usage/stats`), always served on the HTTP port (docs/analytics.md).
+//! (`GET /v1/usage/stats`, docs/analytics.md) and the alerts API (`/v1/alerts/...`,
+//! docs/alerts.md), always served on the HTTP port.
+
+pub mod alerts;
 
 use std::collections::HashMap;
 
@@ -16,7 +19,8 @@ use crate::rest::RestError;
 pub fn router(ledger: Ledger) -> Router {
     Router::new()
         .route("/v1/usage/stats", get(stats))
-        .with_state(ledger)
+        .with_state(ledger.clone())
+        .merge(alerts::router(ledger))
 }
 
 /// Every query parameter `GET /v1/usage/stats` takes; any other is refused (a typo must not

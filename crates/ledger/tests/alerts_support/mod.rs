@@ -22,6 +22,19 @@ pub fn alerts_disable_fast(c: &mut LedgerConfig) {
     c.alerts.disable_after = Duration::from_secs(1);
 }
 
+/// [`alerts_on`], and rules are evaluated only when a test calls `evaluate_all` (at a time it
+/// chooses), once at start-up aside.
+pub fn alerts_evaluated_by_hand(c: &mut LedgerConfig) {
+    alerts_on(c);
+    c.alerts.evaluate_interval = Duration::from_secs(3600);
+}
+
+/// [`alerts_on`], and the name `localhost` allowed too (the DNS rebinding test takes it away).
+pub fn alerts_allow_localhost(c: &mut LedgerConfig) {
+    alerts_on(c);
+    c.alerts.allowed_hosts.push("localhost".into());
+}
+
 /// Runs each `async fn(Harness) -> Harness` on SQLite and Postgres with `$tweak`, ending with
 /// `Harness::finish` (the ledger must verify).
 #[macro_export]
@@ -119,12 +132,13 @@ pub fn authorize(amount: i64, token: &str, key: &str) -> pb::AuthorizeRequest {
 
 /// Alice pays Bob `amount` (hold, then full capture) with `token`.
 pub async fn spend(h: &Harness, bob_secret: &str, token: &str, amount: i64, key: &str) {
+    spend_with(h, bob_secret, authorize(amount, token, key)).await
+}
+
+/// Alice pays Bob the hold `hold` asks for (hold, then full capture).
+pub async fn spend_with(h: &Harness, bob_secret: &str, hold: pb::AuthorizeRequest) {
     let mut bob = h.client(bob_secret);
-    let hold = bob
-        .authorize(authorize(amount, token, key))
-        .await
-        .expect("authorize")
-        .into_inner();
+    let hold = bob.authorize(hold).await.expect("authorize").into_inner();
     bob.capture(pb::CaptureRequest {
         transfer_id: hold.id,
         amount: Some(pb::capture_request::Amount::Full(true)),
@@ -157,3 +171,32 @@ pub async fn deliveries(h: &Harness, secret: &str, endpoint: &str) -> Vec<pb::Al
 }
 
 pub const WAIT: Duration = Duration::from_secs(15);
+
+/// The value of one series on the ledger's `/metrics`, e.g.
+/// `syft_ledger_alert_deliveries_total{outcome="retry"}` (0 when absent).
+pub async fn metric(h: &Harness, series: &str) -> f64 {
+    let text = reqwest::get(format!("{}/metrics", h.http_url()))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .filter_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .filter_map(|value| value.trim().parse::<f64>().ok())
+        .sum()
+}
+
+/// Scrapes until `series` satisfies `ok` (gauges are shared by the tests of one process, each
+/// scrape setting them from its own database), or fails with the last value.
+pub async fn wait_metric(h: &Harness, series: &str, ok: impl Fn(f64) -> bool) -> f64 {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let value = metric(h, series).await;
+        if ok(value) {
+            return value;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{series} = {value}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
