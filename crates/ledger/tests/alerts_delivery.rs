@@ -153,12 +153,7 @@ async fn failing_endpoint_is_disabled_and_the_owner_told(h: Harness) -> Harness 
     let notice = &of_type(&got, "endpoint.disabled")[0];
     assert_eq!(notice.json()["data"]["endpoint_id"], ep_bad);
     assert!(notice.valid);
-    let listed = alerts(&h, &alice)
-        .list_alert_endpoints(pb::ListAlertEndpointsRequest::default())
-        .await
-        .expect("list")
-        .into_inner()
-        .endpoints;
+    let listed = endpoints(&h, &alice).await;
     let bad_row = listed.iter().find(|e| e.id == ep_bad).expect("listed");
     assert!(
         bad_row.disabled_at_unix_micros.is_some() && bad_row.failing_since_unix_micros.is_some()
@@ -287,12 +282,10 @@ async fn bad_endpoint_configs_are_refused(h: Harness) -> Harness {
         let result = client.add_alert_endpoint(req).await;
         assert_eq!(code(result), Code::InvalidArgument, "{what}");
     }
-    let listed = client
-        .list_alert_endpoints(pb::ListAlertEndpointsRequest::default())
-        .await
-        .expect("list")
-        .into_inner();
-    assert!(listed.endpoints.is_empty(), "nothing half-written");
+    assert!(
+        endpoints(&h, &alice).await.is_empty(),
+        "nothing half-written"
+    );
     // Someone else's endpoint does not exist for you; the admin must name an account.
     let rx = WebhookReceiver::start().await;
     let ep = add_rule(&h, &alice, &rx, balance_low(USD)).await;
@@ -426,12 +419,7 @@ async fn rate_cap_holds_events_back_and_metrics_count_them(h: Harness) -> Harnes
         2,
         "no attempt spent"
     );
-    let listed = alerts(&h, &alice)
-        .list_alert_endpoints(pb::ListAlertEndpointsRequest::default())
-        .await
-        .expect("list")
-        .into_inner()
-        .endpoints;
+    let listed = endpoints(&h, &alice).await;
     assert_eq!(listed[0].pending_events, 3);
     wait_metric(&h, "syft_ledger_alert_queue_depth", |v| v == 3.0).await;
     wait_metric(&h, "syft_ledger_alert_oldest_pending_seconds", |v| v >= 1.0).await;

@@ -80,25 +80,11 @@ async fn balance_low_fires_once_per_crossing_and_rearms(h: Harness) -> Harness {
 
 async fn budget_burst_sends_one_event_per_step(h: Harness) -> Harness {
     let rx = WebhookReceiver::start().await;
-    let alice = h.account(ALICE, 10 * USD).await;
-    let bob = h.account(BOB, 0).await;
-    let token = h
-        .client(&alice)
-        .issue_token(pb::IssueTokenRequest {
-            recipient_email: BOB.into(),
-            spend_limit_micros: Some(USD),
-            ..Default::default()
-        })
-        .await
-        .expect("token")
-        .into_inner()
-        .token;
-    let rule = pb::AlertRule {
-        event: pb::AlertEvent::BudgetThreshold as i32,
-        steps: vec![50, 80, 100],
+    let limits = pb::IssueTokenRequest {
+        spend_limit_micros: Some(USD),
         ..Default::default()
     };
-    add_rule(&h, &alice, &rx, rule).await;
+    let (_, bob, token) = budget_watch(&h, &rx, 10 * USD, limits).await;
     // A burst of 100 concurrent one-cent payments uses the whole dollar.
     let payments = (0..100).map(|i| {
         let (h, bob, token) = (&h, bob.clone(), token.clone());
@@ -286,25 +272,11 @@ fn budget_steps(received: &[syft_testkit::Received]) -> Vec<(String, i64)> {
 async fn windowed_budgets_fire_once_per_step_and_rearm_each_window(h: Harness) -> Harness {
     const DAY: i64 = 86_400_000_000;
     let rx = WebhookReceiver::start().await;
-    let alice = h.account(ALICE, 10 * USD).await;
-    let bob = h.account(BOB, 0).await;
-    let token = h
-        .client(&alice)
-        .issue_token(pb::IssueTokenRequest {
-            recipient_email: BOB.into(),
-            limit_per_day_micros: Some(USD),
-            ..Default::default()
-        })
-        .await
-        .expect("token")
-        .into_inner()
-        .token;
-    let rule = pb::AlertRule {
-        event: pb::AlertEvent::BudgetThreshold as i32,
-        steps: vec![50, 80, 100],
+    let limits = pb::IssueTokenRequest {
+        limit_per_day_micros: Some(USD),
         ..Default::default()
     };
-    add_rule(&h, &alice, &rx, rule).await;
+    let (_, bob, token) = budget_watch(&h, &rx, 10 * USD, limits).await;
     let burst = |round: &'static str| {
         let payments = (0..100).map(|i| {
             let mut hold = authorize(10_000, &token, &format!("{round}-{i}"));

@@ -66,22 +66,11 @@ async fn rest_manages_endpoints_end_to_end(h: Harness) -> Harness {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(listed["endpoints"].as_array().map(Vec::len), Some(1));
     assert!(!listed.to_string().contains(&secret));
-    let grpc = alerts(&h, &alice)
-        .list_alert_endpoints(syft_proto::ledger::ListAlertEndpointsRequest::default())
-        .await
-        .expect("grpc list")
-        .into_inner();
-    assert_eq!(grpc.endpoints[0].id, ep);
+    assert_eq!(endpoints(&h, &alice).await[0].id, ep);
 
     // Send test event: queued (202), delivered signed, and in the delivery log.
-    let (status, queued) = call(
-        &h,
-        Method::POST,
-        &format!("/endpoints/{ep}/test"),
-        Some(&alice),
-        None,
-    )
-    .await;
+    let test = format!("/endpoints/{ep}/test");
+    let (status, queued) = call(&h, Method::POST, &test, Some(&alice), None).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{queued}");
     let event = queued["event_id"].as_str().expect("event id").to_string();
     let got = rx.wait_until(WAIT, "test event", |r| !r.is_empty()).await;
@@ -117,14 +106,7 @@ async fn rest_manages_endpoints_end_to_end(h: Harness) -> Harness {
     let new_secret = rotated["secret"].as_str().expect("secret").to_string();
     assert_ne!(new_secret, secret);
     rx.set_secrets(&[&new_secret]);
-    call(
-        &h,
-        Method::POST,
-        &format!("/endpoints/{ep}/test"),
-        Some(&alice),
-        None,
-    )
-    .await;
+    call(&h, Method::POST, &test, Some(&alice), None).await;
     let got = rx
         .wait_until(WAIT, "second test event", |r| r.len() >= 2)
         .await;
@@ -133,7 +115,7 @@ async fn rest_manages_endpoints_end_to_end(h: Harness) -> Harness {
     // Bob sees nothing of Alice's: not found, not forbidden; the admin names the account.
     for (method, path) in [
         (Method::DELETE, format!("/endpoints/{ep}")),
-        (Method::POST, format!("/endpoints/{ep}/test")),
+        (Method::POST, test.clone()),
         (Method::POST, rotate.clone()),
         (Method::GET, log_path.clone()),
     ] {
@@ -154,25 +136,12 @@ async fn rest_manages_endpoints_end_to_end(h: Harness) -> Harness {
     assert_eq!(listed["endpoints"][0]["id"], ep.as_str());
 
     // Removed: gone from the list, and a second removal is a 404.
-    let (status, _) = call(
-        &h,
-        Method::DELETE,
-        &format!("/endpoints/{ep}"),
-        Some(&alice),
-        None,
-    )
-    .await;
+    let one = format!("/endpoints/{ep}");
+    let (status, _) = call(&h, Method::DELETE, &one, Some(&alice), None).await;
     assert_eq!(status, StatusCode::OK);
     let (_, listed) = call(&h, Method::GET, "/endpoints", Some(&alice), None).await;
     assert_eq!(listed["endpoints"], json!([]));
-    let (status, _) = call(
-        &h,
-        Method::DELETE,
-        &format!("/endpoints/{ep}"),
-        Some(&alice),
-        None,
-    )
-    .await;
+    let (status, _) = call(&h, Method::DELETE, &one, Some(&alice), None).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     h
 }
@@ -181,25 +150,22 @@ async fn rest_refuses_bad_input_with_clear_errors(h: Harness) -> Harness {
     let alice = h.account(ALICE, 10 * USD).await;
     let good = WebhookReceiver::start().await.url;
     let with_rule = |rule: Value| json!({"url": good, "rules": [rule]});
+    let with_url = |url: &str| json!({"url": url, "rules": [balance_rule()]});
     let cases: Vec<(&str, Value, &str)> = vec![
-        (
-            "not a url",
-            json!({"url": "not a url", "rules": [balance_rule()]}),
-            "url",
-        ),
+        ("not a url", with_url("not a url"), "url"),
         (
             "private address",
-            json!({"url": "https://192.168.1.10/x", "rules": [balance_rule()]}),
+            with_url("https://192.168.1.10/x"),
             "private",
         ),
         (
             "metadata address",
-            json!({"url": "https://169.254.169.254/x", "rules": [balance_rule()]}),
+            with_url("https://169.254.169.254/x"),
             "private",
         ),
         (
-            "http to a host not allowed",
-            json!({"url": "http://hooks.example.com/x", "rules": [balance_rule()]}),
+            "http, host not allowed",
+            with_url("http://hooks.example.com/x"),
             "https",
         ),
         (

@@ -116,6 +116,45 @@ pub async fn alice_and_bob(h: &Harness, funds: i64) -> (String, String, String) 
     (alice, bob, token)
 }
 
+/// Alice (with `funds`) and Bob, an endpoint of Alice's watching her budgets at 50, 80 and 100 %,
+/// and a token that lets Bob charge Alice within the limits `limits` sets (its recipient is Bob).
+pub async fn budget_watch(
+    h: &Harness,
+    rx: &WebhookReceiver,
+    funds: i64,
+    limits: pb::IssueTokenRequest,
+) -> (String, String, String) {
+    let alice = h.account(ALICE, funds).await;
+    let bob = h.account(BOB, 0).await;
+    let token = h
+        .client(&alice)
+        .issue_token(pb::IssueTokenRequest {
+            recipient_email: BOB.into(),
+            ..limits
+        })
+        .await
+        .expect("token")
+        .into_inner()
+        .token;
+    let rule = pb::AlertRule {
+        event: pb::AlertEvent::BudgetThreshold as i32,
+        steps: vec![50, 80, 100],
+        ..Default::default()
+    };
+    add_rule(h, &alice, rx, rule).await;
+    (alice, bob, token)
+}
+
+/// The caller's endpoints over gRPC.
+pub async fn endpoints(h: &Harness, secret: &str) -> Vec<pb::AlertEndpoint> {
+    alerts(h, secret)
+        .list_alert_endpoints(pb::ListAlertEndpointsRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .endpoints
+}
+
 pub fn authorize(amount: i64, token: &str, key: &str) -> pb::AuthorizeRequest {
     pb::AuthorizeRequest {
         sender_email: ALICE.into(),
