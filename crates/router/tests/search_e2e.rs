@@ -43,6 +43,14 @@ async fn search_stack(db: Db, price: Pricing, search: SearchConfig) -> Stack {
     .await
 }
 
+/// A search priced `PRICE` per query over the embedded index of `DOCS` (keep the folder alive).
+async fn priced_docs_stack(db: Db) -> (syft_testkit::TempDir, Stack) {
+    let docs = docs_dir(DOCS);
+    let search = embedded(docs.path(), Duration::from_secs(60));
+    let s = search_stack(db, Pricing::per_request(PRICE), search).await;
+    (docs, s)
+}
+
 async fn status_of(s: &Stack, transfer_id: &str) -> TransferStatus {
     let t = s.transfers().await;
     t.iter()
@@ -53,13 +61,7 @@ async fn status_of(s: &Stack, transfer_id: &str) -> TransferStatus {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_search_charges_answers_once_and_voids_empty_ones() {
-    let docs = docs_dir(DOCS);
-    let s = search_stack(
-        Db::sqlite(),
-        Pricing::per_request(PRICE),
-        embedded(docs.path(), Duration::from_secs(60)),
-    )
-    .await;
+    let (_docs, s) = priced_docs_stack(Db::sqlite()).await;
     let mut c = s.client().await;
 
     let resp = c
@@ -164,13 +166,7 @@ async fn embedded_search_charges_answers_once_and_voids_empty_ones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_search_request_id_is_charged_once() {
-    let docs = docs_dir(DOCS);
-    let s = search_stack(
-        Db::sqlite(),
-        Pricing::per_request(PRICE),
-        embedded(docs.path(), Duration::from_secs(60)),
-    )
-    .await;
+    let (_docs, s) = priced_docs_stack(Db::sqlite()).await;
     let mut c = s.client().await;
     let mut req = s.search("router");
     req.request_id = "search-dup-1".into();
@@ -464,13 +460,7 @@ async fn postgres_search_flow() {
     let Some(db) = Db::postgres().await else {
         return;
     };
-    let docs = docs_dir(DOCS);
-    let s = search_stack(
-        db,
-        Pricing::per_request(PRICE),
-        embedded(docs.path(), Duration::from_secs(60)),
-    )
-    .await;
+    let (_docs, s) = priced_docs_stack(db).await;
     let mut c = s.client().await;
     assert_eq!(
         c.search(s.search("ledger"))

@@ -8,7 +8,7 @@ use syft_ledger::alerts::parse_schedule;
 use syft_ledger::client::{connect_alerts_lazy, AlertsClient};
 use syft_ledger::LedgerConfig;
 use syft_proto::ledger as pb;
-use syft_testkit::{Harness, WebhookReceiver};
+use syft_testkit::{ok, Harness, WebhookReceiver};
 
 pub const ALICE: &str = "alice@example.com";
 pub const BOB: &str = "bob@example.com";
@@ -104,27 +104,13 @@ pub async fn alice_and_bob(h: &Harness, funds: i64) -> (String, String, String) 
 }
 
 pub fn authorize(amount: i64, token: &str, key: &str) -> pb::AuthorizeRequest {
-    pb::AuthorizeRequest {
-        sender_email: ALICE.into(),
-        amount_micros: amount,
-        token: token.into(),
-        app_name: "chat-app".into(),
-        app_ep_path: "/chat".into(),
-        idempotency_key: key.into(),
-        hold_ttl_seconds: None,
-        budget_per_day_micros: None,
-        budget_per_month_micros: None,
-    }
+    syft_testkit::req::hold(ALICE, amount, token, key)
 }
 
 /// Alice pays Bob `amount` (hold, then full capture) with `token`.
 pub async fn spend(h: &Harness, bob_secret: &str, token: &str, amount: i64, key: &str) {
     let mut bob = h.client(bob_secret);
-    let hold = bob
-        .authorize(authorize(amount, token, key))
-        .await
-        .expect("authorize")
-        .into_inner();
+    let hold = ok(bob.authorize(authorize(amount, token, key)).await);
     bob.capture(pb::CaptureRequest {
         transfer_id: hold.id,
         amount: Some(pb::capture_request::Amount::Full(true)),
