@@ -173,15 +173,7 @@ async fn a_different_request_under_a_used_key_is_refused_without_an_upstream_cal
         .chat(keyed(&s, "something else", "k"))
         .await
         .expect_err("other request, same key");
-    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
-    assert!(
-        err.message().contains("different request"),
-        "{}",
-        err.message()
-    );
-    assert_eq!(s.upstream.hits(), 1);
-    assert_eq!(s.alice_money().await.0, FUNDS - PRICE);
-    s.check_invariants().await;
+    assert_conflict_charged_once(&s, &err, "different request").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -206,15 +198,7 @@ async fn without_storage_or_above_the_size_cap_a_retry_gets_409() {
         let mut c = s.client().await;
         c.chat(keyed(&s, "hi", "k")).await.expect("first");
         let err = c.chat(keyed(&s, "hi", "k")).await.expect_err("retry");
-        assert_eq!(err.code(), Code::AlreadyExists, "{replay:?}: {err:?}");
-        assert!(
-            err.message().contains("already charged"),
-            "{}",
-            err.message()
-        );
-        assert_eq!(s.upstream.hits(), 1);
-        assert_eq!(s.alice_money().await.0, FUNDS - PRICE);
-        s.check_invariants().await;
+        assert_conflict_charged_once(&s, &err, "already charged").await;
     }
 }
 
@@ -261,4 +245,14 @@ async fn wait_pending(s: &Stack) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("no hold was placed");
+}
+
+/// A retry refused with 409 (`ALREADY_EXISTS`) saying `why`, after one charged call that reached
+/// the upstream once.
+async fn assert_conflict_charged_once(s: &Stack, err: &tonic::Status, why: &str) {
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    assert!(err.message().contains(why), "{}", err.message());
+    assert_eq!(s.upstream.hits(), 1);
+    assert_eq!(s.alice_money().await.0, FUNDS - PRICE);
+    s.check_invariants().await;
 }
