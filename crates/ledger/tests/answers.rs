@@ -3,7 +3,7 @@
 //! refused whole when unusable (nothing captured), deleted after their retention.
 
 use syft_proto::ledger as pb;
-use syft_testkit::{code, ok, store_suite, Harness, USD};
+use syft_testkit::{code, ok, req, store_suite, Harness, USD};
 use tonic::Code;
 
 const OWNER: &str = "owner@router.example";
@@ -78,24 +78,12 @@ async fn unusable_answers_refuse_the_capture_whole(h: Harness) -> Harness {
         assert_eq!(code(router.capture(bad).await), Code::InvalidArgument);
     }
     // Nothing was captured and nothing stored: the hold is intact.
-    let still = router
-        .get_transfer(pb::GetTransferRequest {
-            transfer_id: t.id.clone(),
-        })
-        .await
-        .expect("get")
-        .into_inner();
+    let still = ok(router.get_transfer(req::get_transfer(&t.id)).await);
     assert_eq!(still.status(), pb::TransferStatus::Pending);
     assert_eq!(h.balance(ALICE).await.held_micros, USD);
 
     // A voided transfer's answer (written before a capture that then failed) is never served.
-    router
-        .void(pb::VoidRequest {
-            transfer_id: t.id.clone(),
-            ..Default::default()
-        })
-        .await
-        .expect("void");
+    ok(router.void(req::void(&t.id)).await);
     let late = router.capture(capture(&t.id, b"never paid", 60)).await;
     assert_eq!(code(late), Code::FailedPrecondition);
     assert_eq!(code(router.get_answer(get(&t.id)).await), Code::NotFound);

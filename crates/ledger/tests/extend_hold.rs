@@ -7,7 +7,7 @@ use std::time::Duration;
 use syft_testkit::req::capture_full;
 
 use syft_proto::ledger as pb;
-use syft_testkit::{code, ok, reason, store_suite, Harness, USD};
+use syft_testkit::{code, ok, reason, req, store_suite, Harness, USD};
 use tonic::Code;
 
 const OWNER: &str = "owner@router.example";
@@ -66,13 +66,7 @@ async fn extended_holds_outlive_their_first_expiry(h: Harness) -> Harness {
         e.expires_at_unix_micros,
         t2.created_at_unix_micros + max * 1_000_000
     );
-    router
-        .void(pb::VoidRequest {
-            transfer_id: t2.id.clone(),
-            ..Default::default()
-        })
-        .await
-        .expect("void");
+    ok(router.void(req::void(&t2.id)).await);
     h
 }
 

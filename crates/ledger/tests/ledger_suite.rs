@@ -325,17 +325,13 @@ async fn capture_and_void_resolve_exactly_once(h: Harness) -> Harness {
     assert_eq!(
         code(
             h.client(&stranger)
-                .get_transfer(pb::GetTransferRequest {
-                    transfer_id: t3.id.clone()
-                })
+                .get_transfer(req::get_transfer(&t3.id))
                 .await
         ),
         Code::NotFound
     );
     let pending = router
-        .get_transfer(pb::GetTransferRequest {
-            transfer_id: t3.id.clone(),
-        })
+        .get_transfer(req::get_transfer(&t3.id))
         .await
         .unwrap();
     assert_eq!(pending.into_inner().status(), pb::TransferStatus::Pending);
@@ -462,11 +458,7 @@ async fn expired_holds_are_swept(h: Harness) -> Harness {
     // The sweep cancels it as SYSTEM and releases the funds.
     let mut swept = None;
     for _ in 0..50 {
-        let cur = ok(router
-            .get_transfer(pb::GetTransferRequest {
-                transfer_id: t.id.clone(),
-            })
-            .await);
+        let cur = ok(router.get_transfer(req::get_transfer(&t.id)).await);
         if cur.status() == pb::TransferStatus::Cancelled {
             swept = Some(cur);
             break;

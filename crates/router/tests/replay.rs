@@ -44,11 +44,7 @@ async fn grpc_retries_after_the_capture_get_the_stored_answer() {
     let mut c = s.client().await;
 
     // Unary, then its unary and streamed retries.
-    let first = c
-        .chat(keyed(&s, "hi", "unary-1"))
-        .await
-        .expect("first")
-        .into_inner();
+    let first = ok(c.chat(keyed(&s, "hi", "unary-1")).await);
     assert!(!first.replay);
     let again = c.chat(keyed(&s, "hi", "unary-1")).await.expect("retry");
     assert_eq!(
@@ -99,11 +95,7 @@ async fn grpc_retries_after_the_capture_get_the_stored_answer() {
             &first.finish_reason
         )
     );
-    let unary = c
-        .chat(keyed(&s, "hello", "stream-1"))
-        .await
-        .expect("unary retry")
-        .into_inner();
+    let unary = ok(c.chat(keyed(&s, "hello", "stream-1")).await);
     assert!(unary.replay);
     assert_eq!(unary.message.map(|m| m.content), Some(text));
 

@@ -64,11 +64,7 @@ async fn embedded_search_charges_answers_once_and_voids_empty_ones() {
     let (_docs, s) = priced_docs_stack(Db::sqlite()).await;
     let mut c = s.client().await;
 
-    let resp = c
-        .search(s.search("ledger capture"))
-        .await
-        .expect("search")
-        .into_inner();
+    let resp = ok(c.search(s.search("ledger capture")).await);
     assert_eq!(resp.query, "ledger capture");
     assert_eq!(resp.cost_micros, PRICE);
     assert_eq!(resp.currency, "USD");
@@ -88,11 +84,7 @@ async fn embedded_search_charges_answers_once_and_voids_empty_ones() {
     assert_eq!(t[0].id, resp.transfer_id);
 
     // Nothing found: the hold is voided, the answer is still a 200 with no results.
-    let empty = c
-        .search(s.search("zebra"))
-        .await
-        .expect("search")
-        .into_inner();
+    let empty = ok(c.search(s.search("zebra")).await);
     assert!(empty.results.is_empty());
     assert_eq!(empty.cost_micros, 0);
     assert_eq!(
@@ -147,11 +139,7 @@ async fn embedded_search_charges_answers_once_and_voids_empty_ones() {
         .expect("empty row");
     assert_eq!(empty_row.status, "no_results");
 
-    let meta = c
-        .get_metadata(GetMetadataRequest {})
-        .await
-        .expect("meta")
-        .into_inner();
+    let meta = ok(c.get_metadata(GetMetadataRequest {}).await);
     let search = meta
         .services
         .iter()
@@ -203,14 +191,10 @@ async fn http_backend_forwards_the_syft_shape_and_voids_failures() {
     let up = &upstream_for_config;
     let mut c = s.client().await;
 
-    let ok = c
-        .search(s.search("find me"))
-        .await
-        .expect("search")
-        .into_inner();
-    assert_eq!(ok.results.len(), SEARCH_HITS);
-    assert_eq!(ok.cost_micros, PRICE);
-    assert_eq!(ok.results[0].id, "doc-0");
+    let found = ok(c.search(s.search("find me")).await);
+    assert_eq!(found.results.len(), SEARCH_HITS);
+    assert_eq!(found.cost_micros, PRICE);
+    assert_eq!(found.results[0].id, "doc-0");
     let body = up.last_body().expect("forwarded body");
     assert_eq!(body["query"], "find me");
     assert_eq!(body["userEmail"], s.alice.email);
@@ -230,11 +214,7 @@ async fn http_backend_forwards_the_syft_shape_and_voids_failures() {
         assert_eq!(err.code(), code, "{mode:?}");
     }
     up.set_mode(Mode::EmptyChoices);
-    let empty = c
-        .search(s.search("find me"))
-        .await
-        .expect("empty")
-        .into_inner();
+    let empty = ok(c.search(s.search("find me")).await);
     assert!(empty.results.is_empty());
     assert_eq!(empty.cost_micros, 0);
 
@@ -414,11 +394,7 @@ async fn the_per_query_price_comes_from_the_config_files_pricing_object() {
     )
     .await;
     let mut c = s.client().await;
-    let resp = c
-        .search(s.search("ledger"))
-        .await
-        .expect("search")
-        .into_inner();
+    let resp = ok(c.search(s.search("ledger")).await);
     assert_eq!(resp.cost_micros, 20_000);
     let mut big = s.search("ledger");
     big.options = Some(SearchOptions {

@@ -69,3 +69,11 @@ pub fn hold(sender: &str, amount: i64, token: &str, key: &str) -> pb::AuthorizeR
         ..Default::default()
     }
 }
+
+/// Voids transfer `id` with no reason and no usage row.
+pub fn void(id: &str) -> pb::VoidRequest {
+    pb::VoidRequest {
+        transfer_id: id.into(),
+        ..Default::default()
+    }
+}
