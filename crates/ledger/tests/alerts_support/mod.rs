@@ -8,7 +8,7 @@ use syft_ledger::alerts::parse_schedule;
 use syft_ledger::client::{connect_alerts_lazy, AlertsClient};
 use syft_ledger::LedgerConfig;
 use syft_proto::ledger as pb;
-use syft_testkit::{Harness, WebhookReceiver};
+use syft_testkit::{ok, Harness, WebhookReceiver};
 
 pub const ALICE: &str = "alice@example.com";
 pub const BOB: &str = "bob@example.com";
@@ -126,16 +126,11 @@ pub async fn budget_watch(
 ) -> (String, String, String) {
     let alice = h.account(ALICE, funds).await;
     let bob = h.account(BOB, 0).await;
-    let token = h
-        .client(&alice)
-        .issue_token(pb::IssueTokenRequest {
-            recipient_email: BOB.into(),
-            ..limits
-        })
-        .await
-        .expect("token")
-        .into_inner()
-        .token;
+    let issue = pb::IssueTokenRequest {
+        recipient_email: BOB.into(),
+        ..limits
+    };
+    let token = ok(h.client(&alice).issue_token(issue).await).token;
     let rule = pb::AlertRule {
         event: pb::AlertEvent::BudgetThreshold as i32,
         steps: vec![50, 80, 100],
@@ -147,26 +142,12 @@ pub async fn budget_watch(
 
 /// The caller's endpoints over gRPC.
 pub async fn endpoints(h: &Harness, secret: &str) -> Vec<pb::AlertEndpoint> {
-    alerts(h, secret)
-        .list_alert_endpoints(pb::ListAlertEndpointsRequest::default())
-        .await
-        .expect("list")
-        .into_inner()
-        .endpoints
+    let list = pb::ListAlertEndpointsRequest::default();
+    ok(alerts(h, secret).list_alert_endpoints(list).await).endpoints
 }
 
 pub fn authorize(amount: i64, token: &str, key: &str) -> pb::AuthorizeRequest {
-    pb::AuthorizeRequest {
-        sender_email: ALICE.into(),
-        amount_micros: amount,
-        token: token.into(),
-        app_name: "chat-app".into(),
-        app_ep_path: "/chat".into(),
-        idempotency_key: key.into(),
-        hold_ttl_seconds: None,
-        budget_per_day_micros: None,
-        budget_per_month_micros: None,
-    }
+    syft_testkit::req::hold(ALICE, amount, token, key)
 }
 
 /// Alice pays Bob `amount` (hold, then full capture) with `token`.
@@ -177,7 +158,7 @@ pub async fn spend(h: &Harness, bob_secret: &str, token: &str, amount: i64, key:
 /// Alice pays Bob the hold `hold` asks for (hold, then full capture).
 pub async fn spend_with(h: &Harness, bob_secret: &str, hold: pb::AuthorizeRequest) {
     let mut bob = h.client(bob_secret);
-    let hold = bob.authorize(hold).await.expect("authorize").into_inner();
+    let hold = ok(bob.authorize(hold).await);
     bob.capture(pb::CaptureRequest {
         transfer_id: hold.id,
         amount: Some(pb::capture_request::Amount::Full(true)),
