@@ -60,7 +60,8 @@ struct AddArgs {
     /// balance.low: your available balance falls below this decimal amount.
     #[arg(long)]
     balance_below: Option<String>,
-    /// budget.threshold: token limits passing these percentages, e.g. 50,80,90,100.
+    /// budget.threshold: token limits (lifetime or per 24 hours) and per-user budgets (per UTC
+    /// day or month) passing these percentages, e.g. 50,80,90,100.
     #[arg(long, value_delimiter = ',')]
     budget_steps: Vec<u32>,
     /// spend.threshold: what you pay in one UTC day reaches this decimal amount.

@@ -154,7 +154,7 @@ pub struct AlertsFlags {
     pub alerts_key_file: Option<PathBuf>,
     /// Hosts webhooks may reach over http and at private or loopback addresses (comma list,
     /// e.g. 127.0.0.1,localhost), for local use; every other endpoint must be public https.
-    #[arg(long, env = "SYFT_LEDGER_ALERTS_ALLOW_HOSTS", value_delimiter = ',')]
+    #[arg(long, env = "SYFT_LEDGER_ALERTS_ALLOW_HOSTS", value_delimiter = ',', value_parser = syft_ledger::alerts::target::parse_allowed_host)]
     pub alerts_allow_host: Vec<String>,
     /// Delay before each retry of a failed delivery; after the last the event is given up.
     #[arg(long, env = "SYFT_LEDGER_ALERTS_RETRY_SCHEDULE", default_value = "5s,30s,2m,10m,30m,1h,2h,4h,8h,8h,8h", value_parser = syft_ledger::alerts::parse_schedule)]
@@ -168,9 +168,12 @@ pub struct AlertsFlags {
     /// How often alert rules are evaluated.
     #[arg(long, env = "SYFT_LEDGER_ALERTS_EVALUATE_INTERVAL", default_value = "5s", value_parser = super::parse_duration)]
     pub alerts_evaluate_interval: Duration,
-    /// Default cap of delivery attempts per endpoint per minute.
-    #[arg(long, env = "SYFT_LEDGER_ALERTS_RATE_PER_MINUTE", default_value_t = 60)]
+    /// Default cap of delivery attempts per endpoint per minute (1 to 600).
+    #[arg(long, env = "SYFT_LEDGER_ALERTS_RATE_PER_MINUTE", default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..=600))]
     pub alerts_rate_per_minute: u32,
+    /// Random spread of each retry delay, in percent either side (0 to 100; 0: none).
+    #[arg(long, env = "SYFT_LEDGER_ALERTS_JITTER_PERCENT", default_value_t = 20, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub alerts_jitter_percent: u8,
 }
 
 impl AlertsFlags {
@@ -190,6 +193,7 @@ impl AlertsFlags {
             disable_after: self.alerts_disable_after,
             evaluate_interval: self.alerts_evaluate_interval,
             rate_per_minute: self.alerts_rate_per_minute,
+            jitter_percent: self.alerts_jitter_percent,
             ..Default::default()
         })
     }
@@ -325,4 +329,70 @@ async fn verify(db: &DatabaseArgs, json: bool) -> anyhow::Result<()> {
         anyhow::bail!("{} problems found", report.problems.len());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::super::{Cli, Command};
+
+    /// The alerts settings `syft-router ledger ARGS` would run with, or the refusal.
+    fn alerts(args: &[&str]) -> Result<syft_ledger::alerts::AlertsConfig, String> {
+        let argv = ["syft-router", "ledger"].iter().chain(args);
+        let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+        let Command::Ledger(ledger) = cli.command else {
+            return Err("not the ledger command".into());
+        };
+        ledger.serve.alerts.config().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn alerts_flags_parse_and_bad_values_are_refused() {
+        let on = alerts(&[
+            "--alerts-key",
+            "a-key-of-16-chars-or-more",
+            "--alerts-allow-host",
+            "127.0.0.1,LocalHost",
+            "--alerts-retry-schedule",
+            "1s,10s,5m",
+            "--alerts-jitter-percent",
+            "0",
+        ])
+        .expect("valid flags");
+        assert!(on.key.is_some());
+        assert_eq!(on.allowed_hosts, ["127.0.0.1", "localhost"]);
+        assert_eq!(
+            on.retry_schedule,
+            [1, 10, 300].map(std::time::Duration::from_secs)
+        );
+        assert_eq!((on.jitter_percent, on.rate_per_minute), (0, 60));
+        let off = alerts(&[]).expect("defaults");
+        assert!(off.key.is_none());
+        assert_eq!(off.retry_schedule.len(), 11);
+        assert_eq!(off.jitter_percent, 20);
+
+        for (bad, says) in [
+            (&["--alerts-key", "short"][..], "16 characters"),
+            (
+                &["--alerts-key", "k", "--alerts-key-file", "/dev/null"],
+                "not both",
+            ),
+            (&["--alerts-retry-schedule", "5x"], "unit"),
+            (&["--alerts-retry-schedule", "5s,0s"], "more than 0"),
+            (&["--alerts-retry-schedule", ""], "needs a unit"),
+            (&["--alerts-allow-host", "http://localhost"], "bare host"),
+            (&["--alerts-allow-host", "127.0.0.1,"], "empty"),
+            (&["--alerts-allow-host", "*.internal"], "wildcard"),
+            (&["--alerts-rate-per-minute", "0"], "0"),
+            (&["--alerts-rate-per-minute", "601"], "601"),
+            (&["--alerts-jitter-percent", "101"], "101"),
+            (&["--alerts-timeout", "0"], "0"),
+        ] {
+            match alerts(bad) {
+                Ok(_) => panic!("{bad:?} accepted"),
+                Err(e) => assert!(e.contains(says), "{bad:?}: {e}"),
+            }
+        }
+    }
 }

@@ -1,38 +1,23 @@
 //! `syft-router stats`: grouped usage measures from the ledger's analytics (docs/analytics.md), as a
 //! table, `--json` or `--csv`.
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 use syft_ledger::money::format_micros;
 use syft_proto::ledger as pb;
 
 use super::client::{Conn, OrFail};
 use super::time::{format_time, parse_time};
 
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum By {
-    Minute,
-    Hour,
-    Day,
-    App,
-    Endpoint,
-    User,
-    Model,
-    Status,
-}
-
-impl By {
-    fn pb(self) -> pb::StatsDimension {
-        match self {
-            By::Minute => pb::StatsDimension::Minute,
-            By::Hour => pb::StatsDimension::Hour,
-            By::Day => pb::StatsDimension::Day,
-            By::App => pb::StatsDimension::App,
-            By::Endpoint => pb::StatsDimension::Endpoint,
-            By::User => pb::StatsDimension::User,
-            By::Model => pb::StatsDimension::Model,
-            By::Status => pb::StatsDimension::Status,
-        }
-    }
+/// A `--by` value: the lowercase name of a `StatsDimension` (`day`, `app`, …).
+fn parse_dimension(s: &str) -> Result<pb::StatsDimension, String> {
+    let name = format!("STATS_DIMENSION_{}", s.to_ascii_uppercase());
+    pb::StatsDimension::from_str_name(&name)
+        .filter(|d| *d != pb::StatsDimension::Unspecified)
+        .ok_or_else(|| {
+            format!(
+                "unknown dimension {s:?}: minute, hour, day, app, endpoint, user, model or status"
+            )
+        })
 }
 
 #[derive(Args, Debug)]
@@ -41,8 +26,8 @@ pub struct StatsArgs {
     conn: Conn,
     /// Group by up to two of: day, hour, minute (UTC), app, endpoint, user, model, status
     /// (`--by day --by app` or `--by day,app`). None: one total.
-    #[arg(long, value_enum, value_delimiter = ',')]
-    by: Vec<By>,
+    #[arg(long, value_parser = parse_dimension, value_delimiter = ',')]
+    by: Vec<pb::StatsDimension>,
     /// From this time: a date (2025-01-31), a UTC time (2025-01-31T12:00:00Z) or a duration ago
     /// (90m, 24h, 7d). Default: 1 hour (minute groups), 2 days (hour groups) or 30 days ago.
     #[arg(long, value_parser = parse_time)]
@@ -124,7 +109,7 @@ pub async fn run(args: StatsArgs) -> anyhow::Result<()> {
         pb::StatsRole::Owner
     };
     let request = pb::GetUsageStatsRequest {
-        group_by: args.by.iter().map(|b| b.pb() as i32).collect(),
+        group_by: args.by.iter().map(|b| *b as i32).collect(),
         since_unix_micros: args.since,
         until_unix_micros: args.until,
         role: role as i32,
@@ -138,7 +123,11 @@ pub async fn run(args: StatsArgs) -> anyhow::Result<()> {
     let names: Vec<String> = args
         .by
         .iter()
-        .filter_map(|b| b.to_possible_value().map(|v| v.get_name().to_string()))
+        .map(|b| {
+            let name = b.as_str_name();
+            name.trim_start_matches("STATS_DIMENSION_")
+                .to_ascii_lowercase()
+        })
         .collect();
     if conn.json {
         println!("{}", stats_json(&stats, &names));

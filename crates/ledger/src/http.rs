@@ -17,7 +17,7 @@ pub fn router(ledger: Ledger, accounting_api: bool, ready: watch::Receiver<bool>
             get(|| async { Json(serde_json::json!({"status": "ok"})) }),
         )
         .route("/readyz", get(readyz))
-        .with_state(ready);
+        .with_state(ready.clone());
     let metrics = Router::new()
         .route(
             "/metrics",
@@ -28,7 +28,7 @@ pub fn router(ledger: Ledger, accounting_api: bool, ready: watch::Receiver<bool>
         .with_state(ledger.clone());
     let app = probes
         .merge(metrics)
-        .merge(crate::web::router(ledger.clone()));
+        .merge(crate::web::router(ledger.clone(), ready));
     let app = if accounting_api {
         app.merge(crate::rest::router(ledger))
     } else {

@@ -97,6 +97,9 @@ pub async fn render(store: &Store) -> axum::response::Response {
         Ok(n) => PENDING.set(n),
         Err(e) => tracing::warn!(error = %e, "pending holds not counted"),
     }
+    if let Err(e) = crate::alerts::metrics::refresh(store).await {
+        tracing::warn!(error = %e, "alert gauges not refreshed");
+    }
     let pool = store.pool();
     let idle = pool.num_idle() as i64;
     POOL.with_label_values(&["idle"]).set(idle);

@@ -21,6 +21,13 @@ alerts_suite!(
     two_replicas_never_send_one_event_in_parallel,
     bad_endpoint_configs_are_refused,
     secrets_are_sealed_and_rotate_with_overlap,
+    rate_cap_holds_events_back_and_metrics_count_them,
+);
+
+alerts_suite!(
+    rebinding,
+    crate::alerts_support::alerts_allow_localhost;
+    address_is_checked_again_when_sending,
 );
 
 alerts_suite!(
@@ -146,20 +153,19 @@ async fn failing_endpoint_is_disabled_and_the_owner_told(h: Harness) -> Harness 
     let notice = &of_type(&got, "endpoint.disabled")[0];
     assert_eq!(notice.json()["data"]["endpoint_id"], ep_bad);
     assert!(notice.valid);
-    let listed = alerts(&h, &alice)
-        .list_alert_endpoints(pb::ListAlertEndpointsRequest::default())
-        .await
-        .expect("list")
-        .into_inner()
-        .endpoints;
+    let listed = endpoints(&h, &alice).await;
     let bad_row = listed.iter().find(|e| e.id == ep_bad).expect("listed");
     assert!(
         bad_row.disabled_at_unix_micros.is_some() && bad_row.failing_since_unix_micros.is_some()
     );
-    // Disabled: no more attempts.
+    // Disabled: no more attempts; /metrics shows it.
     let attempts = bad.received().len();
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(bad.received().len(), attempts);
+    wait_metric(&h, "syft_ledger_alert_endpoints_disabled", |v| v == 1.0).await;
+    assert!(metric(&h, "syft_ledger_alert_endpoints_disabled_total").await >= 1.0);
+    let notices = "syft_ledger_alert_events_total{type=\"endpoint.disabled\"}";
+    assert!(metric(&h, notices).await >= 1.0);
     h
 }
 
@@ -276,12 +282,10 @@ async fn bad_endpoint_configs_are_refused(h: Harness) -> Harness {
         let result = client.add_alert_endpoint(req).await;
         assert_eq!(code(result), Code::InvalidArgument, "{what}");
     }
-    let listed = client
-        .list_alert_endpoints(pb::ListAlertEndpointsRequest::default())
-        .await
-        .expect("list")
-        .into_inner();
-    assert!(listed.endpoints.is_empty(), "nothing half-written");
+    assert!(
+        endpoints(&h, &alice).await.is_empty(),
+        "nothing half-written"
+    );
     // Someone else's endpoint does not exist for you; the admin must name an account.
     let rx = WebhookReceiver::start().await;
     let ep = add_rule(&h, &alice, &rx, balance_low(USD)).await;
@@ -366,5 +370,126 @@ async fn secrets_are_sealed_and_rotate_with_overlap(h: Harness) -> Harness {
     assert!(!got[2].valid, "a rotated-out secret no longer verifies");
     assert_eq!(got[2].signature.split(' ').count(), 1);
     let _ = Instant::now();
+    h
+}
+
+/// An endpoint capped at 2 attempts a minute gets 2 of 5 events now; the other 3 wait (no attempt
+/// spent, nothing given up) and `/metrics` shows the queue, the cap, the attempts and the retries.
+async fn rate_cap_holds_events_back_and_metrics_count_them(h: Harness) -> Harness {
+    let alice = h.account(ALICE, 10 * USD).await;
+    let (capped, flaky) = (
+        WebhookReceiver::start().await,
+        WebhookReceiver::start().await,
+    );
+    let added = alerts(&h, &alice)
+        .add_alert_endpoint(pb::AddAlertEndpointRequest {
+            url: capped.url.clone(),
+            rules: vec![balance_low(USD)],
+            rate_per_minute: Some(2),
+            ..Default::default()
+        })
+        .await
+        .expect("add")
+        .into_inner();
+    let ep = added.endpoint.expect("endpoint").id;
+    capped.set_secrets(&[&added.secret]);
+    let series = |name: &str, label: &str| format!("syft_ledger_alert_{name}{{{label}}}");
+    let tests = series("events_total", "type=\"test\"");
+    let retried = series("deliveries_total", "outcome=\"retry\"");
+    let delivered = series("deliveries_total", "outcome=\"delivered\"");
+    let before = [
+        metric(&h, &tests).await,
+        metric(&h, &retried).await,
+        metric(&h, &delivered).await,
+        metric(&h, "syft_ledger_alert_retries_total").await,
+        metric(&h, "syft_ledger_alert_rate_capped_total").await,
+    ];
+
+    for _ in 0..5 {
+        test_event(&h, &alice, &ep).await;
+    }
+    capped
+        .wait_until(WAIT, "two deliveries", |r| r.len() >= 2)
+        .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(capped.received().len(), 2, "the cap holds the rest back");
+    assert!(capped.received().iter().all(|r| r.valid));
+    assert_eq!(
+        deliveries(&h, &alice, &ep).await.len(),
+        2,
+        "no attempt spent"
+    );
+    let listed = endpoints(&h, &alice).await;
+    assert_eq!(listed[0].pending_events, 3);
+    wait_metric(&h, "syft_ledger_alert_queue_depth", |v| v == 3.0).await;
+    wait_metric(&h, "syft_ledger_alert_oldest_pending_seconds", |v| v >= 1.0).await;
+    assert!(metric(&h, "syft_ledger_alert_rate_capped_total").await > before[4]);
+
+    // One failure then success on another endpoint: a retry, counted as such.
+    flaky.script(&[Reply::Status(503)]);
+    let ep2 = add_rule(&h, &alice, &flaky, balance_low(USD)).await;
+    test_event(&h, &alice, &ep2).await;
+    flaky
+        .wait_until(WAIT, "retried", |r| r.iter().any(|x| x.reply == Reply::Ok))
+        .await;
+    wait_metric(&h, &delivered, |v| v >= before[2] + 3.0).await;
+    assert!(metric(&h, &tests).await >= before[0] + 6.0);
+    assert!(metric(&h, &retried).await >= before[1] + 1.0);
+    assert!(metric(&h, "syft_ledger_alert_retries_total").await >= before[3] + 1.0);
+    h
+}
+
+/// DNS rebinding: a name checked when the endpoint was added is resolved and checked again at
+/// every send, and the connection goes to the address checked. Here `localhost` was allowed when
+/// the endpoint was added; the ledger restarted without it refuses to send to it, though it
+/// resolves to 127.0.0.1, an address allowed by IP: what counts is the name the URL gives.
+async fn address_is_checked_again_when_sending(mut h: Harness) -> Harness {
+    let rx = WebhookReceiver::start().await;
+    let alice = h.account(ALICE, 10 * USD).await;
+    let port = rx.url.rsplit(':').next().unwrap_or_default().to_string();
+    let url = format!("https://localhost:{port}");
+    let added = alerts(&h, &alice)
+        .add_alert_endpoint(pb::AddAlertEndpointRequest {
+            url: url.clone(),
+            rules: vec![balance_low(USD)],
+            ..Default::default()
+        })
+        .await
+        .expect("localhost is allowed when added")
+        .into_inner();
+    let ep = added.endpoint.expect("endpoint").id;
+
+    h.server.take().expect("server").stop().await;
+    h.config.alerts.allowed_hosts = vec!["127.0.0.1".into()];
+    h.server = Some(LedgerServer::start(h.config.clone()).await);
+    test_event(&h, &alice, &ep).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut log = deliveries(&h, &alice, &ep).await;
+    while log.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        log = deliveries(&h, &alice, &ep).await;
+    }
+    assert_eq!(log.len(), 1, "refused once, not retried: {log:#?}");
+    assert_eq!(
+        (log[0].outcome.as_str(), log[0].status_code),
+        ("GAVE_UP", None)
+    );
+    assert!(
+        log[0].error.contains("localhost resolves to")
+            && log[0].error.contains("private, loopback or reserved"),
+        "refused for its address, before connecting: {:?}",
+        log[0].error
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(rx.received().is_empty());
+    // The same name is refused when adding on this ledger.
+    let again = alerts(&h, &alice)
+        .add_alert_endpoint(pb::AddAlertEndpointRequest {
+            url,
+            rules: vec![balance_low(USD)],
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(code(again), Code::InvalidArgument);
     h
 }

@@ -19,6 +19,12 @@ alerts_suite!(
     spend_errors_expiry_and_digest_fire_at_their_thresholds,
 );
 
+alerts_suite!(
+    windows,
+    crate::alerts_support::alerts_evaluated_by_hand;
+    windowed_budgets_fire_once_per_step_and_rearm_each_window,
+);
+
 /// Several evaluations (100 ms apart) pass: time for any duplicate to show up.
 async fn settle() {
     tokio::time::sleep(Duration::from_millis(600)).await;
@@ -74,25 +80,11 @@ async fn balance_low_fires_once_per_crossing_and_rearms(h: Harness) -> Harness {
 
 async fn budget_burst_sends_one_event_per_step(h: Harness) -> Harness {
     let rx = WebhookReceiver::start().await;
-    let alice = h.account(ALICE, 10 * USD).await;
-    let bob = h.account(BOB, 0).await;
-    let token = h
-        .client(&alice)
-        .issue_token(pb::IssueTokenRequest {
-            recipient_email: BOB.into(),
-            spend_limit_micros: Some(USD),
-            ..Default::default()
-        })
-        .await
-        .expect("token")
-        .into_inner()
-        .token;
-    let rule = pb::AlertRule {
-        event: pb::AlertEvent::BudgetThreshold as i32,
-        steps: vec![50, 80, 100],
+    let limits = pb::IssueTokenRequest {
+        spend_limit_micros: Some(USD),
         ..Default::default()
     };
-    add_rule(&h, &alice, &rx, rule).await;
+    let (_, bob, token) = budget_watch(&h, &rx, 10 * USD, limits).await;
     // A burst of 100 concurrent one-cent payments uses the whole dollar.
     let payments = (0..100).map(|i| {
         let (h, bob, token) = (&h, bob.clone(), token.clone());
@@ -255,5 +247,103 @@ async fn spend_errors_expiry_and_digest_fire_at_their_thresholds(h: Harness) -> 
         })
         .count();
     assert_eq!(digests, 1, "{got:#?}");
+    h
+}
+
+/// The budget.threshold events received, as (window, step) pairs, sorted.
+fn budget_steps(received: &[syft_testkit::Received]) -> Vec<(String, i64)> {
+    let mut steps: Vec<_> = of_type(received, "budget.threshold")
+        .iter()
+        .map(|e| {
+            let data = &e.json()["data"];
+            let window = data["window"].as_str().unwrap_or_default().to_string();
+            (window, data["step_percent"].as_i64().unwrap_or(0))
+        })
+        .collect();
+    steps.sort();
+    steps
+}
+
+/// A burst of 100 concurrent payments uses all of a per-user daily budget and of a token's limit
+/// per 24 hours: one event per step per budget, however often rules are evaluated. The first
+/// burst is moved to yesterday and evaluated as of then; today a second burst fires every step
+/// again: the calendar day is a new window, and the token's rolling window re-armed once its
+/// usage aged out.
+async fn windowed_budgets_fire_once_per_step_and_rearm_each_window(h: Harness) -> Harness {
+    const DAY: i64 = 86_400_000_000;
+    let rx = WebhookReceiver::start().await;
+    let limits = pb::IssueTokenRequest {
+        limit_per_day_micros: Some(USD),
+        ..Default::default()
+    };
+    let (_, bob, token) = budget_watch(&h, &rx, 10 * USD, limits).await;
+    let burst = |round: &'static str| {
+        let payments = (0..100).map(|i| {
+            let mut hold = authorize(10_000, &token, &format!("{round}-{i}"));
+            hold.budget_per_day_micros = Some(USD);
+            spend_with(&h, &bob, hold)
+        });
+        futures::future::join_all(payments)
+    };
+    let store = &h.store;
+    let evaluate = |at: i64| async move { evaluate_all(store, at).await.expect("evaluate") };
+    let day_name = |at: i64| {
+        chrono::DateTime::from_timestamp_micros(at)
+            .map(|t| t.format("%Y-%m-%d").to_string())
+            .unwrap_or_default()
+    };
+
+    // Yesterday: the first burst, evaluated as of then (twice: no duplicates).
+    burst("first").await;
+    let pool = h.store.pool();
+    sqlx::query(
+        "UPDATE transfers SET created_at = created_at - $1, resolved_at = resolved_at - $1, \
+         expires_at = expires_at - $1",
+    )
+    .bind(DAY)
+    .execute(pool)
+    .await
+    .expect("move the burst to yesterday");
+    sqlx::query("UPDATE budget_limits SET seen_day = seen_day - $1")
+        .bind(DAY)
+        .execute(pool)
+        .await
+        .expect("seen yesterday");
+    let yesterday = now_micros() - DAY;
+    assert_eq!(evaluate(yesterday).await, 6, "three steps of two budgets");
+    assert_eq!(evaluate(yesterday + 1).await, 0);
+
+    // Today: nothing fires until usage rises again (the token's window re-arms silently).
+    assert_eq!(evaluate(now_micros()).await, 0);
+    burst("second").await;
+    let today = now_micros();
+    assert_eq!(evaluate(today).await, 6, "every step again");
+    assert_eq!(evaluate(today + 1).await, 0);
+
+    rx.wait_until(WAIT, "twelve budget events", |r| {
+        of_type(r, "budget.threshold").len() >= 12
+    })
+    .await;
+    settle().await;
+    let received = rx.received();
+    let mut want: Vec<(String, i64)> = ["24h", "24h", "day", "day"]
+        .iter()
+        .flat_map(|w| [50, 80, 100].map(|s| (w.to_string(), s)))
+        .collect();
+    want.sort();
+    assert_eq!(budget_steps(&received), want, "{received:#?}");
+    assert!(received.iter().all(|e| e.valid));
+    let ids: std::collections::HashSet<_> = received.iter().map(|r| r.id.clone()).collect();
+    assert_eq!(ids.len(), received.len(), "every crossing is its own event");
+    let mut days: Vec<String> = of_type(&received, "budget.threshold")
+        .iter()
+        .map(|e| e.json()["data"].clone())
+        .filter(|d| d["window"] == "day")
+        .map(|d| d["budget"].as_str().unwrap_or_default().to_string())
+        .collect();
+    days.sort();
+    days.dedup();
+    let subject = |at| format!("budget:{ALICE}>{BOB}:day:{}", day_name(at));
+    assert_eq!(days, [subject(yesterday), subject(today)]);
     h
 }

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use syft_proto::ledger as pb;
-use syft_testkit::{code, store_suite, Harness, USD};
+use syft_testkit::{code, ok, store_suite, Harness, USD};
 use tonic::Code;
 
 const OWNER: &str = "owner@router.example";
@@ -464,11 +464,7 @@ async fn bucket_boundaries(h: Harness) -> Harness {
             let mut req = stats_req(&[dim], pb::StatsRole::Owner);
             req.since_unix_micros = Some(since);
             req.until_unix_micros = Some(until);
-            let got = admin
-                .get_usage_stats(req)
-                .await
-                .expect("stats")
-                .into_inner();
+            let got = ok(admin.get_usage_stats(req).await);
             assert_eq!((got.since_unix_micros, got.until_unix_micros), (s, u));
             let mut want: BTreeMap<i64, i64> = BTreeMap::new();
             for at in instants.iter().filter(|at| (s..u).contains(*at)) {

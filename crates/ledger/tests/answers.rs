@@ -3,7 +3,7 @@
 //! refused whole when unusable (nothing captured), deleted after their retention.
 
 use syft_proto::ledger as pb;
-use syft_testkit::{code, store_suite, Harness, USD};
+use syft_testkit::{code, ok, req, store_suite, Harness, USD};
 use tonic::Code;
 
 const OWNER: &str = "owner@router.example";
@@ -11,16 +11,7 @@ const OTHER: &str = "other@router.example";
 const ALICE: &str = "alice@example.com";
 
 fn hold(amount: i64, token: &str, key: &str) -> pb::AuthorizeRequest {
-    pb::AuthorizeRequest {
-        sender_email: ALICE.into(),
-        amount_micros: amount,
-        token: token.into(),
-        app_name: "chat-app".into(),
-        app_ep_path: "/chat".into(),
-        idempotency_key: key.into(),
-        hold_ttl_seconds: None,
-        ..Default::default()
-    }
+    syft_testkit::req::hold(ALICE, amount, token, key)
 }
 
 fn capture(id: &str, body: &[u8], retention_seconds: i64) -> pb::CaptureRequest {
@@ -42,40 +33,22 @@ fn get(id: &str) -> pb::GetAnswerRequest {
 }
 
 async fn answers_are_served_once_captured_to_the_recipient_only(h: Harness) -> Harness {
-    let owner = h.account(OWNER, 0).await;
     let other = h.account(OTHER, 0).await;
-    let alice = h.account(ALICE, 10 * USD).await;
-    let token = h.token(&alice, OWNER).await;
+    let (owner, alice, token) = h.payer(OWNER, ALICE, 10 * USD).await;
     let mut router = h.client(&owner);
-    let t = router
-        .authorize(hold(USD, &token, "k1"))
-        .await
-        .expect("hold")
-        .into_inner();
+    let t = ok(router.authorize(hold(USD, &token, "k1")).await);
     // Nothing stored yet, and a pending transfer has no answer.
     assert_eq!(code(router.get_answer(get(&t.id)).await), Code::NotFound);
 
-    let done = router
-        .capture(capture(&t.id, b"the answer", 3600))
-        .await
-        .expect("capture")
-        .into_inner();
+    let done = ok(router.capture(capture(&t.id, b"the answer", 3600)).await);
     assert_eq!(done.status(), pb::TransferStatus::Completed);
-    let a = router
-        .get_answer(get(&t.id))
-        .await
-        .expect("answer")
-        .into_inner();
+    let a = ok(router.get_answer(get(&t.id)).await);
     assert_eq!(a.body, b"the answer");
     assert_eq!(a.transfer_id, t.id);
     assert!(a.expires_at_unix_micros > done.resolved_at_unix_micros.unwrap_or(0));
 
     // The retry of the capture (an unknown outcome asked again) is idempotent, answer included.
-    let again = router
-        .capture(capture(&t.id, b"the answer", 3600))
-        .await
-        .expect("repeat")
-        .into_inner();
+    let again = ok(router.capture(capture(&t.id, b"the answer", 3600)).await);
     assert_eq!(again, done);
 
     // Another recipient neither sees nor overwrites it; the sender does not see it either.
@@ -93,15 +66,9 @@ async fn answers_are_served_once_captured_to_the_recipient_only(h: Harness) -> H
 }
 
 async fn unusable_answers_refuse_the_capture_whole(h: Harness) -> Harness {
-    let owner = h.account(OWNER, 0).await;
-    let alice = h.account(ALICE, 10 * USD).await;
-    let token = h.token(&alice, OWNER).await;
+    let (owner, _alice, token) = h.payer(OWNER, ALICE, 10 * USD).await;
     let mut router = h.client(&owner);
-    let t = router
-        .authorize(hold(USD, &token, "k1"))
-        .await
-        .expect("hold")
-        .into_inner();
+    let t = ok(router.authorize(hold(USD, &token, "k1")).await);
     let too_big = vec![b'x'; syft_ledger::MAX_ANSWER_BYTES + 1];
     for bad in [
         capture(&t.id, &too_big, 60),
@@ -111,24 +78,12 @@ async fn unusable_answers_refuse_the_capture_whole(h: Harness) -> Harness {
         assert_eq!(code(router.capture(bad).await), Code::InvalidArgument);
     }
     // Nothing was captured and nothing stored: the hold is intact.
-    let still = router
-        .get_transfer(pb::GetTransferRequest {
-            transfer_id: t.id.clone(),
-        })
-        .await
-        .expect("get")
-        .into_inner();
+    let still = ok(router.get_transfer(req::get_transfer(&t.id)).await);
     assert_eq!(still.status(), pb::TransferStatus::Pending);
     assert_eq!(h.balance(ALICE).await.held_micros, USD);
 
     // A voided transfer's answer (written before a capture that then failed) is never served.
-    router
-        .void(pb::VoidRequest {
-            transfer_id: t.id.clone(),
-            ..Default::default()
-        })
-        .await
-        .expect("void");
+    ok(router.void(req::void(&t.id)).await);
     let late = router.capture(capture(&t.id, b"never paid", 60)).await;
     assert_eq!(code(late), Code::FailedPrecondition);
     assert_eq!(code(router.get_answer(get(&t.id)).await), Code::NotFound);
@@ -136,15 +91,9 @@ async fn unusable_answers_refuse_the_capture_whole(h: Harness) -> Harness {
 }
 
 async fn answers_expire_and_are_purged(h: Harness) -> Harness {
-    let owner = h.account(OWNER, 0).await;
-    let alice = h.account(ALICE, 10 * USD).await;
-    let token = h.token(&alice, OWNER).await;
+    let (owner, _alice, token) = h.payer(OWNER, ALICE, 10 * USD).await;
     let mut router = h.client(&owner);
-    let t = router
-        .authorize(hold(USD, &token, "k1"))
-        .await
-        .expect("hold")
-        .into_inner();
+    let t = ok(router.authorize(hold(USD, &token, "k1")).await);
     router
         .capture(capture(&t.id, b"short-lived", 1))
         .await

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use syft_ledger::client::connect_lazy;
 use syft_proto::ledger as pb;
-use syft_testkit::{reason, Harness, LedgerServer, USD};
+use syft_testkit::{ok, reason, Harness, LedgerServer, USD};
 use tonic::Code;
 use tonic_types::StatusExt;
 
@@ -21,15 +21,10 @@ fn hold(
     ttl: i64,
 ) -> pb::AuthorizeRequest {
     pb::AuthorizeRequest {
-        sender_email: ALICE.into(),
-        amount_micros: amount,
-        token: token.into(),
         app_name: "chat".into(),
-        app_ep_path: "/chat".into(),
-        idempotency_key: key.into(),
         hold_ttl_seconds: Some(ttl),
         budget_per_day_micros: per_day,
-        budget_per_month_micros: None,
+        ..syft_testkit::req::hold(ALICE, amount, token, key)
     }
 }
 
@@ -46,18 +41,12 @@ async fn budget_lifecycle(postgres: bool) {
         eprintln!("SKIPPED: no DATABASE_URL");
         return;
     };
-    let owner = h.account(OWNER, 0).await;
-    let alice = h.account(ALICE, 10 * USD).await;
-    let token = h.token(&alice, OWNER).await;
+    let (owner, _alice, token) = h.payer(OWNER, ALICE, 10 * USD).await;
     let mut c = h.client(&owner);
     let budget = Some(50_000);
 
     // Reserve: a pending hold counts against the day's budget.
-    let first = c
-        .authorize(hold(&token, "a", 30_000, budget, 300))
-        .await
-        .expect("first")
-        .into_inner();
+    let first = ok(c.authorize(hold(&token, "a", 30_000, budget, 300)).await);
     let err = c
         .authorize(hold(&token, "b", 30_000, budget, 300))
         .await
@@ -87,11 +76,7 @@ async fn budget_lifecycle(postgres: bool) {
         .await
         .expect("expire");
     assert_eq!(first.status(), pb::TransferStatus::Pending);
-    let second = c
-        .authorize(hold(&token, "b", 30_000, budget, 300))
-        .await
-        .expect("after expiry")
-        .into_inner();
+    let second = ok(c.authorize(hold(&token, "b", 30_000, budget, 300)).await);
 
     // Settle: a capture of less than the hold counts what was captured.
     let captured = c
@@ -116,11 +101,7 @@ async fn budget_lifecycle(postgres: bool) {
     assert_eq!(reason(&err).as_deref(), Some("BUDGET_EXCEEDED"));
     // A retry of a refused key is decided afresh (a refusal is not the key's outcome), and a
     // replay of an admitted key still returns its transfer, budget or not.
-    let replay = c
-        .authorize(hold(&token, "c", 40_000, budget, 300))
-        .await
-        .expect("replay")
-        .into_inner();
+    let replay = ok(c.authorize(hold(&token, "c", 40_000, budget, 300)).await);
     assert_eq!(replay.amount_micros, 40_000);
 
     // Reset: a new day has the whole budget again.
@@ -162,9 +143,7 @@ async fn concurrent_holds_never_overspend_a_budget() {
         return;
     };
     let second = LedgerServer::start(h.config.clone()).await;
-    let owner = h.account(OWNER, 0).await;
-    let alice = h.account(ALICE, 10 * USD).await;
-    let token = h.token(&alice, OWNER).await;
+    let (owner, _alice, token) = h.payer(OWNER, ALICE, 10 * USD).await;
     let replicas = [
         h.client(&owner),
         connect_lazy(&second.url, &owner).expect("client"),

@@ -506,9 +506,20 @@ async fn live_usage(h: &Harness) {
         opened.elapsed()
     );
     assert!(!seen.contains("foreign-") && !seen.contains(BOB), "{seen}");
-    drop(events);
+    // A ledger shutting down ends its open streams instead of waiting out its grace period.
     if let Some(r) = replica {
+        let stopping = Instant::now();
         r.stop().await;
+        assert!(
+            stopping.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            stopping.elapsed()
+        );
+        let end = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Some(Ok(_)) = events.next().await {}
+        })
+        .await;
+        assert!(end.is_ok(), "the stream stays open after shutdown");
     }
 }
 

@@ -2,7 +2,8 @@
 //! (`chromedriver`, started here on a free port). A ledger and a router (testkit `Stack`); the
 //! owner signs in, the figures on the page equal the ledger's, a paid request through the router
 //! appears within 2 s without a reload, the browser logged no errors, the page fits a phone's
-//! width, sign-out works, and a wrong secret and a forged cookie get the sign-in form back.
+//! width, sign-out works, and a wrong secret and a forged cookie get the sign-in form back; on a
+//! second ledger with alerts on, the alerts tab adds an endpoint and shows a test delivery.
 //! Prints `SKIPPED` when chromedriver is not installed (`.ci/run` installs it).
 //!
 //! `SYFT_DASHBOARD_SCREENSHOT=docs/dashboard.png` writes the screenshot the README shows.
@@ -15,7 +16,7 @@ use fantoccini::wd::WebDriverCompatibleCommand;
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
 use syft_router_svc::Pricing;
-use syft_testkit::{free_port, Stack, PRICE};
+use syft_testkit::{alerts_on, free_port, Harness, Stack, WebhookReceiver, PRICE};
 
 const SIGN_IN_SHOWN: &str = "return !document.querySelector('#signin').hidden";
 const SIGNED_OUT: &str =
@@ -255,11 +256,7 @@ async fn dashboard_in_chromium() {
 
     // No errors in the browser's console.
     let log = c.issue_cmd(BrowserLog).await.expect("browser log");
-    let severe: Vec<&Value> = log
-        .as_array()
-        .map(|l| l.iter().filter(|e| e["level"] == "SEVERE").collect())
-        .unwrap_or_default();
-    assert!(severe.is_empty(), "console errors: {severe:#?}");
+    assert!(severe(&log).is_empty(), "console errors: {log:#}");
 
     // Readable at a phone's width: nothing wider than the screen but the scrolling tables.
     c.set_window_size(390, 844).await.expect("resize");
@@ -297,6 +294,75 @@ async fn dashboard_in_chromium() {
     .await;
     c.goto(&page).await.expect("reload");
     until(&c, SIGNED_OUT, 5, "forged cookie refused").await;
+    alerts_panel(&c).await;
     c.close().await.expect("close");
     s.check_invariants().await;
+}
+
+/// The alerts tab on a ledger with alerts on: add an endpoint through the form, send a test event
+/// to a real receiver, see the delivery in the log; no console errors meanwhile.
+async fn alerts_panel(c: &Client) {
+    let h = Harness::with(false, alerts_on)
+        .await
+        .expect("sqlite harness");
+    let secret = h.account("panel@router.example", 0).await;
+    let receiver = WebhookReceiver::start().await;
+    c.goto(&format!("{}/dashboard", h.http_url()))
+        .await
+        .expect("open");
+    sign_in(c, "panel@router.example", &secret).await;
+    until(
+        c,
+        "return document.body.dataset.loaded === 'true'",
+        10,
+        "loaded",
+    )
+    .await;
+    // What the earlier part left in the log (the refused secret and cookie) is read away here.
+    c.issue_cmd(BrowserLog).await.expect("browser log");
+    click(c, "#tab-alerts").await;
+    type_into(c, "#alert-url", &receiver.url).await;
+    type_into(c, "#alert-value", "5.00").await;
+    click(c, "#alert-add").await;
+    until(
+        c,
+        "return document.querySelector('#alert-secret').textContent.startsWith('Signing secret')",
+        5,
+        "the endpoint is added and its secret shown once",
+    )
+    .await;
+    let test = format!(
+        "return document.querySelector(\"#alert-endpoints button[aria-label='Test {}']\") !== null",
+        receiver.url
+    );
+    until(c, &test, 5, "the endpoint is listed").await;
+    click(
+        c,
+        &format!(
+            "#alert-endpoints button[aria-label='Test {}']",
+            receiver.url
+        ),
+    )
+    .await;
+    receiver
+        .wait_until(Duration::from_secs(10), "the test event", |r| {
+            r.iter().any(|r| r.event_type() == "test")
+        })
+        .await;
+    let delivered = format!(
+        "document.querySelector(\"#alert-endpoints button[aria-label='Deliveries {}']\").click(); \
+         return [...document.querySelectorAll('#deliveries tbody tr')].some((tr) => \
+           tr.textContent.includes('DELIVERED') && tr.textContent.includes('200'))",
+        receiver.url
+    );
+    until(c, &delivered, 10, "the delivery in the log").await;
+    let log = c.issue_cmd(BrowserLog).await.expect("browser log");
+    assert_eq!(severe(&log).len(), 0, "console errors: {log:#}");
+    h.finish().await;
+}
+
+fn severe(log: &Value) -> Vec<&Value> {
+    log.as_array()
+        .map(|l| l.iter().filter(|e| e["level"] == "SEVERE").collect())
+        .unwrap_or_default()
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use syft_testkit::req::capture_full;
 
 use syft_proto::ledger as pb;
-use syft_testkit::{code, reason, store_suite, Harness, USD};
+use syft_testkit::{code, ok, reason, req, store_suite, Harness, USD};
 use tonic::Code;
 
 const OWNER: &str = "owner@router.example";
@@ -16,14 +16,8 @@ const ALICE: &str = "alice@example.com";
 
 fn hold(key: &str, ttl: i64, token: &str) -> pb::AuthorizeRequest {
     pb::AuthorizeRequest {
-        sender_email: ALICE.into(),
-        amount_micros: USD,
-        token: token.into(),
-        app_name: "chat-app".into(),
-        app_ep_path: "/chat".into(),
-        idempotency_key: key.into(),
         hold_ttl_seconds: Some(ttl),
-        ..Default::default()
+        ..syft_testkit::req::hold(ALICE, USD, token, key)
     }
 }
 
@@ -35,28 +29,14 @@ fn extend(id: &str, ttl_seconds: i64) -> pb::ExtendHoldRequest {
 }
 
 async fn extended_holds_outlive_their_first_expiry(h: Harness) -> Harness {
-    let owner = h.account(OWNER, 0).await;
     let other = h.account(OTHER, 0).await;
-    let alice = h.account(ALICE, 10 * USD).await;
-    let token = h.token(&alice, OWNER).await;
+    let (owner, _alice, token) = h.payer(OWNER, ALICE, 10 * USD).await;
     let mut router = h.client(&owner);
-    let t = router
-        .authorize(hold("k1", 1, &token))
-        .await
-        .expect("hold")
-        .into_inner();
-    let e1 = router
-        .extend_hold(extend(&t.id, 3))
-        .await
-        .expect("extend")
-        .into_inner();
+    let t = ok(router.authorize(hold("k1", 1, &token)).await);
+    let e1 = ok(router.extend_hold(extend(&t.id, 3)).await);
     assert!(e1.expires_at_unix_micros >= t.expires_at_unix_micros + 1_500_000);
     // Idempotent: asking again never moves the expiry back.
-    let e2 = router
-        .extend_hold(extend(&t.id, 1))
-        .await
-        .expect("again")
-        .into_inner();
+    let e2 = ok(router.extend_hold(extend(&t.id, 1)).await);
     assert_eq!(e2.expires_at_unix_micros, e1.expires_at_unix_micros);
     assert_eq!(e2.status(), pb::TransferStatus::Pending);
     // Nobody else may extend it, and bad input is refused.
@@ -80,40 +60,20 @@ async fn extended_holds_outlive_their_first_expiry(h: Harness) -> Harness {
 
     // Bounded by the maximum hold TTL counted from the hold's creation.
     let max = h.config.max_hold_ttl.as_secs() as i64;
-    let t2 = router
-        .authorize(hold("k2", 1, &token))
-        .await
-        .expect("hold")
-        .into_inner();
-    let e = router
-        .extend_hold(extend(&t2.id, max))
-        .await
-        .expect("extend to the max")
-        .into_inner();
+    let t2 = ok(router.authorize(hold("k2", 1, &token)).await);
+    let e = ok(router.extend_hold(extend(&t2.id, max)).await);
     assert_eq!(
         e.expires_at_unix_micros,
         t2.created_at_unix_micros + max * 1_000_000
     );
-    router
-        .void(pb::VoidRequest {
-            transfer_id: t2.id.clone(),
-            ..Default::default()
-        })
-        .await
-        .expect("void");
+    ok(router.void(req::void(&t2.id)).await);
     h
 }
 
 async fn expired_holds_cannot_be_extended(h: Harness) -> Harness {
-    let owner = h.account(OWNER, 0).await;
-    let alice = h.account(ALICE, 10 * USD).await;
-    let token = h.token(&alice, OWNER).await;
+    let (owner, _alice, token) = h.payer(OWNER, ALICE, 10 * USD).await;
     let mut router = h.client(&owner);
-    let t = router
-        .authorize(hold("k1", 1, &token))
-        .await
-        .expect("hold")
-        .into_inner();
+    let t = ok(router.authorize(hold("k1", 1, &token)).await);
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let err = router
         .extend_hold(extend(&t.id, 60))

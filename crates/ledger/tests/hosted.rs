@@ -12,7 +12,9 @@ use axum::response::{IntoResponse, Response};
 use syft_ledger::client::{connect_lazy, LedgerClient};
 use syft_ledger::HostedConfig;
 use syft_proto::ledger as pb;
-use syft_testkit::{chat_request, closed_url, code, req, Harness, LedgerServer, RouterHandle, USD};
+use syft_testkit::{
+    chat_request, closed_url, code, ok, req, Harness, LedgerServer, RouterHandle, USD,
+};
 use tonic::Code;
 
 const OWNER: &str = "owner@router.example";
@@ -713,11 +715,9 @@ async fn router_pays_through_the_hosted_ledger() {
         request_id: id.into(),
         ..chat_request(ALICE, &p.token, content)
     };
-    let answer = client
+    let answer = ok(client
         .chat(chat("hello through the hosted ledger", "req-ok"))
-        .await
-        .expect("paid chat")
-        .into_inner();
+        .await);
     let usage = answer.usage.expect("usage");
     let expected = syft_money::token_cost_micros(usage.prompt_tokens as u64, 2_000_000)
         + syft_money::token_cost_micros(usage.completion_tokens as u64, 10_000_000);

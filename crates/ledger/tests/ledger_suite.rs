@@ -14,17 +14,7 @@ const OWNER: &str = "owner@router.example";
 const ALICE: &str = "alice@example.com";
 
 fn authorize(sender: &str, amount: i64, token: &str, key: &str) -> pb::AuthorizeRequest {
-    pb::AuthorizeRequest {
-        sender_email: sender.into(),
-        amount_micros: amount,
-        token: token.into(),
-        app_name: "chat-app".into(),
-        app_ep_path: "/chat".into(),
-        idempotency_key: key.into(),
-        hold_ttl_seconds: None,
-        budget_per_day_micros: None,
-        budget_per_month_micros: None,
-    }
+    req::hold(sender, amount, token, key)
 }
 
 fn usage(request_id: &str, status: &str) -> pb::Usage {
@@ -71,10 +61,7 @@ async fn ids_granted_at_once(
 
 /// Owner with a secret, Alice funded with `funds`, and Alice's token for the owner.
 async fn setup(h: &Harness, funds: i64) -> (String, String, String) {
-    let owner = h.account(OWNER, 0).await;
-    let alice = h.account(ALICE, funds).await;
-    let token = h.token(&alice, OWNER).await;
-    (owner, alice, token)
+    h.payer(OWNER, ALICE, funds).await
 }
 
 async fn accounts_and_auth(h: Harness) -> Harness {
@@ -338,17 +325,13 @@ async fn capture_and_void_resolve_exactly_once(h: Harness) -> Harness {
     assert_eq!(
         code(
             h.client(&stranger)
-                .get_transfer(pb::GetTransferRequest {
-                    transfer_id: t3.id.clone()
-                })
+                .get_transfer(req::get_transfer(&t3.id))
                 .await
         ),
         Code::NotFound
     );
     let pending = router
-        .get_transfer(pb::GetTransferRequest {
-            transfer_id: t3.id.clone(),
-        })
+        .get_transfer(req::get_transfer(&t3.id))
         .await
         .unwrap();
     assert_eq!(pending.into_inner().status(), pb::TransferStatus::Pending);
@@ -475,11 +458,7 @@ async fn expired_holds_are_swept(h: Harness) -> Harness {
     // The sweep cancels it as SYSTEM and releases the funds.
     let mut swept = None;
     for _ in 0..50 {
-        let cur = ok(router
-            .get_transfer(pb::GetTransferRequest {
-                transfer_id: t.id.clone(),
-            })
-            .await);
+        let cur = ok(router.get_transfer(req::get_transfer(&t.id)).await);
         if cur.status() == pb::TransferStatus::Cancelled {
             swept = Some(cur);
             break;

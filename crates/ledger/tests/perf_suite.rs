@@ -4,24 +4,14 @@
 
 use syft_proto::ledger as pb;
 use syft_testkit::req::capture_full;
-use syft_testkit::{code, reason, store_suite, Harness, USD};
+use syft_testkit::{code, ok, reason, store_suite, Harness, USD};
 use tonic::Code;
 
 const OWNER: &str = "owner@router.example";
 const ALICE: &str = "alice@example.com";
 
 fn hold(amount: i64, token: &str, key: &str) -> pb::AuthorizeRequest {
-    pb::AuthorizeRequest {
-        sender_email: ALICE.into(),
-        amount_micros: amount,
-        token: token.into(),
-        app_name: "chat-app".into(),
-        app_ep_path: "/chat".into(),
-        idempotency_key: key.into(),
-        hold_ttl_seconds: None,
-        budget_per_day_micros: None,
-        budget_per_month_micros: None,
-    }
+    syft_testkit::req::hold(ALICE, amount, token, key)
 }
 
 async fn token_with_limit(h: &Harness, alice: &str, limit: Option<i64>) -> String {
@@ -136,11 +126,7 @@ async fn lost_hold_is_never_charged(h: Harness) -> Harness {
     let alice = h.account(ALICE, 10 * USD).await;
     let token = token_with_limit(&h, &alice, Some(5 * USD)).await;
     let mut owner = h.client(&owner);
-    let lost = owner
-        .authorize(hold(2 * USD, &token, "req-1"))
-        .await
-        .expect("hold")
-        .into_inner();
+    let lost = ok(owner.authorize(hold(2 * USD, &token, "req-1")).await);
     let pool = h.store.pool();
     let mut tx = pool.begin().await.expect("begin");
     for sql in [
@@ -167,11 +153,7 @@ async fn lost_hold_is_never_charged(h: Harness) -> Harness {
     assert_eq!((a.balance_micros, a.held_micros), (10 * USD, 0));
     assert_eq!(h.balance(OWNER).await.balance_micros, 0);
 
-    let again = owner
-        .authorize(hold(2 * USD, &token, "req-1"))
-        .await
-        .expect("retry")
-        .into_inner();
+    let again = ok(owner.authorize(hold(2 * USD, &token, "req-1")).await);
     assert_ne!(again.id, lost.id);
     owner
         .capture(capture_full(&again.id))
@@ -207,16 +189,8 @@ async fn usage_rows_refusals_and_bursts(h: Harness) -> Harness {
             .await
             .expect("refusal row");
     }
-    let first = owner
-        .record_usage(usage("r-1", "success"))
-        .await
-        .expect("row")
-        .into_inner();
-    let repeat = owner
-        .record_usage(usage("r-1", "success"))
-        .await
-        .expect("row")
-        .into_inner();
+    let first = ok(owner.record_usage(usage("r-1", "success")).await);
+    let repeat = ok(owner.record_usage(usage("r-1", "success")).await);
     assert_eq!(first.id, repeat.id, "one row per answered request id");
 
     let mut tasks = Vec::new();

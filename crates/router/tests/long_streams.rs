@@ -19,11 +19,7 @@ async fn slow_stream(
     s.upstream
         .set_mode(Mode::SlowStream(Duration::from_millis(40)));
     let mut c = s.client().await;
-    let mut events = c
-        .chat_stream(s.request("tell me a long story"))
-        .await
-        .expect("stream")
-        .into_inner();
+    let mut events = ok(c.chat_stream(s.request("tell me a long story")).await);
     let mut text = String::new();
     let mut last = None;
     while let Some(ev) = events.next().await {

@@ -44,11 +44,7 @@ async fn grpc_retries_after_the_capture_get_the_stored_answer() {
     let mut c = s.client().await;
 
     // Unary, then its unary and streamed retries.
-    let first = c
-        .chat(keyed(&s, "hi", "unary-1"))
-        .await
-        .expect("first")
-        .into_inner();
+    let first = ok(c.chat(keyed(&s, "hi", "unary-1")).await);
     assert!(!first.replay);
     let again = c.chat(keyed(&s, "hi", "unary-1")).await.expect("retry");
     assert_eq!(
@@ -99,11 +95,7 @@ async fn grpc_retries_after_the_capture_get_the_stored_answer() {
             &first.finish_reason
         )
     );
-    let unary = c
-        .chat(keyed(&s, "hello", "stream-1"))
-        .await
-        .expect("unary retry")
-        .into_inner();
+    let unary = ok(c.chat(keyed(&s, "hello", "stream-1")).await);
     assert!(unary.replay);
     assert_eq!(unary.message.map(|m| m.content), Some(text));
 
@@ -173,15 +165,7 @@ async fn a_different_request_under_a_used_key_is_refused_without_an_upstream_cal
         .chat(keyed(&s, "something else", "k"))
         .await
         .expect_err("other request, same key");
-    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
-    assert!(
-        err.message().contains("different request"),
-        "{}",
-        err.message()
-    );
-    assert_eq!(s.upstream.hits(), 1);
-    assert_eq!(s.alice_money().await.0, FUNDS - PRICE);
-    s.check_invariants().await;
+    assert_conflict_charged_once(&s, &err, "different request").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -206,15 +190,7 @@ async fn without_storage_or_above_the_size_cap_a_retry_gets_409() {
         let mut c = s.client().await;
         c.chat(keyed(&s, "hi", "k")).await.expect("first");
         let err = c.chat(keyed(&s, "hi", "k")).await.expect_err("retry");
-        assert_eq!(err.code(), Code::AlreadyExists, "{replay:?}: {err:?}");
-        assert!(
-            err.message().contains("already charged"),
-            "{}",
-            err.message()
-        );
-        assert_eq!(s.upstream.hits(), 1);
-        assert_eq!(s.alice_money().await.0, FUNDS - PRICE);
-        s.check_invariants().await;
+        assert_conflict_charged_once(&s, &err, "already charged").await;
     }
 }
 
@@ -261,4 +237,14 @@ async fn wait_pending(s: &Stack) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("no hold was placed");
+}
+
+/// A retry refused with 409 (`ALREADY_EXISTS`) saying `why`, after one charged call that reached
+/// the upstream once.
+async fn assert_conflict_charged_once(s: &Stack, err: &tonic::Status, why: &str) {
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    assert!(err.message().contains(why), "{}", err.message());
+    assert_eq!(s.upstream.hits(), 1);
+    assert_eq!(s.alice_money().await.0, FUNDS - PRICE);
+    s.check_invariants().await;
 }

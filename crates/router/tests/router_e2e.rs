@@ -416,11 +416,7 @@ async fn insufficient_funds_says_what_the_hold_reserves_and_how_to_reserve_less(
     assert_eq!(s.upstream.hits(), 0);
 
     // Following the advice works: 8 x 3 + 500 x 10 = 5,024 micros fits in $0.01.
-    let resp = c
-        .chat(bob_req(Some(500)))
-        .await
-        .expect("smaller max_tokens")
-        .into_inner();
+    let resp = ok(c.chat(bob_req(Some(500))).await);
     assert_eq!(resp.cost_micros, 20 * 3 + 5 * 10);
     assert_eq!(
         account(&s.ledger.url, &bob.email).await.balance_micros,
@@ -890,11 +886,7 @@ async fn echo_upstream_runs_offline_and_metadata_shows_pricing() {
     config.description = "an echo".into();
     let router = RouterHandle::start(config).await;
     let mut c = router.client().await;
-    let meta = c
-        .get_metadata(GetMetadataRequest {})
-        .await
-        .expect("meta")
-        .into_inner();
+    let meta = ok(c.get_metadata(GetMetadataRequest {}).await);
     assert_eq!(meta.name, "echo-router");
     assert_eq!(meta.owner_email, owner.email);
     assert_eq!(meta.models, vec!["echo".to_string()]);

@@ -43,6 +43,14 @@ async fn search_stack(db: Db, price: Pricing, search: SearchConfig) -> Stack {
     .await
 }
 
+/// A search priced `PRICE` per query over the embedded index of `DOCS` (keep the folder alive).
+async fn priced_docs_stack(db: Db) -> (syft_testkit::TempDir, Stack) {
+    let docs = docs_dir(DOCS);
+    let search = embedded(docs.path(), Duration::from_secs(60));
+    let s = search_stack(db, Pricing::per_request(PRICE), search).await;
+    (docs, s)
+}
+
 async fn status_of(s: &Stack, transfer_id: &str) -> TransferStatus {
     let t = s.transfers().await;
     t.iter()
@@ -53,20 +61,10 @@ async fn status_of(s: &Stack, transfer_id: &str) -> TransferStatus {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_search_charges_answers_once_and_voids_empty_ones() {
-    let docs = docs_dir(DOCS);
-    let s = search_stack(
-        Db::sqlite(),
-        Pricing::per_request(PRICE),
-        embedded(docs.path(), Duration::from_secs(60)),
-    )
-    .await;
+    let (_docs, s) = priced_docs_stack(Db::sqlite()).await;
     let mut c = s.client().await;
 
-    let resp = c
-        .search(s.search("ledger capture"))
-        .await
-        .expect("search")
-        .into_inner();
+    let resp = ok(c.search(s.search("ledger capture")).await);
     assert_eq!(resp.query, "ledger capture");
     assert_eq!(resp.cost_micros, PRICE);
     assert_eq!(resp.currency, "USD");
@@ -86,11 +84,7 @@ async fn embedded_search_charges_answers_once_and_voids_empty_ones() {
     assert_eq!(t[0].id, resp.transfer_id);
 
     // Nothing found: the hold is voided, the answer is still a 200 with no results.
-    let empty = c
-        .search(s.search("zebra"))
-        .await
-        .expect("search")
-        .into_inner();
+    let empty = ok(c.search(s.search("zebra")).await);
     assert!(empty.results.is_empty());
     assert_eq!(empty.cost_micros, 0);
     assert_eq!(
@@ -145,11 +139,7 @@ async fn embedded_search_charges_answers_once_and_voids_empty_ones() {
         .expect("empty row");
     assert_eq!(empty_row.status, "no_results");
 
-    let meta = c
-        .get_metadata(GetMetadataRequest {})
-        .await
-        .expect("meta")
-        .into_inner();
+    let meta = ok(c.get_metadata(GetMetadataRequest {}).await);
     let search = meta
         .services
         .iter()
@@ -164,13 +154,7 @@ async fn embedded_search_charges_answers_once_and_voids_empty_ones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_search_request_id_is_charged_once() {
-    let docs = docs_dir(DOCS);
-    let s = search_stack(
-        Db::sqlite(),
-        Pricing::per_request(PRICE),
-        embedded(docs.path(), Duration::from_secs(60)),
-    )
-    .await;
+    let (_docs, s) = priced_docs_stack(Db::sqlite()).await;
     let mut c = s.client().await;
     let mut req = s.search("router");
     req.request_id = "search-dup-1".into();
@@ -207,14 +191,10 @@ async fn http_backend_forwards_the_syft_shape_and_voids_failures() {
     let up = &upstream_for_config;
     let mut c = s.client().await;
 
-    let ok = c
-        .search(s.search("find me"))
-        .await
-        .expect("search")
-        .into_inner();
-    assert_eq!(ok.results.len(), SEARCH_HITS);
-    assert_eq!(ok.cost_micros, PRICE);
-    assert_eq!(ok.results[0].id, "doc-0");
+    let found = ok(c.search(s.search("find me")).await);
+    assert_eq!(found.results.len(), SEARCH_HITS);
+    assert_eq!(found.cost_micros, PRICE);
+    assert_eq!(found.results[0].id, "doc-0");
     let body = up.last_body().expect("forwarded body");
     assert_eq!(body["query"], "find me");
     assert_eq!(body["userEmail"], s.alice.email);
@@ -234,11 +214,7 @@ async fn http_backend_forwards_the_syft_shape_and_voids_failures() {
         assert_eq!(err.code(), code, "{mode:?}");
     }
     up.set_mode(Mode::EmptyChoices);
-    let empty = c
-        .search(s.search("find me"))
-        .await
-        .expect("empty")
-        .into_inner();
+    let empty = ok(c.search(s.search("find me")).await);
     assert!(empty.results.is_empty());
     assert_eq!(empty.cost_micros, 0);
 
@@ -418,11 +394,7 @@ async fn the_per_query_price_comes_from_the_config_files_pricing_object() {
     )
     .await;
     let mut c = s.client().await;
-    let resp = c
-        .search(s.search("ledger"))
-        .await
-        .expect("search")
-        .into_inner();
+    let resp = ok(c.search(s.search("ledger")).await);
     assert_eq!(resp.cost_micros, 20_000);
     let mut big = s.search("ledger");
     big.options = Some(SearchOptions {
@@ -464,13 +436,7 @@ async fn postgres_search_flow() {
     let Some(db) = Db::postgres().await else {
         return;
     };
-    let docs = docs_dir(DOCS);
-    let s = search_stack(
-        db,
-        Pricing::per_request(PRICE),
-        embedded(docs.path(), Duration::from_secs(60)),
-    )
-    .await;
+    let (_docs, s) = priced_docs_stack(db).await;
     let mut c = s.client().await;
     assert_eq!(
         c.search(s.search("ledger"))

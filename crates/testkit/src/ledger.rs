@@ -225,6 +225,20 @@ impl Harness {
             .expect("issue token")
     }
 
+    /// The accounts of a paid flow: `recipient` (no funds), `sender` funded with `funds`, and a
+    /// token of the sender's for the recipient. Returns (recipient secret, sender secret, token).
+    pub async fn payer(
+        &self,
+        recipient: &str,
+        sender: &str,
+        funds: i64,
+    ) -> (String, String, String) {
+        let recipient_secret = self.account(recipient, 0).await;
+        let sender_secret = self.account(sender, funds).await;
+        let token = self.token(&sender_secret, recipient).await;
+        (recipient_secret, sender_secret, token)
+    }
+
     pub async fn balance(&self, email: &str) -> pb::Account {
         account(&self.url(), email).await
     }

@@ -22,6 +22,7 @@ pub use router::{
     chat_request, docs_dir, router_config, search_request, serve_router, Funded, RouterHandle,
     Stack, FUNDS, PRICE,
 };
+pub use tempfile::TempDir;
 pub use upstream::{FakeUpstream, Mode, CONTENT, SEARCH_HITS, UP_COMPLETION, UP_PROMPT};
 pub use webhook::{signature_matches, Received, Reply, WebhookReceiver};
 

@@ -55,3 +55,25 @@ pub fn capture_full(id: &str) -> pb::CaptureRequest {
         answer: None,
     }
 }
+
+/// A hold of `amount` from `sender` on `token` for the `chat-app` app's `/chat`, under `key`,
+/// with the ledger's default TTL and no budget (override with `..req::hold(…)`).
+pub fn hold(sender: &str, amount: i64, token: &str, key: &str) -> pb::AuthorizeRequest {
+    pb::AuthorizeRequest {
+        sender_email: sender.into(),
+        amount_micros: amount,
+        token: token.into(),
+        app_name: "chat-app".into(),
+        app_ep_path: "/chat".into(),
+        idempotency_key: key.into(),
+        ..Default::default()
+    }
+}
+
+/// Voids transfer `id` with no reason and no usage row.
+pub fn void(id: &str) -> pb::VoidRequest {
+    pb::VoidRequest {
+        transfer_id: id.into(),
+        ..Default::default()
+    }
+}

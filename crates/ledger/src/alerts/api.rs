@@ -210,6 +210,7 @@ impl Ledger {
         )
         .await?;
         tx.commit().await?;
+        super::metrics::written(EventKind::Test, 1);
         Ok(event)
     }
 

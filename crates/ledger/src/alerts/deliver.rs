@@ -3,6 +3,7 @@
 //! after the schedule, and disables endpoints that fail for `disable_after` (telling the account's
 //! other endpoints with an `endpoint.disabled` event, in the same transaction).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -60,6 +61,7 @@ impl Worker {
         let lease = self.config.request_timeout * 2 + Duration::from_secs(5);
         let lease_until = now + lease.as_micros() as i64;
         let events = db::claim_due(&self.store, &self.id, now, lease_until, CLAIM_BATCH).await?;
+        let events = self.within_rate_caps(events, now).await?;
         let count = events.len();
         futures::stream::iter(events)
             .for_each_concurrent(PARALLEL_SENDS, |event| async move {
@@ -71,18 +73,48 @@ impl Worker {
         Ok(count)
     }
 
+    /// Keeps the claimed events each endpoint's cap (attempts in the last minute) still allows
+    /// and gives the others back for a second later, without spending an attempt. Decided for
+    /// the whole batch before any send: a batch is sent in parallel, so a check per send would
+    /// let every event of a burst through before the first attempt is recorded.
+    async fn within_rate_caps(
+        &self,
+        events: Vec<ClaimedEvent>,
+        now: i64,
+    ) -> Result<Vec<ClaimedEvent>> {
+        let pool = self.store.pool();
+        let mut room: HashMap<String, i64> = HashMap::new();
+        let mut allowed = Vec::with_capacity(events.len());
+        for event in events {
+            let left = match room.get_mut(&event.endpoint_id) {
+                Some(left) => left,
+                None => {
+                    let cap = match db::endpoint(pool, &event.endpoint_id).await? {
+                        Some(endpoint) => endpoint.rate_per_minute,
+                        None => 0,
+                    };
+                    let recent = db::attempts_since(pool, &event.endpoint_id, now - 60_000_000);
+                    let left = cap - recent.await?;
+                    room.entry(event.endpoint_id.clone()).or_insert(left)
+                }
+            };
+            if *left > 0 {
+                *left -= 1;
+                allowed.push(event);
+            } else {
+                super::metrics::rate_capped();
+                db::postpone(pool, &event.id, &self.id, now + 1_000_000).await?;
+            }
+        }
+        Ok(allowed)
+    }
+
     async fn deliver(&self, event: &ClaimedEvent) -> Result<()> {
         let pool = self.store.pool();
         let Some(endpoint) = db::endpoint(pool, &event.endpoint_id).await? else {
             return Ok(());
         };
         let now = now_micros();
-        if db::attempts_since(pool, &endpoint.id, now - 60_000_000).await?
-            >= endpoint.rate_per_minute
-        {
-            // Over the endpoint's cap: try again in a second, without spending an attempt.
-            return db::postpone(pool, &event.id, &self.id, now + 1_000_000).await;
-        }
         let secrets = live_secrets(self.key()?, &endpoint, now)?;
         let started = Instant::now();
         let answer = send(&self.config, &endpoint.url, event, &secrets).await;
@@ -99,6 +131,7 @@ impl Worker {
             next_attempt_at: next,
         };
         let failing_since = db::record_attempt(pool, &attempt, now_micros()).await?;
+        super::metrics::attempted(outcome, event.attempts + 1);
         tracing::info!(event = %event.id, endpoint = %endpoint.id, status = ?answer.status,
             outcome = outcome.as_str(), error = %answer.error, "alert delivery attempt");
         if let Some(since) = failing_since {
@@ -308,10 +341,12 @@ async fn disable(store: &Store, endpoint: &EndpointRecord, failing_since: i64) -
             super::payload::rfc3339(failing_since)
         ),
     };
+    let mut told = 0;
     for other in others {
         if other.id == endpoint.id || other.disabled_at.is_some() {
             continue;
         }
+        told += 1;
         let id = event_id();
         let payload = body(Format::parse(&other.format)?, &id, &fired, now);
         db::insert_event(
@@ -325,6 +360,39 @@ async fn disable(store: &Store, endpoint: &EndpointRecord, failing_since: i64) -
         .await?;
     }
     tx.commit().await?;
+    super::metrics::disabled();
+    super::metrics::written(EventKind::EndpointDisabled, told);
     tracing::warn!(endpoint = %endpoint.id, "alert endpoint disabled after persistent failure");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Retries spread (so endpoints failing together are not retried in lockstep), within the
+    /// configured percentage either side, and not at all when jitter is off.
+    #[test]
+    fn jitter_is_bounded_and_spreads() {
+        let delay = Duration::from_secs(100);
+        let samples: Vec<Duration> = (0..2000).map(|_| jitter(delay, 20)).collect();
+        let (min, max) = (
+            samples.iter().min().copied().unwrap_or_default(),
+            samples.iter().max().copied().unwrap_or_default(),
+        );
+        assert!(min >= Duration::from_secs(80), "{min:?}");
+        assert!(max <= Duration::from_secs(120), "{max:?}");
+        assert!(
+            max - min >= Duration::from_secs(30),
+            "spread {min:?}..{max:?}"
+        );
+        let below = samples.iter().filter(|d| **d < delay).count();
+        assert!(
+            (600..1400).contains(&below),
+            "{below} of 2000 below: not centred"
+        );
+        assert!((0..100).all(|_| jitter(delay, 0) == delay));
+        // More than 100 % is treated as 100 %: never negative, never more than double.
+        assert!((0..200).all(|_| jitter(delay, 250) <= delay * 2));
+    }
 }

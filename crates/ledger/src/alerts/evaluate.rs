@@ -12,6 +12,7 @@
 //! watched values are levels, not edges (a balance, a token's spend, a day's total, a window's
 //! counts), so that is a dip nobody needs to be woken for; docs/alerts.md says so.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,7 +23,7 @@ use super::payload::{amount, body, event_id, Fired};
 use super::rules::{EventKind, Format, Rule, SpendSide};
 use super::store::{self as db, EndpointRecord};
 use crate::error::Result;
-use crate::store::{now_micros, AccountRow, Store, ACCOUNT_COLUMNS};
+use crate::store::{now_micros, windowed_use, AccountRow, Store, ACCOUNT_COLUMNS};
 
 const MINUTE: i64 = 60_000_000;
 const DAY: i64 = 86_400_000_000;
@@ -48,14 +49,47 @@ pub async fn run(store: Arc<Store>, every: Duration) {
     }
 }
 
+/// What one evaluation pass has read, shared by every endpoint it evaluates: the accounts of all
+/// endpoints in one query, and each measurement once per account (an account's JSON and Slack
+/// endpoints, or two rules with the same window, read the database once). docs/alerts.md
+/// ("Evaluation cost") counts the queries.
+#[derive(Default)]
+struct Pass {
+    accounts: HashMap<i64, AccountRow>,
+    measured: HashMap<(i64, String), Vec<(String, Value)>>,
+}
+
+/// What a rule's measurement depends on besides the account (thresholds do not count); `None`
+/// for a measurement that also depends on the endpoint (the digest's due time).
+fn measure_key(rule: &Rule) -> Option<String> {
+    Some(match rule {
+        Rule::BalanceLow { .. } => "balance".into(),
+        Rule::BudgetThreshold { .. } => "budgets".into(),
+        Rule::SpendThreshold { side, .. } => format!("spend:{side:?}"),
+        Rule::ErrorsSpike { window_minutes, .. } => format!("errors:{window_minutes}"),
+        Rule::HoldsExpired { window_minutes, .. } => format!("expired:{window_minutes}"),
+        Rule::DigestDaily { .. } => return None,
+    })
+}
+
 /// Evaluates every rule of every enabled endpoint once; returns the number of events written.
 pub async fn evaluate_all(store: &Store, now: i64) -> Result<usize> {
     let mut written = 0;
-    for endpoint in db::endpoints(store.pool(), None).await? {
+    let endpoints = db::endpoints(store.pool(), None).await?;
+    let sql = format!(
+        "SELECT {ACCOUNT_COLUMNS} FROM accounts a WHERE a.id IN (SELECT account_id FROM \
+         alert_endpoints WHERE removed_at IS NULL AND disabled_at IS NULL)"
+    );
+    let accounts: Vec<AccountRow> = sqlx::query_as(&sql).fetch_all(store.pool()).await?;
+    let mut pass = Pass {
+        accounts: accounts.into_iter().map(|a| (a.id, a)).collect(),
+        ..Pass::default()
+    };
+    for endpoint in endpoints {
         if endpoint.disabled_at.is_some() {
             continue;
         }
-        match evaluate_endpoint(store, &endpoint, now).await {
+        match evaluate_endpoint(store, &mut pass, &endpoint, now).await {
             Ok(n) => written += n,
             Err(e) => {
                 tracing::warn!(endpoint = %endpoint.id, error = %e, "alert rules not evaluated")
@@ -65,15 +99,35 @@ pub async fn evaluate_all(store: &Store, now: i64) -> Result<usize> {
     Ok(written)
 }
 
-async fn evaluate_endpoint(store: &Store, endpoint: &EndpointRecord, now: i64) -> Result<usize> {
+async fn evaluate_endpoint(
+    store: &Store,
+    pass: &mut Pass,
+    endpoint: &EndpointRecord,
+    now: i64,
+) -> Result<usize> {
     let rules: Vec<Rule> = serde_json::from_str(&endpoint.rules)
         .map_err(|e| crate::LedgerError::Internal(format!("stored rules unreadable: {e}")))?;
     let format = Format::parse(&endpoint.format)?;
-    let account = account_by_id(store, endpoint.account_id).await?;
+    let account = match pass.accounts.get(&endpoint.account_id) {
+        Some(account) => account.clone(),
+        // Added after the pass read the accounts.
+        None => account_by_id(store, endpoint.account_id).await?,
+    };
     let mut written = 0;
     for (index, rule) in rules.iter().enumerate() {
         let index = index as i64;
-        for (subject, value) in measure(store, rule, &account, endpoint, now).await? {
+        let key = measure_key(rule).map(|k| (account.id, k));
+        let values = match key.as_ref().and_then(|k| pass.measured.get(k)) {
+            Some(values) => values.clone(),
+            None => {
+                let values = measure(store, rule, &account, endpoint, now).await?;
+                if let Some(key) = key {
+                    pass.measured.insert(key, values.clone());
+                }
+                values
+            }
+        };
+        for (subject, value) in values {
             let old = db::level(store.pool(), &endpoint.id, index, &subject).await?;
             let step = next_step(rule, &account, subject, old.unwrap_or(0), &value);
             if Some(step.new_level) == old || (old.is_none() && step.new_level == 0) {
@@ -105,6 +159,9 @@ async fn commit_step(
         db::insert_event(&mut tx, &id, &endpoint.id, fired.kind, &payload, now).await?;
     }
     tx.commit().await?;
+    for fired in &step.fired {
+        super::metrics::written(fired.kind, 1);
+    }
     Ok(step.fired.len())
 }
 
@@ -158,7 +215,7 @@ async fn measure(
             String::new(),
             Value::Available(account.balance.get() - account.held.get()),
         )],
-        Rule::BudgetThreshold { .. } => budgets(store, id)
+        Rule::BudgetThreshold { .. } => budgets(store, id, now)
             .await?
             .into_iter()
             .map(|b| {
@@ -227,9 +284,10 @@ async fn measure(
     })
 }
 
-/// A budget the account can hit: today every token limit it issued or receives (lifetime). A
-/// windowed budget (issue 12) adds its rows here, with its window as `window` and a subject that
-/// includes the window's start, so each window re-arms by itself.
+/// A budget the account can hit: every lifetime token limit it issued or receives, and the
+/// windowed ones (`store::windowed_use`: per-user budgets per UTC day and month, tokens' rolling
+/// 24 hours). A calendar window's subject names the window (`...:day:2026-12-02`), so each window
+/// starts armed by itself; a rolling window re-arms by hysteresis as its usage ages out.
 struct Budget {
     subject: String,
     used: i64,
@@ -237,7 +295,7 @@ struct Budget {
     window: &'static str,
 }
 
-async fn budgets(store: &Store, account_id: i64) -> Result<Vec<Budget>> {
+async fn budgets(store: &Store, account_id: i64, now: i64) -> Result<Vec<Budget>> {
     let rows: Vec<(String, i64, i64)> = sqlx::query_as(
         "SELECT id, spent, spend_limit FROM tokens WHERE (sender_id = $1 OR recipient_id = $1) \
          AND spend_limit IS NOT NULL AND revoked_at IS NULL",
@@ -245,15 +303,22 @@ async fn budgets(store: &Store, account_id: i64) -> Result<Vec<Budget>> {
     .bind(account_id)
     .fetch_all(store.pool())
     .await?;
-    Ok(rows
+    let lifetime = rows.into_iter().map(|(id, used, limit)| Budget {
+        subject: format!("token:{id}"),
+        used,
+        limit,
+        window: "lifetime",
+    });
+    let windowed = windowed_use(store.pool(), account_id, now)
+        .await?
         .into_iter()
-        .map(|(id, used, limit)| Budget {
-            subject: format!("token:{id}"),
-            used,
-            limit,
-            window: "lifetime",
-        })
-        .collect())
+        .map(|w| Budget {
+            subject: w.subject,
+            used: w.used,
+            limit: w.limit,
+            window: w.window,
+        });
+    Ok(lifetime.chain(windowed).collect())
 }
 
 async fn digest(store: &Store, account: &AccountRow, now: i64) -> Result<serde_json::Value> {

@@ -9,13 +9,15 @@
 //!   endpoints that keep failing.
 //! - [`seal`]: signing secrets, sealed at rest under `--alerts-key`.
 //! - [`target`]: URL and address checks (SSRF).
-//! - [`api`]: the core calls the gRPC adapter and the CLI use.
+//! - [`api`]: the core calls the gRPC adapter, the REST API (`web/alerts.rs`) and the CLI use.
+//! - [`metrics`]: events written, attempts by outcome, retries, the queue, disabled endpoints.
 //!
 //! docs/alerts.md describes events, payloads, signatures, the retry schedule and failure modes.
 
 pub mod api;
 pub mod deliver;
 pub mod evaluate;
+pub mod metrics;
 mod payload;
 pub mod rules;
 pub mod seal;
@@ -96,7 +98,13 @@ impl Default for AlertsConfig {
     }
 }
 
-/// Parses a schedule such as `5s,30s,2m,1h` (units s, m, h, ms).
+/// The longest single retry delay a schedule may hold.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(7 * 86_400);
+/// The most retries a schedule may hold.
+const MAX_RETRIES: usize = 100;
+
+/// Parses a schedule such as `5s,30s,2m,1h` (units s, m, h, ms). Refuses a zero delay (a retry
+/// loop without pause), a delay over 7 days and more than 100 entries.
 pub fn parse_schedule(text: &str) -> Result<Vec<Duration>, String> {
     let schedule = text
         .split(',')
@@ -122,6 +130,19 @@ pub fn parse_schedule(text: &str) -> Result<Vec<Duration>, String> {
     if schedule.is_empty() {
         return Err("the retry schedule is empty".into());
     }
+    if schedule.len() > MAX_RETRIES {
+        return Err(format!(
+            "the retry schedule has more than {MAX_RETRIES} entries"
+        ));
+    }
+    if let Some(bad) = schedule
+        .iter()
+        .find(|d| d.is_zero() || **d > MAX_RETRY_DELAY)
+    {
+        return Err(format!(
+            "retry delay {bad:?} must be more than 0 and at most 7 days"
+        ));
+    }
     Ok(schedule)
 }
 
@@ -138,6 +159,13 @@ mod tests {
             super::parse_schedule("100ms,2s,1m").unwrap(),
             [100, 2000, 60_000].map(std::time::Duration::from_millis)
         );
-        assert!(super::parse_schedule("5x").is_err());
+        for bad in ["5x", "", "5s,,1m", "0s", "5s,0ms", "8d", "200h", "-5s", "5"] {
+            assert!(super::parse_schedule(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(super::parse_schedule(&vec!["1s"; 101].join(",")).is_err());
+        assert_eq!(
+            super::parse_schedule(" 5s, 168h ").unwrap(),
+            [5, 604_800].map(std::time::Duration::from_secs)
+        );
     }
 }

@@ -87,7 +87,7 @@ pub enum Rule {
     #[serde(rename = "balance.low")]
     BalanceLow { below_micros: i64 },
     /// A token's spend passes each of `steps` percent of its limit (tokens the account issued or
-    /// received). Lifetime limits today; windowed budgets plug in as another budget source.
+    /// received, lifetime or per 24 hours) or of a per-user spend budget per UTC day or month.
     #[serde(rename = "budget.threshold")]
     BudgetThreshold { steps: Vec<u8> },
     /// The account's spend (or revenue) in the current UTC day passes `above_micros`.

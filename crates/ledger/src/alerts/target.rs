@@ -43,6 +43,30 @@ pub fn parse_url(raw: &str, allowed_hosts: &[String]) -> Result<Url> {
     Ok(url)
 }
 
+/// Parses one `--alerts-allow-host` entry: a host name or an IP address, nothing else (no scheme,
+/// port, path or wildcard: the entry is compared with a URL's host as written).
+pub fn parse_allowed_host(text: &str) -> std::result::Result<String, String> {
+    let text = text.trim();
+    let bare = text.trim_start_matches('[').trim_end_matches(']');
+    if bare.parse::<IpAddr>().is_ok() {
+        return Ok(bare.to_ascii_lowercase());
+    }
+    let refuse = |why: &str| Err(format!("allowed host {text:?} {why}"));
+    if text.is_empty() {
+        return refuse("is empty");
+    }
+    if text.contains("://") || text.contains(['/', ':', '@', '*', '?', '#']) {
+        return refuse(
+            "must be a bare host name or IP address (no scheme, port, path or wildcard)",
+        );
+    }
+    match url::Host::parse(text) {
+        Ok(url::Host::Domain(name)) => Ok(name),
+        Ok(other) => Ok(other.to_string()),
+        Err(e) => refuse(&format!("is not a host name: {e}")),
+    }
+}
+
 fn is_allowed(host: &str, allowed_hosts: &[String]) -> bool {
     let host = host.trim_start_matches('[').trim_end_matches(']');
     allowed_hosts.iter().any(|a| a.eq_ignore_ascii_case(host))
@@ -150,6 +174,31 @@ mod tests {
         assert!(parse_url("ftp://hooks.example.com", &allowed).is_err());
         assert!(parse_url("not a url", &allowed).is_err());
         assert!(parse_url("https://u:p@hooks.example.com", &allowed).is_err());
+    }
+
+    #[test]
+    fn allowed_hosts_are_bare_names_or_addresses() {
+        for (given, kept) in [
+            ("127.0.0.1", "127.0.0.1"),
+            ("LocalHost", "localhost"),
+            ("::1", "::1"),
+            ("[::1]", "::1"),
+            ("hooks.internal", "hooks.internal"),
+        ] {
+            assert_eq!(parse_allowed_host(given).as_deref(), Ok(kept));
+        }
+        for bad in [
+            "",
+            " ",
+            "http://localhost",
+            "localhost:8080",
+            "localhost/x",
+            "*.internal",
+            "user@host",
+            "bad host",
+        ] {
+            assert!(parse_allowed_host(bad).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[tokio::test]

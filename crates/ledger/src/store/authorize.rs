@@ -450,6 +450,10 @@ async fn single_authorize(
             return Ok(AuthResult::BudgetExceeded(refusal));
         }
     }
+    if !job.budgets.is_empty() {
+        super::budget::record_limits(conn, job.sender_id, job.recipient_id, job.budgets, job.now)
+            .await?;
+    }
     sqlx::query(
         "INSERT INTO transfers (id, sender_id, recipient_id, token_id, amount, currency, status, \
          created_by, app_name, app_ep_path, idempotency_key, request_hash, created_at, expires_at) \

@@ -173,6 +173,37 @@ const TOKEN_ENTRIES: &str = "SELECT created_at, CASE WHEN status = 'COMPLETED' T
      WHEN status = 'PENDING' AND expires_at > $1 THEN amount ELSE 0 END AS used \
      FROM transfers WHERE token_id = $2 AND created_at > $3 ORDER BY created_at";
 
+/// Records the budgets a budgeted hold carried, for the alerts evaluator (migration 0012). Writes
+/// only when they changed or on the pair's first budgeted hold of the UTC day; otherwise the
+/// statement matches the row and changes nothing. Runs in the hold's transaction after the
+/// sender's row is locked, so holds of one pair never race on the row.
+pub(crate) async fn record_limits(
+    conn: &mut AnyConnection,
+    sender_id: i64,
+    recipient_id: i64,
+    budgets: HoldBudgets,
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    let ((day, _), _) = windows(now);
+    sqlx::query(
+        "INSERT INTO budget_limits (sender_id, recipient_id, per_day, per_month, seen_day) \
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (sender_id, recipient_id) DO UPDATE \
+         SET per_day = excluded.per_day, per_month = excluded.per_month, \
+         seen_day = excluded.seen_day \
+         WHERE budget_limits.seen_day <> excluded.seen_day \
+         OR COALESCE(budget_limits.per_day, 0) <> COALESCE(excluded.per_day, 0) \
+         OR COALESCE(budget_limits.per_month, 0) <> COALESCE(excluded.per_month, 0)",
+    )
+    .bind(sender_id)
+    .bind(recipient_id)
+    .bind(budgets.per_day)
+    .bind(budgets.per_month)
+    .bind(day)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// One hold's budget check, inside its transaction and after the sender's row is locked.
 pub(crate) struct BudgetCheck<'a> {
     pub sender_id: i64,
@@ -272,6 +303,96 @@ impl BudgetCheck<'_> {
         }
         Ok(None)
     }
+}
+
+/// A windowed budget's use now, for the alerts evaluator (`budget.threshold`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowUse {
+    /// The budget and its window, so each calendar window is its own crossing:
+    /// `budget:{sender}>{recipient}:day:2026-12-02`, `...:month:2026-12`, `token:{id}:24h`.
+    pub subject: String,
+    /// `day` and `month` (UTC calendar), `24h` (a token's rolling limit).
+    pub window: &'static str,
+    pub used: i64,
+    pub limit: i64,
+}
+
+/// A sender and recipient with their emails, and the per-day and per-month budgets in force.
+type BudgetPair = (i64, i64, String, String, Option<i64>, Option<i64>);
+
+/// The windowed budgets an account is party to (as sender or recipient) and what each window has
+/// used, counted exactly as the hold's check counts it: per-user budgets per UTC day and month
+/// in force today (`budget_limits.seen_day`), and the rolling 24 hours of live tokens with
+/// `limit_per_day`.
+pub(crate) async fn windowed_use(
+    pool: &sqlx::AnyPool,
+    account_id: i64,
+    now: i64,
+) -> Result<Vec<WindowUse>, sqlx::Error> {
+    let ((day, _), (month, _)) = windows(now);
+    let name = |at: i64, format: &str| {
+        Utc.timestamp_micros(at)
+            .single()
+            .map(|t| t.format(format).to_string())
+            .unwrap_or_default()
+    };
+    let pairs: Vec<BudgetPair> = sqlx::query_as(
+        "SELECT b.sender_id, b.recipient_id, s.email, r.email, b.per_day, b.per_month \
+         FROM budget_limits b JOIN accounts s ON s.id = b.sender_id \
+         JOIN accounts r ON r.id = b.recipient_id \
+         WHERE (b.sender_id = $1 OR b.recipient_id = $1) AND b.seen_day = $2",
+    )
+    .bind(account_id)
+    .bind(day)
+    .fetch_all(pool)
+    .await?;
+    let mut out = Vec::new();
+    for (sender, recipient, sender_email, recipient_email, per_day, per_month) in pairs {
+        let windows = [
+            ("day", per_day, day, name(day, "%Y-%m-%d")),
+            ("month", per_month, month, name(month, "%Y-%m")),
+        ];
+        for (window, limit, since, label) in windows {
+            let Some(limit) = limit else { continue };
+            let used: i64 = sqlx::query_scalar(USED)
+                .bind(now)
+                .bind(sender)
+                .bind(recipient)
+                .bind(since)
+                .fetch_one(pool)
+                .await?;
+            out.push(WindowUse {
+                subject: format!("budget:{sender_email}>{recipient_email}:{window}:{label}"),
+                window,
+                used,
+                limit,
+            });
+        }
+    }
+    let tokens: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT id, limit_per_day FROM tokens WHERE (sender_id = $1 OR recipient_id = $1) \
+         AND limit_per_day IS NOT NULL AND revoked_at IS NULL \
+         AND (expires_at IS NULL OR expires_at > $2) ORDER BY id",
+    )
+    .bind(account_id)
+    .bind(now)
+    .fetch_all(pool)
+    .await?;
+    for (token, limit) in tokens {
+        let used: i64 = sqlx::query_scalar(USED_BY_TOKEN)
+            .bind(now)
+            .bind(&token)
+            .bind(now - DAY_MICROS)
+            .fetch_one(pool)
+            .await?;
+        out.push(WindowUse {
+            subject: format!("token:{token}:24h"),
+            window: "24h",
+            used,
+            limit,
+        });
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -36,7 +36,8 @@ pub use analytics::{
 };
 pub use answer::AnswerRow;
 pub use authorize::{AuthorizeInput, DirectInput};
-pub use budget::{BudgetRefusal, BudgetWindow, HoldBudgets};
+pub(crate) use budget::windowed_use;
+pub use budget::{BudgetRefusal, BudgetWindow, HoldBudgets, WindowUse};
 pub use query::{TokenFilter, TokenRow, TransferFilter, UsageFilter, UsagePage, UsageTotals};
 pub use rows::{AccountRow, IssuedToken, TokenInfo, TransferRow, UsageInput, UsageRow};
 pub(crate) use rows::{

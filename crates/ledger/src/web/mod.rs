@@ -1,7 +1,9 @@
 //! The ledger's web surface beside the accounting API: the analytics JSON API
-//! (`GET /v1/usage/stats`) and the dashboard (`/dashboard`, [`dashboard`]), always served on the
-//! HTTP port (docs/analytics.md).
+//! (`GET /v1/usage/stats`, docs/analytics.md), the alerts API (`/v1/alerts/...`,
+//! docs/alerts.md) and the dashboard (`/dashboard`, [`dashboard`], docs/analytics.md), always
+//! served on the HTTP port.
 
+pub mod alerts;
 pub mod dashboard;
 
 use std::collections::HashMap;
@@ -16,11 +18,13 @@ use crate::core::{parse_dimensions, Ledger, StatsQuery, StatsRole};
 use crate::error::{LedgerError, Result};
 use crate::rest::RestError;
 
-pub fn router(ledger: Ledger) -> Router {
+/// `ready` turns false when the ledger shuts down: the dashboard's live streams end then.
+pub fn router(ledger: Ledger, ready: tokio::sync::watch::Receiver<bool>) -> Router {
     Router::new()
         .route("/v1/usage/stats", get(stats))
         .with_state(ledger.clone())
-        .merge(dashboard::router(ledger))
+        .merge(alerts::router(ledger.clone()))
+        .merge(dashboard::router(ledger, ready))
 }
 
 /// Every query parameter `GET /v1/usage/stats` takes; any other is refused (a typo must not

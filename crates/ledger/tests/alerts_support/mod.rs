@@ -8,7 +8,7 @@ use syft_ledger::alerts::parse_schedule;
 use syft_ledger::client::{connect_alerts_lazy, AlertsClient};
 use syft_ledger::LedgerConfig;
 use syft_proto::ledger as pb;
-use syft_testkit::{Harness, WebhookReceiver};
+use syft_testkit::{ok, Harness, WebhookReceiver};
 
 pub const ALICE: &str = "alice@example.com";
 pub const BOB: &str = "bob@example.com";
@@ -20,6 +20,19 @@ pub fn alerts_disable_fast(c: &mut LedgerConfig) {
     alerts_on(c);
     c.alerts.retry_schedule = parse_schedule("300ms").expect("schedule").repeat(20);
     c.alerts.disable_after = Duration::from_secs(1);
+}
+
+/// [`alerts_on`], and rules are evaluated only when a test calls `evaluate_all` (at a time it
+/// chooses), once at start-up aside.
+pub fn alerts_evaluated_by_hand(c: &mut LedgerConfig) {
+    alerts_on(c);
+    c.alerts.evaluate_interval = Duration::from_secs(3600);
+}
+
+/// [`alerts_on`], and the name `localhost` allowed too (the DNS rebinding test takes it away).
+pub fn alerts_allow_localhost(c: &mut LedgerConfig) {
+    alerts_on(c);
+    c.alerts.allowed_hosts.push("localhost".into());
 }
 
 /// Runs each `async fn(Harness) -> Harness` on SQLite and Postgres with `$tweak`, ending with
@@ -103,28 +116,49 @@ pub async fn alice_and_bob(h: &Harness, funds: i64) -> (String, String, String) 
     (alice, bob, token)
 }
 
+/// Alice (with `funds`) and Bob, an endpoint of Alice's watching her budgets at 50, 80 and 100 %,
+/// and a token that lets Bob charge Alice within the limits `limits` sets (its recipient is Bob).
+pub async fn budget_watch(
+    h: &Harness,
+    rx: &WebhookReceiver,
+    funds: i64,
+    limits: pb::IssueTokenRequest,
+) -> (String, String, String) {
+    let alice = h.account(ALICE, funds).await;
+    let bob = h.account(BOB, 0).await;
+    let issue = pb::IssueTokenRequest {
+        recipient_email: BOB.into(),
+        ..limits
+    };
+    let token = ok(h.client(&alice).issue_token(issue).await).token;
+    let rule = pb::AlertRule {
+        event: pb::AlertEvent::BudgetThreshold as i32,
+        steps: vec![50, 80, 100],
+        ..Default::default()
+    };
+    add_rule(h, &alice, rx, rule).await;
+    (alice, bob, token)
+}
+
+/// The caller's endpoints over gRPC.
+pub async fn endpoints(h: &Harness, secret: &str) -> Vec<pb::AlertEndpoint> {
+    let list = pb::ListAlertEndpointsRequest::default();
+    ok(alerts(h, secret).list_alert_endpoints(list).await).endpoints
+}
+
 pub fn authorize(amount: i64, token: &str, key: &str) -> pb::AuthorizeRequest {
-    pb::AuthorizeRequest {
-        sender_email: ALICE.into(),
-        amount_micros: amount,
-        token: token.into(),
-        app_name: "chat-app".into(),
-        app_ep_path: "/chat".into(),
-        idempotency_key: key.into(),
-        hold_ttl_seconds: None,
-        budget_per_day_micros: None,
-        budget_per_month_micros: None,
-    }
+    syft_testkit::req::hold(ALICE, amount, token, key)
 }
 
 /// Alice pays Bob `amount` (hold, then full capture) with `token`.
 pub async fn spend(h: &Harness, bob_secret: &str, token: &str, amount: i64, key: &str) {
+    spend_with(h, bob_secret, authorize(amount, token, key)).await
+}
+
+/// Alice pays Bob the hold `hold` asks for (hold, then full capture).
+pub async fn spend_with(h: &Harness, bob_secret: &str, hold: pb::AuthorizeRequest) {
     let mut bob = h.client(bob_secret);
-    let hold = bob
-        .authorize(authorize(amount, token, key))
-        .await
-        .expect("authorize")
-        .into_inner();
+    let hold = ok(bob.authorize(hold).await);
     bob.capture(pb::CaptureRequest {
         transfer_id: hold.id,
         amount: Some(pb::capture_request::Amount::Full(true)),
@@ -157,3 +191,32 @@ pub async fn deliveries(h: &Harness, secret: &str, endpoint: &str) -> Vec<pb::Al
 }
 
 pub const WAIT: Duration = Duration::from_secs(15);
+
+/// The value of one series on the ledger's `/metrics`, e.g.
+/// `syft_ledger_alert_deliveries_total{outcome="retry"}` (0 when absent).
+pub async fn metric(h: &Harness, series: &str) -> f64 {
+    let text = reqwest::get(format!("{}/metrics", h.http_url()))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .filter_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .filter_map(|value| value.trim().parse::<f64>().ok())
+        .sum()
+}
+
+/// Scrapes until `series` satisfies `ok` (gauges are shared by the tests of one process, each
+/// scrape setting them from its own database), or fails with the last value.
+pub async fn wait_metric(h: &Harness, series: &str, ok: impl Fn(f64) -> bool) -> f64 {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let value = metric(h, series).await;
+        if ok(value) {
+            return value;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{series} = {value}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

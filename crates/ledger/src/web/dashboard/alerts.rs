@@ -1,6 +1,7 @@
 //! The dashboard's alerts panel (issue 13): the signed-in account's webhook endpoints, add and
 //! remove, "send test event" and the delivery log, through the alerts calls of the ledger core
-//! (`alerts/api.rs`), so the rules are those of gRPC and the CLI.
+//! (`alerts/api.rs`), so the rules are those of gRPC and the CLI, in the JSON shapes of the alerts
+//! REST API (`web/alerts.rs`).
 
 use std::collections::HashMap;
 
@@ -13,23 +14,9 @@ use serde_json::{json, Value};
 use super::api::by_id;
 use super::session::{session, session_for_change};
 use super::{json, Dash, Reply};
-use crate::alerts::{AlertEndpoint, Format, NewEndpoint, Rule};
-use crate::error::LedgerError;
-
-fn endpoint_json(e: &AlertEndpoint) -> Value {
-    json!({
-        "id": e.id,
-        "account_email": e.account_email,
-        "url": e.url,
-        "format": e.format.as_str(),
-        "rules": e.rules,
-        "rate_per_minute": e.rate_per_minute,
-        "failing_since": e.failing_since,
-        "disabled_at": e.disabled_at,
-        "pending_events": e.pending_events,
-        "created_at": e.created_at,
-    })
-}
+use crate::alerts::{Format, NewEndpoint};
+use crate::error::{LedgerError, Result};
+use crate::web::alerts::{delivery_json, endpoint_json, rule_from_json};
 
 /// `GET /dashboard/api/alerts`: the caller's endpoints (never their secrets).
 pub(super) async fn list(State(d): State<Dash>, headers: HeaderMap) -> Reply {
@@ -43,7 +30,7 @@ struct Add {
     url: String,
     #[serde(default)]
     format: String,
-    rules: Vec<Rule>,
+    rules: Vec<Value>,
 }
 
 /// `POST /dashboard/api/alerts {"url", "format", "rules"}`: the new endpoint and its signing
@@ -55,7 +42,12 @@ pub(super) async fn add(State(d): State<Dash>, headers: HeaderMap, bytes: Bytes)
     let req = NewEndpoint {
         url: body.url,
         format: Format::parse(&body.format)?,
-        rules: body.rules,
+        rules: body
+            .rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| rule_from_json(i, r))
+            .collect::<Result<_>>()?,
         ..Default::default()
     };
     let (endpoint, secret) = d.ledger.add_alert_endpoint(&s.caller, req).await?;
@@ -87,21 +79,6 @@ pub(super) async fn deliveries(
     let s = session(&d, &headers).await?;
     let id = params.get("id").map(String::as_str).unwrap_or_default();
     let rows = d.ledger.alert_deliveries(&s.caller, id, 50).await?;
-    let rows: Vec<Value> = rows
-        .iter()
-        .map(|r| {
-            json!({
-                "event_id": r.event_id,
-                "kind": r.kind,
-                "attempt": r.attempt,
-                "started_at": r.started_at,
-                "latency_ms": r.latency_ms,
-                "status_code": r.status_code,
-                "outcome": r.outcome,
-                "error": r.error,
-                "next_attempt_at": r.next_attempt_at,
-            })
-        })
-        .collect();
+    let rows: Vec<Value> = rows.iter().map(delivery_json).collect();
     json(json!({ "deliveries": rows }))
 }

@@ -18,6 +18,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::Stream;
 use serde_json::json;
 use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
+use tokio::sync::watch;
 
 use super::api::usage_json;
 use super::session::{session, Session};
@@ -113,6 +114,7 @@ struct Tail {
     d: Dash,
     session: Session,
     rx: broadcast::Receiver<()>,
+    ready: watch::Receiver<bool>,
     /// Ids sent with `created_at >= since`.
     seen: HashMap<String, i64>,
     since: i64,
@@ -122,9 +124,19 @@ struct Tail {
 impl Tail {
     async fn next(&mut self) -> Option<Event> {
         loop {
-            match self.rx.recv().await {
-                Ok(()) | Err(RecvError::Lagged(_)) => {}
-                Err(RecvError::Closed) => return None,
+            tokio::select! {
+                signal = self.rx.recv() => match signal {
+                    Ok(()) | Err(RecvError::Lagged(_)) => {}
+                    Err(RecvError::Closed) => return None,
+                },
+                // Turned not ready (shutting down): the stream ends and the page reconnects,
+                // to another replica or to this one once it is back.
+                changed = self.ready.changed() => {
+                    if changed.is_err() || !*self.ready.borrow_and_update() {
+                        return None;
+                    }
+                    continue;
+                }
             }
             if let Some(last) = self.last_sent {
                 tokio::time::sleep(MIN_GAP.saturating_sub(last.elapsed())).await;
@@ -185,6 +197,7 @@ pub(super) async fn events(
     let session = session(&d, &headers).await?;
     let tail = Tail {
         rx: d.live.subscribe(),
+        ready: d.ready.clone(),
         d,
         session,
         seen: HashMap::new(),

@@ -17,6 +17,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use tokio::sync::watch;
 
 use crate::core::Ledger;
 use crate::error::LedgerError;
@@ -31,10 +32,14 @@ pub(crate) struct Dash {
     pub live: Arc<Hub>,
     /// The HTTP port serves TLS: the cookie gets `Secure`.
     pub secure: bool,
+    /// False while the ledger shuts down (or its database is away): live streams end, so a
+    /// graceful shutdown does not wait out its grace period for open pages, which reconnect.
+    pub ready: watch::Receiver<bool>,
 }
 
-pub fn router(ledger: Ledger) -> Router {
+pub fn router(ledger: Ledger, ready: watch::Receiver<bool>) -> Router {
     let dash = Dash {
+        ready,
         secure: ledger.config().tls.is_some(),
         live: Arc::new(Hub::start(ledger.store().clone())),
         ledger,

@@ -321,7 +321,7 @@ async function loadAlerts() {
       b.addEventListener('click', () => Promise.resolve(act()).catch(report));
       actions.appendChild(b);
     });
-    const stateText = e.disabled_at ? 'disabled' : (e.failing_since ? 'failing' : 'ok');
+    const stateText = e.disabled ? 'disabled' : (e.failing_since_unix_micros ? 'failing' : 'ok');
     return row([e.url, e.rules.map((r) => r.event).join(', '), `${stateText}, ${e.pending_events} pending`, actions]);
   }), 'No endpoints');
 }
@@ -330,9 +330,9 @@ async function loadDeliveries(id) {
   state.selectedEndpoint = id;
   $('#deliveries-of').textContent = id;
   const { deliveries } = await api(`/dashboard/api/alerts/deliveries?id=${encodeURIComponent(id)}`);
-  fill('#deliveries', deliveries.map((d) => row([when(d.started_at), d.kind, String(d.attempt),
+  fill('#deliveries', deliveries.map((d) => row([when(d.started_at_unix_micros), d.event_type, String(d.attempt),
     d.status_code == null ? '–' : String(d.status_code), String(d.latency_ms), d.outcome,
-    d.next_attempt_at ? when(d.next_attempt_at) : '–'])), 'No attempts yet');
+    d.next_attempt_at_unix_micros ? when(d.next_attempt_at_unix_micros) : '–'])), 'No attempts yet');
 }
 
 function toMicros(text) {

@@ -1,0 +1,139 @@
+//! Alert metrics on the ledger's `/metrics` (docs/alerts.md, "Metrics"). Counters are this
+//! process's (each replica counts what it wrote and sent); the queue and disabled-endpoint gauges
+//! are read from the database at each scrape, so every replica reports the shared truth.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    register_gauge, register_int_counter, register_int_counter_vec, register_int_gauge, Gauge,
+    IntCounter, IntCounterVec, IntGauge,
+};
+
+use super::rules::EventKind;
+use super::store::Outcome;
+use crate::error::Result;
+use crate::store::{now_micros, Store};
+
+static EVENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "syft_ledger_alert_events_total",
+        "Alert events committed to the outbox, by type",
+        &["type"]
+    )
+    .expect("register syft_ledger_alert_events_total")
+});
+
+static DELIVERIES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "syft_ledger_alert_deliveries_total",
+        "Webhook delivery attempts by outcome: delivered, retry (failed, retried later), gave_up",
+        &["outcome"]
+    )
+    .expect("register syft_ledger_alert_deliveries_total")
+});
+
+static RETRIES: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "syft_ledger_alert_retries_total",
+        "Webhook delivery attempts that were retries (not an event's first attempt)"
+    )
+    .expect("register syft_ledger_alert_retries_total")
+});
+
+static RATE_CAPPED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "syft_ledger_alert_rate_capped_total",
+        "Sends put off by an endpoint's per-minute cap (no attempt spent)"
+    )
+    .expect("register syft_ledger_alert_rate_capped_total")
+});
+
+static DISABLED_TOTAL: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "syft_ledger_alert_endpoints_disabled_total",
+        "Endpoints this process disabled after persistent failure"
+    )
+    .expect("register syft_ledger_alert_endpoints_disabled_total")
+});
+
+static DISABLED: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "syft_ledger_alert_endpoints_disabled",
+        "Endpoints disabled now (not removed): their events wait until they are replaced"
+    )
+    .expect("register syft_ledger_alert_endpoints_disabled")
+});
+
+static QUEUE: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "syft_ledger_alert_queue_depth",
+        "Alert events of enabled endpoints not yet delivered nor given up"
+    )
+    .expect("register syft_ledger_alert_queue_depth")
+});
+
+static OLDEST: LazyLock<Gauge> = LazyLock::new(|| {
+    register_gauge!(
+        "syft_ledger_alert_oldest_pending_seconds",
+        "Age of the oldest alert event still waiting for delivery (0 when none)"
+    )
+    .expect("register syft_ledger_alert_oldest_pending_seconds")
+});
+
+/// Events committed (call after the transaction that wrote them commits).
+pub(crate) fn written(kind: EventKind, n: usize) {
+    EVENTS.with_label_values(&[kind.as_str()]).inc_by(n as u64);
+}
+
+/// One recorded attempt; `attempt` counts from 1.
+pub(crate) fn attempted(outcome: Outcome, attempt: i64) {
+    let label = match outcome {
+        Outcome::Delivered => "delivered",
+        Outcome::Retry => "retry",
+        Outcome::GaveUp => "gave_up",
+    };
+    DELIVERIES.with_label_values(&[label]).inc();
+    if attempt > 1 {
+        RETRIES.inc();
+    }
+}
+
+pub(crate) fn rate_capped() {
+    RATE_CAPPED.inc();
+}
+
+pub(crate) fn disabled() {
+    DISABLED_TOTAL.inc();
+}
+
+/// Refreshes the gauges read from the database (called by the `/metrics` handler).
+pub async fn refresh(store: &Store) -> Result<()> {
+    let (depth, oldest): (i64, Option<i64>) = sqlx::query_as(
+        "SELECT COUNT(*), MIN(e.created_at) FROM alert_events e \
+         JOIN alert_endpoints p ON p.id = e.endpoint_id WHERE e.status = 'PENDING' \
+         AND p.disabled_at IS NULL AND p.removed_at IS NULL",
+    )
+    .fetch_one(store.pool())
+    .await?;
+    let disabled: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM alert_endpoints WHERE disabled_at IS NOT NULL AND removed_at IS NULL",
+    )
+    .fetch_one(store.pool())
+    .await?;
+    QUEUE.set(depth);
+    OLDEST.set(oldest.map_or(0.0, |at| {
+        (now_micros().saturating_sub(at)).max(0) as f64 / 1e6
+    }));
+    DISABLED.set(disabled);
+    // Registered on first use; touch the counters so a scrape lists them before any event.
+    for kind in EventKind::ALL {
+        EVENTS.with_label_values(&[kind.as_str()]);
+    }
+    for label in ["delivered", "retry", "gave_up"] {
+        DELIVERIES.with_label_values(&[label]);
+    }
+    LazyLock::force(&RETRIES);
+    LazyLock::force(&RATE_CAPPED);
+    LazyLock::force(&DISABLED_TOTAL);
+    Ok(())
+}

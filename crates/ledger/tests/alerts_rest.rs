@@ -1,0 +1,295 @@
+//! The alerts REST API on the ledger's HTTP port, over real HTTP: add, list, test, deliveries,
+//! rotate and remove, with bearer auth; bad input refused with a clear 4xx and nothing written;
+//! other accounts' endpoints invisible. SQLite and Postgres.
+
+mod alerts_support;
+
+use alerts_support::*;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use syft_testkit::{Harness, WebhookReceiver, ADMIN_KEY, USD};
+
+alerts_suite!(
+    rest,
+    crate::alerts_support::alerts_on;
+    rest_manages_endpoints_end_to_end,
+    rest_refuses_bad_input_with_clear_errors,
+);
+
+/// One call of the alerts REST API: its status and JSON body.
+async fn call(
+    h: &Harness,
+    method: Method,
+    path: &str,
+    bearer: Option<&str>,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut request =
+        reqwest::Client::new().request(method, format!("{}/v1/alerts{path}", h.http_url()));
+    if let Some(secret) = bearer {
+        request = request.bearer_auth(secret);
+    }
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.expect("http");
+    let status = response.status();
+    let body = response.json().await.expect("every answer is JSON");
+    (status, body)
+}
+
+fn balance_rule() -> Value {
+    json!({"event": "balance.low", "below_micros": USD})
+}
+
+async fn rest_manages_endpoints_end_to_end(h: Harness) -> Harness {
+    let rx = WebhookReceiver::start().await;
+    let alice = h.account(ALICE, 10 * USD).await;
+    let bob = h.account(BOB, 0).await;
+    let new = json!({"url": rx.url, "rules": [balance_rule(),
+        {"event": "budget.threshold", "steps": [50, 100]}], "rate_per_minute": 30});
+
+    let (status, body) = call(&h, Method::POST, "/endpoints", None, Some(new.clone())).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    let (status, added) = call(&h, Method::POST, "/endpoints", Some(&alice), Some(new)).await;
+    assert_eq!(status, StatusCode::CREATED, "{added}");
+    let secret = added["secret"].as_str().expect("secret").to_string();
+    assert!(secret.starts_with("whsec_"));
+    let ep = added["endpoint"]["id"].as_str().expect("id").to_string();
+    assert_eq!(added["endpoint"]["account_email"], ALICE);
+    assert_eq!(added["endpoint"]["rules"][1]["steps"], json!([50, 100]));
+    assert_eq!(added["endpoint"]["rate_per_minute"], 30);
+    rx.set_secrets(&[&secret]);
+
+    // Listed (never with its secret); the gRPC API sees the same endpoint.
+    let (status, listed) = call(&h, Method::GET, "/endpoints", Some(&alice), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(listed["endpoints"].as_array().map(Vec::len), Some(1));
+    assert!(!listed.to_string().contains(&secret));
+    assert_eq!(endpoints(&h, &alice).await[0].id, ep);
+
+    // Send test event: queued (202), delivered signed, and in the delivery log.
+    let test = format!("/endpoints/{ep}/test");
+    let (status, queued) = call(&h, Method::POST, &test, Some(&alice), None).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{queued}");
+    let event = queued["event_id"].as_str().expect("event id").to_string();
+    let got = rx.wait_until(WAIT, "test event", |r| !r.is_empty()).await;
+    assert_eq!((got[0].id.as_str(), got[0].valid), (event.as_str(), true));
+    let log_path = format!("/endpoints/{ep}/deliveries?limit=10");
+    let mut log = Value::Null;
+    for _ in 0..100 {
+        log = call(&h, Method::GET, &log_path, Some(&alice), None).await.1;
+        if log["deliveries"][0]["outcome"] == "DELIVERED" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let first = &log["deliveries"][0];
+    assert_eq!(first["outcome"], "DELIVERED", "{log}");
+    assert_eq!(
+        (first["event_id"].as_str(), first["status_code"].as_i64()),
+        (Some(event.as_str()), Some(200))
+    );
+    assert_eq!(first["event_type"], "test");
+
+    // Rotate without overlap: the next event verifies with the new secret only.
+    let rotate = format!("/endpoints/{ep}/rotate");
+    let (status, rotated) = call(
+        &h,
+        Method::POST,
+        &rotate,
+        Some(&alice),
+        Some(json!({"overlap_seconds": 0})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{rotated}");
+    let new_secret = rotated["secret"].as_str().expect("secret").to_string();
+    assert_ne!(new_secret, secret);
+    rx.set_secrets(&[&new_secret]);
+    call(&h, Method::POST, &test, Some(&alice), None).await;
+    let got = rx
+        .wait_until(WAIT, "second test event", |r| r.len() >= 2)
+        .await;
+    assert!(got[1].valid && got[1].signature.split(' ').count() == 1);
+
+    // Bob sees nothing of Alice's: not found, not forbidden; the admin names the account.
+    for (method, path) in [
+        (Method::DELETE, format!("/endpoints/{ep}")),
+        (Method::POST, test.clone()),
+        (Method::POST, rotate.clone()),
+        (Method::GET, log_path.clone()),
+    ] {
+        let (status, body) = call(&h, method, &path, Some(&bob), None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {body}");
+        assert_eq!(body["code"], "NOT_FOUND");
+    }
+    let (_, bobs) = call(&h, Method::GET, "/endpoints", Some(&bob), None).await;
+    assert_eq!(bobs["endpoints"], json!([]));
+    let (status, body) = call(&h, Method::GET, "/endpoints", Some(ADMIN_KEY), None).await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "the admin must name an account: {body}"
+    );
+    let admin_list = format!("/endpoints?account={ALICE}");
+    let (_, listed) = call(&h, Method::GET, &admin_list, Some(ADMIN_KEY), None).await;
+    assert_eq!(listed["endpoints"][0]["id"], ep.as_str());
+
+    // Removed: gone from the list, and a second removal is a 404.
+    let one = format!("/endpoints/{ep}");
+    let (status, _) = call(&h, Method::DELETE, &one, Some(&alice), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, listed) = call(&h, Method::GET, "/endpoints", Some(&alice), None).await;
+    assert_eq!(listed["endpoints"], json!([]));
+    let (status, _) = call(&h, Method::DELETE, &one, Some(&alice), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    h
+}
+
+async fn rest_refuses_bad_input_with_clear_errors(h: Harness) -> Harness {
+    let alice = h.account(ALICE, 10 * USD).await;
+    let good = WebhookReceiver::start().await.url;
+    let with_rule = |rule: Value| json!({"url": good, "rules": [rule]});
+    let with_url = |url: &str| json!({"url": url, "rules": [balance_rule()]});
+    let cases: Vec<(&str, Value, &str)> = vec![
+        ("not a url", with_url("not a url"), "url"),
+        (
+            "private address",
+            with_url("https://192.168.1.10/x"),
+            "private",
+        ),
+        (
+            "metadata address",
+            with_url("https://169.254.169.254/x"),
+            "private",
+        ),
+        (
+            "http, host not allowed",
+            with_url("http://hooks.example.com/x"),
+            "https",
+        ),
+        (
+            "unknown event",
+            with_rule(json!({"event": "balance.lo", "below_micros": USD})),
+            "unknown event",
+        ),
+        ("no event", with_rule(json!({"below_micros": USD})), "event"),
+        (
+            "event the ledger sends",
+            with_rule(json!({"event": "test"})),
+            "sent by the ledger",
+        ),
+        (
+            "negative threshold",
+            with_rule(json!({"event": "balance.low", "below_micros": -5})),
+            "below_micros",
+        ),
+        (
+            "huge threshold",
+            with_rule(json!({"event": "balance.low", "below_micros": i64::MAX})),
+            "below_micros",
+        ),
+        (
+            "threshold beyond 64 bits",
+            with_rule(json!({"event": "balance.low", "below_micros": 1e30})),
+            "balance.low",
+        ),
+        (
+            "misspelt field",
+            with_rule(json!({"event": "balance.low", "below_micros": USD, "below": 1})),
+            "no field \"below\"",
+        ),
+        (
+            "steps not increasing",
+            with_rule(json!({"event": "budget.threshold", "steps": [80, 50]})),
+            "increasing",
+        ),
+        (
+            "step over 255",
+            with_rule(json!({"event": "budget.threshold", "steps": [50, 300]})),
+            "budget.threshold",
+        ),
+        (
+            "percent out of range",
+            with_rule(
+                json!({"event": "errors.spike", "percent": 0, "window_minutes": 5, "min_requests": 10}),
+            ),
+            "percent",
+        ),
+        ("no rules", json!({"url": good, "rules": []}), "rules"),
+        (
+            "negative rate cap",
+            json!({"url": good, "rules": [balance_rule()], "rate_per_minute": -1}),
+            "rate_per_minute",
+        ),
+        (
+            "rate cap too high",
+            json!({"url": good, "rules": [balance_rule()], "rate_per_minute": 100000}),
+            "rate_per_minute",
+        ),
+        (
+            "unknown format",
+            json!({"url": good, "rules": [balance_rule()], "format": "xml"}),
+            "format",
+        ),
+        (
+            "unknown field",
+            json!({"url": good, "rules": [balance_rule()], "secret": "mine"}),
+            "secret",
+        ),
+        ("not JSON", json!("just a string"), "invalid JSON"),
+    ];
+    for (what, body, says) in cases {
+        let (status, answer) = call(&h, Method::POST, "/endpoints", Some(&alice), Some(body)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{what}: {answer}");
+        assert_eq!(answer["code"], "INVALID_ARGUMENT", "{what}: {answer}");
+        let detail = answer["detail"].as_str().unwrap_or_default();
+        assert!(
+            detail.contains(says),
+            "{what}: {detail:?} should mention {says:?}"
+        );
+    }
+    let (_, listed) = call(&h, Method::GET, "/endpoints", Some(&alice), None).await;
+    assert_eq!(listed["endpoints"], json!([]), "nothing half-written");
+
+    // Query parameters and paths are checked too.
+    let rx = WebhookReceiver::start().await;
+    let ep = add_rule(&h, &alice, &rx, balance_low(USD)).await;
+    for (path, says) in [
+        (
+            format!("/endpoints/{ep}/deliveries?limit=abc"),
+            "whole number",
+        ),
+        (
+            format!("/endpoints/{ep}/deliveries?limit=100000"),
+            "maximum",
+        ),
+        (
+            format!("/endpoints/{ep}/deliveries?limt=5"),
+            "unknown parameter",
+        ),
+        ("/endpoints?acount=x".to_string(), "unknown parameter"),
+    ] {
+        let (status, answer) = call(&h, Method::GET, &path, Some(&alice), None).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {answer}");
+        assert!(
+            answer["detail"].as_str().unwrap_or_default().contains(says),
+            "{path}: {answer}"
+        );
+    }
+    let rotate = format!("/endpoints/{ep}/rotate");
+    let (status, answer) = call(
+        &h,
+        Method::POST,
+        &rotate,
+        Some(&alice),
+        Some(json!({"overlap_seconds": 30 * 86_400})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    let (status, answer) = call(&h, Method::POST, "/endpoints/nope/test", Some(&alice), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{answer}");
+    let (status, _) = call(&h, Method::GET, "/endpoints", Some("wrong-secret"), None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    h
+}
