@@ -98,6 +98,15 @@ pub fn rule_from_json(index: usize, value: &Value) -> Result<Rule> {
     Ok(rule)
 }
 
+/// Every rule of a request, each by [`rule_from_json`].
+pub fn rules_from_json(values: &[Value]) -> Result<Vec<Rule>> {
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, r)| rule_from_json(i, r))
+        .collect()
+}
+
 pub fn endpoint_json(e: &AlertEndpoint) -> Value {
     json!({
         "id": e.id,
@@ -165,12 +174,7 @@ async fn add(State(ledger): State<Ledger>, headers: HeaderMap, bytes: Bytes) -> 
         account_email: body.account_email,
         url: body.url,
         format: Format::parse(&body.format)?,
-        rules: body
-            .rules
-            .iter()
-            .enumerate()
-            .map(|(i, r)| rule_from_json(i, r))
-            .collect::<Result<_>>()?,
+        rules: rules_from_json(&body.rules)?,
         rate_per_minute: body
             .rate_per_minute
             .map(|r| {

@@ -15,8 +15,8 @@ use super::api::by_id;
 use super::session::{session, session_for_change};
 use super::{json, Dash, Reply};
 use crate::alerts::{Format, NewEndpoint};
-use crate::error::{LedgerError, Result};
-use crate::web::alerts::{delivery_json, endpoint_json, rule_from_json};
+use crate::error::LedgerError;
+use crate::web::alerts::{delivery_json, endpoint_json, rules_from_json};
 
 /// `GET /dashboard/api/alerts`: the caller's endpoints (never their secrets).
 pub(super) async fn list(State(d): State<Dash>, headers: HeaderMap) -> Reply {
@@ -42,12 +42,7 @@ pub(super) async fn add(State(d): State<Dash>, headers: HeaderMap, bytes: Bytes)
     let req = NewEndpoint {
         url: body.url,
         format: Format::parse(&body.format)?,
-        rules: body
-            .rules
-            .iter()
-            .enumerate()
-            .map(|(i, r)| rule_from_json(i, r))
-            .collect::<Result<_>>()?,
+        rules: rules_from_json(&body.rules)?,
         ..Default::default()
     };
     let (endpoint, secret) = d.ledger.add_alert_endpoint(&s.caller, req).await?;
