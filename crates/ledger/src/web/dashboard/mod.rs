@@ -71,6 +71,19 @@ pub fn router(ledger: Ledger, ready: watch::Receiver<bool>) -> Router {
         .route("/dashboard/api/alerts/test", post(alerts::test))
         .route("/dashboard/api/alerts/deliveries", get(alerts::deliveries))
         .with_state(dash)
+        .layer(axum::middleware::map_request(host_from_authority))
+}
+
+/// HTTP/2 carries the host in the URI (`:authority`), not in a `Host` header; the Origin check
+/// compares with `Host`, so it is filled in from the URI when missing.
+async fn host_from_authority(mut req: axum::extract::Request) -> axum::extract::Request {
+    if !req.headers().contains_key(header::HOST) {
+        let authority = req.uri().authority().map(|a| a.as_str().to_string());
+        if let Some(value) = authority.and_then(|a| HeaderValue::from_str(&a).ok()) {
+            req.headers_mut().insert(header::HOST, value);
+        }
+    }
+    req
 }
 
 /// The static files, compiled into the binary: the page works offline and needs no build step.
@@ -155,4 +168,37 @@ pub(crate) fn json(body: serde_json::Value) -> Reply {
         .headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn http2_authority_becomes_the_host() {
+        let req = axum::extract::Request::builder()
+            .uri("http://127.0.0.1:8081/dashboard/login")
+            .body(axum::body::Body::empty())
+            .expect("request");
+        let req = host_from_authority(req).await;
+        assert_eq!(
+            req.headers()
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok()),
+            Some("127.0.0.1:8081")
+        );
+        // A Host header that is there is left alone.
+        let req = axum::extract::Request::builder()
+            .uri("http://127.0.0.1:8081/dashboard/login")
+            .header(header::HOST, "example.com")
+            .body(axum::body::Body::empty())
+            .expect("request");
+        let req = host_from_authority(req).await;
+        assert_eq!(
+            req.headers()
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok()),
+            Some("example.com")
+        );
+    }
 }
