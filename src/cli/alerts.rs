@@ -327,23 +327,34 @@ fn print_deliveries(log: &[pb::AlertDelivery], as_json: bool) {
         println!("{}", serde_json::Value::Array(rows));
         return;
     }
-    println!(
-        "{:<20} {:<38} {:<18} {:>3} {:>6} {:>7} {:<9} {:<20} error",
-        "time", "event", "type", "try", "status", "ms", "outcome", "next retry"
-    );
+    use super::tables::{Col::Left, Col::Right, Table};
+    let table = Table {
+        cols: &[
+            Left("time", 20),
+            Left("event", 38),
+            Left("type", 18),
+            Right("try", 3),
+            Right("status", 6),
+            Right("ms", 7),
+            Left("outcome", 9),
+            Left("next retry", 20),
+            Left("error", 0),
+        ],
+        gap: " ",
+    };
+    table.header();
     for d in log {
-        println!(
-            "{:<20} {:<38} {:<18} {:>3} {:>6} {:>7} {:<9} {:<20} {}",
-            format_time(d.started_at_unix_micros),
-            d.event_id,
-            d.event_type,
-            d.attempt,
-            d.status_code.map_or("-".to_string(), |c| c.to_string()),
-            d.latency_ms,
-            d.outcome,
-            d.next_attempt_at_unix_micros
+        table.row(&[
+            &format_time(d.started_at_unix_micros),
+            &d.event_id,
+            &d.event_type,
+            &d.attempt,
+            &d.status_code.map_or("-".to_string(), |c| c.to_string()),
+            &d.latency_ms,
+            &d.outcome,
+            &d.next_attempt_at_unix_micros
                 .map_or("-".to_string(), format_time),
-            d.error
-        );
+            &d.error,
+        ]);
     }
 }

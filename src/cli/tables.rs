@@ -56,51 +56,125 @@ pub fn more_hint(next_page_token: &str, what: &str) {
     }
 }
 
+/// A column of a plain-text [`Table`]: its header and width, text on the left or on the right.
+#[derive(Clone, Copy)]
+pub enum Col {
+    Left(&'static str, usize),
+    Right(&'static str, usize),
+}
+
+/// A plain-text table of fixed-width columns joined by `gap`; a last column on the left is not
+/// padded (no trailing blanks). Every listing prints through it, so the header and the rows
+/// cannot drift apart.
+pub struct Table {
+    pub cols: &'static [Col],
+    pub gap: &'static str,
+}
+
+impl Table {
+    pub fn header(&self) {
+        let names: Vec<&dyn std::fmt::Display> = self
+            .cols
+            .iter()
+            .map(|c| match c {
+                Col::Left(name, _) | Col::Right(name, _) => name as &dyn std::fmt::Display,
+            })
+            .collect();
+        self.row(&names);
+    }
+
+    pub fn row(&self, cells: &[&dyn std::fmt::Display]) {
+        let last = self.cols.len().saturating_sub(1);
+        let line: Vec<String> = self
+            .cols
+            .iter()
+            .zip(cells)
+            .enumerate()
+            .map(|(i, (col, cell))| match col {
+                Col::Left(..) if i == last => cell.to_string(),
+                Col::Left(_, w) => format!("{:<w$}", cell.to_string()),
+                Col::Right(_, w) => format!("{:>w$}", cell.to_string()),
+            })
+            .collect();
+        println!("{}", line.join(self.gap));
+    }
+}
+
 pub fn print_usage_table(records: &[pb::UsageRecord]) {
-    println!(
-        "{:<19}  {:<24}  {:<22}  {:<10}  {:<15}  {:>7}  {:>10}  {:>8}",
-        "time (UTC)", "request", "user", "model", "status", "tokens", "cost", "latency"
-    );
+    use Col::{Left, Right};
+    let table = Table {
+        cols: &[
+            Left("time (UTC)", 19),
+            Left("request", 24),
+            Left("user", 22),
+            Left("model", 10),
+            Left("status", 15),
+            Right("tokens", 7),
+            Right("cost", 10),
+            Right("latency", 8),
+        ],
+        gap: "  ",
+    };
+    table.header();
     for r in records {
         let u = r.usage.clone().unwrap_or_default();
-        println!(
-            "{:<19}  {:<24}  {:<22}  {:<10}  {:<15}  {:>7}  {:>10}  {:>6}ms",
-            format_time(r.created_at_unix_micros),
-            truncate(&u.request_id, 24),
-            truncate(&u.user_email, 22),
-            truncate(&u.model, 10),
-            u.status,
-            u.total_tokens,
-            format_micros(r.cost_micros),
-            u.latency_ms
-        );
+        table.row(&[
+            &format_time(r.created_at_unix_micros),
+            &truncate(&u.request_id, 24),
+            &truncate(&u.user_email, 22),
+            &truncate(&u.model, 10),
+            &u.status,
+            &u.total_tokens,
+            &format_micros(r.cost_micros),
+            &format!("{}ms", u.latency_ms),
+        ]);
     }
 }
 
 pub fn print_accounts(accounts: &[pb::Account]) {
-    println!(
-        "{:<32}  {:<16}  {:>12}  {:>12}  {:>12}  {:<8}  created (UTC)",
-        "email", "organization", "balance", "held", "available", "currency"
-    );
+    use Col::{Left, Right};
+    let table = Table {
+        cols: &[
+            Left("email", 32),
+            Left("organization", 16),
+            Right("balance", 12),
+            Right("held", 12),
+            Right("available", 12),
+            Left("currency", 8),
+            Left("created (UTC)", 0),
+        ],
+        gap: "  ",
+    };
+    table.header();
     for a in accounts {
-        println!(
-            "{:<32}  {:<16}  {:>12}  {:>12}  {:>12}  {:<8}  {}",
-            truncate(&a.email, 32),
-            truncate(&a.organization, 16),
-            format_micros(a.balance_micros),
-            format_micros(a.held_micros),
-            format_micros(a.available_micros),
-            a.currency,
-            format_time(a.created_at_unix_micros)
-        );
+        table.row(&[
+            &truncate(&a.email, 32),
+            &truncate(&a.organization, 16),
+            &format_micros(a.balance_micros),
+            &format_micros(a.held_micros),
+            &format_micros(a.available_micros),
+            &a.currency,
+            &format_time(a.created_at_unix_micros),
+        ]);
     }
 }
 
 pub fn print_tokens(tokens: &[pb::Token]) {
-    println!(
-        "{:<36}  {:<24}  {:<24}  {:>10}  {:>10}  {:<19}  {:<19}  state",
-        "id", "sender", "recipient", "limit", "spent", "created (UTC)", "expires (UTC)"
-    );
+    use Col::{Left, Right};
+    let table = Table {
+        cols: &[
+            Left("id", 36),
+            Left("sender", 24),
+            Left("recipient", 24),
+            Right("limit", 10),
+            Right("spent", 10),
+            Left("created (UTC)", 19),
+            Left("expires (UTC)", 19),
+            Left("state", 0),
+        ],
+        gap: "  ",
+    };
+    table.header();
     let now = syft_ledger::store::now_micros();
     for t in tokens {
         let state = match (t.revoked_at_unix_micros, t.expires_at_unix_micros) {
@@ -108,16 +182,16 @@ pub fn print_tokens(tokens: &[pb::Token]) {
             (None, Some(e)) if e <= now => "expired",
             _ => "active",
         };
-        println!(
-            "{:<36}  {:<24}  {:<24}  {:>10}  {:>10}  {:<19}  {:<19}  {state}",
-            t.token_id,
-            truncate(&t.sender_email, 24),
-            truncate(&t.recipient_email, 24),
-            t.spend_limit_micros.map_or("none".into(), format_micros),
-            format_micros(t.spent_micros),
-            format_time(t.created_at_unix_micros),
-            t.expires_at_unix_micros.map_or("never".into(), format_time),
-        );
+        table.row(&[
+            &t.token_id,
+            &truncate(&t.sender_email, 24),
+            &truncate(&t.recipient_email, 24),
+            &t.spend_limit_micros.map_or("none".into(), format_micros),
+            &format_micros(t.spent_micros),
+            &format_time(t.created_at_unix_micros),
+            &t.expires_at_unix_micros.map_or("never".into(), format_time),
+            &state,
+        ]);
     }
 }
 
@@ -189,22 +263,33 @@ pub fn usage_json(r: &pb::UsageRecord) -> serde_json::Value {
 }
 
 pub fn print_transfers(rows: &[pb::Transfer]) {
-    println!(
-        "{:<19}  {:<36}  {:<9}  {:>10}  {:>10}  {:<8}  {:<24}  {:<24}  app",
-        "created (UTC)", "id", "status", "held", "captured", "currency", "sender", "recipient"
-    );
+    use Col::{Left, Right};
+    let table = Table {
+        cols: &[
+            Left("created (UTC)", 19),
+            Left("id", 36),
+            Left("status", 9),
+            Right("held", 10),
+            Right("captured", 10),
+            Left("currency", 8),
+            Left("sender", 24),
+            Left("recipient", 24),
+            Left("app", 0),
+        ],
+        gap: "  ",
+    };
+    table.header();
     for t in rows {
-        println!(
-            "{:<19}  {:<36}  {:<9}  {:>10}  {:>10}  {:<8}  {:<24}  {:<24}  {}",
-            format_time(t.created_at_unix_micros),
-            t.id,
-            status_word(t.status()),
-            format_micros(t.amount_micros),
-            format_micros(t.captured_micros),
-            t.currency,
-            t.sender_email,
-            t.recipient_email,
-            t.app_name
-        );
+        table.row(&[
+            &format_time(t.created_at_unix_micros),
+            &t.id,
+            &status_word(t.status()),
+            &format_micros(t.amount_micros),
+            &format_micros(t.captured_micros),
+            &t.currency,
+            &t.sender_email,
+            &t.recipient_email,
+            &t.app_name,
+        ]);
     }
 }

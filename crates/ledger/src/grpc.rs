@@ -1,6 +1,8 @@
 //! `syft.ledger.v1.Ledger` over gRPC: a thin adapter that turns protobuf messages into the
 //! core's domain inputs and store rows back into messages.
 
+use std::future::Future;
+
 use syft_proto::ledger as pb;
 use tonic::{Request, Response, Status};
 
@@ -33,9 +35,21 @@ impl GrpcLedger {
             .transpose()?;
         self.0.authenticate(header).await
     }
+
+    /// Every method's frame: authenticate the caller, hand the message and the core to `f`, and
+    /// turn its domain error into a status, so each method only converts messages.
+    pub(crate) async fn call<T, R, F, Fut>(&self, request: Request<T>, f: F) -> Reply<R>
+    where
+        F: FnOnce(Ledger, Caller, T) -> Fut,
+        Fut: Future<Output = Result<R>>,
+    {
+        let caller = self.caller(&request).await?;
+        let reply = f(self.0.clone(), caller, request.into_inner()).await?;
+        Ok(Response::new(reply))
+    }
 }
 
-type Reply<T> = Result<Response<T>, Status>;
+pub(crate) type Reply<T> = Result<Response<T>, Status>;
 
 #[tonic::async_trait]
 impl pb::ledger_server::Ledger for GrpcLedger {
@@ -43,290 +57,286 @@ impl pb::ledger_server::Ledger for GrpcLedger {
         &self,
         request: Request<pb::CreateAccountRequest>,
     ) -> Reply<pb::CreateAccountResponse> {
-        let caller = self.caller(&request).await?;
-        let req = request.into_inner();
-        let (account, secret) = self
-            .0
-            .create_account(
-                &caller,
-                NewAccount {
-                    email: req.email,
-                    organization: req.organization,
-                    currency: req.currency,
-                    secret: req.secret,
-                },
-            )
-            .await?;
-        Ok(Response::new(pb::CreateAccountResponse {
-            account: Some(account_pb(&account)),
-            secret,
-        }))
+        self.call(request, |core, caller, req| async move {
+            let new = NewAccount {
+                email: req.email,
+                organization: req.organization,
+                currency: req.currency,
+                secret: req.secret,
+            };
+            let (account, secret) = core.create_account(&caller, new).await?;
+            Ok(pb::CreateAccountResponse {
+                account: Some(account_pb(&account)),
+                secret,
+            })
+        })
+        .await
     }
 
     async fn get_account(&self, request: Request<pb::GetAccountRequest>) -> Reply<pb::Account> {
-        let caller = self.caller(&request).await?;
-        let account = self.0.account(&caller, &request.get_ref().email).await?;
-        Ok(Response::new(account_pb(&account)))
+        self.call(request, |core, caller, req| async move {
+            Ok(account_pb(&core.account(&caller, &req.email).await?))
+        })
+        .await
     }
 
     async fn deposit(&self, request: Request<pb::DepositRequest>) -> Reply<pb::Account> {
-        let caller = self.caller(&request).await?;
-        let req = request.get_ref();
-        let account = self
-            .0
-            .deposit(&caller, &req.email, req.amount_micros, &req.idempotency_key)
-            .await?;
-        Ok(Response::new(account_pb(&account)))
+        self.call(request, |core, caller, req| async move {
+            let account = core
+                .deposit(&caller, &req.email, req.amount_micros, &req.idempotency_key)
+                .await?;
+            Ok(account_pb(&account))
+        })
+        .await
     }
 
     async fn issue_token(
         &self,
         request: Request<pb::IssueTokenRequest>,
     ) -> Reply<pb::IssueTokenResponse> {
-        let caller = self.caller(&request).await?;
-        let req = request.into_inner();
-        let (issued, recipient_email) = self
-            .0
-            .issue_token(
-                &caller,
-                NewToken {
-                    recipient_email: req.recipient_email,
-                    expires_at: req.expires_at_unix_micros,
-                    spend_limit: req.spend_limit_micros,
-                    limit_per_day: req.limit_per_day_micros,
-                },
-            )
-            .await?;
-        Ok(Response::new(pb::IssueTokenResponse {
-            token: issued.token,
-            token_id: issued.id,
-            sender_email: caller.account()?.email.clone(),
-            recipient_email,
-            expires_at_unix_micros: issued.expires_at,
-            spend_limit_micros: issued.spend_limit.map(Micros::get),
-            limit_per_day_micros: req.limit_per_day_micros,
-        }))
+        self.call(request, |core, caller, req| async move {
+            let new = NewToken {
+                recipient_email: req.recipient_email,
+                expires_at: req.expires_at_unix_micros,
+                spend_limit: req.spend_limit_micros,
+                limit_per_day: req.limit_per_day_micros,
+            };
+            let (issued, recipient_email) = core.issue_token(&caller, new).await?;
+            Ok(pb::IssueTokenResponse {
+                token: issued.token,
+                token_id: issued.id,
+                sender_email: caller.account()?.email.clone(),
+                recipient_email,
+                expires_at_unix_micros: issued.expires_at,
+                spend_limit_micros: issued.spend_limit.map(Micros::get),
+                limit_per_day_micros: req.limit_per_day_micros,
+            })
+        })
+        .await
     }
 
     async fn revoke_token(
         &self,
         request: Request<pb::RevokeTokenRequest>,
     ) -> Reply<pb::RevokeTokenResponse> {
-        let caller = self.caller(&request).await?;
-        let (token_id, revoked_at) = self
-            .0
-            .revoke_token(&caller, &request.get_ref().token)
-            .await?;
-        Ok(Response::new(pb::RevokeTokenResponse {
-            token_id,
-            revoked_at_unix_micros: revoked_at,
-        }))
+        self.call(request, |core, caller, req| async move {
+            let (token_id, revoked_at) = core.revoke_token(&caller, &req.token).await?;
+            Ok(pb::RevokeTokenResponse {
+                token_id,
+                revoked_at_unix_micros: revoked_at,
+            })
+        })
+        .await
     }
 
     async fn authorize(&self, request: Request<pb::AuthorizeRequest>) -> Reply<pb::Transfer> {
-        let caller = self.caller(&request).await?;
-        let req = request.into_inner();
-        let hold = HoldRequest {
-            sender_email: req.sender_email,
-            amount: req.amount_micros,
-            token: req.token,
-            app_name: req.app_name,
-            app_ep_path: req.app_ep_path,
-            idempotency_key: req.idempotency_key,
-            hold_ttl_seconds: req.hold_ttl_seconds,
-            budget_per_day_micros: req.budget_per_day_micros,
-            budget_per_month_micros: req.budget_per_month_micros,
-        };
-        let transfer = self.0.authorize(&caller, &hold).await?;
-        Ok(Response::new(transfer_pb(&transfer)))
+        self.call(request, |core, caller, req| async move {
+            let hold = HoldRequest {
+                sender_email: req.sender_email,
+                amount: req.amount_micros,
+                token: req.token,
+                app_name: req.app_name,
+                app_ep_path: req.app_ep_path,
+                idempotency_key: req.idempotency_key,
+                hold_ttl_seconds: req.hold_ttl_seconds,
+                budget_per_day_micros: req.budget_per_day_micros,
+                budget_per_month_micros: req.budget_per_month_micros,
+            };
+            Ok(transfer_pb(&core.authorize(&caller, &hold).await?))
+        })
+        .await
     }
 
     async fn capture(&self, request: Request<pb::CaptureRequest>) -> Reply<pb::Transfer> {
-        let caller = self.caller(&request).await?;
-        let req = request.into_inner();
-        let amount = match req.amount {
-            Some(pb::capture_request::Amount::Full(true)) => CaptureAmount::Full,
-            Some(pb::capture_request::Amount::AmountMicros(m)) => CaptureAmount::Micros(m),
-            Some(pb::capture_request::Amount::Full(false)) | None => {
-                return Err(LedgerError::invalid(
-                    "capture needs full = true or amount_micros (there is no implicit full capture)",
-                )
-                .into())
-            }
-        };
-        let usage = req.usage.map(usage_input);
-        let answer = req.answer.map(|a| AnswerInput {
-            body: a.body,
-            retention_seconds: a.retention_seconds,
-        });
-        let transfer = self
-            .0
-            .capture(&caller, &req.transfer_id, amount, usage, answer)
-            .await?;
-        Ok(Response::new(transfer_pb(&transfer)))
+        self.call(request, |core, caller, req| async move {
+            let amount = match req.amount {
+                Some(pb::capture_request::Amount::Full(true)) => CaptureAmount::Full,
+                Some(pb::capture_request::Amount::AmountMicros(m)) => CaptureAmount::Micros(m),
+                Some(pb::capture_request::Amount::Full(false)) | None => {
+                    return Err(LedgerError::invalid(
+                        "capture needs full = true or amount_micros (there is no implicit full capture)",
+                    ))
+                }
+            };
+            let usage = req.usage.map(usage_input);
+            let answer = req.answer.map(|a| AnswerInput {
+                body: a.body,
+                retention_seconds: a.retention_seconds,
+            });
+            let transfer = core
+                .capture(&caller, &req.transfer_id, amount, usage, answer)
+                .await?;
+            Ok(transfer_pb(&transfer))
+        })
+        .await
     }
 
     async fn void(&self, request: Request<pb::VoidRequest>) -> Reply<pb::Transfer> {
-        let caller = self.caller(&request).await?;
-        let req = request.into_inner();
-        let usage = req.usage.map(usage_input);
-        let transfer = self
-            .0
-            .void(&caller, &req.transfer_id, &req.reason, usage)
-            .await?;
-        Ok(Response::new(transfer_pb(&transfer)))
+        self.call(request, |core, caller, req| async move {
+            let usage = req.usage.map(usage_input);
+            let transfer = core
+                .void(&caller, &req.transfer_id, &req.reason, usage)
+                .await?;
+            Ok(transfer_pb(&transfer))
+        })
+        .await
     }
 
     async fn get_transfer(&self, request: Request<pb::GetTransferRequest>) -> Reply<pb::Transfer> {
-        let caller = self.caller(&request).await?;
-        let transfer = self
-            .0
-            .transfer(&caller, &request.get_ref().transfer_id)
-            .await?;
-        Ok(Response::new(transfer_pb(&transfer)))
+        self.call(request, |core, caller, req| async move {
+            Ok(transfer_pb(
+                &core.transfer(&caller, &req.transfer_id).await?,
+            ))
+        })
+        .await
     }
 
     async fn extend_hold(&self, request: Request<pb::ExtendHoldRequest>) -> Reply<pb::Transfer> {
-        let caller = self.caller(&request).await?;
-        let req = request.into_inner();
-        let transfer = self
-            .0
-            .extend_hold(&caller, &req.transfer_id, req.ttl_seconds)
-            .await?;
-        Ok(Response::new(transfer_pb(&transfer)))
+        self.call(request, |core, caller, req| async move {
+            let transfer = core
+                .extend_hold(&caller, &req.transfer_id, req.ttl_seconds)
+                .await?;
+            Ok(transfer_pb(&transfer))
+        })
+        .await
     }
 
     async fn get_answer(&self, request: Request<pb::GetAnswerRequest>) -> Reply<pb::StoredAnswer> {
-        let caller = self.caller(&request).await?;
-        let answer = self
-            .0
-            .answer(&caller, &request.get_ref().transfer_id)
-            .await?;
-        Ok(Response::new(pb::StoredAnswer {
-            transfer_id: answer.transfer_id,
-            body: answer.body,
-            expires_at_unix_micros: answer.expires_at,
-        }))
+        self.call(request, |core, caller, req| async move {
+            let answer = core.answer(&caller, &req.transfer_id).await?;
+            Ok(pb::StoredAnswer {
+                transfer_id: answer.transfer_id,
+                body: answer.body,
+                expires_at_unix_micros: answer.expires_at,
+            })
+        })
+        .await
     }
 
     async fn list_transfers(
         &self,
         request: Request<pb::ListTransfersRequest>,
     ) -> Reply<pb::ListTransfersResponse> {
-        let caller = self.caller(&request).await?;
-        let req = request.into_inner();
-        let role = role(req.role)?;
-        let status = match pb::TransferStatus::try_from(req.status) {
-            Ok(pb::TransferStatus::Unspecified) => None,
-            Ok(s) => TransferStatus::try_from(s).ok(),
-            Err(_) => return Err(LedgerError::invalid("unknown status").into()),
-        };
-        let query = TransferQuery {
-            account_email: req.account_email,
-            role,
-            status,
-            since: req.since_unix_micros,
-            until: req.until_unix_micros,
-            app_name: req.app_name,
-            page_token: req.page_token,
-            page_size: req.page_size,
-        };
-        let page = self.0.list_transfers(&caller, &query).await?;
-        Ok(Response::new(pb::ListTransfersResponse {
-            transfers: page.items.iter().map(transfer_pb).collect(),
-            next_page_token: page.next_page_token,
-        }))
+        self.call(request, |core, caller, req| async move {
+            let status = match pb::TransferStatus::try_from(req.status) {
+                Ok(pb::TransferStatus::Unspecified) => None,
+                Ok(s) => TransferStatus::try_from(s).ok(),
+                Err(_) => return Err(LedgerError::invalid("unknown status")),
+            };
+            let query = TransferQuery {
+                account_email: req.account_email,
+                role: role(req.role)?,
+                status,
+                since: req.since_unix_micros,
+                until: req.until_unix_micros,
+                app_name: req.app_name,
+                page_token: req.page_token,
+                page_size: req.page_size,
+            };
+            let page = core.list_transfers(&caller, &query).await?;
+            Ok(pb::ListTransfersResponse {
+                transfers: page.items.iter().map(transfer_pb).collect(),
+                next_page_token: page.next_page_token,
+            })
+        })
+        .await
     }
 
     async fn list_tokens(
         &self,
         request: Request<pb::ListTokensRequest>,
     ) -> Reply<pb::ListTokensResponse> {
-        let caller = self.caller(&request).await?;
-        let req = request.into_inner();
-        let query = TokenQuery {
-            account_email: req.account_email,
-            role: role(req.role)?,
-            include_inactive: req.include_inactive,
-            page_token: req.page_token,
-            page_size: req.page_size,
-        };
-        let page = self.0.list_tokens(&caller, &query).await?;
-        Ok(Response::new(pb::ListTokensResponse {
-            tokens: page.items.iter().map(token_pb).collect(),
-            next_page_token: page.next_page_token,
-        }))
+        self.call(request, |core, caller, req| async move {
+            let query = TokenQuery {
+                account_email: req.account_email,
+                role: role(req.role)?,
+                include_inactive: req.include_inactive,
+                page_token: req.page_token,
+                page_size: req.page_size,
+            };
+            let page = core.list_tokens(&caller, &query).await?;
+            Ok(pb::ListTokensResponse {
+                tokens: page.items.iter().map(token_pb).collect(),
+                next_page_token: page.next_page_token,
+            })
+        })
+        .await
     }
 
     async fn list_accounts(
         &self,
         request: Request<pb::ListAccountsRequest>,
     ) -> Reply<pb::ListAccountsResponse> {
-        let caller = self.caller(&request).await?;
-        let req = request.get_ref();
-        let page = self
-            .0
-            .list_accounts_page(&caller, &req.page_token, req.page_size)
-            .await?;
-        Ok(Response::new(pb::ListAccountsResponse {
-            accounts: page.items.iter().map(account_pb).collect(),
-            next_page_token: page.next_page_token,
-        }))
+        self.call(request, |core, caller, req| async move {
+            let page = core
+                .list_accounts_page(&caller, &req.page_token, req.page_size)
+                .await?;
+            Ok(pb::ListAccountsResponse {
+                accounts: page.items.iter().map(account_pb).collect(),
+                next_page_token: page.next_page_token,
+            })
+        })
+        .await
     }
 
     async fn record_usage(
         &self,
         request: Request<pb::RecordUsageRequest>,
     ) -> Reply<pb::UsageRecord> {
-        let caller = self.caller(&request).await?;
-        let usage = request
-            .into_inner()
-            .usage
-            .ok_or_else(|| LedgerError::invalid("usage is required"))?;
-        let row = self.0.record_usage(&caller, usage_input(usage)).await?;
-        Ok(Response::new(usage_pb(&row)))
+        self.call(request, |core, caller, req| async move {
+            let usage = req
+                .usage
+                .ok_or_else(|| LedgerError::invalid("usage is required"))?;
+            Ok(usage_pb(
+                &core.record_usage(&caller, usage_input(usage)).await?,
+            ))
+        })
+        .await
     }
 
     async fn get_usage_stats(
         &self,
         request: Request<pb::GetUsageStatsRequest>,
     ) -> Reply<pb::GetUsageStatsResponse> {
-        let caller = self.caller(&request).await?;
-        let query = crate::grpc_stats::stats_query(request.into_inner())?;
-        let stats = self.0.usage_stats(&caller, &query).await?;
-        Ok(Response::new(crate::grpc_stats::stats_pb(stats)))
+        self.call(request, |core, caller, req| async move {
+            let query = crate::grpc_stats::stats_query(req)?;
+            let stats = core.usage_stats(&caller, &query).await?;
+            Ok(crate::grpc_stats::stats_pb(stats))
+        })
+        .await
     }
 
     async fn query_usage(
         &self,
         request: Request<pb::QueryUsageRequest>,
     ) -> Reply<pb::QueryUsageResponse> {
-        let caller = self.caller(&request).await?;
-        let req = request.into_inner();
-        let query = UsageQuery {
-            user_email: req.user_email,
-            app_name: req.app_name,
-            endpoint: req.endpoint,
-            status: req.status,
-            since: req.since_unix_micros,
-            until: req.until_unix_micros,
-            page_token: req.page_token,
-            page_size: req.page_size,
-        };
-        let page = self.0.query_usage(&caller, &query).await?;
-        let t = &page.items.totals;
-        Ok(Response::new(pb::QueryUsageResponse {
-            records: page.items.rows.iter().map(usage_pb).collect(),
-            next_page_token: page.next_page_token,
-            totals: Some(pb::UsageTotals {
-                requests: t.requests,
-                prompt_tokens: t.prompt_tokens,
-                completion_tokens: t.completion_tokens,
-                total_tokens: t.total_tokens,
-                cost_micros: t.cost.get(),
-                currency: self.0.usage_currency(&caller),
-            }),
-        }))
+        self.call(request, |core, caller, req| async move {
+            let query = UsageQuery {
+                user_email: req.user_email,
+                app_name: req.app_name,
+                endpoint: req.endpoint,
+                status: req.status,
+                since: req.since_unix_micros,
+                until: req.until_unix_micros,
+                page_token: req.page_token,
+                page_size: req.page_size,
+            };
+            let page = core.query_usage(&caller, &query).await?;
+            let t = &page.items.totals;
+            Ok(pb::QueryUsageResponse {
+                records: page.items.rows.iter().map(usage_pb).collect(),
+                next_page_token: page.next_page_token,
+                totals: Some(pb::UsageTotals {
+                    requests: t.requests,
+                    prompt_tokens: t.prompt_tokens,
+                    completion_tokens: t.completion_tokens,
+                    total_tokens: t.total_tokens,
+                    cost_micros: t.cost.get(),
+                    currency: core.usage_currency(&caller),
+                }),
+            })
+        })
+        .await
     }
 }
 

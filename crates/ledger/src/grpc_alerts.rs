@@ -4,13 +4,11 @@
 use std::time::Duration;
 
 use syft_proto::ledger as pb;
-use tonic::{Request, Response, Status};
+use tonic::Request;
 
 use crate::alerts::{AlertEndpoint, Delivery, Format, NewEndpoint, Rule, SpendSide};
 use crate::error::{LedgerError, Result};
-use crate::grpc::GrpcLedger;
-
-type Reply<T> = std::result::Result<Response<T>, Status>;
+use crate::grpc::{GrpcLedger, Reply};
 
 impl GrpcLedger {
     pub fn into_alerts_server(self) -> pb::alerts_server::AlertsServer<Self> {
@@ -24,89 +22,91 @@ impl pb::alerts_server::Alerts for GrpcLedger {
         &self,
         request: Request<pb::AddAlertEndpointRequest>,
     ) -> Reply<pb::AddAlertEndpointResponse> {
-        let caller = self.caller(&request).await?;
-        let req = request.into_inner();
-        let new = NewEndpoint {
-            account_email: req.account_email,
-            url: req.url,
-            format: format_of(req.format)?,
-            rules: req.rules.iter().map(rule_of).collect::<Result<_>>()?,
-            rate_per_minute: req.rate_per_minute,
-        };
-        let (endpoint, secret) = self.0.add_alert_endpoint(&caller, new).await?;
-        Ok(Response::new(pb::AddAlertEndpointResponse {
-            endpoint: Some(endpoint_pb(&endpoint)),
-            secret,
-        }))
+        self.call(request, |core, caller, req| async move {
+            let new = NewEndpoint {
+                account_email: req.account_email,
+                url: req.url,
+                format: format_of(req.format)?,
+                rules: req.rules.iter().map(rule_of).collect::<Result<_>>()?,
+                rate_per_minute: req.rate_per_minute,
+            };
+            let (endpoint, secret) = core.add_alert_endpoint(&caller, new).await?;
+            Ok(pb::AddAlertEndpointResponse {
+                endpoint: Some(endpoint_pb(&endpoint)),
+                secret,
+            })
+        })
+        .await
     }
 
     async fn list_alert_endpoints(
         &self,
         request: Request<pb::ListAlertEndpointsRequest>,
     ) -> Reply<pb::ListAlertEndpointsResponse> {
-        let caller = self.caller(&request).await?;
-        let endpoints = self
-            .0
-            .list_alert_endpoints(&caller, &request.get_ref().account_email)
-            .await?;
-        Ok(Response::new(pb::ListAlertEndpointsResponse {
-            endpoints: endpoints.iter().map(endpoint_pb).collect(),
-        }))
+        self.call(request, |core, caller, req| async move {
+            let endpoints = core
+                .list_alert_endpoints(&caller, &req.account_email)
+                .await?;
+            Ok(pb::ListAlertEndpointsResponse {
+                endpoints: endpoints.iter().map(endpoint_pb).collect(),
+            })
+        })
+        .await
     }
 
     async fn remove_alert_endpoint(
         &self,
         request: Request<pb::RemoveAlertEndpointRequest>,
     ) -> Reply<pb::RemoveAlertEndpointResponse> {
-        let caller = self.caller(&request).await?;
-        self.0
-            .remove_alert_endpoint(&caller, &request.get_ref().endpoint_id)
-            .await?;
-        Ok(Response::new(pb::RemoveAlertEndpointResponse {}))
+        self.call(request, |core, caller, req| async move {
+            core.remove_alert_endpoint(&caller, &req.endpoint_id)
+                .await?;
+            Ok(pb::RemoveAlertEndpointResponse {})
+        })
+        .await
     }
 
     async fn rotate_alert_secret(
         &self,
         request: Request<pb::RotateAlertSecretRequest>,
     ) -> Reply<pb::RotateAlertSecretResponse> {
-        let caller = self.caller(&request).await?;
-        let req = request.get_ref();
-        let overlap = Duration::from_secs(u64::from(req.overlap_seconds));
-        let (secret, until) = self
-            .0
-            .rotate_alert_secret(&caller, &req.endpoint_id, overlap)
-            .await?;
-        Ok(Response::new(pb::RotateAlertSecretResponse {
-            secret,
-            previous_secret_until_unix_micros: until,
-        }))
+        self.call(request, |core, caller, req| async move {
+            let overlap = Duration::from_secs(u64::from(req.overlap_seconds));
+            let (secret, until) = core
+                .rotate_alert_secret(&caller, &req.endpoint_id, overlap)
+                .await?;
+            Ok(pb::RotateAlertSecretResponse {
+                secret,
+                previous_secret_until_unix_micros: until,
+            })
+        })
+        .await
     }
 
     async fn send_test_alert(
         &self,
         request: Request<pb::SendTestAlertRequest>,
     ) -> Reply<pb::SendTestAlertResponse> {
-        let caller = self.caller(&request).await?;
-        let event_id = self
-            .0
-            .send_test_alert(&caller, &request.get_ref().endpoint_id)
-            .await?;
-        Ok(Response::new(pb::SendTestAlertResponse { event_id }))
+        self.call(request, |core, caller, req| async move {
+            let event_id = core.send_test_alert(&caller, &req.endpoint_id).await?;
+            Ok(pb::SendTestAlertResponse { event_id })
+        })
+        .await
     }
 
     async fn list_alert_deliveries(
         &self,
         request: Request<pb::ListAlertDeliveriesRequest>,
     ) -> Reply<pb::ListAlertDeliveriesResponse> {
-        let caller = self.caller(&request).await?;
-        let req = request.get_ref();
-        let deliveries = self
-            .0
-            .alert_deliveries(&caller, &req.endpoint_id, req.limit)
-            .await?;
-        Ok(Response::new(pb::ListAlertDeliveriesResponse {
-            deliveries: deliveries.iter().map(delivery_pb).collect(),
-        }))
+        self.call(request, |core, caller, req| async move {
+            let deliveries = core
+                .alert_deliveries(&caller, &req.endpoint_id, req.limit)
+                .await?;
+            Ok(pb::ListAlertDeliveriesResponse {
+                deliveries: deliveries.iter().map(delivery_pb).collect(),
+            })
+        })
+        .await
     }
 }
 

@@ -2,56 +2,68 @@
 
 use std::sync::LazyLock;
 
-use prometheus::{
-    register_int_counter, register_int_counter_vec, register_int_gauge, register_int_gauge_vec,
-    IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-};
+use prometheus::core::Collector;
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts};
 
 use crate::domain::{Actor, TransferStatus};
 use crate::store::{now_micros, Store, TransferRow};
 
 static HOLDS: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    register_int_counter_vec!(
+    registered(
         "syft_ledger_holds_total",
         "Holds by what happened to them: authorized, captured, voided, expired",
-        &["event"]
+        |o| IntCounterVec::new(o, &["event"]),
     )
-    .expect("register syft_ledger_holds_total")
 });
 
 static CAPTURED: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    register_int_counter_vec!(
+    registered(
         "syft_ledger_captured_micros_total",
         "Money captured, in micros of the account currency, by app",
-        &["app"]
+        |o| IntCounterVec::new(o, &["app"]),
     )
-    .expect("register syft_ledger_captured_micros_total")
 });
 
 static SWEEP_FAILURES: LazyLock<IntCounter> = LazyLock::new(|| {
-    register_int_counter!(
+    registered(
         "syft_ledger_sweep_failures_total",
-        "Expired holds the sweep failed to cancel (each is retried at the next sweep)"
+        "Expired holds the sweep failed to cancel (each is retried at the next sweep)",
+        IntCounter::with_opts,
     )
-    .expect("register syft_ledger_sweep_failures_total")
 });
 
 static PENDING: LazyLock<IntGauge> = LazyLock::new(|| {
-    register_int_gauge!(
+    registered(
         "syft_ledger_pending_holds",
-        "Holds authorized and not yet captured, voided or expired"
+        "Holds authorized and not yet captured, voided or expired",
+        IntGauge::with_opts,
     )
-    .expect("register syft_ledger_pending_holds")
 });
 
 static POOL: LazyLock<IntGaugeVec> = LazyLock::new(|| {
-    register_int_gauge_vec!(
+    registered(
         "syft_ledger_db_connections",
         "Database pool connections by state (idle, in_use)",
-        &["state"]
+        |o| IntGaugeVec::new(o, &["state"]),
     )
-    .expect("register syft_ledger_db_connections")
 });
+
+/// Builds a metric from its name and help and registers it in the default registry (the one
+/// `/metrics` renders). Both fail only on a malformed or twice-registered name: a programming
+/// error that the first scrape in any test shows, so it panics like the `register_*!` macros.
+pub(crate) fn registered<M>(
+    name: &str,
+    help: &str,
+    build: impl FnOnce(Opts) -> prometheus::Result<M>,
+) -> M
+where
+    M: Collector + Clone + 'static,
+{
+    let metric = build(Opts::new(name, help)).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    prometheus::register(Box::new(metric.clone()))
+        .unwrap_or_else(|e| panic!("register {name}: {e}"));
+    metric
+}
 
 pub fn expired(n: u64) {
     HOLDS.with_label_values(&["expired"]).inc_by(n);

@@ -4,7 +4,8 @@
 //! the choices made where the API is silent.
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -91,6 +92,21 @@ pub(crate) async fn caller(ledger: &Ledger, headers: &HeaderMap) -> Result<Calle
         })
         .transpose()?;
     ledger.authenticate(header).await
+}
+
+/// The authenticated caller as an extractor, so each handler starts from who is asking (the
+/// same check as [`caller`]; a failure is the usual JSON error).
+pub(crate) struct Authed(pub Caller);
+
+impl FromRequestParts<Ledger> for Authed {
+    type Rejection = RestError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        ledger: &Ledger,
+    ) -> std::result::Result<Self, RestError> {
+        Ok(Self(caller(ledger, &parts.headers).await?))
+    }
 }
 
 /// The client's `Idempotency-Key` header (an extension of the API), or a fresh key.
@@ -239,8 +255,12 @@ struct AddBalance {
     amount: Box<RawValue>,
 }
 
-async fn add_balance(State(ledger): State<Ledger>, headers: HeaderMap, bytes: Bytes) -> Reply {
-    let caller = caller(&ledger, &headers).await?;
+async fn add_balance(
+    State(ledger): State<Ledger>,
+    Authed(caller): Authed,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> Reply {
     if !caller.is_admin() {
         return Err(LedgerError::PermissionDenied("admin only".into()).into());
     }
@@ -255,10 +275,9 @@ async fn add_balance(State(ledger): State<Ledger>, headers: HeaderMap, bytes: By
 
 async fn get_user(
     State(ledger): State<Ledger>,
-    headers: HeaderMap,
+    Authed(caller): Authed,
     Path(email): Path<String>,
 ) -> Reply {
-    let caller = caller(&ledger, &headers).await?;
     let email = validate::email("email", &email)?;
     if !caller.may_see(&email) {
         return Err(LedgerError::PermissionDenied("admin only".into()).into());
@@ -266,15 +285,13 @@ async fn get_user(
     user_reply(StatusCode::OK, &ledger.account(&caller, &email).await?)
 }
 
-async fn list_users(State(ledger): State<Ledger>, headers: HeaderMap) -> Reply {
-    let caller = caller(&ledger, &headers).await?;
+async fn list_users(State(ledger): State<Ledger>, Authed(caller): Authed) -> Reply {
     let accounts = ledger.list_accounts(&caller).await?;
     let users: Vec<_> = accounts.iter().map(user_json).collect();
     ok(StatusCode::OK, serde_json::json!({ "users": users }))
 }
 
-async fn my_info(State(ledger): State<Ledger>, headers: HeaderMap) -> Reply {
-    let caller = caller(&ledger, &headers).await?;
+async fn my_info(State(ledger): State<Ledger>, Authed(caller): Authed) -> Reply {
     user_reply(StatusCode::OK, &ledger.me(&caller).await?)
 }
 
@@ -285,8 +302,11 @@ struct UpdatePassword {
     new_password: String,
 }
 
-async fn update_password(State(ledger): State<Ledger>, headers: HeaderMap, bytes: Bytes) -> Reply {
-    let caller = caller(&ledger, &headers).await?;
+async fn update_password(
+    State(ledger): State<Ledger>,
+    Authed(caller): Authed,
+    bytes: Bytes,
+) -> Reply {
     let req: UpdatePassword = body(&bytes)?;
     let account = ledger
         .change_secret(&caller, &req.old_password, &req.new_password)
@@ -301,10 +321,9 @@ struct UpdateOrganization {
 
 async fn update_organization(
     State(ledger): State<Ledger>,
-    headers: HeaderMap,
+    Authed(caller): Authed,
     bytes: Bytes,
 ) -> Reply {
-    let caller = caller(&ledger, &headers).await?;
     let req: UpdateOrganization = body(&bytes)?;
     let account = ledger.set_organization(&caller, &req.organization).await?;
     user_reply(StatusCode::OK, &account)
@@ -316,8 +335,7 @@ struct CreateToken {
     recipient_email: String,
 }
 
-async fn create_token(State(ledger): State<Ledger>, headers: HeaderMap, bytes: Bytes) -> Reply {
-    let caller = caller(&ledger, &headers).await?;
+async fn create_token(State(ledger): State<Ledger>, Authed(caller): Authed, bytes: Bytes) -> Reply {
     let req: CreateToken = body(&bytes)?;
     let (issued, _) = ledger
         .issue_token(
@@ -352,10 +370,10 @@ struct CreateTransaction {
 /// Without: a hold the sender (the caller) places for the recipient.
 async fn create_transaction(
     State(ledger): State<Ledger>,
+    Authed(caller): Authed,
     headers: HeaderMap,
     bytes: Bytes,
 ) -> Reply {
-    let caller = caller(&ledger, &headers).await?;
     let account = caller.account()?;
     let req: CreateTransaction = body(&bytes)?;
     let amount = amount_micros("amount", &req.amount, ledger.config().max_amount_micros)?;
@@ -419,11 +437,10 @@ struct TransactionId {
 
 async fn party_action(
     ledger: &Ledger,
-    headers: &HeaderMap,
+    caller: Caller,
     bytes: &Bytes,
     action: PartyAction,
 ) -> Reply {
-    let caller = caller(ledger, headers).await?;
     caller.account()?;
     let req: TransactionId = body(bytes)?;
     let resolved = ledger
@@ -434,18 +451,18 @@ async fn party_action(
 
 async fn confirm_transaction(
     State(ledger): State<Ledger>,
-    headers: HeaderMap,
+    Authed(caller): Authed,
     bytes: Bytes,
 ) -> Reply {
-    party_action(&ledger, &headers, &bytes, PartyAction::Confirm).await
+    party_action(&ledger, caller, &bytes, PartyAction::Confirm).await
 }
 
 async fn cancel_transaction(
     State(ledger): State<Ledger>,
-    headers: HeaderMap,
+    Authed(caller): Authed,
     bytes: Bytes,
 ) -> Reply {
-    party_action(&ledger, &headers, &bytes, PartyAction::Cancel).await
+    party_action(&ledger, caller, &bytes, PartyAction::Cancel).await
 }
 
 #[derive(Deserialize)]
@@ -456,10 +473,9 @@ struct HistoryQuery {
 
 async fn list_transactions(
     State(ledger): State<Ledger>,
-    headers: HeaderMap,
+    Authed(caller): Authed,
     Query(query): Query<HistoryQuery>,
 ) -> Reply {
-    let caller = caller(&ledger, &headers).await?;
     caller.account()?;
     let status = match query.status.as_deref() {
         None | Some("") => None,

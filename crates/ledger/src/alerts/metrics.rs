@@ -4,80 +4,76 @@
 
 use std::sync::LazyLock;
 
-use prometheus::{
-    register_gauge, register_int_counter, register_int_counter_vec, register_int_gauge, Gauge,
-    IntCounter, IntCounterVec, IntGauge,
-};
+use prometheus::{Gauge, IntCounter, IntCounterVec, IntGauge};
 
 use super::rules::EventKind;
 use super::store::Outcome;
 use crate::error::Result;
+use crate::metrics::registered;
 use crate::store::{now_micros, Store};
 
 static EVENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    register_int_counter_vec!(
+    registered(
         "syft_ledger_alert_events_total",
         "Alert events committed to the outbox, by type",
-        &["type"]
+        |o| IntCounterVec::new(o, &["type"]),
     )
-    .expect("register syft_ledger_alert_events_total")
 });
 
 static DELIVERIES: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    register_int_counter_vec!(
+    registered(
         "syft_ledger_alert_deliveries_total",
         "Webhook delivery attempts by outcome: delivered, retry (failed, retried later), gave_up",
-        &["outcome"]
+        |o| IntCounterVec::new(o, &["outcome"]),
     )
-    .expect("register syft_ledger_alert_deliveries_total")
 });
 
 static RETRIES: LazyLock<IntCounter> = LazyLock::new(|| {
-    register_int_counter!(
+    registered(
         "syft_ledger_alert_retries_total",
-        "Webhook delivery attempts that were retries (not an event's first attempt)"
+        "Webhook delivery attempts that were retries (not an event's first attempt)",
+        IntCounter::with_opts,
     )
-    .expect("register syft_ledger_alert_retries_total")
 });
 
 static RATE_CAPPED: LazyLock<IntCounter> = LazyLock::new(|| {
-    register_int_counter!(
+    registered(
         "syft_ledger_alert_rate_capped_total",
-        "Sends put off by an endpoint's per-minute cap (no attempt spent)"
+        "Sends put off by an endpoint's per-minute cap (no attempt spent)",
+        IntCounter::with_opts,
     )
-    .expect("register syft_ledger_alert_rate_capped_total")
 });
 
 static DISABLED_TOTAL: LazyLock<IntCounter> = LazyLock::new(|| {
-    register_int_counter!(
+    registered(
         "syft_ledger_alert_endpoints_disabled_total",
-        "Endpoints this process disabled after persistent failure"
+        "Endpoints this process disabled after persistent failure",
+        IntCounter::with_opts,
     )
-    .expect("register syft_ledger_alert_endpoints_disabled_total")
 });
 
 static DISABLED: LazyLock<IntGauge> = LazyLock::new(|| {
-    register_int_gauge!(
+    registered(
         "syft_ledger_alert_endpoints_disabled",
-        "Endpoints disabled now (not removed): their events wait until they are replaced"
+        "Endpoints disabled now (not removed): their events wait until they are replaced",
+        IntGauge::with_opts,
     )
-    .expect("register syft_ledger_alert_endpoints_disabled")
 });
 
 static QUEUE: LazyLock<IntGauge> = LazyLock::new(|| {
-    register_int_gauge!(
+    registered(
         "syft_ledger_alert_queue_depth",
-        "Alert events of enabled endpoints not yet delivered nor given up"
+        "Alert events of enabled endpoints not yet delivered nor given up",
+        IntGauge::with_opts,
     )
-    .expect("register syft_ledger_alert_queue_depth")
 });
 
 static OLDEST: LazyLock<Gauge> = LazyLock::new(|| {
-    register_gauge!(
+    registered(
         "syft_ledger_alert_oldest_pending_seconds",
-        "Age of the oldest alert event still waiting for delivery (0 when none)"
+        "Age of the oldest alert event still waiting for delivery (0 when none)",
+        Gauge::with_opts,
     )
-    .expect("register syft_ledger_alert_oldest_pending_seconds")
 });
 
 /// Events committed (call after the transaction that wrote them commits).

@@ -114,6 +114,22 @@ impl Where {
         self.binds.push(Bind::Text(value.to_string()));
     }
 
+    /// Rows of `account` on the side(s) asked for, in a table aliased `alias` with `sender_id`
+    /// and `recipient_id` columns; neither or both sides mean either.
+    fn party(&mut self, alias: &str, account: i64, as_sender: bool, as_recipient: bool) {
+        match (as_sender, as_recipient) {
+            (true, false) => self.int(&format!("{alias}.sender_id = ?"), account),
+            (false, true) => self.int(&format!("{alias}.recipient_id = ?"), account),
+            _ => {
+                let p = self.next();
+                self.clauses.push(format!(
+                    "({alias}.sender_id = {p} OR {alias}.recipient_id = {p})"
+                ));
+                self.binds.push(Bind::Int(account));
+            }
+        }
+    }
+
     /// `template` when the filter is set, else nothing.
     fn opt_int(&mut self, template: &str, value: Option<i64>) {
         if let Some(v) = value {
@@ -163,21 +179,19 @@ impl Where {
     }
 }
 
+/// Keyset pages read `limit + 1` rows: the extra one only says that more exist.
+fn page<T>(mut rows: Vec<T>, limit: i64) -> (Vec<T>, bool) {
+    let has_more = rows.len() as i64 > limit;
+    rows.truncate(limit as usize);
+    (rows, has_more)
+}
+
 impl Store {
     /// Returns up to `limit` tokens, newest first, and whether more exist.
     pub async fn list_tokens(&self, f: &TokenFilter) -> Result<(Vec<TokenRow>, bool)> {
         let mut w = Where::default();
         if let Some(account) = f.account_id {
-            match (f.as_sender, f.as_recipient) {
-                (true, false) => w.int("k.sender_id = ?", account),
-                (false, true) => w.int("k.recipient_id = ?", account),
-                _ => {
-                    let p = w.next();
-                    w.clauses
-                        .push(format!("(k.sender_id = {p} OR k.recipient_id = {p})"));
-                    w.binds.push(Bind::Int(account));
-                }
-            }
+            w.party("k", account, f.as_sender, f.as_recipient);
         }
         if !f.include_inactive {
             w.clauses.push("k.revoked_at IS NULL".into());
@@ -192,13 +206,8 @@ impl Store {
             w.sql(),
             f.limit + 1
         );
-        let mut tokens: Vec<TokenRow> = w
-            .bind_as(sqlx::query_as(&sql))
-            .fetch_all(self.pool())
-            .await?;
-        let has_more = tokens.len() as i64 > f.limit;
-        tokens.truncate(f.limit as usize);
-        Ok((tokens, has_more))
+        let rows = w.bind_as(sqlx::query_as(&sql)).fetch_all(self.pool());
+        Ok(page(rows.await?, f.limit))
     }
 
     /// Up to `limit` accounts with ids above `after_id`, oldest first, and whether more exist.
@@ -211,29 +220,17 @@ impl Store {
             "SELECT {ACCOUNT_COLUMNS} FROM accounts a WHERE a.id > $1 ORDER BY a.id LIMIT {}",
             limit + 1
         );
-        let mut accounts: Vec<AccountRow> = sqlx::query_as(&sql)
+        let accounts = sqlx::query_as(&sql)
             .bind(after_id.unwrap_or(i64::MIN))
-            .fetch_all(self.pool())
-            .await?;
-        let has_more = accounts.len() as i64 > limit;
-        accounts.truncate(limit as usize);
-        Ok((accounts, has_more))
+            .fetch_all(self.pool());
+        Ok(page(accounts.await?, limit))
     }
 
     /// Returns up to `limit` transfers, newest first, and whether more exist.
     pub async fn list_transfers(&self, f: &TransferFilter) -> Result<(Vec<TransferRow>, bool)> {
         let mut w = Where::default();
         if let Some(account) = f.account_id {
-            match (f.as_sender, f.as_recipient) {
-                (true, false) => w.int("t.sender_id = ?", account),
-                (false, true) => w.int("t.recipient_id = ?", account),
-                _ => {
-                    let p = w.next();
-                    w.clauses
-                        .push(format!("(t.sender_id = {p} OR t.recipient_id = {p})"));
-                    w.binds.push(Bind::Int(account));
-                }
-            }
+            w.party("t", account, f.as_sender, f.as_recipient);
         }
         w.opt_text("t.status = ?", f.status.map(|s| s.as_str()));
         w.opt_int("t.created_at >= ?", f.since);
@@ -245,13 +242,8 @@ impl Store {
             w.sql(),
             f.limit + 1
         );
-        let mut transfers: Vec<TransferRow> = w
-            .bind_as(sqlx::query_as(&sql))
-            .fetch_all(self.pool())
-            .await?;
-        let has_more = transfers.len() as i64 > f.limit;
-        transfers.truncate(f.limit as usize);
-        Ok((transfers, has_more))
+        let rows = w.bind_as(sqlx::query_as(&sql)).fetch_all(self.pool());
+        Ok(page(rows.await?, f.limit))
     }
 
     pub async fn query_usage(&self, f: &UsageFilter) -> Result<UsagePage> {
@@ -283,12 +275,8 @@ impl Store {
             w.sql(),
             f.limit + 1
         );
-        let mut rows: Vec<UsageRow> = w
-            .bind_as(sqlx::query_as(&sql))
-            .fetch_all(self.pool())
-            .await?;
-        let has_more = rows.len() as i64 > f.limit;
-        rows.truncate(f.limit as usize);
+        let rows = w.bind_as(sqlx::query_as(&sql)).fetch_all(self.pool());
+        let (rows, has_more) = page(rows.await?, f.limit);
         Ok(UsagePage {
             rows,
             has_more,

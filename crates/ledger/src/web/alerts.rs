@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use crate::alerts::{AlertEndpoint, Delivery, EventKind, Format, NewEndpoint, Rule};
 use crate::core::Ledger;
 use crate::error::{LedgerError, Result};
-use crate::rest::{caller, RestError};
+use crate::rest::{Authed, RestError};
 
 type Reply = std::result::Result<Response, RestError>;
 
@@ -141,10 +141,9 @@ pub fn delivery_json(d: &Delivery) -> Value {
 
 async fn list(
     State(ledger): State<Ledger>,
-    headers: HeaderMap,
+    Authed(caller): Authed,
     Query(query): Query<HashMap<String, String>>,
 ) -> Reply {
-    let caller = caller(&ledger, &headers).await?;
     let get = params(&query, &["account"])?;
     let endpoints = ledger
         .list_alert_endpoints(&caller, get("account").unwrap_or_default())
@@ -167,8 +166,7 @@ struct AddBody {
     account_email: String,
 }
 
-async fn add(State(ledger): State<Ledger>, headers: HeaderMap, bytes: Bytes) -> Reply {
-    let caller = caller(&ledger, &headers).await?;
+async fn add(State(ledger): State<Ledger>, Authed(caller): Authed, bytes: Bytes) -> Reply {
     let body: AddBody = parse_body(&bytes)?;
     let new = NewEndpoint {
         account_email: body.account_email,
@@ -191,8 +189,11 @@ async fn add(State(ledger): State<Ledger>, headers: HeaderMap, bytes: Bytes) -> 
     )
 }
 
-async fn remove(State(ledger): State<Ledger>, headers: HeaderMap, Path(id): Path<String>) -> Reply {
-    let caller = caller(&ledger, &headers).await?;
+async fn remove(
+    State(ledger): State<Ledger>,
+    Authed(caller): Authed,
+    Path(id): Path<String>,
+) -> Reply {
     ledger.remove_alert_endpoint(&caller, &id).await?;
     reply(StatusCode::OK, json!({ "removed": id }))
 }
@@ -206,11 +207,10 @@ struct RotateBody {
 
 async fn rotate(
     State(ledger): State<Ledger>,
-    headers: HeaderMap,
+    Authed(caller): Authed,
     Path(id): Path<String>,
     bytes: Bytes,
 ) -> Reply {
-    let caller = caller(&ledger, &headers).await?;
     let body: RotateBody = parse_body(&bytes)?;
     let overlap = Duration::from_secs(body.overlap_seconds.unwrap_or(DEFAULT_OVERLAP_SECONDS));
     let (secret, until) = ledger.rotate_alert_secret(&caller, &id, overlap).await?;
@@ -222,10 +222,9 @@ async fn rotate(
 
 async fn send_test(
     State(ledger): State<Ledger>,
-    headers: HeaderMap,
+    Authed(caller): Authed,
     Path(id): Path<String>,
 ) -> Reply {
-    let caller = caller(&ledger, &headers).await?;
     let event_id = ledger.send_test_alert(&caller, &id).await?;
     // Queued, not yet delivered: the delivery log shows what happens to it.
     reply(StatusCode::ACCEPTED, json!({ "event_id": event_id }))
@@ -233,11 +232,10 @@ async fn send_test(
 
 async fn deliveries(
     State(ledger): State<Ledger>,
-    headers: HeaderMap,
+    Authed(caller): Authed,
     Path(id): Path<String>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Reply {
-    let caller = caller(&ledger, &headers).await?;
     let get = params(&query, &["limit"])?;
     let limit = match get("limit") {
         None | Some("") => 0,
