@@ -137,8 +137,10 @@ impl pb::ledger_server::Ledger for GrpcLedger {
             budget_per_day_micros: req.budget_per_day_micros,
             budget_per_month_micros: req.budget_per_month_micros,
         };
-        let transfer = self.0.authorize(&caller, &hold).await?;
-        Ok(Response::new(transfer_pb(&transfer)))
+        let placed = self.0.authorize_keyed(&caller, &hold).await?;
+        let mut reply = transfer_pb(&placed.row);
+        reply.existing = placed.existing;
+        Ok(Response::new(reply))
     }
 
     async fn capture(&self, request: Request<pb::CaptureRequest>) -> Reply<pb::Transfer> {
@@ -404,6 +406,7 @@ pub fn transfer_pb(t: &TransferRow) -> pb::Transfer {
         resolved_at_unix_micros: t.resolved_at,
         cancel_reason: t.cancel_reason.clone(),
         idempotency_key: t.idempotency_key.clone(),
+        existing: false,
     }
 }
 

@@ -35,7 +35,7 @@ pub use analytics::{
     Dimension, KeyValue, Measures, Percentiles, StatsFilter, StatsGroup, StatsScope,
 };
 pub use answer::AnswerRow;
-pub use authorize::{AuthorizeInput, DirectInput};
+pub use authorize::{AuthorizeInput, DirectInput, Placed};
 pub use budget::{BudgetRefusal, BudgetWindow, HoldBudgets};
 pub use query::{TokenFilter, TokenRow, TransferFilter, UsageFilter, UsagePage, UsageTotals};
 pub use rows::{AccountRow, IssuedToken, TokenInfo, TransferRow, UsageInput, UsageRow};

@@ -180,10 +180,19 @@ struct RawLimits {
     max_amount: Option<String>,
 }
 
+/// The ledger's URL(s): a string or a list of strings.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawUrls {
+    One(String),
+    Many(Vec<String>),
+}
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawLedger {
-    url: Option<String>,
+    /// One URL, a comma-separated list, or an array of URLs.
+    url: Option<RawUrls>,
     timeout_ms: Option<u64>,
     connect_timeout_ms: Option<u64>,
     hold_ttl_seconds: Option<i64>,
@@ -251,7 +260,10 @@ impl<N: NumberText> RawConfig<N> {
         let search = self.search.map(RawSearch::into_config).transpose()?;
         let mut ledger = LedgerSettings::default();
         if let Some(url) = self.ledger.url {
-            ledger.url = url;
+            ledger.url = match url {
+                RawUrls::One(u) => u,
+                RawUrls::Many(list) => list.join(","),
+            };
         }
         if let Some(ms) = self.ledger.timeout_ms {
             ledger.timeout = Duration::from_millis(ms);
