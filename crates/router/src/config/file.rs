@@ -340,6 +340,24 @@ mod tests {
     use crate::config::{chat_pricing, PricingKind};
 
     #[test]
+    fn ledger_url_list() {
+        let c = RouterConfig::from_json_str(
+            r#"{"name":"r","owner_email":"o@example.com",
+                "ledger":{"url":["http://10.0.0.1:50051","http://10.0.0.2:50051"]}}"#,
+        )
+        .expect("array");
+        assert_eq!(
+            c.ledger.urls(),
+            ["http://10.0.0.1:50051", "http://10.0.0.2:50051"]
+        );
+        let c = RouterConfig::from_toml_str(
+            "name = \"r\"\nowner_email = \"o@example.com\"\n[ledger]\nurl = \"http://a:1, http://b:2,\"\n",
+        )
+        .expect("comma list");
+        assert_eq!(c.ledger.urls(), ["http://a:1", "http://b:2"]);
+    }
+
+    #[test]
     fn toml_config() {
         let c = RouterConfig::from_toml_str(
             r#"
