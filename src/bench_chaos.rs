@@ -25,7 +25,7 @@ use tokio::sync::Mutex;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
-use crate::chaos_parts::{free_port, start_faulty_upstream, Proc, Rng, ANSWER};
+use crate::chaos_parts::{start_faulty_upstream, Proc, Rng, ANSWER};
 use crate::setup::{create_account, issue_token, verify_ledger, wait_for_ledger};
 
 #[derive(Args, Debug, Clone)]
@@ -149,6 +149,11 @@ pub async fn chaos(b: &ChaosBench) -> anyhow::Result<Totals> {
                 .await
                 .with_context(|| format!("run {run}; logs in {}", dir.path().display()))?;
             totals.runs += 1;
+            eprintln!(
+                "chaos: run {run} done: {} keys, {} answered, {} charged, {} kills, {} pauses, {} problems so far",
+                totals.keys, totals.answered, totals.charged, totals.kills, totals.pauses,
+                totals.problems.len()
+            );
         }
         Ok::<_, anyhow::Error>(totals)
     }
@@ -169,8 +174,8 @@ struct Procs {
 
 async fn start_processes(db_url: &str, seed: u64, dir: &std::path::Path) -> anyhow::Result<Procs> {
     let mut all = Vec::new();
+    let ttl = format!("{HOLD_TTL_SECS}s");
     for i in 0..2 {
-        let port = free_port()?;
         let args = [
             "ledger",
             "--database-url",
@@ -178,24 +183,11 @@ async fn start_processes(db_url: &str, seed: u64, dir: &std::path::Path) -> anyh
             "--admin-key",
             ADMIN_KEY,
             "--hold-ttl",
-            &format!("{HOLD_TTL_SECS}s"),
+            &ttl,
             "--sweep-interval",
             "500ms",
-            "--shutdown-grace",
-            "1s",
-            "--grpc-addr",
-            &format!("127.0.0.1:{port}"),
-            "--http-addr",
-            "127.0.0.1:0",
         ];
-        let mut p = Proc::new(
-            &format!("ledger{i}"),
-            args.map(String::from).to_vec(),
-            port,
-            dir,
-        );
-        p.start().await?;
-        all.push(p);
+        all.push(Proc::spawn(&format!("ledger{i}"), &args, dir).await?);
     }
     let mut admin = connect_lazy(&all[0].url(), ADMIN_KEY)?;
     wait_for_ledger(&mut admin).await?;
@@ -211,29 +203,16 @@ async fn start_processes(db_url: &str, seed: u64, dir: &std::path::Path) -> anyh
     });
     let config_path = dir.join("router.json");
     std::fs::write(&config_path, serde_json::to_vec_pretty(&config)?)?;
+    let config_arg = config_path.display().to_string();
     for i in 0..2 {
-        let port = free_port()?;
         let args = [
             "router",
             "--config",
-            &config_path.display().to_string(),
+            &config_arg,
             "--ledger-secret",
             &secret,
-            "--shutdown-grace",
-            "1s",
-            "--grpc-addr",
-            &format!("127.0.0.1:{port}"),
-            "--http-addr",
-            "127.0.0.1:0",
         ];
-        let mut p = Proc::new(
-            &format!("router{i}"),
-            args.map(String::from).to_vec(),
-            port,
-            dir,
-        );
-        p.start().await?;
-        all.push(p);
+        all.push(Proc::spawn(&format!("router{i}"), &args, dir).await?);
     }
     Ok(Procs { all })
 }

@@ -64,7 +64,7 @@ pub(crate) struct Proc {
 }
 
 impl Proc {
-    pub(crate) fn new(name: &str, args: Vec<String>, port: u16, dir: &Path) -> Self {
+    fn new(name: &str, args: Vec<String>, port: u16, dir: &Path) -> Self {
         Proc {
             name: name.to_string(),
             args,
@@ -73,6 +73,23 @@ impl Proc {
             child: None,
             stopped: false,
         }
+    }
+
+    /// Starts `syft-router args…` on a free gRPC port (HTTP on any port, 1 s shutdown grace).
+    pub(crate) async fn spawn(name: &str, args: &[&str], dir: &Path) -> anyhow::Result<Self> {
+        let port = free_port()?;
+        let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        args.extend([
+            "--shutdown-grace".to_string(),
+            "1s".into(),
+            "--grpc-addr".into(),
+            format!("127.0.0.1:{port}"),
+            "--http-addr".into(),
+            "127.0.0.1:0".into(),
+        ]);
+        let mut p = Proc::new(name, args, port, dir);
+        p.start().await?;
+        Ok(p)
     }
 
     pub(crate) fn url(&self) -> String {

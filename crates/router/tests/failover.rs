@@ -12,16 +12,6 @@ use syft_proto::router::ChatRequest;
 use syft_router_svc::Pricing;
 use syft_testkit::*;
 
-const PRICE: i64 = 10_000;
-
-async fn readyz(http_url: &str) -> (u16, Value) {
-    let resp = reqwest::get(format!("{http_url}/readyz"))
-        .await
-        .expect("GET /readyz");
-    let code = resp.status().as_u16();
-    (code, resp.json().await.expect("json body"))
-}
-
 /// Polls `/readyz` until its status code is `want` (10 s at most).
 async fn wait_ready_code(http_url: &str, want: u16) -> Value {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
