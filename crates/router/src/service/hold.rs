@@ -186,3 +186,72 @@ impl HoldGuard {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use syft_proto::ledger::Transfer;
+
+    fn unix_micros_in(d: Duration, ahead: bool) -> i64 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|n| n.as_micros() as i64)
+            .unwrap_or(0);
+        let d = d.as_micros() as i64;
+        if ahead {
+            now + d
+        } else {
+            now - d
+        }
+    }
+
+    /// A slow answer (the call left 2 s ago) from a ledger whose clock runs 5 s ahead: the
+    /// ledger's figure alone would place the expiry 8 s away, but the hold was placed after the
+    /// call left, so it expires at most `sent + ttl`: 1 s away.
+    #[tokio::test]
+    async fn expiry_estimate_errs_early() {
+        let sent = Instant::now() - Duration::from_secs(2);
+        let created = unix_micros_in(Duration::from_secs(5), true);
+        let t = Transfer {
+            created_at_unix_micros: created,
+            expires_at_unix_micros: created + 3_000_000,
+            ..Default::default()
+        };
+        let at = expiry_estimate(sent, &t);
+        let left = at.saturating_duration_since(Instant::now());
+        assert!(left <= Duration::from_secs(1), "{left:?}");
+        assert!(left >= Duration::from_millis(900), "{left:?}");
+        // A ledger clock behind: its own figure is the earlier one and wins.
+        let created = unix_micros_in(Duration::from_secs(2), false);
+        let t = Transfer {
+            created_at_unix_micros: created,
+            expires_at_unix_micros: created + 3_000_000,
+            ..Default::default()
+        };
+        let left = expiry_estimate(Instant::now(), &t).saturating_duration_since(Instant::now());
+        assert!(left <= Duration::from_secs(1), "{left:?}");
+    }
+
+    /// Under load the stream ends earlier: twice the slowest ledger call before the expiry (at
+    /// most half the time to live).
+    #[tokio::test]
+    async fn capture_margin_grows_with_slow_calls() {
+        let ledger = crate::ledger::Ledger::connect(&crate::config::LedgerSettings::default())
+            .expect("lazy ledger");
+        let expires_at = Instant::now() + Duration::from_secs(60);
+        let mut g = HoldGuard {
+            work: None,
+            ledger,
+            transfer_id: String::new(),
+            expires_at,
+            ttl: Duration::from_secs(60),
+            cancel_usage: None,
+            slowest_call: Duration::from_millis(10),
+        };
+        assert_eq!(g.capture_by(), expires_at - Duration::from_secs(5));
+        g.slowest_call = Duration::from_secs(4);
+        assert_eq!(g.capture_by(), expires_at - Duration::from_secs(8));
+        g.slowest_call = Duration::from_secs(40);
+        assert_eq!(g.capture_by(), expires_at - Duration::from_secs(30));
+    }
+}
