@@ -35,10 +35,12 @@ pub use analytics::{
     Dimension, KeyValue, Measures, Percentiles, StatsFilter, StatsGroup, StatsScope,
 };
 pub use answer::AnswerRow;
-pub use authorize::{AuthorizeInput, DirectInput, Placed};
+pub use authorize::{AuthorizeInput, DirectInput};
 pub use budget::{BudgetRefusal, BudgetWindow, HoldBudgets};
 pub use query::{TokenFilter, TokenRow, TransferFilter, UsageFilter, UsagePage, UsageTotals};
 pub use rows::{AccountRow, IssuedToken, TokenInfo, TransferRow, UsageInput, UsageRow};
+// An Authorize's transfer and whether it was placed by an earlier call (issue 15).
+pub use authorize::Placed;
 pub(crate) use rows::{
     TokenLimits, ACCOUNT_COLUMNS, TRANSFER_COLUMNS, TRANSFER_JOINS, USAGE_COLUMNS,
 };
