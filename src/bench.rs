@@ -35,6 +35,10 @@ enum BenchTarget {
     Usage(crate::bench_usage::UsageBench),
     /// Checks per second of the shared rate limiter alone (docs/limits.md).
     Limits(crate::bench_limits::LimitsBench),
+    /// Fault injection with real processes: kill -9 and SIGSTOP of ledgers and routers during
+    /// paid traffic with client retries; checks the books after every run
+    /// (docs/crash-safety.md).
+    Chaos(crate::bench_chaos::ChaosBench),
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,6 +113,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchTarget::Router(b) => crate::bench_router::run(&b).await,
         BenchTarget::Usage(b) => crate::bench_usage::run(&b).await,
         BenchTarget::Limits(b) => crate::bench_limits::run(&b).await,
+        BenchTarget::Chaos(b) => crate::bench_chaos::run(&b).await,
     }
 }
 

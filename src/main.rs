@@ -1,11 +1,13 @@
 //! `syft-router`: one binary for the ledger, the router, the embedded dev stack and client commands.
 
 mod bench;
+mod bench_chaos;
 mod bench_limits;
 mod bench_pg;
 mod bench_router;
 mod bench_shapes;
 mod bench_usage;
+mod chaos_parts;
 mod cli;
 mod setup;
 

@@ -231,7 +231,7 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     };
 
     let setup = RouterSetup {
-        ledger_url: ledger_url.clone(),
+        ledger_url: vec![ledger_url.clone()],
         ledger_secret: creds.owner_secret.clone(),
         config: args.config.clone(),
         owner_email: args.config.is_none().then(|| creds.owner_email.clone()),

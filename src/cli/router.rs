@@ -46,13 +46,11 @@ pub struct RouterArgs {
 /// Router settings shared by `router` and `dev`.
 #[derive(Args, Debug, Clone)]
 pub struct RouterSetup {
-    /// Ledger gRPC URL.
-    #[arg(
-        long,
-        env = "SYFT_LEDGER_URL",
-        default_value = "http://127.0.0.1:50051"
-    )]
-    pub ledger_url: String,
+    /// Ledger gRPC URL; several replicas of one ledger as a comma-separated list or a repeated
+    /// flag (a name resolving to several addresses counts as one each). Calls fail over between
+    /// them. Default: the config file's `ledger.url`, else http://127.0.0.1:50051.
+    #[arg(long, env = "SYFT_LEDGER_URL", value_delimiter = ',')]
+    pub ledger_url: Vec<String>,
     /// The owner account's secret, used to authorize and capture on the ledger.
     #[arg(
         long,
@@ -115,7 +113,9 @@ impl RouterSetup {
         if let Some(owner) = &self.owner_email {
             config.owner_email = owner.clone();
         }
-        config.ledger.url = self.ledger_url.clone();
+        if !self.ledger_url.is_empty() {
+            config.ledger.url = self.ledger_url.join(",");
+        }
         config.ledger.secret = super::secret(
             Some(&self.ledger_secret),
             self.ledger_secret_file.as_ref(),

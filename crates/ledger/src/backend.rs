@@ -14,8 +14,8 @@ use syft_error::Reason;
 use crate::domain::Micros;
 use crate::error::{LedgerError, Result};
 use crate::store::{
-    AccountRow, AuthorizeInput, CaptureAmount, DirectInput, IssuedToken, Resolution, ResolveInput,
-    Store, TokenFilter, TokenRow, TransferFilter, TransferRow, UsageInput,
+    AccountRow, AuthorizeInput, CaptureAmount, DirectInput, IssuedToken, Placed, Resolution,
+    ResolveInput, Store, TokenFilter, TokenRow, TransferFilter, TransferRow, UsageInput,
 };
 
 /// Who resolves a transfer.
@@ -38,8 +38,9 @@ fn not_supported(what: &str) -> LedgerError {
 
 #[tonic::async_trait]
 pub trait TransferBackend: Send + Sync + 'static {
-    /// Places a hold validated by the core (the recipient is the authenticated caller).
-    async fn authorize(&self, input: &AuthorizeInput<'_>) -> Result<TransferRow>;
+    /// Places a hold validated by the core (the recipient is the authenticated caller), or
+    /// finds the one an earlier call with the same key placed.
+    async fn authorize(&self, input: &AuthorizeInput<'_>) -> Result<Placed>;
 
     /// Captures a pending hold of `recipient_id` (the caller has checked it may).
     async fn capture(
@@ -178,8 +179,8 @@ impl LocalBackend {
 
 #[tonic::async_trait]
 impl TransferBackend for LocalBackend {
-    async fn authorize(&self, input: &AuthorizeInput<'_>) -> Result<TransferRow> {
-        self.store.authorize(input).await
+    async fn authorize(&self, input: &AuthorizeInput<'_>) -> Result<Placed> {
+        self.store.authorize_keyed(input).await
     }
 
     async fn capture(

@@ -142,7 +142,10 @@ impl pb::ledger_server::Ledger for GrpcLedger {
                 budget_per_day_micros: req.budget_per_day_micros,
                 budget_per_month_micros: req.budget_per_month_micros,
             };
-            Ok(transfer_pb(&core.authorize(&caller, &hold).await?))
+            let placed = core.authorize_keyed(&caller, &hold).await?;
+            let mut reply = transfer_pb(&placed.row);
+            reply.existing = placed.existing;
+            Ok(reply)
         })
         .await
     }
@@ -414,6 +417,7 @@ pub fn transfer_pb(t: &TransferRow) -> pb::Transfer {
         resolved_at_unix_micros: t.resolved_at,
         cancel_reason: t.cancel_reason.clone(),
         idempotency_key: t.idempotency_key.clone(),
+        existing: false,
     }
 }
 

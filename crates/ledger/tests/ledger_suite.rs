@@ -346,7 +346,15 @@ async fn authorize_idempotency(h: Harness) -> Harness {
     let mut router = h.client(&owner);
     let t = granted(&mut router, USD, &token, "same").await;
     let replay = granted(&mut router, USD, &token, "same").await;
-    assert_eq!(t, replay);
+    // The replay is the same transfer, marked as found rather than placed by this call.
+    assert!(!t.existing && replay.existing, "{t:?} / {replay:?}");
+    assert_eq!(
+        t,
+        pb::Transfer {
+            existing: false,
+            ..replay
+        }
+    );
     assert_eq!(h.balance(ALICE).await.held_micros, USD, "replay held twice");
     // Different parameters under the same key are rejected.
     let changed = router
@@ -1172,10 +1180,25 @@ async fn idempotency_keys_are_per_sender(h: Harness) -> Harness {
         (ALICE, BOB)
     );
     // The same sender replays: its own transfer, never the other sender's, never a new hold.
+    assert!(!a.existing && !b.existing);
     let replay = ok(router.authorize(hold(ALICE, USD, "req-1")).await);
-    assert_eq!(replay, a);
+    assert!(replay.existing);
+    assert_eq!(
+        pb::Transfer {
+            existing: false,
+            ..replay
+        },
+        a
+    );
     let replay = ok(router.authorize(hold(BOB, USD, "req-1")).await);
-    assert_eq!(replay, b);
+    assert!(replay.existing);
+    assert_eq!(
+        pb::Transfer {
+            existing: false,
+            ..replay
+        },
+        b
+    );
     let changed = router
         .authorize(hold(ALICE, 2 * USD, "req-1"))
         .await

@@ -1,7 +1,8 @@
 //! Readiness of the router: `grpc.health.v1.Health`, HTTP `/readyz`, and gRPC server reflection.
 //!
-//! A router that sells anything needs its ledger, so it is SERVING only while the ledger answers
-//! its own health check ([`run_ledger_probe`] asks every [`PROBE_INTERVAL`]) and has accepted the
+//! A router that sells anything needs its ledger, so it is SERVING only while a ledger answers
+//! its own health check ([`run_ledger_probe`] asks every endpoint of `--ledger-url` every
+//! [`PROBE_INTERVAL`]; one serving endpoint is enough, calls fail over to it) and has accepted the
 //! router's secret as the credentials of `owner_email` (checked once the ledger answers, then
 //! every [`OWNER_RECHECK`]). A wrong `--ledger-secret`, or a secret of another account than
 //! `owner_email`, would otherwise show only at the first paid request (and with the other
@@ -43,6 +44,13 @@ pub enum LedgerState {
     NotServing,
     /// No answer.
     Unreachable,
+}
+
+/// One ledger endpoint's state, as the last probe found it (`/readyz` lists them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LedgerEndpoint {
+    pub url: String,
+    pub state: LedgerState,
 }
 
 /// Whether the ledger accepts the router's secret as the credentials of its `owner_email`.
@@ -87,7 +95,10 @@ impl OwnerCheck {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Readiness {
     pub ready: bool,
+    /// The best state of any ledger endpoint: serving while at least one serves.
     pub ledger: LedgerState,
+    /// Each endpoint's state (`--ledger-url` may list several).
+    pub ledgers: Vec<LedgerEndpoint>,
     /// Whether readiness depends on the ledger (some enabled service is paid).
     pub ledger_required: bool,
     /// Whether the router's secret authenticates as its owner.
@@ -105,6 +116,7 @@ impl Readiness {
         let mut r = Readiness {
             ready: false,
             ledger: LedgerState::Unknown,
+            ledgers: Vec::new(),
             ledger_required,
             owner: OwnerCheck::Unchecked,
             shutting_down: false,
@@ -122,9 +134,10 @@ impl Readiness {
         next
     }
 
-    fn with_ledger(&self, ledger: LedgerState) -> Self {
+    fn with_ledger(&self, ledger: LedgerState, ledgers: Vec<LedgerEndpoint>) -> Self {
         let mut next = self.clone();
         next.ledger = ledger;
+        next.ledgers = ledgers;
         next.recompute();
         next
     }
@@ -137,8 +150,8 @@ impl Readiness {
         } else {
             match self.ledger {
                 LedgerState::Unknown => Some("the ledger has not been probed yet".into()),
-                LedgerState::NotServing => Some("the ledger is not serving".into()),
-                LedgerState::Unreachable => Some("the ledger is unreachable".into()),
+                LedgerState::NotServing => Some("no ledger is serving".into()),
+                LedgerState::Unreachable => Some("no ledger is reachable".into()),
                 LedgerState::Serving => match self.owner {
                     OwnerCheck::Unchecked => {
                         Some("the router's ledger credentials are not checked yet".into())
@@ -180,7 +193,7 @@ pub(crate) async fn run_ledger_probe(service: RouterService, every: Duration) {
     let mut verified_at: Option<tokio::time::Instant> = None;
     loop {
         tick.tick().await;
-        let state = service.probe_ledger(PROBE_TIMEOUT).await;
+        let (state, endpoints) = service.probe_ledgers(PROBE_TIMEOUT).await;
         let due = verified_at.is_none_or(|at| at.elapsed() >= OWNER_RECHECK);
         if state == LedgerState::Serving && due {
             // `None`: no answer this time; the previous verdict stands.
@@ -190,7 +203,13 @@ pub(crate) async fn run_ledger_probe(service: RouterService, every: Duration) {
             }
         }
         service.update_readiness(|r| {
-            let next = r.with_ledger(state);
+            for e in &endpoints {
+                let before = r.ledgers.iter().find(|b| b.url == e.url).map(|b| b.state);
+                if before.is_some_and(|b| b != e.state) {
+                    tracing::info!(ledger = %e.url, state = ?e.state, "ledger endpoint changed state");
+                }
+            }
+            let next = r.with_ledger(state, endpoints);
             if next.ledger != r.ledger {
                 match state {
                     LedgerState::Serving => tracing::info!(ready = next.ready, "ledger reachable"),

@@ -1,6 +1,7 @@
 //! The router's ledger client: authenticated calls with deadlines, ledger errors mapped to
 //! router errors.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -8,10 +9,11 @@ use tokio::time::Instant;
 use syft_proto::ledger::ledger_client::LedgerClient;
 use syft_proto::ledger::{
     capture_request, AnswerToStore, AuthorizeRequest, CaptureRequest, ExtendHoldRequest,
-    GetAccountRequest, GetAnswerRequest, RecordUsageRequest, Transfer, Usage, VoidRequest,
+    GetAccountRequest, GetAnswerRequest, GetTransferRequest, RecordUsageRequest, Transfer, Usage,
+    VoidRequest,
 };
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::Code;
 
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -19,8 +21,9 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 use crate::config::LedgerSettings;
+use crate::endpoints::{Member, Members};
 use crate::error::RouterError;
-use crate::health::{LedgerState, OwnerCheck};
+use crate::health::{LedgerEndpoint, LedgerState, OwnerCheck};
 use syft_error::Reason;
 use tonic_types::StatusExt;
 
@@ -29,10 +32,8 @@ const LEDGER_SERVICE: &str = "syft.ledger.v1.Ledger";
 
 #[derive(Clone)]
 pub(crate) struct Ledger {
-    client: LedgerClient<Channel>,
-    channel: Channel,
+    members: Arc<Members>,
     auth: AsciiMetadataValue,
-    timeout: Duration,
     pub(crate) hold_ttl_seconds: Option<i64>,
 }
 
@@ -45,6 +46,8 @@ pub(crate) enum Op {
     RecordUsage,
     GetAnswer,
     ExtendHold,
+    GetAccount,
+    GetTransfer,
 }
 
 /// Longest wait between two attempts to settle an unknown outcome.
@@ -62,52 +65,66 @@ fn outcome_unknown(code: Code) -> bool {
     )
 }
 
+/// Whether a failed call certainly never reached a ledger (the connection could not be made), so
+/// it cannot have been applied. Anything else that failed in flight may have been.
+fn never_sent(s: &tonic::Status) -> bool {
+    s.code() == Code::Unavailable && s.message().to_ascii_lowercase().contains("connect")
+}
+
+/// What an authorization returned, and whether this request placed the hold.
+pub(crate) struct Authorization {
+    pub(crate) transfer: Transfer,
+    /// The ledger answered with a transfer an earlier call with the same key created (another
+    /// router's, or another attempt of this request's).
+    pub(crate) existing: bool,
+}
+
 impl Ledger {
-    /// Connects lazily (the first call dials). Must run inside a Tokio runtime.
+    /// Connects lazily to every endpoint (the first call dials). Must run inside a Tokio runtime.
     pub(crate) fn connect(settings: &LedgerSettings) -> Result<Self, RouterError> {
-        let endpoint = Endpoint::from_shared(settings.url.clone())
-            .map_err(|e| RouterError::Internal(format!("bad ledger url {:?}: {e}", settings.url)))?
-            .connect_timeout(settings.connect_timeout)
-            .timeout(settings.timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_while_idle(true);
-        let endpoint = syft_tls::configure_endpoint(endpoint, settings.tls.as_ref())
-            .map_err(|e| RouterError::Internal(format!("ledger TLS: {e}")))?;
         let auth: AsciiMetadataValue =
             MetadataValue::try_from(format!("Bearer {}", settings.secret.expose())).map_err(
                 |_| RouterError::Internal("ledger secret is not valid header text".into()),
             )?;
-        let channel = endpoint.connect_lazy();
         Ok(Ledger {
-            client: LedgerClient::new(channel.clone()),
-            channel,
+            members: Arc::new(Members::connect(settings)?),
             auth,
-            timeout: settings.timeout,
             hold_ttl_seconds: settings.hold_ttl_seconds,
         })
     }
 
-    /// The ledger's own gRPC health status. A ledger without the health service
-    /// (`UNIMPLEMENTED`) answered, so it counts as serving.
-    pub(crate) async fn probe(&self, timeout: Duration) -> LedgerState {
-        let mut client = HealthClient::new(self.channel.clone());
-        let mut req = tonic::Request::new(HealthCheckRequest {
-            service: LEDGER_SERVICE.into(),
-        });
-        req.set_timeout(timeout);
-        match tokio::time::timeout(timeout, client.check(req)).await {
-            Ok(Ok(resp)) => match resp.into_inner().status() {
-                ServingStatus::Serving => LedgerState::Serving,
-                _ => LedgerState::NotServing,
-            },
-            Ok(Err(s)) if s.code() == Code::Unimplemented => LedgerState::Serving,
-            Ok(Err(s)) => {
-                tracing::debug!(code = ?s.code(), message = %s.message(), "ledger health check failed");
-                LedgerState::Unreachable
-            }
-            Err(_) => LedgerState::Unreachable,
-        }
+    /// The ledgers' own gRPC health status, each endpoint's and overall: serving when at least
+    /// one endpoint is. Each endpoint's verdict also sets whether calls skip it.
+    pub(crate) async fn probe(&self, timeout: Duration) -> (LedgerState, Vec<LedgerEndpoint>) {
+        let states =
+            futures::future::join_all(self.members.all().iter().map(|m| probe_one(m, timeout)))
+                .await;
+        let endpoints = self
+            .members
+            .all()
+            .iter()
+            .zip(&states)
+            .map(|(m, state)| {
+                if *state == LedgerState::Serving {
+                    m.mark_up();
+                } else {
+                    m.mark_down();
+                }
+                LedgerEndpoint {
+                    url: m.label.clone(),
+                    state: *state,
+                }
+            })
+            .collect();
+        let overall = [
+            LedgerState::Serving,
+            LedgerState::NotServing,
+            LedgerState::Unreachable,
+        ]
+        .into_iter()
+        .find(|s| states.contains(s))
+        .unwrap_or(LedgerState::Unknown);
+        (overall, endpoints)
     }
 
     /// Reads `owner_email`'s account with the router's secret: only that account (or the admin)
@@ -117,13 +134,14 @@ impl Ledger {
         owner_email: &str,
         timeout: Duration,
     ) -> Option<OwnerCheck> {
-        let mut req = self.request(GetAccountRequest {
+        let msg = GetAccountRequest {
             email: owner_email.to_string(),
+        };
+        let call = self.call(Op::GetAccount, Some(timeout), msg, |mut c, r| async move {
+            c.get_account(r).await
         });
-        req.set_timeout(timeout);
-        let mut client = self.client.clone();
-        match tokio::time::timeout(timeout, client.get_account(req)).await {
-            Ok(Ok(_)) => Some(OwnerCheck::Verified),
+        match tokio::time::timeout(timeout, call).await {
+            Ok(Ok((_, _))) => Some(OwnerCheck::Verified),
             Ok(Err(s)) => match s.code() {
                 Code::Unauthenticated => Some(OwnerCheck::SecretRejected),
                 Code::PermissionDenied => Some(OwnerCheck::NotOwner),
@@ -137,22 +155,88 @@ impl Ledger {
         }
     }
 
-    fn request<T>(&self, msg: T) -> tonic::Request<T> {
+    fn request<T>(&self, msg: T, timeout: Option<Duration>) -> tonic::Request<T> {
         let mut req = tonic::Request::new(msg);
         req.metadata_mut()
             .insert("authorization", self.auth.clone());
-        req.set_timeout(self.timeout);
+        if let Some(t) = timeout {
+            req.set_timeout(t);
+        }
         syft_telemetry::inject_grpc(req.metadata_mut());
         req
     }
 
-    pub(crate) async fn authorize(&self, msg: AuthorizeRequest) -> Result<Transfer, RouterError> {
-        let mut client = self.client.clone();
-        client
-            .authorize(self.request(msg))
+    /// One call, failing over: the endpoints are tried in [`Members::order`] until one answers
+    /// (success, or a definite refusal). A transport failure (or a ledger saying it is
+    /// unavailable) backs its endpoint off and moves on to the next; only calls that are safe to
+    /// repeat go through here (all ledger calls are idempotent or reads). Also returns whether
+    /// an attempt before the answering one may have been applied (its outcome unknown).
+    async fn call<M, R, F, Fut>(
+        &self,
+        op: Op,
+        timeout: Option<Duration>,
+        msg: M,
+        call: F,
+    ) -> Result<(R, bool), tonic::Status>
+    where
+        M: Clone,
+        F: Fn(LedgerClient<Channel>, tonic::Request<M>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+    {
+        let mut maybe_applied = false;
+        let mut last = None;
+        for m in self.members.order() {
+            match call(m.client.clone(), self.request(msg.clone(), timeout)).await {
+                Ok(r) => {
+                    m.mark_up();
+                    return Ok((r.into_inner(), maybe_applied));
+                }
+                Err(s) if outcome_unknown(s.code()) => {
+                    tracing::debug!(ledger = %m.label, ?op, code = ?s.code(), message = %s.message(), "ledger call failed; next endpoint");
+                    m.mark_down();
+                    maybe_applied |= !never_sent(&s);
+                    last = Some(s);
+                }
+                Err(s) => {
+                    m.mark_up();
+                    return Err(s);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| tonic::Status::unavailable("no ledger endpoint")))
+    }
+
+    /// Places (or finds, for a repeated key) the hold. `existing` tells a hold this call placed
+    /// from one an earlier call with the same key placed; an attempt whose outcome is unknown may
+    /// have placed it, so then the hold counts as this call's own.
+    pub(crate) async fn authorize(
+        &self,
+        msg: AuthorizeRequest,
+    ) -> Result<Authorization, RouterError> {
+        let (resp, maybe_ours) = self
+            .call(Op::Authorize, None, msg, |mut c, r| async move {
+                c.authorize(r).await
+            })
             .await
-            .map(tonic::Response::into_inner)
-            .map_err(|s| map_status(Op::Authorize, s))
+            .map_err(|s| map_status(Op::Authorize, s))?;
+        let existing = resp.existing && !maybe_ours;
+        Ok(Authorization {
+            transfer: resp,
+            existing,
+        })
+    }
+
+    /// The transfer with that id, failing over.
+    pub(crate) async fn transfer(&self, transfer_id: &str) -> Result<Transfer, RouterError> {
+        let msg = GetTransferRequest {
+            transfer_id: transfer_id.to_string(),
+        };
+        self.call(Op::GetTransfer, None, msg, |mut c, r| async move {
+            c.get_transfer(r).await
+        })
+        .await
+        .map(|(t, _)| t)
+        .map_err(|s| map_status(Op::GetTransfer, s))
     }
 
     /// Captures, storing `answer` with it. The outcome is settled: see [`Ledger::settled`].
@@ -209,6 +293,8 @@ impl Ledger {
     /// committed transfer, or a definite refusal (`TRANSFER_NOT_PENDING`, `HOLD_EXPIRED`) when it
     /// did not commit and can no longer. Repeated with backoff until `settle_until` (the hold's
     /// expiry plus a margin: past it the ledger answers definitely whenever it answers at all).
+    /// Each round tries every endpoint (see [`Ledger::call`]), so a retry goes to another
+    /// ledger when one is down.
     async fn settled<M, F, Fut>(
         &self,
         op: Op,
@@ -225,8 +311,8 @@ impl Ledger {
         let mut delay = Duration::from_millis(50);
         let mut attempt = 0u32;
         loop {
-            let status = match call(self.client.clone(), self.request(msg.clone())).await {
-                Ok(r) => return Ok(r.into_inner()),
+            let status = match self.call(op, None, msg.clone(), &call).await {
+                Ok((t, _)) => return Ok(t),
                 Err(s) if outcome_unknown(s.code()) => s,
                 Err(s) => return Err(map_status(op, s)),
             };
@@ -248,39 +334,42 @@ impl Ledger {
         transfer_id: &str,
         ttl_seconds: i64,
     ) -> Result<Transfer, RouterError> {
-        let mut client = self.client.clone();
-        let req = self.request(ExtendHoldRequest {
+        let msg = ExtendHoldRequest {
             transfer_id: transfer_id.to_string(),
             ttl_seconds,
-        });
-        client
-            .extend_hold(req)
-            .await
-            .map(tonic::Response::into_inner)
-            .map_err(|s| map_status(Op::ExtendHold, s))
+        };
+        self.call(Op::ExtendHold, None, msg, |mut c, r| async move {
+            c.extend_hold(r).await
+        })
+        .await
+        .map(|(t, _)| t)
+        .map_err(|s| map_status(Op::ExtendHold, s))
     }
 
     /// The answer stored with a capture; `None` when there is none (not stored, expired, or the
     /// transfer is not captured).
     pub(crate) async fn answer(&self, transfer_id: &str) -> Result<Option<Vec<u8>>, RouterError> {
-        let mut client = self.client.clone();
-        let req = self.request(GetAnswerRequest {
+        let msg = GetAnswerRequest {
             transfer_id: transfer_id.to_string(),
+        };
+        let call = self.call(Op::GetAnswer, None, msg, |mut c, r| async move {
+            c.get_answer(r).await
         });
-        match client.get_answer(req).await {
-            Ok(r) => Ok(Some(r.into_inner().body)),
+        match call.await {
+            Ok((a, _)) => Ok(Some(a.body)),
             Err(s) if s.code() == Code::NotFound => Ok(None),
             Err(s) => Err(map_status(Op::GetAnswer, s)),
         }
     }
 
     pub(crate) async fn record_usage(&self, usage: Usage) -> Result<(), RouterError> {
-        let mut client = self.client.clone();
-        client
-            .record_usage(self.request(RecordUsageRequest { usage: Some(usage) }))
-            .await
-            .map(|_| ())
-            .map_err(|s| map_status(Op::RecordUsage, s))
+        let msg = RecordUsageRequest { usage: Some(usage) };
+        self.call(Op::RecordUsage, None, msg, |mut c, r| async move {
+            c.record_usage(r).await
+        })
+        .await
+        .map(|_| ())
+        .map_err(|s| map_status(Op::RecordUsage, s))
     }
 }
 
@@ -334,5 +423,27 @@ pub(crate) fn map_status(op: Op, s: tonic::Status) -> RouterError {
             tracing::warn!(?op, ?code, message = %msg, "ledger call failed");
             RouterError::Unavailable("ledger unavailable".into())
         }
+    }
+}
+
+/// One endpoint's own gRPC health status. A ledger without the health service
+/// (`UNIMPLEMENTED`) answered, so it counts as serving.
+async fn probe_one(m: &Member, timeout: Duration) -> LedgerState {
+    let mut client = HealthClient::new(m.channel.clone());
+    let mut req = tonic::Request::new(HealthCheckRequest {
+        service: LEDGER_SERVICE.into(),
+    });
+    req.set_timeout(timeout);
+    match tokio::time::timeout(timeout, client.check(req)).await {
+        Ok(Ok(resp)) => match resp.into_inner().status() {
+            ServingStatus::Serving => LedgerState::Serving,
+            _ => LedgerState::NotServing,
+        },
+        Ok(Err(s)) if s.code() == Code::Unimplemented => LedgerState::Serving,
+        Ok(Err(s)) => {
+            tracing::debug!(ledger = %m.label, code = ?s.code(), message = %s.message(), "ledger health check failed");
+            LedgerState::Unreachable
+        }
+        Err(_) => LedgerState::Unreachable,
     }
 }

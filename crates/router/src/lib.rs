@@ -9,6 +9,7 @@
 
 pub mod config;
 mod drain;
+mod endpoints;
 pub mod error;
 pub mod grpc;
 pub mod health;

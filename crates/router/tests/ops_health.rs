@@ -61,14 +61,6 @@ async fn wait_status(ch: &Channel, service: &str, want: ServingStatus) {
     }
 }
 
-async fn readyz(http_url: &str) -> (u16, Value) {
-    let resp = reqwest::get(format!("{http_url}/readyz"))
-        .await
-        .expect("GET /readyz");
-    let code = resp.status().as_u16();
-    (code, resp.json().await.expect("json body"))
-}
-
 async fn ledger_follows_its_database(db: Db) {
     let ledger = LedgerServer::start(ledger_config(&db.url)).await;
     let ch = channel(&ledger.url).await;

@@ -19,8 +19,8 @@ pub use ledger::{
     transfers_of, usage_of, Account, Harness, LedgerServer, ALERTS_KEY,
 };
 pub use router::{
-    chat_request, docs_dir, router_config, search_request, serve_router, Funded, RouterHandle,
-    Stack, FUNDS, PRICE,
+    chat_request, docs_dir, readyz, router_config, search_request, serve_router, Funded,
+    RouterHandle, Stack, FUNDS, PRICE,
 };
 pub use tempfile::TempDir;
 pub use upstream::{FakeUpstream, Mode, CONTENT, SEARCH_HITS, UP_COMPLETION, UP_PROMPT};

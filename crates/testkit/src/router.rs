@@ -396,3 +396,12 @@ impl Stack {
         );
     }
 }
+
+/// `GET /readyz` of a router: the status code and the JSON body.
+pub async fn readyz(http_url: &str) -> (u16, serde_json::Value) {
+    let resp = reqwest::get(format!("{http_url}/readyz"))
+        .await
+        .expect("GET /readyz");
+    let code = resp.status().as_u16();
+    (code, resp.json().await.expect("json body"))
+}

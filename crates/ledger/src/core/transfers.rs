@@ -8,7 +8,7 @@ use crate::error::{LedgerError, Result};
 use crate::metrics;
 use crate::money::check_positive;
 use crate::store::{
-    AuthorizeInput, CaptureAmount, DirectInput, TransferFilter, TransferRow, UsageInput,
+    AuthorizeInput, CaptureAmount, DirectInput, Placed, TransferFilter, TransferRow, UsageInput,
 };
 use crate::validate::{self, MAX_KEY, MAX_NAME, MAX_PATH, MAX_REASON};
 
@@ -32,6 +32,11 @@ impl Ledger {
     /// Places a hold on the sender's funds for the caller (the recipient), with a delegation
     /// token. Counted in the metrics once, not on replays.
     pub async fn authorize(&self, caller: &Caller, req: &HoldRequest) -> Result<TransferRow> {
+        self.authorize_keyed(caller, req).await.map(|p| p.row)
+    }
+
+    /// [`Ledger::authorize`], saying whether the hold was placed by an earlier call with the key.
+    pub async fn authorize_keyed(&self, caller: &Caller, req: &HoldRequest) -> Result<Placed> {
         let started = metrics::now();
         let recipient = caller.account()?;
         let sender_email = validate::email("sender_email", &req.sender_email)?;
@@ -62,10 +67,11 @@ impl Ledger {
             ttl_micros,
             budgets: budgets(req)?,
         };
-        let transfer = self.backend.authorize(&hold).await?;
-        tracing::debug!(transfer = %transfer.id, sender = %transfer.sender_email, amount = hold.amount, "authorized");
-        metrics::authorized(&transfer, started);
-        Ok(transfer)
+        let placed = self.backend.authorize(&hold).await?;
+        let transfer = &placed.row;
+        tracing::debug!(transfer = %transfer.id, sender = %transfer.sender_email, amount = hold.amount, existing = placed.existing, "authorized");
+        metrics::authorized(transfer, started);
+        Ok(placed)
     }
 
     pub async fn capture(

@@ -8,7 +8,8 @@ use super::Hosted;
 use crate::backend::{Party, TransferBackend};
 use crate::error::{LedgerError, Result};
 use crate::store::{
-    AccountRow, AuthorizeInput, CaptureAmount, Store, TransferFilter, TransferRow, UsageInput,
+    AccountRow, AuthorizeInput, CaptureAmount, Placed, Store, TransferFilter, TransferRow,
+    UsageInput,
 };
 use syft_error::Reason;
 
@@ -26,7 +27,7 @@ impl HostedBackend {
 
 #[tonic::async_trait]
 impl TransferBackend for HostedBackend {
-    async fn authorize(&self, input: &AuthorizeInput<'_>) -> Result<TransferRow> {
+    async fn authorize(&self, input: &AuthorizeInput<'_>) -> Result<Placed> {
         // The remote service keeps the money, so no local transaction can decide a budget
         // exactly: refuse rather than overspend (docs/limits.md).
         if !input.budgets.is_empty() {
@@ -35,7 +36,13 @@ impl TransferBackend for HostedBackend {
                 "spend budgets need a local ledger; this ledger uses hosted accounting",
             ));
         }
-        self.hosted.authorize(input).await
+        // The remote service does not say whether it replayed: counted as placed here, so a
+        // duplicate router calls its upstream (charged once all the same).
+        let row = self.hosted.authorize(input).await?;
+        Ok(Placed {
+            row,
+            existing: false,
+        })
     }
 
     async fn capture(

@@ -38,6 +38,13 @@ pub struct DirectInput<'a> {
     pub idempotency_key: &'a str,
 }
 
+/// An authorization's transfer, and whether an earlier call with the same key created it (a
+/// replay) rather than this one.
+pub struct Placed {
+    pub row: TransferRow,
+    pub existing: bool,
+}
+
 /// A transfer found by its idempotency key, with the hash of the request that created it.
 #[derive(sqlx::FromRow)]
 struct KeyedTransfer {
@@ -67,6 +74,26 @@ impl Store {
     /// idempotency_key)`: keys are scoped per paying user, so two users of one recipient may use
     /// the same key.
     pub async fn authorize(&self, input: &AuthorizeInput<'_>) -> Result<TransferRow> {
+        self.authorize_keyed(input).await.map(|p| p.row)
+    }
+
+    /// [`Store::authorize`], saying whether this call placed the hold or found the one an
+    /// earlier call with the key placed.
+    pub async fn authorize_keyed(&self, input: &AuthorizeInput<'_>) -> Result<Placed> {
+        let mut created = false;
+        let row = self.authorize_once(input, &mut created).await?;
+        Ok(Placed {
+            row,
+            existing: !created,
+        })
+    }
+
+    /// Sets `created` when this call inserted the hold; every other `Ok` is a replay.
+    async fn authorize_once(
+        &self,
+        input: &AuthorizeInput<'_>,
+        created: &mut bool,
+    ) -> Result<TransferRow> {
         let Some(token) = self.token_info(input.token).await? else {
             return self
                 .fail_authorize(
@@ -101,7 +128,10 @@ impl Store {
             let outcome =
                 retry_transient(|| self.try_authorize(input, &token, &request_hash, now)).await?;
             match outcome {
-                AuthorizeOutcome::Created(row) => return Ok(*row),
+                AuthorizeOutcome::Created(row) => {
+                    *created = true;
+                    return Ok(*row);
+                }
                 AuthorizeOutcome::BudgetExceeded(refusal) => {
                     if let Some(replayed) = self.replay_authorize(input, &request_hash).await? {
                         return replayed;

@@ -40,6 +40,8 @@ pub(crate) use budget::windowed_use;
 pub use budget::{BudgetRefusal, BudgetWindow, HoldBudgets, WindowUse};
 pub use query::{TokenFilter, TokenRow, TransferFilter, UsageFilter, UsagePage, UsageTotals};
 pub use rows::{AccountRow, IssuedToken, TokenInfo, TransferRow, UsageInput, UsageRow};
+// An Authorize's transfer and whether it was placed by an earlier call (issue 15).
+pub use authorize::Placed;
 pub(crate) use rows::{
     TokenLimits, ACCOUNT_COLUMNS, TRANSFER_COLUMNS, TRANSFER_JOINS, USAGE_COLUMNS,
 };

@@ -180,10 +180,19 @@ struct RawLimits {
     max_amount: Option<String>,
 }
 
+/// The ledger's URL(s): a string or a list of strings.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawUrls {
+    One(String),
+    Many(Vec<String>),
+}
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawLedger {
-    url: Option<String>,
+    /// One URL, a comma-separated list, or an array of URLs.
+    url: Option<RawUrls>,
     timeout_ms: Option<u64>,
     connect_timeout_ms: Option<u64>,
     hold_ttl_seconds: Option<i64>,
@@ -251,7 +260,10 @@ impl<N: NumberText> RawConfig<N> {
         let search = self.search.map(RawSearch::into_config).transpose()?;
         let mut ledger = LedgerSettings::default();
         if let Some(url) = self.ledger.url {
-            ledger.url = url;
+            ledger.url = match url {
+                RawUrls::One(u) => u,
+                RawUrls::Many(list) => list.join(","),
+            };
         }
         if let Some(ms) = self.ledger.timeout_ms {
             ledger.timeout = Duration::from_millis(ms);
@@ -326,6 +338,24 @@ impl RawUpstream {
 mod tests {
     use super::*;
     use crate::config::{chat_pricing, PricingKind};
+
+    #[test]
+    fn ledger_url_list() {
+        let c = RouterConfig::from_json_str(
+            r#"{"name":"r","owner_email":"o@example.com",
+                "ledger":{"url":["http://10.0.0.1:50051","http://10.0.0.2:50051"]}}"#,
+        )
+        .expect("array");
+        assert_eq!(
+            c.ledger.urls(),
+            ["http://10.0.0.1:50051", "http://10.0.0.2:50051"]
+        );
+        let c = RouterConfig::from_toml_str(
+            "name = \"r\"\nowner_email = \"o@example.com\"\n[ledger]\nurl = \"http://a:1, http://b:2,\"\n",
+        )
+        .expect("comma list");
+        assert_eq!(c.ledger.urls(), ["http://a:1", "http://b:2"]);
+    }
 
     #[test]
     fn toml_config() {

@@ -190,7 +190,8 @@ impl Default for Limits {
 /// How the router reaches the ledger.
 #[derive(Clone, Debug)]
 pub struct LedgerSettings {
-    /// gRPC URL, e.g. `http://127.0.0.1:50051`.
+    /// gRPC URL, e.g. `http://127.0.0.1:50051`, or several separated by commas (replicas of
+    /// one ledger: calls fail over between them; see [`LedgerSettings::urls`]).
     pub url: String,
     /// The router owner's account secret (sent as `authorization: Bearer <secret>`).
     pub secret: Secret,
@@ -202,6 +203,18 @@ pub struct LedgerSettings {
     /// TLS for an `https://` ledger URL: the CA to trust and, for mutual TLS, the router's
     /// client certificate. `None` with `https://` trusts the public web PKI roots.
     pub tls: Option<syft_tls::ClientTls>,
+}
+
+impl LedgerSettings {
+    /// The ledger endpoints: `url` split at commas, blanks dropped.
+    pub fn urls(&self) -> Vec<String> {
+        self.url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
 }
 
 impl Default for LedgerSettings {

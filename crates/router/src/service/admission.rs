@@ -128,7 +128,8 @@ impl RouterService {
             return Ok(Authorized::Free);
         }
         let inner = &self.inner;
-        let transfer = inner
+        let sent = tokio::time::Instant::now();
+        let authorization = inner
             .ledger
             .authorize(AuthorizeRequest {
                 sender_email: t.user_email.clone(),
@@ -143,6 +144,12 @@ impl RouterService {
             })
             .await
             .map_err(|e| explain_refusal(t, e))?;
+        let mut transfer = authorization.transfer;
+        if transfer.status() == TransferStatus::Pending && authorization.existing {
+            // Another router (or an earlier attempt) holds this key and may be calling its
+            // upstream right now: wait for its outcome rather than call ours a second time.
+            transfer = self.outcome_of(t, transfer).await?;
+        }
         if transfer.status() != TransferStatus::Pending {
             return Ok(Authorized::Resolved(Box::new(transfer)));
         }
@@ -150,11 +157,12 @@ impl RouterService {
         Ok(Authorized::Hold(HoldGuard {
             work: Some(inner.drain.enter()),
             ledger: inner.ledger.clone(),
-            expires_at: hold::local_instant(transfer.expires_at_unix_micros),
+            expires_at: hold::expiry_estimate(sent, &transfer),
             ttl: hold::hold_ttl(
                 transfer.created_at_unix_micros,
                 transfer.expires_at_unix_micros,
             ),
+            slowest_call: sent.elapsed(),
             transfer_id: transfer.id,
             cancel_usage: Some(self.usage(
                 t,
@@ -164,6 +172,35 @@ impl RouterService {
                 0,
             )),
         }))
+    }
+
+    /// Waits until another request's pending hold on this key is resolved (polling the
+    /// transfer), and returns it resolved: captured (its stored answer is then replayed) or
+    /// voided/expired (refused as already processed, not charged). Bounded by the hold's expiry:
+    /// past it the ledger reports the hold expired whenever it is asked.
+    async fn outcome_of(&self, t: &Ticket, pending: Transfer) -> Result<Transfer, RouterError> {
+        tracing::info!(request_id = %t.request_id, transfer_id = %pending.id,
+            "duplicate of a request in progress elsewhere; waiting for its outcome");
+        let give_up = hold::local_instant(pending.expires_at_unix_micros) + hold::SETTLE_MARGIN;
+        let mut delay = std::time::Duration::from_millis(25);
+        loop {
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(std::time::Duration::from_millis(500));
+            match self.inner.ledger.transfer(&pending.id).await {
+                Ok(tr) if tr.status() != TransferStatus::Pending => return Ok(tr),
+                Ok(_) => {}
+                Err(RouterError::Unavailable(e)) => {
+                    tracing::debug!(transfer_id = %pending.id, error = %e, "outcome not readable yet");
+                }
+                Err(e) => return Err(e),
+            }
+            if tokio::time::Instant::now() >= give_up {
+                return Err(RouterError::Unavailable(format!(
+                    "request {} is still in progress elsewhere; retry",
+                    t.request_id
+                )));
+            }
+        }
     }
 
     /// Success: capture the cost, storing `answer` for replay when given (or record the usage

@@ -43,6 +43,9 @@ pub(super) struct HoldGuard {
     pub(super) ttl: Duration,
     /// Present while the hold is unresolved.
     pub(super) cancel_usage: Option<Usage>,
+    /// The slowest ledger round trip seen for this hold (authorize, extensions): a loaded ledger
+    /// needs that long again to commit the capture, so streams end that much earlier.
+    pub(super) slowest_call: Duration,
 }
 
 impl HoldGuard {
@@ -104,7 +107,7 @@ impl Drop for HoldGuard {
 
 /// Margin past a hold's expiry during which an unknown resolution is still asked about: once the
 /// hold has expired the ledger's answer is definite (captured, or no longer capturable).
-const SETTLE_MARGIN: Duration = Duration::from_secs(5);
+pub(super) const SETTLE_MARGIN: Duration = Duration::from_secs(5);
 
 /// A ledger timestamp as an instant of this process's clock (a day ahead at most, whatever the
 /// ledger says).
@@ -115,6 +118,16 @@ pub(super) fn local_instant(unix_micros: i64) -> Instant {
         .unwrap_or(0);
     let remaining = u64::try_from(unix_micros.saturating_sub(now)).unwrap_or(0);
     Instant::now() + Duration::from_micros(remaining).min(Duration::from_secs(86_400))
+}
+
+/// When a hold expires, on this process's clock, erring early: the ledger set the expiry from
+/// its own clock at some moment after `sent` (when the call left), so `sent` + the time to live
+/// is a bound that neither a slow answer (a loaded ledger or router) nor a router clock behind
+/// the ledger's can push late. The ledger's own figure is used when it is earlier (its maximum
+/// hold life may have cut an extension short).
+pub(super) fn expiry_estimate(sent: Instant, t: &syft_proto::ledger::Transfer) -> Instant {
+    let by_ttl = sent + hold_ttl(t.created_at_unix_micros, t.expires_at_unix_micros);
+    by_ttl.min(local_instant(t.expires_at_unix_micros))
 }
 
 /// A hold's time to live, from its creation and expiry (at least a second).
@@ -137,8 +150,13 @@ impl HoldGuard {
 
     /// When a stream must end so that its capture commits before the hold expires: a quarter of
     /// the time to live (5 s at most) before the expiry.
+    /// Under load a capture takes longer: the margin is at least twice the slowest ledger call
+    /// seen for this hold (never more than half the time to live, so a stream still runs).
     pub(super) fn capture_by(&self) -> Instant {
-        self.expires_at - (self.ttl / 4).min(Duration::from_secs(5))
+        let margin = (self.ttl / 4)
+            .min(Duration::from_secs(5))
+            .max((self.slowest_call * 2).min(self.ttl / 2));
+        self.expires_at - margin
     }
 
     /// Extends the hold by its time to live. `false` when the ledger refused for good (resolved,
@@ -146,9 +164,15 @@ impl HoldGuard {
     /// next tick; meanwhile [`HoldGuard::capture_by`] bounds the stream.
     pub(super) async fn extend(&mut self) -> bool {
         let ttl = i64::try_from(self.ttl.as_secs().max(1)).unwrap_or(i64::MAX);
-        match self.ledger.extend_hold(&self.transfer_id, ttl).await {
+        let sent = Instant::now();
+        let result = self.ledger.extend_hold(&self.transfer_id, ttl).await;
+        self.slowest_call = self.slowest_call.max(sent.elapsed());
+        match result {
             Ok(t) => {
-                self.expires_at = local_instant(t.expires_at_unix_micros);
+                // The extension moved the expiry to (ledger's now + ttl), capped by the hold's
+                // maximum life: `sent` + ttl errs early, the ledger's figure catches the cap.
+                let by_ttl = sent + Duration::from_secs(u64::try_from(ttl).unwrap_or(0));
+                self.expires_at = by_ttl.min(local_instant(t.expires_at_unix_micros));
                 true
             }
             Err(RouterError::Unavailable(e)) => {
@@ -160,5 +184,74 @@ impl HoldGuard {
                 false
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use syft_proto::ledger::Transfer;
+
+    fn unix_micros_in(d: Duration, ahead: bool) -> i64 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|n| n.as_micros() as i64)
+            .unwrap_or(0);
+        let d = d.as_micros() as i64;
+        if ahead {
+            now + d
+        } else {
+            now - d
+        }
+    }
+
+    /// A slow answer (the call left 2 s ago) from a ledger whose clock runs 5 s ahead: the
+    /// ledger's figure alone would place the expiry 8 s away, but the hold was placed after the
+    /// call left, so it expires at most `sent + ttl`: 1 s away.
+    #[tokio::test]
+    async fn expiry_estimate_errs_early() {
+        let sent = Instant::now() - Duration::from_secs(2);
+        let created = unix_micros_in(Duration::from_secs(5), true);
+        let t = Transfer {
+            created_at_unix_micros: created,
+            expires_at_unix_micros: created + 3_000_000,
+            ..Default::default()
+        };
+        let at = expiry_estimate(sent, &t);
+        let left = at.saturating_duration_since(Instant::now());
+        assert!(left <= Duration::from_secs(1), "{left:?}");
+        assert!(left >= Duration::from_millis(900), "{left:?}");
+        // A ledger clock behind: its own figure is the earlier one and wins.
+        let created = unix_micros_in(Duration::from_secs(2), false);
+        let t = Transfer {
+            created_at_unix_micros: created,
+            expires_at_unix_micros: created + 3_000_000,
+            ..Default::default()
+        };
+        let left = expiry_estimate(Instant::now(), &t).saturating_duration_since(Instant::now());
+        assert!(left <= Duration::from_secs(1), "{left:?}");
+    }
+
+    /// Under load the stream ends earlier: twice the slowest ledger call before the expiry (at
+    /// most half the time to live).
+    #[tokio::test]
+    async fn capture_margin_grows_with_slow_calls() {
+        let ledger = crate::ledger::Ledger::connect(&crate::config::LedgerSettings::default())
+            .expect("lazy ledger");
+        let expires_at = Instant::now() + Duration::from_secs(60);
+        let mut g = HoldGuard {
+            work: None,
+            ledger,
+            transfer_id: String::new(),
+            expires_at,
+            ttl: Duration::from_secs(60),
+            cancel_usage: None,
+            slowest_call: Duration::from_millis(10),
+        };
+        assert_eq!(g.capture_by(), expires_at - Duration::from_secs(5));
+        g.slowest_call = Duration::from_secs(4);
+        assert_eq!(g.capture_by(), expires_at - Duration::from_secs(8));
+        g.slowest_call = Duration::from_secs(40);
+        assert_eq!(g.capture_by(), expires_at - Duration::from_secs(30));
     }
 }

@@ -165,8 +165,17 @@ impl RouterService {
         });
     }
 
-    /// Asks the ledger's gRPC health service whether it is serving.
+    /// Asks the ledger's gRPC health service whether it is serving: the best state of any
+    /// endpoint.
     pub async fn probe_ledger(&self, timeout: std::time::Duration) -> LedgerState {
+        self.inner.ledger.probe(timeout).await.0
+    }
+
+    /// Every ledger endpoint's health: the best state and each endpoint's.
+    pub async fn probe_ledgers(
+        &self,
+        timeout: std::time::Duration,
+    ) -> (LedgerState, Vec<crate::health::LedgerEndpoint>) {
         self.inner.ledger.probe(timeout).await
     }
 

@@ -1,0 +1,187 @@
+//! Several ledger endpoints and duplicates across routers (issue 15): a router given two ledgers
+//! of one database keeps selling when one dies (no 503, still ready) and is not ready only when
+//! both are down; a duplicate request arriving at two routers at once calls the upstream once
+//! and is charged once (the second router waits for the first's outcome and replays it).
+
+use std::time::Duration;
+
+use futures::future::join_all;
+use serde_json::Value;
+use syft_proto::ledger::TransferStatus;
+use syft_proto::router::ChatRequest;
+use syft_router_svc::Pricing;
+use syft_testkit::*;
+
+/// Polls `/readyz` until its status code is `want` (10 s at most).
+async fn wait_ready_code(http_url: &str, want: u16) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, body) = readyz(http_url).await;
+        if code == want {
+            return body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "readyz stayed {code}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Two ledgers on one Postgres database behind one router (`url` lists both). Paid traffic
+/// runs while the first ledger is killed: every request is answered (none gets 503), readiness
+/// stays ready; with both down the router is not ready. Every answer was charged once.
+#[tokio::test]
+async fn one_ledger_down_traffic_continues() {
+    let Some(db) = Db::postgres().await else {
+        return;
+    };
+    let funded = Funded::start(&db, Duration::from_secs(300)).await;
+    let mut first = funded.ledger;
+    let mut second = LedgerServer::start(ledger_config(&db.url)).await;
+    let upstream = FakeUpstream::start().await;
+    let mut config = router_config(
+        "failover",
+        &funded.owner.email,
+        &funded.owner.secret,
+        &format!("{},{}", first.url, second.url),
+        Pricing::per_request(PRICE),
+        Some(&upstream.base_url),
+    );
+    config.ledger.timeout = Duration::from_secs(10);
+    let router = RouterHandle::start(config).await;
+    let body = wait_ready_code(&router.http_url, 200).await;
+    assert_eq!(body["ledgers"].as_array().map(Vec::len), Some(2), "{body}");
+
+    let client = router.client().await;
+    let send = |i: usize| {
+        let mut c = client.clone();
+        let mut req = chat_request(&funded.alice.email, &funded.token, "hi");
+        req.model = "test-model".into();
+        req.request_id = format!("failover-{i}");
+        async move { c.chat(req).await.map(tonic::Response::into_inner) }
+    };
+    // Traffic before, during and after the kill, four at a time.
+    let mut answered = 0;
+    for round in 0..10 {
+        if round == 3 {
+            first.stop_now().await;
+        }
+        let results = join_all((0..4).map(|j| send(round * 4 + j))).await;
+        for r in results {
+            let r = r.unwrap_or_else(|s| panic!("request failed in round {round}: {s:?}"));
+            assert_eq!(r.cost_micros, PRICE);
+            answered += 1;
+        }
+        let (code, body) = readyz(&router.http_url).await;
+        assert_eq!(code, 200, "not ready with one ledger serving: {body}");
+    }
+    let body = wait_ready_code(&router.http_url, 200).await;
+    let states: Vec<&str> = body["ledgers"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|e| e["state"].as_str()).collect())
+        .unwrap_or_default();
+    assert!(states.contains(&"unreachable"), "{body}");
+
+    // The money: every answer charged once, at the price.
+    let transfers = transfers_of(&second.url, &funded.alice.email).await;
+    let captured: Vec<_> = transfers
+        .iter()
+        .filter(|t| t.status() == TransferStatus::Completed)
+        .collect();
+    assert_eq!(captured.len(), answered);
+    assert!(captured.iter().all(|t| t.captured_micros == PRICE));
+    assert_eq!(
+        account(&second.url, &funded.alice.email)
+            .await
+            .balance_micros,
+        FUNDS - PRICE * answered as i64
+    );
+    assert_consistent(&second.store).await;
+
+    // Both down: not ready, and a paid request is refused as unavailable (not hung).
+    second.stop_now().await;
+    let body = wait_ready_code(&router.http_url, 503).await;
+    assert_eq!(body["ledger"], "unreachable", "{body}");
+    let refused = send(1000).await.expect_err("no ledger");
+    assert_eq!(refused.code(), tonic::Code::Unavailable);
+    db.drop_postgres().await;
+}
+
+/// `--ledger-url` lists: a dead endpoint first in the list costs nothing once it is backed off,
+/// and a list in the config file (array) reads like the comma-separated flag.
+#[tokio::test]
+async fn dead_endpoint_in_list_is_skipped() {
+    let s = Stack::start_tweaked(Pricing::per_request(PRICE), |c| {
+        c.ledger.url = format!("{}, {}", closed_url(), c.ledger.url);
+    })
+    .await;
+    let mut c = s.client().await;
+    for i in 0..6 {
+        let mut req = s.request("hi");
+        req.request_id = format!("dead-first-{i}");
+        let r = c.chat(req).await.expect("answered").into_inner();
+        assert_eq!(r.cost_micros, PRICE);
+    }
+    wait_ready_code(&s.router.http_url, 200).await;
+    s.check_invariants().await;
+}
+
+/// The same request (same user, same request id) sent to two routers at once: one upstream
+/// call, one charge, and both clients get the answer (the second as a replay of the first's).
+#[tokio::test]
+async fn duplicate_at_two_routers_calls_upstream_once() {
+    let s = Stack::start(Pricing::per_request(PRICE)).await;
+    let other = RouterHandle::start(s.router_config(Pricing::per_request(PRICE))).await;
+    s.upstream.set_mode(Mode::Delay(Duration::from_millis(600)));
+    let mut a = s.client().await;
+    let mut b = other.client().await;
+    for round in 0..3 {
+        let mut req: ChatRequest = s.request("same question");
+        req.request_id = format!("dup-{round}");
+        let hits = s.upstream.hits();
+        let (ra, rb) = tokio::join!(a.chat(req.clone()), b.chat(req));
+        let ra = ra.expect("first router answers").into_inner();
+        let rb = rb.expect("second router answers").into_inner();
+        assert_eq!(
+            s.upstream.hits() - hits,
+            1,
+            "round {round}: upstream called twice"
+        );
+        assert_eq!(ra.transfer_id, rb.transfer_id);
+        assert_eq!(ra.message, rb.message);
+        assert_eq!((ra.cost_micros, rb.cost_micros), (PRICE, PRICE));
+        assert!(
+            ra.replay != rb.replay,
+            "exactly one of the two is the replay"
+        );
+    }
+    let captured = s
+        .transfers()
+        .await
+        .into_iter()
+        .filter(|t| t.status() == TransferStatus::Completed)
+        .count();
+    assert_eq!(captured, 3);
+    assert_eq!(s.alice_money().await.0, FUNDS - 3 * PRICE);
+    s.check_invariants().await;
+}
+
+/// A duplicate whose first attempt fails upstream: the hold is voided, and the waiting router
+/// reports the request as processed and not charged (it does not call the upstream either).
+#[tokio::test]
+async fn duplicate_of_a_failed_request_is_not_charged() {
+    let s = Stack::start(Pricing::per_request(PRICE)).await;
+    let other = RouterHandle::start(s.router_config(Pricing::per_request(PRICE))).await;
+    s.upstream.set_mode(Mode::Status(400));
+    let mut a = s.client().await;
+    let mut b = other.client().await;
+    let mut req = s.request("fails");
+    req.request_id = "dup-failed".into();
+    let (ra, rb) = tokio::join!(a.chat(req.clone()), b.chat(req));
+    let codes = [ra.map(|_| ()), rb.map(|_| ())];
+    assert!(codes.iter().all(Result::is_err), "{codes:?}");
+    assert_eq!(s.upstream.hits(), 1, "the duplicate called the upstream");
+    s.assert_voided_once(Duration::from_secs(5)).await;
+    s.check_invariants().await;
+}
