@@ -51,7 +51,11 @@ pub async fn run(b: &UsageBench) -> anyhow::Result<()> {
     let rows = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let next = Arc::new(AtomicU64::new(0));
-    let latency = Arc::new(Mutex::new(Histogram::<u64>::new(3)?));
+    let latency = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
+        1,
+        600_000_000,
+        2,
+    )?));
     let mut producers = Vec::new();
     for _ in 0..b.concurrency.max(1) {
         let (store, stop, measuring, rows, errors, next, latency) = (
@@ -65,7 +69,8 @@ pub async fn run(b: &UsageBench) -> anyhow::Result<()> {
         );
         let (recipient_id, refusal_every) = (recipient.id, b.refusal_every);
         producers.push(tokio::spawn(async move {
-            let mut h = Histogram::<u64>::new(3).expect("histogram");
+            // Two significant digits up to 10 minutes: a few kB per producer, not hundreds.
+            let mut h = Histogram::<u64>::new_with_bounds(1, 600_000_000, 2).expect("histogram");
             while !stop.load(Ordering::Relaxed) {
                 let n = next.fetch_add(1, Ordering::Relaxed);
                 let status = if refusal_every > 0 && n % refusal_every == 0 {
