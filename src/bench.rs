@@ -35,6 +35,8 @@ enum BenchTarget {
     Usage(crate::bench_usage::UsageBench),
     /// Checks per second of the shared rate limiter alone (docs/limits.md).
     Limits(crate::bench_limits::LimitsBench),
+    /// Dashboard query latency over 10 million loaded usage rows (issue 12, docs/analytics.md).
+    Analytics(crate::bench_analytics::AnalyticsBench),
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,6 +111,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchTarget::Router(b) => crate::bench_router::run(&b).await,
         BenchTarget::Usage(b) => crate::bench_usage::run(&b).await,
         BenchTarget::Limits(b) => crate::bench_limits::run(&b).await,
+        BenchTarget::Analytics(b) => crate::bench_analytics::run(&b).await,
     }
 }
 
