@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use sqlx::AnyConnection;
 
@@ -190,6 +191,17 @@ pub fn hist_columns() -> impl Iterator<Item = String> {
         .flat_map(|m| (0..HIST_BUCKETS).map(move |i| format!("h_{m}_{i:02}")))
 }
 
+/// Whether writers maintain the rollups; only `bench usage/router --rollups false` turns it off.
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Benchmarks only: turns rollup maintenance off (or back on) for the whole process, to measure
+/// what it costs the write path (issue 12: the router's throughput may drop by at most 5%). While
+/// off, rows are written without rollups and `verify` reports them; call
+/// `Store::rebuild_rollups` after turning it back on.
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+}
+
 /// Adds the rows to the rollups of every grain, in the caller's transaction.
 ///
 /// Only the columns some key of this batch changes are written (a usage row touches eight sums and
@@ -201,7 +213,7 @@ pub(crate) async fn upsert_rollups(
     conn: &mut AnyConnection,
     rows: &[RollupInput<'_>],
 ) -> Result<(), sqlx::Error> {
-    if rows.is_empty() {
+    if rows.is_empty() || !ENABLED.load(Ordering::Relaxed) {
         return Ok(());
     }
     let mut agg: BTreeMap<Key<'_>, Sums> = BTreeMap::new();
