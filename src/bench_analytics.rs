@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use hdrhistogram::Histogram;
-use syft_ledger::store::rollup::{bucket_of, DAY, HOUR, MINUTE};
+use syft_ledger::store::rollup::{bucket_of, DAY, HOUR, MINUTE, SUM_COLUMNS};
 use syft_ledger::store::{Dimension, StatsFilter, StatsScope, Store};
 
 use crate::setup::verify_ledger;
@@ -231,17 +231,6 @@ fn rows_sql(b: &AnalyticsBench, owners: &[i64], since: i64, step: i64) -> String
 }
 
 const KEYS: &str = "recipient_id, app_name, endpoint, user_email, model, status";
-const SUMS: [&str; 8] = [
-    "requests",
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "revenue",
-    "refunds",
-    "latency_sum",
-    "ttft_count",
-];
-
 /// The histogram columns the rows can touch, each with the values that fall in it.
 fn hist_buckets() -> BTreeMap<String, (&'static str, Vec<i64>)> {
     let mut out: BTreeMap<String, (&'static str, Vec<i64>)> = BTreeMap::new();
@@ -260,14 +249,20 @@ fn hist_buckets() -> BTreeMap<String, (&'static str, Vec<i64>)> {
     out
 }
 
-/// Minute rollups of the rows created in `[$1, $2)`.
-fn minute_sql() -> String {
-    let hist = hist_buckets();
-    let cols: Vec<&str> = SUMS
+/// The columns the loader writes: every sum, then the histogram buckets the rows can touch.
+fn columns(hist: &BTreeMap<String, (&'static str, Vec<i64>)>) -> String {
+    let cols: Vec<&str> = SUM_COLUMNS
         .iter()
         .copied()
         .chain(hist.keys().map(String::as_str))
         .collect();
+    cols.join(", ")
+}
+
+/// Minute rollups of the rows created in `[$1, $2)`.
+fn minute_sql() -> String {
+    let hist = hist_buckets();
+    let cols = columns(&hist);
     let mut exprs = vec![
         "COUNT(*)".to_string(),
         "SUM(prompt_tokens)".into(),
@@ -290,25 +285,20 @@ fn minute_sql() -> String {
         "INSERT INTO usage_rollups (grain, bucket_start, {KEYS}, {}) \
          SELECT 0, created_at / {MINUTE} * {MINUTE}, {KEYS}, {} FROM usage_records \
          WHERE created_at >= $1 AND created_at < $2 GROUP BY 2, {KEYS}",
-        cols.join(", "),
+        cols,
         exprs.join(", ")
     )
 }
 
 /// Rollups of grain `grain` summed from those of grain `from` in `[$1, $2)`.
 fn coarser_sql(grain: i16, micros: i64, from: i16) -> String {
-    let hist = hist_buckets();
-    let cols: Vec<&str> = SUMS
-        .iter()
-        .copied()
-        .chain(hist.keys().map(String::as_str))
-        .collect();
-    let sums: Vec<String> = cols.iter().map(|c| format!("SUM({c})")).collect();
+    let cols = columns(&hist_buckets());
+    let sums: Vec<String> = cols.split(", ").map(|c| format!("SUM({c})")).collect();
     format!(
         "INSERT INTO usage_rollups (grain, bucket_start, {KEYS}, {}) \
          SELECT {grain}, bucket_start / {micros} * {micros}, {KEYS}, {} FROM usage_rollups \
          WHERE grain = {from} AND bucket_start >= $1 AND bucket_start < $2 GROUP BY 2, {KEYS}",
-        cols.join(", "),
+        cols,
         sums.join(", ")
     )
 }

@@ -173,7 +173,7 @@ impl Sums {
 }
 
 /// The summed columns, as written and read.
-pub(super) const SUM_COLUMNS: [&str; 8] = [
+pub const SUM_COLUMNS: [&str; 8] = [
     "requests",
     "prompt_tokens",
     "completion_tokens",

@@ -11,7 +11,7 @@ use std::fmt::Write;
 
 use sqlx::AnyConnection;
 
-use super::rollup::{hist_columns, Grain, HIST_BUCKETS, MEASURES};
+use super::rollup::{hist_columns, Grain, HIST_BUCKETS, MEASURES, SUM_COLUMNS};
 use crate::error::Result;
 
 /// A rollup key whose stored sums differ from its rows'.
@@ -46,18 +46,11 @@ pub(super) async fn rollup_problems(conn: &mut AnyConnection) -> Result<Vec<Stri
         keys.replace(", ", ", u."),
         grains.join(" UNION ALL ")
     );
-    let sums = [
-        "requests",
-        "prompt_tokens",
-        "completion_tokens",
-        "total_tokens",
-        "revenue",
-        "refunds",
-        "latency_sum",
-        "ttft_count",
-    ];
-    let negated: Vec<String> = sums.iter().map(|c| format!("-{c}")).collect();
-    let differs: Vec<String> = sums.iter().map(|c| format!("SUM({c}) <> 0")).collect();
+    let negated: Vec<String> = SUM_COLUMNS.iter().map(|c| format!("-{c}")).collect();
+    let differs: Vec<String> = SUM_COLUMNS
+        .iter()
+        .map(|c| format!("SUM({c}) <> 0"))
+        .collect();
     let sql = format!(
         "SELECT CAST(grain AS BIGINT) AS grain, bucket_start, app_name, user_email, status, \
          CAST(SUM(requests) AS BIGINT) AS requests FROM ( \
