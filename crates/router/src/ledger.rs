@@ -21,6 +21,7 @@ use tonic_health::pb::HealthCheckRequest;
 use crate::config::LedgerSettings;
 use crate::error::RouterError;
 use crate::health::{LedgerState, OwnerCheck};
+use crate::usage_send::{Calls, UsageSender};
 use syft_error::Reason;
 use tonic_types::StatusExt;
 
@@ -31,8 +32,9 @@ const LEDGER_SERVICE: &str = "syft.ledger.v1.Ledger";
 pub(crate) struct Ledger {
     client: LedgerClient<Channel>,
     channel: Channel,
-    auth: AsciiMetadataValue,
-    timeout: Duration,
+    calls: Calls,
+    /// Free requests' usage rows, grouped into `RecordUsageBatch` calls (`usage_send.rs`).
+    usage: UsageSender,
     pub(crate) hold_ttl_seconds: Option<i64>,
 }
 
@@ -79,11 +81,17 @@ impl Ledger {
                 |_| RouterError::Internal("ledger secret is not valid header text".into()),
             )?;
         let channel = endpoint.connect_lazy();
-        Ok(Ledger {
-            client: LedgerClient::new(channel.clone()),
-            channel,
+        let client = LedgerClient::new(channel.clone());
+        let calls = Calls {
+            client: client.clone(),
             auth,
             timeout: settings.timeout,
+        };
+        Ok(Ledger {
+            client,
+            channel,
+            usage: UsageSender::start(calls.clone()),
+            calls,
             hold_ttl_seconds: settings.hold_ttl_seconds,
         })
     }
@@ -138,12 +146,7 @@ impl Ledger {
     }
 
     fn request<T>(&self, msg: T) -> tonic::Request<T> {
-        let mut req = tonic::Request::new(msg);
-        req.metadata_mut()
-            .insert("authorization", self.auth.clone());
-        req.set_timeout(self.timeout);
-        syft_telemetry::inject_grpc(req.metadata_mut());
-        req
+        self.calls.request(msg)
     }
 
     pub(crate) async fn authorize(&self, msg: AuthorizeRequest) -> Result<Transfer, RouterError> {
@@ -272,6 +275,11 @@ impl Ledger {
             Err(s) if s.code() == Code::NotFound => Ok(None),
             Err(s) => Err(map_status(Op::GetAnswer, s)),
         }
+    }
+
+    /// A free request's row, grouped with the rows ready at the same moment (`usage_send.rs`).
+    pub(crate) async fn record_free_usage(&self, usage: Usage) -> Result<(), RouterError> {
+        self.usage.send(usage).await
     }
 
     pub(crate) async fn record_usage(&self, usage: Usage) -> Result<(), RouterError> {
