@@ -109,17 +109,9 @@ struct Raw {
 }
 
 async fn raw(h: &Harness) -> Raw {
-    let mut admin = h.admin();
-    let rows = admin
-        .query_usage(pb::QueryUsageRequest {
-            page_size: 500,
-            ..Default::default()
-        })
-        .await
-        .expect("query usage")
-        .into_inner()
-        .records;
-    let transfers = admin
+    let rows = h.usage_rows().await;
+    let transfers = h
+        .admin()
         .list_transfers(pb::ListTransfersRequest {
             page_size: 500,
             ..Default::default()

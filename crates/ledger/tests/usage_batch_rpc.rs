@@ -26,18 +26,6 @@ fn usage(n: usize, status: &str) -> pb::Usage {
     }
 }
 
-async fn rows(h: &Harness) -> Vec<pb::UsageRecord> {
-    h.admin()
-        .query_usage(pb::QueryUsageRequest {
-            page_size: 500,
-            ..Default::default()
-        })
-        .await
-        .expect("query usage")
-        .into_inner()
-        .records
-}
-
 async fn batch_writes_each_row_once(h: Harness) -> Harness {
     let owner = h.account(OWNER, 0).await;
     let mut c = h.client(&owner);
@@ -67,7 +55,7 @@ async fn batch_writes_each_row_once(h: Harness) -> Harness {
     for (r, u) in first.iter().zip(&usages) {
         assert_eq!(r.usage.as_ref().map(|x| &x.request_id), Some(&u.request_id));
     }
-    assert_eq!(rows(&h).await.len(), 15);
+    assert_eq!(h.usage_rows().await.len(), 15);
     // The same call again: the answered requests keep their rows (same ids), refusals add rows.
     let again = c
         .record_usage_batch(req)
@@ -79,7 +67,7 @@ async fn batch_writes_each_row_once(h: Harness) -> Harness {
         first[..10].iter().map(|r| &r.id).collect::<Vec<_>>(),
         again[..10].iter().map(|r| &r.id).collect::<Vec<_>>()
     );
-    assert_eq!(rows(&h).await.len(), 20);
+    assert_eq!(h.usage_rows().await.len(), 20);
     h
 }
 
@@ -107,7 +95,7 @@ async fn bad_batches_write_nothing(h: Harness) -> Harness {
         })
         .await;
     assert!(admin.is_err(), "{admin:?}");
-    assert!(rows(&h).await.is_empty());
+    assert!(h.usage_rows().await.is_empty());
     h
 }
 
