@@ -39,6 +39,8 @@ enum BenchTarget {
     /// paid traffic with client retries; checks the books after every run
     /// (docs/crash-safety.md).
     Chaos(crate::bench_chaos::ChaosBench),
+    /// Dashboard query latency over 10 million loaded usage rows (issue 12, docs/analytics.md).
+    Analytics(crate::bench_analytics::AnalyticsBench),
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,6 +116,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchTarget::Usage(b) => crate::bench_usage::run(&b).await,
         BenchTarget::Limits(b) => crate::bench_limits::run(&b).await,
         BenchTarget::Chaos(b) => crate::bench_chaos::run(&b).await,
+        BenchTarget::Analytics(b) => crate::bench_analytics::run(&b).await,
     }
 }
 

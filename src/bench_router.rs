@@ -31,7 +31,7 @@ use syft_router_svc::{
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 
-use crate::setup::{create_account, issue_token, verify_ledger, wait_for_ledger};
+use crate::setup::{create_account, issue_token, restore_rollups, verify_ledger, wait_for_ledger};
 
 #[derive(Args, Debug)]
 pub struct RouterBench {
@@ -66,6 +66,10 @@ pub struct RouterBench {
     /// Chunks in the generated search index.
     #[arg(long, default_value_t = 100_000)]
     search_chunks: usize,
+    /// Maintain the usage rollups (false: measures what they cost the router's throughput,
+    /// issue 12; they are rebuilt from the rows before `verify`).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    rollups: bool,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq)]
@@ -172,6 +176,8 @@ const OWNER: &str = "owner@bench.example";
 pub async fn run(b: &RouterBench) -> anyhow::Result<()> {
     const ADMIN: &str = "bench-admin";
     let db = crate::bench::fresh_db(&b.database_url).await?;
+    syft_ledger::store::rollup::set_enabled(b.rollups);
+    println!("rollups: {}", if b.rollups { "on" } else { "off" });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let signal = move || {
         let mut rx = stop_rx.clone();
@@ -443,6 +449,7 @@ pub async fn run(b: &RouterBench) -> anyhow::Result<()> {
         r.await?.context("router")?;
     }
     ledger.await?.context("ledger")?;
+    restore_rollups(&db.url, b.rollups).await?;
     let report = verify_ledger(&db.url).await?;
     println!(
         "  verify: ok ({} transfers, {} pending)",

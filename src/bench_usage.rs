@@ -16,7 +16,7 @@ use syft_error::UsageStatus;
 use syft_ledger::store::{Store, UsageInput};
 use tokio::sync::Mutex;
 
-use crate::setup::verify_ledger;
+use crate::setup::{restore_rollups, verify_ledger};
 
 #[derive(Args, Debug)]
 pub struct UsageBench {
@@ -35,6 +35,10 @@ pub struct UsageBench {
     /// Every n-th row is a refusal (`payment_required`); 0: none.
     #[arg(long, default_value_t = 4)]
     refusal_every: u64,
+    /// Maintain the usage rollups while writing (false: measures what they cost; they are
+    /// rebuilt from the rows before `verify`).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    rollups: bool,
 }
 
 /// The issue's target for acknowledged usage rows per second on the 2-core benchmark machine.
@@ -42,6 +46,7 @@ const TARGET_ROWS_PER_S: f64 = 50_000.0;
 
 pub async fn run(b: &UsageBench) -> anyhow::Result<()> {
     let db = crate::bench::fresh_db(&b.database_url).await?;
+    syft_ledger::store::rollup::set_enabled(b.rollups);
     let store = Arc::new(Store::connect(&db.url, 8).await?);
     let recipient = store
         .create_account("router@bench.example", "bench", "USD", "-")
@@ -51,7 +56,11 @@ pub async fn run(b: &UsageBench) -> anyhow::Result<()> {
     let rows = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let next = Arc::new(AtomicU64::new(0));
-    let latency = Arc::new(Mutex::new(Histogram::<u64>::new(3)?));
+    let latency = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
+        1,
+        600_000_000,
+        2,
+    )?));
     let mut producers = Vec::new();
     for _ in 0..b.concurrency.max(1) {
         let (store, stop, measuring, rows, errors, next, latency) = (
@@ -65,7 +74,8 @@ pub async fn run(b: &UsageBench) -> anyhow::Result<()> {
         );
         let (recipient_id, refusal_every) = (recipient.id, b.refusal_every);
         producers.push(tokio::spawn(async move {
-            let mut h = Histogram::<u64>::new(3).expect("histogram");
+            // Two significant digits up to 10 minutes: a few kB per producer, not hundreds.
+            let mut h = Histogram::<u64>::new_with_bounds(1, 600_000_000, 2).expect("histogram");
             while !stop.load(Ordering::Relaxed) {
                 let n = next.fetch_add(1, Ordering::Relaxed);
                 let status = if refusal_every > 0 && n % refusal_every == 0 {
@@ -116,10 +126,11 @@ pub async fn run(b: &UsageBench) -> anyhow::Result<()> {
     let h = latency.lock().await;
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     println!(
-        "usage bench backend={} producers={} duration={elapsed:.1}s: {rate:.0} rows/s acknowledged \
-         after commit ({done} rows, {} errors); per-row wait p50 {:.2} ms p99 {:.2} ms",
+        "usage bench backend={} producers={} rollups={} duration={elapsed:.1}s: {rate:.0} rows/s \
+         acknowledged after commit ({done} rows, {} errors); per-row wait p50 {:.2} ms p99 {:.2} ms",
         if db.url.starts_with("postgres") { "postgres" } else { "sqlite" },
         b.concurrency,
+        b.rollups,
         errors.load(Ordering::Relaxed),
         ms(0.5),
         ms(0.99),
@@ -137,6 +148,7 @@ pub async fn run(b: &UsageBench) -> anyhow::Result<()> {
     if let Ok(store) = Arc::try_unwrap(store) {
         store.close().await;
     }
+    restore_rollups(&db.url, b.rollups).await?;
     let report = verify_ledger(&db.url).await?;
     println!("  verify: ok ({} transfers)", report.transfers);
     db.drop_db().await;

@@ -1,6 +1,7 @@
 //! `syft-router`: one binary for the ledger, the router, the embedded dev stack and client commands.
 
 mod bench;
+mod bench_analytics;
 mod bench_chaos;
 mod bench_limits;
 mod bench_pg;

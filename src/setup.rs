@@ -30,6 +30,19 @@ pub async fn issue_token(sender: &mut LedgerClient, recipient: &str) -> anyhow::
 }
 
 /// Connects to a ledger database, runs `verify`, and fails unless the ledger is consistent.
+/// After a benchmark run with `--rollups false`: rollups back on and recomputed from the rows, so
+/// the run still ends with a full `verify`.
+pub async fn restore_rollups(database_url: &str, were_on: bool) -> anyhow::Result<()> {
+    if !were_on {
+        syft_ledger::store::rollup::set_enabled(true);
+        let store = syft_ledger::Store::connect(database_url, 2).await?;
+        let rebuilt = store.rebuild_rollups().await;
+        store.close().await;
+        println!("  rollups rebuilt from {} rows", rebuilt?);
+    }
+    Ok(())
+}
+
 pub async fn verify_ledger(database_url: &str) -> anyhow::Result<syft_ledger::store::VerifyReport> {
     let store = syft_ledger::Store::connect(database_url, 2).await?;
     let report = store.verify().await;

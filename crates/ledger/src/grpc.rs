@@ -297,6 +297,23 @@ impl pb::ledger_server::Ledger for GrpcLedger {
         .await
     }
 
+    async fn record_usage_batch(
+        &self,
+        request: Request<pb::RecordUsageBatchRequest>,
+    ) -> Reply<pb::RecordUsageBatchResponse> {
+        let caller = self.caller(&request).await?;
+        let usages = request
+            .into_inner()
+            .usages
+            .into_iter()
+            .map(usage_input)
+            .collect();
+        let rows = self.0.record_usage_batch(&caller, usages).await?;
+        Ok(Response::new(pb::RecordUsageBatchResponse {
+            records: rows.iter().map(usage_pb).collect(),
+        }))
+    }
+
     async fn get_usage_stats(
         &self,
         request: Request<pb::GetUsageStatsRequest>,

@@ -109,17 +109,9 @@ struct Raw {
 }
 
 async fn raw(h: &Harness) -> Raw {
-    let mut admin = h.admin();
-    let rows = admin
-        .query_usage(pb::QueryUsageRequest {
-            page_size: 500,
-            ..Default::default()
-        })
-        .await
-        .expect("query usage")
-        .into_inner()
-        .records;
-    let transfers = admin
+    let rows = h.usage_rows().await;
+    let transfers = h
+        .admin()
         .list_transfers(pb::ListTransfersRequest {
             page_size: 500,
             ..Default::default()
@@ -564,9 +556,69 @@ async fn bad_input(h: Harness) -> Harness {
     h
 }
 
+/// `verify` compares the rollups with the rows: a rollup sum or histogram bucket changed behind
+/// the writers' back is reported, and the ledger verifies again once it is put back.
+async fn verify_sees_a_broken_rollup(h: Harness) -> Harness {
+    let owner = h.account(OWNER, 0).await;
+    let alice = h.account(ALICE, 10 * USD).await;
+    let token = h.token(&alice, OWNER).await;
+    paid(
+        &h,
+        &owner,
+        &token,
+        usage(1, ALICE, "chat-app", "success"),
+        Some(700),
+    )
+    .await;
+    paid(
+        &h,
+        &owner,
+        &token,
+        usage(2, ALICE, "chat-app", "upstream_error"),
+        None,
+    )
+    .await;
+    h.assert_consistent().await;
+    let pool = h.store.pool();
+    for (change, undo, expect) in [
+        (
+            "UPDATE usage_rollups SET revenue = revenue + 1 WHERE grain = 1",
+            "UPDATE usage_rollups SET revenue = revenue - 1 WHERE grain = 1",
+            "usage rollups differ from their usage rows",
+        ),
+        (
+            "UPDATE usage_rollups SET h_up_00 = COALESCE(h_up_00, 0) + 1 WHERE grain = 2",
+            "UPDATE usage_rollups SET h_up_00 = h_up_00 - 1 WHERE grain = 2",
+            "histograms that do not add up",
+        ),
+        (
+            "DELETE FROM usage_rollups WHERE grain = 0 AND status = 'success'",
+            "",
+            "usage rollups differ from their usage rows",
+        ),
+    ] {
+        sqlx::query(change).execute(pool).await.expect("break");
+        let report = h.store.verify().await.expect("verify");
+        assert!(
+            report.problems.iter().any(|p| p.contains(expect)),
+            "{change}: {:?}",
+            report.problems
+        );
+        if !undo.is_empty() {
+            sqlx::query(undo).execute(pool).await.expect("undo");
+            h.assert_consistent().await;
+        }
+    }
+    // The deleted minute rollups come back from the rows.
+    h.store.rebuild_rollups().await.expect("rebuild");
+    h.assert_consistent().await;
+    h
+}
+
 store_suite!(
     stats_match_raw_rows,
     group_committed_rows_and_refusals,
     bucket_boundaries,
-    bad_input
+    bad_input,
+    verify_sees_a_broken_rollup
 );

@@ -24,6 +24,7 @@ use crate::config::LedgerSettings;
 use crate::endpoints::{Member, Members};
 use crate::error::RouterError;
 use crate::health::{LedgerEndpoint, LedgerState, OwnerCheck};
+use crate::usage_send::UsageSender;
 use syft_error::Reason;
 use tonic_types::StatusExt;
 
@@ -32,9 +33,18 @@ const LEDGER_SERVICE: &str = "syft.ledger.v1.Ledger";
 
 #[derive(Clone)]
 pub(crate) struct Ledger {
+    calls: Calls,
+    /// Free requests' usage rows, grouped into `RecordUsageBatch` calls (`usage_send.rs`).
+    usage: UsageSender,
+    pub(crate) hold_ttl_seconds: Option<i64>,
+}
+
+/// The ledger endpoints and the router's credential: every call goes through [`Calls::call`],
+/// which fails over between endpoints. Shared by [`Ledger`] and the usage sender.
+#[derive(Clone)]
+pub(crate) struct Calls {
     members: Arc<Members>,
     auth: AsciiMetadataValue,
-    pub(crate) hold_ttl_seconds: Option<i64>,
 }
 
 /// Which ledger call failed, for error mapping and logs.
@@ -86,9 +96,13 @@ impl Ledger {
             MetadataValue::try_from(format!("Bearer {}", settings.secret.expose())).map_err(
                 |_| RouterError::Internal("ledger secret is not valid header text".into()),
             )?;
-        Ok(Ledger {
+        let calls = Calls {
             members: Arc::new(Members::connect(settings)?),
             auth,
+        };
+        Ok(Ledger {
+            usage: UsageSender::start(calls.clone()),
+            calls,
             hold_ttl_seconds: settings.hold_ttl_seconds,
         })
     }
@@ -96,10 +110,16 @@ impl Ledger {
     /// The ledgers' own gRPC health status, each endpoint's and overall: serving when at least
     /// one endpoint is. Each endpoint's verdict also sets whether calls skip it.
     pub(crate) async fn probe(&self, timeout: Duration) -> (LedgerState, Vec<LedgerEndpoint>) {
-        let states =
-            futures::future::join_all(self.members.all().iter().map(|m| probe_one(m, timeout)))
-                .await;
+        let states = futures::future::join_all(
+            self.calls
+                .members
+                .all()
+                .iter()
+                .map(|m| probe_one(m, timeout)),
+        )
+        .await;
         let endpoints = self
+            .calls
             .members
             .all()
             .iter()
@@ -137,9 +157,11 @@ impl Ledger {
         let msg = GetAccountRequest {
             email: owner_email.to_string(),
         };
-        let call = self.call(Op::GetAccount, Some(timeout), msg, |mut c, r| async move {
-            c.get_account(r).await
-        });
+        let call = self
+            .calls
+            .call(Op::GetAccount, Some(timeout), msg, |mut c, r| async move {
+                c.get_account(r).await
+            });
         match tokio::time::timeout(timeout, call).await {
             Ok(Ok((_, _))) => Some(OwnerCheck::Verified),
             Ok(Err(s)) => match s.code() {
@@ -155,57 +177,6 @@ impl Ledger {
         }
     }
 
-    fn request<T>(&self, msg: T, timeout: Option<Duration>) -> tonic::Request<T> {
-        let mut req = tonic::Request::new(msg);
-        req.metadata_mut()
-            .insert("authorization", self.auth.clone());
-        if let Some(t) = timeout {
-            req.set_timeout(t);
-        }
-        syft_telemetry::inject_grpc(req.metadata_mut());
-        req
-    }
-
-    /// One call, failing over: the endpoints are tried in [`Members::order`] until one answers
-    /// (success, or a definite refusal). A transport failure (or a ledger saying it is
-    /// unavailable) backs its endpoint off and moves on to the next; only calls that are safe to
-    /// repeat go through here (all ledger calls are idempotent or reads). Also returns whether
-    /// an attempt before the answering one may have been applied (its outcome unknown).
-    async fn call<M, R, F, Fut>(
-        &self,
-        op: Op,
-        timeout: Option<Duration>,
-        msg: M,
-        call: F,
-    ) -> Result<(R, bool), tonic::Status>
-    where
-        M: Clone,
-        F: Fn(LedgerClient<Channel>, tonic::Request<M>) -> Fut,
-        Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
-    {
-        let mut maybe_applied = false;
-        let mut last = None;
-        for m in self.members.order() {
-            match call(m.client.clone(), self.request(msg.clone(), timeout)).await {
-                Ok(r) => {
-                    m.mark_up();
-                    return Ok((r.into_inner(), maybe_applied));
-                }
-                Err(s) if outcome_unknown(s.code()) => {
-                    tracing::debug!(ledger = %m.label, ?op, code = ?s.code(), message = %s.message(), "ledger call failed; next endpoint");
-                    m.mark_down();
-                    maybe_applied |= !never_sent(&s);
-                    last = Some(s);
-                }
-                Err(s) => {
-                    m.mark_up();
-                    return Err(s);
-                }
-            }
-        }
-        Err(last.unwrap_or_else(|| tonic::Status::unavailable("no ledger endpoint")))
-    }
-
     /// Places (or finds, for a repeated key) the hold. `existing` tells a hold this call placed
     /// from one an earlier call with the same key placed; an attempt whose outcome is unknown may
     /// have placed it, so then the hold counts as this call's own.
@@ -214,6 +185,7 @@ impl Ledger {
         msg: AuthorizeRequest,
     ) -> Result<Authorization, RouterError> {
         let (resp, maybe_ours) = self
+            .calls
             .call(Op::Authorize, None, msg, |mut c, r| async move {
                 c.authorize(r).await
             })
@@ -231,12 +203,13 @@ impl Ledger {
         let msg = GetTransferRequest {
             transfer_id: transfer_id.to_string(),
         };
-        self.call(Op::GetTransfer, None, msg, |mut c, r| async move {
-            c.get_transfer(r).await
-        })
-        .await
-        .map(|(t, _)| t)
-        .map_err(|s| map_status(Op::GetTransfer, s))
+        self.calls
+            .call(Op::GetTransfer, None, msg, |mut c, r| async move {
+                c.get_transfer(r).await
+            })
+            .await
+            .map(|(t, _)| t)
+            .map_err(|s| map_status(Op::GetTransfer, s))
     }
 
     /// Captures, storing `answer` with it. The outcome is settled: see [`Ledger::settled`].
@@ -293,7 +266,7 @@ impl Ledger {
     /// committed transfer, or a definite refusal (`TRANSFER_NOT_PENDING`, `HOLD_EXPIRED`) when it
     /// did not commit and can no longer. Repeated with backoff until `settle_until` (the hold's
     /// expiry plus a margin: past it the ledger answers definitely whenever it answers at all).
-    /// Each round tries every endpoint (see [`Ledger::call`]), so a retry goes to another
+    /// Each round tries every endpoint (see [`Calls::call`]), so a retry goes to another
     /// ledger when one is down.
     async fn settled<M, F, Fut>(
         &self,
@@ -311,7 +284,7 @@ impl Ledger {
         let mut delay = Duration::from_millis(50);
         let mut attempt = 0u32;
         loop {
-            let status = match self.call(op, None, msg.clone(), &call).await {
+            let status = match self.calls.call(op, None, msg.clone(), &call).await {
                 Ok((t, _)) => return Ok(t),
                 Err(s) if outcome_unknown(s.code()) => s,
                 Err(s) => return Err(map_status(op, s)),
@@ -338,12 +311,13 @@ impl Ledger {
             transfer_id: transfer_id.to_string(),
             ttl_seconds,
         };
-        self.call(Op::ExtendHold, None, msg, |mut c, r| async move {
-            c.extend_hold(r).await
-        })
-        .await
-        .map(|(t, _)| t)
-        .map_err(|s| map_status(Op::ExtendHold, s))
+        self.calls
+            .call(Op::ExtendHold, None, msg, |mut c, r| async move {
+                c.extend_hold(r).await
+            })
+            .await
+            .map(|(t, _)| t)
+            .map_err(|s| map_status(Op::ExtendHold, s))
     }
 
     /// The answer stored with a capture; `None` when there is none (not stored, expired, or the
@@ -352,9 +326,11 @@ impl Ledger {
         let msg = GetAnswerRequest {
             transfer_id: transfer_id.to_string(),
         };
-        let call = self.call(Op::GetAnswer, None, msg, |mut c, r| async move {
-            c.get_answer(r).await
-        });
+        let call = self
+            .calls
+            .call(Op::GetAnswer, None, msg, |mut c, r| async move {
+                c.get_answer(r).await
+            });
         match call.await {
             Ok((a, _)) => Ok(Some(a.body)),
             Err(s) if s.code() == Code::NotFound => Ok(None),
@@ -362,14 +338,73 @@ impl Ledger {
         }
     }
 
+    /// A free request's row, grouped with the rows ready at the same moment (`usage_send.rs`).
+    pub(crate) async fn record_free_usage(&self, usage: Usage) -> Result<(), RouterError> {
+        self.usage.send(usage).await
+    }
+
     pub(crate) async fn record_usage(&self, usage: Usage) -> Result<(), RouterError> {
         let msg = RecordUsageRequest { usage: Some(usage) };
-        self.call(Op::RecordUsage, None, msg, |mut c, r| async move {
-            c.record_usage(r).await
-        })
-        .await
-        .map(|_| ())
-        .map_err(|s| map_status(Op::RecordUsage, s))
+        self.calls
+            .call(Op::RecordUsage, None, msg, |mut c, r| async move {
+                c.record_usage(r).await
+            })
+            .await
+            .map(|_| ())
+            .map_err(|s| map_status(Op::RecordUsage, s))
+    }
+}
+
+impl Calls {
+    fn request<T>(&self, msg: T, timeout: Option<Duration>) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        req.metadata_mut()
+            .insert("authorization", self.auth.clone());
+        if let Some(t) = timeout {
+            req.set_timeout(t);
+        }
+        syft_telemetry::inject_grpc(req.metadata_mut());
+        req
+    }
+
+    /// One call, failing over: the endpoints are tried in [`Members::order`] until one answers
+    /// (success, or a definite refusal). A transport failure (or a ledger saying it is
+    /// unavailable) backs its endpoint off and moves on to the next; only calls that are safe to
+    /// repeat go through here (all ledger calls are idempotent or reads). Also returns whether
+    /// an attempt before the answering one may have been applied (its outcome unknown).
+    pub(crate) async fn call<M, R, F, Fut>(
+        &self,
+        op: Op,
+        timeout: Option<Duration>,
+        msg: M,
+        call: F,
+    ) -> Result<(R, bool), tonic::Status>
+    where
+        M: Clone,
+        F: Fn(LedgerClient<Channel>, tonic::Request<M>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+    {
+        let mut maybe_applied = false;
+        let mut last = None;
+        for m in self.members.order() {
+            match call(m.client.clone(), self.request(msg.clone(), timeout)).await {
+                Ok(r) => {
+                    m.mark_up();
+                    return Ok((r.into_inner(), maybe_applied));
+                }
+                Err(s) if outcome_unknown(s.code()) => {
+                    tracing::debug!(ledger = %m.label, ?op, code = ?s.code(), message = %s.message(), "ledger call failed; next endpoint");
+                    m.mark_down();
+                    maybe_applied |= !never_sent(&s);
+                    last = Some(s);
+                }
+                Err(s) => {
+                    m.mark_up();
+                    return Err(s);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| tonic::Status::unavailable("no ledger endpoint")))
     }
 }
 

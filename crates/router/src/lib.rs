@@ -23,6 +23,7 @@ pub mod service;
 mod syft_http;
 pub mod tokens;
 pub mod upstream;
+mod usage_send;
 pub mod validate;
 
 use std::future::Future;

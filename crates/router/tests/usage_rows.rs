@@ -108,6 +108,51 @@ async fn refusals_leave_rows_and_free_the_request_id(s: Stack) {
     s.check_invariants().await;
 }
 
+/// Free requests finishing together share `RecordUsageBatch` calls (crates/router/src/
+/// usage_send.rs): every one still leaves exactly its own row, and is answered only once the
+/// ledger has it.
+async fn concurrent_free_requests_each_leave_a_row(s: Stack) {
+    let calls = (0..40).map(|n| {
+        let s = &s;
+        async move {
+            let mut c = s.client().await;
+            let mut req = s.request("hi");
+            req.request_id = format!("free-{n}");
+            req.transaction_token.clear();
+            c.chat(req).await.expect("free chat");
+        }
+    });
+    futures::future::join_all(calls).await;
+    let rows = usage_of(&s.ledger.url, &s.alice.email).await;
+    let mut ids: Vec<&str> = rows
+        .iter()
+        .filter_map(|r| r.usage.as_ref())
+        .filter(|u| u.status == "success")
+        .map(|u| u.request_id.as_str())
+        .collect();
+    ids.sort_unstable();
+    let mut want: Vec<String> = (0..40).map(|n| format!("free-{n}")).collect();
+    want.sort_unstable();
+    assert_eq!(ids, want);
+    assert_eq!(rows.len(), 40);
+    s.check_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_concurrent_free_requests_each_leave_a_row() {
+    concurrent_free_requests_each_leave_a_row(Stack::start(Pricing::free()).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_concurrent_free_requests_each_leave_a_row() {
+    let Some(db) = Db::postgres().await else {
+        println!("SKIPPED: no DATABASE_URL");
+        return;
+    };
+    let s = Stack::start_on(db, Pricing::free()).await;
+    concurrent_free_requests_each_leave_a_row(s).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_refusals_leave_rows_and_free_the_request_id() {
     let s = Stack::start(Pricing::per_request(PRICE)).await;

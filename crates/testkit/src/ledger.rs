@@ -247,6 +247,19 @@ impl Harness {
         assert_consistent(&self.store).await;
     }
 
+    /// Every usage row (first 500), as the admin reads them.
+    pub async fn usage_rows(&self) -> Vec<pb::UsageRecord> {
+        self.admin()
+            .query_usage(pb::QueryUsageRequest {
+                page_size: 500,
+                ..Default::default()
+            })
+            .await
+            .expect("query usage")
+            .into_inner()
+            .records
+    }
+
     /// Verifies the ledger, stops the server and drops the database.
     pub async fn finish(mut self) {
         self.assert_consistent().await;

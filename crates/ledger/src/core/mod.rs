@@ -29,6 +29,8 @@ pub use stats::{parse_dimensions, Stats, StatsQuery, StatsRole, MAX_GROUPS};
 
 const DEFAULT_PAGE: u32 = 100;
 const MAX_PAGE: u32 = 500;
+/// Rows per `RecordUsageBatch` call (the usage writer batches up to 4,000 rows).
+pub const MAX_USAGE_BATCH: usize = 1_000;
 
 /// A new account. `secret: None` generates one.
 #[derive(Debug, Clone, Default)]
@@ -341,6 +343,32 @@ impl Ledger {
         self.store
             .record_usage(recipient.id, &recipient.email, &usage)
             .await
+    }
+
+    /// Several free usage rows of one caller, as [`Ledger::record_usage`] writes each; they are
+    /// queued together, so the group commit writes them in one batch. All are validated first: one
+    /// invalid row refuses the call (the caller sends the rows alone to find it).
+    pub async fn record_usage_batch(
+        &self,
+        caller: &Caller,
+        usages: Vec<UsageInput>,
+    ) -> Result<Vec<UsageRow>> {
+        let recipient = caller.account()?;
+        if usages.len() > MAX_USAGE_BATCH {
+            return Err(LedgerError::invalid(format!(
+                "at most {MAX_USAGE_BATCH} usage rows per call"
+            )));
+        }
+        let usages = usages
+            .into_iter()
+            .map(validate_usage)
+            .collect::<Result<Vec<_>>>()?;
+        futures::future::try_join_all(
+            usages
+                .iter()
+                .map(|u| self.store.record_usage(recipient.id, &recipient.email, u)),
+        )
+        .await
     }
 
     pub async fn query_usage(&self, caller: &Caller, q: &UsageQuery) -> Result<Page<UsagePage>> {

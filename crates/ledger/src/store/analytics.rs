@@ -268,7 +268,10 @@ impl Store {
             "COUNT(DISTINCT CASE WHEN r.user_email <> '' THEN r.user_email END) AS active_users"
                 .into(),
         );
-        select.extend(hist_columns().map(|c| sum(&c)));
+        // Empty histogram buckets are NULL on Postgres (migration 0014).
+        select.extend(
+            hist_columns().map(|c| format!("CAST(COALESCE(SUM(r.{c}), 0) AS BIGINT) AS {c}")),
+        );
         let group = if keys.is_empty() {
             String::new()
         } else {

@@ -20,6 +20,7 @@ mod transfer;
 mod usage;
 mod usage_batch;
 mod verify;
+mod verify_rollups;
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};

@@ -9,11 +9,15 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use sqlx::AnyConnection;
 
 use super::{Backend, Store, UsageInput};
 use crate::error::Result;
+
+/// `AnyConnection::backend_name` of a Postgres connection.
+const POSTGRES: &str = "PostgreSQL";
 
 /// Histogram buckets per measure.
 pub const HIST_BUCKETS: usize = 64;
@@ -49,17 +53,28 @@ pub const MEASURES: [&str; 3] = ["lat", "up", "ttft"];
 /// each bound is the previous one times 1.2 (rounded down), so a bucket's upper bound is at most
 /// 1.2 times its lower bound and the last bucket is open (≥ ~150 s).
 pub fn bucket_bounds() -> [i64; HIST_BUCKETS] {
+    BOUNDS
+}
+
+/// [`bucket_bounds`], computed once at compile time (every usage row looks up three buckets).
+const BOUNDS: [i64; HIST_BUCKETS] = {
     let mut b = [0i64; HIST_BUCKETS];
-    for i in 1..HIST_BUCKETS {
-        b[i] = (b[i - 1] + 1).max(b[i - 1] * 6 / 5);
+    let mut i = 1;
+    while i < HIST_BUCKETS {
+        let grown = b[i - 1] * 6 / 5;
+        b[i] = if grown > b[i - 1] + 1 {
+            grown
+        } else {
+            b[i - 1] + 1
+        };
+        i += 1;
     }
     b
-}
+};
 
 /// The bucket of a value in ms (negative values count as 0).
 pub fn bucket_of(ms: i64) -> usize {
-    let bounds = bucket_bounds();
-    bounds.partition_point(|&lo| lo <= ms).saturating_sub(1)
+    BOUNDS.partition_point(|&lo| lo <= ms).saturating_sub(1)
 }
 
 /// The value reported for bucket `i`: the one that minimises the worst relative error over the
@@ -88,7 +103,8 @@ pub(crate) struct RollupInput<'a> {
     pub usage: &'a UsageInput,
 }
 
-type Key = (i16, i64, i64, String, String, String, String, String);
+/// (grain, bucket start, recipient, app, endpoint, user, model, status), borrowed from the rows.
+type Key<'a> = (i16, i64, i64, &'a str, &'a str, &'a str, &'a str, &'a str);
 
 #[derive(Debug, Clone)]
 struct Sums {
@@ -120,6 +136,24 @@ impl Default for Sums {
 }
 
 impl Sums {
+    /// Column `i` in [`SUM_COLUMNS`] then [`hist_columns`] order.
+    fn value(&self, i: usize) -> i64 {
+        match i {
+            0 => self.requests,
+            1 => self.prompt_tokens,
+            2 => self.completion_tokens,
+            3 => self.total_tokens,
+            4 => self.revenue,
+            5 => self.refunds,
+            6 => self.latency_sum,
+            7 => self.ttft_count,
+            _ => {
+                let h = i - SUM_COLUMNS.len();
+                self.hist[h / HIST_BUCKETS][h % HIST_BUCKETS]
+            }
+        }
+    }
+
     fn add(&mut self, r: &RollupInput<'_>) {
         let u = r.usage;
         self.requests += 1;
@@ -139,7 +173,7 @@ impl Sums {
 }
 
 /// The summed columns, as written and read.
-pub(super) const SUM_COLUMNS: [&str; 8] = [
+pub const SUM_COLUMNS: [&str; 8] = [
     "requests",
     "prompt_tokens",
     "completion_tokens",
@@ -157,95 +191,185 @@ pub fn hist_columns() -> impl Iterator<Item = String> {
         .flat_map(|m| (0..HIST_BUCKETS).map(move |i| format!("h_{m}_{i:02}")))
 }
 
+/// Whether writers maintain the rollups; only `bench usage/router --rollups false` turns it off.
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Benchmarks only: turns rollup maintenance off (or back on) for the whole process, to measure
+/// what it costs the write path (issue 12: the router's throughput may drop by at most 5%). While
+/// off, rows are written without rollups and `verify` reports them; call
+/// `Store::rebuild_rollups` after turning it back on.
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+}
+
 /// Adds the rows to the rollups of every grain, in the caller's transaction.
+///
+/// Only the columns some key of this batch changes are written (a usage row touches eight sums and
+/// at most three of the 192 histogram buckets): writing all 200 columns of every key made the
+/// statement megabytes long for a batch of a thousand rows, and parsing it cost more than the
+/// batch's inserts. Columns left out keep their value (a new row: 0, or NULL for a histogram
+/// bucket on Postgres, which keeps rows narrow: migration 0014).
 pub(crate) async fn upsert_rollups(
     conn: &mut AnyConnection,
     rows: &[RollupInput<'_>],
 ) -> Result<(), sqlx::Error> {
-    if rows.is_empty() {
+    if rows.is_empty() || !ENABLED.load(Ordering::Relaxed) {
         return Ok(());
     }
-    let mut agg: BTreeMap<Key, Sums> = BTreeMap::new();
+    let mut agg: BTreeMap<Key<'_>, Sums> = BTreeMap::new();
+    // The sums are always written; a histogram column only when some row of the batch is in it.
+    let mut used: Vec<bool> = (0..SUM_COLUMNS.len() + 3 * HIST_BUCKETS)
+        .map(|i| i < SUM_COLUMNS.len())
+        .collect();
     for r in rows {
+        let u = r.usage;
+        used[SUM_COLUMNS.len() + bucket_of(u.latency_ms)] = true;
+        used[SUM_COLUMNS.len() + HIST_BUCKETS + bucket_of(u.upstream_latency_ms)] = true;
+        if let Some(ttft) = u.ttft_ms {
+            used[SUM_COLUMNS.len() + 2 * HIST_BUCKETS + bucket_of(ttft)] = true;
+        }
         for grain in Grain::ALL {
             let start = r.created_at.div_euclid(grain.micros()) * grain.micros();
-            let u = r.usage;
             let key = (
                 grain as i16,
                 start,
                 r.recipient_id,
-                u.app_name.clone(),
-                u.endpoint.clone(),
-                u.user_email.clone(),
-                u.model.clone(),
-                u.status.clone(),
+                u.app_name.as_str(),
+                u.endpoint.as_str(),
+                u.user_email.as_str(),
+                u.model.as_str(),
+                u.status.as_str(),
             );
             agg.entry(key).or_default().add(r);
         }
     }
-    // Numbers are written inline (they are integers we computed, never caller text) and the five
-    // texts are bound: 200 columns a row would otherwise exceed the bind limit for large batches.
-    let hist: Vec<String> = hist_columns().collect();
-    let mut sql = String::from(
-        "INSERT INTO usage_rollups (grain, bucket_start, recipient_id, app_name, endpoint, \
+    let names: Vec<String> = SUM_COLUMNS
+        .iter()
+        .map(|c| c.to_string())
+        .chain(hist_columns())
+        .collect();
+    let used: Vec<usize> = (0..names.len()).filter(|&i| used[i]).collect();
+    let mut head = String::from(
+        "INSERT INTO usage_rollups AS r (grain, bucket_start, recipient_id, app_name, endpoint, \
          user_email, model, status",
     );
-    for c in SUM_COLUMNS
-        .iter()
-        .copied()
-        .chain(hist.iter().map(String::as_str))
-    {
-        let _ = write!(sql, ", {c}");
-    }
-    sql.push_str(") VALUES ");
-    for (n, ((grain, start, recipient, ..), s)) in agg.iter().enumerate() {
-        let p = n * 5;
-        let _ = write!(
-            sql,
-            "{}({grain}, {start}, {recipient}, ${}, ${}, ${}, ${}, ${}, {}, {}, {}, {}, {}, {}, {}, {}",
-            if n == 0 { "" } else { ", " },
-            p + 1,
-            p + 2,
-            p + 3,
-            p + 4,
-            p + 5,
-            s.requests,
-            s.prompt_tokens,
-            s.completion_tokens,
-            s.total_tokens,
-            s.revenue,
-            s.refunds,
-            s.latency_sum,
-            s.ttft_count
-        );
-        for v in s.hist.iter().flatten() {
-            let _ = write!(sql, ", {v}");
-        }
-        sql.push(')');
-    }
-    sql.push_str(
+    let mut set = String::from(
         " ON CONFLICT (grain, bucket_start, recipient_id, app_name, endpoint, user_email, model, \
          status) DO UPDATE SET ",
     );
-    for (n, c) in SUM_COLUMNS
-        .iter()
-        .copied()
-        .chain(hist.iter().map(String::as_str))
-        .enumerate()
-    {
+    for (n, &i) in used.iter().enumerate() {
+        let c = &names[i];
+        let _ = write!(head, ", {c}");
         let sep = if n == 0 { "" } else { ", " };
-        let _ = write!(sql, "{sep}{c} = usage_rollups.{c} + excluded.{c}");
+        // Histogram columns are NULL for "none" on Postgres (migration 0014).
+        let _ = write!(set, "{sep}{c} = COALESCE(r.{c}, 0) + excluded.{c}");
     }
-    let mut q = sqlx::query(&sql).persistent(false);
-    for (_, _, _, app, endpoint, user, model, status) in agg.keys() {
-        q = q
-            .bind(app)
-            .bind(endpoint)
-            .bind(user)
-            .bind(model)
-            .bind(status);
+    head.push(')');
+    if conn.backend_name() == POSTGRES {
+        upsert_postgres(conn, &agg, &names, &used, &head, &set).await
+    } else {
+        upsert_sqlite(conn, &agg, &used, &head, &set).await
     }
-    q.execute(&mut *conn).await?;
+}
+
+/// Postgres: one statement per batch whatever its size, the keys as one JSON parameter (the `Any`
+/// driver binds no arrays), in key order so concurrent batches lock rollup rows in one order.
+/// Its text depends only on the set of columns written, so it is prepared once per set.
+async fn upsert_postgres(
+    conn: &mut AnyConnection,
+    agg: &BTreeMap<Key<'_>, Sums>,
+    names: &[String],
+    used: &[usize],
+    head: &str,
+    set: &str,
+) -> Result<(), sqlx::Error> {
+    // Written by hand: one string for the whole batch instead of a map per key.
+    let mut input = String::with_capacity(agg.len() * (120 + 24 * used.len()));
+    input.push('[');
+    for (n, ((grain, start, recipient, app, endpoint, user, model, status), s)) in
+        agg.iter().enumerate()
+    {
+        if n > 0 {
+            input.push(',');
+        }
+        let _ = write!(
+            input,
+            r#"{{"n":{n},"grain":{grain},"bucket_start":{start},"recipient_id":{recipient},"app_name":{},"endpoint":{},"user_email":{},"model":{},"status":{}"#,
+            json_text(app),
+            json_text(endpoint),
+            json_text(user),
+            json_text(model),
+            json_text(status)
+        );
+        for &i in used {
+            let _ = write!(input, r#","{}":{}"#, names[i], s.value(i));
+        }
+        input.push('}');
+    }
+    input.push(']');
+    let cols: Vec<&str> = used.iter().map(|&i| names[i].as_str()).collect();
+    let typed: Vec<String> = cols.iter().map(|c| format!("{c} bigint")).collect();
+    let sql = format!(
+        "{head} SELECT grain, bucket_start, recipient_id, app_name, endpoint, user_email, model, \
+         status, {} FROM jsonb_to_recordset($1::jsonb) AS i(n bigint, grain smallint, \
+         bucket_start bigint, recipient_id bigint, app_name text, endpoint text, user_email text, \
+         model text, status text, {}) ORDER BY n{set}",
+        cols.join(", "),
+        typed.join(", ")
+    );
+    sqlx::query(&sql).bind(input).execute(&mut *conn).await?;
+    Ok(())
+}
+
+/// A JSON string literal (quoted and escaped).
+pub(crate) fn json_text(s: &str) -> String {
+    serde_json::Value::from(s).to_string()
+}
+
+/// Keys per SQLite statement: five bound texts each stay under SQLite's oldest bind limit (999).
+const SQLITE_KEYS_PER_STATEMENT: usize = 150;
+
+/// SQLite: multi-row upserts, numbers written inline (integers we computed, never caller text) and
+/// the five texts bound. SQLite's cost is the commit, so a few statements per batch are cheap.
+async fn upsert_sqlite(
+    conn: &mut AnyConnection,
+    agg: &BTreeMap<Key<'_>, Sums>,
+    used: &[usize],
+    head: &str,
+    set: &str,
+) -> Result<(), sqlx::Error> {
+    let keys: Vec<(&Key<'_>, &Sums)> = agg.iter().collect();
+    for chunk in keys.chunks(SQLITE_KEYS_PER_STATEMENT) {
+        let mut sql = format!("{head} VALUES ");
+        for (n, ((grain, start, recipient, ..), s)) in chunk.iter().enumerate() {
+            let p = n * 5;
+            let _ = write!(
+                sql,
+                "{}({grain}, {start}, {recipient}, ${}, ${}, ${}, ${}, ${}",
+                if n == 0 { "" } else { ", " },
+                p + 1,
+                p + 2,
+                p + 3,
+                p + 4,
+                p + 5,
+            );
+            for &i in used {
+                let _ = write!(sql, ", {}", s.value(i));
+            }
+            sql.push(')');
+        }
+        sql.push_str(set);
+        let mut q = sqlx::query(&sql).persistent(false);
+        for ((_, _, _, app, endpoint, user, model, status), _) in chunk {
+            q = q
+                .bind(app)
+                .bind(endpoint)
+                .bind(user)
+                .bind(model)
+                .bind(status);
+        }
+        q.execute(&mut *conn).await?;
+    }
     Ok(())
 }
 

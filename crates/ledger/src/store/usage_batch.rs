@@ -1,30 +1,38 @@
 //! Group commit for usage rows without money (free requests, refusals, failures).
 //!
 //! Each of these rows used to cost one commit, which made the ledger the bottleneck of a free
-//! service (one WAL flush per request). Rows are queued and one worker writes whatever is queued as
-//! one transaction: on Postgres a single multi-row `INSERT … SELECT FROM jsonb_to_recordset`, on
+//! service (one WAL flush per request). Rows are queued and a worker writes whatever is queued as
+//! one transaction (two workers on Postgres, so one batch inserts while the other commits): on Postgres a single multi-row `INSERT … SELECT FROM jsonb_to_recordset`, on
 //! SQLite one transaction of single-row inserts (SQLite's cost is the commit's fsync, not the
 //! statements). A caller is answered only after its batch committed, so a row acknowledged to the
 //! router is durable; a lone row goes out at once and under load batches grow. The rows a batch
-//! inserted are added to the usage rollups (`rollup.rs`) in the same transaction, with one upsert.
+//! inserted are added to the usage rollups (`rollup.rs`) in the same transaction, with one upsert
+//! per batch (one row per distinct key and grain, only the columns the batch changes).
 //!
 //! The queue is separate from the money batcher (`batch.rs`): a flood of refusals fills usage
 //! batches, never the batches of holds and captures.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
-use serde_json::json;
 use sqlx::{AnyConnection, AnyPool, Row};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Mutex};
 
 use super::rollup::{upsert_rollups, RollupInput};
 use super::usage::{insert_usage_row, is_refused, UsageLink, UsageWrite};
 use super::{Backend, Micros, UsageInput};
 use crate::error::is_retryable;
 
-/// Rows per statement: large enough to amortise the commit, small enough to keep the JSON
-/// parameter and the statement's lock time modest.
-const MAX_BATCH: usize = 1_000;
+/// Rows per statement: large enough to amortise the commit and the rollup upsert (whose cost
+/// grows with the distinct keys of a batch, not its rows), small enough to keep the JSON parameter
+/// and the statement's lock time modest.
+const MAX_BATCH: usize = 4_000;
+
+/// Batches written at once on Postgres: while one batch waits for its commit (the WAL flush), the
+/// next one is already inserting, on another core. Batches lock rollup rows in key order, so two
+/// of them meet on a rollup row by one waiting for the other's commit, never by a deadlock. SQLite
+/// has one writer.
+const PG_WORKERS: usize = 2;
 
 /// One usage row to write. `id` and `now` are fixed by the caller, so a retried batch is identical.
 #[derive(Debug, Clone)]
@@ -44,7 +52,14 @@ pub(crate) struct UsageWriter {
 impl UsageWriter {
     pub fn start(pool: AnyPool, backend: Backend) -> Self {
         let (queue, rx) = mpsc::unbounded_channel();
-        tokio::spawn(worker(pool, backend, rx));
+        let rx = Arc::new(Mutex::new(rx));
+        let workers = match backend {
+            Backend::Postgres => PG_WORKERS,
+            Backend::Sqlite => 1,
+        };
+        for _ in 0..workers {
+            tokio::spawn(worker(pool.clone(), backend, rx.clone()));
+        }
         Self { queue }
     }
 
@@ -58,20 +73,27 @@ impl UsageWriter {
     }
 }
 
-async fn worker(
-    pool: AnyPool,
-    backend: Backend,
-    mut rx: mpsc::UnboundedReceiver<(UsageJob, Reply)>,
-) {
-    while let Some(first) = rx.recv().await {
-        let mut jobs = vec![first];
-        while jobs.len() < MAX_BATCH {
-            let Ok(job) = rx.try_recv() else { break };
-            jobs.push(job);
-        }
-        tracing::trace!(rows = jobs.len(), "usage batch");
+type Queue = Arc<Mutex<mpsc::UnboundedReceiver<(UsageJob, Reply)>>>;
+
+/// Takes whatever is queued (up to [`MAX_BATCH`]), waiting for a first row when nothing is.
+async fn next_batch(rx: &Queue) -> Option<Vec<(UsageJob, Reply)>> {
+    let mut rx = rx.lock().await;
+    let first = rx.recv().await?;
+    let mut jobs = vec![first];
+    while jobs.len() < MAX_BATCH {
+        let Ok(job) = rx.try_recv() else { break };
+        jobs.push(job);
+    }
+    Some(jobs)
+}
+
+async fn worker(pool: AnyPool, backend: Backend, rx: Queue) {
+    while let Some(jobs) = next_batch(&rx).await {
         let rows: Vec<&UsageJob> = jobs.iter().map(|(j, _)| j).collect();
-        match write_retried(&pool, backend, &rows).await {
+        let started = std::time::Instant::now();
+        let written = write_retried(&pool, backend, &rows).await;
+        tracing::trace!(rows = jobs.len(), elapsed = ?started.elapsed(), "usage batch");
+        match written {
             Ok(inserted) => {
                 for (job, tx) in jobs {
                     let _ = tx.send(Ok(inserted.contains(&job.id)));
@@ -148,24 +170,58 @@ fn free_write(j: &UsageJob) -> UsageWrite<'_> {
     }
 }
 
+/// One row of [`USAGE_BATCH`]'s JSON parameter (field names are its record's columns).
+#[derive(serde::Serialize)]
+struct PgRow<'a> {
+    id: &'a str,
+    recipient: i64,
+    request_id: &'a str,
+    app: &'a str,
+    endpoint: &'a str,
+    user_email: &'a str,
+    model: &'a str,
+    pt: i64,
+    ct: i64,
+    tt: i64,
+    status: &'a str,
+    lat: i64,
+    ulat: i64,
+    now: i64,
+    refused: bool,
+    ttft: Option<i64>,
+}
+
 async fn insert_postgres(
     conn: &mut AnyConnection,
     jobs: &[&UsageJob],
 ) -> Result<HashSet<String>, sqlx::Error> {
-    let input: Vec<_> = jobs
+    let input: Vec<PgRow<'_>> = jobs
         .iter()
         .map(|j| {
             let u = &j.usage;
-            json!({"id": j.id, "recipient": j.recipient_id, "request_id": u.request_id,
-                   "app": u.app_name, "endpoint": u.endpoint, "user_email": u.user_email,
-                   "model": u.model, "pt": u.prompt_tokens, "ct": u.completion_tokens,
-                   "tt": u.total_tokens, "status": u.status, "lat": u.latency_ms,
-                   "ulat": u.upstream_latency_ms, "now": j.now, "refused": is_refused(u),
-                   "ttft": u.ttft_ms})
+            PgRow {
+                id: &j.id,
+                recipient: j.recipient_id,
+                request_id: &u.request_id,
+                app: &u.app_name,
+                endpoint: &u.endpoint,
+                user_email: &u.user_email,
+                model: &u.model,
+                pt: u.prompt_tokens,
+                ct: u.completion_tokens,
+                tt: u.total_tokens,
+                status: &u.status,
+                lat: u.latency_ms,
+                ulat: u.upstream_latency_ms,
+                now: j.now,
+                refused: is_refused(u),
+                ttft: u.ttft_ms,
+            }
         })
         .collect();
+    let input = serde_json::to_string(&input).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
     let rows = sqlx::query(USAGE_BATCH)
-        .bind(serde_json::Value::Array(input).to_string())
+        .bind(input)
         .fetch_all(&mut *conn)
         .await?;
     rows.iter().map(|r| r.try_get::<String, _>("id")).collect()

@@ -1,4 +1,5 @@
-//! `verify`: recomputes every balance from the journal and proves conservation.
+//! `verify`: recomputes every balance from the journal and proves conservation; checks the usage
+//! rollups against the usage rows (`verify_rollups.rs`).
 
 use sqlx::AnyConnection;
 
@@ -216,5 +217,8 @@ async fn verify_snapshot(conn: &mut AnyConnection) -> Result<VerifyReport> {
             "{per_request} request ids have more than one usage row (refusals aside)"
         ));
     }
+    // The rollups the analytics read equal the rows they count (verify_rollups.rs).
+    let rollups = super::verify_rollups::rollup_problems(conn).await?;
+    report.problems.extend(rollups);
     Ok(report)
 }

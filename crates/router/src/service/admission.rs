@@ -248,7 +248,7 @@ impl RouterService {
 
     async fn record_free_usage(&self, usage: Usage) {
         let request_id = usage.request_id.clone();
-        if let Err(e) = self.inner.ledger.record_usage(usage).await {
+        if let Err(e) = self.inner.ledger.record_free_usage(usage).await {
             // Free answers do not depend on the ledger being up.
             tracing::warn!(request_id = %request_id, error = %e, "could not record usage");
         }

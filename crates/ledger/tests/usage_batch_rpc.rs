@@ -1,0 +1,102 @@
+//! `RecordUsageBatch` (issue 16): a router's free rows in one call are written as `RecordUsage`
+//! writes each (request ids idempotent, refusals a row per attempt), an invalid row or too many
+//! rows refuse the whole call and write nothing, on SQLite and Postgres; `verify` (rollups
+//! included) holds after every scenario.
+
+use syft_proto::ledger as pb;
+use syft_testkit::{code, store_suite, Harness};
+use tonic::Code;
+
+const OWNER: &str = "owner@router.example";
+
+fn usage(n: usize, status: &str) -> pb::Usage {
+    pb::Usage {
+        request_id: format!("free-{n}"),
+        app_name: "free-app".into(),
+        endpoint: "/chat".into(),
+        user_email: format!("user{}@example.com", n % 3),
+        model: "m".into(),
+        prompt_tokens: 5,
+        completion_tokens: n as i64,
+        total_tokens: 0,
+        status: status.into(),
+        latency_ms: 2 + n as i64,
+        upstream_latency_ms: 1,
+        ttft_ms: None,
+    }
+}
+
+async fn batch_writes_each_row_once(h: Harness) -> Harness {
+    let owner = h.account(OWNER, 0).await;
+    let mut c = h.client(&owner);
+    // Ten answered requests and five refusals.
+    let usages: Vec<pb::Usage> = (0..15)
+        .map(|n| {
+            usage(
+                n,
+                if n < 10 {
+                    "success"
+                } else {
+                    "payment_required"
+                },
+            )
+        })
+        .collect();
+    let req = pb::RecordUsageBatchRequest {
+        usages: usages.clone(),
+    };
+    let first = c
+        .record_usage_batch(req.clone())
+        .await
+        .expect("batch")
+        .into_inner()
+        .records;
+    assert_eq!(first.len(), 15);
+    for (r, u) in first.iter().zip(&usages) {
+        assert_eq!(r.usage.as_ref().map(|x| &x.request_id), Some(&u.request_id));
+    }
+    assert_eq!(h.usage_rows().await.len(), 15);
+    // The same call again: the answered requests keep their rows (same ids), refusals add rows.
+    let again = c
+        .record_usage_batch(req)
+        .await
+        .expect("batch again")
+        .into_inner()
+        .records;
+    assert_eq!(
+        first[..10].iter().map(|r| &r.id).collect::<Vec<_>>(),
+        again[..10].iter().map(|r| &r.id).collect::<Vec<_>>()
+    );
+    assert_eq!(h.usage_rows().await.len(), 20);
+    h
+}
+
+async fn bad_batches_write_nothing(h: Harness) -> Harness {
+    let owner = h.account(OWNER, 0).await;
+    let mut c = h.client(&owner);
+    let mut usages: Vec<pb::Usage> = (0..5).map(|n| usage(n, "success")).collect();
+    usages[3].request_id.clear();
+    let bad = c
+        .record_usage_batch(pb::RecordUsageBatchRequest { usages })
+        .await;
+    assert_eq!(code(bad), Code::InvalidArgument);
+    let too_many = pb::RecordUsageBatchRequest {
+        usages: (0..1_001).map(|n| usage(n, "success")).collect(),
+    };
+    assert_eq!(
+        code(c.record_usage_batch(too_many).await),
+        Code::InvalidArgument
+    );
+    // The admin is no recipient of usage rows.
+    let admin = h
+        .admin()
+        .record_usage_batch(pb::RecordUsageBatchRequest {
+            usages: vec![usage(1, "success")],
+        })
+        .await;
+    assert!(admin.is_err(), "{admin:?}");
+    assert!(h.usage_rows().await.is_empty());
+    h
+}
+
+store_suite!(batch_writes_each_row_once, bad_batches_write_nothing);

@@ -1,0 +1,105 @@
+//! Free requests' usage rows, sent to the ledger in groups (issue 16): rows that are ready at the
+//! same moment go out as one `RecordUsageBatch` call instead of one `RecordUsage` call each, so a
+//! busy free service pays one RPC per group. Each caller still waits until the ledger answered for
+//! its row (the ledger answers after the row's batch committed), so a free answer is released only
+//! after its row is durable, as before.
+//!
+//! A group is sent as soon as the sender sees it, in a task of its own, so a slow commit never
+//! holds back the next group; a lone row goes out alone (plain `RecordUsage`). A ledger without
+//! the batch call (`UNIMPLEMENTED`) or a group with an invalid row (`INVALID_ARGUMENT`) is sent
+//! again row by row, so each row gets its own answer.
+
+use syft_proto::ledger::{RecordUsageBatchRequest, RecordUsageRequest, Usage};
+use tokio::sync::{mpsc, oneshot};
+use tonic::Code;
+
+use crate::error::RouterError;
+use crate::ledger::{map_status, Calls, Op};
+
+/// Rows per call: the ledger accepts up to 1,000 (`MAX_USAGE_BATCH`).
+const MAX_ROWS: usize = 256;
+
+type Reply = oneshot::Sender<Result<(), RouterError>>;
+
+async fn one(calls: &Calls, usage: Usage) -> Result<(), RouterError> {
+    let msg = RecordUsageRequest { usage: Some(usage) };
+    calls
+        .call(Op::RecordUsage, None, msg, |mut c, r| async move {
+            c.record_usage(r).await
+        })
+        .await
+        .map(|_| ())
+        .map_err(|s| map_status(Op::RecordUsage, s))
+}
+
+/// The queue of rows to send; cheap to clone.
+#[derive(Clone)]
+pub(crate) struct UsageSender {
+    queue: mpsc::UnboundedSender<(Usage, Reply)>,
+}
+
+impl UsageSender {
+    /// Starts the sender task. Must run inside a Tokio runtime.
+    pub(crate) fn start(calls: Calls) -> Self {
+        let (queue, rx) = mpsc::unbounded_channel();
+        tokio::spawn(group(calls, rx));
+        Self { queue }
+    }
+
+    /// Sends one row; returns once the ledger answered for it.
+    pub(crate) async fn send(&self, usage: Usage) -> Result<(), RouterError> {
+        let (tx, rx) = oneshot::channel();
+        self.queue
+            .send((usage, tx))
+            .map_err(|_| RouterError::Internal("usage sender stopped".into()))?;
+        rx.await
+            .map_err(|_| RouterError::Internal("usage sender stopped".into()))?
+    }
+}
+
+async fn group(calls: Calls, mut rx: mpsc::UnboundedReceiver<(Usage, Reply)>) {
+    while let Some(first) = rx.recv().await {
+        let mut rows = vec![first];
+        while rows.len() < MAX_ROWS {
+            let Ok(row) = rx.try_recv() else { break };
+            rows.push(row);
+        }
+        tokio::spawn(send(calls.clone(), rows));
+    }
+}
+
+async fn send(calls: Calls, rows: Vec<(Usage, Reply)>) {
+    if rows.len() > 1 {
+        let usages = rows.iter().map(|(u, _)| u.clone()).collect();
+        let msg = RecordUsageBatchRequest { usages };
+        let sent = calls
+            .call(Op::RecordUsage, None, msg, |mut c, r| async move {
+                c.record_usage_batch(r).await
+            })
+            .await;
+        match sent {
+            Ok(_) => {
+                for (_, tx) in rows {
+                    let _ = tx.send(Ok(()));
+                }
+                return;
+            }
+            Err(s) if matches!(s.code(), Code::Unimplemented | Code::InvalidArgument) => {
+                tracing::debug!(code = ?s.code(), "usage group refused, sending its rows one by one");
+            }
+            Err(s) => {
+                for (_, tx) in rows {
+                    let _ = tx.send(Err(map_status(Op::RecordUsage, s.clone())));
+                }
+                return;
+            }
+        }
+    }
+    let sends = rows.into_iter().map(|(usage, tx)| {
+        let calls = calls.clone();
+        async move {
+            let _ = tx.send(one(&calls, usage).await);
+        }
+    });
+    futures::future::join_all(sends).await;
+}
