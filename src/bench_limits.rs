@@ -45,6 +45,7 @@ fn rules(run: &str, user: usize) -> Vec<Rule> {
     let rule = |kind, what: &str, window, cost| Rule {
         key: format!("syft:bench:{run}:{what}:{user}"),
         kind,
+        scope: "router",
         limit: 1_000_000_000,
         window,
         cost,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use syft_ledger::client::connect_lazy;
 use syft_proto::ledger as pb;
-use syft_testkit::{reason, Harness, LedgerServer, USD};
+use syft_testkit::{backdate_transfers, reason, Harness, LedgerServer, USD};
 use tonic::Code;
 use tonic_types::StatusExt;
 
@@ -35,10 +35,7 @@ fn hold(
 
 /// Moves every transfer of the test a day back, as if the window had passed.
 async fn a_day_passes(h: &Harness) {
-    sqlx::query("UPDATE transfers SET created_at = created_at - 86400000000")
-        .execute(h.store.pool())
-        .await
-        .expect("backdate");
+    backdate_transfers(&h.store, Duration::from_secs(86_400)).await;
 }
 
 async fn budget_lifecycle(postgres: bool) {
@@ -239,5 +236,86 @@ async fn token_daily_limit() {
         .await
         .expect_err("zero");
     assert_eq!(err.code(), Code::InvalidArgument);
+    h.assert_consistent().await;
+}
+
+/// A hold that really expires (its TTL runs out, no clock tricks) returns its reservation: the
+/// budget it filled has room again at once, before the sweep, and the sweep then cancels it
+/// without charging anything.
+#[tokio::test]
+async fn an_expired_hold_returns_its_reservation() {
+    let Some(h) = Harness::new(false).await else {
+        return;
+    };
+    let owner = h.account(OWNER, 0).await;
+    let alice = h.account(ALICE, 10 * USD).await;
+    let token = h.token(&alice, OWNER).await;
+    let mut c = h.client(&owner);
+    let budget = Some(50_000);
+    let first = c
+        .authorize(hold(&token, "a", 40_000, budget, 2))
+        .await
+        .expect("first")
+        .into_inner();
+    let err = c
+        .authorize(hold(&token, "b", 40_000, budget, 300))
+        .await
+        .expect_err("the pending hold fills the budget");
+    assert_eq!(reason(&err).as_deref(), Some("BUDGET_EXCEEDED"));
+    // Wait out the first hold's TTL.
+    let expires = Duration::from_micros(
+        u64::try_from(first.expires_at_unix_micros - first.created_at_unix_micros).unwrap_or(0),
+    );
+    tokio::time::sleep(expires + Duration::from_millis(100)).await;
+    c.authorize(hold(&token, "b", 40_000, budget, 300))
+        .await
+        .expect("the expired hold no longer counts");
+    // The sweep cancels the expired hold: nothing was charged for it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let t = c
+            .get_transfer(syft_testkit::req::get_transfer(&first.id))
+            .await
+            .expect("get")
+            .into_inner();
+        if t.status() == pb::TransferStatus::Cancelled {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never swept: {t:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let a = h.balance(ALICE).await;
+    assert_eq!((a.balance_micros, a.held_micros), (10 * USD, 40_000));
+    h.assert_consistent().await;
+}
+
+/// The monthly budget is whole again in the next UTC month.
+#[tokio::test]
+async fn monthly_budget_resets_with_the_month() {
+    let Some(h) = Harness::new(false).await else {
+        return;
+    };
+    let owner = h.account(OWNER, 0).await;
+    let alice = h.account(ALICE, 10 * USD).await;
+    let token = h.token(&alice, OWNER).await;
+    let mut c = h.client(&owner);
+    let monthly = |key: &str| pb::AuthorizeRequest {
+        budget_per_month_micros: Some(50_000),
+        ..hold(&token, key, 30_000, None, 300)
+    };
+    let first = c.authorize(monthly("a")).await.expect("first").into_inner();
+    c.capture(syft_testkit::req::capture_full(&first.id))
+        .await
+        .expect("capture");
+    let err = c.authorize(monthly("b")).await.expect_err("month full");
+    assert_eq!(reason(&err).as_deref(), Some("BUDGET_EXCEEDED"));
+    assert!(
+        err.message().contains("monthly budget"),
+        "{}",
+        err.message()
+    );
+    // 32 days back is always in an earlier calendar month.
+    backdate_transfers(&h.store, Duration::from_secs(32 * 86_400)).await;
+    c.authorize(monthly("b")).await.expect("a new month");
     h.assert_consistent().await;
 }

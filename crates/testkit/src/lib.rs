@@ -14,6 +14,7 @@ mod upstream;
 mod webhook;
 
 pub use db::Db;
+pub use ledger::backdate_transfers;
 pub use ledger::{
     account, alerts_on, create_account, deposit, issue_token, ledger_config, serve_ledger,
     transfers_of, usage_of, Account, Harness, LedgerServer, ALERTS_KEY,
