@@ -236,7 +236,7 @@ pub async fn run(b: &RouterBench) -> anyhow::Result<()> {
     let index_dir = tempfile::tempdir()?;
     let mut index_times = Histogram::<u64>::new(3)?;
     let mut search = None;
-    if b.mode != Mode::Chat {
+    if matches!(b.mode, Mode::Search | Mode::All) {
         let (dir, chunks) = (index_dir.path().to_path_buf(), b.search_chunks);
         let t0 = Instant::now();
         let index =
