@@ -4,26 +4,17 @@
 
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::Args;
 use serde_json::json;
 use syft_proto::router as pb;
 use syft_router_svc::limits::format_reset;
 
-use super::errors::{rpc, Server};
+use super::router::RouterUser;
 
 #[derive(Args, Debug)]
 pub struct LimitsArgs {
-    /// Router gRPC URL.
-    #[arg(
-        long,
-        env = "SYFT_ROUTER_URL",
-        default_value = "http://127.0.0.1:50052"
-    )]
-    pub router_url: String,
-    /// The user whose limits to show.
-    #[arg(long = "user", env = "SYFT_USER_EMAIL")]
-    pub user_email: String,
+    #[command(flatten)]
+    pub to: RouterUser,
     /// The service: chat or search.
     #[arg(long, default_value = "chat")]
     pub service: String,
@@ -33,16 +24,11 @@ pub struct LimitsArgs {
 }
 
 pub async fn run(args: LimitsArgs) -> anyhow::Result<()> {
-    let url = args.router_url.as_str();
-    let fail = |s: tonic::Status| rpc(s, Server::Router, url);
-    let channel = tonic::transport::Endpoint::from_shared(args.router_url.clone())
-        .with_context(|| format!("invalid --router-url {url:?}"))?
-        .connect_timeout(Duration::from_secs(3))
-        .connect_lazy();
-    let mut client = pb::router_client::RouterClient::new(channel);
+    let fail = |s: tonic::Status| args.to.fail(s);
+    let mut client = args.to.client()?;
     let left = client
         .get_limits(pb::GetLimitsRequest {
-            user_email: args.user_email.clone(),
+            user_email: args.to.user_email.clone(),
             service: args.service.clone(),
         })
         .await

@@ -13,7 +13,9 @@ use syft_router_svc::config::Rate;
 use syft_router_svc::{
     HttpSearchConfig, Pricing, RouterConfig, SearchBackendConfig, SearchConfig, ServiceKind,
 };
-use syft_testkit::{backdate_transfers, reason, Db, FakeUpstream, Mode, Stack, FUNDS, PRICE};
+use syft_testkit::{
+    backdate_transfers, quota_refusal, Db, FakeUpstream, Mode, Stack, FUNDS, PRICE,
+};
 use tonic::metadata::MetadataMap;
 use tonic::Code;
 use tonic_types::StatusExt;
@@ -52,6 +54,26 @@ fn header<'a>(r: &'a reqwest::Response, name: &str) -> &'a str {
         .get(name)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_else(|| panic!("no {name} in {:?}", r.headers()))
+}
+
+/// `POST url` with a JSON body, paying with `bearer` when given.
+async fn post(url: String, bearer: Option<&str>, body: &Value) -> reqwest::Response {
+    let mut req = reqwest::Client::new().post(url).json(body);
+    if let Some(token) = bearer {
+        req = req.bearer_auth(token);
+    }
+    req.send().await.expect("http")
+}
+
+/// A chat of `user` on the OpenAI front.
+fn openai_chat(user: &str, stream: bool) -> Value {
+    json!({"model": "test-model", "max_tokens": 10, "stream": stream, "user": user,
+        "messages": [{"role": "user", "content": "hi"}]})
+}
+
+async fn get_json(url: String) -> Value {
+    let r = reqwest::get(url).await.expect("http");
+    r.json().await.expect("json")
 }
 
 fn kinds(limits: &[Limit]) -> Vec<(String, u64, String)> {
@@ -98,44 +120,25 @@ async fn rate_headers_on_every_answer() {
     assert_eq!(meta(r.metadata(), "x-ratelimit-limit-requests"), "5");
     assert_eq!(meta(r.metadata(), "x-ratelimit-remaining-requests"), "4");
 
-    let http = reqwest::Client::new();
     let base = &s.router.http_url;
     let chat_body = json!({"userEmail": s.alice.email, "model": "test-model",
         "messages": [{"role": "user", "content": "hi"}], "options": {"maxTokens": 10},
         "transactionToken": s.token});
     // 4th: Syft /chat.
-    let r = http
-        .post(format!("{base}/chat"))
-        .json(&chat_body)
-        .send()
-        .await
-        .expect("/chat");
+    let r = post(format!("{base}/chat"), None, &chat_body).await;
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "x-ratelimit-remaining-requests"), "6");
     assert_eq!(header(&r, "x-ratelimit-limit-tokens"), "100000");
     // 5th: Syft /search.
     let search_body =
         json!({"userEmail": s.alice.email, "query": "find", "transactionToken": s.token});
-    let r = http
-        .post(format!("{base}/search"))
-        .json(&search_body)
-        .send()
-        .await
-        .expect("/search");
+    let r = post(format!("{base}/search"), None, &search_body).await;
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "x-ratelimit-limit-requests"), "5");
     assert_eq!(header(&r, "x-ratelimit-remaining-requests"), "3");
     // 6th: the OpenAI front, streamed.
-    let r = http
-        .post(format!("{base}/v1/chat/completions"))
-        .bearer_auth(&s.token)
-        .json(
-            &json!({"model": "test-model", "max_tokens": 10, "stream": true,
-            "messages": [{"role": "user", "content": "hi"}], "user": s.alice.email}),
-        )
-        .send()
-        .await
-        .expect("sse");
+    let url = format!("{base}/v1/chat/completions");
+    let r = post(url, Some(&s.token), &openai_chat(&s.alice.email, true)).await;
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "x-ratelimit-remaining-requests"), "4");
     assert!(r.text().await.expect("body").contains("[DONE]"));
@@ -143,12 +146,7 @@ async fn rate_headers_on_every_answer() {
     for _ in 0..3 {
         c.search(s.search("find")).await.expect("search");
     }
-    let r = http
-        .post(format!("{base}/search"))
-        .json(&search_body)
-        .send()
-        .await
-        .expect("/search");
+    let r = post(format!("{base}/search"), None, &search_body).await;
     assert_eq!(r.status(), 429);
     let retry: u64 = header(&r, "retry-after").parse().expect("seconds");
     assert!((1..=60).contains(&retry), "{retry}");
@@ -156,19 +154,9 @@ async fn rate_headers_on_every_answer() {
     let body: Value = r.json().await.expect("json");
     assert_eq!(body["code"], "RATE_LIMITED");
     // 10th and last of the router's window: Syft /chat; then the 11th is refused there too.
-    let r = http
-        .post(format!("{base}/chat"))
-        .json(&chat_body)
-        .send()
-        .await
-        .expect("/chat");
+    let r = post(format!("{base}/chat"), None, &chat_body).await;
     assert_eq!(header(&r, "x-ratelimit-remaining-requests"), "0");
-    let r = http
-        .post(format!("{base}/chat"))
-        .json(&chat_body)
-        .send()
-        .await
-        .expect("/chat");
+    let r = post(format!("{base}/chat"), None, &chat_body).await;
     assert_eq!(r.status(), 429);
     assert!(r.headers().contains_key("retry-after"));
     assert_eq!(header(&r, "x-ratelimit-limit-requests"), "10");
@@ -238,16 +226,8 @@ async fn limits_that_apply_and_what_is_left() {
         "concurrency lasts while in flight"
     );
 
-    let http = reqwest::Client::new();
     let base = &s.router.http_url;
-    let models: Value = http
-        .get(format!("{base}/v1/models"))
-        .send()
-        .await
-        .expect("models")
-        .json()
-        .await
-        .expect("json");
+    let models = get_json(format!("{base}/v1/models")).await;
     let search = &models["syft_limits"]["apply"]["search"];
     assert_eq!(search[3]["scope"], "search");
     assert_eq!(search[3]["limit"], 5);
@@ -295,17 +275,11 @@ async fn limits_that_apply_and_what_is_left() {
         .await
         .expect_err("unknown service");
     assert_eq!(err.code(), Code::InvalidArgument);
-    let rest: Value = http
-        .get(format!(
-            "{base}/v1/limits?user={}&service=search",
-            s.alice.email
-        ))
-        .send()
-        .await
-        .expect("limits")
-        .json()
-        .await
-        .expect("json");
+    let rest = get_json(format!(
+        "{base}/v1/limits?user={}&service=search",
+        s.alice.email
+    ))
+    .await;
     assert_eq!(rest["limits"][3]["scope"], "search");
     assert_eq!(rest["limits"][3]["remaining"], 4);
     s.check_invariants().await;
@@ -353,10 +327,8 @@ async fn grpc_refusals_and_the_budget_reset() {
         .find_map(|r| r.as_ref().err())
         .expect("one refused");
     assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1);
-    assert_eq!(err.code(), Code::ResourceExhausted);
-    assert_eq!(reason(err).as_deref(), Some("CONCURRENCY_LIMITED"));
     assert_eq!(
-        err.get_details_retry_info().and_then(|r| r.retry_delay),
+        quota_refusal(err, "CONCURRENCY_LIMITED"),
         Some(Duration::from_secs(1))
     );
     let quota = err.get_details_quota_failure().expect("quota failure");
@@ -372,32 +344,21 @@ async fn grpc_refusals_and_the_budget_reset() {
         .await
         .expect("within the budget");
     let err = c.chat(s.request("over")).await.expect_err("budget");
-    assert_eq!(err.code(), Code::ResourceExhausted);
-    assert_eq!(reason(&err).as_deref(), Some("BUDGET_EXCEEDED"));
+    let retry = quota_refusal(&err, "BUDGET_EXCEEDED")
+        .expect("retry info")
+        .as_secs();
     assert!(
         err.message().contains("not retryable before") && err.message().contains("T00:00:00Z"),
         "{}",
         err.message()
     );
-    let retry = err
-        .get_details_retry_info()
-        .and_then(|r| r.retry_delay)
-        .expect("retry info")
-        .as_secs();
     let midnight = until_utc_midnight();
     assert!(
         retry <= midnight && retry + 30 >= midnight,
         "{retry} vs {midnight}"
     );
-    assert!(err.get_details_quota_failure().is_some());
-    let r = reqwest::Client::new()
-        .post(format!("{}/v1/chat/completions", s.router.http_url))
-        .bearer_auth(&s.token)
-        .json(&json!({"model": "test-model", "max_tokens": 10,
-            "messages": [{"role": "user", "content": "hi"}], "user": s.alice.email}))
-        .send()
-        .await
-        .expect("http");
+    let url = format!("{}/v1/chat/completions", s.router.http_url);
+    let r = post(url, Some(&s.token), &openai_chat(&s.alice.email, false)).await;
     assert_eq!(r.status(), 429);
     let after: u64 = header(&r, "retry-after").parse().expect("seconds");
     assert!(after <= midnight + 1 && after + 30 >= midnight, "{after}");
@@ -426,19 +387,13 @@ async fn grpc_refusals_and_the_budget_reset() {
     };
     c.chat(with_token("first")).await.expect("a new day");
     let err = c.chat(with_token("second")).await.expect_err("token day");
-    assert_eq!(err.code(), Code::ResourceExhausted);
-    assert_eq!(reason(&err).as_deref(), Some("TOKEN_DAILY_LIMIT_EXCEEDED"));
+    let retry = quota_refusal(&err, "TOKEN_DAILY_LIMIT_EXCEEDED").expect("retry info");
+    assert!(retry > Duration::from_secs(86_000) && retry <= Duration::from_secs(86_400));
     assert!(
         err.message().contains("not retryable before"),
         "{}",
         err.message()
     );
-    let retry = err
-        .get_details_retry_info()
-        .and_then(|r| r.retry_delay)
-        .expect("retry info");
-    assert!(retry > Duration::from_secs(86_000) && retry <= Duration::from_secs(86_400));
-    assert!(err.get_details_quota_failure().is_some());
     // The owner's budget still has room for the other token.
     c.chat(s.request("other token")).await.expect("budget room");
 

@@ -132,6 +132,19 @@ pub fn reason(status: &tonic::Status) -> Option<String> {
     status.get_details_error_info().map(|i| i.reason)
 }
 
+/// A limit's refusal (docs/limits.md): `RESOURCE_EXHAUSTED` with the `ErrorInfo` reason `want`
+/// and a `QuotaFailure`. Returns the `RetryInfo` delay (`None`: no retry can succeed).
+pub fn quota_refusal(status: &tonic::Status, want: &str) -> Option<std::time::Duration> {
+    use tonic_types::StatusExt;
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert_eq!(reason(status).as_deref(), Some(want), "{status:?}");
+    assert!(
+        status.get_details_quota_failure().is_some(),
+        "no QuotaFailure: {status:?}"
+    );
+    status.get_details_retry_info().and_then(|r| r.retry_delay)
+}
+
 /// The money invariants `ledger verify` checks: conservation (deposits = balances), held =
 /// pending holds, available >= 0, one usage row per request.
 pub async fn assert_consistent(store: &Store) {
