@@ -308,6 +308,7 @@ async fn grpc_refusals_and_the_budget_reset() {
         |c| {
             c.budgets.per_day_micros = Some(50_000);
             c.rate_limits.concurrent = Some(1);
+            c.rate_limits.requests = rates(&["100/minute"]);
         },
     )
     .await;
@@ -362,6 +363,9 @@ async fn grpc_refusals_and_the_budget_reset() {
     assert_eq!(r.status(), 429);
     let after: u64 = header(&r, "retry-after").parse().expect("seconds");
     assert!(after <= midnight + 1 && after + 30 >= midnight, "{after}");
+    // The ledger's refusal carries the windows the request passed, like every answer.
+    assert_eq!(header(&r, "x-ratelimit-limit-requests"), "100");
+    assert_eq!(header(&r, "x-ratelimit-remaining-requests"), "96");
     let body: Value = r.json().await.expect("json");
     assert_eq!(body["error"]["code"], "budget_exceeded");
     assert_eq!(body["error"]["type"], "insufficient_quota");
