@@ -45,6 +45,7 @@ fn rules(run: &str, user: usize) -> Vec<Rule> {
     let rule = |kind, what: &str, window, cost| Rule {
         key: format!("syft:bench:{run}:{what}:{user}"),
         kind,
+        scope: "router",
         limit: 1_000_000_000,
         window,
         cost,
@@ -99,6 +100,10 @@ pub async fn run(b: &LimitsBench) -> anyhow::Result<()> {
                         limiter.settle(now_ms(), &lease, &release).await?;
                         done.fetch_add(1, Ordering::Relaxed);
                         n += STRIDE;
+                        // The memory store answers without ever awaiting: without a yield the
+                        // tasks would hold both workers forever and the timer that stops the
+                        // run would never fire.
+                        tokio::task::yield_now().await;
                     }
                     anyhow::Ok(())
                 })

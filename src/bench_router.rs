@@ -70,6 +70,14 @@ pub struct RouterBench {
     /// issue 12; they are rebuilt from the rows before `verify`).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     rollups: bool,
+    /// The cost of admission through the limits (docs/limits.md): after the rest (or alone, with
+    /// `--mode limits`), this many interleaved rounds against the paid router without limits and
+    /// one with generous limits that never refuse (0: skip; `--mode limits` defaults to 3).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) limits_rounds: usize,
+    /// Where the limited router counts: `memory`, or a Redis URL (`redis://127.0.0.1:6379`).
+    #[arg(long, default_value = "memory")]
+    pub(crate) limits_store: String,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq)]
@@ -77,6 +85,8 @@ enum Mode {
     Chat,
     Search,
     All,
+    /// Only the comparison with and without limits (`--limits-rounds`).
+    Limits,
 }
 
 /// A deterministic corpus: `n` one-chunk documents of 40 words from a 2,000-word vocabulary.
@@ -158,6 +168,17 @@ pub(crate) async fn start_router(
     if let Some(search) = search {
         config = config.with_search(pricing, search);
     }
+    start_configured(config, ledger_url, secret, upstream_url, signal).await
+}
+
+/// [`start_router`] for a config of the caller's (its ledger and upstream are set here).
+pub(crate) async fn start_configured(
+    mut config: RouterConfig,
+    ledger_url: &str,
+    secret: &str,
+    upstream_url: &str,
+    signal: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<(String, String, RouterTask)> {
     config.ledger.url = ledger_url.to_string();
     config.ledger.secret = secret.to_string().into();
     config.upstream = UpstreamConfig::OpenAi(OpenAiConfig::new(upstream_url.to_string()));
@@ -171,7 +192,10 @@ pub(crate) async fn start_router(
 
 pub(crate) type RouterTask = tokio::task::JoinHandle<Result<(), syft_router_svc::ServeError>>;
 
-const OWNER: &str = "owner@bench.example";
+pub(crate) const OWNER: &str = "owner@bench.example";
+
+/// The price of a paid benchmark request ($0.01).
+pub(crate) const PAID_PRICE: i64 = 10_000;
 
 pub async fn run(b: &RouterBench) -> anyhow::Result<()> {
     const ADMIN: &str = "bench-admin";
@@ -218,7 +242,7 @@ pub async fn run(b: &RouterBench) -> anyhow::Result<()> {
     let index_dir = tempfile::tempdir()?;
     let mut index_times = Histogram::<u64>::new(3)?;
     let mut search = None;
-    if b.mode != Mode::Chat {
+    if matches!(b.mode, Mode::Search | Mode::All) {
         let (dir, chunks) = (index_dir.path().to_path_buf(), b.search_chunks);
         let t0 = Instant::now();
         let index =
@@ -239,7 +263,7 @@ pub async fn run(b: &RouterBench) -> anyhow::Result<()> {
         )));
     }
     let (grpc_url, http_url, router) = start_router(
-        Pricing::per_request(10_000),
+        Pricing::per_request(PAID_PRICE),
         &ledger_url,
         &owner_secret,
         &upstream_url,
@@ -282,7 +306,7 @@ pub async fn run(b: &RouterBench) -> anyhow::Result<()> {
                             request_id: format!("bench-{n}"),
                         })
                         .await
-                        .map(|r| r.into_inner().cost_micros == 10_000)
+                        .map(|r| r.into_inner().cost_micros == PAID_PRICE)
                         .unwrap_or(false),
                     Front::Grpc => grpc
                         .chat(rpb::ChatRequest {
@@ -301,7 +325,7 @@ pub async fn run(b: &RouterBench) -> anyhow::Result<()> {
                             request_id: format!("bench-{n}"),
                         })
                         .await
-                        .map(|r| r.into_inner().cost_micros == 10_000)
+                        .map(|r| r.into_inner().cost_micros == PAID_PRICE)
                         .unwrap_or(false),
                     Front::Http => {
                         let body = serde_json::json!({"model": "bench", "user": email, "max_tokens": 32,
@@ -334,6 +358,7 @@ pub async fn run(b: &RouterBench) -> anyhow::Result<()> {
         Mode::Chat => vec![Front::Grpc, Front::Http],
         Mode::Search => vec![Front::Search],
         Mode::All => vec![Front::Grpc, Front::Http, Front::Search],
+        Mode::Limits => vec![],
     };
     // Latency first, on a quiet system; then throughput.
     for &front in &fronts {
@@ -441,7 +466,17 @@ pub async fn run(b: &RouterBench) -> anyhow::Result<()> {
         );
     }
 
-    let shape_routers = shapes.run(b, signal).await?;
+    let mut shape_routers = Vec::new();
+    if b.mode != Mode::Limits {
+        shape_routers = shapes.run(b, &signal).await?;
+    }
+    let rounds = match (b.mode, b.limits_rounds) {
+        (Mode::Limits, 0) => 3,
+        (_, n) => n,
+    };
+    if rounds > 0 {
+        shape_routers.push(shapes.compare_limits(b, rounds, signal()).await?);
+    }
 
     let _ = stop_tx.send(true);
     router.await?.context("router")?;

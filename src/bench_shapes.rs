@@ -14,7 +14,9 @@ use hdrhistogram::Histogram;
 use syft_router_svc::Pricing;
 use tokio::sync::Mutex;
 
-use crate::bench_router::{start_router, RouterBench, RouterTask, User};
+use crate::bench_router::{
+    start_configured, start_router, RouterBench, RouterTask, User, OWNER, PAID_PRICE,
+};
 
 pub(crate) struct Shapes {
     pub ledger_url: String,
@@ -213,6 +215,112 @@ impl Shapes {
         }
         Ok(vec![free_router, no_ledger_router])
     }
+}
+
+impl Shapes {
+    /// The cost of admission through the limits: `rounds` interleaved rounds (the order flips
+    /// each round) of the paid shape at `--concurrency` clients (throughput) and at one client
+    /// (p50), against the paid router and against one like it with generous limits of every kind
+    /// (never refusing). Prints each run, the medians and the issue's ratios.
+    pub async fn compare_limits(
+        &self,
+        b: &RouterBench,
+        rounds: usize,
+        signal: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<RouterTask> {
+        let config = generous_limits(&b.limits_store)?;
+        let (_, limited_url, limited_router) = start_configured(
+            config,
+            &self.ledger_url,
+            &self.owner_secret,
+            &self.upstream_url,
+            signal,
+        )
+        .await?;
+        let counter = Arc::new(AtomicU64::new(0));
+        let http = reqwest::Client::builder().tcp_nodelay(true).build()?;
+        let sender = |url: &str| Sender {
+            http: http.clone(),
+            url: url.to_string(),
+            users: self.users.clone(),
+            payers: 64,
+            paid: true,
+            counter: counter.clone(),
+        };
+        let (plain, limited) = (sender(&self.paid_http_url), sender(&limited_url));
+        let c = b.concurrency;
+        println!(
+            "limits: paid HTTP, 64 payers, without and with limits (store {}), {rounds} rounds, \
+             {:.0}s each after 1 s warm-up:",
+            b.limits_store,
+            b.duration.as_secs_f64()
+        );
+        // (throughput at c, p50 at c=1) of each run, per router.
+        let mut runs: [Vec<(f64, f64)>; 2] = [Vec::new(), Vec::new()];
+        for round in 0..rounds {
+            let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+            for which in order {
+                let s = if which == 0 { &plain } else { &limited };
+                let many = closed_loop(s, c, b.duration).await;
+                let one = closed_loop(s, 1, b.duration).await;
+                println!(
+                    "  round {} {:<14} {:>8.0} req/s at c={c} ({} failed)  p50 at c=1 {:>6.3} ms \
+                     ({} failed)",
+                    round + 1,
+                    if which == 0 {
+                        "no limits"
+                    } else {
+                        "with limits"
+                    },
+                    many.rps,
+                    many.failed,
+                    one.p50_ms,
+                    one.failed
+                );
+                runs[which].push((many.rps, one.p50_ms));
+            }
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v.get(v.len() / 2).copied().unwrap_or(0.0)
+        };
+        let col = |which: usize, f: fn(&(f64, f64)) -> f64| {
+            median(&mut runs[which].iter().map(f).collect::<Vec<_>>())
+        };
+        let (rps_plain, rps_limited) = (col(0, |r| r.0), col(1, |r| r.0));
+        let (p50_plain, p50_limited) = (col(0, |r| r.1), col(1, |r| r.1));
+        let ratio = rps_limited / rps_plain;
+        let added = p50_limited - p50_plain;
+        println!(
+            "  medians: {rps_plain:.0} vs {rps_limited:.0} req/s, p50 {p50_plain:.3} vs \
+             {p50_limited:.3} ms"
+        );
+        println!(
+            "  with / without limits: throughput {ratio:.3} (>= 0.9: {}), p50 added {added:+.3} ms \
+             (<= 0.3 ms: {})",
+            verdict(ratio >= 0.9),
+            verdict(added <= 0.3)
+        );
+        Ok(limited_router)
+    }
+}
+
+/// A paid router like the benchmark's with every kind of limit, generous enough never to refuse:
+/// request and token windows, per-user and router-wide concurrency, counted in `store` (`memory`
+/// or a Redis URL).
+fn generous_limits(store: &str) -> anyhow::Result<syft_router_svc::RouterConfig> {
+    use syft_router_svc::config::{LimiterBackend, Rate};
+    let mut c = syft_router_svc::RouterConfig::new("bench-limited", OWNER)
+        .with_chat_pricing(Pricing::per_request(PAID_PRICE));
+    let rate = |r: &str| Rate::parse(r).map_err(anyhow::Error::msg);
+    c.rate_limits.requests = vec![rate("1000000000/minute")?, rate("1000000000/day")?];
+    c.rate_limits.tokens = vec![rate("1000000000/minute")?];
+    c.rate_limits.concurrent = Some(1_000_000);
+    c.limiter.max_concurrent_requests = Some(1_000_000);
+    if store != "memory" {
+        c.limiter.backend = LimiterBackend::Redis { url: store.into() };
+    }
+    Ok(c)
 }
 
 /// `VmHWM` of this process (Linux), in MB.

@@ -573,3 +573,52 @@ async fn stats_prints_tables_json_and_csv() {
     assert!(err.contains("range too wide"), "{err}");
     h.finish().await;
 }
+
+/// `limits --user`: what is left of each window of a user on a router, as a table and as JSON,
+/// with the budgets that apply; a wrong service is refused in one line.
+#[tokio::test(flavor = "multi_thread")]
+async fn limits_command_shows_what_is_left() {
+    use syft_router_svc::config::Rate;
+    let s = syft_testkit::Stack::start_tweaked(
+        syft_router_svc::Pricing::per_request(syft_testkit::PRICE),
+        |c| {
+            c.rate_limits.requests = vec![Rate::parse("10/minute").unwrap()];
+            c.budgets.per_day_micros = Some(1_000_000);
+        },
+    )
+    .await;
+    s.client().await.chat(s.request("hi")).await.unwrap();
+    let base = [
+        "limits",
+        "--router-url",
+        &s.router.grpc_url,
+        "--user",
+        &s.alice.email,
+    ];
+    let table = run(syft_router().args(base));
+    assert_contains(
+        &table,
+        &[
+            "remaining",
+            "10 requests per minute",
+            "budget_day",
+            "spend of 1 USD per user per UTC day",
+            "(ledger)",
+        ],
+    );
+    let line = table
+        .lines()
+        .find(|l| l.starts_with("requests"))
+        .expect("requests row");
+    let cells: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(&cells[..4], ["requests", "router", "10", "9"], "{line}");
+    let json: serde_json::Value =
+        serde_json::from_str(&run(syft_router().args(base).arg("--json"))).unwrap();
+    assert_eq!(json["service"], "chat");
+    assert_eq!(json["limits"][0]["remaining"], 9);
+    assert_eq!(json["limits"][0]["window_seconds"], 60);
+    assert_eq!(json["budgets"][0]["limit_micros"], 1_000_000);
+    let err = fails(syft_router().args(base).args(["--service", "images"]));
+    assert_contains(&err, &["invalid request", "unknown service"]);
+    s.check_invariants().await;
+}

@@ -7,6 +7,7 @@ pub mod errors;
 mod health;
 pub(crate) mod index;
 mod ledger;
+mod limits;
 mod router;
 mod stats;
 mod tables;
@@ -63,6 +64,8 @@ pub enum Command {
     Health(health::HealthArgs),
     /// Webhook alerts: add, list, remove, test, rotate, deliveries (docs/alerts.md).
     Alerts(alerts::AlertsArgs),
+    /// How much of each rate, token and concurrency limit a user has left on a router.
+    Limits(limits::LimitsArgs),
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -81,6 +84,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => crate::bench::run(args).await,
         Command::Health(args) => health::run(args).await,
         Command::Alerts(args) => alerts::alerts(args).await,
+        Command::Limits(args) => limits::run(args).await,
     }
 }
 

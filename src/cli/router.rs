@@ -162,10 +162,9 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Which router a client command calls, and for whom (`chat`, `limits`).
 #[derive(Args, Debug)]
-pub struct ChatArgs {
-    /// The message to send.
-    pub message: String,
+pub struct RouterUser {
     /// Router gRPC URL.
     #[arg(
         long,
@@ -176,6 +175,33 @@ pub struct ChatArgs {
     /// Your email (the payer).
     #[arg(long = "user", env = "SYFT_USER_EMAIL")]
     pub user_email: String,
+}
+
+impl RouterUser {
+    /// A client of the router; it connects on the first call.
+    pub fn client(
+        &self,
+    ) -> anyhow::Result<pb::router_client::RouterClient<tonic::transport::Channel>> {
+        let url = self.router_url.as_str();
+        let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+            .with_context(|| format!("invalid --router-url {url:?}"))?
+            .connect_timeout(Duration::from_secs(3))
+            .connect_lazy();
+        Ok(pb::router_client::RouterClient::new(channel))
+    }
+
+    /// A failed call to the router, in the user's terms.
+    pub fn fail(&self, status: tonic::Status) -> anyhow::Error {
+        super::errors::rpc(status, super::errors::Server::Router, &self.router_url)
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct ChatArgs {
+    /// The message to send.
+    pub message: String,
+    #[command(flatten)]
+    pub to: RouterUser,
     /// Your delegation token for the router's owner (paid services).
     #[arg(long, env = "SYFT_TOKEN", hide_env_values = true, default_value = "")]
     pub token: String,
@@ -200,13 +226,8 @@ pub struct ChatArgs {
 }
 
 pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
-    let url = args.router_url.as_str();
-    let fail = |s: tonic::Status| super::errors::rpc(s, super::errors::Server::Router, url);
-    let channel = tonic::transport::Endpoint::from_shared(args.router_url.clone())
-        .with_context(|| format!("invalid --router-url {url:?}"))?
-        .connect_timeout(Duration::from_secs(3))
-        .connect_lazy();
-    let mut client = pb::router_client::RouterClient::new(channel);
+    let fail = |s: tonic::Status| args.to.fail(s);
+    let mut client = args.to.client()?;
     let model = match &args.model {
         Some(m) => m.clone(),
         // Empty if the router lists none: it then picks its upstream's default itself.
@@ -234,7 +255,7 @@ pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
         name: None,
     });
     let request = pb::ChatRequest {
-        user_email: args.user_email.clone(),
+        user_email: args.to.user_email.clone(),
         model,
         messages,
         options: Some(pb::ChatOptions {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use syft_ledger::client::connect_lazy;
 use syft_proto::ledger as pb;
-use syft_testkit::{ok, reason, Harness, LedgerServer, USD};
+use syft_testkit::{backdate_transfers, ok, quota_refusal, reason, Harness, LedgerServer, USD};
 use tonic::Code;
 use tonic_types::StatusExt;
 
@@ -28,21 +28,37 @@ fn hold(
     }
 }
 
+/// A ledger with the owner and alice (funded with $10, holding a token for the owner): the
+/// harness, the owner's secret, the token and a client of the owner's.
+struct Parties {
+    h: Harness,
+    owner: String,
+    token: String,
+    c: syft_ledger::client::LedgerClient,
+}
+
+async fn parties(postgres: bool) -> Option<Parties> {
+    let Some(h) = Harness::new(postgres).await else {
+        eprintln!("SKIPPED: no DATABASE_URL");
+        return None;
+    };
+    let (owner, _alice, token) = h.payer(OWNER, ALICE, 10 * USD).await;
+    let c = h.client(&owner);
+    Some(Parties { h, owner, token, c })
+}
+
 /// Moves every transfer of the test a day back, as if the window had passed.
 async fn a_day_passes(h: &Harness) {
-    sqlx::query("UPDATE transfers SET created_at = created_at - 86400000000")
-        .execute(h.store.pool())
-        .await
-        .expect("backdate");
+    backdate_transfers(&h.store, Duration::from_secs(86_400)).await;
 }
 
 async fn budget_lifecycle(postgres: bool) {
-    let Some(h) = Harness::new(postgres).await else {
-        eprintln!("SKIPPED: no DATABASE_URL");
+    let Some(Parties {
+        h, token, mut c, ..
+    }) = parties(postgres).await
+    else {
         return;
     };
-    let (owner, _alice, token) = h.payer(OWNER, ALICE, 10 * USD).await;
-    let mut c = h.client(&owner);
     let budget = Some(50_000);
 
     // Reserve: a pending hold counts against the day's budget.
@@ -51,19 +67,13 @@ async fn budget_lifecycle(postgres: bool) {
         .authorize(hold(&token, "b", 30_000, budget, 300))
         .await
         .expect_err("over budget");
-    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
-    assert_eq!(reason(&err).as_deref(), Some("BUDGET_EXCEEDED"));
+    let retry = quota_refusal(&err, "BUDGET_EXCEEDED").expect("retry info");
+    assert!(retry <= Duration::from_secs(86_400));
     assert!(
         err.message().contains("not retryable before"),
         "{}",
         err.message()
     );
-    let retry = err
-        .get_details_retry_info()
-        .and_then(|r| r.retry_delay)
-        .expect("retry info");
-    assert!(retry <= Duration::from_secs(86_400));
-    assert!(err.get_details_quota_failure().is_some());
     // The refusal wrote nothing: no hold, nothing held beyond the first.
     assert_eq!(h.balance(ALICE).await.held_micros, 30_000);
 
@@ -138,16 +148,11 @@ async fn budget_lifecycle_postgres() {
 /// exactly 33 are placed, never more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_holds_never_overspend_a_budget() {
-    let Some(h) = Harness::new(true).await else {
-        eprintln!("SKIPPED: no DATABASE_URL");
+    let Some(Parties { h, owner, token, c }) = parties(true).await else {
         return;
     };
     let second = LedgerServer::start(h.config.clone()).await;
-    let (owner, _alice, token) = h.payer(OWNER, ALICE, 10 * USD).await;
-    let replicas = [
-        h.client(&owner),
-        connect_lazy(&second.url, &owner).expect("client"),
-    ];
+    let replicas = [c, connect_lazy(&second.url, &owner).expect("client")];
     let tasks: Vec<_> = (0..200)
         .map(|i| {
             let mut c = replicas[i % 2].clone();
@@ -195,12 +200,7 @@ async fn token_daily_limit() {
         .authorize(hold(&token.token, "b", 30_000, None, 300))
         .await
         .expect_err("over the token's day");
-    assert_eq!(err.code(), Code::ResourceExhausted);
-    assert_eq!(reason(&err).as_deref(), Some("TOKEN_DAILY_LIMIT_EXCEEDED"));
-    let retry = err
-        .get_details_retry_info()
-        .and_then(|r| r.retry_delay)
-        .expect("retry");
+    let retry = quota_refusal(&err, "TOKEN_DAILY_LIMIT_EXCEEDED").expect("retry");
     assert!(retry > Duration::from_secs(86_000) && retry <= Duration::from_secs(86_400));
     // 24 hours later the first hold no longer counts.
     a_day_passes(&h).await;
@@ -218,5 +218,78 @@ async fn token_daily_limit() {
         .await
         .expect_err("zero");
     assert_eq!(err.code(), Code::InvalidArgument);
+    h.assert_consistent().await;
+}
+
+/// A hold that really expires (its TTL runs out, no clock tricks) returns its reservation: the
+/// budget it filled has room again at once, before the sweep, and the sweep then cancels it
+/// without charging anything.
+#[tokio::test]
+async fn an_expired_hold_returns_its_reservation() {
+    let Some(Parties {
+        h, token, mut c, ..
+    }) = parties(false).await
+    else {
+        return;
+    };
+    let budget = Some(50_000);
+    let first = ok(c.authorize(hold(&token, "a", 40_000, budget, 2)).await);
+    let err = c
+        .authorize(hold(&token, "b", 40_000, budget, 300))
+        .await
+        .expect_err("the pending hold fills the budget");
+    assert_eq!(reason(&err).as_deref(), Some("BUDGET_EXCEEDED"));
+    // Wait out the first hold's TTL.
+    let expires = Duration::from_micros(
+        u64::try_from(first.expires_at_unix_micros - first.created_at_unix_micros).unwrap_or(0),
+    );
+    tokio::time::sleep(expires + Duration::from_millis(100)).await;
+    c.authorize(hold(&token, "b", 40_000, budget, 300))
+        .await
+        .expect("the expired hold no longer counts");
+    // The sweep cancels the expired hold: nothing was charged for it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let t = ok(c
+            .get_transfer(syft_testkit::req::get_transfer(&first.id))
+            .await);
+        if t.status() == pb::TransferStatus::Cancelled {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never swept: {t:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let a = h.balance(ALICE).await;
+    assert_eq!((a.balance_micros, a.held_micros), (10 * USD, 40_000));
+    h.assert_consistent().await;
+}
+
+/// The monthly budget is whole again in the next UTC month.
+#[tokio::test]
+async fn monthly_budget_resets_with_the_month() {
+    let Some(Parties {
+        h, token, mut c, ..
+    }) = parties(false).await
+    else {
+        return;
+    };
+    let monthly = |key: &str| pb::AuthorizeRequest {
+        budget_per_month_micros: Some(50_000),
+        ..hold(&token, key, 30_000, None, 300)
+    };
+    let first = c.authorize(monthly("a")).await.expect("first").into_inner();
+    c.capture(syft_testkit::req::capture_full(&first.id))
+        .await
+        .expect("capture");
+    let err = c.authorize(monthly("b")).await.expect_err("month full");
+    assert_eq!(reason(&err).as_deref(), Some("BUDGET_EXCEEDED"));
+    assert!(
+        err.message().contains("monthly budget"),
+        "{}",
+        err.message()
+    );
+    // 32 days back is always in an earlier calendar month.
+    backdate_transfers(&h.store, Duration::from_secs(32 * 86_400)).await;
+    c.authorize(monthly("b")).await.expect("a new month");
     h.assert_consistent().await;
 }

@@ -5,11 +5,12 @@ use std::pin::Pin;
 use futures::{Stream, StreamExt};
 use syft_proto::router::router_server::{Router, RouterServer};
 use syft_proto::router::{
-    ChatRequest, ChatResponse, ChatStreamEvent, GetMetadataRequest, Metadata, SearchRequest,
-    SearchResponse,
+    ChatRequest, ChatResponse, ChatStreamEvent, GetLimitsRequest, GetLimitsResponse,
+    GetMetadataRequest, Metadata, SearchRequest, SearchResponse,
 };
 use tonic::{Request, Response, Status};
 
+use crate::limits::RateHeaders;
 use crate::service::RouterService;
 
 /// gRPC adapter over [`RouterService`].
@@ -50,11 +51,7 @@ impl Router for GrpcRouter {
         if replay {
             mark_replay(&mut resp);
         }
-        for (name, value) in limits.pairs() {
-            if let Ok(v) = value.parse() {
-                resp.metadata_mut().insert(name, v);
-            }
-        }
+        limit_metadata(&mut resp, &limits);
         Ok(resp)
     }
 
@@ -76,6 +73,7 @@ impl Router for GrpcRouter {
         if handle.replay {
             mark_replay(&mut resp);
         }
+        limit_metadata(&mut resp, &handle.rate_limits);
         Ok(resp)
     }
 
@@ -83,8 +81,13 @@ impl Router for GrpcRouter {
         &self,
         request: Request<SearchRequest>,
     ) -> Result<Response<SearchResponse>, Status> {
-        let resp = self.service.search(request.into_inner()).await?;
-        Ok(Response::new(resp))
+        let (resp, limits) = self
+            .service
+            .search_with_limits(request.into_inner())
+            .await?;
+        let mut resp = Response::new(resp);
+        limit_metadata(&mut resp, &limits);
+        Ok(resp)
     }
 
     async fn get_metadata(
@@ -92,6 +95,23 @@ impl Router for GrpcRouter {
         _request: Request<GetMetadataRequest>,
     ) -> Result<Response<Metadata>, Status> {
         Ok(Response::new(self.service.metadata()))
+    }
+
+    async fn get_limits(
+        &self,
+        request: Request<GetLimitsRequest>,
+    ) -> Result<Response<GetLimitsResponse>, Status> {
+        let left = self.service.get_limits(request.into_inner()).await?;
+        Ok(Response::new(left))
+    }
+}
+
+/// The `x-ratelimit-*` headers as initial metadata (the HTTP front sends them as headers).
+fn limit_metadata<T>(resp: &mut Response<T>, limits: &RateHeaders) {
+    for (name, value) in limits.pairs() {
+        if let Ok(v) = value.parse() {
+            resp.metadata_mut().insert(name, v);
+        }
     }
 }
 

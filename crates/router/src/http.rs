@@ -91,15 +91,19 @@ async fn list_models(State(svc): State<RouterService>) -> Json<Value> {
 #[derive(Deserialize)]
 struct LimitsQuery {
     user: String,
+    #[serde(default)]
+    service: String,
 }
 
-/// `GET /v1/limits?user=<email>`: what is left of each of the user's windows.
+/// `GET /v1/limits?user=<email>[&service=chat|search]`: what is left of each of the user's
+/// windows on that service (chat by default).
 async fn limits_left(
     State(svc): State<RouterService>,
     query: Result<axum::extract::Query<LimitsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let query = query.map_err(|e| bad(format!("expected ?user=<email>: {e}")))?;
-    let windows = svc.remaining_limits(&query.user).await?;
+    let service = crate::service::parse_service(&query.service)?;
+    let windows = svc.remaining_limits(&query.user, service).await?;
     Ok(Json(crate::limits::remaining_json(&query.user, &windows)))
 }
 
@@ -111,22 +115,27 @@ impl IntoResponse for ApiError {
         if let RouterError::Internal(detail) = &self.0 {
             tracing::error!(error = %detail, "internal router error");
         }
-        let mut resp = (self.0.http_status(), Json(self.0.openai_body())).into_response();
-        resp.headers_mut()
-            .insert(REASON_HEADER, HeaderValue::from_static(self.0.reason()));
-        if let RouterError::Quota(q) = &self.0 {
-            let h = resp.headers_mut();
-            if let Some(after) = q.details.retry_after {
-                // Whole seconds, rounded up: never invite a retry that is still too early.
-                let secs = after.as_millis().div_ceil(1000).max(1);
-                if let Some(v) = header(&secs.to_string()) {
-                    h.insert(http::header::RETRY_AFTER, v);
-                }
-            }
-            rate_limit_headers(h, &q.headers);
-        }
-        resp
+        let resp = (self.0.http_status(), Json(self.0.openai_body())).into_response();
+        with_error_headers(resp, &self.0)
     }
+}
+
+/// The headers of an error answer, on both HTTP APIs: the reason, and for a limit's refusal
+/// `Retry-After` and the `x-ratelimit-*` headers.
+pub(crate) fn with_error_headers(mut resp: Response, e: &RouterError) -> Response {
+    let h = resp.headers_mut();
+    h.insert(REASON_HEADER, HeaderValue::from_static(e.reason()));
+    if let RouterError::Quota(q) = e {
+        if let Some(after) = q.details.retry_after {
+            // Whole seconds, rounded up: never invite a retry that is still too early.
+            let secs = after.as_millis().div_ceil(1000).max(1);
+            if let Some(v) = header(&secs.to_string()) {
+                h.insert(http::header::RETRY_AFTER, v);
+            }
+        }
+        rate_limit_headers(h, &q.headers);
+    }
+    resp
 }
 
 impl From<RouterError> for ApiError {
@@ -324,7 +333,7 @@ fn header(v: &str) -> Option<HeaderValue> {
 }
 
 /// OpenAI's `x-ratelimit-*` headers (sent on answers and refusals alike).
-fn rate_limit_headers(h: &mut HeaderMap, limits: &RateHeaders) {
+pub(crate) fn rate_limit_headers(h: &mut HeaderMap, limits: &RateHeaders) {
     for (name, value) in limits.pairs() {
         if let Some(v) = header(&value) {
             h.insert(name, v);

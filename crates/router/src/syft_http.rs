@@ -7,7 +7,7 @@
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
@@ -17,8 +17,10 @@ use syft_proto::router::{
 };
 
 use crate::config::ServiceKind;
-use crate::error::{RouterError, REASON_HEADER};
-use crate::http::{bearer_token, idempotency_key, read_json};
+use crate::error::RouterError;
+use crate::http::{
+    bearer_token, idempotency_key, rate_limit_headers, read_json, with_error_headers,
+};
 use crate::money::format_micros;
 use crate::service::RouterService;
 
@@ -37,10 +39,8 @@ impl IntoResponse for SyftError {
             tracing::error!(error = %detail, "internal router error");
         }
         let body = json!({"detail": self.0.public_message(), "code": self.0.reason()});
-        let mut resp = (self.0.http_status(), Json(body)).into_response();
-        resp.headers_mut()
-            .insert(REASON_HEADER, HeaderValue::from_static(self.0.reason()));
-        resp
+        let resp = (self.0.http_status(), Json(body)).into_response();
+        with_error_headers(resp, &self.0)
     }
 }
 
@@ -191,10 +191,10 @@ pub async fn chat(
         transaction_token,
         request_id,
     };
-    let r = svc.chat(req).await?;
+    let (r, limits) = svc.chat_with_limits(req).await?;
     let usage = r.usage.unwrap_or_default();
     let message = r.message.unwrap_or_default();
-    Ok(Json(json!({
+    let mut resp = Json(json!({
         "id": r.id,
         "model": r.model,
         "message": {"role": message.role, "content": message.content, "name": message.name},
@@ -208,7 +208,9 @@ pub async fn chat(
         "logprobs": null,
         "cost": cost_json(r.cost_micros, &r.currency, &r.transfer_id),
     }))
-    .into_response())
+    .into_response();
+    rate_limit_headers(resp.headers_mut(), &limits);
+    Ok(resp)
 }
 
 /// `POST /search`.
@@ -236,7 +238,7 @@ pub async fn search(
         transaction_token,
         request_id,
     };
-    let r = svc.search(req).await?;
+    let (r, limits) = svc.search_with_limits(req).await?;
     let results: Vec<Value> = r
         .results
         .into_iter()
@@ -248,14 +250,16 @@ pub async fn search(
             })
         })
         .collect();
-    Ok(Json(json!({
+    let mut resp = Json(json!({
         "id": r.id,
         "query": r.query,
         "results": results,
         "providerInfo": provider_json(r.provider_info),
         "cost": cost_json(r.cost_micros, &r.currency, &r.transfer_id),
     }))
-    .into_response())
+    .into_response();
+    rate_limit_headers(resp.headers_mut(), &limits);
+    Ok(resp)
 }
 
 /// `GET /health`: `{status, project_name, services}` (the field names syft-llm-router's

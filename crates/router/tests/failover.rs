@@ -76,12 +76,21 @@ async fn one_ledger_down_traffic_continues() {
         let (code, body) = readyz(&router.http_url).await;
         assert_eq!(code, 200, "not ready with one ledger serving: {body}");
     }
-    let body = wait_ready_code(&router.http_url, 200).await;
-    let states: Vec<&str> = body["ledgers"]
-        .as_array()
-        .map(|a| a.iter().filter_map(|e| e["state"].as_str()).collect())
-        .unwrap_or_default();
-    assert!(states.contains(&"unreachable"), "{body}");
+    // The health probe runs on its own interval: wait for it to see the stopped ledger, while
+    // the router stays ready.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let body = wait_ready_code(&router.http_url, 200).await;
+        let states: Vec<&str> = body["ledgers"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|e| e["state"].as_str()).collect())
+            .unwrap_or_default();
+        if states.contains(&"unreachable") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // The money: every answer charged once, at the price.
     let transfers = transfers_of(&second.url, &funded.alice.email).await;

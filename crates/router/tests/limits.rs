@@ -49,6 +49,7 @@ fn request_rule(key: &str, limit: u64, window: Duration) -> Rule {
     Rule {
         key: key.into(),
         kind: RuleKind::Requests,
+        scope: "router",
         limit,
         window,
         cost: 1,
@@ -100,6 +101,14 @@ async fn window_boundary(l: &dyn Limiter, key: &str) {
     assert!(admitted(l, t0 + 60_002, "f", &rules).await);
     let state = l.peek(t0 + 60_002, &rules).await.expect("peek");
     assert_eq!(state[0].remaining, 0);
+    // An in-flight slot whose router died (never released) frees itself when its lease runs out.
+    let slot = [Rule {
+        kind: RuleKind::Concurrency,
+        ..request_rule(&format!("{key}:inflight"), 1, Duration::from_secs(600))
+    }];
+    assert!(admitted(l, t0, "dead", &slot).await);
+    assert!(!admitted(l, t0 + 599_999, "next", &slot).await);
+    assert!(admitted(l, t0 + 600_000, "next", &slot).await);
 }
 
 #[tokio::test]
@@ -124,6 +133,7 @@ async fn token_reservations_settle_to_the_actual_count() {
     let rule = |cost| Rule {
         key: "tok".into(),
         kind: RuleKind::Tokens,
+        scope: "router",
         limit: 1_000,
         window: Duration::from_secs(60),
         cost,

@@ -353,3 +353,14 @@ pub async fn usage_of(ledger: &str, user_email: &str) -> Vec<pb::UsageRecord> {
     let usage = admin(ledger).query_usage(req::usage_of(user_email)).await;
     usage.expect("query usage").into_inner().records
 }
+
+/// Moves every transfer in `store` back by `by`, as if that much time had passed since they were
+/// made (the budget windows read `created_at`): tests of a window's reset without waiting a day.
+pub async fn backdate_transfers(store: &Store, by: Duration) {
+    let micros = i64::try_from(by.as_micros()).expect("duration fits in i64 micros");
+    sqlx::query("UPDATE transfers SET created_at = created_at - $1")
+        .bind(micros)
+        .execute(store.pool())
+        .await
+        .expect("backdate transfers");
+}

@@ -14,6 +14,7 @@ mod upstream;
 mod webhook;
 
 pub use db::Db;
+pub use ledger::backdate_transfers;
 pub use ledger::{
     account, alerts_on, create_account, deposit, issue_token, ledger_config, serve_ledger,
     transfers_of, usage_of, Account, Harness, LedgerServer, ALERTS_KEY,
@@ -130,6 +131,19 @@ pub fn refused<T: std::fmt::Debug>(
 pub fn reason(status: &tonic::Status) -> Option<String> {
     use tonic_types::StatusExt;
     status.get_details_error_info().map(|i| i.reason)
+}
+
+/// A limit's refusal (docs/limits.md): `RESOURCE_EXHAUSTED` with the `ErrorInfo` reason `want`
+/// and a `QuotaFailure`. Returns the `RetryInfo` delay (`None`: no retry can succeed).
+pub fn quota_refusal(status: &tonic::Status, want: &str) -> Option<std::time::Duration> {
+    use tonic_types::StatusExt;
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert_eq!(reason(status).as_deref(), Some(want), "{status:?}");
+    assert!(
+        status.get_details_quota_failure().is_some(),
+        "no QuotaFailure: {status:?}"
+    );
+    status.get_details_retry_info().and_then(|r| r.retry_delay)
 }
 
 /// The money invariants `ledger verify` checks: conservation (deposits = balances), held =

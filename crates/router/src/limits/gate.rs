@@ -27,6 +27,9 @@ static CHECKS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("register syft_router_limit_checks_total")
 });
 
+/// The scope of the limits that apply to every service of the router.
+pub const ROUTER_SCOPE: &str = "router";
+
 /// The configured limits of one router and the store that counts them.
 pub struct Gate {
     limiter: Arc<dyn Limiter>,
@@ -95,14 +98,18 @@ impl Gate {
         // an email can never make one key look like another scope's.
         let user = if user.is_empty() { "-" } else { user };
         let mut rules = Vec::new();
-        let scopes = std::iter::once(("*", &self.router))
-            .chain(self.services.get(&service).map(|l| (service.as_str(), l)));
-        for (scope, limits) in scopes {
-            let base = format!("syft:rl:{}:{scope}", self.app);
+        let scopes = std::iter::once(("*", ROUTER_SCOPE, &self.router)).chain(
+            self.services
+                .get(&service)
+                .map(|l| (service.as_str(), service.as_str(), l)),
+        );
+        for (key_scope, scope, limits) in scopes {
+            let base = format!("syft:rl:{}:{key_scope}", self.app);
             for r in &limits.requests {
                 rules.push(Rule {
                     key: format!("{base}:req:{}:{user}", r.unit.as_str()),
                     kind: RuleKind::Requests,
+                    scope,
                     limit: r.count,
                     window: r.unit.window(),
                     cost: 1,
@@ -113,6 +120,7 @@ impl Gate {
                 rules.push(Rule {
                     key: format!("{base}:tok:{}:{user}", r.unit.as_str()),
                     kind: RuleKind::Tokens,
+                    scope,
                     limit: r.count,
                     window: r.unit.window(),
                     cost: tokens,
@@ -123,6 +131,7 @@ impl Gate {
                 rules.push(Rule {
                     key: format!("{base}:inflight:{user}"),
                     kind: RuleKind::Concurrency,
+                    scope,
                     limit: n,
                     window: self.lease,
                     cost: 1,
@@ -134,6 +143,7 @@ impl Gate {
             rules.push(Rule {
                 key: format!("syft:rl:{}:inflight", self.app),
                 kind: RuleKind::RouterConcurrency,
+                scope: ROUTER_SCOPE,
                 limit: n,
                 window: self.lease,
                 cost: 1,

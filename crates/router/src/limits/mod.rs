@@ -18,7 +18,7 @@ mod gate;
 mod memory;
 mod redis;
 
-pub use gate::{format_reset, Gate, Pass, RateHeaders};
+pub use gate::{format_reset, Gate, Pass, RateHeaders, ROUTER_SCOPE};
 pub use memory::MemoryLimiter;
 pub use redis::RedisLimiter;
 
@@ -39,6 +39,8 @@ pub struct Rule {
     /// The store key: who (user, scope) and what (kind, window).
     pub key: String,
     pub kind: RuleKind,
+    /// `router` (every service of the router) or the service's type.
+    pub scope: &'static str,
     pub limit: u64,
     pub window: Duration,
     /// What this request adds (1 request, the reserved tokens, one slot).
@@ -126,6 +128,7 @@ pub fn remaining_json(user: &str, windows: &[(Rule, WindowState)]) -> serde_json
         .map(|(r, s)| {
             serde_json::json!({
                 "kind": r.kind.as_str(),
+                "scope": r.scope,
                 "limit": s.limit,
                 "remaining": s.remaining,
                 "window_seconds": r.window.as_secs(),

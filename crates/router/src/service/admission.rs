@@ -12,7 +12,7 @@ use super::hold::{self, Claim, HoldGuard};
 use super::{elapsed_ms, RouterService};
 use crate::config::{describe_price, insufficient_funds_message, Pricing, ServiceKind, TokenBound};
 use crate::error::{RouterError, INSUFFICIENT_FUNDS};
-use crate::limits::Pass;
+use crate::limits::{Pass, RateHeaders};
 
 /// What admission needs to know of a request, for any service.
 pub(super) struct Ticket {
@@ -82,7 +82,10 @@ impl RouterService {
         tracing::Span::current().record("request_id", t.request_id.as_str());
         let claim = self.claim(&t.user_email, &t.request_id)?;
         t.pass = self.pass_gate(t, reserve_tokens).await?;
-        let authorized = self.authorize(t).await?;
+        let authorized = self
+            .authorize(t)
+            .await
+            .map_err(|e| with_window_headers(e, t))?;
         match &authorized {
             Authorized::Hold(h) => {
                 tracing::Span::current().record("transfer_id", h.transfer_id.as_str());
@@ -320,6 +323,18 @@ pub(super) fn disabled(kind: ServiceKind) -> RouterError {
             "the {} service is not enabled on this router",
             kind.as_str()
         ),
+    }
+}
+
+/// A budget refusal of the ledger, with the headers of the request and token windows the request
+/// already passed (the ledger knows none), so it carries them like every other answer.
+fn with_window_headers(e: RouterError, t: &Ticket) -> RouterError {
+    match e {
+        RouterError::Quota(mut q) if q.headers == RateHeaders::default() => {
+            q.headers = RouterService::rate_headers(t);
+            RouterError::Quota(q)
+        }
+        other => other,
     }
 }
 

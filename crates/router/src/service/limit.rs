@@ -3,11 +3,14 @@
 //! the pass's token reservation is settled with the answer's count. A refusal leaves a usage row
 //! with status `rate_limited` or `budget_exceeded` through the common refusal path (`refusal.rs`).
 
+use syft_proto::router::{GetLimitsRequest, GetLimitsResponse, Limit, LimitLeft};
+
 use super::admission::Ticket;
 use super::{Prepared, RouterService};
 use crate::config::ServiceKind;
 use crate::error::RouterError;
-use crate::limits::{Pass, RateHeaders, Rule, WindowState};
+use crate::limits::{Pass, RateHeaders, Rule, RuleKind, WindowState, ROUTER_SCOPE};
+use crate::money::format_micros;
 
 impl RouterService {
     /// Whether a token window applies to `kind` (the request's tokens are then counted before
@@ -62,18 +65,74 @@ impl RouterService {
         }
     }
 
-    /// What is left of `user`'s limits on the chat service (empty when nothing is limited).
+    /// What is left of `user`'s limits on `service` (empty when nothing is limited).
     pub async fn remaining_limits(
         &self,
         user: &str,
+        service: ServiceKind,
     ) -> Result<Vec<(Rule, WindowState)>, RouterError> {
         match &self.inner.gate {
             None => Ok(Vec::new()),
-            Some(gate) => gate.remaining(user, ServiceKind::Chat).await,
+            Some(gate) => gate.remaining(user, service).await,
         }
     }
 
-    /// The configured limits, as `GET /v1/models` shows them.
+    /// `GetLimits`: what is left of each of `user`'s windows on `service` (`chat` when empty).
+    pub async fn get_limits(
+        &self,
+        req: GetLimitsRequest,
+    ) -> Result<GetLimitsResponse, RouterError> {
+        let service = parse_service(&req.service)?;
+        let windows = self.remaining_limits(&req.user_email, service).await?;
+        Ok(GetLimitsResponse {
+            user_email: req.user_email,
+            service: service.as_str().into(),
+            limits: windows
+                .iter()
+                .map(|(rule, state)| LimitLeft {
+                    limit: Some(rule_proto(rule)),
+                    remaining: state.remaining,
+                    reset_ms: u64::try_from(state.reset.as_millis()).unwrap_or(u64::MAX),
+                })
+                .collect(),
+        })
+    }
+
+    /// Every limit that applies to a user's requests to `service`: the rate, token and
+    /// concurrency windows of the router and of the service, and the spend budgets when the
+    /// service is paid (`GetMetadata`, `GET /v1/models`).
+    pub fn service_limits(&self, service: ServiceKind) -> Vec<Limit> {
+        let c = &self.inner.config;
+        let mut out: Vec<Limit> = match &self.inner.gate {
+            None => Vec::new(),
+            Some(gate) => gate.rules("", service, 0).iter().map(rule_proto).collect(),
+        };
+        let paid = c.service(service).filter(|s| !s.pricing.kind.is_free());
+        if let Some(paid) = paid {
+            let budgets = [
+                ("budget_day", c.budgets.per_day_micros, "UTC day"),
+                ("budget_month", c.budgets.per_month_micros, "UTC month"),
+            ];
+            for (kind, micros, per) in budgets {
+                let Some(micros) = micros else { continue };
+                out.push(Limit {
+                    kind: kind.into(),
+                    limit: u64::try_from(micros).unwrap_or(0),
+                    window_seconds: 0,
+                    scope: ROUTER_SCOPE.into(),
+                    description: format!(
+                        "spend of {} {} per user per {per}",
+                        format_micros(micros),
+                        paid.pricing.currency
+                    ),
+                });
+            }
+        }
+        out
+    }
+
+    /// The configured limits, as `GET /v1/models` shows them: per scope as configured, and per
+    /// service every limit that applies (`service_limits`).
     pub fn limits_json(&self) -> serde_json::Value {
         let c = &self.inner.config;
         let scope = |l: &crate::config::RateLimits| {
@@ -89,6 +148,15 @@ impl RouterService {
             .filter(|s| !s.rate_limits.is_empty())
             .map(|s| (s.kind.as_str().to_string(), scope(&s.rate_limits)))
             .collect();
+        let apply: serde_json::Map<String, serde_json::Value> = c
+            .services
+            .iter()
+            .filter(|s| s.enabled)
+            .map(|s| {
+                let limits: Vec<_> = self.service_limits(s.kind).iter().map(limit_json).collect();
+                (s.kind.as_str().to_string(), serde_json::Value::from(limits))
+            })
+            .collect();
         serde_json::json!({
             "per_user": scope(&c.rate_limits),
             "services": services,
@@ -97,6 +165,7 @@ impl RouterService {
                 "per_day_micros": c.budgets.per_day_micros,
                 "per_month_micros": c.budgets.per_month_micros,
             },
+            "apply": apply,
         })
     }
 
@@ -107,4 +176,43 @@ impl RouterService {
             Some(gate) => gate.admit(user, ServiceKind::Chat, tokens).await.map(Some),
         }
     }
+}
+
+/// `chat` when empty, else `chat` or `search`.
+pub fn parse_service(text: &str) -> Result<ServiceKind, RouterError> {
+    if text.is_empty() {
+        return Ok(ServiceKind::Chat);
+    }
+    ServiceKind::parse(text).ok_or_else(|| {
+        RouterError::InvalidArgument(format!(
+            "unknown service {text:?} (use \"chat\" or \"search\")"
+        ))
+    })
+}
+
+/// A window as the API describes it (concurrency windows have no length: they last while the
+/// request runs).
+fn rule_proto(r: &Rule) -> Limit {
+    let window_seconds = match r.kind {
+        RuleKind::Requests | RuleKind::Tokens => r.window.as_secs(),
+        RuleKind::Concurrency | RuleKind::RouterConcurrency => 0,
+    };
+    Limit {
+        kind: r.kind.as_str().into(),
+        limit: r.limit,
+        window_seconds,
+        scope: r.scope.into(),
+        description: r.describe.clone(),
+    }
+}
+
+/// A limit in the JSON of `GET /v1/models` (the field names of the proto).
+fn limit_json(l: &Limit) -> serde_json::Value {
+    serde_json::json!({
+        "kind": l.kind,
+        "limit": l.limit,
+        "window_seconds": l.window_seconds,
+        "scope": l.scope,
+        "description": l.description,
+    })
 }

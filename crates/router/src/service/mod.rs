@@ -35,6 +35,7 @@ mod stream;
 use admission::{Authorized, Ticket, Units};
 use answer::{elapsed_ms, normalize_finish, token_usage};
 use hold::{Claim, HoldGuard};
+pub use limit::parse_service;
 pub use stream::ChatStreamHandle;
 
 use crate::search::SearchBackend;
@@ -226,6 +227,7 @@ impl RouterService {
                     r#type: s.kind.as_str().into(),
                     enabled: s.enabled,
                     pricing: Some(pricing_proto(&s.pricing)),
+                    limits: self.service_limits(s.kind),
                 })
                 .collect(),
             models: self.models(),

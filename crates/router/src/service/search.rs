@@ -15,6 +15,7 @@ use super::refusal::Attempt;
 use super::{elapsed_ms, RouterService};
 use crate::config::ServiceKind;
 use crate::error::RouterError;
+use crate::limits::RateHeaders;
 use crate::metrics;
 use crate::search::SearchHit;
 use crate::tokens;
@@ -23,6 +24,14 @@ use crate::validate::{validate_search, ValidSearch};
 impl RouterService {
     /// One search. Returns only after the capture (or void, or usage row) is committed.
     pub async fn search(&self, req: SearchRequest) -> Result<SearchResponse, RouterError> {
+        self.search_with_limits(req).await.map(|(resp, _)| resp)
+    }
+
+    /// [`RouterService::search`], with the rate-limit headers of the answer.
+    pub async fn search_with_limits(
+        &self,
+        req: SearchRequest,
+    ) -> Result<(SearchResponse, RateHeaders), RouterError> {
         let span = tracing::info_span!(
             "search",
             request_id = %req.request_id,
@@ -33,7 +42,10 @@ impl RouterService {
         self.run_search(req).instrument(span).await
     }
 
-    async fn run_search(&self, req: SearchRequest) -> Result<SearchResponse, RouterError> {
+    async fn run_search(
+        &self,
+        req: SearchRequest,
+    ) -> Result<(SearchResponse, RateHeaders), RouterError> {
         let started = Instant::now();
         let Some(backend) = &self.inner.search else {
             return Err(super::admission::disabled(ServiceKind::Search));
@@ -106,7 +118,8 @@ impl RouterService {
             upstream_time,
         );
         let transfer_id = settled?;
-        Ok(SearchResponse {
+        let headers = Self::rate_headers(&t);
+        let response = SearchResponse {
             id: t.request_id,
             query: v.query.query,
             results: hits.into_iter().map(result_proto).collect(),
@@ -117,7 +130,8 @@ impl RouterService {
                 ..ProviderInfo::default()
             }),
             currency: t.pricing.currency,
-        })
+        };
+        Ok((response, headers))
     }
 }
 
