@@ -470,7 +470,7 @@ async fn alerts_commands() {
     // `set_secrets` above ran (the rule fires as soon as it is added).
     let r = &got[0];
     assert!(syft_testkit::signature_matches(
-        &[whsec.clone()],
+        std::slice::from_ref(&whsec),
         &r.id,
         &r.timestamp,
         &r.body,
