@@ -574,8 +574,8 @@ async fn stats_prints_tables_json_and_csv() {
     h.finish().await;
 }
 
-/// `limits --user`: what is left of each window of a user on a router, as a table and as JSON,
-/// with the budgets that apply; a wrong service is refused in one line.
+/// `limits --user`: what is left of each window and budget of a user on a router, as a table and
+/// as JSON; a wrong service is refused in one line.
 #[tokio::test(flavor = "multi_thread")]
 async fn limits_command_shows_what_is_left() {
     use syft_router_svc::config::Rate;
@@ -603,7 +603,8 @@ async fn limits_command_shows_what_is_left() {
             "10 requests per minute",
             "budget_day",
             "spend of 1 USD per user per UTC day",
-            "(ledger)",
+            // The ledger counts the one paid request against the day's budget.
+            "0.99",
         ],
     );
     let line = table
@@ -618,6 +619,12 @@ async fn limits_command_shows_what_is_left() {
     assert_eq!(json["limits"][0]["remaining"], 9);
     assert_eq!(json["limits"][0]["window_seconds"], 60);
     assert_eq!(json["budgets"][0]["limit_micros"], 1_000_000);
+    assert_eq!(
+        json["budgets"][0]["remaining_micros"],
+        1_000_000 - syft_testkit::PRICE
+    );
+    let reset_ms = json["budgets"][0]["reset_ms"].as_u64().unwrap_or(0);
+    assert!(reset_ms > 0 && reset_ms <= 86_400_000, "{json}");
     let err = fails(syft_router().args(base).args(["--service", "images"]));
     assert_contains(&err, &["invalid request", "unknown service"]);
     s.check_invariants().await;

@@ -1,5 +1,5 @@
 //! `syft-router limits --user <email>`: how much of each limit that applies to a user is left on a
-//! router (its `GetLimits` call), and the spend budgets its metadata lists. A readable table, or
+//! router (its `GetLimits` call): the rate windows, and the spend budgets the ledger counts. A readable table, or
 //! `--json` in the shape of the router's `GET /v1/limits`.
 
 use std::time::Duration;
@@ -34,29 +34,29 @@ pub async fn run(args: LimitsArgs) -> anyhow::Result<()> {
         .await
         .map_err(fail)?
         .into_inner();
-    // The budgets are decided by the ledger: the router lists them, it does not count them.
-    let budgets: Vec<pb::Limit> = client
-        .get_metadata(pb::GetMetadataRequest {})
-        .await
-        .map_err(fail)?
-        .into_inner()
-        .services
-        .into_iter()
-        .filter(|s| s.r#type == left.service)
-        .flat_map(|s| s.limits)
-        .filter(|l| l.kind.starts_with("budget"))
-        .collect();
     if args.json {
-        println!("{}", limits_json(&left, &budgets));
+        println!("{}", limits_json(&left));
     } else {
-        print_table(&left, &budgets);
+        print_table(&left);
     }
     Ok(())
 }
 
-fn limits_json(left: &pb::GetLimitsResponse, budgets: &[pb::Limit]) -> serde_json::Value {
-    let limits: Vec<_> = left
-        .limits
+/// A spend budget's entry (counted by the ledger, in micros), as opposed to a rate window.
+fn is_budget(l: &pb::LimitLeft) -> bool {
+    l.limit
+        .as_ref()
+        .is_some_and(|l| l.kind.starts_with("budget_"))
+}
+
+fn money(micros: u64) -> String {
+    syft_ledger::money::format_micros(i64::try_from(micros).unwrap_or(i64::MAX))
+}
+
+/// The shape of the router's `GET /v1/limits`.
+fn limits_json(left: &pb::GetLimitsResponse) -> serde_json::Value {
+    let (budgets, windows): (Vec<_>, Vec<_>) = left.limits.iter().partition(|l| is_budget(l));
+    let limits: Vec<_> = windows
         .iter()
         .map(|l| {
             let limit = l.limit.clone().unwrap_or_default();
@@ -74,7 +74,16 @@ fn limits_json(left: &pb::GetLimitsResponse, budgets: &[pb::Limit]) -> serde_jso
         .collect();
     let budgets: Vec<_> = budgets
         .iter()
-        .map(|b| json!({"kind": b.kind, "limit_micros": b.limit, "description": b.description}))
+        .map(|b| {
+            let limit = b.limit.clone().unwrap_or_default();
+            json!({
+                "kind": limit.kind,
+                "limit_micros": limit.limit,
+                "remaining_micros": b.remaining,
+                "reset_ms": b.reset_ms,
+                "description": limit.description,
+            })
+        })
         .collect();
     json!({
         "user": left.user_email,
@@ -84,8 +93,8 @@ fn limits_json(left: &pb::GetLimitsResponse, budgets: &[pb::Limit]) -> serde_jso
     })
 }
 
-fn print_table(left: &pb::GetLimitsResponse, budgets: &[pb::Limit]) {
-    if left.limits.is_empty() && budgets.is_empty() {
+fn print_table(left: &pb::GetLimitsResponse) {
+    if left.limits.is_empty() {
         println!(
             "no limits apply to {} on the {} service",
             left.user_email, left.service
@@ -93,37 +102,37 @@ fn print_table(left: &pb::GetLimitsResponse, budgets: &[pb::Limit]) {
         return;
     }
     println!(
-        "{:<18}  {:<8}  {:>12}  {:>12}  {:>8}  {:>10}  description",
+        "{:<18}  {:<8}  {:>12}  {:>12}  {:>9}  {:>10}  description",
         "kind", "scope", "limit", "remaining", "window", "resets in"
     );
     for l in &left.limits {
         let limit = l.limit.clone().unwrap_or_default();
-        let window = if limit.window_seconds == 0 {
-            "in flight".to_string()
+        let (amount, remaining, window) = if is_budget(l) {
+            let per = if limit.kind == "budget_day" {
+                "UTC day"
+            } else {
+                "UTC month"
+            };
+            (money(limit.limit), money(l.remaining), per.to_string())
+        } else if limit.window_seconds == 0 {
+            (
+                limit.limit.to_string(),
+                l.remaining.to_string(),
+                "in flight".into(),
+            )
         } else {
-            format_reset(Duration::from_secs(limit.window_seconds))
+            let window = format_reset(Duration::from_secs(limit.window_seconds));
+            (limit.limit.to_string(), l.remaining.to_string(), window)
         };
         println!(
-            "{:<18}  {:<8}  {:>12}  {:>12}  {:>8}  {:>10}  {}",
+            "{:<18}  {:<8}  {:>12}  {:>12}  {:>9}  {:>10}  {}",
             limit.kind,
             limit.scope,
-            limit.limit,
-            l.remaining,
+            amount,
+            remaining,
             window,
             format_reset(Duration::from_millis(l.reset_ms)),
             limit.description
-        );
-    }
-    for b in budgets {
-        println!(
-            "{:<18}  {:<8}  {:>12}  {:>12}  {:>8}  {:>10}  {}",
-            b.kind,
-            b.scope,
-            syft_ledger::money::format_micros(i64::try_from(b.limit).unwrap_or(i64::MAX)),
-            "(ledger)",
-            "UTC",
-            "",
-            b.description
         );
     }
 }

@@ -326,6 +326,22 @@ impl pb::ledger_server::Ledger for GrpcLedger {
         .await
     }
 
+    async fn get_budget_use(
+        &self,
+        request: Request<pb::GetBudgetUseRequest>,
+    ) -> Reply<pb::BudgetUse> {
+        self.call(request, |core, caller, req| async move {
+            let u = core.budget_use(&caller, &req.sender_email).await?;
+            Ok(pb::BudgetUse {
+                day_used_micros: u.day_used,
+                month_used_micros: u.month_used,
+                day_resets_at_unix_micros: u.day_resets_at,
+                month_resets_at_unix_micros: u.month_resets_at,
+            })
+        })
+        .await
+    }
+
     async fn query_usage(
         &self,
         request: Request<pb::QueryUsageRequest>,

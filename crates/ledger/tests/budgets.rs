@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use syft_ledger::client::connect_lazy;
 use syft_proto::ledger as pb;
-use syft_testkit::{backdate_transfers, ok, quota_refusal, reason, Harness, LedgerServer, USD};
+use syft_testkit::{
+    backdate_transfers, ok, quota_refusal, reason, refused, Harness, LedgerServer, USD,
+};
 use tonic::Code;
 use tonic_types::StatusExt;
 
@@ -292,4 +294,63 @@ async fn monthly_budget_resets_with_the_month() {
     backdate_transfers(&h.store, Duration::from_secs(32 * 86_400)).await;
     c.authorize(monthly("b")).await.expect("a new month");
     h.assert_consistent().await;
+}
+
+/// `GetBudgetUse`: what a sender has used of the caller's budgets, counted as the hold check
+/// counts it (a pending hold its amount, a capture what it captured, a void nothing), on both
+/// engines; another recipient sees only its own zero, the admin and bad input are refused.
+async fn budget_use_counts_like_the_check(postgres: bool) {
+    let Some(Parties {
+        h, token, mut c, ..
+    }) = parties(postgres).await
+    else {
+        return;
+    };
+    let used = |u: &pb::BudgetUse| (u.day_used_micros, u.month_used_micros);
+    let ask = |who: &str| pb::GetBudgetUseRequest {
+        sender_email: who.into(),
+    };
+    assert_eq!(used(&ok(c.get_budget_use(ask(ALICE)).await)), (0, 0));
+    let captured = ok(c.authorize(hold(&token, "a", 30_000, None, 300)).await);
+    ok(c.capture(pb::CaptureRequest {
+        amount: Some(pb::capture_request::Amount::AmountMicros(20_000)),
+        ..syft_testkit::req::capture_full(&captured.id)
+    })
+    .await);
+    ok(c.authorize(hold(&token, "b", 7_000, None, 300)).await);
+    let voided = ok(c.authorize(hold(&token, "c", 5_000, None, 300)).await);
+    ok(c.void(syft_testkit::req::void(&voided.id)).await);
+    let u = ok(c.get_budget_use(ask(ALICE)).await);
+    assert_eq!(used(&u), (27_000, 27_000));
+    let now = syft_ledger::store::now_micros();
+    assert!(u.day_resets_at_unix_micros > now);
+    assert!(u.day_resets_at_unix_micros <= now + 86_400_000_000);
+    assert!(u.month_resets_at_unix_micros >= u.day_resets_at_unix_micros);
+
+    // Another recipient: Alice spent nothing with it.
+    let other = h.account("other@router.example", 0).await;
+    let mut o = h.client(&other);
+    assert_eq!(used(&ok(o.get_budget_use(ask(ALICE)).await)), (0, 0));
+    // The admin is not a recipient; unknown and malformed senders are refused.
+    let admin = h.admin().get_budget_use(ask(ALICE)).await;
+    refused(admin, Code::PermissionDenied);
+    refused(
+        c.get_budget_use(ask("nobody@example.com")).await,
+        Code::NotFound,
+    );
+    refused(
+        c.get_budget_use(ask("not an email")).await,
+        Code::InvalidArgument,
+    );
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn budget_use_sqlite() {
+    budget_use_counts_like_the_check(false).await;
+}
+
+#[tokio::test]
+async fn budget_use_postgres() {
+    budget_use_counts_like_the_check(true).await;
 }

@@ -104,7 +104,24 @@ async fn limits_left(
     let query = query.map_err(|e| bad(format!("expected ?user=<email>: {e}")))?;
     let service = crate::service::parse_service(&query.service)?;
     let windows = svc.remaining_limits(&query.user, service).await?;
-    Ok(Json(crate::limits::remaining_json(&query.user, &windows)))
+    let mut body = crate::limits::remaining_json(&query.user, &windows);
+    let budgets: Vec<Value> = svc
+        .budgets_left(&query.user, service)
+        .await?
+        .into_iter()
+        .filter_map(|b| {
+            let l = b.limit?;
+            Some(serde_json::json!({
+                "kind": l.kind,
+                "limit_micros": l.limit,
+                "remaining_micros": b.remaining,
+                "reset_ms": b.reset_ms,
+                "description": l.description,
+            }))
+        })
+        .collect();
+    body["budgets"] = Value::Array(budgets);
+    Ok(Json(body))
 }
 
 /// An error as an OpenAI-style response.

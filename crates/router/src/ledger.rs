@@ -8,9 +8,9 @@ use tokio::time::Instant;
 
 use syft_proto::ledger::ledger_client::LedgerClient;
 use syft_proto::ledger::{
-    capture_request, AnswerToStore, AuthorizeRequest, CaptureRequest, ExtendHoldRequest,
-    GetAccountRequest, GetAnswerRequest, GetTransferRequest, RecordUsageRequest, Transfer, Usage,
-    VoidRequest,
+    capture_request, AnswerToStore, AuthorizeRequest, BudgetUse, CaptureRequest, ExtendHoldRequest,
+    GetAccountRequest, GetAnswerRequest, GetBudgetUseRequest, GetTransferRequest,
+    RecordUsageRequest, Transfer, Usage, VoidRequest,
 };
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::transport::Channel;
@@ -58,6 +58,7 @@ pub(crate) enum Op {
     ExtendHold,
     GetAccount,
     GetTransfer,
+    GetBudgetUse,
 }
 
 /// Longest wait between two attempts to settle an unknown outcome.
@@ -336,6 +337,20 @@ impl Ledger {
             Err(s) if s.code() == Code::NotFound => Ok(None),
             Err(s) => Err(map_status(Op::GetAnswer, s)),
         }
+    }
+
+    /// What `user` has used of this router's per-user budgets (`GetBudgetUse`).
+    pub(crate) async fn budget_use(&self, user: &str) -> Result<BudgetUse, RouterError> {
+        let msg = GetBudgetUseRequest {
+            sender_email: user.to_string(),
+        };
+        self.calls
+            .call(Op::GetBudgetUse, None, msg, |mut c, r| async move {
+                c.get_budget_use(r).await
+            })
+            .await
+            .map(|(u, _)| u)
+            .map_err(|s| map_status(Op::GetBudgetUse, s))
     }
 
     /// A free request's row, grouped with the rows ready at the same moment (`usage_send.rs`).

@@ -171,7 +171,7 @@ async fn rate_headers_on_every_answer() {
 }
 
 /// `GetMetadata` and `GET /v1/models` list, per service, every limit that applies; `GetLimits` and
-/// `GET /v1/limits` say what is left of each window, per service.
+/// `GET /v1/limits` say what is left of each window and budget, per service.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_that_apply_and_what_is_left() {
     let search_up = FakeUpstream::start().await;
@@ -255,6 +255,16 @@ async fn limits_that_apply_and_what_is_left() {
     assert_eq!(remaining[0], ("requests".into(), "router".into(), 8));
     assert_eq!(remaining[2], ("concurrent".into(), "router".into(), 3));
     assert_eq!(remaining[3], ("requests".into(), "search".into(), 4));
+    // The day's budget, counted by the ledger: one search and one chat at PRICE each.
+    assert_eq!(
+        remaining[4],
+        (
+            "budget_day".into(),
+            "router".into(),
+            1_000_000 - 2 * PRICE as u64
+        )
+    );
+    assert!(left.limits[4].reset_ms > 0 && left.limits[4].reset_ms <= 86_400_000);
     assert!(left.limits[0].reset_ms > 0 && left.limits[0].reset_ms <= 60_000);
     // Asking records nothing.
     let again = c
@@ -282,6 +292,11 @@ async fn limits_that_apply_and_what_is_left() {
     .await;
     assert_eq!(rest["limits"][3]["scope"], "search");
     assert_eq!(rest["limits"][3]["remaining"], 4);
+    assert_eq!(rest["budgets"][0]["kind"], "budget_day");
+    assert_eq!(
+        rest["budgets"][0]["remaining_micros"],
+        1_000_000 - 2 * PRICE
+    );
     s.check_invariants().await;
 }
 

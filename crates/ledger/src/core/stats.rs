@@ -3,7 +3,9 @@
 use crate::auth::Caller;
 use crate::error::{LedgerError, Result};
 use crate::store::rollup::{DAY, HOUR, MINUTE};
-use crate::store::{now_micros, Dimension, StatsFilter, StatsGroup, StatsScope};
+use crate::store::{
+    budget_use, now_micros, BudgetUse, Dimension, StatsFilter, StatsGroup, StatsScope,
+};
 use crate::validate::{self, MAX_NAME, MAX_PATH};
 
 use super::{non_empty, Ledger};
@@ -124,6 +126,19 @@ fn range(q: &StatsQuery, now: i64) -> Result<(i64, i64)> {
 }
 
 impl Ledger {
+    /// What `sender_email` has used of the caller's per-user budgets now (`GetBudgetUse`). The
+    /// caller is the recipient (a router's owner account); it learns only the sums its own
+    /// budgets are checked against.
+    pub async fn budget_use(&self, caller: &Caller, sender_email: &str) -> Result<BudgetUse> {
+        let recipient = caller.account()?;
+        let sender = validate::email("sender_email", sender_email)?;
+        let Some(sender_id) = self.store().account_id(&sender).await? else {
+            return Err(LedgerError::NotFound(format!("account {sender} not found")));
+        };
+        let pool = self.store().pool();
+        Ok(budget_use(pool, sender_id, recipient.id, now_micros()).await?)
+    }
+
     /// Grouped usage measures. An owner reads the rows of the apps it is paid for, a user the rows
     /// of the requests it sent, the admin every row.
     pub async fn usage_stats(&self, caller: &Caller, q: &StatsQuery) -> Result<Stats> {

@@ -305,6 +305,41 @@ impl BudgetCheck<'_> {
     }
 }
 
+/// What one sender has used of one recipient's per-user budgets in the current UTC windows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BudgetUse {
+    pub day_used: i64,
+    pub month_used: i64,
+    pub day_resets_at: i64,
+    pub month_resets_at: i64,
+}
+
+/// [`BudgetUse`] now, read with the hold check's own query (so it cannot disagree with it).
+pub(crate) async fn budget_use(
+    pool: &sqlx::AnyPool,
+    sender_id: i64,
+    recipient_id: i64,
+    now: i64,
+) -> Result<BudgetUse, sqlx::Error> {
+    let ((day, next_day), (month, next_month)) = windows(now);
+    let mut used = [0i64; 2];
+    for (slot, since) in used.iter_mut().zip([day, month]) {
+        *slot = sqlx::query_scalar(USED)
+            .bind(now)
+            .bind(sender_id)
+            .bind(recipient_id)
+            .bind(since)
+            .fetch_one(pool)
+            .await?;
+    }
+    Ok(BudgetUse {
+        day_used: used[0],
+        month_used: used[1],
+        day_resets_at: next_day,
+        month_resets_at: next_month,
+    })
+}
+
 /// A windowed budget's use now, for the alerts evaluator (`budget.threshold`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WindowUse {

@@ -37,8 +37,8 @@ pub use analytics::{
 };
 pub use answer::AnswerRow;
 pub use authorize::{AuthorizeInput, DirectInput};
-pub(crate) use budget::windowed_use;
-pub use budget::{BudgetRefusal, BudgetWindow, HoldBudgets, WindowUse};
+pub(crate) use budget::{budget_use, windowed_use};
+pub use budget::{BudgetRefusal, BudgetUse, BudgetWindow, HoldBudgets, WindowUse};
 pub use query::{TokenFilter, TokenRow, TransferFilter, UsageFilter, UsagePage, UsageTotals};
 pub use rows::{AccountRow, IssuedToken, TokenInfo, TransferRow, UsageInput, UsageRow};
 // An Authorize's transfer and whether it was placed by an earlier call (issue 15).

@@ -84,18 +84,54 @@ impl RouterService {
     ) -> Result<GetLimitsResponse, RouterError> {
         let service = parse_service(&req.service)?;
         let windows = self.remaining_limits(&req.user_email, service).await?;
+        let mut limits: Vec<LimitLeft> = windows
+            .iter()
+            .map(|(rule, state)| LimitLeft {
+                limit: Some(rule_proto(rule)),
+                remaining: state.remaining,
+                reset_ms: u64::try_from(state.reset.as_millis()).unwrap_or(u64::MAX),
+            })
+            .collect();
+        limits.extend(self.budgets_left(&req.user_email, service).await?);
         Ok(GetLimitsResponse {
             user_email: req.user_email,
             service: service.as_str().into(),
-            limits: windows
-                .iter()
-                .map(|(rule, state)| LimitLeft {
-                    limit: Some(rule_proto(rule)),
-                    remaining: state.remaining,
-                    reset_ms: u64::try_from(state.reset.as_millis()).unwrap_or(u64::MAX),
-                })
-                .collect(),
+            limits,
         })
+    }
+
+    /// What is left of `user`'s spend budgets on `service` (none when it is free or has no
+    /// budget). The ledger counts the spend (`GetBudgetUse`), with the same query its hold check
+    /// uses, so this agrees with what the next hold will be decided against.
+    pub async fn budgets_left(
+        &self,
+        user: &str,
+        service: ServiceKind,
+    ) -> Result<Vec<LimitLeft>, RouterError> {
+        let budgets: Vec<Limit> = self
+            .service_limits(service)
+            .into_iter()
+            .filter(|l| l.kind.starts_with("budget_"))
+            .collect();
+        if budgets.is_empty() {
+            return Ok(Vec::new());
+        }
+        let used = self.inner.ledger.budget_use(user).await?;
+        let now = crate::limits::now_ms();
+        let left = |limit: &Limit, used: i64, resets_at_micros: i64| LimitLeft {
+            limit: Some(limit.clone()),
+            remaining: limit.limit.saturating_sub(u64::try_from(used).unwrap_or(0)),
+            reset_ms: u64::try_from(resets_at_micros / 1000)
+                .unwrap_or(0)
+                .saturating_sub(now),
+        };
+        Ok(budgets
+            .iter()
+            .map(|b| match b.kind.as_str() {
+                "budget_day" => left(b, used.day_used_micros, used.day_resets_at_unix_micros),
+                _ => left(b, used.month_used_micros, used.month_resets_at_unix_micros),
+            })
+            .collect())
     }
 
     /// Every limit that applies to a user's requests to `service`: the rate, token and
