@@ -70,6 +70,9 @@ model_list:
   - model_name: bench
     litellm_params: {model: openai/bench, api_base: "$upstream", api_key: "none"}
 CONF
+    # No master key: the proxy runs with no auth (and no database, no accounting), which recent
+    # LiteLLM versions refuse to start without this switch.
+    LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY=true \
     "$LITELLM" --config "$work/litellm.yaml" --host 127.0.0.1 --port 50192 --num_workers 2 \
         >"$work/litellm.log" 2>&1 &
     pids+=($!)
@@ -83,7 +86,9 @@ run() { # label port connections users...
     local joined
     joined=$(IFS=,; echo "$*")
     local out
-    out=$(SYFT_USERS=$joined wrk -t2 -c"$conns" -d"$DURATION" --latency \
+    # wrk refuses more threads than connections (the c=1 shapes).
+    local threads=$((conns < 2 ? conns : 2))
+    out=$(SYFT_USERS=$joined wrk -t"$threads" -c"$conns" -d"$DURATION" --latency \
         -s "$here/wrk-chat.lua" "http://127.0.0.1:$((port + 1))" 2>&1)
     local rps p50 p99 non2xx
     rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")

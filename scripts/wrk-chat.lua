@@ -10,7 +10,9 @@ for pair in string.gmatch(os.getenv("SYFT_USERS") or "", "[^,]+") do
 end
 local model = os.getenv("SYFT_MODEL") or "bench"
 local counter = 0
-local prefix = ""
+-- Global, not local: `thread:set` in `setup` writes each thread's globals, and a local here would
+-- shadow it (both threads then sent the same keys and half the requests got 409).
+prefix = ""
 
 function setup(thread)
     counter = counter + 1
