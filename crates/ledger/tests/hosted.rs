@@ -522,6 +522,27 @@ async fn partial_capture_with_exact_funds() {
     p.finish().await;
 }
 
+/// Spend budgets need a local ledger: with hosted accounting a budgeted hold and a budget-use
+/// query are refused (`NOT_SUPPORTED`, never a silent zero), and nothing is held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn budgets_are_refused_with_hosted_accounting() {
+    let p = Pair::sqlite(USD).await;
+    let mut router = p.router();
+    let budgeted = pb::AuthorizeRequest {
+        budget_per_day_micros: Some(USD),
+        ..syft_testkit::req::hold(ALICE, 10_000, &p.token, "k1")
+    };
+    let err = syft_testkit::refused(router.authorize(budgeted).await, Code::FailedPrecondition);
+    assert_eq!(syft_testkit::reason(&err).as_deref(), Some("NOT_SUPPORTED"));
+    let ask = pb::GetBudgetUseRequest {
+        sender_email: ALICE.into(),
+    };
+    let err = syft_testkit::refused(router.get_budget_use(ask).await, Code::FailedPrecondition);
+    assert_eq!(syft_testkit::reason(&err).as_deref(), Some("NOT_SUPPORTED"));
+    assert_eq!(p.money().await, ((USD, 0), (0, 0)));
+    p.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_captures_charge_once() {
     for postgres in [false, true] {

@@ -131,6 +131,14 @@ impl Ledger {
     /// budgets are checked against.
     pub async fn budget_use(&self, caller: &Caller, sender_email: &str) -> Result<BudgetUse> {
         let recipient = caller.account()?;
+        if self.config().hosted.is_some() {
+            // Budgets are refused with hosted accounting (hosted/backend.rs): there is no use
+            // to report, and a zero would read as a whole budget.
+            return Err(LedgerError::refused(
+                syft_error::Reason::NotSupported,
+                "spend budgets need a local ledger; this ledger uses hosted accounting",
+            ));
+        }
         let sender = validate::email("sender_email", sender_email)?;
         let Some(sender_id) = self.store().account_id(&sender).await? else {
             return Err(LedgerError::NotFound(format!("account {sender} not found")));
