@@ -476,8 +476,8 @@ async fn live_usage(h: &Harness) {
     let mut events = Box::pin(resp.bytes_stream());
     let opened = Instant::now();
     let mut seen = String::new();
-    // Let the stream subscribe before the first row.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The first row is written at once: the stream subscribed before its answer came, but the
+    // database watcher starts after it (a row in between must still be pushed).
     let (mut o1, mut o2) = (h.client(&owner), h.client(&owner2));
     for n in 0..3 {
         let id = format!("live-{n}");

@@ -82,6 +82,9 @@ async fn listen(store: &Store, tx: &broadcast::Sender<()>) -> Result<()> {
     let url = store.pool().connect_options().database_url.to_string();
     let mut listener = sqlx::postgres::PgListener::connect(&url).await?;
     listener.listen(CHANNEL).await?;
+    // Rows committed before the LISTEN took effect raised no notification: the streams look
+    // once now (a page that subscribed just before would otherwise wait for the next row).
+    let _ = tx.send(());
     loop {
         // `None`: the connection was lost and is re-established on the next call; rows may have
         // been committed meanwhile, so the streams look anyway.
@@ -98,6 +101,9 @@ async fn poll(store: &Store, tx: &broadcast::Sender<()>) -> Result<()> {
             .await
     };
     let mut last = newest().await?;
+    // Rows written between a page's subscription and this first read changed nothing `last`
+    // will show: the streams look once now.
+    let _ = tx.send(());
     while tx.receiver_count() > 0 {
         tokio::time::sleep(SQLITE_POLL).await;
         let now = newest().await?;
@@ -119,23 +125,28 @@ struct Tail {
     seen: HashMap<String, i64>,
     since: i64,
     last_sent: Option<Instant>,
+    /// The first call reads at once: rows written between the page's own load and its
+    /// subscription raised their signal before this stream listened.
+    look_now: bool,
 }
 
 impl Tail {
     async fn next(&mut self) -> Option<Event> {
         loop {
-            tokio::select! {
-                signal = self.rx.recv() => match signal {
-                    Ok(()) | Err(RecvError::Lagged(_)) => {}
-                    Err(RecvError::Closed) => return None,
-                },
-                // Turned not ready (shutting down): the stream ends and the page reconnects,
-                // to another replica or to this one once it is back.
-                changed = self.ready.changed() => {
-                    if changed.is_err() || !*self.ready.borrow_and_update() {
-                        return None;
+            if !std::mem::take(&mut self.look_now) {
+                tokio::select! {
+                    signal = self.rx.recv() => match signal {
+                        Ok(()) | Err(RecvError::Lagged(_)) => {}
+                        Err(RecvError::Closed) => return None,
+                    },
+                    // Turned not ready (shutting down): the stream ends and the page reconnects,
+                    // to another replica or to this one once it is back.
+                    changed = self.ready.changed() => {
+                        if changed.is_err() || !*self.ready.borrow_and_update() {
+                            return None;
+                        }
+                        continue;
                     }
-                    continue;
                 }
             }
             if let Some(last) = self.last_sent {
@@ -203,6 +214,7 @@ pub(super) async fn events(
         seen: HashMap::new(),
         since: now_micros() - SLACK_MICROS,
         last_sent: None,
+        look_now: true,
     };
     let stream = futures::stream::unfold(tail, |mut tail| async move {
         let event = tail.next().await?;
