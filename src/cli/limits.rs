@@ -73,17 +73,8 @@ fn limits_json(left: &pb::GetLimitsResponse) -> serde_json::Value {
         })
         .collect();
     let budgets: Vec<_> = budgets
-        .iter()
-        .map(|b| {
-            let limit = b.limit.clone().unwrap_or_default();
-            json!({
-                "kind": limit.kind,
-                "limit_micros": limit.limit,
-                "remaining_micros": b.remaining,
-                "reset_ms": b.reset_ms,
-                "description": limit.description,
-            })
-        })
+        .into_iter()
+        .filter_map(syft_router_svc::limits::budget_left_json)
         .collect();
     json!({
         "user": left.user_email,

@@ -108,17 +108,8 @@ async fn limits_left(
     let budgets: Vec<Value> = svc
         .budgets_left(&query.user, service)
         .await?
-        .into_iter()
-        .filter_map(|b| {
-            let l = b.limit?;
-            Some(serde_json::json!({
-                "kind": l.kind,
-                "limit_micros": l.limit,
-                "remaining_micros": b.remaining,
-                "reset_ms": b.reset_ms,
-                "description": l.description,
-            }))
-        })
+        .iter()
+        .filter_map(crate::limits::budget_left_json)
         .collect();
     body["budgets"] = Value::Array(budgets);
     Ok(Json(body))

@@ -141,6 +141,19 @@ pub fn remaining_json(user: &str, windows: &[(Rule, WindowState)]) -> serde_json
     serde_json::json!({"user": user, "limits": limits})
 }
 
+/// A spend budget's entry of `GetLimits` as `GET /v1/limits` and `syft-router limits --json`
+/// show it (money in micros); `None` for an entry without its limit.
+pub fn budget_left_json(b: &syft_proto::router::LimitLeft) -> Option<serde_json::Value> {
+    let l = b.limit.as_ref()?;
+    Some(serde_json::json!({
+        "kind": l.kind,
+        "limit_micros": l.limit,
+        "remaining_micros": b.remaining,
+        "reset_ms": b.reset_ms,
+        "description": l.description,
+    }))
+}
+
 /// Milliseconds since the Unix epoch on this machine's clock.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
