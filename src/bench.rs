@@ -55,13 +55,8 @@ enum Shape {
 
 #[derive(Args, Debug)]
 struct LedgerBench {
-    /// Server URL to create a fresh benchmark database on (postgres://… or sqlite).
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
-    )]
-    database_url: String,
+    #[command(flatten)]
+    server: BenchServer,
     #[arg(long, value_enum, default_values_t = [Shape::Hot, Shape::Spread, Shape::OneSender], num_args = 1..)]
     shape: Vec<Shape>,
     /// Also run `pgbench` (custom script updating one row, 8 clients) for the same duration and
@@ -99,8 +94,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                     one / hot
                 );
             }
-            if b.pgbench && b.database_url.starts_with("postgres") {
-                let tps = crate::bench_pg::hot_row_tps(&b.database_url, b.duration).await?;
+            if b.pgbench && b.server.is_postgres() {
+                let tps = crate::bench_pg::hot_row_tps(&b.server.database_url, b.duration).await?;
                 println!("pgbench hot row (one UPDATE of one row per transaction, 8 clients): {tps:.0} tps");
                 if let Some(hot) = rate(Shape::Hot) {
                     println!(
@@ -117,6 +112,28 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchTarget::Limits(b) => crate::bench_limits::run(&b).await,
         BenchTarget::Chaos(b) => crate::bench_chaos::run(&b).await,
         BenchTarget::Analytics(b) => crate::bench_analytics::run(&b).await,
+    }
+}
+
+/// Where a benchmark makes its throwaway database; one flag for every `bench` command.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct BenchServer {
+    /// Server URL to create a fresh benchmark database on (postgres://…; `sqlite` for a file in a
+    /// temporary directory, where the benchmark allows it).
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_SERVER)]
+    pub(crate) database_url: String,
+}
+
+const DEFAULT_SERVER: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+impl BenchServer {
+    pub(crate) fn is_postgres(&self) -> bool {
+        self.database_url.starts_with("postgres")
+    }
+
+    /// A fresh database on this server.
+    pub(crate) async fn fresh_db(&self) -> anyhow::Result<BenchDb> {
+        fresh_db(&self.database_url).await
     }
 }
 
@@ -186,7 +203,7 @@ struct Stats {
 /// Runs one shape; returns its pairs/s.
 async fn bench_ledger(b: &LedgerBench, shape: Shape) -> anyhow::Result<f64> {
     const ADMIN: &str = "bench-admin";
-    let db = fresh_db(&b.database_url).await?;
+    let db = b.server.fresh_db().await?;
     let config = LedgerConfig {
         database_url: db.url.clone(),
         admin_key: ADMIN.into(),

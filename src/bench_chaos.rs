@@ -39,13 +39,8 @@ pub struct ChaosBench {
     /// Concurrent clients.
     #[arg(long, default_value_t = 6)]
     pub clients: usize,
-    /// Postgres server to create the test database on.
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
-    )]
-    pub database_url: String,
+    #[command(flatten)]
+    pub server: crate::bench::BenchServer,
     /// Random seed (default: from the clock); printed, so a run can be repeated.
     #[arg(long)]
     pub seed: Option<u64>,
@@ -132,7 +127,7 @@ pub async fn run(b: &ChaosBench) -> anyhow::Result<()> {
 /// Sets everything up, runs `b.runs` runs, and adds up what they found.
 pub async fn chaos(b: &ChaosBench) -> anyhow::Result<Totals> {
     anyhow::ensure!(
-        b.database_url.starts_with("postgres"),
+        b.server.is_postgres(),
         "bench chaos needs Postgres (two ledger processes share the database)"
     );
     let seed = b.seed.unwrap_or_else(|| {
@@ -142,7 +137,7 @@ pub async fn chaos(b: &ChaosBench) -> anyhow::Result<Totals> {
             .unwrap_or(1)
     });
     eprintln!("chaos: seed {seed}");
-    let db = crate::bench::fresh_db(&b.database_url).await?;
+    let db = b.server.fresh_db().await?;
     let dir = tempfile::tempdir()?;
     let result = async {
         let mut procs = start_processes(&db.url, seed, dir.path()).await?;

@@ -31,17 +31,14 @@ use syft_router_svc::{
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 
-use crate::setup::{create_account, issue_token, restore_rollups, verify_ledger, wait_for_ledger};
+use crate::setup::{
+    create_account, issue_token, restore_rollups, user_chat, verify_ledger, wait_for_ledger,
+};
 
 #[derive(Args, Debug)]
 pub struct RouterBench {
-    /// Server URL to create a fresh benchmark database on.
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
-    )]
-    database_url: String,
+    #[command(flatten)]
+    server: crate::bench::BenchServer,
     /// Closed-loop clients for the throughput runs.
     #[arg(long, default_value_t = 32)]
     pub(crate) concurrency: usize,
@@ -199,7 +196,7 @@ pub(crate) const PAID_PRICE: i64 = 10_000;
 
 pub async fn run(b: &RouterBench) -> anyhow::Result<()> {
     const ADMIN: &str = "bench-admin";
-    let db = crate::bench::fresh_db(&b.database_url).await?;
+    let db = b.server.fresh_db().await?;
     syft_ledger::store::rollup::set_enabled(b.rollups);
     println!("rollups: {}", if b.rollups { "on" } else { "off" });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -310,19 +307,9 @@ pub async fn run(b: &RouterBench) -> anyhow::Result<()> {
                         .unwrap_or(false),
                     Front::Grpc => grpc
                         .chat(rpb::ChatRequest {
-                            user_email: email,
-                            model: "bench".into(),
-                            messages: vec![rpb::Message {
-                                role: "user".into(),
-                                content: "hello there".into(),
-                                name: None,
-                            }],
-                            options: Some(rpb::ChatOptions {
-                                max_tokens: Some(32),
-                                ..Default::default()
-                            }),
                             transaction_token: token,
                             request_id: format!("bench-{n}"),
+                            ..user_chat(&email, "bench", "hello there", 32)
                         })
                         .await
                         .map(|r| r.into_inner().cost_micros == PAID_PRICE)

@@ -3,6 +3,7 @@
 //! test kit uses too.
 
 use syft_ledger::client::{self, LedgerClient};
+use syft_proto::router as rpb;
 
 /// Waits until the ledger answers (any answer but `UNAVAILABLE`).
 pub async fn wait_for_ledger(client: &mut LedgerClient) -> anyhow::Result<()> {
@@ -50,4 +51,28 @@ pub async fn verify_ledger(database_url: &str) -> anyhow::Result<syft_ledger::st
     let report = report?;
     anyhow::ensure!(report.is_ok(), "ledger inconsistent: {:?}", report.problems);
     Ok(report)
+}
+
+/// A chat of one user message asking for at most `max_tokens`, as `demo` and the benchmarks send
+/// it; the caller adds its token and request id.
+pub fn user_chat(
+    user_email: &str,
+    model: &str,
+    content: &str,
+    max_tokens: u32,
+) -> rpb::ChatRequest {
+    rpb::ChatRequest {
+        user_email: user_email.into(),
+        model: model.into(),
+        messages: vec![rpb::Message {
+            role: "user".into(),
+            content: content.into(),
+            name: None,
+        }],
+        options: Some(rpb::ChatOptions {
+            max_tokens: Some(max_tokens),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
 }

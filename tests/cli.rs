@@ -19,14 +19,7 @@ fn assert_contains(text: &str, parts: &[&str]) {
 }
 
 fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("run syft-router");
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "failed: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+    syft_testkit::succeeded(&cmd.output().expect("run syft-router"), "syft-router")
 }
 
 #[test]
@@ -420,12 +413,38 @@ async fn listings_page_past_500_rows_with_times_and_currency() {
 
 /// `syft-router ARGS` against the ledger at `url`, with the admin key and no user secret.
 fn admin_cli(url: String) -> impl Fn(&[&str]) -> Command {
+    ledger_cli(
+        url,
+        "SYFT_LEDGER_ADMIN_KEY",
+        ADMIN_KEY.to_string(),
+        "SYFT_SECRET",
+    )
+}
+
+/// Client commands run as the account whose secret is `secret`.
+fn account_cli(url: String, secret: &str) -> impl Fn(&[&str]) -> Command {
+    ledger_cli(
+        url,
+        "SYFT_SECRET",
+        secret.to_string(),
+        "SYFT_LEDGER_ADMIN_KEY",
+    )
+}
+
+/// Client commands against the ledger at `url` with the credential `key` = `value`; the other
+/// credential variable `unset` is removed, so the caller's environment cannot change who acts.
+fn ledger_cli(
+    url: String,
+    key: &'static str,
+    value: String,
+    unset: &'static str,
+) -> impl Fn(&[&str]) -> Command {
     move |args: &[&str]| {
         let mut cmd = syft_router();
         cmd.args(args)
             .env("SYFT_LEDGER_URL", &url)
-            .env("SYFT_LEDGER_ADMIN_KEY", ADMIN_KEY)
-            .env_remove("SYFT_SECRET");
+            .env(key, &value)
+            .env_remove(unset);
         cmd
     }
 }
@@ -438,15 +457,7 @@ async fn alerts_commands() {
     let h = Harness::with(false, alerts_on).await.unwrap();
     let secret = h.account("carol@example.com", 10_000_000).await;
     let rx = WebhookReceiver::start().await;
-    let url = h.url();
-    let cli = |args: &[&str]| {
-        let mut cmd = syft_router();
-        cmd.args(args)
-            .env("SYFT_LEDGER_URL", &url)
-            .env("SYFT_SECRET", &secret)
-            .env_remove("SYFT_LEDGER_ADMIN_KEY");
-        cmd
-    };
+    let cli = account_cli(h.url(), &secret);
     let added: serde_json::Value = serde_json::from_str(&run(&mut cli(&[
         "alerts",
         "add",
@@ -527,15 +538,7 @@ async fn stats_prints_tables_json_and_csv() {
             .await
             .unwrap();
     }
-    let url = h.url();
-    let cli = |args: &[&str]| {
-        let mut cmd = syft_router();
-        cmd.args(args)
-            .env("SYFT_LEDGER_URL", &url)
-            .env("SYFT_SECRET", &owner)
-            .env_remove("SYFT_LEDGER_ADMIN_KEY");
-        cmd
-    };
+    let cli = account_cli(h.url(), &owner);
     let stats: serde_json::Value =
         serde_json::from_str(&run(&mut cli(&["stats", "--by", "status", "--json"]))).unwrap();
     let groups = stats["groups"].as_array().unwrap();

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use syft_testkit::{Harness, ADMIN_KEY};
+use syft_testkit::{run_python, succeeded, Harness, ADMIN_KEY};
 
 fn venv_python() -> Option<PathBuf> {
     syft_testkit::python_venv(Path::new(env!("CARGO_MANIFEST_DIR")))
@@ -20,25 +20,10 @@ async fn syft_accounting_sdk_works_unchanged() {
             continue;
         };
         let url = h.http_url();
-        let python = python.clone();
-        let script = script.clone();
-        let output = tokio::task::spawn_blocking(move || {
-            Command::new(python)
-                .arg(script)
-                .arg(url)
-                .arg(ADMIN_KEY)
-                .output()
-        })
-        .await
-        .expect("join")
-        .expect("run python");
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        let stderr = String::from_utf8_lossy(&output.stderr);
+        let what = format!("SDK compatibility script (postgres: {postgres})");
+        let args = vec![url, ADMIN_KEY.to_string()];
+        let stdout = run_python(python.clone(), script.clone(), args, &what).await;
         println!("{stdout}");
-        assert!(
-            output.status.success(),
-            "SDK compatibility script failed (postgres: {postgres}):\n{stdout}\n{stderr}"
-        );
         assert!(stdout.contains("compatibility: ok"));
         h.finish().await;
     }
@@ -91,12 +76,7 @@ fn syft_accounting_sdk_works_with_the_dev_stack_defaults() {
         .status();
     let status = dev.wait().expect("wait for dev");
     let output = result.expect("dev printed its ledger HTTP address");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "SDK against the dev defaults failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = succeeded(&output, "SDK against the dev defaults");
     assert!(stdout.contains("dev defaults: ok"), "{stdout}");
     assert!(status.success(), "dev exited {status:?}");
 }
@@ -121,12 +101,9 @@ async fn syft_llm_router_clients_work_against_chat_search_and_health() {
         dir: docs.path().to_path_buf(),
         rescan: std::time::Duration::from_secs(60),
     });
-    let s = Stack::start_with(
-        Db::sqlite(),
-        Pricing::per_request(PRICE),
-        std::time::Duration::from_secs(300),
-        move |c| *c = c.clone().with_search(Pricing::per_request(PRICE), search),
-    )
+    let s = Stack::start_tweaked(Pricing::per_request(PRICE), move |c| {
+        *c = c.clone().with_search(Pricing::per_request(PRICE), search)
+    })
     .await;
     let bob = create_account(&s.ledger.url, "bob").await;
     deposit(&s.ledger.url, &bob.email, PRICE / 2).await;
@@ -140,7 +117,7 @@ async fn syft_llm_router_clients_work_against_chat_search_and_health() {
         }
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/syft_router_api.py");
-    let args = [
+    let args = vec![
         s.router.http_url.clone(),
         s.alice.email.clone(),
         s.token.clone(),
@@ -148,17 +125,7 @@ async fn syft_llm_router_clients_work_against_chat_search_and_health() {
         bob_token,
         PRICE.to_string(),
     ];
-    let output =
-        tokio::task::spawn_blocking(move || Command::new(python).arg(script).args(args).output())
-            .await
-            .expect("join")
-            .expect("run python");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "router API script failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = run_python(python, script, args, "router API script").await;
     assert!(stdout.contains("router api: ok"), "{stdout}");
     // Two paid searches and two paid chats; the empty search and every refusal cost nothing.
     assert_eq!(

@@ -18,7 +18,8 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use super::router::RouterSetup;
-use crate::setup::{create_account, issue_token, verify_ledger, wait_for_ledger};
+use super::serve::bind;
+use crate::setup::{create_account, issue_token, user_chat, verify_ledger, wait_for_ledger};
 
 const DEV_OWNER: &str = "owner@example.com";
 const DEV_USER: &str = "alice@example.com";
@@ -143,12 +144,6 @@ impl Running {
         }
         Ok(())
     }
-}
-
-async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr}"))
 }
 
 /// The price of `demo`'s and `dev`'s search service.
@@ -577,19 +572,9 @@ async fn demo_chat(
     let resp = r
         .client
         .chat(rpb::ChatRequest {
-            user_email: DEV_USER.into(),
-            model: "echo".into(),
-            messages: vec![rpb::Message {
-                role: "user".into(),
-                content: prompt.to_string(),
-                name: None,
-            }],
-            options: Some(rpb::ChatOptions {
-                max_tokens: Some(64),
-                ..Default::default()
-            }),
             transaction_token: token,
             request_id: format!("demo-{i}"),
+            ..user_chat(DEV_USER, "echo", prompt, 64)
         })
         .await?
         .into_inner();

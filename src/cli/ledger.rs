@@ -51,20 +51,8 @@ impl DatabaseArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
-    /// gRPC listen address.
-    #[arg(
-        long = "grpc-addr",
-        env = "SYFT_LEDGER_GRPC_ADDR",
-        default_value = "127.0.0.1:50051"
-    )]
-    pub grpc_addr: String,
-    /// HTTP listen address: /healthz, /readyz and, with --accounting-api, the accounting REST API.
-    #[arg(
-        long = "http-addr",
-        env = "SYFT_LEDGER_HTTP_ADDR",
-        default_value = "127.0.0.1:8081"
-    )]
-    pub http_addr: String,
+    #[command(flatten)]
+    pub listen: super::serve::LedgerServe,
     /// Serve the Syft accounting REST API (what syft-accounting-sdk speaks) on the HTTP port.
     #[arg(long, env = "SYFT_LEDGER_ACCOUNTING_API", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub accounting_api: bool,
@@ -126,18 +114,9 @@ pub struct ServeArgs {
     /// Postgres write batches in flight at once: fewer = bigger batches and fewer commits.
     #[arg(long, env = "SYFT_LEDGER_BATCH_WORKERS", default_value_t = syft_ledger::store::DEFAULT_BATCH_WORKERS)]
     pub batch_workers: usize,
-    /// PEM certificate chain: serve gRPC over TLS (with --tls-key).
-    #[arg(long, env = "SYFT_LEDGER_TLS_CERT")]
-    pub tls_cert: Option<PathBuf>,
-    /// PEM private key of --tls-cert.
-    #[arg(long, env = "SYFT_LEDGER_TLS_KEY")]
-    pub tls_key: Option<PathBuf>,
     /// PEM CA: require client certificates signed by it (mutual TLS, e.g. with the router).
     #[arg(long, env = "SYFT_LEDGER_TLS_CLIENT_CA")]
     pub tls_client_ca: Option<PathBuf>,
-    /// On SIGTERM/SIGINT: stop accepting, let in-flight calls finish for this long, then exit.
-    #[arg(long, env = "SYFT_LEDGER_SHUTDOWN_GRACE", default_value = "30s", value_parser = super::parse_duration)]
-    pub shutdown_grace: Duration,
     #[command(flatten)]
     pub alerts: AlertsFlags,
 }
@@ -245,12 +224,8 @@ impl ServeArgs {
             batch_workers: self.batch_workers,
             accounting_api: self.accounting_api,
             hosted,
-            tls: super::server_tls(
-                self.tls_cert.as_ref(),
-                self.tls_key.as_ref(),
-                self.tls_client_ca.as_ref(),
-            )?,
-            shutdown_grace: self.shutdown_grace,
+            tls: self.listen.tls(self.tls_client_ca.as_ref())?,
+            shutdown_grace: self.listen.shutdown_grace,
             alerts: self.alerts.config()?,
         })
     }
@@ -268,13 +243,8 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     if config.admin_key.is_empty() {
         tracing::warn!("no admin key set (SYFT_LEDGER_ADMIN_KEY): admin calls will be refused");
     }
-    let listener = tokio::net::TcpListener::bind(&args.grpc_addr)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.grpc_addr))?;
-    let http_listener = tokio::net::TcpListener::bind(&args.http_addr)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.http_addr))?;
-    let listeners = syft_ledger::Listeners::grpc(listener).with_http(http_listener);
+    let (grpc, http) = args.listen.bind().await?;
+    let listeners = syft_ledger::Listeners::grpc(grpc).with_http(http);
     syft_ledger::serve(config, listeners, super::shutdown_signal()).await?;
     Ok(())
 }

@@ -9,6 +9,7 @@ pub(crate) mod index;
 mod ledger;
 mod limits;
 mod router;
+mod serve;
 mod stats;
 mod tables;
 mod time;

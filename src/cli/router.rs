@@ -11,36 +11,14 @@ use tokio_stream::StreamExt;
 
 #[derive(Args, Debug, Clone)]
 pub struct RouterArgs {
-    /// gRPC listen address.
-    #[arg(
-        long = "grpc-addr",
-        env = "SYFT_ROUTER_GRPC_ADDR",
-        default_value = "127.0.0.1:50052"
-    )]
-    pub grpc_addr: String,
-    /// HTTP listen address (OpenAI-compatible front, health).
-    #[arg(
-        long = "http-addr",
-        env = "SYFT_ROUTER_HTTP_ADDR",
-        default_value = "127.0.0.1:8080"
-    )]
-    pub http_addr: String,
+    #[command(flatten)]
+    pub listen: super::serve::RouterServe,
     #[command(flatten)]
     pub setup: RouterSetup,
     /// Longest a streamed answer may run; it is then ended (finish reason `length`) and what was
     /// delivered is charged. Holds of running streams are extended meanwhile.
     #[arg(long, env = "SYFT_ROUTER_MAX_STREAM_DURATION", default_value = "15m", value_parser = super::parse_duration)]
     pub max_stream_duration: Duration,
-    /// PEM certificate chain: serve gRPC and HTTP over TLS (with --tls-key).
-    #[arg(long, env = "SYFT_ROUTER_TLS_CERT")]
-    pub tls_cert: Option<PathBuf>,
-    /// PEM private key of --tls-cert.
-    #[arg(long, env = "SYFT_ROUTER_TLS_KEY")]
-    pub tls_key: Option<PathBuf>,
-    /// On SIGTERM/SIGINT: stop accepting, let in-flight requests (streams included) finish for
-    /// this long, then cancel the rest and void their holds.
-    #[arg(long, env = "SYFT_ROUTER_SHUTDOWN_GRACE", default_value = "30s", value_parser = super::parse_duration)]
-    pub shutdown_grace: Duration,
 }
 
 /// Router settings shared by `router` and `dev`.
@@ -149,15 +127,10 @@ impl RouterSetup {
 
 pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
     let mut config = args.setup.config()?;
-    config.tls = super::server_tls(args.tls_cert.as_ref(), args.tls_key.as_ref(), None)?;
-    config.shutdown_grace = args.shutdown_grace;
+    config.tls = args.listen.tls(None)?;
+    config.shutdown_grace = args.listen.shutdown_grace;
     config.max_stream_duration = args.max_stream_duration;
-    let grpc = tokio::net::TcpListener::bind(&args.grpc_addr)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.grpc_addr))?;
-    let http = tokio::net::TcpListener::bind(&args.http_addr)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.http_addr))?;
+    let (grpc, http) = args.listen.bind().await?;
     syft_router_svc::serve(config, grpc, http, super::shutdown_signal()).await?;
     Ok(())
 }

@@ -12,8 +12,8 @@ use syft_router_svc::config::{LimiterBackend, OnFailure, Rate, RateUnit};
 use syft_router_svc::limits::{Limiter, MemoryLimiter, RedisLimiter, Rule, RuleKind, Verdict};
 use syft_router_svc::{Pricing, RouterConfig};
 use syft_testkit::{
-    assert_consistent, deposit, free_port, ledger_config, reason, Db, FakeUpstream, Funded,
-    LedgerServer, Mode, RouterHandle, Stack, PRICE,
+    assert_consistent, deposit, free_port, get_json, ledger_config, reason, Db, FakeUpstream,
+    Funded, LedgerServer, Mode, RouterHandle, Stack, PRICE,
 };
 use tonic::Code;
 use tonic_types::StatusExt;
@@ -157,12 +157,9 @@ async fn token_reservations_settle_to_the_actual_count() {
 /// the refusals are 429 with Retry-After and OpenAI's headers, cost nothing and leave usage rows.
 #[tokio::test]
 async fn http_refusals_are_429_with_headers() {
-    let s = Stack::start_with(
-        Db::sqlite(),
-        Pricing::per_request(PRICE),
-        Duration::from_secs(300),
-        |c| c.rate_limits.requests = vec![per_minute(10)],
-    )
+    let s = Stack::start_tweaked(Pricing::per_request(PRICE), |c| {
+        c.rate_limits.requests = vec![per_minute(10)]
+    })
     .await;
     let http = reqwest::Client::new();
     let url = format!("{}/v1/chat/completions", s.router.http_url);
@@ -216,27 +213,11 @@ async fn http_refusals_are_429_with_headers() {
     );
     assert_eq!(usage.iter().filter(|u| status(u) == "success").count(), 10);
     // What is left, and the configured limits in the model list.
-    let left: Value = http
-        .get(format!(
-            "{}/v1/limits?user={}",
-            s.router.http_url, s.alice.email
-        ))
-        .send()
-        .await
-        .expect("limits")
-        .json()
-        .await
-        .expect("json");
+    let url = format!("{}/v1/limits?user={}", s.router.http_url, s.alice.email);
+    let left = get_json(&http, &url).await;
     assert_eq!(left["limits"][0]["remaining"], 0);
     assert_eq!(left["limits"][0]["limit"], 10);
-    let models: Value = http
-        .get(format!("{}/v1/models", s.router.http_url))
-        .send()
-        .await
-        .expect("models")
-        .json()
-        .await
-        .expect("json");
+    let models = get_json(&http, &format!("{}/v1/models", s.router.http_url)).await;
     assert_eq!(
         models["syft_limits"]["per_user"]["requests"][0],
         "10/minute"
@@ -397,13 +378,7 @@ async fn exact_across_replicas() {
 /// The limit holds on a free service too.
 #[tokio::test]
 async fn concurrency_limit_on_a_free_service() {
-    let s = Stack::start_with(
-        Db::sqlite(),
-        Pricing::free(),
-        Duration::from_secs(300),
-        |c| c.rate_limits.concurrent = Some(2),
-    )
-    .await;
+    let s = Stack::start_tweaked(Pricing::free(), |c| c.rate_limits.concurrent = Some(2)).await;
     s.upstream.set_mode(Mode::Delay(Duration::from_millis(400)));
     let client = s.client().await;
     let calls = (0..6).map(|_| {
@@ -428,12 +403,9 @@ async fn concurrency_limit_on_a_free_service() {
 /// Request limits on a free service: 3 per minute, the 4th refused, all without a ledger charge.
 #[tokio::test]
 async fn free_service_request_limit() {
-    let s = Stack::start_with(
-        Db::sqlite(),
-        Pricing::free(),
-        Duration::from_secs(300),
-        |c| c.rate_limits.requests = vec![per_minute(3)],
-    )
+    let s = Stack::start_tweaked(Pricing::free(), |c| {
+        c.rate_limits.requests = vec![per_minute(3)]
+    })
     .await;
     let mut c = s.client().await;
     for _ in 0..3 {
@@ -499,17 +471,12 @@ async fn store_killed_mid_test() {
         eprintln!("SKIPPED: cannot start redis-server");
         return;
     };
-    let s = Stack::start_with(
-        Db::sqlite(),
-        Pricing::per_request(PRICE),
-        Duration::from_secs(300),
-        |c| {
-            c.rate_limits.requests = vec![per_minute(100)];
-            c.limiter.backend = LimiterBackend::Redis {
-                url: redis.url.clone(),
-            };
-        },
-    )
+    let s = Stack::start_tweaked(Pricing::per_request(PRICE), |c| {
+        c.rate_limits.requests = vec![per_minute(100)];
+        c.limiter.backend = LimiterBackend::Redis {
+            url: redis.url.clone(),
+        };
+    })
     .await;
     let mut open = s.router_config(Pricing::per_request(PRICE));
     open.rate_limits.requests = vec![per_minute(100)];

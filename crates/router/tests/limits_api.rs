@@ -89,13 +89,7 @@ fn kinds(limits: &[Limit]) -> Vec<(String, u64, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_headers_on_every_answer() {
     let search_up = FakeUpstream::start().await;
-    let s = Stack::start_with(
-        Db::sqlite(),
-        Pricing::per_request(PRICE),
-        Duration::from_secs(300),
-        |c| limited(c, &search_up),
-    )
-    .await;
+    let s = Stack::start_tweaked(Pricing::per_request(PRICE), |c| limited(c, &search_up)).await;
     let mut c = s.client().await;
 
     // 1st request of the 10: gRPC unary.
@@ -175,15 +169,10 @@ async fn rate_headers_on_every_answer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_that_apply_and_what_is_left() {
     let search_up = FakeUpstream::start().await;
-    let s = Stack::start_with(
-        Db::sqlite(),
-        Pricing::per_request(PRICE),
-        Duration::from_secs(300),
-        |c| {
-            limited(c, &search_up);
-            c.rate_limits.concurrent = Some(3);
-        },
-    )
+    let s = Stack::start_tweaked(Pricing::per_request(PRICE), |c| {
+        limited(c, &search_up);
+        c.rate_limits.concurrent = Some(3);
+    })
     .await;
     let mut c = s.client().await;
     let m = c
@@ -316,16 +305,11 @@ fn until_utc_midnight() -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_refusals_and_the_budget_reset() {
     const COST: i64 = 20_000;
-    let s = Stack::start_with(
-        Db::sqlite(),
-        Pricing::per_request(COST),
-        Duration::from_secs(300),
-        |c| {
-            c.budgets.per_day_micros = Some(50_000);
-            c.rate_limits.concurrent = Some(1);
-            c.rate_limits.requests = rates(&["100/minute"]);
-        },
-    )
+    let s = Stack::start_tweaked(Pricing::per_request(COST), |c| {
+        c.budgets.per_day_micros = Some(50_000);
+        c.rate_limits.concurrent = Some(1);
+        c.rate_limits.requests = rates(&["100/minute"]);
+    })
     .await;
     let mut c = s.client().await;
 

@@ -240,14 +240,7 @@ async fn router_serves_grpc_and_https_over_tls() {
         .await
         .expect("GET /healthz over TLS");
     assert_eq!(resp.status().as_u16(), 200);
-    let models: serde_json::Value = https
-        .get(format!("{http_url}/v1/models"))
-        .send()
-        .await
-        .expect("GET /v1/models")
-        .json()
-        .await
-        .expect("json");
+    let models = syft_testkit::get_json(&https, &format!("{http_url}/v1/models")).await;
     assert_eq!(models["data"][0]["id"], ECHO_MODEL);
 
     // Plain HTTP to the TLS port gets no answer; a client not trusting the CA refuses it.
@@ -319,14 +312,8 @@ async fn router_pays_through_a_mutual_tls_ledger() {
         .into_inner();
     assert_eq!(resp.cost_micros, PRICE);
     assert!(!resp.transfer_id.is_empty());
-    let transfer = admin
-        .clone()
-        .get_transfer(lpb::GetTransferRequest {
-            transfer_id: resp.transfer_id.clone(),
-        })
-        .await
-        .expect("transfer")
-        .into_inner();
+    let get = syft_testkit::req::get_transfer(&resp.transfer_id);
+    let transfer = syft_testkit::ok(admin.clone().get_transfer(get).await);
     assert_eq!(transfer.status(), lpb::TransferStatus::Completed);
     let alice = alice_account().await;
     assert_eq!(alice.balance_micros, 1_000_000 - PRICE);

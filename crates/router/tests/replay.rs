@@ -180,13 +180,8 @@ async fn without_storage_or_above_the_size_cap_a_retry_gets_409() {
             ..ReplaySettings::default()
         },
     ] {
-        let s = Stack::start_with(
-            Db::sqlite(),
-            Pricing::per_request(PRICE),
-            Duration::from_secs(300),
-            |c| c.replay = replay.clone(),
-        )
-        .await;
+        let s =
+            Stack::start_tweaked(Pricing::per_request(PRICE), |c| c.replay = replay.clone()).await;
         let mut c = s.client().await;
         c.chat(keyed(&s, "hi", "k")).await.expect("first");
         let err = c.chat(keyed(&s, "hi", "k")).await.expect_err("retry");
@@ -204,7 +199,7 @@ async fn a_capture_during_a_ledger_outage_is_settled_when_it_returns() {
     let mut c = s.client().await;
     let req = keyed(&s, "hi", "outage-1");
     let call = tokio::spawn(async move { c.chat(req).await });
-    wait_pending(&s).await;
+    s.wait_pending(Duration::from_secs(2)).await;
     let addr = s.ledger.url.clone();
     s.ledger.stop_now().await;
     // Down for longer than the old retry budget (3 tries within ~300 ms).
@@ -223,20 +218,6 @@ async fn a_capture_during_a_ledger_outage_is_settled_when_it_returns() {
     assert_eq!(s.alice_money().await.0, FUNDS - PRICE);
     assert_eq!(s.upstream.hits(), 1);
     s.check_invariants().await;
-}
-
-async fn wait_pending(s: &Stack) {
-    for _ in 0..200 {
-        if s.transfers()
-            .await
-            .iter()
-            .any(|t| t.status() == TransferStatus::Pending)
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("no hold was placed");
 }
 
 /// A retry refused with 409 (`ALREADY_EXISTS`) saying `why`, after one charged call that reached

@@ -681,16 +681,7 @@ async fn unary_answer_is_withheld_when_capture_cannot_commit() {
     let req = s.request("hi");
     let call = tokio::spawn(async move { c.chat(req).await });
     // Let the hold be authorized, then take the ledger away before the upstream answers.
-    for _ in 0..100 {
-        if s.transfers()
-            .await
-            .iter()
-            .any(|t| t.status() == TransferStatus::Pending)
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    s.wait_pending(Duration::from_secs(1)).await;
     s.ledger.stop_now().await;
     let result = call.await.expect("join");
     let err = result.expect_err("no answer without a committed capture");
@@ -852,14 +843,7 @@ async fn http_front_speaks_openai_json_and_sse() {
         .iter()
         .any(|c| c["choices"] == json!([]) && c["usage"]["total_tokens"] == 25));
 
-    let models: Value = http
-        .get(format!("{}/v1/models", s.router.http_url))
-        .send()
-        .await
-        .expect("models")
-        .json()
-        .await
-        .expect("json");
+    let models = get_json(&http, &format!("{}/v1/models", s.router.http_url)).await;
     assert_eq!(models["object"], "list");
     let health = http
         .get(format!("{}/healthz", s.router.http_url))

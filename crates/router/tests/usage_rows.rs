@@ -165,12 +165,6 @@ async fn postgres_refusals_leave_rows_and_free_the_request_id() {
         println!("SKIPPED: no DATABASE_URL");
         return;
     };
-    let s = Stack::start_with(
-        db,
-        Pricing::per_request(PRICE),
-        Duration::from_secs(300),
-        |_| {},
-    )
-    .await;
+    let s = Stack::start_on(db, Pricing::per_request(PRICE)).await;
     refusals_leave_rows_and_free_the_request_id(s).await;
 }

@@ -8,6 +8,7 @@
 
 mod db;
 mod ledger;
+mod probe;
 pub mod req;
 mod router;
 mod upstream;
@@ -19,6 +20,7 @@ pub use ledger::{
     account, alerts_on, create_account, deposit, issue_token, ledger_config, serve_ledger,
     transfers_of, usage_of, Account, Harness, LedgerServer, ALERTS_KEY,
 };
+pub use probe::{get_json, run_python, succeeded};
 pub use router::{
     chat_request, docs_dir, readyz, router_config, search_request, serve_router, Funded,
     RouterHandle, Stack, FUNDS, PRICE,

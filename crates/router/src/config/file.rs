@@ -202,15 +202,9 @@ impl<N: NumberText> RawConfig<N> {
     fn into_config(self) -> Result<RouterConfig, ConfigError> {
         let mut limits = Limits::default();
         let rl = self.limits;
-        if let Some(v) = rl.max_prompt_bytes {
-            limits.max_prompt_bytes = v;
-        }
-        if let Some(v) = rl.max_messages {
-            limits.max_messages = v;
-        }
-        if let Some(v) = rl.max_tokens_limit {
-            limits.max_tokens_limit = v;
-        }
+        set(&mut limits.max_prompt_bytes, rl.max_prompt_bytes);
+        set(&mut limits.max_messages, rl.max_messages);
+        set(&mut limits.max_tokens_limit, rl.max_tokens_limit);
         if let Some(v) = rl.default_max_tokens {
             limits.default_max_tokens = v;
         } else if limits.default_max_tokens > limits.max_tokens_limit {
@@ -265,12 +259,8 @@ impl<N: NumberText> RawConfig<N> {
                 RawUrls::Many(list) => list.join(","),
             };
         }
-        if let Some(ms) = self.ledger.timeout_ms {
-            ledger.timeout = Duration::from_millis(ms);
-        }
-        if let Some(ms) = self.ledger.connect_timeout_ms {
-            ledger.connect_timeout = Duration::from_millis(ms);
-        }
+        set_ms(&mut ledger.timeout, self.ledger.timeout_ms);
+        set_ms(&mut ledger.connect_timeout, self.ledger.connect_timeout_ms);
         ledger.hold_ttl_seconds = self.ledger.hold_ttl_seconds;
         let config = RouterConfig {
             name: self.name,
@@ -310,21 +300,11 @@ impl RawUpstream {
                     (None, None) => None,
                 };
                 o.model_map = self.model_map;
-                if let Some(ms) = self.connect_timeout_ms {
-                    o.connect_timeout = Duration::from_millis(ms);
-                }
-                if let Some(ms) = self.request_timeout_ms {
-                    o.request_timeout = Duration::from_millis(ms);
-                }
-                if let Some(ms) = self.idle_timeout_ms {
-                    o.idle_timeout = Duration::from_millis(ms);
-                }
-                if let Some(n) = self.max_retries {
-                    o.max_retries = n;
-                }
-                if let Some(ms) = self.retry_backoff_ms {
-                    o.retry_backoff = Duration::from_millis(ms);
-                }
+                set_ms(&mut o.connect_timeout, self.connect_timeout_ms);
+                set_ms(&mut o.request_timeout, self.request_timeout_ms);
+                set_ms(&mut o.idle_timeout, self.idle_timeout_ms);
+                set(&mut o.max_retries, self.max_retries);
+                set_ms(&mut o.retry_backoff, self.retry_backoff_ms);
                 Ok(UpstreamConfig::OpenAi(o))
             }
             other => Err(invalid(format!(
@@ -332,6 +312,18 @@ impl RawUpstream {
             ))),
         }
     }
+}
+
+/// Overrides a default with the file's value, when the file gives one (absent keys keep it).
+pub(super) fn set<T>(slot: &mut T, value: Option<T>) {
+    if let Some(v) = value {
+        *slot = v;
+    }
+}
+
+/// [`set`] for a duration the file gives in milliseconds (`*_ms` keys).
+pub(super) fn set_ms(slot: &mut Duration, ms: Option<u64>) {
+    set(slot, ms.map(Duration::from_millis));
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use syft_server::Secret;
 
+use super::file::{set, set_ms};
 use super::{invalid, ConfigError};
 
 /// How often a watched `docs` folder is checked for changes, by default.
@@ -162,12 +163,8 @@ impl RawSearch {
                     (None, Some(var)) => std::env::var(&var).ok().map(Into::into),
                     (None, None) => None,
                 };
-                if let Some(ms) = self.connect_timeout_ms {
-                    h.connect_timeout = Duration::from_millis(ms);
-                }
-                if let Some(ms) = self.timeout_ms {
-                    h.timeout = Duration::from_millis(ms);
-                }
+                set_ms(&mut h.connect_timeout, self.connect_timeout_ms);
+                set_ms(&mut h.timeout, self.timeout_ms);
                 SearchBackendConfig::Http(h)
             }
             (other, _, _) => {
@@ -177,15 +174,9 @@ impl RawSearch {
             }
         };
         let mut c = SearchConfig::new(backend);
-        if let Some(v) = self.default_limit {
-            c.default_limit = v;
-        }
-        if let Some(v) = self.max_limit {
-            c.max_limit = v;
-        }
-        if let Some(v) = self.max_query_bytes {
-            c.max_query_bytes = v;
-        }
+        set(&mut c.default_limit, self.default_limit);
+        set(&mut c.max_limit, self.max_limit);
+        set(&mut c.max_query_bytes, self.max_query_bytes);
         Ok(c)
     }
 }

@@ -105,27 +105,23 @@ impl Gate {
         );
         for (key_scope, scope, limits) in scopes {
             let base = format!("syft:rl:{}:{key_scope}", self.app);
-            for r in &limits.requests {
-                rules.push(Rule {
-                    key: format!("{base}:req:{}:{user}", r.unit.as_str()),
-                    kind: RuleKind::Requests,
-                    scope,
-                    limit: r.count,
-                    window: r.unit.window(),
-                    cost: 1,
-                    describe: format!("{} requests per {}", r.count, r.unit.as_str()),
-                });
-            }
-            for r in &limits.tokens {
-                rules.push(Rule {
-                    key: format!("{base}:tok:{}:{user}", r.unit.as_str()),
-                    kind: RuleKind::Tokens,
-                    scope,
-                    limit: r.count,
-                    window: r.unit.window(),
-                    cost: tokens,
-                    describe: format!("{} tokens per {}", r.count, r.unit.as_str()),
-                });
+            // Request and token windows differ only in these: (kind, key tag, word, cost).
+            let windows = [
+                (RuleKind::Requests, "req", "requests", 1, &limits.requests),
+                (RuleKind::Tokens, "tok", "tokens", tokens, &limits.tokens),
+            ];
+            for (kind, tag, word, cost, rates) in windows {
+                for r in rates {
+                    rules.push(Rule {
+                        key: format!("{base}:{tag}:{}:{user}", r.unit.as_str()),
+                        kind,
+                        scope,
+                        limit: r.count,
+                        window: r.unit.window(),
+                        cost,
+                        describe: format!("{} {word} per {}", r.count, r.unit.as_str()),
+                    });
+                }
             }
             if let Some(n) = limits.concurrent {
                 rules.push(Rule {

@@ -8,13 +8,12 @@ use serde_json::{json, Map, Value};
 use super::{SearchHit, SearchQuery};
 use crate::config::HttpSearchConfig;
 use crate::error::RouterError;
-use crate::upstream::{read_limited, status_error, UpstreamError};
+use crate::upstream::{read_limited, HttpEndpoint, UpstreamError};
 
 #[derive(Clone)]
 pub struct HttpSearch {
     config: HttpSearchConfig,
-    client: reqwest::Client,
-    url: String,
+    http: HttpEndpoint,
 }
 
 /// The upstream's answer; camelCase (what syft-llm-router sends) or snake_case.
@@ -34,17 +33,9 @@ struct WireResult {
 
 impl HttpSearch {
     pub fn new(config: HttpSearchConfig) -> Result<Self, RouterError> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(config.connect_timeout)
-            .tcp_nodelay(true)
-            .build()
-            .map_err(|e| RouterError::Internal(format!("building HTTP client: {e}")))?;
-        let url = format!("{}/search", config.base_url.trim_end_matches('/'));
-        Ok(HttpSearch {
-            config,
-            client,
-            url,
-        })
+        let builder = reqwest::Client::builder();
+        let http = HttpEndpoint::new(builder, config.connect_timeout, &config.base_url, "/search")?;
+        Ok(HttpSearch { config, http })
     }
 
     pub async fn search(&self, q: &SearchQuery) -> Result<Vec<SearchHit>, UpstreamError> {
@@ -58,18 +49,10 @@ impl HttpSearch {
             },
         });
         let work = async {
-            let mut trace = reqwest::header::HeaderMap::new();
-            syft_telemetry::inject_http(&mut trace);
-            let mut rb = self.client.post(&self.url).headers(trace).json(&body);
-            if let Some(key) = &self.config.api_key {
-                rb = rb.bearer_auth(key.expose());
-            }
-            let resp = match rb.send().await {
-                Ok(r) if r.status().is_success() => r,
-                Ok(r) => return Err(status_error(r).await),
-                Err(e) if e.is_timeout() => return Err(UpstreamError::Timeout),
-                Err(e) => return Err(UpstreamError::Unreachable(e.to_string())),
-            };
+            let resp = self
+                .http
+                .post_json(&body, self.config.api_key.as_ref())
+                .await?;
             let bytes = read_limited(resp).await?;
             parse(&bytes)
         };

@@ -1,6 +1,7 @@
 //! Where answers come from: an OpenAI-compatible server, or the built-in echo model.
 
 mod echo;
+mod endpoint;
 mod openai;
 
 use std::pin::Pin;
@@ -11,6 +12,7 @@ use syft_proto::router::Message;
 use thiserror::Error;
 
 pub use echo::{EchoUpstream, ECHO_FAIL_TRIGGER, ECHO_MODEL};
+pub(crate) use endpoint::HttpEndpoint;
 pub use openai::OpenAiUpstream;
 pub(crate) use openai::{read_limited, status_error};
 

@@ -8,6 +8,7 @@ use futures::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
 
+use super::endpoint::HttpEndpoint;
 use super::{
     Completion, StreamChunk, UpstreamError, UpstreamRequest, UpstreamStream, UpstreamUsage,
 };
@@ -20,24 +21,15 @@ const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 #[derive(Debug, Clone)]
 pub struct OpenAiUpstream {
     config: OpenAiConfig,
-    client: reqwest::Client,
-    url: String,
+    http: HttpEndpoint,
 }
 
 impl OpenAiUpstream {
     pub fn new(config: OpenAiConfig) -> Result<Self, RouterError> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(config.connect_timeout)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .tcp_nodelay(true)
-            .build()
-            .map_err(|e| RouterError::Internal(format!("building HTTP client: {e}")))?;
-        let url = format!("{}/chat/completions", config.base_url.trim_end_matches('/'));
-        Ok(OpenAiUpstream {
-            config,
-            client,
-            url,
-        })
+        let builder = reqwest::Client::builder().pool_idle_timeout(Duration::from_secs(90));
+        let path = "/chat/completions";
+        let http = HttpEndpoint::new(builder, config.connect_timeout, &config.base_url, path)?;
+        Ok(OpenAiUpstream { config, http })
     }
 
     pub fn config(&self) -> &OpenAiConfig {
@@ -83,17 +75,13 @@ impl OpenAiUpstream {
     async fn send(&self, body: &serde_json::Value) -> Result<reqwest::Response, UpstreamError> {
         let mut attempt = 0u32;
         loop {
-            let mut trace = reqwest::header::HeaderMap::new();
-            syft_telemetry::inject_http(&mut trace);
-            let mut rb = self.client.post(&self.url).headers(trace).json(body);
-            if let Some(key) = &self.config.api_key {
-                rb = rb.bearer_auth(key.expose());
-            }
-            let err = match rb.send().await {
-                Ok(resp) if resp.status().is_success() => return Ok(resp),
-                Ok(resp) => status_error(resp).await,
-                Err(e) if e.is_timeout() => UpstreamError::Timeout,
-                Err(e) => UpstreamError::Unreachable(e.to_string()),
+            let err = match self
+                .http
+                .post_json(body, self.config.api_key.as_ref())
+                .await
+            {
+                Ok(resp) => return Ok(resp),
+                Err(err) => err,
             };
             if attempt >= self.config.max_retries || !err.is_retryable() {
                 return Err(err);

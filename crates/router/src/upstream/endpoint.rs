@@ -1,0 +1,56 @@
+//! The one URL the router posts JSON to on an HTTP backend (the chat upstream's
+//! `/chat/completions`, the search backend's `/search`): how the client is built and how a call
+//! is made and classified, shared so both backends fail the same way.
+
+use std::time::Duration;
+
+use syft_server::Secret;
+
+use super::{status_error, UpstreamError};
+use crate::error::RouterError;
+
+#[derive(Debug, Clone)]
+pub(crate) struct HttpEndpoint {
+    client: reqwest::Client,
+    url: String,
+}
+
+impl HttpEndpoint {
+    /// `path` under `base_url` (a trailing `/` on it is ignored). No Nagle delay: requests are
+    /// small and the router's added latency is what it is judged by.
+    pub(crate) fn new(
+        builder: reqwest::ClientBuilder,
+        connect_timeout: Duration,
+        base_url: &str,
+        path: &str,
+    ) -> Result<Self, RouterError> {
+        let client = builder
+            .connect_timeout(connect_timeout)
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| RouterError::Internal(format!("building HTTP client: {e}")))?;
+        let url = format!("{}{path}", base_url.trim_end_matches('/'));
+        Ok(HttpEndpoint { client, url })
+    }
+
+    /// Posts `body` with the trace context and, if set, `api_key` as a bearer token. A response
+    /// with a success status, else the error it amounts to (status, timeout, unreachable).
+    pub(crate) async fn post_json(
+        &self,
+        body: &serde_json::Value,
+        api_key: Option<&Secret>,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let mut trace = reqwest::header::HeaderMap::new();
+        syft_telemetry::inject_http(&mut trace);
+        let mut rb = self.client.post(&self.url).headers(trace).json(body);
+        if let Some(key) = api_key {
+            rb = rb.bearer_auth(key.expose());
+        }
+        match rb.send().await {
+            Ok(resp) if resp.status().is_success() => Ok(resp),
+            Ok(resp) => Err(status_error(resp).await),
+            Err(e) if e.is_timeout() => Err(UpstreamError::Timeout),
+            Err(e) => Err(UpstreamError::Unreachable(e.to_string())),
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! Small probes the scenarios repeat: a JSON `GET`, a Python script's run, waiting for a hold.
+//! One copy each, so a change of how we probe (a timeout, what a failure prints) is made once.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use syft_proto::ledger as lpb;
+
+use crate::Stack;
+
+/// `GET url` with `http` (plain or TLS) and its body as JSON; panics naming the URL otherwise.
+pub async fn get_json(http: &reqwest::Client, url: &str) -> serde_json::Value {
+    http.get(url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        .json()
+        .await
+        .unwrap_or_else(|e| panic!("JSON body of {url}: {e}"))
+}
+
+/// The stdout of a finished process (a Python script, the binary), after asserting it exited 0
+/// (`what` names it in the failure, printed with both outputs).
+pub fn succeeded(output: &Output, what: &str) -> String {
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{what} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+/// Runs `python script args…` off the async runtime (it blocks) and returns what it printed,
+/// asserting it exited 0 as [`succeeded`] does.
+pub async fn run_python(python: PathBuf, script: PathBuf, args: Vec<String>, what: &str) -> String {
+    let output =
+        tokio::task::spawn_blocking(move || Command::new(python).arg(script).args(args).output())
+            .await
+            .expect("join")
+            .expect("run python");
+    succeeded(&output, what)
+}
+
+impl Stack {
+    /// Waits until alice has a pending transfer (a hold was placed), at most `within`; panics
+    /// when none came. Scenarios that act between the hold and its capture start with this.
+    pub async fn wait_pending(&self, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        while tokio::time::Instant::now() < deadline {
+            let transfers = self.transfers().await;
+            if transfers
+                .iter()
+                .any(|t| t.status() == lpb::TransferStatus::Pending)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("no hold was placed within {within:?}");
+    }
+}
