@@ -13,9 +13,7 @@ use syft_router_svc::config::Rate;
 use syft_router_svc::{
     HttpSearchConfig, Pricing, RouterConfig, SearchBackendConfig, SearchConfig, ServiceKind,
 };
-use syft_testkit::{
-    backdate_transfers, quota_refusal, Db, FakeUpstream, Mode, Stack, FUNDS, PRICE,
-};
+use syft_testkit::{backdate_transfers, quota_refusal, FakeUpstream, Mode, Stack, FUNDS, PRICE};
 use tonic::metadata::MetadataMap;
 use tonic::Code;
 use tonic_types::StatusExt;

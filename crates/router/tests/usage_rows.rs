@@ -2,8 +2,6 @@
 //! status; a refusal does not take the request id, so a retry of the same id after a refusal is
 //! answered, charged once and recorded once.
 
-use std::time::Duration;
-
 use serde_json::json;
 use syft_router_svc::Pricing;
 use syft_testkit::*;

@@ -389,16 +389,9 @@ mod tests {
             Some("upstream-mini")
         );
         assert_eq!(c.limits.max_prompt_bytes, 1000);
-        let c = RouterConfig::from_toml_str(
-            r#"
-            name = "r"
-            owner_email = "owner@example.com"
-            [[services]]
-            type = "chat"
-            pricing = { pricing_type = "per_request", amount = 0.01 }
-            "#,
-        )
-        .expect("toml float amount");
+        let toml =
+            super::super::toml_with_pricing(r#"{ pricing_type = "per_request", amount = 0.01 }"#);
+        let c = RouterConfig::from_toml_str(&toml).expect("toml float amount");
         assert_eq!(
             chat_pricing(&c),
             PricingKind::PerRequest {

@@ -479,3 +479,13 @@ fn chat_pricing(c: &RouterConfig) -> PricingKind {
         .map(|s| s.pricing.kind)
         .unwrap_or(PricingKind::Free)
 }
+
+/// A TOML config of one chat service priced `pricing` (an inline table), for the format's tests;
+/// the pricing is on line 6 (error positions in the tests depend on it).
+#[cfg(test)]
+fn toml_with_pricing(pricing: &str) -> String {
+    format!(
+        "\nname = \"r\"\nowner_email = \"owner@example.com\"\n[[services]]\ntype = \"chat\"\n\
+         pricing = {pricing}\n"
+    )
+}

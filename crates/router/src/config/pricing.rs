@@ -405,16 +405,10 @@ mod tests {
              `input_price_per_million`, `output_per_million`, `output_per_million_tokens`, \
              `output_price`, `output_price_per_million` at line 2 column 114"
         );
-        let err = RouterConfig::from_toml_str(
-            r#"
-name = "r"
-owner_email = "owner@example.com"
-[[services]]
-type = "chat"
-pricing = { pricing_type = "per_token", input_per_milion = "3", output_per_million = "15" }
-"#,
-        )
-        .expect_err("typo");
+        let toml = super::super::toml_with_pricing(
+            r#"{ pricing_type = "per_token", input_per_milion = "3", output_per_million = "15" }"#,
+        );
+        let err = RouterConfig::from_toml_str(&toml).expect_err("typo");
         assert_eq!(
             err.to_string(),
             "invalid TOML config at services[0].pricing.input_per_milion: TOML parse error at \
