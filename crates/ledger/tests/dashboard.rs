@@ -1,7 +1,7 @@
 //! The dashboard over HTTP (issue 12), on SQLite and Postgres: sign-in and its refusals, the
 //! session cookie and the stored hash, CSRF and Origin checks, sign-out and expiry, who sees which
 //! rows, the alerts panel (issue 13) and live usage over server-sent events (across two ledger
-//! replicas on Postgres). The browser itself is driven in `dashboard_browser.rs`.
+//! replicas on Postgres), and the sign-in throttle. The browser itself is driven in `dashboard_browser.rs`.
 
 use std::time::{Duration, Instant};
 
@@ -523,14 +523,52 @@ async fn live_usage(h: &Harness) {
     }
 }
 
+/// Wrong secrets are counted per account: past the limit, that account's sign-ins are refused
+/// with 429 and `Retry-After` even with the right secret; other accounts sign in; a success under
+/// the limit starts the count again.
+async fn sign_in_throttle(h: &Harness) {
+    const LIMIT: usize = 10;
+    let base = h.http_url();
+    let owner = h.account(OWNER, 0).await;
+    let owner2 = h.account(OWNER2, 0).await;
+    for (email, right) in [(OWNER, owner.as_str()), ("", ADMIN_KEY)] {
+        for i in 0..LIMIT {
+            let resp = login(&base, email, &format!("wrong-secret-{i}")).await;
+            assert_eq!(resp.status(), 401, "{email:?} try {i}");
+        }
+        let resp = login(&base, &email.to_uppercase(), right).await;
+        assert_eq!(resp.status(), 429, "{email:?}: locked, whatever the secret");
+        assert!(resp.headers().get("set-cookie").is_none());
+        let wait: u64 = resp.headers()["retry-after"]
+            .to_str()
+            .expect("ascii")
+            .parse()
+            .expect("seconds");
+        assert!((1..=900).contains(&wait), "{wait}");
+        let body: Value = resp.json().await.expect("json");
+        assert_eq!(body["code"], "RESOURCE_EXHAUSTED", "{body}");
+    }
+    // Another account is not locked; a success under the limit clears its count.
+    for _ in 0..2 {
+        for i in 0..LIMIT - 1 {
+            assert_eq!(
+                login(&base, OWNER2, &format!("typo-{i}")).await.status(),
+                401
+            );
+        }
+        Web::sign_in(&base, OWNER2, &owner2).await;
+    }
+}
+
 async fn suite(postgres: bool) {
-    for scenario in 0..3 {
+    for scenario in 0..4 {
         let Some(h) = Harness::with(postgres, alerts_on).await else {
             return;
         };
         match scenario {
             0 => sessions_and_permissions(&h).await,
             1 => alerts_panel(&h).await,
+            2 => sign_in_throttle(&h).await,
             _ => live_usage(&h).await,
         }
         h.finish().await;
