@@ -28,6 +28,12 @@ fn origin(base: &str) -> &str {
     base
 }
 
+/// A GET without a session cookie.
+async fn signed_out(base: &str, path: &str) -> reqwest::Response {
+    let url = format!("{base}{path}");
+    reqwest::Client::new().get(url).send().await.expect(path)
+}
+
 async fn login(base: &str, email: &str, secret: &str) -> reqwest::Response {
     reqwest::Client::new()
         .post(format!("{base}/dashboard/login"))
@@ -191,11 +197,7 @@ async fn sessions_and_permissions(h: &Harness) {
     let http = reqwest::Client::new();
 
     // The page: from the binary, locked down, no secret in it.
-    let page = http
-        .get(format!("{base}/dashboard"))
-        .send()
-        .await
-        .expect("page");
+    let page = signed_out(&base, "/dashboard").await;
     assert_eq!(page.status(), 200);
     let csp = page.headers()["content-security-policy"]
         .to_str()
@@ -204,11 +206,8 @@ async fn sessions_and_permissions(h: &Harness) {
     assert!(csp.contains("script-src 'self'"), "{csp}");
     let html = page.text().await.expect("html");
     assert!(html.contains("/dashboard/vendor/uPlot.min.js") && !html.contains(ADMIN_KEY));
-    let me: Value = http
-        .get(format!("{base}/dashboard/api/me"))
-        .send()
+    let me: Value = signed_out(&base, "/dashboard/api/me")
         .await
-        .expect("me")
         .json()
         .await
         .expect("json");
@@ -260,11 +259,7 @@ async fn sessions_and_permissions(h: &Harness) {
         let (status, body) = forged.get_status(path).await;
         assert_eq!(status, 401, "{path}: {body}");
     }
-    let anonymous = http
-        .get(format!("{base}/dashboard/api/usage"))
-        .send()
-        .await
-        .expect("usage");
+    let anonymous = signed_out(&base, "/dashboard/api/usage").await;
     assert_eq!(anonymous.status(), 401);
 
     // Who sees what: an owner its apps' rows, a user its own requests, the admin everything.

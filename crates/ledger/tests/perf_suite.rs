@@ -4,7 +4,7 @@
 
 use syft_proto::ledger as pb;
 use syft_testkit::req::capture_full;
-use syft_testkit::{code, ok, reason, store_suite, Harness, USD};
+use syft_testkit::{code, ok, reason, store_suite, usage_rows_seen_by, Harness, USD};
 use tonic::Code;
 
 const OWNER: &str = "owner@router.example";
@@ -208,15 +208,7 @@ async fn usage_rows_refusals_and_bursts(h: Harness) -> Harness {
     for t in tasks {
         t.await.expect("task").expect("burst row");
     }
-    let rows = owner
-        .query_usage(pb::QueryUsageRequest {
-            page_size: 500,
-            ..Default::default()
-        })
-        .await
-        .expect("usage")
-        .into_inner()
-        .records;
+    let rows = usage_rows_seen_by(&mut owner).await;
     assert_eq!(rows.len(), 3 + 300);
     h
 }
