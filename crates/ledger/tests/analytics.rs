@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use syft_ledger::client::LedgerClient;
 use syft_proto::ledger as pb;
-use syft_testkit::{code, ok, store_suite, Harness, USD};
+use syft_testkit::{code, ok, req, store_suite, Harness, USD};
 use tonic::Code;
 
 const OWNER: &str = "owner@router.example";
@@ -38,10 +38,6 @@ async fn stats_as(
 
 fn usage(n: usize, user: &str, app: &str, status: &str) -> pb::Usage {
     pb::Usage {
-        request_id: format!("req-{n}"),
-        app_name: app.into(),
-        endpoint: "/chat".into(),
-        user_email: user.into(),
         model: if n.is_multiple_of(2) {
             "m-even"
         } else {
@@ -50,11 +46,10 @@ fn usage(n: usize, user: &str, app: &str, status: &str) -> pb::Usage {
         .into(),
         prompt_tokens: 10 + n as i64,
         completion_tokens: 3 * n as i64,
-        total_tokens: 0,
-        status: status.into(),
         latency_ms: 5 + 37 * n as i64,
         upstream_latency_ms: 2 + 30 * n as i64,
         ttft_ms: n.is_multiple_of(3).then_some(1 + 11 * n as i64),
+        ..req::usage(&format!("req-{n}"), app, user, status)
     }
 }
 

@@ -4,12 +4,12 @@
 
 use std::time::Duration;
 
-use syft_ledger::client::connect_lazy;
+use syft_ledger::client::{connect_lazy, LedgerClient};
 use syft_proto::ledger as pb;
 use syft_testkit::{
     backdate_transfers, ok, quota_refusal, reason, refused, store_suite, Harness, LedgerServer, USD,
 };
-use tonic::Code;
+use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
 const OWNER: &str = "owner@router.example";
@@ -35,13 +35,27 @@ fn hold(
 struct Parties {
     owner: String,
     token: String,
-    c: syft_ledger::client::LedgerClient,
+    c: LedgerClient,
 }
 
 async fn parties(h: &Harness) -> Parties {
     let (owner, _alice, token) = h.payer(OWNER, ALICE, 10 * USD).await;
     let c = h.client(&owner);
     Parties { owner, token, c }
+}
+
+/// A token for the owner that may move at most `limit` micros in any 24 hours.
+fn per_day(limit: i64) -> pb::IssueTokenRequest {
+    pb::IssueTokenRequest {
+        recipient_email: OWNER.into(),
+        limit_per_day_micros: Some(limit),
+        ..Default::default()
+    }
+}
+
+/// A hold the ledger must refuse (`why` names the expected refusal); returns the status.
+async fn refused_hold(c: &mut LedgerClient, req: pb::AuthorizeRequest, why: &str) -> Status {
+    c.authorize(req).await.expect_err(why)
 }
 
 /// Moves every transfer of the test a day back, as if the window had passed.
@@ -55,10 +69,12 @@ async fn budget_lifecycle(h: Harness) -> Harness {
 
     // Reserve: a pending hold counts against the day's budget.
     let first = ok(c.authorize(hold(&token, "a", 30_000, budget, 300)).await);
-    let err = c
-        .authorize(hold(&token, "b", 30_000, budget, 300))
-        .await
-        .expect_err("over budget");
+    let err = refused_hold(
+        &mut c,
+        hold(&token, "b", 30_000, budget, 300),
+        "over budget",
+    )
+    .await;
     let retry = quota_refusal(&err, "BUDGET_EXCEEDED").expect("retry info");
     assert!(retry <= Duration::from_secs(86_400));
     assert!(
@@ -96,10 +112,7 @@ async fn budget_lifecycle(h: Harness) -> Harness {
     c.authorize(hold(&token, "c", 40_000, budget, 300))
         .await
         .expect("fits exactly");
-    let err = c
-        .authorize(hold(&token, "d", 1, budget, 300))
-        .await
-        .expect_err("full");
+    let err = refused_hold(&mut c, hold(&token, "d", 1, budget, 300), "full").await;
     assert_eq!(reason(&err).as_deref(), Some("BUDGET_EXCEEDED"));
     // A retry of a refused key is decided afresh (a refusal is not the key's outcome), and a
     // replay of an admitted key still returns its transfer, budget or not.
@@ -113,10 +126,7 @@ async fn budget_lifecycle(h: Harness) -> Harness {
         .expect("new day");
 
     // A hold larger than the whole budget says no retry helps.
-    let err = c
-        .authorize(hold(&token, "e", 60_000, budget, 300))
-        .await
-        .expect_err("too big");
+    let err = refused_hold(&mut c, hold(&token, "e", 60_000, budget, 300), "too big").await;
     assert!(
         err.message().contains("larger than the whole budget"),
         "{}",
@@ -162,25 +172,18 @@ async fn token_daily_limit() {
     let h = Harness::new(false).await.expect("sqlite harness");
     let owner = h.account(OWNER, 0).await;
     let alice = h.account(ALICE, 10 * USD).await;
-    let token = h
-        .client(&alice)
-        .issue_token(pb::IssueTokenRequest {
-            recipient_email: OWNER.into(),
-            limit_per_day_micros: Some(50_000),
-            ..Default::default()
-        })
-        .await
-        .expect("issue")
-        .into_inner();
+    let token = ok(h.client(&alice).issue_token(per_day(50_000)).await);
     assert_eq!(token.limit_per_day_micros, Some(50_000));
     let mut c = h.client(&owner);
     c.authorize(hold(&token.token, "a", 30_000, None, 300))
         .await
         .expect("first");
-    let err = c
-        .authorize(hold(&token.token, "b", 30_000, None, 300))
-        .await
-        .expect_err("over the token's day");
+    let err = refused_hold(
+        &mut c,
+        hold(&token.token, "b", 30_000, None, 300),
+        "over the token's day",
+    )
+    .await;
     let retry = quota_refusal(&err, "TOKEN_DAILY_LIMIT_EXCEEDED").expect("retry");
     assert!(retry > Duration::from_secs(86_000) && retry <= Duration::from_secs(86_400));
     // 24 hours later the first hold no longer counts.
@@ -191,11 +194,7 @@ async fn token_daily_limit() {
     // A limit of zero or below is refused at issue.
     let err = h
         .client(&alice)
-        .issue_token(pb::IssueTokenRequest {
-            recipient_email: OWNER.into(),
-            limit_per_day_micros: Some(0),
-            ..Default::default()
-        })
+        .issue_token(per_day(0))
         .await
         .expect_err("zero");
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -211,10 +210,12 @@ async fn an_expired_hold_returns_its_reservation() {
     let Parties { token, mut c, .. } = parties(&h).await;
     let budget = Some(50_000);
     let first = ok(c.authorize(hold(&token, "a", 40_000, budget, 2)).await);
-    let err = c
-        .authorize(hold(&token, "b", 40_000, budget, 300))
-        .await
-        .expect_err("the pending hold fills the budget");
+    let err = refused_hold(
+        &mut c,
+        hold(&token, "b", 40_000, budget, 300),
+        "the pending hold fills the budget",
+    )
+    .await;
     assert_eq!(reason(&err).as_deref(), Some("BUDGET_EXCEEDED"));
     // Wait out the first hold's TTL.
     let expires = Duration::from_micros(

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 use syft_ledger::store::{sha256_hex, Backend};
 use syft_proto::ledger as pb;
-use syft_testkit::{alerts_on, Harness, LedgerServer, WebhookReceiver, ADMIN_KEY, USD};
+use syft_testkit::{alerts_on, req, Harness, LedgerServer, WebhookReceiver, ADMIN_KEY, USD};
 
 const OWNER: &str = "owner@router.example";
 const OWNER2: &str = "owner2@router.example";
@@ -132,20 +132,14 @@ impl Web {
 }
 
 fn usage(request_id: &str, user: &str, app: &str) -> pb::RecordUsageRequest {
-    pb::RecordUsageRequest {
-        usage: Some(pb::Usage {
-            request_id: request_id.into(),
-            app_name: app.into(),
-            endpoint: "/chat".into(),
-            user_email: user.into(),
-            model: "m".into(),
-            prompt_tokens: 3,
-            completion_tokens: 4,
-            status: "success".into(),
-            latency_ms: 12,
-            ..Default::default()
-        }),
-    }
+    let usage = pb::Usage {
+        model: "m".into(),
+        prompt_tokens: 3,
+        completion_tokens: 4,
+        latency_ms: 12,
+        ..req::usage(request_id, app, user, "success")
+    };
+    pb::RecordUsageRequest { usage: Some(usage) }
 }
 
 /// Free usage rows of two owners and two users.

@@ -19,18 +19,13 @@ fn authorize(sender: &str, amount: i64, token: &str, key: &str) -> pb::Authorize
 
 fn usage(request_id: &str, status: &str) -> pb::Usage {
     pb::Usage {
-        request_id: request_id.into(),
-        app_name: "chat-app".into(),
-        endpoint: "/chat".into(),
-        user_email: ALICE.into(),
         model: "echo".into(),
         prompt_tokens: 10,
         completion_tokens: 5,
         total_tokens: 15,
-        status: status.into(),
         latency_ms: 12,
         upstream_latency_ms: 10,
-        ttft_ms: None,
+        ..req::usage(request_id, "chat-app", ALICE, status)
     }
 }
 

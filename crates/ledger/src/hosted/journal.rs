@@ -325,11 +325,8 @@ impl Journal {
 
     /// Forgets a create that certainly did not happen, so its key may be used again.
     pub async fn forget(&self, id: &str) -> Result<()> {
-        self.run(
-            sqlx::query("DELETE FROM hosted_transfers WHERE id = $1 AND step = 'creating'")
-                .bind(id),
-        )
-        .await
+        let forget = "DELETE FROM hosted_transfers WHERE id = $1 AND step = 'creating'";
+        self.run(sqlx::query(forget).bind(id)).await
     }
 
     /// Closes a create that holds no money (`failed`, or `unknown` when the remote may have
@@ -475,11 +472,8 @@ impl Journal {
 
     /// Forgets a charge transaction someone cancelled, so a retry creates another.
     pub async fn clear_charge(&self, id: &str) -> Result<()> {
-        self.run(
-            sqlx::query("UPDATE hosted_transfers SET capture_remote_id = NULL WHERE id = $1")
-                .bind(id),
-        )
-        .await
+        let clear = "UPDATE hosted_transfers SET capture_remote_id = NULL WHERE id = $1";
+        self.run(sqlx::query(clear).bind(id)).await
     }
 
     /// Records that the remote hold of a partial capture is cancelled.

@@ -72,10 +72,7 @@ pub(super) struct Params(pub HashMap<String, String>);
 impl FromRequestParts<Dash> for Params {
     type Rejection = Response;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        d: &Dash,
-    ) -> std::result::Result<Self, Response> {
+    async fn from_request_parts(parts: &mut Parts, d: &Dash) -> Result<Self, Response> {
         let Query(map) = Query::from_request_parts(parts, d)
             .await
             .map_err(IntoResponse::into_response)?;
