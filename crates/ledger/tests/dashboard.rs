@@ -9,7 +9,7 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 use syft_ledger::store::{sha256_hex, Backend};
 use syft_proto::ledger as pb;
-use syft_testkit::{alerts_on, Harness, LedgerServer, WebhookReceiver, ADMIN_KEY, USD};
+use syft_testkit::{alerts_on, req, Harness, LedgerServer, WebhookReceiver, ADMIN_KEY, USD};
 
 const OWNER: &str = "owner@router.example";
 const OWNER2: &str = "owner2@router.example";
@@ -26,6 +26,12 @@ struct Web {
 
 fn origin(base: &str) -> &str {
     base
+}
+
+/// A GET without a session cookie.
+async fn signed_out(base: &str, path: &str) -> reqwest::Response {
+    let url = format!("{base}{path}");
+    reqwest::Client::new().get(url).send().await.expect(path)
 }
 
 async fn login(base: &str, email: &str, secret: &str) -> reqwest::Response {
@@ -126,20 +132,14 @@ impl Web {
 }
 
 fn usage(request_id: &str, user: &str, app: &str) -> pb::RecordUsageRequest {
-    pb::RecordUsageRequest {
-        usage: Some(pb::Usage {
-            request_id: request_id.into(),
-            app_name: app.into(),
-            endpoint: "/chat".into(),
-            user_email: user.into(),
-            model: "m".into(),
-            prompt_tokens: 3,
-            completion_tokens: 4,
-            status: "success".into(),
-            latency_ms: 12,
-            ..Default::default()
-        }),
-    }
+    let usage = pb::Usage {
+        model: "m".into(),
+        prompt_tokens: 3,
+        completion_tokens: 4,
+        latency_ms: 12,
+        ..req::usage(request_id, app, user, "success")
+    };
+    pb::RecordUsageRequest { usage: Some(usage) }
 }
 
 /// Free usage rows of two owners and two users.
@@ -191,11 +191,7 @@ async fn sessions_and_permissions(h: &Harness) {
     let http = reqwest::Client::new();
 
     // The page: from the binary, locked down, no secret in it.
-    let page = http
-        .get(format!("{base}/dashboard"))
-        .send()
-        .await
-        .expect("page");
+    let page = signed_out(&base, "/dashboard").await;
     assert_eq!(page.status(), 200);
     let csp = page.headers()["content-security-policy"]
         .to_str()
@@ -204,11 +200,8 @@ async fn sessions_and_permissions(h: &Harness) {
     assert!(csp.contains("script-src 'self'"), "{csp}");
     let html = page.text().await.expect("html");
     assert!(html.contains("/dashboard/vendor/uPlot.min.js") && !html.contains(ADMIN_KEY));
-    let me: Value = http
-        .get(format!("{base}/dashboard/api/me"))
-        .send()
+    let me: Value = signed_out(&base, "/dashboard/api/me")
         .await
-        .expect("me")
         .json()
         .await
         .expect("json");
@@ -260,11 +253,7 @@ async fn sessions_and_permissions(h: &Harness) {
         let (status, body) = forged.get_status(path).await;
         assert_eq!(status, 401, "{path}: {body}");
     }
-    let anonymous = http
-        .get(format!("{base}/dashboard/api/usage"))
-        .send()
-        .await
-        .expect("usage");
+    let anonymous = signed_out(&base, "/dashboard/api/usage").await;
     assert_eq!(anonymous.status(), 401);
 
     // Who sees what: an owner its apps' rows, a user its own requests, the admin everything.

@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
-use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::Stream;
 use serde_json::json;
@@ -22,7 +21,7 @@ use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
 use tokio::sync::watch;
 
 use super::api::usage_json;
-use super::session::{session, Session};
+use super::session::Session;
 use super::{Dash, DashError};
 use crate::error::Result;
 use crate::store::{now_micros, Backend, Store};
@@ -196,10 +195,9 @@ impl Tail {
 /// `GET /dashboard/events`: `usage` events with `{"rows": [...]}` (as `/dashboard/api/usage`).
 pub(super) async fn events(
     State(d): State<Dash>,
-    headers: HeaderMap,
+    session: Session,
 ) -> std::result::Result<Sse<impl Stream<Item = std::result::Result<Event, Infallible>>>, DashError>
 {
-    let session = session(&d, &headers).await?;
     let tail = Tail {
         rx: d.live.subscribe(),
         ready: d.ready.clone(),

@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
@@ -121,6 +122,27 @@ pub(crate) async fn session_for_change(d: &Dash, headers: &HeaderMap) -> Result<
         ));
     }
     Ok(session)
+}
+
+/// A session as a handler argument: the request is refused (401) before the handler runs when
+/// its cookie names no live session.
+impl FromRequestParts<Dash> for Session {
+    type Rejection = DashError;
+
+    async fn from_request_parts(parts: &mut Parts, d: &Dash) -> Result<Self, DashError> {
+        Ok(session(d, &parts.headers).await?)
+    }
+}
+
+/// The session of a state-changing request as a handler argument ([`session_for_change`]).
+pub(crate) struct ForChange(pub Session);
+
+impl FromRequestParts<Dash> for ForChange {
+    type Rejection = DashError;
+
+    async fn from_request_parts(parts: &mut Parts, d: &Dash) -> Result<Self, DashError> {
+        Ok(Self(session_for_change(d, &parts.headers).await?))
+    }
 }
 
 /// `Origin` must name the host the request was sent to: a page of another site cannot post here
@@ -240,8 +262,7 @@ pub(super) async fn login(State(d): State<Dash>, headers: HeaderMap, bytes: Byte
 }
 
 /// `POST /dashboard/logout`: the session row goes, so the cookie is dead on every replica.
-pub(super) async fn logout(State(d): State<Dash>, headers: HeaderMap) -> Reply {
-    let session = session_for_change(&d, &headers).await?;
+pub(super) async fn logout(State(d): State<Dash>, ForChange(session): ForChange) -> Reply {
     sqlx::query("DELETE FROM dashboard_sessions WHERE token_hash = $1")
         .bind(&session.token_hash)
         .execute(d.ledger.store().pool())
