@@ -11,11 +11,11 @@ use std::sync::Arc;
 
 use syft_error::Reason;
 
-use crate::domain::Micros;
 use crate::error::{LedgerError, Result};
 use crate::store::{
     AccountRow, AuthorizeInput, CaptureAmount, DirectInput, IssuedToken, Placed, Resolution,
-    ResolveInput, Store, TokenFilter, TokenRow, TransferFilter, TransferRow, UsageInput,
+    ResolveInput, Store, TokenFilter, TokenGrant, TokenRow, TransferFilter, TransferRow,
+    UsageInput,
 };
 
 /// Who resolves a transfer.
@@ -34,6 +34,15 @@ fn not_supported(what: &str) -> LedgerError {
             "{what} is managed by the hosted accounting service (this ledger runs backend = hosted)"
         ),
     )
+}
+
+/// An account to create (checked by the core); only the secret's hash is stored.
+#[derive(Debug, Clone, Copy)]
+pub struct NewAccountRow<'a> {
+    pub email: &'a str,
+    pub organization: &'a str,
+    pub currency: &'a str,
+    pub secret_hash: &'a str,
 }
 
 #[tonic::async_trait]
@@ -68,13 +77,7 @@ pub trait TransferBackend: Send + Sync + 'static {
     /// An account's balances as this backend knows them.
     async fn account(&self, email: &str) -> Result<AccountRow>;
 
-    async fn create_account(
-        &self,
-        _email: &str,
-        _organization: &str,
-        _currency: &str,
-        _secret_hash: &str,
-    ) -> Result<AccountRow> {
+    async fn create_account(&self, _new: &NewAccountRow<'_>) -> Result<AccountRow> {
         Err(not_supported("account creation"))
     }
 
@@ -111,14 +114,7 @@ pub trait TransferBackend: Send + Sync + 'static {
         Err(not_supported("changing an organization"))
     }
 
-    async fn issue_token(
-        &self,
-        _sender: &AccountRow,
-        _recipient: &AccountRow,
-        _expires_at: Option<i64>,
-        _spend_limit: Option<Micros>,
-        _limit_per_day: Option<Micros>,
-    ) -> Result<IssuedToken> {
+    async fn issue_token(&self, _grant: &TokenGrant<'_>) -> Result<IssuedToken> {
         Err(not_supported("issuing tokens"))
     }
 
@@ -237,15 +233,9 @@ impl TransferBackend for LocalBackend {
             .ok_or_else(|| LedgerError::NotFound(format!("account {email} not found")))
     }
 
-    async fn create_account(
-        &self,
-        email: &str,
-        organization: &str,
-        currency: &str,
-        secret_hash: &str,
-    ) -> Result<AccountRow> {
+    async fn create_account(&self, new: &NewAccountRow<'_>) -> Result<AccountRow> {
         self.store
-            .create_account(email, organization, currency, secret_hash)
+            .create_account(new.email, new.organization, new.currency, new.secret_hash)
             .await
     }
 
@@ -287,17 +277,8 @@ impl TransferBackend for LocalBackend {
             .await
     }
 
-    async fn issue_token(
-        &self,
-        sender: &AccountRow,
-        recipient: &AccountRow,
-        expires_at: Option<i64>,
-        spend_limit: Option<Micros>,
-        limit_per_day: Option<Micros>,
-    ) -> Result<IssuedToken> {
-        self.store
-            .issue_token(sender, recipient, expires_at, spend_limit, limit_per_day)
-            .await
+    async fn issue_token(&self, grant: &TokenGrant<'_>) -> Result<IssuedToken> {
+        self.store.issue_token(grant).await
     }
 
     async fn revoke_token(&self, sender_id: i64, token: &str) -> Result<(String, i64)> {

@@ -51,13 +51,32 @@ impl GrpcLedger {
 
 pub(crate) type Reply<T> = Result<Response<T>, Status>;
 
-#[tonic::async_trait]
-impl pb::ledger_server::Ledger for GrpcLedger {
-    async fn create_account(
-        &self,
-        request: Request<pb::CreateAccountRequest>,
-    ) -> Reply<pb::CreateAccountResponse> {
-        self.call(request, |core, caller, req| async move {
+/// Implements a tonic service trait for [`GrpcLedger`]. Each `fn` names its request and reply
+/// messages and holds only its conversion: with the core, the caller and the message bound to the
+/// names given after the trait, message in, core call, message out. The macro adds the frame every
+/// method shares: [`GrpcLedger::call`] (authenticate, run, error to status).
+macro_rules! grpc_methods {
+    (impl $service:path, |$core:ident, $caller:ident, $req:ident| {
+        $(fn $name:ident($Req:ty) -> $Resp:ty $body:block)+
+    }) => {
+        #[tonic::async_trait]
+        impl $service for $crate::grpc::GrpcLedger {
+            $(
+                async fn $name(
+                    &self,
+                    request: tonic::Request<$Req>,
+                ) -> $crate::grpc::Reply<$Resp> {
+                    self.call(request, |$core, $caller, $req| async move $body).await
+                }
+            )+
+        }
+    };
+}
+pub(crate) use grpc_methods;
+
+grpc_methods! {
+    impl pb::ledger_server::Ledger, |core, caller, req| {
+        fn create_account(pb::CreateAccountRequest) -> pb::CreateAccountResponse {
             let new = NewAccount {
                 email: req.email,
                 organization: req.organization,
@@ -69,32 +88,20 @@ impl pb::ledger_server::Ledger for GrpcLedger {
                 account: Some(account_pb(&account)),
                 secret,
             })
-        })
-        .await
-    }
+        }
 
-    async fn get_account(&self, request: Request<pb::GetAccountRequest>) -> Reply<pb::Account> {
-        self.call(request, |core, caller, req| async move {
+        fn get_account(pb::GetAccountRequest) -> pb::Account {
             Ok(account_pb(&core.account(&caller, &req.email).await?))
-        })
-        .await
-    }
+        }
 
-    async fn deposit(&self, request: Request<pb::DepositRequest>) -> Reply<pb::Account> {
-        self.call(request, |core, caller, req| async move {
+        fn deposit(pb::DepositRequest) -> pb::Account {
             let account = core
                 .deposit(&caller, &req.email, req.amount_micros, &req.idempotency_key)
                 .await?;
             Ok(account_pb(&account))
-        })
-        .await
-    }
+        }
 
-    async fn issue_token(
-        &self,
-        request: Request<pb::IssueTokenRequest>,
-    ) -> Reply<pb::IssueTokenResponse> {
-        self.call(request, |core, caller, req| async move {
+        fn issue_token(pb::IssueTokenRequest) -> pb::IssueTokenResponse {
             let new = NewToken {
                 recipient_email: req.recipient_email,
                 expires_at: req.expires_at_unix_micros,
@@ -111,26 +118,17 @@ impl pb::ledger_server::Ledger for GrpcLedger {
                 spend_limit_micros: issued.spend_limit.map(Micros::get),
                 limit_per_day_micros: req.limit_per_day_micros,
             })
-        })
-        .await
-    }
+        }
 
-    async fn revoke_token(
-        &self,
-        request: Request<pb::RevokeTokenRequest>,
-    ) -> Reply<pb::RevokeTokenResponse> {
-        self.call(request, |core, caller, req| async move {
+        fn revoke_token(pb::RevokeTokenRequest) -> pb::RevokeTokenResponse {
             let (token_id, revoked_at) = core.revoke_token(&caller, &req.token).await?;
             Ok(pb::RevokeTokenResponse {
                 token_id,
                 revoked_at_unix_micros: revoked_at,
             })
-        })
-        .await
-    }
+        }
 
-    async fn authorize(&self, request: Request<pb::AuthorizeRequest>) -> Reply<pb::Transfer> {
-        self.call(request, |core, caller, req| async move {
+        fn authorize(pb::AuthorizeRequest) -> pb::Transfer {
             let hold = HoldRequest {
                 sender_email: req.sender_email,
                 amount: req.amount_micros,
@@ -146,12 +144,9 @@ impl pb::ledger_server::Ledger for GrpcLedger {
             let mut reply = transfer_pb(&placed.row);
             reply.existing = placed.existing;
             Ok(reply)
-        })
-        .await
-    }
+        }
 
-    async fn capture(&self, request: Request<pb::CaptureRequest>) -> Reply<pb::Transfer> {
-        self.call(request, |core, caller, req| async move {
+        fn capture(pb::CaptureRequest) -> pb::Transfer {
             let amount = match req.amount {
                 Some(pb::capture_request::Amount::Full(true)) => CaptureAmount::Full,
                 Some(pb::capture_request::Amount::AmountMicros(m)) => CaptureAmount::Micros(m),
@@ -170,167 +165,80 @@ impl pb::ledger_server::Ledger for GrpcLedger {
                 .capture(&caller, &req.transfer_id, amount, usage, answer)
                 .await?;
             Ok(transfer_pb(&transfer))
-        })
-        .await
-    }
+        }
 
-    async fn void(&self, request: Request<pb::VoidRequest>) -> Reply<pb::Transfer> {
-        self.call(request, |core, caller, req| async move {
+        fn void(pb::VoidRequest) -> pb::Transfer {
             let usage = req.usage.map(usage_input);
             let transfer = core
                 .void(&caller, &req.transfer_id, &req.reason, usage)
                 .await?;
             Ok(transfer_pb(&transfer))
-        })
-        .await
-    }
+        }
 
-    async fn get_transfer(&self, request: Request<pb::GetTransferRequest>) -> Reply<pb::Transfer> {
-        self.call(request, |core, caller, req| async move {
+        fn get_transfer(pb::GetTransferRequest) -> pb::Transfer {
             Ok(transfer_pb(
                 &core.transfer(&caller, &req.transfer_id).await?,
             ))
-        })
-        .await
-    }
+        }
 
-    async fn extend_hold(&self, request: Request<pb::ExtendHoldRequest>) -> Reply<pb::Transfer> {
-        self.call(request, |core, caller, req| async move {
+        fn extend_hold(pb::ExtendHoldRequest) -> pb::Transfer {
             let transfer = core
                 .extend_hold(&caller, &req.transfer_id, req.ttl_seconds)
                 .await?;
             Ok(transfer_pb(&transfer))
-        })
-        .await
-    }
+        }
 
-    async fn get_answer(&self, request: Request<pb::GetAnswerRequest>) -> Reply<pb::StoredAnswer> {
-        self.call(request, |core, caller, req| async move {
+        fn get_answer(pb::GetAnswerRequest) -> pb::StoredAnswer {
             let answer = core.answer(&caller, &req.transfer_id).await?;
             Ok(pb::StoredAnswer {
                 transfer_id: answer.transfer_id,
                 body: answer.body,
                 expires_at_unix_micros: answer.expires_at,
             })
-        })
-        .await
-    }
+        }
 
-    async fn list_transfers(
-        &self,
-        request: Request<pb::ListTransfersRequest>,
-    ) -> Reply<pb::ListTransfersResponse> {
-        self.call(request, |core, caller, req| async move {
-            let status = match pb::TransferStatus::try_from(req.status) {
-                Ok(pb::TransferStatus::Unspecified) => None,
-                Ok(s) => TransferStatus::try_from(s).ok(),
-                Err(_) => return Err(LedgerError::invalid("unknown status")),
-            };
-            let query = TransferQuery {
-                account_email: req.account_email,
-                role: role(req.role)?,
-                status,
-                since: req.since_unix_micros,
-                until: req.until_unix_micros,
-                app_name: req.app_name,
-                page_token: req.page_token,
-                page_size: req.page_size,
-            };
-            let page = core.list_transfers(&caller, &query).await?;
-            Ok(pb::ListTransfersResponse {
-                transfers: page.items.iter().map(transfer_pb).collect(),
-                next_page_token: page.next_page_token,
-            })
-        })
-        .await
-    }
+        fn list_transfers(pb::ListTransfersRequest) -> pb::ListTransfersResponse {
+            let page = core.list_transfers(&caller, &TransferQuery::try_from(req)?).await?;
+            let (transfers, next_page_token) = page.convert(transfer_pb);
+            Ok(pb::ListTransfersResponse { transfers, next_page_token })
+        }
 
-    async fn list_tokens(
-        &self,
-        request: Request<pb::ListTokensRequest>,
-    ) -> Reply<pb::ListTokensResponse> {
-        self.call(request, |core, caller, req| async move {
-            let query = TokenQuery {
-                account_email: req.account_email,
-                role: role(req.role)?,
-                include_inactive: req.include_inactive,
-                page_token: req.page_token,
-                page_size: req.page_size,
-            };
-            let page = core.list_tokens(&caller, &query).await?;
-            Ok(pb::ListTokensResponse {
-                tokens: page.items.iter().map(token_pb).collect(),
-                next_page_token: page.next_page_token,
-            })
-        })
-        .await
-    }
+        fn list_tokens(pb::ListTokensRequest) -> pb::ListTokensResponse {
+            let page = core.list_tokens(&caller, &TokenQuery::try_from(req)?).await?;
+            let (tokens, next_page_token) = page.convert(token_pb);
+            Ok(pb::ListTokensResponse { tokens, next_page_token })
+        }
 
-    async fn list_accounts(
-        &self,
-        request: Request<pb::ListAccountsRequest>,
-    ) -> Reply<pb::ListAccountsResponse> {
-        self.call(request, |core, caller, req| async move {
-            let page = core
-                .list_accounts_page(&caller, &req.page_token, req.page_size)
-                .await?;
-            Ok(pb::ListAccountsResponse {
-                accounts: page.items.iter().map(account_pb).collect(),
-                next_page_token: page.next_page_token,
-            })
-        })
-        .await
-    }
+        fn list_accounts(pb::ListAccountsRequest) -> pb::ListAccountsResponse {
+            let page = core.list_accounts_page(&caller, &req.page_token, req.page_size).await?;
+            let (accounts, next_page_token) = page.convert(account_pb);
+            Ok(pb::ListAccountsResponse { accounts, next_page_token })
+        }
 
-    async fn record_usage(
-        &self,
-        request: Request<pb::RecordUsageRequest>,
-    ) -> Reply<pb::UsageRecord> {
-        self.call(request, |core, caller, req| async move {
+        fn record_usage(pb::RecordUsageRequest) -> pb::UsageRecord {
             let usage = req
                 .usage
                 .ok_or_else(|| LedgerError::invalid("usage is required"))?;
             Ok(usage_pb(
                 &core.record_usage(&caller, usage_input(usage)).await?,
             ))
-        })
-        .await
-    }
+        }
 
-    async fn record_usage_batch(
-        &self,
-        request: Request<pb::RecordUsageBatchRequest>,
-    ) -> Reply<pb::RecordUsageBatchResponse> {
-        let caller = self.caller(&request).await?;
-        let usages = request
-            .into_inner()
-            .usages
-            .into_iter()
-            .map(usage_input)
-            .collect();
-        let rows = self.0.record_usage_batch(&caller, usages).await?;
-        Ok(Response::new(pb::RecordUsageBatchResponse {
-            records: rows.iter().map(usage_pb).collect(),
-        }))
-    }
+        fn record_usage_batch(pb::RecordUsageBatchRequest) -> pb::RecordUsageBatchResponse {
+            let usages = req.usages.into_iter().map(usage_input).collect();
+            let rows = core.record_usage_batch(&caller, usages).await?;
+            Ok(pb::RecordUsageBatchResponse {
+                records: rows.iter().map(usage_pb).collect(),
+            })
+        }
 
-    async fn get_usage_stats(
-        &self,
-        request: Request<pb::GetUsageStatsRequest>,
-    ) -> Reply<pb::GetUsageStatsResponse> {
-        self.call(request, |core, caller, req| async move {
+        fn get_usage_stats(pb::GetUsageStatsRequest) -> pb::GetUsageStatsResponse {
             let query = crate::grpc_stats::stats_query(req)?;
             let stats = core.usage_stats(&caller, &query).await?;
             Ok(crate::grpc_stats::stats_pb(stats))
-        })
-        .await
-    }
+        }
 
-    async fn get_budget_use(
-        &self,
-        request: Request<pb::GetBudgetUseRequest>,
-    ) -> Reply<pb::BudgetUse> {
-        self.call(request, |core, caller, req| async move {
+        fn get_budget_use(pb::GetBudgetUseRequest) -> pb::BudgetUse {
             let u = core.budget_use(&caller, &req.sender_email).await?;
             Ok(pb::BudgetUse {
                 day_used_micros: u.day_used,
@@ -338,15 +246,9 @@ impl pb::ledger_server::Ledger for GrpcLedger {
                 day_resets_at_unix_micros: u.day_resets_at,
                 month_resets_at_unix_micros: u.month_resets_at,
             })
-        })
-        .await
-    }
+        }
 
-    async fn query_usage(
-        &self,
-        request: Request<pb::QueryUsageRequest>,
-    ) -> Reply<pb::QueryUsageResponse> {
-        self.call(request, |core, caller, req| async move {
+        fn query_usage(pb::QueryUsageRequest) -> pb::QueryUsageResponse {
             let query = UsageQuery {
                 user_email: req.user_email,
                 app_name: req.app_name,
@@ -371,8 +273,43 @@ impl pb::ledger_server::Ledger for GrpcLedger {
                     currency: core.usage_currency(&caller),
                 }),
             })
+        }
+    }
+}
+
+impl TryFrom<pb::ListTransfersRequest> for TransferQuery {
+    type Error = LedgerError;
+
+    fn try_from(req: pb::ListTransfersRequest) -> Result<Self> {
+        let status = match pb::TransferStatus::try_from(req.status) {
+            Ok(pb::TransferStatus::Unspecified) => None,
+            Ok(s) => TransferStatus::try_from(s).ok(),
+            Err(_) => return Err(LedgerError::invalid("unknown status")),
+        };
+        Ok(Self {
+            account_email: req.account_email,
+            role: role(req.role)?,
+            status,
+            since: req.since_unix_micros,
+            until: req.until_unix_micros,
+            app_name: req.app_name,
+            page_token: req.page_token,
+            page_size: req.page_size,
         })
-        .await
+    }
+}
+
+impl TryFrom<pb::ListTokensRequest> for TokenQuery {
+    type Error = LedgerError;
+
+    fn try_from(req: pb::ListTokensRequest) -> Result<Self> {
+        Ok(Self {
+            account_email: req.account_email,
+            role: role(req.role)?,
+            include_inactive: req.include_inactive,
+            page_token: req.page_token,
+            page_size: req.page_size,
+        })
     }
 }
 

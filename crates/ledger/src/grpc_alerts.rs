@@ -4,11 +4,10 @@
 use std::time::Duration;
 
 use syft_proto::ledger as pb;
-use tonic::Request;
 
 use crate::alerts::{AlertEndpoint, Delivery, Format, NewEndpoint, Rule, SpendSide};
 use crate::error::{LedgerError, Result};
-use crate::grpc::{GrpcLedger, Reply};
+use crate::grpc::{grpc_methods, GrpcLedger};
 
 impl GrpcLedger {
     pub fn into_alerts_server(self) -> pb::alerts_server::AlertsServer<Self> {
@@ -16,61 +15,33 @@ impl GrpcLedger {
     }
 }
 
-#[tonic::async_trait]
-impl pb::alerts_server::Alerts for GrpcLedger {
-    async fn add_alert_endpoint(
-        &self,
-        request: Request<pb::AddAlertEndpointRequest>,
-    ) -> Reply<pb::AddAlertEndpointResponse> {
-        self.call(request, |core, caller, req| async move {
-            let new = NewEndpoint {
-                account_email: req.account_email,
-                url: req.url,
-                format: format_of(req.format)?,
-                rules: req.rules.iter().map(rule_of).collect::<Result<_>>()?,
-                rate_per_minute: req.rate_per_minute,
-            };
+grpc_methods! {
+    impl pb::alerts_server::Alerts, |core, caller, req| {
+        fn add_alert_endpoint(pb::AddAlertEndpointRequest) -> pb::AddAlertEndpointResponse {
+            let new = NewEndpoint::try_from(req)?;
             let (endpoint, secret) = core.add_alert_endpoint(&caller, new).await?;
             Ok(pb::AddAlertEndpointResponse {
                 endpoint: Some(endpoint_pb(&endpoint)),
                 secret,
             })
-        })
-        .await
-    }
+        }
 
-    async fn list_alert_endpoints(
-        &self,
-        request: Request<pb::ListAlertEndpointsRequest>,
-    ) -> Reply<pb::ListAlertEndpointsResponse> {
-        self.call(request, |core, caller, req| async move {
+        fn list_alert_endpoints(pb::ListAlertEndpointsRequest) -> pb::ListAlertEndpointsResponse {
             let endpoints = core
                 .list_alert_endpoints(&caller, &req.account_email)
                 .await?;
             Ok(pb::ListAlertEndpointsResponse {
                 endpoints: endpoints.iter().map(endpoint_pb).collect(),
             })
-        })
-        .await
-    }
+        }
 
-    async fn remove_alert_endpoint(
-        &self,
-        request: Request<pb::RemoveAlertEndpointRequest>,
-    ) -> Reply<pb::RemoveAlertEndpointResponse> {
-        self.call(request, |core, caller, req| async move {
+        fn remove_alert_endpoint(pb::RemoveAlertEndpointRequest) -> pb::RemoveAlertEndpointResponse {
             core.remove_alert_endpoint(&caller, &req.endpoint_id)
                 .await?;
             Ok(pb::RemoveAlertEndpointResponse {})
-        })
-        .await
-    }
+        }
 
-    async fn rotate_alert_secret(
-        &self,
-        request: Request<pb::RotateAlertSecretRequest>,
-    ) -> Reply<pb::RotateAlertSecretResponse> {
-        self.call(request, |core, caller, req| async move {
+        fn rotate_alert_secret(pb::RotateAlertSecretRequest) -> pb::RotateAlertSecretResponse {
             let overlap = Duration::from_secs(u64::from(req.overlap_seconds));
             let (secret, until) = core
                 .rotate_alert_secret(&caller, &req.endpoint_id, overlap)
@@ -79,34 +50,35 @@ impl pb::alerts_server::Alerts for GrpcLedger {
                 secret,
                 previous_secret_until_unix_micros: until,
             })
-        })
-        .await
-    }
+        }
 
-    async fn send_test_alert(
-        &self,
-        request: Request<pb::SendTestAlertRequest>,
-    ) -> Reply<pb::SendTestAlertResponse> {
-        self.call(request, |core, caller, req| async move {
+        fn send_test_alert(pb::SendTestAlertRequest) -> pb::SendTestAlertResponse {
             let event_id = core.send_test_alert(&caller, &req.endpoint_id).await?;
             Ok(pb::SendTestAlertResponse { event_id })
-        })
-        .await
-    }
+        }
 
-    async fn list_alert_deliveries(
-        &self,
-        request: Request<pb::ListAlertDeliveriesRequest>,
-    ) -> Reply<pb::ListAlertDeliveriesResponse> {
-        self.call(request, |core, caller, req| async move {
+        fn list_alert_deliveries(pb::ListAlertDeliveriesRequest) -> pb::ListAlertDeliveriesResponse {
             let deliveries = core
                 .alert_deliveries(&caller, &req.endpoint_id, req.limit)
                 .await?;
             Ok(pb::ListAlertDeliveriesResponse {
                 deliveries: deliveries.iter().map(delivery_pb).collect(),
             })
+        }
+    }
+}
+
+impl TryFrom<pb::AddAlertEndpointRequest> for NewEndpoint {
+    type Error = LedgerError;
+
+    fn try_from(req: pb::AddAlertEndpointRequest) -> Result<Self> {
+        Ok(Self {
+            account_email: req.account_email,
+            url: req.url,
+            format: format_of(req.format)?,
+            rules: req.rules.iter().map(rule_of).collect::<Result<_>>()?,
+            rate_per_minute: req.rate_per_minute,
         })
-        .await
     }
 }
 

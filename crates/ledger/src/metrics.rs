@@ -1,52 +1,45 @@
 //! The ledger's own metrics (request counts and latencies come from `syft_telemetry`).
 
-use std::sync::LazyLock;
-
 use prometheus::core::Collector;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts};
 
 use crate::domain::{Actor, TransferStatus};
 use crate::store::{now_micros, Store, TransferRow};
 
-static HOLDS: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    registered(
-        "syft_ledger_holds_total",
-        "Holds by what happened to them: authorized, captured, voided, expired",
-        |o| IntCounterVec::new(o, &["event"]),
-    )
-});
+/// Declares metrics registered on first use: each one's doc comment is its help text (one line),
+/// its string its name, and `["label", ...]` after a `*Vec` type its label names. One frame for
+/// every metric, so a new one is two lines and help text cannot drift from the doc.
+macro_rules! metrics {
+    ($(
+        #[doc = $help:literal]
+        static $name:ident: $kind:ident $([$($label:literal),+])? = $metric:literal;
+    )+) => {
+        $(
+            #[doc = $help]
+            static $name: std::sync::LazyLock<$kind> = std::sync::LazyLock::new(|| {
+                $crate::metrics::registered($metric, $help.trim(), |o| {
+                    $crate::metrics::metrics!(@build $kind, o $(, $($label),+)?)
+                })
+            });
+        )+
+    };
+    (@build $kind:ident, $o:ident) => { $kind::with_opts($o) };
+    (@build $kind:ident, $o:ident, $($label:literal),+) => { $kind::new($o, &[$($label),+]) };
+}
+pub(crate) use metrics;
 
-static CAPTURED: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    registered(
-        "syft_ledger_captured_micros_total",
-        "Money captured, in micros of the account currency, by app",
-        |o| IntCounterVec::new(o, &["app"]),
-    )
-});
-
-static SWEEP_FAILURES: LazyLock<IntCounter> = LazyLock::new(|| {
-    registered(
-        "syft_ledger_sweep_failures_total",
-        "Expired holds the sweep failed to cancel (each is retried at the next sweep)",
-        IntCounter::with_opts,
-    )
-});
-
-static PENDING: LazyLock<IntGauge> = LazyLock::new(|| {
-    registered(
-        "syft_ledger_pending_holds",
-        "Holds authorized and not yet captured, voided or expired",
-        IntGauge::with_opts,
-    )
-});
-
-static POOL: LazyLock<IntGaugeVec> = LazyLock::new(|| {
-    registered(
-        "syft_ledger_db_connections",
-        "Database pool connections by state (idle, in_use)",
-        |o| IntGaugeVec::new(o, &["state"]),
-    )
-});
+metrics! {
+    /// Holds by what happened to them: authorized, captured, voided, expired
+    static HOLDS: IntCounterVec["event"] = "syft_ledger_holds_total";
+    /// Money captured, in micros of the account currency, by app
+    static CAPTURED: IntCounterVec["app"] = "syft_ledger_captured_micros_total";
+    /// Expired holds the sweep failed to cancel (each is retried at the next sweep)
+    static SWEEP_FAILURES: IntCounter = "syft_ledger_sweep_failures_total";
+    /// Holds authorized and not yet captured, voided or expired
+    static PENDING: IntGauge = "syft_ledger_pending_holds";
+    /// Database pool connections by state (idle, in_use)
+    static POOL: IntGaugeVec["state"] = "syft_ledger_db_connections";
+}
 
 /// Builds a metric from its name and help and registers it in the default registry (the one
 /// `/metrics` renders). Both fail only on a malformed or twice-registered name: a programming

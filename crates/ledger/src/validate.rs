@@ -39,6 +39,14 @@ const SPECIAL_USE_DOMAINS: [&str; 6] = ["arpa", "invalid", "local", "localhost",
 /// `atext` of RFC 5322: what an unquoted local part may contain besides dots.
 const ATEXT_SYMBOLS: &str = "!#$%&'*+-/=?^_`{|}~";
 
+/// An optional email filter: empty means none, anything else must be a valid email.
+pub fn optional_email(field: &str, value: &str) -> Result<Option<String>> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    email(field, value).map(Some)
+}
+
 /// [`email`], plus the rules of the Python `email-validator` package (syntax and special-use
 /// domains, no DNS), so an account created here can be read by `syft-accounting-sdk`: its
 /// `EmailStr` fields make `get_user`, `get_all_users` and the transaction history fail on an

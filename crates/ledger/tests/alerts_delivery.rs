@@ -315,16 +315,7 @@ async fn bad_endpoint_configs_are_refused(h: Harness) -> Harness {
 async fn secrets_are_sealed_and_rotate_with_overlap(h: Harness) -> Harness {
     let rx = WebhookReceiver::start().await;
     let alice = h.account(ALICE, 10 * USD).await;
-    let added = alerts(&h, &alice)
-        .add_alert_endpoint(pb::AddAlertEndpointRequest {
-            url: rx.url.clone(),
-            rules: vec![balance_low(USD)],
-            ..Default::default()
-        })
-        .await
-        .expect("add")
-        .into_inner();
-    let (ep, old) = (added.endpoint.expect("endpoint").id, added.secret);
+    let (ep, old) = add_balance_low(&h, &alice, &rx.url).await;
     // A dump of the table does not contain the secret, nor its base64 key.
     let rows: Vec<(String, String)> =
         sqlx::query_as("SELECT secret_sealed, url FROM alert_endpoints")
@@ -334,14 +325,7 @@ async fn secrets_are_sealed_and_rotate_with_overlap(h: Harness) -> Harness {
     let key_part = old.trim_start_matches("whsec_");
     assert!(rows.iter().all(|(s, _)| !s.contains(key_part)));
     // Rotation: during the overlap both secrets sign; a receiver knowing either verifies.
-    let rotated = alerts(&h, &alice)
-        .rotate_alert_secret(pb::RotateAlertSecretRequest {
-            endpoint_id: ep.clone(),
-            overlap_seconds: 3600,
-        })
-        .await
-        .expect("rotate")
-        .into_inner();
+    let rotated = rotate(&h, &alice, &ep, 3600).await;
     assert_ne!(rotated.secret, old);
     rx.set_secrets(&[&old]);
     test_event(&h, &alice, &ep).await;
@@ -358,13 +342,7 @@ async fn secrets_are_sealed_and_rotate_with_overlap(h: Harness) -> Harness {
     let got = rx.wait_until(WAIT, "second", |r| r.len() >= 2).await;
     assert!(got[1].valid, "the new secret verifies");
     // Overlap 0: the old secret stops at once.
-    alerts(&h, &alice)
-        .rotate_alert_secret(pb::RotateAlertSecretRequest {
-            endpoint_id: ep.clone(),
-            overlap_seconds: 0,
-        })
-        .await
-        .expect("rotate again");
+    rotate(&h, &alice, &ep, 0).await;
     test_event(&h, &alice, &ep).await;
     let got = rx.wait_until(WAIT, "third", |r| r.len() >= 3).await;
     assert!(!got[2].valid, "a rotated-out secret no longer verifies");

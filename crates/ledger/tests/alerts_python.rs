@@ -5,7 +5,6 @@
 mod alerts_support;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use alerts_support::*;
 use syft_proto::ledger as pb;
@@ -25,27 +24,9 @@ async fn standardwebhooks_verifies_our_signatures() {
     let h = Harness::with(false, alerts_on).await.expect("harness");
     let rx = WebhookReceiver::start().await;
     let alice = h.account(ALICE, 10 * USD).await;
-    let mut client = alerts(&h, &alice);
-    let added = client
-        .add_alert_endpoint(pb::AddAlertEndpointRequest {
-            url: rx.url.clone(),
-            rules: vec![balance_low(USD)],
-            ..Default::default()
-        })
-        .await
-        .expect("add")
-        .into_inner();
-    let (ep, old) = (added.endpoint.expect("endpoint").id, added.secret);
-    let new = client
-        .rotate_alert_secret(pb::RotateAlertSecretRequest {
-            endpoint_id: ep.clone(),
-            overlap_seconds: 600,
-        })
-        .await
-        .expect("rotate")
-        .into_inner()
-        .secret;
-    client
+    let (ep, old) = add_balance_low(&h, &alice, &rx.url).await;
+    let new = rotate(&h, &alice, &ep, 600).await.secret;
+    alerts(&h, &alice)
         .send_test_alert(pb::SendTestAlertRequest { endpoint_id: ep })
         .await
         .expect("test event");
@@ -69,11 +50,7 @@ async fn standardwebhooks_verifies_our_signatures() {
     let file = dir.path().join("captured.json");
     std::fs::write(&file, captured.to_string()).expect("write");
     let script = repo().join("tests/python/verify_webhook.py");
-    let output =
-        tokio::task::spawn_blocking(move || Command::new(python).arg(script).arg(file).output())
-            .await
-            .expect("join")
-            .expect("run python");
+    let output = syft_testkit::run_python(python, script, [file]).await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stdout}\n{stderr}");

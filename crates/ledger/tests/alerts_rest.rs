@@ -38,6 +38,13 @@ async fn call(
     (status, body)
 }
 
+/// `POST /endpoints/{ep}/rotate` as `secret`, the previous secret signing `overlap_seconds` more.
+async fn rotate(h: &Harness, secret: &str, ep: &str, overlap_seconds: i64) -> (StatusCode, Value) {
+    let path = format!("/endpoints/{ep}/rotate");
+    let body = json!({ "overlap_seconds": overlap_seconds });
+    call(h, Method::POST, &path, Some(secret), Some(body)).await
+}
+
 fn balance_rule() -> Value {
     json!({"event": "balance.low", "below_micros": USD})
 }
@@ -93,15 +100,7 @@ async fn rest_manages_endpoints_end_to_end(h: Harness) -> Harness {
     assert_eq!(first["event_type"], "test");
 
     // Rotate without overlap: the next event verifies with the new secret only.
-    let rotate = format!("/endpoints/{ep}/rotate");
-    let (status, rotated) = call(
-        &h,
-        Method::POST,
-        &rotate,
-        Some(&alice),
-        Some(json!({"overlap_seconds": 0})),
-    )
-    .await;
+    let (status, rotated) = rotate(&h, &alice, &ep, 0).await;
     assert_eq!(status, StatusCode::OK, "{rotated}");
     let new_secret = rotated["secret"].as_str().expect("secret").to_string();
     assert_ne!(new_secret, secret);
@@ -116,7 +115,7 @@ async fn rest_manages_endpoints_end_to_end(h: Harness) -> Harness {
     for (method, path) in [
         (Method::DELETE, format!("/endpoints/{ep}")),
         (Method::POST, test.clone()),
-        (Method::POST, rotate.clone()),
+        (Method::POST, format!("/endpoints/{ep}/rotate")),
         (Method::GET, log_path.clone()),
     ] {
         let (status, body) = call(&h, method, &path, Some(&bob), None).await;
@@ -277,15 +276,7 @@ async fn rest_refuses_bad_input_with_clear_errors(h: Harness) -> Harness {
             "{path}: {answer}"
         );
     }
-    let rotate = format!("/endpoints/{ep}/rotate");
-    let (status, answer) = call(
-        &h,
-        Method::POST,
-        &rotate,
-        Some(&alice),
-        Some(json!({"overlap_seconds": 30 * 86_400})),
-    )
-    .await;
+    let (status, answer) = rotate(&h, &alice, &ep, 30 * 86_400).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
     let (status, answer) = call(&h, Method::POST, "/endpoints/nope/test", Some(&alice), None).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{answer}");

@@ -4,8 +4,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use syft_ledger::client::LedgerClient;
 use syft_proto::ledger as pb;
-use syft_testkit::{code, ok, store_suite, Harness, USD};
+use syft_testkit::{code, ok, req, store_suite, Harness, USD};
 use tonic::Code;
 
 const OWNER: &str = "owner@router.example";
@@ -26,12 +27,17 @@ fn stats_req(group_by: &[D], role: pb::StatsRole) -> pb::GetUsageStatsRequest {
     }
 }
 
+/// The stats `c`'s caller sees, grouped by `group_by`.
+async fn stats_as(
+    c: &mut LedgerClient,
+    group_by: &[D],
+    role: pb::StatsRole,
+) -> pb::GetUsageStatsResponse {
+    ok(c.get_usage_stats(stats_req(group_by, role)).await)
+}
+
 fn usage(n: usize, user: &str, app: &str, status: &str) -> pb::Usage {
     pb::Usage {
-        request_id: format!("req-{n}"),
-        app_name: app.into(),
-        endpoint: "/chat".into(),
-        user_email: user.into(),
         model: if n.is_multiple_of(2) {
             "m-even"
         } else {
@@ -40,11 +46,10 @@ fn usage(n: usize, user: &str, app: &str, status: &str) -> pb::Usage {
         .into(),
         prompt_tokens: 10 + n as i64,
         completion_tokens: 3 * n as i64,
-        total_tokens: 0,
-        status: status.into(),
         latency_ms: 5 + 37 * n as i64,
         upstream_latency_ms: 2 + 30 * n as i64,
         ttft_ms: n.is_multiple_of(3).then_some(1 + 11 * n as i64),
+        ..req::usage(&format!("req-{n}"), app, user, status)
     }
 }
 
@@ -110,17 +115,9 @@ struct Raw {
 
 async fn raw(h: &Harness) -> Raw {
     let rows = h.usage_rows().await;
-    let transfers = h
-        .admin()
-        .list_transfers(pb::ListTransfersRequest {
-            page_size: 500,
-            ..Default::default()
-        })
+    let held = h
+        .transfers()
         .await
-        .expect("transfers")
-        .into_inner()
-        .transfers;
-    let held = transfers
         .into_iter()
         .map(|t| (t.id, t.amount_micros))
         .collect();
@@ -284,12 +281,7 @@ async fn stats_match_raw_rows(h: Harness) -> Harness {
             (&bob, role_owner, Box::new(|_: &pb::UsageRecord| false)),
         ];
         for (secret, role, keep) in cases {
-            let got = h
-                .client(secret)
-                .get_usage_stats(stats_req(by, role))
-                .await
-                .expect("stats")
-                .into_inner();
+            let got = stats_as(&mut h.client(secret), by, role).await;
             assert_eq!(got.currency, "USD");
             assert_matches(&got, &expected(&raw, keep, by));
         }
@@ -314,24 +306,14 @@ async fn stats_match_raw_rows(h: Harness) -> Harness {
     };
     assert_matches(&got.into_inner(), &expected(&raw, keep, &[]));
     // TTFT only from streamed rows (n % 3 == 0 carry one).
-    let got = h
-        .admin()
-        .get_usage_stats(stats_req(&[], role_owner))
-        .await
-        .expect("stats")
-        .into_inner();
+    let got = stats_as(&mut h.admin(), &[], role_owner).await;
     assert_eq!(got.groups[0].streams, 4);
     assert!(got.groups[0].ttft_ms.is_some());
 
     // Rebuilding the rollups from the raw rows gives the same answers as the live upserts.
     let before = got;
     h.store.rebuild_rollups().await.expect("rebuild");
-    let after = h
-        .admin()
-        .get_usage_stats(stats_req(&[], role_owner))
-        .await
-        .expect("stats")
-        .into_inner();
+    let after = stats_as(&mut h.admin(), &[], role_owner).await;
     assert_eq!(before, after);
     h
 }
@@ -365,31 +347,16 @@ async fn group_committed_rows_and_refusals(h: Harness) -> Harness {
     assert_eq!(raw.rows.len(), 10 + 30);
     let all = |_: &pb::UsageRecord| true;
     for by in [&[][..], &[D::Status][..], &[D::Status, D::Model][..]] {
-        let got = h
-            .client(&owner)
-            .get_usage_stats(stats_req(by, pb::StatsRole::Owner))
-            .await
-            .expect("stats")
-            .into_inner();
+        let got = stats_as(&mut h.client(&owner), by, pb::StatsRole::Owner).await;
         assert_matches(&got, &expected(&raw, all, by));
     }
-    let total = h
-        .client(&owner)
-        .get_usage_stats(stats_req(&[], pb::StatsRole::Owner))
-        .await
-        .expect("stats")
-        .into_inner();
+    let total = stats_as(&mut h.client(&owner), &[], pb::StatsRole::Owner).await;
     assert_eq!(
         (total.groups[0].requests, total.groups[0].successes),
         (40, 5)
     );
     h.store.rebuild_rollups().await.expect("rebuild");
-    let rebuilt = h
-        .client(&owner)
-        .get_usage_stats(stats_req(&[], pb::StatsRole::Owner))
-        .await
-        .expect("stats")
-        .into_inner();
+    let rebuilt = stats_as(&mut h.client(&owner), &[], pb::StatsRole::Owner).await;
     assert_eq!(total, rebuilt);
     h
 }

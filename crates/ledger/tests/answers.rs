@@ -11,24 +11,18 @@ const OTHER: &str = "other@router.example";
 const ALICE: &str = "alice@example.com";
 
 fn hold(amount: i64, token: &str, key: &str) -> pb::AuthorizeRequest {
-    syft_testkit::req::hold(ALICE, amount, token, key)
+    req::hold(ALICE, amount, token, key)
 }
 
 fn capture(id: &str, body: &[u8], retention_seconds: i64) -> pb::CaptureRequest {
+    let answer = pb::AnswerToStore {
+        body: body.to_vec(),
+        retention_seconds,
+    };
     pb::CaptureRequest {
-        transfer_id: id.into(),
         amount: Some(pb::capture_request::Amount::AmountMicros(USD / 2)),
-        usage: None,
-        answer: Some(pb::AnswerToStore {
-            body: body.to_vec(),
-            retention_seconds,
-        }),
-    }
-}
-
-fn get(id: &str) -> pb::GetAnswerRequest {
-    pb::GetAnswerRequest {
-        transfer_id: id.into(),
+        answer: Some(answer),
+        ..req::capture_full(id)
     }
 }
 
@@ -38,11 +32,14 @@ async fn answers_are_served_once_captured_to_the_recipient_only(h: Harness) -> H
     let mut router = h.client(&owner);
     let t = ok(router.authorize(hold(USD, &token, "k1")).await);
     // Nothing stored yet, and a pending transfer has no answer.
-    assert_eq!(code(router.get_answer(get(&t.id)).await), Code::NotFound);
+    assert_eq!(
+        code(router.get_answer(req::get_answer(&t.id)).await),
+        Code::NotFound
+    );
 
     let done = ok(router.capture(capture(&t.id, b"the answer", 3600)).await);
     assert_eq!(done.status(), pb::TransferStatus::Completed);
-    let a = ok(router.get_answer(get(&t.id)).await);
+    let a = ok(router.get_answer(req::get_answer(&t.id)).await);
     assert_eq!(a.body, b"the answer");
     assert_eq!(a.transfer_id, t.id);
     assert!(a.expires_at_unix_micros > done.resolved_at_unix_micros.unwrap_or(0));
@@ -53,14 +50,20 @@ async fn answers_are_served_once_captured_to_the_recipient_only(h: Harness) -> H
 
     // Another recipient neither sees nor overwrites it; the sender does not see it either.
     let mut stranger = h.client(&other);
-    assert_eq!(code(stranger.get_answer(get(&t.id)).await), Code::NotFound);
+    assert_eq!(
+        code(stranger.get_answer(req::get_answer(&t.id)).await),
+        Code::NotFound
+    );
     let overwrite = stranger.capture(capture(&t.id, b"forged", 3600)).await;
     assert_eq!(code(overwrite), Code::NotFound);
     assert_eq!(
-        code(h.client(&alice).get_answer(get(&t.id)).await),
+        code(h.client(&alice).get_answer(req::get_answer(&t.id)).await),
         Code::NotFound
     );
-    let a = router.get_answer(get(&t.id)).await.expect("answer");
+    let a = router
+        .get_answer(req::get_answer(&t.id))
+        .await
+        .expect("answer");
     assert_eq!(a.into_inner().body, b"the answer");
     h
 }
@@ -86,7 +89,10 @@ async fn unusable_answers_refuse_the_capture_whole(h: Harness) -> Harness {
     ok(router.void(req::void(&t.id)).await);
     let late = router.capture(capture(&t.id, b"never paid", 60)).await;
     assert_eq!(code(late), Code::FailedPrecondition);
-    assert_eq!(code(router.get_answer(get(&t.id)).await), Code::NotFound);
+    assert_eq!(
+        code(router.get_answer(req::get_answer(&t.id)).await),
+        Code::NotFound
+    );
     h
 }
 
@@ -98,9 +104,12 @@ async fn answers_expire_and_are_purged(h: Harness) -> Harness {
         .capture(capture(&t.id, b"short-lived", 1))
         .await
         .expect("capture");
-    assert!(router.get_answer(get(&t.id)).await.is_ok());
+    assert!(router.get_answer(req::get_answer(&t.id)).await.is_ok());
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
-    assert_eq!(code(router.get_answer(get(&t.id)).await), Code::NotFound);
+    assert_eq!(
+        code(router.get_answer(req::get_answer(&t.id)).await),
+        Code::NotFound
+    );
     // The sweeper (every 200 ms in tests) or this purge deletes the row.
     h.store.purge_answers(100).await.expect("purge");
     let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM answers")

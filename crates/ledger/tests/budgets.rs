@@ -4,12 +4,12 @@
 
 use std::time::Duration;
 
-use syft_ledger::client::connect_lazy;
+use syft_ledger::client::{connect_lazy, LedgerClient};
 use syft_proto::ledger as pb;
 use syft_testkit::{
-    backdate_transfers, ok, quota_refusal, reason, refused, Harness, LedgerServer, USD,
+    backdate_transfers, ok, quota_refusal, reason, refused, store_suite, Harness, LedgerServer, USD,
 };
-use tonic::Code;
+use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
 const OWNER: &str = "owner@router.example";
@@ -30,23 +30,32 @@ fn hold(
     }
 }
 
-/// A ledger with the owner and alice (funded with $10, holding a token for the owner): the
-/// harness, the owner's secret, the token and a client of the owner's.
+/// The owner and alice (funded with $10, holding a token for the owner) on a ledger: the owner's
+/// secret, the token and a client of the owner's.
 struct Parties {
-    h: Harness,
     owner: String,
     token: String,
-    c: syft_ledger::client::LedgerClient,
+    c: LedgerClient,
 }
 
-async fn parties(postgres: bool) -> Option<Parties> {
-    let Some(h) = Harness::new(postgres).await else {
-        eprintln!("SKIPPED: no DATABASE_URL");
-        return None;
-    };
+async fn parties(h: &Harness) -> Parties {
     let (owner, _alice, token) = h.payer(OWNER, ALICE, 10 * USD).await;
     let c = h.client(&owner);
-    Some(Parties { h, owner, token, c })
+    Parties { owner, token, c }
+}
+
+/// A token for the owner that may move at most `limit` micros in any 24 hours.
+fn per_day(limit: i64) -> pb::IssueTokenRequest {
+    pb::IssueTokenRequest {
+        recipient_email: OWNER.into(),
+        limit_per_day_micros: Some(limit),
+        ..Default::default()
+    }
+}
+
+/// A hold the ledger must refuse (`why` names the expected refusal); returns the status.
+async fn refused_hold(c: &mut LedgerClient, req: pb::AuthorizeRequest, why: &str) -> Status {
+    c.authorize(req).await.expect_err(why)
 }
 
 /// Moves every transfer of the test a day back, as if the window had passed.
@@ -54,21 +63,18 @@ async fn a_day_passes(h: &Harness) {
     backdate_transfers(&h.store, Duration::from_secs(86_400)).await;
 }
 
-async fn budget_lifecycle(postgres: bool) {
-    let Some(Parties {
-        h, token, mut c, ..
-    }) = parties(postgres).await
-    else {
-        return;
-    };
+async fn budget_lifecycle(h: Harness) -> Harness {
+    let Parties { token, mut c, .. } = parties(&h).await;
     let budget = Some(50_000);
 
     // Reserve: a pending hold counts against the day's budget.
     let first = ok(c.authorize(hold(&token, "a", 30_000, budget, 300)).await);
-    let err = c
-        .authorize(hold(&token, "b", 30_000, budget, 300))
-        .await
-        .expect_err("over budget");
+    let err = refused_hold(
+        &mut c,
+        hold(&token, "b", 30_000, budget, 300),
+        "over budget",
+    )
+    .await;
     let retry = quota_refusal(&err, "BUDGET_EXCEEDED").expect("retry info");
     assert!(retry <= Duration::from_secs(86_400));
     assert!(
@@ -106,10 +112,7 @@ async fn budget_lifecycle(postgres: bool) {
     c.authorize(hold(&token, "c", 40_000, budget, 300))
         .await
         .expect("fits exactly");
-    let err = c
-        .authorize(hold(&token, "d", 1, budget, 300))
-        .await
-        .expect_err("full");
+    let err = refused_hold(&mut c, hold(&token, "d", 1, budget, 300), "full").await;
     assert_eq!(reason(&err).as_deref(), Some("BUDGET_EXCEEDED"));
     // A retry of a refused key is decided afresh (a refusal is not the key's outcome), and a
     // replay of an admitted key still returns its transfer, budget or not.
@@ -123,36 +126,24 @@ async fn budget_lifecycle(postgres: bool) {
         .expect("new day");
 
     // A hold larger than the whole budget says no retry helps.
-    let err = c
-        .authorize(hold(&token, "e", 60_000, budget, 300))
-        .await
-        .expect_err("too big");
+    let err = refused_hold(&mut c, hold(&token, "e", 60_000, budget, 300), "too big").await;
     assert!(
         err.message().contains("larger than the whole budget"),
         "{}",
         err.message()
     );
     assert!(err.get_details_retry_info().is_none());
-    h.assert_consistent().await;
-}
-
-#[tokio::test]
-async fn budget_lifecycle_sqlite() {
-    budget_lifecycle(false).await;
-}
-
-#[tokio::test]
-async fn budget_lifecycle_postgres() {
-    budget_lifecycle(true).await;
+    h
 }
 
 /// Two ledgers on one Postgres, 200 concurrent holds of $0.03 against a $1.00 daily budget:
 /// exactly 33 are placed, never more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_holds_never_overspend_a_budget() {
-    let Some(Parties { h, owner, token, c }) = parties(true).await else {
+    let Some(h) = Harness::new(true).await else {
         return;
     };
+    let Parties { owner, token, c } = parties(&h).await;
     let second = LedgerServer::start(h.config.clone()).await;
     let replicas = [c, connect_lazy(&second.url, &owner).expect("client")];
     let tasks: Vec<_> = (0..200)
@@ -178,30 +169,21 @@ async fn concurrent_holds_never_overspend_a_budget() {
 /// owner's budgets; the hold is refused with `TOKEN_DAILY_LIMIT_EXCEEDED`.
 #[tokio::test]
 async fn token_daily_limit() {
-    let Some(h) = Harness::new(false).await else {
-        return;
-    };
+    let h = Harness::new(false).await.expect("sqlite harness");
     let owner = h.account(OWNER, 0).await;
     let alice = h.account(ALICE, 10 * USD).await;
-    let token = h
-        .client(&alice)
-        .issue_token(pb::IssueTokenRequest {
-            recipient_email: OWNER.into(),
-            limit_per_day_micros: Some(50_000),
-            ..Default::default()
-        })
-        .await
-        .expect("issue")
-        .into_inner();
+    let token = ok(h.client(&alice).issue_token(per_day(50_000)).await);
     assert_eq!(token.limit_per_day_micros, Some(50_000));
     let mut c = h.client(&owner);
     c.authorize(hold(&token.token, "a", 30_000, None, 300))
         .await
         .expect("first");
-    let err = c
-        .authorize(hold(&token.token, "b", 30_000, None, 300))
-        .await
-        .expect_err("over the token's day");
+    let err = refused_hold(
+        &mut c,
+        hold(&token.token, "b", 30_000, None, 300),
+        "over the token's day",
+    )
+    .await;
     let retry = quota_refusal(&err, "TOKEN_DAILY_LIMIT_EXCEEDED").expect("retry");
     assert!(retry > Duration::from_secs(86_000) && retry <= Duration::from_secs(86_400));
     // 24 hours later the first hold no longer counts.
@@ -212,11 +194,7 @@ async fn token_daily_limit() {
     // A limit of zero or below is refused at issue.
     let err = h
         .client(&alice)
-        .issue_token(pb::IssueTokenRequest {
-            recipient_email: OWNER.into(),
-            limit_per_day_micros: Some(0),
-            ..Default::default()
-        })
+        .issue_token(per_day(0))
         .await
         .expect_err("zero");
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -228,18 +206,16 @@ async fn token_daily_limit() {
 /// without charging anything.
 #[tokio::test]
 async fn an_expired_hold_returns_its_reservation() {
-    let Some(Parties {
-        h, token, mut c, ..
-    }) = parties(false).await
-    else {
-        return;
-    };
+    let h = Harness::new(false).await.expect("sqlite harness");
+    let Parties { token, mut c, .. } = parties(&h).await;
     let budget = Some(50_000);
     let first = ok(c.authorize(hold(&token, "a", 40_000, budget, 2)).await);
-    let err = c
-        .authorize(hold(&token, "b", 40_000, budget, 300))
-        .await
-        .expect_err("the pending hold fills the budget");
+    let err = refused_hold(
+        &mut c,
+        hold(&token, "b", 40_000, budget, 300),
+        "the pending hold fills the budget",
+    )
+    .await;
     assert_eq!(reason(&err).as_deref(), Some("BUDGET_EXCEEDED"));
     // Wait out the first hold's TTL.
     let expires = Duration::from_micros(
@@ -269,12 +245,8 @@ async fn an_expired_hold_returns_its_reservation() {
 /// The monthly budget is whole again in the next UTC month.
 #[tokio::test]
 async fn monthly_budget_resets_with_the_month() {
-    let Some(Parties {
-        h, token, mut c, ..
-    }) = parties(false).await
-    else {
-        return;
-    };
+    let h = Harness::new(false).await.expect("sqlite harness");
+    let Parties { token, mut c, .. } = parties(&h).await;
     let monthly = |key: &str| pb::AuthorizeRequest {
         budget_per_month_micros: Some(50_000),
         ..hold(&token, key, 30_000, None, 300)
@@ -299,13 +271,8 @@ async fn monthly_budget_resets_with_the_month() {
 /// `GetBudgetUse`: what a sender has used of the caller's budgets, counted as the hold check
 /// counts it (a pending hold its amount, a capture what it captured, a void nothing), on both
 /// engines; another recipient sees only its own zero, the admin and bad input are refused.
-async fn budget_use_counts_like_the_check(postgres: bool) {
-    let Some(Parties {
-        h, token, mut c, ..
-    }) = parties(postgres).await
-    else {
-        return;
-    };
+async fn budget_use_counts_like_the_check(h: Harness) -> Harness {
+    let Parties { token, mut c, .. } = parties(&h).await;
     let used = |u: &pb::BudgetUse| (u.day_used_micros, u.month_used_micros);
     let ask = |who: &str| pb::GetBudgetUseRequest {
         sender_email: who.into(),
@@ -342,15 +309,7 @@ async fn budget_use_counts_like_the_check(postgres: bool) {
         c.get_budget_use(ask("not an email")).await,
         Code::InvalidArgument,
     );
-    h.finish().await;
+    h
 }
 
-#[tokio::test]
-async fn budget_use_sqlite() {
-    budget_use_counts_like_the_check(false).await;
-}
-
-#[tokio::test]
-async fn budget_use_postgres() {
-    budget_use_counts_like_the_check(true).await;
-}
+store_suite!(budget_lifecycle, budget_use_counts_like_the_check);

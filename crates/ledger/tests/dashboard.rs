@@ -1,7 +1,7 @@
 //! The dashboard over HTTP (issue 12), on SQLite and Postgres: sign-in and its refusals, the
 //! session cookie and the stored hash, CSRF and Origin checks, sign-out and expiry, who sees which
 //! rows, the alerts panel (issue 13) and live usage over server-sent events (across two ledger
-//! replicas on Postgres). The browser itself is driven in `dashboard_browser.rs`.
+//! replicas on Postgres), and the sign-in throttle. The browser itself is driven in `dashboard_browser.rs`.
 
 use std::time::{Duration, Instant};
 
@@ -9,7 +9,7 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 use syft_ledger::store::{sha256_hex, Backend};
 use syft_proto::ledger as pb;
-use syft_testkit::{alerts_on, Harness, LedgerServer, WebhookReceiver, ADMIN_KEY, USD};
+use syft_testkit::{alerts_on, req, Harness, LedgerServer, WebhookReceiver, ADMIN_KEY, USD};
 
 const OWNER: &str = "owner@router.example";
 const OWNER2: &str = "owner2@router.example";
@@ -26,6 +26,12 @@ struct Web {
 
 fn origin(base: &str) -> &str {
     base
+}
+
+/// A GET without a session cookie.
+async fn signed_out(base: &str, path: &str) -> reqwest::Response {
+    let url = format!("{base}{path}");
+    reqwest::Client::new().get(url).send().await.expect(path)
 }
 
 async fn login(base: &str, email: &str, secret: &str) -> reqwest::Response {
@@ -126,20 +132,14 @@ impl Web {
 }
 
 fn usage(request_id: &str, user: &str, app: &str) -> pb::RecordUsageRequest {
-    pb::RecordUsageRequest {
-        usage: Some(pb::Usage {
-            request_id: request_id.into(),
-            app_name: app.into(),
-            endpoint: "/chat".into(),
-            user_email: user.into(),
-            model: "m".into(),
-            prompt_tokens: 3,
-            completion_tokens: 4,
-            status: "success".into(),
-            latency_ms: 12,
-            ..Default::default()
-        }),
-    }
+    let usage = pb::Usage {
+        model: "m".into(),
+        prompt_tokens: 3,
+        completion_tokens: 4,
+        latency_ms: 12,
+        ..req::usage(request_id, app, user, "success")
+    };
+    pb::RecordUsageRequest { usage: Some(usage) }
 }
 
 /// Free usage rows of two owners and two users.
@@ -191,11 +191,7 @@ async fn sessions_and_permissions(h: &Harness) {
     let http = reqwest::Client::new();
 
     // The page: from the binary, locked down, no secret in it.
-    let page = http
-        .get(format!("{base}/dashboard"))
-        .send()
-        .await
-        .expect("page");
+    let page = signed_out(&base, "/dashboard").await;
     assert_eq!(page.status(), 200);
     let csp = page.headers()["content-security-policy"]
         .to_str()
@@ -204,11 +200,8 @@ async fn sessions_and_permissions(h: &Harness) {
     assert!(csp.contains("script-src 'self'"), "{csp}");
     let html = page.text().await.expect("html");
     assert!(html.contains("/dashboard/vendor/uPlot.min.js") && !html.contains(ADMIN_KEY));
-    let me: Value = http
-        .get(format!("{base}/dashboard/api/me"))
-        .send()
+    let me: Value = signed_out(&base, "/dashboard/api/me")
         .await
-        .expect("me")
         .json()
         .await
         .expect("json");
@@ -260,11 +253,7 @@ async fn sessions_and_permissions(h: &Harness) {
         let (status, body) = forged.get_status(path).await;
         assert_eq!(status, 401, "{path}: {body}");
     }
-    let anonymous = http
-        .get(format!("{base}/dashboard/api/usage"))
-        .send()
-        .await
-        .expect("usage");
+    let anonymous = signed_out(&base, "/dashboard/api/usage").await;
     assert_eq!(anonymous.status(), 401);
 
     // Who sees what: an owner its apps' rows, a user its own requests, the admin everything.
@@ -523,14 +512,52 @@ async fn live_usage(h: &Harness) {
     }
 }
 
+/// Wrong secrets are counted per account: past the limit, that account's sign-ins are refused
+/// with 429 and `Retry-After` even with the right secret; other accounts sign in; a success under
+/// the limit starts the count again.
+async fn sign_in_throttle(h: &Harness) {
+    const LIMIT: usize = 10;
+    let base = h.http_url();
+    let owner = h.account(OWNER, 0).await;
+    let owner2 = h.account(OWNER2, 0).await;
+    for (email, right) in [(OWNER, owner.as_str()), ("", ADMIN_KEY)] {
+        for i in 0..LIMIT {
+            let resp = login(&base, email, &format!("wrong-secret-{i}")).await;
+            assert_eq!(resp.status(), 401, "{email:?} try {i}");
+        }
+        let resp = login(&base, &email.to_uppercase(), right).await;
+        assert_eq!(resp.status(), 429, "{email:?}: locked, whatever the secret");
+        assert!(resp.headers().get("set-cookie").is_none());
+        let wait: u64 = resp.headers()["retry-after"]
+            .to_str()
+            .expect("ascii")
+            .parse()
+            .expect("seconds");
+        assert!((1..=900).contains(&wait), "{wait}");
+        let body: Value = resp.json().await.expect("json");
+        assert_eq!(body["code"], "RESOURCE_EXHAUSTED", "{body}");
+    }
+    // Another account is not locked; a success under the limit clears its count.
+    for _ in 0..2 {
+        for i in 0..LIMIT - 1 {
+            assert_eq!(
+                login(&base, OWNER2, &format!("typo-{i}")).await.status(),
+                401
+            );
+        }
+        Web::sign_in(&base, OWNER2, &owner2).await;
+    }
+}
+
 async fn suite(postgres: bool) {
-    for scenario in 0..3 {
+    for scenario in 0..4 {
         let Some(h) = Harness::with(postgres, alerts_on).await else {
             return;
         };
         match scenario {
             0 => sessions_and_permissions(&h).await,
             1 => alerts_panel(&h).await,
+            2 => sign_in_throttle(&h).await,
             _ => live_usage(&h).await,
         }
         h.finish().await;

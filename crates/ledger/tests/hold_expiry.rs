@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use syft_error::Reason;
-use syft_ledger::store::{AuthorizeInput, CaptureAmount, Resolution, ResolveInput, Store};
+use syft_ledger::store::{
+    AuthorizeInput, CaptureAmount, Resolution, ResolveInput, Store, TokenGrant,
+};
 use syft_testkit::{assert_consistent, Db, USD};
 
 async fn capture_after_expiry_is_refused(db: Db) {
@@ -22,10 +24,14 @@ async fn capture_after_expiry_is_refused(db: Db) {
         .deposit("alice@example.com", USD, "welcome")
         .await
         .expect("deposit");
-    let token = store
-        .issue_token(&alice, &owner, None, None, None)
-        .await
-        .expect("token");
+    let grant = TokenGrant {
+        sender: &alice,
+        recipient: &owner,
+        expires_at: None,
+        spend_limit: None,
+        limit_per_day: None,
+    };
+    let token = store.issue_token(&grant).await.expect("token");
     let hold = store
         .authorize(&AuthorizeInput {
             recipient_id: owner.id,

@@ -376,14 +376,7 @@ async fn capture_void_and_replay(postgres: bool) {
     assert_eq!(done.captured_micros, USD);
     // The answer stored with the capture is served back (idempotent replay); holds cannot be
     // extended on a hosted ledger.
-    let answer = p
-        .router()
-        .get_answer(pb::GetAnswerRequest {
-            transfer_id: t.id.clone(),
-        })
-        .await
-        .expect("stored answer")
-        .into_inner();
+    let answer = ok(p.router().get_answer(req::get_answer(&t.id)).await);
     assert_eq!(answer.body, b"answer to req-1");
     let extend = p
         .router()

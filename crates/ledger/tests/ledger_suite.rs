@@ -19,18 +19,13 @@ fn authorize(sender: &str, amount: i64, token: &str, key: &str) -> pb::Authorize
 
 fn usage(request_id: &str, status: &str) -> pb::Usage {
     pb::Usage {
-        request_id: request_id.into(),
-        app_name: "chat-app".into(),
-        endpoint: "/chat".into(),
-        user_email: ALICE.into(),
         model: "echo".into(),
         prompt_tokens: 10,
         completion_tokens: 5,
         total_tokens: 15,
-        status: status.into(),
         latency_ms: 12,
         upstream_latency_ms: 10,
-        ttft_ms: None,
+        ..req::usage(request_id, "chat-app", ALICE, status)
     }
 }
 
@@ -1181,24 +1176,19 @@ async fn idempotency_keys_are_per_sender(h: Harness) -> Harness {
     );
     // The same sender replays: its own transfer, never the other sender's, never a new hold.
     assert!(!a.existing && !b.existing);
-    let replay = ok(router.authorize(hold(ALICE, USD, "req-1")).await);
-    assert!(replay.existing);
-    assert_eq!(
-        pb::Transfer {
-            existing: false,
-            ..replay
-        },
-        a
-    );
-    let replay = ok(router.authorize(hold(BOB, USD, "req-1")).await);
-    assert!(replay.existing);
-    assert_eq!(
-        pb::Transfer {
-            existing: false,
-            ..replay
-        },
-        b
-    );
+    for first in [&a, &b] {
+        let replay = ok(router
+            .authorize(hold(&first.sender_email, USD, "req-1"))
+            .await);
+        assert!(replay.existing);
+        assert_eq!(
+            pb::Transfer {
+                existing: false,
+                ..replay
+            },
+            *first
+        );
+    }
     let changed = router
         .authorize(hold(ALICE, 2 * USD, "req-1"))
         .await

@@ -4,7 +4,7 @@
 
 use syft_proto::ledger as pb;
 use syft_testkit::req::capture_full;
-use syft_testkit::{code, ok, reason, store_suite, Harness, USD};
+use syft_testkit::{code, ok, reason, req, store_suite, usage_rows_seen_by, Harness, USD};
 use tonic::Code;
 
 const OWNER: &str = "owner@router.example";
@@ -164,17 +164,11 @@ async fn lost_hold_is_never_charged(h: Harness) -> Harness {
 }
 
 fn usage(request_id: &str, status: &str) -> pb::RecordUsageRequest {
-    pb::RecordUsageRequest {
-        usage: Some(pb::Usage {
-            request_id: request_id.into(),
-            app_name: "chat-app".into(),
-            endpoint: "/chat".into(),
-            user_email: ALICE.into(),
-            model: "echo".into(),
-            status: status.into(),
-            ..Default::default()
-        }),
-    }
+    let usage = pb::Usage {
+        model: "echo".into(),
+        ..req::usage(request_id, "chat-app", ALICE, status)
+    };
+    pb::RecordUsageRequest { usage: Some(usage) }
 }
 
 /// Rows without money: refusals each get a row, the answered request one row (a repeat returns
@@ -208,15 +202,7 @@ async fn usage_rows_refusals_and_bursts(h: Harness) -> Harness {
     for t in tasks {
         t.await.expect("task").expect("burst row");
     }
-    let rows = owner
-        .query_usage(pb::QueryUsageRequest {
-            page_size: 500,
-            ..Default::default()
-        })
-        .await
-        .expect("usage")
-        .into_inner()
-        .records;
+    let rows = usage_rows_seen_by(&mut owner).await;
     assert_eq!(rows.len(), 3 + 300);
     h
 }

@@ -4,25 +4,20 @@
 //! included) holds after every scenario.
 
 use syft_proto::ledger as pb;
-use syft_testkit::{code, store_suite, Harness};
+use syft_testkit::{code, req, store_suite, Harness};
 use tonic::Code;
 
 const OWNER: &str = "owner@router.example";
 
 fn usage(n: usize, status: &str) -> pb::Usage {
+    let user = format!("user{}@example.com", n % 3);
     pb::Usage {
-        request_id: format!("free-{n}"),
-        app_name: "free-app".into(),
-        endpoint: "/chat".into(),
-        user_email: format!("user{}@example.com", n % 3),
         model: "m".into(),
         prompt_tokens: 5,
         completion_tokens: n as i64,
-        total_tokens: 0,
-        status: status.into(),
         latency_ms: 2 + n as i64,
         upstream_latency_ms: 1,
-        ttft_ms: None,
+        ..req::usage(&format!("free-{n}"), "free-app", &user, status)
     }
 }
 

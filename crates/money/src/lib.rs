@@ -206,6 +206,9 @@ mod tests {
         assert_eq!(format_micros(1_500_000), "1.5");
         assert_eq!(format_micros(0), "0");
         assert_eq!(format_micros(-1), "-0.000001");
+        assert_eq!(format_micros(12_000_000), "12");
+        assert_eq!(format_micros(1), "0.000001");
+        assert_eq!(format_micros(-1_500_000), "-1.5");
     }
 
     #[test]
@@ -261,10 +264,6 @@ mod tests {
 
     #[test]
     fn plain_formats_round_trip() {
-        assert_eq!(format_micros(10_000), "0.01");
-        assert_eq!(format_micros(12_000_000), "12");
-        assert_eq!(format_micros(1), "0.000001");
-        assert_eq!(format_micros(-1_500_000), "-1.5");
         for m in [0, 1, 999_999, 1_000_001, 123_456_789] {
             assert_eq!(plain(&format_micros(m)).unwrap(), m);
         }

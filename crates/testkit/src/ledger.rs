@@ -249,15 +249,16 @@ impl Harness {
 
     /// Every usage row (first 500), as the admin reads them.
     pub async fn usage_rows(&self) -> Vec<pb::UsageRecord> {
-        self.admin()
-            .query_usage(pb::QueryUsageRequest {
-                page_size: 500,
-                ..Default::default()
-            })
-            .await
-            .expect("query usage")
-            .into_inner()
-            .records
+        usage_rows_seen_by(&mut self.admin()).await
+    }
+
+    /// Every transfer (first 500), as the admin reads them.
+    pub async fn transfers(&self) -> Vec<pb::Transfer> {
+        let all = pb::ListTransfersRequest {
+            page_size: 500,
+            ..Default::default()
+        };
+        crate::ok(self.admin().list_transfers(all).await).transfers
     }
 
     /// Verifies the ledger, stops the server and drops the database.
@@ -271,6 +272,15 @@ impl Harness {
             db.drop_postgres().await;
         }
     }
+}
+
+/// The first 500 usage rows `client`'s caller may see.
+pub async fn usage_rows_seen_by(client: &mut LedgerClient) -> Vec<pb::UsageRecord> {
+    let first = pb::QueryUsageRequest {
+        page_size: 500,
+        ..Default::default()
+    };
+    crate::ok(client.query_usage(first).await).records
 }
 
 /// Runs each listed `async fn(Harness) -> Harness` against SQLite and Postgres, ending each with

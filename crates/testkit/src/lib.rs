@@ -18,7 +18,7 @@ pub use db::Db;
 pub use ledger::backdate_transfers;
 pub use ledger::{
     account, alerts_on, create_account, deposit, issue_token, ledger_config, serve_ledger,
-    transfers_of, usage_of, Account, Harness, LedgerServer, ALERTS_KEY,
+    transfers_of, usage_of, usage_rows_seen_by, Account, Harness, LedgerServer, ALERTS_KEY,
 };
 pub use probe::{get_json, run_python, succeeded};
 pub use router::{
@@ -92,6 +92,28 @@ pub fn python_venv(repo: &std::path::Path) -> Option<std::path::PathBuf> {
             None
         }
     }
+}
+
+/// Runs `python script args...` on a blocking thread, so the test's servers keep answering it.
+pub async fn run_python<I>(
+    python: std::path::PathBuf,
+    script: std::path::PathBuf,
+    args: I,
+) -> std::process::Output
+where
+    I: IntoIterator + Send + 'static,
+    I::Item: AsRef<std::ffi::OsStr>,
+{
+    let run = move || {
+        std::process::Command::new(python)
+            .arg(script)
+            .args(args)
+            .output()
+    };
+    tokio::task::spawn_blocking(run)
+        .await
+        .expect("join")
+        .expect("run python")
 }
 
 /// An `http://` URL nothing listens on.

@@ -25,6 +25,13 @@ pub fn get_transfer(id: &str) -> pb::GetTransferRequest {
     }
 }
 
+/// Reads the answer stored with transfer `id`'s capture.
+pub fn get_answer(id: &str) -> pb::GetAnswerRequest {
+    pb::GetAnswerRequest {
+        transfer_id: id.into(),
+    }
+}
+
 /// How many rows the kit asks for at once: more than any test writes.
 const PAGE: u32 = 500;
 
@@ -42,6 +49,19 @@ pub fn usage_of(email: &str) -> pb::QueryUsageRequest {
     pb::QueryUsageRequest {
         user_email: email.into(),
         page_size: PAGE,
+        ..Default::default()
+    }
+}
+
+/// A usage row of `user`'s request `request_id` to `app`'s `/chat`, ending in `status`, with no
+/// model, counts or latencies (set them with `..req::usage(…)`).
+pub fn usage(request_id: &str, app: &str, user: &str, status: &str) -> pb::Usage {
+    pb::Usage {
+        request_id: request_id.into(),
+        app_name: app.into(),
+        endpoint: "/chat".into(),
+        user_email: user.into(),
+        status: status.into(),
         ..Default::default()
     }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::json;
 use syft_error::Reason;
 
-use super::payload::{body, event_id, Fired};
+use super::payload::Fired;
 use super::rules::{EventKind, Format, Rule, MAX_RULES};
 use super::seal::{generate_secret, SealKey};
 use super::store::{self as db, DeliveryRow, EndpointRecord};
@@ -197,18 +197,9 @@ impl Ledger {
             data: json!({"endpoint_id": endpoint.id, "message": "test event from syft-router"}),
             summary: format!("test event for endpoint {}", endpoint.id),
         };
-        let event = event_id();
-        let payload = body(Format::parse(&endpoint.format)?, &event, &fired, now);
+        let format = Format::parse(&endpoint.format)?;
         let mut tx = self.store().pool().begin().await?;
-        db::insert_event(
-            &mut tx,
-            &event,
-            &endpoint.id,
-            EventKind::Test,
-            &payload,
-            now,
-        )
-        .await?;
+        let event = db::insert_event(&mut tx, &endpoint.id, format, &fired, now).await?;
         tx.commit().await?;
         super::metrics::written(EventKind::Test, 1);
         Ok(event)

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use serde_json::json;
 
-use super::payload::{body, event_id, Fired};
+use super::payload::Fired;
 use super::rules::{EventKind, Format};
 use super::seal::{signature_header, SealKey};
 use super::store::{self as db, Attempt, ClaimedEvent, EndpointRecord, Outcome};
@@ -347,17 +347,8 @@ async fn disable(store: &Store, endpoint: &EndpointRecord, failing_since: i64) -
             continue;
         }
         told += 1;
-        let id = event_id();
-        let payload = body(Format::parse(&other.format)?, &id, &fired, now);
-        db::insert_event(
-            &mut tx,
-            &id,
-            &other.id,
-            EventKind::EndpointDisabled,
-            &payload,
-            now,
-        )
-        .await?;
+        let format = Format::parse(&other.format)?;
+        db::insert_event(&mut tx, &other.id, format, &fired, now).await?;
     }
     tx.commit().await?;
     super::metrics::disabled();

@@ -19,7 +19,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde_json::json;
 
-use super::payload::{amount, body, event_id, Fired};
+use super::payload::{amount, Fired};
 use super::rules::{EventKind, Format, Rule, SpendSide};
 use super::store::{self as db, EndpointRecord};
 use crate::error::Result;
@@ -154,9 +154,7 @@ async fn commit_step(
         return Ok(0);
     }
     for fired in &step.fired {
-        let id = event_id();
-        let payload = body(format, &id, fired, now);
-        db::insert_event(&mut tx, &id, &endpoint.id, fired.kind, &payload, now).await?;
+        db::insert_event(&mut tx, &endpoint.id, format, fired, now).await?;
     }
     tx.commit().await?;
     for fired in &step.fired {

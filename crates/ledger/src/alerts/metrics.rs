@@ -9,72 +9,27 @@ use prometheus::{Gauge, IntCounter, IntCounterVec, IntGauge};
 use super::rules::EventKind;
 use super::store::Outcome;
 use crate::error::Result;
-use crate::metrics::registered;
+use crate::metrics::metrics;
 use crate::store::{now_micros, Store};
 
-static EVENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    registered(
-        "syft_ledger_alert_events_total",
-        "Alert events committed to the outbox, by type",
-        |o| IntCounterVec::new(o, &["type"]),
-    )
-});
-
-static DELIVERIES: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    registered(
-        "syft_ledger_alert_deliveries_total",
-        "Webhook delivery attempts by outcome: delivered, retry (failed, retried later), gave_up",
-        |o| IntCounterVec::new(o, &["outcome"]),
-    )
-});
-
-static RETRIES: LazyLock<IntCounter> = LazyLock::new(|| {
-    registered(
-        "syft_ledger_alert_retries_total",
-        "Webhook delivery attempts that were retries (not an event's first attempt)",
-        IntCounter::with_opts,
-    )
-});
-
-static RATE_CAPPED: LazyLock<IntCounter> = LazyLock::new(|| {
-    registered(
-        "syft_ledger_alert_rate_capped_total",
-        "Sends put off by an endpoint's per-minute cap (no attempt spent)",
-        IntCounter::with_opts,
-    )
-});
-
-static DISABLED_TOTAL: LazyLock<IntCounter> = LazyLock::new(|| {
-    registered(
-        "syft_ledger_alert_endpoints_disabled_total",
-        "Endpoints this process disabled after persistent failure",
-        IntCounter::with_opts,
-    )
-});
-
-static DISABLED: LazyLock<IntGauge> = LazyLock::new(|| {
-    registered(
-        "syft_ledger_alert_endpoints_disabled",
-        "Endpoints disabled now (not removed): their events wait until they are replaced",
-        IntGauge::with_opts,
-    )
-});
-
-static QUEUE: LazyLock<IntGauge> = LazyLock::new(|| {
-    registered(
-        "syft_ledger_alert_queue_depth",
-        "Alert events of enabled endpoints not yet delivered nor given up",
-        IntGauge::with_opts,
-    )
-});
-
-static OLDEST: LazyLock<Gauge> = LazyLock::new(|| {
-    registered(
-        "syft_ledger_alert_oldest_pending_seconds",
-        "Age of the oldest alert event still waiting for delivery (0 when none)",
-        Gauge::with_opts,
-    )
-});
+metrics! {
+    /// Alert events committed to the outbox, by type
+    static EVENTS: IntCounterVec["type"] = "syft_ledger_alert_events_total";
+    /// Webhook delivery attempts by outcome: delivered, retry (failed, retried later), gave_up
+    static DELIVERIES: IntCounterVec["outcome"] = "syft_ledger_alert_deliveries_total";
+    /// Webhook delivery attempts that were retries (not an event's first attempt)
+    static RETRIES: IntCounter = "syft_ledger_alert_retries_total";
+    /// Sends put off by an endpoint's per-minute cap (no attempt spent)
+    static RATE_CAPPED: IntCounter = "syft_ledger_alert_rate_capped_total";
+    /// Endpoints this process disabled after persistent failure
+    static DISABLED_TOTAL: IntCounter = "syft_ledger_alert_endpoints_disabled_total";
+    /// Endpoints disabled now (not removed): their events wait until they are replaced
+    static DISABLED: IntGauge = "syft_ledger_alert_endpoints_disabled";
+    /// Alert events of enabled endpoints not yet delivered nor given up
+    static QUEUE: IntGauge = "syft_ledger_alert_queue_depth";
+    /// Age of the oldest alert event still waiting for delivery (0 when none)
+    static OLDEST: Gauge = "syft_ledger_alert_oldest_pending_seconds";
+}
 
 /// Events committed (call after the transaction that wrote them commits).
 pub(crate) fn written(kind: EventKind, n: usize) {

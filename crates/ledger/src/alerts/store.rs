@@ -4,7 +4,8 @@
 
 use sqlx::{Any, AnyPool, Transaction};
 
-use super::rules::EventKind;
+use super::payload::{body, event_id, Fired};
+use super::rules::Format;
 use crate::error::Result;
 use crate::store::{now_micros, Backend, Store};
 
@@ -162,29 +163,31 @@ pub(crate) async fn rotate_secret(
     Ok(())
 }
 
-/// Appends an event to the outbox inside the caller's transaction. `now` is the time the rule was
-/// evaluated as of (its payload's time); the event is due at once, by the wall clock.
+/// Appends an event for `fired` to the outbox inside the caller's transaction, in the endpoint's
+/// `format`; returns the event's id. `now` is the time the rule was evaluated as of (its payload's
+/// time); the event is due at once, by the wall clock.
 pub(crate) async fn insert_event(
     tx: &mut Transaction<'_, Any>,
-    id: &str,
     endpoint_id: &str,
-    kind: EventKind,
-    payload: &str,
+    format: Format,
+    fired: &Fired,
     now: i64,
-) -> Result<()> {
+) -> Result<String> {
+    let id = event_id();
+    let payload = body(format, &id, fired, now);
     sqlx::query(
         "INSERT INTO alert_events (id, endpoint_id, kind, payload, status, next_attempt_at, \
          created_at) VALUES ($1, $2, $3, $4, 'PENDING', $5, $6)",
     )
-    .bind(id)
+    .bind(&id)
     .bind(endpoint_id)
-    .bind(kind.as_str())
+    .bind(fired.kind.as_str())
     .bind(payload)
     .bind(now_micros().min(now))
     .bind(now)
     .execute(&mut **tx)
     .await?;
-    Ok(())
+    Ok(id)
 }
 
 /// The stored level of a rule's subject (None: never evaluated, i.e. armed).

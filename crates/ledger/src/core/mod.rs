@@ -8,13 +8,13 @@ use std::sync::Arc;
 use base64::Engine;
 
 use crate::auth::{authenticate, constant_time_eq, generate_secret, Caller};
-use crate::backend::TransferBackend;
+use crate::backend::{NewAccountRow, TransferBackend};
 use crate::domain::{Micros, TransferStatus};
 use crate::error::{LedgerError, Result};
 use crate::money::check_positive;
 use crate::store::{
-    now_micros, sha256_hex, AccountRow, IssuedToken, Store, UsageFilter, UsageInput, UsagePage,
-    UsageRow,
+    now_micros, sha256_hex, AccountRow, IssuedToken, Store, TokenGrant, UsageFilter, UsageInput,
+    UsagePage, UsageRow,
 };
 use crate::validate::{self, MAX_KEY, MAX_NAME, MAX_PATH};
 use crate::LedgerConfig;
@@ -123,6 +123,13 @@ pub struct Page<T> {
     pub next_page_token: String,
 }
 
+impl<T> Page<Vec<T>> {
+    /// The items converted one by one (into an adapter's shape) and the next page's token.
+    pub fn convert<P>(self, item: impl FnMut(&T) -> P) -> (Vec<P>, String) {
+        (self.items.iter().map(item).collect(), self.next_page_token)
+    }
+}
+
 /// How the party of a transaction resolves it (REST `confirm` / `cancel`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PartyAction {
@@ -208,10 +215,13 @@ impl Ledger {
             }
             None => generate_secret(),
         };
-        let account = self
-            .backend
-            .create_account(&email, organization, &currency, &sha256_hex(&secret))
-            .await?;
+        let new = NewAccountRow {
+            email: &email,
+            organization,
+            currency: &currency,
+            secret_hash: &sha256_hex(&secret),
+        };
+        let account = self.backend.create_account(&new).await?;
         tracing::info!(account = %account.email, "account created");
         Ok((account, secret))
     }
@@ -317,16 +327,14 @@ impl Ledger {
         }
         let recipient = self.backend.account(&recipient_email).await?;
         same_currency(sender, &recipient)?;
-        let issued = self
-            .backend
-            .issue_token(
-                sender,
-                &recipient,
-                req.expires_at,
-                req.spend_limit.map(Micros::new),
-                req.limit_per_day.map(Micros::new),
-            )
-            .await?;
+        let grant = TokenGrant {
+            sender,
+            recipient: &recipient,
+            expires_at: req.expires_at,
+            spend_limit: req.spend_limit.map(Micros::new),
+            limit_per_day: req.limit_per_day.map(Micros::new),
+        };
+        let issued = self.backend.issue_token(&grant).await?;
         Ok((issued, recipient_email))
     }
 
@@ -374,11 +382,7 @@ impl Ledger {
     pub async fn query_usage(&self, caller: &Caller, q: &UsageQuery) -> Result<Page<UsagePage>> {
         let limit = page_size(q.page_size)?;
         let account = usage_scope(caller);
-        let user_email = if q.user_email.is_empty() {
-            None
-        } else {
-            Some(validate::email("user_email", &q.user_email)?)
-        };
+        let user_email = validate::optional_email("user_email", &q.user_email)?;
         let filter = UsageFilter {
             account,
             since: q.since,

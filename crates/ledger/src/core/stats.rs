@@ -162,11 +162,7 @@ impl Ledger {
                 a.currency.clone(),
             ),
         };
-        let user_email = if q.user_email.is_empty() {
-            None
-        } else {
-            Some(validate::email("user_email", &q.user_email)?)
-        };
+        let user_email = validate::optional_email("user_email", &q.user_email)?;
         let filter = StatsFilter {
             scope,
             since,

@@ -8,8 +8,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::any::AnyRow;
-use sqlx::{FromRow, Row};
+use sqlx::any::{AnyArguments, AnyRow};
+use sqlx::query::Query;
+use sqlx::{Any, FromRow, Row};
 
 use crate::domain::{text_enum, Actor, Micros, TransferStatus};
 use crate::error::{is_unique_violation, LedgerError, Result};
@@ -217,6 +218,12 @@ impl Journal {
         self.store.pool()
     }
 
+    /// Runs one write whose row count no caller reads.
+    async fn run<'q>(&self, write: Query<'q, Any, AnyArguments<'q>>) -> Result<()> {
+        write.execute(self.pool()).await?;
+        Ok(())
+    }
+
     // ---------------------------------------------------------------- reads
 
     pub async fn entry(&self, id: &str) -> Result<Option<Entry>> {
@@ -304,25 +311,22 @@ impl Journal {
 
     /// The remote create succeeded: the entry now holds money there.
     pub async fn mark_held(&self, id: &str, remote_id: &str) -> Result<()> {
-        sqlx::query(
-            "UPDATE hosted_transfers SET step = 'held', remote_id = $2, updated_at = $3 \
+        self.run(
+            sqlx::query(
+                "UPDATE hosted_transfers SET step = 'held', remote_id = $2, updated_at = $3 \
              WHERE id = $1 AND step = 'creating'",
+            )
+            .bind(id)
+            .bind(remote_id)
+            .bind(now_micros()),
         )
-        .bind(id)
-        .bind(remote_id)
-        .bind(now_micros())
-        .execute(self.pool())
-        .await?;
-        Ok(())
+        .await
     }
 
     /// Forgets a create that certainly did not happen, so its key may be used again.
     pub async fn forget(&self, id: &str) -> Result<()> {
-        sqlx::query("DELETE FROM hosted_transfers WHERE id = $1 AND step = 'creating'")
-            .bind(id)
-            .execute(self.pool())
-            .await?;
-        Ok(())
+        let forget = "DELETE FROM hosted_transfers WHERE id = $1 AND step = 'creating'";
+        self.run(sqlx::query(forget).bind(id)).await
     }
 
     /// Closes a create that holds no money (`failed`, or `unknown` when the remote may have
@@ -335,20 +339,20 @@ impl Journal {
         err: &LedgerError,
     ) -> Result<()> {
         let now = now_micros();
-        sqlx::query(
-            "UPDATE hosted_transfers SET step = $2, status = 'CANCELLED', token = '', \
+        self.run(
+            sqlx::query(
+                "UPDATE hosted_transfers SET step = $2, status = 'CANCELLED', token = '', \
              cancel_reason = $3, error_kind = $4, error_message = $5, resolved_by = 'SYSTEM', \
              resolved_at = $6, updated_at = $6 WHERE id = $1 AND step = 'creating'",
+            )
+            .bind(id)
+            .bind(step)
+            .bind(reason)
+            .bind(err.kind())
+            .bind(err.to_string())
+            .bind(now),
         )
-        .bind(id)
-        .bind(step)
-        .bind(reason)
-        .bind(err.kind())
-        .bind(err.to_string())
-        .bind(now)
-        .execute(self.pool())
-        .await?;
-        Ok(())
+        .await
     }
 
     // ---------------------------------------------------------------- the lease
@@ -457,36 +461,29 @@ impl Journal {
 
     /// Records the charge transaction of a partial capture (only while `lease` is current).
     pub async fn set_charge(&self, lease: &Lease, remote_id: &str) -> Result<()> {
-        sqlx::query(
+        self.run(sqlx::query(
             "UPDATE hosted_transfers SET capture_remote_id = $2 WHERE id = $1 AND updated_at = $3",
         )
         .bind(&lease.id)
         .bind(remote_id)
-        .bind(lease.stamp)
-        .execute(self.pool())
-        .await?;
-        Ok(())
+        .bind(lease.stamp))
+        .await
     }
 
     /// Forgets a charge transaction someone cancelled, so a retry creates another.
     pub async fn clear_charge(&self, id: &str) -> Result<()> {
-        sqlx::query("UPDATE hosted_transfers SET capture_remote_id = NULL WHERE id = $1")
-            .bind(id)
-            .execute(self.pool())
-            .await?;
-        Ok(())
+        let clear = "UPDATE hosted_transfers SET capture_remote_id = NULL WHERE id = $1";
+        self.run(sqlx::query(clear).bind(id)).await
     }
 
     /// Records that the remote hold of a partial capture is cancelled.
     pub async fn mark_hold_released(&self, lease: &Lease) -> Result<()> {
-        sqlx::query(
+        self.run(sqlx::query(
             "UPDATE hosted_transfers SET hold_released = TRUE WHERE id = $1 AND updated_at = $2",
         )
         .bind(&lease.id)
-        .bind(lease.stamp)
-        .execute(self.pool())
-        .await?;
-        Ok(())
+        .bind(lease.stamp))
+        .await
     }
 
     /// Records the final state and the usage row in one local transaction.
@@ -570,17 +567,17 @@ impl Journal {
 
     /// Closes creates whose process died before the answer: a remote hold, if any, is an orphan.
     pub async fn close_interrupted_creates(&self, now: i64, created_before: i64) -> Result<()> {
-        sqlx::query(
-            "UPDATE hosted_transfers SET step = 'unknown', status = 'CANCELLED', token = '', \
+        self.run(
+            sqlx::query(
+                "UPDATE hosted_transfers SET step = 'unknown', status = 'CANCELLED', token = '', \
              cancel_reason = 'interrupted while creating', error_kind = 'UNAVAILABLE', \
              error_message = 'the authorization was interrupted; retry with a new request id', \
              resolved_by = 'SYSTEM', resolved_at = $1 WHERE step = 'creating' AND created_at < $2",
+            )
+            .bind(now)
+            .bind(created_before),
         )
-        .bind(now)
-        .bind(created_before)
-        .execute(self.pool())
-        .await?;
-        Ok(())
+        .await
     }
 
     /// How many entries created after `since` may have left an untracked remote hold: an unknown

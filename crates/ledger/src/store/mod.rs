@@ -46,6 +46,7 @@ pub use authorize::Placed;
 pub(crate) use rows::{
     TokenLimits, ACCOUNT_COLUMNS, TRANSFER_COLUMNS, TRANSFER_JOINS, USAGE_COLUMNS,
 };
+pub use token::TokenGrant;
 pub use transfer::{CaptureAmount, Resolution, ResolveInput, SweepReport};
 pub(crate) use usage::{insert_usage, UsageLink, UsageWrite};
 pub use verify::VerifyReport;

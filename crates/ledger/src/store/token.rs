@@ -9,15 +9,25 @@ use super::{
 };
 use crate::error::{LedgerError, Result};
 
+/// A token to issue (checked by the core): `recipient` may charge `sender` within the limits.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenGrant<'a> {
+    pub sender: &'a AccountRow,
+    pub recipient: &'a AccountRow,
+    pub expires_at: Option<i64>,
+    pub spend_limit: Option<Micros>,
+    pub limit_per_day: Option<Micros>,
+}
+
 impl Store {
-    pub async fn issue_token(
-        &self,
-        sender: &AccountRow,
-        recipient: &AccountRow,
-        expires_at: Option<i64>,
-        spend_limit: Option<Micros>,
-        limit_per_day: Option<Micros>,
-    ) -> Result<IssuedToken> {
+    pub async fn issue_token(&self, grant: &TokenGrant<'_>) -> Result<IssuedToken> {
+        let TokenGrant {
+            sender,
+            recipient,
+            expires_at,
+            spend_limit,
+            limit_per_day,
+        } = *grant;
         use base64::Engine;
         use rand::RngCore;
         let mut raw = [0u8; 32];

@@ -8,7 +8,7 @@ use syft_ledger::alerts::parse_schedule;
 use syft_ledger::client::{connect_alerts_lazy, AlertsClient};
 use syft_ledger::LedgerConfig;
 use syft_proto::ledger as pb;
-use syft_testkit::{ok, Harness, WebhookReceiver};
+use syft_testkit::{ok, Harness, WebhookReceiver, USD};
 
 pub const ALICE: &str = "alice@example.com";
 pub const BOB: &str = "bob@example.com";
@@ -96,6 +96,32 @@ pub async fn add(
     assert!(added.secret.starts_with("whsec_"));
     rx.set_secrets(&[&added.secret]);
     added.endpoint.expect("endpoint").id
+}
+
+/// Adds an endpoint at `url` watching the caller's balance (below 1 USD); returns its id and
+/// signing secret (no receiver is told it).
+pub async fn add_balance_low(h: &Harness, secret: &str, url: &str) -> (String, String) {
+    let new = pb::AddAlertEndpointRequest {
+        url: url.into(),
+        rules: vec![balance_low(USD)],
+        ..Default::default()
+    };
+    let added = ok(alerts(h, secret).add_alert_endpoint(new).await);
+    (added.endpoint.expect("endpoint").id, added.secret)
+}
+
+/// Rotates an endpoint's secret, the previous one signing for `overlap_seconds` more.
+pub async fn rotate(
+    h: &Harness,
+    secret: &str,
+    endpoint: &str,
+    overlap_seconds: u32,
+) -> pb::RotateAlertSecretResponse {
+    let rotate = pb::RotateAlertSecretRequest {
+        endpoint_id: endpoint.into(),
+        overlap_seconds,
+    };
+    ok(alerts(h, secret).rotate_alert_secret(rotate).await)
 }
 
 /// An endpoint of the caller's with one rule, JSON format; returns its id.

@@ -3,24 +3,20 @@
 //! (`alerts/api.rs`), so the rules are those of gRPC and the CLI, in the JSON shapes of the alerts
 //! REST API (`web/alerts.rs`).
 
-use std::collections::HashMap;
-
 use axum::body::Bytes;
-use axum::extract::{Query, State};
-use axum::http::HeaderMap;
+use axum::extract::State;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::api::by_id;
-use super::session::{session, session_for_change};
+use super::api::{by_id, Params};
+use super::session::{ForChange, Session};
 use super::{json, Dash, Reply};
 use crate::alerts::{Format, NewEndpoint};
 use crate::error::LedgerError;
 use crate::web::alerts::{delivery_json, endpoint_json, rules_from_json};
 
 /// `GET /dashboard/api/alerts`: the caller's endpoints (never their secrets).
-pub(super) async fn list(State(d): State<Dash>, headers: HeaderMap) -> Reply {
-    let s = session(&d, &headers).await?;
+pub(super) async fn list(State(d): State<Dash>, s: Session) -> Reply {
     let endpoints = d.ledger.list_alert_endpoints(&s.caller, "").await?;
     json(json!({ "endpoints": endpoints.iter().map(endpoint_json).collect::<Vec<_>>() }))
 }
@@ -35,8 +31,7 @@ struct Add {
 
 /// `POST /dashboard/api/alerts {"url", "format", "rules"}`: the new endpoint and its signing
 /// secret, shown this once (the page displays it until reload, as the CLI prints it once).
-pub(super) async fn add(State(d): State<Dash>, headers: HeaderMap, bytes: Bytes) -> Reply {
-    let s = session_for_change(&d, &headers).await?;
+pub(super) async fn add(State(d): State<Dash>, ForChange(s): ForChange, bytes: Bytes) -> Reply {
     let body: Add = serde_json::from_slice(&bytes)
         .map_err(|e| LedgerError::invalid(format!("invalid alert endpoint: {e}")))?;
     let req = NewEndpoint {
@@ -50,29 +45,22 @@ pub(super) async fn add(State(d): State<Dash>, headers: HeaderMap, bytes: Bytes)
 }
 
 /// `POST /dashboard/api/alerts/remove {"id"}`.
-pub(super) async fn remove(State(d): State<Dash>, headers: HeaderMap, bytes: Bytes) -> Reply {
-    let s = session_for_change(&d, &headers).await?;
+pub(super) async fn remove(State(d): State<Dash>, ForChange(s): ForChange, bytes: Bytes) -> Reply {
     let id = by_id(&bytes)?;
     d.ledger.remove_alert_endpoint(&s.caller, &id).await?;
     json(json!({ "removed": id }))
 }
 
 /// `POST /dashboard/api/alerts/test {"id"}`: queues a `test` event; returns its id.
-pub(super) async fn test(State(d): State<Dash>, headers: HeaderMap, bytes: Bytes) -> Reply {
-    let s = session_for_change(&d, &headers).await?;
+pub(super) async fn test(State(d): State<Dash>, ForChange(s): ForChange, bytes: Bytes) -> Reply {
     let id = by_id(&bytes)?;
     let event = d.ledger.send_test_alert(&s.caller, &id).await?;
     json(json!({ "event_id": event }))
 }
 
 /// `GET /dashboard/api/alerts/deliveries?id=`: the endpoint's last attempts, newest first.
-pub(super) async fn deliveries(
-    State(d): State<Dash>,
-    headers: HeaderMap,
-    Query(params): Query<HashMap<String, String>>,
-) -> Reply {
-    let s = session(&d, &headers).await?;
-    let id = params.get("id").map(String::as_str).unwrap_or_default();
+pub(super) async fn deliveries(State(d): State<Dash>, params: Params, s: Session) -> Reply {
+    let id = params.get("id");
     let rows = d.ledger.alert_deliveries(&s.caller, id, 50).await?;
     let rows: Vec<Value> = rows.iter().map(delivery_json).collect();
     json(json!({ "deliveries": rows }))

@@ -4,15 +4,17 @@
 use std::collections::HashMap;
 
 use axum::body::Bytes;
-use axum::extract::{Query, State};
+use axum::extract::{FromRequestParts, Query, State};
+use axum::http::request::Parts;
 use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::session::{has_cookie, session, session_for_change};
+use super::session::{has_cookie, session, ForChange, Session};
 use super::{json, Dash, Reply};
 use crate::auth::Caller;
-use crate::core::{Role, TokenQuery, TransferQuery};
+use crate::core::{Page, Role, TokenQuery, TransferQuery};
 use crate::domain::TransferStatus;
 use crate::error::{LedgerError, Result};
 use crate::store::{now_micros, TokenRow, TransferRow, UsageRow};
@@ -58,36 +60,47 @@ fn alerts_on(d: &Dash) -> bool {
 }
 
 /// `GET /dashboard/api/stats`: the analytics API (`GET /v1/usage/stats`, same parameters).
-pub(super) async fn stats(
-    State(d): State<Dash>,
-    headers: HeaderMap,
-    Query(params): Query<HashMap<String, String>>,
-) -> Reply {
-    let s = session(&d, &headers).await?;
-    let query = crate::web::stats_query(&params)?;
+pub(super) async fn stats(State(d): State<Dash>, params: Params, s: Session) -> Reply {
+    let query = crate::web::stats_query(&params.0)?;
     let stats = d.ledger.usage_stats(&s.caller, &query).await?;
     json(serde_json::to_value(stats).map_err(|e| LedgerError::Internal(e.to_string()))?)
 }
 
-fn param<'a>(params: &'a HashMap<String, String>, key: &str) -> &'a str {
-    params.get(key).map(String::as_str).unwrap_or_default()
-}
+/// A handler's query string (`?key=value&...`); a missing key reads as empty.
+pub(super) struct Params(pub HashMap<String, String>);
 
-fn page_size(params: &HashMap<String, String>) -> Result<u32> {
-    match param(params, "page_size") {
-        "" => Ok(0),
-        n => n
-            .parse()
-            .map_err(|_| LedgerError::invalid(format!("page_size must be a number, not {n:?}"))),
+impl FromRequestParts<Dash> for Params {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, d: &Dash) -> Result<Self, Response> {
+        let Query(map) = Query::from_request_parts(parts, d)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        Ok(Self(map))
     }
 }
 
-fn micros(params: &HashMap<String, String>, key: &str) -> Result<Option<i64>> {
-    match param(params, key) {
-        "" => Ok(None),
-        v => v.parse().map(Some).map_err(|_| {
-            LedgerError::invalid(format!("{key} must be unix microseconds, not {v:?}"))
-        }),
+impl Params {
+    pub(super) fn get(&self, key: &str) -> &str {
+        self.0.get(key).map(String::as_str).unwrap_or_default()
+    }
+
+    fn page_size(&self) -> Result<u32> {
+        match self.get("page_size") {
+            "" => Ok(0),
+            n => n.parse().map_err(|_| {
+                LedgerError::invalid(format!("page_size must be a number, not {n:?}"))
+            }),
+        }
+    }
+
+    fn micros(&self, key: &str) -> Result<Option<i64>> {
+        match self.get(key) {
+            "" => Ok(None),
+            v => v.parse().map(Some).map_err(|_| {
+                LedgerError::invalid(format!("{key} must be unix microseconds, not {v:?}"))
+            }),
+        }
     }
 }
 
@@ -140,13 +153,8 @@ fn token_json(t: &TokenRow) -> Value {
 }
 
 /// `GET /dashboard/api/transfers?status=&role=sender|recipient&page_token=`: newest first.
-pub(super) async fn transfers(
-    State(d): State<Dash>,
-    headers: HeaderMap,
-    Query(params): Query<HashMap<String, String>>,
-) -> Reply {
-    let s = session(&d, &headers).await?;
-    let status = match param(&params, "status") {
+pub(super) async fn transfers(State(d): State<Dash>, params: Params, s: Session) -> Reply {
+    let status = match params.get("status") {
         "" => None,
         text => Some(text.parse::<TransferStatus>().map_err(|_| {
             LedgerError::invalid(format!(
@@ -154,7 +162,7 @@ pub(super) async fn transfers(
             ))
         })?),
     };
-    let role = match param(&params, "role") {
+    let role = match params.get("role") {
         "" => Role::Any,
         "sender" => Role::Sender,
         "recipient" => Role::Recipient,
@@ -168,51 +176,43 @@ pub(super) async fn transfers(
     let q = TransferQuery {
         role,
         status,
-        page_token: param(&params, "page_token").to_string(),
-        page_size: page_size(&params)?,
+        page_token: params.get("page_token").to_string(),
+        page_size: params.page_size()?,
         ..Default::default()
     };
     let page = d.ledger.list_transfers(&s.caller, &q).await?;
-    json(json!({
-        "transfers": page.items.iter().map(transfer_json).collect::<Vec<_>>(),
-        "next_page_token": page.next_page_token,
-    }))
+    page_json("transfers", page, transfer_json)
 }
 
 /// `GET /dashboard/api/usage?since=&page_size=`: the newest usage rows the caller may see
 /// (default: of the last 24 hours), by the id range the live tail reads too.
-pub(super) async fn usage(
-    State(d): State<Dash>,
-    headers: HeaderMap,
-    Query(params): Query<HashMap<String, String>>,
-) -> Reply {
-    let s = session(&d, &headers).await?;
-    let since = micros(&params, "since")?.unwrap_or_else(|| now_micros() - 86_400_000_000);
+pub(super) async fn usage(State(d): State<Dash>, params: Params, s: Session) -> Reply {
+    let since = params
+        .micros("since")?
+        .unwrap_or_else(|| now_micros() - 86_400_000_000);
     let rows = d
         .ledger
-        .usage_since(&s.caller, since, page_size(&params)?)
+        .usage_since(&s.caller, since, params.page_size()?)
         .await?;
     json(json!({ "rows": rows.iter().map(usage_json).collect::<Vec<_>>() }))
 }
 
 /// `GET /dashboard/api/tokens`: tokens the caller issued or received, revoked and expired too.
-pub(super) async fn tokens(
-    State(d): State<Dash>,
-    headers: HeaderMap,
-    Query(params): Query<HashMap<String, String>>,
-) -> Reply {
-    let s = session(&d, &headers).await?;
+pub(super) async fn tokens(State(d): State<Dash>, params: Params, s: Session) -> Reply {
     let q = TokenQuery {
         include_inactive: true,
-        page_token: param(&params, "page_token").to_string(),
-        page_size: page_size(&params)?,
+        page_token: params.get("page_token").to_string(),
+        page_size: params.page_size()?,
         ..Default::default()
     };
     let page = d.ledger.list_tokens(&s.caller, &q).await?;
-    json(json!({
-        "tokens": page.items.iter().map(token_json).collect::<Vec<_>>(),
-        "next_page_token": page.next_page_token,
-    }))
+    page_json("tokens", page, token_json)
+}
+
+/// A page as the dashboard reads it: its items under `key`, and `next_page_token`.
+fn page_json<T>(key: &str, page: Page<Vec<T>>, item: impl FnMut(&T) -> Value) -> Reply {
+    let (items, next_page_token) = page.convert(item);
+    json(json!({ key: items, "next_page_token": next_page_token }))
 }
 
 #[derive(Deserialize)]
@@ -227,8 +227,11 @@ pub(super) fn by_id(bytes: &Bytes) -> Result<String> {
 }
 
 /// `POST /dashboard/api/tokens/revoke {"id"}`: only the token's sender may revoke it.
-pub(super) async fn revoke_token(State(d): State<Dash>, headers: HeaderMap, bytes: Bytes) -> Reply {
-    let s = session_for_change(&d, &headers).await?;
+pub(super) async fn revoke_token(
+    State(d): State<Dash>,
+    ForChange(s): ForChange,
+    bytes: Bytes,
+) -> Reply {
     let id = by_id(&bytes)?;
     let (revoked, _) = d.ledger.revoke_token(&s.caller, &id).await?;
     json(json!({ "revoked": revoked }))

@@ -4,12 +4,14 @@
 //! server-sent event stream of new usage rows (`live.rs`).
 //!
 //! - `session.rs`: sign-in, sessions (a table; only a hash of the token is kept), sign-out, CSRF.
+//! - `throttle.rs`: failed sign-ins per account, refused for a while past a limit.
 //! - `api.rs`: account, analytics, transfers, usage rows, tokens; `alerts.rs`: the alerts panel.
 
 mod alerts;
 mod api;
 mod live;
 mod session;
+mod throttle;
 
 use std::sync::Arc;
 
@@ -35,6 +37,8 @@ pub(crate) struct Dash {
     /// False while the ledger shuts down (or its database is away): live streams end, so a
     /// graceful shutdown does not wait out its grace period for open pages, which reconnect.
     pub ready: watch::Receiver<bool>,
+    /// Failed sign-ins per account (`throttle.rs`).
+    pub signins: Arc<throttle::SignInThrottle>,
 }
 
 pub fn router(ledger: Ledger, ready: watch::Receiver<bool>) -> Router {
@@ -42,6 +46,7 @@ pub fn router(ledger: Ledger, ready: watch::Receiver<bool>) -> Router {
         ready,
         secure: ledger.config().tls.is_some(),
         live: Arc::new(Hub::start(ledger.store().clone())),
+        signins: Arc::default(),
         ledger,
     };
     Router::new()

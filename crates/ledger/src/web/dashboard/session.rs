@@ -8,15 +8,18 @@
 //! CSRF token (derived from the session token, so it is never stored and differs per session).
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{json, Dash, Reply};
+use super::{json, Dash, DashError, Reply};
 use crate::auth::{constant_time_eq, generate_secret, Caller};
 use crate::error::{LedgerError, Result};
 use crate::store::{now_micros, sha256_hex};
@@ -121,6 +124,27 @@ pub(crate) async fn session_for_change(d: &Dash, headers: &HeaderMap) -> Result<
     Ok(session)
 }
 
+/// A session as a handler argument: the request is refused (401) before the handler runs when
+/// its cookie names no live session.
+impl FromRequestParts<Dash> for Session {
+    type Rejection = DashError;
+
+    async fn from_request_parts(parts: &mut Parts, d: &Dash) -> Result<Self, DashError> {
+        Ok(session(d, &parts.headers).await?)
+    }
+}
+
+/// The session of a state-changing request as a handler argument ([`session_for_change`]).
+pub(crate) struct ForChange(pub Session);
+
+impl FromRequestParts<Dash> for ForChange {
+    type Rejection = DashError;
+
+    async fn from_request_parts(parts: &mut Parts, d: &Dash) -> Result<Self, DashError> {
+        Ok(Self(session_for_change(d, &parts.headers).await?))
+    }
+}
+
 /// `Origin` must name the host the request was sent to: a page of another site cannot post here
 /// even if a browser sent the cookie along.
 pub(crate) fn check_origin(headers: &HeaderMap) -> Result<()> {
@@ -158,30 +182,58 @@ struct Login {
     secret: String,
 }
 
+/// The account of an email and secret (`None`: the admin, signed in with an empty email and the
+/// admin key). Wrong credentials are `Unauthenticated`, which the throttle counts.
+async fn check_credentials(d: &Dash, email: &str, secret: &str) -> Result<Option<i64>> {
+    if email.is_empty() {
+        let key = d.ledger.config().admin_key.expose();
+        if key.is_empty() || !constant_time_eq(secret.as_bytes(), key.as_bytes()) {
+            return Err(LedgerError::Unauthenticated("invalid credentials".into()));
+        }
+        return Ok(None);
+    }
+    // The API's own check of email and secret (Basic), so both accept the same credentials.
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{email}:{secret}"));
+    Ok(Some(
+        d.ledger
+            .authenticate(Some(&format!("Basic {basic}")))
+            .await?
+            .account()?
+            .id,
+    ))
+}
+
+/// 429 with `Retry-After`: too many wrong secrets for this account in the current window.
+fn locked_out(wait: Duration) -> Response {
+    let message = format!(
+        "too many failed sign-ins for this account; try again in {} s",
+        wait.as_secs().max(1)
+    );
+    let mut response = DashError(LedgerError::ResourceExhausted(message)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&wait.as_secs().max(1).to_string()) {
+        response.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    response
+}
+
 /// `POST /dashboard/login` `{"email", "secret"}`: a new session, its cookie and CSRF token.
 pub(super) async fn login(State(d): State<Dash>, headers: HeaderMap, bytes: Bytes) -> Reply {
     check_origin(&headers)?;
     let body: Login = serde_json::from_slice(&bytes)
         .map_err(|e| LedgerError::invalid(format!("invalid JSON body: {e}")))?;
     let email = body.email.trim();
-    let account_id = if email.is_empty() {
-        let key = d.ledger.config().admin_key.expose();
-        if key.is_empty() || !constant_time_eq(body.secret.as_bytes(), key.as_bytes()) {
-            return Err(LedgerError::Unauthenticated("invalid credentials".into()).into());
+    let started = Instant::now();
+    if let Err(wait) = d.signins.check(email, started) {
+        return Ok(locked_out(wait));
+    }
+    let account_id = match check_credentials(&d, email, &body.secret).await {
+        Err(e @ LedgerError::Unauthenticated(_)) => {
+            d.signins.failed(email, started);
+            return Err(e.into());
         }
-        None
-    } else {
-        // The API's own check of email and secret (Basic), so both accept the same credentials.
-        let basic =
-            base64::engine::general_purpose::STANDARD.encode(format!("{email}:{}", body.secret));
-        Some(
-            d.ledger
-                .authenticate(Some(&format!("Basic {basic}")))
-                .await?
-                .account()?
-                .id,
-        )
+        other => other?,
     };
+    d.signins.succeeded(email);
     let token = generate_secret();
     let now = now_micros();
     let pool = d.ledger.store().pool();
@@ -210,8 +262,7 @@ pub(super) async fn login(State(d): State<Dash>, headers: HeaderMap, bytes: Byte
 }
 
 /// `POST /dashboard/logout`: the session row goes, so the cookie is dead on every replica.
-pub(super) async fn logout(State(d): State<Dash>, headers: HeaderMap) -> Reply {
-    let session = session_for_change(&d, &headers).await?;
+pub(super) async fn logout(State(d): State<Dash>, ForChange(session): ForChange) -> Reply {
     sqlx::query("DELETE FROM dashboard_sessions WHERE token_hash = $1")
         .bind(&session.token_hash)
         .execute(d.ledger.store().pool())
