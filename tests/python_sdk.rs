@@ -22,7 +22,10 @@ async fn syft_accounting_sdk_works_unchanged() {
         let url = h.http_url();
         let what = format!("SDK compatibility script (postgres: {postgres})");
         let args = vec![url, ADMIN_KEY.to_string()];
-        let stdout = run_python(python.clone(), script.clone(), args, &what).await;
+        let stdout = succeeded(
+            &run_python(python.clone(), script.clone(), args).await,
+            &what,
+        );
         println!("{stdout}");
         assert!(stdout.contains("compatibility: ok"));
         h.finish().await;
@@ -125,7 +128,7 @@ async fn syft_llm_router_clients_work_against_chat_search_and_health() {
         bob_token,
         PRICE.to_string(),
     ];
-    let stdout = run_python(python, script, args, "router API script").await;
+    let stdout = succeeded(&run_python(python, script, args).await, "router API script");
     assert!(stdout.contains("router api: ok"), "{stdout}");
     // Two paid searches and two paid chats; the empty search and every refusal cost nothing.
     assert_eq!(

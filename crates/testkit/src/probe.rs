@@ -1,8 +1,7 @@
-//! Small probes the scenarios repeat: a JSON `GET`, a Python script's run, waiting for a hold.
+//! Small probes the scenarios repeat: a JSON `GET`, a process's success, waiting for a hold.
 //! One copy each, so a change of how we probe (a timeout, what a failure prints) is made once.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
 use syft_proto::ledger as lpb;
@@ -30,17 +29,6 @@ pub fn succeeded(output: &Output, what: &str) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     stdout
-}
-
-/// Runs `python script args…` off the async runtime (it blocks) and returns what it printed,
-/// asserting it exited 0 as [`succeeded`] does.
-pub async fn run_python(python: PathBuf, script: PathBuf, args: Vec<String>, what: &str) -> String {
-    let output =
-        tokio::task::spawn_blocking(move || Command::new(python).arg(script).args(args).output())
-            .await
-            .expect("join")
-            .expect("run python");
-    succeeded(&output, what)
 }
 
 impl Stack {
