@@ -14,8 +14,9 @@ use syft_error::Reason;
 use crate::domain::Micros;
 use crate::error::{LedgerError, Result};
 use crate::store::{
-    AccountRow, AuthorizeInput, CaptureAmount, DirectInput, IssuedToken, Placed, Resolution,
-    AnswerWrite, ResolveInput, Store, TokenFilter, TokenRow, TransferFilter, TransferRow, UsageInput,
+    AccountRow, AnswerWrite, AuthorizeInput, CaptureAmount, DirectInput, IssuedToken, Placed,
+    Resolution, ResolveInput, Store, TokenFilter, TokenRow, TransferFilter, TransferRow,
+    UsageInput,
 };
 
 /// Who resolves a transfer.

@@ -8,8 +8,8 @@ use super::Hosted;
 use crate::backend::{Party, TransferBackend};
 use crate::error::{LedgerError, Result};
 use crate::store::{
-    AccountRow, AnswerWrite, AuthorizeInput, CaptureAmount, Placed, Store, TransferFilter, TransferRow,
-    UsageInput,
+    AccountRow, AnswerWrite, AuthorizeInput, CaptureAmount, Placed, Store, TransferFilter,
+    TransferRow, UsageInput,
 };
 use syft_error::Reason;
 

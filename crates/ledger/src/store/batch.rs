@@ -22,8 +22,8 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 
 use super::rollup::{upsert_rollups, RollupInput};
 use super::{
-    Actor, AnswerWrite, BudgetRefusal, HoldBudgets, Micros, TransferRow, TransferStatus, UsageInput,
-    TRANSFER_COLUMNS,
+    Actor, AnswerWrite, BudgetRefusal, HoldBudgets, Micros, TransferRow, TransferStatus,
+    UsageInput, TRANSFER_COLUMNS,
 };
 use crate::error::is_retryable;
 use base64::engine::general_purpose::STANDARD as BASE64;

@@ -10,8 +10,8 @@
 //! single row lock; `roll_up` later folds those rows into `accounts.balance`.
 
 use super::batch::{ResolveJob, TimeGuard};
-use super::AnswerWrite;
 use super::usage::{insert_usage, UsageLink, UsageWrite};
+use super::AnswerWrite;
 use super::{
     new_id, now_micros, retry_transient, Actor, Micros, Store, TransferRow, TransferStatus,
     UsageInput, TRANSFER_COLUMNS, TRANSFER_JOINS,
