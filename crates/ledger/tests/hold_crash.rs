@@ -180,12 +180,8 @@ fn server_bindir() -> Option<PathBuf> {
             .flatten()
             .map(|e| e.path().join("bin")),
     );
-    for dir in candidates {
-        if has(&dir, "initdb") && has(&dir, "pg_ctl") {
-            return Some(dir);
-        }
-    }
-    None
+    let mut candidates = candidates;
+    candidates.find(|dir| has(dir, "initdb") && has(dir, "pg_ctl"))
 }
 
 fn has(dir: &Path, tool: &str) -> bool {
