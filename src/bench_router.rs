@@ -72,6 +72,12 @@ pub struct RouterBench {
     /// one with generous limits that never refuse (0: skip; `--mode limits` defaults to 3).
     #[arg(long, default_value_t = 0)]
     pub(crate) limits_rounds: usize,
+    /// Rounds of the one-client (c=1) paid and free runs, interleaved (the order flips every
+    /// round): the latency a paid request adds is reported per round and as the median of the
+    /// rounds' paired differences, which a loaded machine's drift between runs moves far less
+    /// than one pair of runs.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) latency_rounds: usize,
     /// Where the limited router counts: `memory`, or a Redis URL (`redis://127.0.0.1:6379`).
     #[arg(long, default_value = "memory")]
     pub(crate) limits_store: String,

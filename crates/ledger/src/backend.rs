@@ -13,9 +13,9 @@ use syft_error::Reason;
 
 use crate::error::{LedgerError, Result};
 use crate::store::{
-    AccountRow, AuthorizeInput, CaptureAmount, DirectInput, IssuedToken, Placed, Resolution,
-    ResolveInput, Store, TokenFilter, TokenGrant, TokenRow, TransferFilter, TransferRow,
-    UsageInput,
+    AccountRow, AnswerWrite, AuthorizeInput, CaptureAmount, DirectInput, IssuedToken, Placed,
+    Resolution, ResolveInput, Store, TokenFilter, TokenGrant, TokenRow, TransferFilter,
+    TransferRow, UsageInput,
 };
 
 /// Who resolves a transfer.
@@ -51,13 +51,15 @@ pub trait TransferBackend: Send + Sync + 'static {
     /// finds the one an earlier call with the same key placed.
     async fn authorize(&self, input: &AuthorizeInput<'_>) -> Result<Placed>;
 
-    /// Captures a pending hold of `recipient_id` (the caller has checked it may).
+    /// Captures a pending hold of `recipient_id` (the caller has checked it may), storing
+    /// `answer` for replay so that it exists once the capture has committed.
     async fn capture(
         &self,
         recipient_id: i64,
         transfer_id: &str,
         amount: CaptureAmount,
         usage: Option<&UsageInput>,
+        answer: Option<AnswerWrite>,
     ) -> Result<TransferRow>;
 
     async fn void(
@@ -179,16 +181,23 @@ impl TransferBackend for LocalBackend {
         self.store.authorize_keyed(input).await
     }
 
+    /// The answer is written in the capture's own transaction (`Store::resolve_answered`).
     async fn capture(
         &self,
         recipient_id: i64,
         transfer_id: &str,
         amount: CaptureAmount,
         usage: Option<&UsageInput>,
+        answer: Option<AnswerWrite>,
     ) -> Result<TransferRow> {
-        let capture = Resolution::Capture(amount);
-        self.resolve(recipient_id, transfer_id, capture, usage, false)
-            .await
+        let input = ResolveInput {
+            transfer_id,
+            recipient_id: Some(recipient_id),
+            resolution: Resolution::Capture(amount),
+            usage,
+            by_sender: false,
+        };
+        self.store.resolve_answered(&input, answer.as_ref()).await
     }
 
     async fn void(

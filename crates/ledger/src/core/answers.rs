@@ -3,15 +3,18 @@
 use crate::auth::Caller;
 use crate::domain::TransferStatus;
 use crate::error::{LedgerError, Result};
-use crate::store::{now_micros, AnswerRow};
+use crate::store::{now_micros, AnswerRow, AnswerWrite};
 use crate::validate::{self, MAX_KEY};
 
 use super::{AnswerInput, Ledger, MAX_ANSWER_BYTES, MAX_ANSWER_RETENTION_SECONDS};
 
 impl Ledger {
-    /// Checks an answer before anything is written: a capture with an unusable answer is refused
-    /// whole (nothing captured), so a router never pays out an answer it could not replay.
-    pub(super) fn check_answer(answer: &AnswerInput) -> Result<()> {
+    /// Checks an answer before anything is written and fixes its expiry: a capture with an
+    /// unusable answer is refused whole (nothing captured), so a router never pays out an answer
+    /// it could not replay. The backend stores it with the capture (the local one in the
+    /// capture's transaction); it becomes visible (through [`Ledger::answer`]) only once the
+    /// transfer is COMPLETED.
+    pub(super) fn answer_write(answer: AnswerInput) -> Result<AnswerWrite> {
         if answer.body.len() > MAX_ANSWER_BYTES {
             return Err(LedgerError::invalid(format!(
                 "answer of {} bytes is above the ledger's limit of {MAX_ANSWER_BYTES}",
@@ -24,23 +27,12 @@ impl Ledger {
                 answer.retention_seconds
             )));
         }
-        Ok(())
-    }
-
-    /// Writes the answer of the caller's transfer just before its capture. It becomes visible
-    /// (through [`Ledger::answer`]) only once the transfer is COMPLETED, so a capture that fails
-    /// after this write leaves a row that is never served and is purged at its expiry.
-    pub(super) async fn store_answer(
-        &self,
-        recipient_id: i64,
-        transfer_id: &str,
-        answer: &AnswerInput,
-    ) -> Result<()> {
         let expires_at =
             now_micros().saturating_add(answer.retention_seconds.saturating_mul(1_000_000));
-        self.store
-            .put_answer(transfer_id, recipient_id, &answer.body, expires_at)
-            .await
+        Ok(AnswerWrite {
+            body: answer.body,
+            expires_at,
+        })
     }
 
     /// The stored answer of a captured transfer of the caller (its recipient). NOT_FOUND when

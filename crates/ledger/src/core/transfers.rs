@@ -99,13 +99,10 @@ impl Ledger {
             )?),
         };
         let usage = usage.map(validate_usage).transpose()?;
-        if let Some(answer) = &answer {
-            Self::check_answer(answer)?;
-            self.store_answer(recipient.id, transfer_id, answer).await?;
-        }
+        let answer = answer.map(Self::answer_write).transpose()?;
         let transfer = self
             .backend
-            .capture(recipient.id, transfer_id, amount, usage.as_ref())
+            .capture(recipient.id, transfer_id, amount, usage.as_ref(), answer)
             .await?;
         metrics::resolved(&transfer, started);
         Ok(transfer)
@@ -292,6 +289,7 @@ impl Ledger {
                             transfer.recipient_id,
                             &transfer.id,
                             CaptureAmount::Full,
+                            None,
                             None,
                         )
                         .await?

@@ -8,8 +8,8 @@ use super::Hosted;
 use crate::backend::{Party, TransferBackend};
 use crate::error::{LedgerError, Result};
 use crate::store::{
-    AccountRow, AuthorizeInput, CaptureAmount, Placed, Store, TransferFilter, TransferRow,
-    UsageInput,
+    AccountRow, AnswerWrite, AuthorizeInput, CaptureAmount, Placed, Store, TransferFilter,
+    TransferRow, UsageInput,
 };
 use syft_error::Reason;
 
@@ -47,11 +47,19 @@ impl TransferBackend for HostedBackend {
 
     async fn capture(
         &self,
-        _recipient_id: i64,
+        recipient_id: i64,
         transfer_id: &str,
         amount: CaptureAmount,
         usage: Option<&UsageInput>,
+        answer: Option<AnswerWrite>,
     ) -> Result<TransferRow> {
+        // The money lives remotely, so the answer cannot share the capture's transaction: it is
+        // written (synchronously) first, and served only once the transfer is COMPLETED.
+        if let Some(a) = &answer {
+            self.store
+                .put_answer(transfer_id, recipient_id, &a.body, a.expires_at)
+                .await?;
+        }
         // Every transfer of a hosted ledger is its one owner's: no recipient to check.
         self.hosted.capture(transfer_id, amount, usage).await
     }

@@ -1,7 +1,10 @@
 //! Paid answers kept for idempotent replay (migration 0004). The body is opaque here: the router
-//! encodes what it sent. A row is written just before its capture and is served only while its
-//! transfer is COMPLETED (checked by the core), so an answer is replayable exactly when it was
-//! paid for; an answer whose capture failed is never served and is deleted at its expiry.
+//! encodes what it sent. With the local backend a row is written by its capture, in the capture's
+//! transaction (`batch.rs`, `transfer.rs`: no statement, round trip or commit of its own, issue
+//! 16); with hosted accounting it is written just before the remote capture ([`Store::put_answer`]).
+//! Either way it is served only while its transfer is COMPLETED (checked by the core), so an
+//! answer is replayable exactly when it was paid for; a row whose capture failed is never served
+//! and is deleted at its expiry.
 
 use super::{now_micros, retry_transient, Store};
 use crate::error::Result;
@@ -10,6 +13,13 @@ use crate::error::Result;
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct AnswerRow {
     pub transfer_id: String,
+    pub body: Vec<u8>,
+    pub expires_at: i64,
+}
+
+/// An answer to store with its capture: the body and when it may be deleted (unix micros).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnswerWrite {
     pub body: Vec<u8>,
     pub expires_at: i64,
 }

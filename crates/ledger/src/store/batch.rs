@@ -22,10 +22,12 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 
 use super::rollup::{upsert_rollups, RollupInput};
 use super::{
-    Actor, BudgetRefusal, HoldBudgets, Micros, TransferRow, TransferStatus, UsageInput,
-    TRANSFER_COLUMNS,
+    Actor, AnswerWrite, BudgetRefusal, HoldBudgets, Micros, TransferRow, TransferStatus,
+    UsageInput, TRANSFER_COLUMNS,
 };
 use crate::error::is_retryable;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
 
 const MAX_BATCH: usize = 256;
 
@@ -112,6 +114,8 @@ pub(crate) struct ResolveJob {
     pub guard: TimeGuard,
     pub usage_id: String,
     pub usage: Option<UsageInput>,
+    /// Captures only: the answer to store in the capture's transaction.
+    pub answer: Option<AnswerWrite>,
 }
 
 enum Job {
@@ -309,7 +313,10 @@ async fn resolve_batch(
         .enumerate()
         .map(|(n, j)| {
             let u = j.usage.as_ref().unwrap_or(&empty);
-            json!({"in_n": n, "in_id": j.transfer_id, "in_recipient": j.recipient_id, "in_status": j.status.as_str(),
+            // Bytes travel in the JSON parameter as base64 (`decode(…, 'base64')` in SQL).
+            let answer = j.answer.as_ref().map(|a| BASE64.encode(&a.body));
+            let answer_expires = j.answer.as_ref().map(|a| a.expires_at);
+            json!({"in_answer": answer, "in_answer_expires": answer_expires,"in_n": n, "in_id": j.transfer_id, "in_recipient": j.recipient_id, "in_status": j.status.as_str(),
                    "in_captured": j.captured, "in_resolved_by": j.resolved_by.as_str(), "in_reason": j.reason,
                    "in_now": j.now, "in_guard": j.guard as i32, "in_usage_id": j.usage_id,
                    "in_has_usage": j.usage.is_some(), "in_request_id": u.request_id, "in_app": u.app_name,
@@ -432,7 +439,8 @@ SELECT i.in_n, i.in_n IN (SELECT in_n FROM token_ok) AS token_ok,
 FROM input i";
 
 /// Captures and voids a batch. Sender and token updates are aggregated so several resolutions for
-/// one sender in a batch move the right totals. Data-modifying CTEs always run to completion, so the
+/// one sender in a batch move the right totals. A capture's answer (`in_answer`) is inserted by the
+/// same statement, so it commits exactly with its capture. Data-modifying CTEs always run to completion, so the
 /// final SELECT reads only what the caller needs. The `lock_*` steps take row locks in a global order
 /// (transfers, tokens, accounts; each by id) before anything is modified.
 static RESOLVE_BATCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
@@ -443,7 +451,8 @@ WITH input AS (
         in_status text, in_captured bigint, in_resolved_by text, in_reason text, in_now bigint,
         in_guard int, in_usage_id text, in_has_usage boolean, in_request_id text, in_app text,
         in_endpoint text, in_user text, in_model text, in_pt bigint, in_ct bigint, in_tt bigint,
-        in_ustatus text, in_lat bigint, in_ulat bigint, in_ttft bigint)
+        in_ustatus text, in_lat bigint, in_ulat bigint, in_ttft bigint, in_answer text,
+        in_answer_expires bigint)
 ), lock_transfers AS (
     SELECT id, sender_id, token_id FROM transfers
     WHERE id IN (SELECT in_id FROM input) AND status = 'PENDING' ORDER BY id FOR UPDATE
@@ -491,6 +500,12 @@ WITH input AS (
     FROM t WHERE in_has_usage
     ON CONFLICT (recipient_id, user_email, request_id) WHERE NOT refused DO NOTHING
     RETURNING id
+), a AS (
+    INSERT INTO answers (transfer_id, recipient_id, body, created_at, expires_at)
+    SELECT id, recipient_id, decode(in_answer, 'base64'), in_now, in_answer_expires
+    FROM t WHERE in_answer IS NOT NULL AND status = 'COMPLETED'
+    ON CONFLICT (transfer_id) DO NOTHING
+    RETURNING transfer_id
 )
 SELECT {TRANSFER_COLUMNS}, t.in_n, t.in_usage_id IN (SELECT id FROM u) AS usage_inserted
 FROM t JOIN accounts sa ON sa.id = t.sender_id JOIN accounts ra ON ra.id = t.recipient_id"

@@ -35,7 +35,7 @@ pub use crate::domain::{Actor, Micros, TransferStatus};
 pub use analytics::{
     Dimension, KeyValue, Measures, Percentiles, StatsFilter, StatsGroup, StatsScope,
 };
-pub use answer::AnswerRow;
+pub use answer::{AnswerRow, AnswerWrite};
 pub use authorize::{AuthorizeInput, DirectInput};
 pub(crate) use budget::{budget_use, windowed_use};
 pub use budget::{BudgetRefusal, BudgetUse, BudgetWindow, HoldBudgets, WindowUse};

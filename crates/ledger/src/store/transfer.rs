@@ -11,6 +11,7 @@
 
 use super::batch::{ResolveJob, TimeGuard};
 use super::usage::{insert_usage, UsageLink, UsageWrite};
+use super::AnswerWrite;
 use super::{
     new_id, now_micros, retry_transient, Actor, Micros, Store, TransferRow, TransferStatus,
     UsageInput, TRANSFER_COLUMNS, TRANSFER_JOINS,
@@ -75,9 +76,21 @@ impl Store {
     /// Captures or voids a pending transfer exactly once. Repeating the same resolution returns the
     /// resolved transfer unchanged; a conflicting one is `FAILED_PRECONDITION`.
     pub async fn resolve(&self, input: &ResolveInput<'_>) -> Result<TransferRow> {
+        self.resolve_answered(input, None).await
+    }
+
+    /// [`Store::resolve`], storing `answer` in the capture's own transaction when this call
+    /// captures (nothing is stored by a void, a refused capture, or a repeat of a capture that
+    /// already committed: that one stored its answer with it). One statement and one commit
+    /// fewer per paid request than writing the answer before the capture (issue 16).
+    pub async fn resolve_answered(
+        &self,
+        input: &ResolveInput<'_>,
+        answer: Option<&AnswerWrite>,
+    ) -> Result<TransferRow> {
         for _ in 0..3 {
             let now = now_micros();
-            if let Some(row) = retry_transient(|| self.try_resolve(input, now)).await? {
+            if let Some(row) = retry_transient(|| self.try_resolve(input, answer, now)).await? {
                 return Ok(row);
             }
             let current = self
@@ -150,6 +163,7 @@ impl Store {
     async fn try_resolve(
         &self,
         input: &ResolveInput<'_>,
+        answer: Option<&AnswerWrite>,
         now: i64,
     ) -> std::result::Result<Option<TransferRow>, sqlx::Error> {
         use TransferStatus::{Cancelled, Completed};
@@ -189,6 +203,7 @@ impl Store {
             guard,
             usage_id: new_id(),
             usage: input.usage.cloned(),
+            answer: answer.filter(|_| status == Completed).cloned(),
         };
         match &self.batcher {
             Some(batcher) => batcher.resolve(job).await,
@@ -273,6 +288,20 @@ impl Store {
                 now: job.now,
             };
             insert_usage(&mut tx, &write).await?;
+        }
+        if let Some(a) = &job.answer {
+            // The first answer written wins (see `Store::put_answer`).
+            sqlx::query(
+                "INSERT INTO answers (transfer_id, recipient_id, body, created_at, expires_at) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (transfer_id) DO NOTHING",
+            )
+            .bind(&job.transfer_id)
+            .bind(recipient_id)
+            .bind(a.body.clone())
+            .bind(job.now)
+            .bind(a.expires_at)
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         self.transfer_by_id(&job.transfer_id).await.map_err(to_sqlx)
