@@ -591,6 +591,27 @@ async fn verify_sees_a_broken_rollup(h: Harness) -> Harness {
             "UPDATE usage_rollups SET h_up_00 = h_up_00 - 1 WHERE grain = 2",
             "histograms that do not add up",
         ),
+        // The per-user rollups (hour and day) and the user-less rollups' active-user sketches.
+        (
+            "UPDATE usage_user_rollups SET successes = successes + 1 WHERE grain = 2",
+            "UPDATE usage_user_rollups SET successes = successes - 1 WHERE grain = 2",
+            "usage rollups differ from their usage rows",
+        ),
+        (
+            "UPDATE usage_user_rollups SET h_lat_00 = COALESCE(h_lat_00, 0) + 1 WHERE grain = 1",
+            "UPDATE usage_user_rollups SET h_lat_00 = h_lat_00 - 1 WHERE grain = 1",
+            "histograms that do not add up",
+        ),
+        (
+            "UPDATE usage_rollups SET u_005 = COALESCE(u_005, 0) + 1 WHERE grain = 0",
+            "UPDATE usage_rollups SET u_005 = NULLIF(u_005 - 1, 0) WHERE grain = 0",
+            "active-user sketches that differ",
+        ),
+        (
+            "DELETE FROM usage_user_rollups WHERE grain = 1",
+            "",
+            "usage rollups differ from their usage rows",
+        ),
         (
             "DELETE FROM usage_rollups WHERE grain = 0 AND status = 'success'",
             "",
@@ -609,7 +630,7 @@ async fn verify_sees_a_broken_rollup(h: Harness) -> Harness {
             h.assert_consistent().await;
         }
     }
-    // The deleted minute rollups come back from the rows.
+    // The deleted rollups come back from the rows.
     h.store.rebuild_rollups().await.expect("rebuild");
     h.assert_consistent().await;
     h
