@@ -48,9 +48,14 @@ pub struct AnalyticsBench {
     /// Timed runs of each query shape.
     #[arg(long, default_value_t = 30)]
     runs: usize,
-    /// Keep the database afterwards (its URL is printed) to rerun queries by hand.
+    /// Keep the database afterwards (its URL is printed) to rerun queries by hand or with
+    /// `--existing`.
     #[arg(long)]
     keep: bool,
+    /// Time the queries on a database an earlier run kept (`--keep`; same `--days` and
+    /// `--users`) instead of loading a new one; no verify (the loading run verified it).
+    #[arg(long)]
+    existing: Option<String>,
 }
 
 /// The issue's target for any dashboard query over 30 days.
@@ -78,26 +83,41 @@ pub async fn run(b: &AnalyticsBench) -> anyhow::Result<()> {
         b.rows > 0 && b.days > 0 && b.users > 0 && b.apps > 0 && b.owners > 0,
         "rows, days, users, apps and owners must be positive"
     );
-    let db = crate::bench::fresh_db(&b.database_url).await?;
-    let store = Store::connect(&db.url, 4).await?;
-    let mut owners = Vec::new();
-    for i in 0..b.owners {
-        let a = store
-            .create_account(&format!("owner{i}@bench.example"), "bench", "USD", "-")
-            .await?;
-        owners.push(a.id);
-    }
-    let now = syft_ledger::store::now_micros();
-    let since = (now.div_euclid(DAY) - b.days) * DAY;
+    let db = match &b.existing {
+        Some(_) => None,
+        None => Some(crate::bench::fresh_db(&b.database_url).await?),
+    };
+    let url = match (&db, &b.existing) {
+        (Some(db), _) => db.url.clone(),
+        (None, Some(url)) => url.clone(),
+        (None, None) => anyhow::bail!("no database"),
+    };
+    let store = Store::connect(&url, 4).await?;
+    let (owners, since) = match &b.existing {
+        Some(_) => existing(&store).await?,
+        None => (fresh(&store, b).await?, {
+            let now = syft_ledger::store::now_micros();
+            (now.div_euclid(DAY) - b.days) * DAY
+        }),
+    };
     let until = since + b.days * DAY;
-    let t0 = Instant::now();
-    load(&store, b, &owners, since).await?;
-    let load_s = t0.elapsed().as_secs_f64();
-    sqlx::query("ANALYZE usage_records, usage_rollups, usage_user_rollups")
-        .execute(store.pool())
-        .await?;
+    if db.is_some() {
+        let t0 = Instant::now();
+        load(&store, b, &owners, since).await?;
+        let load_s = t0.elapsed().as_secs_f64();
+        sqlx::query("ANALYZE usage_records, usage_rollups, usage_user_rollups")
+            .execute(store.pool())
+            .await?;
+        println!(
+            "analytics bench: {} rows over {} days loaded in {load_s:.0} s ({:.0} rows/s, \
+             set-based)",
+            b.rows,
+            b.days,
+            b.rows as f64 / load_s,
+        );
+    }
     let mut sizes = Vec::new();
-    for table in ["usage_rollups", "usage_user_rollups"] {
+    for table in ["usage_records", "usage_rollups", "usage_user_rollups"] {
         let (n, size): (i64, String) = sqlx::query_as(&format!(
             "SELECT COUNT(*), pg_size_pretty(pg_total_relation_size('{table}')) FROM {table}"
         ))
@@ -105,14 +125,7 @@ pub async fn run(b: &AnalyticsBench) -> anyhow::Result<()> {
         .await?;
         sizes.push(format!("{table}: {n} rows ({size})"));
     }
-    println!(
-        "analytics bench: {} rows over {} days loaded in {load_s:.0} s ({:.0} rows/s, set-based); \
-         {}",
-        b.rows,
-        b.days,
-        b.rows as f64 / load_s,
-        sizes.join(", ")
-    );
+    println!("  {}", sizes.join(", "));
     let mut worst = 0f64;
     for shape in shapes(b, since, until, owners[0]) {
         let mut h = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
@@ -142,6 +155,7 @@ pub async fn run(b: &AnalyticsBench) -> anyhow::Result<()> {
         }
     );
     store.close().await;
+    let Some(db) = db else { return Ok(()) };
     let t = Instant::now();
     let report = verify_ledger(&db.url).await?;
     println!(
@@ -155,6 +169,30 @@ pub async fn run(b: &AnalyticsBench) -> anyhow::Result<()> {
         db.drop_db().await;
     }
     Ok(())
+}
+
+/// A fresh database's owner accounts.
+async fn fresh(store: &Store, b: &AnalyticsBench) -> anyhow::Result<Vec<i64>> {
+    let mut owners = Vec::new();
+    for i in 0..b.owners {
+        let a = store
+            .create_account(&format!("owner{i}@bench.example"), "bench", "USD", "-")
+            .await?;
+        owners.push(a.id);
+    }
+    Ok(owners)
+}
+
+/// A kept database's owner accounts and the start of its first day.
+async fn existing(store: &Store) -> anyhow::Result<(Vec<i64>, i64)> {
+    let owners: Vec<i64> = sqlx::query_scalar("SELECT id FROM accounts ORDER BY id")
+        .fetch_all(store.pool())
+        .await?;
+    let first: i64 = sqlx::query_scalar("SELECT MIN(created_at) FROM usage_records")
+        .fetch_one(store.pool())
+        .await?;
+    anyhow::ensure!(!owners.is_empty(), "no accounts in the kept database");
+    Ok((owners, first.div_euclid(DAY) * DAY))
 }
 
 /// Loads the rows and their rollups a day at a time, each day in one transaction.

@@ -9,7 +9,7 @@
 use sqlx::Row;
 
 use super::hll::{estimate, register_columns, REGISTERS};
-use super::query::Where;
+use super::query::{Bind, Where};
 use super::rollup::{bucket_value, hist_columns, Grain, Sums, HIST_BUCKETS, SUM_COLUMNS};
 use super::{Backend, Store};
 use crate::error::Result;
@@ -266,6 +266,28 @@ pub(super) fn scope_and_filters(w: &mut Where, f: &StatsFilter, t: &str) {
     }
 }
 
+/// `[a, b)` of rollups of grain `g` (`r.bucket_start`), or of usage rows (`u.created_at`) without a
+/// grain, as bound parameters: the statement's text then depends on the query's shape only, so it
+/// is prepared once per connection and planned once (a plan over ~330 aggregates costs more than
+/// reading a few thousand rollup rows).
+pub(super) fn range_clause(w: &mut Where, g: Option<Grain>, a: i64, b: i64) -> String {
+    let mut bind = |v: i64| {
+        let p = w.next();
+        w.binds.push(Bind::Int(v));
+        p
+    };
+    match g {
+        Some(g) => {
+            let (pg, pa, pb) = (bind(g as i64), bind(a), bind(b));
+            format!("(r.grain = {pg} AND r.bucket_start >= {pa} AND r.bucket_start < {pb})")
+        }
+        None => {
+            let (pa, pb) = (bind(a), bind(b));
+            format!("(u.created_at >= {pa} AND u.created_at < {pb})")
+        }
+    }
+}
+
 /// A group's key from the `k0`, `k1` columns of a row.
 pub(super) fn key_of(row: &sqlx::any::AnyRow, f: &StatsFilter) -> Result<Vec<KeyValue>> {
     let mut key = Vec::with_capacity(f.group_by.len());
@@ -303,12 +325,7 @@ impl Store {
         let mut w = Where::default();
         let ranges: Vec<String> = segments(f.since, f.until, max_grain)
             .into_iter()
-            .map(|(g, a, b)| {
-                format!(
-                    "(r.grain = {} AND r.bucket_start >= {a} AND r.bucket_start < {b})",
-                    g as i16
-                )
-            })
+            .map(|(g, a, b)| range_clause(&mut w, Some(g), a, b))
             .collect();
         if ranges.is_empty() {
             return Ok(Vec::new());
@@ -375,15 +392,23 @@ impl Store {
         Ok(out)
     }
 
-    /// Runs an analytics query. On Postgres without JIT: compiling a few hundred aggregate
-    /// expressions costs more than the query itself (the rollups keep ~330 columns).
+    /// Runs an analytics query, prepared (its text depends on the query's shape, not its range).
+    /// On Postgres without JIT (compiling a few hundred aggregate expressions costs more than the
+    /// query) and with the generic plan (planning them costs more than reading a few thousand
+    /// rollup rows; the ranges and filters are all index conditions, so the plan does not depend
+    /// on their values).
     pub(super) async fn fetch_stats(&self, w: &Where, sql: &str) -> Result<Vec<sqlx::any::AnyRow>> {
-        let query = w.bind_query(sqlx::query(sql).persistent(false));
+        let query = w.bind_query(sqlx::query(sql));
         if self.backend() != Backend::Postgres {
             return Ok(query.fetch_all(self.pool()).await?);
         }
         let mut tx = self.pool().begin().await?;
-        sqlx::query("SET LOCAL jit = off").execute(&mut *tx).await?;
+        sqlx::query(
+            "SELECT set_config('jit', 'off', true), \
+             set_config('plan_cache_mode', 'force_generic_plan', true)",
+        )
+        .execute(&mut *tx)
+        .await?;
         let rows = query.fetch_all(&mut *tx).await?;
         tx.commit().await?;
         Ok(rows)

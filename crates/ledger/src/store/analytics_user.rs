@@ -14,8 +14,8 @@ use sqlx::Row;
 use syft_error::UsageStatus;
 
 use super::analytics::{
-    key_of, measures, read_hist, scope_and_filters, segments, Dimension, KeyValue, StatsFilter,
-    StatsGroup,
+    key_of, measures, range_clause, read_hist, scope_and_filters, segments, Dimension, KeyValue,
+    StatsFilter, StatsGroup,
 };
 use super::query::Where;
 use super::rollup::{bucket_bounds, hist_columns, Grain, Sums, HIST_BUCKETS, USER_SUM_COLUMNS};
@@ -66,10 +66,7 @@ impl Store {
                 if g == Grain::Minute {
                     raw.push((a, b));
                 } else {
-                    ranges.push(format!(
-                        "(r.grain = {} AND r.bucket_start >= {a} AND r.bucket_start < {b})",
-                        g as i16
-                    ));
+                    ranges.push((g, a, b));
                 }
             }
             if !ranges.is_empty() {
@@ -96,10 +93,14 @@ impl Store {
     async fn user_rollup_groups(
         &self,
         f: &StatsFilter,
-        ranges: &[String],
+        ranges: &[(Grain, i64, i64)],
         groups: &mut Groups,
     ) -> Result<()> {
         let mut w = Where::default();
+        let ranges: Vec<String> = ranges
+            .iter()
+            .map(|&(g, a, b)| range_clause(&mut w, Some(g), a, b))
+            .collect();
         w.clauses.push(format!("({})", ranges.join(" OR ")));
         scope_and_filters(&mut w, f, "r");
         let keys: Vec<String> = f
@@ -153,7 +154,7 @@ impl Store {
         let mut w = Where::default();
         let times: Vec<String> = ranges
             .iter()
-            .map(|(a, b)| format!("(u.created_at >= {a} AND u.created_at < {b})"))
+            .map(|&(a, b)| range_clause(&mut w, None, a, b))
             .collect();
         w.clauses.push(format!("({})", times.join(" OR ")));
         scope_and_filters(&mut w, f, "u");
