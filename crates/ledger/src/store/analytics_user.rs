@@ -126,7 +126,7 @@ impl Store {
             w.sql(),
             group.join(", ")
         );
-        for row in self.fetch_stats(&w, &sql).await? {
+        for row in self.fetch_stats(&w, &sql, true).await? {
             let mut s = Sums::new(false);
             for c in USER_SUM_COLUMNS {
                 *s.sum_mut(c) = row.try_get(c)?;
@@ -210,7 +210,7 @@ impl Store {
             group.join(", ")
         );
         let bucket = |v: i64| (v.max(0) as usize).min(HIST_BUCKETS - 1);
-        for row in self.fetch_stats(&w, &sql).await? {
+        for row in self.fetch_stats(&w, &sql, false).await? {
             let mut s = Sums::new(false);
             for c in USER_SUM_COLUMNS {
                 *s.sum_mut(c) = row.try_get(c)?;
