@@ -109,7 +109,10 @@ pub async fn serve_service(
     let result = drain::run_with_grace(&service, servers, stop.stopped(), grace).await;
     // Free rows still spooled: give the shipper a moment, so a router taken out of service
     // leaves nothing behind in the usual case (what is left ships at the next start).
-    if !service.drain_usage_spool(SPOOL_DRAIN_LIMIT).await {
+    if !service
+        .drain_usage_spool(grace.min(SPOOL_DRAIN_LIMIT))
+        .await
+    {
         tracing::warn!(
             "usage spool not empty at shutdown; the next router started on its directory ships it"
         );
@@ -117,5 +120,6 @@ pub async fn serve_service(
     result
 }
 
-/// Longest wait at shutdown for the usage spool to ship its rows.
+/// Longest wait at shutdown for the usage spool to ship its rows (and never longer than the
+/// shutdown grace).
 const SPOOL_DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);

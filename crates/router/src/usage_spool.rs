@@ -28,7 +28,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use prost::Message;
@@ -71,7 +71,8 @@ struct Inner {
     writer: Mutex<Writer>,
     /// Where the shipper has acknowledged up to: (segment, byte offset).
     shipped: Mutex<(u64, u64)>,
-    wake: Notify,
+    /// Wakes the shipper after an append (shared with it, outside `Inner`).
+    wake: Arc<Notify>,
 }
 
 struct Writer {
@@ -142,6 +143,7 @@ impl UsageSpool {
             tracing::info!(dir = %dir.display(), segments = existing.len(),
                 "usage spool: shipping rows left by an earlier process");
         }
+        let wake = Arc::new(Notify::new());
         let spool = UsageSpool {
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
@@ -154,10 +156,15 @@ impl UsageSpool {
                     broken: false,
                 }),
                 shipped: Mutex::new((first, 0)),
-                wake: Notify::new(),
+                wake: wake.clone(),
             }),
         };
-        tokio::spawn(ship_forever(spool.clone(), calls, first));
+        tokio::spawn(ship_forever(
+            Arc::downgrade(&spool.inner),
+            wake,
+            calls,
+            first,
+        ));
         Ok(spool)
     }
 
@@ -199,7 +206,7 @@ impl UsageSpool {
 
     /// Whether every row appended so far (and left by earlier processes) is acknowledged.
     pub(crate) fn drained(&self) -> bool {
-        let end = self.written();
+        let end = written(&self.inner);
         self.inner.shipped.lock().is_ok_and(|s| *s >= end)
     }
 
@@ -215,14 +222,6 @@ impl UsageSpool {
         true
     }
 
-    /// The writer's position: (segment, bytes of whole records).
-    fn written(&self) -> (u64, u64) {
-        match self.inner.writer.lock() {
-            Ok(w) => (w.seg, w.len),
-            // A poisoned writer appends nothing more; what it wrote is on disk.
-            Err(p) => (p.get_ref().seg, p.get_ref().len),
-        }
-    }
 }
 
 fn create_segment(dir: &Path, seg: u64) -> Result<File, RouterError> {
@@ -287,15 +286,19 @@ fn read_rows(path: &Path, from: u64, limit: Option<u64>, max: usize) -> std::io:
     Ok(out)
 }
 
-/// The shipper: forever, ships the oldest unacknowledged rows, then deletes finished segments.
-async fn ship_forever(spool: UsageSpool, calls: Calls, first: u64) {
-    let inner = &spool.inner;
+/// The shipper: ships the oldest unacknowledged rows, then deletes finished segments, until the
+/// spool is dropped. It holds the spool only between its waits, so dropping the router (in-process)
+/// closes the directory's lock at once; what is left ships at the next start.
+async fn ship_forever(spool: Weak<Inner>, wake: Arc<Notify>, calls: Calls, first: u64) {
     let (mut seg, mut off) = (first, 0u64);
     let mut backoff = Duration::from_millis(50);
     loop {
-        let (wseg, wlen) = spool.written();
+        let Some(inner) = spool.upgrade() else { return };
+        let dir = inner.dir.clone();
+        let (wseg, wlen) = written(&inner);
+        drop(inner);
         let limit = (seg == wseg).then_some(wlen);
-        let path = segment_path(&inner.dir, seg);
+        let path = segment_path(&dir, seg);
         let read = {
             let path = path.clone();
             tokio::task::spawn_blocking(move || read_rows(&path, off, limit, MAX_SHIP)).await
@@ -332,23 +335,25 @@ async fn ship_forever(spool: UsageSpool, calls: Calls, first: u64) {
                 }
                 seg += 1;
                 off = 0;
-                set_shipped(inner, seg, off);
+                set_shipped(&spool, seg, off);
                 continue;
             }
-            // Caught up: wait for the next append (the timeout is a safety net only).
-            let _ = tokio::time::timeout(Duration::from_secs(1), inner.wake.notified()).await;
-            if spool.written() == (wseg, wlen) {
-                continue;
+            // Caught up: wait for the next append (the timeout is a safety net, and lets the
+            // shipper notice a dropped spool).
+            if tokio::time::timeout(Duration::from_secs(1), wake.notified())
+                .await
+                .is_ok()
+            {
+                // Let more rows gather, for a larger batch.
+                tokio::time::sleep(LINGER).await;
             }
-            // Let more rows gather, for a larger batch.
-            tokio::time::sleep(LINGER).await;
             continue;
         }
         let n = read.rows.len();
         match ship(&calls, read.rows).await {
             Ok(()) => {
                 off = read.end;
-                set_shipped(inner, seg, off);
+                set_shipped(&spool, seg, off);
                 backoff = Duration::from_millis(50);
                 tracing::trace!(rows = n, seg, off, "usage spool: shipped");
                 if n < MAX_SHIP && seg == wseg {
@@ -365,9 +370,20 @@ async fn ship_forever(spool: UsageSpool, calls: Calls, first: u64) {
     }
 }
 
-fn set_shipped(inner: &Inner, seg: u64, off: u64) {
-    if let Ok(mut s) = inner.shipped.lock() {
-        *s = (seg, off);
+fn set_shipped(spool: &Weak<Inner>, seg: u64, off: u64) {
+    if let Some(inner) = spool.upgrade() {
+        if let Ok(mut s) = inner.shipped.lock() {
+            *s = (seg, off);
+        }
+    }
+}
+
+/// The writer's position: (segment, bytes of whole records).
+fn written(inner: &Inner) -> (u64, u64) {
+    match inner.writer.lock() {
+        Ok(w) => (w.seg, w.len),
+        // A poisoned writer appends nothing more; what it wrote is on disk.
+        Err(p) => (p.get_ref().seg, p.get_ref().len),
     }
 }
 
