@@ -54,9 +54,14 @@ const LINGER: Duration = Duration::from_millis(20);
 /// Longest wait between two attempts to ship while the ledger refuses or is unreachable.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// Largest record accepted when reading back (a `Usage` is a few hundred bytes); a larger length
-/// means a torn or foreign file.
-const MAX_RECORD: u32 = 1 << 20;
+/// Largest record (a `Usage` is a few hundred bytes): a larger row is sent the waiting way, and a
+/// larger length read back means a torn or foreign file. Below [`MAX_READ`], so one read always
+/// holds at least one whole record.
+const MAX_RECORD: u32 = 256 * 1024;
+
+/// Most bytes read back at once (a thousand rows are ~200 KB); a record cut by this bound is read
+/// whole by the next read, from its start.
+const MAX_READ: u64 = 512 * 1024;
 
 /// The spool of one router; cheap to clone.
 #[derive(Clone)]
@@ -221,7 +226,6 @@ impl UsageSpool {
         }
         true
     }
-
 }
 
 fn create_segment(dir: &Path, seg: u64) -> Result<File, RouterError> {
@@ -245,7 +249,7 @@ struct ReadBack {
 fn read_rows(path: &Path, from: u64, limit: Option<u64>, max: usize) -> std::io::Result<ReadBack> {
     let mut file = File::open(path)?;
     let size = file.metadata()?.len();
-    let end = limit.map_or(size, |l| l.min(size));
+    let end = limit.map_or(size, |l| l.min(size)).min(from + MAX_READ);
     let mut out = ReadBack {
         rows: Vec::new(),
         end: from,
@@ -299,25 +303,19 @@ async fn ship_forever(spool: Weak<Inner>, wake: Arc<Notify>, calls: Calls, first
         drop(inner);
         let limit = (seg == wseg).then_some(wlen);
         let path = segment_path(&dir, seg);
-        let read = {
-            let path = path.clone();
-            tokio::task::spawn_blocking(move || read_rows(&path, off, limit, MAX_SHIP)).await
-        };
-        let read = match read {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound && seg < wseg => {
+        // Read in place, not on a blocking thread: the spool is in the page cache and a read is at
+        // most `MAX_READ` bytes (well under a millisecond); blocking threads each grew a malloc
+        // arena of their own (a spooled router's peak RSS was 72 MB against 37 MB without).
+        let read = match read_rows(&path, off, limit, MAX_SHIP) {
+            Ok(r) => r,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && seg < wseg => {
                 // A gap in the numbering (a segment deleted by hand): move on.
                 seg += 1;
                 off = 0;
                 continue;
             }
-            Ok(Err(e)) => {
-                tracing::error!(path = %path.display(), error = %e, "usage spool: cannot read");
-                tokio::time::sleep(MAX_BACKOFF).await;
-                continue;
-            }
             Err(e) => {
-                tracing::error!(error = %e, "usage spool: reader failed");
+                tracing::error!(path = %path.display(), error = %e, "usage spool: cannot read");
                 tokio::time::sleep(MAX_BACKOFF).await;
                 continue;
             }

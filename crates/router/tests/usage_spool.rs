@@ -37,7 +37,7 @@ async fn rows_once(s: &Stack, n: usize) -> Vec<(String, usize)> {
 
 #[tokio::test]
 async fn spooled_rows_reach_the_ledger_once_and_the_directory_is_locked() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = docs_dir(&[]); // an empty temporary directory
     let spool = dir.path().join("spool");
     let s = Stack::start_tweaked(Pricing::free(), spooled(&spool)).await;
     let mut c = s.client().await;
@@ -53,13 +53,18 @@ async fn spooled_rows_reach_the_ledger_once_and_the_directory_is_locked() {
     // A second router on the same directory refuses to start.
     let mut config = s.router_config(Pricing::free());
     config.ledger.usage_spool = Some(spool.clone());
-    let err = RouterService::new(config).err().expect("the spool is locked");
-    assert!(err.to_string().contains("in use by another router"), "{err}");
+    let err = RouterService::new(config)
+        .err()
+        .expect("the spool is locked");
+    assert!(
+        err.to_string().contains("in use by another router"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
 async fn rows_spooled_while_the_ledger_is_unreachable_ship_from_the_next_router() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = docs_dir(&[]); // an empty temporary directory
     let spool = dir.path().join("spool");
     let s = Stack::start(Pricing::free()).await;
     // A router whose ledger is a port nothing listens on: free answers still come at once.
@@ -91,6 +96,8 @@ async fn rows_spooled_while_the_ledger_is_unreachable_ship_from_the_next_router(
     let rows = rows_once(&s, 5).await;
     assert_eq!(
         rows,
-        (0..5).map(|i| (format!("offline-{i}"), 1)).collect::<Vec<_>>()
+        (0..5)
+            .map(|i| (format!("offline-{i}"), 1))
+            .collect::<Vec<_>>()
     );
 }
