@@ -50,7 +50,7 @@ for i in $(seq 0 63); do
     users+=("$email:$token")
 done
 
-router() { # name port pricing-json ledger-url
+router() { # name port pricing-json ledger-url [extra flags...]
     cat >"$work/$1.json" <<CONF
 {"name": "$1", "owner_email": "$OWNER", "models": ["bench"],
  "services": [{"type": "chat", "enabled": true, "pricing": $3}],
@@ -58,11 +58,14 @@ router() { # name port pricing-json ledger-url
 CONF
     SYFT_ROUTER_LEDGER_SECRET=$owner_secret "$BIN" router --config "$work/$1.json" \
         --ledger-url "$4" --grpc-addr "127.0.0.1:$2" --http-addr "127.0.0.1:$(($2 + 1))" \
-        >"$work/$1.log" 2>&1 &
+        "${@:5}" >"$work/$1.log" 2>&1 &
     pids+=($!)
 }
 router paid 50161 '{"pricing_type": "per_request", "amount": "0.01"}' "$SYFT_LEDGER_URL"
 router free 50171 '{"pricing_type": "free"}' "$SYFT_LEDGER_URL"
+# The same free service with a local usage spool: answers released after a local append, rows
+# shipped to the ledger in the background (docs/design.md, "Usage rows").
+router freespool 50201 '{"pricing_type": "free"}' "$SYFT_LEDGER_URL" --usage-spool "$work/spool"
 router noledger 50181 '{"pricing_type": "free"}' http://127.0.0.1:9
 if [ -n "${LITELLM:-}" ]; then
     cat >"$work/litellm.yaml" <<CONF
@@ -104,6 +107,9 @@ echo "wrk shapes over the HTTP front (c=$CONNECTIONS, $DURATION each; nginx upst
 run "paid-64" 50161 "$CONNECTIONS" "${users[@]}"
 run "paid-1" 50161 "$CONNECTIONS" "${users[0]}"
 run "free" 50171 "$CONNECTIONS" "${free_users[@]}"
+run "free-spool" 50201 "$CONNECTIONS" "${free_users[@]}"
+# Let the spool ship its backlog before the next shape is measured.
+sleep 2
 run "free-noledger" 50181 "$CONNECTIONS" "${free_users[@]}"
 run "paid-c1" 50161 1 "${users[@]}"
 run "free-c1" 50171 1 "${free_users[@]}"
@@ -111,7 +117,7 @@ if [ -n "${LITELLM:-}" ]; then
     run "litellm" 50191 "$CONNECTIONS" "${free_users[@]}"
 fi
 ratio() { awk -v a="$(cat "$work/$1.rps")" -v b="$(cat "$work/$2.rps")" 'BEGIN {printf "%.2f", a / b}'; }
-echo "ratios: one payer / 64 payers $(ratio paid-1 paid-64) (>= 0.8); free with ledger / without $(ratio free free-noledger) (>= 0.7); paid / free $(ratio paid-64 free) (>= 0.5)"
+echo "ratios: one payer / 64 payers $(ratio paid-1 paid-64) (>= 0.8); free with ledger / without $(ratio free free-noledger) (>= 0.7); free with ledger and spool / without $(ratio free-spool free-noledger) (>= 0.7); paid / free $(ratio paid-64 free) (>= 0.5)"
 if [ -n "${LITELLM:-}" ]; then
     echo "ratio: paid (64 payers) / LiteLLM $(ratio paid-64 litellm) (>= 25)"
 fi

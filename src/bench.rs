@@ -39,6 +39,9 @@ enum BenchTarget {
     /// paid traffic with client retries; checks the books after every run
     /// (docs/crash-safety.md).
     Chaos(crate::bench_chaos::ChaosBench),
+    /// The usage spool under kill -9 of the router (and a ledger outage): every answered free
+    /// request's row reaches the ledger exactly once (docs/crash-safety.md).
+    Spool(crate::bench_spool::SpoolBench),
     /// Dashboard query latency over 10 million loaded usage rows (issue 12, docs/analytics.md).
     Analytics(crate::bench_analytics::AnalyticsBench),
 }
@@ -111,6 +114,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchTarget::Usage(b) => crate::bench_usage::run(&b).await,
         BenchTarget::Limits(b) => crate::bench_limits::run(&b).await,
         BenchTarget::Chaos(b) => crate::bench_chaos::run(&b).await,
+        BenchTarget::Spool(b) => crate::bench_spool::run(&b).await,
         BenchTarget::Analytics(b) => crate::bench_analytics::run(&b).await,
     }
 }

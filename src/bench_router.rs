@@ -280,6 +280,7 @@ pub async fn run(b: &RouterBench) -> anyhow::Result<()> {
         upstream_url: upstream_url.clone(),
         paid_http_url: http_url.clone(),
         users: users.clone(),
+        spool_dir: tempfile::tempdir()?,
     };
 
     let channel = tonic::transport::Endpoint::from_shared(grpc_url)?

@@ -24,6 +24,8 @@ pub(crate) struct Shapes {
     pub upstream_url: String,
     pub paid_http_url: String,
     pub users: Arc<Vec<User>>,
+    /// The spooled free router's usage spool (lives as long as the routers).
+    pub spool_dir: tempfile::TempDir,
 }
 
 /// One closed-loop run.
@@ -132,6 +134,29 @@ impl Shapes {
             signal(),
         )
         .await?;
+        // The same free router with a local usage spool (`ledger.usage_spool`): answers are
+        // released once the row is appended locally, rows ship in the background.
+        let (spool_url, spool_service, spool_router) = {
+            let mut config = syft_router_svc::RouterConfig::new("bench-spool", OWNER)
+                .with_chat_pricing(Pricing::free());
+            config.ledger.usage_spool = Some(self.spool_dir.path().join("spool"));
+            config.ledger.url = self.ledger_url.clone();
+            config.ledger.secret = self.owner_secret.clone().into();
+            config.upstream = syft_router_svc::UpstreamConfig::OpenAi(
+                syft_router_svc::OpenAiConfig::new(self.upstream_url.clone()),
+            );
+            let service = syft_router_svc::RouterService::new(config)?;
+            let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let http = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let url = format!("http://{}/v1/chat/completions", http.local_addr()?);
+            let task = tokio::spawn(syft_router_svc::serve_service(
+                service.clone(),
+                grpc,
+                http,
+                signal(),
+            ));
+            (url, service, task)
+        };
         // A port nothing listens on: the free router answers without recording usage.
         let closed = {
             let l = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -175,6 +200,18 @@ impl Shapes {
         }
         let free = closed_loop(&sender(&free_url, 64, false), c, b.duration).await;
         row(format!("free (usage row only), c={c}"), &free);
+        let spooled = closed_loop(&sender(&spool_url, 64, false), c, b.duration).await;
+        row(format!("free, usage spool, c={c}"), &spooled);
+        // The spooled rows still shipping must not slow the next shape down.
+        let t0 = Instant::now();
+        let drained = spool_service
+            .drain_usage_spool(Duration::from_secs(60))
+            .await;
+        println!(
+            "  (spool {} {:.0} ms after the spooled run)",
+            if drained { "empty" } else { "NOT empty" },
+            t0.elapsed().as_secs_f64() * 1000.0
+        );
         let no_ledger = closed_loop(&sender(&no_ledger_url, 64, false), c, b.duration).await;
         row(format!("free, no ledger reachable, c={c}"), &no_ledger);
         // (paid, free) at c=1, per round; the order flips every round.
@@ -214,6 +251,11 @@ impl Shapes {
             "  free with ledger / without: {r:.2} (>= 0.7: {})",
             verdict(r >= 0.7)
         );
+        let r = spooled.rps / no_ledger.rps;
+        println!(
+            "  free with ledger and usage spool / without ledger: {r:.2} (>= 0.7: {})",
+            verdict(r >= 0.7)
+        );
         if let Some(many) = by(64) {
             let r = many / free.rps;
             println!(
@@ -238,7 +280,7 @@ impl Shapes {
         if let Some(rss) = peak_rss_mb() {
             println!("  peak RSS of this process (client, routers, ledger together): {rss:.0} MB");
         }
-        Ok(vec![free_router, no_ledger_router])
+        Ok(vec![free_router, spool_router, no_ledger_router])
     }
 }
 

@@ -7,6 +7,7 @@ mod bench_limits;
 mod bench_pg;
 mod bench_router;
 mod bench_shapes;
+mod bench_spool;
 mod bench_usage;
 mod chaos_parts;
 mod cli;

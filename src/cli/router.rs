@@ -75,6 +75,12 @@ pub struct RouterSetup {
     /// PEM private key of --ledger-client-cert.
     #[arg(long, env = "SYFT_ROUTER_LEDGER_CLIENT_KEY")]
     pub ledger_client_key: Option<PathBuf>,
+    /// Directory of a local spool for free requests' usage rows: a free answer is released once
+    /// its row is appended there (surviving a router crash) and rows ship to the ledger in the
+    /// background. Default: the config file's `ledger.usage_spool`, else none (a free answer
+    /// waits until its row committed in the ledger). One directory per router.
+    #[arg(long, env = "SYFT_ROUTER_USAGE_SPOOL")]
+    pub usage_spool: Option<PathBuf>,
 }
 
 impl RouterSetup {
@@ -106,6 +112,9 @@ impl RouterSetup {
             self.ledger_client_cert.as_ref(),
             self.ledger_client_key.as_ref(),
         )?;
+        if let Some(dir) = &self.usage_spool {
+            config.ledger.usage_spool = Some(dir.clone());
+        }
         config.replay = ReplaySettings {
             retention: self.answer_retention,
             max_bytes: self.answer_max_bytes,

@@ -25,7 +25,8 @@ use crate::endpoints::{Member, Members};
 use crate::error::RouterError;
 use crate::health::{LedgerEndpoint, LedgerState, OwnerCheck};
 use crate::usage_send::UsageSender;
-use syft_error::Reason;
+use crate::usage_spool::UsageSpool;
+use syft_error::{Reason, UsageStatus};
 use tonic_types::StatusExt;
 
 /// The ledger's gRPC service name, as its health service reports it.
@@ -36,6 +37,9 @@ pub(crate) struct Ledger {
     calls: Calls,
     /// Free requests' usage rows, grouped into `RecordUsageBatch` calls (`usage_send.rs`).
     usage: UsageSender,
+    /// The local spool of free rows, when configured (`usage_spool.rs`): free answers then wait
+    /// for a local append instead of the ledger's commit.
+    spool: Option<UsageSpool>,
     pub(crate) hold_ttl_seconds: Option<i64>,
 }
 
@@ -101,8 +105,14 @@ impl Ledger {
             members: Arc::new(Members::connect(settings)?),
             auth,
         };
+        let spool = settings
+            .usage_spool
+            .as_deref()
+            .map(|dir| UsageSpool::open(dir, calls.clone()))
+            .transpose()?;
         Ok(Ledger {
             usage: UsageSender::start(calls.clone()),
+            spool,
             calls,
             hold_ttl_seconds: settings.hold_ttl_seconds,
         })
@@ -353,9 +363,31 @@ impl Ledger {
             .map_err(|s| map_status(Op::GetBudgetUse, s))
     }
 
-    /// A free request's row, grouped with the rows ready at the same moment (`usage_send.rs`).
+    /// A free request's row: appended to the local spool when there is one (shipped later), else
+    /// grouped with the rows ready at the same moment and sent, returning after its commit
+    /// (`usage_send.rs`). Refusal rows never go through the spool: the ledger does not
+    /// deduplicate them, and the spool may ship a row twice.
     pub(crate) async fn record_free_usage(&self, usage: Usage) -> Result<(), RouterError> {
+        let refusal = UsageStatus::parse(&usage.status).is_some_and(UsageStatus::is_refusal);
+        if let (Some(spool), false) = (&self.spool, refusal) {
+            match spool.append(&usage) {
+                Ok(()) => return Ok(()),
+                // Full disk or the like: this row goes the waiting way instead.
+                Err(e) => {
+                    tracing::warn!(error = %e, "usage spool: append failed, sending directly")
+                }
+            }
+        }
         self.usage.send(usage).await
+    }
+
+    /// After a shutdown: waits up to `timeout` until the spool shipped every row (what is left is
+    /// shipped by the next router started on the same directory). `true` without a spool.
+    pub(crate) async fn drain_spool(&self, timeout: Duration) -> bool {
+        match &self.spool {
+            Some(spool) => spool.drain(timeout).await,
+            None => true,
+        }
     }
 
     pub(crate) async fn record_usage(&self, usage: Usage) -> Result<(), RouterError> {

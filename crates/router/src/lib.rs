@@ -24,6 +24,7 @@ mod syft_http;
 pub mod tokens;
 pub mod upstream;
 mod usage_send;
+mod usage_spool;
 pub mod validate;
 
 use std::future::Future;
@@ -105,5 +106,20 @@ pub async fn serve_service(
     let http = async { http.await.map_err(ServeError::from) };
     let grpc = async { grpc.await.map_err(ServeError::from) };
     let servers = async { tokio::try_join!(grpc, http).map(|_| ()) };
-    drain::run_with_grace(&service, servers, stop.stopped(), grace).await
+    let result = drain::run_with_grace(&service, servers, stop.stopped(), grace).await;
+    // Free rows still spooled: give the shipper a moment, so a router taken out of service
+    // leaves nothing behind in the usual case (what is left ships at the next start).
+    if !service
+        .drain_usage_spool(grace.min(SPOOL_DRAIN_LIMIT))
+        .await
+    {
+        tracing::warn!(
+            "usage spool not empty at shutdown; the next router started on its directory ships it"
+        );
+    }
+    result
 }
+
+/// Longest wait at shutdown for the usage spool to ship its rows (and never longer than the
+/// shutdown grace).
+const SPOOL_DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);

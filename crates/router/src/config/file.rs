@@ -196,6 +196,8 @@ struct RawLedger {
     timeout_ms: Option<u64>,
     connect_timeout_ms: Option<u64>,
     hold_ttl_seconds: Option<i64>,
+    /// Directory of the free usage rows' spool (`LedgerSettings::usage_spool`).
+    usage_spool: Option<std::path::PathBuf>,
 }
 
 impl<N: NumberText> RawConfig<N> {
@@ -262,6 +264,7 @@ impl<N: NumberText> RawConfig<N> {
         set_ms(&mut ledger.timeout, self.ledger.timeout_ms);
         set_ms(&mut ledger.connect_timeout, self.ledger.connect_timeout_ms);
         ledger.hold_ttl_seconds = self.ledger.hold_ttl_seconds;
+        ledger.usage_spool = self.ledger.usage_spool;
         let config = RouterConfig {
             name: self.name,
             description: self.description,
@@ -435,8 +438,8 @@ mod tests {
             (
                 r#""ledger":{"hold_ttl":5}"#,
                 "invalid JSON config at ledger.hold_ttl: unknown field `hold_ttl`, expected one \
-                 of `url`, `timeout_ms`, `connect_timeout_ms`, `hold_ttl_seconds` at line 1 \
-                 column 62",
+                 of `url`, `timeout_ms`, `connect_timeout_ms`, `hold_ttl_seconds`, `usage_spool` \
+                 at line 1 column 62",
             ),
             (
                 r#""modles":["m"]"#,

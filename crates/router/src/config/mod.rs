@@ -203,6 +203,11 @@ pub struct LedgerSettings {
     /// TLS for an `https://` ledger URL: the CA to trust and, for mutual TLS, the router's
     /// client certificate. `None` with `https://` trusts the public web PKI roots.
     pub tls: Option<syft_tls::ClientTls>,
+    /// Directory of the router-local spool of free requests' usage rows (`usage_spool.rs`):
+    /// a free answer is released once its row is appended there, and the rows are shipped to the
+    /// ledger in the background. `None` (the default): a free answer waits until its row
+    /// committed in the ledger.
+    pub usage_spool: Option<std::path::PathBuf>,
 }
 
 impl LedgerSettings {
@@ -226,6 +231,7 @@ impl Default for LedgerSettings {
             connect_timeout: Duration::from_secs(2),
             hold_ttl_seconds: None,
             tls: None,
+            usage_spool: None,
         }
     }
 }

@@ -136,6 +136,13 @@ impl RouterService {
         self.inner.drain.idle().await;
     }
 
+    /// Waits up to `timeout` until the local usage spool (`ledger.usage_spool`) has shipped every
+    /// row to the ledger; `true` once it has (or without a spool). Rows left are shipped by the
+    /// next router started on the same directory.
+    pub async fn drain_usage_spool(&self, timeout: std::time::Duration) -> bool {
+        self.inner.ledger.drain_spool(timeout).await
+    }
+
     /// Runs `work` unless the grace period ends first.
     async fn until_shutdown<T>(
         &self,

@@ -1,0 +1,103 @@
+//! The router-local usage spool (issue 16, `ledger.usage_spool`): free answers are released after
+//! a local append, the rows reach the ledger in the background, once each; a router answers free
+//! requests while the ledger is unreachable and a later router on the same directory ships their
+//! rows; two routers never share a directory. (The kill -9 version with real processes is
+//! `syft-router bench spool`, tests/spool.rs at the workspace root.)
+
+use std::path::Path;
+use std::time::Duration;
+
+use syft_router_svc::{Pricing, RouterService};
+use syft_testkit::*;
+
+fn spooled(dir: &Path) -> impl FnOnce(&mut syft_router_svc::RouterConfig) + '_ {
+    move |c| {
+        c.ledger.usage_spool = Some(dir.to_path_buf());
+        c.shutdown_grace = Duration::from_secs(1);
+    }
+}
+
+/// Alice's free rows, by request id, once `n` of them arrived (10 s at most).
+async fn rows_once(s: &Stack, n: usize) -> Vec<(String, usize)> {
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    for _ in 0..200 {
+        counts.clear();
+        for r in s.answered_usage().await {
+            if let Some(u) = r.usage {
+                *counts.entry(u.request_id).or_default() += 1;
+            }
+        }
+        if counts.len() >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    counts.into_iter().collect()
+}
+
+#[tokio::test]
+async fn spooled_rows_reach_the_ledger_once_and_the_directory_is_locked() {
+    let dir = docs_dir(&[]); // an empty temporary directory
+    let spool = dir.path().join("spool");
+    let s = Stack::start_tweaked(Pricing::free(), spooled(&spool)).await;
+    let mut c = s.client().await;
+    for i in 0..20 {
+        let mut req = s.request("hi");
+        req.request_id = format!("free-{i}");
+        c.chat(req).await.expect("free answer");
+    }
+    let rows = rows_once(&s, 20).await;
+    assert_eq!(rows.len(), 20, "{rows:?}");
+    assert!(rows.iter().all(|(_, n)| *n == 1), "{rows:?}");
+
+    // A second router on the same directory refuses to start.
+    let mut config = s.router_config(Pricing::free());
+    config.ledger.usage_spool = Some(spool.clone());
+    let err = RouterService::new(config)
+        .err()
+        .expect("the spool is locked");
+    assert!(
+        err.to_string().contains("in use by another router"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn rows_spooled_while_the_ledger_is_unreachable_ship_from_the_next_router() {
+    let dir = docs_dir(&[]); // an empty temporary directory
+    let spool = dir.path().join("spool");
+    let s = Stack::start(Pricing::free()).await;
+    // A router whose ledger is a port nothing listens on: free answers still come at once.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        format!("http://{}", l.local_addr().expect("addr"))
+    };
+    let mut config = s.router_config(Pricing::free());
+    spooled(&spool)(&mut config);
+    config.ledger.url = closed;
+    let offline = RouterHandle::start(config).await;
+    let mut c = offline.client().await;
+    for i in 0..5 {
+        let mut req = s.request("hi");
+        req.request_id = format!("offline-{i}");
+        let started = std::time::Instant::now();
+        c.chat(req).await.expect("free answer without a ledger");
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+    let mut offline = offline;
+    offline.shutdown();
+    offline.join().await.expect("router stopped");
+    assert!(s.answered_usage().await.is_empty());
+
+    // The next router on the directory reaches the ledger and ships the rows left.
+    let mut config = s.router_config(Pricing::free());
+    spooled(&spool)(&mut config);
+    let _next = RouterHandle::start(config).await;
+    let rows = rows_once(&s, 5).await;
+    assert_eq!(
+        rows,
+        (0..5)
+            .map(|i| (format!("offline-{i}"), 1))
+            .collect::<Vec<_>>()
+    );
+}
