@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use hdrhistogram::Histogram;
-use syft_ledger::store::rollup::{bucket_of, DAY, HOUR, MINUTE, SUM_COLUMNS};
+use syft_ledger::store::hll::{register_columns, sql_index, sql_rank, REGISTERS};
+use syft_ledger::store::rollup::{bucket_of, DAY, HOUR, MINUTE, SUM_COLUMNS, USER_SUM_COLUMNS};
 use syft_ledger::store::{Dimension, StatsFilter, StatsScope, Store};
 
 use crate::setup::verify_ledger;
@@ -47,9 +48,14 @@ pub struct AnalyticsBench {
     /// Timed runs of each query shape.
     #[arg(long, default_value_t = 30)]
     runs: usize,
-    /// Keep the database afterwards (its URL is printed) to rerun queries by hand.
+    /// Keep the database afterwards (its URL is printed) to rerun queries by hand or with
+    /// `--existing`.
     #[arg(long)]
     keep: bool,
+    /// Time the queries on a database an earlier run kept (`--keep`; same `--days` and
+    /// `--users`) instead of loading a new one; no verify (the loading run verified it).
+    #[arg(long)]
+    existing: Option<String>,
 }
 
 /// The issue's target for any dashboard query over 30 days.
@@ -77,37 +83,49 @@ pub async fn run(b: &AnalyticsBench) -> anyhow::Result<()> {
         b.rows > 0 && b.days > 0 && b.users > 0 && b.apps > 0 && b.owners > 0,
         "rows, days, users, apps and owners must be positive"
     );
-    let db = crate::bench::fresh_db(&b.database_url).await?;
-    let store = Store::connect(&db.url, 4).await?;
-    let mut owners = Vec::new();
-    for i in 0..b.owners {
-        let a = store
-            .create_account(&format!("owner{i}@bench.example"), "bench", "USD", "-")
-            .await?;
-        owners.push(a.id);
-    }
-    let now = syft_ledger::store::now_micros();
-    let since = (now.div_euclid(DAY) - b.days) * DAY;
+    let db = match &b.existing {
+        Some(_) => None,
+        None => Some(crate::bench::fresh_db(&b.database_url).await?),
+    };
+    let url = match (&db, &b.existing) {
+        (Some(db), _) => db.url.clone(),
+        (None, Some(url)) => url.clone(),
+        (None, None) => anyhow::bail!("no database"),
+    };
+    let store = Store::connect(&url, 4).await?;
+    let (owners, since) = match &b.existing {
+        Some(_) => existing(&store).await?,
+        None => (fresh(&store, b).await?, {
+            let now = syft_ledger::store::now_micros();
+            (now.div_euclid(DAY) - b.days) * DAY
+        }),
+    };
     let until = since + b.days * DAY;
-    let t0 = Instant::now();
-    load(&store, b, &owners, since).await?;
-    let load_s = t0.elapsed().as_secs_f64();
-    sqlx::query("ANALYZE usage_records, usage_rollups")
-        .execute(store.pool())
+    if db.is_some() {
+        let t0 = Instant::now();
+        load(&store, b, &owners, since).await?;
+        let load_s = t0.elapsed().as_secs_f64();
+        sqlx::query("ANALYZE usage_records, usage_rollups, usage_user_rollups")
+            .execute(store.pool())
+            .await?;
+        println!(
+            "analytics bench: {} rows over {} days loaded in {load_s:.0} s ({:.0} rows/s, \
+             set-based)",
+            b.rows,
+            b.days,
+            b.rows as f64 / load_s,
+        );
+    }
+    let mut sizes = Vec::new();
+    for table in ["usage_records", "usage_rollups", "usage_user_rollups"] {
+        let (n, size): (i64, String) = sqlx::query_as(&format!(
+            "SELECT COUNT(*), pg_size_pretty(pg_total_relation_size('{table}')) FROM {table}"
+        ))
+        .fetch_one(store.pool())
         .await?;
-    let (rollups, size): (i64, String) = sqlx::query_as(
-        "SELECT COUNT(*), pg_size_pretty(pg_total_relation_size('usage_rollups')) \
-         FROM usage_rollups",
-    )
-    .fetch_one(store.pool())
-    .await?;
-    println!(
-        "analytics bench: {} rows over {} days loaded in {load_s:.0} s ({:.0} rows/s, set-based); \
-         {rollups} rollup rows ({size})",
-        b.rows,
-        b.days,
-        b.rows as f64 / load_s
-    );
+        sizes.push(format!("{table}: {n} rows ({size})"));
+    }
+    println!("  {}", sizes.join(", "));
     let mut worst = 0f64;
     for shape in shapes(b, since, until, owners[0]) {
         let mut h = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
@@ -137,6 +155,7 @@ pub async fn run(b: &AnalyticsBench) -> anyhow::Result<()> {
         }
     );
     store.close().await;
+    let Some(db) = db else { return Ok(()) };
     let t = Instant::now();
     let report = verify_ledger(&db.url).await?;
     println!(
@@ -152,12 +171,37 @@ pub async fn run(b: &AnalyticsBench) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A fresh database's owner accounts.
+async fn fresh(store: &Store, b: &AnalyticsBench) -> anyhow::Result<Vec<i64>> {
+    let mut owners = Vec::new();
+    for i in 0..b.owners {
+        let a = store
+            .create_account(&format!("owner{i}@bench.example"), "bench", "USD", "-")
+            .await?;
+        owners.push(a.id);
+    }
+    Ok(owners)
+}
+
+/// A kept database's owner accounts and the start of its first day.
+async fn existing(store: &Store) -> anyhow::Result<(Vec<i64>, i64)> {
+    let owners: Vec<i64> = sqlx::query_scalar("SELECT id FROM accounts ORDER BY id")
+        .fetch_all(store.pool())
+        .await?;
+    let first: i64 = sqlx::query_scalar("SELECT MIN(created_at) FROM usage_records")
+        .fetch_one(store.pool())
+        .await?;
+    anyhow::ensure!(!owners.is_empty(), "no accounts in the kept database");
+    Ok((owners, first.div_euclid(DAY) * DAY))
+}
+
 /// Loads the rows and their rollups a day at a time, each day in one transaction.
 async fn load(store: &Store, b: &AnalyticsBench, owners: &[i64], since: i64) -> anyhow::Result<()> {
     let per_day = (b.rows + b.days - 1) / b.days;
     let step = (DAY / per_day).max(1);
     let rows_sql = rows_sql(b, owners, since, step);
     let minute_sql = minute_sql();
+    let user_hour_sql = user_hour_sql();
     let mut last_print = Instant::now();
     for d in 0..b.days {
         let (first, last) = (d * per_day, ((d + 1) * per_day).min(b.rows) - 1);
@@ -176,8 +220,17 @@ async fn load(store: &Store, b: &AnalyticsBench, owners: &[i64], since: i64) -> 
             .bind(day + DAY)
             .execute(&mut *tx)
             .await?;
-        for (grain, micros, from) in [(1, HOUR, 0), (2, DAY, 1)] {
-            sqlx::query(&coarser_sql(grain, micros, from))
+        sqlx::query(&user_hour_sql)
+            .bind(day)
+            .bind(day + DAY)
+            .execute(&mut *tx)
+            .await?;
+        for (table, grain, micros, from) in [
+            (Table::Userless, 1, HOUR, 0),
+            (Table::Userless, 2, DAY, 1),
+            (Table::PerUser, 2, DAY, 1),
+        ] {
+            sqlx::query(&coarser_sql(table, grain, micros, from))
                 .bind(day)
                 .bind(day + DAY)
                 .execute(&mut *tx)
@@ -230,7 +283,32 @@ fn rows_sql(b: &AnalyticsBench, owners: &[i64], since: i64, step: i64) -> String
     )
 }
 
-const KEYS: &str = "recipient_id, app_name, endpoint, user_email, model, status";
+/// Key columns of the user-less and the per-user rollups (after grain and bucket start).
+const KEYS: &str = "recipient_id, app_name, endpoint, model, status";
+const USER_KEYS: &str = "recipient_id, app_name, user_email";
+
+#[derive(Clone, Copy)]
+enum Table {
+    Userless,
+    PerUser,
+}
+
+impl Table {
+    fn name(self) -> &'static str {
+        match self {
+            Table::Userless => "usage_rollups",
+            Table::PerUser => "usage_user_rollups",
+        }
+    }
+
+    fn keys(self) -> &'static str {
+        match self {
+            Table::Userless => KEYS,
+            Table::PerUser => USER_KEYS,
+        }
+    }
+}
+
 /// The histogram columns the rows can touch, each with the values that fall in it.
 fn hist_buckets() -> BTreeMap<String, (&'static str, Vec<i64>)> {
     let mut out: BTreeMap<String, (&'static str, Vec<i64>)> = BTreeMap::new();
@@ -249,57 +327,107 @@ fn hist_buckets() -> BTreeMap<String, (&'static str, Vec<i64>)> {
     out
 }
 
-/// The columns the loader writes: every sum, then the histogram buckets the rows can touch.
-fn columns(hist: &BTreeMap<String, (&'static str, Vec<i64>)>) -> String {
-    let cols: Vec<&str> = SUM_COLUMNS
-        .iter()
-        .copied()
-        .chain(hist.keys().map(String::as_str))
-        .collect();
-    cols.join(", ")
+/// The summed columns a table's loader writes: its sums, then the histogram buckets the rows can
+/// touch.
+fn sum_columns(table: Table) -> Vec<String> {
+    let sums: &[&str] = match table {
+        Table::Userless => &SUM_COLUMNS,
+        Table::PerUser => &USER_SUM_COLUMNS,
+    };
+    sums.iter()
+        .map(|c| c.to_string())
+        .chain(hist_buckets().into_keys())
+        .collect()
 }
 
-/// Minute rollups of the rows created in `[$1, $2)`.
-fn minute_sql() -> String {
-    let hist = hist_buckets();
-    let cols = columns(&hist);
+/// The aggregates of the sums and histogram columns over usage rows `u`.
+fn row_sums(table: Table) -> Vec<String> {
     let mut exprs = vec![
         "COUNT(*)".to_string(),
-        "SUM(prompt_tokens)".into(),
-        "SUM(completion_tokens)".into(),
-        "SUM(total_tokens)".into(),
-        "SUM(cost)".into(),
+        "SUM(u.prompt_tokens)".into(),
+        "SUM(u.completion_tokens)".into(),
+        "SUM(u.total_tokens)".into(),
+        "SUM(u.cost)".into(),
         "0".into(),
-        "SUM(latency_ms)".into(),
-        "COUNT(ttft_ms)".into(),
+        "SUM(u.latency_ms)".into(),
+        "COUNT(u.ttft_ms)".into(),
     ];
-    for (col, values) in hist.values() {
+    if let Table::PerUser = table {
+        exprs.push("COUNT(*) FILTER (WHERE u.status = 'success')".into());
+    }
+    for (col, values) in hist_buckets().values() {
         let vs: Vec<String> = values.iter().map(i64::to_string).collect();
         // NULL, not 0, when no row is in the bucket: what the writer leaves (migration 0014).
         exprs.push(format!(
-            "SUM(CASE WHEN {col} IN ({}) THEN 1 END)",
+            "SUM(CASE WHEN u.{col} IN ({}) THEN 1 END)",
             vs.join(",")
         ));
     }
+    exprs
+}
+
+/// User-less minute rollups of the rows created in `[$1, $2)`, with their active-user sketches:
+/// each distinct user's register and rank computed once (`hll::sql_index`, `hll::sql_rank`, the
+/// writer's hash), then the highest rank per register.
+fn minute_sql() -> String {
+    let regs: Vec<String> = register_columns().collect();
+    let mut exprs = row_sums(Table::Userless);
+    exprs.extend((0..REGISTERS).map(|i| format!("MAX(CASE WHEN s.i = {i} THEN s.rk END)")));
     format!(
-        "INSERT INTO usage_rollups (grain, bucket_start, {KEYS}, {}) \
-         SELECT 0, created_at / {MINUTE} * {MINUTE}, {KEYS}, {} FROM usage_records \
-         WHERE created_at >= $1 AND created_at < $2 GROUP BY 2, {KEYS}",
-        cols,
-        exprs.join(", ")
+        "WITH s AS MATERIALIZED (SELECT e.user_email, {} AS i, {} AS rk FROM \
+           (SELECT DISTINCT user_email FROM usage_records \
+            WHERE created_at >= $1 AND created_at < $2) e) \
+         INSERT INTO usage_rollups (grain, bucket_start, {KEYS}, {}, {}) \
+         SELECT 0, u.created_at / {MINUTE} * {MINUTE}, u.{}, {} \
+         FROM usage_records u LEFT JOIN s ON s.user_email = u.user_email \
+         WHERE u.created_at >= $1 AND u.created_at < $2 GROUP BY 2, {}",
+        sql_index("e.user_email"),
+        sql_rank("e.user_email"),
+        sum_columns(Table::Userless).join(", "),
+        regs.join(", "),
+        KEYS.replace(", ", ", u."),
+        exprs.join(", "),
+        KEYS.split(", ")
+            .map(|k| format!("u.{k}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     )
 }
 
-/// Rollups of grain `grain` summed from those of grain `from` in `[$1, $2)`.
-fn coarser_sql(grain: i16, micros: i64, from: i16) -> String {
-    let cols = columns(&hist_buckets());
-    let sums: Vec<String> = cols.split(", ").map(|c| format!("SUM({c})")).collect();
+/// Per-user hour rollups of the rows created in `[$1, $2)`.
+fn user_hour_sql() -> String {
     format!(
-        "INSERT INTO usage_rollups (grain, bucket_start, {KEYS}, {}) \
-         SELECT {grain}, bucket_start / {micros} * {micros}, {KEYS}, {} FROM usage_rollups \
-         WHERE grain = {from} AND bucket_start >= $1 AND bucket_start < $2 GROUP BY 2, {KEYS}",
-        cols,
-        sums.join(", ")
+        "INSERT INTO usage_user_rollups (grain, bucket_start, {USER_KEYS}, {}) \
+         SELECT 1, u.created_at / {HOUR} * {HOUR}, u.{}, {} FROM usage_records u \
+         WHERE u.created_at >= $1 AND u.created_at < $2 GROUP BY 2, {}",
+        sum_columns(Table::PerUser).join(", "),
+        USER_KEYS.replace(", ", ", u."),
+        row_sums(Table::PerUser).join(", "),
+        USER_KEYS
+            .split(", ")
+            .map(|k| format!("u.{k}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// Rollups of grain `grain` summed from those of grain `from` in `[$1, $2)` (sketches: maximum).
+fn coarser_sql(table: Table, grain: i16, micros: i64, from: i16) -> String {
+    let mut cols = sum_columns(table);
+    let mut aggs: Vec<String> = cols.iter().map(|c| format!("SUM({c})")).collect();
+    if let Table::Userless = table {
+        for c in register_columns() {
+            aggs.push(format!("MAX({c})"));
+            cols.push(c);
+        }
+    }
+    let (name, keys) = (table.name(), table.keys());
+    format!(
+        "INSERT INTO {name} (grain, bucket_start, {keys}, {}) \
+         SELECT {grain}, bucket_start / {micros} * {micros}, {keys}, {} FROM {name} \
+         WHERE grain = {from} AND bucket_start >= $1 AND bucket_start < $2 GROUP BY 2, {keys}",
+        cols.join(", "),
+        aggs.join(", ")
     )
 }
 
@@ -403,18 +531,71 @@ fn shapes(b: &AnalyticsBench, since: i64, until: i64, owner: i64) -> Vec<Shape> 
     add(
         "filter user: by day",
         StatsFilter {
-            user_email: Some(user),
+            user_email: Some(user.clone()),
             ..by(&[Day])
         },
     );
-    let now = syft_ledger::store::now_micros().div_euclid(MINUTE) * MINUTE;
     add(
-        "admin: by day, last 30 days to now",
+        "user: by status (reads the user's rows)",
         StatsFilter {
-            since: now - 30 * DAY,
-            until: now,
-            ..by(&[Day])
+            scope: StatsScope::User(user.clone()),
+            ..by(&[Status])
         },
+    );
+    // The dashboard's shapes: ranges end now (so their edges are not whole days), the charts'
+    // buckets by range (30 days by day, 7 days by hour, the last hour by minute).
+    let now = syft_ledger::store::now_micros().div_euclid(MINUTE) * MINUTE;
+    let to_now = |days: i64, f: StatsFilter| StatsFilter {
+        since: now - days * DAY,
+        until: now,
+        ..f
+    };
+    add("admin: by day, last 30 days to now", to_now(30, by(&[Day])));
+    add(
+        "admin: by user, last 30 days to now",
+        to_now(30, by(&[User])),
+    );
+    add(
+        "owner: totals, last 30 days to now",
+        to_now(30, owner_scope(&[])),
+    );
+    add(
+        "owner: by user, last 30 days to now",
+        to_now(30, owner_scope(&[User])),
+    );
+    add(
+        "owner: app x endpoint, last 30 days to now",
+        to_now(30, owner_scope(&[App, Endpoint])),
+    );
+    add(
+        "owner: by hour, last 7 days to now",
+        to_now(7, owner_scope(&[Hour])),
+    );
+    let user_scope = |dims: &[Dimension]| StatsFilter {
+        scope: StatsScope::User(user.clone()),
+        ..by(dims)
+    };
+    add(
+        "user: day x app, last 30 days to now",
+        to_now(30, user_scope(&[Day, App])),
+    );
+    add(
+        "user: hour x app, last 7 days to now",
+        to_now(7, user_scope(&[Hour, App])),
+    );
+    // The last loaded hour (rows end at the last whole day), by minute.
+    let last_hour = |f: StatsFilter| StatsFilter {
+        since: until - HOUR,
+        until,
+        ..f
+    };
+    add(
+        "owner: by minute, last hour",
+        last_hour(owner_scope(&[Minute])),
+    );
+    add(
+        "user: minute x app, last hour",
+        last_hour(user_scope(&[Minute, App])),
     );
     out
 }

@@ -558,6 +558,27 @@ async fn verify_sees_a_broken_rollup(h: Harness) -> Harness {
             "UPDATE usage_rollups SET h_up_00 = h_up_00 - 1 WHERE grain = 2",
             "histograms that do not add up",
         ),
+        // The per-user rollups (hour and day) and the user-less rollups' active-user sketches.
+        (
+            "UPDATE usage_user_rollups SET successes = successes + 1 WHERE grain = 2",
+            "UPDATE usage_user_rollups SET successes = successes - 1 WHERE grain = 2",
+            "usage rollups differ from their usage rows",
+        ),
+        (
+            "UPDATE usage_user_rollups SET h_lat_00 = COALESCE(h_lat_00, 0) + 1 WHERE grain = 1",
+            "UPDATE usage_user_rollups SET h_lat_00 = h_lat_00 - 1 WHERE grain = 1",
+            "histograms that do not add up",
+        ),
+        (
+            "UPDATE usage_rollups SET u_005 = COALESCE(u_005, 0) + 1 WHERE grain = 0",
+            "UPDATE usage_rollups SET u_005 = NULLIF(u_005 - 1, 0) WHERE grain = 0",
+            "active-user sketches that differ",
+        ),
+        (
+            "DELETE FROM usage_user_rollups WHERE grain = 1",
+            "",
+            "usage rollups differ from their usage rows",
+        ),
         (
             "DELETE FROM usage_rollups WHERE grain = 0 AND status = 'success'",
             "",
@@ -576,10 +597,122 @@ async fn verify_sees_a_broken_rollup(h: Harness) -> Harness {
             h.assert_consistent().await;
         }
     }
-    // The deleted minute rollups come back from the rows.
+    // The deleted rollups come back from the rows.
     h.store.rebuild_rollups().await.expect("rebuild");
     h.assert_consistent().await;
     h
+}
+
+/// A ledger upgraded from before migration 0015 (usage rows, the per-user rollups of 0009)
+/// rebuilds the new rollups once at start: they equal the rows (verify) and answer like the rows.
+async fn upgrade_rebuilds_the_rollups(postgres: bool) {
+    let Some(db) = syft_testkit::Db::fresh(postgres).await else {
+        return;
+    };
+    sqlx::any::install_default_drivers();
+    let engine = if postgres { "postgres" } else { "sqlite" };
+    let old = tempfile::tempdir().expect("tempdir");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../migrations")
+        .join(engine);
+    for entry in std::fs::read_dir(&dir).expect("migrations") {
+        let path = entry.expect("entry").path();
+        let name = path
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .to_string();
+        if name.as_str() < "0015" {
+            std::fs::copy(&path, old.path().join(&name)).expect("copy");
+        }
+    }
+    let pool = sqlx::AnyPool::connect(&db.url).await.expect("connect");
+    sqlx::migrate::Migrator::new(old.path())
+        .await
+        .expect("old migrations")
+        .run(&pool)
+        .await
+        .expect("migrate to 0014");
+    sqlx::query(
+        "INSERT INTO accounts (email, organization, currency, secret_hash, created_at) \
+         VALUES ($1, 'o', 'USD', 'x', 0)",
+    )
+    .bind(OWNER)
+    .execute(&pool)
+    .await
+    .expect("account");
+    const HR: i64 = 3_600_000_000;
+    let t0 = 20_000 * 24 * HR + 7 * 60_000_000;
+    for n in 0..30i64 {
+        let user = [ALICE, BOB, ""][n as usize % 3];
+        sqlx::query(
+            "INSERT INTO usage_records (id, recipient_id, request_id, app_name, endpoint, \
+             user_email, model, prompt_tokens, completion_tokens, total_tokens, cost, status, \
+             latency_ms, upstream_latency_ms, created_at) VALUES ($1, (SELECT id FROM accounts), \
+             $2, 'app', '/chat', $3, 'm', 1, 1, 2, 0, $4, $5, 5, $6)",
+        )
+        .bind(format!("00000000-0000-7000-8000-{n:012}"))
+        .bind(format!("old-{n}"))
+        .bind(user)
+        .bind(if n % 4 == 0 {
+            "upstream_error"
+        } else {
+            "success"
+        })
+        .bind(10 + 7 * n)
+        .bind(t0 + n * 7 * HR)
+        .execute(&pool)
+        .await
+        .expect("old usage row");
+    }
+    pool.close().await;
+    let store = syft_ledger::store::Store::connect(&db.url, 2)
+        .await
+        .expect("upgrade");
+    let (userless, per_user): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT COUNT(*) FROM usage_rollups), (SELECT COUNT(*) FROM usage_user_rollups)",
+    )
+    .fetch_one(store.pool())
+    .await
+    .expect("counts");
+    assert!(userless > 0 && per_user > 0, "{userless} {per_user}");
+    let report = store.verify().await.expect("verify");
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    use syft_ledger::store::{Dimension, StatsFilter, StatsScope};
+    let f = |group_by: Vec<Dimension>| StatsFilter {
+        scope: StatsScope::All,
+        since: t0 - 24 * HR,
+        until: t0 + 30 * 7 * HR,
+        group_by,
+        app_name: None,
+        endpoint: None,
+        user_email: None,
+        model: None,
+        status: None,
+        limit: 100,
+    };
+    let total = store.usage_stats(&f(vec![])).await.expect("stats");
+    assert_eq!(total[0].measures.requests, 30);
+    assert_eq!(total[0].measures.successes, 22);
+    assert_eq!(total[0].measures.active_users, 2);
+    let by_user = store
+        .usage_stats(&f(vec![Dimension::User]))
+        .await
+        .expect("stats");
+    let counts: Vec<i64> = by_user.iter().map(|g| g.measures.requests).collect();
+    assert_eq!(counts, vec![10, 10, 10]);
+    store.close().await;
+    db.drop_postgres().await;
+}
+
+#[tokio::test]
+async fn sqlite_upgrade_rebuilds_the_rollups() {
+    upgrade_rebuilds_the_rollups(false).await;
+}
+
+#[tokio::test]
+async fn postgres_upgrade_rebuilds_the_rollups() {
+    upgrade_rebuilds_the_rollups(true).await;
 }
 
 store_suite!(

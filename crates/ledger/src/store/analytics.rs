@@ -1,15 +1,17 @@
-//! Analytics read path: grouped measures over the usage rollups (never the raw rows).
+//! Analytics read path: grouped measures over the usage rollups (docs/analytics.md).
 //!
 //! A range `[since, until)` (whole minutes) is split into whole days, whole hours at the day edges
 //! and minutes at the hour edges, and each part is read from the coarsest grain that covers it
 //! exactly, so a 30-day answer reads about 30 day rows per key plus a few hundred edge rows.
+//! Queries that neither group nor filter by user (nor are one user's own view) read the user-less
+//! rollups here; the others are answered by `analytics_user.rs`.
 
 use sqlx::Row;
-use syft_error::UsageStatus;
 
-use super::query::Where;
-use super::rollup::{bucket_value, hist_columns, Grain, HIST_BUCKETS, MEASURES, SUM_COLUMNS};
-use super::Store;
+use super::hll::{estimate, register_columns, REGISTERS};
+use super::query::{Bind, Where};
+use super::rollup::{bucket_value, hist_columns, Grain, Sums, HIST_BUCKETS, SUM_COLUMNS};
+use super::{Backend, Store};
 use crate::error::Result;
 
 /// What rows are grouped by. Time dimensions group by UTC minute, hour or day.
@@ -67,17 +69,21 @@ impl Dimension {
         }
     }
 
-    fn column(self) -> String {
+    /// The SQL of this dimension's value for a row of table alias `t` whose time column is
+    /// `time` (`bucket_start` in rollups, `created_at` in usage rows).
+    pub(super) fn column(self, t: &str, time: &str) -> String {
         match self.grain() {
-            Some(g) => format!("(r.bucket_start / {0}) * {0}", g.micros()),
-            None => match self {
-                Dimension::App => "r.app_name",
-                Dimension::Endpoint => "r.endpoint",
-                Dimension::User => "r.user_email",
-                Dimension::Model => "r.model",
-                _ => "r.status",
-            }
-            .to_string(),
+            Some(g) => format!("({t}.{time} / {0}) * {0}", g.micros()),
+            None => format!(
+                "{t}.{}",
+                match self {
+                    Dimension::App => "app_name",
+                    Dimension::Endpoint => "endpoint",
+                    Dimension::User => "user_email",
+                    Dimension::Model => "model",
+                    _ => "status",
+                }
+            ),
         }
     }
 }
@@ -157,7 +163,7 @@ pub struct StatsGroup {
 }
 
 /// The parts of `[since, until)` and the grain each is read at, coarsest first.
-fn segments(since: i64, until: i64, max: Grain) -> Vec<(Grain, i64, i64)> {
+pub(super) fn segments(since: i64, until: i64, max: Grain) -> Vec<(Grain, i64, i64)> {
     fn split(a: i64, b: i64, grain: Grain, out: &mut Vec<(Grain, i64, i64)>) {
         if a >= b {
             return;
@@ -188,7 +194,7 @@ fn ceil_to(v: i64, g: i64) -> i64 {
     (v + g - 1).div_euclid(g) * g
 }
 
-fn percentiles(hist: &[i64]) -> Percentiles {
+pub(super) fn percentiles(hist: &[i64]) -> Percentiles {
     let n: i64 = hist.iter().sum();
     let at = |q: f64| -> f64 {
         let rank = ((q * n as f64).ceil() as i64).max(1);
@@ -211,9 +217,105 @@ fn percentiles(hist: &[i64]) -> Percentiles {
     }
 }
 
+/// The measures of a group from its sums and its count of active users.
+pub(super) fn measures(s: &Sums, active_users: i64) -> Measures {
+    let requests = s.requests;
+    Measures {
+        requests,
+        successes: s.successes,
+        failures: requests - s.successes,
+        success_rate: s.successes as f64 / requests as f64,
+        prompt_tokens: s.prompt_tokens,
+        completion_tokens: s.completion_tokens,
+        total_tokens: s.total_tokens,
+        revenue_micros: s.revenue,
+        refunds_micros: s.refunds,
+        active_users,
+        latency_ms: percentiles(&s.hist[0]),
+        upstream_latency_ms: percentiles(&s.hist[1]),
+        ttft_ms: (s.ttft_count > 0).then(|| percentiles(&s.hist[2])),
+        streams: s.ttft_count,
+        mean_latency_ms: s.latency_sum as f64 / requests as f64,
+    }
+}
+
+/// Whether a query needs the user: one user's own view, a user filter or user groups.
+fn needs_user(f: &StatsFilter) -> bool {
+    matches!(f.scope, StatsScope::User(_))
+        || f.user_email.is_some()
+        || f.group_by.contains(&Dimension::User)
+}
+
+/// The scope and the filters other than the user's, on table alias `t`.
+pub(super) fn scope_and_filters(w: &mut Where, f: &StatsFilter, t: &str) {
+    match &f.scope {
+        StatsScope::All => {}
+        StatsScope::Owner(id) => w.int(&format!("{t}.recipient_id = ?"), *id),
+        StatsScope::User(email) => w.text(&format!("{t}.user_email = ?"), email),
+    }
+    for (col, v) in [
+        ("app_name", &f.app_name),
+        ("endpoint", &f.endpoint),
+        ("user_email", &f.user_email),
+        ("model", &f.model),
+        ("status", &f.status),
+    ] {
+        if let Some(v) = v {
+            w.text(&format!("{t}.{col} = ?"), v);
+        }
+    }
+}
+
+/// `[a, b)` of rollups of grain `g` (`r.bucket_start`), or of usage rows (`u.created_at`) without a
+/// grain, as bound parameters: the statement's text then depends on the query's shape only, so it
+/// is prepared once per connection and planned once (a plan over ~330 aggregates costs more than
+/// reading a few thousand rollup rows).
+pub(super) fn range_clause(w: &mut Where, g: Option<Grain>, a: i64, b: i64) -> String {
+    let mut bind = |v: i64| {
+        let p = w.next();
+        w.binds.push(Bind::Int(v));
+        p
+    };
+    match g {
+        Some(g) => {
+            let (pg, pa, pb) = (bind(g as i64), bind(a), bind(b));
+            format!("(r.grain = {pg} AND r.bucket_start >= {pa} AND r.bucket_start < {pb})")
+        }
+        None => {
+            let (pa, pb) = (bind(a), bind(b));
+            format!("(u.created_at >= {pa} AND u.created_at < {pb})")
+        }
+    }
+}
+
+/// A group's key from the `k0`, `k1` columns of a row.
+pub(super) fn key_of(row: &sqlx::any::AnyRow, f: &StatsFilter) -> Result<Vec<KeyValue>> {
+    let mut key = Vec::with_capacity(f.group_by.len());
+    for (i, d) in f.group_by.iter().enumerate() {
+        let name = format!("k{i}");
+        key.push(match d.grain() {
+            Some(_) => KeyValue::Time(row.try_get(name.as_str())?),
+            None => KeyValue::Text(row.try_get(name.as_str())?),
+        });
+    }
+    Ok(key)
+}
+
+/// Histogram columns of an aggregated row (NULL sums as 0) into `s`.
+pub(super) fn read_hist(row: &sqlx::any::AnyRow, s: &mut Sums) -> Result<()> {
+    for (n, c) in hist_columns().enumerate() {
+        let v: Option<i64> = row.try_get(c.as_str())?;
+        s.hist[n / HIST_BUCKETS][n % HIST_BUCKETS] = v.unwrap_or(0);
+    }
+    Ok(())
+}
+
 impl Store {
     /// Grouped measures, groups in key order (time ascending).
     pub async fn usage_stats(&self, f: &StatsFilter) -> Result<Vec<StatsGroup>> {
+        if needs_user(f) {
+            return self.user_stats(f).await;
+        }
         let max_grain = f
             .group_by
             .iter()
@@ -223,34 +325,18 @@ impl Store {
         let mut w = Where::default();
         let ranges: Vec<String> = segments(f.since, f.until, max_grain)
             .into_iter()
-            .map(|(g, a, b)| {
-                format!(
-                    "(r.grain = {} AND r.bucket_start >= {a} AND r.bucket_start < {b})",
-                    g as i16
-                )
-            })
+            .map(|(g, a, b)| range_clause(&mut w, Some(g), a, b))
             .collect();
         if ranges.is_empty() {
             return Ok(Vec::new());
         }
         w.clauses.push(format!("({})", ranges.join(" OR ")));
-        match &f.scope {
-            StatsScope::All => {}
-            StatsScope::Owner(id) => w.int("r.recipient_id = ?", *id),
-            StatsScope::User(email) => w.text("r.user_email = ?", email),
-        }
-        for (col, v) in [
-            ("r.app_name", &f.app_name),
-            ("r.endpoint", &f.endpoint),
-            ("r.user_email", &f.user_email),
-            ("r.model", &f.model),
-            ("r.status", &f.status),
-        ] {
-            if let Some(v) = v {
-                w.text(&format!("{col} = ?"), v);
-            }
-        }
-        let keys: Vec<String> = f.group_by.iter().map(|d| d.column()).collect();
+        scope_and_filters(&mut w, f, "r");
+        let keys: Vec<String> = f
+            .group_by
+            .iter()
+            .map(|d| d.column("r", "bucket_start"))
+            .collect();
         let mut select: Vec<String> = keys
             .iter()
             .enumerate()
@@ -262,16 +348,12 @@ impl Store {
         select.push(format!(
             "CAST(SUM(CASE WHEN r.status = '{}' THEN r.requests ELSE 0 END) AS BIGINT) \
              AS successes",
-            UsageStatus::Success.as_str()
+            syft_error::UsageStatus::Success.as_str()
         ));
-        select.push(
-            "COUNT(DISTINCT CASE WHEN r.user_email <> '' THEN r.user_email END) AS active_users"
-                .into(),
-        );
-        // Empty histogram buckets are NULL on Postgres (migration 0014).
-        select.extend(
-            hist_columns().map(|c| format!("CAST(COALESCE(SUM(r.{c}), 0) AS BIGINT) AS {c}")),
-        );
+        // Empty histogram buckets are NULL on Postgres (migrations 0014, 0015).
+        select.extend(hist_columns().map(|c| format!("CAST(SUM(r.{c}) AS BIGINT) AS {c}")));
+        // The active-user sketches merge by maximum (`hll.rs`); NULL registers are 0.
+        select.extend(register_columns().map(|c| format!("CAST(MAX(r.{c}) AS BIGINT) AS {c}")));
         let group = if keys.is_empty() {
             String::new()
         } else {
@@ -284,60 +366,65 @@ impl Store {
             w.sql(),
             f.limit
         );
-        let rows = w
-            .bind_query(sqlx::query(&sql).persistent(false))
-            .fetch_all(self.pool())
-            .await?;
+        let rows = self.fetch_stats(&w, &sql, true).await?;
         let mut out = Vec::with_capacity(rows.len());
+        let register_names: Vec<String> = register_columns().collect();
         for row in rows {
             let requests: Option<i64> = row.try_get("requests")?;
-            let Some(requests) = requests.filter(|r| *r > 0) else {
+            if requests.is_none_or(|r| r <= 0) {
                 continue; // no rows matched: an aggregate without GROUP BY still returns one row
-            };
-            let mut key = Vec::with_capacity(f.group_by.len());
-            for (i, d) in f.group_by.iter().enumerate() {
-                let name = format!("k{i}");
-                key.push(match d.grain() {
-                    Some(_) => KeyValue::Time(row.try_get(name.as_str())?),
-                    None => KeyValue::Text(row.try_get(name.as_str())?),
-                });
             }
-            let mut hist = [[0i64; HIST_BUCKETS]; 3];
-            for (m, cols) in hist_columns()
-                .collect::<Vec<_>>()
-                .chunks(HIST_BUCKETS)
-                .enumerate()
-            {
-                for (i, c) in cols.iter().enumerate() {
-                    hist[m][i] = row.try_get(c.as_str())?;
-                }
+            let mut s = Sums::new(false);
+            for c in SUM_COLUMNS.into_iter().chain(["successes"]) {
+                *s.sum_mut(c) = row.try_get(c)?;
             }
-            debug_assert_eq!(MEASURES.len(), 3);
-            let get = |c: &str| row.try_get::<i64, _>(c);
-            let successes = get("successes")?;
-            let streams = get("ttft_count")?;
+            read_hist(&row, &mut s)?;
+            let mut registers = [0u8; REGISTERS];
+            for (r, c) in registers.iter_mut().zip(&register_names) {
+                let v: Option<i64> = row.try_get(c.as_str())?;
+                *r = v.unwrap_or(0).clamp(0, 255) as u8;
+            }
             out.push(StatsGroup {
-                key,
-                measures: Measures {
-                    requests,
-                    successes,
-                    failures: requests - successes,
-                    success_rate: successes as f64 / requests as f64,
-                    prompt_tokens: get("prompt_tokens")?,
-                    completion_tokens: get("completion_tokens")?,
-                    total_tokens: get("total_tokens")?,
-                    revenue_micros: get("revenue")?,
-                    refunds_micros: get("refunds")?,
-                    active_users: get("active_users")?,
-                    latency_ms: percentiles(&hist[0]),
-                    upstream_latency_ms: percentiles(&hist[1]),
-                    ttft_ms: (streams > 0).then(|| percentiles(&hist[2])),
-                    streams,
-                    mean_latency_ms: get("latency_sum")? as f64 / requests as f64,
-                },
+                key: key_of(&row, f)?,
+                measures: measures(&s, estimate(&registers)),
             });
         }
         Ok(out)
+    }
+
+    /// Runs an analytics query, prepared (its text depends on the query's shape, not its range).
+    /// On Postgres without JIT (compiling a few hundred aggregate expressions costs more than the
+    /// query) and with the generic plan (planning them costs more than reading a few thousand
+    /// rollup rows; the ranges and filters are all index conditions, so the plan does not depend
+    /// on their values).
+    ///
+    /// Reads of usage rows (`generic = false`) keep custom plans: whether the user's index or the
+    /// time index is the better path depends on the values (measured: one user's month through a
+    /// generic plan took ~1 s instead of a few ms).
+    pub(super) async fn fetch_stats(
+        &self,
+        w: &Where,
+        sql: &str,
+        generic: bool,
+    ) -> Result<Vec<sqlx::any::AnyRow>> {
+        let query = w.bind_query(sqlx::query(sql));
+        if self.backend() != Backend::Postgres {
+            return Ok(query.fetch_all(self.pool()).await?);
+        }
+        let mut tx = self.pool().begin().await?;
+        let mode = if generic {
+            "force_generic_plan"
+        } else {
+            "auto"
+        };
+        sqlx::query(&format!(
+            "SELECT set_config('jit', 'off', true), set_config('plan_cache_mode', '{mode}', true)"
+        ))
+        .execute(&mut *tx)
+        .await?;
+        let rows = query.fetch_all(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(rows)
     }
 }
 

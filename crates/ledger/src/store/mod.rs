@@ -6,12 +6,14 @@
 
 mod account;
 mod analytics;
+mod analytics_user;
 mod answer;
 mod authorize;
 mod batch;
 mod budget;
 pub(crate) mod db_error;
 mod extend;
+pub mod hll;
 mod query;
 pub mod rollup;
 mod rows;

@@ -1,6 +1,8 @@
-//! Usage rollups: per (grain, bucket, owner, app, endpoint, user, model, status) sums and fixed
-//! log-scale latency histograms, written in the same transaction as the usage rows they count so
-//! analytics never scan raw rows (docs/analytics.md).
+//! Usage rollups, written in the same transaction as the usage rows they count so analytics never
+//! scan raw rows for wide ranges (docs/analytics.md, "Rollups"): `usage_rollups` per (grain,
+//! bucket, owner, app, endpoint, model, status) at minute, hour and day, WITHOUT the user, with an
+//! active-user sketch (`hll.rs`); `usage_user_rollups` per (grain, bucket, owner, app, user) at hour
+//! and day. Both keep sums and fixed log-scale latency histograms.
 //!
 //! Writers hand [`upsert_rollups`] a slice of the usage rows they inserted: the rows are aggregated
 //! first, so a batch of N rows costs one upsert per distinct key and grain, and the keys are
@@ -13,6 +15,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use sqlx::AnyConnection;
 
+use syft_error::UsageStatus;
+
+use super::hll::{register_of, REGISTERS};
 use super::{Backend, Store, UsageInput};
 use crate::error::Result;
 
@@ -103,26 +108,64 @@ pub(crate) struct RollupInput<'a> {
     pub usage: &'a UsageInput,
 }
 
-/// (grain, bucket start, recipient, app, endpoint, user, model, status), borrowed from the rows.
-type Key<'a> = (i16, i64, i64, &'a str, &'a str, &'a str, &'a str, &'a str);
+/// The summed columns of `usage_rollups`, as written and read.
+pub const SUM_COLUMNS: [&str; 8] = [
+    "requests",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "revenue",
+    "refunds",
+    "latency_sum",
+    "ttft_count",
+];
 
-#[derive(Debug, Clone)]
-struct Sums {
-    requests: i64,
-    prompt_tokens: i64,
-    completion_tokens: i64,
-    total_tokens: i64,
-    revenue: i64,
-    refunds: i64,
-    latency_sum: i64,
-    ttft_count: i64,
-    hist: [[i64; HIST_BUCKETS]; 3],
+/// The summed columns of `usage_user_rollups`: the status is not in its key, so it counts the
+/// successes itself.
+pub const USER_SUM_COLUMNS: [&str; 9] = [
+    "requests",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "revenue",
+    "refunds",
+    "latency_sum",
+    "ttft_count",
+    "successes",
+];
+
+/// The grains of the per-user rollups: minutes of one user are read from the usage rows.
+pub const USER_GRAINS: [Grain; 2] = [Grain::Hour, Grain::Day];
+
+/// Every histogram column, in measure then bucket order.
+pub fn hist_columns() -> impl Iterator<Item = String> {
+    MEASURES
+        .iter()
+        .flat_map(|m| (0..HIST_BUCKETS).map(move |i| format!("h_{m}_{i:02}")))
 }
 
-impl Default for Sums {
-    fn default() -> Self {
+/// Sums, histograms and (user-less rollups) the active-user sketch of a set of usage rows.
+#[derive(Debug, Clone)]
+pub(crate) struct Sums {
+    pub requests: i64,
+    pub successes: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub total_tokens: i64,
+    pub revenue: i64,
+    pub refunds: i64,
+    pub latency_sum: i64,
+    pub ttft_count: i64,
+    pub hist: [[i64; HIST_BUCKETS]; 3],
+    /// HyperLogLog registers (`hll.rs`); empty where the user is in the key.
+    pub registers: Vec<u8>,
+}
+
+impl Sums {
+    pub fn new(sketch: bool) -> Self {
         Self {
             requests: 0,
+            successes: 0,
             prompt_tokens: 0,
             completion_tokens: 0,
             total_tokens: 0,
@@ -131,32 +174,47 @@ impl Default for Sums {
             latency_sum: 0,
             ttft_count: 0,
             hist: [[0; HIST_BUCKETS]; 3],
+            registers: if sketch {
+                vec![0; REGISTERS]
+            } else {
+                Vec::new()
+            },
         }
     }
-}
 
-impl Sums {
-    /// Column `i` in [`SUM_COLUMNS`] then [`hist_columns`] order.
-    fn value(&self, i: usize) -> i64 {
-        match i {
-            0 => self.requests,
-            1 => self.prompt_tokens,
-            2 => self.completion_tokens,
-            3 => self.total_tokens,
-            4 => self.revenue,
-            5 => self.refunds,
-            6 => self.latency_sum,
-            7 => self.ttft_count,
-            _ => {
-                let h = i - SUM_COLUMNS.len();
-                self.hist[h / HIST_BUCKETS][h % HIST_BUCKETS]
-            }
+    /// A summed column by name ([`SUM_COLUMNS`], [`USER_SUM_COLUMNS`]).
+    pub fn sum(&self, name: &str) -> i64 {
+        match name {
+            "requests" => self.requests,
+            "successes" => self.successes,
+            "prompt_tokens" => self.prompt_tokens,
+            "completion_tokens" => self.completion_tokens,
+            "total_tokens" => self.total_tokens,
+            "revenue" => self.revenue,
+            "refunds" => self.refunds,
+            "latency_sum" => self.latency_sum,
+            _ => self.ttft_count,
+        }
+    }
+
+    pub fn sum_mut(&mut self, name: &str) -> &mut i64 {
+        match name {
+            "requests" => &mut self.requests,
+            "successes" => &mut self.successes,
+            "prompt_tokens" => &mut self.prompt_tokens,
+            "completion_tokens" => &mut self.completion_tokens,
+            "total_tokens" => &mut self.total_tokens,
+            "revenue" => &mut self.revenue,
+            "refunds" => &mut self.refunds,
+            "latency_sum" => &mut self.latency_sum,
+            _ => &mut self.ttft_count,
         }
     }
 
     fn add(&mut self, r: &RollupInput<'_>) {
         let u = r.usage;
         self.requests += 1;
+        self.successes += i64::from(u.status == UsageStatus::Success.as_str());
         self.prompt_tokens = self.prompt_tokens.saturating_add(u.prompt_tokens);
         self.completion_tokens = self.completion_tokens.saturating_add(u.completion_tokens);
         self.total_tokens = self.total_tokens.saturating_add(u.total_tokens);
@@ -169,26 +227,86 @@ impl Sums {
             self.ttft_count += 1;
             self.hist[2][bucket_of(ttft)] += 1;
         }
+        if !self.registers.is_empty() {
+            if let Some((i, rank)) = register_of(&u.user_email) {
+                self.registers[i] = self.registers[i].max(rank);
+            }
+        }
+    }
+
+    /// Adds another set's sums, histograms and sketch (merged by maximum).
+    pub fn merge(&mut self, o: &Sums) {
+        self.requests += o.requests;
+        self.successes += o.successes;
+        self.prompt_tokens = self.prompt_tokens.saturating_add(o.prompt_tokens);
+        self.completion_tokens = self.completion_tokens.saturating_add(o.completion_tokens);
+        self.total_tokens = self.total_tokens.saturating_add(o.total_tokens);
+        self.revenue = self.revenue.saturating_add(o.revenue);
+        self.refunds = self.refunds.saturating_add(o.refunds);
+        self.latency_sum = self.latency_sum.saturating_add(o.latency_sum);
+        self.ttft_count += o.ttft_count;
+        for (mine, theirs) in self.hist.iter_mut().zip(&o.hist) {
+            for (a, b) in mine.iter_mut().zip(theirs) {
+                *a += b;
+            }
+        }
+        for (a, b) in self.registers.iter_mut().zip(&o.registers) {
+            *a = (*a).max(*b);
+        }
     }
 }
 
-/// The summed columns, as written and read.
-pub const SUM_COLUMNS: [&str; 8] = [
-    "requests",
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "revenue",
-    "refunds",
-    "latency_sum",
-    "ttft_count",
-];
+/// A rollup table the writers keep: its text key columns (after grain, bucket start and owner),
+/// its sums, and whether it keeps the active-user sketch.
+struct Table {
+    name: &'static str,
+    texts: &'static [&'static str],
+    sums: &'static [&'static str],
+    sketch: bool,
+}
 
-/// Every histogram column, in measure then bucket order.
-pub fn hist_columns() -> impl Iterator<Item = String> {
-    MEASURES
-        .iter()
-        .flat_map(|m| (0..HIST_BUCKETS).map(move |i| format!("h_{m}_{i:02}")))
+const USERLESS: Table = Table {
+    name: "usage_rollups",
+    texts: &["app_name", "endpoint", "model", "status"],
+    sums: &SUM_COLUMNS,
+    sketch: true,
+};
+
+const PER_USER: Table = Table {
+    name: "usage_user_rollups",
+    texts: &["app_name", "user_email"],
+    sums: &USER_SUM_COLUMNS,
+    sketch: false,
+};
+
+/// (grain, bucket start, recipient, text key columns in [`Table::texts`] order), borrowed.
+type Key<'a> = (i16, i64, i64, [&'a str; 4]);
+
+/// A column written by the upsert.
+#[derive(Clone, Copy)]
+enum Col {
+    Sum(&'static str),
+    /// Measure × bucket.
+    Hist(usize, usize),
+    Register(usize),
+}
+
+impl Col {
+    fn name(self) -> String {
+        match self {
+            Col::Sum(n) => n.to_string(),
+            Col::Hist(m, i) => format!("h_{}_{i:02}", MEASURES[m]),
+            Col::Register(i) => format!("u_{i:03}"),
+        }
+    }
+
+    fn value(self, s: &Sums) -> i64 {
+        match self {
+            Col::Sum(n) => s.sum(n),
+            Col::Hist(m, i) => s.hist[m][i],
+            Col::Register(i) => i64::from(s.registers[i]),
+        }
+    }
 }
 
 /// Whether writers maintain the rollups; only `bench usage/router --rollups false` turns it off.
@@ -202,13 +320,14 @@ pub fn set_enabled(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
 }
 
-/// Adds the rows to the rollups of every grain, in the caller's transaction.
+/// Adds the rows to the rollups, in the caller's transaction: the user-less rollups at every grain
+/// and the per-user ones at hour and day (docs/analytics.md, "Rollups").
 ///
-/// Only the columns some key of this batch changes are written (a usage row touches eight sums and
-/// at most three of the 192 histogram buckets): writing all 200 columns of every key made the
-/// statement megabytes long for a batch of a thousand rows, and parsing it cost more than the
-/// batch's inserts. Columns left out keep their value (a new row: 0, or NULL for a histogram
-/// bucket on Postgres, which keeps rows narrow: migration 0014).
+/// Rows are aggregated per key first, so a batch costs one upserted row per distinct key and grain:
+/// the user-less keys are few (owner × app × endpoint × model × status), the per-user ones one per
+/// user, owner and app. Only the columns some key of the batch changes are written (a usage row
+/// touches at most three of the 192 histogram buckets): writing all of them made the statement
+/// megabytes long, and parsing it cost more than the batch's inserts.
 pub(crate) async fn upsert_rollups(
     conn: &mut AnyConnection,
     rows: &[RollupInput<'_>],
@@ -216,105 +335,141 @@ pub(crate) async fn upsert_rollups(
     if rows.is_empty() || !ENABLED.load(Ordering::Relaxed) {
         return Ok(());
     }
-    let mut agg: BTreeMap<Key<'_>, Sums> = BTreeMap::new();
-    // The sums are always written; a histogram column only when some row of the batch is in it.
-    let mut used: Vec<bool> = (0..SUM_COLUMNS.len() + 3 * HIST_BUCKETS)
-        .map(|i| i < SUM_COLUMNS.len())
-        .collect();
+    let mut userless: BTreeMap<Key<'_>, Sums> = BTreeMap::new();
+    let mut per_user: BTreeMap<Key<'_>, Sums> = BTreeMap::new();
     for r in rows {
         let u = r.usage;
-        used[SUM_COLUMNS.len() + bucket_of(u.latency_ms)] = true;
-        used[SUM_COLUMNS.len() + HIST_BUCKETS + bucket_of(u.upstream_latency_ms)] = true;
-        if let Some(ttft) = u.ttft_ms {
-            used[SUM_COLUMNS.len() + 2 * HIST_BUCKETS + bucket_of(ttft)] = true;
-        }
         for grain in Grain::ALL {
             let start = r.created_at.div_euclid(grain.micros()) * grain.micros();
-            let key = (
-                grain as i16,
-                start,
-                r.recipient_id,
+            let texts = [
                 u.app_name.as_str(),
                 u.endpoint.as_str(),
-                u.user_email.as_str(),
                 u.model.as_str(),
                 u.status.as_str(),
-            );
-            agg.entry(key).or_default().add(r);
+            ];
+            userless
+                .entry((grain as i16, start, r.recipient_id, texts))
+                .or_insert_with(|| Sums::new(true))
+                .add(r);
+            if USER_GRAINS.contains(&grain) {
+                let texts = [u.app_name.as_str(), u.user_email.as_str(), "", ""];
+                per_user
+                    .entry((grain as i16, start, r.recipient_id, texts))
+                    .or_insert_with(|| Sums::new(false))
+                    .add(r);
+            }
         }
     }
-    let names: Vec<String> = SUM_COLUMNS
-        .iter()
-        .map(|c| c.to_string())
-        .chain(hist_columns())
-        .collect();
-    let used: Vec<usize> = (0..names.len()).filter(|&i| used[i]).collect();
-    let mut head = String::from(
-        "INSERT INTO usage_rollups AS r (grain, bucket_start, recipient_id, app_name, endpoint, \
-         user_email, model, status",
+    upsert_table(conn, &USERLESS, &userless).await?;
+    upsert_table(conn, &PER_USER, &per_user).await
+}
+
+async fn upsert_table(
+    conn: &mut AnyConnection,
+    table: &Table,
+    agg: &BTreeMap<Key<'_>, Sums>,
+) -> Result<(), sqlx::Error> {
+    // The sums always; a histogram bucket or register only when some key of the batch has it.
+    let mut cols: Vec<Col> = table.sums.iter().map(|&n| Col::Sum(n)).collect();
+    for m in 0..MEASURES.len() {
+        for i in 0..HIST_BUCKETS {
+            if agg.values().any(|s| s.hist[m][i] != 0) {
+                cols.push(Col::Hist(m, i));
+            }
+        }
+    }
+    if table.sketch {
+        for i in 0..REGISTERS {
+            if agg.values().any(|s| s.registers[i] != 0) {
+                cols.push(Col::Register(i));
+            }
+        }
+    }
+    let postgres = conn.backend_name() == POSTGRES;
+    let texts = table.texts.join(", ");
+    let mut head = format!(
+        "INSERT INTO {} AS r (grain, bucket_start, recipient_id, {texts}",
+        table.name
     );
-    let mut set = String::from(
-        " ON CONFLICT (grain, bucket_start, recipient_id, app_name, endpoint, user_email, model, \
-         status) DO UPDATE SET ",
-    );
-    for (n, &i) in used.iter().enumerate() {
-        let c = &names[i];
-        let _ = write!(head, ", {c}");
+    let mut set =
+        format!(" ON CONFLICT (grain, bucket_start, recipient_id, {texts}) DO UPDATE SET ");
+    for (n, c) in cols.iter().enumerate() {
+        let c_name = c.name();
+        let _ = write!(head, ", {c_name}");
         let sep = if n == 0 { "" } else { ", " };
-        // Histogram columns are NULL for "none" on Postgres (migration 0014).
-        let _ = write!(set, "{sep}{c} = COALESCE(r.{c}, 0) + excluded.{c}");
+        let _ = match (c, postgres) {
+            // Registers merge by maximum; NULL is 0 (GREATEST skips NULL, SQLite's MAX does not).
+            (Col::Register(_), true) => {
+                write!(
+                    set,
+                    "{sep}{c_name} = GREATEST(r.{c_name}, excluded.{c_name})"
+                )
+            }
+            (Col::Register(_), false) => write!(
+                set,
+                "{sep}{c_name} = MAX(COALESCE(r.{c_name}, 0), excluded.{c_name})"
+            ),
+            // Histogram columns are NULL for "none" on Postgres (migrations 0014, 0015).
+            _ => write!(
+                set,
+                "{sep}{c_name} = COALESCE(r.{c_name}, 0) + excluded.{c_name}"
+            ),
+        };
     }
     head.push(')');
-    if conn.backend_name() == POSTGRES {
-        upsert_postgres(conn, &agg, &names, &used, &head, &set).await
+    if postgres {
+        upsert_postgres(conn, table, agg, &cols, &head, &set).await
     } else {
-        upsert_sqlite(conn, &agg, &used, &head, &set).await
+        upsert_sqlite(conn, table, agg, &cols, &head, &set).await
     }
 }
 
-/// Postgres: one statement per batch whatever its size, the keys as one JSON parameter (the `Any`
-/// driver binds no arrays), in key order so concurrent batches lock rollup rows in one order.
-/// Its text depends only on the set of columns written, so it is prepared once per set.
+/// Postgres: one statement per table and batch whatever its size, the keys as one JSON parameter
+/// (the `Any` driver binds no arrays), in key order so concurrent batches lock rollup rows in one
+/// order (no deadlocks).
 async fn upsert_postgres(
     conn: &mut AnyConnection,
+    table: &Table,
     agg: &BTreeMap<Key<'_>, Sums>,
-    names: &[String],
-    used: &[usize],
+    cols: &[Col],
     head: &str,
     set: &str,
 ) -> Result<(), sqlx::Error> {
+    let names: Vec<String> = cols.iter().map(|c| c.name()).collect();
     // Written by hand: one string for the whole batch instead of a map per key.
-    let mut input = String::with_capacity(agg.len() * (120 + 24 * used.len()));
+    let mut input = String::with_capacity(agg.len() * (120 + 24 * cols.len()));
     input.push('[');
-    for (n, ((grain, start, recipient, app, endpoint, user, model, status), s)) in
-        agg.iter().enumerate()
-    {
+    for (n, ((grain, start, recipient, texts), s)) in agg.iter().enumerate() {
         if n > 0 {
             input.push(',');
         }
         let _ = write!(
             input,
-            r#"{{"n":{n},"grain":{grain},"bucket_start":{start},"recipient_id":{recipient},"app_name":{},"endpoint":{},"user_email":{},"model":{},"status":{}"#,
-            json_text(app),
-            json_text(endpoint),
-            json_text(user),
-            json_text(model),
-            json_text(status)
+            r#"{{"n":{n},"grain":{grain},"bucket_start":{start},"recipient_id":{recipient}"#
         );
-        for &i in used {
-            let _ = write!(input, r#","{}":{}"#, names[i], s.value(i));
+        for (name, text) in table.texts.iter().zip(texts) {
+            let _ = write!(input, r#","{name}":{}"#, json_text(text));
+        }
+        for (c, name) in cols.iter().zip(&names) {
+            let _ = write!(input, r#","{name}":{}"#, c.value(s));
         }
         input.push('}');
     }
     input.push(']');
-    let cols: Vec<&str> = used.iter().map(|&i| names[i].as_str()).collect();
-    let typed: Vec<String> = cols.iter().map(|c| format!("{c} bigint")).collect();
+    let typed: Vec<String> = table
+        .texts
+        .iter()
+        .map(|t| format!("{t} text"))
+        .chain(cols.iter().zip(&names).map(|(c, name)| match c {
+            Col::Register(_) => format!("{name} smallint"),
+            _ => format!("{name} bigint"),
+        }))
+        .collect();
     let sql = format!(
-        "{head} SELECT grain, bucket_start, recipient_id, app_name, endpoint, user_email, model, \
-         status, {} FROM jsonb_to_recordset($1::jsonb) AS i(n bigint, grain smallint, \
-         bucket_start bigint, recipient_id bigint, app_name text, endpoint text, user_email text, \
-         model text, status text, {}) ORDER BY n{set}",
-        cols.join(", "),
+        "{head} SELECT grain, bucket_start, recipient_id, {}, {} FROM jsonb_to_recordset($1::jsonb) \
+         AS i(n bigint, grain smallint, bucket_start bigint, recipient_id bigint, {}) ORDER BY n{set}",
+        table.texts.join(", "),
+        names.join(", "),
         typed.join(", ")
     );
     sqlx::query(&sql).bind(input).execute(&mut *conn).await?;
@@ -326,47 +481,43 @@ pub(crate) fn json_text(s: &str) -> String {
     serde_json::Value::from(s).to_string()
 }
 
-/// Keys per SQLite statement: five bound texts each stay under SQLite's oldest bind limit (999).
+/// Keys per SQLite statement: four bound texts each stay under SQLite's oldest bind limit (999).
 const SQLITE_KEYS_PER_STATEMENT: usize = 150;
 
 /// SQLite: multi-row upserts, numbers written inline (integers we computed, never caller text) and
-/// the five texts bound. SQLite's cost is the commit, so a few statements per batch are cheap.
+/// the texts bound. SQLite's cost is the commit, so a few statements per batch are cheap.
 async fn upsert_sqlite(
     conn: &mut AnyConnection,
+    table: &Table,
     agg: &BTreeMap<Key<'_>, Sums>,
-    used: &[usize],
+    cols: &[Col],
     head: &str,
     set: &str,
 ) -> Result<(), sqlx::Error> {
+    let n_texts = table.texts.len();
     let keys: Vec<(&Key<'_>, &Sums)> = agg.iter().collect();
     for chunk in keys.chunks(SQLITE_KEYS_PER_STATEMENT) {
         let mut sql = format!("{head} VALUES ");
-        for (n, ((grain, start, recipient, ..), s)) in chunk.iter().enumerate() {
-            let p = n * 5;
+        for (n, ((grain, start, recipient, _), s)) in chunk.iter().enumerate() {
             let _ = write!(
                 sql,
-                "{}({grain}, {start}, {recipient}, ${}, ${}, ${}, ${}, ${}",
+                "{}({grain}, {start}, {recipient}",
                 if n == 0 { "" } else { ", " },
-                p + 1,
-                p + 2,
-                p + 3,
-                p + 4,
-                p + 5,
             );
-            for &i in used {
-                let _ = write!(sql, ", {}", s.value(i));
+            for t in 0..n_texts {
+                let _ = write!(sql, ", ${}", n * n_texts + t + 1);
+            }
+            for c in cols {
+                let _ = write!(sql, ", {}", c.value(s));
             }
             sql.push(')');
         }
         sql.push_str(set);
         let mut q = sqlx::query(&sql).persistent(false);
-        for ((_, _, _, app, endpoint, user, model, status), _) in chunk {
-            q = q
-                .bind(app)
-                .bind(endpoint)
-                .bind(user)
-                .bind(model)
-                .bind(status);
+        for ((_, _, _, texts), _) in chunk {
+            for t in &texts[..n_texts] {
+                q = q.bind(*t);
+            }
         }
         q.execute(&mut *conn).await?;
     }
@@ -395,13 +546,18 @@ impl Store {
         let mut tx = self.pool().begin().await?;
         if self.backend() == Backend::Postgres {
             // Writers take ROW EXCLUSIVE on usage_records, then usage_rollups: same order here.
-            sqlx::query("LOCK TABLE usage_records, usage_rollups IN SHARE ROW EXCLUSIVE MODE")
+            sqlx::query(
+                "LOCK TABLE usage_records, usage_rollups, usage_user_rollups \
+                 IN SHARE ROW EXCLUSIVE MODE",
+            )
+            .execute(&mut *tx)
+            .await?;
+        }
+        for table in [USERLESS.name, PER_USER.name] {
+            sqlx::query(&format!("DELETE FROM {table}"))
                 .execute(&mut *tx)
                 .await?;
         }
-        sqlx::query("DELETE FROM usage_rollups")
-            .execute(&mut *tx)
-            .await?;
         let mut after = String::new();
         let mut counted = 0u64;
         loop {

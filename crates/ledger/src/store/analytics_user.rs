@@ -1,0 +1,279 @@
+//! Analytics that need the user: one user's own view (`role=user`), a user filter, or groups by
+//! user (top users). The user-less rollups cannot answer these, so they read the per-user rollups
+//! (`usage_user_rollups`: hour and day, key owner × app × user) for whole hours and days and the
+//! usage rows themselves for the minutes at the edges (index `usage_records_created`: at most
+//! ~2 hours of rows) or, when the query also needs the endpoint, model or status, or minute
+//! buckets, for the whole range (docs/analytics.md, "Which rows a query reads").
+//!
+//! Both sources are grouped by the query's dimensions and the user in SQL and merged here, so
+//! active users are exact: the distinct non-empty user emails of the group.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use sqlx::Row;
+use syft_error::UsageStatus;
+
+use super::analytics::{
+    key_of, measures, range_clause, read_hist, scope_and_filters, segments, Dimension, KeyValue,
+    StatsFilter, StatsGroup,
+};
+use super::query::Where;
+use super::rollup::{bucket_bounds, hist_columns, Grain, Sums, HIST_BUCKETS, USER_SUM_COLUMNS};
+use super::Store;
+use crate::error::Result;
+
+type Groups = BTreeMap<Vec<KeyValue>, (Sums, BTreeSet<String>)>;
+
+/// SQL of [`super::rollup::bucket_of`] for the value `x`: a binary search over the bucket bounds
+/// (six comparisons), so raw rows land in the same histogram buckets as the writer puts them.
+pub(super) fn bucket_sql(x: &str) -> String {
+    fn rec(x: &str, b: &[i64], lo: usize, hi: usize) -> String {
+        if hi - lo == 1 {
+            return lo.to_string();
+        }
+        let mid = (lo + hi) / 2;
+        format!(
+            "CASE WHEN {x} < {} THEN {} ELSE {} END",
+            b[mid],
+            rec(x, b, lo, mid),
+            rec(x, b, mid, hi)
+        )
+    }
+    rec(x, &bucket_bounds(), 0, HIST_BUCKETS)
+}
+
+impl Store {
+    pub(super) async fn user_stats(&self, f: &StatsFilter) -> Result<Vec<StatsGroup>> {
+        let rollups_answer = f.group_by.iter().all(|d| {
+            matches!(
+                d,
+                Dimension::Day | Dimension::Hour | Dimension::App | Dimension::User
+            )
+        }) && f.endpoint.is_none()
+            && f.model.is_none()
+            && f.status.is_none();
+        let mut groups = Groups::new();
+        let mut raw = Vec::new();
+        if rollups_answer {
+            let max_grain = f
+                .group_by
+                .iter()
+                .filter_map(|d| d.grain())
+                .min()
+                .unwrap_or(Grain::Day);
+            let mut ranges = Vec::new();
+            for (g, a, b) in segments(f.since, f.until, max_grain) {
+                if g == Grain::Minute {
+                    raw.push((a, b));
+                } else {
+                    ranges.push((g, a, b));
+                }
+            }
+            if !ranges.is_empty() {
+                self.user_rollup_groups(f, &ranges, &mut groups).await?;
+            }
+        } else {
+            raw.push((f.since, f.until));
+        }
+        if !raw.is_empty() {
+            self.raw_groups(f, &raw, &mut groups).await?;
+        }
+        Ok(groups
+            .into_iter()
+            .filter(|(_, (s, _))| s.requests > 0)
+            .take(f.limit)
+            .map(|(key, (s, users))| StatsGroup {
+                key,
+                measures: measures(&s, users.len() as i64),
+            })
+            .collect())
+    }
+
+    /// Per-user rollups of the whole hours and days of the range, per group and user.
+    async fn user_rollup_groups(
+        &self,
+        f: &StatsFilter,
+        ranges: &[(Grain, i64, i64)],
+        groups: &mut Groups,
+    ) -> Result<()> {
+        let mut w = Where::default();
+        let ranges: Vec<String> = ranges
+            .iter()
+            .map(|&(g, a, b)| range_clause(&mut w, Some(g), a, b))
+            .collect();
+        w.clauses.push(format!("({})", ranges.join(" OR ")));
+        scope_and_filters(&mut w, f, "r");
+        let keys: Vec<String> = f
+            .group_by
+            .iter()
+            .map(|d| d.column("r", "bucket_start"))
+            .collect();
+        let mut select: Vec<String> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| format!("{k} AS k{i}"))
+            .collect();
+        select.push("r.user_email AS uk".into());
+        select.extend(USER_SUM_COLUMNS.map(|c| format!("CAST(SUM(r.{c}) AS BIGINT) AS {c}")));
+        select.extend(hist_columns().map(|c| format!("CAST(SUM(r.{c}) AS BIGINT) AS {c}")));
+        let group: Vec<String> = (0..keys.len())
+            .map(|i| format!("k{i}"))
+            .chain(["uk".to_string()])
+            .collect();
+        let sql = format!(
+            "SELECT {} FROM usage_user_rollups r {} GROUP BY {}",
+            select.join(", "),
+            w.sql(),
+            group.join(", ")
+        );
+        for row in self.fetch_stats(&w, &sql, true).await? {
+            let mut s = Sums::new(false);
+            for c in USER_SUM_COLUMNS {
+                *s.sum_mut(c) = row.try_get(c)?;
+            }
+            read_hist(&row, &mut s)?;
+            let user: String = row.try_get("uk")?;
+            let (sums, users) = groups
+                .entry(key_of(&row, f)?)
+                .or_insert_with(|| (Sums::new(false), BTreeSet::new()));
+            sums.merge(&s);
+            if !user.is_empty() {
+                users.insert(user);
+            }
+        }
+        Ok(())
+    }
+
+    /// The usage rows created in `ranges`, per group, user and histogram bucket.
+    async fn raw_groups(
+        &self,
+        f: &StatsFilter,
+        ranges: &[(i64, i64)],
+        groups: &mut Groups,
+    ) -> Result<()> {
+        let mut w = Where::default();
+        let times: Vec<String> = ranges
+            .iter()
+            .map(|&(a, b)| range_clause(&mut w, None, a, b))
+            .collect();
+        w.clauses.push(format!("({})", times.join(" OR ")));
+        scope_and_filters(&mut w, f, "u");
+        let keys: Vec<String> = f
+            .group_by
+            .iter()
+            .map(|d| d.column("u", "created_at"))
+            .collect();
+        let mut select: Vec<String> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| format!("{k} AS k{i}"))
+            .collect();
+        // Refunds as the writers count them: what the hold released (held minus captured).
+        let held = "COALESCE(t.amount, h.amount, u.cost)";
+        select.extend([
+            "u.user_email AS uk".to_string(),
+            format!("CAST({} AS BIGINT) AS bl", bucket_sql("u.latency_ms")),
+            format!(
+                "CAST({} AS BIGINT) AS bu",
+                bucket_sql("u.upstream_latency_ms")
+            ),
+            format!(
+                "CAST(CASE WHEN u.ttft_ms IS NULL THEN NULL ELSE {} END AS BIGINT) AS bt",
+                bucket_sql("u.ttft_ms")
+            ),
+            "CAST(COUNT(*) AS BIGINT) AS requests".into(),
+            // The status text is the enum's own, never caller input.
+            format!(
+                "CAST(SUM(CASE WHEN u.status = '{}' THEN 1 ELSE 0 END) AS BIGINT) AS successes",
+                UsageStatus::Success.as_str()
+            ),
+            "CAST(SUM(u.prompt_tokens) AS BIGINT) AS prompt_tokens".into(),
+            "CAST(SUM(u.completion_tokens) AS BIGINT) AS completion_tokens".into(),
+            "CAST(SUM(u.total_tokens) AS BIGINT) AS total_tokens".into(),
+            "CAST(SUM(u.cost) AS BIGINT) AS revenue".into(),
+            format!(
+                "CAST(SUM(CASE WHEN {held} > u.cost THEN {held} - u.cost ELSE 0 END) AS BIGINT) \
+                 AS refunds"
+            ),
+            "CAST(SUM(u.latency_ms) AS BIGINT) AS latency_sum".into(),
+            "CAST(COUNT(u.ttft_ms) AS BIGINT) AS ttft_count".into(),
+        ]);
+        let group: Vec<String> = (0..keys.len())
+            .map(|i| format!("k{i}"))
+            .chain(["uk", "bl", "bu", "bt"].map(String::from))
+            .collect();
+        let sql = format!(
+            "SELECT {} FROM usage_records u LEFT JOIN transfers t ON t.id = u.transfer_id \
+             LEFT JOIN hosted_transfers h ON h.id = u.hosted_transfer_id {} GROUP BY {}",
+            select.join(", "),
+            w.sql(),
+            group.join(", ")
+        );
+        let bucket = |v: i64| (v.max(0) as usize).min(HIST_BUCKETS - 1);
+        for row in self.fetch_stats(&w, &sql, false).await? {
+            let mut s = Sums::new(false);
+            for c in USER_SUM_COLUMNS {
+                *s.sum_mut(c) = row.try_get(c)?;
+            }
+            s.hist[0][bucket(row.try_get("bl")?)] += s.requests;
+            s.hist[1][bucket(row.try_get("bu")?)] += s.requests;
+            if let Some(bt) = row.try_get::<Option<i64>, _>("bt")? {
+                s.hist[2][bucket(bt)] += s.ttft_count;
+            }
+            let user: String = row.try_get("uk")?;
+            let (sums, users) = groups
+                .entry(key_of(&row, f)?)
+                .or_insert_with(|| (Sums::new(false), BTreeSet::new()));
+            sums.merge(&s);
+            if !user.is_empty() {
+                users.insert(user);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::rollup::bucket_of;
+
+    /// The SQL bucket search picks `bucket_of`'s bucket: checked by evaluating its comparisons.
+    #[test]
+    fn bucket_sql_follows_the_bounds() {
+        fn eval(sql: &str, v: i64) -> usize {
+            // "CASE WHEN x < B THEN a ELSE b END", nested.
+            let s = sql.trim();
+            if let Ok(n) = s.parse() {
+                return n;
+            }
+            let rest = &s["CASE WHEN x < ".len()..s.len() - " END".len()];
+            let (bound, rest) = rest.split_once(" THEN ").expect("then");
+            // Split THEN/ELSE at the ELSE of this level (nesting depth 0).
+            let mut depth = 0;
+            let bytes = rest.as_bytes();
+            let mut at = None;
+            for i in 0..bytes.len() {
+                if rest[i..].starts_with("CASE ") {
+                    depth += 1;
+                } else if rest[i..].starts_with(" END") {
+                    depth -= 1;
+                } else if depth == 0 && rest[i..].starts_with(" ELSE ") {
+                    at = Some(i);
+                    break;
+                }
+            }
+            let at = at.expect("else");
+            let (then, other) = (&rest[..at], &rest[at + " ELSE ".len()..]);
+            if v < bound.parse::<i64>().expect("bound") {
+                eval(then, v)
+            } else {
+                eval(other, v)
+            }
+        }
+        let sql = bucket_sql("x");
+        for v in (-3..200).chain([1_000, 5_000, 126_935, 126_936, 10_000_000]) {
+            assert_eq!(eval(&sql, v), bucket_of(v), "{v}");
+        }
+    }
+}
