@@ -247,6 +247,16 @@ fn needs_user(f: &StatsFilter) -> bool {
 }
 
 /// The scope and the filters other than the user's, on table alias `t`.
+/// The grouped dimensions as select items `k0`, `k1`, … over table alias `t`, time buckets taken
+/// from column `time` (rollups: `bucket_start`; raw rows: `created_at`).
+pub(super) fn group_select(f: &StatsFilter, t: &str, time: &str) -> Vec<String> {
+    f.group_by
+        .iter()
+        .enumerate()
+        .map(|(i, d)| format!("{} AS k{i}", d.column(t, time)))
+        .collect()
+}
+
 pub(super) fn scope_and_filters(w: &mut Where, f: &StatsFilter, t: &str) {
     match &f.scope {
         StatsScope::All => {}
@@ -332,16 +342,7 @@ impl Store {
         }
         w.clauses.push(format!("({})", ranges.join(" OR ")));
         scope_and_filters(&mut w, f, "r");
-        let keys: Vec<String> = f
-            .group_by
-            .iter()
-            .map(|d| d.column("r", "bucket_start"))
-            .collect();
-        let mut select: Vec<String> = keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| format!("{k} AS k{i}"))
-            .collect();
+        let mut select = group_select(f, "r", "bucket_start");
         let sum = |c: &str| format!("CAST(SUM(r.{c}) AS BIGINT) AS {c}");
         select.extend(SUM_COLUMNS.map(sum));
         // The status text is the enum's own (`UsageStatus::as_str`), never caller input.
@@ -354,10 +355,10 @@ impl Store {
         select.extend(hist_columns().map(|c| format!("CAST(SUM(r.{c}) AS BIGINT) AS {c}")));
         // The active-user sketches merge by maximum (`hll.rs`); NULL registers are 0.
         select.extend(register_columns().map(|c| format!("CAST(MAX(r.{c}) AS BIGINT) AS {c}")));
-        let group = if keys.is_empty() {
+        let group = if f.group_by.is_empty() {
             String::new()
         } else {
-            let n: Vec<String> = (0..keys.len()).map(|i| format!("k{i}")).collect();
+            let n: Vec<String> = (0..f.group_by.len()).map(|i| format!("k{i}")).collect();
             format!("GROUP BY {0} ORDER BY {0}", n.join(", "))
         };
         let sql = format!(

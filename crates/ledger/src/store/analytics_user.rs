@@ -14,8 +14,8 @@ use sqlx::Row;
 use syft_error::UsageStatus;
 
 use super::analytics::{
-    key_of, measures, range_clause, read_hist, scope_and_filters, segments, Dimension, KeyValue,
-    StatsFilter, StatsGroup,
+    group_select, key_of, measures, range_clause, read_hist, scope_and_filters, segments,
+    Dimension, KeyValue, StatsFilter, StatsGroup,
 };
 use super::query::Where;
 use super::rollup::{bucket_bounds, hist_columns, Grain, Sums, HIST_BUCKETS, USER_SUM_COLUMNS};
@@ -103,20 +103,11 @@ impl Store {
             .collect();
         w.clauses.push(format!("({})", ranges.join(" OR ")));
         scope_and_filters(&mut w, f, "r");
-        let keys: Vec<String> = f
-            .group_by
-            .iter()
-            .map(|d| d.column("r", "bucket_start"))
-            .collect();
-        let mut select: Vec<String> = keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| format!("{k} AS k{i}"))
-            .collect();
+        let mut select = group_select(f, "r", "bucket_start");
         select.push("r.user_email AS uk".into());
         select.extend(USER_SUM_COLUMNS.map(|c| format!("CAST(SUM(r.{c}) AS BIGINT) AS {c}")));
         select.extend(hist_columns().map(|c| format!("CAST(SUM(r.{c}) AS BIGINT) AS {c}")));
-        let group: Vec<String> = (0..keys.len())
+        let group: Vec<String> = (0..f.group_by.len())
             .map(|i| format!("k{i}"))
             .chain(["uk".to_string()])
             .collect();
@@ -158,16 +149,7 @@ impl Store {
             .collect();
         w.clauses.push(format!("({})", times.join(" OR ")));
         scope_and_filters(&mut w, f, "u");
-        let keys: Vec<String> = f
-            .group_by
-            .iter()
-            .map(|d| d.column("u", "created_at"))
-            .collect();
-        let mut select: Vec<String> = keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| format!("{k} AS k{i}"))
-            .collect();
+        let mut select = group_select(f, "u", "created_at");
         // Refunds as the writers count them: what the hold released (held minus captured).
         let held = "COALESCE(t.amount, h.amount, u.cost)";
         select.extend([
@@ -198,7 +180,7 @@ impl Store {
             "CAST(SUM(u.latency_ms) AS BIGINT) AS latency_sum".into(),
             "CAST(COUNT(u.ttft_ms) AS BIGINT) AS ttft_count".into(),
         ]);
-        let group: Vec<String> = (0..keys.len())
+        let group: Vec<String> = (0..f.group_by.len())
             .map(|i| format!("k{i}"))
             .chain(["uk", "bl", "bu", "bt"].map(String::from))
             .collect();
