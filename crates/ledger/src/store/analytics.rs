@@ -323,6 +323,8 @@ pub(super) fn read_hist(row: &sqlx::any::AnyRow, s: &mut Sums) -> Result<()> {
 impl Store {
     /// Grouped measures, groups in key order (time ascending).
     pub async fn usage_stats(&self, f: &StatsFilter) -> Result<Vec<StatsGroup>> {
+        // Rows still queued for the rollups are folded first, so the answer is exact.
+        self.fold_rollups().await?;
         if needs_user(f) {
             return self.user_stats(f).await;
         }

@@ -20,7 +20,7 @@ use serde_json::json;
 use sqlx::{AnyPool, FromRow, Row};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
-use super::rollup::{upsert_rollups, RollupInput};
+use super::rollup;
 use super::{
     Actor, AnswerWrite, BudgetRefusal, HoldBudgets, Micros, TransferRow, TransferStatus,
     UsageInput, TRANSFER_COLUMNS,
@@ -326,36 +326,17 @@ async fn resolve_batch(
                    "in_ttft": u.ttft_ms})
         })
         .collect();
-    // The rollups of the inserted usage rows commit with them (store/rollup.rs).
-    let mut tx = pool.begin().await?;
+    // The statement queues the usage rows it inserted for the rollups (`q`, rollup_fold.rs).
     let rows = sqlx::query(&RESOLVE_BATCH)
         .bind(serde_json::Value::Array(input).to_string())
-        .fetch_all(&mut *tx)
+        .bind(rollup::enabled())
+        .fetch_all(pool)
         .await?;
     let mut results = vec![None; resolves.len()];
-    let mut inserted = Vec::new();
     for row in rows {
         let n: i32 = row.try_get("in_n")?;
-        let t = TransferRow::from_row(&row)?;
-        if row.try_get::<bool, _>("usage_inserted")? {
-            if let Some(u) = &resolves[n as usize].usage {
-                inserted.push((t.clone(), u));
-            }
-        }
-        results[n as usize] = Some(t);
+        results[n as usize] = Some(TransferRow::from_row(&row)?);
     }
-    let rollups: Vec<RollupInput<'_>> = inserted
-        .iter()
-        .map(|(t, u)| RollupInput {
-            recipient_id: t.recipient_id,
-            created_at: t.resolved_at.unwrap_or(t.created_at),
-            revenue: t.captured.get(),
-            refund: t.amount.get().saturating_sub(t.captured.get()).max(0),
-            usage: u,
-        })
-        .collect();
-    upsert_rollups(&mut tx, &rollups).await?;
-    tx.commit().await?;
     Ok(results)
 }
 
@@ -506,8 +487,10 @@ WITH input AS (
     FROM t WHERE in_answer IS NOT NULL AND status = 'COMPLETED'
     ON CONFLICT (transfer_id) DO NOTHING
     RETURNING transfer_id
+), q AS (
+    INSERT INTO usage_rollup_queue (usage_id) SELECT id FROM u WHERE $2
 )
-SELECT {TRANSFER_COLUMNS}, t.in_n, t.in_usage_id IN (SELECT id FROM u) AS usage_inserted
+SELECT {TRANSFER_COLUMNS}, t.in_n
 FROM t JOIN accounts sa ON sa.id = t.sender_id JOIN accounts ra ON ra.id = t.recipient_id"
     )
 });

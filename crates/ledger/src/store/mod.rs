@@ -16,6 +16,7 @@ mod extend;
 pub mod hll;
 mod query;
 pub mod rollup;
+mod rollup_fold;
 mod rows;
 mod token;
 mod transfer;
@@ -97,6 +98,8 @@ pub struct Store {
     usage_writer: usage_batch::UsageWriter,
     /// Budgeted holds of one sender wait here, not on a pooled connection (see `budget.rs`).
     sender_queues: budget::SenderQueues,
+    /// Postgres only: folds queued usage rows into the rollups (`rollup_fold.rs`).
+    _folder: Option<rollup_fold::Folder>,
 }
 
 /// Runs `op` again when the database reports a serialization failure or deadlock; those are never
@@ -174,7 +177,10 @@ impl Store {
         let batcher = (backend == Backend::Postgres)
             .then(|| batch::Batcher::start(pool.clone(), batch_workers));
         let usage_writer = usage_batch::UsageWriter::start(pool.clone(), backend);
+        let folder =
+            (backend == Backend::Postgres).then(|| rollup_fold::start_folder(pool.clone()));
         let store = Self {
+            _folder: folder,
             sender_queues: budget::SenderQueues::default(),
             batcher,
             usage_writer,

@@ -12,14 +12,14 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::LazyLock;
 
 use sqlx::AnyConnection;
 
 use syft_error::UsageStatus;
 
 use super::hll::{register_of, REGISTERS};
-use super::{Backend, Store, UsageInput};
-use crate::error::Result;
+use super::UsageInput;
 
 /// `AnyConnection::backend_name` of a Postgres connection.
 const POSTGRES: &str = "PostgreSQL";
@@ -99,6 +99,8 @@ pub fn bucket_value(i: usize) -> f64 {
 /// One usage row as the rollups see it.
 #[derive(Debug, Clone)]
 pub(crate) struct RollupInput<'a> {
+    /// The usage row's id (what the Postgres writers queue, `rollup_fold.rs`).
+    pub usage_id: &'a str,
     pub recipient_id: i64,
     pub created_at: i64,
     /// Captured micros.
@@ -265,6 +267,19 @@ struct Table {
     sketch: bool,
 }
 
+impl Table {
+    /// [`postgres_upsert_sql`] of this table, built once.
+    fn postgres_sql(&'static self) -> &'static str {
+        static USERLESS_SQL: LazyLock<String> = LazyLock::new(|| postgres_upsert_sql(&USERLESS));
+        static PER_USER_SQL: LazyLock<String> = LazyLock::new(|| postgres_upsert_sql(&PER_USER));
+        if self.name == USERLESS.name {
+            &USERLESS_SQL
+        } else {
+            &PER_USER_SQL
+        }
+    }
+}
+
 const USERLESS: Table = Table {
     name: "usage_rollups",
     texts: &["app_name", "endpoint", "model", "status"],
@@ -320,19 +335,23 @@ pub fn set_enabled(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
 }
 
+pub(crate) fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
 /// Adds the rows to the rollups, in the caller's transaction: the user-less rollups at every grain
-/// and the per-user ones at hour and day (docs/analytics.md, "Rollups").
+/// and the per-user ones at hour and day (docs/analytics.md, "Rollups"). Writers call
+/// `rollup_fold::add_to_rollups`, which queues the rows on Postgres; this is the folder's (and
+/// SQLite's, and the rebuild's) step.
 ///
 /// Rows are aggregated per key first, so a batch costs one upserted row per distinct key and grain:
 /// the user-less keys are few (owner × app × endpoint × model × status), the per-user ones one per
-/// user, owner and app. Only the columns some key of the batch changes are written (a usage row
-/// touches at most three of the 192 histogram buckets): writing all of them made the statement
-/// megabytes long, and parsing it cost more than the batch's inserts.
+/// user, owner and app.
 pub(crate) async fn upsert_rollups(
     conn: &mut AnyConnection,
     rows: &[RollupInput<'_>],
 ) -> Result<(), sqlx::Error> {
-    if rows.is_empty() || !ENABLED.load(Ordering::Relaxed) {
+    if rows.is_empty() {
         return Ok(());
     }
     let mut userless: BTreeMap<Key<'_>, Sums> = BTreeMap::new();
@@ -366,10 +385,14 @@ pub(crate) async fn upsert_rollups(
 
 async fn upsert_table(
     conn: &mut AnyConnection,
-    table: &Table,
+    table: &'static Table,
     agg: &BTreeMap<Key<'_>, Sums>,
 ) -> Result<(), sqlx::Error> {
-    // The sums always; a histogram bucket or register only when some key of the batch has it.
+    if conn.backend_name() == POSTGRES {
+        return upsert_postgres(conn, table, agg).await;
+    }
+    // SQLite: the sums always; a histogram bucket or register only when some key of the batch
+    // has it (the numbers are written inline, so the statement is new each time anyway).
     let mut cols: Vec<Col> = table.sums.iter().map(|&n| Col::Sum(n)).collect();
     for m in 0..MEASURES.len() {
         for i in 0..HIST_BUCKETS {
@@ -385,7 +408,6 @@ async fn upsert_table(
             }
         }
     }
-    let postgres = conn.backend_name() == POSTGRES;
     let texts = table.texts.join(", ");
     let mut head = format!(
         "INSERT INTO {} AS r (grain, bucket_start, recipient_id, {texts}",
@@ -397,19 +419,12 @@ async fn upsert_table(
         let c_name = c.name();
         let _ = write!(head, ", {c_name}");
         let sep = if n == 0 { "" } else { ", " };
-        let _ = match (c, postgres) {
-            // Registers merge by maximum; NULL is 0 (GREATEST skips NULL, SQLite's MAX does not).
-            (Col::Register(_), true) => {
-                write!(
-                    set,
-                    "{sep}{c_name} = GREATEST(r.{c_name}, excluded.{c_name})"
-                )
-            }
-            (Col::Register(_), false) => write!(
+        let _ = match c {
+            // Registers merge by maximum; NULL is 0 (SQLite's MAX returns NULL with a NULL).
+            Col::Register(_) => write!(
                 set,
                 "{sep}{c_name} = MAX(COALESCE(r.{c_name}, 0), excluded.{c_name})"
             ),
-            // Histogram columns are NULL for "none" on Postgres (migrations 0014, 0015).
             _ => write!(
                 set,
                 "{sep}{c_name} = COALESCE(r.{c_name}, 0) + excluded.{c_name}"
@@ -417,27 +432,104 @@ async fn upsert_table(
         };
     }
     head.push(')');
-    if postgres {
-        upsert_postgres(conn, table, agg, &cols, &head, &set).await
-    } else {
-        upsert_sqlite(conn, table, agg, &cols, &head, &set).await
-    }
+    upsert_sqlite(conn, table, agg, &cols, &head, &set).await
 }
 
-/// Postgres: one statement per table and batch whatever its size, the keys as one JSON parameter
-/// (the `Any` driver binds no arrays), in key order so concurrent batches lock rollup rows in one
-/// order (no deadlocks).
+/// The Postgres upsert of a table: the same text for every batch, so each connection prepares and
+/// plans it once. (Writing only the columns a batch touches, as before, made a new statement text
+/// for nearly every batch: each user's register and each latency bucket changed it, and preparing
+/// and planning a 300-column upsert per batch cost more than the batch's own writes, and it did
+/// so inside the transaction that holds the payers' account rows.)
+///
+/// Keys come as one JSON parameter (the `Any` driver binds no arrays), histograms and registers
+/// as JSON arrays; a zero stays NULL in the table (`NULLIF`, and `COALESCE(a + b, a, b)` adds
+/// two possibly-NULL counts), as migrations 0014 and 0015 store "none".
+fn postgres_upsert_sql(table: &Table) -> String {
+    let texts = table.texts.join(", ");
+    let hist: Vec<(String, String)> = MEASURES
+        .iter()
+        .flat_map(|m| {
+            (0..HIST_BUCKETS).map(move |i| {
+                (
+                    format!("h_{m}_{i:02}"),
+                    format!("NULLIF(i.h_{m}[{}], 0)", i + 1),
+                )
+            })
+        })
+        .collect();
+    let regs: Vec<(String, String)> = if table.sketch {
+        (0..REGISTERS)
+            .map(|i| {
+                (
+                    format!("u_{i:03}"),
+                    format!("CAST(NULLIF(i.u[{}], 0) AS SMALLINT)", i + 1),
+                )
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let names: Vec<&str> = table
+        .sums
+        .iter()
+        .copied()
+        .chain(hist.iter().chain(&regs).map(|(n, _)| n.as_str()))
+        .collect();
+    let values: Vec<String> = table
+        .sums
+        .iter()
+        .map(|s| format!("i.{s}"))
+        .chain(hist.iter().chain(&regs).map(|(_, v)| v.clone()))
+        .collect();
+    let mut typed: Vec<String> = table.texts.iter().map(|t| format!("{t} text")).collect();
+    typed.extend(table.sums.iter().map(|s| format!("{s} bigint")));
+    typed.extend(MEASURES.iter().map(|m| format!("h_{m} bigint[]")));
+    if table.sketch {
+        typed.push("u int[]".into());
+    }
+    let set: Vec<String> = table
+        .sums
+        .iter()
+        .map(|s| format!("{s} = r.{s} + excluded.{s}"))
+        .chain(
+            hist.iter()
+                .map(|(c, _)| format!("{c} = COALESCE(r.{c} + excluded.{c}, r.{c}, excluded.{c})")),
+        )
+        .chain(
+            regs.iter()
+                .map(|(c, _)| format!("{c} = GREATEST(r.{c}, excluded.{c})")),
+        )
+        .collect();
+    format!(
+        "INSERT INTO {name} AS r (grain, bucket_start, recipient_id, {texts}, {names}) \
+         SELECT i.grain, i.bucket_start, i.recipient_id, {itexts}, {values} \
+         FROM jsonb_to_recordset($1::jsonb) AS i(n bigint, grain smallint, bucket_start bigint, \
+         recipient_id bigint, {typed}) ORDER BY i.n \
+         ON CONFLICT (grain, bucket_start, recipient_id, {texts}) DO UPDATE SET {set}",
+        name = table.name,
+        names = names.join(", "),
+        itexts = table
+            .texts
+            .iter()
+            .map(|t| format!("i.{t}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        values = values.join(", "),
+        typed = typed.join(", "),
+        set = set.join(", "),
+    )
+}
+
+/// Postgres: one statement per table and batch whatever its size, in key order so concurrent
+/// batches lock rollup rows in one order (no deadlocks).
 async fn upsert_postgres(
     conn: &mut AnyConnection,
-    table: &Table,
+    table: &'static Table,
     agg: &BTreeMap<Key<'_>, Sums>,
-    cols: &[Col],
-    head: &str,
-    set: &str,
 ) -> Result<(), sqlx::Error> {
-    let names: Vec<String> = cols.iter().map(|c| c.name()).collect();
     // Written by hand: one string for the whole batch instead of a map per key.
-    let mut input = String::with_capacity(agg.len() * (120 + 24 * cols.len()));
+    let width = 3 * HIST_BUCKETS + if table.sketch { REGISTERS } else { 0 };
+    let mut input = String::with_capacity(agg.len() * (200 + 2 * width));
     input.push('[');
     for (n, ((grain, start, recipient, texts), s)) in agg.iter().enumerate() {
         if n > 0 {
@@ -450,30 +542,36 @@ async fn upsert_postgres(
         for (name, text) in table.texts.iter().zip(texts) {
             let _ = write!(input, r#","{name}":{}"#, json_text(text));
         }
-        for (c, name) in cols.iter().zip(&names) {
-            let _ = write!(input, r#","{name}":{}"#, c.value(s));
+        for name in table.sums {
+            let _ = write!(input, r#","{name}":{}"#, s.sum(name));
+        }
+        for (m, measure) in MEASURES.iter().enumerate() {
+            let _ = write!(input, r#","h_{measure}":"#);
+            json_array(&mut input, s.hist[m].iter().copied());
+        }
+        if table.sketch {
+            input.push_str(r#","u":"#);
+            json_array(&mut input, s.registers.iter().map(|&r| i64::from(r)));
         }
         input.push('}');
     }
     input.push(']');
-    let typed: Vec<String> = table
-        .texts
-        .iter()
-        .map(|t| format!("{t} text"))
-        .chain(cols.iter().zip(&names).map(|(c, name)| match c {
-            Col::Register(_) => format!("{name} smallint"),
-            _ => format!("{name} bigint"),
-        }))
-        .collect();
-    let sql = format!(
-        "{head} SELECT grain, bucket_start, recipient_id, {}, {} FROM jsonb_to_recordset($1::jsonb) \
-         AS i(n bigint, grain smallint, bucket_start bigint, recipient_id bigint, {}) ORDER BY n{set}",
-        table.texts.join(", "),
-        names.join(", "),
-        typed.join(", ")
-    );
-    sqlx::query(&sql).bind(input).execute(&mut *conn).await?;
+    sqlx::query(table.postgres_sql())
+        .bind(input)
+        .execute(&mut *conn)
+        .await?;
     Ok(())
+}
+
+fn json_array(out: &mut String, values: impl Iterator<Item = i64>) {
+    out.push('[');
+    for (i, v) in values.enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(out, "{v}");
+    }
+    out.push(']');
 }
 
 /// A JSON string literal (quoted and escaped).
@@ -522,94 +620,6 @@ async fn upsert_sqlite(
         q.execute(&mut *conn).await?;
     }
     Ok(())
-}
-
-/// A usage row with the hold it settled, as a rebuild reads it.
-#[derive(sqlx::FromRow)]
-struct RawRow {
-    id: String,
-    recipient_id: i64,
-    created_at: i64,
-    cost: i64,
-    held: i64,
-    #[sqlx(flatten)]
-    usage: UsageInput,
-}
-
-const REBUILD_PAGE: i64 = 1_000;
-
-impl Store {
-    /// Recomputes every rollup from the usage rows, in one transaction that keeps writers out
-    /// (Postgres: table locks; SQLite: the single writer). Used when a ledger upgrades with usage
-    /// rows older than the rollups, and by `ledger rollups rebuild`. Returns the rows counted.
-    pub async fn rebuild_rollups(&self) -> Result<u64> {
-        let mut tx = self.pool().begin().await?;
-        if self.backend() == Backend::Postgres {
-            // Writers take ROW EXCLUSIVE on usage_records, then usage_rollups: same order here.
-            sqlx::query(
-                "LOCK TABLE usage_records, usage_rollups, usage_user_rollups \
-                 IN SHARE ROW EXCLUSIVE MODE",
-            )
-            .execute(&mut *tx)
-            .await?;
-        }
-        for table in [USERLESS.name, PER_USER.name] {
-            sqlx::query(&format!("DELETE FROM {table}"))
-                .execute(&mut *tx)
-                .await?;
-        }
-        let mut after = String::new();
-        let mut counted = 0u64;
-        loop {
-            let rows: Vec<RawRow> = sqlx::query_as(
-                "SELECT u.id, u.recipient_id, u.created_at, u.cost, \
-                 COALESCE(t.amount, h.amount, u.cost) AS held, u.request_id, u.app_name, \
-                 u.endpoint, u.user_email, u.model, u.prompt_tokens, u.completion_tokens, \
-                 u.total_tokens, u.status, u.latency_ms, u.upstream_latency_ms, u.ttft_ms \
-                 FROM usage_records u LEFT JOIN transfers t ON t.id = u.transfer_id \
-                 LEFT JOIN hosted_transfers h ON h.id = u.hosted_transfer_id \
-                 WHERE u.id > $1 ORDER BY u.id LIMIT $2",
-            )
-            .bind(&after)
-            .bind(REBUILD_PAGE)
-            .fetch_all(&mut *tx)
-            .await?;
-            let Some(last) = rows.last() else { break };
-            after = last.id.clone();
-            let inputs: Vec<RollupInput<'_>> = rows
-                .iter()
-                .map(|r| RollupInput {
-                    recipient_id: r.recipient_id,
-                    created_at: r.created_at,
-                    revenue: r.cost,
-                    refund: r.held.saturating_sub(r.cost).max(0),
-                    usage: &r.usage,
-                })
-                .collect();
-            upsert_rollups(&mut tx, &inputs).await?;
-            counted += rows.len() as u64;
-        }
-        tx.commit().await?;
-        Ok(counted)
-    }
-
-    /// After migrations: rollups are empty but usage rows exist (a ledger upgraded from before
-    /// rollups), so they are computed once.
-    pub(crate) async fn backfill_rollups(&self) -> Result<()> {
-        let rollups: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM (SELECT 1 FROM usage_rollups LIMIT 1) x")
-                .fetch_one(self.pool())
-                .await?;
-        let usage: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM (SELECT 1 FROM usage_records LIMIT 1) x")
-                .fetch_one(self.pool())
-                .await?;
-        if rollups == 0 && usage > 0 {
-            let n = self.rebuild_rollups().await?;
-            tracing::info!(rows = n, "usage rollups computed from existing usage rows");
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]

@@ -3,7 +3,8 @@
 use sqlx::AnyConnection;
 use syft_error::UsageStatus;
 
-use super::rollup::{upsert_rollups, RollupInput};
+use super::rollup::RollupInput;
+use super::rollup_fold::add_to_rollups;
 use super::usage_batch::UsageJob;
 use super::{new_id, now_micros, Micros, Store, UsageInput, UsageRow};
 use crate::error::{LedgerError, Result};
@@ -77,7 +78,7 @@ pub(crate) async fn insert_usage(
     w: &UsageWrite<'_>,
 ) -> std::result::Result<(), sqlx::Error> {
     if insert_usage_row(conn, w).await? {
-        upsert_rollups(conn, &[w.rollup()]).await?;
+        add_to_rollups(conn, &[w.rollup()]).await?;
     }
     Ok(())
 }
@@ -86,6 +87,7 @@ impl UsageWrite<'_> {
     /// The row as the rollups count it.
     pub(crate) fn rollup(&self) -> RollupInput<'_> {
         RollupInput {
+            usage_id: self.id,
             recipient_id: self.recipient_id,
             created_at: self.now,
             revenue: self.cost.get(),

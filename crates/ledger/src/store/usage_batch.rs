@@ -18,7 +18,8 @@ use std::sync::Arc;
 use sqlx::{AnyConnection, AnyPool, Row};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
-use super::rollup::{upsert_rollups, RollupInput};
+use super::rollup::{self, RollupInput};
+use super::rollup_fold::add_to_rollups;
 use super::usage::{insert_usage_row, is_refused, UsageLink, UsageWrite};
 use super::{Backend, Micros, UsageInput};
 use crate::error::is_retryable;
@@ -143,16 +144,20 @@ async fn write_batch(
 ) -> Result<HashSet<String>, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let inserted = match backend {
+        // The statement queues its rows for the rollups itself.
         Backend::Postgres => insert_postgres(&mut tx, jobs).await?,
-        Backend::Sqlite => insert_sqlite(&mut tx, jobs).await?,
+        Backend::Sqlite => {
+            let inserted = insert_sqlite(&mut tx, jobs).await?;
+            let writes: Vec<UsageWrite<'_>> = jobs
+                .iter()
+                .filter(|j| inserted.contains(&j.id))
+                .map(|j| free_write(j))
+                .collect();
+            let rollups: Vec<RollupInput<'_>> = writes.iter().map(UsageWrite::rollup).collect();
+            add_to_rollups(&mut tx, &rollups).await?;
+            inserted
+        }
     };
-    let writes: Vec<UsageWrite<'_>> = jobs
-        .iter()
-        .filter(|j| inserted.contains(&j.id))
-        .map(|j| free_write(j))
-        .collect();
-    let rollups: Vec<RollupInput<'_>> = writes.iter().map(UsageWrite::rollup).collect();
-    upsert_rollups(&mut tx, &rollups).await?;
     tx.commit().await?;
     Ok(inserted)
 }
@@ -222,6 +227,7 @@ async fn insert_postgres(
     let input = serde_json::to_string(&input).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
     let rows = sqlx::query(USAGE_BATCH)
         .bind(input)
+        .bind(rollup::enabled())
         .fetch_all(&mut *conn)
         .await?;
     rows.iter().map(|r| r.try_get::<String, _>("id")).collect()
@@ -241,8 +247,10 @@ async fn insert_sqlite(
 }
 
 /// Rows without money (cost 0, no transfer). Two rows of one request id in a batch: the first is
-/// inserted, the second skipped by `DO NOTHING` like any other duplicate.
+/// inserted, the second skipped by `DO NOTHING` like any other duplicate. The inserted rows are
+/// queued for the rollups by the same statement when `$2` (`rollup_fold.rs`).
 const USAGE_BATCH: &str = "\
+WITH u AS (
 INSERT INTO usage_records (id, recipient_id, request_id, transfer_id, app_name, endpoint, user_email,
     model, prompt_tokens, completion_tokens, total_tokens, cost, status, latency_ms,
     upstream_latency_ms, created_at, refused, ttft_ms)
@@ -252,4 +260,8 @@ FROM jsonb_to_recordset($1::jsonb) AS i(id text, recipient bigint, request_id te
     endpoint text, user_email text, model text, pt bigint, ct bigint, tt bigint, status text,
     lat bigint, ulat bigint, now bigint, refused boolean, ttft bigint)
 ON CONFLICT (recipient_id, user_email, request_id) WHERE NOT refused DO NOTHING
-RETURNING id";
+RETURNING id
+), q AS (
+    INSERT INTO usage_rollup_queue (usage_id) SELECT id FROM u WHERE $2
+)
+SELECT id FROM u";

@@ -56,6 +56,9 @@ impl Store {
     /// deferred transaction, which in WAL mode (set by `connect`) reads one snapshot while other
     /// connections keep writing.
     pub async fn verify(&self) -> Result<VerifyReport> {
+        // Queued usage rows are folded first, so the rollups checked are as fresh as they can be
+        // (the rows queued after this are left out of the comparison: `COUNTED_ROWS`).
+        self.fold_rollups().await?;
         let mut tx = self.pool().begin().await?;
         if self.backend == Backend::Postgres {
             // Must be the transaction's first statement, before any snapshot is taken.

@@ -1,0 +1,180 @@
+//! The Postgres rollup queue (docs/analytics.md, "Rollups"; `store/rollup_fold.rs`): usage rows
+//! are queued in their own transaction and folded into the rollups later, each exactly once,
+//! whatever runs concurrently or dies half-way. Postgres only: SQLite writers upsert the rollups
+//! in the row's transaction and the queue stays empty. Every scenario ends with `verify`.
+
+use sqlx::Acquire;
+use syft_proto::ledger as pb;
+use syft_testkit::{req, Harness, USD};
+
+const OWNER: &str = "owner@router.example";
+const ALICE: &str = "alice@example.com";
+
+/// One paid request captured with its usage row, and one free usage row.
+async fn one_of_each(h: &Harness, owner: &str, token: &str, n: usize) {
+    let mut c = h.client(owner);
+    let t = c
+        .authorize(pb::AuthorizeRequest {
+            sender_email: ALICE.into(),
+            amount_micros: 1_000,
+            token: token.into(),
+            app_name: "chat-app".into(),
+            app_ep_path: "/chat".into(),
+            idempotency_key: format!("paid-{n}"),
+            ..Default::default()
+        })
+        .await
+        .expect("authorize")
+        .into_inner();
+    c.capture(pb::CaptureRequest {
+        transfer_id: t.id,
+        amount: Some(pb::capture_request::Amount::AmountMicros(600)),
+        usage: Some(req::usage(
+            &format!("paid-{n}"),
+            "chat-app",
+            ALICE,
+            "success",
+        )),
+        answer: None,
+    })
+    .await
+    .expect("capture");
+    c.record_usage(pb::RecordUsageRequest {
+        usage: Some(req::usage(
+            &format!("free-{n}"),
+            "free-app",
+            ALICE,
+            "success",
+        )),
+    })
+    .await
+    .expect("record usage");
+}
+
+/// (usage rows, rows the day rollups count, queued rows, revenue in the day rollups).
+async fn counts(h: &Harness) -> (i64, i64, i64, i64) {
+    sqlx::query_as(
+        "SELECT (SELECT COUNT(*) FROM usage_records), \
+         (SELECT CAST(COALESCE(SUM(requests), 0) AS BIGINT) FROM usage_rollups WHERE grain = 2), \
+         (SELECT COUNT(*) FROM usage_rollup_queue), \
+         (SELECT CAST(COALESCE(SUM(revenue), 0) AS BIGINT) FROM usage_rollups WHERE grain = 2)",
+    )
+    .fetch_one(h.store.pool())
+    .await
+    .expect("counts")
+}
+
+/// Writers and folds at once (the background folder, and explicit folds from four tasks): at
+/// every moment each row is either queued or counted, never both and never neither; after a last
+/// fold every row is counted once, and folding again changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_row_is_folded_once() {
+    let Some(h) = Harness::new(true).await else {
+        return;
+    };
+    let owner = h.account(OWNER, 0).await;
+    let alice = h.account(ALICE, 100 * USD).await;
+    let token = h.token(&alice, OWNER).await;
+    let h = std::sync::Arc::new(h);
+    let mut tasks = Vec::new();
+    for w in 0..4 {
+        let (h, owner, token) = (h.clone(), owner.clone(), token.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..15 {
+                one_of_each(&h, &owner, &token, w * 100 + i).await;
+                if i % 3 == 0 {
+                    h.store.fold_rollups().await.expect("fold");
+                }
+            }
+        }));
+    }
+    for _ in 0..20 {
+        // One snapshot: rows = counted + queued, whatever is in flight.
+        let mut conn = h.store.pool().acquire().await.expect("conn");
+        let mut tx = conn.begin().await.expect("begin");
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            .execute(&mut *tx)
+            .await
+            .expect("isolation");
+        let (rows, counted, queued): (i64, i64, i64) = sqlx::query_as(
+            "SELECT (SELECT COUNT(*) FROM usage_records), \
+             (SELECT CAST(COALESCE(SUM(requests), 0) AS BIGINT) FROM usage_rollups WHERE grain = 2), \
+             (SELECT COUNT(*) FROM usage_rollup_queue)",
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .expect("snapshot");
+        tx.rollback().await.expect("rollback");
+        assert_eq!(
+            rows,
+            counted + queued,
+            "rows {rows}, counted {counted}, queued {queued}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    for t in tasks {
+        t.await.expect("writer");
+    }
+    h.store.fold_rollups().await.expect("fold");
+    let (rows, counted, queued, revenue) = counts(&h).await;
+    assert_eq!((rows, counted, queued), (120, 120, 0));
+    assert_eq!(revenue, 60 * 600, "captured micros, once each");
+    assert_eq!(h.store.fold_rollups().await.expect("fold again"), 0);
+    assert_eq!(counts(&h).await, (120, 120, 0, 60 * 600));
+    let h = std::sync::Arc::into_inner(h).expect("tasks done");
+    h.finish().await;
+}
+
+/// A folder that dies after taking rows off the queue and before its commit (its connection
+/// closes, as when its process is killed) loses nothing: the rows are queued again and the next
+/// fold counts them once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fold_that_dies_loses_nothing() {
+    let Some(h) = Harness::new(true).await else {
+        return;
+    };
+    let owner = h.account(OWNER, 0).await;
+    let alice = h.account(ALICE, 10 * USD).await;
+    let token = h.token(&alice, OWNER).await;
+    for n in 0..5 {
+        one_of_each(&h, &owner, &token, n).await;
+    }
+    h.store.fold_rollups().await.expect("fold");
+    for n in 5..8 {
+        one_of_each(&h, &owner, &token, n).await;
+    }
+    let mut dying = h.store.pool().acquire().await.expect("conn").detach();
+    sqlx::query("BEGIN")
+        .execute(&mut dying)
+        .await
+        .expect("begin");
+    let taken: Vec<String> =
+        sqlx::query_scalar("DELETE FROM usage_rollup_queue RETURNING usage_id")
+            .fetch_all(&mut dying)
+            .await
+            .expect("take the queue");
+    // The background folder may have folded some of the last rows already.
+    assert!(taken.len() <= 6, "{taken:?}");
+    drop(dying);
+    // `verify` folds first: it waits for the dead transaction's locks, then finds its rows queued.
+    h.assert_consistent().await;
+    assert_eq!(counts(&h).await, (16, 16, 0, 8 * 600));
+    h.finish().await;
+}
+
+/// A rebuild with rows still queued counts each row once and empties the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rebuild_takes_the_queue_too() {
+    let Some(h) = Harness::new(true).await else {
+        return;
+    };
+    let owner = h.account(OWNER, 0).await;
+    let alice = h.account(ALICE, 10 * USD).await;
+    let token = h.token(&alice, OWNER).await;
+    for n in 0..4 {
+        one_of_each(&h, &owner, &token, n).await;
+    }
+    assert_eq!(h.store.rebuild_rollups().await.expect("rebuild"), 8);
+    assert_eq!(counts(&h).await, (8, 8, 0, 4 * 600));
+    h.finish().await;
+}
