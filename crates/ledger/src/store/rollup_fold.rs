@@ -185,6 +185,14 @@ impl Store {
         if self.backend() != Backend::Postgres {
             return Ok(0);
         }
+        // One round trip when nothing is queued (a quiet ledger, or the folder just ran), instead
+        // of a fold transaction per answer.
+        let queued: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM usage_rollup_queue)")
+            .fetch_one(self.pool())
+            .await?;
+        if !queued {
+            return Ok(0);
+        }
         Ok(fold_all(self.pool()).await?)
     }
 
