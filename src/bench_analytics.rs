@@ -18,19 +18,14 @@ use clap::Args;
 use hdrhistogram::Histogram;
 use syft_ledger::store::hll::{register_columns, sql_index, sql_rank, REGISTERS};
 use syft_ledger::store::rollup::{bucket_of, DAY, HOUR, MINUTE, SUM_COLUMNS, USER_SUM_COLUMNS};
-use syft_ledger::store::{Dimension, StatsFilter, StatsScope, Store};
+use syft_ledger::store::{Dimension, StatsFilter, StatsScope, Store, UsageDims};
 
 use crate::setup::verify_ledger;
 
 #[derive(Args, Debug)]
 pub struct AnalyticsBench {
-    /// Postgres server URL to create a fresh benchmark database on.
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
-    )]
-    database_url: String,
+    #[command(flatten)]
+    server: crate::bench::BenchServer,
     /// Usage rows to load.
     #[arg(long, default_value_t = 10_000_000)]
     rows: i64,
@@ -75,17 +70,14 @@ fn ttft_of(lat: i64) -> i64 {
 }
 
 pub async fn run(b: &AnalyticsBench) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        b.database_url.starts_with("postgres"),
-        "bench analytics loads Postgres"
-    );
+    anyhow::ensure!(b.server.is_postgres(), "bench analytics loads Postgres");
     anyhow::ensure!(
         b.rows > 0 && b.days > 0 && b.users > 0 && b.apps > 0 && b.owners > 0,
         "rows, days, users, apps and owners must be positive"
     );
     let db = match &b.existing {
         Some(_) => None,
-        None => Some(crate::bench::fresh_db(&b.database_url).await?),
+        None => Some(b.server.fresh_db().await?),
     };
     let url = match (&db, &b.existing) {
         (Some(db), _) => db.url.clone(),
@@ -446,11 +438,7 @@ fn shapes(b: &AnalyticsBench, since: i64, until: i64, owner: i64) -> Vec<Shape> 
         since,
         until,
         group_by: Vec::new(),
-        app_name: None,
-        endpoint: None,
-        user_email: None,
-        model: None,
-        status: None,
+        dims: UsageDims::default(),
         limit: syft_ledger::core::MAX_GROUPS + 1,
     };
     let mut out = Vec::new();
@@ -513,28 +501,36 @@ fn shapes(b: &AnalyticsBench, since: i64, until: i64, owner: i64) -> Vec<Shape> 
             ..by(&[Day, App])
         },
     );
-    add(
-        "filter app: by day",
-        StatsFilter {
-            app_name: Some("app-1".into()),
-            ..by(&[Day])
-        },
-    );
-    add(
-        "filter model+status: by app",
-        StatsFilter {
-            model: Some("model-2".into()),
-            status: Some("success".into()),
-            ..by(&[App])
-        },
-    );
-    add(
-        "filter user: by day",
-        StatsFilter {
-            user_email: Some(user.clone()),
-            ..by(&[Day])
-        },
-    );
+    let filters = [
+        (
+            "filter app: by day",
+            UsageDims {
+                app_name: Some("app-1".into()),
+                ..Default::default()
+            },
+            Day,
+        ),
+        (
+            "filter model+status: by app",
+            UsageDims {
+                model: Some("model-2".into()),
+                status: Some("success".into()),
+                ..Default::default()
+            },
+            App,
+        ),
+        (
+            "filter user: by day",
+            UsageDims {
+                user_email: Some(user.clone()),
+                ..Default::default()
+            },
+            Day,
+        ),
+    ];
+    for (name, dims, d) in filters {
+        add(name, StatsFilter { dims, ..by(&[d]) });
+    }
     add(
         "user: by status (reads the user's rows)",
         StatsFilter {

@@ -20,13 +20,13 @@ use futures::StreamExt as _;
 use syft_ledger::client::{connect_lazy, LedgerClient};
 use syft_proto::ledger as pb;
 use syft_proto::router::router_client::RouterClient;
-use syft_proto::router::{chat_stream_event, ChatOptions, ChatRequest, Message};
+use syft_proto::router::{chat_stream_event, ChatRequest};
 use tokio::sync::Mutex;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
-use crate::chaos_parts::{start_faulty_upstream, Proc, Rng, ANSWER};
-use crate::setup::{create_account, issue_token, verify_ledger, wait_for_ledger};
+use crate::chaos_parts::{start_faulty_upstream, CrashRun, Proc, Rng, ANSWER};
+use crate::setup::{create_account, issue_token, user_chat, verify_ledger, wait_for_ledger};
 
 #[derive(Args, Debug, Clone)]
 pub struct ChaosBench {
@@ -40,13 +40,7 @@ pub struct ChaosBench {
     #[arg(long, default_value_t = 6)]
     pub clients: usize,
     #[command(flatten)]
-    pub server: crate::bench::BenchServer,
-    /// Random seed (default: from the clock); printed, so a run can be repeated.
-    #[arg(long)]
-    pub seed: Option<u64>,
-    /// Print the totals as one JSON object.
-    #[arg(long)]
-    pub json: bool,
+    pub run: CrashRun,
 }
 
 /// The price of one chat: $0.01.
@@ -97,7 +91,7 @@ enum Outcome {
 
 pub async fn run(b: &ChaosBench) -> anyhow::Result<()> {
     let totals = chaos(b).await?;
-    if b.json {
+    if b.run.json {
         println!("{}", serde_json::to_string(&totals)?);
     } else {
         println!(
@@ -127,17 +121,12 @@ pub async fn run(b: &ChaosBench) -> anyhow::Result<()> {
 /// Sets everything up, runs `b.runs` runs, and adds up what they found.
 pub async fn chaos(b: &ChaosBench) -> anyhow::Result<Totals> {
     anyhow::ensure!(
-        b.server.is_postgres(),
+        b.run.server.is_postgres(),
         "bench chaos needs Postgres (two ledger processes share the database)"
     );
-    let seed = b.seed.unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1)
-    });
+    let seed = b.run.seed();
     eprintln!("chaos: seed {seed}");
-    let db = b.server.fresh_db().await?;
+    let db = b.run.server.fresh_db().await?;
     let dir = tempfile::tempdir()?;
     let result = async {
         let mut procs = start_processes(&db.url, seed, dir.path()).await?;
@@ -309,19 +298,9 @@ fn router_client(url: &str) -> anyhow::Result<RouterClient<Channel>> {
 
 fn chat(payer: &str, token: &str, key: &str) -> ChatRequest {
     ChatRequest {
-        user_email: payer.into(),
-        model: "chaos".into(),
-        messages: vec![Message {
-            role: "user".into(),
-            content: format!("question {key}"),
-            name: None,
-        }],
-        options: Some(ChatOptions {
-            max_tokens: Some(64),
-            ..Default::default()
-        }),
         transaction_token: token.into(),
         request_id: key.into(),
+        ..user_chat(payer, "chaos", &format!("question {key}"), 64)
     }
 }
 

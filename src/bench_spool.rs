@@ -16,12 +16,12 @@ use anyhow::Context;
 use clap::Args;
 use syft_ledger::client::connect_lazy;
 use syft_proto::router::router_client::RouterClient;
-use syft_proto::router::{ChatOptions, ChatRequest, Message};
+use syft_proto::router::ChatRequest;
 use tokio::sync::Mutex;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::chaos_parts::{Proc, Rng};
-use crate::setup::{create_account, verify_ledger, wait_for_ledger};
+use crate::chaos_parts::{CrashRun, Proc, Rng};
+use crate::setup::{create_account, user_chat, verify_ledger, wait_for_ledger};
 
 #[derive(Args, Debug, Clone)]
 pub struct SpoolBench {
@@ -31,19 +31,8 @@ pub struct SpoolBench {
     /// Concurrent clients.
     #[arg(long, default_value_t = 8)]
     pub clients: usize,
-    /// Postgres server to create the test database on.
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
-    )]
-    pub database_url: String,
-    /// Random seed (default: from the clock); printed, so a run can be repeated.
-    #[arg(long)]
-    pub seed: Option<u64>,
-    /// Print the totals as one JSON object.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub run: CrashRun,
 }
 
 const OWNER: &str = "owner@spool.example";
@@ -75,7 +64,7 @@ pub struct SpoolTotals {
 
 pub async fn run(b: &SpoolBench) -> anyhow::Result<()> {
     let t = spool_chaos(b).await?;
-    if b.json {
+    if b.run.json {
         println!("{}", serde_json::to_string(&t)?);
     } else {
         println!(
@@ -101,18 +90,10 @@ pub async fn run(b: &SpoolBench) -> anyhow::Result<()> {
 }
 
 pub async fn spool_chaos(b: &SpoolBench) -> anyhow::Result<SpoolTotals> {
-    anyhow::ensure!(
-        b.database_url.starts_with("postgres"),
-        "bench spool needs Postgres"
-    );
-    let seed = b.seed.unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1)
-    });
+    anyhow::ensure!(b.run.server.is_postgres(), "bench spool needs Postgres");
+    let seed = b.run.seed();
     eprintln!("spool: seed {seed}");
-    let db = crate::bench::fresh_db(&b.database_url).await?;
+    let db = b.run.server.fresh_db().await?;
     let dir = tempfile::tempdir()?;
     let result = session(b, seed, &db.url, dir.path()).await;
     let failed = result.as_ref().map_or(true, |t| {
@@ -315,18 +296,7 @@ fn router_client(url: &str) -> anyhow::Result<RouterClient<Channel>> {
 
 fn chat(key: &str) -> ChatRequest {
     ChatRequest {
-        user_email: "user@spool.example".into(),
-        model: "echo".into(),
-        messages: vec![Message {
-            role: "user".into(),
-            content: format!("question {key}"),
-            name: None,
-        }],
-        options: Some(ChatOptions {
-            max_tokens: Some(16),
-            ..Default::default()
-        }),
-        transaction_token: String::new(),
         request_id: key.into(),
+        ..user_chat("user@spool.example", "echo", &format!("question {key}"), 16)
     }
 }

@@ -20,13 +20,8 @@ use crate::setup::{restore_rollups, verify_ledger};
 
 #[derive(Args, Debug)]
 pub struct UsageBench {
-    /// Server URL to create a fresh benchmark database on (postgres://… or sqlite).
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
-    )]
-    database_url: String,
+    #[command(flatten)]
+    server: crate::bench::BenchServer,
     /// Producers, each with one row in flight (a router's concurrent requests).
     #[arg(long, default_value_t = 4_000)]
     concurrency: usize,
@@ -45,7 +40,7 @@ pub struct UsageBench {
 const TARGET_ROWS_PER_S: f64 = 50_000.0;
 
 pub async fn run(b: &UsageBench) -> anyhow::Result<()> {
-    let db = crate::bench::fresh_db(&b.database_url).await?;
+    let db = b.server.fresh_db().await?;
     syft_ledger::store::rollup::set_enabled(b.rollups);
     let store = Arc::new(Store::connect(&db.url, 8).await?);
     let recipient = store

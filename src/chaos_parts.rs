@@ -15,6 +15,31 @@ use tokio::net::TcpListener;
 /// xorshift64*: enough to choose faults and request kinds, and reproducible.
 pub(crate) struct Rng(u64);
 
+/// The flags of both crash tests (`bench chaos`, `bench spool`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct CrashRun {
+    #[command(flatten)]
+    pub server: crate::bench::BenchServer,
+    /// Random seed (default: from the clock); printed, so a run can be repeated.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Print the totals as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl CrashRun {
+    /// `--seed`, or one from the clock (the caller prints it, so a run can be repeated).
+    pub(crate) fn seed(&self) -> u64 {
+        self.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        })
+    }
+}
+
 impl Rng {
     pub(crate) fn new(seed: u64) -> Self {
         Rng(seed.max(1))

@@ -3,28 +3,14 @@
 //! is down too); every answered request's usage row must reach the ledger exactly once, and
 //! `ledger verify` must pass.
 
-use std::process::Command;
-
 #[test]
 fn spool_survives_kill_9() {
-    let Ok(db) = std::env::var("DATABASE_URL") else {
-        eprintln!("SKIPPED: spool_survives_kill_9: DATABASE_URL is not set, Postgres test not run");
+    let Some(db) = syft_testkit::postgres_url() else {
         return;
     };
-    if !db.starts_with("postgres") {
-        eprintln!("SKIPPED: spool_survives_kill_9: DATABASE_URL is not a Postgres URL");
-        return;
-    }
-    let out = Command::new(env!("CARGO_BIN_EXE_syft-router"))
-        .args(["bench", "spool", "--kills", "4", "--clients", "6", "--json"])
-        .env("DATABASE_URL", &db)
-        .output()
-        .expect("run bench spool");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let args = ["bench", "spool", "--kills", "4", "--clients", "6", "--json"];
+    let (out, totals) = syft_testkit::bench_totals(env!("CARGO_BIN_EXE_syft-router"), &args, &db);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let totals: serde_json::Value = serde_json::from_str(stdout.trim())
-        .unwrap_or_else(|e| panic!("no totals ({e}):\n{stdout}\n{stderr}"));
-    eprintln!("{totals}");
     assert!(
         out.status.success(),
         "spool test failed: {totals}\n{stderr}"

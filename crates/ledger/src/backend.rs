@@ -45,6 +45,16 @@ pub struct NewAccountRow<'a> {
     pub secret_hash: &'a str,
 }
 
+/// A capture the core checked: `recipient_id`'s pending hold `transfer_id`, with the usage row to
+/// record and the answer to store for replay.
+pub struct CaptureInput<'a> {
+    pub recipient_id: i64,
+    pub transfer_id: &'a str,
+    pub amount: CaptureAmount,
+    pub usage: Option<&'a UsageInput>,
+    pub answer: Option<AnswerWrite>,
+}
+
 #[tonic::async_trait]
 pub trait TransferBackend: Send + Sync + 'static {
     /// Places a hold validated by the core (the recipient is the authenticated caller), or
@@ -53,14 +63,7 @@ pub trait TransferBackend: Send + Sync + 'static {
 
     /// Captures a pending hold of `recipient_id` (the caller has checked it may), storing
     /// `answer` for replay so that it exists once the capture has committed.
-    async fn capture(
-        &self,
-        recipient_id: i64,
-        transfer_id: &str,
-        amount: CaptureAmount,
-        usage: Option<&UsageInput>,
-        answer: Option<AnswerWrite>,
-    ) -> Result<TransferRow>;
+    async fn capture(&self, c: CaptureInput<'_>) -> Result<TransferRow>;
 
     async fn void(
         &self,
@@ -182,22 +185,15 @@ impl TransferBackend for LocalBackend {
     }
 
     /// The answer is written in the capture's own transaction (`Store::resolve_answered`).
-    async fn capture(
-        &self,
-        recipient_id: i64,
-        transfer_id: &str,
-        amount: CaptureAmount,
-        usage: Option<&UsageInput>,
-        answer: Option<AnswerWrite>,
-    ) -> Result<TransferRow> {
+    async fn capture(&self, c: CaptureInput<'_>) -> Result<TransferRow> {
         let input = ResolveInput {
-            transfer_id,
-            recipient_id: Some(recipient_id),
-            resolution: Resolution::Capture(amount),
-            usage,
+            transfer_id: c.transfer_id,
+            recipient_id: Some(c.recipient_id),
+            resolution: Resolution::Capture(c.amount),
+            usage: c.usage,
             by_sender: false,
         };
-        self.store.resolve_answered(&input, answer.as_ref()).await
+        self.store.resolve_answered(&input, c.answer.as_ref()).await
     }
 
     async fn void(

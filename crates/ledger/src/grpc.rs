@@ -8,12 +8,14 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::Caller;
 use crate::core::{
-    AnswerInput, HoldRequest, Ledger, NewAccount, NewToken, Role, TokenQuery, TransferQuery,
-    UsageQuery,
+    AnswerInput, HoldRequest, Ledger, NewAccount, NewToken, PageRequest, Role, TokenQuery,
+    TransferQuery, UsageDimsQuery, UsageQuery,
 };
 use crate::domain::{Micros, TransferStatus};
 use crate::error::{LedgerError, Result};
-use crate::store::{AccountRow, CaptureAmount, TokenRow, TransferRow, UsageInput, UsageRow};
+use crate::store::{
+    AccountRow, CaptureAmount, HoldBudgets, TimeRange, TokenRow, TransferRow, UsageInput, UsageRow,
+};
 
 #[derive(Clone)]
 pub struct GrpcLedger(pub Ledger);
@@ -137,8 +139,10 @@ grpc_methods! {
                 app_ep_path: req.app_ep_path,
                 idempotency_key: req.idempotency_key,
                 hold_ttl_seconds: req.hold_ttl_seconds,
-                budget_per_day_micros: req.budget_per_day_micros,
-                budget_per_month_micros: req.budget_per_month_micros,
+                budgets: HoldBudgets {
+                    per_day: req.budget_per_day_micros,
+                    per_month: req.budget_per_month_micros,
+                },
             };
             let placed = core.authorize_keyed(&caller, &hold).await?;
             let mut reply = transfer_pb(&placed.row);
@@ -250,14 +254,21 @@ grpc_methods! {
 
         fn query_usage(pb::QueryUsageRequest) -> pb::QueryUsageResponse {
             let query = UsageQuery {
-                user_email: req.user_email,
-                app_name: req.app_name,
-                endpoint: req.endpoint,
-                status: req.status,
-                since: req.since_unix_micros,
-                until: req.until_unix_micros,
-                page_token: req.page_token,
-                page_size: req.page_size,
+                dims: UsageDimsQuery {
+                    user_email: req.user_email,
+                    app_name: req.app_name,
+                    endpoint: req.endpoint,
+                    status: req.status,
+                    ..Default::default()
+                },
+                range: TimeRange {
+                    since: req.since_unix_micros,
+                    until: req.until_unix_micros,
+                },
+                page: PageRequest {
+                    page_token: req.page_token,
+                    page_size: req.page_size,
+                },
             };
             let page = core.query_usage(&caller, &query).await?;
             let t = &page.items.totals;
@@ -290,11 +301,15 @@ impl TryFrom<pb::ListTransfersRequest> for TransferQuery {
             account_email: req.account_email,
             role: role(req.role)?,
             status,
-            since: req.since_unix_micros,
-            until: req.until_unix_micros,
+            range: TimeRange {
+                since: req.since_unix_micros,
+                until: req.until_unix_micros,
+            },
             app_name: req.app_name,
-            page_token: req.page_token,
-            page_size: req.page_size,
+            page: PageRequest {
+                page_token: req.page_token,
+                page_size: req.page_size,
+            },
         })
     }
 }
@@ -307,8 +322,10 @@ impl TryFrom<pb::ListTokensRequest> for TokenQuery {
             account_email: req.account_email,
             role: role(req.role)?,
             include_inactive: req.include_inactive,
-            page_token: req.page_token,
-            page_size: req.page_size,
+            page: PageRequest {
+                page_token: req.page_token,
+                page_size: req.page_size,
+            },
         })
     }
 }

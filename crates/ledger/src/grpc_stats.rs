@@ -2,9 +2,9 @@
 
 use syft_proto::ledger as pb;
 
-use crate::core::{Stats, StatsQuery, StatsRole};
+use crate::core::{Stats, StatsQuery, StatsRole, UsageDimsQuery};
 use crate::error::{LedgerError, Result};
-use crate::store::{Dimension, KeyValue, Percentiles};
+use crate::store::{Dimension, KeyValue, Percentiles, TimeRange};
 
 fn dimension(raw: i32) -> Result<Dimension> {
     use pb::StatsDimension as D;
@@ -37,14 +37,18 @@ pub(crate) fn stats_query(req: pb::GetUsageStatsRequest) -> Result<StatsQuery> {
             .iter()
             .map(|d| dimension(*d))
             .collect::<Result<_>>()?,
-        since: req.since_unix_micros,
-        until: req.until_unix_micros,
+        range: TimeRange {
+            since: req.since_unix_micros,
+            until: req.until_unix_micros,
+        },
         role,
-        app_name: req.app_name,
-        endpoint: req.endpoint,
-        user_email: req.user_email,
-        model: req.model,
-        status: req.status,
+        dims: UsageDimsQuery {
+            app_name: req.app_name,
+            endpoint: req.endpoint,
+            user_email: req.user_email,
+            model: req.model,
+            status: req.status,
+        },
     })
 }
 

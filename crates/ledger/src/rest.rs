@@ -401,8 +401,7 @@ async fn create_transaction(
                 idempotency_key: idempotency_key(&headers, "rest")?,
                 hold_ttl_seconds: None,
                 // The Syft accounting REST API has no budget fields (docs/limits.md).
-                budget_per_day_micros: None,
-                budget_per_month_micros: None,
+                budgets: Default::default(),
             };
             ledger.authorize(&caller, &hold).await?
         }

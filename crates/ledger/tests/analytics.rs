@@ -678,17 +678,13 @@ async fn upgrade_rebuilds_the_rollups(postgres: bool) {
     assert!(userless > 0 && per_user > 0, "{userless} {per_user}");
     let report = store.verify().await.expect("verify");
     assert!(report.problems.is_empty(), "{:?}", report.problems);
-    use syft_ledger::store::{Dimension, StatsFilter, StatsScope};
+    use syft_ledger::store::{Dimension, StatsFilter, StatsScope, UsageDims};
     let f = |group_by: Vec<Dimension>| StatsFilter {
         scope: StatsScope::All,
         since: t0 - 24 * HR,
         until: t0 + 30 * 7 * HR,
         group_by,
-        app_name: None,
-        endpoint: None,
-        user_email: None,
-        model: None,
-        status: None,
+        dims: UsageDims::default(),
         limit: 100,
     };
     let total = store.usage_stats(&f(vec![])).await.expect("stats");

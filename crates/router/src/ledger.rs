@@ -215,12 +215,10 @@ impl Ledger {
             transfer_id: transfer_id.to_string(),
         };
         self.calls
-            .call(Op::GetTransfer, None, msg, |mut c, r| async move {
+            .answer(Op::GetTransfer, msg, |mut c, r| async move {
                 c.get_transfer(r).await
             })
             .await
-            .map(|(t, _)| t)
-            .map_err(|s| map_status(Op::GetTransfer, s))
     }
 
     /// Captures, storing `answer` with it. The outcome is settled: see [`Ledger::settled`].
@@ -323,12 +321,10 @@ impl Ledger {
             ttl_seconds,
         };
         self.calls
-            .call(Op::ExtendHold, None, msg, |mut c, r| async move {
+            .answer(Op::ExtendHold, msg, |mut c, r| async move {
                 c.extend_hold(r).await
             })
             .await
-            .map(|(t, _)| t)
-            .map_err(|s| map_status(Op::ExtendHold, s))
     }
 
     /// The answer stored with a capture; `None` when there is none (not stored, expired, or the
@@ -355,12 +351,10 @@ impl Ledger {
             sender_email: user.to_string(),
         };
         self.calls
-            .call(Op::GetBudgetUse, None, msg, |mut c, r| async move {
+            .answer(Op::GetBudgetUse, msg, |mut c, r| async move {
                 c.get_budget_use(r).await
             })
             .await
-            .map(|(u, _)| u)
-            .map_err(|s| map_status(Op::GetBudgetUse, s))
     }
 
     /// A free request's row: appended to the local spool when there is one (shipped later), else
@@ -393,12 +387,11 @@ impl Ledger {
     pub(crate) async fn record_usage(&self, usage: Usage) -> Result<(), RouterError> {
         let msg = RecordUsageRequest { usage: Some(usage) };
         self.calls
-            .call(Op::RecordUsage, None, msg, |mut c, r| async move {
+            .answer(Op::RecordUsage, msg, |mut c, r| async move {
                 c.record_usage(r).await
             })
             .await
             .map(|_| ())
-            .map_err(|s| map_status(Op::RecordUsage, s))
     }
 }
 
@@ -412,6 +405,25 @@ impl Calls {
         }
         syft_telemetry::inject_grpc(req.metadata_mut());
         req
+    }
+
+    /// [`Calls::call`] without a deadline, when only the answer matters (not whether an earlier
+    /// attempt may have been applied); its failure in the router's terms.
+    pub(crate) async fn answer<M, R, F, Fut>(
+        &self,
+        op: Op,
+        msg: M,
+        call: F,
+    ) -> Result<R, RouterError>
+    where
+        M: Clone,
+        F: Fn(LedgerClient<Channel>, tonic::Request<M>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+    {
+        self.call(op, None, msg, call)
+            .await
+            .map(|(r, _)| r)
+            .map_err(|s| map_status(op, s))
     }
 
     /// One call, failing over: the endpoints are tried in [`Members::order`] until one answers

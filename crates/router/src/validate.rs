@@ -43,10 +43,9 @@ pub struct ValidRequest {
     pub user_email: String,
     pub model: String,
     pub messages: Vec<Message>,
-    pub max_tokens: Option<u32>,
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub stop: Vec<String>,
+    /// The client's options, checked against the limits; forwarded to the upstream as they are
+    /// (but for a defaulted `max_tokens`) and part of the replay fingerprint.
+    pub options: ChatOptions,
     pub transaction_token: String,
     pub prompt_bytes: usize,
 }
@@ -86,13 +85,13 @@ pub fn validate_chat(req: ChatRequest, limits: &Limits) -> Result<ValidRequest, 
             limits.max_prompt_bytes
         )));
     }
-    let opts = req.options.unwrap_or_default();
+    let options = req.options.unwrap_or_default();
     let ChatOptions {
         max_tokens,
         temperature,
         top_p,
-        stop_sequences,
-    } = opts;
+        ref stop_sequences,
+    } = options;
     if let Some(mt) = max_tokens {
         if mt == 0 || mt > limits.max_tokens_limit {
             return Err(bad(format!(
@@ -126,10 +125,7 @@ pub fn validate_chat(req: ChatRequest, limits: &Limits) -> Result<ValidRequest, 
         user_email,
         model: req.model.trim().to_string(),
         messages: req.messages,
-        max_tokens,
-        temperature,
-        top_p,
-        stop: stop_sequences,
+        options,
         transaction_token: req.transaction_token.trim().to_string(),
         prompt_bytes,
     })

@@ -3,6 +3,45 @@
 
 use sqlx::Connection;
 
+/// `DATABASE_URL` when it names a Postgres server, or `None` with a `SKIPPED: …` line (which
+/// `.ci/run` counts).
+pub fn postgres_url() -> Option<String> {
+    let test = std::thread::current()
+        .name()
+        .map(|n| format!(" {n}:"))
+        .unwrap_or_default();
+    let Ok(url) = std::env::var("DATABASE_URL") else {
+        eprintln!("SKIPPED:{test} DATABASE_URL is not set, Postgres test not run");
+        return None;
+    };
+    if !url.starts_with("postgres") {
+        eprintln!("SKIPPED:{test} DATABASE_URL is not a Postgres URL, Postgres test not run");
+        return None;
+    }
+    Some(url)
+}
+
+/// Runs a `syft-router bench … --json` command (`bin` with `args`) on the Postgres server `db`:
+/// its output, and the totals it printed as one JSON object (panics with the output without).
+pub fn bench_totals(
+    bin: &str,
+    args: &[&str],
+    db: &str,
+) -> (std::process::Output, serde_json::Value) {
+    let out = std::process::Command::new(bin)
+        .args(args)
+        .env("DATABASE_URL", db)
+        .output()
+        .expect("run the bench command");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let totals = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        panic!("no totals ({e}):\n{stdout}\n{stderr}")
+    });
+    eprintln!("{totals}");
+    (out, totals)
+}
+
 pub struct Db {
     pub url: String,
     _dir: Option<tempfile::TempDir>,
@@ -27,18 +66,7 @@ impl Db {
     /// A fresh Postgres database, or `None` with a `SKIPPED: …` line (which `.ci/run` counts)
     /// when `DATABASE_URL` does not name a Postgres server.
     pub async fn postgres() -> Option<Self> {
-        let test = std::thread::current()
-            .name()
-            .map(|n| format!(" {n}:"))
-            .unwrap_or_default();
-        let Ok(base) = std::env::var("DATABASE_URL") else {
-            eprintln!("SKIPPED:{test} DATABASE_URL is not set, Postgres test not run");
-            return None;
-        };
-        if !base.starts_with("postgres") {
-            eprintln!("SKIPPED:{test} DATABASE_URL is not a Postgres URL, Postgres test not run");
-            return None;
-        }
+        let base = postgres_url()?;
         let name = format!("syft_test_{}", uuid::Uuid::new_v4().simple());
         let mut conn = sqlx::PgConnection::connect(&base)
             .await

@@ -127,8 +127,7 @@ impl Ledger {
             account_id: account.id,
             url: url.to_string(),
             format: req.format.as_str().to_string(),
-            previous_secret_sealed: None,
-            previous_secret_until: None,
+            previous_secret: Default::default(),
             rules: serde_json::to_string(&req.rules)
                 .map_err(|e| LedgerError::Internal(e.to_string()))?,
             rate_per_minute: i64::from(rate),
@@ -234,7 +233,7 @@ impl Ledger {
             format: Format::parse(&r.format)?,
             rules,
             rate_per_minute: u32::try_from(r.rate_per_minute).unwrap_or(u32::MAX),
-            previous_secret_until: r.previous_secret_until.filter(|u| *u > now_micros()),
+            previous_secret_until: r.previous_secret.until.filter(|u| *u > now_micros()),
             account_email: email.to_string(),
             pending_events,
             id: r.id,

@@ -175,12 +175,10 @@ impl Worker {
 /// The secrets that sign now: the current one, and the previous one during a rotation's overlap.
 fn live_secrets(key: &SealKey, endpoint: &EndpointRecord, now: i64) -> Result<Vec<String>> {
     let mut secrets = vec![key.open(&endpoint.id, &endpoint.secret_sealed)?];
-    if let (Some(previous), Some(until)) = (
-        &endpoint.previous_secret_sealed,
-        endpoint.previous_secret_until,
-    ) {
+    let previous = &endpoint.previous_secret;
+    if let (Some(sealed), Some(until)) = (&previous.sealed, previous.until) {
         if now < until {
-            secrets.push(key.open(&endpoint.id, previous)?);
+            secrets.push(key.open(&endpoint.id, sealed)?);
         }
     }
     Ok(secrets)

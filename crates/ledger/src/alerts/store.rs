@@ -20,8 +20,8 @@ pub(crate) struct EndpointRecord {
     pub url: String,
     pub format: String,
     pub secret_sealed: String,
-    pub previous_secret_sealed: Option<String>,
-    pub previous_secret_until: Option<i64>,
+    #[sqlx(flatten)]
+    pub previous_secret: PreviousSecret,
     pub rules: String,
     pub rate_per_minute: i64,
     pub failing_since: Option<i64>,
@@ -81,6 +81,16 @@ pub(crate) struct Attempt<'a> {
     pub outcome: Outcome,
     pub error: &'a str,
     pub next_attempt_at: Option<i64>,
+}
+
+/// The secret a rotation replaced, sealed, and until when it still signs; both set during a
+/// rotation's overlap, neither otherwise.
+#[derive(Debug, Clone, Default, sqlx::FromRow)]
+pub(crate) struct PreviousSecret {
+    #[sqlx(rename = "previous_secret_sealed")]
+    pub sealed: Option<String>,
+    #[sqlx(rename = "previous_secret_until")]
+    pub until: Option<i64>,
 }
 
 pub(crate) async fn insert_endpoint(pool: &AnyPool, e: &EndpointRecord) -> Result<()> {

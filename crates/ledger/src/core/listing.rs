@@ -2,10 +2,10 @@
 
 use crate::auth::Caller;
 use crate::error::{LedgerError, Result};
-use crate::store::{now_micros, AccountRow, TokenFilter, TokenRow};
+use crate::store::{now_micros, AccountRow, Parties, TokenFilter, TokenRow};
 use crate::validate;
 
-use super::{decode_page_token, keyset_page, page_size, Ledger, Page, Role};
+use super::{keyset_page, page_size, Ledger, Page, PageRequest, Role};
 
 /// A page of delegation tokens to list (not yet validated).
 #[derive(Debug, Clone, Default)]
@@ -15,33 +15,41 @@ pub struct TokenQuery {
     pub role: Role,
     /// Revoked and expired tokens too.
     pub include_inactive: bool,
-    pub page_token: String,
-    pub page_size: u32,
+    pub page: PageRequest,
 }
 
 impl Ledger {
-    /// Whose rows a listing shows: `account_email` (the admin may name anyone, an account only
-    /// itself), or when empty the caller's own (the admin's: everyone's, `None`).
-    pub(super) async fn listed_account(
+    /// Whose rows a listing shows: `account_email`'s (the admin may name anyone, an account only
+    /// itself), or when empty the caller's own (the admin's: everyone's), on the `role` side.
+    pub(super) async fn listed_parties(
         &self,
         caller: &Caller,
         account_email: &str,
+        role: Role,
         what: &str,
-    ) -> Result<Option<i64>> {
-        if account_email.is_empty() {
-            return Ok(match caller {
+    ) -> Result<Parties> {
+        let account_id = if account_email.is_empty() {
+            match caller {
                 Caller::Admin => None,
                 Caller::Account(a) => Some(a.id),
-            });
-        }
-        let email = validate::email("account_email", account_email)?;
-        match caller {
-            Caller::Admin => Ok(Some(self.backend.account(&email).await?.id)),
-            Caller::Account(a) if a.email == email => Ok(Some(a.id)),
-            Caller::Account(_) => Err(LedgerError::PermissionDenied(format!(
-                "you may list only your own {what}"
-            ))),
-        }
+            }
+        } else {
+            let email = validate::email("account_email", account_email)?;
+            match caller {
+                Caller::Admin => Some(self.backend.account(&email).await?.id),
+                Caller::Account(a) if a.email == email => Some(a.id),
+                Caller::Account(_) => {
+                    return Err(LedgerError::PermissionDenied(format!(
+                        "you may list only your own {what}"
+                    )))
+                }
+            }
+        };
+        Ok(Parties {
+            account_id,
+            as_sender: role == Role::Sender,
+            as_recipient: role == Role::Recipient,
+        })
     }
 
     /// Tokens the caller issued or received (the admin: anyone's), newest first.
@@ -50,18 +58,14 @@ impl Ledger {
         caller: &Caller,
         q: &TokenQuery,
     ) -> Result<Page<Vec<TokenRow>>> {
-        let limit = page_size(q.page_size)?;
-        let account_id = self
-            .listed_account(caller, &q.account_email, "tokens")
-            .await?;
+        let page = q.page.keyset()?;
         let filter = TokenFilter {
-            account_id,
-            as_sender: q.role == Role::Sender,
-            as_recipient: q.role == Role::Recipient,
+            parties: self
+                .listed_parties(caller, &q.account_email, q.role, "tokens")
+                .await?,
             include_inactive: q.include_inactive,
             now: now_micros(),
-            before_id: decode_page_token(&q.page_token)?,
-            limit,
+            page,
         };
         let (rows, has_more) = self.backend.list_tokens(&filter).await?;
         Ok(keyset_page(rows, has_more, |t| t.id.clone()))

@@ -13,8 +13,8 @@ use crate::domain::{Micros, TransferStatus};
 use crate::error::{LedgerError, Result};
 use crate::money::check_positive;
 use crate::store::{
-    now_micros, sha256_hex, AccountRow, IssuedToken, Store, TokenGrant, UsageFilter, UsageInput,
-    UsagePage, UsageRow,
+    now_micros, sha256_hex, AccountRow, HoldBudgets, IssuedToken, Keyset, Store, TimeRange,
+    TokenGrant, UsageDims, UsageFilter, UsageInput, UsagePage, UsageRow,
 };
 use crate::validate::{self, MAX_KEY, MAX_NAME, MAX_PATH};
 use crate::LedgerConfig;
@@ -61,9 +61,8 @@ pub struct HoldRequest {
     pub app_ep_path: String,
     pub idempotency_key: String,
     pub hold_ttl_seconds: Option<i64>,
-    /// The recipient's budgets for this sender, in micros (`None`: no budget).
-    pub budget_per_day_micros: Option<i64>,
-    pub budget_per_month_micros: Option<i64>,
+    /// The recipient's budgets for this sender (`None`: no budget); checked by the core.
+    pub budgets: HoldBudgets,
 }
 
 /// The answer a capture pays for, kept for idempotent replay (not yet validated).
@@ -97,24 +96,58 @@ pub struct TransferQuery {
     pub account_email: String,
     pub role: Role,
     pub status: Option<TransferStatus>,
-    pub since: Option<i64>,
-    pub until: Option<i64>,
+    pub range: TimeRange,
     pub app_name: String,
-    pub page_token: String,
-    pub page_size: u32,
+    pub page: PageRequest,
 }
 
 /// A page of usage rows to read (not yet validated).
 #[derive(Debug, Clone, Default)]
 pub struct UsageQuery {
-    pub user_email: String,
-    pub app_name: String,
-    pub endpoint: String,
-    pub status: String,
-    pub since: Option<i64>,
-    pub until: Option<i64>,
+    pub dims: UsageDimsQuery,
+    pub range: TimeRange,
+    pub page: PageRequest,
+}
+
+/// Which page of a newest-first listing to read (not yet validated): an empty token is the first
+/// page, a zero size the default size.
+#[derive(Debug, Clone, Default)]
+pub struct PageRequest {
     pub page_token: String,
     pub page_size: u32,
+}
+
+impl PageRequest {
+    /// The size checked and the token decoded into the store's keyset.
+    fn keyset(&self) -> Result<Keyset> {
+        Ok(Keyset {
+            limit: page_size(self.page_size)?,
+            before_id: decode_page_token(&self.page_token)?,
+        })
+    }
+}
+
+/// Filters on usage rows' dimensions as a caller gives them (empty: any value; not yet
+/// validated), for the usage listing and the analytics.
+#[derive(Debug, Clone, Default)]
+pub struct UsageDimsQuery {
+    pub app_name: String,
+    pub endpoint: String,
+    pub user_email: String,
+    pub model: String,
+    pub status: String,
+}
+
+impl UsageDimsQuery {
+    fn validate(&self) -> Result<UsageDims> {
+        Ok(UsageDims {
+            user_email: validate::optional_email("user_email", &self.user_email)?,
+            app_name: non_empty(validate::text("app_name", &self.app_name, MAX_NAME, false)?),
+            endpoint: non_empty(validate::text("endpoint", &self.endpoint, MAX_PATH, false)?),
+            model: non_empty(validate::text("model", &self.model, MAX_NAME, false)?),
+            status: non_empty(validate::text("status", &self.status, 64, false)?),
+        })
+    }
 }
 
 /// A page and the token of the next one (empty when this is the last).
@@ -380,19 +413,12 @@ impl Ledger {
     }
 
     pub async fn query_usage(&self, caller: &Caller, q: &UsageQuery) -> Result<Page<UsagePage>> {
-        let limit = page_size(q.page_size)?;
-        let account = usage_scope(caller);
-        let user_email = validate::optional_email("user_email", &q.user_email)?;
+        let page = q.page.keyset()?;
         let filter = UsageFilter {
-            account,
-            since: q.since,
-            until: q.until,
-            user_email,
-            app_name: non_empty(validate::text("app_name", &q.app_name, MAX_NAME, false)?),
-            endpoint: non_empty(validate::text("endpoint", &q.endpoint, MAX_PATH, false)?),
-            status: non_empty(validate::text("status", &q.status, 64, false)?),
-            before_id: decode_page_token(&q.page_token)?,
-            limit,
+            account: usage_scope(caller),
+            range: q.range,
+            dims: q.dims.validate()?,
+            page,
         };
         let page = self.store.query_usage(&filter).await?;
         let next_page_token = match (page.has_more, page.rows.last()) {

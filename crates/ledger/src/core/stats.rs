@@ -4,11 +4,11 @@ use crate::auth::Caller;
 use crate::error::{LedgerError, Result};
 use crate::store::rollup::{DAY, HOUR, MINUTE};
 use crate::store::{
-    budget_use, now_micros, BudgetUse, Dimension, StatsFilter, StatsGroup, StatsScope,
+    budget_use, now_micros, BudgetUse, Dimension, StatsFilter, StatsGroup, StatsScope, TimeRange,
 };
-use crate::validate::{self, MAX_NAME, MAX_PATH};
+use crate::validate;
 
-use super::{non_empty, Ledger};
+use super::{Ledger, UsageDimsQuery};
 
 /// Widest range per finest time dimension: keeps every answer to a few thousand points.
 const MAX_MINUTE_RANGE: i64 = 2 * DAY;
@@ -42,15 +42,10 @@ impl StatsRole {
 #[derive(Debug, Clone, Default)]
 pub struct StatsQuery {
     pub group_by: Vec<Dimension>,
-    /// Unix micros; default: a window fitting the finest time dimension, ending now.
-    pub since: Option<i64>,
-    pub until: Option<i64>,
+    /// Default: a window fitting the finest time dimension, ending now.
+    pub range: TimeRange,
     pub role: StatsRole,
-    pub app_name: String,
-    pub endpoint: String,
-    pub user_email: String,
-    pub model: String,
-    pub status: String,
+    pub dims: UsageDimsQuery,
 }
 
 /// The answer: groups in key order, with the range actually used (whole minutes).
@@ -104,8 +99,8 @@ fn range(q: &StatsQuery, now: i64) -> Result<(i64, i64)> {
         Some(HOUR) => (MAX_HOUR_RANGE, 2 * DAY),
         _ => (MAX_RANGE, 30 * DAY),
     };
-    let until = q.until.unwrap_or(now);
-    let since = q.since.unwrap_or(until.saturating_sub(default));
+    let until = q.range.until.unwrap_or(now);
+    let since = q.range.since.unwrap_or(until.saturating_sub(default));
     if since < 0 || until < 0 {
         return Err(LedgerError::invalid("since and until must not be negative"));
     }
@@ -162,17 +157,12 @@ impl Ledger {
                 a.currency.clone(),
             ),
         };
-        let user_email = validate::optional_email("user_email", &q.user_email)?;
         let filter = StatsFilter {
             scope,
             since,
             until,
             group_by: q.group_by.clone(),
-            app_name: non_empty(validate::text("app_name", &q.app_name, MAX_NAME, false)?),
-            endpoint: non_empty(validate::text("endpoint", &q.endpoint, MAX_PATH, false)?),
-            user_email,
-            model: non_empty(validate::text("model", &q.model, MAX_NAME, false)?),
-            status: non_empty(validate::text("status", &q.status, 64, false)?),
+            dims: q.dims.validate()?,
             limit: MAX_GROUPS + 1,
         };
         let groups = self.store().usage_stats(&filter).await?;
@@ -198,8 +188,7 @@ mod tests {
     #[test]
     fn ranges_are_whole_minutes_and_bounded() {
         let q = |since, until, by: &[Dimension]| StatsQuery {
-            since,
-            until,
+            range: TimeRange { since, until },
             group_by: by.to_vec(),
             ..Default::default()
         };

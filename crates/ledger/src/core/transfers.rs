@@ -2,29 +2,30 @@
 //! transfers and party resolutions.
 
 use crate::auth::Caller;
-use crate::backend::Party;
+use crate::backend::{CaptureInput, Party};
 use crate::domain::{Actor, TransferStatus};
 use crate::error::{LedgerError, Result};
 use crate::metrics;
 use crate::money::check_positive;
 use crate::store::{
-    AuthorizeInput, CaptureAmount, DirectInput, Placed, TransferFilter, TransferRow, UsageInput,
+    AuthorizeInput, CaptureAmount, DirectInput, HoldBudgets, Keyset, Parties, Placed,
+    TransferFilter, TransferRow, UsageInput,
 };
 use crate::validate::{self, MAX_KEY, MAX_NAME, MAX_PATH, MAX_REASON};
 
 use super::{
-    decode_page_token, keyset_page, non_empty, page_size, same_currency, validate_usage,
-    AnswerInput, HoldRequest, Ledger, Page, PartyAction, Role, TransferQuery,
+    keyset_page, non_empty, same_currency, validate_usage, AnswerInput, HoldRequest, Ledger, Page,
+    PartyAction, TransferQuery,
 };
 
 /// A hold's budgets, each positive and at most the largest amount.
-fn budgets(req: &HoldRequest) -> Result<crate::store::HoldBudgets> {
+fn budgets(b: HoldBudgets) -> Result<HoldBudgets> {
     let check = |field: &str, v: Option<i64>| -> Result<Option<i64>> {
         v.map(|m| check_positive(field, m, i64::MAX)).transpose()
     };
-    Ok(crate::store::HoldBudgets {
-        per_day: check("budget_per_day_micros", req.budget_per_day_micros)?,
-        per_month: check("budget_per_month_micros", req.budget_per_month_micros)?,
+    Ok(HoldBudgets {
+        per_day: check("budget_per_day_micros", b.per_day)?,
+        per_month: check("budget_per_month_micros", b.per_month)?,
     })
 }
 
@@ -65,7 +66,7 @@ impl Ledger {
                 true,
             )?,
             ttl_micros,
-            budgets: budgets(req)?,
+            budgets: budgets(req.budgets)?,
         };
         let placed = self.backend.authorize(&hold).await?;
         let transfer = &placed.row;
@@ -100,10 +101,14 @@ impl Ledger {
         };
         let usage = usage.map(validate_usage).transpose()?;
         let answer = answer.map(Self::answer_write).transpose()?;
-        let transfer = self
-            .backend
-            .capture(recipient.id, transfer_id, amount, usage.as_ref(), answer)
-            .await?;
+        let capture = CaptureInput {
+            recipient_id: recipient.id,
+            transfer_id,
+            amount,
+            usage: usage.as_ref(),
+            answer,
+        };
+        let transfer = self.backend.capture(capture).await?;
         metrics::resolved(&transfer, started);
         Ok(transfer)
     }
@@ -180,20 +185,15 @@ impl Ledger {
         caller: &Caller,
         q: &TransferQuery,
     ) -> Result<Page<Vec<TransferRow>>> {
-        let limit = page_size(q.page_size)?;
-        let account_id = self
-            .listed_account(caller, &q.account_email, "transfers")
-            .await?;
+        let page = q.page.keyset()?;
         let filter = TransferFilter {
-            account_id,
-            as_sender: q.role == Role::Sender,
-            as_recipient: q.role == Role::Recipient,
+            parties: self
+                .listed_parties(caller, &q.account_email, q.role, "transfers")
+                .await?,
             status: q.status,
-            since: q.since,
-            until: q.until,
+            range: q.range,
             app_name: non_empty(validate::text("app_name", &q.app_name, MAX_NAME, false)?),
-            before_id: decode_page_token(&q.page_token)?,
-            limit,
+            page,
         };
         let (rows, has_more) = self.backend.list(&filter).await?;
         Ok(keyset_page(rows, has_more, |t| t.id.clone()))
@@ -208,9 +208,15 @@ impl Ledger {
     ) -> Result<Vec<TransferRow>> {
         let account = caller.account()?;
         let filter = TransferFilter {
-            account_id: Some(account.id),
+            parties: Parties {
+                account_id: Some(account.id),
+                ..Default::default()
+            },
             status,
-            limit,
+            page: Keyset {
+                before_id: None,
+                limit,
+            },
             ..Default::default()
         };
         Ok(self.backend.list(&filter).await?.0)
@@ -284,15 +290,14 @@ impl Ledger {
                         .capture_by_sender(transfer.recipient_id, &transfer.id)
                         .await?
                 } else {
-                    self.backend
-                        .capture(
-                            transfer.recipient_id,
-                            &transfer.id,
-                            CaptureAmount::Full,
-                            None,
-                            None,
-                        )
-                        .await?
+                    let capture = CaptureInput {
+                        recipient_id: transfer.recipient_id,
+                        transfer_id: &transfer.id,
+                        amount: CaptureAmount::Full,
+                        usage: None,
+                        answer: None,
+                    };
+                    self.backend.capture(capture).await?
                 }
             }
             PartyAction::Cancel => {

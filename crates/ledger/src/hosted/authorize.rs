@@ -22,15 +22,10 @@ impl Hosted {
         let now = now_micros();
         let entry = NewEntry {
             id: &id,
-            idempotency_key: input.idempotency_key,
+            hold: input,
             request_hash: &request_hash,
-            sender_email: input.sender_email,
             recipient_email: &self.config.email,
-            token: input.token,
-            amount: input.amount,
             currency: &self.currency,
-            app_name: input.app_name,
-            app_ep_path: input.app_ep_path,
             now,
             expires_at: now.saturating_add(input.ttl_micros),
         };

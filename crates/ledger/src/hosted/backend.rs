@@ -5,11 +5,10 @@
 use std::sync::Arc;
 
 use super::Hosted;
-use crate::backend::{Party, TransferBackend};
+use crate::backend::{CaptureInput, Party, TransferBackend};
 use crate::error::{LedgerError, Result};
 use crate::store::{
-    AccountRow, AnswerWrite, AuthorizeInput, CaptureAmount, Placed, Store, TransferFilter,
-    TransferRow, UsageInput,
+    AccountRow, AuthorizeInput, Placed, Store, TransferFilter, TransferRow, UsageInput,
 };
 use syft_error::Reason;
 
@@ -45,23 +44,16 @@ impl TransferBackend for HostedBackend {
         })
     }
 
-    async fn capture(
-        &self,
-        recipient_id: i64,
-        transfer_id: &str,
-        amount: CaptureAmount,
-        usage: Option<&UsageInput>,
-        answer: Option<AnswerWrite>,
-    ) -> Result<TransferRow> {
+    async fn capture(&self, c: CaptureInput<'_>) -> Result<TransferRow> {
         // The money lives remotely, so the answer cannot share the capture's transaction: it is
         // written (synchronously) first, and served only once the transfer is COMPLETED.
-        if let Some(a) = &answer {
+        if let Some(a) = &c.answer {
             self.store
-                .put_answer(transfer_id, recipient_id, &a.body, a.expires_at)
+                .put_answer(c.transfer_id, c.recipient_id, &a.body, a.expires_at)
                 .await?;
         }
         // Every transfer of a hosted ledger is its one owner's: no recipient to check.
-        self.hosted.capture(transfer_id, amount, usage).await
+        self.hosted.capture(c.transfer_id, c.amount, c.usage).await
     }
 
     async fn void(

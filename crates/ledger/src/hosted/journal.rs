@@ -14,7 +14,9 @@ use sqlx::{Any, FromRow, Row};
 
 use crate::domain::{text_enum, Actor, Micros, TransferStatus};
 use crate::error::{is_unique_violation, LedgerError, Result};
-use crate::store::{new_id, now_micros, Store, TransferFilter, TransferRow, UsageInput};
+use crate::store::{
+    new_id, now_micros, AuthorizeInput, Store, TransferFilter, TransferRow, UsageInput,
+};
 
 text_enum! {
     /// Where a hosted transfer stands locally (`hosted_transfers.step`); each step is written
@@ -149,18 +151,16 @@ impl Entry {
     }
 }
 
-/// A new entry in step `creating`, written before the remote create.
+/// A new entry in step `creating`, written before the remote create: the hold as the core
+/// validated it, for this ledger's owner.
 pub(super) struct NewEntry<'a> {
     pub id: &'a str,
-    pub idempotency_key: &'a str,
+    /// Its sender, token, amount, app, endpoint and idempotency key are recorded.
+    pub hold: &'a AuthorizeInput<'a>,
     pub request_hash: &'a str,
-    pub sender_email: &'a str,
+    /// The owner's (every transfer of a hosted ledger is its owner's), not the hold's.
     pub recipient_email: &'a str,
-    pub token: &'a str,
-    pub amount: i64,
     pub currency: &'a str,
-    pub app_name: &'a str,
-    pub app_ep_path: &'a str,
     pub now: i64,
     pub expires_at: i64,
 }
@@ -262,14 +262,14 @@ impl Journal {
     /// Transfers that held money, newest first, and whether more exist. One owner: the account
     /// and role filters select every transfer of this ledger.
     pub async fn list(&self, filter: &TransferFilter) -> Result<(Vec<TransferRow>, bool)> {
-        let limit = filter.limit;
+        let limit = filter.page.limit;
         let sql = format!(
             "SELECT {COLUMNS} FROM hosted_transfers WHERE step NOT IN ('failed', 'unknown') \
              AND ($1 = '' OR status = $1) AND ($2 = '' OR id < $2) ORDER BY id DESC LIMIT $3"
         );
         let entries: Vec<Entry> = sqlx::query_as(&sql)
             .bind(filter.status.map_or("", |s| s.as_str()))
-            .bind(filter.before_id.as_deref().unwrap_or(""))
+            .bind(filter.page.before_id.as_deref().unwrap_or(""))
             .bind(limit + 1)
             .fetch_all(self.pool())
             .await?;
@@ -289,15 +289,15 @@ impl Journal {
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'PENDING', 'creating', $9, $10, $11, $12, $11)",
         )
         .bind(e.id)
-        .bind(e.idempotency_key)
+        .bind(e.hold.idempotency_key)
         .bind(e.request_hash)
-        .bind(e.sender_email)
+        .bind(e.hold.sender_email)
         .bind(e.recipient_email)
-        .bind(e.token)
-        .bind(e.amount)
+        .bind(e.hold.token)
+        .bind(e.hold.amount)
         .bind(e.currency)
-        .bind(e.app_name)
-        .bind(e.app_ep_path)
+        .bind(e.hold.app_name)
+        .bind(e.hold.app_ep_path)
         .bind(e.now)
         .bind(e.expires_at)
         .execute(self.pool())

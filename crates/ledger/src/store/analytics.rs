@@ -9,7 +9,7 @@
 use sqlx::Row;
 
 use super::hll::{estimate, register_columns, REGISTERS};
-use super::query::{Bind, Where};
+use super::query::{Bind, UsageDims, Where};
 use super::rollup::{bucket_value, hist_columns, Grain, Sums, HIST_BUCKETS, SUM_COLUMNS};
 use super::{Backend, Store};
 use crate::error::Result;
@@ -106,13 +106,20 @@ pub struct StatsFilter {
     pub since: i64,
     pub until: i64,
     pub group_by: Vec<Dimension>,
-    pub app_name: Option<String>,
-    pub endpoint: Option<String>,
-    pub user_email: Option<String>,
-    pub model: Option<String>,
-    pub status: Option<String>,
+    pub dims: UsageDims,
     /// At most this many groups are read.
     pub limit: usize,
+}
+
+impl StatsFilter {
+    /// The coarsest rollup grain that still resolves the finest time dimension grouped by.
+    pub(super) fn max_grain(&self) -> Grain {
+        self.group_by
+            .iter()
+            .filter_map(|d| d.grain())
+            .min()
+            .unwrap_or(Grain::Day)
+    }
 }
 
 /// The value of one grouping dimension.
@@ -242,7 +249,7 @@ pub(super) fn measures(s: &Sums, active_users: i64) -> Measures {
 /// Whether a query needs the user: one user's own view, a user filter or user groups.
 fn needs_user(f: &StatsFilter) -> bool {
     matches!(f.scope, StatsScope::User(_))
-        || f.user_email.is_some()
+        || f.dims.user_email.is_some()
         || f.group_by.contains(&Dimension::User)
 }
 
@@ -263,17 +270,7 @@ pub(super) fn scope_and_filters(w: &mut Where, f: &StatsFilter, t: &str) {
         StatsScope::Owner(id) => w.int(&format!("{t}.recipient_id = ?"), *id),
         StatsScope::User(email) => w.text(&format!("{t}.user_email = ?"), email),
     }
-    for (col, v) in [
-        ("app_name", &f.app_name),
-        ("endpoint", &f.endpoint),
-        ("user_email", &f.user_email),
-        ("model", &f.model),
-        ("status", &f.status),
-    ] {
-        if let Some(v) = v {
-            w.text(&format!("{t}.{col} = ?"), v);
-        }
-    }
+    f.dims.push_where(w, t);
 }
 
 /// `[a, b)` of rollups of grain `g` (`r.bucket_start`), or of usage rows (`u.created_at`) without a
@@ -328,14 +325,8 @@ impl Store {
         if needs_user(f) {
             return self.user_stats(f).await;
         }
-        let max_grain = f
-            .group_by
-            .iter()
-            .filter_map(|d| d.grain())
-            .min()
-            .unwrap_or(Grain::Day);
         let mut w = Where::default();
-        let ranges: Vec<String> = segments(f.since, f.until, max_grain)
+        let ranges: Vec<String> = segments(f.since, f.until, f.max_grain())
             .into_iter()
             .map(|(g, a, b)| range_clause(&mut w, Some(g), a, b))
             .collect();

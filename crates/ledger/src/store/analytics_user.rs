@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use sqlx::any::AnyRow;
 use sqlx::Row;
 use syft_error::UsageStatus;
 
@@ -42,6 +43,19 @@ pub(super) fn bucket_sql(x: &str) -> String {
     rec(x, &bucket_bounds(), 0, HIST_BUCKETS)
 }
 
+/// Adds the sums of one (group, user) row to its group, and the user to the group's active users.
+fn add_user_row(groups: &mut Groups, row: &AnyRow, f: &StatsFilter, s: &Sums) -> Result<()> {
+    let user: String = row.try_get("uk")?;
+    let (sums, users) = groups
+        .entry(key_of(row, f)?)
+        .or_insert_with(|| (Sums::new(false), BTreeSet::new()));
+    sums.merge(s);
+    if !user.is_empty() {
+        users.insert(user);
+    }
+    Ok(())
+}
+
 impl Store {
     pub(super) async fn user_stats(&self, f: &StatsFilter) -> Result<Vec<StatsGroup>> {
         let rollups_answer = f.group_by.iter().all(|d| {
@@ -49,20 +63,14 @@ impl Store {
                 d,
                 Dimension::Day | Dimension::Hour | Dimension::App | Dimension::User
             )
-        }) && f.endpoint.is_none()
-            && f.model.is_none()
-            && f.status.is_none();
+        }) && f.dims.endpoint.is_none()
+            && f.dims.model.is_none()
+            && f.dims.status.is_none();
         let mut groups = Groups::new();
         let mut raw = Vec::new();
         if rollups_answer {
-            let max_grain = f
-                .group_by
-                .iter()
-                .filter_map(|d| d.grain())
-                .min()
-                .unwrap_or(Grain::Day);
             let mut ranges = Vec::new();
-            for (g, a, b) in segments(f.since, f.until, max_grain) {
+            for (g, a, b) in segments(f.since, f.until, f.max_grain()) {
                 if g == Grain::Minute {
                     raw.push((a, b));
                 } else {
@@ -123,14 +131,7 @@ impl Store {
                 *s.sum_mut(c) = row.try_get(c)?;
             }
             read_hist(&row, &mut s)?;
-            let user: String = row.try_get("uk")?;
-            let (sums, users) = groups
-                .entry(key_of(&row, f)?)
-                .or_insert_with(|| (Sums::new(false), BTreeSet::new()));
-            sums.merge(&s);
-            if !user.is_empty() {
-                users.insert(user);
-            }
+            add_user_row(groups, &row, f, &s)?;
         }
         Ok(())
     }
@@ -202,14 +203,7 @@ impl Store {
             if let Some(bt) = row.try_get::<Option<i64>, _>("bt")? {
                 s.hist[2][bucket(bt)] += s.ttft_count;
             }
-            let user: String = row.try_get("uk")?;
-            let (sums, users) = groups
-                .entry(key_of(&row, f)?)
-                .or_insert_with(|| (Sums::new(false), BTreeSet::new()));
-            sums.merge(&s);
-            if !user.is_empty() {
-                users.insert(user);
-            }
+            add_user_row(groups, &row, f, &s)?;
         }
         Ok(())
     }

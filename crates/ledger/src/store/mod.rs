@@ -42,7 +42,10 @@ pub use answer::{AnswerRow, AnswerWrite};
 pub use authorize::{AuthorizeInput, DirectInput};
 pub(crate) use budget::{budget_use, windowed_use};
 pub use budget::{BudgetRefusal, BudgetUse, BudgetWindow, HoldBudgets, WindowUse};
-pub use query::{TokenFilter, TokenRow, TransferFilter, UsageFilter, UsagePage, UsageTotals};
+pub use query::{
+    Keyset, Parties, TimeRange, TokenFilter, TokenRow, TransferFilter, UsageDims, UsageFilter,
+    UsagePage, UsageTotals,
+};
 pub use rows::{AccountRow, IssuedToken, TokenInfo, TransferRow, UsageInput, UsageRow};
 // An Authorize's transfer and whether it was placed by an earlier call (issue 15).
 pub use authorize::Placed;

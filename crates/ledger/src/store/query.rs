@@ -10,34 +10,104 @@ use super::{
 };
 use crate::error::Result;
 
+/// One page of a newest-first listing, by keyset: ids strictly below `before_id` (ids are
+/// time-ordered UUIDv7; `None`: the first page), at most `limit` of them.
 #[derive(Debug, Clone, Default)]
-pub struct TransferFilter {
-    /// Only transfers this account sent and/or received; `None` (admin) means every account.
-    pub account_id: Option<i64>,
-    pub as_sender: bool,
-    pub as_recipient: bool,
-    pub status: Option<TransferStatus>,
-    pub since: Option<i64>,
-    pub until: Option<i64>,
-    pub app_name: Option<String>,
-    /// Keyset cursor: return ids strictly below this one (ids are time-ordered UUIDv7).
+pub struct Keyset {
     pub before_id: Option<String>,
     pub limit: i64,
 }
 
+/// `[since, until)` in unix micros; `None` leaves that end open.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TimeRange {
+    pub since: Option<i64>,
+    pub until: Option<i64>,
+}
+
+impl TimeRange {
+    /// The set ends as conditions on `column`.
+    fn push_where(&self, w: &mut Where, column: &str) {
+        w.opt_int(&format!("{column} >= ?"), self.since);
+        w.opt_int(&format!("{column} < ?"), self.until);
+    }
+}
+
+/// Exact-match filters on a usage row's dimensions (`None`: any value), shared by the usage
+/// listing and the analytics.
 #[derive(Debug, Clone, Default)]
-pub struct TokenFilter {
-    /// Only tokens this account issued and/or received; `None` (admin) means every account.
+pub struct UsageDims {
+    pub app_name: Option<String>,
+    pub endpoint: Option<String>,
+    pub user_email: Option<String>,
+    pub model: Option<String>,
+    pub status: Option<String>,
+}
+
+impl UsageDims {
+    /// `{t}.{column} = ?` for each filter that is set, on table alias `t`.
+    pub(super) fn push_where(&self, w: &mut Where, t: &str) {
+        for (col, v) in [
+            ("app_name", &self.app_name),
+            ("endpoint", &self.endpoint),
+            ("user_email", &self.user_email),
+            ("model", &self.model),
+            ("status", &self.status),
+        ] {
+            if let Some(v) = v {
+                w.text(&format!("{t}.{col} = ?"), v);
+            }
+        }
+    }
+}
+
+/// Whose rows a listing shows: those `account_id` sent and/or received (neither or both flags:
+/// either side); `None` (admin) means every account's.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Parties {
     pub account_id: Option<i64>,
     pub as_sender: bool,
     pub as_recipient: bool,
+}
+
+impl Parties {
+    /// The condition on table alias `alias`, which has `sender_id` and `recipient_id` columns.
+    fn push_where(&self, w: &mut Where, alias: &str) {
+        let Some(account) = self.account_id else {
+            return;
+        };
+        match (self.as_sender, self.as_recipient) {
+            (true, false) => w.int(&format!("{alias}.sender_id = ?"), account),
+            (false, true) => w.int(&format!("{alias}.recipient_id = ?"), account),
+            _ => {
+                let p = w.next();
+                w.clauses.push(format!(
+                    "({alias}.sender_id = {p} OR {alias}.recipient_id = {p})"
+                ));
+                w.binds.push(Bind::Int(account));
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TransferFilter {
+    pub parties: Parties,
+    pub status: Option<TransferStatus>,
+    pub range: TimeRange,
+    pub app_name: Option<String>,
+    pub page: Keyset,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TokenFilter {
+    /// Issuer (sender) and/or recipient.
+    pub parties: Parties,
     /// Revoked and expired tokens too.
     pub include_inactive: bool,
     /// The current time, for expiry.
     pub now: i64,
-    /// Keyset cursor: ids strictly below this one (UUIDv7, time-ordered).
-    pub before_id: Option<String>,
-    pub limit: i64,
+    pub page: Keyset,
 }
 
 /// A delegation token as listed (its hash is never read back).
@@ -59,14 +129,9 @@ pub struct TokenRow {
 pub struct UsageFilter {
     /// Rows of this account: as app owner (recipient) or as the user who sent the request.
     pub account: Option<(i64, String)>,
-    pub since: Option<i64>,
-    pub until: Option<i64>,
-    pub user_email: Option<String>,
-    pub app_name: Option<String>,
-    pub endpoint: Option<String>,
-    pub status: Option<String>,
-    pub before_id: Option<String>,
-    pub limit: i64,
+    pub range: TimeRange,
+    pub dims: UsageDims,
+    pub page: Keyset,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, sqlx::FromRow)]
@@ -112,22 +177,6 @@ impl Where {
         let clause = template.replace('?', &self.next());
         self.clauses.push(clause);
         self.binds.push(Bind::Text(value.to_string()));
-    }
-
-    /// Rows of `account` on the side(s) asked for, in a table aliased `alias` with `sender_id`
-    /// and `recipient_id` columns; neither or both sides mean either.
-    fn party(&mut self, alias: &str, account: i64, as_sender: bool, as_recipient: bool) {
-        match (as_sender, as_recipient) {
-            (true, false) => self.int(&format!("{alias}.sender_id = ?"), account),
-            (false, true) => self.int(&format!("{alias}.recipient_id = ?"), account),
-            _ => {
-                let p = self.next();
-                self.clauses.push(format!(
-                    "({alias}.sender_id = {p} OR {alias}.recipient_id = {p})"
-                ));
-                self.binds.push(Bind::Int(account));
-            }
-        }
     }
 
     /// `template` when the filter is set, else nothing.
@@ -190,24 +239,22 @@ impl Store {
     /// Returns up to `limit` tokens, newest first, and whether more exist.
     pub async fn list_tokens(&self, f: &TokenFilter) -> Result<(Vec<TokenRow>, bool)> {
         let mut w = Where::default();
-        if let Some(account) = f.account_id {
-            w.party("k", account, f.as_sender, f.as_recipient);
-        }
+        f.parties.push_where(&mut w, "k");
         if !f.include_inactive {
             w.clauses.push("k.revoked_at IS NULL".into());
             w.int("(k.expires_at IS NULL OR k.expires_at > ?)", f.now);
         }
-        w.opt_text("k.id < ?", f.before_id.as_deref());
+        w.opt_text("k.id < ?", f.page.before_id.as_deref());
         let sql = format!(
             "SELECT k.id, s.email AS sender_email, r.email AS recipient_email, s.currency, \
              k.created_at, k.expires_at, k.spend_limit, k.held, k.spent, k.revoked_at \
              FROM tokens k JOIN accounts s ON s.id = k.sender_id \
              JOIN accounts r ON r.id = k.recipient_id {} ORDER BY k.id DESC LIMIT {}",
             w.sql(),
-            f.limit + 1
+            f.page.limit + 1
         );
         let rows = w.bind_as(sqlx::query_as(&sql)).fetch_all(self.pool());
-        Ok(page(rows.await?, f.limit))
+        Ok(page(rows.await?, f.page.limit))
     }
 
     /// Up to `limit` accounts with ids above `after_id`, oldest first, and whether more exist.
@@ -229,32 +276,25 @@ impl Store {
     /// Returns up to `limit` transfers, newest first, and whether more exist.
     pub async fn list_transfers(&self, f: &TransferFilter) -> Result<(Vec<TransferRow>, bool)> {
         let mut w = Where::default();
-        if let Some(account) = f.account_id {
-            w.party("t", account, f.as_sender, f.as_recipient);
-        }
+        f.parties.push_where(&mut w, "t");
         w.opt_text("t.status = ?", f.status.map(|s| s.as_str()));
-        w.opt_int("t.created_at >= ?", f.since);
-        w.opt_int("t.created_at < ?", f.until);
+        f.range.push_where(&mut w, "t.created_at");
         w.opt_text("t.app_name = ?", f.app_name.as_deref());
-        w.opt_text("t.id < ?", f.before_id.as_deref());
+        w.opt_text("t.id < ?", f.page.before_id.as_deref());
         let sql = format!(
             "SELECT {TRANSFER_COLUMNS} FROM transfers t {TRANSFER_JOINS} {} ORDER BY t.id DESC LIMIT {}",
             w.sql(),
-            f.limit + 1
+            f.page.limit + 1
         );
         let rows = w.bind_as(sqlx::query_as(&sql)).fetch_all(self.pool());
-        Ok(page(rows.await?, f.limit))
+        Ok(page(rows.await?, f.page.limit))
     }
 
     pub async fn query_usage(&self, f: &UsageFilter) -> Result<UsagePage> {
         let mut w = Where::default();
         usage_account(&mut w, &f.account);
-        w.opt_int("u.created_at >= ?", f.since);
-        w.opt_int("u.created_at < ?", f.until);
-        w.opt_text("u.user_email = ?", f.user_email.as_deref());
-        w.opt_text("u.app_name = ?", f.app_name.as_deref());
-        w.opt_text("u.endpoint = ?", f.endpoint.as_deref());
-        w.opt_text("u.status = ?", f.status.as_deref());
+        f.range.push_where(&mut w, "u.created_at");
+        f.dims.push_where(&mut w, "u");
         let totals_sql = format!(
             "SELECT COUNT(*) AS requests, \
              CAST(COALESCE(SUM(u.prompt_tokens), 0) AS BIGINT) AS prompt_tokens, \
@@ -268,15 +308,15 @@ impl Store {
             .bind_as(sqlx::query_as(&totals_sql))
             .fetch_one(self.pool())
             .await?;
-        w.opt_text("u.id < ?", f.before_id.as_deref());
+        w.opt_text("u.id < ?", f.page.before_id.as_deref());
         let sql = format!(
             "SELECT {USAGE_COLUMNS} FROM usage_records u JOIN accounts r ON r.id = u.recipient_id {} \
              ORDER BY u.id DESC LIMIT {}",
             w.sql(),
-            f.limit + 1
+            f.page.limit + 1
         );
         let rows = w.bind_as(sqlx::query_as(&sql)).fetch_all(self.pool());
-        let (rows, has_more) = page(rows.await?, f.limit);
+        let (rows, has_more) = page(rows.await?, f.page.limit);
         Ok(UsagePage {
             rows,
             has_more,

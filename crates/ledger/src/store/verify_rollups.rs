@@ -13,6 +13,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
+use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 use syft_error::UsageStatus;
 
@@ -218,6 +219,19 @@ async fn sketch_mismatches_sql(conn: &mut AnyConnection) -> Result<i64> {
 /// (grain, bucket start, recipient, app, endpoint, model, status).
 type SketchKey = (i64, i64, i64, String, String, String, String);
 
+/// The key of a row at `grain` with columns `bucket_start` and [`USERLESS_KEYS`].
+fn sketch_key(grain: i64, row: &AnyRow) -> Result<SketchKey> {
+    Ok((
+        grain,
+        row.try_get("bucket_start")?,
+        row.try_get("recipient_id")?,
+        row.try_get("app_name")?,
+        row.try_get("endpoint")?,
+        row.try_get("model")?,
+        row.try_get("status")?,
+    ))
+}
+
 /// SQLite (no SHA-256 in SQL; ledgers there are small): the registers recomputed here from the
 /// distinct users of each key and grain, compared with the stored ones.
 async fn sketch_mismatches_rust(conn: &mut AnyConnection) -> Result<i64> {
@@ -229,16 +243,9 @@ async fn sketch_mismatches_rust(conn: &mut AnyConnection) -> Result<i64> {
             m = g.micros()
         );
         for row in sqlx::query(&sql).fetch_all(&mut *conn).await? {
-            let key: SketchKey = (
-                g as i64,
-                row.try_get("bucket_start")?,
-                row.try_get("recipient_id")?,
-                row.try_get("app_name")?,
-                row.try_get("endpoint")?,
-                row.try_get("model")?,
-                row.try_get("status")?,
-            );
-            let registers = want.entry(key).or_insert_with(|| vec![0; REGISTERS]);
+            let registers = want
+                .entry(sketch_key(g as i64, &row)?)
+                .or_insert_with(|| vec![0; REGISTERS]);
             let email: String = row.try_get("user_email")?;
             if let Some((i, rank)) = register_of(&email) {
                 registers[i] = registers[i].max(rank);
@@ -253,15 +260,7 @@ async fn sketch_mismatches_rust(conn: &mut AnyConnection) -> Result<i64> {
     );
     let mut bad = 0;
     for row in sqlx::query(&sql).fetch_all(&mut *conn).await? {
-        let key: SketchKey = (
-            row.try_get("grain")?,
-            row.try_get("bucket_start")?,
-            row.try_get("recipient_id")?,
-            row.try_get("app_name")?,
-            row.try_get("endpoint")?,
-            row.try_get("model")?,
-            row.try_get("status")?,
-        );
+        let key = sketch_key(row.try_get("grain")?, &row)?;
         let mut stored = vec![0u8; REGISTERS];
         for (r, c) in stored.iter_mut().zip(&cols) {
             let v: Option<i64> = row.try_get(c.as_str())?;

@@ -14,9 +14,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 
-use crate::core::{parse_dimensions, Ledger, StatsQuery, StatsRole};
+use crate::core::{parse_dimensions, Ledger, StatsQuery, StatsRole, UsageDimsQuery};
 use crate::error::{LedgerError, Result};
 use crate::rest::RestError;
+use crate::store::TimeRange;
 
 /// `ready` turns false when the ledger shuts down: the dashboard's live streams end then.
 pub fn router(ledger: Ledger, ready: tokio::sync::watch::Receiver<bool>) -> Router {
@@ -62,14 +63,18 @@ pub fn stats_query(params: &HashMap<String, String>) -> Result<StatsQuery> {
         .unwrap_or_default();
     Ok(StatsQuery {
         group_by: parse_dimensions(text("group_by").split(','))?,
-        since: micros("since")?,
-        until: micros("until")?,
+        range: TimeRange {
+            since: micros("since")?,
+            until: micros("until")?,
+        },
         role,
-        app_name: text("app"),
-        endpoint: text("endpoint"),
-        user_email: text("user"),
-        model: text("model"),
-        status: text("status"),
+        dims: UsageDimsQuery {
+            app_name: text("app"),
+            endpoint: text("endpoint"),
+            user_email: text("user"),
+            model: text("model"),
+            status: text("status"),
+        },
     })
 }
 

@@ -30,6 +30,7 @@ impl RouterService {
         let prompt = self.prompt_tokens(p).await;
         let max_out = p
             .upstream_req
+            .options
             .max_tokens
             .unwrap_or(self.inner.config.limits.default_max_tokens);
         prompt.saturating_add(u64::from(max_out))

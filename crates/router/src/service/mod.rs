@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use syft_error::UsageStatus;
-use syft_proto::router::{ChatRequest, ChatResponse, Metadata, Service};
+use syft_proto::ledger::Usage;
+use syft_proto::router::{ChatOptions, ChatRequest, ChatResponse, Metadata, Service};
 use tracing::Instrument;
 
 use crate::config::{pricing_proto, PricingKind, RouterConfig, ServiceKind, TokenBound};
@@ -73,6 +74,13 @@ enum Admission {
     Run(Prepared, Claim, Option<HoldGuard>),
     /// The stored answer, and the rate-limit headers of this retry.
     Replay(Box<ChatResponse>, RateHeaders),
+}
+
+/// What an answered request is charged: (prompt, completion) tokens, cost, usage row.
+struct Charge {
+    tokens: (u64, u64),
+    cost: i64,
+    usage: Usage,
 }
 
 /// A chat request, validated and priced.
@@ -273,13 +281,7 @@ impl RouterService {
         let (p, _claim, hold) = match self.admit(req).await? {
             Admission::Run(p, claim, hold) => (p, claim, hold),
             Admission::Replay(r, headers) => {
-                metrics::observe(
-                    self.provider(),
-                    "unary",
-                    "replay",
-                    started,
-                    Default::default(),
-                );
+                self.observe_replay("unary", started);
                 return Ok((*r, headers));
             }
         };
@@ -310,18 +312,15 @@ impl RouterService {
                 return Err(e.into());
             }
         };
-        let (prompt_tokens, completion_tokens) = self.final_tokens(&p, c.usage, &c.content).await;
-        Self::settle_pass(&p.t, prompt_tokens.saturating_add(completion_tokens)).await;
-        let cost = self.cost(&p, prompt_tokens, completion_tokens);
-        let units = Units {
-            input: prompt_tokens,
-            output: completion_tokens,
-        };
-        let usage = self.usage(&p.t, UsageStatus::Success, units, started, upstream_ms);
+        let charge = self
+            .charge(&p, c.usage, &c.content, started, upstream_ms)
+            .await;
         let transfer_id = hold.as_ref().map(|h| h.transfer_id.clone());
-        let response = self.response(&p, c, (prompt_tokens, completion_tokens), cost, transfer_id);
+        let response = self.response(&p, c, charge.tokens, charge.cost, transfer_id);
         let answer = self.answer_to_store(&p, &response);
-        let settled = self.settle(&p.t, hold, cost, usage, answer).await;
+        let settled = self
+            .settle(&p.t, hold, charge.cost, charge.usage, answer)
+            .await;
         let outcome = if settled.is_ok() {
             "success"
         } else {
@@ -330,6 +329,11 @@ impl RouterService {
         metrics::observe(self.provider(), "unary", outcome, started, upstream_time);
         let headers = Self::rate_headers(&p.t);
         settled.map(|_| (response, headers))
+    }
+
+    /// A replayed answer in the metrics: no upstream time.
+    fn observe_replay(&self, mode: &str, started: Instant) {
+        metrics::observe(self.provider(), mode, "replay", started, Default::default());
     }
 
     // -----------------------------------------------------------------------------------------
@@ -388,18 +392,19 @@ impl RouterService {
         let max_tokens = match pricing.kind {
             // The hold must bound the answer, so the bound is always sent upstream.
             PricingKind::PerToken { .. } => Some(
-                v.max_tokens
+                v.options
+                    .max_tokens
                     .unwrap_or(inner.config.limits.default_max_tokens),
             ),
-            _ => v.max_tokens,
+            _ => v.options.max_tokens,
         };
         let upstream_req = UpstreamRequest {
             model: inner.upstream.upstream_model(&model),
             messages: v.messages.clone(),
-            max_tokens,
-            temperature: v.temperature,
-            top_p: v.top_p,
-            stop: v.stop.clone(),
+            options: ChatOptions {
+                max_tokens,
+                ..v.options.clone()
+            },
             user: v.user_email.clone(),
         };
         let t = Ticket {
@@ -427,7 +432,7 @@ impl RouterService {
             p.t.bound = Some(TokenBound {
                 prompt_tokens: prompt,
                 max_completion_tokens: max_out,
-                defaulted: p.v.max_tokens.is_none(),
+                defaulted: p.v.options.max_tokens.is_none(),
             });
         } else {
             p.t.hold_micros = p.t.pricing.hold_micros(0, 0);
@@ -478,6 +483,29 @@ impl RouterService {
                 (u.prompt_tokens, u.completion_tokens)
             }
             _ => (self.prompt_tokens(p).await, tokens::count_text(content)),
+        }
+    }
+
+    /// What an answered request is charged (unary, or a stream's end): its final token counts,
+    /// the cost and its success usage row. Settles its rate-limit pass with the tokens used.
+    async fn charge(
+        &self,
+        p: &Prepared,
+        reported: Option<UpstreamUsage>,
+        content: &str,
+        started: Instant,
+        upstream_ms: i64,
+    ) -> Charge {
+        let (prompt_tokens, completion_tokens) = self.final_tokens(p, reported, content).await;
+        Self::settle_pass(&p.t, prompt_tokens.saturating_add(completion_tokens)).await;
+        let units = Units {
+            input: prompt_tokens,
+            output: completion_tokens,
+        };
+        Charge {
+            tokens: (prompt_tokens, completion_tokens),
+            cost: self.cost(p, prompt_tokens, completion_tokens),
+            usage: self.usage(&p.t, UsageStatus::Success, units, started, upstream_ms),
         }
     }
 

@@ -9,8 +9,8 @@ use prost::Message as _;
 use sha2::{Digest, Sha256};
 use syft_proto::ledger::{AnswerToStore, Transfer};
 use syft_proto::router::{
-    chat_stream_event, ChatFinal, ChatOptions, ChatRequest, ChatResponse, ChatStreamEvent,
-    ContentDelta, Message, ProviderInfo, ReplayRecord,
+    chat_stream_event, ChatFinal, ChatRequest, ChatResponse, ChatStreamEvent, ContentDelta,
+    Message, ProviderInfo, ReplayRecord,
 };
 
 use super::admission::already_processed;
@@ -26,12 +26,7 @@ pub(super) fn fingerprint(v: &ValidRequest, model: &str) -> String {
         user_email: v.user_email.clone(),
         model: model.to_string(),
         messages: v.messages.clone(),
-        options: Some(ChatOptions {
-            max_tokens: v.max_tokens,
-            temperature: v.temperature,
-            top_p: v.top_p,
-            stop_sequences: v.stop.clone(),
-        }),
+        options: Some(v.options.clone()),
         transaction_token: String::new(),
         request_id: String::new(),
     };

@@ -49,13 +49,7 @@ impl RouterService {
         let (p, claim, hold) = match self.admit(req).await? {
             Admission::Run(p, claim, hold) => (p, claim, hold),
             Admission::Replay(r, headers) => {
-                metrics::observe(
-                    self.provider(),
-                    "stream",
-                    "replay",
-                    started,
-                    Default::default(),
-                );
+                self.observe_replay("stream", started);
                 return Ok(replayed(*r, headers));
             }
         };
@@ -213,16 +207,13 @@ impl RouterService {
             }
             // `Cut` was turned into `Done` above.
             End::Done | End::Cut => {
-                let (prompt_tokens, completion_tokens) =
-                    self.final_tokens(&p, reported, &content).await;
-                Self::settle_pass(&p.t, prompt_tokens.saturating_add(completion_tokens)).await;
-                let cost = self.cost(&p, prompt_tokens, completion_tokens);
-                let units = Units {
-                    input: prompt_tokens,
-                    output: completion_tokens,
+                let charge = self
+                    .charge(&p, reported, &content, started, upstream_ms)
+                    .await;
+                let usage = Usage {
+                    ttft_ms,
+                    ..charge.usage
                 };
-                let usage = self.usage(&p.t, UsageStatus::Success, units, started, upstream_ms);
-                let usage = Usage { ttft_ms, ..usage };
                 let upstream_finish = finish.unwrap_or_else(|| "stop".into());
                 let completion = Completion {
                     id: upstream_id,
@@ -232,11 +223,11 @@ impl RouterService {
                     usage: None,
                 };
                 let transfer_id = hold.as_ref().map(|h| h.transfer_id.clone());
-                let tokens = (prompt_tokens, completion_tokens);
-                let response = self.response(&p, completion, tokens, cost, transfer_id);
+                let response =
+                    self.response(&p, completion, charge.tokens, charge.cost, transfer_id);
                 let answer = self.answer_to_store(&p, &response);
                 let item = self
-                    .settle(&p.t, hold, cost, usage, answer)
+                    .settle(&p.t, hold, charge.cost, usage, answer)
                     .await
                     .map(|_| final_event(response).1);
                 let outcome = if item.is_ok() {

@@ -36,7 +36,7 @@ impl EchoUpstream {
             });
         }
         let full = format!("echo: {last_user}");
-        let (content, cut) = match req.max_tokens {
+        let (content, cut) = match req.options.max_tokens {
             Some(max) => tokens::truncate_to_tokens(&full, max as usize),
             None => (full, false),
         };
@@ -83,7 +83,7 @@ impl EchoUpstream {
 mod tests {
     use super::*;
     use futures::StreamExt;
-    use syft_proto::router::Message;
+    use syft_proto::router::{ChatOptions, Message};
 
     fn req(content: &str, max_tokens: Option<u32>) -> UpstreamRequest {
         UpstreamRequest {
@@ -93,10 +93,10 @@ mod tests {
                 content: content.into(),
                 name: None,
             }],
-            max_tokens,
-            temperature: None,
-            top_p: None,
-            stop: vec![],
+            options: ChatOptions {
+                max_tokens,
+                ..Default::default()
+            },
             user: String::new(),
         }
     }

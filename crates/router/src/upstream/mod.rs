@@ -8,7 +8,7 @@ use std::pin::Pin;
 
 use futures::Stream;
 use syft_error::UsageStatus;
-use syft_proto::router::Message;
+use syft_proto::router::{ChatOptions, Message};
 use thiserror::Error;
 
 pub use echo::{EchoUpstream, ECHO_FAIL_TRIGGER, ECHO_MODEL};
@@ -25,10 +25,8 @@ pub struct UpstreamRequest {
     /// The upstream's model name (after the model map).
     pub model: String,
     pub messages: Vec<Message>,
-    pub max_tokens: Option<u32>,
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub stop: Vec<String>,
+    /// Sampling options; `max_tokens` is always set for per-token pricing (the hold bounds it).
+    pub options: ChatOptions,
     /// Forwarded as the OpenAI `user` field (abuse tracking upstream); may be empty.
     pub user: String,
 }

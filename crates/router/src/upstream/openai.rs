@@ -52,17 +52,18 @@ impl OpenAiUpstream {
         if stream {
             body["stream_options"] = json!({"include_usage": true});
         }
-        if let Some(v) = req.max_tokens {
+        let o = &req.options;
+        if let Some(v) = o.max_tokens {
             body["max_tokens"] = json!(v);
         }
-        if let Some(v) = req.temperature {
+        if let Some(v) = o.temperature {
             body["temperature"] = json!(v);
         }
-        if let Some(v) = req.top_p {
+        if let Some(v) = o.top_p {
             body["top_p"] = json!(v);
         }
-        if !req.stop.is_empty() {
-            body["stop"] = json!(req.stop);
+        if !o.stop_sequences.is_empty() {
+            body["stop"] = json!(o.stop_sequences);
         }
         if !req.user.is_empty() {
             body["user"] = json!(req.user);

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use super::session::{has_cookie, session, ForChange, Session};
 use super::{json, Dash, Reply};
 use crate::auth::Caller;
-use crate::core::{Page, Role, TokenQuery, TransferQuery};
+use crate::core::{Page, PageRequest, Role, TokenQuery, TransferQuery};
 use crate::domain::TransferStatus;
 use crate::error::{LedgerError, Result};
 use crate::store::{now_micros, TokenRow, TransferRow, UsageRow};
@@ -92,6 +92,14 @@ impl Params {
                 LedgerError::invalid(format!("page_size must be a number, not {n:?}"))
             }),
         }
+    }
+
+    /// `page_token` and `page_size`.
+    fn page(&self) -> Result<PageRequest> {
+        Ok(PageRequest {
+            page_token: self.get("page_token").to_string(),
+            page_size: self.page_size()?,
+        })
     }
 
     fn micros(&self, key: &str) -> Result<Option<i64>> {
@@ -176,8 +184,7 @@ pub(super) async fn transfers(State(d): State<Dash>, params: Params, s: Session)
     let q = TransferQuery {
         role,
         status,
-        page_token: params.get("page_token").to_string(),
-        page_size: params.page_size()?,
+        page: params.page()?,
         ..Default::default()
     };
     let page = d.ledger.list_transfers(&s.caller, &q).await?;
@@ -201,8 +208,7 @@ pub(super) async fn usage(State(d): State<Dash>, params: Params, s: Session) -> 
 pub(super) async fn tokens(State(d): State<Dash>, params: Params, s: Session) -> Reply {
     let q = TokenQuery {
         include_inactive: true,
-        page_token: params.get("page_token").to_string(),
-        page_size: params.page_size()?,
+        page: params.page()?,
         ..Default::default()
     };
     let page = d.ledger.list_tokens(&s.caller, &q).await?;
