@@ -51,6 +51,14 @@ async fn one_of_each(h: &Harness, owner: &str, token: &str, n: usize) {
     .expect("record usage");
 }
 
+/// The owner's secret and Alice's token for it, Alice holding `micros`.
+async fn owner_and_token(h: &Harness, micros: i64) -> (String, String) {
+    let owner = h.account(OWNER, 0).await;
+    let alice = h.account(ALICE, micros).await;
+    let token = h.token(&alice, OWNER).await;
+    (owner, token)
+}
+
 /// (usage rows, rows the day rollups count, queued rows, revenue in the day rollups).
 async fn counts(h: &Harness) -> (i64, i64, i64, i64) {
     sqlx::query_as(
@@ -72,9 +80,7 @@ async fn every_row_is_folded_once() {
     let Some(h) = Harness::new(true).await else {
         return;
     };
-    let owner = h.account(OWNER, 0).await;
-    let alice = h.account(ALICE, 100 * USD).await;
-    let token = h.token(&alice, OWNER).await;
+    let (owner, token) = owner_and_token(&h, 100 * USD).await;
     let h = std::sync::Arc::new(h);
     let mut tasks = Vec::new();
     for w in 0..4 {
@@ -133,9 +139,7 @@ async fn a_fold_that_dies_loses_nothing() {
     let Some(h) = Harness::new(true).await else {
         return;
     };
-    let owner = h.account(OWNER, 0).await;
-    let alice = h.account(ALICE, 10 * USD).await;
-    let token = h.token(&alice, OWNER).await;
+    let (owner, token) = owner_and_token(&h, 10 * USD).await;
     for n in 0..5 {
         one_of_each(&h, &owner, &token, n).await;
     }
@@ -168,9 +172,7 @@ async fn rebuild_takes_the_queue_too() {
     let Some(h) = Harness::new(true).await else {
         return;
     };
-    let owner = h.account(OWNER, 0).await;
-    let alice = h.account(ALICE, 10 * USD).await;
-    let token = h.token(&alice, OWNER).await;
+    let (owner, token) = owner_and_token(&h, 10 * USD).await;
     for n in 0..4 {
         one_of_each(&h, &owner, &token, n).await;
     }

@@ -122,19 +122,18 @@ pub const SUM_COLUMNS: [&str; 8] = [
     "ttft_count",
 ];
 
-/// The summed columns of `usage_user_rollups`: the status is not in its key, so it counts the
-/// successes itself.
-pub const USER_SUM_COLUMNS: [&str; 9] = [
-    "requests",
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "revenue",
-    "refunds",
-    "latency_sum",
-    "ttft_count",
-    "successes",
-];
+/// The summed columns of `usage_user_rollups`: [`SUM_COLUMNS`] and `successes` (the status is not
+/// in its key, so it counts the successes itself).
+pub const USER_SUM_COLUMNS: [&str; 9] = {
+    let mut cols = [""; 9];
+    let mut i = 0;
+    while i < SUM_COLUMNS.len() {
+        cols[i] = SUM_COLUMNS[i];
+        i += 1;
+    }
+    cols[8] = "successes";
+    cols
+};
 
 /// The grains of the per-user rollups: minutes of one user are read from the usage rows.
 pub const USER_GRAINS: [Grain; 2] = [Grain::Hour, Grain::Day];
