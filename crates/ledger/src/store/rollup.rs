@@ -1,12 +1,13 @@
-//! Usage rollups, written in the same transaction as the usage rows they count so analytics never
-//! scan raw rows for wide ranges (docs/analytics.md, "Rollups"): `usage_rollups` per (grain,
-//! bucket, owner, app, endpoint, model, status) at minute, hour and day, WITHOUT the user, with an
-//! active-user sketch (`hll.rs`); `usage_user_rollups` per (grain, bucket, owner, app, user) at hour
-//! and day. Both keep sums and fixed log-scale latency histograms.
+//! Usage rollups, kept up to date with the usage rows they count so analytics never scan raw rows
+//! for wide ranges (docs/analytics.md, "Rollups"; when they are written: `rollup_fold.rs`):
+//! `usage_rollups` per (grain, bucket, owner, app, endpoint, model, status) at minute, hour and
+//! day, WITHOUT the user, with an active-user sketch (`hll.rs`); `usage_user_rollups` per (grain,
+//! bucket, owner, app, user) at hour and day. Both keep sums and fixed log-scale latency
+//! histograms.
 //!
-//! Writers hand [`upsert_rollups`] a slice of the usage rows they inserted: the rows are aggregated
-//! first, so a batch of N rows costs one upsert per distinct key and grain, and the keys are
-//! written in sorted order so concurrent batches lock rollup rows in one global order (no
+//! [`upsert_rollups`] takes a slice of usage rows (a fold's page, a SQLite writer's rows): they are
+//! aggregated first, so N rows cost one upsert per distinct key and grain, and the keys are
+//! written in sorted order so concurrent writers lock rollup rows in one global order (no
 //! deadlocks).
 
 use std::collections::BTreeMap;

@@ -6,8 +6,8 @@
 //! SQLite one transaction of single-row inserts (SQLite's cost is the commit's fsync, not the
 //! statements). A caller is answered only after its batch committed, so a row acknowledged to the
 //! router is durable; a lone row goes out at once and under load batches grow. The rows a batch
-//! inserted are added to the usage rollups (`rollup.rs`) in the same transaction, with one upsert
-//! per batch (one row per distinct key and grain, only the columns the batch changes).
+//! inserted reach the usage rollups through `rollup_fold.rs` in the same transaction: queued by the
+//! insert statement itself on Postgres, upserted (one row per distinct key and grain) on SQLite.
 //!
 //! The queue is separate from the money batcher (`batch.rs`): a flood of refusals fills usage
 //! batches, never the batches of holds and captures.
@@ -134,8 +134,8 @@ async fn write_retried(
     }
 }
 
-/// Writes the batch and, in the same transaction, adds the rows actually inserted to the rollups
-/// (one `upsert_rollups` per batch, `rollup.rs`). Returns the ids of the rows inserted (a row whose
+/// Writes the batch and, in the same transaction, hands the rows actually inserted to the rollups
+/// (`rollup_fold.rs`). Returns the ids of the rows inserted (a row whose
 /// request id was already recorded is skipped, and not counted).
 async fn write_batch(
     pool: &AnyPool,
