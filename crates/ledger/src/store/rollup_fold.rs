@@ -112,11 +112,6 @@ async fn fold_page(pool: &AnyPool, wait: bool) -> Result<Option<i64>, sqlx::Erro
     if !got {
         return Ok(None);
     }
-    // A custom plan of the 200-column rollup upserts took ~20 ms to make, once per fold: plan them
-    // once per connection instead (nothing in their plans depends on the parameter).
-    sqlx::query("SET LOCAL plan_cache_mode = force_generic_plan")
-        .execute(&mut *tx)
-        .await?;
     let rows: Vec<RawRow> = sqlx::query_as(&format!(
         "WITH q AS (DELETE FROM usage_rollup_queue \
            WHERE ctid = ANY(ARRAY(SELECT ctid FROM usage_rollup_queue LIMIT $1)) \
