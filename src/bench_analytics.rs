@@ -191,7 +191,7 @@ async fn existing(store: &Store) -> anyhow::Result<(Vec<i64>, i64)> {
 async fn load(store: &Store, b: &AnalyticsBench, owners: &[i64], since: i64) -> anyhow::Result<()> {
     let per_day = (b.rows + b.days - 1) / b.days;
     let step = (DAY / per_day).max(1);
-    let rows_sql = rows_sql(b, owners, since, step);
+    let rows_sql = rows_sql(b, owners, since, per_day, step);
     let minute_sql = minute_sql();
     let user_hour_sql = user_hour_sql();
     let mut last_print = Instant::now();
@@ -237,9 +237,11 @@ async fn load(store: &Store, b: &AnalyticsBench, owners: &[i64], since: i64) -> 
     Ok(())
 }
 
-/// Rows `$1..=$2`: row g at `since + g * step`; the user, and through it the app, owner and
+/// Rows `$1..=$2`: row g is the `g % per_day`-th of day `g / per_day`, at `step` from the one
+/// before (`per_day * step <= DAY`, so every day's rows lie in that day and its rollups, computed
+/// from that day's rows, count them all); the user, and through it the app, owner and
 /// model, from a hash of g; endpoint, status and latency from another.
-fn rows_sql(b: &AnalyticsBench, owners: &[i64], since: i64, step: i64) -> String {
+fn rows_sql(b: &AnalyticsBench, owners: &[i64], since: i64, per_day: i64, step: i64) -> String {
     let owners: Vec<String> = owners.iter().map(i64::to_string).collect();
     let list = |f: fn(i64) -> i64| {
         LATENCIES
@@ -260,7 +262,7 @@ fn rows_sql(b: &AnalyticsBench, owners: &[i64], since: i64, step: i64) -> String
            CASE WHEN h2 / 3 % 100 < 90 THEN 'success' WHEN h2 / 3 % 100 < 95 THEN 'upstream_error' \
                 WHEN h2 / 3 % 100 < 98 THEN 'timeout' ELSE 'payment_required' END, \
            (ARRAY[{lat}]::bigint[])[1 + h2 / 300 % {n}], (ARRAY[{up}]::bigint[])[1 + h2 / 300 % {n}], \
-           {since} + g * {step}, h2 / 3 % 100 >= 98, \
+           {since} + (g / {per_day}) * {DAY} + (g % {per_day}) * {step}, h2 / 3 % 100 >= 98, \
            CASE WHEN h1 / {users} % 3 = 0 THEN (ARRAY[{ttft}]::bigint[])[1 + h2 / 300 % {n}] END \
          FROM (SELECT g, abs(hashint8(g)::bigint) AS h2, abs(hashint8(-g - 1)::bigint) AS h1, \
                       abs(hashint8(-g - 1)::bigint) % {users} AS u \
