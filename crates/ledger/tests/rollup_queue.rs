@@ -59,6 +59,17 @@ async fn owner_and_token(h: &Harness, micros: i64) -> (String, String) {
     (owner, token)
 }
 
+/// A Postgres ledger (`None`: skipped) where rows `0..n` of [`one_of_each`] were written by an
+/// owner and Alice (10 USD), with the owner's secret and Alice's token.
+async fn ledger_with_rows(n: usize) -> Option<(Harness, String, String)> {
+    let h = Harness::new(true).await?;
+    let (owner, token) = owner_and_token(&h, 10 * USD).await;
+    for i in 0..n {
+        one_of_each(&h, &owner, &token, i).await;
+    }
+    Some((h, owner, token))
+}
+
 /// (usage rows, rows the day rollups count, queued rows, revenue in the day rollups).
 async fn counts(h: &Harness) -> (i64, i64, i64, i64) {
     sqlx::query_as(
@@ -136,13 +147,9 @@ async fn every_row_is_folded_once() {
 /// fold counts them once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_fold_that_dies_loses_nothing() {
-    let Some(h) = Harness::new(true).await else {
+    let Some((h, owner, token)) = ledger_with_rows(5).await else {
         return;
     };
-    let (owner, token) = owner_and_token(&h, 10 * USD).await;
-    for n in 0..5 {
-        one_of_each(&h, &owner, &token, n).await;
-    }
     h.store.fold_rollups().await.expect("fold");
     for n in 5..8 {
         one_of_each(&h, &owner, &token, n).await;
@@ -169,13 +176,9 @@ async fn a_fold_that_dies_loses_nothing() {
 /// A rebuild with rows still queued counts each row once and empties the queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rebuild_takes_the_queue_too() {
-    let Some(h) = Harness::new(true).await else {
+    let Some((h, _, _)) = ledger_with_rows(4).await else {
         return;
     };
-    let (owner, token) = owner_and_token(&h, 10 * USD).await;
-    for n in 0..4 {
-        one_of_each(&h, &owner, &token, n).await;
-    }
     assert_eq!(h.store.rebuild_rollups().await.expect("rebuild"), 8);
     assert_eq!(counts(&h).await, (8, 8, 0, 4 * 600));
     h.finish().await;

@@ -71,8 +71,9 @@ pub(crate) fn is_refused(u: &UsageInput) -> bool {
     UsageStatus::parse(&u.status).is_some_and(UsageStatus::is_refusal)
 }
 
-/// Writes a usage row and adds it to the rollups, in the caller's transaction; a request id
-/// already recorded for this recipient and user is left as it is (and not counted again).
+/// Writes a usage row and hands it to the rollups (`rollup_fold.rs`: queued on Postgres, added on
+/// SQLite), in the caller's transaction; a request id already recorded for this recipient and
+/// user is left as it is (and not counted again).
 pub(crate) async fn insert_usage(
     conn: &mut AnyConnection,
     w: &UsageWrite<'_>,
@@ -97,7 +98,7 @@ impl UsageWrite<'_> {
     }
 }
 
-/// Writes a usage row only (the caller adds it to the rollups); `false` when its request id was
+/// Writes a usage row only (the caller hands it to the rollups); `false` when its request id was
 /// already recorded for this recipient and user (left as it is). Refusals never conflict.
 pub(crate) async fn insert_usage_row(
     conn: &mut AnyConnection,
