@@ -18,8 +18,9 @@ use clap::Args;
 use hdrhistogram::Histogram;
 use syft_ledger::store::hll::{register_columns, sql_index, sql_rank, REGISTERS};
 use syft_ledger::store::rollup::{bucket_of, DAY, HOUR, MINUTE, SUM_COLUMNS, USER_SUM_COLUMNS};
-use syft_ledger::store::{Dimension, StatsFilter, StatsScope, Store, UsageDims};
+use syft_ledger::store::Store;
 
+use crate::bench_analytics_shapes::shapes;
 use crate::setup::verify_ledger;
 
 #[derive(Args, Debug)]
@@ -97,7 +98,7 @@ pub async fn run(b: &AnalyticsBench) -> anyhow::Result<()> {
         let t0 = Instant::now();
         load(&store, b, &owners, since).await?;
         let load_s = t0.elapsed().as_secs_f64();
-        sqlx::query("ANALYZE usage_records, usage_rollups, usage_user_rollups")
+        sqlx::query("ANALYZE usage_records, usage_rollups, usage_user_rollups, usage_app_rollups")
             .execute(store.pool())
             .await?;
         println!(
@@ -109,7 +110,12 @@ pub async fn run(b: &AnalyticsBench) -> anyhow::Result<()> {
         );
     }
     let mut sizes = Vec::new();
-    for table in ["usage_records", "usage_rollups", "usage_user_rollups"] {
+    for table in [
+        "usage_records",
+        "usage_rollups",
+        "usage_user_rollups",
+        "usage_app_rollups",
+    ] {
         let (n, size): (i64, String) = sqlx::query_as(&format!(
             "SELECT COUNT(*), pg_size_pretty(pg_total_relation_size('{table}')) FROM {table}"
         ))
@@ -118,8 +124,10 @@ pub async fn run(b: &AnalyticsBench) -> anyhow::Result<()> {
         sizes.push(format!("{table}: {n} rows ({size})"));
     }
     println!("  {}", sizes.join(", "));
-    let mut worst = 0f64;
-    for shape in shapes(b, since, until, owners[0]) {
+    // Worst p99 of the dashboard's own queries (the target) and of the other API shapes.
+    let mut worst = [0f64; 2];
+    let user = format!("user{}@bench.example", b.users / 2);
+    for shape in shapes(since, until, owners[0], &user) {
         let mut h = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
         let mut groups = 0;
         // One untimed run warms the cache, as a dashboard's second look would.
@@ -130,7 +138,8 @@ pub async fn run(b: &AnalyticsBench) -> anyhow::Result<()> {
             let _ = h.record(t.elapsed().as_micros() as u64);
         }
         let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-        worst = worst.max(ms(0.99));
+        let w = &mut worst[usize::from(!shape.dashboard)];
+        *w = w.max(ms(0.99));
         println!(
             "  {:<44} {groups:>6} groups  p50 {:>8.1} ms  p99 {:>8.1} ms",
             shape.name,
@@ -139,12 +148,15 @@ pub async fn run(b: &AnalyticsBench) -> anyhow::Result<()> {
         );
     }
     println!(
-        "  worst p99 {worst:.1} ms: target <= {TARGET_P99_MS:.0} ms {}",
-        if worst <= TARGET_P99_MS {
+        "  worst p99 of the dashboard's queries {:.1} ms: target <= {TARGET_P99_MS:.0} ms {}; \
+         of the other API shapes {:.1} ms",
+        worst[0],
+        if worst[0] <= TARGET_P99_MS {
             "met"
         } else {
             "NOT met"
-        }
+        },
+        worst[1]
     );
     store.close().await;
     let Some(db) = db else { return Ok(()) };
@@ -194,6 +206,7 @@ async fn load(store: &Store, b: &AnalyticsBench, owners: &[i64], since: i64) -> 
     let rows_sql = rows_sql(b, owners, since, per_day, step);
     let minute_sql = minute_sql();
     let user_hour_sql = user_hour_sql();
+    let app_sql = app_sql();
     let mut last_print = Instant::now();
     for d in 0..b.days {
         let (first, last) = (d * per_day, ((d + 1) * per_day).min(b.rows) - 1);
@@ -228,6 +241,11 @@ async fn load(store: &Store, b: &AnalyticsBench, owners: &[i64], since: i64) -> 
                 .execute(&mut *tx)
                 .await?;
         }
+        sqlx::query(&app_sql)
+            .bind(day)
+            .bind(day + DAY)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         if last_print.elapsed() > Duration::from_secs(10) || d + 1 == b.days {
             println!("  loaded day {}/{} ({} rows)", d + 1, b.days, last + 1);
@@ -405,6 +423,33 @@ fn user_hour_sql() -> String {
     )
 }
 
+/// Per-app rollups (migration 0020) of every grain in `[$1, $2)`, summed from the user-less ones
+/// (sketches: maximum).
+fn app_sql() -> String {
+    let summed: Vec<String> = SUM_COLUMNS
+        .iter()
+        .map(|c| c.to_string())
+        .chain(hist_buckets().into_keys())
+        .collect();
+    let regs: Vec<String> = register_columns().collect();
+    let aggs: Vec<String> = summed
+        .iter()
+        .map(|c| format!("SUM({c})"))
+        .chain(["SUM(CASE WHEN status = 'success' THEN requests ELSE 0 END)".into()])
+        .chain(regs.iter().map(|c| format!("MAX({c})")))
+        .collect();
+    format!(
+        "INSERT INTO usage_app_rollups (grain, bucket_start, recipient_id, app_name, {}, \
+         successes, {}) \
+         SELECT grain, bucket_start, recipient_id, app_name, {} FROM usage_rollups \
+         WHERE bucket_start >= $1 AND bucket_start < $2 \
+         GROUP BY grain, bucket_start, recipient_id, app_name",
+        summed.join(", "),
+        regs.join(", "),
+        aggs.join(", ")
+    )
+}
+
 /// Rollups of grain `grain` summed from those of grain `from` in `[$1, $2)` (sketches: maximum).
 fn coarser_sql(table: Table, grain: i16, micros: i64, from: i16) -> String {
     let mut cols = sum_columns(table);
@@ -423,177 +468,4 @@ fn coarser_sql(table: Table, grain: i16, micros: i64, from: i16) -> String {
         cols.join(", "),
         aggs.join(", ")
     )
-}
-
-struct Shape {
-    name: String,
-    filter: StatsFilter,
-}
-
-/// Every dashboard query shape: each dimension alone, the pairs the dashboard and CLI use, the
-/// three scopes and the filters, over the whole loaded range (hour buckets: the last 7 days, as the
-/// dashboard's hourly chart), plus the dashboard's default "last 30 days to now" (unaligned edges).
-fn shapes(b: &AnalyticsBench, since: i64, until: i64, owner: i64) -> Vec<Shape> {
-    use Dimension::*;
-    let base = StatsFilter {
-        scope: StatsScope::All,
-        since,
-        until,
-        group_by: Vec::new(),
-        dims: UsageDims::default(),
-        limit: syft_ledger::core::MAX_GROUPS + 1,
-    };
-    let mut out = Vec::new();
-    let mut add = |name: &str, f: StatsFilter| {
-        out.push(Shape {
-            name: name.to_string(),
-            filter: f,
-        })
-    };
-    let by = |dims: &[Dimension]| StatsFilter {
-        group_by: dims.to_vec(),
-        ..base.clone()
-    };
-    add("admin: totals", by(&[]));
-    for (name, d) in [
-        ("admin: by day", Day),
-        ("admin: by app", App),
-        ("admin: by endpoint", Endpoint),
-        ("admin: by user", User),
-        ("admin: by model", Model),
-        ("admin: by status", Status),
-    ] {
-        add(name, by(&[d]));
-    }
-    for (name, d) in [
-        ("admin: day x app", [Day, App]),
-        ("admin: day x status", [Day, Status]),
-        ("admin: day x model", [Day, Model]),
-        ("admin: app x endpoint", [App, Endpoint]),
-        ("admin: app x user", [App, User]),
-        ("admin: model x status", [Model, Status]),
-    ] {
-        add(name, by(&d));
-    }
-    let week = StatsFilter {
-        since: until - 7 * DAY,
-        ..by(&[Hour])
-    };
-    add("admin: by hour, last 7 days", week.clone());
-    add(
-        "admin: hour x app, last 7 days",
-        StatsFilter {
-            group_by: vec![Hour, App],
-            ..week
-        },
-    );
-    let owner_scope = |dims: &[Dimension]| StatsFilter {
-        scope: StatsScope::Owner(owner),
-        ..by(dims)
-    };
-    add("owner: by day", owner_scope(&[Day]));
-    add("owner: app x endpoint", owner_scope(&[App, Endpoint]));
-    add("owner: by user (top users)", owner_scope(&[User]));
-    add("owner: day x app", owner_scope(&[Day, App]));
-    let user = format!("user{}@bench.example", b.users / 2);
-    add(
-        "user: day x app",
-        StatsFilter {
-            scope: StatsScope::User(user.clone()),
-            ..by(&[Day, App])
-        },
-    );
-    let filters = [
-        (
-            "filter app: by day",
-            UsageDims {
-                app_name: Some("app-1".into()),
-                ..Default::default()
-            },
-            Day,
-        ),
-        (
-            "filter model+status: by app",
-            UsageDims {
-                model: Some("model-2".into()),
-                status: Some("success".into()),
-                ..Default::default()
-            },
-            App,
-        ),
-        (
-            "filter user: by day",
-            UsageDims {
-                user_email: Some(user.clone()),
-                ..Default::default()
-            },
-            Day,
-        ),
-    ];
-    for (name, dims, d) in filters {
-        add(name, StatsFilter { dims, ..by(&[d]) });
-    }
-    add(
-        "user: by status (reads the user's rows)",
-        StatsFilter {
-            scope: StatsScope::User(user.clone()),
-            ..by(&[Status])
-        },
-    );
-    // The dashboard's shapes: ranges end now (so their edges are not whole days), the charts'
-    // buckets by range (30 days by day, 7 days by hour, the last hour by minute).
-    let now = syft_ledger::store::now_micros().div_euclid(MINUTE) * MINUTE;
-    let to_now = |days: i64, f: StatsFilter| StatsFilter {
-        since: now - days * DAY,
-        until: now,
-        ..f
-    };
-    add("admin: by day, last 30 days to now", to_now(30, by(&[Day])));
-    add(
-        "admin: by user, last 30 days to now",
-        to_now(30, by(&[User])),
-    );
-    add(
-        "owner: totals, last 30 days to now",
-        to_now(30, owner_scope(&[])),
-    );
-    add(
-        "owner: by user, last 30 days to now",
-        to_now(30, owner_scope(&[User])),
-    );
-    add(
-        "owner: app x endpoint, last 30 days to now",
-        to_now(30, owner_scope(&[App, Endpoint])),
-    );
-    add(
-        "owner: by hour, last 7 days to now",
-        to_now(7, owner_scope(&[Hour])),
-    );
-    let user_scope = |dims: &[Dimension]| StatsFilter {
-        scope: StatsScope::User(user.clone()),
-        ..by(dims)
-    };
-    add(
-        "user: day x app, last 30 days to now",
-        to_now(30, user_scope(&[Day, App])),
-    );
-    add(
-        "user: hour x app, last 7 days to now",
-        to_now(7, user_scope(&[Hour, App])),
-    );
-    // The last loaded hour (rows end at the last whole day), by minute.
-    let last_hour = |f: StatsFilter| StatsFilter {
-        since: until - HOUR,
-        until,
-        ..f
-    };
-    add(
-        "owner: by minute, last hour",
-        last_hour(owner_scope(&[Minute])),
-    );
-    add(
-        "user: minute x app, last hour",
-        last_hour(user_scope(&[Minute, App])),
-    );
-    out
 }

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_analytics;
+mod bench_analytics_shapes;
 mod bench_chaos;
 mod bench_limits;
 mod bench_pg;

@@ -49,6 +49,7 @@ pub(crate) fn stats_query(req: pb::GetUsageStatsRequest) -> Result<StatsQuery> {
             model: req.model,
             status: req.status,
         },
+        sums_only: req.sums_only,
     })
 }
 
@@ -87,8 +88,8 @@ pub(crate) fn stats_pb(s: Stats) -> pb::GetUsageStatsResponse {
                 revenue_micros: m.revenue_micros,
                 refunds_micros: m.refunds_micros,
                 active_users: m.active_users,
-                latency_ms: Some(percentiles(&m.latency_ms)),
-                upstream_latency_ms: Some(percentiles(&m.upstream_latency_ms)),
+                latency_ms: m.latency_ms.as_ref().map(percentiles),
+                upstream_latency_ms: m.upstream_latency_ms.as_ref().map(percentiles),
                 ttft_ms: m.ttft_ms.as_ref().map(percentiles),
                 streams: m.streams,
                 mean_latency_ms: m.mean_latency_ms,

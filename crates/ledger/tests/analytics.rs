@@ -257,8 +257,11 @@ async fn stats_match_raw_rows(h: Harness) -> Harness {
     let user_of = |email: &'static str| {
         move |r: &pb::UsageRecord| r.usage.as_ref().is_some_and(|u| u.user_email == email)
     };
-    let groupings: [&[D]; 5] = [
+    // Time and app alone are read from the per-app rollups, the rest from the user-less or
+    // per-user ones: every table is compared with the rows.
+    let groupings: [&[D]; 6] = [
         &[],
+        &[D::Day, D::App],
         &[D::App, D::Status],
         &[D::Day, D::User],
         &[D::Model],
@@ -284,6 +287,25 @@ async fn stats_match_raw_rows(h: Harness) -> Harness {
             let got = stats_as(&mut h.client(secret), by, role).await;
             assert_eq!(got.currency, "USD");
             assert_matches(&got, &expected(&raw, keep, by));
+        }
+    }
+    // Sums only (the dashboard's top users): the same groups and sums, no percentiles.
+    for by in [&[D::User][..], &[D::Day, D::App], &[]] {
+        let full = stats_as(&mut h.admin(), by, role_owner).await;
+        let mut req = stats_req(by, role_owner);
+        req.sums_only = true;
+        let sums = ok(h.admin().get_usage_stats(req).await);
+        assert_eq!(sums.groups.len(), full.groups.len());
+        for (s, f) in sums.groups.iter().zip(&full.groups) {
+            assert!(s.latency_ms.is_none() && s.upstream_latency_ms.is_none());
+            assert!(s.ttft_ms.is_none());
+            let strip = |g: &pb::StatsGroup| pb::StatsGroup {
+                latency_ms: None,
+                upstream_latency_ms: None,
+                ttft_ms: None,
+                ..g.clone()
+            };
+            assert_eq!(strip(s), strip(f));
         }
     }
     // A filter never widens a scope: Alice asking for Bob's rows, owner 1 for owner 2's app.
@@ -411,6 +433,10 @@ async fn bucket_boundaries(h: Harness) -> Harness {
         (t0 - DY, t0 + 4 * DY),
         (t0 + 2 * DY, t0 + 2 * DY + M), // empty
         (t0 + M, t0 + 2 * M),
+        // Ranges ending after the last row, mid-hour and mid-day: read to the end of the bucket
+        // (Store::usage_stats), which must count nothing more.
+        (t0 + 3 * DY, t0 + 3 * DY + 6 * HR),
+        (t0 + HR + 10 * M, t0 + 3 * DY + 5 * HR + 8 * M),
     ];
     let mut admin = h.admin();
     for (since, until) in ranges {
@@ -499,6 +525,7 @@ async fn bad_input(h: Harness) -> Harness {
     };
     for query in [
         "group_by=weekday",
+        "sums_only=maybe",
         "since=yesterday",
         "grop_by=day",
         "since=5&until=1",
@@ -573,6 +600,32 @@ async fn verify_sees_a_broken_rollup(h: Harness) -> Harness {
             "UPDATE usage_rollups SET u_005 = COALESCE(u_005, 0) + 1 WHERE grain = 0",
             "UPDATE usage_rollups SET u_005 = NULLIF(u_005 - 1, 0) WHERE grain = 0",
             "active-user sketches that differ",
+        ),
+        // The per-app rollups (migration 0020): sums, histograms, sketches and missing keys.
+        (
+            "UPDATE usage_app_rollups SET revenue = revenue + 1 WHERE grain = 1",
+            "UPDATE usage_app_rollups SET revenue = revenue - 1 WHERE grain = 1",
+            "per-app usage rollups differ",
+        ),
+        (
+            "UPDATE usage_app_rollups SET successes = successes + 1 WHERE grain = 2",
+            "UPDATE usage_app_rollups SET successes = successes - 1 WHERE grain = 2",
+            "per-app usage rollups differ",
+        ),
+        (
+            "UPDATE usage_app_rollups SET h_up_00 = COALESCE(h_up_00, 0) + 1 WHERE grain = 0",
+            "UPDATE usage_app_rollups SET h_up_00 = h_up_00 - 1 WHERE grain = 0",
+            "per-app usage rollups differ",
+        ),
+        (
+            "UPDATE usage_app_rollups SET u_005 = COALESCE(u_005, 0) + 1 WHERE grain = 1",
+            "UPDATE usage_app_rollups SET u_005 = NULLIF(u_005 - 1, 0) WHERE grain = 1",
+            "per-app usage rollups differ",
+        ),
+        (
+            "DELETE FROM usage_app_rollups WHERE grain = 2",
+            "",
+            "per-app usage rollups differ",
         ),
         (
             "DELETE FROM usage_user_rollups WHERE grain = 1",
@@ -669,13 +722,17 @@ async fn upgrade_rebuilds_the_rollups(postgres: bool) {
     let store = syft_ledger::store::Store::connect(&db.url, 2)
         .await
         .expect("upgrade");
-    let (userless, per_user): (i64, i64) = sqlx::query_as(
-        "SELECT (SELECT COUNT(*) FROM usage_rollups), (SELECT COUNT(*) FROM usage_user_rollups)",
+    let (userless, per_user, per_app): (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT COUNT(*) FROM usage_rollups), (SELECT COUNT(*) FROM usage_user_rollups), \
+         (SELECT COUNT(*) FROM usage_app_rollups)",
     )
     .fetch_one(store.pool())
     .await
     .expect("counts");
-    assert!(userless > 0 && per_user > 0, "{userless} {per_user}");
+    assert!(
+        userless > 0 && per_user > 0 && per_app > 0,
+        "{userless} {per_user} {per_app}"
+    );
     let report = store.verify().await.expect("verify");
     assert!(report.problems.is_empty(), "{:?}", report.problems);
     use syft_ledger::store::{Dimension, StatsFilter, StatsScope, UsageDims};
@@ -686,6 +743,7 @@ async fn upgrade_rebuilds_the_rollups(postgres: bool) {
         group_by,
         dims: UsageDims::default(),
         limit: 100,
+        sums_only: false,
     };
     let total = store.usage_stats(&f(vec![])).await.expect("stats");
     assert_eq!(total[0].measures.requests, 30);

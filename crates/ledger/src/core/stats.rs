@@ -46,6 +46,8 @@ pub struct StatsQuery {
     pub range: TimeRange,
     pub role: StatsRole,
     pub dims: UsageDimsQuery,
+    /// No latency percentiles: only sums and counts (cheaper over many groups).
+    pub sums_only: bool,
 }
 
 /// The answer: groups in key order, with the range actually used (whole minutes).
@@ -164,6 +166,7 @@ impl Ledger {
             group_by: q.group_by.clone(),
             dims: q.dims.validate()?,
             limit: MAX_GROUPS + 1,
+            sums_only: q.sums_only,
         };
         let groups = self.store().usage_stats(&filter).await?;
         if groups.len() > MAX_GROUPS {

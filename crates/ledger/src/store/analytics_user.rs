@@ -92,7 +92,7 @@ impl Store {
             .take(f.limit)
             .map(|(key, (s, users))| StatsGroup {
                 key,
-                measures: measures(&s, users.len() as i64),
+                measures: measures(&s, users.len() as i64, f.sums_only),
             })
             .collect())
     }
@@ -114,7 +114,9 @@ impl Store {
         let mut select = group_select(f, "r", "bucket_start");
         select.push("r.user_email AS uk".into());
         select.extend(USER_SUM_COLUMNS.map(|c| format!("CAST(SUM(r.{c}) AS BIGINT) AS {c}")));
-        select.extend(hist_columns().map(|c| format!("CAST(SUM(r.{c}) AS BIGINT) AS {c}")));
+        if !f.sums_only {
+            select.extend(hist_columns().map(|c| format!("CAST(SUM(r.{c}) AS BIGINT) AS {c}")));
+        }
         let group: Vec<String> = (0..f.group_by.len())
             .map(|i| format!("k{i}"))
             .chain(["uk".to_string()])
@@ -130,7 +132,10 @@ impl Store {
             for c in USER_SUM_COLUMNS {
                 *s.sum_mut(c) = row.try_get(c)?;
             }
-            read_hist(&row, &mut s)?;
+            if !f.sums_only {
+                // After the keys, `uk` and the sums (`select` order).
+                read_hist(&row, f.group_by.len() + 1 + USER_SUM_COLUMNS.len(), &mut s)?;
+            }
             add_user_row(groups, &row, f, &s)?;
         }
         Ok(())

@@ -17,6 +17,7 @@ pub mod hll;
 mod query;
 pub mod rollup;
 mod rollup_fold;
+mod rollup_upsert;
 mod rows;
 mod token;
 mod transfer;

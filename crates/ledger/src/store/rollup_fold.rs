@@ -17,7 +17,8 @@ use std::time::Duration;
 use sqlx::{AnyConnection, AnyPool};
 use tokio::sync::oneshot;
 
-use super::rollup::{enabled, upsert_rollups, RollupInput};
+use super::rollup::{enabled, RollupInput};
+use super::rollup_upsert::{upsert_rollups, TABLES};
 use super::{Backend, Store, UsageInput};
 use crate::error::Result;
 
@@ -203,14 +204,16 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
             // Writers take ROW EXCLUSIVE on usage_records, then the queue: same order here.
-            sqlx::query(
-                "LOCK TABLE usage_records, usage_rollup_queue, usage_rollups, usage_user_rollups \
-                 IN SHARE ROW EXCLUSIVE MODE",
-            )
+            let rollups: Vec<&str> = TABLES.iter().map(|t| t.name).collect();
+            sqlx::query(&format!(
+                "LOCK TABLE usage_records, usage_rollup_queue, {} IN SHARE ROW EXCLUSIVE MODE",
+                rollups.join(", ")
+            ))
             .execute(&mut *tx)
             .await?;
         }
-        for table in ["usage_rollup_queue", "usage_rollups", "usage_user_rollups"] {
+        let tables = std::iter::once("usage_rollup_queue").chain(TABLES.iter().map(|t| t.name));
+        for table in tables {
             sqlx::query(&format!("DELETE FROM {table}"))
                 .execute(&mut *tx)
                 .await?;

@@ -30,12 +30,22 @@ pub fn router(ledger: Ledger, ready: tokio::sync::watch::Receiver<bool>) -> Rout
 
 /// Every query parameter `GET /v1/usage/stats` takes; any other is refused (a typo must not
 /// silently widen an answer).
-const PARAMS: [&str; 10] = [
-    "group_by", "since", "until", "role", "app", "endpoint", "user", "model", "status", "as",
+const PARAMS: [&str; 11] = [
+    "group_by",
+    "since",
+    "until",
+    "role",
+    "app",
+    "endpoint",
+    "user",
+    "model",
+    "status",
+    "as",
+    "sums_only",
 ];
 
 /// Reads the analytics query from URL parameters: `group_by=day,app`, `since`/`until` as unix
-/// micros, `role=owner|user`, and the filters.
+/// micros, `role=owner|user`, the filters, and `sums_only=true` (no percentiles).
 pub fn stats_query(params: &HashMap<String, String>) -> Result<StatsQuery> {
     if let Some(unknown) = params.keys().find(|k| !PARAMS.contains(&k.as_str())) {
         return Err(LedgerError::invalid(format!(
@@ -74,6 +84,15 @@ pub fn stats_query(params: &HashMap<String, String>) -> Result<StatsQuery> {
             user_email: text("user"),
             model: text("model"),
             status: text("status"),
+        },
+        sums_only: match text("sums_only").as_str() {
+            "" | "false" | "0" => false,
+            "true" | "1" => true,
+            other => {
+                return Err(LedgerError::invalid(format!(
+                    "sums_only must be true or false, not {other:?}"
+                )))
+            }
         },
     })
 }

@@ -118,13 +118,18 @@ function stats(params) {
   return api(`/dashboard/api/stats?${new URLSearchParams(params)}`);
 }
 
+// The start of the range's first whole bucket.
+const startOf = (now, range) => String(Math.floor((now - range.span) / range.step) * range.step);
+
 const total = (s) => (s.groups[0] ? s.groups[0].measures : {});
 
 async function refreshOwner() {
   const now = Date.now() * 1000;
   const today = Math.floor(now / DAY) * DAY;
   const range = RANGES[$('#range').value];
-  const since = String(Math.floor(now - range.span));
+  // The range starts at a whole bucket (a day for 30 days, an hour for 7 days), so the chart's
+  // first bucket is whole and the ledger reads whole rollup buckets (docs/analytics.md).
+  const since = startOf(now, range);
   const [day, week, month, series, all, byApp, byUser] = await Promise.all([
     stats({ role: 'owner', since: String(today) }),
     stats({ role: 'owner', since: String(now - 7 * DAY) }),
@@ -132,7 +137,8 @@ async function refreshOwner() {
     stats({ role: 'owner', since, group_by: range.by }),
     stats({ role: 'owner', since }),
     stats({ role: 'owner', since, group_by: 'app,endpoint' }),
-    stats({ role: 'owner', since, group_by: 'user' }),
+    // Top users show spend and requests only: no percentiles to compute per user.
+    stats({ role: 'owner', since, group_by: 'user', sums_only: 'true' }),
   ]);
   setMoney('#rev-today', total(day).revenue_micros);
   setMoney('#rev-7d', total(week).revenue_micros);
@@ -191,7 +197,7 @@ function drawOwnerCharts(s, range) {
 async function refreshUser() {
   const now = Date.now() * 1000;
   const range = RANGES[$('#range').value];
-  const s = await stats({ role: 'user', since: String(Math.floor(now - range.span)), group_by: `${range.by},app` });
+  const s = await stats({ role: 'user', since: startOf(now, range), group_by: `${range.by},app` });
   const xs = buckets(s, range);
   const apps = [...new Set(s.groups.map((g) => g.key[1]))].sort();
   const spend = new Map(s.groups.map((g) => [`${g.key[0]}|${g.key[1]}`, g.measures.revenue_micros / 1e6]));
