@@ -22,6 +22,8 @@ const POSTGRES: &str = "PostgreSQL";
 pub(crate) struct Table {
     pub name: &'static str,
     pub texts: &'static [&'static str],
+    /// A usage row's values of [`Table::texts`], in order ("" past them).
+    key: fn(&UsageInput) -> [&str; 4],
     pub sums: &'static [&'static str],
     pub grains: &'static [Grain],
     pub sketch: bool,
@@ -33,6 +35,7 @@ pub(crate) struct Table {
 pub(crate) static USERLESS: Table = Table {
     name: "usage_rollups",
     texts: &["app_name", "endpoint", "model", "status"],
+    key: |u| [&u.app_name, &u.endpoint, &u.model, &u.status],
     sums: &SUM_COLUMNS,
     grains: &Grain::ALL,
     sketch: true,
@@ -43,6 +46,7 @@ pub(crate) static USERLESS: Table = Table {
 pub(crate) static PER_USER: Table = Table {
     name: "usage_user_rollups",
     texts: &["app_name", "user_email"],
+    key: |u| [&u.app_name, &u.user_email, "", ""],
     sums: &USER_SUM_COLUMNS,
     grains: &USER_GRAINS,
     sketch: false,
@@ -53,6 +57,7 @@ pub(crate) static PER_USER: Table = Table {
 pub(crate) static PER_APP: Table = Table {
     name: "usage_app_rollups",
     texts: &["app_name"],
+    key: |u| [&u.app_name, "", "", ""],
     sums: &USER_SUM_COLUMNS,
     grains: &Grain::ALL,
     sketch: true,
@@ -65,21 +70,6 @@ static PER_APP_SQL: LazyLock<String> = LazyLock::new(|| postgres_upsert_sql(&PER
 
 /// Every rollup table, in the order writers upsert them (one global order: no deadlocks).
 pub(crate) static TABLES: [&Table; 3] = [&USERLESS, &PER_USER, &PER_APP];
-
-/// A table's key texts of a usage row, in [`Table::texts`] order ("" past them).
-fn key_texts<'a>(table: &Table, u: &'a UsageInput) -> [&'a str; 4] {
-    let mut out = [""; 4];
-    for (o, t) in out.iter_mut().zip(table.texts) {
-        *o = match *t {
-            "app_name" => u.app_name.as_str(),
-            "endpoint" => u.endpoint.as_str(),
-            "model" => u.model.as_str(),
-            "status" => u.status.as_str(),
-            _ => u.user_email.as_str(),
-        };
-    }
-    out
-}
 
 /// (grain, bucket start, recipient, text key columns in [`Table::texts`] order), borrowed.
 type Key<'a> = (i16, i64, i64, [&'a str; 4]);
@@ -127,7 +117,7 @@ pub(crate) async fn upsert_rollups(
     for table in TABLES {
         let mut agg: BTreeMap<Key<'_>, Sums> = BTreeMap::new();
         for r in rows {
-            let texts = key_texts(table, r.usage);
+            let texts = (table.key)(r.usage);
             for grain in table.grains {
                 let start = r.created_at.div_euclid(grain.micros()) * grain.micros();
                 agg.entry((*grain as i16, start, r.recipient_id, texts))
