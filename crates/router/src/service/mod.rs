@@ -302,13 +302,7 @@ impl RouterService {
             Ok(c) => c,
             Err(e) => {
                 self.fail(&p, hold, &e, started, upstream_ms).await;
-                metrics::observe(
-                    self.provider(),
-                    "unary",
-                    e.usage_status().as_str(),
-                    started,
-                    upstream_time,
-                );
+                metrics::observe_failure(self.provider(), "unary", &e, started, upstream_time);
                 return Err(e.into());
             }
         };

@@ -75,13 +75,7 @@ impl RouterService {
                 tracing::warn!(request_id = %t.request_id, error = %e, "search failed");
                 let usage = self.usage(&t, e.usage_status(), units(0), started, upstream_ms);
                 self.release(hold, &e.to_string(), usage).await;
-                metrics::observe(
-                    backend.provider(),
-                    "search",
-                    e.usage_status().as_str(),
-                    started,
-                    upstream_time,
-                );
+                metrics::observe_failure(backend.provider(), "search", &e, started, upstream_time);
                 return Err(e.into());
             }
         };
