@@ -249,13 +249,8 @@ impl RouterService {
         }
     }
 
-    /// A unary chat. Returns only after the capture (or the usage row, for free services) is
-    /// committed.
-    pub async fn chat(&self, req: ChatRequest) -> Result<ChatResponse, RouterError> {
-        self.chat_with_limits(req).await.map(|(resp, _)| resp)
-    }
-
-    /// [`RouterService::chat`], with the rate-limit headers of the answer.
+    /// A unary chat, with the rate-limit headers of the answer. Returns only after the capture
+    /// (or the usage row, for free services) is committed.
     pub async fn chat_with_limits(
         &self,
         req: ChatRequest,

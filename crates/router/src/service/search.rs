@@ -22,12 +22,8 @@ use crate::tokens;
 use crate::validate::{validate_search, ValidSearch};
 
 impl RouterService {
-    /// One search. Returns only after the capture (or void, or usage row) is committed.
-    pub async fn search(&self, req: SearchRequest) -> Result<SearchResponse, RouterError> {
-        self.search_with_limits(req).await.map(|(resp, _)| resp)
-    }
-
-    /// [`RouterService::search`], with the rate-limit headers of the answer.
+    /// One search, with the rate-limit headers of the answer. Returns only after the capture (or
+    /// void, or usage row) is committed.
     pub async fn search_with_limits(
         &self,
         req: SearchRequest,
