@@ -90,32 +90,16 @@ enum Outcome {
 }
 
 pub async fn run(b: &ChaosBench) -> anyhow::Result<()> {
-    let totals = chaos(b).await?;
-    if b.run.json {
-        println!("{}", serde_json::to_string(&totals)?);
-    } else {
-        println!(
-            "chaos: {} runs, {} keys ({} attempts), {} answered ({} replays, {} streams cut at length), {} charged, {} kills, {} pauses",
-            totals.runs, totals.keys, totals.attempts, totals.answered, totals.replays,
-            totals.cut_streams, totals.charged, totals.kills, totals.pauses
-        );
-        println!(
-            "  charged but never answered: {}   answered but not charged: {}   other problems: {}",
-            totals.charged_unanswered,
-            totals.answered_uncharged,
-            totals.problems.len()
-        );
-        for p in &totals.problems {
-            println!("  problem: {p}");
-        }
-    }
-    anyhow::ensure!(
-        totals.charged_unanswered == 0
-            && totals.answered_uncharged == 0
-            && totals.problems.is_empty(),
-        "chaos found problems"
+    let t = chaos(b).await?;
+    let summary = format!(
+        "chaos: {} runs, {} keys ({} attempts), {} answered ({} replays, {} streams cut at length), {} charged, {} kills, {} pauses\n  \
+         charged but never answered: {}   answered but not charged: {}   other problems: {}",
+        t.runs, t.keys, t.attempts, t.answered, t.replays, t.cut_streams, t.charged, t.kills,
+        t.pauses, t.charged_unanswered, t.answered_uncharged, t.problems.len()
     );
-    Ok(())
+    let clean = t.charged_unanswered == 0 && t.answered_uncharged == 0 && t.problems.is_empty();
+    b.run
+        .report(&t, &summary, &t.problems, clean, "chaos found problems")
 }
 
 /// Sets everything up, runs `b.runs` runs, and adds up what they found.

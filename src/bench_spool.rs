@@ -64,29 +64,28 @@ pub struct SpoolTotals {
 
 pub async fn run(b: &SpoolBench) -> anyhow::Result<()> {
     let t = spool_chaos(b).await?;
-    if b.run.json {
-        println!("{}", serde_json::to_string(&t)?);
-    } else {
-        println!(
-            "spool: {} kills, {} sent, {} answered ({} with the ledger down), {} rows ({} of \
-             unanswered requests)",
-            t.kills, t.sent, t.answered, t.answered_ledger_down, t.rows, t.rows_unanswered
-        );
-        println!(
-            "  answered without a row: {}   duplicate rows: {}   other problems: {}",
-            t.answered_without_row,
-            t.duplicate_rows,
-            t.problems.len()
-        );
-        for p in &t.problems {
-            println!("  problem: {p}");
-        }
-    }
-    anyhow::ensure!(
-        t.answered_without_row == 0 && t.duplicate_rows == 0 && t.problems.is_empty(),
-        "spool test found problems"
+    let summary = format!(
+        "spool: {} kills, {} sent, {} answered ({} with the ledger down), {} rows ({} of \
+         unanswered requests)\n  answered without a row: {}   duplicate rows: {}   other \
+         problems: {}",
+        t.kills,
+        t.sent,
+        t.answered,
+        t.answered_ledger_down,
+        t.rows,
+        t.rows_unanswered,
+        t.answered_without_row,
+        t.duplicate_rows,
+        t.problems.len()
     );
-    Ok(())
+    let clean = t.answered_without_row == 0 && t.duplicate_rows == 0 && t.problems.is_empty();
+    b.run.report(
+        &t,
+        &summary,
+        &t.problems,
+        clean,
+        "spool test found problems",
+    )
 }
 
 pub async fn spool_chaos(b: &SpoolBench) -> anyhow::Result<SpoolTotals> {

@@ -38,6 +38,28 @@ impl CrashRun {
                 .unwrap_or(1)
         })
     }
+
+    /// Prints a crash test's totals (one JSON object with `--json`; else `summary` and each of
+    /// `problems`), and fails with `failure` unless they are `clean`.
+    pub(crate) fn report<T: serde::Serialize>(
+        &self,
+        totals: &T,
+        summary: &str,
+        problems: &[String],
+        clean: bool,
+        failure: &str,
+    ) -> anyhow::Result<()> {
+        if self.json {
+            println!("{}", serde_json::to_string(totals)?);
+        } else {
+            println!("{summary}");
+            for p in problems {
+                println!("  problem: {p}");
+            }
+        }
+        anyhow::ensure!(clean, "{failure}");
+        Ok(())
+    }
 }
 
 impl Rng {

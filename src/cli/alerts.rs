@@ -132,30 +132,27 @@ impl AddArgs {
         }
         let mut out: Vec<pb::AlertRule> = rules.iter().map(rule_pb).collect();
         // Percentages, counts and hours go to the ledger as given, so it refuses bad ones.
-        if let Some(percent) = self.error_percent {
-            out.push(pb::AlertRule {
+        let as_given = [
+            self.error_percent.map(|percent| pb::AlertRule {
                 event: pb::AlertEvent::ErrorsSpike as i32,
                 percent,
                 window_minutes: self.error_window_minutes,
                 min_requests: self.error_min_requests,
                 ..Default::default()
-            });
-        }
-        if let Some(count) = self.expired_holds {
-            out.push(pb::AlertRule {
+            }),
+            self.expired_holds.map(|count| pb::AlertRule {
                 event: pb::AlertEvent::HoldsExpired as i32,
                 count,
                 window_minutes: self.expired_window_minutes,
                 ..Default::default()
-            });
-        }
-        if let Some(hour) = self.digest_hour {
-            out.push(pb::AlertRule {
+            }),
+            self.digest_hour.map(|hour| pb::AlertRule {
                 event: pb::AlertEvent::DigestDaily as i32,
                 hour,
                 ..Default::default()
-            });
-        }
+            }),
+        ];
+        out.extend(as_given.into_iter().flatten());
         anyhow::ensure!(
             !out.is_empty(),
             "name at least one rule: --balance-below, --budget-steps, --daily-spend-above, \

@@ -359,6 +359,8 @@ pub struct DemoArgs {}
 struct DemoRouter {
     name: &'static str,
     owner: &'static str,
+    /// What it sells: search or chat.
+    kind: ServiceKind,
     client: rpb::router_client::RouterClient<tonic::transport::Channel>,
     token: String,
 }
@@ -418,6 +420,7 @@ pub async fn demo(_args: DemoArgs) -> anyhow::Result<()> {
         routers.push(DemoRouter {
             name,
             owner,
+            kind,
             client: rpb::router_client::RouterClient::new(channel),
             token,
         });
@@ -447,12 +450,7 @@ pub async fn demo(_args: DemoArgs) -> anyhow::Result<()> {
         } else {
             String::new()
         };
-        let outcome = if *router_index == 0 {
-            demo_search(r, text, token, i).await
-        } else {
-            demo_chat(r, text, token, i).await
-        };
-        match outcome {
+        match r.ask(text, token, i).await {
             Ok((cost, summary)) => {
                 expected_cost += cost;
                 println!(
@@ -529,64 +527,65 @@ pub async fn demo(_args: DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One demo search: (cost, what it found).
-async fn demo_search(
-    r: &mut DemoRouter,
-    query: &str,
-    token: String,
-    i: usize,
-) -> Result<(i64, String), tonic::Status> {
-    let resp = r
-        .client
-        .search(rpb::SearchRequest {
-            user_email: DEV_USER.into(),
-            query: query.into(),
-            options: Some(rpb::SearchOptions {
-                limit: Some(3),
-                ..Default::default()
-            }),
-            transaction_token: token,
-            request_id: format!("demo-{i}"),
-        })
-        .await?
-        .into_inner();
-    let summary = match resp.results.first() {
-        None => format!("search \"{query}\": no results (the hold was voided)"),
-        Some(best) => format!(
-            "search \"{query}\": {} result{}, best {} (score {:.2})",
-            resp.results.len(),
-            if resp.results.len() == 1 { "" } else { "s" },
-            best.id,
-            best.score
-        ),
-    };
-    Ok((resp.cost_micros, summary))
-}
-
-/// One demo chat: (cost, the start of the answer).
-async fn demo_chat(
-    r: &mut DemoRouter,
-    prompt: &str,
-    token: String,
-    i: usize,
-) -> Result<(i64, String), tonic::Status> {
-    let resp = r
-        .client
-        .chat(rpb::ChatRequest {
-            transaction_token: token,
-            request_id: format!("demo-{i}"),
-            ..user_chat(DEV_USER, "echo", prompt, 64)
-        })
-        .await?
-        .into_inner();
-    let answer: String = resp
-        .message
-        .map(|m| m.content)
-        .unwrap_or_default()
-        .chars()
-        .take(60)
-        .collect();
-    Ok((resp.cost_micros, format!("\"{answer}\"")))
+impl DemoRouter {
+    /// One demo request, a search or a chat by what the router sells: (cost, what it found or
+    /// the start of the answer).
+    async fn ask(
+        &mut self,
+        text: &str,
+        token: String,
+        i: usize,
+    ) -> Result<(i64, String), tonic::Status> {
+        let request_id = format!("demo-{i}");
+        match self.kind {
+            ServiceKind::Chat => {
+                let resp = self
+                    .client
+                    .chat(rpb::ChatRequest {
+                        transaction_token: token,
+                        request_id,
+                        ..user_chat(DEV_USER, "echo", text, 64)
+                    })
+                    .await?
+                    .into_inner();
+                let answer: String = resp
+                    .message
+                    .map(|m| m.content)
+                    .unwrap_or_default()
+                    .chars()
+                    .take(60)
+                    .collect();
+                Ok((resp.cost_micros, format!("\"{answer}\"")))
+            }
+            ServiceKind::Search => {
+                let resp = self
+                    .client
+                    .search(rpb::SearchRequest {
+                        user_email: DEV_USER.into(),
+                        query: text.into(),
+                        options: Some(rpb::SearchOptions {
+                            limit: Some(3),
+                            ..Default::default()
+                        }),
+                        transaction_token: token,
+                        request_id,
+                    })
+                    .await?
+                    .into_inner();
+                let summary = match resp.results.first() {
+                    None => format!("search \"{text}\": no results (the hold was voided)"),
+                    Some(best) => format!(
+                        "search \"{text}\": {} result{}, best {} (score {:.2})",
+                        resp.results.len(),
+                        if resp.results.len() == 1 { "" } else { "s" },
+                        best.id,
+                        best.score
+                    ),
+                };
+                Ok((resp.cost_micros, summary))
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -11,17 +11,11 @@ pub enum Server {
 }
 
 impl Server {
-    fn name(self) -> &'static str {
+    /// Its name, and the flag (with its variable) that points at it.
+    fn names(self) -> (&'static str, &'static str) {
         match self {
-            Server::Ledger => "ledger",
-            Server::Router => "router",
-        }
-    }
-
-    fn url_flag(self) -> &'static str {
-        match self {
-            Server::Ledger => "--ledger-url (SYFT_LEDGER_URL)",
-            Server::Router => "--router-url (SYFT_ROUTER_URL)",
+            Server::Ledger => ("ledger", "--ledger-url (SYFT_LEDGER_URL)"),
+            Server::Router => ("router", "--router-url (SYFT_ROUTER_URL)"),
         }
     }
 }
@@ -30,7 +24,7 @@ impl Server {
 pub fn describe(status: &tonic::Status, server: Server, url: &str) -> String {
     use tonic::Code;
     let msg = status.message();
-    let name = server.name();
+    let (name, url_flag) = server.names();
     let reason = status
         .metadata()
         .get("x-syft-error-reason")
@@ -40,7 +34,7 @@ pub fn describe(status: &tonic::Status, server: Server, url: &str) -> String {
         Code::Unavailable if is_transport(status) => format!(
             "cannot reach the {name} at {url} ({}): is the {name} running there? (set {})",
             root_cause(status).unwrap_or_else(|| status.message().to_string()),
-            server.url_flag()
+            url_flag
         ),
         Code::Unavailable => format!("unavailable: {msg}"),
         Code::DeadlineExceeded => format!("the {name} at {url} did not answer in time"),

@@ -55,6 +55,16 @@ pub struct CaptureInput<'a> {
     pub answer: Option<AnswerWrite>,
 }
 
+/// A void the core checked: `recipient_id`'s pending hold `transfer_id`, resolved by `by` for
+/// `reason`, with the usage row to record.
+pub struct VoidInput<'a> {
+    pub recipient_id: i64,
+    pub transfer_id: &'a str,
+    pub reason: &'a str,
+    pub by: Party,
+    pub usage: Option<&'a UsageInput>,
+}
+
 #[tonic::async_trait]
 pub trait TransferBackend: Send + Sync + 'static {
     /// Places a hold validated by the core (the recipient is the authenticated caller), or
@@ -65,14 +75,7 @@ pub trait TransferBackend: Send + Sync + 'static {
     /// `answer` for replay so that it exists once the capture has committed.
     async fn capture(&self, c: CaptureInput<'_>) -> Result<TransferRow>;
 
-    async fn void(
-        &self,
-        recipient_id: i64,
-        transfer_id: &str,
-        reason: &str,
-        by: Party,
-        usage: Option<&UsageInput>,
-    ) -> Result<TransferRow>;
+    async fn void(&self, v: VoidInput<'_>) -> Result<TransferRow>;
 
     async fn transfer(&self, id: &str) -> Result<Option<TransferRow>>;
 
@@ -196,19 +199,18 @@ impl TransferBackend for LocalBackend {
         self.store.resolve_answered(&input, c.answer.as_ref()).await
     }
 
-    async fn void(
-        &self,
-        recipient_id: i64,
-        transfer_id: &str,
-        reason: &str,
-        by: Party,
-        usage: Option<&UsageInput>,
-    ) -> Result<TransferRow> {
+    async fn void(&self, v: VoidInput<'_>) -> Result<TransferRow> {
         let void = Resolution::Void {
-            reason: reason.to_string(),
+            reason: v.reason.to_string(),
         };
-        self.resolve(recipient_id, transfer_id, void, usage, by == Party::Sender)
-            .await
+        self.resolve(
+            v.recipient_id,
+            v.transfer_id,
+            void,
+            v.usage,
+            v.by == Party::Sender,
+        )
+        .await
     }
 
     async fn transfer(&self, id: &str) -> Result<Option<TransferRow>> {

@@ -51,6 +51,15 @@ pub(crate) struct Calls {
     auth: AsciiMetadataValue,
 }
 
+/// The ledger RPC `$method` as the closure [`Calls::call`] and its callers take (a client and a
+/// request in, the client method's future out): every call site names only its method.
+macro_rules! rpc {
+    ($method:ident) => {
+        |mut client, req| async move { client.$method(req).await }
+    };
+}
+pub(crate) use rpc;
+
 /// Which ledger call failed, for error mapping and logs.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Op {
@@ -170,9 +179,7 @@ impl Ledger {
         };
         let call = self
             .calls
-            .call(Op::GetAccount, Some(timeout), msg, |mut c, r| async move {
-                c.get_account(r).await
-            });
+            .call(Op::GetAccount, Some(timeout), msg, rpc!(get_account));
         match tokio::time::timeout(timeout, call).await {
             Ok(Ok((_, _))) => Some(OwnerCheck::Verified),
             Ok(Err(s)) => match s.code() {
@@ -197,9 +204,7 @@ impl Ledger {
     ) -> Result<Authorization, RouterError> {
         let (resp, maybe_ours) = self
             .calls
-            .call(Op::Authorize, None, msg, |mut c, r| async move {
-                c.authorize(r).await
-            })
+            .call(Op::Authorize, None, msg, rpc!(authorize))
             .await
             .map_err(|s| map_status(Op::Authorize, s))?;
         let existing = resp.existing && !maybe_ours;
@@ -215,9 +220,7 @@ impl Ledger {
             transfer_id: transfer_id.to_string(),
         };
         self.calls
-            .answer(Op::GetTransfer, msg, |mut c, r| async move {
-                c.get_transfer(r).await
-            })
+            .answer(Op::GetTransfer, msg, rpc!(get_transfer))
             .await
     }
 
@@ -236,14 +239,8 @@ impl Ledger {
             usage: Some(usage),
             answer,
         };
-        self.settled(
-            Op::Capture,
-            transfer_id,
-            settle_until,
-            |mut client, req| async move { client.capture(req).await },
-            msg,
-        )
-        .await
+        self.settled(Op::Capture, transfer_id, settle_until, rpc!(capture), msg)
+            .await
     }
 
     /// Voids; settled like a capture.
@@ -259,14 +256,8 @@ impl Ledger {
             reason: reason.to_string(),
             usage: Some(usage),
         };
-        self.settled(
-            Op::Void,
-            transfer_id,
-            settle_until,
-            |mut client, req| async move { client.void(req).await },
-            msg,
-        )
-        .await
+        self.settled(Op::Void, transfer_id, settle_until, rpc!(void), msg)
+            .await
     }
 
     /// Runs a resolution (capture or void) until its outcome is known. A call whose result is
@@ -321,9 +312,7 @@ impl Ledger {
             ttl_seconds,
         };
         self.calls
-            .answer(Op::ExtendHold, msg, |mut c, r| async move {
-                c.extend_hold(r).await
-            })
+            .answer(Op::ExtendHold, msg, rpc!(extend_hold))
             .await
     }
 
@@ -333,11 +322,7 @@ impl Ledger {
         let msg = GetAnswerRequest {
             transfer_id: transfer_id.to_string(),
         };
-        let call = self
-            .calls
-            .call(Op::GetAnswer, None, msg, |mut c, r| async move {
-                c.get_answer(r).await
-            });
+        let call = self.calls.call(Op::GetAnswer, None, msg, rpc!(get_answer));
         match call.await {
             Ok((a, _)) => Ok(Some(a.body)),
             Err(s) if s.code() == Code::NotFound => Ok(None),
@@ -351,9 +336,7 @@ impl Ledger {
             sender_email: user.to_string(),
         };
         self.calls
-            .answer(Op::GetBudgetUse, msg, |mut c, r| async move {
-                c.get_budget_use(r).await
-            })
+            .answer(Op::GetBudgetUse, msg, rpc!(get_budget_use))
             .await
     }
 
@@ -387,9 +370,7 @@ impl Ledger {
     pub(crate) async fn record_usage(&self, usage: Usage) -> Result<(), RouterError> {
         let msg = RecordUsageRequest { usage: Some(usage) };
         self.calls
-            .answer(Op::RecordUsage, msg, |mut c, r| async move {
-                c.record_usage(r).await
-            })
+            .answer(Op::RecordUsage, msg, rpc!(record_usage))
             .await
             .map(|_| ())
     }

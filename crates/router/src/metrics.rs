@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 use prometheus::{register_histogram_vec, HistogramVec};
 use syft_telemetry::metrics::LATENCY_BUCKETS;
 
+use crate::upstream::UpstreamError;
+
 static UPSTREAM: LazyLock<HistogramVec> = LazyLock::new(|| {
     register_histogram_vec!(
         "syft_router_upstream_duration_seconds",
@@ -36,4 +38,15 @@ pub fn observe(provider: &str, mode: &str, outcome: &str, started: Instant, upst
     ADDED
         .with_label_values(&[mode, outcome])
         .observe(total.saturating_sub(upstream).as_secs_f64());
+}
+
+/// Records a request whose upstream call failed, under the failure's usage status.
+pub fn observe_failure(
+    provider: &str,
+    mode: &str,
+    e: &UpstreamError,
+    started: Instant,
+    upstream: Duration,
+) {
+    observe(provider, mode, e.usage_status().as_str(), started, upstream);
 }

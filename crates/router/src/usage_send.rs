@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::Code;
 
 use crate::error::RouterError;
-use crate::ledger::{map_status, Calls, Op};
+use crate::ledger::{map_status, rpc, Calls, Op};
 
 /// Rows per call: the ledger accepts up to 1,000 (`MAX_USAGE_BATCH`).
 const MAX_ROWS: usize = 256;
@@ -24,9 +24,7 @@ type Reply = oneshot::Sender<Result<(), RouterError>>;
 async fn one(calls: &Calls, usage: Usage) -> Result<(), RouterError> {
     let msg = RecordUsageRequest { usage: Some(usage) };
     calls
-        .call(Op::RecordUsage, None, msg, |mut c, r| async move {
-            c.record_usage(r).await
-        })
+        .call(Op::RecordUsage, None, msg, rpc!(record_usage))
         .await
         .map(|_| ())
         .map_err(|s| map_status(Op::RecordUsage, s))
@@ -73,9 +71,7 @@ async fn send(calls: Calls, rows: Vec<(Usage, Reply)>) {
         let usages = rows.iter().map(|(u, _)| u.clone()).collect();
         let msg = RecordUsageBatchRequest { usages };
         let sent = calls
-            .call(Op::RecordUsage, None, msg, |mut c, r| async move {
-                c.record_usage_batch(r).await
-            })
+            .call(Op::RecordUsage, None, msg, rpc!(record_usage_batch))
             .await;
         match sent {
             Ok(_) => {

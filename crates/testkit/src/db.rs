@@ -42,6 +42,19 @@ pub fn bench_totals(
     (out, totals)
 }
 
+/// Asserts that a crash test's totals found nothing wrong: each of `must_be_zero` is 0 and the
+/// `problems` list is empty.
+pub fn assert_no_problems(totals: &serde_json::Value, must_be_zero: &[&str]) {
+    for key in must_be_zero {
+        assert_eq!(totals[key], 0, "{key}: {totals}");
+    }
+    assert_eq!(
+        totals["problems"].as_array().map(Vec::len),
+        Some(0),
+        "{totals}"
+    );
+}
+
 pub struct Db {
     pub url: String,
     _dir: Option<tempfile::TempDir>,

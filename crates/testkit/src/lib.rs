@@ -14,7 +14,7 @@ mod router;
 mod upstream;
 mod webhook;
 
-pub use db::{bench_totals, postgres_url, Db};
+pub use db::{assert_no_problems, bench_totals, postgres_url, Db};
 pub use ledger::backdate_transfers;
 pub use ledger::{
     account, alerts_on, create_account, deposit, issue_token, ledger_config, serve_ledger,

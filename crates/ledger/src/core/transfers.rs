@@ -2,7 +2,7 @@
 //! transfers and party resolutions.
 
 use crate::auth::Caller;
-use crate::backend::{CaptureInput, Party};
+use crate::backend::{CaptureInput, Party, VoidInput};
 use crate::domain::{Actor, TransferStatus};
 use crate::error::{LedgerError, Result};
 use crate::metrics;
@@ -158,13 +158,13 @@ impl Ledger {
         let usage = usage.map(validate_usage).transpose()?;
         let transfer = self
             .backend
-            .void(
-                recipient.id,
+            .void(VoidInput {
+                recipient_id: recipient.id,
                 transfer_id,
                 reason,
-                Party::Recipient,
-                usage.as_ref(),
-            )
+                by: Party::Recipient,
+                usage: usage.as_ref(),
+            })
             .await?;
         metrics::resolved(&transfer, started);
         Ok(transfer)
@@ -316,9 +316,14 @@ impl Ledger {
                     Party::Sender => "cancelled by sender",
                     Party::Recipient => "cancelled by recipient",
                 };
-                self.backend
-                    .void(transfer.recipient_id, &transfer.id, reason, by, None)
-                    .await?
+                let void = VoidInput {
+                    recipient_id: transfer.recipient_id,
+                    transfer_id: &transfer.id,
+                    reason,
+                    by,
+                    usage: None,
+                };
+                self.backend.void(void).await?
             }
         };
         metrics::resolved(&resolved, started);

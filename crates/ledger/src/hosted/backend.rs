@@ -5,11 +5,9 @@
 use std::sync::Arc;
 
 use super::Hosted;
-use crate::backend::{CaptureInput, Party, TransferBackend};
+use crate::backend::{CaptureInput, Party, TransferBackend, VoidInput};
 use crate::error::{LedgerError, Result};
-use crate::store::{
-    AccountRow, AuthorizeInput, Placed, Store, TransferFilter, TransferRow, UsageInput,
-};
+use crate::store::{AccountRow, AuthorizeInput, Placed, Store, TransferFilter, TransferRow};
 use syft_error::Reason;
 
 pub struct HostedBackend {
@@ -56,19 +54,15 @@ impl TransferBackend for HostedBackend {
         self.hosted.capture(c.transfer_id, c.amount, c.usage).await
     }
 
-    async fn void(
-        &self,
-        _recipient_id: i64,
-        transfer_id: &str,
-        reason: &str,
-        by: Party,
-        usage: Option<&UsageInput>,
-    ) -> Result<TransferRow> {
-        let actor = match by {
+    /// Every transfer of a hosted ledger is its one owner's: no recipient to check.
+    async fn void(&self, v: VoidInput<'_>) -> Result<TransferRow> {
+        let actor = match v.by {
             Party::Recipient => "RECIPIENT",
             Party::Sender => "SENDER",
         };
-        self.hosted.void(transfer_id, reason, actor, usage).await
+        self.hosted
+            .void(v.transfer_id, v.reason, actor, v.usage)
+            .await
     }
 
     async fn transfer(&self, id: &str) -> Result<Option<TransferRow>> {

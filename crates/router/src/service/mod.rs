@@ -249,13 +249,8 @@ impl RouterService {
         }
     }
 
-    /// A unary chat. Returns only after the capture (or the usage row, for free services) is
-    /// committed.
-    pub async fn chat(&self, req: ChatRequest) -> Result<ChatResponse, RouterError> {
-        self.chat_with_limits(req).await.map(|(resp, _)| resp)
-    }
-
-    /// [`RouterService::chat`], with the rate-limit headers of the answer.
+    /// A unary chat, with the rate-limit headers of the answer. Returns only after the capture
+    /// (or the usage row, for free services) is committed.
     pub async fn chat_with_limits(
         &self,
         req: ChatRequest,
@@ -302,13 +297,7 @@ impl RouterService {
             Ok(c) => c,
             Err(e) => {
                 self.fail(&p, hold, &e, started, upstream_ms).await;
-                metrics::observe(
-                    self.provider(),
-                    "unary",
-                    e.usage_status().as_str(),
-                    started,
-                    upstream_time,
-                );
+                metrics::observe_failure(self.provider(), "unary", &e, started, upstream_time);
                 return Err(e.into());
             }
         };

@@ -22,12 +22,8 @@ use crate::tokens;
 use crate::validate::{validate_search, ValidSearch};
 
 impl RouterService {
-    /// One search. Returns only after the capture (or void, or usage row) is committed.
-    pub async fn search(&self, req: SearchRequest) -> Result<SearchResponse, RouterError> {
-        self.search_with_limits(req).await.map(|(resp, _)| resp)
-    }
-
-    /// [`RouterService::search`], with the rate-limit headers of the answer.
+    /// One search, with the rate-limit headers of the answer. Returns only after the capture (or
+    /// void, or usage row) is committed.
     pub async fn search_with_limits(
         &self,
         req: SearchRequest,
@@ -75,13 +71,7 @@ impl RouterService {
                 tracing::warn!(request_id = %t.request_id, error = %e, "search failed");
                 let usage = self.usage(&t, e.usage_status(), units(0), started, upstream_ms);
                 self.release(hold, &e.to_string(), usage).await;
-                metrics::observe(
-                    backend.provider(),
-                    "search",
-                    e.usage_status().as_str(),
-                    started,
-                    upstream_time,
-                );
+                metrics::observe_failure(backend.provider(), "search", &e, started, upstream_time);
                 return Err(e.into());
             }
         };

@@ -196,13 +196,7 @@ impl RouterService {
             }
             End::Failed(e) => {
                 self.fail(&p, hold, &e, started, upstream_ms).await;
-                metrics::observe(
-                    self.provider(),
-                    "stream",
-                    e.usage_status().as_str(),
-                    started,
-                    upstream_time,
-                );
+                metrics::observe_failure(self.provider(), "stream", &e, started, upstream_time);
                 let _ = tx.send(Err(e.into())).await;
             }
             // `Cut` was turned into `Done` above.
