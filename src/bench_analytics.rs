@@ -204,9 +204,16 @@ async fn load(store: &Store, b: &AnalyticsBench, owners: &[i64], since: i64) -> 
     let per_day = (b.rows + b.days - 1) / b.days;
     let step = (DAY / per_day).max(1);
     let rows_sql = rows_sql(b, owners, since, per_day, step);
-    let minute_sql = minute_sql();
-    let user_hour_sql = user_hour_sql();
-    let app_sql = app_sql();
+    // Each day's rollups, from its rows and then from each other, in this order; each statement
+    // takes the day's `[$1, $2)`.
+    let rollups_sql = [
+        minute_sql(),
+        user_hour_sql(),
+        coarser_sql(Table::Userless, 1, HOUR, 0),
+        coarser_sql(Table::Userless, 2, DAY, 1),
+        coarser_sql(Table::PerUser, 2, DAY, 1),
+        app_sql(),
+    ];
     let mut last_print = Instant::now();
     for d in 0..b.days {
         let (first, last) = (d * per_day, ((d + 1) * per_day).min(b.rows) - 1);
@@ -220,32 +227,13 @@ async fn load(store: &Store, b: &AnalyticsBench, owners: &[i64], since: i64) -> 
             .bind(last)
             .execute(&mut *tx)
             .await?;
-        sqlx::query(&minute_sql)
-            .bind(day)
-            .bind(day + DAY)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(&user_hour_sql)
-            .bind(day)
-            .bind(day + DAY)
-            .execute(&mut *tx)
-            .await?;
-        for (table, grain, micros, from) in [
-            (Table::Userless, 1, HOUR, 0),
-            (Table::Userless, 2, DAY, 1),
-            (Table::PerUser, 2, DAY, 1),
-        ] {
-            sqlx::query(&coarser_sql(table, grain, micros, from))
+        for sql in &rollups_sql {
+            sqlx::query(sql)
                 .bind(day)
                 .bind(day + DAY)
                 .execute(&mut *tx)
                 .await?;
         }
-        sqlx::query(&app_sql)
-            .bind(day)
-            .bind(day + DAY)
-            .execute(&mut *tx)
-            .await?;
         tx.commit().await?;
         if last_print.elapsed() > Duration::from_secs(10) || d + 1 == b.days {
             println!("  loaded day {}/{} ({} rows)", d + 1, b.days, last + 1);
