@@ -194,8 +194,8 @@ impl Store {
 
     /// Recomputes every rollup from the usage rows, in one transaction that keeps writers out
     /// (Postgres: table locks and the fold lock; SQLite: the single writer), and empties the
-    /// queue. Used when a ledger upgrades with usage rows older than the rollups, and by `ledger
-    /// rollups rebuild`. Returns the rows counted.
+    /// queue. Used when a ledger upgrades with usage rows older than the rollups (and by tests and
+    /// benchmarks). Returns the rows counted.
     pub async fn rebuild_rollups(&self) -> Result<u64> {
         let mut tx = self.pool().begin().await?;
         if self.backend() == Backend::Postgres {
