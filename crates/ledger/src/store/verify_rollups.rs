@@ -177,67 +177,53 @@ async fn hist_problems(
 
 /// The per-app rollups (migration 0020) are the user-less ones summed over endpoint, model and
 /// status (sketches merged by maximum); those are checked against the rows above, so this checks
-/// the per-app ones against the rows too. Sums and histograms: both sides in one `UNION ALL`, the
-/// per-app one negated, grouped by key; registers: joined by key.
+/// the per-app ones against the rows too. One pass: the user-less rollups aggregated per app,
+/// fully joined with the per-app rows (a key on one side only is a problem too).
 async fn app_problems(conn: &mut AnyConnection, problems: &mut Vec<String>) -> Result<()> {
-    const KEYS: &str = "grain, bucket_start, recipient_id, app_name";
+    const KEYS: [&str; 4] = ["grain", "bucket_start", "recipient_id", "app_name"];
     let summed: Vec<String> = SUM_COLUMNS
         .iter()
         .map(|c| c.to_string())
         .chain(hist_columns())
         .collect();
-    let mut from_userless: Vec<String> = summed
+    let mut aggregated: Vec<String> = summed
         .iter()
         .map(|c| format!("SUM(COALESCE({c}, 0)) AS {c}"))
         .collect();
     // The status text is the enum's own, never caller input.
-    from_userless.push(format!(
+    aggregated.push(format!(
         "SUM(CASE WHEN status = '{}' THEN requests ELSE 0 END) AS successes",
         UsageStatus::Success.as_str()
     ));
-    let negated: Vec<String> = summed
-        .iter()
-        .map(|c| format!("-COALESCE({c}, 0)"))
-        .chain(["-successes".to_string()])
+    aggregated.extend(register_columns().map(|c| format!("MAX({c}) AS {c}")));
+    let compared: Vec<String> = summed
+        .into_iter()
+        .chain(["successes".to_string()])
+        .chain(register_columns())
         .collect();
-    let differs: Vec<String> = summed
-        .iter()
-        .map(String::as_str)
-        .chain(["successes"])
-        .map(|c| format!("SUM({c}) <> 0"))
+    let differs: Vec<String> = ["x.grain IS NULL".to_string(), "a.grain IS NULL".to_string()]
+        .into_iter()
+        .chain(
+            compared
+                .iter()
+                .map(|c| format!("COALESCE(a.{c}, 0) <> COALESCE(x.{c}, 0)")),
+        )
         .collect();
-    let sums_sql = format!(
-        "SELECT 1 AS bad FROM ( \
-           SELECT {KEYS}, {} FROM usage_rollups GROUP BY {KEYS} \
-           UNION ALL SELECT {KEYS}, {} FROM usage_app_rollups \
-         ) d GROUP BY {KEYS} HAVING {} OR COUNT(*) = 1",
-        from_userless.join(", "),
-        negated.join(", "),
-        differs.join(" OR ")
+    let on: Vec<String> = KEYS.iter().map(|k| format!("x.{k} = a.{k}")).collect();
+    let sql = format!(
+        "SELECT COUNT(*) FROM ( \
+           SELECT {keys}, {} FROM usage_rollups GROUP BY {keys}) x \
+         FULL JOIN usage_app_rollups a ON {} WHERE {}",
+        aggregated.join(", "),
+        on.join(" AND "),
+        differs.join(" OR "),
+        keys = KEYS.join(", "),
     );
-    let bad: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM ({sums_sql}) b"))
-        .fetch_one(&mut *conn)
-        .await?;
-    let maxed: Vec<String> = register_columns()
-        .map(|c| format!("MAX({c}) AS {c}"))
-        .collect();
-    let regs_differ: Vec<String> = register_columns()
-        .map(|c| format!("COALESCE(a.{c}, 0) <> COALESCE(x.{c}, 0)"))
-        .collect();
-    let regs_sql = format!(
-        "SELECT COUNT(*) FROM usage_app_rollups a JOIN ( \
-           SELECT {KEYS}, {} FROM usage_rollups GROUP BY {KEYS}) x \
-         ON x.grain = a.grain AND x.bucket_start = a.bucket_start \
-            AND x.recipient_id = a.recipient_id AND x.app_name = a.app_name \
-         WHERE {}",
-        maxed.join(", "),
-        regs_differ.join(" OR ")
-    );
-    let bad_sketches: i64 = sqlx::query_scalar(&regs_sql).fetch_one(&mut *conn).await?;
-    if bad + bad_sketches > 0 {
+    let bad: i64 = sqlx::query_scalar(&sql).fetch_one(&mut *conn).await?;
+    if bad > 0 {
         problems.push(format!(
-            "{} per-app usage rollups differ from the user-less rollups of their app (usage_app_rollups)",
-            bad + bad_sketches
+            "{bad} per-app usage rollups differ from the user-less rollups of their app \
+             (usage_app_rollups)"
         ));
     }
     Ok(())
