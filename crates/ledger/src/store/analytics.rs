@@ -263,12 +263,16 @@ fn needs_user(f: &StatsFilter) -> bool {
 /// endpoint × model × status too (~12× fewer in the benchmark's data), each as wide, and the cost
 /// of these queries is the rows' ~330 aggregates (migration 0020).
 fn per_app(f: &StatsFilter) -> bool {
-    f.group_by.iter().all(|d| {
-        matches!(
-            d,
-            Dimension::Minute | Dimension::Hour | Dimension::Day | Dimension::App
-        )
-    }) && f.dims.endpoint.is_none()
+    use Dimension::*;
+    keys_within(f, &[Minute, Hour, Day, App])
+}
+
+/// Whether a rollup table keyed by `dims` (besides owner and time) answers `f`: it groups by
+/// those dimensions only and filters by nothing outside them (the app and the user are the
+/// filters a narrow table can keep; endpoint, model and status need the user-less key).
+pub(super) fn keys_within(f: &StatsFilter, dims: &[Dimension]) -> bool {
+    f.group_by.iter().all(|d| dims.contains(d))
+        && f.dims.endpoint.is_none()
         && f.dims.model.is_none()
         && f.dims.status.is_none()
 }
@@ -352,9 +356,9 @@ impl Store {
         // before (to skip a wasted read) and after the read: a row from `until` on that the read
         // could have counted was committed before it, so the second check sees it, and the
         // answer is read again over the exact range.
-        let g = f.max_grain().micros();
-        let end = ceil_to(f.until, g);
-        if end > f.until && f.max_grain() != Grain::Minute && !self.rows_in(f.until, end).await? {
+        let grain = f.max_grain();
+        let end = ceil_to(f.until, grain.micros());
+        if grain != Grain::Minute && end > f.until && !self.rows_in(f.until, end).await? {
             let wider = StatsFilter {
                 until: end,
                 ..f.clone()

@@ -15,8 +15,8 @@ use sqlx::Row;
 use syft_error::UsageStatus;
 
 use super::analytics::{
-    group_select, key_of, measures, range_clause, read_hist, scope_and_filters, segments,
-    Dimension, KeyValue, StatsFilter, StatsGroup,
+    group_select, key_of, keys_within, measures, range_clause, read_hist, scope_and_filters,
+    segments, Dimension, KeyValue, StatsFilter, StatsGroup,
 };
 use super::query::Where;
 use super::rollup::{bucket_bounds, hist_columns, Grain, Sums, HIST_BUCKETS, USER_SUM_COLUMNS};
@@ -58,14 +58,15 @@ fn add_user_row(groups: &mut Groups, row: &AnyRow, f: &StatsFilter, s: &Sums) ->
 
 impl Store {
     pub(super) async fn user_stats(&self, f: &StatsFilter) -> Result<Vec<StatsGroup>> {
-        let rollups_answer = f.group_by.iter().all(|d| {
-            matches!(
-                d,
-                Dimension::Day | Dimension::Hour | Dimension::App | Dimension::User
-            )
-        }) && f.dims.endpoint.is_none()
-            && f.dims.model.is_none()
-            && f.dims.status.is_none();
+        let rollups_answer = keys_within(
+            f,
+            &[
+                Dimension::Day,
+                Dimension::Hour,
+                Dimension::App,
+                Dimension::User,
+            ],
+        );
         let mut groups = Groups::new();
         let mut raw = Vec::new();
         if rollups_answer {
