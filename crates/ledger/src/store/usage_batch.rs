@@ -134,7 +134,7 @@ async fn write_retried(
     }
 }
 
-/// Writes the batch and, in the same transaction, hands the rows actually inserted to the rollups
+/// Writes the batch and, atomically with it, hands the rows actually inserted to the rollups
 /// (`rollup_fold.rs`). Returns the ids of the rows inserted (a row whose
 /// request id was already recorded is skipped, and not counted).
 async fn write_batch(
@@ -142,11 +142,12 @@ async fn write_batch(
     backend: Backend,
     jobs: &[&UsageJob],
 ) -> Result<HashSet<String>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    let inserted = match backend {
-        // The statement queues its rows for the rollups itself.
-        Backend::Postgres => insert_postgres(&mut tx, jobs).await?,
+    match backend {
+        // One statement inserts the rows and queues them for the rollups: atomic on its own, so
+        // it runs without BEGIN and COMMIT round trips (as the batched resolve does).
+        Backend::Postgres => insert_postgres(&mut *pool.acquire().await?, jobs).await,
         Backend::Sqlite => {
+            let mut tx = pool.begin().await?;
             let inserted = insert_sqlite(&mut tx, jobs).await?;
             let writes: Vec<UsageWrite<'_>> = jobs
                 .iter()
@@ -155,11 +156,10 @@ async fn write_batch(
                 .collect();
             let rollups: Vec<RollupInput<'_>> = writes.iter().map(UsageWrite::rollup).collect();
             add_to_rollups(&mut tx, &rollups).await?;
-            inserted
+            tx.commit().await?;
+            Ok(inserted)
         }
-    };
-    tx.commit().await?;
-    Ok(inserted)
+    }
 }
 
 /// A job as a usage row without money.
