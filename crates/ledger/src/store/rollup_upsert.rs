@@ -251,7 +251,7 @@ fn postgres_upsert_sql(table: &Table) -> String {
     format!(
         "INSERT INTO {name} AS r (grain, bucket_start, recipient_id, {texts}, {names}) \
          SELECT i.grain, i.bucket_start, i.recipient_id, {itexts}, {values} \
-         FROM jsonb_to_recordset($1::jsonb) AS i(n bigint, grain smallint, bucket_start bigint, \
+         FROM json_to_recordset($1::json) AS i(n bigint, grain smallint, bucket_start bigint, \
          recipient_id bigint, {typed}) ORDER BY i.n \
          ON CONFLICT (grain, bucket_start, recipient_id, {texts}) DO UPDATE SET {set}",
         name = table.name,

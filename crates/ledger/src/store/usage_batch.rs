@@ -2,7 +2,7 @@
 //!
 //! Each of these rows used to cost one commit, which made the ledger the bottleneck of a free
 //! service (one WAL flush per request). Rows are queued and a worker writes whatever is queued as
-//! one transaction (two workers on Postgres, so one batch inserts while the other commits): on Postgres a single multi-row `INSERT … SELECT FROM jsonb_to_recordset`, on
+//! one transaction (two workers on Postgres, so one batch inserts while the other commits): on Postgres a single multi-row `INSERT … SELECT FROM json_to_recordset`, on
 //! SQLite one transaction of single-row inserts (SQLite's cost is the commit's fsync, not the
 //! statements). A caller is answered only after its batch committed, so a row acknowledged to the
 //! router is durable; a lone row goes out at once and under load batches grow. The rows a batch
@@ -256,7 +256,7 @@ INSERT INTO usage_records (id, recipient_id, request_id, transfer_id, app_name, 
     upstream_latency_ms, created_at, refused, ttft_ms)
 SELECT id, recipient, request_id, NULL, app, endpoint, user_email, model, pt, ct, tt, 0, status, lat,
     ulat, now, refused, ttft
-FROM jsonb_to_recordset($1::jsonb) AS i(id text, recipient bigint, request_id text, app text,
+FROM json_to_recordset($1::json) AS i(id text, recipient bigint, request_id text, app text,
     endpoint text, user_email text, model text, pt bigint, ct bigint, tt bigint, status text,
     lat bigint, ulat bigint, now bigint, refused boolean, ttft bigint)
 ON CONFLICT (recipient_id, user_email, request_id) WHERE NOT refused DO NOTHING
