@@ -96,7 +96,108 @@ async fn expired_holds_cannot_be_extended(h: Harness) -> Harness {
     h
 }
 
+/// Capture, void and two extensions of each hold, all at once: every hold settles exactly once
+/// (one of capture and void wins, the other is refused as not pending), an extension racing them
+/// never loses the winner's outcome, and the money adds up. On Postgres this runs the batched
+/// resolve, whose lock step finds rows by primary key and keeps those still pending after locking
+/// (`store/batch.rs`), against `ExtendHold` updating the same rows.
+async fn resolutions_racing_extensions_settle_once(h: Harness) -> Harness {
+    const HOLDS: usize = 20;
+    let (owner, _alice, token) = h.payer(OWNER, ALICE, 30 * USD).await;
+    let mut router = h.client(&owner);
+    let mut holds = Vec::new();
+    for i in 0..HOLDS {
+        holds.push(ok(router
+            .authorize(hold(&format!("r{i}"), 60, &token))
+            .await));
+    }
+    let mut tasks = Vec::new();
+    for t in &holds {
+        let (mut a, mut b, mut c, mut d) = (
+            router.clone(),
+            router.clone(),
+            router.clone(),
+            router.clone(),
+        );
+        let id = t.id.clone();
+        tasks.push(tokio::spawn(async move {
+            tokio::join!(
+                a.extend_hold(extend(&id, 120)),
+                b.capture(capture_full(&id)),
+                c.void(req::void(&id)),
+                d.extend_hold(extend(&id, 90)),
+            )
+        }));
+    }
+    let mut captured = 0;
+    for (task, t) in tasks.into_iter().zip(&holds) {
+        let (e1, cap, void, e2) = task.await.expect("task");
+        for e in [e1, e2] {
+            if let Err(err) = e {
+                assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+            }
+        }
+        let now = ok(router.get_transfer(req::get_transfer(&t.id)).await);
+        match (cap, void) {
+            (Ok(c), Err(v)) => {
+                assert_eq!(v.code(), Code::FailedPrecondition, "{v:?}");
+                assert_eq!(c.into_inner().status(), pb::TransferStatus::Completed);
+                assert_eq!(now.status(), pb::TransferStatus::Completed);
+                assert_eq!(now.captured_micros, USD);
+                captured += 1;
+            }
+            (Err(c), Ok(v)) => {
+                assert_eq!(c.code(), Code::FailedPrecondition, "{c:?}");
+                assert_eq!(v.into_inner().status(), pb::TransferStatus::Cancelled);
+                assert_eq!(now.status(), pb::TransferStatus::Cancelled);
+            }
+            other => panic!("exactly one of capture and void must win: {other:?}"),
+        }
+    }
+    let a = h.balance(ALICE).await;
+    assert_eq!(
+        (a.balance_micros, a.held_micros),
+        (30 * USD - captured * USD, 0)
+    );
+    assert_eq!(h.balance(OWNER).await.balance_micros, captured * USD);
+    h
+}
+
 store_suite!(
     extended_holds_outlive_their_first_expiry,
     expired_holds_cannot_be_extended,
+    resolutions_racing_extensions_settle_once,
 );
+
+/// Postgres: a capture that has to wait for a row lock held by a concurrent change of the same
+/// pending hold (an extension, as `ExtendHold` writes it) captures the hold once that change
+/// commits. The batched resolve's statement took its snapshot before it waited, and the row it
+/// gets is a newer version than that snapshot saw (`store/batch.rs`, `RESOLVE_BATCH`); however the
+/// statement handles that, the store resolves again while the hold is still pending
+/// (`Store::resolve_answered`), and the capture must win, once.
+#[tokio::test]
+async fn a_capture_waiting_on_an_extension_still_captures() {
+    let Some(h) = Harness::new(true).await else {
+        return;
+    };
+    let (owner, _alice, token) = h.payer(OWNER, ALICE, 10 * USD).await;
+    let mut router = h.client(&owner);
+    let t = ok(router.authorize(hold("k1", 60, &token)).await);
+    let mut tx = h.store.pool().begin().await.expect("begin");
+    sqlx::query("UPDATE transfers SET expires_at = expires_at + 1000000 WHERE id = $1")
+        .bind(&t.id)
+        .execute(&mut *tx)
+        .await
+        .expect("extend");
+    let mut c = router.clone();
+    let id = t.id.clone();
+    let capture = tokio::spawn(async move { c.capture(capture_full(&id)).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!capture.is_finished(), "the capture waits for the row lock");
+    tx.commit().await.expect("commit");
+    let done = ok(capture.await.expect("task"));
+    assert_eq!(done.status(), pb::TransferStatus::Completed);
+    assert_eq!(done.captured_micros, USD);
+    assert_eq!(h.balance(OWNER).await.balance_micros, USD);
+    h.finish().await;
+}

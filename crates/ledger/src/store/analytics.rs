@@ -10,7 +10,9 @@ use sqlx::Row;
 
 use super::hll::{estimate, register_columns, REGISTERS};
 use super::query::{Bind, UsageDims, Where};
-use super::rollup::{bucket_value, hist_columns, Grain, Sums, HIST_BUCKETS, SUM_COLUMNS};
+use super::rollup::{
+    bucket_value, hist_columns, success_case, Grain, Sums, HIST_BUCKETS, SUM_COLUMNS,
+};
 use super::{Backend, Store};
 use crate::error::Result;
 
@@ -406,11 +408,9 @@ impl Store {
             select.push(sum("successes"));
             "usage_app_rollups"
         } else {
-            // The status text is the enum's own (`UsageStatus::as_str`), never caller input.
             select.push(format!(
-                "CAST(SUM(CASE WHEN r.status = '{}' THEN r.requests ELSE 0 END) AS BIGINT) \
-                 AS successes",
-                syft_error::UsageStatus::Success.as_str()
+                "CAST(SUM({}) AS BIGINT) AS successes",
+                success_case("r.status", "r.requests")
             ));
             "usage_rollups"
         };

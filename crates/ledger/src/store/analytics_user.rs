@@ -12,14 +12,15 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use sqlx::any::AnyRow;
 use sqlx::Row;
-use syft_error::UsageStatus;
 
 use super::analytics::{
     group_select, key_of, keys_within, measures, range_clause, read_hist, scope_and_filters,
     segments, Dimension, KeyValue, StatsFilter, StatsGroup,
 };
 use super::query::Where;
-use super::rollup::{bucket_bounds, hist_columns, Grain, Sums, HIST_BUCKETS, USER_SUM_COLUMNS};
+use super::rollup::{
+    bucket_bounds, hist_columns, success_case, Grain, Sums, HIST_BUCKETS, USER_SUM_COLUMNS,
+};
 use super::Store;
 use crate::error::Result;
 
@@ -171,10 +172,9 @@ impl Store {
                 bucket_sql("u.ttft_ms")
             ),
             "CAST(COUNT(*) AS BIGINT) AS requests".into(),
-            // The status text is the enum's own, never caller input.
             format!(
-                "CAST(SUM(CASE WHEN u.status = '{}' THEN 1 ELSE 0 END) AS BIGINT) AS successes",
-                UsageStatus::Success.as_str()
+                "CAST(SUM({}) AS BIGINT) AS successes",
+                success_case("u.status", "1")
             ),
             "CAST(SUM(u.prompt_tokens) AS BIGINT) AS prompt_tokens".into(),
             "CAST(SUM(u.completion_tokens) AS BIGINT) AS completion_tokens".into(),

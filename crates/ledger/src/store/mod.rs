@@ -31,7 +31,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sqlx::any::AnyPoolOptions;
-use sqlx::{AnyPool, Executor};
+use sqlx::{AnyConnection, AnyPool, Executor};
 
 use crate::error::{is_retryable, LedgerError, Result};
 
@@ -57,6 +57,12 @@ pub use token::TokenGrant;
 pub use transfer::{CaptureAmount, Resolution, ResolveInput, SweepReport};
 pub(crate) use usage::{insert_usage, UsageLink, UsageWrite};
 pub use verify::VerifyReport;
+
+/// Whether `conn` talks to Postgres (the `Any` driver's backend name), for the steps whose SQL
+/// differs by engine.
+pub(crate) fn is_postgres(conn: &AnyConnection) -> bool {
+    conn.backend_name() == "PostgreSQL"
+}
 
 static PG_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
 static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite");

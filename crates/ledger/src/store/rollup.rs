@@ -20,6 +20,16 @@ use super::UsageInput;
 /// Histogram buckets per measure.
 pub const HIST_BUCKETS: usize = 64;
 
+/// SQL that is `count` when the `status` column holds the success status and 0 otherwise (summed,
+/// it counts successes). The status text is the enum's own (`UsageStatus::as_str`), never
+/// caller input, so it is written inline.
+pub fn success_case(status: &str, count: &str) -> String {
+    format!(
+        "CASE WHEN {status} = '{}' THEN {count} ELSE 0 END",
+        UsageStatus::Success.as_str()
+    )
+}
+
 pub const MINUTE: i64 = 60_000_000;
 pub const HOUR: i64 = 60 * MINUTE;
 pub const DAY: i64 = 24 * HOUR;

@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 
 use super::rollup::{enabled, RollupInput};
 use super::rollup_upsert::{upsert_rollups, TABLES};
-use super::{Backend, Store, UsageInput};
+use super::{is_postgres, Backend, Store, UsageInput};
 use crate::error::Result;
 
 /// How often each ledger process folds the queue.
@@ -78,7 +78,7 @@ pub(crate) async fn add_to_rollups(
     if rows.is_empty() || !enabled() {
         return Ok(());
     }
-    if conn.backend_name() != "PostgreSQL" {
+    if !is_postgres(conn) {
         return upsert_rollups(conn, rows).await;
     }
     let ids: Vec<&str> = rows.iter().map(|r| r.usage_id).collect();

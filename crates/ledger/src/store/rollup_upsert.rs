@@ -12,10 +12,7 @@ use super::hll::REGISTERS;
 use super::rollup::{
     Grain, RollupInput, Sums, HIST_BUCKETS, MEASURES, SUM_COLUMNS, USER_GRAINS, USER_SUM_COLUMNS,
 };
-use super::UsageInput;
-
-/// `AnyConnection::backend_name` of a Postgres connection.
-const POSTGRES: &str = "PostgreSQL";
+use super::{is_postgres, UsageInput};
 
 /// A rollup table the writers keep: its text key columns (after grain, bucket start and owner),
 /// its sums, its grains, and whether it keeps the active-user sketch.
@@ -135,7 +132,7 @@ async fn upsert_table(
     table: &'static Table,
     agg: &BTreeMap<Key<'_>, Sums>,
 ) -> Result<(), sqlx::Error> {
-    if conn.backend_name() == POSTGRES {
+    if is_postgres(conn) {
         return upsert_postgres(conn, table, agg).await;
     }
     // SQLite: the sums always; a histogram bucket or register only when some key of the batch

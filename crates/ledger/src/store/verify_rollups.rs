@@ -15,11 +15,12 @@ use std::fmt::Write;
 
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
-use syft_error::UsageStatus;
 
 use super::hll::{register_columns, register_of, sql_index, sql_rank, REGISTERS};
+use super::is_postgres;
 use super::rollup::{
-    hist_columns, Grain, HIST_BUCKETS, MEASURES, SUM_COLUMNS, USER_GRAINS, USER_SUM_COLUMNS,
+    hist_columns, success_case, Grain, HIST_BUCKETS, MEASURES, SUM_COLUMNS, USER_GRAINS,
+    USER_SUM_COLUMNS,
 };
 use super::rollup_fold::COUNTED_ROWS;
 use crate::error::Result;
@@ -64,7 +65,7 @@ pub(super) async fn rollup_problems(conn: &mut AnyConnection) -> Result<Vec<Stri
         hist_problems(conn, t, &mut problems).await?;
     }
     app_problems(conn, &mut problems).await?;
-    let bad = if conn.backend_name() == "PostgreSQL" {
+    let bad = if is_postgres(conn) {
         sketch_mismatches_sql(conn).await?
     } else {
         sketch_mismatches_rust(conn).await?
@@ -88,12 +89,8 @@ async fn sums_problems(
         .iter()
         .map(|g| format!("SELECT {} AS grain, {} AS m", *g as i16, g.micros()))
         .collect();
-    // Successes: the status text is the enum's own, never caller input.
     let successes = if t.sums.contains(&"successes") {
-        format!(
-            ", CASE WHEN u.status = '{}' THEN 1 ELSE 0 END AS successes",
-            UsageStatus::Success.as_str()
-        )
+        format!(", {} AS successes", success_case("u.status", "1"))
     } else {
         String::new()
     };
@@ -190,10 +187,9 @@ async fn app_problems(conn: &mut AnyConnection, problems: &mut Vec<String>) -> R
         .iter()
         .map(|c| format!("SUM(COALESCE({c}, 0)) AS {c}"))
         .collect();
-    // The status text is the enum's own, never caller input.
     aggregated.push(format!(
-        "SUM(CASE WHEN status = '{}' THEN requests ELSE 0 END) AS successes",
-        UsageStatus::Success.as_str()
+        "SUM({}) AS successes",
+        success_case("status", "requests")
     ));
     aggregated.extend(register_columns().map(|c| format!("MAX({c}) AS {c}")));
     let compared: Vec<String> = summed
