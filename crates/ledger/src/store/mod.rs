@@ -251,3 +251,39 @@ pub(super) fn insert_bounded<V>(cache: &RwLock<HashMap<String, V>>, key: String,
     }
     map.insert(key, value);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{PG_MIGRATOR, SQLITE_MIGRATOR};
+
+    fn versions(m: &sqlx::migrate::Migrator) -> Vec<i64> {
+        m.iter().map(|m| m.version).collect()
+    }
+
+    /// The files on disk, as `sqlx` names them (`<version>_<description>.sql`).
+    fn on_disk(dir: &str) -> Vec<i64> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+        let mut v: Vec<i64> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .filter_map(|e| {
+                let name = e.ok()?.file_name().into_string().ok()?;
+                name.strip_suffix(".sql")?.split('_').next()?.parse().ok()
+            })
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Every migration file is in the binary (build.rs makes Cargo notice a new one), and each
+    /// Postgres migration has its SQLite counterpart of the same number (a no-op where SQLite needs
+    /// nothing), so both backends report the same schema version.
+    #[test]
+    fn the_binary_embeds_every_migration_of_both_backends() {
+        assert_eq!(versions(&PG_MIGRATOR), on_disk("../../migrations/postgres"));
+        assert_eq!(
+            versions(&SQLITE_MIGRATOR),
+            on_disk("../../migrations/sqlite")
+        );
+        assert_eq!(versions(&PG_MIGRATOR), versions(&SQLITE_MIGRATOR));
+    }
+}
