@@ -254,36 +254,38 @@ pub(super) fn insert_bounded<V>(cache: &RwLock<HashMap<String, V>>, key: String,
 
 #[cfg(test)]
 mod tests {
+    use sqlx::migrate::Migrator;
+
     use super::{PG_MIGRATOR, SQLITE_MIGRATOR};
 
-    fn versions(m: &sqlx::migrate::Migrator) -> Vec<i64> {
-        m.iter().map(|m| m.version).collect()
+    /// Version and checksum of each migration, so an edited file counts as well as a new one.
+    fn listed(m: &Migrator) -> Vec<(i64, Vec<u8>)> {
+        m.iter().map(|m| (m.version, m.checksum.to_vec())).collect()
     }
 
-    /// The files on disk, as `sqlx` names them (`<version>_<description>.sql`).
-    fn on_disk(dir: &str) -> Vec<i64> {
+    /// The directory as sqlx itself reads it at run time (its own file-name rules).
+    async fn on_disk(dir: &str) -> Vec<(i64, Vec<u8>)> {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
-        let mut v: Vec<i64> = std::fs::read_dir(&dir)
-            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-            .filter_map(|e| {
-                let name = e.ok()?.file_name().into_string().ok()?;
-                name.strip_suffix(".sql")?.split('_').next()?.parse().ok()
-            })
-            .collect();
-        v.sort_unstable();
-        v
+        let m = Migrator::new(dir.as_path())
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        listed(&m)
     }
 
-    /// Every migration file is in the binary (build.rs makes Cargo notice a new one), and each
-    /// Postgres migration has its SQLite counterpart of the same number (a no-op where SQLite needs
-    /// nothing), so both backends report the same schema version.
-    #[test]
-    fn the_binary_embeds_every_migration_of_both_backends() {
-        assert_eq!(versions(&PG_MIGRATOR), on_disk("../../migrations/postgres"));
+    /// Every migration file is in the binary as it is on disk (build.rs makes Cargo notice a new
+    /// one), and each Postgres migration has its SQLite counterpart of the same number (a no-op
+    /// where SQLite needs nothing), so both backends report the same schema version.
+    #[tokio::test]
+    async fn the_binary_embeds_every_migration_of_both_backends() {
         assert_eq!(
-            versions(&SQLITE_MIGRATOR),
-            on_disk("../../migrations/sqlite")
+            listed(&PG_MIGRATOR),
+            on_disk("../../migrations/postgres").await
         );
+        assert_eq!(
+            listed(&SQLITE_MIGRATOR),
+            on_disk("../../migrations/sqlite").await
+        );
+        let versions = |m: &Migrator| m.iter().map(|m| m.version).collect::<Vec<_>>();
         assert_eq!(versions(&PG_MIGRATOR), versions(&SQLITE_MIGRATOR));
     }
 }
