@@ -18,7 +18,7 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use syft_ledger::client::{connect_lazy, create_account, deposit, issue_token};
 use syft_proto::ledger as pb;
 use syft_proto::router as rpb;
-use syft_testkit::{chat_request, free_port};
+use syft_testkit::{chat_request, free_ports};
 
 const ADMIN_KEY: &str = "telemetry-admin-key";
 const OWNER: &str = "owner@router.example";
@@ -160,8 +160,11 @@ async fn one_request_is_one_trace_across_router_and_ledger() {
     tokio::spawn(server);
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let (ledger_grpc, ledger_http) = (free_port(), free_port());
-    let (router_grpc, router_http) = (free_port(), free_port());
+    // Four distinct ports: separate `free_port()` calls can return one port twice. That fits the
+    // one failure seen here: the router's gRPC port refused right after its `/readyz` answered,
+    // which the ledger does when it holds the router's HTTP port and the router exited on a bind
+    // error.
+    let [ledger_grpc, ledger_http, router_grpc, router_http] = free_ports();
     let otel = ("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.clone());
     let ledger = Process::start(
         &["ledger", "--accounting-api"],

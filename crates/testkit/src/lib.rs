@@ -63,10 +63,17 @@ pub fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receive
 
 /// A port that was free a moment ago (for processes that bind it themselves).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    let [port] = free_ports();
+    port
+}
+
+/// `N` distinct ports that were free a moment ago. All `N` are held at once while they are chosen:
+/// separate [`free_port`] calls release each port before the next is picked, so two of them can be
+/// the same port, and a second process then fails to bind while the first answers in its place.
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held: [std::net::TcpListener; N] =
+        std::array::from_fn(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("free port"));
+    held.map(|l| l.local_addr().expect("bound port").port())
 }
 
 /// The Python of the test virtualenv (`SYFT_SDK_VENV`, default `<repo>/target/sdk-venv`), made
