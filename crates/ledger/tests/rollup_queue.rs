@@ -75,7 +75,7 @@ async fn counts(h: &Harness) -> (i64, i64, i64, i64) {
     sqlx::query_as(
         "SELECT (SELECT COUNT(*) FROM usage_records), \
          (SELECT CAST(COALESCE(SUM(requests), 0) AS BIGINT) FROM usage_rollups WHERE grain = 2), \
-         (SELECT COUNT(*) FROM usage_rollup_queue), \
+         (SELECT CAST(COALESCE(SUM(row_count), 0) AS BIGINT) FROM usage_rollup_queue), \
          (SELECT CAST(COALESCE(SUM(revenue), 0) AS BIGINT) FROM usage_rollups WHERE grain = 2)",
     )
     .fetch_one(h.store.pool())
@@ -116,7 +116,7 @@ async fn every_row_is_folded_once() {
         let (rows, counted, queued): (i64, i64, i64) = sqlx::query_as(
             "SELECT (SELECT COUNT(*) FROM usage_records), \
              (SELECT CAST(COALESCE(SUM(requests), 0) AS BIGINT) FROM usage_rollups WHERE grain = 2), \
-             (SELECT COUNT(*) FROM usage_rollup_queue)",
+             (SELECT CAST(COALESCE(SUM(row_count), 0) AS BIGINT) FROM usage_rollup_queue)",
         )
         .fetch_one(&mut *tx)
         .await
@@ -159,11 +159,13 @@ async fn a_fold_that_dies_loses_nothing() {
         .execute(&mut dying)
         .await
         .expect("begin");
-    let taken: Vec<String> =
-        sqlx::query_scalar("DELETE FROM usage_rollup_queue RETURNING usage_id")
-            .fetch_all(&mut dying)
-            .await
-            .expect("take the queue");
+    let taken: Vec<String> = sqlx::query_scalar(
+        "WITH d AS (DELETE FROM usage_rollup_queue RETURNING usage_ids) \
+             SELECT unnest(usage_ids) FROM d",
+    )
+    .fetch_all(&mut dying)
+    .await
+    .expect("take the queue");
     // The background folder may have folded some of the last rows already.
     assert!(taken.len() <= 6, "{taken:?}");
     drop(dying);

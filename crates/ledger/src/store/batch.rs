@@ -505,7 +505,8 @@ WITH input AS (
     ON CONFLICT (transfer_id) DO NOTHING
     RETURNING transfer_id
 ), q AS (
-    INSERT INTO usage_rollup_queue (usage_id) SELECT id FROM u WHERE $2
+    INSERT INTO usage_rollup_queue (row_count, usage_ids)
+    SELECT COUNT(*), array_agg(id) FROM u WHERE $2 HAVING COUNT(*) > 0
 )
 SELECT {TRANSFER_COLUMNS}, t.in_n
 FROM t JOIN accounts sa ON sa.id = t.sender_id JOIN accounts ra ON ra.id = t.recipient_id"

@@ -1,16 +1,17 @@
 //! How usage rows reach the rollups (docs/analytics.md, "Rollups").
 //!
-//! Postgres: a writer inserts the new row's id into `usage_rollup_queue` in the row's own
-//! transaction (one narrow insert), and a folder moves queued rows into the rollups: it deletes a
-//! page of the queue and upserts those rows' sums in one transaction, so every row is counted
-//! exactly once whatever crashes when. The folder runs every [`FOLD_EVERY`] in each ledger process
+//! Postgres: a writing statement queues the ids of the usage rows it inserted as one entry of
+//! `usage_rollup_queue` (an array; one entry per batch, not per row: migration 0021), in the rows'
+//! own transaction, and a folder moves queued rows into the rollups: it deletes a page of the
+//! queue and upserts those rows' sums in one transaction, so every row is counted exactly once
+//! whatever crashes when. The folder runs every [`FOLD_EVERY`] in each ledger process
 //! and before every analytics answer, one at a time across processes (an advisory lock), so
 //! answers are exact. Upserting the ~330-column rollup rows in the capture's transaction instead
 //! cost ~1 ms of executor time per table and batch while that transaction held the payers'
 //! account rows: a third of the paid throughput (migration 0019, docs/benchmarks.md).
 //!
 //! SQLite: writers upsert the rollups in the row's transaction (`rollup::upsert_rollups`); there is
-//! one writer at a time and its cost is the commit, not the statement. The queue stays empty.
+//! one writer at a time and its cost is the commit, not the statement. There is no queue.
 
 use std::time::Duration;
 
@@ -25,7 +26,7 @@ use crate::error::Result;
 /// How often each ledger process folds the queue.
 pub const FOLD_EVERY: Duration = Duration::from_secs(5);
 
-/// Queued rows per fold transaction.
+/// Queued rows per fold transaction: whole queue entries are taken until at least this many.
 const FOLD_PAGE: i64 = 10_000;
 
 /// Rows per page of a rebuild.
@@ -84,7 +85,8 @@ pub(crate) async fn add_to_rollups(
     let ids: Vec<&str> = rows.iter().map(|r| r.usage_id).collect();
     let ids = serde_json::to_string(&ids).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
     sqlx::query(
-        "INSERT INTO usage_rollup_queue (usage_id) SELECT json_array_elements_text($1::json)",
+        "INSERT INTO usage_rollup_queue (row_count, usage_ids) \
+         SELECT COUNT(*), array_agg(id) FROM json_array_elements_text($1::json) AS i(id)",
     )
     .bind(ids)
     .execute(&mut *conn)
@@ -113,11 +115,15 @@ async fn fold_page(pool: &AnyPool, wait: bool) -> Result<Option<i64>, sqlx::Erro
     if !got {
         return Ok(None);
     }
+    // Whole entries, in the order they lie, while the rows before them are fewer than a page.
     let rows: Vec<RawRow> = sqlx::query_as(&format!(
-        "WITH q AS (DELETE FROM usage_rollup_queue \
-           WHERE ctid = ANY(ARRAY(SELECT ctid FROM usage_rollup_queue LIMIT $1)) \
-           RETURNING usage_id) \
-         SELECT {RAW_COLUMNS} FROM q JOIN usage_records u ON u.id = q.usage_id {TRANSFER_JOINS}"
+        "WITH page AS (SELECT ctid FROM (SELECT ctid, SUM(row_count) OVER (ORDER BY ctid \
+             ROWS UNBOUNDED PRECEDING) - row_count AS before FROM usage_rollup_queue) p \
+             WHERE before < $1), \
+         q AS (DELETE FROM usage_rollup_queue WHERE ctid = ANY(ARRAY(SELECT ctid FROM page)) \
+           RETURNING usage_ids) \
+         SELECT {RAW_COLUMNS} FROM q CROSS JOIN LATERAL unnest(q.usage_ids) AS x(usage_id) \
+         JOIN usage_records u ON u.id = x.usage_id {TRANSFER_JOINS}"
     ))
     .bind(FOLD_PAGE)
     .fetch_all(&mut *tx)
@@ -212,8 +218,8 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
-        let tables = std::iter::once("usage_rollup_queue").chain(TABLES.iter().map(|t| t.name));
-        for table in tables {
+        let queue = (self.backend() == Backend::Postgres).then_some("usage_rollup_queue");
+        for table in queue.into_iter().chain(TABLES.iter().map(|t| t.name)) {
             sqlx::query(&format!("DELETE FROM {table}"))
                 .execute(&mut *tx)
                 .await?;
@@ -260,8 +266,15 @@ impl Store {
 
 /// The usage rows the rollups have counted, as a table expression for `verify`: every row but the
 /// queued ones (their rollups are still to come; both commit with the row, so one snapshot of the
-/// two is exact). An anti-join, not `id NOT IN (SELECT usage_id …)`: Postgres hashes a `NOT IN`
-/// subquery only while it fits in `work_mem`, and past that (~100,000 queued ids, e.g. right after
-/// `bench usage`) it scanned the queue once per usage row: a verify that ran for minutes.
-pub(crate) const COUNTED_ROWS: &str = "(SELECT * FROM usage_records r WHERE NOT EXISTS \
-     (SELECT 1 FROM usage_rollup_queue q WHERE q.usage_id = r.id))";
+/// two is exact). SQLite has no queue: every row is counted. An anti-join over the unnested ids:
+/// Postgres hashes them once (a `NOT IN` subquery is hashed only while it fits in `work_mem`, and
+/// past ~100,000 queued ids it scanned the queue once per usage row: a verify that ran for
+/// minutes).
+pub(crate) fn counted_rows(postgres: bool) -> &'static str {
+    if postgres {
+        "(SELECT * FROM usage_records r WHERE NOT EXISTS (SELECT 1 FROM usage_rollup_queue q \
+         CROSS JOIN LATERAL unnest(q.usage_ids) AS x(usage_id) WHERE x.usage_id = r.id))"
+    } else {
+        "usage_records"
+    }
+}

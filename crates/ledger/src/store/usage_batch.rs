@@ -262,6 +262,7 @@ FROM json_to_recordset($1::json) AS i(id text, recipient bigint, request_id text
 ON CONFLICT (recipient_id, user_email, request_id) WHERE NOT refused DO NOTHING
 RETURNING id
 ), q AS (
-    INSERT INTO usage_rollup_queue (usage_id) SELECT id FROM u WHERE $2
+    INSERT INTO usage_rollup_queue (row_count, usage_ids)
+    SELECT COUNT(*), array_agg(id) FROM u WHERE $2 HAVING COUNT(*) > 0
 )
 SELECT id FROM u";

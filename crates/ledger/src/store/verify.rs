@@ -57,7 +57,7 @@ impl Store {
     /// connections keep writing.
     pub async fn verify(&self) -> Result<VerifyReport> {
         // Queued usage rows are folded first, so the rollups checked are as fresh as they can be
-        // (the rows queued after this are left out of the comparison: `COUNTED_ROWS`).
+        // (the rows queued after this are left out of the comparison: `counted_rows`).
         self.fold_rollups().await?;
         let mut tx = self.pool().begin().await?;
         if self.backend == Backend::Postgres {

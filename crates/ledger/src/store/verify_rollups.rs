@@ -2,7 +2,7 @@
 //!
 //! A usage row commits with its rollups (SQLite) or with its entry in the rollup queue, which the
 //! folder turns into rollups and removes in one transaction (Postgres, `rollup_fold.rs`), so on one
-//! snapshot the rollups must agree exactly with the rows not queued ([`COUNTED_ROWS`]). For each rollup table the rows are summed per key at every grain it keeps and
+//! snapshot the rollups must agree exactly with the rows not queued ([`counted_rows`]). For each rollup table the rows are summed per key at every grain it keeps and
 //! the rollups subtracted (`UNION ALL` of both sides with the rollups negated, then `GROUP BY`): a
 //! key whose difference is not zero in some measure, or that exists on one side only, is a
 //! problem. Histograms are checked by their totals (each measure's buckets add up to the requests
@@ -22,7 +22,7 @@ use super::rollup::{
     hist_columns, success_case, Grain, HIST_BUCKETS, MEASURES, SUM_COLUMNS, USER_GRAINS,
     USER_SUM_COLUMNS,
 };
-use super::rollup_fold::COUNTED_ROWS;
+use super::rollup_fold::counted_rows;
 use crate::error::Result;
 
 /// A rollup key whose stored sums differ from its rows'.
@@ -102,10 +102,11 @@ async fn sums_problems(
               THEN COALESCE(t.amount, h.amount, u.cost) - u.cost ELSE 0 END AS refunds, \
          u.latency_ms AS latency_sum, CASE WHEN u.ttft_ms IS NULL THEN 0 ELSE 1 END AS ttft_count\
          {successes} \
-         FROM {COUNTED_ROWS} u CROSS JOIN ({}) g \
+         FROM {} u CROSS JOIN ({}) g \
          LEFT JOIN transfers t ON t.id = u.transfer_id \
          LEFT JOIN hosted_transfers h ON h.id = u.hosted_transfer_id",
         keys.replace(", ", ", u."),
+        counted_rows(is_postgres(conn)),
         grains.join(" UNION ALL ")
     );
     let negated: Vec<String> = t.sums.iter().map(|c| format!("-{c}")).collect();
@@ -245,13 +246,14 @@ async fn sketch_mismatches_sql(conn: &mut AnyConnection) -> Result<i64> {
         .chain(USERLESS_KEYS.split(", "))
         .map(|k| format!("x.{k} = r.{k}"))
         .collect();
+    let counted = counted_rows(true);
     let sql = format!(
         "WITH users AS MATERIALIZED ( \
            SELECT e.user_email, {} AS i, {} AS rk \
-           FROM (SELECT DISTINCT user_email FROM {COUNTED_ROWS} e0 WHERE user_email <> '') e), \
+           FROM (SELECT DISTINCT user_email FROM {counted} e0 WHERE user_email <> '') e), \
          ranks AS ( \
            SELECT g.grain, (u.created_at / g.m) * g.m AS bucket_start, u.{}, s.i, MAX(s.rk) AS rk \
-           FROM {COUNTED_ROWS} u JOIN users s ON s.user_email = u.user_email \
+           FROM {counted} u JOIN users s ON s.user_email = u.user_email \
            CROSS JOIN ({}) g GROUP BY 1, 2, 3, 4, 5, 6, 7, 8), \
          x AS (SELECT grain, bucket_start, {USERLESS_KEYS}, {} FROM ranks \
                GROUP BY grain, bucket_start, {USERLESS_KEYS}) \
