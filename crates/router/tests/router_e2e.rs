@@ -665,6 +665,60 @@ async fn ledger_unreachable_fails_paid_requests_but_not_free_ones() {
     assert_eq!(upstream.hits(), 1);
 }
 
+/// A ledger that takes connections and never answers: each free answer waits one ledger call
+/// timeout (2 s here) for its row, then is served as with an unreachable ledger. Rows sent while
+/// both of the usage sender's calls are out wait at most a few milliseconds for one to come back
+/// (`crates/router/src/usage_send.rs`), so the third request below is not held behind the first
+/// call's timeout as well as its own (that would be about 4 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_ledger_holds_free_answers_back_by_one_timeout() {
+    let upstream = FakeUpstream::start().await;
+    // Connections are taken by the kernel and read by this task, and nothing is ever written back.
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", hung.local_addr().expect("addr"));
+    let server = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = hung.accept().await {
+            held.push(sock);
+        }
+    });
+    let free = RouterHandle::start(router_config(
+        "free",
+        "owner@example.com",
+        "secret",
+        &url,
+        Pricing::free(),
+        Some(&upstream.base_url),
+    ))
+    .await;
+    let mut waves = Vec::new();
+    for n in 0..3 {
+        let mut client = free.client().await;
+        let req = ChatRequest {
+            model: "m".into(),
+            request_id: format!("wave-{n}"),
+            ..chat_request("alice@example.com", "", "hi")
+        };
+        waves.push(tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let resp = client.chat(req).await.expect("served without its row");
+            (resp.into_inner().cost_micros, started.elapsed())
+        }));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for (n, wave) in waves.into_iter().enumerate() {
+        let (cost, took) = wave.await.expect("join");
+        assert_eq!(cost, 0);
+        assert!(
+            took >= Duration::from_millis(1500) && took < Duration::from_secs(3),
+            "request {n} took {took:?}: one 2 s ledger timeout expected"
+        );
+    }
+    server.abort();
+}
+
 /// The ledger stays away past the hold's life (1 s): the router settles the capture until then,
 /// then gives up without an answer; nothing was captured.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
