@@ -4,15 +4,15 @@
 //! its row (the ledger answers after the row's batch committed), so a free answer is released only
 //! after its row is durable, as before.
 //!
-//! At most [`IN_FLIGHT`] calls are out at once (the ledger writes with two batch workers): rows
-//! that arrive meanwhile wait and leave together in the next call, so under load the groups grow
-//! with the arrival rate instead of every few rows paying a call, a ledger batch and a commit of
-//! their own. A group waits for a free call at most [`MAX_WAIT`], then goes out anyway in a call
-//! of its own, so a ledger that hangs holds rows back by one call timeout, never by a queue of
-//! them. When no call is out (light load) a row leaves at once; a lone row goes out alone (plain
-//! `RecordUsage`). A ledger without
-//! the batch call (`UNIMPLEMENTED`) or a group with an invalid row (`INVALID_ARGUMENT`) is sent
-//! again row by row, so each row gets its own answer.
+//! One call is out at a time ([`IN_FLIGHT`]): rows that arrive meanwhile wait and leave together
+//! in the next call, as a database's group commit does, so under load the groups grow with the
+//! arrival rate instead of every few rows paying a call, a ledger batch and a commit of their own.
+//! A group waits for the call out at most [`MAX_WAIT`], then goes out anyway in a call of its
+//! own, so a slow ledger gets more calls at once, and one that hangs holds rows back by one call
+//! timeout, never by a queue of them. When no call is out (light load) a row leaves at once; a
+//! lone row goes out alone (plain `RecordUsage`). A ledger without the batch call
+//! (`UNIMPLEMENTED`) or a group with an invalid row (`INVALID_ARGUMENT`) is sent again row by row,
+//! so each row gets its own answer.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,13 +27,14 @@ use crate::ledger::{map_status, rpc, Calls, Op};
 /// Rows per call: the ledger accepts up to 1,000 (`MAX_USAGE_BATCH`).
 const MAX_ROWS: usize = 256;
 
-/// Calls out at once before rows start waiting for one (`bench router` free shape, c=32: 7.2k
-/// req/s with every group sent at once, 8.8k with two out at a time; docs/benchmarks.md).
-const IN_FLIGHT: usize = 2;
+/// Calls out at once before rows start waiting for one. A free router over `wrk` c=32
+/// (docs/benchmarks.md): 7.1 – 7.4k req/s with every group sent at once, 8.7 – 9.2k with two out
+/// at a time, 9.9 – 11.4k with one.
+const IN_FLIGHT: usize = 1;
 
-/// The longest a group waits for one of the [`IN_FLIGHT`] calls to come back. A healthy ledger
-/// answers a group in 1 – 2 ms; past this the ledger is slow or gone, and waiting longer would
-/// only add a call's timeout to every row behind it.
+/// The longest a group waits for the call out to come back. A healthy ledger answers a group in
+/// 1 – 2 ms; past this the ledger is slow or gone, and waiting longer would only add a call's
+/// timeout to every row behind it.
 const MAX_WAIT: Duration = Duration::from_millis(5);
 
 type Reply = oneshot::Sender<Result<(), RouterError>>;

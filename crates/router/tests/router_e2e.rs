@@ -667,9 +667,9 @@ async fn ledger_unreachable_fails_paid_requests_but_not_free_ones() {
 
 /// A ledger that takes connections and never answers: each free answer waits one ledger call
 /// timeout (2 s here) for its row, then is served as with an unreachable ledger. Rows sent while
-/// both of the usage sender's calls are out wait at most a few milliseconds for one to come back
-/// (`crates/router/src/usage_send.rs`), so the third request below is not held behind the first
-/// call's timeout as well as its own (that would be about 4 s).
+/// the usage sender's call is out wait at most a few milliseconds for it to come back
+/// (`crates/router/src/usage_send.rs`), so the later requests below are not held behind the first
+/// call's timeout as well as their own (that would be about 4 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_ledger_holds_free_answers_back_by_one_timeout() {
     let upstream = FakeUpstream::start().await;
