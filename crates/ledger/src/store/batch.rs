@@ -21,6 +21,7 @@ use sqlx::{AnyPool, FromRow, Row};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
 use super::rollup;
+use super::rollup_fold::QUEUE_INSERTED;
 use super::{
     Actor, AnswerWrite, BudgetRefusal, HoldBudgets, Micros, TransferRow, TransferStatus,
     UsageInput, TRANSFER_COLUMNS,
@@ -505,8 +506,7 @@ WITH input AS (
     ON CONFLICT (transfer_id) DO NOTHING
     RETURNING transfer_id
 ), q AS (
-    INSERT INTO usage_rollup_queue (row_count, usage_ids)
-    SELECT COUNT(*), array_agg(id) FROM u WHERE $2 HAVING COUNT(*) > 0
+    {QUEUE_INSERTED}
 )
 SELECT {TRANSFER_COLUMNS}, t.in_n
 FROM t JOIN accounts sa ON sa.id = t.sender_id JOIN accounts ra ON ra.id = t.recipient_id"

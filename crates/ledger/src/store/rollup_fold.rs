@@ -45,6 +45,11 @@ const RAW_COLUMNS: &str = "u.id, u.recipient_id, u.created_at, u.cost, \
 const TRANSFER_JOINS: &str = "LEFT JOIN transfers t ON t.id = u.transfer_id \
      LEFT JOIN hosted_transfers h ON h.id = u.hosted_transfer_id";
 
+/// The batched writers' last step, in their own statement: queue the usage rows the CTE `u`
+/// inserted (its `id`s) as one entry, when `$2` (the rollups are on) and `u` inserted any.
+pub(crate) const QUEUE_INSERTED: &str = "INSERT INTO usage_rollup_queue (row_count, usage_ids)
+    SELECT COUNT(*), array_agg(id) FROM u WHERE $2 HAVING COUNT(*) > 0";
+
 /// A usage row with the hold it settled, as a fold or a rebuild reads it.
 #[derive(sqlx::FromRow)]
 struct RawRow {

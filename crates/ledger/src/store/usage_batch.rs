@@ -19,7 +19,7 @@ use sqlx::{AnyConnection, AnyPool, Row};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
 use super::rollup::{self, RollupInput};
-use super::rollup_fold::add_to_rollups;
+use super::rollup_fold::{add_to_rollups, QUEUE_INSERTED};
 use super::usage::{insert_usage_row, is_refused, UsageLink, UsageWrite};
 use super::{Backend, Micros, UsageInput};
 use crate::error::is_retryable;
@@ -225,7 +225,7 @@ async fn insert_postgres(
         })
         .collect();
     let input = serde_json::to_string(&input).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-    let rows = sqlx::query(USAGE_BATCH)
+    let rows = sqlx::query(&USAGE_BATCH)
         .bind(input)
         .bind(rollup::enabled())
         .fetch_all(&mut *conn)
@@ -249,7 +249,9 @@ async fn insert_sqlite(
 /// Rows without money (cost 0, no transfer). Two rows of one request id in a batch: the first is
 /// inserted, the second skipped by `DO NOTHING` like any other duplicate. The inserted rows are
 /// queued for the rollups by the same statement when `$2` (`rollup_fold.rs`).
-const USAGE_BATCH: &str = "\
+static USAGE_BATCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "\
 WITH u AS (
 INSERT INTO usage_records (id, recipient_id, request_id, transfer_id, app_name, endpoint, user_email,
     model, prompt_tokens, completion_tokens, total_tokens, cost, status, latency_ms,
@@ -262,7 +264,8 @@ FROM json_to_recordset($1::json) AS i(id text, recipient bigint, request_id text
 ON CONFLICT (recipient_id, user_email, request_id) WHERE NOT refused DO NOTHING
 RETURNING id
 ), q AS (
-    INSERT INTO usage_rollup_queue (row_count, usage_ids)
-    SELECT COUNT(*), array_agg(id) FROM u WHERE $2 HAVING COUNT(*) > 0
+    {QUEUE_INSERTED}
 )
-SELECT id FROM u";
+SELECT id FROM u"
+    )
+});
