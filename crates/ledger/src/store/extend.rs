@@ -18,13 +18,14 @@ impl Store {
     ) -> Result<TransferRow> {
         let now = now_micros();
         let wanted = now.saturating_add(ttl_micros);
+        // "Unresolved" as `NOT IN`, never `= 'PENDING'`: see `RESOLVE_BATCH` (batch.rs).
         let updated = retry_transient(|| async {
             sqlx::query(
                 "UPDATE transfers SET expires_at = CASE \
                     WHEN $3 > created_at + $4 THEN \
                         CASE WHEN created_at + $4 > expires_at THEN created_at + $4 ELSE expires_at END \
                     WHEN $3 > expires_at THEN $3 ELSE expires_at END \
-                 WHERE id = $1 AND recipient_id = $2 AND status = 'PENDING' AND expires_at > $5",
+                 WHERE id = $1 AND recipient_id = $2 AND status NOT IN ('COMPLETED', 'CANCELLED') AND expires_at > $5",
             )
             .bind(transfer_id)
             .bind(recipient_id)

@@ -221,11 +221,12 @@ impl Store {
             TimeGuard::Any => "TRUE",
         };
         let mut tx = self.pool().begin().await?;
+        // "Unresolved" as `NOT IN`, never `= 'PENDING'`: see `RESOLVE_BATCH` (batch.rs).
         let sql = format!(
             "UPDATE transfers AS t SET status = $2, \
                 captured = CASE WHEN $3 < 0 THEN t.amount ELSE $3 END, \
                 resolved_by = $4, resolved_at = $7, cancel_reason = $5 \
-             WHERE t.id = $1 AND ($6 < 0 OR t.recipient_id = $6) AND t.status = 'PENDING' \
+             WHERE t.id = $1 AND ($6 < 0 OR t.recipient_id = $6) AND t.status NOT IN ('COMPLETED', 'CANCELLED') \
                AND {time_guard} AND $3 <= t.amount \
              RETURNING sender_id, recipient_id, token_id, amount, captured"
         );
