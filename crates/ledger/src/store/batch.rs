@@ -17,7 +17,8 @@
 use std::sync::Arc;
 
 use serde_json::json;
-use sqlx::{AnyPool, FromRow, Row};
+use sqlx::any::AnyPoolOptions;
+use sqlx::{AnyPool, Executor, FromRow, Row};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
 use super::rollup;
@@ -129,6 +130,32 @@ enum Job {
 
 pub(crate) struct Batcher {
     queue: mpsc::UnboundedSender<Job>,
+}
+
+/// The batch workers' own connections: two per worker, whose authorizations and resolutions run
+/// side by side (`run_and_reply`).
+///
+/// They plan with sequential scans off. Every statement here reaches rows by key, and Postgres
+/// caches one generic plan per connection after five executions, costed against the table sizes
+/// of that moment. On a young database (a few pages, not analyzed yet) that plan scanned the
+/// whole of `transfers` for each capture batch, and kept doing so as the table grew, until
+/// autovacuum's first `ANALYZE` replaced it (a minute or more): in a fresh benchmark that doubled
+/// the paid latency at one client. With sequential scans off the cached plans probe the primary
+/// key whatever the sizes were. The rest of the ledger (verify, analytics, folds) keeps the
+/// planner's defaults on the main pool.
+pub(crate) async fn connect(database_url: &str, workers: usize) -> Result<AnyPool, sqlx::Error> {
+    let connections = u32::try_from(workers.max(1) * 2).unwrap_or(u32::MAX);
+    AnyPoolOptions::new()
+        .max_connections(connections)
+        .acquire_timeout(std::time::Duration::from_secs(10))
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                conn.execute("SET enable_seqscan = off").await?;
+                Ok(())
+            })
+        })
+        .connect(database_url)
+        .await
 }
 
 impl Batcher {
@@ -524,21 +551,39 @@ FROM t JOIN accounts sa ON sa.id = t.sender_id JOIN accounts ra ON ra.id = t.rec
 
 #[cfg(test)]
 mod tests {
-    use super::RESOLVE_BATCH;
+    use super::{connect, RESOLVE_BATCH};
     use crate::Store;
 
-    /// The plan Postgres caches for the resolve statement (a generic plan: the pool's prepared
-    /// statements switch to one after five executions) finds the batch's transfers by primary key,
-    /// never through the partial index of pending holds, whose scan reads every pending hold (and
-    /// every dead entry until vacuum) on each capture. The table is shaped like a ledger in use:
-    /// 20,000 resolved transfers, 40 pending, statistics fresh.
+    /// The plan Postgres caches for the resolve statement on a batch connection (a generic plan:
+    /// prepared statements switch to one after five executions).
+    async fn cached_plan(url: &str) -> String {
+        let pool = connect(url, 1).await.expect("batch pool");
+        let mut conn = pool.acquire().await.expect("connection");
+        let prepare = format!("PREPARE resolve_batch(json, boolean) AS {}", *RESOLVE_BATCH);
+        for sql in ["SET plan_cache_mode = force_generic_plan", &prepare] {
+            sqlx::query(sql).execute(&mut *conn).await.expect(sql);
+        }
+        let plan: Vec<String> = sqlx::query_scalar("EXPLAIN EXECUTE resolve_batch('[]', TRUE)")
+            .fetch_all(&mut *conn)
+            .await
+            .expect("explain");
+        drop(conn);
+        pool.close().await;
+        plan.join("\n")
+    }
+
+    /// Captures find their transfers by primary key, on a young database (empty tables, never
+    /// analyzed: a plan cached then is kept as the table grows) and on one in use (20,000 resolved
+    /// transfers, 40 pending, statistics fresh). Never by a scan of the whole table, nor through
+    /// the partial index of pending holds, which reads every pending hold (and every dead entry
+    /// until vacuum) on each capture.
     #[tokio::test]
     async fn captures_find_their_transfers_by_primary_key() {
         let Some(db) = syft_testkit::Db::postgres().await else {
             return;
         };
         let store = Store::connect(&db.url, 2).await.expect("connect");
-        let mut conn = store.pool().acquire().await.expect("connection");
+        let young = cached_plan(&db.url).await;
         for sql in [
             "INSERT INTO accounts (email, organization, currency, secret_hash, created_at) \
              VALUES ('a@example.com', '', 'USD', 'a', 0), ('b@example.com', '', 'USD', 'b', 0)",
@@ -550,27 +595,17 @@ mod tests {
              FROM generate_series(1, 20000) g, accounts a, accounts b \
              WHERE a.email = 'a@example.com' AND b.email = 'b@example.com'",
             "ANALYZE transfers",
-            "SET plan_cache_mode = force_generic_plan",
         ] {
-            sqlx::query(sql).execute(&mut *conn).await.expect(sql);
+            sqlx::query(sql).execute(store.pool()).await.expect(sql);
         }
-        let prepare = format!("PREPARE resolve_batch(json, boolean) AS {}", *RESOLVE_BATCH);
-        sqlx::query(&prepare)
-            .execute(&mut *conn)
-            .await
-            .expect("prepare");
-        let plan: Vec<String> = sqlx::query_scalar("EXPLAIN EXECUTE resolve_batch('[]', TRUE)")
-            .fetch_all(&mut *conn)
-            .await
-            .expect("explain");
-        let plan = plan.join("\n");
-        drop(conn);
+        let in_use = cached_plan(&db.url).await;
         store.pool().close().await;
         db.drop_postgres().await;
-        assert!(
-            !plan.contains("transfers_pending_expiry"),
-            "the resolve statement reads the pending-holds index:\n{plan}"
-        );
-        assert!(plan.contains("transfers_pkey"), "{plan}");
+        for (age, plan) in [("young", young), ("in use", in_use)] {
+            for wrong in ["transfers_pending_expiry", "Seq Scan on transfers"] {
+                assert!(!plan.contains(wrong), "{age}: {wrong} in\n{plan}");
+            }
+            assert!(plan.contains("transfers_pkey"), "{age}:\n{plan}");
+        }
     }
 }

@@ -184,8 +184,17 @@ impl Store {
             .run(&pool)
             .await
             .map_err(|e| LedgerError::Internal(format!("migration failed: {e}")))?;
-        let batcher = (backend == Backend::Postgres)
-            .then(|| batch::Batcher::start(pool.clone(), batch_workers));
+        let batcher = match backend {
+            Backend::Postgres => Some(batch::Batcher::start(
+                batch::connect(database_url, batch_workers)
+                    .await
+                    .map_err(|e| {
+                        LedgerError::Unavailable(format!("cannot connect to the database: {e}"))
+                    })?,
+                batch_workers,
+            )),
+            Backend::Sqlite => None,
+        };
         let usage_writer = usage_batch::UsageWriter::start(pool.clone(), backend);
         let folder =
             (backend == Backend::Postgres).then(|| rollup_fold::start_folder(pool.clone()));
