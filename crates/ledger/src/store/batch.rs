@@ -130,6 +130,8 @@ enum Job {
 
 pub(crate) struct Batcher {
     queue: mpsc::UnboundedSender<Job>,
+    /// The workers' own connections ([`connect`]), kept to close them with the store.
+    pool: AnyPool,
 }
 
 /// The batch workers' own connections: two per worker, whose authorizations and resolutions run
@@ -168,7 +170,11 @@ impl Batcher {
         for _ in 0..workers.max(1) {
             tokio::spawn(worker(pool.clone(), rx.clone()));
         }
-        Self { queue }
+        Self { queue, pool }
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
     }
 
     /// Places one hold. A job refused only because of its batch neighbours (same sender or token)

@@ -240,6 +240,9 @@ impl Store {
     }
 
     pub async fn close(&self) {
+        if let Some(batcher) = &self.batcher {
+            batcher.close().await;
+        }
         self.pool.close().await;
     }
 }
