@@ -284,3 +284,88 @@ async fn rest_refuses_bad_input_with_clear_errors(h: Harness) -> Harness {
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     h
 }
+
+/// Removing an endpoint while a delivery of one of its events is being recorded. The remove locks
+/// the endpoint's events before the endpoint, the order `record_attempt` takes them in, so the two
+/// never deadlock. (In the other order the remove failed with "database busy" once Postgres'
+/// deadlock check had picked it.) A transaction plays the recorder here: it holds the event, waits
+/// until the remove is blocked on it, then asks for the endpoint with a lock timeout shorter than
+/// the deadlock check, which it gets at once only if the remove does not hold the endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn removing_an_endpoint_while_a_delivery_is_recorded_never_deadlocks() {
+    let Some(h) = Harness::with(true, crate::alerts_support::alerts_on).await else {
+        return;
+    };
+    let alice = h.account(ALICE, 10 * USD).await;
+    let new = json!({"url": syft_testkit::closed_url(), "rules": [balance_rule()]});
+    let (status, added) = call(&h, Method::POST, "/endpoints", Some(&alice), Some(new)).await;
+    assert_eq!(status, StatusCode::CREATED, "{added}");
+    let ep = added["endpoint"]["id"].as_str().expect("id").to_string();
+    // A test event to a closed port: its first attempt fails, and it waits pending for the next.
+    let test = format!("/endpoints/{ep}/test");
+    let (status, body) = call(&h, Method::POST, &test, Some(&alice), None).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let pool = h.store.pool();
+    let count = |sql: &'static str| {
+        let ep = ep.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .bind(ep)
+                .fetch_one(pool)
+                .await
+                .expect(sql)
+        }
+    };
+    let attempted = "SELECT COUNT(*) FROM alert_deliveries WHERE endpoint_id = $1";
+    for _ in 0..200 {
+        if count(attempted).await > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert_eq!(count(attempted).await, 1, "the first attempt is recorded");
+
+    let mut recorder = pool.begin().await.expect("begin");
+    let held = sqlx::query(
+        "UPDATE alert_events SET attempts = attempts WHERE endpoint_id = $1 AND status = 'PENDING'",
+    )
+    .bind(&ep)
+    .execute(&mut *recorder)
+    .await
+    .expect("lock the event");
+    assert_eq!(held.rows_affected(), 1);
+    let url = format!("{}/v1/alerts/endpoints/{ep}", h.http_url());
+    let remove = tokio::spawn(async move {
+        let response = reqwest::Client::new()
+            .delete(url)
+            .bearer_auth(alice)
+            .send()
+            .await
+            .expect("http");
+        (response.status(), response.text().await.unwrap_or_default())
+    });
+    let waiting = "SELECT COUNT(*) FROM pg_stat_activity \
+                   WHERE datname = current_database() AND wait_event_type = 'Lock' AND $1 <> ''";
+    for _ in 0..200 {
+        if count(waiting).await > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(count(waiting).await, 1, "the remove waits for the event");
+    sqlx::query("SET LOCAL lock_timeout = '300ms'")
+        .execute(&mut *recorder)
+        .await
+        .expect("lock timeout");
+    sqlx::query("UPDATE alert_endpoints SET failing_since = failing_since WHERE id = $1")
+        .bind(&ep)
+        .execute(&mut *recorder)
+        .await
+        .unwrap_or_else(|e| panic!("the remove holds the endpoint: {e}"));
+    recorder.commit().await.expect("commit");
+    let (status, body) = remove.await.expect("remove task");
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let given_up = "SELECT COUNT(*) FROM alert_events WHERE endpoint_id = $1 AND status = 'FAILED'";
+    assert_eq!(count(given_up).await, 1, "the pending event is given up");
+    h.finish().await;
+}

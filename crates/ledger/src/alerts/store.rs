@@ -7,7 +7,7 @@ use sqlx::{Any, AnyPool, Transaction};
 use super::payload::{body, event_id, Fired};
 use super::rules::Format;
 use crate::error::Result;
-use crate::store::{now_micros, Backend, Store};
+use crate::store::{now_micros, retry_transient, Backend, Store};
 
 const ENDPOINT_COLUMNS: &str = "id, account_id, url, format, secret_sealed, \
     previous_secret_sealed, previous_secret_until, rules, rate_per_minute, failing_since, \
@@ -134,23 +134,32 @@ pub(crate) async fn endpoint(pool: &AnyPool, id: &str) -> Result<Option<Endpoint
 }
 
 /// Removes an endpoint; its undelivered events are given up with it.
+///
+/// Events first, then the endpoint: the order `record_attempt` takes them in. The other order
+/// deadlocked with a delivery being recorded, and the dashboard's remove failed with "database
+/// busy" (seen once in `dashboard_postgres`). A deadlock or serialization failure from anything
+/// else is retried here, as everywhere in the ledger.
 pub(crate) async fn remove_endpoint(pool: &AnyPool, id: &str, now: i64) -> Result<()> {
-    let mut tx = pool.begin().await?;
-    sqlx::query("UPDATE alert_endpoints SET removed_at = $1 WHERE id = $2 AND removed_at IS NULL")
+    retry_transient(|| async {
+        let mut tx = pool.begin().await?;
+        sqlx::query(
+            "UPDATE alert_events SET status = 'FAILED', finished_at = $1, lease_owner = NULL, \
+             lease_until = NULL WHERE endpoint_id = $2 AND status = 'PENDING'",
+        )
         .bind(now)
         .bind(id)
         .execute(&mut *tx)
         .await?;
-    sqlx::query(
-        "UPDATE alert_events SET status = 'FAILED', finished_at = $1, lease_owner = NULL, \
-         lease_until = NULL WHERE endpoint_id = $2 AND status = 'PENDING'",
-    )
-    .bind(now)
-    .bind(id)
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(())
+        sqlx::query(
+            "UPDATE alert_endpoints SET removed_at = $1 WHERE id = $2 AND removed_at IS NULL",
+        )
+        .bind(now)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await
+    })
+    .await
 }
 
 pub(crate) async fn rotate_secret(
