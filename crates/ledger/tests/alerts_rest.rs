@@ -349,15 +349,22 @@ async fn removing_an_endpoint_while_a_delivery_is_recorded_never_deadlocks() {
             .expect("http");
         (response.status(), response.text().await.unwrap_or_default())
     });
-    let waiting = "SELECT COUNT(*) FROM pg_stat_activity \
-                   WHERE datname = current_database() AND wait_event_type = 'Lock' AND $1 <> ''";
+    let waiting = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT COUNT(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(pool)
+        .await
+        .expect("pg_stat_activity")
+    };
     for _ in 0..200 {
-        if count(waiting).await > 0 {
+        if waiting().await > 0 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
-    assert!(count(waiting).await >= 1, "the remove waits for the event");
+    assert!(waiting().await >= 1, "the remove waits for the event");
     sqlx::query("SET LOCAL lock_timeout = '300ms'")
         .execute(&mut *recorder)
         .await

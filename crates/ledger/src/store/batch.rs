@@ -25,7 +25,7 @@ use super::rollup;
 use super::rollup_fold::QUEUE_INSERTED;
 use super::{
     Actor, AnswerWrite, BudgetRefusal, HoldBudgets, Micros, TransferRow, TransferStatus,
-    UsageInput, TRANSFER_COLUMNS,
+    UsageInput, TRANSFER_COLUMNS, UNRESOLVED,
 };
 use crate::error::is_retryable;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -145,11 +145,14 @@ pub(crate) struct Batcher {
 /// the paid latency at one client. With sequential scans off the cached plans probe the primary
 /// key whatever the sizes were. The rest of the ledger (verify, analytics, folds) keeps the
 /// planner's defaults on the main pool.
-pub(crate) async fn connect(database_url: &str, workers: usize) -> Result<AnyPool, sqlx::Error> {
+pub(crate) async fn connect(
+    options: AnyPoolOptions,
+    database_url: &str,
+    workers: usize,
+) -> Result<AnyPool, sqlx::Error> {
     let connections = u32::try_from(workers.max(1) * 2).unwrap_or(u32::MAX);
-    AnyPoolOptions::new()
+    options
         .max_connections(connections)
-        .acquire_timeout(std::time::Duration::from_secs(10))
         .after_connect(|conn, _| {
             Box::pin(async move {
                 conn.execute("SET enable_seqscan = off").await?;
@@ -471,14 +474,13 @@ FROM input i";
 /// rows by primary key (`= ANY(ARRAY(…))`, see `AUTHORIZE_BATCH` for why not `IN`) and still
 /// requires the row unresolved, so nothing changed but how the rows are found.
 ///
-/// Both steps say "unresolved" as `NOT IN ('COMPLETED', 'CANCELLED')`, which the table's `CHECK`
-/// makes the same rows as `= 'PENDING'`. Written as `= 'PENDING'`, the clause matches the predicate
-/// of the partial index `transfers_pending_expiry`, and the planner took that index: for the
-/// update, a bitmap scan of every pending hold's index entry (dead ones included until vacuum)
-/// joined by hash to the batch. Seen with `auto_explain` in a paid run of 64 payers: 14,479 index
-/// entries and 744 heap pages read for a batch of 30, half the statement's time
-/// (docs/benchmarks.md). Every statement that finds a transfer by id and requires it pending
-/// (`transfer.rs`, `extend.rs`) writes it the same way.
+/// Both steps say "unresolved" as [`UNRESOLVED`], `NOT IN ('COMPLETED', 'CANCELLED')`. Written as
+/// `= 'PENDING'`, the clause matches the predicate of the partial index `transfers_pending_expiry`,
+/// and the planner took that index: for the update, a bitmap scan of every pending hold's index
+/// entry (dead ones included until vacuum) joined by hash to the batch. Seen with `auto_explain` in
+/// a paid run of 64 payers: 14,479 index entries and 744 heap pages read for a batch of 30, half
+/// the statement's time (docs/benchmarks.md). Every statement that finds a transfer by id and
+/// requires it pending (`transfer.rs`, `extend.rs`) uses the same constant.
 static RESOLVE_BATCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "\
@@ -493,7 +495,7 @@ WITH input AS (
     SELECT l.* FROM (SELECT DISTINCT in_id FROM input ORDER BY in_id) i
     CROSS JOIN LATERAL (SELECT id, sender_id, token_id, status FROM transfers
                         WHERE id = i.in_id FOR UPDATE) l
-    WHERE l.status NOT IN ('COMPLETED', 'CANCELLED')
+    WHERE l.{UNRESOLVED}
 ), lock_tokens AS (
     SELECT k.* FROM (SELECT DISTINCT token_id FROM lock_transfers
                      WHERE token_id IS NOT NULL ORDER BY token_id) x
@@ -510,7 +512,7 @@ WITH input AS (
     WHERE t.id = ANY(ARRAY(SELECT id FROM lock_transfers)) AND t.id = i.in_id
       AND (SELECT COUNT(*) FROM lock_accounts) >= 0
       AND (i.in_recipient < 0 OR t.recipient_id = i.in_recipient)
-      AND t.status NOT IN ('COMPLETED', 'CANCELLED') AND i.in_captured <= t.amount
+      AND t.{UNRESOLVED} AND i.in_captured <= t.amount
       AND CASE i.in_guard WHEN 1 THEN t.expires_at > i.in_now
                           WHEN 2 THEN t.expires_at <= i.in_now ELSE TRUE END
     RETURNING t.*, i.*
@@ -563,7 +565,8 @@ mod tests {
     /// The plan Postgres caches for the resolve statement on a batch connection (a generic plan:
     /// prepared statements switch to one after five executions).
     async fn cached_plan(url: &str) -> String {
-        let pool = connect(url, 1).await.expect("batch pool");
+        let options = sqlx::any::AnyPoolOptions::new();
+        let pool = connect(options, url, 1).await.expect("batch pool");
         let mut conn = pool.acquire().await.expect("connection");
         let prepare = format!("PREPARE resolve_batch(json, boolean) AS {}", *RESOLVE_BATCH);
         for sql in ["SET plan_cache_mode = force_generic_plan", &prepare] {

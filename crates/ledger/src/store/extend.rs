@@ -1,6 +1,6 @@
 //! Extending a pending hold's life (a router keeping the hold of a long stream alive).
 
-use super::{now_micros, retry_transient, Store, TransferRow, TransferStatus};
+use super::{now_micros, retry_transient, Store, TransferRow, TransferStatus, UNRESOLVED};
 use crate::error::{LedgerError, Result};
 use syft_error::Reason;
 
@@ -18,23 +18,23 @@ impl Store {
     ) -> Result<TransferRow> {
         let now = now_micros();
         let wanted = now.saturating_add(ttl_micros);
-        // "Unresolved" as `NOT IN`, never `= 'PENDING'`: see `RESOLVE_BATCH` (batch.rs).
+        let sql = format!(
+            "UPDATE transfers SET expires_at = CASE \
+                WHEN $3 > created_at + $4 THEN \
+                    CASE WHEN created_at + $4 > expires_at THEN created_at + $4 ELSE expires_at END \
+                WHEN $3 > expires_at THEN $3 ELSE expires_at END \
+             WHERE id = $1 AND recipient_id = $2 AND {UNRESOLVED} AND expires_at > $5"
+        );
         let updated = retry_transient(|| async {
-            sqlx::query(
-                "UPDATE transfers SET expires_at = CASE \
-                    WHEN $3 > created_at + $4 THEN \
-                        CASE WHEN created_at + $4 > expires_at THEN created_at + $4 ELSE expires_at END \
-                    WHEN $3 > expires_at THEN $3 ELSE expires_at END \
-                 WHERE id = $1 AND recipient_id = $2 AND status NOT IN ('COMPLETED', 'CANCELLED') AND expires_at > $5",
-            )
-            .bind(transfer_id)
-            .bind(recipient_id)
-            .bind(wanted)
-            .bind(max_life_micros)
-            .bind(now)
-            .execute(self.pool())
-            .await
-            .map(|r| r.rows_affected())
+            sqlx::query(&sql)
+                .bind(transfer_id)
+                .bind(recipient_id)
+                .bind(wanted)
+                .bind(max_life_micros)
+                .bind(now)
+                .execute(self.pool())
+                .await
+                .map(|r| r.rows_affected())
         })
         .await?;
         let row = self

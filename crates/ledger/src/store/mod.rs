@@ -74,6 +74,13 @@ const CACHE_MAX_ENTRIES: usize = 100_000;
 
 pub const DEFAULT_BATCH_WORKERS: usize = 1;
 
+/// "The transfer is still pending", for statements that find a transfer by id. Never written
+/// `status = 'PENDING'` there: that matches the predicate of the partial index
+/// `transfers_pending_expiry`, and the planner then reads every pending hold's entry instead of
+/// probing the primary key (see `RESOLVE_BATCH` in batch.rs). The `CHECK` on `status` makes this
+/// the same rows. Prefix it with the table's alias where there is one (`t.{UNRESOLVED}`).
+pub(crate) const UNRESOLVED: &str = "status NOT IN ('COMPLETED', 'CANCELLED')";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Postgres,
@@ -156,11 +163,14 @@ impl Store {
                 ));
             };
         let options = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(10));
+        let unreachable = |e: sqlx::Error| {
+            LedgerError::Unavailable(format!("cannot connect to the database: {e}"))
+        };
         let pool = match backend {
-            Backend::Postgres => options.max_connections(max_connections.max(1)),
+            Backend::Postgres => options.clone().max_connections(max_connections.max(1)),
             // One writer connection: SQLite serializes writers anyway, and a single connection
             // can never hit a lock-upgrade deadlock (SQLITE_BUSY) between two of our transactions.
-            Backend::Sqlite => options.max_connections(1).after_connect(|conn, _| {
+            Backend::Sqlite => options.clone().max_connections(1).after_connect(|conn, _| {
                 Box::pin(async move {
                     // busy_timeout first: switching to WAL takes a lock another process (a CLI
                     // reading the same file) may hold; without the timeout that fails at once.
@@ -175,7 +185,7 @@ impl Store {
         }
         .connect(database_url)
         .await
-        .map_err(|e| LedgerError::Unavailable(format!("cannot connect to the database: {e}")))?;
+        .map_err(unreachable)?;
         let migrator = match backend {
             Backend::Postgres => &PG_MIGRATOR,
             Backend::Sqlite => &SQLITE_MIGRATOR,
@@ -186,11 +196,9 @@ impl Store {
             .map_err(|e| LedgerError::Internal(format!("migration failed: {e}")))?;
         let batcher = match backend {
             Backend::Postgres => Some(batch::Batcher::start(
-                batch::connect(database_url, batch_workers)
+                batch::connect(options, database_url, batch_workers)
                     .await
-                    .map_err(|e| {
-                        LedgerError::Unavailable(format!("cannot connect to the database: {e}"))
-                    })?,
+                    .map_err(unreachable)?,
                 batch_workers,
             )),
             Backend::Sqlite => None,

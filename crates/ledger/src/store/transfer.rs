@@ -14,7 +14,7 @@ use super::usage::{insert_usage, UsageLink, UsageWrite};
 use super::AnswerWrite;
 use super::{
     new_id, now_micros, retry_transient, Actor, Micros, Store, TransferRow, TransferStatus,
-    UsageInput, TRANSFER_COLUMNS, TRANSFER_JOINS,
+    UsageInput, TRANSFER_COLUMNS, TRANSFER_JOINS, UNRESOLVED,
 };
 use crate::error::{LedgerError, Result};
 use syft_error::{ErrorCode, Reason};
@@ -221,12 +221,11 @@ impl Store {
             TimeGuard::Any => "TRUE",
         };
         let mut tx = self.pool().begin().await?;
-        // "Unresolved" as `NOT IN`, never `= 'PENDING'`: see `RESOLVE_BATCH` (batch.rs).
         let sql = format!(
             "UPDATE transfers AS t SET status = $2, \
                 captured = CASE WHEN $3 < 0 THEN t.amount ELSE $3 END, \
                 resolved_by = $4, resolved_at = $7, cancel_reason = $5 \
-             WHERE t.id = $1 AND ($6 < 0 OR t.recipient_id = $6) AND t.status NOT IN ('COMPLETED', 'CANCELLED') \
+             WHERE t.id = $1 AND ($6 < 0 OR t.recipient_id = $6) AND t.{UNRESOLVED} \
                AND {time_guard} AND $3 <= t.amount \
              RETURNING sender_id, recipient_id, token_id, amount, captured"
         );
