@@ -135,28 +135,10 @@ impl Shapes {
         )
         .await?;
         // The same free router with a local usage spool (`ledger.usage_spool`): answers are
-        // released once the row is appended locally, rows ship in the background.
-        let (spool_url, spool_service, spool_router) = {
-            let mut config = syft_router_svc::RouterConfig::new("bench-spool", OWNER)
-                .with_chat_pricing(Pricing::free());
-            config.ledger.usage_spool = Some(self.spool_dir.path().join("spool"));
-            config.ledger.url = self.ledger_url.clone();
-            config.ledger.secret = self.owner_secret.clone().into();
-            config.upstream = syft_router_svc::UpstreamConfig::OpenAi(
-                syft_router_svc::OpenAiConfig::new(self.upstream_url.clone()),
-            );
-            let service = syft_router_svc::RouterService::new(config)?;
-            let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-            let http = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-            let url = format!("http://{}/v1/chat/completions", http.local_addr()?);
-            let task = tokio::spawn(syft_router_svc::serve_service(
-                service.clone(),
-                grpc,
-                http,
-                signal(),
-            ));
-            (url, service, task)
-        };
+        // released once the row is appended locally (and synced, by default), rows ship in the
+        // background.
+        let synced = self.start_spooled("synced", true, signal()).await?;
+        let unsynced = self.start_spooled("unsynced", false, signal()).await?;
         // A port nothing listens on: the free router answers without recording usage.
         let closed = {
             let l = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -200,18 +182,20 @@ impl Shapes {
         }
         let free = closed_loop(&sender(&free_url, 64, false), c, b.duration).await;
         row(format!("free (usage row only), c={c}"), &free);
-        let spooled = closed_loop(&sender(&spool_url, 64, false), c, b.duration).await;
-        row(format!("free, usage spool, c={c}"), &spooled);
-        // The spooled rows still shipping must not slow the next shape down.
-        let t0 = Instant::now();
-        let drained = spool_service
-            .drain_usage_spool(Duration::from_secs(60))
-            .await;
-        println!(
-            "  (spool {} {:.0} ms after the spooled run)",
-            if drained { "empty" } else { "NOT empty" },
-            t0.elapsed().as_secs_f64() * 1000.0
-        );
+        let mut spooled = Vec::new();
+        for (label, (url, service, _)) in [("synced", &synced), ("not synced", &unsynced)] {
+            let m = closed_loop(&sender(url, 64, false), c, b.duration).await;
+            row(format!("free, usage spool ({label}), c={c}"), &m);
+            // The spooled rows still shipping must not slow the next shape down.
+            let t0 = Instant::now();
+            let drained = service.drain_usage_spool(Duration::from_secs(60)).await;
+            println!(
+                "  (spool {} {:.0} ms after the spooled run)",
+                if drained { "empty" } else { "NOT empty" },
+                t0.elapsed().as_secs_f64() * 1000.0
+            );
+            spooled.push((label, m));
+        }
         let no_ledger = closed_loop(&sender(&no_ledger_url, 64, false), c, b.duration).await;
         row(format!("free, no ledger reachable, c={c}"), &no_ledger);
         // (paid, free) at c=1, per round; the order flips every round.
@@ -251,11 +235,13 @@ impl Shapes {
             "  free with ledger / without: {r:.2} (>= 0.7: {})",
             verdict(r >= 0.7)
         );
-        let r = spooled.rps / no_ledger.rps;
-        println!(
-            "  free with ledger and usage spool / without ledger: {r:.2} (>= 0.7: {})",
-            verdict(r >= 0.7)
-        );
+        for (label, m) in &spooled {
+            let r = m.rps / no_ledger.rps;
+            println!(
+                "  free with ledger and usage spool ({label}) / without ledger: {r:.2} (>= 0.7: {})",
+                verdict(r >= 0.7)
+            );
+        }
         if let Some(many) = by(64) {
             let r = many / free.rps;
             println!(
@@ -280,7 +266,40 @@ impl Shapes {
         if let Some(rss) = peak_rss_mb() {
             println!("  peak RSS of this process (client, routers, ledger together): {rss:.0} MB");
         }
-        Ok(vec![free_router, spool_router, no_ledger_router])
+        Ok(vec![free_router, synced.2, unsynced.2, no_ledger_router])
+    }
+
+    /// A free router with a usage spool in `spool_dir/<name>`, `sync` or not
+    /// (`ledger.usage_spool_sync`): its chat URL, its service (to drain the spool) and its task.
+    async fn start_spooled<S>(
+        &self,
+        name: &str,
+        sync: bool,
+        signal: S,
+    ) -> anyhow::Result<(String, syft_router_svc::RouterService, RouterTask)>
+    where
+        S: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let mut config = syft_router_svc::RouterConfig::new(format!("bench-spool-{name}"), OWNER)
+            .with_chat_pricing(Pricing::free());
+        config.ledger.usage_spool = Some(self.spool_dir.path().join(name));
+        config.ledger.usage_spool_sync = sync;
+        config.ledger.url = self.ledger_url.clone();
+        config.ledger.secret = self.owner_secret.clone().into();
+        config.upstream = syft_router_svc::UpstreamConfig::OpenAi(
+            syft_router_svc::OpenAiConfig::new(self.upstream_url.clone()),
+        );
+        let service = syft_router_svc::RouterService::new(config)?;
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}/v1/chat/completions", http.local_addr()?);
+        let task = tokio::spawn(syft_router_svc::serve_service(
+            service.clone(),
+            grpc,
+            http,
+            signal,
+        ));
+        Ok((url, service, task))
     }
 }
 

@@ -238,6 +238,7 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
         ledger_client_cert: None,
         ledger_client_key: None,
         usage_spool: None,
+        usage_spool_sync: None,
         answer_retention: syft_router_svc::ReplaySettings::default().retention,
         answer_max_bytes: syft_router_svc::ReplaySettings::default().max_bytes,
     };

@@ -81,6 +81,12 @@ pub struct RouterSetup {
     /// waits until its row committed in the ledger). One directory per router.
     #[arg(long, env = "SYFT_ROUTER_USAGE_SPOOL")]
     pub usage_spool: Option<PathBuf>,
+    /// With --usage-spool: release a free answer only once its row is on disk (one `fdatasync`
+    /// shared by the rows appended meanwhile), so that a host crash loses no row either; `false`
+    /// releases it once the row is in the kernel (a router crash still loses nothing). Default:
+    /// the config file's `ledger.usage_spool_sync`, else true.
+    #[arg(long, env = "SYFT_ROUTER_USAGE_SPOOL_SYNC")]
+    pub usage_spool_sync: Option<bool>,
 }
 
 impl RouterSetup {
@@ -114,6 +120,9 @@ impl RouterSetup {
         )?;
         if let Some(dir) = &self.usage_spool {
             config.ledger.usage_spool = Some(dir.clone());
+        }
+        if let Some(sync) = self.usage_spool_sync {
+            config.ledger.usage_spool_sync = sync;
         }
         config.replay = ReplaySettings {
             retention: self.answer_retention,

@@ -51,6 +51,20 @@ pub(crate) struct Calls {
     auth: AsciiMetadataValue,
 }
 
+impl Calls {
+    /// Connects lazily to every endpoint of `settings` (the first call dials).
+    pub(crate) fn connect(settings: &LedgerSettings) -> Result<Self, RouterError> {
+        let auth: AsciiMetadataValue =
+            MetadataValue::try_from(format!("Bearer {}", settings.secret.expose())).map_err(
+                |_| RouterError::Internal("ledger secret is not valid header text".into()),
+            )?;
+        Ok(Calls {
+            members: Arc::new(Members::connect(settings)?),
+            auth,
+        })
+    }
+}
+
 /// The ledger RPC `$method` as the closure [`Calls::call`] and its callers take (a client and a
 /// request in, the client method's future out): every call site names only its method.
 macro_rules! rpc {
@@ -106,18 +120,11 @@ pub(crate) struct Authorization {
 impl Ledger {
     /// Connects lazily to every endpoint (the first call dials). Must run inside a Tokio runtime.
     pub(crate) fn connect(settings: &LedgerSettings) -> Result<Self, RouterError> {
-        let auth: AsciiMetadataValue =
-            MetadataValue::try_from(format!("Bearer {}", settings.secret.expose())).map_err(
-                |_| RouterError::Internal("ledger secret is not valid header text".into()),
-            )?;
-        let calls = Calls {
-            members: Arc::new(Members::connect(settings)?),
-            auth,
-        };
+        let calls = Calls::connect(settings)?;
         let spool = settings
             .usage_spool
             .as_deref()
-            .map(|dir| UsageSpool::open(dir, calls.clone()))
+            .map(|dir| UsageSpool::open(dir, calls.clone(), settings.usage_spool_sync))
             .transpose()?;
         Ok(Ledger {
             usage: UsageSender::start(calls.clone()),
@@ -347,7 +354,7 @@ impl Ledger {
     pub(crate) async fn record_free_usage(&self, usage: Usage) -> Result<(), RouterError> {
         let refusal = UsageStatus::parse(&usage.status).is_some_and(UsageStatus::is_refusal);
         if let (Some(spool), false) = (&self.spool, refusal) {
-            match spool.append(&usage) {
+            match spool.append(&usage).await {
                 Ok(()) => return Ok(()),
                 // Full disk or the like: this row goes the waiting way instead.
                 Err(e) => {

@@ -2,21 +2,30 @@
 //! `ledger.usage_spool` names a directory.
 //!
 //! Without it a free answer waits until its row's batch committed in the ledger (`usage_send.rs`),
-//! so at high concurrency a free service runs at the speed of the ledger's commits. With it the
-//! row is appended to a local file with one `write(2)` and the answer is released at once; a
-//! shipper task reads the spool back and sends its rows in `RecordUsageBatch` calls, retrying
-//! until the ledger acknowledged them (after their commit), and deletes a file once all of its
-//! rows are acknowledged.
+//! so at high concurrency a free service runs at the speed of the ledger's commits, and rows of
+//! answers given while the ledger is down are lost (logged). With it the row is appended to a
+//! local file with one `write(2)` and the answer is released once that (and, synced, its flush) is
+//! done; a shipper task reads the spool back and sends its rows in `RecordUsageBatch` calls,
+//! retrying until the ledger acknowledged them (after their commit), and deletes a file once all
+//! of its rows are acknowledged.
 //!
 //! What it keeps: a row is in the kernel's page cache before its answer leaves, so a router
 //! process killed at any moment (kill -9, panic, OOM) loses no row: the next router started on
 //! the same directory ships what is left. The ledger inserts usage rows idempotently by
 //! (recipient, user, request id), so rows shipped twice (acknowledged, but their file not yet
-//! deleted when the router died) are recorded once. What it can lose: rows not yet written back
-//! to disk when the *host* crashes or loses power (no `fsync` per row: that would cost what the
-//! commit costs), at most the last few seconds of the kernel's writeback (`vm.dirty_expire_centisecs`,
-//! 30 s by default) of rows not yet acknowledged by the ledger. Refusals (whose rows the ledger
-//! does not deduplicate) never go through the spool.
+//! deleted when the router died) are recorded once. What it can lose depends on
+//! `ledger.usage_spool_sync`:
+//!
+//! - on (the default): nothing, host crashes included. An answer is released only after an
+//!   `fdatasync` covering its row returned (`usage_spool/sync.rs`). One sync covers every row
+//!   appended while the previous one ran (group commit, like the ledger's commits), so under load
+//!   one sync serves many rows; a new segment's directory entry is synced before any row in it
+//!   counts as durable.
+//! - off: rows not yet written back to disk when the *host* crashes or loses power, at most the
+//!   last few seconds of the kernel's writeback (`vm.dirty_expire_centisecs`, 30 s by default) of
+//!   rows not yet acknowledged by the ledger.
+//!
+//! Refusals (whose rows the ledger does not deduplicate) never go through the spool.
 //!
 //! Layout: `LOCK` (held with `flock` while a router uses the directory, so two routers never share
 //! one) and segment files `usage-<n>.spool`, each a sequence of records
@@ -38,6 +47,9 @@ use tonic::Code;
 
 use crate::error::RouterError;
 use crate::ledger::{Calls, Op};
+
+mod sync;
+use sync::Durable;
 
 /// Rows per segment file: a restarted router re-sends at most this many acknowledged rows (the
 /// ledger ignores them), and a file is deleted this often.
@@ -78,6 +90,8 @@ struct Inner {
     shipped: Mutex<(u64, u64)>,
     /// Wakes the shipper after an append (shared with it, outside `Inner`).
     wake: Arc<Notify>,
+    /// With `usage_spool_sync`: what the syncer has made durable.
+    durable: Option<Durable>,
 }
 
 struct Writer {
@@ -89,6 +103,10 @@ struct Writer {
     /// A write failed part-way: the next append starts a new segment, so nothing follows the torn
     /// record.
     broken: bool,
+    /// Finished segments not yet synced, and whether the directory gained an entry since the last
+    /// sync (synced spools only; the syncer takes both).
+    retired: Vec<File>,
+    dir_dirty: bool,
 }
 
 fn segment_path(dir: &Path, seg: u64) -> PathBuf {
@@ -126,7 +144,8 @@ fn io_err(what: &str, dir: &Path, e: std::io::Error) -> RouterError {
 impl UsageSpool {
     /// Opens (creating) the spool directory, takes its lock, starts a new segment and the shipper
     /// (which first ships what an earlier process left). Must run inside a Tokio runtime.
-    pub(crate) fn open(dir: &Path, calls: Calls) -> Result<Self, RouterError> {
+    /// With `sync`, an append returns only once its row is on disk (see the module docs).
+    pub(crate) fn open(dir: &Path, calls: Calls, sync: bool) -> Result<Self, RouterError> {
         std::fs::create_dir_all(dir).map_err(|e| io_err("cannot create", dir, e))?;
         let lock = OpenOptions::new()
             .create(true)
@@ -149,6 +168,8 @@ impl UsageSpool {
                 "usage spool: shipping rows left by an earlier process");
         }
         let wake = Arc::new(Notify::new());
+        let durable = sync.then(Durable::new);
+        let kick = durable.as_ref().map(Durable::kick);
         let spool = UsageSpool {
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
@@ -159,11 +180,17 @@ impl UsageSpool {
                     rows: 0,
                     len: 0,
                     broken: false,
+                    retired: Vec::new(),
+                    dir_dirty: true,
                 }),
                 shipped: Mutex::new((first, 0)),
                 wake: wake.clone(),
+                durable,
             }),
         };
+        if let Some(kick) = kick {
+            tokio::spawn(sync::sync_forever(Arc::downgrade(&spool.inner), kick));
+        }
         tokio::spawn(ship_forever(
             Arc::downgrade(&spool.inner),
             wake,
@@ -173,8 +200,21 @@ impl UsageSpool {
         Ok(spool)
     }
 
-    /// Appends one row (one `write(2)`); once this returns `Ok` the row survives this process.
-    pub(crate) fn append(&self, usage: &Usage) -> Result<(), RouterError> {
+    /// Appends one row (one `write(2)`); once this returns `Ok` the row survives this process,
+    /// and with `usage_spool_sync` the host too.
+    pub(crate) async fn append(&self, usage: &Usage) -> Result<(), RouterError> {
+        let at = self.write(usage)?;
+        let Some(durable) = &self.inner.durable else {
+            return Ok(());
+        };
+        durable
+            .wait(at)
+            .await
+            .map_err(|e| io_err("cannot sync", &self.inner.dir, e))
+    }
+
+    /// Writes one record; returns the position just after it.
+    fn write(&self, usage: &Usage) -> Result<(u64, u64), RouterError> {
         let payload = usage.encode_to_vec();
         let len = u32::try_from(payload.len())
             .ok()
@@ -192,7 +232,11 @@ impl UsageSpool {
             .map_err(|_| RouterError::Internal("usage spool writer poisoned".into()))?;
         if w.broken || w.rows >= SEGMENT_ROWS {
             let seg = w.seg + 1;
-            w.file = create_segment(dir, seg)?;
+            let old = std::mem::replace(&mut w.file, create_segment(dir, seg)?);
+            if self.inner.durable.is_some() {
+                w.retired.push(old);
+                w.dir_dirty = true;
+            }
             w.seg = seg;
             w.rows = 0;
             w.len = 0;
@@ -204,9 +248,10 @@ impl UsageSpool {
         }
         w.rows += 1;
         w.len += record.len() as u64;
+        let at = (w.seg, w.len);
         drop(w);
         self.inner.wake.notify_one();
-        Ok(())
+        Ok(at)
     }
 
     /// Whether every row appended so far (and left by earlier processes) is acknowledged.
@@ -471,6 +516,76 @@ mod tests {
         // The writer's length bounds the read: nothing past it, and no torn flag.
         let r = read_rows(&path, 0, Some(whole), 10).expect("read");
         assert_eq!((r.rows.len(), r.end, r.torn), (3, whole, false));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A synced spool whose ledger is unreachable (the shipper only retries), in a fresh directory.
+    fn synced_spool(name: &str) -> (UsageSpool, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("spool-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let settings = crate::LedgerSettings {
+            url: "http://127.0.0.1:9".into(),
+            ..Default::default()
+        };
+        let calls = Calls::connect(&settings).expect("calls");
+        (UsageSpool::open(&dir, calls, true).expect("open"), dir)
+    }
+
+    fn synced_through(spool: &UsageSpool) -> (u64, u64) {
+        spool
+            .inner
+            .durable
+            .as_ref()
+            .expect("a synced spool")
+            .through()
+    }
+
+    #[tokio::test]
+    async fn a_synced_append_returns_after_the_sync_that_covers_its_row() {
+        let (spool, dir) = synced_spool("sync");
+        for i in 0..20 {
+            spool
+                .append(&usage(&format!("r{i}")))
+                .await
+                .expect("append");
+            // Alone, a row is the last one written: the sync must have reached the writer.
+            assert_eq!(synced_through(&spool), written(&spool.inner), "row {i}");
+        }
+        drop(spool);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_synced_appends_share_syncs_across_a_new_segment() {
+        let (spool, dir) = synced_spool("group");
+        let rows = SEGMENT_ROWS as usize + 500;
+        let appends = (0..rows).map(|i| {
+            let spool = spool.clone();
+            tokio::spawn(async move { spool.append(&usage(&format!("g{i}"))).await })
+        });
+        for a in futures::future::join_all(appends).await {
+            a.expect("task").expect("append");
+        }
+        let (seg, len) = written(&spool.inner);
+        assert_eq!(synced_through(&spool), (seg, len));
+        // The rows went into two segments, both read back whole.
+        let segs = segments(&dir).expect("list");
+        assert_eq!(segs.len(), 2, "{segs:?}");
+        let mut back = 0;
+        for s in segs {
+            let mut off = 0;
+            loop {
+                let r = read_rows(&segment_path(&dir, s), off, None, MAX_SHIP).expect("read");
+                assert!(!r.torn);
+                if r.rows.is_empty() {
+                    break;
+                }
+                back += r.rows.len();
+                off = r.end;
+            }
+        }
+        assert_eq!(back, rows);
+        drop(spool);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

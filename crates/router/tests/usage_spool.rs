@@ -1,7 +1,8 @@
 //! The router-local usage spool (issue 16, `ledger.usage_spool`): free answers are released after
 //! a local append, the rows reach the ledger in the background, once each; a router answers free
 //! requests while the ledger is unreachable and a later router on the same directory ships their
-//! rows; two routers never share a directory. (The kill -9 version with real processes is
+//! rows; two routers never share a directory. Synced (the default) and not synced alike; the sync
+//! itself is tested in `crates/router/src/usage_spool.rs`. (The kill -9 version with real processes is
 //! `syft-router bench spool`, tests/spool.rs at the workspace root.)
 
 use std::path::Path;
@@ -10,9 +11,11 @@ use std::time::Duration;
 use syft_router_svc::{Pricing, RouterService};
 use syft_testkit::*;
 
-fn spooled(dir: &Path) -> impl FnOnce(&mut syft_router_svc::RouterConfig) + '_ {
+/// A spool in `dir`, synced to disk (the default) or not.
+fn spooled(dir: &Path, sync: bool) -> impl FnOnce(&mut syft_router_svc::RouterConfig) + '_ {
     move |c| {
         c.ledger.usage_spool = Some(dir.to_path_buf());
+        c.ledger.usage_spool_sync = sync;
         c.shutdown_grace = Duration::from_secs(1);
     }
 }
@@ -37,9 +40,18 @@ async fn rows_once(s: &Stack, n: usize) -> Vec<(String, usize)> {
 
 #[tokio::test]
 async fn spooled_rows_reach_the_ledger_once_and_the_directory_is_locked() {
+    rows_reach_the_ledger_once(true).await;
+}
+
+#[tokio::test]
+async fn rows_spooled_without_sync_reach_the_ledger_once() {
+    rows_reach_the_ledger_once(false).await;
+}
+
+async fn rows_reach_the_ledger_once(sync: bool) {
     let dir = docs_dir(&[]); // an empty temporary directory
     let spool = dir.path().join("spool");
-    let s = Stack::start_tweaked(Pricing::free(), spooled(&spool)).await;
+    let s = Stack::start_tweaked(Pricing::free(), spooled(&spool, sync)).await;
     let mut c = s.client().await;
     for i in 0..20 {
         let mut req = s.request("hi");
@@ -73,7 +85,7 @@ async fn rows_spooled_while_the_ledger_is_unreachable_ship_from_the_next_router(
         format!("http://{}", l.local_addr().expect("addr"))
     };
     let mut config = s.router_config(Pricing::free());
-    spooled(&spool)(&mut config);
+    spooled(&spool, true)(&mut config);
     config.ledger.url = closed;
     let offline = RouterHandle::start(config).await;
     let mut c = offline.client().await;
@@ -91,7 +103,7 @@ async fn rows_spooled_while_the_ledger_is_unreachable_ship_from_the_next_router(
 
     // The next router on the directory reaches the ledger and ships the rows left.
     let mut config = s.router_config(Pricing::free());
-    spooled(&spool)(&mut config);
+    spooled(&spool, true)(&mut config);
     let _next = RouterHandle::start(config).await;
     let rows = rows_once(&s, 5).await;
     assert_eq!(

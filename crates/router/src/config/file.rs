@@ -198,6 +198,8 @@ struct RawLedger {
     hold_ttl_seconds: Option<i64>,
     /// Directory of the free usage rows' spool (`LedgerSettings::usage_spool`).
     usage_spool: Option<std::path::PathBuf>,
+    /// `LedgerSettings::usage_spool_sync` (default on).
+    usage_spool_sync: Option<bool>,
 }
 
 impl<N: NumberText> RawConfig<N> {
@@ -265,6 +267,9 @@ impl<N: NumberText> RawConfig<N> {
         set_ms(&mut ledger.connect_timeout, self.ledger.connect_timeout_ms);
         ledger.hold_ttl_seconds = self.ledger.hold_ttl_seconds;
         ledger.usage_spool = self.ledger.usage_spool;
+        if let Some(sync) = self.ledger.usage_spool_sync {
+            ledger.usage_spool_sync = sync;
+        }
         let config = RouterConfig {
             name: self.name,
             description: self.description,
@@ -438,8 +443,8 @@ mod tests {
             (
                 r#""ledger":{"hold_ttl":5}"#,
                 "invalid JSON config at ledger.hold_ttl: unknown field `hold_ttl`, expected one \
-                 of `url`, `timeout_ms`, `connect_timeout_ms`, `hold_ttl_seconds`, `usage_spool` \
-                 at line 1 column 62",
+                 of `url`, `timeout_ms`, `connect_timeout_ms`, `hold_ttl_seconds`, `usage_spool`, \
+                 `usage_spool_sync` at line 1 column 62",
             ),
             (
                 r#""modles":["m"]"#,
@@ -456,6 +461,29 @@ mod tests {
             r#"{{{base},"upstream":{{"kind":"openai","base_url":"http://h/v1","model_map":{{"any name":"x"}}}}}}"#
         ))
         .expect("model_map is open");
+    }
+
+    #[test]
+    fn a_usage_spool_is_synced_unless_told_otherwise() {
+        let base = r#""name":"r","owner_email":"o@x.org""#;
+        let c = RouterConfig::from_json_str(&format!("{{{base}}}")).expect("no spool");
+        assert_eq!(
+            (c.ledger.usage_spool, c.ledger.usage_spool_sync),
+            (None, true)
+        );
+        let c =
+            RouterConfig::from_json_str(&format!(r#"{{{base},"ledger":{{"usage_spool":"/s"}}}}"#))
+                .expect("spool");
+        assert_eq!(
+            c.ledger.usage_spool.as_deref(),
+            Some(std::path::Path::new("/s"))
+        );
+        assert!(c.ledger.usage_spool_sync);
+        let c = RouterConfig::from_json_str(&format!(
+            r#"{{{base},"ledger":{{"usage_spool":"/s","usage_spool_sync":false}}}}"#
+        ))
+        .expect("spool without sync");
+        assert!(!c.ledger.usage_spool_sync);
     }
 
     #[test]

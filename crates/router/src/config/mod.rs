@@ -208,6 +208,10 @@ pub struct LedgerSettings {
     /// ledger in the background. `None` (the default): a free answer waits until its row
     /// committed in the ledger.
     pub usage_spool: Option<std::path::PathBuf>,
+    /// With a spool: release a free answer only once its row is on disk (`fdatasync`, shared by
+    /// the rows appended meanwhile), so a host crash loses no row either. Off: once the row is in
+    /// the kernel (a router crash loses nothing, a power loss may lose the last seconds).
+    pub usage_spool_sync: bool,
 }
 
 impl LedgerSettings {
@@ -232,6 +236,7 @@ impl Default for LedgerSettings {
             hold_ttl_seconds: None,
             tls: None,
             usage_spool: None,
+            usage_spool_sync: true,
         }
     }
 }

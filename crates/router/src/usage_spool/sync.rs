@@ -1,0 +1,132 @@
+//! The group `fdatasync` of a synced usage spool (`ledger.usage_spool_sync`, the default): an
+//! append returns only once a sync that covers its row returned, and one sync serves every row
+//! appended while the previous one ran, like a database's group commit.
+
+use std::fs::File;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+
+use super::{written, Inner};
+
+/// The group `fdatasync` of a synced spool: appenders wait on `synced`, the syncer task
+/// ([`sync_forever`]) publishes it.
+pub(super) struct Durable {
+    synced: watch::Sender<Synced>,
+    /// Wakes the syncer after an append (shared with it, outside `Inner`).
+    kick: Arc<Notify>,
+}
+
+/// Positions are (segment, bytes of whole records), compared in that order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Synced {
+    /// Every record up to here is on disk.
+    through: (u64, u64),
+    /// A sync up to here failed: its rows may be lost whatever later syncs report (the kernel may
+    /// have dropped the dirty pages), so their appends fail and their rows go the waiting way.
+    failed_through: Option<(u64, u64)>,
+}
+
+impl Durable {
+    pub(super) fn new() -> Self {
+        Durable {
+            synced: watch::Sender::new(Synced::default()),
+            kick: Arc::new(Notify::new()),
+        }
+    }
+
+    /// The syncer's wake-up, for [`sync_forever`].
+    pub(super) fn kick(&self) -> Arc<Notify> {
+        self.kick.clone()
+    }
+
+    /// Waits until the record ending at `at` is on disk; an error when the sync that covered it
+    /// failed (or the spool closed).
+    pub(super) async fn wait(&self, at: (u64, u64)) -> std::io::Result<()> {
+        self.kick.notify_one();
+        let mut synced = self.synced.subscribe();
+        let seen = *synced
+            .wait_for(|s| s.through >= at || s.failed_through.is_some_and(|f| f >= at))
+            .await
+            .map_err(|_| std::io::Error::other("usage spool closed"))?;
+        // A failure covering the row wins over a later success (see `Synced`).
+        if seen.failed_through.is_some_and(|f| f >= at) {
+            return Err(std::io::Error::other("fdatasync failed"));
+        }
+        Ok(())
+    }
+
+    /// Where every record is on disk, for tests.
+    #[cfg(test)]
+    pub(super) fn through(&self) -> (u64, u64) {
+        self.synced.borrow().through
+    }
+}
+
+/// The syncer of a synced spool: each round makes everything written so far durable with one
+/// `fdatasync` of the current segment (after the segments finished since the last round, and the
+/// directory when it gained an entry), then publishes the position. Appends made while a round
+/// runs wait for the next one, which they all share. Runs until the spool is dropped.
+pub(super) async fn sync_forever(spool: Weak<Inner>, kick: Arc<Notify>) {
+    loop {
+        // The timeout lets the syncer notice a dropped spool.
+        if tokio::time::timeout(Duration::from_secs(1), kick.notified())
+            .await
+            .is_err()
+        {
+            if spool.strong_count() == 0 {
+                return;
+            }
+            continue;
+        }
+        let Some(inner) = spool.upgrade() else { return };
+        let round = {
+            let Ok(mut w) = inner.writer.lock() else {
+                return;
+            };
+            let dir = std::mem::take(&mut w.dir_dirty).then(|| inner.dir.clone());
+            let retired = std::mem::take(&mut w.retired);
+            w.file
+                .try_clone()
+                .map(|file| (w.seg, w.len, file, retired, dir))
+        };
+        let result = match round {
+            Ok((seg, len, file, retired, dir)) => {
+                tokio::task::spawn_blocking(move || -> std::io::Result<(u64, u64)> {
+                    for f in retired.iter().chain(std::iter::once(&file)) {
+                        f.sync_data()?;
+                    }
+                    if let Some(dir) = dir {
+                        File::open(dir)?.sync_all()?;
+                    }
+                    Ok((seg, len))
+                })
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+                .map_err(|e| (e, (seg, len)))
+            }
+            Err(e) => Err((e, written(&inner))),
+        };
+        let Some(durable) = &inner.durable else {
+            return;
+        };
+        match result {
+            Ok(at) => durable
+                .synced
+                .send_modify(|s| s.through = s.through.max(at)),
+            Err((e, at)) => {
+                tracing::error!(dir = %inner.dir.display(), error = %e,
+                    "usage spool: fdatasync failed; these rows are sent the waiting way");
+                // Nothing more is appended after rows that may be lost: a new segment starts.
+                if let Ok(mut w) = inner.writer.lock() {
+                    w.broken = true;
+                    w.dir_dirty = true;
+                }
+                durable
+                    .synced
+                    .send_modify(|s| s.failed_through = s.failed_through.max(Some(at)));
+            }
+        }
+    }
+}
