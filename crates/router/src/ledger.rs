@@ -356,7 +356,8 @@ impl Ledger {
         if let (Some(spool), false) = (&self.spool, refusal) {
             match spool.append(&usage).await {
                 Ok(()) => return Ok(()),
-                // Full disk or the like: this row goes the waiting way instead.
+                // Full disk, a failed flush or the like: this row goes the waiting way instead
+                // (the ledger records a row it gets from both ways once).
                 Err(e) => {
                     tracing::warn!(error = %e, "usage spool: append failed, sending directly")
                 }
