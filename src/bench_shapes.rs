@@ -2,8 +2,8 @@
 //! `--duration`, then the ratios the issue sets as targets:
 //!
 //! - paid, by payer count (`--payers`, 1 and 64): one busy payer must not be serialised;
-//! - free service with the ledger (a usage row per request) and with no ledger reachable: the
-//!   usage row's cost;
+//! - free service with the ledger (a usage row per request), with a usage spool (synced to disk
+//!   and not) and with no ledger reachable: the usage row's cost;
 //! - paid and free with one client: the latency a paid request adds.
 
 use std::sync::atomic::{AtomicU64, Ordering};
