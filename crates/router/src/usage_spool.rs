@@ -555,6 +555,47 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    #[tokio::test]
+    async fn a_failed_sync_fails_its_rows_for_good_and_the_spool_moves_to_a_new_segment() {
+        let (spool, dir) = synced_spool("fail");
+        let durable = spool.inner.durable.as_ref().expect("a synced spool");
+        spool.append(&usage("before")).await.expect("a synced row");
+        let first = written(&spool.inner).0;
+
+        durable
+            .fail_next
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let lost = spool.write(&usage("lost")).expect("written");
+        let err = durable.wait(lost).await.expect_err("its sync failed");
+        assert!(err.to_string().contains("fdatasync failed"), "{err}");
+
+        // The next row starts a new segment and syncs; the failed row's position stays failed
+        // although a later sync now reaches past it (the kernel may have dropped its pages).
+        spool.append(&usage("after")).await.expect("a synced row");
+        assert_eq!(written(&spool.inner).0, first + 1);
+        assert!(synced_through(&spool) > lost);
+        durable
+            .wait(lost)
+            .await
+            .expect_err("a failure wins over a later success");
+        // Both segments still hold their rows for the shipper (the ledger records each once).
+        let rows = |seg| {
+            read_rows(&segment_path(&dir, seg), 0, None, 10)
+                .expect("read")
+                .rows
+        };
+        let ids = |seg| {
+            rows(seg)
+                .into_iter()
+                .map(|u| u.request_id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids(first), ["before", "lost"]);
+        assert_eq!(ids(first + 1), ["after"]);
+        drop(spool);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_synced_appends_share_syncs_across_a_new_segment() {
         let (spool, dir) = synced_spool("group");

@@ -16,6 +16,10 @@ pub(super) struct Durable {
     synced: watch::Sender<Synced>,
     /// Wakes the syncer after an append (shared with it, outside `Inner`).
     kick: Arc<Notify>,
+    /// Tests: the next round fails as a failed `fdatasync` would (a disk fault cannot be made
+    /// on demand).
+    #[cfg(test)]
+    pub(super) fail_next: std::sync::atomic::AtomicBool,
 }
 
 /// Positions are (segment, bytes of whole records), compared in that order.
@@ -33,6 +37,8 @@ impl Durable {
         Durable {
             synced: watch::Sender::new(Synced::default()),
             kick: Arc::new(Notify::new()),
+            #[cfg(test)]
+            fail_next: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -110,6 +116,14 @@ pub(super) async fn sync_forever(spool: Weak<Inner>, kick: Arc<Notify>) {
         };
         let Some(durable) = &inner.durable else {
             return;
+        };
+        #[cfg(test)]
+        let result = match durable
+            .fail_next
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            true => result.and_then(|at| Err((std::io::Error::other("injected fault"), at))),
+            false => result,
         };
         match result {
             Ok(at) => durable
