@@ -89,6 +89,12 @@ pub(super) async fn sync_forever(spool: Weak<Inner>, kick: Arc<Notify>) {
         let Some(inner) = spool.upgrade() else { return };
         let round = {
             let Ok(mut w) = inner.writer.lock() else {
+                // A writer that panicked appends nothing more: fail whoever still waits.
+                if let Some(durable) = &inner.durable {
+                    durable
+                        .synced
+                        .send_modify(|s| s.failed_through = Some((u64::MAX, u64::MAX)));
+                }
                 return;
             };
             let dir = std::mem::take(&mut w.dir_dirty).then(|| inner.dir.clone());
