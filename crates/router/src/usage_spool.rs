@@ -147,6 +147,17 @@ impl UsageSpool {
     /// With `sync`, an append returns only once its row is on disk (see the module docs).
     pub(crate) fn open(dir: &Path, calls: Calls, sync: bool) -> Result<Self, RouterError> {
         std::fs::create_dir_all(dir).map_err(|e| io_err("cannot create", dir, e))?;
+        if sync {
+            // The directory may be new: its own entry must survive a host crash too (the syncer
+            // flushes the directory's entries, its parent holds the directory's).
+            let parent = dir
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            File::open(parent)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| io_err("cannot sync its parent directory", dir, e))?;
+        }
         let lock = OpenOptions::new()
             .create(true)
             .truncate(false)
