@@ -95,7 +95,7 @@ pub struct ServeArgs {
     /// Longest hold a caller may request.
     #[arg(long, env = "SYFT_LEDGER_MAX_HOLD_TTL", default_value = "24h", value_parser = super::parse_duration)]
     pub max_hold_ttl: Duration,
-    /// How often expired holds are cancelled and hot-account credits rolled up.
+    /// How often expired holds are cancelled and expired answers purged.
     #[arg(long, env = "SYFT_LEDGER_SWEEP_INTERVAL", default_value = "1s", value_parser = super::parse_duration)]
     pub sweep_interval: Duration,
     /// Currency of new accounts.

@@ -5,13 +5,13 @@ use std::sync::Arc;
 use base64::Engine;
 
 use crate::error::{LedgerError, Result};
-use crate::store::{sha256_hex, AccountRow, Store};
+use crate::store::{sha256_hex, Identity, Store};
 
 #[derive(Debug, Clone)]
 pub enum Caller {
     Admin,
-    /// Identity only: the row comes from a cache and its balance may be stale.
-    Account(Arc<AccountRow>),
+    /// Who the account is; read its balance fresh when needed.
+    Account(Arc<Identity>),
 }
 
 impl Caller {
@@ -19,7 +19,7 @@ impl Caller {
         matches!(self, Caller::Admin)
     }
 
-    pub fn account(&self) -> Result<&AccountRow> {
+    pub fn account(&self) -> Result<&Identity> {
         match self {
             Caller::Account(a) => Ok(a),
             Caller::Admin => Err(LedgerError::PermissionDenied(
@@ -69,7 +69,7 @@ pub async fn authenticate(store: &Store, admin_key: &str, header: Option<&str>) 
             return Err(bad());
         }
         return store
-            .account_by_secret_hash(&sha256_hex(secret))
+            .identity_by_secret_hash(&sha256_hex(secret))
             .await?
             .map(Caller::Account)
             .ok_or_else(bad);
@@ -82,17 +82,13 @@ pub async fn authenticate(store: &Store, admin_key: &str, header: Option<&str>) 
             .ok_or_else(bad)?;
         let (email, secret) = decoded.split_once(':').ok_or_else(bad)?;
         let email = email.trim().to_ascii_lowercase();
-        let Some((_, stored)) = store.secret_hash_of(&email).await? else {
+        let Some((identity, stored)) = store.identity_and_secret_hash(&email).await? else {
             return Err(bad());
         };
         if !constant_time_eq(stored.as_bytes(), sha256_hex(secret).as_bytes()) {
             return Err(bad());
         }
-        return store
-            .account_by_email(&email)
-            .await?
-            .map(|a| Caller::Account(Arc::new(a)))
-            .ok_or_else(bad);
+        return Ok(Caller::Account(Arc::new(identity)));
     }
     Err(LedgerError::Unauthenticated(
         "unsupported authorization scheme: use Bearer or Basic".into(),

@@ -273,7 +273,7 @@ impl TransferBackend for LocalBackend {
     async fn secret_hash(&self, email: &str) -> Result<Option<String>> {
         Ok(self
             .store
-            .secret_hash_of(email)
+            .identity_and_secret_hash(email)
             .await?
             .map(|(_, hash)| hash))
     }

@@ -50,7 +50,7 @@ pub struct LedgerConfig {
     pub hold_ttl: Duration,
     /// Longest hold a caller may ask for.
     pub max_hold_ttl: Duration,
-    /// How often expired holds are swept and hot-account credits rolled up.
+    /// How often expired holds are swept and expired answers purged.
     pub sweep_interval: Duration,
     /// Currency of new accounts.
     pub currency: String,
@@ -243,9 +243,6 @@ pub async fn run_sweeper(store: Arc<Store>, every: Duration) {
             Ok(0) => {}
             Ok(purged) => tracing::debug!(purged, "expired answers deleted"),
             Err(e) => tracing::warn!(error = %e, "answer purge failed"),
-        }
-        if let Err(e) = store.roll_up_all().await {
-            tracing::warn!(error = %e, "credit roll-up failed");
         }
     }
 }

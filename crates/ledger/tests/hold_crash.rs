@@ -254,7 +254,7 @@ async fn holds_lost_in_a_postgres_crash_are_never_charged() {
         .expect("deposit");
     let token = store
         .issue_token(&TokenGrant {
-            sender: &alice,
+            sender: &alice.identity(),
             recipient: &owner,
             expires_at: None,
             spend_limit: None,

@@ -25,7 +25,7 @@ async fn capture_after_expiry_is_refused(db: Db) {
         .await
         .expect("deposit");
     let grant = TokenGrant {
-        sender: &alice,
+        sender: &alice.identity(),
         recipient: &owner,
         expires_at: None,
         spend_limit: None,

@@ -93,3 +93,82 @@ async fn two_ledgers_on_one_postgres_share_one_truth() {
     second.stop().await;
     h.finish().await;
 }
+
+/// A capture credits its recipient in its own batch, so a batch locks its recipients' rows as well
+/// as its senders'. Three accounts pay each other in a ring (a → b → c → a) through two ledgers
+/// with three batch workers each, so resolution batches on six connections lock overlapping
+/// accounts at once, each account both as a sender and as a recipient. Every capture lands once,
+/// each account ends where the ring says, and the ledger verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_ring_of_payers_captured_through_concurrent_batches_moves_exact_money() {
+    let Some(h) = Harness::new(true).await else {
+        return;
+    };
+    let mut config = h.config.clone();
+    config.batch_workers = 3;
+    let (one, two) = (
+        LedgerServer::start(config.clone()).await,
+        LedgerServer::start(config).await,
+    );
+    let names = ["a@ring.example", "b@ring.example", "c@ring.example"];
+    let mut secrets = Vec::new();
+    for name in names {
+        secrets.push(h.account(name, 100 * USD).await);
+    }
+    // Payee i charges payer (i + 2) % 3: b charges a, c charges b, a charges c.
+    let mut jobs = Vec::new();
+    for (payee, secret) in secrets.iter().enumerate() {
+        let payer = (payee + 2) % 3;
+        let token = h.token(&secrets[payer], names[payee]).await;
+        for server in [&one, &two] {
+            jobs.push((
+                connect_lazy(&server.url, secret).unwrap(),
+                names[payer],
+                token.clone(),
+            ));
+        }
+    }
+    const PER_JOB: usize = 15;
+    let mut tasks = Vec::new();
+    for (n, (client, payer, token)) in jobs.into_iter().enumerate() {
+        for i in 0..PER_JOB {
+            let mut client = client.clone();
+            let req = pb::AuthorizeRequest {
+                sender_email: payer.into(),
+                amount_micros: USD,
+                token: token.clone(),
+                app_name: "ring".into(),
+                app_ep_path: "/pay".into(),
+                idempotency_key: format!("{n}-{i}"),
+                ..Default::default()
+            };
+            tasks.push(tokio::spawn(async move {
+                let hold = client.authorize(req).await?.into_inner();
+                let capture = pb::CaptureRequest {
+                    transfer_id: hold.id,
+                    amount: Some(pb::capture_request::Amount::AmountMicros(USD / 4 * 3)),
+                    ..Default::default()
+                };
+                client.capture(capture).await.map(|r| r.into_inner())
+            }));
+        }
+    }
+    for task in tasks {
+        let captured = task.await.unwrap().expect("authorize and capture");
+        assert_eq!(captured.captured_micros, USD / 4 * 3);
+    }
+    // Each account paid 2 × 15 captures and received as many: back where it started.
+    for name in names {
+        let account = h.balance(name).await;
+        assert_eq!(
+            (account.balance_micros, account.held_micros),
+            (100 * USD, 0)
+        );
+    }
+    let report = h.store.verify().await.unwrap();
+    assert!(report.is_ok(), "{:#?}", report.problems);
+    assert_eq!(report.transfers, 3 * 2 * PER_JOB as i64);
+    one.stop().await;
+    two.stop().await;
+    h.finish().await;
+}

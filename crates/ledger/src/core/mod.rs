@@ -13,8 +13,8 @@ use crate::domain::{Micros, TransferStatus};
 use crate::error::{LedgerError, Result};
 use crate::money::check_positive;
 use crate::store::{
-    now_micros, sha256_hex, AccountRow, HoldBudgets, IssuedToken, Keyset, Store, TimeRange,
-    TokenGrant, UsageDims, UsageFilter, UsageInput, UsagePage, UsageRow,
+    now_micros, sha256_hex, AccountRow, HoldBudgets, Identity, IssuedToken, Keyset, Store,
+    TimeRange, TokenGrant, UsageDims, UsageFilter, UsageInput, UsagePage, UsageRow,
 };
 use crate::validate::{self, MAX_KEY, MAX_NAME, MAX_PATH};
 use crate::LedgerConfig;
@@ -511,7 +511,7 @@ fn check_secret(field: &str, secret: &str) -> Result<()> {
     Ok(())
 }
 
-fn same_currency(sender: &AccountRow, recipient: &AccountRow) -> Result<()> {
+fn same_currency(sender: &Identity, recipient: &AccountRow) -> Result<()> {
     if recipient.currency != sender.currency {
         return Err(LedgerError::FailedPrecondition(format!(
             "currencies differ: {} pays in {}, {} is paid in {}",

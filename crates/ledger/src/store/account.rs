@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{
-    insert_bounded, new_id, now_micros, read_lock, retry_transient, write_lock, AccountRow, Store,
-    ACCOUNT_COLUMNS, SECRET_CACHE_TTL,
+    insert_bounded, new_id, now_micros, read_lock, retry_transient, write_lock, AccountRow,
+    Identity, Store, ACCOUNT_COLUMNS, SECRET_CACHE_TTL,
 };
 use crate::error::{is_unique_violation, LedgerError, Result};
 use syft_error::Reason;
@@ -128,45 +128,67 @@ impl Store {
     }
 
     /// Looks up the one account owning a secret hash (Bearer auth); cached so verification stays
-    /// off the hot path. Only identity fields of the cached row may be used: its balance is stale.
-    /// Two accounts that chose the same password cannot use Bearer auth (they must use Basic).
-    pub async fn account_by_secret_hash(
+    /// off the hot path. Two accounts that chose the same password cannot use Bearer auth (they
+    /// must use Basic).
+    pub async fn identity_by_secret_hash(
         &self,
         secret_hash: &str,
-    ) -> Result<Option<Arc<AccountRow>>> {
-        if let Some((account, at)) = read_lock(&self.secrets).get(secret_hash) {
+    ) -> Result<Option<Arc<Identity>>> {
+        if let Some((identity, at)) = read_lock(&self.secrets).get(secret_hash) {
             if at.elapsed() < SECRET_CACHE_TTL {
-                return Ok(Some(account.clone()));
+                return Ok(Some(identity.clone()));
             }
         }
-        let sql =
-            format!("SELECT {ACCOUNT_COLUMNS} FROM accounts a WHERE a.secret_hash = $1 LIMIT 2");
-        let mut rows: Vec<AccountRow> = sqlx::query_as(&sql)
-            .bind(secret_hash)
-            .fetch_all(&self.pool)
-            .await?;
+        // Identity columns only: every request of a router arrives here at once when its entry
+        // expires, and the balance of a busy recipient would read all its unrolled credits.
+        let mut rows: Vec<Identity> = sqlx::query_as(
+            "SELECT id, email, currency FROM accounts WHERE secret_hash = $1 LIMIT 2",
+        )
+        .bind(secret_hash)
+        .fetch_all(&self.pool)
+        .await?;
         if rows.len() != 1 {
             return Ok(None);
         }
-        let Some(account) = rows.pop().map(Arc::new) else {
+        let Some(identity) = rows.pop().map(Arc::new) else {
             return Ok(None);
         };
         insert_bounded(
             &self.secrets,
             secret_hash.to_string(),
-            (account.clone(), Instant::now()),
+            (identity.clone(), Instant::now()),
         );
-        Ok(Some(account))
+        Ok(Some(identity))
     }
 
-    /// The secret hash stored for an account (Basic auth).
-    pub async fn secret_hash_of(&self, email: &str) -> Result<Option<(i64, String)>> {
+    /// An account's identity by email (a dashboard session's account).
+    pub async fn identity_by_email(&self, email: &str) -> Result<Option<Identity>> {
         Ok(
-            sqlx::query_as("SELECT id, secret_hash FROM accounts WHERE email = $1")
+            sqlx::query_as("SELECT id, email, currency FROM accounts WHERE email = $1")
                 .bind(email)
                 .fetch_optional(&self.pool)
                 .await?,
         )
+    }
+
+    /// An account's identity and stored secret hash (Basic auth), in one read.
+    pub async fn identity_and_secret_hash(
+        &self,
+        email: &str,
+    ) -> Result<Option<(Identity, String)>> {
+        #[derive(sqlx::FromRow)]
+        struct WithHash {
+            #[sqlx(flatten)]
+            identity: Identity,
+            secret_hash: String,
+        }
+        let row: Option<WithHash> = sqlx::query_as(
+            "SELECT id, email, currency, secret_hash FROM accounts WHERE email = $1",
+        )
+        .bind(email)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| (r.identity, r.secret_hash)))
     }
 
     /// Credits an account from the SYSTEM side. Replaying the key with the same email and amount
@@ -213,8 +235,8 @@ impl Store {
                 return Ok(DepositOutcome::Overflow);
             }
             sqlx::query(
-                "INSERT INTO journal (account_id, amount, kind, ref_id, rolled_up, created_at) \
-                 VALUES (NULL, $1, 'deposit', $2, TRUE, $3), ($4, $5, 'deposit', $2, TRUE, $3)",
+                "INSERT INTO journal (account_id, amount, kind, ref_id, created_at) \
+                 VALUES (NULL, $1, 'deposit', $2, $3), ($4, $5, 'deposit', $2, $3)",
             )
             .bind(-amount)
             .bind(&deposit_id)

@@ -122,62 +122,51 @@ impl Store {
             return self.fail_authorize(input, &request_hash, err).await;
         }
 
-        let mut rolled_up = false;
-        loop {
-            let now = now_micros();
-            let outcome =
-                retry_transient(|| self.try_authorize(input, &token, &request_hash, now)).await?;
-            match outcome {
-                AuthorizeOutcome::Created(row) => {
-                    *created = true;
-                    return Ok(*row);
+        let now = now_micros();
+        let outcome =
+            retry_transient(|| self.try_authorize(input, &token, &request_hash, now)).await?;
+        match outcome {
+            AuthorizeOutcome::Created(row) => {
+                *created = true;
+                Ok(*row)
+            }
+            AuthorizeOutcome::BudgetExceeded(refusal) => {
+                if let Some(replayed) = self.replay_authorize(input, &request_hash).await? {
+                    return replayed;
                 }
-                AuthorizeOutcome::BudgetExceeded(refusal) => {
-                    if let Some(replayed) = self.replay_authorize(input, &request_hash).await? {
-                        return replayed;
-                    }
-                    // Not recorded as the key's outcome: the same request may be retried once
-                    // the window has room again (a refusal moved no money).
-                    return Err(refusal.into_error(now));
+                // Not recorded as the key's outcome: the same request may be retried once
+                // the window has room again (a refusal moved no money).
+                Err(refusal.into_error(now))
+            }
+            AuthorizeOutcome::DuplicateKey => {
+                if let Some(replayed) = self.replay_authorize(input, &request_hash).await? {
+                    return replayed;
                 }
-                AuthorizeOutcome::DuplicateKey => {
-                    if let Some(replayed) = self.replay_authorize(input, &request_hash).await? {
-                        return replayed;
-                    }
-                    return Err(LedgerError::Unavailable(
-                        "concurrent authorization, retry".into(),
-                    ));
+                Err(LedgerError::Unavailable(
+                    "concurrent authorization, retry".into(),
+                ))
+            }
+            AuthorizeOutcome::TokenRejected => {
+                if let Some(replayed) = self.replay_authorize(input, &request_hash).await? {
+                    return replayed;
                 }
-                AuthorizeOutcome::TokenRejected => {
-                    if let Some(replayed) = self.replay_authorize(input, &request_hash).await? {
-                        return replayed;
-                    }
-                    let reason = self
-                        .token_rejection(&token.id, Micros::new(input.amount), now)
-                        .await?
-                        .unwrap_or_else(|| {
-                            LedgerError::refused(Reason::TokenInvalid, "token cannot be used")
-                        });
-                    return self.fail_authorize(input, &request_hash, reason).await;
+                let reason = self
+                    .token_rejection(&token.id, Micros::new(input.amount), now)
+                    .await?
+                    .unwrap_or_else(|| {
+                        LedgerError::refused(Reason::TokenInvalid, "token cannot be used")
+                    });
+                self.fail_authorize(input, &request_hash, reason).await
+            }
+            AuthorizeOutcome::InsufficientFunds => {
+                if let Some(replayed) = self.replay_authorize(input, &request_hash).await? {
+                    return replayed;
                 }
-                AuthorizeOutcome::InsufficientFunds => {
-                    if let Some(replayed) = self.replay_authorize(input, &request_hash).await? {
-                        return replayed;
-                    }
-                    // Credits from captures may still sit in the journal; fold them in once and
-                    // retry. Retry even when this roll-up found nothing: the sweeper may have
-                    // folded them in since the check above.
-                    if !rolled_up {
-                        self.roll_up(token.sender_id).await?;
-                        rolled_up = true;
-                        continue;
-                    }
-                    let err = LedgerError::refused(
-                        Reason::InsufficientFunds,
-                        format!("insufficient funds: {} micros requested", input.amount),
-                    );
-                    return self.fail_authorize(input, &request_hash, err).await;
-                }
+                let err = LedgerError::refused(
+                    Reason::InsufficientFunds,
+                    format!("insufficient funds: {} micros requested", input.amount),
+                );
+                self.fail_authorize(input, &request_hash, err).await
             }
         }
     }
@@ -332,78 +321,64 @@ impl Store {
             return replayed;
         }
         let id = new_id();
-        let mut rolled_up = false;
-        loop {
-            let now = now_micros();
-            let placed = retry_transient(|| async {
-                let mut tx = self.pool().begin().await?;
-                let currency: Option<String> = sqlx::query_scalar(
-                    "UPDATE accounts SET held = held + $1 WHERE id = $2 AND balance - held >= $1 \
-                     RETURNING currency",
-                )
-                .bind(input.amount)
-                .bind(input.sender_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-                let Some(currency) = currency else {
-                    return Ok(Some(false));
-                };
-                let inserted = sqlx::query(
-                    "INSERT INTO transfers (id, sender_id, recipient_id, token_id, amount, currency, \
-                     status, created_by, app_name, app_ep_path, idempotency_key, request_hash, \
-                     created_at, expires_at) \
-                     VALUES ($1, $2, $3, NULL, $4, $5, 'PENDING', 'SENDER', $6, $7, $8, $9, $10, $11)",
-                )
-                .bind(&id)
-                .bind(input.sender_id)
-                .bind(input.recipient_id)
-                .bind(input.amount)
-                .bind(&currency)
-                .bind(input.app_name)
-                .bind(input.app_ep_path)
-                .bind(&key)
-                .bind(&request_hash)
-                .bind(now)
-                .bind(now.saturating_add(input.ttl_micros))
-                .execute(&mut *tx)
-                .await;
-                match inserted {
-                    Ok(_) => {}
-                    // A concurrent request with the same key won; the hold rolls back with `tx`.
-                    Err(e) if is_unique_violation(&e) => return Ok(None),
-                    Err(e) => return Err(e),
-                }
-                tx.commit().await?;
-                Ok(Some(true))
-            })
+        let now = now_micros();
+        let placed = retry_transient(|| async {
+            let mut tx = self.pool().begin().await?;
+            let currency: Option<String> = sqlx::query_scalar(
+                "UPDATE accounts SET held = held + $1 WHERE id = $2 AND balance - held >= $1 \
+                 RETURNING currency",
+            )
+            .bind(input.amount)
+            .bind(input.sender_id)
+            .fetch_optional(&mut *tx)
             .await?;
-            match placed {
-                Some(true) => {
-                    return self
-                        .transfer_by_id(&id)
-                        .await?
-                        .ok_or_else(|| LedgerError::Internal("transfer vanished".into()))
-                }
-                None => {
-                    return match self.replay_direct(input, &key, &request_hash).await? {
-                        Some(replayed) => replayed,
-                        None => Err(LedgerError::Unavailable(
-                            "concurrent transfer, retry".into(),
-                        )),
-                    }
-                }
-                Some(false) => {}
+            let Some(currency) = currency else {
+                return Ok(Some(false));
+            };
+            let inserted = sqlx::query(
+                "INSERT INTO transfers (id, sender_id, recipient_id, token_id, amount, currency, \
+                 status, created_by, app_name, app_ep_path, idempotency_key, request_hash, \
+                 created_at, expires_at) \
+                 VALUES ($1, $2, $3, NULL, $4, $5, 'PENDING', 'SENDER', $6, $7, $8, $9, $10, $11)",
+            )
+            .bind(&id)
+            .bind(input.sender_id)
+            .bind(input.recipient_id)
+            .bind(input.amount)
+            .bind(&currency)
+            .bind(input.app_name)
+            .bind(input.app_ep_path)
+            .bind(&key)
+            .bind(&request_hash)
+            .bind(now)
+            .bind(now.saturating_add(input.ttl_micros))
+            .execute(&mut *tx)
+            .await;
+            match inserted {
+                Ok(_) => {}
+                // A concurrent request with the same key won; the hold rolls back with `tx`.
+                Err(e) if is_unique_violation(&e) => return Ok(None),
+                Err(e) => return Err(e),
             }
-            // As in `authorize`: retry once after a roll-up, whoever did it.
-            if !rolled_up {
-                self.roll_up(input.sender_id).await?;
-                rolled_up = true;
-                continue;
-            }
-            return Err(LedgerError::refused(
+            tx.commit().await?;
+            Ok(Some(true))
+        })
+        .await?;
+        match placed {
+            Some(true) => self
+                .transfer_by_id(&id)
+                .await?
+                .ok_or_else(|| LedgerError::Internal("transfer vanished".into())),
+            None => match self.replay_direct(input, &key, &request_hash).await? {
+                Some(replayed) => replayed,
+                None => Err(LedgerError::Unavailable(
+                    "concurrent transfer, retry".into(),
+                )),
+            },
+            Some(false) => Err(LedgerError::refused(
                 Reason::InsufficientFunds,
                 format!("insufficient funds: {} micros requested", input.amount),
-            ));
+            )),
         }
     }
 

@@ -465,8 +465,12 @@ SELECT i.in_n, i.in_n IN (SELECT in_n FROM token_ok) AS token_ok,
     i.in_n IN (SELECT in_n FROM alone_ok) AS alone_ok
 FROM input i";
 
-/// Captures and voids a batch. Sender and token updates are aggregated so several resolutions for
-/// one sender in a batch move the right totals. A capture's answer (`in_answer`) is inserted by the
+/// Captures and voids a batch. Account and token updates are aggregated so several resolutions for
+/// one sender or one recipient in a batch move the right totals. The recipient is credited here,
+/// once per batch: its row lock is held from that update to the commit, so a busy recipient's
+/// batches take turns, and each turn carries every capture that arrived meanwhile. Recipients are
+/// locked `FOR NO KEY UPDATE`, which leaves the key-share locks of concurrent inserts that point at
+/// them (holds, usage rows) free to proceed. A capture's answer (`in_answer`) is inserted by the
 /// same statement, so it commits exactly with its capture. Data-modifying CTEs always run to completion, so the
 /// final SELECT reads only what the caller needs. The `lock_*` steps take row locks in a global order
 /// (transfers, tokens, accounts; each by id) before anything is modified. A transfer is locked
@@ -493,7 +497,7 @@ WITH input AS (
         in_answer_expires bigint)
 ), lock_transfers AS (
     SELECT l.* FROM (SELECT DISTINCT in_id FROM input ORDER BY in_id) i
-    CROSS JOIN LATERAL (SELECT id, sender_id, token_id, status FROM transfers
+    CROSS JOIN LATERAL (SELECT id, sender_id, recipient_id, token_id, status FROM transfers
                         WHERE id = i.in_id FOR UPDATE) l
     WHERE l.{UNRESOLVED}
 ), lock_tokens AS (
@@ -501,9 +505,10 @@ WITH input AS (
                      WHERE token_id IS NOT NULL ORDER BY token_id) x
     CROSS JOIN LATERAL (SELECT id FROM tokens WHERE id = x.token_id FOR UPDATE) k
 ), lock_accounts AS (
-    SELECT a.* FROM (SELECT DISTINCT sender_id FROM lock_transfers
-                     WHERE (SELECT COUNT(*) FROM lock_tokens) >= 0 ORDER BY sender_id) x
-    CROSS JOIN LATERAL (SELECT id FROM accounts WHERE id = x.sender_id FOR UPDATE) a
+    SELECT a.* FROM (SELECT id FROM (SELECT sender_id AS id FROM lock_transfers
+                                     UNION SELECT recipient_id FROM lock_transfers) p
+                     WHERE (SELECT COUNT(*) FROM lock_tokens) >= 0 ORDER BY id) x
+    CROSS JOIN LATERAL (SELECT id FROM accounts WHERE id = x.id FOR NO KEY UPDATE) a
 ), t AS (
     UPDATE transfers t SET status = i.in_status,
         captured = CASE WHEN i.in_captured < 0 THEN t.amount ELSE i.in_captured END,
@@ -523,16 +528,19 @@ WITH input AS (
     WHERE k.id = x.token_id
     RETURNING k.id
 ), s AS (
-    UPDATE accounts a SET balance = a.balance - x.captured, held = a.held - x.amount
-    FROM (SELECT sender_id, CAST(SUM(amount) AS BIGINT) AS amount, CAST(SUM(captured) AS BIGINT) AS captured
-          FROM t GROUP BY sender_id) x
-    WHERE a.id = x.sender_id
+    UPDATE accounts a SET balance = a.balance + x.credit, held = a.held - x.released
+    FROM (SELECT id, CAST(SUM(credit) AS BIGINT) AS credit, CAST(SUM(released) AS BIGINT) AS released
+          FROM (SELECT sender_id AS id, -captured AS credit, amount AS released FROM t
+                UNION ALL
+                SELECT recipient_id, captured, 0 FROM t WHERE captured > 0) d
+          GROUP BY id) x
+    WHERE a.id = x.id
     RETURNING a.id
 ), j AS (
-    INSERT INTO journal (account_id, amount, kind, ref_id, rolled_up, created_at)
-    SELECT sender_id, -captured, 'capture', id, TRUE, in_now FROM t WHERE captured > 0
+    INSERT INTO journal (account_id, amount, kind, ref_id, created_at)
+    SELECT sender_id, -captured, 'capture', id, in_now FROM t WHERE captured > 0
     UNION ALL
-    SELECT recipient_id, captured, 'capture', id, FALSE, in_now FROM t WHERE captured > 0
+    SELECT recipient_id, captured, 'capture', id, in_now FROM t WHERE captured > 0
     RETURNING id
 ), u AS (
     INSERT INTO usage_records (id, recipient_id, request_id, transfer_id, app_name, endpoint, user_email,

@@ -47,7 +47,7 @@ pub use query::{
     Keyset, Parties, TimeRange, TokenFilter, TokenRow, TransferFilter, UsageDims, UsageFilter,
     UsagePage, UsageTotals,
 };
-pub use rows::{AccountRow, IssuedToken, TokenInfo, TransferRow, UsageInput, UsageRow};
+pub use rows::{AccountRow, Identity, IssuedToken, TokenInfo, TransferRow, UsageInput, UsageRow};
 // An Authorize's transfer and whether it was placed by an earlier call (issue 15).
 pub use authorize::Placed;
 pub(crate) use rows::{
@@ -107,7 +107,7 @@ pub struct Store {
     pool: AnyPool,
     backend: Backend,
     tokens: RwLock<HashMap<String, Arc<TokenInfo>>>,
-    secrets: RwLock<HashMap<String, (Arc<AccountRow>, Instant)>>,
+    secrets: RwLock<HashMap<String, (Arc<Identity>, Instant)>>,
     emails: RwLock<HashMap<String, i64>>,
     /// Postgres only: the batched write path for holds, captures and voids.
     batcher: Option<batch::Batcher>,

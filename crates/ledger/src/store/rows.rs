@@ -9,23 +9,39 @@ pub struct AccountRow {
     pub email: String,
     pub organization: String,
     pub currency: String,
-    /// Includes credits not yet rolled up.
     pub balance: Micros,
     pub held: Micros,
     pub created_at: i64,
 }
 
+/// Who an account is: the facts of its row that never change (accounts are never deleted, and
+/// neither their email nor their currency is ever updated). What authentication yields and the
+/// secret cache holds. It has no balance on purpose: the balance adds the unrolled credits, which
+/// costs a read of them, and a cached one would be stale (`Store::account_by_email` reads it).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Identity {
+    pub id: i64,
+    pub email: String,
+    pub currency: String,
+}
+
 impl AccountRow {
+    pub fn identity(&self) -> Identity {
+        Identity {
+            id: self.id,
+            email: self.email.clone(),
+            currency: self.currency.clone(),
+        }
+    }
+
     pub fn available(&self) -> Micros {
         self.balance.saturating_sub(self.held)
     }
 }
 
-/// `SELECT {ACCOUNT_COLUMNS} FROM accounts a`: the balance includes unrolled journal credits.
-pub(crate) const ACCOUNT_COLUMNS: &str = "a.id, a.email, a.organization, a.currency, \
-     a.balance + COALESCE((SELECT CAST(SUM(j.amount) AS BIGINT) FROM journal j \
-        WHERE j.account_id = a.id AND NOT j.rolled_up), 0) AS balance, \
-     a.held, a.created_at";
+/// `SELECT {ACCOUNT_COLUMNS} FROM accounts a`.
+pub(crate) const ACCOUNT_COLUMNS: &str =
+    "a.id, a.email, a.organization, a.currency, a.balance, a.held, a.created_at";
 
 /// The immutable facts of a delegation token; revocation, expiry and limits are checked in the DB.
 #[derive(Debug, Clone, sqlx::FromRow)]

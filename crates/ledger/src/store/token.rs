@@ -4,15 +4,15 @@ use std::sync::Arc;
 use syft_error::Reason;
 
 use super::{
-    insert_bounded, new_id, now_micros, read_lock, sha256_hex, AccountRow, IssuedToken, Micros,
-    Store, TokenInfo, TokenLimits,
+    insert_bounded, new_id, now_micros, read_lock, sha256_hex, AccountRow, Identity, IssuedToken,
+    Micros, Store, TokenInfo, TokenLimits,
 };
 use crate::error::{LedgerError, Result};
 
 /// A token to issue (checked by the core): `recipient` may charge `sender` within the limits.
 #[derive(Debug, Clone, Copy)]
 pub struct TokenGrant<'a> {
-    pub sender: &'a AccountRow,
+    pub sender: &'a Identity,
     pub recipient: &'a AccountRow,
     pub expires_at: Option<i64>,
     pub spend_limit: Option<Micros>,

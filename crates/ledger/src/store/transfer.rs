@@ -5,9 +5,9 @@
 //! (`batch.rs`: set-based statements, one transaction per batch); on SQLite they are short
 //! transactions on the single connection. Both paths are covered by the same store test suite.
 //!
-//! The recipient of a capture is credited through an append-only journal row (`rolled_up = FALSE`)
-//! instead of an update of its account row, so captures for one hot recipient never queue on a
-//! single row lock; `roll_up` later folds those rows into `accounts.balance`.
+//! A capture debits the sender and credits the recipient in its own transaction, with the pair of
+//! journal rows that records it (the journal is append-only). On Postgres captures are batched, so
+//! a busy recipient's row is updated once per batch, not once per capture (`batch.rs`).
 
 use super::batch::{ResolveJob, TimeGuard};
 use super::usage::{insert_usage, UsageLink, UsageWrite};
@@ -264,9 +264,14 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         if captured.is_positive() {
+            sqlx::query("UPDATE accounts SET balance = balance + $1 WHERE id = $2")
+                .bind(captured)
+                .bind(recipient_id)
+                .execute(&mut *tx)
+                .await?;
             sqlx::query(
-                "INSERT INTO journal (account_id, amount, kind, ref_id, rolled_up, created_at) \
-                 VALUES ($1, $2, 'capture', $3, TRUE, $4), ($5, $6, 'capture', $3, FALSE, $4)",
+                "INSERT INTO journal (account_id, amount, kind, ref_id, created_at) \
+                 VALUES ($1, $2, 'capture', $3, $4), ($5, $6, 'capture', $3, $4)",
             )
             .bind(sender_id)
             .bind(-captured.get())
@@ -344,44 +349,6 @@ impl Store {
             }
         }
         Ok(report)
-    }
-
-    /// Folds an account's unrolled journal credits into its balance; returns the amount folded.
-    pub async fn roll_up(&self, account_id: i64) -> Result<i64> {
-        retry_transient(|| async {
-            let mut tx = self.pool().begin().await?;
-            let amounts: Vec<i64> = sqlx::query_scalar(
-                "UPDATE journal SET rolled_up = TRUE WHERE account_id = $1 AND NOT rolled_up RETURNING amount",
-            )
-            .bind(account_id)
-            .fetch_all(&mut *tx)
-            .await?;
-            let total: i64 = amounts.iter().sum();
-            if total != 0 {
-                sqlx::query("UPDATE accounts SET balance = balance + $1 WHERE id = $2")
-                    .bind(total)
-                    .bind(account_id)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            tx.commit().await?;
-            Ok(total)
-        })
-        .await
-    }
-
-    /// Rolls up every account with unrolled credits.
-    pub async fn roll_up_all(&self) -> Result<i64> {
-        let ids: Vec<i64> = sqlx::query_scalar(
-            "SELECT DISTINCT account_id FROM journal WHERE NOT rolled_up AND account_id IS NOT NULL",
-        )
-        .fetch_all(self.pool())
-        .await?;
-        let mut total = 0;
-        for id in ids {
-            total += self.roll_up(id).await?;
-        }
-        Ok(total)
     }
 }
 

@@ -34,7 +34,6 @@ struct AccountCheck {
     balance: i64,
     held: i64,
     journal: i64,
-    rolled: i64,
     pending: i64,
 }
 
@@ -85,10 +84,9 @@ async fn verify_snapshot(conn: &mut AnyConnection) -> Result<VerifyReport> {
         )
         .fetch_one(&mut *conn)
         .await?;
-    // The journal's totals: unrolled credits, all entries (must be 0), the system side (-deposits).
-    let (unrolled, journal_total, system_side) = sqlx::query_as::<_, (i64, i64, i64)>(
-        "SELECT CAST(COALESCE(SUM(CASE WHEN NOT rolled_up THEN amount ELSE 0 END), 0) AS BIGINT), \
-         CAST(COALESCE(SUM(amount), 0) AS BIGINT), \
+    // The journal's totals: all entries (must be 0), the system side (-deposits).
+    let (journal_total, system_side) = sqlx::query_as::<_, (i64, i64)>(
+        "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT), \
          CAST(COALESCE(SUM(CASE WHEN account_id IS NULL THEN amount ELSE 0 END), 0) AS BIGINT) \
          FROM journal",
     )
@@ -98,7 +96,7 @@ async fn verify_snapshot(conn: &mut AnyConnection) -> Result<VerifyReport> {
         accounts,
         transfers,
         total_deposits,
-        total_balances: stored_balances + unrolled,
+        total_balances: stored_balances,
         total_held,
         pending_transfers,
         problems: Vec::new(),
@@ -125,33 +123,26 @@ async fn verify_snapshot(conn: &mut AnyConnection) -> Result<VerifyReport> {
 
     // Each account's balance equals its journal; held equals its pending transfers.
     let rows: Vec<AccountCheck> = sqlx::query_as(
-            "SELECT a.email, a.balance, a.held, COALESCE(j.total, 0) AS journal, \
-             COALESCE(j.rolled, 0) AS rolled, COALESCE(p.held, 0) AS pending \
+        "SELECT a.email, a.balance, a.held, COALESCE(j.total, 0) AS journal, \
+             COALESCE(p.held, 0) AS pending \
              FROM accounts a \
-             LEFT JOIN (SELECT account_id, CAST(SUM(amount) AS BIGINT) AS total, \
-                          CAST(SUM(CASE WHEN rolled_up THEN amount ELSE 0 END) AS BIGINT) AS rolled \
+             LEFT JOIN (SELECT account_id, CAST(SUM(amount) AS BIGINT) AS total \
                         FROM journal GROUP BY account_id) j ON j.account_id = a.id \
              LEFT JOIN (SELECT sender_id, CAST(SUM(amount) AS BIGINT) AS held FROM transfers \
                         WHERE status = 'PENDING' GROUP BY sender_id) p ON p.sender_id = a.id",
-        )
-        .fetch_all(&mut *conn)
-        .await?;
+    )
+    .fetch_all(&mut *conn)
+    .await?;
     for AccountCheck {
         email,
         balance,
         held,
         journal,
-        rolled,
         pending,
     } in rows
     {
-        if balance != rolled {
-            problems.push(format!(
-                "{email}: balance {balance} != rolled-up journal {rolled}"
-            ));
-        }
-        if journal < 0 {
-            problems.push(format!("{email}: journal balance {journal} is negative"));
+        if balance != journal {
+            problems.push(format!("{email}: balance {balance} != journal {journal}"));
         }
         if held != pending {
             problems.push(format!(

@@ -95,7 +95,7 @@ pub(crate) async fn session(d: &Dash, headers: &HeaderMap) -> Result<Session> {
         (Some(_), Some(email)) => d
             .ledger
             .store()
-            .account_by_email(&email)
+            .identity_by_email(&email)
             .await?
             .map(|a| Caller::Account(Arc::new(a)))
             .ok_or_else(unauthenticated)?,
