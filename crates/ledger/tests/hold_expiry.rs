@@ -1,17 +1,19 @@
 //! A capture after a hold's expiry is refused with reason `HOLD_EXPIRED` even before the sweep
-//! cancelled it (no server runs here, so no sweeper interferes), and nothing moves.
+//! cancelled it (no server runs here, so no sweeper interferes), and nothing moves. The sweep
+//! reads its index from a floor after its first pass and still cancels every hold that expires.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use syft_error::Reason;
 use syft_ledger::store::{
-    AuthorizeInput, CaptureAmount, Resolution, ResolveInput, Store, TokenGrant,
+    AccountRow, AuthorizeInput, CaptureAmount, Resolution, ResolveInput, Store, TokenGrant,
+    TransferRow,
 };
 use syft_testkit::{assert_consistent, Db, USD};
 
-async fn capture_after_expiry_is_refused(db: Db) {
-    let store = Arc::new(Store::connect(&db.url, 4).await.expect("store"));
+/// An owner, alice with 1 USD and a token from alice to the owner.
+async fn parties(store: &Store) -> (AccountRow, String) {
     let owner = store
         .create_account("owner@example.com", "", "USD", "h1")
         .await
@@ -32,21 +34,39 @@ async fn capture_after_expiry_is_refused(db: Db) {
         limit_per_day: None,
     };
     let token = store.issue_token(&grant).await.expect("token");
-    let hold = store
+    (owner, token.token)
+}
+
+/// A hold of `amount` from alice that expires after `ttl_micros`.
+async fn hold(
+    store: &Store,
+    owner: &AccountRow,
+    token: &str,
+    key: &str,
+    amount: i64,
+    ttl_micros: i64,
+) -> TransferRow {
+    store
         .authorize(&AuthorizeInput {
             recipient_id: owner.id,
             recipient_email: &owner.email,
-            sender_email: &alice.email,
-            amount: USD / 2,
-            token: &token.token,
+            sender_email: "alice@example.com",
+            amount,
+            token,
             app_name: "app",
             app_ep_path: "/chat",
-            idempotency_key: "k1",
-            ttl_micros: 300_000,
+            idempotency_key: key,
+            ttl_micros,
             budgets: Default::default(),
         })
         .await
-        .expect("hold");
+        .expect("hold")
+}
+
+async fn capture_after_expiry_is_refused(db: Db) {
+    let store = Arc::new(Store::connect(&db.url, 4).await.expect("store"));
+    let (owner, token) = parties(&store).await;
+    let hold = hold(&store, &owner, &token, "k1", USD / 2, 300_000).await;
     tokio::time::sleep(Duration::from_millis(400)).await;
     let refused = store
         .resolve(&ResolveInput {
@@ -81,4 +101,67 @@ async fn capture_after_expiry_is_refused_postgres() {
         return;
     };
     capture_after_expiry_is_refused(db).await;
+}
+
+/// After its first pass the sweep reads from a floor (a margin before its last pass) instead of the
+/// whole expiry index: holds that expire later are cancelled, a page cut by the limit is finished
+/// by the next pass, and a hold whose expiry lies below the floor (one committed long after it read
+/// the clock) waits for the next full pass, here a restarted ledger's first.
+async fn sweeps_read_from_a_floor_and_miss_no_hold(db: Db) {
+    let store = Store::connect(&db.url, 4).await.expect("store");
+    let (owner, token) = parties(&store).await;
+    assert_eq!(
+        cancelled(&store, 10).await,
+        0,
+        "the first pass reads everything"
+    );
+    hold(&store, &owner, &token, "later", USD / 10, 200_000).await;
+    for key in ["page-1", "page-2", "page-3"] {
+        hold(&store, &owner, &token, key, USD / 10, 250_000).await;
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(cancelled(&store, 2).await, 2, "a full page");
+    assert_eq!(
+        cancelled(&store, 2).await,
+        2,
+        "the next pass goes on from the page's last"
+    );
+    assert_eq!(cancelled(&store, 2).await, 0);
+
+    let late = hold(&store, &owner, &token, "late", USD / 10, 60_000_000).await;
+    sqlx::query("UPDATE transfers SET expires_at = 1 WHERE id = $1")
+        .bind(&late.id)
+        .execute(store.pool())
+        .await
+        .expect("backdate");
+    assert_eq!(cancelled(&store, 10).await, 0, "below the floor");
+    let restarted = Store::connect(&db.url, 4).await.expect("store");
+    assert_eq!(cancelled(&restarted, 10).await, 1, "a full pass finds it");
+    let alice = restarted
+        .account_by_email("alice@example.com")
+        .await
+        .expect("read")
+        .expect("alice");
+    assert_eq!((alice.balance.get(), alice.held.get()), (USD, 0));
+    assert_consistent(&restarted).await;
+    restarted.close().await;
+    store.close().await;
+    db.drop_postgres().await;
+}
+
+async fn cancelled(store: &Store, limit: i64) -> u64 {
+    store.sweep_expired(limit).await.expect("sweep").cancelled
+}
+
+#[tokio::test]
+async fn sweeps_read_from_a_floor_and_miss_no_hold_sqlite() {
+    sweeps_read_from_a_floor_and_miss_no_hold(Db::sqlite()).await;
+}
+
+#[tokio::test]
+async fn sweeps_read_from_a_floor_and_miss_no_hold_postgres() {
+    let Some(db) = Db::postgres().await else {
+        return;
+    };
+    sweeps_read_from_a_floor_and_miss_no_hold(db).await;
 }

@@ -71,14 +71,22 @@ impl Store {
 
     /// Deletes up to `limit` answers past their retention; returns how many.
     pub async fn purge_answers(&self, limit: i64) -> Result<u64> {
+        // From where the last purge left nothing behind, as the expiry sweep does (`floor.rs`).
+        let start = self.answer_floor.start();
+        let now = now_micros();
         let done = sqlx::query(
             "DELETE FROM answers WHERE transfer_id IN \
-             (SELECT transfer_id FROM answers WHERE expires_at <= $1 LIMIT $2)",
+             (SELECT transfer_id FROM answers WHERE expires_at <= $1 AND expires_at >= $3 LIMIT $2)",
         )
-        .bind(now_micros())
+        .bind(now)
         .bind(limit)
+        .bind(start)
         .execute(self.pool())
-        .await?;
-        Ok(done.rows_affected())
+        .await?
+        .rows_affected();
+        // A full page may have left expired answers anywhere after `start`.
+        let left = (done >= u64::try_from(limit).unwrap_or(0)).then_some(start);
+        self.answer_floor.passed(start, now, left);
+        Ok(done)
     }
 }

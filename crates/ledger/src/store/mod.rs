@@ -13,6 +13,7 @@ mod batch;
 mod budget;
 pub(crate) mod db_error;
 mod extend;
+mod floor;
 pub mod hll;
 mod query;
 pub mod rollup;
@@ -117,6 +118,9 @@ pub struct Store {
     sender_queues: budget::SenderQueues,
     /// Postgres only: folds queued usage rows into the rollups (`rollup_fold.rs`).
     _folder: Option<rollup_fold::Folder>,
+    /// Where the expiry sweep and the answer purge start reading (`floor.rs`).
+    sweep_floor: floor::ScanFloor,
+    answer_floor: floor::ScanFloor,
 }
 
 /// Runs `op` again when the database reports a serialization failure or deadlock; those are never
@@ -216,6 +220,8 @@ impl Store {
             tokens: RwLock::default(),
             secrets: RwLock::default(),
             emails: RwLock::default(),
+            sweep_floor: floor::ScanFloor::default(),
+            answer_floor: floor::ScanFloor::default(),
         };
         store.backfill_rollups().await?;
         Ok(store)

@@ -315,17 +315,29 @@ impl Store {
     /// Cancels up to `limit` expired holds (resolved by SYSTEM). A hold whose cancellation fails
     /// is logged, counted (`syft_ledger_sweep_failures_total`) and skipped: it stays PENDING and
     /// expired, so the next sweep selects it again, and it never keeps the holds after it held.
+    ///
+    /// It reads the expiry index from where the last sweep left nothing behind (`floor.rs`), not
+    /// from the index's beginning, which holds the dead entries of every hold resolved since the
+    /// last VACUUM.
     pub async fn sweep_expired(&self, limit: i64) -> Result<SweepReport> {
-        let ids: Vec<String> = sqlx::query_scalar(
-            "SELECT id FROM transfers WHERE status = 'PENDING' AND expires_at <= $1 \
-             ORDER BY expires_at LIMIT $2",
+        let start = self.sweep_floor.start();
+        let now = now_micros();
+        let expired: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT id, expires_at FROM transfers WHERE status = 'PENDING' AND expires_at <= $1 \
+             AND expires_at >= $3 ORDER BY expires_at LIMIT $2",
         )
-        .bind(now_micros())
+        .bind(now)
         .bind(limit)
+        .bind(start)
         .fetch_all(self.pool())
         .await?;
+        // A full page may have more behind it, all expiring no earlier than its last row.
+        let mut oldest_left = match expired.last() {
+            Some((_, expires_at)) if expired.len() as i64 >= limit => Some(*expires_at),
+            _ => None,
+        };
         let mut report = SweepReport::default();
-        for id in ids {
+        for (id, expires_at) in expired {
             let input = ResolveInput {
                 transfer_id: &id,
                 recipient_id: None,
@@ -345,9 +357,11 @@ impl Store {
                         "expired hold not cancelled, retried at the next sweep");
                     crate::metrics::sweep_failed();
                     report.failed += 1;
+                    oldest_left = Some(oldest_left.map_or(expires_at, |o: i64| o.min(expires_at)));
                 }
             }
         }
+        self.sweep_floor.passed(start, now, oldest_left);
         Ok(report)
     }
 }
