@@ -140,7 +140,8 @@ impl Store {
             }
         }
         // Identity columns only: every request of a router arrives here at once when its entry
-        // expires, and the balance of a busy recipient would read all its unrolled credits.
+        // expires, so this must stay one key lookup (it once read the owner's balance, which
+        // then summed its unrolled credits: 215 ms under load, docs/benchmarks.md).
         let mut rows: Vec<Identity> = sqlx::query_as(
             "SELECT id, email, currency FROM accounts WHERE secret_hash = $1 LIMIT 2",
         )

@@ -16,8 +16,8 @@ pub struct AccountRow {
 
 /// Who an account is: the facts of its row that never change (accounts are never deleted, and
 /// neither their email nor their currency is ever updated). What authentication yields and the
-/// secret cache holds. It has no balance on purpose: the balance adds the unrolled credits, which
-/// costs a read of them, and a cached one would be stale (`Store::account_by_email` reads it).
+/// secret cache holds. It has no balance on purpose: a cached balance would be stale, so code that
+/// needs one reads it fresh (`Store::account_by_email`).
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Identity {
     pub id: i64,

@@ -1,4 +1,4 @@
-//! Phase two of a two-phase transfer: capture or void, the expiry sweep, and the credit roll-up.
+//! Phase two of a two-phase transfer: capture or void, and the expiry sweep.
 //! (Phase one, the hold, is `authorize.rs`.)
 //!
 //! Each transition is one atomic unit. On Postgres the hot operations go through the batcher

@@ -12,7 +12,7 @@ pub struct VerifyReport {
     pub transfers: i64,
     /// Money that entered through deposits.
     pub total_deposits: i64,
-    /// Sum of account balances (rolled up plus unrolled credits).
+    /// Sum of account balances.
     pub total_balances: i64,
     /// Money held by pending transfers (still part of the senders' balances).
     pub total_held: i64,
@@ -49,8 +49,8 @@ struct TokenCheck {
 
 impl Store {
     /// Checks every invariant on ONE consistent snapshot of the database, so it is safe to run
-    /// against a ledger under load: read in separate statements, a credit rolled up (or a hold
-    /// placed or resolved) between two reads would be counted zero times or twice and raise a
+    /// against a ledger under load: read in separate statements, a capture (or a hold placed or
+    /// resolved) committed between two reads would be counted zero times or twice and raise a
     /// false alarm. Postgres reads in one `REPEATABLE READ READ ONLY` transaction; SQLite in one
     /// deferred transaction, which in WAL mode (set by `connect`) reads one snapshot while other
     /// connections keep writing.
