@@ -63,6 +63,25 @@ async fn hold(
         .expect("hold")
 }
 
+/// Runs a scenario on SQLite, then on Postgres where one is available.
+async fn on_both<F: std::future::Future<Output = ()>>(scenario: fn(Db) -> F) {
+    scenario(Db::sqlite()).await;
+    if let Some(db) = Db::postgres().await {
+        scenario(db).await;
+    }
+}
+
+/// Alice has her 1 USD back with nothing held, and the ledger verifies.
+async fn assert_alice_whole(store: &Store) {
+    let alice = store
+        .account_by_email("alice@example.com")
+        .await
+        .expect("read")
+        .expect("alice");
+    assert_eq!((alice.balance.get(), alice.held.get()), (USD, 0));
+    assert_consistent(store).await;
+}
+
 async fn capture_after_expiry_is_refused(db: Db) {
     let store = Arc::new(Store::connect(&db.url, 4).await.expect("store"));
     let (owner, token) = parties(&store).await;
@@ -80,27 +99,13 @@ async fn capture_after_expiry_is_refused(db: Db) {
         .expect_err("a capture after expiry is refused");
     assert_eq!(refused.reason(), Some(Reason::HoldExpired), "{refused}");
     assert_eq!(store.sweep_expired(10).await.expect("sweep").cancelled, 1);
-    let alice = store
-        .account_by_email("alice@example.com")
-        .await
-        .expect("read")
-        .expect("alice");
-    assert_eq!((alice.balance.get(), alice.held.get()), (USD, 0));
-    assert_consistent(&store).await;
+    assert_alice_whole(&store).await;
     db.drop_postgres().await;
 }
 
 #[tokio::test]
-async fn capture_after_expiry_is_refused_sqlite() {
-    capture_after_expiry_is_refused(Db::sqlite()).await;
-}
-
-#[tokio::test]
-async fn capture_after_expiry_is_refused_postgres() {
-    let Some(db) = Db::postgres().await else {
-        return;
-    };
-    capture_after_expiry_is_refused(db).await;
+async fn capture_after_expiry_is_refused_on_both_backends() {
+    on_both(capture_after_expiry_is_refused).await;
 }
 
 /// After its first pass the sweep reads from a floor (a margin before its last pass) instead of the
@@ -137,13 +142,7 @@ async fn sweeps_read_from_a_floor_and_miss_no_hold(db: Db) {
     assert_eq!(cancelled(&store, 10).await, 0, "below the floor");
     let restarted = Store::connect(&db.url, 4).await.expect("store");
     assert_eq!(cancelled(&restarted, 10).await, 1, "a full pass finds it");
-    let alice = restarted
-        .account_by_email("alice@example.com")
-        .await
-        .expect("read")
-        .expect("alice");
-    assert_eq!((alice.balance.get(), alice.held.get()), (USD, 0));
-    assert_consistent(&restarted).await;
+    assert_alice_whole(&restarted).await;
     restarted.close().await;
     store.close().await;
     db.drop_postgres().await;
@@ -154,14 +153,6 @@ async fn cancelled(store: &Store, limit: i64) -> u64 {
 }
 
 #[tokio::test]
-async fn sweeps_read_from_a_floor_and_miss_no_hold_sqlite() {
-    sweeps_read_from_a_floor_and_miss_no_hold(Db::sqlite()).await;
-}
-
-#[tokio::test]
-async fn sweeps_read_from_a_floor_and_miss_no_hold_postgres() {
-    let Some(db) = Db::postgres().await else {
-        return;
-    };
-    sweeps_read_from_a_floor_and_miss_no_hold(db).await;
+async fn sweeps_read_from_a_floor_and_miss_no_hold_on_both_backends() {
+    on_both(sweeps_read_from_a_floor_and_miss_no_hold).await;
 }
