@@ -317,6 +317,7 @@ async fn budget_exact_across_replicas() {
         .count();
     assert_eq!(refused, 167);
     assert_consistent(&f.ledger.store).await;
+    db.drop_postgres().await;
 }
 
 /// Three routers and two ledgers on one Postgres, limits counted in the shared Redis: 100
@@ -330,6 +331,7 @@ async fn exact_across_replicas() {
     };
     if !redis_up(SHARED_REDIS).await {
         eprintln!("SKIPPED: no Redis at {SHARED_REDIS}");
+        db.drop_postgres().await;
         return;
     }
     let r = Replicas::start(&db, PRICE, |c| {
@@ -371,6 +373,7 @@ async fn exact_across_replicas() {
     let a = syft_testkit::account(&funded.ledger.url, &funded.alice.email).await;
     assert_eq!(a.balance_micros, syft_testkit::FUNDS - 10 * PRICE);
     assert_consistent(&funded.ledger.store).await;
+    db.drop_postgres().await;
 }
 
 /// Per-user concurrency: with a slow upstream and 2 in flight allowed, of 6 simultaneous requests

@@ -104,6 +104,7 @@ async fn refusals_leave_rows_and_free_the_request_id(s: Stack) {
         Some("insufficient_funds")
     );
     s.check_invariants().await;
+    s.db.drop_postgres().await;
 }
 
 /// Free requests finishing together share `RecordUsageBatch` calls (crates/router/src/
@@ -134,6 +135,7 @@ async fn concurrent_free_requests_each_leave_a_row(s: Stack) {
     assert_eq!(ids, want);
     assert_eq!(rows.len(), 40);
     s.check_invariants().await;
+    s.db.drop_postgres().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
