@@ -468,9 +468,10 @@ FROM input i";
 /// Captures and voids a batch. Account and token updates are aggregated so several resolutions for
 /// one sender or one recipient in a batch move the right totals. The recipient is credited here,
 /// once per batch: its row lock is held from that update to the commit, so a busy recipient's
-/// batches take turns, and each turn carries every capture that arrived meanwhile. Recipients are
-/// locked `FOR NO KEY UPDATE`, which leaves the key-share locks of concurrent inserts that point at
-/// them (holds, usage rows) free to proceed. A capture's answer (`in_answer`) is inserted by the
+/// batches take turns, and each turn carries every capture that arrived meanwhile. Only captures
+/// lock their recipient (a void or an expiry credits nobody). Accounts are locked `FOR NO KEY
+/// UPDATE`, all the update needs, which leaves the key-share locks of concurrent inserts that
+/// point at them (holds, usage rows) free to proceed. A capture's answer (`in_answer`) is inserted by the
 /// same statement, so it commits exactly with its capture. Data-modifying CTEs always run to completion, so the
 /// final SELECT reads only what the caller needs. The `lock_*` steps take row locks in a global order
 /// (transfers, tokens, accounts; each by id) before anything is modified. A transfer is locked
@@ -506,7 +507,10 @@ WITH input AS (
     CROSS JOIN LATERAL (SELECT id FROM tokens WHERE id = x.token_id FOR UPDATE) k
 ), lock_accounts AS (
     SELECT a.* FROM (SELECT id FROM (SELECT sender_id AS id FROM lock_transfers
-                                     UNION SELECT recipient_id FROM lock_transfers) p
+                                     UNION
+                                     SELECT l.recipient_id FROM lock_transfers l
+                                     JOIN input i ON i.in_id = l.id
+                                     WHERE i.in_status = 'COMPLETED') p
                      WHERE (SELECT COUNT(*) FROM lock_tokens) >= 0 ORDER BY id) x
     CROSS JOIN LATERAL (SELECT id FROM accounts WHERE id = x.id FOR NO KEY UPDATE) a
 ), t AS (
