@@ -54,6 +54,9 @@ enum Shape {
     Spread,
     /// One recipient, one sender: every client spends the same balance (one busy payer).
     OneSender,
+    /// One sender whose holds carry per-day and per-month budgets (never reached), after
+    /// `--history` earlier transfers of the pair this month: each hold counts the month's use.
+    Budgeted,
 }
 
 #[derive(Args, Debug)]
@@ -81,6 +84,10 @@ struct LedgerBench {
     /// Batch workers of the ledger under test.
     #[arg(long, default_value_t = syft_ledger::store::DEFAULT_BATCH_WORKERS)]
     batch_workers: usize,
+    /// The budgeted shape's earlier transfers this month (voided holds, spread over the days
+    /// before today; on the 1st of a month they fall on today, so only the day counts them).
+    #[arg(long, default_value_t = 100_000)]
+    history: u32,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -91,6 +98,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 rates.push((*shape, bench_ledger(&b, *shape).await?));
             }
             let rate = |s: Shape| rates.iter().find(|(r, _)| *r == s).map(|(_, v)| *v);
+            if let (Some(one), Some(budgeted)) = (rate(Shape::OneSender), rate(Shape::Budgeted)) {
+                println!(
+                    "ratio budgeted sender ({} transfers this month) / one sender: {:.2}",
+                    b.history,
+                    budgeted / one
+                );
+            }
             if let (Some(hot), Some(one)) = (rate(Shape::Hot), rate(Shape::OneSender)) {
                 println!(
                     "ratio one sender / hot recipient (1,000 senders): {:.2}",
@@ -256,7 +270,11 @@ async fn bench_ledger(b: &LedgerBench, shape: Shape) -> anyhow::Result<f64> {
             .push(create_account(&mut admin, &format!("router{r}@bench.example"), 0).await?);
     }
     let mut payers = Vec::new();
-    let senders = if shape == Shape::OneSender { 1 } else { 1000 };
+    let senders = if matches!(shape, Shape::OneSender | Shape::Budgeted) {
+        1
+    } else {
+        1000
+    };
     for s in 0..senders {
         let email = format!("user{s}@bench.example");
         let secret = create_account(&mut admin, &email, 1_000_000_000_000).await?;
@@ -272,6 +290,10 @@ async fn bench_ledger(b: &LedgerBench, shape: Shape) -> anyhow::Result<f64> {
             recipient,
         });
     }
+    if shape == Shape::Budgeted {
+        crate::bench_history::load(&db.url, b.history).await?;
+    }
+    let budget = (shape == Shape::Budgeted).then_some(1_000_000_000_000_000);
     let payers = Arc::new(payers);
 
     let warmup = (b.duration / 5).max(Duration::from_secs(2));
@@ -315,8 +337,8 @@ async fn bench_ledger(b: &LedgerBench, shape: Shape) -> anyhow::Result<f64> {
                         app_ep_path: "/chat".into(),
                         idempotency_key: format!("req-{n}"),
                         hold_ttl_seconds: None,
-                        budget_per_day_micros: None,
-                        budget_per_month_micros: None,
+                        budget_per_day_micros: budget,
+                        budget_per_month_micros: budget,
                     })
                     .await;
                 let t1 = Instant::now();

@@ -314,4 +314,183 @@ async fn budget_use_counts_like_the_check(h: Harness) -> Harness {
     h
 }
 
-store_suite!(budget_lifecycle, budget_use_counts_like_the_check);
+/// Micros at a UTC date and hour.
+fn at(y: i32, m: u32, d: u32, hour: u32) -> i64 {
+    use chrono::TimeZone;
+    chrono::Utc
+        .with_ymd_and_hms(y, m, d, hour, 0, 0)
+        .single()
+        .expect("a valid date")
+        .timestamp_micros()
+}
+
+/// Moves one transfer to `created_at` (and its expiry to `expires_at` when given).
+async fn place(h: &Harness, id: &str, created_at: i64, expires_at: Option<i64>) {
+    sqlx::query(
+        "UPDATE transfers SET created_at = $1, expires_at = COALESCE($2, expires_at) WHERE id = $3",
+    )
+    .bind(created_at)
+    .bind(expires_at)
+    .bind(id)
+    .execute(h.store.pool())
+    .await
+    .expect("move a transfer");
+}
+
+async fn settled_days(h: &Harness) -> Vec<(i64, i64)> {
+    sqlx::query_as("SELECT day, used FROM budget_days ORDER BY day")
+        .fetch_all(h.store.pool())
+        .await
+        .expect("settled days")
+}
+
+/// A month of history is read from its settled days (`budget_days`) plus the open ones, and
+/// counts exactly what the transfers count: a capture what it captured, a void nothing, a
+/// pending hold its amount until it expires. A day settles only an hour after it ended and after
+/// its last pending hold expired; a settled row that disagrees with its transfers is read (the
+/// check trusts it) and `ledger verify` names it. The clock is fixed in November 2026 so that
+/// the month has days before "today" whatever day the test runs.
+async fn settled_days_count_like_the_transfers(h: Harness) -> Harness {
+    let Parties { token, mut c, .. } = parties(&h).await;
+    let ids = |email: &'static str| {
+        sqlx::query_scalar::<_, i64>("SELECT id FROM accounts WHERE email = $1")
+            .bind(email)
+            .fetch_one(h.store.pool())
+    };
+    let (alice, owner) = (
+        ids(ALICE).await.expect("alice"),
+        ids(OWNER).await.expect("owner"),
+    );
+    let captured = |key: &'static str, amount: i64| {
+        let mut c = c.clone();
+        let token = token.clone();
+        async move {
+            let t = ok(c.authorize(hold(&token, key, amount, None, 300)).await);
+            ok(c.capture(syft_testkit::req::capture_full(&t.id)).await);
+            t.id
+        }
+    };
+    let early = captured("early", 20_000).await;
+    let late = captured("late", 10_000).await;
+    let today = captured("today", 3_000).await;
+    let october = captured("october", 1_000).await;
+    let voided = ok(c.authorize(hold(&token, "voided", 5_000, None, 300)).await);
+    ok(c.void(syft_testkit::req::void(&voided.id)).await);
+    let pending = ok(c.authorize(hold(&token, "pending", 7_000, None, 300)).await);
+    place(&h, &early, at(2026, 11, 5, 10), None).await;
+    place(&h, &late, at(2026, 11, 19, 23) + 1_800_000_000, None).await;
+    place(&h, &today, at(2026, 11, 20, 8), None).await;
+    place(&h, &october, at(2026, 10, 31, 12), None).await;
+    place(&h, &voided.id, at(2026, 11, 10, 9), None).await;
+    // Still pending at the fixed clock (its real expiry is in the future): it keeps its day open.
+    place(&h, &pending.id, at(2026, 11, 12, 9), None).await;
+    let day_of = |t: i64| t / 86_400_000_000;
+    let use_at = |now: i64| syft_ledger::store::budget_use(h.store.pool(), alice, owner, now);
+
+    // Half an hour into the 20th: the 19th ended too recently to settle.
+    let u = use_at(at(2026, 11, 20, 0) + 1_800_000_000)
+        .await
+        .expect("use");
+    assert_eq!((u.day_used, u.month_used), (3_000, 40_000));
+    let days = settled_days(&h).await;
+    assert_eq!(days.len(), 17, "the 1st to the 18th but the 12th: {days:?}");
+    assert!(days.contains(&(day_of(at(2026, 11, 5, 0)), 20_000)));
+    assert!(days.contains(&(day_of(at(2026, 11, 10, 0)), 0)));
+    assert!(!days.iter().any(|(d, _)| *d == day_of(at(2026, 11, 12, 0))));
+
+    // Noon of the 20th: the 19th has settled; the 12th waits for its hold.
+    let noon = at(2026, 11, 20, 12);
+    let u = use_at(noon).await.expect("use");
+    assert_eq!((u.day_used, u.month_used), (3_000, 40_000));
+    let days = settled_days(&h).await;
+    assert_eq!(days.len(), 18);
+    assert!(days.contains(&(day_of(at(2026, 11, 19, 0)), 10_000)));
+
+    // The check reads a settled row as it stands, and verify names one that is wrong.
+    let nov5 = day_of(at(2026, 11, 5, 0));
+    let tamper = |delta: i64| {
+        sqlx::query("UPDATE budget_days SET used = used + $1 WHERE day = $2")
+            .bind(delta)
+            .bind(nov5)
+            .execute(h.store.pool())
+    };
+    tamper(1).await.expect("tamper");
+    assert_eq!(use_at(noon).await.expect("use").month_used, 40_001);
+    let report = h.store.verify().await.expect("verify");
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.contains("settled budget day")),
+        "{:?}",
+        report.problems
+    );
+    tamper(-1).await.expect("restore");
+
+    // The pending hold expires (an hour and more before noon): it counts nothing, its day settles.
+    place(
+        &h,
+        &pending.id,
+        at(2026, 11, 12, 9),
+        Some(at(2026, 11, 12, 10)),
+    )
+    .await;
+    let u = use_at(noon).await.expect("use");
+    assert_eq!((u.day_used, u.month_used), (3_000, 33_000));
+    assert!(settled_days(&h)
+        .await
+        .contains(&(day_of(at(2026, 11, 12, 0)), 0)));
+    h
+}
+
+/// A monthly budget on the hold path, with the month's history on its first day (settled from
+/// the 2nd at 01:00 UTC on, when the row is checked too): 40 concurrent holds of 0.001 beside
+/// 0.03 captured against a 0.05 budget place exactly 20.
+async fn concurrent_holds_respect_a_month_with_settled_history(h: Harness) -> Harness {
+    use chrono::{Datelike, TimeZone};
+    let Parties { token, mut c, .. } = parties(&h).await;
+    let monthly = |key: String, amount: i64| pb::AuthorizeRequest {
+        budget_per_month_micros: Some(50_000),
+        ..hold(&token, &key, amount, None, 300)
+    };
+    // Without a budget, so nothing settles before the history is moved into place.
+    let first = ok(c.authorize(hold(&token, "first", 30_000, None, 300)).await);
+    ok(c.capture(syft_testkit::req::capture_full(&first.id)).await);
+    let now = chrono::Utc::now();
+    let month_start = chrono::Utc
+        .with_ymd_and_hms(now.year(), now.month(), 1, 0, 1, 0)
+        .single()
+        .expect("month start")
+        .timestamp_micros();
+    place(&h, &first.id, month_start, None).await;
+
+    let holds = (0..40).map(|i| {
+        let mut c = c.clone();
+        let req = monthly(format!("h{i}"), 1_000);
+        tokio::spawn(async move { c.authorize(req).await })
+    });
+    let mut placed = 0;
+    for handle in holds {
+        match handle.await.expect("task") {
+            Ok(_) => placed += 1,
+            Err(e) => assert_eq!(reason(&e).as_deref(), Some("BUDGET_EXCEEDED"), "{e}"),
+        }
+    }
+    assert_eq!(placed, 20);
+    assert_eq!(h.balance(ALICE).await.held_micros, 20_000);
+    let settled_from = month_start + 86_400_000_000 + 3_600_000_000;
+    if now.timestamp_micros() >= settled_from {
+        let day = month_start / 86_400_000_000;
+        assert!(settled_days(&h).await.contains(&(day, 30_000)));
+    } else {
+        eprintln!("the month's first day has not settled yet: its row is not checked today");
+    }
+    h
+}
+
+store_suite!(
+    concurrent_holds_respect_a_month_with_settled_history,
+    budget_lifecycle,
+    budget_use_counts_like_the_check,
+    settled_days_count_like_the_transfers
+);

@@ -373,4 +373,10 @@ pub async fn backdate_transfers(store: &Store, by: Duration) {
         .execute(store.pool())
         .await
         .expect("backdate transfers");
+    // Settled budget days are fixed by history that never moves outside a test; moving it
+    // unsettles them.
+    sqlx::query("DELETE FROM budget_days")
+        .execute(store.pool())
+        .await
+        .expect("unsettle budget days");
 }

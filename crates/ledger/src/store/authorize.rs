@@ -5,7 +5,7 @@ use sqlx::AnyConnection;
 use syft_error::Reason;
 
 use super::batch::{AuthJob, AuthResult};
-use super::budget::{BudgetCheck, BudgetRefusal, HoldBudgets};
+use super::budget::{settle_month, BudgetCheck, BudgetRefusal, HoldBudgets};
 use super::{
     new_id, now_micros, retry_transient, sha256_hex, Micros, Store, TokenInfo, TransferRow,
     TRANSFER_COLUMNS, TRANSFER_JOINS,
@@ -288,6 +288,10 @@ impl Store {
                 } else {
                     None
                 };
+                if job.budgets.per_month.is_some() {
+                    let mut conn = self.pool().acquire().await?;
+                    settle_month(&mut conn, job.sender_id, job.recipient_id, job.now).await?;
+                }
                 let mut tx = self.pool().begin().await?;
                 match single_authorize(&mut tx, &job).await {
                     Ok(AuthResult::Created) => tx.commit().await.map(|_| AuthResult::Created),

@@ -5,7 +5,8 @@
 //! in any 24 hours (`tokens.limit_per_day`). What a window has used is read from the transfers
 //! themselves, so there is no counter to keep in step: a pending hold counts its amount until it
 //! expires (reserve), a captured one its captured amount (settle), a voided or expired one nothing
-//! (release). [`check`] runs after the hold's transaction has locked the sender's row, which
+//! (release). Days that can no longer change are read from `budget_days` instead
+//! (`budget_days.rs`), so a check scans today's transfers, not the month's. [`check`] runs after the hold's transaction has locked the sender's row, which
 //! every hold of that sender takes, so the sum it reads cannot change until the hold commits or
 //! rolls back: concurrent holds across ledger replicas cannot overspend.
 
@@ -17,9 +18,10 @@ use chrono::{Datelike, TimeZone, Utc};
 use sqlx::AnyConnection;
 use syft_error::{QuotaDetails, Reason};
 
+use super::budget_days::{pair_use, settle};
 use crate::error::LedgerError;
 
-const DAY_MICROS: i64 = 86_400_000_000;
+pub(crate) const DAY_MICROS: i64 = 86_400_000_000;
 
 /// One queue per sender for its budgeted holds in this process. Those holds are decided one at a
 /// time anyway (on the sender's row lock); queueing them here first keeps a burst of one user's
@@ -160,10 +162,7 @@ fn windows(now: i64) -> ((i64, i64), (i64, i64)) {
     )
 }
 
-/// What the sender's holds to this recipient (or through this token) since `since` still commit.
-const USED: &str = "SELECT CAST(COALESCE(SUM(CASE WHEN status = 'COMPLETED' THEN captured \
-     WHEN status = 'PENDING' AND expires_at > $1 THEN amount ELSE 0 END), 0) AS BIGINT) \
-     FROM transfers WHERE sender_id = $2 AND recipient_id = $3 AND created_at >= $4";
+/// What the sender's holds through this token since `$3` still commit.
 const USED_BY_TOKEN: &str =
     "SELECT CAST(COALESCE(SUM(CASE WHEN status = 'COMPLETED' THEN captured \
      WHEN status = 'PENDING' AND expires_at > $1 THEN amount ELSE 0 END), 0) AS BIGINT) \
@@ -226,32 +225,45 @@ impl BudgetCheck<'_> {
         conn: &mut AnyConnection,
     ) -> Result<Option<BudgetRefusal>, sqlx::Error> {
         let ((day, next_day), (month, next_month)) = windows(self.now);
-        let calendar = [
-            (BudgetWindow::Day, self.budgets.per_day, day, next_day),
-            (
-                BudgetWindow::Month,
-                self.budgets.per_month,
-                month,
-                next_month,
-            ),
-        ];
-        for (window, limit, since, resets) in calendar {
-            let Some(limit) = limit else { continue };
-            let used: i64 = sqlx::query_scalar(USED)
-                .bind(self.now)
-                .bind(self.sender_id)
-                .bind(self.recipient_id)
-                .bind(since)
-                .fetch_one(&mut *conn)
-                .await?;
-            if used.saturating_add(self.amount) > limit {
-                return Ok(Some(BudgetRefusal {
-                    window,
-                    limit,
-                    used,
-                    requested: self.amount,
-                    retry_at: (self.amount <= limit).then_some(resets),
-                }));
+        if !self.budgets.is_empty() {
+            let from = if self.budgets.per_month.is_some() {
+                month
+            } else {
+                day
+            };
+            let used = pair_use(
+                conn,
+                self.sender_id,
+                self.recipient_id,
+                from / DAY_MICROS,
+                self.now,
+            )
+            .await?;
+            let calendar = [
+                (
+                    BudgetWindow::Day,
+                    self.budgets.per_day,
+                    used.today,
+                    next_day,
+                ),
+                (
+                    BudgetWindow::Month,
+                    self.budgets.per_month,
+                    used.since,
+                    next_month,
+                ),
+            ];
+            for (window, limit, used, resets) in calendar {
+                let Some(limit) = limit else { continue };
+                if used.saturating_add(self.amount) > limit {
+                    return Ok(Some(BudgetRefusal {
+                        window,
+                        limit,
+                        used,
+                        requested: self.amount,
+                        retry_at: (self.amount <= limit).then_some(resets),
+                    }));
+                }
             }
         }
         if let Some(limit) = self.token_limit_per_day {
@@ -314,27 +326,44 @@ pub struct BudgetUse {
     pub month_resets_at: i64,
 }
 
-/// [`BudgetUse`] now, read with the hold check's own query (so it cannot disagree with it).
-pub(crate) async fn budget_use(
+/// Writes the pair's settled days of this month (`budget_days.rs`). Before a budgeted hold's
+/// transaction, so that a refused hold, which rolls back, does not throw them away.
+pub(crate) async fn settle_month(
+    conn: &mut AnyConnection,
+    sender_id: i64,
+    recipient_id: i64,
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    let (_, (month, _)) = windows(now);
+    settle(conn, sender_id, recipient_id, month / DAY_MICROS, now).await
+}
+
+/// The pair's use of today and of this month, as the hold's check counts it.
+async fn calendar_use(
+    conn: &mut AnyConnection,
+    sender_id: i64,
+    recipient_id: i64,
+    now: i64,
+) -> Result<(i64, i64), sqlx::Error> {
+    settle_month(conn, sender_id, recipient_id, now).await?;
+    let (_, (month, _)) = windows(now);
+    let used = pair_use(conn, sender_id, recipient_id, month / DAY_MICROS, now).await?;
+    Ok((used.today, used.since))
+}
+
+/// [`BudgetUse`] at `now`, read as the hold check reads it (so it cannot disagree with it).
+pub async fn budget_use(
     pool: &sqlx::AnyPool,
     sender_id: i64,
     recipient_id: i64,
     now: i64,
 ) -> Result<BudgetUse, sqlx::Error> {
-    let ((day, next_day), (month, next_month)) = windows(now);
-    let mut used = [0i64; 2];
-    for (slot, since) in used.iter_mut().zip([day, month]) {
-        *slot = sqlx::query_scalar(USED)
-            .bind(now)
-            .bind(sender_id)
-            .bind(recipient_id)
-            .bind(since)
-            .fetch_one(pool)
-            .await?;
-    }
+    let ((_, next_day), (_, next_month)) = windows(now);
+    let mut conn = pool.acquire().await?;
+    let (day_used, month_used) = calendar_use(&mut conn, sender_id, recipient_id, now).await?;
     Ok(BudgetUse {
-        day_used: used[0],
-        month_used: used[1],
+        day_used,
+        month_used,
         day_resets_at: next_day,
         month_resets_at: next_month,
     })
@@ -371,6 +400,8 @@ pub(crate) async fn windowed_use(
             .map(|t| t.format(format).to_string())
             .unwrap_or_default()
     };
+    // One connection throughout: a SQLite pool may hold only one.
+    let mut conn = pool.acquire().await?;
     let pairs: Vec<BudgetPair> = sqlx::query_as(
         "SELECT b.sender_id, b.recipient_id, s.email, r.email, b.per_day, b.per_month \
          FROM budget_limits b JOIN accounts s ON s.id = b.sender_id \
@@ -379,23 +410,17 @@ pub(crate) async fn windowed_use(
     )
     .bind(account_id)
     .bind(day)
-    .fetch_all(pool)
+    .fetch_all(&mut *conn)
     .await?;
     let mut out = Vec::new();
     for (sender, recipient, sender_email, recipient_email, per_day, per_month) in pairs {
+        let (day_used, month_used) = calendar_use(&mut conn, sender, recipient, now).await?;
         let windows = [
-            ("day", per_day, day, name(day, "%Y-%m-%d")),
-            ("month", per_month, month, name(month, "%Y-%m")),
+            ("day", per_day, day_used, name(day, "%Y-%m-%d")),
+            ("month", per_month, month_used, name(month, "%Y-%m")),
         ];
-        for (window, limit, since, label) in windows {
+        for (window, limit, used, label) in windows {
             let Some(limit) = limit else { continue };
-            let used: i64 = sqlx::query_scalar(USED)
-                .bind(now)
-                .bind(sender)
-                .bind(recipient)
-                .bind(since)
-                .fetch_one(pool)
-                .await?;
             out.push(WindowUse {
                 subject: format!("budget:{sender_email}>{recipient_email}:{window}:{label}"),
                 window,
@@ -411,14 +436,14 @@ pub(crate) async fn windowed_use(
     )
     .bind(account_id)
     .bind(now)
-    .fetch_all(pool)
+    .fetch_all(&mut *conn)
     .await?;
     for (token, limit) in tokens {
         let used: i64 = sqlx::query_scalar(USED_BY_TOKEN)
             .bind(now)
             .bind(&token)
             .bind(now - DAY_MICROS)
-            .fetch_one(pool)
+            .fetch_one(&mut *conn)
             .await?;
         out.push(WindowUse {
             subject: format!("token:{token}:24h"),

@@ -11,6 +11,7 @@ mod answer;
 mod authorize;
 mod batch;
 mod budget;
+mod budget_days;
 pub(crate) mod db_error;
 mod extend;
 mod floor;
@@ -42,7 +43,8 @@ pub use analytics::{
 };
 pub use answer::{AnswerRow, AnswerWrite};
 pub use authorize::{AuthorizeInput, DirectInput};
-pub(crate) use budget::{budget_use, windowed_use};
+pub use budget::budget_use;
+pub(crate) use budget::windowed_use;
 pub use budget::{BudgetRefusal, BudgetUse, BudgetWindow, HoldBudgets, WindowUse};
 pub use query::{
     Keyset, Parties, TimeRange, TokenFilter, TokenRow, TransferFilter, UsageDims, UsageFilter,

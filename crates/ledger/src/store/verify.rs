@@ -211,6 +211,9 @@ async fn verify_snapshot(conn: &mut AnyConnection) -> Result<VerifyReport> {
             "{per_request} request ids have more than one usage row (refusals aside)"
         ));
     }
+    // Every settled budget day still says what its transfers count (budget_days.rs).
+    let settled = super::budget_days::problems(conn).await?;
+    report.problems.extend(settled);
     // The rollups the analytics read equal the rows they count (verify_rollups.rs).
     let rollups = super::verify_rollups::rollup_problems(conn).await?;
     report.problems.extend(rollups);
