@@ -488,7 +488,48 @@ async fn concurrent_holds_respect_a_month_with_settled_history(h: Harness) -> Ha
     h
 }
 
+/// A busy budgeted payer's holds are decided in batches (`budget_batch.rs`): 30 holds of $0.50
+/// and 10 copies of one more, all at once, against $10 and a budget that never refuses. Exactly
+/// 20 distinct holds are placed (funds refuse the rest, each giving back what it took from the
+/// token in its batch), the copies share one transfer, and the books balance.
+async fn a_busy_budgeted_payer_is_decided_in_batches(h: Harness) -> Harness {
+    let Parties { token, c, .. } = parties(&h).await;
+    let budgeted = |key: String| pb::AuthorizeRequest {
+        budget_per_month_micros: Some(100 * USD),
+        ..hold(&token, &key, USD / 2, Some(100 * USD), 300)
+    };
+    let keys = (0..30).map(|i| format!("k{i}")).chain((0..10).map(|_| "dup".to_string()));
+    let holds: Vec<_> = keys
+        .map(|key| {
+            let mut c = c.clone();
+            let req = budgeted(key.clone());
+            tokio::spawn(async move { (key, c.authorize(req).await) })
+        })
+        .collect();
+    let mut placed = std::collections::HashSet::new();
+    let mut dup_ids = std::collections::HashSet::new();
+    for handle in holds {
+        let (key, result) = handle.await.expect("task");
+        match result {
+            Ok(t) => {
+                let t = t.into_inner();
+                placed.insert(t.id.clone());
+                if key == "dup" {
+                    dup_ids.insert(t.id);
+                }
+            }
+            Err(e) => assert_eq!(reason(&e).as_deref(), Some("INSUFFICIENT_FUNDS"), "{e}"),
+        }
+    }
+    assert_eq!(placed.len(), 20, "distinct holds placed");
+    assert!(dup_ids.len() <= 1, "copies of one key share one hold: {dup_ids:?}");
+    let a = h.balance(ALICE).await;
+    assert_eq!((a.balance_micros, a.held_micros), (10 * USD, 10 * USD));
+    h
+}
+
 store_suite!(
+    a_busy_budgeted_payer_is_decided_in_batches,
     concurrent_holds_respect_a_month_with_settled_history,
     budget_lifecycle,
     budget_use_counts_like_the_check,

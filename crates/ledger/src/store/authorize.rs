@@ -5,7 +5,7 @@ use sqlx::AnyConnection;
 use syft_error::Reason;
 
 use super::batch::{AuthJob, AuthResult};
-use super::budget::{settle_month, BudgetCheck, BudgetRefusal, HoldBudgets};
+use super::budget::{BudgetRefusal, HoldBudgets};
 use super::{
     new_id, now_micros, retry_transient, sha256_hex, Micros, Store, TokenInfo, TransferRow,
     TRANSFER_COLUMNS, TRANSFER_JOINS,
@@ -281,17 +281,9 @@ impl Store {
         };
         let budgeted = !job.budgets.is_empty() || job.token_limit_per_day.is_some();
         let result = match &self.batcher {
-            Some(batcher) if !budgeted => batcher.authorize(job.clone()).await,
-            _ => {
-                let _turn = if budgeted {
-                    Some(self.sender_queues.turn(job.sender_id).await)
-                } else {
-                    None
-                };
-                if job.budgets.per_month.is_some() {
-                    let mut conn = self.pool().acquire().await?;
-                    settle_month(&mut conn, job.sender_id, job.recipient_id, job.now).await?;
-                }
+            _ if budgeted => self.budgeted.place(job.clone()).await,
+            Some(batcher) => batcher.authorize(job.clone()).await,
+            None => {
                 let mut tx = self.pool().begin().await?;
                 match single_authorize(&mut tx, &job).await {
                     Ok(AuthResult::Created) => tx.commit().await.map(|_| AuthResult::Created),
@@ -307,6 +299,7 @@ impl Store {
                 "a deferred hold left the batcher".into(),
             )),
             Ok(AuthResult::BudgetExceeded(r)) => Ok(AuthorizeOutcome::BudgetExceeded(r)),
+            Ok(AuthResult::DuplicateKey) => Ok(AuthorizeOutcome::DuplicateKey),
             Err(e) if is_unique_violation(&e) => Ok(AuthorizeOutcome::DuplicateKey),
             Err(e) => Err(e),
         }
@@ -411,62 +404,40 @@ impl Store {
     }
 }
 
-/// Places one hold inside the caller's transaction; anything but `Created` must be rolled back.
-/// SQLite's holds, and on Postgres the holds with a budget: the budget check needs the sender's
-/// row locked (by the funds step) before it reads what the window has used.
-async fn single_authorize(
-    conn: &mut AnyConnection,
+/// Takes a hold's amount from its token's room: the token is live, within its spend limit, and
+/// the key has no recorded failure. Binds: amount, token, now, recipient, key, sender email.
+pub(super) const TOKEN_HOLD: &str = "UPDATE tokens SET held = held + $1 WHERE id = $2 \
+     AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $3) \
+     AND (spend_limit IS NULL OR spent + held + $1 <= spend_limit) \
+     AND NOT EXISTS (SELECT 1 FROM authorize_failures \
+                     WHERE recipient_id = $4 AND idempotency_key = $5 AND sender_email = $6)";
+/// Holds the amount on the sender's available funds. Binds: amount, sender.
+pub(super) const FUNDS_HOLD: &str =
+    "UPDATE accounts SET held = held + $1 WHERE id = $2 AND balance - held >= $1";
+
+/// Binds [`TOKEN_HOLD`] for `job`.
+pub(super) fn token_hold(
     job: &AuthJob,
-) -> std::result::Result<AuthResult, sqlx::Error> {
-    let tok = sqlx::query(
-        "UPDATE tokens SET held = held + $1 WHERE id = $2 AND revoked_at IS NULL \
-         AND (expires_at IS NULL OR expires_at > $3) \
-         AND (spend_limit IS NULL OR spent + held + $1 <= spend_limit) \
-         AND NOT EXISTS (SELECT 1 FROM authorize_failures \
-                         WHERE recipient_id = $4 AND idempotency_key = $5 AND sender_email = $6)",
-    )
-    .bind(job.amount)
-    .bind(&job.token_id)
-    .bind(job.now)
-    .bind(job.recipient_id)
-    .bind(&job.idempotency_key)
-    .bind(&job.sender_email)
-    .execute(&mut *conn)
-    .await?;
-    if tok.rows_affected() == 0 {
-        return Ok(AuthResult::TokenRejected);
-    }
-    let funds =
-        sqlx::query("UPDATE accounts SET held = held + $1 WHERE id = $2 AND balance - held >= $1")
-            .bind(job.amount)
-            .bind(job.sender_id)
-            .execute(&mut *conn)
-            .await?;
-    if funds.rows_affected() == 0 {
-        return Ok(AuthResult::InsufficientFunds);
-    }
-    let budget = BudgetCheck {
-        sender_id: job.sender_id,
-        recipient_id: job.recipient_id,
-        token_id: &job.token_id,
-        token_limit_per_day: job.token_limit_per_day,
-        budgets: job.budgets,
-        amount: job.amount,
-        now: job.now,
-    };
-    if budget.is_needed() {
-        if let Some(refusal) = budget.run(conn).await? {
-            return Ok(AuthResult::BudgetExceeded(refusal));
-        }
-    }
-    if !job.budgets.is_empty() {
-        super::budget::record_limits(conn, job.sender_id, job.recipient_id, job.budgets, job.now)
-            .await?;
-    }
+) -> sqlx::query::Query<'_, sqlx::Any, sqlx::any::AnyArguments<'_>> {
+    sqlx::query(TOKEN_HOLD)
+        .bind(job.amount)
+        .bind(&job.token_id)
+        .bind(job.now)
+        .bind(job.recipient_id)
+        .bind(&job.idempotency_key)
+        .bind(&job.sender_email)
+}
+
+/// The pending transfer of `job`; `ON CONFLICT DO NOTHING` (no row) when its key was taken
+/// meanwhile, so that the transaction goes on for the holds placed with it.
+pub(super) fn insert_hold(
+    job: &AuthJob,
+) -> sqlx::query::Query<'_, sqlx::Any, sqlx::any::AnyArguments<'_>> {
     sqlx::query(
         "INSERT INTO transfers (id, sender_id, recipient_id, token_id, amount, currency, status, \
          created_by, app_name, app_ep_path, idempotency_key, request_hash, created_at, expires_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, 'PENDING', 'RECIPIENT', $7, $8, $9, $10, $11, $12)",
+         VALUES ($1, $2, $3, $4, $5, $6, 'PENDING', 'RECIPIENT', $7, $8, $9, $10, $11, $12) \
+         ON CONFLICT DO NOTHING",
     )
     .bind(&job.id)
     .bind(job.sender_id)
@@ -480,8 +451,28 @@ async fn single_authorize(
     .bind(&job.request_hash)
     .bind(job.now)
     .bind(job.expires_at)
-    .execute(&mut *conn)
-    .await?;
+}
+
+/// Places one hold without a budget inside the caller's transaction (SQLite's path; Postgres
+/// batches them); anything but `Created` must be rolled back.
+async fn single_authorize(
+    conn: &mut AnyConnection,
+    job: &AuthJob,
+) -> std::result::Result<AuthResult, sqlx::Error> {
+    if token_hold(job).execute(&mut *conn).await?.rows_affected() == 0 {
+        return Ok(AuthResult::TokenRejected);
+    }
+    let funds = sqlx::query(FUNDS_HOLD)
+        .bind(job.amount)
+        .bind(job.sender_id)
+        .execute(&mut *conn)
+        .await?;
+    if funds.rows_affected() == 0 {
+        return Ok(AuthResult::InsufficientFunds);
+    }
+    if insert_hold(job).execute(&mut *conn).await?.rows_affected() == 0 {
+        return Ok(AuthResult::DuplicateKey);
+    }
     Ok(AuthResult::Created)
 }
 

@@ -51,7 +51,7 @@ pub(crate) struct AuthJob {
     pub now: i64,
     pub expires_at: i64,
     /// The recipient's budgets for this sender, and the token's own limit per 24 hours: a job
-    /// with any is placed by the per-hold transaction with its budget check, not in a batch.
+    /// with any is placed with its sender's other budgeted holds (`budget_batch.rs`), not here.
     pub budgets: HoldBudgets,
     pub token_limit_per_day: Option<i64>,
 }
@@ -89,6 +89,8 @@ pub(crate) enum AuthResult {
     TokenRejected,
     InsufficientFunds,
     BudgetExceeded(BudgetRefusal),
+    /// The idempotency key was taken by a hold committed meanwhile (the caller replays it).
+    DuplicateKey,
 }
 
 /// Which expiry condition a resolution needs.

@@ -6,67 +6,21 @@
 //! themselves, so there is no counter to keep in step: a pending hold counts its amount until it
 //! expires (reserve), a captured one its captured amount (settle), a voided or expired one nothing
 //! (release). Days that can no longer change are read from `budget_days` instead
-//! (`budget_days.rs`), so a check scans today's transfers, not the month's. [`check`] runs after the hold's transaction has locked the sender's row, which
-//! every hold of that sender takes, so the sum it reads cannot change until the hold commits or
-//! rolls back: concurrent holds across ledger replicas cannot overspend.
+//! (`budget_days.rs`), so a check scans today's transfers, not the month's. The use is read after
+//! the holds' transaction has locked the sender's row, which every hold of that sender takes, so
+//! it cannot change until that transaction commits or rolls back: concurrent holds across ledger
+//! replicas cannot overspend. The holds themselves are placed in `budget_batch.rs`.
 
-use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{Datelike, TimeZone, Utc};
 use sqlx::AnyConnection;
 use syft_error::{QuotaDetails, Reason};
 
-use super::budget_days::{pair_use, settle};
+use super::budget_days::{pair_use, settle, PairUse};
 use crate::error::LedgerError;
 
 pub(crate) const DAY_MICROS: i64 = 86_400_000_000;
-
-/// One queue per sender for its budgeted holds in this process. Those holds are decided one at a
-/// time anyway (on the sender's row lock); queueing them here first keeps a burst of one user's
-/// requests from holding every pooled connection while they wait on that lock.
-#[derive(Default)]
-pub(crate) struct SenderQueues {
-    queues: std::sync::Mutex<HashMap<i64, Arc<tokio::sync::Mutex<()>>>>,
-}
-
-/// A sender's turn; the next hold of that sender goes when it is dropped.
-pub(crate) struct Turn<'a> {
-    queues: &'a SenderQueues,
-    sender: i64,
-    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
-}
-
-impl SenderQueues {
-    pub(crate) async fn turn(&self, sender: i64) -> Turn<'_> {
-        let queue = match self.queues.lock() {
-            Ok(mut map) => map.entry(sender).or_default().clone(),
-            // A poisoned map only loses the queueing, never correctness (the row lock decides).
-            Err(_) => Arc::new(tokio::sync::Mutex::new(())),
-        };
-        Turn {
-            queues: self,
-            sender,
-            guard: Some(queue.lock_owned().await),
-        }
-    }
-}
-
-impl Drop for Turn<'_> {
-    fn drop(&mut self) {
-        drop(self.guard.take());
-        if let Ok(mut map) = self.queues.queues.lock() {
-            // Only the map holds it: nobody waits, forget the queue.
-            if map
-                .get(&self.sender)
-                .is_some_and(|q| Arc::strong_count(q) == 1)
-            {
-                map.remove(&self.sender);
-            }
-        }
-    }
-}
 
 /// The recipient's budgets for the sender of one hold, in micros.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -203,118 +157,100 @@ pub(crate) async fn record_limits(
     Ok(())
 }
 
-/// One hold's budget check, inside its transaction and after the sender's row is locked.
-pub(crate) struct BudgetCheck<'a> {
-    pub sender_id: i64,
-    pub recipient_id: i64,
-    pub token_id: &'a str,
-    pub token_limit_per_day: Option<i64>,
-    pub budgets: HoldBudgets,
-    pub amount: i64,
-    pub now: i64,
+/// The first UTC day (days since the epoch) from which a pair's use counts for `budgets`: the
+/// month's first with a monthly budget, else today.
+pub(crate) fn counted_from_day(budgets: HoldBudgets, now: i64) -> i64 {
+    let ((day, _), (month, _)) = windows(now);
+    let from = if budgets.per_month.is_some() {
+        month
+    } else {
+        day
+    };
+    from / DAY_MICROS
 }
 
-impl BudgetCheck<'_> {
-    pub(crate) fn is_needed(&self) -> bool {
-        !self.budgets.is_empty() || self.token_limit_per_day.is_some()
-    }
+/// The recipient's calendar budget that refuses `amount` on top of what the pair has used.
+pub(crate) fn calendar_refusal(
+    budgets: HoldBudgets,
+    used: PairUse,
+    amount: i64,
+    now: i64,
+) -> Option<BudgetRefusal> {
+    let ((_, next_day), (_, next_month)) = windows(now);
+    [
+        (BudgetWindow::Day, budgets.per_day, used.today, next_day),
+        (
+            BudgetWindow::Month,
+            budgets.per_month,
+            used.since,
+            next_month,
+        ),
+    ]
+    .into_iter()
+    .find_map(|(window, limit, used, resets)| {
+        let limit = limit?;
+        (used.saturating_add(amount) > limit).then_some(BudgetRefusal {
+            window,
+            limit,
+            used,
+            requested: amount,
+            retry_at: (amount <= limit).then_some(resets),
+        })
+    })
+}
 
-    /// `Some` if a budget refuses the hold.
-    pub(crate) async fn run(
-        &self,
-        conn: &mut AnyConnection,
-    ) -> Result<Option<BudgetRefusal>, sqlx::Error> {
-        let ((day, next_day), (month, next_month)) = windows(self.now);
-        if !self.budgets.is_empty() {
-            let from = if self.budgets.per_month.is_some() {
-                month
-            } else {
-                day
-            };
-            let used = pair_use(
-                conn,
-                self.sender_id,
-                self.recipient_id,
-                from / DAY_MICROS,
-                self.now,
-            )
-            .await?;
-            let calendar = [
-                (
-                    BudgetWindow::Day,
-                    self.budgets.per_day,
-                    used.today,
-                    next_day,
-                ),
-                (
-                    BudgetWindow::Month,
-                    self.budgets.per_month,
-                    used.since,
-                    next_month,
-                ),
-            ];
-            for (window, limit, used, resets) in calendar {
-                let Some(limit) = limit else { continue };
-                if used.saturating_add(self.amount) > limit {
-                    return Ok(Some(BudgetRefusal {
-                        window,
-                        limit,
-                        used,
-                        requested: self.amount,
-                        retry_at: (self.amount <= limit).then_some(resets),
-                    }));
-                }
-            }
-        }
-        if let Some(limit) = self.token_limit_per_day {
-            let since = self.now - DAY_MICROS;
-            let used: i64 = sqlx::query_scalar(USED_BY_TOKEN)
-                .bind(self.now)
-                .bind(self.token_id)
-                .bind(since)
-                .fetch_one(&mut *conn)
-                .await?;
-            if used.saturating_add(self.amount) > limit {
-                let retry_at = if self.amount > limit {
-                    None
-                } else {
-                    self.rolling_retry(conn, limit, used, since).await?
-                };
-                return Ok(Some(BudgetRefusal {
-                    window: BudgetWindow::TokenDay,
-                    limit,
-                    used,
-                    requested: self.amount,
-                    retry_at,
-                }));
-            }
-        }
-        Ok(None)
-    }
+/// What the token's holds of the 24 hours before `now` still commit.
+pub(crate) async fn token_used(
+    conn: &mut AnyConnection,
+    token_id: &str,
+    now: i64,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(USED_BY_TOKEN)
+        .bind(now)
+        .bind(token_id)
+        .bind(now - DAY_MICROS)
+        .fetch_one(&mut *conn)
+        .await
+}
 
-    /// When enough of the token's rolling 24 hours ages out for this hold.
-    async fn rolling_retry(
-        &self,
-        conn: &mut AnyConnection,
-        limit: i64,
-        used: i64,
-        since: i64,
-    ) -> Result<Option<i64>, sqlx::Error> {
+/// The token's own limit per 24 hours refusing `amount` on top of `used`, with when enough of the
+/// rolling window frees (read from the token's transfers, the refused hold's transaction
+/// included).
+pub(crate) async fn token_refusal(
+    conn: &mut AnyConnection,
+    token_id: &str,
+    limit: i64,
+    used: i64,
+    amount: i64,
+    now: i64,
+) -> Result<Option<BudgetRefusal>, sqlx::Error> {
+    if used.saturating_add(amount) <= limit {
+        return Ok(None);
+    }
+    let mut retry_at = None;
+    if amount <= limit {
         let entries: Vec<(i64, i64)> = sqlx::query_as(TOKEN_ENTRIES)
-            .bind(self.now)
-            .bind(self.token_id)
-            .bind(since)
+            .bind(now)
+            .bind(token_id)
+            .bind(now - DAY_MICROS)
             .fetch_all(&mut *conn)
             .await?;
         let mut left = used;
         for (at, c) in entries {
             left -= c;
-            if left.saturating_add(self.amount) <= limit {
-                return Ok(Some(at + DAY_MICROS));
+            if left.saturating_add(amount) <= limit {
+                retry_at = Some(at + DAY_MICROS);
+                break;
             }
         }
-        Ok(None)
     }
+    Ok(Some(BudgetRefusal {
+        window: BudgetWindow::TokenDay,
+        limit,
+        used,
+        requested: amount,
+        retry_at,
+    }))
 }
 
 /// What one sender has used of one recipient's per-user budgets in the current UTC windows.
@@ -439,16 +375,10 @@ pub(crate) async fn windowed_use(
     .fetch_all(&mut *conn)
     .await?;
     for (token, limit) in tokens {
-        let used: i64 = sqlx::query_scalar(USED_BY_TOKEN)
-            .bind(now)
-            .bind(&token)
-            .bind(now - DAY_MICROS)
-            .fetch_one(&mut *conn)
-            .await?;
         out.push(WindowUse {
+            used: token_used(&mut conn, &token, now).await?,
             subject: format!("token:{token}:24h"),
             window: "24h",
-            used,
             limit,
         });
     }

@@ -11,6 +11,7 @@ mod answer;
 mod authorize;
 mod batch;
 mod budget;
+mod budget_batch;
 mod budget_days;
 pub(crate) mod db_error;
 mod extend;
@@ -116,8 +117,8 @@ pub struct Store {
     batcher: Option<batch::Batcher>,
     /// Group commit for usage rows without money (both backends).
     usage_writer: usage_batch::UsageWriter,
-    /// Budgeted holds of one sender wait here, not on a pooled connection (see `budget.rs`).
-    sender_queues: budget::SenderQueues,
+    /// Budgeted holds, decided together per sender (`budget_batch.rs`).
+    budgeted: budget_batch::BudgetedHolds,
     /// Postgres only: folds queued usage rows into the rollups (`rollup_fold.rs`).
     _folder: Option<rollup_fold::Folder>,
     /// Where the expiry sweep and the answer purge start reading (`floor.rs`).
@@ -214,7 +215,7 @@ impl Store {
             (backend == Backend::Postgres).then(|| rollup_fold::start_folder(pool.clone()));
         let store = Self {
             _folder: folder,
-            sender_queues: budget::SenderQueues::default(),
+            budgeted: budget_batch::BudgetedHolds::new(pool.clone()),
             batcher,
             usage_writer,
             pool,

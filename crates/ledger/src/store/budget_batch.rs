@@ -1,0 +1,296 @@
+//! Budgeted holds of one sender, decided together in one transaction (docs/limits.md, "Budgets
+//! in the ledger").
+//!
+//! A budget is decided after the sender's row is locked, so the budgeted holds of one sender are
+//! decided one after the other whatever the process or replica. One transaction each made that a
+//! queue of commits: a busy payer with budgets got a twentieth of the throughput it gets without
+//! them (docs/benchmarks.md). Here the holds of one sender that wait together are decided in one
+//! transaction: the locks are taken once, the budgets' use is read once and then counted on in
+//! memory hold by hold, and one commit places them all. Each hold still runs the same conditional
+//! updates of its token and funds, in the same order, so a refused hold is refused exactly as it
+//! was alone; what it had taken is given back in the same transaction before the next is decided.
+//!
+//! The batch of a sender is drained by a task of its own: a client that goes away never strands
+//! the holds queued behind its own.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use sqlx::{AnyConnection, AnyPool};
+use tokio::sync::oneshot;
+
+use super::authorize::{insert_hold, token_hold, FUNDS_HOLD};
+use super::batch::{AuthJob, AuthResult};
+use super::budget::{
+    calendar_refusal, counted_from_day, record_limits, settle_month, token_refusal, token_used,
+};
+use super::budget_days::{pair_use, PairUse};
+
+/// At most this many holds in one transaction, so that the sender's and token's rows are not held
+/// for long against the captures that need them too.
+const MAX_BATCH: usize = 32;
+
+type Answer = Result<AuthResult, sqlx::Error>;
+type Waiting = (AuthJob, oneshot::Sender<Answer>);
+type Queues = Arc<Mutex<HashMap<i64, VecDeque<Waiting>>>>;
+
+pub(crate) struct BudgetedHolds {
+    pool: AnyPool,
+    /// Per sender, the holds waiting; a sender has an entry exactly while its drain task runs.
+    queues: Queues,
+}
+
+impl BudgetedHolds {
+    pub(crate) fn new(pool: AnyPool) -> Self {
+        Self {
+            pool,
+            queues: Arc::default(),
+        }
+    }
+
+    /// Queues the hold behind its sender's others and waits for its outcome.
+    pub(crate) async fn place(&self, job: AuthJob) -> Answer {
+        let (tx, rx) = oneshot::channel();
+        let sender = job.sender_id;
+        let start = {
+            let mut map = self
+                .queues
+                .lock()
+                .map_err(|_| sqlx::Error::Protocol("budgeted hold queues poisoned".into()))?;
+            let start = !map.contains_key(&sender);
+            map.entry(sender).or_default().push_back((job, tx));
+            start
+        };
+        if start {
+            let drain = Drain {
+                pool: self.pool.clone(),
+                queues: self.queues.clone(),
+                sender,
+                done: false,
+            };
+            tokio::spawn(drain.run());
+        }
+        rx.await.unwrap_or_else(|_| {
+            Err(sqlx::Error::Protocol(
+                "the budgeted hold's batch ended without an outcome".into(),
+            ))
+        })
+    }
+}
+
+/// The task that decides one sender's queued holds until none is left.
+struct Drain {
+    pool: AnyPool,
+    queues: Queues,
+    sender: i64,
+    /// Set when this task removed the sender's entry itself (its queue was empty).
+    done: bool,
+}
+
+impl Drain {
+    async fn run(mut self) {
+        while let Some(batch) = self.next_batch() {
+            let jobs: Vec<&AuthJob> = batch.iter().map(|(job, _)| job).collect();
+            match decide(&self.pool, &jobs).await {
+                Ok(results) => {
+                    for ((_, reply), result) in batch.into_iter().zip(results) {
+                        let _ = reply.send(Ok(result));
+                    }
+                }
+                // A failed batch (a lost connection, a failed commit) is decided again hold by
+                // hold, so one hold's error is never another's; a hold that did commit before
+                // the failure finds its key taken and is replayed by the caller.
+                Err(_) => {
+                    for (job, reply) in batch {
+                        let one = decide(&self.pool, &[&job]).await;
+                        let _ = reply.send(one.map(|mut r| r.remove(0)));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The next holds to decide together: the oldest waiting hold and those behind it through the
+    /// same token. One token per batch keeps the lock order of every hold (token, then sender).
+    /// `None` once the queue is empty, and then the entry is gone.
+    fn next_batch(&mut self) -> Option<Vec<Waiting>> {
+        let mut map = self.queues.lock().ok()?;
+        let queue = map.get_mut(&self.sender)?;
+        let Some(token) = queue.front().map(|(job, _)| job.token_id.clone()) else {
+            map.remove(&self.sender);
+            self.done = true;
+            return None;
+        };
+        let mut batch = Vec::new();
+        let mut rest = VecDeque::new();
+        for waiting in queue.drain(..) {
+            if batch.len() < MAX_BATCH && waiting.0.token_id == token {
+                batch.push(waiting);
+            } else {
+                rest.push_back(waiting);
+            }
+        }
+        *queue = rest;
+        Some(batch)
+    }
+}
+
+impl Drop for Drain {
+    /// However else the task ends (a panic), the sender's entry goes with it: the holds still
+    /// queued get an error instead of waiting forever, and the next hold starts a new task. Once
+    /// the task removed the entry itself, a new one may already belong to a new task.
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        if let Ok(mut map) = self.queues.lock() {
+            map.remove(&self.sender);
+        }
+    }
+}
+
+/// One batch's budgets: each pair's use and the token's, read once under the locks and counted on
+/// as holds are placed.
+#[derive(Default)]
+struct Counted {
+    pairs: HashMap<i64, PairUse>,
+    token: Option<i64>,
+}
+
+/// Decides `jobs` (one sender, one token) in one transaction; one result per job, in order.
+async fn decide(pool: &AnyPool, jobs: &[&AuthJob]) -> Result<Vec<AuthResult>, sqlx::Error> {
+    let Some(first) = jobs.first() else {
+        return Ok(Vec::new());
+    };
+    let now = first.now;
+    // Settled days are written first, in their own statements (budget_days.rs).
+    {
+        let mut conn = pool.acquire().await?;
+        let mut seen = Vec::new();
+        for job in jobs.iter().filter(|j| j.budgets.per_month.is_some()) {
+            if !seen.contains(&job.recipient_id) {
+                seen.push(job.recipient_id);
+                settle_month(&mut conn, job.sender_id, job.recipient_id, now).await?;
+            }
+        }
+    }
+    // No lock is taken up front: each hold updates its token's row, then its sender's, as every
+    // hold does, and the budgets' use is read only after a funds update has locked the sender.
+    let mut tx = pool.begin().await?;
+    let mut counted = Counted::default();
+    let mut results = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        results.push(place(&mut tx, jobs, job, &mut counted).await?);
+    }
+    // The budgets each recipient's last placed hold carried, for the alerts (budget.rs).
+    let mut recorded = Vec::new();
+    for (job, result) in jobs.iter().zip(&results).rev() {
+        if matches!(result, AuthResult::Created)
+            && !job.budgets.is_empty()
+            && !recorded.contains(&job.recipient_id)
+        {
+            recorded.push(job.recipient_id);
+            record_limits(&mut tx, job.sender_id, job.recipient_id, job.budgets, now).await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(results)
+}
+
+/// Places one hold of the batch, or refuses it and gives back what it had taken.
+async fn place(
+    conn: &mut AnyConnection,
+    jobs: &[&AuthJob],
+    job: &AuthJob,
+    counted: &mut Counted,
+) -> Result<AuthResult, sqlx::Error> {
+    if token_hold(job).execute(&mut *conn).await?.rows_affected() == 0 {
+        return Ok(AuthResult::TokenRejected);
+    }
+    let funds = sqlx::query(FUNDS_HOLD)
+        .bind(job.amount)
+        .bind(job.sender_id)
+        .execute(&mut *conn)
+        .await?;
+    if funds.rows_affected() == 0 {
+        give_back(conn, job, false).await?;
+        return Ok(AuthResult::InsufficientFunds);
+    }
+    if let Some(refusal) = budget_refusal(conn, jobs, job, counted).await? {
+        give_back(conn, job, true).await?;
+        return Ok(AuthResult::BudgetExceeded(refusal));
+    }
+    if insert_hold(job).execute(&mut *conn).await?.rows_affected() == 0 {
+        give_back(conn, job, true).await?;
+        return Ok(AuthResult::DuplicateKey);
+    }
+    if let Some(used) = counted.pairs.get_mut(&job.recipient_id) {
+        used.today += job.amount;
+        used.since += job.amount;
+    }
+    if let Some(used) = &mut counted.token {
+        *used += job.amount;
+    }
+    Ok(AuthResult::Created)
+}
+
+/// The budget that refuses `job`, if any: the recipient's calendar budgets, then the token's own
+/// limit per 24 hours. Each use is read on first need (the locks are held by then).
+async fn budget_refusal(
+    conn: &mut AnyConnection,
+    jobs: &[&AuthJob],
+    job: &AuthJob,
+    counted: &mut Counted,
+) -> Result<Option<super::BudgetRefusal>, sqlx::Error> {
+    if !job.budgets.is_empty() {
+        let used = match counted.pairs.get(&job.recipient_id) {
+            Some(used) => *used,
+            None => {
+                // From the earliest day any hold of this pair in the batch needs.
+                let from = jobs
+                    .iter()
+                    .filter(|j| j.recipient_id == job.recipient_id)
+                    .map(|j| counted_from_day(j.budgets, job.now))
+                    .min()
+                    .unwrap_or_else(|| counted_from_day(job.budgets, job.now));
+                let used = pair_use(conn, job.sender_id, job.recipient_id, from, job.now).await?;
+                *counted.pairs.entry(job.recipient_id).or_insert(used)
+            }
+        };
+        if let Some(refusal) = calendar_refusal(job.budgets, used, job.amount, job.now) {
+            return Ok(Some(refusal));
+        }
+    }
+    let Some(limit) = job.token_limit_per_day else {
+        return Ok(None);
+    };
+    let used = match counted.token {
+        Some(used) => used,
+        None => {
+            let used = token_used(conn, &job.token_id, job.now).await?;
+            *counted.token.insert(used)
+        }
+    };
+    token_refusal(conn, &job.token_id, limit, used, job.amount, job.now).await
+}
+
+/// Undoes a refused hold's token update (and its funds update, once that was made).
+async fn give_back(
+    conn: &mut AnyConnection,
+    job: &AuthJob,
+    funds_too: bool,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE tokens SET held = held - $1 WHERE id = $2")
+        .bind(job.amount)
+        .bind(&job.token_id)
+        .execute(&mut *conn)
+        .await?;
+    if funds_too {
+        sqlx::query("UPDATE accounts SET held = held - $1 WHERE id = $2")
+            .bind(job.amount)
+            .bind(job.sender_id)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
