@@ -498,7 +498,9 @@ async fn a_busy_budgeted_payer_is_decided_in_batches(h: Harness) -> Harness {
         budget_per_month_micros: Some(100 * USD),
         ..hold(&token, &key, USD / 2, Some(100 * USD), 300)
     };
-    let keys = (0..30).map(|i| format!("k{i}")).chain((0..10).map(|_| "dup".to_string()));
+    let keys = (0..30)
+        .map(|i| format!("k{i}"))
+        .chain((0..10).map(|_| "dup".to_string()));
     let holds: Vec<_> = keys
         .map(|key| {
             let mut c = c.clone();
@@ -522,7 +524,10 @@ async fn a_busy_budgeted_payer_is_decided_in_batches(h: Harness) -> Harness {
         }
     }
     assert_eq!(placed.len(), 20, "distinct holds placed");
-    assert!(dup_ids.len() <= 1, "copies of one key share one hold: {dup_ids:?}");
+    assert!(
+        dup_ids.len() <= 1,
+        "copies of one key share one hold: {dup_ids:?}"
+    );
     let a = h.balance(ALICE).await;
     assert_eq!((a.balance_micros, a.held_micros), (10 * USD, 10 * USD));
     h

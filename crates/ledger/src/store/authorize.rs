@@ -406,26 +406,40 @@ impl Store {
 
 /// Takes a hold's amount from its token's room: the token is live, within its spend limit, and
 /// the key has no recorded failure. Binds: amount, token, now, recipient, key, sender email.
-pub(super) const TOKEN_HOLD: &str = "UPDATE tokens SET held = held + $1 WHERE id = $2 \
+const TOKEN_HOLD: &str = "UPDATE tokens SET held = held + $1 WHERE id = $2 \
      AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $3) \
      AND (spend_limit IS NULL OR spent + held + $1 <= spend_limit) \
      AND NOT EXISTS (SELECT 1 FROM authorize_failures \
                      WHERE recipient_id = $4 AND idempotency_key = $5 AND sender_email = $6)";
 /// Holds the amount on the sender's available funds. Binds: amount, sender.
-pub(super) const FUNDS_HOLD: &str =
+const FUNDS_HOLD: &str =
     "UPDATE accounts SET held = held + $1 WHERE id = $2 AND balance - held >= $1";
 
-/// Binds [`TOKEN_HOLD`] for `job`.
-pub(super) fn token_hold(
+/// Takes `job`'s amount from its token's room, then from its sender's available funds (which
+/// locks the sender's row). The refusal if either refuses: `TokenRejected` with nothing taken,
+/// `InsufficientFunds` with the token's part taken (the caller rolls back or gives it back).
+pub(super) async fn take_hold(
+    conn: &mut AnyConnection,
     job: &AuthJob,
-) -> sqlx::query::Query<'_, sqlx::Any, sqlx::any::AnyArguments<'_>> {
-    sqlx::query(TOKEN_HOLD)
+) -> std::result::Result<Option<AuthResult>, sqlx::Error> {
+    let token = sqlx::query(TOKEN_HOLD)
         .bind(job.amount)
         .bind(&job.token_id)
         .bind(job.now)
         .bind(job.recipient_id)
         .bind(&job.idempotency_key)
         .bind(&job.sender_email)
+        .execute(&mut *conn)
+        .await?;
+    if token.rows_affected() == 0 {
+        return Ok(Some(AuthResult::TokenRejected));
+    }
+    let funds = sqlx::query(FUNDS_HOLD)
+        .bind(job.amount)
+        .bind(job.sender_id)
+        .execute(&mut *conn)
+        .await?;
+    Ok((funds.rows_affected() == 0).then_some(AuthResult::InsufficientFunds))
 }
 
 /// The pending transfer of `job`; `ON CONFLICT DO NOTHING` (no row) when its key was taken
@@ -459,16 +473,8 @@ async fn single_authorize(
     conn: &mut AnyConnection,
     job: &AuthJob,
 ) -> std::result::Result<AuthResult, sqlx::Error> {
-    if token_hold(job).execute(&mut *conn).await?.rows_affected() == 0 {
-        return Ok(AuthResult::TokenRejected);
-    }
-    let funds = sqlx::query(FUNDS_HOLD)
-        .bind(job.amount)
-        .bind(job.sender_id)
-        .execute(&mut *conn)
-        .await?;
-    if funds.rows_affected() == 0 {
-        return Ok(AuthResult::InsufficientFunds);
+    if let Some(refused) = take_hold(conn, job).await? {
+        return Ok(refused);
     }
     if insert_hold(job).execute(&mut *conn).await?.rows_affected() == 0 {
         return Ok(AuthResult::DuplicateKey);

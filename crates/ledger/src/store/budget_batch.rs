@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use sqlx::{AnyConnection, AnyPool};
 use tokio::sync::oneshot;
 
-use super::authorize::{insert_hold, token_hold, FUNDS_HOLD};
+use super::authorize::{insert_hold, take_hold};
 use super::batch::{AuthJob, AuthResult};
 use super::budget::{
     calendar_refusal, counted_from_day, record_limits, settle_month, token_refusal, token_used,
@@ -204,17 +204,13 @@ async fn place(
     job: &AuthJob,
     counted: &mut Counted,
 ) -> Result<AuthResult, sqlx::Error> {
-    if token_hold(job).execute(&mut *conn).await?.rows_affected() == 0 {
-        return Ok(AuthResult::TokenRejected);
-    }
-    let funds = sqlx::query(FUNDS_HOLD)
-        .bind(job.amount)
-        .bind(job.sender_id)
-        .execute(&mut *conn)
-        .await?;
-    if funds.rows_affected() == 0 {
-        give_back(conn, job, false).await?;
-        return Ok(AuthResult::InsufficientFunds);
+    match take_hold(conn, job).await? {
+        Some(AuthResult::InsufficientFunds) => {
+            give_back(conn, job, false).await?;
+            return Ok(AuthResult::InsufficientFunds);
+        }
+        Some(refused) => return Ok(refused),
+        None => {}
     }
     if let Some(refusal) = budget_refusal(conn, jobs, job, counted).await? {
         give_back(conn, job, true).await?;
