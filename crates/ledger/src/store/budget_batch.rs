@@ -23,6 +23,7 @@ use super::authorize::{insert_hold, take_hold};
 use super::batch::{AuthJob, AuthResult};
 use super::budget::{
     calendar_refusal, counted_from_day, record_limits, settle_month, token_refusal, token_used,
+    DAY_MICROS,
 };
 use super::budget_days::{pair_use, PairUse};
 
@@ -150,10 +151,14 @@ impl Drop for Drain {
 }
 
 /// One batch's budgets: each pair's use and the token's, read once under the locks and counted on
-/// as holds are placed.
+/// as holds are placed. A pair's use is kept per UTC day of the holds' clock, so a batch that
+/// spans midnight reads the new day afresh. Within a day, what a later hold of the batch sees is
+/// at most what a fresh read would (a pending hold that expired, or a token's transfer that left
+/// the 24 hours, in the milliseconds between them still counts): a batch may refuse a hold a
+/// moment early, never admit one over a budget.
 #[derive(Default)]
 struct Counted {
-    pairs: HashMap<i64, PairUse>,
+    pairs: HashMap<(i64, i64), PairUse>,
     token: Option<i64>,
 }
 
@@ -220,9 +225,11 @@ async fn place(
         give_back(conn, job, true).await?;
         return Ok(AuthResult::DuplicateKey);
     }
-    if let Some(used) = counted.pairs.get_mut(&job.recipient_id) {
-        used.today += job.amount;
-        used.since += job.amount;
+    for ((recipient, _), used) in counted.pairs.iter_mut() {
+        if *recipient == job.recipient_id {
+            used.today += job.amount;
+            used.since += job.amount;
+        }
     }
     if let Some(used) = &mut counted.token {
         *used += job.amount;
@@ -239,7 +246,8 @@ async fn budget_refusal(
     counted: &mut Counted,
 ) -> Result<Option<super::BudgetRefusal>, sqlx::Error> {
     if !job.budgets.is_empty() {
-        let used = match counted.pairs.get(&job.recipient_id) {
+        let key = (job.recipient_id, job.now.div_euclid(DAY_MICROS));
+        let used = match counted.pairs.get(&key) {
             Some(used) => *used,
             None => {
                 // From the earliest day any hold of this pair in the batch needs.
@@ -250,7 +258,7 @@ async fn budget_refusal(
                     .min()
                     .unwrap_or_else(|| counted_from_day(job.budgets, job.now));
                 let used = pair_use(conn, job.sender_id, job.recipient_id, from, job.now).await?;
-                *counted.pairs.entry(job.recipient_id).or_insert(used)
+                *counted.pairs.entry(key).or_insert(used)
             }
         };
         if let Some(refusal) = calendar_refusal(job.budgets, used, job.amount, job.now) {
