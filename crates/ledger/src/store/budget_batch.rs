@@ -153,7 +153,7 @@ impl Drop for Drain {
 /// One batch's budgets: each pair's use and the token's, read once under the locks and counted on
 /// as holds are placed. A pair's use is kept per UTC day of the holds' clock, so a batch that
 /// spans midnight reads the new day afresh. Within a day, what a later hold of the batch sees is
-/// at most what a fresh read would (a pending hold that expired, or a token's transfer that left
+/// at least what a fresh read would (a pending hold that expired, or a token's transfer that left
 /// the 24 hours, in the milliseconds between them still counts): a batch may refuse a hold a
 /// moment early, never admit one over a budget.
 #[derive(Default)]

@@ -169,7 +169,15 @@ impl Store {
                     "database url must start with postgres:// or sqlite:",
                 ));
             };
-        let options = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(10));
+        // No idle timeout and no lifetime, so sqlx (0.8) starts no pool maintenance task: that
+        // task can race with a connection being given back, wrap the pool's idle count below
+        // zero and then spin a core for good; on SQLite's one-connection pool it also left every
+        // acquire waiting (a test run hung so). Connections are still checked before each use
+        // (`test_before_acquire`), and a broken one is replaced on demand.
+        let options = AnyPoolOptions::new()
+            .acquire_timeout(Duration::from_secs(10))
+            .idle_timeout(None)
+            .max_lifetime(None);
         let unreachable = |e: sqlx::Error| {
             LedgerError::Unavailable(format!("cannot connect to the database: {e}"))
         };
