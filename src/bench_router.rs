@@ -24,6 +24,7 @@ use hdrhistogram::Histogram;
 use syft_ledger::client::connect_lazy;
 use syft_ledger::LedgerConfig;
 use syft_proto::router as rpb;
+use syft_router_svc::config::Budgets;
 use syft_router_svc::search::{DocIndex, SourceDoc};
 use syft_router_svc::{
     OpenAiConfig, Pricing, RouterConfig, SearchBackendConfig, SearchConfig, UpstreamConfig,
@@ -81,6 +82,10 @@ pub struct RouterBench {
     /// Where the limited router counts: `memory`, or a Redis URL (`redis://127.0.0.1:6379`).
     #[arg(long, default_value = "memory")]
     pub(crate) limits_store: String,
+    /// Give the paid router per-user budgets per day and per month that are never reached, so
+    /// that every paid hold carries one (docs/limits.md, "Budgets in the ledger").
+    #[arg(long)]
+    pub(crate) budgets: bool,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq)]
@@ -161,6 +166,7 @@ pub(crate) struct User {
 /// HTTP chat URLs and the serving task.
 pub(crate) async fn start_router(
     pricing: Pricing,
+    budgets: Budgets,
     ledger_url: &str,
     secret: &str,
     upstream_url: &str,
@@ -168,6 +174,7 @@ pub(crate) async fn start_router(
     signal: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<(String, String, RouterTask)> {
     let mut config = RouterConfig::new("bench-router", OWNER).with_chat_pricing(pricing.clone());
+    config.budgets = budgets;
     if let Some(search) = search {
         config = config.with_search(pricing, search);
     }
@@ -265,8 +272,14 @@ pub async fn run(b: &RouterBench) -> anyhow::Result<()> {
             index_dir.path().to_path_buf(),
         )));
     }
+    // Budgets that never refuse: a thousand dollars a day per user.
+    let budgets = Budgets {
+        per_day_micros: b.budgets.then_some(1_000_000_000),
+        per_month_micros: b.budgets.then_some(1_000_000_000),
+    };
     let (grpc_url, http_url, router) = start_router(
         Pricing::per_request(PAID_PRICE),
+        budgets,
         &ledger_url,
         &owner_secret,
         &upstream_url,

@@ -127,6 +127,7 @@ impl Shapes {
     {
         let (_, free_url, free_router) = start_router(
             Pricing::free(),
+            Default::default(),
             &self.ledger_url,
             &self.owner_secret,
             &self.upstream_url,
@@ -146,6 +147,7 @@ impl Shapes {
         };
         let (_, no_ledger_url, no_ledger_router) = start_router(
             Pricing::free(),
+            Default::default(),
             &closed,
             &self.owner_secret,
             &self.upstream_url,
