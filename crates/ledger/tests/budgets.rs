@@ -533,7 +533,43 @@ async fn a_busy_budgeted_payer_is_decided_in_batches(h: Harness) -> Harness {
     h
 }
 
+/// A token's own refusal inside a budgeted batch: ten holds of $0.50 at once through a token that
+/// may spend $3 place exactly six; the rest are refused by the token (`PERMISSION_DENIED`, as a
+/// hold alone is) without touching the funds or the budget, and the books balance.
+async fn a_token_refuses_inside_a_budgeted_batch(h: Harness) -> Harness {
+    let alice = h.account(ALICE, 10 * USD).await;
+    let owner = h.account(OWNER, 0).await;
+    let limited = ok(h
+        .client(&alice)
+        .issue_token(pb::IssueTokenRequest {
+            recipient_email: OWNER.into(),
+            spend_limit_micros: Some(3 * USD),
+            ..Default::default()
+        })
+        .await)
+    .token;
+    let c = h.client(&owner);
+    let holds: Vec<_> = (0..10)
+        .map(|i| {
+            let mut c = c.clone();
+            let req = hold(&limited, &format!("t{i}"), USD / 2, Some(100 * USD), 300);
+            tokio::spawn(async move { c.authorize(req).await })
+        })
+        .collect();
+    let mut placed = 0;
+    for handle in holds {
+        match handle.await.expect("task") {
+            Ok(_) => placed += 1,
+            Err(e) => assert_eq!(e.code(), Code::PermissionDenied, "{e}"),
+        }
+    }
+    assert_eq!(placed, 6);
+    assert_eq!(h.balance(ALICE).await.held_micros, 3 * USD);
+    h
+}
+
 store_suite!(
+    a_token_refuses_inside_a_budgeted_batch,
     a_busy_budgeted_payer_is_decided_in_batches,
     concurrent_holds_respect_a_month_with_settled_history,
     budget_lifecycle,

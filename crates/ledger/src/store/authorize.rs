@@ -280,15 +280,15 @@ impl Store {
             token_limit_per_day: token.limit_per_day,
         };
         let budgeted = !job.budgets.is_empty() || job.token_limit_per_day.is_some();
-        let result = match &self.batcher {
-            _ if budgeted => self.budgeted.place(job.clone()).await,
-            Some(batcher) => batcher.authorize(job.clone()).await,
-            None => {
-                let mut tx = self.pool().begin().await?;
-                match single_authorize(&mut tx, &job).await {
-                    Ok(AuthResult::Created) => tx.commit().await.map(|_| AuthResult::Created),
-                    other => other,
-                }
+        let result = if budgeted {
+            self.budgeted.place(job.clone()).await
+        } else if let Some(batcher) = &self.batcher {
+            batcher.authorize(job.clone()).await
+        } else {
+            let mut tx = self.pool().begin().await?;
+            match single_authorize(&mut tx, &job).await {
+                Ok(AuthResult::Created) => tx.commit().await.map(|_| AuthResult::Created),
+                other => other,
             }
         };
         match result {

@@ -17,7 +17,7 @@ use chrono::{Datelike, TimeZone, Utc};
 use sqlx::AnyConnection;
 use syft_error::{QuotaDetails, Reason};
 
-use super::budget_days::{pair_use, settle, PairUse};
+use super::budget_days::{pair_use, settle, PairUse, Settled};
 use crate::error::LedgerError;
 
 pub(crate) const DAY_MICROS: i64 = 86_400_000_000;
@@ -269,7 +269,7 @@ pub(crate) async fn settle_month(
     sender_id: i64,
     recipient_id: i64,
     now: i64,
-) -> Result<(), sqlx::Error> {
+) -> Result<Settled, sqlx::Error> {
     let (_, (month, _)) = windows(now);
     settle(conn, sender_id, recipient_id, month / DAY_MICROS, now).await
 }
@@ -281,9 +281,10 @@ async fn calendar_use(
     recipient_id: i64,
     now: i64,
 ) -> Result<(i64, i64), sqlx::Error> {
-    settle_month(conn, sender_id, recipient_id, now).await?;
+    let settled = settle_month(conn, sender_id, recipient_id, now).await?;
     let (_, (month, _)) = windows(now);
-    let used = pair_use(conn, sender_id, recipient_id, month / DAY_MICROS, now).await?;
+    let from = (month / DAY_MICROS, &settled);
+    let used = pair_use(conn, sender_id, recipient_id, from, now).await?;
     Ok((used.today, used.since))
 }
 

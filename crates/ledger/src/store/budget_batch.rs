@@ -25,7 +25,7 @@ use super::budget::{
     calendar_refusal, counted_from_day, record_limits, settle_month, token_refusal, token_used,
     DAY_MICROS,
 };
-use super::budget_days::{pair_use, PairUse};
+use super::budget_days::{pair_use, PairUse, Settled};
 
 /// At most this many holds in one transaction, so that the sender's and token's rows are not held
 /// for long against the captures that need them too.
@@ -158,6 +158,9 @@ impl Drop for Drain {
 /// moment early, never admit one over a budget.
 #[derive(Default)]
 struct Counted {
+    /// Per recipient with a monthly budget in the batch, its settled days (`settle`, before the
+    /// transaction).
+    settled: HashMap<i64, Settled>,
     pairs: HashMap<(i64, i64), PairUse>,
     token: Option<i64>,
 }
@@ -168,21 +171,20 @@ async fn decide(pool: &AnyPool, jobs: &[&AuthJob]) -> Result<Vec<AuthResult>, sq
         return Ok(Vec::new());
     };
     let now = first.now;
-    // Settled days are written first, in their own statements (budget_days.rs).
-    {
-        let mut conn = pool.acquire().await?;
-        let mut seen = Vec::new();
-        for job in jobs.iter().filter(|j| j.budgets.per_month.is_some()) {
-            if !seen.contains(&job.recipient_id) {
-                seen.push(job.recipient_id);
-                settle_month(&mut conn, job.sender_id, job.recipient_id, now).await?;
-            }
+    let mut conn = pool.acquire().await?;
+    let mut counted = Counted::default();
+    // Settled days are written first, in their own statements (budget_days.rs), on the
+    // connection the transaction then uses.
+    for job in jobs.iter().filter(|j| j.budgets.per_month.is_some()) {
+        if let std::collections::hash_map::Entry::Vacant(slot) =
+            counted.settled.entry(job.recipient_id)
+        {
+            slot.insert(settle_month(&mut conn, job.sender_id, job.recipient_id, now).await?);
         }
     }
     // No lock is taken up front: each hold updates its token's row, then its sender's, as every
     // hold does, and the budgets' use is read only after a funds update has locked the sender.
-    let mut tx = pool.begin().await?;
-    let mut counted = Counted::default();
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
     let mut results = Vec::with_capacity(jobs.len());
     for job in jobs {
         results.push(place(&mut tx, jobs, job, &mut counted).await?);
@@ -250,6 +252,8 @@ async fn budget_refusal(
         let used = match counted.pairs.get(&key) {
             Some(used) => *used,
             None => {
+                // A batch with only daily budgets reads from today, where nothing is settled.
+                let no_days = Settled::new();
                 // From the earliest day any hold of this pair in the batch needs.
                 let from = jobs
                     .iter()
@@ -257,6 +261,8 @@ async fn budget_refusal(
                     .map(|j| counted_from_day(j.budgets, job.now))
                     .min()
                     .unwrap_or_else(|| counted_from_day(job.budgets, job.now));
+                let settled = counted.settled.get(&job.recipient_id);
+                let from = (from, settled.unwrap_or(&no_days));
                 let used = pair_use(conn, job.sender_id, job.recipient_id, from, job.now).await?;
                 *counted.pairs.entry(key).or_insert(used)
             }

@@ -42,6 +42,10 @@ const DAY_SUMS: &str = "SELECT created_at / 86400000000 AS d, \
      AND created_at >= $4 AND created_at < $5 \
      GROUP BY created_at / 86400000000";
 
+/// A pair's settled days: what each counts, by UTC day (days since the epoch). Rows never change
+/// once written, so a set read before a transaction holds inside it too.
+pub(crate) type Settled = HashMap<i64, i64>;
+
 /// The settled days of the pair from `from_day` (UTC days since the epoch) to before `to_day`.
 async fn settled(
     conn: &mut AnyConnection,
@@ -49,7 +53,7 @@ async fn settled(
     recipient_id: i64,
     from_day: i64,
     to_day: i64,
-) -> Result<HashMap<i64, i64>, sqlx::Error> {
+) -> Result<Settled, sqlx::Error> {
     let rows: Vec<(i64, i64)> = sqlx::query_as(
         "SELECT day, used FROM budget_days WHERE sender_id = $1 AND recipient_id = $2 \
          AND day >= $3 AND day < $4",
@@ -64,7 +68,7 @@ async fn settled(
 }
 
 /// The first day from `from_day` that is not settled (at most `today`, which never is).
-fn first_open_day(from_day: i64, today: i64, settled: &HashMap<i64, i64>) -> i64 {
+fn first_open_day(from_day: i64, today: i64, settled: &Settled) -> i64 {
     (from_day..today)
         .find(|d| !settled.contains_key(d))
         .unwrap_or(today)
@@ -87,7 +91,8 @@ async fn day_sums(
         .await
 }
 
-/// Writes the pair's days from `from_day` to yesterday that have settled and are not written yet.
+/// Writes the pair's days from `from_day` to yesterday that have settled and are not written yet,
+/// and returns every settled day of that range (for [`pair_use`], which then reads none again).
 /// Runs outside the hold's transaction: the values do not depend on it, and a refused hold rolls
 /// its transaction back, which would otherwise throw them away on every refusal.
 pub(crate) async fn settle(
@@ -96,12 +101,12 @@ pub(crate) async fn settle(
     recipient_id: i64,
     from_day: i64,
     now: i64,
-) -> Result<(), sqlx::Error> {
+) -> Result<Settled, sqlx::Error> {
     let today = now.div_euclid(DAY_MICROS);
-    let done = settled(conn, sender_id, recipient_id, from_day, today).await?;
+    let mut done = settled(conn, sender_id, recipient_id, from_day, today).await?;
     let open = first_open_day(from_day, today, &done);
     if open >= today {
-        return Ok(());
+        return Ok(done);
     }
     let range = (open * DAY_MICROS, today * DAY_MICROS);
     let sums: HashMap<i64, DaySum> = day_sums(conn, sender_id, recipient_id, now, range)
@@ -109,7 +114,10 @@ pub(crate) async fn settle(
         .into_iter()
         .map(|s| (s.d, s))
         .collect();
-    for d in (open..today).filter(|d| !done.contains_key(d)) {
+    for d in open..today {
+        if done.contains_key(&d) {
+            continue;
+        }
         let (used, open_until) = sums.get(&d).map_or((0, 0), |s| (s.used, s.open_until));
         let ended = (d + 1) * DAY_MICROS;
         if ended.max(open_until).saturating_add(SETTLE_MARGIN) > now {
@@ -125,8 +133,9 @@ pub(crate) async fn settle(
         .bind(used)
         .execute(&mut *conn)
         .await?;
+        done.insert(d, used);
     }
-    Ok(())
+    Ok(done)
 }
 
 /// What the pair has used today and since `from_day`, counted at `now`.
@@ -136,17 +145,23 @@ pub(crate) struct PairUse {
     pub since: i64,
 }
 
-/// [`PairUse`]: the settled days from `budget_days`, every other day from the transfers. Inside
-/// the hold's transaction this runs after the sender's row lock, like the sum it replaces.
+/// [`PairUse`]: the `settled` days (from [`settle`]; none are needed when `from_day` is today),
+/// every other day from the transfers. Inside the hold's transaction this runs after the sender's
+/// row lock, like the sum it replaces. A day another ledger settled meanwhile is simply summed
+/// from its transfers, which count what its row says.
 pub(crate) async fn pair_use(
     conn: &mut AnyConnection,
     sender_id: i64,
     recipient_id: i64,
-    from_day: i64,
+    (from_day, settled): (i64, &Settled),
     now: i64,
 ) -> Result<PairUse, sqlx::Error> {
     let today = now.div_euclid(DAY_MICROS);
-    let done = settled(conn, sender_id, recipient_id, from_day, today).await?;
+    let done: Settled = settled
+        .iter()
+        .filter(|(d, _)| (from_day..today).contains(*d))
+        .map(|(d, used)| (*d, *used))
+        .collect();
     let open = first_open_day(from_day, today, &done);
     let range = (open * DAY_MICROS, i64::MAX);
     let mut used = PairUse {
