@@ -39,6 +39,11 @@ pub struct ChaosBench {
     /// Concurrent clients.
     #[arg(long, default_value_t = 6)]
     pub clients: usize,
+    /// Give each payer a per-day spend budget of this many chats (the router's `budgets`
+    /// section), so every hold is a budgeted one, decided in the ledger's per-sender batches,
+    /// while processes die. Adds a check: no payer is charged more than its budget in a UTC day.
+    #[arg(long)]
+    pub budget_chats: Option<u32>,
     #[command(flatten)]
     pub run: CrashRun,
 }
@@ -71,6 +76,10 @@ pub struct Totals {
     pub charged_unanswered: usize,
     /// Must be zero: an answer the client got without a capture for its key.
     pub answered_uncharged: usize,
+    /// Keys refused because the payer's budget was spent (`--budget-chats`).
+    pub budget_refused: usize,
+    /// Must be zero: a payer's UTC day charged more than its budget.
+    pub over_budget: usize,
     /// Must be empty: any other broken invariant, in words.
     pub problems: Vec<String>,
 }
@@ -87,17 +96,23 @@ enum Outcome {
     },
     /// A definite refusal or an exhausted patience, with the last error.
     NotAnswered(String),
+    /// Refused because the payer's budget was spent: definite, nothing charged.
+    OverBudget,
 }
 
 pub async fn run(b: &ChaosBench) -> anyhow::Result<()> {
     let t = chaos(b).await?;
     let summary = format!(
-        "chaos: {} runs, {} keys ({} attempts), {} answered ({} replays, {} streams cut at length), {} charged, {} kills, {} pauses\n  \
-         charged but never answered: {}   answered but not charged: {}   other problems: {}",
-        t.runs, t.keys, t.attempts, t.answered, t.replays, t.cut_streams, t.charged, t.kills,
-        t.pauses, t.charged_unanswered, t.answered_uncharged, t.problems.len()
+        "chaos: {} runs, {} keys ({} attempts), {} answered ({} replays, {} streams cut at length), {} charged, {} refused over budget, {} kills, {} pauses\n  \
+         charged but never answered: {}   answered but not charged: {}   days over budget: {}   other problems: {}",
+        t.runs, t.keys, t.attempts, t.answered, t.replays, t.cut_streams, t.charged,
+        t.budget_refused, t.kills, t.pauses, t.charged_unanswered, t.answered_uncharged,
+        t.over_budget, t.problems.len()
     );
-    let clean = t.charged_unanswered == 0 && t.answered_uncharged == 0 && t.problems.is_empty();
+    let clean = t.charged_unanswered == 0
+        && t.answered_uncharged == 0
+        && t.over_budget == 0
+        && t.problems.is_empty();
     b.run
         .report(&t, &summary, &t.problems, clean, "chaos found problems")
 }
@@ -113,7 +128,8 @@ pub async fn chaos(b: &ChaosBench) -> anyhow::Result<Totals> {
     let db = b.run.server.fresh_db().await?;
     let dir = tempfile::tempdir()?;
     let result = async {
-        let mut procs = start_processes(&db.url, seed, dir.path()).await?;
+        let budget = b.budget_chats.map(|n| i64::from(n) * PRICE);
+        let mut procs = start_processes(&db.url, seed, dir.path(), budget).await?;
         let mut totals = Totals::default();
         let mut rng = Rng::new(seed ^ 0x9e37_79b9_7f4a_7c15);
         for run in 0..b.runs {
@@ -144,7 +160,12 @@ struct Procs {
     all: Vec<Proc>,
 }
 
-async fn start_processes(db_url: &str, seed: u64, dir: &std::path::Path) -> anyhow::Result<Procs> {
+async fn start_processes(
+    db_url: &str,
+    seed: u64,
+    dir: &std::path::Path,
+    budget: Option<i64>,
+) -> anyhow::Result<Procs> {
     let mut all = Vec::new();
     let ttl = format!("{HOLD_TTL_SECS}s");
     for i in 0..2 {
@@ -165,7 +186,7 @@ async fn start_processes(db_url: &str, seed: u64, dir: &std::path::Path) -> anyh
     wait_for_ledger(&mut admin).await?;
     let secret = create_account(&mut admin, OWNER, 0).await?;
     let upstream = start_faulty_upstream(seed).await?;
-    let config = serde_json::json!({
+    let mut config = serde_json::json!({
         "name": "chaos", "owner_email": OWNER,
         "services": [{"type": "chat", "pricing": {"pricing_type": "per_request", "amount": "0.01"}}],
         "upstream": {"kind": "openai", "base_url": upstream, "request_timeout_ms": 3000,
@@ -173,6 +194,10 @@ async fn start_processes(db_url: &str, seed: u64, dir: &std::path::Path) -> anyh
         "ledger": {"url": [all[0].url(), all[1].url()], "timeout_ms": 2000,
                     "hold_ttl_seconds": HOLD_TTL_SECS},
     });
+    if let Some(micros) = budget {
+        let dollars = format!("{}.{:06}", micros / 1_000_000, micros % 1_000_000);
+        config["budgets"] = serde_json::json!({ "per_day": dollars });
+    }
     let config_path = dir.join("router.json");
     std::fs::write(&config_path, serde_json::to_vec_pretty(&config)?)?;
     let config_arg = config_path.display().to_string();
@@ -262,6 +287,9 @@ async fn one_run(
     // Every hold resolves within its TTL plus a sweep; then the books are checked.
     let transfers = settled_transfers(&mut admin, &payer).await?;
     check(&outcomes, &transfers, totals);
+    if let Some(n) = b.budget_chats {
+        check_budget(&transfers, i64::from(n) * PRICE, totals);
+    }
     verify_ledger(db_url)
         .await
         .map_err(|e| {
@@ -308,6 +336,9 @@ async fn with_retries(
             Ok(Err(s)) => s,
             Err(_) => tonic::Status::deadline_exceeded("attempt timed out"),
         };
+        if syft_error::reason_of(&status).as_deref() == Some("BUDGET_EXCEEDED") {
+            return (Outcome::OverBudget, n);
+        }
         let retry = match status.code() {
             Code::AlreadyExists => status.message().contains("in progress"),
             Code::Unavailable
@@ -505,7 +536,36 @@ fn check(outcomes: &HashMap<String, Outcome>, transfers: &[pb::Transfer], totals
                     t.id
                 ));
             }
+            (Outcome::OverBudget, Some(t)) => {
+                totals.charged_unanswered += 1;
+                totals.problems.push(format!(
+                    "key {key}: charged ({}) but refused over budget",
+                    t.id
+                ));
+            }
+            (Outcome::OverBudget, None) => totals.budget_refused += 1,
             (Outcome::NotAnswered(_), None) => {}
+        }
+    }
+}
+
+/// Adds up the payer's captures per UTC day (the budget's window): none may pass `budget`.
+fn check_budget(transfers: &[pb::Transfer], budget: i64, totals: &mut Totals) {
+    const DAY_MICROS: i64 = 86_400_000_000;
+    let mut per_day: HashMap<i64, i64> = HashMap::new();
+    for t in transfers {
+        if t.status() == pb::TransferStatus::Completed {
+            *per_day
+                .entry(t.created_at_unix_micros.div_euclid(DAY_MICROS))
+                .or_default() += t.captured_micros;
+        }
+    }
+    for (day, charged) in per_day {
+        if charged > budget {
+            totals.over_budget += 1;
+            totals.problems.push(format!(
+                "day {day}: charged {charged} micros against a budget of {budget}"
+            ));
         }
     }
 }
