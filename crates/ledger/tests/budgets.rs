@@ -568,7 +568,59 @@ async fn a_token_refuses_inside_a_budgeted_batch(h: Harness) -> Harness {
     h
 }
 
+/// Many payers' budgeted holds at once: one transaction decides the holds of several senders
+/// (`budget_batch.rs` locks every token and sender of the batch first). Twelve payers send five
+/// holds of $0.30 each, all at once, against a daily budget of $1.00 (three fit); a thirteenth
+/// payer has $0.50 (one fits). Each payer gets exactly what its own budget or funds allow, however
+/// the holds were batched, and the books balance.
+async fn many_budgeted_payers_are_decided_together(h: Harness) -> Harness {
+    let owner = h.account(OWNER, 0).await;
+    let c = h.client(&owner);
+    let mut payers = Vec::new();
+    for i in 0..13 {
+        let email = format!("payer{i}@example.com");
+        let funds = if i == 12 { USD / 2 } else { 10 * USD };
+        let secret = h.account(&email, funds).await;
+        payers.push((email, h.token(&secret, OWNER).await));
+    }
+    let holds: Vec<_> = payers
+        .iter()
+        .flat_map(|(email, token)| (0..5).map(move |k| (email.clone(), token.clone(), k)))
+        .map(|(email, token, k)| {
+            let mut c = c.clone();
+            let req = pb::AuthorizeRequest {
+                sender_email: email.clone(),
+                ..hold(&token, &format!("{email}-{k}"), 300_000, Some(USD), 300)
+            };
+            tokio::spawn(async move { (email, c.authorize(req).await) })
+        })
+        .collect();
+    let mut placed = std::collections::HashMap::<String, usize>::new();
+    for handle in holds {
+        let (email, result) = handle.await.expect("task");
+        match result {
+            Ok(_) => *placed.entry(email).or_default() += 1,
+            Err(e) => {
+                let why = reason(&e);
+                let expected = if email == "payer12@example.com" {
+                    "INSUFFICIENT_FUNDS"
+                } else {
+                    "BUDGET_EXCEEDED"
+                };
+                assert_eq!(why.as_deref(), Some(expected), "{email}: {e}");
+            }
+        }
+    }
+    for (email, _) in &payers {
+        let want = if email == "payer12@example.com" { 1 } else { 3 };
+        assert_eq!(placed.get(email).copied().unwrap_or(0), want, "{email}");
+        assert_eq!(h.balance(email).await.held_micros, want as i64 * 300_000);
+    }
+    h
+}
+
 store_suite!(
+    many_budgeted_payers_are_decided_together,
     a_token_refuses_inside_a_budgeted_batch,
     a_busy_budgeted_payer_is_decided_in_batches,
     concurrent_holds_respect_a_month_with_settled_history,

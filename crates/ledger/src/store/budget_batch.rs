@@ -1,16 +1,19 @@
-//! Budgeted holds of one sender, decided together in one transaction (docs/limits.md, "Budgets
-//! in the ledger").
+//! Budgeted holds, decided together in one transaction (docs/limits.md, "Budgets in the ledger").
 //!
 //! A budget is decided after the sender's row is locked, so the budgeted holds of one sender are
 //! decided one after the other whatever the process or replica. One transaction each made that a
 //! queue of commits: a busy payer with budgets got a twentieth of the throughput it gets without
-//! them (docs/benchmarks.md). Here the holds of one sender that wait together are decided in one
-//! transaction: the locks are taken once, the budgets' use is read once and then counted on in
-//! memory hold by hold, and one commit places them all. Each hold still runs the same conditional
-//! updates of its token and funds, in the same order, so a refused hold is refused exactly as it
-//! was alone; what it had taken is given back in the same transaction before the next is decided.
+//! them, and many payers with budgets half (docs/benchmarks.md). Here the holds that wait together
+//! are decided in one transaction: every token and sender row of the batch is locked first (tokens,
+//! then accounts, each in id order: the order of every statement that locks both), the budgets'
+//! use is read once per pair and then counted on in memory hold by hold, and one commit places
+//! them all. Each hold still runs the same conditional updates of its token and funds, in the same
+//! order, so a refused hold is refused exactly as it was alone; what it had taken is given back in
+//! the same transaction before the next is decided.
 //!
-//! The batch of a sender is drained by a task of its own: a client that goes away never strands
+//! Senders are split over [`LANES`] queues by id, each drained by a task of its own: a sender's
+//! holds always meet in one lane (so a busy payer's holds share batches), two lanes never lock the
+//! same sender or token (a token belongs to its sender), and a client that goes away never strands
 //! the holds queued behind its own.
 
 use std::collections::{HashMap, VecDeque};
@@ -27,9 +30,13 @@ use super::budget::{
 };
 use super::budget_days::{pair_use, PairUse, Settled};
 
-/// At most this many holds in one transaction, so that the sender's and token's rows are not held
+/// At most this many holds in one transaction, so that the senders' and tokens' rows are not held
 /// for long against the captures that need them too.
 const MAX_BATCH: usize = 32;
+
+/// Queues, and so transactions, at once: senders are spread over them by id. Two keep both cores
+/// busy while one lane waits on Postgres.
+const LANES: i64 = 2;
 
 type Answer = Result<AuthResult, sqlx::Error>;
 type Waiting = (AuthJob, oneshot::Sender<Answer>);
@@ -37,7 +44,7 @@ type Queues = Arc<Mutex<HashMap<i64, VecDeque<Waiting>>>>;
 
 pub(crate) struct BudgetedHolds {
     pool: AnyPool,
-    /// Per sender, the holds waiting; a sender has an entry exactly while its drain task runs.
+    /// Per lane, the holds waiting; a lane has an entry exactly while its drain task runs.
     queues: Queues,
 }
 
@@ -49,24 +56,24 @@ impl BudgetedHolds {
         }
     }
 
-    /// Queues the hold behind its sender's others and waits for its outcome.
+    /// Queues the hold in its sender's lane and waits for its outcome.
     pub(crate) async fn place(&self, job: AuthJob) -> Answer {
         let (tx, rx) = oneshot::channel();
-        let sender = job.sender_id;
+        let lane = job.sender_id.rem_euclid(LANES);
         let start = {
             let mut map = self
                 .queues
                 .lock()
                 .map_err(|_| sqlx::Error::Protocol("budgeted hold queues poisoned".into()))?;
-            let start = !map.contains_key(&sender);
-            map.entry(sender).or_default().push_back((job, tx));
+            let start = !map.contains_key(&lane);
+            map.entry(lane).or_default().push_back((job, tx));
             start
         };
         if start {
             let drain = Drain {
                 pool: self.pool.clone(),
                 queues: self.queues.clone(),
-                sender,
+                lane,
                 done: false,
             };
             tokio::spawn(drain.run());
@@ -79,12 +86,12 @@ impl BudgetedHolds {
     }
 }
 
-/// The task that decides one sender's queued holds until none is left.
+/// The task that decides one lane's queued holds until none is left.
 struct Drain {
     pool: AnyPool,
     queues: Queues,
-    sender: i64,
-    /// Set when this task removed the sender's entry itself (its queue was empty).
+    lane: i64,
+    /// Set when this task removed the lane's entry itself (its queue was empty).
     done: bool,
 }
 
@@ -111,33 +118,23 @@ impl Drain {
         }
     }
 
-    /// The next holds to decide together: the oldest waiting hold and those behind it through the
-    /// same token. One token per batch keeps the lock order of every hold (token, then sender).
-    /// `None` once the queue is empty, and then the entry is gone.
+    /// The next holds to decide together: the oldest [`MAX_BATCH`] waiting. `None` once the
+    /// queue is empty, and then the entry is gone.
     fn next_batch(&mut self) -> Option<Vec<Waiting>> {
         let mut map = self.queues.lock().ok()?;
-        let queue = map.get_mut(&self.sender)?;
-        let Some(token) = queue.front().map(|(job, _)| job.token_id.clone()) else {
-            map.remove(&self.sender);
+        let queue = map.get_mut(&self.lane)?;
+        if queue.is_empty() {
+            map.remove(&self.lane);
             self.done = true;
             return None;
-        };
-        let mut batch = Vec::new();
-        let mut rest = VecDeque::new();
-        for waiting in queue.drain(..) {
-            if batch.len() < MAX_BATCH && waiting.0.token_id == token {
-                batch.push(waiting);
-            } else {
-                rest.push_back(waiting);
-            }
         }
-        *queue = rest;
-        Some(batch)
+        let n = queue.len().min(MAX_BATCH);
+        Some(queue.drain(..n).collect())
     }
 }
 
 impl Drop for Drain {
-    /// However else the task ends (a panic), the sender's entry goes with it: the holds still
+    /// However else the task ends (a panic), the lane's entry goes with it: the holds still
     /// queued get an error instead of waiting forever, and the next hold starts a new task. Once
     /// the task removed the entry itself, a new one may already belong to a new task.
     fn drop(&mut self) {
@@ -145,7 +142,7 @@ impl Drop for Drain {
             return;
         }
         if let Ok(mut map) = self.queues.lock() {
-            map.remove(&self.sender);
+            map.remove(&self.lane);
         }
     }
 }
@@ -158,14 +155,23 @@ impl Drop for Drain {
 /// moment early, never admit one over a budget.
 #[derive(Default)]
 struct Counted {
-    /// Per recipient with a monthly budget in the batch, its settled days (`settle`, before the
-    /// transaction).
-    settled: HashMap<i64, Settled>,
-    pairs: HashMap<(i64, i64), PairUse>,
-    token: Option<i64>,
+    /// Per (sender, recipient) pair with a monthly budget in the batch, its settled days
+    /// (`settle`, before the transaction).
+    settled: HashMap<(i64, i64), Settled>,
+    /// Per (sender, recipient, UTC day).
+    pairs: HashMap<(i64, i64, i64), PairUse>,
+    /// Per token with a limit per 24 hours.
+    tokens: HashMap<String, i64>,
 }
 
-/// Decides `jobs` (one sender, one token) in one transaction; one result per job, in order.
+/// Locks the batch's tokens, then its senders, each in id order, the order of every statement
+/// that locks both (`batch.rs`): the holds' own updates then find their rows already locked, so
+/// holds of many senders in one transaction cannot deadlock with other batches or replicas.
+/// Postgres only: SQLite has one writer, and a transaction has the database to itself.
+const LOCK_TOKENS: &str = "SELECT k.id FROM (SELECT DISTINCT value AS id      FROM json_array_elements_text($1::json) ORDER BY 1) i      CROSS JOIN LATERAL (SELECT id FROM tokens WHERE id = i.id FOR UPDATE) k";
+const LOCK_SENDERS: &str = "SELECT a.id FROM (SELECT DISTINCT CAST(value AS BIGINT) AS id      FROM json_array_elements_text($1::json) ORDER BY 1) i      CROSS JOIN LATERAL (SELECT id FROM accounts WHERE id = i.id FOR UPDATE) a";
+
+/// Decides `jobs` in one transaction; one result per job, in order.
 async fn decide(pool: &AnyPool, jobs: &[&AuthJob]) -> Result<Vec<AuthResult>, sqlx::Error> {
     let Some(first) = jobs.first() else {
         return Ok(Vec::new());
@@ -177,26 +183,36 @@ async fn decide(pool: &AnyPool, jobs: &[&AuthJob]) -> Result<Vec<AuthResult>, sq
     // connection the transaction then uses.
     for job in jobs.iter().filter(|j| j.budgets.per_month.is_some()) {
         if let std::collections::hash_map::Entry::Vacant(slot) =
-            counted.settled.entry(job.recipient_id)
+            counted.settled.entry((job.sender_id, job.recipient_id))
         {
             slot.insert(settle_month(&mut conn, job.sender_id, job.recipient_id, now).await?);
         }
     }
-    // No lock is taken up front: each hold updates its token's row, then its sender's, as every
-    // hold does, and the budgets' use is read only after a funds update has locked the sender.
+    let postgres = super::is_postgres(&conn);
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    if postgres {
+        let tokens: Vec<&str> = jobs.iter().map(|j| j.token_id.as_str()).collect();
+        let senders: Vec<i64> = jobs.iter().map(|j| j.sender_id).collect();
+        for (sql, ids) in [
+            (LOCK_TOKENS, json_ids(&tokens)),
+            (LOCK_SENDERS, json_ids(&senders)),
+        ] {
+            sqlx::query(sql).bind(ids?).fetch_all(&mut *tx).await?;
+        }
+    }
     let mut results = Vec::with_capacity(jobs.len());
     for job in jobs {
         results.push(place(&mut tx, jobs, job, &mut counted).await?);
     }
-    // The budgets each recipient's last placed hold carried, for the alerts (budget.rs).
+    // The budgets each pair's last placed hold carried, for the alerts (budget.rs).
     let mut recorded = Vec::new();
     for (job, result) in jobs.iter().zip(&results).rev() {
+        let pair = (job.sender_id, job.recipient_id);
         if matches!(result, AuthResult::Created)
             && !job.budgets.is_empty()
-            && !recorded.contains(&job.recipient_id)
+            && !recorded.contains(&pair)
         {
-            recorded.push(job.recipient_id);
+            recorded.push(pair);
             record_limits(&mut tx, job.sender_id, job.recipient_id, job.budgets, now).await?;
         }
     }
@@ -227,16 +243,21 @@ async fn place(
         give_back(conn, job, true).await?;
         return Ok(AuthResult::DuplicateKey);
     }
-    for ((recipient, _), used) in counted.pairs.iter_mut() {
-        if *recipient == job.recipient_id {
+    for ((sender, recipient, _), used) in counted.pairs.iter_mut() {
+        if (*sender, *recipient) == (job.sender_id, job.recipient_id) {
             used.today += job.amount;
             used.since += job.amount;
         }
     }
-    if let Some(used) = &mut counted.token {
+    if let Some(used) = counted.tokens.get_mut(&job.token_id) {
         *used += job.amount;
     }
     Ok(AuthResult::Created)
+}
+
+/// A JSON array of ids, the list parameter every engine's `Any` driver can bind.
+fn json_ids<T: serde::Serialize>(ids: &[T]) -> Result<String, sqlx::Error> {
+    serde_json::to_string(ids).map_err(|e| sqlx::Error::Encode(Box::new(e)))
 }
 
 /// The budget that refuses `job`, if any: the recipient's calendar budgets, then the token's own
@@ -248,7 +269,8 @@ async fn budget_refusal(
     counted: &mut Counted,
 ) -> Result<Option<super::BudgetRefusal>, sqlx::Error> {
     if !job.budgets.is_empty() {
-        let key = (job.recipient_id, job.now.div_euclid(DAY_MICROS));
+        let pair = (job.sender_id, job.recipient_id);
+        let key = (pair.0, pair.1, job.now.div_euclid(DAY_MICROS));
         let used = match counted.pairs.get(&key) {
             Some(used) => *used,
             None => {
@@ -257,11 +279,11 @@ async fn budget_refusal(
                 // From the earliest day any hold of this pair in the batch needs.
                 let from = jobs
                     .iter()
-                    .filter(|j| j.recipient_id == job.recipient_id)
+                    .filter(|j| (j.sender_id, j.recipient_id) == pair)
                     .map(|j| counted_from_day(j.budgets, job.now))
                     .min()
                     .unwrap_or_else(|| counted_from_day(job.budgets, job.now));
-                let settled = counted.settled.get(&job.recipient_id);
+                let settled = counted.settled.get(&pair);
                 let from = (from, settled.unwrap_or(&no_days));
                 let used = pair_use(conn, job.sender_id, job.recipient_id, from, job.now).await?;
                 *counted.pairs.entry(key).or_insert(used)
@@ -274,11 +296,11 @@ async fn budget_refusal(
     let Some(limit) = job.token_limit_per_day else {
         return Ok(None);
     };
-    let used = match counted.token {
-        Some(used) => used,
+    let used = match counted.tokens.get(&job.token_id) {
+        Some(used) => *used,
         None => {
             let used = token_used(conn, &job.token_id, job.now).await?;
-            *counted.token.insert(used)
+            *counted.tokens.entry(job.token_id.clone()).or_insert(used)
         }
     };
     token_refusal(conn, &job.token_id, limit, used, job.amount, job.now).await

@@ -12,8 +12,9 @@ use crate::error::RouterError;
 #[derive(Debug, Clone)]
 pub(crate) struct HttpEndpoint {
     client: reqwest::Client,
-    /// Parsed once: parsing it per request (host, IDNA) was ~5 % of a free router's CPU.
-    url: reqwest::Url,
+    /// Parsed once: parsing it per request (host, IDNA) was ~2 % of a free router's CPU. Boxed:
+    /// a `Url` is four times a `String`, and the upstream enum carries it inline.
+    url: Box<reqwest::Url>,
 }
 
 impl HttpEndpoint {
@@ -34,7 +35,10 @@ impl HttpEndpoint {
         let url = format!("{}{path}", base_url.trim_end_matches('/'));
         let url = reqwest::Url::parse(&url)
             .map_err(|e| RouterError::InvalidArgument(format!("upstream URL {url:?}: {e}")))?;
-        Ok(HttpEndpoint { client, url })
+        Ok(HttpEndpoint {
+            client,
+            url: Box::new(url),
+        })
     }
 
     /// Posts `body` with the trace context and, if set, `api_key` as a bearer token. A response
@@ -46,7 +50,11 @@ impl HttpEndpoint {
     ) -> Result<reqwest::Response, UpstreamError> {
         let mut trace = reqwest::header::HeaderMap::new();
         syft_telemetry::inject_http(&mut trace);
-        let mut rb = self.client.post(self.url.clone()).headers(trace).json(body);
+        let mut rb = self
+            .client
+            .post(self.url.as_ref().clone())
+            .headers(trace)
+            .json(body);
         if let Some(key) = api_key {
             rb = rb.bearer_auth(key.expose());
         }
