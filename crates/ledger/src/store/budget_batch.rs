@@ -166,10 +166,16 @@ struct Counted {
 
 /// Locks the batch's tokens, then its senders, each in id order, the order of every statement
 /// that locks both (`batch.rs`): the holds' own updates then find their rows already locked, so
-/// holds of many senders in one transaction cannot deadlock with other batches or replicas.
-/// Postgres only: SQLite has one writer, and a transaction has the database to itself.
-const LOCK_TOKENS: &str = "SELECT k.id FROM (SELECT DISTINCT value AS id      FROM json_array_elements_text($1::json) ORDER BY 1) i      CROSS JOIN LATERAL (SELECT id FROM tokens WHERE id = i.id FOR UPDATE) k";
-const LOCK_SENDERS: &str = "SELECT a.id FROM (SELECT DISTINCT CAST(value AS BIGINT) AS id      FROM json_array_elements_text($1::json) ORDER BY 1) i      CROSS JOIN LATERAL (SELECT id FROM accounts WHERE id = i.id FOR UPDATE) a";
+/// the holds of many senders in one transaction wait on other batches and replicas only as those
+/// wait on each other, never in a cycle. (Should Postgres still break a deadlock, the batch fails
+/// and is decided again hold by hold.) Postgres only: SQLite has one writer, and a transaction has
+/// the database to itself.
+const LOCK_TOKENS: &str = "SELECT k.id FROM (SELECT DISTINCT value AS id \
+     FROM json_array_elements_text($1::json) ORDER BY 1) i \
+     CROSS JOIN LATERAL (SELECT id FROM tokens WHERE id = i.id FOR UPDATE) k";
+const LOCK_SENDERS: &str = "SELECT a.id FROM (SELECT DISTINCT CAST(value AS BIGINT) AS id \
+     FROM json_array_elements_text($1::json) ORDER BY 1) i \
+     CROSS JOIN LATERAL (SELECT id FROM accounts WHERE id = i.id FOR UPDATE) a";
 
 /// Decides `jobs` in one transaction; one result per job, in order.
 async fn decide(pool: &AnyPool, jobs: &[&AuthJob]) -> Result<Vec<AuthResult>, sqlx::Error> {
