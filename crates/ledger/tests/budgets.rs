@@ -2,6 +2,7 @@
 //! settles, a void or an expiry releases, and the window's reset frees the budget. Both engines;
 //! `ledger verify` after each scenario.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use syft_ledger::client::{connect_lazy, LedgerClient};
@@ -508,8 +509,8 @@ async fn a_busy_budgeted_payer_is_decided_in_batches(h: Harness) -> Harness {
             tokio::spawn(async move { (key, c.authorize(req).await) })
         })
         .collect();
-    let mut placed = std::collections::HashSet::new();
-    let mut dup_ids = std::collections::HashSet::new();
+    let mut placed = HashSet::new();
+    let mut dup_ids = HashSet::new();
     for handle in holds {
         let (key, result) = handle.await.expect("task");
         match result {
@@ -571,8 +572,10 @@ async fn a_token_refuses_inside_a_budgeted_batch(h: Harness) -> Harness {
 /// Many payers' budgeted holds at once: one transaction decides the holds of several senders
 /// (`budget_batch.rs` locks every token and sender of the batch first). Twelve payers send five
 /// holds of $0.30 each, all at once, against a daily budget of $1.00 (three fit); a thirteenth
-/// payer has $0.50 (one fits). Each payer gets exactly what its own budget or funds allow, however
-/// the holds were batched, and the books balance.
+/// payer has $0.50 (one fits). Every payer uses the same five keys (a key is the sender's own, so
+/// equal keys of two payers in one batch are two holds) and sends its first one twice (a double
+/// submit: both copies get the same outcome, one hold at most). Each payer gets exactly what its
+/// own budget or funds allow, however the holds were batched, and the books balance.
 async fn many_budgeted_payers_are_decided_together(h: Harness) -> Harness {
     let owner = h.account(OWNER, 0).await;
     let c = h.client(&owner);
@@ -583,38 +586,53 @@ async fn many_budgeted_payers_are_decided_together(h: Harness) -> Harness {
         let secret = h.account(&email, funds).await;
         payers.push((email, h.token(&secret, OWNER).await));
     }
+    let keys = [0, 0, 1, 2, 3, 4];
     let holds: Vec<_> = payers
         .iter()
-        .flat_map(|(email, token)| (0..5).map(move |k| (email.clone(), token.clone(), k)))
+        .flat_map(|(email, token)| keys.map(|k| (email.clone(), token.clone(), k)))
         .map(|(email, token, k)| {
             let mut c = c.clone();
             let req = pb::AuthorizeRequest {
                 sender_email: email.clone(),
-                ..hold(&token, &format!("{email}-{k}"), 300_000, Some(USD), 300)
+                ..hold(&token, &format!("k{k}"), 300_000, Some(USD), 300)
             };
-            tokio::spawn(async move { (email, c.authorize(req).await) })
+            tokio::spawn(async move { (email, k, c.authorize(req).await) })
         })
         .collect();
-    let mut placed = std::collections::HashMap::<String, usize>::new();
+    let mut placed = std::collections::HashMap::<String, HashSet<String>>::new();
+    let mut first_key = std::collections::HashMap::<String, Vec<Option<String>>>::new();
     for handle in holds {
-        let (email, result) = handle.await.expect("task");
-        match result {
-            Ok(_) => *placed.entry(email).or_default() += 1,
+        let (email, k, result) = handle.await.expect("task");
+        let id = match result {
+            Ok(t) => Some(t.into_inner().id),
             Err(e) => {
-                let why = reason(&e);
                 let expected = if email == "payer12@example.com" {
                     "INSUFFICIENT_FUNDS"
                 } else {
                     "BUDGET_EXCEEDED"
                 };
-                assert_eq!(why.as_deref(), Some(expected), "{email}: {e}");
+                assert_eq!(reason(&e).as_deref(), Some(expected), "{email}: {e}");
+                None
             }
+        };
+        if let Some(id) = &id {
+            placed.entry(email.clone()).or_default().insert(id.clone());
+        }
+        if k == 0 {
+            first_key.entry(email).or_default().push(id);
         }
     }
     for (email, _) in &payers {
         let want = if email == "payer12@example.com" { 1 } else { 3 };
-        assert_eq!(placed.get(email).copied().unwrap_or(0), want, "{email}");
+        let holds = placed.get(email).map_or(0, HashSet::len);
+        assert_eq!(holds, want, "{email}");
         assert_eq!(h.balance(email).await.held_micros, want as i64 * 300_000);
+        let copies = &first_key[email];
+        assert_eq!(copies.len(), 2, "{email}");
+        assert_eq!(
+            copies[0], copies[1],
+            "{email}: a double submit's two outcomes"
+        );
     }
     h
 }
