@@ -30,7 +30,7 @@ use crate::setup::{create_account, issue_token, user_chat, verify_ledger, wait_f
 
 #[derive(Args, Debug, Clone)]
 pub struct ChaosBench {
-    /// Runs (each with fresh keys and a fresh payer; the processes live across runs).
+    /// Runs (each with fresh keys and fresh payers; the processes live across runs).
     #[arg(long, default_value_t = 10)]
     pub runs: usize,
     /// Load time of each run (clients finish their retries after it).
@@ -44,6 +44,11 @@ pub struct ChaosBench {
     /// while processes die. Adds a check: no payer is charged more than its budget in a UTC day.
     #[arg(long)]
     pub budget_chats: Option<u32>,
+    /// Payers per run; client `c` pays as payer `c % payers`. Several payers put holds of many
+    /// senders into one of the ledger's batches (with `--budget-chats`, its multi-sender budget
+    /// batches) while processes die.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub payers: u32,
     #[command(flatten)]
     pub run: CrashRun,
 }
@@ -224,23 +229,32 @@ async fn one_run(
 ) -> anyhow::Result<()> {
     let mut admin = connect_lazy(&procs.all[rng.range(0, 2) as usize].url(), ADMIN_KEY)?;
     let run_id = rng.next() % 1_000_000;
-    let payer = format!("payer-{run}-{run_id}@chaos.example");
-    let payer_secret = create_account(&mut admin, &payer, 1_000 * PRICE).await?;
-    let mut as_payer = connect_lazy(&procs.all[0].url(), &payer_secret)?;
-    let token = issue_token(&mut as_payer, OWNER).await?;
+    let mut payers = Vec::new();
+    for p in 0..b.payers {
+        let payer = format!("payer-{run}-{run_id}-{p}@chaos.example");
+        let payer_secret = create_account(&mut admin, &payer, 1_000 * PRICE).await?;
+        let mut as_payer = connect_lazy(&procs.all[0].url(), &payer_secret)?;
+        let token = issue_token(&mut as_payer, OWNER).await?;
+        payers.push((payer, token));
+    }
     let routers: Vec<RouterClient<Channel>> = procs.all[2..]
         .iter()
         .map(|p| router_client(&p.url()))
         .collect::<anyhow::Result<_>>()?;
 
-    let outcomes = Arc::new(Mutex::new(HashMap::<String, Outcome>::new()));
+    // Per payer, what its clients got for each key.
+    let outcomes = Arc::new(Mutex::new(vec![
+        HashMap::<String, Outcome>::new();
+        payers.len()
+    ]));
     let attempts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let until = Instant::now() + b.duration;
     let clients: Vec<_> = (0..b.clients)
         .map(|c| {
             let (routers, outcomes, attempts) =
                 (routers.clone(), outcomes.clone(), attempts.clone());
-            let (payer, token) = (payer.clone(), token.clone());
+            let p = c % payers.len();
+            let (payer, token) = payers[p].clone();
             let mut rng = Rng::new(rng.next());
             tokio::spawn(async move {
                 let mut i = 0;
@@ -252,7 +266,7 @@ async fn one_run(
                     let first = rng.range(0, 2) as usize;
                     let (outcome, n) = with_retries(&routers, first, req, stream).await;
                     attempts.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-                    outcomes.lock().await.insert(key, outcome);
+                    outcomes.lock().await[p].insert(key, outcome);
                 }
             })
         })
@@ -285,10 +299,12 @@ async fn one_run(
     totals.attempts += attempts.load(std::sync::atomic::Ordering::Relaxed);
 
     // Every hold resolves within its TTL plus a sweep; then the books are checked.
-    let transfers = settled_transfers(&mut admin, &payer).await?;
-    check(&outcomes, &transfers, totals);
-    if let Some(n) = b.budget_chats {
-        check_budget(&transfers, i64::from(n) * PRICE, totals);
+    for ((payer, _), outcomes) in payers.iter().zip(&outcomes) {
+        let transfers = settled_transfers(&mut admin, payer).await?;
+        check(outcomes, &transfers, totals);
+        if let Some(n) = b.budget_chats {
+            check_budget(&transfers, i64::from(n) * PRICE, totals);
+        }
     }
     verify_ledger(db_url)
         .await

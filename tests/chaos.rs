@@ -39,14 +39,14 @@ fn chaos_short() {
     );
 }
 
-/// The same faults with every hold a budgeted one: each payer may spend 40 chats a day, so its
-/// holds are decided in the ledger's budget batches while ledgers and routers die, and the budget
-/// runs out within the run. Nothing may be charged past the budget, and a refusal over budget
-/// never charges.
+/// The same faults with every hold a budgeted one, and three payers (two clients each): each
+/// payer may spend 15 chats a day, so the holds of several senders are decided together in the
+/// ledger's budget batches while ledgers and routers die, and the budgets run out within the run.
+/// Nothing may be charged past a budget, and a refusal over budget never charges.
 #[test]
 fn chaos_short_with_budgets() {
     let Some(totals) = chaos(
-        &["--clients", "6", "--budget-chats", "40"],
+        &["--clients", "6", "--payers", "3", "--budget-chats", "15"],
         &["charged_unanswered", "answered_uncharged", "over_budget"],
     ) else {
         return;

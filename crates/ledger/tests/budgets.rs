@@ -8,7 +8,8 @@ use std::time::Duration;
 use syft_ledger::client::{connect_lazy, LedgerClient};
 use syft_proto::ledger as pb;
 use syft_testkit::{
-    backdate_transfers, ok, quota_refusal, reason, refused, store_suite, Harness, LedgerServer, USD,
+    backdate_transfers, count_succeeded, ok, quota_refusal, reason, refused, store_suite, Harness,
+    LedgerServer, USD,
 };
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
@@ -59,6 +60,29 @@ async fn refused_hold(c: &mut LedgerClient, req: pb::AuthorizeRequest, why: &str
     c.authorize(req).await.expect_err(why)
 }
 
+/// A hold refused because a budget is spent.
+fn over_budget(status: &Status) -> bool {
+    reason(status).as_deref() == Some("BUDGET_EXCEEDED")
+}
+
+/// The daily budget of the lifecycle tests.
+const BUDGET: Option<i64> = Some(50_000);
+
+/// A hold "a" of `amount` that fills [`BUDGET`] (its time to live `ttl` seconds), then a hold "b"
+/// of the same amount that the budget must refuse: the first hold and the refusal.
+async fn fill_the_budget(
+    c: &mut LedgerClient,
+    token: &str,
+    amount: i64,
+    ttl: i64,
+) -> (pb::Transfer, Status) {
+    let first = ok(c.authorize(hold(token, "a", amount, BUDGET, ttl)).await);
+    let second = hold(token, "b", amount, BUDGET, 300);
+    let err = refused_hold(c, second, "the first hold fills the budget").await;
+    assert_eq!(reason(&err).as_deref(), Some("BUDGET_EXCEEDED"), "{err:?}");
+    (first, err)
+}
+
 /// Moves every transfer of the test a day back, as if the window had passed.
 async fn a_day_passes(h: &Harness) {
     backdate_transfers(&h.store, Duration::from_secs(86_400)).await;
@@ -66,16 +90,10 @@ async fn a_day_passes(h: &Harness) {
 
 async fn budget_lifecycle(h: Harness) -> Harness {
     let Parties { token, mut c, .. } = parties(&h).await;
-    let budget = Some(50_000);
+    let budget = BUDGET;
 
     // Reserve: a pending hold counts against the day's budget.
-    let first = ok(c.authorize(hold(&token, "a", 30_000, budget, 300)).await);
-    let err = refused_hold(
-        &mut c,
-        hold(&token, "b", 30_000, budget, 300),
-        "over budget",
-    )
-    .await;
+    let (first, err) = fill_the_budget(&mut c, &token, 30_000, 300).await;
     let retry = quota_refusal(&err, "BUDGET_EXCEEDED").expect("retry info");
     assert!(retry <= Duration::from_secs(86_400));
     assert!(
@@ -147,20 +165,12 @@ async fn concurrent_holds_never_overspend_a_budget() {
     let Parties { owner, token, c } = parties(&h).await;
     let second = LedgerServer::start(h.config.clone()).await;
     let replicas = [c, connect_lazy(&second.url, &owner).expect("client")];
-    let tasks: Vec<_> = (0..200)
-        .map(|i| {
-            let mut c = replicas[i % 2].clone();
-            let req = hold(&token, &format!("k{i}"), 30_000, Some(USD), 300);
-            tokio::spawn(async move { c.authorize(req).await })
-        })
-        .collect();
-    let mut placed = 0;
-    for t in tasks {
-        match t.await.expect("join") {
-            Ok(_) => placed += 1,
-            Err(s) => assert_eq!(reason(&s).as_deref(), Some("BUDGET_EXCEEDED"), "{s:?}"),
-        }
-    }
+    let holds = (0..200).map(|i| {
+        let mut c = replicas[i % 2].clone();
+        let req = hold(&token, &format!("k{i}"), 30_000, Some(USD), 300);
+        async move { c.authorize(req).await }
+    });
+    let placed = count_succeeded(holds, over_budget).await;
     assert_eq!(placed, 33);
     assert_eq!(h.balance(ALICE).await.held_micros, 33 * 30_000);
     second.stop().await;
@@ -211,15 +221,8 @@ async fn token_daily_limit() {
 async fn an_expired_hold_returns_its_reservation() {
     let h = Harness::new(false).await.expect("sqlite harness");
     let Parties { token, mut c, .. } = parties(&h).await;
-    let budget = Some(50_000);
-    let first = ok(c.authorize(hold(&token, "a", 40_000, budget, 2)).await);
-    let err = refused_hold(
-        &mut c,
-        hold(&token, "b", 40_000, budget, 300),
-        "the pending hold fills the budget",
-    )
-    .await;
-    assert_eq!(reason(&err).as_deref(), Some("BUDGET_EXCEEDED"));
+    let budget = BUDGET;
+    let (first, _) = fill_the_budget(&mut c, &token, 40_000, 2).await;
     // Wait out the first hold's TTL.
     let expires = Duration::from_micros(
         u64::try_from(first.expires_at_unix_micros - first.created_at_unix_micros).unwrap_or(0),
@@ -468,16 +471,9 @@ async fn concurrent_holds_respect_a_month_with_settled_history(h: Harness) -> Ha
     let holds = (0..40).map(|i| {
         let mut c = c.clone();
         let req = monthly(format!("h{i}"), 1_000);
-        tokio::spawn(async move { c.authorize(req).await })
+        async move { c.authorize(req).await }
     });
-    let mut placed = 0;
-    for handle in holds {
-        match handle.await.expect("task") {
-            Ok(_) => placed += 1,
-            Err(e) => assert_eq!(reason(&e).as_deref(), Some("BUDGET_EXCEEDED"), "{e}"),
-        }
-    }
-    assert_eq!(placed, 20);
+    assert_eq!(count_succeeded(holds, over_budget).await, 20);
     assert_eq!(h.balance(ALICE).await.held_micros, 20_000);
     let settled_from = month_start + 86_400_000_000 + 3_600_000_000;
     if now.timestamp_micros() >= settled_from {
@@ -550,21 +546,13 @@ async fn a_token_refuses_inside_a_budgeted_batch(h: Harness) -> Harness {
         .await)
     .token;
     let c = h.client(&owner);
-    let holds: Vec<_> = (0..10)
-        .map(|i| {
-            let mut c = c.clone();
-            let req = hold(&limited, &format!("t{i}"), USD / 2, Some(100 * USD), 300);
-            tokio::spawn(async move { c.authorize(req).await })
-        })
-        .collect();
-    let mut placed = 0;
-    for handle in holds {
-        match handle.await.expect("task") {
-            Ok(_) => placed += 1,
-            Err(e) => assert_eq!(e.code(), Code::PermissionDenied, "{e}"),
-        }
-    }
-    assert_eq!(placed, 6);
+    let holds = (0..10).map(|i| {
+        let mut c = c.clone();
+        let req = hold(&limited, &format!("t{i}"), USD / 2, Some(100 * USD), 300);
+        async move { c.authorize(req).await }
+    });
+    let refused_by_token = |e: &Status| e.code() == Code::PermissionDenied;
+    assert_eq!(count_succeeded(holds, refused_by_token).await, 6);
     assert_eq!(h.balance(ALICE).await.held_micros, 3 * USD);
     h
 }

@@ -444,20 +444,12 @@ async fn same_request_id_is_charged_once() {
     s.upstream.set_mode(Mode::Delay(Duration::from_millis(300)));
     let mut req = s.request("hi");
     req.request_id = "dup-concurrent".into();
-    let mut tasks = Vec::new();
-    for _ in 0..6 {
-        let mut c = c.clone();
-        let req = req.clone();
-        tasks.push(tokio::spawn(async move { c.chat(req).await }));
-    }
-    let mut ok = 0;
-    for t in tasks {
-        match t.await.expect("join") {
-            Ok(_) => ok += 1,
-            Err(e) => assert_eq!(e.code(), Code::AlreadyExists, "{e:?}"),
-        }
-    }
-    assert_eq!(ok, 1);
+    let copies = (0..6).map(|_| {
+        let (mut c, req) = (c.clone(), req.clone());
+        async move { c.chat(req).await }
+    });
+    let in_progress = |e: &tonic::Status| e.code() == Code::AlreadyExists;
+    assert_eq!(syft_testkit::count_succeeded(copies, in_progress).await, 1);
     assert_eq!(s.upstream.hits(), 2);
     assert_eq!(s.alice_money().await.0, FUNDS - 2 * PRICE);
 
@@ -627,24 +619,8 @@ async fn router_killed_between_authorize_and_capture_pays_nothing() {
 async fn ledger_unreachable_fails_paid_requests_but_not_free_ones() {
     let upstream = FakeUpstream::start().await;
     let closed = closed_url();
-    let paid = RouterHandle::start(router_config(
-        "paid",
-        "owner@example.com",
-        "secret",
-        &closed,
-        Pricing::per_request(PRICE),
-        Some(&upstream.base_url),
-    ))
-    .await;
-    let free = RouterHandle::start(router_config(
-        "free",
-        "owner@example.com",
-        "secret",
-        &closed,
-        Pricing::free(),
-        Some(&upstream.base_url),
-    ))
-    .await;
+    let paid = router_with_no_ledger("paid", &closed, Pricing::per_request(PRICE), &upstream).await;
+    let free = router_with_no_ledger("free", &closed, Pricing::free(), &upstream).await;
     let req = ChatRequest {
         model: "m".into(),
         ..chat_request("alice@example.com", "tok", "hi")
@@ -663,6 +639,25 @@ async fn ledger_unreachable_fails_paid_requests_but_not_free_ones() {
     assert_eq!(resp.cost_micros, 0);
     assert!(resp.transfer_id.is_empty());
     assert_eq!(upstream.hits(), 1);
+}
+
+/// A router named `name` whose ledger at `ledger_url` never answers (closed or hung), over
+/// `upstream`.
+async fn router_with_no_ledger(
+    name: &str,
+    ledger_url: &str,
+    pricing: Pricing,
+    upstream: &FakeUpstream,
+) -> RouterHandle {
+    let config = router_config(
+        name,
+        "owner@example.com",
+        "secret",
+        ledger_url,
+        pricing,
+        Some(&upstream.base_url),
+    );
+    RouterHandle::start(config).await
 }
 
 /// A ledger that takes connections and never answers: each free answer waits one ledger call
@@ -684,15 +679,7 @@ async fn a_hung_ledger_holds_free_answers_back_by_one_timeout() {
             held.push(sock);
         }
     });
-    let free = RouterHandle::start(router_config(
-        "free",
-        "owner@example.com",
-        "secret",
-        &url,
-        Pricing::free(),
-        Some(&upstream.base_url),
-    ))
-    .await;
+    let free = router_with_no_ledger("free", &url, Pricing::free(), &upstream).await;
     let mut waves = Vec::new();
     for n in 0..3 {
         let mut client = free.client().await;

@@ -158,6 +158,27 @@ pub fn refused<T: std::fmt::Debug>(
     }
 }
 
+/// Starts every call at once, each on a task of its own, and counts the ones that succeeded.
+/// Every failure must be one that `expected` accepts: the test fails with the status otherwise.
+pub async fn count_succeeded<T, F>(
+    calls: impl IntoIterator<Item = F>,
+    expected: impl Fn(&tonic::Status) -> bool,
+) -> usize
+where
+    F: std::future::Future<Output = Result<T, tonic::Status>> + Send + 'static,
+    T: Send + 'static,
+{
+    let tasks: Vec<_> = calls.into_iter().map(tokio::spawn).collect();
+    let mut succeeded = 0;
+    for task in tasks {
+        match task.await.expect("call task") {
+            Ok(_) => succeeded += 1,
+            Err(status) => assert!(expected(&status), "unexpected refusal: {status:?}"),
+        }
+    }
+    succeeded
+}
+
 /// The `google.rpc.ErrorInfo` reason of a status.
 pub fn reason(status: &tonic::Status) -> Option<String> {
     use tonic_types::StatusExt;
