@@ -140,6 +140,11 @@ pub(crate) struct BenchServer {
     /// temporary directory, where the benchmark allows it).
     #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_SERVER)]
     pub(crate) database_url: String,
+    /// Delay every byte between the benchmark's ledger and Postgres by this much each way (e.g.
+    /// `250us`: a database about half a millisecond away), through a relay in this process.
+    /// `bench ledger` and `bench router` only; setup and the final `verify` connect directly.
+    #[arg(long, value_parser = crate::cli::parse_duration)]
+    pub(crate) database_delay: Option<std::time::Duration>,
 }
 
 const DEFAULT_SERVER: &str = "postgres://postgres@127.0.0.1:5432/postgres";
@@ -149,17 +154,44 @@ impl BenchServer {
         self.database_url.starts_with("postgres")
     }
 
-    /// A fresh database on this server.
+    /// A fresh database on this server; with `--database-delay`, its `service_url` goes through
+    /// a delaying relay.
     pub(crate) async fn fresh_db(&self) -> anyhow::Result<BenchDb> {
-        fresh_db(&self.database_url).await
+        let mut db = fresh_db(&self.database_url).await?;
+        if let Some(one_way) = self.database_delay {
+            anyhow::ensure!(self.is_postgres(), "--database-delay needs Postgres");
+            db.service_url = crate::bench_delay::through_relay(&db.url, one_way)?;
+            let rtt = round_trip(&db.service_url).await?;
+            println!(
+                "database delay: {} us each way; measured round trip (SELECT 1, median of 50) {:.2} ms",
+                one_way.as_micros(),
+                rtt.as_secs_f64() * 1e3
+            );
+        }
+        Ok(db)
     }
 }
 
 /// A throwaway database, dropped afterwards.
 pub(crate) struct BenchDb {
     pub(crate) url: String,
+    /// What the benchmarked services connect to: `url`, or a delaying relay in front of it.
+    pub(crate) service_url: String,
     drop: Option<(String, String)>,
     _dir: Option<tempfile::TempDir>,
+}
+
+/// The median time of a `SELECT 1` on one connection to `url`.
+async fn round_trip(url: &str) -> anyhow::Result<std::time::Duration> {
+    let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(url).await?;
+    let mut times = Vec::new();
+    for _ in 0..50 {
+        let started = std::time::Instant::now();
+        conn.execute("SELECT 1").await?;
+        times.push(started.elapsed());
+    }
+    times.sort();
+    Ok(times[times.len() / 2])
 }
 
 pub(crate) async fn fresh_db(server_url: &str) -> anyhow::Result<BenchDb> {
@@ -170,6 +202,7 @@ pub(crate) async fn fresh_db(server_url: &str) -> anyhow::Result<BenchDb> {
             dir.path().join("bench.db").display()
         );
         return Ok(BenchDb {
+            service_url: url.clone(),
             url,
             drop: None,
             _dir: Some(dir),
@@ -186,8 +219,10 @@ pub(crate) async fn fresh_db(server_url: &str) -> anyhow::Result<BenchDb> {
         .rsplit_once('/')
         .map(|(b, _)| b)
         .unwrap_or(server_url);
+    let url = format!("{base}/{name}");
     Ok(BenchDb {
-        url: format!("{base}/{name}"),
+        service_url: url.clone(),
+        url,
         drop: Some((server_url.to_string(), name)),
         _dir: None,
     })
@@ -223,7 +258,7 @@ async fn bench_ledger(b: &LedgerBench, shape: Shape) -> anyhow::Result<f64> {
     const ADMIN: &str = "bench-admin";
     let db = b.server.fresh_db().await?;
     let config = LedgerConfig {
-        database_url: db.url.clone(),
+        database_url: db.service_url.clone(),
         admin_key: ADMIN.into(),
         max_connections: b.pool,
         batch_workers: b.batch_workers,

@@ -223,7 +223,7 @@ pub async fn run(b: &RouterBench) -> anyhow::Result<()> {
     let ledger_url = format!("http://{}", ledger_listener.local_addr()?);
     let ledger = tokio::spawn(syft_ledger::serve(
         LedgerConfig {
-            database_url: db.url.clone(),
+            database_url: db.service_url.clone(),
             admin_key: ADMIN.into(),
             max_connections: 16,
             batch_workers: b.batch_workers,

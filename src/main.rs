@@ -4,6 +4,7 @@ mod bench;
 mod bench_analytics;
 mod bench_analytics_shapes;
 mod bench_chaos;
+mod bench_delay;
 mod bench_history;
 mod bench_limits;
 mod bench_pg;

@@ -123,11 +123,12 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let d = match unit {
         "" | "s" => Duration::from_secs(n),
         "ms" => Duration::from_millis(n),
+        "us" => Duration::from_micros(n),
         "m" => Duration::from_secs(n * 60),
         "h" => Duration::from_secs(n * 3600),
         _ => {
             return Err(format!(
-                "invalid duration unit in {text:?}: use ms, s, m or h"
+                "invalid duration unit in {text:?}: use us, ms, s, m or h"
             ))
         }
     };

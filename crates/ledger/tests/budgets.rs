@@ -532,7 +532,8 @@ async fn a_busy_budgeted_payer_is_decided_in_batches(h: Harness) -> Harness {
 
 /// A token's own refusal inside a budgeted batch: ten holds of $0.50 at once through a token that
 /// may spend $3 place exactly six; the rest are refused by the token (`PERMISSION_DENIED`, as a
-/// hold alone is) without touching the funds or the budget, and the books balance.
+/// hold alone is) without touching the funds or the budget, and the books balance. A hold that a
+/// budget would refuse too still gets the token's refusal.
 async fn a_token_refuses_inside_a_budgeted_batch(h: Harness) -> Harness {
     let alice = h.account(ALICE, 10 * USD).await;
     let owner = h.account(OWNER, 0).await;
@@ -553,6 +554,15 @@ async fn a_token_refuses_inside_a_budgeted_batch(h: Harness) -> Harness {
     });
     let refused_by_token = |e: &Status| e.code() == Code::PermissionDenied;
     assert_eq!(count_succeeded(holds, refused_by_token).await, 6);
+    assert_eq!(h.balance(ALICE).await.held_micros, 3 * USD);
+    // A hold that both the token and a budget refuse gets the token's refusal, as alone.
+    let both = hold(&limited, "both", USD / 2, Some(1), 300);
+    let err = c
+        .clone()
+        .authorize(both)
+        .await
+        .expect_err("token and budget refuse");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     assert_eq!(h.balance(ALICE).await.held_micros, 3 * USD);
     h
 }

@@ -404,13 +404,24 @@ impl Store {
     }
 }
 
-/// Takes a hold's amount from its token's room: the token is live, within its spend limit, and
-/// the key has no recorded failure. Binds: amount, token, now, recipient, key, sender email.
-const TOKEN_HOLD: &str = "UPDATE tokens SET held = held + $1 WHERE id = $2 \
-     AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $3) \
-     AND (spend_limit IS NULL OR spent + held + $1 <= spend_limit) \
-     AND NOT EXISTS (SELECT 1 FROM authorize_failures \
-                     WHERE recipient_id = $4 AND idempotency_key = $5 AND sender_email = $6)";
+/// The room a token (`WHERE id = $2 AND` this) has for a hold: the token is live, within its
+/// spend limit, and the key has no recorded failure. Binds: amount, token, now, recipient, key,
+/// sender email. A macro so that every statement that decides a hold states it once.
+macro_rules! token_room {
+    () => {
+        "revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $3) \
+         AND (spend_limit IS NULL OR spent + held + $1 <= spend_limit) \
+         AND NOT EXISTS (SELECT 1 FROM authorize_failures \
+                         WHERE recipient_id = $4 AND idempotency_key = $5 AND sender_email = $6)"
+    };
+}
+pub(super) use token_room;
+
+/// Takes a hold's amount from its token's room (binds as [`token_room`]).
+const TOKEN_HOLD: &str = concat!(
+    "UPDATE tokens SET held = held + $1 WHERE id = $2 AND ",
+    token_room!()
+);
 /// Holds the amount on the sender's available funds. Binds: amount, sender.
 const FUNDS_HOLD: &str =
     "UPDATE accounts SET held = held + $1 WHERE id = $2 AND balance - held >= $1";

@@ -7,9 +7,10 @@
 //! are decided in one transaction: every token and sender row of the batch is locked first (tokens,
 //! then accounts, each in id order: the order of every statement that locks both), the budgets'
 //! use is read once per pair and then counted on in memory hold by hold, and one commit places
-//! them all. Each hold still runs the same conditional updates of its token and funds, in the same
-//! order, so a refused hold is refused exactly as it was alone; what it had taken is given back in
-//! the same transaction before the next is decided.
+//! them all. Each hold is still checked against the same conditions of its token and funds, in the
+//! same order, so a refused hold is refused exactly as it was alone, and keeps nothing: on Postgres
+//! one statement per hold ([`PLACE`]) takes the amount only once every check passed; on SQLite the
+//! updates run first and what a refused hold took is given back before the next is decided.
 //!
 //! Senders are split over [`LANES`] queues by id, each drained by a task of its own: a sender's
 //! holds always meet in one lane (so a busy payer's holds share batches), two lanes never lock the
@@ -22,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use sqlx::{AnyConnection, AnyPool};
 use tokio::sync::oneshot;
 
-use super::authorize::{insert_hold, take_hold};
+use super::authorize::{insert_hold, take_hold, token_room};
 use super::batch::{AuthJob, AuthResult};
 use super::budget::{
     calendar_refusal, counted_from_day, record_limits, settle_month, token_refusal, token_used,
@@ -208,7 +209,7 @@ async fn decide(pool: &AnyPool, jobs: &[&AuthJob]) -> Result<Vec<AuthResult>, sq
     }
     let mut results = Vec::with_capacity(jobs.len());
     for job in jobs {
-        results.push(place(&mut tx, jobs, job, &mut counted).await?);
+        results.push(place(&mut tx, jobs, job, &mut counted, postgres).await?);
     }
     // The budgets each pair's last placed hold carried, for the alerts (budget.rs).
     let mut recorded = Vec::new();
@@ -226,28 +227,90 @@ async fn decide(pool: &AnyPool, jobs: &[&AuthJob]) -> Result<Vec<AuthResult>, sq
     Ok(results)
 }
 
-/// Places one hold of the batch, or refuses it and gives back what it had taken.
+/// Decides one hold in one round trip (Postgres): whether its token has room and its sender the
+/// funds, and, when both do and the budgets (decided before, `$14`) allow it, takes the amount
+/// from both and inserts the pending transfer. The rows are the batch's own (locked first), so
+/// the checks and the updates see the same values. Returns (token has room, funds suffice,
+/// inserted); with both yes and nothing inserted, the key was taken and the caller gives back.
+/// Binds: amount, token, now, recipient, key, sender email (as [`token_room`]), sender, id,
+/// currency, app name, endpoint, request hash, expiry, budgets allow.
+const PLACE: &str = concat!(
+    "WITH tok AS (SELECT 1 FROM tokens WHERE id = $2 AND ",
+    token_room!(),
+    "), funds AS (SELECT 1 FROM accounts WHERE id = $7 AND balance - held >= $1\
+     ), go AS (SELECT 1 WHERE $14 AND EXISTS (SELECT 1 FROM tok) AND EXISTS (SELECT 1 FROM funds)\
+     ), held_token AS (UPDATE tokens SET held = held + $1 \
+        WHERE id = $2 AND EXISTS (SELECT 1 FROM go) RETURNING id\
+     ), held_funds AS (UPDATE accounts SET held = held + $1 \
+        WHERE id = $7 AND EXISTS (SELECT 1 FROM go) RETURNING id\
+     ), ins AS (INSERT INTO transfers (id, sender_id, recipient_id, token_id, amount, currency, \
+        status, created_by, app_name, app_ep_path, idempotency_key, request_hash, created_at, \
+        expires_at) \
+        SELECT $8, $7, $4, $2, $1, $9, 'PENDING', 'RECIPIENT', $10, $11, $5, $12, $3, $13 \
+        WHERE EXISTS (SELECT 1 FROM go) ON CONFLICT DO NOTHING RETURNING id) \
+     SELECT EXISTS (SELECT 1 FROM tok), EXISTS (SELECT 1 FROM funds), EXISTS (SELECT 1 FROM ins)"
+);
+
+/// Places one hold of the batch, or refuses it with nothing left taken. The refusal is the one
+/// the hold would get alone: its token first, then its funds, then its budgets.
 async fn place(
     conn: &mut AnyConnection,
     jobs: &[&AuthJob],
     job: &AuthJob,
     counted: &mut Counted,
+    postgres: bool,
 ) -> Result<AuthResult, sqlx::Error> {
-    match take_hold(conn, job).await? {
-        Some(AuthResult::InsufficientFunds) => {
-            give_back(conn, job, false).await?;
+    // Reads only (the budgets' use, under the batch's locks): deciding it first lets Postgres
+    // take the hold in one statement, and changes nothing the token and funds checks read.
+    let budget = budget_refusal(conn, jobs, job, counted).await?;
+    if postgres {
+        let (token_ok, funds_ok, inserted): (bool, bool, bool) = sqlx::query_as(PLACE)
+            .bind(job.amount)
+            .bind(&job.token_id)
+            .bind(job.now)
+            .bind(job.recipient_id)
+            .bind(&job.idempotency_key)
+            .bind(&job.sender_email)
+            .bind(job.sender_id)
+            .bind(&job.id)
+            .bind(&job.currency)
+            .bind(&job.app_name)
+            .bind(&job.app_ep_path)
+            .bind(&job.request_hash)
+            .bind(job.expires_at)
+            .bind(budget.is_none())
+            .fetch_one(&mut *conn)
+            .await?;
+        if !token_ok {
+            return Ok(AuthResult::TokenRejected);
+        }
+        if !funds_ok {
             return Ok(AuthResult::InsufficientFunds);
         }
-        Some(refused) => return Ok(refused),
-        None => {}
-    }
-    if let Some(refusal) = budget_refusal(conn, jobs, job, counted).await? {
-        give_back(conn, job, true).await?;
-        return Ok(AuthResult::BudgetExceeded(refusal));
-    }
-    if insert_hold(job).execute(&mut *conn).await?.rows_affected() == 0 {
-        give_back(conn, job, true).await?;
-        return Ok(AuthResult::DuplicateKey);
+        if let Some(refusal) = budget {
+            return Ok(AuthResult::BudgetExceeded(refusal));
+        }
+        if !inserted {
+            give_back(conn, job, true).await?;
+            return Ok(AuthResult::DuplicateKey);
+        }
+    } else {
+        match take_hold(conn, job).await? {
+            Some(AuthResult::InsufficientFunds) => {
+                give_back(conn, job, false).await?;
+                return Ok(AuthResult::InsufficientFunds);
+            }
+            Some(refused) => return Ok(refused),
+            None => {}
+        }
+        if let Some(refusal) = budget {
+            give_back(conn, job, true).await?;
+            return Ok(AuthResult::BudgetExceeded(refusal));
+        }
+        if insert_hold(job).execute(&mut *conn).await?.rows_affected() == 0 {
+            give_back(conn, job, true).await?;
+            return Ok(AuthResult::DuplicateKey);
+        }
     }
     for ((sender, recipient, _), used) in counted.pairs.iter_mut() {
         if (*sender, *recipient) == (job.sender_id, job.recipient_id) {
