@@ -1,7 +1,8 @@
 //! Phase one of a two-phase transfer: the hold. A recipient's hold through a delegation token
 //! (the hot path; batched on Postgres, see `batch.rs`) and a sender's own direct hold.
 
-use sqlx::AnyConnection;
+use sqlx::any::AnyArguments;
+use sqlx::{AnyConnection, Arguments};
 use syft_error::Reason;
 
 use super::batch::{AuthJob, AuthResult};
@@ -404,23 +405,36 @@ impl Store {
     }
 }
 
-/// The room a token (`WHERE id = $2 AND` this) has for a hold: the token is live, within its
-/// spend limit, and the key has no recorded failure. Binds: amount, token, now, recipient, key,
-/// sender email. A macro so that every statement that decides a hold states it once.
+/// The room a token (`WHERE id = … AND` this) has for a hold: the token is live, within its
+/// spend limit, and the key has no recorded failure. Takes the placeholders of the amount, now,
+/// recipient, key and sender email. A macro so that every statement that decides a hold states
+/// it once.
 macro_rules! token_room {
-    () => {
-        "revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $3) \
-         AND (spend_limit IS NULL OR spent + held + $1 <= spend_limit) \
-         AND NOT EXISTS (SELECT 1 FROM authorize_failures \
-                         WHERE recipient_id = $4 AND idempotency_key = $5 AND sender_email = $6)"
+    ($amount:literal, $now:literal, $recipient:literal, $key:literal, $email:literal) => {
+        concat!(
+            "revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ",
+            $now,
+            ") \
+             AND (spend_limit IS NULL OR spent + held + ",
+            $amount,
+            " <= spend_limit) \
+             AND NOT EXISTS (SELECT 1 FROM authorize_failures WHERE recipient_id = ",
+            $recipient,
+            " AND idempotency_key = ",
+            $key,
+            " AND sender_email = ",
+            $email,
+            ")"
+        )
     };
 }
 pub(super) use token_room;
 
-/// Takes a hold's amount from its token's room (binds as [`token_room`]).
+/// Takes a hold's amount from its token's room. Binds: amount, token, now, recipient, key,
+/// sender email.
 const TOKEN_HOLD: &str = concat!(
     "UPDATE tokens SET held = held + $1 WHERE id = $2 AND ",
-    token_room!()
+    token_room!("$1", "$3", "$4", "$5", "$6")
 );
 /// Holds the amount on the sender's available funds. Binds: amount, sender.
 const FUNDS_HOLD: &str =
@@ -453,29 +467,61 @@ pub(super) async fn take_hold(
     Ok((funds.rows_affected() == 0).then_some(AuthResult::InsufficientFunds))
 }
 
+/// A pending transfer's columns and their values from [`hold_args`] (`$1` … `$12`), as
+/// `(columns) <values>`: `<values>` is `VALUES (…)` or `SELECT …` and may go on with a clause.
+macro_rules! hold_insert {
+    ($values:literal) => {
+        concat!(
+            "INSERT INTO transfers (id, sender_id, recipient_id, token_id, amount, currency, \
+             status, created_by, app_name, app_ep_path, idempotency_key, request_hash, \
+             created_at, expires_at) ",
+            $values,
+            " $1, $2, $3, $4, $5, $6, 'PENDING', 'RECIPIENT', $7, $8, $9, $10, $11, $12"
+        )
+    };
+}
+pub(super) use hold_insert;
+
+/// `job`'s pending transfer as `$1` … `$12` (see [`hold_insert`]), for statements that insert
+/// it; more arguments may follow.
+pub(super) fn hold_args(job: &AuthJob) -> std::result::Result<AnyArguments<'_>, sqlx::Error> {
+    let mut args = AnyArguments::default();
+    add(&mut args, &job.id)?;
+    add(&mut args, job.sender_id)?;
+    add(&mut args, job.recipient_id)?;
+    add(&mut args, &job.token_id)?;
+    add(&mut args, job.amount)?;
+    add(&mut args, &job.currency)?;
+    add(&mut args, &job.app_name)?;
+    add(&mut args, &job.app_ep_path)?;
+    add(&mut args, &job.idempotency_key)?;
+    add(&mut args, &job.request_hash)?;
+    add(&mut args, job.now)?;
+    add(&mut args, job.expires_at)?;
+    Ok(args)
+}
+
+/// Appends one argument (what `.bind` does, for a list built once and used by two statements).
+pub(super) fn add<'q, T>(
+    args: &mut AnyArguments<'q>,
+    value: T,
+) -> std::result::Result<(), sqlx::Error>
+where
+    T: 'q + sqlx::Encode<'q, sqlx::Any> + sqlx::Type<sqlx::Any>,
+{
+    args.add(value).map_err(sqlx::Error::Encode)
+}
+
 /// The pending transfer of `job`; `ON CONFLICT DO NOTHING` (no row) when its key was taken
-/// meanwhile, so that the transaction goes on for the holds placed with it.
-pub(super) fn insert_hold(
+/// meanwhile, so that the transaction goes on for the holds placed with it. Returns whether it
+/// was inserted.
+pub(super) async fn insert_hold(
+    conn: &mut AnyConnection,
     job: &AuthJob,
-) -> sqlx::query::Query<'_, sqlx::Any, sqlx::any::AnyArguments<'_>> {
-    sqlx::query(
-        "INSERT INTO transfers (id, sender_id, recipient_id, token_id, amount, currency, status, \
-         created_by, app_name, app_ep_path, idempotency_key, request_hash, created_at, expires_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, 'PENDING', 'RECIPIENT', $7, $8, $9, $10, $11, $12) \
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(&job.id)
-    .bind(job.sender_id)
-    .bind(job.recipient_id)
-    .bind(&job.token_id)
-    .bind(job.amount)
-    .bind(&job.currency)
-    .bind(&job.app_name)
-    .bind(&job.app_ep_path)
-    .bind(&job.idempotency_key)
-    .bind(&job.request_hash)
-    .bind(job.now)
-    .bind(job.expires_at)
+) -> std::result::Result<bool, sqlx::Error> {
+    const SQL: &str = concat!(hold_insert!("VALUES ("), ") ON CONFLICT DO NOTHING");
+    let done = sqlx::query_with(SQL, hold_args(job)?).execute(conn).await?;
+    Ok(done.rows_affected() > 0)
 }
 
 /// Places one hold without a budget inside the caller's transaction (SQLite's path; Postgres
@@ -487,7 +533,7 @@ async fn single_authorize(
     if let Some(refused) = take_hold(conn, job).await? {
         return Ok(refused);
     }
-    if insert_hold(job).execute(&mut *conn).await?.rows_affected() == 0 {
+    if !insert_hold(conn, job).await? {
         return Ok(AuthResult::DuplicateKey);
     }
     Ok(AuthResult::Created)

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use sqlx::{AnyConnection, AnyPool};
 use tokio::sync::oneshot;
 
-use super::authorize::{insert_hold, take_hold, token_room};
+use super::authorize::{add, hold_args, hold_insert, insert_hold, take_hold, token_room};
 use super::batch::{AuthJob, AuthResult};
 use super::budget::{
     calendar_refusal, counted_from_day, record_limits, settle_month, token_refusal, token_used,
@@ -232,22 +232,20 @@ async fn decide(pool: &AnyPool, jobs: &[&AuthJob]) -> Result<Vec<AuthResult>, sq
 /// from both and inserts the pending transfer. The rows are the batch's own (locked first), so
 /// the checks and the updates see the same values. Returns (token has room, funds suffice,
 /// inserted); with both yes and nothing inserted, the key was taken and the caller gives back.
-/// Binds: amount, token, now, recipient, key, sender email (as [`token_room`]), sender, id,
-/// currency, app name, endpoint, request hash, expiry, budgets allow.
+/// Binds: the transfer's `$1` … `$12` ([`hold_args`]: id, sender `$2`, recipient `$3`, token
+/// `$4`, amount `$5`, …, key `$9`, now `$11`), sender email, budgets allow.
 const PLACE: &str = concat!(
-    "WITH tok AS (SELECT 1 FROM tokens WHERE id = $2 AND ",
-    token_room!(),
-    "), funds AS (SELECT 1 FROM accounts WHERE id = $7 AND balance - held >= $1\
+    "WITH tok AS (SELECT 1 FROM tokens WHERE id = $4 AND ",
+    token_room!("$5", "$11", "$3", "$9", "$13"),
+    "), funds AS (SELECT 1 FROM accounts WHERE id = $2 AND balance - held >= $5\
      ), go AS (SELECT 1 WHERE $14 AND EXISTS (SELECT 1 FROM tok) AND EXISTS (SELECT 1 FROM funds)\
-     ), held_token AS (UPDATE tokens SET held = held + $1 \
+     ), held_token AS (UPDATE tokens SET held = held + $5 \
+        WHERE id = $4 AND EXISTS (SELECT 1 FROM go) RETURNING id\
+     ), held_funds AS (UPDATE accounts SET held = held + $5 \
         WHERE id = $2 AND EXISTS (SELECT 1 FROM go) RETURNING id\
-     ), held_funds AS (UPDATE accounts SET held = held + $1 \
-        WHERE id = $7 AND EXISTS (SELECT 1 FROM go) RETURNING id\
-     ), ins AS (INSERT INTO transfers (id, sender_id, recipient_id, token_id, amount, currency, \
-        status, created_by, app_name, app_ep_path, idempotency_key, request_hash, created_at, \
-        expires_at) \
-        SELECT $8, $7, $4, $2, $1, $9, 'PENDING', 'RECIPIENT', $10, $11, $5, $12, $3, $13 \
-        WHERE EXISTS (SELECT 1 FROM go) ON CONFLICT DO NOTHING RETURNING id) \
+     ), ins AS (",
+    hold_insert!("SELECT"),
+    " WHERE EXISTS (SELECT 1 FROM go) ON CONFLICT DO NOTHING RETURNING id) \
      SELECT EXISTS (SELECT 1 FROM tok), EXISTS (SELECT 1 FROM funds), EXISTS (SELECT 1 FROM ins)"
 );
 
@@ -264,21 +262,10 @@ async fn place(
     // take the hold in one statement, and changes nothing the token and funds checks read.
     let budget = budget_refusal(conn, jobs, job, counted).await?;
     if postgres {
-        let (token_ok, funds_ok, inserted): (bool, bool, bool) = sqlx::query_as(PLACE)
-            .bind(job.amount)
-            .bind(&job.token_id)
-            .bind(job.now)
-            .bind(job.recipient_id)
-            .bind(&job.idempotency_key)
-            .bind(&job.sender_email)
-            .bind(job.sender_id)
-            .bind(&job.id)
-            .bind(&job.currency)
-            .bind(&job.app_name)
-            .bind(&job.app_ep_path)
-            .bind(&job.request_hash)
-            .bind(job.expires_at)
-            .bind(budget.is_none())
+        let mut args = hold_args(job)?;
+        add(&mut args, &job.sender_email)?;
+        add(&mut args, budget.is_none())?;
+        let (token_ok, funds_ok, inserted): (bool, bool, bool) = sqlx::query_as_with(PLACE, args)
             .fetch_one(&mut *conn)
             .await?;
         if !token_ok {
@@ -307,7 +294,7 @@ async fn place(
             give_back(conn, job, true).await?;
             return Ok(AuthResult::BudgetExceeded(refusal));
         }
-        if insert_hold(job).execute(&mut *conn).await?.rows_affected() == 0 {
+        if !insert_hold(conn, job).await? {
             give_back(conn, job, true).await?;
             return Ok(AuthResult::DuplicateKey);
         }
