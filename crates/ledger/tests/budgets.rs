@@ -635,7 +635,85 @@ async fn many_budgeted_payers_are_decided_together(h: Harness) -> Harness {
     h
 }
 
+/// Each payer of a batch is counted on its own history (`budget_days.rs` reads every pair's
+/// settled days, and every pair's use, in one statement): six payers, payer `i` with `i` × $0.10
+/// captured on the month's first day, each send five holds of $0.10 at once against a monthly
+/// budget of $0.50. Payer `i` gets exactly `5 − i`, so a use counted for the wrong pair shows, and
+/// each payer that placed a hold has its budget recorded for the alerts once.
+async fn payers_with_different_histories_are_counted_apart(h: Harness) -> Harness {
+    use chrono::{Datelike, TimeZone};
+    let now = chrono::Utc::now();
+    let month_start = chrono::Utc
+        .with_ymd_and_hms(now.year(), now.month(), 1, 0, 1, 0)
+        .single()
+        .expect("month start")
+        .timestamp_micros();
+    let owner = h.account(OWNER, 0).await;
+    let c = h.client(&owner);
+    let mut payers = Vec::new();
+    for i in 0..6_i64 {
+        let email = format!("payer{i}@example.com");
+        let secret = h.account(&email, 10 * USD).await;
+        let token = h.token(&secret, OWNER).await;
+        if i > 0 {
+            // Without a budget, so nothing settles before the history is moved into place.
+            let req = pb::AuthorizeRequest {
+                sender_email: email.clone(),
+                ..hold(&token, "history", i * 100_000, None, 300)
+            };
+            let first = ok(c.clone().authorize(req).await);
+            ok(c.clone()
+                .capture(syft_testkit::req::capture_full(&first.id))
+                .await);
+            place(&h, &first.id, month_start, None).await;
+        }
+        payers.push((email, token));
+    }
+    let holds: Vec<_> = payers
+        .iter()
+        .flat_map(|(email, token)| (0..5).map(move |k| (email.clone(), token.clone(), k)))
+        .map(|(email, token, k)| {
+            let mut c = c.clone();
+            let req = pb::AuthorizeRequest {
+                sender_email: email.clone(),
+                budget_per_month_micros: Some(500_000),
+                ..hold(&token, &format!("k{k}"), 100_000, None, 300)
+            };
+            tokio::spawn(async move { (email, c.authorize(req).await) })
+        })
+        .collect();
+    let mut placed = std::collections::HashMap::<String, i64>::new();
+    for handle in holds {
+        let (email, result) = handle.await.expect("task");
+        match result {
+            Ok(_) => *placed.entry(email).or_default() += 1,
+            Err(e) => assert_eq!(
+                reason(&e).as_deref(),
+                Some("BUDGET_EXCEEDED"),
+                "{email}: {e}"
+            ),
+        }
+    }
+    for (i, (email, _)) in payers.iter().enumerate() {
+        let want = 5 - i as i64;
+        assert_eq!(placed.get(email).copied().unwrap_or(0), want, "{email}");
+        assert_eq!(
+            h.balance(email).await.held_micros,
+            want * 100_000,
+            "{email}"
+        );
+    }
+    let recorded: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM budget_limits WHERE per_month = 500000")
+            .fetch_one(h.store.pool())
+            .await
+            .expect("recorded budgets");
+    assert_eq!(recorded, 5, "one row per payer that placed a hold");
+    h
+}
+
 store_suite!(
+    payers_with_different_histories_are_counted_apart,
     many_budgeted_payers_are_decided_together,
     a_token_refuses_inside_a_budgeted_batch,
     a_busy_budgeted_payer_is_decided_in_batches,

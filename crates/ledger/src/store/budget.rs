@@ -11,13 +11,14 @@
 //! it cannot change until that transaction commits or rolls back: concurrent holds across ledger
 //! replicas cannot overspend. The holds themselves are placed in `budget_batch.rs`.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{Datelike, TimeZone, Utc};
 use sqlx::AnyConnection;
 use syft_error::{QuotaDetails, Reason};
 
-use super::budget_days::{pair_use, settle, PairUse, Settled};
+use super::budget_days::{json, pair_uses, settle, Pair, PairUse, Settled, UseQuery};
 use crate::error::LedgerError;
 
 pub(crate) const DAY_MICROS: i64 = 86_400_000_000;
@@ -126,34 +127,60 @@ const TOKEN_ENTRIES: &str = "SELECT created_at, CASE WHEN status = 'COMPLETED' T
      WHEN status = 'PENDING' AND expires_at > $1 THEN amount ELSE 0 END AS used \
      FROM transfers WHERE token_id = $2 AND created_at > $3 ORDER BY created_at";
 
-/// Records the budgets a budgeted hold carried, for the alerts evaluator (migration 0012). Writes
-/// only when they changed or on the pair's first budgeted hold of the UTC day; otherwise the
-/// statement matches the row and changes nothing. Runs in the hold's transaction after the
-/// sender's row is locked, so holds of one pair never race on the row.
+/// What [`record_limits`] writes on a conflict: only when the budgets changed or on the pair's
+/// first budgeted hold of the UTC day; otherwise the statement matches the row and changes nothing.
+const LIMITS_CHANGED: &str = " ON CONFLICT (sender_id, recipient_id) DO UPDATE \
+     SET per_day = excluded.per_day, per_month = excluded.per_month, seen_day = excluded.seen_day \
+     WHERE budget_limits.seen_day <> excluded.seen_day \
+     OR COALESCE(budget_limits.per_day, 0) <> COALESCE(excluded.per_day, 0) \
+     OR COALESCE(budget_limits.per_month, 0) <> COALESCE(excluded.per_month, 0)";
+
+/// Records the budgets each pair's budgeted hold carried, for the alerts evaluator (migration
+/// 0012): one statement for every pair on Postgres, one per pair on SQLite. Runs in the holds'
+/// transaction after the senders' rows are locked, so holds of one pair never race on the row.
+/// `pairs` holds each pair once.
 pub(crate) async fn record_limits(
     conn: &mut AnyConnection,
-    sender_id: i64,
-    recipient_id: i64,
-    budgets: HoldBudgets,
+    pairs: &[(Pair, HoldBudgets)],
     now: i64,
 ) -> Result<(), sqlx::Error> {
     let ((day, _), _) = windows(now);
-    sqlx::query(
-        "INSERT INTO budget_limits (sender_id, recipient_id, per_day, per_month, seen_day) \
-         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (sender_id, recipient_id) DO UPDATE \
-         SET per_day = excluded.per_day, per_month = excluded.per_month, \
-         seen_day = excluded.seen_day \
-         WHERE budget_limits.seen_day <> excluded.seen_day \
-         OR COALESCE(budget_limits.per_day, 0) <> COALESCE(excluded.per_day, 0) \
-         OR COALESCE(budget_limits.per_month, 0) <> COALESCE(excluded.per_month, 0)",
-    )
-    .bind(sender_id)
-    .bind(recipient_id)
-    .bind(budgets.per_day)
-    .bind(budgets.per_month)
-    .bind(day)
-    .execute(conn)
-    .await?;
+    if pairs.is_empty() {
+        return Ok(());
+    }
+    if super::is_postgres(conn) {
+        let input: Vec<_> = pairs
+            .iter()
+            .map(
+                |((s, r), b)| serde_json::json!({"s": s, "r": r, "d": b.per_day, "m": b.per_month}),
+            )
+            .collect();
+        let sql = format!(
+            "INSERT INTO budget_limits (sender_id, recipient_id, per_day, per_month, seen_day) \
+             SELECT s, r, d, m, $2 \
+             FROM json_to_recordset($1::json) AS i(s BIGINT, r BIGINT, d BIGINT, m BIGINT){LIMITS_CHANGED}"
+        );
+        sqlx::query(&sql)
+            .bind(json(&input)?)
+            .bind(day)
+            .execute(conn)
+            .await?;
+        return Ok(());
+    }
+    for ((sender_id, recipient_id), budgets) in pairs {
+        let sql = format!(
+            "INSERT INTO budget_limits (sender_id, recipient_id, per_day, per_month, seen_day) \
+             VALUES ($1, $2, $3, $4, $5){LIMITS_CHANGED}"
+        );
+        sqlx::query(&sql)
+            .bind(sender_id)
+            .bind(recipient_id)
+            .bind(budgets.per_day)
+            .bind(budgets.per_month)
+            .bind(day)
+            .execute(&mut *conn)
+            .await?;
+    }
     Ok(())
 }
 
@@ -262,29 +289,34 @@ pub struct BudgetUse {
     pub month_resets_at: i64,
 }
 
-/// Writes the pair's settled days of this month (`budget_days.rs`). Before a budgeted hold's
+/// Writes the pairs' settled days of this month (`budget_days.rs`). Before a budgeted hold's
 /// transaction, so that a refused hold, which rolls back, does not throw them away.
 pub(crate) async fn settle_month(
     conn: &mut AnyConnection,
-    sender_id: i64,
-    recipient_id: i64,
+    pairs: &[Pair],
     now: i64,
-) -> Result<Settled, sqlx::Error> {
+) -> Result<HashMap<Pair, Settled>, sqlx::Error> {
     let (_, (month, _)) = windows(now);
-    settle(conn, sender_id, recipient_id, month / DAY_MICROS, now).await
+    settle(conn, pairs, month / DAY_MICROS, now).await
 }
 
 /// The pair's use of today and of this month, as the hold's check counts it.
 async fn calendar_use(
     conn: &mut AnyConnection,
-    sender_id: i64,
-    recipient_id: i64,
+    pair: Pair,
     now: i64,
 ) -> Result<(i64, i64), sqlx::Error> {
-    let settled = settle_month(conn, sender_id, recipient_id, now).await?;
+    let settled = settle_month(conn, &[pair], now).await?;
     let (_, (month, _)) = windows(now);
-    let from = (month / DAY_MICROS, &settled);
-    let used = pair_use(conn, sender_id, recipient_id, from, now).await?;
+    let none = Settled::new();
+    let query = UseQuery {
+        pair,
+        from_day: month / DAY_MICROS,
+        settled: settled.get(&pair).unwrap_or(&none),
+        now,
+    };
+    let used = pair_uses(conn, &[query]).await?;
+    let used = used.first().copied().unwrap_or_default();
     Ok((used.today, used.since))
 }
 
@@ -297,7 +329,7 @@ pub async fn budget_use(
 ) -> Result<BudgetUse, sqlx::Error> {
     let ((_, next_day), (_, next_month)) = windows(now);
     let mut conn = pool.acquire().await?;
-    let (day_used, month_used) = calendar_use(&mut conn, sender_id, recipient_id, now).await?;
+    let (day_used, month_used) = calendar_use(&mut conn, (sender_id, recipient_id), now).await?;
     Ok(BudgetUse {
         day_used,
         month_used,
@@ -351,7 +383,7 @@ pub(crate) async fn windowed_use(
     .await?;
     let mut out = Vec::new();
     for (sender, recipient, sender_email, recipient_email, per_day, per_month) in pairs {
-        let (day_used, month_used) = calendar_use(&mut conn, sender, recipient, now).await?;
+        let (day_used, month_used) = calendar_use(&mut conn, (sender, recipient), now).await?;
         let windows = [
             ("day", per_day, day_used, name(day, "%Y-%m-%d")),
             ("month", per_month, month_used, name(month, "%Y-%m")),

@@ -27,9 +27,9 @@ use super::authorize::{add, hold_args, hold_insert, insert_hold, take_hold, toke
 use super::batch::{AuthJob, AuthResult};
 use super::budget::{
     calendar_refusal, counted_from_day, record_limits, settle_month, token_refusal, token_used,
-    DAY_MICROS,
+    HoldBudgets, DAY_MICROS,
 };
-use super::budget_days::{pair_use, PairUse, Settled};
+use super::budget_days::{json, pair_uses, Pair, PairUse, Settled, UseQuery};
 
 /// At most this many holds in one transaction, so that the senders' and tokens' rows are not held
 /// for long against the captures that need them too.
@@ -158,7 +158,7 @@ impl Drop for Drain {
 struct Counted {
     /// Per (sender, recipient) pair with a monthly budget in the batch, its settled days
     /// (`settle`, before the transaction).
-    settled: HashMap<(i64, i64), Settled>,
+    settled: HashMap<Pair, Settled>,
     /// Per (sender, recipient, UTC day).
     pairs: HashMap<(i64, i64, i64), PairUse>,
     /// Per token with a limit per 24 hours.
@@ -188,41 +188,41 @@ async fn decide(pool: &AnyPool, jobs: &[&AuthJob]) -> Result<Vec<AuthResult>, sq
     let mut counted = Counted::default();
     // Settled days are written first, in their own statements (budget_days.rs), on the
     // connection the transaction then uses.
+    let mut monthly: Vec<Pair> = Vec::new();
     for job in jobs.iter().filter(|j| j.budgets.per_month.is_some()) {
-        if let std::collections::hash_map::Entry::Vacant(slot) =
-            counted.settled.entry((job.sender_id, job.recipient_id))
-        {
-            slot.insert(settle_month(&mut conn, job.sender_id, job.recipient_id, now).await?);
+        if !monthly.contains(&(job.sender_id, job.recipient_id)) {
+            monthly.push((job.sender_id, job.recipient_id));
         }
+    }
+    if !monthly.is_empty() {
+        counted.settled = settle_month(&mut conn, &monthly, now).await?;
     }
     let postgres = super::is_postgres(&conn);
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
     if postgres {
         let tokens: Vec<&str> = jobs.iter().map(|j| j.token_id.as_str()).collect();
         let senders: Vec<i64> = jobs.iter().map(|j| j.sender_id).collect();
-        for (sql, ids) in [
-            (LOCK_TOKENS, json_ids(&tokens)),
-            (LOCK_SENDERS, json_ids(&senders)),
-        ] {
+        for (sql, ids) in [(LOCK_TOKENS, json(&tokens)), (LOCK_SENDERS, json(&senders))] {
             sqlx::query(sql).bind(ids?).fetch_all(&mut *tx).await?;
         }
     }
+    read_pair_uses(&mut tx, jobs, &mut counted).await?;
     let mut results = Vec::with_capacity(jobs.len());
     for job in jobs {
         results.push(place(&mut tx, jobs, job, &mut counted, postgres).await?);
     }
     // The budgets each pair's last placed hold carried, for the alerts (budget.rs).
-    let mut recorded = Vec::new();
+    let mut recorded: Vec<(Pair, HoldBudgets)> = Vec::new();
     for (job, result) in jobs.iter().zip(&results).rev() {
         let pair = (job.sender_id, job.recipient_id);
         if matches!(result, AuthResult::Created)
             && !job.budgets.is_empty()
-            && !recorded.contains(&pair)
+            && !recorded.iter().any(|(p, _)| *p == pair)
         {
-            recorded.push(pair);
-            record_limits(&mut tx, job.sender_id, job.recipient_id, job.budgets, now).await?;
+            recorded.push((pair, job.budgets));
         }
     }
+    record_limits(&mut tx, &recorded, now).await?;
     tx.commit().await?;
     Ok(results)
 }
@@ -311,9 +311,56 @@ async fn place(
     Ok(AuthResult::Created)
 }
 
-/// A JSON array of ids, the list parameter every engine's `Any` driver can bind.
-fn json_ids<T: serde::Serialize>(ids: &[T]) -> Result<String, sqlx::Error> {
-    serde_json::to_string(ids).map_err(|e| sqlx::Error::Encode(Box::new(e)))
+/// Reads, in one statement, the budgets' use of every pair the batch's holds will ask for first:
+/// the pair's key (its first budgeted hold's UTC day), from the earliest day any of the pair's
+/// holds needs, at that hold's clock. That is what each hold's first need would read, since only
+/// the pair's own holds change its sum and each placed hold is counted on in memory (`place`); a
+/// later day of the pair (a batch across midnight) is read when first needed.
+async fn read_pair_uses(
+    conn: &mut AnyConnection,
+    jobs: &[&AuthJob],
+    counted: &mut Counted,
+) -> Result<(), sqlx::Error> {
+    let none = Settled::new();
+    let mut keys = Vec::new();
+    let mut queries = Vec::new();
+    for job in jobs.iter().filter(|j| !j.budgets.is_empty()) {
+        let pair = (job.sender_id, job.recipient_id);
+        if keys.iter().any(|(s, r, _)| (*s, *r) == pair) {
+            continue;
+        }
+        keys.push((pair.0, pair.1, job.now.div_euclid(DAY_MICROS)));
+        queries.push(use_query(jobs, job, &counted.settled, &none));
+    }
+    if queries.is_empty() {
+        return Ok(());
+    }
+    let uses = pair_uses(conn, &queries).await?;
+    counted.pairs.extend(keys.into_iter().zip(uses));
+    Ok(())
+}
+
+/// What `job`'s pair has used, read as `job` needs it: from the earliest day any hold of the pair
+/// in the batch needs (a batch with only daily budgets reads from today, where nothing is settled).
+fn use_query<'a>(
+    jobs: &[&AuthJob],
+    job: &AuthJob,
+    settled: &'a HashMap<Pair, Settled>,
+    none: &'a Settled,
+) -> UseQuery<'a> {
+    let pair = (job.sender_id, job.recipient_id);
+    let from_day = jobs
+        .iter()
+        .filter(|j| (j.sender_id, j.recipient_id) == pair)
+        .map(|j| counted_from_day(j.budgets, job.now))
+        .min()
+        .unwrap_or_else(|| counted_from_day(job.budgets, job.now));
+    UseQuery {
+        pair,
+        from_day,
+        settled: settled.get(&pair).unwrap_or(none),
+        now: job.now,
+    }
 }
 
 /// The budget that refuses `job`, if any: the recipient's calendar budgets, then the token's own
@@ -330,18 +377,10 @@ async fn budget_refusal(
         let used = match counted.pairs.get(&key) {
             Some(used) => *used,
             None => {
-                // A batch with only daily budgets reads from today, where nothing is settled.
-                let no_days = Settled::new();
-                // From the earliest day any hold of this pair in the batch needs.
-                let from = jobs
-                    .iter()
-                    .filter(|j| (j.sender_id, j.recipient_id) == pair)
-                    .map(|j| counted_from_day(j.budgets, job.now))
-                    .min()
-                    .unwrap_or_else(|| counted_from_day(job.budgets, job.now));
-                let settled = counted.settled.get(&pair);
-                let from = (from, settled.unwrap_or(&no_days));
-                let used = pair_use(conn, job.sender_id, job.recipient_id, from, job.now).await?;
+                let none = Settled::new();
+                let query = use_query(jobs, job, &counted.settled, &none);
+                let used = pair_uses(conn, &[query]).await?;
+                let used = used.first().copied().unwrap_or_default();
                 *counted.pairs.entry(key).or_insert(used)
             }
         };

@@ -31,40 +31,95 @@ struct DaySum {
     open_until: i64,
 }
 
-/// The pair's transfers from `$4` to `$5` (micros), per UTC day: what each day counts at `$1`,
-/// exactly as the budget check has always counted it (a pending hold its amount until it expires,
-/// a completed one what it captured, a cancelled one nothing).
-const DAY_SUMS: &str = "SELECT created_at / 86400000000 AS d, \
-     CAST(COALESCE(SUM(CASE WHEN status = 'COMPLETED' THEN captured \
-         WHEN status = 'PENDING' AND expires_at > $1 THEN amount ELSE 0 END), 0) AS BIGINT) AS used, \
-     CAST(COALESCE(MAX(CASE WHEN status = 'PENDING' THEN expires_at END), 0) AS BIGINT) AS open_until \
-     FROM transfers WHERE sender_id = $2 AND recipient_id = $3 \
-     AND created_at >= $4 AND created_at < $5 \
-     GROUP BY created_at / 86400000000";
+/// A pair's transfers from `$from` to before `$to` (micros), per UTC day: what each day counts at
+/// `$now`, exactly as the budget check has always counted it (a pending hold its amount until it
+/// expires, a completed one what it captured, a cancelled one nothing), and the latest expiry of
+/// its pending holds. One text for the one-pair statement and the many-pair one.
+macro_rules! day_sums {
+    ($now:literal, $sender:literal, $recipient:literal, $from:literal, $to:literal) => {
+        concat!(
+            "SELECT created_at / 86400000000 AS d, \
+             CAST(COALESCE(SUM(CASE WHEN status = 'COMPLETED' THEN captured \
+             WHEN status = 'PENDING' AND expires_at > ", $now, " THEN amount ELSE 0 END), 0) \
+             AS BIGINT) AS used, \
+             CAST(COALESCE(MAX(CASE WHEN status = 'PENDING' THEN expires_at END), 0) AS BIGINT) \
+             AS open_until FROM transfers WHERE sender_id = ", $sender, " AND recipient_id = ",
+            $recipient, " AND created_at >= ", $from, " AND created_at < ", $to,
+            " GROUP BY created_at / 86400000000"
+        )
+    };
+}
+
+const DAY_SUMS: &str = day_sums!("$1", "$2", "$3", "$4", "$5");
+
+/// [`DAY_SUMS`] of many pairs in one round trip (Postgres), each with its own clock and first
+/// day: `$1` is a JSON array of `{n, s, r, f, t}` (index, sender, recipient, from, now). Each pair
+/// is read through the `transfers_budget` index (a `LATERAL` lookup, as the locks are).
+const PAIRS_DAY_SUMS: &str = concat!(
+    "SELECT i.n, s.d, s.used \
+     FROM json_to_recordset($1::json) AS i(n BIGINT, s BIGINT, r BIGINT, f BIGINT, t BIGINT) \
+     CROSS JOIN LATERAL (",
+    day_sums!("i.t", "i.s", "i.r", "i.f", "9223372036854775807"),
+    ") s"
+);
 
 /// A pair's settled days: what each counts, by UTC day (days since the epoch). Rows never change
 /// once written, so a set read before a transaction holds inside it too.
 pub(crate) type Settled = HashMap<i64, i64>;
 
-/// The settled days of the pair from `from_day` (UTC days since the epoch) to before `to_day`.
+/// A sender and a recipient (account ids).
+pub(crate) type Pair = (i64, i64);
+
+/// The settled days of each pair from `from_day` (UTC days since the epoch) to before `to_day`:
+/// one statement for them all on Postgres, where the ledger may be a round trip away from its
+/// database; one per pair on SQLite, which is in the process.
 async fn settled(
     conn: &mut AnyConnection,
-    sender_id: i64,
-    recipient_id: i64,
+    pairs: &[Pair],
     from_day: i64,
     to_day: i64,
-) -> Result<Settled, sqlx::Error> {
-    let rows: Vec<(i64, i64)> = sqlx::query_as(
-        "SELECT day, used FROM budget_days WHERE sender_id = $1 AND recipient_id = $2 \
-         AND day >= $3 AND day < $4",
-    )
-    .bind(sender_id)
-    .bind(recipient_id)
-    .bind(from_day)
-    .bind(to_day)
-    .fetch_all(&mut *conn)
-    .await?;
-    Ok(rows.into_iter().collect())
+) -> Result<HashMap<Pair, Settled>, sqlx::Error> {
+    let mut out: HashMap<Pair, Settled> = pairs.iter().map(|p| (*p, Settled::new())).collect();
+    if super::is_postgres(conn) {
+        let input: Vec<_> = pairs
+            .iter()
+            .map(|(s, r)| serde_json::json!({"s": s, "r": r}))
+            .collect();
+        let rows: Vec<(i64, i64, i64, i64)> = sqlx::query_as(
+            "SELECT i.s, i.r, b.day, b.used \
+             FROM json_to_recordset($1::json) AS i(s BIGINT, r BIGINT) CROSS JOIN LATERAL \
+             (SELECT day, used FROM budget_days WHERE sender_id = i.s AND recipient_id = i.r \
+             AND day >= $2 AND day < $3) b",
+        )
+        .bind(json(&input)?)
+        .bind(from_day)
+        .bind(to_day)
+        .fetch_all(&mut *conn)
+        .await?;
+        for (s, r, day, used) in rows {
+            out.entry((s, r)).or_default().insert(day, used);
+        }
+        return Ok(out);
+    }
+    for (&(s, r), days) in out.iter_mut() {
+        let rows: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT day, used FROM budget_days WHERE sender_id = $1 AND recipient_id = $2 \
+             AND day >= $3 AND day < $4",
+        )
+        .bind(s)
+        .bind(r)
+        .bind(from_day)
+        .bind(to_day)
+        .fetch_all(&mut *conn)
+        .await?;
+        days.extend(rows);
+    }
+    Ok(out)
+}
+
+/// A JSON text of `value`, the list parameter the `Any` driver binds on every engine.
+pub(crate) fn json<T: serde::Serialize + ?Sized>(value: &T) -> Result<String, sqlx::Error> {
+    serde_json::to_string(value).map_err(|e| sqlx::Error::Encode(Box::new(e)))
 }
 
 /// The first day from `from_day` that is not settled (at most `today`, which never is).
@@ -76,8 +131,7 @@ fn first_open_day(from_day: i64, today: i64, settled: &Settled) -> i64 {
 
 async fn day_sums(
     conn: &mut AnyConnection,
-    sender_id: i64,
-    recipient_id: i64,
+    (sender_id, recipient_id): Pair,
     now: i64,
     (from, to): (i64, i64),
 ) -> Result<Vec<DaySum>, sqlx::Error> {
@@ -91,51 +145,54 @@ async fn day_sums(
         .await
 }
 
-/// Writes the pair's days from `from_day` to yesterday that have settled and are not written yet,
-/// and returns every settled day of that range (for [`pair_use`], which then reads none again).
-/// Runs outside the hold's transaction: the values do not depend on it, and a refused hold rolls
-/// its transaction back, which would otherwise throw them away on every refusal.
+/// For each pair, writes its days from `from_day` to yesterday that have settled and are not
+/// written yet, and returns every settled day of that range (for [`pair_uses`], which then reads
+/// none again). The rows written are read for all pairs at once; a pair writes only on the first
+/// hold after one of its days settled. Runs outside the holds' transaction: the values do not
+/// depend on it, and a refused hold rolls its transaction back, which would otherwise throw them
+/// away on every refusal.
 pub(crate) async fn settle(
     conn: &mut AnyConnection,
-    sender_id: i64,
-    recipient_id: i64,
+    pairs: &[Pair],
     from_day: i64,
     now: i64,
-) -> Result<Settled, sqlx::Error> {
+) -> Result<HashMap<Pair, Settled>, sqlx::Error> {
     let today = now.div_euclid(DAY_MICROS);
-    let mut done = settled(conn, sender_id, recipient_id, from_day, today).await?;
-    let open = first_open_day(from_day, today, &done);
-    if open >= today {
-        return Ok(done);
-    }
-    let range = (open * DAY_MICROS, today * DAY_MICROS);
-    let sums: HashMap<i64, DaySum> = day_sums(conn, sender_id, recipient_id, now, range)
-        .await?
-        .into_iter()
-        .map(|s| (s.d, s))
-        .collect();
-    for d in open..today {
-        if done.contains_key(&d) {
+    let mut all = settled(conn, pairs, from_day, today).await?;
+    for (&pair, done) in all.iter_mut() {
+        let open = first_open_day(from_day, today, done);
+        if open >= today {
             continue;
         }
-        let (used, open_until) = sums.get(&d).map_or((0, 0), |s| (s.used, s.open_until));
-        let ended = (d + 1) * DAY_MICROS;
-        if ended.max(open_until).saturating_add(SETTLE_MARGIN) > now {
-            continue;
+        let range = (open * DAY_MICROS, today * DAY_MICROS);
+        let sums: HashMap<i64, DaySum> = day_sums(conn, pair, now, range)
+            .await?
+            .into_iter()
+            .map(|s| (s.d, s))
+            .collect();
+        for d in open..today {
+            if done.contains_key(&d) {
+                continue;
+            }
+            let (used, open_until) = sums.get(&d).map_or((0, 0), |s| (s.used, s.open_until));
+            let ended = (d + 1) * DAY_MICROS;
+            if ended.max(open_until).saturating_add(SETTLE_MARGIN) > now {
+                continue;
+            }
+            sqlx::query(
+                "INSERT INTO budget_days (sender_id, recipient_id, day, used) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (sender_id, recipient_id, day) DO NOTHING",
+            )
+            .bind(pair.0)
+            .bind(pair.1)
+            .bind(d)
+            .bind(used)
+            .execute(&mut *conn)
+            .await?;
+            done.insert(d, used);
         }
-        sqlx::query(
-            "INSERT INTO budget_days (sender_id, recipient_id, day, used) \
-             VALUES ($1, $2, $3, $4) ON CONFLICT (sender_id, recipient_id, day) DO NOTHING",
-        )
-        .bind(sender_id)
-        .bind(recipient_id)
-        .bind(d)
-        .bind(used)
-        .execute(&mut *conn)
-        .await?;
-        done.insert(d, used);
     }
-    Ok(done)
+    Ok(all)
 }
 
 /// What the pair has used today and since `from_day`, counted at `now`.
@@ -145,40 +202,90 @@ pub(crate) struct PairUse {
     pub since: i64,
 }
 
-/// [`PairUse`]: the `settled` days (from [`settle`]; none are needed when `from_day` is today),
-/// every other day from the transfers. Inside the hold's transaction this runs after the sender's
-/// row lock, like the sum it replaces. A day another ledger settled meanwhile is simply summed
-/// from its transfers, which count what its row says.
-pub(crate) async fn pair_use(
+/// One pair's use to read: from `from_day` at `now`, with its `settled` days (from [`settle`];
+/// none are needed when `from_day` is today).
+pub(crate) struct UseQuery<'a> {
+    pub pair: Pair,
+    pub from_day: i64,
+    pub settled: &'a Settled,
+    pub now: i64,
+}
+
+impl UseQuery<'_> {
+    /// The settled days of the range, and the first day to sum from the transfers.
+    fn split(&self) -> (Settled, i64) {
+        let today = self.now.div_euclid(DAY_MICROS);
+        let done: Settled = self
+            .settled
+            .iter()
+            .filter(|(d, _)| (self.from_day..today).contains(*d))
+            .map(|(d, used)| (*d, *used))
+            .collect();
+        let open = first_open_day(self.from_day, today, &done);
+        (done, open)
+    }
+}
+
+/// [`PairUse`] of each query: the settled days, every other day from the transfers (one
+/// statement for them all on Postgres). Inside the holds' transaction this runs after the
+/// senders' row locks, like the sum it replaces. A day another ledger settled meanwhile is simply
+/// summed from its transfers, which count what its row says.
+pub(crate) async fn pair_uses(
     conn: &mut AnyConnection,
-    sender_id: i64,
-    recipient_id: i64,
-    (from_day, settled): (i64, &Settled),
-    now: i64,
-) -> Result<PairUse, sqlx::Error> {
-    let today = now.div_euclid(DAY_MICROS);
-    let done: Settled = settled
-        .iter()
-        .filter(|(d, _)| (from_day..today).contains(*d))
-        .map(|(d, used)| (*d, *used))
-        .collect();
-    let open = first_open_day(from_day, today, &done);
-    let range = (open * DAY_MICROS, i64::MAX);
-    let mut used = PairUse {
-        today: 0,
-        since: done.values().sum(),
-    };
-    for s in day_sums(conn, sender_id, recipient_id, now, range).await? {
-        // A settled day after an open one is counted from its row.
-        if done.contains_key(&s.d) {
-            continue;
+    queries: &[UseQuery<'_>],
+) -> Result<Vec<PairUse>, sqlx::Error> {
+    let split: Vec<(Settled, i64)> = queries.iter().map(UseQuery::split).collect();
+    // Per query, its days summed from the transfers: (day, used).
+    let mut sums: Vec<Vec<(i64, i64)>> = vec![Vec::new(); queries.len()];
+    if super::is_postgres(conn) {
+        let input: Vec<_> = queries
+            .iter()
+            .zip(&split)
+            .enumerate()
+            .map(|(n, (q, (_, open)))| {
+                serde_json::json!({"n": n, "s": q.pair.0, "r": q.pair.1,
+                    "f": open * DAY_MICROS, "t": q.now})
+            })
+            .collect();
+        let rows: Vec<(i64, i64, i64)> = sqlx::query_as(PAIRS_DAY_SUMS)
+            .bind(json(&input)?)
+            .fetch_all(&mut *conn)
+            .await?;
+        for (n, d, used) in rows {
+            if let Some(days) = usize::try_from(n).ok().and_then(|n| sums.get_mut(n)) {
+                days.push((d, used));
+            }
         }
-        used.since += s.used;
-        if s.d == today {
-            used.today = s.used;
+    } else {
+        for ((q, (_, open)), days) in queries.iter().zip(&split).zip(sums.iter_mut()) {
+            let range = (open * DAY_MICROS, i64::MAX);
+            let rows = day_sums(conn, q.pair, q.now, range).await?;
+            days.extend(rows.into_iter().map(|s| (s.d, s.used)));
         }
     }
-    Ok(used)
+    let uses = queries
+        .iter()
+        .zip(split)
+        .zip(sums)
+        .map(|((q, (done, _)), days)| {
+            let today = q.now.div_euclid(DAY_MICROS);
+            let mut used = PairUse {
+                today: 0,
+                since: done.values().sum(),
+            };
+            for (d, day_used) in days {
+                // A settled day after an open one is counted from its row.
+                if done.contains_key(&d) {
+                    continue;
+                }
+                used.since += day_used;
+                if d == today {
+                    used.today = day_used;
+                }
+            }
+            used
+        });
+    Ok(uses.collect())
 }
 
 /// Every settled day whose row disagrees with its transfers, for `ledger verify`.
