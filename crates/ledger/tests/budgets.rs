@@ -341,6 +341,26 @@ async fn place(h: &Harness, id: &str, created_at: i64, expires_at: Option<i64>) 
     .expect("move a transfer");
 }
 
+/// Now, and the first minute of this UTC month (micros).
+fn this_month() -> (chrono::DateTime<chrono::Utc>, i64) {
+    use chrono::{Datelike, TimeZone};
+    let now = chrono::Utc::now();
+    let month_start = chrono::Utc
+        .with_ymd_and_hms(now.year(), now.month(), 1, 0, 1, 0)
+        .single()
+        .expect("month start")
+        .timestamp_micros();
+    (now, month_start)
+}
+
+/// Places and captures `req` (a hold without a budget, so nothing settles before the history is
+/// moved into place), then moves it to `at`.
+async fn history(h: &Harness, c: &mut LedgerClient, req: pb::AuthorizeRequest, at: i64) {
+    let held = ok(c.authorize(req).await);
+    ok(c.capture(syft_testkit::req::capture_full(&held.id)).await);
+    place(h, &held.id, at, None).await;
+}
+
 async fn settled_days(h: &Harness) -> Vec<(i64, i64)> {
     sqlx::query_as("SELECT day, used FROM budget_days ORDER BY day")
         .fetch_all(h.store.pool())
@@ -451,22 +471,19 @@ async fn settled_days_count_like_the_transfers(h: Harness) -> Harness {
 /// the 2nd at 01:00 UTC on, when the row is checked too): 40 concurrent holds of 0.001 beside
 /// 0.03 captured against a 0.05 budget place exactly 20.
 async fn concurrent_holds_respect_a_month_with_settled_history(h: Harness) -> Harness {
-    use chrono::{Datelike, TimeZone};
     let Parties { token, mut c, .. } = parties(&h).await;
     let monthly = |key: String, amount: i64| pb::AuthorizeRequest {
         budget_per_month_micros: Some(50_000),
         ..hold(&token, &key, amount, None, 300)
     };
-    // Without a budget, so nothing settles before the history is moved into place.
-    let first = ok(c.authorize(hold(&token, "first", 30_000, None, 300)).await);
-    ok(c.capture(syft_testkit::req::capture_full(&first.id)).await);
-    let now = chrono::Utc::now();
-    let month_start = chrono::Utc
-        .with_ymd_and_hms(now.year(), now.month(), 1, 0, 1, 0)
-        .single()
-        .expect("month start")
-        .timestamp_micros();
-    place(&h, &first.id, month_start, None).await;
+    let (now, month_start) = this_month();
+    history(
+        &h,
+        &mut c,
+        hold(&token, "first", 30_000, None, 300),
+        month_start,
+    )
+    .await;
 
     let holds = (0..40).map(|i| {
         let mut c = c.clone();
@@ -641,13 +658,7 @@ async fn many_budgeted_payers_are_decided_together(h: Harness) -> Harness {
 /// budget of $0.50. Payer `i` gets exactly `5 − i`, so a use counted for the wrong pair shows, and
 /// each payer that placed a hold has its budget recorded for the alerts once.
 async fn payers_with_different_histories_are_counted_apart(h: Harness) -> Harness {
-    use chrono::{Datelike, TimeZone};
-    let now = chrono::Utc::now();
-    let month_start = chrono::Utc
-        .with_ymd_and_hms(now.year(), now.month(), 1, 0, 1, 0)
-        .single()
-        .expect("month start")
-        .timestamp_micros();
+    let (_, month_start) = this_month();
     let owner = h.account(OWNER, 0).await;
     let c = h.client(&owner);
     let mut payers = Vec::new();
@@ -656,16 +667,11 @@ async fn payers_with_different_histories_are_counted_apart(h: Harness) -> Harnes
         let secret = h.account(&email, 10 * USD).await;
         let token = h.token(&secret, OWNER).await;
         if i > 0 {
-            // Without a budget, so nothing settles before the history is moved into place.
             let req = pb::AuthorizeRequest {
                 sender_email: email.clone(),
                 ..hold(&token, "history", i * 100_000, None, 300)
             };
-            let first = ok(c.clone().authorize(req).await);
-            ok(c.clone()
-                .capture(syft_testkit::req::capture_full(&first.id))
-                .await);
-            place(&h, &first.id, month_start, None).await;
+            history(&h, &mut c.clone(), req, month_start).await;
         }
         payers.push((email, token));
     }
