@@ -379,6 +379,27 @@ async fn resolve_batch(
     Ok(results)
 }
 
+/// Adds what the batch placed (the holds in `funds_ok`) to `held` of the rows of `$table` they
+/// name in `$by`: the token's and the sender's update, one per row however many holds it has.
+macro_rules! held_by_batch {
+    ($table:literal, $by:literal) => {
+        concat!(
+            "UPDATE ",
+            $table,
+            " t SET held = t.held + x.amount \
+             FROM (SELECT ",
+            $by,
+            ", CAST(SUM(in_amount) AS BIGINT) AS amount FROM input \
+             WHERE in_n IN (SELECT in_n FROM funds_ok) GROUP BY ",
+            $by,
+            ") x \
+             WHERE t.id = x.",
+            $by,
+            " RETURNING t.id"
+        )
+    };
+}
+
 /// Places a batch of holds as one statement. Token and sender rows are locked first (in id order)
 /// and the checks read the locked rows, so the updates that follow cannot fail half-way.
 ///
@@ -408,8 +429,8 @@ async fn resolve_batch(
 /// job to the caller's replay lookup. (An explicit existence check here was tried: with one hot
 /// recipient the planner probed it through `transfers_recipient` and scanned all of that
 /// recipient's transfers per job.)
-const AUTHORIZE_BATCH: &str = "\
-WITH input AS (
+const AUTHORIZE_BATCH: &str = concat!(
+    "WITH input AS (
     SELECT * FROM json_to_recordset($1::json) AS i(in_n int, in_id text, in_sender bigint,
         in_recipient bigint, in_token text, in_amount bigint, in_currency text, in_app text, in_path text,
         in_key text, in_sender_email text, in_hash text, in_now bigint, in_expires bigint)
@@ -442,19 +463,11 @@ WITH input AS (
 ), alone_ok AS (
     SELECT u.in_n FROM token_usable u JOIN lock_accounts a ON a.id = u.in_sender
     WHERE (u.headroom IS NULL OR u.in_amount <= u.headroom) AND u.in_amount <= a.available
-), tok AS (
-    UPDATE tokens k SET held = k.held + x.amount
-    FROM (SELECT in_token, CAST(SUM(in_amount) AS BIGINT) AS amount FROM input
-          WHERE in_n IN (SELECT in_n FROM funds_ok) GROUP BY in_token) x
-    WHERE k.id = x.in_token
-    RETURNING k.id
-), snd AS (
-    UPDATE accounts a SET held = a.held + x.amount
-    FROM (SELECT in_sender, CAST(SUM(in_amount) AS BIGINT) AS amount FROM input
-          WHERE in_n IN (SELECT in_n FROM funds_ok) GROUP BY in_sender) x
-    WHERE a.id = x.in_sender
-    RETURNING a.id
-), ins AS (
+), tok AS (",
+    held_by_batch!("tokens", "in_token"),
+    "), snd AS (",
+    held_by_batch!("accounts", "in_sender"),
+    "), ins AS (
     INSERT INTO transfers (id, sender_id, recipient_id, token_id, amount, currency, status, created_by,
         app_name, app_ep_path, idempotency_key, request_hash, created_at, expires_at)
     SELECT in_id, in_sender, in_recipient, in_token, in_amount, in_currency, 'PENDING', 'RECIPIENT',
@@ -465,7 +478,8 @@ WITH input AS (
 SELECT i.in_n, i.in_n IN (SELECT in_n FROM token_ok) AS token_ok,
     i.in_n IN (SELECT in_n FROM funds_ok) AS funds_ok,
     i.in_n IN (SELECT in_n FROM alone_ok) AS alone_ok
-FROM input i";
+FROM input i"
+);
 
 /// Captures and voids a batch. Account and token updates are aggregated so several resolutions for
 /// one sender or one recipient in a batch move the right totals. The recipient is credited here,
