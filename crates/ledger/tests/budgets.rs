@@ -659,32 +659,74 @@ async fn many_budgeted_payers_are_decided_together(h: Harness) -> Harness {
 /// each payer that placed a hold has its budget recorded for the alerts once.
 async fn payers_with_different_histories_are_counted_apart(h: Harness) -> Harness {
     let (_, month_start) = this_month();
+    let (c, payers) = payers_who_spent(&h, 6, None, Some(month_start)).await;
+    let monthly = |req: pb::AuthorizeRequest| pb::AuthorizeRequest {
+        budget_per_month_micros: Some(500_000),
+        ..req
+    };
+    five_holds_each(&h, &c, &payers, monthly, "BUDGET_EXCEEDED").await;
+    let recorded: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM budget_limits WHERE per_month = 500000")
+            .fetch_one(h.store.pool())
+            .await
+            .expect("recorded budgets");
+    assert_eq!(recorded, 5, "one row per payer that placed a hold");
+    h
+}
+
+/// `n` payers (email, token for the owner, with `limit_per_day` when given) and a client of the
+/// owner's; payer `i` has spent `i` × $0.10 already (captured, and moved to `at` when given).
+async fn payers_who_spent(
+    h: &Harness,
+    n: i64,
+    limit_per_day: Option<i64>,
+    at: Option<i64>,
+) -> (LedgerClient, Vec<(String, String)>) {
     let owner = h.account(OWNER, 0).await;
-    let c = h.client(&owner);
+    let mut c = h.client(&owner);
     let mut payers = Vec::new();
-    for i in 0..6_i64 {
+    for i in 0..n {
         let email = format!("payer{i}@example.com");
         let secret = h.account(&email, 10 * USD).await;
-        let token = h.token(&secret, OWNER).await;
+        let issue = pb::IssueTokenRequest {
+            limit_per_day_micros: limit_per_day,
+            ..per_day(1)
+        };
+        let token = ok(h.client(&secret).issue_token(issue).await).token;
         if i > 0 {
             let req = pb::AuthorizeRequest {
                 sender_email: email.clone(),
-                ..hold(&token, "history", i * 100_000, None, 300)
+                ..hold(&token, "earlier", i * 100_000, None, 300)
             };
-            history(&h, &mut c.clone(), req, month_start).await;
+            let held = ok(c.authorize(req).await);
+            ok(c.capture(syft_testkit::req::capture_full(&held.id)).await);
+            if let Some(at) = at {
+                place(h, &held.id, at, None).await;
+            }
         }
         payers.push((email, token));
     }
+    (c, payers)
+}
+
+/// Each payer `i` of `payers` (email, token) sends five holds of $0.10 at once, shaped by `shape`,
+/// and must get exactly `5 − i` placed (the rest refused for `refusal`) and held.
+async fn five_holds_each(
+    h: &Harness,
+    c: &LedgerClient,
+    payers: &[(String, String)],
+    shape: impl Fn(pb::AuthorizeRequest) -> pb::AuthorizeRequest,
+    refusal: &'static str,
+) {
     let holds: Vec<_> = payers
         .iter()
         .flat_map(|(email, token)| (0..5).map(move |k| (email.clone(), token.clone(), k)))
         .map(|(email, token, k)| {
             let mut c = c.clone();
-            let req = pb::AuthorizeRequest {
+            let req = shape(pb::AuthorizeRequest {
                 sender_email: email.clone(),
-                budget_per_month_micros: Some(500_000),
                 ..hold(&token, &format!("k{k}"), 100_000, None, 300)
-            };
+            });
             tokio::spawn(async move { (email, c.authorize(req).await) })
         })
         .collect();
@@ -693,11 +735,7 @@ async fn payers_with_different_histories_are_counted_apart(h: Harness) -> Harnes
         let (email, result) = handle.await.expect("task");
         match result {
             Ok(_) => *placed.entry(email).or_default() += 1,
-            Err(e) => assert_eq!(
-                reason(&e).as_deref(),
-                Some("BUDGET_EXCEEDED"),
-                "{email}: {e}"
-            ),
+            Err(e) => assert_eq!(reason(&e).as_deref(), Some(refusal), "{email}: {e}"),
         }
     }
     for (i, (email, _)) in payers.iter().enumerate() {
@@ -709,16 +747,24 @@ async fn payers_with_different_histories_are_counted_apart(h: Harness) -> Harnes
             "{email}"
         );
     }
-    let recorded: i64 =
-        sqlx::query_scalar("SELECT COUNT(*) FROM budget_limits WHERE per_month = 500000")
-            .fetch_one(h.store.pool())
-            .await
-            .expect("recorded budgets");
-    assert_eq!(recorded, 5, "one row per payer that placed a hold");
+}
+
+/// Each token of a batch is counted on its own use (`budget.rs` reads every token's use in one
+/// statement): four payers with tokens that may move $0.50 in 24 hours, payer `i` having moved
+/// `i` × $0.10 already, each send five holds of $0.10 at once. Payer `i` gets exactly `5 − i`.
+/// The holds carry a budget that never refuses, so they are decided in budgeted batches.
+async fn tokens_with_different_use_are_counted_apart(h: Harness) -> Harness {
+    let (c, payers) = payers_who_spent(&h, 4, Some(500_000), None).await;
+    let budgeted = |req: pb::AuthorizeRequest| pb::AuthorizeRequest {
+        budget_per_day_micros: Some(100 * USD),
+        ..req
+    };
+    five_holds_each(&h, &c, &payers, budgeted, "TOKEN_DAILY_LIMIT_EXCEEDED").await;
     h
 }
 
 store_suite!(
+    tokens_with_different_use_are_counted_apart,
     payers_with_different_histories_are_counted_apart,
     many_budgeted_payers_are_decided_together,
     a_token_refuses_inside_a_budgeted_batch,

@@ -117,11 +117,35 @@ fn windows(now: i64) -> ((i64, i64), (i64, i64)) {
     )
 }
 
-/// What the sender's holds through this token since `$3` still commit.
-const USED_BY_TOKEN: &str =
-    "SELECT CAST(COALESCE(SUM(CASE WHEN status = 'COMPLETED' THEN captured \
-     WHEN status = 'PENDING' AND expires_at > $1 THEN amount ELSE 0 END), 0) AS BIGINT) \
-     FROM transfers WHERE token_id = $2 AND created_at > $3";
+/// What the sender's holds through a token in the 24 hours before a time still commit (the
+/// token and the time by name). One text for the one-token statement and the many-token one.
+macro_rules! used_by_token {
+    ($now:literal, $token:literal) => {
+        concat!(
+            "SELECT CAST(COALESCE(SUM(CASE WHEN status = 'COMPLETED' THEN captured \
+             WHEN status = 'PENDING' AND expires_at > ",
+            $now,
+            " THEN amount ELSE 0 END), 0) \
+             AS BIGINT) AS used FROM transfers WHERE token_id = ",
+            $token,
+            " AND created_at > ",
+            $now,
+            " - 86400000000"
+        )
+    };
+}
+
+/// [`used_by_token!`] of one token (`$2`) at `$1`.
+const USED_BY_TOKEN: &str = used_by_token!("$1", "$2");
+
+/// [`used_by_token!`] of many tokens in one round trip (Postgres): `$1` is a JSON array of
+/// `{n, k, t}` (index, token, now), each read through the `transfers_token_window` index.
+const TOKENS_USED: &str = concat!(
+    "SELECT i.n, u.used FROM json_to_recordset($1::json) AS i(n BIGINT, k TEXT, t BIGINT) \
+     CROSS JOIN LATERAL (",
+    used_by_token!("i.t", "i.k"),
+    ") u"
+);
 /// The token's transfers still counting, oldest first (when the rolling window frees).
 const TOKEN_ENTRIES: &str = "SELECT created_at, CASE WHEN status = 'COMPLETED' THEN captured \
      WHEN status = 'PENDING' AND expires_at > $1 THEN amount ELSE 0 END AS used \
@@ -226,18 +250,40 @@ pub(crate) fn calendar_refusal(
     })
 }
 
-/// What the token's holds of the 24 hours before `now` still commit.
-pub(crate) async fn token_used(
+/// What each token's holds of the 24 hours before its `now` still commit: one statement for
+/// them all on Postgres, one per token on SQLite.
+pub(crate) async fn tokens_used(
     conn: &mut AnyConnection,
-    token_id: &str,
-    now: i64,
-) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(USED_BY_TOKEN)
-        .bind(now)
-        .bind(token_id)
-        .bind(now - DAY_MICROS)
-        .fetch_one(&mut *conn)
-        .await
+    tokens: &[(&str, i64)],
+) -> Result<Vec<i64>, sqlx::Error> {
+    if super::is_postgres(conn) {
+        let input: Vec<_> = tokens
+            .iter()
+            .enumerate()
+            .map(|(n, (k, t))| serde_json::json!({"n": n, "k": k, "t": t}))
+            .collect();
+        let rows: Vec<(i64, i64)> = sqlx::query_as(TOKENS_USED)
+            .bind(json(&input)?)
+            .fetch_all(&mut *conn)
+            .await?;
+        let mut used = vec![0; tokens.len()];
+        for (n, u) in rows {
+            if let Some(slot) = usize::try_from(n).ok().and_then(|n| used.get_mut(n)) {
+                *slot = u;
+            }
+        }
+        return Ok(used);
+    }
+    let mut used = Vec::with_capacity(tokens.len());
+    for (token_id, now) in tokens {
+        let u: i64 = sqlx::query_scalar(USED_BY_TOKEN)
+            .bind(now)
+            .bind(token_id)
+            .fetch_one(&mut *conn)
+            .await?;
+        used.push(u);
+    }
+    Ok(used)
 }
 
 /// The token's own limit per 24 hours refusing `amount` on top of `used`, with when enough of the
@@ -409,7 +455,7 @@ pub(crate) async fn windowed_use(
     .await?;
     for (token, limit) in tokens {
         out.push(WindowUse {
-            used: token_used(&mut conn, &token, now).await?,
+            used: tokens_used(&mut conn, &[(&token, now)]).await?.iter().sum(),
             subject: format!("token:{token}:24h"),
             window: "24h",
             limit,

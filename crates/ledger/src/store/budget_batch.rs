@@ -26,7 +26,7 @@ use tokio::sync::oneshot;
 use super::authorize::{add, hold_args, hold_insert, insert_hold, take_hold, token_room};
 use super::batch::{AuthJob, AuthResult};
 use super::budget::{
-    calendar_refusal, counted_from_day, record_limits, settle_month, token_refusal, token_used,
+    calendar_refusal, counted_from_day, record_limits, settle_month, token_refusal, tokens_used,
     HoldBudgets, DAY_MICROS,
 };
 use super::budget_days::{json, pair_uses, Pair, PairUse, Settled, UseQuery};
@@ -206,7 +206,7 @@ async fn decide(pool: &AnyPool, jobs: &[&AuthJob]) -> Result<Vec<AuthResult>, sq
             sqlx::query(sql).bind(ids?).fetch_all(&mut *tx).await?;
         }
     }
-    read_pair_uses(&mut tx, jobs, &mut counted).await?;
+    read_uses(&mut tx, jobs, &mut counted).await?;
     let mut results = Vec::with_capacity(jobs.len());
     for job in jobs {
         results.push(place(&mut tx, jobs, job, &mut counted, postgres).await?);
@@ -311,12 +311,13 @@ async fn place(
     Ok(AuthResult::Created)
 }
 
-/// Reads, in one statement, the budgets' use of every pair the batch's holds will ask for first:
-/// the pair's key (its first budgeted hold's UTC day), from the earliest day any of the pair's
-/// holds needs, at that hold's clock. That is what each hold's first need would read, since only
-/// the pair's own holds change its sum and each placed hold is counted on in memory (`place`); a
-/// later day of the pair (a batch across midnight) is read when first needed.
-async fn read_pair_uses(
+/// Reads, in one statement each, the budgets' use of every pair and every token with a limit per
+/// 24 hours the batch's holds will ask for first: the pair's key (its first budgeted hold's UTC
+/// day), from the earliest day any of the pair's holds needs, at that hold's clock; the token's at
+/// its first hold's clock. That is what each hold's first need would read, since only the pair's
+/// (the token's) own holds change its sum and each placed hold is counted on in memory (`place`);
+/// a later day of the pair (a batch across midnight) is read when first needed.
+async fn read_uses(
     conn: &mut AnyConnection,
     jobs: &[&AuthJob],
     counted: &mut Counted,
@@ -332,11 +333,21 @@ async fn read_pair_uses(
         keys.push((pair.0, pair.1, job.now.div_euclid(DAY_MICROS)));
         queries.push(use_query(jobs, job, &counted.settled, &none));
     }
-    if queries.is_empty() {
-        return Ok(());
+    if !queries.is_empty() {
+        let uses = pair_uses(conn, &queries).await?;
+        counted.pairs.extend(keys.into_iter().zip(uses));
     }
-    let uses = pair_uses(conn, &queries).await?;
-    counted.pairs.extend(keys.into_iter().zip(uses));
+    let mut tokens: Vec<(&str, i64)> = Vec::new();
+    for job in jobs.iter().filter(|j| j.token_limit_per_day.is_some()) {
+        if !tokens.iter().any(|(k, _)| *k == job.token_id) {
+            tokens.push((&job.token_id, job.now));
+        }
+    }
+    if !tokens.is_empty() {
+        let used = tokens_used(conn, &tokens).await?;
+        let read = tokens.iter().map(|(k, _)| k.to_string()).zip(used);
+        counted.tokens.extend(read);
+    }
     Ok(())
 }
 
@@ -394,7 +405,10 @@ async fn budget_refusal(
     let used = match counted.tokens.get(&job.token_id) {
         Some(used) => *used,
         None => {
-            let used = token_used(conn, &job.token_id, job.now).await?;
+            let used = tokens_used(conn, &[(&job.token_id, job.now)])
+                .await?
+                .iter()
+                .sum();
             *counted.tokens.entry(job.token_id.clone()).or_insert(used)
         }
     };
