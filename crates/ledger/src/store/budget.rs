@@ -191,11 +191,11 @@ pub(crate) async fn record_limits(
             .await?;
         return Ok(());
     }
+    let sql = format!(
+        "INSERT INTO budget_limits (sender_id, recipient_id, per_day, per_month, seen_day) \
+         VALUES ($1, $2, $3, $4, $5){LIMITS_CHANGED}"
+    );
     for ((sender_id, recipient_id), budgets) in pairs {
-        let sql = format!(
-            "INSERT INTO budget_limits (sender_id, recipient_id, per_day, per_month, seen_day) \
-             VALUES ($1, $2, $3, $4, $5){LIMITS_CHANGED}"
-        );
         sqlx::query(&sql)
             .bind(sender_id)
             .bind(recipient_id)
