@@ -18,7 +18,9 @@ use chrono::{Datelike, TimeZone, Utc};
 use sqlx::AnyConnection;
 use syft_error::{QuotaDetails, Reason};
 
-use super::budget_days::{json, pair_uses, settle, Pair, PairUse, Settled, UseQuery};
+use super::budget_days::{
+    json, one_statement, pair_uses, settle, Pair, PairUse, Settled, UseQuery,
+};
 use crate::error::LedgerError;
 
 pub(crate) const DAY_MICROS: i64 = 86_400_000_000;
@@ -160,7 +162,7 @@ const LIMITS_CHANGED: &str = " ON CONFLICT (sender_id, recipient_id) DO UPDATE \
      OR COALESCE(budget_limits.per_month, 0) <> COALESCE(excluded.per_month, 0)";
 
 /// Records the budgets each pair's budgeted hold carried, for the alerts evaluator (migration
-/// 0012): one statement for every pair on Postgres, one per pair on SQLite. Runs in the holds'
+/// 0012): one statement for every pair ([`one_statement`]), else one per pair. Runs in the holds'
 /// transaction after the senders' rows are locked, so holds of one pair never race on the row.
 /// `pairs` holds each pair once.
 pub(crate) async fn record_limits(
@@ -172,7 +174,7 @@ pub(crate) async fn record_limits(
     if pairs.is_empty() {
         return Ok(());
     }
-    if super::is_postgres(conn) {
+    if one_statement(conn, pairs.len()) {
         let input: Vec<_> = pairs
             .iter()
             .map(
@@ -251,12 +253,12 @@ pub(crate) fn calendar_refusal(
 }
 
 /// What each token's holds of the 24 hours before its `now` still commit: one statement for
-/// them all on Postgres, one per token on SQLite.
+/// them all ([`one_statement`]), else one per token.
 pub(crate) async fn tokens_used(
     conn: &mut AnyConnection,
     tokens: &[(&str, i64)],
 ) -> Result<Vec<i64>, sqlx::Error> {
-    if super::is_postgres(conn) {
+    if one_statement(conn, tokens.len()) {
         let input: Vec<_> = tokens
             .iter()
             .enumerate()

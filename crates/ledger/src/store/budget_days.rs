@@ -71,8 +71,7 @@ pub(crate) type Settled = HashMap<i64, i64>;
 pub(crate) type Pair = (i64, i64);
 
 /// The settled days of each pair from `from_day` (UTC days since the epoch) to before `to_day`:
-/// one statement for them all on Postgres, where the ledger may be a round trip away from its
-/// database; one per pair on SQLite, which is in the process.
+/// one statement for them all ([`one_statement`]), else one per pair.
 async fn settled(
     conn: &mut AnyConnection,
     pairs: &[Pair],
@@ -80,7 +79,7 @@ async fn settled(
     to_day: i64,
 ) -> Result<HashMap<Pair, Settled>, sqlx::Error> {
     let mut out: HashMap<Pair, Settled> = pairs.iter().map(|p| (*p, Settled::new())).collect();
-    if super::is_postgres(conn) {
+    if one_statement(conn, pairs.len()) {
         let input: Vec<_> = pairs
             .iter()
             .map(|(s, r)| serde_json::json!({"s": s, "r": r}))
@@ -115,6 +114,13 @@ async fn settled(
         days.extend(rows);
     }
     Ok(out)
+}
+
+/// Whether `n` pairs (tokens) are read or written in one statement: on Postgres, where the ledger
+/// may be a round trip away from its database, when there are several. One alone keeps the plain
+/// statement, which needs no JSON to parse, and so does SQLite, which is in the process.
+pub(crate) fn one_statement(conn: &AnyConnection, n: usize) -> bool {
+    n > 1 && super::is_postgres(conn)
 }
 
 /// A JSON text of `value`, the list parameter the `Any` driver binds on every engine.
@@ -227,7 +233,7 @@ impl UseQuery<'_> {
 }
 
 /// [`PairUse`] of each query: the settled days, every other day from the transfers (one
-/// statement for them all on Postgres). Inside the holds' transaction this runs after the
+/// statement for them all, [`one_statement`]). Inside the holds' transaction this runs after the
 /// senders' row locks, like the sum it replaces. A day another ledger settled meanwhile is simply
 /// summed from its transfers, which count what its row says.
 pub(crate) async fn pair_uses(
@@ -237,7 +243,7 @@ pub(crate) async fn pair_uses(
     let split: Vec<(Settled, i64)> = queries.iter().map(UseQuery::split).collect();
     // Per query, its days summed from the transfers: (day, used).
     let mut sums: Vec<Vec<(i64, i64)>> = vec![Vec::new(); queries.len()];
-    if super::is_postgres(conn) {
+    if one_statement(conn, queries.len()) {
         let input: Vec<_> = queries
             .iter()
             .zip(&split)
