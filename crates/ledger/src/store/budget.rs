@@ -18,9 +18,8 @@ use chrono::{Datelike, TimeZone, Utc};
 use sqlx::AnyConnection;
 use syft_error::{QuotaDetails, Reason};
 
-use super::budget_days::{
-    json, one_statement, pair_uses, settle, Pair, PairUse, Settled, UseQuery,
-};
+use super::budget_days::{one_statement, pair_uses, settle, Pair, PairUse, Settled, UseQuery};
+use super::json;
 use crate::error::LedgerError;
 
 pub(crate) const DAY_MICROS: i64 = 86_400_000_000;
@@ -288,6 +287,16 @@ pub(crate) async fn tokens_used(
     Ok(used)
 }
 
+/// [`tokens_used`] of one token.
+pub(crate) async fn token_used(
+    conn: &mut AnyConnection,
+    token_id: &str,
+    now: i64,
+) -> Result<i64, sqlx::Error> {
+    let used = tokens_used(conn, &[(token_id, now)]).await?;
+    Ok(used.first().copied().unwrap_or(0))
+}
+
 /// The token's own limit per 24 hours refusing `amount` on top of `used`, with when enough of the
 /// rolling window frees (read from the token's transfers, the refused hold's transaction
 /// included).
@@ -457,7 +466,7 @@ pub(crate) async fn windowed_use(
     .await?;
     for (token, limit) in tokens {
         out.push(WindowUse {
-            used: tokens_used(&mut conn, &[(&token, now)]).await?.iter().sum(),
+            used: token_used(&mut conn, &token, now).await?,
             subject: format!("token:{token}:24h"),
             window: "24h",
             limit,

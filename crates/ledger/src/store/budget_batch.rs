@@ -26,10 +26,11 @@ use tokio::sync::oneshot;
 use super::authorize::{add, hold_args, hold_insert, insert_hold, take_hold, token_room};
 use super::batch::{AuthJob, AuthResult};
 use super::budget::{
-    calendar_refusal, counted_from_day, record_limits, settle_month, token_refusal, tokens_used,
-    HoldBudgets, DAY_MICROS,
+    calendar_refusal, counted_from_day, record_limits, settle_month, token_refusal, token_used,
+    tokens_used, HoldBudgets, DAY_MICROS,
 };
-use super::budget_days::{json, pair_uses, Pair, PairUse, Settled, UseQuery};
+use super::budget_days::{pair_uses, Pair, PairUse, Settled, UseQuery};
+use super::json;
 
 /// At most this many holds in one transaction, so that the senders' and tokens' rows are not held
 /// for long against the captures that need them too.
@@ -405,10 +406,7 @@ async fn budget_refusal(
     let used = match counted.tokens.get(&job.token_id) {
         Some(used) => *used,
         None => {
-            let used = tokens_used(conn, &[(&job.token_id, job.now)])
-                .await?
-                .iter()
-                .sum();
+            let used = token_used(conn, &job.token_id, job.now).await?;
             *counted.tokens.entry(job.token_id.clone()).or_insert(used)
         }
     };

@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use sqlx::AnyConnection;
 
 use super::budget::DAY_MICROS;
+use super::json;
 
 /// How long after its end (and after its last open hold's expiry) a day is settled.
 pub(crate) const SETTLE_MARGIN: i64 = 3_600 * 1_000_000;
@@ -121,11 +122,6 @@ async fn settled(
 /// statement, which needs no JSON to parse, and so does SQLite, which is in the process.
 pub(crate) fn one_statement(conn: &AnyConnection, n: usize) -> bool {
     n > 1 && super::is_postgres(conn)
-}
-
-/// A JSON text of `value`, the list parameter the `Any` driver binds on every engine.
-pub(crate) fn json<T: serde::Serialize + ?Sized>(value: &T) -> Result<String, sqlx::Error> {
-    serde_json::to_string(value).map_err(|e| sqlx::Error::Encode(Box::new(e)))
 }
 
 /// The first day from `from_day` that is not settled (at most `today`, which never is).

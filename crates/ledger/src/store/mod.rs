@@ -64,6 +64,12 @@ pub use verify::VerifyReport;
 
 /// Whether `conn` talks to Postgres (the `Any` driver's backend name), for the steps whose SQL
 /// differs by engine.
+/// A JSON text of `value`: the list parameter of the set-based statements, which the `Any`
+/// driver binds on every engine.
+pub(crate) fn json<T: serde::Serialize + ?Sized>(value: &T) -> Result<String, sqlx::Error> {
+    serde_json::to_string(value).map_err(|e| sqlx::Error::Encode(Box::new(e)))
+}
+
 pub(crate) fn is_postgres(conn: &AnyConnection) -> bool {
     conn.backend_name() == "PostgreSQL"
 }

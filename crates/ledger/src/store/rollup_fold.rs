@@ -88,7 +88,7 @@ pub(crate) async fn add_to_rollups(
         return upsert_rollups(conn, rows).await;
     }
     let ids: Vec<&str> = rows.iter().map(|r| r.usage_id).collect();
-    let ids = serde_json::to_string(&ids).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    let ids = super::json(&ids)?;
     sqlx::query(
         "INSERT INTO usage_rollup_queue (row_count, usage_ids) \
          SELECT COUNT(*), array_agg(id) FROM json_array_elements_text($1::json) AS i(id)",

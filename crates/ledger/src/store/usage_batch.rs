@@ -224,7 +224,7 @@ async fn insert_postgres(
             }
         })
         .collect();
-    let input = serde_json::to_string(&input).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    let input = super::json(&input)?;
     let rows = sqlx::query(&USAGE_BATCH)
         .bind(input)
         .bind(rollup::enabled())
