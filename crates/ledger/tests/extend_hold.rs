@@ -172,7 +172,7 @@ store_suite!(
 /// Postgres: a capture that has to wait for a row lock held by a concurrent change of the same
 /// pending hold (an extension, as `ExtendHold` writes it) captures the hold once that change
 /// commits. The batched resolve's statement took its snapshot before it waited, and the row it
-/// gets is a newer version than that snapshot saw (`store/batch.rs`, `RESOLVE_BATCH`); however the
+/// gets is a newer version than that snapshot saw (`store/resolve_batch.rs`, `RESOLVE_BATCH`); however the
 /// statement handles that, the store resolves again while the hold is still pending
 /// (`Store::resolve_answered`), and the capture must win, once.
 #[tokio::test]

@@ -1391,3 +1391,65 @@ async fn sqlite_migration_keeps_existing_rows() {
 async fn postgres_migration_keeps_existing_rows() {
     migration_keeps_existing_rows(true).await;
 }
+
+/// Two accounts that pay each other (an agent that sells and buys), with several batch workers so
+/// that holds of the two directions are decided by concurrent statements. A hold batch locks its
+/// senders; inserting a transfer takes a key-share lock on its recipient (the foreign key). With
+/// the senders locked `FOR UPDATE` the two directions waited on each other in a cycle, which
+/// Postgres broke as a deadlock (a second's stall, then a retry); locked `FOR NO KEY UPDATE` (all
+/// the balance update needs) the recipient's key-share lock is never blocked. Postgres only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn payers_paying_each_other_never_deadlock() {
+    const BOB: &str = "bob@example.com";
+    let Some(mut h) = Harness::with(true, |c| c.batch_workers = 4).await else {
+        return;
+    };
+    let alice = h.account(ALICE, 1_000 * USD).await;
+    let bob = h.account(BOB, 1_000 * USD).await;
+    let alice_pays_bob = h.token(&alice, BOB).await;
+    let bob_pays_alice = h.token(&bob, ALICE).await;
+    let deadlocks = "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()";
+    let before: i64 = sqlx::query_scalar(deadlocks)
+        .fetch_one(h.store.pool())
+        .await
+        .expect("deadlocks");
+    let mut tasks = Vec::new();
+    for (recipient, sender, token) in [
+        (&bob, ALICE, &alice_pays_bob),
+        (&alice, BOB, &bob_pays_alice),
+    ] {
+        for client in 0..4 {
+            let mut c = h.client(recipient);
+            let token = token.clone();
+            tasks.push(tokio::spawn(async move {
+                for n in 0..60 {
+                    let key = format!("{sender}-{client}-{n}");
+                    let t = c.authorize(authorize(sender, 1_000, &token, &key)).await;
+                    let t = t.expect("hold").into_inner();
+                    c.capture(capture_full(&t.id)).await.expect("capture");
+                }
+            }));
+        }
+    }
+    for task in tasks {
+        task.await.expect("join");
+    }
+    // A backend reports its deadlock count when it exits: stop the ledger, then read it.
+    if let Some(server) = h.server.take() {
+        server.stop().await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after: i64 = sqlx::query_scalar(deadlocks)
+        .fetch_one(h.store.pool())
+        .await
+        .expect("deadlocks");
+    assert_eq!(after - before, 0, "deadlocks between the two directions");
+    // Each paid the other as much as it was paid: both balances are where they started.
+    let balances: Vec<i64> =
+        sqlx::query_scalar("SELECT balance FROM accounts WHERE email LIKE '%@example.com'")
+            .fetch_all(h.store.pool())
+            .await
+            .expect("balances");
+    assert_eq!(balances, [1_000 * USD, 1_000 * USD]);
+    h.finish().await;
+}

@@ -18,6 +18,7 @@ mod extend;
 mod floor;
 pub mod hll;
 mod query;
+mod resolve_batch;
 pub mod rollup;
 mod rollup_fold;
 mod rollup_upsert;
@@ -87,7 +88,7 @@ pub const DEFAULT_BATCH_WORKERS: usize = 1;
 /// "The transfer is still pending", for statements that find a transfer by id. Never written
 /// `status = 'PENDING'` there: that matches the predicate of the partial index
 /// `transfers_pending_expiry`, and the planner then reads every pending hold's entry instead of
-/// probing the primary key (see `RESOLVE_BATCH` in batch.rs). The `CHECK` on `status` makes this
+/// probing the primary key (see `RESOLVE_BATCH` in resolve_batch.rs). The `CHECK` on `status` makes this
 /// the same rows. Prefix it with the table's alias where there is one (`t.{UNRESOLVED}`).
 pub(crate) const UNRESOLVED: &str = "status NOT IN ('COMPLETED', 'CANCELLED')";
 
