@@ -143,6 +143,7 @@ struct Pair {
     a: Harness,
     proxy: Proxy,
     owner_secret: String,
+    alice_secret: String,
     token: String,
 }
 
@@ -183,6 +184,7 @@ impl Pair {
             a,
             proxy,
             owner_secret,
+            alice_secret,
             token,
         })
     }
@@ -512,6 +514,35 @@ async fn partial_capture_with_exact_funds() {
     let t = p.authorize(USD, "k1").await.expect("authorize");
     p.captured(&t.id, 400_000, "req-1").await;
     assert_eq!(p.money().await, ((600_000, 0), (400_000, 0)));
+    p.finish().await;
+}
+
+/// Alice pays with a token whose spend limit is exactly the hold: the charge of a partial capture
+/// cannot be created beside the hold (the token's limit counts the hold, 403 on B), so the hold is
+/// released first and the actual amount charged, as with exact funds. Before, the capture failed
+/// and recovery voided it: a streamed answer delivered and never charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn partial_capture_with_a_token_limit_equal_to_the_hold() {
+    let p = Pair::sqlite(10 * USD).await;
+    let mut alice = connect_lazy(&p.b.url(), &p.alice_secret).expect("client");
+    let limited = alice
+        .issue_token(pb::IssueTokenRequest {
+            recipient_email: OWNER.into(),
+            spend_limit_micros: Some(USD),
+            ..Default::default()
+        })
+        .await
+        .expect("token with a limit")
+        .into_inner()
+        .token;
+    let t = p
+        .router()
+        .authorize(req::hold(ALICE, USD, &limited, "k1"))
+        .await
+        .expect("the hold fits the limit")
+        .into_inner();
+    p.captured(&t.id, 400_000, "req-1").await;
+    assert_eq!(p.money().await, ((10 * USD - 400_000, 0), (400_000, 0)));
     p.finish().await;
 }
 

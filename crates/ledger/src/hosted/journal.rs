@@ -437,9 +437,7 @@ impl Journal {
             lease.stamp = now;
             Ok(())
         } else {
-            Err(LedgerError::Unavailable(
-                "another ledger process took over this transfer, retry".into(),
-            ))
+            Err(taken_over())
         }
     }
 
@@ -459,15 +457,23 @@ impl Journal {
 
     // ---------------------------------------------------------------- resolution steps
 
-    /// Records the charge transaction of a partial capture (only while `lease` is current).
+    /// Records the charge transaction of a partial capture, only while `lease` is current: an
+    /// error if another driver took the transfer over meanwhile (it has created, or will create,
+    /// a charge of its own, so this one must never be confirmed).
     pub async fn set_charge(&self, lease: &Lease, remote_id: &str) -> Result<()> {
-        self.run(sqlx::query(
+        let done = sqlx::query(
             "UPDATE hosted_transfers SET capture_remote_id = $2 WHERE id = $1 AND updated_at = $3",
         )
         .bind(&lease.id)
         .bind(remote_id)
-        .bind(lease.stamp))
-        .await
+        .bind(lease.stamp)
+        .execute(self.pool())
+        .await?;
+        if done.rows_affected() == 1 {
+            Ok(())
+        } else {
+            Err(taken_over())
+        }
     }
 
     /// Forgets a charge transaction someone cancelled, so a retry creates another.
@@ -619,4 +625,9 @@ impl Journal {
         .await?;
         Ok(ours > 0)
     }
+}
+
+/// A leased step found that another driver took the transfer over (its lease had lapsed).
+fn taken_over() -> LedgerError {
+    LedgerError::Unavailable("another ledger process took over this transfer, retry".into())
 }

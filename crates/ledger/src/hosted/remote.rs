@@ -49,9 +49,13 @@ impl RemoteError {
         }
     }
 
-    pub fn is_conflict(&self) -> bool {
+    /// A refusal that the hold itself may cause when a second transaction is created beside it:
+    /// the funds (409, 402), the token's spend limit (403) or its daily limit (429), all of which
+    /// count what the hold reserves.
+    pub fn may_be_the_hold(&self) -> bool {
         matches!(self, RemoteError::Rejected { status, .. }
-            if *status == StatusCode::CONFLICT || *status == StatusCode::PAYMENT_REQUIRED)
+            if [StatusCode::CONFLICT, StatusCode::PAYMENT_REQUIRED, StatusCode::FORBIDDEN,
+                StatusCode::TOO_MANY_REQUESTS].contains(status))
     }
 }
 

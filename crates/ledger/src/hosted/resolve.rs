@@ -192,11 +192,16 @@ impl Hosted {
             Some(charge) => charge,
             None => {
                 let created = self.create_charge(&mut e, lease, target).await?;
-                self.journal.set_charge(lease, &created).await?;
+                if let Err(err) = self.journal.set_charge(lease, &created).await {
+                    self.superseded_charge(&e.id, &created).await;
+                    return Err(err);
+                }
                 e.capture_remote_id = Some(created.clone());
                 created
             }
         };
+        // Confirming moves the money: only while this driver still holds the transfer.
+        self.journal.renew(lease).await?;
         match self.confirm_remote(&charge).await? {
             Outcome::Completed => {}
             Outcome::Cancelled => {
@@ -211,6 +216,25 @@ impl Hosted {
             self.release_hold(&mut e, lease).await?;
         }
         self.journal.finish(&e, Outcome::Completed, target).await
+    }
+
+    /// Our lease lapsed while `charge` was created (a stalled process) and another driver owns
+    /// the capture now: confirming this charge too could charge twice on a service that ignores
+    /// idempotency keys, so it is never confirmed. It is cancelled once that is safe: the
+    /// transfer is resolved (the other driver's charge, if it was this same transaction, is
+    /// completed and the cancel is refused), or the other driver recorded a different charge.
+    /// The same id, still pending, means a service that honours keys gave both drivers one
+    /// transaction, which must stay; nothing recorded yet, the orphan sweep decides later.
+    async fn superseded_charge(&self, id: &str, charge: &str) {
+        let Ok(Some(now)) = self.journal.entry(id).await else {
+            return;
+        };
+        let other = now.capture_remote_id.as_deref();
+        if now.status != TransferStatus::Pending || other.is_some_and(|c| c != charge) {
+            if let Err(e) = self.cancel_remote(charge).await {
+                tracing::warn!(%charge, error = %e, "superseded charge not cancelled; the orphan sweep will");
+            }
+        }
     }
 
     /// Creates the transaction that charges a partial capture's `target`; returns its remote id.
@@ -232,8 +256,9 @@ impl Hosted {
             .await;
         match created {
             Ok(tx) => Ok(tx.id),
-            Err(err) if err.is_conflict() && !e.hold_released => {
-                // Not enough funds beside the hold: release the hold, then charge.
+            Err(err) if err.may_be_the_hold() && !e.hold_released => {
+                // Not enough room beside the hold (funds, or the token's limits, which count the
+                // hold too): release the hold, then charge.
                 self.release_hold(e, lease).await?;
                 self.journal.renew(lease).await?;
                 // A new key: a service honouring keys would replay the refusal.
