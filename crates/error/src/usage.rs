@@ -1,6 +1,15 @@
 //! The status of a usage row: how a request ended. Sent over the wire and stored as its text
 //! (`as_str`), so rows stay readable with plain SQL; both services name it only through this enum.
 
+/// The most a usage row's counts (tokens, milliseconds) may say; the ledger refuses more
+/// (`INVALID_ARGUMENT`), so the router clamps what an upstream reports to it.
+pub const MAX_USAGE_COUNT: i64 = 1_000_000_000_000;
+
+/// The longest `model` (and `app_name`) a usage row stores, in bytes; no control characters.
+/// The router checks a request's model against it before the hold, because a capture or void
+/// whose row the ledger refuses would leave the hold pending until it expires.
+pub const MAX_USAGE_NAME: usize = 200;
+
 /// How a request ended, as recorded in its usage row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum UsageStatus {

@@ -3,11 +3,11 @@
 use crate::error::{LedgerError, Result};
 
 pub const MAX_EMAIL: usize = 254;
-pub const MAX_NAME: usize = 200;
+pub const MAX_NAME: usize = syft_error::MAX_USAGE_NAME;
 pub const MAX_PATH: usize = 500;
 pub const MAX_KEY: usize = 200;
 pub const MAX_REASON: usize = 500;
-pub const MAX_TOKENS: i64 = 1_000_000_000_000;
+pub const MAX_TOKENS: i64 = syft_error::MAX_USAGE_COUNT;
 
 /// Lower-cases and checks an email: one `@`, non-empty local part and domain, no spaces.
 pub fn email(field: &str, value: &str) -> Result<String> {

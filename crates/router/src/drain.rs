@@ -90,6 +90,10 @@ const CLOSE_LIMIT: Duration = Duration::from_secs(2);
 /// Drives `servers` (which stop accepting when `shutdown` resolves and then drain gracefully).
 /// If they have not drained `grace` after `shutdown`, in-flight requests are cancelled (their
 /// holds voided, awaited here), connections get a moment to deliver the errors, and this returns.
+///
+/// Servers that drained in time are not the end either: work outlives its connection (a stream
+/// whose client left is still settling in its own task, a dropped request's void runs in the
+/// background), so this also waits, within the same grace, until nothing is in flight.
 pub(crate) async fn run_with_grace<E>(
     service: &RouterService,
     servers: impl Future<Output = Result<(), E>>,
@@ -106,12 +110,22 @@ pub(crate) async fn run_with_grace<E>(
         );
         tokio::time::sleep(grace).await;
     };
-    tokio::select! {
-        result = &mut servers => {
+    tokio::pin!(deadline);
+    let mut served = tokio::select! {
+        result = &mut servers => Some(result),
+        _ = &mut deadline => None,
+    };
+    if served.is_some() {
+        // Without a shutdown (the servers failed) the work still gets one grace to settle.
+        let settled = tokio::select! {
+            _ = service.wait_idle() => true,
+            _ = &mut deadline => false,
+            _ = tokio::time::sleep(grace) => false,
+        };
+        if settled {
             tracing::info!("router stopped");
-            return result;
+            return served.unwrap_or(Ok(()));
         }
-        _ = deadline => {}
     }
     tracing::warn!(
         in_flight = service.in_flight(),
@@ -133,12 +147,14 @@ pub(crate) async fn run_with_grace<E>(
             "requests still unsettled; their holds will expire on the ledger"
         );
     }
-    match tokio::time::timeout(CLOSE_LIMIT, &mut servers).await {
-        Ok(result) => result?,
-        Err(_) => tracing::warn!("closing connections that are still open"),
+    if served.is_none() {
+        match tokio::time::timeout(CLOSE_LIMIT, &mut servers).await {
+            Ok(result) => served = Some(result),
+            Err(_) => tracing::warn!("closing connections that are still open"),
+        }
     }
     tracing::info!("router stopped");
-    Ok(())
+    served.unwrap_or(Ok(()))
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! Request validation: everything is checked before any money moves.
 
+use syft_error::MAX_USAGE_NAME;
 use syft_proto::router::{ChatOptions, ChatRequest, Message, SearchRequest};
 
 use crate::config::{Limits, SearchConfig};
@@ -118,12 +119,20 @@ pub fn validate_chat(req: ChatRequest, limits: &Limits) -> Result<ValidRequest, 
     if stop_sequences.iter().any(|s| s.is_empty() || s.len() > 256) {
         return Err(bad("stop sequences must be 1..=256 bytes long"));
     }
+    let model = req.model.trim();
+    // The model is stored in the request's usage row, whose limits the ledger enforces at the
+    // capture or void; refused there, the hold would stay pending until it expires.
+    if model.len() > MAX_USAGE_NAME || model.chars().any(char::is_control) {
+        return Err(bad(format!(
+            "model must be at most {MAX_USAGE_NAME} bytes without control characters"
+        )));
+    }
     let user_email = payer_email(&req.user_email)?;
     let request_id = request_id_or_new(req.request_id)?;
     Ok(ValidRequest {
         request_id,
         user_email,
-        model: req.model.trim().to_string(),
+        model: model.to_string(),
         messages: req.messages,
         options,
         transaction_token: req.transaction_token.trim().to_string(),
@@ -275,6 +284,11 @@ mod tests {
         let v = check(|r| r.request_id = "my-id-1".into()).expect("valid");
         assert_eq!(v.request_id, "my-id-1");
         assert!(check(|r| r.user_email.clear()).is_ok());
+        let longest = "m".repeat(MAX_USAGE_NAME);
+        assert_eq!(
+            check(|r| r.model = longest.clone()).expect("valid").model,
+            longest
+        );
     }
 
     type Mutation = Box<dyn FnOnce(&mut ChatRequest)>;
@@ -287,6 +301,9 @@ mod tests {
             Box::new(|r| r.user_email = "not-an-email".into()),
             Box::new(|r| r.request_id = "has space".into()),
             Box::new(|r| r.request_id = "x".repeat(200)),
+            // The usage row's model limits (the ledger's), checked before the hold.
+            Box::new(|r| r.model = "m".repeat(MAX_USAGE_NAME + 1)),
+            Box::new(|r| r.model = "gpt\n4".into()),
             Box::new(opts(|o| o.temperature = Some(3.0))),
             Box::new(opts(|o| o.temperature = Some(f32::NAN))),
             Box::new(opts(|o| o.temperature = Some(-0.1))),

@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use syft_error::UsageStatus;
+use syft_error::{UsageStatus, MAX_USAGE_COUNT};
 use syft_proto::ledger::{AnswerToStore, AuthorizeRequest, Transfer, TransferStatus, Usage};
 
 use super::hold::{self, Claim, HoldGuard};
@@ -266,8 +266,10 @@ impl RouterService {
         started: Instant,
         upstream_ms: i64,
     ) -> Usage {
-        let input = i64::try_from(units.input).unwrap_or(i64::MAX);
-        let output = i64::try_from(units.output).unwrap_or(i64::MAX);
+        // Counts come from the upstream; the ledger refuses a row above its maximum, and a
+        // refused capture or void would leave the hold pending, so clamp rather than fail.
+        let count = |n: u64| i64::try_from(n).map_or(MAX_USAGE_COUNT, |n| n.min(MAX_USAGE_COUNT));
+        let (input, output) = (count(units.input), count(units.output));
         Usage {
             request_id: t.request_id.clone(),
             app_name: self.inner.config.name.clone(),
@@ -276,7 +278,7 @@ impl RouterService {
             model: t.model.clone(),
             prompt_tokens: input,
             completion_tokens: output,
-            total_tokens: input.saturating_add(output),
+            total_tokens: input.saturating_add(output).min(MAX_USAGE_COUNT),
             status: status.as_str().into(),
             latency_ms: elapsed_ms(started),
             upstream_latency_ms: upstream_ms,

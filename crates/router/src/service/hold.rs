@@ -69,13 +69,17 @@ impl HoldGuard {
     }
 
     pub(super) async fn void(mut self, reason: &str, usage: Usage) {
-        self.cancel_usage = None;
+        // The guard stays armed with this void's own row until the ledger answered: if the
+        // request future is dropped meanwhile (the client's deadline), `Drop` voids again in the
+        // background. Resolutions are idempotent, so a void that did commit is not repeated.
+        self.cancel_usage = Some(usage.clone());
         let until = self.settle_until();
-        if let Err(e) = self
+        let result = self
             .ledger
             .void(&self.transfer_id, reason, usage, until)
-            .await
-        {
+            .await;
+        self.cancel_usage = None;
+        if let Err(e) = result {
             // The hold expires on its own; the user is not charged either way.
             tracing::warn!(transfer_id = %self.transfer_id, error = %e, "void failed; the hold will expire");
         }
