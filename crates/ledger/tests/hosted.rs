@@ -666,6 +666,31 @@ async fn lost_confirm_answer_is_reconciled_and_charged_once() {
     p.finish().await;
 }
 
+/// A confirm fails for a moment: the capture reports UNAVAILABLE and gives its lease back. The
+/// router retries the capture (its outcome is unknown) while the recovery sweep runs every 200 ms;
+/// the sweep leaves the capture to its router until the hold expires, so the retry charges once.
+/// (The sweep used to void it at its next pass: a streamed answer delivered and not charged.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_capture_retried_after_a_blip_is_not_voided_by_recovery() {
+    let p = Pair::sqlite(10 * USD).await;
+    for (key, micros, request_id, money) in [
+        ("k1", USD, "req-1", ((9 * USD, 0), (USD, 0))),
+        ("k2", 250_000, "req-2", ((8_750_000, 0), (1_250_000, 0))),
+    ] {
+        let t = p.authorize(USD, key).await.expect("authorize");
+        p.proxy.set(Fault::Fail("/transaction/confirm", 100));
+        assert_eq!(
+            code(p.capture(&t.id, micros, request_id).await),
+            Code::Unavailable
+        );
+        p.proxy.set(Fault::Pass);
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        p.captured(&t.id, micros, request_id).await;
+        assert_eq!(p.money().await, money, "after {request_id}");
+    }
+    p.finish().await;
+}
+
 /// The remote keeps failing confirms: the capture reports UNAVAILABLE, nothing is charged, and the
 /// router's void afterwards releases the hold.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -1453,3 +1453,67 @@ async fn payers_paying_each_other_never_deadlock() {
     assert_eq!(balances, [1_000 * USD, 1_000 * USD]);
     h.finish().await;
 }
+
+/// Two holds of one payer decided in one batch, each refused alone for funds: the first also
+/// takes room of the token's spend limit in the batch's running total, so the second is refused
+/// there by the token. Each must still get the refusal it gets alone (`INSUFFICIENT_FUNDS`), which
+/// is recorded for its key for good; the token itself is fine. A burst of other payers' holds
+/// keeps the batch worker busy so that the two wait together for the next batch. Postgres only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_neighbour_in_the_batch_never_changes_a_refusal() {
+    let Some(h) = Harness::new(true).await else {
+        return;
+    };
+    let owner = h.account(OWNER, 0).await;
+    let alice = h.account(ALICE, 6 * USD).await;
+    let mut issuer = h.client(&alice);
+    let limited = issuer
+        .issue_token(pb::IssueTokenRequest {
+            recipient_email: OWNER.into(),
+            spend_limit_micros: Some(10 * USD),
+            ..Default::default()
+        })
+        .await
+        .expect("token")
+        .into_inner()
+        .token;
+    let mut fillers = Vec::new();
+    for i in 0..8 {
+        let email = format!("filler{i}@example.com");
+        let secret = h.account(&email, 1_000 * USD).await;
+        fillers.push((email.clone(), h.token(&secret, OWNER).await));
+    }
+    let router = h.client(&owner);
+    for round in 0..5 {
+        let mut tasks = Vec::new();
+        for (i, (email, token)) in fillers.iter().enumerate() {
+            for k in 0..5 {
+                let mut c = router.clone();
+                let req = authorize(email, 1_000, token, &format!("f{round}-{i}-{k}"));
+                tasks.push(tokio::spawn(
+                    async move { c.authorize(req).await.map(|_| None) },
+                ));
+            }
+        }
+        for (amount, key) in [(8 * USD, "a"), (7 * USD, "b")] {
+            let mut c = router.clone();
+            let req = authorize(ALICE, amount, &limited, &format!("{key}{round}"));
+            tasks.push(tokio::spawn(async move {
+                c.authorize(req).await.map(|_| Some(()))
+            }));
+        }
+        for task in tasks {
+            match task.await.expect("join") {
+                Ok(None) => {}
+                Ok(Some(())) => panic!("round {round}: alice's hold was placed"),
+                Err(s) => assert_eq!(
+                    reason(&s).as_deref(),
+                    Some("INSUFFICIENT_FUNDS"),
+                    "round {round}: {s:?}"
+                ),
+            }
+        }
+    }
+    assert_eq!(h.balance(ALICE).await.held_micros, 0);
+    h.finish().await;
+}

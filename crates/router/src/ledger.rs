@@ -104,9 +104,16 @@ fn outcome_unknown(code: Code) -> bool {
 }
 
 /// Whether a failed call certainly never reached a ledger (the connection could not be made), so
-/// it cannot have been applied. Anything else that failed in flight may have been.
+/// it cannot have been applied. Anything else that failed in flight may have been. The transport
+/// says so only in its message (hyper's connector: "tcp connect error", "error trying to
+/// connect", "Connection refused"); a bare "connect" also matched "connection reset", which a
+/// call sent and then cut off gets.
 fn never_sent(s: &tonic::Status) -> bool {
-    s.code() == Code::Unavailable && s.message().to_ascii_lowercase().contains("connect")
+    let message = s.message().to_ascii_lowercase();
+    s.code() == Code::Unavailable
+        && ["connect error", "trying to connect", "connection refused"]
+            .iter()
+            .any(|m| message.contains(m))
 }
 
 /// What an authorization returned, and whether this request placed the hold.
@@ -528,5 +535,34 @@ async fn probe_one(m: &Member, timeout: Duration) -> LedgerState {
             LedgerState::Unreachable
         }
         Err(_) => LedgerState::Unreachable,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the transport really says when nothing listens: never sent. A connection cut off
+    /// after the call went out may have been applied.
+    #[tokio::test]
+    async fn only_a_refused_connection_was_never_sent() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        drop(listener);
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .expect("url")
+            .connect_lazy();
+        let refused = LedgerClient::new(channel)
+            .get_transfer(GetTransferRequest::default())
+            .await
+            .expect_err("nothing listens");
+        assert!(never_sent(&refused), "{refused:?}");
+        for cut in [
+            "connection reset by peer",
+            "transport error",
+            "connection closed",
+        ] {
+            assert!(!never_sent(&tonic::Status::unavailable(cut)), "{cut}");
+        }
     }
 }

@@ -2,6 +2,8 @@
 //! status; a refusal does not take the request id, so a retry of the same id after a refusal is
 //! answered, charged once and recorded once.
 
+use std::time::Duration;
+
 use serde_json::json;
 use syft_router_svc::Pricing;
 use syft_testkit::*;
@@ -167,4 +169,32 @@ async fn postgres_refusals_leave_rows_and_free_the_request_id() {
     };
     let s = Stack::start_on(db, Pricing::per_request(PRICE)).await;
     refusals_leave_rows_and_free_the_request_id(s).await;
+}
+
+/// A free request whose client gives up while the upstream works leaves a `cancelled` row,
+/// recorded in the background once the request is dropped, as a paid one's hold guard records
+/// its void; and only that row, once the upstream would have answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn free_request_the_client_gave_up_on_leaves_a_row() {
+    let s = Stack::start(Pricing::free()).await;
+    let mut c = s.client().await;
+    s.upstream
+        .set_mode(Mode::Delay(Duration::from_millis(1000)));
+    let mut req = tonic::Request::new(s.request("hi"));
+    req.set_timeout(Duration::from_millis(300));
+    let err = c.chat(req).await.expect_err("client deadline");
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{err:?}"
+    );
+    for _ in 0..50 {
+        if !s.usage().await.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s.assert_one_usage("cancelled").await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    s.assert_one_usage("cancelled").await;
+    s.check_invariants().await;
 }

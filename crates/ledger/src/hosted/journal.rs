@@ -441,13 +441,15 @@ impl Journal {
         }
     }
 
-    /// Gives up the lease after a transient failure, so a retry (or recovery) may continue at once.
+    /// Gives up the lease after a transient failure, so a retry may continue at once
+    /// ([`RELEASED`]).
     pub async fn release(&self, lease: &Lease) {
         let result = sqlx::query(
-            "UPDATE hosted_transfers SET updated_at = 0 WHERE id = $1 AND updated_at = $2",
+            "UPDATE hosted_transfers SET updated_at = $3 WHERE id = $1 AND updated_at = $2",
         )
         .bind(&lease.id)
         .bind(lease.stamp)
+        .bind(RELEASED)
         .execute(self.pool())
         .await;
         if let Err(e) = result {
@@ -557,11 +559,13 @@ impl Journal {
     // ---------------------------------------------------------------- recovery
 
     /// Pending entries recovery must void: expired holds, and resolutions whose lease is older
-    /// than `stale`.
+    /// than `stale` (a capture given back by its driver, [`RELEASED`], once its hold expired).
     pub async fn abandoned(&self, now: i64, stale: i64) -> Result<Vec<Entry>> {
         let sql = format!(
             "SELECT {COLUMNS} FROM hosted_transfers WHERE status = 'PENDING' AND \
-             ((step = 'held' AND expires_at <= $1) OR (step IN ('capturing', 'voiding') AND updated_at < $2)) \
+             ((step = 'held' AND expires_at <= $1) OR (step = 'voiding' AND updated_at < $2) \
+              OR (step = 'capturing' AND updated_at < $2 \
+                  AND (updated_at <> {RELEASED} OR expires_at <= $1))) \
              ORDER BY expires_at LIMIT 200"
         );
         Ok(sqlx::query_as(&sql)
@@ -626,6 +630,13 @@ impl Journal {
         Ok(ours > 0)
     }
 }
+
+/// `updated_at` of a lease its driver gave back after a transient failure: older than any lease,
+/// so the caller's retry takes it over at once. Recovery leaves such a capture alone until its
+/// hold expires: the router retries a capture whose outcome it does not know until then, and a
+/// void from the sweep in between would leave a delivered stream uncharged (a driver that died
+/// keeps its last stamp and is recovered a lease later, as before).
+pub const RELEASED: i64 = 1;
 
 /// A leased step found that another driver took the transfer over (its lease had lapsed).
 fn taken_over() -> LedgerError {

@@ -326,12 +326,15 @@ async fn authorize_batch(
         let token_ok: bool = row.try_get("token_ok")?;
         let funds_ok: bool = row.try_get("funds_ok")?;
         let alone_ok: bool = row.try_get("alone_ok")?;
-        results[n as usize] = match (token_ok, funds_ok, alone_ok) {
-            (true, true, _) => AuthResult::Created,
+        let token_alone_ok: bool = row.try_get("token_alone_ok")?;
+        results[n as usize] = match (token_ok && funds_ok, alone_ok, token_alone_ok) {
+            (true, _, _) => AuthResult::Created,
             // Refused only because of holds of the same sender or token earlier in this batch.
-            (_, false, true) => AuthResult::Deferred,
-            (true, false, false) => AuthResult::InsufficientFunds,
-            (false, _, _) => AuthResult::TokenRejected,
+            (false, true, _) => AuthResult::Deferred,
+            // Alone, the token would take it and the funds would not: the refusal it gets alone
+            // (even when a neighbour's share of the token is what refused it here).
+            (false, false, true) => AuthResult::InsufficientFunds,
+            (false, false, false) => AuthResult::TokenRejected,
         };
     }
     Ok(results)
@@ -437,6 +440,8 @@ const AUTHORIZE_BATCH: &str = concat!(
 )
 SELECT i.in_n, i.in_n IN (SELECT in_n FROM token_ok) AS token_ok,
     i.in_n IN (SELECT in_n FROM funds_ok) AS funds_ok,
-    i.in_n IN (SELECT in_n FROM alone_ok) AS alone_ok
+    i.in_n IN (SELECT in_n FROM alone_ok) AS alone_ok,
+    i.in_n IN (SELECT in_n FROM token_usable WHERE headroom IS NULL OR in_amount <= headroom)
+        AS token_alone_ok
 FROM input i"
 );

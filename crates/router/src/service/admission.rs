@@ -80,7 +80,7 @@ impl RouterService {
         reserve_tokens: u64,
     ) -> Result<(Claim, Authorized), RouterError> {
         tracing::Span::current().record("request_id", t.request_id.as_str());
-        let claim = self.claim(&t.user_email, &t.request_id)?;
+        let mut claim = self.claim(&t.user_email, &t.request_id)?;
         t.pass = self.pass_gate(t, reserve_tokens).await?;
         let authorized = self
             .authorize(t)
@@ -93,7 +93,11 @@ impl RouterService {
             Authorized::Resolved(transfer) => {
                 tracing::Span::current().record("transfer_id", transfer.id.as_str());
             }
-            Authorized::Free => {}
+            Authorized::Free => {
+                let usage = Units::default();
+                let cancelled = self.usage(t, UsageStatus::Cancelled, usage, Instant::now(), 0);
+                claim.unrecorded = Some(cancelled);
+            }
         }
         Ok((claim, authorized))
     }
@@ -123,6 +127,7 @@ impl RouterService {
             inner: self.inner.clone(),
             key,
             _work: self.inner.drain.enter(),
+            unrecorded: None,
         })
     }
 

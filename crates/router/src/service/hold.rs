@@ -14,11 +14,23 @@ use crate::error::RouterError;
 use crate::ledger::Ledger;
 
 /// Removes a (user, request id) from the in-flight set when the request ends, however it ends.
+/// A free request's claim also keeps its usage row until the request recorded its own: every
+/// request leaves a row, and a free one dropped before (the client went away) is recorded as
+/// `cancelled` in the background, as a paid one is by its [`HoldGuard`].
 pub(super) struct Claim {
     pub(super) inner: Arc<Inner>,
     pub(super) key: (String, String),
     /// Counts the request as in flight for graceful shutdown.
     pub(super) _work: DrainGuard,
+    /// A free request's `cancelled` row, until [`Claim::recorded`].
+    pub(super) unrecorded: Option<Usage>,
+}
+
+impl Claim {
+    /// The request recorded its row (or holds a hold that will): nothing to record on drop.
+    pub(super) fn recorded(&mut self) {
+        self.unrecorded = None;
+    }
 }
 
 impl Drop for Claim {
@@ -26,6 +38,21 @@ impl Drop for Claim {
         if let Ok(mut set) = self.inner.in_flight.lock() {
             set.remove(&self.key);
         }
+        let Some(usage) = self.unrecorded.take() else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let ledger = self.inner.ledger.clone();
+        let work = self.inner.drain.enter();
+        tracing::info!(request_id = %usage.request_id, "free request dropped before its row; recording it as cancelled");
+        rt.spawn(async move {
+            let _work = work;
+            if let Err(e) = ledger.record_free_usage(usage).await {
+                tracing::warn!(error = %e, "could not record the cancelled request's usage");
+            }
+        });
     }
 }
 

@@ -273,7 +273,7 @@ impl RouterService {
 
     async fn unary(&self, req: ChatRequest) -> Result<(ChatResponse, RateHeaders), RouterError> {
         let started = Instant::now();
-        let (p, _claim, hold) = match self.admit(req).await? {
+        let (p, mut claim, hold) = match self.admit(req).await? {
             Admission::Run(p, claim, hold) => (p, claim, hold),
             Admission::Replay(r, headers) => {
                 self.observe_replay("unary", started);
@@ -297,6 +297,7 @@ impl RouterService {
             Ok(c) => c,
             Err(e) => {
                 self.fail(&p, hold, &e, started, upstream_ms).await;
+                claim.recorded();
                 metrics::observe_failure(self.provider(), "unary", &e, started, upstream_time);
                 return Err(e.into());
             }
@@ -310,6 +311,7 @@ impl RouterService {
         let settled = self
             .settle(&p.t, hold, charge.cost, charge.usage, answer)
             .await;
+        claim.recorded();
         let outcome = if settled.is_ok() {
             "success"
         } else {

@@ -55,7 +55,7 @@ impl RouterService {
                 return Err(e);
             }
         };
-        let (v, t, _claim, hold) = admitted;
+        let (v, t, mut claim, hold) = admitted;
         let query_tokens = tokens::count_text(&v.query.query);
         let up_start = Instant::now();
         let result = self.until_shutdown(backend.search(&v.query)).await;
@@ -71,6 +71,7 @@ impl RouterService {
                 tracing::warn!(request_id = %t.request_id, error = %e, "search failed");
                 let usage = self.usage(&t, e.usage_status(), units(0), started, upstream_ms);
                 self.release(hold, &e.to_string(), usage).await;
+                claim.recorded();
                 metrics::observe_failure(backend.provider(), "search", &e, started, upstream_time);
                 return Err(e.into());
             }
@@ -95,6 +96,7 @@ impl RouterService {
             );
             (cost, self.settle(&t, hold, cost, usage, None).await)
         };
+        claim.recorded();
         let outcome = match (&settled, hits.is_empty()) {
             (Err(_), _) => "not_settled",
             (Ok(_), true) => UsageStatus::NoResults.as_str(),

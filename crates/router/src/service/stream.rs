@@ -61,6 +61,8 @@ impl RouterService {
             Ok(s) => s,
             Err(e) => {
                 self.fail(&p, hold, &e, started, elapsed_ms(up_start)).await;
+                let mut claim = claim;
+                claim.recorded();
                 return Err(e.into());
             }
         };
@@ -76,9 +78,11 @@ impl RouterService {
         let svc = self.clone();
         tokio::spawn(
             async move {
-                let _claim = claim;
+                let mut claim = claim;
+                // Every way the stream ends records its row (or resolves its hold).
                 svc.drive_stream(p, hold, upstream, tx, started, up_start)
                     .await;
+                claim.recorded();
             }
             .instrument(tracing::Span::current()),
         );
