@@ -30,6 +30,8 @@ enum Fault {
     LoseAnswer(&'static str, u32),
     /// Answers 500 without forwarding, `n` times.
     Fail(&'static str, u32),
+    /// Forwards `n` requests as they are, then loses the answer of the next one.
+    LoseAnswerAfter(&'static str, u32),
 }
 
 #[derive(Clone)]
@@ -57,6 +59,15 @@ impl Proxy {
                 plan
             }
             Fault::Slow(p, _) if path.starts_with(*p) => plan,
+            Fault::LoseAnswerAfter(p, n) if path.starts_with(*p) => {
+                if *n > 0 {
+                    *n -= 1;
+                    return Fault::Pass;
+                }
+                let lose = Fault::LoseAnswer(*p, 1);
+                *fault = Fault::Pass;
+                lose
+            }
             _ => Fault::Pass,
         }
     }
@@ -543,6 +554,24 @@ async fn partial_capture_with_a_token_limit_equal_to_the_hold() {
         .into_inner();
     p.captured(&t.id, 400_000, "req-1").await;
     assert_eq!(p.money().await, ((10 * USD - 400_000, 0), (400_000, 0)));
+    p.finish().await;
+}
+
+/// Exact funds again, and the answer to the charge created after the hold's release is lost: the
+/// capture reports UNAVAILABLE. Its retry must use the after-release key again (B honours keys and
+/// hands back the charge it created); the first key would replay the first refusal for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn partial_capture_retried_after_the_hold_was_released() {
+    let p = Pair::sqlite(USD).await;
+    let t = p.authorize(USD, "k1").await.expect("authorize");
+    p.proxy
+        .set(Fault::LoseAnswerAfter("/transaction/create", 1));
+    assert_eq!(
+        code(p.capture(&t.id, 400_000, "req-1").await),
+        Code::Unavailable
+    );
+    p.captured(&t.id, 400_000, "req-1").await;
+    assert_eq!(p.money().await, ((600_000, 0), (400_000, 0)));
     p.finish().await;
 }
 

@@ -244,52 +244,53 @@ impl Hosted {
         lease: &mut Lease,
         target: Micros,
     ) -> Result<String> {
-        self.journal.renew(lease).await?;
-        let key = format!("{}-capture", e.id);
-        let (sender, token) = (e.sender_email.clone(), e.token.clone());
-        let (app_name, app_ep_path) = (e.app_name.clone(), e.app_ep_path.clone());
-        let created = self
-            .retry(false, || {
-                self.remote
-                    .create(&sender, target.get(), &token, &app_name, &app_ep_path, &key)
-            })
-            .await;
-        match created {
-            Ok(tx) => Ok(tx.id),
-            Err(err) if err.may_be_the_hold() && !e.hold_released => {
+        if !e.hold_released {
+            self.journal.renew(lease).await?;
+            match self.remote_charge(e, target, "capture").await {
                 // Not enough room beside the hold (funds, or the token's limits, which count the
                 // hold too): release the hold, then charge.
-                self.release_hold(e, lease).await?;
-                self.journal.renew(lease).await?;
-                // A new key: a service honouring keys would replay the refusal.
-                let key = format!("{}-capture-after-release", e.id);
-                let created = self
-                    .retry(false, || {
-                        self.remote.create(
-                            &sender,
-                            target.get(),
-                            &token,
-                            &app_name,
-                            &app_ep_path,
-                            &key,
-                        )
-                    })
-                    .await;
-                match created {
-                    Ok(tx) => Ok(tx.id),
-                    Err(err @ RemoteError::Rejected { .. }) => {
-                        let err = err.into_ledger();
-                        tracing::error!(transfer = %e.id, error = %err, "actual amount could not be charged after releasing the hold");
-                        self.journal
-                            .finish(e, Outcome::Cancelled, Micros::ZERO)
-                            .await?;
-                        Err(err)
-                    }
-                    Err(err) => Err(err.into_ledger()),
-                }
+                Err(err) if err.may_be_the_hold() => self.release_hold(e, lease).await?,
+                other => return other.map_err(RemoteError::into_ledger),
+            }
+        }
+        // The hold is gone (just now, or in an earlier attempt of this capture): a key of its
+        // own, because a service honouring keys would replay the refusal the first one got.
+        self.journal.renew(lease).await?;
+        match self.remote_charge(e, target, "capture-after-release").await {
+            Ok(id) => Ok(id),
+            Err(err @ RemoteError::Rejected { .. }) => {
+                let err = err.into_ledger();
+                tracing::error!(transfer = %e.id, error = %err, "actual amount could not be charged after releasing the hold");
+                self.journal
+                    .finish(e, Outcome::Cancelled, Micros::ZERO)
+                    .await?;
+                Err(err)
             }
             Err(err) => Err(err.into_ledger()),
         }
+    }
+
+    /// Creates `target` as a transaction of the entry's sender and token, under the idempotency
+    /// key `<transfer id>-<suffix>`.
+    async fn remote_charge(
+        &self,
+        e: &Entry,
+        target: Micros,
+        suffix: &str,
+    ) -> std::result::Result<String, RemoteError> {
+        let key = format!("{}-{suffix}", e.id);
+        self.retry(false, || {
+            self.remote.create(
+                &e.sender_email,
+                target.get(),
+                &e.token,
+                &e.app_name,
+                &e.app_ep_path,
+                &key,
+            )
+        })
+        .await
+        .map(|tx| tx.id)
     }
 
     /// Cancels the remote hold of a partial capture and records that it is gone.
