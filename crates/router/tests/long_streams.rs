@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use syft_proto::ledger::TransferStatus;
 use syft_proto::router::{chat_stream_event, ChatFinal};
-use syft_router_svc::{Pricing, RouterConfig};
+use syft_router_svc::{Pricing, RouterConfig, UpstreamConfig};
 use syft_testkit::*;
 
 async fn slow_stream(
@@ -73,4 +73,37 @@ async fn max_stream_duration_ends_a_stream_and_charges_what_was_delivered() {
     assert_eq!(last.finish_reason, "length");
     assert_eq!(last.cost_micros, PRICE);
     assert_charged_once(&s, &last).await;
+}
+
+/// A unary answer slower than the hold's time to live (3 s against 2 s): the router extends the
+/// hold while it waits for the upstream, as it does for streams, so the answer is captured and
+/// returned. Before, the capture found the hold expired: the answer was withheld and the
+/// upstream's work thrown away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unary_answer_slower_than_its_hold_is_captured() {
+    let s = Stack::start_with(
+        Db::sqlite(),
+        Pricing::per_request(PRICE),
+        Duration::from_secs(2),
+        |c| {
+            if let UpstreamConfig::OpenAi(o) = &mut c.upstream {
+                o.request_timeout = Duration::from_secs(10);
+            }
+        },
+    )
+    .await;
+    s.upstream
+        .set_mode(Mode::Delay(Duration::from_millis(3000)));
+    let mut c = s.client().await;
+    let answer = match c.chat(s.request("take your time")).await {
+        Ok(a) => a.into_inner(),
+        Err(e) => panic!("{e:?}: {:?}", s.transfers().await),
+    };
+    assert_eq!(answer.cost_micros, PRICE);
+    let t = s.transfers().await;
+    assert_eq!(t.len(), 1);
+    assert_eq!(t[0].status(), TransferStatus::Completed, "{t:?}");
+    assert_eq!(t[0].captured_micros, PRICE);
+    assert_eq!(s.alice_money().await, (FUNDS - PRICE, 0, FUNDS - PRICE));
+    s.check_invariants().await;
 }

@@ -218,6 +218,28 @@ impl HoldGuard {
     }
 }
 
+/// Runs `work` (a unary upstream call or a search) while extending `hold` every third of its
+/// time to live, as a stream's is: an upstream slower than the hold's TTL still finds the hold
+/// alive to capture. Without a hold (a free request), just `work`.
+pub(super) async fn keeping_alive<T>(
+    hold: &mut Option<HoldGuard>,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    let Some(h) = hold.as_mut() else {
+        return work.await;
+    };
+    let every = h.keep_alive_every();
+    let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+    let mut extending = true;
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            _ = tick.tick(), if extending => extending = h.extend().await,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -273,7 +273,7 @@ impl RouterService {
 
     async fn unary(&self, req: ChatRequest) -> Result<(ChatResponse, RateHeaders), RouterError> {
         let started = Instant::now();
-        let (p, mut claim, hold) = match self.admit(req).await? {
+        let (p, mut claim, mut hold) = match self.admit(req).await? {
             Admission::Run(p, claim, hold) => (p, claim, hold),
             Admission::Replay(r, headers) => {
                 self.observe_replay("unary", started);
@@ -281,16 +281,14 @@ impl RouterService {
             }
         };
         let up_start = Instant::now();
-        let result = self
-            .until_shutdown(self.inner.upstream.complete(&p.upstream_req))
-            .await
-            .and_then(|c| {
-                if c.content.trim().is_empty() {
-                    Err(UpstreamError::Empty)
-                } else {
-                    Ok(c)
-                }
-            });
+        let answer = self.until_shutdown(self.inner.upstream.complete(&p.upstream_req));
+        let result = hold::keeping_alive(&mut hold, answer).await.and_then(|c| {
+            if c.content.trim().is_empty() {
+                Err(UpstreamError::Empty)
+            } else {
+                Ok(c)
+            }
+        });
         let upstream_time = up_start.elapsed();
         let upstream_ms = elapsed_ms(up_start);
         let c = match result {

@@ -55,10 +55,11 @@ impl RouterService {
                 return Err(e);
             }
         };
-        let (v, t, mut claim, hold) = admitted;
+        let (v, t, mut claim, mut hold) = admitted;
         let query_tokens = tokens::count_text(&v.query.query);
         let up_start = Instant::now();
-        let result = self.until_shutdown(backend.search(&v.query)).await;
+        let searched = self.until_shutdown(backend.search(&v.query));
+        let result = super::hold::keeping_alive(&mut hold, searched).await;
         let upstream_time = up_start.elapsed();
         let upstream_ms = elapsed_ms(up_start);
         let units = |results: usize| Units {
