@@ -64,7 +64,7 @@ impl Proxy {
                     *n -= 1;
                     return Fault::Pass;
                 }
-                let lose = Fault::LoseAnswer(*p, 1);
+                let lose = Fault::LoseAnswer(p, 1);
                 *fault = Fault::Pass;
                 lose
             }
