@@ -38,6 +38,9 @@ enum Fault {
 struct Proxy {
     target: String,
     fault: Arc<Mutex<Fault>>,
+    /// Listings (`GET /transactions`) carry one more transaction, whose amount this ledger
+    /// cannot read (more than six decimals, as a float-keeping service might store it).
+    unreadable_listing: Arc<std::sync::atomic::AtomicBool>,
     http: reqwest::Client,
 }
 
@@ -127,6 +130,21 @@ async fn relay(
     if let Fault::LoseAnswer(..) = plan {
         return (StatusCode::INTERNAL_SERVER_ERROR, "{\"detail\":\"lost\"}").into_response();
     }
+    let mut text = text;
+    let unreadable = proxy
+        .unreadable_listing
+        .load(std::sync::atomic::Ordering::SeqCst);
+    if unreadable && path.starts_with("/transactions") {
+        if let Ok(mut listing) = serde_json::from_str::<serde_json::Value>(&text) {
+            if let Some(items) = listing["transactions"].as_array_mut() {
+                let mut junk = items.first().cloned().unwrap_or_default();
+                junk["id"] = "unreadable".into();
+                junk["amount"] = serde_json::Value::String("0.30000000000000004".into());
+                items.insert(0, junk);
+            }
+            text = listing.to_string();
+        }
+    }
     (status, [("content-type", "application/json")], text).into_response()
 }
 
@@ -134,6 +152,7 @@ async fn start_proxy(target: String) -> (Proxy, String) {
     let proxy = Proxy {
         target,
         fault: Arc::new(Mutex::new(Fault::Pass)),
+        unreadable_listing: Arc::default(),
         http: reqwest::Client::new(),
     };
     let app = axum::Router::new()
@@ -717,6 +736,23 @@ async fn a_capture_retried_after_a_blip_is_not_voided_by_recovery() {
         p.captured(&t.id, micros, request_id).await;
         assert_eq!(p.money().await, money, "after {request_id}");
     }
+    p.finish().await;
+}
+
+/// The answers to a confirm are lost and the listing the ledger reconciles with carries a
+/// transaction it cannot read: that one is left out, and the capture is still reconciled and
+/// charged once (one unreadable row used to fail every reconciliation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unreadable_transaction_does_not_block_reconciliation() {
+    let p = Pair::sqlite(10 * USD).await;
+    p.proxy
+        .unreadable_listing
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let t = p.authorize(USD, "k1").await.expect("authorize");
+    // Every confirm's answer is lost (the first and both retries): only the listing can tell.
+    p.proxy.set(Fault::LoseAnswer("/transaction/confirm", 3));
+    p.captured(&t.id, USD, "req-1").await;
+    assert_eq!(p.money().await, ((9 * USD, 0), (USD, 0)));
     p.finish().await;
 }
 

@@ -277,14 +277,25 @@ impl RemoteClient {
             .and_then(|t| t.as_array())
             .cloned()
             .ok_or_else(|| RemoteError::Unknown("answer has no transactions".into()))?;
-        items
+        // One transaction this ledger cannot read (an amount with more than six decimals, a
+        // field missing) is left out, not the whole list: the callers only act on transactions
+        // they find (reconciling one id, cancelling orphans), so a missing one means "not known",
+        // which both already handle, while failing would stall reconciliation for good.
+        let read = |item: serde_json::Value| -> Result<RemoteTx, RemoteError> {
+            serde_json::from_value::<TxJson>(item)
+                .map_err(|e| RemoteError::Unknown(format!("unreadable transaction: {e}")))?
+                .into_tx()
+        };
+        Ok(items
             .into_iter()
-            .map(|item| {
-                serde_json::from_value::<TxJson>(item)
-                    .map_err(|e| RemoteError::Unknown(format!("unreadable transaction: {e}")))?
-                    .into_tx()
+            .filter_map(|item| {
+                read(item)
+                    .inspect_err(
+                        |e| tracing::warn!(error = ?e, "transaction left out of the listing"),
+                    )
+                    .ok()
             })
-            .collect()
+            .collect())
     }
 
     pub async fn my_info(&self) -> Result<RemoteUser, RemoteError> {
