@@ -594,6 +594,67 @@ async fn partial_capture_retried_after_the_hold_was_released() {
     p.finish().await;
 }
 
+/// Listing a hosted ledger's transfers honours the app and time filters, as a local ledger's
+/// does (they used to be ignored: every transfer came back).
+async fn listing_filters_by_app_and_time(postgres: bool) {
+    let Some(p) = Pair::new(postgres, 10 * USD).await else {
+        return;
+    };
+    let mut router = p.router();
+    let chat = p.authorize(USD, "k1").await.expect("chat hold");
+    let other = router
+        .authorize(req::hold(ALICE, USD, &p.token, "k2"))
+        .await
+        .expect("other app's hold")
+        .into_inner();
+    assert_ne!(chat.app_name, other.app_name);
+    let list = |f: pb::ListTransfersRequest| {
+        let mut router = p.router();
+        async move {
+            let listed = router.list_transfers(f).await.expect("list").into_inner();
+            listed
+                .transfers
+                .into_iter()
+                .map(|t| t.id)
+                .collect::<Vec<_>>()
+        }
+    };
+    let everything = list(pb::ListTransfersRequest::default()).await;
+    assert_eq!(everything, [other.id.clone(), chat.id.clone()]);
+    let by_app = list(pb::ListTransfersRequest {
+        app_name: other.app_name.clone(),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(by_app, [other.id.clone()]);
+    let before_other = list(pb::ListTransfersRequest {
+        until_unix_micros: Some(other.created_at_unix_micros),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(before_other, [chat.id.clone()]);
+    let from_other = list(pb::ListTransfersRequest {
+        since_unix_micros: Some(other.created_at_unix_micros),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(from_other, [other.id.clone()]);
+    for t in [&chat, &other] {
+        p.void(&t.id).await.expect("void");
+    }
+    p.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_listing_filters_by_app_and_time() {
+    listing_filters_by_app_and_time(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_listing_filters_by_app_and_time() {
+    listing_filters_by_app_and_time(true).await;
+}
+
 /// Spend budgets need a local ledger: with hosted accounting a budgeted hold and a budget-use
 /// query are refused (`NOT_SUPPORTED`, never a silent zero), and nothing is held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

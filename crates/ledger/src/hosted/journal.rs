@@ -259,18 +259,23 @@ impl Journal {
             .ok_or_else(|| LedgerError::NotFound(format!("transfer {id} not found")))
     }
 
-    /// Transfers that held money, newest first, and whether more exist. One owner: the account
-    /// and role filters select every transfer of this ledger.
+    /// Transfers that held money, newest first, and whether more exist, by status, app and
+    /// creation time. One owner: the account and role filters select every transfer of this
+    /// ledger.
     pub async fn list(&self, filter: &TransferFilter) -> Result<(Vec<TransferRow>, bool)> {
         let limit = filter.page.limit;
         let sql = format!(
             "SELECT {COLUMNS} FROM hosted_transfers WHERE step NOT IN ('failed', 'unknown') \
-             AND ($1 = '' OR status = $1) AND ($2 = '' OR id < $2) ORDER BY id DESC LIMIT $3"
+             AND ($1 = '' OR status = $1) AND ($2 = '' OR id < $2) AND ($4 = '' OR app_name = $4) \
+             AND created_at >= $5 AND created_at < $6 ORDER BY id DESC LIMIT $3"
         );
         let entries: Vec<Entry> = sqlx::query_as(&sql)
             .bind(filter.status.map_or("", |s| s.as_str()))
             .bind(filter.page.before_id.as_deref().unwrap_or(""))
             .bind(limit + 1)
+            .bind(filter.app_name.as_deref().unwrap_or(""))
+            .bind(filter.range.since.unwrap_or(i64::MIN))
+            .bind(filter.range.until.unwrap_or(i64::MAX))
             .fetch_all(self.pool())
             .await?;
         let mut transfers: Vec<TransferRow> = entries.iter().map(Entry::transfer).collect();
