@@ -758,15 +758,19 @@ async fn slow_remote_orphan_hold_is_cancelled() {
     p.finish().await;
 }
 
+/// A full capture (`k1`, `req-1`) then a partial one (`k2`, `req-2`) of 1-USD holds, with
+/// Alice's and the owner's (balance, held) on B after each, from 10 USD.
+const FULL_THEN_PARTIAL: [(&str, i64, &str, ((i64, i64), (i64, i64))); 2] = [
+    ("k1", USD, "req-1", ((9 * USD, 0), (USD, 0))),
+    ("k2", 250_000, "req-2", ((8_750_000, 0), (1_250_000, 0))),
+];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lost_confirm_answer_is_reconciled_and_charged_once() {
     let p = Pair::sqlite(10 * USD).await;
     // Full capture (req-1): B confirms, the answer is lost, the retry finds it completed.
     // Partial capture (req-2): the charge transaction's confirm answer is lost.
-    for (key, micros, request_id, money) in [
-        ("k1", USD, "req-1", ((9 * USD, 0), (USD, 0))),
-        ("k2", 250_000, "req-2", ((8_750_000, 0), (1_250_000, 0))),
-    ] {
+    for (key, micros, request_id, money) in FULL_THEN_PARTIAL {
         let t = p.authorize(USD, key).await.expect("authorize");
         p.proxy.set(Fault::LoseAnswer("/transaction/confirm", 1));
         p.captured(&t.id, micros, request_id).await;
@@ -782,10 +786,7 @@ async fn lost_confirm_answer_is_reconciled_and_charged_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_capture_retried_after_a_blip_is_not_voided_by_recovery() {
     let p = Pair::sqlite(10 * USD).await;
-    for (key, micros, request_id, money) in [
-        ("k1", USD, "req-1", ((9 * USD, 0), (USD, 0))),
-        ("k2", 250_000, "req-2", ((8_750_000, 0), (1_250_000, 0))),
-    ] {
+    for (key, micros, request_id, money) in FULL_THEN_PARTIAL {
         let t = p.authorize(USD, key).await.expect("authorize");
         p.proxy.set(Fault::Fail("/transaction/confirm", 100));
         assert_eq!(
