@@ -405,6 +405,30 @@ async fn direct_transfers(h: Harness) -> Harness {
     let id = id_of(&v);
     let (s, _) = api.resolve("confirm", owner, &id).await;
     assert_eq!(s, StatusCode::FORBIDDEN);
+    // Nor over gRPC: the recipient's Capture (the router's call) and ExtendHold are refused for
+    // a transfer its sender created, which only the sender confirms.
+    let mut recipient = h.client(&owner_pw);
+    let partial = pb::CaptureRequest {
+        amount: Some(pb::capture_request::Amount::AmountMicros(1_000_000)),
+        ..req::capture_full(&id)
+    };
+    for amount in [req::capture_full(&id), partial] {
+        let refused = recipient
+            .capture(amount)
+            .await
+            .expect_err("not the creator");
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    }
+    let extend = pb::ExtendHoldRequest {
+        transfer_id: id.clone(),
+        ttl_seconds: 60,
+    };
+    let refused = recipient
+        .extend_hold(extend)
+        .await
+        .expect_err("not the creator");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert_eq!(api.balance(OWNER).await, "0");
     let (s, v) = api.resolve("confirm", alice, &id).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["transaction"]["resolvedBy"], "SENDER");

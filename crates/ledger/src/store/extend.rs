@@ -1,6 +1,6 @@
 //! Extending a pending hold's life (a router keeping the hold of a long stream alive).
 
-use super::{now_micros, retry_transient, Store, TransferRow, TransferStatus, UNRESOLVED};
+use super::{now_micros, retry_transient, Actor, Store, TransferRow, TransferStatus, UNRESOLVED};
 use crate::error::{LedgerError, Result};
 use syft_error::Reason;
 
@@ -23,7 +23,8 @@ impl Store {
                 WHEN $3 > created_at + $4 THEN \
                     CASE WHEN created_at + $4 > expires_at THEN created_at + $4 ELSE expires_at END \
                 WHEN $3 > expires_at THEN $3 ELSE expires_at END \
-             WHERE id = $1 AND recipient_id = $2 AND {UNRESOLVED} AND expires_at > $5"
+             WHERE id = $1 AND recipient_id = $2 AND {UNRESOLVED} AND expires_at > $5 \
+               AND created_by = 'RECIPIENT'"
         );
         let updated = retry_transient(|| async {
             sqlx::query(&sql)
@@ -44,6 +45,13 @@ impl Store {
             .ok_or_else(|| LedgerError::NotFound(format!("transfer {transfer_id} not found")))?;
         if updated == 1 {
             return Ok(row);
+        }
+        // A direct transfer is the sender's to confirm: its recipient cannot keep it pending.
+        if row.created_by != Actor::Recipient {
+            return Err(LedgerError::PermissionDenied(format!(
+                "transfer {transfer_id} was created by its sender; only a hold its recipient \
+                 placed can be extended"
+            )));
         }
         Err(match row.status {
             TransferStatus::Pending => LedgerError::refused(

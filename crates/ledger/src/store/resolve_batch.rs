@@ -106,6 +106,7 @@ WITH input AS (
       AND (SELECT COUNT(*) FROM lock_accounts) >= 0
       AND (i.in_recipient < 0 OR t.recipient_id = i.in_recipient)
       AND t.{UNRESOLVED} AND i.in_captured <= t.amount
+      AND (i.in_status <> 'COMPLETED' OR t.created_by = i.in_resolved_by)
       AND CASE i.in_guard WHEN 1 THEN t.expires_at > i.in_now
                           WHEN 2 THEN t.expires_at <= i.in_now ELSE TRUE END
     RETURNING t.*, i.*

@@ -44,6 +44,22 @@ pub struct ResolveInput<'a> {
 
 const CANCEL_EXPIRED: &str = "hold expired";
 
+/// A capture is made by the party that created the transfer: the recipient captures the holds it
+/// placed with the sender's token, and only the sender confirms a direct transfer it created (the
+/// accounting API's rule), so a recipient can never take a direct transfer the sender has not
+/// confirmed. As SQL over the resolution's `$2` (status) and `$4` (resolved by), and in
+/// `RESOLVE_BATCH` (resolve_batch.rs) over the same two inputs.
+const CREATOR_CAPTURES: &str = "$2 <> 'COMPLETED' OR t.created_by = $4";
+
+/// Who a capture of `input` is made by ([`CREATOR_CAPTURES`]).
+fn capturer(input: &ResolveInput<'_>) -> Actor {
+    if input.by_sender {
+        Actor::Sender
+    } else {
+        Actor::Recipient
+    }
+}
+
 /// What one expiry sweep did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SweepReport {
@@ -146,6 +162,15 @@ impl Store {
                     )))
                 }
                 (Resolution::Capture(_), TransferStatus::Pending)
+                    if current.created_by != capturer(input) =>
+                {
+                    return Err(LedgerError::PermissionDenied(format!(
+                        "transfer {} was created by its {}; only that party may capture it",
+                        current.id,
+                        current.created_by.as_str().to_lowercase()
+                    )))
+                }
+                (Resolution::Capture(_), TransferStatus::Pending)
                     if current.expires_at <= now_micros() =>
                 {
                     return Err(LedgerError::refused(
@@ -226,7 +251,7 @@ impl Store {
                 captured = CASE WHEN $3 < 0 THEN t.amount ELSE $3 END, \
                 resolved_by = $4, resolved_at = $7, cancel_reason = $5 \
              WHERE t.id = $1 AND ($6 < 0 OR t.recipient_id = $6) AND t.{UNRESOLVED} \
-               AND {time_guard} AND $3 <= t.amount \
+               AND {time_guard} AND $3 <= t.amount AND ({CREATOR_CAPTURES}) \
              RETURNING sender_id, recipient_id, token_id, amount, captured"
         );
         let resolved: Option<Resolved> = sqlx::query_as(&sql)
