@@ -130,14 +130,28 @@ fn is_public_v4(ip: Ipv4Addr) -> bool {
 }
 
 fn is_public_v6(ip: Ipv6Addr) -> bool {
-    let first = ip.segments()[0];
+    let s = ip.segments();
+    let first = s[0];
+    // Forms that carry an IPv4 address a gateway may reach: NAT64 64:ff9b::/96 (RFC 6052, and
+    // the local-use 64:ff9b:1::/48), 6to4 2002::/16 and the deprecated IPv4-compatible ::/96.
+    // Each is public only if the IPv4 address inside is.
+    let embedded = |hi: u16, lo: u16| Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo));
+    if first == 0x64 && s[1] == 0xff9b {
+        return s[2..6] == [0; 4] && is_public_v4(embedded(s[6], s[7]));
+    }
+    if first == 0x2002 {
+        return is_public_v4(embedded(s[1], s[2]));
+    }
+    if s[..6] == [0; 6] {
+        return !ip.is_loopback() && !ip.is_unspecified() && is_public_v4(embedded(s[6], s[7]));
+    }
     !(ip.is_loopback()
         || ip.is_unspecified()
         || ip.is_multicast()
         // Unique local fc00::/7, link-local fe80::/10, documentation 2001:db8::/32.
         || (first & 0xfe00) == 0xfc00
         || (first & 0xffc0) == 0xfe80
-        || (first == 0x2001 && ip.segments()[1] == 0x0db8))
+        || (first == 0x2001 && s[1] == 0x0db8))
 }
 
 #[cfg(test)]
@@ -158,11 +172,27 @@ mod tests {
             "fd00::1",
             "fe80::1",
             "::ffff:127.0.0.1",
+            // IPv4 inside NAT64, 6to4 and IPv4-compatible addresses.
+            "64:ff9b::10.0.0.1",
+            "64:ff9b::a9fe:a9fe",
+            "64:ff9b:1::1",
+            "2002:7f00:1::1",
+            "2002:c0a8:101::1",
+            "::10.0.0.1",
+            "::127.0.0.1",
         ] {
             assert!(!is_public(ip.parse().unwrap()), "{ip} counted as public");
         }
         assert!(is_public("93.184.216.34".parse().unwrap()));
         assert!(is_public("2606:4700::1111".parse().unwrap()));
+        assert!(
+            is_public("64:ff9b::5db8:d822".parse().unwrap()),
+            "NAT64 of a public v4"
+        );
+        assert!(
+            is_public("2002:5db8:d822::1".parse().unwrap()),
+            "6to4 of a public v4"
+        );
     }
 
     #[test]
