@@ -253,8 +253,46 @@ async fn one_request_is_one_trace_across_router_and_ledger() {
     ] {
         assert!(ledger_metrics.contains(needle), "ledger /metrics lacks {needle}:\n{ledger_metrics}");
     }
+    // Made-up gRPC paths and HTTP methods, which anyone can send: counted under one label each,
+    // never as new series named by the caller.
+    {
+        use tonic::codegen::{http, Service};
+        let mut channel =
+            tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{router_grpc}"))
+                .expect("url")
+                .connect()
+                .await
+                .expect("channel");
+        let request = http::Request::post(format!(
+            "http://127.0.0.1:{router_grpc}/made.up.Service/Method7"
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(tonic::body::Body::empty())
+        .expect("request");
+        std::future::poll_fn(|cx| channel.poll_ready(cx))
+            .await
+            .expect("ready");
+        let made_up = channel.call(request).await.expect("made-up gRPC path");
+        let status = made_up.headers().get("grpc-status").map(|v| v.as_bytes());
+        assert_eq!(status, Some(&b"12"[..]), "UNIMPLEMENTED");
+    }
+    let method = reqwest::Method::from_bytes(b"RANDOM123").expect("method");
+    reqwest::Client::new()
+        .request(method, format!("http://127.0.0.1:{router_http}/readyz"))
+        .send()
+        .await
+        .expect("made-up method");
     let router_metrics = metrics(router_http).await;
+    for made_up in ["made.up.Service", "Method7", "RANDOM123"] {
+        assert!(
+            !router_metrics.contains(made_up),
+            "{made_up} in:\n{router_metrics}"
+        );
+    }
     for needle in [
+        "grpc_method=\"unimplemented\"",
+        "method=\"other\"",
         "syft_grpc_server_requests_total{grpc_code=\"OK\",grpc_method=\"Chat\",grpc_service=\"syft.router.v1.Router\"} 1",
         "syft_router_added_latency_seconds_count{mode=\"unary\",outcome=\"success\"} 1",
         "syft_router_upstream_duration_seconds_count{outcome=\"success\",provider=\"echo\"} 1",

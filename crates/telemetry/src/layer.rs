@@ -59,7 +59,7 @@ where
         let parent = propagation::extract(req.headers());
         let started = Instant::now();
         let server = self.server;
-        let method = req.method().as_str().to_string();
+        let method = method_label(req.method()).to_string();
         let (span, labels) = match server {
             Server::Grpc => {
                 let path = req.uri().path().trim_start_matches('/');
@@ -111,11 +111,17 @@ where
                             .unwrap_or(0);
                         let name = code_name(code);
                         span.record("rpc.grpc.status_code", code);
-                        GRPC_REQUESTS
-                            .with_label_values(&[&labels[0], &labels[1], name])
-                            .inc();
+                        // A path no service knows is answered UNIMPLEMENTED: counted under one
+                        // label, since the path is whatever a caller sent (no authentication
+                        // is needed to send it, and each new label is a new series).
+                        let (service, rpc) = if code == 12 {
+                            ("unimplemented", "unimplemented")
+                        } else {
+                            (labels[0].as_str(), labels[1].as_str())
+                        };
+                        GRPC_REQUESTS.with_label_values(&[service, rpc, name]).inc();
                         GRPC_DURATION
-                            .with_label_values(&[&labels[0], &labels[1]])
+                            .with_label_values(&[service, rpc])
                             .observe(elapsed);
                     }
                     Server::Http(_) => {
@@ -166,4 +172,19 @@ fn code_name(code: i32) -> &'static str {
         .and_then(|i| NAMES.get(i))
         .copied()
         .unwrap_or("UNKNOWN")
+}
+
+/// The request method as a metric label: the standard methods by name, any other as `other`
+/// (a client may send any token as a method, and each would be a new series).
+fn method_label(method: &http::Method) -> &'static str {
+    match method.as_str() {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "PATCH" => "PATCH",
+        "HEAD" => "HEAD",
+        "OPTIONS" => "OPTIONS",
+        _ => "other",
+    }
 }
