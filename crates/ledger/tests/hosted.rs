@@ -626,19 +626,19 @@ async fn listing_filters_by_app_and_time(postgres: bool) {
         ..Default::default()
     })
     .await;
-    assert_eq!(by_app, [other.id.clone()]);
+    assert_eq!(by_app, std::slice::from_ref(&other.id));
     let before_other = list(pb::ListTransfersRequest {
         until_unix_micros: Some(other.created_at_unix_micros),
         ..Default::default()
     })
     .await;
-    assert_eq!(before_other, [chat.id.clone()]);
+    assert_eq!(before_other, std::slice::from_ref(&chat.id));
     let from_other = list(pb::ListTransfersRequest {
         since_unix_micros: Some(other.created_at_unix_micros),
         ..Default::default()
     })
     .await;
-    assert_eq!(from_other, [other.id.clone()]);
+    assert_eq!(from_other, std::slice::from_ref(&other.id));
     for t in [&chat, &other] {
         p.void(&t.id).await.expect("void");
     }
