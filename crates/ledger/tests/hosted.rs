@@ -20,6 +20,9 @@ use tonic::Code;
 const OWNER: &str = "owner@router.example";
 const ALICE: &str = "alice@example.com";
 
+/// Alice's and the owner's (balance, held) on ledger B.
+type Money = ((i64, i64), (i64, i64));
+
 /// What the proxy does to requests whose path starts with `path`.
 #[derive(Clone, Debug)]
 enum Fault {
@@ -295,7 +298,7 @@ impl Pair {
     }
 
     /// Alice's and the owner's (balance, held) on B.
-    async fn money(&self) -> ((i64, i64), (i64, i64)) {
+    async fn money(&self) -> Money {
         let alice = self.b.balance(ALICE).await;
         let owner = self.b.balance(OWNER).await;
         (
@@ -760,7 +763,7 @@ async fn slow_remote_orphan_hold_is_cancelled() {
 
 /// A full capture (`k1`, `req-1`) then a partial one (`k2`, `req-2`) of 1-USD holds, with
 /// Alice's and the owner's (balance, held) on B after each, from 10 USD.
-const FULL_THEN_PARTIAL: [(&str, i64, &str, ((i64, i64), (i64, i64))); 2] = [
+const FULL_THEN_PARTIAL: [(&str, i64, &str, Money); 2] = [
     ("k1", USD, "req-1", ((9 * USD, 0), (USD, 0))),
     ("k2", 250_000, "req-2", ((8_750_000, 0), (1_250_000, 0))),
 ];
