@@ -14,7 +14,10 @@ use super::{
     now_ms, Limiter, LimiterError, MemoryLimiter, RedisLimiter, Rule, RuleKind, Verdict,
     WindowState,
 };
-use crate::config::{LimiterBackend, OnFailure, RateLimits, RouterConfig, ServiceKind};
+use crate::config::{
+    LimiterBackend, OnFailure, RateLimits, RouterConfig, ServiceKind, UpstreamConfig,
+};
+use crate::drain::DrainGuard;
 use crate::error::{QuotaRefusal, RouterError};
 
 static CHECKS: LazyLock<IntCounterVec> = LazyLock::new(|| {
@@ -79,7 +82,7 @@ impl Gate {
             router: c.rate_limits.clone(),
             services,
             max_concurrent: c.limiter.max_concurrent_requests,
-            lease: c.limiter.lease,
+            lease: slot_lease(c),
         }
     }
 
@@ -338,6 +341,8 @@ pub struct Pass {
     slot_keys: Vec<String>,
     settled: AtomicBool,
     pub headers: RateHeaders,
+    /// Keeps a graceful shutdown waiting until the release of the slots reached the store.
+    work: Option<DrainGuard>,
 }
 
 impl Pass {
@@ -361,7 +366,14 @@ impl Pass {
             slot_keys: keys(|k| matches!(k, RuleKind::Concurrency | RuleKind::RouterConcurrency)),
             settled: AtomicBool::new(false),
             headers: RateHeaders::from_states(rules, states),
+            work: None,
         }
+    }
+
+    /// Counts the pass (until its release reached the store) as in-flight work of the router.
+    pub(crate) fn with_work(mut self, work: DrainGuard) -> Self {
+        self.work = Some(work);
+        self
     }
 
     /// Admitted without counting (the store failed and the mode is `fail_open`).
@@ -373,6 +385,7 @@ impl Pass {
             slot_keys: Vec::new(),
             settled: AtomicBool::new(true),
             headers: RateHeaders::default(),
+            work: None,
         }
     }
 
@@ -395,6 +408,20 @@ impl Pass {
     }
 }
 
+/// How long an in-flight slot lives unless released: the configured lease, but never less than
+/// the longest a request can run (the upstream's answer timeout, then a stream's whole
+/// `max_stream_duration`, plus a minute to settle). Nothing renews a slot, so a shorter lease let
+/// a long stream's slot age out while it ran, and the user's next request took its place: more in
+/// flight than the limit. A dead router's slots are then held that long.
+fn slot_lease(c: &RouterConfig) -> Duration {
+    let answer = match &c.upstream {
+        UpstreamConfig::OpenAi(o) => o.request_timeout,
+        UpstreamConfig::Echo => Duration::ZERO,
+    };
+    let longest = answer + c.max_stream_duration + Duration::from_secs(60);
+    c.limiter.lease.max(longest)
+}
+
 impl Drop for Pass {
     fn drop(&mut self) {
         let Some(limiter) = self.limiter.take() else {
@@ -411,7 +438,9 @@ impl Drop for Pass {
             return;
         };
         let lease = std::mem::take(&mut self.lease);
+        let work = self.work.take();
         rt.spawn(async move {
+            let _work = work;
             // If this fails the slot frees itself when its lease ages out.
             if let Err(e) = limiter.settle(now_ms(), &lease, &updates).await {
                 tracing::warn!(error = %e, "could not release a request's limiter slots");
@@ -430,5 +459,17 @@ mod tests {
         assert_eq!(format_reset(Duration::from_millis(1500)), "1.5s");
         assert_eq!(format_reset(Duration::from_secs(360)), "6m0s");
         assert_eq!(format_reset(Duration::from_secs(3723)), "1h2m3s");
+    }
+
+    /// A slot outlives the longest request: the default 600-s lease is raised to the upstream's
+    /// 120-s answer timeout plus the 900-s stream bound plus a minute; a longer lease is kept.
+    #[test]
+    fn a_slot_outlives_the_longest_request() {
+        let mut c = RouterConfig::new("app", "owner@example.com");
+        c.upstream = UpstreamConfig::OpenAi(crate::config::OpenAiConfig::new("http://up/v1"));
+        assert_eq!(c.limiter.lease, Duration::from_secs(600));
+        assert_eq!(slot_lease(&c), Duration::from_secs(120 + 900 + 60));
+        c.limiter.lease = Duration::from_secs(3_600);
+        assert_eq!(slot_lease(&c), Duration::from_secs(3_600));
     }
 }

@@ -8,7 +8,7 @@ use futures::future::BoxFuture;
 
 use super::{retry_after, Limiter, LimiterError, Rule, Verdict, WindowState};
 
-/// Windows are dropped when empty; above this many keys a full sweep of empty ones runs.
+/// Above this many keys, a sweep drops the windows whose entries have all aged out.
 const SWEEP_ABOVE: usize = 100_000;
 
 #[derive(Default)]
@@ -16,6 +16,8 @@ struct Window {
     /// `(added_ms, lease, cost)`, oldest first.
     entries: VecDeque<(u64, String, u64)>,
     total: u64,
+    /// The window's length, as its rule last said: the sweep ages entries out with it.
+    window_ms: u64,
 }
 
 impl Window {
@@ -47,7 +49,14 @@ impl Window {
 /// of anything else a request does, so one lock does not limit throughput.
 #[derive(Default)]
 pub struct MemoryLimiter {
-    windows: Mutex<HashMap<String, Window>>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    windows: HashMap<String, Window>,
+    /// The size at which the next sweep runs.
+    sweep_above: usize,
 }
 
 impl MemoryLimiter {
@@ -55,21 +64,31 @@ impl MemoryLimiter {
         Self::default()
     }
 
-    fn locked(&self) -> Result<std::sync::MutexGuard<'_, HashMap<String, Window>>, LimiterError> {
-        self.windows
+    fn locked(&self) -> Result<std::sync::MutexGuard<'_, State>, LimiterError> {
+        self.state
             .lock()
             .map_err(|_| LimiterError("limiter state poisoned".into()))
     }
 
     fn acquire_now(&self, now: u64, lease: &str, rules: &[Rule]) -> Result<Verdict, LimiterError> {
-        let mut map = self.locked()?;
-        if map.len() > SWEEP_ABOVE {
-            map.retain(|_, w| !w.entries.is_empty());
+        let mut state = self.locked()?;
+        if state.windows.len() > state.sweep_above.max(SWEEP_ABOVE) {
+            // Entries age out only when their key is checked again, so without this every user
+            // ever seen (free users may send any email) would keep a window for good.
+            state.windows.retain(|_, w| {
+                w.expire(now, w.window_ms);
+                !w.entries.is_empty()
+            });
+            // The windows left are live: sweep again once the map has doubled, not on every
+            // check of a router with that many active users.
+            state.sweep_above = state.windows.len().saturating_mul(2);
         }
+        let map = &mut state.windows;
         let mut refused = None;
         for (i, r) in rules.iter().enumerate() {
             let w = map.entry(r.key.clone()).or_default();
             let window_ms = ms(r.window);
+            w.window_ms = window_ms;
             w.expire(now, window_ms);
             if refused.is_none() && w.total.saturating_add(r.cost) > r.limit {
                 let entries = w.entries.iter().map(|(at, _, c)| (*at, *c));
@@ -87,7 +106,7 @@ impl MemoryLimiter {
                 }
             }
         }
-        let states = states(&map, rules, now);
+        let states = states(map, rules, now);
         Ok(match refused {
             None => Verdict::Admitted(states),
             Some((rule, retry_after)) => Verdict::Refused {
@@ -99,9 +118,11 @@ impl MemoryLimiter {
     }
 
     fn settle_now(&self, lease: &str, updates: &[(String, u64)]) -> Result<(), LimiterError> {
-        let mut map = self.locked()?;
+        let mut state = self.locked()?;
         for (key, cost) in updates {
-            let Some(w) = map.get_mut(key) else { continue };
+            let Some(w) = state.windows.get_mut(key) else {
+                continue;
+            };
             // Settlements follow admissions closely, so the lease is near the back.
             let Some(pos) = w.entries.iter().rposition(|(_, l, _)| l == lease) else {
                 continue;
@@ -166,14 +187,54 @@ impl Limiter for MemoryLimiter {
         now_ms: u64,
         rules: &'a [Rule],
     ) -> BoxFuture<'a, Result<Vec<WindowState>, LimiterError>> {
-        let r = self.locked().map(|mut map| {
+        let r = self.locked().map(|mut state| {
             for r in rules {
-                if let Some(w) = map.get_mut(&r.key) {
+                if let Some(w) = state.windows.get_mut(&r.key) {
                     w.expire(now_ms, ms(r.window));
                 }
             }
-            states(&map, rules, now_ms)
+            states(&state.windows, rules, now_ms)
         });
         Box::pin(async move { r })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::RuleKind;
+
+    fn rule(key: String) -> Rule {
+        Rule {
+            key,
+            kind: RuleKind::Requests,
+            scope: "router",
+            limit: 10,
+            window: Duration::from_secs(1),
+            cost: 1,
+            describe: String::new(),
+        }
+    }
+
+    /// Users seen once leave no window behind once their entries aged out: a check after the
+    /// map grew past the sweep size drops them; live windows stay, with their counts.
+    #[test]
+    fn windows_of_users_gone_are_swept() {
+        let limiter = MemoryLimiter::new();
+        let live = rule("live-user".into());
+        let admit = |now: u64, r: &Rule| {
+            let verdict = limiter.acquire_now(now, "lease", std::slice::from_ref(r));
+            assert!(matches!(verdict, Ok(Verdict::Admitted(_))));
+        };
+        for i in 0..=SWEEP_ABOVE {
+            admit(1_000, &rule(format!("user-{i}")));
+        }
+        admit(2_500, &live);
+        let windows = |l: &MemoryLimiter| l.locked().map(|s| s.windows.len()).unwrap_or(0);
+        assert_eq!(windows(&limiter), 1, "only the live window is left");
+        admit(2_600, &live);
+        let peeked = limiter.peek(2_700, std::slice::from_ref(&live));
+        let states = futures::executor::block_on(peeked).expect("peek");
+        assert_eq!(states[0].remaining, 8, "the live window kept its count");
     }
 }

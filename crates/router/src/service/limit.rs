@@ -44,10 +44,10 @@ impl RouterService {
     ) -> Result<Option<Pass>, RouterError> {
         match &self.inner.gate {
             None => Ok(None),
-            Some(gate) => gate
-                .admit(&t.user_email, t.kind, reserve_tokens)
-                .await
-                .map(Some),
+            Some(gate) => {
+                let pass = gate.admit(&t.user_email, t.kind, reserve_tokens).await?;
+                Ok(Some(pass.with_work(self.inner.drain.enter())))
+            }
         }
     }
 
