@@ -28,6 +28,7 @@ alerts_suite!(
     rebinding,
     crate::alerts_support::alerts_allow_localhost;
     address_is_checked_again_when_sending,
+    a_secret_the_key_cannot_open_fails_attempts_that_are_logged,
 );
 
 alerts_suite!(
@@ -469,5 +470,33 @@ async fn address_is_checked_again_when_sending(mut h: Harness) -> Harness {
         })
         .await;
     assert_eq!(code(again), Code::InvalidArgument);
+    h
+}
+
+/// The ledger restarts with another `--alerts-key`, which cannot open the endpoint's sealed
+/// signing secret: each delivery attempt fails and is logged, on the retry schedule, until the
+/// event is given up; nothing unsigned is sent. (The error used to abort the attempt before it
+/// was recorded: the event was claimed again every lease, for ever, and the log stayed empty.)
+async fn a_secret_the_key_cannot_open_fails_attempts_that_are_logged(mut h: Harness) -> Harness {
+    let rx = WebhookReceiver::start().await;
+    let alice = h.account(ALICE, 10 * USD).await;
+    let ep = add_rule(&h, &alice, &rx, balance_low(USD)).await;
+    h.server.take().expect("server").stop().await;
+    let other = syft_ledger::alerts::SealKey::from_passphrase("another-alerts-key-987654321");
+    h.config.alerts.key = Some(std::sync::Arc::new(other.expect("key")));
+    h.server = Some(LedgerServer::start(h.config.clone()).await);
+    test_event(&h, &alice, &ep).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut log = deliveries(&h, &alice, &ep).await;
+    while log.iter().all(|d| d.outcome != "GAVE_UP") && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        log = deliveries(&h, &alice, &ep).await;
+    }
+    assert_eq!(log.len(), 6, "the first attempt and five retries: {log:#?}");
+    assert!(
+        log.iter().all(|d| d.error.contains("cannot sign")),
+        "{log:#?}"
+    );
+    assert!(rx.received().is_empty(), "nothing unsigned is sent");
     h
 }

@@ -115,9 +115,19 @@ impl Worker {
             return Ok(());
         };
         let now = now_micros();
-        let secrets = live_secrets(self.key()?, &endpoint, now)?;
         let started = Instant::now();
-        let answer = send(&self.config, &endpoint.url, event, &secrets).await;
+        let answer = match self.key().and_then(|k| live_secrets(k, &endpoint, now)) {
+            Ok(secrets) => send(&self.config, &endpoint.url, event, &secrets).await,
+            // A key that cannot open the secret (`--alerts-key` changed, a damaged row) fails
+            // the attempt like a network error: logged, retried on the schedule, then given up,
+            // so the endpoint is flagged and disabled. Returning the error instead left the
+            // event to be claimed again every lease, for ever, with nothing recorded.
+            Err(e) => Answer {
+                error: format!("cannot sign the delivery: {e}"),
+                retryable_failure: true,
+                ..Answer::default()
+            },
+        };
         let latency_ms = started.elapsed().as_millis() as i64;
         let (outcome, next) = self.decide(event, &answer);
         let attempt = Attempt {
@@ -239,9 +249,11 @@ async fn try_send(
     let refused = |e: LedgerError| SendError::Refused(e.to_string());
     let url = target::parse_url(url, &config.allowed_hosts).map_err(refused)?;
     // Checked now, and the connection pinned to the checked addresses (no DNS rebinding).
-    let addrs = target::resolve(&url, &config.allowed_hosts)
-        .await
-        .map_err(refused)?;
+    let addrs = match target::lookup(&url, &config.allowed_hosts).await {
+        target::Resolved::Addrs(addrs) => addrs,
+        target::Resolved::Unresolved(e) => return Err(SendError::Transport(e)),
+        target::Resolved::Refused(e) => return Err(SendError::Refused(e)),
+    };
     let mut client = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(config.request_timeout)

@@ -74,32 +74,51 @@ fn is_allowed(host: &str, allowed_hosts: &[String]) -> bool {
 
 /// Resolves the URL's host and returns the addresses that may be connected to; refuses when any
 /// resolved address is private (a name that resolves to one public and one private address could
-/// be steered to the private one).
+/// be steered to the private one). Every failure is `INVALID_ARGUMENT` (adding an endpoint); a
+/// delivery tells a failed lookup from a refused address ([`Resolved`]).
 pub async fn resolve(url: &Url, allowed_hosts: &[String]) -> Result<Vec<SocketAddr>> {
-    let host = url
-        .host_str()
-        .ok_or_else(|| LedgerError::invalid("url has no host"))?;
-    let port = url
-        .port_or_known_default()
-        .ok_or_else(|| LedgerError::invalid("url has no port"))?;
+    match lookup(url, allowed_hosts).await {
+        Resolved::Addrs(addrs) => Ok(addrs),
+        Resolved::Unresolved(e) | Resolved::Refused(e) => Err(LedgerError::invalid(e)),
+    }
+}
+
+/// What a delivery's lookup found.
+pub enum Resolved {
+    /// Addresses that may be connected to.
+    Addrs(Vec<SocketAddr>),
+    /// The name did not resolve (DNS failing or slow for a moment, or the name gone): worth
+    /// trying again on the retry schedule, like a connection that failed.
+    Unresolved(String),
+    /// The URL or an address it resolves to may not be called: no retry will change that.
+    Refused(String),
+}
+
+pub async fn lookup(url: &Url, allowed_hosts: &[String]) -> Resolved {
+    let Some(host) = url.host_str() else {
+        return Resolved::Refused("url has no host".into());
+    };
+    let Some(port) = url.port_or_known_default() else {
+        return Resolved::Refused("url has no port".into());
+    };
     let bare = host.trim_start_matches('[').trim_end_matches(']');
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((bare, port))
-        .await
-        .map_err(|e| LedgerError::invalid(format!("cannot resolve {host}: {e}")))?
-        .collect();
+    let addrs: Vec<SocketAddr> = match tokio::net::lookup_host((bare, port)).await {
+        Ok(addrs) => addrs.collect(),
+        Err(e) => return Resolved::Unresolved(format!("cannot resolve {host}: {e}")),
+    };
     if addrs.is_empty() {
-        return Err(LedgerError::invalid(format!("{host} resolves to nothing")));
+        return Resolved::Unresolved(format!("{host} resolves to nothing"));
     }
     if !is_allowed(host, allowed_hosts) {
         if let Some(bad) = addrs.iter().find(|a| !is_public(a.ip())) {
-            return Err(LedgerError::invalid(format!(
+            return Resolved::Refused(format!(
                 "{host} resolves to {}, a private, loopback or reserved address (allow the host \
                  with --alerts-allow-host for local use)",
                 bad.ip()
-            )));
+            ));
         }
     }
-    Ok(addrs)
+    Resolved::Addrs(addrs)
 }
 
 /// Whether an address is on the public internet.
@@ -193,6 +212,21 @@ mod tests {
             is_public("2002:5db8:d822::1".parse().unwrap()),
             "6to4 of a public v4"
         );
+    }
+
+    /// A name that does not resolve is a failure to retry (DNS may be back at the next
+    /// attempt); a name that resolves to a private address is refused for good.
+    #[tokio::test]
+    async fn a_lookup_that_fails_is_not_a_refusal() {
+        let gone = Url::parse("https://no-such-host.invalid/hook").expect("url");
+        assert!(matches!(lookup(&gone, &[]).await, Resolved::Unresolved(_)));
+        let private = Url::parse("https://127.0.0.1:9/hook").expect("url");
+        assert!(matches!(lookup(&private, &[]).await, Resolved::Refused(_)));
+        let allowed = ["127.0.0.1".to_string()];
+        assert!(matches!(
+            lookup(&private, &allowed).await,
+            Resolved::Addrs(_)
+        ));
     }
 
     #[test]
