@@ -403,6 +403,75 @@ async fn concurrency_limit_on_a_free_service() {
     assert_consistent(&s.ledger.store).await;
 }
 
+/// A free service with a token window: a request without `max_tokens` reserves the default
+/// bound, and that bound goes upstream, so its answer cannot settle far above what it reserved
+/// (unbounded, each of many concurrent requests could use several times its reservation).
+#[tokio::test]
+async fn a_token_window_bounds_the_answer_it_reserves_for() {
+    let s = Stack::start_tweaked(Pricing::free(), |c| {
+        c.rate_limits.tokens = vec![per_minute(1_000_000)]
+    })
+    .await;
+    let mut c = s.client().await;
+    let mut req = s.request("hi");
+    req.options = None;
+    c.chat(req).await.expect("answered");
+    let body = s.upstream.last_body().expect("upstream called");
+    let default = syft_router_svc::Limits::default().default_max_tokens;
+    assert_eq!(body["max_tokens"], default, "{body}");
+    assert_consistent(&s.ledger.store).await;
+}
+
+/// A client that leaves a stream after its first delta is counted for what it was sent: the
+/// token window keeps the prompt and the delivered text (refunding all of it let a client read
+/// most of every answer, leave, and never be counted).
+#[tokio::test]
+async fn a_stream_the_client_left_keeps_its_delivered_tokens() {
+    const LIMIT: u64 = 100_000;
+    let s = Stack::start_tweaked(Pricing::free(), |c| {
+        c.rate_limits.tokens = vec![per_minute(LIMIT)]
+    })
+    .await;
+    s.upstream
+        .set_mode(Mode::SlowStream(Duration::from_millis(100)));
+    let mut c = s.client().await;
+    {
+        let mut stream = c
+            .chat_stream(s.request("hi"))
+            .await
+            .expect("stream")
+            .into_inner();
+        stream.message().await.expect("first").expect("delta");
+    }
+    let tokens_left = || {
+        let mut c = c.clone();
+        let ask = syft_proto::router::GetLimitsRequest {
+            user_email: s.alice.email.clone(),
+            service: String::new(),
+        };
+        async move {
+            let left = c.get_limits(ask).await.expect("limits").into_inner();
+            left.limits
+                .iter()
+                .find(|l| l.limit.as_ref().is_some_and(|r| r.kind == "tokens"))
+                .map(|l| l.remaining)
+                .expect("a token window")
+        }
+    };
+    // The cancellation settles the window in the background: wait for the reservation of 100
+    // completion tokens to be replaced by what was delivered.
+    let mut left = tokens_left().await;
+    for _ in 0..50 {
+        if left > LIMIT - 100 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        left = tokens_left().await;
+    }
+    assert!(left > LIMIT - 100 && left < LIMIT, "{left} of {LIMIT} left");
+    assert_consistent(&s.ledger.store).await;
+}
+
 /// Request limits on a free service: 3 per minute, the 4th refused, all without a ledger charge.
 #[tokio::test]
 async fn free_service_request_limit() {

@@ -378,14 +378,14 @@ impl RouterService {
                 "model {model:?} is not served by this router"
             )));
         }
-        let max_tokens = match pricing.kind {
-            // The hold must bound the answer, so the bound is always sent upstream.
-            PricingKind::PerToken { .. } => Some(
-                v.options
-                    .max_tokens
-                    .unwrap_or(inner.config.limits.default_max_tokens),
-            ),
-            _ => v.options.max_tokens,
+        // The hold must bound the answer, and so must a token window's reservation (a free
+        // answer of any length would settle far above what was reserved): the bound is then
+        // always sent upstream.
+        let bounded = matches!(pricing.kind, PricingKind::PerToken { .. })
+            || self.counts_tokens(ServiceKind::Chat);
+        let max_tokens = match v.options.max_tokens {
+            None if bounded => Some(inner.config.limits.default_max_tokens),
+            given => given,
         };
         let upstream_req = UpstreamRequest {
             model: inner.upstream.upstream_model(&model),

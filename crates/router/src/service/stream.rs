@@ -187,6 +187,9 @@ impl RouterService {
                     input: self.prompt_tokens(&p).await,
                     output: tokens::count_text(&content),
                 };
+                // The client chose to stop: the token windows keep what it was sent (refunding
+                // all of it let a client read most of an answer, leave, and never be counted).
+                Self::settle_pass(&p.t, units.input.saturating_add(units.output)).await;
                 let usage = self.usage(&p.t, UsageStatus::Cancelled, units, started, upstream_ms);
                 let usage = Usage { ttft_ms, ..usage };
                 self.release(hold, "client cancelled", usage).await;
