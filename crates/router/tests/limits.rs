@@ -122,8 +122,31 @@ async fn sliding_window_boundary_redis() {
         eprintln!("SKIPPED: no Redis at {SHARED_REDIS}");
         return;
     }
-    let l = RedisLimiter::new(SHARED_REDIS, Duration::from_secs(2)).expect("redis");
+    let l = RedisLimiter::with_caller_clock(SHARED_REDIS, Duration::from_secs(2)).expect("redis");
     window_boundary(&l, &format!("syft:test:{}", unique_name())).await;
+}
+
+/// Two replicas whose clocks disagree by ten minutes share one Redis window of 3 per minute:
+/// the windows age by Redis's clock, so the replica running ahead does not see the other's
+/// three requests as gone and admit a fourth.
+#[tokio::test]
+async fn a_replica_clock_ahead_admits_no_more() {
+    if !redis_up(SHARED_REDIS).await {
+        eprintln!("SKIPPED: no Redis at {SHARED_REDIS}");
+        return;
+    }
+    let l = RedisLimiter::new(SHARED_REDIS, Duration::from_secs(2)).expect("redis");
+    let key = format!("syft:test:{}", unique_name());
+    let rule = [request_rule(&key, 3, Duration::from_secs(60))];
+    let now = syft_router_svc::limits::now_ms();
+    for i in 0..3 {
+        assert!(admitted(&l, now, &format!("a{i}"), &rule).await);
+    }
+    let ahead = now + 10 * 60 * 1000;
+    assert!(
+        !admitted(&l, ahead, "b", &rule).await,
+        "a fourth in the minute"
+    );
 }
 
 /// A request reserving more tokens than fit waits for the reservation of others to be settled.

@@ -3,7 +3,8 @@
 //!
 //! A window is three keys: a sorted set of leases scored by the time they were added (`<key>`),
 //! a hash of their costs (`<key>:c`) and their running total (`<key>:s`). Every key expires a
-//! second after its window, so an idle user leaves nothing behind.
+//! second after its window, so an idle user leaves nothing behind. Windows age by Redis's clock,
+//! the one clock every replica shares.
 
 use std::time::Duration;
 
@@ -12,11 +13,15 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::{Limiter, LimiterError, Rule, Verdict, WindowState};
 
-/// KEYS: three per rule (set, costs, total). ARGV: now, lease, record (1) or peek (0), then per
-/// rule: limit, window_ms, cost. Returns `{refused rule (1-based, 0 = none), retry_ms (-1 =
-/// none), then per rule: total, reset_ms}`.
+/// KEYS: three per rule (set, costs, total). ARGV: now (ms, or -1 for Redis's own clock), lease,
+/// record (1) or peek (0), then per rule: limit, window_ms, cost. Returns `{refused rule
+/// (1-based, 0 = none), retry_ms (-1 = none), then per rule: total, reset_ms}`.
 const ACQUIRE: &str = r"
 local now = tonumber(ARGV[1])
+if now < 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 local lease = ARGV[2]
 local record = ARGV[3] == '1'
 local n = #KEYS / 3
@@ -110,6 +115,10 @@ pub struct RedisLimiter {
     timeout: Duration,
     acquire: redis::Script,
     settle: redis::Script,
+    /// Windows age by Redis's clock (`TIME` in the script), one clock for every replica: with
+    /// each router's own clock, a replica running ahead aged the others' entries out early and
+    /// admitted more than the limit. Tests that move time by hand use the caller's clock.
+    server_clock: bool,
 }
 
 impl RedisLimiter {
@@ -131,6 +140,16 @@ impl RedisLimiter {
             timeout,
             acquire: redis::Script::new(ACQUIRE),
             settle: redis::Script::new(SETTLE),
+            server_clock: true,
+        })
+    }
+
+    /// [`RedisLimiter::new`] whose windows age by the `now` each call passes instead of by
+    /// Redis's clock: for tests that move time by hand.
+    pub fn with_caller_clock(url: &str, timeout: Duration) -> Result<Self, LimiterError> {
+        Ok(RedisLimiter {
+            server_clock: false,
+            ..Self::new(url, timeout)?
         })
     }
 
@@ -156,6 +175,11 @@ impl RedisLimiter {
         rules: &[Rule],
         record: bool,
     ) -> Result<Verdict, LimiterError> {
+        let now = if self.server_clock {
+            -1
+        } else {
+            i64::try_from(now).unwrap_or(i64::MAX)
+        };
         let mut inv = self.acquire.prepare_invoke();
         inv.arg(now).arg(lease).arg(if record { 1 } else { 0 });
         for r in rules {
