@@ -56,15 +56,23 @@ impl Worker {
     /// Claims and sends one batch of due events; returns how many were attempted.
     pub async fn deliver_due(&self) -> Result<usize> {
         let now = now_micros();
-        // The lease outlives any attempt (timeout + margin), so two workers never send one
-        // event at the same time; a crashed worker's lease lapses and the event is claimed again.
-        let lease = self.config.request_timeout * 2 + Duration::from_secs(5);
-        let lease_until = now + lease.as_micros() as i64;
+        // One attempt takes at most the lookup and the send (each bounded by the timeout) and
+        // the bookkeeping (the margin). The lease covers the whole batch, sent `PARALLEL_SENDS`
+        // at a time, and an attempt starts only if it ends within the lease: two workers never
+        // send one event at the same time (with a lease of one attempt, a batch to a slow
+        // endpoint outlived it, and another replica claimed the last events and sent them too).
+        // A crashed worker's lease lapses and its events are claimed again.
+        let attempt = self.config.request_timeout * 2 + Duration::from_secs(5);
+        let rounds = (CLAIM_BATCH as u32).div_ceil(PARALLEL_SENDS as u32);
+        let lease_until = now + (attempt * rounds).as_micros() as i64;
         let events = db::claim_due(&self.store, &self.id, now, lease_until, CLAIM_BATCH).await?;
         let events = self.within_rate_caps(events, now).await?;
         let count = events.len();
         futures::stream::iter(events)
             .for_each_concurrent(PARALLEL_SENDS, |event| async move {
+                if now_micros() + attempt.as_micros() as i64 > lease_until {
+                    return; // claimed again once the lease lapses
+                }
                 if let Err(e) = self.deliver(&event).await {
                     tracing::warn!(event = %event.id, error = %e, "alert delivery failed");
                 }
@@ -249,10 +257,12 @@ async fn try_send(
     let refused = |e: LedgerError| SendError::Refused(e.to_string());
     let url = target::parse_url(url, &config.allowed_hosts).map_err(refused)?;
     // Checked now, and the connection pinned to the checked addresses (no DNS rebinding).
-    let addrs = match target::lookup(&url, &config.allowed_hosts).await {
-        target::Resolved::Addrs(addrs) => addrs,
-        target::Resolved::Unresolved(e) => return Err(SendError::Transport(e)),
-        target::Resolved::Refused(e) => return Err(SendError::Refused(e)),
+    let lookup = target::lookup(&url, &config.allowed_hosts);
+    let addrs = match tokio::time::timeout(config.request_timeout, lookup).await {
+        Ok(target::Resolved::Addrs(addrs)) => addrs,
+        Ok(target::Resolved::Unresolved(e)) => return Err(SendError::Transport(e)),
+        Ok(target::Resolved::Refused(e)) => return Err(SendError::Refused(e)),
+        Err(_) => return Err(SendError::Transport("name lookup timed out".into())),
     };
     let mut client = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
