@@ -2,8 +2,11 @@
 //! (`as_str`), so rows stay readable with plain SQL; both services name it only through this enum.
 
 /// The most a usage row's counts (tokens, milliseconds) may say; the ledger refuses more
-/// (`INVALID_ARGUMENT`), so the router clamps what an upstream reports to it.
-pub const MAX_USAGE_COUNT: i64 = 1_000_000_000_000;
+/// (`INVALID_ARGUMENT`), so the router clamps what an upstream reports to it. A billion is far
+/// above any real request, and low enough that the rollups' 64-bit sums of one key cannot be
+/// overflowed (that would take 9.2 billion rows; at 10^12 a row, 9.2 million rows of an owner's
+/// own app would have failed every fold, and so every analytics query and `verify`).
+pub const MAX_USAGE_COUNT: i64 = 1_000_000_000;
 
 /// The longest `model` (and `app_name`) a usage row stores, in bytes; no control characters.
 /// The router checks a request's model against it before the hold, because a capture or void

@@ -393,6 +393,28 @@ async fn authorize_idempotency(h: Harness) -> Harness {
     h
 }
 
+/// A usage count above a billion is refused: the rollups add a key's rows in 64-bit sums, which
+/// must never overflow (an overflow would fail every fold, and every query and `verify`).
+async fn usage_counts_are_bounded(h: Harness) -> Harness {
+    let (owner, _alice, _token) = setup(&h, USD).await;
+    let mut router = h.client(&owner);
+    for (tokens, accepted) in [(1_000_000_000, true), (1_000_000_001, false)] {
+        let recorded = router
+            .record_usage(pb::RecordUsageRequest {
+                usage: Some(pb::Usage {
+                    prompt_tokens: tokens,
+                    ..usage(&format!("big-{tokens}"), "success")
+                }),
+            })
+            .await;
+        match accepted {
+            true => assert!(recorded.is_ok(), "{recorded:?}"),
+            false => assert_eq!(code(recorded), Code::InvalidArgument),
+        }
+    }
+    h
+}
+
 async fn concurrent_spend_of_one_balance(h: Harness) -> Harness {
     let (owner, _alice, token) = setup(&h, 10 * USD).await;
     let router = h.client(&owner);
@@ -1264,6 +1286,7 @@ store_suite!(
     capture_and_void_resolve_exactly_once,
     authorize_idempotency,
     concurrent_spend_of_one_balance,
+    usage_counts_are_bounded,
     expired_holds_are_swept,
     token_rules,
     bad_authorize_input_writes_nothing,
