@@ -167,6 +167,13 @@ async fn failing_endpoint_is_disabled_and_the_owner_told(h: Harness) -> Harness 
     assert!(metric(&h, "syft_ledger_alert_endpoints_disabled_total").await >= 1.0);
     let notices = "syft_ledger_alert_events_total{type=\"endpoint.disabled\"}";
     assert!(metric(&h, notices).await >= 1.0);
+    // A test event to it is refused: it would never be delivered.
+    let refused = alerts(&h, &alice)
+        .send_test_alert(pb::SendTestAlertRequest {
+            endpoint_id: ep_bad.clone(),
+        })
+        .await;
+    assert_eq!(code(refused), Code::FailedPrecondition);
     h
 }
 

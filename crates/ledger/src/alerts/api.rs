@@ -190,6 +190,13 @@ impl Ledger {
     pub async fn send_test_alert(&self, caller: &Caller, id: &str) -> Result<String> {
         self.alerts_key()?;
         let endpoint = self.own_endpoint(caller, id).await?;
+        if endpoint.disabled_at.is_some() {
+            // Nothing is delivered to a disabled endpoint: its event would wait for ever.
+            return Err(LedgerError::FailedPrecondition(format!(
+                "endpoint {} is disabled after failing; remove it and add a working one",
+                endpoint.id
+            )));
+        }
         let now = now_micros();
         let fired = Fired {
             kind: EventKind::Test,
