@@ -530,6 +530,8 @@ impl OwnRedis {
                 "",
                 "--appendonly",
                 "no",
+                "--enable-debug-command",
+                "yes",
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -556,6 +558,46 @@ impl Drop for OwnRedis {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The store answers a check too late (`DEBUG SLEEP` holds it past the 100-ms timeout): the
+/// request is refused (`fail_closed`), but the script still runs when the store wakes and records
+/// the request's concurrency slot. The router takes that check back, so the user's one slot is
+/// free again at once (it stayed taken for the whole lease, 18 minutes by default).
+#[tokio::test]
+async fn a_check_answered_too_late_is_taken_back() {
+    let Some(redis) = OwnRedis::start().await else {
+        eprintln!("SKIPPED: cannot start redis-server");
+        return;
+    };
+    let s = Stack::start_tweaked(Pricing::free(), |c| {
+        c.rate_limits.concurrent = Some(1);
+        c.limiter.timeout = Duration::from_millis(100);
+        c.limiter.backend = LimiterBackend::Redis {
+            url: redis.url.clone(),
+        };
+    })
+    .await;
+    let mut c = s.client().await;
+    c.chat(s.request("before")).await.expect("redis up");
+    let port = redis.url.rsplit(':').next().unwrap_or_default().to_string();
+    let Ok(mut sleeper) = Command::new("redis-cli")
+        .args(["-p", &port, "DEBUG", "SLEEP", "0.6"])
+        .stdout(Stdio::null())
+        .spawn()
+    else {
+        eprintln!("SKIPPED: no redis-cli");
+        return;
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let err = c.chat(s.request("late")).await.expect_err("fail closed");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let _ = sleeper.wait();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.chat(s.request("after"))
+        .await
+        .expect("the late check's slot was taken back");
+    assert_consistent(&s.ledger.store).await;
 }
 
 /// The shared store dies mid-test: a `fail_closed` router refuses with `UNAVAILABLE` and places no

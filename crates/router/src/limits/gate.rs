@@ -163,7 +163,20 @@ impl Gate {
         let rules = self.rules(user, service, tokens);
         let lease = uuid::Uuid::now_v7().to_string();
         let backend = self.limiter.backend();
-        match self.limiter.acquire(now_ms(), &lease, &rules).await {
+        let mut unknown = Unknown {
+            limiter: Some(self.limiter.clone()),
+            lease: lease.clone(),
+            keys: rules
+                .iter()
+                .filter(|r| r.cost > 0)
+                .map(|r| r.key.clone())
+                .collect(),
+        };
+        let verdict = self.limiter.acquire(now_ms(), &lease, &rules).await;
+        if verdict.is_ok() {
+            unknown.limiter = None;
+        }
+        match verdict {
             Ok(Verdict::Admitted(states)) => {
                 CHECKS.with_label_values(&[backend, "admitted"]).inc();
                 Ok(Pass::new(self.limiter.clone(), lease, &rules, &states))
@@ -405,6 +418,34 @@ impl Pass {
         if let Err(e) = limiter.settle(now_ms(), &self.lease, &updates).await {
             tracing::warn!(error = %e, "could not settle the token reservation; the reservation stands");
         }
+    }
+}
+
+/// A check whose outcome is unknown (the store did not answer in time, or the request went away
+/// while waiting): the script may have run and recorded the request in its windows, and no
+/// [`Pass`] will release it. Dropped still armed, it takes the lease out of every window in the
+/// background; a lease that was never recorded is not found, and nothing changes.
+struct Unknown {
+    limiter: Option<Arc<dyn Limiter>>,
+    lease: String,
+    keys: Vec<String>,
+}
+
+impl Drop for Unknown {
+    fn drop(&mut self) {
+        let Some(limiter) = self.limiter.take() else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let lease = std::mem::take(&mut self.lease);
+        let updates: Vec<(String, u64)> = self.keys.drain(..).map(|k| (k, 0)).collect();
+        rt.spawn(async move {
+            if let Err(e) = limiter.settle(now_ms(), &lease, &updates).await {
+                tracing::warn!(error = %e, "could not take back an unanswered limiter check");
+            }
+        });
     }
 }
 
