@@ -255,6 +255,13 @@ impl UsageSpool {
         }
         if let Err(e) = w.file.write_all(&record) {
             w.broken = true;
+            drop(w);
+            // The next append starts a new segment and retires this one; only the syncer closes
+            // retired files, and it runs when an append waits for it, which a failed one does
+            // not: while the disk is full every request would leave an open file behind.
+            if let Some(durable) = &self.inner.durable {
+                durable.kick().notify_one();
+            }
             return Err(io_err("cannot append", dir, e));
         }
         w.rows += 1;
