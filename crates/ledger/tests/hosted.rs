@@ -768,18 +768,31 @@ const FULL_THEN_PARTIAL: [(&str, i64, &str, Money); 2] = [
     ("k2", 250_000, "req-2", ((8_750_000, 0), (1_250_000, 0))),
 ];
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn lost_confirm_answer_is_reconciled_and_charged_once() {
+/// Runs [`FULL_THEN_PARTIAL`] on a fresh pair with `fault` set before each capture. With
+/// `blip`, the first capture must report `UNAVAILABLE`; the fault is then lifted and the router's
+/// retry comes after several recovery sweeps. Either way each capture charges exactly once.
+async fn captures_through(fault: Fault, blip: bool) {
     let p = Pair::sqlite(10 * USD).await;
-    // Full capture (req-1): B confirms, the answer is lost, the retry finds it completed.
-    // Partial capture (req-2): the charge transaction's confirm answer is lost.
     for (key, micros, request_id, money) in FULL_THEN_PARTIAL {
         let t = p.authorize(USD, key).await.expect("authorize");
-        p.proxy.set(Fault::LoseAnswer("/transaction/confirm", 1));
+        p.proxy.set(fault.clone());
+        if blip {
+            let first = p.capture(&t.id, micros, request_id).await;
+            assert_eq!(code(first), Code::Unavailable);
+            p.proxy.set(Fault::Pass);
+            tokio::time::sleep(Duration::from_millis(800)).await;
+        }
         p.captured(&t.id, micros, request_id).await;
         assert_eq!(p.money().await, money, "after {request_id}");
     }
     p.finish().await;
+}
+
+/// Full capture (req-1): B confirms, the answer is lost, the retry finds it completed. Partial
+/// capture (req-2): the charge transaction's confirm answer is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lost_confirm_answer_is_reconciled_and_charged_once() {
+    captures_through(Fault::LoseAnswer("/transaction/confirm", 1), false).await;
 }
 
 /// A confirm fails for a moment: the capture reports UNAVAILABLE and gives its lease back. The
@@ -788,20 +801,7 @@ async fn lost_confirm_answer_is_reconciled_and_charged_once() {
 /// (The sweep used to void it at its next pass: a streamed answer delivered and not charged.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_capture_retried_after_a_blip_is_not_voided_by_recovery() {
-    let p = Pair::sqlite(10 * USD).await;
-    for (key, micros, request_id, money) in FULL_THEN_PARTIAL {
-        let t = p.authorize(USD, key).await.expect("authorize");
-        p.proxy.set(Fault::Fail("/transaction/confirm", 100));
-        assert_eq!(
-            code(p.capture(&t.id, micros, request_id).await),
-            Code::Unavailable
-        );
-        p.proxy.set(Fault::Pass);
-        tokio::time::sleep(Duration::from_millis(800)).await;
-        p.captured(&t.id, micros, request_id).await;
-        assert_eq!(p.money().await, money, "after {request_id}");
-    }
-    p.finish().await;
+    captures_through(Fault::Fail("/transaction/confirm", 100), true).await;
 }
 
 /// The answers to a confirm are lost and the listing the ledger reconciles with carries a
