@@ -116,14 +116,29 @@ async fn sliding_window_boundary_memory() {
     window_boundary(&MemoryLimiter::new(), "boundary").await;
 }
 
-#[tokio::test]
-async fn sliding_window_boundary_redis() {
+/// A limiter on the shared Redis (on the caller's clock or Redis's) and a key of the test's own;
+/// `None` (SKIPPED printed) without a Redis.
+async fn shared_redis(caller_clock: bool) -> Option<(RedisLimiter, String)> {
     if !redis_up(SHARED_REDIS).await {
         eprintln!("SKIPPED: no Redis at {SHARED_REDIS}");
-        return;
+        return None;
     }
-    let l = RedisLimiter::with_caller_clock(SHARED_REDIS, Duration::from_secs(2)).expect("redis");
-    window_boundary(&l, &format!("syft:test:{}", unique_name())).await;
+    let timeout = Duration::from_secs(2);
+    let limiter = match caller_clock {
+        true => RedisLimiter::with_caller_clock(SHARED_REDIS, timeout),
+        false => RedisLimiter::new(SHARED_REDIS, timeout),
+    };
+    Some((
+        limiter.expect("redis"),
+        format!("syft:test:{}", unique_name()),
+    ))
+}
+
+#[tokio::test]
+async fn sliding_window_boundary_redis() {
+    if let Some((l, key)) = shared_redis(true).await {
+        window_boundary(&l, &key).await;
+    }
 }
 
 /// Two replicas whose clocks disagree by ten minutes share one Redis window of 3 per minute:
@@ -131,12 +146,9 @@ async fn sliding_window_boundary_redis() {
 /// three requests as gone and admit a fourth.
 #[tokio::test]
 async fn a_replica_clock_ahead_admits_no_more() {
-    if !redis_up(SHARED_REDIS).await {
-        eprintln!("SKIPPED: no Redis at {SHARED_REDIS}");
+    let Some((l, key)) = shared_redis(false).await else {
         return;
-    }
-    let l = RedisLimiter::new(SHARED_REDIS, Duration::from_secs(2)).expect("redis");
-    let key = format!("syft:test:{}", unique_name());
+    };
     let rule = [request_rule(&key, 3, Duration::from_secs(60))];
     let now = syft_router_svc::limits::now_ms();
     for i in 0..3 {
