@@ -10,14 +10,14 @@ use sha2::{Digest, Sha256};
 use syft_proto::ledger::{AnswerToStore, Transfer};
 use syft_proto::router::{
     chat_stream_event, ChatFinal, ChatRequest, ChatResponse, ChatStreamEvent, ContentDelta,
-    Message, ProviderInfo, ReplayRecord,
+    Message, ProviderInfo, ReplayRecord, SearchOptions, SearchRequest, SearchResponse,
 };
 
 use super::admission::already_processed;
 use super::{normalize_finish, token_usage, Prepared, RouterService};
 use crate::error::RouterError;
 use crate::upstream::Completion;
-use crate::validate::ValidRequest;
+use crate::validate::{ValidRequest, ValidSearch};
 
 /// What identifies "the same request": everything that shapes the answer and its price, not the
 /// token (a retry may carry a fresh one) nor the request id (the key itself).
@@ -78,17 +78,36 @@ impl RouterService {
         p: &Prepared,
         response: &ChatResponse,
     ) -> Option<AnswerToStore> {
+        let record = ReplayRecord {
+            request_fingerprint: fingerprint(&p.v, &p.t.model),
+            response: Some(response.clone()),
+            search_response: None,
+        };
+        self.record_to_store(&p.v.request_id, record)
+    }
+
+    /// A search's answer to store with its capture ([`RouterService::answer_to_store`]).
+    pub(super) fn search_answer_to_store(
+        &self,
+        v: &ValidSearch,
+        response: &SearchResponse,
+    ) -> Option<AnswerToStore> {
+        let record = ReplayRecord {
+            request_fingerprint: search_fingerprint(v),
+            response: None,
+            search_response: Some(response.clone()),
+        };
+        self.record_to_store(&v.request_id, record)
+    }
+
+    fn record_to_store(&self, request_id: &str, record: ReplayRecord) -> Option<AnswerToStore> {
         let settings = &self.inner.config.replay;
         if !settings.enabled() {
             return None;
         }
-        let body = ReplayRecord {
-            request_fingerprint: fingerprint(&p.v, &p.t.model),
-            response: Some(response.clone()),
-        }
-        .encode_to_vec();
+        let body = record.encode_to_vec();
         if body.len() > settings.max_bytes {
-            tracing::info!(request_id = %p.v.request_id, bytes = body.len(), max = settings.max_bytes,
+            tracing::info!(request_id = %request_id, bytes = body.len(), max = settings.max_bytes,
                 "answer above --answer-max-bytes; not kept for replay");
             return None;
         }
@@ -107,8 +126,47 @@ impl RouterService {
         p: &Prepared,
         transfer: &Transfer,
     ) -> Result<ChatResponse, RouterError> {
-        use syft_proto::ledger::TransferStatus;
+        let fingerprint = fingerprint(&p.v, &p.t.model);
+        let record = self
+            .stored_record(&p.v.request_id, transfer, &fingerprint)
+            .await?;
         let refused = |detail: &str| already_processed(&p.v.request_id, transfer, detail);
+        let mut response = record
+            .response
+            .ok_or_else(|| refused(", and its stored answer is empty"))?;
+        response.replay = true;
+        tracing::info!(request_id = %p.v.request_id, transfer_id = %transfer.id, "replayed a paid answer");
+        Ok(response)
+    }
+
+    /// [`RouterService::replay`] of a search.
+    pub(super) async fn replay_search(
+        &self,
+        v: &ValidSearch,
+        transfer: &Transfer,
+    ) -> Result<SearchResponse, RouterError> {
+        let record = self
+            .stored_record(&v.request_id, transfer, &search_fingerprint(v))
+            .await?;
+        let refused = |detail: &str| already_processed(&v.request_id, transfer, detail);
+        let mut response = record
+            .search_response
+            .ok_or_else(|| refused(", and its stored answer is empty"))?;
+        response.replay = true;
+        tracing::info!(request_id = %v.request_id, transfer_id = %transfer.id, "replayed a paid search");
+        Ok(response)
+    }
+
+    /// The stored record of a captured transfer, if the retry (`fingerprint`) is the request it
+    /// answers; else the refusal saying why not, and whether the user was charged.
+    async fn stored_record(
+        &self,
+        request_id: &str,
+        transfer: &Transfer,
+        fingerprint: &str,
+    ) -> Result<ReplayRecord, RouterError> {
+        use syft_proto::ledger::TransferStatus;
+        let refused = |detail: &str| already_processed(request_id, transfer, detail);
         if transfer.status() != TransferStatus::Completed || !self.inner.config.replay.enabled() {
             return Err(refused(""));
         }
@@ -121,18 +179,34 @@ impl RouterService {
             tracing::error!(transfer_id = %transfer.id, error = %e, "stored answer unreadable");
             refused(", and its stored answer is unreadable")
         })?;
-        if record.request_fingerprint != fingerprint(&p.v, &p.t.model) {
+        if record.request_fingerprint != fingerprint {
             return Err(refused(
                 " for a different request (same request id, other content)",
             ));
         }
-        let mut response = record
-            .response
-            .ok_or_else(|| refused(", and its stored answer is empty"))?;
-        response.replay = true;
-        tracing::info!(request_id = %p.v.request_id, transfer_id = %transfer.id, "replayed a paid answer");
-        Ok(response)
+        Ok(record)
     }
+}
+
+/// [`fingerprint`] of a search: the payer, the query and its options.
+fn search_fingerprint(v: &ValidSearch) -> String {
+    let q = &v.query;
+    let canonical = SearchRequest {
+        user_email: v.user_email.clone(),
+        query: q.query.clone(),
+        options: Some(SearchOptions {
+            limit: Some(q.limit),
+            similarity_threshold: Some(q.similarity_threshold),
+            include_metadata: Some(q.include_metadata),
+        }),
+        transaction_token: String::new(),
+        request_id: String::new(),
+    };
+    // Prefixed so a search and a chat can never share a fingerprint.
+    format!(
+        "search:{}",
+        hex::encode(Sha256::digest(canonical.encode_to_vec()))
+    )
 }
 
 /// A response as stream events: its text as one delta, and the final event.

@@ -9,7 +9,7 @@ use syft_error::UsageStatus;
 use syft_proto::router::{ProviderInfo, SearchRequest, SearchResponse, SearchResult};
 use tracing::Instrument;
 
-use super::admission::{already_processed, Authorized, Ticket, Units};
+use super::admission::{Authorized, Ticket, Units};
 use super::hold::{Claim, HoldGuard};
 use super::refusal::Attempt;
 use super::{elapsed_ms, RouterService};
@@ -49,7 +49,17 @@ impl RouterService {
         // A refused request leaves a usage row with its refusal status (`refusal.rs`).
         let attempt = Attempt::search(&req, backend.provider());
         let admitted = match self.admit_search(req).await {
-            Ok(admitted) => admitted,
+            Ok(SearchAdmission::Run(admitted)) => *admitted,
+            Ok(SearchAdmission::Replay(response, headers)) => {
+                metrics::observe(
+                    backend.provider(),
+                    "search",
+                    "replay",
+                    started,
+                    Default::default(),
+                );
+                return Ok((*response, headers));
+            }
             Err(e) => {
                 self.record_refusal(attempt, &e).await;
                 return Err(e);
@@ -81,24 +91,40 @@ impl RouterService {
             .as_ref()
             .map(|h| h.transfer_id.clone())
             .unwrap_or_default();
-        let (cost, settled) = if hits.is_empty() {
+        let found = hits.len();
+        let cost = match found {
+            0 => 0,
+            _ => t.pricing.cost_micros(0, 0).min(t.hold_micros),
+        };
+        let response = SearchResponse {
+            id: t.request_id.clone(),
+            query: v.query.query.clone(),
+            results: hits.into_iter().map(result_proto).collect(),
+            cost_micros: cost,
+            transfer_id: transfer_id.clone(),
+            provider_info: Some(ProviderInfo {
+                provider: backend.provider().into(),
+                ..ProviderInfo::default()
+            }),
+            currency: t.pricing.currency.clone(),
+            replay: false,
+        };
+        let settled = if found == 0 {
             let usage = self.usage(&t, UsageStatus::NoResults, units(0), started, upstream_ms);
             self.release(hold, "no results", usage).await;
-            (0, Ok(transfer_id))
+            Ok(transfer_id)
         } else {
             Self::settle_pass(&t, query_tokens).await;
-            let cost = t.pricing.cost_micros(0, 0).min(t.hold_micros);
-            let usage = self.usage(
-                &t,
-                UsageStatus::Success,
-                units(hits.len()),
-                started,
-                upstream_ms,
-            );
-            (cost, self.settle(&t, hold, cost, usage, None).await)
+            let usage = self.usage(&t, UsageStatus::Success, units(found), started, upstream_ms);
+            // Stored with the capture, so a retry whose answer was lost gets it again (and is
+            // not refused as "already charged").
+            let answer = hold
+                .as_ref()
+                .and_then(|_| self.search_answer_to_store(&v, &response));
+            self.settle(&t, hold, cost, usage, answer).await
         };
         claim.recorded();
-        let outcome = match (&settled, hits.is_empty()) {
+        let outcome = match (&settled, found == 0) {
             (Err(_), _) => "not_settled",
             (Ok(_), true) => UsageStatus::NoResults.as_str(),
             (Ok(_), false) => "success",
@@ -110,27 +136,14 @@ impl RouterService {
             started,
             upstream_time,
         );
-        let transfer_id = settled?;
-        let headers = Self::rate_headers(&t);
-        let response = SearchResponse {
-            id: t.request_id,
-            query: v.query.query,
-            results: hits.into_iter().map(result_proto).collect(),
-            cost_micros: cost,
-            transfer_id,
-            provider_info: Some(ProviderInfo {
-                provider: backend.provider().into(),
-                ..ProviderInfo::default()
-            }),
-            currency: t.pricing.currency,
-        };
-        Ok((response, headers))
+        settled?;
+        Ok((response, Self::rate_headers(&t)))
     }
 }
 
 impl RouterService {
     /// Validates and prices a search, claims its id and places its hold when it is paid.
-    async fn admit_search(&self, req: SearchRequest) -> Result<Admitted, RouterError> {
+    async fn admit_search(&self, req: SearchRequest) -> Result<SearchAdmission, RouterError> {
         let (Some(backend), Some(bounds)) = (&self.inner.search, &self.inner.config.search) else {
             return Err(super::admission::disabled(ServiceKind::Search));
         };
@@ -158,17 +171,25 @@ impl RouterService {
         let hold = match authorized {
             Authorized::Free => None,
             Authorized::Hold(h) => Some(h),
-            // Search answers are not stored for replay: a retry of a settled search is refused.
+            // A retry of a captured search gets the stored answer (or a refusal saying why not).
             Authorized::Resolved(transfer) => {
-                return Err(already_processed(&t.request_id, &transfer, ""))
+                let response = self.replay_search(&v, &transfer).await?;
+                let headers = Self::rate_headers(&t);
+                return Ok(SearchAdmission::Replay(Box::new(response), headers));
             }
         };
-        Ok((v, t, claim, hold))
+        Ok(SearchAdmission::Run(Box::new((v, t, claim, hold))))
     }
 }
 
 /// An admitted search: the valid request, its ticket, its id claim and its hold (paid only).
 type Admitted = (ValidSearch, Ticket, Claim, Option<HoldGuard>);
+
+enum SearchAdmission {
+    Run(Box<Admitted>),
+    /// The stored answer of an earlier attempt, and the rate-limit headers of this retry.
+    Replay(Box<SearchResponse>, RateHeaders),
+}
 
 fn result_proto(h: SearchHit) -> SearchResult {
     SearchResult {
