@@ -19,8 +19,10 @@ use super::AlertsConfig;
 use crate::error::{LedgerError, Result};
 use crate::store::{now_micros, Store};
 
-const CLAIM_BATCH: i64 = 32;
+/// Events sent at once; a claim takes no more, so that all of them start at once and one attempt's
+/// lease covers them (see `deliver_due`).
 const PARALLEL_SENDS: usize = 8;
+const CLAIM_BATCH: i64 = PARALLEL_SENDS as i64;
 /// Bytes of a response read (then dropped); at most this much of an error body is kept.
 const RESPONSE_CAP: usize = 1024;
 const ERROR_TEXT_CAP: usize = 256;
@@ -47,38 +49,43 @@ impl Worker {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            if let Err(e) = self.deliver_due().await {
-                tracing::warn!(error = %e, "alert delivery round failed");
+            // A full claim may have left more due: claim again at once, not a tick later.
+            loop {
+                match self.deliver_due().await {
+                    Ok(n) if n as i64 == CLAIM_BATCH => {}
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "alert delivery round failed");
+                        break;
+                    }
+                }
             }
         }
     }
 
-    /// Claims and sends one batch of due events; returns how many were attempted.
+    /// Claims and sends one batch of due events; returns how many it claimed.
     pub async fn deliver_due(&self) -> Result<usize> {
         let now = now_micros();
-        // One attempt takes at most the lookup and the send (each bounded by the timeout) and
-        // the bookkeeping (the margin). The lease covers the whole batch, sent `PARALLEL_SENDS`
-        // at a time, and an attempt starts only if it ends within the lease: two workers never
-        // send one event at the same time (with a lease of one attempt, a batch to a slow
-        // endpoint outlived it, and another replica claimed the last events and sent them too).
-        // A crashed worker's lease lapses and its events are claimed again.
-        let attempt = self.config.request_timeout * 2 + Duration::from_secs(5);
-        let rounds = (CLAIM_BATCH as u32).div_ceil(PARALLEL_SENDS as u32);
-        let lease_until = now + (attempt * rounds).as_micros() as i64;
+        // The lease outlives one attempt: the lookup and the send (each bounded by the timeout)
+        // and the bookkeeping (the margin). A claim takes only as many events as are sent at
+        // once, so every attempt of the claim starts now and ends within its lease: two workers
+        // never send one event at the same time. (A claim of 32 sent 8 at a time outlived a
+        // one-attempt lease against a slow endpoint, and another replica could claim its last
+        // events and send them too.) A crashed worker's lease lapses and its events are claimed
+        // again.
+        let lease = self.config.request_timeout * 2 + Duration::from_secs(5);
+        let lease_until = now + lease.as_micros() as i64;
         let events = db::claim_due(&self.store, &self.id, now, lease_until, CLAIM_BATCH).await?;
+        let claimed = events.len();
         let events = self.within_rate_caps(events, now).await?;
-        let count = events.len();
         futures::stream::iter(events)
             .for_each_concurrent(PARALLEL_SENDS, |event| async move {
-                if now_micros() + attempt.as_micros() as i64 > lease_until {
-                    return; // claimed again once the lease lapses
-                }
                 if let Err(e) = self.deliver(&event).await {
                     tracing::warn!(event = %event.id, error = %e, "alert delivery failed");
                 }
             })
             .await;
-        Ok(count)
+        Ok(claimed)
     }
 
     /// Keeps the claimed events each endpoint's cap (attempts in the last minute) still allows
