@@ -434,6 +434,11 @@ async fn direct_transfers(h: Harness) -> Harness {
     assert_eq!(v["transaction"]["resolvedBy"], "SENDER");
     assert_eq!(api.balance(ALICE).await, "3.5");
     assert_eq!(api.balance(OWNER).await, "1.5");
+    // Once the sender confirmed it, the recipient's capture is still refused, not taken for an
+    // idempotent repeat of the confirmation.
+    let late = recipient.capture(req::capture_full(&id)).await;
+    let late = late.expect_err("not the creator");
+    assert_eq!(late.code(), tonic::Code::PermissionDenied, "{late:?}");
 
     // Either party may cancel a direct transfer.
     for (who, by) in [(alice, "SENDER"), (owner, "RECIPIENT")] {

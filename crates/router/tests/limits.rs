@@ -438,15 +438,20 @@ async fn concurrency_limit_on_a_free_service() {
     assert_consistent(&s.ledger.store).await;
 }
 
+/// A free chat service with a per-user token window of `limit` a minute.
+async fn free_with_tokens_per_minute(limit: u64) -> Stack {
+    Stack::start_tweaked(Pricing::free(), |c| {
+        c.rate_limits.tokens = vec![per_minute(limit)]
+    })
+    .await
+}
+
 /// A free service with a token window: a request without `max_tokens` reserves the default
 /// bound, and that bound goes upstream, so its answer cannot settle far above what it reserved
 /// (unbounded, each of many concurrent requests could use several times its reservation).
 #[tokio::test]
 async fn a_token_window_bounds_the_answer_it_reserves_for() {
-    let s = Stack::start_tweaked(Pricing::free(), |c| {
-        c.rate_limits.tokens = vec![per_minute(1_000_000)]
-    })
-    .await;
+    let s = free_with_tokens_per_minute(1_000_000).await;
     let mut c = s.client().await;
     let mut req = s.request("hi");
     req.options = None;
@@ -463,10 +468,7 @@ async fn a_token_window_bounds_the_answer_it_reserves_for() {
 #[tokio::test]
 async fn a_stream_the_client_left_keeps_its_delivered_tokens() {
     const LIMIT: u64 = 100_000;
-    let s = Stack::start_tweaked(Pricing::free(), |c| {
-        c.rate_limits.tokens = vec![per_minute(LIMIT)]
-    })
-    .await;
+    let s = free_with_tokens_per_minute(LIMIT).await;
     s.upstream
         .set_mode(Mode::SlowStream(Duration::from_millis(100)));
     let mut c = s.client().await;

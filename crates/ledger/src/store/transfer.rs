@@ -116,6 +116,17 @@ impl Store {
                 .ok_or_else(|| {
                     LedgerError::NotFound(format!("transfer {} not found", input.transfer_id))
                 })?;
+            // Before the status: the other party's capture must not read as an idempotent
+            // repeat of the creator's.
+            if matches!(input.resolution, Resolution::Capture(_))
+                && current.created_by != capturer(input)
+            {
+                return Err(LedgerError::PermissionDenied(format!(
+                    "transfer {} was created by its {}; only that party may capture it",
+                    current.id,
+                    current.created_by.as_str().to_lowercase()
+                )));
+            }
             match (&input.resolution, current.status) {
                 (Resolution::Capture(amount), TransferStatus::Completed) => {
                     let same = match amount {
@@ -159,15 +170,6 @@ impl Store {
                     return Err(LedgerError::invalid(format!(
                         "capture amount {m} exceeds the authorized {} micros",
                         current.amount.get()
-                    )))
-                }
-                (Resolution::Capture(_), TransferStatus::Pending)
-                    if current.created_by != capturer(input) =>
-                {
-                    return Err(LedgerError::PermissionDenied(format!(
-                        "transfer {} was created by its {}; only that party may capture it",
-                        current.id,
-                        current.created_by.as_str().to_lowercase()
                     )))
                 }
                 (Resolution::Capture(_), TransferStatus::Pending)

@@ -164,18 +164,15 @@ impl Gate {
         let lease = uuid::Uuid::now_v7().to_string();
         let backend = self.limiter.backend();
         let mut unknown = Unknown {
-            limiter: Some(self.limiter.clone()),
-            lease: lease.clone(),
-            keys: rules
-                .iter()
-                .filter(|r| r.cost > 0)
-                .map(|r| r.key.clone())
-                .collect(),
+            limiter: Some(&self.limiter),
+            lease: &lease,
+            rules: &rules,
         };
         let verdict = self.limiter.acquire(now_ms(), &lease, &rules).await;
         if verdict.is_ok() {
             unknown.limiter = None;
         }
+        drop(unknown);
         match verdict {
             Ok(Verdict::Admitted(states)) => {
                 CHECKS.with_label_values(&[backend, "admitted"]).inc();
@@ -425,13 +422,13 @@ impl Pass {
 /// while waiting): the script may have run and recorded the request in its windows, and no
 /// [`Pass`] will release it. Dropped still armed, it takes the lease out of every window in the
 /// background; a lease that was never recorded is not found, and nothing changes.
-struct Unknown {
-    limiter: Option<Arc<dyn Limiter>>,
-    lease: String,
-    keys: Vec<String>,
+struct Unknown<'a> {
+    limiter: Option<&'a Arc<dyn Limiter>>,
+    lease: &'a str,
+    rules: &'a [Rule],
 }
 
-impl Drop for Unknown {
+impl Drop for Unknown<'_> {
     fn drop(&mut self) {
         let Some(limiter) = self.limiter.take() else {
             return;
@@ -439,8 +436,12 @@ impl Drop for Unknown {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let lease = std::mem::take(&mut self.lease);
-        let updates: Vec<(String, u64)> = self.keys.drain(..).map(|k| (k, 0)).collect();
+        // Copied only now: an answered check (nearly all) costs nothing here.
+        let (limiter, lease) = (limiter.clone(), self.lease.to_string());
+        let updates: Vec<(String, u64)> = (self.rules.iter())
+            .filter(|r| r.cost > 0)
+            .map(|r| (r.key.clone(), 0))
+            .collect();
         rt.spawn(async move {
             if let Err(e) = limiter.settle(now_ms(), &lease, &updates).await {
                 tracing::warn!(error = %e, "could not take back an unanswered limiter check");

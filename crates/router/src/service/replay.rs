@@ -79,9 +79,8 @@ impl RouterService {
         response: &ChatResponse,
     ) -> Option<AnswerToStore> {
         let record = ReplayRecord {
-            request_fingerprint: fingerprint(&p.v, &p.t.model),
             response: Some(response.clone()),
-            search_response: None,
+            ..record(fingerprint(&p.v, &p.t.model))
         };
         self.record_to_store(&p.v.request_id, record)
     }
@@ -93,9 +92,8 @@ impl RouterService {
         response: &SearchResponse,
     ) -> Option<AnswerToStore> {
         let record = ReplayRecord {
-            request_fingerprint: search_fingerprint(v),
-            response: None,
             search_response: Some(response.clone()),
+            ..record(search_fingerprint(v))
         };
         self.record_to_store(&v.request_id, record)
     }
@@ -185,6 +183,14 @@ impl RouterService {
             ));
         }
         Ok(record)
+    }
+}
+
+/// A record of the request with that fingerprint, its answer still to be set.
+fn record(request_fingerprint: String) -> ReplayRecord {
+    ReplayRecord {
+        request_fingerprint,
+        ..ReplayRecord::default()
     }
 }
 
