@@ -97,7 +97,7 @@ pub async fn run(b: &LimitsBench) -> anyhow::Result<()> {
                             }
                         }
                         let release = [(rules[2].key.clone(), 0)];
-                        limiter.settle(now_ms(), &lease, &release).await?;
+                        limiter.settle(&lease, &release).await?;
                         done.fetch_add(1, Ordering::Relaxed);
                         n += STRIDE;
                         // The memory store answers without ever awaiting: without a yield the

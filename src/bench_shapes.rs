@@ -295,12 +295,7 @@ impl Shapes {
         let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let http = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}/v1/chat/completions", http.local_addr()?);
-        let task = tokio::spawn(syft_router_svc::serve_service(
-            service.clone(),
-            grpc,
-            http,
-            signal,
-        ));
+        let task = tokio::spawn(service.clone().serve(grpc, http, signal));
         Ok((url, service, task))
     }
 }

@@ -64,60 +64,67 @@ pub async fn serve(
     http_listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let service = RouterService::new(config)?;
-    serve_service(service, grpc_listener, http_listener, shutdown).await
+    RouterService::new(config)?
+        .serve(grpc_listener, http_listener, shutdown)
+        .await
 }
 
-/// Like [`serve`], for an already built [`RouterService`].
-pub async fn serve_service(
-    service: RouterService,
-    grpc_listener: TcpListener,
-    http_listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), ServeError> {
-    let grace = service.config().shutdown_grace;
-    let draining = service.clone();
-    let stop = syft_server::Stop::on(shutdown, move || async move {
-        health::mark_shutting_down(&draining);
-    });
-    tracing::info!(
-        name = %service.config().name,
-        provider = service.provider(),
-        grpc = ?grpc_listener.local_addr().ok(),
-        http = ?http_listener.local_addr().ok(),
-        tls = service.config().tls.is_some(),
-        ledger_tls = service.config().ledger.tls.is_some(),
-        "router serving"
-    );
-    let (publisher, health_service) =
-        syft_server::HealthPublisher::new(health::ROUTER_SERVICE).await;
-    let (reflection_v1, reflection_v1alpha) = health::reflection()?;
-    let _health = health::spawn(&service, publisher);
-    let tls = service.config().tls.clone();
-    let grpc = syft_tls::grpc_server(tls.as_ref())?
-        .layer(syft_telemetry::RequestLayer(syft_telemetry::Server::Grpc))
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(GrpcRouter::new(service.clone()).into_server())
-        .serve_with_incoming_shutdown(syft_server::grpc_incoming(grpc_listener), stop.stopped());
-    let app = http::http_router(service.clone());
-    let http = syft_server::serve_http(http_listener, app, tls.as_ref(), stop.stopped());
-    let http = async { http.await.map_err(ServeError::from) };
-    let grpc = async { grpc.await.map_err(ServeError::from) };
-    let servers = async { tokio::try_join!(grpc, http).map(|_| ()) };
-    let result = drain::run_with_grace(&service, servers, stop.stopped(), grace).await;
-    // Free rows still spooled: give the shipper a moment, so a router taken out of service
-    // leaves nothing behind in the usual case (what is left ships at the next start).
-    if !service
-        .drain_usage_spool(grace.min(SPOOL_DRAIN_LIMIT))
-        .await
-    {
-        tracing::warn!(
-            "usage spool not empty at shutdown; the next router started on its directory ships it"
+impl RouterService {
+    /// Like [`crate::serve`], for an already built service (embedding, benchmarks that read its state).
+    pub async fn serve(
+        self,
+        grpc_listener: TcpListener,
+        http_listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let service = self;
+        let grace = service.config().shutdown_grace;
+        let draining = service.clone();
+        let stop = syft_server::Stop::on(shutdown, move || async move {
+            health::mark_shutting_down(&draining);
+        });
+        tracing::info!(
+            name = %service.config().name,
+            provider = service.provider(),
+            grpc = ?grpc_listener.local_addr().ok(),
+            http = ?http_listener.local_addr().ok(),
+            tls = service.config().tls.is_some(),
+            ledger_tls = service.config().ledger.tls.is_some(),
+            "router serving"
         );
+        let (publisher, health_service) =
+            syft_server::HealthPublisher::new(health::ROUTER_SERVICE).await;
+        let (reflection_v1, reflection_v1alpha) = health::reflection()?;
+        let _health = health::spawn(&service, publisher);
+        let tls = service.config().tls.clone();
+        let grpc = syft_tls::grpc_server(tls.as_ref())?
+            .layer(syft_telemetry::RequestLayer(syft_telemetry::Server::Grpc))
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(GrpcRouter::new(service.clone()).into_server())
+            .serve_with_incoming_shutdown(
+                syft_server::grpc_incoming(grpc_listener),
+                stop.stopped(),
+            );
+        let app = http::http_router(service.clone());
+        let http = syft_server::serve_http(http_listener, app, tls.as_ref(), stop.stopped());
+        let http = async { http.await.map_err(ServeError::from) };
+        let grpc = async { grpc.await.map_err(ServeError::from) };
+        let servers = async { tokio::try_join!(grpc, http).map(|_| ()) };
+        let result = drain::run_with_grace(&service, servers, stop.stopped(), grace).await;
+        // Free rows still spooled: give the shipper a moment, so a router taken out of service
+        // leaves nothing behind in the usual case (what is left ships at the next start).
+        if !service
+            .drain_usage_spool(grace.min(SPOOL_DRAIN_LIMIT))
+            .await
+        {
+            tracing::warn!(
+                "usage spool not empty at shutdown; the next router started on its directory ships it"
+            );
+        }
+        result
     }
-    result
 }
 
 /// Longest wait at shutdown for the usage spool to ship its rows (and never longer than the

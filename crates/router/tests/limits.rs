@@ -95,7 +95,7 @@ async fn window_boundary(l: &dyn Limiter, key: &str) {
     }
     assert!(!admitted(l, t0 + 60_000, "e", &rules).await);
     // A refund (cost 0) frees a place at once.
-    l.settle(t0 + 60_001, "d0", &[(key.to_string(), 0)])
+    l.settle("d0", &[(key.to_string(), 0)])
         .await
         .expect("settle");
     assert!(admitted(l, t0 + 60_002, "f", &rules).await);
@@ -177,9 +177,7 @@ async fn token_reservations_settle_to_the_actual_count() {
     assert!(admitted(&l, 1, "a", &[rule(600)]).await);
     assert!(!admitted(&l, 2, "b", &[rule(600)]).await);
     // `a` used only 100 of its 600.
-    l.settle(3, "a", &[("tok".into(), 100)])
-        .await
-        .expect("settle");
+    l.settle("a", &[("tok".into(), 100)]).await.expect("settle");
     assert!(admitted(&l, 4, "b", &[rule(600)]).await);
     // A reservation above the whole limit can never fit: no retry time.
     match l.acquire(5, "c", &[rule(1_001)]).await.expect("limiter") {

@@ -410,3 +410,42 @@ async fn grpc_refusals_and_the_budget_reset() {
     assert_eq!(refused, 3, "budget, budget over HTTP, token day");
     s.check_invariants().await;
 }
+
+/// A request the ledger refuses for its token spends none of the named user's windows: the user's
+/// email is only what a request says, so a made-up token must not use up someone's requests,
+/// tokens or in-flight slots (and have their own requests refused). A refusal for the user's own
+/// reasons (a budget, above) keeps its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_refused_for_its_token_spends_no_room() {
+    let s = Stack::start_tweaked(Pricing::per_request(PRICE), |c| {
+        c.rate_limits.requests = rates(&["3/minute"]);
+        c.rate_limits.tokens = rates(&["100000/minute"]);
+        c.rate_limits.concurrent = Some(1);
+    })
+    .await;
+    let mut c = s.client().await;
+    for i in 0..5 {
+        let forged = syft_proto::router::ChatRequest {
+            transaction_token: format!("made-up-{i}"),
+            ..s.request("forged")
+        };
+        let err = c.chat(forged).await.expect_err("a made-up token");
+        assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    }
+    // All three of alice's own requests fit; the fourth is refused by the window.
+    for left in ["2", "1", "0"] {
+        let r = c.chat(s.request("own")).await.expect("alice's own request");
+        assert_eq!(meta(r.metadata(), "x-ratelimit-remaining-requests"), left);
+        assert_eq!(
+            meta(r.metadata(), "x-ratelimit-limit-tokens"),
+            "100000",
+            "the token window applies"
+        );
+    }
+    let err = c.chat(s.request("fourth")).await.expect_err("window full");
+    assert!(quota_refusal(&err, "RATE_LIMITED").is_some(), "{err:?}");
+
+    let (balance, held, _) = s.alice_money().await;
+    assert_eq!((balance, held), (FUNDS - 3 * PRICE, 0));
+    s.check_invariants().await;
+}

@@ -11,7 +11,7 @@ use sqlx::Row;
 use super::hll::{estimate, register_columns, REGISTERS};
 use super::query::{Bind, UsageDims, Where};
 use super::rollup::{
-    bucket_value, hist_columns, success_case, Grain, Sums, HIST_BUCKETS, SUM_COLUMNS,
+    bucket_value, hist_columns, success_case, Grain, Summed, Sums, HIST_BUCKETS, SUM_COLUMNS,
 };
 use super::{Backend, Store};
 use crate::error::Result;
@@ -232,24 +232,24 @@ pub(super) fn percentiles(hist: &[i64]) -> Percentiles {
 /// The measures of a group from its sums and its count of active users; percentiles from its
 /// histograms unless `sums_only` (they were not read).
 pub(super) fn measures(s: &Sums, active_users: i64, sums_only: bool) -> Measures {
-    let requests = s.requests;
+    let requests = s[Summed::Requests];
     let pct = |h: &[i64], any: bool| (!sums_only && any).then(|| percentiles(h));
     Measures {
         requests,
-        successes: s.successes,
-        failures: requests - s.successes,
-        success_rate: s.successes as f64 / requests as f64,
-        prompt_tokens: s.prompt_tokens,
-        completion_tokens: s.completion_tokens,
-        total_tokens: s.total_tokens,
-        revenue_micros: s.revenue,
-        refunds_micros: s.refunds,
+        successes: s[Summed::Successes],
+        failures: requests - s[Summed::Successes],
+        success_rate: s[Summed::Successes] as f64 / requests as f64,
+        prompt_tokens: s[Summed::PromptTokens],
+        completion_tokens: s[Summed::CompletionTokens],
+        total_tokens: s[Summed::TotalTokens],
+        revenue_micros: s[Summed::Revenue],
+        refunds_micros: s[Summed::Refunds],
         active_users,
         latency_ms: pct(&s.hist[0], true),
         upstream_latency_ms: pct(&s.hist[1], true),
-        ttft_ms: pct(&s.hist[2], s.ttft_count > 0),
-        streams: s.ttft_count,
-        mean_latency_ms: s.latency_sum as f64 / requests as f64,
+        ttft_ms: pct(&s.hist[2], s[Summed::TtftCount] > 0),
+        streams: s[Summed::TtftCount],
+        mean_latency_ms: s[Summed::LatencySum] as f64 / requests as f64,
     }
 }
 
@@ -445,7 +445,7 @@ impl Store {
             }
             let mut s = Sums::new(false);
             for (i, c) in SUM_COLUMNS.into_iter().chain(["successes"]).enumerate() {
-                *s.sum_mut(c) = row.try_get(sums_at + i)?;
+                s.set_sum(c, row.try_get(sums_at + i)?);
             }
             if !f.sums_only {
                 read_hist(&row, hist_at, &mut s)?;

@@ -19,7 +19,7 @@ use super::analytics::{
 };
 use super::query::Where;
 use super::rollup::{
-    bucket_bounds, hist_columns, success_case, Grain, Sums, HIST_BUCKETS, USER_SUM_COLUMNS,
+    bucket_bounds, hist_columns, success_case, Grain, Summed, Sums, HIST_BUCKETS, USER_SUM_COLUMNS,
 };
 use super::Store;
 use crate::error::Result;
@@ -90,7 +90,7 @@ impl Store {
         }
         Ok(groups
             .into_iter()
-            .filter(|(_, (s, _))| s.requests > 0)
+            .filter(|(_, (s, _))| s[Summed::Requests] > 0)
             .take(f.limit)
             .map(|(key, (s, users))| StatsGroup {
                 key,
@@ -132,7 +132,7 @@ impl Store {
         for row in self.fetch_stats(&w, &sql, true).await? {
             let mut s = Sums::new(false);
             for c in USER_SUM_COLUMNS {
-                *s.sum_mut(c) = row.try_get(c)?;
+                s.set_sum(c, row.try_get(c)?);
             }
             if !f.sums_only {
                 // After the keys, `uk` and the sums (`select` order).
@@ -202,12 +202,12 @@ impl Store {
         for row in self.fetch_stats(&w, &sql, false).await? {
             let mut s = Sums::new(false);
             for c in USER_SUM_COLUMNS {
-                *s.sum_mut(c) = row.try_get(c)?;
+                s.set_sum(c, row.try_get(c)?);
             }
-            s.hist[0][bucket(row.try_get("bl")?)] += s.requests;
-            s.hist[1][bucket(row.try_get("bu")?)] += s.requests;
+            s.hist[0][bucket(row.try_get("bl")?)] += s[Summed::Requests];
+            s.hist[1][bucket(row.try_get("bu")?)] += s[Summed::Requests];
             if let Some(bt) = row.try_get::<Option<i64>, _>("bt")? {
-                s.hist[2][bucket(bt)] += s.ttft_count;
+                s.hist[2][bucket(bt)] += s[Summed::TtftCount];
             }
             add_user_row(groups, &row, f, &s)?;
         }

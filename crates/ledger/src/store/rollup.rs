@@ -148,35 +148,48 @@ pub fn hist_columns() -> impl Iterator<Item = String> {
         .flat_map(|m| (0..HIST_BUCKETS).map(move |i| format!("h_{m}_{i:02}")))
 }
 
+/// A summed column, in the order of [`USER_SUM_COLUMNS`] (the index into [`Sums`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Summed {
+    Requests,
+    PromptTokens,
+    CompletionTokens,
+    TotalTokens,
+    Revenue,
+    Refunds,
+    LatencySum,
+    TtftCount,
+    Successes,
+}
+
+impl Summed {
+    /// The summed column called `name` ([`SUM_COLUMNS`], [`USER_SUM_COLUMNS`]).
+    fn of(name: &str) -> Option<usize> {
+        USER_SUM_COLUMNS.iter().position(|c| *c == name)
+    }
+}
+
 /// Sums, histograms and (user-less rollups) the active-user sketch of a set of usage rows.
 #[derive(Debug, Clone)]
 pub(crate) struct Sums {
-    pub requests: i64,
-    pub successes: i64,
-    pub prompt_tokens: i64,
-    pub completion_tokens: i64,
-    pub total_tokens: i64,
-    pub revenue: i64,
-    pub refunds: i64,
-    pub latency_sum: i64,
-    pub ttft_count: i64,
+    /// Indexed by [`Summed`].
+    sums: [i64; USER_SUM_COLUMNS.len()],
     pub hist: [[i64; HIST_BUCKETS]; 3],
     /// HyperLogLog registers (`hll.rs`); empty where the user is in the key.
     pub registers: Vec<u8>,
 }
 
+impl std::ops::Index<Summed> for Sums {
+    type Output = i64;
+    fn index(&self, s: Summed) -> &i64 {
+        &self.sums[s as usize]
+    }
+}
+
 impl Sums {
     pub fn new(sketch: bool) -> Self {
         Self {
-            requests: 0,
-            successes: 0,
-            prompt_tokens: 0,
-            completion_tokens: 0,
-            total_tokens: 0,
-            revenue: 0,
-            refunds: 0,
-            latency_sum: 0,
-            ttft_count: 0,
+            sums: [0; USER_SUM_COLUMNS.len()],
             hist: [[0; HIST_BUCKETS]; 3],
             registers: if sketch {
                 vec![0; REGISTERS]
@@ -186,49 +199,44 @@ impl Sums {
         }
     }
 
-    /// A summed column by name ([`SUM_COLUMNS`], [`USER_SUM_COLUMNS`]).
+    /// A summed column by name ([`SUM_COLUMNS`], [`USER_SUM_COLUMNS`]); 0 for another name.
     pub fn sum(&self, name: &str) -> i64 {
-        match name {
-            "requests" => self.requests,
-            "successes" => self.successes,
-            "prompt_tokens" => self.prompt_tokens,
-            "completion_tokens" => self.completion_tokens,
-            "total_tokens" => self.total_tokens,
-            "revenue" => self.revenue,
-            "refunds" => self.refunds,
-            "latency_sum" => self.latency_sum,
-            _ => self.ttft_count,
+        Summed::of(name).map_or(0, |i| self.sums[i])
+    }
+
+    /// Sets a summed column read back by name (one of [`USER_SUM_COLUMNS`]).
+    pub fn set_sum(&mut self, name: &str, value: i64) {
+        if let Some(i) = Summed::of(name) {
+            self.sums[i] = value;
         }
     }
 
-    pub fn sum_mut(&mut self, name: &str) -> &mut i64 {
-        match name {
-            "requests" => &mut self.requests,
-            "successes" => &mut self.successes,
-            "prompt_tokens" => &mut self.prompt_tokens,
-            "completion_tokens" => &mut self.completion_tokens,
-            "total_tokens" => &mut self.total_tokens,
-            "revenue" => &mut self.revenue,
-            "refunds" => &mut self.refunds,
-            "latency_sum" => &mut self.latency_sum,
-            _ => &mut self.ttft_count,
+    /// Adds to every sum; saturating, as a sum never exceeds what 64 bits hold in practice and a
+    /// wrapped one would read as negative.
+    fn add_sums(&mut self, values: &[i64; USER_SUM_COLUMNS.len()]) {
+        for (sum, v) in self.sums.iter_mut().zip(values) {
+            *sum = sum.saturating_add(*v);
         }
     }
 
     pub(super) fn add(&mut self, r: &RollupInput<'_>) {
         let u = r.usage;
-        self.requests += 1;
-        self.successes += i64::from(u.status == UsageStatus::Success.as_str());
-        self.prompt_tokens = self.prompt_tokens.saturating_add(u.prompt_tokens);
-        self.completion_tokens = self.completion_tokens.saturating_add(u.completion_tokens);
-        self.total_tokens = self.total_tokens.saturating_add(u.total_tokens);
-        self.revenue = self.revenue.saturating_add(r.revenue);
-        self.refunds = self.refunds.saturating_add(r.refund);
-        self.latency_sum = self.latency_sum.saturating_add(u.latency_ms);
+        let success = u.status == UsageStatus::Success.as_str();
+        // In the order of `Summed`.
+        self.add_sums(&[
+            1,
+            u.prompt_tokens,
+            u.completion_tokens,
+            u.total_tokens,
+            r.revenue,
+            r.refund,
+            u.latency_ms,
+            i64::from(u.ttft_ms.is_some()),
+            i64::from(success),
+        ]);
         self.hist[0][bucket_of(u.latency_ms)] += 1;
         self.hist[1][bucket_of(u.upstream_latency_ms)] += 1;
         if let Some(ttft) = u.ttft_ms {
-            self.ttft_count += 1;
             self.hist[2][bucket_of(ttft)] += 1;
         }
         if !self.registers.is_empty() {
@@ -240,15 +248,7 @@ impl Sums {
 
     /// Adds another set's sums, histograms and sketch (merged by maximum).
     pub fn merge(&mut self, o: &Sums) {
-        self.requests += o.requests;
-        self.successes += o.successes;
-        self.prompt_tokens = self.prompt_tokens.saturating_add(o.prompt_tokens);
-        self.completion_tokens = self.completion_tokens.saturating_add(o.completion_tokens);
-        self.total_tokens = self.total_tokens.saturating_add(o.total_tokens);
-        self.revenue = self.revenue.saturating_add(o.revenue);
-        self.refunds = self.refunds.saturating_add(o.refunds);
-        self.latency_sum = self.latency_sum.saturating_add(o.latency_sum);
-        self.ttft_count += o.ttft_count;
+        self.add_sums(&o.sums);
         for (mine, theirs) in self.hist.iter_mut().zip(&o.hist) {
             for (a, b) in mine.iter_mut().zip(theirs) {
                 *a += b;
@@ -278,6 +278,28 @@ pub(crate) fn enabled() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_sum_is_its_named_column() {
+        let order = [
+            (Summed::Requests, "requests"),
+            (Summed::PromptTokens, "prompt_tokens"),
+            (Summed::CompletionTokens, "completion_tokens"),
+            (Summed::TotalTokens, "total_tokens"),
+            (Summed::Revenue, "revenue"),
+            (Summed::Refunds, "refunds"),
+            (Summed::LatencySum, "latency_sum"),
+            (Summed::TtftCount, "ttft_count"),
+            (Summed::Successes, "successes"),
+        ];
+        assert_eq!(order.len(), USER_SUM_COLUMNS.len());
+        let mut s = Sums::new(false);
+        for (i, (sum, name)) in order.into_iter().enumerate() {
+            s.set_sum(name, i as i64 + 1);
+            assert_eq!(s[sum], i as i64 + 1, "{name}");
+            assert_eq!(s.sum(name), i as i64 + 1, "{name}");
+        }
+    }
 
     #[test]
     fn buckets_are_within_the_error_bound() {

@@ -347,6 +347,8 @@ pub fn format_reset(d: Duration) -> String {
 pub struct Pass {
     limiter: Option<Arc<dyn Limiter>>,
     lease: String,
+    /// Request windows: kept unless the request is withdrawn ([`Pass::withdraw`]).
+    request_keys: Vec<String>,
     token_keys: Vec<String>,
     slot_keys: Vec<String>,
     settled: AtomicBool,
@@ -372,6 +374,7 @@ impl Pass {
         Pass {
             limiter: Some(limiter),
             lease,
+            request_keys: keys(|k| k == RuleKind::Requests),
             token_keys: keys(|k| k == RuleKind::Tokens),
             slot_keys: keys(|k| matches!(k, RuleKind::Concurrency | RuleKind::RouterConcurrency)),
             settled: AtomicBool::new(false),
@@ -391,6 +394,7 @@ impl Pass {
         Pass {
             limiter: None,
             lease: String::new(),
+            request_keys: Vec::new(),
             token_keys: Vec::new(),
             slot_keys: Vec::new(),
             settled: AtomicBool::new(true),
@@ -412,8 +416,36 @@ impl Pass {
             .iter()
             .map(|k| (k.clone(), actual.max(1)))
             .collect();
-        if let Err(e) = limiter.settle(now_ms(), &self.lease, &updates).await {
+        if let Err(e) = limiter.settle(&self.lease, &updates).await {
             tracing::warn!(error = %e, "could not settle the token reservation; the reservation stands");
+        }
+    }
+}
+
+impl Pass {
+    /// Takes the request out of every window, as if it had never been admitted. For a request
+    /// the ledger refused because its payment credential does not pay for it: the user's email is
+    /// only what the request says, so without this anyone could spend a user's room (and have
+    /// their requests refused) by naming them with a made-up token.
+    pub async fn withdraw(mut self) {
+        let Some(limiter) = self.limiter.take() else {
+            return;
+        };
+        let keys = [
+            &mut self.request_keys,
+            &mut self.token_keys,
+            &mut self.slot_keys,
+        ];
+        let updates: Vec<(String, u64)> = keys
+            .into_iter()
+            .flat_map(|k| k.drain(..))
+            .map(|k| (k, 0))
+            .collect();
+        if updates.is_empty() {
+            return;
+        }
+        if let Err(e) = limiter.settle(&self.lease, &updates).await {
+            tracing::warn!(error = %e, "could not withdraw a refused request from its windows");
         }
     }
 }
@@ -443,7 +475,7 @@ impl Drop for Unknown<'_> {
             .map(|r| (r.key.clone(), 0))
             .collect();
         rt.spawn(async move {
-            if let Err(e) = limiter.settle(now_ms(), &lease, &updates).await {
+            if let Err(e) = limiter.settle(&lease, &updates).await {
                 tracing::warn!(error = %e, "could not take back an unanswered limiter check");
             }
         });
@@ -484,7 +516,7 @@ impl Drop for Pass {
         rt.spawn(async move {
             let _work = work;
             // If this fails the slot frees itself when its lease ages out.
-            if let Err(e) = limiter.settle(now_ms(), &lease, &updates).await {
+            if let Err(e) = limiter.settle(&lease, &updates).await {
                 tracing::warn!(error = %e, "could not release a request's limiter slots");
             }
         });

@@ -4,9 +4,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use futures::future::BoxFuture;
-
-use super::{retry_after, Limiter, LimiterError, Rule, Verdict, WindowState};
+use super::{retry_after, Limiter, LimiterError, Reply, Rule, Verdict, WindowState};
 
 /// Above this many keys, a sweep drops the windows whose entries have all aged out.
 const SWEEP_ABOVE: usize = 100_000;
@@ -162,31 +160,17 @@ impl Limiter for MemoryLimiter {
         "memory"
     }
 
-    fn acquire<'a>(
-        &'a self,
-        now_ms: u64,
-        lease: &'a str,
-        rules: &'a [Rule],
-    ) -> BoxFuture<'a, Result<Verdict, LimiterError>> {
+    fn acquire<'a>(&'a self, now_ms: u64, lease: &'a str, rules: &'a [Rule]) -> Reply<'a, Verdict> {
         let r = self.acquire_now(now_ms, lease, rules);
         Box::pin(async move { r })
     }
 
-    fn settle<'a>(
-        &'a self,
-        _now_ms: u64,
-        lease: &'a str,
-        updates: &'a [(String, u64)],
-    ) -> BoxFuture<'a, Result<(), LimiterError>> {
+    fn settle<'a>(&'a self, lease: &'a str, updates: &'a [(String, u64)]) -> Reply<'a, ()> {
         let r = self.settle_now(lease, updates);
         Box::pin(async move { r })
     }
 
-    fn peek<'a>(
-        &'a self,
-        now_ms: u64,
-        rules: &'a [Rule],
-    ) -> BoxFuture<'a, Result<Vec<WindowState>, LimiterError>> {
+    fn peek<'a>(&'a self, now_ms: u64, rules: &'a [Rule]) -> Reply<'a, Vec<WindowState>> {
         let r = self.locked().map(|mut state| {
             for r in rules {
                 if let Some(w) = state.windows.get_mut(&r.key) {

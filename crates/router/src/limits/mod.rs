@@ -78,6 +78,9 @@ pub enum Verdict {
 #[error("rate limiter store unavailable: {0}")]
 pub struct LimiterError(pub String);
 
+/// What a [`Limiter`] answers: boxed so the trait stays object-safe (`Arc<dyn Limiter>`).
+pub type Reply<'a, T> = BoxFuture<'a, Result<T, LimiterError>>;
+
 /// A store of sliding windows. Times are milliseconds on the caller's clock (the routers' clocks;
 /// a skew between replicas shifts a window's edge by that skew, it never admits more).
 pub trait Limiter: Send + Sync {
@@ -86,28 +89,14 @@ pub trait Limiter: Send + Sync {
 
     /// Checks `rules` and, if every one fits, records `lease` with each rule's cost in all of
     /// them, atomically.
-    fn acquire<'a>(
-        &'a self,
-        now_ms: u64,
-        lease: &'a str,
-        rules: &'a [Rule],
-    ) -> BoxFuture<'a, Result<Verdict, LimiterError>>;
+    fn acquire<'a>(&'a self, now_ms: u64, lease: &'a str, rules: &'a [Rule]) -> Reply<'a, Verdict>;
 
     /// Changes the cost of `lease` in each `(key, cost)` window; cost 0 removes it (a finished
     /// request's slot, a refund). A lease that aged out already is left alone.
-    fn settle<'a>(
-        &'a self,
-        now_ms: u64,
-        lease: &'a str,
-        updates: &'a [(String, u64)],
-    ) -> BoxFuture<'a, Result<(), LimiterError>>;
+    fn settle<'a>(&'a self, lease: &'a str, updates: &'a [(String, u64)]) -> Reply<'a, ()>;
 
     /// The windows' states without recording anything.
-    fn peek<'a>(
-        &'a self,
-        now_ms: u64,
-        rules: &'a [Rule],
-    ) -> BoxFuture<'a, Result<Vec<WindowState>, LimiterError>>;
+    fn peek<'a>(&'a self, now_ms: u64, rules: &'a [Rule]) -> Reply<'a, Vec<WindowState>>;
 }
 
 impl RuleKind {

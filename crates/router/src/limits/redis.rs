@@ -8,10 +8,9 @@
 
 use std::time::Duration;
 
-use futures::future::BoxFuture;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use super::{Limiter, LimiterError, Rule, Verdict, WindowState};
+use super::{Limiter, LimiterError, Reply, Rule, Verdict, WindowState};
 
 /// KEYS: three per rule (set, costs, total). ARGV: now (ms, or -1 for Redis's own clock), lease,
 /// record (1) or peek (0), then per rule: limit, window_ms, cost. Returns `{refused rule
@@ -222,21 +221,11 @@ impl Limiter for RedisLimiter {
         "redis"
     }
 
-    fn acquire<'a>(
-        &'a self,
-        now_ms: u64,
-        lease: &'a str,
-        rules: &'a [Rule],
-    ) -> BoxFuture<'a, Result<Verdict, LimiterError>> {
+    fn acquire<'a>(&'a self, now_ms: u64, lease: &'a str, rules: &'a [Rule]) -> Reply<'a, Verdict> {
         Box::pin(self.check(now_ms, lease, rules, true))
     }
 
-    fn settle<'a>(
-        &'a self,
-        _now_ms: u64,
-        lease: &'a str,
-        updates: &'a [(String, u64)],
-    ) -> BoxFuture<'a, Result<(), LimiterError>> {
+    fn settle<'a>(&'a self, lease: &'a str, updates: &'a [(String, u64)]) -> Reply<'a, ()> {
         Box::pin(async move {
             if updates.is_empty() {
                 return Ok(());
@@ -253,11 +242,7 @@ impl Limiter for RedisLimiter {
         })
     }
 
-    fn peek<'a>(
-        &'a self,
-        now_ms: u64,
-        rules: &'a [Rule],
-    ) -> BoxFuture<'a, Result<Vec<WindowState>, LimiterError>> {
+    fn peek<'a>(&'a self, now_ms: u64, rules: &'a [Rule]) -> Reply<'a, Vec<WindowState>> {
         Box::pin(async move {
             // A peek is an acquire that records nothing.
             match self.check(now_ms, "", rules, false).await? {

@@ -82,10 +82,21 @@ impl RouterService {
         tracing::Span::current().record("request_id", t.request_id.as_str());
         let mut claim = self.claim(&t.user_email, &t.request_id)?;
         t.pass = self.pass_gate(t, reserve_tokens).await?;
-        let authorized = self
-            .authorize(t)
-            .await
-            .map_err(|e| with_window_headers(e, t))?;
+        let authorized = match self.authorize(t).await {
+            Ok(authorized) => authorized,
+            Err(e) => {
+                let e = with_window_headers(e, t);
+                // Refused for its token (unknown, revoked, expired, not this user's, over its
+                // limit): the request may not be the named user's, so it spends none of their
+                // windows (docs/limits.md).
+                if matches!(e, RouterError::PermissionDenied(_)) {
+                    if let Some(pass) = t.pass.take() {
+                        pass.withdraw().await;
+                    }
+                }
+                return Err(e);
+            }
+        };
         match &authorized {
             Authorized::Hold(h) => {
                 tracing::Span::current().record("transfer_id", h.transfer_id.as_str());

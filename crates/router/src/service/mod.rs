@@ -30,6 +30,7 @@ mod hold;
 mod limit;
 mod refusal;
 mod replay;
+use replay::chat_record;
 mod search;
 mod stream;
 
@@ -305,7 +306,7 @@ impl RouterService {
             .await;
         let transfer_id = hold.as_ref().map(|h| h.transfer_id.clone());
         let response = self.response(&p, c, charge.tokens, charge.cost, transfer_id);
-        let answer = self.answer_to_store(&p, &response);
+        let answer = self.answer_to_store(&p.v.request_id, chat_record(&p, &response));
         let settled = self
             .settle(&p.t, hold, charge.cost, charge.usage, answer)
             .await;

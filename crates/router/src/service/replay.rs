@@ -75,30 +75,9 @@ impl RouterService {
     /// The answer to store with the capture, unless storage is off or the answer is too large.
     pub(super) fn answer_to_store(
         &self,
-        p: &Prepared,
-        response: &ChatResponse,
+        request_id: &str,
+        record: ReplayRecord,
     ) -> Option<AnswerToStore> {
-        let record = ReplayRecord {
-            response: Some(response.clone()),
-            ..record(fingerprint(&p.v, &p.t.model))
-        };
-        self.record_to_store(&p.v.request_id, record)
-    }
-
-    /// A search's answer to store with its capture ([`RouterService::answer_to_store`]).
-    pub(super) fn search_answer_to_store(
-        &self,
-        v: &ValidSearch,
-        response: &SearchResponse,
-    ) -> Option<AnswerToStore> {
-        let record = ReplayRecord {
-            search_response: Some(response.clone()),
-            ..record(search_fingerprint(v))
-        };
-        self.record_to_store(&v.request_id, record)
-    }
-
-    fn record_to_store(&self, request_id: &str, record: ReplayRecord) -> Option<AnswerToStore> {
         let settings = &self.inner.config.replay;
         if !settings.enabled() {
             return None;
@@ -186,10 +165,20 @@ impl RouterService {
     }
 }
 
-/// A record of the request with that fingerprint, its answer still to be set.
-fn record(request_fingerprint: String) -> ReplayRecord {
+/// What a chat answer is stored as, for [`RouterService::answer_to_store`].
+pub(super) fn chat_record(p: &Prepared, response: &ChatResponse) -> ReplayRecord {
     ReplayRecord {
-        request_fingerprint,
+        request_fingerprint: fingerprint(&p.v, &p.t.model),
+        response: Some(response.clone()),
+        ..ReplayRecord::default()
+    }
+}
+
+/// What a paid search's results are stored as (a retry gets them again, marked `replay`).
+pub(super) fn search_record(v: &ValidSearch, response: &SearchResponse) -> ReplayRecord {
+    ReplayRecord {
+        request_fingerprint: search_fingerprint(v),
+        search_response: Some(response.clone()),
         ..ReplayRecord::default()
     }
 }

@@ -12,6 +12,7 @@ use tracing::Instrument;
 use super::admission::{Authorized, Ticket, Units};
 use super::hold::{Claim, HoldGuard};
 use super::refusal::Attempt;
+use super::replay::search_record;
 use super::{elapsed_ms, RouterService};
 use crate::config::ServiceKind;
 use crate::error::RouterError;
@@ -120,7 +121,7 @@ impl RouterService {
             // not refused as "already charged").
             let answer = hold
                 .as_ref()
-                .and_then(|_| self.search_answer_to_store(&v, &response));
+                .and_then(|_| self.answer_to_store(&v.request_id, search_record(&v, &response)));
             self.settle(&t, hold, cost, usage, answer).await
         };
         claim.recorded();

@@ -15,7 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 
 use super::hold::HoldGuard;
-use super::replay::final_event;
+use super::replay::{chat_record, final_event};
 use super::{elapsed_ms, Admission, Prepared, RouterService, Units};
 use crate::error::RouterError;
 use crate::metrics;
@@ -226,7 +226,7 @@ impl RouterService {
                 let transfer_id = hold.as_ref().map(|h| h.transfer_id.clone());
                 let response =
                     self.response(&p, completion, charge.tokens, charge.cost, transfer_id);
-                let answer = self.answer_to_store(&p, &response);
+                let answer = self.answer_to_store(&p.v.request_id, chat_record(&p, &response));
                 let item = self
                     .settle(&p.t, hold, charge.cost, usage, answer)
                     .await
