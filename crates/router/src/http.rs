@@ -24,6 +24,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use syft_proto::router::{chat_stream_event, ChatOptions, ChatRequest, Message};
 
+use crate::config::ServiceKind;
 use crate::error::{RouterError, REASON_HEADER};
 use crate::limits::RateHeaders;
 use crate::service::RouterService;
@@ -214,11 +215,11 @@ struct OaiRequest {
     n: Option<u32>,
 }
 
-fn bad(msg: impl Into<String>) -> ApiError {
-    ApiError(RouterError::InvalidArgument(msg.into()))
+fn bad(msg: impl Into<String>) -> RouterError {
+    RouterError::InvalidArgument(msg.into())
 }
 
-fn to_chat_request(body: OaiRequest, headers: &HeaderMap) -> Result<ChatRequest, ApiError> {
+fn to_chat_request(body: OaiRequest, headers: &HeaderMap) -> Result<ChatRequest, RouterError> {
     if body.n.is_some_and(|n| n != 1) {
         return Err(bad("only n = 1 is supported"));
     }
@@ -251,7 +252,7 @@ fn to_chat_request(body: OaiRequest, headers: &HeaderMap) -> Result<ChatRequest,
         None => None,
         Some(v) => Some(u32::try_from(v).map_err(|_| bad(format!("max_tokens {v} is too large")))?),
     };
-    let finite = |name: &str, v: Option<f64>| -> Result<Option<f32>, ApiError> {
+    let finite = |name: &str, v: Option<f64>| -> Result<Option<f32>, RouterError> {
         match v {
             Some(x) if !x.is_finite() || x.abs() > 1e6 => {
                 Err(bad(format!("{name} is out of range")))
@@ -311,6 +312,29 @@ pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<String, RouterError
 }
 
 /// Reads a JSON body, refusing oversized or malformed ones as bad input.
+/// Reads a front's request: its JSON body, then `convert` to the service's request. A request
+/// refused on the way is recorded like every refusal (a usage row, `service/refusal.rs`), under
+/// the user `user_of` finds in it if the body could be read that far, and the `Idempotency-Key`.
+pub(crate) async fn read_request<B: serde::de::DeserializeOwned, R>(
+    svc: &RouterService,
+    kind: ServiceKind,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    user_of: impl FnOnce(&B) -> Option<String>,
+    convert: impl FnOnce(B) -> Result<R, RouterError>,
+) -> Result<R, RouterError> {
+    let (user, result) = match read_json::<B>(svc, body) {
+        Err(e) => (None, Err(e)),
+        Ok(b) => (user_of(&b), convert(b)),
+    };
+    if let Err(e) = &result {
+        let id = idempotency_key(headers).unwrap_or_default();
+        let user = user.unwrap_or_default();
+        svc.record_unread(kind, &user, &id, e).await;
+    }
+    result
+}
+
 pub(crate) fn read_json<T: serde::de::DeserializeOwned>(
     svc: &RouterService,
     body: Result<Bytes, BytesRejection>,
@@ -354,13 +378,16 @@ async fn chat_completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body: OaiRequest = read_json(&svc, body)?;
-    let stream = body.stream;
-    let include_usage = body
-        .stream_options
-        .as_ref()
-        .is_some_and(|o| o.include_usage);
-    let req = to_chat_request(body, &headers)?;
+    let read = |body: OaiRequest| {
+        let include_usage = body
+            .stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage);
+        Ok((body.stream, include_usage, to_chat_request(body, &headers)?))
+    };
+    let user = |body: &OaiRequest| body.user.clone();
+    let (stream, include_usage, req) =
+        read_request(&svc, ServiceKind::Chat, &headers, body, user, read).await?;
     if stream {
         return chat_stream(svc, req, include_usage).await;
     }

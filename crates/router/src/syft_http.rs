@@ -19,7 +19,7 @@ use syft_proto::router::{
 use crate::config::ServiceKind;
 use crate::error::RouterError;
 use crate::http::{
-    bearer_token, idempotency_key, rate_limit_headers, read_json, with_error_headers,
+    bearer_token, idempotency_key, rate_limit_headers, read_request, with_error_headers,
 };
 use crate::money::format_micros;
 use crate::service::RouterService;
@@ -153,15 +153,10 @@ fn provider_json(p: Option<ProviderInfo>) -> Value {
     Value::Object(out)
 }
 
-/// `POST /chat`.
-pub async fn chat(
-    State(svc): State<RouterService>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, SyftError> {
-    let body: SyftChatRequest = read_json(&svc, body)?;
+/// A `/chat` body as the service's request.
+fn chat_request(body: SyftChatRequest, headers: &HeaderMap) -> Result<ChatRequest, RouterError> {
     let (transaction_token, request_id) =
-        payment(&headers, body.transaction_token, body.request_id)?;
+        payment(headers, body.transaction_token, body.request_id)?;
     let opts = body.options.unwrap_or_default();
     let max_tokens = match opts.max_tokens {
         None => None,
@@ -170,7 +165,7 @@ pub async fn chat(
                 .map_err(|_| RouterError::InvalidArgument(format!("maxTokens {v} is too large")))?,
         ),
     };
-    let req = ChatRequest {
+    Ok(ChatRequest {
         user_email: body.user_email,
         model: body.model,
         messages: body
@@ -190,7 +185,43 @@ pub async fn chat(
         }),
         transaction_token,
         request_id,
-    };
+    })
+}
+
+/// A `/search` body as the service's request.
+fn search_request(
+    body: SyftSearchRequest,
+    headers: &HeaderMap,
+) -> Result<SearchRequest, RouterError> {
+    let (transaction_token, request_id) =
+        payment(headers, body.transaction_token, body.request_id)?;
+    let opts = body.options.unwrap_or_default();
+    // Negative or huge limits are refused by validation, with the accepted range.
+    let limit = opts
+        .limit
+        .map(|v| u32::try_from(v).unwrap_or(if v < 0 { 0 } else { u32::MAX }));
+    Ok(SearchRequest {
+        user_email: body.user_email,
+        query: body.query,
+        options: Some(SearchOptions {
+            limit,
+            similarity_threshold: float(opts.similarity_threshold),
+            include_metadata: opts.include_metadata,
+        }),
+        transaction_token,
+        request_id,
+    })
+}
+
+/// `POST /chat`.
+pub async fn chat(
+    State(svc): State<RouterService>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, SyftError> {
+    let user = |b: &SyftChatRequest| Some(b.user_email.clone());
+    let read = |b| chat_request(b, &headers);
+    let req = read_request(&svc, ServiceKind::Chat, &headers, body, user, read).await?;
     let (r, limits) = svc.chat_with_limits(req).await?;
     let usage = r.usage.unwrap_or_default();
     let message = r.message.unwrap_or_default();
@@ -219,25 +250,9 @@ pub async fn search(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, SyftError> {
-    let body: SyftSearchRequest = read_json(&svc, body)?;
-    let (transaction_token, request_id) =
-        payment(&headers, body.transaction_token, body.request_id)?;
-    let opts = body.options.unwrap_or_default();
-    // Negative or huge limits are refused by validation, with the accepted range.
-    let limit = opts
-        .limit
-        .map(|v| u32::try_from(v).unwrap_or(if v < 0 { 0 } else { u32::MAX }));
-    let req = SearchRequest {
-        user_email: body.user_email,
-        query: body.query,
-        options: Some(SearchOptions {
-            limit,
-            similarity_threshold: float(opts.similarity_threshold),
-            include_metadata: opts.include_metadata,
-        }),
-        transaction_token,
-        request_id,
-    };
+    let user = |b: &SyftSearchRequest| Some(b.user_email.clone());
+    let read = |b| search_request(b, &headers);
+    let req = read_request(&svc, ServiceKind::Search, &headers, body, user, read).await?;
     let (r, limits) = svc.search_with_limits(req).await?;
     let results: Vec<Value> = r
         .results

@@ -198,3 +198,74 @@ async fn free_request_the_client_gave_up_on_leaves_a_row() {
     s.assert_one_usage("cancelled").await;
     s.check_invariants().await;
 }
+
+/// Requests the HTTP fronts refuse before they are requests at all leave a row too: a body that is
+/// not JSON (no user known), an option the router does not support and a `maxTokens` out of
+/// range (under the user they name), a malformed `Authorization` header (`token_refused`). None
+/// reaches the upstream or moves money.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_refused_before_they_are_read_leave_rows() {
+    let s = Stack::start(Pricing::per_request(PRICE)).await;
+    let http = reqwest::Client::new();
+    let send = |path: &str, key: &str, body: String| {
+        http.post(format!("{}{path}", s.router.http_url))
+            .header("content-type", "application/json")
+            .header("Idempotency-Key", key)
+            .body(body)
+            .send()
+    };
+    let messages = json!([{"role": "user", "content": "hi"}]);
+    let r = send("/v1/chat/completions", "u-1", "{not json".into()).await;
+    assert_eq!(r.expect("http").status(), 400);
+    let n2 = json!({"model": "test-model", "n": 2, "user": s.alice.email, "messages": messages});
+    let r = send("/v1/chat/completions", "u-2", n2.to_string()).await;
+    assert_eq!(r.expect("http").status(), 400);
+    let huge = json!({"userEmail": s.alice.email, "model": "test-model", "messages": messages,
+        "options": {"maxTokens": 10_000_000_000i64}});
+    let r = send("/chat", "u-3", huge.to_string()).await;
+    assert_eq!(r.expect("http").status(), 400);
+    let chat = json!({"model": "test-model", "user": s.alice.email, "messages": messages});
+    let r = http
+        .post(format!("{}/v1/chat/completions", s.router.http_url))
+        .header("Idempotency-Key", "u-4")
+        .header("Authorization", "Basic abc")
+        .json(&chat)
+        .send()
+        .await;
+    assert_eq!(r.expect("http").status(), 401);
+
+    let mut alice: Vec<(String, String, String)> = (s.usage().await.into_iter())
+        .filter_map(|r| r.usage)
+        .map(|u| (u.request_id, u.status, u.endpoint))
+        .collect();
+    alice.sort();
+    let row = |id: &str, status: &str| (id.to_string(), status.to_string(), "/chat".to_string());
+    assert_eq!(
+        alice,
+        vec![
+            row("u-2", "invalid_request"),
+            row("u-3", "invalid_request"),
+            row("u-4", "token_refused"),
+        ]
+    );
+    let mut admin = syft_ledger::client::connect_lazy(&s.ledger.url, ADMIN_KEY).expect("admin");
+    let unnamed = admin
+        .query_usage(syft_proto::ledger::QueryUsageRequest {
+            status: "invalid_request".into(),
+            page_size: 100,
+            ..Default::default()
+        })
+        .await
+        .expect("query")
+        .into_inner()
+        .records;
+    let unnamed: Vec<_> = (unnamed.into_iter())
+        .filter_map(|r| r.usage)
+        .filter(|u| u.user_email.is_empty())
+        .map(|u| u.request_id)
+        .collect();
+    assert_eq!(unnamed, vec!["u-1".to_string()]);
+    assert_eq!(s.upstream.hits(), 0);
+    assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));
+    s.check_invariants().await;
+}

@@ -59,8 +59,11 @@ pub(super) fn refusal_status(e: &RouterError) -> UsageStatus {
             reason: INSUFFICIENT_FUNDS,
             ..
         } => UsageStatus::InsufficientFunds,
-        // Every token refusal of the ledger (unknown, revoked, expired, over its limit).
-        RouterError::PermissionDenied(_) => UsageStatus::TokenRefused,
+        // Every token refusal of the ledger (unknown, revoked, expired, over its limit), and a
+        // malformed `Authorization` header (the only `Unauthenticated` of the router).
+        RouterError::PermissionDenied(_) | RouterError::Unauthenticated(_) => {
+            UsageStatus::TokenRefused
+        }
         RouterError::InvalidArgument(_)
         | RouterError::NotFound(_)
         | RouterError::FailedPrecondition { .. } => UsageStatus::InvalidRequest,
@@ -70,8 +73,7 @@ pub(super) fn refusal_status(e: &RouterError) -> UsageStatus {
             Reason::BudgetExceeded | Reason::TokenDailyLimitExceeded => UsageStatus::BudgetExceeded,
             _ => UsageStatus::RateLimited,
         },
-        RouterError::Unauthenticated(_)
-        | RouterError::ResourceExhausted(_)
+        RouterError::ResourceExhausted(_)
         | RouterError::Unavailable(_)
         | RouterError::BadGateway(_)
         | RouterError::DeadlineExceeded(_)
@@ -94,6 +96,30 @@ fn recordable_id(id: &str) -> String {
 }
 
 impl RouterService {
+    /// Records a request an HTTP front refused before it became a [`ChatRequest`] or a
+    /// [`SearchRequest`] (a body that is not JSON, an option the router does not support), under
+    /// what it said of its user and request id, if anything.
+    pub(crate) async fn record_unread(
+        &self,
+        kind: ServiceKind,
+        user_email: &str,
+        request_id: &str,
+        e: &RouterError,
+    ) {
+        let model = match (kind, &self.inner.search) {
+            (ServiceKind::Search, Some(backend)) => backend.provider().to_string(),
+            _ => String::new(),
+        };
+        let attempt = Attempt {
+            request_id: request_id.to_string(),
+            user_email: user_email.to_string(),
+            model,
+            kind,
+            started: Instant::now(),
+        };
+        self.record_refusal(attempt, e).await;
+    }
+
     /// Records the refusal of `attempt` with `e`. Never fails the request: the refusal is the
     /// answer either way.
     pub(super) async fn record_refusal(&self, attempt: Attempt, e: &RouterError) {
