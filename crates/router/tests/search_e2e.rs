@@ -326,6 +326,27 @@ async fn bad_search_input_is_refused_and_nothing_is_charged() {
             assert_eq!(reason(&err).as_deref(), Some(r), "case {i}");
         }
     }
+    // A `/search` refused by the HTTP front before it is a request (a malformed `Authorization`
+    // header) still leaves a row naming alice, with the search backend as its model.
+    let r = reqwest::Client::new()
+        .post(format!("{}/search", s.router.http_url))
+        .header("Idempotency-Key", "unread-1")
+        .header("Authorization", "Basic abc")
+        .json(&serde_json::json!({"userEmail": s.alice.email, "query": "q"}))
+        .send()
+        .await
+        .expect("http");
+    assert_eq!(r.status(), 401);
+    let rows = s.usage().await;
+    let unread = (rows.iter())
+        .filter_map(|r| r.usage.as_ref())
+        .find(|u| u.request_id == "unread-1")
+        .expect("a row for the unread request");
+    assert_eq!(
+        (unread.status.as_str(), unread.endpoint.as_str()),
+        ("token_refused", "/search")
+    );
+    assert_eq!(unread.model, "http");
     assert_eq!(up.hits(), 0, "the backend was never called");
     assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));
     // Refusals leave their own rows (`refusal.rs`); nothing was answered or charged.
