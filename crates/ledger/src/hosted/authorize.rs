@@ -1,6 +1,7 @@
 //! Phase one: a hold on the remote service, journalled before the remote create.
 
-use super::journal::{Inserted, NewEntry, Step};
+use super::entry::Step;
+use super::journal::{Inserted, NewEntry};
 use super::remote::RemoteError;
 use super::Hosted;
 use crate::error::{LedgerError, Result};

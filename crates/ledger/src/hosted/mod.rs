@@ -19,6 +19,7 @@
 mod authorize;
 pub mod backend;
 mod config;
+mod entry;
 mod journal;
 mod recovery;
 pub mod remote;

@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use syft_error::ErrorCode;
 
-use super::journal::{Claim, Step};
+use super::entry::Step;
+use super::journal::Claim;
 use super::remote::RemoteTx;
 use super::Hosted;
 use crate::domain::{Actor, TransferStatus};

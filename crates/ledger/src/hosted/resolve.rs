@@ -1,7 +1,8 @@
 //! Phase two: capture or void a remote hold. A caller first claims the transfer (taking its
 //! lease), then drives the resolution's remote steps to the end.
 
-use super::journal::{Claim, Entry, Lease, Outcome, Step};
+use super::entry::{Entry, Outcome, Step};
+use super::journal::{Claim, Lease};
 use super::remote::{RemoteError, RemoteTx};
 use super::Hosted;
 use crate::domain::{Actor, Micros, TransferStatus};

@@ -1,0 +1,149 @@
+//! The spool's shipper: reads the spool back in order and sends its rows to the ledger in
+//! `RecordUsageBatch` calls until they are acknowledged, then deletes finished segments.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use syft_proto::ledger::{RecordUsageBatchRequest, RecordUsageRequest, Usage};
+use tokio::sync::Notify;
+use tonic::Code;
+
+use super::{read_rows, segment_path, written, Inner};
+use crate::ledger::{Calls, Op};
+
+/// Rows per `RecordUsageBatch` call: the ledger accepts up to 1,000 (`MAX_USAGE_BATCH`).
+pub(super) const MAX_SHIP: usize = 1_000;
+
+/// How long the shipper lets rows gather before a call when fewer than [`MAX_SHIP`] are waiting:
+/// no answer waits for it, and larger batches cost the ledger less per row (one commit and one
+/// rollup upsert per batch).
+const LINGER: Duration = Duration::from_millis(20);
+
+/// Longest wait between two attempts to ship while the ledger refuses or is unreachable.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The shipper: ships the oldest unacknowledged rows, then deletes finished segments, until the
+/// spool is dropped. It holds the spool only between its waits, so dropping the router (in-process)
+/// closes the directory's lock at once; what is left ships at the next start.
+pub(super) async fn ship_forever(spool: Weak<Inner>, wake: Arc<Notify>, calls: Calls, first: u64) {
+    let (mut seg, mut off) = (first, 0u64);
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let Some(inner) = spool.upgrade() else { return };
+        let dir = inner.dir.clone();
+        let (wseg, wlen) = written(&inner);
+        drop(inner);
+        let limit = (seg == wseg).then_some(wlen);
+        let path = segment_path(&dir, seg);
+        // Read in place, not on a blocking thread: the spool is in the page cache and a read is at
+        // most `MAX_READ` bytes (well under a millisecond); blocking threads each grew a malloc
+        // arena of their own (a spooled router's peak RSS was 72 MB against 37 MB without).
+        let read = match read_rows(&path, off, limit, MAX_SHIP) {
+            Ok(r) => r,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && seg < wseg => {
+                // A gap in the numbering (a segment deleted by hand): move on.
+                seg += 1;
+                off = 0;
+                continue;
+            }
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "usage spool: cannot read");
+                tokio::time::sleep(MAX_BACKOFF).await;
+                continue;
+            }
+        };
+        if read.rows.is_empty() {
+            if seg < wseg {
+                // A finished segment, all acknowledged (or torn after its last good record).
+                if read.torn {
+                    tracing::warn!(path = %path.display(), offset = read.end,
+                        "usage spool: torn record at the end of a segment (host crash?); the rest \
+                         of that segment is skipped");
+                }
+                if let Err(e) = std::fs::remove_file(&path) {
+                    tracing::warn!(path = %path.display(), error = %e, "usage spool: cannot delete");
+                }
+                seg += 1;
+                off = 0;
+                set_shipped(&spool, seg, off);
+                continue;
+            }
+            // Caught up: wait for the next append (the timeout is a safety net, and lets the
+            // shipper notice a dropped spool).
+            if tokio::time::timeout(Duration::from_secs(1), wake.notified())
+                .await
+                .is_ok()
+            {
+                // Let more rows gather, for a larger batch.
+                tokio::time::sleep(LINGER).await;
+            }
+            continue;
+        }
+        let n = read.rows.len();
+        match ship(&calls, read.rows).await {
+            Ok(()) => {
+                off = read.end;
+                set_shipped(&spool, seg, off);
+                backoff = Duration::from_millis(50);
+                tracing::trace!(rows = n, seg, off, "usage spool: shipped");
+                if n < MAX_SHIP && seg == wseg {
+                    tokio::time::sleep(LINGER).await;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(rows = n, error = %e, retry_in = ?backoff,
+                    "usage spool: the ledger did not take the rows; they stay spooled");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+fn set_shipped(spool: &Weak<Inner>, seg: u64, off: u64) {
+    if let Some(inner) = spool.upgrade() {
+        if let Ok(mut s) = inner.shipped.lock() {
+            *s = (seg, off);
+        }
+    }
+}
+
+/// Sends rows until the ledger acknowledged every one (it answers after their commit). A batch
+/// the ledger refuses as invalid, or a ledger without the batch call, is sent row by row; a row
+/// refused as invalid on its own can never be recorded and is dropped (logged).
+async fn ship(calls: &Calls, rows: Vec<Usage>) -> Result<(), tonic::Status> {
+    let msg = RecordUsageBatchRequest {
+        usages: rows.clone(),
+    };
+    let sent = calls
+        .call(Op::RecordUsage, None, msg, |mut c, r| async move {
+            c.record_usage_batch(r).await
+        })
+        .await;
+    match sent {
+        Ok(_) => return Ok(()),
+        Err(s) if matches!(s.code(), Code::Unimplemented | Code::InvalidArgument) => {
+            tracing::debug!(code = ?s.code(), "usage spool: batch refused, sending row by row");
+        }
+        Err(s) => return Err(s),
+    }
+    for usage in rows {
+        let request_id = usage.request_id.clone();
+        let msg = RecordUsageRequest { usage: Some(usage) };
+        let sent = calls
+            .call(Op::RecordUsage, None, msg, |mut c, r| async move {
+                c.record_usage(r).await
+            })
+            .await;
+        match sent {
+            Ok(_) => {}
+            Err(s) if s.code() == Code::InvalidArgument => {
+                tracing::error!(request_id = %request_id, error = %s.message(),
+                    "usage spool: the ledger refuses this row; dropped");
+            }
+            // The rows before it are recorded; re-sending them later is harmless.
+            Err(s) => return Err(s),
+        }
+    }
+    Ok(())
+}
