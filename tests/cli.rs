@@ -597,6 +597,8 @@ async fn limits_command_shows_what_is_left() {
         &s.router.grpc_url,
         "--user",
         &s.alice.email,
+        "--token",
+        &s.token,
     ];
     let table = run(syft_router().args(base));
     assert_contains(

@@ -1,4 +1,4 @@
-//! `syft-router limits --user <email>`: how much of each limit that applies to a user is left on a
+//! `syft-router limits --user <email> --token <token>`: how much of each limit that applies to a user is left on a
 //! router (its `GetLimits` call): the rate windows, and the spend budgets the ledger counts. A readable table, or
 //! `--json` in the shape of the router's `GET /v1/limits`.
 
@@ -15,6 +15,10 @@ use super::router::RouterUser;
 pub struct LimitsArgs {
     #[command(flatten)]
     pub to: RouterUser,
+    /// Your delegation token for the router's owner: what a user has left is shown only to the
+    /// holder of one of their tokens.
+    #[arg(long, env = "SYFT_TOKEN", hide_env_values = true)]
+    pub token: String,
     /// The service: chat or search.
     #[arg(long, default_value = "chat")]
     pub service: String,
@@ -30,6 +34,7 @@ pub async fn run(args: LimitsArgs) -> anyhow::Result<()> {
         .get_limits(pb::GetLimitsRequest {
             user_email: args.to.user_email.clone(),
             service: args.service.clone(),
+            transaction_token: args.token.clone(),
         })
         .await
         .map_err(fail)?

@@ -11,10 +11,11 @@ use std::sync::Arc;
 
 use syft_error::Reason;
 
+use crate::domain::Micros;
 use crate::error::{LedgerError, Result};
 use crate::store::{
-    AccountRow, AnswerWrite, AuthorizeInput, CaptureAmount, DirectInput, IssuedToken, Placed,
-    Resolution, ResolveInput, Store, TokenFilter, TokenGrant, TokenRow, TransferFilter,
+    now_micros, AccountRow, AnswerWrite, AuthorizeInput, CaptureAmount, DirectInput, IssuedToken,
+    Placed, Resolution, ResolveInput, Store, TokenFilter, TokenGrant, TokenRow, TransferFilter,
     TransferRow, UsageInput,
 };
 
@@ -128,6 +129,12 @@ pub trait TransferBackend: Send + Sync + 'static {
 
     async fn revoke_token(&self, _sender_id: i64, _token: &str) -> Result<(String, i64)> {
         Err(not_supported("revoking tokens"))
+    }
+
+    /// The sender's email and the token's id, if the token is `recipient_id`'s to charge and
+    /// neither revoked nor expired.
+    async fn check_token(&self, _recipient_id: i64, _token: &str) -> Result<(String, String)> {
+        Err(not_supported("checking tokens"))
     }
 
     /// A hold the sender places for the recipient itself, without a token (REST API).
@@ -290,6 +297,23 @@ impl TransferBackend for LocalBackend {
 
     async fn revoke_token(&self, sender_id: i64, token: &str) -> Result<(String, i64)> {
         self.store.revoke_token(sender_id, token).await
+    }
+
+    async fn check_token(&self, recipient_id: i64, token: &str) -> Result<(String, String)> {
+        // Another recipient's token is answered as an unknown one: nothing is learnt of it.
+        let info = (self.store.token_info(token).await?)
+            .filter(|t| t.recipient_id == recipient_id)
+            .ok_or_else(|| LedgerError::refused(Reason::TokenInvalid, "unknown token"))?;
+        // Revoked or expired, read fresh (the cached facts never change); an amount of 0 is
+        // never over the token's limit.
+        let now = now_micros();
+        if let Some(refusal) = (self.store)
+            .token_rejection(&info.id, Micros::ZERO, now)
+            .await?
+        {
+            return Err(refusal);
+        }
+        Ok((info.sender_email.clone(), info.id.clone()))
     }
 
     async fn authorize_direct(&self, input: &DirectInput<'_>) -> Result<TransferRow> {

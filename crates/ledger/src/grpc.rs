@@ -130,6 +130,14 @@ grpc_methods! {
             })
         }
 
+        fn check_token(pb::CheckTokenRequest) -> pb::CheckTokenResponse {
+            let (sender_email, token_id) = core.check_token(&caller, &req.token).await?;
+            Ok(pb::CheckTokenResponse {
+                sender_email,
+                token_id,
+            })
+        }
+
         fn authorize(pb::AuthorizeRequest) -> pb::Transfer {
             let hold = HoldRequest {
                 sender_email: req.sender_email,

@@ -659,7 +659,8 @@ async fn postgres_listing_filters_by_app_and_time() {
 }
 
 /// Spend budgets need a local ledger: with hosted accounting a budgeted hold and a budget-use
-/// query are refused (`NOT_SUPPORTED`, never a silent zero), and nothing is held.
+/// query are refused (`NOT_SUPPORTED`, never a silent zero), and nothing is held. So is a token
+/// check.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn budgets_are_refused_with_hosted_accounting() {
     let p = Pair::sqlite(USD).await;
@@ -674,6 +675,12 @@ async fn budgets_are_refused_with_hosted_accounting() {
         sender_email: ALICE.into(),
     };
     let err = syft_testkit::refused(router.get_budget_use(ask).await, Code::FailedPrecondition);
+    assert_eq!(syft_testkit::reason(&err).as_deref(), Some("NOT_SUPPORTED"));
+    // Nor can the remote's tokens be checked (a router then cannot show a user's limits).
+    let check = pb::CheckTokenRequest {
+        token: p.token.clone(),
+    };
+    let err = syft_testkit::refused(router.check_token(check).await, Code::FailedPrecondition);
     assert_eq!(syft_testkit::reason(&err).as_deref(), Some("NOT_SUPPORTED"));
     assert_eq!(p.money().await, ((USD, 0), (0, 0)));
     p.finish().await;

@@ -533,6 +533,20 @@ async fn token_rules(h: Harness) -> Harness {
         code(router.authorize(authorize(ALICE, USD, "", "t4")).await),
         Code::InvalidArgument
     );
+    // CheckToken: the token's recipient learns whose it is; another account learns nothing.
+    let check = |t: &str| pb::CheckTokenRequest { token: t.into() };
+    assert_eq!(
+        ok(router.check_token(check(&token)).await).sender_email,
+        ALICE
+    );
+    let elsewhere = h.client(&other_router).check_token(check(&token)).await;
+    assert_eq!(code(elsewhere), Code::PermissionDenied);
+    let garbage = router.check_token(check("syft_tok_garbage")).await;
+    assert_eq!(code(garbage), Code::PermissionDenied);
+    assert_eq!(
+        code(router.check_token(check("")).await),
+        Code::InvalidArgument
+    );
     // Revoked: only by its sender.
     let revocable = h.token(&bob, OWNER).await;
     router
@@ -557,6 +571,8 @@ async fn token_rules(h: Harness) -> Harness {
             .authorize(authorize("bob@example.com", USD, &revocable, "t6"))
             .await
     ));
+    let revoked = router.check_token(check(&revocable)).await;
+    assert_eq!(code(revoked), Code::PermissionDenied);
     // Expired.
     let expiring = ok(h
         .client(&alice)
@@ -578,6 +594,8 @@ async fn token_rules(h: Harness) -> Harness {
             .authorize(authorize(ALICE, USD, &expiring, "t8"))
             .await
     ));
+    let expired = router.check_token(check(&expiring)).await;
+    assert_eq!(code(expired), Code::PermissionDenied);
     // Spend limit counts captured plus held.
     let limited = ok(h
         .client(&alice)

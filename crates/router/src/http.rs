@@ -91,23 +91,27 @@ async fn list_models(State(svc): State<RouterService>) -> Json<Value> {
 
 #[derive(Deserialize)]
 struct LimitsQuery {
+    #[serde(default)]
     user: String,
     #[serde(default)]
     service: String,
 }
 
-/// `GET /v1/limits?user=<email>[&service=chat|search]`: what is left of each of the user's
-/// windows on that service (chat by default).
+/// `GET /v1/limits[?user=<email>][&service=chat|search]` with `Authorization: Bearer <token>`:
+/// what is left of each of the token's sender's windows on that service (chat by default).
 async fn limits_left(
     State(svc): State<RouterService>,
+    headers: HeaderMap,
     query: Result<axum::extract::Query<LimitsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let query = query.map_err(|e| bad(format!("expected ?user=<email>: {e}")))?;
     let service = crate::service::parse_service(&query.service)?;
-    let windows = svc.remaining_limits(&query.user, service).await?;
-    let mut body = crate::limits::remaining_json(&query.user, &windows);
+    let token = bearer_token(&headers)?;
+    let user = svc.limits_user(&query.user, &token).await?;
+    let windows = svc.remaining_limits(&user, service).await?;
+    let mut body = crate::limits::remaining_json(&user, &windows);
     let budgets: Vec<Value> = svc
-        .budgets_left(&query.user, service)
+        .budgets_left(&user, service)
         .await?
         .iter()
         .filter_map(crate::limits::budget_left_json)

@@ -8,9 +8,9 @@ use tokio::time::Instant;
 
 use syft_proto::ledger::ledger_client::LedgerClient;
 use syft_proto::ledger::{
-    capture_request, AnswerToStore, AuthorizeRequest, BudgetUse, CaptureRequest, ExtendHoldRequest,
-    GetAccountRequest, GetAnswerRequest, GetBudgetUseRequest, GetTransferRequest,
-    RecordUsageRequest, Transfer, Usage, VoidRequest,
+    capture_request, AnswerToStore, AuthorizeRequest, BudgetUse, CaptureRequest, CheckTokenRequest,
+    ExtendHoldRequest, GetAccountRequest, GetAnswerRequest, GetBudgetUseRequest,
+    GetTransferRequest, RecordUsageRequest, Transfer, Usage, VoidRequest,
 };
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::transport::Channel;
@@ -86,6 +86,7 @@ pub(crate) enum Op {
     GetAccount,
     GetTransfer,
     GetBudgetUse,
+    CheckToken,
 }
 
 /// Longest wait between two attempts to settle an unknown outcome.
@@ -352,6 +353,18 @@ impl Ledger {
         self.calls
             .answer(Op::GetBudgetUse, msg, rpc!(get_budget_use))
             .await
+    }
+
+    /// The sender of a token this router's owner may charge (`CheckToken`): who a request that
+    /// holds it comes from. Refused as `Authorize` refuses the token otherwise.
+    pub(crate) async fn token_sender(&self, token: &str) -> Result<String, RouterError> {
+        let msg = CheckTokenRequest {
+            token: token.to_string(),
+        };
+        let checked = (self.calls)
+            .answer(Op::CheckToken, msg, rpc!(check_token))
+            .await?;
+        Ok(checked.sender_email)
     }
 
     /// A free request's row: appended to the local spool when there is one (shipped later), else

@@ -247,7 +247,8 @@ async fn http_refusals_are_429_with_headers() {
     assert_eq!(usage.iter().filter(|u| status(u) == "success").count(), 10);
     // What is left, and the configured limits in the model list.
     let url = format!("{}/v1/limits?user={}", s.router.http_url, s.alice.email);
-    let left = get_json(&http, &url).await;
+    let left = http.get(&url).bearer_auth(&s.token).send().await;
+    let left: serde_json::Value = left.expect("http").json().await.expect("json");
     assert_eq!(left["limits"][0]["remaining"], 0);
     assert_eq!(left["limits"][0]["limit"], 10);
     let models = get_json(&http, &format!("{}/v1/models", s.router.http_url)).await;
@@ -483,6 +484,7 @@ async fn a_stream_the_client_left_keeps_its_delivered_tokens() {
         let ask = syft_proto::router::GetLimitsRequest {
             user_email: s.alice.email.clone(),
             service: String::new(),
+            transaction_token: s.token.clone(),
         };
         async move {
             let left = c.get_limits(ask).await.expect("limits").into_inner();

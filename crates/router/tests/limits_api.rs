@@ -74,6 +74,12 @@ async fn get_json(url: String) -> Value {
     r.json().await.expect("json")
 }
 
+/// `GET url` with `Authorization: Bearer <token>`.
+async fn get_json_as(url: String, token: &str) -> Value {
+    let r = reqwest::Client::new().get(url).bearer_auth(token).send();
+    r.await.expect("http").json().await.expect("json")
+}
+
 fn kinds(limits: &[Limit]) -> Vec<(String, u64, String)> {
     limits
         .iter()
@@ -226,6 +232,7 @@ async fn limits_that_apply_and_what_is_left() {
         .get_limits(GetLimitsRequest {
             user_email: s.alice.email.clone(),
             service: "search".into(),
+            transaction_token: s.token.clone(),
         })
         .await
         .expect("limits")
@@ -258,6 +265,7 @@ async fn limits_that_apply_and_what_is_left() {
         .get_limits(GetLimitsRequest {
             user_email: s.alice.email.clone(),
             service: String::new(),
+            transaction_token: s.token.clone(),
         })
         .await
         .expect("limits")
@@ -268,14 +276,15 @@ async fn limits_that_apply_and_what_is_left() {
         .get_limits(GetLimitsRequest {
             user_email: s.alice.email.clone(),
             service: "images".into(),
+            transaction_token: s.token.clone(),
         })
         .await
         .expect_err("unknown service");
     assert_eq!(err.code(), Code::InvalidArgument);
-    let rest = get_json(format!(
-        "{base}/v1/limits?user={}&service=search",
-        s.alice.email
-    ))
+    let rest = get_json_as(
+        format!("{base}/v1/limits?user={}&service=search", s.alice.email),
+        &s.token,
+    )
     .await;
     assert_eq!(rest["limits"][3]["scope"], "search");
     assert_eq!(rest["limits"][3]["remaining"], 4);
@@ -447,5 +456,72 @@ async fn a_request_refused_for_its_token_spends_no_room() {
 
     let (balance, held, _) = s.alice_money().await;
     assert_eq!((balance, held), (FUNDS - 3 * PRICE, 0));
+    s.check_invariants().await;
+}
+
+/// What a user has left is shown only to the holder of one of their tokens for this router: no
+/// token is `UNAUTHENTICATED` (401), another user's token or a made-up or revoked one is
+/// `PERMISSION_DENIED` (403); the token alone names its user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_are_shown_to_the_holder_of_the_users_token() {
+    let s = Stack::start_tweaked(Pricing::per_request(PRICE), |c| {
+        c.rate_limits.requests = rates(&["10/minute"]);
+        c.budgets.per_day_micros = Some(1_000_000);
+    })
+    .await;
+    let mut c = s.client().await;
+    c.chat(s.request("hi")).await.expect("chat");
+    let ask = |user: &str, token: &str| GetLimitsRequest {
+        user_email: user.into(),
+        service: String::new(),
+        transaction_token: token.into(),
+    };
+    let bob = syft_testkit::create_account(&s.ledger.url, "bob").await;
+    let bob_token = syft_testkit::issue_token(&s.ledger.url, &bob, &s.owner.email).await;
+    let alice = s.alice.email.as_str();
+    let refused = [
+        (ask(alice, ""), Code::Unauthenticated),
+        (ask(alice, &bob_token), Code::PermissionDenied),
+        (ask(alice, "made-up"), Code::PermissionDenied),
+    ];
+    for (req, want) in refused {
+        let err = c.get_limits(req).await.expect_err("refused");
+        assert_eq!(err.code(), want, "{err:?}");
+    }
+    // Alice's own token, with or without her email: her windows (one request made) and budget.
+    for user in [alice, ""] {
+        let left = c.get_limits(ask(user, &s.token)).await.expect("limits");
+        let left = left.into_inner();
+        assert_eq!(left.user_email, s.alice.email);
+        assert_eq!(left.limits[0].remaining, 9);
+    }
+    // Bob's token answers for bob (nothing used).
+    let left = c.get_limits(ask("", &bob_token)).await.expect("limits");
+    assert_eq!(left.into_inner().limits[0].remaining, 10);
+
+    // Over HTTP: 401 without a token, 403 with another's, else the token's sender.
+    let url = format!("{}/v1/limits?user={alice}", s.router.http_url);
+    let http = reqwest::Client::new();
+    let r = http.get(&url).send().await.expect("http");
+    assert_eq!(r.status(), 401);
+    let r = http.get(&url).bearer_auth(&bob_token).send().await;
+    assert_eq!(r.expect("http").status(), 403);
+    let mine = get_json_as(format!("{}/v1/limits", s.router.http_url), &s.token).await;
+    assert_eq!(mine["limits"][0]["remaining"], 9, "{mine}");
+
+    // A revoked token shows nothing any more.
+    let mut alice_client =
+        syft_ledger::client::connect_lazy(&s.ledger.url, &s.alice.secret).expect("client");
+    alice_client
+        .revoke_token(syft_proto::ledger::RevokeTokenRequest {
+            token: s.token.clone(),
+        })
+        .await
+        .expect("revoke");
+    let err = c
+        .get_limits(ask(alice, &s.token))
+        .await
+        .expect_err("revoked");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     s.check_invariants().await;
 }

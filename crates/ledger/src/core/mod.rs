@@ -377,6 +377,14 @@ impl Ledger {
         self.backend.revoke_token(sender.id, token).await
     }
 
+    /// Whose `token` is (its sender's email, its id), when the caller may charge it: a router
+    /// proving a user's identity before it shows their limits.
+    pub async fn check_token(&self, caller: &Caller, token: &str) -> Result<(String, String)> {
+        let recipient = caller.account()?;
+        let token = validate::text("token", token, 512, true)?;
+        self.backend.check_token(recipient.id, token).await
+    }
+
     /// A usage row without money (free services, refused requests).
     pub async fn record_usage(&self, caller: &Caller, usage: UsageInput) -> Result<UsageRow> {
         let recipient = caller.account()?;

@@ -78,13 +78,37 @@ impl RouterService {
         }
     }
 
+    /// Whose limits a caller may read: the sender of the transaction token it presents, who must
+    /// be the user it asks about (when it names one). A request names its user by email, so
+    /// without the token anyone could read what any user has left (docs/limits.md).
+    pub async fn limits_user(&self, asked: &str, token: &str) -> Result<String, RouterError> {
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(RouterError::Unauthenticated(
+                "what a user has left is shown to the holder of their transaction token: send it \
+                 (`Authorization: Bearer <token>`; `transaction_token` over gRPC)"
+                    .into(),
+            ));
+        }
+        let sender = self.inner.ledger.token_sender(token).await?;
+        if !asked.is_empty() && !asked.trim().eq_ignore_ascii_case(&sender) {
+            return Err(RouterError::PermissionDenied(
+                "the transaction token is not this user's".into(),
+            ));
+        }
+        Ok(sender)
+    }
+
     /// `GetLimits`: what is left of each of `user`'s windows on `service` (`chat` when empty).
     pub async fn get_limits(
         &self,
         req: GetLimitsRequest,
     ) -> Result<GetLimitsResponse, RouterError> {
         let service = parse_service(&req.service)?;
-        let windows = self.remaining_limits(&req.user_email, service).await?;
+        let user = self
+            .limits_user(&req.user_email, &req.transaction_token)
+            .await?;
+        let windows = self.remaining_limits(&user, service).await?;
         let mut limits: Vec<LimitLeft> = windows
             .iter()
             .map(|(rule, state)| LimitLeft {
@@ -93,9 +117,9 @@ impl RouterService {
                 reset_ms: u64::try_from(state.reset.as_millis()).unwrap_or(u64::MAX),
             })
             .collect();
-        limits.extend(self.budgets_left(&req.user_email, service).await?);
+        limits.extend(self.budgets_left(&user, service).await?);
         Ok(GetLimitsResponse {
-            user_email: req.user_email,
+            user_email: user,
             service: service.as_str().into(),
             limits,
         })
