@@ -501,6 +501,19 @@ async fn expired_holds_are_swept(h: Harness) -> Harness {
     h
 }
 
+/// A token that can no longer pay (revoked, expired): a hold and a token check are both refused.
+async fn unusable(router: &mut LedgerClient, sender: &str, token: &str, key: &str) {
+    let hold = router.authorize(authorize(sender, USD, token, key)).await;
+    assert_eq!(code(hold), Code::PermissionDenied);
+    let check = pb::CheckTokenRequest {
+        token: token.into(),
+    };
+    assert_eq!(
+        code(router.check_token(check).await),
+        Code::PermissionDenied
+    );
+}
+
 async fn token_rules(h: Harness) -> Harness {
     let owner = h.account(OWNER, 0).await;
     let alice = h.account(ALICE, 10 * USD).await;
@@ -566,13 +579,7 @@ async fn token_rules(h: Harness) -> Harness {
         })
         .await
         .unwrap();
-    assert!(denied(
-        router
-            .authorize(authorize("bob@example.com", USD, &revocable, "t6"))
-            .await
-    ));
-    let revoked = router.check_token(check(&revocable)).await;
-    assert_eq!(code(revoked), Code::PermissionDenied);
+    unusable(&mut router, "bob@example.com", &revocable, "t6").await;
     // Expired.
     let expiring = ok(h
         .client(&alice)
@@ -589,13 +596,7 @@ async fn token_rules(h: Harness) -> Harness {
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert!(denied(
-        router
-            .authorize(authorize(ALICE, USD, &expiring, "t8"))
-            .await
-    ));
-    let expired = router.check_token(check(&expiring)).await;
-    assert_eq!(code(expired), Code::PermissionDenied);
+    unusable(&mut router, ALICE, &expiring, "t8").await;
     // Spend limit counts captured plus held.
     let limited = ok(h
         .client(&alice)

@@ -228,12 +228,13 @@ async fn limits_that_apply_and_what_is_left() {
 
     c.search(s.search("find")).await.expect("search");
     c.chat(s.request("hi")).await.expect("chat");
+    let alice_limits = |service: &str| GetLimitsRequest {
+        user_email: s.alice.email.clone(),
+        service: service.into(),
+        transaction_token: s.token.clone(),
+    };
     let left = c
-        .get_limits(GetLimitsRequest {
-            user_email: s.alice.email.clone(),
-            service: "search".into(),
-            transaction_token: s.token.clone(),
-        })
+        .get_limits(alice_limits("search"))
         .await
         .expect("limits")
         .into_inner();
@@ -262,22 +263,14 @@ async fn limits_that_apply_and_what_is_left() {
     assert!(left.limits[0].reset_ms > 0 && left.limits[0].reset_ms <= 60_000);
     // Asking records nothing.
     let again = c
-        .get_limits(GetLimitsRequest {
-            user_email: s.alice.email.clone(),
-            service: String::new(),
-            transaction_token: s.token.clone(),
-        })
+        .get_limits(alice_limits(""))
         .await
         .expect("limits")
         .into_inner();
     assert_eq!(again.service, "chat");
     assert_eq!(again.limits[0].remaining, 8);
     let err = c
-        .get_limits(GetLimitsRequest {
-            user_email: s.alice.email.clone(),
-            service: "images".into(),
-            transaction_token: s.token.clone(),
-        })
+        .get_limits(alice_limits("images"))
         .await
         .expect_err("unknown service");
     assert_eq!(err.code(), Code::InvalidArgument);
