@@ -228,16 +228,17 @@ async fn limits_that_apply_and_what_is_left() {
 
     c.search(s.search("find")).await.expect("search");
     c.chat(s.request("hi")).await.expect("chat");
-    let alice_limits = |service: &str| GetLimitsRequest {
-        user_email: s.alice.email.clone(),
-        service: service.into(),
-        transaction_token: s.token.clone(),
+    // What is left of alice's limits on a service, asked with her token.
+    let alice_limits = |service: &str| {
+        let mut c = c.clone();
+        let req = GetLimitsRequest {
+            user_email: s.alice.email.clone(),
+            service: service.into(),
+            transaction_token: s.token.clone(),
+        };
+        async move { c.get_limits(req).await }
     };
-    let left = c
-        .get_limits(alice_limits("search"))
-        .await
-        .expect("limits")
-        .into_inner();
+    let left = alice_limits("search").await.expect("limits").into_inner();
     assert_eq!(left.service, "search");
     let remaining: Vec<(String, String, u64)> = left
         .limits
@@ -262,17 +263,10 @@ async fn limits_that_apply_and_what_is_left() {
     assert!(left.limits[4].reset_ms > 0 && left.limits[4].reset_ms <= 86_400_000);
     assert!(left.limits[0].reset_ms > 0 && left.limits[0].reset_ms <= 60_000);
     // Asking records nothing.
-    let again = c
-        .get_limits(alice_limits(""))
-        .await
-        .expect("limits")
-        .into_inner();
+    let again = alice_limits("").await.expect("limits").into_inner();
     assert_eq!(again.service, "chat");
     assert_eq!(again.limits[0].remaining, 8);
-    let err = c
-        .get_limits(alice_limits("images"))
-        .await
-        .expect_err("unknown service");
+    let err = alice_limits("images").await.expect_err("unknown service");
     assert_eq!(err.code(), Code::InvalidArgument);
     let rest = get_json_as(
         format!("{base}/v1/limits?user={}&service=search", s.alice.email),
