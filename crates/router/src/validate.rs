@@ -140,9 +140,12 @@ pub fn validate_chat(req: ChatRequest, limits: &Limits) -> Result<ValidRequest, 
     })
 }
 
-/// The payer's email, trimmed; empty (a free request) or valid.
+/// The payer's email, trimmed and lowercased as the ledger keeps it; empty (a free request) or
+/// valid. Lowercased here so that one user is one user everywhere: the rate windows and request
+/// ids are keyed by it, and `Alice@…` and `alice@…` were two users' windows (a way around the
+/// limits) while the ledger charged the same account.
 fn payer_email(email: &str) -> Result<String, RouterError> {
-    let user_email = email.trim().to_string();
+    let user_email = email.trim().to_ascii_lowercase();
     if !user_email.is_empty() && !is_valid_email(&user_email) {
         return Err(bad(format!(
             "the payer's email (`user` in the OpenAI API, `user_email` over gRPC) {:?} is not a valid email",

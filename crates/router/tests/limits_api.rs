@@ -512,3 +512,32 @@ async fn limits_are_shown_to_the_holder_of_the_users_token() {
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     s.check_invariants().await;
 }
+
+/// One user is one user whatever the case of their email: `Alice@…` and `alice@…` share the
+/// windows (they were two users' windows, a way around the limits, while the ledger charged the
+/// same account).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_case_of_an_email_does_not_make_another_user() {
+    let s = Stack::start_tweaked(Pricing::per_request(PRICE), |c| {
+        c.rate_limits.requests = rates(&["2/minute"]);
+    })
+    .await;
+    let mut c = s.client().await;
+    let as_written = |email: String| syft_proto::router::ChatRequest {
+        user_email: email,
+        ..s.request("hi")
+    };
+    c.chat(as_written(s.alice.email.to_uppercase()))
+        .await
+        .expect("first");
+    c.chat(as_written(s.alice.email.clone()))
+        .await
+        .expect("second");
+    let mut mixed = s.alice.email.clone();
+    mixed[..1].make_ascii_uppercase();
+    let err = c.chat(as_written(mixed)).await.expect_err("window full");
+    assert!(quota_refusal(&err, "RATE_LIMITED").is_some(), "{err:?}");
+    let (balance, held, _) = s.alice_money().await;
+    assert_eq!((balance, held), (FUNDS - 2 * PRICE, 0));
+    s.check_invariants().await;
+}
