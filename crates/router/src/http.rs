@@ -315,7 +315,6 @@ pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<String, RouterError
     }
 }
 
-/// Reads a JSON body, refusing oversized or malformed ones as bad input.
 /// Reads a front's request: its JSON body, then `convert` to the service's request. A request
 /// refused on the way is recorded like every refusal (a usage row, `service/refusal.rs`), under
 /// the user `user_of` finds in it if the body could be read that far, and the `Idempotency-Key`.
@@ -339,6 +338,7 @@ pub(crate) async fn read_request<B: serde::de::DeserializeOwned, R>(
     result
 }
 
+/// Reads a JSON body, refusing oversized or malformed ones as bad input.
 pub(crate) fn read_json<T: serde::de::DeserializeOwned>(
     svc: &RouterService,
     body: Result<Bytes, BytesRejection>,
