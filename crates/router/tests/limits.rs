@@ -247,8 +247,7 @@ async fn http_refusals_are_429_with_headers() {
     assert_eq!(usage.iter().filter(|u| status(u) == "success").count(), 10);
     // What is left, and the configured limits in the model list.
     let url = format!("{}/v1/limits?user={}", s.router.http_url, s.alice.email);
-    let left = http.get(&url).bearer_auth(&s.token).send().await;
-    let left: serde_json::Value = left.expect("http").json().await.expect("json");
+    let left = syft_testkit::get_json_as(&http, &url, &s.token).await;
     assert_eq!(left["limits"][0]["remaining"], 0);
     assert_eq!(left["limits"][0]["limit"], 10);
     let models = get_json(&http, &format!("{}/v1/models", s.router.http_url)).await;

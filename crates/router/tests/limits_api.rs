@@ -13,7 +13,10 @@ use syft_router_svc::config::Rate;
 use syft_router_svc::{
     HttpSearchConfig, Pricing, RouterConfig, SearchBackendConfig, SearchConfig, ServiceKind,
 };
-use syft_testkit::{backdate_transfers, quota_refusal, FakeUpstream, Mode, Stack, FUNDS, PRICE};
+use syft_testkit::{
+    backdate_transfers, get_json, get_json_as, quota_refusal, FakeUpstream, Mode, Stack, FUNDS,
+    PRICE,
+};
 use tonic::metadata::MetadataMap;
 use tonic::Code;
 use tonic_types::StatusExt;
@@ -67,17 +70,6 @@ async fn post(url: String, bearer: Option<&str>, body: &Value) -> reqwest::Respo
 fn openai_chat(user: &str, stream: bool) -> Value {
     json!({"model": "test-model", "max_tokens": 10, "stream": stream, "user": user,
         "messages": [{"role": "user", "content": "hi"}]})
-}
-
-async fn get_json(url: String) -> Value {
-    let r = reqwest::get(url).await.expect("http");
-    r.json().await.expect("json")
-}
-
-/// `GET url` with `Authorization: Bearer <token>`.
-async fn get_json_as(url: String, token: &str) -> Value {
-    let r = reqwest::Client::new().get(url).bearer_auth(token).send();
-    r.await.expect("http").json().await.expect("json")
 }
 
 fn kinds(limits: &[Limit]) -> Vec<(String, u64, String)> {
@@ -220,7 +212,8 @@ async fn limits_that_apply_and_what_is_left() {
     );
 
     let base = &s.router.http_url;
-    let models = get_json(format!("{base}/v1/models")).await;
+    let http = reqwest::Client::new();
+    let models = get_json(&http, &format!("{base}/v1/models")).await;
     let search = &models["syft_limits"]["apply"]["search"];
     assert_eq!(search[3]["scope"], "search");
     assert_eq!(search[3]["limit"], 5);
@@ -268,11 +261,8 @@ async fn limits_that_apply_and_what_is_left() {
     assert_eq!(again.limits[0].remaining, 8);
     let err = alice_limits("images").await.expect_err("unknown service");
     assert_eq!(err.code(), Code::InvalidArgument);
-    let rest = get_json_as(
-        format!("{base}/v1/limits?user={}&service=search", s.alice.email),
-        &s.token,
-    )
-    .await;
+    let url = format!("{base}/v1/limits?user={}&service=search", s.alice.email);
+    let rest = get_json_as(&http, &url, &s.token).await;
     assert_eq!(rest["limits"][3]["scope"], "search");
     assert_eq!(rest["limits"][3]["remaining"], 4);
     assert_eq!(rest["budgets"][0]["kind"], "budget_day");
@@ -493,7 +483,7 @@ async fn limits_are_shown_to_the_holder_of_the_users_token() {
     assert_eq!(r.status(), 401);
     let r = http.get(&url).bearer_auth(&bob_token).send().await;
     assert_eq!(r.expect("http").status(), 403);
-    let mine = get_json_as(format!("{}/v1/limits", s.router.http_url), &s.token).await;
+    let mine = get_json_as(&http, &format!("{}/v1/limits", s.router.http_url), &s.token).await;
     assert_eq!(mine["limits"][0]["remaining"], 9, "{mine}");
 
     // A revoked token shows nothing any more.

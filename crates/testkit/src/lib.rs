@@ -20,7 +20,7 @@ pub use ledger::{
     account, alerts_on, create_account, deposit, issue_token, ledger_config, serve_ledger,
     transfers_of, usage_of, usage_rows_seen_by, Account, Harness, LedgerServer, ALERTS_KEY,
 };
-pub use probe::{get_json, succeeded};
+pub use probe::{get_json, get_json_as, succeeded};
 pub use router::{
     chat_request, docs_dir, readyz, router_config, search_request, serve_router, Funded,
     RouterHandle, Stack, FUNDS, PRICE,

@@ -10,7 +10,16 @@ use crate::Stack;
 
 /// `GET url` with `http` (plain or TLS) and its body as JSON; panics naming the URL otherwise.
 pub async fn get_json(http: &reqwest::Client, url: &str) -> serde_json::Value {
-    http.get(url)
+    json_of(http.get(url), url).await
+}
+
+/// [`get_json`] with `Authorization: Bearer <token>` (a user's transaction token).
+pub async fn get_json_as(http: &reqwest::Client, url: &str, token: &str) -> serde_json::Value {
+    json_of(http.get(url).bearer_auth(token), url).await
+}
+
+async fn json_of(request: reqwest::RequestBuilder, url: &str) -> serde_json::Value {
+    request
         .send()
         .await
         .unwrap_or_else(|e| panic!("GET {url}: {e}"))
