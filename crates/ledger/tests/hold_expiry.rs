@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use sqlx::{AnyConnection, Connection, Executor};
 use syft_error::Reason;
 use syft_ledger::store::{
     AccountRow, AuthorizeInput, CaptureAmount, Resolution, ResolveInput, Store, TokenGrant,
@@ -106,6 +107,80 @@ async fn capture_after_expiry_is_refused(db: Db) {
 #[tokio::test]
 async fn capture_after_expiry_is_refused_on_both_backends() {
     on_both(capture_after_expiry_is_refused).await;
+}
+
+/// A capture sent while its hold is live, then made to wait for a lock until the hold expired, is
+/// refused: it is judged by the clock once it has its locks. Judged by the clock read before the
+/// wait, it committed, though a budget check of the same sender meanwhile (the holder of the lock)
+/// could have counted the hold as expired and freed its amount for another hold. An extension
+/// that waited so is refused the same way. Another connection holds the lock here: on Postgres
+/// alice's account row (a capture's) or the hold's row (an extension's), on SQLite the write lock.
+async fn capture_that_waited_past_expiry_is_refused(db: Db) {
+    let store = Arc::new(Store::connect(&db.url, 4).await.expect("store"));
+    let (owner, token) = parties(&store).await;
+    let owner_id = owner.id;
+
+    let first = hold(&store, &owner, &token, "k1", USD / 2, 400_000).await;
+    let lock = "SELECT id FROM accounts WHERE email = 'alice@example.com' FOR UPDATE".to_string();
+    let (s, id) = (store.clone(), first.id.clone());
+    let refused = after_a_wait_past_expiry(&db, &lock, async move {
+        let capture = Resolution::Capture(CaptureAmount::Full);
+        s.resolve(&ResolveInput {
+            transfer_id: &id,
+            recipient_id: Some(owner_id),
+            resolution: capture,
+            usage: None,
+            by_sender: false,
+        })
+        .await
+    })
+    .await
+    .expect_err("a capture that took effect after expiry is refused");
+    assert_eq!(refused.reason(), Some(Reason::HoldExpired), "{refused}");
+
+    let second = hold(&store, &owner, &token, "k2", USD / 2, 400_000).await;
+    let lock = format!(
+        "SELECT id FROM transfers WHERE id = '{}' FOR UPDATE",
+        second.id
+    );
+    let (s, id) = (store.clone(), second.id.clone());
+    let refused = after_a_wait_past_expiry(&db, &lock, async move {
+        s.extend_hold(&id, owner_id, 60_000_000, 3_600_000_000)
+            .await
+    })
+    .await
+    .expect_err("an extension that took effect after expiry is refused");
+    assert_eq!(refused.reason(), Some(Reason::HoldExpired), "{refused}");
+
+    assert_eq!(store.sweep_expired(10).await.expect("sweep").cancelled, 2);
+    assert_alice_whole(&store).await;
+    db.drop_postgres().await;
+}
+
+/// Runs `act` while another connection holds a lock (`pg_lock` on Postgres, the write lock on
+/// SQLite) until well past the holds' expiry, then lets it go and returns what `act` answered.
+async fn after_a_wait_past_expiry<T: Send + 'static>(
+    db: &Db,
+    pg_lock: &str,
+    act: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    let mut blocker = AnyConnection::connect(&db.url).await.expect("connect");
+    let lock = if db.url.starts_with("postgres") {
+        format!("BEGIN; {pg_lock}")
+    } else {
+        "BEGIN IMMEDIATE".to_string()
+    };
+    blocker.execute(lock.as_str()).await.expect("lock");
+    let act = tokio::spawn(act);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(!act.is_finished(), "it waits for the lock");
+    blocker.execute("ROLLBACK").await.expect("unlock");
+    act.await.expect("join")
+}
+
+#[tokio::test]
+async fn capture_that_waited_past_expiry_is_refused_on_both_backends() {
+    on_both(capture_that_waited_past_expiry_is_refused).await;
 }
 
 /// After its first pass the sweep reads from a floor (a margin before its last pass) instead of the

@@ -1,6 +1,8 @@
 //! Extending a pending hold's life (a router keeping the hold of a long stream alive).
 
-use super::{now_micros, retry_transient, Actor, Store, TransferRow, TransferStatus, UNRESOLVED};
+use super::{
+    now_micros, retry_transient, Actor, Backend, Store, TransferRow, TransferStatus, UNRESOLVED,
+};
 use crate::error::{LedgerError, Result};
 use syft_error::Reason;
 
@@ -8,7 +10,8 @@ impl Store {
     /// Moves the expiry of `recipient_id`'s pending, unexpired hold to `now + ttl_micros`, never
     /// earlier than it was and never past `created_at + max_life_micros`. Idempotent (asking again
     /// only moves the expiry forward); refused with `TRANSFER_NOT_PENDING` once the transfer is
-    /// resolved and `HOLD_EXPIRED` once it has expired (then it can only be swept).
+    /// resolved and `HOLD_EXPIRED` once it has expired (then it can only be swept). "Expired" is
+    /// judged by the database's clock too, read after the row's lock (`Backend::clock_micros_sql`).
     pub async fn extend_hold(
         &self,
         transfer_id: &str,
@@ -18,13 +21,24 @@ impl Store {
     ) -> Result<TransferRow> {
         let now = now_micros();
         let wanted = now.saturating_add(ttl_micros);
+        // Judged by the database's clock once the row is locked (`Backend::clock_micros_sql`).
+        // Postgres evaluates an UPDATE's conditions before it waits for the row, and does not
+        // evaluate them again when the holder of the lock rolled back: the row is locked first.
+        let clock = self.backend().clock_micros_sql();
+        let (lock, row) = match self.backend() {
+            Backend::Postgres => (
+                "WITH l AS (SELECT id FROM transfers WHERE id = $1 FOR UPDATE) ",
+                "(SELECT id FROM l)",
+            ),
+            Backend::Sqlite => ("", "$1"),
+        };
         let sql = format!(
-            "UPDATE transfers SET expires_at = CASE \
+            "{lock}UPDATE transfers SET expires_at = CASE \
                 WHEN $3 > created_at + $4 THEN \
                     CASE WHEN created_at + $4 > expires_at THEN created_at + $4 ELSE expires_at END \
                 WHEN $3 > expires_at THEN $3 ELSE expires_at END \
-             WHERE id = $1 AND recipient_id = $2 AND {UNRESOLVED} AND expires_at > $5 \
-               AND created_by = 'RECIPIENT'"
+             WHERE id = {row} AND recipient_id = $2 AND {UNRESOLVED} AND expires_at > $5 \
+               AND created_by = 'RECIPIENT' AND expires_at > {clock}"
         );
         let updated = retry_transient(|| async {
             sqlx::query(&sql)

@@ -98,6 +98,22 @@ pub enum Backend {
     Sqlite,
 }
 
+impl Backend {
+    /// SQL for the database's own clock in micros, read when the statement evaluates it. A guard
+    /// that must hold when the statement has its locks (a hold not yet expired when its capture
+    /// or extension takes effect) reads this rather than only a clock read before the statement
+    /// was sent: that one is late by every lock wait, and a budget check that meanwhile saw the
+    /// hold expired would have freed its amount for another hold (docs/design.md, "A capture is
+    /// judged by the clock after its lock waits"). Postgres' `clock_timestamp()` is the time of
+    /// the call; SQLite's `'now'` is read once per step, after the write lock was taken.
+    pub(crate) fn clock_micros_sql(self) -> &'static str {
+        match self {
+            Backend::Postgres => "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000 AS BIGINT)",
+            Backend::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER)",
+        }
+    }
+}
+
 pub fn now_micros() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -7,7 +7,7 @@ use sqlx::{AnyPool, FromRow, Row};
 use super::batch::ResolveJob;
 use super::rollup;
 use super::rollup_fold::QUEUE_INSERTED;
-use super::{TransferRow, UsageInput, TRANSFER_COLUMNS, UNRESOLVED};
+use super::{Backend, TransferRow, UsageInput, TRANSFER_COLUMNS, UNRESOLVED};
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 
@@ -70,7 +70,13 @@ pub(super) async fn resolve_batch(
 /// a paid run of 64 payers: 14,479 index entries and 744 heap pages read for a batch of 30, half
 /// the statement's time (docs/benchmarks.md). Every statement that finds a transfer by id and
 /// requires it pending (`transfer.rs`, `extend.rs`) uses the same constant.
+///
+/// A capture must find its hold unexpired by the database's clock read once every lock is taken
+/// (the `{clock}` subquery waits for `lock_accounts`), not only by the clock its caller read before
+/// the statement: a capture that waited on its sender's lock while a budgeted hold of that sender
+/// counted this one as expired would otherwise commit after all (`Backend::clock_micros_sql`).
 static RESOLVE_BATCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let clock = Backend::Postgres.clock_micros_sql();
     format!(
         "\
 WITH input AS (
@@ -107,7 +113,8 @@ WITH input AS (
       AND (i.in_recipient < 0 OR t.recipient_id = i.in_recipient)
       AND t.{UNRESOLVED} AND i.in_captured <= t.amount
       AND (i.in_status <> 'COMPLETED' OR t.created_by = i.in_resolved_by)
-      AND CASE i.in_guard WHEN 1 THEN t.expires_at > i.in_now
+      AND CASE i.in_guard WHEN 1 THEN t.expires_at > GREATEST(i.in_now, (SELECT {clock}
+                                         WHERE (SELECT COUNT(*) FROM lock_accounts) >= 0))
                           WHEN 2 THEN t.expires_at <= i.in_now ELSE TRUE END
     RETURNING t.*, i.*
 ), k AS (

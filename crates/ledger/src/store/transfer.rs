@@ -13,8 +13,8 @@ use super::batch::{ResolveJob, TimeGuard};
 use super::usage::{insert_usage, UsageLink, UsageWrite};
 use super::AnswerWrite;
 use super::{
-    new_id, now_micros, retry_transient, Actor, Micros, Store, TransferRow, TransferStatus,
-    UsageInput, TRANSFER_COLUMNS, TRANSFER_JOINS, UNRESOLVED,
+    new_id, now_micros, retry_transient, Actor, Backend, Micros, Store, TransferRow,
+    TransferStatus, UsageInput, TRANSFER_COLUMNS, TRANSFER_JOINS, UNRESOLVED,
 };
 use crate::error::{LedgerError, Result};
 use syft_error::{ErrorCode, Reason};
@@ -242,10 +242,15 @@ impl Store {
         &self,
         job: &ResolveJob,
     ) -> std::result::Result<Option<TransferRow>, sqlx::Error> {
+        // A capture counts as made when it has the write lock: the clock read before may be
+        // late by a lock wait (`Backend::clock_micros_sql`).
         let time_guard = match job.guard {
-            TimeGuard::BeforeExpiry => "t.expires_at > $7",
-            TimeGuard::AfterExpiry => "t.expires_at <= $7",
-            TimeGuard::Any => "TRUE",
+            TimeGuard::BeforeExpiry => format!(
+                "t.expires_at > MAX($7, {})",
+                Backend::Sqlite.clock_micros_sql()
+            ),
+            TimeGuard::AfterExpiry => "t.expires_at <= $7".to_string(),
+            TimeGuard::Any => "TRUE".to_string(),
         };
         let mut tx = self.pool().begin().await?;
         let sql = format!(
