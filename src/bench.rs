@@ -399,6 +399,7 @@ async fn bench_ledger(b: &LedgerBench, shape: Shape) -> anyhow::Result<f64> {
                             latency_ms: 1,
                             upstream_latency_ms: 0,
                             ttft_ms: None,
+                            row_key: String::new(),
                         }),
                     })
                     .await;

@@ -91,6 +91,12 @@ pub async fn run(b: &UsageBench) -> anyhow::Result<()> {
                     latency_ms: 1,
                     upstream_latency_ms: 0,
                     ttft_ms: None,
+                    // As a router sends them: a refusal with a key of its own.
+                    row_key: if status.is_refusal() {
+                        format!("refusal-{n}")
+                    } else {
+                        String::new()
+                    },
                 };
                 let t0 = Instant::now();
                 let r = store

@@ -376,6 +376,7 @@ fn usage_input(u: pb::Usage) -> UsageInput {
         latency_ms: u.latency_ms,
         upstream_latency_ms: u.upstream_latency_ms,
         ttft_ms: u.ttft_ms,
+        row_key: u.row_key,
     }
 }
 
@@ -433,6 +434,7 @@ pub fn usage_pb(u: &UsageRow) -> pb::UsageRecord {
             latency_ms: x.latency_ms,
             upstream_latency_ms: x.upstream_latency_ms,
             ttft_ms: x.ttft_ms,
+            row_key: x.row_key.clone(),
         }),
         transfer_id: u.transfer_id.clone().unwrap_or_default(),
         recipient_email: u.recipient_email.clone(),

@@ -1,7 +1,7 @@
 //! `RecordUsageBatch` (issue 16): a router's free rows in one call are written as `RecordUsage`
 //! writes each (request ids idempotent, refusals a row per attempt), an invalid row or too many
-//! rows refuse the whole call and write nothing, on SQLite and Postgres; `verify` (rollups
-//! included) holds after every scenario.
+//! rows refuse the whole call and write nothing, on SQLite and Postgres; a refusal sent again with
+//! its row key is recorded once; `verify` (rollups included) holds after every scenario.
 
 use syft_proto::ledger as pb;
 use syft_testkit::{code, req, store_suite, Harness};
@@ -94,4 +94,71 @@ async fn bad_batches_write_nothing(h: Harness) -> Harness {
     h
 }
 
-store_suite!(batch_writes_each_row_once, bad_batches_write_nothing);
+/// A refusal row does not take its request id, so a call that failed over after its commit used
+/// to record it twice. Sent again with its row key (alone, in a batch, twice in one batch) it is
+/// recorded once and the same row is answered; another key, or no key, is another row; the key is
+/// the recipient's own (another router's row under the same key is its own row); a key too long
+/// is refused and writes nothing.
+async fn refusals_sent_again_with_their_key_are_recorded_once(h: Harness) -> Harness {
+    let owner = h.account(OWNER, 0).await;
+    let other = h.account("other@router.example", 0).await;
+    let mut c = h.client(&owner);
+    let keyed = |key: &str| pb::Usage {
+        row_key: key.into(),
+        ..usage(1, "payment_required")
+    };
+    let record = |c: &mut pb::ledger_client::LedgerClient<_>, u: pb::Usage| {
+        let mut c = c.clone();
+        async move {
+            let req = pb::RecordUsageRequest { usage: Some(u) };
+            c.record_usage(req).await.expect("record").into_inner()
+        }
+    };
+    let first = record(&mut c, keyed("refusal-a")).await;
+    let again = record(&mut c, keyed("refusal-a")).await;
+    assert_eq!(first.id, again.id, "the same row is answered");
+    let batch = pb::RecordUsageBatchRequest {
+        usages: vec![keyed("refusal-a"), keyed("refusal-b"), keyed("refusal-b")],
+    };
+    let batched = c
+        .record_usage_batch(batch)
+        .await
+        .expect("batch")
+        .into_inner()
+        .records;
+    assert_eq!(batched[0].id, first.id);
+    assert_eq!(
+        batched[1].id, batched[2].id,
+        "one row for a key twice in a batch"
+    );
+    assert_eq!(h.usage_rows().await.len(), 2, "refusal-a and refusal-b");
+    record(&mut c, keyed("")).await;
+    record(&mut c, keyed("")).await;
+    assert_eq!(
+        h.usage_rows().await.len(),
+        4,
+        "keyless refusals: a row each"
+    );
+    let theirs = record(&mut h.client(&other), keyed("refusal-a")).await;
+    assert_ne!(theirs.id, first.id);
+    assert_eq!(theirs.recipient_email, "other@router.example");
+    assert_eq!(
+        h.usage_rows().await.len(),
+        5,
+        "another recipient's key is its own"
+    );
+    let long = c
+        .record_usage(pb::RecordUsageRequest {
+            usage: Some(keyed(&"k".repeat(201))),
+        })
+        .await;
+    assert_eq!(code(long), Code::InvalidArgument);
+    assert_eq!(h.usage_rows().await.len(), 5);
+    h
+}
+
+store_suite!(
+    batch_writes_each_row_once,
+    bad_batches_write_nothing,
+    refusals_sent_again_with_their_key_are_recorded_once
+);

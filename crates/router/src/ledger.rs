@@ -369,8 +369,8 @@ impl Ledger {
 
     /// A free request's row: appended to the local spool when there is one (shipped later), else
     /// grouped with the rows ready at the same moment and sent, returning after its commit
-    /// (`usage_send.rs`). Refusal rows never go through the spool: the ledger does not
-    /// deduplicate them, and the spool may ship a row twice.
+    /// (`usage_send.rs`). Refusal rows never go through the spool (usage_spool.rs says why);
+    /// they carry a row key, which the ledger records once however often they are sent.
     pub(crate) async fn record_free_usage(&self, usage: Usage) -> Result<(), RouterError> {
         let refusal = UsageStatus::parse(&usage.status).is_some_and(UsageStatus::is_refusal);
         if let (Some(spool), false) = (&self.spool, refusal) {

@@ -25,7 +25,8 @@
 //!   last few seconds of the kernel's writeback (`vm.dirty_expire_centisecs`, 30 s by default) of
 //!   rows not yet acknowledged by the ledger.
 //!
-//! Refusals (whose rows the ledger does not deduplicate) never go through the spool.
+//! Refusals never go through the spool: their rows are written before the refusal is answered,
+//! as paid rows are (a refusal costs the ledger nothing else).
 //!
 //! Layout: `LOCK` (held with `flock` while a router uses the directory, so two routers never share
 //! one) and segment files `usage-<n>.spool`, each a sequence of records

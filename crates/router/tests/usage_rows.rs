@@ -75,6 +75,21 @@ async fn refusals_leave_rows_and_free_the_request_id(s: Stack) {
         .collect();
     assert_eq!(invalid.len(), 1, "{rows:?}");
     assert!(invalid[0].request_id.starts_with("refused-"));
+    // Each refusal row carries a key of its own, so that a call that failed over after its commit
+    // records it once (the ledger's usage_batch_rpc.rs); the answered request's row needs none.
+    let keys: Vec<(&str, &str)> = rows
+        .iter()
+        .filter_map(|r| r.usage.as_ref())
+        .map(|u| (u.status.as_str(), u.row_key.as_str()))
+        .collect();
+    let refusal_keys: std::collections::HashSet<&str> = keys
+        .iter()
+        .filter(|(status, _)| *status != "success")
+        .map(|(_, key)| *key)
+        .collect();
+    assert!(!refusal_keys.contains(""), "{keys:?}");
+    assert_eq!(refusal_keys.len(), rows.len() - 1, "{keys:?}");
+    assert!(keys.contains(&("success", "")), "{keys:?}");
     let mut statuses: Vec<(String, String, i64)> = rows
         .into_iter()
         .filter(|r| {

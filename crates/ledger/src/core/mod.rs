@@ -507,6 +507,7 @@ pub fn validate_usage(usage: UsageInput) -> Result<UsageInput> {
             .ttft_ms
             .map(|t| validate::count("usage.ttft_ms", t))
             .transpose()?,
+        row_key: validate::text("usage.row_key", &usage.row_key, MAX_KEY, false)?.to_string(),
     })
 }
 

@@ -346,6 +346,19 @@ impl Store {
             .await?)
     }
 
+    /// The row `recipient_id` recorded under `row_key`.
+    pub async fn usage_by_key(&self, recipient_id: i64, row_key: &str) -> Result<Option<UsageRow>> {
+        let sql = format!(
+            "SELECT {USAGE_COLUMNS} FROM usage_records u JOIN accounts r ON r.id = u.recipient_id \
+             WHERE u.recipient_id = $1 AND u.row_key = $2"
+        );
+        Ok(sqlx::query_as(&sql)
+            .bind(recipient_id)
+            .bind(row_key)
+            .fetch_optional(self.pool())
+            .await?)
+    }
+
     pub async fn usage_by_request(
         &self,
         recipient_id: i64,

@@ -122,6 +122,12 @@ pub struct UsageInput {
     /// Time to first token of a streamed request (ms); `None` for unary requests.
     #[serde(default)]
     pub ttft_ms: Option<i64>,
+    /// The recorder's key for this row (empty: none): a row sent again with it is recorded once
+    /// (migration 0024). Read only where a query selects it (`USAGE_COLUMNS`); the rollups'
+    /// readers do without.
+    #[serde(default)]
+    #[sqlx(default)]
+    pub row_key: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -140,4 +146,5 @@ pub struct UsageRow {
 pub(crate) const USAGE_COLUMNS: &str = "u.id, r.email AS recipient_email, \
      COALESCE(u.transfer_id, u.hosted_transfer_id) AS transfer_id, u.cost, u.created_at, \
      u.request_id, u.app_name, u.endpoint, u.user_email, u.model, u.prompt_tokens, \
-     u.completion_tokens, u.total_tokens, u.status, u.latency_ms, u.upstream_latency_ms, u.ttft_ms";
+     u.completion_tokens, u.total_tokens, u.status, u.latency_ms, u.upstream_latency_ms, u.ttft_ms, \
+     COALESCE(u.row_key, '') AS row_key";

@@ -12,8 +12,9 @@ use crate::error::{LedgerError, Result};
 impl Store {
     /// A usage row without money, written through the group-commit writer (`usage_batch.rs`):
     /// returns once its batch committed. A request id already recorded for this user returns the
-    /// existing row (request ids are scoped per user, like idempotency keys); refusals always get
-    /// a row of their own.
+    /// existing row (request ids are scoped per user, like idempotency keys), and so does a row
+    /// key already recorded for this recipient; refusals get a row of their own unless their row
+    /// key was recorded.
     pub async fn record_usage(
         &self,
         recipient_id: i64,
@@ -36,9 +37,18 @@ impl Store {
                 usage: job.usage,
             });
         }
-        self.usage_by_request(recipient_id, &usage.user_email, &usage.request_id)
-            .await?
-            .ok_or_else(|| LedgerError::Internal("usage row vanished".into()))
+        let existing = match row_key(usage) {
+            Some(key) => self.usage_by_key(recipient_id, key).await?,
+            None => None,
+        };
+        let existing = match existing {
+            Some(row) => Some(row),
+            None => {
+                self.usage_by_request(recipient_id, &usage.user_email, &usage.request_id)
+                    .await?
+            }
+        };
+        existing.ok_or_else(|| LedgerError::Internal("usage row vanished".into()))
     }
 }
 
@@ -98,8 +108,15 @@ impl UsageWrite<'_> {
     }
 }
 
+/// A row's key as stored: `NULL` for none, so keyless rows never conflict on it.
+pub(crate) fn row_key(u: &UsageInput) -> Option<&str> {
+    Some(u.row_key.as_str()).filter(|k| !k.is_empty())
+}
+
 /// Writes a usage row only (the caller hands it to the rollups); `false` when its request id was
-/// already recorded for this recipient and user (left as it is). Refusals never conflict.
+/// already recorded for this recipient and user, or its row key for this recipient (left as it
+/// is). Refusals conflict only on their row key. `DO NOTHING` without a target covers both
+/// unique indexes (and the primary key, a fresh UUID that never conflicts).
 pub(crate) async fn insert_usage_row(
     conn: &mut AnyConnection,
     w: &UsageWrite<'_>,
@@ -113,9 +130,10 @@ pub(crate) async fn insert_usage_row(
     let inserted = sqlx::query(
         "INSERT INTO usage_records (id, recipient_id, request_id, transfer_id, app_name, endpoint, \
          user_email, model, prompt_tokens, completion_tokens, total_tokens, cost, status, latency_ms, \
-         upstream_latency_ms, created_at, hosted_transfer_id, refused, ttft_ms) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19) \
-         ON CONFLICT (recipient_id, user_email, request_id) WHERE NOT refused DO NOTHING",
+         upstream_latency_ms, created_at, hosted_transfer_id, refused, ttft_ms, row_key) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, \
+                 $20) \
+         ON CONFLICT DO NOTHING",
     )
     .bind(w.id)
     .bind(w.recipient_id)
@@ -136,6 +154,7 @@ pub(crate) async fn insert_usage_row(
     .bind(hosted_transfer_id)
     .bind(is_refused(u))
     .bind(u.ttft_ms)
+    .bind(row_key(u))
     .execute(&mut *conn)
     .await?
     .rows_affected();

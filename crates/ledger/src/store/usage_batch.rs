@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 
 use super::rollup::{self, RollupInput};
 use super::rollup_fold::{add_to_rollups, QUEUE_INSERTED};
-use super::usage::{insert_usage_row, is_refused, UsageLink, UsageWrite};
+use super::usage::{insert_usage_row, is_refused, row_key, UsageLink, UsageWrite};
 use super::{Backend, Micros, UsageInput};
 use crate::error::is_retryable;
 
@@ -194,6 +194,7 @@ struct PgRow<'a> {
     now: i64,
     refused: bool,
     ttft: Option<i64>,
+    row_key: Option<&'a str>,
 }
 
 async fn insert_postgres(
@@ -221,6 +222,7 @@ async fn insert_postgres(
                 now: j.now,
                 refused: is_refused(u),
                 ttft: u.ttft_ms,
+                row_key: row_key(u),
             }
         })
         .collect();
@@ -246,8 +248,8 @@ async fn insert_sqlite(
     Ok(inserted)
 }
 
-/// Rows without money (cost 0, no transfer). Two rows of one request id in a batch: the first is
-/// inserted, the second skipped by `DO NOTHING` like any other duplicate. The inserted rows are
+/// Rows without money (cost 0, no transfer). Two rows of one request id (or row key) in a batch:
+/// the first is inserted, the second skipped by `DO NOTHING` like any other duplicate. The inserted rows are
 /// queued for the rollups by the same statement when `$2` (`rollup_fold.rs`).
 static USAGE_BATCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
@@ -255,13 +257,13 @@ static USAGE_BATCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 WITH u AS (
 INSERT INTO usage_records (id, recipient_id, request_id, transfer_id, app_name, endpoint, user_email,
     model, prompt_tokens, completion_tokens, total_tokens, cost, status, latency_ms,
-    upstream_latency_ms, created_at, refused, ttft_ms)
+    upstream_latency_ms, created_at, refused, ttft_ms, row_key)
 SELECT id, recipient, request_id, NULL, app, endpoint, user_email, model, pt, ct, tt, 0, status, lat,
-    ulat, now, refused, ttft
+    ulat, now, refused, ttft, row_key
 FROM json_to_recordset($1::json) AS i(id text, recipient bigint, request_id text, app text,
     endpoint text, user_email text, model text, pt bigint, ct bigint, tt bigint, status text,
-    lat bigint, ulat bigint, now bigint, refused boolean, ttft bigint)
-ON CONFLICT (recipient_id, user_email, request_id) WHERE NOT refused DO NOTHING
+    lat bigint, ulat bigint, now bigint, refused boolean, ttft bigint, row_key text)
+ON CONFLICT DO NOTHING
 RETURNING id
 ), q AS (
     {QUEUE_INSERTED}

@@ -300,7 +300,19 @@ impl RouterService {
             upstream_latency_ms: upstream_ms,
             // Streams set it once the first token arrived.
             ttft_ms: None,
+            row_key: row_key(status),
         }
+    }
+}
+
+/// The key a usage row is recorded once under: a refusal's own (it does not take its request id,
+/// so a call that fails over after its commit would record it twice); none for the others, which
+/// their request id already makes unique.
+pub(super) fn row_key(status: UsageStatus) -> String {
+    if status.is_refusal() {
+        uuid::Uuid::now_v7().to_string()
+    } else {
+        String::new()
     }
 }
 

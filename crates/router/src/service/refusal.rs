@@ -14,6 +14,7 @@ use syft_error::{Reason, UsageStatus};
 use syft_proto::ledger::Usage;
 use syft_proto::router::{ChatRequest, SearchRequest};
 
+use super::admission::row_key;
 use super::{elapsed_ms, RouterService};
 use crate::config::ServiceKind;
 use crate::error::{RouterError, INSUFFICIENT_FUNDS};
@@ -142,6 +143,8 @@ impl RouterService {
             latency_ms: elapsed_ms(attempt.started),
             upstream_latency_ms: 0,
             ttft_ms: None,
+            // Kept by the retries below and by a failed-over call: one row however often sent.
+            row_key: row_key(status),
         };
         let Err(err) = self.inner.ledger.record_usage(usage.clone()).await else {
             return;
