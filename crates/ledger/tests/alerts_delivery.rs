@@ -5,9 +5,11 @@
 
 mod alerts_support;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use alerts_support::*;
+use syft_ledger::alerts::deliver::Worker;
 use syft_proto::ledger as pb;
 use syft_testkit::{code, Harness, LedgerServer, Reply, WebhookReceiver, ADMIN_KEY, USD};
 use tonic::Code;
@@ -22,6 +24,12 @@ alerts_suite!(
     bad_endpoint_configs_are_refused,
     secrets_are_sealed_and_rotate_with_overlap,
     rate_cap_holds_events_back_and_metrics_count_them,
+);
+
+alerts_suite!(
+    by_hand,
+    crate::alerts_support::alerts_delivered_by_hand;
+    a_capped_backlog_waits_for_its_window_out_of_others_way,
 );
 
 alerts_suite!(
@@ -422,6 +430,71 @@ async fn rate_cap_holds_events_back_and_metrics_count_them(h: Harness) -> Harnes
     assert!(metric(&h, &tests).await >= before[0] + 6.0);
     assert!(metric(&h, &retried).await >= before[1] + 1.0);
     assert!(metric(&h, "syft_ledger_alert_retries_total").await >= before[3] + 1.0);
+    h
+}
+
+/// A backlog of events for an endpoint over its cap is put off, all of it at once, to when the
+/// endpoint's window has room again (its first attempt a minute old). It used to be put off a
+/// second at a time and a claim at a time: every claim filled with events that could not be sent,
+/// each written again every second, while other accounts' events waited their turn. Deliveries
+/// are run by hand here (`deliver_due`, one claim each) so that each claim can be looked at.
+async fn a_capped_backlog_waits_for_its_window_out_of_others_way(h: Harness) -> Harness {
+    let worker = Worker::new(h.store.clone(), Arc::new(h.config.alerts.clone()));
+    let alice = h.account(ALICE, 10 * USD).await;
+    let bob = h.account(BOB, 10 * USD).await;
+    let (capped, other) = (
+        WebhookReceiver::start().await,
+        WebhookReceiver::start().await,
+    );
+    let added = alerts(&h, &alice)
+        .add_alert_endpoint(pb::AddAlertEndpointRequest {
+            url: capped.url.clone(),
+            rules: vec![balance_low(USD)],
+            rate_per_minute: Some(1),
+            ..Default::default()
+        })
+        .await
+        .expect("add")
+        .into_inner();
+    let ep = added.endpoint.expect("endpoint").id;
+    capped.set_secrets(&[&added.secret]);
+    for _ in 0..30 {
+        test_event(&h, &alice, &ep).await;
+    }
+    assert_eq!(
+        worker.deliver_due().await.expect("deliver"),
+        8,
+        "a full claim"
+    );
+    assert_eq!(capped.received().len(), 1, "one within the cap");
+    let first = deliveries(&h, &alice, &ep).await;
+    assert_eq!(first.len(), 1);
+    // The claim's clock, read just before the attempt started, a minute on (not a second).
+    let window_ends = first[0].started_at_unix_micros + 59_000_000;
+    let due: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT next_attempt_at, attempts FROM alert_events \
+         WHERE endpoint_id = $1 AND status = 'PENDING'",
+    )
+    .bind(&ep)
+    .fetch_all(h.store.pool())
+    .await
+    .expect("events");
+    assert_eq!(due.len(), 29);
+    assert!(
+        due.iter()
+            .all(|(at, attempts)| *at > window_ends && *attempts == 0),
+        "every waiting event is due after the window ({window_ends}): {due:?}"
+    );
+
+    let bobs = add_rule(&h, &bob, &other, balance_low(USD)).await;
+    test_event(&h, &bob, &bobs).await;
+    assert_eq!(
+        worker.deliver_due().await.expect("deliver"),
+        1,
+        "the next claim holds bob's event alone"
+    );
+    assert_eq!(other.received().len(), 1);
+    assert_eq!(capped.received().len(), 1);
     h
 }
 

@@ -23,6 +23,8 @@ use crate::store::{now_micros, Store};
 /// lease covers them (see `deliver_due`).
 const PARALLEL_SENDS: usize = 8;
 const CLAIM_BATCH: i64 = PARALLEL_SENDS as i64;
+/// The window of an endpoint's rate cap (`rate_per_minute`).
+const RATE_WINDOW_MICROS: i64 = 60_000_000;
 /// Bytes of a response read (then dropped); at most this much of an error body is kept.
 const RESPONSE_CAP: usize = 1024;
 const ERROR_TEXT_CAP: usize = 256;
@@ -89,28 +91,40 @@ impl Worker {
     }
 
     /// Keeps the claimed events each endpoint's cap (attempts in the last minute) still allows
-    /// and gives the others back for a second later, without spending an attempt. Decided for
-    /// the whole batch before any send: a batch is sent in parallel, so a check per send would
-    /// let every event of a burst through before the first attempt is recorded.
+    /// and gives the others back, without spending an attempt, for when the endpoint's window
+    /// has room again (its oldest attempt in the window is a minute old). Decided for the whole
+    /// batch before any send: a batch is sent in parallel, so a check per send would let every
+    /// event of a burst through before the first attempt is recorded.
+    ///
+    /// The rest of a capped endpoint's due backlog is put off to the same moment in one
+    /// statement. Postponed a second at a time and one claim at a time, a backlog of thousands
+    /// filled every claim of every second with events that could not be sent: other accounts'
+    /// events waited behind it, and each of its events was written again every second.
     async fn within_rate_caps(
         &self,
         events: Vec<ClaimedEvent>,
         now: i64,
     ) -> Result<Vec<ClaimedEvent>> {
         let pool = self.store.pool();
-        let mut room: HashMap<String, i64> = HashMap::new();
+        // Per endpoint: the sends left in its window, and when it has room again.
+        let mut room: HashMap<String, (i64, i64)> = HashMap::new();
+        let mut capped: HashMap<String, i64> = HashMap::new();
         let mut allowed = Vec::with_capacity(events.len());
         for event in events {
-            let left = match room.get_mut(&event.endpoint_id) {
-                Some(left) => left,
+            let (left, free_at) = match room.get_mut(&event.endpoint_id) {
+                Some(entry) => entry,
                 None => {
                     let cap = match db::endpoint(pool, &event.endpoint_id).await? {
                         Some(endpoint) => endpoint.rate_per_minute,
                         None => 0,
                     };
-                    let recent = db::attempts_since(pool, &event.endpoint_id, now - 60_000_000);
-                    let left = cap - recent.await?;
-                    room.entry(event.endpoint_id.clone()).or_insert(left)
+                    let since = now - RATE_WINDOW_MICROS;
+                    let (recent, oldest) =
+                        db::attempts_since(pool, &event.endpoint_id, since).await?;
+                    // The window's oldest attempt, or the one this batch is about to make.
+                    let free_at = oldest.unwrap_or(now).min(now) + RATE_WINDOW_MICROS + 1;
+                    room.entry(event.endpoint_id.clone())
+                        .or_insert((cap - recent, free_at))
                 }
             };
             if *left > 0 {
@@ -118,8 +132,13 @@ impl Worker {
                 allowed.push(event);
             } else {
                 super::metrics::rate_capped();
-                db::postpone(pool, &event.id, &self.id, now + 1_000_000).await?;
+                db::postpone(pool, &event.id, &self.id, *free_at).await?;
+                capped.insert(event.endpoint_id.clone(), *free_at);
             }
+        }
+        for (endpoint_id, free_at) in capped {
+            let backlog = db::postpone_backlog(pool, &endpoint_id, now, free_at).await?;
+            super::metrics::rate_capped_by(backlog);
         }
         Ok(allowed)
     }

@@ -53,6 +53,11 @@ pub(crate) fn rate_capped() {
     RATE_CAPPED.inc();
 }
 
+/// Events of a capped endpoint's backlog put off together (see `within_rate_caps`).
+pub(crate) fn rate_capped_by(events: u64) {
+    RATE_CAPPED.inc_by(events);
+}
+
 pub(crate) fn disabled() {
     DISABLED_TOTAL.inc();
 }

@@ -317,9 +317,37 @@ pub(crate) async fn postpone(
     Ok(())
 }
 
-pub(crate) async fn attempts_since(pool: &AnyPool, endpoint_id: &str, since: i64) -> Result<i64> {
-    Ok(sqlx::query_scalar(
-        "SELECT COUNT(*) FROM alert_deliveries WHERE endpoint_id = $1 AND started_at >= $2",
+/// Gives the unclaimed events of an endpoint due before `until` back for then, without counting
+/// an attempt (its rate cap is reached; events another worker holds are left alone). Returns how
+/// many.
+pub(crate) async fn postpone_backlog(
+    pool: &AnyPool,
+    endpoint_id: &str,
+    now: i64,
+    until: i64,
+) -> Result<u64> {
+    let done = sqlx::query(
+        "UPDATE alert_events SET next_attempt_at = $1 \
+         WHERE endpoint_id = $2 AND status = 'PENDING' AND next_attempt_at < $1 \
+           AND (lease_until IS NULL OR lease_until < $3)",
+    )
+    .bind(until)
+    .bind(endpoint_id)
+    .bind(now)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// An endpoint's attempts since `since`, and when the oldest of them started.
+pub(crate) async fn attempts_since(
+    pool: &AnyPool,
+    endpoint_id: &str,
+    since: i64,
+) -> Result<(i64, Option<i64>)> {
+    Ok(sqlx::query_as(
+        "SELECT COUNT(*), MIN(started_at) FROM alert_deliveries \
+         WHERE endpoint_id = $1 AND started_at >= $2",
     )
     .bind(endpoint_id)
     .bind(since)

@@ -29,6 +29,13 @@ pub fn alerts_evaluated_by_hand(c: &mut LedgerConfig) {
     c.alerts.evaluate_interval = Duration::from_secs(3600);
 }
 
+/// [`alerts_on`], and events are delivered only when a test calls `deliver_due` (the ledger's
+/// own worker looks once at start-up, before any event).
+pub fn alerts_delivered_by_hand(c: &mut LedgerConfig) {
+    alerts_on(c);
+    c.alerts.deliver_interval = Duration::from_secs(3600);
+}
+
 /// [`alerts_on`], and the name `localhost` allowed too (the DNS rebinding test takes it away).
 pub fn alerts_allow_localhost(c: &mut LedgerConfig) {
     alerts_on(c);
