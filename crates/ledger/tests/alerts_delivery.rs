@@ -367,26 +367,30 @@ async fn secrets_are_sealed_and_rotate_with_overlap(h: Harness) -> Harness {
     h
 }
 
-/// An endpoint capped at 2 attempts a minute gets 2 of 5 events now; the other 3 wait (no attempt
-/// spent, nothing given up) and `/metrics` shows the queue, the cap, the attempts and the retries.
-async fn rate_cap_holds_events_back_and_metrics_count_them(h: Harness) -> Harness {
-    let alice = h.account(ALICE, 10 * USD).await;
-    let (capped, flaky) = (
-        WebhookReceiver::start().await,
-        WebhookReceiver::start().await,
-    );
-    let added = alerts(&h, &alice)
+/// An endpoint of the account of `secret` on a receiver of its own, capped at `per_minute`
+/// attempts a minute: the receiver and the endpoint's id.
+async fn capped_endpoint(h: &Harness, secret: &str, per_minute: u32) -> (WebhookReceiver, String) {
+    let receiver = WebhookReceiver::start().await;
+    let added = alerts(h, secret)
         .add_alert_endpoint(pb::AddAlertEndpointRequest {
-            url: capped.url.clone(),
+            url: receiver.url.clone(),
             rules: vec![balance_low(USD)],
-            rate_per_minute: Some(2),
+            rate_per_minute: Some(per_minute),
             ..Default::default()
         })
         .await
         .expect("add")
         .into_inner();
-    let ep = added.endpoint.expect("endpoint").id;
-    capped.set_secrets(&[&added.secret]);
+    receiver.set_secrets(&[&added.secret]);
+    (receiver, added.endpoint.expect("endpoint").id)
+}
+
+/// An endpoint capped at 2 attempts a minute gets 2 of 5 events now; the other 3 wait (no attempt
+/// spent, nothing given up) and `/metrics` shows the queue, the cap, the attempts and the retries.
+async fn rate_cap_holds_events_back_and_metrics_count_them(h: Harness) -> Harness {
+    let alice = h.account(ALICE, 10 * USD).await;
+    let (capped, ep) = capped_endpoint(&h, &alice, 2).await;
+    let flaky = WebhookReceiver::start().await;
     let series = |name: &str, label: &str| format!("syft_ledger_alert_{name}{{{label}}}");
     let tests = series("events_total", "type=\"test\"");
     let retried = series("deliveries_total", "outcome=\"retry\"");
@@ -442,22 +446,8 @@ async fn a_capped_backlog_waits_for_its_window_out_of_others_way(h: Harness) -> 
     let worker = Worker::new(h.store.clone(), Arc::new(h.config.alerts.clone()));
     let alice = h.account(ALICE, 10 * USD).await;
     let bob = h.account(BOB, 10 * USD).await;
-    let (capped, other) = (
-        WebhookReceiver::start().await,
-        WebhookReceiver::start().await,
-    );
-    let added = alerts(&h, &alice)
-        .add_alert_endpoint(pb::AddAlertEndpointRequest {
-            url: capped.url.clone(),
-            rules: vec![balance_low(USD)],
-            rate_per_minute: Some(1),
-            ..Default::default()
-        })
-        .await
-        .expect("add")
-        .into_inner();
-    let ep = added.endpoint.expect("endpoint").id;
-    capped.set_secrets(&[&added.secret]);
+    let (capped, ep) = capped_endpoint(&h, &alice, 1).await;
+    let other = WebhookReceiver::start().await;
     for _ in 0..30 {
         test_event(&h, &alice, &ep).await;
     }
