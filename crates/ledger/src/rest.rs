@@ -13,6 +13,7 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use syft_error::ErrorCode;
 
 use crate::auth::Caller;
 use crate::core::{HoldRequest, Ledger, PartyAction};
@@ -41,7 +42,41 @@ pub fn router(ledger: Ledger) -> Router {
         .route("/transaction/cancel", post(cancel_transaction))
         .route("/transactions", get(list_transactions))
         .fallback(|| async { RestError(LedgerError::NotFound("no such endpoint".into())) })
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(ledger)
+}
+
+/// Keeps every error of this API JSON (`{"detail", "code"}`), also the ones axum answers before a
+/// handler runs: a query or path that does not parse (400), a method the path does not take
+/// (405), a body over the size limit (413). Clients parse a failed response's body as JSON, and a
+/// plain-text one made the SDK fail on decoding instead of showing the API's error.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if json || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let detail = match text.trim() {
+        "" => status.canonical_reason().unwrap_or("error"),
+        text => text,
+    };
+    let code = match status.as_u16() {
+        405 | 413 | 415 => ErrorCode::InvalidArgument,
+        other => ErrorCode::from_http(other),
+    };
+    let body = serde_json::json!({"detail": detail, "code": code.as_str()});
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Response::from_parts(parts, axum::body::Body::from(body.to_string()))
 }
 
 /// A ledger error as an HTTP response: the status of its error code and always a JSON body
@@ -127,12 +162,24 @@ fn idempotency_key(headers: &HeaderMap, prefix: &str) -> Result<String> {
 fn amount_micros(field: &str, raw: &RawValue, max: i64) -> Result<i64> {
     let text = raw.get().trim();
     let text = match serde_json::from_str::<String>(text) {
-        Ok(s) => s,
+        // A numeric string must spell a JSON number, as a number would (no "+1", "2." or ".5").
+        Ok(s) if is_json_number(&s) => s,
+        Ok(s) => {
+            return Err(LedgerError::invalid(format!(
+                "{field}: {s:?} is not a decimal number"
+            )))
+        }
         Err(_) => text.to_string(),
     };
     let micros = syft_money::parse_decimal_micros(&text, max)
         .map_err(|e| LedgerError::invalid(format!("{field}: {e}")))?;
     check_positive(field, micros, max)
+}
+
+/// Whether `s` is, as it stands, a JSON number (read without converting it).
+fn is_json_number(s: &str) -> bool {
+    s.starts_with(|c: char| c == '-' || c.is_ascii_digit())
+        && serde_json::from_str::<&RawValue>(s).is_ok_and(|v| v.get() == s)
 }
 
 /// Currency units as an exact JSON number (`12.5`, not `12.500000000000002`).

@@ -309,7 +309,7 @@ impl Store {
     /// Places a hold the sender asked for itself (no token, created by SENDER). Not on the hot
     /// path, so it is one short transaction on both backends.
     pub async fn authorize_direct(&self, input: &DirectInput<'_>) -> Result<TransferRow> {
-        // Namespaced per sender, so a sender's key never meets the recipient's own keys.
+        // Namespaced per sender, and a key of the sender's whatever the recipient (migration 0025).
         let key = format!("direct:{}:{}", input.sender_id, input.idempotency_key);
         let request_hash = sha256_hex(&format!(
             "direct\n{}\n{}\n{}\n{}",
@@ -367,11 +367,11 @@ impl Store {
                 .transfer_by_id(&id)
                 .await?
                 .ok_or_else(|| LedgerError::Internal("transfer vanished".into())),
+            // The key's row committed first (a unique index waits for it): its answer. None
+            // left to find means the key is a recipient's own key of this form, so it is taken.
             None => match self.replay_direct(input, &key, &request_hash).await? {
                 Some(replayed) => replayed,
-                None => Err(LedgerError::Unavailable(
-                    "concurrent transfer, retry".into(),
-                )),
+                None => Err(key_reused(input.idempotency_key)),
             },
             Some(false) => Err(LedgerError::refused(
                 Reason::InsufficientFunds,
@@ -380,7 +380,9 @@ impl Store {
         }
     }
 
-    /// The transfer an earlier direct request with this key created, if any.
+    /// The transfer an earlier direct request of this sender with this key created, if any,
+    /// whatever its recipient: the key is the sender's (the request hash holds the recipient, so
+    /// the same key sent to another recipient is a reused key). Migration 0025 keeps it unique.
     async fn replay_direct(
         &self,
         input: &DirectInput<'_>,
@@ -389,12 +391,11 @@ impl Store {
     ) -> Result<Option<Result<TransferRow>>> {
         let sql = format!(
             "SELECT {TRANSFER_COLUMNS}, t.request_hash FROM transfers t {TRANSFER_JOINS} \
-             WHERE t.recipient_id = $1 AND t.idempotency_key = $2 AND t.sender_id = $3"
+             WHERE t.sender_id = $1 AND t.idempotency_key = $2 AND t.created_by = 'SENDER'"
         );
         let keyed: Option<KeyedTransfer> = sqlx::query_as(&sql)
-            .bind(input.recipient_id)
-            .bind(key)
             .bind(input.sender_id)
+            .bind(key)
             .fetch_optional(self.pool())
             .await?;
         let Some(keyed) = keyed else { return Ok(None) };

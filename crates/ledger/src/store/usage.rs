@@ -154,7 +154,12 @@ pub(crate) async fn insert_usage_row(
     .bind(hosted_transfer_id)
     .bind(is_refused(u))
     .bind(u.ttft_ms)
-    .bind(row_key(u))
+    // A transfer's row is kept once by its transfer; the key is for rows without money (the
+    // batched capture on Postgres does not store it either).
+    .bind(match w.link {
+        UsageLink::None => row_key(u),
+        UsageLink::Transfer(_) | UsageLink::Hosted(_) => None,
+    })
     .execute(&mut *conn)
     .await?
     .rows_affected();
