@@ -13,7 +13,7 @@ use std::str::FromStr;
 use tonic_types::{ErrorDetails, StatusExt};
 
 mod usage;
-pub use usage::{UsageStatus, MAX_USAGE_COUNT, MAX_USAGE_NAME};
+pub use usage::{UsageStatus, MAX_ANSWER_BYTES, MAX_USAGE_COUNT, MAX_USAGE_NAME};
 
 /// Metadata key (gRPC) and header (HTTP) carrying the machine-readable reason next to ErrorInfo,
 /// for clients that do not decode `grpc-status-details-bin`.

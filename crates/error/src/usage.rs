@@ -8,6 +8,12 @@
 /// own app would have failed every fold, and so every analytics query and `verify`).
 pub const MAX_USAGE_COUNT: i64 = 1_000_000_000;
 
+/// The largest answer the ledger stores with a capture, in bytes: the default gRPC message size,
+/// so a stored answer can always be read back in one message. A router's own cap
+/// (`--answer-max-bytes`) may not be larger: a capture whose answer the ledger refuses would fail
+/// after the upstream answered.
+pub const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024 - 64 * 1024;
+
 /// The longest `model` (and `app_name`) a usage row stores, in bytes; no control characters.
 /// The router checks a request's model against it before the hold, because a capture or void
 /// whose row the ledger refuses would leave the hold pending until it expires.
@@ -28,6 +34,9 @@ pub enum UsageStatus {
     Cancelled,
     /// A search that succeeded without results (voided: users pay for answers).
     NoResults,
+    /// The ledger refused the capture for good (the hold expired meanwhile): voided, and the
+    /// answer withheld.
+    CaptureRefused,
     /// Refused: a paid service was called without a transaction token.
     PaymentRequired,
     /// Refused: the ledger did not accept the token (unknown, revoked, expired, over its limit).
@@ -48,13 +57,14 @@ pub enum UsageStatus {
 }
 
 impl UsageStatus {
-    pub const ALL: [UsageStatus; 14] = [
+    pub const ALL: [UsageStatus; 15] = [
         Self::Success,
         Self::UpstreamError,
         Self::Timeout,
         Self::InvalidResponse,
         Self::Cancelled,
         Self::NoResults,
+        Self::CaptureRefused,
         Self::PaymentRequired,
         Self::TokenRefused,
         Self::InsufficientFunds,
@@ -73,6 +83,7 @@ impl UsageStatus {
             Self::InvalidResponse => "invalid_response",
             Self::Cancelled => "cancelled",
             Self::NoResults => "no_results",
+            Self::CaptureRefused => "capture_refused",
             Self::PaymentRequired => "payment_required",
             Self::TokenRefused => "token_refused",
             Self::InsufficientFunds => "insufficient_funds",

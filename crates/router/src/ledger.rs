@@ -268,7 +268,7 @@ impl Ledger {
     ) -> Result<Transfer, RouterError> {
         let msg = VoidRequest {
             transfer_id: transfer_id.to_string(),
-            reason: reason.to_string(),
+            reason: void_reason(reason),
             usage: Some(usage),
         };
         self.settled(Op::Void, transfer_id, settle_until, rpc!(void), msg)
@@ -549,6 +549,26 @@ async fn probe_one(m: &Member, timeout: Duration) -> LedgerState {
         }
         Err(_) => LedgerState::Unreachable,
     }
+}
+
+/// Bytes of a void's reason sent: the ledger refuses one over 500 bytes or with control
+/// characters.
+const MAX_VOID_REASON: usize = 256;
+
+/// A void's reason as the ledger takes it. Reasons carry upstream error text (an HTML error page,
+/// a long JSON message), and a void the ledger refused for its reason left the hold pending until
+/// it expired and the request without a usage row: control characters become spaces and the
+/// text is cut at a character boundary.
+pub(crate) fn void_reason(reason: &str) -> String {
+    let mut out = String::with_capacity(reason.len().min(MAX_VOID_REASON));
+    for c in reason.chars() {
+        let c = if c.is_control() { ' ' } else { c };
+        if out.len() + c.len_utf8() > MAX_VOID_REASON {
+            break;
+        }
+        out.push(c);
+    }
+    out
 }
 
 #[cfg(test)]

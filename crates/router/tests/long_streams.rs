@@ -107,3 +107,51 @@ async fn a_unary_answer_slower_than_its_hold_is_captured() {
     assert_eq!(s.alice_money().await, (FUNDS - PRICE, 0, FUNDS - PRICE));
     s.check_invariants().await;
 }
+
+/// A capture the ledger refuses for good (here the hold expired while the upstream worked, its
+/// expiry moved back behind the router's back) is voided at once with the request's usage row
+/// (`capture_refused`), rather than left pending for the sweep, which writes no row. The ledger's
+/// own sweep is slowed so that it cannot cancel the hold first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_capture_is_voided_with_its_row() {
+    let s = Stack::start_with_ledger(Pricing::per_request(PRICE), |l| {
+        l.sweep_interval = Duration::from_secs(3600);
+    })
+    .await;
+    s.upstream
+        .set_mode(Mode::Delay(Duration::from_millis(1000)));
+    let (mut c, req) = (s.client().await, s.request("hi"));
+    let chat = tokio::spawn(async move { c.chat(req).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or_default();
+    let moved = sqlx::query("UPDATE transfers SET expires_at = $1 WHERE status = 'PENDING'")
+        .bind(now)
+        .execute(s.ledger.store.pool())
+        .await
+        .expect("expire the hold");
+    assert_eq!(moved.rows_affected(), 1);
+    let refused = chat
+        .await
+        .expect("join")
+        .expect_err("the capture is refused");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    let t = s.transfers().await;
+    assert_eq!(t.len(), 1);
+    assert_eq!(t[0].status(), TransferStatus::Cancelled, "{t:?}");
+    let statuses: Vec<String> = s
+        .usage()
+        .await
+        .into_iter()
+        .filter_map(|r| r.usage.map(|u| u.status))
+        .collect();
+    assert_eq!(statuses, ["capture_refused"]);
+    assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));
+    s.check_invariants().await;
+}

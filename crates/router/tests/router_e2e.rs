@@ -146,6 +146,25 @@ async fn upstream_failures_are_voided_and_recorded() {
         (Mode::Stall, Code::DeadlineExceeded, "timeout"),
         (Mode::Garbage, Code::Unavailable, "invalid_response"),
         (Mode::EmptyChoices, Code::Unavailable, "invalid_response"),
+        // Error text the ledger would refuse as a void's reason (control characters, over 500
+        // bytes): the void must still commit, with its row.
+        (
+            Mode::StatusBody(
+                502,
+                "<html>\r\n<body>502 Bad Gateway</body>\r\n</html>".into(),
+            ),
+            Code::Unavailable,
+            "upstream_error",
+        ),
+        (
+            Mode::StatusBody(
+                400,
+                json!({"error": {"message": "é".repeat(400), "type": "invalid_request_error"}})
+                    .to_string(),
+            ),
+            Code::InvalidArgument,
+            "upstream_error",
+        ),
     ];
     for (mode, code, _) in &cases {
         s.upstream.set_mode(mode.clone());

@@ -187,11 +187,21 @@ pub struct Funded {
 
 impl Funded {
     pub async fn start(db: &Db, hold_ttl: Duration) -> Self {
-        let ledger = LedgerServer::start(LedgerConfig {
+        Self::start_tweaked(db, hold_ttl, |_| {}).await
+    }
+
+    /// [`Funded::start`] with the ledger's configuration changed by `tweak`.
+    pub async fn start_tweaked(
+        db: &Db,
+        hold_ttl: Duration,
+        tweak: impl FnOnce(&mut LedgerConfig),
+    ) -> Self {
+        let mut config = LedgerConfig {
             hold_ttl,
             ..ledger_config(&db.url)
-        })
-        .await;
+        };
+        tweak(&mut config);
+        let ledger = LedgerServer::start(config).await;
         let owner = create_account(&ledger.url, "owner").await;
         let alice = create_account(&ledger.url, "alice").await;
         deposit(&ledger.url, &alice.email, FUNDS).await;
@@ -265,6 +275,25 @@ impl Stack {
         tweak: impl FnOnce(&mut RouterConfig),
     ) -> Self {
         let funded = Funded::start(&db, hold_ttl).await;
+        Self::on_funded(db, funded, pricing, tweak).await
+    }
+
+    /// [`Stack::start`] with the ledger's configuration changed by `tweak`.
+    pub async fn start_with_ledger(
+        pricing: Pricing,
+        tweak: impl FnOnce(&mut LedgerConfig),
+    ) -> Self {
+        let db = Db::sqlite();
+        let funded = Funded::start_tweaked(&db, HOLD_TTL, tweak).await;
+        Self::on_funded(db, funded, pricing, |_| {}).await
+    }
+
+    async fn on_funded(
+        db: Db,
+        funded: Funded,
+        pricing: Pricing,
+        tweak: impl FnOnce(&mut RouterConfig),
+    ) -> Self {
         let upstream = FakeUpstream::start().await;
         let mut config = funded.router_config("test-router", pricing, Some(&upstream.base_url));
         tweak(&mut config);

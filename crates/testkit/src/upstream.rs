@@ -34,6 +34,8 @@ pub enum Mode {
     NoUsage,
     /// An HTTP error status with an OpenAI error body.
     Status(u16),
+    /// An HTTP error status with this body, sent as it is (an HTML error page, a long message).
+    StatusBody(u16, String),
     /// Never answers.
     Stall,
     /// Answers after a delay.
@@ -128,18 +130,22 @@ async fn misbehave(state: &UpState, body: &Value) -> (Mode, Option<Response>) {
     state.hits.fetch_add(1, Ordering::SeqCst);
     *state.last_body.lock().expect("lock") = Some(body.clone());
     let mode = state.mode.lock().expect("lock").clone();
-    let early = match mode {
+    let early = match &mode {
         Mode::Status(code) => {
-            let status = axum::http::StatusCode::from_u16(code).expect("status");
+            let status = axum::http::StatusCode::from_u16(*code).expect("status");
             let body = json!({"error": {"message": "upstream exploded", "type": "server_error"}});
             Some((status, Json(body)).into_response())
+        }
+        Mode::StatusBody(code, body) => {
+            let status = axum::http::StatusCode::from_u16(*code).expect("status");
+            Some((status, body.clone()).into_response())
         }
         Mode::Stall => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             None
         }
         Mode::Delay(d) => {
-            tokio::time::sleep(d).await;
+            tokio::time::sleep(*d).await;
             None
         }
         Mode::Garbage => {

@@ -74,9 +74,8 @@ pub struct AnswerInput {
     pub retention_seconds: i64,
 }
 
-/// Largest stored answer: the default gRPC message size, so a stored answer can always be read
-/// back in one message. Routers cap their own answers lower (`--answer-max-bytes`).
-pub const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024 - 64 * 1024;
+/// Largest stored answer (shared with the router, which refuses a larger `--answer-max-bytes`).
+pub use syft_error::MAX_ANSWER_BYTES;
 /// Longest answer retention a router may ask for (30 days).
 pub const MAX_ANSWER_RETENTION_SECONDS: i64 = 30 * 86_400;
 

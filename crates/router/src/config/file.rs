@@ -408,6 +408,19 @@ mod tests {
         );
     }
 
+    /// An answer cap above what the ledger stores would fail captures after the upstream
+    /// answered: refused at start-up.
+    #[test]
+    fn answer_cap_is_within_the_ledgers() {
+        let mut c = RouterConfig::from_json_str(r#"{"name":"r","owner_email":"o@example.com"}"#)
+            .expect("config");
+        c.replay.max_bytes = syft_error::MAX_ANSWER_BYTES;
+        assert!(c.validate().is_ok());
+        c.replay.max_bytes += 1;
+        let err = c.validate().expect_err("over the ledger's limit");
+        assert!(err.to_string().contains("answer max bytes"), "{err}");
+    }
+
     #[test]
     fn rejects_bad_config() {
         assert!(RouterConfig::from_json_str(r#"{"name":"r","owner_email":"nope"}"#).is_err());

@@ -460,6 +460,12 @@ impl RouterConfig {
         if self.replay.retention > max_retention {
             return Err(invalid("answer retention must be at most 30 days"));
         }
+        if self.replay.max_bytes > syft_error::MAX_ANSWER_BYTES {
+            return Err(invalid(format!(
+                "answer max bytes must be at most {} (the largest answer the ledger stores)",
+                syft_error::MAX_ANSWER_BYTES
+            )));
+        }
         if let UpstreamConfig::OpenAi(o) = &self.upstream {
             let ok = o.base_url.starts_with("http://") || o.base_url.starts_with("https://");
             if !ok {

@@ -82,15 +82,26 @@ impl HoldGuard {
         usage: Usage,
         answer: Option<AnswerToStore>,
     ) -> Result<(), RouterError> {
+        let refused_row = Usage {
+            status: UsageStatus::CaptureRefused.as_str().into(),
+            ..usage.clone()
+        };
         let result = self
             .ledger
             .capture(&self.transfer_id, cost, usage, answer, self.settle_until())
             .await;
         match &result {
+            Ok(_) => self.cancel_usage = None,
             // Unavailable: the outcome is unknown; leave the guard armed so a void is attempted
-            // (whichever resolution commits first wins, exactly once). Else it is resolved.
+            // (whichever resolution commits first wins, exactly once).
             Err(RouterError::Unavailable(_)) => {}
-            _ => self.cancel_usage = None,
+            // A definite refusal (the hold expired meanwhile): nothing was captured. Void it now
+            // with the request's row rather than leave it to the sweep, which frees the money
+            // only at its next pass and writes no row.
+            Err(e) => {
+                let reason = format!("capture refused: {e}");
+                self.void(&reason, refused_row).await;
+            }
         }
         result.map(|_| ())
     }
