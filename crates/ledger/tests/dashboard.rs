@@ -1,13 +1,15 @@
 //! The dashboard over HTTP (issue 12), on SQLite and Postgres: sign-in and its refusals, the
 //! session cookie and the stored hash, CSRF and Origin checks, sign-out and expiry, who sees which
 //! rows, the alerts panel (issue 13) and live usage over server-sent events (across two ledger
-//! replicas on Postgres), and the sign-in throttle. The browser itself is driven in `dashboard_browser.rs`.
+//! replicas on Postgres), the sign-in throttle, sessions ended by a new password or admin key, and
+//! the cap on one account's live streams. The browser itself is driven in `dashboard_browser.rs`.
 
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde_json::{json, Value};
 use syft_ledger::store::{sha256_hex, Backend};
+use syft_ledger::LedgerConfig;
 use syft_proto::ledger as pb;
 use syft_testkit::{alerts_on, req, Harness, LedgerServer, WebhookReceiver, ADMIN_KEY, USD};
 
@@ -549,15 +551,90 @@ async fn sign_in_throttle(h: &Harness) {
     }
 }
 
+/// A session belongs to the credential it was opened with: a password change ends the account's
+/// sessions, another admin key the admin's (migration 0026). One account holds at most eight live
+/// streams on a ledger process: the ninth is 429, and a closed one gives its place back.
+async fn credentials_and_streams(h: &mut Harness) {
+    let base = h.http_url();
+    let owner = h.account(OWNER, 0).await;
+    let web = Web::sign_in(&base, OWNER, &owner).await;
+    assert_eq!(web.get_status("/dashboard/api/stats").await.0, 200);
+
+    let open = |web: &Web| {
+        web.http
+            .get(format!("{}/dashboard/events", web.base))
+            .header("cookie", &web.cookie)
+            .send()
+    };
+    let mut streams = Vec::new();
+    for i in 0..8 {
+        let stream = open(&web).await.expect("events");
+        assert_eq!(stream.status(), 200, "stream {i}");
+        streams.push(stream);
+    }
+    let ninth = open(&web).await.expect("events");
+    assert_eq!(ninth.status(), 429);
+    let body: Value = ninth.json().await.expect("json");
+    assert_eq!(body["code"], "RESOURCE_EXHAUSTED", "{body}");
+    drop(streams.pop());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let stream = open(&web).await.expect("events");
+        if stream.status() == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a closed stream's place came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(streams);
+
+    let changed = reqwest::Client::new()
+        .put(format!("{base}/user/update-password"))
+        .basic_auth(OWNER, Some(&owner))
+        .json(&json!({"oldPassword": owner, "newPassword": "a-new-secret-123"}))
+        .send()
+        .await
+        .expect("update password");
+    assert_eq!(changed.status(), 200);
+    let (status, _) = web.get_status("/dashboard/api/stats").await;
+    assert_eq!(status, 401, "the old password's session ended");
+    let owner_web = Web::sign_in(&base, OWNER, "a-new-secret-123").await;
+    assert_eq!(owner_web.get_status("/dashboard/api/stats").await.0, 200);
+
+    let admin = Web::sign_in(&base, "", ADMIN_KEY).await;
+    assert_eq!(admin.get_status("/dashboard/api/stats").await.0, 200);
+    let url = h.url();
+    h.server.take().expect("server").stop().await;
+    let rotated = LedgerConfig {
+        admin_key: "another-admin-key-456".into(),
+        ..h.config.clone()
+    };
+    let server = LedgerServer::start_at(rotated, &url).await;
+    let on = |web: Web| Web {
+        base: server.http_url.clone(),
+        ..web
+    };
+    let (status, _) = on(admin).get_status("/dashboard/api/stats").await;
+    assert_eq!(status, 401, "the old admin key's session ended");
+    let (status, _) = on(owner_web).get_status("/dashboard/api/stats").await;
+    assert_eq!(status, 200, "an account's session is not the admin key's");
+    server.stop().await;
+    h.server = Some(LedgerServer::start_at(h.config.clone(), &url).await);
+}
+
 async fn suite(postgres: bool) {
-    for scenario in 0..4 {
-        let Some(h) = Harness::with(postgres, alerts_on).await else {
+    for scenario in 0..5 {
+        let Some(mut h) = Harness::with(postgres, alerts_on).await else {
             return;
         };
         match scenario {
             0 => sessions_and_permissions(&h).await,
             1 => alerts_panel(&h).await,
             2 => sign_in_throttle(&h).await,
+            3 => credentials_and_streams(&mut h).await,
             _ => live_usage(&h).await,
         }
         h.finish().await;

@@ -14,8 +14,8 @@ use syft_router_svc::{
     HttpSearchConfig, Pricing, RouterConfig, SearchBackendConfig, SearchConfig, ServiceKind,
 };
 use syft_testkit::{
-    backdate_transfers, get_json, get_json_as, quota_refusal, FakeUpstream, Mode, Stack, FUNDS,
-    PRICE,
+    backdate_transfers, get_json, get_json_as, quota_refusal, revoke_token, FakeUpstream, Mode,
+    Stack, FUNDS, PRICE,
 };
 use tonic::metadata::MetadataMap;
 use tonic::Code;
@@ -487,14 +487,7 @@ async fn limits_are_shown_to_the_holder_of_the_users_token() {
     assert_eq!(mine["limits"][0]["remaining"], 9, "{mine}");
 
     // A revoked token shows nothing any more.
-    let mut alice_client =
-        syft_ledger::client::connect_lazy(&s.ledger.url, &s.alice.secret).expect("client");
-    alice_client
-        .revoke_token(syft_proto::ledger::RevokeTokenRequest {
-            token: s.token.clone(),
-        })
-        .await
-        .expect("revoke");
+    revoke_token(&s.ledger.url, &s.alice, &s.token).await;
     let err = c
         .get_limits(ask(alice, &s.token))
         .await

@@ -109,6 +109,45 @@ async fn grpc_retries_after_the_capture_get_the_stored_answer() {
     s.check_invariants().await;
 }
 
+/// A retry with a fresh token of the same user (the first answer lost after its capture) gets
+/// the stored answer: the ledger takes a hold that differs only by its live token as the same
+/// request. A made-up token, or one the user revoked, gets no answer and moves no money.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_with_a_fresh_token_gets_the_stored_answer() {
+    let s = Stack::start(Pricing::per_request(PRICE)).await;
+    let mut c = s.client().await;
+    let first = ok(c.chat(keyed(&s, "hi", "fresh-1")).await);
+    let fresh = issue_token(&s.ledger.url, &s.alice, &s.owner.email).await;
+    let retry = ChatRequest {
+        transaction_token: fresh.clone(),
+        ..keyed(&s, "hi", "fresh-1")
+    };
+    let again = ok(c.chat(retry).await);
+    assert!(again.replay);
+    assert_eq!(
+        (&again.transfer_id, &again.message),
+        (&first.transfer_id, &first.message)
+    );
+    let forged = ChatRequest {
+        transaction_token: "made-up-token".into(),
+        ..keyed(&s, "hi", "fresh-1")
+    };
+    // Refused (the key is taken by a request this token cannot claim), no answer given.
+    let refused = c.chat(forged).await.expect_err("a made-up token");
+    let codes = [tonic::Code::AlreadyExists, tonic::Code::PermissionDenied];
+    assert!(codes.contains(&refused.code()), "{refused:?}");
+    revoke_token(&s.ledger.url, &s.alice, &fresh).await;
+    let revoked = ChatRequest {
+        transaction_token: fresh,
+        ..keyed(&s, "hi", "fresh-1")
+    };
+    let refused = c.chat(revoked).await.expect_err("a revoked token");
+    assert!(codes.contains(&refused.code()), "{refused:?}");
+    assert_eq!(s.upstream.hits(), 1);
+    assert_eq!(s.alice_money().await, (FUNDS - PRICE, 0, FUNDS - PRICE));
+    s.check_invariants().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_retries_get_the_stored_answer_with_the_replay_header() {
     let s = Stack::start(Pricing::per_request(PRICE)).await;

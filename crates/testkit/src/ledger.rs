@@ -346,6 +346,15 @@ pub async fn issue_token(ledger: &str, sender: &Account, recipient: &str) -> Str
         .expect("issue token")
 }
 
+/// Revokes `token`, as its sender.
+pub async fn revoke_token(ledger: &str, sender: &Account, token: &str) {
+    let mut c = connect_lazy(ledger, &sender.secret).expect("client");
+    let revoke = pb::RevokeTokenRequest {
+        token: token.to_string(),
+    };
+    crate::ok(c.revoke_token(revoke).await);
+}
+
 pub async fn account(ledger: &str, email: &str) -> pb::Account {
     admin(ledger)
         .get_account(req::get_account(email))

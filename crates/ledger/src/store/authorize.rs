@@ -52,6 +52,18 @@ struct KeyedTransfer {
     #[sqlx(flatten)]
     transfer: TransferRow,
     request_hash: String,
+    /// The token the hold was placed with (read only by the delegated replay).
+    #[sqlx(default)]
+    token_id: Option<String>,
+}
+
+/// What a delegated hold's request is known by: sender, amount, token and app. A replay is the
+/// same request; one that differs only by its token may still be (see `replay_authorize`).
+fn hold_hash(input: &AuthorizeInput<'_>, token_id: &str) -> String {
+    sha256_hex(&format!(
+        "{}\n{}\n{}\n{}\n{}",
+        input.sender_email, input.amount, token_id, input.app_name, input.app_ep_path
+    ))
 }
 
 /// An authorization refused for a business reason, recorded so a replay answers the same.
@@ -104,10 +116,7 @@ impl Store {
                 )
                 .await;
         };
-        let request_hash = sha256_hex(&format!(
-            "{}\n{}\n{}\n{}\n{}",
-            input.sender_email, input.amount, token.id, input.app_name, input.app_ep_path
-        ));
+        let request_hash = hold_hash(input, &token.id);
         // Replays are found without a read on the hot path: a reused key makes the insert
         // conflict, and a recorded failure makes the token step refuse (see `try_authorize`).
         if token.recipient_id != input.recipient_id {
@@ -132,7 +141,7 @@ impl Store {
                 Ok(*row)
             }
             AuthorizeOutcome::BudgetExceeded(refusal) => {
-                if let Some(replayed) = self.replay_authorize(input, &request_hash).await? {
+                if let Some(replayed) = self.replay_authorize(input, &request_hash, true).await? {
                     return replayed;
                 }
                 // Not recorded as the key's outcome: the same request may be retried once
@@ -140,7 +149,7 @@ impl Store {
                 Err(refusal.into_error(now))
             }
             AuthorizeOutcome::DuplicateKey => {
-                if let Some(replayed) = self.replay_authorize(input, &request_hash).await? {
+                if let Some(replayed) = self.replay_authorize(input, &request_hash, true).await? {
                     return replayed;
                 }
                 Err(LedgerError::Unavailable(
@@ -148,7 +157,7 @@ impl Store {
                 ))
             }
             AuthorizeOutcome::TokenRejected => {
-                if let Some(replayed) = self.replay_authorize(input, &request_hash).await? {
+                if let Some(replayed) = self.replay_authorize(input, &request_hash, false).await? {
                     return replayed;
                 }
                 let reason = self
@@ -160,7 +169,7 @@ impl Store {
                 self.fail_authorize(input, &request_hash, reason).await
             }
             AuthorizeOutcome::InsufficientFunds => {
-                if let Some(replayed) = self.replay_authorize(input, &request_hash).await? {
+                if let Some(replayed) = self.replay_authorize(input, &request_hash, true).await? {
                     return replayed;
                 }
                 let err = LedgerError::refused(
@@ -176,13 +185,20 @@ impl Store {
     /// there was one. The sender is looked up by email first (a refused request may carry no
     /// valid token), so the probe uses the whole `(recipient, sender, key)` unique index instead
     /// of scanning a hot recipient's transfers.
+    ///
+    /// `token_live`: the request's token is a live one of this sender for this recipient (it
+    /// passed the token step). Then a hold that differs only by its token is the same request:
+    /// a client retrying with a fresh token (its first answer lost after the capture) gets the
+    /// transfer, so the router can replay the answer the user paid for, instead of 409. Never
+    /// for a token that is unknown, another's, revoked or expired: the token is the credential.
     async fn replay_authorize(
         &self,
         input: &AuthorizeInput<'_>,
         request_hash: &str,
+        token_live: bool,
     ) -> Result<Option<Result<TransferRow>>> {
         let sql = format!(
-            "SELECT {TRANSFER_COLUMNS}, t.request_hash FROM transfers t {TRANSFER_JOINS} \
+            "SELECT {TRANSFER_COLUMNS}, t.request_hash, t.token_id FROM transfers t {TRANSFER_JOINS} \
              WHERE t.recipient_id = $1 AND t.idempotency_key = $2 \
                AND t.sender_id = (SELECT id FROM accounts WHERE email = $3)"
         );
@@ -193,7 +209,12 @@ impl Store {
             .fetch_optional(self.pool())
             .await?;
         if let Some(keyed) = keyed {
-            if keyed.request_hash != request_hash {
+            let same_but_token = token_live
+                && keyed
+                    .token_id
+                    .as_deref()
+                    .is_some_and(|t| hold_hash(input, t) == keyed.request_hash);
+            if keyed.request_hash != request_hash && !same_but_token {
                 return Ok(Some(Err(key_reused(input.idempotency_key))));
             }
             return Ok(Some(Ok(keyed.transfer)));
@@ -249,7 +270,7 @@ impl Store {
         .execute(self.pool())
         .await?;
         // A concurrent replay may have recorded a different outcome first; return that one.
-        match self.replay_authorize(input, &hash).await? {
+        match self.replay_authorize(input, &hash, false).await? {
             Some(outcome) => outcome,
             None => Err(err),
         }

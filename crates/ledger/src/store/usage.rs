@@ -108,15 +108,17 @@ impl UsageWrite<'_> {
     }
 }
 
-/// A row's key as stored: `NULL` for none, so keyless rows never conflict on it.
+/// A row's key as stored: `NULL` for none, so keyless rows never conflict on it. Only refusals
+/// keep one (the rows a request id does not make unique): a keyed row then meets only the key's
+/// index, and the inserts can name it (`ON CONFLICT` with a target probes one index, without one
+/// every unique index of every row).
 pub(crate) fn row_key(u: &UsageInput) -> Option<&str> {
-    Some(u.row_key.as_str()).filter(|k| !k.is_empty())
+    Some(u.row_key.as_str()).filter(|k| !k.is_empty() && is_refused(u))
 }
 
 /// Writes a usage row only (the caller hands it to the rollups); `false` when its request id was
 /// already recorded for this recipient and user, or its row key for this recipient (left as it
-/// is). Refusals conflict only on their row key. `DO NOTHING` without a target covers both
-/// unique indexes (and the primary key, a fresh UUID that never conflicts).
+/// is). A keyed row is a refusal, which meets only the key's index.
 pub(crate) async fn insert_usage_row(
     conn: &mut AnyConnection,
     w: &UsageWrite<'_>,
@@ -127,41 +129,47 @@ pub(crate) async fn insert_usage_row(
         UsageLink::Hosted(t) => (None, Some(t)),
     };
     let u = w.usage;
-    let inserted = sqlx::query(
+    // A transfer's row is kept once by its transfer; the key is for rows without money (the
+    // batched capture on Postgres does not store it either).
+    let key = match w.link {
+        UsageLink::None => row_key(u),
+        UsageLink::Transfer(_) | UsageLink::Hosted(_) => None,
+    };
+    let conflict = match key {
+        Some(_) => "(recipient_id, row_key) WHERE row_key IS NOT NULL",
+        None => "(recipient_id, user_email, request_id) WHERE NOT refused",
+    };
+    let sql = format!(
         "INSERT INTO usage_records (id, recipient_id, request_id, transfer_id, app_name, endpoint, \
          user_email, model, prompt_tokens, completion_tokens, total_tokens, cost, status, latency_ms, \
          upstream_latency_ms, created_at, hosted_transfer_id, refused, ttft_ms, row_key) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, \
                  $20) \
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(w.id)
-    .bind(w.recipient_id)
-    .bind(&u.request_id)
-    .bind(transfer_id)
-    .bind(&u.app_name)
-    .bind(&u.endpoint)
-    .bind(&u.user_email)
-    .bind(&u.model)
-    .bind(u.prompt_tokens)
-    .bind(u.completion_tokens)
-    .bind(u.total_tokens)
-    .bind(w.cost)
-    .bind(&u.status)
-    .bind(u.latency_ms)
-    .bind(u.upstream_latency_ms)
-    .bind(w.now)
-    .bind(hosted_transfer_id)
-    .bind(is_refused(u))
-    .bind(u.ttft_ms)
-    // A transfer's row is kept once by its transfer; the key is for rows without money (the
-    // batched capture on Postgres does not store it either).
-    .bind(match w.link {
-        UsageLink::None => row_key(u),
-        UsageLink::Transfer(_) | UsageLink::Hosted(_) => None,
-    })
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
+         ON CONFLICT {conflict} DO NOTHING"
+    );
+    let inserted = sqlx::query(&sql)
+        .bind(w.id)
+        .bind(w.recipient_id)
+        .bind(&u.request_id)
+        .bind(transfer_id)
+        .bind(&u.app_name)
+        .bind(&u.endpoint)
+        .bind(&u.user_email)
+        .bind(&u.model)
+        .bind(u.prompt_tokens)
+        .bind(u.completion_tokens)
+        .bind(u.total_tokens)
+        .bind(w.cost)
+        .bind(&u.status)
+        .bind(u.latency_ms)
+        .bind(u.upstream_latency_ms)
+        .bind(w.now)
+        .bind(hosted_transfer_id)
+        .bind(is_refused(u))
+        .bind(u.ttft_ms)
+        .bind(key)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
     Ok(inserted > 0)
 }

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
@@ -23,7 +23,8 @@ use tokio::sync::watch;
 use super::api::usage_json;
 use super::session::Session;
 use super::{Dash, DashError};
-use crate::error::Result;
+use crate::auth::Caller;
+use crate::error::{LedgerError, Result};
 use crate::store::{now_micros, Backend, Store};
 
 /// At most one update a second per page.
@@ -33,6 +34,52 @@ const POLL: Duration = Duration::from_millis(500);
 /// later (group commit), and must not be skipped.
 const SLACK_MICROS: i64 = 10_000_000;
 const TAIL_PAGE: u32 = 100;
+/// A stream looks at its session at least this often, so one signed out or expired on a quiet
+/// ledger (no row to wake it) still ends.
+const RECHECK: Duration = Duration::from_secs(30);
+/// Live streams one account may hold open on one ledger process (a page per browser tab). Each
+/// is woken by every committed row and then reads the database: unbounded, one account's
+/// thousands of streams tied up the connections that payments use.
+pub(crate) const MAX_STREAMS_PER_ACCOUNT: usize = 8;
+
+/// Live streams open per account on this process (`None`: the admin).
+#[derive(Default)]
+pub(crate) struct OpenStreams(Mutex<HashMap<Option<i64>, usize>>);
+
+/// A stream's place in [`OpenStreams`], given back when the stream ends.
+struct StreamSlot {
+    streams: Arc<OpenStreams>,
+    key: Option<i64>,
+}
+
+impl OpenStreams {
+    fn take(self: &Arc<Self>, key: Option<i64>) -> Option<StreamSlot> {
+        let mut open = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = open.entry(key).or_default();
+        if *n >= MAX_STREAMS_PER_ACCOUNT {
+            return None;
+        }
+        *n += 1;
+        Some(StreamSlot {
+            streams: self.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut open = (self.streams.0)
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = open.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
+}
 
 /// This process's fan-out of "usage rows were committed".
 pub(crate) struct Hub {
@@ -121,6 +168,7 @@ struct Tail {
     /// The first call reads at once: rows written between the page's own load and its
     /// subscription raised their signal before this stream listened.
     look_now: bool,
+    _slot: StreamSlot,
 }
 
 impl Tail {
@@ -132,6 +180,8 @@ impl Tail {
                         Ok(()) | Err(RecvError::Lagged(_)) => {}
                         Err(RecvError::Closed) => return None,
                     },
+                    // Nothing written for a while: look at the session anyway (below).
+                    _ = tokio::time::sleep(RECHECK) => {}
                     // Turned not ready (shutting down): the stream ends and the page reconnects,
                     // to another replica or to this one once it is back.
                     changed = self.ready.changed() => {
@@ -198,6 +248,15 @@ pub(super) async fn events(
     session: Session,
 ) -> std::result::Result<Sse<impl Stream<Item = std::result::Result<Event, Infallible>>>, DashError>
 {
+    let key = match &session.caller {
+        Caller::Admin => None,
+        Caller::Account(a) => Some(a.id),
+    };
+    let slot = d.streams.take(key).ok_or_else(|| {
+        LedgerError::ResourceExhausted(format!(
+            "at most {MAX_STREAMS_PER_ACCOUNT} live streams per account; close a page"
+        ))
+    })?;
     let tail = Tail {
         rx: d.live.subscribe(),
         ready: d.ready.clone(),
@@ -207,6 +266,7 @@ pub(super) async fn events(
         since: now_micros() - SLACK_MICROS,
         last_sent: None,
         look_now: true,
+        _slot: slot,
     };
     let stream = futures::stream::unfold(tail, |mut tail| async move {
         let event = tail.next().await?;

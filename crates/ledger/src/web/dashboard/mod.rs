@@ -39,6 +39,8 @@ pub(crate) struct Dash {
     pub ready: watch::Receiver<bool>,
     /// Failed sign-ins per account (`throttle.rs`).
     pub signins: Arc<throttle::SignInThrottle>,
+    /// Live streams open per account on this process (`live.rs`).
+    pub streams: Arc<live::OpenStreams>,
 }
 
 pub fn router(ledger: Ledger, ready: watch::Receiver<bool>) -> Router {
@@ -47,6 +49,7 @@ pub fn router(ledger: Ledger, ready: watch::Receiver<bool>) -> Router {
         secure: ledger.config().tls.is_some(),
         live: Arc::new(Hub::start(ledger.store().clone())),
         signins: Arc::default(),
+        streams: Arc::default(),
         ledger,
     };
     Router::new()

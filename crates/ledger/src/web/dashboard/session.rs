@@ -69,17 +69,43 @@ pub(crate) fn has_cookie(headers: &HeaderMap) -> bool {
     cookie_token(headers).is_some()
 }
 
-/// `Some(account_id)` of a live session (`None` inside: the admin).
+/// The fingerprint a session keeps of the credential it was opened with: of the account's stored
+/// secret hash, or of the admin key's hash. A password change or another admin key changes it,
+/// which ends every session opened with the old one (migration 0026).
+fn credential_of(secret_hash: &str) -> String {
+    sha256_hex(&format!("dashboard-session:{secret_hash}"))
+}
+
+/// The credential the admin signs in with now.
+fn admin_credential(d: &Dash) -> String {
+    credential_of(&sha256_hex(d.ledger.config().admin_key.expose()))
+}
+
+/// `Some(account_id)` of a live session (`None` inside: the admin), opened with the credential
+/// that is current.
 async fn lookup(d: &Dash, token_hash: &str) -> Result<Option<(Option<i64>, Option<String>)>> {
-    Ok(sqlx::query_as(
-        "SELECT s.account_id, a.email FROM dashboard_sessions s \
+    type Row = (Option<i64>, Option<String>, Option<String>, Option<String>);
+    let row: Option<Row> = sqlx::query_as(
+        "SELECT s.account_id, a.email, s.credential, a.secret_hash FROM dashboard_sessions s \
          LEFT JOIN accounts a ON a.id = s.account_id \
          WHERE s.token_hash = $1 AND s.expires_at > $2",
     )
     .bind(token_hash)
     .bind(now_micros())
     .fetch_optional(d.ledger.store().pool())
-    .await?)
+    .await?;
+    let Some((account_id, email, credential, secret_hash)) = row else {
+        return Ok(None);
+    };
+    let current = match account_id {
+        None => admin_credential(d),
+        Some(_) => credential_of(secret_hash.as_deref().unwrap_or_default()),
+    };
+    let held = credential.unwrap_or_default();
+    if !constant_time_eq(held.as_bytes(), current.as_bytes()) {
+        return Ok(None);
+    }
+    Ok(Some((account_id, email)))
 }
 
 /// The caller of a read request, from its session cookie.
@@ -242,14 +268,27 @@ pub(super) async fn login(State(d): State<Dash>, headers: HeaderMap, bytes: Byte
         .execute(pool)
         .await
         .map_err(LedgerError::from)?;
+    let credential = match account_id {
+        None => admin_credential(&d),
+        Some(id) => {
+            let hash: Option<String> =
+                sqlx::query_scalar("SELECT secret_hash FROM accounts WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(pool)
+                    .await
+                    .map_err(LedgerError::from)?;
+            credential_of(hash.as_deref().unwrap_or_default())
+        }
+    };
     sqlx::query(
-        "INSERT INTO dashboard_sessions (token_hash, account_id, created_at, expires_at) \
-         VALUES ($1, $2, $3, $4)",
+        "INSERT INTO dashboard_sessions (token_hash, account_id, created_at, expires_at, \
+         credential) VALUES ($1, $2, $3, $4, $5)",
     )
     .bind(sha256_hex(&token))
     .bind(account_id)
     .bind(now)
     .bind(now + SESSION_TTL_SECONDS * 1_000_000)
+    .bind(credential)
     .execute(pool)
     .await
     .map_err(LedgerError::from)?;
