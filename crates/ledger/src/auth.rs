@@ -48,9 +48,15 @@ pub fn generate_secret() -> String {
     )
 }
 
-/// Compares in time independent of where the inputs differ.
+/// Compares in time independent of where the inputs differ, and of their lengths: both are
+/// hashed first, so comparing a guess with the admin key does not tell the key's length.
 pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use sha2::{Digest, Sha256};
+    let (a, b) = (Sha256::digest(a), Sha256::digest(b));
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 /// Resolves an `authorization` header value to a caller.
@@ -93,4 +99,18 @@ pub async fn authenticate(store: &Store, admin_key: &str, header: Option<&str>) 
     Err(LedgerError::Unauthenticated(
         "unsupported authorization scheme: use Bearer or Basic".into(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn equal_only_when_equal_whatever_the_lengths() {
+        assert!(constant_time_eq(b"admin-key", b"admin-key"));
+        assert!(constant_time_eq(b"", b""));
+        assert!(!constant_time_eq(b"admin-key", b"admin-kex"));
+        assert!(!constant_time_eq(b"admin-key", b"admin-key-longer"));
+        assert!(!constant_time_eq(b"", b"a"));
+    }
 }
