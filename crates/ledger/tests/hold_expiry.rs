@@ -83,6 +83,16 @@ async fn assert_alice_whole(store: &Store) {
     assert_consistent(store).await;
 }
 
+/// The sweep cancels the `expired` holds left, alice is whole again, and the database goes.
+async fn swept_and_whole(store: &Store, db: Db, expired: u64) {
+    assert_eq!(
+        store.sweep_expired(10).await.expect("sweep").cancelled,
+        expired
+    );
+    assert_alice_whole(store).await;
+    db.drop_postgres().await;
+}
+
 async fn capture_after_expiry_is_refused(db: Db) {
     let store = Arc::new(Store::connect(&db.url, 4).await.expect("store"));
     let (owner, token) = parties(&store).await;
@@ -99,9 +109,7 @@ async fn capture_after_expiry_is_refused(db: Db) {
         .await
         .expect_err("a capture after expiry is refused");
     assert_eq!(refused.reason(), Some(Reason::HoldExpired), "{refused}");
-    assert_eq!(store.sweep_expired(10).await.expect("sweep").cancelled, 1);
-    assert_alice_whole(&store).await;
-    db.drop_postgres().await;
+    swept_and_whole(&store, db, 1).await;
 }
 
 #[tokio::test]
@@ -151,10 +159,7 @@ async fn capture_that_waited_past_expiry_is_refused(db: Db) {
     .await
     .expect_err("an extension that took effect after expiry is refused");
     assert_eq!(refused.reason(), Some(Reason::HoldExpired), "{refused}");
-
-    assert_eq!(store.sweep_expired(10).await.expect("sweep").cancelled, 2);
-    assert_alice_whole(&store).await;
-    db.drop_postgres().await;
+    swept_and_whole(&store, db, 2).await;
 }
 
 /// Runs `act` while another connection holds a lock (`pg_lock` on Postgres, the write lock on

@@ -145,13 +145,7 @@ async fn a_refused_capture_is_voided_with_its_row() {
     let t = s.transfers().await;
     assert_eq!(t.len(), 1);
     assert_eq!(t[0].status(), TransferStatus::Cancelled, "{t:?}");
-    let statuses: Vec<String> = s
-        .usage()
-        .await
-        .into_iter()
-        .filter_map(|r| r.usage.map(|u| u.status))
-        .collect();
-    assert_eq!(statuses, ["capture_refused"]);
+    assert_eq!(s.usage_statuses().await, ["capture_refused"]);
     assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));
     s.check_invariants().await;
 }

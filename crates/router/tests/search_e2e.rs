@@ -253,12 +253,7 @@ async fn http_backend_forwards_the_syft_shape_and_voids_failures() {
         4,
         "every failure and the empty answer were voided"
     );
-    let statuses: Vec<String> = s
-        .usage()
-        .await
-        .into_iter()
-        .filter_map(|r| r.usage.map(|u| u.status))
-        .collect();
+    let statuses = s.usage_statuses().await;
     for want in [
         "success",
         "upstream_error",

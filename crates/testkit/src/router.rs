@@ -361,6 +361,14 @@ impl Stack {
         usage_of(&self.ledger.url, &self.alice.email).await
     }
 
+    /// The statuses of alice's usage rows, newest first.
+    pub async fn usage_statuses(&self) -> Vec<String> {
+        let rows = self.usage().await;
+        rows.into_iter()
+            .filter_map(|r| r.usage.map(|u| u.status))
+            .collect()
+    }
+
     /// Alice's usage rows except refusals (requests refused before any hold or upstream call).
     pub async fn answered_usage(&self) -> Vec<UsageRecord> {
         let mut rows = self.usage().await;
