@@ -127,6 +127,17 @@ async fn per_token_holds_the_maximum_and_captures_the_actual_cost() {
     assert_eq!(usage.prompt_tokens, counted_prompt as i64);
     assert_eq!(usage.completion_tokens, completion);
     assert_eq!(s.alice_money().await.0, FUNDS - expected - resp.cost_micros);
+    let spent = expected + resp.cost_micros;
+
+    // Usage with the prompt tokens only: the answer is counted, not charged as 0 tokens.
+    s.upstream.set_mode(Mode::PromptUsageOnly);
+    let resp = c
+        .chat(s.request("count my tokens please"))
+        .await
+        .expect("chat");
+    let resp = resp.into_inner();
+    assert_eq!(resp.cost_micros, UP_PROMPT as i64 * 3 + completion * 15);
+    assert_eq!(s.alice_money().await.0, FUNDS - spent - resp.cost_micros);
 
     // Without max_tokens the configured default bounds the hold and is sent upstream.
     let mut req = s.request("x");

@@ -32,6 +32,8 @@ pub enum Mode {
     Ok,
     /// A good answer without usage (the router must count tokens itself).
     NoUsage,
+    /// A good answer whose usage gives the prompt tokens only (unary).
+    PromptUsageOnly,
     /// An HTTP error status with an OpenAI error body.
     Status(u16),
     /// An HTTP error status with this body, sent as it is (an HTML error page, a long message).
@@ -100,13 +102,17 @@ impl FakeUpstream {
     }
 }
 
-fn completion_json(model: &str, usage: bool) -> Value {
+fn completion_json(model: &str, mode: &Mode) -> Value {
     let mut v = json!({
         "id": "up-1", "object": "chat.completion", "created": 1, "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": CONTENT}, "finish_reason": "stop"}],
     });
-    if usage {
-        v["usage"] = json!({"prompt_tokens": UP_PROMPT, "completion_tokens": UP_COMPLETION, "total_tokens": UP_PROMPT + UP_COMPLETION});
+    match mode {
+        Mode::NoUsage => {}
+        Mode::PromptUsageOnly => v["usage"] = json!({"prompt_tokens": UP_PROMPT}),
+        _ => {
+            v["usage"] = json!({"prompt_tokens": UP_PROMPT, "completion_tokens": UP_COMPLETION, "total_tokens": UP_PROMPT + UP_COMPLETION})
+        }
     }
     v
 }
@@ -194,7 +200,7 @@ async fn upstream_handler(State(state): State<Arc<UpState>>, Json(body): Json<Va
         return Json(json!({"id": "x", "model": model, "choices": []})).into_response();
     }
     if !stream {
-        return Json(completion_json(&model, mode != Mode::NoUsage)).into_response();
+        return Json(completion_json(&model, &mode)).into_response();
     }
     let words: Vec<String> = CONTENT.split_inclusive(' ').map(str::to_string).collect();
     let events: futures::stream::BoxStream<'static, Result<String, Infallible>> = match mode {

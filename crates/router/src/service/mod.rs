@@ -461,19 +461,26 @@ impl RouterService {
             .unwrap_or(0)
     }
 
-    /// Upstream-reported usage when present, else counted with the tokenizer.
+    /// Upstream-reported usage where present, each side counted with the tokenizer where it is
+    /// missing (or 0: a prompt, and an answer with text, are never 0 tokens). An upstream that
+    /// reported only its prompt tokens had the answer charged as 0 output tokens.
     async fn final_tokens(
         &self,
         p: &Prepared,
         reported: Option<UpstreamUsage>,
         content: &str,
     ) -> (u64, u64) {
-        match reported {
-            Some(u) if u.prompt_tokens > 0 || u.completion_tokens > 0 => {
-                (u.prompt_tokens, u.completion_tokens)
-            }
-            _ => (self.prompt_tokens(p).await, tokens::count_text(content)),
-        }
+        let (prompt, completion) =
+            reported.map_or((0, 0), |u| (u.prompt_tokens, u.completion_tokens));
+        let prompt = match prompt {
+            0 => self.prompt_tokens(p).await,
+            n => n,
+        };
+        let completion = match completion {
+            0 => tokens::count_text(content),
+            n => n,
+        };
+        (prompt, completion)
     }
 
     /// What an answered request is charged (unary, or a stream's end): its final token counts,
