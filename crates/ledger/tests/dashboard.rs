@@ -539,6 +539,20 @@ async fn sign_in_throttle(h: &Harness) {
         let body: Value = resp.json().await.expect("json");
         assert_eq!(body["code"], "RESOURCE_EXHAUSTED", "{body}");
     }
+    // A chosen password with a colon: an email holding its first part is refused, whatever the
+    // rest (the Basic check would split `colon@x.io:pass` + `word-12345` into the real secret).
+    let created = reqwest::Client::new()
+        .post(format!("{base}/user/create"))
+        .json(&json!({"email": "colon@x.io", "password": "pass:word-12345"}))
+        .send()
+        .await
+        .expect("create");
+    assert_eq!(created.status(), 201);
+    assert_eq!(
+        login(&base, "colon@x.io:pass", "word-12345").await.status(),
+        401
+    );
+    Web::sign_in(&base, "colon@x.io", "pass:word-12345").await;
     // Another account is not locked; a success under the limit clears its count.
     for _ in 0..2 {
         for i in 0..LIMIT - 1 {

@@ -211,6 +211,11 @@ struct Login {
 /// The account of an email and secret (`None`: the admin, signed in with an empty email and the
 /// admin key). Wrong credentials are `Unauthenticated`, which the throttle counts.
 async fn check_credentials(d: &Dash, email: &str, secret: &str) -> Result<Option<i64>> {
+    // The Basic check splits at the first colon: `victim@x:abc` with secret `def` would try
+    // victim's secret `abc:def` under another throttle counter. No email holds a colon.
+    if email.contains(':') {
+        return Err(LedgerError::Unauthenticated("invalid credentials".into()));
+    }
     if email.is_empty() {
         let key = d.ledger.config().admin_key.expose();
         if key.is_empty() || !constant_time_eq(secret.as_bytes(), key.as_bytes()) {
@@ -249,17 +254,18 @@ pub(super) async fn login(State(d): State<Dash>, headers: HeaderMap, bytes: Byte
         .map_err(|e| LedgerError::invalid(format!("invalid JSON body: {e}")))?;
     let email = body.email.trim();
     let started = Instant::now();
-    if let Err(wait) = d.signins.check(email, started) {
-        return Ok(locked_out(wait));
-    }
+    let attempt = match d.signins.check(email, started) {
+        Ok(attempt) => attempt,
+        Err(wait) => return Ok(locked_out(wait)),
+    };
     let account_id = match check_credentials(&d, email, &body.secret).await {
         Err(e @ LedgerError::Unauthenticated(_)) => {
-            d.signins.failed(email, started);
+            attempt.failed(started);
             return Err(e.into());
         }
         other => other?,
     };
-    d.signins.succeeded(email);
+    attempt.succeeded();
     let token = generate_secret();
     let now = now_micros();
     let pool = d.ledger.store().pool();

@@ -20,14 +20,35 @@ use std::time::{Duration, Instant};
 pub(crate) const MAX_FAILURES: u32 = 10;
 /// The window's length.
 pub(crate) const WINDOW: Duration = Duration::from_secs(15 * 60);
-/// Accounts tracked before expired windows are swept (a flood of made-up emails must not grow
-/// memory without bound; past this, the oldest windows go first).
+/// Accounts tracked at most (a flood of made-up emails must not grow memory without bound).
+/// When full, expired windows go first, then the oldest that are not locked; a locked window is
+/// never dropped to make room (a flood of made-up emails used to push the admin's lock out), and
+/// while every tracked window is locked, accounts not tracked are refused too.
 const MAX_TRACKED: usize = 10_000;
+/// How long a sign-in waits when the account's other attempts in flight fill its window.
+const BUSY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy)]
 struct Window {
     start: Instant,
     failures: u32,
+    /// Attempts checked and not yet decided: they count against the window, so a thousand
+    /// concurrent guesses are not all let through before the first failure is counted.
+    pending: u32,
+}
+
+impl Window {
+    fn new(now: Instant) -> Self {
+        Self {
+            start: now,
+            failures: 0,
+            pending: 0,
+        }
+    }
+
+    fn locked(&self, now: Instant) -> bool {
+        self.failures >= MAX_FAILURES && now < self.start + WINDOW
+    }
 }
 
 /// Failed sign-ins per account.
@@ -36,49 +57,111 @@ pub(crate) struct SignInThrottle {
     windows: Mutex<HashMap<String, Window>>,
 }
 
-impl SignInThrottle {
-    /// `Err(wait)` when the account is locked out: how long until its window ends.
-    pub fn check(&self, account: &str, now: Instant) -> Result<(), Duration> {
-        let windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
-        match windows.get(&key(account)) {
-            Some(w) if w.failures >= MAX_FAILURES && now < w.start + WINDOW => {
-                Err(w.start + WINDOW - now)
-            }
-            _ => Ok(()),
-        }
-    }
+/// A sign-in attempt let through [`SignInThrottle::check`]: say how it ended. Dropped undecided
+/// (an error that is not a wrong secret), it gives its place back.
+pub(crate) struct Attempt<'a> {
+    throttle: &'a SignInThrottle,
+    key: String,
+    decided: bool,
+}
 
-    /// Counts one wrong secret for the account.
-    pub fn failed(&self, account: &str, now: Instant) {
-        let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
-        if windows.len() >= MAX_TRACKED {
-            windows.retain(|_, w| now < w.start + WINDOW);
-        }
-        if windows.len() >= MAX_TRACKED {
-            // Still full of live windows: drop the oldest half rather than refuse to count.
-            let mut starts: Vec<Instant> = windows.values().map(|w| w.start).collect();
-            starts.sort_unstable();
-            let cut = starts[starts.len() / 2];
-            windows.retain(|_, w| w.start > cut);
-        }
-        let w = windows.entry(key(account)).or_insert(Window {
-            start: now,
-            failures: 0,
-        });
-        if now >= w.start + WINDOW {
-            *w = Window {
-                start: now,
-                failures: 0,
-            };
-        }
-        w.failures = w.failures.saturating_add(1);
+impl Attempt<'_> {
+    /// A wrong secret: counted against the account's window.
+    pub fn failed(mut self, now: Instant) {
+        self.decided = true;
+        self.throttle.settle(&self.key, Some(now));
     }
 
     /// A successful sign-in clears the account's count.
-    pub fn succeeded(&self, account: &str) {
-        let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
-        windows.remove(&key(account));
+    pub fn succeeded(mut self) {
+        self.decided = true;
+        let mut windows = self.throttle.lock();
+        windows.remove(&self.key);
     }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        if !self.decided {
+            self.throttle.settle(&self.key, None);
+        }
+    }
+}
+
+impl SignInThrottle {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Window>> {
+        self.windows.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// An attempt for the account, or `Err(wait)` while it is locked out (how long until its
+    /// window ends) or its window is full of attempts still in flight.
+    pub fn check(&self, account: &str, now: Instant) -> Result<Attempt<'_>, Duration> {
+        let key = key(account);
+        let mut windows = self.lock();
+        if !windows.contains_key(&key) && !make_room(&mut windows, now) {
+            return Err(WINDOW);
+        }
+        let w = windows.entry(key.clone()).or_insert(Window::new(now));
+        if now >= w.start + WINDOW {
+            *w = Window {
+                pending: w.pending,
+                ..Window::new(now)
+            };
+        }
+        if w.locked(now) {
+            return Err(w.start + WINDOW - now);
+        }
+        if w.failures.saturating_add(w.pending) >= MAX_FAILURES {
+            return Err(BUSY);
+        }
+        w.pending += 1;
+        Ok(Attempt {
+            throttle: self,
+            key,
+            decided: false,
+        })
+    }
+
+    /// Ends an attempt in flight: a failure (`Some(now)`) or nothing to count (`None`).
+    fn settle(&self, key: &str, failed_at: Option<Instant>) {
+        let mut windows = self.lock();
+        let Some(w) = windows.get_mut(key) else {
+            return;
+        };
+        w.pending = w.pending.saturating_sub(1);
+        if let Some(now) = failed_at {
+            if now >= w.start + WINDOW {
+                *w = Window {
+                    pending: w.pending,
+                    ..Window::new(now)
+                };
+            }
+            w.failures = w.failures.saturating_add(1);
+        }
+    }
+}
+
+/// Room for one more tracked account: expired windows go, then the oldest unlocked ones with
+/// nothing in flight (down to half the table). `false` when every window left is locked or busy.
+fn make_room(windows: &mut HashMap<String, Window>, now: Instant) -> bool {
+    if windows.len() < MAX_TRACKED {
+        return true;
+    }
+    windows.retain(|_, w| w.pending > 0 || now < w.start + WINDOW);
+    if windows.len() < MAX_TRACKED {
+        return true;
+    }
+    let mut free: Vec<(Instant, String)> = windows
+        .iter()
+        .filter(|(_, w)| !w.locked(now) && w.pending == 0)
+        .map(|(k, w)| (w.start, k.clone()))
+        .collect();
+    free.sort_unstable();
+    let excess = windows.len().saturating_sub(MAX_TRACKED / 2);
+    for (_, k) in free.into_iter().take(excess) {
+        windows.remove(&k);
+    }
+    windows.len() < MAX_TRACKED
 }
 
 /// Emails compare case-insensitively, as the ledger's accounts do.
@@ -90,24 +173,30 @@ fn key(account: &str) -> String {
 mod tests {
     use super::*;
 
+    /// `n` wrong secrets for `account` at `now`.
+    fn fail(t: &SignInThrottle, account: &str, now: Instant, n: u32) {
+        for _ in 0..n {
+            t.check(account, now).expect("not locked yet").failed(now);
+        }
+    }
+
     #[test]
     fn locks_after_max_failures_until_the_window_ends() {
         let t = SignInThrottle::default();
         let t0 = Instant::now();
-        for _ in 0..MAX_FAILURES {
-            assert!(t.check("a@x.io", t0).is_ok());
-            t.failed("a@x.io", t0);
-        }
+        fail(&t, "a@x.io", t0, MAX_FAILURES);
         let wait = t
             .check("A@X.io ", t0 + Duration::from_secs(60))
-            .unwrap_err();
+            .err()
+            .expect("locked");
         assert_eq!(wait, WINDOW - Duration::from_secs(60));
         assert!(
             t.check("b@x.io", t0).is_ok(),
             "other accounts are not locked"
         );
-        assert!(t.check("a@x.io", t0 + WINDOW).is_ok(), "the window ended");
-        t.failed("a@x.io", t0 + WINDOW);
+        t.check("a@x.io", t0 + WINDOW)
+            .expect("the window ended")
+            .failed(t0 + WINDOW);
         assert!(
             t.check("a@x.io", t0 + WINDOW).is_ok(),
             "a new window counts from one"
@@ -115,19 +204,56 @@ mod tests {
     }
 
     #[test]
-    fn success_clears_and_memory_stays_bounded() {
+    fn attempts_in_flight_count_and_undecided_ones_give_their_place_back() {
         let t = SignInThrottle::default();
         let t0 = Instant::now();
-        for _ in 0..MAX_FAILURES - 1 {
-            t.failed("a@x.io", t0);
-        }
-        t.succeeded("a@x.io");
-        t.failed("a@x.io", t0);
+        let racing: Vec<_> = (0..MAX_FAILURES)
+            .map(|_| t.check("a@x.io", t0).expect("room"))
+            .collect();
+        assert!(t.check("a@x.io", t0).is_err(), "all places are in flight");
+        drop(racing);
+        let attempt = t.check("a@x.io", t0).expect("the places came back");
+        attempt.succeeded();
+    }
+
+    #[test]
+    fn success_clears_and_memory_stays_bounded_without_dropping_locks() {
+        let t = SignInThrottle::default();
+        let t0 = Instant::now();
+        fail(&t, "a@x.io", t0, MAX_FAILURES - 1);
+        t.check("a@x.io", t0).expect("room").succeeded();
+        fail(&t, "a@x.io", t0, 1);
         assert!(t.check("a@x.io", t0).is_ok());
+        fail(&t, "", t0, MAX_FAILURES);
         for i in 0..3 * MAX_TRACKED {
-            t.failed(&format!("u{i}@x.io"), t0 + Duration::from_millis(i as u64));
+            let at = t0 + Duration::from_millis(1 + i as u64);
+            if let Ok(a) = t.check(&format!("u{i}@x.io"), at) {
+                a.failed(at);
+            }
         }
-        let n = t.windows.lock().unwrap_or_else(|e| e.into_inner()).len();
+        let n = t.lock().len();
         assert!(n <= MAX_TRACKED, "{n}");
+        assert!(
+            t.check("", t0 + Duration::from_secs(60)).is_err(),
+            "the admin's lock outlives a flood of made-up emails"
+        );
+    }
+
+    #[test]
+    fn a_table_full_of_locks_refuses_accounts_it_does_not_track() {
+        let t = SignInThrottle::default();
+        let t0 = Instant::now();
+        {
+            let mut windows = t.lock();
+            for i in 0..MAX_TRACKED {
+                let locked = Window {
+                    failures: MAX_FAILURES,
+                    ..Window::new(t0)
+                };
+                windows.insert(format!("u{i}@x.io"), locked);
+            }
+        }
+        assert!(t.check("new@x.io", t0).is_err());
+        assert!(t.check("new@x.io", t0 + WINDOW).is_ok(), "once they expire");
     }
 }
