@@ -173,21 +173,17 @@ fn body_error(e: reqwest::Error) -> UpstreamError {
     }
 }
 
-#[derive(Deserialize)]
-struct WireUsage {
-    #[serde(default)]
-    prompt_tokens: u64,
-    #[serde(default)]
-    completion_tokens: u64,
-}
-
-impl From<WireUsage> for UpstreamUsage {
-    fn from(u: WireUsage) -> Self {
-        UpstreamUsage {
-            prompt_tokens: u.prompt_tokens,
-            completion_tokens: u.completion_tokens,
-        }
-    }
+/// The usage an upstream reported, read leniently: a count that is missing, negative,
+/// fractional or not a number is left out (0), and the router counts that side itself. Read
+/// strictly, a malformed usage made the whole answer unreadable: a unary answer was refused, and
+/// a stream whose text was already delivered ended as failed (voided, the client told of an
+/// error after the whole text).
+fn usage_of(v: &serde_json::Value) -> Option<UpstreamUsage> {
+    let count = |k: &str| v.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+    v.is_object().then(|| UpstreamUsage {
+        prompt_tokens: count("prompt_tokens"),
+        completion_tokens: count("completion_tokens"),
+    })
 }
 
 #[derive(Deserialize)]
@@ -215,7 +211,7 @@ struct WireResponse {
     #[serde(default)]
     choices: Vec<WireChoice>,
     #[serde(default)]
-    usage: Option<WireUsage>,
+    usage: Option<serde_json::Value>,
     #[serde(default)]
     error: Option<serde_json::Value>,
 }
@@ -254,7 +250,7 @@ fn parse_completion(bytes: &[u8]) -> Result<Completion, UpstreamError> {
         model: wire.model,
         content,
         finish_reason: choice.finish_reason.unwrap_or_else(|| "stop".into()),
-        usage: wire.usage.map(Into::into),
+        usage: wire.usage.as_ref().and_then(usage_of),
     })
 }
 
@@ -267,7 +263,7 @@ fn parse_chunk(data: &str) -> Result<StreamChunk, UpstreamError> {
     let mut chunk = StreamChunk {
         id: (!wire.id.is_empty()).then_some(wire.id),
         model: (!wire.model.is_empty()).then_some(wire.model),
-        usage: wire.usage.map(Into::into),
+        usage: wire.usage.as_ref().and_then(usage_of),
         ..StreamChunk::default()
     };
     if let Some(choice) = wire.choices.into_iter().next() {
@@ -430,6 +426,32 @@ mod tests {
             parse_completion(b"not json"),
             Err(UpstreamError::InvalidResponse(_))
         ));
+        // A malformed usage does not throw the answer away: its bad counts are left to the
+        // router's own count (0 here), the good ones kept.
+        let odd = br#"{"choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":-1,"completion_tokens":2.5,"total_tokens":"x"}}"#;
+        let c = parse_completion(odd).expect("answer kept");
+        assert_eq!(c.content, "hi");
+        assert_eq!(
+            c.usage,
+            Some(UpstreamUsage {
+                prompt_tokens: 0,
+                completion_tokens: 0
+            })
+        );
+        let chunk =
+            parse_chunk(r#"{"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":null}}"#)
+                .expect("chunk kept");
+        assert_eq!(
+            chunk.usage,
+            Some(UpstreamUsage {
+                prompt_tokens: 7,
+                completion_tokens: 0
+            })
+        );
+        assert!(parse_chunk(r#"{"choices":[],"usage":null}"#)
+            .expect("chunk")
+            .usage
+            .is_none());
         assert!(matches!(
             parse_completion(br#"{"choices":[]}"#),
             Err(UpstreamError::Empty)
