@@ -37,12 +37,9 @@ impl Store {
                 usage: job.usage,
             });
         }
+        // A keyed row is a refusal, which meets only its key's index; any other, its request id's.
         let existing = match row_key(usage) {
             Some(key) => self.usage_by_key(recipient_id, key).await?,
-            None => None,
-        };
-        let existing = match existing {
-            Some(row) => Some(row),
             None => {
                 self.usage_by_request(recipient_id, &usage.user_email, &usage.request_id)
                     .await?
@@ -108,6 +105,29 @@ impl UsageWrite<'_> {
     }
 }
 
+/// One usage row, naming the one unique index it can meet (`{conflict}`): a conflict clause
+/// without a target probes every unique index (`usage_batch.rs` measured what that costs).
+fn insert_usage_sql(conflict: &str) -> String {
+    format!(
+        "INSERT INTO usage_records (id, recipient_id, request_id, transfer_id, app_name, endpoint, \
+         user_email, model, prompt_tokens, completion_tokens, total_tokens, cost, status, latency_ms, \
+         upstream_latency_ms, created_at, hosted_transfer_id, refused, ttft_ms, row_key) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, \
+                 $20) \
+         ON CONFLICT {conflict} DO NOTHING"
+    )
+}
+
+/// A row without a key: at most one per recipient, user and request id (refusals excepted).
+static INSERT_PLAIN: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    insert_usage_sql("(recipient_id, user_email, request_id) WHERE NOT refused")
+});
+
+/// A keyed row (a refusal): at most one per recipient and key.
+static INSERT_KEYED: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    insert_usage_sql("(recipient_id, row_key) WHERE row_key IS NOT NULL")
+});
+
 /// A row's key as stored: `NULL` for none, so keyless rows never conflict on it. Only refusals
 /// keep one (the rows a request id does not make unique): a keyed row then meets only the key's
 /// index, and the inserts can name it (`ON CONFLICT` with a target probes one index, without one
@@ -135,19 +155,11 @@ pub(crate) async fn insert_usage_row(
         UsageLink::None => row_key(u),
         UsageLink::Transfer(_) | UsageLink::Hosted(_) => None,
     };
-    let conflict = match key {
-        Some(_) => "(recipient_id, row_key) WHERE row_key IS NOT NULL",
-        None => "(recipient_id, user_email, request_id) WHERE NOT refused",
+    let sql = match key {
+        Some(_) => INSERT_KEYED.as_str(),
+        None => INSERT_PLAIN.as_str(),
     };
-    let sql = format!(
-        "INSERT INTO usage_records (id, recipient_id, request_id, transfer_id, app_name, endpoint, \
-         user_email, model, prompt_tokens, completion_tokens, total_tokens, cost, status, latency_ms, \
-         upstream_latency_ms, created_at, hosted_transfer_id, refused, ttft_ms, row_key) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, \
-                 $20) \
-         ON CONFLICT {conflict} DO NOTHING"
-    );
-    let inserted = sqlx::query(&sql)
+    let inserted = sqlx::query(sql)
         .bind(w.id)
         .bind(w.recipient_id)
         .bind(&u.request_id)

@@ -274,18 +274,9 @@ pub(super) async fn login(State(d): State<Dash>, headers: HeaderMap, bytes: Byte
         .execute(pool)
         .await
         .map_err(LedgerError::from)?;
-    let credential = match account_id {
-        None => admin_credential(&d),
-        Some(id) => {
-            let hash: Option<String> =
-                sqlx::query_scalar("SELECT secret_hash FROM accounts WHERE id = $1")
-                    .bind(id)
-                    .fetch_optional(pool)
-                    .await
-                    .map_err(LedgerError::from)?;
-            credential_of(hash.as_deref().unwrap_or_default())
-        }
-    };
+    // The secret was just checked against its stored hash (or is the admin key): the session's
+    // credential is the fingerprint of that hash, with no read.
+    let credential = credential_of(&sha256_hex(&body.secret));
     sqlx::query(
         "INSERT INTO dashboard_sessions (token_hash, account_id, created_at, expires_at, \
          credential) VALUES ($1, $2, $3, $4, $5)",
