@@ -38,6 +38,7 @@ export SYFT_LEDGER_URL=http://127.0.0.1:50151 SYFT_LEDGER_ADMIN_KEY=$ADMIN RUST_
 "$BIN" ledger --database-url "$PG/$db" --admin-key "$ADMIN" --grpc-addr 127.0.0.1:50151 \
     --http-addr 127.0.0.1:50152 >"$work/ledger.log" 2>&1 &
 pids+=($!)
+ledger_pid=$!
 for _ in $(seq 100); do "$BIN" health --url "$SYFT_LEDGER_URL" >/dev/null 2>&1 && break; sleep 0.1; done
 
 owner_secret=$("$BIN" account create "$OWNER" --json | sed -n 's/.*"secret": *"\([^"]*\)".*/\1/p')
@@ -60,7 +61,9 @@ CONF
         --ledger-url "$4" --grpc-addr "127.0.0.1:$2" --http-addr "127.0.0.1:$(($2 + 1))" \
         "${@:5}" >"$work/$1.log" 2>&1 &
     pids+=($!)
+    router_pid[$2]=$!
 }
+declare -A router_pid
 router paid 50161 '{"pricing_type": "per_request", "amount": "0.01"}' "$SYFT_LEDGER_URL"
 router free 50171 '{"pricing_type": "free"}' "$SYFT_LEDGER_URL"
 # The same free service with a local usage spool: answers released after a local append (synced
@@ -86,6 +89,17 @@ CONF
 fi
 sleep 1
 
+# CPU time (clock ticks) a process has used, or every process of a command name together.
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+ticks_of() { # command name
+    local sum=0 p
+    for p in $(pgrep -x "$1"); do sum=$((sum + $(ticks "$p"))); done
+    echo "$sum"
+}
+hz=$(getconf CLK_TCK)
+# Transactions committed in the benchmark's database so far (how well the ledger batches).
+commits() { psql -tAq "$PG/postgres" -c "SELECT xact_commit FROM pg_stat_database WHERE datname = '$db'"; }
+
 run() { # label port connections users...
     local label=$1 port=$2 conns=$3
     shift 3
@@ -94,6 +108,10 @@ run() { # label port connections users...
     local out
     # wrk refuses more threads than connections (the c=1 shapes).
     local threads=$((conns < 2 ? conns : 2))
+    local rp=${router_pid[$port]:-0}
+    local r0 l0 p0 n0 c0
+    r0=$(ticks "$rp") l0=$(ticks "$ledger_pid") p0=$(ticks_of postgres) n0=$(ticks_of nginx)
+    c0=$(commits)
     out=$(SYFT_USERS=$joined wrk -t"$threads" -c"$conns" -d"$DURATION" --latency \
         -s "$here/wrk-chat.lua" "http://127.0.0.1:$((port + 1))" 2>&1)
     local rps p50 p99 non2xx
@@ -101,7 +119,18 @@ run() { # label port connections users...
     p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
     p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
     non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
-    printf '  %-36s %10s req/s  p50 %8s  p99 %8s  non-2xx %s\n' "$label" "$rps" "$p50" "$p99" "${non2xx:-0}"
+    # CPU per request (µs) by process: where a shape's cost goes (the machine has 2 cores, so
+    # 2,000,000 / req/s µs is all there is).
+    local total cpu
+    total=$(awk '/requests in/ {print $1}' <<<"$out")
+    cpu=$(awk -v n="${total:-0}" -v hz="$hz" -v r="$(($(ticks "$rp") - r0))" \
+        -v l="$(($(ticks "$ledger_pid") - l0))" -v p="$(($(ticks_of postgres) - p0))" \
+        -v x="$(($(ticks_of nginx) - n0))" -v c="$(($(commits) - c0))" 'BEGIN {
+            if (n == 0) exit
+            f = 1e6 / hz / n
+            printf "cpu µs/req: router %d ledger %d postgres %d nginx %d; commits/req %.2f", r * f, l * f, p * f, x * f, c / n
+        }')
+    printf '  %-36s %10s req/s  p50 %8s  p99 %8s  non-2xx %s  %s\n' "$label" "$rps" "$p50" "$p99" "${non2xx:-0}" "$cpu"
     echo "$rps" >"$work/$label.rps"
 }
 free_users=()

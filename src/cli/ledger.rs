@@ -117,6 +117,11 @@ pub struct ServeArgs {
     /// PEM CA: require client certificates signed by it (mutual TLS, e.g. with the router).
     #[arg(long, env = "SYFT_LEDGER_TLS_CLIENT_CA")]
     pub tls_client_ca: Option<PathBuf>,
+    /// Wrong credentials one client address may send per 5 minutes; past that, every
+    /// authentication from the address is refused (429 / RESOURCE_EXHAUSTED) until the window
+    /// ends. Clients behind one proxy share its address. 0: no limit.
+    #[arg(long, env = "SYFT_LEDGER_AUTH_FAILURES_PER_ADDRESS", default_value_t = syft_ledger::DEFAULT_AUTH_FAILURES_PER_ADDRESS)]
+    pub auth_failures_per_address: u32,
     #[command(flatten)]
     pub alerts: AlertsFlags,
 }
@@ -227,6 +232,7 @@ impl ServeArgs {
             tls: self.listen.tls(self.tls_client_ca.as_ref())?,
             shutdown_grace: self.listen.shutdown_grace,
             alerts: self.alerts.config()?,
+            auth_failures_per_address: self.auth_failures_per_address,
         })
     }
 }

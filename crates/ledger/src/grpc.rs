@@ -35,7 +35,8 @@ impl GrpcLedger {
                 })
             })
             .transpose()?;
-        self.0.authenticate(header).await
+        let peer = request.remote_addr().map(|a| a.ip());
+        self.0.authenticate(header, peer).await
     }
 
     /// Every method's frame: authenticate the caller, hand the message and the core to `f`, and

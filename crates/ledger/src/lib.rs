@@ -8,6 +8,7 @@
 //! - [`grpc`] and [`rest`]: thin protocol adapters over the core; [`http`]: the HTTP port.
 //! - [`serve`]: runs it all on given listeners until shutdown.
 
+pub mod address_throttle;
 pub mod alerts;
 pub mod auth;
 pub mod backend;
@@ -71,6 +72,9 @@ pub struct LedgerConfig {
     pub shutdown_grace: Duration,
     /// Webhook alerts (docs/alerts.md); off until `alerts.key` is set.
     pub alerts: alerts::AlertsConfig,
+    /// Wrong credentials one client address may send per 5 minutes before every authentication
+    /// from it is refused until the window ends (`address_throttle.rs`); 0 turns this off.
+    pub auth_failures_per_address: u32,
 }
 
 impl Default for LedgerConfig {
@@ -91,9 +95,14 @@ impl Default for LedgerConfig {
             tls: None,
             shutdown_grace: syft_server::DEFAULT_SHUTDOWN_GRACE,
             alerts: alerts::AlertsConfig::default(),
+            auth_failures_per_address: DEFAULT_AUTH_FAILURES_PER_ADDRESS,
         }
     }
 }
+
+/// The default of [`LedgerConfig::auth_failures_per_address`]: a client that mistyped a secret
+/// has room to retry, a spray of guesses gets 20 per address per 5 minutes (5,760 a day).
+pub const DEFAULT_AUTH_FAILURES_PER_ADDRESS: u32 = 20;
 
 /// Where the ledger listens: gRPC, and optionally the HTTP port (probes, `/metrics`, and the
 /// accounting REST API when `config.accounting_api`).

@@ -39,6 +39,13 @@ metrics! {
     static PENDING: IntGauge = "syft_ledger_pending_holds";
     /// Database pool connections by state (idle, in_use)
     static POOL: IntGaugeVec["state"] = "syft_ledger_db_connections";
+    /// Authentications by outcome where the client's address is known: failed (a wrong credential), locked (refused: the address sent too many)
+    static AUTH_REFUSED: IntCounterVec["outcome"] = "syft_ledger_auth_refusals_total";
+}
+
+/// A wrong credential (`failed`) or a refusal of a locked-out address (`locked`).
+pub fn auth_refused(outcome: &'static str) {
+    AUTH_REFUSED.with_label_values(&[outcome]).inc();
 }
 
 /// Builds a metric from its name and help and registers it in the default registry (the one

@@ -3,6 +3,8 @@
 //! usable through the other under the same rules. See docs/accounting-api.md for the contract and
 //! the choices made where the API is silent.
 
+use std::net::IpAddr;
+
 use axum::body::Bytes;
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
@@ -96,6 +98,14 @@ impl IntoResponse for RestError {
         let message = self.0.public_message();
         let body = serde_json::json!({"detail": message, "code": self.0.kind()});
         let mut response = (status, Json(body)).into_response();
+        if let LedgerError::Quota { details, .. } = &self.0 {
+            if let Some(wait) = details.retry_after {
+                response.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(wait.as_secs().max(1)),
+                );
+            }
+        }
         if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -118,7 +128,11 @@ fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T> {
         .map_err(|e| LedgerError::invalid(format!("invalid JSON body: {e}")))
 }
 
-pub(crate) async fn caller(ledger: &Ledger, headers: &HeaderMap) -> Result<Caller> {
+pub(crate) async fn caller(
+    ledger: &Ledger,
+    headers: &HeaderMap,
+    peer: Option<IpAddr>,
+) -> Result<Caller> {
     let header = headers
         .get(header::AUTHORIZATION)
         .map(|v| {
@@ -126,7 +140,26 @@ pub(crate) async fn caller(ledger: &Ledger, headers: &HeaderMap) -> Result<Calle
                 .map_err(|_| LedgerError::Unauthenticated("invalid authorization header".into()))
         })
         .transpose()?;
-    ledger.authenticate(header).await
+    ledger.authenticate(header, peer).await
+}
+
+/// The client's address, as the server recorded it for the connection (`None` when the router
+/// is served without it, e.g. in-process): failed authentications are counted per address.
+pub(crate) struct Peer(pub Option<IpAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Peer {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        _: &S,
+    ) -> std::result::Result<Self, Self::Rejection> {
+        Ok(Self(peer(parts)))
+    }
+}
+
+fn peer(parts: &Parts) -> Option<IpAddr> {
+    syft_server::client_addr(&parts.extensions).map(|a| a.ip())
 }
 
 /// The authenticated caller as an extractor, so each handler starts from who is asking (the
@@ -140,7 +173,7 @@ impl FromRequestParts<Ledger> for Authed {
         parts: &mut Parts,
         ledger: &Ledger,
     ) -> std::result::Result<Self, RestError> {
-        Ok(Self(caller(ledger, &parts.headers).await?))
+        Ok(Self(caller(ledger, &parts.headers, peer(parts)).await?))
     }
 }
 

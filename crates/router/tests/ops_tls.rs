@@ -90,12 +90,20 @@ impl Ca {
 
 /// A ledger serving TLS with `tls`, on a fresh SQLite file (dropped with the `Db`).
 async fn tls_ledger(tls: ServerTls) -> (LedgerServer, Db) {
+    tls_ledger_with(tls, |_| {}).await
+}
+
+async fn tls_ledger_with(
+    tls: ServerTls,
+    tweak: impl FnOnce(&mut LedgerConfig),
+) -> (LedgerServer, Db) {
     let db = Db::sqlite();
-    let config = LedgerConfig {
+    let mut config = LedgerConfig {
         sweep_interval: Duration::from_millis(100),
         tls: Some(tls),
         ..ledger_config(&db.url)
     };
+    tweak(&mut config);
     (LedgerServer::start(config).await, db)
 }
 
@@ -171,6 +179,48 @@ async fn tls_ledger_serves_tls_clients_and_refuses_others() {
     assert_refused(&err);
     // TLS settings with an http:// URL are a configuration error, not a silent plaintext channel.
     assert!(connect_lazy_tls(&plain_url, ADMIN_KEY, Some(&ca.trust())).is_err());
+    ledger.store.close().await;
+}
+
+/// Over TLS too, the ledger knows each client's address: wrong secrets sent over gRPC lock the
+/// address for HTTPS as well (docs/ledger.md, "Failed authentications"). Without the address
+/// the limit would silently not apply to a TLS ledger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_secrets_over_tls_lock_the_address() {
+    let ca = Ca::new("test CA");
+    let (ledger, _db) = tls_ledger_with(ca.server(), |c| c.auth_failures_per_address = 3).await;
+    let trust = ca.trust();
+    list_accounts(&client(&ledger, ADMIN_KEY, Some(&trust)))
+        .await
+        .expect("the admin gets through");
+    // One call each (`list_accounts` retries).
+    let once = |secret: String| {
+        let mut c = client(&ledger, &secret, Some(&trust));
+        async move {
+            c.get_account(lpb::GetAccountRequest {
+                email: "nobody@example.com".into(),
+            })
+            .await
+            .expect_err("refused")
+        }
+    };
+    for i in 0..3 {
+        let err = once(format!("wrong-{i}-key")).await;
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    }
+    let err = once(ADMIN_KEY.to_string()).await;
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    let https = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.pem().as_bytes()).expect("ca"))
+        .build()
+        .expect("https client");
+    let resp = https
+        .get(format!("{}/users", ledger.http_url))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .expect("https");
+    assert_eq!(resp.status(), 429);
     ledger.store.close().await;
 }
 

@@ -7,9 +7,11 @@ mod secret;
 pub use secret::Secret;
 
 use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
+use axum::extract::connect_info::Connected;
+use axum::serve::{IncomingStream, ListenerExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
@@ -27,7 +29,7 @@ pub fn grpc_incoming(listener: TcpListener) -> TcpIncoming {
 }
 
 /// Serves `app` on `listener` (over TLS when given) until `stopped` resolves, then lets open
-/// requests finish.
+/// requests finish. Each request carries its client's address ([`client_addr`]).
 pub async fn serve_http(
     listener: TcpListener,
     app: axum::Router,
@@ -39,21 +41,49 @@ pub async fn serve_http(
             let rustls = tls.rustls().map_err(std::io::Error::other)?;
             let listener =
                 syft_tls::TlsListener::new(listener, rustls).map_err(std::io::Error::other)?;
-            axum::serve(listener, app)
-                .with_graceful_shutdown(stopped)
-                .into_future()
-                .await
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<ClientAddr>(),
+            )
+            .with_graceful_shutdown(stopped)
+            .into_future()
+            .await
         }
         None => {
             let listener = listener.tap_io(|tcp| {
                 let _ = tcp.set_nodelay(true);
             });
-            axum::serve(listener, app)
-                .with_graceful_shutdown(stopped)
-                .into_future()
-                .await
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(stopped)
+            .into_future()
+            .await
         }
     }
+}
+
+/// The client's address of a TLS connection as handlers see it (`ConnectInfo<ClientAddr>`; a
+/// plain TCP connection's is axum's `ConnectInfo<SocketAddr>`). Read either with
+/// [`client_addr`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub SocketAddr);
+
+impl Connected<IncomingStream<'_, syft_tls::TlsListener>> for ClientAddr {
+    fn connect_info(stream: IncomingStream<'_, syft_tls::TlsListener>) -> Self {
+        Self(*stream.remote_addr())
+    }
+}
+
+/// The address of the client that sent a request [`serve_http`] served, over TCP or TLS (`None`
+/// for a router served some other way, e.g. called in-process).
+pub fn client_addr(extensions: &axum::http::Extensions) -> Option<SocketAddr> {
+    use axum::extract::ConnectInfo;
+    extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0)
+        .or_else(|| extensions.get::<ConnectInfo<ClientAddr>>().map(|c| c.0 .0))
 }
 
 /// One shutdown signal, observed by any number of servers and loops.

@@ -3,10 +3,13 @@
 //! `rest.rs` (the Syft accounting REST API) are thin adapters that translate their protocol to
 //! these calls, so both interfaces follow one set of rules.
 
+use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use base64::Engine;
 
+use crate::address_throttle::{locked_out, AddressThrottle};
 use crate::auth::{authenticate, constant_time_eq, generate_secret, Caller};
 use crate::backend::{NewAccountRow, TransferBackend};
 use crate::domain::{Micros, TransferStatus};
@@ -174,6 +177,8 @@ pub struct Ledger {
     store: Arc<Store>,
     backend: Arc<dyn TransferBackend>,
     config: Arc<LedgerConfig>,
+    /// Failed authentications per client address (`address_throttle.rs`).
+    throttle: Arc<AddressThrottle>,
 }
 
 impl Ledger {
@@ -182,10 +187,12 @@ impl Ledger {
         backend: Arc<dyn TransferBackend>,
         config: Arc<LedgerConfig>,
     ) -> Self {
+        let throttle = Arc::new(AddressThrottle::new(config.auth_failures_per_address));
         Self {
             store,
             backend,
             config,
+            throttle,
         }
     }
 
@@ -197,9 +204,37 @@ impl Ledger {
         &self.config
     }
 
-    /// Resolves an `authorization` header value (Bearer secret, Basic email:secret, admin key).
-    pub async fn authenticate(&self, header: Option<&str>) -> Result<Caller> {
-        authenticate(&self.store, self.config.admin_key.expose(), header).await
+    /// Resolves an `authorization` header value (Bearer secret, Basic email:secret, admin key)
+    /// sent from `peer` (the client's address; `None` where the transport has none, in-process).
+    /// A wrong credential counts against its address, and an address over its limit is refused
+    /// whatever it sends (`address_throttle.rs`).
+    pub async fn authenticate(&self, header: Option<&str>, peer: Option<IpAddr>) -> Result<Caller> {
+        let admin_key = self.config.admin_key.expose();
+        let Some(addr) = peer else {
+            return authenticate(&self.store, admin_key, header).await;
+        };
+        self.unlocked(addr)?;
+        let result = authenticate(&self.store, admin_key, header).await;
+        match &result {
+            // Only a credential that was sent and is wrong counts (not a missing header).
+            Err(LedgerError::Unauthenticated(_)) if header.is_some() => {
+                crate::metrics::auth_refused("failed");
+                self.throttle.failed(addr, Instant::now());
+            }
+            // A success that raced its address's lock (a burst of concurrent guesses) is refused
+            // like the rest of the burst, so the burst cannot confirm a guess.
+            Ok(_) => self.unlocked(addr)?,
+            Err(_) => {}
+        }
+        result
+    }
+
+    /// Refused while `addr` is locked out for failed authentications.
+    fn unlocked(&self, addr: IpAddr) -> Result<()> {
+        self.throttle.check(addr, Instant::now()).map_err(|wait| {
+            crate::metrics::auth_refused("locked");
+            locked_out(addr, wait, self.config.auth_failures_per_address)
+        })
     }
 
     fn require_admin(caller: &Caller) -> Result<()> {

@@ -16,7 +16,7 @@ use axum::{Json, Router};
 
 use crate::core::{parse_dimensions, Ledger, StatsQuery, StatsRole, UsageDimsQuery};
 use crate::error::{LedgerError, Result};
-use crate::rest::RestError;
+use crate::rest::{Peer, RestError};
 use crate::store::TimeRange;
 
 /// `ready` turns false when the ledger shuts down: the dashboard's live streams end then.
@@ -99,10 +99,11 @@ pub fn stats_query(params: &HashMap<String, String>) -> Result<StatsQuery> {
 
 async fn stats(
     State(ledger): State<Ledger>,
+    Peer(peer): Peer,
     headers: HeaderMap,
     Query(params): Query<HashMap<String, String>>,
 ) -> std::result::Result<Response, RestError> {
-    let caller = crate::rest::caller(&ledger, &headers).await?;
+    let caller = crate::rest::caller(&ledger, &headers, peer).await?;
     let query = stats_query(&params)?;
     let stats = ledger.usage_stats(&caller, &query).await?;
     Ok(Json(stats).into_response())

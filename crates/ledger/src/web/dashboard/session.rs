@@ -7,6 +7,7 @@
 //! cross-site requests), an `Origin` naming this host, and `X-CSRF-Token` equal to the session's
 //! CSRF token (derived from the session token, so it is never stored and differs per session).
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,7 @@ use serde_json::json;
 use super::{json, Dash, DashError, Reply};
 use crate::auth::{constant_time_eq, generate_secret, Caller};
 use crate::error::{LedgerError, Result};
+use crate::rest::Peer;
 use crate::store::{now_micros, sha256_hex};
 
 const COOKIE: &str = "syft_session";
@@ -209,25 +211,36 @@ struct Login {
 }
 
 /// The account of an email and secret (`None`: the admin, signed in with an empty email and the
-/// admin key). Wrong credentials are `Unauthenticated`, which the throttle counts.
-async fn check_credentials(d: &Dash, email: &str, secret: &str) -> Result<Option<i64>> {
+/// admin key). Wrong credentials are `Unauthenticated`, which the throttle counts. Both go
+/// through the API's own check, so they accept the same credentials and count against the
+/// client's address as a wrong API credential does.
+async fn check_credentials(
+    d: &Dash,
+    email: &str,
+    secret: &str,
+    peer: Option<IpAddr>,
+) -> Result<Option<i64>> {
+    let invalid = || LedgerError::Unauthenticated("invalid credentials".into());
     // The Basic check splits at the first colon: `victim@x:abc` with secret `def` would try
     // victim's secret `abc:def` under another throttle counter. No email holds a colon.
     if email.contains(':') {
-        return Err(LedgerError::Unauthenticated("invalid credentials".into()));
+        return Err(invalid());
     }
     if email.is_empty() {
-        let key = d.ledger.config().admin_key.expose();
-        if key.is_empty() || !constant_time_eq(secret.as_bytes(), key.as_bytes()) {
-            return Err(LedgerError::Unauthenticated("invalid credentials".into()));
-        }
-        return Ok(None);
+        // The admin key as a Bearer credential; an account's password is not the admin's.
+        return match d
+            .ledger
+            .authenticate(Some(&format!("Bearer {secret}")), peer)
+            .await?
+        {
+            Caller::Admin => Ok(None),
+            Caller::Account(_) => Err(invalid()),
+        };
     }
-    // The API's own check of email and secret (Basic), so both accept the same credentials.
     let basic = base64::engine::general_purpose::STANDARD.encode(format!("{email}:{secret}"));
     Ok(Some(
         d.ledger
-            .authenticate(Some(&format!("Basic {basic}")))
+            .authenticate(Some(&format!("Basic {basic}")), peer)
             .await?
             .account()?
             .id,
@@ -248,7 +261,12 @@ fn locked_out(wait: Duration) -> Response {
 }
 
 /// `POST /dashboard/login` `{"email", "secret"}`: a new session, its cookie and CSRF token.
-pub(super) async fn login(State(d): State<Dash>, headers: HeaderMap, bytes: Bytes) -> Reply {
+pub(super) async fn login(
+    State(d): State<Dash>,
+    Peer(peer): Peer,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> Reply {
     check_origin(&headers)?;
     let body: Login = serde_json::from_slice(&bytes)
         .map_err(|e| LedgerError::invalid(format!("invalid JSON body: {e}")))?;
@@ -258,7 +276,7 @@ pub(super) async fn login(State(d): State<Dash>, headers: HeaderMap, bytes: Byte
         Ok(attempt) => attempt,
         Err(wait) => return Ok(locked_out(wait)),
     };
-    let account_id = match check_credentials(&d, email, &body.secret).await {
+    let account_id = match check_credentials(&d, email, &body.secret, peer).await {
         Err(e @ LedgerError::Unauthenticated(_)) => {
             attempt.failed(started);
             return Err(e.into());
