@@ -176,6 +176,62 @@ async fn duplicate_at_two_routers_calls_upstream_once() {
     s.check_invariants().await;
 }
 
+/// A retry at another router with a *fresh* token of the same user while the original is still
+/// in flight (the client gave up on the first router and asked for a new token): the ledger
+/// takes the hold as the same request, the second router waits for the original's outcome and
+/// replays its answer. One upstream call, one charge; a made-up token in the same race gets no
+/// answer and changes nothing.
+#[tokio::test]
+async fn a_fresh_token_retry_racing_its_original_is_charged_once() {
+    let s = Stack::start(Pricing::per_request(PRICE)).await;
+    let other = RouterHandle::start(s.router_config(Pricing::per_request(PRICE))).await;
+    s.upstream.set_mode(Mode::Delay(Duration::from_millis(600)));
+    let mut a = s.client().await;
+    let mut b = other.client().await;
+    let fresh = issue_token(&s.ledger.url, &s.alice, &s.owner.email).await;
+    let mut req: ChatRequest = s.request("same question");
+    req.request_id = "fresh-race".into();
+    let retry = ChatRequest {
+        transaction_token: fresh,
+        ..req.clone()
+    };
+    let forged = ChatRequest {
+        transaction_token: "made-up-token".into(),
+        ..req.clone()
+    };
+    let late = |c: &mut syft_proto::router::router_client::RouterClient<_>, r: ChatRequest| {
+        let mut c = c.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            c.chat(r).await
+        }
+    };
+    // A third router for the forged one: a router refuses a request id it has in flight itself.
+    let third = RouterHandle::start(s.router_config(Pricing::per_request(PRICE))).await;
+    let mut c = third.client().await;
+    let (ra, rb, rf) = tokio::join!(a.chat(req), late(&mut b, retry), late(&mut c, forged));
+    let ra = ra.expect("the original answers").into_inner();
+    let rb = rb.expect("the fresh-token retry answers").into_inner();
+    assert!(!ra.replay && rb.replay, "the retry is the replay");
+    assert_eq!(
+        (&ra.transfer_id, &ra.message),
+        (&rb.transfer_id, &rb.message)
+    );
+    let refused = rf.expect_err("a made-up token gets no answer");
+    let codes = [tonic::Code::AlreadyExists, tonic::Code::PermissionDenied];
+    assert!(codes.contains(&refused.code()), "{refused:?}");
+    assert_eq!(s.upstream.hits(), 1, "upstream called once");
+    let captured: Vec<_> = s
+        .transfers()
+        .await
+        .into_iter()
+        .filter(|t| t.status() == TransferStatus::Completed)
+        .collect();
+    assert_eq!(captured.len(), 1);
+    assert_eq!(s.alice_money().await, (FUNDS - PRICE, 0, FUNDS - PRICE));
+    s.check_invariants().await;
+}
+
 /// A duplicate whose first attempt fails upstream: the hold is voided, and the waiting router
 /// reports the request as processed and not charged (it does not call the upstream either).
 #[tokio::test]
