@@ -25,6 +25,13 @@ fn rest_from(from: &str) -> reqwest::Client {
         .expect("client")
 }
 
+/// A ledger on SQLite that allows `limit` wrong credentials per address.
+async fn harness(limit: u32) -> Harness {
+    Harness::with(false, |c| c.auth_failures_per_address = limit)
+        .await
+        .expect("sqlite harness")
+}
+
 /// `GET /user/my-info` with a Bearer secret (or none): status, body and `Retry-After`.
 async fn my_info(
     http: &reqwest::Client,
@@ -57,9 +64,7 @@ async fn grpc_get(h: &Harness, secret: &str, email: &str) -> Result<pb::Account,
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn wrong_credentials_lock_their_address_and_only_theirs() {
-    let h = Harness::with(false, |c| c.auth_failures_per_address = LIMIT)
-        .await
-        .expect("sqlite harness");
+    let h = harness(LIMIT).await;
     let base = h.http_url();
     let owner = h.account(OWNER, 0).await;
 
@@ -144,9 +149,7 @@ async fn wrong_credentials_lock_their_address_and_only_theirs() {
 /// throttle sees one try each) is counted per address too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sign_in_spray_locks_its_address() {
-    let h = Harness::with(false, |c| c.auth_failures_per_address = LIMIT)
-        .await
-        .expect("sqlite harness");
+    let h = harness(LIMIT).await;
     let base = h.http_url();
     let owner = h.account(OWNER, 0).await;
     let origin = base.trim_end_matches('/').to_string();
@@ -185,9 +188,7 @@ async fn a_sign_in_spray_locks_its_address() {
 /// `0` turns the limit off: a client may keep getting its secret wrong, and is still let in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn zero_turns_the_limit_off() {
-    let h = Harness::with(false, |c| c.auth_failures_per_address = 0)
-        .await
-        .expect("sqlite harness");
+    let h = harness(0).await;
     let owner = h.account(OWNER, 0).await;
     for i in 0..30 {
         let err = grpc_get(&h, &format!("typo-{i}-secret"), OWNER)

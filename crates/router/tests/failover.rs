@@ -138,13 +138,22 @@ async fn dead_endpoint_in_list_is_skipped() {
 
 /// The same request (same user, same request id) sent to two routers at once: one upstream
 /// call, one charge, and both clients get the answer (the second as a replay of the first's).
+/// A paid stack whose upstream answers in `mode`, and `n` more routers like its own (same owner,
+/// ledger and upstream): replicas behind one load balancer.
+async fn replicas(mode: Mode, n: usize) -> (Stack, Vec<RouterHandle>) {
+    let s = Stack::start(Pricing::per_request(PRICE)).await;
+    let mut others = Vec::new();
+    for _ in 0..n {
+        others.push(RouterHandle::start(s.router_config(Pricing::per_request(PRICE))).await);
+    }
+    s.upstream.set_mode(mode);
+    (s, others)
+}
+
 #[tokio::test]
 async fn duplicate_at_two_routers_calls_upstream_once() {
-    let s = Stack::start(Pricing::per_request(PRICE)).await;
-    let other = RouterHandle::start(s.router_config(Pricing::per_request(PRICE))).await;
-    s.upstream.set_mode(Mode::Delay(Duration::from_millis(600)));
-    let mut a = s.client().await;
-    let mut b = other.client().await;
+    let (s, others) = replicas(Mode::Delay(Duration::from_millis(600)), 1).await;
+    let (mut a, mut b) = (s.client().await, others[0].client().await);
     for round in 0..3 {
         let mut req: ChatRequest = s.request("same question");
         req.request_id = format!("dup-{round}");
@@ -183,11 +192,10 @@ async fn duplicate_at_two_routers_calls_upstream_once() {
 /// answer and changes nothing.
 #[tokio::test]
 async fn a_fresh_token_retry_racing_its_original_is_charged_once() {
-    let s = Stack::start(Pricing::per_request(PRICE)).await;
-    let other = RouterHandle::start(s.router_config(Pricing::per_request(PRICE))).await;
-    s.upstream.set_mode(Mode::Delay(Duration::from_millis(600)));
-    let mut a = s.client().await;
-    let mut b = other.client().await;
+    // A third router for the forged one: a router refuses a request id it has in flight itself.
+    let (s, others) = replicas(Mode::Delay(Duration::from_millis(600)), 2).await;
+    let (mut a, mut b) = (s.client().await, others[0].client().await);
+    let mut c = others[1].client().await;
     let fresh = issue_token(&s.ledger.url, &s.alice, &s.owner.email).await;
     let mut req: ChatRequest = s.request("same question");
     req.request_id = "fresh-race".into();
@@ -206,9 +214,6 @@ async fn a_fresh_token_retry_racing_its_original_is_charged_once() {
             c.chat(r).await
         }
     };
-    // A third router for the forged one: a router refuses a request id it has in flight itself.
-    let third = RouterHandle::start(s.router_config(Pricing::per_request(PRICE))).await;
-    let mut c = third.client().await;
     let (ra, rb, rf) = tokio::join!(a.chat(req), late(&mut b, retry), late(&mut c, forged));
     let ra = ra.expect("the original answers").into_inner();
     let rb = rb.expect("the fresh-token retry answers").into_inner();
@@ -236,11 +241,8 @@ async fn a_fresh_token_retry_racing_its_original_is_charged_once() {
 /// reports the request as processed and not charged (it does not call the upstream either).
 #[tokio::test]
 async fn duplicate_of_a_failed_request_is_not_charged() {
-    let s = Stack::start(Pricing::per_request(PRICE)).await;
-    let other = RouterHandle::start(s.router_config(Pricing::per_request(PRICE))).await;
-    s.upstream.set_mode(Mode::Status(400));
-    let mut a = s.client().await;
-    let mut b = other.client().await;
+    let (s, others) = replicas(Mode::Status(400), 1).await;
+    let (mut a, mut b) = (s.client().await, others[0].client().await);
     let mut req = s.request("fails");
     req.request_id = "dup-failed".into();
     let (ra, rb) = tokio::join!(a.chat(req.clone()), b.chat(req));

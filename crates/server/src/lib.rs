@@ -28,6 +28,21 @@ pub fn grpc_incoming(listener: TcpListener) -> TcpIncoming {
     TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
+/// `axum::serve` of `app` with its client addresses as `$info`, until `$stopped`. A macro
+/// because the two listeners are different types, and a generic function would have to spell
+/// out axum's bounds on both.
+macro_rules! serve_until {
+    ($listener:expr, $app:expr, $info:ty, $stopped:expr) => {
+        axum::serve(
+            $listener,
+            $app.into_make_service_with_connect_info::<$info>(),
+        )
+        .with_graceful_shutdown($stopped)
+        .into_future()
+        .await
+    };
+}
+
 /// Serves `app` on `listener` (over TLS when given) until `stopped` resolves, then lets open
 /// requests finish. Each request carries its client's address ([`client_addr`]).
 pub async fn serve_http(
@@ -41,25 +56,13 @@ pub async fn serve_http(
             let rustls = tls.rustls().map_err(std::io::Error::other)?;
             let listener =
                 syft_tls::TlsListener::new(listener, rustls).map_err(std::io::Error::other)?;
-            axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<ClientAddr>(),
-            )
-            .with_graceful_shutdown(stopped)
-            .into_future()
-            .await
+            serve_until!(listener, app, ClientAddr, stopped)
         }
         None => {
             let listener = listener.tap_io(|tcp| {
                 let _ = tcp.set_nodelay(true);
             });
-            axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(stopped)
-            .into_future()
-            .await
+            serve_until!(listener, app, SocketAddr, stopped)
         }
     }
 }

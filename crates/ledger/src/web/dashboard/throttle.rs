@@ -16,6 +16,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::address_throttle::make_room;
+
 /// Wrong secrets allowed per account and window.
 pub(crate) const MAX_FAILURES: u32 = 10;
 /// The window's length.
@@ -98,7 +100,15 @@ impl SignInThrottle {
     pub fn check(&self, account: &str, now: Instant) -> Result<Attempt<'_>, Duration> {
         let key = key(account);
         let mut windows = self.lock();
-        if !windows.contains_key(&key) && !make_room(&mut windows, now) {
+        // Windows with attempts in flight stay; so do locks (they are what the table is for).
+        let room = windows.contains_key(&key)
+            || make_room(
+                &mut windows,
+                MAX_TRACKED,
+                |w| w.pending == 0 && now >= w.start + WINDOW,
+                |w| (!w.locked(now) && w.pending == 0).then_some(w.start),
+            );
+        if !room {
             return Err(WINDOW);
         }
         let w = windows.entry(key.clone()).or_insert(Window::new(now));
@@ -139,29 +149,6 @@ impl SignInThrottle {
             w.failures = w.failures.saturating_add(1);
         }
     }
-}
-
-/// Room for one more tracked account: expired windows go, then the oldest unlocked ones with
-/// nothing in flight (down to half the table). `false` when every window left is locked or busy.
-fn make_room(windows: &mut HashMap<String, Window>, now: Instant) -> bool {
-    if windows.len() < MAX_TRACKED {
-        return true;
-    }
-    windows.retain(|_, w| w.pending > 0 || now < w.start + WINDOW);
-    if windows.len() < MAX_TRACKED {
-        return true;
-    }
-    let mut free: Vec<(Instant, String)> = windows
-        .iter()
-        .filter(|(_, w)| !w.locked(now) && w.pending == 0)
-        .map(|(k, w)| (w.start, k.clone()))
-        .collect();
-    free.sort_unstable();
-    let excess = windows.len().saturating_sub(MAX_TRACKED / 2);
-    for (_, k) in free.into_iter().take(excess) {
-        windows.remove(&k);
-    }
-    windows.len() < MAX_TRACKED
 }
 
 /// Emails compare case-insensitively, as the ledger's accounts do.
