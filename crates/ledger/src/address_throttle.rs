@@ -7,9 +7,9 @@
 //! least), so an unthrottled API let a client spray common passwords at thousands per second.
 //! The dashboard's own throttle counts per account, which does not slow a spray across accounts.
 //! Why a lock and not a delay: a locked address gets the same refusal for a right and a wrong
-//! secret, so a guess cannot be confirmed while locked. An attempt that was already checking when
-//! its address got locked (a burst of concurrent guesses) is refused too if it succeeded, so a
-//! burst gains no more than `max_failures` answers either.
+//! secret, so a guess cannot be confirmed while locked. An attempt that was already being
+//! checked when its address got locked (a burst of concurrent guesses) is refused too, whatever
+//! its outcome, so a burst gets no more telling answers than the limit either.
 //! The cost: clients that share an address (behind one proxy or NAT) share the count, and a
 //! client sending a wrong secret over and over locks out its neighbours; the operator sets the
 //! limit, or 0 to turn it off (docs/ledger.md, "Failed authentications"). A success does not
@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -27,91 +27,168 @@ use crate::error::LedgerError;
 
 /// The window in which failures are counted.
 pub const WINDOW: Duration = Duration::from_secs(5 * 60);
-/// Addresses tracked at most. When full, expired windows go first, then the oldest unlocked
-/// ones; an address that finds only locked windows is let through untracked (a flood from that
-/// many addresses has outgrown what a per-address count can stop, and refusing every new
-/// address would lock out every client).
+/// Windows tracked at most. When full, ended windows go first, then the oldest unlocked ones;
+/// a failure that finds only locks is not counted (a flood from that many blocks has outgrown
+/// what a per-address count can stop, and refusing every new address would lock out every
+/// client). Until the first of those locks ends, the table is not scanned again.
 const MAX_TRACKED: usize = 100_000;
+/// An IPv6 /48 (one site's allocation: 65,536 /64s) may fail this many times the limit of one
+/// /64 before all of it is locked.
+const SITE_FACTOR: u32 = 10;
+
+/// What failures are counted by: an IPv4 address (also when mapped into IPv6), an IPv6 /64 (one
+/// host or one LAN), and the /48 around it (one site), so that an attacker does not get a fresh
+/// count for each of its 2^64 addresses, nor one for each of a site's 65,536 /64s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Key {
+    V4(Ipv4Addr),
+    /// The first 64 bits.
+    V6Net(u64),
+    /// The first 48 bits.
+    V6Site(u64),
+}
+
+impl Key {
+    /// The keys `addr` is counted under: its own, and its site's for IPv6.
+    fn of(addr: IpAddr) -> (Key, Option<Key>) {
+        let v6 = match addr {
+            IpAddr::V4(v4) => return (Key::V4(v4), None),
+            IpAddr::V6(v6) => v6,
+        };
+        if let Some(v4) = v6.to_ipv4_mapped() {
+            return (Key::V4(v4), None);
+        }
+        let net = (u128::from(v6) >> 64) as u64;
+        (Key::V6Net(net), Some(Key::V6Site(net >> 16)))
+    }
+}
 
 #[derive(Debug, Clone, Copy)]
 struct Window {
     start: Instant,
     failures: u32,
+    /// The failures that lock this window.
+    limit: u32,
+}
+
+impl Window {
+    fn ended(&self, now: Instant) -> bool {
+        now >= self.start + WINDOW
+    }
+
+    fn locked(&self, now: Instant) -> bool {
+        self.failures >= self.limit && !self.ended(now)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    windows: HashMap<Key, Window>,
+    /// Full of locks until then: new keys are not counted, without a scan.
+    full_until: Option<Instant>,
 }
 
 /// Failed authentications per address; `max_failures` 0 turns the throttle off.
 #[derive(Debug)]
 pub struct AddressThrottle {
     max_failures: u32,
-    windows: Mutex<HashMap<IpAddr, Window>>,
+    table: Mutex<Table>,
 }
 
 impl AddressThrottle {
     pub fn new(max_failures: u32) -> Self {
         Self {
             max_failures,
-            windows: Mutex::default(),
+            table: Mutex::default(),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Window>> {
-        self.windows.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// `Err(wait)` while `addr` is locked out: how long until its window ends.
+    /// `Err(wait)` while `addr` (or its IPv6 site) is locked out: how long until that ends.
     pub fn check(&self, addr: IpAddr, now: Instant) -> Result<(), Duration> {
         if self.max_failures == 0 {
             return Ok(());
         }
-        let windows = self.lock();
-        match windows.get(&group(addr)) {
-            Some(w) if w.failures >= self.max_failures && now < w.start + WINDOW => {
-                Err(w.start + WINDOW - now)
-            }
-            _ => Ok(()),
-        }
+        let (key, site) = Key::of(addr);
+        let table = self.lock();
+        let wait = [Some(key), site]
+            .into_iter()
+            .flatten()
+            .filter_map(|k| table.windows.get(&k))
+            .filter(|w| w.locked(now))
+            .map(|w| w.start + WINDOW - now)
+            .max();
+        wait.map_or(Ok(()), Err)
     }
 
-    /// Counts a wrong credential from `addr`.
+    /// Counts a wrong credential (or a chosen password set, which can test one) from `addr`.
     pub fn failed(&self, addr: IpAddr, now: Instant) {
         if self.max_failures == 0 {
             return;
         }
-        let key = group(addr);
-        let mut windows = self.lock();
-        let max = self.max_failures;
-        let room = windows.contains_key(&key)
-            || make_room(
-                &mut windows,
-                MAX_TRACKED,
-                |w| now >= w.start + WINDOW,
-                |w| (w.failures < max).then_some(w.start),
-            );
-        if !room {
-            tracing::warn!(address = %key, "failed-authentication table full of locked addresses; not counting this one");
-            return;
-        }
-        let w = windows.entry(key).or_insert(Window {
-            start: now,
-            failures: 0,
-        });
-        if now >= w.start + WINDOW {
-            *w = Window {
-                start: now,
-                failures: 0,
-            };
-        }
-        w.failures = w.failures.saturating_add(1);
-        if w.failures == self.max_failures {
-            tracing::warn!(address = %key, "too many failed authentications: address locked out for the rest of the window");
+        let (key, site) = Key::of(addr);
+        let mut table = self.lock();
+        count(&mut table, key, self.max_failures, now);
+        if let Some(site) = site {
+            let limit = self.max_failures.saturating_mul(SITE_FACTOR);
+            count(&mut table, site, limit, now);
         }
     }
 }
 
-/// The refusal of a locked-out address: `RATE_LIMITED` with the wait (`RetryInfo`, and
-/// `Retry-After` over HTTP) and the limit it went over.
+/// One failure of `key`, whose window locks at `limit`.
+fn count(table: &mut Table, key: Key, limit: u32, now: Instant) {
+    if !table.windows.contains_key(&key) && !room(table, now) {
+        tracing::warn!(
+            ?key,
+            "failed-authentication table full of locks; not counting this one"
+        );
+        return;
+    }
+    let fresh = Window {
+        start: now,
+        failures: 0,
+        limit,
+    };
+    let w = table.windows.entry(key).or_insert(fresh);
+    if w.ended(now) {
+        *w = fresh;
+    }
+    w.failures = w.failures.saturating_add(1);
+    if w.failures == limit {
+        tracing::warn!(
+            ?key,
+            "too many failed authentications: locked out for the rest of the window"
+        );
+    }
+}
+
+/// Room for one more window in `table`; remembers a table full of locks until the first ends.
+fn room(table: &mut Table, now: Instant) -> bool {
+    if table.full_until.is_some_and(|until| now < until) {
+        return false;
+    }
+    table.full_until = None;
+    if make_room(
+        &mut table.windows,
+        MAX_TRACKED,
+        |w| w.ended(now),
+        |w| (!w.locked(now)).then_some(w.start),
+    ) {
+        return true;
+    }
+    table.full_until = table.windows.values().map(|w| w.start + WINDOW).min();
+    false
+}
+
+/// The refusal of a locked-out address: `RATE_LIMITED` with the wait rounded up to whole seconds
+/// (`RetryInfo`, and `Retry-After` over HTTP: a client that waits as told is let in) and the
+/// limit it went over.
 pub fn locked_out(addr: IpAddr, wait: Duration, limit: u32) -> LedgerError {
-    let secs = wait.as_secs().max(1);
+    let secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
     LedgerError::Quota {
         reason: Reason::RateLimited,
         message: format!(
@@ -126,22 +203,6 @@ pub fn locked_out(addr: IpAddr, wait: Duration, limit: u32) -> LedgerError {
                     WINDOW.as_secs() / 60
                 ),
             )],
-        },
-    }
-}
-
-/// The unit an address is counted by: an IPv4 address (also when mapped into IPv6), or an IPv6
-/// /64, the block one host or one customer is usually given, so that an attacker does not get a
-/// fresh count for each of its 2^64 addresses.
-fn group(addr: IpAddr) -> IpAddr {
-    match addr {
-        IpAddr::V4(_) => addr,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let s = v6.segments();
-                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-            }
         },
     }
 }
@@ -217,6 +278,24 @@ mod tests {
         t.failed(ip("::ffff:198.51.100.1"), now);
         t.failed(ip("198.51.100.1"), now);
         assert!(t.check(ip("198.51.100.1"), now).is_err());
+        // One failure from each of 20 /64s of one /48 (2 × SITE_FACTOR) locks the whole site.
+        for net in 0..2 * SITE_FACTOR {
+            let addr = ip(&format!("2001:db8:7:{net:x}::1"));
+            assert!(t.check(addr, now).is_ok(), "/64 number {net}");
+            t.failed(addr, now);
+        }
+        assert!(t.check(ip("2001:db8:7:ffff::1"), now).is_err(), "same /48");
+        assert!(t.check(ip("2001:db8:8::1"), now).is_ok(), "another /48");
+    }
+
+    #[test]
+    fn the_wait_is_rounded_up() {
+        let wait = Duration::from_millis(299_500);
+        let e = locked_out(ip("192.0.2.1"), wait, 20);
+        let LedgerError::Quota { details, .. } = e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(details.retry_after, Some(Duration::from_secs(300)));
     }
 
     #[test]

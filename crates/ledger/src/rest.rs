@@ -100,10 +100,11 @@ impl IntoResponse for RestError {
         let mut response = (status, Json(body)).into_response();
         if let LedgerError::Quota { details, .. } = &self.0 {
             if let Some(wait) = details.retry_after {
-                response.headers_mut().insert(
-                    header::RETRY_AFTER,
-                    HeaderValue::from(wait.as_secs().max(1)),
-                );
+                // Whole seconds, rounded up: a client that waits as told is not refused again.
+                let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
             }
         }
         if status == StatusCode::UNAUTHORIZED {
@@ -313,8 +314,11 @@ struct CreateUser {
     organization: Option<String>,
 }
 
-async fn create_user(State(ledger): State<Ledger>, bytes: Bytes) -> Reply {
+async fn create_user(State(ledger): State<Ledger>, Peer(peer): Peer, bytes: Bytes) -> Reply {
     let req: CreateUser = body(&bytes)?;
+    if req.password.is_some() {
+        ledger.count_guess(peer)?;
+    }
     let (account, password) = ledger
         .register(
             req.email,
@@ -384,10 +388,12 @@ struct UpdatePassword {
 
 async fn update_password(
     State(ledger): State<Ledger>,
+    Peer(peer): Peer,
     Authed(caller): Authed,
     bytes: Bytes,
 ) -> Reply {
     let req: UpdatePassword = body(&bytes)?;
+    ledger.count_guess(peer)?;
     let account = ledger
         .change_secret(&caller, &req.old_password, &req.new_password)
         .await?;

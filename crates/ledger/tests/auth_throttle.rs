@@ -25,11 +25,29 @@ fn rest_from(from: &str) -> reqwest::Client {
         .expect("client")
 }
 
+/// The answer to an address's `n`-th wrong credential (from 0): 401, and 429 for the one that
+/// reaches the limit (it finished after its address got locked, so it tells nothing either).
+fn answer_to_failure(n: u32) -> StatusCode {
+    if n + 1 < LIMIT {
+        StatusCode::UNAUTHORIZED
+    } else {
+        StatusCode::TOO_MANY_REQUESTS
+    }
+}
+
 /// A ledger on SQLite that allows `limit` wrong credentials per address.
 async fn harness(limit: u32) -> Harness {
     Harness::with(false, |c| c.auth_failures_per_address = limit)
         .await
         .expect("sqlite harness")
+}
+
+/// [`harness`] at [`LIMIT`], its REST base URL, and the secret of a new account `OWNER`.
+async fn with_owner() -> (Harness, String, String) {
+    let h = harness(LIMIT).await;
+    let owner = h.account(OWNER, 0).await;
+    let base = h.http_url();
+    (h, base, owner)
 }
 
 /// `GET /user/my-info` with a Bearer secret (or none): status, body and `Retry-After`.
@@ -64,9 +82,7 @@ async fn grpc_get(h: &Harness, secret: &str, email: &str) -> Result<pb::Account,
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn wrong_credentials_lock_their_address_and_only_theirs() {
-    let h = harness(LIMIT).await;
-    let base = h.http_url();
-    let owner = h.account(OWNER, 0).await;
+    let (h, base, owner) = with_owner().await;
 
     // 127.0.0.1: wrong secrets over gRPC and REST count together.
     for i in 0..LIMIT - 2 {
@@ -78,7 +94,7 @@ async fn wrong_credentials_lock_their_address_and_only_theirs() {
     let local = rest_from("127.0.0.1");
     for i in 0..2 {
         let (status, _, _) = my_info(&local, &base, Some(&format!("rest-guess-{i}"))).await;
-        assert_eq!(status, StatusCode::UNAUTHORIZED, "REST try {i}");
+        assert_eq!(status, answer_to_failure(LIMIT - 2 + i), "REST try {i}");
     }
     // Locked: the right secret, the admin key and any guess are refused alike, over both.
     for secret in [owner.as_str(), ADMIN_KEY, "guess-again"] {
@@ -136,7 +152,7 @@ async fn wrong_credentials_lock_their_address_and_only_theirs() {
     for i in 0..LIMIT {
         assert_eq!(my_info(&mixed, &base, Some(&owner)).await.0, StatusCode::OK);
         let (status, _, _) = my_info(&mixed, &base, Some(&format!("spray-{i}"))).await;
-        assert_eq!(status, StatusCode::UNAUTHORIZED, "try {i}");
+        assert_eq!(status, answer_to_failure(i), "try {i}");
     }
     assert_eq!(
         my_info(&mixed, &base, Some(&owner)).await.0,
@@ -145,13 +161,38 @@ async fn wrong_credentials_lock_their_address_and_only_theirs() {
     h.finish().await;
 }
 
+/// Setting a chosen password counts as a guess: an attacker could set its own password to a
+/// guess and see by a Bearer sign-in whether another account has it (a password two accounts
+/// share finds neither), with no wrong credential ever sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn setting_a_chosen_password_counts_as_a_guess() {
+    let (h, base, owner) = with_owner().await;
+    // Creations from one address, changes (signed in with Basic) from another.
+    let (prober, changer) = (rest_from("127.0.0.7"), rest_from("127.0.0.8"));
+    for i in 0..LIMIT {
+        let (email, guess) = (format!("prober{i}@example.com"), format!("Guess-{i}-2024"));
+        let created = prober
+            .post(format!("{base}/user/create"))
+            .json(&json!({"email": email, "password": guess}));
+        assert_eq!(created.send().await.expect("create").status(), 201, "{i}");
+        let changed = changer
+            .put(format!("{base}/user/update-password"))
+            .basic_auth(&email, Some(&guess))
+            .json(&json!({"oldPassword": guess, "newPassword": format!("Other-{i}-2025")}));
+        assert_eq!(changed.send().await.expect("update").status(), 200, "{i}");
+    }
+    for client in [&prober, &changer] {
+        let (status, body, _) = my_info(client, &base, Some(&owner)).await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    }
+    h.finish().await;
+}
+
 /// A spray through the dashboard's sign-in (one password against many emails: the per-account
 /// throttle sees one try each) is counted per address too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sign_in_spray_locks_its_address() {
-    let h = harness(LIMIT).await;
-    let base = h.http_url();
-    let owner = h.account(OWNER, 0).await;
+    let (h, base, owner) = with_owner().await;
     let origin = base.trim_end_matches('/').to_string();
     let login = |http: reqwest::Client, email: String, secret: String| {
         let base = base.clone();
@@ -174,7 +215,7 @@ async fn a_sign_in_spray_locks_its_address() {
             "Password123".into(),
         )
         .await;
-        assert_eq!(status, StatusCode::UNAUTHORIZED, "try {i}");
+        assert_eq!(status, answer_to_failure(i), "try {i}");
     }
     for (email, secret) in [(OWNER, owner.as_str()), ("", ADMIN_KEY)] {
         let status = login(sprayer.clone(), email.into(), secret.into()).await;
@@ -230,7 +271,8 @@ async fn a_right_guess_in_flight_when_its_address_locks_is_refused() {
     });
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert!(!right.is_finished(), "the lookup waits for the lock");
-    // Meanwhile the same address sends the limit of unreadable credentials (no lookup needed).
+    // Meanwhile the same address sends the limit of credentials in an unsupported scheme (no
+    // lookup needed).
     let local = rest_from("127.0.0.1");
     let base = h.http_url();
     for i in 0..LIMIT {
@@ -240,7 +282,7 @@ async fn a_right_guess_in_flight_when_its_address_locks_is_refused() {
             .send()
             .await
             .expect("send");
-        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "try {i}");
+        assert_eq!(resp.status(), answer_to_failure(i), "try {i}");
     }
     blocker.rollback().await.expect("unlock");
     let err = right

@@ -215,18 +215,29 @@ impl Ledger {
         };
         self.unlocked(addr)?;
         let result = authenticate(&self.store, admin_key, header).await;
-        match &result {
-            // Only a credential that was sent and is wrong counts (not a missing header).
-            Err(LedgerError::Unauthenticated(_)) if header.is_some() => {
-                crate::metrics::auth_refused("failed");
-                self.throttle.failed(addr, Instant::now());
-            }
-            // A success that raced its address's lock (a burst of concurrent guesses) is refused
-            // like the rest of the burst, so the burst cannot confirm a guess.
-            Ok(_) => self.unlocked(addr)?,
-            Err(_) => {}
+        // Only a credential that was sent and is wrong counts (not a missing header).
+        if header.is_some() && matches!(result, Err(LedgerError::Unauthenticated(_))) {
+            crate::metrics::auth_refused("failed");
+            self.throttle.failed(addr, Instant::now());
         }
+        // Whatever the outcome, an attempt that finished after its address got locked (a burst
+        // of concurrent guesses, or the failure that reached the limit) is refused like the rest,
+        // so a burst gets no more telling answers than the limit.
+        self.unlocked(addr)?;
         result
+    }
+
+    /// Counts a chosen password being set from `peer` as one guess (refused while the address
+    /// is locked): an attacker can set its own password to a guess and see by a Bearer sign-in
+    /// whether another account has it (a password two accounts share finds neither), so each
+    /// set costs what a wrong credential does.
+    pub(crate) fn count_guess(&self, peer: Option<IpAddr>) -> Result<()> {
+        let Some(addr) = peer else {
+            return Ok(());
+        };
+        self.unlocked(addr)?;
+        self.throttle.failed(addr, Instant::now());
+        Ok(())
     }
 
     /// Refused while `addr` is locked out for failed authentications.

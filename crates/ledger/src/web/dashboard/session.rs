@@ -234,7 +234,11 @@ async fn check_credentials(
             .await?
         {
             Caller::Admin => Ok(None),
-            Caller::Account(_) => Err(invalid()),
+            // A wrong admin key, as far as the address's count goes.
+            Caller::Account(_) => {
+                d.ledger.count_guess(peer)?;
+                Err(invalid())
+            }
         };
     }
     let basic = base64::engine::general_purpose::STANDARD.encode(format!("{email}:{secret}"));
