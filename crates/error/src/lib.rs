@@ -219,10 +219,13 @@ pub enum Reason {
     BudgetExceeded,
     /// The delegation token's per-day spend limit does not cover the hold.
     TokenDailyLimitExceeded,
+    /// The client's address sent too many wrong credentials: every authentication from it is
+    /// refused until `RetryInfo` says (the ledger's failed-authentication limit).
+    AuthLocked,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 14] = [
+    pub const ALL: [Reason; 15] = [
         Self::InsufficientFunds,
         Self::HoldExpired,
         Self::TransferNotPending,
@@ -237,6 +240,7 @@ impl Reason {
         Self::ConcurrencyLimited,
         Self::BudgetExceeded,
         Self::TokenDailyLimitExceeded,
+        Self::AuthLocked,
     ];
 
     pub const fn code(self) -> ErrorCode {
@@ -253,7 +257,8 @@ impl Reason {
             Self::RateLimited
             | Self::ConcurrencyLimited
             | Self::BudgetExceeded
-            | Self::TokenDailyLimitExceeded => ErrorCode::ResourceExhausted,
+            | Self::TokenDailyLimitExceeded
+            | Self::AuthLocked => ErrorCode::ResourceExhausted,
         }
     }
 
@@ -273,6 +278,7 @@ impl Reason {
             Self::ConcurrencyLimited => "CONCURRENCY_LIMITED",
             Self::BudgetExceeded => "BUDGET_EXCEEDED",
             Self::TokenDailyLimitExceeded => "TOKEN_DAILY_LIMIT_EXCEEDED",
+            Self::AuthLocked => "AUTH_LOCKED",
         }
     }
 }

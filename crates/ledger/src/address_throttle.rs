@@ -30,7 +30,8 @@ pub const WINDOW: Duration = Duration::from_secs(5 * 60);
 /// Windows tracked at most. When full, ended windows go first, then the oldest unlocked ones;
 /// a failure that finds only locks is not counted (a flood from that many blocks has outgrown
 /// what a per-address count can stop, and refusing every new address would lock out every
-/// client). Until the first of those locks ends, the table is not scanned again.
+/// client). Once a scan frees less than a tenth of the table, it is not scanned again (and new
+/// keys are not counted) until its first window ends.
 const MAX_TRACKED: usize = 100_000;
 /// An IPv6 /48 (one site's allocation: 65,536 /64s) may fail this many times the limit of one
 /// /64 before all of it is locked.
@@ -172,25 +173,31 @@ fn room(table: &mut Table, now: Instant) -> bool {
         return false;
     }
     table.full_until = None;
-    if make_room(
+    if table.windows.len() < MAX_TRACKED {
+        return true;
+    }
+    let room = make_room(
         &mut table.windows,
         MAX_TRACKED,
         |w| w.ended(now),
         |w| (!w.locked(now)).then_some(w.start),
-    ) {
-        return true;
+    );
+    // A scan that freed less than a tenth of the table (it is nearly all locks) is not repeated
+    // for each new key until something can end: each would scan 100,000 windows under the
+    // mutex every authentication takes, and evict the window the last one made.
+    if table.windows.len() >= MAX_TRACKED - MAX_TRACKED / 10 {
+        table.full_until = table.windows.values().map(|w| w.start + WINDOW).min();
     }
-    table.full_until = table.windows.values().map(|w| w.start + WINDOW).min();
-    false
+    room
 }
 
-/// The refusal of a locked-out address: `RATE_LIMITED` with the wait rounded up to whole seconds
+/// The refusal of a locked-out address: `AUTH_LOCKED` with the wait rounded up to whole seconds
 /// (`RetryInfo`, and `Retry-After` over HTTP: a client that waits as told is let in) and the
 /// limit it went over.
 pub fn locked_out(addr: IpAddr, wait: Duration, limit: u32) -> LedgerError {
-    let secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
+    let secs = retry_secs(wait);
     LedgerError::Quota {
-        reason: Reason::RateLimited,
+        reason: Reason::AuthLocked,
         message: format!(
             "too many failed authentications from this address; try again in {secs} s"
         ),
@@ -205,6 +212,12 @@ pub fn locked_out(addr: IpAddr, wait: Duration, limit: u32) -> LedgerError {
             )],
         },
     }
+}
+
+/// A wait in whole seconds for `Retry-After`, rounded up (at least 1): a client that waits as
+/// told is not refused again.
+pub(crate) fn retry_secs(wait: Duration) -> u64 {
+    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
 }
 
 /// Room for one more key in a table of at most `max` windows (both throttles' tables): the

@@ -100,11 +100,10 @@ impl IntoResponse for RestError {
         let mut response = (status, Json(body)).into_response();
         if let LedgerError::Quota { details, .. } = &self.0 {
             if let Some(wait) = details.retry_after {
-                // Whole seconds, rounded up: a client that waits as told is not refused again.
-                let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                let secs = crate::address_throttle::retry_secs(wait);
                 response
                     .headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+                    .insert(header::RETRY_AFTER, HeaderValue::from(secs));
             }
         }
         if status == StatusCode::UNAUTHORIZED {

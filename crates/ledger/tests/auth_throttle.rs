@@ -100,14 +100,14 @@ async fn wrong_credentials_lock_their_address_and_only_theirs() {
     for secret in [owner.as_str(), ADMIN_KEY, "guess-again"] {
         let (status, body, retry) = my_info(&local, &base, Some(secret)).await;
         assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
-        assert_eq!(body["code"], Reason::RateLimited.as_str(), "{body}");
+        assert_eq!(body["code"], Reason::AuthLocked.as_str(), "{body}");
         let retry = retry.expect("Retry-After");
         assert!((1..=300).contains(&retry), "{retry}");
         let err = grpc_get(&h, secret, OWNER).await.expect_err("locked");
         assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
         assert_eq!(
             syft_error::reason_of(&err).as_deref(),
-            Some(Reason::RateLimited.as_str()),
+            Some(Reason::AuthLocked.as_str()),
             "{err:?}"
         );
     }
@@ -207,6 +207,15 @@ async fn a_sign_in_spray_locks_its_address() {
                 .status()
         }
     };
+    // The admin key with a space around it is not the admin key (the session would keep a
+    // fingerprint of what was sent, and be void at once).
+    let padded = login(
+        rest_from("127.0.0.9"),
+        String::new(),
+        format!("{ADMIN_KEY} "),
+    )
+    .await;
+    assert_eq!(padded, StatusCode::UNAUTHORIZED);
     let sprayer = rest_from("127.0.0.5");
     for i in 0..LIMIT {
         let status = login(

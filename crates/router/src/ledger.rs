@@ -497,6 +497,13 @@ pub(crate) fn map_status(op: Op, s: tonic::Status) -> RouterError {
         Code::NotFound => RouterError::NotFound(msg),
         Code::AlreadyExists => RouterError::AlreadyExists(msg),
         Code::ResourceExhausted => match ledger_reason(&s) {
+            // The ledger refuses this router's address for failed authentications (a router with
+            // a stale secret, or a neighbour behind the same address): a deployment problem, as
+            // a refused credential is, not the user's quota.
+            Some(Reason::AuthLocked) => {
+                tracing::error!(?op, message = %msg, "the ledger refuses this router's address");
+                RouterError::Unavailable("ledger refuses this router's address".into())
+            }
             // A budget or token-window refusal: passed on with the ledger's retry time.
             Some(reason) => RouterError::Quota(Box::new(crate::error::QuotaRefusal {
                 reason,

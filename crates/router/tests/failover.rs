@@ -252,3 +252,31 @@ async fn duplicate_of_a_failed_request_is_not_charged() {
     s.assert_voided_once(Duration::from_secs(5)).await;
     s.check_invariants().await;
 }
+
+/// A ledger that locks the router's own address (another client behind it sent wrong secrets):
+/// the router answers `UNAVAILABLE`, a deployment problem as a refused credential is, and never
+/// passes the lock on as the user's quota. Nothing is held or charged.
+#[tokio::test]
+async fn a_router_whose_address_the_ledger_locked_is_unavailable() {
+    let s = Stack::start_with_ledger(Pricing::per_request(PRICE), |c| {
+        c.auth_failures_per_address = 2;
+    })
+    .await;
+    let mut c = s.client().await;
+    ok(c.chat(s.request("before")).await);
+    for i in 0..2 {
+        let mut neighbour = syft_ledger::client::connect_lazy(&s.ledger.url, &format!("wrong-{i}"))
+            .expect("client");
+        let req = syft_proto::ledger::GetAccountRequest {
+            email: s.alice.email.clone(),
+        };
+        assert!(neighbour.get_account(req).await.is_err());
+    }
+    let err = c.chat(s.request("after")).await.expect_err("locked");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    // Read from the database: the test's own clients share the locked address.
+    let alice = s.ledger.store.account_by_email(&s.alice.email).await;
+    let alice = alice.expect("read").expect("alice");
+    assert_eq!((alice.balance.get(), alice.held.get()), (FUNDS - PRICE, 0));
+    assert_consistent(&s.ledger.store).await;
+}

@@ -227,7 +227,13 @@ async fn check_credentials(
         return Err(invalid());
     }
     if email.is_empty() {
-        // The admin key as a Bearer credential; an account's password is not the admin's.
+        // The admin key as a Bearer credential; an account's password is not the admin's. The
+        // Bearer check trims the secret, but the session keeps a fingerprint of it as sent: a
+        // key with spaces around it would open a session that is void at once.
+        if secret.trim() != secret {
+            d.ledger.count_guess(peer)?;
+            return Err(invalid());
+        }
         return match d
             .ledger
             .authenticate(Some(&format!("Bearer {secret}")), peer)
@@ -253,14 +259,12 @@ async fn check_credentials(
 
 /// 429 with `Retry-After`: too many wrong secrets for this account in the current window.
 fn locked_out(wait: Duration) -> Response {
-    let message = format!(
-        "too many failed sign-ins for this account; try again in {} s",
-        wait.as_secs().max(1)
-    );
+    let secs = crate::address_throttle::retry_secs(wait);
+    let message = format!("too many failed sign-ins for this account; try again in {secs} s");
     let mut response = DashError(LedgerError::ResourceExhausted(message)).into_response();
-    if let Ok(v) = HeaderValue::from_str(&wait.as_secs().max(1).to_string()) {
-        response.headers_mut().insert(header::RETRY_AFTER, v);
-    }
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
     response
 }
 
