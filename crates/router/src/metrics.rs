@@ -3,7 +3,7 @@
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
-use prometheus::{register_histogram_vec, HistogramVec};
+use prometheus::{register_histogram_vec, register_int_counter_vec, HistogramVec, IntCounterVec};
 use syft_telemetry::metrics::LATENCY_BUCKETS;
 
 use crate::upstream::UpstreamError;
@@ -28,6 +28,22 @@ static ADDED: LazyLock<HistogramVec> = LazyLock::new(|| {
     )
     .expect("register syft_router_added_latency_seconds")
 });
+
+static SPOOL: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "syft_router_usage_spool_events_total",
+        "Usage spool shipping trouble: ship_failed (a call the ledger did not take; the rows stay \
+         spooled and are retried), row_dropped (a row the ledger refuses as invalid)",
+        &["event"]
+    )
+    .expect("register syft_router_usage_spool_events_total")
+});
+
+/// A spool shipping event: `ship_failed` or `row_dropped`. A `ship_failed` that keeps rising
+/// means rows are piling up on disk (the ledger is down, or refuses the router's calls).
+pub fn spool_event(event: &'static str) {
+    SPOOL.with_label_values(&[event]).inc();
+}
 
 /// Records one finished chat request.
 pub fn observe(provider: &str, mode: &str, outcome: &str, started: Instant, upstream: Duration) {

@@ -96,6 +96,21 @@ async fn rows_spooled_while_the_ledger_is_unreachable_ship_from_the_next_router(
         c.chat(req).await.expect("free answer without a ledger");
         assert!(started.elapsed() < Duration::from_secs(1));
     }
+    // The shipper's failed calls are counted, so a spool that cannot ship can be alerted on.
+    let metrics = format!("{}/metrics", offline.http_url);
+    let line = r#"syft_router_usage_spool_events_total{event="ship_failed"}"#;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = reqwest::get(&metrics).await.expect("metrics").text().await;
+        if text.expect("text").contains(line) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{line} never appeared"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let mut offline = offline;
     offline.shutdown();
     offline.join().await.expect("router stopped");

@@ -91,6 +91,7 @@ pub(super) async fn ship_forever(spool: Weak<Inner>, wake: Arc<Notify>, calls: C
                 }
             }
             Err(e) => {
+                crate::metrics::spool_event("ship_failed");
                 tracing::warn!(rows = n, error = %e, retry_in = ?backoff,
                     "usage spool: the ledger did not take the rows; they stay spooled");
                 tokio::time::sleep(backoff).await;
@@ -138,6 +139,7 @@ async fn ship(calls: &Calls, rows: Vec<Usage>) -> Result<(), tonic::Status> {
         match sent {
             Ok(_) => {}
             Err(s) if s.code() == Code::InvalidArgument => {
+                crate::metrics::spool_event("row_dropped");
                 tracing::error!(request_id = %request_id, error = %s.message(),
                     "usage spool: the ledger refuses this row; dropped");
             }
