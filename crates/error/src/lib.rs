@@ -295,6 +295,13 @@ pub fn grpc_status(code: ErrorCode, reason: &str, domain: &str, message: String)
     status
 }
 
+/// A wait as `Retry-After` seconds: whole seconds, rounded up, at least 1, so that a client that
+/// waits as told is never refused again for being early (both services' HTTP answers).
+pub fn retry_after_secs(wait: std::time::Duration) -> u64 {
+    let millis = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+    millis.div_ceil(1000).max(1)
+}
+
 /// Why a quota refused a request and when to come back: sent as `google.rpc.RetryInfo` and
 /// `google.rpc.QuotaFailure` next to the `ErrorInfo` (and as `Retry-After` over HTTP).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

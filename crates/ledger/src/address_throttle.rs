@@ -195,7 +195,7 @@ fn room(table: &mut Table, now: Instant) -> bool {
 /// (`RetryInfo`, and `Retry-After` over HTTP: a client that waits as told is let in) and the
 /// limit it went over.
 pub fn locked_out(addr: IpAddr, wait: Duration, limit: u32) -> LedgerError {
-    let secs = retry_secs(wait);
+    let secs = syft_error::retry_after_secs(wait);
     LedgerError::Quota {
         reason: Reason::AuthLocked,
         message: format!(
@@ -212,12 +212,6 @@ pub fn locked_out(addr: IpAddr, wait: Duration, limit: u32) -> LedgerError {
             )],
         },
     }
-}
-
-/// A wait in whole seconds for `Retry-After`, rounded up (at least 1): a client that waits as
-/// told is not refused again.
-pub(crate) fn retry_secs(wait: Duration) -> u64 {
-    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
 }
 
 /// Room for one more key in a table of at most `max` windows (both throttles' tables): the

@@ -100,7 +100,7 @@ impl IntoResponse for RestError {
         let mut response = (status, Json(body)).into_response();
         if let LedgerError::Quota { details, .. } = &self.0 {
             if let Some(wait) = details.retry_after {
-                let secs = crate::address_throttle::retry_secs(wait);
+                let secs = syft_error::retry_after_secs(wait);
                 response
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(secs));

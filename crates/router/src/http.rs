@@ -140,8 +140,7 @@ pub(crate) fn with_error_headers(mut resp: Response, e: &RouterError) -> Respons
     h.insert(REASON_HEADER, HeaderValue::from_static(e.reason()));
     if let RouterError::Quota(q) = e {
         if let Some(after) = q.details.retry_after {
-            // Whole seconds, rounded up: never invite a retry that is still too early.
-            let secs = after.as_millis().div_ceil(1000).max(1);
+            let secs = syft_error::retry_after_secs(after);
             if let Some(v) = header(&secs.to_string()) {
                 h.insert(http::header::RETRY_AFTER, v);
             }

@@ -259,7 +259,7 @@ async fn check_credentials(
 
 /// 429 with `Retry-After`: too many wrong secrets for this account in the current window.
 fn locked_out(wait: Duration) -> Response {
-    let secs = crate::address_throttle::retry_secs(wait);
+    let secs = syft_error::retry_after_secs(wait);
     let message = format!("too many failed sign-ins for this account; try again in {secs} s");
     let mut response = DashError(LedgerError::ResourceExhausted(message)).into_response();
     response
