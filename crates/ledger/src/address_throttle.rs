@@ -143,9 +143,10 @@ impl AddressThrottle {
 /// One failure of `key`, whose window locks at `limit`.
 fn count(table: &mut Table, key: Key, limit: u32, now: Instant) {
     if !table.windows.contains_key(&key) && !room(table, now) {
-        tracing::warn!(
+        // Logged once per full table (in `room`), not per failure: this is an attack's rate.
+        tracing::debug!(
             ?key,
-            "failed-authentication table full of locks; not counting this one"
+            "failed-authentication table full; not counting this one"
         );
         return;
     }
@@ -187,6 +188,11 @@ fn room(table: &mut Table, now: Instant) -> bool {
     // mutex every authentication takes, and evict the window the last one made.
     if table.windows.len() >= MAX_TRACKED - MAX_TRACKED / 10 {
         table.full_until = table.windows.values().map(|w| w.start + WINDOW).min();
+        tracing::warn!(
+            windows = table.windows.len(),
+            "failed-authentication table nearly full of locks: new addresses are not counted \
+             until its first window ends"
+        );
     }
     room
 }
