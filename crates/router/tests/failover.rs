@@ -280,3 +280,64 @@ async fn a_router_whose_address_the_ledger_locked_is_unavailable() {
     assert_eq!((alice.balance.get(), alice.held.get()), (FUNDS - PRICE, 0));
     assert_consistent(&s.ledger.store).await;
 }
+
+/// The lock starts between a request's hold and its capture (the upstream is still answering):
+/// the capture is refused, so the answer is withheld and the user gets `UNAVAILABLE`; the router
+/// cannot void either, and the hold runs out at its expiry. The user is charged nothing for it.
+#[tokio::test]
+async fn a_lock_between_hold_and_capture_withholds_the_answer_and_charges_nothing() {
+    let s = Stack::start_with_ledger(Pricing::per_request(PRICE), |c| {
+        c.auth_failures_per_address = 2;
+        c.hold_ttl = Duration::from_secs(2);
+        c.sweep_interval = Duration::from_millis(100);
+    })
+    .await;
+    let mut c = s.client().await;
+    ok(c.chat(s.request("before")).await);
+    s.upstream.set_mode(Mode::Delay(Duration::from_millis(800)));
+    let mut racing = c.clone();
+    let request = s.request("during");
+    let call = tokio::spawn(async move { racing.chat(request).await });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while s.upstream.hits() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "upstream not called"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The hold is placed and the upstream is answering: lock the router's address now.
+    let held = s.ledger.store.account_by_email(&s.alice.email).await;
+    assert_eq!(held.expect("read").expect("alice").held.get(), PRICE);
+    for i in 0..2 {
+        let mut neighbour = syft_ledger::client::connect_lazy(&s.ledger.url, &format!("wrong-{i}"))
+            .expect("client");
+        let req = syft_proto::ledger::GetAccountRequest {
+            email: s.alice.email.clone(),
+        };
+        assert!(neighbour.get_account(req).await.is_err());
+    }
+    let err = call.await.expect("task").expect_err("capture refused");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert_eq!(s.upstream.hits(), 2, "the upstream answered once");
+    // The hold expires and the sweep releases it: only the first request was charged.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let alice = s.ledger.store.account_by_email(&s.alice.email).await;
+        let alice = alice.expect("read").expect("alice");
+        assert_eq!(
+            alice.balance.get(),
+            FUNDS - PRICE,
+            "charged for a withheld answer"
+        );
+        if alice.held.get() == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "hold never released"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_consistent(&s.ledger.store).await;
+}
