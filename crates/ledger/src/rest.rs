@@ -45,6 +45,7 @@ pub fn router(ledger: Ledger) -> Router {
         .route("/transactions", get(list_transactions))
         .fallback(|| async { RestError(LedgerError::NotFound("no such endpoint".into())) })
         .layer(axum::middleware::map_response(json_errors))
+        .layer(axum::middleware::from_fn(crate::web::refuse_cross_site))
         .with_state(ledger)
 }
 

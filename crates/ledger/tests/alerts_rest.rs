@@ -14,6 +14,7 @@ alerts_suite!(
     crate::alerts_support::alerts_on;
     rest_manages_endpoints_end_to_end,
     rest_refuses_bad_input_with_clear_errors,
+    cross_site_browser_requests_are_refused,
 );
 
 /// One call of the alerts REST API: its status and JSON body.
@@ -380,4 +381,96 @@ async fn removing_an_endpoint_while_a_delivery_is_recorded_never_deadlocks() {
     let given_up = "SELECT COUNT(*) FROM alert_events WHERE endpoint_id = $1 AND status = 'FAILED'";
     assert_eq!(count(given_up).await, 1, "the pending event is given up");
     h.finish().await;
+}
+
+/// A page of another site cannot drive the APIs through a browser that keeps credentials for
+/// this host (Basic ones, saved at the prompt a 401 brings up): a request the browser marks as
+/// sent from another site is refused before authentication, even a JSON body posted as a
+/// `text/plain` form (no preflight), and without the prompt. Programs, which send neither
+/// `Origin` nor `Sec-Fetch-Site`, and pages of this origin are served.
+async fn cross_site_browser_requests_are_refused(h: Harness) -> Harness {
+    let rx = WebhookReceiver::start().await;
+    let secret = h.account(ALICE, 10 * USD).await;
+    let base = h.http_url();
+    let host = base.trim_start_matches("http://").to_string();
+    // What `<form enctype="text/plain">` posts: one field whose name and value make JSON.
+    let form = json!({"url": rx.url, "rules": [balance_rule()]}).to_string();
+    let send = |path: &str, site: Option<&str>, origin: Option<&str>, post: bool| {
+        let url = format!("{base}{path}");
+        let client = reqwest::Client::new();
+        let mut req = if post {
+            client
+                .post(url)
+                .header("content-type", "text/plain")
+                .body(form.clone())
+        } else {
+            client.get(url)
+        };
+        req = req.basic_auth(ALICE, Some(&secret));
+        if let Some(site) = site {
+            req = req.header("sec-fetch-site", site);
+        }
+        if let Some(origin) = origin {
+            req = req.header("origin", origin);
+        }
+        req.send()
+    };
+    let attacker = Some("https://attacker.example");
+    let refused = [
+        (Some("cross-site"), attacker),
+        (Some("same-site"), Some("https://sub.example")),
+        (None, attacker),
+        (None, Some("null")),
+    ];
+    for (site, origin) in refused {
+        for (path, post) in [("/v1/alerts/endpoints", true), ("/user/my-info", false)] {
+            let response = send(path, site, origin, post).await.expect("http");
+            let status = response.status();
+            assert!(
+                response.headers().get("www-authenticate").is_none(),
+                "{path} {site:?} {origin:?}: a refusal must not bring up a password prompt"
+            );
+            let body: Value = response.json().await.expect("json");
+            assert_eq!(
+                status,
+                StatusCode::FORBIDDEN,
+                "{path} {site:?} {origin:?}: {body}"
+            );
+            assert_eq!(body["code"], "PERMISSION_DENIED", "{body}");
+        }
+    }
+    let (status, listed) = call(&h, Method::GET, "/endpoints", Some(&secret), None).await;
+    assert_eq!(status, StatusCode::OK, "{listed}");
+    assert_eq!(
+        listed["endpoints"].as_array().map(Vec::len),
+        Some(0),
+        "{listed}"
+    );
+
+    // A program, and a page of this very origin, are served.
+    let this_origin = format!("http://{host}");
+    for (site, origin) in [
+        (None, None),
+        (Some("same-origin"), Some(this_origin.as_str())),
+    ] {
+        let response = send("/v1/alerts/endpoints", site, origin, true)
+            .await
+            .expect("http");
+        assert!(
+            response.status().is_success(),
+            "{site:?}: {}",
+            response.status()
+        );
+        let response = send("/user/my-info", site, origin, false)
+            .await
+            .expect("http");
+        assert_eq!(response.status(), StatusCode::OK, "{site:?}");
+    }
+    let (_, listed) = call(&h, Method::GET, "/endpoints", Some(&secret), None).await;
+    assert_eq!(
+        listed["endpoints"].as_array().map(Vec::len),
+        Some(2),
+        "{listed}"
+    );
+    h
 }

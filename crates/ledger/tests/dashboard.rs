@@ -229,6 +229,26 @@ async fn sessions_and_permissions(h: &Harness) {
         }
         assert_eq!(req.send().await.expect("login").status(), 403, "{origin:?}");
     }
+    // A page loaded over https through a proxy that ends TLS (this port is plain http): the
+    // cookie is `Secure` all the same, so a plain-http request to the host never carries it.
+    let https_page = base.replacen("http://", "https://", 1);
+    let resp = http
+        .post(format!("{base}/dashboard/login"))
+        .header("origin", &https_page)
+        .json(&json!({"email": OWNER, "secret": owner}))
+        .send()
+        .await
+        .expect("login");
+    assert_eq!(resp.status(), 200);
+    let set_cookie = resp.headers()["set-cookie"].to_str().expect("ascii");
+    assert!(set_cookie.contains("; Secure"), "{set_cookie}");
+    let token = set_cookie.split(';').next().and_then(|c| c.split_once('='));
+    let token = token.expect("cookie pair").1;
+    sqlx::query("DELETE FROM dashboard_sessions WHERE token_hash = $1")
+        .bind(sha256_hex(token))
+        .execute(h.store.pool())
+        .await
+        .expect("that session ends");
 
     // A session: the database keeps only the token's hash.
     let web = Web::sign_in(&base, OWNER, &owner).await;

@@ -8,8 +8,9 @@ pub mod dashboard;
 
 use std::collections::HashMap;
 
-use axum::extract::{Query, State};
-use axum::http::HeaderMap;
+use axum::extract::{Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -25,7 +26,58 @@ pub fn router(ledger: Ledger, ready: tokio::sync::watch::Receiver<bool>) -> Rout
         .route("/v1/usage/stats", get(stats))
         .with_state(ledger.clone())
         .merge(alerts::router(ledger.clone()))
+        .layer(axum::middleware::from_fn(refuse_cross_site))
         .merge(dashboard::router(ledger, ready))
+}
+
+/// The APIs (`/v1/...`, the accounting API) are for programs: SDKs, curl and routers send no
+/// `Origin` and no `Sec-Fetch-Site`. A browser does, and a page of another site can make a
+/// browser call these APIs with credentials it keeps for this host (Basic ones saved at the
+/// prompt a 401 brings up) and a JSON body posted as a `text/plain` form. So a request a browser
+/// marks as sent from another site is refused before authentication: no prompt, nothing done.
+/// (The dashboard has its own, stricter check: `Origin` required, and a CSRF token.)
+pub(crate) async fn refuse_cross_site(req: Request, next: Next) -> Response {
+    let site = req
+        .headers()
+        .get("sec-fetch-site")
+        .and_then(|v| v.to_str().ok());
+    let why = match site {
+        Some(s) if s.eq_ignore_ascii_case("cross-site") || s.eq_ignore_ascii_case("same-site") => {
+            Some("Sec-Fetch-Site is another site")
+        }
+        _ if req.headers().contains_key(header::ORIGIN) => {
+            foreign_origin(req.headers(), req.uri().authority().map(|a| a.as_str()))
+        }
+        _ => None,
+    };
+    match why {
+        Some(why) => RestError(LedgerError::PermissionDenied(format!(
+            "cross-site browser request refused: {why}"
+        )))
+        .into_response(),
+        None => next.run(req).await,
+    }
+}
+
+/// Why the request's `Origin` is not the host it was sent to (`Host`, or the URI's authority
+/// under HTTP/2), if it is not; a missing `Origin` is the caller's to judge.
+pub(crate) fn foreign_origin(headers: &HeaderMap, authority: Option<&str>) -> Option<&'static str> {
+    let text = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+    };
+    let origin = text(header::ORIGIN)?;
+    let Some(host) = text(header::HOST).or(authority) else {
+        return Some("no Host header");
+    };
+    let Some(origin_host) = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+    else {
+        return Some("Origin is not http(s)");
+    };
+    (!origin_host.eq_ignore_ascii_case(host)).then_some("Origin is another site")
 }
 
 /// Every query parameter `GET /v1/usage/stats` takes; any other is refused (a typo must not
