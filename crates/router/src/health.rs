@@ -67,6 +67,8 @@ pub enum OwnerCheck {
     NotOwner,
     /// `owner_email` has no account on the ledger (or, hosted, is not its owner).
     OwnerUnknown,
+    /// A paid service is priced in another currency than the owner's account (the ledger's).
+    CurrencyMismatch,
 }
 
 impl OwnerCheck {
@@ -82,6 +84,11 @@ impl OwnerCheck {
             OwnerCheck::NotOwner => Some(format!(
                 "the router's ledger secret belongs to another account than owner_email \
                  {owner_email}: set owner_email to that account, or give {owner_email}'s secret"
+            )),
+            OwnerCheck::CurrencyMismatch => Some(format!(
+                "a paid service is priced in another currency than owner_email {owner_email}'s \
+                 account: the ledger would hold and charge that many of the account's units; set \
+                 pricing.currency to the account's currency"
             )),
             OwnerCheck::OwnerUnknown => Some(format!(
                 "owner_email {owner_email} has no account on the ledger: create it \

@@ -184,9 +184,11 @@ impl Ledger {
 
     /// Reads `owner_email`'s account with the router's secret: only that account (or the admin)
     /// may, so success shows the secret is the owner's. `None` when the ledger did not answer.
+    /// `priced_in`: the currencies of the router's paid services, which must be the account's.
     pub(crate) async fn check_owner(
         &self,
         owner_email: &str,
+        priced_in: &[&str],
         timeout: Duration,
     ) -> Option<OwnerCheck> {
         let msg = GetAccountRequest {
@@ -196,7 +198,13 @@ impl Ledger {
             .calls
             .call(Op::GetAccount, Some(timeout), msg, rpc!(get_account));
         match tokio::time::timeout(timeout, call).await {
-            Ok(Ok((_, _))) => Some(OwnerCheck::Verified),
+            Ok(Ok((account, _))) => match priced_in.iter().find(|c| **c != account.currency) {
+                Some(priced) => {
+                    tracing::error!(account_currency = %account.currency, priced_in = %priced, "the owner's account and the router's prices are in different currencies");
+                    Some(OwnerCheck::CurrencyMismatch)
+                }
+                None => Some(OwnerCheck::Verified),
+            },
             Ok(Err(s)) => match s.code() {
                 Code::Unauthenticated => Some(OwnerCheck::SecretRejected),
                 Code::PermissionDenied => Some(OwnerCheck::NotOwner),
@@ -263,13 +271,13 @@ impl Ledger {
         &self,
         transfer_id: &str,
         reason: &str,
-        usage: Usage,
+        usage: Option<Usage>,
         settle_until: Instant,
     ) -> Result<Transfer, RouterError> {
         let msg = VoidRequest {
             transfer_id: transfer_id.to_string(),
             reason: void_reason(reason),
-            usage: Some(usage),
+            usage,
         };
         self.settled(Op::Void, transfer_id, settle_until, rpc!(void), msg)
             .await

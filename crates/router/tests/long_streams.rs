@@ -60,6 +60,41 @@ async fn a_stream_longer_than_its_hold_is_kept_alive_and_captured() {
     assert_charged_once(&s, &last).await;
 }
 
+/// A client that stops reading a paid stream (its flow-control window full) for twice the
+/// hold's life, then reads on: the router kept the hold extended while the client's queue was
+/// full, so the whole answer arrives and is charged once. Before, the router waited in `send`,
+/// where the hold was not extended: it expired, and the text the client then read was free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_a_stream_is_still_charged() {
+    let hold_ttl = Duration::from_secs(2);
+    let s = Stack::start_with(Db::sqlite(), Pricing::per_request(PRICE), hold_ttl, |_| {}).await;
+    s.upstream
+        .set_mode(Mode::SlowStream(Duration::from_millis(10)));
+    // A 64-byte window: the router can send a few deltas, then must wait for this client.
+    let channel = tonic::transport::Endpoint::from_shared(s.router.grpc_url.clone())
+        .expect("url")
+        .initial_stream_window_size(64)
+        .connect()
+        .await
+        .expect("connect");
+    let mut c = syft_proto::router::router_client::RouterClient::new(channel);
+    let mut events = ok(c.chat_stream(s.request("tell me a long story")).await);
+    tokio::time::sleep(hold_ttl * 2).await;
+    let mut text = String::new();
+    let mut last = None;
+    while let Some(ev) = events.next().await {
+        match ev.expect("every event").event {
+            Some(chat_stream_event::Event::Delta(d)) => text.push_str(&d.content),
+            Some(chat_stream_event::Event::Final(f)) => last = Some(f),
+            None => {}
+        }
+    }
+    assert_eq!(text, "tick ".repeat(100), "the whole answer");
+    let last = last.expect("final event");
+    assert_eq!(last.finish_reason, "stop");
+    assert_charged_once(&s, &last).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_stream_duration_ends_a_stream_and_charges_what_was_delivered() {
     let (s, text, last) = slow_stream(Duration::from_secs(300), |c| {

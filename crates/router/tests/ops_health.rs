@@ -294,3 +294,26 @@ async fn reflection_lists_the_services() {
     assert_eq!(services, advertised(ROUTER));
     assert!(files >= 1);
 }
+
+/// A router that prices in another currency than its ledger keeps (EUR against USD accounts)
+/// would hold and charge the same number of the ledger's units. It stays not ready, saying why,
+/// and a paid request that reaches it anyway is refused, its hold voided at once: nothing is
+/// charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_priced_in_another_currency_than_its_ledger_sells_nothing() {
+    let mut euros = Pricing::per_request(PRICE);
+    euros.currency = "EUR".into();
+    let s = Stack::start_with(Db::sqlite(), euros, Duration::from_secs(300), |_| {}).await;
+    let (code, body) = wait_owner(&s.router.http_url, "currency_mismatch").await;
+    assert_eq!(code, 503, "{body}");
+    let reason = body["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("pricing.currency"), "{reason}");
+    let mut c = s.client().await;
+    let err = c.chat(s.request("hi")).await.expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    let t = s.wait_no_pending(Duration::from_secs(5)).await;
+    assert_eq!(t.len(), 1, "{t:?}");
+    assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));
+    assert_eq!(s.usage_statuses().await, vec!["unavailable".to_string()]);
+    s.check_invariants().await;
+}

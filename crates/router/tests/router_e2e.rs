@@ -290,6 +290,81 @@ async fn stream_failures_are_voided() {
     s.check_invariants().await;
 }
 
+/// The upstream sends the whole answer and says it is finished, then fails (here a bad event in
+/// place of `[DONE]`): the client has the whole answer, so it ends normally and is charged once.
+/// Before, the late fault voided the hold: the client had the answer, an error, and no charge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_fails_after_its_finish_is_charged() {
+    let (s, mut c) = Stack::start_with_client(Pricing::per_request(PRICE)).await;
+    s.upstream.set_mode(Mode::FinishThenGarbage);
+    let mut stream = ok(c.chat_stream(s.request("hi")).await);
+    let (mut text, mut last) = (String::new(), None);
+    while let Some(ev) = stream.next().await {
+        match ev.expect("no error after a finished answer").event {
+            Some(chat_stream_event::Event::Delta(d)) => text.push_str(&d.content),
+            Some(chat_stream_event::Event::Final(f)) => last = Some(f),
+            None => {}
+        }
+    }
+    assert_eq!(text, CONTENT);
+    let last = last.expect("final event");
+    assert_eq!(
+        (last.finish_reason.as_str(), last.cost_micros),
+        ("stop", PRICE)
+    );
+    let t = s.transfers().await;
+    assert_eq!(t.len(), 1);
+    assert_eq!(t[0].status(), TransferStatus::Completed);
+    assert_eq!(s.alice_money().await, (FUNDS - PRICE, 0, FUNDS - PRICE));
+    s.check_invariants().await;
+}
+
+/// A client whose deadline passes while the ledger is still placing its hold (its writes wait
+/// on a table lock here): the hold commits after the request was dropped, and is voided at once
+/// with a `cancelled` row. Before, nothing owned it: the user's money stayed held for the hold's
+/// whole life (5 minutes here), and the request left no row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_placed_after_its_client_gave_up_is_voided_at_once() {
+    let Some(db) = Db::postgres().await else {
+        return;
+    };
+    let s = Stack::start_on(db, Pricing::per_request(PRICE)).await;
+    let mut c = s.client().await;
+    ok(c.chat(s.request("before")).await);
+    let pool = s.ledger.store.pool().clone();
+    let mut lock = pool.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE transfers IN SHARE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("lock");
+    let mut request = tonic::Request::new(s.request("given up"));
+    request.set_timeout(Duration::from_millis(300));
+    let err = c.chat(request).await.expect_err("deadline");
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{err:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    lock.rollback().await.expect("unlock");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let t = s.transfers().await;
+        if t.len() == 2 && t.iter().all(|t| t.status() != TransferStatus::Pending) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "hold left pending: {t:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(s.alice_money().await, (FUNDS - PRICE, 0, FUNDS - PRICE));
+    let statuses = s.usage_statuses().await;
+    assert_eq!(statuses.len(), 2, "{statuses:?}");
+    assert_eq!(statuses[0], "cancelled", "{statuses:?}");
+    s.check_invariants().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_cancelling_a_stream_voids_the_hold() {
     let (s, mut c) = Stack::start_with_client(Pricing::per_request(PRICE)).await;

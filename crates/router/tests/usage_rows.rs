@@ -284,3 +284,28 @@ async fn requests_refused_before_they_are_read_leave_rows() {
     assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));
     s.check_invariants().await;
 }
+
+/// A search sent to a router that offers none is refused and leaves its row, as a disabled chat
+/// does (it used to leave none: the router answered before it knew the attempt).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_search_on_a_router_without_search_leaves_a_row() {
+    let (s, mut c) = Stack::start_with_client(Pricing::per_request(PRICE)).await;
+    let mut req = s.search("anything");
+    req.request_id = "s-1".into();
+    assert_eq!(code(c.search(req).await), Code::FailedPrecondition);
+    let rows = s.usage().await;
+    let got: Vec<_> = rows
+        .iter()
+        .filter_map(|r| r.usage.as_ref())
+        .map(|u| {
+            (
+                u.request_id.as_str(),
+                u.status.as_str(),
+                u.endpoint.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(got, vec![("s-1", "invalid_request", "/search")]);
+    assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));
+    s.check_invariants().await;
+}

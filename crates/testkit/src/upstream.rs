@@ -52,6 +52,8 @@ pub enum Mode {
     StreamStall,
     /// Streams one chunk, then garbage.
     StreamGarbage,
+    /// Streams the whole answer and its `finish_reason`, then garbage instead of `[DONE]`.
+    FinishThenGarbage,
 }
 
 pub struct FakeUpstream {
@@ -229,6 +231,15 @@ async fn upstream_handler(State(state): State<Arc<UpState>>, Json(body): Json<Va
             Ok(sse(&chunk(&model, Some("partial "), None))),
             Ok("data: {not json\n\n".to_string()),
         ])),
+        Mode::FinishThenGarbage => {
+            let mut out: Vec<Result<String, Infallible>> = words
+                .iter()
+                .map(|w| Ok(sse(&chunk(&model, Some(w), None))))
+                .collect();
+            out.push(Ok(sse(&chunk(&model, None, Some("stop")))));
+            out.push(Ok("data: {not json\n\n".to_string()));
+            Box::pin(futures::stream::iter(out))
+        }
         _ => {
             let mut out: Vec<Result<String, Infallible>> = words
                 .iter()

@@ -148,49 +148,82 @@ impl RouterService {
         }
         let inner = &self.inner;
         let sent = tokio::time::Instant::now();
-        let authorization = inner
-            .ledger
-            .authorize(AuthorizeRequest {
-                sender_email: t.user_email.clone(),
-                amount_micros: t.hold_micros,
-                token: t.transaction_token.clone(),
-                app_name: inner.config.name.clone(),
-                app_ep_path: t.kind.endpoint().into(),
-                idempotency_key: t.request_id.clone(),
-                hold_ttl_seconds: inner.ledger.hold_ttl_seconds,
-                budget_per_day_micros: inner.config.budgets.per_day_micros,
-                budget_per_month_micros: inner.config.budgets.per_month_micros,
-            })
+        let request = AuthorizeRequest {
+            sender_email: t.user_email.clone(),
+            amount_micros: t.hold_micros,
+            token: t.transaction_token.clone(),
+            app_name: inner.config.name.clone(),
+            app_ep_path: t.kind.endpoint().into(),
+            idempotency_key: t.request_id.clone(),
+            hold_ttl_seconds: inner.ledger.hold_ttl_seconds,
+            budget_per_day_micros: inner.config.budgets.per_day_micros,
+            budget_per_month_micros: inner.config.budgets.per_month_micros,
+        };
+        let cancel_usage = self.usage(
+            t,
+            UsageStatus::Cancelled,
+            Units::default(),
+            Instant::now(),
+            0,
+        );
+        let (ledger, work) = (inner.ledger.clone(), inner.drain.enter());
+        // The ledger commits a hold whether or not this request still waits for it (its batcher
+        // writes holds, not this call). So the call runs in a task of its own, which arms the
+        // hold's guard as soon as the hold exists: if this request is dropped meanwhile (the
+        // client's deadline, a disconnect), the task's result is dropped with it and the guard
+        // voids the hold at once, with a `cancelled` row. Otherwise the user's money stayed held
+        // for the hold's whole life, and the request left no row.
+        let call = tokio::spawn(async move {
+            let authorization = ledger.authorize(request).await?;
+            let transfer = &authorization.transfer;
+            let fresh = transfer.status() == TransferStatus::Pending && !authorization.existing;
+            let guard = fresh.then(|| HoldGuard {
+                work: Some(work),
+                ledger: ledger.clone(),
+                expires_at: hold::expiry_estimate(sent, transfer),
+                ttl: hold::hold_ttl(
+                    transfer.created_at_unix_micros,
+                    transfer.expires_at_unix_micros,
+                ),
+                slowest_call: sent.elapsed(),
+                transfer_id: transfer.id.clone(),
+                cancel_usage: Some(cancel_usage),
+            });
+            Ok::<_, RouterError>((authorization.transfer, guard))
+        });
+        let (mut transfer, guard) = call
             .await
+            .map_err(|e| RouterError::Internal(format!("authorization task failed: {e}")))?
             .map_err(|e| explain_refusal(t, e))?;
-        let mut transfer = authorization.transfer;
-        if transfer.status() == TransferStatus::Pending && authorization.existing {
+        if let Some(guard) = guard {
+            if !transfer.currency.is_empty() && transfer.currency != t.pricing.currency {
+                // Priced in one currency, held in another: the same number of the ledger's units
+                // (150 JPY held as 150 USD). Never sell so; readiness says why (health.rs).
+                let problem = format!(
+                    "priced in {} but the ledger holds {}: fix pricing.currency",
+                    t.pricing.currency, transfer.currency
+                );
+                tracing::error!(request_id = %t.request_id, "{problem}");
+                // Without a row: the refusal's own row is the request's one (`record_refusal`).
+                let mut guard = guard;
+                guard.cancel_usage = None;
+                let (id, until) = (guard.transfer_id.clone(), guard.settle_until());
+                if let Err(e) = guard.ledger.void(&id, &problem, None, until).await {
+                    tracing::warn!(transfer_id = %id, error = %e, "void failed; the hold will expire");
+                }
+                return Err(RouterError::Unavailable(
+                    "the router's prices do not match its ledger's currency".into(),
+                ));
+            }
+            tracing::debug!(request_id = %t.request_id, transfer_id = %guard.transfer_id, hold_micros = t.hold_micros, "hold authorized");
+            return Ok(Authorized::Hold(guard));
+        }
+        if transfer.status() == TransferStatus::Pending {
             // Another router (or an earlier attempt) holds this key and may be calling its
             // upstream right now: wait for its outcome rather than call ours a second time.
             transfer = self.outcome_of(t, transfer).await?;
         }
-        if transfer.status() != TransferStatus::Pending {
-            return Ok(Authorized::Resolved(Box::new(transfer)));
-        }
-        tracing::debug!(request_id = %t.request_id, transfer_id = %transfer.id, hold_micros = t.hold_micros, "hold authorized");
-        Ok(Authorized::Hold(HoldGuard {
-            work: Some(inner.drain.enter()),
-            ledger: inner.ledger.clone(),
-            expires_at: hold::expiry_estimate(sent, &transfer),
-            ttl: hold::hold_ttl(
-                transfer.created_at_unix_micros,
-                transfer.expires_at_unix_micros,
-            ),
-            slowest_call: sent.elapsed(),
-            transfer_id: transfer.id,
-            cancel_usage: Some(self.usage(
-                t,
-                UsageStatus::Cancelled,
-                Units::default(),
-                Instant::now(),
-                0,
-            )),
-        }))
+        Ok(Authorized::Resolved(Box::new(transfer)))
     }
 
     /// Waits until another request's pending hold on this key is resolved (polling the

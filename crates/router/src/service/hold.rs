@@ -114,7 +114,7 @@ impl HoldGuard {
         let until = self.settle_until();
         let result = self
             .ledger
-            .void(&self.transfer_id, reason, usage, until)
+            .void(&self.transfer_id, reason, Some(usage), until)
             .await;
         self.cancel_usage = None;
         if let Err(e) = result {
@@ -140,7 +140,7 @@ impl Drop for HoldGuard {
         tracing::info!(transfer_id = %transfer_id, "request dropped before resolution; voiding");
         rt.spawn(async move {
             let _work = work;
-            if let Err(e) = ledger.void(&transfer_id, "request cancelled", usage, until).await {
+            if let Err(e) = ledger.void(&transfer_id, "request cancelled", Some(usage), until).await {
                 tracing::warn!(transfer_id = %transfer_id, error = %e, "void after cancel failed; the hold will expire");
             }
         });

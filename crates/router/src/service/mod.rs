@@ -201,9 +201,16 @@ impl RouterService {
         &self,
         timeout: std::time::Duration,
     ) -> Option<crate::health::OwnerCheck> {
-        self.inner
-            .ledger
-            .check_owner(&self.inner.config.owner_email, timeout)
+        let config = &self.inner.config;
+        let priced_in: Vec<&str> = config
+            .services
+            .iter()
+            .filter(|s| !s.pricing.kind.is_free())
+            .map(|s| s.pricing.currency.as_str())
+            .collect();
+        let ledger = &self.inner.ledger;
+        ledger
+            .check_owner(&config.owner_email, &priced_in, timeout)
             .await
     }
 

@@ -44,11 +44,15 @@ impl RouterService {
         req: SearchRequest,
     ) -> Result<(SearchResponse, RateHeaders), RouterError> {
         let started = Instant::now();
+        // A refused request leaves a usage row with its refusal status (`refusal.rs`), a router
+        // without a search backend too (as a disabled chat does).
+        let provider = self.inner.search.as_ref().map_or("", |b| b.provider());
+        let attempt = Attempt::search(&req, provider);
         let Some(backend) = &self.inner.search else {
-            return Err(super::admission::disabled(ServiceKind::Search));
+            let e = super::admission::disabled(ServiceKind::Search);
+            self.record_refusal(attempt, &e).await;
+            return Err(e);
         };
-        // A refused request leaves a usage row with its refusal status (`refusal.rs`).
-        let attempt = Attempt::search(&req, backend.provider());
         let admitted = match self.admit_search(req).await {
             Ok(SearchAdmission::Run(admitted)) => *admitted,
             Ok(SearchAdmission::Replay(response, headers)) => {

@@ -117,6 +117,11 @@ impl RouterService {
         let mut reported: Option<UpstreamUsage> = None;
         let mut upstream_id = String::new();
         let mut upstream_model = String::new();
+        // A delta the client has no room for yet. While one waits, the upstream is not read (its
+        // backpressure reaches the upstream) and the branches above it keep running: a client
+        // that stops reading used to block this task in `send`, where its hold was no longer
+        // extended and no bound applied, so the hold expired and the text it then read was free.
+        let mut pending: Option<String> = None;
         let end = loop {
             let cut_at = hold
                 .as_ref()
@@ -133,7 +138,15 @@ impl RouterService {
                     }
                     continue;
                 }
-                next = upstream.next() => next,
+                permit = tx.reserve(), if pending.is_some() => {
+                    let Ok(permit) = permit else { break End::Cancelled };
+                    if let Some(delta) = pending.take() {
+                        content.push_str(&delta);
+                        permit.send(Ok(delta_event(delta)));
+                    }
+                    continue;
+                }
+                next = upstream.next(), if pending.is_none() => next,
             };
             let chunk = match next {
                 None => break End::Done,
@@ -157,14 +170,14 @@ impl RouterService {
                 if ttft_ms.is_none() && !delta.is_empty() {
                     ttft_ms = Some(elapsed_ms(started));
                 }
-                content.push_str(&delta);
-                let event = ChatStreamEvent {
-                    event: Some(chat_stream_event::Event::Delta(ContentDelta {
-                        content: delta,
-                    })),
-                };
-                if tx.send(Ok(event)).await.is_err() {
-                    break End::Cancelled;
+                // Only text handed to the client's queue is delivered, and so charged.
+                match tx.try_reserve() {
+                    Ok(permit) => {
+                        content.push_str(&delta);
+                        permit.send(Ok(delta_event(delta)));
+                    }
+                    Err(mpsc::error::TrySendError::Full(())) => pending = Some(delta),
+                    Err(mpsc::error::TrySendError::Closed(())) => break End::Cancelled,
                 }
             }
         };
@@ -173,6 +186,13 @@ impl RouterService {
         let upstream_ms = elapsed_ms(up_start);
         let end = match end {
             End::Done | End::Cut if content.trim().is_empty() => End::Failed(UpstreamError::Empty),
+            // The upstream said the answer was finished, and the client has all of it: a fault
+            // after that (a reset before `[DONE]`, silence, a bad trailing event, shutdown) does
+            // not undo a delivered answer, which is charged as if the stream had ended there.
+            End::Failed(e) if finish.is_some() && !content.trim().is_empty() => {
+                tracing::warn!(request_id = %p.v.request_id, error = %e, "stream failed after its finish; the delivered answer is charged");
+                End::Done
+            }
             End::Cut => {
                 tracing::warn!(request_id = %p.v.request_id, "stream ended by the router (duration bound or hold expiring); delivered text is charged");
                 finish = Some("length".into());
@@ -204,7 +224,7 @@ impl RouterService {
             End::Failed(e) => {
                 self.fail(&p, hold, &e, started, upstream_ms).await;
                 metrics::observe_failure(self.provider(), "stream", &e, started, upstream_time);
-                let _ = tx.send(Err(e.into())).await;
+                send_last(&tx, Err(e.into())).await;
             }
             // `Cut` was turned into `Done` above.
             End::Done | End::Cut => {
@@ -237,7 +257,7 @@ impl RouterService {
                     "not_settled"
                 };
                 metrics::observe(self.provider(), "stream", outcome, started, upstream_time);
-                let _ = tx.send(item).await;
+                send_last(&tx, item).await;
             }
         }
     }
@@ -265,6 +285,33 @@ fn replayed(r: ChatResponse, rate_limits: crate::limits::RateHeaders) -> ChatStr
 }
 
 /// The next keep-alive tick; never, without one.
+fn delta_event(content: String) -> ChatStreamEvent {
+    ChatStreamEvent {
+        event: Some(chat_stream_event::Event::Delta(ContentDelta { content })),
+    }
+}
+
+/// How long a stream's last event waits for a client that is not reading. The request is
+/// settled by then; the wait only keeps its concurrency slot, whose lease allows a minute past
+/// the longest stream (`limits/gate.rs`, `slot_lease`).
+const LAST_EVENT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Sends a stream's last event (the final one, or its error) unless the client does not make
+/// room for it within [`LAST_EVENT_WAIT`]: the stream then ends without it.
+async fn send_last(
+    tx: &mpsc::Sender<Result<ChatStreamEvent, RouterError>>,
+    item: Result<ChatStreamEvent, RouterError>,
+) {
+    if tokio::time::timeout(LAST_EVENT_WAIT, tx.send(item))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "the client read nothing for {LAST_EVENT_WAIT:?}; stream ended without its last event"
+        );
+    }
+}
+
 async fn tick(keep_alive: &mut Option<tokio::time::Interval>) {
     match keep_alive {
         Some(i) => {
