@@ -144,6 +144,47 @@ async fn click(c: &Client, css: &str) {
     element.click().await.expect("click");
 }
 
+/// Any account can record usage rows naming any user (docs/design.md, "Known gaps"): here one
+/// records rows for alice under 10,001 app names, more groups than a stats answer holds. Her user
+/// tab still shows her token with its Revoke button (it used to show nothing past the refused
+/// chart), the spend chart falls back to one series, and her live table names the account that
+/// recorded each row.
+async fn user_view_with_rows_recorded_by_others(c: &Client, s: &Stack, page: &str) {
+    let mallory = syft_testkit::create_account(&s.ledger.url, "mallory").await;
+    let mut ledger =
+        syft_ledger::client::connect_lazy(&s.ledger.url, &mallory.secret).expect("client");
+    for call in 0..11 {
+        let usages = (0..1_000)
+            .map(|n| {
+                let id = format!("fake-{call}-{n}");
+                syft_testkit::req::usage(&id, &format!("app-{call}-{n}"), &s.alice.email, "success")
+            })
+            .collect();
+        let batch = syft_proto::ledger::RecordUsageBatchRequest { usages };
+        ledger.record_usage_batch(batch).await.expect("recorded");
+    }
+    c.goto(page).await.expect("reload");
+    sign_in(c, &s.alice.email, &s.alice.secret).await;
+    let loaded = "return document.body.dataset.loaded === 'true'";
+    until(c, loaded, 20, "alice's page loads").await;
+    click(c, "#tab-user").await;
+    let revoke = "return document.querySelectorAll('#tokens button').length === 1";
+    until(c, revoke, 10, "her token's Revoke button").await;
+    let chart = "return document.querySelectorAll('#chart-spend .uplot').length === 1";
+    until(c, chart, 10, "the spend chart").await;
+    let owners = "return [...document.querySelectorAll('#live tbody tr[data-id] td:nth-child(2)')]\
+        .map((td) => td.textContent)";
+    let owners = js(c, owners).await;
+    let owners = owners.as_array().expect("owners");
+    assert!(!owners.is_empty(), "her live table shows the rows");
+    assert!(
+        owners.iter().any(|o| o == &json!(mallory.email)),
+        "rows name who recorded them: {owners:?}"
+    );
+    click(c, "#signout").await;
+    until(c, SIGN_IN_SHOWN, 5, "signed out").await;
+}
+
 async fn paid_request(s: &Stack, content: &str) {
     let answer = s
         .client()
@@ -296,6 +337,7 @@ async fn dashboard_in_chromium() {
     .await;
     c.goto(&page).await.expect("reload");
     until(&c, SIGNED_OUT, 5, "forged cookie refused").await;
+    user_view_with_rows_recorded_by_others(&c, &s, &page).await;
     alerts_panel(&c).await;
     c.close().await.expect("close");
     s.check_invariants().await;
