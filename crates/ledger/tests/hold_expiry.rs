@@ -9,7 +9,7 @@ use sqlx::{AnyConnection, Connection, Executor};
 use syft_error::Reason;
 use syft_ledger::store::{
     AccountRow, AuthorizeInput, CaptureAmount, Resolution, ResolveInput, Store, TokenGrant,
-    TransferRow,
+    TransferRow, UsageInput,
 };
 use syft_testkit::{assert_consistent, Db, USD};
 
@@ -115,6 +115,55 @@ async fn capture_after_expiry_is_refused(db: Db) {
 #[tokio::test]
 async fn capture_after_expiry_is_refused_on_both_backends() {
     on_both(capture_after_expiry_is_refused).await;
+}
+
+/// A void that arrives after the sweep cancelled its expired hold (the router's ledger was away
+/// meanwhile) still leaves the request's row, once however often it is sent; nothing moves.
+async fn void_after_the_sweep_leaves_its_row(db: Db) {
+    let store = Arc::new(Store::connect(&db.url, 4).await.expect("store"));
+    let (owner, token) = parties(&store).await;
+    let hold = hold(&store, &owner, &token, "k1", USD / 2, 300_000).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(store.sweep_expired(10).await.expect("sweep").cancelled, 1);
+    let usage = UsageInput {
+        request_id: "k1".into(),
+        app_name: "app".into(),
+        endpoint: "/chat".into(),
+        user_email: "alice@example.com".into(),
+        status: "timeout".into(),
+        ..Default::default()
+    };
+    for _ in 0..2 {
+        let t = store
+            .resolve(&ResolveInput {
+                transfer_id: &hold.id,
+                recipient_id: Some(owner.id),
+                resolution: Resolution::Void {
+                    reason: "upstream timed out".into(),
+                },
+                usage: Some(&usage),
+                by_sender: false,
+            })
+            .await
+            .expect("a void of a cancelled hold is a repeat");
+        assert_eq!(t.status.as_str(), "CANCELLED");
+    }
+    let rows: Vec<(String, Option<String>, i64)> =
+        sqlx::query_as("SELECT status, transfer_id, cost FROM usage_records")
+            .fetch_all(store.pool())
+            .await
+            .expect("rows");
+    assert_eq!(
+        rows,
+        vec![("timeout".to_string(), Some(hold.id.clone()), 0)]
+    );
+    assert_alice_whole(&store).await;
+    db.drop_postgres().await;
+}
+
+#[tokio::test]
+async fn void_after_the_sweep_leaves_its_row_on_both_backends() {
+    on_both(void_after_the_sweep_leaves_its_row).await;
 }
 
 /// A capture sent while its hold is live, then made to wait for a lock until the hold expired, is
