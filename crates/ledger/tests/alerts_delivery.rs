@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use alerts_support::*;
 use syft_ledger::alerts::deliver::Worker;
 use syft_proto::ledger as pb;
-use syft_testkit::{code, Harness, LedgerServer, Reply, WebhookReceiver, ADMIN_KEY, USD};
+use syft_testkit::{
+    code, signature_matches, Harness, LedgerServer, Reply, WebhookReceiver, ADMIN_KEY, USD,
+};
 use tonic::Code;
 
 alerts_suite!(
@@ -365,6 +367,67 @@ async fn secrets_are_sealed_and_rotate_with_overlap(h: Harness) -> Harness {
     assert_eq!(got[2].signature.split(' ').count(), 1);
     let _ = Instant::now();
     h
+}
+
+/// Two rotations of one endpoint at once (both read the current secret, then wait on the row's
+/// lock to write): one gets a secret, which signs with the first one during the overlap; the
+/// other is refused with nothing changed. Before, both succeeded keeping the first secret as the
+/// previous one, and the secret the first writer returned signed nothing. Postgres only: there a
+/// row lock makes the interleaving certain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_rotations_keep_a_chain() {
+    let Some(h) = Harness::with(true, alerts_on).await else {
+        return;
+    };
+    let rx = WebhookReceiver::start().await;
+    let alice = h.account(ALICE, 10 * USD).await;
+    let (ep, first) = add_balance_low(&h, &alice, &rx.url).await;
+    let mut lock = h.store.pool().begin().await.expect("begin");
+    sqlx::query("SELECT id FROM alert_endpoints WHERE id = $1 FOR UPDATE")
+        .bind(&ep)
+        .execute(&mut *lock)
+        .await
+        .expect("lock the endpoint's row");
+    let rotations: Vec<_> = (0..2)
+        .map(|_| {
+            let mut c = alerts(&h, &alice);
+            let rotate = pb::RotateAlertSecretRequest {
+                endpoint_id: ep.clone(),
+                overlap_seconds: 3600,
+            };
+            tokio::spawn(async move { c.rotate_alert_secret(rotate).await })
+        })
+        .collect();
+    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                   AND query LIKE 'UPDATE alert_endpoints%'";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let n: i64 = sqlx::query_scalar(waiting)
+            .fetch_one(h.store.pool())
+            .await
+            .expect("activity");
+        if n == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{n} rotations wait on the lock");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    lock.rollback().await.expect("unlock");
+    let mut rotated = Vec::new();
+    for r in rotations {
+        match r.await.expect("task") {
+            Ok(r) => rotated.push(r.into_inner().secret),
+            Err(e) => assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}"),
+        }
+    }
+    assert_eq!(rotated.len(), 1, "one rotation wins, the other is refused");
+    test_event(&h, &alice, &ep).await;
+    let got = rx.wait_until(WAIT, "a delivery", |r| !r.is_empty()).await;
+    let r = &got[0];
+    let signs =
+        |s: &str| signature_matches(&[s.to_string()], &r.id, &r.timestamp, &r.body, &r.signature);
+    assert!(signs(&rotated[0]) && signs(&first), "{r:?}");
+    h.finish().await;
 }
 
 /// An endpoint of the account of `secret` on a receiver of its own, capped at `per_minute`

@@ -174,7 +174,7 @@ impl Ledger {
         let endpoint = self.own_endpoint(caller, id).await?;
         let secret = generate_secret();
         let until = now_micros() + overlap.as_micros() as i64;
-        db::rotate_secret(
+        let rotated = db::rotate_secret(
             self.store().pool(),
             &endpoint.id,
             &key.seal(&endpoint.id, &secret)?,
@@ -182,6 +182,13 @@ impl Ledger {
             until,
         )
         .await?;
+        if !rotated {
+            return Err(LedgerError::FailedPrecondition(format!(
+                "endpoint {}'s secret was rotated by another request at the same time; nothing \
+                 changed here: rotate again to get a secret of your own",
+                endpoint.id
+            )));
+        }
         tracing::info!(endpoint = %endpoint.id, "alert signing secret rotated");
         Ok((secret, until))
     }

@@ -162,16 +162,20 @@ pub(crate) async fn remove_endpoint(pool: &AnyPool, id: &str, now: i64) -> Resul
     .await
 }
 
+/// Replaces the signing secret, keeping `previous_sealed` for the overlap, only if it is still
+/// the current one: two rotations of one endpoint at once would otherwise both keep the same old
+/// secret as the previous one, and the first rotation's new secret would sign nothing while its
+/// caller believed it current. `false` when another rotation got there first (nothing changed).
 pub(crate) async fn rotate_secret(
     pool: &AnyPool,
     id: &str,
     sealed: &str,
     previous_sealed: &str,
     previous_until: i64,
-) -> Result<()> {
-    sqlx::query(
+) -> Result<bool> {
+    let done = sqlx::query(
         "UPDATE alert_endpoints SET secret_sealed = $1, previous_secret_sealed = $2, \
-         previous_secret_until = $3 WHERE id = $4",
+         previous_secret_until = $3 WHERE id = $4 AND secret_sealed = $2",
     )
     .bind(sealed)
     .bind(previous_sealed)
@@ -179,7 +183,7 @@ pub(crate) async fn rotate_secret(
     .bind(id)
     .execute(pool)
     .await?;
-    Ok(())
+    Ok(done.rows_affected() == 1)
 }
 
 /// Appends an event for `fired` to the outbox inside the caller's transaction, in the endpoint's
