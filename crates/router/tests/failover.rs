@@ -253,6 +253,18 @@ async fn duplicate_of_a_failed_request_is_not_charged() {
     s.check_invariants().await;
 }
 
+/// A neighbour behind the router's address sends `limit` wrong secrets: the ledger locks it.
+async fn lock_the_address(s: &Stack, limit: usize) {
+    for i in 0..limit {
+        let mut neighbour = syft_ledger::client::connect_lazy(&s.ledger.url, &format!("wrong-{i}"))
+            .expect("client");
+        let req = syft_proto::ledger::GetAccountRequest {
+            email: s.alice.email.clone(),
+        };
+        assert!(neighbour.get_account(req).await.is_err());
+    }
+}
+
 /// A ledger that locks the router's own address (another client behind it sent wrong secrets):
 /// the router answers `UNAVAILABLE`, a deployment problem as a refused credential is, and never
 /// passes the lock on as the user's quota. Nothing is held or charged.
@@ -264,14 +276,7 @@ async fn a_router_whose_address_the_ledger_locked_is_unavailable() {
     .await;
     let mut c = s.client().await;
     ok(c.chat(s.request("before")).await);
-    for i in 0..2 {
-        let mut neighbour = syft_ledger::client::connect_lazy(&s.ledger.url, &format!("wrong-{i}"))
-            .expect("client");
-        let req = syft_proto::ledger::GetAccountRequest {
-            email: s.alice.email.clone(),
-        };
-        assert!(neighbour.get_account(req).await.is_err());
-    }
+    lock_the_address(&s, 2).await;
     let err = c.chat(s.request("after")).await.expect_err("locked");
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
     // Read from the database: the test's own clients share the locked address.
@@ -309,14 +314,7 @@ async fn a_lock_between_hold_and_capture_withholds_the_answer_and_charges_nothin
     // The hold is placed and the upstream is answering: lock the router's address now.
     let held = s.ledger.store.account_by_email(&s.alice.email).await;
     assert_eq!(held.expect("read").expect("alice").held.get(), PRICE);
-    for i in 0..2 {
-        let mut neighbour = syft_ledger::client::connect_lazy(&s.ledger.url, &format!("wrong-{i}"))
-            .expect("client");
-        let req = syft_proto::ledger::GetAccountRequest {
-            email: s.alice.email.clone(),
-        };
-        assert!(neighbour.get_account(req).await.is_err());
-    }
+    lock_the_address(&s, 2).await;
     let err = call.await.expect("task").expect_err("capture refused");
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
     assert_eq!(s.upstream.hits(), 2, "the upstream answered once");

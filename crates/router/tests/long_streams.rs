@@ -80,15 +80,7 @@ async fn a_client_that_stops_reading_a_stream_is_still_charged() {
     let mut c = syft_proto::router::router_client::RouterClient::new(channel);
     let mut events = ok(c.chat_stream(s.request("tell me a long story")).await);
     tokio::time::sleep(hold_ttl * 2).await;
-    let mut text = String::new();
-    let mut last = None;
-    while let Some(ev) = events.next().await {
-        match ev.expect("every event").event {
-            Some(chat_stream_event::Event::Delta(d)) => text.push_str(&d.content),
-            Some(chat_stream_event::Event::Final(f)) => last = Some(f),
-            None => {}
-        }
-    }
+    let (text, last) = read_answer(&mut events).await;
     assert_eq!(text, "tick ".repeat(100), "the whole answer");
     let last = last.expect("final event");
     assert_eq!(last.finish_reason, "stop");

@@ -5,11 +5,10 @@
 
 use std::time::Duration;
 
-use futures::StreamExt;
 use serde_json::{json, Value};
 use syft_proto::ledger::TransferStatus;
 use syft_proto::router::router_client::RouterClient;
-use syft_proto::router::{chat_stream_event, ChatFinal, ChatRequest};
+use syft_proto::router::{ChatFinal, ChatRequest};
 use syft_router_svc::{Pricing, ReplaySettings};
 use syft_testkit::*;
 use tonic::transport::Channel;
@@ -25,16 +24,7 @@ fn keyed(s: &Stack, content: &str, key: &str) -> ChatRequest {
 async fn stream(c: &mut RouterClient<Channel>, req: ChatRequest) -> (String, ChatFinal, bool) {
     let resp = c.chat_stream(req).await.expect("stream");
     let marked = resp.metadata().get("x-syft-replay").is_some();
-    let mut events = resp.into_inner();
-    let mut text = String::new();
-    let mut last = None;
-    while let Some(ev) = events.next().await {
-        match ev.expect("event").event {
-            Some(chat_stream_event::Event::Delta(d)) => text.push_str(&d.content),
-            Some(chat_stream_event::Event::Final(f)) => last = Some(f),
-            None => {}
-        }
-    }
+    let (text, last) = read_answer(&mut resp.into_inner()).await;
     (text, last.expect("final event"), marked)
 }
 

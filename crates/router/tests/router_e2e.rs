@@ -298,14 +298,7 @@ async fn a_stream_that_fails_after_its_finish_is_charged() {
     let (s, mut c) = Stack::start_with_client(Pricing::per_request(PRICE)).await;
     s.upstream.set_mode(Mode::FinishThenGarbage);
     let mut stream = ok(c.chat_stream(s.request("hi")).await);
-    let (mut text, mut last) = (String::new(), None);
-    while let Some(ev) = stream.next().await {
-        match ev.expect("no error after a finished answer").event {
-            Some(chat_stream_event::Event::Delta(d)) => text.push_str(&d.content),
-            Some(chat_stream_event::Event::Final(f)) => last = Some(f),
-            None => {}
-        }
-    }
+    let (text, last) = read_answer(&mut stream).await;
     assert_eq!(text, CONTENT);
     let last = last.expect("final event");
     assert_eq!(
@@ -337,13 +330,7 @@ async fn a_hold_placed_after_its_client_gave_up_is_voided_at_once() {
         .execute(&mut *lock)
         .await
         .expect("lock");
-    let mut request = tonic::Request::new(s.request("given up"));
-    request.set_timeout(Duration::from_millis(300));
-    let err = c.chat(request).await.expect_err("deadline");
-    assert!(
-        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
-        "{err:?}"
-    );
+    chat_given_up(&mut c, s.request("given up"), Duration::from_millis(300)).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     lock.rollback().await.expect("unlock");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

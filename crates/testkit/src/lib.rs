@@ -23,8 +23,8 @@ pub use ledger::{
 };
 pub use probe::{get_json, get_json_as, succeeded};
 pub use router::{
-    chat_request, docs_dir, readyz, router_config, search_request, serve_router, Funded,
-    RouterHandle, Stack, FUNDS, PRICE,
+    chat_given_up, chat_request, docs_dir, read_answer, readyz, router_config, search_request,
+    serve_router, Funded, RouterHandle, Stack, FUNDS, PRICE,
 };
 pub use tempfile::TempDir;
 pub use upstream::{FakeUpstream, Mode, CONTENT, SEARCH_HITS, UP_COMPLETION, UP_PROMPT};

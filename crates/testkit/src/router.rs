@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use syft_proto::ledger::{self as lpb, Transfer, UsageRecord};
 use syft_proto::router::router_client::RouterClient;
-use syft_proto::router::{ChatOptions, ChatRequest, Message, SearchOptions, SearchRequest};
+use syft_proto::router::{
+    chat_stream_event, ChatFinal, ChatOptions, ChatRequest, ChatStreamEvent, Message,
+    SearchOptions, SearchRequest,
+};
 use syft_router_svc::{
     LedgerSettings, OpenAiConfig, Pricing, RouterConfig, ServeError, UpstreamConfig,
 };
@@ -107,6 +110,38 @@ impl RouterHandle {
 }
 
 /// One user message from `user` paying with `token`; default model, options and request id.
+/// Reads a chat stream to its end: the text of its deltas and its final event. Every event must
+/// arrive (an error event panics).
+pub async fn read_answer(
+    events: &mut tonic::Streaming<ChatStreamEvent>,
+) -> (String, Option<ChatFinal>) {
+    use futures::StreamExt as _;
+    let (mut text, mut last) = (String::new(), None);
+    while let Some(event) = events.next().await {
+        match event.expect("every event").event {
+            Some(chat_stream_event::Event::Delta(d)) => text.push_str(&d.content),
+            Some(chat_stream_event::Event::Final(f)) => last = Some(f),
+            None => {}
+        }
+    }
+    (text, last)
+}
+
+/// Sends `req` with a client deadline of `deadline`, which it must not meet (the upstream or the
+/// ledger is held up): the client gives up with `DEADLINE_EXCEEDED` (or `CANCELLED`).
+pub async fn chat_given_up(c: &mut RouterClient<Channel>, req: ChatRequest, deadline: Duration) {
+    let mut request = tonic::Request::new(req);
+    request.set_timeout(deadline);
+    let err = c.chat(request).await.expect_err("past its deadline");
+    assert!(
+        matches!(
+            err.code(),
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        ),
+        "{err:?}"
+    );
+}
+
 pub fn chat_request(user: &str, token: &str, content: &str) -> ChatRequest {
     ChatRequest {
         user_email: user.into(),
