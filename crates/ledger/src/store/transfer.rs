@@ -197,6 +197,11 @@ impl Store {
     /// extension refused) used to leave the request with no row at all. A repeat of a void that
     /// wrote its row meets that row (same recipient, user and request id) and writes nothing.
     async fn late_void_row(&self, t: &TransferRow, usage: &UsageInput) -> Result<()> {
+        if super::usage::is_refused(usage) {
+            // A refusal's row is not unique per request id, so a repeat would add another; a
+            // hold that was placed was not refused.
+            return Ok(());
+        }
         let id = new_id();
         let w = UsageWrite {
             id: &id,

@@ -5,6 +5,8 @@
 
 use std::time::Instant;
 
+use tracing::Instrument as _;
+
 use syft_error::{UsageStatus, MAX_USAGE_COUNT};
 use syft_proto::ledger::{AnswerToStore, AuthorizeRequest, Transfer, TransferStatus, Usage};
 
@@ -173,10 +175,29 @@ impl RouterService {
         // client's deadline, a disconnect), the task's result is dropped with it and the guard
         // voids the hold at once, with a `cancelled` row. Otherwise the user's money stayed held
         // for the hold's whole life, and the request left no row.
+        let priced_in = t.pricing.currency.clone();
         let call = tokio::spawn(async move {
             let authorization = ledger.authorize(request).await?;
             let transfer = &authorization.transfer;
             let fresh = transfer.status() == TransferStatus::Pending && !authorization.existing;
+            if fresh && !transfer.currency.is_empty() && transfer.currency != priced_in {
+                // Priced in one currency, held in another: the same number of the ledger's units
+                // (150 JPY held as 150 USD). Never sell so; readiness says why (health.rs). Voided
+                // here, where a client going away cannot cut the void short; without a row, the
+                // refusal's own row is the request's one (`record_refusal`).
+                let problem = format!(
+                    "priced in {priced_in} but the ledger holds {}: fix pricing.currency",
+                    transfer.currency
+                );
+                tracing::error!("{problem}");
+                let until = hold::expiry_estimate(sent, transfer) + hold::SETTLE_MARGIN;
+                if let Err(e) = ledger.void(&transfer.id, &problem, None, until).await {
+                    tracing::warn!(transfer_id = %transfer.id, error = %e, "void failed; the hold will expire");
+                }
+                return Err(RouterError::Unavailable(
+                    "the router's prices do not match its ledger's currency".into(),
+                ));
+            }
             let guard = fresh.then(|| HoldGuard {
                 work: Some(work),
                 ledger: ledger.clone(),
@@ -190,31 +211,13 @@ impl RouterService {
                 cancel_usage: Some(cancel_usage),
             });
             Ok::<_, RouterError>((authorization.transfer, guard))
-        });
+        }
+        .instrument(tracing::Span::current()));
         let (mut transfer, guard) = call
             .await
             .map_err(|e| RouterError::Internal(format!("authorization task failed: {e}")))?
             .map_err(|e| explain_refusal(t, e))?;
         if let Some(guard) = guard {
-            if !transfer.currency.is_empty() && transfer.currency != t.pricing.currency {
-                // Priced in one currency, held in another: the same number of the ledger's units
-                // (150 JPY held as 150 USD). Never sell so; readiness says why (health.rs).
-                let problem = format!(
-                    "priced in {} but the ledger holds {}: fix pricing.currency",
-                    t.pricing.currency, transfer.currency
-                );
-                tracing::error!(request_id = %t.request_id, "{problem}");
-                // Without a row: the refusal's own row is the request's one (`record_refusal`).
-                let mut guard = guard;
-                guard.cancel_usage = None;
-                let (id, until) = (guard.transfer_id.clone(), guard.settle_until());
-                if let Err(e) = guard.ledger.void(&id, &problem, None, until).await {
-                    tracing::warn!(transfer_id = %id, error = %e, "void failed; the hold will expire");
-                }
-                return Err(RouterError::Unavailable(
-                    "the router's prices do not match its ledger's currency".into(),
-                ));
-            }
             tracing::debug!(request_id = %t.request_id, transfer_id = %guard.transfer_id, hold_micros = t.hold_micros, "hold authorized");
             return Ok(Authorized::Hold(guard));
         }

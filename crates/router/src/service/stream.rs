@@ -182,6 +182,12 @@ impl RouterService {
             }
         };
         drop(upstream);
+        let undelivered = pending.is_some();
+        if undelivered {
+            // A delta the client never got is neither in `content` nor charged: the upstream's
+            // count would include it, so the router counts what was delivered instead.
+            reported = None;
+        }
         let upstream_time = up_start.elapsed();
         let upstream_ms = elapsed_ms(up_start);
         let end = match end {
@@ -189,7 +195,7 @@ impl RouterService {
             // The upstream said the answer was finished, and the client has all of it: a fault
             // after that (a reset before `[DONE]`, silence, a bad trailing event, shutdown) does
             // not undo a delivered answer, which is charged as if the stream had ended there.
-            End::Failed(e) if finish.is_some() && !content.trim().is_empty() => {
+            End::Failed(e) if finish.is_some() && !undelivered && !content.trim().is_empty() => {
                 tracing::warn!(request_id = %p.v.request_id, error = %e, "stream failed after its finish; the delivered answer is charged");
                 End::Done
             }
@@ -284,7 +290,6 @@ fn replayed(r: ChatResponse, rate_limits: crate::limits::RateHeaders) -> ChatStr
     }
 }
 
-/// The next keep-alive tick; never, without one.
 fn delta_event(content: String) -> ChatStreamEvent {
     ChatStreamEvent {
         event: Some(chat_stream_event::Event::Delta(ContentDelta { content })),
@@ -292,9 +297,10 @@ fn delta_event(content: String) -> ChatStreamEvent {
 }
 
 /// How long a stream's last event waits for a client that is not reading. The request is
-/// settled by then; the wait only keeps its concurrency slot, whose lease allows a minute past
-/// the longest stream (`limits/gate.rs`, `slot_lease`).
-const LAST_EVENT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+/// settled by then; the wait only keeps its concurrency slot (whose lease allows a minute past
+/// the longest stream, `limits/gate.rs`) and a shutdown's drain (which waits at most 15 s for
+/// settling, `drain.rs`).
+const LAST_EVENT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Sends a stream's last event (the final one, or its error) unless the client does not make
 /// room for it within [`LAST_EVENT_WAIT`]: the stream then ends without it.
@@ -312,6 +318,7 @@ async fn send_last(
     }
 }
 
+/// The next keep-alive tick; never, without one.
 async fn tick(keep_alive: &mut Option<tokio::time::Interval>) {
     match keep_alive {
         Some(i) => {

@@ -209,7 +209,10 @@ async function refreshSpend() {
   const range = RANGES[$('#range').value];
   const since = startOf(now, range);
   const s = await stats({ role: 'user', since, group_by: `${range.by},app` })
-    .catch(() => stats({ role: 'user', since, group_by: range.by }));
+    .catch((e) => {
+      if (e instanceof HttpError && e.status === 401) throw e;
+      return stats({ role: 'user', since, group_by: range.by });
+    });
   const xs = buckets(s, range);
   // Only apps this user spent money at are drawn (rows of free requests, or rows recorded in
   // this user's name by others, cost nothing), the biggest first.
