@@ -93,11 +93,17 @@ async fn swept_and_whole(store: &Store, db: Db, expired: u64) {
     db.drop_postgres().await;
 }
 
-async fn capture_after_expiry_is_refused(db: Db) {
+/// A store with [`parties`] and alice's hold of half her money under key `k1`, expired.
+async fn expired_hold(db: &Db) -> (Arc<Store>, AccountRow, TransferRow) {
     let store = Arc::new(Store::connect(&db.url, 4).await.expect("store"));
     let (owner, token) = parties(&store).await;
     let hold = hold(&store, &owner, &token, "k1", USD / 2, 300_000).await;
     tokio::time::sleep(Duration::from_millis(400)).await;
+    (store, owner, hold)
+}
+
+async fn capture_after_expiry_is_refused(db: Db) {
+    let (store, owner, hold) = expired_hold(&db).await;
     let refused = store
         .resolve(&ResolveInput {
             transfer_id: &hold.id,
@@ -120,10 +126,7 @@ async fn capture_after_expiry_is_refused_on_both_backends() {
 /// A void that arrives after the sweep cancelled its expired hold (the router's ledger was away
 /// meanwhile) still leaves the request's row, once however often it is sent; nothing moves.
 async fn void_after_the_sweep_leaves_its_row(db: Db) {
-    let store = Arc::new(Store::connect(&db.url, 4).await.expect("store"));
-    let (owner, token) = parties(&store).await;
-    let hold = hold(&store, &owner, &token, "k1", USD / 2, 300_000).await;
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (store, owner, hold) = expired_hold(&db).await;
     assert_eq!(store.sweep_expired(10).await.expect("sweep").cancelled, 1);
     let usage = UsageInput {
         request_id: "k1".into(),

@@ -318,10 +318,9 @@ async fn a_stream_that_fails_after_its_finish_is_charged() {
 /// whole life (5 minutes here), and the request left no row.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hold_placed_after_its_client_gave_up_is_voided_at_once() {
-    let Some(db) = Db::postgres().await else {
+    let Some(s) = Stack::on_postgres(Pricing::per_request(PRICE)).await else {
         return;
     };
-    let s = Stack::start_on(db, Pricing::per_request(PRICE)).await;
     let mut c = s.client().await;
     ok(c.chat(s.request("before")).await);
     let pool = s.ledger.store.pool().clone();
@@ -1042,10 +1041,9 @@ async fn echo_upstream_runs_offline_and_metadata_shows_pricing() {
 /// The core money scenarios again on Postgres (DATABASE_URL), when available.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_paid_flow() {
-    let Some(db) = Db::postgres().await else {
+    let Some(s) = Stack::on_postgres(Pricing::per_request(PRICE)).await else {
         return;
     };
-    let s = Stack::start_on(db, Pricing::per_request(PRICE)).await;
     let mut c = s.client().await;
     let resp = c.chat(s.request("hi")).await.expect("chat").into_inner();
     assert_eq!(resp.cost_micros, PRICE);

@@ -282,6 +282,12 @@ pub struct Stack {
 }
 
 impl Stack {
+    /// [`Stack::start_on`] a fresh Postgres database; `None` (the test skips, saying so) without
+    /// one.
+    pub async fn on_postgres(pricing: Pricing) -> Option<Self> {
+        Some(Self::start_on(Db::postgres().await?, pricing).await)
+    }
+
     pub async fn start(pricing: Pricing) -> Self {
         Self::start_on(Db::sqlite(), pricing).await
     }
