@@ -284,8 +284,10 @@ async fn requests_refused_before_they_are_read_leave_rows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_search_on_a_router_without_search_leaves_a_row() {
     let (s, mut c) = Stack::start_with_client(Pricing::per_request(PRICE)).await;
-    let mut req = s.search("anything");
-    req.request_id = "s-1".into();
+    let req = syft_proto::router::SearchRequest {
+        request_id: "s-1".into(),
+        ..s.search("anything")
+    };
     assert_eq!(code(c.search(req).await), Code::FailedPrecondition);
     let rows = s.usage().await;
     let got: Vec<_> = rows
