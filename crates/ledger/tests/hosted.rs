@@ -35,6 +35,9 @@ enum Fault {
     Fail(&'static str, u32),
     /// Forwards `n` requests as they are, then loses the answer of the next one.
     LoseAnswerAfter(&'static str, u32),
+    /// Forwards with the body's `amount` doubled, once: the service creates another transaction
+    /// than the one asked for (as one that rounds amounts would).
+    DoubleAmount(&'static str),
 }
 
 #[derive(Clone)]
@@ -65,6 +68,10 @@ impl Proxy {
                 plan
             }
             Fault::Slow(p, _) if path.starts_with(*p) => plan,
+            Fault::DoubleAmount(p) if path.starts_with(*p) => {
+                *fault = Fault::Pass;
+                plan
+            }
             Fault::LoseAnswerAfter(p, n) if path.starts_with(*p) => {
                 if *n > 0 {
                     *n -= 1;
@@ -115,6 +122,15 @@ async fn relay(
         }
         Fault::Slow(_, d) => tokio::time::sleep(d).await,
         _ => {}
+    }
+    let mut body = body;
+    if let Fault::DoubleAmount(_) = plan {
+        if let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&body) {
+            if let Some(amount) = v["amount"].as_f64() {
+                v["amount"] = serde_json::json!(amount * 2.0);
+            }
+            body = Bytes::from(v.to_string());
+        }
     }
     let mut req = proxy
         .http
@@ -978,5 +994,26 @@ async fn router_pays_through_the_hosted_ledger() {
             ("req-ok".to_string(), expected)
         ]
     );
+    p.finish().await;
+}
+
+/// The accounting service creates another transaction than the one asked for (twice the amount
+/// here, as a service that rounds amounts might): the hold is refused and the remote transaction
+/// cancelled, so nothing can be captured at the service's amount; a replay of the key gets the
+/// same refusal, and Alice holds nothing. Before, it was logged and held, and a full capture
+/// charged her the service's amount.
+#[tokio::test]
+async fn a_different_remote_transaction_is_cancelled_not_held() {
+    let p = Pair::sqlite(USD).await;
+    p.proxy.set(Fault::DoubleAmount("/transaction/create"));
+    let err = p.authorize(USD / 4, "k1").await.expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("another transaction"), "{err:?}");
+    let again = p
+        .authorize(USD / 4, "k1")
+        .await
+        .expect_err("the same refusal");
+    assert_eq!(again.code(), tonic::Code::FailedPrecondition, "{again:?}");
+    assert_eq!(p.money().await, ((USD, 0), (0, 0)));
     p.finish().await;
 }

@@ -2,7 +2,7 @@
 
 use super::entry::Step;
 use super::journal::{Inserted, NewEntry};
-use super::remote::RemoteError;
+use super::remote::{RemoteError, RemoteTx};
 use super::Hosted;
 use crate::error::{LedgerError, Result};
 use crate::store::{new_id, now_micros, sha256_hex, AuthorizeInput, TransferRow};
@@ -47,10 +47,22 @@ impl Hosted {
             .await;
         match created {
             Ok(tx) => {
-                if tx.amount != input.amount || tx.sender_email != input.sender_email {
-                    tracing::error!(transfer = %id, remote = %tx.id, "accounting service created a different transaction");
+                if tx.amount != input.amount
+                    || !tx.sender_email.eq_ignore_ascii_case(input.sender_email)
+                {
+                    return self.refuse_different(&id, &tx, input).await;
                 }
-                self.journal.mark_held(&id, &tx.id).await?;
+                if !self.journal.mark_held(&id, &tx.id).await? {
+                    // Recovery closed the attempt while the create was out (this process stalled
+                    // past its lease): the hold it made is nobody's. Cancel it rather than answer
+                    // with a transfer that is already cancelled.
+                    if let Err(e) = self.cancel_remote(&tx.id).await {
+                        tracing::warn!(remote = %tx.id, error = %e, "not cancelled; the orphan sweep will");
+                    }
+                    return Err(LedgerError::Unavailable(
+                        "the hold was not recorded in time and is cancelled; retry".into(),
+                    ));
+                }
                 tracing::debug!(transfer = %id, remote = %tx.id, sender = input.sender_email, amount = input.amount, "hosted hold placed");
                 Ok(self.journal.must_entry(&id).await?.transfer())
             }
@@ -108,5 +120,35 @@ impl Hosted {
             )),
             _ => Ok(e.transfer()),
         }
+    }
+}
+
+impl Hosted {
+    /// The service created another transaction than the one asked for (another amount: a service
+    /// that rounds to cents; another payer): a capture would confirm it as it is, charging the
+    /// user what was never authorized here. It is cancelled and the attempt fails for good (a
+    /// replay of the key gets the same refusal); a cancel that does not go through leaves it to
+    /// the orphan sweep. Before 2026-12-04 it was only logged, and held.
+    async fn refuse_different(
+        &self,
+        id: &str,
+        tx: &RemoteTx,
+        input: &AuthorizeInput<'_>,
+    ) -> Result<TransferRow> {
+        tracing::error!(transfer = %id, remote = %tx.id, asked = input.amount, created = tx.amount,
+            "the accounting service created a different transaction; cancelling it");
+        let err = LedgerError::FailedPrecondition(format!(
+            "the accounting service created another transaction than asked ({} micros from {}, \
+             not {} from {}); it is cancelled",
+            tx.amount, tx.sender_email, input.amount, input.sender_email
+        ));
+        if let Err(e) = self.cancel_remote(&tx.id).await {
+            tracing::warn!(remote = %tx.id, error = %e, "not cancelled; the orphan sweep will");
+        }
+        let reason = "the accounting service created another transaction";
+        self.journal
+            .mark_not_held(id, Step::Failed, reason, &err)
+            .await?;
+        Err(err)
     }
 }

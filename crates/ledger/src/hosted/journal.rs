@@ -182,18 +182,19 @@ impl Journal {
         }
     }
 
-    /// The remote create succeeded: the entry now holds money there.
-    pub async fn mark_held(&self, id: &str, remote_id: &str) -> Result<()> {
-        self.run(
-            sqlx::query(
-                "UPDATE hosted_transfers SET step = 'held', remote_id = $2, updated_at = $3 \
+    /// The remote create succeeded: the entry now holds money there. `false` when the entry was
+    /// no longer creating (recovery closed it meanwhile: this process stalled past its lease).
+    pub async fn mark_held(&self, id: &str, remote_id: &str) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE hosted_transfers SET step = 'held', remote_id = $2, updated_at = $3 \
              WHERE id = $1 AND step = 'creating'",
-            )
-            .bind(id)
-            .bind(remote_id)
-            .bind(now_micros()),
         )
-        .await
+        .bind(id)
+        .bind(remote_id)
+        .bind(now_micros())
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     /// Forgets a create that certainly did not happen, so its key may be used again.
