@@ -169,6 +169,56 @@ async fn void_after_the_sweep_leaves_its_row_on_both_backends() {
     on_both(void_after_the_sweep_leaves_its_row).await;
 }
 
+/// A void whose row carries a refusal status leaves the request id free, on both engines: a
+/// later row under that id is recorded too. On Postgres the batched resolution did not mark
+/// such a row as a refusal, so it took the id and the later row was dropped.
+async fn a_refusal_row_of_a_void_leaves_its_request_id_free(db: Db) {
+    let store = Arc::new(Store::connect(&db.url, 4).await.expect("store"));
+    let (owner, token) = parties(&store).await;
+    let hold = hold(&store, &owner, &token, "k2", USD / 2, 60_000_000).await;
+    let row = |status: &str| UsageInput {
+        request_id: "k2".into(),
+        app_name: "app".into(),
+        endpoint: "/chat".into(),
+        user_email: "alice@example.com".into(),
+        status: status.into(),
+        ..Default::default()
+    };
+    let refused = row("unavailable");
+    store
+        .resolve(&ResolveInput {
+            transfer_id: &hold.id,
+            recipient_id: Some(owner.id),
+            resolution: Resolution::Void {
+                reason: "refused".into(),
+            },
+            usage: Some(&refused),
+            by_sender: false,
+        })
+        .await
+        .expect("void");
+    store
+        .record_usage(owner.id, &owner.email, &row("success"))
+        .await
+        .expect("free row");
+    let mut statuses: Vec<String> = sqlx::query_scalar("SELECT status FROM usage_records")
+        .fetch_all(store.pool())
+        .await
+        .expect("rows");
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        vec!["success".to_string(), "unavailable".to_string()]
+    );
+    assert_alice_whole(&store).await;
+    db.drop_postgres().await;
+}
+
+#[tokio::test]
+async fn a_refusal_row_of_a_void_leaves_its_request_id_free_on_both_backends() {
+    on_both(a_refusal_row_of_a_void_leaves_its_request_id_free).await;
+}
+
 /// A capture sent while its hold is live, then made to wait for a lock until the hold expired, is
 /// refused: it is judged by the clock once it has its locks. Judged by the clock read before the
 /// wait, it committed, though a budget check of the same sender meanwhile (the holder of the lock)
