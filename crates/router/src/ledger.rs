@@ -392,7 +392,14 @@ impl Ledger {
                 // Full disk, a failed flush or the like: this row goes the waiting way instead
                 // (the ledger records a row it gets from both ways once).
                 Err(e) => {
-                    tracing::warn!(error = %e, "usage spool: append failed, sending directly")
+                    tracing::warn!(error = %e, "usage spool: append failed, sending directly");
+                    let sent = self.usage.send(usage).await;
+                    if sent.is_err() {
+                        // Neither way took it (a full disk while the ledger is away): the free
+                        // answer still goes out, and the lost row is counted, to alert on.
+                        crate::metrics::spool_event("row_lost");
+                    }
+                    return sent;
                 }
             }
         }

@@ -32,14 +32,17 @@ static ADDED: LazyLock<HistogramVec> = LazyLock::new(|| {
 static SPOOL: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "syft_router_usage_spool_events_total",
-        "Usage spool shipping trouble: ship_failed (a call the ledger did not take; the rows stay \
-         spooled and are retried), row_dropped (a row the ledger refuses as invalid)",
+        "Usage spool trouble: ship_failed (a call the ledger did not take; the rows stay \
+         spooled and are retried), row_dropped (a row the ledger refuses as invalid), row_lost \
+         (a row neither the spool nor the ledger took), segment_quarantined (a spool file \
+         unreadable inside, kept as .corrupt)",
         &["event"]
     )
     .expect("register syft_router_usage_spool_events_total")
 });
 
-/// A spool shipping event: `ship_failed` or `row_dropped`. A `ship_failed` that keeps rising
+/// A spool event: `ship_failed`, `row_dropped`, `row_lost` or `segment_quarantined`. A
+/// `ship_failed` that keeps rising
 /// means rows are piling up on disk (the ledger is down, or refuses the router's calls).
 pub fn spool_event(event: &'static str) {
     SPOOL.with_label_values(&[event]).inc();

@@ -403,6 +403,58 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A finished segment is deleted after a torn tail, but kept as `.corrupt` when it stops
+    /// reading before records that may still be whole (damage inside, not at the end).
+    #[test]
+    fn damage_inside_a_segment_keeps_it() {
+        let dir = std::env::temp_dir().join(format!("spool-damage-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let record = |id: &str, pad: usize| {
+            let p = Usage {
+                model: "m".repeat(pad),
+                ..usage(id)
+            }
+            .encode_to_vec();
+            let mut rec = (p.len() as u32).to_le_bytes().to_vec();
+            rec.extend_from_slice(&fnv1a(&p).to_le_bytes());
+            rec.extend_from_slice(&p);
+            rec
+        };
+        // Segment 1: a good record, a torn tail. Segment 2: a good record, a damaged one (its
+        // checksum), then records filling more than one record's worth.
+        let mut f = create_segment(&dir, 1).expect("segment");
+        f.write_all(&record("a", 0)).expect("write");
+        f.write_all(&[9, 0, 0, 0, 1, 2]).expect("write");
+        let mut f = create_segment(&dir, 2).expect("segment");
+        f.write_all(&record("a", 0)).expect("write");
+        let mut bad = record("b", 0);
+        bad[4] ^= 0xff;
+        f.write_all(&bad).expect("write");
+        for n in 0..3 {
+            f.write_all(&record(&format!("c{n}"), 100_000))
+                .expect("write");
+        }
+        for (seg, want) in [(1, "deleted"), (2, "quarantined")] {
+            let path = segment_path(&dir, seg);
+            let r = read_rows(&path, 0, None, 10).expect("read");
+            assert_eq!((r.rows.len(), r.torn), (1, true), "segment {seg}");
+            let r = read_rows(&path, r.end, None, 10).expect("read");
+            assert!(r.rows.is_empty());
+            assert_eq!(
+                ship::retire_segment(&path, r.end, r.torn),
+                want,
+                "segment {seg}"
+            );
+            assert!(!path.exists());
+        }
+        assert!(segment_path(&dir, 2)
+            .with_extension("spool.corrupt")
+            .exists());
+        assert_eq!(segments(&dir).expect("list"), Vec::<u64>::new());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// A synced spool whose ledger is unreachable (the shipper only retries), in a fresh directory.
     fn synced_spool(name: &str) -> (UsageSpool, PathBuf) {
         let dir = std::env::temp_dir().join(format!("spool-{name}-{}", std::process::id()));

@@ -54,15 +54,8 @@ pub(super) async fn ship_forever(spool: Weak<Inner>, wake: Arc<Notify>, calls: C
         };
         if read.rows.is_empty() {
             if seg < wseg {
-                // A finished segment, all acknowledged (or torn after its last good record).
-                if read.torn {
-                    tracing::warn!(path = %path.display(), offset = read.end,
-                        "usage spool: torn record at the end of a segment (host crash?); the rest \
-                         of that segment is skipped");
-                }
-                if let Err(e) = std::fs::remove_file(&path) {
-                    tracing::warn!(path = %path.display(), error = %e, "usage spool: cannot delete");
-                }
+                // A finished segment, all acknowledged (or unreadable past its last good record).
+                retire_segment(&path, read.end, read.torn);
                 seg += 1;
                 off = 0;
                 set_shipped(&spool, seg, off);
@@ -97,6 +90,41 @@ pub(super) async fn ship_forever(spool: Weak<Inner>, wake: Arc<Notify>, calls: C
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
+        }
+    }
+}
+
+/// Deletes a finished segment whose rows were all acknowledged, unless it stopped reading before
+/// its end at more than one record's worth: a torn tail (a host crash mid-write) is at most one
+/// record, but damage inside (a page a crash did not write back, a failed sync, a flipped bit)
+/// may have whole records after it. Such a segment is kept as `<name>.corrupt` for an operator
+/// (no longer shipped: its readable rows were) and counted, rather than deleted with its rows.
+/// Returns what was done: `deleted`, `quarantined`, or `kept` (neither worked).
+pub(super) fn retire_segment(path: &std::path::Path, end: u64, torn: bool) -> &'static str {
+    let size = std::fs::metadata(path).map_or(0, |m| m.len());
+    if torn && size.saturating_sub(end) > u64::from(super::MAX_RECORD) + 8 {
+        let kept = path.with_extension("spool.corrupt");
+        crate::metrics::spool_event("segment_quarantined");
+        tracing::error!(path = %path.display(), offset = end, size, kept = %kept.display(),
+            "usage spool: unreadable record inside a segment; rows after it may be lost: kept for \
+             inspection");
+        return match std::fs::rename(path, &kept) {
+            Ok(()) => "quarantined",
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "usage spool: cannot rename");
+                "kept"
+            }
+        };
+    }
+    if torn {
+        tracing::warn!(path = %path.display(), offset = end,
+            "usage spool: torn record at the end of a segment (host crash?); skipped");
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => "deleted",
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "usage spool: cannot delete");
+            "kept"
         }
     }
 }

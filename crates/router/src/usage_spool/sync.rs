@@ -139,13 +139,21 @@ pub(super) async fn sync_forever(spool: Weak<Inner>, kick: Arc<Notify>) {
                 tracing::error!(dir = %inner.dir.display(), error = %e,
                     "usage spool: fdatasync failed; these rows are sent the waiting way");
                 // Nothing more is appended after rows that may be lost: a new segment starts.
-                if let Ok(mut w) = inner.writer.lock() {
-                    w.broken = true;
-                    w.dir_dirty = true;
-                }
+                // Rows appended to this file after the round's snapshot are suspect too: the
+                // failed sync wrote their pages back with the rest, and the kernel reports a
+                // failure once, so the next round's sync of the same file would succeed over
+                // them. They fail with the round, up to where the writer stands now.
+                let through = match inner.writer.lock() {
+                    Ok(mut w) => {
+                        w.broken = true;
+                        w.dir_dirty = true;
+                        at.max((w.seg, w.len))
+                    }
+                    Err(_) => (u64::MAX, u64::MAX),
+                };
                 durable
                     .synced
-                    .send_modify(|s| s.failed_through = s.failed_through.max(Some(at)));
+                    .send_modify(|s| s.failed_through = s.failed_through.max(Some(through)));
             }
         }
     }
