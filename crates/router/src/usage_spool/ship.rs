@@ -47,6 +47,9 @@ pub(super) async fn ship_forever(spool: Weak<Inner>, wake: Arc<Notify>, calls: C
                 continue;
             }
             Err(e) => {
+                // Everything after this segment waits for it (its rows go first): counted, so a
+                // spool held back by a file it cannot read (permissions, I/O errors) is seen.
+                crate::metrics::spool_event("segment_unreadable");
                 tracing::error!(path = %path.display(), error = %e, "usage spool: cannot read");
                 tokio::time::sleep(MAX_BACKOFF).await;
                 continue;
