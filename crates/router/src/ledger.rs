@@ -127,12 +127,17 @@ pub(crate) struct Authorization {
 
 impl Ledger {
     /// Connects lazily to every endpoint (the first call dials). Must run inside a Tokio runtime.
-    pub(crate) fn connect(settings: &LedgerSettings) -> Result<Self, RouterError> {
+    /// `owner_email`: the router's owner, whose account records the spooled rows.
+    pub(crate) fn connect(
+        settings: &LedgerSettings,
+        owner_email: &str,
+    ) -> Result<Self, RouterError> {
         let calls = Calls::connect(settings)?;
+        let sync = settings.usage_spool_sync;
         let spool = settings
             .usage_spool
             .as_deref()
-            .map(|dir| UsageSpool::open(dir, calls.clone(), settings.usage_spool_sync))
+            .map(|dir| UsageSpool::open(dir, owner_email, calls.clone(), sync))
             .transpose()?;
         Ok(Ledger {
             usage: UsageSender::start(calls.clone()),

@@ -136,7 +136,13 @@ impl UsageSpool {
     /// Opens (creating) the spool directory, takes its lock, starts a new segment and the shipper
     /// (which first ships what an earlier process left). Must run inside a Tokio runtime.
     /// With `sync`, an append returns only once its row is on disk (see the module docs).
-    pub(crate) fn open(dir: &Path, calls: Calls, sync: bool) -> Result<Self, RouterError> {
+    /// `owner`: the router's `owner_email`, whose account records the rows (empty: not checked).
+    pub(crate) fn open(
+        dir: &Path,
+        owner: &str,
+        calls: Calls,
+        sync: bool,
+    ) -> Result<Self, RouterError> {
         std::fs::create_dir_all(dir).map_err(|e| io_err("cannot create", dir, e))?;
         if sync {
             // The directory may be new: its own entry must survive a host crash too (the syncer
@@ -162,6 +168,10 @@ impl UsageSpool {
             ))
         })?;
         let existing = segments(dir).map_err(|e| io_err("cannot list", dir, e))?;
+        let has_rows = existing
+            .iter()
+            .any(|s| std::fs::metadata(segment_path(dir, *s)).is_ok_and(|m| m.len() > 0));
+        claim_owner(dir, owner, has_rows)?;
         let seg = existing.last().map_or(0, |s| s + 1);
         let file = create_segment(dir, seg)?;
         let first = existing.first().copied().unwrap_or(seg);
@@ -288,6 +298,32 @@ fn create_segment(dir: &Path, seg: u64) -> Result<File, RouterError> {
         .append(true)
         .open(segment_path(dir, seg))
         .map_err(|e| io_err("cannot create a segment", dir, e))
+}
+
+/// Rows carry no recipient: the ledger records them as the account of whichever router ships
+/// them. So a spool names its owner in `OWNER`, and one still holding rows of another owner
+/// refuses to open (they would be recorded as this owner's, and the rows the other had shipped
+/// but not yet deleted a second time). An empty spool is taken over.
+fn claim_owner(dir: &Path, owner: &str, has_rows: bool) -> Result<(), RouterError> {
+    if owner.is_empty() {
+        return Ok(());
+    }
+    let path = dir.join("OWNER");
+    match std::fs::read_to_string(&path) {
+        Ok(found) if found.trim() == owner => return Ok(()),
+        Ok(found) if has_rows => {
+            return Err(RouterError::InvalidArgument(format!(
+                "usage spool {} holds rows of {}, not of this router's owner {owner}: start that \
+                 router on it until it has shipped them, or give this one its own directory",
+                dir.display(),
+                found.trim()
+            )))
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("cannot read OWNER", dir, e)),
+    }
+    std::fs::write(&path, owner).map_err(|e| io_err("cannot write OWNER", dir, e))
 }
 
 /// Rows read from a segment, and the offset after the last one.
@@ -455,6 +491,34 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    const OWNER: &str = "owner@example.com";
+
+    /// A spool holding rows names its owner: another owner's router refuses it (its rows would
+    /// be recorded as that owner's), its own reopens it, and an empty one is taken over.
+    #[tokio::test]
+    async fn a_spool_with_rows_opens_only_for_its_owner() {
+        let (spool, dir) = synced_spool("owner");
+        spool.append(&usage("r1")).await.expect("append");
+        drop(spool);
+        let settings = crate::LedgerSettings {
+            url: "http://127.0.0.1:9".into(),
+            ..Default::default()
+        };
+        let calls = || Calls::connect(&settings).expect("calls");
+        let other = UsageSpool::open(&dir, "other@example.com", calls(), true);
+        let err = other.err().expect("another owner's router is refused");
+        assert!(err.to_string().contains(OWNER), "{err}");
+        drop(UsageSpool::open(&dir, OWNER, calls(), true).expect("its own owner"));
+        // Emptied (as once every row shipped), the spool is another owner's to take.
+        for seg in segments(&dir).expect("list") {
+            std::fs::remove_file(segment_path(&dir, seg)).expect("remove");
+        }
+        drop(UsageSpool::open(&dir, "other@example.com", calls(), true).expect("taken over"));
+        let owner = std::fs::read_to_string(dir.join("OWNER")).expect("OWNER");
+        assert_eq!(owner, "other@example.com");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// A synced spool whose ledger is unreachable (the shipper only retries), in a fresh directory.
     fn synced_spool(name: &str) -> (UsageSpool, PathBuf) {
         let dir = std::env::temp_dir().join(format!("spool-{name}-{}", std::process::id()));
@@ -464,7 +528,10 @@ mod tests {
             ..Default::default()
         };
         let calls = Calls::connect(&settings).expect("calls");
-        (UsageSpool::open(&dir, calls, true).expect("open"), dir)
+        (
+            UsageSpool::open(&dir, OWNER, calls, true).expect("open"),
+            dir,
+        )
     }
 
     fn synced_through(spool: &UsageSpool) -> (u64, u64) {

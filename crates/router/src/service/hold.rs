@@ -300,7 +300,7 @@ mod tests {
     /// most half the time to live).
     #[tokio::test]
     async fn capture_margin_grows_with_slow_calls() {
-        let ledger = crate::ledger::Ledger::connect(&crate::config::LedgerSettings::default())
+        let ledger = crate::ledger::Ledger::connect(&crate::config::LedgerSettings::default(), "")
             .expect("lazy ledger");
         let expires_at = Instant::now() + Duration::from_secs(60);
         let mut g = HoldGuard {

@@ -100,7 +100,7 @@ impl RouterService {
             .validate()
             .map_err(|e| RouterError::InvalidArgument(e.to_string()))?;
         let upstream = Upstream::from_config(&config.upstream)?;
-        let ledger = Ledger::connect(&config.ledger)?;
+        let ledger = Ledger::connect(&config.ledger, &config.owner_email)?;
         let search = config
             .search
             .as_ref()
