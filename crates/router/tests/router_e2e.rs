@@ -349,6 +349,7 @@ async fn a_hold_placed_after_its_client_gave_up_is_voided_at_once() {
     assert_eq!(statuses.len(), 2, "{statuses:?}");
     assert_eq!(statuses[0], "cancelled", "{statuses:?}");
     s.check_invariants().await;
+    s.db.drop_postgres().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
