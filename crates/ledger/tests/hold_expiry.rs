@@ -118,9 +118,36 @@ async fn capture_after_expiry_is_refused(db: Db) {
     swept_and_whole(&store, db, 1).await;
 }
 
-#[tokio::test]
-async fn capture_after_expiry_is_refused_on_both_backends() {
-    on_both(capture_after_expiry_is_refused).await;
+/// A usage row of alice's request `request_id` to the owner's `/chat`, ending in `status`.
+fn alice_row(request_id: &str, status: &str) -> UsageInput {
+    UsageInput {
+        request_id: request_id.into(),
+        app_name: "app".into(),
+        endpoint: "/chat".into(),
+        user_email: "alice@example.com".into(),
+        status: status.into(),
+        ..Default::default()
+    }
+}
+
+/// The owner voids `hold`, sending `usage` as the request's row.
+async fn void_with_row(
+    store: &Store,
+    owner: &AccountRow,
+    hold: &TransferRow,
+    usage: &UsageInput,
+) -> syft_ledger::error::Result<TransferRow> {
+    store
+        .resolve(&ResolveInput {
+            transfer_id: &hold.id,
+            recipient_id: Some(owner.id),
+            resolution: Resolution::Void {
+                reason: "upstream failed".into(),
+            },
+            usage: Some(usage),
+            by_sender: false,
+        })
+        .await
 }
 
 /// A void that arrives after the sweep cancelled its expired hold (the router's ledger was away
@@ -128,25 +155,9 @@ async fn capture_after_expiry_is_refused_on_both_backends() {
 async fn void_after_the_sweep_leaves_its_row(db: Db) {
     let (store, owner, hold) = expired_hold(&db).await;
     assert_eq!(store.sweep_expired(10).await.expect("sweep").cancelled, 1);
-    let usage = UsageInput {
-        request_id: "k1".into(),
-        app_name: "app".into(),
-        endpoint: "/chat".into(),
-        user_email: "alice@example.com".into(),
-        status: "timeout".into(),
-        ..Default::default()
-    };
+    let usage = alice_row("k1", "timeout");
     for _ in 0..2 {
-        let t = store
-            .resolve(&ResolveInput {
-                transfer_id: &hold.id,
-                recipient_id: Some(owner.id),
-                resolution: Resolution::Void {
-                    reason: "upstream timed out".into(),
-                },
-                usage: Some(&usage),
-                by_sender: false,
-            })
+        let t = void_with_row(&store, &owner, &hold, &usage)
             .await
             .expect("a void of a cancelled hold is a repeat");
         assert_eq!(t.status.as_str(), "CANCELLED");
@@ -164,11 +175,6 @@ async fn void_after_the_sweep_leaves_its_row(db: Db) {
     db.drop_postgres().await;
 }
 
-#[tokio::test]
-async fn void_after_the_sweep_leaves_its_row_on_both_backends() {
-    on_both(void_after_the_sweep_leaves_its_row).await;
-}
-
 /// A void whose row carries a refusal status leaves the request id free, on both engines: a
 /// later row under that id is recorded too. On Postgres the batched resolution did not mark
 /// such a row as a refusal, so it took the id and the later row was dropped.
@@ -176,29 +182,11 @@ async fn a_refusal_row_of_a_void_leaves_its_request_id_free(db: Db) {
     let store = Arc::new(Store::connect(&db.url, 4).await.expect("store"));
     let (owner, token) = parties(&store).await;
     let hold = hold(&store, &owner, &token, "k2", USD / 2, 60_000_000).await;
-    let row = |status: &str| UsageInput {
-        request_id: "k2".into(),
-        app_name: "app".into(),
-        endpoint: "/chat".into(),
-        user_email: "alice@example.com".into(),
-        status: status.into(),
-        ..Default::default()
-    };
-    let refused = row("unavailable");
-    store
-        .resolve(&ResolveInput {
-            transfer_id: &hold.id,
-            recipient_id: Some(owner.id),
-            resolution: Resolution::Void {
-                reason: "refused".into(),
-            },
-            usage: Some(&refused),
-            by_sender: false,
-        })
+    void_with_row(&store, &owner, &hold, &alice_row("k2", "unavailable"))
         .await
         .expect("void");
     store
-        .record_usage(owner.id, &owner.email, &row("success"))
+        .record_usage(owner.id, &owner.email, &alice_row("k2", "success"))
         .await
         .expect("free row");
     let mut statuses: Vec<String> = sqlx::query_scalar("SELECT status FROM usage_records")
@@ -212,11 +200,6 @@ async fn a_refusal_row_of_a_void_leaves_its_request_id_free(db: Db) {
     );
     assert_alice_whole(&store).await;
     db.drop_postgres().await;
-}
-
-#[tokio::test]
-async fn a_refusal_row_of_a_void_leaves_its_request_id_free_on_both_backends() {
-    on_both(a_refusal_row_of_a_void_leaves_its_request_id_free).await;
 }
 
 /// A capture sent while its hold is live, then made to wait for a lock until the hold expired, is
@@ -285,11 +268,6 @@ async fn after_a_wait_past_expiry<T: Send + 'static>(
     act.await.expect("join")
 }
 
-#[tokio::test]
-async fn capture_that_waited_past_expiry_is_refused_on_both_backends() {
-    on_both(capture_that_waited_past_expiry_is_refused).await;
-}
-
 /// After its first pass the sweep reads from a floor (a margin before its last pass) instead of the
 /// whole expiry index: holds that expire later are cancelled, a page cut by the limit is finished
 /// by the next pass, and a hold whose expiry lies below the floor (one committed long after it read
@@ -334,7 +312,22 @@ async fn cancelled(store: &Store, limit: i64) -> u64 {
     store.sweep_expired(limit).await.expect("sweep").cancelled
 }
 
-#[tokio::test]
-async fn sweeps_read_from_a_floor_and_miss_no_hold_on_both_backends() {
-    on_both(sweeps_read_from_a_floor_and_miss_no_hold).await;
+/// Each scenario as a test of its own, on SQLite, then on Postgres where one is available.
+macro_rules! on_both_backends {
+    ($($scenario:ident => $test:ident),* $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $test() {
+                on_both($scenario).await;
+            }
+        )*
+    };
+}
+
+on_both_backends! {
+    capture_after_expiry_is_refused => capture_after_expiry_is_refused_on_both_backends,
+    void_after_the_sweep_leaves_its_row => void_after_the_sweep_leaves_its_row_on_both_backends,
+    a_refusal_row_of_a_void_leaves_its_request_id_free => a_refusal_row_of_a_void_leaves_its_request_id_free_on_both_backends,
+    capture_that_waited_past_expiry_is_refused => capture_that_waited_past_expiry_is_refused_on_both_backends,
+    sweeps_read_from_a_floor_and_miss_no_hold => sweeps_read_from_a_floor_and_miss_no_hold_on_both_backends,
 }

@@ -56,9 +56,7 @@ impl Hosted {
                     // Recovery closed the attempt while the create was out (this process stalled
                     // past its lease): the hold it made is nobody's. Cancel it rather than answer
                     // with a transfer that is already cancelled.
-                    if let Err(e) = self.cancel_remote(&tx.id).await {
-                        tracing::warn!(remote = %tx.id, error = %e, "not cancelled; the orphan sweep will");
-                    }
+                    self.cancel_unowned(&tx.id).await;
                     return Err(LedgerError::Unavailable(
                         "the hold was not recorded in time and is cancelled; retry".into(),
                     ));
@@ -142,13 +140,19 @@ impl Hosted {
              not {} from {}); it is cancelled",
             tx.amount, tx.sender_email, input.amount, input.sender_email
         ));
-        if let Err(e) = self.cancel_remote(&tx.id).await {
-            tracing::warn!(remote = %tx.id, error = %e, "not cancelled; the orphan sweep will");
-        }
+        self.cancel_unowned(&tx.id).await;
         let reason = "the accounting service created another transaction";
         self.journal
             .mark_not_held(id, Step::Failed, reason, &err)
             .await?;
         Err(err)
+    }
+
+    /// Cancels a remote hold no journal entry owns; one that does not go through is left to the
+    /// orphan sweep.
+    async fn cancel_unowned(&self, remote_id: &str) {
+        if let Err(e) = self.cancel_remote(remote_id).await {
+            tracing::warn!(remote = %remote_id, error = %e, "not cancelled; the orphan sweep will");
+        }
     }
 }
