@@ -409,6 +409,40 @@ async fn exact_across_replicas() {
     db.drop_postgres().await;
 }
 
+/// A user's Redis windows are keys that end in their email, and an email may end in anything,
+/// `:s` or `:c` included: requests as `<alice>:s` and `<alice>:c` leave alice's windows whole
+/// (they used to make her every check fail, `UNAVAILABLE` under `fail_closed`).
+#[tokio::test]
+async fn an_email_ending_like_a_window_key_leaves_other_windows_alone() {
+    if !redis_up(SHARED_REDIS).await {
+        eprintln!("SKIPPED: no Redis at {SHARED_REDIS}");
+        return;
+    }
+    let s = Stack::start_tweaked(Pricing::free(), |c| {
+        c.name = unique_name();
+        c.rate_limits.requests = vec![per_minute(3)];
+        c.rate_limits.concurrent = Some(2);
+        c.limiter.backend = LimiterBackend::Redis {
+            url: SHARED_REDIS.into(),
+        };
+        c.limiter.on_failure = OnFailure::FailClosed;
+    })
+    .await;
+    let mut c = s.client().await;
+    for suffix in [":s", ":c", ":z"] {
+        let mut req = s.request("hi");
+        req.user_email = format!("{}{suffix}", s.alice.email);
+        c.chat(req).await.expect("a user of its own");
+    }
+    for _ in 0..3 {
+        c.chat(s.request("hi")).await.expect("alice's own windows");
+    }
+    let err = c.chat(s.request("hi")).await.expect_err("her 4th");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert_eq!(reason(&err).as_deref(), Some("RATE_LIMITED"));
+    assert_consistent(&s.ledger.store).await;
+}
+
 /// Per-user concurrency: with a slow upstream and 2 in flight allowed, of 6 simultaneous requests
 /// 2 are answered and 4 refused with `CONCURRENCY_LIMITED`; once they end, the slots are free.
 /// The limit holds on a free service too.

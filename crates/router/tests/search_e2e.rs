@@ -551,3 +551,44 @@ async fn search_limits_and_budgets_refuse_with_usage_rows() {
     assert_eq!(count("rate_limited"), 1, "{statuses:?}");
     s.check_invariants().await;
 }
+
+/// Free requests name their user without a token, so they spend windows of their own: free
+/// searches naming alice do not use up the router-wide window of her paid chat (they used to, and
+/// anyone could have her paid requests refused). Each side keeps its own limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn free_requests_naming_a_payer_leave_the_payers_windows_alone() {
+    use syft_router_svc::config::{Rate, RateUnit};
+    let docs = docs_dir(DOCS);
+    let search = embedded(docs.path(), Duration::from_secs(60));
+    let s = Stack::start_tweaked(Pricing::per_request(PRICE), |c| {
+        *c = c.clone().with_search(Pricing::free(), search);
+        c.rate_limits.requests = vec![Rate {
+            count: 2,
+            unit: RateUnit::Minute,
+        }];
+    })
+    .await;
+    let mut c = s.client().await;
+    let anonymous = || search_request(&s.alice.email, "", "ledger capture");
+    for _ in 0..2 {
+        c.search(anonymous()).await.expect("free search");
+    }
+    let err = c
+        .search(anonymous())
+        .await
+        .expect_err("the free side's 3rd");
+    assert_eq!(reason(&err).as_deref(), Some("RATE_LIMITED"), "{err:?}");
+    for _ in 0..2 {
+        c.chat(s.request("hi"))
+            .await
+            .expect("her paid side is whole");
+    }
+    let err = c
+        .chat(s.request("hi"))
+        .await
+        .expect_err("the paid side's 3rd");
+    assert_eq!(reason(&err).as_deref(), Some("RATE_LIMITED"), "{err:?}");
+    let charged = s.transfers().await;
+    assert_eq!(charged.len(), 2, "{charged:?}");
+    assert_consistent(&s.ledger.store).await;
+}

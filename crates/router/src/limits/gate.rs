@@ -2,7 +2,7 @@
 //! the [`Limiter`], applies the failure mode, and hands back a [`Pass`] that settles the token
 //! reservation and frees the in-flight slots when the request ends.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -42,6 +42,8 @@ pub struct Gate {
     services: HashMap<ServiceKind, RateLimits>,
     max_concurrent: Option<u64>,
     lease: Duration,
+    /// The services sold for free: their users' windows are counted apart (`rules`).
+    free: HashSet<ServiceKind>,
 }
 
 impl Gate {
@@ -82,6 +84,12 @@ impl Gate {
             router: c.rate_limits.clone(),
             services,
             max_concurrent: c.limiter.max_concurrent_requests,
+            free: c
+                .services
+                .iter()
+                .filter(|s| s.pricing.kind.is_free())
+                .map(|s| s.kind)
+                .collect(),
             lease: slot_lease(c),
         }
     }
@@ -98,8 +106,17 @@ impl Gate {
     /// The windows of `user`'s request to `service` reserving `tokens`.
     pub fn rules(&self, user: &str, service: ServiceKind, tokens: u64) -> Vec<Rule> {
         // Keys name the app so several routers can share one store; the user part is last so
-        // an email can never make one key look like another scope's.
+        // an email can never make one key look like another scope's (the Redis store's keys of
+        // one window all end in a suffix of one length, `redis.rs`, so no email ends like one).
         let user = if user.is_empty() { "-" } else { user };
+        // A free request's user is only what its client says (no token proves it), so its
+        // windows are apart from the paying user's: free requests naming a paying user would
+        // otherwise spend that user's router-wide windows and have their paid requests refused.
+        let side = if self.free.contains(&service) {
+            ":free"
+        } else {
+            ""
+        };
         let mut rules = Vec::new();
         let scopes = std::iter::once(("*", ROUTER_SCOPE, &self.router)).chain(
             self.services
@@ -107,7 +124,7 @@ impl Gate {
                 .map(|l| (service.as_str(), service.as_str(), l)),
         );
         for (key_scope, scope, limits) in scopes {
-            let base = format!("syft:rl:{}:{key_scope}", self.app);
+            let base = format!("syft:rl:{}:{key_scope}{side}", self.app);
             // Request and token windows differ only in these: (kind, key tag, word, cost).
             let windows = [
                 (RuleKind::Requests, "req", "requests", 1, &limits.requests),

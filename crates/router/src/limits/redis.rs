@@ -1,10 +1,13 @@
 //! The Redis limiter: the windows live in one Redis shared by every router replica; each check is
 //! one Lua script, which Redis runs atomically, so replicas never admit more than the limit.
 //!
-//! A window is three keys: a sorted set of leases scored by the time they were added (`<key>`),
-//! a hash of their costs (`<key>:c`) and their running total (`<key>:s`). Every key expires a
-//! second after its window, so an idle user leaves nothing behind. Windows age by Redis's clock,
-//! the one clock every replica shares.
+//! A window is three keys: a sorted set of leases scored by the time they were added
+//! (`<key>:z`), a hash of their costs (`<key>:c`) and their running total (`<key>:s`). The three
+//! suffixes have one length, so no user's key (which ends in their email, `gate.rs`) plus a
+//! suffix can spell another user's: with the set at bare `<key>`, the email `a@x.io:s` named the
+//! total of `a@x.io`, and its first request made that user's every check fail (`WRONGTYPE`).
+//! Every key expires a second after its window, so an idle user leaves nothing behind. Windows
+//! age by Redis's clock, the one clock every replica shares.
 
 use std::time::Duration;
 
@@ -109,6 +112,12 @@ end
 return 1
 ";
 
+/// The three keys of a window, in the scripts' order: set, costs, total (the module docs say why
+/// each has a suffix).
+fn window_keys(key: &str) -> [String; 3] {
+    [format!("{key}:z"), format!("{key}:c"), format!("{key}:s")]
+}
+
 pub struct RedisLimiter {
     conn: ConnectionManager,
     timeout: Duration,
@@ -182,10 +191,10 @@ impl RedisLimiter {
         let mut inv = self.acquire.prepare_invoke();
         inv.arg(now).arg(lease).arg(if record { 1 } else { 0 });
         for r in rules {
-            inv.key(&r.key)
-                .key(format!("{}:c", r.key))
-                .key(format!("{}:s", r.key))
-                .arg(r.limit)
+            for k in window_keys(&r.key) {
+                inv.key(k);
+            }
+            inv.arg(r.limit)
                 .arg(u64::try_from(r.window.as_millis()).unwrap_or(u64::MAX))
                 .arg(r.cost);
         }
@@ -233,10 +242,10 @@ impl Limiter for RedisLimiter {
             let mut inv = self.settle.prepare_invoke();
             inv.arg(lease);
             for (key, cost) in updates {
-                inv.key(key)
-                    .key(format!("{key}:c"))
-                    .key(format!("{key}:s"))
-                    .arg(*cost);
+                for k in window_keys(key) {
+                    inv.key(k);
+                }
+                inv.arg(*cost);
             }
             self.run::<i64>(inv).await.map(|_| ())
         })
