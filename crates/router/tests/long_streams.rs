@@ -135,6 +135,40 @@ async fn a_unary_answer_slower_than_its_hold_is_captured() {
     s.check_invariants().await;
 }
 
+/// The same for a stream whose upstream takes longer than the hold's life to start answering:
+/// the hold is extended while the router waits for the stream to open, so the whole answer is
+/// delivered and charged once (the hold used to run out meanwhile: the stream was cut at once and
+/// its answer voided, or captured too late).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_slower_to_start_than_its_hold_is_captured() {
+    let s = Stack::start_with(
+        Db::sqlite(),
+        Pricing::per_request(PRICE),
+        Duration::from_secs(2),
+        |c| {
+            if let UpstreamConfig::OpenAi(o) = &mut c.upstream {
+                o.request_timeout = Duration::from_secs(10);
+            }
+        },
+    )
+    .await;
+    s.upstream
+        .set_mode(Mode::Delay(Duration::from_millis(3000)));
+    let mut c = s.client().await;
+    let mut events = ok(c.chat_stream(s.request("take your time")).await);
+    let (text, last) = read_answer(&mut events).await;
+    let last = last.expect("a final event");
+    assert!(!text.is_empty());
+    assert_eq!(last.finish_reason, "stop", "{last:?}");
+    assert_eq!(last.cost_micros, PRICE);
+    let t = s.transfers().await;
+    assert_eq!(t.len(), 1);
+    assert_eq!(t[0].status(), TransferStatus::Completed, "{t:?}");
+    assert_eq!(t[0].captured_micros, PRICE);
+    assert_eq!(s.alice_money().await, (FUNDS - PRICE, 0, FUNDS - PRICE));
+    s.check_invariants().await;
+}
+
 /// A capture the ledger refuses for good (here the hold expired while the upstream worked, its
 /// expiry moved back behind the router's back) is voided at once with the request's usage row
 /// (`capture_refused`), rather than left pending for the sweep, which writes no row. The ledger's

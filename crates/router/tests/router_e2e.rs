@@ -154,6 +154,9 @@ async fn upstream_failures_are_voided_and_recorded() {
     let cases = [
         (Mode::Status(500), Code::Unavailable, "upstream_error"),
         (Mode::Status(400), Code::InvalidArgument, "upstream_error"),
+        // An error body that never ends is read no further than its message needs (it used to
+        // be read to the request's timeout).
+        (Mode::EndlessError(500), Code::Unavailable, "upstream_error"),
         (Mode::Stall, Code::DeadlineExceeded, "timeout"),
         (Mode::Garbage, Code::Unavailable, "invalid_response"),
         (Mode::EmptyChoices, Code::Unavailable, "invalid_response"),
@@ -258,6 +261,7 @@ async fn stream_failures_are_voided() {
         (Mode::StreamStall, Code::DeadlineExceeded),
         (Mode::StreamGarbage, Code::Unavailable),
         (Mode::EmptyChoices, Code::Unavailable),
+        (Mode::CutShort, Code::Unavailable),
     ] {
         s.upstream.set_mode(mode.clone());
         let mut stream = ok(c.chat_stream(s.request("hi")).await);
@@ -282,11 +286,20 @@ async fn stream_failures_are_voided() {
     s.upstream.set_mode(Mode::Status(500));
     let err = c.chat_stream(s.request("hi")).await.expect_err("must fail");
     assert_eq!(err.code(), Code::Unavailable);
+    // A JSON answer to a stream request whose body never comes meets the request's timeout (it
+    // used to wait for ever, holding the request's slot).
+    s.upstream.set_mode(Mode::JsonThenStall);
+    let call = c.chat_stream(s.request("hi"));
+    let err = tokio::time::timeout(Duration::from_secs(30), call)
+        .await
+        .expect("the call ends")
+        .expect_err("must fail");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
     let t = s.wait_no_pending(Duration::from_secs(3)).await;
-    assert_eq!(t.len(), 4);
+    assert_eq!(t.len(), 6);
     assert!(t.iter().all(|t| t.status() == TransferStatus::Cancelled));
     assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));
-    assert_eq!(s.usage().await.len(), 4);
+    assert_eq!(s.usage().await.len(), 6);
     s.check_invariants().await;
 }
 

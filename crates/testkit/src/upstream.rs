@@ -38,6 +38,10 @@ pub enum Mode {
     Status(u16),
     /// An HTTP error status with this body, sent as it is (an HTML error page, a long message).
     StatusBody(u16, String),
+    /// An HTTP error status whose body never ends.
+    EndlessError(u16),
+    /// `200` with JSON headers, then a body that never comes (also for a stream request).
+    JsonThenStall,
     /// Never answers.
     Stall,
     /// Answers after a delay.
@@ -46,12 +50,15 @@ pub enum Mode {
     Garbage,
     /// 200 with `choices: []`.
     EmptyChoices,
-    /// Streams: one chunk per `Duration`, 100 chunks.
+    /// Streams: one chunk per `Duration`, 100 chunks, then the finish and `[DONE]`.
     SlowStream(Duration),
     /// Streams one chunk, then stalls.
     StreamStall,
     /// Streams one chunk, then garbage.
     StreamGarbage,
+    /// Streams one chunk, then ends the body cleanly with neither a `finish_reason` nor `[DONE]`
+    /// (an upstream that died mid-answer behind a close-delimited body).
+    CutShort,
     /// Streams the whole answer and its `finish_reason`, then garbage instead of `[DONE]`.
     FinishThenGarbage,
 }
@@ -148,6 +155,22 @@ async fn misbehave(state: &UpState, body: &Value) -> (Mode, Option<Response>) {
             let status = axum::http::StatusCode::from_u16(*code).expect("status");
             Some((status, body.clone()).into_response())
         }
+        Mode::EndlessError(code) => {
+            let status = axum::http::StatusCode::from_u16(*code).expect("status");
+            let filler = axum::body::Bytes::from(vec![b'x'; 16 * 1024]);
+            let body = futures::stream::repeat_with(move || Ok::<_, Infallible>(filler.clone()));
+            Some((status, Body::from_stream(body)).into_response())
+        }
+        Mode::JsonThenStall => {
+            let body = futures::stream::pending::<Result<axum::body::Bytes, Infallible>>();
+            Some(
+                (
+                    [(CONTENT_TYPE, "application/json")],
+                    Body::from_stream(body),
+                )
+                    .into_response(),
+            )
+        }
         Mode::Stall => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             None
@@ -212,21 +235,33 @@ async fn upstream_handler(State(state): State<Arc<UpState>>, Json(body): Json<Va
         ])),
         Mode::SlowStream(every) => {
             let model = model.clone();
-            Box::pin(futures::stream::unfold(0u32, move |i| {
-                let model = model.clone();
-                async move {
-                    if i >= 100 {
-                        return None;
+            let end = vec![
+                Ok(sse(&chunk(&model, None, Some("stop")))),
+                Ok("data: [DONE]\n\n".to_string()),
+            ];
+            Box::pin(
+                futures::stream::unfold(0u32, move |i| {
+                    let model = model.clone();
+                    async move {
+                        if i >= 100 {
+                            return None;
+                        }
+                        tokio::time::sleep(every).await;
+                        Some((Ok(sse(&chunk(&model, Some("tick "), None))), i + 1))
                     }
-                    tokio::time::sleep(every).await;
-                    Some((Ok(sse(&chunk(&model, Some("tick "), None))), i + 1))
-                }
-            }))
+                })
+                .chain(futures::stream::iter(end)),
+            )
         }
         Mode::StreamStall => {
             let first = sse(&chunk(&model, Some("partial "), None));
             Box::pin(futures::stream::iter(vec![Ok(first)]).chain(futures::stream::pending()))
         }
+        Mode::CutShort => Box::pin(futures::stream::iter(vec![Ok(sse(&chunk(
+            &model,
+            Some("partial "),
+            None,
+        )))])),
         Mode::StreamGarbage => Box::pin(futures::stream::iter(vec![
             Ok(sse(&chunk(&model, Some("partial "), None))),
             Ok("data: {not json\n\n".to_string()),

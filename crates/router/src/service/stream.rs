@@ -46,7 +46,7 @@ impl RouterService {
 
     async fn stream(&self, req: ChatRequest) -> Result<ChatStreamHandle, RouterError> {
         let started = Instant::now();
-        let (p, claim, hold) = match self.admit(req).await? {
+        let (p, claim, mut hold) = match self.admit(req).await? {
             Admission::Run(p, claim, hold) => (p, claim, hold),
             Admission::Replay(r, headers) => {
                 self.observe_replay("stream", started);
@@ -54,10 +54,10 @@ impl RouterService {
             }
         };
         let up_start = Instant::now();
-        let upstream = match self
-            .until_shutdown(self.inner.upstream.stream(&p.upstream_req))
-            .await
-        {
+        // The upstream may take long to start answering (up to its request timeout): the hold is
+        // extended meanwhile, as for a unary answer, so the stream starts with its life ahead.
+        let opened = self.until_shutdown(self.inner.upstream.stream(&p.upstream_req));
+        let upstream = match super::hold::keeping_alive(&mut hold, opened).await {
             Ok(s) => s,
             Err(e) => {
                 self.fail(&p, hold, &e, started, elapsed_ms(up_start)).await;

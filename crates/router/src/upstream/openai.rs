@@ -111,7 +111,8 @@ impl OpenAiUpstream {
 
     pub async fn stream(&self, req: &UpstreamRequest) -> Result<UpstreamStream, UpstreamError> {
         let body = self.body(req, true);
-        let resp = tokio::time::timeout(self.config.request_timeout, self.send(&body))
+        let deadline = tokio::time::Instant::now() + self.config.request_timeout;
+        let resp = tokio::time::timeout_at(deadline, self.send(&body))
             .await
             .map_err(|_| UpstreamError::Timeout)??;
         let is_sse = resp
@@ -120,8 +121,11 @@ impl OpenAiUpstream {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|ct| ct.starts_with("text/event-stream"));
         if !is_sse {
-            // Some servers ignore `stream: true`; accept a JSON answer as a one-chunk stream.
-            let bytes = read_limited(resp).await?;
+            // Some servers ignore `stream: true`; accept a JSON answer as a one-chunk stream. Its
+            // body is read within the request's time (only the headers were, up to here).
+            let bytes = tokio::time::timeout_at(deadline, read_limited(resp))
+                .await
+                .map_err(|_| UpstreamError::Timeout)??;
             let c = parse_completion(&bytes)?;
             let chunk = StreamChunk {
                 id: Some(c.id),
@@ -139,9 +143,22 @@ impl OpenAiUpstream {
     }
 }
 
+/// Most of an error answer's body that is read: only its message's first 500 characters are kept,
+/// and an error answered with an endless body (a broken upstream or proxy) was buffered whole.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
 pub(crate) async fn status_error(resp: reqwest::Response) -> UpstreamError {
     let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap_or_default();
+    let mut body = resp.bytes_stream();
+    let mut buf = Vec::new();
+    while buf.len() < MAX_ERROR_BODY {
+        match body.next().await {
+            Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
+    buf.truncate(MAX_ERROR_BODY);
+    let text = String::from_utf8_lossy(&buf);
     let message = serde_json::from_str::<serde_json::Value>(&text)
         .ok()
         .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
@@ -279,13 +296,20 @@ fn parse_chunk(data: &str) -> Result<StreamChunk, UpstreamError> {
 struct SseState<S> {
     body: S,
     buf: Vec<u8>,
+    /// How far `buf` was searched for an event's end (the next search resumes there: searching
+    /// from its start at every network chunk made one large event cost its size squared).
+    scanned: usize,
     pending: VecDeque<Result<StreamChunk, UpstreamError>>,
     done: bool,
+    /// A chunk with a `finish_reason` was passed on.
+    finished: bool,
     idle: Duration,
 }
 
 /// Parses `data:` events of an SSE body into chunks, ending at `data: [DONE]` or end of body.
-/// Silence longer than `idle` is a timeout.
+/// Silence longer than `idle` is a timeout. A body that ends with neither `[DONE]` nor a
+/// `finish_reason` ends with an error: the answer was cut short (a server that died mid-answer
+/// with a close-delimited body ends it cleanly), and was charged in full as finished.
 fn sse_chunks<S>(
     body: S,
     idle: Duration,
@@ -296,16 +320,21 @@ where
     let state = SseState {
         body,
         buf: Vec::new(),
+        scanned: 0,
         pending: VecDeque::new(),
         done: false,
+        finished: false,
         idle,
     };
     futures::stream::unfold(state, |mut st| async move {
         loop {
             if let Some(item) = st.pending.pop_front() {
-                if item.is_err() {
-                    st.done = true;
-                    st.pending.clear();
+                match &item {
+                    Ok(chunk) => st.finished |= chunk.finish_reason.is_some(),
+                    Err(_) => {
+                        st.done = true;
+                        st.pending.clear();
+                    }
                 }
                 return Some((item, st));
             }
@@ -319,9 +348,20 @@ where
                 }
                 Ok(None) => {
                     // End of body: parse a trailing event without its blank line.
-                    st.done = true;
                     let rest = std::mem::take(&mut st.buf);
-                    parse_events(&rest, &mut st.pending, &mut st.done);
+                    let mut ended = false;
+                    parse_events(&rest, &mut st.pending, &mut ended);
+                    st.done = true;
+                    let finished = st.finished
+                        || st
+                            .pending
+                            .iter()
+                            .any(|c| c.as_ref().is_ok_and(|c| c.finish_reason.is_some()));
+                    if !ended && !finished {
+                        st.pending.push_back(Err(UpstreamError::InvalidResponse(
+                            "the stream ended before its finish_reason".into(),
+                        )));
+                    }
                 }
                 Ok(Some(Err(e))) => {
                     st.done = true;
@@ -339,25 +379,30 @@ where
                         ));
                     }
                     let mut consumed = 0;
-                    while let Some(end) = find_event_end(&st.buf[consumed..]) {
+                    // A separator (at most 4 bytes) may straddle the last search's end.
+                    let mut from = st.scanned.saturating_sub(3);
+                    while let Some(end) = find_event_end(&st.buf[consumed..], from) {
                         let (event_len, sep_len) = end;
                         let event = st.buf[consumed..consumed + event_len].to_vec();
                         consumed += event_len + sep_len;
+                        from = 0;
                         parse_events(&event, &mut st.pending, &mut st.done);
                         if st.done {
                             break;
                         }
                     }
                     st.buf.drain(..consumed);
+                    st.scanned = st.buf.len();
                 }
             }
         }
     })
 }
 
-/// Finds the end of the first SSE event: (event length, separator length).
-fn find_event_end(buf: &[u8]) -> Option<(usize, usize)> {
-    let mut i = 0;
+/// Finds the end of the first SSE event, searching from `from` (no separator starts before it):
+/// (event length, separator length).
+fn find_event_end(buf: &[u8], from: usize) -> Option<(usize, usize)> {
+    let mut i = from;
     while i + 1 < buf.len() {
         if buf[i] == b'\n' && buf[i + 1] == b'\n' {
             return Some((i, 2));
@@ -482,6 +527,60 @@ mod tests {
                 completion_tokens: 2
             })
         );
+    }
+
+    /// The same body in pieces of every size from 1 byte up: an event whose separator
+    /// (`\n\n` or `\r\n\r\n`) is cut by a piece's end is found however it is cut (the search
+    /// resumes where the last one ended, `SseState::scanned`).
+    #[tokio::test]
+    async fn sse_events_are_found_across_any_cut() {
+        let body: &[u8] = b"data: {\"choices\":[{\"delta\":{\"content\":\"He\"}}]}\r\n\r\ndata: {\"choices\":[{\"delta\":{\"content\":\"llo\"},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n";
+        for size in 1..body.len() {
+            let parts: Vec<reqwest::Result<Bytes>> = body
+                .chunks(size)
+                .map(|p| Ok(Bytes::copy_from_slice(p)))
+                .collect();
+            let chunks: Vec<_> = sse_chunks(futures::stream::iter(parts), Duration::from_secs(1))
+                .collect()
+                .await;
+            let text: String = chunks
+                .iter()
+                .map(|c| c.as_ref().expect("chunk").delta.clone().unwrap_or_default())
+                .collect();
+            assert_eq!(
+                (text.as_str(), chunks.len()),
+                ("Hello", 2),
+                "pieces of {size}"
+            );
+        }
+    }
+
+    /// A body that ends without `[DONE]` ends well only after a `finish_reason`: without one the
+    /// answer was cut short.
+    #[tokio::test]
+    async fn a_body_that_ends_before_its_finish_is_an_error() {
+        let run = |body: &'static [u8]| async move {
+            let parts: Vec<reqwest::Result<Bytes>> = vec![Ok(Bytes::from_static(body))];
+            sse_chunks(futures::stream::iter(parts), Duration::from_secs(1))
+                .collect::<Vec<_>>()
+                .await
+        };
+        let cut = run(b"data: {\"choices\":[{\"delta\":{\"content\":\"He\"}}]}\n\n").await;
+        assert!(
+            matches!(
+                cut.as_slice(),
+                [Ok(_), Err(UpstreamError::InvalidResponse(_))]
+            ),
+            "{cut:?}"
+        );
+        let finished = run(
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"He\"},\"finish_reason\":\"stop\"}]}",
+        )
+        .await;
+        assert!(matches!(finished.as_slice(), [Ok(_)]), "{finished:?}");
+        let done =
+            run(b"data: {\"choices\":[{\"delta\":{\"content\":\"He\"}}]}\n\ndata: [DONE]").await;
+        assert!(matches!(done.as_slice(), [Ok(_)]), "{done:?}");
     }
 
     #[tokio::test]
