@@ -172,6 +172,9 @@ impl From<sqlx::Error> for LedgerError {
             | sqlx::Error::Tls(_) => LedgerError::Unavailable("database unavailable".into()),
             sqlx::Error::RowNotFound => LedgerError::NotFound("not found".into()),
             _ if is_retryable(&err) => LedgerError::Unavailable("database busy, retry".into()),
+            _ if classify(&err) == DbErrorClass::ConnectionLost => {
+                LedgerError::Unavailable("database connection lost".into())
+            }
             _ => LedgerError::Internal(err.to_string()),
         }
     }

@@ -1298,7 +1298,100 @@ async fn idempotency_keys_are_per_sender(h: Harness) -> Harness {
     h
 }
 
+/// `verify` sees money moved between the wrong accounts even where every total, and every
+/// balance against its journal, agrees: a capture booked the wrong way round, a pair of entries
+/// no transfer accounts for, and a deposit booked to another account. (It checked entries by
+/// count and sums only, and passed all three.)
+async fn verify_sees_money_booked_between_the_wrong_accounts(h: Harness) -> Harness {
+    let (owner, _alice, token) = setup(&h, 10 * USD).await;
+    ok(h.admin()
+        .deposit(pb::DepositRequest {
+            email: OWNER.into(),
+            amount_micros: 10 * USD,
+            idempotency_key: "owner-funds".into(),
+        })
+        .await);
+    let mut router = h.client(&owner);
+    let t = granted(&mut router, 2 * USD, &token, "wrong-way").await;
+    ok(router.capture(capture_full(&t.id)).await);
+    h.assert_consistent().await;
+    let pool = h.store.pool();
+    let id = |email: &'static str| async move {
+        sqlx::query_scalar::<_, i64>("SELECT id FROM accounts WHERE email = $1")
+            .bind(email)
+            .fetch_one(pool)
+            .await
+            .expect("account")
+    };
+    let (a, o) = (id(ALICE).await, id(OWNER).await);
+    let (c, d) = (2 * USD, 10 * USD);
+    let moved = |from: i64, to: i64, amount: i64| {
+        vec![
+            format!("UPDATE accounts SET balance = balance - {amount} WHERE id = {from}"),
+            format!("UPDATE accounts SET balance = balance + {amount} WHERE id = {to}"),
+        ]
+    };
+    let flip = format!(
+        "UPDATE journal SET amount = -amount WHERE ref_id = '{}'",
+        t.id
+    );
+    let orphan = "INSERT INTO journal (account_id, amount, kind, ref_id, created_at) VALUES \
+                  ($1, -5, 'capture', 'no-such-transfer', 0), ($2, 5, 'capture', 'no-such-transfer', 0)";
+    let cases: Vec<(Vec<String>, Vec<String>, &str)> = vec![
+        (
+            [vec![flip.clone()], moved(o, a, 2 * c)].concat(),
+            [vec![flip], moved(a, o, 2 * c)].concat(),
+            "transfers do not match their journal entries",
+        ),
+        (
+            [vec![orphan.to_string()], moved(a, o, 5)].concat(),
+            [
+                vec!["DELETE FROM journal WHERE ref_id = 'no-such-transfer'".to_string()],
+                moved(o, a, 5),
+            ]
+            .concat(),
+            "journal entries belong to no completed transfer or deposit",
+        ),
+        (
+            [
+                vec![format!("UPDATE journal SET account_id = {a} WHERE kind = 'deposit' AND account_id = {o}")],
+                moved(o, a, d),
+            ]
+            .concat(),
+            [
+                vec![format!("UPDATE journal SET account_id = {o} WHERE kind = 'deposit' AND amount = {d} AND account_id = {a} AND ref_id IN (SELECT id FROM deposits WHERE account_id = {o})")],
+                moved(a, o, d),
+            ]
+            .concat(),
+            "deposits do not match their journal entries",
+        ),
+    ];
+    for (change, undo, expect) in cases {
+        for sql in &change {
+            let q = sqlx::query(sql);
+            let q = if sql.contains("$1") {
+                q.bind(a).bind(o)
+            } else {
+                q
+            };
+            q.execute(pool).await.expect(sql);
+        }
+        let report = h.store.verify().await.expect("verify");
+        assert!(
+            report.problems.iter().any(|p| p.contains(expect)),
+            "{change:?}: {:?}",
+            report.problems
+        );
+        for sql in &undo {
+            sqlx::query(sql).execute(pool).await.expect(sql);
+        }
+        h.assert_consistent().await;
+    }
+    h
+}
+
 store_suite!(
+    verify_sees_money_booked_between_the_wrong_accounts,
     accounts_and_auth,
     deposits_are_idempotent_and_validated,
     authorize_then_capture_moves_money,

@@ -161,11 +161,8 @@ impl Store {
                     return replayed;
                 }
                 let reason = self
-                    .token_rejection(&token.id, Micros::new(input.amount), now)
-                    .await?
-                    .unwrap_or_else(|| {
-                        LedgerError::refused(Reason::TokenInvalid, "token cannot be used")
-                    });
+                    .token_refusal(&token.id, Micros::new(input.amount), now)
+                    .await?;
                 self.fail_authorize(input, &request_hash, reason).await
             }
             AuthorizeOutcome::InsufficientFunds => {

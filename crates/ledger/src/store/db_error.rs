@@ -9,6 +9,11 @@ use sqlx::sqlite::SqliteError;
 const PG_SERIALIZATION_FAILURE: &str = "40001";
 /// Postgres SQLSTATE `40P01`: the transaction was chosen as a deadlock victim.
 const PG_DEADLOCK_DETECTED: &str = "40P01";
+/// Postgres SQLSTATE class `08`: connection exceptions.
+const PG_CONNECTION_EXCEPTION_CLASS: &str = "08";
+/// Postgres SQLSTATEs `57P01` (admin shutdown, also `pg_terminate_backend`), `57P02` (crash
+/// shutdown) and `57P03` (cannot connect now): the server ended or refused the session.
+const PG_SESSION_ENDED: [&str; 3] = ["57P01", "57P02", "57P03"];
 /// SQLite primary result code `SQLITE_BUSY`: another connection holds the write lock.
 const SQLITE_BUSY: i32 = 5;
 /// SQLite primary result code `SQLITE_LOCKED`: a conflict inside this connection's shared cache.
@@ -22,6 +27,10 @@ pub(crate) enum DbErrorClass {
     /// Lost a race that repeating the same statements can win (serialization failure, deadlock,
     /// a busy or locked SQLite database).
     Transient,
+    /// The server ended the session (a restart, a terminated backend) or lost the connection:
+    /// the transaction rolled back, or its commit's outcome is unknown. Not retried here; the
+    /// caller is told `UNAVAILABLE` (outcome unknown) and repeats the call, which is idempotent.
+    ConnectionLost,
     /// Anything else.
     Other,
 }
@@ -35,6 +44,12 @@ pub(crate) fn classify(err: &sqlx::Error) -> DbErrorClass {
     }
     if is_transient(db.as_ref()) {
         return DbErrorClass::Transient;
+    }
+    if let Some(pg) = db.try_downcast_ref::<PgDatabaseError>() {
+        let code = pg.code();
+        if code.starts_with(PG_CONNECTION_EXCEPTION_CLASS) || PG_SESSION_ENDED.contains(&code) {
+            return DbErrorClass::ConnectionLost;
+        }
     }
     DbErrorClass::Other
 }
@@ -60,6 +75,36 @@ mod tests {
     fn non_database_errors_are_other() {
         assert_eq!(classify(&sqlx::Error::RowNotFound), DbErrorClass::Other);
         assert_eq!(classify(&sqlx::Error::PoolTimedOut), DbErrorClass::Other);
+    }
+
+    /// A Postgres session the server ends (here the backend terminates itself, as
+    /// `pg_terminate_backend` or a restart does) is a lost connection: `UNAVAILABLE`, outcome
+    /// unknown, which a router repeats. It used to be `INTERNAL`, which a router takes as final.
+    #[tokio::test]
+    async fn a_session_postgres_ends_is_a_lost_connection() {
+        let Ok(url) = std::env::var("DATABASE_URL") else {
+            eprintln!("SKIPPED: no DATABASE_URL");
+            return;
+        };
+        sqlx::any::install_default_drivers();
+        let pool = sqlx::any::AnyPoolOptions::new()
+            .max_connections(1)
+            .connect(&url)
+            .await
+            .expect("postgres");
+        let err = sqlx::query("SELECT pg_terminate_backend(pg_backend_pid())")
+            .execute(&pool)
+            .await
+            .expect_err("terminated");
+        assert_eq!(classify(&err), DbErrorClass::ConnectionLost, "{err}");
+        assert!(
+            matches!(
+                crate::error::LedgerError::from(err),
+                crate::error::LedgerError::Unavailable(_)
+            ),
+            "UNAVAILABLE"
+        );
+        pool.close().await;
     }
 
     /// Real SQLite errors through the `Any` driver, as the store sees them.

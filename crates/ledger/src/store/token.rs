@@ -113,44 +113,82 @@ impl Store {
         amount: Micros,
         now: i64,
     ) -> Result<Option<LedgerError>> {
-        let TokenLimits {
-            revoked_at,
-            expires_at,
-            spend_limit,
-            spent,
-            held,
-        } = sqlx::query_as(
+        let limits = self.token_limits(token_id).await?;
+        Ok(rejection(&limits, amount, now))
+    }
+
+    /// Why the database refused a hold of `amount` on a token. Read after the refusing statement
+    /// and without its lock, holds pending then may have been resolved since; revocation and
+    /// expiry do not undo themselves, so a token with a spend limit refused for neither was
+    /// refused for its limit (it used to be told, and the key to keep, `TOKEN_INVALID`).
+    pub(crate) async fn token_refusal(
+        &self,
+        token_id: &str,
+        amount: Micros,
+        now: i64,
+    ) -> Result<LedgerError> {
+        let limits = self.token_limits(token_id).await?;
+        Ok(
+            match (rejection(&limits, amount, now), limits.spend_limit) {
+                (Some(refusal), _) => refusal,
+                (None, Some(limit)) => LedgerError::refused(
+                    Reason::TokenLimitExceeded,
+                    format!(
+                        "token spend limit exceeded: limit {}, requested {} micros with the holds \
+                     pending on it when it was decided",
+                        limit.get(),
+                        amount.get()
+                    ),
+                ),
+                (None, None) => LedgerError::refused(Reason::TokenInvalid, "token cannot be used"),
+            },
+        )
+    }
+
+    async fn token_limits(&self, token_id: &str) -> Result<TokenLimits> {
+        Ok(sqlx::query_as(
             "SELECT revoked_at, expires_at, spend_limit, spent, held FROM tokens WHERE id = $1",
         )
         .bind(token_id)
         .fetch_one(&self.pool)
-        .await?;
-        if revoked_at.is_some() {
-            return Ok(Some(LedgerError::refused(
-                Reason::TokenRevoked,
-                "token has been revoked",
-            )));
-        }
-        if expires_at.is_some_and(|e| e <= now) {
-            return Ok(Some(LedgerError::refused(
-                Reason::TokenExpired,
-                "token has expired",
-            )));
-        }
-        let committed = spent.checked_add(held).and_then(|c| c.checked_add(amount));
-        Ok(spend_limit
-            .filter(|l| committed.is_none_or(|c| c > *l))
-            .map(|limit| {
-                LedgerError::refused(
-                    Reason::TokenLimitExceeded,
-                    format!(
-                        "token spend limit exceeded: limit {}, spent {}, held {}, requested {} micros",
-                        limit.get(),
-                        spent.get(),
-                        held.get(),
-                        amount.get()
-                    ),
-                )
-            }))
+        .await?)
     }
+}
+
+/// Why a token with these facts cannot pay `amount` at `now`, if it cannot.
+fn rejection(limits: &TokenLimits, amount: Micros, now: i64) -> Option<LedgerError> {
+    let TokenLimits {
+        revoked_at,
+        expires_at,
+        spend_limit,
+        spent,
+        held,
+    } = limits.clone();
+    if revoked_at.is_some() {
+        return Some(LedgerError::refused(
+            Reason::TokenRevoked,
+            "token has been revoked",
+        ));
+    }
+    if expires_at.is_some_and(|e| e <= now) {
+        return Some(LedgerError::refused(
+            Reason::TokenExpired,
+            "token has expired",
+        ));
+    }
+    let committed = spent.checked_add(held).and_then(|c| c.checked_add(amount));
+    spend_limit
+        .filter(|l| committed.is_none_or(|c| c > *l))
+        .map(|limit| {
+            LedgerError::refused(
+                Reason::TokenLimitExceeded,
+                format!(
+                    "token spend limit exceeded: limit {}, spent {}, held {}, requested {} micros",
+                    limit.get(),
+                    spent.get(),
+                    held.get(),
+                    amount.get()
+                ),
+            )
+        })
 }

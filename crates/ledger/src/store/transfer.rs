@@ -371,8 +371,17 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
+        // Read in the transaction, before its commit: read after it (on the pool, whose one
+        // SQLite connection may be busy past its acquire timeout) a committed capture could be
+        // answered with an error that says it failed, and the router would not ask again.
+        let sql =
+            format!("SELECT {TRANSFER_COLUMNS} FROM transfers t {TRANSFER_JOINS} WHERE t.id = $1");
+        let row: Option<TransferRow> = sqlx::query_as(&sql)
+            .bind(&job.transfer_id)
+            .fetch_optional(&mut *tx)
+            .await?;
         tx.commit().await?;
-        self.transfer_by_id(&job.transfer_id).await.map_err(to_sqlx)
+        Ok(row)
     }
 
     /// Cancels up to `limit` expired holds (resolved by SYSTEM). A hold whose cancellation fails
@@ -427,8 +436,4 @@ impl Store {
         self.sweep_floor.passed(start, now, oldest_left);
         Ok(report)
     }
-}
-
-fn to_sqlx(err: LedgerError) -> sqlx::Error {
-    sqlx::Error::Protocol(err.to_string())
 }

@@ -180,24 +180,58 @@ async fn verify_snapshot(conn: &mut AnyConnection) -> Result<VerifyReport> {
         }
     }
 
-    // Transfers: each completed one has exactly its two entries; others have none.
+    // Transfers: each completed one has exactly its two entries, the captured amount taken from
+    // its sender and given to its recipient; others have none. (Entries were checked by count
+    // and sums only, so a capture booked the wrong way round, or on other accounts, passed.)
     let bad: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM transfers t \
-             LEFT JOIN (SELECT ref_id, COUNT(*) AS entries, \
-                          CAST(SUM(CASE WHEN amount > 0 THEN amount ELSE 0 END) AS BIGINT) AS credited, \
-                          CAST(SUM(amount) AS BIGINT) AS net \
-                        FROM journal WHERE kind = 'capture' GROUP BY ref_id) j ON j.ref_id = t.id \
+        "SELECT COUNT(*) FROM transfers t \
+             LEFT JOIN (SELECT e.ref_id, COUNT(*) AS entries, \
+                          CAST(SUM(CASE WHEN e.account_id = x.recipient_id AND e.amount > 0 \
+                                   THEN e.amount ELSE 0 END) AS BIGINT) AS credited, \
+                          CAST(SUM(CASE WHEN e.account_id = x.sender_id AND e.amount < 0 \
+                                   THEN -e.amount ELSE 0 END) AS BIGINT) AS debited \
+                        FROM journal e JOIN transfers x ON x.id = e.ref_id \
+                        WHERE e.kind = 'capture' GROUP BY e.ref_id) j ON j.ref_id = t.id \
              WHERE (t.status = 'COMPLETED' AND (t.captured <= 0 OR COALESCE(j.entries, 0) <> 2 \
-                      OR COALESCE(j.credited, 0) <> t.captured OR COALESCE(j.net, 0) <> 0 \
-                      OR t.resolved_at IS NULL)) \
+                      OR COALESCE(j.credited, 0) <> t.captured \
+                      OR COALESCE(j.debited, 0) <> t.captured OR t.resolved_at IS NULL)) \
                 OR (t.status <> 'COMPLETED' AND (t.captured <> 0 OR COALESCE(j.entries, 0) <> 0)) \
                 OR (t.status = 'CANCELLED' AND t.resolved_at IS NULL)",
-        )
-        .fetch_one(&mut *conn)
-        .await?;
+    )
+    .fetch_one(&mut *conn)
+    .await?;
     if bad > 0 {
         problems.push(format!(
             "{bad} transfers do not match their journal entries"
+        ));
+    }
+    // Entries that no transfer or deposit accounts for, and deposits whose two entries are not
+    // the deposit's amount from the system to its account.
+    let (orphans, bad_deposits): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT COUNT(*) FROM journal e WHERE \
+                   (e.kind = 'capture' AND NOT EXISTS (SELECT 1 FROM transfers t \
+                      WHERE t.id = e.ref_id AND t.status = 'COMPLETED')) \
+                   OR (e.kind = 'deposit' AND NOT EXISTS (SELECT 1 FROM deposits d \
+                      WHERE d.id = e.ref_id)) \
+                   OR e.kind NOT IN ('capture', 'deposit')), \
+                (SELECT COUNT(*) FROM deposits d LEFT JOIN (SELECT ref_id, COUNT(*) AS entries, \
+                   CAST(SUM(CASE WHEN account_id IS NULL THEN -amount ELSE 0 END) AS BIGINT) AS paid, \
+                   MAX(account_id) AS account_id, \
+                   CAST(SUM(CASE WHEN account_id IS NOT NULL THEN amount ELSE 0 END) AS BIGINT) AS got \
+                   FROM journal WHERE kind = 'deposit' GROUP BY ref_id) j ON j.ref_id = d.id \
+                 WHERE COALESCE(j.entries, 0) <> 2 OR j.paid <> d.amount OR j.got <> d.amount \
+                   OR j.account_id <> d.account_id)",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    if orphans > 0 {
+        problems.push(format!(
+            "{orphans} journal entries belong to no completed transfer or deposit"
+        ));
+    }
+    if bad_deposits > 0 {
+        problems.push(format!(
+            "{bad_deposits} deposits do not match their journal entries"
         ));
     }
     let per_request: i64 = sqlx::query_scalar(
