@@ -634,3 +634,40 @@ async fn limits_command_shows_what_is_left() {
     assert_contains(&err, &["invalid request", "unknown service"]);
     s.check_invariants().await;
 }
+
+/// `index build` puts a whole index at `--out` (new or empty) and nothing beside it: it is built
+/// in a sibling directory and renamed into place, so an interrupted build leaves no index that
+/// opens empty. A non-empty `--out` is refused.
+#[test]
+fn index_build_puts_a_whole_index_in_place() {
+    let root = syft_testkit::TempDir::new().expect("temp dir");
+    let docs = root.path().join("docs");
+    std::fs::create_dir_all(&docs).expect("docs");
+    std::fs::write(docs.join("a.md"), "two-phase transfers hold then capture").expect("a");
+    std::fs::write(docs.join("b.txt"), "usage rows and verify").expect("b");
+    let empty = root.path().join("empty");
+    std::fs::create_dir_all(&empty).expect("empty");
+    for out in [root.path().join("idx"), empty] {
+        let printed = run(syft_router()
+            .args(["index", "build"])
+            .arg(&docs)
+            .arg("--out")
+            .arg(&out));
+        assert_contains(&printed, &["indexed 2 documents"]);
+        assert!(out.join("meta.json").is_file(), "{out:?}");
+    }
+    let mut left: Vec<String> = std::fs::read_dir(root.path())
+        .expect("list")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["docs", "empty", "idx"], "nothing built beside them");
+    let refused = fails(
+        syft_router()
+            .args(["index", "build"])
+            .arg(&docs)
+            .arg("--out")
+            .arg(root.path().join("idx")),
+    );
+    assert_contains(&refused, &["is not empty"]);
+}

@@ -49,8 +49,35 @@ fn build(dir: &Path, out: &Path) -> anyhow::Result<(usize, u64)> {
     }
     let docs = read_folder(dir)?;
     let n = docs.len();
-    let index = DocIndex::build(docs, Some(out))?;
-    Ok((n, index.chunks()))
+    // Built beside `out` and renamed into place once complete: tantivy writes its metadata
+    // first and commits last, so a build interrupted in `out` itself (a kill, a full disk) left
+    // an index that opened fine and held nothing, and a router served it as healthy.
+    let name = out
+        .file_name()
+        .with_context(|| format!("--out {} names no directory", out.display()))?;
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let building = parent.join(format!(
+        ".{}.building-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&building);
+    let chunks = match DocIndex::build(docs, Some(&building)) {
+        Ok(index) => index.chunks(),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&building);
+            return Err(e.into());
+        }
+    };
+    if out.exists() {
+        std::fs::remove_dir(out).with_context(|| format!("--out {}", out.display()))?;
+    }
+    std::fs::rename(&building, out)
+        .with_context(|| format!("moving the index into {}", out.display()))?;
+    Ok((n, chunks))
 }
 
 /// The documents `demo` and `dev` search (`examples/docs/`), embedded so an installed binary

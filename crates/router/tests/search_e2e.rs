@@ -231,6 +231,9 @@ async fn http_backend_forwards_the_syft_shape_and_voids_failures() {
 
     for (mode, code) in [
         (Mode::Status(500), Code::Unavailable),
+        // The backend's refusals of a request the router validated are its own fault.
+        (Mode::Status(404), Code::Unavailable),
+        (Mode::Status(422), Code::Unavailable),
         (Mode::Garbage, Code::Unavailable),
         (Mode::Stall, Code::DeadlineExceeded),
     ] {
@@ -245,12 +248,12 @@ async fn http_backend_forwards_the_syft_shape_and_voids_failures() {
 
     assert_eq!(s.alice_money().await, (FUNDS - PRICE, 0, FUNDS - PRICE));
     let t = s.transfers().await;
-    assert_eq!(t.len(), 5);
+    assert_eq!(t.len(), 7);
     assert_eq!(
         t.iter()
             .filter(|t| t.status() == TransferStatus::Cancelled)
             .count(),
-        4,
+        6,
         "every failure and the empty answer were voided"
     );
     let statuses = s.usage_statuses().await;
@@ -591,4 +594,17 @@ async fn free_requests_naming_a_payer_leave_the_payers_windows_alone() {
     let charged = s.transfers().await;
     assert_eq!(charged.len(), 2, "{charged:?}");
     assert_consistent(&s.ledger.store).await;
+}
+
+/// A `search` section is checked whenever it is there, with or without a search service: its
+/// folder is watched either way, and `rescan_seconds = 0` used to pass and then stop the
+/// router's rescan task.
+#[test]
+fn a_search_section_is_checked_without_a_search_service() {
+    let config = r#"{"name":"r","owner_email":"o@example.com",
+        "search":{"docs":"examples/docs","rescan_seconds":0}}"#;
+    let err = syft_router_svc::RouterConfig::from_json_str(config)
+        .expect_err("rescan 0")
+        .to_string();
+    assert!(err.contains("rescan_seconds must be positive"), "{err}");
 }

@@ -283,7 +283,11 @@ async fn requests_refused_before_they_are_read_leave_rows() {
 /// does (it used to leave none: the router answered before it knew the attempt).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_search_on_a_router_without_search_leaves_a_row() {
-    let (s, mut c) = Stack::start_with_client(Pricing::per_request(PRICE)).await;
+    let s = Stack::start_tweaked(Pricing::per_request(PRICE), |c| {
+        c.models = vec!["test-model".into()];
+    })
+    .await;
+    let mut c = s.client().await;
     let req = syft_proto::router::SearchRequest {
         request_id: "s-1".into(),
         ..s.search("anything")
@@ -298,10 +302,12 @@ async fn a_search_on_a_router_without_search_leaves_a_row() {
                 u.request_id.as_str(),
                 u.status.as_str(),
                 u.endpoint.as_str(),
+                u.model.as_str(),
             )
         })
         .collect();
-    assert_eq!(got, vec![("s-1", "invalid_request", "/search")]);
+    // No model: the router has no search backend to name (not its chat model).
+    assert_eq!(got, vec![("s-1", "invalid_request", "/search", "")]);
     assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));
     s.check_invariants().await;
 }

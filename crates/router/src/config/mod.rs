@@ -449,12 +449,16 @@ impl RouterConfig {
                     "the search service is priced per request (or free), not per token",
                 ));
             }
-            match &self.search {
-                None => return Err(invalid(
+            if self.search.is_none() {
+                return Err(invalid(
                     "the search service needs a `search` section (backend, index or docs, or url)",
-                )),
-                Some(s) => s.validate()?,
+                ));
             }
+        }
+        // Checked whenever present: its backend is built (a folder watched) even when no search
+        // service is listed, and `rescan_seconds = 0` then stopped the router's rescan task.
+        if let Some(s) = &self.search {
+            s.validate()?;
         }
         let max_retention = Duration::from_secs(30 * 86_400);
         if self.replay.retention > max_retention {

@@ -59,6 +59,21 @@ impl HttpSearch {
         tokio::time::timeout(self.config.timeout, work)
             .await
             .map_err(|_| UpstreamError::Timeout)?
+            .map_err(backend_status)
+    }
+}
+
+/// The user's search was validated here before it was sent, so a refusal of the backend's (404
+/// for a wrong `url`, 400 or 422 for a schema it does not speak) is the backend's fault, not the
+/// user's: `UNAVAILABLE`, as docs/search.md says, rather than `NOT_FOUND` or `INVALID_ARGUMENT`
+/// (the chat upstream's mapping, where the user's request is passed on as it came). A 429 stays
+/// the backend's rate limit.
+fn backend_status(e: UpstreamError) -> UpstreamError {
+    match e {
+        UpstreamError::Status { status, message } if status != 429 && status < 500 => {
+            UpstreamError::Unreachable(format!("search backend answered HTTP {status}: {message}"))
+        }
+        e => e,
     }
 }
 

@@ -182,7 +182,12 @@ impl DocIndex {
             ));
         }
         let top = searcher
-            .search(&BooleanQuery::new(clauses), &TopDocs::with_limit(limit))
+            // tantivy sizes its collector by the limit, whatever the index holds: a large
+            // configured `max_limit` must not allocate more than there are chunks.
+            .search(
+                &BooleanQuery::new(clauses),
+                &TopDocs::with_limit(limit.min(usize::try_from(self.chunks).unwrap_or(usize::MAX))),
+            )
             .map_err(tantivy_err)?;
         let mut hits = Vec::with_capacity(top.len());
         for (score, addr) in top {

@@ -125,10 +125,11 @@ impl RouterService {
     /// answer either way.
     pub(super) async fn record_refusal(&self, attempt: Attempt, e: &RouterError) {
         let status = refusal_status(e);
-        let model = if attempt.model.is_empty() {
-            self.models().into_iter().next().unwrap_or_default()
-        } else {
-            attempt.model
+        // A chat refused before its model was read is put under the router's first model; a
+        // search names its backend, and none when the router has no search (not a chat model).
+        let model = match (attempt.model.is_empty(), attempt.kind) {
+            (true, ServiceKind::Chat) => self.models().into_iter().next().unwrap_or_default(),
+            _ => attempt.model,
         };
         let usage = Usage {
             request_id: recordable_id(&attempt.request_id),
