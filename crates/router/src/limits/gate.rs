@@ -15,7 +15,8 @@ use super::{
     WindowState,
 };
 use crate::config::{
-    LimiterBackend, OnFailure, RateLimits, RouterConfig, ServiceKind, UpstreamConfig,
+    LimiterBackend, OnFailure, RateLimits, RouterConfig, SearchBackendConfig, ServiceKind,
+    UpstreamConfig,
 };
 use crate::drain::DrainGuard;
 use crate::error::{QuotaRefusal, RouterError};
@@ -461,9 +462,18 @@ impl Pass {
         if updates.is_empty() {
             return;
         }
-        if let Err(e) = limiter.settle(&self.lease, &updates).await {
-            tracing::warn!(error = %e, "could not withdraw a refused request from its windows");
-        }
+        // Spawned, then awaited: if this future is dropped meanwhile (the client went away),
+        // the release still reaches the store, as `Drop`'s does. Awaited inline, it was lost
+        // with the future, and the slots stayed taken for the whole lease.
+        let lease = std::mem::take(&mut self.lease);
+        let work = self.work.take();
+        let release = tokio::spawn(async move {
+            let _work = work;
+            if let Err(e) = limiter.settle(&lease, &updates).await {
+                tracing::warn!(error = %e, "could not withdraw a refused request from its windows");
+            }
+        });
+        let _ = release.await;
     }
 }
 
@@ -509,7 +519,12 @@ fn slot_lease(c: &RouterConfig) -> Duration {
         UpstreamConfig::OpenAi(o) => o.request_timeout,
         UpstreamConfig::Echo => Duration::ZERO,
     };
-    let longest = answer + c.max_stream_duration + Duration::from_secs(60);
+    // A search over an HTTP backend runs up to its own timeout, which may be the longer.
+    let search = match c.search.as_ref().map(|s| &s.backend) {
+        Some(SearchBackendConfig::Http(h)) => h.timeout,
+        _ => Duration::ZERO,
+    };
+    let longest = answer.max(search) + c.max_stream_duration + Duration::from_secs(60);
     c.limiter.lease.max(longest)
 }
 
@@ -562,5 +577,13 @@ mod tests {
         assert_eq!(slot_lease(&c), Duration::from_secs(120 + 900 + 60));
         c.limiter.lease = Duration::from_secs(3_600);
         assert_eq!(slot_lease(&c), Duration::from_secs(3_600));
+        // An HTTP search backend slower than the chat upstream sets the answer's part.
+        c.limiter.lease = Duration::from_secs(600);
+        let mut h = crate::config::HttpSearchConfig::new("http://search");
+        h.timeout = Duration::from_secs(1_000);
+        c.search = Some(crate::config::SearchConfig::new(SearchBackendConfig::Http(
+            h,
+        )));
+        assert_eq!(slot_lease(&c), Duration::from_secs(1_000 + 900 + 60));
     }
 }
