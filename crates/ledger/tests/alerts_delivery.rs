@@ -21,6 +21,7 @@ alerts_suite!(
     crate::alerts_support::alerts_on;
     retries_until_delivered_with_one_id,
     client_errors_are_not_retried,
+    an_answer_with_control_characters_is_logged_once,
     killed_ledger_delivers_after_restart_with_the_same_id,
     two_replicas_never_send_one_event_in_parallel,
     bad_endpoint_configs_are_refused,
@@ -143,6 +144,30 @@ async fn client_errors_are_not_retried(h: Harness) -> Harness {
     assert_eq!(rx2.received().len(), 6);
     let log = deliveries(&h, &alice, &ep2).await;
     assert_eq!(log[0].outcome, "GAVE_UP");
+    h
+}
+
+/// An endpoint's answer is kept in the log as printable text: a NUL in it (which Postgres refuses
+/// in text) failed the attempt's whole record, so the event was sent again at every lease, first
+/// in every claim, and the log showed nothing.
+async fn an_answer_with_control_characters_is_logged_once(h: Harness) -> Harness {
+    let rx = WebhookReceiver::start().await;
+    rx.set_default(Reply::Body(400, "bad\0input\x07"));
+    let alice = h.account(ALICE, 10 * USD).await;
+    let ep = add_rule(&h, &alice, &rx, balance_low(USD)).await;
+    test_event(&h, &alice, &ep).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut log = deliveries(&h, &alice, &ep).await;
+    while log.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        log = deliveries(&h, &alice, &ep).await;
+    }
+    assert_eq!(log.len(), 1, "{log:?}");
+    assert_eq!(
+        (log[0].outcome.as_str(), log[0].error.as_str()),
+        ("GAVE_UP", "HTTP 400: bad input ")
+    );
+    assert_eq!(rx.received().len(), 1, "a 400 is final");
     h
 }
 

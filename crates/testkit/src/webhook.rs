@@ -25,6 +25,8 @@ pub enum Reply {
     Hang,
     /// Closes the connection without an answer.
     Drop,
+    /// A status with this body.
+    Body(u16, &'static str),
 }
 
 /// One request as received.
@@ -206,6 +208,10 @@ async fn serve(mut socket: TcpStream, state: Arc<Mutex<State>>) {
             None
         }
         Reply::Drop => None,
+        Reply::Body(code, body) => Some(format!(
+            "HTTP/1.1 {code} X\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )),
     };
     if let Some(answer) = answer {
         let answer = answer.replacen("\r\n", "\r\nconnection: close\r\n", 1);

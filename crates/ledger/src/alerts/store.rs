@@ -284,8 +284,12 @@ pub(crate) async fn claim_due(
         Backend::Postgres => "FOR UPDATE OF e SKIP LOCKED",
         Backend::Sqlite => "",
     };
+    // The claim also moves the event's due time to its lease's end: an attempt whose record
+    // fails (the database away) is retried then, behind the events due meanwhile, not first in
+    // every claim until it records.
     let sql = format!(
-        "UPDATE alert_events SET lease_owner = $1, lease_until = $2 WHERE id IN (\
+        "UPDATE alert_events SET lease_owner = $1, lease_until = $2, next_attempt_at = $2 \
+         WHERE id IN (\
            SELECT e.id FROM alert_events e JOIN alert_endpoints p ON p.id = e.endpoint_id \
            WHERE e.status = 'PENDING' AND e.next_attempt_at <= $3 \
            AND (e.lease_until IS NULL OR e.lease_until < $3) \
@@ -402,7 +406,7 @@ pub(crate) async fn record_attempt(
     .bind(a.latency_ms)
     .bind(a.status_code.map(i64::from))
     .bind(a.outcome.as_str())
-    .bind(a.error)
+    .bind(printable(a.error))
     .bind(a.next_attempt_at)
     .execute(&mut *tx)
     .await?;
@@ -463,4 +467,14 @@ pub(crate) async fn pending_events(pool: &AnyPool, endpoint_id: &str) -> Result<
     .bind(endpoint_id)
     .fetch_one(pool)
     .await?)
+}
+
+/// `text` without control characters (each becomes a space): an error text holds what an
+/// endpoint answered, and Postgres refuses a NUL in `TEXT`. The attempt's whole record failed
+/// with it, so the event was claimed and sent again and again, first in every claim, with no
+/// record of any attempt.
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
