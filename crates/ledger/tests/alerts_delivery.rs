@@ -22,6 +22,7 @@ alerts_suite!(
     retries_until_delivered_with_one_id,
     client_errors_are_not_retried,
     an_answer_with_control_characters_is_logged_once,
+    an_account_whose_endpoint_hangs_leaves_others_their_slots,
     killed_ledger_delivers_after_restart_with_the_same_id,
     two_replicas_never_send_one_event_in_parallel,
     bad_endpoint_configs_are_refused,
@@ -168,6 +169,33 @@ async fn an_answer_with_control_characters_is_logged_once(h: Harness) -> Harness
         ("GAVE_UP", "HTTP 400: bad input ")
     );
     assert_eq!(rx.received().len(), 1, "a 400 is final");
+    h
+}
+
+/// Alice's endpoint hangs and she sends 20 test events; Bob's one alert still goes out at once,
+/// while at most two of hers are in flight (an account holds two of the send slots at most, and
+/// each send holds its own slot). Claimed in due order and sent in batches, her events held every
+/// slot, and Bob's waited for the whole burst to time out, batch by batch.
+async fn an_account_whose_endpoint_hangs_leaves_others_their_slots(h: Harness) -> Harness {
+    let (slow, fast) = (
+        WebhookReceiver::start().await,
+        WebhookReceiver::start().await,
+    );
+    slow.set_default(Reply::Hang);
+    let alice = h.account(ALICE, 10 * USD).await;
+    let bob = h.account(BOB, 10 * USD).await;
+    let hangs = add_rule(&h, &alice, &slow, balance_low(USD)).await;
+    for _ in 0..20 {
+        test_event(&h, &alice, &hangs).await;
+    }
+    slow.wait_until(WAIT, "her first attempts", |r| !r.is_empty())
+        .await;
+    let answers = add_rule(&h, &bob, &fast, balance_low(USD)).await;
+    test_event(&h, &bob, &answers).await;
+    fast.wait_until(WAIT, "bob's alert", |r| !r.is_empty())
+        .await;
+    let hers = slow.received().len();
+    assert!(hers <= 4, "{hers} of her events were sent before bob's one");
     h
 }
 
@@ -541,8 +569,8 @@ async fn a_capped_backlog_waits_for_its_window_out_of_others_way(h: Harness) -> 
     }
     assert_eq!(
         worker.deliver_due().await.expect("deliver"),
-        8,
-        "a full claim"
+        2,
+        "a claim takes an account's share of the slots (store::ACCOUNT_IN_FLIGHT)"
     );
     assert_eq!(capped.received().len(), 1, "one within the cap");
     let first = deliveries(&h, &alice, &ep).await;

@@ -19,10 +19,9 @@ use super::AlertsConfig;
 use crate::error::{LedgerError, Result};
 use crate::store::{now_micros, Store};
 
-/// Events sent at once; a claim takes no more, so that all of them start at once and one attempt's
-/// lease covers them (see `deliver_due`).
+/// Events a worker sends at once. A claim takes no more than the free slots, and each claimed
+/// event's send starts at once, so one attempt's lease covers it (see `claim`).
 const PARALLEL_SENDS: usize = 8;
-const CLAIM_BATCH: i64 = PARALLEL_SENDS as i64;
 /// The window of an endpoint's rate cap (`rate_per_minute`).
 const RATE_WINDOW_MICROS: i64 = 60_000_000;
 /// Bytes of a response read (then dropped); at most this much of an error body is kept.
@@ -45,28 +44,67 @@ impl Worker {
         Self { store, config, id }
     }
 
-    /// Delivers due events every `deliver_interval`, forever.
+    /// Delivers due events every `deliver_interval`, forever. Each event is sent in a task of its
+    /// own that holds one of [`PARALLEL_SENDS`] slots, and every tick claims as many events as
+    /// slots are free: a slow endpoint holds its slot, not the others. (Sent in claimed batches,
+    /// each claim waited for its slowest send, up to twice the timeout, before the next.)
     pub async fn run(self) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(PARALLEL_SENDS));
         let mut tick = tokio::time::interval(self.config.deliver_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
             // A full claim may have left more due: claim again at once, not a tick later.
             loop {
-                match self.deliver_due().await {
-                    Ok(n) if n as i64 == CLAIM_BATCH => {}
-                    Ok(_) => break,
+                let free = slots.available_permits();
+                if free == 0 {
+                    break;
+                }
+                let (claimed, events) = match self.claim(free).await {
+                    Ok(claim) => claim,
                     Err(e) => {
                         tracing::warn!(error = %e, "alert delivery round failed");
                         break;
                     }
+                };
+                for event in events {
+                    // Only this loop takes slots, and it claimed no more than were free.
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        break;
+                    };
+                    let worker = self.clone();
+                    tokio::spawn(async move {
+                        let _slot = slot;
+                        if let Err(e) = worker.deliver(&event).await {
+                            tracing::warn!(event = %event.id, error = %e, "alert delivery failed");
+                        }
+                    });
+                }
+                if claimed < free {
+                    break;
                 }
             }
         }
     }
 
-    /// Claims and sends one batch of due events; returns how many it claimed.
+    /// Claims one batch of due events and sends them, returning once every attempt is recorded;
+    /// returns how many it claimed (tests that look at each claim).
     pub async fn deliver_due(&self) -> Result<usize> {
+        let (claimed, events) = self.claim(PARALLEL_SENDS).await?;
+        futures::stream::iter(events)
+            .for_each_concurrent(PARALLEL_SENDS, |event| async move {
+                if let Err(e) = self.deliver(&event).await {
+                    tracing::warn!(event = %event.id, error = %e, "alert delivery failed");
+                }
+            })
+            .await;
+        Ok(claimed)
+    }
+
+    /// Leases up to `slots` due events (each account's share, `store::ACCOUNT_IN_FLIGHT`) and
+    /// returns how many it leased and those its endpoints' rate caps let through now; the sends
+    /// must start at once.
+    async fn claim(&self, slots: usize) -> Result<(usize, Vec<ClaimedEvent>)> {
         let now = now_micros();
         // The lease outlives one attempt: the lookup and the send (each bounded by the timeout)
         // and the bookkeeping (the margin). A claim takes only as many events as are sent at
@@ -77,17 +115,10 @@ impl Worker {
         // again.
         let lease = self.config.request_timeout * 2 + Duration::from_secs(5);
         let lease_until = now + lease.as_micros() as i64;
-        let events = db::claim_due(&self.store, &self.id, now, lease_until, CLAIM_BATCH).await?;
+        let limit = i64::try_from(slots).unwrap_or(i64::MAX);
+        let events = db::claim_due(&self.store, &self.id, now, lease_until, limit).await?;
         let claimed = events.len();
-        let events = self.within_rate_caps(events, now).await?;
-        futures::stream::iter(events)
-            .for_each_concurrent(PARALLEL_SENDS, |event| async move {
-                if let Err(e) = self.deliver(&event).await {
-                    tracing::warn!(event = %event.id, error = %e, "alert delivery failed");
-                }
-            })
-            .await;
-        Ok(claimed)
+        Ok((claimed, self.within_rate_caps(events, now).await?))
     }
 
     /// Keeps the claimed events each endpoint's cap (attempts in the last minute) still allows

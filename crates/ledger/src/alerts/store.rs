@@ -1,13 +1,11 @@
-//! The alerts tables (migration 0008). One SQL text for Postgres and SQLite except the claim,
-//! which adds `FOR UPDATE SKIP LOCKED` on Postgres (SQLite has one writer connection, so its
-//! claim statement is already exclusive).
+//! The alerts tables (migration 0008). One SQL text for Postgres and SQLite.
 
 use sqlx::{Any, AnyPool, Transaction};
 
 use super::payload::{body, event_id, Fired};
 use super::rules::Format;
 use crate::error::Result;
-use crate::store::{now_micros, retry_transient, Backend, Store};
+use crate::store::{now_micros, retry_transient, Store};
 
 const ENDPOINT_COLUMNS: &str = "id, account_id, url, format, secret_sealed, \
     previous_secret_sealed, previous_secret_until, rules, rate_per_minute, failing_since, \
@@ -272,7 +270,20 @@ pub(crate) async fn compare_and_set_level(
     Ok(result.rows_affected() == 1)
 }
 
-/// Leases up to `limit` due events of enabled endpoints to `worker` until `lease_until`.
+/// Most events of one account in flight at once (leased, not yet recorded), over every worker
+/// of every replica (replicas that claim at the same moment may each add one). An account's slow
+/// or hanging endpoints then hold at most this many send slots, and the other accounts' events
+/// go out meanwhile: claimed in due order alone, one account's burst of test events at an
+/// endpoint that hangs held every slot, and every other account's alerts waited behind it.
+pub(crate) const ACCOUNT_IN_FLIGHT: i64 = 2;
+/// Due events looked at per claim, from which each account's share is picked (the accounts with
+/// no room left are not among them).
+const CLAIM_CANDIDATES: i64 = 256;
+
+/// Leases up to `limit` due events of enabled endpoints to `worker` until `lease_until`, at
+/// most [`ACCOUNT_IN_FLIGHT`] in flight per account, oldest due first. The lease also moves the
+/// event's due time to its end: an attempt whose record fails (the database away) is retried
+/// then, behind the events due meanwhile, not first in every claim until it records.
 pub(crate) async fn claim_due(
     store: &Store,
     worker: &str,
@@ -280,30 +291,52 @@ pub(crate) async fn claim_due(
     lease_until: i64,
     limit: i64,
 ) -> Result<Vec<ClaimedEvent>> {
-    let lock = match store.backend() {
-        Backend::Postgres => "FOR UPDATE OF e SKIP LOCKED",
-        Backend::Sqlite => "",
-    };
-    // The claim also moves the event's due time to its lease's end: an attempt whose record
-    // fails (the database away) is retried then, behind the events due meanwhile, not first in
-    // every claim until it records.
+    let candidates: Vec<(String, i64, i64)> = sqlx::query_as(
+        "WITH busy AS (SELECT q.account_id, COUNT(*) AS n FROM alert_events x \
+           JOIN alert_endpoints q ON q.id = x.endpoint_id \
+           WHERE x.status = 'PENDING' AND x.lease_until >= $1 GROUP BY q.account_id) \
+         SELECT e.id, p.account_id, COALESCE(b.n, 0) FROM alert_events e \
+         JOIN alert_endpoints p ON p.id = e.endpoint_id \
+         LEFT JOIN busy b ON b.account_id = p.account_id \
+         WHERE e.status = 'PENDING' AND e.next_attempt_at <= $1 \
+           AND (e.lease_until IS NULL OR e.lease_until < $1) \
+           AND p.disabled_at IS NULL AND p.removed_at IS NULL AND COALESCE(b.n, 0) < $2 \
+         ORDER BY e.next_attempt_at LIMIT $3",
+    )
+    .bind(now)
+    .bind(ACCOUNT_IN_FLIGHT)
+    .bind(CLAIM_CANDIDATES)
+    .fetch_all(store.pool())
+    .await?;
+    let mut taken: std::collections::HashMap<i64, i64> = std::collections::HashMap::new();
+    let mut ids = Vec::new();
+    for (id, account, busy) in candidates {
+        let n = taken.entry(account).or_insert(busy);
+        if *n < ACCOUNT_IN_FLIGHT && (ids.len() as i64) < limit {
+            *n += 1;
+            ids.push(id);
+        }
+    }
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    // Leased only if still free: a worker of another replica may have taken one since it was
+    // read (on Postgres this re-checks the row after waiting for that worker's lock).
+    let marks: Vec<String> = (0..ids.len()).map(|i| format!("${}", i + 4)).collect();
     let sql = format!(
         "UPDATE alert_events SET lease_owner = $1, lease_until = $2, next_attempt_at = $2 \
-         WHERE id IN (\
-           SELECT e.id FROM alert_events e JOIN alert_endpoints p ON p.id = e.endpoint_id \
-           WHERE e.status = 'PENDING' AND e.next_attempt_at <= $3 \
-           AND (e.lease_until IS NULL OR e.lease_until < $3) \
-           AND p.disabled_at IS NULL AND p.removed_at IS NULL \
-           ORDER BY e.next_attempt_at LIMIT $4 {lock}) \
-         RETURNING id, endpoint_id, payload, attempts"
+         WHERE id IN ({}) AND status = 'PENDING' AND (lease_until IS NULL OR lease_until < $3) \
+         RETURNING id, endpoint_id, payload, attempts",
+        marks.join(", ")
     );
-    Ok(sqlx::query_as(&sql)
+    let mut q = sqlx::query_as(&sql)
         .bind(worker)
         .bind(lease_until)
-        .bind(now)
-        .bind(limit)
-        .fetch_all(store.pool())
-        .await?)
+        .bind(now);
+    for id in &ids {
+        q = q.bind(id);
+    }
+    Ok(q.fetch_all(store.pool()).await?)
 }
 
 /// Gives an event back for later without counting an attempt (the endpoint's rate cap).
