@@ -108,6 +108,18 @@ async fn client_commands_and_verify() {
     .unwrap();
     assert_eq!(report["ok"], true);
     assert_eq!(report["total_deposits_micros"], 12_500_000);
+
+    // A data directory with no ledger in it is refused, and left as it was (it used to get an
+    // empty database, reported consistent with exit 0).
+    let empty = syft_testkit::TempDir::new().expect("temp dir");
+    let refused = fails(
+        syft_router()
+            .env_remove("DATABASE_URL")
+            .args(["ledger", "verify", "--data-dir"])
+            .arg(empty.path()),
+    );
+    assert_contains(&refused, &["no ledger database at"]);
+    assert!(std::fs::read_dir(empty.path()).expect("dir").next().is_none());
     h.finish().await;
 }
 

@@ -47,6 +47,22 @@ impl DatabaseArgs {
             .with_context(|| format!("cannot create data dir {}", self.data_dir))?;
         Ok(format!("sqlite://{}/ledger.db?mode=rwc", self.data_dir))
     }
+
+    /// [`Self::url`] of a ledger that must already exist: a check of a data directory with no
+    /// ledger in it (a typo, the wrong working directory) is refused. It used to create an empty
+    /// database there and report it consistent, exit 0.
+    pub fn existing_url(&self) -> anyhow::Result<String> {
+        if let Some(url) = &self.database_url {
+            return Ok(url.clone());
+        }
+        let file = std::path::Path::new(&self.data_dir).join("ledger.db");
+        anyhow::ensure!(
+            file.is_file(),
+            "no ledger database at {} (pass the ledger's --data-dir, or --database-url)",
+            file.display()
+        );
+        Ok(format!("sqlite://{}?mode=rw", file.display()))
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -256,7 +272,7 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn verify(db: &DatabaseArgs, json: bool) -> anyhow::Result<()> {
-    let store = Store::connect(&db.url()?, 2).await?;
+    let store = Store::connect(&db.existing_url()?, 2).await?;
     let report = store.verify().await?;
     if json {
         println!(
