@@ -119,7 +119,10 @@ async fn client_commands_and_verify() {
             .arg(empty.path()),
     );
     assert_contains(&refused, &["no ledger database at"]);
-    assert!(std::fs::read_dir(empty.path()).expect("dir").next().is_none());
+    assert!(std::fs::read_dir(empty.path())
+        .expect("dir")
+        .next()
+        .is_none());
     h.finish().await;
 }
 

@@ -258,3 +258,32 @@ async fn assert_conflict_charged_once(s: &Stack, err: &tonic::Status, why: &str)
     assert_eq!(s.alice_money().await.0, FUNDS - PRICE);
     s.check_invariants().await;
 }
+
+/// A replay calls no upstream and charges nothing, so it spends none of the user's rate-limit
+/// windows: with 2 requests a minute, one request replayed three times still leaves room for a
+/// second request (each replay used to spend a request's room, and the second replay was
+/// refused `RATE_LIMITED`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replays_spend_no_rate_limit_room() {
+    use syft_router_svc::config::{Rate, RateUnit};
+    let s = Stack::start_tweaked(Pricing::per_request(PRICE), |c| {
+        c.rate_limits.requests = vec![Rate {
+            count: 2,
+            unit: RateUnit::Minute,
+        }];
+    })
+    .await;
+    let mut c = s.client().await;
+    assert!(!ok(c.chat(keyed(&s, "hi", "once")).await).replay);
+    for _ in 0..3 {
+        assert!(ok(c.chat(keyed(&s, "hi", "once")).await).replay);
+    }
+    assert!(!ok(c.chat(keyed(&s, "hi", "twice")).await).replay);
+    let err = c
+        .chat(keyed(&s, "hi", "thrice"))
+        .await
+        .expect_err("the third request");
+    assert_eq!(reason(&err).as_deref(), Some("RATE_LIMITED"), "{err:?}");
+    assert_eq!(s.alice_money().await.0, FUNDS - 2 * PRICE);
+    s.check_invariants().await;
+}

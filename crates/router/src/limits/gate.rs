@@ -407,6 +407,14 @@ impl Pass {
         self
     }
 
+    /// Counts nothing and releases nothing, and shows `headers` (a request taken back out of its
+    /// windows that still answers with what its admission saw).
+    pub fn with_headers(headers: RateHeaders) -> Self {
+        let mut pass = Pass::unlimited();
+        pass.headers = headers;
+        pass
+    }
+
     /// Admitted without counting (the store failed and the mode is `fail_open`).
     pub fn unlimited() -> Self {
         Pass {

@@ -105,6 +105,15 @@ impl RouterService {
             }
             Authorized::Resolved(transfer) => {
                 tracing::Span::current().record("transfer_id", transfer.id.as_str());
+                // A retry of a resolved request is answered from the ledger (its stored answer,
+                // or the refusal saying it was charged): no upstream call and no charge, so it
+                // spends none of the windows (it used to spend a request's room each time). Its
+                // headers stay those of its admission.
+                if let Some(pass) = t.pass.take() {
+                    let headers = pass.headers.clone();
+                    pass.withdraw().await;
+                    t.pass = Some(Pass::with_headers(headers));
+                }
             }
             Authorized::Free => {
                 let usage = Units::default();
