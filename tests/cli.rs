@@ -93,6 +93,29 @@ async fn client_commands_and_verify() {
     .env("SYFT_SECRET", &secret)))
     .unwrap();
     assert_eq!(token["spend_limit_micros"], 1_500_000);
+    // A per-day cap is shown when issued and in the listing (it used to be in neither).
+    let capped = run(cli(&[
+        "token",
+        "issue",
+        "owner@router.example",
+        "--limit-per-day",
+        "0.05",
+    ])
+    .env("SYFT_SECRET", &secret));
+    assert_contains(&capped, &["per day    0.05 USD in any 24 hours"]);
+    let listed: serde_json::Value = serde_json::from_str(&run(
+        cli(&["token", "list", "--json"]).env("SYFT_SECRET", &secret)
+    ))
+    .unwrap();
+    let caps: Vec<&serde_json::Value> = listed["tokens"]
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .map(|t| &t["limit_per_day_micros"])
+        .collect();
+    assert!(caps.contains(&&serde_json::json!(50_000)), "{listed}");
+    let table = run(cli(&["token", "list"]).env("SYFT_SECRET", &secret));
+    assert_contains(&table, &["per day", "0.05"]);
     run(cli(&["token", "revoke", token["token"].as_str().unwrap()]).env("SYFT_SECRET", &secret));
     let transfers = run(&mut cli(&["transfers", "--json"]));
     assert!(transfers.contains("\"transfers\":[]"), "{transfers}");

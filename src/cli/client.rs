@@ -417,6 +417,12 @@ pub async fn token(args: TokenArgs) -> anyhow::Result<()> {
                     })
                 );
                 println!(
+                    "per day    {}",
+                    issued.limit_per_day_micros.map_or("none".to_string(), |l| {
+                        format!("{} {currency} in any 24 hours", format_micros(l))
+                    })
+                );
+                println!(
                     "expires    {}",
                     issued.expires_at_unix_micros.map_or(
                         "never (until revoked)".to_string(),

@@ -167,6 +167,7 @@ pub fn print_tokens(tokens: &[pb::Token]) {
             Left("sender", 24),
             Left("recipient", 24),
             Right("limit", 10),
+            Right("per day", 10),
             Right("spent", 10),
             Left("created (UTC)", 19),
             Left("expires (UTC)", 19),
@@ -187,6 +188,7 @@ pub fn print_tokens(tokens: &[pb::Token]) {
             &truncate(&t.sender_email, 24),
             &truncate(&t.recipient_email, 24),
             &t.spend_limit_micros.map_or("none".into(), format_micros),
+            &t.limit_per_day_micros.map_or("none".into(), format_micros),
             &format_micros(t.spent_micros),
             &format_time(t.created_at_unix_micros),
             &t.expires_at_unix_micros.map_or("never".into(), format_time),
@@ -243,6 +245,7 @@ pub fn token_json(t: &pb::Token) -> serde_json::Value {
            "currency": t.currency, "created_at_unix_micros": t.created_at_unix_micros,
            "expires_at_unix_micros": t.expires_at_unix_micros, "spend_limit_micros": t.spend_limit_micros,
            "spent_micros": t.spent_micros, "held_micros": t.held_micros,
+           "limit_per_day_micros": t.limit_per_day_micros,
            "revoked_at_unix_micros": t.revoked_at_unix_micros})
 }
 

@@ -360,6 +360,7 @@ fn token_pb(t: &TokenRow) -> pb::Token {
         spent_micros: t.spent.get(),
         held_micros: t.held.get(),
         revoked_at_unix_micros: t.revoked_at,
+        limit_per_day_micros: t.limit_per_day,
     }
 }
 

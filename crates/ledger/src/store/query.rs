@@ -123,6 +123,7 @@ pub struct TokenRow {
     pub held: Micros,
     pub spent: Micros,
     pub revoked_at: Option<i64>,
+    pub limit_per_day: Option<i64>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -247,7 +248,8 @@ impl Store {
         w.opt_text("k.id < ?", f.page.before_id.as_deref());
         let sql = format!(
             "SELECT k.id, s.email AS sender_email, r.email AS recipient_email, s.currency, \
-             k.created_at, k.expires_at, k.spend_limit, k.held, k.spent, k.revoked_at \
+             k.created_at, k.expires_at, k.spend_limit, k.held, k.spent, k.revoked_at, \
+             k.limit_per_day \
              FROM tokens k JOIN accounts s ON s.id = k.sender_id \
              JOIN accounts r ON r.id = k.recipient_id {} ORDER BY k.id DESC LIMIT {}",
             w.sql(),
