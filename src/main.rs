@@ -25,6 +25,17 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = cli::Cli::parse();
+    if cli::prints_and_exits(&args.command) {
+        // Rust ignores SIGPIPE, so printing to a closed pipe (`usage | head`) panicked ("failed
+        // printing to stdout"), after `account create` had made the account but before its
+        // one-time secret was printed whole. A client command ends at a closed pipe, as Unix
+        // tools do. Its sockets are unaffected: they write with MSG_NOSIGNAL.
+        // SAFETY: `signal` may be called at any time; it sets the default action, and nothing
+        // in this process installs a SIGPIPE handler of its own.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let telemetry = match syft_telemetry::init_with_default_filter(
         cli::service_name(&args.command),
         &args.log_format,

@@ -709,3 +709,28 @@ fn index_build_puts_a_whole_index_in_place() {
     );
     assert_contains(&refused, &["is not empty"]);
 }
+
+/// A client command whose output is closed before it prints (`… | head`) ends as Unix tools do,
+/// by SIGPIPE, not with a panic ("failed printing to stdout", exit 101).
+#[test]
+fn a_closed_output_ends_a_client_command_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let root = syft_testkit::TempDir::new().expect("temp dir");
+    let docs = root.path().join("docs");
+    std::fs::create_dir_all(&docs).expect("docs");
+    std::fs::write(docs.join("a.md"), "two-phase transfers").expect("a");
+    let mut child = syft_router()
+        .args(["index", "build"])
+        .arg(&docs)
+        .arg("--out")
+        .arg(root.path().join("idx"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}", out.status);
+}

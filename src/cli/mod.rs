@@ -69,6 +69,24 @@ pub enum Command {
     Limits(limits::LimitsArgs),
 }
 
+/// Whether the command only prints what it asked for (a client), rather than serving or driving
+/// servers: such a command ends quietly when its output is closed (`syft-router usage | head`).
+pub fn prints_and_exits(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::Chat(_)
+            | Command::Account(_)
+            | Command::Token(_)
+            | Command::Transfers(_)
+            | Command::Usage(_)
+            | Command::Index(_)
+            | Command::Stats(_)
+            | Command::Health(_)
+            | Command::Alerts(_)
+            | Command::Limits(_)
+    )
+}
+
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Ledger(args) => ledger::run(*args).await,
