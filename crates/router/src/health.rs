@@ -63,6 +63,8 @@ pub enum OwnerCheck {
     Verified,
     /// The ledger refused the secret (wrong `--ledger-secret`).
     SecretRejected,
+    /// No `--ledger-secret` was given, and the ledger wants one.
+    NoSecret,
     /// The secret is valid but belongs to another account than `owner_email`.
     NotOwner,
     /// `owner_email` has no account on the ledger (or, hosted, is not its owner).
@@ -81,6 +83,10 @@ impl OwnerCheck {
                  (SYFT_ROUTER_LEDGER_SECRET or --ledger-secret-file)"
                     .into(),
             ),
+            OwnerCheck::NoSecret => Some(format!(
+                "the router has no ledger secret: give {owner_email}'s account secret with \
+                 --ledger-secret (SYFT_ROUTER_LEDGER_SECRET or --ledger-secret-file)"
+            )),
             OwnerCheck::NotOwner => Some(format!(
                 "the router's ledger secret belongs to another account than owner_email \
                  {owner_email}: set owner_email to that account, or give {owner_email}'s secret"

@@ -41,6 +41,8 @@ pub(crate) struct Ledger {
     /// for a local append instead of the ledger's commit.
     spool: Option<UsageSpool>,
     pub(crate) hold_ttl_seconds: Option<i64>,
+    /// No `--ledger-secret` was given (a refusal then says so, not that a secret was wrong).
+    no_secret: bool,
 }
 
 /// The ledger endpoints and the router's credential: every call goes through [`Calls::call`],
@@ -144,6 +146,7 @@ impl Ledger {
             spool,
             calls,
             hold_ttl_seconds: settings.hold_ttl_seconds,
+            no_secret: settings.secret.is_empty(),
         })
     }
 
@@ -216,6 +219,7 @@ impl Ledger {
                 None => Some(OwnerCheck::Verified),
             },
             Ok(Err(s)) => match s.code() {
+                Code::Unauthenticated if self.no_secret => Some(OwnerCheck::NoSecret),
                 Code::Unauthenticated => Some(OwnerCheck::SecretRejected),
                 Code::PermissionDenied => Some(OwnerCheck::NotOwner),
                 Code::NotFound | Code::InvalidArgument => Some(OwnerCheck::OwnerUnknown),

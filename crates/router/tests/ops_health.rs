@@ -167,6 +167,14 @@ async fn paid_router_is_ready_only_with_its_owners_secret() {
             "--ledger-secret",
         ),
         (
+            // Told that it has none, not that the ledger rejected one.
+            "no secret",
+            owner.email.clone(),
+            String::new(),
+            "no_secret",
+            "has no ledger secret",
+        ),
+        (
             "another account's secret",
             owner.email.clone(),
             other.secret.clone(),
