@@ -670,6 +670,33 @@ async fn limits_command_shows_what_is_left() {
     assert!(reset_ms > 0 && reset_ms <= 86_400_000, "{json}");
     let err = fails(syft_router().args(base).args(["--service", "images"]));
     assert_contains(&err, &["invalid request", "unknown service"]);
+
+    // `chat` sent twice with one request id: the second answer is the stored one, and says so,
+    // rather than printing a second cost line that reads like a second charge.
+    let chat = |json: bool| {
+        let mut cmd = syft_router();
+        cmd.args(["chat", "hello", "--router-url", &s.router.grpc_url])
+            .args(["--user", &s.alice.email, "--token", &s.token])
+            .args(["--request-id", "cli-replay-1", "--model", "test-model"]);
+        if json {
+            cmd.arg("--json");
+        }
+        cmd.output().expect("chat")
+    };
+    let first = chat(false);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(!String::from_utf8_lossy(&first.stderr).contains("replay"));
+    let again = chat(false);
+    assert_contains(
+        &String::from_utf8_lossy(&again.stderr),
+        &["replay, charged once already"],
+    );
+    let json: serde_json::Value = serde_json::from_slice(&chat(true).stdout).expect("JSON output");
+    assert_eq!(json["replay"], true);
     s.check_invariants().await;
 }
 
@@ -733,4 +760,19 @@ fn a_closed_output_ends_a_client_command_quietly() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}", out.status);
+}
+
+/// `--status` takes the statuses rows have, and names them when given another (`rejected`, which
+/// the help used to list, and a typo both answered nothing, exit 0).
+#[test]
+fn an_unknown_status_is_refused_with_the_known_ones() {
+    for command in ["usage", "stats"] {
+        let out = syft_router()
+            .args([command, "--status", "rejected"])
+            .output()
+            .expect("run");
+        assert!(!out.status.success(), "{command}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_contains(&stderr, &["rate_limited", "budget_exceeded", "no_results"]);
+    }
 }

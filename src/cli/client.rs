@@ -250,9 +250,8 @@ pub struct UsageArgs {
     /// Only requests to this app (a router's name).
     #[arg(long)]
     app: Option<String>,
-    /// Only rows with this outcome: success, upstream_error, cancelled, rejected, timeout,
-    /// invalid_response.
-    #[arg(long)]
+    /// Only rows with this outcome (docs/router.md lists what each means).
+    #[arg(long, value_parser = usage_statuses())]
     status: Option<String>,
     #[command(flatten)]
     window: Window,
@@ -651,4 +650,11 @@ fn print_list<T>(
         table(rows);
         more_hint(next, name);
     }
+}
+
+/// Every usage row status, for `--status` (an unknown one is refused, not answered with nothing).
+pub(super) fn usage_statuses() -> clap::builder::PossibleValuesParser {
+    clap::builder::PossibleValuesParser::new(
+        syft_error::UsageStatus::ALL.map(syft_error::UsageStatus::as_str),
+    )
 }

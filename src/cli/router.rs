@@ -266,7 +266,8 @@ pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
                     "content": response.message.map(|m| m.content).unwrap_or_default(),
                     "finish_reason": response.finish_reason, "prompt_tokens": usage.prompt_tokens,
                     "completion_tokens": usage.completion_tokens, "cost_micros": response.cost_micros,
-                    "currency": response.currency, "transfer_id": response.transfer_id})
+                    "currency": response.currency, "transfer_id": response.transfer_id,
+                    "replay": response.replay})
             );
         } else {
             println!(
@@ -278,6 +279,7 @@ pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
                 &response.currency,
                 &response.transfer_id,
                 response.usage,
+                response.replay,
             );
         }
         return Ok(());
@@ -296,7 +298,13 @@ pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
             }
             Some(pb::chat_stream_event::Event::Final(f)) => {
                 println!();
-                print_cost(f.cost_micros, &f.currency, &f.transfer_id, f.usage);
+                print_cost(
+                    f.cost_micros,
+                    &f.currency,
+                    &f.transfer_id,
+                    f.usage,
+                    f.replay,
+                );
             }
             None => {}
         }
@@ -304,10 +312,23 @@ pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_cost(cost: i64, currency: &str, transfer_id: &str, usage: Option<pb::TokenUsage>) {
+/// The answer's cost line. A replay (the stored answer of a request id already charged) says so:
+/// its cost is the first attempt's, not a second charge.
+fn print_cost(
+    cost: i64,
+    currency: &str,
+    transfer_id: &str,
+    usage: Option<pb::TokenUsage>,
+    replay: bool,
+) {
     let usage = usage.unwrap_or_default();
     eprintln!(
-        "-- {} prompt + {} completion tokens, cost {} {}{}",
+        "-- {}{} prompt + {} completion tokens, cost {} {}{}",
+        if replay {
+            "replay, charged once already: "
+        } else {
+            ""
+        },
         usage.prompt_tokens,
         usage.completion_tokens,
         syft_ledger::money::format_micros(cost),

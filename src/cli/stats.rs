@@ -35,16 +35,20 @@ pub struct StatsArgs {
     /// Until this time (same forms as --since); default now.
     #[arg(long, value_parser = parse_time)]
     until: Option<i64>,
+    /// Only requests to this app (a router's name).
     #[arg(long)]
     app: Option<String>,
+    /// Only requests to this endpoint (`/chat`, `/search`, `/v1/chat/completions`, ...).
     #[arg(long)]
     endpoint: Option<String>,
     /// A user's email.
     #[arg(long)]
     user: Option<String>,
+    /// Only requests for this model.
     #[arg(long)]
     model: Option<String>,
-    #[arg(long)]
+    /// Only requests with this outcome (docs/router.md lists what each means).
+    #[arg(long, value_parser = super::client::usage_statuses())]
     status: Option<String>,
     /// owner: the apps you are paid for; user: the requests you sent (the admin sees everything).
     #[arg(long = "as", value_parser = ["owner", "user"], default_value = "owner")]
