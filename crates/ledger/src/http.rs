@@ -32,7 +32,29 @@ pub fn router(ledger: Ledger, accounting_api: bool, ready: watch::Receiver<bool>
     let app = if accounting_api {
         app.merge(crate::rest::router(ledger))
     } else {
-        app
+        // An unknown path answers in the REST API's error shape, and says how to turn the API on
+        // when the path is one of its (it was an empty 404).
+        app.fallback(|uri: axum::http::Uri| async move {
+            let rest = [
+                "/user/",
+                "/users",
+                "/token/",
+                "/transaction/",
+                "/transactions",
+            ]
+            .iter()
+            .any(|p| uri.path().starts_with(p));
+            let detail = if rest {
+                "no such endpoint: the Syft accounting REST API is served only with \
+                 --accounting-api"
+            } else {
+                "no such endpoint"
+            };
+            (
+                StatusCode::NOT_FOUND,
+                Json(serde_json::json!({"code": "NOT_FOUND", "detail": detail})),
+            )
+        })
     };
     app.layer(syft_telemetry::RequestLayer(syft_telemetry::Server::Http(
         "ledger",

@@ -698,3 +698,32 @@ async fn expired_hold_cannot_be_confirmed() {
         h.finish().await;
     }
 }
+
+/// Without `--accounting-api` a path of the API answers a JSON 404 that says how to turn it on
+/// (it was an empty 404), and any other unknown path a JSON 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_the_api_its_paths_say_how_to_serve_it() {
+    let h = Harness::with(false, |c| c.accounting_api = false)
+        .await
+        .expect("harness");
+    let http = reqwest::Client::new();
+    for (path, says) in [
+        ("/user/my-info", "--accounting-api"),
+        ("/transactions", "--accounting-api"),
+        ("/no/such/path", "no such endpoint"),
+    ] {
+        let resp = http
+            .get(format!("{}{path}", h.http_url()))
+            .send()
+            .await
+            .expect("http");
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{path}");
+        let v: serde_json::Value = resp.json().await.expect("json");
+        assert_eq!(v["code"], "NOT_FOUND", "{path}: {v}");
+        assert!(
+            v["detail"].as_str().unwrap_or_default().contains(says),
+            "{path}: {v}"
+        );
+    }
+    h.finish().await;
+}

@@ -56,6 +56,22 @@ pub fn http_router(service: RouterService) -> Router {
             "/metrics",
             get(|| async { syft_telemetry::metrics::response() }),
         )
+        // Unknown paths and methods answer in the API's error shape (they were empty bodies).
+        .fallback(|| async {
+            ApiError(RouterError::NotFound(
+                "no such endpoint: the router serves POST /v1/chat/completions, /chat and \
+                 /search; GET /v1/models, /v1/limits, /health, /healthz, /readyz and /metrics"
+                    .into(),
+            ))
+        })
+        .method_not_allowed_fallback(|method: http::Method| async move {
+            let mut resp = ApiError(RouterError::InvalidArgument(format!(
+                "method {method} is not served on this path"
+            )))
+            .into_response();
+            *resp.status_mut() = http::StatusCode::METHOD_NOT_ALLOWED;
+            resp
+        })
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(syft_telemetry::RequestLayer(syft_telemetry::Server::Http(
             "router",

@@ -1076,3 +1076,20 @@ async fn postgres_paid_flow() {
     s.check_invariants().await;
     s.db.drop_postgres().await;
 }
+
+/// An unknown path or method answers in the API's error shape (they were empty bodies).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_paths_and_methods_answer_with_an_error_body() {
+    let s = Stack::start(Pricing::per_request(PRICE)).await;
+    let http = reqwest::Client::new();
+    let body = openai_error(http.get(format!("{}/v1/nope", s.router.http_url)), 404).await;
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(message.contains("no such endpoint"), "{body}");
+    let body = openai_error(
+        http.get(format!("{}/v1/chat/completions", s.router.http_url)),
+        405,
+    )
+    .await;
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(message.contains("method GET"), "{body}");
+}
