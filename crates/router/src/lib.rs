@@ -64,6 +64,17 @@ pub async fn serve(
     http_listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let mut shutdown = Box::pin(shutdown);
+    if let Some(dir) = &config.ledger.usage_spool {
+        // The router this one replaces may still drain on the same spool (its grace, then its
+        // spool's drain): wait for it rather than exit. Past that the start fails, as before.
+        let grace = config.shutdown_grace;
+        let patience = grace + grace.min(SPOOL_DRAIN_LIMIT) + std::time::Duration::from_secs(5);
+        tokio::select! {
+            _ = usage_spool::wait_until_free(dir, patience) => {}
+            () = &mut shutdown => return Ok(()),
+        }
+    }
     RouterService::new(config)?
         .serve(grpc_listener, http_listener, shutdown)
         .await

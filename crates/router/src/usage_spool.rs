@@ -48,8 +48,11 @@ use tokio::sync::Notify;
 use crate::error::RouterError;
 use crate::ledger::Calls;
 
+mod owner;
 mod ship;
 mod sync;
+use owner::claim_owner;
+pub(crate) use owner::wait_until_free;
 use ship::ship_forever;
 use sync::Durable;
 
@@ -298,32 +301,6 @@ fn create_segment(dir: &Path, seg: u64) -> Result<File, RouterError> {
         .append(true)
         .open(segment_path(dir, seg))
         .map_err(|e| io_err("cannot create a segment", dir, e))
-}
-
-/// Rows carry no recipient: the ledger records them as the account of whichever router ships
-/// them. So a spool names its owner in `OWNER`, and one still holding rows of another owner
-/// refuses to open (they would be recorded as this owner's, and the rows the other had shipped
-/// but not yet deleted a second time). An empty spool is taken over.
-fn claim_owner(dir: &Path, owner: &str, has_rows: bool) -> Result<(), RouterError> {
-    if owner.is_empty() {
-        return Ok(());
-    }
-    let path = dir.join("OWNER");
-    match std::fs::read_to_string(&path) {
-        Ok(found) if found.trim() == owner => return Ok(()),
-        Ok(found) if has_rows => {
-            return Err(RouterError::InvalidArgument(format!(
-                "usage spool {} holds rows of {}, not of this router's owner {owner}: start that \
-                 router on it until it has shipped them, or give this one its own directory",
-                dir.display(),
-                found.trim()
-            )))
-        }
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_err("cannot read OWNER", dir, e)),
-    }
-    std::fs::write(&path, owner).map_err(|e| io_err("cannot write OWNER", dir, e))
 }
 
 /// Rows read from a segment, and the offset after the last one.

@@ -128,3 +128,34 @@ async fn rows_spooled_while_the_ledger_is_unreachable_ship_from_the_next_router(
             .collect::<Vec<_>>()
     );
 }
+
+/// A router started on a spool another router still uses (the one it replaces, draining) waits
+/// for it to stop, then serves, and its rows and the old one's reach the ledger once each. It
+/// used to exit at once ("in use by another router").
+#[tokio::test]
+async fn a_router_started_on_a_spool_in_use_waits_for_it() {
+    let dir = docs_dir(&[]); // an empty temporary directory
+    let spool = dir.path().join("spool");
+    let s = Stack::start(Pricing::free()).await;
+    let config = || {
+        let mut c = s.router_config(Pricing::free());
+        spooled(&spool, true)(&mut c);
+        c
+    };
+    let mut old = RouterHandle::start(config()).await;
+    let mut c = old.client().await;
+    let mut req = s.request("hi");
+    req.request_id = "before".into();
+    c.chat(req).await.expect("free answer");
+    let next = RouterHandle::start(config()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!next.is_finished(), "the next router waits for the spool");
+    old.shutdown();
+    old.join().await.expect("old router stopped");
+    let mut c = next.client().await;
+    let mut req = s.request("hi");
+    req.request_id = "after".into();
+    c.chat(req).await.expect("the next router serves");
+    let rows = rows_once(&s, 2).await;
+    assert_eq!(rows, [("after".to_string(), 1), ("before".to_string(), 1)]);
+}

@@ -102,6 +102,11 @@ impl RouterHandle {
         }
     }
 
+    /// Whether `serve` has returned (the router stopped, or never started).
+    pub fn is_finished(&self) -> bool {
+        self.task.as_ref().is_none_or(|t| t.is_finished())
+    }
+
     /// Waits for the router to stop (after [`Self::shutdown`]) and returns how `serve` ended.
     pub async fn join(mut self) -> Result<(), ServeError> {
         let task = self.task.take().expect("router task");
