@@ -400,6 +400,7 @@ async fn bench_ledger(b: &LedgerBench, shape: Shape) -> anyhow::Result<f64> {
                             upstream_latency_ms: 0,
                             ttft_ms: None,
                             row_key: String::new(),
+                            answered_at_unix_micros: None,
                         }),
                     })
                     .await;

@@ -100,7 +100,7 @@ pub async fn run(b: &UsageBench) -> anyhow::Result<()> {
                 };
                 let t0 = Instant::now();
                 let r = store
-                    .record_usage(recipient_id, "router@bench.example", &usage)
+                    .record_usage(recipient_id, "router@bench.example", &usage, None)
                     .await;
                 if r.is_err() {
                     errors.fetch_add(1, Ordering::Relaxed);

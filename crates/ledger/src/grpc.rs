@@ -232,13 +232,16 @@ grpc_methods! {
             let usage = req
                 .usage
                 .ok_or_else(|| LedgerError::invalid("usage is required"))?;
+            let answered_at = usage.answered_at_unix_micros;
             Ok(usage_pb(
-                &core.record_usage(&caller, usage_input(usage)).await?,
+                &core.record_usage(&caller, usage_input(usage), answered_at).await?,
             ))
         }
 
         fn record_usage_batch(pb::RecordUsageBatchRequest) -> pb::RecordUsageBatchResponse {
-            let usages = req.usages.into_iter().map(usage_input).collect();
+            let usages = (req.usages.into_iter())
+                .map(|u| (u.answered_at_unix_micros, usage_input(u)))
+                .collect();
             let rows = core.record_usage_batch(&caller, usages).await?;
             Ok(pb::RecordUsageBatchResponse {
                 records: rows.iter().map(usage_pb).collect(),
@@ -437,6 +440,7 @@ pub fn usage_pb(u: &UsageRow) -> pb::UsageRecord {
             upstream_latency_ms: x.upstream_latency_ms,
             ttft_ms: x.ttft_ms,
             row_key: x.row_key.clone(),
+            answered_at_unix_micros: None,
         }),
         transfer_id: u.transfer_id.clone().unwrap_or_default(),
         recipient_email: u.recipient_email.clone(),

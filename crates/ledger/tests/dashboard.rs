@@ -510,6 +510,22 @@ async fn live_usage(h: &Harness) {
             .expect("usage");
     }
     wait_for_row(&mut events, &mut seen, "burst-19", Duration::from_secs(3)).await;
+    // A row dated an hour back (a spooled row shipped late) is pushed once, though rows after it
+    // keep the stream reading past its id (it was sent again at every read for 10 s).
+    let mut late = usage("late-row", ALICE, "app-one");
+    if let Some(u) = late.usage.as_mut() {
+        u.answered_at_unix_micros = Some(syft_ledger::store::now_micros() - 3_600_000_000);
+    }
+    o1.record_usage(late).await.expect("usage");
+    wait_for_row(&mut events, &mut seen, "late-row", Duration::from_secs(3)).await;
+    for n in 0..3 {
+        let id = format!("after-late-{n}");
+        o1.record_usage(usage(&id, ALICE, "app-one"))
+            .await
+            .expect("usage");
+        wait_for_row(&mut events, &mut seen, &id, Duration::from_secs(3)).await;
+    }
+    assert_eq!(seen.matches("late-row").count(), 1, "{seen}");
     let updates = seen.matches("event: usage").count() as u64;
     assert!(
         updates <= opened.elapsed().as_secs() + 1,

@@ -157,8 +157,62 @@ async fn refusals_sent_again_with_their_key_are_recorded_once(h: Harness) -> Har
     h
 }
 
+/// A free row is dated when its recorder says it answered, if that was at most 30 days ago (a
+/// router's spool ships rows written during a ledger outage later); a time in the future or
+/// older is replaced by the ledger's clock. The rollups follow the row's date (verify).
+async fn free_rows_keep_their_answer_time(h: Harness) -> Harness {
+    let owner = h.account(OWNER, 0).await;
+    let mut c = h.client(&owner);
+    let now = syft_ledger::store::now_micros();
+    let day = 86_400_000_000i64;
+    let cases = [
+        ("yesterday", Some(now - day), Some(now - day)),
+        ("last-month", Some(now - 40 * day), None),
+        ("tomorrow", Some(now + day), None),
+        ("unsaid", None, None),
+    ];
+    let usages: Vec<pb::Usage> = (cases.iter().enumerate())
+        .map(|(n, (id, at, _))| pb::Usage {
+            request_id: (*id).into(),
+            answered_at_unix_micros: *at,
+            ..usage(n, "success")
+        })
+        .collect();
+    let rows = c
+        .record_usage_batch(pb::RecordUsageBatchRequest { usages })
+        .await
+        .expect("batch")
+        .into_inner()
+        .records;
+    let after = syft_ledger::store::now_micros();
+    for ((id, _, kept), row) in cases.iter().zip(&rows) {
+        match kept {
+            Some(at) => assert_eq!(row.created_at_unix_micros, *at, "{id}"),
+            None => assert!(
+                (now..=after).contains(&row.created_at_unix_micros),
+                "{id}: dated by the ledger"
+            ),
+        }
+    }
+    // One row alone, over `RecordUsage`, the same.
+    let one = c
+        .record_usage(pb::RecordUsageRequest {
+            usage: Some(pb::Usage {
+                request_id: "an-hour-ago".into(),
+                answered_at_unix_micros: Some(now - day / 24),
+                ..usage(9, "success")
+            }),
+        })
+        .await
+        .expect("one")
+        .into_inner();
+    assert_eq!(one.created_at_unix_micros, now - day / 24);
+    h
+}
+
 store_suite!(
     batch_writes_each_row_once,
     bad_batches_write_nothing,
-    refusals_sent_again_with_their_key_are_recorded_once
+    refusals_sent_again_with_their_key_are_recorded_once,
+    free_rows_keep_their_answer_time
 );

@@ -393,7 +393,12 @@ impl Ledger {
     /// grouped with the rows ready at the same moment and sent, returning after its commit
     /// (`usage_send.rs`). Refusal rows never go through the spool (usage_spool.rs says why);
     /// they carry a row key, which the ledger records once however often they are sent.
-    pub(crate) async fn record_free_usage(&self, usage: Usage) -> Result<(), RouterError> {
+    pub(crate) async fn record_free_usage(&self, mut usage: Usage) -> Result<(), RouterError> {
+        // Dated now, when it was answered: a spooled row may ship long after (a ledger outage),
+        // and was dated then, in the analytics and the alerts' windows.
+        usage
+            .answered_at_unix_micros
+            .get_or_insert_with(unix_micros_now);
         let refusal = UsageStatus::parse(&usage.status).is_some_and(UsageStatus::is_refusal);
         if let (Some(spool), false) = (&self.spool, refusal) {
             match spool.append(&usage).await {
@@ -634,4 +639,11 @@ mod tests {
             assert!(!never_sent(&tonic::Status::unavailable(cut)), "{cut}");
         }
     }
+}
+
+/// Now, in microseconds since the Unix epoch (0 for a clock before it).
+fn unix_micros_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }

@@ -117,6 +117,7 @@ async fn rows_spooled_while_the_ledger_is_unreachable_ship_from_the_next_router(
     assert!(s.answered_usage().await.is_empty());
 
     // The next router on the directory reaches the ledger and ships the rows left.
+    let shipped_from = syft_ledger::store::now_micros();
     let mut config = s.router_config(Pricing::free());
     spooled(&spool, true)(&mut config);
     let _next = RouterHandle::start(config).await;
@@ -127,6 +128,10 @@ async fn rows_spooled_while_the_ledger_is_unreachable_ship_from_the_next_router(
             .map(|i| (format!("offline-{i}"), 1))
             .collect::<Vec<_>>()
     );
+    // Dated when they were answered, not when they shipped (they used to be).
+    for row in s.answered_usage().await {
+        assert!(row.created_at_unix_micros < shipped_from, "{row:?}");
+    }
 }
 
 /// A router started on a spool another router still uses (the one it replaces, draining) waits

@@ -430,12 +430,16 @@ impl Ledger {
         self.backend.check_token(recipient.id, token).await
     }
 
-    /// A usage row without money (free services, refused requests).
-    pub async fn record_usage(&self, caller: &Caller, usage: UsageInput) -> Result<UsageRow> {
-        let recipient = caller.account()?;
-        let usage = validate_usage(usage)?;
-        self.store
-            .record_usage(recipient.id, &recipient.email, &usage)
+    /// A usage row without money (free services, refused requests), dated `answered_at` if recent.
+    pub async fn record_usage(
+        &self,
+        caller: &Caller,
+        usage: UsageInput,
+        answered_at: Option<i64>,
+    ) -> Result<UsageRow> {
+        let (recipient, usage) = (caller.account()?, validate_usage(usage)?);
+        (self.store)
+            .record_usage(recipient.id, &recipient.email, &usage, answered_at)
             .await
     }
 
@@ -445,7 +449,7 @@ impl Ledger {
     pub async fn record_usage_batch(
         &self,
         caller: &Caller,
-        usages: Vec<UsageInput>,
+        usages: Vec<(Option<i64>, UsageInput)>,
     ) -> Result<Vec<UsageRow>> {
         let recipient = caller.account()?;
         if usages.len() > MAX_USAGE_BATCH {
@@ -453,14 +457,12 @@ impl Ledger {
                 "at most {MAX_USAGE_BATCH} usage rows per call"
             )));
         }
-        let usages = usages
-            .into_iter()
-            .map(validate_usage)
+        let usages = (usages.into_iter())
+            .map(|(at, u)| Ok((at, validate_usage(u)?)))
             .collect::<Result<Vec<_>>>()?;
         futures::future::try_join_all(
-            usages
-                .iter()
-                .map(|u| self.store.record_usage(recipient.id, &recipient.email, u)),
+            (usages.iter())
+                .map(|(at, u)| (self.store).record_usage(recipient.id, &recipient.email, u, *at)),
         )
         .await
     }

@@ -9,22 +9,35 @@ use super::usage_batch::UsageJob;
 use super::{new_id, now_micros, Micros, Store, UsageInput, UsageRow};
 use crate::error::{LedgerError, Result};
 
+/// How far back a free row may be dated by its recorder: a spool that ships after an outage of
+/// up to a month keeps its rows' times. (Older rows are dated by the ledger: their hours' rollups
+/// are long read, and a recorder's clock that far off is wrong.)
+pub const MAX_ANSWER_AGE_MICROS: i64 = 30 * 86_400 * 1_000_000;
+
 impl Store {
     /// A usage row without money, written through the group-commit writer (`usage_batch.rs`):
     /// returns once its batch committed. A request id already recorded for this user returns the
     /// existing row (request ids are scoped per user, like idempotency keys), and so does a row
     /// key already recorded for this recipient; refusals get a row of their own unless their row
     /// key was recorded.
+    ///
+    /// `answered_at`: when the recorder says it answered; the row is dated so when that is at
+    /// most [`MAX_ANSWER_AGE_MICROS`] ago (rows a router spooled while the ledger was away ship
+    /// late, and were dated when they shipped). Otherwise, or in the future, the ledger's clock.
     pub async fn record_usage(
         &self,
         recipient_id: i64,
         recipient_email: &str,
         usage: &UsageInput,
+        answered_at: Option<i64>,
     ) -> Result<UsageRow> {
+        let now = now_micros();
         let job = UsageJob {
             id: new_id(),
             recipient_id,
-            now: now_micros(),
+            now: answered_at
+                .filter(|at| (now - MAX_ANSWER_AGE_MICROS..=now).contains(at))
+                .unwrap_or(now),
             usage: usage.clone(),
         };
         if self.usage_writer.write(job.clone()).await? {

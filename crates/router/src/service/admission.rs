@@ -346,6 +346,8 @@ impl RouterService {
             // Streams set it once the first token arrived.
             ttft_ms: None,
             row_key: row_key(status),
+            // A free row's is set when it is recorded (`Ledger::record_free_usage`).
+            answered_at_unix_micros: None,
         }
     }
 }

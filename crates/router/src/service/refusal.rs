@@ -146,6 +146,7 @@ impl RouterService {
             ttft_ms: None,
             // Kept by the retries below and by a failed-over call: one row however often sent.
             row_key: row_key(status),
+            answered_at_unix_micros: None,
         };
         let Err(err) = self.inner.ledger.record_usage(usage.clone()).await else {
             return;

@@ -229,7 +229,7 @@ impl Tail {
             .await?;
         let mut out = Vec::new();
         for row in &rows {
-            if self.seen.insert(row.id.clone(), row.created_at).is_none() {
+            if self.seen.insert(row.id.clone(), id_micros(row)).is_none() {
                 out.push(usage_json(row));
             }
         }
@@ -240,6 +240,21 @@ impl Tail {
         self.seen.retain(|_, at| *at >= since);
         Ok(out)
     }
+}
+
+/// When a row's id was made (UUIDv7 ids start with their millisecond), or its date if later. The
+/// stream reads by id, so it remembers what it sent by this time: a row dated before its id (a
+/// spooled row that shipped late, dated when it was answered) was forgotten at once and sent
+/// again at every read until the window passed its id.
+fn id_micros(row: &crate::store::UsageRow) -> i64 {
+    uuid::Uuid::parse_str(&row.id)
+        .ok()
+        .and_then(|id| id.get_timestamp())
+        .map(|t| {
+            let (secs, nanos) = t.to_unix();
+            i64::try_from(secs).unwrap_or(i64::MAX / 2) * 1_000_000 + i64::from(nanos / 1000)
+        })
+        .map_or(row.created_at, |at| at.max(row.created_at))
 }
 
 /// `GET /dashboard/events`: `usage` events with `{"rows": [...]}` (as `/dashboard/api/usage`).
