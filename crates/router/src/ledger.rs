@@ -612,6 +612,13 @@ pub(crate) fn void_reason(reason: &str) -> String {
     out
 }
 
+/// Now, in microseconds since the Unix epoch (0 for a clock before it).
+fn unix_micros_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -639,11 +646,4 @@ mod tests {
             assert!(!never_sent(&tonic::Status::unavailable(cut)), "{cut}");
         }
     }
-}
-
-/// Now, in microseconds since the Unix epoch (0 for a clock before it).
-fn unix_micros_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }
