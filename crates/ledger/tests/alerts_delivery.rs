@@ -23,6 +23,7 @@ alerts_suite!(
     client_errors_are_not_retried,
     an_answer_with_control_characters_is_logged_once,
     an_account_whose_endpoint_hangs_leaves_others_their_slots,
+    finished_events_past_their_retention_are_purged,
     killed_ledger_delivers_after_restart_with_the_same_id,
     two_replicas_never_send_one_event_in_parallel,
     bad_endpoint_configs_are_refused,
@@ -196,6 +197,43 @@ async fn an_account_whose_endpoint_hangs_leaves_others_their_slots(h: Harness) -
         .await;
     let hers = slow.received().len();
     assert!(hers <= 4, "{hers} of her events were sent before bob's one");
+    h
+}
+
+/// Events finished more than 30 days ago are deleted with their attempts; newer ones stay (they
+/// were all kept for ever, and the rate cap read every attempt an endpoint ever made).
+async fn finished_events_past_their_retention_are_purged(h: Harness) -> Harness {
+    let rx = WebhookReceiver::start().await;
+    let alice = h.account(ALICE, 10 * USD).await;
+    let ep = add_rule(&h, &alice, &rx, balance_low(USD)).await;
+    let old = test_event(&h, &alice, &ep).await;
+    let new = test_event(&h, &alice, &ep).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut log = deliveries(&h, &alice, &ep).await;
+    while log.iter().filter(|d| d.outcome == "DELIVERED").count() < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "{log:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        log = deliveries(&h, &alice, &ep).await;
+    }
+    let month_ago = syft_ledger::store::now_micros() - 31 * 86_400_000_000;
+    sqlx::query("UPDATE alert_events SET finished_at = $1 WHERE id = $2")
+        .bind(month_ago)
+        .bind(&old)
+        .execute(h.store.pool())
+        .await
+        .expect("age the event");
+    let worker = Worker::new(h.store.clone(), Arc::new(h.config.alerts.clone()));
+    assert_eq!(worker.purge_finished().await.expect("purge"), 1);
+    let log = deliveries(&h, &alice, &ep).await;
+    let ids: Vec<&str> = log.iter().map(|d| d.event_id.as_str()).collect();
+    assert_eq!(ids, [new.as_str()]);
+    let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM alert_events WHERE id = $1")
+        .bind(&old)
+        .fetch_one(h.store.pool())
+        .await
+        .expect("count");
+    assert_eq!(left, 0);
+    assert_eq!(worker.purge_finished().await.expect("purge again"), 0);
     h
 }
 

@@ -22,6 +22,8 @@ use crate::store::{now_micros, Store};
 /// Events a worker sends at once. A claim takes no more than the free slots, and each claimed
 /// event's send starts at once, so one attempt's lease covers it (see `claim`).
 const PARALLEL_SENDS: usize = 8;
+/// How often a worker deletes the events past their retention.
+const PURGE_EVERY: Duration = Duration::from_secs(3600);
 /// The window of an endpoint's rate cap (`rate_per_minute`).
 const RATE_WINDOW_MICROS: i64 = 60_000_000;
 /// Bytes of a response read (then dropped); at most this much of an error body is kept.
@@ -52,8 +54,15 @@ impl Worker {
         let slots = Arc::new(tokio::sync::Semaphore::new(PARALLEL_SENDS));
         let mut tick = tokio::time::interval(self.config.deliver_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut purged_at: Option<Instant> = None;
         loop {
             tick.tick().await;
+            if purged_at.is_none_or(|at| at.elapsed() >= PURGE_EVERY) {
+                purged_at = Some(Instant::now());
+                if let Err(e) = self.purge_finished().await {
+                    tracing::warn!(error = %e, "old alert events not purged");
+                }
+            }
             // A full claim may have left more due: claim again at once, not a tick later.
             loop {
                 let free = slots.available_permits();
@@ -85,6 +94,12 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Deletes the events finished longer ago than the retention (`store::RETENTION_MICROS`),
+    /// with their attempts; returns how many events.
+    pub async fn purge_finished(&self) -> Result<u64> {
+        db::purge_finished(self.store.pool(), now_micros()).await
     }
 
     /// Claims one batch of due events and sends them, returning once every attempt is recorded;

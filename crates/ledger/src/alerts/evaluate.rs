@@ -120,7 +120,7 @@ async fn evaluate_endpoint(
         let values = match key.as_ref().and_then(|k| pass.measured.get(k)) {
             Some(values) => values.clone(),
             None => {
-                let values = measure(store, rule, &account, endpoint, now).await?;
+                let values = measure(store, rule, &account, (endpoint, index), now).await?;
                 if let Some(key) = key {
                     pass.measured.insert(key, values.clone());
                 }
@@ -203,7 +203,7 @@ async fn measure(
     store: &Store,
     rule: &Rule,
     account: &AccountRow,
-    endpoint: &EndpointRecord,
+    (endpoint, index): (&EndpointRecord, i64),
     now: i64,
 ) -> Result<Vec<(String, Value)>> {
     let pool = store.pool();
@@ -272,12 +272,20 @@ async fn measure(
             // Due once a day from the chosen hour; an endpoint added after today's hour starts
             // tomorrow (a digest is a schedule, not a backlog).
             let due = now >= due_at && endpoint.created_at <= due_at;
-            let summary = if due {
+            // Sent today already: its two day-long queries are not run again at every pass
+            // until midnight (they were, and the level then kept the event from firing twice).
+            let day = day_name(now);
+            let sent = due
+                && db::level(pool, &endpoint.id, index, &day)
+                    .await?
+                    .unwrap_or(0)
+                    > 0;
+            let summary = if due && !sent {
                 Some(digest(store, account, now).await?)
             } else {
                 None
             };
-            vec![(day_name(now), Value::Digest(summary))]
+            vec![(day, Value::Digest(summary))]
         }
     })
 }

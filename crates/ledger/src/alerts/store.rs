@@ -511,3 +511,44 @@ fn printable(text: &str) -> String {
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect()
 }
+
+/// How long a finished event (delivered or given up) and its attempts are kept: the delivery log
+/// (`ListAlertDeliveries`) shows them that long.
+pub const RETENTION_MICROS: i64 = 30 * 86_400 * 1_000_000;
+/// Events deleted per statement.
+const PURGE_BATCH: i64 = 1_000;
+
+/// Deletes the events that finished before `now - RETENTION_MICROS`, with their attempts, a batch
+/// at a time; returns how many events. Pending events are never deleted.
+pub(crate) async fn purge_finished(pool: &AnyPool, now: i64) -> Result<u64> {
+    let before = now - RETENTION_MICROS;
+    let mut purged = 0;
+    loop {
+        let mut tx = pool.begin().await?;
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM alert_events WHERE status <> 'PENDING' AND finished_at < $1 LIMIT $2",
+        )
+        .bind(before)
+        .bind(PURGE_BATCH)
+        .fetch_all(&mut *tx)
+        .await?;
+        if ids.is_empty() {
+            return Ok(purged);
+        }
+        let marks: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
+        let list = marks.join(", ");
+        for table_key in ["alert_deliveries WHERE event_id", "alert_events WHERE id"] {
+            let sql = format!("DELETE FROM {table_key} IN ({list})");
+            let mut q = sqlx::query(&sql);
+            for id in &ids {
+                q = q.bind(id);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        purged += ids.len() as u64;
+        if (ids.len() as i64) < PURGE_BATCH {
+            return Ok(purged);
+        }
+    }
+}
