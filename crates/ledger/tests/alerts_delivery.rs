@@ -407,7 +407,8 @@ async fn bad_endpoint_configs_are_refused(h: Harness) -> Harness {
     let admin_add = alerts(&h, ADMIN_KEY)
         .add_alert_endpoint(request(&good_url, vec![balance_low(USD)]))
         .await;
-    assert_eq!(code(admin_add), Code::PermissionDenied);
+    // A missing field, named (it was PERMISSION_DENIED, "needs an account's credentials").
+    assert_eq!(code(admin_add), Code::InvalidArgument);
     let mut for_bob = request(&good_url, vec![balance_low(USD)]);
     for_bob.account_email = BOB.into();
     let added = alerts(&h, ADMIN_KEY)

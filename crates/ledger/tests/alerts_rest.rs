@@ -251,6 +251,24 @@ async fn rest_refuses_bad_input_with_clear_errors(h: Harness) -> Harness {
     }
     let (_, listed) = call(&h, Method::GET, "/endpoints", Some(&alice), None).await;
     assert_eq!(listed["endpoints"], json!([]), "nothing half-written");
+    // The admin names the account (it has none of its own): a missing one is a bad request that
+    // says which field, not a 403.
+    let (status, answer) = call(
+        &h,
+        Method::POST,
+        "/endpoints",
+        Some(ADMIN_KEY),
+        Some(with_url(&good)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    assert!(
+        answer["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("account_email"),
+        "{answer}"
+    );
 
     // Query parameters and paths are checked too.
     let rx = WebhookReceiver::start().await;
@@ -263,6 +281,11 @@ async fn rest_refuses_bad_input_with_clear_errors(h: Harness) -> Harness {
         (
             format!("/endpoints/{ep}/deliveries?limit=100000"),
             "maximum",
+        ),
+        // Zero is out of range here (over gRPC an unset limit is the default).
+        (
+            format!("/endpoints/{ep}/deliveries?limit=0"),
+            "from 1 to 500",
         ),
         (
             format!("/endpoints/{ep}/deliveries?limt=5"),

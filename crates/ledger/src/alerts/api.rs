@@ -72,10 +72,15 @@ impl Ledger {
 
     /// The account an alerts call is about: the caller's, or (admin) the named one.
     async fn alerts_account(&self, caller: &Caller, email: &str) -> Result<AccountRow> {
-        if email.is_empty() {
-            return self.me(caller).await;
+        match (email.is_empty(), caller) {
+            // The admin has no account of its own: say which field names one (it was told that
+            // it needs an account's credentials, 403).
+            (true, Caller::Admin) => Err(LedgerError::invalid(
+                "account_email is required when the admin manages alerts",
+            )),
+            (true, Caller::Account(_)) => self.me(caller).await,
+            (false, _) => self.account(caller, email).await,
         }
-        self.account(caller, email).await
     }
 
     /// An endpoint the caller may manage.

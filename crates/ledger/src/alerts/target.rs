@@ -142,6 +142,8 @@ fn is_public_v4(ip: Ipv4Addr) -> bool {
         || ip.is_multicast()
         || ip.is_documentation()
         || a == 0
+        // IETF protocol assignments 192.0.0.0/24 (DS-Lite, NAT64 discovery and the like).
+        || (a == 192 && b == 0 && ip.octets()[2] == 0)
         // Carrier-grade NAT 100.64.0.0/10 and benchmarking 198.18.0.0/15.
         || (a == 100 && (64..128).contains(&b))
         || (a == 198 && (18..20).contains(&b))
@@ -164,12 +166,18 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
     if s[..6] == [0; 6] {
         return !ip.is_loopback() && !ip.is_unspecified() && is_public_v4(embedded(s[6], s[7]));
     }
+    // IPv4-translated ::ffff:0:0/96 (SIIT, RFC 6145): an IPv4 address too.
+    if s[..4] == [0; 4] && s[4] == 0xffff && s[5] == 0 {
+        return is_public_v4(embedded(s[6], s[7]));
+    }
     !(ip.is_loopback()
         || ip.is_unspecified()
         || ip.is_multicast()
-        // Unique local fc00::/7, link-local fe80::/10, documentation 2001:db8::/32.
+        // Unique local fc00::/7, link-local fe80::/10, the deprecated site-local fec0::/10,
+        // documentation 2001:db8::/32.
         || (first & 0xfe00) == 0xfc00
         || (first & 0xffc0) == 0xfe80
+        || (first & 0xffc0) == 0xfec0
         || (first == 0x2001 && s[1] == 0x0db8))
 }
 
@@ -199,6 +207,11 @@ mod tests {
             "2002:c0a8:101::1",
             "::10.0.0.1",
             "::127.0.0.1",
+            // IPv4-translated, site-local and the IETF's 192.0.0.0/24.
+            "::ffff:0:10.0.0.1",
+            "::ffff:0:7f00:1",
+            "fec0::1",
+            "192.0.0.8",
         ] {
             assert!(!is_public(ip.parse().unwrap()), "{ip} counted as public");
         }

@@ -237,10 +237,13 @@ async fn deliveries(
     Query(query): Query<HashMap<String, String>>,
 ) -> Reply {
     let get = params(&query, &["limit"])?;
+    // 0 means "the default" over gRPC (an unset field); here it is a number out of range.
     let limit = match get("limit") {
         None | Some("") => 0,
-        Some(text) => text.parse::<u32>().map_err(|_| {
-            LedgerError::invalid(format!("limit must be a whole number, not {text:?}"))
+        Some(text) => text.parse::<u32>().ok().filter(|n| *n > 0).ok_or_else(|| {
+            LedgerError::invalid(format!(
+                "limit must be a whole number from 1 to 500, not {text:?}"
+            ))
         })?,
     };
     let log = ledger.alert_deliveries(&caller, &id, limit).await?;
