@@ -234,6 +234,30 @@ async fn finished_events_past_their_retention_are_purged(h: Harness) -> Harness 
         .expect("count");
     assert_eq!(left, 0);
     assert_eq!(worker.purge_finished().await.expect("purge again"), 0);
+
+    // An event written as its endpoint was being removed (the removal did not see it) is given
+    // up by the next purge; it stayed pending for ever, never claimed.
+    alerts(&h, &alice)
+        .remove_alert_endpoint(pb::RemoveAlertEndpointRequest {
+            endpoint_id: ep.clone(),
+        })
+        .await
+        .expect("removed");
+    sqlx::query(
+        "INSERT INTO alert_events (id, endpoint_id, kind, payload, status, next_attempt_at, \
+         created_at) VALUES ('late-event', $1, 'test', '{}', 'PENDING', 0, 0)",
+    )
+    .bind(&ep)
+    .execute(h.store.pool())
+    .await
+    .expect("a late event");
+    worker.purge_finished().await.expect("purge");
+    let status: String =
+        sqlx::query_scalar("SELECT status FROM alert_events WHERE id = 'late-event'")
+            .fetch_one(h.store.pool())
+            .await
+            .expect("status");
+    assert_eq!(status, "FAILED");
     h
 }
 

@@ -518,9 +518,21 @@ pub const RETENTION_MICROS: i64 = 30 * 86_400 * 1_000_000;
 /// Events deleted per statement.
 const PURGE_BATCH: i64 = 1_000;
 
-/// Deletes the events that finished before `now - RETENTION_MICROS`, with their attempts, a batch
-/// at a time; returns how many events. Pending events are never deleted.
+/// Gives up the pending events of removed endpoints, then deletes the events that finished before
+/// `now - RETENTION_MICROS`, with their attempts, a batch at a time; returns how many events were
+/// deleted. Pending events are never deleted.
 pub(crate) async fn purge_finished(pool: &AnyPool, now: i64) -> Result<u64> {
+    // An event written while its endpoint was being removed (the removal's statement did not
+    // see it yet) would stay pending for ever: never claimed, never finished. It is given up
+    // here, as the removal gives up its endpoint's events.
+    sqlx::query(
+        "UPDATE alert_events SET status = 'FAILED', finished_at = $1, lease_owner = NULL, \
+         lease_until = NULL WHERE status = 'PENDING' AND endpoint_id IN \
+         (SELECT id FROM alert_endpoints WHERE removed_at IS NOT NULL)",
+    )
+    .bind(now)
+    .execute(pool)
+    .await?;
     let before = now - RETENTION_MICROS;
     let mut purged = 0;
     loop {
