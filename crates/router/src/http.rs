@@ -27,6 +27,7 @@ use syft_proto::router::{chat_stream_event, ChatOptions, ChatRequest, Message};
 use crate::config::ServiceKind;
 use crate::error::{RouterError, REASON_HEADER};
 use crate::limits::RateHeaders;
+use crate::openai_wire::{ContentField, OaiRequest};
 use crate::service::RouterService;
 
 pub const COST_HEADER: &str = "x-syft-cost-micros";
@@ -172,68 +173,6 @@ impl From<RouterError> for ApiError {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum StopField {
-    One(String),
-    Many(Vec<String>),
-}
-
-#[derive(Deserialize)]
-struct ContentPart {
-    #[serde(rename = "type")]
-    kind: String,
-    #[serde(default)]
-    text: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum ContentField {
-    Text(String),
-    Parts(Vec<ContentPart>),
-}
-
-#[derive(Deserialize)]
-struct OaiMessage {
-    role: String,
-    #[serde(default)]
-    content: Option<ContentField>,
-    #[serde(default)]
-    name: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-struct StreamOptions {
-    #[serde(default)]
-    include_usage: bool,
-}
-
-#[derive(Deserialize)]
-struct OaiRequest {
-    #[serde(default)]
-    model: String,
-    messages: Vec<OaiMessage>,
-    #[serde(default)]
-    max_tokens: Option<u64>,
-    #[serde(default)]
-    max_completion_tokens: Option<u64>,
-    #[serde(default)]
-    temperature: Option<f64>,
-    #[serde(default)]
-    top_p: Option<f64>,
-    #[serde(default)]
-    stop: Option<StopField>,
-    #[serde(default)]
-    stream: bool,
-    #[serde(default)]
-    stream_options: Option<StreamOptions>,
-    #[serde(default)]
-    user: Option<String>,
-    #[serde(default)]
-    n: Option<u32>,
-}
-
 fn bad(msg: impl Into<String>) -> RouterError {
     RouterError::InvalidArgument(msg.into())
 }
@@ -286,8 +225,7 @@ fn to_chat_request(body: OaiRequest, headers: &HeaderMap) -> Result<ChatRequest,
         top_p: finite("top_p", body.top_p)?,
         stop_sequences: match body.stop {
             None => vec![],
-            Some(StopField::One(s)) => vec![s],
-            Some(StopField::Many(v)) => v,
+            Some(stop) => stop.0,
         },
     };
     let transaction_token = bearer_token(headers)?;
@@ -401,8 +339,9 @@ async fn chat_completions(
         let include_usage = body
             .stream_options
             .as_ref()
-            .is_some_and(|o| o.include_usage);
-        Ok((body.stream, include_usage, to_chat_request(body, &headers)?))
+            .is_some_and(|o| o.include_usage.unwrap_or(false));
+        let stream = body.stream.unwrap_or(false);
+        Ok((stream, include_usage, to_chat_request(body, &headers)?))
     };
     let user = |body: &OaiRequest| body.user.clone();
     let (stream, include_usage, req) =

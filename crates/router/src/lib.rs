@@ -18,6 +18,7 @@ mod ledger;
 pub mod limits;
 mod metrics;
 pub mod money;
+mod openai_wire;
 pub mod search;
 pub mod service;
 mod syft_http;

@@ -238,10 +238,23 @@ pub async fn chat(
         "providerInfo": provider_json(r.provider_info),
         "logprobs": null,
         "cost": cost_json(r.cost_micros, &r.currency, &r.transfer_id),
+        "replay": r.replay,
     }))
     .into_response();
+    mark_replay(&mut resp, r.replay);
     rate_limit_headers(resp.headers_mut(), &limits);
     Ok(resp)
+}
+
+/// The stored answer of a request id already charged says so, as on the OpenAI front: its `cost`
+/// is the first attempt's, not a second charge.
+fn mark_replay(resp: &mut Response, replay: bool) {
+    if replay {
+        resp.headers_mut().insert(
+            crate::http::REPLAY_HEADER,
+            axum::http::HeaderValue::from_static("true"),
+        );
+    }
 }
 
 /// `POST /search`.
@@ -271,8 +284,10 @@ pub async fn search(
         "results": results,
         "providerInfo": provider_json(r.provider_info),
         "cost": cost_json(r.cost_micros, &r.currency, &r.transfer_id),
+        "replay": r.replay,
     }))
     .into_response();
+    mark_replay(&mut resp, r.replay);
     rate_limit_headers(resp.headers_mut(), &limits);
     Ok(resp)
 }

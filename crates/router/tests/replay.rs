@@ -287,3 +287,36 @@ async fn replays_spend_no_rate_limit_room() {
     assert_eq!(s.alice_money().await.0, FUNDS - 2 * PRICE);
     s.check_invariants().await;
 }
+
+/// The Syft `/chat` front marks a replay as the OpenAI front does (`"replay": true` and
+/// `x-syft-replay: true`); it used to return the stored answer with its cost and nothing saying it
+/// was not charged again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_syft_chat_front_marks_a_replay() {
+    let s = Stack::start(Pricing::per_request(PRICE)).await;
+    let http = reqwest::Client::new();
+    let body = json!({"userEmail": s.alice.email, "model": "test-model", "requestId": "syft-1",
+        "messages": [{"role": "user", "content": "hi"}], "transactionToken": s.token});
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let resp = http
+            .post(format!("{}/chat", s.router.http_url))
+            .json(&body)
+            .send()
+            .await
+            .expect("http");
+        assert_eq!(resp.status(), 200);
+        let header = resp.headers().get("x-syft-replay").is_some();
+        let v: Value = resp.json().await.expect("json");
+        seen.push((
+            v["replay"].as_bool(),
+            header,
+            v["cost"]["amountMicros"].clone(),
+        ));
+    }
+    assert_eq!(seen[0].0, Some(false));
+    assert!(!seen[0].1);
+    assert_eq!((seen[1].0, seen[1].1), (Some(true), true));
+    assert_eq!(s.alice_money().await.0, FUNDS - PRICE);
+    s.check_invariants().await;
+}

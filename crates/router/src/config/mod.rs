@@ -438,6 +438,12 @@ impl RouterConfig {
         if l.max_prompt_bytes == 0 || l.max_messages == 0 || l.max_tokens_limit == 0 {
             return Err(invalid("limits must be positive"));
         }
+        if l.max_messages > crate::validate::MAX_MESSAGES {
+            return Err(invalid(format!(
+                "limits.max_messages must be at most {}",
+                crate::validate::MAX_MESSAGES
+            )));
+        }
         if l.default_max_tokens == 0 || l.default_max_tokens > l.max_tokens_limit {
             return Err(invalid(
                 "limits.default_max_tokens must be in 1..=max_tokens_limit",
