@@ -365,3 +365,21 @@ async fn one_request_is_one_trace_across_router_and_ledger() {
         }
     }
 }
+
+/// A collector this build cannot export to (an `https://` endpoint: no TLS feature) is an error
+/// that names it, exit 1; the process used to panic dropping the exporter's runtime (exit 101).
+#[test]
+fn an_unusable_collector_is_a_clear_error() {
+    let out = Command::new(env!("CARGO_BIN_EXE_syft-router"))
+        .args(["ledger", "verify", "--data-dir", "/nonexistent-syft-data"])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", "https://127.0.0.1:1")
+        .env_remove("DATABASE_URL")
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("OTLP exporter") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+}

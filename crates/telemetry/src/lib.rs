@@ -149,7 +149,19 @@ fn otlp_provider(
         opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
             .build()
-            .map_err(|e| TelemetryError::Exporter(e.to_string()))?
+    };
+    let exporter = match exporter {
+        Ok(exporter) => exporter,
+        Err(e) => {
+            // Dropped here, inside the caller's runtime, the exporter's runtime panics ("Cannot
+            // drop a runtime in a context where blocking is not allowed"): the process died with
+            // that instead of this error (an `https://` collector, which needs a TLS feature this
+            // build leaves out, or `gzip` compression).
+            runtime.shutdown_background();
+            return Err(TelemetryError::Exporter(format!(
+                "{e} (this build exports over plain http:// gRPC, uncompressed)"
+            )));
+        }
     };
     let exporter = OnRuntime {
         inner: Arc::new(tokio::sync::Mutex::new(exporter)),
