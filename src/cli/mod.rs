@@ -130,6 +130,15 @@ pub fn default_log_filter(command: &Command) -> &'static str {
 
 /// Parses `90`, `90s`, `5m`, `2h` or `250ms`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let d = parse_duration_or_zero(text)?;
+    if d.is_zero() {
+        return Err("duration must be positive".into());
+    }
+    Ok(d)
+}
+
+/// [`parse_duration`], where `0s` means "none" (`--answer-retention 0s`: nothing stored).
+pub fn parse_duration_or_zero(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit())
@@ -150,9 +159,6 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             ))
         }
     };
-    if d.is_zero() {
-        return Err("duration must be positive".into());
-    }
     Ok(d)
 }
 

@@ -61,7 +61,7 @@ pub struct RouterSetup {
     pub upstream_api_key_file: Option<PathBuf>,
     /// How long paid answers are kept (in the ledger) so a retry with the same request id gets
     /// the answer again instead of a 409; `0s` stores nothing (privacy; retries then get 409).
-    #[arg(long, env = "SYFT_ROUTER_ANSWER_RETENTION", default_value = "24h", value_parser = super::parse_duration)]
+    #[arg(long, env = "SYFT_ROUTER_ANSWER_RETENTION", default_value = "24h", value_parser = super::parse_duration_or_zero)]
     pub answer_retention: Duration,
     /// Answers whose stored form is larger than this many bytes are not kept for replay.
     #[arg(long, env = "SYFT_ROUTER_ANSWER_MAX_BYTES", default_value_t = 1024 * 1024)]
@@ -339,4 +339,25 @@ fn print_cost(
             format!(", transfer {transfer_id}")
         }
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::super::{Cli, Command};
+
+    /// `--answer-retention 0s` stores nothing, as its help and the README say (it was refused as
+    /// "duration must be positive").
+    #[test]
+    fn zero_answer_retention_is_accepted() {
+        let argv = ["syft-router", "router", "--answer-retention", "0s"];
+        let cli = Cli::try_parse_from(argv).expect("0s parses");
+        let Command::Router(args) = cli.command else {
+            panic!("not the router command");
+        };
+        assert!(args.setup.answer_retention.is_zero());
+        let bad = Cli::try_parse_from(["syft-router", "router", "--answer-retention", "soon"]);
+        assert!(bad.is_err());
+    }
 }
