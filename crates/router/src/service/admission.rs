@@ -248,7 +248,16 @@ impl RouterService {
         let give_up = hold::local_instant(pending.expires_at_unix_micros) + hold::SETTLE_MARGIN;
         let mut delay = std::time::Duration::from_millis(25);
         loop {
-            tokio::time::sleep(delay).await;
+            // At shutdown's end this request holds nothing to void: it stops waiting (it kept
+            // the router's drain open until the settle limit, which then logged it as unsettled).
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = self.inner.drain.aborted() => {
+                    return Err(RouterError::Unavailable(
+                        "the router is shutting down; retry".into(),
+                    ));
+                }
+            }
             delay = (delay * 2).min(std::time::Duration::from_millis(500));
             match self.inner.ledger.transfer(&pending.id).await {
                 Ok(tr) if tr.status() != TransferStatus::Pending => return Ok(tr),
