@@ -1017,3 +1017,46 @@ async fn a_different_remote_transaction_is_cancelled_not_held() {
     assert_eq!(p.money().await, ((USD, 0), (0, 0)));
     p.finish().await;
 }
+
+/// A void that arrives after recovery cancelled its expired hold still leaves its request's row,
+/// once however often it is sent, as on the local backend (the hosted backend recorded none).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_void_after_recovery_cancelled_its_hold_leaves_its_row() {
+    for postgres in [false, true] {
+        let Some(p) = Pair::with(postgres, 10 * USD, None, |c| {
+            c.hold_ttl = Duration::from_secs(1)
+        })
+        .await
+        else {
+            continue;
+        };
+        let t = p.authorize(USD, "late").await.expect("authorize");
+        p.await_no_hold().await;
+        for _ in 0..2 {
+            let voided = p
+                .router()
+                .void(pb::VoidRequest {
+                    transfer_id: t.id.clone(),
+                    reason: "upstream timed out".into(),
+                    usage: Some(pb::Usage {
+                        request_id: "late-req".into(),
+                        app_name: "chat".into(),
+                        endpoint: "/chat".into(),
+                        user_email: ALICE.into(),
+                        status: "timeout".into(),
+                        ..Default::default()
+                    }),
+                })
+                .await
+                .expect("a void of a cancelled hold is a repeat")
+                .into_inner();
+            assert_eq!(voided.status, pb::TransferStatus::Cancelled as i32);
+        }
+        let rows: Vec<_> = (p.usage().await.records.into_iter())
+            .filter_map(|r| r.usage.map(|u| (u.request_id, u.status, r.cost_micros)))
+            .collect();
+        assert_eq!(rows, [("late-req".to_string(), "timeout".to_string(), 0)]);
+        assert_eq!(p.money().await, ((10 * USD, 0), (0, 0)));
+        p.finish().await;
+    }
+}

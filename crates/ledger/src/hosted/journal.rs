@@ -368,6 +368,16 @@ impl Journal {
         .await
     }
 
+    /// The row of a void that found its transfer already cancelled (`store::late_void_row`).
+    pub async fn late_void_row(&self, e: &Entry, usage: &UsageInput) -> Result<()> {
+        let row = (
+            self.owner_id,
+            crate::store::UsageLink::Hosted(&e.id),
+            e.amount,
+        );
+        crate::store::late_void_row(self.pool(), row, usage).await
+    }
+
     /// Records the final state and the usage row in one local transaction.
     pub async fn finish(
         &self,

@@ -111,7 +111,14 @@ impl Hosted {
         for _ in 0..3 {
             let e = self.journal.must_entry(id).await?;
             match (e.status, e.step) {
-                (TransferStatus::Cancelled, _) => return Ok(e.transfer()),
+                (TransferStatus::Cancelled, _) => {
+                    // As the local backend does (`store::late_void_row`): a void after the
+                    // expiry sweep's still leaves its request's row.
+                    if let Some(usage) = usage {
+                        self.journal.late_void_row(&e, usage).await?;
+                    }
+                    return Ok(e.transfer());
+                }
                 (TransferStatus::Completed, _) => {
                     return Err(LedgerError::refused(
                         Reason::TransferNotPending,

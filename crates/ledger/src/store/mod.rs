@@ -60,7 +60,7 @@ pub(crate) use rows::{
 };
 pub use token::TokenGrant;
 pub use transfer::{CaptureAmount, Resolution, ResolveInput, SweepReport};
-pub(crate) use usage::{insert_usage, UsageLink, UsageWrite};
+pub(crate) use usage::{insert_usage, late_void_row, UsageLink, UsageWrite};
 pub use verify::VerifyReport;
 
 /// Whether `conn` talks to Postgres (the `Any` driver's backend name), for the steps whose SQL

@@ -156,7 +156,9 @@ impl Store {
                 }
                 (Resolution::Void { .. }, TransferStatus::Cancelled) => {
                     if let Some(usage) = input.usage {
-                        self.late_void_row(&current, usage).await?;
+                        let link = UsageLink::Transfer(&current.id);
+                        let row = (current.recipient_id, link, current.amount);
+                        super::late_void_row(self.pool(), row, usage).await?;
                     }
                     return Ok(current);
                 }
@@ -190,32 +192,6 @@ impl Store {
             }
         }
         Err(LedgerError::Unavailable("transfer is busy, retry".into()))
-    }
-
-    /// A void that finds its hold already cancelled still leaves its request's row: the expiry
-    /// sweep cancels without one, so a router's void arriving after it (its ledger was away, its
-    /// extension refused) used to leave the request with no row at all. A repeat of a void that
-    /// wrote its row meets that row (same recipient, user and request id) and writes nothing.
-    async fn late_void_row(&self, t: &TransferRow, usage: &UsageInput) -> Result<()> {
-        if super::usage::is_refused(usage) {
-            // A refusal's row is not unique per request id, so a repeat would add another; a
-            // hold that was placed was not refused.
-            return Ok(());
-        }
-        let id = new_id();
-        let w = UsageWrite {
-            id: &id,
-            recipient_id: t.recipient_id,
-            link: UsageLink::Transfer(&t.id),
-            cost: Micros::ZERO,
-            held: t.amount,
-            usage,
-            now: now_micros(),
-        };
-        let mut tx = self.pool().begin().await?;
-        insert_usage(&mut tx, &w).await?;
-        tx.commit().await?;
-        Ok(())
     }
 
     async fn try_resolve(

@@ -91,6 +91,35 @@ pub(crate) fn is_refused(u: &UsageInput) -> bool {
     UsageStatus::parse(&u.status).is_some_and(UsageStatus::is_refusal)
 }
 
+/// The row a void brings when it finds its hold already cancelled (by the expiry sweep, which
+/// cancels without one), so that the request still leaves its row: a router's void arriving after
+/// the sweep (its ledger was away, its extension refused) used to leave none. A repeat of such a
+/// void meets that row (same recipient, user and request id) and writes nothing; a refusal's row,
+/// which is not unique, is not written (a hold that was placed was not refused).
+pub(crate) async fn late_void_row(
+    pool: &sqlx::AnyPool,
+    (recipient_id, link, held): (i64, UsageLink<'_>, Micros),
+    usage: &UsageInput,
+) -> Result<()> {
+    if is_refused(usage) {
+        return Ok(());
+    }
+    let id = new_id();
+    let w = UsageWrite {
+        id: &id,
+        recipient_id,
+        link,
+        cost: Micros::ZERO,
+        held,
+        usage,
+        now: now_micros(),
+    };
+    let mut tx = pool.begin().await?;
+    insert_usage(&mut tx, &w).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
 /// Writes a usage row and hands it to the rollups (`rollup_fold.rs`: queued on Postgres, added on
 /// SQLite), in the caller's transaction; a request id already recorded for this recipient and
 /// user is left as it is (and not counted again).
