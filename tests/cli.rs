@@ -591,6 +591,18 @@ async fn stats_prints_tables_json_and_csv() {
     assert!(lines[0].starts_with("app,status,requests,"), "{csv}");
     assert_eq!(lines.len(), 3, "{csv}");
     assert!(lines[1].starts_with("chat-app,success,2,"), "{csv}");
+    // Its units are in its header: exact micros and unix micros, unlike the table.
+    assert!(
+        lines[0].contains(",revenue_micros,refunds_micros,"),
+        "{csv}"
+    );
+    let by_day = run(&mut cli(&[
+        "stats", "--by", "day", "--csv", "--since", "2d",
+    ]));
+    assert!(
+        by_day.starts_with("day_start_unix_micros,requests,"),
+        "{by_day}"
+    );
 
     let table = run(&mut cli(&["stats", "--by", "day", "--since", "7d"]));
     assert!(

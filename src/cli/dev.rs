@@ -26,7 +26,8 @@ const DEV_USER: &str = "alice@example.com";
 
 #[derive(Args, Debug)]
 pub struct DevArgs {
-    /// Directory for the SQLite database and dev-credentials.json (kept across restarts).
+    /// Directory for the SQLite database, dev-credentials.json and docs/ (the search service's
+    /// documents, watched); kept across restarts.
     #[arg(long, env = "SYFT_DATA_DIR", default_value = "data")]
     data_dir: String,
     /// Database URL, postgres://… or sqlite://… (default: a SQLite file in the data dir).
@@ -44,7 +45,8 @@ pub struct DevArgs {
     /// The router's HTTP listen address: the OpenAI-compatible front and health.
     #[arg(long, env = "SYFT_ROUTER_HTTP_ADDR", default_value = "127.0.0.1:8080")]
     router_http_addr: String,
-    /// Router config file (default: a chat service at $0.01 per request on the echo model).
+    /// Router config file (default: chat at $0.01 per request on the echo model, and search at
+    /// $0.01 per query over DATA_DIR/docs/).
     #[arg(long, env = "SYFT_ROUTER_CONFIG")]
     config: Option<String>,
     /// OpenAI-compatible upstream base URL, e.g. http://127.0.0.1:11434/v1 (default: the

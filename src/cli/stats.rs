@@ -138,10 +138,18 @@ pub async fn run(args: StatsArgs) -> anyhow::Result<()> {
         println!("{}", stats_json(&stats, &names));
         return Ok(());
     }
+    // CSV keeps exact numbers (micros, unix micros), and its header says so: the table's
+    // `revenue` in USD and its readable times would be another unit under the same name.
     let header: Vec<String> = names
         .iter()
-        .cloned()
-        .chain(HEADER.iter().map(|h| h.to_string()))
+        .map(|n| match (args.csv, n.as_str()) {
+            (true, "minute" | "hour" | "day") => format!("{n}_start_unix_micros"),
+            _ => n.clone(),
+        })
+        .chain(HEADER.iter().map(|h| match (args.csv, *h) {
+            (true, "revenue" | "refunds") => format!("{h}_micros"),
+            _ => h.to_string(),
+        }))
         .collect();
     let rows: Vec<Vec<String>> = stats
         .groups
