@@ -267,12 +267,14 @@ impl RouterService {
         self.unary(req).instrument(span).await
     }
 
-    /// The request's span: request id, user, app and transfer id (never the token).
+    /// The request's span: request id, user, app and transfer id (never the token). The id and
+    /// user are recorded before validation, escaped: a line break in them wrote a line of its own
+    /// into text logs (a forged log line).
     fn span(&self, req: &ChatRequest, stream: bool) -> tracing::Span {
         tracing::info_span!(
             "chat",
-            request_id = %req.request_id,
-            user = %req.user_email,
+            request_id = %req.request_id.escape_debug(),
+            user = %req.user_email.escape_debug(),
             app = %self.inner.config.name,
             transfer_id = tracing::field::Empty,
             stream,

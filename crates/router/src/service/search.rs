@@ -31,8 +31,8 @@ impl RouterService {
     ) -> Result<(SearchResponse, RateHeaders), RouterError> {
         let span = tracing::info_span!(
             "search",
-            request_id = %req.request_id,
-            user = %req.user_email,
+            request_id = %req.request_id.escape_debug(),
+            user = %req.user_email.escape_debug(),
             app = %self.inner.config.name,
             transfer_id = tracing::field::Empty,
         );
