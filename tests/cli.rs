@@ -712,16 +712,22 @@ async fn limits_command_shows_what_is_left() {
     s.check_invariants().await;
 }
 
-/// `index build` puts a whole index at `--out` (new or empty) and nothing beside it: it is built
-/// in a sibling directory and renamed into place, so an interrupted build leaves no index that
-/// opens empty. A non-empty `--out` is refused.
-#[test]
-fn index_build_puts_a_whole_index_in_place() {
+/// A temporary folder holding `docs/` with two documents to index.
+fn two_documents() -> (syft_testkit::TempDir, std::path::PathBuf) {
     let root = syft_testkit::TempDir::new().expect("temp dir");
     let docs = root.path().join("docs");
     std::fs::create_dir_all(&docs).expect("docs");
     std::fs::write(docs.join("a.md"), "two-phase transfers hold then capture").expect("a");
     std::fs::write(docs.join("b.txt"), "usage rows and verify").expect("b");
+    (root, docs)
+}
+
+/// `index build` puts a whole index at `--out` (new or empty) and nothing beside it: it is built
+/// in a sibling directory and renamed into place, so an interrupted build leaves no index that
+/// opens empty. A non-empty `--out` is refused.
+#[test]
+fn index_build_puts_a_whole_index_in_place() {
+    let (root, docs) = two_documents();
     let empty = root.path().join("empty");
     std::fs::create_dir_all(&empty).expect("empty");
     for out in [root.path().join("idx"), empty] {
@@ -754,10 +760,7 @@ fn index_build_puts_a_whole_index_in_place() {
 #[test]
 fn a_closed_output_ends_a_client_command_quietly() {
     use std::os::unix::process::ExitStatusExt;
-    let root = syft_testkit::TempDir::new().expect("temp dir");
-    let docs = root.path().join("docs");
-    std::fs::create_dir_all(&docs).expect("docs");
-    std::fs::write(docs.join("a.md"), "two-phase transfers").expect("a");
+    let (root, docs) = two_documents();
     let mut child = syft_router()
         .args(["index", "build"])
         .arg(&docs)

@@ -87,14 +87,10 @@ async fn retries_until_delivered_with_one_id(h: Harness) -> Harness {
     assert!(waited >= Duration::from_millis(950), "{waited:?}");
     // The log, newest first: what each attempt got, the same event id throughout. The worker
     // writes an attempt's entry after the receiver answered it: wait for the last one.
-    let mut log = deliveries(&h, &alice, &ep).await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while log.first().map(|d| d.outcome.as_str()) != Some("DELIVERED")
-        && tokio::time::Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        log = deliveries(&h, &alice, &ep).await;
-    }
+    let log = deliveries_once(&h, &alice, &ep, |log| {
+        log.first().map(|d| d.outcome.as_str()) == Some("DELIVERED")
+    })
+    .await;
     let seen: Vec<_> = log
         .iter()
         .map(|d| (d.outcome.as_str(), d.status_code))
@@ -158,12 +154,7 @@ async fn an_answer_with_control_characters_is_logged_once(h: Harness) -> Harness
     let alice = h.account(ALICE, 10 * USD).await;
     let ep = add_rule(&h, &alice, &rx, balance_low(USD)).await;
     test_event(&h, &alice, &ep).await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let mut log = deliveries(&h, &alice, &ep).await;
-    while log.is_empty() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        log = deliveries(&h, &alice, &ep).await;
-    }
+    let log = deliveries_once(&h, &alice, &ep, |log| !log.is_empty()).await;
     assert_eq!(log.len(), 1, "{log:?}");
     assert_eq!(
         (log[0].outcome.as_str(), log[0].error.as_str()),
@@ -208,13 +199,10 @@ async fn finished_events_past_their_retention_are_purged(h: Harness) -> Harness 
     let ep = add_rule(&h, &alice, &rx, balance_low(USD)).await;
     let old = test_event(&h, &alice, &ep).await;
     let new = test_event(&h, &alice, &ep).await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let mut log = deliveries(&h, &alice, &ep).await;
-    while log.iter().filter(|d| d.outcome == "DELIVERED").count() < 2 {
-        assert!(tokio::time::Instant::now() < deadline, "{log:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        log = deliveries(&h, &alice, &ep).await;
-    }
+    let delivered =
+        |log: &[pb::AlertDelivery]| log.iter().filter(|d| d.outcome == "DELIVERED").count();
+    let log = deliveries_once(&h, &alice, &ep, |log| delivered(log) == 2).await;
+    assert_eq!(delivered(&log), 2, "{log:?}");
     let month_ago = syft_ledger::store::now_micros() - 31 * 86_400_000_000;
     sqlx::query("UPDATE alert_events SET finished_at = $1 WHERE id = $2")
         .bind(month_ago)
@@ -691,12 +679,7 @@ async fn address_is_checked_again_when_sending(mut h: Harness) -> Harness {
     h.config.alerts.allowed_hosts = vec!["127.0.0.1".into()];
     h.server = Some(LedgerServer::start(h.config.clone()).await);
     test_event(&h, &alice, &ep).await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let mut log = deliveries(&h, &alice, &ep).await;
-    while log.is_empty() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        log = deliveries(&h, &alice, &ep).await;
-    }
+    let log = deliveries_once(&h, &alice, &ep, |log| !log.is_empty()).await;
     assert_eq!(log.len(), 1, "refused once, not retried: {log:#?}");
     assert_eq!(
         (log[0].outcome.as_str(), log[0].status_code),

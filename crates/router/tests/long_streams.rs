@@ -102,12 +102,8 @@ async fn max_stream_duration_ends_a_stream_and_charges_what_was_delivered() {
     assert_charged_once(&s, &last).await;
 }
 
-/// A unary answer slower than the hold's time to live (3 s against 2 s): the router extends the
-/// hold while it waits for the upstream, as it does for streams, so the answer is captured and
-/// returned. Before, the capture found the hold expired: the answer was withheld and the
-/// upstream's work thrown away.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_unary_answer_slower_than_its_hold_is_captured() {
+/// A stack whose holds live 2 s and whose upstream answers after 3 s (within its 10-s timeout).
+async fn slower_than_its_hold() -> Stack {
     let s = Stack::start_with(
         Db::sqlite(),
         Pricing::per_request(PRICE),
@@ -121,12 +117,11 @@ async fn a_unary_answer_slower_than_its_hold_is_captured() {
     .await;
     s.upstream
         .set_mode(Mode::Delay(Duration::from_millis(3000)));
-    let mut c = s.client().await;
-    let answer = match c.chat(s.request("take your time")).await {
-        Ok(a) => a.into_inner(),
-        Err(e) => panic!("{e:?}: {:?}", s.transfers().await),
-    };
-    assert_eq!(answer.cost_micros, PRICE);
+    s
+}
+
+/// The stack's one request was captured at its price, once.
+async fn captured_once(s: &Stack) {
     let t = s.transfers().await;
     assert_eq!(t.len(), 1);
     assert_eq!(t[0].status(), TransferStatus::Completed, "{t:?}");
@@ -135,25 +130,29 @@ async fn a_unary_answer_slower_than_its_hold_is_captured() {
     s.check_invariants().await;
 }
 
+/// A unary answer slower than the hold's time to live (3 s against 2 s): the router extends the
+/// hold while it waits for the upstream, as it does for streams, so the answer is captured and
+/// returned. Before, the capture found the hold expired: the answer was withheld and the
+/// upstream's work thrown away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unary_answer_slower_than_its_hold_is_captured() {
+    let s = slower_than_its_hold().await;
+    let mut c = s.client().await;
+    let answer = match c.chat(s.request("take your time")).await {
+        Ok(a) => a.into_inner(),
+        Err(e) => panic!("{e:?}: {:?}", s.transfers().await),
+    };
+    assert_eq!(answer.cost_micros, PRICE);
+    captured_once(&s).await;
+}
+
 /// The same for a stream whose upstream takes longer than the hold's life to start answering:
 /// the hold is extended while the router waits for the stream to open, so the whole answer is
 /// delivered and charged once (the hold used to run out meanwhile: the stream was cut at once and
 /// its answer voided, or captured too late).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_slower_to_start_than_its_hold_is_captured() {
-    let s = Stack::start_with(
-        Db::sqlite(),
-        Pricing::per_request(PRICE),
-        Duration::from_secs(2),
-        |c| {
-            if let UpstreamConfig::OpenAi(o) = &mut c.upstream {
-                o.request_timeout = Duration::from_secs(10);
-            }
-        },
-    )
-    .await;
-    s.upstream
-        .set_mode(Mode::Delay(Duration::from_millis(3000)));
+    let s = slower_than_its_hold().await;
     let mut c = s.client().await;
     let mut events = ok(c.chat_stream(s.request("take your time")).await);
     let (text, last) = read_answer(&mut events).await;
@@ -161,12 +160,7 @@ async fn a_stream_slower_to_start_than_its_hold_is_captured() {
     assert!(!text.is_empty());
     assert_eq!(last.finish_reason, "stop", "{last:?}");
     assert_eq!(last.cost_micros, PRICE);
-    let t = s.transfers().await;
-    assert_eq!(t.len(), 1);
-    assert_eq!(t[0].status(), TransferStatus::Completed, "{t:?}");
-    assert_eq!(t[0].captured_micros, PRICE);
-    assert_eq!(s.alice_money().await, (FUNDS - PRICE, 0, FUNDS - PRICE));
-    s.check_invariants().await;
+    captured_once(&s).await;
 }
 
 /// A capture the ledger refuses for good (here the hold expired while the upstream worked, its

@@ -265,12 +265,9 @@ async fn assert_conflict_charged_once(s: &Stack, err: &tonic::Status, why: &str)
 /// refused `RATE_LIMITED`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replays_spend_no_rate_limit_room() {
-    use syft_router_svc::config::{Rate, RateUnit};
     let s = Stack::start_tweaked(Pricing::per_request(PRICE), |c| {
-        c.rate_limits.requests = vec![Rate {
-            count: 2,
-            unit: RateUnit::Minute,
-        }];
+        let rate = syft_router_svc::config::Rate::parse("2/minute").expect("rate");
+        c.rate_limits.requests = vec![rate];
     })
     .await;
     let mut c = s.client().await;

@@ -560,15 +560,12 @@ async fn search_limits_and_budgets_refuse_with_usage_rows() {
 /// anyone could have her paid requests refused). Each side keeps its own limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn free_requests_naming_a_payer_leave_the_payers_windows_alone() {
-    use syft_router_svc::config::{Rate, RateUnit};
     let docs = docs_dir(DOCS);
     let search = embedded(docs.path(), Duration::from_secs(60));
     let s = Stack::start_tweaked(Pricing::per_request(PRICE), |c| {
         *c = c.clone().with_search(Pricing::free(), search);
-        c.rate_limits.requests = vec![Rate {
-            count: 2,
-            unit: RateUnit::Minute,
-        }];
+        let rate = syft_router_svc::config::Rate::parse("2/minute").expect("rate");
+        c.rate_limits.requests = vec![rate];
     })
     .await;
     let mut c = s.client().await;

@@ -223,6 +223,23 @@ pub async fn deliveries(h: &Harness, secret: &str, endpoint: &str) -> Vec<pb::Al
         .deliveries
 }
 
+/// The endpoint's delivery log once `done` holds for it (the worker writes an attempt's entry
+/// after the receiver answered), or as it is after [`WAIT`].
+pub async fn deliveries_once(
+    h: &Harness,
+    secret: &str,
+    endpoint: &str,
+    done: impl Fn(&[pb::AlertDelivery]) -> bool,
+) -> Vec<pb::AlertDelivery> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut log = deliveries(h, secret, endpoint).await;
+    while !done(&log) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        log = deliveries(h, secret, endpoint).await;
+    }
+    log
+}
+
 pub const WAIT: Duration = Duration::from_secs(15);
 
 /// The value of one series on the ledger's `/metrics`, e.g.
