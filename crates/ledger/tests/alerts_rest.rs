@@ -125,11 +125,15 @@ async fn rest_manages_endpoints_end_to_end(h: Harness) -> Harness {
     }
     let (_, bobs) = call(&h, Method::GET, "/endpoints", Some(&bob), None).await;
     assert_eq!(bobs["endpoints"], json!([]));
+    // The admin must name an account: a missing field (it was a 403).
     let (status, body) = call(&h, Method::GET, "/endpoints", Some(ADMIN_KEY), None).await;
-    assert_eq!(
-        status,
-        StatusCode::FORBIDDEN,
-        "the admin must name an account: {body}"
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("?account="),
+        "{body}"
     );
     let admin_list = format!("/endpoints?account={ALICE}");
     let (_, listed) = call(&h, Method::GET, &admin_list, Some(ADMIN_KEY), None).await;

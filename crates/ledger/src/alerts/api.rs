@@ -76,7 +76,8 @@ impl Ledger {
             // The admin has no account of its own: say which field names one (it was told that
             // it needs an account's credentials, 403).
             (true, Caller::Admin) => Err(LedgerError::invalid(
-                "account_email is required when the admin manages alerts",
+                "the admin names the account whose alerts it manages (account_email; ?account= \
+                 when listing over REST)",
             )),
             (true, Caller::Account(_)) => self.me(caller).await,
             (false, _) => self.account(caller, email).await,
