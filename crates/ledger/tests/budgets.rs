@@ -263,8 +263,10 @@ async fn monthly_budget_resets_with_the_month() {
         .expect("capture");
     let err = c.authorize(monthly("b")).await.expect_err("month full");
     assert_eq!(reason(&err).as_deref(), Some("BUDGET_EXCEEDED"));
+    // In currency units, as the budget was set (it said "limit 50000, ... micros").
     assert!(
-        err.message().contains("monthly budget"),
+        err.message()
+            .contains("monthly budget (UTC month) exceeded: limit 0.05, used 0.03, requested 0.03"),
         "{}",
         err.message()
     );

@@ -86,12 +86,18 @@ impl BudgetRefusal {
         LedgerError::Quota {
             reason,
             message: format!(
-                "{what} exceeded: limit {}, used {}, requested {} micros{when}",
-                self.limit, self.used, self.requested
+                // In currency units, as users set budgets (the router passes this on to them).
+                "{what} exceeded: limit {}, used {}, requested {}{when}",
+                syft_money::format_micros(self.limit),
+                syft_money::format_micros(self.used),
+                syft_money::format_micros(self.requested),
             ),
             details: QuotaDetails {
                 retry_after,
-                violations: vec![("sender".into(), format!("{what} of {} micros", self.limit))],
+                violations: vec![(
+                    "sender".into(),
+                    format!("{what} of {}", syft_money::format_micros(self.limit)),
+                )],
             },
         }
     }
