@@ -13,7 +13,7 @@ use super::tables::{
     account_json, fetch_pages, more_hint, print_account, print_accounts, print_tokens,
     print_transfers, token_json, transfer_json, usage_json,
 };
-use super::time::{format_time, parse_time};
+use super::time::parse_time;
 
 #[derive(Args, Debug, Clone)]
 pub struct Conn {
@@ -251,7 +251,7 @@ pub struct UsageArgs {
     #[arg(long)]
     app: Option<String>,
     /// Only rows with this outcome (docs/router.md lists what each means).
-    #[arg(long, value_parser = usage_statuses())]
+    #[arg(long, value_parser = super::usage_statuses())]
     status: Option<String>,
     #[command(flatten)]
     window: Window,
@@ -403,31 +403,7 @@ pub async fn token(args: TokenArgs) -> anyhow::Result<()> {
                     .await
                     .map(|a| a.into_inner().currency)
                     .unwrap_or_default();
-                println!("token      {}   (shown once: store it now)", issued.token);
-                println!("id         {}", issued.token_id);
-                println!("sender     {}", issued.sender_email);
-                println!("recipient  {}", issued.recipient_email);
-                println!(
-                    "limit      {}",
-                    issued.spend_limit_micros.map_or("none".to_string(), |l| {
-                        format!("{} {currency}", format_micros(l))
-                            .trim_end()
-                            .to_string()
-                    })
-                );
-                println!(
-                    "per day    {}",
-                    issued.limit_per_day_micros.map_or("none".to_string(), |l| {
-                        format!("{} {currency} in any 24 hours", format_micros(l))
-                    })
-                );
-                println!(
-                    "expires    {}",
-                    issued.expires_at_unix_micros.map_or(
-                        "never (until revoked)".to_string(),
-                        |t| format!("{} UTC", format_time(t))
-                    )
-                );
+                super::tables::print_issued_token(&issued, &currency);
             }
         }
         TokenAction::Revoke { token } => {
@@ -650,11 +626,4 @@ fn print_list<T>(
         table(rows);
         more_hint(next, name);
     }
-}
-
-/// Every usage row status, for `--status` (an unknown one is refused, not answered with nothing).
-pub(super) fn usage_statuses() -> clap::builder::PossibleValuesParser {
-    clap::builder::PossibleValuesParser::new(
-        syft_error::UsageStatus::ALL.map(syft_error::UsageStatus::as_str),
-    )
 }

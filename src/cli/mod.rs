@@ -265,6 +265,13 @@ pub fn secret(
     }
 }
 
+/// Every usage row status, for `--status` (an unknown one is refused, not answered with nothing).
+pub fn usage_statuses() -> clap::builder::PossibleValuesParser {
+    clap::builder::PossibleValuesParser::new(
+        syft_error::UsageStatus::ALL.map(syft_error::UsageStatus::as_str),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -48,7 +48,7 @@ pub struct StatsArgs {
     #[arg(long)]
     model: Option<String>,
     /// Only requests with this outcome (docs/router.md lists what each means).
-    #[arg(long, value_parser = super::client::usage_statuses())]
+    #[arg(long, value_parser = super::usage_statuses())]
     status: Option<String>,
     /// owner: the apps you are paid for; user: the requests you sent (the admin sees everything).
     #[arg(long = "as", value_parser = ["owner", "user"], default_value = "owner")]

@@ -296,3 +296,34 @@ pub fn print_transfers(rows: &[pb::Transfer]) {
         ]);
     }
 }
+
+/// A token just issued (its secret is shown this once), its limits in `currency`.
+pub fn print_issued_token(issued: &pb::IssueTokenResponse, currency: &str) {
+    println!("token      {}   (shown once: store it now)", issued.token);
+    println!("id         {}", issued.token_id);
+    println!("sender     {}", issued.sender_email);
+    println!("recipient  {}", issued.recipient_email);
+    println!(
+        "limit      {}",
+        issued.spend_limit_micros.map_or("none".to_string(), |l| {
+            format!("{} {currency}", format_micros(l))
+                .trim_end()
+                .to_string()
+        })
+    );
+    println!(
+        "per day    {}",
+        issued.limit_per_day_micros.map_or("none".to_string(), |l| {
+            format!("{} {currency} in any 24 hours", format_micros(l))
+        })
+    );
+    println!(
+        "expires    {}",
+        issued
+            .expires_at_unix_micros
+            .map_or("never (until revoked)".to_string(), |t| format!(
+                "{} UTC",
+                format_time(t)
+            ))
+    );
+}
