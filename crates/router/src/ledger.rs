@@ -396,9 +396,10 @@ impl Ledger {
     pub(crate) async fn record_free_usage(&self, mut usage: Usage) -> Result<(), RouterError> {
         // Dated now, when it was answered: a spooled row may ship long after (a ledger outage),
         // and was dated then, in the analytics and the alerts' windows.
-        usage
-            .answered_at_unix_micros
-            .get_or_insert_with(unix_micros_now);
+        // The limits' clock, to the millisecond: a row's time needs no finer.
+        usage.answered_at_unix_micros.get_or_insert_with(|| {
+            i64::try_from(crate::limits::now_ms()).map_or(i64::MAX, |ms| ms.saturating_mul(1000))
+        });
         let refusal = UsageStatus::parse(&usage.status).is_some_and(UsageStatus::is_refusal);
         if let (Some(spool), false) = (&self.spool, refusal) {
             match spool.append(&usage).await {
@@ -610,13 +611,6 @@ pub(crate) fn void_reason(reason: &str) -> String {
         out.push(c);
     }
     out
-}
-
-/// Now, in microseconds since the Unix epoch (0 for a clock before it).
-fn unix_micros_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]
