@@ -181,6 +181,11 @@ fn to_chat_request(body: OaiRequest, headers: &HeaderMap) -> Result<ChatRequest,
     if body.n.is_some_and(|n| n != 1) {
         return Err(bad("only n = 1 is supported"));
     }
+    if let Some(option) = body.unsupported_option() {
+        return Err(bad(format!(
+            "{option} is not supported: this router answers with text only"
+        )));
+    }
     let mut messages = Vec::with_capacity(body.messages.len());
     for (i, m) in body.messages.into_iter().enumerate() {
         let content = match m.content {

@@ -7,7 +7,7 @@
 
 use std::fmt;
 
-use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
 use crate::validate::{MAX_MESSAGES, MAX_STOP_SEQUENCES};
@@ -40,7 +40,51 @@ pub(crate) struct OaiRequest {
     pub user: Option<String>,
     #[serde(default)]
     pub n: Option<u32>,
+    /// Options that change what an answer is (tool calls, JSON, log probabilities, audio): the
+    /// router answers with text only, so a request asking for one is refused rather than
+    /// answered (and charged) without it ([`OaiRequest::unsupported_option`]). Sampling hints
+    /// (`seed`, penalties) are not among them. Fields, not a flattened struct: serde would
+    /// buffer every unknown field whole to hand it to a flattened one.
+    #[serde(default)]
+    tools: Option<Asked>,
+    #[serde(default)]
+    tool_choice: Option<Asked>,
+    #[serde(default)]
+    functions: Option<Asked>,
+    #[serde(default)]
+    function_call: Option<Asked>,
+    #[serde(default)]
+    response_format: Option<Asked>,
+    #[serde(default)]
+    logprobs: Option<Asked>,
+    #[serde(default)]
+    top_logprobs: Option<Asked>,
+    #[serde(default)]
+    audio: Option<Asked>,
 }
+
+impl OaiRequest {
+    /// The first option that asks for an answer other than text, if any.
+    pub fn unsupported_option(&self) -> Option<&'static str> {
+        [
+            ("tools", &self.tools),
+            ("tool_choice", &self.tool_choice),
+            ("functions", &self.functions),
+            ("function_call", &self.function_call),
+            ("response_format", &self.response_format),
+            ("logprobs", &self.logprobs),
+            ("top_logprobs", &self.top_logprobs),
+            ("audio", &self.audio),
+        ]
+        .into_iter()
+        .find(|(_, given)| given.as_ref().is_some_and(|a| a.0))
+        .map(|(name, _)| name)
+    }
+}
+
+/// Whether an option asks for something: `false`, `0`, `null`, `[]`, `"none"`, `"auto"` and
+/// `{"type": "text"}` do not (they are what a text answer already is); anything else does.
+pub(crate) struct Asked(bool);
 
 #[derive(Deserialize)]
 pub(crate) struct OaiMessage {
@@ -147,6 +191,59 @@ impl<'de> Deserialize<'de> for ContentField {
     }
 }
 
+impl<'de> Deserialize<'de> for Asked {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct AskedVisitor;
+        impl<'de> Visitor<'de> for AskedVisitor {
+            type Value = Asked;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an option's value")
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Asked, E> {
+                Ok(Asked(false))
+            }
+            fn visit_bool<E: de::Error>(self, b: bool) -> Result<Asked, E> {
+                Ok(Asked(b))
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<Asked, E> {
+                Ok(Asked(n != 0))
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Asked, E> {
+                Ok(Asked(n != 0))
+            }
+            fn visit_f64<E: de::Error>(self, n: f64) -> Result<Asked, E> {
+                Ok(Asked(n != 0.0))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Asked, E> {
+                Ok(Asked(!matches!(s, "" | "none" | "auto" | "text")))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Asked, A::Error> {
+                // Elements are skipped, not kept: a long list costs no memory.
+                let mut any = false;
+                while seq.next_element::<de::IgnoredAny>()?.is_some() {
+                    any = true;
+                }
+                Ok(Asked(any))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Asked, A::Error> {
+                let mut text_only = false;
+                let mut other = false;
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    if key == "type" {
+                        let kind = map.next_value::<Asked>()?;
+                        text_only = !kind.0;
+                    } else {
+                        map.next_value::<de::IgnoredAny>()?;
+                        other = true;
+                    }
+                }
+                Ok(Asked(other || !text_only))
+            }
+        }
+        d.deserialize_any(AskedVisitor)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,5 +276,36 @@ mod tests {
             .expect("too many messages")
             .to_string();
         assert!(err.contains("messages are allowed"), "{err}");
+    }
+
+    #[test]
+    fn options_asking_for_more_than_text_are_told_apart() {
+        let option = |extra: &str| {
+            serde_json::from_str::<OaiRequest>(&format!(
+                r#"{{"messages":[{{"role":"user","content":"hi"}}]{extra}}}"#
+            ))
+            .expect("request")
+            .unsupported_option()
+        };
+        // What a text answer already is, as SDKs send by default.
+        let harmless = r#","tools":[],"tool_choice":"none","function_call":"auto","response_format":{"type":"text"},"logprobs":false,"top_logprobs":0,"audio":null,"seed":7,"presence_penalty":0"#;
+        assert_eq!(option(harmless), None);
+        assert_eq!(option(r#","tools":[{"type":"function"}]"#), Some("tools"));
+        assert_eq!(option(r#","tool_choice":"required""#), Some("tool_choice"));
+        assert_eq!(
+            option(r#","tool_choice":{"type":"function","function":{"name":"f"}}"#),
+            Some("tool_choice")
+        );
+        assert_eq!(option(r#","functions":[{"name":"f"}]"#), Some("functions"));
+        assert_eq!(
+            option(r#","response_format":{"type":"json_schema","json_schema":{}}"#),
+            Some("response_format")
+        );
+        assert_eq!(option(r#","logprobs":true"#), Some("logprobs"));
+        assert_eq!(option(r#","top_logprobs":3"#), Some("top_logprobs"));
+        assert_eq!(option(r#","audio":{"voice":"alloy"}"#), Some("audio"));
+        // A long list is read without keeping it.
+        let many = format!(r#","tools":[{}]"#, vec!["{}"; 100_000].join(","));
+        assert_eq!(option(&many), Some("tools"));
     }
 }

@@ -210,7 +210,7 @@ async fn free_request_the_client_gave_up_on_leaves_a_row() {
 
 /// Requests the HTTP fronts refuse before they are requests at all leave a row too: a body that is
 /// not JSON (no user known), an option the router does not support and a `maxTokens` out of
-/// range (under the user they name), a malformed `Authorization` header (`token_refused`). None
+/// range, tools or JSON mode (under the user they name), a malformed `Authorization` header (`token_refused`). None
 /// reaches the upstream or moves money.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_refused_before_they_are_read_leave_rows() {
@@ -242,6 +242,24 @@ async fn requests_refused_before_they_are_read_leave_rows() {
         .send()
         .await;
     assert_eq!(r.expect("http").status(), 401);
+    // Options that ask for another answer than text are refused, not dropped: the user would be
+    // charged for an answer without the tool calls or the JSON asked for.
+    let tools = json!({"model": "test-model", "user": s.alice.email, "messages": messages,
+        "tools": [{"type": "function", "function": {"name": "f"}}]});
+    let json_mode = json!({"model": "test-model", "user": s.alice.email, "messages": messages,
+        "response_format": {"type": "json_object"}});
+    for (key, body, option) in [
+        ("u-5", tools, "tools"),
+        ("u-6", json_mode, "response_format"),
+    ] {
+        let r = send("/v1/chat/completions", key, body.to_string())
+            .await
+            .expect("http");
+        assert_eq!(r.status(), 400);
+        let error: serde_json::Value = r.json().await.expect("json");
+        let message = error["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.starts_with(option), "{error}");
+    }
 
     let mut alice: Vec<(String, String, String)> = (s.usage().await.into_iter())
         .filter_map(|r| r.usage)
@@ -255,6 +273,8 @@ async fn requests_refused_before_they_are_read_leave_rows() {
             row("u-2", "invalid_request"),
             row("u-3", "invalid_request"),
             row("u-4", "token_refused"),
+            row("u-5", "invalid_request"),
+            row("u-6", "invalid_request"),
         ]
     );
     let mut admin = syft_ledger::client::connect_lazy(&s.ledger.url, ADMIN_KEY).expect("admin");
