@@ -371,7 +371,7 @@ mod tests {
     use super::ship::MAX_SHIP;
     use super::*;
 
-    fn usage(id: &str) -> Usage {
+    pub(super) fn usage(id: &str) -> Usage {
         Usage {
             request_id: id.into(),
             app_name: "r".into(),
@@ -497,7 +497,7 @@ mod tests {
     }
 
     /// A synced spool whose ledger is unreachable (the shipper only retries), in a fresh directory.
-    fn synced_spool(name: &str) -> (UsageSpool, PathBuf) {
+    pub(super) fn synced_spool(name: &str) -> (UsageSpool, PathBuf) {
         let dir = std::env::temp_dir().join(format!("spool-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let settings = crate::LedgerSettings {

@@ -3,12 +3,19 @@
 //! appended while the previous one ran, like a database's group commit.
 
 use std::fs::File;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, Notify};
 
 use super::{written, Inner};
+
+/// The longest an append waits for the sync that covers its row. A healthy disk flushes in well
+/// under a millisecond here, and in a few hundred at its worst behind a database's checkpoint
+/// (docs/benchmarks.md); a sync running longer is a stalled disk (a network volume gone, a
+/// failing device), and the row goes the waiting way instead of holding its free answer.
+pub(super) const SYNC_PATIENCE: Duration = Duration::from_secs(2);
 
 /// The group `fdatasync` of a synced spool: appenders wait on `synced`, the syncer task
 /// ([`sync_forever`]) publishes it.
@@ -16,6 +23,13 @@ pub(super) struct Durable {
     synced: watch::Sender<Synced>,
     /// Wakes the syncer after an append (shared with it, outside `Inner`).
     kick: Arc<Notify>,
+    /// When the round running now started (milliseconds since `epoch`, plus one; 0: none runs),
+    /// so that appends stop waiting at once for a sync already past [`SYNC_PATIENCE`].
+    round_started: AtomicU64,
+    epoch: Instant,
+    /// Tests: the next round's sync takes this many milliseconds longer (a stalled disk).
+    #[cfg(test)]
+    pub(super) stall_next_ms: AtomicU64,
     /// Tests: the next round fails as a failed `fdatasync` would (a disk fault cannot be made
     /// on demand).
     #[cfg(test)]
@@ -37,6 +51,10 @@ impl Durable {
         Durable {
             synced: watch::Sender::new(Synced::default()),
             kick: Arc::new(Notify::new()),
+            round_started: AtomicU64::new(0),
+            epoch: Instant::now(),
+            #[cfg(test)]
+            stall_next_ms: AtomicU64::new(0),
             #[cfg(test)]
             fail_next: std::sync::atomic::AtomicBool::new(false),
         }
@@ -48,13 +66,25 @@ impl Durable {
     }
 
     /// Waits until the record ending at `at` is on disk; an error when the sync that covered it
-    /// failed (or the spool closed).
+    /// failed, when syncs stall (a round running past [`SYNC_PATIENCE`]), or when the spool
+    /// closed. A row refused so is still written: the ledger records it once, whichever way
+    /// reaches it first.
     pub(super) async fn wait(&self, at: (u64, u64)) -> std::io::Result<()> {
+        let stalled = || std::io::Error::other("fdatasync stalled");
+        let started = self.round_started.load(Ordering::Acquire);
+        if started != 0 {
+            let running_for = (self.epoch.elapsed().as_millis() as u64).saturating_sub(started - 1);
+            if running_for > SYNC_PATIENCE.as_millis() as u64 {
+                return Err(stalled());
+            }
+        }
         self.kick.notify_one();
         let mut synced = self.synced.subscribe();
-        let seen = *synced
-            .wait_for(|s| s.through >= at || s.failed_through.is_some_and(|f| f >= at))
+        let covered =
+            synced.wait_for(|s| s.through >= at || s.failed_through.is_some_and(|f| f >= at));
+        let seen = *tokio::time::timeout(SYNC_PATIENCE, covered)
             .await
+            .map_err(|_| stalled())?
             .map_err(|_| std::io::Error::other("usage spool closed"))?;
         // A failure covering the row wins over a later success (see `Synced`).
         if seen.failed_through.is_some_and(|f| f >= at) {
@@ -103,9 +133,18 @@ pub(super) async fn sync_forever(spool: Weak<Inner>, kick: Arc<Notify>) {
                 .try_clone()
                 .map(|file| (w.seg, w.len, file, retired, dir))
         };
+        let Some(durable) = &inner.durable else {
+            return;
+        };
+        #[cfg(test)]
+        let stall = Duration::from_millis(durable.stall_next_ms.swap(0, Ordering::SeqCst));
+        let started = durable.epoch.elapsed().as_millis() as u64 + 1;
+        durable.round_started.store(started, Ordering::Release);
         let result = match round {
             Ok((seg, len, file, retired, dir)) => {
                 tokio::task::spawn_blocking(move || -> std::io::Result<(u64, u64)> {
+                    #[cfg(test)]
+                    std::thread::sleep(stall);
                     for f in retired.iter().chain(std::iter::once(&file)) {
                         f.sync_data()?;
                     }
@@ -120,9 +159,7 @@ pub(super) async fn sync_forever(spool: Weak<Inner>, kick: Arc<Notify>) {
             }
             Err(e) => Err((e, written(&inner))),
         };
-        let Some(durable) = &inner.durable else {
-            return;
-        };
+        durable.round_started.store(0, Ordering::Release);
         #[cfg(test)]
         let result = match durable
             .fail_next
@@ -156,5 +193,50 @@ pub(super) async fn sync_forever(spool: Weak<Inner>, kick: Arc<Notify>) {
                     .send_modify(|s| s.failed_through = s.failed_through.max(Some(through)));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+
+    use super::SYNC_PATIENCE;
+    use crate::usage_spool::tests::{synced_spool, usage};
+
+    /// A stalled disk (a network volume gone) holds a free answer at most [`SYNC_PATIENCE`], then
+    /// the row goes the waiting way; while the sync stays stuck, later rows do not wait at all.
+    #[tokio::test]
+    async fn a_stalled_sync_holds_rows_for_its_patience_only() {
+        let (spool, dir) = synced_spool("stall");
+        let durable = spool.inner.durable.as_ref().expect("a synced spool");
+        spool.append(&usage("before")).await.expect("a synced row");
+        let stall = SYNC_PATIENCE + Duration::from_secs(2);
+        durable
+            .stall_next_ms
+            .store(stall.as_millis() as u64, Ordering::SeqCst);
+        let started = Instant::now();
+        let err = spool.append(&usage("stalled")).await.expect_err("stalled");
+        assert!(format!("{err:?}").contains("fdatasync stalled"), "{err:?}");
+        let waited = started.elapsed();
+        assert!(
+            waited >= SYNC_PATIENCE && waited < stall,
+            "waited {waited:?}"
+        );
+        let next = Instant::now();
+        spool
+            .append(&usage("meanwhile"))
+            .await
+            .expect_err("still stalled");
+        assert!(
+            next.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            next.elapsed()
+        );
+        // The disk comes back: rows are synced again.
+        tokio::time::sleep(stall - waited + Duration::from_millis(200)).await;
+        spool.append(&usage("after")).await.expect("a synced row");
+        drop(spool);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
