@@ -247,6 +247,7 @@ impl ServeArgs {
             hosted,
             tls: self.listen.tls(self.tls_client_ca.as_ref())?,
             shutdown_grace: self.listen.shutdown_grace,
+            http: self.listen.http_limits(),
             alerts: self.alerts.config()?,
             auth_failures_per_address: self.auth_failures_per_address,
         })

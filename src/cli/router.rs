@@ -147,6 +147,7 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
     let mut config = args.setup.config()?;
     config.tls = args.listen.tls(None)?;
     config.shutdown_grace = args.listen.shutdown_grace;
+    config.http = args.listen.http_limits();
     config.max_stream_duration = args.max_stream_duration;
     let (grpc, http) = args.listen.bind().await?;
     syft_router_svc::serve(config, grpc, http, super::shutdown_signal()).await?;

@@ -41,12 +41,27 @@ macro_rules! serve_flags {
             #[doc = $grace_doc]
             #[arg(long, env = concat!($prefix, "_SHUTDOWN_GRACE"), default_value = "30s", value_parser = super::parse_duration)]
             pub shutdown_grace: Duration,
+            /// HTTP connections served at once; past this, new ones wait in the listen backlog.
+            #[arg(long, env = concat!($prefix, "_HTTP_MAX_CONNECTIONS"), default_value_t = syft_server::DEFAULT_MAX_CONNECTIONS as u32, value_parser = clap::value_parser!(u32).range(1..))]
+            pub http_max_connections: u32,
+            /// An HTTP connection that sends no complete request head for this long (idle between
+            /// keep-alive requests, or sending its head slowly) is closed.
+            #[arg(long, env = concat!($prefix, "_HTTP_IDLE_TIMEOUT"), default_value = "30s", value_parser = super::parse_duration)]
+            pub http_idle_timeout: Duration,
         }
 
         impl $name {
             /// The gRPC and the HTTP listener.
             pub async fn bind(&self) -> anyhow::Result<(TcpListener, TcpListener)> {
                 Ok((bind(&self.grpc_addr).await?, bind(&self.http_addr).await?))
+            }
+
+            /// The HTTP listener's idle timeout and connection cap.
+            pub fn http_limits(&self) -> syft_server::HttpLimits {
+                syft_server::HttpLimits {
+                    max_connections: self.http_max_connections as usize,
+                    idle_timeout: self.http_idle_timeout,
+                }
             }
 
             /// TLS of both listeners, requiring client certificates signed by `client_ca`.

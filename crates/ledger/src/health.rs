@@ -54,6 +54,7 @@ impl Health {
         self.stopping
             .store(true, std::sync::atomic::Ordering::SeqCst);
         self.set_serving(false).await;
+        self.publisher.end_watches();
     }
 
     /// Sets SERVING or NOT_SERVING for `""` and [`LEDGER_SERVICE`].

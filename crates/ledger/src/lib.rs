@@ -70,6 +70,8 @@ pub struct LedgerConfig {
     pub tls: Option<syft_tls::ServerTls>,
     /// After the shutdown signal, how long in-flight calls may run before they are dropped.
     pub shutdown_grace: Duration,
+    /// Idle timeout and connection cap of the HTTP listener.
+    pub http: syft_server::HttpLimits,
     /// Webhook alerts (docs/alerts.md); off until `alerts.key` is set.
     pub alerts: alerts::AlertsConfig,
     /// Wrong credentials one client address may send per 5 minutes before every authentication
@@ -94,6 +96,7 @@ impl Default for LedgerConfig {
             hosted: None,
             tls: None,
             shutdown_grace: syft_server::DEFAULT_SHUTDOWN_GRACE,
+            http: syft_server::HttpLimits::default(),
             alerts: alerts::AlertsConfig::default(),
             auth_failures_per_address: DEFAULT_AUTH_FAILURES_PER_ADDRESS,
         }
@@ -220,7 +223,7 @@ pub async fn serve_store(
             return Ok(());
         };
         let app = http::router(ledger.clone(), config.accounting_api, health.readiness());
-        syft_server::serve_http(listener, app, tls, stop.stopped())
+        syft_server::serve_http(listener, app, tls, config.http, stop.stopped())
             .await
             .map_err(|e| LedgerError::Unavailable(format!("HTTP server failed: {e}")))
     };

@@ -189,8 +189,14 @@ pub(crate) fn spawn(service: &RouterService, publisher: HealthPublisher) -> Task
 /// Follows `service`'s readiness into the gRPC health service, forever.
 pub(crate) async fn run_reporter(mut ready: watch::Receiver<Readiness>, reporter: HealthPublisher) {
     loop {
-        let serving = ready.borrow_and_update().ready;
+        let (serving, stopping) = {
+            let now = ready.borrow_and_update();
+            (now.ready, now.shutting_down)
+        };
         reporter.publish(serving).await;
+        if stopping {
+            reporter.end_watches();
+        }
         if ready.changed().await.is_err() {
             return;
         }

@@ -120,7 +120,13 @@ impl RouterService {
                 stop.stopped(),
             );
         let app = http::http_router(service.clone());
-        let http = syft_server::serve_http(http_listener, app, tls.as_ref(), stop.stopped());
+        let http = syft_server::serve_http(
+            http_listener,
+            app,
+            tls.as_ref(),
+            service.config().http,
+            stop.stopped(),
+        );
         let http = async { http.await.map_err(ServeError::from) };
         let grpc = async { grpc.await.map_err(ServeError::from) };
         let servers = async { tokio::try_join!(grpc, http).map(|_| ()) };

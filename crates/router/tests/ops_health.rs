@@ -10,7 +10,7 @@ use syft_testkit::*;
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
@@ -324,4 +324,69 @@ async fn a_router_priced_in_another_currency_than_its_ledger_sells_nothing() {
     assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));
     assert_eq!(s.usage_statuses().await, vec!["unavailable".to_string()]);
     s.check_invariants().await;
+}
+
+/// Opens a health `Watch` of `service` and reads its first status.
+async fn watch(ch: &Channel, service: &str) -> tonic::Streaming<HealthCheckResponse> {
+    let mut statuses = HealthClient::new(ch.clone())
+        .watch(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let first = statuses.next().await.expect("a status").expect("ok");
+    assert_eq!(first.status(), ServingStatus::Serving);
+    statuses
+}
+
+/// What a watcher reads once its server stops: NOT_SERVING, then the end of the stream.
+async fn assert_told_and_ended(mut statuses: tonic::Streaming<HealthCheckResponse>) {
+    let last = tokio::time::timeout(Duration::from_secs(5), statuses.next())
+        .await
+        .expect("NOT_SERVING sent at the stop")
+        .expect("a status")
+        .expect("ok");
+    assert_eq!(last.status(), ServingStatus::NotServing);
+    let end = tokio::time::timeout(Duration::from_secs(5), statuses.next())
+        .await
+        .expect("the stream ended at the stop");
+    assert!(end.as_ref().is_none_or(|e| e.is_err()), "{end:?}");
+}
+
+/// A health watcher (a monitor, a load balancer) does not hold a stopping server open: the gRPC
+/// server waits for every open call, and a `Watch` used to run until the grace was over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_watchers_let_stopping_servers_go() {
+    const LONG_GRACE: Duration = Duration::from_secs(30);
+    let s = Stack::start_with_ledger(Pricing::per_request(PRICE), |c| {
+        c.shutdown_grace = LONG_GRACE
+    })
+    .await;
+    let Stack {
+        ledger, mut router, ..
+    } = s;
+    let router_ch = channel(&router.grpc_url).await;
+    wait_status(&router_ch, ROUTER, ServingStatus::Serving).await;
+    let ledger_ch = channel(&ledger.url).await;
+    let router_watch = watch(&router_ch, ROUTER).await;
+    let ledger_watch = watch(&ledger_ch, LEDGER).await;
+
+    router.shutdown();
+    assert_told_and_ended(router_watch).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !router.is_finished() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the router waited for its health watcher"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let stopped = tokio::spawn(ledger.stop());
+    assert_told_and_ended(ledger_watch).await;
+    tokio::time::timeout(Duration::from_secs(10), stopped)
+        .await
+        .expect("the ledger waited for its health watcher")
+        .expect("stopped cleanly");
 }

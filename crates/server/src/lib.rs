@@ -1,22 +1,25 @@
 //! The server bootstrap both services share: listeners with Nagle off, the HTTP port with or
-//! without TLS, gRPC health publishing, one shutdown signal fanned out to every server, the grace
+//! without TLS (idle timeout and connection cap included), gRPC health publishing, one shutdown signal fanned out to every server, the grace
 //! period, and background tasks that end with the server.
 
+mod health;
+mod http;
 mod secret;
 
+pub use http::{HttpLimits, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS};
 pub use secret::Secret;
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::connect_info::Connected;
-use axum::serve::{IncomingStream, ListenerExt};
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::pb::health_server::{Health, HealthServer};
-use tonic_health::server::HealthReporter;
+use tonic_health::server::{HealthReporter, HealthService};
 use tonic_health::ServingStatus;
 
 /// How long in-flight calls may finish after the shutdown signal, unless configured otherwise.
@@ -28,27 +31,13 @@ pub fn grpc_incoming(listener: TcpListener) -> TcpIncoming {
     TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
-/// `axum::serve` of `app` with its client addresses as `$info`, until `$stopped`. A macro
-/// because the two listeners are different types, and a generic function would have to spell
-/// out axum's bounds on both.
-macro_rules! serve_until {
-    ($listener:expr, $app:expr, $info:ty, $stopped:expr) => {
-        axum::serve(
-            $listener,
-            $app.into_make_service_with_connect_info::<$info>(),
-        )
-        .with_graceful_shutdown($stopped)
-        .into_future()
-        .await
-    };
-}
-
-/// Serves `app` on `listener` (over TLS when given) until `stopped` resolves, then lets open
-/// requests finish. Each request carries its client's address ([`client_addr`]).
+/// Serves `app` on `listener` (over TLS when given) within `limits` until `stopped` resolves,
+/// then lets open requests finish. Each request carries its client's address ([`client_addr`]).
 pub async fn serve_http(
     listener: TcpListener,
     app: axum::Router,
     tls: Option<&syft_tls::ServerTls>,
+    limits: HttpLimits,
     stopped: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     match tls {
@@ -56,37 +45,24 @@ pub async fn serve_http(
             let rustls = tls.rustls().map_err(std::io::Error::other)?;
             let listener =
                 syft_tls::TlsListener::new(listener, rustls).map_err(std::io::Error::other)?;
-            serve_until!(listener, app, ClientAddr, stopped)
+            http::serve(listener, app, limits, stopped).await
         }
         None => {
             let listener = listener.tap_io(|tcp| {
                 let _ = tcp.set_nodelay(true);
             });
-            serve_until!(listener, app, SocketAddr, stopped)
+            http::serve(listener, app, limits, stopped).await
         }
     }
-}
-
-/// The client's address of a TLS connection as handlers see it (`ConnectInfo<ClientAddr>`; a
-/// plain TCP connection's is axum's `ConnectInfo<SocketAddr>`). Read either with
-/// [`client_addr`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClientAddr(pub SocketAddr);
-
-impl Connected<IncomingStream<'_, syft_tls::TlsListener>> for ClientAddr {
-    fn connect_info(stream: IncomingStream<'_, syft_tls::TlsListener>) -> Self {
-        Self(*stream.remote_addr())
-    }
+    Ok(())
 }
 
 /// The address of the client that sent a request [`serve_http`] served, over TCP or TLS (`None`
 /// for a router served some other way, e.g. called in-process).
 pub fn client_addr(extensions: &axum::http::Extensions) -> Option<SocketAddr> {
-    use axum::extract::ConnectInfo;
     extensions
-        .get::<ConnectInfo<SocketAddr>>()
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
         .map(|c| c.0)
-        .or_else(|| extensions.get::<ConnectInfo<ClientAddr>>().map(|c| c.0 .0))
 }
 
 /// One shutdown signal, observed by any number of servers and loops.
@@ -144,13 +120,23 @@ impl Stop {
 pub struct HealthPublisher {
     reporter: HealthReporter,
     service: &'static str,
+    ended: Arc<watch::Sender<bool>>,
 }
 
 impl HealthPublisher {
     /// Starts NOT_SERVING; returns the gRPC health service to add to the server.
     pub async fn new(service: &'static str) -> (Self, HealthServer<impl Health>) {
-        let (reporter, server) = tonic_health::server::health_reporter();
-        let publisher = HealthPublisher { reporter, service };
+        let reporter = HealthReporter::new();
+        let (ended, watching) = watch::channel(false);
+        let server = HealthServer::new(health::EndingHealth::new(
+            HealthService::from_health_reporter(reporter.clone()),
+            watching,
+        ));
+        let publisher = HealthPublisher {
+            reporter,
+            service,
+            ended: Arc::new(ended),
+        };
         publisher.publish(false).await;
         (publisher, server)
     }
@@ -163,6 +149,13 @@ impl HealthPublisher {
         };
         self.reporter.set_service_status("", status).await;
         self.reporter.set_service_status(self.service, status).await;
+    }
+
+    /// At shutdown, after NOT_SERVING was published: ends every `Watch` stream once it has sent
+    /// that status, so watchers do not hold the server's shutdown open for its grace (the
+    /// gRPC server waits for every open call).
+    pub fn end_watches(&self) {
+        self.ended.send_replace(true);
     }
 }
 

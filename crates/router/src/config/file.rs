@@ -287,6 +287,7 @@ impl<N: NumberText> RawConfig<N> {
             max_stream_duration: super::DEFAULT_MAX_STREAM_DURATION,
             tls: None,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            http: syft_server::HttpLimits::default(),
         };
         config.validate()?;
         Ok(config)

@@ -300,6 +300,8 @@ pub struct RouterConfig {
     /// After a shutdown signal, how long in-flight requests (streams included) may run before
     /// they are cancelled and their holds voided (not read from the config file).
     pub shutdown_grace: Duration,
+    /// Idle timeout and connection cap of the HTTP listener (not read from the config file).
+    pub http: syft_server::HttpLimits,
 }
 
 /// Default [`RouterConfig::max_stream_duration`].
@@ -333,6 +335,7 @@ impl RouterConfig {
             max_stream_duration: DEFAULT_MAX_STREAM_DURATION,
             tls: None,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            http: syft_server::HttpLimits::default(),
         }
     }
 
