@@ -213,7 +213,10 @@ pub async fn serve_store(
         .add_service(reflection_v1alpha)
         .add_service(grpc::GrpcLedger(ledger.clone()).into_server())
         .add_service(grpc::GrpcLedger(ledger.clone()).into_alerts_server())
-        .serve_with_incoming_shutdown(syft_server::grpc_incoming(listeners.grpc), stop.stopped());
+        .serve_with_incoming_shutdown(
+            syft_server::grpc_incoming(listeners.grpc, syft_server::MAX_GRPC_CONNECTIONS),
+            stop.stopped(),
+        );
     let grpc = async {
         grpc.await
             .map_err(|e| LedgerError::Unavailable(format!("gRPC server failed: {e}")))

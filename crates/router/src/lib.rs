@@ -116,7 +116,7 @@ impl RouterService {
             .add_service(reflection_v1alpha)
             .add_service(GrpcRouter::new(service.clone()).into_server())
             .serve_with_incoming_shutdown(
-                syft_server::grpc_incoming(grpc_listener),
+                syft_server::grpc_incoming(grpc_listener, syft_server::MAX_GRPC_CONNECTIONS),
                 stop.stopped(),
             );
         let app = http::http_router(service.clone());

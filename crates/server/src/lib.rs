@@ -2,10 +2,12 @@
 //! without TLS (idle timeout and connection cap included), gRPC health publishing, one shutdown signal fanned out to every server, the grace
 //! period, and background tasks that end with the server.
 
+mod grpc;
 mod health;
 mod http;
 mod secret;
 
+pub use grpc::{grpc_incoming, MAX_GRPC_CONNECTIONS};
 pub use http::{HttpLimits, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS};
 pub use secret::Secret;
 
@@ -17,19 +19,12 @@ use std::time::Duration;
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::pb::health_server::{Health, HealthServer};
 use tonic_health::server::{HealthReporter, HealthService};
 use tonic_health::ServingStatus;
 
 /// How long in-flight calls may finish after the shutdown signal, unless configured otherwise.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
-
-/// Accepted gRPC connections with Nagle's algorithm off: small RPCs must not wait for delayed
-/// ACKs.
-pub fn grpc_incoming(listener: TcpListener) -> TcpIncoming {
-    TcpIncoming::from(listener).with_nodelay(Some(true))
-}
 
 /// Serves `app` on `listener` (over TLS when given) within `limits` until `stopped` resolves,
 /// then lets open requests finish. Each request carries its client's address ([`client_addr`]).

@@ -393,11 +393,11 @@ impl axum::serve::Listener for TlsListener {
 /// A tonic server builder, with TLS when `tls` is set.
 pub fn grpc_server(tls: Option<&ServerTls>) -> Result<tonic::transport::Server, TlsError> {
     // HTTP/2 pings find dead peers behind load balancers and NATs that drop idle connections
-    // silently; TCP keepalive does the same below HTTP/2.
+    // silently. (TCP keepalive is set where connections are accepted, syft-server's
+    // `grpc_incoming`: tonic applies its builder's TCP settings only to listeners it binds.)
     let builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
-        .tcp_keepalive(Some(std::time::Duration::from_secs(60)));
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)));
     match tls {
         Some(tls) => builder
             .tls_config(tls.tonic())

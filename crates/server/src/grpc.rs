@@ -1,0 +1,123 @@
+//! The gRPC listeners' accepted connections: Nagle off, TCP keepalive on, and at most
+//! [`MAX_GRPC_CONNECTIONS`] open at once. tonic applies its builder's TCP settings only to a
+//! listener it binds itself, not to one handed to `serve_with_incoming`, and it serves every
+//! connection it is given: a client opening connections without end (or never sending its
+//! HTTP/2 preface) took a descriptor each.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
+
+/// Connections one gRPC listener serves at once; past this, new ones wait in the listen backlog.
+/// A gRPC client multiplexes its calls over one connection, so this is thousands of clients.
+pub const MAX_GRPC_CONNECTIONS: usize = 4096;
+
+/// TCP keepalive of accepted connections: finds peers gone without a word (a NAT that dropped
+/// the mapping, a host powered off) below HTTP/2's own pings.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+
+/// Accepted gRPC connections with Nagle's algorithm off (small RPCs must not wait for delayed
+/// ACKs), TCP keepalive on, and at most `max_connections` open at once.
+pub fn grpc_incoming(
+    listener: TcpListener,
+    max_connections: usize,
+) -> impl Stream<Item = io::Result<Capped>> + Send + 'static {
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(TCP_KEEPALIVE));
+    let slots = Arc::new(Semaphore::new(max_connections.max(1)));
+    futures::stream::unfold((incoming, slots), |(mut incoming, slots)| async move {
+        // The slot is taken before the accept: at the cap, connections wait in the kernel.
+        let slot = slots.clone().acquire_owned().await.ok()?;
+        let next = incoming.next().await?;
+        let capped = next.map(|io| Capped { io, _slot: slot });
+        Some((capped, (incoming, slots)))
+    })
+}
+
+/// An accepted connection holding its slot until it closes.
+pub struct Capped {
+    io: TcpStream,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Connected for Capped {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+impl AsyncRead for Capped {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Capped {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use socket2::SockRef;
+
+    #[tokio::test]
+    async fn connections_past_the_cap_wait_and_have_keepalive() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut incoming = Box::pin(grpc_incoming(listener, 1));
+        let _client1 = TcpStream::connect(addr).await.expect("connect");
+        let first = incoming.next().await.expect("one").expect("ok");
+        assert!(SockRef::from(&first.io).keepalive().expect("read"));
+        assert!(first.io.nodelay().expect("read"));
+        let _client2 = TcpStream::connect(addr).await.expect("connect");
+        let early = tokio::time::timeout(Duration::from_millis(200), incoming.next()).await;
+        assert!(early.is_err(), "a second connection past the cap");
+        drop(first);
+        let second = tokio::time::timeout(Duration::from_secs(5), incoming.next())
+            .await
+            .expect("accepted once the first closed");
+        assert!(second.is_some_and(|c| c.is_ok()));
+    }
+}
