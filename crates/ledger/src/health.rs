@@ -68,6 +68,12 @@ impl Health {
             }
         }
         self.publisher.publish(serving).await;
+        // A probe that read `stopping` just before a shutdown published NOT_SERVING may publish
+        // SERVING after it: the shutdown's status is put back.
+        if serving && self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            self.ready.send_replace(false);
+            self.publisher.publish(false).await;
+        }
     }
 }
 

@@ -407,12 +407,18 @@ impl Ledger {
                 // Full disk, a failed flush or the like: this row goes the waiting way instead
                 // (the ledger records a row it gets from both ways once).
                 Err(e) => {
-                    tracing::warn!(error = %e, "usage spool: append failed, sending directly");
+                    tracing::warn!(error = ?e.error, "usage spool: append failed, sending directly");
                     let sent = self.usage.send(usage).await;
                     if sent.is_err() {
-                        // Neither way took it (a full disk while the ledger is away): the free
-                        // answer still goes out, and the lost row is counted, to alert on.
-                        crate::metrics::spool_event("row_lost");
+                        // Neither way took it (a full disk or a stalled one while the ledger is
+                        // away): the free answer still goes out, and the row is counted, to
+                        // alert on; one written but not synced may still ship.
+                        let event = if e.written {
+                            "row_unsynced"
+                        } else {
+                            "row_lost"
+                        };
+                        crate::metrics::spool_event(event);
                     }
                     return sent;
                 }

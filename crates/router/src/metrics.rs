@@ -34,7 +34,8 @@ static SPOOL: LazyLock<IntCounterVec> = LazyLock::new(|| {
         "syft_router_usage_spool_events_total",
         "Usage spool trouble: ship_failed (a call the ledger did not take; the rows stay \
          spooled and are retried), row_dropped (a row the ledger refuses as invalid), row_lost \
-         (a row neither the spool nor the ledger took), segment_quarantined (a spool file \
+         (a row neither the spool nor the ledger took), row_unsynced (a row written to the spool \
+         whose sync failed or stalled, and the ledger did not take), segment_quarantined (a spool file \
          unreadable inside, kept as .corrupt), segment_unreadable (a spool file that cannot be \
          read holds the rest back)",
         &["event"]
@@ -42,7 +43,7 @@ static SPOOL: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("register syft_router_usage_spool_events_total")
 });
 
-/// A spool event: `ship_failed`, `row_dropped`, `row_lost`, `segment_quarantined` or
+/// A spool event: `ship_failed`, `row_dropped`, `row_lost`, `row_unsynced`, `segment_quarantined` or
 /// `segment_unreadable`. A
 /// `ship_failed` that keeps rising
 /// means rows are piling up on disk (the ledger is down, or refuses the router's calls).

@@ -64,12 +64,20 @@ pub(crate) struct OaiRequest {
 }
 
 impl OaiRequest {
-    /// The first option that asks for an answer other than text, if any.
+    /// The first option that asks for an answer other than text, if any. Tools offered with a
+    /// choice of `"none"` ask for nothing (some SDKs always send the tools they know of).
     pub fn unsupported_option(&self) -> Option<&'static str> {
-        [
-            ("tools", &self.tools),
+        let declined = |choice: &Option<Asked>| choice.as_ref().is_some_and(|c| c.none);
+        let no_tools = declined(&self.tool_choice) || declined(&self.function_call);
+        let none = None;
+        let (tools, functions) = match no_tools {
+            true => (&none, &none),
+            false => (&self.tools, &self.functions),
+        };
+        let first = [
+            ("tools", tools),
             ("tool_choice", &self.tool_choice),
-            ("functions", &self.functions),
+            ("functions", functions),
             ("function_call", &self.function_call),
             ("response_format", &self.response_format),
             ("logprobs", &self.logprobs),
@@ -77,14 +85,26 @@ impl OaiRequest {
             ("audio", &self.audio),
         ]
         .into_iter()
-        .find(|(_, given)| given.as_ref().is_some_and(|a| a.0))
-        .map(|(name, _)| name)
+        .find(|(_, given)| given.as_ref().is_some_and(|a| a.asks))
+        .map(|(name, _)| name);
+        first
     }
 }
 
-/// Whether an option asks for something: `false`, `0`, `null`, `[]`, `"none"`, `"auto"` and
-/// `{"type": "text"}` do not (they are what a text answer already is); anything else does.
-pub(crate) struct Asked(bool);
+/// Whether an option asks for something: `false`, `0`, `null`, `[]`, `""`, `"none"`, `"auto"`,
+/// `"text"` and an object whose only key is `type` with one of those strings do not (they are
+/// what a text answer already is); anything else does.
+pub(crate) struct Asked {
+    asks: bool,
+    /// The string `"none"`: a tool choice that declines every tool.
+    none: bool,
+}
+
+impl Asked {
+    fn asks(asks: bool) -> Self {
+        Asked { asks, none: false }
+    }
+}
 
 #[derive(Deserialize)]
 pub(crate) struct OaiMessage {
@@ -200,22 +220,25 @@ impl<'de> Deserialize<'de> for Asked {
                 f.write_str("an option's value")
             }
             fn visit_unit<E: de::Error>(self) -> Result<Asked, E> {
-                Ok(Asked(false))
+                Ok(Asked::asks(false))
             }
             fn visit_bool<E: de::Error>(self, b: bool) -> Result<Asked, E> {
-                Ok(Asked(b))
+                Ok(Asked::asks(b))
             }
             fn visit_u64<E: de::Error>(self, n: u64) -> Result<Asked, E> {
-                Ok(Asked(n != 0))
+                Ok(Asked::asks(n != 0))
             }
             fn visit_i64<E: de::Error>(self, n: i64) -> Result<Asked, E> {
-                Ok(Asked(n != 0))
+                Ok(Asked::asks(n != 0))
             }
             fn visit_f64<E: de::Error>(self, n: f64) -> Result<Asked, E> {
-                Ok(Asked(n != 0.0))
+                Ok(Asked::asks(n != 0.0))
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<Asked, E> {
-                Ok(Asked(!matches!(s, "" | "none" | "auto" | "text")))
+                Ok(Asked {
+                    asks: !matches!(s, "" | "none" | "auto" | "text"),
+                    none: s == "none",
+                })
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Asked, A::Error> {
                 // Elements are skipped, not kept: a long list costs no memory.
@@ -223,7 +246,7 @@ impl<'de> Deserialize<'de> for Asked {
                 while seq.next_element::<de::IgnoredAny>()?.is_some() {
                     any = true;
                 }
-                Ok(Asked(any))
+                Ok(Asked::asks(any))
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Asked, A::Error> {
                 let mut text_only = false;
@@ -231,13 +254,13 @@ impl<'de> Deserialize<'de> for Asked {
                 while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
                     if key == "type" {
                         let kind = map.next_value::<Asked>()?;
-                        text_only = !kind.0;
+                        text_only = !kind.asks;
                     } else {
                         map.next_value::<de::IgnoredAny>()?;
                         other = true;
                     }
                 }
-                Ok(Asked(other || !text_only))
+                Ok(Asked::asks(other || !text_only))
             }
         }
         d.deserialize_any(AskedVisitor)
@@ -291,6 +314,8 @@ mod tests {
         let harmless = r#","tools":[],"tool_choice":"none","function_call":"auto","response_format":{"type":"text"},"logprobs":false,"top_logprobs":0,"audio":null,"seed":7,"presence_penalty":0"#;
         assert_eq!(option(harmless), None);
         assert_eq!(option(r#","tools":[{"type":"function"}]"#), Some("tools"));
+        let declined = r#","tools":[{"type":"function"}],"tool_choice":"none""#;
+        assert_eq!(option(declined), None);
         assert_eq!(option(r#","tool_choice":"required""#), Some("tool_choice"));
         assert_eq!(
             option(r#","tool_choice":{"type":"function","function":{"name":"f"}}"#),

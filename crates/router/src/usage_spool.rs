@@ -135,6 +135,14 @@ fn io_err(what: &str, dir: &Path, e: std::io::Error) -> RouterError {
     RouterError::Internal(format!("usage spool {}: {what}: {e}", dir.display()))
 }
 
+/// An append that failed, and whether its row is in the spool file all the same (its sync failed
+/// or stalled): such a row may still ship, if the disk kept it.
+#[derive(Debug)]
+pub(crate) struct AppendFailed {
+    pub error: RouterError,
+    pub written: bool,
+}
+
 impl UsageSpool {
     /// Opens (creating) the spool directory, takes its lock, starts a new segment and the shipper
     /// (which first ships what an earlier process left). Must run inside a Tokio runtime.
@@ -217,15 +225,18 @@ impl UsageSpool {
 
     /// Appends one row (one `write(2)`); once this returns `Ok` the row survives this process,
     /// and with `usage_spool_sync` the host too.
-    pub(crate) async fn append(&self, usage: &Usage) -> Result<(), RouterError> {
-        let at = self.write(usage)?;
+    pub(crate) async fn append(&self, usage: &Usage) -> Result<(), AppendFailed> {
+        let at = self.write(usage).map_err(|error| AppendFailed {
+            error,
+            written: false,
+        })?;
         let Some(durable) = &self.inner.durable else {
             return Ok(());
         };
-        durable
-            .wait(at)
-            .await
-            .map_err(|e| io_err("cannot sync", &self.inner.dir, e))
+        durable.wait(at).await.map_err(|e| AppendFailed {
+            error: io_err("cannot sync", &self.inner.dir, e),
+            written: true,
+        })
     }
 
     /// Writes one record; returns the position just after it.

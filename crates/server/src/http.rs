@@ -20,14 +20,17 @@ use hyper_util::service::TowerToHyperService;
 use tokio::sync::Semaphore;
 use tower::ServiceExt;
 
+use crate::first_bytes::FirstBytes;
+
 /// What one HTTP listener allows its clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HttpLimits {
     /// Connections served at once; past this, new ones wait in the listen backlog.
     pub max_connections: usize,
     /// How long a connection may take to send a request's head, counted from the end of its
-    /// previous answer (or from its opening): an idle keep-alive connection is closed after
-    /// this, and so is one that sends its head a byte at a time.
+    /// previous answer (or from its opening): an idle HTTP/1 keep-alive connection is closed
+    /// after this, and so is one that sends nothing or its head a byte at a time. (An HTTP/2
+    /// connection is closed when its peer stops answering pings; a live idle one stays open.)
     pub idle_timeout: Duration,
 }
 
@@ -104,6 +107,7 @@ pub(crate) async fn serve<L>(
                 request.extensions_mut().insert(ConnectInfo(addr));
                 request.map(axum::body::Body::new)
             });
+        let io = FirstBytes::new(io, limits.idle_timeout);
         let connection = builder
             .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
             .into_owned();
@@ -203,8 +207,21 @@ mod tests {
         // A finished request, then an idle keep-alive connection.
         let mut idle = TcpStream::connect(addr).await.expect("connect");
         assert!(request(&mut idle, "/peer").await.starts_with(ANSWER));
-        assert!(closed_within(&mut slow, Duration::from_secs(5)).await);
-        assert!(closed_within(&mut idle, Duration::from_secs(5)).await);
+        // Nothing at all, and part of HTTP/2's preface: hyper is still telling the protocol.
+        let mut silent = TcpStream::connect(addr).await.expect("connect");
+        let mut preface = TcpStream::connect(addr).await.expect("connect");
+        preface
+            .write_all(b"PRI * HTTP/2.0\r\n")
+            .await
+            .expect("write");
+        for (name, conn) in [
+            ("half a head", &mut slow),
+            ("idle", &mut idle),
+            ("silent", &mut silent),
+            ("half a preface", &mut preface),
+        ] {
+            assert!(closed_within(conn, Duration::from_secs(5)).await, "{name}");
+        }
     }
 
     #[tokio::test]

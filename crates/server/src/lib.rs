@@ -2,6 +2,7 @@
 //! without TLS (idle timeout and connection cap included), gRPC health publishing, one shutdown signal fanned out to every server, the grace
 //! period, and background tasks that end with the server.
 
+mod first_bytes;
 mod grpc;
 mod health;
 mod http;
@@ -38,8 +39,8 @@ pub async fn serve_http(
     match tls {
         Some(tls) => {
             let rustls = tls.rustls().map_err(std::io::Error::other)?;
-            let listener =
-                syft_tls::TlsListener::new(listener, rustls).map_err(std::io::Error::other)?;
+            let listener = syft_tls::TlsListener::new(listener, rustls, limits.max_connections)
+                .map_err(std::io::Error::other)?;
             http::serve(listener, app, limits, stopped).await
         }
         None => {

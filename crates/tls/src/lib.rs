@@ -27,9 +27,6 @@ use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
 /// How long a client may take to complete the TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections a [`TlsListener`] holds between `accept(2)` and the server taking them: in their
-/// handshake, or handshaken and waiting for the server's connection cap.
-pub const MAX_HANDSHAKES: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -320,16 +317,26 @@ pub struct TlsListener {
 }
 
 impl TlsListener {
-    pub fn new(listener: TcpListener, config: Arc<rustls::ServerConfig>) -> io::Result<Self> {
+    /// At most `max_pending` connections are held between `accept(2)` and the server taking
+    /// them (in their handshake, at most [`HANDSHAKE_TIMEOUT`] each, or handshaken and queued);
+    /// past that, new ones wait in the kernel's backlog. A bound, not a defence: connections that
+    /// never finish their handshake can fill it for the timeout, as they could fill descriptors
+    /// before it.
+    pub fn new(
+        listener: TcpListener,
+        config: Arc<rustls::ServerConfig>,
+        max_pending: usize,
+    ) -> io::Result<Self> {
         let local_addr = listener.local_addr()?;
         let (tx, ready) = mpsc::channel(64);
         let acceptor = TlsAcceptor::from(config);
-        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(max_pending.max(1)));
         let task = tokio::spawn(async move {
             loop {
-                // A slot per connection until the server takes it: handshakes that never end
-                // (bounded by HANDSHAKE_TIMEOUT) or a server at its connection cap stop the
-                // accepting here, in the kernel's backlog, not in open descriptors.
+                // A slot per connection until it is queued for the server: handshakes that never
+                // end (bounded by HANDSHAKE_TIMEOUT) stop the accepting here, in the kernel's
+                // backlog, not in open descriptors. The slot is held through the send, so a
+                // server at its own cap stops this loop too, at most 64 queued behind it.
                 let Ok(slot) = handshakes.clone().acquire_owned().await else {
                     return;
                 };
