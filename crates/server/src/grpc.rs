@@ -2,21 +2,18 @@
 //! [`MAX_GRPC_CONNECTIONS`] open at once. tonic applies its builder's TCP settings only to a
 //! listener it binds itself, not to one handed to `serve_with_incoming`, and it serves every
 //! connection it is given: a client opening connections without end took a descriptor each,
-//! and one that never sent its HTTP/2 preface held it for ever (`first_bytes.rs`).
+//! and one that never sent its HTTP/2 preface held it for ever (`accepted.rs`).
 
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
+use tokio::sync::Semaphore;
+use tonic::transport::server::TcpIncoming;
 
-use crate::first_bytes::FirstBytes;
+use crate::accepted::Accepted;
 
 /// Connections one gRPC listener serves at once; past this, new ones wait in the listen backlog.
 /// A gRPC client multiplexes its calls over one connection, so this is thousands of clients.
@@ -35,7 +32,7 @@ const PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
 pub fn grpc_incoming(
     listener: TcpListener,
     max_connections: usize,
-) -> impl Stream<Item = io::Result<Capped>> + Send + 'static {
+) -> impl Stream<Item = io::Result<Accepted<TcpStream>>> + Send + 'static {
     capped_incoming(listener, max_connections, PREFACE_TIMEOUT)
 }
 
@@ -43,7 +40,7 @@ fn capped_incoming(
     listener: TcpListener,
     max_connections: usize,
     preface_timeout: Duration,
-) -> impl Stream<Item = io::Result<Capped>> + Send + 'static {
+) -> impl Stream<Item = io::Result<Accepted<TcpStream>>> + Send + 'static {
     let incoming = TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(TCP_KEEPALIVE));
@@ -52,66 +49,9 @@ fn capped_incoming(
         // The slot is taken before the accept: at the cap, connections wait in the kernel.
         let slot = slots.clone().acquire_owned().await.ok()?;
         let next = incoming.next().await?;
-        let capped = next.map(|io| Capped {
-            io: FirstBytes::new(io, preface_timeout),
-            _slot: slot,
-        });
+        let capped = next.map(|io| Accepted::new(io, slot, preface_timeout));
         Some((capped, (incoming, slots)))
     })
-}
-
-/// An accepted connection holding its slot until it closes.
-pub struct Capped {
-    io: FirstBytes<TcpStream>,
-    _slot: OwnedSemaphorePermit,
-}
-
-impl Connected for Capped {
-    type ConnectInfo = TcpConnectInfo;
-
-    fn connect_info(&self) -> TcpConnectInfo {
-        self.io.get_ref().connect_info()
-    }
-}
-
-impl AsyncRead for Capped {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Capped {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
 }
 
 #[cfg(test)]
@@ -126,8 +66,8 @@ mod tests {
         let mut incoming = Box::pin(grpc_incoming(listener, 1));
         let _client1 = TcpStream::connect(addr).await.expect("connect");
         let first = incoming.next().await.expect("one").expect("ok");
-        assert!(SockRef::from(first.io.get_ref()).keepalive().expect("read"));
-        assert!(first.io.get_ref().nodelay().expect("read"));
+        assert!(SockRef::from(first.get_ref()).keepalive().expect("read"));
+        assert!(first.get_ref().nodelay().expect("read"));
         let _client2 = TcpStream::connect(addr).await.expect("connect");
         let early = tokio::time::timeout(Duration::from_millis(200), incoming.next()).await;
         assert!(early.is_err(), "a second connection past the cap");

@@ -20,7 +20,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::sync::Semaphore;
 use tower::ServiceExt;
 
-use crate::first_bytes::FirstBytes;
+use crate::accepted::Accepted;
 
 /// What one HTTP listener allows its clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,7 +107,7 @@ pub(crate) async fn serve<L>(
                 request.extensions_mut().insert(ConnectInfo(addr));
                 request.map(axum::body::Body::new)
             });
-        let io = FirstBytes::new(io, limits.idle_timeout);
+        let io = Accepted::new(io, slot, limits.idle_timeout);
         let connection = builder
             .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
             .into_owned();
@@ -116,7 +116,6 @@ pub(crate) async fn serve<L>(
             if let Err(e) = connection.await {
                 tracing::debug!(peer = %addr, error = %e, "HTTP connection ended with an error");
             }
-            drop(slot);
         });
     }
     // No new connections from here (the listener is closed); idle ones close now, the others

@@ -2,12 +2,13 @@
 //! without TLS (idle timeout and connection cap included), gRPC health publishing, one shutdown signal fanned out to every server, the grace
 //! period, and background tasks that end with the server.
 
-mod first_bytes;
+mod accepted;
 mod grpc;
 mod health;
 mod http;
 mod secret;
 
+pub use accepted::Accepted;
 pub use grpc::{grpc_incoming, MAX_GRPC_CONNECTIONS};
 pub use http::{HttpLimits, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS};
 pub use secret::Secret;

@@ -1,5 +1,6 @@
-//! A deadline on a connection's first bytes. hyper starts its own timers only once it knows the
-//! protocol: an HTTP listener reads up to 24 bytes to tell HTTP/1 from HTTP/2, and an HTTP/2
+//! An accepted connection as both listeners serve it: it holds its slot under the listener's
+//! connection cap until it closes, and its first bytes have a deadline. hyper starts its own
+//! timers only once it knows the protocol: an HTTP listener reads up to 24 bytes to tell HTTP/1 from HTTP/2, and an HTTP/2
 //! server waits for the client's 24-byte preface, both without a timer. A connection that
 //! opened and then sent nothing (or half a preface) held its slot under the connection cap for
 //! ever, so 4,096 silent sockets locked a listener.
@@ -11,35 +12,40 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Sleep;
+use tonic::transport::server::{Connected, TcpConnectInfo};
 
 /// HTTP/2's client preface: once this much arrived, hyper's own timers (HTTP/1 head timeout,
 /// HTTP/2 pings) have taken over.
 const OPENING_BYTES: usize = 24;
 
-/// `io` whose reads fail with `TimedOut` if its first [`OPENING_BYTES`] have not arrived within
-/// the given time of its acceptance; afterwards a plain pass-through.
-pub(crate) struct FirstBytes<IO> {
+/// `io` holding its slot, whose reads fail with `TimedOut` if its first [`OPENING_BYTES`] have
+/// not arrived within the given time of its acceptance; afterwards a plain pass-through.
+pub struct Accepted<IO> {
     io: IO,
     left: usize,
     deadline: Option<Pin<Box<Sleep>>>,
+    _slot: OwnedSemaphorePermit,
 }
 
-impl<IO> FirstBytes<IO> {
-    pub(crate) fn new(io: IO, within: Duration) -> Self {
-        FirstBytes {
+impl<IO> Accepted<IO> {
+    pub(crate) fn new(io: IO, slot: OwnedSemaphorePermit, within: Duration) -> Self {
+        Accepted {
             io,
             left: OPENING_BYTES,
             deadline: Some(Box::pin(tokio::time::sleep(within))),
+            _slot: slot,
         }
     }
 
-    pub(crate) fn get_ref(&self) -> &IO {
+    pub fn get_ref(&self) -> &IO {
         &self.io
     }
 }
 
-impl<IO: AsyncRead + Unpin> AsyncRead for FirstBytes<IO> {
+impl<IO: AsyncRead + Unpin> AsyncRead for Accepted<IO> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -74,7 +80,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for FirstBytes<IO> {
     }
 }
 
-impl<IO: AsyncWrite + Unpin> AsyncWrite for FirstBytes<IO> {
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Accepted<IO> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -101,5 +107,13 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for FirstBytes<IO> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+impl Connected for Accepted<TcpStream> {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.io.connect_info()
     }
 }
