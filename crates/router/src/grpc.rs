@@ -10,8 +10,10 @@ use syft_proto::router::{
 };
 use tonic::{Request, Response, Status};
 
+use crate::error::RouterError;
 use crate::limits::RateHeaders;
 use crate::service::RouterService;
+use crate::validate::assign_request_id;
 
 /// gRPC adapter over [`RouterService`].
 #[derive(Clone)]
@@ -45,7 +47,9 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<ChatStreamEvent, Status>> + 
 #[tonic::async_trait]
 impl Router for GrpcRouter {
     async fn chat(&self, request: Request<ChatRequest>) -> Result<Response<ChatResponse>, Status> {
-        let (resp, limits) = self.service.chat_with_limits(request.into_inner()).await?;
+        let mut req = request.into_inner();
+        let id = assign_request_id(&mut req.request_id);
+        let (resp, limits) = (self.service.chat_with_limits(req).await).map_err(refused(&id))?;
         let replay = resp.replay;
         let mut resp = Response::new(resp);
         if replay {
@@ -61,7 +65,9 @@ impl Router for GrpcRouter {
         &self,
         request: Request<ChatRequest>,
     ) -> Result<Response<Self::ChatStreamStream>, Status> {
-        let handle = self.service.chat_stream(request.into_inner()).await?;
+        let mut req = request.into_inner();
+        let id = assign_request_id(&mut req.request_id);
+        let handle = (self.service.chat_stream(req).await).map_err(refused(&id))?;
         let events = handle.events.map(|item| item.map_err(Status::from));
         let mut resp = Response::new(Box::pin(events) as EventStream);
         if let Ok(v) = handle.request_id.parse() {
@@ -81,10 +87,9 @@ impl Router for GrpcRouter {
         &self,
         request: Request<SearchRequest>,
     ) -> Result<Response<SearchResponse>, Status> {
-        let (resp, limits) = self
-            .service
-            .search_with_limits(request.into_inner())
-            .await?;
+        let mut req = request.into_inner();
+        let id = assign_request_id(&mut req.request_id);
+        let (resp, limits) = (self.service.search_with_limits(req).await).map_err(refused(&id))?;
         let mut resp = Response::new(resp);
         limit_metadata(&mut resp, &limits);
         Ok(resp)
@@ -103,6 +108,18 @@ impl Router for GrpcRouter {
     ) -> Result<Response<GetLimitsResponse>, Status> {
         let left = self.service.get_limits(request.into_inner()).await?;
         Ok(Response::new(left))
+    }
+}
+
+/// `error` as the refusal of the request `request_id` names: its status carries the id its usage
+/// row is under, as an answer's metadata does.
+fn refused(request_id: &Option<String>) -> impl FnOnce(RouterError) -> Status + '_ {
+    move |error| {
+        let mut status = Status::from(error);
+        if let Some(Ok(v)) = request_id.as_deref().map(str::parse) {
+            status.metadata_mut().insert("x-syft-request-id", v);
+        }
+        status
     }
 }
 

@@ -29,6 +29,7 @@ use crate::error::{RouterError, REASON_HEADER};
 use crate::limits::RateHeaders;
 use crate::openai_wire::{ContentField, OaiRequest};
 use crate::service::RouterService;
+use crate::validate::assign_request_id;
 
 pub const COST_HEADER: &str = "x-syft-cost-micros";
 pub const TRANSFER_HEADER: &str = "x-syft-transfer-id";
@@ -59,14 +60,14 @@ pub fn http_router(service: RouterService) -> Router {
         )
         // Unknown paths and methods answer in the API's error shape (they were empty bodies).
         .fallback(|| async {
-            ApiError(RouterError::NotFound(
+            ApiError::from(RouterError::NotFound(
                 "no such endpoint: the router serves POST /v1/chat/completions, /chat and \
                  /search; GET /v1/models, /v1/limits, /health, /healthz, /readyz and /metrics"
                     .into(),
             ))
         })
         .method_not_allowed_fallback(|method: http::Method| async move {
-            let mut resp = ApiError(RouterError::InvalidArgument(format!(
+            let mut resp = ApiError::from(RouterError::InvalidArgument(format!(
                 "method {method} is not served on this path"
             )))
             .into_response();
@@ -137,24 +138,53 @@ async fn limits_left(
     Ok(Json(body))
 }
 
+/// A refused request, and the request id its usage row is under when known (`None` for errors
+/// that are not a request's, and for a request whose own id was unusable).
+pub(crate) struct Refused {
+    pub error: RouterError,
+    pub request_id: Option<String>,
+}
+
+impl From<RouterError> for Refused {
+    fn from(error: RouterError) -> Self {
+        Refused {
+            error,
+            request_id: None,
+        }
+    }
+}
+
+/// `error` as the refusal of the request `request_id` names.
+pub(crate) fn refused(request_id: &Option<String>) -> impl FnOnce(RouterError) -> Refused + '_ {
+    move |error| Refused {
+        error,
+        request_id: request_id.clone(),
+    }
+}
+
 /// An error as an OpenAI-style response.
-struct ApiError(RouterError);
+struct ApiError(Refused);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if let RouterError::Internal(detail) = &self.0 {
+        let e = &self.0.error;
+        if let RouterError::Internal(detail) = e {
             tracing::error!(error = %detail, "internal router error");
         }
-        let resp = (self.0.http_status(), Json(self.0.openai_body())).into_response();
+        let resp = (e.http_status(), Json(e.openai_body())).into_response();
         with_error_headers(resp, &self.0)
     }
 }
 
-/// The headers of an error answer, on both HTTP APIs: the reason, and for a limit's refusal
-/// `Retry-After` and the `x-ratelimit-*` headers.
-pub(crate) fn with_error_headers(mut resp: Response, e: &RouterError) -> Response {
+/// The headers of an error answer, on both HTTP APIs: the reason, the request id, and for a
+/// limit's refusal `Retry-After` and the `x-ratelimit-*` headers.
+pub(crate) fn with_error_headers(mut resp: Response, refused: &Refused) -> Response {
+    let e = &refused.error;
     let h = resp.headers_mut();
     h.insert(REASON_HEADER, HeaderValue::from_static(e.reason()));
+    if let Some(id) = refused.request_id.as_deref().and_then(header) {
+        h.insert(REQUEST_ID_HEADER, id);
+    }
     if let RouterError::Quota(q) = e {
         if let Some(after) = q.details.retry_after {
             let secs = syft_error::retry_after_secs(after);
@@ -169,6 +199,12 @@ pub(crate) fn with_error_headers(mut resp: Response, e: &RouterError) -> Respons
 
 impl From<RouterError> for ApiError {
     fn from(e: RouterError) -> Self {
+        ApiError(e.into())
+    }
+}
+
+impl From<Refused> for ApiError {
+    fn from(e: Refused) -> Self {
         ApiError(e)
     }
 }
@@ -283,17 +319,21 @@ pub(crate) async fn read_request<B: serde::de::DeserializeOwned, R>(
     body: Result<Bytes, BytesRejection>,
     user_of: impl FnOnce(&B) -> Option<String>,
     convert: impl FnOnce(B) -> Result<R, RouterError>,
-) -> Result<R, RouterError> {
+) -> Result<R, Refused> {
     let (user, result) = match read_json::<B>(svc, body) {
         Err(e) => (None, Err(e)),
         Ok(b) => (user_of(&b), convert(b)),
     };
-    if let Err(e) = &result {
-        let id = idempotency_key(headers).unwrap_or_default();
-        let user = user.unwrap_or_default();
-        svc.record_unread(kind, &user, &id, e).await;
+    match result {
+        Ok(request) => Ok(request),
+        Err(error) => {
+            let mut id = idempotency_key(headers).unwrap_or_default();
+            let request_id = assign_request_id(&mut id);
+            let user = user.unwrap_or_default();
+            svc.record_unread(kind, &user, &id, &error).await;
+            Err(Refused { error, request_id })
+        }
     }
-    result
 }
 
 /// Reads a JSON body, refusing oversized or malformed ones as bad input.
@@ -349,12 +389,13 @@ async fn chat_completions(
         Ok((stream, include_usage, to_chat_request(body, &headers)?))
     };
     let user = |body: &OaiRequest| body.user.clone();
-    let (stream, include_usage, req) =
+    let (stream, include_usage, mut req) =
         read_request(&svc, ServiceKind::Chat, &headers, body, user, read).await?;
+    let id = assign_request_id(&mut req.request_id);
     if stream {
-        return chat_stream(svc, req, include_usage).await;
+        return chat_stream(svc, req, include_usage, &id).await;
     }
-    let (resp, limits) = svc.chat_with_limits(req).await?;
+    let (resp, limits) = svc.chat_with_limits(req).await.map_err(refused(&id))?;
     let usage = resp.usage.unwrap_or_default();
     let content = resp.message.map(|m| m.content).unwrap_or_default();
     let provider = resp.provider_info.unwrap_or_default();
@@ -406,8 +447,9 @@ async fn chat_stream(
     svc: RouterService,
     req: ChatRequest,
     include_usage: bool,
+    request_id: &Option<String>,
 ) -> Result<Response, ApiError> {
-    let handle = svc.chat_stream(req).await?;
+    let handle = svc.chat_stream(req).await.map_err(refused(request_id))?;
     let id = format!("chatcmpl-{}", handle.request_id);
     let model = handle.model.clone();
     let created = unix_now();

@@ -19,27 +19,36 @@ use syft_proto::router::{
 use crate::config::ServiceKind;
 use crate::error::RouterError;
 use crate::http::{
-    bearer_token, idempotency_key, rate_limit_headers, read_request, with_error_headers,
+    bearer_token, idempotency_key, rate_limit_headers, read_request, refused, with_error_headers,
+    Refused,
 };
 use crate::money::format_micros;
 use crate::service::RouterService;
+use crate::validate::assign_request_id;
 
 /// An error as `{"detail": message, "code": REASON}` (FastAPI's `detail`, plus our reason).
-pub struct SyftError(RouterError);
+pub struct SyftError(Refused);
 
 impl From<RouterError> for SyftError {
     fn from(e: RouterError) -> Self {
+        SyftError(e.into())
+    }
+}
+
+impl From<Refused> for SyftError {
+    fn from(e: Refused) -> Self {
         SyftError(e)
     }
 }
 
 impl IntoResponse for SyftError {
     fn into_response(self) -> Response {
-        if let RouterError::Internal(detail) = &self.0 {
+        let e = &self.0.error;
+        if let RouterError::Internal(detail) = e {
             tracing::error!(error = %detail, "internal router error");
         }
-        let body = json!({"detail": self.0.public_message(), "code": self.0.reason()});
-        let resp = (self.0.http_status(), Json(body)).into_response();
+        let body = json!({"detail": e.public_message(), "code": e.reason()});
+        let resp = (e.http_status(), Json(body)).into_response();
         with_error_headers(resp, &self.0)
     }
 }
@@ -221,8 +230,9 @@ pub async fn chat(
 ) -> Result<Response, SyftError> {
     let user = |b: &SyftChatRequest| Some(b.user_email.clone());
     let read = |b| chat_request(b, &headers);
-    let req = read_request(&svc, ServiceKind::Chat, &headers, body, user, read).await?;
-    let (r, limits) = svc.chat_with_limits(req).await?;
+    let mut req = read_request(&svc, ServiceKind::Chat, &headers, body, user, read).await?;
+    let id = assign_request_id(&mut req.request_id);
+    let (r, limits) = svc.chat_with_limits(req).await.map_err(refused(&id))?;
     let usage = r.usage.unwrap_or_default();
     let message = r.message.unwrap_or_default();
     let mut resp = Json(json!({
@@ -265,8 +275,9 @@ pub async fn search(
 ) -> Result<Response, SyftError> {
     let user = |b: &SyftSearchRequest| Some(b.user_email.clone());
     let read = |b| search_request(b, &headers);
-    let req = read_request(&svc, ServiceKind::Search, &headers, body, user, read).await?;
-    let (r, limits) = svc.search_with_limits(req).await?;
+    let mut req = read_request(&svc, ServiceKind::Search, &headers, body, user, read).await?;
+    let id = assign_request_id(&mut req.request_id);
+    let (r, limits) = svc.search_with_limits(req).await.map_err(refused(&id))?;
     let results: Vec<Value> = r
         .results
         .into_iter()

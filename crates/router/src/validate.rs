@@ -158,12 +158,28 @@ fn payer_email(email: &str) -> Result<String, RouterError> {
     Ok(user_email)
 }
 
+/// Whether `id` can be a request id: 1 to [`MAX_REQUEST_ID_LEN`] visible ASCII characters.
+pub(crate) fn is_usable_request_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= MAX_REQUEST_ID_LEN && id.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// What the protocol adapters do first: a request without an id gets one here rather than in
+/// validation, so that a refusal can name it (`x-syft-request-id`) as an answer does, and the
+/// owner find its usage row. Returns the id to name: none when the client's own is unusable
+/// (its refusal is recorded under a fresh `refused-` id, `service/refusal.rs`).
+pub(crate) fn assign_request_id(id: &mut String) -> Option<String> {
+    if id.is_empty() {
+        *id = uuid::Uuid::now_v7().to_string();
+    }
+    is_usable_request_id(id).then(|| id.clone())
+}
+
 /// The client's request id, checked, or a new one.
 fn request_id_or_new(id: String) -> Result<String, RouterError> {
     if id.is_empty() {
         return Ok(uuid::Uuid::now_v7().to_string());
     }
-    if id.len() > MAX_REQUEST_ID_LEN || !id.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+    if !is_usable_request_id(&id) {
         return Err(bad(format!(
             "request_id must be 1..={MAX_REQUEST_ID_LEN} visible ASCII characters"
         )));

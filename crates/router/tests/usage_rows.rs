@@ -299,6 +299,72 @@ async fn requests_refused_before_they_are_read_leave_rows() {
     s.check_invariants().await;
 }
 
+/// A refusal names the request id its row is under, as an answer does, so a user can quote it and
+/// the owner find the row: over HTTP in `x-syft-request-id` (a request without an
+/// `Idempotency-Key` is given one), over gRPC in the status' metadata.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_name_the_request_id_of_their_row() {
+    let s = Stack::start(Pricing::per_request(PRICE)).await;
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/chat/completions", s.router.http_url);
+    let named = |r: &reqwest::Response| -> String {
+        let id = r
+            .headers()
+            .get("x-syft-request-id")
+            .expect("x-syft-request-id");
+        id.to_str().expect("ascii").to_string()
+    };
+    // Refused while it is read (not JSON), and by the service (no token), both without a key.
+    let unread = (http.post(&url).header("content-type", "application/json"))
+        .body("{nope")
+        .send()
+        .await
+        .expect("http");
+    assert_eq!(unread.status(), 400);
+    let chat = json!({"model": "test-model", "user": s.alice.email,
+        "messages": [{"role": "user", "content": "hi"}]});
+    let unpaid = http.post(&url).json(&chat).send().await.expect("http");
+    assert_eq!(unpaid.status(), 402);
+    // A client's own key is named as it came.
+    let keyed = (http.post(&url).header("Idempotency-Key", "mine-1"))
+        .json(&chat)
+        .send()
+        .await
+        .expect("http");
+    assert_eq!(named(&keyed), "mine-1");
+    // gRPC: no token, without a request id.
+    let mut c = s.client().await;
+    let mut req = s.request("hi");
+    req.request_id = String::new();
+    req.transaction_token = String::new();
+    let status = c.chat(req).await.expect_err("no token");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    let grpc = status.metadata().get("x-syft-request-id").expect("id");
+    let grpc = grpc.to_str().expect("ascii").to_string();
+
+    let mut admin = syft_ledger::client::connect_lazy(&s.ledger.url, ADMIN_KEY).expect("admin");
+    let rows = admin
+        .query_usage(syft_proto::ledger::QueryUsageRequest {
+            page_size: 100,
+            ..Default::default()
+        })
+        .await
+        .expect("query")
+        .into_inner()
+        .records;
+    let ids: Vec<String> = (rows.into_iter())
+        .filter_map(|r| r.usage)
+        .map(|u| u.request_id)
+        .collect();
+    for id in [named(&unread), named(&unpaid), "mine-1".to_string(), grpc] {
+        assert!(ids.contains(&id), "{id} not among the rows {ids:?}");
+    }
+    assert_eq!(ids.len(), 4, "{ids:?}");
+    assert_eq!(s.upstream.hits(), 0);
+    assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));
+    s.check_invariants().await;
+}
+
 /// A search sent to a router that offers none is refused and leaves its row, as a disabled chat
 /// does (it used to leave none: the router answered before it knew the attempt).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,7 +18,6 @@ use super::admission::row_key;
 use super::{elapsed_ms, RouterService};
 use crate::config::ServiceKind;
 use crate::error::{RouterError, INSUFFICIENT_FUNDS};
-use crate::validate::MAX_REQUEST_ID_LEN;
 
 /// What a refused request is recorded under, taken before validation (which may be what failed).
 pub(super) struct Attempt {
@@ -86,10 +85,7 @@ pub(super) fn refusal_status(e: &RouterError) -> UsageStatus {
 /// A request id the ledger accepts: the client's when it is a valid one, else a fresh id (an
 /// invalid or missing id is often the very reason of the refusal).
 fn recordable_id(id: &str) -> String {
-    let valid = !id.is_empty()
-        && id.len() <= MAX_REQUEST_ID_LEN
-        && id.bytes().all(|b| b.is_ascii_graphic());
-    if valid {
+    if crate::validate::is_usable_request_id(id) {
         id.to_string()
     } else {
         format!("refused-{}", uuid::Uuid::now_v7())
