@@ -221,6 +221,8 @@ async fn one_request_is_one_trace_across_router_and_ledger() {
             ("SYFT_LEDGER_URL", ledger_url.clone()),
             ("SYFT_ROUTER_LEDGER_SECRET", OWNER_SECRET.into()),
             ("SYFT_ROUTER_CONFIG", config.display().to_string()),
+            // Quiet logs do not turn the traces off (`SYFT_TRACE_FILTER` filters those).
+            ("RUST_LOG", "error".into()),
         ],
     );
     wait_http(&format!("http://127.0.0.1:{router_http}/readyz")).await;

@@ -311,29 +311,46 @@ pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<String, RouterError
 
 /// Reads a front's request: its JSON body, then `convert` to the service's request. A request
 /// refused on the way is recorded like every refusal (a usage row, `service/refusal.rs`), under
-/// the user `user_of` finds in it if the body could be read that far, and the `Idempotency-Key`.
+/// the user and request id `said` finds in the body if it could be read that far (the request id
+/// falling back to the `Idempotency-Key`, as the fronts read it).
 pub(crate) async fn read_request<B: serde::de::DeserializeOwned, R>(
     svc: &RouterService,
     kind: ServiceKind,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
-    user_of: impl FnOnce(&B) -> Option<String>,
+    said: impl FnOnce(&B) -> Said,
     convert: impl FnOnce(B) -> Result<R, RouterError>,
 ) -> Result<R, Refused> {
-    let (user, result) = match read_json::<B>(svc, body) {
-        Err(e) => (None, Err(e)),
-        Ok(b) => (user_of(&b), convert(b)),
+    let (said, result) = match read_json::<B>(svc, body) {
+        Err(e) => (Said::default(), Err(e)),
+        Ok(b) => (said(&b), convert(b)),
     };
-    match result {
-        Ok(request) => Ok(request),
-        Err(error) => {
-            let mut id = idempotency_key(headers).unwrap_or_default();
-            let request_id = assign_request_id(&mut id);
-            let user = user.unwrap_or_default();
-            svc.record_unread(kind, &user, &id, &error).await;
-            Err(Refused { error, request_id })
+    let error = match result {
+        Ok(request) => return Ok(request),
+        Err(error) => error,
+    };
+    let given = match said.request_id.filter(|id| !id.is_empty()) {
+        Some(id) => Ok(id),
+        None => idempotency_key(headers),
+    };
+    let (id, request_id) = match given {
+        Ok(mut id) => {
+            let named = assign_request_id(&mut id);
+            (id, named)
         }
-    }
+        // A key that is not text: recorded under a fresh `refused-` id, and named nowhere.
+        Err(_) => (String::new(), None),
+    };
+    let user = said.user.unwrap_or_default();
+    svc.record_unread(kind, &user, &id, &error).await;
+    Err(Refused { error, request_id })
+}
+
+/// What a front's body says of its request before it is converted (for a refusal's row).
+#[derive(Default)]
+pub(crate) struct Said {
+    pub user: Option<String>,
+    pub request_id: Option<String>,
 }
 
 /// Reads a JSON body, refusing oversized or malformed ones as bad input.
@@ -388,9 +405,12 @@ async fn chat_completions(
         let stream = body.stream.unwrap_or(false);
         Ok((stream, include_usage, to_chat_request(body, &headers)?))
     };
-    let user = |body: &OaiRequest| body.user.clone();
+    let said = |body: &OaiRequest| Said {
+        user: body.user.clone(),
+        request_id: None,
+    };
     let (stream, include_usage, mut req) =
-        read_request(&svc, ServiceKind::Chat, &headers, body, user, read).await?;
+        read_request(&svc, ServiceKind::Chat, &headers, body, said, read).await?;
     let id = assign_request_id(&mut req.request_id);
     if stream {
         return chat_stream(svc, req, include_usage, &id).await;

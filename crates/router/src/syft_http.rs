@@ -20,7 +20,7 @@ use crate::config::ServiceKind;
 use crate::error::RouterError;
 use crate::http::{
     bearer_token, idempotency_key, rate_limit_headers, read_request, refused, with_error_headers,
-    Refused,
+    Refused, Said,
 };
 use crate::money::format_micros;
 use crate::service::RouterService;
@@ -228,9 +228,12 @@ pub async fn chat(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, SyftError> {
-    let user = |b: &SyftChatRequest| Some(b.user_email.clone());
+    let said = |b: &SyftChatRequest| Said {
+        user: Some(b.user_email.clone()),
+        request_id: b.request_id.clone(),
+    };
     let read = |b| chat_request(b, &headers);
-    let mut req = read_request(&svc, ServiceKind::Chat, &headers, body, user, read).await?;
+    let mut req = read_request(&svc, ServiceKind::Chat, &headers, body, said, read).await?;
     let id = assign_request_id(&mut req.request_id);
     let (r, limits) = svc.chat_with_limits(req).await.map_err(refused(&id))?;
     let usage = r.usage.unwrap_or_default();
@@ -273,9 +276,12 @@ pub async fn search(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, SyftError> {
-    let user = |b: &SyftSearchRequest| Some(b.user_email.clone());
+    let said = |b: &SyftSearchRequest| Said {
+        user: Some(b.user_email.clone()),
+        request_id: b.request_id.clone(),
+    };
     let read = |b| search_request(b, &headers);
-    let mut req = read_request(&svc, ServiceKind::Search, &headers, body, user, read).await?;
+    let mut req = read_request(&svc, ServiceKind::Search, &headers, body, said, read).await?;
     let id = assign_request_id(&mut req.request_id);
     let (r, limits) = svc.search_with_limits(req).await.map_err(refused(&id))?;
     let results: Vec<Value> = r

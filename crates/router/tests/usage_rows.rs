@@ -332,6 +332,27 @@ async fn refusals_name_the_request_id_of_their_row() {
         .await
         .expect("http");
     assert_eq!(named(&keyed), "mine-1");
+    // `/chat` names its body's `requestId` (before the header), also when the body is refused
+    // while it is converted.
+    let huge = json!({"userEmail": s.alice.email, "model": "test-model", "requestId": "body-1",
+        "messages": [{"role": "user", "content": "hi"}], "options": {"maxTokens": 10_000_000_000i64}});
+    let body_id = (http.post(format!("{}/chat", s.router.http_url)))
+        .header("Idempotency-Key", "header-1")
+        .json(&huge)
+        .send()
+        .await
+        .expect("http");
+    assert_eq!(body_id.status(), 400);
+    assert_eq!(named(&body_id), "body-1");
+    // A key that is not text is named nowhere: its row is under a fresh `refused-` id.
+    let not_text = reqwest::header::HeaderValue::from_bytes(b"caf\xe9").expect("obs-text");
+    let garbled = (http.post(&url).header("Idempotency-Key", not_text))
+        .json(&chat)
+        .send()
+        .await
+        .expect("http");
+    assert_eq!(garbled.status(), 400);
+    assert!(garbled.headers().get("x-syft-request-id").is_none());
     // gRPC: no token, without a request id.
     let mut c = s.client().await;
     let mut req = s.request("hi");
@@ -356,10 +377,20 @@ async fn refusals_name_the_request_id_of_their_row() {
         .filter_map(|r| r.usage)
         .map(|u| u.request_id)
         .collect();
-    for id in [named(&unread), named(&unpaid), "mine-1".to_string(), grpc] {
+    for id in [
+        named(&unread),
+        named(&unpaid),
+        "mine-1".into(),
+        "body-1".into(),
+        grpc,
+    ] {
         assert!(ids.contains(&id), "{id} not among the rows {ids:?}");
     }
-    assert_eq!(ids.len(), 4, "{ids:?}");
+    assert_eq!(ids.len(), 6, "{ids:?}");
+    assert_eq!(
+        ids.iter().filter(|id| id.starts_with("refused-")).count(),
+        1
+    );
     assert_eq!(s.upstream.hits(), 0);
     assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));
     s.check_invariants().await;

@@ -75,8 +75,14 @@ fn otlp_configured() -> bool {
     !disabled && (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
 }
 
+/// The variable that filters exported spans (`RUST_LOG` syntax), apart from the logs.
+pub const TRACE_FILTER_ENV: &str = "SYFT_TRACE_FILTER";
+/// [`TRACE_FILTER_ENV`] unless set: the request spans and their children.
+const DEFAULT_TRACE_FILTER: &str = "info,sqlx=warn,h2=warn,tower=warn";
+
 /// Installs the global subscriber: logs to stderr filtered by `RUST_LOG` (default `info`), in
-/// `text` or `json`, plus OpenTelemetry export when an OTLP endpoint is configured. Call once, from
+/// `text` or `json`, plus OpenTelemetry export when an OTLP endpoint is configured, filtered by
+/// `SYFT_TRACE_FILTER` (default `info`). Call once, from
 /// `main`, inside a Tokio runtime.
 pub fn init(service_name: &str, log_format: &str) -> Result<Telemetry, TelemetryError> {
     init_with_default_filter(
@@ -118,10 +124,14 @@ pub fn init_with_default_filter(
     } else {
         (None, None)
     };
+    // Exported spans have a filter of their own: an operator who quiets the logs with
+    // `RUST_LOG=warn` must not turn the traces off with them.
     let otel = provider.as_ref().map(|p| {
+        let spans = EnvFilter::try_from_env(TRACE_FILTER_ENV)
+            .unwrap_or_else(|_| EnvFilter::new(DEFAULT_TRACE_FILTER));
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer("syft"))
-            .with_filter(filter())
+            .with_filter(spans)
     });
     // A second init (tests) keeps the first subscriber.
     let _ = tracing_subscriber::registry()

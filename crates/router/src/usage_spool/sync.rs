@@ -74,7 +74,7 @@ impl Durable {
         let started = self.round_started.load(Ordering::Acquire);
         if started != 0 {
             let running_for = (self.epoch.elapsed().as_millis() as u64).saturating_sub(started - 1);
-            if running_for > SYNC_PATIENCE.as_millis() as u64 {
+            if running_for >= SYNC_PATIENCE.as_millis() as u64 {
                 return Err(stalled());
             }
         }
@@ -211,7 +211,7 @@ mod tests {
         let (spool, dir) = synced_spool("stall");
         let durable = spool.inner.durable.as_ref().expect("a synced spool");
         spool.append(&usage("before")).await.expect("a synced row");
-        let stall = SYNC_PATIENCE + Duration::from_secs(2);
+        let stall = SYNC_PATIENCE + Duration::from_secs(3);
         durable
             .stall_next_ms
             .store(stall.as_millis() as u64, Ordering::SeqCst);
