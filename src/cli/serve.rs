@@ -44,9 +44,10 @@ macro_rules! serve_flags {
             /// HTTP connections served at once; past this, new ones wait in the listen backlog.
             #[arg(long, env = concat!($prefix, "_HTTP_MAX_CONNECTIONS"), default_value_t = syft_server::DEFAULT_MAX_CONNECTIONS as u32, value_parser = clap::value_parser!(u32).range(1..))]
             pub http_max_connections: u32,
-            /// An HTTP connection that sends no complete request head for this long (silent since
-            /// it opened, idle between HTTP/1 requests, or sending its head slowly) is closed.
-            #[arg(long, env = concat!($prefix, "_HTTP_IDLE_TIMEOUT"), default_value = "30s", value_parser = super::parse_duration)]
+            /// An HTTP connection that sends no complete request head for this long (idle between
+            /// HTTP/1 requests, or sending its head slowly) is closed; one silent since it opened
+            /// after 30 s. Keep it above the idle timeout of a load balancer in front.
+            #[arg(long, env = concat!($prefix, "_HTTP_IDLE_TIMEOUT"), default_value = "620s", value_parser = super::parse_duration)]
             pub http_idle_timeout: Duration,
         }
 

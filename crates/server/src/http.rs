@@ -29,17 +29,25 @@ pub struct HttpLimits {
     pub max_connections: usize,
     /// How long a connection may take to send a request's head, counted from the end of its
     /// previous answer (or from its opening): an idle HTTP/1 keep-alive connection is closed
-    /// after this, and so is one that sends nothing or its head a byte at a time. (An HTTP/2
-    /// connection is closed when its peer stops answering pings; a live idle one stays open.)
+    /// after this, and so is one that sends its head a byte at a time; one that sends nothing at
+    /// all after [`FIRST_BYTES_TIMEOUT`] already. (An HTTP/2 connection is closed when its peer
+    /// stops answering pings; a live idle one stays open.)
     pub idle_timeout: Duration,
 }
 
 /// [`HttpLimits::max_connections`] unless configured: well under the usual descriptor limits
 /// (the database pools, spool files and gRPC connections need theirs too).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
-/// [`HttpLimits::idle_timeout`] unless configured: longer than clients' own pool idle times
-/// (5 – 15 s in the OpenAI SDKs' HTTP clients), so they, not the server, close idle connections.
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// [`HttpLimits::idle_timeout`] unless configured: longer than the idle timeout of every common
+/// load balancer (AWS 60 s, Google Cloud 600 s) and client pool (5 – 15 s in the OpenAI SDKs'
+/// HTTP clients), so that they, not the server, close idle connections. A server that closes
+/// first races the balancer's next request on that connection, which then fails with a 502.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(620);
+
+/// How long a new connection may stay silent (at most the idle timeout): clients and balancers
+/// send their first request as soon as they connect, so this can be much shorter than the idle
+/// timeout, and it is what frees a connection that was opened and never used.
+pub const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Default for HttpLimits {
     fn default() -> Self {
@@ -107,7 +115,7 @@ pub(crate) async fn serve<L>(
                 request.extensions_mut().insert(ConnectInfo(addr));
                 request.map(axum::body::Body::new)
             });
-        let io = Accepted::new(io, slot, limits.idle_timeout);
+        let io = Accepted::new(io, slot, limits.idle_timeout.min(FIRST_BYTES_TIMEOUT));
         let connection = builder
             .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
             .into_owned();
