@@ -353,6 +353,15 @@ pub(crate) struct Said {
     pub request_id: Option<String>,
 }
 
+impl Said {
+    pub(crate) fn by(user: &str, request_id: &Option<String>) -> Self {
+        Said {
+            user: Some(user.to_string()),
+            request_id: request_id.clone(),
+        }
+    }
+}
+
 /// Reads a JSON body, refusing oversized or malformed ones as bad input.
 pub(crate) fn read_json<T: serde::de::DeserializeOwned>(
     svc: &RouterService,

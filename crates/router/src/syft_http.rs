@@ -228,10 +228,7 @@ pub async fn chat(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, SyftError> {
-    let said = |b: &SyftChatRequest| Said {
-        user: Some(b.user_email.clone()),
-        request_id: b.request_id.clone(),
-    };
+    let said = |b: &SyftChatRequest| Said::by(&b.user_email, &b.request_id);
     let read = |b| chat_request(b, &headers);
     let mut req = read_request(&svc, ServiceKind::Chat, &headers, body, said, read).await?;
     let id = assign_request_id(&mut req.request_id);
@@ -276,10 +273,7 @@ pub async fn search(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, SyftError> {
-    let said = |b: &SyftSearchRequest| Said {
-        user: Some(b.user_email.clone()),
-        request_id: b.request_id.clone(),
-    };
+    let said = |b: &SyftSearchRequest| Said::by(&b.user_email, &b.request_id);
     let read = |b| search_request(b, &headers);
     let mut req = read_request(&svc, ServiceKind::Search, &headers, body, said, read).await?;
     let id = assign_request_id(&mut req.request_id);

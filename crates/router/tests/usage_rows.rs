@@ -277,22 +277,12 @@ async fn requests_refused_before_they_are_read_leave_rows() {
             row("u-6", "invalid_request"),
         ]
     );
-    let mut admin = syft_ledger::client::connect_lazy(&s.ledger.url, ADMIN_KEY).expect("admin");
-    let unnamed = admin
-        .query_usage(syft_proto::ledger::QueryUsageRequest {
-            status: "invalid_request".into(),
-            page_size: 100,
-            ..Default::default()
-        })
+    let unnamed: Vec<_> = (all_usage(&s.ledger.url, "invalid_request")
         .await
-        .expect("query")
-        .into_inner()
-        .records;
-    let unnamed: Vec<_> = (unnamed.into_iter())
-        .filter_map(|r| r.usage)
-        .filter(|u| u.user_email.is_empty())
-        .map(|u| u.request_id)
-        .collect();
+        .into_iter())
+    .filter(|u| u.user_email.is_empty())
+    .map(|u| u.request_id)
+    .collect();
     assert_eq!(unnamed, vec!["u-1".to_string()]);
     assert_eq!(s.upstream.hits(), 0);
     assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));
@@ -363,18 +353,7 @@ async fn refusals_name_the_request_id_of_their_row() {
     let grpc = status.metadata().get("x-syft-request-id").expect("id");
     let grpc = grpc.to_str().expect("ascii").to_string();
 
-    let mut admin = syft_ledger::client::connect_lazy(&s.ledger.url, ADMIN_KEY).expect("admin");
-    let rows = admin
-        .query_usage(syft_proto::ledger::QueryUsageRequest {
-            page_size: 100,
-            ..Default::default()
-        })
-        .await
-        .expect("query")
-        .into_inner()
-        .records;
-    let ids: Vec<String> = (rows.into_iter())
-        .filter_map(|r| r.usage)
+    let ids: Vec<String> = (all_usage(&s.ledger.url, "").await.into_iter())
         .map(|u| u.request_id)
         .collect();
     for id in [

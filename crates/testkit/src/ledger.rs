@@ -373,6 +373,19 @@ pub async fn usage_of(ledger: &str, user_email: &str) -> Vec<pb::UsageRecord> {
     usage.expect("query usage").into_inner().records
 }
 
+/// Every usage row with `status` (any status when empty), whoever's, refusals recorded without a
+/// user included.
+pub async fn all_usage(ledger: &str, status: &str) -> Vec<pb::Usage> {
+    let query = pb::QueryUsageRequest {
+        status: status.into(),
+        page_size: 500,
+        ..Default::default()
+    };
+    let usage = admin(ledger).query_usage(query).await;
+    let records = usage.expect("query usage").into_inner().records;
+    records.into_iter().filter_map(|r| r.usage).collect()
+}
+
 /// Moves every transfer in `store` back by `by`, as if that much time had passed since they were
 /// made (the budget windows read `created_at`): tests of a window's reset without waiting a day.
 pub async fn backdate_transfers(store: &Store, by: Duration) {
