@@ -85,7 +85,18 @@ CONF
     "$LITELLM" --config "$work/litellm.yaml" --host 127.0.0.1 --port 50192 --num_workers 2 \
         >"$work/litellm.log" 2>&1 &
     pids+=($!)
-    for _ in $(seq 120); do curl -sf http://127.0.0.1:50192/health/liveliness >/dev/null && break; sleep 0.5; done
+    # LiteLLM takes 10 – 15 s to start on a quiet machine, and more while the ledger and routers
+    # start beside it: wait up to 3 minutes, and say so if it never answered.
+    litellm_up=false
+    for _ in $(seq 360); do
+        curl -sf http://127.0.0.1:50192/health/liveliness >/dev/null && { litellm_up=true; break; }
+        sleep 0.5
+    done
+    if ! $litellm_up; then
+        echo "LiteLLM did not start; its log ends with:" >&2
+        tail -20 "$work/litellm.log" >&2
+        LITELLM=
+    fi
 fi
 sleep 1
 
@@ -150,7 +161,11 @@ run "free-c1" 50171 1 "${free_users[@]}"
 if [ -n "${LITELLM:-}" ]; then
     run "litellm" 50191 "$CONNECTIONS" "${free_users[@]}"
 fi
-ratio() { awk -v a="$(cat "$work/$1.rps")" -v b="$(cat "$work/$2.rps")" 'BEGIN {printf "%.2f", a / b}'; }
+# A shape without a figure (wrk failed against it) gives "n/a", not a division by zero.
+ratio() {
+    awk -v a="$(cat "$work/$1.rps" 2>/dev/null)" -v b="$(cat "$work/$2.rps" 2>/dev/null)" \
+        'BEGIN { if (a + 0 > 0 && b + 0 > 0) printf "%.2f", a / b; else printf "n/a" }'
+}
 echo "ratios: one payer / 64 payers $(ratio paid-1 paid-64) (>= 0.8); free with ledger / without $(ratio free free-noledger) (>= 0.7); free with ledger and spool / without $(ratio free-spool free-noledger), not synced $(ratio free-spool-nosync free-noledger) (>= 0.7); paid / free $(ratio paid-64 free) (>= 0.5)"
 if [ -n "${LITELLM:-}" ]; then
     echo "ratio: paid (64 payers) / LiteLLM $(ratio paid-64 litellm) (>= 25)"
