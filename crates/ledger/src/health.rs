@@ -26,7 +26,9 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct Health {
     publisher: HealthPublisher,
     ready: Arc<watch::Sender<bool>>,
-    stopping: Arc<std::sync::atomic::AtomicBool>,
+    /// Whether the server is shutting down; held while a status is published, so that a probe
+    /// that read `false` cannot publish SERVING after the shutdown published NOT_SERVING.
+    stopping: Arc<tokio::sync::Mutex<bool>>,
 }
 
 impl Health {
@@ -51,15 +53,21 @@ impl Health {
 
     /// NOT_SERVING from now on, whatever the database says (the server is shutting down).
     pub async fn shut_down(&self) {
-        self.stopping
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        self.set_serving(false).await;
+        let mut stopping = self.stopping.lock().await;
+        *stopping = true;
+        self.publish(false).await;
         self.publisher.end_watches();
     }
 
-    /// Sets SERVING or NOT_SERVING for `""` and [`LEDGER_SERVICE`].
+    /// Sets SERVING or NOT_SERVING for `""` and [`LEDGER_SERVICE`] (NOT_SERVING once shutting
+    /// down).
     pub async fn set_serving(&self, serving: bool) {
-        let serving = serving && !self.stopping.load(std::sync::atomic::Ordering::SeqCst);
+        let stopping = self.stopping.lock().await;
+        self.publish(serving && !*stopping).await;
+    }
+
+    /// Publishes `serving`; the caller holds `stopping`.
+    async fn publish(&self, serving: bool) {
         if self.ready.send_replace(serving) != serving {
             if serving {
                 tracing::info!("database reachable: ledger SERVING");
@@ -68,12 +76,6 @@ impl Health {
             }
         }
         self.publisher.publish(serving).await;
-        // A probe that read `stopping` just before a shutdown published NOT_SERVING may publish
-        // SERVING after it: the shutdown's status is put back.
-        if serving && self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
-            self.ready.send_replace(false);
-            self.publisher.publish(false).await;
-        }
     }
 }
 

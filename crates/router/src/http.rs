@@ -309,6 +309,18 @@ pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<String, RouterError
     }
 }
 
+/// The request id a front reads: the body's when it names one (`/chat`, `/search`), else the
+/// `Idempotency-Key`.
+pub(crate) fn request_id_of(
+    headers: &HeaderMap,
+    in_body: Option<String>,
+) -> Result<String, RouterError> {
+    match in_body.filter(|id| !id.is_empty()) {
+        Some(id) => Ok(id),
+        None => idempotency_key(headers),
+    }
+}
+
 /// Reads a front's request: its JSON body, then `convert` to the service's request. A request
 /// refused on the way is recorded like every refusal (a usage row, `service/refusal.rs`), under
 /// the user and request id `said` finds in the body if it could be read that far (the request id
@@ -329,11 +341,7 @@ pub(crate) async fn read_request<B: serde::de::DeserializeOwned, R>(
         Ok(request) => return Ok(request),
         Err(error) => error,
     };
-    let given = match said.request_id.filter(|id| !id.is_empty()) {
-        Some(id) => Ok(id),
-        None => idempotency_key(headers),
-    };
-    let (id, request_id) = match given {
+    let (id, request_id) = match request_id_of(headers, said.request_id) {
         Ok(mut id) => {
             let named = assign_request_id(&mut id);
             (id, named)

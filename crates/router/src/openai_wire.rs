@@ -64,30 +64,24 @@ pub(crate) struct OaiRequest {
 }
 
 impl OaiRequest {
-    /// The first option that asks for an answer other than text, if any. Tools offered with a
-    /// choice of `"none"` ask for nothing (some SDKs always send the tools they know of).
+    /// The first option that asks for an answer other than text, if any.
     pub fn unsupported_option(&self) -> Option<&'static str> {
-        let declined = |choice: &Option<Asked>| choice.as_ref().is_some_and(|c| c.none);
-        let no_tools = declined(&self.tool_choice) || declined(&self.function_call);
-        let none = None;
-        let (tools, functions) = match no_tools {
-            true => (&none, &none),
-            false => (&self.tools, &self.functions),
-        };
-        let first = [
-            ("tools", tools),
-            ("tool_choice", &self.tool_choice),
-            ("functions", functions),
-            ("function_call", &self.function_call),
-            ("response_format", &self.response_format),
-            ("logprobs", &self.logprobs),
-            ("top_logprobs", &self.top_logprobs),
-            ("audio", &self.audio),
+        let asks = |option: &Option<Asked>| option.as_ref().is_some_and(|a| a.asks);
+        let declines = |choice: &Option<Asked>| choice.as_ref().is_some_and(|c| c.none);
+        // Tools offered with a choice of "none" ask for nothing (some SDKs always send theirs).
+        let offered = !declines(&self.tool_choice) && !declines(&self.function_call);
+        [
+            ("tools", offered && asks(&self.tools)),
+            ("tool_choice", asks(&self.tool_choice)),
+            ("functions", offered && asks(&self.functions)),
+            ("function_call", asks(&self.function_call)),
+            ("response_format", asks(&self.response_format)),
+            ("logprobs", asks(&self.logprobs)),
+            ("top_logprobs", asks(&self.top_logprobs)),
+            ("audio", asks(&self.audio)),
         ]
         .into_iter()
-        .find(|(_, given)| given.as_ref().is_some_and(|a| a.asks))
-        .map(|(name, _)| name);
-        first
+        .find_map(|(name, asked)| asked.then_some(name))
     }
 }
 

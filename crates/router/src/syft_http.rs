@@ -19,7 +19,7 @@ use syft_proto::router::{
 use crate::config::ServiceKind;
 use crate::error::RouterError;
 use crate::http::{
-    bearer_token, idempotency_key, rate_limit_headers, read_request, refused, with_error_headers,
+    bearer_token, rate_limit_headers, read_request, refused, request_id_of, with_error_headers,
     Refused, Said,
 };
 use crate::money::format_micros;
@@ -124,11 +124,7 @@ fn payment(
         Some(t) => t,
         None => bearer_token(headers)?,
     };
-    let request_id = match request_id.filter(|r| !r.is_empty()) {
-        Some(r) => r,
-        None => idempotency_key(headers)?,
-    };
-    Ok((token, request_id))
+    Ok((token, request_id_of(headers, request_id)?))
 }
 
 /// A float option as the proto's `f32`; out-of-range values stay out of range (validation says

@@ -277,12 +277,11 @@ async fn requests_refused_before_they_are_read_leave_rows() {
             row("u-6", "invalid_request"),
         ]
     );
-    let unnamed: Vec<_> = (all_usage(&s.ledger.url, "invalid_request")
-        .await
-        .into_iter())
-    .filter(|u| u.user_email.is_empty())
-    .map(|u| u.request_id)
-    .collect();
+    let invalid = all_usage(&s.ledger.url, "invalid_request").await;
+    let unnamed: Vec<_> = (invalid.into_iter())
+        .filter(|u| u.user_email.is_empty())
+        .map(|u| u.request_id)
+        .collect();
     assert_eq!(unnamed, vec!["u-1".to_string()]);
     assert_eq!(s.upstream.hits(), 0);
     assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));

@@ -8,14 +8,55 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
 use tonic::transport::server::{Connected, TcpConnectInfo};
+
+/// The connection cap of one listener: a slot is taken before each `accept`, so a listener at
+/// its cap stops accepting and new connections wait in the kernel's backlog.
+pub(crate) struct Slots {
+    free: Arc<Semaphore>,
+    max: usize,
+    listener: &'static str,
+    warned: Option<Instant>,
+}
+
+impl Slots {
+    pub(crate) fn new(max: usize, listener: &'static str) -> Self {
+        Slots {
+            free: Arc::new(Semaphore::new(max.max(1))),
+            max,
+            listener,
+            warned: None,
+        }
+    }
+
+    /// A free slot, once there is one (`None` never happens: the semaphore is never closed).
+    pub(crate) async fn take(&mut self) -> Option<OwnedSemaphorePermit> {
+        if let Ok(slot) = self.free.clone().try_acquire_owned() {
+            return Some(slot);
+        }
+        // Once a minute at most: a listener held at its cap would log every connection.
+        if self
+            .warned
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(60))
+        {
+            self.warned = Some(Instant::now());
+            tracing::warn!(
+                listener = self.listener,
+                max_connections = self.max,
+                "connection limit reached: new connections wait until one closes"
+            );
+        }
+        self.free.clone().acquire_owned().await.ok()
+    }
+}
 
 /// HTTP/2's client preface: once this much arrived, hyper's own timers (HTTP/1 head timeout,
 /// HTTP/2 pings) have taken over.

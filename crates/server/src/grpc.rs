@@ -5,15 +5,13 @@
 //! and one that never sent its HTTP/2 preface held it for ever (`accepted.rs`).
 
 use std::io;
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tonic::transport::server::TcpIncoming;
 
-use crate::accepted::Accepted;
+use crate::accepted::{Accepted, Slots};
 
 /// Connections one gRPC listener serves at once; past this, new ones wait in the listen backlog.
 /// A gRPC client multiplexes its calls over one connection, so this is thousands of clients.
@@ -44,14 +42,16 @@ fn capped_incoming(
     let incoming = TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(TCP_KEEPALIVE));
-    let slots = Arc::new(Semaphore::new(max_connections.max(1)));
-    futures::stream::unfold((incoming, slots), move |(mut incoming, slots)| async move {
-        // The slot is taken before the accept: at the cap, connections wait in the kernel.
-        let slot = slots.clone().acquire_owned().await.ok()?;
-        let next = incoming.next().await?;
-        let capped = next.map(|io| Accepted::new(io, slot, preface_timeout));
-        Some((capped, (incoming, slots)))
-    })
+    let slots = Slots::new(max_connections, "grpc");
+    futures::stream::unfold(
+        (incoming, slots),
+        move |(mut incoming, mut slots)| async move {
+            let slot = slots.take().await?;
+            let next = incoming.next().await?;
+            let capped = next.map(|io| Accepted::new(io, slot, preface_timeout));
+            Some((capped, (incoming, slots)))
+        },
+    )
 }
 
 #[cfg(test)]

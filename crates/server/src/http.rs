@@ -7,8 +7,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::extract::ConnectInfo;
 use axum::serve::Listener;
@@ -17,10 +16,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::sync::Semaphore;
 use tower::ServiceExt;
 
-use crate::accepted::Accepted;
+use crate::accepted::{Accepted, Slots};
 
 /// What one HTTP listener allows its clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,32 +76,18 @@ pub(crate) async fn serve<L>(
     builder
         .http2()
         .timer(TokioTimer::new())
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(10));
-    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+        .keep_alive_interval(Some(syft_tls::HTTP2_PING_INTERVAL))
+        .keep_alive_timeout(syft_tls::HTTP2_PING_TIMEOUT);
+    let mut slots = Slots::new(limits.max_connections, "http");
     let graceful = GracefulShutdown::new();
     let mut stopped = std::pin::pin!(stopped);
-    let mut warned: Option<Instant> = None;
     loop {
-        let slot = match slots.clone().try_acquire_owned() {
-            Ok(slot) => slot,
-            Err(_) => {
-                // Once a minute at most: a listener held at its cap would log every connection.
-                if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
-                    warned = Some(Instant::now());
-                    tracing::warn!(
-                        max_connections = limits.max_connections,
-                        "HTTP connection limit reached: new connections wait until one closes"
-                    );
-                }
-                tokio::select! {
-                    slot = slots.clone().acquire_owned() => match slot {
-                        Ok(slot) => slot,
-                        Err(_) => break, // never closed
-                    },
-                    () = &mut stopped => break,
-                }
-            }
+        let slot = tokio::select! {
+            slot = slots.take() => match slot {
+                Some(slot) => slot,
+                None => break,
+            },
+            () = &mut stopped => break,
         };
         let (io, addr) = tokio::select! {
             conn = listener.accept() => conn,

@@ -77,19 +77,16 @@ fn otlp_configured() -> bool {
 
 /// The variable that filters exported spans (`RUST_LOG` syntax), apart from the logs.
 pub const TRACE_FILTER_ENV: &str = "SYFT_TRACE_FILTER";
-/// [`TRACE_FILTER_ENV`] unless set: the request spans and their children.
-const DEFAULT_TRACE_FILTER: &str = "info,sqlx=warn,h2=warn,tower=warn";
+/// The servers' filter unless `RUST_LOG` (logs) or [`TRACE_FILTER_ENV`] (spans) says otherwise:
+/// the request spans and their children, without the libraries' chatter.
+const SERVER_FILTER: &str = "info,sqlx=warn,h2=warn,tower=warn";
 
 /// Installs the global subscriber: logs to stderr filtered by `RUST_LOG` (default `info`), in
 /// `text` or `json`, plus OpenTelemetry export when an OTLP endpoint is configured, filtered by
 /// `SYFT_TRACE_FILTER` (default `info`). Call once, from
 /// `main`, inside a Tokio runtime.
 pub fn init(service_name: &str, log_format: &str) -> Result<Telemetry, TelemetryError> {
-    init_with_default_filter(
-        service_name,
-        log_format,
-        "info,sqlx=warn,h2=warn,tower=warn",
-    )
+    init_with_default_filter(service_name, log_format, SERVER_FILTER)
 }
 
 /// [`init`] with another filter when `RUST_LOG` is unset: commands that print their own story
@@ -128,7 +125,7 @@ pub fn init_with_default_filter(
     // `RUST_LOG=warn` must not turn the traces off with them.
     let otel = provider.as_ref().map(|p| {
         let spans = EnvFilter::try_from_env(TRACE_FILTER_ENV)
-            .unwrap_or_else(|_| EnvFilter::new(DEFAULT_TRACE_FILTER));
+            .unwrap_or_else(|_| EnvFilter::new(SERVER_FILTER));
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer("syft"))
             .with_filter(spans)

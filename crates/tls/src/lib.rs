@@ -27,6 +27,10 @@ use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
 /// How long a client may take to complete the TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Every server (gRPC and HTTP) pings an HTTP/2 peer this often, and closes the connection when
+/// a ping is not answered within [`HTTP2_PING_TIMEOUT`]: peers gone without a word are found.
+pub const HTTP2_PING_INTERVAL: Duration = Duration::from_secs(30);
+pub const HTTP2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -403,8 +407,8 @@ pub fn grpc_server(tls: Option<&ServerTls>) -> Result<tonic::transport::Server, 
     // silently. (TCP keepalive is set where connections are accepted, syft-server's
     // `grpc_incoming`: tonic applies its builder's TCP settings only to listeners it binds.)
     let builder = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)));
+        .http2_keepalive_interval(Some(HTTP2_PING_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_PING_TIMEOUT));
     match tls {
         Some(tls) => builder
             .tls_config(tls.tonic())

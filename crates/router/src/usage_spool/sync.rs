@@ -3,6 +3,7 @@
 //! appended while the previous one ran, like a database's group commit.
 
 use std::fs::File;
+#[cfg(test)]
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -23,10 +24,6 @@ pub(super) struct Durable {
     synced: watch::Sender<Synced>,
     /// Wakes the syncer after an append (shared with it, outside `Inner`).
     kick: Arc<Notify>,
-    /// When the round running now started (milliseconds since `epoch`, plus one; 0: none runs),
-    /// so that appends stop waiting at once for a sync already past [`SYNC_PATIENCE`].
-    round_started: AtomicU64,
-    epoch: Instant,
     /// Tests: the next round's sync takes this many milliseconds longer (a stalled disk).
     #[cfg(test)]
     pub(super) stall_next_ms: AtomicU64,
@@ -44,6 +41,9 @@ pub(super) struct Synced {
     /// A sync up to here failed: its rows may be lost whatever later syncs report (the kernel may
     /// have dropped the dirty pages), so their appends fail and their rows go the waiting way.
     failed_through: Option<(u64, u64)>,
+    /// When the round running now started (`None` between rounds), so that appends stop waiting
+    /// at once for a sync already past [`SYNC_PATIENCE`]. Set without waking the waiters.
+    round_since: Option<Instant>,
 }
 
 impl Durable {
@@ -51,8 +51,6 @@ impl Durable {
         Durable {
             synced: watch::Sender::new(Synced::default()),
             kick: Arc::new(Notify::new()),
-            round_started: AtomicU64::new(0),
-            epoch: Instant::now(),
             #[cfg(test)]
             stall_next_ms: AtomicU64::new(0),
             #[cfg(test)]
@@ -71,12 +69,9 @@ impl Durable {
     /// reaches it first.
     pub(super) async fn wait(&self, at: (u64, u64)) -> std::io::Result<()> {
         let stalled = || std::io::Error::other("fdatasync stalled");
-        let started = self.round_started.load(Ordering::Acquire);
-        if started != 0 {
-            let running_for = (self.epoch.elapsed().as_millis() as u64).saturating_sub(started - 1);
-            if running_for >= SYNC_PATIENCE.as_millis() as u64 {
-                return Err(stalled());
-            }
+        let round_since = self.synced.borrow().round_since;
+        if round_since.is_some_and(|since| since.elapsed() >= SYNC_PATIENCE) {
+            return Err(stalled());
         }
         self.kick.notify_one();
         let mut synced = self.synced.subscribe();
@@ -138,8 +133,10 @@ pub(super) async fn sync_forever(spool: Weak<Inner>, kick: Arc<Notify>) {
         };
         #[cfg(test)]
         let stall = Duration::from_millis(durable.stall_next_ms.swap(0, Ordering::SeqCst));
-        let started = durable.epoch.elapsed().as_millis() as u64 + 1;
-        durable.round_started.store(started, Ordering::Release);
+        durable.synced.send_if_modified(|s| {
+            s.round_since = Some(Instant::now());
+            false
+        });
         let result = match round {
             Ok((seg, len, file, retired, dir)) => {
                 tokio::task::spawn_blocking(move || -> std::io::Result<(u64, u64)> {
@@ -159,7 +156,6 @@ pub(super) async fn sync_forever(spool: Weak<Inner>, kick: Arc<Notify>) {
             }
             Err(e) => Err((e, written(&inner))),
         };
-        durable.round_started.store(0, Ordering::Release);
         #[cfg(test)]
         let result = match durable
             .fail_next
@@ -169,9 +165,10 @@ pub(super) async fn sync_forever(spool: Weak<Inner>, kick: Arc<Notify>) {
             false => result,
         };
         match result {
-            Ok(at) => durable
-                .synced
-                .send_modify(|s| s.through = s.through.max(at)),
+            Ok(at) => durable.synced.send_modify(|s| {
+                s.through = s.through.max(at);
+                s.round_since = None;
+            }),
             Err((e, at)) => {
                 tracing::error!(dir = %inner.dir.display(), error = %e,
                     "usage spool: fdatasync failed; these rows are sent the waiting way");
@@ -188,9 +185,10 @@ pub(super) async fn sync_forever(spool: Weak<Inner>, kick: Arc<Notify>) {
                     }
                     Err(_) => (u64::MAX, u64::MAX),
                 };
-                durable
-                    .synced
-                    .send_modify(|s| s.failed_through = s.failed_through.max(Some(through)));
+                durable.synced.send_modify(|s| {
+                    s.failed_through = s.failed_through.max(Some(through));
+                    s.round_since = None;
+                });
             }
         }
     }
