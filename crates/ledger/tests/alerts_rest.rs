@@ -46,6 +46,13 @@ async fn rotate(h: &Harness, secret: &str, ep: &str, overlap_seconds: i64) -> (S
     call(h, Method::POST, &path, Some(secret), Some(body)).await
 }
 
+/// A 400 whose detail names `field`, so a client knows what to send.
+fn assert_bad_request_naming(status: StatusCode, body: &Value, field: &str) {
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let detail = body["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains(field), "{body}");
+}
+
 fn balance_rule() -> Value {
     json!({"event": "balance.low", "below_micros": USD})
 }
@@ -127,14 +134,7 @@ async fn rest_manages_endpoints_end_to_end(h: Harness) -> Harness {
     assert_eq!(bobs["endpoints"], json!([]));
     // The admin must name an account: a missing field (it was a 403).
     let (status, body) = call(&h, Method::GET, "/endpoints", Some(ADMIN_KEY), None).await;
-    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
-    assert!(
-        body["detail"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("?account="),
-        "{body}"
-    );
+    assert_bad_request_naming(status, &body, "?account=");
     let admin_list = format!("/endpoints?account={ALICE}");
     let (_, listed) = call(&h, Method::GET, &admin_list, Some(ADMIN_KEY), None).await;
     assert_eq!(listed["endpoints"][0]["id"], ep.as_str());
@@ -265,14 +265,7 @@ async fn rest_refuses_bad_input_with_clear_errors(h: Harness) -> Harness {
         Some(with_url(&good)),
     )
     .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
-    assert!(
-        answer["detail"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("account_email"),
-        "{answer}"
-    );
+    assert_bad_request_naming(status, &answer, "account_email");
 
     // Query parameters and paths are checked too.
     let rx = WebhookReceiver::start().await;
