@@ -80,13 +80,7 @@ pub(crate) use grpc_methods;
 grpc_methods! {
     impl pb::ledger_server::Ledger, |core, caller, req| {
         fn create_account(pb::CreateAccountRequest) -> pb::CreateAccountResponse {
-            let new = NewAccount {
-                email: req.email,
-                organization: req.organization,
-                currency: req.currency,
-                secret: req.secret,
-            };
-            let (account, secret) = core.create_account(&caller, new).await?;
+            let (account, secret) = core.create_account(&caller, NewAccount::from(req)).await?;
             Ok(pb::CreateAccountResponse {
                 account: Some(account_pb(&account)),
                 secret,
@@ -105,13 +99,9 @@ grpc_methods! {
         }
 
         fn issue_token(pb::IssueTokenRequest) -> pb::IssueTokenResponse {
-            let new = NewToken {
-                recipient_email: req.recipient_email,
-                expires_at: req.expires_at_unix_micros,
-                spend_limit: req.spend_limit_micros,
-                limit_per_day: req.limit_per_day_micros,
-            };
-            let (issued, recipient_email) = core.issue_token(&caller, new).await?;
+            // The issued token does not carry its per-day cap: the reply repeats the request's.
+            let limit_per_day_micros = req.limit_per_day_micros;
+            let (issued, recipient_email) = core.issue_token(&caller, NewToken::from(req)).await?;
             Ok(pb::IssueTokenResponse {
                 token: issued.token,
                 token_id: issued.id,
@@ -119,7 +109,7 @@ grpc_methods! {
                 recipient_email,
                 expires_at_unix_micros: issued.expires_at,
                 spend_limit_micros: issued.spend_limit.map(Micros::get),
-                limit_per_day_micros: req.limit_per_day_micros,
+                limit_per_day_micros,
             })
         }
 
@@ -140,20 +130,7 @@ grpc_methods! {
         }
 
         fn authorize(pb::AuthorizeRequest) -> pb::Transfer {
-            let hold = HoldRequest {
-                sender_email: req.sender_email,
-                amount: req.amount_micros,
-                token: req.token,
-                app_name: req.app_name,
-                app_ep_path: req.app_ep_path,
-                idempotency_key: req.idempotency_key,
-                hold_ttl_seconds: req.hold_ttl_seconds,
-                budgets: HoldBudgets {
-                    per_day: req.budget_per_day_micros,
-                    per_month: req.budget_per_month_micros,
-                },
-            };
-            let placed = core.authorize_keyed(&caller, &hold).await?;
+            let placed = core.authorize_keyed(&caller, &HoldRequest::from(req)).await?;
             let mut reply = transfer_pb(&placed.row);
             reply.existing = placed.existing;
             Ok(reply)
@@ -265,24 +242,7 @@ grpc_methods! {
         }
 
         fn query_usage(pb::QueryUsageRequest) -> pb::QueryUsageResponse {
-            let query = UsageQuery {
-                dims: UsageDimsQuery {
-                    user_email: req.user_email,
-                    app_name: req.app_name,
-                    endpoint: req.endpoint,
-                    status: req.status,
-                    ..Default::default()
-                },
-                range: TimeRange {
-                    since: req.since_unix_micros,
-                    until: req.until_unix_micros,
-                },
-                page: PageRequest {
-                    page_token: req.page_token,
-                    page_size: req.page_size,
-                },
-            };
-            let page = core.query_usage(&caller, &query).await?;
+            let page = core.query_usage(&caller, &UsageQuery::from(req)).await?;
             let t = &page.items.totals;
             Ok(pb::QueryUsageResponse {
                 records: page.items.rows.iter().map(usage_pb).collect(),
@@ -296,6 +256,70 @@ grpc_methods! {
                     currency: core.usage_currency(&caller),
                 }),
             })
+        }
+    }
+}
+
+// Requests into the core's inputs, kept out of the methods above so that each reads as message in,
+// core call, message out.
+impl From<pb::CreateAccountRequest> for NewAccount {
+    fn from(req: pb::CreateAccountRequest) -> Self {
+        Self {
+            email: req.email,
+            organization: req.organization,
+            currency: req.currency,
+            secret: req.secret,
+        }
+    }
+}
+
+impl From<pb::IssueTokenRequest> for NewToken {
+    fn from(req: pb::IssueTokenRequest) -> Self {
+        Self {
+            recipient_email: req.recipient_email,
+            expires_at: req.expires_at_unix_micros,
+            spend_limit: req.spend_limit_micros,
+            limit_per_day: req.limit_per_day_micros,
+        }
+    }
+}
+
+impl From<pb::AuthorizeRequest> for HoldRequest {
+    fn from(req: pb::AuthorizeRequest) -> Self {
+        Self {
+            sender_email: req.sender_email,
+            amount: req.amount_micros,
+            token: req.token,
+            app_name: req.app_name,
+            app_ep_path: req.app_ep_path,
+            idempotency_key: req.idempotency_key,
+            hold_ttl_seconds: req.hold_ttl_seconds,
+            budgets: HoldBudgets {
+                per_day: req.budget_per_day_micros,
+                per_month: req.budget_per_month_micros,
+            },
+        }
+    }
+}
+
+impl From<pb::QueryUsageRequest> for UsageQuery {
+    fn from(req: pb::QueryUsageRequest) -> Self {
+        Self {
+            dims: UsageDimsQuery {
+                user_email: req.user_email,
+                app_name: req.app_name,
+                endpoint: req.endpoint,
+                status: req.status,
+                ..Default::default()
+            },
+            range: TimeRange {
+                since: req.since_unix_micros,
+                until: req.until_unix_micros,
+            },
+            page: PageRequest {
+                page_token: req.page_token,
+                page_size: req.page_size,
+            },
         }
     }
 }

@@ -9,6 +9,7 @@
 //! the stored answer of an earlier, already charged request with the same key.
 
 use std::convert::Infallible;
+use std::marker::PhantomData;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
@@ -162,19 +163,50 @@ pub(crate) fn refused(request_id: &Option<String>) -> impl FnOnce(RouterError) -
     }
 }
 
-/// An error as an OpenAI-style response.
-struct ApiError(Refused);
+/// A refusal as one front's error answer: the error's status, its body in the front's shape `B`,
+/// and the error headers. Both fronts' errors are this type, so `?` takes a [`RouterError`] or a
+/// [`Refused`] in either.
+pub(crate) struct FrontError<B>(Refused, PhantomData<B>);
 
-impl IntoResponse for ApiError {
+/// A front's shape of an error body.
+pub(crate) trait ErrorBody {
+    fn body(e: &RouterError) -> Value;
+}
+
+impl<B> From<RouterError> for FrontError<B> {
+    fn from(e: RouterError) -> Self {
+        FrontError(e.into(), PhantomData)
+    }
+}
+
+impl<B> From<Refused> for FrontError<B> {
+    fn from(e: Refused) -> Self {
+        FrontError(e, PhantomData)
+    }
+}
+
+impl<B: ErrorBody> IntoResponse for FrontError<B> {
     fn into_response(self) -> Response {
         let e = &self.0.error;
         if let RouterError::Internal(detail) = e {
             tracing::error!(error = %detail, "internal router error");
         }
-        let resp = (e.http_status(), Json(e.openai_body())).into_response();
+        let resp = (e.http_status(), Json(B::body(e))).into_response();
         with_error_headers(resp, &self.0)
     }
 }
+
+/// OpenAI's error body, `{"error": {...}}`.
+enum OpenAiBody {}
+
+impl ErrorBody for OpenAiBody {
+    fn body(e: &RouterError) -> Value {
+        e.openai_body()
+    }
+}
+
+/// An error as an OpenAI-style response.
+type ApiError = FrontError<OpenAiBody>;
 
 /// The headers of an error answer, on both HTTP APIs: the reason, the request id, and for a
 /// limit's refusal `Retry-After` and the `x-ratelimit-*` headers.
@@ -195,18 +227,6 @@ pub(crate) fn with_error_headers(mut resp: Response, refused: &Refused) -> Respo
         rate_limit_headers(h, &q.headers);
     }
     resp
-}
-
-impl From<RouterError> for ApiError {
-    fn from(e: RouterError) -> Self {
-        ApiError(e.into())
-    }
-}
-
-impl From<Refused> for ApiError {
-    fn from(e: Refused) -> Self {
-        ApiError(e)
-    }
 }
 
 fn bad(msg: impl Into<String>) -> RouterError {

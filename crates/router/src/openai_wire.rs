@@ -164,44 +164,53 @@ fn messages<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<OaiMessage>, D::Error
     d.deserialize_seq(Messages)
 }
 
+/// Reads "a string or a list" (`stop`, a message's content) as it streams: `text` makes the value
+/// of a string, `list` that of a list of at most `max` `T`s (`what` names them in the refusal).
+struct StringOrList<T, V> {
+    expecting: &'static str,
+    text: fn(String) -> V,
+    list: fn(Vec<T>) -> V,
+    max: usize,
+    what: &'static str,
+}
+
+impl<'de, T: Deserialize<'de>, V> Visitor<'de> for StringOrList<T, V> {
+    type Value = V;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(self.expecting)
+    }
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<V, E> {
+        Ok((self.text)(s.to_string()))
+    }
+    fn visit_string<E: de::Error>(self, s: String) -> Result<V, E> {
+        Ok((self.text)(s))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<V, A::Error> {
+        bounded(seq, self.max, self.what).map(self.list)
+    }
+}
+
 impl<'de> Deserialize<'de> for StopField {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Stop;
-        impl<'de> Visitor<'de> for Stop {
-            type Value = StopField;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a string or a list of strings")
-            }
-            fn visit_str<E: de::Error>(self, s: &str) -> Result<StopField, E> {
-                Ok(StopField(vec![s.to_string()]))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<StopField, A::Error> {
-                bounded(seq, MAX_STOP_SEQUENCES, "stop sequences").map(StopField)
-            }
-        }
-        d.deserialize_any(Stop)
+        d.deserialize_any(StringOrList {
+            expecting: "a string or a list of strings",
+            text: |s| StopField(vec![s]),
+            list: StopField,
+            max: MAX_STOP_SEQUENCES,
+            what: "stop sequences",
+        })
     }
 }
 
 impl<'de> Deserialize<'de> for ContentField {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Content;
-        impl<'de> Visitor<'de> for Content {
-            type Value = ContentField;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a string or a list of content parts")
-            }
-            fn visit_str<E: de::Error>(self, s: &str) -> Result<ContentField, E> {
-                Ok(ContentField::Text(s.to_string()))
-            }
-            fn visit_string<E: de::Error>(self, s: String) -> Result<ContentField, E> {
-                Ok(ContentField::Text(s))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<ContentField, A::Error> {
-                bounded(seq, MAX_CONTENT_PARTS, "content parts").map(ContentField::Parts)
-            }
-        }
-        d.deserialize_any(Content)
+        d.deserialize_any(StringOrList {
+            expecting: "a string or a list of content parts",
+            text: ContentField::Text,
+            list: ContentField::Parts,
+            max: MAX_CONTENT_PARTS,
+            what: "content parts",
+        })
     }
 }
 
@@ -293,6 +302,34 @@ mod tests {
             .expect("too many messages")
             .to_string();
         assert!(err.contains("messages are allowed"), "{err}");
+    }
+
+    #[test]
+    fn strings_or_lists_say_what_they_expect() {
+        let err = |json: &str| {
+            serde_json::from_str::<OaiMessage>(json)
+                .err()
+                .expect("refused")
+                .to_string()
+        };
+        let e = err(r#"{"role":"user","content":7}"#);
+        assert!(
+            e.contains("expected a string or a list of content parts"),
+            "{e}"
+        );
+        let parts = vec![r#"{"type":"text"}"#; MAX_CONTENT_PARTS + 1].join(",");
+        let e = err(&format!(r#"{{"role":"user","content":[{parts}]}}"#));
+        assert!(e.contains("at most 1000 content parts are allowed"), "{e}");
+        let e = serde_json::from_str::<StopField>("7")
+            .err()
+            .expect("refused");
+        assert!(
+            e.to_string()
+                .contains("expected a string or a list of strings"),
+            "{e}"
+        );
+        let text = serde_json::from_str::<ContentField>(r#""hi""#).expect("text");
+        assert!(matches!(text, ContentField::Text(t) if t == "hi"));
     }
 
     #[test]

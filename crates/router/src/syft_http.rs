@@ -4,54 +4,44 @@
 //! Pydantic does. Answers are camelCase plus a `cost` object. Errors are JSON `{"detail", "code"}`
 //! with the status of the error's code (400, 402, 403, 409, 503, ...), never a bare 500.
 
+use std::future::Future;
+
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use syft_proto::router::{
-    ChatOptions, ChatRequest, Message, ProviderInfo, SearchOptions, SearchRequest,
+    ChatOptions, ChatRequest, ChatResponse, Message, ProviderInfo, SearchOptions, SearchRequest,
+    SearchResponse,
 };
 
 use crate::config::ServiceKind;
 use crate::error::RouterError;
 use crate::http::{
-    bearer_token, rate_limit_headers, read_request, refused, request_id_of, with_error_headers,
-    Refused, Said,
+    bearer_token, rate_limit_headers, read_request, refused, request_id_of, ErrorBody, FrontError,
+    Said,
 };
+use crate::limits::RateHeaders;
 use crate::money::format_micros;
 use crate::service::RouterService;
 use crate::validate::assign_request_id;
 
-/// An error as `{"detail": message, "code": REASON}` (FastAPI's `detail`, plus our reason).
-pub struct SyftError(Refused);
+/// `{"detail": message, "code": REASON}` (FastAPI's `detail`, plus our reason).
+pub enum DetailBody {}
 
-impl From<RouterError> for SyftError {
-    fn from(e: RouterError) -> Self {
-        SyftError(e.into())
+impl ErrorBody for DetailBody {
+    fn body(e: &RouterError) -> Value {
+        json!({"detail": e.public_message(), "code": e.reason()})
     }
 }
 
-impl From<Refused> for SyftError {
-    fn from(e: Refused) -> Self {
-        SyftError(e)
-    }
-}
-
-impl IntoResponse for SyftError {
-    fn into_response(self) -> Response {
-        let e = &self.0.error;
-        if let RouterError::Internal(detail) = e {
-            tracing::error!(error = %detail, "internal router error");
-        }
-        let body = json!({"detail": e.public_message(), "code": e.reason()});
-        let resp = (e.http_status(), Json(body)).into_response();
-        with_error_headers(resp, &self.0)
-    }
-}
+/// An error as this API answers it.
+pub type SyftError = FrontError<DetailBody>;
 
 #[derive(Deserialize)]
 struct SyftMessage {
@@ -158,64 +148,128 @@ fn provider_json(p: Option<ProviderInfo>) -> Value {
     Value::Object(out)
 }
 
-/// A `/chat` body as the service's request.
-fn chat_request(body: SyftChatRequest, headers: &HeaderMap) -> Result<ChatRequest, RouterError> {
-    let (transaction_token, request_id) =
-        payment(headers, body.transaction_token, body.request_id)?;
-    let opts = body.options.unwrap_or_default();
-    let max_tokens = match opts.max_tokens {
-        None => None,
-        Some(v) => Some(
-            u32::try_from(v)
-                .map_err(|_| RouterError::InvalidArgument(format!("maxTokens {v} is too large")))?,
-        ),
-    };
-    Ok(ChatRequest {
-        user_email: body.user_email,
-        model: body.model,
-        messages: body
-            .messages
-            .into_iter()
-            .map(|m| Message {
-                role: m.role,
-                content: m.content,
-                name: m.name,
-            })
-            .collect(),
-        options: Some(ChatOptions {
-            max_tokens,
-            temperature: float(opts.temperature),
-            top_p: float(opts.top_p),
-            stop_sequences: opts.stop_sequences.unwrap_or_default(),
-        }),
-        transaction_token,
-        request_id,
-    })
+/// A body of this API (`/chat`, `/search`): the service it asks and the request it reads as.
+trait SyftBody: DeserializeOwned {
+    const KIND: ServiceKind;
+    type Request;
+    /// Who the body says asks, and the request id it names (for a refusal's row).
+    fn said(&self) -> Said;
+    /// The body as the service's request.
+    fn request(self, headers: &HeaderMap) -> Result<Self::Request, RouterError>;
+    /// The request's id, named before the call (`assign_request_id`).
+    fn request_id(request: &mut Self::Request) -> &mut String;
 }
 
-/// A `/search` body as the service's request.
-fn search_request(
-    body: SyftSearchRequest,
+impl SyftBody for SyftChatRequest {
+    const KIND: ServiceKind = ServiceKind::Chat;
+    type Request = ChatRequest;
+
+    fn said(&self) -> Said {
+        Said::by(&self.user_email, &self.request_id)
+    }
+
+    fn request(self, headers: &HeaderMap) -> Result<ChatRequest, RouterError> {
+        let (transaction_token, request_id) =
+            payment(headers, self.transaction_token, self.request_id)?;
+        let opts = self.options.unwrap_or_default();
+        let max_tokens = match opts.max_tokens {
+            None => None,
+            Some(v) => Some(u32::try_from(v).map_err(|_| {
+                RouterError::InvalidArgument(format!("maxTokens {v} is too large"))
+            })?),
+        };
+        Ok(ChatRequest {
+            user_email: self.user_email,
+            model: self.model,
+            messages: self
+                .messages
+                .into_iter()
+                .map(|m| Message {
+                    role: m.role,
+                    content: m.content,
+                    name: m.name,
+                })
+                .collect(),
+            options: Some(ChatOptions {
+                max_tokens,
+                temperature: float(opts.temperature),
+                top_p: float(opts.top_p),
+                stop_sequences: opts.stop_sequences.unwrap_or_default(),
+            }),
+            transaction_token,
+            request_id,
+        })
+    }
+
+    fn request_id(request: &mut ChatRequest) -> &mut String {
+        &mut request.request_id
+    }
+}
+
+impl SyftBody for SyftSearchRequest {
+    const KIND: ServiceKind = ServiceKind::Search;
+    type Request = SearchRequest;
+
+    fn said(&self) -> Said {
+        Said::by(&self.user_email, &self.request_id)
+    }
+
+    fn request(self, headers: &HeaderMap) -> Result<SearchRequest, RouterError> {
+        let (transaction_token, request_id) =
+            payment(headers, self.transaction_token, self.request_id)?;
+        let opts = self.options.unwrap_or_default();
+        // Negative or huge limits are refused by validation, with the accepted range.
+        let limit = opts
+            .limit
+            .map(|v| u32::try_from(v).unwrap_or(if v < 0 { 0 } else { u32::MAX }));
+        Ok(SearchRequest {
+            user_email: self.user_email,
+            query: self.query,
+            options: Some(SearchOptions {
+                limit,
+                similarity_threshold: float(opts.similarity_threshold),
+                include_metadata: opts.include_metadata,
+            }),
+            transaction_token,
+            request_id,
+        })
+    }
+
+    fn request_id(request: &mut SearchRequest) -> &mut String {
+        &mut request.request_id
+    }
+}
+
+/// What `/chat` and `/search` share. The body is read as `B` (a refusal on the way is recorded,
+/// `read_request`), the request named so that a refusal names it too, and passed to `call`; its
+/// answer goes out as the JSON `answer` makes of it (with whether it is a replay), with the
+/// rate-limit headers.
+async fn serve<B: SyftBody, A, F>(
+    svc: &RouterService,
     headers: &HeaderMap,
-) -> Result<SearchRequest, RouterError> {
-    let (transaction_token, request_id) =
-        payment(headers, body.transaction_token, body.request_id)?;
-    let opts = body.options.unwrap_or_default();
-    // Negative or huge limits are refused by validation, with the accepted range.
-    let limit = opts
-        .limit
-        .map(|v| u32::try_from(v).unwrap_or(if v < 0 { 0 } else { u32::MAX }));
-    Ok(SearchRequest {
-        user_email: body.user_email,
-        query: body.query,
-        options: Some(SearchOptions {
-            limit,
-            similarity_threshold: float(opts.similarity_threshold),
-            include_metadata: opts.include_metadata,
-        }),
-        transaction_token,
-        request_id,
-    })
+    body: Result<Bytes, BytesRejection>,
+    call: impl FnOnce(B::Request) -> F,
+    answer: fn(A) -> (Value, bool),
+) -> Result<Response, SyftError>
+where
+    F: Future<Output = Result<(A, RateHeaders), RouterError>>,
+{
+    let read = |b: B| b.request(headers);
+    let mut req = read_request(svc, B::KIND, headers, body, B::said, read).await?;
+    let id = assign_request_id(B::request_id(&mut req));
+    let (r, limits) = call(req).await.map_err(refused(&id))?;
+    let (json, replay) = answer(r);
+    let mut resp = Json(json).into_response();
+    // The stored answer of a request id already charged says so, as on the OpenAI front: its
+    // `cost` is the first attempt's, not a second charge.
+    if replay {
+        resp.headers_mut().insert(
+            crate::http::REPLAY_HEADER,
+            axum::http::HeaderValue::from_static("true"),
+        );
+    }
+    rate_limit_headers(resp.headers_mut(), &limits);
+    Ok(resp)
 }
 
 /// `POST /chat`.
@@ -224,14 +278,15 @@ pub async fn chat(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, SyftError> {
-    let said = |b: &SyftChatRequest| Said::by(&b.user_email, &b.request_id);
-    let read = |b| chat_request(b, &headers);
-    let mut req = read_request(&svc, ServiceKind::Chat, &headers, body, said, read).await?;
-    let id = assign_request_id(&mut req.request_id);
-    let (r, limits) = svc.chat_with_limits(req).await.map_err(refused(&id))?;
+    let call = |req| svc.chat_with_limits(req);
+    serve::<SyftChatRequest, _, _>(&svc, &headers, body, call, chat_json).await
+}
+
+/// A `/chat` answer as JSON, and whether it is a replay.
+fn chat_json(r: ChatResponse) -> (Value, bool) {
     let usage = r.usage.unwrap_or_default();
     let message = r.message.unwrap_or_default();
-    let mut resp = Json(json!({
+    let body = json!({
         "id": r.id,
         "model": r.model,
         "message": {"role": message.role, "content": message.content, "name": message.name},
@@ -245,22 +300,8 @@ pub async fn chat(
         "logprobs": null,
         "cost": cost_json(r.cost_micros, &r.currency, &r.transfer_id),
         "replay": r.replay,
-    }))
-    .into_response();
-    mark_replay(&mut resp, r.replay);
-    rate_limit_headers(resp.headers_mut(), &limits);
-    Ok(resp)
-}
-
-/// The stored answer of a request id already charged says so, as on the OpenAI front: its `cost`
-/// is the first attempt's, not a second charge.
-fn mark_replay(resp: &mut Response, replay: bool) {
-    if replay {
-        resp.headers_mut().insert(
-            crate::http::REPLAY_HEADER,
-            axum::http::HeaderValue::from_static("true"),
-        );
-    }
+    });
+    (body, r.replay)
 }
 
 /// `POST /search`.
@@ -269,11 +310,12 @@ pub async fn search(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, SyftError> {
-    let said = |b: &SyftSearchRequest| Said::by(&b.user_email, &b.request_id);
-    let read = |b| search_request(b, &headers);
-    let mut req = read_request(&svc, ServiceKind::Search, &headers, body, said, read).await?;
-    let id = assign_request_id(&mut req.request_id);
-    let (r, limits) = svc.search_with_limits(req).await.map_err(refused(&id))?;
+    let call = |req| svc.search_with_limits(req);
+    serve::<SyftSearchRequest, _, _>(&svc, &headers, body, call, search_json).await
+}
+
+/// A `/search` answer as JSON, and whether it is a replay.
+fn search_json(r: SearchResponse) -> (Value, bool) {
     let results: Vec<Value> = r
         .results
         .into_iter()
@@ -285,18 +327,15 @@ pub async fn search(
             })
         })
         .collect();
-    let mut resp = Json(json!({
+    let body = json!({
         "id": r.id,
         "query": r.query,
         "results": results,
         "providerInfo": provider_json(r.provider_info),
         "cost": cost_json(r.cost_micros, &r.currency, &r.transfer_id),
         "replay": r.replay,
-    }))
-    .into_response();
-    mark_replay(&mut resp, r.replay);
-    rate_limit_headers(resp.headers_mut(), &limits);
-    Ok(resp)
+    });
+    (body, r.replay)
 }
 
 /// `GET /health`: `{status, project_name, services}` (the field names syft-llm-router's

@@ -195,7 +195,7 @@ async fn http_refusals_are_429_with_headers() {
     })
     .await;
     let http = reqwest::Client::new();
-    let url = format!("{}/v1/chat/completions", s.router.http_url);
+    let url = s.router.chat_completions_url();
     let calls = (0..30).map(|_| {
         http.post(&url)
             .bearer_auth(&s.token)

@@ -341,7 +341,7 @@ async fn grpc_refusals_and_the_budget_reset() {
         retry <= midnight && retry + 30 >= midnight,
         "{retry} vs {midnight}"
     );
-    let url = format!("{}/v1/chat/completions", s.router.http_url);
+    let url = s.router.chat_completions_url();
     let r = post(url, Some(&s.token), &openai_chat(&s.alice.email, false)).await;
     assert_eq!(r.status(), 429);
     let after: u64 = header(&r, "retry-after").parse().expect("seconds");

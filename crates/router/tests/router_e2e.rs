@@ -418,7 +418,7 @@ async fn payment_required_bad_token_and_insufficient_funds_never_call_upstream()
 
     let http = reqwest::Client::new();
     let no_token = http
-        .post(format!("{}/v1/chat/completions", s.router.http_url))
+        .post(s.router.chat_completions_url())
         .json(&json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}], "user": s.alice.email}));
     let error = openai_error(no_token, 402).await;
     assert_eq!(error["code"], "payment_required");
@@ -493,7 +493,7 @@ async fn insufficient_funds_says_what_the_hold_reserves_and_how_to_reserve_less(
     assert_eq!(err.message(), default_msg);
 
     let http = reqwest::Client::new();
-    let url = format!("{}/v1/chat/completions", s.router.http_url);
+    let url = s.router.chat_completions_url();
     let oai = |max_tokens: Option<u32>| {
         let mut body = json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}],
                               "user": bob.email});
@@ -579,7 +579,7 @@ async fn same_request_id_is_charged_once() {
     s.upstream.set_mode(Mode::Ok);
     let http = reqwest::Client::new();
     let send = || {
-        http.post(format!("{}/v1/chat/completions", s.router.http_url))
+        http.post(s.router.chat_completions_url())
             .bearer_auth(&s.token)
             .header("Idempotency-Key", "dup-http")
             .json(&json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}], "user": s.alice.email}))
@@ -899,7 +899,7 @@ async fn invalid_input_is_rejected_and_nothing_is_charged() {
     );
     // HTTP: 400 with an OpenAI error body.
     let no_messages = reqwest::Client::new()
-        .post(format!("{}/v1/chat/completions", s.router.http_url))
+        .post(s.router.chat_completions_url())
         .bearer_auth(&s.token)
         .json(&json!({"model": "test-model", "messages": [], "user": s.alice.email}));
     let error = openai_error(no_messages, 400).await;
@@ -914,7 +914,7 @@ async fn invalid_input_is_rejected_and_nothing_is_charged() {
 async fn http_front_speaks_openai_json_and_sse() {
     let s = Stack::start(Pricing::per_request(PRICE)).await;
     let http = reqwest::Client::new();
-    let url = format!("{}/v1/chat/completions", s.router.http_url);
+    let url = s.router.chat_completions_url();
     let resp = http
         .post(&url)
         .bearer_auth(&s.token)
@@ -1085,11 +1085,7 @@ async fn unknown_paths_and_methods_answer_with_an_error_body() {
     let body = openai_error(http.get(format!("{}/v1/nope", s.router.http_url)), 404).await;
     let message = body["message"].as_str().unwrap_or_default();
     assert!(message.contains("no such endpoint"), "{body}");
-    let body = openai_error(
-        http.get(format!("{}/v1/chat/completions", s.router.http_url)),
-        405,
-    )
-    .await;
+    let body = openai_error(http.get(s.router.chat_completions_url()), 405).await;
     let message = body["message"].as_str().unwrap_or_default();
     assert!(message.contains("method GET"), "{body}");
 }

@@ -19,7 +19,7 @@ async fn refusals_leave_rows_and_free_the_request_id(s: Stack) {
     assert_eq!(code(c.chat(req).await), Code::FailedPrecondition);
     let http = reqwest::Client::new();
     let resp = http
-        .post(format!("{}/v1/chat/completions", s.router.http_url))
+        .post(s.router.chat_completions_url())
         .header("Idempotency-Key", "r-http")
         .json(
             &json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}],
@@ -235,7 +235,7 @@ async fn requests_refused_before_they_are_read_leave_rows() {
     assert_eq!(r.expect("http").status(), 400);
     let chat = json!({"model": "test-model", "user": s.alice.email, "messages": messages});
     let r = http
-        .post(format!("{}/v1/chat/completions", s.router.http_url))
+        .post(s.router.chat_completions_url())
         .header("Idempotency-Key", "u-4")
         .header("Authorization", "Basic abc")
         .json(&chat)
@@ -295,7 +295,7 @@ async fn requests_refused_before_they_are_read_leave_rows() {
 async fn refusals_name_the_request_id_of_their_row() {
     let s = Stack::start(Pricing::per_request(PRICE)).await;
     let http = reqwest::Client::new();
-    let url = format!("{}/v1/chat/completions", s.router.http_url);
+    let url = s.router.chat_completions_url();
     let named = |r: &reqwest::Response| -> String {
         let id = r
             .headers()

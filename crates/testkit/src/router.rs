@@ -84,6 +84,11 @@ impl RouterHandle {
         }
     }
 
+    /// The OpenAI-compatible front's `POST /v1/chat/completions`.
+    pub fn chat_completions_url(&self) -> String {
+        format!("{}/v1/chat/completions", self.http_url)
+    }
+
     /// A plaintext gRPC client, once the router accepts.
     pub async fn client(&self) -> RouterClient<Channel> {
         for _ in 0..100 {

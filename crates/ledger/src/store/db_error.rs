@@ -71,6 +71,11 @@ fn is_transient(db: &dyn DatabaseError) -> bool {
 mod tests {
     use super::*;
 
+    /// The error of `sql`, which must fail on `pool`.
+    async fn error_of(sql: &str, pool: &sqlx::AnyPool) -> sqlx::Error {
+        sqlx::query(sql).execute(pool).await.expect_err(sql)
+    }
+
     #[test]
     fn non_database_errors_are_other() {
         assert_eq!(classify(&sqlx::Error::RowNotFound), DbErrorClass::Other);
@@ -92,10 +97,7 @@ mod tests {
             .connect(&url)
             .await
             .expect("postgres");
-        let err = sqlx::query("SELECT pg_terminate_backend(pg_backend_pid())")
-            .execute(&pool)
-            .await
-            .expect_err("terminated");
+        let err = error_of("SELECT pg_terminate_backend(pg_backend_pid())", &pool).await;
         assert_eq!(classify(&err), DbErrorClass::ConnectionLost, "{err}");
         assert!(
             matches!(
@@ -133,13 +135,10 @@ mod tests {
             "INSERT INTO k VALUES ('2', 'x')",
             "INSERT INTO k VALUES ('1', 'y')",
         ] {
-            let err = sqlx::query(dup).execute(&a).await.expect_err(dup);
+            let err = error_of(dup, &a).await;
             assert_eq!(classify(&err), DbErrorClass::UniqueViolation, "{err}");
         }
-        let other = sqlx::query("INSERT INTO missing VALUES (1)")
-            .execute(&a)
-            .await
-            .expect_err("no table");
+        let other = error_of("INSERT INTO missing VALUES (1)", &a).await;
         assert_eq!(classify(&other), DbErrorClass::Other, "{other}");
 
         // A second connection cannot write while the first holds the write lock: SQLITE_BUSY.
@@ -153,10 +152,7 @@ mod tests {
             .execute(&b)
             .await
             .expect("pragma");
-        let busy = sqlx::query("INSERT INTO k VALUES ('4', 'w')")
-            .execute(&b)
-            .await
-            .expect_err("locked");
+        let busy = error_of("INSERT INTO k VALUES ('4', 'w')", &b).await;
         assert_eq!(classify(&busy), DbErrorClass::Transient, "{busy}");
         holder.rollback().await.expect("rollback");
         a.close().await;

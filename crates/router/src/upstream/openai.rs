@@ -455,18 +455,20 @@ fn parse_events(
 mod tests {
     use super::*;
 
+    /// The usage an answer is expected to report.
+    fn usage(prompt_tokens: u64, completion_tokens: u64) -> Option<UpstreamUsage> {
+        Some(UpstreamUsage {
+            prompt_tokens,
+            completion_tokens,
+        })
+    }
+
     #[test]
     fn parses_completion_and_errors() {
         let ok = br#"{"id":"x","model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}"#;
         let c = parse_completion(ok).expect("ok");
         assert_eq!(c.content, "hi");
-        assert_eq!(
-            c.usage,
-            Some(UpstreamUsage {
-                prompt_tokens: 5,
-                completion_tokens: 1
-            })
-        );
+        assert_eq!(c.usage, usage(5, 1));
         assert!(matches!(
             parse_completion(b"not json"),
             Err(UpstreamError::InvalidResponse(_))
@@ -476,23 +478,11 @@ mod tests {
         let odd = br#"{"choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":-1,"completion_tokens":2.5,"total_tokens":"x"}}"#;
         let c = parse_completion(odd).expect("answer kept");
         assert_eq!(c.content, "hi");
-        assert_eq!(
-            c.usage,
-            Some(UpstreamUsage {
-                prompt_tokens: 0,
-                completion_tokens: 0
-            })
-        );
+        assert_eq!(c.usage, usage(0, 0));
         let chunk =
             parse_chunk(r#"{"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":null}}"#)
                 .expect("chunk kept");
-        assert_eq!(
-            chunk.usage,
-            Some(UpstreamUsage {
-                prompt_tokens: 7,
-                completion_tokens: 0
-            })
-        );
+        assert_eq!(chunk.usage, usage(7, 0));
         assert!(parse_chunk(r#"{"choices":[],"usage":null}"#)
             .expect("chunk")
             .usage
@@ -520,13 +510,7 @@ mod tests {
         let text: String = chunks.iter().filter_map(|c| c.delta.clone()).collect();
         assert_eq!(text, "Hello");
         assert_eq!(chunks[1].finish_reason.as_deref(), Some("stop"));
-        assert_eq!(
-            chunks[2].usage,
-            Some(UpstreamUsage {
-                prompt_tokens: 3,
-                completion_tokens: 2
-            })
-        );
+        assert_eq!(chunks[2].usage, usage(3, 2));
     }
 
     /// The same body in pieces of every size from 1 byte up: an event whose separator
