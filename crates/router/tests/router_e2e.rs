@@ -361,8 +361,7 @@ async fn a_hold_placed_after_its_client_gave_up_is_voided_at_once() {
     let statuses = s.usage_statuses().await;
     assert_eq!(statuses.len(), 2, "{statuses:?}");
     assert_eq!(statuses[0], "cancelled", "{statuses:?}");
-    s.check_invariants().await;
-    s.db.drop_postgres().await;
+    s.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -642,8 +641,7 @@ async fn two_users_with_one_request_id(db: Db) {
     }
     assert_eq!(s.upstream.hits(), 2);
     assert_eq!(s.owner_balance().await, 2 * PRICE);
-    s.check_invariants().await;
-    s.db.drop_postgres().await;
+    s.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1073,8 +1071,7 @@ async fn postgres_paid_flow() {
         s.alice_money().await,
         (FUNDS - 2 * PRICE, 0, FUNDS - 2 * PRICE)
     );
-    s.check_invariants().await;
-    s.db.drop_postgres().await;
+    s.finish().await;
 }
 
 /// An unknown path or method answers in the API's error shape (they were empty bodies).

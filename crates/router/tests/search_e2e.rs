@@ -494,8 +494,7 @@ async fn postgres_search_flow() {
         s.alice_money().await,
         (FUNDS - 2 * PRICE, 0, FUNDS - 2 * PRICE)
     );
-    s.check_invariants().await;
-    s.db.drop_postgres().await;
+    s.finish().await;
 }
 
 /// The limits run in the shared admission for search too: a per-service request window on search
@@ -604,4 +603,44 @@ fn a_search_section_is_checked_without_a_search_service() {
         .expect_err("rescan 0")
         .to_string();
     assert!(err.contains("rescan_seconds must be positive"), "{err}");
+}
+
+/// Refusals over gRPC's `ChatStream` and `Search` name the request id their row is under in the
+/// status' metadata (`x-syft-request-id`), as unary chat's do: a request without an id is given
+/// one, and the row of its refusal is recorded under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_stream_and_search_refusals_name_their_row() {
+    let docs = docs_dir(DOCS);
+    let search = embedded(docs.path(), Duration::from_secs(60));
+    let s = Stack::start_tweaked(Pricing::per_request(PRICE), |c| {
+        *c = c.clone().with_search(Pricing::per_request(PRICE), search);
+    })
+    .await;
+    let mut c = s.client().await;
+    let named = |status: &tonic::Status| -> String {
+        let id = status.metadata().get("x-syft-request-id").expect("id");
+        id.to_str().expect("ascii").to_string()
+    };
+    let mut req = s.request("hi");
+    req.request_id.clear();
+    req.transaction_token.clear();
+    let stream = c.chat_stream(req).await.expect_err("no token");
+    assert_eq!(stream.code(), Code::FailedPrecondition);
+    let search = c
+        .search(search_request(&s.alice.email, "", "ledger capture"))
+        .await
+        .expect_err("no token");
+    assert_eq!(search.code(), Code::FailedPrecondition);
+    let (stream_id, search_id) = (named(&stream), named(&search));
+    assert_ne!(stream_id, search_id);
+
+    let rows: Vec<(String, String)> = (all_usage(&s.ledger.url, "").await.into_iter())
+        .map(|u| (u.request_id, u.endpoint))
+        .collect();
+    assert!(rows.contains(&(stream_id, "/chat".into())), "{rows:?}");
+    assert!(rows.contains(&(search_id, "/search".into())), "{rows:?}");
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(s.upstream.hits(), 0);
+    assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));
+    s.finish().await;
 }

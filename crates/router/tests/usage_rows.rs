@@ -120,8 +120,7 @@ async fn refusals_leave_rows_and_free_the_request_id(s: Stack) {
         bob_rows[0].usage.as_ref().map(|u| u.status.as_str()),
         Some("insufficient_funds")
     );
-    s.check_invariants().await;
-    s.db.drop_postgres().await;
+    s.finish().await;
 }
 
 /// Free requests finishing together share `RecordUsageBatch` calls (crates/router/src/
@@ -151,8 +150,7 @@ async fn concurrent_free_requests_each_leave_a_row(s: Stack) {
     want.sort_unstable();
     assert_eq!(ids, want);
     assert_eq!(rows.len(), 40);
-    s.check_invariants().await;
-    s.db.drop_postgres().await;
+    s.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

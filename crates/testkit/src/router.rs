@@ -449,6 +449,13 @@ impl Stack {
         assert_eq!(ids.len(), n, "more than one usage row for a request");
     }
 
+    /// The end of a scenario: the money invariants hold (`check_invariants`), then a Postgres
+    /// test database is dropped.
+    pub async fn finish(&self) {
+        self.check_invariants().await;
+        self.db.drop_postgres().await;
+    }
+
     /// Waits until alice has no pending transfer (a void or expiry happened).
     pub async fn wait_no_pending(&self, within: Duration) -> Vec<Transfer> {
         let deadline = tokio::time::Instant::now() + within;
