@@ -188,22 +188,42 @@ async fn token_daily_limit() {
     let token = ok(h.client(&alice).issue_token(per_day(50_000)).await);
     assert_eq!(token.limit_per_day_micros, Some(50_000));
     let mut c = h.client(&owner);
-    c.authorize(hold(&token.token, "a", 30_000, None, 300))
-        .await
-        .expect("first");
+    let first = ok(c
+        .authorize(hold(&token.token, "a", 30_000, None, 300))
+        .await);
     let err = refused_hold(
         &mut c,
         hold(&token.token, "b", 30_000, None, 300),
         "over the token's day",
     )
     .await;
+    // The first hold, pending, stops counting at its expiry (300 s) unless it is captured first.
     let retry = quota_refusal(&err, "TOKEN_DAILY_LIMIT_EXCEEDED").expect("retry");
-    assert!(retry > Duration::from_secs(86_000) && retry <= Duration::from_secs(86_400));
-    // 24 hours later the first hold no longer counts.
+    assert!(
+        retry > Duration::ZERO && retry <= Duration::from_secs(300),
+        "{retry:?}"
+    );
+    // Created 24 hours ago but still pending, the first hold still counts: it can still be
+    // captured, and money moves then. (This asserted the opposite until 2026-12-05: a hold counted
+    // only while it was created less than 24 hours before, so a hold of the whole limit captured
+    // just before its 24th hour made room for a second one at once. Deliberately strengthened:
+    // docs/limits.md, "the token's limit per 24 hours".)
     a_day_passes(&h).await;
+    let err = refused_hold(
+        &mut c,
+        hold(&token.token, "b", 30_000, None, 300),
+        "a pending hold counts whatever its age",
+    )
+    .await;
+    assert!(
+        quota_refusal(&err, "TOKEN_DAILY_LIMIT_EXCEEDED").is_some(),
+        "{err:?}"
+    );
+    // Released, it counts nothing.
+    ok(c.void(syft_testkit::req::void(&first.id)).await);
     c.authorize(hold(&token.token, "b", 30_000, None, 300))
         .await
-        .expect("a day later");
+        .expect("the first hold was voided");
     // A limit of zero or below is refused at issue.
     let err = h
         .client(&alice)
@@ -765,7 +785,64 @@ async fn tokens_with_different_use_are_counted_apart(h: Harness) -> Harness {
     h
 }
 
+/// A token's limit per 24 hours counts a capture from when it was captured, not from when its
+/// hold was created (money moves at the capture). The scenario of the review (2026-12-05): a
+/// hold of the whole limit L, created at T with a time to live of 24 hours and captured at
+/// T + 24 h − 1 s; at T + 24 h + 1 s a second hold of L was placed (the window no longer saw the
+/// first, created more than 24 hours before), so 2·L was charged within two seconds. Now the
+/// second hold is refused until the capture is 24 hours old. The clock is moved by SQL.
+async fn a_capture_counts_for_24_hours_after_it(h: Harness) -> Harness {
+    const L: i64 = 50_000;
+    const S: i64 = 1_000_000;
+    let owner = h.account(OWNER, 0).await;
+    let alice = h.account(ALICE, 10 * USD).await;
+    let token = ok(h.client(&alice).issue_token(per_day(L)).await).token;
+    let mut c = h.client(&owner);
+    let first = ok(c.authorize(hold(&token, "a", L, None, 86_400)).await);
+    ok(c.capture(syft_testkit::req::capture_full(&first.id)).await);
+    // Now is T + 24 h + 1 s: created at T, captured at T + 24 h − 1 s, before its expiry.
+    let t = syft_ledger::store::now_micros() - 86_400 * S - S;
+    let moved = sqlx::query(
+        "UPDATE transfers SET created_at = $1, expires_at = $1 + 86400000000, \
+         resolved_at = $1 + 86399000000 WHERE id = $2",
+    )
+    .bind(t)
+    .bind(&first.id)
+    .execute(h.store.pool())
+    .await
+    .expect("move the first hold");
+    assert_eq!(moved.rows_affected(), 1);
+    let err = refused_hold(
+        &mut c,
+        hold(&token, "b", L, None, 86_400),
+        "the capture of a second ago counts",
+    )
+    .await;
+    let retry = quota_refusal(&err, "TOKEN_DAILY_LIMIT_EXCEEDED").expect("retry");
+    // Until the capture is 24 hours old: in 24 hours less two seconds.
+    assert!(
+        retry > Duration::from_secs(86_000) && retry <= Duration::from_secs(86_400),
+        "{retry:?}"
+    );
+    assert_eq!(h.balance(ALICE).await.balance_micros, 10 * USD - L);
+    // Once the capture is 24 hours old the window has room again.
+    sqlx::query(
+        "UPDATE transfers SET created_at = created_at - $1, expires_at = expires_at - $1, \
+         resolved_at = resolved_at - $1 WHERE id = $2",
+    )
+    .bind(86_400 * S)
+    .bind(&first.id)
+    .execute(h.store.pool())
+    .await
+    .expect("age the capture");
+    let second = ok(c.authorize(hold(&token, "b", L, None, 300)).await);
+    ok(c.capture(syft_testkit::req::capture_full(&second.id)).await);
+    assert_eq!(h.balance(ALICE).await.balance_micros, 10 * USD - 2 * L);
+    h
+}
+
 store_suite!(
+    a_capture_counts_for_24_hours_after_it,
     tokens_with_different_use_are_counted_apart,
     payers_with_different_histories_are_counted_apart,
     many_budgeted_payers_are_decided_together,

@@ -247,6 +247,30 @@ async fn capture_that_waited_past_expiry_is_refused(db: Db) {
     swept_and_whole(&store, db, 2).await;
 }
 
+/// An extension is ordered against a budget check of its hold's sender: it waits for the
+/// sender's row, which every budget check locks before it counts a pending hold past its expiry as
+/// 0, and once it has it, finds the hold expired and is refused. It used to lock only the hold, so
+/// it read its clock while the hold was live and could commit after a check that had already
+/// counted the hold as expired: the budget (or the token's limit per 24 hours) was exceeded by the
+/// hold. Another connection holds alice's row as a budget check does (`FOR NO KEY UPDATE`), on
+/// SQLite the write lock.
+async fn an_extension_waits_for_its_senders_budget_check(db: Db) {
+    let store = Arc::new(Store::connect(&db.url, 4).await.expect("store"));
+    let (owner, token) = parties(&store).await;
+    let owner_id = owner.id;
+    let held = hold(&store, &owner, &token, "k1", USD / 2, 400_000).await;
+    let lock = "SELECT id FROM accounts WHERE email = 'alice@example.com' FOR NO KEY UPDATE";
+    let (s, id) = (store.clone(), held.id.clone());
+    let refused = after_a_wait_past_expiry(&db, lock, async move {
+        s.extend_hold(&id, owner_id, 60_000_000, 3_600_000_000)
+            .await
+    })
+    .await
+    .expect_err("an extension that took effect after a budget check is refused");
+    assert_eq!(refused.reason(), Some(Reason::HoldExpired), "{refused}");
+    swept_and_whole(&store, db, 1).await;
+}
+
 /// Runs `act` while another connection holds a lock (`pg_lock` on Postgres, the write lock on
 /// SQLite) until well past the holds' expiry, then lets it go and returns what `act` answered.
 async fn after_a_wait_past_expiry<T: Send + 'static>(
@@ -329,5 +353,6 @@ on_both_backends! {
     void_after_the_sweep_leaves_its_row => void_after_the_sweep_leaves_its_row_on_both_backends,
     a_refusal_row_of_a_void_leaves_its_request_id_free => a_refusal_row_of_a_void_leaves_its_request_id_free_on_both_backends,
     capture_that_waited_past_expiry_is_refused => capture_that_waited_past_expiry_is_refused_on_both_backends,
+    an_extension_waits_for_its_senders_budget_check => an_extension_waits_for_its_senders_budget_check_on_both_backends,
     sweeps_read_from_a_floor_and_miss_no_hold => sweeps_read_from_a_floor_and_miss_no_hold_on_both_backends,
 }

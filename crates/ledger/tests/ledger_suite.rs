@@ -1390,7 +1390,75 @@ async fn verify_sees_money_booked_between_the_wrong_accounts(h: Harness) -> Harn
     h
 }
 
+/// `verify` sees a token whose spent and held money together exceed its spend limit, and a
+/// capture recorded at or after its hold's expiry, though every balance, journal entry and token
+/// counter still agrees with the transfers (it checked neither). Each is made by SQL, seen, and
+/// undone.
+async fn verify_sees_a_token_past_its_limit_and_a_capture_after_expiry(h: Harness) -> Harness {
+    let (owner, alice, _) = setup(&h, 10 * USD).await;
+    let limited = ok(h
+        .client(&alice)
+        .issue_token(pb::IssueTokenRequest {
+            recipient_email: OWNER.into(),
+            spend_limit_micros: Some(3 * USD),
+            ..Default::default()
+        })
+        .await)
+    .token;
+    let mut router = h.client(&owner);
+    let t = granted(&mut router, 2 * USD, &limited, "captured").await;
+    ok(router.capture(capture_full(&t.id)).await);
+    granted(&mut router, USD, &limited, "pending").await;
+    h.assert_consistent().await;
+    let pool = h.store.pool();
+    let expires_at: i64 = sqlx::query_scalar("SELECT expires_at FROM transfers WHERE id = $1")
+        .bind(&t.id)
+        .fetch_one(pool)
+        .await
+        .expect("expiry");
+    let cases = [
+        (
+            format!(
+                "UPDATE tokens SET spend_limit = {} WHERE spend_limit = {}",
+                2 * USD,
+                3 * USD
+            ),
+            format!(
+                "UPDATE tokens SET spend_limit = {} WHERE spend_limit = {}",
+                3 * USD,
+                2 * USD
+            ),
+            "exceeds its spend limit",
+        ),
+        (
+            format!(
+                "UPDATE transfers SET expires_at = resolved_at WHERE id = '{}'",
+                t.id
+            ),
+            format!(
+                "UPDATE transfers SET expires_at = {expires_at} WHERE id = '{}'",
+                t.id
+            ),
+            "captured at or after their hold's expiry",
+        ),
+    ];
+    for (change, undo, expect) in cases {
+        let changed = sqlx::query(&change).execute(pool).await.expect(&change);
+        assert_eq!(changed.rows_affected(), 1, "{change}");
+        let report = h.store.verify().await.expect("verify");
+        assert!(
+            report.problems.iter().any(|p| p.contains(expect)),
+            "{change}: {:?}",
+            report.problems
+        );
+        sqlx::query(&undo).execute(pool).await.expect(&undo);
+        h.assert_consistent().await;
+    }
+    h
+}
+
 store_suite!(
+    verify_sees_a_token_past_its_limit_and_a_capture_after_expiry,
     verify_sees_money_booked_between_the_wrong_accounts,
     accounts_and_auth,
     deposits_are_idempotent_and_validated,

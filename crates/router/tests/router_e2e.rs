@@ -364,6 +364,54 @@ async fn a_hold_placed_after_its_client_gave_up_is_voided_at_once() {
     s.finish().await;
 }
 
+/// An authorization whose outcome is unknown to the router (its call timed out while the ledger's
+/// writes waited on a table lock, and the hold committed afterwards) is asked again until the
+/// ledger answers: the request then runs on the hold it placed and is charged once. Before, the
+/// router gave up at the first timeout: the client got `UNAVAILABLE` and the hold, which nothing
+/// owned, kept the user's money for its whole life.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authorization_whose_outcome_was_unknown_is_settled() {
+    let Some(db) = Db::postgres().await else {
+        return;
+    };
+    let s = Stack::start_with(
+        db,
+        Pricing::per_request(PRICE),
+        Duration::from_secs(300),
+        |c| {
+            c.ledger.timeout = Duration::from_millis(300);
+        },
+    )
+    .await;
+    let mut c = s.client().await;
+    ok(c.chat(s.request("before")).await);
+    let pool = s.ledger.store.pool().clone();
+    let mut lock = pool.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE transfers IN SHARE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("lock");
+    let unlock = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        lock.rollback().await.expect("unlock");
+    });
+    let answer = ok(c.chat(s.request("after a timeout")).await);
+    assert_eq!(answer.cost_micros, PRICE);
+    unlock.await.expect("unlocked");
+    let transfers = s.transfers().await;
+    assert_eq!(transfers.len(), 2, "{transfers:?}");
+    assert!(
+        (transfers.iter()).all(|t| t.status() == TransferStatus::Completed),
+        "{transfers:?}"
+    );
+    assert_eq!(
+        s.alice_money().await,
+        (FUNDS - 2 * PRICE, 0, FUNDS - 2 * PRICE)
+    );
+    assert_eq!(s.usage_statuses().await, ["success", "success"]);
+    s.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_cancelling_a_stream_voids_the_hold() {
     let (s, mut c) = Stack::start_with_client(Pricing::per_request(PRICE)).await;

@@ -417,9 +417,96 @@ pub fn grpc_server(tls: Option<&ServerTls>) -> Result<tonic::transport::Server, 
     }
 }
 
+/// Whether `error` (or an error it was caused by) is a TLS handshake that failed: a certificate
+/// one side refused, or an alert the peer sent about the handshake. Such a connection carried no
+/// request, so a call that failed with it was certainly not applied (the router's ledger calls
+/// fail fast on it instead of asking again whether it was). tonic's connector passes rustls's
+/// error on as the text of an `io::Error`, so its text is compared too.
+pub fn handshake_failed(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return handshake_refusal(tls);
+        }
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            if io.kind() == io::ErrorKind::InvalidData && handshake_refusal_text(&io.to_string()) {
+                return true;
+            }
+        }
+        next = e.source();
+    }
+    false
+}
+
+/// The alerts a server sends when it refuses a handshake (a certificate, a version, access).
+const HANDSHAKE_ALERTS: [rustls::AlertDescription; 11] = {
+    use rustls::AlertDescription as A;
+    [
+        A::HandshakeFailure,
+        A::BadCertificate,
+        A::UnsupportedCertificate,
+        A::CertificateRevoked,
+        A::CertificateExpired,
+        A::CertificateUnknown,
+        A::CertificateRequired,
+        A::UnknownCA,
+        A::AccessDenied,
+        A::ProtocolVersion,
+        A::InsufficientSecurity,
+    ]
+};
+
+/// The beginnings of rustls's texts for a certificate this side refused and a peer it cannot
+/// speak with (a unit test checks them against rustls's own).
+const REFUSAL_TEXTS: [&str; 3] = [
+    "invalid peer certificate",
+    "peer sent no certificates",
+    "peer is incompatible",
+];
+
+fn handshake_refusal(e: &rustls::Error) -> bool {
+    match e {
+        rustls::Error::InvalidCertificate(_)
+        | rustls::Error::NoCertificatesPresented
+        | rustls::Error::PeerIncompatible(_) => true,
+        rustls::Error::AlertReceived(alert) => HANDSHAKE_ALERTS.contains(alert),
+        _ => false,
+    }
+}
+
+fn handshake_refusal_text(text: &str) -> bool {
+    REFUSAL_TEXTS.iter().any(|t| text.starts_with(t))
+        || (HANDSHAKE_ALERTS.iter()).any(|a| text == rustls::Error::AlertReceived(*a).to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a refused handshake looks like, typed and as tonic passes it on (text in an
+    /// `io::Error`); anything else is not one.
+    #[test]
+    fn refused_handshakes_are_told_apart() {
+        let texts = [
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+            rustls::Error::NoCertificatesPresented,
+            rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls13RequiredForQuic),
+            rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired),
+        ];
+        for e in texts {
+            let text = io::Error::new(io::ErrorKind::InvalidData, e.to_string());
+            assert!(handshake_failed(&text), "{e}");
+            assert!(handshake_failed(&e), "{e}");
+        }
+        let closed = rustls::Error::AlertReceived(rustls::AlertDescription::CloseNotify);
+        let other = [
+            io::Error::new(io::ErrorKind::InvalidData, closed.to_string()),
+            io::Error::new(io::ErrorKind::BrokenPipe, "broken pipe"),
+        ];
+        assert!(!handshake_failed(&closed));
+        assert!(!handshake_failed(&other[0]));
+        assert!(!handshake_failed(&other[1]));
+    }
 
     fn self_signed() -> (String, String) {
         let c = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");

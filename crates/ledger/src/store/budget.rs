@@ -124,20 +124,30 @@ fn windows(now: i64) -> ((i64, i64), (i64, i64)) {
     )
 }
 
-/// What the sender's holds through a token in the 24 hours before a time still commit (the
-/// token and the time by name). One text for the one-token statement and the many-token one.
+/// What a token's transfers count against its limit per 24 hours at a time (the token and the
+/// time by name): a pending hold its amount until it expires, however old it is, and a captured
+/// transfer what it captured while its capture (`resolved_at`) is less than 24 hours old; a voided
+/// or expired hold nothing. Money moves at the capture, so this is what bounds what a leaked token
+/// can take in any 24 hours. (Until 2026-12-05 a transfer counted while it was *created* less than
+/// 24 hours before: a hold of the whole limit captured just before its 24th hour left the window
+/// at once, and a second hold of the whole limit was captured seconds after the first; a hold
+/// pending longer than 24 hours, with a larger `--max-hold-ttl`, counted nothing.) Each half is a
+/// range of the `transfers_token_use` index (`token_id, resolved_at`, migration 0028): unresolved
+/// transfers have no `resolved_at`. One text for the one-token statement and the many-token one.
 macro_rules! used_by_token {
     ($now:literal, $token:literal) => {
         concat!(
-            "SELECT CAST(COALESCE(SUM(CASE WHEN status = 'COMPLETED' THEN captured \
-             WHEN status = 'PENDING' AND expires_at > ",
+            "SELECT CAST((SELECT COALESCE(SUM(CASE WHEN status = 'PENDING' AND expires_at > ",
             $now,
-            " THEN amount ELSE 0 END), 0) \
-             AS BIGINT) AS used FROM transfers WHERE token_id = ",
+            " THEN amount ELSE 0 END), 0) FROM transfers WHERE token_id = ",
             $token,
-            " AND created_at > ",
+            " AND resolved_at IS NULL) \
+             + (SELECT COALESCE(SUM(CASE WHEN status = 'COMPLETED' THEN captured ELSE 0 END), 0) \
+             FROM transfers WHERE token_id = ",
+            $token,
+            " AND resolved_at > ",
             $now,
-            " - 86400000000"
+            " - 86400000000) AS BIGINT) AS used"
         )
     };
 }
@@ -146,17 +156,26 @@ macro_rules! used_by_token {
 const USED_BY_TOKEN: &str = used_by_token!("$1", "$2");
 
 /// [`used_by_token!`] of many tokens in one round trip (Postgres): `$1` is a JSON array of
-/// `{n, k, t}` (index, token, now), each read through the `transfers_token_window` index.
+/// `{n, k, t}` (index, token, now), each read through the `transfers_token_use` index.
 const TOKENS_USED: &str = concat!(
     "SELECT i.n, u.used FROM json_to_recordset($1::json) AS i(n BIGINT, k TEXT, t BIGINT) \
      CROSS JOIN LATERAL (",
     used_by_token!("i.t", "i.k"),
     ") u"
 );
-/// The token's transfers still counting, oldest first (when the rolling window frees).
-const TOKEN_ENTRIES: &str = "SELECT created_at, CASE WHEN status = 'COMPLETED' THEN captured \
-     WHEN status = 'PENDING' AND expires_at > $1 THEN amount ELSE 0 END AS used \
-     FROM transfers WHERE token_id = $2 AND created_at > $3 ORDER BY created_at";
+/// The token's transfers as [`used_by_token!`] reads them at `$1` (token `$2`), each with what it
+/// counts and when it stops counting if nothing else happens to it: a pending hold at its expiry,
+/// a capture 24 hours after it. Soonest first (when enough of the rolling window frees). No
+/// `status = 'PENDING'` in a `WHERE`: it would match the partial index `transfers_pending_expiry`,
+/// which holds every sender's pending holds.
+const TOKEN_ENTRIES: &str = "SELECT frees_at, used FROM ( \
+     SELECT expires_at AS frees_at, \
+     CASE WHEN status = 'PENDING' AND expires_at > $1 THEN amount ELSE 0 END AS used \
+     FROM transfers WHERE token_id = $2 AND resolved_at IS NULL \
+     UNION ALL SELECT resolved_at + 86400000000 AS frees_at, \
+     CASE WHEN status = 'COMPLETED' THEN captured ELSE 0 END AS used \
+     FROM transfers WHERE token_id = $2 AND resolved_at > $1 - 86400000000) e \
+     ORDER BY frees_at";
 
 /// What [`record_limits`] writes on a conflict: only when the budgets changed or on the pair's
 /// first budgeted hold of the UTC day; otherwise the statement matches the row and changes nothing.
@@ -322,14 +341,13 @@ pub(crate) async fn token_refusal(
         let entries: Vec<(i64, i64)> = sqlx::query_as(TOKEN_ENTRIES)
             .bind(now)
             .bind(token_id)
-            .bind(now - DAY_MICROS)
             .fetch_all(&mut *conn)
             .await?;
         let mut left = used;
-        for (at, c) in entries {
+        for (frees_at, c) in entries {
             left -= c;
             if left.saturating_add(amount) <= limit {
-                retry_at = Some(at + DAY_MICROS);
+                retry_at = Some(frees_at);
                 break;
             }
         }
@@ -502,5 +520,84 @@ mod tests {
         };
         assert_eq!((day, next_day), (at(2026, 12, 31), at(2027, 1, 1)));
         assert_eq!((month, next_month), (at(2026, 12, 1), at(2027, 1, 1)));
+    }
+
+    /// A token's use per 24 hours, one token at a time and several in one statement (Postgres'
+    /// `TOKENS_USED`): a pending hold counts until it expires whatever its age, a capture for 24
+    /// hours after it was captured, a void nothing; a refusal's retry time is when enough of that
+    /// frees (a pending hold at its expiry, a capture 24 hours after it).
+    #[tokio::test]
+    async fn a_token_counts_pending_holds_and_the_last_days_captures() {
+        const H: i64 = 3_600_000_000;
+        let now = 1_800_000_000_000_000;
+        let dbs = [
+            Some(syft_testkit::Db::sqlite()),
+            syft_testkit::Db::postgres().await,
+        ];
+        for db in dbs.into_iter().flatten() {
+            let store = crate::store::Store::connect(&db.url, 2)
+                .await
+                .expect("connect");
+            let pool = store.pool();
+            for sql in [
+                "INSERT INTO accounts (id, email, organization, currency, secret_hash, created_at) \
+                 VALUES (1, 'a@example.com', '', 'USD', 'a', 0), (2, 'b@example.com', '', 'USD', 'b', 0)",
+                "INSERT INTO tokens (id, token_hash, sender_id, recipient_id, created_at) \
+                 VALUES ('k1', 'h1', 1, 2, 0), ('k2', 'h2', 1, 2, 0), ('k3', 'h3', 1, 2, 0)",
+            ] {
+                sqlx::query(sql).execute(pool).await.expect(sql);
+            }
+            // (token, amount, captured, status, created, expires, resolved), hours from now.
+            let rows = [
+                ("k1", 7_i64, 0_i64, "PENDING", -48, 1, None::<i64>),
+                ("k1", 50, 0, "PENDING", -2, 0, None),
+                ("k1", 9, 5, "COMPLETED", -30, -1, Some(-2)),
+                ("k1", 100, 100, "COMPLETED", -26, -24, Some(-25)),
+                ("k1", 1000, 0, "CANCELLED", -2, 22, Some(-1)),
+                ("k2", 3, 0, "PENDING", 0, 1, None),
+                ("k2", 4, 4, "COMPLETED", -2, 22, Some(-1)),
+            ];
+            for (n, (token, amount, captured, status, created, expires, resolved)) in
+                rows.into_iter().enumerate()
+            {
+                sqlx::query(
+                    "INSERT INTO transfers (id, sender_id, recipient_id, token_id, amount, captured, \
+                     currency, status, created_by, app_name, app_ep_path, idempotency_key, \
+                     request_hash, created_at, expires_at, resolved_at) VALUES ($1, 1, 2, $2, $3, \
+                     $4, 'USD', $5, 'RECIPIENT', 'app', '/chat', $1, 'h', $6, $7, $8)",
+                )
+                .bind(format!("t{n}"))
+                .bind(token)
+                .bind(amount)
+                .bind(captured)
+                .bind(status)
+                .bind(now + created * H)
+                .bind(now + expires * H)
+                .bind(resolved.map(|r| now + r * H))
+                .execute(pool)
+                .await
+                .expect("transfer");
+            }
+            let mut conn = pool.acquire().await.expect("connection");
+            let all = [("k1", now), ("k2", now), ("k3", now)];
+            assert_eq!(
+                tokens_used(&mut conn, &all).await.expect("used"),
+                [12, 7, 0]
+            );
+            assert_eq!(token_used(&mut conn, "k1", now).await.expect("used"), 12);
+            // 12 used, 10 more against 15: room once the 7 pending expire.
+            let refusal = token_refusal(&mut conn, "k1", 15, 12, 10, now)
+                .await
+                .expect("refusal");
+            assert_eq!(refusal.and_then(|r| r.retry_at), Some(now + H));
+            // 12 used, 14 more: room once the capture of 2 hours ago is 24 hours old.
+            let refusal = token_refusal(&mut conn, "k1", 15, 12, 14, now)
+                .await
+                .expect("refusal");
+            assert_eq!(refusal.and_then(|r| r.retry_at), Some(now + 22 * H));
+            drop(conn);
+            store.close().await;
+            db.drop_postgres().await;
+        }
     }
 }

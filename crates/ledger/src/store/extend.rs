@@ -24,13 +24,26 @@ impl Store {
         // Judged by the database's clock once the row is locked (`Backend::clock_micros_sql`).
         // Postgres evaluates an UPDATE's conditions before it waits for the row, and does not
         // evaluate them again when the holder of the lock rolled back: the row is locked first.
+        // On Postgres the sender's account row is locked too, after the transfer's (the global
+        // order: transfers, tokens, accounts) and before the clock is read. A budget check
+        // (`budget_batch.rs`) locks the sender, then counts a pending hold past its expiry as 0;
+        // an extension that locked only the hold could read its clock before that check and
+        // commit after it, reviving a hold the check had freed the amount of, so the budget or
+        // the token's limit per 24 hours was exceeded by it. Now the two take turns: an extension
+        // after the check reads a clock past the expiry and is refused; a check after the
+        // extension sees the new expiry. (The sender's row suffices: every check that counts a
+        // hold's expiry locks it; the token's row would only add a wait on a hot row.) SQLite
+        // has one writer, and the clock is read after its write lock.
         let clock = self.backend().clock_micros_sql();
-        let (lock, row) = match self.backend() {
+        let (lock, row, clock) = match self.backend() {
             Backend::Postgres => (
-                "WITH l AS (SELECT id FROM transfers WHERE id = $1 FOR UPDATE) ",
+                "WITH l AS (SELECT id, sender_id FROM transfers WHERE id = $1 FOR UPDATE), \
+                 s AS (SELECT id FROM accounts WHERE id = (SELECT sender_id FROM l) \
+                 FOR NO KEY UPDATE) ",
                 "(SELECT id FROM l)",
+                format!("(SELECT {clock} WHERE (SELECT COUNT(*) FROM s) >= 0)"),
             ),
-            Backend::Sqlite => ("", "$1"),
+            Backend::Sqlite => ("", "$1", clock.to_string()),
         };
         let sql = format!(
             "{lock}UPDATE transfers SET expires_at = CASE \

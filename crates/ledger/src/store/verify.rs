@@ -45,6 +45,7 @@ struct TokenCheck {
     spent: i64,
     pending: i64,
     captured: i64,
+    spend_limit: Option<i64>,
 }
 
 impl Store {
@@ -154,10 +155,12 @@ async fn verify_snapshot(conn: &mut AnyConnection) -> Result<VerifyReport> {
         }
     }
 
-    // Tokens: held and spent match their transfers.
+    // Tokens: held and spent match their transfers, and stay within the token's spend limit
+    // (every hold checks `spent + held + amount <= spend_limit`, and a resolution only lowers
+    // `spent + held`).
     let rows: Vec<TokenCheck> = sqlx::query_as(
             "SELECT k.id, k.held, k.spent, COALESCE(x.pending, 0) AS pending, \
-             COALESCE(x.captured, 0) AS captured FROM tokens k \
+             COALESCE(x.captured, 0) AS captured, k.spend_limit FROM tokens k \
              LEFT JOIN (SELECT token_id, \
                           CAST(SUM(CASE WHEN status = 'PENDING' THEN amount ELSE 0 END) AS BIGINT) AS pending, \
                           CAST(SUM(CASE WHEN status = 'COMPLETED' THEN captured ELSE 0 END) AS BIGINT) AS captured \
@@ -171,11 +174,18 @@ async fn verify_snapshot(conn: &mut AnyConnection) -> Result<VerifyReport> {
         spent,
         pending,
         captured,
+        spend_limit,
     } in rows
     {
         if held != pending || spent != captured {
             problems.push(format!(
                 "token {id}: held {held}/spent {spent} != pending {pending}/captured {captured}"
+            ));
+        }
+        if let Some(limit) = spend_limit.filter(|l| spent.checked_add(held).is_none_or(|c| c > *l))
+        {
+            problems.push(format!(
+                "token {id}: spent {spent} + held {held} exceeds its spend limit {limit}"
             ));
         }
     }
@@ -203,6 +213,20 @@ async fn verify_snapshot(conn: &mut AnyConnection) -> Result<VerifyReport> {
     if bad > 0 {
         problems.push(format!(
             "{bad} transfers do not match their journal entries"
+        ));
+    }
+    // No capture after its hold's expiry: a capture must find its hold unexpired (by its own
+    // clock, which it records as `resolved_at`, and by the database's once it has its locks), and
+    // nothing moves a resolved transfer's expiry. A late capture would be money a budget check
+    // had already counted as released.
+    let late: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM transfers WHERE status = 'COMPLETED' AND resolved_at >= expires_at",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    if late > 0 {
+        problems.push(format!(
+            "{late} transfers were captured at or after their hold's expiry"
         ));
     }
     // Entries that no transfer or deposit accounts for, and deposits whose two entries are not

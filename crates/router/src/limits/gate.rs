@@ -442,9 +442,16 @@ impl Pass {
             .iter()
             .map(|k| (k.clone(), actual.max(1)))
             .collect();
-        if let Err(e) = limiter.settle(&self.lease, &updates).await {
-            tracing::warn!(error = %e, "could not settle the token reservation; the reservation stands");
-        }
+        // Spawned, then awaited, as `withdraw` is: marked settled already, a settle lost with a
+        // dropped future (a client leaving meanwhile) left the whole reservation (prompt and
+        // `max_tokens`) in the window, and `Drop` frees only the slots.
+        let (limiter, lease) = (limiter.clone(), self.lease.clone());
+        let settle = tokio::spawn(async move {
+            if let Err(e) = limiter.settle(&lease, &updates).await {
+                tracing::warn!(error = %e, "could not settle the token reservation; the reservation stands");
+            }
+        });
+        let _ = settle.await;
     }
 }
 

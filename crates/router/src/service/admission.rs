@@ -3,7 +3,7 @@
 //! the ledger; afterwards capture the cost (with the usage row) or void the hold. A service's
 //! own flow only describes its request as a [`Ticket`] and says, at the end, what it cost.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tracing::Instrument as _;
 
@@ -185,8 +185,14 @@ impl RouterService {
         // voids the hold at once, with a `cancelled` row. Otherwise the user's money stayed held
         // for the hold's whole life, and the request left no row.
         let priced_in = t.pricing.currency.clone();
+        // An attempt whose outcome is unknown is asked again (`Ledger::authorize`) for a while,
+        // and never past the life of the hold it may have placed.
+        let ttl = (inner.ledger.hold_ttl_seconds)
+            .and_then(|s| u64::try_from(s).ok())
+            .map_or(hold::LEDGER_DEFAULT_TTL, Duration::from_secs);
+        let settle_until = sent + ttl.min(hold::AUTHORIZE_SETTLE_LIMIT);
         let call = tokio::spawn(async move {
-            let authorization = ledger.authorize(request).await?;
+            let authorization = ledger.authorize(request, settle_until).await?;
             let transfer = &authorization.transfer;
             let fresh = transfer.status() == TransferStatus::Pending && !authorization.existing;
             if fresh && !transfer.currency.is_empty() && transfer.currency != priced_in {

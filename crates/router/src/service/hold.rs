@@ -151,6 +151,16 @@ impl Drop for HoldGuard {
 /// hold has expired the ledger's answer is definite (captured, or no longer capturable).
 pub(super) const SETTLE_MARGIN: Duration = Duration::from_secs(5);
 
+/// The ledger's default hold life (its `--hold-ttl`), for a router that asks for none.
+pub(super) const LEDGER_DEFAULT_TTL: Duration = Duration::from_secs(300);
+
+/// How long an authorization whose outcome is unknown (a timeout, a ledger answering
+/// `UNAVAILABLE`) is asked again before the request fails. Long enough for a ledger restart or a
+/// database failover, when the repeat finds the hold and the request goes on; short enough that a
+/// ledger that stays away does not hold every paid request for a hold's life. A hold placed by an
+/// attempt given up on stays until it expires (docs/design.md, known gaps).
+pub(super) const AUTHORIZE_SETTLE_LIMIT: Duration = Duration::from_secs(30);
+
 /// A ledger timestamp as an instant of this process's clock (a day ahead at most, whatever the
 /// ledger says).
 pub(super) fn local_instant(unix_micros: i64) -> Instant {

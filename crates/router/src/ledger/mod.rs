@@ -1,19 +1,15 @@
 //! The router's ledger client: authenticated calls with deadlines, ledger errors mapped to
 //! router errors.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use syft_proto::ledger::ledger_client::LedgerClient;
 use syft_proto::ledger::{
     capture_request, AnswerToStore, AuthorizeRequest, BudgetUse, CaptureRequest, CheckTokenRequest,
     ExtendHoldRequest, GetAccountRequest, GetAnswerRequest, GetBudgetUseRequest,
     GetTransferRequest, RecordUsageRequest, Transfer, Usage, VoidRequest,
 };
-use tonic::metadata::{AsciiMetadataValue, MetadataValue};
-use tonic::transport::Channel;
 use tonic::Code;
 
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -21,13 +17,16 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 use crate::config::LedgerSettings;
-use crate::endpoints::{Member, Members};
+use crate::endpoints::Member;
 use crate::error::RouterError;
 use crate::health::{LedgerEndpoint, LedgerState, OwnerCheck};
 use crate::usage_send::UsageSender;
 use crate::usage_spool::UsageSpool;
 use syft_error::{Reason, UsageStatus};
 use tonic_types::StatusExt;
+
+mod calls;
+pub(crate) use calls::{rpc, Calls, Op, Unsent};
 
 /// The ledger's gRPC service name, as its health service reports it.
 const LEDGER_SERVICE: &str = "syft.ledger.v1.Ledger";
@@ -43,80 +42,6 @@ pub(crate) struct Ledger {
     pub(crate) hold_ttl_seconds: Option<i64>,
     /// No `--ledger-secret` was given (a refusal then says so, not that a secret was wrong).
     no_secret: bool,
-}
-
-/// The ledger endpoints and the router's credential: every call goes through [`Calls::call`],
-/// which fails over between endpoints. Shared by [`Ledger`] and the usage sender.
-#[derive(Clone)]
-pub(crate) struct Calls {
-    members: Arc<Members>,
-    auth: AsciiMetadataValue,
-}
-
-impl Calls {
-    /// Connects lazily to every endpoint of `settings` (the first call dials).
-    pub(crate) fn connect(settings: &LedgerSettings) -> Result<Self, RouterError> {
-        let auth: AsciiMetadataValue =
-            MetadataValue::try_from(format!("Bearer {}", settings.secret.expose())).map_err(
-                |_| RouterError::Internal("ledger secret is not valid header text".into()),
-            )?;
-        Ok(Calls {
-            members: Arc::new(Members::connect(settings)?),
-            auth,
-        })
-    }
-}
-
-/// The ledger RPC `$method` as the closure [`Calls::call`] and its callers take (a client and a
-/// request in, the client method's future out): every call site names only its method.
-macro_rules! rpc {
-    ($method:ident) => {
-        |mut client, req| async move { client.$method(req).await }
-    };
-}
-pub(crate) use rpc;
-
-/// Which ledger call failed, for error mapping and logs.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Op {
-    Authorize,
-    Capture,
-    Void,
-    RecordUsage,
-    GetAnswer,
-    ExtendHold,
-    GetAccount,
-    GetTransfer,
-    GetBudgetUse,
-    CheckToken,
-}
-
-/// Longest wait between two attempts to settle an unknown outcome.
-const MAX_SETTLE_BACKOFF: Duration = Duration::from_secs(2);
-
-/// Whether a failed call may nevertheless have been applied by the ledger.
-fn outcome_unknown(code: Code) -> bool {
-    matches!(
-        code,
-        Code::Unavailable
-            | Code::DeadlineExceeded
-            | Code::Unknown
-            | Code::Cancelled
-            | Code::Aborted
-    )
-}
-
-/// Whether a failed call certainly never reached a ledger (the connection could not be made), so
-/// it cannot have been applied. Anything else that failed in flight may have been. The transport
-/// says so only in its message (hyper's connector: "tcp connect error", "error trying to
-/// connect", "Connection refused"); a bare "connect" also matched "connection reset", which a
-/// call sent and then cut off gets.
-fn never_sent(s: &tonic::Status) -> bool {
-    let message = s.message().to_ascii_lowercase();
-    s.code() == Code::Unavailable
-        && ["connect error", "trying to connect", "connection refused"]
-            .iter()
-            .any(|m| message.contains(m))
 }
 
 /// What an authorization returned, and whether this request placed the hold.
@@ -234,16 +159,26 @@ impl Ledger {
 
     /// Places (or finds, for a repeated key) the hold. `existing` tells a hold this call placed
     /// from one an earlier call with the same key placed; an attempt whose outcome is unknown may
-    /// have placed it, so then the hold counts as this call's own.
+    /// have placed it, so then the hold counts as this call's own. Such an attempt is settled by
+    /// asking again (the key makes it idempotent) until `settle_until`: given up at once, it
+    /// left a hold that nothing owned, the user's money held for the hold's whole life.
     pub(crate) async fn authorize(
         &self,
         msg: AuthorizeRequest,
+        settle_until: Instant,
     ) -> Result<Authorization, RouterError> {
+        let key = msg.idempotency_key.clone();
         let (resp, maybe_ours) = self
             .calls
-            .call(Op::Authorize, None, msg, rpc!(authorize))
-            .await
-            .map_err(|s| map_status(Op::Authorize, s))?;
+            .settled(
+                Op::Authorize,
+                &key,
+                settle_until,
+                Unsent::GiveUp,
+                rpc!(authorize),
+                msg,
+            )
+            .await?;
         let existing = resp.existing && !maybe_ours;
         Ok(Authorization {
             transfer: resp,
@@ -261,7 +196,7 @@ impl Ledger {
             .await
     }
 
-    /// Captures, storing `answer` with it. The outcome is settled: see [`Ledger::settled`].
+    /// Captures, storing `answer` with it. The outcome is settled: see [`Calls::settled`].
     pub(crate) async fn capture(
         &self,
         transfer_id: &str,
@@ -276,8 +211,17 @@ impl Ledger {
             usage: Some(usage),
             answer,
         };
-        self.settled(Op::Capture, transfer_id, settle_until, rpc!(capture), msg)
+        self.calls
+            .settled(
+                Op::Capture,
+                transfer_id,
+                settle_until,
+                Unsent::Retry,
+                rpc!(capture),
+                msg,
+            )
             .await
+            .map(|(t, _)| t)
     }
 
     /// Voids; settled like a capture.
@@ -293,49 +237,17 @@ impl Ledger {
             reason: void_reason(reason),
             usage,
         };
-        self.settled(Op::Void, transfer_id, settle_until, rpc!(void), msg)
+        self.calls
+            .settled(
+                Op::Void,
+                transfer_id,
+                settle_until,
+                Unsent::Retry,
+                rpc!(void),
+                msg,
+            )
             .await
-    }
-
-    /// Runs a resolution (capture or void) until its outcome is known. A call whose result is
-    /// unknown (connection reset, timeout, `UNKNOWN`, a ledger restarting) may or may not have
-    /// committed, so it is sent again: resolutions are idempotent, so the repeat returns the
-    /// committed transfer, or a definite refusal (`TRANSFER_NOT_PENDING`, `HOLD_EXPIRED`) when it
-    /// did not commit and can no longer. Repeated with backoff until `settle_until` (the hold's
-    /// expiry plus a margin: past it the ledger answers definitely whenever it answers at all).
-    /// Each round tries every endpoint (see [`Calls::call`]), so a retry goes to another
-    /// ledger when one is down.
-    async fn settled<M, F, Fut>(
-        &self,
-        op: Op,
-        transfer_id: &str,
-        settle_until: Instant,
-        call: F,
-        msg: M,
-    ) -> Result<Transfer, RouterError>
-    where
-        M: Clone,
-        F: Fn(LedgerClient<Channel>, tonic::Request<M>) -> Fut,
-        Fut: std::future::Future<Output = Result<tonic::Response<Transfer>, tonic::Status>>,
-    {
-        let mut delay = Duration::from_millis(50);
-        let mut attempt = 0u32;
-        loop {
-            let status = match self.calls.call(op, None, msg.clone(), &call).await {
-                Ok((t, _)) => return Ok(t),
-                Err(s) if outcome_unknown(s.code()) => s,
-                Err(s) => return Err(map_status(op, s)),
-            };
-            attempt += 1;
-            let now = Instant::now();
-            if now + delay >= settle_until {
-                tracing::error!(transfer_id, ?op, attempt, code = ?status.code(), "outcome still unknown; giving up");
-                return Err(map_status(op, status));
-            }
-            tracing::warn!(transfer_id, ?op, attempt, code = ?status.code(), "outcome unknown, asking again");
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(MAX_SETTLE_BACKOFF);
-        }
+            .map(|(t, _)| t)
     }
 
     /// Moves a pending hold's expiry to now + `ttl_seconds`.
@@ -445,78 +357,6 @@ impl Ledger {
     }
 }
 
-impl Calls {
-    fn request<T>(&self, msg: T, timeout: Option<Duration>) -> tonic::Request<T> {
-        let mut req = tonic::Request::new(msg);
-        req.metadata_mut()
-            .insert("authorization", self.auth.clone());
-        if let Some(t) = timeout {
-            req.set_timeout(t);
-        }
-        syft_telemetry::inject_grpc(req.metadata_mut());
-        req
-    }
-
-    /// [`Calls::call`] without a deadline, when only the answer matters (not whether an earlier
-    /// attempt may have been applied); its failure in the router's terms.
-    pub(crate) async fn answer<M, R, F, Fut>(
-        &self,
-        op: Op,
-        msg: M,
-        call: F,
-    ) -> Result<R, RouterError>
-    where
-        M: Clone,
-        F: Fn(LedgerClient<Channel>, tonic::Request<M>) -> Fut,
-        Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
-    {
-        self.call(op, None, msg, call)
-            .await
-            .map(|(r, _)| r)
-            .map_err(|s| map_status(op, s))
-    }
-
-    /// One call, failing over: the endpoints are tried in [`Members::order`] until one answers
-    /// (success, or a definite refusal). A transport failure (or a ledger saying it is
-    /// unavailable) backs its endpoint off and moves on to the next; only calls that are safe to
-    /// repeat go through here (all ledger calls are idempotent or reads). Also returns whether
-    /// an attempt before the answering one may have been applied (its outcome unknown).
-    pub(crate) async fn call<M, R, F, Fut>(
-        &self,
-        op: Op,
-        timeout: Option<Duration>,
-        msg: M,
-        call: F,
-    ) -> Result<(R, bool), tonic::Status>
-    where
-        M: Clone,
-        F: Fn(LedgerClient<Channel>, tonic::Request<M>) -> Fut,
-        Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
-    {
-        let mut maybe_applied = false;
-        let mut last = None;
-        for m in self.members.order() {
-            match call(m.client.clone(), self.request(msg.clone(), timeout)).await {
-                Ok(r) => {
-                    m.mark_up();
-                    return Ok((r.into_inner(), maybe_applied));
-                }
-                Err(s) if outcome_unknown(s.code()) => {
-                    tracing::debug!(ledger = %m.label, ?op, code = ?s.code(), message = %s.message(), "ledger call failed; next endpoint");
-                    m.mark_down();
-                    maybe_applied |= !never_sent(&s);
-                    last = Some(s);
-                }
-                Err(s) => {
-                    m.mark_up();
-                    return Err(s);
-                }
-            }
-        }
-        Err(last.unwrap_or_else(|| tonic::Status::unavailable("no ledger endpoint")))
-    }
-}
-
 /// The ledger's machine-readable reason (`ErrorInfo.reason`), if it sent one we know.
 fn ledger_reason(s: &tonic::Status) -> Option<Reason> {
     syft_error::reason_of(s).and_then(|r| r.parse().ok())
@@ -617,33 +457,4 @@ pub(crate) fn void_reason(reason: &str) -> String {
         out.push(c);
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// What the transport really says when nothing listens: never sent. A connection cut off
-    /// after the call went out may have been applied.
-    #[tokio::test]
-    async fn only_a_refused_connection_was_never_sent() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        drop(listener);
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .expect("url")
-            .connect_lazy();
-        let refused = LedgerClient::new(channel)
-            .get_transfer(GetTransferRequest::default())
-            .await
-            .expect_err("nothing listens");
-        assert!(never_sent(&refused), "{refused:?}");
-        for cut in [
-            "connection reset by peer",
-            "transport error",
-            "connection closed",
-        ] {
-            assert!(!never_sent(&tonic::Status::unavailable(cut)), "{cut}");
-        }
-    }
 }

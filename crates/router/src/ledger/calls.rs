@@ -1,0 +1,280 @@
+//! Calls to the ledger: each fails over between its endpoints ([`Calls::call`]), and a call whose
+//! outcome is unknown is settled by asking again ([`Calls::settled`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use syft_proto::ledger::ledger_client::LedgerClient;
+use syft_proto::ledger::Transfer;
+use tokio::time::Instant;
+use tonic::metadata::{AsciiMetadataValue, MetadataValue};
+use tonic::transport::Channel;
+use tonic::Code;
+
+use super::map_status;
+use crate::config::LedgerSettings;
+use crate::endpoints::Members;
+use crate::error::RouterError;
+
+/// The ledger endpoints and the router's credential: every call goes through [`Calls::call`],
+/// which fails over between endpoints. Shared by the router's `Ledger` and the usage sender.
+#[derive(Clone)]
+pub(crate) struct Calls {
+    pub(super) members: Arc<Members>,
+    auth: AsciiMetadataValue,
+}
+
+/// The ledger RPC `$method` as the closure [`Calls::call`] and its callers take (a client and a
+/// request in, the client method's future out): every call site names only its method.
+macro_rules! rpc {
+    ($method:ident) => {
+        |mut client, req| async move { client.$method(req).await }
+    };
+}
+pub(crate) use rpc;
+
+/// Which ledger call failed, for error mapping and logs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Op {
+    Authorize,
+    Capture,
+    Void,
+    RecordUsage,
+    GetAnswer,
+    ExtendHold,
+    GetAccount,
+    GetTransfer,
+    GetBudgetUse,
+    CheckToken,
+}
+
+/// What settling does after a round in which no attempt can have reached a ledger (every
+/// connection was refused).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unsent {
+    /// Ask again: a resolution must reach the ledger however long it is away (its hold exists).
+    Retry,
+    /// Fail now: nothing was applied, so nothing is left to settle (an authorization).
+    GiveUp,
+}
+
+/// Longest wait between two attempts to settle an unknown outcome.
+const MAX_SETTLE_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Whether a failed call may nevertheless have been applied by the ledger.
+fn outcome_unknown(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Unknown
+            | Code::Cancelled
+            | Code::Aborted
+    )
+}
+
+/// Whether a failed call certainly never reached a ledger (the connection could not be made), so
+/// it cannot have been applied. Anything else that failed in flight may have been. The transport
+/// says so only in its message (hyper's connector: "tcp connect error", "error trying to
+/// connect", "Connection refused"); a bare "connect" also matched "connection reset", which a
+/// call sent and then cut off gets.
+/// A TLS handshake the ledger refused (a router without the client certificate a mutual-TLS
+/// ledger requires) carried no call either.
+fn never_sent(s: &tonic::Status) -> bool {
+    let message = s.message().to_ascii_lowercase();
+    let unconnected = s.code() == Code::Unavailable
+        && ["connect error", "trying to connect", "connection refused"]
+            .iter()
+            .any(|m| message.contains(m));
+    unconnected || syft_tls::handshake_failed(s)
+}
+
+impl Calls {
+    /// Connects lazily to every endpoint of `settings` (the first call dials).
+    pub(crate) fn connect(settings: &LedgerSettings) -> Result<Self, RouterError> {
+        let auth: AsciiMetadataValue =
+            MetadataValue::try_from(format!("Bearer {}", settings.secret.expose())).map_err(
+                |_| RouterError::Internal("ledger secret is not valid header text".into()),
+            )?;
+        Ok(Calls {
+            members: Arc::new(Members::connect(settings)?),
+            auth,
+        })
+    }
+
+    fn request<T>(&self, msg: T, timeout: Option<Duration>) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        req.metadata_mut()
+            .insert("authorization", self.auth.clone());
+        if let Some(t) = timeout {
+            req.set_timeout(t);
+        }
+        syft_telemetry::inject_grpc(req.metadata_mut());
+        req
+    }
+
+    /// [`Calls::call`] without a deadline, when only the answer matters (not whether an earlier
+    /// attempt may have been applied); its failure in the router's terms.
+    pub(crate) async fn answer<M, R, F, Fut>(
+        &self,
+        op: Op,
+        msg: M,
+        call: F,
+    ) -> Result<R, RouterError>
+    where
+        M: Clone,
+        F: Fn(LedgerClient<Channel>, tonic::Request<M>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+    {
+        self.call(op, None, msg, call)
+            .await
+            .map(|(r, _)| r)
+            .map_err(|s| map_status(op, s))
+    }
+
+    /// One call, failing over: the endpoints are tried in [`Members::order`] until one answers
+    /// (success, or a definite refusal). A transport failure (or a ledger saying it is
+    /// unavailable) backs its endpoint off and moves on to the next; only calls that are safe to
+    /// repeat go through here (all ledger calls are idempotent or reads). Also returns whether
+    /// an attempt before the answering one may have been applied (its outcome unknown).
+    pub(crate) async fn call<M, R, F, Fut>(
+        &self,
+        op: Op,
+        timeout: Option<Duration>,
+        msg: M,
+        call: F,
+    ) -> Result<(R, bool), tonic::Status>
+    where
+        M: Clone,
+        F: Fn(LedgerClient<Channel>, tonic::Request<M>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+    {
+        self.try_call(op, timeout, msg, call)
+            .await
+            .map_err(|(s, _)| s)
+    }
+
+    /// [`Calls::call`], whose failure also says whether an attempt may have been applied.
+    async fn try_call<M, R, F, Fut>(
+        &self,
+        op: Op,
+        timeout: Option<Duration>,
+        msg: M,
+        call: F,
+    ) -> Result<(R, bool), (tonic::Status, bool)>
+    where
+        M: Clone,
+        F: Fn(LedgerClient<Channel>, tonic::Request<M>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+    {
+        let mut maybe_applied = false;
+        let mut last = None;
+        for m in self.members.order() {
+            match call(m.client.clone(), self.request(msg.clone(), timeout)).await {
+                Ok(r) => {
+                    m.mark_up();
+                    return Ok((r.into_inner(), maybe_applied));
+                }
+                Err(s) if outcome_unknown(s.code()) => {
+                    tracing::debug!(ledger = %m.label, ?op, code = ?s.code(), message = %s.message(), "ledger call failed; next endpoint");
+                    m.mark_down();
+                    maybe_applied |= !never_sent(&s);
+                    last = Some(s);
+                }
+                Err(s) => {
+                    m.mark_up();
+                    return Err((s, maybe_applied));
+                }
+            }
+        }
+        let last = last.unwrap_or_else(|| tonic::Status::unavailable("no ledger endpoint"));
+        Err((last, maybe_applied))
+    }
+
+    /// Runs a call that places or resolves a hold until its outcome is known. A call whose result
+    /// is unknown (connection reset, timeout, `UNKNOWN`, a ledger restarting) may or may not have
+    /// committed, so it is sent again: these calls are idempotent (an authorization by its key),
+    /// so the repeat returns the committed transfer, or a definite refusal
+    /// (`TRANSFER_NOT_PENDING`, `HOLD_EXPIRED`) when it did not commit and can no longer.
+    /// Repeated with backoff until `settle_until` (the hold's expiry plus a margin: past it the
+    /// ledger answers definitely whenever it answers at all), or, with [`Unsent::GiveUp`], until a
+    /// round in which nothing can have been applied yet. Each round tries every endpoint (see
+    /// [`Calls::call`]), so a retry goes to another ledger when one is down. Also returns whether
+    /// an attempt before the answering one may have been applied.
+    pub(crate) async fn settled<M, F, Fut>(
+        &self,
+        op: Op,
+        id: &str,
+        settle_until: Instant,
+        unsent: Unsent,
+        call: F,
+        msg: M,
+    ) -> Result<(Transfer, bool), RouterError>
+    where
+        M: Clone,
+        F: Fn(LedgerClient<Channel>, tonic::Request<M>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<Transfer>, tonic::Status>>,
+    {
+        let mut delay = Duration::from_millis(50);
+        let mut attempt = 0u32;
+        let mut maybe_applied = false;
+        loop {
+            let status = match self.try_call(op, None, msg.clone(), &call).await {
+                Ok((t, maybe)) => return Ok((t, maybe_applied || maybe)),
+                Err((s, maybe)) if outcome_unknown(s.code()) => {
+                    maybe_applied |= maybe;
+                    s
+                }
+                Err((s, _)) => return Err(map_status(op, s)),
+            };
+            // A ledger that refuses this router's TLS handshake (mutual TLS without the right
+            // client certificate) will not be reached by asking again either. Its first refusal
+            // can look like a call cut off in flight (TLS 1.3 sends the request before the
+            // server judged the certificate), but a server that refuses the certificate ran
+            // nothing.
+            let unreachable = !maybe_applied || syft_tls::handshake_failed(&status);
+            if unreachable && unsent == Unsent::GiveUp {
+                return Err(map_status(op, status));
+            }
+            attempt += 1;
+            let now = Instant::now();
+            if now + delay >= settle_until {
+                tracing::error!(id, ?op, attempt, code = ?status.code(), "outcome still unknown; giving up");
+                return Err(map_status(op, status));
+            }
+            tracing::warn!(id, ?op, attempt, code = ?status.code(), "outcome unknown, asking again");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(MAX_SETTLE_BACKOFF);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use syft_proto::ledger::GetTransferRequest;
+
+    /// What the transport really says when nothing listens: never sent. A connection cut off
+    /// after the call went out may have been applied.
+    #[tokio::test]
+    async fn only_a_refused_connection_was_never_sent() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        drop(listener);
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .expect("url")
+            .connect_lazy();
+        let refused = LedgerClient::new(channel)
+            .get_transfer(GetTransferRequest::default())
+            .await
+            .expect_err("nothing listens");
+        assert!(never_sent(&refused), "{refused:?}");
+        for cut in [
+            "connection reset by peer",
+            "transport error",
+            "connection closed",
+        ] {
+            assert!(!never_sent(&tonic::Status::unavailable(cut)), "{cut}");
+        }
+    }
+}
