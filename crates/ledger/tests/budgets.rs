@@ -576,15 +576,7 @@ async fn a_busy_budgeted_payer_is_decided_in_batches(h: Harness) -> Harness {
 async fn a_token_refuses_inside_a_budgeted_batch(h: Harness) -> Harness {
     let alice = h.account(ALICE, 10 * USD).await;
     let owner = h.account(OWNER, 0).await;
-    let limited = ok(h
-        .client(&alice)
-        .issue_token(pb::IssueTokenRequest {
-            recipient_email: OWNER.into(),
-            spend_limit_micros: Some(3 * USD),
-            ..Default::default()
-        })
-        .await)
-    .token;
+    let limited = h.limited_token(&alice, OWNER, 3 * USD).await;
     let c = h.client(&owner);
     let holds = (0..10).map(|i| {
         let mut c = c.clone();

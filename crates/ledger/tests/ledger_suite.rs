@@ -598,16 +598,7 @@ async fn token_rules(h: Harness) -> Harness {
     tokio::time::sleep(Duration::from_millis(400)).await;
     unusable(&mut router, ALICE, &expiring, "t8").await;
     // Spend limit counts captured plus held.
-    let limited = ok(h
-        .client(&alice)
-        .issue_token(pb::IssueTokenRequest {
-            recipient_email: OWNER.into(),
-            expires_at_unix_micros: None,
-            spend_limit_micros: Some(3 * USD),
-            limit_per_day_micros: None,
-        })
-        .await)
-    .token;
+    let limited = h.limited_token(&alice, OWNER, 3 * USD).await;
     let a = granted(&mut router, 2 * USD, &limited, "l1").await;
     router.capture(capture_full(&a.id)).await.unwrap();
     let b = granted(&mut router, USD, &limited, "l2").await;
@@ -940,16 +931,7 @@ async fn refusals_carry_machine_readable_reasons(h: Harness) -> Harness {
         ),
         want(Code::PermissionDenied, "TOKEN_INVALID")
     );
-    let limited = ok(h
-        .client(&alice)
-        .issue_token(pb::IssueTokenRequest {
-            recipient_email: OWNER.into(),
-            expires_at_unix_micros: None,
-            spend_limit_micros: Some(100),
-            limit_per_day_micros: None,
-        })
-        .await)
-    .token;
+    let limited = h.limited_token(&alice, OWNER, 100).await;
     assert_eq!(
         refused(
             router
@@ -1396,15 +1378,7 @@ async fn verify_sees_money_booked_between_the_wrong_accounts(h: Harness) -> Harn
 /// undone.
 async fn verify_sees_a_token_past_its_limit_and_a_capture_after_expiry(h: Harness) -> Harness {
     let (owner, alice, _) = setup(&h, 10 * USD).await;
-    let limited = ok(h
-        .client(&alice)
-        .issue_token(pb::IssueTokenRequest {
-            recipient_email: OWNER.into(),
-            spend_limit_micros: Some(3 * USD),
-            ..Default::default()
-        })
-        .await)
-    .token;
+    let limited = h.limited_token(&alice, OWNER, 3 * USD).await;
     let mut router = h.client(&owner);
     let t = granted(&mut router, 2 * USD, &limited, "captured").await;
     ok(router.capture(capture_full(&t.id)).await);

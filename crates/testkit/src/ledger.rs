@@ -225,6 +225,23 @@ impl Harness {
             .expect("issue token")
     }
 
+    /// Issues a token from `sender` (by secret) to `recipient` that may spend at most
+    /// `spend_limit` micros in all.
+    pub async fn limited_token(
+        &self,
+        sender_secret: &str,
+        recipient: &str,
+        spend_limit: i64,
+    ) -> String {
+        let request = pb::IssueTokenRequest {
+            recipient_email: recipient.into(),
+            spend_limit_micros: Some(spend_limit),
+            ..Default::default()
+        };
+        let issued = self.client(sender_secret).issue_token(request).await;
+        issued.expect("issue token").into_inner().token
+    }
+
     /// The accounts of a paid flow: `recipient` (no funds), `sender` funded with `funds`, and a
     /// token of the sender's for the recipient. Returns (recipient secret, sender secret, token).
     pub async fn payer(
