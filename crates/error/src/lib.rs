@@ -287,7 +287,18 @@ named_text!(Reason);
 
 /// A gRPC status with `google.rpc.ErrorInfo { reason, domain }` and the reason header.
 pub fn grpc_status(code: ErrorCode, reason: &str, domain: &str, message: String) -> tonic::Status {
-    let details = ErrorDetails::with_error_info(reason, domain, HashMap::<String, String>::new());
+    grpc_status_with(code, reason, domain, message, HashMap::new())
+}
+
+/// [`grpc_status`] whose `ErrorInfo` also carries `metadata` (read with [`info_metadata`]).
+pub fn grpc_status_with(
+    code: ErrorCode,
+    reason: &str,
+    domain: &str,
+    message: String,
+    metadata: HashMap<String, String>,
+) -> tonic::Status {
+    let details = ErrorDetails::with_error_info(reason, domain, metadata);
     let mut status = tonic::Status::with_error_details(code.grpc(), message, details);
     if let Ok(v) = reason.parse() {
         status.metadata_mut().insert(REASON_HEADER, v);
@@ -346,6 +357,16 @@ pub fn retry_after_of(status: &tonic::Status) -> Option<std::time::Duration> {
     status
         .get_details_retry_info()
         .and_then(|info| info.retry_delay)
+}
+
+/// The `ErrorInfo.metadata` key of the transfer an idempotency key holds, sent with the ledger's
+/// `IDEMPOTENCY_CONFLICT` refusal of an authorization.
+pub const KEYED_TRANSFER: &str = "transfer_id";
+
+/// The `ErrorInfo.metadata` entry `key` of a status, if it carries one.
+pub fn info_metadata(status: &tonic::Status, key: &str) -> Option<String> {
+    let mut info = status.get_details_error_info()?;
+    info.metadata.remove(key)
 }
 
 /// The `ErrorInfo.reason` of a status, falling back to the reason header.

@@ -1,7 +1,7 @@
 //! The ledger's one error type. Each variant says which [`ErrorCode`] it is; the code decides
 //! the gRPC code and the HTTP status (see `syft_error` and docs/design.md, "Errors").
 
-use syft_error::{ErrorCode, QuotaDetails, Reason};
+use syft_error::{ErrorCode, QuotaDetails, Reason, KEYED_TRANSFER};
 use tonic::Status;
 
 /// `ErrorInfo.domain` of every ledger error.
@@ -33,6 +33,16 @@ pub enum LedgerError {
     /// A refusal a client must tell apart: its reason decides its code.
     #[error("{message}")]
     Refused { reason: Reason, message: String },
+    /// An idempotency key already used for a request with other parameters
+    /// (`IDEMPOTENCY_CONFLICT`), naming the transfer the key holds: the caller placed it (keys are
+    /// the caller's own), so a router whose earlier request it was can find it and replay a
+    /// completed one's answer after its price changed. Sent in `ErrorInfo.metadata` as
+    /// [`KEYED_TRANSFER`].
+    #[error("{message}")]
+    KeyTaken {
+        message: String,
+        transfer_id: String,
+    },
     /// A budget refused a hold: sent with `RetryInfo` (when the window has room again) and
     /// `QuotaFailure`.
     #[error("{message}")]
@@ -71,6 +81,7 @@ impl LedgerError {
             Self::ResourceExhausted(_) => ErrorCode::ResourceExhausted,
             Self::Unavailable(_) => ErrorCode::Unavailable,
             Self::Refused { reason, .. } | Self::Quota { reason, .. } => reason.code(),
+            Self::KeyTaken { .. } => Reason::IdempotencyConflict.code(),
             Self::Internal(_) => ErrorCode::Internal,
         }
     }
@@ -82,6 +93,7 @@ impl LedgerError {
     pub fn reason(&self) -> Option<Reason> {
         match self {
             Self::Refused { reason, .. } => Some(*reason),
+            Self::KeyTaken { .. } => Some(Reason::IdempotencyConflict),
             _ => None,
         }
     }
@@ -92,6 +104,7 @@ impl LedgerError {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Refused { reason, .. } | Self::Quota { reason, .. } => reason.as_str(),
+            Self::KeyTaken { .. } => Reason::IdempotencyConflict.as_str(),
             other => other.error_code().as_str(),
         }
     }
@@ -143,6 +156,12 @@ impl From<LedgerError> for Status {
         } = &err
         {
             return syft_error::grpc_quota_status(*reason, ERROR_DOMAIN, message.clone(), details);
+        }
+        if let LedgerError::KeyTaken { transfer_id, .. } = &err {
+            let metadata = [(KEYED_TRANSFER.to_string(), transfer_id.clone())].into();
+            let (code, reason) = (err.error_code(), err.kind());
+            let message = err.public_message();
+            return syft_error::grpc_status_with(code, reason, ERROR_DOMAIN, message, metadata);
         }
         syft_error::grpc_status(
             err.error_code(),

@@ -913,6 +913,14 @@ async fn refusals_carry_machine_readable_reasons(h: Harness) -> Harness {
         ),
         want(Code::AlreadyExists, "IDEMPOTENCY_CONFLICT")
     );
+    // The refusal names the transfer the key holds (the caller's own), so a router whose price
+    // changed can still replay that request's answer.
+    let conflict = (router
+        .authorize(authorize(ALICE, USD / 4, &token, "r2"))
+        .await)
+        .expect_err("conflict");
+    let keyed = syft_error::info_metadata(&conflict, syft_error::KEYED_TRANSFER);
+    assert_eq!(keyed.as_deref(), Some(t.id.as_str()));
     router.capture(capture_full(&t.id)).await.unwrap();
     let void = pb::VoidRequest {
         transfer_id: t.id.clone(),

@@ -317,3 +317,27 @@ async fn the_syft_chat_front_marks_a_replay() {
     assert_eq!(s.alice_money().await.0, FUNDS - PRICE);
     s.check_invariants().await;
 }
+
+/// A retry that reaches a router whose price changed since the answer was charged (a new config,
+/// or another replica during a rolling deploy) asks the ledger for a hold of another amount under
+/// the same key. The ledger refuses that as `IDEMPOTENCY_CONFLICT` and names the key's transfer,
+/// so the retry still gets the stored answer, at the first attempt's cost; it used to get a 409
+/// although the user had been charged. Another request under that id is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_a_price_change_gets_the_stored_answer() {
+    let s = Stack::start(Pricing::per_request(PRICE)).await;
+    let first = ok(s.client().await.chat(keyed(&s, "hi", "priced-1")).await);
+    let repriced = RouterHandle::start(s.router_config(Pricing::per_request(2 * PRICE))).await;
+    let mut c = repriced.client().await;
+    let again = ok(c.chat(keyed(&s, "hi", "priced-1")).await);
+    assert!(again.replay);
+    assert_eq!(
+        (&again.transfer_id, again.cost_micros, &again.message),
+        (&first.transfer_id, PRICE, &first.message)
+    );
+    let other = c.chat(keyed(&s, "something else", "priced-1")).await;
+    assert_eq!(code(other), Code::AlreadyExists);
+    assert_eq!(s.upstream.hits(), 1);
+    assert_eq!(s.alice_money().await, (FUNDS - PRICE, 0, FUNDS - PRICE));
+    s.check_invariants().await;
+}

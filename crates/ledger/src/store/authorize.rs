@@ -212,7 +212,16 @@ impl Store {
                     .as_deref()
                     .is_some_and(|t| hold_hash(input, t) == keyed.request_hash);
             if keyed.request_hash != request_hash && !same_but_token {
-                return Ok(Some(Err(key_reused(input.idempotency_key))));
+                // Named only to a holder of a live token of the key's sender: the token is the
+                // credential, and a router replays the transfer's stored answer to whoever it is
+                // named to (a made-up or revoked token would have read the user's answer).
+                if !token_live {
+                    return Ok(Some(Err(key_reused(input.idempotency_key))));
+                }
+                return Ok(Some(Err(LedgerError::KeyTaken {
+                    message: key_reused(input.idempotency_key).to_string(),
+                    transfer_id: keyed.transfer.id,
+                })));
             }
             return Ok(Some(Ok(keyed.transfer)));
         }

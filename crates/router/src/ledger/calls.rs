@@ -200,7 +200,7 @@ impl Calls {
     /// ledger answers definitely whenever it answers at all), or, with [`Unsent::GiveUp`], until a
     /// round in which nothing can have been applied yet. Each round tries every endpoint (see
     /// [`Calls::call`]), so a retry goes to another ledger when one is down. Also returns whether
-    /// an attempt before the answering one may have been applied.
+    /// an attempt before the answering one may have been applied. Fails with the ledger's status.
     pub(crate) async fn settled<M, F, Fut>(
         &self,
         op: Op,
@@ -209,7 +209,7 @@ impl Calls {
         unsent: Unsent,
         call: F,
         msg: M,
-    ) -> Result<(Transfer, bool), RouterError>
+    ) -> Result<(Transfer, bool), tonic::Status>
     where
         M: Clone,
         F: Fn(LedgerClient<Channel>, tonic::Request<M>) -> Fut,
@@ -225,7 +225,7 @@ impl Calls {
                     maybe_applied |= maybe;
                     s
                 }
-                Err((s, _)) => return Err(map_status(op, s)),
+                Err((s, _)) => return Err(s),
             };
             // A ledger that refuses this router's TLS handshake (mutual TLS without the right
             // client certificate) will not be reached by asking again either. Its first refusal
@@ -234,13 +234,13 @@ impl Calls {
             // nothing.
             let unreachable = !maybe_applied || syft_tls::handshake_failed(&status);
             if unreachable && unsent == Unsent::GiveUp {
-                return Err(map_status(op, status));
+                return Err(status);
             }
             attempt += 1;
             let now = Instant::now();
             if now + delay >= settle_until {
                 tracing::error!(id, ?op, attempt, code = ?status.code(), "outcome still unknown; giving up");
-                return Err(map_status(op, status));
+                return Err(status);
             }
             tracing::warn!(id, ?op, attempt, code = ?status.code(), "outcome unknown, asking again");
             tokio::time::sleep(delay).await;

@@ -168,7 +168,7 @@ impl Ledger {
         settle_until: Instant,
     ) -> Result<Authorization, RouterError> {
         let key = msg.idempotency_key.clone();
-        let (resp, maybe_ours) = self
+        let settled = self
             .calls
             .settled(
                 Op::Authorize,
@@ -178,7 +178,28 @@ impl Ledger {
                 rpc!(authorize),
                 msg,
             )
-            .await?;
+            .await;
+        let (resp, maybe_ours) = match settled {
+            Ok(settled) => settled,
+            Err(s) => match keyed_transfer(&s) {
+                // The key holds this user's earlier request, placed with other parameters (the
+                // router's price or name changed since): a retry is answered from that request's
+                // transfer (a completed one's stored answer, when the request's fingerprint
+                // matches, `service/replay.rs`), not with a 409 for a request already charged.
+                // Never this call's hold: `existing`, so a pending one is waited for, not used.
+                Some(id) => {
+                    let keyed = self.transfer(&id).await?;
+                    (
+                        Transfer {
+                            existing: true,
+                            ..keyed
+                        },
+                        false,
+                    )
+                }
+                None => return Err(map_status(Op::Authorize, s)),
+            },
+        };
         let existing = resp.existing && !maybe_ours;
         Ok(Authorization {
             transfer: resp,
@@ -222,6 +243,7 @@ impl Ledger {
             )
             .await
             .map(|(t, _)| t)
+            .map_err(|s| map_status(Op::Capture, s))
     }
 
     /// Voids; settled like a capture.
@@ -248,6 +270,7 @@ impl Ledger {
             )
             .await
             .map(|(t, _)| t)
+            .map_err(|s| map_status(Op::Void, s))
     }
 
     /// Moves a pending hold's expiry to now + `ttl_seconds`.
@@ -355,6 +378,13 @@ impl Ledger {
             .await
             .map(|_| ())
     }
+}
+
+/// The transfer an idempotency key holds, named by the ledger's `IDEMPOTENCY_CONFLICT` refusal.
+fn keyed_transfer(s: &tonic::Status) -> Option<String> {
+    (ledger_reason(s) == Some(Reason::IdempotencyConflict))
+        .then(|| syft_error::info_metadata(s, syft_error::KEYED_TRANSFER))
+        .flatten()
 }
 
 /// The ledger's machine-readable reason (`ErrorInfo.reason`), if it sent one we know.
