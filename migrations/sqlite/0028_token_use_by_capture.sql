@@ -7,5 +7,7 @@
 -- as many indexes as before (the paid path). A ledger older than this migration still counts
 -- by its old rule, reading the token's transfers through this index's first column (more slowly for a
 -- token with a long history).
-DROP INDEX transfers_token_window;
+-- Built before the old index is dropped: a DROP INDEX locks the table until the migration
+-- commits, so dropping first held every read of transfers for the whole build.
 CREATE INDEX transfers_token_use ON transfers (token_id, resolved_at);
+DROP INDEX transfers_token_window;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use syft_proto::ledger::ledger_client::LedgerClient;
 use syft_proto::ledger::Transfer;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::transport::Channel;
@@ -56,6 +57,17 @@ pub(crate) enum Unsent {
     Retry,
     /// Fail now: nothing was applied, so nothing is left to settle (an authorization).
     GiveUp,
+}
+
+/// How long [`Calls::settled`] asks again, and when it stops early.
+pub(crate) struct Patience<'a> {
+    /// Asked again until then.
+    pub(crate) until: Instant,
+    pub(crate) unsent: Unsent,
+    /// Closed once the request the call is for is gone: no more rounds then. A retry of that
+    /// request may meanwhile have placed the key's hold, which a later round would return as
+    /// this call's own (it may have been applied) and its owner void under the retry.
+    pub(crate) asker: Option<&'a oneshot::Sender<()>>,
 }
 
 /// Longest wait between two attempts to settle an unknown outcome.
@@ -196,17 +208,17 @@ impl Calls {
     /// committed, so it is sent again: these calls are idempotent (an authorization by its key),
     /// so the repeat returns the committed transfer, or a definite refusal
     /// (`TRANSFER_NOT_PENDING`, `HOLD_EXPIRED`) when it did not commit and can no longer.
-    /// Repeated with backoff until `settle_until` (the hold's expiry plus a margin: past it the
-    /// ledger answers definitely whenever it answers at all), or, with [`Unsent::GiveUp`], until a
-    /// round in which nothing can have been applied yet. Each round tries every endpoint (see
+    /// Repeated with backoff until `patience.until` (for a resolution the hold's expiry plus a
+    /// margin: past it the ledger answers definitely whenever it answers at all), or, with
+    /// [`Unsent::GiveUp`], until a round in which nothing can have been applied yet, or until
+    /// `patience.asker` closed. Each round tries every endpoint (see
     /// [`Calls::call`]), so a retry goes to another ledger when one is down. Also returns whether
     /// an attempt before the answering one may have been applied. Fails with the ledger's status.
     pub(crate) async fn settled<M, F, Fut>(
         &self,
         op: Op,
         id: &str,
-        settle_until: Instant,
-        unsent: Unsent,
+        patience: Patience<'_>,
         call: F,
         msg: M,
     ) -> Result<(Transfer, bool), tonic::Status>
@@ -233,12 +245,16 @@ impl Calls {
             // server judged the certificate), but a server that refuses the certificate ran
             // nothing.
             let unreachable = !maybe_applied || syft_tls::handshake_failed(&status);
-            if unreachable && unsent == Unsent::GiveUp {
+            if unreachable && patience.unsent == Unsent::GiveUp {
+                return Err(status);
+            }
+            if patience.asker.is_some_and(oneshot::Sender::is_closed) {
+                tracing::warn!(id, ?op, code = ?status.code(), "outcome unknown and its request gone; not asking again");
                 return Err(status);
             }
             attempt += 1;
             let now = Instant::now();
-            if now + delay >= settle_until {
+            if now + delay >= patience.until {
                 tracing::error!(id, ?op, attempt, code = ?status.code(), "outcome still unknown; giving up");
                 return Err(status);
             }

@@ -26,7 +26,7 @@ use syft_error::{Reason, UsageStatus};
 use tonic_types::StatusExt;
 
 mod calls;
-pub(crate) use calls::{rpc, Calls, Op, Unsent};
+pub(crate) use calls::{rpc, Calls, Op, Patience, Unsent};
 
 /// The ledger's gRPC service name, as its health service reports it.
 const LEDGER_SERVICE: &str = "syft.ledger.v1.Ledger";
@@ -160,12 +160,14 @@ impl Ledger {
     /// Places (or finds, for a repeated key) the hold. `existing` tells a hold this call placed
     /// from one an earlier call with the same key placed; an attempt whose outcome is unknown may
     /// have placed it, so then the hold counts as this call's own. Such an attempt is settled by
-    /// asking again (the key makes it idempotent) until `settle_until`: given up at once, it
-    /// left a hold that nothing owned, the user's money held for the hold's whole life.
+    /// asking again (the key makes it idempotent) until `settle_until`, while `asker` is open (its
+    /// request still waits): given up at once, it left a hold that nothing owned, the user's
+    /// money held for the hold's whole life.
     pub(crate) async fn authorize(
         &self,
         msg: AuthorizeRequest,
         settle_until: Instant,
+        asker: &tokio::sync::oneshot::Sender<()>,
     ) -> Result<Authorization, RouterError> {
         let key = msg.idempotency_key.clone();
         let settled = self
@@ -173,8 +175,11 @@ impl Ledger {
             .settled(
                 Op::Authorize,
                 &key,
-                settle_until,
-                Unsent::GiveUp,
+                Patience {
+                    until: settle_until,
+                    unsent: Unsent::GiveUp,
+                    asker: Some(asker),
+                },
                 rpc!(authorize),
                 msg,
             )
@@ -236,8 +241,11 @@ impl Ledger {
             .settled(
                 Op::Capture,
                 transfer_id,
-                settle_until,
-                Unsent::Retry,
+                Patience {
+                    until: settle_until,
+                    unsent: Unsent::Retry,
+                    asker: None,
+                },
                 rpc!(capture),
                 msg,
             )
@@ -263,8 +271,11 @@ impl Ledger {
             .settled(
                 Op::Void,
                 transfer_id,
-                settle_until,
-                Unsent::Retry,
+                Patience {
+                    until: settle_until,
+                    unsent: Unsent::Retry,
+                    asker: None,
+                },
                 rpc!(void),
                 msg,
             )

@@ -191,8 +191,11 @@ impl RouterService {
             .and_then(|s| u64::try_from(s).ok())
             .map_or(hold::LEDGER_DEFAULT_TTL, Duration::from_secs);
         let settle_until = sent + ttl.min(hold::AUTHORIZE_SETTLE_LIMIT);
+        // Held by this request while it waits: once it is gone, the task stops asking again (see
+        // `Patience::asker`).
+        let (asker, _waiting) = tokio::sync::oneshot::channel::<()>();
         let call = tokio::spawn(async move {
-            let authorization = ledger.authorize(request, settle_until).await?;
+            let authorization = ledger.authorize(request, settle_until, &asker).await?;
             let transfer = &authorization.transfer;
             let fresh = transfer.status() == TransferStatus::Pending && !authorization.existing;
             if fresh && !transfer.currency.is_empty() && transfer.currency != priced_in {
