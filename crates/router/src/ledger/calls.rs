@@ -49,25 +49,20 @@ pub(crate) enum Op {
     CheckToken,
 }
 
-/// What settling does after a round in which no attempt can have reached a ledger (every
-/// connection was refused).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Unsent {
-    /// Ask again: a resolution must reach the ledger however long it is away (its hold exists).
-    Retry,
-    /// Fail now: nothing was applied, so nothing is left to settle (an authorization).
-    GiveUp,
-}
-
 /// How long [`Calls::settled`] asks again, and when it stops early.
-pub(crate) struct Patience<'a> {
-    /// Asked again until then.
-    pub(crate) until: Instant,
-    pub(crate) unsent: Unsent,
-    /// Closed once the request the call is for is gone: no more rounds then. A retry of that
-    /// request may meanwhile have placed the key's hold, which a later round would return as
-    /// this call's own (it may have been applied) and its owner void under the retry.
-    pub(crate) asker: Option<&'a oneshot::Sender<()>>,
+pub(crate) enum Patience<'a> {
+    /// A capture or void: asked again until `until` however long the ledger is away, also after
+    /// a round in which no attempt can have reached it (its hold exists and must hear it).
+    Resolution { until: Instant },
+    /// An authorization: fails at once after a round in which no attempt can have been applied
+    /// (nothing to settle), else asked again until `until` while `asker` is open. `asker` closes
+    /// once the request the call is for is gone: a retry of that request may meanwhile have
+    /// placed the key's hold, which a later round would return as this call's own (it may have
+    /// been applied) and its owner void under the retry.
+    Authorization {
+        until: Instant,
+        asker: &'a oneshot::Sender<()>,
+    },
 }
 
 /// Longest wait between two attempts to settle an unknown outcome.
@@ -208,10 +203,8 @@ impl Calls {
     /// committed, so it is sent again: these calls are idempotent (an authorization by its key),
     /// so the repeat returns the committed transfer, or a definite refusal
     /// (`TRANSFER_NOT_PENDING`, `HOLD_EXPIRED`) when it did not commit and can no longer.
-    /// Repeated with backoff until `patience.until` (for a resolution the hold's expiry plus a
-    /// margin: past it the ledger answers definitely whenever it answers at all), or, with
-    /// [`Unsent::GiveUp`], until a round in which nothing can have been applied yet, or until
-    /// `patience.asker` closed. Each round tries every endpoint (see
+    /// Repeated with backoff as `patience` says (for a resolution until the hold's expiry plus a
+    /// margin: past it the ledger answers definitely whenever it answers at all). Each round tries every endpoint (see
     /// [`Calls::call`]), so a retry goes to another ledger when one is down. Also returns whether
     /// an attempt before the answering one may have been applied. Fails with the ledger's status.
     pub(crate) async fn settled<M, F, Fut>(
@@ -245,16 +238,18 @@ impl Calls {
             // server judged the certificate), but a server that refuses the certificate ran
             // nothing.
             let unreachable = !maybe_applied || syft_tls::handshake_failed(&status);
-            if unreachable && patience.unsent == Unsent::GiveUp {
-                return Err(status);
-            }
-            if patience.asker.is_some_and(oneshot::Sender::is_closed) {
-                tracing::warn!(id, ?op, code = ?status.code(), "outcome unknown and its request gone; not asking again");
-                return Err(status);
-            }
+            let until = match patience {
+                Patience::Resolution { until } => until,
+                Patience::Authorization { .. } if unreachable => return Err(status),
+                Patience::Authorization { asker, .. } if asker.is_closed() => {
+                    tracing::warn!(id, ?op, code = ?status.code(), "outcome unknown and its request gone; not asking again");
+                    return Err(status);
+                }
+                Patience::Authorization { until, .. } => until,
+            };
             attempt += 1;
             let now = Instant::now();
-            if now + delay >= patience.until {
+            if now + delay >= until {
                 tracing::error!(id, ?op, attempt, code = ?status.code(), "outcome still unknown; giving up");
                 return Err(status);
             }

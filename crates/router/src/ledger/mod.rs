@@ -26,7 +26,7 @@ use syft_error::{Reason, UsageStatus};
 use tonic_types::StatusExt;
 
 mod calls;
-pub(crate) use calls::{rpc, Calls, Op, Patience, Unsent};
+pub(crate) use calls::{rpc, Calls, Op, Patience};
 
 /// The ledger's gRPC service name, as its health service reports it.
 const LEDGER_SERVICE: &str = "syft.ledger.v1.Ledger";
@@ -175,10 +175,9 @@ impl Ledger {
             .settled(
                 Op::Authorize,
                 &key,
-                Patience {
+                Patience::Authorization {
                     until: settle_until,
-                    unsent: Unsent::GiveUp,
-                    asker: Some(asker),
+                    asker,
                 },
                 rpc!(authorize),
                 msg,
@@ -241,10 +240,8 @@ impl Ledger {
             .settled(
                 Op::Capture,
                 transfer_id,
-                Patience {
+                Patience::Resolution {
                     until: settle_until,
-                    unsent: Unsent::Retry,
-                    asker: None,
                 },
                 rpc!(capture),
                 msg,
@@ -271,10 +268,8 @@ impl Ledger {
             .settled(
                 Op::Void,
                 transfer_id,
-                Patience {
+                Patience::Resolution {
                     until: settle_until,
-                    unsent: Unsent::Retry,
-                    asker: None,
                 },
                 rpc!(void),
                 msg,

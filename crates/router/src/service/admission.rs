@@ -192,7 +192,7 @@ impl RouterService {
             .map_or(hold::LEDGER_DEFAULT_TTL, Duration::from_secs);
         let settle_until = sent + ttl.min(hold::AUTHORIZE_SETTLE_LIMIT);
         // Held by this request while it waits: once it is gone, the task stops asking again (see
-        // `Patience::asker`).
+        // `Patience::Authorization`).
         let (asker, _waiting) = tokio::sync::oneshot::channel::<()>();
         let call = tokio::spawn(async move {
             let authorization = ledger.authorize(request, settle_until, &asker).await?;
