@@ -370,6 +370,37 @@ async fn a_hold_placed_after_its_client_gave_up_is_voided_at_once() {
     s.finish().await;
 }
 
+/// A client that leaves while the ledger is still deciding a hold it then refuses (the hold's
+/// writes wait on a table lock here): the refusal still leaves its row, with its own status.
+/// Before, the refusal came back to a request that was gone, and the request left no row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_decided_after_its_client_gave_up_leaves_its_row() {
+    let Some(s) = Stack::on_postgres(Pricing::per_request(FUNDS + 1)).await else {
+        return;
+    };
+    let mut c = s.client().await;
+    let lock = lock_transfers(&s).await;
+    chat_given_up(&mut c, s.request("given up"), Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    lock.rollback().await.expect("unlock");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let statuses = loop {
+        let statuses = s.usage_statuses().await;
+        if !statuses.is_empty() {
+            break statuses;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the refused request left no row"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(statuses, ["insufficient_funds"]);
+    assert!(s.transfers().await.is_empty());
+    assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));
+    s.finish().await;
+}
+
 /// An authorization whose outcome is unknown to the router (its call timed out while the ledger's
 /// writes waited on a table lock, and the hold committed afterwards) is asked again until the
 /// ledger answers: the request then runs on the hold it placed and is charged once. Before, the

@@ -11,6 +11,7 @@ use syft_error::{UsageStatus, MAX_USAGE_COUNT};
 use syft_proto::ledger::{AnswerToStore, AuthorizeRequest, Transfer, TransferStatus, Usage};
 
 use super::hold::{self, Claim, HoldGuard};
+use super::refusal::{refusal_status, Attempt};
 use super::{elapsed_ms, RouterService};
 use crate::config::{describe_price, insufficient_funds_message, Pricing, ServiceKind, TokenBound};
 use crate::error::{RouterError, INSUFFICIENT_FUNDS};
@@ -39,6 +40,52 @@ pub(super) struct Ticket {
 pub(super) struct Units {
     pub input: u64,
     pub output: u64,
+}
+
+/// The request an admission runs for, as its task sees it: the request holds the other end while
+/// it waits ([`RouterService::admit_detached`]), so the end closes when the request is dropped.
+pub(super) struct Presence(tokio::sync::oneshot::Sender<()>);
+
+impl Presence {
+    /// The request's future was dropped: its client left, or its deadline passed.
+    pub(super) fn gone(&self) -> bool {
+        self.0.is_closed()
+    }
+}
+
+impl RouterService {
+    /// Runs a request's admission (validation, limits, the hold) and the recording of its
+    /// refusal in a task of its own, which the request's leaving does not cancel. A request can be
+    /// dropped at any of admission's waits (a long prompt tokenized, the Redis limiter, the
+    /// ledger deciding a hold); its admission still ends as it would have, and so leaves its
+    /// row: a refusal's own row, a free request's `cancelled` row (its claim's) or a voided hold's
+    /// (its guard's), once the task's result is dropped unread. Before, such a request left no
+    /// row when it was dropped before a guard owned one.
+    pub(super) async fn admit_detached<T, F>(
+        &self,
+        attempt: Attempt,
+        admission: impl FnOnce(RouterService, Presence) -> F,
+    ) -> Result<T, RouterError>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = Result<T, RouterError>> + Send + 'static,
+    {
+        let (presence, _waiting) = tokio::sync::oneshot::channel();
+        let run = admission(self.clone(), Presence(presence));
+        let svc = self.clone();
+        let task = async move {
+            let result = run.await;
+            match &result {
+                // A duplicate that left while its original ran: the key's row is the original's.
+                Err(RouterError::Cancelled(_)) | Ok(_) => {}
+                Err(e) => svc.record_refusal(attempt, refusal_status(e)).await,
+            }
+            result
+        };
+        tokio::spawn(task.instrument(tracing::Span::current()))
+            .await
+            .map_err(|e| RouterError::Internal(format!("admission task failed: {e}")))?
+    }
 }
 
 impl RouterService {
@@ -80,11 +127,12 @@ impl RouterService {
         &self,
         t: &mut Ticket,
         reserve_tokens: u64,
+        presence: &Presence,
     ) -> Result<(Claim, Authorized), RouterError> {
         tracing::Span::current().record("request_id", t.request_id.as_str());
         let mut claim = self.claim(&t.user_email, &t.request_id)?;
         t.pass = self.pass_gate(t, reserve_tokens).await?;
-        let authorized = match self.authorize(t).await {
+        let authorized = match self.authorize(t, presence).await {
             Ok(authorized) => authorized,
             Err(e) => {
                 let e = with_window_headers(e, t);
@@ -153,10 +201,37 @@ impl RouterService {
         })
     }
 
-    async fn authorize(&self, t: &Ticket) -> Result<Authorized, RouterError> {
+    async fn authorize(&self, t: &Ticket, presence: &Presence) -> Result<Authorized, RouterError> {
         if t.pricing.kind.is_free() {
             return Ok(Authorized::Free);
         }
+        let (mut transfer, guard) = self
+            .place_hold(t, presence)
+            .await
+            .map_err(|e| explain_refusal(t, e))?;
+        if let Some(guard) = guard {
+            tracing::debug!(request_id = %t.request_id, transfer_id = %guard.transfer_id, hold_micros = t.hold_micros, "hold authorized");
+            return Ok(Authorized::Hold(guard));
+        }
+        if transfer.status() == TransferStatus::Pending {
+            // Another router (or an earlier attempt) holds this key and may be calling its
+            // upstream right now: wait for its outcome rather than call ours a second time.
+            transfer = self.outcome_of(t, transfer, presence).await?;
+        }
+        Ok(Authorized::Resolved(Box::new(transfer)))
+    }
+
+    /// Asks the ledger for the request's hold: the key's transfer, with a guard when this call
+    /// placed it. The ledger commits a hold whether or not the request still waits for it (its
+    /// batcher writes holds, not this call); the admission runs in a task the request's leaving
+    /// does not cancel ([`RouterService::admit_detached`]), so the guard is armed as soon as the
+    /// hold exists, and dropped with the admission's result if the request is gone: it then voids
+    /// the hold at once, with a `cancelled` row.
+    async fn place_hold(
+        &self,
+        t: &Ticket,
+        presence: &Presence,
+    ) -> Result<(Transfer, Option<HoldGuard>), RouterError> {
         let inner = &self.inner;
         let sent = tokio::time::Instant::now();
         let request = AuthorizeRequest {
@@ -177,81 +252,63 @@ impl RouterService {
             Instant::now(),
             0,
         );
-        let (ledger, work) = (inner.ledger.clone(), inner.drain.enter());
-        // The ledger commits a hold whether or not this request still waits for it (its batcher
-        // writes holds, not this call). So the call runs in a task of its own, which arms the
-        // hold's guard as soon as the hold exists: if this request is dropped meanwhile (the
-        // client's deadline, a disconnect), the task's result is dropped with it and the guard
-        // voids the hold at once, with a `cancelled` row. Otherwise the user's money stayed held
-        // for the hold's whole life, and the request left no row.
-        let priced_in = t.pricing.currency.clone();
+        let (ledger, work) = (&inner.ledger, inner.drain.enter());
         // An attempt whose outcome is unknown is asked again (`Ledger::authorize`) for a while,
-        // and never past the life of the hold it may have placed.
-        let ttl = (inner.ledger.hold_ttl_seconds)
+        // never past the life of the hold it may have placed, and not once the request is gone.
+        let ttl = (ledger.hold_ttl_seconds)
             .and_then(|s| u64::try_from(s).ok())
             .map_or(hold::LEDGER_DEFAULT_TTL, Duration::from_secs);
         let settle_until = sent + ttl.min(hold::AUTHORIZE_SETTLE_LIMIT);
-        // Held by this request while it waits: once it is gone, the task stops asking again (see
-        // `Patience::Authorization`).
-        let (asker, _waiting) = tokio::sync::oneshot::channel::<()>();
-        let call = tokio::spawn(async move {
-            let authorization = ledger.authorize(request, settle_until, &asker).await?;
-            let transfer = &authorization.transfer;
-            let fresh = transfer.status() == TransferStatus::Pending && !authorization.existing;
-            if fresh && !transfer.currency.is_empty() && transfer.currency != priced_in {
-                // Priced in one currency, held in another: the same number of the ledger's units
-                // (150 JPY held as 150 USD). Never sell so; readiness says why (health.rs). Voided
-                // here, where a client going away cannot cut the void short; without a row, the
-                // refusal's own row is the request's one (`record_refusal`).
-                let problem = format!(
-                    "priced in {priced_in} but the ledger holds {}: fix pricing.currency",
-                    transfer.currency
-                );
-                tracing::error!("{problem}");
-                let until = hold::expiry_estimate(sent, transfer) + hold::SETTLE_MARGIN;
-                if let Err(e) = ledger.void(&transfer.id, &problem, None, until).await {
-                    tracing::warn!(transfer_id = %transfer.id, error = %e, "void failed; the hold will expire");
-                }
-                return Err(RouterError::Unavailable(
-                    "the router's prices do not match its ledger's currency".into(),
-                ));
+        let authorization = ledger.authorize(request, settle_until, &presence.0).await?;
+        let transfer = authorization.transfer;
+        let fresh = transfer.status() == TransferStatus::Pending && !authorization.existing;
+        let priced_in = &t.pricing.currency;
+        if fresh && !transfer.currency.is_empty() && transfer.currency != *priced_in {
+            // Priced in one currency, held in another: the same number of the ledger's units
+            // (150 JPY held as 150 USD). Never sell so; readiness says why (health.rs). Voided
+            // without a row: the refusal's own row is the request's one (`record_refusal`).
+            let problem = format!(
+                "priced in {priced_in} but the ledger holds {}: fix pricing.currency",
+                transfer.currency
+            );
+            tracing::error!("{problem}");
+            let until = hold::expiry_estimate(sent, &transfer) + hold::SETTLE_MARGIN;
+            if let Err(e) = ledger.void(&transfer.id, &problem, None, until).await {
+                tracing::warn!(transfer_id = %transfer.id, error = %e, "void failed; the hold will expire");
             }
-            let guard = fresh.then(|| HoldGuard {
-                work: Some(work),
-                ledger: ledger.clone(),
-                expires_at: hold::expiry_estimate(sent, transfer),
-                ttl: hold::hold_ttl(
-                    transfer.created_at_unix_micros,
-                    transfer.expires_at_unix_micros,
-                ),
-                slowest_call: sent.elapsed(),
-                transfer_id: transfer.id.clone(),
-                cancel_usage: Some(cancel_usage),
-            });
-            Ok::<_, RouterError>((authorization.transfer, guard))
+            return Err(RouterError::Unavailable(
+                "the router's prices do not match its ledger's currency".into(),
+            ));
         }
-        .instrument(tracing::Span::current()));
-        let (mut transfer, guard) = call
-            .await
-            .map_err(|e| RouterError::Internal(format!("authorization task failed: {e}")))?
-            .map_err(|e| explain_refusal(t, e))?;
-        if let Some(guard) = guard {
-            tracing::debug!(request_id = %t.request_id, transfer_id = %guard.transfer_id, hold_micros = t.hold_micros, "hold authorized");
-            return Ok(Authorized::Hold(guard));
-        }
-        if transfer.status() == TransferStatus::Pending {
-            // Another router (or an earlier attempt) holds this key and may be calling its
-            // upstream right now: wait for its outcome rather than call ours a second time.
-            transfer = self.outcome_of(t, transfer).await?;
-        }
-        Ok(Authorized::Resolved(Box::new(transfer)))
+        let guard = fresh.then(|| HoldGuard {
+            work: Some(work),
+            ledger: ledger.clone(),
+            expires_at: hold::expiry_estimate(sent, &transfer),
+            ttl: hold::hold_ttl(
+                transfer.created_at_unix_micros,
+                transfer.expires_at_unix_micros,
+            ),
+            slowest_call: sent.elapsed(),
+            transfer_id: transfer.id.clone(),
+            cancel_usage: Some(cancel_usage),
+        });
+        Ok((transfer, guard))
     }
 
     /// Waits until another request's pending hold on this key is resolved (polling the
     /// transfer), and returns it resolved: captured (its stored answer is then replayed) or
     /// voided/expired (refused as already processed, not charged). Bounded by the hold's expiry:
     /// past it the ledger reports the hold expired whenever it is asked.
-    async fn outcome_of(&self, t: &Ticket, pending: Transfer) -> Result<Transfer, RouterError> {
+    ///
+    /// A request that leaves meanwhile stops waiting, with [`RouterError::Cancelled`] and no row
+    /// of its own: it is a duplicate, and its key's row is the original's (as a replayed retry
+    /// leaves none). Its admission kept its id claimed while it waited, so it must not wait on.
+    async fn outcome_of(
+        &self,
+        t: &Ticket,
+        pending: Transfer,
+        presence: &Presence,
+    ) -> Result<Transfer, RouterError> {
         tracing::info!(request_id = %t.request_id, transfer_id = %pending.id,
             "duplicate of a request in progress elsewhere; waiting for its outcome");
         let give_up = hold::local_instant(pending.expires_at_unix_micros) + hold::SETTLE_MARGIN;
@@ -266,6 +323,12 @@ impl RouterService {
                         "the router is shutting down; retry".into(),
                     ));
                 }
+            }
+            if presence.gone() {
+                return Err(RouterError::Cancelled(format!(
+                    "request {} left while its duplicate was in progress",
+                    t.request_id
+                )));
             }
             delay = (delay * 2).min(std::time::Duration::from_millis(500));
             match self.inner.ledger.transfer(&pending.id).await {

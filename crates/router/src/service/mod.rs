@@ -34,7 +34,7 @@ use replay::chat_record;
 mod search;
 mod stream;
 
-use admission::{Authorized, Ticket, Units};
+use admission::{Authorized, Presence, Ticket, Units};
 use answer::{elapsed_ms, normalize_finish, token_usage};
 use hold::{Claim, HoldGuard};
 pub use limit::parse_service;
@@ -339,23 +339,24 @@ impl RouterService {
     // steps
 
     /// Validates and prices a request, claims its id (held until the returned claim is dropped)
-    /// and places its hold when the service is paid.
-    /// A refused request leaves a usage row with its refusal status (`refusal.rs`).
+    /// and places its hold when the service is paid, in a task of its own
+    /// ([`RouterService::admit_detached`]). A refused request leaves a usage row with its refusal
+    /// status (`refusal.rs`), even when its client left meanwhile.
     async fn admit(&self, req: ChatRequest) -> Result<Admission, RouterError> {
         let attempt = refusal::Attempt::chat(&req);
-        match self.try_admit(req).await {
-            Ok(admitted) => Ok(admitted),
-            Err(e) => {
-                self.record_refusal(attempt, &e).await;
-                Err(e)
-            }
-        }
+        let admission =
+            |svc: RouterService, presence| async move { svc.try_admit(req, &presence).await };
+        self.admit_detached(attempt, admission).await
     }
 
-    async fn try_admit(&self, req: ChatRequest) -> Result<Admission, RouterError> {
+    async fn try_admit(
+        &self,
+        req: ChatRequest,
+        presence: &Presence,
+    ) -> Result<Admission, RouterError> {
         let mut p = self.prepare(req).await?;
         let reserve = self.chat_reservation(&p).await;
-        let (claim, authorized) = self.admit_ticket(&mut p.t, reserve).await?;
+        let (claim, authorized) = self.admit_ticket(&mut p.t, reserve, presence).await?;
         let hold = match authorized {
             Authorized::Free => None,
             Authorized::Hold(h) => Some(h),

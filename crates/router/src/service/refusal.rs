@@ -95,7 +95,8 @@ fn recordable_id(id: &str) -> String {
 impl RouterService {
     /// Records a request an HTTP front refused before it became a [`ChatRequest`] or a
     /// [`SearchRequest`] (a body that is not JSON, an option the router does not support), under
-    /// what it said of its user and request id, if anything.
+    /// what it said of its user and request id, if anything. In a task of its own, so that a
+    /// client leaving meanwhile does not cut the row short.
     pub(crate) async fn record_unread(
         &self,
         kind: ServiceKind,
@@ -114,13 +115,16 @@ impl RouterService {
             kind,
             started: Instant::now(),
         };
-        self.record_refusal(attempt, e).await;
+        let (svc, status) = (self.clone(), refusal_status(e));
+        let record = tokio::spawn(async move { svc.record_refusal(attempt, status).await });
+        if let Err(e) = record.await {
+            tracing::warn!(error = %e, "could not record the usage row of a refusal");
+        }
     }
 
-    /// Records the refusal of `attempt` with `e`. Never fails the request: the refusal is the
+    /// Records the refusal of `attempt` with `status`. Never fails the request: the refusal is the
     /// answer either way.
-    pub(super) async fn record_refusal(&self, attempt: Attempt, e: &RouterError) {
-        let status = refusal_status(e);
+    pub(super) async fn record_refusal(&self, attempt: Attempt, status: UsageStatus) {
         // A chat refused before its model was read is put under the router's first model; a
         // search names its backend, and none when the router has no search (not a chat model).
         let model = match (attempt.model.is_empty(), attempt.kind) {

@@ -9,7 +9,7 @@ use syft_error::UsageStatus;
 use syft_proto::router::{ProviderInfo, SearchRequest, SearchResponse, SearchResult};
 use tracing::Instrument;
 
-use super::admission::{Authorized, Ticket, Units};
+use super::admission::{Authorized, Presence, Ticket, Units};
 use super::hold::{Claim, HoldGuard};
 use super::refusal::Attempt;
 use super::replay::search_record;
@@ -18,7 +18,7 @@ use crate::config::ServiceKind;
 use crate::error::RouterError;
 use crate::limits::RateHeaders;
 use crate::metrics;
-use crate::search::SearchHit;
+use crate::search::{SearchBackend, SearchHit};
 use crate::tokens;
 use crate::validate::{validate_search, ValidSearch};
 
@@ -45,29 +45,16 @@ impl RouterService {
     ) -> Result<(SearchResponse, RateHeaders), RouterError> {
         let started = Instant::now();
         // A refused request leaves a usage row with its refusal status (`refusal.rs`), a router
-        // without a search backend too (as a disabled chat does).
+        // without a search backend too (as a disabled chat does), even when its client left.
         let provider = self.inner.search.as_ref().map_or("", |b| b.provider());
         let attempt = Attempt::search(&req, provider);
-        let Some(backend) = &self.inner.search else {
-            let e = super::admission::disabled(ServiceKind::Search);
-            self.record_refusal(attempt, &e).await;
-            return Err(e);
-        };
-        let admitted = match self.admit_search(req).await {
-            Ok(SearchAdmission::Run(admitted)) => *admitted,
-            Ok(SearchAdmission::Replay(response, headers)) => {
-                metrics::observe(
-                    backend.provider(),
-                    "search",
-                    "replay",
-                    started,
-                    Default::default(),
-                );
+        let admission =
+            |svc: RouterService, presence| async move { svc.admit_search(req, &presence).await };
+        let (admitted, backend) = match self.admit_detached(attempt, admission).await? {
+            SearchAdmission::Run(admitted, backend) => (*admitted, backend),
+            SearchAdmission::Replay(response, headers) => {
+                metrics::observe(provider, "search", "replay", started, Default::default());
                 return Ok((*response, headers));
-            }
-            Err(e) => {
-                self.record_refusal(attempt, &e).await;
-                return Err(e);
             }
         };
         let (v, t, mut claim, mut hold) = admitted;
@@ -148,7 +135,11 @@ impl RouterService {
 
 impl RouterService {
     /// Validates and prices a search, claims its id and places its hold when it is paid.
-    async fn admit_search(&self, req: SearchRequest) -> Result<SearchAdmission, RouterError> {
+    async fn admit_search(
+        &self,
+        req: SearchRequest,
+        presence: &Presence,
+    ) -> Result<SearchAdmission, RouterError> {
         let (Some(backend), Some(bounds)) = (&self.inner.search, &self.inner.config.search) else {
             return Err(super::admission::disabled(ServiceKind::Search));
         };
@@ -172,7 +163,7 @@ impl RouterService {
         } else {
             0
         };
-        let (claim, authorized) = self.admit_ticket(&mut t, reserve).await?;
+        let (claim, authorized) = self.admit_ticket(&mut t, reserve, presence).await?;
         let hold = match authorized {
             Authorized::Free => None,
             Authorized::Hold(h) => Some(h),
@@ -183,7 +174,10 @@ impl RouterService {
                 return Ok(SearchAdmission::Replay(Box::new(response), headers));
             }
         };
-        Ok(SearchAdmission::Run(Box::new((v, t, claim, hold))))
+        Ok(SearchAdmission::Run(
+            Box::new((v, t, claim, hold)),
+            backend.clone(),
+        ))
     }
 }
 
@@ -191,7 +185,8 @@ impl RouterService {
 type Admitted = (ValidSearch, Ticket, Claim, Option<HoldGuard>);
 
 enum SearchAdmission {
-    Run(Box<Admitted>),
+    /// The admitted search and the backend that runs it.
+    Run(Box<Admitted>, SearchBackend),
     /// The stored answer of an earlier attempt, and the rate-limit headers of this retry.
     Replay(Box<SearchResponse>, RateHeaders),
 }
