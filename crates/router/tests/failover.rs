@@ -185,6 +185,36 @@ async fn duplicate_at_two_routers_calls_upstream_once() {
     s.check_invariants().await;
 }
 
+/// A duplicate whose client leaves while it waits at the second router for the original's
+/// outcome stops waiting: that router frees the request id at its next look, so the client's
+/// retry there waits for the outcome again and gets the replay. (The wait runs in the request's
+/// admission task, which outlives its client; had it gone on, the id stayed "already in progress"
+/// at that router until the original's outcome.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_whose_client_left_frees_its_request_id() {
+    // Below the test stack's upstream timeout (1.5 s).
+    let (s, others) = replicas(Mode::Delay(Duration::from_millis(1200)), 1).await;
+    let mut b = others[0].client().await;
+    let mut req: ChatRequest = s.request("same question");
+    req.request_id = "left-waiting".into();
+    let original = tokio::spawn({
+        let (mut a, req) = (s.client().await, req.clone());
+        async move { a.chat(req).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    chat_given_up(&mut b, req.clone(), Duration::from_millis(150)).await;
+    // The outcome is read 25, 50, 100 ms … apart: the read after 450 ms sees the client gone.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let retry = ok(b.chat(req).await);
+    let original = original.await.expect("joined");
+    let original = original.expect("the original answers").into_inner();
+    assert!(retry.replay && !original.replay);
+    assert_eq!(retry.transfer_id, original.transfer_id);
+    assert_eq!(s.upstream.hits(), 1, "upstream called once");
+    assert_eq!(s.alice_money().await, (FUNDS - PRICE, 0, FUNDS - PRICE));
+    s.check_invariants().await;
+}
+
 /// A retry at another router with a *fresh* token of the same user while the original is still
 /// in flight (the client gave up on the first router and asked for a new token): the ledger
 /// takes the hold as the same request, the second router waits for the original's outcome and
