@@ -54,10 +54,13 @@ pub enum UsageStatus {
     /// Refused: a spend budget of the recipient, or the token's limit per 24 hours (decided by
     /// the ledger when it places the hold).
     BudgetExceeded,
+    /// Not admitted: the client left before its request was admitted (before its hold was asked
+    /// for), so nothing was held or called; a retry of the same request id runs as new.
+    Abandoned,
 }
 
 impl UsageStatus {
-    pub const ALL: [UsageStatus; 15] = [
+    pub const ALL: [UsageStatus; 16] = [
         Self::Success,
         Self::UpstreamError,
         Self::Timeout,
@@ -73,6 +76,7 @@ impl UsageStatus {
         Self::Unavailable,
         Self::RateLimited,
         Self::BudgetExceeded,
+        Self::Abandoned,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -92,6 +96,7 @@ impl UsageStatus {
             Self::Unavailable => "unavailable",
             Self::RateLimited => "rate_limited",
             Self::BudgetExceeded => "budget_exceeded",
+            Self::Abandoned => "abandoned",
         }
     }
 
@@ -112,6 +117,7 @@ impl UsageStatus {
                 | Self::Unavailable
                 | Self::RateLimited
                 | Self::BudgetExceeded
+                | Self::Abandoned
         )
     }
 }

@@ -186,32 +186,68 @@ async fn duplicate_at_two_routers_calls_upstream_once() {
 }
 
 /// A duplicate whose client leaves while it waits at the second router for the original's
-/// outcome stops waiting: that router frees the request id at its next look, so the client's
-/// retry there waits for the outcome again and gets the replay. (The wait runs in the request's
-/// admission task, which outlives its client; had it gone on, the id stayed "already in progress"
-/// at that router until the original's outcome.)
+/// outcome stops waiting, with an `abandoned` row of its own: that router frees the request id
+/// at once, so the client's retry there waits for the outcome again and gets the replay. (The
+/// wait runs in the request's admission task, which outlives its client; had it gone on, the id
+/// stayed "already in progress" at that router until the original's outcome.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_whose_client_left_frees_its_request_id() {
-    // Below the test stack's upstream timeout (1.5 s).
-    let (s, others) = replicas(Mode::Delay(Duration::from_millis(1200)), 1).await;
-    let mut b = others[0].client().await;
+    let patient = |c: &mut syft_router_svc::RouterConfig| {
+        if let syft_router_svc::UpstreamConfig::OpenAi(o) = &mut c.upstream {
+            o.request_timeout = Duration::from_secs(10);
+        }
+    };
+    let s = Stack::start_with(
+        Db::sqlite(),
+        Pricing::per_request(PRICE),
+        Duration::from_secs(300),
+        patient,
+    )
+    .await;
+    let mut config = s.router_config(Pricing::per_request(PRICE));
+    patient(&mut config);
+    let other = RouterHandle::start(config).await;
+    s.upstream.set_mode(Mode::Delay(Duration::from_secs(4)));
+    let mut b = other.client().await;
     let mut req: ChatRequest = s.request("same question");
     req.request_id = "left-waiting".into();
     let original = tokio::spawn({
         let (mut a, req) = (s.client().await, req.clone());
         async move { a.chat(req).await }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    chat_given_up(&mut b, req.clone(), Duration::from_millis(150)).await;
-    // The outcome is read 25, 50, 100 ms … apart: the read after 450 ms sees the client gone.
-    tokio::time::sleep(Duration::from_millis(250)).await;
-    let retry = ok(b.chat(req).await);
+    // The original holds the key and is in its upstream call.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while s.upstream.hits() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no upstream call");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    chat_given_up(&mut b, req.clone(), Duration::from_millis(200)).await;
+    // Asked again until the id is free at b: at once with the fix; not before the original's
+    // outcome (4 s) without it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    let retry = loop {
+        match b.chat(req.clone()).await {
+            Err(e) if e.code() == tonic::Code::AlreadyExists => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the id stayed in progress: {e:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            answer => break ok(answer),
+        }
+    };
     let original = original.await.expect("joined");
     let original = original.expect("the original answers").into_inner();
     assert!(retry.replay && !original.replay);
     assert_eq!(retry.transfer_id, original.transfer_id);
     assert_eq!(s.upstream.hits(), 1, "upstream called once");
     assert_eq!(s.alice_money().await, (FUNDS - PRICE, 0, FUNDS - PRICE));
+    // Besides the refusals of retries that came before b noticed (`duplicate`).
+    let mut statuses = s.usage_statuses().await;
+    statuses.retain(|s| s != "duplicate");
+    statuses.sort();
+    assert_eq!(statuses, ["abandoned", "success"]);
     s.check_invariants().await;
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use syft_proto::ledger::ledger_client::LedgerClient;
 use syft_proto::ledger::Transfer;
-use tokio::sync::oneshot;
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::transport::Channel;
@@ -61,7 +61,7 @@ pub(crate) enum Patience<'a> {
     /// been applied) and its owner void under the retry.
     Authorization {
         until: Instant,
-        asker: &'a oneshot::Sender<()>,
+        asker: &'a watch::Sender<()>,
     },
 }
 
@@ -254,7 +254,17 @@ impl Calls {
                 return Err(status);
             }
             tracing::warn!(id, ?op, attempt, code = ?status.code(), "outcome unknown, asking again");
-            tokio::time::sleep(delay).await;
+            if let Patience::Authorization { asker, .. } = patience {
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = asker.closed() => {
+                        tracing::warn!(id, ?op, "outcome unknown and its request gone; not asking again");
+                        return Err(status);
+                    }
+                }
+            } else {
+                tokio::time::sleep(delay).await;
+            }
             delay = (delay * 2).min(MAX_SETTLE_BACKOFF);
         }
     }

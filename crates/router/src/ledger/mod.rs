@@ -167,7 +167,7 @@ impl Ledger {
         &self,
         msg: AuthorizeRequest,
         settle_until: Instant,
-        asker: &tokio::sync::oneshot::Sender<()>,
+        asker: &tokio::sync::watch::Sender<()>,
     ) -> Result<Authorization, RouterError> {
         let key = msg.idempotency_key.clone();
         let settled = self

@@ -44,12 +44,28 @@ pub(super) struct Units {
 
 /// The request an admission runs for, as its task sees it: the request holds the other end while
 /// it waits ([`RouterService::admit_detached`]), so the end closes when the request is dropped.
-pub(super) struct Presence(tokio::sync::oneshot::Sender<()>);
+pub(super) struct Presence(tokio::sync::watch::Sender<()>);
 
 impl Presence {
     /// The request's future was dropped: its client left, or its deadline passed.
     pub(super) fn gone(&self) -> bool {
         self.0.is_closed()
+    }
+
+    /// Resolves once the request is gone.
+    pub(super) async fn left(&self) {
+        self.0.closed().await;
+    }
+
+    /// Refuses a request whose client left before it was admitted, so that it takes no id claim,
+    /// no room in the windows and no hold (its row: `abandoned`).
+    fn still_wanted(&self) -> Result<(), RouterError> {
+        if self.gone() {
+            return Err(RouterError::Cancelled(
+                "the client left before the request was admitted".into(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -57,10 +73,11 @@ impl RouterService {
     /// Runs a request's admission (validation, limits, the hold) and the recording of its
     /// refusal in a task of its own, which the request's leaving does not cancel. A request can be
     /// dropped at any of admission's waits (a long prompt tokenized, the Redis limiter, the
-    /// ledger deciding a hold); its admission still ends as it would have, and so leaves its
-    /// row: a refusal's own row, a free request's `cancelled` row (its claim's) or a voided hold's
-    /// (its guard's), once the task's result is dropped unread. Before, such a request left no
-    /// row when it was dropped before a guard owned one.
+    /// ledger deciding a hold); its admission still ends, and leaves its row: a refusal's own
+    /// (`abandoned` when it stopped because its client left, `Presence::still_wanted`), or, once
+    /// the task's result is dropped unread, a free request's `cancelled` row (its claim's) or a
+    /// voided hold's (its guard's). Before, such a request left no row. The task counts as work
+    /// in flight for a graceful shutdown, so its row is written before the process ends.
     pub(super) async fn admit_detached<T, F>(
         &self,
         attempt: Attempt,
@@ -70,21 +87,25 @@ impl RouterService {
         T: Send + 'static,
         F: std::future::Future<Output = Result<T, RouterError>> + Send + 'static,
     {
-        let (presence, _waiting) = tokio::sync::oneshot::channel();
+        let (presence, _waiting) = tokio::sync::watch::channel(());
         let run = admission(self.clone(), Presence(presence));
-        let svc = self.clone();
+        let (svc, work) = (self.clone(), self.inner.drain.enter());
         let task = async move {
+            let _work = work;
             let result = run.await;
-            match &result {
-                // A duplicate that left while its original ran: the key's row is the original's.
-                Err(RouterError::Cancelled(_)) | Ok(_) => {}
-                Err(e) => svc.record_refusal(attempt, refusal_status(e)).await,
+            if let Err(e) = &result {
+                svc.record_refusal(attempt, refusal_status(e)).await;
             }
             result
         };
-        tokio::spawn(task.instrument(tracing::Span::current()))
-            .await
-            .map_err(|e| RouterError::Internal(format!("admission task failed: {e}")))?
+        match tokio::spawn(task.instrument(tracing::Span::current())).await {
+            Ok(result) => result,
+            // The runtime is shutting down.
+            Err(e) if e.is_cancelled() => Err(RouterError::Unavailable(
+                "the router is shutting down; retry".into(),
+            )),
+            Err(e) => Err(RouterError::Internal(format!("admission task failed: {e}"))),
+        }
     }
 }
 
@@ -130,8 +151,16 @@ impl RouterService {
         presence: &Presence,
     ) -> Result<(Claim, Authorized), RouterError> {
         tracing::Span::current().record("request_id", t.request_id.as_str());
+        presence.still_wanted()?;
         let mut claim = self.claim(&t.user_email, &t.request_id)?;
         t.pass = self.pass_gate(t, reserve_tokens).await?;
+        if let Err(e) = presence.still_wanted() {
+            // Admitted by the limits, then left: it spent nothing, so it keeps no room.
+            if let Some(pass) = t.pass.take() {
+                pass.withdraw().await;
+            }
+            return Err(e);
+        }
         let authorized = match self.authorize(t, presence).await {
             Ok(authorized) => authorized,
             Err(e) => {
@@ -300,9 +329,9 @@ impl RouterService {
     /// voided/expired (refused as already processed, not charged). Bounded by the hold's expiry:
     /// past it the ledger reports the hold expired whenever it is asked.
     ///
-    /// A request that leaves meanwhile stops waiting, with [`RouterError::Cancelled`] and no row
-    /// of its own: it is a duplicate, and its key's row is the original's (as a replayed retry
-    /// leaves none). Its admission kept its id claimed while it waited, so it must not wait on.
+    /// A request that leaves meanwhile stops waiting (its row: `abandoned`, a refusal's, which
+    /// does not take the request id). Its admission holds its id's in-flight claim while it
+    /// waits, and a retry must not find the id taken until the original's outcome.
     async fn outcome_of(
         &self,
         t: &Ticket,
@@ -323,12 +352,12 @@ impl RouterService {
                         "the router is shutting down; retry".into(),
                     ));
                 }
-            }
-            if presence.gone() {
-                return Err(RouterError::Cancelled(format!(
-                    "request {} left while its duplicate was in progress",
-                    t.request_id
-                )));
+                () = presence.left() => {
+                    return Err(RouterError::Cancelled(format!(
+                        "the client of request {} left while its duplicate was in progress",
+                        t.request_id
+                    )));
+                }
             }
             delay = (delay * 2).min(std::time::Duration::from_millis(500));
             match self.inner.ledger.transfer(&pending.id).await {

@@ -77,8 +77,9 @@ pub(super) fn refusal_status(e: &RouterError) -> UsageStatus {
         | RouterError::Unavailable(_)
         | RouterError::BadGateway(_)
         | RouterError::DeadlineExceeded(_)
-        | RouterError::Cancelled(_)
         | RouterError::Internal(_) => UsageStatus::Unavailable,
+        // The router's own: a request whose client left before it was admitted.
+        RouterError::Cancelled(_) => UsageStatus::Abandoned,
     }
 }
 
@@ -115,8 +116,11 @@ impl RouterService {
             kind,
             started: Instant::now(),
         };
-        let (svc, status) = (self.clone(), refusal_status(e));
-        let record = tokio::spawn(async move { svc.record_refusal(attempt, status).await });
+        let (svc, status, work) = (self.clone(), refusal_status(e), self.inner.drain.enter());
+        let record = tokio::spawn(async move {
+            let _work = work;
+            svc.record_refusal(attempt, status).await
+        });
         if let Err(e) = record.await {
             tracing::warn!(error = %e, "could not record the usage row of a refusal");
         }

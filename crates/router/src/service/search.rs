@@ -18,7 +18,7 @@ use crate::config::ServiceKind;
 use crate::error::RouterError;
 use crate::limits::RateHeaders;
 use crate::metrics;
-use crate::search::{SearchBackend, SearchHit};
+use crate::search::SearchHit;
 use crate::tokens;
 use crate::validate::{validate_search, ValidSearch};
 
@@ -50,14 +50,16 @@ impl RouterService {
         let attempt = Attempt::search(&req, provider);
         let admission =
             |svc: RouterService, presence| async move { svc.admit_search(req, &presence).await };
-        let (admitted, backend) = match self.admit_detached(attempt, admission).await? {
-            SearchAdmission::Run(admitted, backend) => (*admitted, backend),
+        let admitted = match self.admit_detached(attempt, admission).await? {
+            SearchAdmission::Run(admitted) => *admitted,
             SearchAdmission::Replay(response, headers) => {
                 metrics::observe(provider, "search", "replay", started, Default::default());
                 return Ok((*response, headers));
             }
         };
         let (v, t, mut claim, mut hold) = admitted;
+        let backend = (self.inner.search.as_ref())
+            .ok_or_else(|| RouterError::Internal("a search admitted without a backend".into()))?;
         let query_tokens = tokens::count_text(&v.query.query);
         let up_start = Instant::now();
         let searched = self.until_shutdown(backend.search(&v.query));
@@ -174,10 +176,7 @@ impl RouterService {
                 return Ok(SearchAdmission::Replay(Box::new(response), headers));
             }
         };
-        Ok(SearchAdmission::Run(
-            Box::new((v, t, claim, hold)),
-            backend.clone(),
-        ))
+        Ok(SearchAdmission::Run(Box::new((v, t, claim, hold))))
     }
 }
 
@@ -185,8 +184,7 @@ impl RouterService {
 type Admitted = (ValidSearch, Ticket, Claim, Option<HoldGuard>);
 
 enum SearchAdmission {
-    /// The admitted search and the backend that runs it.
-    Run(Box<Admitted>, SearchBackend),
+    Run(Box<Admitted>),
     /// The stored answer of an earlier attempt, and the rate-limit headers of this retry.
     Replay(Box<SearchResponse>, RateHeaders),
 }
