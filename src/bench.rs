@@ -374,6 +374,7 @@ async fn bench_ledger(b: &LedgerBench, shape: Shape) -> anyhow::Result<f64> {
                         hold_ttl_seconds: None,
                         budget_per_day_micros: budget,
                         budget_per_month_micros: budget,
+                        attempt_id: String::new(),
                     })
                     .await;
                 let t1 = Instant::now();

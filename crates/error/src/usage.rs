@@ -153,7 +153,8 @@ mod tests {
                 "duplicate",
                 "unavailable",
                 "rate_limited",
-                "budget_exceeded"
+                "budget_exceeded",
+                "abandoned"
             ]
         );
     }

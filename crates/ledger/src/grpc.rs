@@ -133,6 +133,7 @@ grpc_methods! {
             let placed = core.authorize_keyed(&caller, &HoldRequest::from(req)).await?;
             let mut reply = transfer_pb(&placed.row);
             reply.existing = placed.existing;
+            reply.attempt_id = placed.attempt_id;
             Ok(reply)
         }
 
@@ -293,6 +294,7 @@ impl From<pb::AuthorizeRequest> for HoldRequest {
             app_name: req.app_name,
             app_ep_path: req.app_ep_path,
             idempotency_key: req.idempotency_key,
+            attempt_id: req.attempt_id,
             hold_ttl_seconds: req.hold_ttl_seconds,
             budgets: HoldBudgets {
                 per_day: req.budget_per_day_micros,
@@ -443,6 +445,7 @@ pub fn transfer_pb(t: &TransferRow) -> pb::Transfer {
         cancel_reason: t.cancel_reason.clone(),
         idempotency_key: t.idempotency_key.clone(),
         existing: false,
+        attempt_id: String::new(),
     }
 }
 

@@ -485,6 +485,7 @@ async fn create_transaction(
                 app_name,
                 app_ep_path,
                 idempotency_key: idempotency_key(&headers, "rest")?,
+                attempt_id: String::new(),
                 hold_ttl_seconds: None,
                 // The Syft accounting REST API has no budget fields (docs/limits.md).
                 budgets: Default::default(),

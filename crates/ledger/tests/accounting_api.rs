@@ -374,6 +374,7 @@ async fn delegated_confirm_and_cancel(h: Harness) -> Harness {
             hold_ttl_seconds: None,
             budget_per_day_micros: None,
             budget_per_month_micros: None,
+            attempt_id: String::new(),
         })
         .await
         .expect("grpc authorize with a REST token")

@@ -212,6 +212,7 @@ async fn hold(store: &Store, owner: &AccountRow, token: &str, key: &str) -> Tran
             app_name: "app",
             app_ep_path: "/chat",
             idempotency_key: key,
+            attempt_id: "",
             ttl_micros: 60_000_000,
             budgets: Default::default(),
         })

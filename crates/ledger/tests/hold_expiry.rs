@@ -57,6 +57,7 @@ async fn hold(
             app_name: "app",
             app_ep_path: "/chat",
             idempotency_key: key,
+            attempt_id: "",
             ttl_micros,
             budgets: Default::default(),
         })

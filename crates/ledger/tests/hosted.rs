@@ -254,6 +254,7 @@ impl Pair {
                 hold_ttl_seconds: None,
                 budget_per_day_micros: None,
                 budget_per_month_micros: None,
+                attempt_id: String::new(),
             })
             .await
             .map(tonic::Response::into_inner)
@@ -362,6 +363,7 @@ async fn keys_are_per_sender(postgres: bool) {
         hold_ttl_seconds: None,
         budget_per_day_micros: None,
         budget_per_month_micros: None,
+        attempt_id: String::new(),
     };
     let a = p.authorize(USD, "k1").await.expect("alice");
     let b = p

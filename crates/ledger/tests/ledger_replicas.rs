@@ -32,6 +32,7 @@ async fn two_ledgers_on_one_postgres_share_one_truth() {
                 hold_ttl_seconds: None,
                 budget_per_day_micros: None,
                 budget_per_month_micros: None,
+                attempt_id: String::new(),
             };
             tasks.push(tokio::spawn(async move {
                 client.authorize(req).await.map(|r| r.into_inner())

@@ -393,6 +393,46 @@ async fn authorize_idempotency(h: Harness) -> Harness {
     h
 }
 
+/// A hold names the attempt that placed it (`attempt_id`, migration 0029): a call asking again
+/// for its own attempt and another attempt under the same key both find the first's hold, and
+/// are told whose it is (`existing` cannot tell them apart); the budgeted holds, decided in the
+/// budget batches, likewise. A hold placed without an attempt names none; an attempt id past
+/// the key's limit is refused with nothing held.
+async fn holds_name_the_attempt_that_placed_them(h: Harness) -> Harness {
+    let (owner, _alice, token) = setup(&h, 3 * USD).await;
+    let mut router = h.client(&owner);
+    let named = |key: &str, attempt: &str, budgeted: bool| pb::AuthorizeRequest {
+        attempt_id: attempt.into(),
+        budget_per_day_micros: budgeted.then_some(10 * USD),
+        ..authorize(ALICE, USD, &token, key)
+    };
+    for budgeted in [false, true] {
+        let key = format!("attempt-{budgeted}");
+        let first = ok(router.authorize(named(&key, "a1", budgeted)).await);
+        assert_eq!((first.existing, first.attempt_id.as_str()), (false, "a1"));
+        let again = ok(router.authorize(named(&key, "a1", budgeted)).await);
+        let other = ok(router.authorize(named(&key, "a2", budgeted)).await);
+        for t in [&again, &other] {
+            assert_eq!(
+                (t.id.as_str(), t.existing, t.attempt_id.as_str()),
+                (first.id.as_str(), true, "a1")
+            );
+        }
+    }
+    let plain = granted(&mut router, USD, &token, "no-attempt").await;
+    let replay = ok(router.authorize(named("no-attempt", "a3", false)).await);
+    assert_eq!(
+        (plain.attempt_id.as_str(), replay.attempt_id.as_str()),
+        ("", "")
+    );
+    let long = router
+        .authorize(named("long", &"x".repeat(201), false))
+        .await;
+    assert_eq!(code(long), Code::InvalidArgument);
+    assert_eq!(h.balance(ALICE).await.held_micros, 3 * USD);
+    h
+}
+
 /// A usage count above a billion is refused: the rollups add a key's rows in 64-bit sums, which
 /// must never overflow (an overflow would fail every fold, and every query and `verify`).
 async fn usage_counts_are_bounded(h: Harness) -> Harness {
@@ -1447,6 +1487,7 @@ store_suite!(
     authorize_then_capture_moves_money,
     capture_and_void_resolve_exactly_once,
     authorize_idempotency,
+    holds_name_the_attempt_that_placed_them,
     concurrent_spend_of_one_balance,
     usage_counts_are_bounded,
     expired_holds_are_swept,

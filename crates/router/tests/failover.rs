@@ -251,6 +251,53 @@ async fn a_duplicate_whose_client_left_frees_its_request_id() {
     s.check_invariants().await;
 }
 
+/// The same request at two routers whose first Authorize both timed out (the ledger's writes wait
+/// on a table lock longer than the routers' 300 ms ledger timeout) and were asked again: each
+/// may have placed the key's hold, and only the attempt id the ledger names tells whose it is.
+/// One upstream call, one charge, the other router replays. Before, both took the hold for their
+/// own ("an unknown first attempt may have placed it") and both called their upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_routers_whose_first_attempts_timed_out_call_upstream_once() {
+    let Some(db) = Db::postgres().await else {
+        return;
+    };
+    let impatient = |c: &mut syft_router_svc::RouterConfig| {
+        c.ledger.timeout = Duration::from_millis(300);
+    };
+    let pricing = Pricing::per_request(PRICE);
+    let s = Stack::start_with(db, pricing.clone(), Duration::from_secs(300), impatient).await;
+    let mut config = s.router_config(pricing);
+    impatient(&mut config);
+    let other = RouterHandle::start(config).await;
+    let (mut a, mut b) = (s.client().await, other.client().await);
+    ok(a.chat(s.request("before")).await);
+    let mut req: ChatRequest = s.request("same question");
+    req.request_id = "both-timed-out".into();
+    let mut lock = s.ledger.store.pool().begin().await.expect("begin");
+    sqlx::query("LOCK TABLE transfers IN SHARE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("lock");
+    let unlock = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        lock.rollback().await.expect("unlock");
+    });
+    let (ra, rb) = tokio::join!(a.chat(req.clone()), b.chat(req));
+    unlock.await.expect("unlocked");
+    let (ra, rb) = (ok(ra), ok(rb));
+    assert_eq!(s.upstream.hits(), 2, "upstream called once for the request");
+    assert!(
+        ra.replay != rb.replay,
+        "exactly one of the two is the replay"
+    );
+    assert_eq!(
+        (&ra.transfer_id, ra.cost_micros),
+        (&rb.transfer_id, rb.cost_micros)
+    );
+    assert_eq!(s.alice_money().await.0, FUNDS - 2 * PRICE);
+    s.finish().await;
+}
+
 /// A retry at another router with a *fresh* token of the same user while the original is still
 /// in flight (the client gave up on the first router and asked for a new token): the ledger
 /// takes the hold as the same request, the second router waits for the original's outcome and

@@ -63,6 +63,10 @@ pub struct HoldRequest {
     pub app_name: String,
     pub app_ep_path: String,
     pub idempotency_key: String,
+    /// The caller's id of this attempt (empty: none): stored with the hold it places, and
+    /// returned with the key's hold, so a caller that asked again tells its own hold from
+    /// another attempt's.
+    pub attempt_id: String,
     pub hold_ttl_seconds: Option<i64>,
     /// The recipient's budgets for this sender (`None`: no budget); checked by the core.
     pub budgets: HoldBudgets,

@@ -65,6 +65,7 @@ impl Ledger {
                 MAX_KEY,
                 true,
             )?,
+            attempt_id: validate::text("attempt_id", &req.attempt_id, MAX_KEY, false)?,
             ttl_micros,
             budgets: budgets(req.budgets)?,
         };

@@ -34,11 +34,13 @@ impl TransferBackend for HostedBackend {
             ));
         }
         // The remote service does not say whether it replayed: counted as placed here, so a
-        // duplicate router calls its upstream (charged once all the same).
+        // duplicate router calls its upstream (charged once all the same). No attempt is kept
+        // either (the router then goes by `existing`).
         let row = self.hosted.authorize(input).await?;
         Ok(Placed {
             row,
             existing: false,
+            attempt_id: String::new(),
         })
     }
 

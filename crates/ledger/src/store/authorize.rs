@@ -22,6 +22,8 @@ pub struct AuthorizeInput<'a> {
     pub app_name: &'a str,
     pub app_ep_path: &'a str,
     pub idempotency_key: &'a str,
+    /// The caller's id of this attempt (empty: none), stored with the hold it places.
+    pub attempt_id: &'a str,
     pub ttl_micros: i64,
     /// The recipient's spend budgets for this sender (checked in the hold's transaction).
     pub budgets: HoldBudgets,
@@ -39,11 +41,19 @@ pub struct DirectInput<'a> {
     pub idempotency_key: &'a str,
 }
 
-/// An authorization's transfer, and whether an earlier call with the same key created it (a
-/// replay) rather than this one.
+/// An authorization's transfer, whether an earlier call with the same key created it (a replay)
+/// rather than this one, and the attempt that placed it (empty: none named, or not known).
 pub struct Placed {
     pub row: TransferRow,
     pub existing: bool,
+    pub attempt_id: String,
+}
+
+/// Who placed an authorization's hold, as the authorization found out.
+enum Origin {
+    ThisCall,
+    /// An earlier call with the key, and the attempt it named (if any).
+    Earlier(Option<String>),
 }
 
 /// A transfer found by its idempotency key, with the hash of the request that created it.
@@ -55,6 +65,9 @@ struct KeyedTransfer {
     /// The token the hold was placed with (read only by the delegated replay).
     #[sqlx(default)]
     token_id: Option<String>,
+    /// The attempt that placed it (migration 0029).
+    #[sqlx(default)]
+    attempt_id: Option<String>,
 }
 
 /// What a delegated hold's request is known by: sender, amount, token and app. A replay is the
@@ -93,19 +106,25 @@ impl Store {
     /// [`Store::authorize`], saying whether this call placed the hold or found the one an
     /// earlier call with the key placed.
     pub async fn authorize_keyed(&self, input: &AuthorizeInput<'_>) -> Result<Placed> {
-        let mut created = false;
-        let row = self.authorize_once(input, &mut created).await?;
+        let mut origin = Origin::Earlier(None);
+        let row = self.authorize_once(input, &mut origin).await?;
+        let (existing, attempt_id) = match origin {
+            Origin::ThisCall => (false, input.attempt_id.to_string()),
+            Origin::Earlier(attempt) => (true, attempt.unwrap_or_default()),
+        };
         Ok(Placed {
             row,
-            existing: !created,
+            existing,
+            attempt_id,
         })
     }
 
-    /// Sets `created` when this call inserted the hold; every other `Ok` is a replay.
+    /// Sets `origin` to `ThisCall` when this call inserted the hold; every other `Ok` is a
+    /// replay, whose `origin` names the attempt that placed it.
     async fn authorize_once(
         &self,
         input: &AuthorizeInput<'_>,
-        created: &mut bool,
+        origin: &mut Origin,
     ) -> Result<TransferRow> {
         let Some(token) = self.token_info(input.token).await? else {
             return self
@@ -113,6 +132,7 @@ impl Store {
                     input,
                     "",
                     LedgerError::refused(Reason::TokenInvalid, "unknown token"),
+                    origin,
                 )
                 .await;
         };
@@ -124,12 +144,12 @@ impl Store {
                 Reason::TokenInvalid,
                 "token was not issued to this recipient",
             );
-            return self.fail_authorize(input, &request_hash, err).await;
+            return self.fail_authorize(input, &request_hash, err, origin).await;
         }
         if token.sender_email != input.sender_email {
             let err =
                 LedgerError::refused(Reason::TokenInvalid, "token does not belong to this sender");
-            return self.fail_authorize(input, &request_hash, err).await;
+            return self.fail_authorize(input, &request_hash, err, origin).await;
         }
 
         let now = now_micros();
@@ -137,11 +157,14 @@ impl Store {
             retry_transient(|| self.try_authorize(input, &token, &request_hash, now)).await?;
         match outcome {
             AuthorizeOutcome::Created(row) => {
-                *created = true;
+                *origin = Origin::ThisCall;
                 Ok(*row)
             }
             AuthorizeOutcome::BudgetExceeded(refusal) => {
-                if let Some(replayed) = self.replay_authorize(input, &request_hash, true).await? {
+                if let Some(replayed) = self
+                    .replay_authorize(input, &request_hash, true, origin)
+                    .await?
+                {
                     return replayed;
                 }
                 // Not recorded as the key's outcome: the same request may be retried once
@@ -149,7 +172,10 @@ impl Store {
                 Err(refusal.into_error(now))
             }
             AuthorizeOutcome::DuplicateKey => {
-                if let Some(replayed) = self.replay_authorize(input, &request_hash, true).await? {
+                if let Some(replayed) = self
+                    .replay_authorize(input, &request_hash, true, origin)
+                    .await?
+                {
                     return replayed;
                 }
                 Err(LedgerError::Unavailable(
@@ -157,23 +183,30 @@ impl Store {
                 ))
             }
             AuthorizeOutcome::TokenRejected => {
-                if let Some(replayed) = self.replay_authorize(input, &request_hash, false).await? {
+                if let Some(replayed) = self
+                    .replay_authorize(input, &request_hash, false, origin)
+                    .await?
+                {
                     return replayed;
                 }
                 let reason = self
                     .token_refusal(&token.id, Micros::new(input.amount), now)
                     .await?;
-                self.fail_authorize(input, &request_hash, reason).await
+                self.fail_authorize(input, &request_hash, reason, origin)
+                    .await
             }
             AuthorizeOutcome::InsufficientFunds => {
-                if let Some(replayed) = self.replay_authorize(input, &request_hash, true).await? {
+                if let Some(replayed) = self
+                    .replay_authorize(input, &request_hash, true, origin)
+                    .await?
+                {
                     return replayed;
                 }
                 let err = LedgerError::refused(
                     Reason::InsufficientFunds,
                     format!("insufficient funds: {} micros requested", input.amount),
                 );
-                self.fail_authorize(input, &request_hash, err).await
+                self.fail_authorize(input, &request_hash, err, origin).await
             }
         }
     }
@@ -193,9 +226,11 @@ impl Store {
         input: &AuthorizeInput<'_>,
         request_hash: &str,
         token_live: bool,
+        origin: &mut Origin,
     ) -> Result<Option<Result<TransferRow>>> {
         let sql = format!(
-            "SELECT {TRANSFER_COLUMNS}, t.request_hash, t.token_id FROM transfers t {TRANSFER_JOINS} \
+            "SELECT {TRANSFER_COLUMNS}, t.request_hash, t.token_id, t.attempt_id \
+             FROM transfers t {TRANSFER_JOINS} \
              WHERE t.recipient_id = $1 AND t.idempotency_key = $2 \
                AND t.sender_id = (SELECT id FROM accounts WHERE email = $3)"
         );
@@ -223,6 +258,7 @@ impl Store {
                     transfer_id: keyed.transfer.id,
                 })));
             }
+            *origin = Origin::Earlier(keyed.attempt_id);
             return Ok(Some(Ok(keyed.transfer)));
         }
         let failure: Option<RecordedFailure> = sqlx::query_as(
@@ -252,6 +288,7 @@ impl Store {
         input: &AuthorizeInput<'_>,
         request_hash: &str,
         err: LedgerError,
+        origin: &mut Origin,
     ) -> Result<TransferRow> {
         let hash = if request_hash.is_empty() {
             // An unknown token has no id; hash its text so a replay with another token differs.
@@ -276,7 +313,7 @@ impl Store {
         .execute(self.pool())
         .await?;
         // A concurrent replay may have recorded a different outcome first; return that one.
-        match self.replay_authorize(input, &hash, false).await? {
+        match self.replay_authorize(input, &hash, false, origin).await? {
             Some(outcome) => outcome,
             None => Err(err),
         }
@@ -302,6 +339,7 @@ impl Store {
             app_ep_path: input.app_ep_path.to_string(),
             idempotency_key: input.idempotency_key.to_string(),
             request_hash: request_hash.to_string(),
+            attempt_id: input.attempt_id.to_string(),
             now,
             expires_at: now.saturating_add(input.ttl_micros),
             budgets: input.budgets,
@@ -495,16 +533,20 @@ pub(super) async fn take_hold(
     Ok((funds.rows_affected() == 0).then_some(AuthResult::InsufficientFunds))
 }
 
-/// A pending transfer's columns and their values from [`hold_args`] (`$1` … `$12`), as
-/// `(columns) <values>`: `<values>` is `VALUES (…)` or `SELECT …` and may go on with a clause.
+/// A pending transfer's columns and their values from [`hold_args`] (`$1` … `$12`) and the
+/// attempt's placeholder (`$attempt`, bound by the caller after its own arguments: empty stores
+/// NULL), as `(columns) <values>`: `<values>` is `VALUES (…)` or `SELECT …` and may go on with a
+/// clause.
 macro_rules! hold_insert {
-    ($values:literal) => {
+    ($values:literal, $attempt:literal) => {
         concat!(
             "INSERT INTO transfers (id, sender_id, recipient_id, token_id, amount, currency, \
              status, created_by, app_name, app_ep_path, idempotency_key, request_hash, \
-             created_at, expires_at) ",
+             created_at, expires_at, attempt_id) ",
             $values,
-            " $1, $2, $3, $4, $5, $6, 'PENDING', 'RECIPIENT', $7, $8, $9, $10, $11, $12"
+            " $1, $2, $3, $4, $5, $6, 'PENDING', 'RECIPIENT', $7, $8, $9, $10, $11, $12, NULLIF(",
+            $attempt,
+            ", '')"
         )
     };
 }
@@ -547,8 +589,10 @@ pub(super) async fn insert_hold(
     conn: &mut AnyConnection,
     job: &AuthJob,
 ) -> std::result::Result<bool, sqlx::Error> {
-    const SQL: &str = concat!(hold_insert!("VALUES ("), ") ON CONFLICT DO NOTHING");
-    let done = sqlx::query_with(SQL, hold_args(job)?).execute(conn).await?;
+    const SQL: &str = concat!(hold_insert!("VALUES (", "$13"), ") ON CONFLICT DO NOTHING");
+    let mut args = hold_args(job)?;
+    add(&mut args, &job.attempt_id)?;
+    let done = sqlx::query_with(SQL, args).execute(conn).await?;
     Ok(done.rows_affected() > 0)
 }
 

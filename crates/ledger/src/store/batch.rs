@@ -44,6 +44,8 @@ pub(crate) struct AuthJob {
     pub app_ep_path: String,
     pub idempotency_key: String,
     pub request_hash: String,
+    /// The caller's id of this attempt (empty: none; stored as NULL).
+    pub attempt_id: String,
     pub now: i64,
     pub expires_at: i64,
     /// The recipient's budgets for this sender, and the token's own limit per 24 hours: a job
@@ -313,7 +315,8 @@ async fn authorize_batch(
             json!({"in_n": n, "in_id": j.id, "in_sender": j.sender_id, "in_recipient": j.recipient_id,
                    "in_token": j.token_id, "in_amount": j.amount, "in_currency": j.currency,
                    "in_app": j.app_name, "in_path": j.app_ep_path, "in_key": j.idempotency_key, "in_sender_email": j.sender_email,
-                   "in_hash": j.request_hash, "in_now": j.now, "in_expires": j.expires_at})
+                   "in_hash": j.request_hash, "in_now": j.now, "in_expires": j.expires_at,
+                   "in_attempt": j.attempt_id})
         })
         .collect();
     let rows = sqlx::query(AUTHORIZE_BATCH)
@@ -396,7 +399,8 @@ const AUTHORIZE_BATCH: &str = concat!(
     "WITH input AS (
     SELECT * FROM json_to_recordset($1::json) AS i(in_n int, in_id text, in_sender bigint,
         in_recipient bigint, in_token text, in_amount bigint, in_currency text, in_app text, in_path text,
-        in_key text, in_sender_email text, in_hash text, in_now bigint, in_expires bigint)
+        in_key text, in_sender_email text, in_hash text, in_now bigint, in_expires bigint,
+        in_attempt text)
     WHERE (SELECT set_config('synchronous_commit', 'off', true)) IS NOT NULL
 ), lock_tokens AS (
     SELECT k.* FROM (SELECT DISTINCT in_token FROM input ORDER BY in_token) i
@@ -432,9 +436,9 @@ const AUTHORIZE_BATCH: &str = concat!(
     held_by_batch!("accounts", "in_sender"),
     "), ins AS (
     INSERT INTO transfers (id, sender_id, recipient_id, token_id, amount, currency, status, created_by,
-        app_name, app_ep_path, idempotency_key, request_hash, created_at, expires_at)
+        app_name, app_ep_path, idempotency_key, request_hash, created_at, expires_at, attempt_id)
     SELECT in_id, in_sender, in_recipient, in_token, in_amount, in_currency, 'PENDING', 'RECIPIENT',
-        in_app, in_path, in_key, in_hash, in_now, in_expires
+        in_app, in_path, in_key, in_hash, in_now, in_expires, NULLIF(in_attempt, '')
     FROM input WHERE in_n IN (SELECT in_n FROM funds_ok)
     RETURNING id
 )

@@ -237,7 +237,7 @@ async fn decide(pool: &AnyPool, jobs: &[&AuthJob]) -> Result<Vec<AuthResult>, sq
 /// the checks and the updates see the same values. Returns (token has room, funds suffice,
 /// inserted); with both yes and nothing inserted, the key was taken and the caller gives back.
 /// Binds: the transfer's `$1` … `$12` ([`hold_args`]: id, sender `$2`, recipient `$3`, token
-/// `$4`, amount `$5`, …, key `$9`, now `$11`), sender email, budgets allow.
+/// `$4`, amount `$5`, …, key `$9`, now `$11`), sender email, budgets allow, the attempt.
 const PLACE: &str = concat!(
     "WITH tok AS (SELECT 1 FROM tokens WHERE id = $4 AND ",
     token_room!("$5", "$11", "$3", "$9", "$13"),
@@ -248,7 +248,7 @@ const PLACE: &str = concat!(
      ), held_funds AS (UPDATE accounts SET held = held + $5 \
         WHERE id = $2 AND EXISTS (SELECT 1 FROM go) RETURNING id\
      ), ins AS (",
-    hold_insert!("SELECT"),
+    hold_insert!("SELECT", "$15"),
     " WHERE EXISTS (SELECT 1 FROM go) ON CONFLICT DO NOTHING RETURNING id) \
      SELECT EXISTS (SELECT 1 FROM tok), EXISTS (SELECT 1 FROM funds), EXISTS (SELECT 1 FROM ins)"
 );
@@ -269,6 +269,7 @@ async fn place(
         let mut args = hold_args(job)?;
         add(&mut args, &job.sender_email)?;
         add(&mut args, budget.is_none())?;
+        add(&mut args, &job.attempt_id)?;
         let (token_ok, funds_ok, inserted): (bool, bool, bool) = sqlx::query_as_with(PLACE, args)
             .fetch_one(&mut *conn)
             .await?;

@@ -157,10 +157,13 @@ impl Ledger {
         }
     }
 
-    /// Places (or finds, for a repeated key) the hold. `existing` tells a hold this call placed
-    /// from one an earlier call with the same key placed; an attempt whose outcome is unknown may
-    /// have placed it, so then the hold counts as this call's own. Such an attempt is settled by
-    /// asking again (the key makes it idempotent) until `settle_until`, while `asker` is open (its
+    /// Places (or finds, for a repeated key) the hold, and says whether another attempt placed
+    /// it. The ledger names the attempt that placed the key's hold (`Transfer.attempt_id`, as
+    /// `msg.attempt_id` named this one), so an earlier round of this call is told from another
+    /// router's duplicate or a retry of the request. A ledger that names none (the hosted
+    /// backend) says only `existing`, and an attempt whose outcome was unknown may have placed
+    /// it, so then the hold counts as this call's own. An unknown outcome is settled by asking
+    /// again (the key makes it idempotent) until `settle_until`, while `asker` is open (its
     /// request still waits): given up at once, it left a hold that nothing owned, the user's
     /// money held for the hold's whole life.
     pub(crate) async fn authorize(
@@ -169,7 +172,7 @@ impl Ledger {
         settle_until: Instant,
         asker: &tokio::sync::watch::Sender<()>,
     ) -> Result<Authorization, RouterError> {
-        let key = msg.idempotency_key.clone();
+        let (key, attempt) = (msg.idempotency_key.clone(), msg.attempt_id.clone());
         let settled = self
             .calls
             .settled(
@@ -204,7 +207,10 @@ impl Ledger {
                 None => return Err(map_status(Op::Authorize, s)),
             },
         };
-        let existing = resp.existing && !maybe_ours;
+        let existing = match resp.attempt_id.as_str() {
+            "" => resp.existing && !maybe_ours,
+            placed_by => placed_by != attempt,
+        };
         Ok(Authorization {
             transfer: resp,
             existing,

@@ -273,6 +273,9 @@ impl RouterService {
             hold_ttl_seconds: inner.ledger.hold_ttl_seconds,
             budget_per_day_micros: inner.config.budgets.per_day_micros,
             budget_per_month_micros: inner.config.budgets.per_month_micros,
+            // This request's own: its hold is told from one another attempt placed under the key
+            // (a retry of it, another router's duplicate) by it, not by timing.
+            attempt_id: uuid::Uuid::now_v7().to_string(),
         };
         let cancel_usage = self.usage(
             t,
