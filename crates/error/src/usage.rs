@@ -55,7 +55,8 @@ pub enum UsageStatus {
     /// the ledger when it places the hold).
     BudgetExceeded,
     /// Not admitted: the client left before its request was admitted (before its hold was asked
-    /// for), so nothing was held or called; a retry of the same request id runs as new.
+    /// for, or while it waited for a duplicate's outcome), so nothing was held or called; a retry
+    /// of the same request id runs as new.
     Abandoned,
 }
 

@@ -252,7 +252,7 @@ async fn a_duplicate_whose_client_left_frees_its_request_id() {
 }
 
 /// The same request at two routers whose first Authorize both timed out (the ledger's writes wait
-/// on a table lock longer than the routers' 300 ms ledger timeout) and were asked again: each
+/// on a table lock three times the routers' 500 ms ledger timeout) and were asked again: each
 /// may have placed the key's hold, and only the attempt id the ledger names tells whose it is.
 /// One upstream call, one charge, the other router replays. Before, both took the hold for their
 /// own ("an unknown first attempt may have placed it") and both called their upstream.
@@ -262,7 +262,7 @@ async fn two_routers_whose_first_attempts_timed_out_call_upstream_once() {
         return;
     };
     let impatient = |c: &mut syft_router_svc::RouterConfig| {
-        c.ledger.timeout = Duration::from_millis(300);
+        c.ledger.timeout = Duration::from_millis(500);
     };
     let pricing = Pricing::per_request(PRICE);
     let s = Stack::start_with(db, pricing.clone(), Duration::from_secs(300), impatient).await;
@@ -279,7 +279,7 @@ async fn two_routers_whose_first_attempts_timed_out_call_upstream_once() {
         .await
         .expect("lock");
     let unlock = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(1000)).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
         lock.rollback().await.expect("unlock");
     });
     let (ra, rb) = tokio::join!(a.chat(req.clone()), b.chat(req));

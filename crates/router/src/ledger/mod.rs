@@ -207,10 +207,7 @@ impl Ledger {
                 None => return Err(map_status(Op::Authorize, s)),
             },
         };
-        let existing = match resp.attempt_id.as_str() {
-            "" => resp.existing && !maybe_ours,
-            placed_by => placed_by != attempt,
-        };
+        let existing = placed_by_another(&resp, &attempt, maybe_ours);
         Ok(Authorization {
             transfer: resp,
             existing,
@@ -404,6 +401,17 @@ fn ledger_reason(s: &tonic::Status) -> Option<Reason> {
     syft_error::reason_of(s).and_then(|r| r.parse().ok())
 }
 
+/// Whether the hold an Authorize answered with was placed by another attempt than `attempt` (this
+/// request's). By the attempt the ledger names; a ledger that names none (the hosted backend, an
+/// older version, a hold placed before migration 0029) says only whether this call inserted it,
+/// and then a hold an earlier round of this call `maybe_ours` placed counts as this request's.
+fn placed_by_another(resp: &Transfer, attempt: &str, maybe_ours: bool) -> bool {
+    match resp.attempt_id.as_str() {
+        "" => resp.existing && !maybe_ours,
+        placed_by => placed_by != attempt,
+    }
+}
+
 /// Ledger status -> router error. The ledger's own messages are client-safe for business
 /// errors; transport and internal failures become a generic `UNAVAILABLE`.
 pub(crate) fn map_status(op: Op, s: tonic::Status) -> RouterError {
@@ -499,4 +507,33 @@ pub(crate) fn void_reason(reason: &str) -> String {
         out.push(c);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The attempt the ledger names decides; without one, `existing` and whether an earlier
+    /// round may have placed the hold do.
+    #[test]
+    fn a_hold_is_anothers_by_the_attempt_named_else_by_existing() {
+        let answer = |attempt_id: &str, existing: bool| Transfer {
+            attempt_id: attempt_id.into(),
+            existing,
+            ..Transfer::default()
+        };
+        let mine = "01-mine";
+        for maybe_ours in [false, true] {
+            assert!(!placed_by_another(&answer(mine, true), mine, maybe_ours));
+            assert!(!placed_by_another(&answer(mine, false), mine, maybe_ours));
+            assert!(placed_by_another(
+                &answer("02-a-retry", true),
+                mine,
+                maybe_ours
+            ));
+            assert!(!placed_by_another(&answer("", false), mine, maybe_ours));
+        }
+        assert!(placed_by_another(&answer("", true), mine, false));
+        assert!(!placed_by_another(&answer("", true), mine, true));
+    }
 }

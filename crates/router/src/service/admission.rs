@@ -71,13 +71,15 @@ impl Presence {
 
 impl RouterService {
     /// Runs a request's admission (validation, limits, the hold) and the recording of its
-    /// refusal in a task of its own, which the request's leaving does not cancel. A request can be
-    /// dropped at any of admission's waits (a long prompt tokenized, the Redis limiter, the
-    /// ledger deciding a hold); its admission still ends, and leaves its row: a refusal's own
-    /// (`abandoned` when it stopped because its client left, `Presence::still_wanted`), or, once
-    /// the task's result is dropped unread, a free request's `cancelled` row (its claim's) or a
-    /// voided hold's (its guard's). Before, such a request left no row. The task counts as work
-    /// in flight for a graceful shutdown, so its row is written before the process ends.
+    /// refusal so that the request's leaving does not cancel it: in the request's own task while
+    /// it waits, finished in a task of its own if the request is dropped first
+    /// ([`hold::Unfinished`]). A request can be dropped at any of admission's waits (a long
+    /// prompt tokenized, the Redis limiter, the ledger deciding a hold); its admission still
+    /// ends, and leaves its row: a refusal's own (`abandoned` when it stopped because its client
+    /// left, `Presence::still_wanted`), or, once its result is dropped unread, a free request's
+    /// `cancelled` row (its claim's) or a voided hold's (its guard's). Before, such a request left
+    /// no row. The admission counts as work in flight for a graceful shutdown, so its row is
+    /// written before the process ends.
     pub(super) async fn admit_detached<T, F>(
         &self,
         attempt: Attempt,
@@ -87,25 +89,23 @@ impl RouterService {
         T: Send + 'static,
         F: std::future::Future<Output = Result<T, RouterError>> + Send + 'static,
     {
-        let (presence, _waiting) = tokio::sync::watch::channel(());
+        let (presence, waiting) = tokio::sync::watch::channel(());
         let run = admission(self.clone(), Presence(presence));
-        let (svc, work) = (self.clone(), self.inner.drain.enter());
-        let task = async move {
-            let _work = work;
+        let svc = self.clone();
+        let admission = async move {
             let result = run.await;
             if let Err(e) = &result {
                 svc.record_refusal(attempt, refusal_status(e)).await;
             }
             result
         };
-        match tokio::spawn(task.instrument(tracing::Span::current())).await {
-            Ok(result) => result,
-            // The runtime is shutting down.
-            Err(e) if e.is_cancelled() => Err(RouterError::Unavailable(
-                "the router is shutting down; retry".into(),
-            )),
-            Err(e) => Err(RouterError::Internal(format!("admission task failed: {e}"))),
-        }
+        let work = self.inner.drain.enter();
+        hold::Unfinished::new(
+            admission.instrument(tracing::Span::current()),
+            waiting,
+            work,
+        )
+        .await
     }
 }
 
