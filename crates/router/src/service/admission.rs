@@ -5,8 +5,6 @@
 
 use std::time::{Duration, Instant};
 
-use tracing::Instrument as _;
-
 use syft_error::{UsageStatus, MAX_USAGE_COUNT};
 use syft_proto::ledger::{AnswerToStore, AuthorizeRequest, Transfer, TransferStatus, Usage};
 
@@ -100,12 +98,7 @@ impl RouterService {
             result
         };
         let work = self.inner.drain.enter();
-        hold::Unfinished::new(
-            admission.instrument(tracing::Span::current()),
-            waiting,
-            work,
-        )
-        .await
+        hold::Unfinished::new(admission, waiting, work).await
     }
 }
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 use syft_error::UsageStatus;
 use syft_proto::ledger::{AnswerToStore, Usage};
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use super::Inner;
 use crate::drain::DrainGuard;
@@ -62,7 +63,7 @@ impl Drop for Claim {
 /// A request's admission, run in the request's task while the request waits for it, and finished
 /// in a task of its own if the request is dropped first: what the ledger decided meanwhile (a
 /// hold, a refusal) must still reach its guard or its row. Polled in place, it costs a request
-/// no task and no hand-over between tasks (a spawned admission cost the free path a few percent).
+/// no task and no hand-over between tasks.
 pub(super) struct Unfinished<F: Future + Send + 'static> {
     run: Option<Pin<Box<F>>>,
     /// The request's end of [`super::admission::Presence`]: dropped first, so the admission sees
@@ -70,6 +71,9 @@ pub(super) struct Unfinished<F: Future + Send + 'static> {
     waiting: Option<tokio::sync::watch::Receiver<()>>,
     /// Counts the admission as work in flight until it ends.
     work: Option<DrainGuard>,
+    /// The request's span, for the task that finishes a dropped admission (in the request's task
+    /// the admission runs inside it already).
+    span: tracing::Span,
 }
 
 impl<F: Future + Send + 'static> Unfinished<F> {
@@ -78,6 +82,7 @@ impl<F: Future + Send + 'static> Unfinished<F> {
             run: Some(Box::pin(run)),
             waiting: Some(waiting),
             work: Some(work),
+            span: tracing::Span::current(),
         }
     }
 }
@@ -107,10 +112,14 @@ impl<F: Future + Send + 'static> Drop for Unfinished<F> {
         };
         let work = self.work.take();
         // The boxed future moves as it is (pinned on the heap), and is polled on by the task.
-        rt.spawn(async move {
-            let _work = work;
-            drop(run.await);
-        });
+        let span = std::mem::replace(&mut self.span, tracing::Span::none());
+        rt.spawn(
+            async move {
+                let _work = work;
+                drop(run.await);
+            }
+            .instrument(span),
+        );
     }
 }
 
