@@ -160,8 +160,12 @@ impl RouterService {
                 let e = with_window_headers(e, t);
                 // Refused for its token (unknown, revoked, expired, not this user's, over its
                 // limit): the request may not be the named user's, so it spends none of their
-                // windows (docs/limits.md).
-                if matches!(e, RouterError::PermissionDenied(_)) {
+                // windows (docs/limits.md). Nor does a duplicate whose client left while it
+                // waited for its original (`abandoned`), like the replay it would have been.
+                if matches!(
+                    e,
+                    RouterError::PermissionDenied(_) | RouterError::Cancelled(_)
+                ) {
                     if let Some(pass) = t.pass.take() {
                         pass.withdraw().await;
                     }
