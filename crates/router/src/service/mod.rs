@@ -339,9 +339,9 @@ impl RouterService {
     // steps
 
     /// Validates and prices a request, claims its id (held until the returned claim is dropped)
-    /// and places its hold when the service is paid, in a task of its own
-    /// ([`RouterService::admit_detached`]). A refused request leaves a usage row with its refusal
-    /// status (`refusal.rs`), even when its client left meanwhile.
+    /// and places its hold when the service is paid, so that its client leaving does not cancel
+    /// it ([`RouterService::admit_detached`]). A refused request leaves a usage row with its
+    /// refusal status (`refusal.rs`), even when its client left meanwhile.
     async fn admit(&self, req: ChatRequest) -> Result<Admission, RouterError> {
         let attempt = refusal::Attempt::chat(&req);
         let admission =
