@@ -147,21 +147,14 @@ impl RouterService {
         presence.still_wanted()?;
         let mut claim = self.claim(&t.user_email, &t.request_id)?;
         t.pass = self.pass_gate(t, reserve_tokens).await?;
-        if let Err(e) = presence.still_wanted() {
-            // Admitted by the limits, then left: it spent nothing, so it keeps no room.
-            if let Some(pass) = t.pass.take() {
-                pass.withdraw().await;
-            }
-            return Err(e);
-        }
         let authorized = match self.authorize(t, presence).await {
             Ok(authorized) => authorized,
             Err(e) => {
                 let e = with_window_headers(e, t);
                 // Refused for its token (unknown, revoked, expired, not this user's, over its
                 // limit): the request may not be the named user's, so it spends none of their
-                // windows (docs/limits.md). Nor does a duplicate whose client left while it
-                // waited for its original (`abandoned`), like the replay it would have been.
+                // windows (docs/limits.md). Nor does one whose client left before it was
+                // admitted (`abandoned`): it called no upstream and held nothing.
                 if matches!(
                     e,
                     RouterError::PermissionDenied(_) | RouterError::Cancelled(_)
@@ -228,6 +221,8 @@ impl RouterService {
     }
 
     async fn authorize(&self, t: &Ticket, presence: &Presence) -> Result<Authorized, RouterError> {
+        // Past the rate limits, whose answer it may have waited for.
+        presence.still_wanted()?;
         if t.pricing.kind.is_free() {
             return Ok(Authorized::Free);
         }
