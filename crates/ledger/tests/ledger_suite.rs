@@ -435,6 +435,79 @@ async fn holds_name_the_attempt_that_placed_them(h: Harness) -> Harness {
 
 /// A usage count above a billion is refused: the rollups add a key's rows in 64-bit sums, which
 /// must never overflow (an overflow would fail every fold, and every query and `verify`).
+/// A request id is unique among a user's free rows and, apart from them, among their paid rows
+/// (migration 0030): a paid request after a free one of the same id (a search, then a chat) is
+/// charged, so its row is written, with its revenue; and a free request after a paid one keeps its
+/// own row too. Each kind still keeps one row per id: a repeated capture or recording adds none.
+async fn free_and_paid_rows_of_one_request_id_are_both_kept(h: Harness) -> Harness {
+    let (owner, _alice, token) = setup(&h, 10 * USD).await;
+    let mut router = h.client(&owner);
+    let record = |id: &str| pb::RecordUsageRequest {
+        usage: Some(usage(id, "success")),
+    };
+    let free = ok(router.record_usage(record("shared-1")).await);
+    assert!(free.transfer_id.is_empty());
+    let t = granted(&mut router, 2 * USD, &token, "shared-1").await;
+    let capture = pb::CaptureRequest {
+        answer: None,
+        transfer_id: t.id.clone(),
+        amount: Some(pb::capture_request::Amount::AmountMicros(1_500_000)),
+        usage: Some(usage("shared-1", "success")),
+    };
+    ok(router.capture(capture.clone()).await);
+    ok(router.capture(capture).await);
+    // The void of a hold under a free row's id leaves its row too.
+    ok(router.record_usage(record("shared-2")).await);
+    let v = granted(&mut router, USD, &token, "shared-2").await;
+    let void = pb::VoidRequest {
+        transfer_id: v.id.clone(),
+        reason: "upstream failed".into(),
+        usage: Some(usage("shared-2", "upstream_error")),
+    };
+    ok(router.void(void.clone()).await);
+    ok(router.void(void).await);
+    // A free request after a paid one of the same id: its own row, recorded once.
+    let again = ok(router.record_usage(record("shared-1")).await);
+    assert_eq!(
+        again.id, free.id,
+        "the free row is found again, not the paid one"
+    );
+    let paid = granted(&mut router, USD, &token, "shared-3").await;
+    ok(router
+        .capture(pb::CaptureRequest {
+            usage: Some(usage("shared-3", "success")),
+            ..capture_full(&paid.id)
+        })
+        .await);
+    let later = ok(router.record_usage(record("shared-3")).await);
+    assert!(later.transfer_id.is_empty());
+    assert_eq!(later.cost_micros, 0);
+    ok(router.record_usage(record("shared-3")).await);
+
+    let rows = h.usage_rows().await;
+    let of = |id: &str| {
+        let mut kinds: Vec<_> = rows
+            .iter()
+            .filter(|r| r.usage.as_ref().is_some_and(|u| u.request_id == id))
+            .map(|r| (r.transfer_id.clone(), r.cost_micros))
+            .collect();
+        kinds.sort();
+        kinds
+    };
+    assert_eq!(
+        of("shared-1"),
+        vec![(String::new(), 0), (t.id.clone(), 1_500_000)]
+    );
+    assert_eq!(of("shared-2"), vec![(String::new(), 0), (v.id.clone(), 0)]);
+    assert_eq!(of("shared-3"), vec![(String::new(), 0), (paid.id, USD)]);
+    let totals = ok(router.query_usage(pb::QueryUsageRequest::default()).await)
+        .totals
+        .unwrap();
+    assert_eq!((totals.requests, totals.cost_micros), (6, USD + 1_500_000));
+    assert_eq!(h.balance(OWNER).await.balance_micros, USD + 1_500_000);
+    h
+}
+
 async fn usage_counts_are_bounded(h: Harness) -> Harness {
     let (owner, _alice, _token) = setup(&h, USD).await;
     let mut router = h.client(&owner);
@@ -1488,6 +1561,7 @@ store_suite!(
     capture_and_void_resolve_exactly_once,
     authorize_idempotency,
     holds_name_the_attempt_that_placed_them,
+    free_and_paid_rows_of_one_request_id_are_both_kept,
     concurrent_spend_of_one_balance,
     usage_counts_are_bounded,
     expired_holds_are_swept,

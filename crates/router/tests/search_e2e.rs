@@ -592,6 +592,48 @@ async fn free_requests_naming_a_payer_leave_the_payers_windows_alone() {
     assert_consistent(&s.ledger.store).await;
 }
 
+/// A free search and a paid chat under one request id (a client that names a turn once): both
+/// are answered, the chat is charged once, and each leaves its row. The chat's row, with its
+/// revenue, used to be dropped for the search's (migration 0030).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_free_search_and_a_paid_chat_of_one_request_id_each_leave_their_row() {
+    let docs = docs_dir(DOCS);
+    let search = embedded(docs.path(), Duration::from_secs(60));
+    let s = Stack::start_tweaked(Pricing::per_request(PRICE), |c| {
+        *c = c.clone().with_search(Pricing::free(), search);
+    })
+    .await;
+    let mut c = s.client().await;
+    let turn = "turn-1".to_string();
+    let search = syft_proto::router::SearchRequest {
+        request_id: turn.clone(),
+        ..search_request(&s.alice.email, "", "ledger capture")
+    };
+    c.search(search).await.expect("free search");
+    let chat = syft_proto::router::ChatRequest {
+        request_id: turn.clone(),
+        ..s.request("hi")
+    };
+    c.chat(chat.clone()).await.expect("paid chat");
+    c.chat(chat).await.expect("its replay");
+    let charged = s.transfers().await;
+    assert_eq!(charged.len(), 1, "{charged:?}");
+    assert_eq!(charged[0].captured_micros, PRICE);
+    let mut rows: Vec<_> = s
+        .answered_usage()
+        .await
+        .into_iter()
+        .filter(|r| r.usage.as_ref().is_some_and(|u| u.request_id == turn))
+        .map(|r| (r.transfer_id, r.cost_micros))
+        .collect();
+    rows.sort();
+    assert_eq!(
+        rows,
+        vec![(String::new(), 0), (charged[0].id.clone(), PRICE)]
+    );
+    s.finish().await;
+}
+
 /// A `search` section is checked whenever it is there, with or without a search service: its
 /// folder is watched either way, and `rescan_seconds = 0` used to pass and then stop the
 /// router's rescan task.

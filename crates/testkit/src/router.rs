@@ -431,8 +431,8 @@ impl Stack {
         rows
     }
 
-    /// Money invariants: conservation, available >= 0, one usage row per request id (refusals
-    /// aside: each refused attempt has its own row).
+    /// Money invariants: conservation, available >= 0, one free and one paid usage row per
+    /// request id at most (refusals aside: each refused attempt has its own row).
     pub async fn check_invariants(&self) {
         assert_consistent(&self.ledger.store).await;
         let (_, _, available) = self.alice_money().await;
@@ -441,7 +441,7 @@ impl Stack {
             .answered_usage()
             .await
             .into_iter()
-            .filter_map(|u| u.usage.map(|u| u.request_id))
+            .filter_map(|r| Some((r.usage?.request_id, r.transfer_id.is_empty())))
             .collect();
         let n = ids.len();
         ids.sort();

@@ -361,7 +361,8 @@ impl Store {
             .await?)
     }
 
-    pub async fn usage_by_request(
+    /// The free row (no refusal, no transfer) a user's request id left at a recipient.
+    pub async fn free_usage_by_request(
         &self,
         recipient_id: i64,
         user_email: &str,
@@ -370,7 +371,7 @@ impl Store {
         let sql = format!(
             "SELECT {USAGE_COLUMNS} FROM usage_records u JOIN accounts r ON r.id = u.recipient_id \
              WHERE u.recipient_id = $1 AND u.request_id = $2 AND u.user_email = $3 \
-               AND NOT u.refused"
+               AND NOT u.refused AND u.transfer_id IS NULL AND u.hosted_transfer_id IS NULL"
         );
         Ok(sqlx::query_as(&sql)
             .bind(recipient_id)

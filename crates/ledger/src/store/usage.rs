@@ -16,8 +16,8 @@ pub const MAX_ANSWER_AGE_MICROS: i64 = 30 * 86_400 * 1_000_000;
 
 impl Store {
     /// A usage row without money, written through the group-commit writer (`usage_batch.rs`):
-    /// returns once its batch committed. A request id already recorded for this user returns the
-    /// existing row (request ids are scoped per user, like idempotency keys), and so does a row
+    /// returns once its batch committed. A request id already recorded for this user by a free
+    /// row returns the existing row (request ids are scoped per user, like idempotency keys), and so does a row
     /// key already recorded for this recipient; refusals get a row of their own unless their row
     /// key was recorded.
     ///
@@ -54,7 +54,7 @@ impl Store {
         let existing = match row_key(usage) {
             Some(key) => self.usage_by_key(recipient_id, key).await?,
             None => {
-                self.usage_by_request(recipient_id, &usage.user_email, &usage.request_id)
+                self.free_usage_by_request(recipient_id, &usage.user_email, &usage.request_id)
                     .await?
             }
         };
@@ -160,10 +160,22 @@ fn insert_usage_sql(conflict: &str) -> String {
     )
 }
 
-/// A row without a key: at most one per recipient, user and request id (refusals excepted).
-static INSERT_PLAIN: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    insert_usage_sql("(recipient_id, user_email, request_id) WHERE NOT refused")
-});
+/// The conflict target of a free row without a key: at most one per recipient, user and request
+/// id among the free rows (refusals excepted). Paid rows are unique apart from them (migration
+/// 0030): a paid request after a free one of the same id is charged, so its row must be written.
+pub(crate) const FREE_REQUEST: &str = "(recipient_id, user_email, request_id) \
+    WHERE NOT refused AND transfer_id IS NULL AND hosted_transfer_id IS NULL";
+
+/// The conflict target of a paid row (a transfer's, local or hosted): at most one per recipient,
+/// user and request id among the paid rows.
+pub(crate) const PAID_REQUEST: &str = "(recipient_id, user_email, request_id) \
+    WHERE NOT refused AND (transfer_id IS NOT NULL OR hosted_transfer_id IS NOT NULL)";
+
+static INSERT_FREE: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| insert_usage_sql(FREE_REQUEST));
+
+static INSERT_PAID: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| insert_usage_sql(PAID_REQUEST));
 
 /// A keyed row (a refusal): at most one per recipient and key.
 static INSERT_KEYED: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
@@ -179,8 +191,9 @@ pub(crate) fn row_key(u: &UsageInput) -> Option<&str> {
 }
 
 /// Writes a usage row only (the caller hands it to the rollups); `false` when its request id was
-/// already recorded for this recipient and user, or its row key for this recipient (left as it
-/// is). A keyed row is a refusal, which meets only the key's index.
+/// already recorded for this recipient and user by a row of its kind (free or paid), or its row
+/// key for this recipient (left as it is). A keyed row is a refusal, which meets only the key's
+/// index.
 pub(crate) async fn insert_usage_row(
     conn: &mut AnyConnection,
     w: &UsageWrite<'_>,
@@ -197,9 +210,10 @@ pub(crate) async fn insert_usage_row(
         UsageLink::None => row_key(u),
         UsageLink::Transfer(_) | UsageLink::Hosted(_) => None,
     };
-    let sql = match key {
-        Some(_) => INSERT_KEYED.as_str(),
-        None => INSERT_PLAIN.as_str(),
+    let sql = match (key, w.link) {
+        (Some(_), _) => INSERT_KEYED.as_str(),
+        (None, UsageLink::None) => INSERT_FREE.as_str(),
+        (None, UsageLink::Transfer(_) | UsageLink::Hosted(_)) => INSERT_PAID.as_str(),
     };
     let inserted = sqlx::query(sql)
         .bind(w.id)

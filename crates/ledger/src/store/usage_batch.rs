@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 
 use super::rollup::{self, RollupInput};
 use super::rollup_fold::{add_to_rollups, QUEUE_INSERTED};
-use super::usage::{insert_usage_row, is_refused, row_key, UsageLink, UsageWrite};
+use super::usage::{insert_usage_row, is_refused, row_key, UsageLink, UsageWrite, FREE_REQUEST};
 use super::{Backend, Micros, UsageInput};
 use crate::error::is_retryable;
 
@@ -272,7 +272,7 @@ WITH i AS (
 ), plain AS (
     INSERT INTO usage_records ({columns})
     SELECT {values} FROM i WHERE row_key IS NULL
-    ON CONFLICT (recipient_id, user_email, request_id) WHERE NOT refused DO NOTHING
+    ON CONFLICT {FREE_REQUEST} DO NOTHING
     RETURNING id
 ), keyed AS (
     INSERT INTO usage_records ({columns})

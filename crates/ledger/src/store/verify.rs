@@ -260,13 +260,14 @@ async fn verify_snapshot(conn: &mut AnyConnection) -> Result<VerifyReport> {
     }
     let per_request: i64 = sqlx::query_scalar(
         "SELECT COUNT(*) FROM (SELECT recipient_id, user_email, request_id FROM usage_records \
-             WHERE NOT refused GROUP BY recipient_id, user_email, request_id HAVING COUNT(*) > 1) d",
+             WHERE NOT refused GROUP BY recipient_id, user_email, request_id, \
+               transfer_id IS NULL AND hosted_transfer_id IS NULL HAVING COUNT(*) > 1) d",
     )
     .fetch_one(&mut *conn)
     .await?;
     if per_request > 0 {
         problems.push(format!(
-            "{per_request} request ids have more than one usage row (refusals aside)"
+            "{per_request} request ids have more than one free or more than one paid usage row (refusals aside)"
         ));
     }
     // Every settled budget day still says what its transfers count (budget_days.rs).
