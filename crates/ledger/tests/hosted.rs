@@ -243,6 +243,16 @@ impl Pair {
     }
 
     async fn authorize(&self, amount: i64, key: &str) -> Result<pb::Transfer, tonic::Status> {
+        self.authorize_as(amount, key, "").await
+    }
+
+    /// An Authorize naming `attempt` (empty: none).
+    async fn authorize_as(
+        &self,
+        amount: i64,
+        key: &str,
+        attempt: &str,
+    ) -> Result<pb::Transfer, tonic::Status> {
         self.router()
             .authorize(pb::AuthorizeRequest {
                 sender_email: ALICE.into(),
@@ -254,7 +264,7 @@ impl Pair {
                 hold_ttl_seconds: None,
                 budget_per_day_micros: None,
                 budget_per_month_micros: None,
-                attempt_id: String::new(),
+                attempt_id: attempt.into(),
             })
             .await
             .map(tonic::Response::into_inner)
@@ -418,10 +428,22 @@ async fn capture_void_and_replay(postgres: bool) {
     let Some(p) = Pair::new(postgres, 10 * USD).await else {
         return;
     };
-    let t = p.authorize(USD, "k1").await.expect("authorize");
+    let t = p
+        .authorize_as(USD, "k1", "attempt-a")
+        .await
+        .expect("authorize");
     assert_eq!(t.status, pb::TransferStatus::Pending as i32);
+    assert_eq!((t.existing, t.attempt_id.as_str()), (false, "attempt-a"));
     assert_eq!(p.money().await.0, (10 * USD, USD));
-    assert_eq!(p.authorize(USD, "k1").await.expect("replay").id, t.id);
+    // A replay says so and names the attempt that placed the hold (migration 0031), whoever
+    // asks: the router that placed it takes it for its own, another waits for its outcome.
+    for attempt in ["attempt-a", "attempt-b", ""] {
+        let again = p.authorize_as(USD, "k1", attempt).await.expect("replay");
+        assert_eq!(
+            (again.id.as_str(), again.existing, again.attempt_id.as_str()),
+            (t.id.as_str(), true, "attempt-a")
+        );
+    }
     assert_eq!(code(p.authorize(2 * USD, "k1").await), Code::AlreadyExists);
 
     let done = p.capture(&t.id, USD, "req-1").await.expect("capture");

@@ -5,12 +5,14 @@ use super::journal::{Inserted, NewEntry};
 use super::remote::{RemoteError, RemoteTx};
 use super::Hosted;
 use crate::error::{LedgerError, Result};
-use crate::store::{new_id, now_micros, sha256_hex, AuthorizeInput, TransferRow};
+use crate::store::{new_id, now_micros, sha256_hex, AuthorizeInput, Placed};
 use syft_error::Reason;
 
 impl Hosted {
-    /// `input.recipient_*` are not used: every transfer of a hosted ledger is its owner's.
-    pub async fn authorize(&self, input: &AuthorizeInput<'_>) -> Result<TransferRow> {
+    /// `input.recipient_*` are not used: every transfer of a hosted ledger is its owner's. The
+    /// journal says whether this call placed the hold (its entry inserted here) or an earlier one
+    /// under the key did, and which attempt that was, as the local backends do.
+    pub async fn authorize(&self, input: &AuthorizeInput<'_>) -> Result<Placed> {
         let request_hash = sha256_hex(&format!(
             "{}\n{}\n{}\n{}\n{}",
             input.sender_email,
@@ -62,7 +64,11 @@ impl Hosted {
                     ));
                 }
                 tracing::debug!(transfer = %id, remote = %tx.id, sender = input.sender_email, amount = input.amount, "hosted hold placed");
-                Ok(self.journal.must_entry(&id).await?.transfer())
+                Ok(Placed {
+                    row: self.journal.must_entry(&id).await?.transfer(),
+                    existing: false,
+                    attempt_id: input.attempt_id.to_string(),
+                })
             }
             Err(RemoteError::Rejected { status, message })
                 if status.as_u16() == 401 || status.as_u16() == 429 =>
@@ -98,7 +104,7 @@ impl Hosted {
     }
 
     /// The outcome of an earlier authorization by the same sender with the same key.
-    async fn replay(&self, input: &AuthorizeInput<'_>, request_hash: &str) -> Result<TransferRow> {
+    async fn replay(&self, input: &AuthorizeInput<'_>, request_hash: &str) -> Result<Placed> {
         let key = input.idempotency_key;
         let e = self
             .journal
@@ -116,7 +122,11 @@ impl Hosted {
             Step::Creating => Err(LedgerError::Unavailable(
                 "an authorization with this key is in progress, retry".into(),
             )),
-            _ => Ok(e.transfer()),
+            _ => Ok(Placed {
+                row: e.transfer(),
+                existing: true,
+                attempt_id: e.attempt_id.clone().unwrap_or_default(),
+            }),
         }
     }
 }
@@ -132,7 +142,7 @@ impl Hosted {
         id: &str,
         tx: &RemoteTx,
         input: &AuthorizeInput<'_>,
-    ) -> Result<TransferRow> {
+    ) -> Result<Placed> {
         tracing::error!(transfer = %id, remote = %tx.id, asked = input.amount, created = tx.amount,
             "the accounting service created a different transaction; cancelling it");
         let err = LedgerError::FailedPrecondition(format!(

@@ -33,15 +33,7 @@ impl TransferBackend for HostedBackend {
                 "spend budgets need a local ledger; this ledger uses hosted accounting",
             ));
         }
-        // The remote service does not say whether it replayed: counted as placed here, so a
-        // duplicate router calls its upstream (charged once all the same). No attempt is kept
-        // either (the router then goes by `existing`).
-        let row = self.hosted.authorize(input).await?;
-        Ok(Placed {
-            row,
-            existing: false,
-            attempt_id: String::new(),
-        })
+        self.hosted.authorize(input).await
     }
 
     async fn capture(&self, c: CaptureInput<'_>) -> Result<TransferRow> {

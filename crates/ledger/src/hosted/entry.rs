@@ -65,6 +65,8 @@ pub(super) struct Entry {
     pub expires_at: i64,
     pub lease: i64,
     pub resolved_at: Option<i64>,
+    /// The attempt that placed the hold (migration 0031); `None`: none named.
+    pub attempt_id: Option<String>,
 }
 
 pub(super) const COLUMNS: &str =
@@ -72,7 +74,7 @@ pub(super) const COLUMNS: &str =
     amount, captured, currency, status, step, remote_id, capture_amount, capture_remote_id, \
     CAST(CASE WHEN hold_released THEN 1 ELSE 0 END AS BIGINT) AS hold_released, pending_usage, \
     app_name, app_ep_path, resolved_by, cancel_reason, error_kind, error_message, created_at, \
-    expires_at, updated_at, resolved_at";
+    expires_at, updated_at, resolved_at, attempt_id";
 
 /// By column name; `hold_released` is read as an integer because SQLite returns booleans as
 /// integers, which the `Any` driver will not decode as `bool`.
@@ -105,6 +107,7 @@ impl FromRow<'_, AnyRow> for Entry {
             expires_at: r.try_get("expires_at")?,
             lease: r.try_get("updated_at")?,
             resolved_at: r.try_get("resolved_at")?,
+            attempt_id: r.try_get("attempt_id")?,
         })
     }
 }

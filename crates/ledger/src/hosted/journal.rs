@@ -158,8 +158,9 @@ impl Journal {
         let inserted = sqlx::query(
             "INSERT INTO hosted_transfers (id, idempotency_key, request_hash, sender_email, \
              recipient_email, token, amount, currency, status, step, app_name, app_ep_path, \
-             created_at, expires_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'PENDING', 'creating', $9, $10, $11, $12, $11)",
+             created_at, expires_at, updated_at, attempt_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'PENDING', 'creating', $9, $10, $11, $12, $11, \
+                     $13)",
         )
         .bind(e.id)
         .bind(e.hold.idempotency_key)
@@ -173,6 +174,7 @@ impl Journal {
         .bind(e.hold.app_ep_path)
         .bind(e.now)
         .bind(e.expires_at)
+        .bind(Some(e.hold.attempt_id).filter(|a| !a.is_empty()))
         .execute(self.pool())
         .await;
         match inserted {
