@@ -400,3 +400,102 @@ async fn router_pays_through_a_mutual_tls_ledger() {
     assert_consistent(&ledger.store).await;
     ledger.store.close().await;
 }
+
+/// A round of Authorize in which one ledger replica refused the router's TLS handshake (mutual
+/// TLS with a client CA the router's certificate is not from) and another's outcome was unknown
+/// (its Authorize timed out on a lock, then committed the hold) goes on asking the second: the
+/// hold it placed is this request's, the upstream is called and the user charged once. The
+/// router used to give up when the round's last endpoint refused the handshake, answer
+/// `UNAVAILABLE` and leave that hold on the user's funds until it expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_handshake_does_not_end_the_wait_for_another_replicas_outcome() {
+    let Some(db) = Db::postgres().await else {
+        return;
+    };
+    let ca = Ca::new("replica CA");
+    let other_ca = Ca::new("another CA");
+    let replica = |tls: ServerTls| LedgerConfig {
+        sweep_interval: Duration::from_millis(100),
+        tls: Some(tls),
+        ..ledger_config(&db.url)
+    };
+    let slow = LedgerServer::start(replica(ca.server())).await;
+    let strict = LedgerServer::start(replica(
+        ca.server()
+            .with_client_ca(other_ca.pem())
+            .expect("client ca"),
+    ))
+    .await;
+    let trust = ca.trust_as(ca.client_identity("router"));
+    let admin = client(&slow, ADMIN_KEY, Some(&trust));
+    list_accounts(&admin).await.expect("admin over TLS");
+    let owner_secret = create_account(&mut admin.clone(), "owner@example.com", "test")
+        .await
+        .expect("owner");
+    let alice_secret = create_account(&mut admin.clone(), "alice@example.com", "test")
+        .await
+        .expect("alice");
+    deposit(&mut admin.clone(), "alice@example.com", 1_000_000, "fund")
+        .await
+        .expect("deposit");
+    let token = issue_token(
+        &mut client(&slow, &alice_secret, Some(&trust)),
+        "owner@example.com",
+    )
+    .await
+    .expect("token");
+
+    let mut config = RouterConfig::new("two-replicas", "owner@example.com")
+        .with_chat_pricing(Pricing::per_request(PRICE));
+    config.ledger.url = format!("{},{}", slow.url, strict.url);
+    config.ledger.secret = owner_secret.into();
+    config.ledger.tls = Some(trust.clone());
+    config.ledger.timeout = Duration::from_millis(500);
+    let router = RouterHandle::start(config).await;
+    let mut c = router.client().await;
+    // The router's health probe (every second) finds the strict replica refusing and backs it
+    // off for longer each time (2 s by then), so rounds try the slow replica first and end on
+    // the refusal, the order in which the router used to give up.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    // Every hold waits on this lock for 1.5 s: the slow replica's first answers time out.
+    let mut lock = slow.store.pool().begin().await.expect("begin");
+    sqlx::query("LOCK TABLE transfers IN SHARE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("lock");
+    let unlock = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        lock.rollback().await.expect("unlock");
+    });
+    let chat = rpb::ChatRequest {
+        model: ECHO_MODEL.into(),
+        request_id: "slow-and-strict".into(),
+        ..chat_request("alice@example.com", &token, "hello")
+    };
+    let answered = c.chat(chat).await;
+    unlock.await.expect("unlocked");
+    let answered = answered
+        .expect("answered once the slow replica's hold is known")
+        .into_inner();
+    assert_eq!(answered.cost_micros, PRICE);
+    let get = syft_testkit::req::get_transfer(&answered.transfer_id);
+    let transfer = syft_testkit::ok(admin.clone().get_transfer(get).await);
+    assert_eq!(transfer.status(), lpb::TransferStatus::Completed);
+    let alice = syft_testkit::ok(
+        admin
+            .clone()
+            .get_account(lpb::GetAccountRequest {
+                email: "alice@example.com".into(),
+            })
+            .await,
+    );
+    assert_eq!(
+        (alice.balance_micros, alice.held_micros),
+        (1_000_000 - PRICE, 0)
+    );
+    assert_consistent(&slow.store).await;
+    slow.store.close().await;
+    strict.store.close().await;
+    db.drop_postgres().await;
+}

@@ -65,6 +65,29 @@ pub(crate) enum Patience<'a> {
     },
 }
 
+/// What one round of [`Calls::try_call`] learnt of the endpoints it tried, by label.
+#[derive(Default)]
+struct Round<'a> {
+    /// Failed in flight: the call may have been applied there.
+    maybe_applied: Vec<&'a str>,
+    /// Refused this router's TLS handshake: nothing ran there, in this round or an earlier one.
+    /// (A first refusal can look like a call cut off in flight: TLS 1.3 sends the request
+    /// before the server has judged the client's certificate.)
+    refused_tls: Vec<&'a str>,
+}
+
+impl Round<'_> {
+    /// Adds this round to the endpoints at which an attempt may have been applied.
+    fn fold_into(self, maybe_applied: &mut Vec<String>) {
+        maybe_applied.retain(|m| !self.refused_tls.contains(&m.as_str()));
+        for m in self.maybe_applied {
+            if !maybe_applied.iter().any(|known| known == m) {
+                maybe_applied.push(m.to_string());
+            }
+        }
+    }
+}
+
 /// Longest wait between two attempts to settle an unknown outcome.
 const MAX_SETTLE_BACKOFF: Duration = Duration::from_secs(2);
 
@@ -156,46 +179,51 @@ impl Calls {
         F: Fn(LedgerClient<Channel>, tonic::Request<M>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
     {
-        self.try_call(op, timeout, msg, call)
-            .await
-            .map_err(|(s, _)| s)
+        match self.try_call(op, timeout, msg, call).await {
+            Ok((r, round)) => Ok((r, !round.maybe_applied.is_empty())),
+            Err((s, _)) => Err(s),
+        }
     }
 
-    /// [`Calls::call`], whose failure also says whether an attempt may have been applied.
+    /// [`Calls::call`], which also says what it learnt of the endpoints it tried.
     async fn try_call<M, R, F, Fut>(
         &self,
         op: Op,
         timeout: Option<Duration>,
         msg: M,
         call: F,
-    ) -> Result<(R, bool), (tonic::Status, bool)>
+    ) -> Result<(R, Round<'_>), (tonic::Status, Round<'_>)>
     where
         M: Clone,
         F: Fn(LedgerClient<Channel>, tonic::Request<M>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
     {
-        let mut maybe_applied = false;
+        let mut round = Round::default();
         let mut last = None;
         for m in self.members.order() {
             match call(m.client.clone(), self.request(msg.clone(), timeout)).await {
                 Ok(r) => {
                     m.mark_up();
-                    return Ok((r.into_inner(), maybe_applied));
+                    return Ok((r.into_inner(), round));
                 }
                 Err(s) if outcome_unknown(s.code()) => {
                     tracing::debug!(ledger = %m.label, ?op, code = ?s.code(), message = %s.message(), "ledger call failed; next endpoint");
                     m.mark_down();
-                    maybe_applied |= !never_sent(&s);
+                    if syft_tls::handshake_failed(&s) {
+                        round.refused_tls.push(&m.label);
+                    } else if !never_sent(&s) {
+                        round.maybe_applied.push(&m.label);
+                    }
                     last = Some(s);
                 }
                 Err(s) => {
                     m.mark_up();
-                    return Err((s, maybe_applied));
+                    return Err((s, round));
                 }
             }
         }
         let last = last.unwrap_or_else(|| tonic::Status::unavailable("no ledger endpoint"));
-        Err((last, maybe_applied))
+        Err((last, round))
     }
 
     /// Runs a call that places or resolves a hold until its outcome is known. A call whose result
@@ -222,22 +250,27 @@ impl Calls {
     {
         let mut delay = Duration::from_millis(50);
         let mut attempt = 0u32;
-        let mut maybe_applied = false;
+        // The endpoints at which an attempt so far may have been applied.
+        let mut maybe_applied: Vec<String> = Vec::new();
         loop {
             let status = match self.try_call(op, None, msg.clone(), &call).await {
-                Ok((t, maybe)) => return Ok((t, maybe_applied || maybe)),
-                Err((s, maybe)) if outcome_unknown(s.code()) => {
-                    maybe_applied |= maybe;
+                Ok((t, round)) => {
+                    round.fold_into(&mut maybe_applied);
+                    return Ok((t, !maybe_applied.is_empty()));
+                }
+                Err((s, round)) if outcome_unknown(s.code()) => {
+                    round.fold_into(&mut maybe_applied);
                     s
                 }
                 Err((s, _)) => return Err(s),
             };
-            // A ledger that refuses this router's TLS handshake (mutual TLS without the right
-            // client certificate) will not be reached by asking again either. Its first refusal
-            // can look like a call cut off in flight (TLS 1.3 sends the request before the
-            // server judged the certificate), but a server that refuses the certificate ran
-            // nothing.
-            let unreachable = !maybe_applied || syft_tls::handshake_failed(&status);
+            // Nothing to settle when no endpoint may have applied an attempt: a ledger that
+            // refuses this router's TLS handshake (mutual TLS without the right client
+            // certificate) ran nothing and will not be reached by asking again either. Another
+            // endpoint's unknown outcome in the same round is still settled (a round used to
+            // give up when its last endpoint refused the handshake, leaving a hold the other may
+            // have placed until it expired).
+            let unreachable = maybe_applied.is_empty();
             let until = match patience {
                 Patience::Resolution { until } => until,
                 Patience::Authorization { .. } if unreachable => return Err(status),
