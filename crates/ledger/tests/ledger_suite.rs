@@ -433,8 +433,6 @@ async fn holds_name_the_attempt_that_placed_them(h: Harness) -> Harness {
     h
 }
 
-/// A usage count above a billion is refused: the rollups add a key's rows in 64-bit sums, which
-/// must never overflow (an overflow would fail every fold, and every query and `verify`).
 /// A request id is unique among a user's free rows and, apart from them, among their paid rows
 /// (migration 0030): a paid request after a free one of the same id (a search, then a chat) is
 /// charged, so its row is written, with its revenue; and a free request after a paid one keeps its
@@ -508,6 +506,8 @@ async fn free_and_paid_rows_of_one_request_id_are_both_kept(h: Harness) -> Harne
     h
 }
 
+/// A usage count above a billion is refused: the rollups add a key's rows in 64-bit sums, which
+/// must never overflow (an overflow would fail every fold, and every query and `verify`).
 async fn usage_counts_are_bounded(h: Harness) -> Harness {
     let (owner, _alice, _token) = setup(&h, USD).await;
     let mut router = h.client(&owner);

@@ -200,7 +200,8 @@ pub fn quota_refusal(status: &tonic::Status, want: &str) -> Option<std::time::Du
 }
 
 /// The money invariants `ledger verify` checks: conservation (deposits = balances), held =
-/// pending holds, available >= 0, one usage row per request.
+/// pending holds, available >= 0, at most one free and one paid usage row per request id
+/// (refusals aside).
 pub async fn assert_consistent(store: &Store) {
     let report = store.verify().await.expect("verify");
     assert!(
