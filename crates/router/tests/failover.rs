@@ -273,15 +273,7 @@ async fn two_routers_whose_first_attempts_timed_out_call_upstream_once() {
     ok(a.chat(s.request("before")).await);
     let mut req: ChatRequest = s.request("same question");
     req.request_id = "both-timed-out".into();
-    let mut lock = s.ledger.store.pool().begin().await.expect("begin");
-    sqlx::query("LOCK TABLE transfers IN SHARE MODE")
-        .execute(&mut *lock)
-        .await
-        .expect("lock");
-    let unlock = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        lock.rollback().await.expect("unlock");
-    });
+    let unlock = lock_transfers_for(&s.ledger.store, Duration::from_millis(1500)).await;
     let (ra, rb) = tokio::join!(a.chat(req.clone()), b.chat(req));
     unlock.await.expect("unlocked");
     let (ra, rb) = (ok(ra), ok(rb));

@@ -15,8 +15,8 @@ use syft_proto::router as rpb;
 use syft_proto::router::router_client::RouterClient;
 use syft_router_svc::{Pricing, RouterConfig, ECHO_MODEL};
 use syft_testkit::{
-    assert_consistent, chat_request, ledger_config, Db, LedgerServer, RouterHandle, ADMIN_KEY,
-    PRICE,
+    assert_consistent, chat_request, ledger_config, lock_transfers_for, Db, LedgerServer,
+    RouterHandle, ADMIN_KEY, PRICE,
 };
 use syft_tls::{ClientTls, ServerTls};
 use tonic::transport::{Channel, Endpoint};
@@ -459,15 +459,7 @@ async fn a_refused_handshake_does_not_end_the_wait_for_another_replicas_outcome(
     tokio::time::sleep(Duration::from_millis(2500)).await;
 
     // Every hold waits on this lock for 1.5 s: the slow replica's first answers time out.
-    let mut lock = slow.store.pool().begin().await.expect("begin");
-    sqlx::query("LOCK TABLE transfers IN SHARE MODE")
-        .execute(&mut *lock)
-        .await
-        .expect("lock");
-    let unlock = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        lock.rollback().await.expect("unlock");
-    });
+    let unlock = lock_transfers_for(&slow.store, Duration::from_millis(1500)).await;
     let chat = rpb::ChatRequest {
         model: ECHO_MODEL.into(),
         request_id: "slow-and-strict".into(),

@@ -325,17 +325,6 @@ async fn a_stream_that_fails_after_its_finish_is_charged() {
     s.check_invariants().await;
 }
 
-/// Makes the ledger's writes of transfers wait (a table lock in a transaction of the test's own)
-/// until the returned transaction ends.
-async fn lock_transfers(s: &Stack) -> sqlx::Transaction<'static, sqlx::Any> {
-    let mut lock = s.ledger.store.pool().begin().await.expect("begin");
-    sqlx::query("LOCK TABLE transfers IN SHARE MODE")
-        .execute(&mut *lock)
-        .await
-        .expect("lock");
-    lock
-}
-
 /// A client whose deadline passes while the ledger is still placing its hold (its writes wait
 /// on a table lock here): the hold commits after the request was dropped, and is voided at once
 /// with a `cancelled` row. Before, nothing owned it: the user's money stayed held for the hold's
@@ -347,7 +336,7 @@ async fn a_hold_placed_after_its_client_gave_up_is_voided_at_once() {
     };
     let mut c = s.client().await;
     ok(c.chat(s.request("before")).await);
-    let lock = lock_transfers(&s).await;
+    let lock = lock_transfers(&s.ledger.store).await;
     chat_given_up(&mut c, s.request("given up"), Duration::from_millis(300)).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     lock.rollback().await.expect("unlock");
@@ -379,7 +368,7 @@ async fn a_refusal_decided_after_its_client_gave_up_leaves_its_row() {
         return;
     };
     let mut c = s.client().await;
-    let lock = lock_transfers(&s).await;
+    let lock = lock_transfers(&s.ledger.store).await;
     chat_given_up(&mut c, s.request("given up"), Duration::from_millis(300)).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     lock.rollback().await.expect("unlock");
@@ -422,7 +411,7 @@ async fn an_authorization_whose_outcome_was_unknown_is_settled() {
     .await;
     let mut c = s.client().await;
     ok(c.chat(s.request("before")).await);
-    let lock = lock_transfers(&s).await;
+    let lock = lock_transfers(&s.ledger.store).await;
     let unlock = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(1000)).await;
         lock.rollback().await.expect("unlock");

@@ -419,3 +419,23 @@ pub async fn backdate_transfers(store: &Store, by: Duration) {
         .await
         .expect("unsettle budget days");
 }
+
+/// Makes the ledger's writes of transfers wait (a table lock in a transaction of the test's own,
+/// Postgres only) until the returned transaction ends: a ledger slow to place or resolve holds.
+pub async fn lock_transfers(store: &Store) -> sqlx::Transaction<'static, sqlx::Any> {
+    let mut lock = store.pool().begin().await.expect("begin");
+    sqlx::query("LOCK TABLE transfers IN SHARE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("lock");
+    lock
+}
+
+/// [`lock_transfers`] for `hold`, released by a task of its own (join it to know it ended).
+pub async fn lock_transfers_for(store: &Store, hold: Duration) -> JoinHandle<()> {
+    let lock = lock_transfers(store).await;
+    tokio::spawn(async move {
+        tokio::time::sleep(hold).await;
+        lock.rollback().await.expect("unlock");
+    })
+}

@@ -15,12 +15,12 @@ mod upstream;
 mod webhook;
 
 pub use db::{assert_no_problems, bench_totals, postgres_url, Db};
-pub use ledger::backdate_transfers;
 pub use ledger::{
     account, alerts_on, all_usage, create_account, deposit, issue_token, ledger_config,
     revoke_token, serve_ledger, transfers_of, usage_of, usage_rows_seen_by, Account, Harness,
     LedgerServer, ALERTS_KEY,
 };
+pub use ledger::{backdate_transfers, lock_transfers, lock_transfers_for};
 pub use probe::{get_json, get_json_as, succeeded};
 pub use router::{
     chat_given_up, chat_request, docs_dir, read_answer, readyz, router_config, search_request,
