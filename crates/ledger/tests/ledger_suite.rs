@@ -59,6 +59,12 @@ async fn setup(h: &Harness, funds: i64) -> (String, String, String) {
     h.payer(OWNER, ALICE, funds).await
 }
 
+/// [`setup`], then the owner's client (a router's) and Alice's token.
+async fn as_owner(h: &Harness, funds: i64) -> (LedgerClient, String) {
+    let (owner, _alice, token) = setup(h, funds).await;
+    (h.client(&owner), token)
+}
+
 async fn accounts_and_auth(h: Harness) -> Harness {
     let mut admin = h.admin();
     let created = ok(admin
@@ -197,8 +203,7 @@ async fn deposits_are_idempotent_and_validated(h: Harness) -> Harness {
 }
 
 async fn authorize_then_capture_moves_money(h: Harness) -> Harness {
-    let (owner, _alice, token) = setup(&h, 10 * USD).await;
-    let mut router = h.client(&owner);
+    let (mut router, token) = as_owner(&h, 10 * USD).await;
     let t = granted(&mut router, 2 * USD, &token, "r1").await;
     assert_eq!(t.status(), pb::TransferStatus::Pending);
     assert_eq!(t.created_by(), pb::Actor::Recipient);
@@ -242,8 +247,7 @@ async fn authorize_then_capture_moves_money(h: Harness) -> Harness {
 }
 
 async fn capture_and_void_resolve_exactly_once(h: Harness) -> Harness {
-    let (owner, _alice, token) = setup(&h, 10 * USD).await;
-    let mut router = h.client(&owner);
+    let (mut router, token) = as_owner(&h, 10 * USD).await;
     let t1 = granted(&mut router, USD, &token, "k1").await;
     let first = router
         .capture(capture_full(&t1.id))
@@ -337,8 +341,7 @@ async fn capture_and_void_resolve_exactly_once(h: Harness) -> Harness {
 }
 
 async fn authorize_idempotency(h: Harness) -> Harness {
-    let (owner, _alice, token) = setup(&h, 3 * USD).await;
-    let mut router = h.client(&owner);
+    let (mut router, token) = as_owner(&h, 3 * USD).await;
     let t = granted(&mut router, USD, &token, "same").await;
     let replay = granted(&mut router, USD, &token, "same").await;
     // The replay is the same transfer, marked as found rather than placed by this call.
@@ -399,8 +402,7 @@ async fn authorize_idempotency(h: Harness) -> Harness {
 /// budget batches, likewise. A hold placed without an attempt names none; an attempt id past
 /// the key's limit is refused with nothing held.
 async fn holds_name_the_attempt_that_placed_them(h: Harness) -> Harness {
-    let (owner, _alice, token) = setup(&h, 3 * USD).await;
-    let mut router = h.client(&owner);
+    let (mut router, token) = as_owner(&h, 3 * USD).await;
     let named = |key: &str, attempt: &str, budgeted: bool| pb::AuthorizeRequest {
         attempt_id: attempt.into(),
         budget_per_day_micros: budgeted.then_some(10 * USD),
@@ -438,8 +440,7 @@ async fn holds_name_the_attempt_that_placed_them(h: Harness) -> Harness {
 /// charged, so its row is written, with its revenue; and a free request after a paid one keeps its
 /// own row too. Each kind still keeps one row per id: a repeated capture or recording adds none.
 async fn free_and_paid_rows_of_one_request_id_are_both_kept(h: Harness) -> Harness {
-    let (owner, _alice, token) = setup(&h, 10 * USD).await;
-    let mut router = h.client(&owner);
+    let (mut router, token) = as_owner(&h, 10 * USD).await;
     let record = |id: &str| pb::RecordUsageRequest {
         usage: Some(usage(id, "success")),
     };
@@ -578,8 +579,7 @@ async fn concurrent_spend_of_one_balance(h: Harness) -> Harness {
 }
 
 async fn expired_holds_are_swept(h: Harness) -> Harness {
-    let (owner, _alice, token) = setup(&h, 5 * USD).await;
-    let mut router = h.client(&owner);
+    let (mut router, token) = as_owner(&h, 5 * USD).await;
     let mut short = authorize(ALICE, 2 * USD, &token, "short");
     short.hold_ttl_seconds = Some(1);
     let t = router.authorize(short).await.unwrap().into_inner();
@@ -765,8 +765,7 @@ async fn token_rules(h: Harness) -> Harness {
 }
 
 async fn bad_authorize_input_writes_nothing(h: Harness) -> Harness {
-    let (owner, _alice, token) = setup(&h, 10 * USD).await;
-    let mut router = h.client(&owner);
+    let (mut router, token) = as_owner(&h, 10 * USD).await;
     let cases = [
         authorize("", USD, &token, "b1"),
         authorize("not-an-email", USD, &token, "b2"),

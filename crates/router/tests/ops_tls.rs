@@ -129,6 +129,28 @@ fn assert_refused(err: &tonic::Status) {
     );
 }
 
+/// The owner's account and alice's, created through `ledger`'s admin over `tls`, alice funded
+/// with 1,000,000 micros: the owner's secret and alice's token for the owner.
+async fn owner_and_alice(ledger: &LedgerServer, tls: &ClientTls) -> (String, String) {
+    let admin = client(ledger, ADMIN_KEY, Some(tls));
+    let owner_secret = create_account(&mut admin.clone(), "owner@example.com", "test")
+        .await
+        .expect("create account");
+    let alice_secret = create_account(&mut admin.clone(), "alice@example.com", "test")
+        .await
+        .expect("create account");
+    deposit(&mut admin.clone(), "alice@example.com", 1_000_000, "fund")
+        .await
+        .expect("deposit");
+    let token = issue_token(
+        &mut client(ledger, &alice_secret, Some(tls)),
+        "owner@example.com",
+    )
+    .await
+    .expect("token");
+    (owner_secret, token)
+}
+
 /// A cheap admin call; retried briefly while the server starts.
 async fn list_accounts(c: &LedgerClient) -> Result<(), tonic::Status> {
     let mut last = None;
@@ -327,26 +349,7 @@ async fn router_pays_through_a_mutual_tls_ledger() {
     };
     list_accounts(&admin).await.expect("admin over mTLS");
 
-    let owner_secret = create_account(&mut admin.clone(), "owner@example.com", "test")
-        .await
-        .expect("create account");
-    let alice_secret = create_account(&mut admin.clone(), "alice@example.com", "test")
-        .await
-        .expect("create account");
-    deposit(
-        &mut admin.clone(),
-        "alice@example.com",
-        1_000_000,
-        "fund-alice",
-    )
-    .await
-    .expect("deposit");
-    let token = issue_token(
-        &mut client(&ledger, &alice_secret, Some(&admin_tls)),
-        "owner@example.com",
-    )
-    .await
-    .expect("token");
+    let (owner_secret, token) = owner_and_alice(&ledger, &admin_tls).await;
 
     let mut config = RouterConfig::new("mtls-router", "owner@example.com")
         .with_chat_pricing(Pricing::per_request(PRICE));
@@ -429,21 +432,7 @@ async fn a_refused_handshake_does_not_end_the_wait_for_another_replicas_outcome(
     let trust = ca.trust_as(ca.client_identity("router"));
     let admin = client(&slow, ADMIN_KEY, Some(&trust));
     list_accounts(&admin).await.expect("admin over TLS");
-    let owner_secret = create_account(&mut admin.clone(), "owner@example.com", "test")
-        .await
-        .expect("owner");
-    let alice_secret = create_account(&mut admin.clone(), "alice@example.com", "test")
-        .await
-        .expect("alice");
-    deposit(&mut admin.clone(), "alice@example.com", 1_000_000, "fund")
-        .await
-        .expect("deposit");
-    let token = issue_token(
-        &mut client(&slow, &alice_secret, Some(&trust)),
-        "owner@example.com",
-    )
-    .await
-    .expect("token");
+    let (owner_secret, token) = owner_and_alice(&slow, &trust).await;
 
     let mut config = RouterConfig::new("two-replicas", "owner@example.com")
         .with_chat_pricing(Pricing::per_request(PRICE));

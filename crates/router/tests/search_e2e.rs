@@ -51,6 +51,23 @@ async fn priced_docs_stack(db: Db) -> (syft_testkit::TempDir, Stack) {
     (docs, s)
 }
 
+/// A stack selling chat at `chat` and search at `search` over the embedded index of `DOCS` (keep
+/// the folder alive), on SQLite, with `tweak` applied to the router's configuration after that.
+async fn docs_stack(
+    chat: Pricing,
+    search: Pricing,
+    tweak: impl FnOnce(&mut RouterConfig),
+) -> (syft_testkit::TempDir, Stack) {
+    let docs = docs_dir(DOCS);
+    let backend = embedded(docs.path(), Duration::from_secs(60));
+    let s = Stack::start_tweaked(chat, |c| {
+        *c = c.clone().with_search(search, backend);
+        tweak(c);
+    })
+    .await;
+    (docs, s)
+}
+
 async fn status_of(s: &Stack, transfer_id: &str) -> TransferStatus {
     let t = s.transfers().await;
     t.iter()
@@ -506,10 +523,7 @@ async fn postgres_search_flow() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn search_limits_and_budgets_refuse_with_usage_rows() {
     use syft_router_svc::config::{Rate, RateUnit};
-    let docs = docs_dir(DOCS);
-    let search = embedded(docs.path(), Duration::from_secs(60));
-    let s = Stack::start_tweaked(Pricing::free(), |c| {
-        *c = c.clone().with_search(Pricing::per_request(PRICE), search);
+    let (_docs, s) = docs_stack(Pricing::free(), Pricing::per_request(PRICE), |c| {
         c.budgets.per_day_micros = Some(2 * PRICE);
         if let Some(svc) = c
             .services
@@ -559,10 +573,7 @@ async fn search_limits_and_budgets_refuse_with_usage_rows() {
 /// anyone could have her paid requests refused). Each side keeps its own limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn free_requests_naming_a_payer_leave_the_payers_windows_alone() {
-    let docs = docs_dir(DOCS);
-    let search = embedded(docs.path(), Duration::from_secs(60));
-    let s = Stack::start_tweaked(Pricing::per_request(PRICE), |c| {
-        *c = c.clone().with_search(Pricing::free(), search);
+    let (_docs, s) = docs_stack(Pricing::per_request(PRICE), Pricing::free(), |c| {
         let rate = syft_router_svc::config::Rate::parse("2/minute").expect("rate");
         c.rate_limits.requests = vec![rate];
     })
@@ -597,12 +608,7 @@ async fn free_requests_naming_a_payer_leave_the_payers_windows_alone() {
 /// revenue, used to be dropped for the search's (migration 0030).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_free_search_and_a_paid_chat_of_one_request_id_each_leave_their_row() {
-    let docs = docs_dir(DOCS);
-    let search = embedded(docs.path(), Duration::from_secs(60));
-    let s = Stack::start_tweaked(Pricing::per_request(PRICE), |c| {
-        *c = c.clone().with_search(Pricing::free(), search);
-    })
-    .await;
+    let (_docs, s) = docs_stack(Pricing::per_request(PRICE), Pricing::free(), |_| {}).await;
     let mut c = s.client().await;
     let turn = "turn-1".to_string();
     let search = syft_proto::router::SearchRequest {
@@ -652,11 +658,11 @@ fn a_search_section_is_checked_without_a_search_service() {
 /// one, and the row of its refusal is recorded under it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_stream_and_search_refusals_name_their_row() {
-    let docs = docs_dir(DOCS);
-    let search = embedded(docs.path(), Duration::from_secs(60));
-    let s = Stack::start_tweaked(Pricing::per_request(PRICE), |c| {
-        *c = c.clone().with_search(Pricing::per_request(PRICE), search);
-    })
+    let (_docs, s) = docs_stack(
+        Pricing::per_request(PRICE),
+        Pricing::per_request(PRICE),
+        |_| {},
+    )
     .await;
     let mut c = s.client().await;
     let named = |status: &tonic::Status| -> String {
