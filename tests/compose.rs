@@ -17,6 +17,10 @@ const OUR_IMAGE: &str = "syft-router:local";
 /// Env vars our services read that are not clap flags, with who reads them.
 const LIBRARY_ENV: &[(&str, &str)] = &[
     ("RUST_LOG", "tracing-subscriber's EnvFilter (log filter)"),
+    (
+        "SYFT_TRACE_INCOMING",
+        "syft-telemetry (a caller's trace context)",
+    ),
     // Standard OpenTelemetry SDK variables (https://opentelemetry.io/docs/specs/otel/configuration/sdk-environment-variables/),
     // read by the OTLP exporter when tracing export is enabled.
     ("OTEL_EXPORTER_OTLP_ENDPOINT", "OpenTelemetry OTLP exporter"),

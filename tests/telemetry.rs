@@ -24,6 +24,16 @@ const ADMIN_KEY: &str = "telemetry-admin-key";
 const OWNER: &str = "owner@router.example";
 const OWNER_SECRET: &str = "owner-secret-0123456789";
 const ALICE: &str = "alice@example.com";
+/// A caller's trace context, not sampled (flags `00`).
+const CALLER_TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+
+/// Bytes of a hex string.
+fn hex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
+        .collect()
+}
 
 #[derive(Default, Clone)]
 struct Collector(Arc<Mutex<Vec<ExportTraceServiceRequest>>>);
@@ -47,6 +57,8 @@ struct Span {
     trace_id: Vec<u8>,
     span_id: Vec<u8>,
     parent: Vec<u8>,
+    /// The trace ids of the spans it links to.
+    links: Vec<Vec<u8>>,
     attributes: HashMap<String, String>,
 }
 
@@ -86,6 +98,7 @@ impl Collector {
                             trace_id: s.trace_id.clone(),
                             span_id: s.span_id.clone(),
                             parent: s.parent_span_id.clone(),
+                            links: s.links.iter().map(|l| l.trace_id.clone()).collect(),
                             attributes,
                         });
                     }
@@ -223,6 +236,9 @@ async fn one_request_is_one_trace_across_router_and_ledger() {
             ("SYFT_ROUTER_CONFIG", config.display().to_string()),
             // Quiet logs do not turn the traces off (`SYFT_TRACE_FILTER` filters those).
             ("RUST_LOG", "error".into()),
+            // The router's callers are not trusted with its sampling (the ledger, by default,
+            // follows the router's).
+            ("SYFT_TRACE_INCOMING", "link".into()),
         ],
     );
     wait_http(&format!("http://127.0.0.1:{router_http}/readyz")).await;
@@ -231,14 +247,17 @@ async fn one_request_is_one_trace_across_router_and_ledger() {
         rpb::router_client::RouterClient::connect(format!("http://127.0.0.1:{router_grpc}"))
             .await
             .expect("router client");
-    let answer = chat
-        .chat(rpb::ChatRequest {
-            request_id: "traced-request-1".into(),
-            ..chat_request(ALICE, &token, "trace me")
-        })
-        .await
-        .expect("paid chat")
-        .into_inner();
+    // The caller names a trace of its own and asks for it not to be sampled: with `link`, the
+    // router samples by its own sampler and links to the caller's trace.
+    let mut request = tonic::Request::new(rpb::ChatRequest {
+        request_id: "traced-request-1".into(),
+        ..chat_request(ALICE, &token, "trace me")
+    });
+    request.metadata_mut().insert(
+        "traceparent",
+        CALLER_TRACEPARENT.parse().expect("traceparent"),
+    );
+    let answer = chat.chat(request).await.expect("paid chat").into_inner();
     assert_eq!(answer.cost_micros, 10_000);
 
     // Both services count the request in Prometheus format.
@@ -351,11 +370,17 @@ async fn one_request_is_one_trace_across_router_and_ledger() {
             "{rpc}'s parent is not a router span"
         );
     }
-    assert!(
-        trace
-            .iter()
-            .any(|s| s.service == "syft-router" && s.name == "syft.router.v1.Router/Chat"),
-        "the router's server span is the root: {trace:#?}"
+    let server_span = trace
+        .iter()
+        .find(|s| s.service == "syft-router" && s.name == "syft.router.v1.Router/Chat")
+        .unwrap_or_else(|| panic!("the router's server span is in the trace: {trace:#?}"));
+    assert!(server_span.parent.is_empty(), "and is its root");
+    let caller_trace = hex(&CALLER_TRACEPARENT[3..35]);
+    assert_ne!(server_span.trace_id, caller_trace, "a trace of its own");
+    assert_eq!(
+        server_span.links,
+        vec![caller_trace],
+        "linked to the caller's"
     );
     // Nothing secret in any span.
     for s in &spans {
@@ -382,6 +407,23 @@ fn an_unusable_collector_is_a_clear_error() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains("OTLP exporter") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+}
+
+/// A `SYFT_TRACE_INCOMING` that is neither `follow` nor `link` is a start-up error naming it.
+#[test]
+fn an_unknown_trace_incoming_mode_is_a_clear_error() {
+    let out = Command::new(env!("CARGO_BIN_EXE_syft-router"))
+        .args(["ledger", "verify", "--data-dir", "/nonexistent-syft-data"])
+        .env("SYFT_TRACE_INCOMING", "trust-everyone")
+        .env_remove("DATABASE_URL")
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("SYFT_TRACE_INCOMING=\"trust-everyone\" is neither follow nor link"),
         "{stderr}"
     );
 }

@@ -1,5 +1,6 @@
 //! A tower layer for servers: each request gets a span whose parent is the caller's W3C trace
-//! context, and is counted and timed in the request metrics.
+//! context (or, with `SYFT_TRACE_INCOMING=link`, that links to it), and is counted and timed in
+//! the request metrics.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -93,7 +94,15 @@ where
                 (span, [name.to_string(), route])
             }
         };
-        let _ = span.set_parent(parent);
+        match crate::incoming() {
+            crate::Incoming::Follow => {
+                let _ = span.set_parent(parent);
+            }
+            crate::Incoming::Link => {
+                use opentelemetry::trace::TraceContextExt as _;
+                span.add_link(parent.span().span_context().clone());
+            }
+        }
         let future = self.inner.call(req).instrument(span.clone());
         Box::pin(async move {
             let result = future.await;

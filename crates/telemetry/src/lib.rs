@@ -31,6 +31,46 @@ pub enum TelemetryError {
     Exporter(String),
     #[error("log format {0:?} is neither text nor json")]
     LogFormat(String),
+    #[error("{TRACE_INCOMING_ENV}={0:?} is neither follow nor link")]
+    Incoming(String),
+}
+
+/// The variable that says what a server does with its caller's trace context (`traceparent`).
+pub const TRACE_INCOMING_ENV: &str = "SYFT_TRACE_INCOMING";
+
+/// What a server does with its caller's trace context ([`TRACE_INCOMING_ENV`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Incoming {
+    /// The request's span is the caller's child: one trace across the calls, sampled as the
+    /// caller decided (the default; what the ledger wants from its routers).
+    Follow,
+    /// The request starts a trace of this process's own, sampled by its own sampler, with a link
+    /// to the caller's: for a server whose callers are not trusted (a router's public front),
+    /// which could otherwise force their requests into the traces or keep them out.
+    Link,
+}
+
+impl Incoming {
+    fn from_env() -> Result<Self, TelemetryError> {
+        match std::env::var(TRACE_INCOMING_ENV) {
+            Err(_) => Ok(Self::Follow),
+            Ok(v) if v.eq_ignore_ascii_case("follow") || v.is_empty() => Ok(Self::Follow),
+            Ok(v) if v.eq_ignore_ascii_case("link") => Ok(Self::Link),
+            Ok(other) => Err(TelemetryError::Incoming(other)),
+        }
+    }
+}
+
+/// Set once by [`init`]; read by every request ([`layer::RequestLayer`]).
+static LINK_INCOMING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// What this process does with its callers' trace context.
+pub fn incoming() -> Incoming {
+    if LINK_INCOMING.load(std::sync::atomic::Ordering::Relaxed) {
+        Incoming::Link
+    } else {
+        Incoming::Follow
+    }
 }
 
 /// Keeps the trace pipeline alive; [`Telemetry::shutdown`] (or drop) flushes pending spans.
@@ -112,6 +152,11 @@ pub fn init_with_default_filter(
             .boxed(),
         other => return Err(TelemetryError::LogFormat(other.to_string())),
     };
+    let incoming = Incoming::from_env()?;
+    LINK_INCOMING.store(
+        incoming == Incoming::Link,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     opentelemetry::global::set_text_map_propagator(
         opentelemetry_sdk::propagation::TraceContextPropagator::new(),
     );
