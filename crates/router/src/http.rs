@@ -39,7 +39,8 @@ pub const REQUEST_ID_HEADER: &str = "x-syft-request-id";
 
 /// The axum router of the HTTP front.
 pub fn http_router(service: RouterService) -> Router {
-    // Room for JSON framing around the prompt limit; above it the body is refused (413).
+    // Room for JSON framing around the prompt limit; above it the body is refused (400, as
+    // `read_json` answers every body it cannot take).
     let body_limit = service
         .config()
         .limits

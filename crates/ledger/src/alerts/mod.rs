@@ -4,8 +4,8 @@
 //! - [`evaluate`]: level-triggered evaluation. A rule's state (armed / fired, with hysteresis)
 //!   and the event it fires commit in one transaction: the transactional outbox. Nothing runs on
 //!   the money hot path, so accounts without rules cost nothing.
-//! - [`deliver`]: the delivery worker: claims due events under a lease (`FOR UPDATE SKIP LOCKED`
-//!   on Postgres), signs them (Standard Webhooks), retries with backoff and jitter, disables
+//! - [`deliver`]: the delivery worker: claims due events under a lease (a conditional update of
+//!   pending events whose lease is free), signs them (Standard Webhooks), retries with backoff and jitter, disables
 //!   endpoints that keep failing.
 //! - [`seal`]: signing secrets, sealed at rest under `--alerts-key`.
 //! - [`target`]: URL and address checks (SSRF).
