@@ -13,7 +13,8 @@ use syft_ledger::client::{connect_lazy, LedgerClient};
 use syft_ledger::HostedConfig;
 use syft_proto::ledger as pb;
 use syft_testkit::{
-    chat_request, closed_url, code, ok, req, Harness, LedgerServer, RouterHandle, USD,
+    chat_request, closed_url, code, ok, req, router_config, FakeUpstream, Harness, LedgerServer,
+    Mode, RouterHandle, USD,
 };
 use tonic::Code;
 
@@ -1017,6 +1018,53 @@ async fn router_pays_through_the_hosted_ledger() {
             ("req-fail".to_string(), 0),
             ("req-ok".to_string(), expected)
         ]
+    );
+    p.finish().await;
+}
+
+/// A duplicate of one request at two routers on a hosted ledger calls the upstream once: the
+/// second router's Authorize is a replay naming another attempt, so it waits for the first
+/// router's outcome and replays its answer, charged once. Before 2026-12-05 the hosted backend
+/// answered every hold as the call's own, and the second router called its upstream too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_at_two_routers_on_a_hosted_ledger_calls_the_upstream_once() {
+    use syft_proto::router as rpb;
+    use syft_router_svc::Pricing;
+
+    let p = Pair::sqlite(10 * USD).await;
+    let upstream = FakeUpstream::start().await;
+    upstream.set_mode(Mode::Delay(Duration::from_millis(800)));
+    let router = || {
+        RouterHandle::start(router_config(
+            "hosted-router",
+            OWNER,
+            &p.owner_secret,
+            &p.a.url(),
+            Pricing::per_request(USD / 100),
+            Some(&upstream.base_url),
+        ))
+    };
+    let (first, second) = (router().await, router().await);
+    let (mut a, mut b) = (first.client().await, second.client().await);
+    let chat = rpb::ChatRequest {
+        model: "test-model".into(),
+        request_id: "one-question".into(),
+        ..chat_request(ALICE, &p.token, "asked twice")
+    };
+    let late = async {
+        // The duplicate arrives while the first router waits for its upstream.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        b.chat(chat.clone()).await
+    };
+    let (ra, rb) = tokio::join!(a.chat(chat.clone()), late);
+    let (ra, rb) = (ok(ra), ok(rb));
+    assert_eq!(upstream.hits(), 1, "the upstream is called once");
+    assert_eq!((ra.replay, rb.replay), (false, true));
+    assert_eq!(ra.transfer_id, rb.transfer_id);
+    assert_eq!(
+        p.money().await,
+        ((10 * USD - USD / 100, 0), (USD / 100, 0)),
+        "charged once"
     );
     p.finish().await;
 }
