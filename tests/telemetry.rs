@@ -393,18 +393,24 @@ async fn one_request_is_one_trace_across_router_and_ledger() {
     }
 }
 
+/// The stderr of a command that must fail at start-up (exit 1) with `name=value` set.
+fn start_up_error(name: &str, value: &str) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_syft-router"))
+        .args(["ledger", "verify", "--data-dir", "/nonexistent-syft-data"])
+        .env(name, value)
+        .env_remove("DATABASE_URL")
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    stderr
+}
+
 /// A collector this build cannot export to (an `https://` endpoint: no TLS feature) is an error
 /// that names it, exit 1; the process used to panic dropping the exporter's runtime (exit 101).
 #[test]
 fn an_unusable_collector_is_a_clear_error() {
-    let out = Command::new(env!("CARGO_BIN_EXE_syft-router"))
-        .args(["ledger", "verify", "--data-dir", "/nonexistent-syft-data"])
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", "https://127.0.0.1:1")
-        .env_remove("DATABASE_URL")
-        .output()
-        .expect("run");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = start_up_error("OTEL_EXPORTER_OTLP_ENDPOINT", "https://127.0.0.1:1");
     assert!(
         stderr.contains("OTLP exporter") && !stderr.contains("panicked"),
         "{stderr}"
@@ -414,14 +420,7 @@ fn an_unusable_collector_is_a_clear_error() {
 /// A `SYFT_TRACE_INCOMING` that is neither `follow` nor `link` is a start-up error naming it.
 #[test]
 fn an_unknown_trace_incoming_mode_is_a_clear_error() {
-    let out = Command::new(env!("CARGO_BIN_EXE_syft-router"))
-        .args(["ledger", "verify", "--data-dir", "/nonexistent-syft-data"])
-        .env("SYFT_TRACE_INCOMING", "trust-everyone")
-        .env_remove("DATABASE_URL")
-        .output()
-        .expect("run");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = start_up_error("SYFT_TRACE_INCOMING", "trust-everyone");
     assert!(
         stderr.contains("SYFT_TRACE_INCOMING=\"trust-everyone\" is neither follow nor link"),
         "{stderr}"
