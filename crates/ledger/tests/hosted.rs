@@ -1052,8 +1052,10 @@ async fn a_duplicate_at_two_routers_on_a_hosted_ledger_calls_the_upstream_once()
         ..chat_request(ALICE, &p.token, "asked twice")
     };
     let late = async {
-        // The duplicate arrives while the first router waits for its upstream.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The duplicate arrives while the first router waits for its upstream (its hold placed).
+        while upstream.hits() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         b.chat(chat.clone()).await
     };
     let (ra, rb) = tokio::join!(a.chat(chat.clone()), late);
