@@ -797,10 +797,12 @@ async fn slow_remote_orphan_hold_is_cancelled() {
     // ...and is cancelled once older than the lease.
     p.await_no_hold().await;
     assert_eq!(p.money().await, ((10 * USD, 0), (0, 0)));
+    // A replay of the key answers with the cancelled transfer (nothing charged), not with the
+    // first call's UNAVAILABLE, which a router would keep asking again about.
+    let replay = p.authorize(USD, "k1").await.expect("replay");
     assert_eq!(
-        code(p.authorize(USD, "k1").await),
-        Code::Unavailable,
-        "replay keeps its outcome"
+        (replay.status(), replay.existing),
+        (pb::TransferStatus::Cancelled, true)
     );
     // A later request still works end to end.
     let t = p.authorize(USD, "k2").await.expect("authorize");
@@ -1068,6 +1070,48 @@ async fn a_duplicate_at_two_routers_on_a_hosted_ledger_calls_the_upstream_once()
         ((10 * USD - USD / 100, 0), (USD / 100, 0)),
         "charged once"
     );
+    p.finish().await;
+}
+
+/// A paid chat whose remote create has an unknown outcome (the service answers after the hosted
+/// ledger gave up) is answered at once as processed and not charged, naming a new request id as
+/// the way on, and so is a retry of its id; the late remote hold is cancelled by recovery. The
+/// router used to ask again about the `UNAVAILABLE` replay for 30 s on each attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_whose_remote_create_was_unknown_is_answered_at_once() {
+    use syft_proto::router as rpb;
+    use syft_router_svc::Pricing;
+
+    let p = Pair::sqlite(10 * USD).await;
+    let config = router_config(
+        "hosted-router",
+        OWNER,
+        &p.owner_secret,
+        &p.a.url(),
+        Pricing::per_request(USD / 100),
+        None,
+    );
+    let router = RouterHandle::start(config).await;
+    let mut client = router.client().await;
+    p.proxy.set(Fault::Slow(
+        "/transaction/create",
+        Duration::from_millis(1200),
+    ));
+    let chat = rpb::ChatRequest {
+        request_id: "unknown-create".into(),
+        ..chat_request(ALICE, &p.token, "hello")
+    };
+    for attempt in ["first", "retry"] {
+        let answered = tokio::time::timeout(Duration::from_secs(10), client.chat(chat.clone()))
+            .await
+            .unwrap_or_else(|_| panic!("the {attempt} is answered without settling"));
+        let err = answered.expect_err("not served");
+        assert_eq!(err.code(), Code::AlreadyExists, "{attempt}: {err:?}");
+        assert!(err.message().contains("not charged"), "{err:?}");
+        p.proxy.set(Fault::Pass);
+    }
+    p.await_no_hold().await;
+    assert_eq!(p.money().await, ((10 * USD, 0), (0, 0)));
     p.finish().await;
 }
 

@@ -118,10 +118,17 @@ impl Hosted {
             ));
         }
         match e.step {
-            Step::Failed | Step::Unknown => Err(e.recorded_error()),
+            // A refusal of the service's: the same refusal again.
+            Step::Failed => Err(e.recorded_error()),
             Step::Creating => Err(LedgerError::Unavailable(
                 "an authorization with this key is in progress, retry".into(),
             )),
+            // Done, held or resolving; or closed after a create whose outcome was unknown: that
+            // entry is cancelled here for good (a remote hold it left is an orphan the recovery
+            // sweep cancels), so a replay answers with the cancelled transfer and its caller
+            // learns at once that nothing was charged. It used to answer the first call's
+            // `UNAVAILABLE` for good, which a router takes for an unknown outcome and asks again
+            // about for 30 s on every retry of the request id.
             _ => Ok(Placed {
                 row: e.transfer(),
                 existing: true,
