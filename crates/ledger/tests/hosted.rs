@@ -1074,9 +1074,10 @@ async fn a_duplicate_at_two_routers_on_a_hosted_ledger_calls_the_upstream_once()
 }
 
 /// A paid chat whose remote create has an unknown outcome (the service answers after the hosted
-/// ledger gave up) is answered at once as processed and not charged, naming a new request id as
-/// the way on, and so is a retry of its id; the late remote hold is cancelled by recovery. The
-/// router used to ask again about the `UNAVAILABLE` replay for 30 s on each attempt.
+/// ledger gave up) is answered at once: `UNAVAILABLE`, not charged, send again with a new request
+/// id (row `unavailable`); a retry of its id is the duplicate, told it was not charged (row
+/// `duplicate`); the late remote hold is cancelled by recovery. The router used to ask again
+/// about the `UNAVAILABLE` replay for 30 s on each attempt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chat_whose_remote_create_was_unknown_is_answered_at_once() {
     use syft_proto::router as rpb;
@@ -1101,17 +1102,26 @@ async fn a_chat_whose_remote_create_was_unknown_is_answered_at_once() {
         request_id: "unknown-create".into(),
         ..chat_request(ALICE, &p.token, "hello")
     };
-    for attempt in ["first", "retry"] {
+    for (attempt, code) in [("first", Code::Unavailable), ("retry", Code::AlreadyExists)] {
         let answered = tokio::time::timeout(Duration::from_secs(10), client.chat(chat.clone()))
             .await
             .unwrap_or_else(|_| panic!("the {attempt} is answered without settling"));
         let err = answered.expect_err("not served");
-        assert_eq!(err.code(), Code::AlreadyExists, "{attempt}: {err:?}");
+        assert_eq!(err.code(), code, "{attempt}: {err:?}");
         assert!(err.message().contains("not charged"), "{err:?}");
         p.proxy.set(Fault::Pass);
     }
     p.await_no_hold().await;
     assert_eq!(p.money().await, ((10 * USD, 0), (0, 0)));
+    let mut statuses: Vec<String> = p
+        .usage()
+        .await
+        .records
+        .into_iter()
+        .filter_map(|r| r.usage.map(|u| u.status))
+        .collect();
+    statuses.sort();
+    assert_eq!(statuses, ["duplicate", "unavailable"]);
     p.finish().await;
 }
 

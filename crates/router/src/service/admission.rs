@@ -285,6 +285,18 @@ impl RouterService {
         let settle_until = sent + ttl.min(hold::AUTHORIZE_SETTLE_LIMIT);
         let authorization = ledger.authorize(request, settle_until, &presence.0).await?;
         let transfer = authorization.transfer;
+        if !authorization.existing && transfer.status() == TransferStatus::Cancelled {
+            // This request's own hold, cancelled before it was told of it: the ledger could not
+            // confirm it and closed it (a hosted ledger whose service answered the create too
+            // late; a hold that expired while its outcome was asked again). Nothing was charged
+            // and the id's transfer is settled: said as the ledger trouble it is (a retry of the
+            // id is the duplicate, told it was not charged), not as an earlier request's.
+            return Err(RouterError::Unavailable(format!(
+                "the ledger could not place the hold (transfer {} is cancelled, not charged); \
+                 send the request again with a new request id",
+                transfer.id
+            )));
+        }
         let fresh = transfer.status() == TransferStatus::Pending && !authorization.existing;
         let priced_in = &t.pricing.currency;
         if fresh && !transfer.currency.is_empty() && transfer.currency != *priced_in {
