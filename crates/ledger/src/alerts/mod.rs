@@ -5,8 +5,8 @@
 //!   and the event it fires commit in one transaction: the transactional outbox. Nothing runs on
 //!   the money hot path, so accounts without rules cost nothing.
 //! - [`deliver`]: the delivery worker: claims due events under a lease (a conditional update of
-//!   pending events whose lease is free), signs them (Standard Webhooks), retries with backoff and jitter, disables
-//!   endpoints that keep failing.
+//!   pending events whose lease is free), signs them (Standard Webhooks), retries with backoff
+//!   and jitter, disables endpoints that keep failing.
 //! - [`seal`]: signing secrets, sealed at rest under `--alerts-key`.
 //! - [`target`]: URL and address checks (SSRF).
 //! - [`api`]: the core calls the gRPC adapter, the REST API (`web/alerts.rs`) and the CLI use.

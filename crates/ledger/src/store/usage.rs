@@ -17,9 +17,9 @@ pub const MAX_ANSWER_AGE_MICROS: i64 = 30 * 86_400 * 1_000_000;
 impl Store {
     /// A usage row without money, written through the group-commit writer (`usage_batch.rs`):
     /// returns once its batch committed. A request id already recorded for this user by a free
-    /// row returns the existing row (request ids are scoped per user, like idempotency keys), and so does a row
-    /// key already recorded for this recipient; refusals get a row of their own unless their row
-    /// key was recorded.
+    /// row returns the existing row (request ids are scoped per user, like idempotency keys), and
+    /// so does a row key already recorded for this recipient; refusals get a row of their own
+    /// unless their row key was recorded.
     ///
     /// `answered_at`: when the recorder says it answered; the row is dated so when that is at
     /// most [`MAX_ANSWER_AGE_MICROS`] ago (rows a router spooled while the ledger was away ship

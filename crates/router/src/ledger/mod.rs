@@ -161,11 +161,11 @@ impl Ledger {
     /// it. The ledger names the attempt that placed the key's hold (`Transfer.attempt_id`, as
     /// `msg.attempt_id` named this one), so an earlier round of this call is told from another
     /// router's duplicate or a retry of the request. A ledger that names none (an older
-    /// version, a hold placed before it kept attempts) says only `existing`, and an attempt whose outcome was unknown may have placed
-    /// it, so then the hold counts as this call's own. An unknown outcome is settled by asking
-    /// again (the key makes it idempotent) until `settle_until`, while `asker` is open (its
-    /// request still waits): given up at once, it left a hold that nothing owned, the user's
-    /// money held for the hold's whole life.
+    /// version, a hold placed before it kept attempts) says only `existing`, and an attempt
+    /// whose outcome was unknown may have placed it, so then the hold counts as this call's
+    /// own. An unknown outcome is settled by asking again (the key makes it idempotent) until
+    /// `settle_until`, while `asker` is open (its request still waits): given up at once, it
+    /// left a hold that nothing owned, the user's money held for the hold's whole life.
     pub(crate) async fn authorize(
         &self,
         msg: AuthorizeRequest,
@@ -403,8 +403,9 @@ fn ledger_reason(s: &tonic::Status) -> Option<Reason> {
 
 /// Whether the hold an Authorize answered with was placed by another attempt than `attempt` (this
 /// request's). By the attempt the ledger names; a ledger that names none (an older version, a
-/// hold placed before migration 0029, or 0031 on a hosted ledger) says only whether this call inserted it,
-/// and then a hold an earlier round of this call `maybe_ours` placed counts as this request's.
+/// hold placed before migration 0029, or 0031 on a hosted ledger) says only whether this call
+/// inserted it, and then a hold an earlier round of this call `maybe_ours` placed counts as this
+/// request's.
 fn placed_by_another(resp: &Transfer, attempt: &str, maybe_ours: bool) -> bool {
     match resp.attempt_id.as_str() {
         "" => resp.existing && !maybe_ours,
