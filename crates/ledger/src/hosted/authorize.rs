@@ -64,11 +64,8 @@ impl Hosted {
                     ));
                 }
                 tracing::debug!(transfer = %id, remote = %tx.id, sender = input.sender_email, amount = input.amount, "hosted hold placed");
-                Ok(Placed {
-                    row: self.journal.must_entry(&id).await?.transfer(),
-                    existing: false,
-                    attempt_id: input.attempt_id.to_string(),
-                })
+                let row = self.journal.must_entry(&id).await?.transfer();
+                Ok(Placed::by_this_call(row, input))
             }
             Err(RemoteError::Rejected { status, message })
                 if status.as_u16() == 401 || status.as_u16() == 429 =>
@@ -129,11 +126,7 @@ impl Hosted {
             // learns at once that nothing was charged. It used to answer the first call's
             // `UNAVAILABLE` for good, which a router takes for an unknown outcome and asks again
             // about for 30 s on every retry of the request id.
-            _ => Ok(Placed {
-                row: e.transfer(),
-                existing: true,
-                attempt_id: e.attempt_id.clone().unwrap_or_default(),
-            }),
+            _ => Ok(Placed::earlier(e.transfer(), e.attempt_id.clone())),
         }
     }
 }

@@ -49,6 +49,26 @@ pub struct Placed {
     pub attempt_id: String,
 }
 
+impl Placed {
+    /// The hold this call placed, under the attempt it named.
+    pub(crate) fn by_this_call(row: TransferRow, input: &AuthorizeInput<'_>) -> Self {
+        Self {
+            row,
+            existing: false,
+            attempt_id: input.attempt_id.to_string(),
+        }
+    }
+
+    /// The hold an earlier call with the key placed, and the attempt it named (if any).
+    pub(crate) fn earlier(row: TransferRow, attempt_id: Option<String>) -> Self {
+        Self {
+            row,
+            existing: true,
+            attempt_id: attempt_id.unwrap_or_default(),
+        }
+    }
+}
+
 /// Who placed an authorization's hold, as the authorization found out.
 enum Origin {
     ThisCall,
@@ -108,14 +128,9 @@ impl Store {
     pub async fn authorize_keyed(&self, input: &AuthorizeInput<'_>) -> Result<Placed> {
         let mut origin = Origin::Earlier(None);
         let row = self.authorize_once(input, &mut origin).await?;
-        let (existing, attempt_id) = match origin {
-            Origin::ThisCall => (false, input.attempt_id.to_string()),
-            Origin::Earlier(attempt) => (true, attempt.unwrap_or_default()),
-        };
-        Ok(Placed {
-            row,
-            existing,
-            attempt_id,
+        Ok(match origin {
+            Origin::ThisCall => Placed::by_this_call(row, input),
+            Origin::Earlier(attempt) => Placed::earlier(row, attempt),
         })
     }
 

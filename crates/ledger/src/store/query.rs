@@ -4,6 +4,7 @@ use sqlx::any::AnyArguments;
 use sqlx::query::QueryAs;
 use sqlx::Any;
 
+use super::usage::FREE_ROW;
 use super::{
     AccountRow, Micros, Store, TransferRow, TransferStatus, UsageRow, ACCOUNT_COLUMNS,
     TRANSFER_COLUMNS, TRANSFER_JOINS, USAGE_COLUMNS,
@@ -371,7 +372,7 @@ impl Store {
         let sql = format!(
             "SELECT {USAGE_COLUMNS} FROM usage_records u JOIN accounts r ON r.id = u.recipient_id \
              WHERE u.recipient_id = $1 AND u.request_id = $2 AND u.user_email = $3 \
-               AND NOT u.refused AND u.transfer_id IS NULL AND u.hosted_transfer_id IS NULL"
+               AND NOT u.refused AND {FREE_ROW}"
         );
         Ok(sqlx::query_as(&sql)
             .bind(recipient_id)

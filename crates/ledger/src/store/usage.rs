@@ -160,14 +160,29 @@ fn insert_usage_sql(conflict: &str) -> String {
     )
 }
 
+/// A free row: one that names no transfer, local or hosted (`FREE_ROW`). Written as migration
+/// 0030's free index writes it: SQLite matches a conflict target to a partial index only by its
+/// predicate's text.
+macro_rules! free_row {
+    () => {
+        "transfer_id IS NULL AND hosted_transfer_id IS NULL"
+    };
+}
+
+/// Which usage rows are free (no transfer): what request-id uniqueness, `verify` and the lookup
+/// of a free row's request id tell apart from paid rows.
+pub(crate) const FREE_ROW: &str = free_row!();
+
 /// The conflict target of a free row without a key: at most one per recipient, user and request
 /// id among the free rows (refusals excepted). Paid rows are unique apart from them (migration
 /// 0030): a paid request after a free one of the same id is charged, so its row must be written.
-pub(crate) const FREE_REQUEST: &str = "(recipient_id, user_email, request_id) \
-    WHERE NOT refused AND transfer_id IS NULL AND hosted_transfer_id IS NULL";
+pub(crate) const FREE_REQUEST: &str = concat!(
+    "(recipient_id, user_email, request_id) WHERE NOT refused AND ",
+    free_row!()
+);
 
 /// The conflict target of a paid row (a transfer's, local or hosted): at most one per recipient,
-/// user and request id among the paid rows.
+/// user and request id among the paid rows (the free predicate negated, as the index writes it).
 pub(crate) const PAID_REQUEST: &str = "(recipient_id, user_email, request_id) \
     WHERE NOT refused AND (transfer_id IS NOT NULL OR hosted_transfer_id IS NOT NULL)";
 

@@ -3,6 +3,7 @@
 
 use sqlx::AnyConnection;
 
+use super::usage::FREE_ROW;
 use super::{Backend, Store};
 use crate::error::Result;
 
@@ -258,11 +259,11 @@ async fn verify_snapshot(conn: &mut AnyConnection) -> Result<VerifyReport> {
             "{bad_deposits} deposits do not match their journal entries"
         ));
     }
-    let per_request: i64 = sqlx::query_scalar(
+    let per_request: i64 = sqlx::query_scalar(&format!(
         "SELECT COUNT(*) FROM (SELECT recipient_id, user_email, request_id FROM usage_records \
-             WHERE NOT refused GROUP BY recipient_id, user_email, request_id, \
-               transfer_id IS NULL AND hosted_transfer_id IS NULL HAVING COUNT(*) > 1) d",
-    )
+             WHERE NOT refused GROUP BY recipient_id, user_email, request_id, {FREE_ROW} \
+             HAVING COUNT(*) > 1) d",
+    ))
     .fetch_one(&mut *conn)
     .await?;
     if per_request > 0 {

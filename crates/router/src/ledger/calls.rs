@@ -107,16 +107,14 @@ fn outcome_unknown(code: Code) -> bool {
 /// it cannot have been applied. Anything else that failed in flight may have been. The transport
 /// says so only in its message (hyper's connector: "tcp connect error", "error trying to
 /// connect", "Connection refused"); a bare "connect" also matched "connection reset", which a
-/// call sent and then cut off gets.
-/// A TLS handshake the ledger refused (a router without the client certificate a mutual-TLS
-/// ledger requires) carried no call either.
+/// call sent and then cut off gets. (A TLS handshake the ledger refused carried no call either:
+/// [`Calls::try_call`] tells it apart first, as [`Round::refused_tls`].)
 fn never_sent(s: &tonic::Status) -> bool {
     let message = s.message().to_ascii_lowercase();
-    let unconnected = s.code() == Code::Unavailable
+    s.code() == Code::Unavailable
         && ["connect error", "trying to connect", "connection refused"]
             .iter()
-            .any(|m| message.contains(m));
-    unconnected || syft_tls::handshake_failed(s)
+            .any(|m| message.contains(m))
 }
 
 impl Calls {
