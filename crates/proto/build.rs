@@ -12,6 +12,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         root.join("syft/router/v1/router.proto"),
     ];
     tonic_prost_build::configure()
+        // Every service and client decodes through `codec.rs`: prost's codec behind a bound on
+        // a message's fields, checked before decoding.
+        .codec_path("crate::codec::BoundedCodec")
         .file_descriptor_set_path(out.join("syft_descriptor.bin"))
         .compile_protos(&protos, &[root])?;
     for p in &protos {

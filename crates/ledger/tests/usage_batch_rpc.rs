@@ -82,6 +82,20 @@ async fn bad_batches_write_nothing(h: Harness) -> Harness {
         code(c.record_usage_batch(too_many).await),
         Code::InvalidArgument
     );
+    // A list longer than any the ledger takes is refused before it is decoded, credential or not
+    // (an empty row is 2 bytes on the wire and about 240 decoded: 4 MiB of them cost the ledger
+    // almost 500 MiB before it looked at the caller).
+    let flood = pb::RecordUsageBatchRequest {
+        usages: vec![pb::Usage::default(); syft_proto::codec::MAX_FIELDS + 1],
+    };
+    for mut caller in [h.client("not-a-secret"), c.clone()] {
+        let err = caller
+            .record_usage_batch(flood.clone())
+            .await
+            .expect_err("flood");
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains("before decoding"), "{err:?}");
+    }
     // The admin is no recipient of usage rows.
     let admin = h
         .admin()

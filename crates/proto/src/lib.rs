@@ -1,4 +1,7 @@
-//! Generated gRPC types for `syft.ledger.v1` and `syft.router.v1`.
+//! Generated gRPC types for `syft.ledger.v1` and `syft.router.v1`, and the codec they decode
+//! with (`codec.rs`).
+
+pub mod codec;
 
 pub mod ledger {
     tonic::include_proto!("syft.ledger.v1");

@@ -13,8 +13,9 @@ pub const ROLES: [&str; 3] = ["system", "user", "assistant"];
 /// At most this many stop sequences (as OpenAI).
 pub const MAX_STOP_SEQUENCES: usize = 4;
 /// The most messages a request may carry (`limits.max_messages` may not be set higher): the HTTP
-/// front stops reading a list past it (`openai_wire.rs`).
-pub const MAX_MESSAGES: usize = 100_000;
+/// front stops reading a list past it (`openai_wire.rs`), the gRPC codec refuses a message of
+/// more entries than this before decoding it (`crates/proto/src/codec.rs`).
+pub const MAX_MESSAGES: usize = syft_proto::codec::MAX_LIST_ENTRIES;
 
 /// Longest accepted client request id.
 pub const MAX_REQUEST_ID_LEN: usize = 128;

@@ -964,6 +964,19 @@ async fn invalid_input_is_rejected_and_nothing_is_charged() {
         ),
         "{err:?}"
     );
+    // A list longer than any router accepts is refused before it is decoded (an empty message is
+    // 2 bytes on the wire and 72 decoded: 5 MiB of them cost hundreds of MiB); one at the bound
+    // is decoded and refused by validation, as any list over `max_messages`.
+    let mut r = s.request("hi");
+    r.messages = vec![Message::default(); syft_proto::codec::MAX_FIELDS + 1];
+    let err = c.chat(r).await.expect_err("too many entries");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("before decoding"), "{err:?}");
+    let mut r = s.request("hi");
+    r.messages = vec![Message::default(); syft_proto::codec::MAX_LIST_ENTRIES];
+    let err = c.chat_stream(r).await.expect_err("over max_messages");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("too many messages"), "{err:?}");
     // HTTP: 400 with an OpenAI error body.
     let no_messages = reqwest::Client::new()
         .post(s.router.chat_completions_url())
