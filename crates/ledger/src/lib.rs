@@ -205,18 +205,17 @@ pub async fn serve_store(
         client_auth = tls.is_some_and(|t| t.requires_client_cert()),
         "ledger serving"
     );
-    let grpc = syft_tls::grpc_server(tls)
-        .map_err(|e| LedgerError::Internal(e.to_string()))?
+    let incoming =
+        syft_server::grpc_incoming(listeners.grpc, syft_server::MAX_GRPC_CONNECTIONS, tls)
+            .map_err(|e| LedgerError::Internal(format!("gRPC listener: {e}")))?;
+    let grpc = syft_tls::grpc_server()
         .layer(syft_telemetry::RequestLayer(syft_telemetry::Server::Grpc))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(grpc::GrpcLedger(ledger.clone()).into_server())
         .add_service(grpc::GrpcLedger(ledger.clone()).into_alerts_server())
-        .serve_with_incoming_shutdown(
-            syft_server::grpc_incoming(listeners.grpc, syft_server::MAX_GRPC_CONNECTIONS),
-            stop.stopped(),
-        );
+        .serve_with_incoming_shutdown(incoming, stop.stopped());
     let grpc = async {
         grpc.await
             .map_err(|e| LedgerError::Unavailable(format!("gRPC server failed: {e}")))

@@ -49,6 +49,8 @@ pub enum ServeError {
     Setup(#[from] RouterError),
     #[error("gRPC server failed: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    #[error("gRPC listener: {0}")]
+    GrpcListener(std::io::Error),
     #[error("HTTP server failed: {0}")]
     Http(#[from] std::io::Error),
     #[error("TLS: {0}")]
@@ -109,14 +111,19 @@ impl RouterService {
         let (reflection_v1, reflection_v1alpha) = health::reflection()?;
         let _health = health::spawn(&service, publisher);
         let tls = service.config().tls.clone();
-        let grpc = syft_tls::grpc_server(tls.as_ref())?
+        let grpc = syft_tls::grpc_server()
             .layer(syft_telemetry::RequestLayer(syft_telemetry::Server::Grpc))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(GrpcRouter::new(service.clone()).into_server())
             .serve_with_incoming_shutdown(
-                syft_server::grpc_incoming(grpc_listener, syft_server::MAX_GRPC_CONNECTIONS),
+                syft_server::grpc_incoming(
+                    grpc_listener,
+                    syft_server::MAX_GRPC_CONNECTIONS,
+                    tls.as_ref(),
+                )
+                .map_err(ServeError::GrpcListener)?,
                 stop.stopped(),
             );
         let app = http::http_router(service.clone());

@@ -4,7 +4,8 @@
 //!   makes client certificates mandatory (mutual TLS).
 //! - [`ClientTls`]: the CA to trust (default: the public web PKI roots) and an optional client
 //!   identity, for gRPC channels to `https://` URLs.
-//! - [`TlsListener`]: an [`axum::serve::Listener`] that terminates TLS, for HTTP fronts.
+//! - [`TlsListener`]: an [`axum::serve::Listener`] that terminates TLS, for the HTTP fronts and
+//!   (through `syft-server`'s `grpc_incoming`) the gRPC listeners.
 //!
 //! PEM material is validated when loaded, so a bad file fails at startup with its path in the
 //! error. Private keys never appear in `Debug` output or logs.
@@ -20,10 +21,14 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio_rustls::rustls;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+
+pub use tokio_rustls::rustls;
+
+/// A server-side TLS connection, as [`TlsListener`] hands it over.
+pub type ServerTlsStream = TlsStream<TcpStream>;
 
 /// How long a client may take to complete the TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -147,20 +152,7 @@ impl ServerTls {
         self.client_ca.is_some()
     }
 
-    /// The tonic server configuration.
-    pub fn tonic(&self) -> ServerTlsConfig {
-        let config = ServerTlsConfig::new()
-            .identity(self.identity.tonic())
-            .timeout(HANDSHAKE_TIMEOUT);
-        match &self.client_ca {
-            Some(ca) => config
-                .client_ca_root(Certificate::from_pem(ca))
-                .client_auth_optional(false),
-            None => config,
-        }
-    }
-
-    /// A rustls server configuration offering HTTP/2 and HTTP/1.1 (for HTTP listeners).
+    /// A rustls server configuration offering HTTP/2 and HTTP/1.1 (gRPC clients ask for HTTP/2).
     pub fn rustls(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
@@ -401,20 +393,15 @@ impl axum::serve::Listener for TlsListener {
     }
 }
 
-/// A tonic server builder, with TLS when `tls` is set.
-pub fn grpc_server(tls: Option<&ServerTls>) -> Result<tonic::transport::Server, TlsError> {
+/// A tonic server builder. It serves TLS connections that `syft-server`'s `grpc_incoming`
+/// handshook, so it has no TLS configuration of its own.
+pub fn grpc_server() -> tonic::transport::Server {
     // HTTP/2 pings find dead peers behind load balancers and NATs that drop idle connections
     // silently. (TCP keepalive is set where connections are accepted, syft-server's
     // `grpc_incoming`: tonic applies its builder's TCP settings only to listeners it binds.)
-    let builder = tonic::transport::Server::builder()
+    tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(HTTP2_PING_INTERVAL))
-        .http2_keepalive_timeout(Some(HTTP2_PING_TIMEOUT));
-    match tls {
-        Some(tls) => builder
-            .tls_config(tls.tonic())
-            .map_err(|e| TlsError::Config(e.to_string())),
-        None => Ok(builder),
-    }
+        .http2_keepalive_timeout(Some(HTTP2_PING_TIMEOUT))
 }
 
 /// Whether `error` (or an error it was caused by) is a TLS handshake that failed: a certificate
