@@ -6,19 +6,32 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Read at run time: a build script binary can be reused by another checkout of the crate.
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
-    let protos = [
+    // Each service decodes through its own bound on a message's fields (`src/codec.rs`), so
+    // the two packages are generated apart, each with its codec and descriptor set.
+    let ledger = [
         root.join("syft/ledger/v1/ledger.proto"),
         root.join("syft/ledger/v1/alerts.proto"),
-        root.join("syft/router/v1/router.proto"),
     ];
-    tonic_prost_build::configure()
-        // Every service and client decodes through `codec.rs`: prost's codec behind a bound on
-        // a message's fields, checked before decoding.
-        .codec_path("crate::codec::BoundedCodec")
-        .file_descriptor_set_path(out.join("syft_descriptor.bin"))
-        .compile_protos(&protos, &[root])?;
-    for p in &protos {
-        println!("cargo:rerun-if-changed={}", p.display());
+    let router = [root.join("syft/router/v1/router.proto")];
+    for (protos, codec, descriptors) in [
+        (
+            &ledger[..],
+            "crate::codec::LedgerCodec",
+            "ledger_descriptor.bin",
+        ),
+        (
+            &router[..],
+            "crate::codec::RouterCodec",
+            "router_descriptor.bin",
+        ),
+    ] {
+        tonic_prost_build::configure()
+            .codec_path(codec)
+            .file_descriptor_set_path(out.join(descriptors))
+            .compile_protos(protos, std::slice::from_ref(&root))?;
+        for p in protos {
+            println!("cargo:rerun-if-changed={}", p.display());
+        }
     }
     Ok(())
 }

@@ -210,6 +210,7 @@ pub async fn serve_store(
             .map_err(|e| LedgerError::Internal(format!("gRPC listener: {e}")))?;
     let grpc = syft_tls::grpc_server()
         .layer(syft_telemetry::RequestLayer(syft_telemetry::Server::Grpc))
+        .layer(syft_server::BodyBudgetLayer::default())
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -86,7 +86,7 @@ async fn bad_batches_write_nothing(h: Harness) -> Harness {
     // (an empty row is 2 bytes on the wire and about 240 decoded: 4 MiB of them cost the ledger
     // almost 500 MiB before it looked at the caller).
     let flood = pb::RecordUsageBatchRequest {
-        usages: vec![pb::Usage::default(); syft_proto::codec::MAX_FIELDS + 1],
+        usages: vec![pb::Usage::default(); syft_proto::codec::LEDGER_MAX_FIELDS + 1],
     };
     for mut caller in [h.client("not-a-secret"), c.clone()] {
         let err = caller

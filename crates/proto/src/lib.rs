@@ -1,4 +1,4 @@
-//! Generated gRPC types for `syft.ledger.v1` and `syft.router.v1`, and the codec they decode
+//! Generated gRPC types for `syft.ledger.v1` and `syft.router.v1`, and the codecs they decode
 //! with (`codec.rs`).
 
 pub mod codec;
@@ -11,8 +11,9 @@ pub mod router {
     tonic::include_proto!("syft.router.v1");
 }
 
-/// Encoded descriptor set of every service, for gRPC server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("syft_descriptor");
+/// Encoded descriptor sets of the ledger's and the router's services, for gRPC server reflection.
+pub const LEDGER_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("ledger_descriptor");
+pub const ROUTER_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("router_descriptor");
 
 /// gRPC server reflection, v1 and v1alpha (for older `grpcurl`s), advertising `service`, the
 /// health service and reflection itself.
@@ -32,7 +33,8 @@ pub fn reflection(
 > {
     let builder = || {
         tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(LEDGER_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(ROUTER_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .with_service_name(service)
             .with_service_name("grpc.health.v1.Health")

@@ -53,8 +53,6 @@ pub enum ServeError {
     GrpcListener(std::io::Error),
     #[error("HTTP server failed: {0}")]
     Http(#[from] std::io::Error),
-    #[error("TLS: {0}")]
-    Tls(#[from] syft_tls::TlsError),
 }
 
 /// Serves the gRPC API on `grpc_listener` and the OpenAI-compatible HTTP front (plus `/healthz`,
@@ -113,6 +111,7 @@ impl RouterService {
         let tls = service.config().tls.clone();
         let grpc = syft_tls::grpc_server()
             .layer(syft_telemetry::RequestLayer(syft_telemetry::Server::Grpc))
+            .layer(syft_server::BodyBudgetLayer::default())
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

@@ -968,9 +968,15 @@ async fn invalid_input_is_rejected_and_nothing_is_charged() {
     // 2 bytes on the wire and 72 decoded: 5 MiB of them cost hundreds of MiB); one at the bound
     // is decoded and refused by validation, as any list over `max_messages`.
     let mut r = s.request("hi");
-    r.messages = vec![Message::default(); syft_proto::codec::MAX_FIELDS + 1];
+    r.messages = vec![Message::default(); syft_proto::codec::ROUTER_MAX_FIELDS + 1];
     let err = c.chat(r).await.expect_err("too many entries");
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("before decoding"), "{err:?}");
+    // The one list inside a field of a request is counted too.
+    let mut r = s.request("hi");
+    r.options =
+        opts(|o| o.stop_sequences = vec![String::new(); syft_proto::codec::MAX_NESTED_ENTRIES + 1]);
+    let err = c.chat(r).await.expect_err("too many stop sequences");
     assert!(err.message().contains("before decoding"), "{err:?}");
     let mut r = s.request("hi");
     r.messages = vec![Message::default(); syft_proto::codec::MAX_LIST_ENTRIES];

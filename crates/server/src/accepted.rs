@@ -13,10 +13,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
-use tonic::transport::server::{Connected, TcpConnectInfo};
 
 /// The connection cap of one listener: a slot is taken before each `accept`, so a listener at
 /// its cap stops accepting and new connections wait in the kernel's backlog.
@@ -148,13 +146,5 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Accepted<IO> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-}
-
-impl Connected for Accepted<TcpStream> {
-    type ConnectInfo = TcpConnectInfo;
-
-    fn connect_info(&self) -> TcpConnectInfo {
-        self.io.connect_info()
     }
 }

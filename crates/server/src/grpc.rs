@@ -46,7 +46,10 @@ pub fn grpc_incoming(
     match tls {
         None => Ok(capped_incoming(listener, max_connections, PREFACE_TIMEOUT).boxed()),
         Some(tls) => {
-            let rustls = tls.rustls().map_err(io::Error::other)?;
+            // gRPC is HTTP/2 only: a client offering nothing else learns so in the handshake.
+            let mut rustls = (*tls.rustls().map_err(io::Error::other)?).clone();
+            rustls.alpn_protocols = vec![b"h2".to_vec()];
+            let rustls = std::sync::Arc::new(rustls);
             tls_incoming(listener, rustls, max_connections, PREFACE_TIMEOUT).map(StreamExt::boxed)
         }
     }

@@ -3,12 +3,14 @@
 //! period, and background tasks that end with the server.
 
 mod accepted;
+mod bodies;
 mod grpc;
 mod health;
 mod http;
 mod secret;
 
 pub use accepted::Accepted;
+pub use bodies::{BodyBudgetLayer, BODY_BUDGET_BYTES, BODY_DEADLINE};
 pub use grpc::{grpc_incoming, MAX_GRPC_CONNECTIONS};
 pub use http::{HttpLimits, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS};
 pub use secret::Secret;

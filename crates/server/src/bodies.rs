@@ -1,0 +1,255 @@
+//! Request bodies bounded in memory and in time, for the gRPC servers.
+//!
+//! tonic reads a request's whole message into memory before the handler runs, and nothing
+//! bounded how many such messages were being received at once or for how long: a client could
+//! open streams on a connection (tonic sets no limit on streams per connection), send each a
+//! message of almost the size limit (5 MiB to a router, 4 MiB to a ledger) and never finish it,
+//! and the server held every one of them, unauthenticated, for as long as the client kept the
+//! connection. [`BodyBudgetLayer`] gives each server a budget of request bytes being received
+//! ([`BODY_BUDGET_BYTES`]) and each request body a deadline ([`BODY_DEADLINE`]): a body that
+//! would go over the budget fails with `RESOURCE_EXHAUSTED`, one that has not ended within the
+//! deadline with `DEADLINE_EXCEEDED`, and the bytes a body holds return to the budget when it is
+//! dropped (tonic drops a unary request's body once its message is decoded).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Sleep;
+use tonic::Status;
+
+/// Request bytes one server holds while receiving them, over all requests: 50 requests of the
+/// largest size at once, or thousands of ordinary ones.
+pub const BODY_BUDGET_BYTES: usize = 256 * 1024 * 1024;
+
+/// How long a request body may take to arrive in full. A unary message of the largest size
+/// arrives in well under a second on any link a router is served over.
+pub const BODY_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Bounds every request body of the service it wraps (see the module's documentation).
+#[derive(Clone)]
+pub struct BodyBudgetLayer {
+    budget: Arc<Semaphore>,
+    deadline: Duration,
+}
+
+impl BodyBudgetLayer {
+    /// A budget of `bytes` shared by every request the layered service receives, and `deadline`
+    /// for each body.
+    pub fn new(bytes: usize, deadline: Duration) -> Self {
+        BodyBudgetLayer {
+            budget: Arc::new(Semaphore::new(bytes.min(Semaphore::MAX_PERMITS))),
+            deadline,
+        }
+    }
+}
+
+impl Default for BodyBudgetLayer {
+    fn default() -> Self {
+        BodyBudgetLayer::new(BODY_BUDGET_BYTES, BODY_DEADLINE)
+    }
+}
+
+impl<S> tower::Layer<S> for BodyBudgetLayer {
+    type Service = BodyBudget<S>;
+
+    fn layer(&self, inner: S) -> BodyBudget<S> {
+        BodyBudget {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// The service of [`BodyBudgetLayer`].
+#[derive(Clone)]
+pub struct BodyBudget<S> {
+    inner: S,
+    layer: BodyBudgetLayer,
+}
+
+impl<S> tower::Service<http::Request<tonic::body::Body>> for BodyBudget<S>
+where
+    S: tower::Service<http::Request<tonic::body::Body>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let layer = &self.layer;
+        let request = request.map(|body| {
+            tonic::body::Body::new(Budgeted {
+                inner: body,
+                budget: layer.budget.clone(),
+                held: None,
+                deadline: Box::pin(tokio::time::sleep(layer.deadline)),
+                within: layer.deadline,
+            })
+        });
+        self.inner.call(request)
+    }
+}
+
+/// A request body that takes its bytes from the budget as they arrive and gives them back when
+/// dropped, and fails once its deadline passed while it waited for more.
+struct Budgeted {
+    inner: tonic::body::Body,
+    budget: Arc<Semaphore>,
+    held: Option<OwnedSemaphorePermit>,
+    deadline: Pin<Box<Sleep>>,
+    within: Duration,
+}
+
+impl Body for Budgeted {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    if let Err(refused) = this.take(data.len()) {
+                        return Poll::Ready(Some(Err(refused)));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Pending => match this.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(Status::deadline_exceeded(format!(
+                    "the request did not arrive in full within {:?}",
+                    this.within
+                ))))),
+                Poll::Pending => Poll::Pending,
+            },
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Budgeted {
+    /// Takes `bytes` from the budget for as long as this body lives.
+    fn take(&mut self, bytes: usize) -> Result<(), Status> {
+        let taken = u32::try_from(bytes)
+            .ok()
+            .and_then(|n| self.budget.clone().try_acquire_many_owned(n).ok());
+        let Some(taken) = taken else {
+            return Err(Status::resource_exhausted(
+                "the server is receiving too many request bytes at once; try again shortly",
+            ));
+        };
+        match &mut self.held {
+            Some(held) => held.merge(taken),
+            None => self.held = Some(taken),
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, StreamBody};
+    use tokio::sync::mpsc;
+    use tokio_stream::wrappers::ReceiverStream;
+    use tower::{Layer, Service};
+
+    type Frames = mpsc::Sender<Result<Frame<Bytes>, Status>>;
+
+    /// A service that answers with the body it was handed, to be read as tonic's would.
+    struct Echo;
+
+    impl Service<http::Request<tonic::body::Body>> for Echo {
+        type Response = tonic::body::Body;
+        type Error = Status;
+        type Future = std::future::Ready<Result<tonic::body::Body, Status>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Status>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+            std::future::ready(Ok(request.into_body()))
+        }
+    }
+
+    /// A request whose body the test feeds, passed through `layer`.
+    async fn request(layer: &BodyBudgetLayer) -> (Frames, tonic::body::Body) {
+        let (tx, rx) = mpsc::channel(4);
+        let body = tonic::body::Body::new(StreamBody::new(ReceiverStream::new(rx)));
+        let body = (layer.layer(Echo).call(http::Request::new(body)).await).expect("called");
+        (tx, body)
+    }
+
+    async fn send(tx: &Frames, bytes: usize) {
+        let data = Bytes::from(vec![0u8; bytes]);
+        tx.send(Ok(Frame::data(data))).await.expect("send");
+    }
+
+    /// Bytes being received count against the server's budget until their body is dropped; a
+    /// body that would go over it fails, and the bytes are there again once the others went.
+    #[tokio::test]
+    async fn bodies_share_one_budget_until_they_are_dropped() {
+        let layer = BodyBudgetLayer::new(10, Duration::from_secs(60));
+        let (a_tx, mut a) = request(&layer).await;
+        let (b_tx, mut b) = request(&layer).await;
+        send(&a_tx, 6).await;
+        assert!(a.frame().await.expect("frame").is_ok());
+        send(&b_tx, 3).await;
+        assert!(b.frame().await.expect("frame").is_ok());
+        send(&b_tx, 3).await;
+        let refused = b.frame().await.expect("frame").expect_err("over budget");
+        assert_eq!(
+            refused.code(),
+            tonic::Code::ResourceExhausted,
+            "{refused:?}"
+        );
+        drop((a, b));
+        let (c_tx, mut c) = request(&layer).await;
+        send(&c_tx, 10).await;
+        assert!(
+            c.frame().await.expect("frame").is_ok(),
+            "the budget is whole again"
+        );
+    }
+
+    /// A body that stops sending fails once its deadline passed; one that ends in time is read
+    /// to its end.
+    #[tokio::test]
+    async fn a_body_that_stalls_past_its_deadline_fails() {
+        let layer = BodyBudgetLayer::new(1 << 20, Duration::from_millis(200));
+        let (tx, mut stalled) = request(&layer).await;
+        send(&tx, 100).await;
+        assert!(stalled.frame().await.expect("frame").is_ok());
+        let started = std::time::Instant::now();
+        let failed = stalled.frame().await.expect("frame").expect_err("deadline");
+        assert_eq!(failed.code(), tonic::Code::DeadlineExceeded, "{failed:?}");
+        assert!(started.elapsed() >= Duration::from_millis(150));
+        let (tx, mut complete) = request(&layer).await;
+        send(&tx, 100).await;
+        drop(tx);
+        assert!(complete.frame().await.expect("frame").is_ok());
+        assert!(complete.frame().await.is_none(), "ended");
+    }
+}
