@@ -87,7 +87,8 @@ impl<U: prost::Message + Default + 'static, const MAX: usize> Decoder for Bounde
         // message); were it ever split, the count would see the first part only.
         if !within_bounds(buf.chunk(), MAX, nested_list::<U>()) {
             return Err(Status::invalid_argument(format!(
-                "the message has more than {MAX} fields or list entries (or a group, which these                  services do not use): refused before decoding"
+                "the message has more than {MAX} fields or list entries (or a group, which these \
+                 services do not use): refused before decoding"
             )));
         }
         self.0.decode(buf)

@@ -10,6 +10,11 @@
 //! would go over the budget fails with `RESOURCE_EXHAUSTED`, one that has not ended within the
 //! deadline with `DEADLINE_EXCEEDED`, and the bytes a body holds return to the budget when it is
 //! dropped (tonic drops a unary request's body once its message is decoded).
+//!
+//! A body's first [`UNCOUNTED_BYTES`] are not taken from the budget: while large bodies hold all
+//! of it (an attack, or a burst of long prompts), calls of ordinary size (every call a router
+//! makes to its ledger but its larger usage batches and answers, most chats) still go through.
+//! What those cost is bounded by the deadline and the streams a connection may have.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -27,6 +32,9 @@ use tonic::Status;
 /// largest size at once, or thousands of ordinary ones.
 pub const BODY_BUDGET_BYTES: usize = 256 * 1024 * 1024;
 
+/// The first bytes of each body, not counted against the budget (see the module's documentation).
+pub const UNCOUNTED_BYTES: usize = 16 * 1024;
+
 /// How long a request body may take to arrive in full. A unary message of the largest size
 /// arrives in well under a second on any link a router is served over.
 pub const BODY_DEADLINE: Duration = Duration::from_secs(60);
@@ -35,15 +43,17 @@ pub const BODY_DEADLINE: Duration = Duration::from_secs(60);
 #[derive(Clone)]
 pub struct BodyBudgetLayer {
     budget: Arc<Semaphore>,
+    uncounted: usize,
     deadline: Duration,
 }
 
 impl BodyBudgetLayer {
-    /// A budget of `bytes` shared by every request the layered service receives, and `deadline`
-    /// for each body.
-    pub fn new(bytes: usize, deadline: Duration) -> Self {
+    /// A budget of `bytes` shared by every request the layered service receives (each body's
+    /// first `uncounted` bytes apart), and `deadline` for each body.
+    pub fn new(bytes: usize, uncounted: usize, deadline: Duration) -> Self {
         BodyBudgetLayer {
             budget: Arc::new(Semaphore::new(bytes.min(Semaphore::MAX_PERMITS))),
+            uncounted,
             deadline,
         }
     }
@@ -51,7 +61,7 @@ impl BodyBudgetLayer {
 
 impl Default for BodyBudgetLayer {
     fn default() -> Self {
-        BodyBudgetLayer::new(BODY_BUDGET_BYTES, BODY_DEADLINE)
+        BodyBudgetLayer::new(BODY_BUDGET_BYTES, UNCOUNTED_BYTES, BODY_DEADLINE)
     }
 }
 
@@ -92,6 +102,7 @@ where
                 inner: body,
                 budget: layer.budget.clone(),
                 held: None,
+                uncounted: layer.uncounted,
                 deadline: Box::pin(tokio::time::sleep(layer.deadline)),
                 within: layer.deadline,
             })
@@ -106,6 +117,8 @@ struct Budgeted {
     inner: tonic::body::Body,
     budget: Arc<Semaphore>,
     held: Option<OwnedSemaphorePermit>,
+    /// Bytes still to receive before the budget counts them.
+    uncounted: usize,
     deadline: Pin<Box<Sleep>>,
     within: Duration,
 }
@@ -149,8 +162,15 @@ impl Body for Budgeted {
 }
 
 impl Budgeted {
-    /// Takes `bytes` from the budget for as long as this body lives.
+    /// Takes `bytes` that arrived (those past the uncounted ones) from the budget, for as long
+    /// as this body lives.
     fn take(&mut self, bytes: usize) -> Result<(), Status> {
+        let free = bytes.min(self.uncounted);
+        self.uncounted -= free;
+        let bytes = bytes - free;
+        if bytes == 0 {
+            return Ok(());
+        }
         let taken = u32::try_from(bytes)
             .ok()
             .and_then(|n| self.budget.clone().try_acquire_many_owned(n).ok());
@@ -211,7 +231,7 @@ mod tests {
     /// body that would go over it fails, and the bytes are there again once the others went.
     #[tokio::test]
     async fn bodies_share_one_budget_until_they_are_dropped() {
-        let layer = BodyBudgetLayer::new(10, Duration::from_secs(60));
+        let layer = BodyBudgetLayer::new(10, 0, Duration::from_secs(60));
         let (a_tx, mut a) = request(&layer).await;
         let (b_tx, mut b) = request(&layer).await;
         send(&a_tx, 6).await;
@@ -238,7 +258,7 @@ mod tests {
     /// to its end.
     #[tokio::test]
     async fn a_body_that_stalls_past_its_deadline_fails() {
-        let layer = BodyBudgetLayer::new(1 << 20, Duration::from_millis(200));
+        let layer = BodyBudgetLayer::new(1 << 20, 0, Duration::from_millis(200));
         let (tx, mut stalled) = request(&layer).await;
         send(&tx, 100).await;
         assert!(stalled.frame().await.expect("frame").is_ok());
@@ -251,5 +271,31 @@ mod tests {
         drop(tx);
         assert!(complete.frame().await.expect("frame").is_ok());
         assert!(complete.frame().await.is_none(), "ended");
+    }
+
+    /// A body's first uncounted bytes take nothing from the budget: small calls pass while large
+    /// ones hold all of it.
+    #[tokio::test]
+    async fn small_bodies_pass_when_the_budget_is_spent() {
+        let layer = BodyBudgetLayer::new(10, 4, Duration::from_secs(60));
+        let (large_tx, mut large) = request(&layer).await;
+        send(&large_tx, 14).await;
+        assert!(
+            large.frame().await.expect("frame").is_ok(),
+            "4 free, 10 taken"
+        );
+        let (small_tx, mut small) = request(&layer).await;
+        send(&small_tx, 4).await;
+        assert!(
+            small.frame().await.expect("frame").is_ok(),
+            "within its free bytes"
+        );
+        send(&small_tx, 1).await;
+        let refused = small.frame().await.expect("frame").expect_err("past them");
+        assert_eq!(
+            refused.code(),
+            tonic::Code::ResourceExhausted,
+            "{refused:?}"
+        );
     }
 }

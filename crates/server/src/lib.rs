@@ -10,7 +10,7 @@ mod http;
 mod secret;
 
 pub use accepted::Accepted;
-pub use bodies::{BodyBudgetLayer, BODY_BUDGET_BYTES, BODY_DEADLINE};
+pub use bodies::{BodyBudgetLayer, BODY_BUDGET_BYTES, BODY_DEADLINE, UNCOUNTED_BYTES};
 pub use grpc::{grpc_incoming, MAX_GRPC_CONNECTIONS};
 pub use http::{HttpLimits, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS};
 pub use secret::Secret;
