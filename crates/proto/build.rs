@@ -7,7 +7,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     // Each service decodes through its own bound on a message's fields (`src/codec.rs`), so
-    // the two packages are generated apart, each with its codec and descriptor set.
+    // the two packages are generated apart, each with its codec and descriptor set. (Neither
+    // imports the other: were the router's to import the ledger's, its run would generate the
+    // ledger's package again, with the router's codec.)
     let ledger = [
         root.join("syft/ledger/v1/ledger.proto"),
         root.join("syft/ledger/v1/alerts.proto"),

@@ -11,7 +11,6 @@ use syft_server::HealthPublisher;
 use tokio::sync::watch;
 use tonic_health::pb::health_server::HealthServer;
 
-use crate::error::{LedgerError, Result};
 use crate::store::Store;
 
 /// The fully-qualified name of the ledger's gRPC service.
@@ -101,19 +100,4 @@ pub async fn run_database_probe(store: Arc<Store>, health: Health, every: Durati
         };
         health.set_serving(ok).await;
     }
-}
-
-/// gRPC server reflection (v1 and v1alpha, for older `grpcurl`s) advertising the ledger, health
-/// and reflection services.
-#[allow(clippy::type_complexity)]
-pub fn reflection() -> Result<(
-    tonic_reflection::server::v1::ServerReflectionServer<
-        impl tonic_reflection::server::v1::ServerReflection,
-    >,
-    tonic_reflection::server::v1alpha::ServerReflectionServer<
-        impl tonic_reflection::server::v1alpha::ServerReflection,
-    >,
-)> {
-    syft_proto::reflection(LEDGER_SERVICE)
-        .map_err(|e| LedgerError::Internal(format!("reflection descriptors: {e}")))
 }

@@ -189,7 +189,6 @@ pub async fn serve_store(
         health.clone(),
         health::PROBE_INTERVAL,
     ));
-    let (reflection_v1, reflection_v1alpha) = health::reflection()?;
     let stopping = health.clone();
     let stop = syft_server::Stop::on(shutdown, move || async move { stopping.shut_down().await });
     let addr = listeners.grpc.local_addr().ok();
@@ -208,12 +207,9 @@ pub async fn serve_store(
     let incoming =
         syft_server::grpc_incoming(listeners.grpc, syft_server::MAX_GRPC_CONNECTIONS, tls)
             .map_err(|e| LedgerError::Internal(format!("gRPC listener: {e}")))?;
-    let grpc = syft_tls::grpc_server()
-        .layer(syft_telemetry::RequestLayer(syft_telemetry::Server::Grpc))
-        .layer(syft_server::BodyBudgetLayer::default())
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+    let body_budget = syft_server::BODY_BUDGET_BYTES;
+    let grpc = syft_server::grpc_router(health_service, health::LEDGER_SERVICE, body_budget)
+        .map_err(|e| LedgerError::Internal(format!("reflection descriptors: {e}")))?
         .add_service(grpc::GrpcLedger(ledger.clone()).into_server())
         .add_service(grpc::GrpcLedger(ledger.clone()).into_alerts_server())
         .serve_with_incoming_shutdown(incoming, stop.stopped());

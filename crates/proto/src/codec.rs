@@ -10,11 +10,13 @@
 //! each) is refused with `INVALID_ARGUMENT` before it is decoded: [`LedgerCodec`] for the
 //! ledger's and alerts' services and their clients, [`RouterCodec`] for the router's.
 //!
-//! Top level only, with one exception: no message of these services has a list inside a list,
-//! and the one list nested in a request, `ChatOptions.stop_sequences`, is counted too (an empty
-//! string costs 12 to 24 times its wire bytes). Groups, a proto2 encoding that no client of these
-//! services sends and that prost skips unseen under an unknown field number, are refused: they
-//! would hide what follows them from the count.
+//! Top level only, with one exception: the one list of strings or messages nested in a request,
+//! `ChatOptions.stop_sequences`, is counted too (an empty string costs 12 to 24 times its wire
+//! bytes). Packed lists of numbers (`GetUsageStatsRequest.group_by`, `AlertRule.steps`) are one
+//! field each and cost a few times their wire bytes at most. Groups, a proto2 encoding that no
+//! client of these services sends and that prost skips unseen under an unknown field number, are
+//! refused where they are counted: they would hide what follows them from the count (deeper
+//! down, prost skips them without keeping anything).
 
 use std::any::TypeId;
 use std::marker::PhantomData;

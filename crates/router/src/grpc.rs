@@ -10,6 +10,7 @@ use syft_proto::router::{
 };
 use tonic::{Request, Response, Status};
 
+use crate::config::RouterConfig;
 use crate::error::RouterError;
 use crate::limits::RateHeaders;
 use crate::service::RouterService;
@@ -26,16 +27,16 @@ impl GrpcRouter {
         GrpcRouter { service }
     }
 
+    /// The largest message the gRPC front takes: the prompt limit and 1 MiB for the rest.
+    pub fn max_message_bytes(config: &RouterConfig) -> usize {
+        config.limits.max_prompt_bytes.saturating_add(1024 * 1024)
+    }
+
     /// The tonic service, with message size limits derived from the prompt limit (larger
     /// messages fail with `RESOURCE_EXHAUSTED` in the transport; smaller over-limit prompts get
     /// `INVALID_ARGUMENT` from validation).
     pub fn into_server(self) -> RouterServer<GrpcRouter> {
-        let limit = self
-            .service
-            .config()
-            .limits
-            .max_prompt_bytes
-            .saturating_add(1024 * 1024);
+        let limit = Self::max_message_bytes(self.service.config());
         RouterServer::new(self)
             .max_decoding_message_size(limit)
             .max_encoding_message_size(usize::MAX)

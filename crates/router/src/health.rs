@@ -20,7 +20,6 @@ use serde::Serialize;
 use syft_server::{HealthPublisher, Tasks};
 use tokio::sync::watch;
 
-use crate::error::RouterError;
 use crate::service::RouterService;
 
 /// The fully-qualified name of the router's gRPC service.
@@ -272,24 +271,6 @@ pub(crate) fn mark_shutting_down(service: &RouterService) {
         next.recompute();
         next
     });
-}
-
-/// gRPC server reflection (v1 and v1alpha) advertising the router, health and reflection
-/// services.
-#[allow(clippy::type_complexity)]
-pub(crate) fn reflection() -> Result<
-    (
-        tonic_reflection::server::v1::ServerReflectionServer<
-            impl tonic_reflection::server::v1::ServerReflection,
-        >,
-        tonic_reflection::server::v1alpha::ServerReflectionServer<
-            impl tonic_reflection::server::v1alpha::ServerReflection,
-        >,
-    ),
-    RouterError,
-> {
-    syft_proto::reflection(ROUTER_SERVICE)
-        .map_err(|e| RouterError::Internal(format!("reflection descriptors: {e}")))
 }
 
 /// Shared readiness cell of a [`RouterService`].

@@ -106,15 +106,12 @@ impl RouterService {
         );
         let (publisher, health_service) =
             syft_server::HealthPublisher::new(health::ROUTER_SERVICE).await;
-        let (reflection_v1, reflection_v1alpha) = health::reflection()?;
         let _health = health::spawn(&service, publisher);
         let tls = service.config().tls.clone();
-        let grpc = syft_tls::grpc_server()
-            .layer(syft_telemetry::RequestLayer(syft_telemetry::Server::Grpc))
-            .layer(syft_server::BodyBudgetLayer::default())
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
+        // Room for four requests of the largest size the gRPC front takes, whatever the limit.
+        let body_budget = GrpcRouter::max_message_bytes(service.config()).saturating_mul(4);
+        let grpc = syft_server::grpc_router(health_service, health::ROUTER_SERVICE, body_budget)
+            .map_err(|e| RouterError::Internal(format!("reflection descriptors: {e}")))?
             .add_service(GrpcRouter::new(service.clone()).into_server())
             .serve_with_incoming_shutdown(
                 syft_server::grpc_incoming(

@@ -17,7 +17,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::either::Either;
 use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
 
+use syft_telemetry::RequestLayer;
+use tonic::transport::server::Router;
+use tonic_health::pb::health_server::{Health, HealthServer};
+use tower::layer::util::{Identity, Stack};
+
 use crate::accepted::{Accepted, Slots};
+use crate::bodies::BodyBudgetLayer;
 
 /// Connections one gRPC listener serves at once; past this, new ones wait in the listen backlog.
 /// A gRPC client multiplexes its calls over one connection, so this is thousands of clients.
@@ -31,6 +37,44 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 /// its own limit, `syft_tls::HANDSHAKE_TIMEOUT`); gRPC clients send it at once. After it, HTTP/2
 /// pings (every 30 s, 10 s to answer) find connections whose peer went away.
 const PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Calls one gRPC connection may have open at once (tonic sets no limit). Well above what one
+/// client multiplexes (a router sends all its calls to a ledger endpoint over one connection,
+/// and calls past this would queue in it), while bounding what one connection can start.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 1_024;
+
+/// The request layers of both services' gRPC servers: telemetry outside, then the body budget.
+pub type GrpcLayers = Stack<BodyBudgetLayer, Stack<RequestLayer, Identity>>;
+
+/// The tonic server both services run, with the request layers (`body_budget` bytes for the
+/// request bodies being received, at least [`crate::BODY_BUDGET_BYTES`]), the health service
+/// `health`, and reflection advertising `service` (add the service itself). It serves
+/// connections from [`grpc_incoming`], TLS included, so it has no TLS configuration of its own.
+pub fn grpc_router(
+    health: HealthServer<impl Health>,
+    service: &'static str,
+    body_budget: usize,
+) -> Result<Router<GrpcLayers>, tonic_reflection::server::Error> {
+    let (reflection_v1, reflection_v1alpha) = syft_proto::reflection(service)?;
+    Ok(tonic::transport::Server::builder()
+        // HTTP/2 pings find dead peers behind load balancers and NATs that drop idle connections
+        // silently (TCP keepalive is set in `grpc_incoming`: tonic applies its builder's TCP
+        // settings only to listeners it binds).
+        .http2_keepalive_interval(Some(syft_tls::HTTP2_PING_INTERVAL))
+        .http2_keepalive_timeout(Some(syft_tls::HTTP2_PING_TIMEOUT))
+        // Every stream may hold a message of up to the size limit while it arrives (the body
+        // budget bounds them all).
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .layer(RequestLayer(syft_telemetry::Server::Grpc))
+        .layer(BodyBudgetLayer::new(
+            body_budget.max(crate::BODY_BUDGET_BYTES),
+            crate::UNCOUNTED_BYTES,
+            crate::BODY_DEADLINE,
+        ))
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha))
+}
 
 /// A gRPC connection as served: plain TCP, or TLS terminated by [`grpc_incoming`].
 pub type GrpcIo = Either<TcpStream, syft_tls::ServerTlsStream>;

@@ -30,9 +30,6 @@ pub use tokio_rustls::rustls;
 /// A server-side TLS connection, as [`TlsListener`] hands it over.
 pub type ServerTlsStream = TlsStream<TcpStream>;
 
-/// Calls one gRPC connection may have open at once (hyper's own default, which tonic lifts).
-pub const MAX_STREAMS_PER_CONNECTION: u32 = 200;
-
 /// How long a client may take to complete the TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Every server (gRPC and HTTP) pings an HTTP/2 peer this often, and closes the connection when
@@ -394,20 +391,6 @@ impl axum::serve::Listener for TlsListener {
     fn local_addr(&self) -> io::Result<Self::Addr> {
         Ok(self.local_addr)
     }
-}
-
-/// A tonic server builder. It serves TLS connections that `syft-server`'s `grpc_incoming`
-/// handshook, so it has no TLS configuration of its own.
-pub fn grpc_server() -> tonic::transport::Server {
-    // HTTP/2 pings find dead peers behind load balancers and NATs that drop idle connections
-    // silently. (TCP keepalive is set where connections are accepted, syft-server's
-    // `grpc_incoming`: tonic applies its builder's TCP settings only to listeners it binds.)
-    tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(HTTP2_PING_INTERVAL))
-        .http2_keepalive_timeout(Some(HTTP2_PING_TIMEOUT))
-        // tonic lifts hyper's default of 200 to no limit; every stream may hold a message of up
-        // to the size limit while it arrives (syft-server's `BodyBudgetLayer` bounds them all).
-        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
 }
 
 /// Whether `error` (or an error it was caused by) is a TLS handshake that failed: a certificate
