@@ -1,4 +1,6 @@
-//! The gRPC listeners' accepted connections: Nagle off, TCP keepalive on, at most
+//! The gRPC server both services run ([`grpc_router`]: keepalive, streams per connection, the
+//! request layers, health and reflection) and its listeners' accepted connections
+//! ([`grpc_incoming`]): Nagle off, TCP keepalive on, at most
 //! [`MAX_GRPC_CONNECTIONS`] open at once, and TLS terminated here rather than by tonic. tonic
 //! applies its builder's TCP settings only to a listener it binds itself, not to one handed to
 //! `serve_with_incoming`, and it serves every connection it is given: a client opening
