@@ -61,12 +61,6 @@ impl BodyBudgetLayer {
     }
 }
 
-impl Default for BodyBudgetLayer {
-    fn default() -> Self {
-        BodyBudgetLayer::new(BODY_BUDGET_BYTES, UNCOUNTED_BYTES, BODY_DEADLINE)
-    }
-}
-
 impl<S> tower::Layer<S> for BodyBudgetLayer {
     type Service = BodyBudget<S>;
 

@@ -43,7 +43,7 @@ const PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Calls one gRPC connection may have open at once (tonic sets no limit). Well above what one
 /// client multiplexes (a router sends all its calls to a ledger endpoint over one connection,
 /// and calls past this would queue in it), while bounding what one connection can start.
-pub const MAX_STREAMS_PER_CONNECTION: u32 = 1_024;
+const MAX_STREAMS_PER_CONNECTION: u32 = 1_024;
 
 /// The request layers of both services' gRPC servers: telemetry outside, then the body budget.
 pub type GrpcLayers = Stack<BodyBudgetLayer, Stack<RequestLayer, Identity>>;

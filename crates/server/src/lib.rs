@@ -11,9 +11,7 @@ mod secret;
 
 pub use accepted::Accepted;
 pub use bodies::{BodyBudgetLayer, BODY_BUDGET_BYTES, BODY_DEADLINE, UNCOUNTED_BYTES};
-pub use grpc::{
-    grpc_incoming, grpc_router, GrpcLayers, MAX_GRPC_CONNECTIONS, MAX_STREAMS_PER_CONNECTION,
-};
+pub use grpc::{grpc_incoming, grpc_router, GrpcLayers, MAX_GRPC_CONNECTIONS};
 pub use http::{HttpLimits, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS};
 pub use secret::Secret;
 
