@@ -445,13 +445,13 @@ impl Pass {
         // Spawned, then awaited, as `withdraw` is: marked settled already, a settle lost with a
         // dropped future (a client leaving meanwhile) left the whole reservation (prompt and
         // `max_tokens`) in the window, and `Drop` frees only the slots.
-        let (limiter, lease) = (limiter.clone(), self.lease.clone());
-        let settle = tokio::spawn(async move {
-            if let Err(e) = limiter.settle(&lease, &updates).await {
-                tracing::warn!(error = %e, "could not settle the token reservation; the reservation stands");
-            }
-        });
-        let _ = settle.await;
+        let settle = spawn_settle(
+            &tokio::runtime::Handle::current(),
+            (limiter.clone(), self.lease.clone(), updates),
+            None,
+            "settle the token reservation; the reservation stands",
+        );
+        let _ = tokio::time::timeout(AWAIT_SETTLE_AT_MOST, settle).await;
     }
 }
 
@@ -480,16 +480,55 @@ impl Pass {
         // Spawned, then awaited: if this future is dropped meanwhile (the client went away),
         // the release still reaches the store, as `Drop`'s does. Awaited inline, it was lost
         // with the future, and the slots stayed taken for the whole lease.
-        let lease = std::mem::take(&mut self.lease);
-        let work = self.work.take();
-        let release = tokio::spawn(async move {
-            let _work = work;
-            if let Err(e) = limiter.settle(&lease, &updates).await {
-                tracing::warn!(error = %e, "could not withdraw a refused request from its windows");
-            }
-        });
-        let _ = release.await;
+        let release = spawn_settle(
+            &tokio::runtime::Handle::current(),
+            (limiter, std::mem::take(&mut self.lease), updates),
+            self.work.take(),
+            "withdraw a refused request from its windows",
+        );
+        let _ = tokio::time::timeout(AWAIT_SETTLE_AT_MOST, release).await;
     }
+}
+
+/// How long a settle the store did not take is retried. A lost release kept its slot for the
+/// whole lease (16 minutes by default: a user allowed one request in flight could send nothing
+/// meanwhile), and the commonest loss is a store briefly too slow: a Redis that restarted (its
+/// scripts gone, so a settle takes two more round trips) or paused. Settles are idempotent (each
+/// names its own request's lease and the cost it ends at), so a retry that finds its work done
+/// changes nothing.
+const SETTLE_RETRY_FOR: Duration = Duration::from_secs(10);
+
+/// How long a request waits for a settle it awaits (its first attempt is bounded by the store's
+/// timeout); the retries go on in the background.
+const AWAIT_SETTLE_AT_MOST: Duration = Duration::from_secs(1);
+
+/// Settles `lease` in the background on `rt`, retrying with backoff for up to
+/// [`SETTLE_RETRY_FOR`]. `work` (a graceful shutdown waits for it) is held until the store has
+/// the settle or the retries gave up.
+fn spawn_settle(
+    rt: &tokio::runtime::Handle,
+    (limiter, lease, updates): (Arc<dyn Limiter>, String, Vec<(String, u64)>),
+    work: Option<DrainGuard>,
+    what: &'static str,
+) -> tokio::task::JoinHandle<()> {
+    rt.spawn(async move {
+        let _work = work;
+        let start = tokio::time::Instant::now();
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match limiter.settle(&lease, &updates).await {
+                Ok(()) => return,
+                Err(e) if start.elapsed() + backoff >= SETTLE_RETRY_FOR => {
+                    tracing::warn!(error = %e, "could not {what}");
+                    return;
+                }
+                Err(_) => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    })
 }
 
 /// A check whose outcome is unknown (the store did not answer in time, or the request went away
@@ -511,16 +550,16 @@ impl Drop for Unknown<'_> {
             return;
         };
         // Copied only now: an answered check (nearly all) costs nothing here.
-        let (limiter, lease) = (limiter.clone(), self.lease.to_string());
         let updates: Vec<(String, u64)> = (self.rules.iter())
             .filter(|r| r.cost > 0)
             .map(|r| (r.key.clone(), 0))
             .collect();
-        rt.spawn(async move {
-            if let Err(e) = limiter.settle(&lease, &updates).await {
-                tracing::warn!(error = %e, "could not take back an unanswered limiter check");
-            }
-        });
+        spawn_settle(
+            &rt,
+            (limiter.clone(), self.lease.to_string(), updates),
+            None,
+            "take back an unanswered limiter check",
+        );
     }
 }
 
@@ -558,15 +597,12 @@ impl Drop for Pass {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let lease = std::mem::take(&mut self.lease);
-        let work = self.work.take();
-        rt.spawn(async move {
-            let _work = work;
-            // If this fails the slot frees itself when its lease ages out.
-            if let Err(e) = limiter.settle(&lease, &updates).await {
-                tracing::warn!(error = %e, "could not release a request's limiter slots");
-            }
-        });
+        spawn_settle(
+            &rt,
+            (limiter, std::mem::take(&mut self.lease), updates),
+            self.work.take(),
+            "release a request's limiter slots; they free when their lease ages out",
+        );
     }
 }
 
