@@ -323,9 +323,12 @@ async fn one_request_is_one_trace_across_router_and_ledger() {
     }
     assert!(!router_metrics.contains(&token) && !ledger_metrics.contains(&token));
 
-    // SIGTERM flushes the spans; both exit 0.
-    assert!(router.terminate().success());
-    assert!(ledger.terminate().success());
+    // SIGTERM flushes the spans; both exit 0. Waited for off the runtime, where the collector
+    // that takes those spans runs.
+    for p in [router, ledger] {
+        let status = tokio::task::spawn_blocking(move || p.terminate()).await;
+        assert!(status.expect("join").success());
+    }
 
     let spans = collector.spans();
     let chat_span = spans

@@ -693,12 +693,14 @@ async fn token_rules(h: Harness) -> Harness {
         .await
         .unwrap();
     unusable(&mut router, "bob@example.com", &revocable, "t6").await;
-    // Expired.
+    // Expired. Usable until then (1.5 s: the issue and the first authorize both commit inside
+    // it on a loaded machine), unusable after.
+    let expires_at = syft_ledger::store::now_micros() + 1_500_000;
     let expiring = ok(h
         .client(&alice)
         .issue_token(pb::IssueTokenRequest {
             recipient_email: OWNER.into(),
-            expires_at_unix_micros: Some(syft_ledger::store::now_micros() + 300_000),
+            expires_at_unix_micros: Some(expires_at),
             spend_limit_micros: None,
             limit_per_day_micros: None,
         })
@@ -708,7 +710,8 @@ async fn token_rules(h: Harness) -> Harness {
         .authorize(authorize(ALICE, USD, &expiring, "t7"))
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    let left = expires_at - syft_ledger::store::now_micros() + 100_000;
+    tokio::time::sleep(Duration::from_micros(u64::try_from(left).unwrap_or(0))).await;
     unusable(&mut router, ALICE, &expiring, "t8").await;
     // Spend limit counts captured plus held.
     let limited = h.limited_token(&alice, OWNER, 3 * USD).await;

@@ -404,7 +404,10 @@ async fn a_lock_between_hold_and_capture_withholds_the_answer_and_charges_nothin
     .await;
     let mut c = s.client().await;
     ok(c.chat(s.request("before")).await);
-    s.upstream.set_mode(Mode::Delay(Duration::from_millis(800)));
+    // Long enough to lock the address meanwhile on a loaded machine, inside the kit's 1.5 s
+    // upstream timeout.
+    s.upstream
+        .set_mode(Mode::Delay(Duration::from_millis(1200)));
     let mut racing = c.clone();
     let request = s.request("during");
     let call = tokio::spawn(async move { racing.chat(request).await });

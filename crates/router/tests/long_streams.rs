@@ -177,7 +177,15 @@ async fn a_refused_capture_is_voided_with_its_row() {
         .set_mode(Mode::Delay(Duration::from_millis(1000)));
     let (mut c, req) = (s.client().await, s.request("hi"));
     let chat = tokio::spawn(async move { c.chat(req).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The upstream is called once the hold is committed (a fixed wait missed a slow authorize).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while s.upstream.hits() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the upstream was never called"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
