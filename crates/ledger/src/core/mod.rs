@@ -7,8 +7,6 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use base64::Engine;
-
 use crate::address_throttle::{locked_out, AddressThrottle};
 use crate::auth::{authenticate, constant_time_eq, generate_secret, Caller};
 use crate::backend::{NewAccountRow, TransferBackend};
@@ -16,22 +14,23 @@ use crate::domain::{Micros, TransferStatus};
 use crate::error::{LedgerError, Result};
 use crate::money::check_positive;
 use crate::store::{
-    now_micros, sha256_hex, AccountRow, HoldBudgets, Identity, IssuedToken, Keyset, Store,
-    TimeRange, TokenGrant, UsageDims, UsageFilter, UsageInput, UsagePage, UsageRow,
+    now_micros, sha256_hex, AccountRow, HoldBudgets, Identity, IssuedToken, Store, TimeRange,
+    TokenGrant, UsageDims, UsageFilter, UsageInput, UsagePage, UsageRow,
 };
 use crate::validate::{self, MAX_KEY, MAX_NAME, MAX_PATH};
 use crate::LedgerConfig;
 
 mod answers;
 mod listing;
+mod paging;
 mod stats;
 mod transfers;
 
 pub use listing::TokenQuery;
+use paging::{encode_page_token, keyset_page, page_size};
+pub use paging::{Page, PageRequest};
 pub use stats::{parse_dimensions, Stats, StatsQuery, StatsRole, MAX_GROUPS};
 
-const DEFAULT_PAGE: u32 = 100;
-const MAX_PAGE: u32 = 500;
 /// Rows per `RecordUsageBatch` call (the usage writer batches up to 4,000 rows).
 pub const MAX_USAGE_BATCH: usize = 1_000;
 
@@ -115,24 +114,6 @@ pub struct UsageQuery {
     pub page: PageRequest,
 }
 
-/// Which page of a newest-first listing to read (not yet validated): an empty token is the first
-/// page, a zero size the default size.
-#[derive(Debug, Clone, Default)]
-pub struct PageRequest {
-    pub page_token: String,
-    pub page_size: u32,
-}
-
-impl PageRequest {
-    /// The size checked and the token decoded into the store's keyset.
-    fn keyset(&self) -> Result<Keyset> {
-        Ok(Keyset {
-            limit: page_size(self.page_size)?,
-            before_id: decode_page_token(&self.page_token)?,
-        })
-    }
-}
-
 /// Filters on usage rows' dimensions as a caller gives them (empty: any value; not yet
 /// validated), for the usage listing and the analytics.
 #[derive(Debug, Clone, Default)]
@@ -153,19 +134,6 @@ impl UsageDimsQuery {
             model: non_empty(validate::text("model", &self.model, MAX_NAME, false)?),
             status: non_empty(validate::text("status", &self.status, 64, false)?),
         })
-    }
-}
-
-/// A page and the token of the next one (empty when this is the last).
-pub struct Page<T> {
-    pub items: T,
-    pub next_page_token: String,
-}
-
-impl<T> Page<Vec<T>> {
-    /// The items converted one by one (into an adapter's shape) and the next page's token.
-    pub fn convert<P>(self, item: impl FnMut(&T) -> P) -> (Vec<P>, String) {
-        (self.items.iter().map(item).collect(), self.next_page_token)
     }
 }
 
@@ -591,47 +559,8 @@ fn validate_currency(c: &str) -> Result<String> {
     }
 }
 
-fn page_size(requested: u32) -> Result<i64> {
-    match requested {
-        0 => Ok(DEFAULT_PAGE as i64),
-        n if n <= MAX_PAGE => Ok(n as i64),
-        n => Err(LedgerError::invalid(format!(
-            "page_size {n} exceeds the maximum of {MAX_PAGE}"
-        ))),
-    }
-}
-
 fn non_empty(s: &str) -> Option<String> {
     (!s.is_empty()).then(|| s.to_string())
-}
-
-/// A page of rows in keyset order: the next page starts after the last row's cursor.
-fn keyset_page<T>(rows: Vec<T>, has_more: bool, cursor: impl Fn(&T) -> String) -> Page<Vec<T>> {
-    let next_page_token = match (has_more, rows.last()) {
-        (true, Some(last)) => encode_page_token(&cursor(last)),
-        _ => String::new(),
-    };
-    Page {
-        items: rows,
-        next_page_token,
-    }
-}
-
-fn encode_page_token(last_id: &str) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(last_id)
-}
-
-fn decode_page_token(token: &str) -> Result<Option<String>> {
-    if token.is_empty() {
-        return Ok(None);
-    }
-    base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(token)
-        .ok()
-        .and_then(|b| String::from_utf8(b).ok())
-        .filter(|s| s.len() <= 64 && uuid::Uuid::parse_str(s).is_ok())
-        .map(Some)
-        .ok_or_else(|| LedgerError::invalid("invalid page_token"))
 }
 
 #[cfg(test)]
