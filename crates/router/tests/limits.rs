@@ -719,6 +719,68 @@ async fn a_release_that_meets_a_slow_store_is_retried() {
     }
 }
 
+/// A token settlement whose client left while the store was asleep with its scripts flushed still
+/// lands: the reservation is replaced by what the answer used. It runs in a task of its own (the
+/// client's future is dropped here) and is retried once the store wakes; a single try was lost
+/// there, and the whole reservation stayed in the window.
+#[tokio::test]
+async fn a_token_settlement_outlives_its_client_and_a_slow_store() {
+    let Some(redis) = OwnRedis::start().await else {
+        eprintln!("SKIPPED: cannot start redis-server");
+        return;
+    };
+    let mut config = RouterConfig::new(unique_name(), "owner@example.com");
+    config.rate_limits.tokens = vec![per_minute(1_000)];
+    config.limiter.timeout = Duration::from_millis(100);
+    config.limiter.backend = LimiterBackend::Redis {
+        url: redis.url.clone(),
+    };
+    let gate = Gate::from_config(&config)
+        .expect("valid limits")
+        .expect("a limited router");
+    let tokens_left = || async {
+        let windows = gate
+            .remaining("alice@example.com", ServiceKind::Chat)
+            .await
+            .expect("the store answers");
+        windows
+            .iter()
+            .find(|(r, _)| r.kind == RuleKind::Tokens)
+            .map(|(_, w)| w.remaining)
+    };
+    let pass = gate
+        .admit("alice@example.com", ServiceKind::Chat, 900)
+        .await
+        .expect("reserved");
+    assert_eq!(tokens_left().await, Some(100));
+    let Some(flushed) = redis.cli(&["SCRIPT", "FLUSH"]) else {
+        eprintln!("SKIPPED: no redis-cli");
+        return;
+    };
+    wait_for(flushed).await;
+    let Some(sleeper) = redis.cli(&["DEBUG", "SLEEP", "0.5"]) else {
+        eprintln!("SKIPPED: no redis-cli");
+        return;
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The client leaves while its answer's 10 tokens are being settled.
+    let left = tokio::time::timeout(Duration::from_millis(50), pass.settle_tokens(10)).await;
+    assert!(left.is_err(), "the store is asleep: the settlement waits");
+    drop(pass);
+    wait_for(sleeper).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match tokens_left().await {
+            Some(990) => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "the reservation was not settled: {other:?} tokens left"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The shared store dies mid-test: a `fail_closed` router refuses with `UNAVAILABLE` and places no
 /// hold; a `fail_open` router keeps answering and charging normally. Nothing is charged wrongly.
 #[tokio::test]
