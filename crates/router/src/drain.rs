@@ -74,6 +74,13 @@ impl Drain {
 #[derive(Debug)]
 pub(crate) struct DrainGuard(Arc<Drain>);
 
+impl DrainGuard {
+    /// One more unit of work on the same drain (a task the guarded work hands on).
+    pub(crate) fn another(&self) -> DrainGuard {
+        self.0.enter()
+    }
+}
+
 impl Drop for DrainGuard {
     fn drop(&mut self) {
         if self.0.active.fetch_sub(1, Ordering::SeqCst) == 1 {

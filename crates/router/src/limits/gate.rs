@@ -10,6 +10,7 @@ use std::time::Duration;
 use prometheus::{register_int_counter_vec, IntCounterVec};
 use syft_error::{QuotaDetails, Reason};
 
+use super::settle::spawn_settle;
 use super::{
     now_ms, Limiter, LimiterError, MemoryLimiter, RedisLimiter, Rule, RuleKind, Verdict,
     WindowState,
@@ -43,6 +44,9 @@ pub struct Gate {
     services: HashMap<ServiceKind, RateLimits>,
     max_concurrent: Option<u64>,
     lease: Duration,
+    /// How long a request waits for a change it awaits after admission ([`Pass`]): the store's
+    /// timeout, as for its check.
+    patience: Duration,
     /// The services sold for free: their users' windows are counted apart (`rules`).
     free: HashSet<ServiceKind>,
 }
@@ -92,6 +96,7 @@ impl Gate {
                 .map(|s| s.kind)
                 .collect(),
             lease: slot_lease(c),
+            patience: c.limiter.timeout,
         }
     }
 
@@ -194,7 +199,8 @@ impl Gate {
         match verdict {
             Ok(Verdict::Admitted(states)) => {
                 CHECKS.with_label_values(&[backend, "admitted"]).inc();
-                Ok(Pass::new(self.limiter.clone(), lease, &rules, &states))
+                let pass = Pass::new(self.limiter.clone(), lease, &rules, &states);
+                Ok(pass.with_patience(self.patience))
             }
             Ok(Verdict::Refused {
                 rule,
@@ -373,6 +379,8 @@ pub struct Pass {
     pub headers: RateHeaders,
     /// Keeps a graceful shutdown waiting until the release of the slots reached the store.
     work: Option<DrainGuard>,
+    /// How long a request waits for a change it awaits (the rest goes on in the background).
+    patience: Duration,
 }
 
 impl Pass {
@@ -398,7 +406,13 @@ impl Pass {
             settled: AtomicBool::new(false),
             headers: RateHeaders::from_states(rules, states),
             work: None,
+            patience: Duration::ZERO,
         }
+    }
+
+    fn with_patience(mut self, patience: Duration) -> Self {
+        self.patience = patience;
+        self
     }
 
     /// Counts the pass (until its release reached the store) as in-flight work of the router.
@@ -426,6 +440,7 @@ impl Pass {
             settled: AtomicBool::new(true),
             headers: RateHeaders::default(),
             work: None,
+            patience: Duration::ZERO,
         }
     }
 
@@ -444,14 +459,15 @@ impl Pass {
             .collect();
         // Spawned, then awaited, as `withdraw` is: marked settled already, a settle lost with a
         // dropped future (a client leaving meanwhile) left the whole reservation (prompt and
-        // `max_tokens`) in the window, and `Drop` frees only the slots.
+        // `max_tokens`) in the window, and `Drop` frees only the slots. It counts as in-flight
+        // work of its own, since the request may end before it lands.
         let settle = spawn_settle(
             &tokio::runtime::Handle::current(),
             (limiter.clone(), self.lease.clone(), updates),
-            None,
+            self.work.as_ref().map(DrainGuard::another),
             "settle the token reservation; the reservation stands",
         );
-        let _ = tokio::time::timeout(AWAIT_SETTLE_AT_MOST, settle).await;
+        let _ = tokio::time::timeout(self.patience, settle).await;
     }
 }
 
@@ -486,49 +502,8 @@ impl Pass {
             self.work.take(),
             "withdraw a refused request from its windows",
         );
-        let _ = tokio::time::timeout(AWAIT_SETTLE_AT_MOST, release).await;
+        let _ = tokio::time::timeout(self.patience, release).await;
     }
-}
-
-/// How long a settle the store did not take is retried. A lost release kept its slot for the
-/// whole lease (16 minutes by default: a user allowed one request in flight could send nothing
-/// meanwhile), and the commonest loss is a store briefly too slow: a Redis that restarted (its
-/// scripts gone, so a settle takes two more round trips) or paused. Settles are idempotent (each
-/// names its own request's lease and the cost it ends at), so a retry that finds its work done
-/// changes nothing.
-const SETTLE_RETRY_FOR: Duration = Duration::from_secs(10);
-
-/// How long a request waits for a settle it awaits (its first attempt is bounded by the store's
-/// timeout); the retries go on in the background.
-const AWAIT_SETTLE_AT_MOST: Duration = Duration::from_secs(1);
-
-/// Settles `lease` in the background on `rt`, retrying with backoff for up to
-/// [`SETTLE_RETRY_FOR`]. `work` (a graceful shutdown waits for it) is held until the store has
-/// the settle or the retries gave up.
-fn spawn_settle(
-    rt: &tokio::runtime::Handle,
-    (limiter, lease, updates): (Arc<dyn Limiter>, String, Vec<(String, u64)>),
-    work: Option<DrainGuard>,
-    what: &'static str,
-) -> tokio::task::JoinHandle<()> {
-    rt.spawn(async move {
-        let _work = work;
-        let start = tokio::time::Instant::now();
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            match limiter.settle(&lease, &updates).await {
-                Ok(()) => return,
-                Err(e) if start.elapsed() + backoff >= SETTLE_RETRY_FOR => {
-                    tracing::warn!(error = %e, "could not {what}");
-                    return;
-                }
-                Err(_) => {
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                }
-            }
-        }
-    })
 }
 
 /// A check whose outcome is unknown (the store did not answer in time, or the request went away

@@ -118,6 +118,15 @@ fn window_keys(key: &str) -> [String; 3] {
     [format!("{key}:z"), format!("{key}:c"), format!("{key}:s")]
 }
 
+/// How long a settle waits for Redis, far longer than a check (`limiter.timeout`): settles run in
+/// the background (`settle.rs`), and one given up on stays queued on the connection and runs when
+/// Redis wakes, so a short wait only queued more copies of it behind a paused store. A settle is
+/// also more than one round trip when its script is not loaded yet (a restarted Redis answers
+/// `NOSCRIPT`, then the script is loaded and sent again), and a wait cut between them lost it.
+/// Settles share the connection of the checks they follow, so a take-back always runs after the
+/// check it takes back.
+const SETTLE_PATIENCE: Duration = Duration::from_secs(5);
+
 pub struct RedisLimiter {
     conn: ConnectionManager,
     timeout: Duration,
@@ -136,9 +145,11 @@ impl RedisLimiter {
     pub fn new(url: &str, timeout: Duration) -> Result<Self, LimiterError> {
         let client = redis::Client::open(url)
             .map_err(|e| LimiterError(format!("bad limiter.redis_url: {e}")))?;
+        // No response timeout on the connection: each call sets its own (`run`), so that a
+        // settle can wait longer than a check on the same connection (see `SETTLE_PATIENCE`).
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
+            .set_response_timeout(None)
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
         let conn = ConnectionManager::new_lazy_with_config(client, config)
@@ -164,14 +175,14 @@ impl RedisLimiter {
     async fn run<T: redis::FromRedisValue>(
         &self,
         inv: redis::ScriptInvocation<'_>,
+        timeout: Duration,
     ) -> Result<T, LimiterError> {
         let mut conn = self.conn.clone();
-        match tokio::time::timeout(self.timeout, inv.invoke_async(&mut conn)).await {
+        match tokio::time::timeout(timeout, inv.invoke_async(&mut conn)).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(LimiterError(format!("redis: {e}"))),
             Err(_) => Err(LimiterError(format!(
-                "redis did not answer within {:?}",
-                self.timeout
+                "redis did not answer within {timeout:?}"
             ))),
         }
     }
@@ -198,7 +209,7 @@ impl RedisLimiter {
                 .arg(u64::try_from(r.window.as_millis()).unwrap_or(u64::MAX))
                 .arg(r.cost);
         }
-        let out: Vec<i64> = self.run(inv).await?;
+        let out: Vec<i64> = self.run(inv, self.timeout).await?;
         if out.len() != 2 + 2 * rules.len() {
             return Err(LimiterError("redis: unexpected script reply".into()));
         }
@@ -247,7 +258,7 @@ impl Limiter for RedisLimiter {
                 }
                 inv.arg(*cost);
             }
-            self.run::<i64>(inv).await.map(|_| ())
+            self.run::<i64>(inv, SETTLE_PATIENCE).await.map(|_| ())
         })
     }
 

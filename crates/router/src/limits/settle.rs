@@ -1,0 +1,66 @@
+//! Changes to a request's windows after its admission: a slot's release, the token settlement,
+//! the take-back of a check whose answer was lost, the withdrawal of a refused request. Each runs
+//! in a task of its own (a client leaving does not cancel it) and is retried until the store has
+//! it, within [`SETTLE_RETRY_FOR`].
+
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use prometheus::{register_int_counter_vec, IntCounterVec};
+
+use super::Limiter;
+use crate::drain::DrainGuard;
+
+static SETTLES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "syft_router_limit_settles_total",
+        "Changes to rate windows after admission (slot releases, token settlements, take-backs, \
+         withdrawals) the store did not take: retried (an attempt failed, another follows) or \
+         given_up (the slot or reservation stays until its window ages out)",
+        &["backend", "outcome"]
+    )
+    .expect("register syft_router_limit_settles_total")
+});
+
+/// How long a change the store did not take is retried. A lost release kept its slot for the
+/// whole lease (18 minutes by default: a user allowed one request in flight could send nothing
+/// meanwhile). Each change names its own request's lease and the cost it ends at, so a retry that
+/// finds its work done changes nothing. The bound keeps a graceful shutdown with the store down
+/// from waiting longer on releases.
+const SETTLE_RETRY_FOR: Duration = Duration::from_secs(10);
+
+/// Settles `lease` in a task on `rt`, retrying with backoff within [`SETTLE_RETRY_FOR`] (each
+/// attempt waits as long as its backend's settle allows, `redis.rs`). `work` (a graceful
+/// shutdown waits for it) is held until the store has the change or the retries gave up.
+pub(super) fn spawn_settle(
+    rt: &tokio::runtime::Handle,
+    (limiter, lease, updates): (Arc<dyn Limiter>, String, Vec<(String, u64)>),
+    work: Option<DrainGuard>,
+    what: &'static str,
+) -> tokio::task::JoinHandle<()> {
+    rt.spawn(async move {
+        let _work = work;
+        let start = tokio::time::Instant::now();
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match limiter.settle(&lease, &updates).await {
+                Ok(()) => return,
+                Err(e) if start.elapsed() + backoff >= SETTLE_RETRY_FOR => {
+                    SETTLES
+                        .with_label_values(&[limiter.backend(), "given_up"])
+                        .inc();
+                    tracing::warn!(error = %e, "could not {what}");
+                    return;
+                }
+                Err(e) => {
+                    SETTLES
+                        .with_label_values(&[limiter.backend(), "retried"])
+                        .inc();
+                    tracing::debug!(error = %e, retry_in = ?backoff, "could not {what}; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    })
+}
