@@ -1160,22 +1160,35 @@ async fn a_void_after_recovery_cancelled_its_hold_leaves_its_row() {
         };
         let t = p.authorize(USD, "late").await.expect("authorize");
         p.await_no_hold().await;
+        let void = pb::VoidRequest {
+            transfer_id: t.id.clone(),
+            reason: "upstream timed out".into(),
+            usage: Some(pb::Usage {
+                request_id: "late-req".into(),
+                app_name: "chat".into(),
+                endpoint: "/chat".into(),
+                user_email: ALICE.into(),
+                status: "timeout".into(),
+                ..Default::default()
+            }),
+        };
+        // The remote hold is released a moment before recovery marks its journal entry done;
+        // meanwhile a void is told "in progress, retry" (`UNAVAILABLE`), and retried, as a
+        // router's ledger client does.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         for _ in 0..2 {
-            let voided = p
-                .router()
-                .void(pb::VoidRequest {
-                    transfer_id: t.id.clone(),
-                    reason: "upstream timed out".into(),
-                    usage: Some(pb::Usage {
-                        request_id: "late-req".into(),
-                        app_name: "chat".into(),
-                        endpoint: "/chat".into(),
-                        user_email: ALICE.into(),
-                        status: "timeout".into(),
-                        ..Default::default()
-                    }),
-                })
-                .await
+            let voided = loop {
+                match p.router().void(void.clone()).await {
+                    Err(e)
+                        if e.code() == tonic::Code::Unavailable
+                            && tokio::time::Instant::now() < deadline =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    other => break other,
+                }
+            };
+            let voided = voided
                 .expect("a void of a cancelled hold is a repeat")
                 .into_inner();
             assert_eq!(voided.status, pb::TransferStatus::Cancelled as i32);

@@ -151,7 +151,8 @@ pub(crate) async fn run_with_grace<E>(
     {
         tracing::error!(
             in_flight = service.in_flight(),
-            "requests still unsettled; their holds will expire on the ledger"
+            "work still unsettled at exit: holds expire on the ledger, limiter slots and \
+             reservations age out of their windows"
         );
     }
     if served.is_none() {

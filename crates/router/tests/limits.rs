@@ -372,6 +372,9 @@ async fn exact_across_replicas() {
     }
     let r = Replicas::start(&db, PRICE, |c| {
         c.rate_limits.requests = vec![per_minute(10)];
+        // 100 checks at once on a loaded machine: a store call that ran past the default 250 ms
+        // was refused `UNAVAILABLE` (fail_closed), not counted, and the test failed on its code.
+        c.limiter.timeout = Duration::from_secs(2);
         c.limiter.backend = LimiterBackend::Redis {
             url: SHARED_REDIS.into(),
         };
@@ -603,8 +606,8 @@ impl OwnRedis {
         None
     }
 
-    /// Runs `redis-cli` against this Redis to its end, off the runtime; whether it succeeded
-    /// (`false` without one).
+    /// Runs `redis-cli` against this Redis to its end, off the runtime; `false` without one (a
+    /// command that fails fails the test).
     async fn cli(&self, args: &[&str]) -> bool {
         let port = self.url.rsplit(':').next().unwrap_or_default();
         let Ok(child) = Command::new("redis-cli")
@@ -615,7 +618,8 @@ impl OwnRedis {
         else {
             return false;
         };
-        wait_for(child).await
+        assert!(wait_for(child).await, "redis-cli {args:?} failed");
+        true
     }
 
     /// Holds every client's commands for `ms` (they queue, unanswered, and run after it, in
@@ -636,7 +640,7 @@ impl Drop for OwnRedis {
     }
 }
 
-/// The store answers a check too late (`CLIENT PAUSE` holds it past the 100-ms timeout): the
+/// The store answers a check too late (`CLIENT PAUSE` holds it past the 500-ms timeout): the
 /// request is refused (`fail_closed`), but the script still runs when the store wakes and records
 /// the request's concurrency slot. The router takes that check back, so the user's one slot is
 /// free again at once (it stayed taken for the whole lease, 18 minutes by default).
@@ -648,7 +652,7 @@ async fn a_check_answered_too_late_is_taken_back() {
     };
     let s = Stack::start_tweaked(Pricing::free(), |c| {
         c.rate_limits.concurrent = Some(1);
-        c.limiter.timeout = Duration::from_millis(100);
+        c.limiter.timeout = Duration::from_millis(500);
         c.limiter.backend = LimiterBackend::Redis {
             url: redis.url.clone(),
         };
@@ -694,7 +698,9 @@ async fn a_release_that_meets_a_slow_store_is_retried() {
     };
     let mut config = RouterConfig::new(unique_name(), "owner@example.com");
     config.rate_limits.concurrent = Some(1);
-    config.limiter.timeout = Duration::from_millis(100);
+    // A second for each check (the first connects and loads the script on a loaded machine
+    // too), shorter than the pause: the single try of a change used to be this long.
+    config.limiter.timeout = Duration::from_secs(1);
     config.limiter.backend = LimiterBackend::Redis {
         url: redis.url.clone(),
     };
@@ -709,12 +715,12 @@ async fn a_release_that_meets_a_slow_store_is_retried() {
         "one request in flight"
     );
     let paused = Instant::now();
-    if !(redis.cli(&["SCRIPT", "FLUSH"]).await && redis.pause(1_000).await) {
+    if !(redis.cli(&["SCRIPT", "FLUSH"]).await && redis.pause(2_000).await) {
         eprintln!("SKIPPED: no redis-cli");
         return;
     }
     drop(pass);
-    let deadline = paused + Duration::from_secs(6);
+    let deadline = paused + Duration::from_secs(7);
     while let Err(e) = admit().await {
         assert!(
             Instant::now() < deadline,
@@ -736,7 +742,9 @@ async fn a_token_settlement_outlives_its_client_and_a_slow_store() {
     };
     let mut config = RouterConfig::new(unique_name(), "owner@example.com");
     config.rate_limits.tokens = vec![per_minute(1_000)];
-    config.limiter.timeout = Duration::from_millis(100);
+    // A second for each check (the first connects and loads the script on a loaded machine
+    // too), shorter than the pause: the single try of a change used to be this long.
+    config.limiter.timeout = Duration::from_secs(1);
     config.limiter.backend = LimiterBackend::Redis {
         url: redis.url.clone(),
     };
@@ -760,7 +768,7 @@ async fn a_token_settlement_outlives_its_client_and_a_slow_store() {
         .expect("reserved");
     assert_eq!(tokens_left().await, Some(100));
     let paused = Instant::now();
-    if !(redis.cli(&["SCRIPT", "FLUSH"]).await && redis.pause(1_000).await) {
+    if !(redis.cli(&["SCRIPT", "FLUSH"]).await && redis.pause(2_000).await) {
         eprintln!("SKIPPED: no redis-cli");
         return;
     }
@@ -768,7 +776,7 @@ async fn a_token_settlement_outlives_its_client_and_a_slow_store() {
     let left = tokio::time::timeout(Duration::from_millis(50), pass.settle_tokens(10)).await;
     assert!(left.is_err(), "the store is paused: the settlement waits");
     drop(pass);
-    let deadline = paused + Duration::from_secs(6);
+    let deadline = paused + Duration::from_secs(7);
     loop {
         match tokens_left().await {
             Some(990) => break,

@@ -71,7 +71,7 @@ impl Gate {
             LimiterBackend::Memory => Arc::new(MemoryLimiter::new()),
             LimiterBackend::Redis { url } => Arc::new(
                 RedisLimiter::new(url, c.limiter.timeout)
-                    .map_err(|e| RouterError::InvalidArgument(e.0))?,
+                    .map_err(|e| RouterError::InvalidArgument(e.message))?,
             ),
         };
         Ok(Some(Arc::new(Gate::with_limiter(c, limiter, services))))
@@ -192,7 +192,9 @@ impl Gate {
             rules: &rules,
         };
         let verdict = self.limiter.acquire(now_ms(), &lease, &rules).await;
-        if verdict.is_ok() {
+        // Only a check that may have run needs taking back: one that never reached the store
+        // (no connection) recorded nothing, and a take-back of it would retry for nothing.
+        if verdict.as_ref().is_ok() || verdict.as_ref().is_err_and(|e| !e.maybe_applied) {
             unknown.limiter = None;
         }
         drop(unknown);

@@ -65,7 +65,7 @@ impl MemoryLimiter {
     fn locked(&self) -> Result<std::sync::MutexGuard<'_, State>, LimiterError> {
         self.state
             .lock()
-            .map_err(|_| LimiterError("limiter state poisoned".into()))
+            .map_err(|_| LimiterError::not_applied("limiter state poisoned"))
     }
 
     fn acquire_now(&self, now: u64, lease: &str, rules: &[Rule]) -> Result<Verdict, LimiterError> {

@@ -76,8 +76,31 @@ pub enum Verdict {
 
 /// The shared store could not answer (down, timed out, bad reply).
 #[derive(Debug, Clone, Error)]
-#[error("rate limiter store unavailable: {0}")]
-pub struct LimiterError(pub String);
+#[error("rate limiter store unavailable: {message}")]
+pub struct LimiterError {
+    pub message: String,
+    /// Whether the call may have reached the store and been applied (it was not answered in
+    /// time, or its connection broke), rather than surely not (no connection to send it on).
+    pub maybe_applied: bool,
+}
+
+impl LimiterError {
+    /// A failure after which the call may have been applied.
+    pub fn unknown(message: impl Into<String>) -> Self {
+        LimiterError {
+            message: message.into(),
+            maybe_applied: true,
+        }
+    }
+
+    /// A failure that applied nothing.
+    pub fn not_applied(message: impl Into<String>) -> Self {
+        LimiterError {
+            message: message.into(),
+            maybe_applied: false,
+        }
+    }
+}
 
 /// What a [`Limiter`] answers: boxed so the trait stays object-safe (`Arc<dyn Limiter>`).
 pub type Reply<'a, T> = BoxFuture<'a, Result<T, LimiterError>>;

@@ -112,15 +112,22 @@ end
 return 1
 ";
 
+/// Whether a failed call surely never reached Redis: no connection could be made to send it on
+/// (refused, or not made within the connect timeout: the connection has no response timeout of
+/// its own, so a time-out it reports is a connect's). Anything else may have run.
+fn never_sent(e: &redis::RedisError) -> bool {
+    e.is_connection_refusal() || e.is_timeout()
+}
+
 /// The three keys of a window, in the scripts' order: set, costs, total (the module docs say why
 /// each has a suffix).
 fn window_keys(key: &str) -> [String; 3] {
     [format!("{key}:z"), format!("{key}:c"), format!("{key}:s")]
 }
 
-/// How long a settle waits for Redis, far longer than a check (`limiter.timeout`): settles run in
-/// the background (`settle.rs`), and one given up on stays queued on the connection and runs when
-/// Redis wakes, so a short wait only queued more copies of it behind a paused store. A settle is
+/// How long a settle waits for Redis (or the checks' `limiter.timeout`, if longer): settles run
+/// in the background (`settle.rs`), and one given up on stays queued on the connection and runs
+/// when Redis wakes, so a short wait only queued more copies of it behind a paused store. A settle is
 /// also more than one round trip when its script is not loaded yet (a restarted Redis answers
 /// `NOSCRIPT`, then the script is loaded and sent again), and a wait cut between them lost it.
 /// Settles share the connection of the checks they follow, so a take-back always runs after the
@@ -144,7 +151,7 @@ impl RedisLimiter {
     /// called inside a Tokio runtime.
     pub fn new(url: &str, timeout: Duration) -> Result<Self, LimiterError> {
         let client = redis::Client::open(url)
-            .map_err(|e| LimiterError(format!("bad limiter.redis_url: {e}")))?;
+            .map_err(|e| LimiterError::not_applied(format!("bad limiter.redis_url: {e}")))?;
         // No response timeout on the connection: each call sets its own (`run`), so that a
         // settle can wait longer than a check on the same connection (see `SETTLE_PATIENCE`).
         let config = ConnectionManagerConfig::new()
@@ -153,7 +160,7 @@ impl RedisLimiter {
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
         let conn = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| LimiterError(format!("redis: {e}")))?;
+            .map_err(|e| LimiterError::not_applied(format!("redis: {e}")))?;
         Ok(RedisLimiter {
             conn,
             timeout,
@@ -180,8 +187,9 @@ impl RedisLimiter {
         let mut conn = self.conn.clone();
         match tokio::time::timeout(timeout, inv.invoke_async(&mut conn)).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(LimiterError(format!("redis: {e}"))),
-            Err(_) => Err(LimiterError(format!(
+            Ok(Err(e)) if never_sent(&e) => Err(LimiterError::not_applied(format!("redis: {e}"))),
+            Ok(Err(e)) => Err(LimiterError::unknown(format!("redis: {e}"))),
+            Err(_) => Err(LimiterError::unknown(format!(
                 "redis did not answer within {timeout:?}"
             ))),
         }
@@ -211,7 +219,7 @@ impl RedisLimiter {
         }
         let out: Vec<i64> = self.run(inv, self.timeout).await?;
         if out.len() != 2 + 2 * rules.len() {
-            return Err(LimiterError("redis: unexpected script reply".into()));
+            return Err(LimiterError::unknown("redis: unexpected script reply"));
         }
         let states = rules
             .iter()
@@ -258,7 +266,8 @@ impl Limiter for RedisLimiter {
                 }
                 inv.arg(*cost);
             }
-            self.run::<i64>(inv, SETTLE_PATIENCE).await.map(|_| ())
+            let patience = SETTLE_PATIENCE.max(self.timeout);
+            self.run::<i64>(inv, patience).await.map(|_| ())
         })
     }
 
@@ -269,5 +278,24 @@ impl Limiter for RedisLimiter {
                 Verdict::Admitted(s) | Verdict::Refused { states: s, .. } => Ok(s),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Error, ErrorKind};
+
+    use super::never_sent;
+
+    /// Only a call that had no connection to go on is known to have run nothing (its check is
+    /// then not taken back); one whose connection broke may have run.
+    #[test]
+    fn only_a_call_without_a_connection_surely_ran_nothing() {
+        let io = |kind| redis::RedisError::from(Error::from(kind));
+        assert!(never_sent(&io(ErrorKind::ConnectionRefused)));
+        assert!(never_sent(&io(ErrorKind::TimedOut)));
+        assert!(!never_sent(&io(ErrorKind::ConnectionReset)));
+        assert!(!never_sent(&io(ErrorKind::BrokenPipe)));
+        assert!(!never_sent(&io(ErrorKind::UnexpectedEof)));
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use prometheus::{register_int_counter_vec, IntCounterVec};
 
-use super::Limiter;
+use super::{Limiter, LimiterError};
 use crate::drain::DrainGuard;
 
 static SETTLES: LazyLock<IntCounterVec> = LazyLock::new(|| {
@@ -16,7 +16,7 @@ static SETTLES: LazyLock<IntCounterVec> = LazyLock::new(|| {
         "syft_router_limit_settles_total",
         "Changes to rate windows after admission (slot releases, token settlements, take-backs, \
          withdrawals) the store did not take: retried (an attempt failed, another follows) or \
-         given_up (the slot or reservation stays until its window ages out)",
+         given_up (the slot or reservation stays until it ages out of its window; a slot: its lease)",
         &["backend", "outcome"]
     )
     .expect("register syft_router_limit_settles_total")
@@ -43,7 +43,15 @@ pub(super) fn spawn_settle(
         let start = tokio::time::Instant::now();
         let mut backoff = Duration::from_millis(50);
         loop {
-            match limiter.settle(&lease, &updates).await {
+            // No try outlives the bound (a try waits up to 5 s on Redis).
+            let left = SETTLE_RETRY_FOR.saturating_sub(start.elapsed());
+            let attempt = tokio::time::timeout(left, limiter.settle(&lease, &updates)).await;
+            let attempt = attempt.unwrap_or_else(|_| {
+                Err(LimiterError::unknown(format!(
+                    "not taken within {SETTLE_RETRY_FOR:?}"
+                )))
+            });
+            match attempt {
                 Ok(()) => return,
                 Err(e) if start.elapsed() + backoff >= SETTLE_RETRY_FOR => {
                     SETTLES
