@@ -336,9 +336,18 @@ impl Pair {
     }
 
     /// Waits until Alice holds nothing on B (recovery runs in the background).
+    /// Until the service holds nothing for Alice and A's journal has no step half done: recovery
+    /// releases the remote hold a moment before it marks its entry done, and a call meanwhile is
+    /// told "in progress, retry" or reads the transfer still pending.
     async fn await_no_hold(&self) {
+        let busy = "SELECT COUNT(*) FROM hosted_transfers \
+                    WHERE step IN ('creating', 'capturing', 'voiding')";
         for _ in 0..100 {
-            if self.b.balance(ALICE).await.held_micros == 0 {
+            let busy: i64 = sqlx::query_scalar(busy)
+                .fetch_one(self.a.store.pool())
+                .await
+                .expect("journal");
+            if busy == 0 && self.b.balance(ALICE).await.held_micros == 0 {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
