@@ -628,6 +628,31 @@ impl OwnRedis {
         self.cli(&["CLIENT", "PAUSE", &ms.to_string()]).await
     }
 
+    /// Its scripts flushed, as by a restart, and paused for 2 s (longer than a [`OwnRedis::gate`]
+    /// check waits); `false` (SKIPPED) without `redis-cli`.
+    async fn restarted_and_paused(&self) -> bool {
+        let done = self.cli(&["SCRIPT", "FLUSH"]).await && self.pause(2_000).await;
+        if !done {
+            eprintln!("SKIPPED: no redis-cli");
+        }
+        done
+    }
+
+    /// A gate counting in this Redis, tweaked with `limits`.
+    fn gate(&self, limits: impl FnOnce(&mut RouterConfig)) -> std::sync::Arc<Gate> {
+        let mut config = RouterConfig::new(unique_name(), "owner@example.com");
+        limits(&mut config);
+        // A second for each check (the first connects and loads the script on a loaded machine
+        // too), shorter than the pause: the single try of a change used to be this long.
+        config.limiter.timeout = Duration::from_secs(1);
+        config.limiter.backend = LimiterBackend::Redis {
+            url: self.url.clone(),
+        };
+        Gate::from_config(&config)
+            .expect("valid limits")
+            .expect("a limited router")
+    }
+
     fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -696,17 +721,7 @@ async fn a_release_that_meets_a_slow_store_is_retried() {
         eprintln!("SKIPPED: cannot start redis-server");
         return;
     };
-    let mut config = RouterConfig::new(unique_name(), "owner@example.com");
-    config.rate_limits.concurrent = Some(1);
-    // A second for each check (the first connects and loads the script on a loaded machine
-    // too), shorter than the pause: the single try of a change used to be this long.
-    config.limiter.timeout = Duration::from_secs(1);
-    config.limiter.backend = LimiterBackend::Redis {
-        url: redis.url.clone(),
-    };
-    let gate = Gate::from_config(&config)
-        .expect("valid limits")
-        .expect("a limited router");
+    let gate = redis.gate(|c| c.rate_limits.concurrent = Some(1));
     let admit = || gate.admit("alice@example.com", ServiceKind::Chat, 0);
     let pass = admit().await.expect("the one slot");
     assert_eq!(
@@ -715,8 +730,7 @@ async fn a_release_that_meets_a_slow_store_is_retried() {
         "one request in flight"
     );
     let paused = Instant::now();
-    if !(redis.cli(&["SCRIPT", "FLUSH"]).await && redis.pause(2_000).await) {
-        eprintln!("SKIPPED: no redis-cli");
+    if !redis.restarted_and_paused().await {
         return;
     }
     drop(pass);
@@ -740,17 +754,7 @@ async fn a_token_settlement_outlives_its_client_and_a_slow_store() {
         eprintln!("SKIPPED: cannot start redis-server");
         return;
     };
-    let mut config = RouterConfig::new(unique_name(), "owner@example.com");
-    config.rate_limits.tokens = vec![per_minute(1_000)];
-    // A second for each check (the first connects and loads the script on a loaded machine
-    // too), shorter than the pause: the single try of a change used to be this long.
-    config.limiter.timeout = Duration::from_secs(1);
-    config.limiter.backend = LimiterBackend::Redis {
-        url: redis.url.clone(),
-    };
-    let gate = Gate::from_config(&config)
-        .expect("valid limits")
-        .expect("a limited router");
+    let gate = redis.gate(|c| c.rate_limits.tokens = vec![per_minute(1_000)]);
     // `None` while the store does not answer (paused).
     let tokens_left = || async {
         let windows = gate
@@ -768,8 +772,7 @@ async fn a_token_settlement_outlives_its_client_and_a_slow_store() {
         .expect("reserved");
     assert_eq!(tokens_left().await, Some(100));
     let paused = Instant::now();
-    if !(redis.cli(&["SCRIPT", "FLUSH"]).await && redis.pause(2_000).await) {
-        eprintln!("SKIPPED: no redis-cli");
+    if !redis.restarted_and_paused().await {
         return;
     }
     // The client leaves while its answer's 10 tokens are being settled.

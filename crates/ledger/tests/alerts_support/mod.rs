@@ -22,13 +22,6 @@ pub fn alerts_disable_fast(c: &mut LedgerConfig) {
     c.alerts.disable_after = Duration::from_secs(1);
 }
 
-/// [`alerts_on`], and a receiver gets 5 s to answer: for tests that count attempts, where a slow
-/// answer on a loaded machine timing out would be sent again and counted twice.
-pub fn alerts_patient(c: &mut LedgerConfig) {
-    alerts_on(c);
-    c.alerts.request_timeout = Duration::from_secs(5);
-}
-
 /// [`alerts_on`], and rules are evaluated only when a test calls `evaluate_all` (at a time it
 /// chooses), once at start-up aside.
 pub fn alerts_evaluated_by_hand(c: &mut LedgerConfig) {
