@@ -15,12 +15,10 @@ use std::time::Duration;
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 use socket2::{SockRef, TcpKeepalive};
+use syft_telemetry::RequestLayer;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::either::Either;
-use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
-
-use syft_telemetry::RequestLayer;
-use tonic::transport::server::Router;
+use tonic::transport::server::{Connected, Router, TcpConnectInfo, TcpIncoming};
 use tonic_health::pb::health_server::{Health, HealthServer};
 use tower::layer::util::{Identity, Stack};
 

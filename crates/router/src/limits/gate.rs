@@ -194,15 +194,15 @@ impl Gate {
         let verdict = self.limiter.acquire(now_ms(), &lease, &rules).await;
         // Only a check that may have run needs taking back: one that never reached the store
         // (no connection) recorded nothing, and a take-back of it would retry for nothing.
-        if verdict.as_ref().is_ok() || verdict.as_ref().is_err_and(|e| !e.maybe_applied) {
+        if !verdict.as_ref().is_err_and(|e| e.maybe_applied) {
             unknown.limiter = None;
         }
         drop(unknown);
         match verdict {
             Ok(Verdict::Admitted(states)) => {
                 CHECKS.with_label_values(&[backend, "admitted"]).inc();
-                let pass = Pass::new(self.limiter.clone(), lease, &rules, &states);
-                Ok(pass.with_patience(self.patience))
+                let limiter = self.limiter.clone();
+                Ok(Pass::new(limiter, lease, &rules, &states, self.patience))
             }
             Ok(Verdict::Refused {
                 rule,
@@ -391,6 +391,7 @@ impl Pass {
         lease: String,
         rules: &[Rule],
         states: &[WindowState],
+        patience: Duration,
     ) -> Self {
         let keys = |pred: fn(RuleKind) -> bool| {
             rules
@@ -408,13 +409,8 @@ impl Pass {
             settled: AtomicBool::new(false),
             headers: RateHeaders::from_states(rules, states),
             work: None,
-            patience: Duration::ZERO,
+            patience,
         }
-    }
-
-    fn with_patience(mut self, patience: Duration) -> Self {
-        self.patience = patience;
-        self
     }
 
     /// Counts the pass (until its release reached the store) as in-flight work of the router.
@@ -465,7 +461,9 @@ impl Pass {
         // work of its own, since the request may end before it lands.
         let settle = spawn_settle(
             &tokio::runtime::Handle::current(),
-            (limiter.clone(), self.lease.clone(), updates),
+            limiter.clone(),
+            self.lease.clone(),
+            updates,
             self.work.as_ref().map(DrainGuard::another),
             "settle the token reservation; the reservation stands",
         );
@@ -500,7 +498,9 @@ impl Pass {
         // with the future, and the slots stayed taken for the whole lease.
         let release = spawn_settle(
             &tokio::runtime::Handle::current(),
-            (limiter, std::mem::take(&mut self.lease), updates),
+            limiter,
+            std::mem::take(&mut self.lease),
+            updates,
             self.work.take(),
             "withdraw a refused request from its windows",
         );
@@ -533,7 +533,9 @@ impl Drop for Unknown<'_> {
             .collect();
         spawn_settle(
             &rt,
-            (limiter.clone(), self.lease.to_string(), updates),
+            limiter.clone(),
+            self.lease.to_string(),
+            updates,
             None,
             "take back an unanswered limiter check",
         );
@@ -576,7 +578,9 @@ impl Drop for Pass {
         };
         spawn_settle(
             &rt,
-            (limiter, std::mem::take(&mut self.lease), updates),
+            limiter,
+            std::mem::take(&mut self.lease),
+            updates,
             self.work.take(),
             "release a request's limiter slots; they free when their lease ages out",
         );

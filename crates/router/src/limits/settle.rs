@@ -34,7 +34,9 @@ const SETTLE_RETRY_FOR: Duration = Duration::from_secs(10);
 /// shutdown waits for it) is held until the store has the change or the retries gave up.
 pub(super) fn spawn_settle(
     rt: &tokio::runtime::Handle,
-    (limiter, lease, updates): (Arc<dyn Limiter>, String, Vec<(String, u64)>),
+    limiter: Arc<dyn Limiter>,
+    lease: String,
+    updates: Vec<(String, u64)>,
     work: Option<DrainGuard>,
     what: &'static str,
 ) -> tokio::task::JoinHandle<()> {
