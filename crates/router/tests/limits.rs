@@ -1,7 +1,6 @@
 //! Rate and concurrency limits with real routers, ledgers and Redis (docs/limits.md). Every
 //! scenario ends with the ledger's verify.
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -15,26 +14,13 @@ use syft_router_svc::limits::{
 };
 use syft_router_svc::{Pricing, RouterConfig, ServiceKind};
 use syft_testkit::{
-    assert_consistent, deposit, free_port, get_json, ledger_config, reason, Db, FakeUpstream,
-    Funded, LedgerServer, Mode, RouterHandle, Stack, PRICE,
+    assert_consistent, deposit, get_json, ledger_config, reason, redis_up, Db, FakeUpstream,
+    Funded, LedgerServer, Mode, OwnRedis, RouterHandle, SilentRelay, Stack, PRICE,
 };
 use tonic::Code;
 use tonic_types::StatusExt;
 
 const SHARED_REDIS: &str = "redis://127.0.0.1:6379";
-
-/// Whether a Redis answers at `url` (tests that need one print SKIPPED otherwise).
-async fn redis_up(url: &str) -> bool {
-    let Ok(client) = redis::Client::open(url) else {
-        return false;
-    };
-    let conn = tokio::time::timeout(
-        Duration::from_secs(1),
-        client.get_multiplexed_async_connection(),
-    )
-    .await;
-    matches!(conn, Ok(Ok(_)))
-}
 
 /// A router name no other test run shares (Redis keys are scoped by it).
 fn unique_name() -> String {
@@ -568,101 +554,18 @@ async fn free_service_request_limit() {
 
 /// Waits for `child` off the runtime (the routers under test run on it meanwhile); whether it
 /// exited with success.
-async fn wait_for(mut child: Child) -> bool {
-    let status = tokio::task::spawn_blocking(move || child.wait()).await;
-    matches!(status, Ok(Ok(s)) if s.success())
-}
-
-/// A Redis of this test's own, on a free port; killed on drop.
-struct OwnRedis {
-    child: Child,
-    url: String,
-}
-
-impl OwnRedis {
-    async fn start() -> Option<Self> {
-        let port = free_port();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok()?;
-        let url = format!("redis://127.0.0.1:{port}");
-        let me = OwnRedis { child, url };
-        for _ in 0..50 {
-            if redis_up(&me.url).await {
-                return Some(me);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        None
-    }
-
-    /// Runs `redis-cli` against this Redis to its end, off the runtime; `false` without one (a
-    /// command that fails fails the test).
-    async fn cli(&self, args: &[&str]) -> bool {
-        let port = self.url.rsplit(':').next().unwrap_or_default();
-        let Ok(child) = Command::new("redis-cli")
-            .args(["-p", port])
-            .args(args)
-            .stdout(Stdio::null())
-            .spawn()
-        else {
-            return false;
-        };
-        assert!(wait_for(child).await, "redis-cli {args:?} failed");
-        true
-    }
-
-    /// Holds every client's commands for `ms` (they queue, unanswered, and run after it, in
-    /// order): a store too slow to answer, begun before this returns.
-    async fn pause(&self, ms: u64) -> bool {
-        self.cli(&["CLIENT", "PAUSE", &ms.to_string()]).await
-    }
-
-    /// Its scripts flushed, as by a restart, and paused for 2 s (longer than a [`OwnRedis::gate`]
-    /// check waits); `false` (SKIPPED) without `redis-cli`.
-    async fn restarted_and_paused(&self) -> bool {
-        let done = self.cli(&["SCRIPT", "FLUSH"]).await && self.pause(2_000).await;
-        if !done {
-            eprintln!("SKIPPED: no redis-cli");
-        }
-        done
-    }
-
-    /// A gate counting in this Redis, tweaked with `limits`.
-    fn gate(&self, limits: impl FnOnce(&mut RouterConfig)) -> std::sync::Arc<Gate> {
-        let mut config = RouterConfig::new(unique_name(), "owner@example.com");
-        limits(&mut config);
-        // A second for each check (the first connects and loads the script on a loaded machine
-        // too), shorter than the pause: the single try of a change used to be this long.
-        config.limiter.timeout = Duration::from_secs(1);
-        config.limiter.backend = LimiterBackend::Redis {
-            url: self.url.clone(),
-        };
-        Gate::from_config(&config)
-            .expect("valid limits")
-            .expect("a limited router")
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// A gate counting in the Redis at `url`, tweaked with `limits`.
+fn gate_on(url: &str, limits: impl FnOnce(&mut RouterConfig)) -> std::sync::Arc<Gate> {
+    let mut config = RouterConfig::new(unique_name(), "owner@example.com");
+    limits(&mut config);
+    // A second for each check (the first connects and loads the script on a loaded machine
+    // too), shorter than `OwnRedis::restarted_and_paused`'s pause: the single try of a change
+    // used to be this long.
+    config.limiter.timeout = Duration::from_secs(1);
+    config.limiter.backend = LimiterBackend::Redis { url: url.into() };
+    Gate::from_config(&config)
+        .expect("valid limits")
+        .expect("a limited router")
 }
 
 /// The store answers a check too late (`CLIENT PAUSE` holds it past the 500-ms timeout): the
@@ -721,7 +624,7 @@ async fn a_release_that_meets_a_slow_store_is_retried() {
         eprintln!("SKIPPED: cannot start redis-server");
         return;
     };
-    let gate = redis.gate(|c| c.rate_limits.concurrent = Some(1));
+    let gate = gate_on(&redis.url, |c| c.rate_limits.concurrent = Some(1));
     let admit = || gate.admit("alice@example.com", ServiceKind::Chat, 0);
     let pass = admit().await.expect("the one slot");
     assert_eq!(
@@ -744,6 +647,70 @@ async fn a_release_that_meets_a_slow_store_is_retried() {
     }
 }
 
+/// The limiter's connection goes silent (its network path died without a word: no answer, no
+/// error) while Redis itself is fine. Checks time out, so a `fail_closed` router refused every
+/// request until the kernel gave the connection up, about 15 minutes. A fresh connection is
+/// answered, so the silent one is replaced and checks are answered again within seconds; the
+/// check lost on the silent connection never reached Redis and holds no slot.
+#[tokio::test]
+async fn a_connection_that_went_silent_is_replaced() {
+    let Some(redis) = OwnRedis::start().await else {
+        eprintln!("SKIPPED: cannot start redis-server");
+        return;
+    };
+    let relay = SilentRelay::start(([127, 0, 0, 1], redis.port).into()).await;
+    let gate = gate_on(&relay.redis_url(), |c| c.rate_limits.concurrent = Some(1));
+    let admit = || gate.admit("alice@example.com", ServiceKind::Chat, 0);
+    drop(admit().await.expect("the one slot"));
+    // Its release lands (in the background) before the connection goes silent.
+    let released = || async {
+        let windows = gate
+            .remaining("alice@example.com", ServiceKind::Chat)
+            .await
+            .expect("redis answers");
+        windows
+            .iter()
+            .any(|(r, w)| r.kind == RuleKind::Concurrency && w.remaining == 1)
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !released().await {
+        assert!(Instant::now() < deadline, "the slot was not released");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = relay.connections();
+    relay.silence_existing();
+    let silenced = Instant::now();
+    let err = admit()
+        .await
+        .err()
+        .expect("no answer on the silent connection");
+    assert_eq!(err.grpc_code(), Code::Unavailable, "fail_closed: {err}");
+    // The slot is free (the released pass and the lost check are both gone from the window).
+    let deadline = silenced + Duration::from_secs(8);
+    let pass = loop {
+        match admit().await {
+            Ok(pass) => break pass,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "still no answer {:?} after the connection went silent: {e}",
+                silenced.elapsed()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        relay.connections() >= before + 2,
+        "a probe and a new connection: {} connections made",
+        relay.connections()
+    );
+    assert_eq!(
+        admit().await.err().map(|e| e.grpc_code()),
+        Some(Code::ResourceExhausted),
+        "the new connection counts in the same windows"
+    );
+    drop(pass);
+}
+
 /// A token settlement whose client left while the store was paused with its scripts flushed still
 /// lands: the reservation is replaced by what the answer used. It runs in a task of its own (the
 /// client's future is dropped here) and waits for the store; a single short try was lost there,
@@ -754,7 +721,9 @@ async fn a_token_settlement_outlives_its_client_and_a_slow_store() {
         eprintln!("SKIPPED: cannot start redis-server");
         return;
     };
-    let gate = redis.gate(|c| c.rate_limits.tokens = vec![per_minute(1_000)]);
+    let gate = gate_on(&redis.url, |c| {
+        c.rate_limits.tokens = vec![per_minute(1_000)]
+    });
     // `None` while the store does not answer (paused).
     let tokens_left = || async {
         let windows = gate

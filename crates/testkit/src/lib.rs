@@ -9,6 +9,7 @@
 mod db;
 mod ledger;
 mod probe;
+mod redis;
 pub mod req;
 mod router;
 mod upstream;
@@ -22,6 +23,7 @@ pub use ledger::{
 };
 pub use ledger::{backdate_transfers, lock_transfers, lock_transfers_for};
 pub use probe::{get_json, get_json_as, succeeded};
+pub use redis::{exited_ok, redis_up, OwnRedis, SilentRelay};
 pub use router::{
     chat_given_up, chat_request, docs_dir, read_answer, readyz, router_config, search_request,
     serve_router, Funded, RouterHandle, Stack, FUNDS, PRICE,

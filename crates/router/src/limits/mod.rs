@@ -17,6 +17,7 @@ use thiserror::Error;
 mod gate;
 mod memory;
 mod redis;
+mod redis_conn;
 mod settle;
 
 pub use gate::{format_reset, Gate, Pass, RateHeaders, ROUTER_SCOPE};

@@ -9,10 +9,10 @@
 //! Every key expires a second after its window, so an idle user leaves nothing behind. Windows
 //! age by Redis's clock, the one clock every replica shares.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-
+use super::redis_conn::Conn;
 use super::{Limiter, LimiterError, Reply, Rule, Verdict, WindowState};
 
 /// KEYS: three per rule (set, costs, total). ARGV: now (ms, or -1 for Redis's own clock), lease,
@@ -135,7 +135,8 @@ fn window_keys(key: &str) -> [String; 3] {
 const SETTLE_PATIENCE: Duration = Duration::from_secs(5);
 
 pub struct RedisLimiter {
-    conn: ConnectionManager,
+    /// Replaced when it stops answering while Redis answers (`redis_conn.rs`).
+    conn: Arc<Conn>,
     timeout: Duration,
     acquire: redis::Script,
     settle: redis::Script,
@@ -150,17 +151,7 @@ impl RedisLimiter {
     /// starts while Redis is down and follows its `on_failure` mode until Redis is back. Must be
     /// called inside a Tokio runtime.
     pub fn new(url: &str, timeout: Duration) -> Result<Self, LimiterError> {
-        let client = redis::Client::open(url)
-            .map_err(|e| LimiterError::not_applied(format!("bad limiter.redis_url: {e}")))?;
-        // No response timeout on the connection: each call sets its own (`run`), so that a
-        // settle can wait longer than a check on the same connection (see `SETTLE_PATIENCE`).
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(None)
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| LimiterError::not_applied(format!("redis: {e}")))?;
+        let conn = Conn::new(url, timeout)?;
         Ok(RedisLimiter {
             conn,
             timeout,
@@ -184,8 +175,12 @@ impl RedisLimiter {
         inv: redis::ScriptInvocation<'_>,
         timeout: Duration,
     ) -> Result<T, LimiterError> {
-        let mut conn = self.conn.clone();
-        match tokio::time::timeout(timeout, inv.invoke_async(&mut conn)).await {
+        let (generation, mut conn) = self.conn.get();
+        let answer = tokio::time::timeout(timeout, inv.invoke_async(&mut conn)).await;
+        if answer.is_err() {
+            self.conn.no_answer(generation, conn);
+        }
+        match answer {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) if never_sent(&e) => Err(LimiterError::not_applied(format!("redis: {e}"))),
             Ok(Err(e)) => Err(LimiterError::unknown(format!("redis: {e}"))),
