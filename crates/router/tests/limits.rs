@@ -130,6 +130,30 @@ async fn sliding_window_boundary_redis() {
     }
 }
 
+/// A take-back that reaches Redis before the check it takes back (sent on a new connection while
+/// the check still waited on the old one) wins: the check records nothing when it arrives. Without
+/// the tombstone the take-back found nothing to remove, and the late check's slot stayed taken for
+/// its lease.
+#[tokio::test]
+async fn a_take_back_that_overtakes_its_check_wins() {
+    let Some((l, key)) = shared_redis(false).await else {
+        return;
+    };
+    let slot = [Rule {
+        kind: RuleKind::Concurrency,
+        ..request_rule(&format!("{key}:inflight"), 1, Duration::from_secs(600))
+    }];
+    l.settle("late", &[(slot[0].key.clone(), 0)])
+        .await
+        .expect("take-back");
+    // The late check is answered (nobody waits for it any more) and records nothing.
+    assert!(admitted(&l, 0, "late", &slot).await);
+    assert_eq!(l.peek(0, &slot).await.expect("peek")[0].remaining, 1);
+    assert!(admitted(&l, 0, "next", &slot).await, "the slot is free");
+    // A lease that was never taken back is recorded as before.
+    assert!(!admitted(&l, 0, "after", &slot).await);
+}
+
 /// Two replicas whose clocks disagree by ten minutes share one Redis window of 3 per minute:
 /// the windows age by Redis's clock, so the replica running ahead does not see the other's
 /// three requests as gone and admit a fourth.
@@ -611,6 +635,67 @@ async fn a_check_answered_too_late_is_taken_back() {
         }
     }
     assert_consistent(&s.ledger.store).await;
+}
+
+/// What every window in `redis` holds in all (each window's running total, `<key>:s`).
+async fn counted(redis: &OwnRedis) -> i64 {
+    let client = redis::Client::open(redis.url.as_str()).expect("url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let sum = "local t = 0 for _, k in ipairs(redis.call('KEYS', '*:s')) do \
+               t = t + tonumber(redis.call('GET', k)) end return t";
+    redis::cmd("EVAL")
+        .arg(sum)
+        .arg(0)
+        .query_async(&mut conn)
+        .await
+        .expect("sum of the windows")
+}
+
+/// A graceful shutdown waits for the take-back of a check whose answer was lost. It held no
+/// in-flight work, so the process could exit before it reached the store, and the user's slot
+/// then stayed taken for the lease (18 minutes by default) on every replica sharing the store.
+#[tokio::test]
+async fn a_shutdown_waits_for_a_take_back() {
+    let Some(redis) = OwnRedis::start().await else {
+        eprintln!("SKIPPED: cannot start redis-server");
+        return;
+    };
+    let s = Stack::start_tweaked(Pricing::free(), |c| {
+        c.rate_limits.concurrent = Some(1);
+        c.limiter.timeout = Duration::from_millis(300);
+        c.limiter.backend = LimiterBackend::Redis {
+            url: redis.url.clone(),
+        };
+    })
+    .await;
+    let mut c = s.client().await;
+    // Connected, its script loaded, and its slot released again.
+    c.chat(s.request("before")).await.expect("redis up");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while counted(&redis).await != 0 {
+        assert!(Instant::now() < deadline, "the slot was not released");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pause = Duration::from_millis(1_500);
+    let paused = Instant::now();
+    if !redis.pause(1_500).await {
+        eprintln!("SKIPPED: no redis-cli");
+        return;
+    }
+    let err = c.chat(s.request("late")).await.expect_err("fail closed");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let Stack { mut router, .. } = s;
+    router.shutdown();
+    router.join().await.expect("a graceful shutdown");
+    assert!(
+        paused.elapsed() >= pause,
+        "the router stopped {:?} into the store's {pause:?} pause, before its take-back landed",
+        paused.elapsed()
+    );
+    assert_eq!(counted(&redis).await, 0, "the late check was taken back");
 }
 
 /// A release that meets a store too slow to answer (paused, and its scripts flushed as by a

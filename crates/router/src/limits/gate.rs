@@ -183,6 +183,20 @@ impl Gate {
         service: ServiceKind,
         tokens: u64,
     ) -> Result<Pass, RouterError> {
+        self.admit_as_work(user, service, tokens, None).await
+    }
+
+    /// [`Gate::admit`] counted as in-flight work of the router (`work`, which a graceful shutdown
+    /// waits for): the pass keeps it until its release reached the store, and so does the
+    /// take-back of a check whose answer was lost. A take-back cut off by the process's exit left
+    /// the slot taken for its lease on every replica sharing the store.
+    pub(crate) async fn admit_as_work(
+        &self,
+        user: &str,
+        service: ServiceKind,
+        tokens: u64,
+        work: Option<DrainGuard>,
+    ) -> Result<Pass, RouterError> {
         let rules = self.rules(user, service, tokens);
         let lease = uuid::Uuid::now_v7().to_string();
         let backend = self.limiter.backend();
@@ -190,6 +204,7 @@ impl Gate {
             limiter: Some(&self.limiter),
             lease: &lease,
             rules: &rules,
+            work: work.as_ref(),
         };
         let verdict = self.limiter.acquire(now_ms(), &lease, &rules).await;
         // Only a check that may have run needs taking back: one that never reached the store
@@ -202,7 +217,9 @@ impl Gate {
             Ok(Verdict::Admitted(states)) => {
                 CHECKS.with_label_values(&[backend, "admitted"]).inc();
                 let limiter = self.limiter.clone();
-                Ok(Pass::new(limiter, lease, &rules, &states, self.patience))
+                let mut pass = Pass::new(limiter, lease, &rules, &states, self.patience);
+                pass.work = work;
+                Ok(pass)
             }
             Ok(Verdict::Refused {
                 rule,
@@ -413,12 +430,6 @@ impl Pass {
         }
     }
 
-    /// Counts the pass (until its release reached the store) as in-flight work of the router.
-    pub(crate) fn with_work(mut self, work: DrainGuard) -> Self {
-        self.work = Some(work);
-        self
-    }
-
     /// Counts nothing and releases nothing, and shows `headers` (a request taken back out of its
     /// windows that still answers with what its admission saw).
     pub fn with_headers(headers: RateHeaders) -> Self {
@@ -516,6 +527,8 @@ struct Unknown<'a> {
     limiter: Option<&'a Arc<dyn Limiter>>,
     lease: &'a str,
     rules: &'a [Rule],
+    /// The request's in-flight work; the take-back holds a unit of its own.
+    work: Option<&'a DrainGuard>,
 }
 
 impl Drop for Unknown<'_> {
@@ -536,7 +549,7 @@ impl Drop for Unknown<'_> {
             limiter.clone(),
             self.lease.to_string(),
             updates,
-            None,
+            self.work.map(DrainGuard::another),
             "take back an unanswered limiter check",
         );
     }

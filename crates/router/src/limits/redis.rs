@@ -15,9 +15,11 @@ use std::time::Duration;
 use super::redis_conn::Conn;
 use super::{Limiter, LimiterError, Reply, Rule, Verdict, WindowState};
 
-/// KEYS: three per rule (set, costs, total). ARGV: now (ms, or -1 for Redis's own clock), lease,
-/// record (1) or peek (0), then per rule: limit, window_ms, cost. Returns `{refused rule
-/// (1-based, 0 = none), retry_ms (-1 = none), then per rule: total, reset_ms}`.
+/// KEYS: three per rule (set, costs, total), then the lease's tombstone ([`tombstone_key`]).
+/// ARGV: now (ms, or -1 for Redis's own clock), lease, record (1) or peek (0), then per rule:
+/// limit, window_ms, cost. Returns `{refused rule (1-based, 0 = none), retry_ms (-1 = none), then
+/// per rule: total, reset_ms}`. A lease with a tombstone is not recorded: it was taken back
+/// before it arrived.
 const ACQUIRE: &str = r"
 local now = tonumber(ARGV[1])
 if now < 0 then
@@ -26,7 +28,8 @@ if now < 0 then
 end
 local lease = ARGV[2]
 local record = ARGV[3] == '1'
-local n = #KEYS / 3
+local n = (#KEYS - 1) / 3
+if record and redis.call('EXISTS', KEYS[#KEYS]) == 1 then record = false end
 local refused, retry = 0, -1
 local totals = {}
 for i = 1, n do
@@ -92,12 +95,16 @@ end
 return out
 ";
 
-/// KEYS: three per window (set, costs, total). ARGV: lease, then the new cost per window.
+/// KEYS: three per window (set, costs, total), then the lease's tombstone. ARGV: lease, the
+/// tombstone's life (ms), then the new cost per window. A removal (cost 0) of a lease a window
+/// does not hold leaves the tombstone: if the lease's check is still on its way (a take-back that
+/// overtook it, on another connection), it then records nothing when it arrives.
 const SETTLE: &str = r"
 local lease = ARGV[1]
-for i = 1, #KEYS / 3 do
+local missing = false
+for i = 1, (#KEYS - 1) / 3 do
   local z, h, s = KEYS[3*i-2], KEYS[3*i-1], KEYS[3*i]
-  local cost = tonumber(ARGV[i + 1])
+  local cost = tonumber(ARGV[i + 2])
   local old = redis.call('HGET', h, lease)
   if old then
     if cost == 0 then
@@ -107,10 +114,24 @@ for i = 1, #KEYS / 3 do
       redis.call('HSET', h, lease, cost)
     end
     redis.call('INCRBY', s, cost - tonumber(old))
+  elseif cost == 0 then
+    missing = true
   end
 end
+if missing then redis.call('SET', KEYS[#KEYS], '1', 'PX', ARGV[2]) end
 return 1
 ";
+
+/// How long a tombstone keeps a late check from recording: far longer than a check can wait in a
+/// queue (a paused Redis, a connection being replaced), short enough that the few left behind
+/// (take-backs of unanswered checks, retried releases) cost nothing.
+const TOMBSTONE_LIFE_MS: u64 = 600_000;
+
+/// The key that says `lease` was taken back. Outside the windows' `syft:rl:` space, and a lease
+/// is a UUID the router made, so no user or app name can spell it.
+fn tombstone_key(lease: &str) -> String {
+    format!("syft:rl-gone:{lease}")
+}
 
 /// Whether a failed call surely never reached Redis: no connection could be made to send it on
 /// (refused, or not made within the connect timeout: the connection has no response timeout of
@@ -130,8 +151,9 @@ fn window_keys(key: &str) -> [String; 3] {
 /// when Redis wakes, so a short wait only queued more copies of it behind a paused store. A settle is
 /// also more than one round trip when its script is not loaded yet (a restarted Redis answers
 /// `NOSCRIPT`, then the script is loaded and sent again), and a wait cut between them lost it.
-/// Settles share the connection of the checks they follow, so a take-back always runs after the
-/// check it takes back.
+/// Settles share the connection of the checks they follow, so a take-back normally runs after the
+/// check it takes back; one that overtakes it (the connection was replaced meanwhile) leaves a
+/// tombstone instead (`SETTLE`).
 const SETTLE_PATIENCE: Duration = Duration::from_secs(5);
 
 pub struct RedisLimiter {
@@ -212,6 +234,7 @@ impl RedisLimiter {
                 .arg(u64::try_from(r.window.as_millis()).unwrap_or(u64::MAX))
                 .arg(r.cost);
         }
+        inv.key(tombstone_key(lease));
         let out: Vec<i64> = self.run(inv, self.timeout).await?;
         if out.len() != 2 + 2 * rules.len() {
             return Err(LimiterError::unknown("redis: unexpected script reply"));
@@ -254,13 +277,14 @@ impl Limiter for RedisLimiter {
                 return Ok(());
             }
             let mut inv = self.settle.prepare_invoke();
-            inv.arg(lease);
+            inv.arg(lease).arg(TOMBSTONE_LIFE_MS);
             for (key, cost) in updates {
                 for k in window_keys(key) {
                     inv.key(k);
                 }
                 inv.arg(*cost);
             }
+            inv.key(tombstone_key(lease));
             let patience = SETTLE_PATIENCE.max(self.timeout);
             self.run::<i64>(inv, patience).await.map(|_| ())
         })

@@ -9,10 +9,13 @@
 //!
 //! So a call that gets no answer in time makes this module ask Redis on a fresh connection. If
 //! Redis answers there and the old connection stays silent ([`STUCK_GRACE`] more), the old one is
-//! replaced. A Redis that is slow or paused answers neither, so its connection is kept: settles
-//! share the connection of the checks they follow, and keeping it keeps a take-back behind the
-//! check it takes back (`redis.rs`). TCP keepalive on the connection finds a dead idle peer and
-//! keeps NAT mappings alive in the first place.
+//! replaced. A Redis that is paused or down answers neither, and its connection is kept. One that
+//! answers the fresh connection first for another reason (a long queue on the old one, a pause of
+//! writes only, a proxy that answers `PING` itself) has its connection replaced too; that costs a
+//! reconnect, nothing more: a take-back sent on the new connection may then reach Redis before
+//! the check it takes back, and it leaves a tombstone that keeps that check from recording
+//! (`redis.rs`, `SETTLE`). TCP keepalive on the connection finds a dead idle peer and keeps NAT
+//! mappings alive in the first place.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
@@ -39,8 +42,7 @@ static REPLACED: LazyLock<IntCounter> = LazyLock::new(|| {
 const PROBE_WAIT: Duration = Duration::from_secs(2);
 
 /// How long the old connection may stay silent after a fresh one was answered before it is
-/// replaced: it may have a queue of commands to work off first (a Redis that was paused answers
-/// them in order, in milliseconds).
+/// replaced: it may have a queue of commands to work off first (after a pause).
 const STUCK_GRACE: Duration = Duration::from_secs(1);
 
 /// At most one probe at a time and one a second: with Redis down or paused, every check times out.
@@ -105,7 +107,13 @@ impl Conn {
     /// A call on `generation` got no answer in time: checks in the background whether that
     /// connection is stuck while Redis answers, and replaces it if so.
     pub(super) fn no_answer(self: &Arc<Self>, generation: u64, old: ConnectionManager) {
-        if self.probing.swap(true, Ordering::AcqRel) {
+        // Calls still waiting on a replaced connection say nothing of the current one.
+        let current = self
+            .current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .0;
+        if current != generation || self.probing.swap(true, Ordering::AcqRel) {
             return;
         }
         let me = Arc::clone(self);

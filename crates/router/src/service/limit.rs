@@ -45,8 +45,11 @@ impl RouterService {
         match &self.inner.gate {
             None => Ok(None),
             Some(gate) => {
-                let pass = gate.admit(&t.user_email, t.kind, reserve_tokens).await?;
-                Ok(Some(pass.with_work(self.inner.drain.enter())))
+                let work = Some(self.inner.drain.enter());
+                let pass = gate
+                    .admit_as_work(&t.user_email, t.kind, reserve_tokens, work)
+                    .await?;
+                Ok(Some(pass))
             }
         }
     }
