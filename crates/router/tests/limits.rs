@@ -7,6 +7,7 @@ use tokio::time::Instant;
 use futures::future::join_all;
 use serde_json::{json, Value};
 use syft_proto::ledger::TransferStatus;
+use syft_proto::router::router_client::RouterClient;
 use syft_proto::router::ChatRequest;
 use syft_router_svc::config::{LimiterBackend, OnFailure, Rate, RateUnit};
 use syft_router_svc::limits::{
@@ -277,7 +278,7 @@ struct Replicas {
     _second: LedgerServer,
     _upstream: FakeUpstream,
     _routers: Vec<RouterHandle>,
-    clients: Vec<syft_proto::router::router_client::RouterClient<tonic::transport::Channel>>,
+    clients: Vec<RouterClient<tonic::transport::Channel>>,
 }
 
 impl Replicas {
@@ -592,6 +593,47 @@ fn gate_on(url: &str, limits: impl FnOnce(&mut RouterConfig)) -> std::sync::Arc<
         .expect("a limited router")
 }
 
+/// A free router allowing one request in flight per user, counted in `redis`, whose checks wait
+/// `timeout`, and a client of it that was answered once (the limiter is connected, its script
+/// loaded).
+async fn one_slot_free_stack(
+    redis: &OwnRedis,
+    timeout: Duration,
+) -> (Stack, RouterClient<tonic::transport::Channel>) {
+    let s = Stack::start_tweaked(Pricing::free(), |c| {
+        c.rate_limits.concurrent = Some(1);
+        c.limiter.timeout = timeout;
+        c.limiter.backend = LimiterBackend::Redis {
+            url: redis.url.clone(),
+        };
+    })
+    .await;
+    let mut c = s.client().await;
+    c.chat(s.request("before")).await.expect("redis up");
+    (s, c)
+}
+
+/// How long [`late_check`] pauses the store.
+const LATE_PAUSE: Duration = Duration::from_millis(1_500);
+
+/// Pauses `redis` for [`LATE_PAUSE`] and sends a request, which is refused `UNAVAILABLE` when its
+/// check times out (`fail_closed`); the check still waits in the store. When the pause began, or
+/// `None` (SKIPPED printed) without `redis-cli`.
+async fn late_check(
+    redis: &OwnRedis,
+    s: &Stack,
+    c: &mut RouterClient<tonic::transport::Channel>,
+) -> Option<Instant> {
+    let paused = Instant::now();
+    if !redis.pause(LATE_PAUSE.as_millis() as u64).await {
+        eprintln!("SKIPPED: no redis-cli");
+        return None;
+    }
+    let err = c.chat(s.request("late")).await.expect_err("fail closed");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    Some(paused)
+}
+
 /// The store answers a check too late (`CLIENT PAUSE` holds it past the 500-ms timeout): the
 /// request is refused (`fail_closed`), but the script still runs when the store wakes and records
 /// the request's concurrency slot. The router takes that check back, so the user's one slot is
@@ -602,26 +644,13 @@ async fn a_check_answered_too_late_is_taken_back() {
         eprintln!("SKIPPED: cannot start redis-server");
         return;
     };
-    let s = Stack::start_tweaked(Pricing::free(), |c| {
-        c.rate_limits.concurrent = Some(1);
-        c.limiter.timeout = Duration::from_millis(500);
-        c.limiter.backend = LimiterBackend::Redis {
-            url: redis.url.clone(),
-        };
-    })
-    .await;
-    let mut c = s.client().await;
-    c.chat(s.request("before")).await.expect("redis up");
-    let paused = Instant::now();
-    if !redis.pause(1_500).await {
-        eprintln!("SKIPPED: no redis-cli");
+    let (s, mut c) = one_slot_free_stack(&redis, Duration::from_millis(500)).await;
+    let Some(paused) = late_check(&redis, &s, &mut c).await else {
         return;
-    }
-    let err = c.chat(s.request("late")).await.expect_err("fail closed");
-    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    };
     // Within seconds of the pause's end, not the lease's 16 minutes. (The release of "before"
     // may have met the paused store too: it lands once the store answers again.)
-    let deadline = paused + Duration::from_millis(1_500) + Duration::from_secs(5);
+    let deadline = paused + LATE_PAUSE + Duration::from_secs(5);
     loop {
         match c.chat(s.request("after")).await {
             Ok(_) => break,
@@ -663,36 +692,23 @@ async fn a_shutdown_waits_for_a_take_back() {
         eprintln!("SKIPPED: cannot start redis-server");
         return;
     };
-    let s = Stack::start_tweaked(Pricing::free(), |c| {
-        c.rate_limits.concurrent = Some(1);
-        c.limiter.timeout = Duration::from_millis(300);
-        c.limiter.backend = LimiterBackend::Redis {
-            url: redis.url.clone(),
-        };
-    })
-    .await;
-    let mut c = s.client().await;
-    // Connected, its script loaded, and its slot released again.
-    c.chat(s.request("before")).await.expect("redis up");
+    let (s, mut c) = one_slot_free_stack(&redis, Duration::from_millis(300)).await;
+    // Its slot released again.
     let deadline = Instant::now() + Duration::from_secs(5);
     while counted(&redis).await != 0 {
         assert!(Instant::now() < deadline, "the slot was not released");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let pause = Duration::from_millis(1_500);
-    let paused = Instant::now();
-    if !redis.pause(1_500).await {
-        eprintln!("SKIPPED: no redis-cli");
+    let Some(paused) = late_check(&redis, &s, &mut c).await else {
         return;
-    }
-    let err = c.chat(s.request("late")).await.expect_err("fail closed");
-    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    };
     let Stack { mut router, .. } = s;
     router.shutdown();
     router.join().await.expect("a graceful shutdown");
     assert!(
-        paused.elapsed() >= pause,
-        "the router stopped {:?} into the store's {pause:?} pause, before its take-back landed",
+        paused.elapsed() >= LATE_PAUSE,
+        "the router stopped {:?} into the store's {LATE_PAUSE:?} pause, before its take-back \
+         landed",
         paused.elapsed()
     );
     assert_eq!(counted(&redis).await, 0, "the late check was taken back");
