@@ -134,25 +134,26 @@ async fn sliding_window_boundary_redis() {
 /// A take-back that reaches Redis before the check it takes back (sent on a new connection while
 /// the check still waited on the old one) wins: the check records nothing when it arrives. Without
 /// the tombstone the take-back found nothing to remove, and the late check's slot stayed taken for
-/// its lease.
+/// its lease. Only a take-back leaves one: a release of a lease that is not there does not.
 #[tokio::test]
 async fn a_take_back_that_overtakes_its_check_wins() {
-    let Some((l, key)) = shared_redis(false).await else {
+    let Some(redis) = OwnRedis::start().await else {
+        eprintln!("SKIPPED: cannot start redis-server");
         return;
     };
+    let l = RedisLimiter::new(&redis.url, Duration::from_secs(2)).expect("limiter");
     let slot = [Rule {
         kind: RuleKind::Concurrency,
-        ..request_rule(&format!("{key}:inflight"), 1, Duration::from_secs(600))
+        ..request_rule("user:inflight", 1, Duration::from_secs(600))
     }];
-    l.settle("late", &[(slot[0].key.clone(), 0)])
-        .await
-        .expect("take-back");
+    let gone = [(slot[0].key.clone(), 0)];
+    l.take_back("late", &gone).await.expect("take-back");
     // The late check is answered (nobody waits for it any more) and records nothing.
     assert!(admitted(&l, 0, "late", &slot).await);
     assert_eq!(l.peek(0, &slot).await.expect("peek")[0].remaining, 1);
-    assert!(admitted(&l, 0, "next", &slot).await, "the slot is free");
-    // A lease that was never taken back is recorded as before.
-    assert!(!admitted(&l, 0, "after", &slot).await);
+    l.settle("next", &gone).await.expect("a release of nothing");
+    assert!(admitted(&l, 0, "next", &slot).await, "the slot was free");
+    assert!(!admitted(&l, 0, "after", &slot).await, "and is taken now");
 }
 
 /// Two replicas whose clocks disagree by ten minutes share one Redis window of 3 per minute:
@@ -614,7 +615,7 @@ async fn one_slot_free_stack(
 }
 
 /// How long [`late_check`] pauses the store.
-const LATE_PAUSE: Duration = Duration::from_millis(1_500);
+const LATE_PAUSE: Duration = Duration::from_secs(3);
 
 /// Pauses `redis` for [`LATE_PAUSE`] and sends a request, which is refused `UNAVAILABLE` when its
 /// check times out (`fail_closed`); the check still waits in the store. When the pause began, or

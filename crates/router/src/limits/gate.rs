@@ -10,7 +10,7 @@ use std::time::Duration;
 use prometheus::{register_int_counter_vec, IntCounterVec};
 use syft_error::{QuotaDetails, Reason};
 
-use super::settle::spawn_settle;
+use super::settle::{spawn_settle, Change};
 use super::{
     now_ms, Limiter, LimiterError, MemoryLimiter, RedisLimiter, Rule, RuleKind, Verdict,
     WindowState,
@@ -476,7 +476,7 @@ impl Pass {
             self.lease.clone(),
             updates,
             self.work.as_ref().map(DrainGuard::another),
-            "settle the token reservation; the reservation stands",
+            Change::SettleTokens,
         );
         let _ = tokio::time::timeout(self.patience, settle).await;
     }
@@ -513,7 +513,7 @@ impl Pass {
             std::mem::take(&mut self.lease),
             updates,
             self.work.take(),
-            "withdraw a refused request from its windows",
+            Change::Withdraw,
         );
         let _ = tokio::time::timeout(self.patience, release).await;
     }
@@ -550,7 +550,7 @@ impl Drop for Unknown<'_> {
             self.lease.to_string(),
             updates,
             self.work.map(DrainGuard::another),
-            "take back an unanswered limiter check",
+            Change::TakeBack,
         );
     }
 }
@@ -595,7 +595,7 @@ impl Drop for Pass {
             std::mem::take(&mut self.lease),
             updates,
             self.work.take(),
-            "release a request's limiter slots; they free when their lease ages out",
+            Change::Release,
         );
     }
 }

@@ -120,6 +120,15 @@ pub trait Limiter: Send + Sync {
     /// request's slot, a refund). A lease that aged out already is left alone.
     fn settle<'a>(&'a self, lease: &'a str, updates: &'a [(String, u64)]) -> Reply<'a, ()>;
 
+    /// Takes `lease` out of each `(key, 0)` window, for a check whose answer was lost. That check
+    /// may still be on its way (on Redis, queued on a connection since replaced), so a store
+    /// whose calls can overtake each other also keeps it from recording when it arrives. The
+    /// router never acquires a lease again, least of all one it took back.
+    fn take_back<'a>(&'a self, lease: &'a str, updates: &'a [(String, u64)]) -> Reply<'a, ()> {
+        // One process, one lock: a check always lands before its take-back.
+        self.settle(lease, updates)
+    }
+
     /// The windows' states without recording anything.
     fn peek<'a>(&'a self, now_ms: u64, rules: &'a [Rule]) -> Reply<'a, Vec<WindowState>>;
 }

@@ -96,9 +96,9 @@ return out
 ";
 
 /// KEYS: three per window (set, costs, total), then the lease's tombstone. ARGV: lease, the
-/// tombstone's life (ms), then the new cost per window. A removal (cost 0) of a lease a window
-/// does not hold leaves the tombstone: if the lease's check is still on its way (a take-back that
-/// overtook it, on another connection), it then records nothing when it arrives.
+/// tombstone's life in ms (0 for none: only a take-back leaves one), then the new cost per window.
+/// A take-back of a lease no window holds leaves the tombstone: if the lease's check is still on
+/// its way (it overtook the check, on another connection), the check then records nothing.
 const SETTLE: &str = r"
 local lease = ARGV[1]
 local missing = false
@@ -118,13 +118,14 @@ for i = 1, (#KEYS - 1) / 3 do
     missing = true
   end
 end
-if missing then redis.call('SET', KEYS[#KEYS], '1', 'PX', ARGV[2]) end
+if missing and tonumber(ARGV[2]) > 0 then redis.call('SET', KEYS[#KEYS], '1', 'PX', ARGV[2]) end
 return 1
 ";
 
-/// How long a tombstone keeps a late check from recording: far longer than a check can wait in a
-/// queue (a paused Redis, a connection being replaced), short enough that the few left behind
-/// (take-backs of unanswered checks, retried releases) cost nothing.
+/// How long a tombstone keeps a late check from recording: longer than a check can wait in a
+/// queue (a paused Redis) or in a closed connection's unsent data (Linux retransmits an orphaned
+/// socket's data for about two minutes, `tcp_orphan_retries`). Only take-backs that found nothing
+/// leave one: checks that never arrived, or that were refused.
 const TOMBSTONE_LIFE_MS: u64 = 600_000;
 
 /// The key that says `lease` was taken back. Outside the windows' `syft:rl:` space, and a lease
@@ -260,6 +261,29 @@ impl RedisLimiter {
             },
         })
     }
+
+    /// `SETTLE` of `updates`; a take-back passes its tombstone's life (`tomb_ms`), others 0.
+    async fn change(
+        &self,
+        lease: &str,
+        updates: &[(String, u64)],
+        tomb_ms: u64,
+    ) -> Result<(), LimiterError> {
+        if updates.is_empty() {
+            return Ok(());
+        }
+        let mut inv = self.settle.prepare_invoke();
+        inv.arg(lease).arg(tomb_ms);
+        for (key, cost) in updates {
+            for k in window_keys(key) {
+                inv.key(k);
+            }
+            inv.arg(*cost);
+        }
+        inv.key(tombstone_key(lease));
+        let patience = SETTLE_PATIENCE.max(self.timeout);
+        self.run::<i64>(inv, patience).await.map(|_| ())
+    }
 }
 
 impl Limiter for RedisLimiter {
@@ -272,22 +296,11 @@ impl Limiter for RedisLimiter {
     }
 
     fn settle<'a>(&'a self, lease: &'a str, updates: &'a [(String, u64)]) -> Reply<'a, ()> {
-        Box::pin(async move {
-            if updates.is_empty() {
-                return Ok(());
-            }
-            let mut inv = self.settle.prepare_invoke();
-            inv.arg(lease).arg(TOMBSTONE_LIFE_MS);
-            for (key, cost) in updates {
-                for k in window_keys(key) {
-                    inv.key(k);
-                }
-                inv.arg(*cost);
-            }
-            inv.key(tombstone_key(lease));
-            let patience = SETTLE_PATIENCE.max(self.timeout);
-            self.run::<i64>(inv, patience).await.map(|_| ())
-        })
+        Box::pin(self.change(lease, updates, 0))
+    }
+
+    fn take_back<'a>(&'a self, lease: &'a str, updates: &'a [(String, u64)]) -> Reply<'a, ()> {
+        Box::pin(self.change(lease, updates, TOMBSTONE_LIFE_MS))
     }
 
     fn peek<'a>(&'a self, now_ms: u64, rules: &'a [Rule]) -> Reply<'a, Vec<WindowState>> {

@@ -29,6 +29,32 @@ static SETTLES: LazyLock<IntCounterVec> = LazyLock::new(|| {
 /// from waiting longer on releases.
 const SETTLE_RETRY_FOR: Duration = Duration::from_secs(10);
 
+/// Which change a settle task makes (its call to the store, and its log line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Change {
+    /// A finished request's slots (and its token reservation, if never settled).
+    Release,
+    /// The token reservation replaced by what the answer used.
+    SettleTokens,
+    /// A check whose answer was lost, which may still be on its way to the store.
+    TakeBack,
+    /// A request the ledger refused for its token, taken out of every window.
+    Withdraw,
+}
+
+impl Change {
+    fn failed(self) -> &'static str {
+        match self {
+            Change::Release => {
+                "release a request's limiter slots; they free when their lease ages out"
+            }
+            Change::SettleTokens => "settle the token reservation; the reservation stands",
+            Change::TakeBack => "take back an unanswered limiter check",
+            Change::Withdraw => "withdraw a refused request from its windows",
+        }
+    }
+}
+
 /// Settles `lease` in a task on `rt`, retrying with backoff within [`SETTLE_RETRY_FOR`] (each
 /// attempt waits as long as its backend's settle allows, `redis.rs`). `work` (a graceful
 /// shutdown waits for it) is held until the store has the change or the retries gave up.
@@ -38,7 +64,7 @@ pub(super) fn spawn_settle(
     lease: String,
     updates: Vec<(String, u64)>,
     work: Option<DrainGuard>,
-    what: &'static str,
+    change: Change,
 ) -> tokio::task::JoinHandle<()> {
     rt.spawn(async move {
         let _work = work;
@@ -47,7 +73,11 @@ pub(super) fn spawn_settle(
         loop {
             // No try outlives the bound (a try waits up to 5 s on Redis).
             let left = SETTLE_RETRY_FOR.saturating_sub(start.elapsed());
-            let attempt = tokio::time::timeout(left, limiter.settle(&lease, &updates)).await;
+            let call = match change {
+                Change::TakeBack => limiter.take_back(&lease, &updates),
+                _ => limiter.settle(&lease, &updates),
+            };
+            let attempt = tokio::time::timeout(left, call).await;
             let attempt = attempt.unwrap_or_else(|_| {
                 Err(LimiterError::unknown(format!(
                     "not taken within {SETTLE_RETRY_FOR:?}"
@@ -59,14 +89,14 @@ pub(super) fn spawn_settle(
                     SETTLES
                         .with_label_values(&[limiter.backend(), "given_up"])
                         .inc();
-                    tracing::warn!(error = %e, "could not {what}");
+                    tracing::warn!(error = %e, "could not {}", change.failed());
                     return;
                 }
                 Err(e) => {
                     SETTLES
                         .with_label_values(&[limiter.backend(), "retried"])
                         .inc();
-                    tracing::debug!(error = %e, retry_in = ?backoff, "could not {what}; retrying");
+                    tracing::debug!(error = %e, retry_in = ?backoff, "could not {}; retrying", change.failed());
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
