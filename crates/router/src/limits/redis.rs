@@ -6,8 +6,9 @@
 //! suffixes have one length, so no user's key (which ends in their email, `gate.rs`) plus a
 //! suffix can spell another user's: with the set at bare `<key>`, the email `a@x.io:s` named the
 //! total of `a@x.io`, and its first request made that user's every check fail (`WRONGTYPE`).
-//! Every key expires a second after its window, so an idle user leaves nothing behind. Windows
-//! age by Redis's clock, the one clock every replica shares.
+//! Every key expires a second after its window, so an idle user leaves nothing behind (a
+//! take-back's tombstone, `SETTLE`, lives 10 minutes). Windows age by Redis's clock, the one
+//! clock every replica shares.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -124,8 +125,8 @@ return 1
 
 /// How long a tombstone keeps a late check from recording: longer than a check can wait in a
 /// queue (a paused Redis) or in a closed connection's unsent data (Linux retransmits an orphaned
-/// socket's data for about two minutes, `tcp_orphan_retries`). Only take-backs that found nothing
-/// leave one: checks that never arrived, or that were refused.
+/// socket's data for about two minutes at LAN round trips, `tcp_orphan_retries`). Only take-backs
+/// that found nothing leave one: checks that never arrived, or that were refused.
 const TOMBSTONE_LIFE_MS: u64 = 600_000;
 
 /// The key that says `lease` was taken back. Outside the windows' `syft:rl:` space, and a lease
