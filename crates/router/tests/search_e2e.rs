@@ -286,6 +286,32 @@ async fn http_backend_forwards_the_syft_shape_and_voids_failures() {
     s.check_invariants().await;
 }
 
+/// An answer must be readable by the client that pays for it: a standard gRPC client reads at
+/// most 4 MiB, and a backend may send up to 32 MiB. Results that do not fit are left out (the
+/// answer is charged with those that do); a best result that does not fit alone is the backend's
+/// failure, voided. Both answers used to be charged whole, and the client could read neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_too_large_to_read_is_cut_or_refused() {
+    let up = FakeUpstream::start().await;
+    let s = search_stack(Db::sqlite(), Pricing::per_request(PRICE), http_backend(&up)).await;
+    let mut c = s.client().await;
+    up.set_mode(Mode::BigResults(3_000_000));
+    let cut = ok(c.search(s.search("big")).await);
+    assert_eq!(cut.results.len(), 1, "the second 3 MB result does not fit");
+    assert_eq!(cut.results[0].content.len(), 3_000_000);
+    assert_eq!(cut.cost_micros, PRICE);
+    up.set_mode(Mode::BigResults(5_000_000));
+    let err = c.search(s.search("bigger")).await.expect_err("refused");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(s.alice_money().await, (FUNDS - PRICE, 0, FUNDS - PRICE));
+    let statuses = s.usage_statuses().await;
+    assert!(
+        statuses.contains(&"invalid_response".to_string()),
+        "{statuses:?}"
+    );
+    s.check_invariants().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_search_input_is_refused_and_nothing_is_charged() {
     let up = FakeUpstream::start().await;

@@ -61,6 +61,8 @@ pub enum Mode {
     CutShort,
     /// Streams the whole answer and its `finish_reason`, then garbage instead of `[DONE]`.
     FinishThenGarbage,
+    /// Search: every result's content is this many bytes.
+    BigResults(usize),
 }
 
 pub struct FakeUpstream {
@@ -197,10 +199,14 @@ async fn search_handler(State(state): State<Arc<UpState>>, Json(body): Json<Valu
     } else {
         SEARCH_HITS
     };
+    let content = |i: usize| match mode {
+        Mode::BigResults(bytes) => "x".repeat(bytes),
+        _ => format!("result {i} for {}", body["query"]),
+    };
     let results: Vec<Value> = (0..n)
         .map(|i| {
             json!({"id": format!("doc-{i}"), "score": 0.9 - i as f64 * 0.1,
-                        "content": format!("result {i} for {}", body["query"]),
+                        "content": content(i),
                         "metadata": {"rank": i}, "embedding": null})
         })
         .collect();

@@ -8,7 +8,8 @@ use serde_json::{Map, Value};
 
 use super::IndexError;
 
-/// Longest chunk, in characters (a single longer word is kept whole).
+/// Longest chunk, in characters. A longer word (a URL, base64, text written without spaces) is
+/// cut into pieces of this many characters.
 pub const CHUNK_CHARS: usize = 800;
 /// Characters of whole words repeated from the end of one chunk at the start of the next, so a
 /// phrase cut by a boundary is still found in one piece.
@@ -35,32 +36,38 @@ pub struct Chunk {
 
 /// Splits `text` into chunks of at most [`CHUNK_CHARS`] characters of whole words (whitespace
 /// collapsed to single spaces), each starting with up to [`CHUNK_OVERLAP_CHARS`] characters of the
-/// previous one's last words.
+/// previous one's last words, as long as the word that ended the previous chunk still fits after
+/// them: each chunk holds at least one word the previous one did not.
 pub fn chunk_text(text: &str) -> Vec<String> {
-    let words: Vec<&str> = text.split_whitespace().collect();
+    let words: Vec<&str> = text.split_whitespace().flat_map(pieces).collect();
+    let len = |w: &str| w.chars().count();
     let mut chunks = Vec::new();
     let mut start = 0;
     while start < words.len() {
         let mut end = start;
-        let mut len = 0;
+        let mut used = 0;
         while end < words.len() {
-            let add = words[end].chars().count() + usize::from(end > start);
-            if end > start && len + add > CHUNK_CHARS {
+            let add = len(words[end]) + usize::from(end > start);
+            if end > start && used + add > CHUNK_CHARS {
                 break;
             }
-            len += add;
+            used += add;
             end += 1;
         }
         chunks.push(words[start..end].join(" "));
         if end == words.len() {
             break;
         }
-        // Step back over the last words that fit in the overlap, always moving forward.
+        // Step back over the last words that fit in the overlap and still leave room for the
+        // next new word. (A full overlap before a long word made a run of chunks that were each
+        // the previous one less its first word.)
+        let room = CHUNK_CHARS.saturating_sub(len(words[end]) + 1);
+        let budget = CHUNK_OVERLAP_CHARS.min(room);
         let mut next = end;
         let mut overlap = 0;
         while next > start + 1 {
-            let w = words[next - 1].chars().count() + 1;
-            if overlap + w > CHUNK_OVERLAP_CHARS {
+            let w = len(words[next - 1]) + 1;
+            if overlap + w > budget {
                 break;
             }
             overlap += w;
@@ -69,6 +76,23 @@ pub fn chunk_text(text: &str) -> Vec<String> {
         start = next;
     }
     chunks
+}
+
+/// `word` cut into pieces of at most [`CHUNK_CHARS`] characters (on character boundaries).
+fn pieces(word: &str) -> impl Iterator<Item = &str> {
+    let mut rest = word;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let cut = rest
+            .char_indices()
+            .nth(CHUNK_CHARS)
+            .map_or(rest.len(), |(i, _)| i);
+        let (piece, tail) = rest.split_at(cut);
+        rest = tail;
+        Some(piece)
+    })
 }
 
 /// The chunks of one document.
@@ -218,6 +242,41 @@ mod tests {
         assert_eq!(all.len(), 1000);
         assert!(chunk_text("  \n ").is_empty());
         assert_eq!(chunk_text("a  b\nc"), vec!["a b c"]);
+    }
+
+    /// A word longer than a chunk (base64, a URL, text without spaces) is cut into pieces on
+    /// character boundaries, and the words before it are not repeated chunk after chunk.
+    #[test]
+    fn long_words_are_cut_and_do_not_repeat_their_neighbours() {
+        let words: String = (0..150).map(|i| format!("word{i} ")).collect();
+        // 3,000 characters, some of two bytes, no piece like another.
+        let long: String = (0..3_000u32)
+            .map(|i| match i % 7 {
+                0 => 'é',
+                _ => char::from(b'a' + u8::try_from(i % 26).unwrap_or(0)),
+            })
+            .collect();
+        let chunks = chunk_text(&format!("{words}{long} tail"));
+        for c in &chunks {
+            assert!(c.chars().count() <= CHUNK_CHARS, "{}", c.chars().count());
+        }
+        // 150 short words (about 1,140 characters) need two chunks, the 3,000-character word
+        // four pieces; nothing else.
+        assert!(chunks.len() <= 7, "{} chunks: {chunks:?}", chunks.len());
+        let cut: String = chunks
+            .iter()
+            .flat_map(|c| c.split(' '))
+            .filter(|w| w.contains('é'))
+            .collect();
+        assert_eq!(
+            cut, long,
+            "every character of the long word, once, in order"
+        );
+        assert!(chunks.last().is_some_and(|c| c.ends_with("tail")));
+        // Each chunk adds a word the one before did not have.
+        for pair in chunks.windows(2) {
+            assert!(!pair[0].ends_with(pair[1].as_str()), "{pair:?}");
+        }
     }
 
     #[test]

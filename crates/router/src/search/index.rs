@@ -3,9 +3,14 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
+use std::sync::Arc;
 
 use serde_json::{Map, Value};
 use tantivy::collector::TopDocs;
+use tantivy::directory::error::{DeleteError, LockError, OpenReadError, OpenWriteError};
+use tantivy::directory::{
+    Directory, DirectoryLock, FileHandle, Lock, MmapDirectory, WatchCallback, WatchHandle, WritePtr,
+};
 use tantivy::query::{BooleanQuery, Occur, Query, TermQuery};
 use tantivy::schema::{Field, IndexRecordOption, Schema, Value as _, STORED, STRING, TEXT};
 use tantivy::{doc, Index, IndexReader, ReloadPolicy, TantivyDocument, Term};
@@ -90,19 +95,21 @@ impl DocIndex {
         Self::ready(index, fields)
     }
 
-    /// Opens an index built by [`DocIndex::build`] (`syft-router index build`).
+    /// Opens an index built by [`DocIndex::build`] (`syft-router index build`), read-only: it
+    /// may sit on a read-only mount or in a folder the router cannot write to.
     pub fn open(dir: &Path) -> Result<Self, IndexError> {
-        let index = Index::open_in_dir(dir).map_err(|e| IndexError::Open {
+        let open_err = |message: String| IndexError::Open {
             path: dir.display().to_string(),
-            message: e.to_string(),
-        })?;
+            message,
+        };
+        let files = MmapDirectory::open(dir).map_err(|e| open_err(e.to_string()))?;
+        let index = Index::open(ReadOnly(files)).map_err(|e| open_err(e.to_string()))?;
         let (expected, _) = schema();
         let schema = index.schema();
         let field = |name: &str| {
-            schema.get_field(name).map_err(|_| IndexError::Open {
-                path: dir.display().to_string(),
-                message: format!("not a syft-router index (no `{name}` field)"),
-            })
+            schema
+                .get_field(name)
+                .map_err(|_| open_err(format!("not a syft-router index (no `{name}` field)")))
         };
         let fields = Fields {
             id: field("id")?,
@@ -110,10 +117,9 @@ impl DocIndex {
             metadata: field("metadata")?,
         };
         if schema.num_fields() != expected.num_fields() {
-            return Err(IndexError::Open {
-                path: dir.display().to_string(),
-                message: "not a syft-router index (unexpected fields)".into(),
-            });
+            return Err(open_err(
+                "not a syft-router index (unexpected fields)".into(),
+            ));
         }
         Self::ready(index, fields)
     }
@@ -142,9 +148,10 @@ impl DocIndex {
     ///
     /// Every query word is a BM25 term (no query syntax, so user text cannot form operators).
     /// A chunk's BM25 score is divided by the query's largest possible score, `Σ idf(t) × (1 +
-    /// k1)` over its distinct terms: 1 would mean every term occurs very often in a very short
-    /// chunk, a term that is missing counts for nothing, and the score of one chunk does not depend
-    /// on what else matched (unlike dividing by the top score).
+    /// k1)` over its distinct terms that occur in the index: 1 would mean every such term occurs
+    /// very often in a very short chunk, a term a chunk lacks adds nothing to its score, a term no
+    /// chunk has is left out, and the score of one chunk does not depend on what else matched
+    /// (unlike dividing by the top score).
     pub fn search(
         &self,
         query: &str,
@@ -175,7 +182,11 @@ impl DocIndex {
         for w in &words {
             let term = Term::from_field_text(self.fields.content, w);
             let df = searcher.doc_freq(&term).map_err(tantivy_err)?.min(total);
-            best += idf(df, total) * (1.0 + BM25_K1);
+            // A word no chunk contains (a typo) can match nothing anywhere: counted, it lowered
+            // every score, and a threshold then emptied the answer.
+            if df > 0 {
+                best += idf(df, total) * (1.0 + BM25_K1);
+            }
             clauses.push((
                 Occur::Should,
                 Box::new(TermQuery::new(term, IndexRecordOption::WithFreqs)),
@@ -220,6 +231,64 @@ impl DocIndex {
             });
         }
         Ok(hits)
+    }
+}
+
+/// A built index's folder, read and never written. tantivy's reader takes a lock file while it
+/// opens segments (so that a writer's clean-up does not delete them meanwhile), and creating that
+/// file failed on a read-only mount although docs/search.md promised the index is opened
+/// read-only. Nothing writes to a served index, so there is nothing to lock against.
+#[derive(Debug, Clone)]
+struct ReadOnly(MmapDirectory);
+
+fn read_only(path: &Path) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::PermissionDenied,
+        format!("the index is opened read-only: {}", path.display()),
+    )
+}
+
+impl Directory for ReadOnly {
+    fn get_file_handle(&self, path: &Path) -> Result<Arc<dyn FileHandle>, OpenReadError> {
+        self.0.get_file_handle(path)
+    }
+
+    fn delete(&self, path: &Path) -> Result<(), DeleteError> {
+        Err(DeleteError::IoError {
+            io_error: Arc::new(read_only(path)),
+            filepath: path.to_path_buf(),
+        })
+    }
+
+    fn exists(&self, path: &Path) -> Result<bool, OpenReadError> {
+        self.0.exists(path)
+    }
+
+    fn open_write(&self, path: &Path) -> Result<WritePtr, OpenWriteError> {
+        Err(OpenWriteError::IoError {
+            io_error: Arc::new(read_only(path)),
+            filepath: path.to_path_buf(),
+        })
+    }
+
+    fn atomic_read(&self, path: &Path) -> Result<Vec<u8>, OpenReadError> {
+        self.0.atomic_read(path)
+    }
+
+    fn atomic_write(&self, path: &Path, _data: &[u8]) -> std::io::Result<()> {
+        Err(read_only(path))
+    }
+
+    fn sync_directory(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn acquire_lock(&self, _lock: &Lock) -> Result<DirectoryLock, LockError> {
+        Ok(DirectoryLock::from(Box::new(())))
+    }
+
+    fn watch(&self, callback: WatchCallback) -> tantivy::Result<WatchHandle> {
+        self.0.watch(callback)
     }
 }
 
@@ -273,6 +342,10 @@ mod tests {
             .expect("s")
             .is_empty());
         assert!(idx.search("!!! ???", 10, 0.0, true).expect("s").is_empty());
+        // A word no chunk has (a typo) changes no score.
+        let typo = idx.search("ledger phases hodl", 10, 0.0, true).expect("s");
+        let scores = |h: &[SearchHit]| h.iter().map(|h| h.score).collect::<Vec<_>>();
+        assert_eq!(scores(&typo), scores(&hits));
         // Query syntax is not interpreted.
         assert_eq!(
             idx.search("ledger AND -chat\"", 10, 0.0, true)
@@ -280,6 +353,23 @@ mod tests {
                 .len(),
             3
         );
+    }
+
+    /// An index the router cannot write to opens and answers: here its reader's lock file cannot
+    /// be created (a folder stands in its place, which no user can open for writing, root
+    /// included), as on a read-only mount.
+    #[test]
+    fn an_index_that_cannot_be_written_opens() {
+        let dir = std::env::temp_dir().join(format!("syft-index-{}", uuid::Uuid::new_v4()));
+        DocIndex::build([doc("x", "persisted words")], Some(&dir)).expect("build");
+        let lock = dir.join(".tantivy-meta.lock");
+        let _ = std::fs::remove_file(&lock);
+        std::fs::create_dir(&lock).expect("a folder where the lock file would go");
+        let opened = DocIndex::open(&dir);
+        let found = opened.map(|idx| idx.search("persisted", 5, 0.1, true));
+        std::fs::remove_dir_all(&dir).ok();
+        let hits = found.expect("opened read-only").expect("search");
+        assert_eq!(hits[0].id, "x");
     }
 
     #[test]

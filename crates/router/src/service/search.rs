@@ -5,6 +5,7 @@
 
 use std::time::Instant;
 
+use prost::Message;
 use syft_error::UsageStatus;
 use syft_proto::router::{ProviderInfo, SearchRequest, SearchResponse, SearchResult};
 use tracing::Instrument;
@@ -20,6 +21,7 @@ use crate::limits::RateHeaders;
 use crate::metrics;
 use crate::search::SearchHit;
 use crate::tokens;
+use crate::upstream::UpstreamError;
 use crate::validate::{validate_search, ValidSearch};
 
 impl RouterService {
@@ -70,8 +72,27 @@ impl RouterService {
             input: query_tokens,
             output: results as u64,
         };
-        let hits = match result {
-            Ok(hits) => hits,
+        let transfer_id = hold
+            .as_ref()
+            .map(|h| h.transfer_id.clone())
+            .unwrap_or_default();
+        let mut response = SearchResponse {
+            id: t.request_id.clone(),
+            query: v.query.query.clone(),
+            results: Vec::new(),
+            // Its largest value, while the answer's size is worked out.
+            cost_micros: t.hold_micros,
+            transfer_id: transfer_id.clone(),
+            provider_info: Some(ProviderInfo {
+                provider: backend.provider().into(),
+                ..ProviderInfo::default()
+            }),
+            currency: t.pricing.currency.clone(),
+            replay: false,
+        };
+        let fitted = result.and_then(|hits| fit_answer(hits, response.encoded_len()));
+        response.results = match fitted {
+            Ok(results) => results,
             Err(e) => {
                 tracing::warn!(request_id = %t.request_id, error = %e, "search failed");
                 let usage = self.usage(&t, e.usage_status(), units(0), started, upstream_ms);
@@ -81,28 +102,12 @@ impl RouterService {
                 return Err(e.into());
             }
         };
-        let transfer_id = hold
-            .as_ref()
-            .map(|h| h.transfer_id.clone())
-            .unwrap_or_default();
-        let found = hits.len();
+        let found = response.results.len();
         let cost = match found {
             0 => 0,
             _ => t.pricing.cost_micros(0, 0).min(t.hold_micros),
         };
-        let response = SearchResponse {
-            id: t.request_id.clone(),
-            query: v.query.query.clone(),
-            results: hits.into_iter().map(result_proto).collect(),
-            cost_micros: cost,
-            transfer_id: transfer_id.clone(),
-            provider_info: Some(ProviderInfo {
-                provider: backend.provider().into(),
-                ..ProviderInfo::default()
-            }),
-            currency: t.pricing.currency.clone(),
-            replay: false,
-        };
+        response.cost_micros = cost;
         let settled = if found == 0 {
             let usage = self.usage(&t, UsageStatus::NoResults, units(0), started, upstream_ms);
             self.release(hold, "no results", usage).await;
@@ -188,6 +193,36 @@ enum SearchAdmission {
     /// The stored answer of an earlier attempt, and the rate-limit headers of this retry.
     Replay(Box<SearchResponse>, RateHeaders),
 }
+
+/// The most an answer may hold: a standard gRPC client reads messages of up to 4 MiB, and an
+/// answer it could not read was still charged (the embedded index's chunks are small; an `http`
+/// backend may send up to 32 MiB).
+const MAX_SEARCH_ANSWER: usize = syft_error::MAX_ANSWER_BYTES;
+
+/// The best results that fit in an answer whose other fields take `base` bytes: the rest are
+/// left out, as a search engine shows fewer. A best result that does not fit alone is the
+/// backend's failure (nothing is charged).
+fn fit_answer(hits: Vec<SearchHit>, base: usize) -> Result<Vec<SearchResult>, UpstreamError> {
+    let mut size = base;
+    let mut results = Vec::with_capacity(hits.len());
+    for hit in hits {
+        let result = result_proto(hit);
+        size += prost::encoding::message::encoded_len(RESULTS_TAG, &result);
+        if size > MAX_SEARCH_ANSWER {
+            break;
+        }
+        results.push(result);
+    }
+    if results.is_empty() && size > MAX_SEARCH_ANSWER {
+        return Err(UpstreamError::InvalidResponse(format!(
+            "its best result alone is more than the {MAX_SEARCH_ANSWER} bytes an answer may hold"
+        )));
+    }
+    Ok(results)
+}
+
+/// `SearchResponse.results`' field number (proto/syft/router/v1/router.proto).
+const RESULTS_TAG: u32 = 3;
 
 fn result_proto(h: SearchHit) -> SearchResult {
     SearchResult {
