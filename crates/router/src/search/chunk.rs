@@ -186,23 +186,37 @@ fn json_lines(path: &Path, rel: &str, text: &str) -> Result<Vec<SourceDoc>, Inde
     Ok(docs)
 }
 
-/// Document files under `dir`, sorted, skipping hidden names.
+/// Document files under `dir`, sorted, skipping hidden names. Links are followed, to folders
+/// (each folder is read once, so a link loop ends) and to files. A dangling link named like a
+/// document, or a subfolder that cannot be listed, is listed too: indexing it then fails and
+/// says which (it used to make every rescan fail, and a change elsewhere went unseen; a linked
+/// folder was skipped without a word).
 pub fn document_files(dir: &Path) -> Result<Vec<PathBuf>, IndexError> {
     let mut out = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     let mut pending = vec![dir.to_path_buf()];
     while let Some(d) = pending.pop() {
-        let entries = std::fs::read_dir(&d).map_err(|e| IndexError::io(&d, e))?;
+        if std::fs::canonicalize(&d).is_ok_and(|real| !seen.insert(real)) {
+            continue;
+        }
+        let entries = match std::fs::read_dir(&d) {
+            Ok(entries) => entries,
+            Err(e) if d == dir => return Err(IndexError::io(&d, e)),
+            Err(_) => {
+                out.push(d);
+                continue;
+            }
+        };
         for entry in entries {
             let entry = entry.map_err(|e| IndexError::io(&d, e))?;
             let path = entry.path();
             if entry.file_name().to_string_lossy().starts_with('.') {
                 continue;
             }
-            let kind = entry.file_type().map_err(|e| IndexError::io(&path, e))?;
-            if kind.is_dir() {
-                pending.push(path);
-            } else if is_document(&path) {
-                out.push(path);
+            match std::fs::metadata(&path) {
+                Ok(meta) if meta.is_dir() => pending.push(path),
+                _ if is_document(&path) => out.push(path),
+                _ => {}
             }
         }
     }

@@ -1,6 +1,7 @@
 //! A watched folder: indexed in memory at start, then rescanned periodically; when a document
-//! file was added, removed or changed (size or modification time), the folder is re-indexed in
-//! the background and the new index replaces the old one in one step. A failed re-index keeps
+//! file was added, removed or changed (size or modification time) and the folder then held still
+//! for a moment, it is re-indexed in the background and the new index replaces the old one in one
+//! step. A failed re-index keeps
 //! the old index (and is logged); the next change retries.
 
 use std::collections::BTreeMap;
@@ -15,14 +16,21 @@ use super::{DocIndex, EmbeddedSearch, IndexError};
 type Manifest = BTreeMap<PathBuf, (u64, Option<SystemTime>)>;
 
 fn manifest(dir: &Path) -> Result<Manifest, IndexError> {
-    document_files(dir)?
+    Ok(document_files(dir)?
         .into_iter()
         .map(|p| {
-            let meta = std::fs::metadata(&p).map_err(|e| IndexError::io(&p, e))?;
-            Ok((p, (meta.len(), meta.modified().ok())))
+            // One that cannot be read (a dangling link) is listed as such: indexing it fails.
+            let meta = std::fs::metadata(&p).ok();
+            let entry = meta.map_or((u64::MAX, None), |m| (m.len(), m.modified().ok()));
+            (p, entry)
         })
-        .collect()
+        .collect())
 }
+
+/// How long a changed folder must hold still before it is indexed again (or one rescan interval,
+/// if shorter): a deploy that empties it and copies the new files in (or copies a large file) is
+/// not indexed halfway, which swapped in an empty index until the next rescan.
+const SETTLE: Duration = Duration::from_secs(2);
 
 fn build(dir: &Path) -> Result<(DocIndex, Manifest), IndexError> {
     // The manifest is taken first: a file changed during the build is seen again next scan.
@@ -41,10 +49,16 @@ enum Scan {
     Failed(IndexError),
 }
 
-/// Rescans `dir` against `seen`, which it moves to what it saw.
-fn scan(dir: &Path, seen: &mut Manifest) -> Result<Scan, IndexError> {
+/// Rescans `dir` against `seen`, which it moves to what it saw. A folder that changed is looked
+/// at again after `settle`, and indexed only if it held still (else it is left for the next
+/// rescan).
+fn scan(dir: &Path, seen: &mut Manifest, settle: Duration) -> Result<Scan, IndexError> {
     let m = manifest(dir)?;
     if m == *seen {
+        return Ok(Scan::Unchanged);
+    }
+    std::thread::sleep(settle);
+    if manifest(dir)? != m {
         return Ok(Scan::Unchanged);
     }
     let built = read_folder(dir).and_then(|docs| DocIndex::build(docs, None));
@@ -67,6 +81,7 @@ pub(super) fn watched(dir: &Path, every: Duration) -> Result<Arc<EmbeddedSearch>
 }
 
 async fn rescan(search: Weak<EmbeddedSearch>, dir: PathBuf, every: Duration, mut seen: Manifest) {
+    let settle = SETTLE.min(every);
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
@@ -77,7 +92,8 @@ async fn rescan(search: Weak<EmbeddedSearch>, dir: PathBuf, every: Duration, mut
         }
         let d = dir.clone();
         let mut next = seen.clone();
-        let scanned = tokio::task::spawn_blocking(move || (scan(&d, &mut next), next)).await;
+        let scanned =
+            tokio::task::spawn_blocking(move || (scan(&d, &mut next, settle), next)).await;
         match scanned {
             Ok((Ok(Scan::Unchanged), _)) => {}
             Ok((Ok(Scan::Rebuilt(index)), m)) => {
@@ -111,12 +127,69 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("dir");
         std::fs::write(dir.join("a.md"), "ledger capture").expect("write");
         let (_, mut seen) = build(&dir).expect("first index");
-        assert!(matches!(scan(&dir, &mut seen), Ok(Scan::Unchanged)));
+        let scan = |seen: &mut Manifest| scan(&dir, seen, Duration::ZERO);
+        assert!(matches!(scan(&mut seen), Ok(Scan::Unchanged)));
         std::fs::write(dir.join("bad.txt"), [0xff, 0xfe, 0x00]).expect("write");
-        assert!(matches!(scan(&dir, &mut seen), Ok(Scan::Failed(_))));
-        assert!(matches!(scan(&dir, &mut seen), Ok(Scan::Unchanged)));
+        assert!(matches!(scan(&mut seen), Ok(Scan::Failed(_))));
+        assert!(matches!(scan(&mut seen), Ok(Scan::Unchanged)));
         std::fs::remove_file(dir.join("bad.txt")).expect("remove");
-        assert!(matches!(scan(&dir, &mut seen), Ok(Scan::Rebuilt(_))));
+        assert!(matches!(scan(&mut seen), Ok(Scan::Rebuilt(_))));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A folder caught between a deploy's two steps (emptied, not yet filled again) is not
+    /// indexed: it changed again while the scan waited for it to hold still.
+    #[test]
+    fn a_folder_is_indexed_only_once_it_holds_still() {
+        let dir = std::env::temp_dir().join(format!("syft-watch-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let doc = dir.join("a.md");
+        std::fs::write(&doc, "ledger capture").expect("write");
+        let (_, mut seen) = build(&dir).expect("first index");
+        std::fs::remove_file(&doc).expect("emptied");
+        let refill = std::thread::spawn({
+            let doc = doc.clone();
+            move || {
+                std::thread::sleep(Duration::from_millis(100));
+                std::fs::write(&doc, "ledger capture, version two").expect("filled again");
+            }
+        });
+        let first = scan(&dir, &mut seen, Duration::from_secs(1));
+        refill.join().expect("refill");
+        assert!(
+            matches!(first, Ok(Scan::Unchanged)),
+            "the empty folder was not indexed"
+        );
+        match scan(&dir, &mut seen, Duration::from_millis(10)) {
+            Ok(Scan::Rebuilt(index)) => assert_eq!(index.chunks(), 1),
+            _ => panic!("the refilled folder is indexed"),
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Links are followed (a linked folder's documents are indexed, a loop ends), and a dangling
+    /// one fails the index once, saying which, instead of failing every rescan.
+    #[test]
+    fn links_are_followed_and_a_dangling_one_is_named() {
+        let root = std::env::temp_dir().join(format!("syft-watch-{}", uuid::Uuid::new_v4()));
+        let (dir, other) = (root.join("docs"), root.join("other"));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::create_dir_all(&other).expect("dir");
+        std::fs::write(dir.join("a.md"), "ledger").expect("write");
+        std::fs::write(other.join("b.md"), "capture").expect("write");
+        std::os::unix::fs::symlink(&other, dir.join("linked")).expect("link");
+        std::os::unix::fs::symlink(&dir, dir.join("loop")).expect("link");
+        let (index, mut seen) = build(&dir).expect("index");
+        assert_eq!(index.chunks(), 2, "a.md and linked/b.md, once each");
+        std::os::unix::fs::symlink(root.join("gone.md"), dir.join("x.md")).expect("link");
+        match scan(&dir, &mut seen, Duration::ZERO) {
+            Ok(Scan::Failed(e)) => assert!(e.to_string().contains("x.md"), "{e}"),
+            _ => panic!("a dangling document fails the index"),
+        }
+        assert!(matches!(
+            scan(&dir, &mut seen, Duration::ZERO),
+            Ok(Scan::Unchanged)
+        ));
+        let _ = std::fs::remove_dir_all(&root);
     }
 }
