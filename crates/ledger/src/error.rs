@@ -194,6 +194,10 @@ impl From<sqlx::Error> for LedgerError {
             _ if classify(&err) == DbErrorClass::ConnectionLost => {
                 LedgerError::Unavailable("database connection lost".into())
             }
+            // Rolled back whole: repeating the call is safe (it used to be an internal error).
+            _ if classify(&err) == DbErrorClass::Cancelled => {
+                LedgerError::Unavailable("a database statement was cancelled; retry".into())
+            }
             _ => LedgerError::Internal(err.to_string()),
         }
     }

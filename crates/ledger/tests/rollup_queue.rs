@@ -185,3 +185,49 @@ async fn rebuild_takes_the_queue_too() {
     assert_eq!(counts(&h).await, (8, 8, 0, 4 * 600));
     h.finish().await;
 }
+
+/// Analytics answers cannot take every database connection: here each one waits on the fold lock
+/// (held by another session, as a long fold would) holding a connection, and a free usage row,
+/// which needs a connection of the same pool, is still recorded at once. With every connection
+/// held by analytics the row waited for the pool's 10-s acquire timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn analytics_leave_connections_for_usage_rows() {
+    let Some(h) = Harness::with(true, |c| c.max_connections = 8).await else {
+        return;
+    };
+    let (owner, token) = owner_and_token(&h, 10 * USD).await;
+    let mut lock = h.store.pool().begin().await.expect("begin");
+    sqlx::query("SELECT pg_advisory_xact_lock(6005908906047392844)") // "SYFTROLL"
+        .execute(&mut *lock)
+        .await
+        .expect("the fold lock");
+    one_of_each(&h, &owner, &token, 0).await;
+    let waiting: Vec<_> = (0..16)
+        .map(|_| {
+            let mut c = h.client(&owner);
+            tokio::spawn(
+                async move { c.get_usage_stats(pb::GetUsageStatsRequest::default()).await },
+            )
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let started = std::time::Instant::now();
+    let mut c = h.client(&owner);
+    c.record_usage(pb::RecordUsageRequest {
+        usage: Some(req::usage("during", "free-app", ALICE, "success")),
+    })
+    .await
+    .expect("a usage row while analytics wait");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(3),
+        "the usage row waited {:?} for a connection",
+        started.elapsed()
+    );
+    lock.rollback().await.expect("release the fold lock");
+    for w in waiting {
+        w.await
+            .expect("task")
+            .expect("analytics answer once the lock is free");
+    }
+    h.finish().await;
+}

@@ -6,15 +6,27 @@
 //! Queries that neither group nor filter by user (nor are one user's own view) read the user-less
 //! rollups here; the others are answered by `analytics_user.rs`.
 
+use std::time::Duration;
+
 use sqlx::Row;
 
+use super::db_error::{classify, DbErrorClass};
 use super::hll::{estimate, register_columns, REGISTERS};
 use super::query::{Bind, UsageDims, Where};
 use super::rollup::{
     bucket_value, hist_columns, success_case, Grain, Summed, Sums, HIST_BUCKETS, SUM_COLUMNS,
 };
 use super::{Backend, Store};
-use crate::error::Result;
+use crate::error::{LedgerError, Result};
+
+/// How long an analytics answer waits for its turn (a quarter of the pool's connections answer
+/// at once) before it is refused `UNAVAILABLE`.
+const ANALYTICS_WAIT: Duration = Duration::from_secs(10);
+
+/// The longest one analytics statement may run on Postgres (`statement_timeout`): the rollups
+/// answer a dashboard in milliseconds, and a raw-row scan of a wide range that runs longer holds
+/// its connection from everyone else.
+const ANALYTICS_STATEMENT_LIMIT: Duration = Duration::from_secs(15);
 
 /// What rows are grouped by. Time dimensions group by UTC minute, hour or day.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -349,6 +361,17 @@ pub(super) fn read_hist(row: &sqlx::any::AnyRow, first: usize, s: &mut Sums) -> 
 impl Store {
     /// Grouped measures, groups in key order (time ascending).
     pub async fn usage_stats(&self, f: &StatsFilter) -> Result<Vec<StatsGroup>> {
+        // A quarter of the pool answers analytics at once; the rest stays for the calls that move
+        // money and record usage. Without this, dashboards (7 answers per refresh each) or one
+        // account sending many wide queries held every connection, each waiting on the fold
+        // lock or a long scan, and usage rows and budgeted holds waited for a connection.
+        let _turn = tokio::time::timeout(ANALYTICS_WAIT, self.analytics.acquire())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .ok_or_else(|| {
+                LedgerError::Unavailable("too many analytics answers in progress; retry".into())
+            })?;
         // Rows still queued for the rollups are folded first, so the answer is exact.
         self.fold_rollups().await?;
         // A range that ends after the last row (the dashboard's "to now") is answered as if it
@@ -489,11 +512,22 @@ impl Store {
             "auto"
         };
         sqlx::query(&format!(
-            "SELECT set_config('jit', 'off', true), set_config('plan_cache_mode', '{mode}', true)"
+            "SELECT set_config('jit', 'off', true), set_config('plan_cache_mode', '{mode}', true), \
+             set_config('statement_timeout', '{}', true)",
+            ANALYTICS_STATEMENT_LIMIT.as_millis()
         ))
         .execute(&mut *tx)
         .await?;
-        let rows = query.fetch_all(&mut *tx).await?;
+        let rows = query.fetch_all(&mut *tx).await.map_err(|e| {
+            if classify(&e) == DbErrorClass::Cancelled {
+                LedgerError::Unavailable(format!(
+                    "this analytics query ran longer than {ANALYTICS_STATEMENT_LIMIT:?}; ask for \
+                     a shorter range or fewer groups"
+                ))
+            } else {
+                e.into()
+            }
+        })?;
         tx.commit().await?;
         Ok(rows)
     }

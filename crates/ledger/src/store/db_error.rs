@@ -14,6 +14,9 @@ const PG_CONNECTION_EXCEPTION_CLASS: &str = "08";
 /// Postgres SQLSTATEs `57P01` (admin shutdown, also `pg_terminate_backend`), `57P02` (crash
 /// shutdown) and `57P03` (cannot connect now): the server ended or refused the session.
 const PG_SESSION_ENDED: [&str; 3] = ["57P01", "57P02", "57P03"];
+/// Postgres SQLSTATE `57014`: the statement was cancelled (its `statement_timeout`, or
+/// `pg_cancel_backend`); its transaction rolled back.
+const PG_QUERY_CANCELED: &str = "57014";
 /// SQLite primary result code `SQLITE_BUSY`: another connection holds the write lock.
 const SQLITE_BUSY: i32 = 5;
 /// SQLite primary result code `SQLITE_LOCKED`: a conflict inside this connection's shared cache.
@@ -31,6 +34,8 @@ pub(crate) enum DbErrorClass {
     /// the transaction rolled back, or its commit's outcome is unknown. Not retried here; the
     /// caller is told `UNAVAILABLE` (outcome unknown) and repeats the call, which is idempotent.
     ConnectionLost,
+    /// The statement was cancelled (a timeout or an operator); nothing it did was kept.
+    Cancelled,
     /// Anything else.
     Other,
 }
@@ -49,6 +54,9 @@ pub(crate) fn classify(err: &sqlx::Error) -> DbErrorClass {
         let code = pg.code();
         if code.starts_with(PG_CONNECTION_EXCEPTION_CLASS) || PG_SESSION_ENDED.contains(&code) {
             return DbErrorClass::ConnectionLost;
+        }
+        if code == PG_QUERY_CANCELED {
+            return DbErrorClass::Cancelled;
         }
     }
     DbErrorClass::Other
@@ -106,6 +114,23 @@ mod tests {
             ),
             "UNAVAILABLE"
         );
+        // A statement past its `statement_timeout` is cancelled and rolled back: `UNAVAILABLE`,
+        // safe to repeat (it used to be `INTERNAL`).
+        let mut tx = pool.begin().await.expect("begin");
+        sqlx::query("SET LOCAL statement_timeout = 50")
+            .execute(&mut *tx)
+            .await
+            .expect("timeout");
+        let err = sqlx::query("SELECT pg_sleep(1)")
+            .execute(&mut *tx)
+            .await
+            .expect_err("cancelled");
+        assert_eq!(classify(&err), DbErrorClass::Cancelled, "{err}");
+        assert!(matches!(
+            crate::error::LedgerError::from(err),
+            crate::error::LedgerError::Unavailable(_)
+        ));
+        drop(tx);
         pool.close().await;
     }
 

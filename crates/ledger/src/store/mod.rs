@@ -147,6 +147,8 @@ pub struct Store {
     /// Where the expiry sweep and the answer purge start reading (`floor.rs`).
     sweep_floor: floor::ScanFloor,
     answer_floor: floor::ScanFloor,
+    /// Turns for analytics answers (`analytics.rs`): a quarter of the pool's connections.
+    analytics: tokio::sync::Semaphore,
 }
 
 /// Runs `op` again when the database reports a serialization failure or deadlock; those are never
@@ -256,6 +258,10 @@ impl Store {
             emails: RwLock::default(),
             sweep_floor: floor::ScanFloor::default(),
             answer_floor: floor::ScanFloor::default(),
+            analytics: tokio::sync::Semaphore::new(match backend {
+                Backend::Postgres => usize::try_from(max_connections / 4).unwrap_or(1).max(1),
+                Backend::Sqlite => 1,
+            }),
         };
         store.backfill_rollups().await?;
         Ok(store)
