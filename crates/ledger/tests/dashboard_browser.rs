@@ -185,6 +185,41 @@ async fn user_view_with_rows_recorded_by_others(c: &Client, s: &Stack, page: &st
     until(c, SIGN_IN_SHOWN, 5, "signed out").await;
 }
 
+/// A free router's callers name any user email, so an owner's rows can name more users than one
+/// stats answer holds (here 10,001). The owner's page still loads: the top-user tables say why
+/// they are empty, the revenue and the other panels show, and the user tab loads (a refused
+/// answer used to leave the whole page unloaded).
+async fn owner_view_with_many_users(c: &Client, s: &Stack, page: &str) {
+    let mut ledger =
+        syft_ledger::client::connect_lazy(&s.ledger.url, &s.owner.secret).expect("client");
+    for call in 0..11 {
+        let usages = (0..1_000)
+            .map(|n| {
+                let id = format!("named-{call}-{n}");
+                let user = format!("user-{call}-{n}@example.com");
+                syft_testkit::req::usage(&id, "free-app", &user, "success")
+            })
+            .collect();
+        let batch = syft_proto::ledger::RecordUsageBatchRequest { usages };
+        ledger.record_usage_batch(batch).await.expect("recorded");
+    }
+    c.goto(page).await.expect("reload");
+    sign_in(c, &s.owner.email, &s.owner.secret).await;
+    let loaded = "return document.body.dataset.loaded === 'true'";
+    until(c, loaded, 20, "the owner's page loads").await;
+    for table in ["#top-spend", "#top-requests"] {
+        let says = format!(
+            "return document.querySelector('{table} tbody').textContent.includes('10000 groups')"
+        );
+        until(c, &says, 5, "the top users say why they are not shown").await;
+    }
+    assert_eq!(micros_of(c, "rev-30d").await, 2 * PRICE);
+    let apps = "return document.querySelectorAll('#by-app tbody tr').length";
+    assert_eq!(js(c, apps).await, json!(2), "the router's app and free-app");
+    click(c, "#signout").await;
+    until(c, SIGN_IN_SHOWN, 5, "signed out").await;
+}
+
 async fn paid_request(s: &Stack, content: &str) {
     let answer = s
         .client()
@@ -338,6 +373,7 @@ async fn dashboard_in_chromium() {
     c.goto(&page).await.expect("reload");
     until(&c, SIGNED_OUT, 5, "forged cookie refused").await;
     user_view_with_rows_recorded_by_others(&c, &s, &page).await;
+    owner_view_with_many_users(&c, &s, &page).await;
     alerts_panel(&c).await;
     c.close().await.expect("close");
     s.check_invariants().await;

@@ -130,7 +130,10 @@ async function refreshOwner() {
   // The range starts at a whole bucket (a day for 30 days, an hour for 7 days), so the chart's
   // first bucket is whole and the ledger reads whole rollup buckets (docs/analytics.md).
   const since = startOf(now, range);
-  const [day, week, month, series, all, byApp, byUser] = await Promise.all([
+  // Each panel stands alone: an answer refused (more groups than one answer holds, e.g. users a
+  // free router's callers named at will) empties its own panel with the reason, where it used to
+  // leave the whole page, the user tab and the alerts unloaded.
+  const answers = await Promise.allSettled([
     stats({ role: 'owner', since: String(today) }),
     stats({ role: 'owner', since: String(now - 7 * DAY) }),
     stats({ role: 'owner', since: String(now - 30 * DAY) }),
@@ -140,20 +143,30 @@ async function refreshOwner() {
     // Top users show spend and requests only: no percentiles to compute per user.
     stats({ role: 'owner', since, group_by: 'user', sums_only: 'true' }),
   ]);
-  setMoney('#rev-today', total(day).revenue_micros);
-  setMoney('#rev-7d', total(week).revenue_micros);
-  setMoney('#rev-30d', total(month).revenue_micros);
-  $('#requests-range').textContent = count(total(all).requests);
-  $('#success-range').textContent = total(all).requests ? pct(total(all).success_rate) : '–';
-  drawOwnerCharts(series, range);
-  fill('#by-app', byApp.groups.map((g) => row([g.key[0] || '(none)', g.key[1] || '/',
+  const signedOut = answers.find((a) => a.status === 'rejected' && a.reason instanceof HttpError
+    && a.reason.status === 401);
+  if (signedOut) throw signedOut.reason;
+  answers.filter((a) => a.status === 'rejected').forEach((a) => report(a.reason));
+  const [day, week, month, series, all, byApp, byUser] = answers.map((a) => a.value);
+  const refused = (a) => `Not shown: ${a.reason.message || a.reason}`;
+  if (day) setMoney('#rev-today', total(day).revenue_micros);
+  if (week) setMoney('#rev-7d', total(week).revenue_micros);
+  if (month) setMoney('#rev-30d', total(month).revenue_micros);
+  if (all) {
+    $('#requests-range').textContent = count(total(all).requests);
+    $('#success-range').textContent = total(all).requests ? pct(total(all).success_rate) : '–';
+  }
+  if (series) drawOwnerCharts(series, range);
+  fill('#by-app', byApp ? byApp.groups.map((g) => row([g.key[0] || '(none)', g.key[1] || '/',
     count(g.measures.requests), pct(g.measures.success_rate), count(g.measures.total_tokens),
-    String(g.measures.latency_ms.p95), money(g.measures.revenue_micros, byApp.currency)])));
-  const top = (measure, show) => byUser.groups.slice()
+    String(g.measures.latency_ms.p95), money(g.measures.revenue_micros, byApp.currency)])) : [],
+  byApp ? undefined : refused(answers[5]));
+  const top = (measure, show) => (byUser ? byUser.groups.slice()
     .sort((a, b) => b.measures[measure] - a.measures[measure]).slice(0, 10)
-    .map((g) => row([g.key[0] || '(anonymous)', show(g.measures[measure])]));
-  fill('#top-spend', top('revenue_micros', (m) => money(m, byUser.currency)));
-  fill('#top-requests', top('requests', count));
+    .map((g) => row([g.key[0] || '(anonymous)', show(g.measures[measure])])) : []);
+  const noUsers = byUser ? undefined : refused(answers[6]);
+  fill('#top-spend', top('revenue_micros', (m) => money(m, byUser.currency)), noUsers);
+  fill('#top-requests', top('requests', count), noUsers);
 }
 
 // Every bucket of the range, so a quiet hour draws as zero instead of a line across it.
