@@ -144,25 +144,33 @@ async fn click(c: &Client, css: &str) {
     element.click().await.expect("click");
 }
 
-/// Any account can record usage rows naming any user (docs/design.md, "Known gaps"): here one
-/// records rows for alice under 10,001 app names, more groups than a stats answer holds. Her user
-/// tab still shows her token with its Revoke button (it used to show nothing past the refused
-/// chart), the spend chart falls back to one series, and her live table names the account that
-/// recorded each row.
-async fn user_view_with_rows_recorded_by_others(c: &Client, s: &Stack, page: &str) {
-    let mallory = syft_testkit::create_account(&s.ledger.url, "mallory").await;
-    let mut ledger =
-        syft_ledger::client::connect_lazy(&s.ledger.url, &mallory.secret).expect("client");
+/// 11,000 usage rows recorded by the account of `secret`, the `n`th made by `row(n)`.
+async fn record_11_000(s: &Stack, secret: &str, row: impl Fn(usize) -> syft_proto::ledger::Usage) {
+    let mut ledger = syft_ledger::client::connect_lazy(&s.ledger.url, secret).expect("client");
     for call in 0..11 {
-        let usages = (0..1_000)
-            .map(|n| {
-                let id = format!("fake-{call}-{n}");
-                syft_testkit::req::usage(&id, &format!("app-{call}-{n}"), &s.alice.email, "success")
-            })
-            .collect();
+        let usages = (call * 1_000..(call + 1) * 1_000).map(&row).collect();
         let batch = syft_proto::ledger::RecordUsageBatchRequest { usages };
         ledger.record_usage_batch(batch).await.expect("recorded");
     }
+}
+
+/// Any account can record usage rows naming any user (docs/design.md, "Known gaps"): here one
+/// records rows for alice under 11,000 app names, more groups than a stats answer holds, and
+/// issues 100 tokens naming her as their recipient. Her user tab still shows her token with its
+/// Revoke button (it used to show nothing past the refused chart, and then nothing past the 100
+/// tokens received), the spend chart falls back to one series, and her live table names the
+/// account that recorded each row.
+async fn user_view_with_rows_recorded_by_others(c: &Client, s: &Stack, page: &str) {
+    let mallory = syft_testkit::create_account(&s.ledger.url, "mallory").await;
+    // 100 tokens naming her as their recipient, newer than her own.
+    for _ in 0..100 {
+        syft_testkit::issue_token(&s.ledger.url, &mallory, &s.alice.email).await;
+    }
+    record_11_000(s, &mallory.secret, |n| {
+        let id = format!("fake-{n}");
+        syft_testkit::req::usage(&id, &format!("app-{n}"), &s.alice.email, "success")
+    })
+    .await;
     c.goto(page).await.expect("reload");
     sign_in(c, &s.alice.email, &s.alice.secret).await;
     let loaded = "return document.body.dataset.loaded === 'true'";
@@ -190,19 +198,11 @@ async fn user_view_with_rows_recorded_by_others(c: &Client, s: &Stack, page: &st
 /// they are empty, the revenue and the other panels show, and the user tab loads (a refused
 /// answer used to leave the whole page unloaded).
 async fn owner_view_with_many_users(c: &Client, s: &Stack, page: &str) {
-    let mut ledger =
-        syft_ledger::client::connect_lazy(&s.ledger.url, &s.owner.secret).expect("client");
-    for call in 0..11 {
-        let usages = (0..1_000)
-            .map(|n| {
-                let id = format!("named-{call}-{n}");
-                let user = format!("user-{call}-{n}@example.com");
-                syft_testkit::req::usage(&id, "free-app", &user, "success")
-            })
-            .collect();
-        let batch = syft_proto::ledger::RecordUsageBatchRequest { usages };
-        ledger.record_usage_batch(batch).await.expect("recorded");
-    }
+    record_11_000(s, &s.owner.secret, |n| {
+        let user = format!("user-{n}@example.com");
+        syft_testkit::req::usage(&format!("named-{n}"), "free-app", &user, "success")
+    })
+    .await;
     c.goto(page).await.expect("reload");
     sign_in(c, &s.owner.email, &s.owner.secret).await;
     let loaded = "return document.body.dataset.loaded === 'true'";

@@ -594,45 +594,56 @@ fn gate_on(url: &str, limits: impl FnOnce(&mut RouterConfig)) -> std::sync::Arc<
         .expect("a limited router")
 }
 
-/// A free router allowing one request in flight per user, counted in `redis`, whose checks wait
-/// `timeout`, and a client of it that was answered once (the limiter is connected, its script
-/// loaded).
-async fn one_slot_free_stack(
-    redis: &OwnRedis,
-    timeout: Duration,
-) -> (Stack, RouterClient<tonic::transport::Channel>) {
-    let s = Stack::start_tweaked(Pricing::free(), |c| {
-        c.rate_limits.concurrent = Some(1);
-        c.limiter.timeout = timeout;
-        c.limiter.backend = LimiterBackend::Redis {
-            url: redis.url.clone(),
-        };
-    })
-    .await;
-    let mut c = s.client().await;
-    c.chat(s.request("before")).await.expect("redis up");
-    (s, c)
-}
-
-/// How long [`late_check`] pauses the store.
+/// How long [`LateCheck::run`] pauses the store.
 const LATE_PAUSE: Duration = Duration::from_secs(3);
 
-/// Pauses `redis` for [`LATE_PAUSE`] and sends a request, which is refused `UNAVAILABLE` when its
-/// check times out (`fail_closed`); the check still waits in the store. When the pause began, or
-/// `None` (SKIPPED printed) without `redis-cli`.
-async fn late_check(
-    redis: &OwnRedis,
-    s: &Stack,
-    c: &mut RouterClient<tonic::transport::Channel>,
-) -> Option<Instant> {
-    let paused = Instant::now();
-    if !redis.pause(LATE_PAUSE.as_millis() as u64).await {
-        eprintln!("SKIPPED: no redis-cli");
-        return None;
+/// A free router allowing one request in flight per user, counted in a Redis of its own, after a
+/// request whose check timed out while that Redis was paused: the check still waits in the store.
+struct LateCheck {
+    redis: OwnRedis,
+    s: Stack,
+    c: RouterClient<tonic::transport::Channel>,
+    /// When the pause began.
+    paused: Instant,
+}
+
+impl LateCheck {
+    /// Checks wait `timeout`. `None` (SKIPPED printed) without `redis-server` or `redis-cli`.
+    async fn run(timeout: Duration) -> Option<Self> {
+        let Some(redis) = OwnRedis::start().await else {
+            eprintln!("SKIPPED: cannot start redis-server");
+            return None;
+        };
+        let s = Stack::start_tweaked(Pricing::free(), |c| {
+            c.rate_limits.concurrent = Some(1);
+            c.limiter.timeout = timeout;
+            c.limiter.backend = LimiterBackend::Redis {
+                url: redis.url.clone(),
+            };
+        })
+        .await;
+        let mut c = s.client().await;
+        // Connected, its script loaded, and its slot released again.
+        c.chat(s.request("before")).await.expect("redis up");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while counted(&redis).await != 0 {
+            assert!(Instant::now() < deadline, "the slot was not released");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let paused = Instant::now();
+        if !redis.pause(LATE_PAUSE.as_millis() as u64).await {
+            eprintln!("SKIPPED: no redis-cli");
+            return None;
+        }
+        let err = c.chat(s.request("late")).await.expect_err("fail closed");
+        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+        Some(LateCheck {
+            redis,
+            s,
+            c,
+            paused,
+        })
     }
-    let err = c.chat(s.request("late")).await.expect_err("fail closed");
-    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    Some(paused)
 }
 
 /// The store answers a check too late (`CLIENT PAUSE` holds it past the 500-ms timeout): the
@@ -641,16 +652,16 @@ async fn late_check(
 /// free again at once (it stayed taken for the whole lease, 18 minutes by default).
 #[tokio::test]
 async fn a_check_answered_too_late_is_taken_back() {
-    let Some(redis) = OwnRedis::start().await else {
-        eprintln!("SKIPPED: cannot start redis-server");
+    let Some(LateCheck {
+        redis: _redis,
+        s,
+        mut c,
+        paused,
+    }) = LateCheck::run(Duration::from_millis(500)).await
+    else {
         return;
     };
-    let (s, mut c) = one_slot_free_stack(&redis, Duration::from_millis(500)).await;
-    let Some(paused) = late_check(&redis, &s, &mut c).await else {
-        return;
-    };
-    // Within seconds of the pause's end, not the lease's 16 minutes. (The release of "before"
-    // may have met the paused store too: it lands once the store answers again.)
+    // Within seconds of the pause's end, not the lease's 16 minutes.
     let deadline = paused + LATE_PAUSE + Duration::from_secs(5);
     loop {
         match c.chat(s.request("after")).await {
@@ -689,18 +700,10 @@ async fn counted(redis: &OwnRedis) -> i64 {
 /// then stayed taken for the lease (18 minutes by default) on every replica sharing the store.
 #[tokio::test]
 async fn a_shutdown_waits_for_a_take_back() {
-    let Some(redis) = OwnRedis::start().await else {
-        eprintln!("SKIPPED: cannot start redis-server");
-        return;
-    };
-    let (s, mut c) = one_slot_free_stack(&redis, Duration::from_millis(300)).await;
-    // Its slot released again.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while counted(&redis).await != 0 {
-        assert!(Instant::now() < deadline, "the slot was not released");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let Some(paused) = late_check(&redis, &s, &mut c).await else {
+    let Some(LateCheck {
+        redis, s, paused, ..
+    }) = LateCheck::run(Duration::from_millis(300)).await
+    else {
         return;
     };
     let Stack { mut router, .. } = s;

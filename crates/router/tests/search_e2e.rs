@@ -6,11 +6,13 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use syft_proto::ledger::TransferStatus;
+use syft_proto::router::router_client::RouterClient;
 use syft_proto::router::{GetMetadataRequest, SearchOptions};
 use syft_router_svc::{
     HttpSearchConfig, Pricing, RouterConfig, SearchBackendConfig, SearchConfig, ServiceKind,
 };
 use syft_testkit::*;
+use tonic::transport::Channel;
 use tonic::Code;
 
 const DOCS: &[(&str, &str)] = &[
@@ -41,6 +43,14 @@ async fn search_stack(db: Db, price: Pricing, search: SearchConfig) -> Stack {
         *c = c.clone().with_search(price, search);
     })
     .await
+}
+
+/// A paid search over an `http` backend (the in-process upstream), on SQLite, and a client.
+async fn paid_http_search() -> (FakeUpstream, Stack, RouterClient<Channel>) {
+    let up = FakeUpstream::start().await;
+    let s = search_stack(Db::sqlite(), Pricing::per_request(PRICE), http_backend(&up)).await;
+    let c = s.client().await;
+    (up, s, c)
 }
 
 /// A search priced `PRICE` per query over the embedded index of `DOCS` (keep the folder alive).
@@ -292,9 +302,7 @@ async fn http_backend_forwards_the_syft_shape_and_voids_failures() {
 /// failure, voided. Both answers used to be charged whole, and the client could read neither.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_too_large_to_read_is_cut_or_refused() {
-    let up = FakeUpstream::start().await;
-    let s = search_stack(Db::sqlite(), Pricing::per_request(PRICE), http_backend(&up)).await;
-    let mut c = s.client().await;
+    let (up, s, mut c) = paid_http_search().await;
     up.set_mode(Mode::BigResults(3_000_000));
     let cut = ok(c.search(s.search("big")).await);
     assert_eq!(cut.results.len(), 1, "the second 3 MB result does not fit");
@@ -314,9 +322,7 @@ async fn an_answer_too_large_to_read_is_cut_or_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_search_input_is_refused_and_nothing_is_charged() {
-    let up = FakeUpstream::start().await;
-    let s = search_stack(Db::sqlite(), Pricing::per_request(PRICE), http_backend(&up)).await;
-    let mut c = s.client().await;
+    let (up, s, mut c) = paid_http_search().await;
     let with = |f: &dyn Fn(&mut syft_proto::router::SearchRequest)| {
         let mut r = s.search("q");
         f(&mut r);

@@ -365,13 +365,7 @@ impl Store {
         // money and record usage. Without this, dashboards (7 answers per refresh each) or one
         // account sending many wide queries held every connection, each waiting on the fold
         // lock or a long scan, and usage rows and budgeted holds waited for a connection.
-        let _turn = tokio::time::timeout(ANALYTICS_WAIT, self.analytics.acquire())
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .ok_or_else(|| {
-                LedgerError::Unavailable("too many analytics answers in progress; retry".into())
-            })?;
+        let _turn = self.analytics_turn().await?;
         // Rows still queued for the rollups are folded first, so the answer is exact.
         self.fold_rollups().await?;
         // A range that ends after the last row (the dashboard's "to now") is answered as if it
@@ -495,6 +489,18 @@ impl Store {
     /// Reads of usage rows (`generic = false`) keep custom plans: whether the user's index or the
     /// time index is the better path depends on the values (measured: one user's month through a
     /// generic plan took ~1 s instead of a few ms).
+    /// A turn to answer analytics (held until dropped), or `UNAVAILABLE` after
+    /// [`ANALYTICS_WAIT`].
+    pub(super) async fn analytics_turn(&self) -> Result<tokio::sync::SemaphorePermit<'_>> {
+        tokio::time::timeout(ANALYTICS_WAIT, self.analytics.acquire())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .ok_or_else(|| {
+                LedgerError::Unavailable("too many analytics answers in progress; retry".into())
+            })
+    }
+
     pub(super) async fn fetch_stats(
         &self,
         w: &Where,

@@ -2,7 +2,7 @@
 
 use sqlx::any::AnyArguments;
 use sqlx::query::QueryAs;
-use sqlx::Any;
+use sqlx::{Any, FromRow};
 
 use super::usage::FREE_ROW;
 use super::{
@@ -307,10 +307,13 @@ impl Store {
              FROM usage_records u {}",
             w.sql()
         );
-        let totals: UsageTotals = w
-            .bind_as(sqlx::query_as(&totals_sql))
-            .fetch_one(self.pool())
-            .await?;
+        // The totals read every row in the range: an analytics answer, with its turn and, on
+        // Postgres, its time limit (`analytics.rs`).
+        let _turn = self.analytics_turn().await?;
+        let totals = match self.fetch_stats(&w, &totals_sql, false).await?.first() {
+            Some(row) => UsageTotals::from_row(row)?,
+            None => UsageTotals::default(),
+        };
         w.opt_text("u.id < ?", f.page.before_id.as_deref());
         let sql = format!(
             "SELECT {USAGE_COLUMNS} FROM usage_records u JOIN accounts r ON r.id = u.recipient_id {} \

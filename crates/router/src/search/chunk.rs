@@ -186,42 +186,77 @@ fn json_lines(path: &Path, rel: &str, text: &str) -> Result<Vec<SourceDoc>, Inde
     Ok(docs)
 }
 
-/// Document files under `dir`, sorted, skipping hidden names. Links are followed, to folders
-/// (each folder is read once, so a link loop ends) and to files. A dangling link named like a
-/// document, or a subfolder that cannot be listed, is listed too: indexing it then fails and
-/// says which (it used to make every rescan fail, and a change elsewhere went unseen; a linked
-/// folder was skipped without a word).
+/// Document files under `dir`, sorted, skipping hidden names. Links are followed, to folders and
+/// to files; a file reached by more than one path is listed once, by its path without links when
+/// it has one (else the first in order), so its id does not depend on the order a folder is
+/// listed in, and a folder inside itself (a link loop) is not entered again. A dangling link
+/// named like a document, or a subfolder that cannot be listed, is listed too: indexing it then
+/// fails and says which (it used to make every rescan fail, and a change elsewhere went unseen;
+/// a linked folder was skipped without a word).
 pub fn document_files(dir: &Path) -> Result<Vec<PathBuf>, IndexError> {
-    let mut out = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    let mut pending = vec![dir.to_path_buf()];
-    while let Some(d) = pending.pop() {
-        if std::fs::canonicalize(&d).is_ok_and(|real| !seen.insert(real)) {
-            continue;
-        }
-        let entries = match std::fs::read_dir(&d) {
-            Ok(entries) => entries,
-            Err(e) if d == dir => return Err(IndexError::io(&d, e)),
-            Err(_) => {
-                out.push(d);
-                continue;
+    let mut found = Vec::new();
+    let root = std::fs::canonicalize(dir).map_err(|e| IndexError::io(dir, e))?;
+    walk(dir, &mut vec![root.clone()], &mut found)?;
+    // One path per file: the one that is the file's own place under the folder, else the first.
+    found.sort();
+    let mut by_file: std::collections::BTreeMap<PathBuf, PathBuf> = Default::default();
+    for path in found {
+        let real = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
+        let own = path
+            .strip_prefix(dir)
+            .is_ok_and(|rel| root.join(rel) == real);
+        match by_file.entry(real) {
+            std::collections::btree_map::Entry::Vacant(e) => {
+                e.insert(path);
             }
-        };
-        for entry in entries {
-            let entry = entry.map_err(|e| IndexError::io(&d, e))?;
-            let path = entry.path();
-            if entry.file_name().to_string_lossy().starts_with('.') {
-                continue;
+            std::collections::btree_map::Entry::Occupied(mut e) if own => {
+                e.insert(path);
             }
-            match std::fs::metadata(&path) {
-                Ok(meta) if meta.is_dir() => pending.push(path),
-                _ if is_document(&path) => out.push(path),
-                _ => {}
-            }
+            std::collections::btree_map::Entry::Occupied(_) => {}
         }
     }
+    let mut out: Vec<PathBuf> = by_file.into_values().collect();
     out.sort();
     Ok(out)
+}
+
+/// Adds the document files under `d` to `out`; `inside` holds the real paths of the folders
+/// being walked (`d`'s own last), so a link back to one of them is not followed.
+fn walk(d: &Path, inside: &mut Vec<PathBuf>, out: &mut Vec<PathBuf>) -> Result<(), IndexError> {
+    let entries = match std::fs::read_dir(d) {
+        Ok(entries) => entries,
+        Err(e) if inside.len() == 1 => return Err(IndexError::io(d, e)),
+        Err(_) => {
+            out.push(d.to_path_buf());
+            return Ok(());
+        }
+    };
+    let mut paths = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| IndexError::io(d, e))?;
+        if !entry.file_name().to_string_lossy().starts_with('.') {
+            paths.push(entry.path());
+        }
+    }
+    paths.sort();
+    for path in paths {
+        match std::fs::metadata(&path) {
+            Ok(meta) if meta.is_dir() => {
+                let Ok(real) = std::fs::canonicalize(&path) else {
+                    continue;
+                };
+                if inside.contains(&real) {
+                    continue;
+                }
+                inside.push(real);
+                walk(&path, inside, out)?;
+                inside.pop();
+            }
+            _ if is_document(&path) => out.push(path),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 fn is_document(path: &Path) -> bool {

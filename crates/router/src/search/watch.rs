@@ -49,18 +49,36 @@ enum Scan {
     Failed(IndexError),
 }
 
+/// How many rescans in a row may find the folder changing during their wait before it is
+/// indexed as it is: a folder with a file that changes all the time (a feed) is still indexed.
+const UNSETTLED_SCANS: u32 = 3;
+
 /// Rescans `dir` against `seen`, which it moves to what it saw. A folder that changed is looked
-/// at again after `settle`, and indexed only if it held still (else it is left for the next
-/// rescan).
-fn scan(dir: &Path, seen: &mut Manifest, settle: Duration) -> Result<Scan, IndexError> {
+/// at again after `wait` and indexed only if it held still meanwhile; else it is left for the next
+/// rescan, up to [`UNSETTLED_SCANS`] times in a row (`unsettled` counts them).
+fn scan(
+    dir: &Path,
+    seen: &mut Manifest,
+    unsettled: &mut u32,
+    wait: impl FnOnce(),
+) -> Result<Scan, IndexError> {
     let m = manifest(dir)?;
     if m == *seen {
         return Ok(Scan::Unchanged);
     }
-    std::thread::sleep(settle);
-    if manifest(dir)? != m {
-        return Ok(Scan::Unchanged);
-    }
+    wait();
+    let m = match manifest(dir)? {
+        later if later == m => m,
+        _ if *unsettled + 1 < UNSETTLED_SCANS => {
+            *unsettled += 1;
+            return Ok(Scan::Unchanged);
+        }
+        later => {
+            tracing::warn!(dir = %dir.display(), "the search folder keeps changing; indexing it as it is");
+            later
+        }
+    };
+    *unsettled = 0;
     let built = read_folder(dir).and_then(|docs| DocIndex::build(docs, None));
     *seen = m;
     Ok(match built {
@@ -82,6 +100,7 @@ pub(super) fn watched(dir: &Path, every: Duration) -> Result<Arc<EmbeddedSearch>
 
 async fn rescan(search: Weak<EmbeddedSearch>, dir: PathBuf, every: Duration, mut seen: Manifest) {
     let settle = SETTLE.min(every);
+    let mut unsettled = 0;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
@@ -91,9 +110,16 @@ async fn rescan(search: Weak<EmbeddedSearch>, dir: PathBuf, every: Duration, mut
             return;
         }
         let d = dir.clone();
-        let mut next = seen.clone();
-        let scanned =
-            tokio::task::spawn_blocking(move || (scan(&d, &mut next, settle), next)).await;
+        let (mut next, mut waited) = (seen.clone(), unsettled);
+        let scanned = tokio::task::spawn_blocking(move || {
+            let wait = || std::thread::sleep(settle);
+            (scan(&d, &mut next, &mut waited, wait), next, waited)
+        })
+        .await
+        .map(|(scan, m, waited)| {
+            unsettled = waited;
+            (scan, m)
+        });
         match scanned {
             Ok((Ok(Scan::Unchanged), _)) => {}
             Ok((Ok(Scan::Rebuilt(index)), m)) => {
@@ -127,7 +153,8 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("dir");
         std::fs::write(dir.join("a.md"), "ledger capture").expect("write");
         let (_, mut seen) = build(&dir).expect("first index");
-        let scan = |seen: &mut Manifest| scan(&dir, seen, Duration::ZERO);
+        let mut unsettled = 0;
+        let mut scan = |seen: &mut Manifest| scan(&dir, seen, &mut unsettled, || ());
         assert!(matches!(scan(&mut seen), Ok(Scan::Unchanged)));
         std::fs::write(dir.join("bad.txt"), [0xff, 0xfe, 0x00]).expect("write");
         assert!(matches!(scan(&mut seen), Ok(Scan::Failed(_))));
@@ -138,7 +165,8 @@ mod tests {
     }
 
     /// A folder caught between a deploy's two steps (emptied, not yet filled again) is not
-    /// indexed: it changed again while the scan waited for it to hold still.
+    /// indexed: it changed again while the scan waited for it to hold still. One that keeps
+    /// changing is indexed as it is on the third rescan in a row.
     #[test]
     fn a_folder_is_indexed_only_once_it_holds_still() {
         let dir = std::env::temp_dir().join(format!("syft-watch-{}", uuid::Uuid::new_v4()));
@@ -146,24 +174,31 @@ mod tests {
         let doc = dir.join("a.md");
         std::fs::write(&doc, "ledger capture").expect("write");
         let (_, mut seen) = build(&dir).expect("first index");
+        let mut unsettled = 0;
         std::fs::remove_file(&doc).expect("emptied");
-        let refill = std::thread::spawn({
-            let doc = doc.clone();
-            move || {
-                std::thread::sleep(Duration::from_millis(100));
-                std::fs::write(&doc, "ledger capture, version two").expect("filled again");
-            }
-        });
-        let first = scan(&dir, &mut seen, Duration::from_secs(1));
-        refill.join().expect("refill");
+        let refill = || std::fs::write(&doc, "ledger capture, version two").expect("filled again");
+        let first = scan(&dir, &mut seen, &mut unsettled, refill);
         assert!(
             matches!(first, Ok(Scan::Unchanged)),
             "the empty folder was not indexed"
         );
-        match scan(&dir, &mut seen, Duration::from_millis(10)) {
+        match scan(&dir, &mut seen, &mut unsettled, || ()) {
             Ok(Scan::Rebuilt(index)) => assert_eq!(index.chunks(), 1),
             _ => panic!("the refilled folder is indexed"),
         }
+        // A file that changes during every wait.
+        let mut version = 2;
+        let mut change = || {
+            version += 1;
+            std::fs::write(&doc, "x".repeat(version)).expect("changed");
+        };
+        change();
+        let mut results = Vec::new();
+        for _ in 0..UNSETTLED_SCANS {
+            let got = scan(&dir, &mut seen, &mut unsettled, &mut change);
+            results.push(matches!(got, Ok(Scan::Rebuilt(_))));
+        }
+        assert_eq!(results, [false, false, true], "indexed on the third rescan");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -179,17 +214,30 @@ mod tests {
         std::fs::write(other.join("b.md"), "capture").expect("write");
         std::os::unix::fs::symlink(&other, dir.join("linked")).expect("link");
         std::os::unix::fs::symlink(&dir, dir.join("loop")).expect("link");
+        // A folder reached directly and through a link ("a-link" sorts first) keeps its own path.
+        std::fs::create_dir_all(dir.join("z")).expect("dir");
+        std::fs::write(dir.join("z/c.md"), "void").expect("write");
+        std::os::unix::fs::symlink(dir.join("z"), dir.join("a-link")).expect("link");
+        let files = document_files(&dir).expect("files");
+        let rel: Vec<_> = files
+            .iter()
+            .filter_map(|f| f.strip_prefix(&dir).ok())
+            .collect();
+        let names = ["a.md", "linked/b.md", "z/c.md"].map(Path::new);
+        assert_eq!(
+            rel, names,
+            "each file once, by its own path where it has one"
+        );
         let (index, mut seen) = build(&dir).expect("index");
-        assert_eq!(index.chunks(), 2, "a.md and linked/b.md, once each");
+        assert_eq!(index.chunks(), 3);
         std::os::unix::fs::symlink(root.join("gone.md"), dir.join("x.md")).expect("link");
-        match scan(&dir, &mut seen, Duration::ZERO) {
+        let mut unsettled = 0;
+        let mut scan = |seen: &mut Manifest| scan(&dir, seen, &mut unsettled, || ());
+        match scan(&mut seen) {
             Ok(Scan::Failed(e)) => assert!(e.to_string().contains("x.md"), "{e}"),
             _ => panic!("a dangling document fails the index"),
         }
-        assert!(matches!(
-            scan(&dir, &mut seen, Duration::ZERO),
-            Ok(Scan::Unchanged)
-        ));
+        assert!(matches!(scan(&mut seen), Ok(Scan::Unchanged)));
         let _ = std::fs::remove_dir_all(&root);
     }
 }

@@ -95,6 +95,18 @@ impl Params {
     }
 
     /// `page_token` and `page_size`.
+    /// `role`: `sender`, `recipient`, or both sides when absent.
+    fn role(&self) -> Result<Role> {
+        match self.get("role") {
+            "" => Ok(Role::Any),
+            "sender" => Ok(Role::Sender),
+            "recipient" => Ok(Role::Recipient),
+            other => Err(LedgerError::invalid(format!(
+                "unknown role {other:?}: use sender or recipient"
+            ))),
+        }
+    }
+
     fn page(&self) -> Result<PageRequest> {
         Ok(PageRequest {
             page_token: self.get("page_token").to_string(),
@@ -170,19 +182,8 @@ pub(super) async fn transfers(State(d): State<Dash>, params: Params, s: Session)
             ))
         })?),
     };
-    let role = match params.get("role") {
-        "" => Role::Any,
-        "sender" => Role::Sender,
-        "recipient" => Role::Recipient,
-        other => {
-            return Err(LedgerError::invalid(format!(
-                "unknown role {other:?}: use sender or recipient"
-            ))
-            .into())
-        }
-    };
     let q = TransferQuery {
-        role,
+        role: params.role()?,
         status,
         page: params.page()?,
         ..Default::default()
@@ -204,9 +205,11 @@ pub(super) async fn usage(State(d): State<Dash>, params: Params, s: Session) -> 
     json(json!({ "rows": rows.iter().map(usage_json).collect::<Vec<_>>() }))
 }
 
-/// `GET /dashboard/api/tokens`: tokens the caller issued or received, revoked and expired too.
+/// `GET /dashboard/api/tokens?role=`: tokens the caller issued (`sender`), received
+/// (`recipient`) or both, revoked and expired too.
 pub(super) async fn tokens(State(d): State<Dash>, params: Params, s: Session) -> Reply {
     let q = TokenQuery {
+        role: params.role()?,
         include_inactive: true,
         page: params.page()?,
         ..Default::default()

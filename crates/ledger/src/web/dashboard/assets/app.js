@@ -149,13 +149,12 @@ async function refreshOwner() {
   answers.filter((a) => a.status === 'rejected').forEach((a) => report(a.reason));
   const [day, week, month, series, all, byApp, byUser] = answers.map((a) => a.value);
   const refused = (a) => `Not shown: ${a.reason.message || a.reason}`;
-  if (day) setMoney('#rev-today', total(day).revenue_micros);
-  if (week) setMoney('#rev-7d', total(week).revenue_micros);
-  if (month) setMoney('#rev-30d', total(month).revenue_micros);
-  if (all) {
-    $('#requests-range').textContent = count(total(all).requests);
-    $('#success-range').textContent = total(all).requests ? pct(total(all).success_rate) : '–';
-  }
+  // A figure whose answer was refused shows '–', not the previous range's value.
+  [['#rev-today', day], ['#rev-7d', week], ['#rev-30d', month]].forEach(([sel, s]) => {
+    if (s) setMoney(sel, total(s).revenue_micros); else $(sel).textContent = '–';
+  });
+  $('#requests-range').textContent = all ? count(total(all).requests) : '–';
+  $('#success-range').textContent = all && total(all).requests ? pct(total(all).success_rate) : '–';
   if (series) drawOwnerCharts(series, range);
   fill('#by-app', byApp ? byApp.groups.map((g) => row([g.key[0] || '(none)', g.key[1] || '/',
     count(g.measures.requests), pct(g.measures.success_rate), count(g.measures.total_tokens),
@@ -252,7 +251,9 @@ async function refreshSpend() {
 }
 
 async function loadTokens() {
-  const { tokens } = await api('/dashboard/api/tokens?page_size=100');
+  // The tokens this user issued (the ones they can revoke): any account can issue tokens naming
+  // anyone as their recipient, and 100 of those used to push the user's own off the list.
+  const { tokens } = await api('/dashboard/api/tokens?role=sender&page_size=100');
   const now = Date.now() * 1000;
   fill('#tokens', tokens.map((t) => {
     const active = !t.revoked_at && !(t.expires_at && t.expires_at <= now);
