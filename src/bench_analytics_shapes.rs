@@ -5,7 +5,7 @@
 //! pairs, filters), over the whole loaded range.
 
 use syft_ledger::store::rollup::{DAY, HOUR, MINUTE};
-use syft_ledger::store::{now_micros, Dimension, StatsFilter, StatsScope, UsageDims};
+use syft_ledger::store::{now_micros, Dimension, StatsFilter, StatsScope, Top, TopBy, UsageDims};
 
 pub struct Shape {
     pub name: String,
@@ -38,6 +38,7 @@ fn filter(scope: StatsScope, since: i64, until: i64, group_by: &[Dimension]) -> 
         dims: UsageDims::default(),
         limit: syft_ledger::core::MAX_GROUPS + 1,
         sums_only: false,
+        top: None,
     }
 }
 
@@ -76,10 +77,16 @@ fn dashboard(owner: i64, user: &str) -> Vec<Shape> {
                 format!("dash {who} {range}: app x endpoint"),
                 q(since, &[Dimension::App, Dimension::Endpoint]),
             );
+            // Twice on the page (by spend and by requests); the same reads, ranked differently.
             add(
                 format!("dash {who} {range}: top users (sums)"),
                 StatsFilter {
                     sums_only: true,
+                    limit: 10,
+                    top: Some(Top {
+                        by: TopBy::Revenue,
+                        n: 10,
+                    }),
                     ..q(since, &[Dimension::User])
                 },
             );

@@ -122,7 +122,7 @@ pub async fn run(args: StatsArgs) -> anyhow::Result<()> {
         user_email: args.user.clone().unwrap_or_default(),
         model: args.model.clone().unwrap_or_default(),
         status: args.status.clone().unwrap_or_default(),
-        sums_only: false,
+        ..Default::default()
     };
     let stats = client.get_usage_stats(request).await.or_fail(conn)?;
     let names: Vec<String> = args

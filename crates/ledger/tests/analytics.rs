@@ -340,6 +340,101 @@ async fn stats_match_raw_rows(h: Harness) -> Harness {
     h
 }
 
+/// `top` ranks groups by a measure on the ledger, largest first, ties in key order: over users
+/// (the per-user rollups and raw rows, merged) and over apps (the rollups, in SQL). The
+/// dashboard's top users ask for ten of them, so a range with more users than one answer holds
+/// still has them.
+async fn top_groups_are_the_largest(h: Harness) -> Harness {
+    let owner = h.account(OWNER, 0).await;
+    let alice = h.account(ALICE, 10 * USD).await;
+    let token = h.token(&alice, OWNER).await;
+    let mut n = 0;
+    for (user, requests) in [
+        ("u0@x.io", 3),
+        ("u1@x.io", 1),
+        ("u2@x.io", 4),
+        ("u3@x.io", 1),
+    ] {
+        for _ in 0..requests {
+            n += 1;
+            let u = usage(n, user, &format!("app-{}", requests % 3), "success");
+            let mut c = h.client(&owner);
+            c.record_usage(pb::RecordUsageRequest { usage: Some(u) })
+                .await
+                .expect("record usage");
+        }
+    }
+    for i in 0..2 {
+        paid(
+            &h,
+            &owner,
+            &token,
+            usage(100 + i, ALICE, "app-0", "success"),
+            Some(600),
+        )
+        .await;
+    }
+    let top = |by: &[D], top: u32, top_by: pb::StatsTopBy| pb::GetUsageStatsRequest {
+        top,
+        top_by: top_by as i32,
+        sums_only: true,
+        ..stats_req(by, pb::StatsRole::Owner)
+    };
+    let ranked = |got: pb::GetUsageStatsResponse| -> Vec<(String, i64, i64)> {
+        (got.groups.iter())
+            .map(|g| (key_text(&g.key[0]), g.requests, g.revenue_micros))
+            .collect()
+    };
+    let mut c = h.client(&owner);
+    let by_requests = ok(c
+        .get_usage_stats(top(&[D::User], 2, pb::StatsTopBy::Requests))
+        .await);
+    assert_eq!(
+        ranked(by_requests),
+        [("u2@x.io".into(), 4, 0), ("u0@x.io".into(), 3, 0)]
+    );
+    let by_revenue = ok(c
+        .get_usage_stats(top(&[D::User], 3, pb::StatsTopBy::Revenue))
+        .await);
+    let tie = |u: &str, r| (u.to_string(), r, 0);
+    assert_eq!(
+        ranked(by_revenue),
+        [
+            (ALICE.into(), 2, 1_200),
+            tie("u0@x.io", 3),
+            tie("u1@x.io", 1)
+        ],
+        "ties in key order"
+    );
+    // Apps (`app-{requests % 3}`): app-1 holds u1's 1, u2's 4 and u3's 1 request; app-0 u0's 3
+    // and alice's 2.
+    let apps = ok(c
+        .get_usage_stats(top(&[D::App], 1, pb::StatsTopBy::Requests))
+        .await);
+    assert_eq!(ranked(apps), [("app-1".into(), 6, 0)]);
+    for (bad, why) in [
+        (
+            top(&[D::User], 101, pb::StatsTopBy::Requests),
+            "top above 100",
+        ),
+        (
+            top(&[D::User], 0, pb::StatsTopBy::Revenue),
+            "top_by without top",
+        ),
+        (
+            top(&[D::User], 5, pb::StatsTopBy::Unspecified),
+            "top without top_by",
+        ),
+    ] {
+        assert_eq!(
+            code(c.get_usage_stats(bad).await),
+            Code::InvalidArgument,
+            "{why}"
+        );
+    }
+    h
+}
+
 /// Rows without money go through the usage group commit (`store/usage_batch.rs`): many at once
 /// so batches hold several rows, replays of one request id (counted once), refusals retried under
 /// one id (each attempt a row, a failure under its own status). The rollups equal the raw rows.
@@ -744,6 +839,7 @@ async fn upgrade_rebuilds_the_rollups(postgres: bool) {
         dims: UsageDims::default(),
         limit: 100,
         sums_only: false,
+        top: None,
     };
     let total = store.usage_stats(&f(vec![])).await.expect("stats");
     assert_eq!(total[0].measures.requests, 30);
@@ -771,6 +867,7 @@ async fn postgres_upgrade_rebuilds_the_rollups() {
 
 store_suite!(
     stats_match_raw_rows,
+    top_groups_are_the_largest,
     group_committed_rows_and_refusals,
     bucket_boundaries,
     bad_input,

@@ -5,6 +5,7 @@ use crate::error::{LedgerError, Result};
 use crate::store::rollup::{DAY, HOUR, MINUTE};
 use crate::store::{
     budget_use, now_micros, BudgetUse, Dimension, StatsFilter, StatsGroup, StatsScope, TimeRange,
+    Top,
 };
 use crate::validate;
 
@@ -48,7 +49,12 @@ pub struct StatsQuery {
     pub dims: UsageDimsQuery,
     /// No latency percentiles: only sums and counts (cheaper over many groups).
     pub sums_only: bool,
+    /// Only the groups with the largest measure (at most [`MAX_TOP`]), largest first.
+    pub top: Option<Top>,
 }
+
+/// The most groups a top-N answer names.
+pub const MAX_TOP: usize = 100;
 
 /// The answer: groups in key order, with the range actually used (whole minutes).
 #[derive(Debug, Clone, serde::Serialize)]
@@ -165,9 +171,18 @@ impl Ledger {
             until,
             group_by: q.group_by.clone(),
             dims: q.dims.validate()?,
-            limit: MAX_GROUPS + 1,
+            limit: q.top.map_or(MAX_GROUPS + 1, |t| t.n),
             sums_only: q.sums_only,
+            top: q.top,
         };
+        if let Some(t) = q.top {
+            if t.n == 0 || t.n > MAX_TOP {
+                return Err(LedgerError::invalid(format!(
+                    "top must be 1 to {MAX_TOP}, not {}",
+                    t.n
+                )));
+            }
+        }
         let groups = self.store().usage_stats(&filter).await?;
         if groups.len() > MAX_GROUPS {
             return Err(LedgerError::invalid(format!(

@@ -125,6 +125,50 @@ pub struct StatsFilter {
     pub limit: usize,
     /// No percentiles: the histograms are not read (most of a wide query's aggregates).
     pub sums_only: bool,
+    /// Only the groups with the largest measure, largest first (else in key order).
+    pub top: Option<Top>,
+}
+
+/// What a top-N answer ranks its groups by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopBy {
+    /// Captured micros.
+    Revenue,
+    Requests,
+}
+
+impl TopBy {
+    pub fn parse(text: &str) -> Result<Self> {
+        match text {
+            "revenue" => Ok(TopBy::Revenue),
+            "requests" => Ok(TopBy::Requests),
+            other => Err(LedgerError::invalid(format!(
+                "unknown top_by {other:?}: use revenue or requests"
+            ))),
+        }
+    }
+
+    /// Its column in the rollups' select (`SUM_COLUMNS`).
+    fn column(self) -> &'static str {
+        match self {
+            TopBy::Revenue => "revenue",
+            TopBy::Requests => "requests",
+        }
+    }
+
+    pub(super) fn summed(self) -> Summed {
+        match self {
+            TopBy::Revenue => Summed::Revenue,
+            TopBy::Requests => Summed::Requests,
+        }
+    }
+}
+
+/// The `n` groups with the largest `by`, ties in key order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Top {
+    pub by: TopBy,
+    pub n: usize,
 }
 
 impl StatsFilter {
@@ -440,8 +484,13 @@ impl Store {
         let group = if f.group_by.is_empty() {
             String::new()
         } else {
-            let n: Vec<String> = (0..f.group_by.len()).map(|i| format!("k{i}")).collect();
-            format!("GROUP BY {0} ORDER BY {0}", n.join(", "))
+            let keys = (0..f.group_by.len()).map(|i| format!("k{i}"));
+            let keys = keys.collect::<Vec<_>>().join(", ");
+            match f.top {
+                // The output column (its sum), ranked; ties in key order.
+                Some(t) => format!("GROUP BY {keys} ORDER BY {} DESC, {keys}", t.by.column()),
+                None => format!("GROUP BY {keys} ORDER BY {keys}"),
+            }
         };
         let sql = format!(
             "SELECT {} FROM {table} r {} {group} LIMIT {}",

@@ -88,9 +88,16 @@ impl Store {
         if !raw.is_empty() {
             self.raw_groups(f, &raw, &mut groups).await?;
         }
-        Ok(groups
+        let mut groups: Vec<_> = groups
             .into_iter()
             .filter(|(_, (s, _))| s[Summed::Requests] > 0)
+            .collect();
+        if let Some(top) = f.top {
+            // Stable: ties stay in key order.
+            groups.sort_by_key(|(_, (s, _))| std::cmp::Reverse(s[top.by.summed()]));
+        }
+        Ok(groups
+            .into_iter()
             .take(f.limit)
             .map(|(key, (s, users))| StatsGroup {
                 key,

@@ -41,7 +41,7 @@ use crate::error::{is_retryable, LedgerError, Result};
 
 pub use crate::domain::{Actor, Micros, TransferStatus};
 pub use analytics::{
-    Dimension, KeyValue, Measures, Percentiles, StatsFilter, StatsGroup, StatsScope,
+    Dimension, KeyValue, Measures, Percentiles, StatsFilter, StatsGroup, StatsScope, Top, TopBy,
 };
 pub use answer::{AnswerRow, AnswerWrite};
 pub use authorize::{AuthorizeInput, DirectInput};

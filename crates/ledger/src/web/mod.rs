@@ -18,7 +18,7 @@ use axum::{Json, Router};
 use crate::core::{parse_dimensions, Ledger, StatsQuery, StatsRole, UsageDimsQuery};
 use crate::error::{LedgerError, Result};
 use crate::rest::{Peer, RestError};
-use crate::store::TimeRange;
+use crate::store::{TimeRange, Top, TopBy};
 
 /// `ready` turns false when the ledger shuts down: the dashboard's live streams end then.
 pub fn router(ledger: Ledger, ready: tokio::sync::watch::Receiver<bool>) -> Router {
@@ -82,7 +82,7 @@ pub(crate) fn foreign_origin(headers: &HeaderMap, authority: Option<&str>) -> Op
 
 /// Every query parameter `GET /v1/usage/stats` takes; any other is refused (a typo must not
 /// silently widen an answer).
-const PARAMS: [&str; 11] = [
+const PARAMS: [&str; 13] = [
     "group_by",
     "since",
     "until",
@@ -94,10 +94,13 @@ const PARAMS: [&str; 11] = [
     "status",
     "as",
     "sums_only",
+    "top",
+    "top_by",
 ];
 
 /// Reads the analytics query from URL parameters: `group_by=day,app`, `since`/`until` as unix
-/// micros, `role=owner|user`, the filters, and `sums_only=true` (no percentiles).
+/// micros, `role=owner|user`, the filters, `sums_only=true` (no percentiles), and `top=10` with
+/// `top_by=revenue|requests` (only the largest groups).
 pub fn stats_query(params: &HashMap<String, String>) -> Result<StatsQuery> {
     if let Some(unknown) = params.keys().find(|k| !PARAMS.contains(&k.as_str())) {
         return Err(LedgerError::invalid(format!(
@@ -136,6 +139,17 @@ pub fn stats_query(params: &HashMap<String, String>) -> Result<StatsQuery> {
             user_email: text("user"),
             model: text("model"),
             status: text("status"),
+        },
+        top: match (text("top").as_str(), text("top_by").as_str()) {
+            ("", "") => None,
+            ("", _) => return Err(LedgerError::invalid("top_by goes with top")),
+            (_, "") => return Err(LedgerError::invalid("top goes with top_by")),
+            (n, by) => Some(Top {
+                by: TopBy::parse(by)?,
+                n: n.parse().map_err(|_| {
+                    LedgerError::invalid(format!("top must be a number, not {n:?}"))
+                })?,
+            }),
         },
         sums_only: match text("sums_only").as_str() {
             "" | "false" | "0" => false,

@@ -140,14 +140,16 @@ async function refreshOwner() {
     stats({ role: 'owner', since, group_by: range.by }),
     stats({ role: 'owner', since }),
     stats({ role: 'owner', since, group_by: 'app,endpoint' }),
-    // Top users show spend and requests only: no percentiles to compute per user.
-    stats({ role: 'owner', since, group_by: 'user', sums_only: 'true' }),
+    // The ten biggest users, ranked by the ledger (so a range with more than 10,000 users still
+    // has them), with spend and requests only: no percentiles to compute per user.
+    ...['revenue', 'requests'].map((by) => stats({ role: 'owner', since, group_by: 'user',
+      sums_only: 'true', top: '10', top_by: by })),
   ]);
   const signedOut = answers.find((a) => a.status === 'rejected' && a.reason instanceof HttpError
     && a.reason.status === 401);
   if (signedOut) throw signedOut.reason;
   answers.filter((a) => a.status === 'rejected').forEach((a) => report(a.reason));
-  const [day, week, month, series, all, byApp, byUser] = answers.map((a) => a.value);
+  const [day, week, month, series, all, byApp, bySpend] = answers.map((a) => a.value);
   const refused = (a) => `Not shown: ${a.reason.message || a.reason}`;
   // A figure whose answer was refused shows '–', not the previous range's value.
   [['#rev-today', day], ['#rev-7d', week], ['#rev-30d', month]].forEach(([sel, s]) => {
@@ -160,12 +162,12 @@ async function refreshOwner() {
     count(g.measures.requests), pct(g.measures.success_rate), count(g.measures.total_tokens),
     String(g.measures.latency_ms.p95), money(g.measures.revenue_micros, byApp.currency)])) : [],
   byApp ? undefined : refused(answers[5]));
-  const top = (measure, show) => (byUser ? byUser.groups.slice()
-    .sort((a, b) => b.measures[measure] - a.measures[measure]).slice(0, 10)
+  const top = (answer, measure, show) => (answer.value ? answer.value.groups
     .map((g) => row([g.key[0] || '(anonymous)', show(g.measures[measure])])) : []);
-  const noUsers = byUser ? undefined : refused(answers[6]);
-  fill('#top-spend', top('revenue_micros', (m) => money(m, byUser.currency)), noUsers);
-  fill('#top-requests', top('requests', count), noUsers);
+  const why = (answer) => (answer.value ? undefined : refused(answer));
+  fill('#top-spend', top(answers[6], 'revenue_micros', (m) => money(m, bySpend.currency)),
+    why(answers[6]));
+  fill('#top-requests', top(answers[7], 'requests', count), why(answers[7]));
 }
 
 // Every bucket of the range, so a quiet hour draws as zero instead of a line across it.
