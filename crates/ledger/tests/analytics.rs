@@ -412,6 +412,12 @@ async fn top_groups_are_the_largest(h: Harness) -> Harness {
         .get_usage_stats(top(&[D::App], 1, pb::StatsTopBy::Requests))
         .await);
     assert_eq!(ranked(apps), [("app-1".into(), 6, 0)]);
+    // Models (the user-less rollups): m-even and m-odd each hold one 600-micro capture; the tie
+    // goes to the first key.
+    let models = ok(c
+        .get_usage_stats(top(&[D::Model], 1, pb::StatsTopBy::Revenue))
+        .await);
+    assert_eq!(ranked(models), [("m-even".into(), 5, 600)]);
     for (bad, why) in [
         (
             top(&[D::User], 101, pb::StatsTopBy::Requests),

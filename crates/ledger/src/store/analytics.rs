@@ -20,8 +20,9 @@ use super::{Backend, Store};
 use crate::error::{LedgerError, Result};
 
 /// How long an analytics answer waits for its turn (a quarter of the pool's connections answer
-/// at once) before it is refused `UNAVAILABLE`.
-const ANALYTICS_WAIT: Duration = Duration::from_secs(10);
+/// at once) before it is refused `UNAVAILABLE`: a dashboard refresh asks 8 answers at once, and
+/// on SQLite (one turn) they queue.
+const ANALYTICS_WAIT: Duration = Duration::from_secs(30);
 
 /// The longest one analytics statement may run on Postgres (`statement_timeout`): the rollups
 /// answer a dashboard in milliseconds, and a raw-row scan of a wide range that runs longer holds
@@ -406,7 +407,7 @@ impl Store {
     /// Grouped measures, groups in key order (time ascending).
     pub async fn usage_stats(&self, f: &StatsFilter) -> Result<Vec<StatsGroup>> {
         // A quarter of the pool answers analytics at once; the rest stays for the calls that move
-        // money and record usage. Without this, dashboards (7 answers per refresh each) or one
+        // money and record usage. Without this, dashboards (8 answers per refresh each) or one
         // account sending many wide queries held every connection, each waiting on the fold
         // lock or a long scan, and usage rows and budgeted holds waited for a connection.
         let _turn = self.analytics_turn().await?;

@@ -186,17 +186,18 @@ fn json_lines(path: &Path, rel: &str, text: &str) -> Result<Vec<SourceDoc>, Inde
     Ok(docs)
 }
 
-/// Document files under `dir`, sorted, skipping hidden names. Links are followed, to folders and
-/// to files; a file reached by more than one path is listed once, by its path without links when
-/// it has one (else the first in order), so its id does not depend on the order a folder is
-/// listed in, and a folder inside itself (a link loop) is not entered again. A dangling link
+/// Document files under `dir`, sorted, skipping hidden names. Links are followed, to files and to
+/// folders outside `dir` (a link to a folder inside it is skipped: that folder is walked under its
+/// own path, so each is read once and a link loop ends); a file reached by more than one path is
+/// listed once, by its path without links when it has one (else the first in order), so its id
+/// does not depend on the order a folder is listed in. A dangling link
 /// named like a document, or a subfolder that cannot be listed, is listed too: indexing it then
 /// fails and says which (it used to make every rescan fail, and a change elsewhere went unseen;
 /// a linked folder was skipped without a word).
 pub fn document_files(dir: &Path) -> Result<Vec<PathBuf>, IndexError> {
     let mut found = Vec::new();
     let root = std::fs::canonicalize(dir).map_err(|e| IndexError::io(dir, e))?;
-    walk(dir, &mut vec![root.clone()], &mut found)?;
+    walk(dir, &root, &mut vec![root.clone()], &mut found)?;
     // One path per file: the one that is the file's own place under the folder, else the first.
     found.sort();
     let mut by_file: std::collections::BTreeMap<PathBuf, PathBuf> = Default::default();
@@ -220,9 +221,15 @@ pub fn document_files(dir: &Path) -> Result<Vec<PathBuf>, IndexError> {
     Ok(out)
 }
 
-/// Adds the document files under `d` to `out`; `inside` holds the real paths of the folders
-/// being walked (`d`'s own last), so a link back to one of them is not followed.
-fn walk(d: &Path, inside: &mut Vec<PathBuf>, out: &mut Vec<PathBuf>) -> Result<(), IndexError> {
+/// Adds the document files under `d` to `out`. `inside` holds the real paths of the folders being
+/// walked (`d`'s own last): a linked folder outside `root` that links back to one of them is not
+/// entered again.
+fn walk(
+    d: &Path,
+    root: &Path,
+    inside: &mut Vec<PathBuf>,
+    out: &mut Vec<PathBuf>,
+) -> Result<(), IndexError> {
     let entries = match std::fs::read_dir(d) {
         Ok(entries) => entries,
         Err(e) if inside.len() == 1 => return Err(IndexError::io(d, e)),
@@ -245,11 +252,12 @@ fn walk(d: &Path, inside: &mut Vec<PathBuf>, out: &mut Vec<PathBuf>) -> Result<(
                 let Ok(real) = std::fs::canonicalize(&path) else {
                     continue;
                 };
-                if inside.contains(&real) {
+                let linked = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_symlink());
+                if inside.contains(&real) || (linked && real.starts_with(root)) {
                     continue;
                 }
                 inside.push(real);
-                walk(&path, inside, out)?;
+                walk(&path, root, inside, out)?;
                 inside.pop();
             }
             _ if is_document(&path) => out.push(path),

@@ -64,6 +64,7 @@ fn scan(
 ) -> Result<Scan, IndexError> {
     let m = manifest(dir)?;
     if m == *seen {
+        *unsettled = 0;
         return Ok(Scan::Unchanged);
     }
     wait();
