@@ -60,7 +60,14 @@ fn bad(msg: impl Into<String>) -> RouterError {
 }
 
 /// Validates a chat request against the limits. `model` is resolved by the caller.
-pub fn validate_chat(req: ChatRequest, limits: &Limits) -> Result<ValidRequest, RouterError> {
+pub fn validate_chat(mut req: ChatRequest, limits: &Limits) -> Result<ValidRequest, RouterError> {
+    // OpenAI's newer name for system instructions (its SDKs send it for reasoning models); sent on
+    // as `system`, which every OpenAI-compatible upstream knows.
+    for m in &mut req.messages {
+        if m.role == "developer" {
+            m.role = "system".into();
+        }
+    }
     if req.messages.is_empty() {
         return Err(bad("messages must not be empty"));
     }
@@ -75,7 +82,7 @@ pub fn validate_chat(req: ChatRequest, limits: &Limits) -> Result<ValidRequest, 
     for (i, m) in req.messages.iter().enumerate() {
         if !ROLES.contains(&m.role.as_str()) {
             return Err(bad(format!(
-                "messages[{i}].role {:?} is not one of system, user, assistant",
+                "messages[{i}].role {:?} is not one of system, developer, user, assistant",
                 truncate(&m.role, 32)
             )));
         }

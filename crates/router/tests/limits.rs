@@ -236,6 +236,10 @@ async fn http_refusals_are_429_with_headers() {
                     .parse()
                     .expect("secs");
                 assert!((1..=60).contains(&retry), "retry-after {retry}");
+                assert!(
+                    !h.contains_key("x-should-retry"),
+                    "a rate limit may be retried"
+                );
                 assert_eq!(h["x-ratelimit-remaining-requests"], "0");
                 let body: Value = resp.json().await.expect("json");
                 assert_eq!(body["error"]["code"], "rate_limited");

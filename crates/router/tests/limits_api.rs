@@ -344,6 +344,7 @@ async fn grpc_refusals_and_the_budget_reset() {
     let url = s.router.chat_completions_url();
     let r = post(url, Some(&s.token), &openai_chat(&s.alice.email, false)).await;
     assert_eq!(r.status(), 429);
+    assert_eq!(header(&r, "x-should-retry"), "false", "not before midnight");
     let after: u64 = header(&r, "retry-after").parse().expect("seconds");
     assert!(after <= midnight + 1 && after + 30 >= midnight, "{after}");
     // The ledger's refusal carries the windows the request passed, like every answer.

@@ -506,7 +506,7 @@ async fn payment_required_bad_token_and_insufficient_funds_never_call_upstream()
     let bob_token = issue_token(&s.ledger.url, &bob, &s.owner.email).await;
     let mut req = s.request("hi");
     req.user_email = bob.email.clone();
-    req.transaction_token = bob_token;
+    req.transaction_token = bob_token.clone();
     let err = c.chat(req).await.expect_err("insufficient funds");
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert_eq!(
@@ -519,6 +519,16 @@ async fn payment_required_bad_token_and_insufficient_funds_never_call_upstream()
         "insufficient funds: this request costs 0.01 USD (the router's price per request); add \
          funds to pay for it"
     );
+    // Over HTTP the OpenAI SDKs would send it twice more: told not to.
+    let refused = http
+        .post(s.router.chat_completions_url())
+        .bearer_auth(&bob_token)
+        .json(&json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}], "user": bob.email}))
+        .send()
+        .await
+        .expect("http");
+    assert_eq!(refused.status(), 409);
+    assert_eq!(refused.headers()["x-should-retry"], "false");
 
     assert_eq!(s.upstream.hits(), 0);
     assert_eq!(
@@ -1008,7 +1018,8 @@ async fn http_front_speaks_openai_json_and_sse() {
         .post(&url)
         .bearer_auth(&s.token)
         .header("Idempotency-Key", "http-json-1")
-        .json(&json!({"model": "test-model", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+        .json(&json!({"model": "test-model", "messages": [{"role": "developer", "content": "be brief"},
+                      {"role": "user", "content": [{"type": "text", "text": "hi"}]}],
                       "user": s.alice.email, "max_tokens": 50, "temperature": 0.5, "stop": "\n\n"}))
         .send()
         .await
@@ -1040,6 +1051,8 @@ async fn http_front_speaks_openai_json_and_sse() {
     let up = s.upstream.last_body().expect("body");
     assert_eq!(up["max_tokens"], 50);
     assert_eq!(up["stop"], json!(["\n\n"]));
+    // OpenAI's `developer` role is sent on as `system`, which every upstream knows.
+    assert_eq!(up["messages"][0]["role"], "system");
 
     let resp = http
         .post(&url)
@@ -1077,6 +1090,9 @@ async fn http_front_speaks_openai_json_and_sse() {
     assert!(chunks
         .iter()
         .any(|c| c["choices"] == json!([]) && c["usage"]["total_tokens"] == 25));
+    // Once: clients that add up every chunk's usage would count a second copy.
+    let usages = chunks.iter().filter(|c| c["usage"].is_object()).count();
+    assert_eq!(usages, 1, "usage on the last chunk only");
 
     let models = get_json(&http, &format!("{}/v1/models", s.router.http_url)).await;
     assert_eq!(models["object"], "list");
