@@ -39,6 +39,9 @@ enum Fault {
     /// Forwards with the body's `amount` doubled, once: the service creates another transaction
     /// than the one asked for (as one that rounds amounts would).
     DoubleAmount(&'static str),
+    /// Answers 429 `AUTH_LOCKED` without forwarding, `n` times (the service throttling this
+    /// ledger's address).
+    Throttle(&'static str, u32),
 }
 
 #[derive(Clone)]
@@ -61,7 +64,9 @@ impl Proxy {
         let mut fault = self.fault.lock().expect("lock");
         let plan = fault.clone();
         match &mut *fault {
-            Fault::LoseAnswer(p, n) | Fault::Fail(p, n) if path.starts_with(*p) => {
+            Fault::LoseAnswer(p, n) | Fault::Fail(p, n) | Fault::Throttle(p, n)
+                if path.starts_with(*p) =>
+            {
                 *n -= 1;
                 if *n == 0 {
                     *fault = Fault::Pass;
@@ -120,6 +125,10 @@ async fn relay(
                 "{\"detail\":\"injected\"}",
             )
                 .into_response()
+        }
+        Fault::Throttle(..) => {
+            let body = "{\"detail\":\"too many wrong credentials\",\"code\":\"AUTH_LOCKED\"}";
+            return (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "1")], body).into_response();
         }
         Fault::Slow(_, d) => tokio::time::sleep(d).await,
         _ => {}
@@ -510,10 +519,12 @@ async fn capture_void_and_replay(postgres: bool) {
     );
     assert_eq!(p.money().await, ((8_700_000, 0), (1_300_000, 0)));
 
-    // The remote's refusals map to the right codes, and a replay returns the same refusal.
+    // The remote's refusals map to the right codes, with the remote's reason (a router tells
+    // its user "insufficient funds" by it), and a replay returns the same refusal.
+    let broke = syft_testkit::refused(p.authorize(100 * USD, "k4").await, Code::FailedPrecondition);
     assert_eq!(
-        code(p.authorize(100 * USD, "k4").await),
-        Code::FailedPrecondition
+        syft_testkit::reason(&broke).as_deref(),
+        Some("INSUFFICIENT_FUNDS")
     );
     assert_eq!(
         code(p.authorize(100 * USD, "k4").await),
@@ -861,6 +872,15 @@ async fn lost_confirm_answer_is_reconciled_and_charged_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_capture_retried_after_a_blip_is_not_voided_by_recovery() {
     captures_through(Fault::Fail("/transaction/confirm", 100), true).await;
+}
+
+/// The service throttles this ledger (429) while a capture confirms: that is no answer about the
+/// transfer, so the capture reports UNAVAILABLE and gives its lease back, and the router's retry
+/// charges once. It used to be a refusal: the router voided, and recovery then voided a hold
+/// whose answer had been served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_throttled_confirm_is_retried_not_refused() {
+    captures_through(Fault::Throttle("/transaction/confirm", 100), true).await;
 }
 
 /// The answers to a confirm are lost and the listing the ledger reconciles with carries a

@@ -67,12 +67,12 @@ impl Hosted {
                 let row = self.journal.must_entry(&id).await?.transfer();
                 Ok(Placed::by_this_call(row, input))
             }
-            Err(RemoteError::Rejected { status, message })
+            Err(e @ RemoteError::Rejected { status, .. })
                 if status.as_u16() == 401 || status.as_u16() == 429 =>
             {
                 // Not an answer about this transfer: forget the attempt so the key can be retried.
                 self.journal.forget(&id).await?;
-                Err(RemoteError::Rejected { status, message }.into_ledger())
+                Err(e.into_ledger())
             }
             Err(e @ RemoteError::Rejected { .. }) => {
                 let err = e.into_ledger();

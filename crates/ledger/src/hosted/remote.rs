@@ -9,13 +9,19 @@ use serde_json::value::RawValue;
 use crate::domain::{Actor, TransferStatus};
 use crate::error::LedgerError;
 use crate::money::format_micros;
-use syft_error::ErrorCode;
+use syft_error::{ErrorCode, Reason};
 
 /// How a remote call failed; the difference decides whether a retry is safe.
 #[derive(Debug)]
 pub enum RemoteError {
-    /// The service answered with an error: nothing happened there.
-    Rejected { status: StatusCode, message: String },
+    /// The service answered with an error: nothing happened there. `reason`: the body's `code`,
+    /// when it is a reason this ledger knows (`INSUFFICIENT_FUNDS`, `IDEMPOTENCY_CONFLICT`, …;
+    /// a ledger of this code answers one), which says more than the status.
+    Rejected {
+        status: StatusCode,
+        message: String,
+        reason: Option<Reason>,
+    },
     /// The request never reached the service (connection refused, DNS): nothing happened there.
     Unreachable(String),
     /// Timeout, 5xx or a broken answer: the operation may or may not have happened.
@@ -26,8 +32,18 @@ impl RemoteError {
     /// The ledger error a caller sees (docs/design.md, "Errors"), with the remote's message.
     pub fn into_ledger(self) -> LedgerError {
         match self {
-            RemoteError::Rejected { status, message } => {
+            RemoteError::Rejected {
+                status,
+                message,
+                reason,
+            } => {
                 let message = format!("accounting service: {message}");
+                // The remote's reason, passed on as it is: a router tells its user "insufficient
+                // funds" or "token revoked" by it (a bare status used to reach it as
+                // FAILED_PRECONDITION without one). Not for 401: that is this ledger's own.
+                if let Some(reason) = reason.filter(|_| status != StatusCode::UNAUTHORIZED) {
+                    return LedgerError::refused(reason, message);
+                }
                 match ErrorCode::from_http(status.as_u16()) {
                     // The remote refused this ledger's own credentials: a deployment problem,
                     // not the caller's.
@@ -200,6 +216,7 @@ impl RemoteClient {
             return Err(RemoteError::Rejected {
                 status,
                 message: error_message(&text),
+                reason: error_reason(&text),
             });
         }
         serde_json::from_str(&text)
@@ -332,6 +349,12 @@ fn json_opt(s: &str) -> String {
     } else {
         json_str(s)
     }
+}
+
+/// The reason of an error body's `code` (this API's `{"detail", "code"}`), if this ledger knows it.
+fn error_reason(text: &str) -> Option<Reason> {
+    let body = serde_json::from_str::<serde_json::Value>(text).ok()?;
+    body.get("code")?.as_str()?.parse().ok()
 }
 
 /// The message of an error body: FastAPI's `detail`, or `message` / `error`, or the raw text.

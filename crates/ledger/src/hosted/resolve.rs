@@ -383,6 +383,20 @@ impl Hosted {
         if matches!(err, RemoteError::Unreachable(_)) {
             return Err(err.into_ledger());
         }
+        // The service is throttling this ledger (its address locked, a rate limit): not an answer
+        // about the transfer. `UNAVAILABLE` gives the lease back and the caller retries; taken as
+        // a refusal, the router voided, the void waited for the lease, and recovery then voided
+        // a hold whose answer had been served.
+        if let RemoteError::Rejected {
+            status, message, ..
+        } = &err
+        {
+            if *status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+                return Err(LedgerError::Unavailable(format!(
+                    "the accounting service is throttling this ledger ({message}); retry"
+                )));
+            }
+        }
         let listed = self
             .retry(true, || self.remote.transactions(None))
             .await
