@@ -151,17 +151,39 @@ fn bounded<'de, A: SeqAccess<'de>, T: Deserialize<'de>>(
 }
 
 fn messages<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<OaiMessage>, D::Error> {
-    struct Messages;
-    impl<'de> Visitor<'de> for Messages {
-        type Value = Vec<OaiMessage>;
+    bounded_list(d, MAX_MESSAGES, "messages")
+}
+
+/// A JSON list of at most `max` `T`s (`null`: none), refused as soon as it holds more: a body of
+/// millions of tiny entries (`[{}, {}, …]` within the 8 MiB body limit) must not be read into
+/// memory before validation counts them. For `deserialize_with`.
+pub(crate) fn bounded_list<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+    max: usize,
+    what: &'static str,
+) -> Result<Vec<T>, D::Error> {
+    struct List<T> {
+        max: usize,
+        what: &'static str,
+        item: std::marker::PhantomData<T>,
+    }
+    impl<'de, T: Deserialize<'de>> Visitor<'de> for List<T> {
+        type Value = Vec<T>;
         fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            f.write_str("a list of messages")
+            write!(f, "a list of at most {} {}", self.max, self.what)
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(Vec::new())
         }
         fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
-            bounded(seq, MAX_MESSAGES, "messages")
+            bounded(seq, self.max, self.what)
         }
     }
-    d.deserialize_seq(Messages)
+    d.deserialize_any(List {
+        max,
+        what,
+        item: std::marker::PhantomData,
+    })
 }
 
 /// Reads "a string or a list" (`stop`, a message's content) as it streams: `text` makes the value

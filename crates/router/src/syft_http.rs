@@ -28,8 +28,9 @@ use crate::http::{
 };
 use crate::limits::RateHeaders;
 use crate::money::format_micros;
+use crate::openai_wire::bounded_list;
 use crate::service::RouterService;
-use crate::validate::assign_request_id;
+use crate::validate::{assign_request_id, MAX_MESSAGES, MAX_STOP_SEQUENCES};
 
 /// `{"detail": message, "code": REASON}` (FastAPI's `detail`, plus our reason).
 pub enum DetailBody {}
@@ -60,8 +61,18 @@ struct SyftChatOptions {
     temperature: Option<f64>,
     #[serde(default, alias = "topP")]
     top_p: Option<f64>,
-    #[serde(default, alias = "stopSequences")]
+    #[serde(default, alias = "stopSequences", deserialize_with = "stop_sequences")]
     stop_sequences: Option<Vec<String>>,
+}
+
+// The lists of a Syft body are refused as they are read, as the OpenAI front's are
+// (`openai_wire::bounded_list`): plain serde read them whole before validation counted them.
+fn stop_sequences<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    bounded_list(d, MAX_STOP_SEQUENCES, "stop sequences").map(Some)
+}
+
+fn messages<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<SyftMessage>, D::Error> {
+    bounded_list(d, MAX_MESSAGES, "messages")
 }
 
 #[derive(Deserialize)]
@@ -70,6 +81,7 @@ struct SyftChatRequest {
     user_email: String,
     #[serde(default)]
     model: String,
+    #[serde(deserialize_with = "messages")]
     messages: Vec<SyftMessage>,
     #[serde(default)]
     options: Option<SyftChatOptions>,

@@ -1003,6 +1003,31 @@ async fn invalid_input_is_rejected_and_nothing_is_charged() {
         .json(&json!({"model": "test-model", "messages": [], "user": s.alice.email}));
     let error = openai_error(no_messages, 400).await;
     assert_eq!(error["type"], "invalid_request_error");
+    // The Syft `/chat` body's lists are refused as they are read, as the OpenAI front's (a list
+    // past its bound used to be read whole first: within the default 8 MiB body, millions of
+    // empty entries decoded to hundreds of MiB before validation counted them).
+    let too_many = [
+        (json!({"stopSequences": vec![""; 2_000]}), "stop sequences"),
+        (json!({"stop_sequences": vec![""; 5]}), "stop sequences"),
+    ];
+    for (options, what) in too_many {
+        let body = json!({"userEmail": s.alice.email, "options": options,
+                          "messages": [{"role": "user", "content": "hi"}]});
+        let resp = reqwest::Client::new()
+            .post(format!("{}/chat", s.router.http_url))
+            .bearer_auth(&s.token)
+            .json(&body)
+            .send()
+            .await
+            .expect("http");
+        assert_eq!(resp.status().as_u16(), 400, "{what}");
+        let text = resp.text().await.expect("body");
+        // Refused by the reader (serde names the place), not by validation after it.
+        assert!(
+            text.contains("at most 4 stop sequences") && text.contains("column"),
+            "{what}: {text}"
+        );
+    }
 
     assert_eq!(s.upstream.hits(), 0);
     assert!(s.transfers().await.is_empty());
