@@ -59,6 +59,13 @@ pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
         == 0
 }
 
+/// The credentials after `name` and a space, the scheme matched without regard to case, as
+/// RFC 9110 has it (`bearer x` was refused, and counted against the address as a wrong one).
+fn scheme<'a>(header: &'a str, name: &str) -> Option<&'a str> {
+    let (given, rest) = header.split_once(' ')?;
+    given.eq_ignore_ascii_case(name).then_some(rest)
+}
+
 /// Resolves an `authorization` header value to a caller.
 pub async fn authenticate(store: &Store, admin_key: &str, header: Option<&str>) -> Result<Caller> {
     let header = header.ok_or_else(|| {
@@ -67,7 +74,7 @@ pub async fn authenticate(store: &Store, admin_key: &str, header: Option<&str>) 
         )
     })?;
     let bad = || LedgerError::Unauthenticated("invalid credentials".into());
-    if let Some(secret) = header.strip_prefix("Bearer ").map(str::trim) {
+    if let Some(secret) = scheme(header, "Bearer").map(str::trim) {
         if !admin_key.is_empty() && constant_time_eq(secret.as_bytes(), admin_key.as_bytes()) {
             return Ok(Caller::Admin);
         }
@@ -80,7 +87,7 @@ pub async fn authenticate(store: &Store, admin_key: &str, header: Option<&str>) 
             .map(Caller::Account)
             .ok_or_else(bad);
     }
-    if let Some(encoded) = header.strip_prefix("Basic ").map(str::trim) {
+    if let Some(encoded) = scheme(header, "Basic").map(str::trim) {
         let decoded = base64::engine::general_purpose::STANDARD
             .decode(encoded)
             .ok()
@@ -103,7 +110,18 @@ pub async fn authenticate(store: &Store, admin_key: &str, header: Option<&str>) 
 
 #[cfg(test)]
 mod tests {
-    use super::constant_time_eq;
+    use super::{constant_time_eq, scheme};
+
+    /// `bearer x` and `BASIC x` are `Bearer x` and `Basic x`; a scheme is a whole word.
+    #[test]
+    fn schemes_match_without_regard_to_case() {
+        assert_eq!(scheme("Bearer abc", "Bearer"), Some("abc"));
+        assert_eq!(scheme("bearer abc", "Bearer"), Some("abc"));
+        assert_eq!(scheme("BASIC Zm9v", "Basic"), Some("Zm9v"));
+        assert_eq!(scheme("Bearerabc", "Bearer"), None);
+        assert_eq!(scheme("Bear abc", "Bearer"), None);
+        assert_eq!(scheme("Basic abc", "Bearer"), None);
+    }
 
     #[test]
     fn equal_only_when_equal_whatever_the_lengths() {
