@@ -33,9 +33,9 @@ use std::future::Future;
 use tokio::net::TcpListener;
 
 pub use config::{
-    ConfigError, HttpSearchConfig, LedgerSettings, Limits, OpenAiConfig, Pricing, PricingKind,
-    ReplaySettings, RouterConfig, SearchBackendConfig, SearchConfig, ServiceConfig, ServiceKind,
-    UpstreamConfig,
+    ConfigError, HttpSearchConfig, LedgerSettings, Limits, MaxTokensField, OpenAiConfig, Pricing,
+    PricingKind, ReplaySettings, RouterConfig, SearchBackendConfig, SearchConfig, ServiceConfig,
+    ServiceKind, UpstreamConfig,
 };
 pub use error::RouterError;
 pub use grpc::GrpcRouter;

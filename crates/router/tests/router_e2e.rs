@@ -9,7 +9,7 @@ use syft_proto::ledger::{Actor, TransferStatus};
 use syft_proto::router::{
     chat_stream_event, ChatOptions, ChatRequest, GetMetadataRequest, Message,
 };
-use syft_router_svc::{tokens, Pricing, RouterConfig};
+use syft_router_svc::{tokens, MaxTokensField, Pricing, RouterConfig, UpstreamConfig};
 use syft_testkit::*;
 use tonic::Code;
 
@@ -1032,6 +1032,28 @@ async fn invalid_input_is_rejected_and_nothing_is_charged() {
     assert_eq!(s.upstream.hits(), 0);
     assert!(s.transfers().await.is_empty());
     assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));
+}
+
+/// An upstream configured with `max_tokens_field = "max_completion_tokens"` (OpenAI's reasoning
+/// models refuse `max_tokens`) gets the limit under that name, and only there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_limit_goes_in_the_field_the_upstream_takes() {
+    let s = Stack::start_tweaked(Pricing::per_request(PRICE), |c: &mut RouterConfig| {
+        if let UpstreamConfig::OpenAi(o) = &mut c.upstream {
+            o.max_tokens_field = MaxTokensField::MaxCompletionTokens;
+        }
+    })
+    .await;
+    let mut req = s.request("hi");
+    req.options = Some(ChatOptions {
+        max_tokens: Some(50),
+        ..Default::default()
+    });
+    s.client().await.chat(req).await.expect("answer");
+    let up = s.upstream.last_body().expect("body");
+    assert_eq!(up["max_completion_tokens"], 50);
+    assert!(up.get("max_tokens").is_none(), "{up}");
+    s.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

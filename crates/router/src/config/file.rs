@@ -14,8 +14,8 @@ use super::pricing::RawPricing;
 use super::rate::{RawBudgets, RawLimiter, RawRateLimits};
 use super::search::RawSearch;
 use super::{
-    invalid, ConfigError, LedgerSettings, Limits, OpenAiConfig, Pricing, RouterConfig,
-    ServiceConfig, ServiceKind, UpstreamConfig, DEFAULT_SHUTDOWN_GRACE,
+    invalid, ConfigError, LedgerSettings, Limits, MaxTokensField, OpenAiConfig, Pricing,
+    RouterConfig, ServiceConfig, ServiceKind, UpstreamConfig, DEFAULT_SHUTDOWN_GRACE,
 };
 use crate::money;
 
@@ -164,6 +164,8 @@ struct RawUpstream {
     max_retries: Option<u32>,
     #[serde(default)]
     retry_backoff_ms: Option<u64>,
+    #[serde(default)]
+    max_tokens_field: Option<MaxTokensField>,
 }
 
 fn default_upstream_kind() -> String {
@@ -314,6 +316,7 @@ impl RawUpstream {
                 set_ms(&mut o.idle_timeout, self.idle_timeout_ms);
                 set(&mut o.max_retries, self.max_retries);
                 set_ms(&mut o.retry_backoff, self.retry_backoff_ms);
+                set(&mut o.max_tokens_field, self.max_tokens_field);
                 Ok(UpstreamConfig::OpenAi(o))
             }
             other => Err(invalid(format!(
@@ -376,6 +379,7 @@ mod tests {
             base_url = "http://127.0.0.1:9/v1"
             model_map = { "gpt-4o-mini" = "upstream-mini" }
             request_timeout_ms = 1500
+            max_tokens_field = "max_completion_tokens"
 
             [limits]
             max_prompt_bytes = 1000
@@ -393,6 +397,7 @@ mod tests {
             panic!("expected openai upstream")
         };
         assert_eq!(o.request_timeout, Duration::from_millis(1500));
+        assert_eq!(o.max_tokens_field, MaxTokensField::MaxCompletionTokens);
         assert_eq!(
             o.model_map.get("gpt-4o-mini").map(String::as_str),
             Some("upstream-mini")
@@ -446,7 +451,7 @@ mod tests {
                 "invalid JSON config at upstream.base_ulr: unknown field `base_ulr`, expected one \
                  of `kind`, `base_url`, `api_key`, `api_key_env`, `model_map`, \
                  `connect_timeout_ms`, `request_timeout_ms`, `idle_timeout_ms`, `max_retries`, \
-                 `retry_backoff_ms` at line 1 column 78",
+                 `retry_backoff_ms`, `max_tokens_field` at line 1 column 78",
             ),
             (
                 r#""limits":{"max_token":5}"#,

@@ -144,6 +144,28 @@ pub struct OpenAiConfig {
     pub max_retries: u32,
     /// First retry delay; doubles each retry.
     pub retry_backoff: Duration,
+    /// The request field the answer's token limit is sent in.
+    pub max_tokens_field: MaxTokensField,
+}
+
+/// Where an upstream takes the answer's token limit. OpenAI's reasoning models (o-series, gpt-5)
+/// refuse `max_tokens` and take `max_completion_tokens`, which OpenAI accepts for its other chat
+/// models too; most other OpenAI-compatible servers (vLLM, llama.cpp) read `max_tokens`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MaxTokensField {
+    #[default]
+    MaxTokens,
+    MaxCompletionTokens,
+}
+
+impl MaxTokensField {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            MaxTokensField::MaxTokens => "max_tokens",
+            MaxTokensField::MaxCompletionTokens => "max_completion_tokens",
+        }
+    }
 }
 
 impl OpenAiConfig {
@@ -157,6 +179,7 @@ impl OpenAiConfig {
             idle_timeout: Duration::from_secs(60),
             max_retries: 2,
             retry_backoff: Duration::from_millis(200),
+            max_tokens_field: MaxTokensField::MaxTokens,
         }
     }
 }

@@ -54,7 +54,7 @@ impl OpenAiUpstream {
         }
         let o = &req.options;
         if let Some(v) = o.max_tokens {
-            body["max_tokens"] = json!(v);
+            body[self.config.max_tokens_field.as_str()] = json!(v);
         }
         if let Some(v) = o.temperature {
             body["temperature"] = json!(v);
