@@ -526,9 +526,12 @@ async fn capture_void_and_replay(postgres: bool) {
         syft_testkit::reason(&broke).as_deref(),
         Some("INSUFFICIENT_FUNDS")
     );
+    let replayed =
+        syft_testkit::refused(p.authorize(100 * USD, "k4").await, Code::FailedPrecondition);
     assert_eq!(
-        code(p.authorize(100 * USD, "k4").await),
-        Code::FailedPrecondition
+        syft_testkit::reason(&replayed).as_deref(),
+        Some("INSUFFICIENT_FUNDS"),
+        "a replay keeps the reason"
     );
     let mut bad = p.router();
     let status = bad
@@ -881,6 +884,20 @@ async fn a_capture_retried_after_a_blip_is_not_voided_by_recovery() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_throttled_confirm_is_retried_not_refused() {
     captures_through(Fault::Throttle("/transaction/confirm", 100), true).await;
+}
+
+/// The same for a void: a throttled cancel is `UNAVAILABLE`, and the retry releases the hold once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_throttled_cancel_is_retried_not_refused() {
+    let p = Pair::sqlite(10 * USD).await;
+    let t = p.authorize(USD, "k1").await.expect("authorize");
+    p.proxy.set(Fault::Throttle("/transaction/cancel", 100));
+    assert_eq!(code(p.void(&t.id).await), Code::Unavailable);
+    p.proxy.set(Fault::Pass);
+    let voided = p.void(&t.id).await.expect("void after the throttle");
+    assert_eq!(voided.status, pb::TransferStatus::Cancelled as i32);
+    assert_eq!(p.money().await, ((10 * USD, 0), (0, 0)));
+    p.finish().await;
 }
 
 /// The answers to a confirm are lost and the listing the ledger reconciles with carries a

@@ -38,11 +38,20 @@ impl RemoteError {
                 reason,
             } => {
                 let message = format!("accounting service: {message}");
-                // The remote's reason, passed on as it is: a router tells its user "insufficient
-                // funds" or "token revoked" by it (a bare status used to reach it as
-                // FAILED_PRECONDITION without one). Not for 401: that is this ledger's own.
-                if let Some(reason) = reason.filter(|_| status != StatusCode::UNAUTHORIZED) {
-                    return LedgerError::refused(reason, message);
+                match reason {
+                    // The service throttles this ledger (its address, its rate): this ledger's
+                    // own state, not the caller's, and a router told so would blame its own
+                    // address. Its caller retries.
+                    Some(Reason::AuthLocked | Reason::RateLimited) => {
+                        return LedgerError::Unavailable(format!("{message}; retry"));
+                    }
+                    // The remote's reason, passed on as it is: a router tells its user
+                    // "insufficient funds" or "token revoked" by it (a bare status used to reach
+                    // it as FAILED_PRECONDITION without one). Not for 401: this ledger's own.
+                    Some(reason) if status != StatusCode::UNAUTHORIZED => {
+                        return LedgerError::refused(reason, message);
+                    }
+                    _ => {}
                 }
                 match ErrorCode::from_http(status.as_u16()) {
                     // The remote refused this ledger's own credentials: a deployment problem,
@@ -209,14 +218,15 @@ impl RemoteClient {
         if status.is_server_error() {
             return Err(RemoteError::Unknown(format!(
                 "{status}: {}",
-                error_message(&text)
+                error_body(&text).0
             )));
         }
         if !status.is_success() {
+            let (message, reason) = error_body(&text);
             return Err(RemoteError::Rejected {
                 status,
-                message: error_message(&text),
-                reason: error_reason(&text),
+                message,
+                reason,
             });
         }
         serde_json::from_str(&text)
@@ -351,32 +361,28 @@ fn json_opt(s: &str) -> String {
     }
 }
 
-/// The reason of an error body's `code` (this API's `{"detail", "code"}`), if this ledger knows it.
-fn error_reason(text: &str) -> Option<Reason> {
-    let body = serde_json::from_str::<serde_json::Value>(text).ok()?;
-    body.get("code")?.as_str()?.parse().ok()
-}
-
-/// The message of an error body: FastAPI's `detail`, or `message` / `error`, or the raw text.
-fn error_message(text: &str) -> String {
-    let from_json = serde_json::from_str::<serde_json::Value>(text)
-        .ok()
-        .and_then(|v| {
-            ["detail", "message", "error"]
-                .iter()
-                .find_map(|k| match v.get(*k) {
-                    Some(serde_json::Value::String(s)) => Some(s.clone()),
-                    Some(other) if !other.is_null() => Some(other.to_string()),
-                    _ => None,
-                })
-        });
+/// The message of an error body (FastAPI's `detail`, or `message` / `error`, or the raw text) and
+/// the reason of its `code` (this API's `{"detail", "code"}`), if this ledger knows it.
+fn error_body(text: &str) -> (String, Option<Reason>) {
+    let json = serde_json::from_str::<serde_json::Value>(text).ok();
+    let reason = json
+        .as_ref()
+        .and_then(|v| v.get("code")?.as_str()?.parse().ok());
+    let from_json = json.and_then(|v| {
+        ["detail", "message", "error"]
+            .iter()
+            .find_map(|k| match v.get(*k) {
+                Some(serde_json::Value::String(s)) => Some(s.clone()),
+                Some(other) if !other.is_null() => Some(other.to_string()),
+                _ => None,
+            })
+    });
     let mut message = from_json.unwrap_or_else(|| text.trim().to_string());
     if message.chars().count() > 300 {
         message = message.chars().take(300).collect();
     }
     if message.is_empty() {
-        "no details".into()
-    } else {
-        message
+        message = "no details".into();
     }
+    (message, reason)
 }

@@ -380,30 +380,16 @@ impl Hosted {
 
     /// After a refused or unanswered confirm/cancel: the transaction's actual state decides.
     async fn reconcile(&self, remote_id: &str, err: RemoteError) -> Result<Outcome> {
-        if matches!(err, RemoteError::Unreachable(_)) {
-            return Err(err.into_ledger());
-        }
-        // The service is throttling this ledger (its address locked, a rate limit): not an answer
-        // about the transfer. `UNAVAILABLE` gives the lease back and the caller retries; taken as
-        // a refusal, the router voided, the void waited for the lease, and recovery then voided
-        // a hold whose answer had been served.
-        if let RemoteError::Rejected {
-            status, message, ..
-        } = &err
-        {
-            if *status == reqwest::StatusCode::TOO_MANY_REQUESTS {
-                return Err(LedgerError::Unavailable(format!(
-                    "the accounting service is throttling this ledger ({message}); retry"
-                )));
-            }
+        if matches!(err, RemoteError::Unreachable(_)) || throttled(&err) {
+            return Err(resolution_error(err));
         }
         let listed = self
             .retry(true, || self.remote.transactions(None))
             .await
-            .map_err(RemoteError::into_ledger)?;
+            .map_err(resolution_error)?;
         match listed.iter().find(|t| t.id == remote_id).and_then(outcome) {
             Some(outcome) => Ok(outcome),
-            None => Err(err.into_ledger()),
+            None => Err(resolution_error(err)),
         }
     }
 }
@@ -414,5 +400,26 @@ fn outcome(tx: &RemoteTx) -> Option<Outcome> {
         TransferStatus::Completed => Some(Outcome::Completed),
         TransferStatus::Cancelled => Some(Outcome::Cancelled),
         TransferStatus::Pending => None,
+    }
+}
+
+/// Whether the service answered 429: to a confirm, a cancel or the listing that reconciles them,
+/// that is the service throttling this ledger (its address locked, a rate limit), never an answer
+/// about the transfer (they spend no limit).
+fn throttled(err: &RemoteError) -> bool {
+    matches!(err, RemoteError::Rejected { status, .. } if *status == reqwest::StatusCode::TOO_MANY_REQUESTS)
+}
+
+/// A resolution's failure as its caller sees it. A throttled one is `UNAVAILABLE`: the lease is
+/// given back and the caller retries. Taken as a refusal, the router voided, the void waited for
+/// the lease, and recovery then voided a hold whose answer had been served.
+fn resolution_error(err: RemoteError) -> LedgerError {
+    match err {
+        RemoteError::Rejected {
+            status, message, ..
+        } if status == reqwest::StatusCode::TOO_MANY_REQUESTS => LedgerError::Unavailable(format!(
+            "the accounting service is throttling this ledger ({message}); retry"
+        )),
+        other => other.into_ledger(),
     }
 }
