@@ -113,13 +113,27 @@ impl RouterError {
             RouterError::AlreadyExists(_) => "conflict_error",
             RouterError::ResourceExhausted(_) => "rate_limit_error",
             // OpenAI's type for a spent quota (not retryable soon), as opposed to a rate.
-            RouterError::Quota(q) if q.reason == Reason::BudgetExceeded => "insufficient_quota",
+            RouterError::Quota(_) if self.is_spent_quota() => "insufficient_quota",
             RouterError::Quota(_) => "rate_limit_error",
             RouterError::Unavailable(_) | RouterError::BadGateway(_) => "service_unavailable",
             RouterError::DeadlineExceeded(_) => "timeout",
             RouterError::Cancelled(_) => "cancelled",
             RouterError::Internal(_) => "server_error",
         }
+    }
+
+    /// A budget or a token's daily limit, spent until its window resets (hours): as opposed to a
+    /// rate, whose `Retry-After` is seconds away.
+    pub fn is_spent_quota(&self) -> bool {
+        matches!(self, RouterError::Quota(q)
+            if matches!(q.reason, Reason::BudgetExceeded | Reason::TokenDailyLimitExceeded))
+    }
+
+    /// Whether sending the same request again soon can succeed (`x-should-retry`): not for a
+    /// state the user must change (`FAILED_PRECONDITION`: funds, a hold's state, a disabled
+    /// service) nor for a spent quota. Rates, an id still in progress and unavailability can.
+    pub fn retry_helps(&self) -> bool {
+        !matches!(self, RouterError::FailedPrecondition { .. }) && !self.is_spent_quota()
     }
 
     /// Client-facing message.

@@ -31,7 +31,6 @@ use crate::limits::RateHeaders;
 use crate::openai_wire::{ContentField, OaiRequest};
 use crate::service::RouterService;
 use crate::validate::assign_request_id;
-use syft_error::Reason;
 
 pub const COST_HEADER: &str = "x-syft-cost-micros";
 pub const TRANSFER_HEADER: &str = "x-syft-transfer-id";
@@ -219,7 +218,7 @@ pub(crate) fn with_error_headers(mut resp: Response, refused: &Refused) -> Respo
     if let Some(id) = refused.request_id.as_deref().and_then(header) {
         h.insert(REQUEST_ID_HEADER, id);
     }
-    if should_not_retry(e) {
+    if !e.retry_helps() {
         h.insert(SHOULD_RETRY_HEADER, HeaderValue::from_static("false"));
     }
     if let RouterError::Quota(q) = e {
@@ -238,21 +237,6 @@ pub(crate) fn with_error_headers(mut resp: Response, refused: &Refused) -> Respo
 /// repeat every 409 and 429 (and 5xx) up to twice, each as a new request with a new id unless
 /// the caller set an `Idempotency-Key`.
 const SHOULD_RETRY_HEADER: &str = "x-should-retry";
-
-/// A refusal that the same request cannot overcome by being sent again soon: a state the user
-/// must change (funds, a token, a reused id with other parameters), or a budget or a token's
-/// daily limit, spent until its window resets (hours). Rate and concurrency limits, an id still
-/// in progress and unavailability keep the SDKs' retries.
-fn should_not_retry(e: &RouterError) -> bool {
-    match e {
-        RouterError::FailedPrecondition { .. } => true,
-        RouterError::Quota(q) => matches!(
-            q.reason,
-            Reason::BudgetExceeded | Reason::TokenDailyLimitExceeded
-        ),
-        _ => false,
-    }
-}
 
 fn bad(msg: impl Into<String>) -> RouterError {
     RouterError::InvalidArgument(msg.into())

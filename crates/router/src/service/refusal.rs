@@ -10,7 +10,7 @@
 
 use std::time::Instant;
 
-use syft_error::{Reason, UsageStatus};
+use syft_error::UsageStatus;
 use syft_proto::ledger::Usage;
 use syft_proto::router::{ChatRequest, SearchRequest};
 
@@ -69,10 +69,8 @@ pub(super) fn refusal_status(e: &RouterError) -> UsageStatus {
         | RouterError::FailedPrecondition { .. } => UsageStatus::InvalidRequest,
         RouterError::AlreadyExists(_) => UsageStatus::Duplicate,
         // A limit: the router's rate and concurrency windows, or the ledger's spend budgets.
-        RouterError::Quota(q) => match q.reason {
-            Reason::BudgetExceeded | Reason::TokenDailyLimitExceeded => UsageStatus::BudgetExceeded,
-            _ => UsageStatus::RateLimited,
-        },
+        RouterError::Quota(_) if e.is_spent_quota() => UsageStatus::BudgetExceeded,
+        RouterError::Quota(_) => UsageStatus::RateLimited,
         RouterError::ResourceExhausted(_)
         | RouterError::Unavailable(_)
         | RouterError::BadGateway(_)
