@@ -2,7 +2,9 @@
 //!
 //! Every request holds a [`DrainGuard`] from the moment it is admitted until it is fully settled
 //! (its hold captured or voided, its usage row written), and so does every unresolved hold, even
-//! one whose request future was dropped and whose void runs in the background. When the grace
+//! one whose request future was dropped and whose void runs in the background, and so does every
+//! change to the rate windows after an admission (a slot's release, a token settlement, the
+//! take-back of an unanswered check: `limits/settle.rs`), until the store has it. When the grace
 //! period is over, [`Drain::abort`] makes the running requests give up on the upstream and void
 //! their holds; [`Drain::idle`] resolves once every guard is gone, so the process exits only
 //! after the voids reached the ledger.

@@ -582,8 +582,6 @@ async fn free_service_request_limit() {
     assert_consistent(&s.ledger.store).await;
 }
 
-/// Waits for `child` off the runtime (the routers under test run on it meanwhile); whether it
-/// exited with success.
 /// A gate counting in the Redis at `url`, tweaked with `limits`.
 fn gate_on(url: &str, limits: impl FnOnce(&mut RouterConfig)) -> std::sync::Arc<Gate> {
     let mut config = RouterConfig::new(unique_name(), "owner@example.com");

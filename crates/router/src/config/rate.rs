@@ -157,7 +157,9 @@ impl OnFailure {
 pub struct LimiterConfig {
     pub backend: LimiterBackend,
     pub on_failure: OnFailure,
-    /// Deadline of one call to the shared store.
+    /// Deadline of one admission check at the shared store (and of connecting to it); also how
+    /// long a request waits for a change it awaits after admission. The changes themselves wait
+    /// longer in the background (docs/limits.md).
     pub timeout: Duration,
     /// How long an in-flight slot is held at most if its router dies without releasing it.
     pub lease: Duration,

@@ -217,9 +217,14 @@ impl Gate {
             Ok(Verdict::Admitted(states)) => {
                 CHECKS.with_label_values(&[backend, "admitted"]).inc();
                 let limiter = self.limiter.clone();
-                let mut pass = Pass::new(limiter, lease, &rules, &states, self.patience);
-                pass.work = work;
-                Ok(pass)
+                Ok(Pass::new(
+                    limiter,
+                    lease,
+                    &rules,
+                    &states,
+                    self.patience,
+                    work,
+                ))
             }
             Ok(Verdict::Refused {
                 rule,
@@ -409,6 +414,7 @@ impl Pass {
         rules: &[Rule],
         states: &[WindowState],
         patience: Duration,
+        work: Option<DrainGuard>,
     ) -> Self {
         let keys = |pred: fn(RuleKind) -> bool| {
             rules
@@ -425,7 +431,7 @@ impl Pass {
             slot_keys: keys(|k| matches!(k, RuleKind::Concurrency | RuleKind::RouterConcurrency)),
             settled: AtomicBool::new(false),
             headers: RateHeaders::from_states(rules, states),
-            work: None,
+            work,
             patience,
         }
     }
@@ -522,7 +528,8 @@ impl Pass {
 /// A check whose outcome is unknown (the store did not answer in time, or the request went away
 /// while waiting): the script may have run and recorded the request in its windows, and no
 /// [`Pass`] will release it. Dropped still armed, it takes the lease out of every window in the
-/// background; a lease that was never recorded is not found, and nothing changes.
+/// background; a lease not recorded (yet) is not found, and on Redis the take-back leaves a
+/// tombstone that keeps a check still on its way from recording it (`redis.rs`).
 struct Unknown<'a> {
     limiter: Option<&'a Arc<dyn Limiter>>,
     lease: &'a str,

@@ -16,8 +16,8 @@ use std::time::Duration;
 use super::redis_conn::Conn;
 use super::{Limiter, LimiterError, Reply, Rule, Verdict, WindowState};
 
-/// KEYS: three per rule (set, costs, total), then the lease's tombstone ([`tombstone_key`]).
-/// ARGV: now (ms, or -1 for Redis's own clock), lease, record (1) or peek (0), then per rule:
+/// KEYS: three per rule (set, costs, total), then, when recording, the lease's tombstone
+/// ([`tombstone_key`]). ARGV: now (ms, or -1 for Redis's own clock), lease, record (1) or peek (0), then per rule:
 /// limit, window_ms, cost. Returns `{refused rule (1-based, 0 = none), retry_ms (-1 = none), then
 /// per rule: total, reset_ms}`. A lease with a tombstone is not recorded: it was taken back
 /// before it arrived.
@@ -29,8 +29,8 @@ if now < 0 then
 end
 local lease = ARGV[2]
 local record = ARGV[3] == '1'
-local n = (#KEYS - 1) / 3
-if record and redis.call('EXISTS', KEYS[#KEYS]) == 1 then record = false end
+local n = math.floor(#KEYS / 3)
+if #KEYS % 3 == 1 and redis.call('EXISTS', KEYS[#KEYS]) == 1 then record = false end
 local refused, retry = 0, -1
 local totals = {}
 for i = 1, n do
@@ -96,14 +96,14 @@ end
 return out
 ";
 
-/// KEYS: three per window (set, costs, total), then the lease's tombstone. ARGV: lease, the
-/// tombstone's life in ms (0 for none: only a take-back leaves one), then the new cost per window.
+/// KEYS: three per window (set, costs, total), then, for a take-back only, the lease's tombstone.
+/// ARGV: lease, the tombstone's life in ms, then the new cost per window.
 /// A take-back of a lease no window holds leaves the tombstone: if the lease's check is still on
 /// its way (it overtook the check, on another connection), the check then records nothing.
 const SETTLE: &str = r"
 local lease = ARGV[1]
 local missing = false
-for i = 1, (#KEYS - 1) / 3 do
+for i = 1, math.floor(#KEYS / 3) do
   local z, h, s = KEYS[3*i-2], KEYS[3*i-1], KEYS[3*i]
   local cost = tonumber(ARGV[i + 2])
   local old = redis.call('HGET', h, lease)
@@ -119,7 +119,7 @@ for i = 1, (#KEYS - 1) / 3 do
     missing = true
   end
 end
-if missing and tonumber(ARGV[2]) > 0 then redis.call('SET', KEYS[#KEYS], '1', 'PX', ARGV[2]) end
+if missing and #KEYS % 3 == 1 then redis.call('SET', KEYS[#KEYS], '1', 'PX', ARGV[2]) end
 return 1
 ";
 
@@ -236,7 +236,9 @@ impl RedisLimiter {
                 .arg(u64::try_from(r.window.as_millis()).unwrap_or(u64::MAX))
                 .arg(r.cost);
         }
-        inv.key(tombstone_key(lease));
+        if record {
+            inv.key(tombstone_key(lease));
+        }
         let out: Vec<i64> = self.run(inv, self.timeout).await?;
         if out.len() != 2 + 2 * rules.len() {
             return Err(LimiterError::unknown("redis: unexpected script reply"));
@@ -263,25 +265,27 @@ impl RedisLimiter {
         })
     }
 
-    /// `SETTLE` of `updates`; a take-back passes its tombstone's life (`tomb_ms`), others 0.
+    /// `SETTLE` of `updates`; a take-back also names its lease's tombstone.
     async fn change(
         &self,
         lease: &str,
         updates: &[(String, u64)],
-        tomb_ms: u64,
+        take_back: bool,
     ) -> Result<(), LimiterError> {
         if updates.is_empty() {
             return Ok(());
         }
         let mut inv = self.settle.prepare_invoke();
-        inv.arg(lease).arg(tomb_ms);
+        inv.arg(lease).arg(TOMBSTONE_LIFE_MS);
         for (key, cost) in updates {
             for k in window_keys(key) {
                 inv.key(k);
             }
             inv.arg(*cost);
         }
-        inv.key(tombstone_key(lease));
+        if take_back {
+            inv.key(tombstone_key(lease));
+        }
         let patience = SETTLE_PATIENCE.max(self.timeout);
         self.run::<i64>(inv, patience).await.map(|_| ())
     }
@@ -297,11 +301,11 @@ impl Limiter for RedisLimiter {
     }
 
     fn settle<'a>(&'a self, lease: &'a str, updates: &'a [(String, u64)]) -> Reply<'a, ()> {
-        Box::pin(self.change(lease, updates, 0))
+        Box::pin(self.change(lease, updates, false))
     }
 
     fn take_back<'a>(&'a self, lease: &'a str, updates: &'a [(String, u64)]) -> Reply<'a, ()> {
-        Box::pin(self.change(lease, updates, TOMBSTONE_LIFE_MS))
+        Box::pin(self.change(lease, updates, true))
     }
 
     fn peek<'a>(&'a self, now_ms: u64, rules: &'a [Rule]) -> Reply<'a, Vec<WindowState>> {

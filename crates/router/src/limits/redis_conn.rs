@@ -64,7 +64,6 @@ fn tcp_settings() -> TcpSettings {
 pub(super) struct Conn {
     client: redis::Client,
     config: ConnectionManagerConfig,
-    connect_timeout: Duration,
     current: Mutex<(u64, ConnectionManager)>,
     probing: AtomicBool,
 }
@@ -89,7 +88,6 @@ impl Conn {
         Ok(Arc::new(Conn {
             client,
             config,
-            connect_timeout,
             current: Mutex::new((0, manager)),
             probing: AtomicBool::new(false),
         }))
@@ -134,7 +132,7 @@ impl Conn {
         tokio::pin!(old_ping);
         let fresh = async {
             let config = AsyncConnectionConfig::new()
-                .set_connection_timeout(Some(self.connect_timeout.max(PROBE_WAIT)))
+                .set_connection_timeout(Some(PROBE_WAIT))
                 .set_response_timeout(Some(PROBE_WAIT));
             let mut conn = self
                 .client

@@ -30,7 +30,7 @@ static SETTLES: LazyLock<IntCounterVec> = LazyLock::new(|| {
 const SETTLE_RETRY_FOR: Duration = Duration::from_secs(10);
 
 /// Which change a settle task makes (its call to the store, and its log line).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub(super) enum Change {
     /// A finished request's slots (and its token reservation, if never settled).
     Release,
