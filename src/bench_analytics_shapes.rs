@@ -82,7 +82,6 @@ fn dashboard(owner: i64, user: &str) -> Vec<Shape> {
                 format!("dash {who} {range}: top users (sums)"),
                 StatsFilter {
                     sums_only: true,
-                    limit: 10,
                     top: Some(Top {
                         by: TopBy::Revenue,
                         n: 10,

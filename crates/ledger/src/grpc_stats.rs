@@ -4,7 +4,7 @@ use syft_proto::ledger as pb;
 
 use crate::core::{Stats, StatsQuery, StatsRole, UsageDimsQuery};
 use crate::error::{LedgerError, Result};
-use crate::store::{Dimension, KeyValue, Percentiles, TimeRange, Top, TopBy};
+use crate::store::{Dimension, KeyValue, Percentiles, TimeRange, TopBy};
 
 fn dimension(raw: i32) -> Result<Dimension> {
     use pb::StatsDimension as D;
@@ -50,20 +50,16 @@ pub(crate) fn stats_query(req: pb::GetUsageStatsRequest) -> Result<StatsQuery> {
             status: req.status,
         },
         sums_only: req.sums_only,
-        top: match (req.top, pb::StatsTopBy::try_from(req.top_by)) {
-            (0, Ok(pb::StatsTopBy::Unspecified)) => None,
-            (0, _) => return Err(LedgerError::invalid("top_by goes with top")),
-            (n, Ok(by @ (pb::StatsTopBy::Revenue | pb::StatsTopBy::Requests))) => Some(Top {
-                by: match by {
-                    pb::StatsTopBy::Requests => TopBy::Requests,
-                    _ => TopBy::Revenue,
-                },
-                n: usize::try_from(n).unwrap_or(usize::MAX),
-            }),
-            (_, _) => {
-                return Err(LedgerError::invalid(
-                    "top needs top_by (revenue or requests)",
-                ))
+        top: usize::try_from(req.top).unwrap_or(usize::MAX),
+        top_by: match pb::StatsTopBy::try_from(req.top_by) {
+            Ok(pb::StatsTopBy::Unspecified) => None,
+            Ok(pb::StatsTopBy::Revenue) => Some(TopBy::Revenue),
+            Ok(pb::StatsTopBy::Requests) => Some(TopBy::Requests),
+            Err(_) => {
+                return Err(LedgerError::invalid(format!(
+                    "unknown top_by {}",
+                    req.top_by
+                )))
             }
         },
     })

@@ -5,7 +5,7 @@ use crate::error::{LedgerError, Result};
 use crate::store::rollup::{DAY, HOUR, MINUTE};
 use crate::store::{
     budget_use, now_micros, BudgetUse, Dimension, StatsFilter, StatsGroup, StatsScope, TimeRange,
-    Top,
+    Top, TopBy,
 };
 use crate::validate;
 
@@ -50,7 +50,10 @@ pub struct StatsQuery {
     /// No latency percentiles: only sums and counts (cheaper over many groups).
     pub sums_only: bool,
     /// Only the groups with the largest measure (at most [`MAX_TOP`]), largest first.
-    pub top: Option<Top>,
+    /// Above 0: only the `top` groups with the largest `top_by` (at most [`MAX_TOP`]), largest
+    /// first. The two go together.
+    pub top: usize,
+    pub top_by: Option<TopBy>,
 }
 
 /// The most groups a top-N answer names.
@@ -171,18 +174,10 @@ impl Ledger {
             until,
             group_by: q.group_by.clone(),
             dims: q.dims.validate()?,
-            limit: q.top.map_or(MAX_GROUPS + 1, |t| t.n),
+            limit: MAX_GROUPS + 1,
             sums_only: q.sums_only,
-            top: q.top,
+            top: top(q)?,
         };
-        if let Some(t) = q.top {
-            if t.n == 0 || t.n > MAX_TOP {
-                return Err(LedgerError::invalid(format!(
-                    "top must be 1 to {MAX_TOP}, not {}",
-                    t.n
-                )));
-            }
-        }
         let groups = self.store().usage_stats(&filter).await?;
         if groups.len() > MAX_GROUPS {
             return Err(LedgerError::invalid(format!(
@@ -196,6 +191,21 @@ impl Ledger {
             currency,
             groups,
         })
+    }
+}
+
+/// The query's top-N, checked once for every adapter.
+fn top(q: &StatsQuery) -> Result<Option<Top>> {
+    match (q.top, q.top_by) {
+        (0, None) => Ok(None),
+        (0, Some(_)) => Err(LedgerError::invalid("top_by goes with top")),
+        (_, None) => Err(LedgerError::invalid(
+            "top needs top_by (revenue or requests)",
+        )),
+        (n, Some(by)) if n <= MAX_TOP => Ok(Some(Top { by, n })),
+        (n, Some(_)) => Err(LedgerError::invalid(format!(
+            "top must be 1 to {MAX_TOP}, not {n}"
+        ))),
     }
 }
 

@@ -122,7 +122,7 @@ pub struct StatsFilter {
     pub until: i64,
     pub group_by: Vec<Dimension>,
     pub dims: UsageDims,
-    /// At most this many groups are read.
+    /// At most this many groups are read (without `top`).
     pub limit: usize,
     /// No percentiles: the histograms are not read (most of a wide query's aggregates).
     pub sums_only: bool,
@@ -140,7 +140,7 @@ pub enum TopBy {
 
 impl TopBy {
     pub fn parse(text: &str) -> Result<Self> {
-        match text {
+        match text.trim().to_ascii_lowercase().as_str() {
             "revenue" => Ok(TopBy::Revenue),
             "requests" => Ok(TopBy::Requests),
             other => Err(LedgerError::invalid(format!(
@@ -173,6 +173,11 @@ pub struct Top {
 }
 
 impl StatsFilter {
+    /// The most groups read: the top-N's `n`, else `limit`.
+    pub(super) fn max_groups(&self) -> usize {
+        self.top.map_or(self.limit, |t| t.n)
+    }
+
     /// The coarsest rollup grain that still resolves the finest time dimension grouped by.
     pub(super) fn max_grain(&self) -> Grain {
         self.group_by
@@ -497,7 +502,7 @@ impl Store {
             "SELECT {} FROM {table} r {} {group} LIMIT {}",
             select.join(", "),
             w.sql(),
-            f.limit
+            f.max_groups()
         );
         let rows = self.fetch_stats(&w, &sql, true).await?;
         let mut out = Vec::with_capacity(rows.len());
@@ -530,15 +535,6 @@ impl Store {
         Ok(out)
     }
 
-    /// Runs an analytics query, prepared (its text depends on the query's shape, not its range).
-    /// On Postgres without JIT (compiling a few hundred aggregate expressions costs more than the
-    /// query) and with the generic plan (planning them costs more than reading a few thousand
-    /// rollup rows; the ranges and filters are all index conditions, so the plan does not depend
-    /// on their values).
-    ///
-    /// Reads of usage rows (`generic = false`) keep custom plans: whether the user's index or the
-    /// time index is the better path depends on the values (measured: one user's month through a
-    /// generic plan took ~1 s instead of a few ms).
     /// A turn to answer analytics (held until dropped), or `UNAVAILABLE` after
     /// [`ANALYTICS_WAIT`].
     pub(super) async fn analytics_turn(&self) -> Result<tokio::sync::SemaphorePermit<'_>> {
@@ -551,6 +547,15 @@ impl Store {
             })
     }
 
+    /// Runs an analytics query, prepared (its text depends on the query's shape, not its range).
+    /// On Postgres without JIT (compiling a few hundred aggregate expressions costs more than the
+    /// query) and with the generic plan (planning them costs more than reading a few thousand
+    /// rollup rows; the ranges and filters are all index conditions, so the plan does not depend
+    /// on their values).
+    ///
+    /// Reads of usage rows (`generic = false`) keep custom plans: whether the user's index or the
+    /// time index is the better path depends on the values (measured: one user's month through a
+    /// generic plan took ~1 s instead of a few ms).
     pub(super) async fn fetch_stats(
         &self,
         w: &Where,
@@ -575,8 +580,9 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         let rows = query.fetch_all(&mut *tx).await.map_err(|e| {
+            // Not `UNAVAILABLE`: the same query would run as long again.
             if classify(&e) == DbErrorClass::Cancelled {
-                LedgerError::Unavailable(format!(
+                LedgerError::ResourceExhausted(format!(
                     "this analytics query ran longer than {ANALYTICS_STATEMENT_LIMIT:?}; ask for \
                      a shorter range or fewer groups"
                 ))

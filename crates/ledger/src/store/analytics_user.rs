@@ -98,7 +98,7 @@ impl Store {
         }
         Ok(groups
             .into_iter()
-            .take(f.limit)
+            .take(f.max_groups())
             .map(|(key, (s, users))| StatsGroup {
                 key,
                 measures: measures(&s, users.len() as i64, f.sums_only),

@@ -309,10 +309,12 @@ impl Store {
         );
         // The totals read every row in the range: an analytics answer, with its turn and, on
         // Postgres, its time limit (`analytics.rs`).
-        let _turn = self.analytics_turn().await?;
-        let totals = match self.fetch_stats(&w, &totals_sql, false).await?.first() {
-            Some(row) => UsageTotals::from_row(row)?,
-            None => UsageTotals::default(),
+        let totals = {
+            let _turn = self.analytics_turn().await?;
+            match self.fetch_stats(&w, &totals_sql, false).await?.first() {
+                Some(row) => UsageTotals::from_row(row)?,
+                None => UsageTotals::default(),
+            }
         };
         w.opt_text("u.id < ?", f.page.before_id.as_deref());
         let sql = format!(

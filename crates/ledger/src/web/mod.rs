@@ -18,7 +18,7 @@ use axum::{Json, Router};
 use crate::core::{parse_dimensions, Ledger, StatsQuery, StatsRole, UsageDimsQuery};
 use crate::error::{LedgerError, Result};
 use crate::rest::{Peer, RestError};
-use crate::store::{TimeRange, Top, TopBy};
+use crate::store::{TimeRange, TopBy};
 
 /// `ready` turns false when the ledger shuts down: the dashboard's live streams end then.
 pub fn router(ledger: Ledger, ready: tokio::sync::watch::Receiver<bool>) -> Router {
@@ -140,16 +140,15 @@ pub fn stats_query(params: &HashMap<String, String>) -> Result<StatsQuery> {
             model: text("model"),
             status: text("status"),
         },
-        top: match (text("top").as_str(), text("top_by").as_str()) {
-            ("", "") => None,
-            ("", _) => return Err(LedgerError::invalid("top_by goes with top")),
-            (_, "") => return Err(LedgerError::invalid("top goes with top_by")),
-            (n, by) => Some(Top {
-                by: TopBy::parse(by)?,
-                n: n.parse().map_err(|_| {
-                    LedgerError::invalid(format!("top must be a number, not {n:?}"))
-                })?,
-            }),
+        top: match text("top").as_str() {
+            "" => 0,
+            n => n
+                .parse()
+                .map_err(|_| LedgerError::invalid(format!("top must be a number, not {n:?}")))?,
+        },
+        top_by: match text("top_by").as_str() {
+            "" => None,
+            by => Some(TopBy::parse(by)?),
         },
         sums_only: match text("sums_only").as_str() {
             "" | "false" | "0" => false,

@@ -94,7 +94,6 @@ impl Params {
         }
     }
 
-    /// `page_token` and `page_size`.
     /// `role`: `sender`, `recipient`, or both sides when absent.
     fn role(&self) -> Result<Role> {
         match self.get("role") {
@@ -107,6 +106,7 @@ impl Params {
         }
     }
 
+    /// `page_token` and `page_size`.
     fn page(&self) -> Result<PageRequest> {
         Ok(PageRequest {
             page_token: self.get("page_token").to_string(),
