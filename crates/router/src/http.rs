@@ -559,17 +559,18 @@ async fn chat_stream(
                     // With `include_usage` the usage comes once, on its own last chunk, as
                     // OpenAI sends it: clients that add up every chunk's usage (LangChain)
                     // counted it twice when the finish chunk carried it too.
-                    if !include_usage {
-                        last["usage"] = usage.clone();
-                    }
-                    last["syft"] = syft.clone();
-                    out.push(last);
                     if include_usage {
+                        last["syft"] = syft.clone();
+                        out.push(last);
                         let mut u = chunk(json!({}), Value::Null);
                         u["choices"] = json!([]);
                         u["usage"] = usage;
                         u["syft"] = syft;
                         out.push(u);
+                    } else {
+                        last["usage"] = usage;
+                        last["syft"] = syft;
+                        out.push(last);
                     }
                     done = true;
                 }

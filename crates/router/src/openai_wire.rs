@@ -150,7 +150,10 @@ fn bounded<'de, A: SeqAccess<'de>, T: Deserialize<'de>>(
     Ok(out)
 }
 
-fn messages<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<OaiMessage>, D::Error> {
+/// A request's messages, at most [`MAX_MESSAGES`] (both HTTP fronts read theirs so).
+pub(crate) fn messages<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Vec<T>, D::Error> {
     bounded_list(d, MAX_MESSAGES, "messages")
 }
 

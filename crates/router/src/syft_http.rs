@@ -30,7 +30,7 @@ use crate::limits::RateHeaders;
 use crate::money::format_micros;
 use crate::openai_wire::bounded_list;
 use crate::service::RouterService;
-use crate::validate::{assign_request_id, MAX_MESSAGES, MAX_STOP_SEQUENCES};
+use crate::validate::{assign_request_id, MAX_STOP_SEQUENCES};
 
 /// `{"detail": message, "code": REASON}` (FastAPI's `detail`, plus our reason).
 pub enum DetailBody {}
@@ -71,17 +71,13 @@ fn stop_sequences<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<S
     bounded_list(d, MAX_STOP_SEQUENCES, "stop sequences").map(Some)
 }
 
-fn messages<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<SyftMessage>, D::Error> {
-    bounded_list(d, MAX_MESSAGES, "messages")
-}
-
 #[derive(Deserialize)]
 struct SyftChatRequest {
     #[serde(default, alias = "userEmail")]
     user_email: String,
     #[serde(default)]
     model: String,
-    #[serde(deserialize_with = "messages")]
+    #[serde(deserialize_with = "crate::openai_wire::messages")]
     messages: Vec<SyftMessage>,
     #[serde(default)]
     options: Option<SyftChatOptions>,

@@ -61,13 +61,6 @@ fn bad(msg: impl Into<String>) -> RouterError {
 
 /// Validates a chat request against the limits. `model` is resolved by the caller.
 pub fn validate_chat(mut req: ChatRequest, limits: &Limits) -> Result<ValidRequest, RouterError> {
-    // OpenAI's newer name for system instructions (its SDKs send it for reasoning models); sent on
-    // as `system`, which every OpenAI-compatible upstream knows.
-    for m in &mut req.messages {
-        if m.role == "developer" {
-            m.role = "system".into();
-        }
-    }
     if req.messages.is_empty() {
         return Err(bad("messages must not be empty"));
     }
@@ -79,11 +72,17 @@ pub fn validate_chat(mut req: ChatRequest, limits: &Limits) -> Result<ValidReque
         )));
     }
     let mut prompt_bytes = 0usize;
-    for (i, m) in req.messages.iter().enumerate() {
+    for (i, m) in req.messages.iter_mut().enumerate() {
+        // OpenAI's newer name for system instructions (its SDKs send it for reasoning models),
+        // sent on as `system`, which every OpenAI-compatible upstream knows.
+        if m.role == "developer" {
+            m.role = "system".into();
+        }
         if !ROLES.contains(&m.role.as_str()) {
             return Err(bad(format!(
-                "messages[{i}].role {:?} is not one of system, developer, user, assistant",
-                truncate(&m.role, 32)
+                "messages[{i}].role {:?} is not one of {}, developer",
+                truncate(&m.role, 32),
+                ROLES.join(", ")
             )));
         }
         prompt_bytes = prompt_bytes

@@ -82,14 +82,15 @@ impl RouterService {
         if !settings.enabled() {
             return None;
         }
-        let body = record.encode_to_vec();
-        if body.len() > settings.max_bytes {
-            tracing::info!(request_id = %request_id, bytes = body.len(), max = settings.max_bytes,
+        // Sized before it is encoded: a search answer may be 4 MiB, most of which is not kept.
+        let bytes = record.encoded_len();
+        if bytes > settings.max_bytes {
+            tracing::info!(request_id = %request_id, bytes, max = settings.max_bytes,
                 "answer above --answer-max-bytes; not kept for replay");
             return None;
         }
         Some(AnswerToStore {
-            body,
+            body: record.encode_to_vec(),
             retention_seconds: i64::try_from(settings.retention.as_secs().max(1))
                 .unwrap_or(i64::MAX),
         })
