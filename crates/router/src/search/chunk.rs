@@ -139,7 +139,15 @@ pub fn read_folder(dir: &Path) -> Result<Vec<SourceDoc>, IndexError> {
             .unwrap_or(&path)
             .to_string_lossy()
             .replace('\\', "/");
-        let text = std::fs::read_to_string(&path).map_err(|e| IndexError::io(&path, e))?;
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            // A subfolder that could not be listed is named with the listing's own error (its
+            // permission), not "Is a directory".
+            let e = match std::fs::read_dir(&path) {
+                Err(listing) if path.is_dir() => listing,
+                _ => e,
+            };
+            IndexError::io(&path, e)
+        })?;
         match path.extension().and_then(|e| e.to_str()) {
             Some("jsonl" | "json") => docs.extend(json_lines(&path, &rel, &text)?),
             _ => {
