@@ -87,6 +87,50 @@ async fn a_client_that_stops_reading_a_stream_is_still_charged() {
     assert_charged_once(&s, &last).await;
 }
 
+/// A client behind a slow link (a 64-byte flow-control window) reads 80 of the answer's 100
+/// deltas, stops while the upstream finishes (the last 20 wait in the router's queue for it),
+/// then leaves. It never had the end of its answer, so it is not charged: the capture waits until
+/// the client has taken every delta. Before, the capture ran when the upstream ended, and the
+/// client paid for an answer it did not get.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_before_reading_the_end_is_not_charged() {
+    let ttl = Duration::from_secs(60);
+    let s = Stack::start_with(Db::sqlite(), Pricing::per_request(PRICE), ttl, |_| {}).await;
+    s.upstream
+        .set_mode(Mode::SlowStream(Duration::from_millis(5)));
+    let channel = tonic::transport::Endpoint::from_shared(s.router.grpc_url.clone())
+        .expect("url")
+        .initial_stream_window_size(64)
+        .connect()
+        .await
+        .expect("connect");
+    let mut c = syft_proto::router::router_client::RouterClient::new(channel);
+    let mut events = ok(c.chat_stream(s.request("tell me a long story")).await);
+    for read in 0..80 {
+        match events.next().await {
+            Some(Ok(ev)) => assert!(
+                matches!(ev.event, Some(chat_stream_event::Event::Delta(_))),
+                "event {read}: {ev:?}"
+            ),
+            other => panic!("event {read}: {other:?}"),
+        }
+    }
+    // The upstream's last 20 chunks take 100 ms; they wait in the router's queue meanwhile.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        s.alice_money().await.1,
+        PRICE,
+        "still held: {:?}",
+        s.transfers().await
+    );
+    drop(events);
+    drop(c);
+    s.assert_voided_once(Duration::from_secs(5)).await;
+    s.assert_one_usage("cancelled").await;
+    assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));
+    s.check_invariants().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_stream_duration_ends_a_stream_and_charges_what_was_delivered() {
     let (s, text, last) = slow_stream(Duration::from_secs(300), |c| {

@@ -1,6 +1,6 @@
 //! The streamed chat: the hold is taken before the first event; deltas are forwarded as they
-//! arrive, and the capture (or void) happens when the upstream stream ends, before the final
-//! event is sent.
+//! arrive, and the capture (or void) happens once the upstream stream ended and the client has
+//! taken every delta, before the final event is sent.
 
 use std::time::Instant;
 
@@ -131,11 +131,7 @@ impl RouterService {
                 _ = self.inner.drain.aborted() => break End::Failed(UpstreamError::ShuttingDown),
                 _ = tokio::time::sleep_until(cut_at) => break End::Cut,
                 _ = tick(&mut keep_alive) => {
-                    if let Some(h) = hold.as_mut() {
-                        if !h.extend().await {
-                            keep_alive = None;
-                        }
-                    }
+                    extend(&mut hold, &mut keep_alive).await;
                     continue;
                 }
                 permit = tx.reserve(), if pending.is_some() => {
@@ -188,8 +184,9 @@ impl RouterService {
             // count would include it, so the router counts what was delivered instead.
             reported = None;
         }
-        let upstream_time = up_start.elapsed();
-        let upstream_ms = elapsed_ms(up_start);
+        // An answer the router cut is settled at once (its hold is about to expire, or its time
+        // is up); one the upstream finished waits for its reader first (below).
+        let cut = matches!(end, End::Cut);
         let end = match end {
             End::Done | End::Cut if content.trim().is_empty() => End::Failed(UpstreamError::Empty),
             // The upstream said the answer was finished, and the client has all of it: a fault
@@ -206,6 +203,24 @@ impl RouterService {
             }
             other => other,
         };
+        // The finished answer sits in the client's queue. It is charged once the client has taken
+        // all of it, so that a client leaving before it read its answer is not charged for it, as
+        // one leaving mid-stream is not (a capture on the upstream's end charged a client that
+        // dropped with up to 32 events unread and no final event).
+        let end = match end {
+            End::Done
+                if !cut
+                    && !self
+                        .read_by_client(&tx, &mut hold, &mut keep_alive, max_end)
+                        .await =>
+            {
+                tracing::info!(request_id = %p.v.request_id, "client left before reading its finished answer");
+                End::Cancelled
+            }
+            other => other,
+        };
+        let upstream_time = up_start.elapsed();
+        let upstream_ms = elapsed_ms(up_start);
         match end {
             End::Cancelled => {
                 tracing::info!(request_id = %p.v.request_id, "client cancelled the stream");
@@ -265,6 +280,42 @@ impl RouterService {
                 metrics::observe(self.provider(), "stream", outcome, started, upstream_time);
                 send_last(&tx, item).await;
             }
+        }
+    }
+}
+
+impl RouterService {
+    /// Waits until the client has taken every event queued for it, keeping the hold alive
+    /// meanwhile; `false` if the client left first. A shutdown or a stream bound reached while
+    /// waiting settles the answer as it is: it is finished and in the client's queue.
+    async fn read_by_client(
+        &self,
+        tx: &mpsc::Sender<Result<ChatStreamEvent, RouterError>>,
+        hold: &mut Option<HoldGuard>,
+        keep_alive: &mut Option<tokio::time::Interval>,
+        max_end: tokio::time::Instant,
+    ) -> bool {
+        loop {
+            let cut_at = hold
+                .as_ref()
+                .map_or(max_end, |h| h.capture_by().min(max_end));
+            tokio::select! {
+                // Every slot free: the queue is empty (the permits go back when dropped).
+                all = tx.reserve_many(tx.max_capacity()) => return all.is_ok(),
+                _ = self.inner.drain.aborted() => return true,
+                _ = tokio::time::sleep_until(cut_at) => return true,
+                _ = tick(keep_alive) => extend(hold, keep_alive).await,
+            }
+        }
+    }
+}
+
+/// Extends the hold on a keep-alive tick; a hold that cannot be extended stops the ticks (the
+/// stream's bound, `HoldGuard::capture_by`, then ends it before the hold expires).
+async fn extend(hold: &mut Option<HoldGuard>, keep_alive: &mut Option<tokio::time::Interval>) {
+    if let Some(h) = hold.as_mut() {
+        if !h.extend().await {
+            *keep_alive = None;
         }
     }
 }
