@@ -126,6 +126,31 @@ impl TxJson {
     }
 }
 
+#[derive(Deserialize)]
+struct TxAnswer {
+    transaction: TxJson,
+}
+
+/// Each transaction is read on its own, so that one this ledger cannot read is left out alone.
+#[derive(Deserialize)]
+struct TxListAnswer {
+    transactions: Vec<Box<RawValue>>,
+}
+
+#[derive(Deserialize)]
+struct UserAnswer {
+    user: UserJson,
+}
+
+#[derive(Deserialize)]
+struct UserJson {
+    #[serde(default)]
+    email: Option<String>,
+    #[serde(default)]
+    organization: Option<String>,
+    balance: Box<RawValue>,
+}
+
 /// The remote's user record.
 #[derive(Debug, Clone)]
 pub struct RemoteUser {
@@ -181,13 +206,16 @@ impl RemoteClient {
         })
     }
 
-    async fn call(
+    /// Sends one request and reads its answer straight into `T`. Amounts are read from the
+    /// answer's own text (`RawValue`): through a `serde_json::Value` they became `f64`s first,
+    /// exact only below 2^53 micros.
+    async fn call<T: serde::de::DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
         body: Option<String>,
         idempotency_key: Option<&str>,
-    ) -> Result<serde_json::Value, RemoteError> {
+    ) -> Result<T, RemoteError> {
         let mut request = self
             .http
             .request(method, format!("{}{path}", self.base))
@@ -230,17 +258,20 @@ impl RemoteClient {
             });
         }
         serde_json::from_str(&text)
-            .map_err(|e| RemoteError::Unknown(format!("answer is not JSON: {e}")))
+            .map_err(|e| RemoteError::Unknown(format!("unreadable answer: {e}")))
     }
 
-    fn transaction(value: serde_json::Value) -> Result<RemoteTx, RemoteError> {
-        let tx = value
-            .get("transaction")
-            .cloned()
-            .ok_or_else(|| RemoteError::Unknown("answer has no transaction".into()))?;
-        serde_json::from_value::<TxJson>(tx)
-            .map_err(|e| RemoteError::Unknown(format!("unreadable transaction: {e}")))?
-            .into_tx()
+    /// A `{transaction}` answer.
+    async fn transaction(
+        &self,
+        path: &str,
+        body: String,
+        idempotency_key: Option<&str>,
+    ) -> Result<RemoteTx, RemoteError> {
+        let answer: TxAnswer = self
+            .call(Method::POST, path, Some(body), idempotency_key)
+            .await?;
+        answer.transaction.into_tx()
     }
 
     /// A delegated transaction created by the owner (the recipient). `idempotency_key` is sent as
@@ -264,31 +295,18 @@ impl RemoteClient {
             json_opt(app_name),
             json_opt(app_ep_path),
         );
-        let value = self
-            .call(
-                Method::POST,
-                "/transaction/create",
-                Some(body),
-                Some(idempotency_key),
-            )
-            .await?;
-        Self::transaction(value)
+        self.transaction("/transaction/create", body, Some(idempotency_key))
+            .await
     }
 
     pub async fn confirm(&self, id: &str) -> Result<RemoteTx, RemoteError> {
         let body = serde_json::json!({ "transactionId": id }).to_string();
-        Self::transaction(
-            self.call(Method::POST, "/transaction/confirm", Some(body), None)
-                .await?,
-        )
+        self.transaction("/transaction/confirm", body, None).await
     }
 
     pub async fn cancel(&self, id: &str) -> Result<RemoteTx, RemoteError> {
         let body = serde_json::json!({ "transactionId": id }).to_string();
-        Self::transaction(
-            self.call(Method::POST, "/transaction/cancel", Some(body), None)
-                .await?,
-        )
+        self.transaction("/transaction/cancel", body, None).await
     }
 
     /// The owner's transactions. `status` and `limit` are understood by this ledger's own REST API;
@@ -298,18 +316,14 @@ impl RemoteClient {
             Some(s) => format!("/transactions?status={s}&limit=10000"),
             None => "/transactions?limit=10000".into(),
         };
-        let value = self.call(Method::GET, &path, None, None).await?;
-        let items = value
-            .get("transactions")
-            .and_then(|t| t.as_array())
-            .cloned()
-            .ok_or_else(|| RemoteError::Unknown("answer has no transactions".into()))?;
+        let answer: TxListAnswer = self.call(Method::GET, &path, None, None).await?;
+        let items = answer.transactions;
         // One transaction this ledger cannot read (an amount with more than six decimals, a
         // field missing) is left out, not the whole list: the callers only act on transactions
         // they find (reconciling one id, cancelling orphans), so a missing one means "not known",
         // which both already handle, while failing would stall reconciliation for good.
-        let read = |item: serde_json::Value| -> Result<RemoteTx, RemoteError> {
-            serde_json::from_value::<TxJson>(item)
+        let read = |item: Box<RawValue>| -> Result<RemoteTx, RemoteError> {
+            serde_json::from_str::<TxJson>(item.get())
                 .map_err(|e| RemoteError::Unknown(format!("unreadable transaction: {e}")))?
                 .into_tx()
         };
@@ -326,25 +340,12 @@ impl RemoteClient {
     }
 
     pub async fn my_info(&self) -> Result<RemoteUser, RemoteError> {
-        let value = self.call(Method::GET, "/user/my-info", None, None).await?;
-        let user = value
-            .get("user")
-            .ok_or_else(|| RemoteError::Unknown("answer has no user".into()))?;
-        let balance: Box<RawValue> =
-            serde_json::from_value(user.get("balance").cloned().unwrap_or_default())
-                .map_err(|e| RemoteError::Unknown(format!("unreadable balance: {e}")))?;
+        let answer: UserAnswer = self.call(Method::GET, "/user/my-info", None, None).await?;
+        let user = answer.user;
         Ok(RemoteUser {
-            email: user
-                .get("email")
-                .and_then(|v| v.as_str())
-                .unwrap_or(&self.email)
-                .to_string(),
-            organization: user
-                .get("organization")
-                .and_then(|v| v.as_str())
-                .unwrap_or_default()
-                .to_string(),
-            balance: units_to_micros(&balance)?,
+            email: user.email.unwrap_or_else(|| self.email.clone()),
+            organization: user.organization.unwrap_or_default(),
+            balance: units_to_micros(&user.balance)?,
         })
     }
 }
@@ -385,4 +386,52 @@ fn error_body(text: &str) -> (String, Option<Reason>) {
         message = "no details".into();
     }
     (message, reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 2^53 + 1 micros, the first amount an `f64` cannot hold (it reads 2^53).
+    const BIG: &str = "9007199254.740993";
+
+    /// An accounting service (not this ledger, whose amounts stop at 10^12 micros) that answers
+    /// with amounts past 2^53 micros: they are read to the micro. Through a `serde_json::Value`
+    /// both came back one micro short.
+    #[tokio::test]
+    async fn amounts_past_two_to_the_53_micros_are_exact() {
+        let user =
+            format!(r#"{{"user": {{"email": "o@x.io", "balance": {BIG}, "organization": null}}}}"#);
+        let txs = format!(
+            r#"{{"transactions": [{{"id": "t1", "senderEmail": "a@x.io", "recipientEmail": "o@x.io",
+                 "status": "COMPLETED", "amount": {BIG}}}]}}"#
+        );
+        let app = axum::Router::new()
+            .route(
+                "/user/my-info",
+                axum::routing::get(move || async move { user }),
+            )
+            .route(
+                "/transactions",
+                axum::routing::get(move || async move { txs }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = RemoteClient::new(
+            &format!("http://{addr}"),
+            "o@x.io",
+            "pw",
+            Duration::from_secs(5),
+        )
+        .expect("client");
+        let me = client.my_info().await.expect("my info");
+        assert_eq!(me.balance, (1 << 53) + 1);
+        assert_eq!(me.organization, "");
+        let txs = client.transactions(None).await.expect("transactions");
+        assert_eq!(txs.len(), 1);
+        assert_eq!(txs[0].amount, (1 << 53) + 1);
+    }
 }
