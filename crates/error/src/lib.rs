@@ -222,10 +222,13 @@ pub enum Reason {
     /// The client's address sent too many wrong credentials: every authentication from it is
     /// refused until `RetryInfo` says (the ledger's failed-authentication limit).
     AuthLocked,
+    /// The router's upstream (the model provider or search backend) refused for its own rate
+    /// limit; nothing was charged. `RetryInfo` says when, if the upstream did.
+    UpstreamRateLimited,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 15] = [
+    pub const ALL: [Reason; 16] = [
         Self::InsufficientFunds,
         Self::HoldExpired,
         Self::TransferNotPending,
@@ -241,6 +244,7 @@ impl Reason {
         Self::BudgetExceeded,
         Self::TokenDailyLimitExceeded,
         Self::AuthLocked,
+        Self::UpstreamRateLimited,
     ];
 
     pub const fn code(self) -> ErrorCode {
@@ -258,7 +262,8 @@ impl Reason {
             | Self::ConcurrencyLimited
             | Self::BudgetExceeded
             | Self::TokenDailyLimitExceeded
-            | Self::AuthLocked => ErrorCode::ResourceExhausted,
+            | Self::AuthLocked
+            | Self::UpstreamRateLimited => ErrorCode::ResourceExhausted,
         }
     }
 
@@ -279,6 +284,7 @@ impl Reason {
             Self::BudgetExceeded => "BUDGET_EXCEEDED",
             Self::TokenDailyLimitExceeded => "TOKEN_DAILY_LIMIT_EXCEEDED",
             Self::AuthLocked => "AUTH_LOCKED",
+            Self::UpstreamRateLimited => "UPSTREAM_RATE_LIMITED",
         }
     }
 }

@@ -63,6 +63,8 @@ pub enum Mode {
     FinishThenGarbage,
     /// Search: every result's content is this many bytes.
     BigResults(usize),
+    /// `429` with `Retry-After: <.0>` to the next `.1` calls, then good answers.
+    RateLimited(String, u32),
 }
 
 pub struct FakeUpstream {
@@ -146,8 +148,20 @@ fn chunk(model: &str, content: Option<&str>, finish: Option<&str>) -> Value {
 async fn misbehave(state: &UpState, body: &Value) -> (Mode, Option<Response>) {
     state.hits.fetch_add(1, Ordering::SeqCst);
     *state.last_body.lock().expect("lock") = Some(body.clone());
-    let mode = state.mode.lock().expect("lock").clone();
+    let mode = {
+        let mut mode = state.mode.lock().expect("lock");
+        let now = mode.clone();
+        if let Mode::RateLimited(_, left) = &mut *mode {
+            *left = left.saturating_sub(1);
+        }
+        now
+    };
     let early = match &mode {
+        Mode::RateLimited(after, left) if *left > 0 => {
+            let body = json!({"error": {"message": "slow down", "type": "rate_limit_error"}});
+            let status = axum::http::StatusCode::TOO_MANY_REQUESTS;
+            Some((status, [("retry-after", after.clone())], Json(body)).into_response())
+        }
         Mode::Status(code) => {
             let status = axum::http::StatusCode::from_u16(*code).expect("status");
             let body = json!({"error": {"message": "upstream exploded", "type": "server_error"}});

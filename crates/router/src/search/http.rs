@@ -70,7 +70,9 @@ impl HttpSearch {
 /// the backend's rate limit.
 fn backend_status(e: UpstreamError) -> UpstreamError {
     match e {
-        UpstreamError::Status { status, message } if status != 429 && status < 500 => {
+        UpstreamError::Status {
+            status, message, ..
+        } if status != 429 && status < 500 => {
             UpstreamError::Unreachable(format!("search backend answered HTTP {status}: {message}"))
         }
         e => e,

@@ -33,6 +33,7 @@ impl EchoUpstream {
             return Err(UpstreamError::Status {
                 status: 500,
                 message: "echo: simulated upstream failure".into(),
+                retry_after: None,
             });
         }
         let full = format!("echo: {last_user}");

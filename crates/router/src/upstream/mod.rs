@@ -5,9 +5,10 @@ mod endpoint;
 mod openai;
 
 use std::pin::Pin;
+use std::time::Duration;
 
 use futures::Stream;
-use syft_error::UsageStatus;
+use syft_error::{QuotaDetails, Reason, UsageStatus};
 use syft_proto::router::{ChatOptions, Message};
 use thiserror::Error;
 
@@ -17,7 +18,7 @@ pub use openai::OpenAiUpstream;
 pub(crate) use openai::{read_limited, status_error};
 
 use crate::config::UpstreamConfig;
-use crate::error::RouterError;
+use crate::error::{QuotaRefusal, RouterError};
 
 /// What the router asks the upstream for.
 #[derive(Debug, Clone)]
@@ -69,7 +70,12 @@ pub enum UpstreamError {
     #[error("upstream unreachable: {0}")]
     Unreachable(String),
     #[error("upstream returned HTTP {status}: {message}")]
-    Status { status: u16, message: String },
+    Status {
+        status: u16,
+        message: String,
+        /// When the upstream said to come back (`Retry-After`), if it did.
+        retry_after: Option<Duration>,
+    },
     #[error("upstream returned an invalid response: {0}")]
     InvalidResponse(String),
     #[error("upstream returned an empty answer")]
@@ -94,6 +100,14 @@ impl UpstreamError {
         }
     }
 
+    /// When the upstream said to come back, if it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            UpstreamError::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
     /// Whether a retry (before the first token) may help.
     pub fn is_retryable(&self) -> bool {
         match self {
@@ -111,12 +125,35 @@ impl From<UpstreamError> for RouterError {
             UpstreamError::Unreachable(_) => {
                 RouterError::Unavailable("upstream unavailable".into())
             }
-            UpstreamError::Status { status, message } => match status {
+            UpstreamError::Status {
+                status,
+                message,
+                retry_after,
+            } => match status {
                 400 | 413 | 422 => RouterError::InvalidArgument(format!(
                     "upstream rejected the request: {message}"
                 )),
                 404 => RouterError::NotFound(format!("upstream: {message}")),
-                429 => RouterError::ResourceExhausted("upstream rate limit; retry later".into()),
+                // The upstream's own rate limit, passed on with its `Retry-After` (as `RetryInfo`
+                // and the HTTP header): clients back off as long as the provider asked.
+                429 => RouterError::Quota(Box::new(QuotaRefusal {
+                    reason: Reason::UpstreamRateLimited,
+                    message: match retry_after {
+                        Some(after) => format!(
+                            "the upstream's rate limit refused the request; nothing was charged, \
+                             retry in {} s",
+                            syft_error::retry_after_secs(after)
+                        ),
+                        None => "the upstream's rate limit refused the request; nothing was \
+                                 charged, retry later"
+                            .into(),
+                    },
+                    details: QuotaDetails {
+                        retry_after,
+                        violations: vec![("upstream".into(), "the upstream's rate limit".into())],
+                    },
+                    headers: Default::default(),
+                })),
                 401 | 403 => {
                     RouterError::Unavailable("upstream rejected the router's credentials".into())
                 }

@@ -71,9 +71,15 @@ impl OpenAiUpstream {
         body
     }
 
-    /// Sends the request, retrying connect errors and 429/502/503/504 with exponential backoff.
-    /// Returns a response with a success status.
-    async fn send(&self, body: &serde_json::Value) -> Result<reqwest::Response, UpstreamError> {
+    /// Sends the request, retrying connect errors and 429/502/503/504 with exponential backoff,
+    /// or after the upstream's `Retry-After` when it is longer. A wait that would end past
+    /// `deadline` is not taken: the error is returned at once (with its `Retry-After`), rather
+    /// than a timeout at the deadline. Returns a response with a success status.
+    async fn send(
+        &self,
+        body: &serde_json::Value,
+        deadline: tokio::time::Instant,
+    ) -> Result<reqwest::Response, UpstreamError> {
         let mut attempt = 0u32;
         loop {
             let err = match self
@@ -87,10 +93,16 @@ impl OpenAiUpstream {
             if attempt >= self.config.max_retries || !err.is_retryable() {
                 return Err(err);
             }
-            let delay = self
+            let backoff = self
                 .config
                 .retry_backoff
                 .saturating_mul(1 << attempt.min(10));
+            let delay = err
+                .retry_after()
+                .map_or(backoff, |after| after.max(backoff));
+            if tokio::time::Instant::now() + delay >= deadline {
+                return Err(err);
+            }
             tracing::warn!(attempt, error = %err, delay_ms = delay.as_millis() as u64, "retrying upstream");
             tokio::time::sleep(delay).await;
             attempt += 1;
@@ -99,12 +111,13 @@ impl OpenAiUpstream {
 
     pub async fn complete(&self, req: &UpstreamRequest) -> Result<Completion, UpstreamError> {
         let body = self.body(req, false);
+        let deadline = tokio::time::Instant::now() + self.config.request_timeout;
         let work = async {
-            let resp = self.send(&body).await?;
+            let resp = self.send(&body, deadline).await?;
             let bytes = read_limited(resp).await?;
             parse_completion(&bytes)
         };
-        tokio::time::timeout(self.config.request_timeout, work)
+        tokio::time::timeout_at(deadline, work)
             .await
             .map_err(|_| UpstreamError::Timeout)?
     }
@@ -112,7 +125,7 @@ impl OpenAiUpstream {
     pub async fn stream(&self, req: &UpstreamRequest) -> Result<UpstreamStream, UpstreamError> {
         let body = self.body(req, true);
         let deadline = tokio::time::Instant::now() + self.config.request_timeout;
-        let resp = tokio::time::timeout_at(deadline, self.send(&body))
+        let resp = tokio::time::timeout_at(deadline, self.send(&body, deadline))
             .await
             .map_err(|_| UpstreamError::Timeout)??;
         let is_sse = resp
@@ -149,6 +162,7 @@ const MAX_ERROR_BODY: usize = 64 * 1024;
 
 pub(crate) async fn status_error(resp: reqwest::Response) -> UpstreamError {
     let status = resp.status().as_u16();
+    let retry_after = retry_after(resp.headers(), std::time::SystemTime::now());
     let mut body = resp.bytes_stream();
     let mut buf = Vec::new();
     while buf.len() < MAX_ERROR_BODY {
@@ -164,7 +178,39 @@ pub(crate) async fn status_error(resp: reqwest::Response) -> UpstreamError {
         .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
         .unwrap_or_else(|| text.chars().take(200).collect());
     let message: String = message.chars().take(500).collect();
-    UpstreamError::Status { status, message }
+    UpstreamError::Status {
+        status,
+        message,
+        retry_after,
+    }
+}
+
+/// The longest `Retry-After` believed: a misconfigured upstream's "next year" would otherwise
+/// tell clients never to come back.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// When an error answer says to come back: OpenAI's `retry-after-ms`, else `Retry-After` as
+/// seconds or as an HTTP date (RFC 9110), at most [`MAX_RETRY_AFTER`]. `None` when neither header
+/// is there or readable.
+fn retry_after(
+    headers: &reqwest::header::HeaderMap,
+    now: std::time::SystemTime,
+) -> Option<Duration> {
+    let text = |name: &str| headers.get(name)?.to_str().ok().map(str::trim);
+    let millis = text("retry-after-ms")
+        .and_then(|v| v.parse::<f64>().ok())
+        .and_then(|ms| Duration::try_from_secs_f64(ms / 1000.0).ok());
+    let after = millis.or_else(|| {
+        let v = text("retry-after")?;
+        match v.parse::<f64>() {
+            Ok(secs) => Duration::try_from_secs_f64(secs).ok(),
+            Err(_) => {
+                let at = httpdate::parse_http_date(v).ok()?;
+                Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+            }
+        }
+    })?;
+    Some(after.min(MAX_RETRY_AFTER))
 }
 
 pub(crate) async fn read_limited(resp: reqwest::Response) -> Result<Bytes, UpstreamError> {
@@ -244,6 +290,7 @@ fn error_in_body(err: &serde_json::Value) -> UpstreamError {
             .chars()
             .take(500)
             .collect(),
+        retry_after: None,
     }
 }
 
@@ -454,6 +501,39 @@ fn parse_events(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_is_read_in_every_form_and_bounded() {
+        let now = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let read = |pairs: &[(&str, &str)]| {
+            let mut h = reqwest::header::HeaderMap::new();
+            for (k, v) in pairs {
+                let name = reqwest::header::HeaderName::from_bytes(k.as_bytes()).expect("name");
+                h.insert(name, v.parse().expect("value"));
+            }
+            retry_after(&h, now)
+        };
+        assert_eq!(read(&[]), None);
+        assert_eq!(read(&[("retry-after", "7")]), Some(Duration::from_secs(7)));
+        assert_eq!(
+            read(&[("retry-after", " 1.5 ")]),
+            Some(Duration::from_millis(1500))
+        );
+        // OpenAI's milliseconds win over the rounded seconds.
+        let both = [("retry-after-ms", "250"), ("retry-after", "1")];
+        assert_eq!(read(&both), Some(Duration::from_millis(250)));
+        let date = httpdate::fmt_http_date(now + Duration::from_secs(90));
+        assert_eq!(
+            read(&[("retry-after", &date)]),
+            Some(Duration::from_secs(90))
+        );
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(90));
+        assert_eq!(read(&[("retry-after", &past)]), Some(Duration::ZERO));
+        assert_eq!(read(&[("retry-after", "86400")]), Some(MAX_RETRY_AFTER));
+        for bad in ["-3", "soon", "NaN", "inf"] {
+            assert_eq!(read(&[("retry-after", bad)]), None, "{bad}");
+        }
+    }
 
     /// The usage an answer is expected to report.
     fn usage(prompt_tokens: u64, completion_tokens: u64) -> Option<UpstreamUsage> {

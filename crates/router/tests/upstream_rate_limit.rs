@@ -1,0 +1,114 @@
+//! An upstream's own rate limit (429 with `Retry-After`): a short wait is waited for and the
+//! request retried within its time; a longer one is passed on to the client (gRPC `RetryInfo`,
+//! HTTP `Retry-After`, reason `UPSTREAM_RATE_LIMITED`) at once instead of ending in a timeout.
+//! Either way the user pays only for an answer, once.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use syft_proto::ledger::TransferStatus;
+use syft_router_svc::{Pricing, UpstreamConfig};
+use syft_testkit::*;
+use tonic::Code;
+
+/// Every transfer of the stack was voided and its row says the upstream failed.
+async fn all_voided(s: &Stack, n: usize) {
+    let t = s.transfers().await;
+    assert_eq!(t.len(), n, "{t:?}");
+    assert!(t
+        .iter()
+        .all(|t| t.status() == TransferStatus::Cancelled && t.captured_micros == 0));
+    assert_eq!(s.usage_statuses().await, vec!["upstream_error"; n]);
+    assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));
+    s.check_invariants().await;
+}
+
+/// The upstream asks for 30 s, more than the request's 1.5 s: the router does not retry (a retry
+/// then could only end in a timeout) and tells the client when to come back, on both fronts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_retry_after_is_passed_on_at_once() {
+    let (s, mut c) = Stack::start_with_client(Pricing::per_request(PRICE)).await;
+    s.upstream
+        .set_mode(Mode::RateLimited("30".into(), u32::MAX));
+    let started = Instant::now();
+    let err = c.chat(s.request("hi")).await.expect_err("rate limited");
+    assert!(started.elapsed() < Duration::from_secs(1), "no wait");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert_eq!(reason(&err).as_deref(), Some("UPSTREAM_RATE_LIMITED"));
+    assert_eq!(
+        syft_error::retry_after_of(&err),
+        Some(Duration::from_secs(30)),
+        "{err:?}"
+    );
+    assert_eq!(s.upstream.hits(), 1, "not retried");
+
+    let refused = reqwest::Client::new()
+        .post(s.router.chat_completions_url())
+        .bearer_auth(&s.token)
+        .json(
+            &json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}],
+                      "user": s.alice.email}),
+        )
+        .send()
+        .await
+        .expect("http");
+    assert_eq!(refused.status(), 429);
+    assert_eq!(refused.headers()["retry-after"], "30");
+    // A rate clears by itself: the OpenAI SDKs may retry (after the header's wait).
+    assert!(!refused.headers().contains_key("x-should-retry"));
+    let body: serde_json::Value = refused.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "upstream_rate_limited", "{body}");
+    assert_eq!(body["error"]["type"], "rate_limit_error", "{body}");
+    assert_eq!(s.upstream.hits(), 2);
+    all_voided(&s, 2).await;
+}
+
+/// The upstream asks for 1 s once: the router waits that long (not its 20-ms backoff), retries
+/// within the request's time and the answer is charged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_retry_after_is_waited_for() {
+    let s = Stack::start_tweaked(Pricing::per_request(PRICE), |c| {
+        if let UpstreamConfig::OpenAi(o) = &mut c.upstream {
+            o.request_timeout = Duration::from_secs(5);
+        }
+    })
+    .await;
+    s.upstream.set_mode(Mode::RateLimited("1".into(), 1));
+    let mut c = s.client().await;
+    let started = Instant::now();
+    let answer = ok(c.chat(s.request("hi")).await);
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "waited as asked: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(s.upstream.hits(), 2);
+    assert_eq!(answer.cost_micros, PRICE);
+    let t = s.transfers().await;
+    assert_eq!(t.len(), 1);
+    assert_eq!(t[0].status(), TransferStatus::Completed);
+    assert_eq!(s.alice_money().await, (FUNDS - PRICE, 0, FUNDS - PRICE));
+    s.check_invariants().await;
+}
+
+/// The same 1-s wait with only 0.5 s of the request's time: not taken, so the client hears of the
+/// rate limit (and when to retry) instead of a timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_past_the_requests_time_is_not_taken() {
+    let s = Stack::start_tweaked(Pricing::per_request(PRICE), |c| {
+        if let UpstreamConfig::OpenAi(o) = &mut c.upstream {
+            o.request_timeout = Duration::from_millis(500);
+        }
+    })
+    .await;
+    s.upstream.set_mode(Mode::RateLimited("1".into(), 1));
+    let mut c = s.client().await;
+    let err = c.chat(s.request("hi")).await.expect_err("rate limited");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert_eq!(
+        syft_error::retry_after_of(&err),
+        Some(Duration::from_secs(1))
+    );
+    assert_eq!(s.upstream.hits(), 1);
+    all_voided(&s, 1).await;
+}
