@@ -246,6 +246,16 @@ fn to_chat_request(body: OaiRequest, headers: &HeaderMap) -> Result<ChatRequest,
     if body.n.is_some_and(|n| n != 1) {
         return Err(bad("only n = 1 is supported"));
     }
+    if let Some(tier) = body
+        .service_tier
+        .as_deref()
+        .filter(|t| !matches!(*t, "auto" | "default"))
+    {
+        return Err(bad(format!(
+            "service_tier {tier:?} is not supported: this router serves the upstream's default \
+             tier, which its price is set for"
+        )));
+    }
     if let Some(option) = body.unsupported_option() {
         return Err(bad(format!(
             "{option} is not supported: this router answers with text only"
@@ -297,6 +307,7 @@ fn to_chat_request(body: OaiRequest, headers: &HeaderMap) -> Result<ChatRequest,
             None => vec![],
             Some(stop) => stop.0,
         },
+        reasoning_effort: body.reasoning_effort,
     };
     let transaction_token = bearer_token(headers)?;
     let request_id = idempotency_key(headers)?;

@@ -40,6 +40,15 @@ pub(crate) struct OaiRequest {
     pub user: Option<String>,
     #[serde(default)]
     pub n: Option<u32>,
+    /// Passed on (`ChatOptions::reasoning_effort`): dropping it gave a client that asked for
+    /// `low` the upstream's default, more reasoning tokens and a larger bill.
+    #[serde(default)]
+    pub reasoning_effort: Option<String>,
+    /// Only the upstream's default tier is served: the router's price is set for it, `priority`
+    /// costs the owner more and `flex` answers slower, so other tiers are refused (`http.rs`)
+    /// rather than dropped.
+    #[serde(default)]
+    pub service_tier: Option<String>,
     /// Options that change what an answer is (tool calls, JSON, log probabilities, audio): the
     /// router answers with text only, so a request asking for one is refused rather than
     /// answered (and charged) without it ([`OaiRequest::unsupported_option`]). Sampling hints

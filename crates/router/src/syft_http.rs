@@ -63,6 +63,8 @@ struct SyftChatOptions {
     top_p: Option<f64>,
     #[serde(default, alias = "stopSequences", deserialize_with = "stop_sequences")]
     stop_sequences: Option<Vec<String>>,
+    #[serde(default, alias = "reasoningEffort")]
+    reasoning_effort: Option<String>,
 }
 
 // The lists of a Syft body are refused as they are read, as the OpenAI front's are
@@ -203,6 +205,7 @@ impl SyftBody for SyftChatRequest {
                 temperature: float(opts.temperature),
                 top_p: float(opts.top_p),
                 stop_sequences: opts.stop_sequences.unwrap_or_default(),
+                reasoning_effort: opts.reasoning_effort,
             }),
             transaction_token,
             request_id,

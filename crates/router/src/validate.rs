@@ -102,6 +102,7 @@ pub fn validate_chat(mut req: ChatRequest, limits: &Limits) -> Result<ValidReque
         temperature,
         top_p,
         ref stop_sequences,
+        ref reasoning_effort,
     } = options;
     if let Some(mt) = max_tokens {
         if mt == 0 || mt > limits.max_tokens_limit {
@@ -128,6 +129,15 @@ pub fn validate_chat(mut req: ChatRequest, limits: &Limits) -> Result<ValidReque
     }
     if stop_sequences.iter().any(|s| s.is_empty() || s.len() > 256) {
         return Err(bad("stop sequences must be 1..=256 bytes long"));
+    }
+    // A word, not a list: OpenAI adds levels now and then, and the upstream refuses one it does
+    // not know (a voided request), so any short lowercase word is passed on.
+    if let Some(effort) = reasoning_effort {
+        if !(1..=16).contains(&effort.len()) || !effort.bytes().all(|b| b.is_ascii_lowercase()) {
+            return Err(bad(format!(
+                "reasoning_effort must be 1 to 16 lowercase letters, like \"low\" (got {effort:?})"
+            )));
+        }
     }
     let model = req.model.trim();
     // The model is stored in the request's usage row, whose limits the ledger enforces at the
@@ -340,6 +350,9 @@ mod tests {
             Box::new(opts(|o| o.max_tokens = Some(0))),
             Box::new(opts(|o| o.max_tokens = Some(1_000_000_000))),
             Box::new(opts(|o| o.stop_sequences = vec!["a".into(); 5])),
+            Box::new(opts(|o| o.reasoning_effort = Some(String::new()))),
+            Box::new(opts(|o| o.reasoning_effort = Some("high\n".into()))),
+            Box::new(opts(|o| o.reasoning_effort = Some("é".into()))),
             Box::new(|r| r.messages = vec![msg("user", &"x".repeat(5 * 1024 * 1024))]),
         ];
         for (i, f) in cases.into_iter().enumerate() {

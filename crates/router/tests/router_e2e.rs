@@ -1056,6 +1056,90 @@ async fn the_token_limit_goes_in_the_field_the_upstream_takes() {
     s.finish().await;
 }
 
+/// `reasoning_effort` reaches the upstream from every front (it was dropped: a client asking for
+/// `low` got the upstream's default and paid for its reasoning tokens); a malformed one, and a
+/// `service_tier` other than the default (priced apart by the upstream), are refused before any
+/// money moves. Sending the same request id with another effort is another request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reasoning_effort_is_passed_on_and_other_tiers_refused() {
+    let s = Stack::start(Pricing::per_request(PRICE)).await;
+    let mut req = s.request("think");
+    req.request_id = "effort-1".into();
+    req.options = Some(ChatOptions {
+        reasoning_effort: Some("low".into()),
+        ..Default::default()
+    });
+    let mut c = s.client().await;
+    c.chat(req.clone()).await.expect("gRPC answer");
+    assert_eq!(
+        s.upstream.last_body().expect("body")["reasoning_effort"],
+        "low"
+    );
+    req.options = Some(ChatOptions {
+        reasoning_effort: Some("high".into()),
+        ..Default::default()
+    });
+    let err = c.chat(req).await.expect_err("same id, other effort");
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    assert!(err.message().contains("other content"), "{err:?}");
+
+    let http = reqwest::Client::new();
+    let send = |extra: Value| {
+        let mut body = json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}],
+                              "user": s.alice.email});
+        if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+            body.extend(extra.clone());
+        }
+        http.post(s.router.chat_completions_url())
+            .bearer_auth(&s.token)
+            .json(&body)
+            .send()
+    };
+    let r = send(json!({"reasoning_effort": "minimal", "service_tier": "auto"}))
+        .await
+        .expect("http");
+    assert_eq!(r.status(), 200);
+    let up = s.upstream.last_body().expect("body");
+    assert_eq!(up["reasoning_effort"], "minimal");
+    assert!(up.get("service_tier").is_none(), "{up}");
+    let syft = http
+        .post(format!("{}/chat", s.router.http_url))
+        .json(
+            &json!({"userEmail": s.alice.email, "model": "test-model", "transactionToken": s.token,
+                      "messages": [{"role": "user", "content": "hi"}],
+                      "options": {"reasoningEffort": "medium"}}),
+        )
+        .send()
+        .await
+        .expect("syft /chat");
+    assert_eq!(syft.status(), 200);
+    assert_eq!(
+        s.upstream.last_body().expect("body")["reasoning_effort"],
+        "medium"
+    );
+    let hits = s.upstream.hits();
+    for (extra, says) in [
+        (json!({"reasoning_effort": "LOW"}), "reasoning_effort"),
+        (
+            json!({"reasoning_effort": "a".repeat(17)}),
+            "reasoning_effort",
+        ),
+        (json!({"service_tier": "priority"}), "service_tier"),
+    ] {
+        let r = send(extra.clone()).await.expect("http");
+        assert_eq!(r.status(), 400, "{extra}");
+        let body: Value = r.json().await.expect("json");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(says), "{extra}: {body}");
+    }
+    assert_eq!(s.upstream.hits(), hits, "refused before the upstream");
+    assert_eq!(
+        s.alice_money().await,
+        (FUNDS - 3 * PRICE, 0, FUNDS - 3 * PRICE)
+    );
+    s.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_front_speaks_openai_json_and_sse() {
     let s = Stack::start(Pricing::per_request(PRICE)).await;

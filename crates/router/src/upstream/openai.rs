@@ -65,6 +65,9 @@ impl OpenAiUpstream {
         if !o.stop_sequences.is_empty() {
             body["stop"] = json!(o.stop_sequences);
         }
+        if let Some(effort) = &o.reasoning_effort {
+            body["reasoning_effort"] = json!(effort);
+        }
         if !req.user.is_empty() {
             body["user"] = json!(req.user);
         }
