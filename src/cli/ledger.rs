@@ -138,6 +138,11 @@ pub struct ServeArgs {
     /// ends. Clients behind one proxy share its address. 0: no limit.
     #[arg(long, env = "SYFT_LEDGER_AUTH_FAILURES_PER_ADDRESS", default_value_t = syft_ledger::DEFAULT_AUTH_FAILURES_PER_ADDRESS)]
     pub auth_failures_per_address: u32,
+    /// Accounts one client address may create through open registration (`POST /user/create`)
+    /// per 5 minutes; past that, 429 / RATE_LIMITED until the window ends. Clients behind one
+    /// proxy share its address. 0: no limit.
+    #[arg(long, env = "SYFT_LEDGER_ACCOUNTS_PER_ADDRESS", default_value_t = syft_ledger::DEFAULT_ACCOUNTS_PER_ADDRESS)]
+    pub accounts_per_address: u32,
     #[command(flatten)]
     pub alerts: AlertsFlags,
 }
@@ -250,6 +255,7 @@ impl ServeArgs {
             http: self.listen.http_limits(),
             alerts: self.alerts.config()?,
             auth_failures_per_address: self.auth_failures_per_address,
+            accounts_per_address: self.accounts_per_address,
         })
     }
 }

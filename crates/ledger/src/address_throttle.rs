@@ -89,17 +89,26 @@ struct Table {
     full_until: Option<Instant>,
 }
 
-/// Failed authentications per address; `max_failures` 0 turns the throttle off.
+/// Failed authentications per address (or, with [`AddressThrottle::counting`], other events an
+/// address may cause only so often); `max_failures` 0 turns the throttle off.
 #[derive(Debug)]
 pub struct AddressThrottle {
     max_failures: u32,
+    /// What is counted, for the logs.
+    what: &'static str,
     table: Mutex<Table>,
 }
 
 impl AddressThrottle {
     pub fn new(max_failures: u32) -> Self {
+        Self::counting(max_failures, "failed authentications")
+    }
+
+    /// A throttle of `what` (logged as "too many {what}"): `max` per address per window.
+    pub fn counting(max: u32, what: &'static str) -> Self {
         Self {
-            max_failures,
+            max_failures: max,
+            what,
             table: Mutex::default(),
         }
     }
@@ -132,22 +141,19 @@ impl AddressThrottle {
         }
         let (key, site) = Key::of(addr);
         let mut table = self.lock();
-        count(&mut table, key, self.max_failures, now);
+        count(&mut table, key, self.max_failures, now, self.what);
         if let Some(site) = site {
             let limit = self.max_failures.saturating_mul(SITE_FACTOR);
-            count(&mut table, site, limit, now);
+            count(&mut table, site, limit, now, self.what);
         }
     }
 }
 
 /// One failure of `key`, whose window locks at `limit`.
-fn count(table: &mut Table, key: Key, limit: u32, now: Instant) {
-    if !table.windows.contains_key(&key) && !room(table, now) {
+fn count(table: &mut Table, key: Key, limit: u32, now: Instant, what: &'static str) {
+    if !table.windows.contains_key(&key) && !room(table, now, what) {
         // Logged once per full table (in `room`), not per failure: this is an attack's rate.
-        tracing::debug!(
-            ?key,
-            "failed-authentication table full; not counting this one"
-        );
+        tracing::debug!(?key, what, "address table full; not counting this one");
         return;
     }
     let fresh = Window {
@@ -163,13 +169,13 @@ fn count(table: &mut Table, key: Key, limit: u32, now: Instant) {
     if w.failures == limit {
         tracing::warn!(
             ?key,
-            "too many failed authentications: locked out for the rest of the window"
+            "too many {what}: locked out for the rest of the window"
         );
     }
 }
 
 /// Room for one more window in `table`; remembers a table full of locks until the first ends.
-fn room(table: &mut Table, now: Instant) -> bool {
+fn room(table: &mut Table, now: Instant, what: &'static str) -> bool {
     if table.full_until.is_some_and(|until| now < until) {
         return false;
     }
@@ -190,7 +196,8 @@ fn room(table: &mut Table, now: Instant) -> bool {
         table.full_until = table.windows.values().map(|w| w.start + WINDOW).min();
         tracing::warn!(
             windows = table.windows.len(),
-            "failed-authentication table nearly full of locks: new addresses are not counted \
+            what,
+            "address table nearly full of locks: new addresses are not counted \
              until its first window ends"
         );
     }
@@ -215,6 +222,25 @@ pub fn locked_out(addr: IpAddr, wait: Duration, limit: u32) -> LedgerError {
                     "{limit} failed authentications per {} minutes",
                     WINDOW.as_secs() / 60
                 ),
+            )],
+        },
+    }
+}
+
+/// The refusal of an address that created [`LedgerConfig::accounts_per_address`] accounts in the
+/// window: `RATE_LIMITED` with the wait, like [`locked_out`].
+///
+/// [`LedgerConfig::accounts_per_address`]: crate::LedgerConfig::accounts_per_address
+pub fn too_many_accounts(addr: IpAddr, wait: Duration, limit: u32) -> LedgerError {
+    let secs = syft_error::retry_after_secs(wait);
+    LedgerError::Quota {
+        reason: Reason::RateLimited,
+        message: format!("too many accounts created from this address; try again in {secs} s"),
+        details: QuotaDetails {
+            retry_after: Some(Duration::from_secs(secs)),
+            violations: vec![(
+                format!("address:{addr}"),
+                format!("{limit} new accounts per {} minutes", WINDOW.as_secs() / 60),
             )],
         },
     }

@@ -77,6 +77,9 @@ pub struct LedgerConfig {
     /// Wrong credentials one client address may send per 5 minutes before every authentication
     /// from it is refused until the window ends (`address_throttle.rs`); 0 turns this off.
     pub auth_failures_per_address: u32,
+    /// Accounts one client address may create through open registration (`POST /user/create`)
+    /// per 5 minutes; 0 turns this off.
+    pub accounts_per_address: u32,
 }
 
 impl Default for LedgerConfig {
@@ -99,6 +102,7 @@ impl Default for LedgerConfig {
             http: syft_server::HttpLimits::default(),
             alerts: alerts::AlertsConfig::default(),
             auth_failures_per_address: DEFAULT_AUTH_FAILURES_PER_ADDRESS,
+            accounts_per_address: DEFAULT_ACCOUNTS_PER_ADDRESS,
         }
     }
 }
@@ -106,6 +110,10 @@ impl Default for LedgerConfig {
 /// The default of [`LedgerConfig::auth_failures_per_address`]: a client that mistyped a secret
 /// has room to retry, a spray of guesses gets 20 per address per 5 minutes (5,760 a day).
 pub const DEFAULT_AUTH_FAILURES_PER_ADDRESS: u32 = 20;
+
+/// The default of [`LedgerConfig::accounts_per_address`]: a sign-up every 5 seconds from one
+/// address, sustained; clients behind one proxy share it (raise it, or 0, there).
+pub const DEFAULT_ACCOUNTS_PER_ADDRESS: u32 = 60;
 
 /// Where the ledger listens: gRPC, and optionally the HTTP port (probes, `/metrics`, and the
 /// accounting REST API when `config.accounting_api`).

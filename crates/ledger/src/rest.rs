@@ -316,6 +316,7 @@ struct CreateUser {
 
 async fn create_user(State(ledger): State<Ledger>, Peer(peer): Peer, bytes: Bytes) -> Reply {
     let req: CreateUser = body(&bytes)?;
+    ledger.count_signup(peer)?;
     if req.password.is_some() {
         ledger.count_guess(peer)?;
     }

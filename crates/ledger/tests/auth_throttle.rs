@@ -301,3 +301,68 @@ async fn a_right_guess_in_flight_when_its_address_locks_is_refused() {
     assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
     h.finish().await;
 }
+
+/// Open registration is bounded per address: the `accounts_per_address`-th account created from
+/// one address is the last (a refused attempt counts too), the next is refused with 429
+/// `RATE_LIMITED` and `Retry-After` and creates nothing, while another address still registers.
+/// Before, one client could create accounts without end.
+#[tokio::test]
+async fn open_registration_is_bounded_per_address() {
+    let h = Harness::with(false, |c| c.accounts_per_address = 3)
+        .await
+        .expect("sqlite harness");
+    let base = h.http_url();
+    let (busy, other) = (rest_from("127.0.0.9"), rest_from("127.0.0.10"));
+    let create = |client: &reqwest::Client, email: &str| {
+        client
+            .post(format!("{base}/user/create"))
+            .json(&json!({"email": email}))
+            .send()
+    };
+    assert_eq!(
+        create(&busy, "a1@example.com").await.expect("1").status(),
+        201
+    );
+    // A refused attempt (an email the ledger does not take) counts.
+    assert_eq!(
+        create(&busy, "bad@example.local")
+            .await
+            .expect("2")
+            .status(),
+        400
+    );
+    assert_eq!(
+        create(&busy, "a3@example.com").await.expect("3").status(),
+        201
+    );
+    let refused = create(&busy, "a4@example.com").await.expect("4");
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    let wait: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .expect("Retry-After in seconds");
+    assert!((1..=300).contains(&wait), "{wait}");
+    let body: Value = refused.json().await.expect("json");
+    assert_eq!(body["code"], Reason::RateLimited.as_str(), "{body}");
+    assert_eq!(
+        create(&other, "b1@example.com")
+            .await
+            .expect("other")
+            .status(),
+        201
+    );
+    let emails: Vec<String> = h
+        .admin()
+        .list_accounts(pb::ListAccountsRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .accounts
+        .into_iter()
+        .map(|a| a.email)
+        .collect();
+    assert!(!emails.iter().any(|e| e == "a4@example.com"), "{emails:?}");
+    assert_eq!(emails.len(), 3, "{emails:?}");
+    h.finish().await;
+}

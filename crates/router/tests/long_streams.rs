@@ -88,16 +88,21 @@ async fn a_client_that_stops_reading_a_stream_is_still_charged() {
 }
 
 /// A client behind a slow link (a 64-byte flow-control window) reads 80 of the answer's 100
-/// deltas, stops while the upstream finishes (the last 20 wait in the router's queue for it),
-/// then leaves. It never had the end of its answer, so it is not charged: the capture waits until
+/// deltas (the upstream pauses there, so the reader is never far behind: a reader far behind gets
+/// the router's whole queue handed to HTTP/2 at its next window update, which counts as read),
+/// stops while the upstream finishes (the last 20 wait in the router's queue for it), then
+/// leaves. It never had the end of its answer, so it is not charged: the capture waits until
 /// the client has taken every delta. Before, the capture ran when the upstream ended, and the
 /// client paid for an answer it did not get.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_leaves_before_reading_the_end_is_not_charged() {
     let ttl = Duration::from_secs(60);
     let s = Stack::start_with(Db::sqlite(), Pricing::per_request(PRICE), ttl, |_| {}).await;
-    s.upstream
-        .set_mode(Mode::SlowStream(Duration::from_millis(5)));
+    s.upstream.set_mode(Mode::PausingStream(
+        Duration::from_millis(5),
+        80,
+        Duration::from_millis(300),
+    ));
     let channel = tonic::transport::Endpoint::from_shared(s.router.grpc_url.clone())
         .expect("url")
         .initial_stream_window_size(64)
@@ -115,7 +120,7 @@ async fn a_client_that_leaves_before_reading_the_end_is_not_charged() {
             other => panic!("event {read}: {other:?}"),
         }
     }
-    // The upstream's last 20 chunks take 100 ms; they wait in the router's queue meanwhile.
+    // The upstream's last 20 chunks come within 400 ms; they wait in the router's queue.
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(
         s.alice_money().await.1,

@@ -32,7 +32,8 @@ async fn a_long_retry_after_is_passed_on_at_once() {
         .set_mode(Mode::RateLimited("30".into(), u32::MAX));
     let started = Instant::now();
     let err = c.chat(s.request("hi")).await.expect_err("rate limited");
-    assert!(started.elapsed() < Duration::from_secs(1), "no wait");
+    // Not the 30 s asked, nor the request's 1.5 s (the ledger's void is in this too).
+    assert!(started.elapsed() < Duration::from_millis(1400), "no wait");
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert_eq!(reason(&err).as_deref(), Some("UPSTREAM_RATE_LIMITED"));
     assert_eq!(

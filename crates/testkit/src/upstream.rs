@@ -52,6 +52,8 @@ pub enum Mode {
     EmptyChoices,
     /// Streams: one chunk per `Duration`, 100 chunks, then the finish and `[DONE]`.
     SlowStream(Duration),
+    /// [`Mode::SlowStream`] that pauses `.2` before chunk `.1` (a reader can catch up there).
+    PausingStream(Duration, u32, Duration),
     /// Streams one chunk, then stalls.
     StreamStall,
     /// Streams one chunk, then garbage.
@@ -253,7 +255,12 @@ async fn upstream_handler(State(state): State<Arc<UpState>>, Json(body): Json<Va
             Ok(sse(&chunk(&model, None, Some("stop")))),
             Ok("data: [DONE]\n\n".to_string()),
         ])),
-        Mode::SlowStream(every) => {
+        Mode::SlowStream(_) | Mode::PausingStream(..) => {
+            let (every, pause_at, pause) = match mode {
+                Mode::PausingStream(every, at, pause) => (every, at, pause),
+                Mode::SlowStream(every) => (every, u32::MAX, Duration::ZERO),
+                _ => unreachable!("matched above"),
+            };
             let model = model.clone();
             let end = vec![
                 Ok(sse(&chunk(&model, None, Some("stop")))),
@@ -265,6 +272,9 @@ async fn upstream_handler(State(state): State<Arc<UpState>>, Json(body): Json<Va
                     async move {
                         if i >= 100 {
                             return None;
+                        }
+                        if i == pause_at {
+                            tokio::time::sleep(pause).await;
                         }
                         tokio::time::sleep(every).await;
                         Some((Ok(sse(&chunk(&model, Some("tick "), None))), i + 1))

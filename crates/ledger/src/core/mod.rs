@@ -151,6 +151,8 @@ pub struct Ledger {
     config: Arc<LedgerConfig>,
     /// Failed authentications per client address (`address_throttle.rs`).
     throttle: Arc<AddressThrottle>,
+    /// Accounts created per client address (open registration, `/user/create`).
+    signups: Arc<AddressThrottle>,
 }
 
 impl Ledger {
@@ -160,11 +162,16 @@ impl Ledger {
         config: Arc<LedgerConfig>,
     ) -> Self {
         let throttle = Arc::new(AddressThrottle::new(config.auth_failures_per_address));
+        let signups = Arc::new(AddressThrottle::counting(
+            config.accounts_per_address,
+            "accounts created",
+        ));
         Self {
             store,
             backend,
             config,
             throttle,
+            signups,
         }
     }
 
@@ -209,6 +216,26 @@ impl Ledger {
         };
         self.unlocked(addr)?;
         self.throttle.failed(addr, Instant::now());
+        Ok(())
+    }
+
+    /// Counts an account created by `peer` through open registration, refused once the address
+    /// created `accounts_per_address` in the window: anyone may register, and nothing else
+    /// bounded how many accounts (rows, and emails the `/users` listing carries) one client could
+    /// add. Counted before the creation, so refused attempts count too.
+    pub(crate) fn count_signup(&self, peer: Option<IpAddr>) -> Result<()> {
+        let Some(addr) = peer else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        if let Err(wait) = self.signups.check(addr, now) {
+            return Err(crate::address_throttle::too_many_accounts(
+                addr,
+                wait,
+                self.config.accounts_per_address,
+            ));
+        }
+        self.signups.failed(addr, now);
         Ok(())
     }
 

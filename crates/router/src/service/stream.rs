@@ -184,6 +184,9 @@ impl RouterService {
             // count would include it, so the router counts what was delivered instead.
             reported = None;
         }
+        // The upstream's share ends here, whatever the client's reading takes next.
+        let upstream_time = up_start.elapsed();
+        let upstream_ms = elapsed_ms(up_start);
         // An answer the router cut is settled at once (its hold is about to expire, or its time
         // is up); one the upstream finished waits for its reader first (below).
         let cut = matches!(end, End::Cut);
@@ -203,24 +206,23 @@ impl RouterService {
             }
             other => other,
         };
-        // The finished answer sits in the client's queue. It is charged once the client has taken
-        // all of it, so that a client leaving before it read its answer is not charged for it, as
-        // one leaving mid-stream is not (a capture on the upstream's end charged a client that
-        // dropped with up to 32 events unread and no final event).
+        // The finished answer sits in the client's queue. A paid one is charged once the client has
+        // taken all of it, so that a client leaving before it read its answer is not charged for
+        // it, as one leaving mid-stream is not (a capture on the upstream's end charged a client
+        // that dropped with up to 32 events unread and no final event). A free one moves no money
+        // and does not keep its slot for a reader that stalled.
         let end = match end {
             End::Done
                 if !cut
+                    && hold.is_some()
                     && !self
                         .read_by_client(&tx, &mut hold, &mut keep_alive, max_end)
                         .await =>
             {
-                tracing::info!(request_id = %p.v.request_id, "client left before reading its finished answer");
                 End::Cancelled
             }
             other => other,
         };
-        let upstream_time = up_start.elapsed();
-        let upstream_ms = elapsed_ms(up_start);
         match end {
             End::Cancelled => {
                 tracing::info!(request_id = %p.v.request_id, "client cancelled the stream");
@@ -286,8 +288,10 @@ impl RouterService {
 
 impl RouterService {
     /// Waits until the client has taken every event queued for it, keeping the hold alive
-    /// meanwhile; `false` if the client left first. A shutdown or a stream bound reached while
-    /// waiting settles the answer as it is: it is finished and in the client's queue.
+    /// meanwhile; `false` if the client left first, or if the router must stop before it read
+    /// them (a shutdown's abort: the connection is closed within seconds, the answer unread). A
+    /// stream bound reached while waiting settles the answer as it is: the hold must be resolved
+    /// before it expires.
     async fn read_by_client(
         &self,
         tx: &mpsc::Sender<Result<ChatStreamEvent, RouterError>>,
@@ -300,9 +304,11 @@ impl RouterService {
                 .as_ref()
                 .map_or(max_end, |h| h.capture_by().min(max_end));
             tokio::select! {
+                // A queue the client emptied wins over everything else that is ready.
+                biased;
                 // Every slot free: the queue is empty (the permits go back when dropped).
                 all = tx.reserve_many(tx.max_capacity()) => return all.is_ok(),
-                _ = self.inner.drain.aborted() => return true,
+                _ = self.inner.drain.aborted() => return false,
                 _ = tokio::time::sleep_until(cut_at) => return true,
                 _ = tick(keep_alive) => extend(hold, keep_alive).await,
             }

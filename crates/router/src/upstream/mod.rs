@@ -136,24 +136,33 @@ impl From<UpstreamError> for RouterError {
                 404 => RouterError::NotFound(format!("upstream: {message}")),
                 // The upstream's own rate limit, passed on with its `Retry-After` (as `RetryInfo`
                 // and the HTTP header): clients back off as long as the provider asked.
-                429 => RouterError::Quota(Box::new(QuotaRefusal {
-                    reason: Reason::UpstreamRateLimited,
-                    message: match retry_after {
-                        Some(after) => format!(
+                429 => {
+                    // Whole seconds, at least one, as `Retry-After` goes over HTTP: gRPC clients
+                    // get the same wait (a past date asked for none).
+                    let retry_after =
+                        retry_after.map(|d| Duration::from_secs(syft_error::retry_after_secs(d)));
+                    RouterError::Quota(Box::new(QuotaRefusal {
+                        reason: Reason::UpstreamRateLimited,
+                        message: match retry_after {
+                            Some(after) => format!(
                             "the upstream's rate limit refused the request; nothing was charged, \
                              retry in {} s",
                             syft_error::retry_after_secs(after)
                         ),
-                        None => "the upstream's rate limit refused the request; nothing was \
+                            None => "the upstream's rate limit refused the request; nothing was \
                                  charged, retry later"
-                            .into(),
-                    },
-                    details: QuotaDetails {
-                        retry_after,
-                        violations: vec![("upstream".into(), "the upstream's rate limit".into())],
-                    },
-                    headers: Default::default(),
-                })),
+                                .into(),
+                        },
+                        details: QuotaDetails {
+                            retry_after,
+                            violations: vec![(
+                                "upstream".into(),
+                                "the upstream's rate limit".into(),
+                            )],
+                        },
+                        headers: Default::default(),
+                    }))
+                }
                 401 | 403 => {
                     RouterError::Unavailable("upstream rejected the router's credentials".into())
                 }

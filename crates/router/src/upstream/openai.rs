@@ -75,9 +75,10 @@ impl OpenAiUpstream {
     }
 
     /// Sends the request, retrying connect errors and 429/502/503/504 with exponential backoff,
-    /// or after the upstream's `Retry-After` when it is longer. A wait that would end past
-    /// `deadline` is not taken: the error is returned at once (with its `Retry-After`), rather
-    /// than a timeout at the deadline. Returns a response with a success status.
+    /// or after the upstream's `Retry-After` when it is longer. A wait longer than half the time
+    /// left before `deadline` is not taken: the error is returned at once (with its
+    /// `Retry-After`), rather than a timeout at the deadline. Returns a response with a success
+    /// status.
     async fn send(
         &self,
         body: &serde_json::Value,
@@ -103,7 +104,10 @@ impl OpenAiUpstream {
             let delay = err
                 .retry_after()
                 .map_or(backoff, |after| after.max(backoff));
-            if tokio::time::Instant::now() + delay >= deadline {
+            // A wait that leaves the retry less time than it took is not taken: the retry would
+            // most likely end in a timeout, telling the client less than this error does.
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if delay > left / 2 {
                 return Err(err);
             }
             tracing::warn!(attempt, error = %err, delay_ms = delay.as_millis() as u64, "retrying upstream");
