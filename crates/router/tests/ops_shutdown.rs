@@ -56,8 +56,9 @@ async fn collect_stream(
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_finishes_short_requests_and_voids_the_rest() {
+/// A router with `grace` for its shutdown, over a funded ledger and an upstream whose requests
+/// only the shutdown may end.
+async fn stack(grace: Duration) -> (RouterHandle, FakeUpstream, LedgerServer, Account, String) {
     let db = Db::sqlite();
     let funded = Funded::start(&db, Duration::from_secs(300)).await;
     let upstream = FakeUpstream::start().await;
@@ -66,19 +67,18 @@ async fn shutdown_finishes_short_requests_and_voids_the_rest() {
         Pricing::per_request(PRICE),
         Some(&upstream.base_url),
     );
-    let Funded {
-        ledger,
-        alice,
-        token,
-        ..
-    } = funded;
-    // Only the shutdown may end the stalled requests.
     if let UpstreamConfig::OpenAi(o) = &mut config.upstream {
         o.request_timeout = Duration::from_secs(120);
         o.idle_timeout = Duration::from_secs(120);
     }
-    config.shutdown_grace = GRACE;
-    let mut router = RouterHandle::start(config).await;
+    config.shutdown_grace = grace;
+    let router = RouterHandle::start(config).await;
+    (router, upstream, funded.ledger, funded.alice, funded.token)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_short_requests_and_voids_the_rest() {
+    let (mut router, upstream, ledger, alice, token) = stack(GRACE).await;
     let client = router.client().await;
 
     // A: unary, answers after 700 ms (inside the grace period).
@@ -178,4 +178,48 @@ async fn shutdown_finishes_short_requests_and_voids_the_rest() {
     assert_consistent(&ledger.store).await;
     let usage = usage_of(&ledger.url, &alice.email).await;
     assert_eq!(usage.len(), 4, "one usage row per request: {usage:?}");
+}
+
+/// A paid stream whose upstream finished while its client (a 64-byte flow-control window) had
+/// stopped reading, 20 deltas and the final event short: the router waits for the client to read
+/// its answer before charging it, and when the shutdown's grace period ends first the hold is
+/// voided, not captured (the client never gets the end). Before, the abort charged it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_unread_at_the_shutdown_is_voided() {
+    let grace = Duration::from_secs(1);
+    let (mut router, upstream, ledger, alice, token) = stack(grace).await;
+    upstream.set_mode(Mode::PausingStream(
+        Duration::from_millis(5),
+        80,
+        Duration::from_millis(300),
+    ));
+    let channel = tonic::transport::Endpoint::from_shared(router.grpc_url.clone())
+        .expect("url")
+        .initial_stream_window_size(64)
+        .connect()
+        .await
+        .expect("connect");
+    let mut client = syft_proto::router::router_client::RouterClient::new(channel);
+    let mut events = ok(client.chat_stream(request(&alice, &token, "unread")).await);
+    for read in 0..80 {
+        let event = events.next().await;
+        assert!(matches!(&event, Some(Ok(_))), "event {read}: {event:?}");
+    }
+    // The upstream's last 20 chunks come within 400 ms, into the router's queue.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let held = account(&ledger.url, &alice.email).await;
+    assert_eq!(held.held_micros, PRICE, "waiting for its reader");
+    router.shutdown();
+    router.join().await.expect("serve returns Ok");
+    drop(events);
+    let transfers = transfers_of(&ledger.url, &alice.email).await;
+    assert_eq!(transfers.len(), 1);
+    assert_eq!(
+        transfers[0].status(),
+        TransferStatus::Cancelled,
+        "{transfers:?}"
+    );
+    let money = account(&ledger.url, &alice.email).await;
+    assert_eq!((money.balance_micros, money.held_micros), (FUNDS, 0));
+    assert_consistent(&ledger.store).await;
 }

@@ -42,6 +42,17 @@ async fn a_long_retry_after_is_passed_on_at_once() {
         "{err:?}"
     );
     assert_eq!(s.upstream.hits(), 1, "not retried");
+    // A stream is refused the same way, before its first event.
+    let err = c
+        .chat_stream(s.request("hi"))
+        .await
+        .expect_err("stream rate limited");
+    assert_eq!(reason(&err).as_deref(), Some("UPSTREAM_RATE_LIMITED"));
+    assert_eq!(
+        syft_error::retry_after_of(&err),
+        Some(Duration::from_secs(30))
+    );
+    assert_eq!(s.upstream.hits(), 2, "not retried");
 
     let refused = reqwest::Client::new()
         .post(s.router.chat_completions_url())
@@ -60,8 +71,8 @@ async fn a_long_retry_after_is_passed_on_at_once() {
     let body: serde_json::Value = refused.json().await.expect("json");
     assert_eq!(body["error"]["code"], "upstream_rate_limited", "{body}");
     assert_eq!(body["error"]["type"], "rate_limit_error", "{body}");
-    assert_eq!(s.upstream.hits(), 2);
-    all_voided(&s, 2).await;
+    assert_eq!(s.upstream.hits(), 3);
+    all_voided(&s, 3).await;
 }
 
 /// The upstream asks for 1 s once: the router waits that long (not its 20-ms backoff), retries
