@@ -370,10 +370,40 @@ async fn get_user(
     user_reply(StatusCode::OK, &ledger.account(&caller, &email).await?)
 }
 
-async fn list_users(State(ledger): State<Ledger>, Authed(caller): Authed) -> Reply {
-    let accounts = ledger.list_accounts(&caller).await?;
-    let users: Vec<_> = accounts.iter().map(user_json).collect();
-    ok(StatusCode::OK, serde_json::json!({ "users": users }))
+/// `limit` (1–500) or `pageToken` asks for a page, in creation order, with the next page's token
+/// (`nextPageToken`, empty on the last). Without either, every account, as the SDK expects.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct UsersQuery {
+    limit: Option<u32>,
+    page_token: Option<String>,
+}
+
+async fn list_users(
+    State(ledger): State<Ledger>,
+    Authed(caller): Authed,
+    Query(query): Query<UsersQuery>,
+) -> Reply {
+    if query.limit.is_none() && query.page_token.is_none() {
+        let accounts = ledger.list_accounts(&caller).await?;
+        let users: Vec<_> = accounts.iter().map(user_json).collect();
+        return ok(StatusCode::OK, serde_json::json!({ "users": users }));
+    }
+    let limit = match query.limit {
+        None => 0,
+        Some(n) if (1..=500).contains(&n) => n,
+        Some(n) => {
+            return Err(LedgerError::invalid(format!("limit {n} must be between 1 and 500")).into())
+        }
+    };
+    let page = ledger
+        .list_accounts_page(&caller, query.page_token.as_deref().unwrap_or(""), limit)
+        .await?;
+    let (users, next) = page.convert(user_json);
+    ok(
+        StatusCode::OK,
+        serde_json::json!({ "users": users, "nextPageToken": next }),
+    )
 }
 
 async fn my_info(State(ledger): State<Ledger>, Authed(caller): Authed) -> Reply {

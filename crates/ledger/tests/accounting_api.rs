@@ -660,7 +660,52 @@ async fn errors_before_the_handler_are_json(h: Harness) -> Harness {
     h
 }
 
+/// `/users` pages on request (`limit`, `pageToken`), in creation order, every account once;
+/// without either it lists every account, as the SDK expects. Bad paging is refused.
+async fn users_are_paged(h: Harness) -> Harness {
+    let api = Rest::new(&h);
+    for i in 0..5 {
+        api.user(&format!("u{i}@example.com"), "user-password", "0")
+            .await;
+    }
+    let (s, all) = api.get("/users", Auth::Admin).await;
+    assert_eq!(s, StatusCode::OK, "{all}");
+    let all: Vec<Value> = all["users"].as_array().cloned().unwrap_or_default();
+    assert_eq!(all.len(), 5);
+    let (mut paged, mut token, mut pages) = (Vec::new(), String::new(), 0);
+    loop {
+        let path = match token.as_str() {
+            "" => "/users?limit=2".to_string(),
+            t => format!("/users?limit=2&pageToken={t}"),
+        };
+        let (s, v) = api.get(&path, Auth::Admin).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        paged.extend(v["users"].as_array().cloned().unwrap_or_default());
+        pages += 1;
+        token = v["nextPageToken"].as_str().unwrap_or_default().to_string();
+        if token.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(paged, all);
+    for (path, want) in [
+        ("/users?limit=0", StatusCode::BAD_REQUEST),
+        ("/users?limit=501", StatusCode::BAD_REQUEST),
+        ("/users?limit=two", StatusCode::BAD_REQUEST),
+        ("/users?pageToken=not-a-token", StatusCode::BAD_REQUEST),
+    ] {
+        let (s, v) = api.get(path, Auth::Admin).await;
+        assert_eq!(s, want, "{path}: {v}");
+    }
+    let user = Auth::Basic("u0@example.com", "user-password");
+    let (s, v) = api.get("/users?limit=2", user).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    h
+}
+
 store_suite!(
+    users_are_paged,
     errors_before_the_handler_are_json,
     users_and_passwords,
     delegated_confirm_and_cancel,
