@@ -47,7 +47,7 @@ pub fn http_router(service: RouterService) -> Router {
         .max_prompt_bytes
         .saturating_mul(2)
         .saturating_add(64 * 1024);
-    Router::new()
+    let router = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/chat", post(crate::syft_http::chat))
         .route("/search", post(crate::syft_http::search))
@@ -76,7 +76,12 @@ pub fn http_router(service: RouterService) -> Router {
             *resp.status_mut() = http::StatusCode::METHOD_NOT_ALLOWED;
             resp
         })
-        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(DefaultBodyLimit::max(body_limit));
+    let router = match crate::cors::layer(&service.config().cors_origins) {
+        Some(cors) => router.layer(cors),
+        None => router,
+    };
+    router
         .layer(syft_telemetry::RequestLayer(syft_telemetry::Server::Http(
             "router",
         )))

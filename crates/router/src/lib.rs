@@ -8,6 +8,7 @@
 //! - [`serve`]: runs both on given listeners until shutdown.
 
 pub mod config;
+mod cors;
 mod drain;
 mod endpoints;
 pub mod error;

@@ -112,6 +112,8 @@ struct RawConfig<N> {
     limiter: RawLimiter,
     #[serde(default)]
     ledger: RawLedger,
+    #[serde(default)]
+    cors_origins: Vec<String>,
 }
 
 fn default_services<N>() -> Vec<RawService<N>> {
@@ -290,6 +292,7 @@ impl<N: NumberText> RawConfig<N> {
             tls: None,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             http: syft_server::HttpLimits::default(),
+            cors_origins: self.cors_origins,
         };
         config.validate()?;
         Ok(config)
@@ -503,6 +506,29 @@ mod tests {
         ))
         .expect("spool without sync");
         assert!(!c.ledger.usage_spool_sync);
+    }
+
+    #[test]
+    fn cors_origins_are_origins() {
+        let with = |origins: &str| {
+            RouterConfig::from_json_str(&format!(
+                r#"{{"name":"r","owner_email":"o@x.org","cors_origins":{origins}}}"#
+            ))
+        };
+        let c = with(r#"["https://app.example","http://localhost:3000","*"]"#).expect("origins");
+        assert_eq!(c.cors_origins.len(), 3);
+        // A path or trailing slash never equals a browser's `Origin`; the rest are not origins.
+        for bad in [
+            "https://app.example/",
+            "https://app.example/chat",
+            "app.example",
+            "ftp://app.example",
+            "https://",
+            "https://u@app.example",
+        ] {
+            let err = with(&format!("[{bad:?}]")).expect_err(bad);
+            assert!(err.to_string().contains("cors_origins"), "{bad}: {err}");
+        }
     }
 
     #[test]

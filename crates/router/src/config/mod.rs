@@ -325,6 +325,9 @@ pub struct RouterConfig {
     pub shutdown_grace: Duration,
     /// Idle timeout and connection cap of the HTTP listener (not read from the config file).
     pub http: syft_server::HttpLimits,
+    /// Web origins (`https://app.example`, or `*` for any) whose pages may call the HTTP APIs from
+    /// a browser (CORS). Empty: none, and browsers keep cross-origin pages out.
+    pub cors_origins: Vec<String>,
 }
 
 /// Default [`RouterConfig::max_stream_duration`].
@@ -359,6 +362,7 @@ impl RouterConfig {
             tls: None,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             http: syft_server::HttpLimits::default(),
+            cors_origins: Vec::new(),
         }
     }
 
@@ -426,6 +430,9 @@ impl RouterConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.name.trim().is_empty() {
             return Err(invalid("name must not be empty"));
+        }
+        for origin in &self.cors_origins {
+            validate_origin(origin)?;
         }
         if !crate::validate::is_valid_email(&self.owner_email) {
             return Err(invalid(format!(
@@ -513,6 +520,29 @@ impl RouterConfig {
         }
         Ok(())
     }
+}
+
+/// `*`, or an origin as browsers send it: `http` or `https`, a host, maybe a port, nothing after
+/// (a trailing `/` or a path never matches the `Origin` header, so it would allow nothing).
+fn validate_origin(origin: &str) -> Result<(), ConfigError> {
+    if origin == "*" {
+        return Ok(());
+    }
+    let bad = || {
+        invalid(format!(
+            "cors_origins: {origin:?} is not an origin like \"https://app.example\" (scheme and \
+             host, maybe a port, no path) or \"*\""
+        ))
+    };
+    let rest = origin
+        .strip_prefix("https://")
+        .or_else(|| origin.strip_prefix("http://"))
+        .ok_or_else(bad)?;
+    let authority: http::uri::Authority = rest.parse().map_err(|_| bad())?;
+    if authority.as_str() != rest || rest.contains('@') || authority.host().is_empty() {
+        return Err(bad());
+    }
+    Ok(())
 }
 
 fn validate_currency(c: &str) -> Result<(), ConfigError> {
