@@ -314,12 +314,17 @@ struct CreateUser {
     organization: Option<String>,
 }
 
-async fn create_user(State(ledger): State<Ledger>, Peer(peer): Peer, bytes: Bytes) -> Reply {
+async fn create_user(
+    State(ledger): State<Ledger>,
+    Peer(peer): Peer,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> Reply {
     let req: CreateUser = body(&bytes)?;
-    ledger.count_signup(peer)?;
-    if req.password.is_some() {
-        ledger.count_guess(peer)?;
-    }
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    ledger.count_signup(peer, authorization, req.password.is_some())?;
     let (account, password) = ledger
         .register(
             req.email,

@@ -47,19 +47,13 @@ pub fn http_router(service: RouterService) -> Router {
         .max_prompt_bytes
         .saturating_mul(2)
         .saturating_add(64 * 1024);
-    let router = Router::new()
+    let api = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/chat", post(crate::syft_http::chat))
         .route("/search", post(crate::syft_http::search))
         .route("/health", get(crate::syft_http::health))
         .route("/v1/models", get(list_models))
         .route("/v1/limits", get(limits_left))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route(
-            "/metrics",
-            get(|| async { syft_telemetry::metrics::response() }),
-        )
         // Unknown paths and methods answer in the API's error shape (they were empty bodies).
         .fallback(|| async {
             ApiError::from(RouterError::NotFound(
@@ -68,24 +62,36 @@ pub fn http_router(service: RouterService) -> Router {
                     .into(),
             ))
         })
-        .method_not_allowed_fallback(|method: http::Method| async move {
-            let mut resp = ApiError::from(RouterError::InvalidArgument(format!(
-                "method {method} is not served on this path"
-            )))
-            .into_response();
-            *resp.status_mut() = http::StatusCode::METHOD_NOT_ALLOWED;
-            resp
-        })
-        .layer(DefaultBodyLimit::max(body_limit));
-    let router = match crate::cors::layer(&service.config().cors_origins) {
-        Some(cors) => router.layer(cors),
-        None => router,
+        .method_not_allowed_fallback(not_allowed);
+    // Before the operator's routes join: pages of an allowed origin read the APIs (errors
+    // included), not the metrics or probes.
+    let api = match crate::cors::layer(&service.config().cors_origins) {
+        Some(cors) => api.layer(cors),
+        None => api,
     };
-    router
+    let ops = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route(
+            "/metrics",
+            get(|| async { syft_telemetry::metrics::response() }),
+        )
+        .method_not_allowed_fallback(not_allowed);
+    api.merge(ops)
+        .layer(DefaultBodyLimit::max(body_limit))
         .layer(syft_telemetry::RequestLayer(syft_telemetry::Server::Http(
             "router",
         )))
         .with_state(service)
+}
+
+async fn not_allowed(method: http::Method) -> Response {
+    let mut resp = ApiError::from(RouterError::InvalidArgument(format!(
+        "method {method} is not served on this path"
+    )))
+    .into_response();
+    *resp.status_mut() = http::StatusCode::METHOD_NOT_ALLOWED;
+    resp
 }
 
 async fn healthz() -> &'static str {

@@ -57,6 +57,29 @@ async fn allowed_origins_may_call_from_a_browser() {
     assert_eq!(header(&answer, "access-control-expose-headers"), Some("*"));
     assert!(header(&answer, "x-syft-cost-micros").is_some());
 
+    // A refusal is readable too (here: no payment), and the operator's routes are not.
+    let refused = reqwest::Client::new()
+        .post(&url)
+        .header("origin", APP)
+        .json(
+            &json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}],
+                      "user": s.alice.email}),
+        )
+        .send()
+        .await
+        .expect("unpaid");
+    assert_eq!(refused.status(), StatusCode::PAYMENT_REQUIRED);
+    assert_eq!(header(&refused, "access-control-allow-origin"), Some(APP));
+    for path in ["/metrics", "/readyz"] {
+        let r = reqwest::Client::new()
+            .get(format!("{}{path}", s.router.http_url))
+            .header("origin", APP)
+            .send()
+            .await
+            .expect("ops");
+        assert!(r.status().is_success(), "{path}: {r:?}");
+        assert_eq!(header(&r, "access-control-allow-origin"), None, "{path}");
+    }
     let foreign = preflight(&url, "https://evil.example").await;
     assert_eq!(header(&foreign, "access-control-allow-origin"), None);
     s.finish().await;

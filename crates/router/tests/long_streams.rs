@@ -88,8 +88,9 @@ async fn a_client_that_stops_reading_a_stream_is_still_charged() {
 }
 
 /// A client behind a slow link (a 64-byte flow-control window) reads 80 of the answer's 100
-/// deltas (the upstream pauses there, so the reader is never far behind: a reader far behind gets
-/// the router's whole queue handed to HTTP/2 at its next window update, which counts as read),
+/// deltas (the upstream waits there for the test, so the reader is never behind: a reader far
+/// behind gets the router's whole queue handed to HTTP/2 at its next window update, which
+/// counts as read),
 /// stops while the upstream finishes (the last 20 wait in the router's queue for it), then
 /// leaves. It never had the end of its answer, so it is not charged: the capture waits until
 /// the client has taken every delta. Before, the capture ran when the upstream ended, and the
@@ -98,11 +99,8 @@ async fn a_client_that_stops_reading_a_stream_is_still_charged() {
 async fn a_client_that_leaves_before_reading_the_end_is_not_charged() {
     let ttl = Duration::from_secs(60);
     let s = Stack::start_with(Db::sqlite(), Pricing::per_request(PRICE), ttl, |_| {}).await;
-    s.upstream.set_mode(Mode::PausingStream(
-        Duration::from_millis(5),
-        80,
-        Duration::from_millis(300),
-    ));
+    s.upstream
+        .set_mode(Mode::GatedStream(Duration::from_millis(5), 80));
     let channel = tonic::transport::Endpoint::from_shared(s.router.grpc_url.clone())
         .expect("url")
         .initial_stream_window_size(64)
@@ -120,8 +118,10 @@ async fn a_client_that_leaves_before_reading_the_end_is_not_charged() {
             other => panic!("event {read}: {other:?}"),
         }
     }
-    // The upstream's last 20 chunks come within 400 ms; they wait in the router's queue.
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // Only now the upstream sends its last 20 chunks; they wait in the router's queue.
+    s.upstream.open_gate();
+    s.upstream.wait_streams_sent(1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         s.alice_money().await.1,
         PRICE,

@@ -188,11 +188,7 @@ async fn shutdown_finishes_short_requests_and_voids_the_rest() {
 async fn an_answer_unread_at_the_shutdown_is_voided() {
     let grace = Duration::from_secs(1);
     let (mut router, upstream, ledger, alice, token) = stack(grace).await;
-    upstream.set_mode(Mode::PausingStream(
-        Duration::from_millis(5),
-        80,
-        Duration::from_millis(300),
-    ));
+    upstream.set_mode(Mode::GatedStream(Duration::from_millis(5), 80));
     let channel = tonic::transport::Endpoint::from_shared(router.grpc_url.clone())
         .expect("url")
         .initial_stream_window_size(64)
@@ -205,8 +201,10 @@ async fn an_answer_unread_at_the_shutdown_is_voided() {
         let event = events.next().await;
         assert!(matches!(&event, Some(Ok(_))), "event {read}: {event:?}");
     }
-    // The upstream's last 20 chunks come within 400 ms, into the router's queue.
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Only now the upstream sends its last 20 chunks, into the router's queue.
+    upstream.open_gate();
+    upstream.wait_streams_sent(1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let held = account(&ledger.url, &alice.email).await;
     assert_eq!(held.held_micros, PRICE, "waiting for its reader");
     router.shutdown();

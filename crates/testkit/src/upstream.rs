@@ -52,8 +52,10 @@ pub enum Mode {
     EmptyChoices,
     /// Streams: one chunk per `Duration`, 100 chunks, then the finish and `[DONE]`.
     SlowStream(Duration),
-    /// [`Mode::SlowStream`] that pauses `.2` before chunk `.1` (a reader can catch up there).
-    PausingStream(Duration, u32, Duration),
+    /// [`Mode::SlowStream`] that stops before chunk `.1` until [`FakeUpstream::open_gate`] (a
+    /// test's reader can catch up there); [`FakeUpstream::streams_sent`] counts the ones sent
+    /// to their end.
+    GatedStream(Duration, u32),
     /// Streams one chunk, then stalls.
     StreamStall,
     /// Streams one chunk, then garbage.
@@ -76,6 +78,10 @@ pub struct FakeUpstream {
 
 struct UpState {
     mode: Mutex<Mode>,
+    /// Permits for [`Mode::GatedStream`] to go on.
+    gate: Arc<tokio::sync::Semaphore>,
+    /// Streams of [`Mode::GatedStream`] whose last event was handed over.
+    sent: Arc<AtomicUsize>,
     hits: AtomicUsize,
     last_body: Mutex<Option<Value>>,
 }
@@ -84,6 +90,8 @@ impl FakeUpstream {
     pub async fn start() -> Self {
         let state = Arc::new(UpState {
             mode: Mutex::new(Mode::Ok),
+            gate: Arc::new(tokio::sync::Semaphore::new(0)),
+            sent: Arc::new(AtomicUsize::new(0)),
             hits: AtomicUsize::new(0),
             last_body: Mutex::new(None),
         });
@@ -106,6 +114,29 @@ impl FakeUpstream {
 
     pub fn set_mode(&self, mode: Mode) {
         *self.state.mode.lock().expect("lock") = mode;
+    }
+
+    /// Lets one [`Mode::GatedStream`] past its gate.
+    pub fn open_gate(&self) {
+        self.state.gate.add_permits(1);
+    }
+
+    /// [`Mode::GatedStream`] streams sent to their end (`[DONE]` handed to the connection).
+    pub fn streams_sent(&self) -> usize {
+        self.state.sent.load(Ordering::SeqCst)
+    }
+
+    /// Waits (10 s at most) until `n` [`Mode::GatedStream`] streams were sent to their end.
+    pub async fn wait_streams_sent(&self, n: usize) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while self.streams_sent() < n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} of {n} gated streams sent",
+                self.streams_sent()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     pub fn hits(&self) -> usize {
@@ -255,32 +286,41 @@ async fn upstream_handler(State(state): State<Arc<UpState>>, Json(body): Json<Va
             Ok(sse(&chunk(&model, None, Some("stop")))),
             Ok("data: [DONE]\n\n".to_string()),
         ])),
-        Mode::SlowStream(_) | Mode::PausingStream(..) => {
-            let (every, pause_at, pause) = match mode {
-                Mode::PausingStream(every, at, pause) => (every, at, pause),
-                Mode::SlowStream(every) => (every, u32::MAX, Duration::ZERO),
+        Mode::SlowStream(_) | Mode::GatedStream(..) => {
+            let (every, gate_at) = match mode {
+                Mode::GatedStream(every, at) => (every, at),
+                Mode::SlowStream(every) => (every, u32::MAX),
                 _ => unreachable!("matched above"),
             };
             let model = model.clone();
+            let (gate, sent) = (state.gate.clone(), state.sent.clone());
             let end = vec![
                 Ok(sse(&chunk(&model, None, Some("stop")))),
                 Ok("data: [DONE]\n\n".to_string()),
             ];
+            let counted = futures::stream::once(async move {
+                if gate_at != u32::MAX {
+                    sent.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+            .filter_map(|()| async { None::<Result<String, Infallible>> });
             Box::pin(
                 futures::stream::unfold(0u32, move |i| {
-                    let model = model.clone();
+                    let (model, gate) = (model.clone(), gate.clone());
                     async move {
                         if i >= 100 {
                             return None;
                         }
-                        if i == pause_at {
-                            tokio::time::sleep(pause).await;
+                        if i == gate_at {
+                            // A closed gate is never closed: `open_gate` adds a permit.
+                            let _ = gate.acquire().await.map(|p| p.forget());
                         }
                         tokio::time::sleep(every).await;
                         Some((Ok(sse(&chunk(&model, Some("tick "), None))), i + 1))
                     }
                 })
-                .chain(futures::stream::iter(end)),
+                .chain(futures::stream::iter(end))
+                .chain(counted),
             )
         }
         Mode::StreamStall => {

@@ -219,23 +219,35 @@ impl Ledger {
         Ok(())
     }
 
-    /// Counts an account created by `peer` through open registration, refused once the address
-    /// created `accounts_per_address` in the window: anyone may register, and nothing else
-    /// bounded how many accounts (rows, and emails the `/users` listing carries) one client could
-    /// add. Counted before the creation, so refused attempts count too.
-    pub(crate) fn count_signup(&self, peer: Option<IpAddr>) -> Result<()> {
+    /// Open registration (`/user/create`) from `peer`: refused once the address made
+    /// `accounts_per_address` attempts in the window, then, with a chosen `password`, counted as a
+    /// guess (`count_guess`), then counted as an attempt. Anyone may register, and nothing else
+    /// bounded how many accounts (rows, and entries of every `/users` answer) one client could
+    /// add, nor how many emails it could test for an account (`409`). A request carrying the admin
+    /// key (the SDK's `AdminClient.create_user`, a bulk import) is not counted: the operator's.
+    pub(crate) fn count_signup(
+        &self,
+        peer: Option<IpAddr>,
+        authorization: Option<&str>,
+        password: bool,
+    ) -> Result<()> {
         let Some(addr) = peer else {
             return Ok(());
         };
-        let now = Instant::now();
-        if let Err(wait) = self.signups.check(addr, now) {
+        if crate::auth::is_admin_bearer(self.config.admin_key.expose(), authorization) {
+            return Ok(());
+        }
+        if let Err(wait) = self.signups.check(addr, Instant::now()) {
             return Err(crate::address_throttle::too_many_accounts(
                 addr,
                 wait,
                 self.config.accounts_per_address,
             ));
         }
-        self.signups.failed(addr, now);
+        if password {
+            self.count_guess(peer)?;
+        }
+        self.signups.failed(addr, Instant::now());
         Ok(())
     }
 

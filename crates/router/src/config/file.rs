@@ -472,7 +472,8 @@ mod tests {
                 r#""modles":["m"]"#,
                 "invalid JSON config at modles: unknown field `modles`, expected one of `name`, \
                  `description`, `owner_email`, `services`, `models`, `upstream`, `search`, \
-                 `limits`, `rate_limits`, `budgets`, `limiter`, `ledger` at line 1 column 50",
+                 `limits`, `rate_limits`, `budgets`, `limiter`, `ledger`, `cors_origins` at line \
+                 1 column 50",
             ),
         ] {
             let err = RouterConfig::from_json_str(&format!("{{{base},{extra}}}")).expect_err(extra);
@@ -515,8 +516,9 @@ mod tests {
                 r#"{{"name":"r","owner_email":"o@x.org","cors_origins":{origins}}}"#
             ))
         };
-        let c = with(r#"["https://app.example","http://localhost:3000","*"]"#).expect("origins");
-        assert_eq!(c.cors_origins.len(), 3);
+        let c = with(r#"["https://app.example","http://localhost:3000","http://[::1]:8080","*"]"#)
+            .expect("origins");
+        assert_eq!(c.cors_origins.len(), 4);
         // A path or trailing slash never equals a browser's `Origin`; the rest are not origins.
         for bad in [
             "https://app.example/",
@@ -525,6 +527,10 @@ mod tests {
             "ftp://app.example",
             "https://",
             "https://u@app.example",
+            "https://App.Example",
+            "https://app.example:443",
+            "https://app.example:abc",
+            "https://*.app.example",
         ] {
             let err = with(&format!("[{bad:?}]")).expect_err(bad);
             assert!(err.to_string().contains("cors_origins"), "{bad}: {err}");

@@ -212,14 +212,17 @@ impl RouterService {
         // that dropped with up to 32 events unread and no final event). A free one moves no money
         // and does not keep its slot for a reader that stalled.
         let end = match end {
-            End::Done
-                if !cut
-                    && hold.is_some()
-                    && !self
-                        .read_by_client(&tx, &mut hold, &mut keep_alive, max_end)
-                        .await =>
-            {
-                End::Cancelled
+            End::Done if !cut && hold.is_some() => {
+                match self
+                    .read_by_client(&tx, &mut hold, &mut keep_alive, max_end)
+                    .await
+                {
+                    Reading::Done => End::Done,
+                    Reading::Left => End::Cancelled,
+                    // The router stopped it, not the client: a failure (voided, its rate-window
+                    // reservation given back, and the client told why if it is still there).
+                    Reading::Aborted => End::Failed(UpstreamError::ShuttingDown),
+                }
             }
             other => other,
         };
@@ -247,7 +250,12 @@ impl RouterService {
             End::Failed(e) => {
                 self.fail(&p, hold, &e, started, upstream_ms).await;
                 metrics::observe_failure(self.provider(), "stream", &e, started, upstream_time);
-                send_last(&tx, Err(e.into())).await;
+                if matches!(e, UpstreamError::ShuttingDown) {
+                    // The connections close within seconds: told if there is room, not waited for.
+                    let _ = tx.try_send(Err(e.into()));
+                } else {
+                    send_last(&tx, Err(e.into())).await;
+                }
             }
             // `Cut` was turned into `Done` above.
             End::Done | End::Cut => {
@@ -288,17 +296,16 @@ impl RouterService {
 
 impl RouterService {
     /// Waits until the client has taken every event queued for it, keeping the hold alive
-    /// meanwhile; `false` if the client left first, or if the router must stop before it read
-    /// them (a shutdown's abort: the connection is closed within seconds, the answer unread). A
-    /// stream bound reached while waiting settles the answer as it is: the hold must be resolved
-    /// before it expires.
+    /// meanwhile. A shutdown's abort ends the wait (the connection is closed within seconds, the
+    /// answer unread); a stream bound reached while waiting settles the answer as it is (the hold
+    /// must be resolved before it expires).
     async fn read_by_client(
         &self,
         tx: &mpsc::Sender<Result<ChatStreamEvent, RouterError>>,
         hold: &mut Option<HoldGuard>,
         keep_alive: &mut Option<tokio::time::Interval>,
         max_end: tokio::time::Instant,
-    ) -> bool {
+    ) -> Reading {
         loop {
             let cut_at = hold
                 .as_ref()
@@ -307,13 +314,25 @@ impl RouterService {
                 // A queue the client emptied wins over everything else that is ready.
                 biased;
                 // Every slot free: the queue is empty (the permits go back when dropped).
-                all = tx.reserve_many(tx.max_capacity()) => return all.is_ok(),
-                _ = self.inner.drain.aborted() => return false,
-                _ = tokio::time::sleep_until(cut_at) => return true,
+                all = tx.reserve_many(tx.max_capacity()) => {
+                    return if all.is_ok() { Reading::Done } else { Reading::Left };
+                }
+                _ = self.inner.drain.aborted() => return Reading::Aborted,
+                _ = tokio::time::sleep_until(cut_at) => return Reading::Done,
                 _ = tick(keep_alive) => extend(hold, keep_alive).await,
             }
         }
     }
+}
+
+/// How the wait for a stream's reader ended.
+enum Reading {
+    /// The client took every event (or a stream bound says to settle now).
+    Done,
+    /// The client left.
+    Left,
+    /// The router is shutting down and cannot wait longer.
+    Aborted,
 }
 
 /// Extends the hold on a keep-alive tick; a hold that cannot be extended stops the ticks (the
