@@ -41,34 +41,16 @@ async fn allowed_origins_may_call_from_a_browser() {
     let allowed = header(&ok, "access-control-allow-headers").unwrap_or_default();
     assert!(allowed.contains("authorization"), "{allowed}");
     assert!(allowed.contains("x-stainless-os"), "{allowed}");
-    let answer = reqwest::Client::new()
-        .post(&url)
-        .header("origin", APP)
-        .bearer_auth(&s.token)
-        .json(
-            &json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}],
-                      "user": s.alice.email}),
-        )
-        .send()
-        .await
-        .expect("call");
+    let from_app = |extra| s.openai_chat(extra).header("origin", APP).send();
+    let answer = from_app(json!({})).await.expect("call");
     assert_eq!(answer.status(), StatusCode::OK);
     assert_eq!(header(&answer, "access-control-allow-origin"), Some(APP));
     assert_eq!(header(&answer, "access-control-expose-headers"), Some("*"));
     assert!(header(&answer, "x-syft-cost-micros").is_some());
 
-    // A refusal is readable too (here: no payment), and the operator's routes are not.
-    let refused = reqwest::Client::new()
-        .post(&url)
-        .header("origin", APP)
-        .json(
-            &json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}],
-                      "user": s.alice.email}),
-        )
-        .send()
-        .await
-        .expect("unpaid");
-    assert_eq!(refused.status(), StatusCode::PAYMENT_REQUIRED);
+    // A refusal is readable too, and the operator's routes are not.
+    let refused = from_app(json!({"n": 2})).await.expect("refused");
+    assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
     assert_eq!(header(&refused, "access-control-allow-origin"), Some(APP));
     for path in ["/metrics", "/readyz"] {
         let r = reqwest::Client::new()

@@ -6,9 +6,11 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use syft_proto::ledger::TransferStatus;
-use syft_proto::router::{chat_stream_event, ChatFinal};
+use syft_proto::router::router_client::RouterClient;
+use syft_proto::router::{chat_stream_event, ChatFinal, ChatStreamEvent};
 use syft_router_svc::{Pricing, RouterConfig, UpstreamConfig};
 use syft_testkit::*;
+use tonic::transport::Channel;
 
 async fn slow_stream(
     hold_ttl: Duration,
@@ -37,13 +39,8 @@ async fn slow_stream(
 }
 
 async fn assert_charged_once(s: &Stack, last: &ChatFinal) {
-    let t = s.transfers().await;
-    assert_eq!(t.len(), 1);
-    assert_eq!(t[0].status(), TransferStatus::Completed, "{t:?}");
-    assert_eq!(t[0].id, last.transfer_id);
-    assert_eq!(t[0].captured_micros, PRICE);
-    assert_eq!(s.alice_money().await, (FUNDS - PRICE, 0, FUNDS - PRICE));
-    s.check_invariants().await;
+    assert_eq!(s.transfers().await[0].id, last.transfer_id);
+    s.assert_captured_once(PRICE).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -60,6 +57,23 @@ async fn a_stream_longer_than_its_hold_is_kept_alive_and_captured() {
     assert_charged_once(&s, &last).await;
 }
 
+/// A paid stream (holds living `hold_ttl`) from an upstream in `mode` to a client behind a slow
+/// link (`RouterHandle::slow_link_client`), and the client.
+async fn slow_reader(
+    hold_ttl: Duration,
+    mode: Mode,
+) -> (
+    Stack,
+    RouterClient<Channel>,
+    tonic::Streaming<ChatStreamEvent>,
+) {
+    let s = Stack::start_with(Db::sqlite(), Pricing::per_request(PRICE), hold_ttl, |_| {}).await;
+    s.upstream.set_mode(mode);
+    let mut c = s.router.slow_link_client().await;
+    let events = ok(c.chat_stream(s.request("tell me a long story")).await);
+    (s, c, events)
+}
+
 /// A client that stops reading a paid stream (its flow-control window full) for twice the
 /// hold's life, then reads on: the router kept the hold extended while the client's queue was
 /// full, so the whole answer arrives and is charged once. Before, the router waited in `send`,
@@ -67,18 +81,8 @@ async fn a_stream_longer_than_its_hold_is_kept_alive_and_captured() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_a_stream_is_still_charged() {
     let hold_ttl = Duration::from_secs(2);
-    let s = Stack::start_with(Db::sqlite(), Pricing::per_request(PRICE), hold_ttl, |_| {}).await;
-    s.upstream
-        .set_mode(Mode::SlowStream(Duration::from_millis(10)));
-    // A 64-byte window: the router can send a few deltas, then must wait for this client.
-    let channel = tonic::transport::Endpoint::from_shared(s.router.grpc_url.clone())
-        .expect("url")
-        .initial_stream_window_size(64)
-        .connect()
-        .await
-        .expect("connect");
-    let mut c = syft_proto::router::router_client::RouterClient::new(channel);
-    let mut events = ok(c.chat_stream(s.request("tell me a long story")).await);
+    let (s, _c, mut events) =
+        slow_reader(hold_ttl, Mode::SlowStream(Duration::from_millis(10))).await;
     tokio::time::sleep(hold_ttl * 2).await;
     let (text, last) = read_answer(&mut events).await;
     assert_eq!(text, "tick ".repeat(100), "the whole answer");
@@ -97,18 +101,8 @@ async fn a_client_that_stops_reading_a_stream_is_still_charged() {
 /// client paid for an answer it did not get.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_leaves_before_reading_the_end_is_not_charged() {
-    let ttl = Duration::from_secs(60);
-    let s = Stack::start_with(Db::sqlite(), Pricing::per_request(PRICE), ttl, |_| {}).await;
-    s.upstream
-        .set_mode(Mode::GatedStream(Duration::from_millis(5), 80));
-    let channel = tonic::transport::Endpoint::from_shared(s.router.grpc_url.clone())
-        .expect("url")
-        .initial_stream_window_size(64)
-        .connect()
-        .await
-        .expect("connect");
-    let mut c = syft_proto::router::router_client::RouterClient::new(channel);
-    let mut events = ok(c.chat_stream(s.request("tell me a long story")).await);
+    let mode = Mode::GatedStream(Duration::from_millis(5), 80);
+    let (s, c, mut events) = slow_reader(Duration::from_secs(60), mode).await;
     for read in 0..80 {
         match events.next().await {
             Some(Ok(ev)) => assert!(
@@ -169,16 +163,6 @@ async fn slower_than_its_hold() -> Stack {
     s
 }
 
-/// The stack's one request was captured at its price, once.
-async fn captured_once(s: &Stack) {
-    let t = s.transfers().await;
-    assert_eq!(t.len(), 1);
-    assert_eq!(t[0].status(), TransferStatus::Completed, "{t:?}");
-    assert_eq!(t[0].captured_micros, PRICE);
-    assert_eq!(s.alice_money().await, (FUNDS - PRICE, 0, FUNDS - PRICE));
-    s.check_invariants().await;
-}
-
 /// A unary answer slower than the hold's time to live (3 s against 2 s): the router extends the
 /// hold while it waits for the upstream, as it does for streams, so the answer is captured and
 /// returned. Before, the capture found the hold expired: the answer was withheld and the
@@ -192,7 +176,7 @@ async fn a_unary_answer_slower_than_its_hold_is_captured() {
         Err(e) => panic!("{e:?}: {:?}", s.transfers().await),
     };
     assert_eq!(answer.cost_micros, PRICE);
-    captured_once(&s).await;
+    s.assert_captured_once(PRICE).await;
 }
 
 /// The same for a stream whose upstream takes longer than the hold's life to start answering:
@@ -209,7 +193,7 @@ async fn a_stream_slower_to_start_than_its_hold_is_captured() {
     assert!(!text.is_empty());
     assert_eq!(last.finish_reason, "stop", "{last:?}");
     assert_eq!(last.cost_micros, PRICE);
-    captured_once(&s).await;
+    s.assert_captured_once(PRICE).await;
 }
 
 /// A capture the ledger refuses for good (here the hold expired while the upstream worked, its

@@ -189,13 +189,7 @@ async fn an_answer_unread_at_the_shutdown_is_voided() {
     let grace = Duration::from_secs(1);
     let (mut router, upstream, ledger, alice, token) = stack(grace).await;
     upstream.set_mode(Mode::GatedStream(Duration::from_millis(5), 80));
-    let channel = tonic::transport::Endpoint::from_shared(router.grpc_url.clone())
-        .expect("url")
-        .initial_stream_window_size(64)
-        .connect()
-        .await
-        .expect("connect");
-    let mut client = syft_proto::router::router_client::RouterClient::new(channel);
+    let mut client = router.slow_link_client().await;
     let mut events = ok(client.chat_stream(request(&alice, &token, "unread")).await);
     for read in 0..80 {
         let event = events.next().await;

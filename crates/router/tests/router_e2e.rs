@@ -1084,17 +1084,7 @@ async fn reasoning_effort_is_passed_on_and_other_tiers_refused() {
     assert!(err.message().contains("other content"), "{err:?}");
 
     let http = reqwest::Client::new();
-    let send = |extra: Value| {
-        let mut body = json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}],
-                              "user": s.alice.email});
-        if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
-            body.extend(extra.clone());
-        }
-        http.post(s.router.chat_completions_url())
-            .bearer_auth(&s.token)
-            .json(&body)
-            .send()
-    };
+    let send = |extra: Value| s.openai_chat(extra).send();
     let r = send(json!({"reasoning_effort": "minimal", "service_tier": "auto"}))
         .await
         .expect("http");
@@ -1133,10 +1123,7 @@ async fn reasoning_effort_is_passed_on_and_other_tiers_refused() {
         assert!(message.contains(says), "{extra}: {body}");
     }
     assert_eq!(s.upstream.hits(), hits, "refused before the upstream");
-    assert_eq!(
-        s.alice_money().await,
-        (FUNDS - 3 * PRICE, 0, FUNDS - 3 * PRICE)
-    );
+    s.assert_spent(3 * PRICE).await;
     s.finish().await;
 }
 

@@ -11,6 +11,16 @@ use syft_router_svc::{Pricing, UpstreamConfig};
 use syft_testkit::*;
 use tonic::Code;
 
+/// A stack whose upstream requests may take `time`.
+async fn with_request_time(time: Duration) -> Stack {
+    Stack::start_tweaked(Pricing::per_request(PRICE), |c| {
+        if let UpstreamConfig::OpenAi(o) = &mut c.upstream {
+            o.request_timeout = time;
+        }
+    })
+    .await
+}
+
 /// Every transfer of the stack was voided and its row says the upstream failed.
 async fn all_voided(s: &Stack, n: usize) {
     let t = s.transfers().await;
@@ -54,16 +64,7 @@ async fn a_long_retry_after_is_passed_on_at_once() {
     );
     assert_eq!(s.upstream.hits(), 2, "not retried");
 
-    let refused = reqwest::Client::new()
-        .post(s.router.chat_completions_url())
-        .bearer_auth(&s.token)
-        .json(
-            &json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}],
-                      "user": s.alice.email}),
-        )
-        .send()
-        .await
-        .expect("http");
+    let refused = s.openai_chat(json!({})).send().await.expect("http");
     assert_eq!(refused.status(), 429);
     assert_eq!(refused.headers()["retry-after"], "30");
     // A rate clears by itself: the OpenAI SDKs may retry (after the header's wait).
@@ -79,12 +80,7 @@ async fn a_long_retry_after_is_passed_on_at_once() {
 /// within the request's time and the answer is charged once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_retry_after_is_waited_for() {
-    let s = Stack::start_tweaked(Pricing::per_request(PRICE), |c| {
-        if let UpstreamConfig::OpenAi(o) = &mut c.upstream {
-            o.request_timeout = Duration::from_secs(5);
-        }
-    })
-    .await;
+    let s = with_request_time(Duration::from_secs(5)).await;
     s.upstream.set_mode(Mode::RateLimited("1".into(), 1));
     let mut c = s.client().await;
     let started = Instant::now();
@@ -96,23 +92,14 @@ async fn a_short_retry_after_is_waited_for() {
     );
     assert_eq!(s.upstream.hits(), 2);
     assert_eq!(answer.cost_micros, PRICE);
-    let t = s.transfers().await;
-    assert_eq!(t.len(), 1);
-    assert_eq!(t[0].status(), TransferStatus::Completed);
-    assert_eq!(s.alice_money().await, (FUNDS - PRICE, 0, FUNDS - PRICE));
-    s.check_invariants().await;
+    s.assert_captured_once(PRICE).await;
 }
 
 /// The same 1-s wait with only 0.5 s of the request's time: not taken, so the client hears of the
 /// rate limit (and when to retry) instead of a timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wait_past_the_requests_time_is_not_taken() {
-    let s = Stack::start_tweaked(Pricing::per_request(PRICE), |c| {
-        if let UpstreamConfig::OpenAi(o) = &mut c.upstream {
-            o.request_timeout = Duration::from_millis(500);
-        }
-    })
-    .await;
+    let s = with_request_time(Duration::from_millis(500)).await;
     s.upstream.set_mode(Mode::RateLimited("1".into(), 1));
     let mut c = s.client().await;
     let err = c.chat(s.request("hi")).await.expect_err("rate limited");

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use syft_proto::ledger::{self as lpb, Transfer, UsageRecord};
+use syft_proto::ledger::{self as lpb, Transfer, TransferStatus, UsageRecord};
 use syft_proto::router::router_client::RouterClient;
 use syft_proto::router::{
     chat_stream_event, ChatFinal, ChatOptions, ChatRequest, ChatStreamEvent, Message,
@@ -98,6 +98,18 @@ impl RouterHandle {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         panic!("router did not start");
+    }
+
+    /// A client behind a slow link: a 64-byte HTTP/2 flow-control window, so the router can send
+    /// a few events and must then wait for this client to read.
+    pub async fn slow_link_client(&self) -> RouterClient<Channel> {
+        let channel = tonic::transport::Endpoint::from_shared(self.grpc_url.clone())
+            .expect("url")
+            .initial_stream_window_size(64)
+            .connect()
+            .await
+            .expect("connect");
+        RouterClient::new(channel)
     }
 
     /// Signals a graceful shutdown (in-flight requests get the configured grace).
@@ -369,6 +381,38 @@ impl Stack {
             }),
             ..chat_request(&self.alice.email, &self.token, content)
         }
+    }
+
+    /// `POST /v1/chat/completions` of "hi" from alice for `test-model`, paid with her token, with
+    /// `extra` fields merged into the body (add headers, or send it, as the test needs).
+    pub fn openai_chat(&self, extra: serde_json::Value) -> reqwest::RequestBuilder {
+        let mut body = serde_json::json!({"model": "test-model", "user": self.alice.email,
+                                          "messages": [{"role": "user", "content": "hi"}]});
+        if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+            body.extend(extra.clone());
+        }
+        reqwest::Client::new()
+            .post(self.router.chat_completions_url())
+            .bearer_auth(&self.token)
+            .json(&body)
+    }
+
+    /// Alice spent `micros` (and holds nothing).
+    pub async fn assert_spent(&self, micros: i64) {
+        assert_eq!(
+            self.alice_money().await,
+            (FUNDS - micros, 0, FUNDS - micros)
+        );
+    }
+
+    /// The stack's one request was captured at `price`, once, and the ledger is consistent.
+    pub async fn assert_captured_once(&self, price: i64) {
+        let t = self.transfers().await;
+        assert_eq!(t.len(), 1, "{t:?}");
+        assert_eq!(t[0].status(), TransferStatus::Completed, "{t:?}");
+        assert_eq!(t[0].captured_micros, price);
+        self.assert_spent(price).await;
+        self.check_invariants().await;
     }
 
     /// A search from alice with her token.
