@@ -66,14 +66,6 @@ fn scheme<'a>(header: &'a str, name: &str) -> Option<&'a str> {
     given.eq_ignore_ascii_case(name).then_some(rest)
 }
 
-/// Whether `header` is the admin key as a Bearer credential (nothing else is looked at or counted).
-pub(crate) fn is_admin_bearer(admin_key: &str, header: Option<&str>) -> bool {
-    let secret = header.and_then(|h| scheme(h, "Bearer")).map(str::trim);
-    secret.is_some_and(|s| {
-        !admin_key.is_empty() && constant_time_eq(s.as_bytes(), admin_key.as_bytes())
-    })
-}
-
 /// Resolves an `authorization` header value to a caller.
 pub async fn authenticate(store: &Store, admin_key: &str, header: Option<&str>) -> Result<Caller> {
     let header = header.ok_or_else(|| {

@@ -324,7 +324,9 @@ async fn create_user(
     let authorization = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    ledger.count_signup(peer, authorization, req.password.is_some())?;
+    ledger
+        .count_signup(peer, authorization, req.password.is_some())
+        .await?;
     let (account, password) = ledger
         .register(
             req.email,

@@ -305,8 +305,8 @@ async fn a_right_guess_in_flight_when_its_address_locks_is_refused() {
 /// Open registration is bounded per address: the `accounts_per_address`-th account created from
 /// one address is the last (a refused attempt counts too), the next is refused with 429
 /// `RATE_LIMITED` and `Retry-After` and creates nothing, while another address still registers
-/// and the admin key (a bulk import through the SDK's admin client) is not counted. Before, one
-/// client could create accounts without end.
+/// and the admin key (a bulk import through the SDK's admin client) is not counted, while a wrong
+/// key is refused. Before, one client could create accounts without end.
 #[tokio::test]
 async fn open_registration_is_bounded_per_address() {
     let h = Harness::with(false, |c| c.accounts_per_address = 3)
@@ -361,6 +361,15 @@ async fn open_registration_is_bounded_per_address() {
         .await
         .expect("admin");
     assert_eq!(as_admin.status(), 201);
+    // A wrong key is no way around the limit, nor a quick test of a key: refused as anywhere.
+    let guessed = busy
+        .post(format!("{base}/user/create"))
+        .bearer_auth("not-the-admin-key")
+        .json(&json!({"email": "guess@example.com"}))
+        .send()
+        .await
+        .expect("guess");
+    assert_eq!(guessed.status(), StatusCode::UNAUTHORIZED);
     let emails: Vec<String> = h
         .admin()
         .list_accounts(pb::ListAccountsRequest::default())

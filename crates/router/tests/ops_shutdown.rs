@@ -215,3 +215,38 @@ async fn an_answer_unread_at_the_shutdown_is_voided() {
     assert_eq!((money.balance_micros, money.held_micros), (FUNDS, 0));
     assert_consistent(&ledger.store).await;
 }
+
+/// A stream whose reader fell a full queue behind (a 64-byte window, nothing read after the
+/// first events) when the shutdown's grace ends: its hold is voided, and the reader, reading on
+/// while the connection drains, gets every queued delta and then the error, not an end that looks
+/// complete. Before, the error was dropped for want of room in the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_behind_at_the_shutdown_gets_the_error() {
+    let grace = Duration::from_secs(1);
+    let (mut router, upstream, ledger, alice, token) = stack(grace).await;
+    upstream.set_mode(Mode::SlowStream(Duration::from_millis(1)));
+    let mut client = router.slow_link_client().await;
+    let mut events = ok(client.chat_stream(request(&alice, &token, "behind")).await);
+    let first = events.next().await;
+    assert!(matches!(&first, Some(Ok(_))), "{first:?}");
+    // The router's queue fills (100 chunks, 1 ms apart) while nothing is read.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    router.shutdown();
+    // Past the grace: the stream was aborted; read on while the connections drain.
+    tokio::time::sleep(grace + Duration::from_millis(300)).await;
+    let mut last = None;
+    while let Some(event) = events.next().await {
+        last = Some(event);
+    }
+    match last {
+        Some(Err(status)) => {
+            assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+            assert!(status.message().contains("shutting down"), "{status:?}");
+        }
+        other => panic!("the stream ended without its error: {other:?}"),
+    }
+    router.join().await.expect("serve returns Ok");
+    let transfers = transfers_of(&ledger.url, &alice.email).await;
+    assert_eq!(transfers[0].status(), TransferStatus::Cancelled);
+    assert_consistent(&ledger.store).await;
+}

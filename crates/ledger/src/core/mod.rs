@@ -223,20 +223,23 @@ impl Ledger {
     /// `accounts_per_address` attempts in the window, then, with a chosen `password`, counted as a
     /// guess (`count_guess`), then counted as an attempt. Anyone may register, and nothing else
     /// bounded how many accounts (rows, and entries of every `/users` answer) one client could
-    /// add, nor how many emails it could test for an account (`409`). A request carrying the admin
-    /// key (the SDK's `AdminClient.create_user`, a bulk import) is not counted: the operator's.
-    pub(crate) fn count_signup(
+    /// add, nor how many emails it could test for an account (`409`). A request that sends
+    /// credentials is authenticated like any other (a wrong one is refused and counts as a
+    /// failure, so this is no faster way to test an admin key than the rest of the API), and one
+    /// signed in with the admin key (the SDK's `AdminClient.create_user`, a bulk import) is not
+    /// counted: the operator's.
+    pub(crate) async fn count_signup(
         &self,
         peer: Option<IpAddr>,
         authorization: Option<&str>,
         password: bool,
     ) -> Result<()> {
+        if authorization.is_some() && self.authenticate(authorization, peer).await?.is_admin() {
+            return Ok(());
+        }
         let Some(addr) = peer else {
             return Ok(());
         };
-        if crate::auth::is_admin_bearer(self.config.admin_key.expose(), authorization) {
-            return Ok(());
-        }
         if let Err(wait) = self.signups.check(addr, Instant::now()) {
             return Err(crate::address_throttle::too_many_accounts(
                 addr,

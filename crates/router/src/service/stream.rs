@@ -106,6 +106,12 @@ impl RouterService {
             Cancelled,
             Failed(UpstreamError),
         }
+        // A slot kept from the start for the last event (the final one, or the error): it is
+        // queued whatever the client does, so a stream never ends without it and this task never
+        // waits to send it. (It used to wait up to 10 s for a reader that had fallen behind, and a
+        // shutdown dropped the error of such a stream, which then ended as if complete.) `None`:
+        // the client is already gone, which the loop sees at once.
+        let last = tx.clone().try_reserve_owned().ok();
         let max_end = tokio::time::Instant::now() + self.inner.config.max_stream_duration;
         let mut keep_alive = hold.as_ref().map(|h| {
             let every = h.keep_alive_every();
@@ -250,11 +256,8 @@ impl RouterService {
             End::Failed(e) => {
                 self.fail(&p, hold, &e, started, upstream_ms).await;
                 metrics::observe_failure(self.provider(), "stream", &e, started, upstream_time);
-                if matches!(e, UpstreamError::ShuttingDown) {
-                    // The connections close within seconds: told if there is room, not waited for.
-                    let _ = tx.try_send(Err(e.into()));
-                } else {
-                    send_last(&tx, Err(e.into())).await;
+                if let Some(last) = last {
+                    last.send(Err(e.into()));
                 }
             }
             // `Cut` was turned into `Done` above.
@@ -288,7 +291,9 @@ impl RouterService {
                     "not_settled"
                 };
                 metrics::observe(self.provider(), "stream", outcome, started, upstream_time);
-                send_last(&tx, item).await;
+                if let Some(last) = last {
+                    last.send(item);
+                }
             }
         }
     }
@@ -313,8 +318,9 @@ impl RouterService {
             tokio::select! {
                 // A queue the client emptied wins over everything else that is ready.
                 biased;
-                // Every slot free: the queue is empty (the permits go back when dropped).
-                all = tx.reserve_many(tx.max_capacity()) => {
+                // Every slot free but the last event's: the queue is empty (the permits go back
+                // when dropped).
+                all = tx.reserve_many(tx.max_capacity() - 1) => {
                     return if all.is_ok() { Reading::Done } else { Reading::Left };
                 }
                 _ = self.inner.drain.aborted() => return Reading::Aborted,
@@ -369,28 +375,6 @@ fn replayed(r: ChatResponse, rate_limits: crate::limits::RateHeaders) -> ChatStr
 fn delta_event(content: String) -> ChatStreamEvent {
     ChatStreamEvent {
         event: Some(chat_stream_event::Event::Delta(ContentDelta { content })),
-    }
-}
-
-/// How long a stream's last event waits for a client that is not reading. The request is
-/// settled by then; the wait only keeps its concurrency slot (whose lease allows a minute past
-/// the longest stream, `limits/gate.rs`) and a shutdown's drain (which waits at most 15 s for
-/// settling, `drain.rs`).
-const LAST_EVENT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Sends a stream's last event (the final one, or its error) unless the client does not make
-/// room for it within [`LAST_EVENT_WAIT`]: the stream then ends without it.
-async fn send_last(
-    tx: &mpsc::Sender<Result<ChatStreamEvent, RouterError>>,
-    item: Result<ChatStreamEvent, RouterError>,
-) {
-    if tokio::time::timeout(LAST_EVENT_WAIT, tx.send(item))
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            "the client read nothing for {LAST_EVENT_WAIT:?}; stream ended without its last event"
-        );
     }
 }
 
