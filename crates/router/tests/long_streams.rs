@@ -62,12 +62,13 @@ async fn a_stream_longer_than_its_hold_is_kept_alive_and_captured() {
 async fn slow_reader(
     hold_ttl: Duration,
     mode: Mode,
+    tweak: impl FnOnce(&mut RouterConfig),
 ) -> (
     Stack,
     RouterClient<Channel>,
     tonic::Streaming<ChatStreamEvent>,
 ) {
-    let s = Stack::start_with(Db::sqlite(), Pricing::per_request(PRICE), hold_ttl, |_| {}).await;
+    let s = Stack::start_with(Db::sqlite(), Pricing::per_request(PRICE), hold_ttl, tweak).await;
     s.upstream.set_mode(mode);
     let mut c = s.router.slow_link_client().await;
     let events = ok(c.chat_stream(s.request("tell me a long story")).await);
@@ -81,8 +82,12 @@ async fn slow_reader(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_a_stream_is_still_charged() {
     let hold_ttl = Duration::from_secs(2);
-    let (s, _c, mut events) =
-        slow_reader(hold_ttl, Mode::SlowStream(Duration::from_millis(10))).await;
+    let (s, _c, mut events) = slow_reader(
+        hold_ttl,
+        Mode::SlowStream(Duration::from_millis(10)),
+        |_| {},
+    )
+    .await;
     tokio::time::sleep(hold_ttl * 2).await;
     let (text, last) = read_answer(&mut events).await;
     assert_eq!(text, "tick ".repeat(100), "the whole answer");
@@ -102,7 +107,7 @@ async fn a_client_that_stops_reading_a_stream_is_still_charged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_leaves_before_reading_the_end_is_not_charged() {
     let mode = Mode::GatedStream(Duration::from_millis(5), 80);
-    let (s, c, mut events) = slow_reader(Duration::from_secs(60), mode).await;
+    let (s, c, mut events) = slow_reader(Duration::from_secs(60), mode, |_| {}).await;
     for read in 0..80 {
         match events.next().await {
             Some(Ok(ev)) => assert!(
@@ -244,4 +249,32 @@ async fn a_refused_capture_is_voided_with_its_row() {
     assert_eq!(s.usage_statuses().await, ["capture_refused"]);
     assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));
     s.check_invariants().await;
+}
+
+/// A reader that stops once the upstream has finished is waited for only within the stream's
+/// bounds: at `max_stream_duration` the finished answer is charged as it is (the hold must be
+/// resolved before it expires), not left waiting for a reader that may never come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_answer_waits_for_its_reader_only_within_the_bounds() {
+    let mode = Mode::GatedStream(Duration::from_millis(5), 80);
+    let (s, _c, mut events) = slow_reader(Duration::from_secs(60), mode, |c| {
+        c.max_stream_duration = Duration::from_secs(2);
+    })
+    .await;
+    for read in 0..80 {
+        let event = events.next().await;
+        assert!(matches!(&event, Some(Ok(_))), "event {read}: {event:?}");
+    }
+    s.upstream.open_gate();
+    s.upstream.wait_streams_sent(1).await;
+    // Nothing more is read; the bound ends the wait about 2 s after the start.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
+    while s.transfers().await[0].status() == TransferStatus::Pending {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still waiting for its reader"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    s.assert_captured_once(PRICE).await;
 }

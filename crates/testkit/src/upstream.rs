@@ -288,8 +288,8 @@ async fn upstream_handler(State(state): State<Arc<UpState>>, Json(body): Json<Va
         ])),
         Mode::SlowStream(_) | Mode::GatedStream(..) => {
             let (every, gate_at) = match mode {
-                Mode::GatedStream(every, at) => (every, at),
-                Mode::SlowStream(every) => (every, u32::MAX),
+                Mode::GatedStream(every, at) => (every, Some(at)),
+                Mode::SlowStream(every) => (every, None),
                 _ => unreachable!("matched above"),
             };
             let model = model.clone();
@@ -299,7 +299,7 @@ async fn upstream_handler(State(state): State<Arc<UpState>>, Json(body): Json<Va
                 Ok("data: [DONE]\n\n".to_string()),
             ];
             let counted = futures::stream::once(async move {
-                if gate_at != u32::MAX {
+                if gate_at.is_some() {
                     sent.fetch_add(1, Ordering::SeqCst);
                 }
             })
@@ -311,7 +311,7 @@ async fn upstream_handler(State(state): State<Arc<UpState>>, Json(body): Json<Va
                         if i >= 100 {
                             return None;
                         }
-                        if i == gate_at {
+                        if Some(i) == gate_at {
                             // A closed gate is never closed: `open_gate` adds a permit.
                             let _ = gate.acquire().await.map(|p| p.forget());
                         }
