@@ -377,7 +377,7 @@ async fn get_user(
     user_reply(StatusCode::OK, &ledger.account(&caller, &email).await?)
 }
 
-/// `limit` (1–500) or `pageToken` asks for a page, in creation order, with the next page's token
+/// `limit` (1 to `MAX_PAGE`, 500) or `pageToken` asks for a page, in creation order, with the next page's token
 /// (`nextPageToken`, empty on the last). Without either, every account, as the SDK expects.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -398,9 +398,13 @@ async fn list_users(
     }
     let limit = match query.limit {
         None => 0,
-        Some(n) if (1..=500).contains(&n) => n,
+        // 0 would be the core's "default size": refused here, as `limit` has no such meaning.
+        Some(n) if (1..=crate::core::MAX_PAGE).contains(&n) => n,
         Some(n) => {
-            return Err(LedgerError::invalid(format!("limit {n} must be between 1 and 500")).into())
+            let max = crate::core::MAX_PAGE;
+            return Err(
+                LedgerError::invalid(format!("limit {n} must be between 1 and {max}")).into(),
+            );
         }
     };
     let page = ledger

@@ -28,7 +28,7 @@ mod transfers;
 
 pub use listing::TokenQuery;
 use paging::{encode_page_token, keyset_page, page_size};
-pub use paging::{Page, PageRequest};
+pub use paging::{Page, PageRequest, MAX_PAGE};
 pub use stats::{parse_dimensions, Stats, StatsQuery, StatsRole, MAX_GROUPS};
 
 /// Rows per `RecordUsageBatch` call (the usage writer batches up to 4,000 rows).

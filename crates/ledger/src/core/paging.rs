@@ -7,7 +7,8 @@ use crate::error::{LedgerError, Result};
 use crate::store::Keyset;
 
 const DEFAULT_PAGE: u32 = 100;
-const MAX_PAGE: u32 = 500;
+/// The most rows a page may hold (gRPC `page_size`, REST `limit`).
+pub const MAX_PAGE: u32 = 500;
 
 /// Which page of a newest-first listing to read (not yet validated): an empty token is the first
 /// page, a zero size the default size.
