@@ -337,8 +337,20 @@ pub fn grpc_quota_status(
     message: String,
     quota: &QuotaDetails,
 ) -> tonic::Status {
+    grpc_status_retry(reason.code(), reason.as_str(), domain, message, quota)
+}
+
+/// [`grpc_status`] with `RetryInfo` (when `quota` says when to retry) and `QuotaFailure` (when
+/// it names violations).
+pub fn grpc_status_retry(
+    code: ErrorCode,
+    reason: &str,
+    domain: &str,
+    message: String,
+    quota: &QuotaDetails,
+) -> tonic::Status {
     let mut details =
-        ErrorDetails::with_error_info(reason.as_str(), domain, HashMap::<String, String>::new());
+        ErrorDetails::with_error_info(reason, domain, HashMap::<String, String>::new());
     if let Some(after) = quota.retry_after {
         details.set_retry_info(Some(after));
     }
@@ -351,8 +363,8 @@ pub fn grpc_quota_status(
                 .collect::<Vec<_>>(),
         );
     }
-    let mut status = tonic::Status::with_error_details(reason.code().grpc(), message, details);
-    if let Ok(v) = reason.as_str().parse() {
+    let mut status = tonic::Status::with_error_details(code.grpc(), message, details);
+    if let Ok(v) = reason.parse() {
         status.metadata_mut().insert(REASON_HEADER, v);
     }
     status

@@ -52,6 +52,14 @@ pub enum RouterError {
     Quota(Box<QuotaRefusal>),
     #[error("{0}")]
     Unavailable(String),
+    /// Unavailable, and the upstream said when to come back (a 5xx with `Retry-After`): passed
+    /// on as `RetryInfo` and `Retry-After`, so clients wait as long as the provider asked rather
+    /// than retrying at once into the same refusal.
+    #[error("{message}")]
+    UnavailableFor {
+        message: String,
+        retry_after: std::time::Duration,
+    },
     /// The upstream answered with something unusable (malformed, empty).
     #[error("{0}")]
     BadGateway(String),
@@ -77,7 +85,9 @@ impl RouterError {
             RouterError::ResourceExhausted(_) | RouterError::Quota(_) => {
                 ErrorCode::ResourceExhausted
             }
-            RouterError::Unavailable(_) => ErrorCode::Unavailable,
+            RouterError::Unavailable(_) | RouterError::UnavailableFor { .. } => {
+                ErrorCode::Unavailable
+            }
             RouterError::BadGateway(_) => ErrorCode::BadGateway,
             RouterError::DeadlineExceeded(_) => ErrorCode::DeadlineExceeded,
             RouterError::Cancelled(_) => ErrorCode::Cancelled,
@@ -115,7 +125,9 @@ impl RouterError {
             // OpenAI's type for a spent quota (not retryable soon), as opposed to a rate.
             RouterError::Quota(_) if self.is_spent_quota() => "insufficient_quota",
             RouterError::Quota(_) => "rate_limit_error",
-            RouterError::Unavailable(_) | RouterError::BadGateway(_) => "service_unavailable",
+            RouterError::Unavailable(_)
+            | RouterError::UnavailableFor { .. }
+            | RouterError::BadGateway(_) => "service_unavailable",
             RouterError::DeadlineExceeded(_) => "timeout",
             RouterError::Cancelled(_) => "cancelled",
             RouterError::Internal(_) => "server_error",
@@ -134,6 +146,15 @@ impl RouterError {
     /// service) nor for a spent quota. Rates, an id still in progress and unavailability can.
     pub fn retry_helps(&self) -> bool {
         !matches!(self, RouterError::FailedPrecondition { .. }) && !self.is_spent_quota()
+    }
+
+    /// When the client should come back, if the refusal says: a limit's wait or the upstream's.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            RouterError::Quota(q) => q.details.retry_after,
+            RouterError::UnavailableFor { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
     }
 
     /// Client-facing message.
@@ -172,6 +193,19 @@ impl From<RouterError> for tonic::Status {
                 }
             }
             return status;
+        }
+        if let RouterError::UnavailableFor { retry_after, .. } = &err {
+            let details = QuotaDetails {
+                retry_after: Some(*retry_after),
+                violations: Vec::new(),
+            };
+            return syft_error::grpc_status_retry(
+                err.error_code(),
+                err.reason(),
+                ERROR_DOMAIN,
+                err.public_message(),
+                &details,
+            );
         }
         syft_error::grpc_status(
             err.error_code(),

@@ -220,8 +220,9 @@ impl ErrorBody for OpenAiBody {
 /// An error as an OpenAI-style response.
 type ApiError = FrontError<OpenAiBody>;
 
-/// The headers of an error answer, on both HTTP APIs: the reason, the request id, and for a
-/// limit's refusal `Retry-After` and the `x-ratelimit-*` headers.
+/// The headers of an error answer, on both HTTP APIs: the reason, the request id, `Retry-After`
+/// when the refusal says when to come back (a limit, the upstream), and for a limit's refusal
+/// the `x-ratelimit-*` headers.
 pub(crate) fn with_error_headers(mut resp: Response, refused: &Refused) -> Response {
     let e = &refused.error;
     let h = resp.headers_mut();
@@ -232,13 +233,13 @@ pub(crate) fn with_error_headers(mut resp: Response, refused: &Refused) -> Respo
     if !e.retry_helps() {
         h.insert(SHOULD_RETRY_HEADER, HeaderValue::from_static("false"));
     }
-    if let RouterError::Quota(q) = e {
-        if let Some(after) = q.details.retry_after {
-            let secs = syft_error::retry_after_secs(after);
-            if let Some(v) = header(&secs.to_string()) {
-                h.insert(http::header::RETRY_AFTER, v);
-            }
+    if let Some(after) = e.retry_after() {
+        let secs = syft_error::retry_after_secs(after);
+        if let Some(v) = header(&secs.to_string()) {
+            h.insert(http::header::RETRY_AFTER, v);
         }
+    }
+    if let RouterError::Quota(q) = e {
         rate_limit_headers(h, &q.headers);
     }
     resp

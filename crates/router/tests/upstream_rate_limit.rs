@@ -1,7 +1,8 @@
 //! An upstream's own rate limit (429 with `Retry-After`): a short wait is waited for and the
 //! request retried within its time; a longer one is passed on to the client (gRPC `RetryInfo`,
 //! HTTP `Retry-After`, reason `UPSTREAM_RATE_LIMITED`) at once instead of ending in a timeout.
-//! Either way the user pays only for an answer, once.
+//! Either way the user pays only for an answer, once. A 5xx's `Retry-After` (a 503 in
+//! maintenance) is passed on the same way, as `UNAVAILABLE`.
 
 use std::time::{Duration, Instant};
 
@@ -110,4 +111,62 @@ async fn a_wait_past_the_requests_time_is_not_taken() {
     );
     assert_eq!(s.upstream.hits(), 1);
     all_voided(&s, 1).await;
+}
+
+/// The upstream is down for maintenance (503) and says to come back in 2 minutes: the router
+/// does not retry into it and passes the wait on, as `UNAVAILABLE` with `RetryInfo` over gRPC
+/// and 503 with `Retry-After` over both HTTP fronts (it used to be dropped, so clients retried
+/// at once into the same refusal). Nothing is charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unavailable_upstreams_retry_after_is_passed_on() {
+    let (s, mut c) = Stack::start_with_client(Pricing::per_request(PRICE)).await;
+    s.upstream.set_mode(Mode::Unavailable("120".into()));
+    let err = c.chat(s.request("hi")).await.expect_err("unavailable");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(reason(&err).as_deref(), Some("UNAVAILABLE"));
+    assert_eq!(
+        syft_error::retry_after_of(&err),
+        Some(Duration::from_secs(120)),
+        "{err:?}"
+    );
+    assert!(err.message().contains("retry in 120 s"), "{err:?}");
+    assert_eq!(s.upstream.hits(), 1, "not retried");
+
+    let refused = s.openai_chat(json!({})).send().await.expect("http");
+    assert_eq!(refused.status(), 503);
+    assert_eq!(refused.headers()["retry-after"], "120");
+    assert!(!refused.headers().contains_key("x-should-retry"));
+    let body: serde_json::Value = refused.json().await.expect("json");
+    assert_eq!(body["error"]["type"], "service_unavailable", "{body}");
+
+    let syft = json!({"userEmail": s.alice.email, "model": "test-model",
+                      "transactionToken": s.token, "requestId": "syft-1",
+                      "messages": [{"role": "user", "content": "hi"}]});
+    let refused = reqwest::Client::new()
+        .post(format!("{}/chat", s.router.http_url))
+        .json(&syft)
+        .send()
+        .await
+        .expect("http");
+    assert_eq!(refused.status(), 503);
+    assert_eq!(refused.headers()["retry-after"], "120");
+    assert_eq!(s.upstream.hits(), 3);
+    all_voided(&s, 3).await;
+}
+
+/// A 503 without `Retry-After` is retried with the router's backoff and, still down, answered
+/// `UNAVAILABLE` with no wait to pass on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unavailable_upstream_without_a_wait_has_none_passed_on() {
+    let (s, mut c) = Stack::start_with_client(Pricing::per_request(PRICE)).await;
+    s.upstream.set_mode(Mode::Status(503));
+    let err = c.chat(s.request("hi")).await.expect_err("unavailable");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(syft_error::retry_after_of(&err), None, "{err:?}");
+    assert!(s.upstream.hits() > 1, "retried");
+    let refused = s.openai_chat(json!({})).send().await.expect("http");
+    assert_eq!(refused.status(), 503);
+    assert!(!refused.headers().contains_key("retry-after"));
+    let n = s.transfers().await.len();
+    all_voided(&s, n).await;
 }

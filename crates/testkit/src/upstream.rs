@@ -69,6 +69,8 @@ pub enum Mode {
     BigResults(usize),
     /// `429` with `Retry-After: <.0>` to the next `.1` calls, then good answers.
     RateLimited(String, u32),
+    /// `503` with `Retry-After: <.0>` to every call (down for maintenance).
+    Unavailable(String),
 }
 
 pub struct FakeUpstream {
@@ -193,6 +195,12 @@ async fn misbehave(state: &UpState, body: &Value) -> (Mode, Option<Response>) {
         Mode::RateLimited(after, left) if *left > 0 => {
             let body = json!({"error": {"message": "slow down", "type": "rate_limit_error"}});
             let status = axum::http::StatusCode::TOO_MANY_REQUESTS;
+            Some((status, [("retry-after", after.clone())], Json(body)).into_response())
+        }
+        Mode::Unavailable(after) => {
+            let body =
+                json!({"error": {"message": "down for maintenance", "type": "server_error"}});
+            let status = axum::http::StatusCode::SERVICE_UNAVAILABLE;
             Some((status, [("retry-after", after.clone())], Json(body)).into_response())
         }
         Mode::Status(code) => {

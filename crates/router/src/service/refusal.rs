@@ -73,6 +73,7 @@ pub(super) fn refusal_status(e: &RouterError) -> UsageStatus {
         RouterError::Quota(_) => UsageStatus::RateLimited,
         RouterError::ResourceExhausted(_)
         | RouterError::Unavailable(_)
+        | RouterError::UnavailableFor { .. }
         | RouterError::BadGateway(_)
         | RouterError::DeadlineExceeded(_)
         | RouterError::Internal(_) => UsageStatus::Unavailable,

@@ -166,7 +166,21 @@ impl From<UpstreamError> for RouterError {
                 401 | 403 => {
                     RouterError::Unavailable("upstream rejected the router's credentials".into())
                 }
-                _ => RouterError::Unavailable(format!("upstream error (HTTP {status})")),
+                // A 5xx that said when to come back (a 503 in maintenance, an overloaded
+                // provider): passed on, in whole seconds like the 429's.
+                _ => match retry_after {
+                    Some(after) => {
+                        let secs = syft_error::retry_after_secs(after);
+                        RouterError::UnavailableFor {
+                            message: format!(
+                                "upstream error (HTTP {status}); nothing was charged, retry in \
+                                 {secs} s"
+                            ),
+                            retry_after: Duration::from_secs(secs),
+                        }
+                    }
+                    None => RouterError::Unavailable(format!("upstream error (HTTP {status})")),
+                },
             },
             UpstreamError::InvalidResponse(_) => {
                 RouterError::BadGateway("upstream returned an invalid response".into())
