@@ -11,6 +11,11 @@
 //! by a setup job that runs after it; it stays not ready, logs the problem once, and `/readyz`
 //! says why. A router whose enabled services are all free only records usage on the ledger
 //! (best effort), so it is ready whatever the ledger's state (the owner check is still logged).
+//! A router whose limits are counted in Redis with `limiter.on_failure = "fail_closed"` refuses
+//! every request while Redis does not answer, so it is not ready then either
+//! ([`run_limiter_probe`] pings it every [`PROBE_INTERVAL`]): a load balancer should send its
+//! traffic to a replica that can admit it. With `fail_open` it admits unlimited meanwhile and
+//! stays ready; `/readyz` still shows the limiter's state.
 //! During shutdown it reports NOT_SERVING.
 
 use std::sync::Arc;
@@ -42,6 +47,20 @@ pub enum LedgerState {
     /// The ledger answered, but NOT_SERVING (its database is down).
     NotServing,
     /// No answer.
+    Unreachable,
+}
+
+/// What the last probe of the rate limiter's shared store (Redis) found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimiterState {
+    /// No shared store to probe: no limits, or the in-process limiter.
+    Local,
+    /// Not probed yet.
+    Unknown,
+    /// Redis answered.
+    Serving,
+    /// Redis did not answer in the limiter's timeout.
     Unreachable,
 }
 
@@ -115,6 +134,11 @@ pub struct Readiness {
     pub ledger_required: bool,
     /// Whether the router's secret authenticates as its owner.
     pub owner: OwnerCheck,
+    /// The rate limiter's shared store (Redis), as the last probe found it.
+    pub limiter: LimiterState,
+    /// Whether readiness depends on the limiter's store (`on_failure = "fail_closed"`: every
+    /// request is refused while it does not answer).
+    pub limiter_required: bool,
     pub shutting_down: bool,
     /// Why the router is not ready, in words; absent when ready.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -124,13 +148,24 @@ pub struct Readiness {
 }
 
 impl Readiness {
-    pub(crate) fn starting(ledger_required: bool, owner_email: &str) -> Self {
+    /// `shared_limiter`: the limits are counted in a shared store (`Some(required)`: whether
+    /// the router refuses every request while it does not answer).
+    pub(crate) fn starting(
+        ledger_required: bool,
+        owner_email: &str,
+        shared_limiter: Option<bool>,
+    ) -> Self {
         let mut r = Readiness {
             ready: false,
             ledger: LedgerState::Unknown,
             ledgers: Vec::new(),
             ledger_required,
             owner: OwnerCheck::Unchecked,
+            limiter: match shared_limiter {
+                Some(_) => LimiterState::Unknown,
+                None => LimiterState::Local,
+            },
+            limiter_required: shared_limiter.unwrap_or(false),
             shutting_down: false,
             reason: None,
             owner_email: owner_email.to_string(),
@@ -154,9 +189,23 @@ impl Readiness {
         next
     }
 
+    fn with_limiter(&self, limiter: LimiterState) -> Self {
+        let mut next = self.clone();
+        next.limiter = limiter;
+        next.recompute();
+        next
+    }
+
     fn recompute(&mut self) {
         self.reason = if self.shutting_down {
             Some("shutting down".into())
+        } else if self.limiter_required && self.limiter != LimiterState::Serving {
+            Some(match self.limiter {
+                LimiterState::Unknown => "the rate limiter's Redis has not been probed yet".into(),
+                _ => "the rate limiter's Redis does not answer (limiter.on_failure = \
+                      \"fail_closed\" refuses every request meanwhile)"
+                    .into(),
+            })
         } else if !self.ledger_required {
             None
         } else {
@@ -181,6 +230,9 @@ impl Readiness {
 pub(crate) fn spawn(service: &RouterService, publisher: HealthPublisher) -> Tasks {
     let mut tasks = Tasks::default();
     tasks.spawn(run_ledger_probe(service.clone(), PROBE_INTERVAL));
+    if service.readiness().limiter != LimiterState::Local {
+        tasks.spawn(run_limiter_probe(service.clone(), PROBE_INTERVAL));
+    }
     tasks.spawn(run_reporter(service.watch_readiness(), publisher));
     tasks
 }
@@ -234,6 +286,44 @@ pub(crate) async fn run_ledger_probe(service: RouterService, every: Duration) {
                     other => {
                         tracing::warn!(ledger = ?other, ready = next.ready, "ledger not serving")
                     }
+                }
+            }
+            next
+        });
+    }
+}
+
+/// Pings the rate limiter's Redis every `every` (each ping bounded by `limiter.timeout`) and
+/// updates `service`'s readiness, forever; logs each change.
+pub(crate) async fn run_limiter_probe(service: RouterService, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let state = match service.ping_limiter().await {
+            Ok(()) => LimiterState::Serving,
+            Err(e) => {
+                tracing::debug!(error = %e.message, "the limiter's Redis did not answer a ping");
+                LimiterState::Unreachable
+            }
+        };
+        service.update_readiness(|r| {
+            let next = r.with_limiter(state);
+            if next.limiter != r.limiter {
+                match state {
+                    LimiterState::Serving => {
+                        tracing::info!(ready = next.ready, "the rate limiter's Redis answers")
+                    }
+                    _ if r.limiter_required => tracing::error!(
+                        ready = next.ready,
+                        "the rate limiter's Redis does not answer: every request is refused \
+                         (limiter.on_failure = \"fail_closed\") until it does"
+                    ),
+                    _ => tracing::warn!(
+                        ready = next.ready,
+                        "the rate limiter's Redis does not answer: requests are admitted \
+                         unlimited (limiter.on_failure = \"fail_open\") until it does"
+                    ),
                 }
             }
             next

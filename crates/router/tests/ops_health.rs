@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::Value;
+use syft_router_svc::config::{LimiterBackend, OnFailure, Rate, RateUnit};
 use syft_router_svc::{Pricing, RouterConfig};
 use syft_testkit::*;
 use tonic::transport::Channel;
@@ -134,15 +135,20 @@ async fn paid_router_is_ready_only_while_its_ledger_serves() {
 
 /// Polls `/readyz` until its `owner` field is `want`; returns the status code and body.
 async fn wait_owner(http_url: &str, want: &str) -> (u16, Value) {
+    wait_readyz(http_url, "owner", want).await
+}
+
+/// Waits until `/readyz` shows `field` = `want`; its status and body then.
+async fn wait_readyz(http_url: &str, field: &str, want: &str) -> (u16, Value) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let (code, body) = readyz(http_url).await;
-        if body["owner"] == want {
+        if body[field] == want {
             return (code, body);
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "want owner {want}: {body}"
+            "want {field} {want}: {body}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -237,6 +243,63 @@ async fn free_router_without_a_ledger_is_ready() {
         assert!(tokio::time::Instant::now() < deadline, "{body}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A router whose limits are counted in Redis with `on_failure = "fail_closed"` refuses every
+/// request while Redis does not answer, so it is not ready then (it used to say ready while
+/// refusing everything, and a load balancer kept sending it traffic); with `fail_open` it admits
+/// unlimited and stays ready. `/readyz` shows the limiter's state either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_whose_limiter_store_is_down_fails_closed_not_ready() {
+    let Some(mut redis) = OwnRedis::start().await else {
+        eprintln!("SKIPPED: cannot start redis-server");
+        return;
+    };
+    let router = |url: &str, on_failure: OnFailure| {
+        // Free and without a ledger: only the limiter decides readiness.
+        let mut config = RouterConfig::new("limited-router", "owner@example.com");
+        config.ledger.url = closed_url();
+        config.ledger.connect_timeout = Duration::from_millis(200);
+        config.rate_limits.requests = vec![Rate {
+            count: 100,
+            unit: RateUnit::Minute,
+        }];
+        config.limiter.backend = LimiterBackend::Redis { url: url.into() };
+        config.limiter.on_failure = on_failure;
+        RouterHandle::start(config)
+    };
+    let closed = router(&redis.url, OnFailure::FailClosed).await;
+    let ch = channel(&closed.grpc_url).await;
+    wait_status(&ch, ROUTER, ServingStatus::Serving).await;
+    let (code, body) = wait_readyz(&closed.http_url, "limiter", "serving").await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["limiter_required"], true, "{body}");
+    let open = router(&redis.url, OnFailure::FailOpen).await;
+    let (code, body) = wait_readyz(&open.http_url, "limiter", "serving").await;
+    assert_eq!(
+        (code, &body["limiter_required"]),
+        (200, &Value::Bool(false))
+    );
+
+    redis.kill();
+    let (code, body) = wait_readyz(&closed.http_url, "limiter", "unreachable").await;
+    assert_eq!(code, 503, "{body}");
+    let reason = body["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("fail_closed"), "{body}");
+    wait_status(&ch, ROUTER, ServingStatus::NotServing).await;
+    // It does refuse: the readiness tells the truth.
+    let refused = reqwest::Client::new()
+        .post(closed.chat_completions_url())
+        .json(
+            &serde_json::json!({"model": "echo", "user": "u@example.com",
+                                  "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .send()
+        .await
+        .expect("http");
+    assert_eq!(refused.status(), 503);
+    let (code, body) = wait_readyz(&open.http_url, "limiter", "unreachable").await;
+    assert_eq!(code, 200, "fail_open admits meanwhile: {body}");
 }
 
 /// Lists services over reflection, and resolves `symbol` to its file descriptor.

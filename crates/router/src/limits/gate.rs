@@ -100,6 +100,22 @@ impl Gate {
         }
     }
 
+    /// Whether the limits are counted in a store shared with other replicas (Redis), which can
+    /// stop answering.
+    pub fn is_shared(&self) -> bool {
+        self.limiter.backend() != "memory"
+    }
+
+    /// Whether every request is refused while the store does not answer.
+    pub fn fails_closed(&self) -> bool {
+        self.on_failure == OnFailure::FailClosed
+    }
+
+    /// Asks the store whether it answers (readiness).
+    pub async fn ping(&self) -> Result<(), LimiterError> {
+        self.limiter.ping().await
+    }
+
     /// Whether any window counts tokens (the prompt is then tokenized at admission).
     pub fn counts_tokens(&self, service: ServiceKind) -> bool {
         !self.router.tokens.is_empty()

@@ -131,6 +131,11 @@ pub trait Limiter: Send + Sync {
 
     /// The windows' states without recording anything.
     fn peek<'a>(&'a self, now_ms: u64, rules: &'a [Rule]) -> Reply<'a, Vec<WindowState>>;
+
+    /// Whether the store answers (the router's readiness); an in-process one always does.
+    fn ping(&self) -> Reply<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 impl RuleKind {

@@ -265,6 +265,25 @@ impl RedisLimiter {
         })
     }
 
+    /// `PING`, within the checks' timeout, on the connection the checks use (so a stuck one is
+    /// found and replaced as theirs would be).
+    async fn ping(&self) -> Result<(), LimiterError> {
+        let (generation, mut conn) = self.conn.get();
+        let cmd = redis::cmd("PING");
+        let answer = tokio::time::timeout(self.timeout, cmd.query_async::<String>(&mut conn)).await;
+        if answer.is_err() {
+            self.conn.no_answer(generation, conn);
+        }
+        match answer {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(LimiterError::unknown(format!("redis: {e}"))),
+            Err(_) => Err(LimiterError::unknown(format!(
+                "redis did not answer within {:?}",
+                self.timeout
+            ))),
+        }
+    }
+
     /// `SETTLE` of `updates`; a take-back also names its lease's tombstone.
     async fn change(
         &self,
@@ -306,6 +325,10 @@ impl Limiter for RedisLimiter {
 
     fn take_back<'a>(&'a self, lease: &'a str, updates: &'a [(String, u64)]) -> Reply<'a, ()> {
         Box::pin(self.change(lease, updates, true))
+    }
+
+    fn ping(&self) -> Reply<'_, ()> {
+        Box::pin(RedisLimiter::ping(self))
     }
 
     fn peek<'a>(&'a self, now_ms: u64, rules: &'a [Rule]) -> Reply<'a, Vec<WindowState>> {

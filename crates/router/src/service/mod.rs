@@ -111,9 +111,17 @@ impl RouterService {
             .services
             .iter()
             .any(|s| s.enabled && !s.pricing.kind.is_free());
+        let shared_limiter = gate
+            .as_ref()
+            .filter(|g| g.is_shared())
+            .map(|g| g.fails_closed());
         let readiness = Arc::new(
-            tokio::sync::watch::channel(Readiness::starting(ledger_required, &config.owner_email))
-                .0,
+            tokio::sync::watch::channel(Readiness::starting(
+                ledger_required,
+                &config.owner_email,
+                shared_limiter,
+            ))
+            .0,
         );
         Ok(RouterService {
             inner: Arc::new(Inner {
@@ -194,6 +202,14 @@ impl RouterService {
         timeout: std::time::Duration,
     ) -> (LedgerState, Vec<crate::health::LedgerEndpoint>) {
         self.inner.ledger.probe(timeout).await
+    }
+
+    /// Asks the rate limiter's shared store whether it answers (`Ok` without one).
+    pub async fn ping_limiter(&self) -> Result<(), crate::limits::LimiterError> {
+        match &self.inner.gate {
+            Some(gate) => gate.ping().await,
+            None => Ok(()),
+        }
     }
 
     /// Whether the ledger accepts the router's secret as its owner's; `None` without an answer.
