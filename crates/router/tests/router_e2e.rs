@@ -94,6 +94,39 @@ async fn paid_success_captures_exactly_the_price() {
     s.check_invariants().await;
 }
 
+/// An upstream that counts more completion tokens than the limit it was sent (5 for a limit of 2)
+/// is counted at the limit, in the answer's usage and in the usage row. The row used to keep
+/// whatever it said (a billion tokens, in a new owner's trial) while the charge was capped at the
+/// hold, so the owner's analytics and the user's token windows counted tokens nobody was sold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completion_tokens_past_the_limit_sent_are_counted_at_the_limit() {
+    let (s, mut c) = Stack::start_with_client(Pricing::per_token(0, 10_000_000)).await;
+    let mut req = s.request("hi");
+    req.options = Some(ChatOptions {
+        max_tokens: Some(2),
+        ..Default::default()
+    });
+    let resp = c.chat(req).await.expect("chat").into_inner();
+    let usage = resp.usage.expect("usage");
+    let prompt = UP_PROMPT as i64;
+    assert_eq!(
+        (
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.total_tokens
+        ),
+        (prompt, 2, prompt + 2)
+    );
+    assert_eq!(resp.cost_micros, 2 * 10);
+    let rows = s.usage().await;
+    let row = rows[0].usage.as_ref().expect("row");
+    assert_eq!(
+        (row.prompt_tokens, row.completion_tokens, row.total_tokens),
+        (prompt, 2, prompt + 2)
+    );
+    s.assert_captured_once(20).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_token_holds_the_maximum_and_captures_the_actual_cost() {
     let (input, output) = (3_000_000, 15_000_000); // $3 / $15 per million tokens

@@ -506,6 +506,22 @@ impl RouterService {
             0 => tokens::count_text(content),
             n => n,
         };
+        // An upstream never writes more than the limit it was sent (reasoning tokens included),
+        // so a larger count is a broken or lying one (or our tokenizer counting its text apart
+        // from its own). Counted at the limit: the row, the owner's analytics and the user's
+        // token windows then show what the hold paid for, not a billion tokens nobody was sold.
+        let completion = match p.upstream_req.options.max_tokens.map(u64::from) {
+            Some(max) if completion > max => {
+                tracing::warn!(
+                    request_id = %p.v.request_id,
+                    reported = completion,
+                    max_tokens = max,
+                    "upstream counted more completion tokens than its limit; counted at the limit"
+                );
+                max
+            }
+            _ => completion,
+        };
         (prompt, completion)
     }
 
