@@ -143,9 +143,17 @@ impl RouterError {
 
     /// Whether sending the same request again soon can succeed (`x-should-retry`): not for a
     /// state the user must change (`FAILED_PRECONDITION`: funds, a hold's state, a disabled
-    /// service) nor for a spent quota. Rates, an id still in progress and unavailability can.
+    /// service), a spent quota, nor a rate refusal with no time to retry (a request reserving
+    /// more tokens than its window holds never fits: only a smaller `max_tokens` does). Rates,
+    /// an id still in progress and unavailability can.
     pub fn retry_helps(&self) -> bool {
-        !matches!(self, RouterError::FailedPrecondition { .. }) && !self.is_spent_quota()
+        match self {
+            RouterError::FailedPrecondition { .. } => false,
+            RouterError::Quota(q) if q.reason == Reason::RateLimited => {
+                q.details.retry_after.is_some()
+            }
+            _ => !self.is_spent_quota(),
+        }
     }
 
     /// When the client should come back, if the refusal says: a limit's wait or the upstream's.

@@ -516,6 +516,27 @@ async fn a_token_window_bounds_the_answer_it_reserves_for() {
     assert_consistent(&s.ledger.store).await;
 }
 
+/// A request reserving more tokens than its whole window holds (no `max_tokens`: the router's
+/// default of 4,096, against 200 a minute) can never pass: refused with no time to retry and
+/// `x-should-retry: false`, so the OpenAI SDKs do not retry it (they retry every 429 otherwise).
+/// The same request with a `max_tokens` that fits is answered.
+#[tokio::test]
+async fn a_request_that_never_fits_its_token_window_is_not_retried() {
+    let s = free_with_tokens_per_minute(200).await;
+    let refused = s.openai_chat(json!({})).send().await.expect("http");
+    assert_eq!(refused.status(), 429);
+    let h = refused.headers().clone();
+    assert_eq!(h["x-should-retry"], "false", "{h:?}");
+    assert!(!h.contains_key("retry-after"), "{h:?}");
+    let body: Value = refused.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "rate_limited", "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("lower max_tokens"), "{body}");
+    let fits = s.openai_chat(json!({"max_tokens": 50})).send().await;
+    assert_eq!(fits.expect("http").status(), 200);
+    assert_consistent(&s.ledger.store).await;
+}
+
 /// A client that leaves a stream after its first delta is counted for what it was sent: the
 /// token window keeps the prompt and the delivered text (refunding all of it let a client read
 /// most of every answer, leave, and never be counted).

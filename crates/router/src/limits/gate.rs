@@ -74,6 +74,7 @@ impl Gate {
                     .map_err(|e| RouterError::InvalidArgument(e.message))?,
             ),
         };
+        warn_of_unfitting_token_limits(c);
         Ok(Some(Arc::new(Gate::with_limiter(c, limiter, services))))
     }
 
@@ -294,6 +295,27 @@ impl Gate {
     /// The store (for `bench limits`).
     pub fn limiter(&self) -> Arc<dyn Limiter> {
         self.limiter.clone()
+    }
+}
+
+/// Logs each token window smaller than what a request without `max_tokens` reserves (the
+/// router's `default_max_tokens`, before its prompt): every such request is refused, which a new
+/// owner otherwise finds only at the first request.
+fn warn_of_unfitting_token_limits(c: &RouterConfig) {
+    let reserve = u64::from(c.limits.default_max_tokens);
+    let scopes = std::iter::once((ROUTER_SCOPE, &c.rate_limits))
+        .chain(c.services.iter().map(|s| (s.kind.as_str(), &s.rate_limits)));
+    for (scope, limits) in scopes {
+        for rate in limits.tokens.iter().filter(|r| r.count < reserve) {
+            tracing::warn!(
+                scope,
+                limit = %rate,
+                default_max_tokens = reserve,
+                "a token limit is below limits.default_max_tokens: every request that sets no \
+                 max_tokens (or a larger one) reserves more than the window holds and is refused; \
+                 raise the limit or lower default_max_tokens"
+            );
+        }
     }
 }
 
