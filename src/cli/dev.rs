@@ -71,6 +71,10 @@ struct DevCredentials {
     user_email: String,
     user_secret: String,
     user_token: String,
+    /// Seals the ledger's webhook secrets (alerts are on in `dev`); made on first start, and
+    /// added to a data dir made before `dev` had alerts.
+    #[serde(default)]
+    alerts_key: Option<String>,
 }
 
 /// A ledger served on an already bound listener, stopped by dropping `stop`.
@@ -95,13 +99,16 @@ impl Running {
     }
 
     /// Serves a ledger on `addr` (and the accounting REST API on `http_addr`) and returns its
-    /// gRPC URL, its HTTP URL and an admin client, once it answers.
+    /// gRPC URL, its HTTP URL and an admin client, once it answers. With `alerts_key`, webhook
+    /// alerts are on and may reach this machine (`dev` is for local use: a receiver on
+    /// 127.0.0.1 or localhost, over http).
     async fn start_ledger(
         &mut self,
         addr: &str,
         http_addr: Option<&str>,
         database_url: &str,
         admin_key: &str,
+        alerts_key: Option<&str>,
     ) -> anyhow::Result<(String, Option<String>, LedgerClient)> {
         let listener = bind(addr).await?;
         let url = format!("http://{}", listener.local_addr()?);
@@ -113,10 +120,18 @@ impl Running {
             Some(l) => Some(format!("http://{}", l.local_addr()?)),
             None => None,
         };
+        let mut alerts = syft_ledger::alerts::AlertsConfig::default();
+        if let Some(key) = alerts_key {
+            alerts.key = Some(std::sync::Arc::new(
+                syft_ledger::alerts::SealKey::from_passphrase(key)?,
+            ));
+            alerts.allowed_hosts = vec!["127.0.0.1".into(), "localhost".into()];
+        }
         let config = LedgerConfig {
             database_url: database_url.to_string(),
             admin_key: admin_key.into(),
             accounting_api: http_listener.is_some(),
+            alerts,
             ..LedgerConfig::default()
         };
         let signal = self.signal();
@@ -183,6 +198,10 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
         .as_ref()
         .map(|c| c.admin_key.clone())
         .unwrap_or_else(random_key);
+    let alerts_key = saved
+        .as_ref()
+        .and_then(|c| c.alerts_key.clone())
+        .unwrap_or_else(random_key);
 
     let mut running = Running::new();
     let (ledger_url, ledger_http_url, mut admin) = running
@@ -191,6 +210,7 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
             Some(&args.ledger_http_addr),
             &database_url,
             &admin_key,
+            Some(&alerts_key),
         )
         .await?;
 
@@ -205,7 +225,13 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
         .await
         .is_ok();
     let creds = match saved {
-        Some(c) if owner_exists => c,
+        Some(mut c) if owner_exists => {
+            if c.alerts_key.is_none() {
+                c.alerts_key = Some(alerts_key);
+                write_private(&creds_path, &serde_json::to_string_pretty(&c)?)?;
+            }
+            c
+        }
         _ if owner_exists => anyhow::bail!(
             "{database_url} already has dev accounts but {} is missing; delete the data dir to start over",
             creds_path.display()
@@ -221,6 +247,7 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
                 user_email: DEV_USER.into(),
                 user_secret,
                 user_token,
+                alerts_key: Some(alerts_key),
             };
             write_private(&creds_path, &serde_json::to_string_pretty(&c)?)?;
             c
@@ -309,6 +336,13 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
         "  curl -s -u {}:{} {ledger_http_url}/user/my-info",
         creds.user_email, creds.user_secret
     );
+    println!(
+        "  SYFT_LEDGER_URL={ledger_url} SYFT_SECRET={} {me} alerts add http://127.0.0.1:9000/hook --balance-below 9.99",
+        creds.user_secret
+    );
+    println!(
+        "      webhook alerts to a receiver on this machine (dev allows 127.0.0.1 and localhost over http)"
+    );
     super::shutdown_signal().await;
     running.shutdown().await
 }
@@ -374,7 +408,7 @@ pub async fn demo(_args: DemoArgs) -> anyhow::Result<()> {
     let admin_key = random_key();
     let mut running = Running::new();
     let (ledger_url, _, mut admin) = running
-        .start_ledger("127.0.0.1:0", None, &database_url, &admin_key)
+        .start_ledger("127.0.0.1:0", None, &database_url, &admin_key, None)
         .await?;
 
     println!("== syft-router demo: embedded ledger (SQLite), echo model, two priced routers\n");
