@@ -178,6 +178,14 @@ async fn user_view_with_rows_recorded_by_others(c: &Client, s: &Stack, page: &st
     click(c, "#tab-user").await;
     let revoke = "return document.querySelectorAll('#tokens button').length === 1";
     until(c, revoke, 10, "her token's Revoke button").await;
+    // Her token is told apart by the random end of its id (100 others were issued the same
+    // minute, and every id of a minute begins alike); the whole id is its title.
+    let id = "const td = document.querySelector('#tokens button').closest('tr').children[0];\
+        return [td.textContent, td.title]";
+    let id = js(c, id).await;
+    let (shown, whole) = (id[0].as_str().unwrap_or(""), id[1].as_str().unwrap_or(""));
+    assert!(whole.len() > 8, "the whole id is the title: {id}");
+    assert_eq!(shown, format!("…{}", &whole[whole.len() - 8..]), "{id}");
     let chart = "return document.querySelectorAll('#chart-spend .uplot').length === 1";
     until(c, chart, 10, "the spend chart").await;
     let owners = "return [...document.querySelectorAll('#live tbody tr[data-id] td:nth-child(2)')]\

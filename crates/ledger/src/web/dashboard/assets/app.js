@@ -268,7 +268,11 @@ async function loadTokens() {
       b.addEventListener('click', () => revoke(t.id));
       action.appendChild(b);
     }
-    return row([t.id.slice(0, 8), t.sender_email, t.recipient_email,
+    // A token id (a UUIDv7) begins with its creation time, so tokens issued minutes apart showed
+    // the same first characters: the random end is shown, the whole id on hover.
+    const id = cell(`…${t.id.slice(-8)}`);
+    id.title = t.id;
+    return row([id, t.sender_email, t.recipient_email,
       t.spend_limit_micros == null ? 'none' : money(t.spend_limit_micros, t.currency),
       money(t.spent_micros, t.currency), t.expires_at ? when(t.expires_at) : 'never',
       t.revoked_at ? 'revoked' : (active ? 'active' : 'expired'), action]);
