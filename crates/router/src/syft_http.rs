@@ -229,10 +229,16 @@ impl SyftBody for SyftSearchRequest {
         let (transaction_token, request_id) =
             payment(headers, self.transaction_token, self.request_id)?;
         let opts = self.options.unwrap_or_default();
-        // Negative or huge limits are refused by validation, with the accepted range.
-        let limit = opts
-            .limit
-            .map(|v| u32::try_from(v).unwrap_or(if v < 0 { 0 } else { u32::MAX }));
+        // A huge one is refused by validation, with the accepted range; a negative one here,
+        // with the value sent (it was reported as 0).
+        let limit = match opts.limit {
+            Some(v) if v < 0 => {
+                return Err(RouterError::InvalidArgument(format!(
+                    "limit must be a positive number of results (got {v})"
+                )))
+            }
+            v => v.map(|v| u32::try_from(v).unwrap_or(u32::MAX)),
+        };
         Ok(SearchRequest {
             user_email: self.user_email,
             query: self.query,

@@ -394,6 +394,20 @@ async fn bad_search_input_is_refused_and_nothing_is_charged() {
         ("token_refused", "/search")
     );
     assert_eq!(unread.model, "http");
+    // A negative limit over HTTP is refused naming what was sent (it was reported as 0).
+    let r = reqwest::Client::new()
+        .post(format!("{}/search", s.router.http_url))
+        .json(
+            &serde_json::json!({"userEmail": s.alice.email, "query": "q",
+                                  "transactionToken": s.token, "options": {"limit": -1}}),
+        )
+        .send()
+        .await
+        .expect("http");
+    assert_eq!(r.status(), 400);
+    let body: serde_json::Value = r.json().await.expect("json");
+    let detail = body["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("(got -1)"), "{body}");
     assert_eq!(up.hits(), 0, "the backend was never called");
     assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));
     // Refusals leave their own rows (`refusal.rs`); nothing was answered or charged.
