@@ -485,8 +485,10 @@ async fn bad_input_changes_nothing(h: Harness) -> Harness {
     assert_eq!(s, StatusCode::BAD_REQUEST);
     let (s, _) = api.create(Auth::Basic(OWNER, &owner_pw), "{", None).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
-    let (s, _) = api.delegated(&owner_pw, ALICE, "2.000001", &token).await;
+    let (s, v) = api.delegated(&owner_pw, ALICE, "2.000001", &token).await;
     assert_eq!(s, StatusCode::CONFLICT, "insufficient funds");
+    // In the units the amount was sent in (it said only "2000001 micros").
+    assert!(v.to_string().contains("2.000001 requested"), "{v}");
     let (s, _) = api.delegated(&owner_pw, ALICE, "1", "not-a-token").await;
     assert_eq!(s, StatusCode::FORBIDDEN);
     let (s, _) = api.delegated(&owner_pw, ALICE, "1", &bob_token).await;

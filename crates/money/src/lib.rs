@@ -24,7 +24,8 @@ pub enum AmountError {
     Negative(String),
     #[error("amount {0:?} has more than 6 decimal places")]
     TooPrecise(String),
-    #[error("amount {text:?} is above the maximum of {max_micros} micros")]
+    /// The text is in currency units, so is the maximum (then in micros).
+    #[error("amount {text:?} is above the maximum of {} ({max_micros} micros)", format_micros(*.max_micros))]
     TooLarge { text: String, max_micros: i64 },
 }
 
@@ -194,6 +195,11 @@ mod tests {
             Err(AmountError::TooLarge { .. })
         ));
         assert!(matches!(p("1e300"), Err(AmountError::TooLarge { .. })));
+        // In the units the amount was written in (the micros too, for the gRPC's users).
+        assert_eq!(
+            p("1e300").map_err(|e| e.to_string()),
+            Err("amount \"1e300\" is above the maximum of 1000000 (1000000000000 micros)".into())
+        );
         assert!(matches!(
             p("99999999999999999999999"),
             Err(AmountError::TooLarge { .. })

@@ -217,10 +217,8 @@ impl Store {
                 {
                     return replayed;
                 }
-                let err = LedgerError::refused(
-                    Reason::InsufficientFunds,
-                    format!("insufficient funds: {} micros requested", input.amount),
-                );
+                let err =
+                    LedgerError::refused(Reason::InsufficientFunds, insufficient(input.amount));
                 self.fail_authorize(input, &request_hash, err, origin).await
             }
         }
@@ -455,7 +453,7 @@ impl Store {
             },
             Some(false) => Err(LedgerError::refused(
                 Reason::InsufficientFunds,
-                format!("insufficient funds: {} micros requested", input.amount),
+                insufficient(input.amount),
             )),
         }
     }
@@ -630,5 +628,13 @@ fn key_reused(key: &str) -> LedgerError {
     LedgerError::refused(
         Reason::IdempotencyConflict,
         format!("idempotency key {key:?} was already used with different parameters"),
+    )
+}
+
+/// The refusal's message, in currency units (the REST API's) and in micros (gRPC's).
+fn insufficient(amount: i64) -> String {
+    format!(
+        "insufficient funds: {} requested ({amount} micros)",
+        crate::money::format_micros(amount)
     )
 }
