@@ -1055,12 +1055,16 @@ async fn refusals_carry_machine_readable_reasons(h: Harness) -> Harness {
         want(Code::PermissionDenied, "TOKEN_INVALID")
     );
     let limited = h.limited_token(&alice, OWNER, 100).await;
+    let over = router
+        .authorize(authorize(ALICE, 200, &limited, "r4"))
+        .await;
+    // In currency units, as the budgets' refusals are (it said "limit 100, … 200 micros").
     assert_eq!(
-        refused(
-            router
-                .authorize(authorize(ALICE, 200, &limited, "r4"))
-                .await
-        ),
+        over.as_ref().err().map(|e| e.message()),
+        Some("token spend limit exceeded: limit 0.0001, spent 0, held 0, requested 0.0002")
+    );
+    assert_eq!(
+        refused(over),
         want(Code::PermissionDenied, "TOKEN_LIMIT_EXCEEDED")
     );
     h.client(&alice)

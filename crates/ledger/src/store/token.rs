@@ -134,10 +134,8 @@ impl Store {
                 (None, Some(limit)) => LedgerError::refused(
                     Reason::TokenLimitExceeded,
                     format!(
-                        "token spend limit exceeded: limit {}, requested {} micros with the holds \
-                     pending on it when it was decided",
-                        limit.get(),
-                        amount.get()
+                        "token spend limit exceeded: limit {limit}, requested {amount} with the \
+                         holds pending on it when it was decided"
                     ),
                 ),
                 (None, None) => LedgerError::refused(Reason::TokenInvalid, "token cannot be used"),
@@ -183,11 +181,9 @@ fn rejection(limits: &TokenLimits, amount: Micros, now: i64) -> Option<LedgerErr
             LedgerError::refused(
                 Reason::TokenLimitExceeded,
                 format!(
-                    "token spend limit exceeded: limit {}, spent {}, held {}, requested {} micros",
-                    limit.get(),
-                    spent.get(),
-                    held.get(),
-                    amount.get()
+                    // In currency units, as the budgets' refusals (`Micros` shows itself so).
+                    "token spend limit exceeded: limit {limit}, spent {spent}, held {held}, \
+                     requested {amount}"
                 ),
             )
         })
