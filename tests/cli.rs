@@ -590,7 +590,8 @@ async fn stats_prints_tables_json_and_csv() {
     let lines: Vec<&str> = csv.lines().collect();
     assert!(lines[0].starts_with("app,status,requests,"), "{csv}");
     assert_eq!(lines.len(), 3, "{csv}");
-    assert!(lines[1].starts_with("chat-app,success,2,"), "{csv}");
+    // The success rate is a number (the JSON's fraction), not a percentage text.
+    assert!(lines[1].starts_with("chat-app,success,2,1,"), "{csv}");
     // Its units are in its header: exact micros and unix micros, unlike the table.
     assert!(
         lines[0].contains(",revenue_micros,refunds_micros,"),

@@ -83,14 +83,20 @@ fn key_text(k: &pb::StatsKey, csv: bool) -> String {
     }
 }
 
-/// The measures of a group as cells: money in currency units (table) or micros (CSV).
+/// The measures of a group as cells: money in currency units (table) or micros (CSV), the
+/// success rate as a percentage (table) or the fraction the JSON has (CSV: a number to compute
+/// with, not `75.0%`).
 fn cells(g: &pb::StatsGroup, csv: bool) -> Vec<String> {
     let lat = g.latency_ms.unwrap_or_default();
     let up = g.upstream_latency_ms.unwrap_or_default();
     let money = |m: i64| if csv { m.to_string() } else { format_micros(m) };
     vec![
         g.requests.to_string(),
-        format!("{:.1}%", 100.0 * g.success_rate),
+        if csv {
+            g.success_rate.to_string()
+        } else {
+            format!("{:.1}%", 100.0 * g.success_rate)
+        },
         g.prompt_tokens.to_string(),
         g.completion_tokens.to_string(),
         g.total_tokens.to_string(),
