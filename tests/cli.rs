@@ -357,6 +357,21 @@ fn client_errors_are_one_line_in_the_users_terms() {
         "/no/such/ca.pem",
     ]));
     assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+    // A zero amount is refused in the words typed, before any call (the ledger's refusal named
+    // its gRPC field: "amount_micros must be positive, got 0").
+    let zero = |args: &[&str]| {
+        fails(
+            syft_router()
+                .args(args)
+                .env("SYFT_LEDGER_URL", &url)
+                .env("SYFT_LEDGER_ADMIN_KEY", "k")
+                .env("SYFT_SECRET", "s3cret-s3cret"),
+        )
+    };
+    let err = zero(&["account", "deposit", "carol@example.com", "0"]);
+    assert!(err.contains("the amount must be above 0 (got 0)"), "{err}");
+    let err = zero(&["token", "issue", "owner@example.com", "--limit", "0.000"]);
+    assert!(err.contains("--limit must be above 0 (got 0.000)"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

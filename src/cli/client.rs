@@ -340,7 +340,7 @@ pub async fn account(args: AccountArgs) -> anyhow::Result<()> {
             amount,
             idempotency_key,
         } => {
-            let amount_micros = parse_decimal_micros(&amount)?;
+            let amount_micros = positive_amount("the amount", &amount)?;
             let key = idempotency_key.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
             conn.admin()?
                 .deposit(pb::DepositRequest {
@@ -360,6 +360,14 @@ pub async fn account(args: AccountArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An amount that must be above zero, refused here in the words the user typed (the ledger's
+/// refusal names its gRPC field, `amount_micros`, and the micros).
+fn positive_amount(what: &str, text: &str) -> anyhow::Result<i64> {
+    let micros = parse_decimal_micros(text)?;
+    anyhow::ensure!(micros > 0, "{what} must be above 0 (got {text})");
+    Ok(micros)
+}
+
 pub async fn token(args: TokenArgs) -> anyhow::Result<()> {
     let conn = &args.conn;
     match args.action {
@@ -369,10 +377,13 @@ pub async fn token(args: TokenArgs) -> anyhow::Result<()> {
             limit_per_day,
             ttl,
         } => {
-            let spend_limit_micros = limit.as_deref().map(parse_decimal_micros).transpose()?;
+            let spend_limit_micros = limit
+                .as_deref()
+                .map(|l| positive_amount("--limit", l))
+                .transpose()?;
             let limit_per_day_micros = limit_per_day
                 .as_deref()
-                .map(parse_decimal_micros)
+                .map(|l| positive_amount("--limit-per-day", l))
                 .transpose()?;
             let expires_at_unix_micros =
                 ttl.map(|d| syft_ledger::store::now_micros() + d.as_micros() as i64);
