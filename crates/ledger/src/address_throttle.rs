@@ -122,16 +122,20 @@ impl AddressThrottle {
         if self.max_failures == 0 {
             return Ok(());
         }
-        let (key, site) = Key::of(addr);
-        let table = self.lock();
-        let wait = [Some(key), site]
-            .into_iter()
-            .flatten()
-            .filter_map(|k| table.windows.get(&k))
-            .filter(|w| w.locked(now))
-            .map(|w| w.start + WINDOW - now)
-            .max();
-        wait.map_or(Ok(()), Err)
+        locked(&self.lock(), addr, now)
+    }
+
+    /// [`check`](Self::check) and, if `addr` is not locked out, count one event of it, under one
+    /// lock: concurrent attempts cannot all pass the check before any is counted (open
+    /// registration's per-address limit is exact).
+    pub fn take(&self, addr: IpAddr, now: Instant) -> Result<(), Duration> {
+        if self.max_failures == 0 {
+            return Ok(());
+        }
+        let mut table = self.lock();
+        locked(&table, addr, now)?;
+        self.count_in(&mut table, addr, now);
+        Ok(())
     }
 
     /// Counts a wrong credential (or a chosen password set, which can test one) from `addr`.
@@ -139,14 +143,31 @@ impl AddressThrottle {
         if self.max_failures == 0 {
             return;
         }
-        let (key, site) = Key::of(addr);
         let mut table = self.lock();
-        count(&mut table, key, self.max_failures, now, self.what);
+        self.count_in(&mut table, addr, now);
+    }
+
+    fn count_in(&self, table: &mut Table, addr: IpAddr, now: Instant) {
+        let (key, site) = Key::of(addr);
+        count(table, key, self.max_failures, now, self.what);
         if let Some(site) = site {
             let limit = self.max_failures.saturating_mul(SITE_FACTOR);
-            count(&mut table, site, limit, now, self.what);
+            count(table, site, limit, now, self.what);
         }
     }
+}
+
+/// `Err(wait)` while `addr` (or its IPv6 site) is locked in `table`.
+fn locked(table: &Table, addr: IpAddr, now: Instant) -> Result<(), Duration> {
+    let (key, site) = Key::of(addr);
+    let wait = [Some(key), site]
+        .into_iter()
+        .flatten()
+        .filter_map(|k| table.windows.get(&k))
+        .filter(|w| w.locked(now))
+        .map(|w| w.start + WINDOW - now)
+        .max();
+    wait.map_or(Ok(()), Err)
 }
 
 /// One failure of `key`, whose window locks at `limit`.
@@ -304,6 +325,27 @@ mod tests {
         let off = AddressThrottle::new(0);
         (0..1_000).for_each(|_| off.failed(a, t0));
         assert!(off.check(a, t0).is_ok());
+    }
+
+    /// Eight threads take 100 events each from one address limited to 50: exactly 50 pass
+    /// (checked and counted apart, two threads could both pass at 49).
+    #[test]
+    fn take_is_exact_under_concurrency() {
+        let t = std::sync::Arc::new(AddressThrottle::counting(50, "test events"));
+        let now = Instant::now();
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let t = std::sync::Arc::clone(&t);
+                std::thread::spawn(move || {
+                    (0..100)
+                        .filter(|_| t.take(ip("192.0.2.9"), now).is_ok())
+                        .count()
+                })
+            })
+            .collect();
+        let passed: usize = threads.into_iter().map(|h| h.join().unwrap_or(0)).sum();
+        assert_eq!(passed, 50);
+        assert!(t.check(ip("192.0.2.9"), now).is_err());
     }
 
     #[test]

@@ -220,8 +220,8 @@ impl Ledger {
     }
 
     /// Open registration (`/user/create`) from `peer`: refused once the address made
-    /// `accounts_per_address` attempts in the window, then, with a chosen `password`, counted as a
-    /// guess (`count_guess`), then counted as an attempt. Anyone may register, and nothing else
+    /// `accounts_per_address` attempts in the window, else counted as one (at once, under one
+    /// lock), then, with a chosen `password`, counted as a guess (`count_guess`). Anyone may register, and nothing else
     /// bounded how many accounts (rows, and entries of every `/users` answer) one client could
     /// add, nor how many emails it could test for an account (`409`). A request that sends
     /// credentials is authenticated like any other (a wrong one is refused and counts as a
@@ -240,7 +240,8 @@ impl Ledger {
         let Some(addr) = peer else {
             return Ok(());
         };
-        if let Err(wait) = self.signups.check(addr, Instant::now()) {
+        // Checked and counted at once, so a burst cannot pass the check before any is counted.
+        if let Err(wait) = self.signups.take(addr, Instant::now()) {
             return Err(crate::address_throttle::too_many_accounts(
                 addr,
                 wait,
@@ -250,7 +251,6 @@ impl Ledger {
         if password {
             self.count_guess(peer)?;
         }
-        self.signups.failed(addr, Instant::now());
         Ok(())
     }
 
