@@ -13,7 +13,8 @@
 //! (best effort), so it is ready whatever the ledger's state (the owner check is still logged).
 //! A router whose limits are counted in Redis with `limiter.on_failure = "fail_closed"` refuses
 //! every request while Redis does not answer, so it is not ready then either
-//! ([`run_limiter_probe`] pings it every [`PROBE_INTERVAL`]): a load balancer should send its
+//! ([`run_limiter_probe`] pings it every [`PROBE_INTERVAL`], [`LIMITER_MISSES`] unanswered in a
+//! row make it unreachable): a load balancer should send its
 //! traffic to a replica that can admit it. With `fail_open` it admits unlimited meanwhile and
 //! stays ready; `/readyz` still shows the limiter's state.
 //! During shutdown it reports NOT_SERVING.
@@ -293,17 +294,30 @@ pub(crate) async fn run_ledger_probe(service: RouterService, every: Duration) {
     }
 }
 
+/// Pings in a row that must go unanswered before the limiter's Redis counts as unreachable: one
+/// slow answer (a fork for a snapshot, a short pause) should not take every replica sharing it
+/// out of the load balancer at once. One answer counts it as serving again.
+pub const LIMITER_MISSES: u32 = 3;
+
 /// Pings the rate limiter's Redis every `every` (each ping bounded by `limiter.timeout`) and
 /// updates `service`'s readiness, forever; logs each change.
 pub(crate) async fn run_limiter_probe(service: RouterService, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut misses = 0u32;
     loop {
         tick.tick().await;
         let state = match service.ping_limiter().await {
-            Ok(()) => LimiterState::Serving,
+            Ok(()) => {
+                misses = 0;
+                LimiterState::Serving
+            }
             Err(e) => {
                 tracing::debug!(error = %e.message, "the limiter's Redis did not answer a ping");
+                misses = misses.saturating_add(1);
+                if misses < LIMITER_MISSES {
+                    continue;
+                }
                 LimiterState::Unreachable
             }
         };

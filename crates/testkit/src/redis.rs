@@ -42,28 +42,31 @@ impl OwnRedis {
     /// `None` without a `redis-server` that starts.
     pub async fn start() -> Option<Self> {
         let port = free_port();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok()?;
+        let child = spawn_redis(port)?;
         let url = format!("redis://127.0.0.1:{port}");
         let me = OwnRedis { child, url, port };
+        me.up().await.then_some(me)
+    }
+
+    /// Started again on its port after [`OwnRedis::kill`] (empty: it keeps nothing); whether it
+    /// answers.
+    pub async fn restart(&mut self) -> bool {
+        self.kill();
+        match spawn_redis(self.port) {
+            Some(child) => self.child = child,
+            None => return false,
+        }
+        self.up().await
+    }
+
+    async fn up(&self) -> bool {
         for _ in 0..50 {
-            if redis_up(&me.url).await {
-                return Some(me);
+            if redis_up(&self.url).await {
+                return true;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        None
+        false
     }
 
     /// Runs `redis-cli` against this Redis to its end, off the runtime; `false` without one (a
@@ -107,6 +110,23 @@ impl Drop for OwnRedis {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A `redis-server` on `port` that keeps nothing on disk.
+fn spawn_redis(port: u16) -> Option<Child> {
+    Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()
 }
 
 /// A TCP relay in front of a server whose connections can be made to go silent: what either side
