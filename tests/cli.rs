@@ -897,9 +897,10 @@ async fn dev_has_alerts_on_for_a_local_receiver() {
     let (dev, url) = Dev::start(data.path());
     let cli = account_cli(url, secret);
     assert!(run(&mut cli(&["alerts", "test", &id])).contains("queued test event"));
-    let got = rx
-        .wait_until(Duration::from_secs(15), "test event", |r| r.len() >= 2)
-        .await;
-    assert_eq!(got[1].event_type(), "test");
+    // A balance.low the ledger had sent but not yet recorded when it stopped may come again.
+    rx.wait_until(Duration::from_secs(15), "test event", |r| {
+        r.iter().any(|e| e.event_type() == "test")
+    })
+    .await;
     dev.stop();
 }

@@ -2,6 +2,7 @@
 
 mod alerts;
 mod client;
+mod demo;
 mod dev;
 pub mod errors;
 mod health;
@@ -44,7 +45,7 @@ pub enum Command {
     /// Ledger + router in one process on the embedded defaults (SQLite, echo model), with demo accounts.
     Dev(dev::DevArgs),
     /// Run a short paid-chat scenario on a throwaway embedded stack, print balances and usage, exit.
-    Demo(dev::DemoArgs),
+    Demo(demo::DemoArgs),
     /// Send one chat request to a router.
     Chat(router::ChatArgs),
     /// Account commands (create, show, list, deposit).
@@ -92,7 +93,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ledger(args) => ledger::run(*args).await,
         Command::Router(args) => router::run(args).await,
         Command::Dev(args) => dev::dev(args).await,
-        Command::Demo(args) => dev::demo(args).await,
+        Command::Demo(args) => demo::demo(args).await,
         Command::Chat(args) => router::chat(args).await,
         Command::Account(args) => client::account(args).await,
         Command::Token(args) => client::token(args).await,
