@@ -25,7 +25,10 @@ pub enum AmountError {
     #[error("amount {0:?} has more than 6 decimal places")]
     TooPrecise(String),
     /// The text is in currency units, so is the maximum (then in micros).
-    #[error("amount {text:?} is above the maximum of {} ({max_micros} micros)", format_micros(*.max_micros))]
+    #[error(
+        "amount {text:?} is above the maximum of {} ({max_micros} micros)",
+        format_micros(*.max_micros)
+    )]
     TooLarge { text: String, max_micros: i64 },
 }
 

@@ -14,6 +14,11 @@ pub const ERROR_DOMAIN: &str = "syft.router";
 /// The reason of a hold refused because the user's balance cannot cover it.
 pub const INSUFFICIENT_FUNDS: &str = Reason::InsufficientFunds.as_str();
 
+/// The longest wait an OpenAI SDK honours from `Retry-After`: past it, the SDKs retry at once
+/// (after their own half-second backoff) into the same refusal, each retry a new upstream call
+/// and hold, so such a refusal says `x-should-retry: false` and the client waits as told.
+pub const SOON: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// A request refused by a rate, concurrency or budget limit: the reason, when to retry, which
 /// quota, and the rate-limit headers of the refusal.
 #[derive(Debug, Clone)]
@@ -22,6 +27,9 @@ pub struct QuotaRefusal {
     pub message: String,
     pub details: QuotaDetails,
     pub headers: crate::limits::RateHeaders,
+    /// The request can never pass this limit as it is (it reserves more tokens than the whole
+    /// window holds): no wait helps, only a smaller `max_tokens`.
+    pub never_fits: bool,
 }
 
 /// Everything a router call can fail with. Messages are safe to show to clients; internal details
@@ -143,15 +151,14 @@ impl RouterError {
 
     /// Whether sending the same request again soon can succeed (`x-should-retry`): not for a
     /// state the user must change (`FAILED_PRECONDITION`: funds, a hold's state, a disabled
-    /// service), a spent quota, nor a rate refusal with no time to retry (a request reserving
-    /// more tokens than its window holds never fits: only a smaller `max_tokens` does). Rates,
-    /// an id still in progress and unavailability can.
+    /// service), a spent quota, a request that never fits its token window, nor a refusal that
+    /// asks for a wait longer than [`SOON`]. Rates, an id still in progress and unavailability
+    /// can.
     pub fn retry_helps(&self) -> bool {
         match self {
             RouterError::FailedPrecondition { .. } => false,
-            RouterError::Quota(q) if q.reason == Reason::RateLimited => {
-                q.details.retry_after.is_some()
-            }
+            RouterError::Quota(q) if q.never_fits => false,
+            _ if self.retry_after().is_some_and(|after| after > SOON) => false,
             _ => !self.is_spent_quota(),
         }
     }

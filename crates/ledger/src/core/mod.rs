@@ -221,9 +221,9 @@ impl Ledger {
 
     /// Open registration (`/user/create`) from `peer`: refused once the address made
     /// `accounts_per_address` attempts in the window, else counted as one (at once, under one
-    /// lock), then, with a chosen `password`, counted as a guess (`count_guess`). Anyone may register, and nothing else
-    /// bounded how many accounts (rows, and entries of every `/users` answer) one client could
-    /// add, nor how many emails it could test for an account (`409`). A request that sends
+    /// lock), then, with a chosen `password`, counted as a guess (`count_guess`). Anyone may
+    /// register, and nothing else bounded how many accounts (rows, and entries of every `/users`
+    /// answer) one client could add, nor how many emails it could test for an account (`409`). A request that sends
     /// credentials is authenticated like any other (a wrong one is refused and counts as a
     /// failure, so this is no faster way to test an admin key than the rest of the API), and one
     /// signed in with the admin key (the SDK's `AdminClient.create_user`, a bulk import) is not

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{invalid, ConfigError};
+use super::{invalid, ConfigError, RouterConfig, ServiceKind};
 use crate::money;
 
 /// The largest count a rate may allow in one window; above it a limit is almost surely a typo
@@ -333,9 +333,50 @@ impl RawLimiter {
     }
 }
 
+impl RouterConfig {
+    /// The token windows (scope, rate) no chat without `max_tokens` fits in: it reserves its
+    /// prompt and `limits.default_max_tokens`, so a window of at most that refuses every one (a
+    /// new owner otherwise finds out at the first request). The router's and the chat
+    /// service's, when chat is sold; a search reserves only its query's tokens.
+    pub fn chat_token_limits_below_default(&self) -> Vec<(&'static str, Rate)> {
+        let Some(chat) = self
+            .services
+            .iter()
+            .find(|s| s.kind == ServiceKind::Chat && s.enabled)
+        else {
+            return Vec::new();
+        };
+        let reserve = u64::from(self.limits.default_max_tokens);
+        [("router", &self.rate_limits), ("chat", &chat.rate_limits)]
+            .into_iter()
+            .flat_map(|(scope, limits)| limits.tokens.iter().map(move |r| (scope, *r)))
+            .filter(|(_, r)| r.count <= reserve)
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_limits_no_chat_without_max_tokens_fits_are_found() {
+        let per_minute = |count| Rate {
+            count,
+            unit: RateUnit::Minute,
+        };
+        let mut c = RouterConfig::new("r", "o@example.com");
+        // 4,096 is the default reserve itself: the prompt makes every such chat larger.
+        c.rate_limits.tokens = vec![per_minute(4_096), per_minute(4_097)];
+        c.services[0].rate_limits.tokens = vec![per_minute(200)];
+        assert_eq!(
+            c.chat_token_limits_below_default(),
+            vec![("router", per_minute(4_096)), ("chat", per_minute(200))]
+        );
+        // Without chat sold, nothing reserves `default_max_tokens`.
+        c.services[0].enabled = false;
+        assert!(c.chat_token_limits_below_default().is_empty());
+    }
 
     #[test]
     fn rates_parse_and_refuse_nonsense() {

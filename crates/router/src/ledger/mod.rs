@@ -453,6 +453,7 @@ pub(crate) fn map_status(op: Op, s: tonic::Status) -> RouterError {
                 },
                 message: msg,
                 headers: Default::default(),
+                never_fits: false,
             })),
             None => RouterError::ResourceExhausted(msg),
         },

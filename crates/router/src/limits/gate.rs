@@ -74,7 +74,16 @@ impl Gate {
                     .map_err(|e| RouterError::InvalidArgument(e.message))?,
             ),
         };
-        warn_of_unfitting_token_limits(c);
+        for (scope, rate) in c.chat_token_limits_below_default() {
+            tracing::warn!(
+                scope,
+                limit = %rate,
+                default_max_tokens = c.limits.default_max_tokens,
+                "a token limit is at most limits.default_max_tokens: every chat that sets no \
+                 max_tokens (or a larger one) reserves more than the window holds and is refused; \
+                 raise the limit or lower default_max_tokens"
+            );
+        }
         Ok(Some(Arc::new(Gate::with_limiter(c, limiter, services))))
     }
 
@@ -298,27 +307,6 @@ impl Gate {
     }
 }
 
-/// Logs each token window smaller than what a request without `max_tokens` reserves (the
-/// router's `default_max_tokens`, before its prompt): every such request is refused, which a new
-/// owner otherwise finds only at the first request.
-fn warn_of_unfitting_token_limits(c: &RouterConfig) {
-    let reserve = u64::from(c.limits.default_max_tokens);
-    let scopes = std::iter::once((ROUTER_SCOPE, &c.rate_limits))
-        .chain(c.services.iter().map(|s| (s.kind.as_str(), &s.rate_limits)));
-    for (scope, limits) in scopes {
-        for rate in limits.tokens.iter().filter(|r| r.count < reserve) {
-            tracing::warn!(
-                scope,
-                limit = %rate,
-                default_max_tokens = reserve,
-                "a token limit is below limits.default_max_tokens: every request that sets no \
-                 max_tokens (or a larger one) reserves more than the window holds and is refused; \
-                 raise the limit or lower default_max_tokens"
-            );
-        }
-    }
-}
-
 fn refusal(
     user: &str,
     rules: &[Rule],
@@ -363,6 +351,7 @@ fn refusal(
             violations: vec![(subject, rule.describe.clone())],
         },
         headers: RateHeaders::from_states(rules, states),
+        never_fits: rule.kind == RuleKind::Tokens && retry_after.is_none(),
     }))
 }
 

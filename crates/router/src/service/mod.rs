@@ -510,19 +510,16 @@ impl RouterService {
         // so a larger count is a broken or lying one (or our tokenizer counting its text apart
         // from its own). Counted at the limit: the row, the owner's analytics and the user's
         // token windows then show what the hold paid for, not a billion tokens nobody was sold.
-        let completion = match p.upstream_req.options.max_tokens.map(u64::from) {
-            Some(max) if completion > max => {
-                tracing::warn!(
-                    request_id = %p.v.request_id,
-                    reported = completion,
-                    max_tokens = max,
-                    "upstream counted more completion tokens than its limit; counted at the limit"
-                );
-                max
-            }
-            _ => completion,
-        };
-        (prompt, completion)
+        let capped = at_most_the_limit(p, completion);
+        if capped < completion {
+            tracing::warn!(
+                request_id = %p.v.request_id,
+                reported = completion,
+                max_tokens = capped,
+                "upstream counted more completion tokens than its limit; counted at the limit"
+            );
+        }
+        (prompt, capped)
     }
 
     /// What an answered request is charged (unary, or a stream's end): its final token counts,
@@ -555,5 +552,14 @@ impl RouterService {
             tracing::warn!(request_id = %p.v.request_id, cost, hold = p.t.hold_micros, "cost above hold; capped");
         }
         cost.min(p.t.hold_micros)
+    }
+}
+
+/// `completion` tokens, at most the limit the upstream was sent (when one was): it writes no
+/// more, so a larger count (its own, or our tokenizer's of its text) is counted at the limit.
+fn at_most_the_limit(p: &Prepared, completion: u64) -> u64 {
+    match p.upstream_req.options.max_tokens {
+        Some(max) => completion.min(u64::from(max)),
+        None => completion,
     }
 }

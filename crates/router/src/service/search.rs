@@ -235,3 +235,35 @@ fn result_proto(h: SearchHit) -> SearchResult {
             .unwrap_or_default(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::*;
+
+    /// `RESULTS_TAG` is `SearchResponse.results`' field number, so the sizes `fit_answer` adds
+    /// are the answer's own: a response holding only results starts with that field's key
+    /// (number << 3 | length-delimited), and its length is the sum `fit_answer` makes.
+    #[test]
+    fn results_tag_is_the_proto_field_and_sizes_add_up() {
+        let hit = |id: &str| SearchHit {
+            id: id.into(),
+            score: 0.5,
+            content: "x".repeat(300),
+            metadata: None,
+        };
+        let results = fit_answer(vec![hit("a"), hit("b")], 0).expect("fits");
+        let response = SearchResponse {
+            results: results.clone(),
+            ..Default::default()
+        };
+        let bytes = response.encode_to_vec();
+        assert_eq!(u32::from(bytes[0]), RESULTS_TAG << 3 | 2);
+        let summed: usize = results
+            .iter()
+            .map(|r| prost::encoding::message::encoded_len(RESULTS_TAG, r))
+            .sum();
+        assert_eq!(bytes.len(), summed);
+    }
+}

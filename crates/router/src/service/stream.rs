@@ -237,7 +237,7 @@ impl RouterService {
                 tracing::info!(request_id = %p.v.request_id, "client cancelled the stream");
                 let units = Units {
                     input: self.prompt_tokens(&p).await,
-                    output: tokens::count_text(&content),
+                    output: super::at_most_the_limit(&p, tokens::count_text(&content)),
                 };
                 // The client chose to stop: the token windows keep what it was sent (refunding
                 // all of it let a client read most of an answer, leave, and never be counted).

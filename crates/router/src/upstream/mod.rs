@@ -161,6 +161,7 @@ impl From<UpstreamError> for RouterError {
                             )],
                         },
                         headers: Default::default(),
+                        never_fits: false,
                     }))
                 }
                 401 | 403 => {
@@ -168,7 +169,7 @@ impl From<UpstreamError> for RouterError {
                 }
                 // A 5xx that said when to come back (a 503 in maintenance, an overloaded
                 // provider): passed on, in whole seconds like the 429's.
-                _ => match retry_after {
+                _ => match retry_after.filter(|_| (500..=599).contains(&status)) {
                     Some(after) => {
                         let secs = syft_error::retry_after_secs(after);
                         RouterError::UnavailableFor {
