@@ -537,6 +537,37 @@ async fn a_request_that_never_fits_its_token_window_is_not_retried() {
     assert_consistent(&s.ledger.store).await;
 }
 
+/// A refusal of an hourly window asks for a wait longer than the minute the OpenAI SDKs honour
+/// from `Retry-After`: it says `x-should-retry: false`, or they would retry at once (twice, each
+/// a new request) into the same refusal.
+#[tokio::test]
+async fn a_wait_past_a_minute_is_not_retried_by_the_sdks() {
+    let s = Stack::start_tweaked(Pricing::free(), |c| {
+        c.rate_limits.requests = vec![Rate {
+            count: 1,
+            unit: RateUnit::Hour,
+        }]
+    })
+    .await;
+    let first = s.openai_chat(json!({"max_tokens": 5})).send().await;
+    assert_eq!(first.expect("http").status(), 200);
+    let refused = s
+        .openai_chat(json!({"max_tokens": 5}))
+        .send()
+        .await
+        .expect("http");
+    assert_eq!(refused.status(), 429);
+    let h = refused.headers();
+    let wait: u64 = h["retry-after"]
+        .to_str()
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(wait > 60, "{h:?}");
+    assert_eq!(h["x-should-retry"], "false", "{h:?}");
+    assert_consistent(&s.ledger.store).await;
+}
+
 /// A client that leaves a stream after its first delta is counted for what it was sent: the
 /// token window keeps the prompt and the delivered text (refunding all of it let a client read
 /// most of every answer, leave, and never be counted).
