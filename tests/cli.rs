@@ -808,77 +808,20 @@ fn an_unknown_status_is_refused_with_the_known_ones() {
     }
 }
 
-/// A `syft-router dev` child, killed if the test ends without stopping it (a failed assertion):
-/// left running, it would hold the test's output open and the run would never end.
-struct Dev(std::process::Child);
-
-impl Dev {
-    /// `syft-router dev` started on `data` (every port picked by the system), and its ledger's
-    /// gRPC URL, read from the banner.
-    fn start(data: &std::path::Path) -> (Dev, String) {
-        let child = syft_router()
-            .arg("dev")
-            .args(["--data-dir", &data.display().to_string()])
-            .args(["--ledger-grpc-addr", "127.0.0.1:0"])
-            .args(["--ledger-http-addr", "127.0.0.1:0"])
-            .args(["--router-grpc-addr", "127.0.0.1:0"])
-            .args(["--router-http-addr", "127.0.0.1:0"])
-            .env_remove("DATABASE_URL")
-            .env_remove("SYFT_ROUTER_CONFIG")
-            .env_remove("OPENAI_BASE_URL")
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn syft-router dev");
-        let mut dev = Dev(child);
-        // The reader runs to the end, so `dev` never writes into a closed pipe.
-        let rx = syft_testkit::stdout_lines(&mut dev.0);
-        let mut url = None;
-        while let Ok(line) = rx.recv_timeout(Duration::from_secs(60)) {
-            if let Some(rest) = line.trim().strip_prefix("ledger  gRPC") {
-                url = rest.split_whitespace().next().map(str::to_string);
-            }
-            if line.starts_with("Try it") {
-                break;
-            }
-        }
-        (dev, url.expect("dev printed its ledger address"))
-    }
-
-    /// SIGTERM; it must exit cleanly.
-    fn stop(mut self) {
-        let kill = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(kill.success());
-        assert!(
-            self.0.wait().expect("wait").success(),
-            "exited with an error"
-        );
-    }
-}
-
-impl Drop for Dev {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// `dev` has webhook alerts on, for a receiver on this machine, as its dashboard's Alerts tab and
 /// its printed `alerts add` command promise (it had no way to turn them on). Its key is kept in
 /// the data dir, so an endpoint added before a restart is still delivered to after it.
 #[tokio::test(flavor = "multi_thread")]
 async fn dev_has_alerts_on_for_a_local_receiver() {
     let data = tempfile::tempdir().expect("tempdir");
-    let (dev, url) = Dev::start(data.path());
+    let dev = syft_testkit::DevProcess::start(env!("CARGO_BIN_EXE_syft-router"), data.path());
     let creds: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(data.path().join("dev-credentials.json")).expect("credentials"),
     )
     .expect("json");
     let secret = creds["user_secret"].as_str().expect("user secret");
     let rx = syft_testkit::WebhookReceiver::start().await;
-    let cli = account_cli(url, secret);
+    let cli = account_cli(dev.ledger_url.clone(), secret);
     let added: serde_json::Value = serde_json::from_str(&run(&mut cli(&[
         "alerts",
         "add",
@@ -894,8 +837,8 @@ async fn dev_has_alerts_on_for_a_local_receiver() {
         .await;
     dev.stop();
 
-    let (dev, url) = Dev::start(data.path());
-    let cli = account_cli(url, secret);
+    let dev = syft_testkit::DevProcess::start(env!("CARGO_BIN_EXE_syft-router"), data.path());
+    let cli = account_cli(dev.ledger_url.clone(), secret);
     assert!(run(&mut cli(&["alerts", "test", &id])).contains("queued test event"));
     // A balance.low the ledger had sent but not yet recorded when it stopped may come again.
     rx.wait_until(Duration::from_secs(15), "test event", |r| {

@@ -40,48 +40,16 @@ fn syft_accounting_sdk_works_with_the_dev_stack_defaults() {
     let Some(python) = venv_python() else { return };
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let data = tempfile::tempdir().expect("tempdir");
-    let mut dev = Command::new(env!("CARGO_BIN_EXE_syft-router"))
-        .arg("dev")
-        .args(["--data-dir", &data.path().display().to_string()])
-        .args(["--ledger-grpc-addr", "127.0.0.1:0"])
-        .args(["--ledger-http-addr", "127.0.0.1:0"])
-        .args(["--router-grpc-addr", "127.0.0.1:0"])
-        .args(["--router-http-addr", "127.0.0.1:0"])
-        .env_remove("DATABASE_URL")
-        .env_remove("SYFT_ROUTER_CONFIG")
-        .env_remove("OPENAI_BASE_URL")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-        .expect("spawn syft-router dev");
-    // The banner names the ledger's HTTP address. Its reader runs to the end, so `dev` never
-    // writes into a closed pipe.
-    let rx = syft_testkit::stdout_lines(&mut dev);
-    let mut http_url = None;
-    while let Ok(line) = rx.recv_timeout(std::time::Duration::from_secs(60)) {
-        if let Some(rest) = line.trim().strip_prefix("ledger  HTTP") {
-            http_url = rest.split_whitespace().next().map(str::to_string);
-        }
-        if line.starts_with("Try it") {
-            break;
-        }
-    }
-    let result = http_url.map(|url| {
-        Command::new(python)
-            .arg(root.join("tests/python/sdk_dev_defaults.py"))
-            .arg(url)
-            .arg(data.path().join("dev-credentials.json"))
-            .output()
-            .expect("run python")
-    });
-    let _ = Command::new("kill")
-        .args(["-TERM", &dev.id().to_string()])
-        .status();
-    let status = dev.wait().expect("wait for dev");
-    let output = result.expect("dev printed its ledger HTTP address");
+    let dev = syft_testkit::DevProcess::start(env!("CARGO_BIN_EXE_syft-router"), data.path());
+    let output = Command::new(python)
+        .arg(root.join("tests/python/sdk_dev_defaults.py"))
+        .arg(&dev.ledger_http_url)
+        .arg(data.path().join("dev-credentials.json"))
+        .output()
+        .expect("run python");
+    dev.stop();
     let stdout = succeeded(&output, "SDK against the dev defaults");
     assert!(stdout.contains("dev defaults: ok"), "{stdout}");
-    assert!(status.success(), "dev exited {status:?}");
 }
 
 /// The router's syft-llm-router endpoints (`/chat`, `/search`, `/health`) with a Python client
