@@ -140,15 +140,8 @@ async fn an_unavailable_upstreams_retry_after_is_passed_on() {
     let body: serde_json::Value = refused.json().await.expect("json");
     assert_eq!(body["error"]["type"], "service_unavailable", "{body}");
 
-    let syft = json!({"userEmail": s.alice.email, "model": "test-model",
-                      "transactionToken": s.token, "requestId": "syft-1",
-                      "messages": [{"role": "user", "content": "hi"}]});
-    let refused = reqwest::Client::new()
-        .post(format!("{}/chat", s.router.http_url))
-        .json(&syft)
-        .send()
-        .await
-        .expect("http");
+    let syft = s.syft_chat(json!({"requestId": "syft-1"})).send().await;
+    let refused = syft.expect("http");
     assert_eq!(refused.status(), 503);
     assert_eq!(refused.headers()["retry-after"], "120");
     assert_eq!(s.upstream.hits(), 3);

@@ -397,6 +397,20 @@ impl Stack {
             .json(&body)
     }
 
+    /// syft-llm-router's `POST /chat` of "hi" from alice for `test-model`, paid with her token in
+    /// the body, with `extra` fields merged into it.
+    pub fn syft_chat(&self, extra: serde_json::Value) -> reqwest::RequestBuilder {
+        let mut body = serde_json::json!({"userEmail": self.alice.email, "model": "test-model",
+                                          "transactionToken": self.token,
+                                          "messages": [{"role": "user", "content": "hi"}]});
+        if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+            body.extend(extra.clone());
+        }
+        reqwest::Client::new()
+            .post(format!("{}/chat", self.router.http_url))
+            .json(&body)
+    }
+
     /// Alice spent `micros` (and holds nothing).
     pub async fn assert_spent(&self, micros: i64) {
         assert_eq!(
