@@ -725,6 +725,16 @@ async fn limits_command_shows_what_is_left() {
     );
     let json: serde_json::Value = serde_json::from_slice(&chat(true).stdout).expect("JSON output");
     assert_eq!(json["replay"], true);
+    // The options a chat may set reach the upstream.
+    run(syft_router()
+        .args(["chat", "hello", "--router-url", &s.router.grpc_url])
+        .args(["--user", &s.alice.email, "--token", &s.token])
+        .args(["--model", "test-model", "--temperature", "0.25"])
+        .args(["--reasoning-effort", "low", "--max-tokens", "7"]));
+    let body = s.upstream.last_body().expect("upstream called");
+    assert_eq!(body["reasoning_effort"], "low", "{body}");
+    assert_eq!(body["temperature"], 0.25, "{body}");
+    assert_eq!(body["max_tokens"], 7, "{body}");
     s.check_invariants().await;
 }
 

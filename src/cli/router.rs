@@ -206,6 +206,12 @@ pub struct ChatArgs {
     /// Longest answer in tokens (on a per-token router this also sizes the hold on your funds).
     #[arg(long)]
     pub max_tokens: Option<u32>,
+    /// Sampling temperature (0 to 2; the upstream's default when not given).
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// How hard a reasoning model thinks (`low`, `medium`, `high`, …); passed to the upstream.
+    #[arg(long)]
+    pub reasoning_effort: Option<String>,
     /// Idempotency key: retrying with the same id is never charged twice.
     #[arg(long)]
     pub request_id: Option<String>,
@@ -252,6 +258,8 @@ pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
         messages,
         options: Some(pb::ChatOptions {
             max_tokens: args.max_tokens,
+            temperature: args.temperature,
+            reasoning_effort: args.reasoning_effort.clone(),
             ..Default::default()
         }),
         transaction_token: args.token.clone(),
