@@ -36,6 +36,10 @@ pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often a verified owner is checked again (its secret may be rotated or revoked).
 pub const OWNER_RECHECK: Duration = Duration::from_secs(60);
+/// How often a rejected secret is tried again: each try is a wrong credential the ledger counts
+/// against this machine's address (20 per 5 minutes lock it, for every router and client on it),
+/// so not every second; a setup job that creates the owner's account is seen within this.
+pub const REJECTED_RECHECK: Duration = Duration::from_secs(30);
 
 /// What the last ledger probe found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -90,6 +94,9 @@ pub enum OwnerCheck {
     OwnerUnknown,
     /// A paid service is priced in another currency than the owner's account (the ledger's).
     CurrencyMismatch,
+    /// The ledger refuses this router's address for now: too many wrong credentials came from
+    /// it (another router or client on this machine, or behind the same proxy).
+    AddressLocked,
 }
 
 impl OwnerCheck {
@@ -97,11 +104,13 @@ impl OwnerCheck {
     pub fn problem(self, owner_email: &str) -> Option<String> {
         match self {
             OwnerCheck::Unchecked | OwnerCheck::Verified => None,
-            OwnerCheck::SecretRejected => Some(
+            OwnerCheck::SecretRejected => Some(format!(
                 "the ledger rejected the router's secret: check --ledger-secret \
-                 (SYFT_ROUTER_LEDGER_SECRET or --ledger-secret-file)"
-                    .into(),
-            ),
+                 (SYFT_ROUTER_LEDGER_SECRET or --ledger-secret-file), and that owner_email \
+                 {owner_email} has an account with that secret (syft-router account create \
+                 {owner_email}); checked again every {} s",
+                REJECTED_RECHECK.as_secs()
+            )),
             OwnerCheck::NoSecret => Some(format!(
                 "the router has no ledger secret: give {owner_email}'s account secret with \
                  --ledger-secret (SYFT_ROUTER_LEDGER_SECRET or --ledger-secret-file)"
@@ -115,6 +124,13 @@ impl OwnerCheck {
                  account: the ledger would hold and charge that many of the account's units; set \
                  pricing.currency to the account's currency"
             )),
+            OwnerCheck::AddressLocked => Some(
+                "the ledger refuses this router's address for now: too many wrong credentials \
+                 came from it (another router or client on this machine with a wrong secret?); \
+                 paid requests fail until the lock ends (docs/ledger.md, \"Failed \
+                 authentications\")"
+                    .into(),
+            ),
             OwnerCheck::OwnerUnknown => Some(format!(
                 "owner_email {owner_email} has no account on the ledger: create it \
                  (syft-router account create {owner_email}) or fix owner_email"
@@ -261,15 +277,21 @@ pub(crate) async fn run_reporter(mut ready: watch::Receiver<Readiness>, reporter
 pub(crate) async fn run_ledger_probe(service: RouterService, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut verified_at: Option<tokio::time::Instant> = None;
+    // The last verdict and when it was given: a verified owner is checked again every
+    // `OWNER_RECHECK`, a rejected secret every `REJECTED_RECHECK`, anything else every tick.
+    let mut last: Option<(OwnerCheck, tokio::time::Instant)> = None;
     loop {
         tick.tick().await;
         let (state, endpoints) = service.probe_ledgers(PROBE_TIMEOUT).await;
-        let due = verified_at.is_none_or(|at| at.elapsed() >= OWNER_RECHECK);
+        let due = match last {
+            Some((OwnerCheck::Verified, at)) => at.elapsed() >= OWNER_RECHECK,
+            Some((OwnerCheck::SecretRejected, at)) => at.elapsed() >= REJECTED_RECHECK,
+            _ => true,
+        };
         if state == LedgerState::Serving && due {
             // `None`: no answer this time; the previous verdict stands.
             if let Some(owner) = service.check_owner(PROBE_TIMEOUT).await {
-                verified_at = (owner == OwnerCheck::Verified).then(tokio::time::Instant::now);
+                last = Some((owner, tokio::time::Instant::now()));
                 update_owner(&service, owner);
             }
         }

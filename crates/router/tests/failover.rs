@@ -447,3 +447,80 @@ async fn a_lock_between_hold_and_capture_withholds_the_answer_and_charges_nothin
     }
     assert_consistent(&s.ledger.store).await;
 }
+
+/// A second router on this machine started with a wrong secret (the ledger's lock counts per
+/// address, and both routers share 127.0.0.1): once its check finds the secret rejected, it
+/// sends the ledger nothing on its users' behalf and tries the secret again only every 30 s.
+/// It used to send every paid request's Authorize (and every refusal's row), each a wrong
+/// credential: a few of them locked the address, and the healthy router beside it failed every
+/// paid request for five minutes while saying it was ready.
+#[tokio::test]
+async fn a_router_with_a_rejected_secret_does_not_lock_out_its_neighbours() {
+    let s = Stack::start_with_ledger(Pricing::per_request(PRICE), |c| {
+        c.auth_failures_per_address = 3;
+    })
+    .await;
+    let config = router_config(
+        "bad",
+        &s.owner.email,
+        "not-the-secret-0123456789",
+        &s.ledger.url,
+        Pricing::per_request(PRICE),
+        Some(&s.upstream.base_url),
+    );
+    let bad = RouterHandle::start(config).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, body) = readyz(&bad.http_url).await;
+        if body["owner"] == "secret_rejected" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut refused = bad.client().await;
+    for i in 0..10 {
+        let err = refused
+            .chat(s.request(&format!("bad {i}")))
+            .await
+            .expect_err("not ready");
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    }
+    // Past the probe's next ticks too: it does not try the rejected secret every second.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut c = s.client().await;
+    ok(c.chat(s.request("the healthy router")).await);
+    s.assert_captured_once(PRICE).await;
+}
+
+/// A router started while the ledger locks its address is not ready, and says why (it said
+/// ready, and failed every paid request).
+#[tokio::test]
+async fn a_router_whose_address_is_locked_says_so_in_its_readiness() {
+    let s = Stack::start_with_ledger(Pricing::per_request(PRICE), |c| {
+        c.auth_failures_per_address = 2;
+    })
+    .await;
+    lock_the_address(&s, 2).await;
+    let config = router_config(
+        "second",
+        &s.owner.email,
+        &s.owner.secret,
+        &s.ledger.url,
+        Pricing::per_request(PRICE),
+        Some(&s.upstream.base_url),
+    );
+    let router = RouterHandle::start(config).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, body) = readyz(&router.http_url).await;
+        if body["owner"] == "address_locked" {
+            assert_eq!(code, 503, "{body}");
+            let reason = body["reason"].as_str().unwrap_or_default();
+            assert!(reason.contains("refuses this router's address"), "{body}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

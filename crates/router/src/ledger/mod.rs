@@ -147,6 +147,9 @@ impl Ledger {
                 Code::Unauthenticated if self.no_secret => Some(OwnerCheck::NoSecret),
                 Code::Unauthenticated => Some(OwnerCheck::SecretRejected),
                 Code::PermissionDenied => Some(OwnerCheck::NotOwner),
+                Code::ResourceExhausted if ledger_reason(&s) == Some(Reason::AuthLocked) => {
+                    Some(OwnerCheck::AddressLocked)
+                }
                 Code::NotFound | Code::InvalidArgument => Some(OwnerCheck::OwnerUnknown),
                 code => {
                     tracing::debug!(?code, message = %s.message(), "owner check failed");

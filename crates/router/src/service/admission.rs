@@ -253,6 +253,13 @@ impl RouterService {
         t: &Ticket,
         presence: &Presence,
     ) -> Result<(Transfer, Option<HoldGuard>), RouterError> {
+        if self.ledger_refuses_us() {
+            return Err(RouterError::Unavailable(
+                "the router's ledger does not accept it now (its operator is told why); \
+                 nothing was charged, retry later"
+                    .into(),
+            ));
+        }
         let inner = &self.inner;
         let sent = tokio::time::Instant::now();
         let request = AuthorizeRequest {
@@ -429,6 +436,11 @@ impl RouterService {
 
     async fn record_free_usage(&self, usage: Usage) {
         let request_id = usage.request_id.clone();
+        if self.ledger_refuses_us() {
+            // Refused anyway, and each wrong secret sent counts against this machine's address.
+            tracing::warn!(request_id = %request_id, "usage row not recorded: the ledger does not accept this router now");
+            return;
+        }
         if let Err(e) = self.inner.ledger.record_free_usage(usage).await {
             // Free answers do not depend on the ledger being up.
             tracing::warn!(request_id = %request_id, error = %e, "could not record usage");

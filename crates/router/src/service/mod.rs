@@ -16,7 +16,7 @@ use tracing::Instrument;
 use crate::config::{pricing_proto, PricingKind, RouterConfig, ServiceKind, TokenBound};
 use crate::drain::Drain;
 use crate::error::RouterError;
-use crate::health::{LedgerState, Readiness, ReadinessCell};
+use crate::health::{LedgerState, OwnerCheck, Readiness, ReadinessCell};
 use crate::ledger::Ledger;
 use crate::limits::{Gate, RateHeaders};
 use crate::metrics;
@@ -190,6 +190,18 @@ impl RouterService {
         });
     }
 
+    /// Whether the ledger is known to refuse this router's own credentials (a rejected or
+    /// missing secret, or its address locked). The router then sends it nothing on a user's
+    /// behalf: each call would be refused, and each wrong secret counted against this machine's
+    /// address, until every router and client on it is locked out of the ledger (docs/ledger.md,
+    /// "Failed authentications"). The owner check goes on (health.rs), and clears it.
+    pub(crate) fn ledger_refuses_us(&self) -> bool {
+        matches!(
+            self.inner.readiness.borrow().owner,
+            OwnerCheck::SecretRejected | OwnerCheck::NoSecret | OwnerCheck::AddressLocked
+        )
+    }
+
     /// Asks the ledger's gRPC health service whether it is serving: the best state of any
     /// endpoint.
     pub async fn probe_ledger(&self, timeout: std::time::Duration) -> LedgerState {
@@ -213,10 +225,7 @@ impl RouterService {
     }
 
     /// Whether the ledger accepts the router's secret as its owner's; `None` without an answer.
-    pub async fn check_owner(
-        &self,
-        timeout: std::time::Duration,
-    ) -> Option<crate::health::OwnerCheck> {
+    pub async fn check_owner(&self, timeout: std::time::Duration) -> Option<OwnerCheck> {
         let config = &self.inner.config;
         let priced_in: Vec<&str> = config
             .services

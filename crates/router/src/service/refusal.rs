@@ -128,6 +128,11 @@ impl RouterService {
     /// Records the refusal of `attempt` with `status`. Never fails the request: the refusal is the
     /// answer either way.
     pub(super) async fn record_refusal(&self, attempt: Attempt, status: UsageStatus) {
+        if self.ledger_refuses_us() {
+            // Refused anyway, and each wrong secret sent counts against this machine's address.
+            tracing::warn!(request_id = %attempt.request_id, ?status, "refusal row not recorded: the ledger does not accept this router now");
+            return;
+        }
         // A chat refused before its model was read is put under the router's first model; a
         // search names its backend, and none when the router has no search (not a chat model).
         let model = match (attempt.model.is_empty(), attempt.kind) {
