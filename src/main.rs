@@ -26,15 +26,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 async fn main() -> std::process::ExitCode {
     let args = cli::Cli::parse();
     if cli::prints_and_exits(&args.command) {
-        // Rust ignores SIGPIPE, so printing to a closed pipe (`usage | head`) panicked ("failed
-        // printing to stdout"), after `account create` had made the account but before its
-        // one-time secret was printed whole. A client command ends at a closed pipe, as Unix
-        // tools do. Its sockets are unaffected: they write with MSG_NOSIGNAL.
-        // SAFETY: `signal` may be called at any time; it sets the default action, and nothing
-        // in this process installs a SIGPIPE handler of its own.
-        unsafe {
-            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        }
+        end_at_a_closed_output();
     }
     let telemetry = match syft_telemetry::init_with_default_filter(
         cli::service_name(&args.command),
@@ -57,4 +49,33 @@ async fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// A client command ends at a closed output (`usage | head`) as Unix tools do: killed by
+/// SIGPIPE. Rust ignores SIGPIPE, so printing to a closed pipe panics ("failed printing to
+/// stdout"), and such a panic is turned into that death here (it came after `account create` had
+/// made the account but before its one-time secret was printed whole). SIGPIPE itself stays
+/// ignored: restored to its default, it also killed the process, silently, when a server closed
+/// its connection while the client wrote to it (`writev` on a socket takes no `MSG_NOSIGNAL`),
+/// instead of the one-line error the client commands print.
+fn end_at_a_closed_output() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let text = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if text.starts_with("failed printing to std") && text.contains("Broken pipe") {
+            // SAFETY: `signal` and `raise` may be called at any time; this sets SIGPIPE's
+            // default action (nothing in this process installs a handler) and raises it, which
+            // ends the process.
+            unsafe {
+                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+                libc::raise(libc::SIGPIPE);
+            }
+        }
+        default(info)
+    }));
 }

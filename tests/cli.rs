@@ -857,3 +857,31 @@ async fn dev_has_alerts_on_for_a_local_receiver() {
     .await;
     dev.stop();
 }
+
+/// A server that closes the connection while the client writes to it (here it reads the first
+/// bytes, then closes; a TLS ledger asked in plaintext does the like) gets the client's one-line
+/// error. With SIGPIPE restored to its default for client commands, a socket write (`writev`,
+/// which takes no `MSG_NOSIGNAL`) killed the process silently, exit 141 and nothing printed.
+#[test]
+fn a_server_closing_mid_write_gets_an_error_line_not_a_silent_death() {
+    use std::io::Read;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { break };
+            let mut first = [0u8; 10];
+            let _ = conn.read(&mut first);
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+        }
+    });
+    for _ in 0..5 {
+        let err = fails(
+            syft_router()
+                .args(["account", "show", "alice@example.com"])
+                .env("SYFT_LEDGER_URL", &url)
+                .env("SYFT_SECRET", "s3cret-s3cret"),
+        );
+        assert!(err.starts_with("error:"), "{err}");
+    }
+}
