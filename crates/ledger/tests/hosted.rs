@@ -750,6 +750,42 @@ async fn budgets_are_refused_with_hosted_accounting() {
     p.finish().await;
 }
 
+/// A router whose config sets budgets, paying through a hosted ledger, is not ready and says why
+/// (it said ready, and every paid request failed `NOT_SUPPORTED`); without budgets it is ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_budgeted_router_on_a_hosted_ledger_is_not_ready() {
+    use syft_router_svc::{Pricing, RouterConfig};
+    let p = Pair::sqlite(USD).await;
+    let router = |budget: Option<i64>| {
+        let mut config =
+            RouterConfig::new("budgeted", OWNER).with_chat_pricing(Pricing::per_request(10_000));
+        config.ledger.url = p.a.url();
+        config.ledger.secret = p.owner_secret.clone().into();
+        config.budgets.per_day_micros = budget;
+        RouterHandle::start(config)
+    };
+    let wait_owner = |url: String, want: &'static str| async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (code, body) = syft_testkit::readyz(&url).await;
+            if body["owner"] == want {
+                return (code, body);
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{body}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let budgeted = router(Some(USD)).await;
+    let (code, body) = wait_owner(budgeted.http_url.clone(), "budgets_unsupported").await;
+    assert_eq!(code, 503, "{body}");
+    let reason = body["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("remove [budgets]"), "{body}");
+    let plain = router(None).await;
+    let (code, body) = wait_owner(plain.http_url.clone(), "verified").await;
+    assert_eq!(code, 200, "{body}");
+    p.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_captures_charge_once() {
     for postgres in [false, true] {

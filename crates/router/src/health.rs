@@ -94,6 +94,8 @@ pub enum OwnerCheck {
     OwnerUnknown,
     /// A paid service is priced in another currency than the owner's account (the ledger's).
     CurrencyMismatch,
+    /// The config sets spend budgets and the ledger, with hosted accounting, keeps none.
+    BudgetsUnsupported,
     /// The ledger refuses this router's address for now: too many wrong credentials came from
     /// it (another router or client on this machine, or behind the same proxy).
     AddressLocked,
@@ -124,6 +126,12 @@ impl OwnerCheck {
                  account: the ledger would hold and charge that many of the account's units; set \
                  pricing.currency to the account's currency"
             )),
+            OwnerCheck::BudgetsUnsupported => Some(
+                "the config sets spend budgets ([budgets]), which need a ledger with local \
+                 accounting; this ledger uses hosted accounting and refuses every hold that \
+                 carries them: remove [budgets] or use a local ledger"
+                    .into(),
+            ),
             OwnerCheck::AddressLocked => Some(
                 "the ledger refuses this router's address for now: too many wrong credentials \
                  came from it (another router or client on this machine with a wrong secret?); \

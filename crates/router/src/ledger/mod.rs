@@ -122,6 +122,7 @@ impl Ledger {
         &self,
         owner_email: &str,
         priced_in: &[&str],
+        budgets: bool,
         timeout: Duration,
     ) -> Option<OwnerCheck> {
         let msg = GetAccountRequest {
@@ -141,6 +142,7 @@ impl Ledger {
                     tracing::debug!(account_currency = %account.currency, priced_in = %priced, "prices and account in different currencies");
                     Some(OwnerCheck::CurrencyMismatch)
                 }
+                None if budgets => self.check_budgets(owner_email, timeout).await,
                 None => Some(OwnerCheck::Verified),
             },
             Ok(Err(s)) => match s.code() {
@@ -311,6 +313,25 @@ impl Ledger {
             Ok((a, _)) => Ok(Some(a.body)),
             Err(s) if s.code() == Code::NotFound => Ok(None),
             Err(s) => Err(map_status(Op::GetAnswer, s)),
+        }
+    }
+
+    /// Whether the ledger keeps the spend budgets the router's config sets: one with hosted
+    /// accounting refuses every hold that carries them (`NOT_SUPPORTED`), so such a router would
+    /// say ready and fail every paid request. `None` without an answer.
+    async fn check_budgets(&self, owner_email: &str, timeout: Duration) -> Option<OwnerCheck> {
+        match tokio::time::timeout(timeout, self.budget_use(owner_email)).await {
+            Ok(Ok(_)) => Some(OwnerCheck::Verified),
+            Ok(Err(RouterError::FailedPrecondition { reason, .. }))
+                if reason == Reason::NotSupported.as_str() =>
+            {
+                Some(OwnerCheck::BudgetsUnsupported)
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "budget check failed");
+                None
+            }
+            Err(_) => None,
         }
     }
 

@@ -233,9 +233,11 @@ impl RouterService {
             .filter(|s| !s.pricing.kind.is_free())
             .map(|s| s.pricing.currency.as_str())
             .collect();
+        let budgets =
+            config.budgets.per_day_micros.is_some() || config.budgets.per_month_micros.is_some();
         let ledger = &self.inner.ledger;
         ledger
-            .check_owner(&config.owner_email, &priced_in, timeout)
+            .check_owner(&config.owner_email, &priced_in, budgets, timeout)
             .await
     }
 
