@@ -289,6 +289,8 @@ async fn verify(db: &DatabaseArgs, json: bool) -> anyhow::Result<()> {
                 "accounts": report.accounts,
                 "transfers": report.transfers,
                 "pending_transfers": report.pending_transfers,
+                "hosted_transfers": report.hosted_transfers,
+                "hosted_pending": report.hosted_pending,
                 "total_deposits_micros": report.total_deposits,
                 "total_balances_micros": report.total_balances,
                 "total_held_micros": report.total_held,
@@ -311,6 +313,14 @@ async fn verify(db: &DatabaseArgs, json: bool) -> anyhow::Result<()> {
             format_micros(report.total_balances)
         );
         println!("held                {}", format_micros(report.total_held));
+        if report.hosted_transfers > 0 {
+            // Hosted accounting: the money is on the remote service; only its record is here.
+            println!(
+                "hosted transfers    {} ({} pending; their money is on the accounting service, \
+                 its balances are not checked here)",
+                report.hosted_transfers, report.hosted_pending
+            );
+        }
         for p in &report.problems {
             println!("PROBLEM  {p}");
         }

@@ -750,6 +750,38 @@ async fn budgets_are_refused_with_hosted_accounting() {
     p.finish().await;
 }
 
+/// `verify` covers hosted accounting's journal: it counts the transfers (it said "transfers 0"
+/// and "consistent" of a hosted ledger, checking none of its money's record), and an entry that
+/// contradicts itself (completed with more captured than held) is a problem.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn verify_checks_the_hosted_journal() {
+    let p = Pair::sqlite(10 * USD).await;
+    let t = p.authorize(2 * USD, "k1").await.expect("authorize");
+    p.captured(&t.id, USD, "r1").await;
+    let held = p.authorize(USD, "k2").await.expect("authorize");
+    let report = p.a.store.verify().await.expect("verify");
+    assert_eq!((report.hosted_transfers, report.hosted_pending), (2, 1));
+    assert!(report.is_ok(), "{:?}", report.problems);
+    let pool = p.a.store.pool();
+    let corrupt = |captured: i64| {
+        sqlx::query("UPDATE hosted_transfers SET captured = $1 WHERE id = $2")
+            .bind(captured)
+            .bind(t.id.clone())
+            .execute(pool)
+    };
+    corrupt(3 * USD).await.expect("corrupt");
+    let report = p.a.store.verify().await.expect("verify");
+    assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+    assert!(
+        report.problems[0].contains("1 hosted transfers"),
+        "{:?}",
+        report.problems
+    );
+    corrupt(USD).await.expect("restore");
+    p.void(&held.id).await.expect("void");
+    p.finish().await;
+}
+
 /// A router whose config sets budgets, paying through a hosted ledger, is not ready and says why
 /// (it said ready, and every paid request failed `NOT_SUPPORTED`); without budgets it is ready.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -18,6 +18,10 @@ pub struct VerifyReport {
     /// Money held by pending transfers (still part of the senders' balances).
     pub total_held: i64,
     pub pending_transfers: i64,
+    /// Transfers of hosted accounting (`hosted_transfers`): this ledger's record of holds on
+    /// the remote service, whose own balances are not checked here.
+    pub hosted_transfers: i64,
+    pub hosted_pending: i64,
     /// Every violated invariant, in words; empty when the ledger is consistent.
     pub problems: Vec<String>,
 }
@@ -102,6 +106,7 @@ async fn verify_snapshot(conn: &mut AnyConnection) -> Result<VerifyReport> {
         total_held,
         pending_transfers,
         problems: Vec::new(),
+        ..VerifyReport::default()
     };
 
     let problems = &mut report.problems;
@@ -271,6 +276,7 @@ async fn verify_snapshot(conn: &mut AnyConnection) -> Result<VerifyReport> {
             "{per_request} request ids have more than one free or more than one paid usage row (refusals aside)"
         ));
     }
+    hosted_problems(conn, &mut report).await?;
     // Every settled budget day still says what its transfers count (budget_days.rs).
     let settled = super::budget_days::problems(conn).await?;
     report.problems.extend(settled);
@@ -278,4 +284,34 @@ async fn verify_snapshot(conn: &mut AnyConnection) -> Result<VerifyReport> {
     let rollups = super::verify_rollups::rollup_problems(conn).await?;
     report.problems.extend(rollups);
     Ok(report)
+}
+
+/// Hosted accounting's journal (`hosted/journal.rs`): its counts, and each entry's state agreeing
+/// with itself. A resolved entry has captured at most its hold (some if completed, none if
+/// cancelled) and no longer keeps its delegation token; a pending one is in a step still under
+/// way. (The money itself is on the remote service, which this cannot see.)
+async fn hosted_problems(conn: &mut AnyConnection, report: &mut VerifyReport) -> Result<()> {
+    let (total, pending, bad): (i64, i64, i64) = sqlx::query_as(
+        "SELECT COUNT(*), \
+                COALESCE(SUM(CASE WHEN status = 'PENDING' THEN 1 ELSE 0 END), 0), \
+                COALESCE(SUM(CASE WHEN captured < 0 OR captured > amount \
+                   OR (status = 'COMPLETED' AND (captured = 0 OR step <> 'done')) \
+                   OR (status = 'CANCELLED' AND (captured <> 0 \
+                       OR step NOT IN ('done', 'failed', 'unknown'))) \
+                   OR (status = 'PENDING' \
+                       AND step NOT IN ('creating', 'held', 'capturing', 'voiding')) \
+                   OR (status <> 'PENDING' AND token <> '') THEN 1 ELSE 0 END), 0) \
+         FROM hosted_transfers",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    report.hosted_transfers = total;
+    report.hosted_pending = pending;
+    if bad > 0 {
+        report.problems.push(format!(
+            "{bad} hosted transfers are in a state that contradicts itself (captured, status, \
+             step or a kept token)"
+        ));
+    }
+    Ok(())
 }
