@@ -568,6 +568,47 @@ async fn a_wait_past_a_minute_is_not_retried_by_the_sdks() {
     assert_consistent(&s.ledger.store).await;
 }
 
+/// Requests the ledger could not take (it is down) spend none of the user's request window:
+/// once it is back, the user has their whole window (the operator's outage used to leave them
+/// rate limited after it).
+#[tokio::test]
+async fn requests_refused_for_a_ledger_outage_spend_no_window() {
+    let mut s = Stack::start_tweaked(Pricing::per_request(PRICE), |c| {
+        c.rate_limits.requests = vec![per_minute(2)];
+    })
+    .await;
+    let mut c = s.client().await;
+    let addr = s.ledger.url.clone();
+    s.ledger.stop_now().await;
+    for i in 0..3 {
+        let err = c
+            .chat(s.request(&format!("down {i}")))
+            .await
+            .expect_err("ledger down");
+        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    }
+    s.ledger =
+        syft_testkit::LedgerServer::start_at(syft_testkit::ledger_config(&s.db.url), &addr).await;
+    for i in 0..2 {
+        let mut answered = None;
+        // The router may take a moment to find the ledger back.
+        for _ in 0..50 {
+            match c.chat(s.request(&format!("back {i}"))).await {
+                Err(e) if e.code() == Code::Unavailable => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => {
+                    answered = Some(other);
+                    break;
+                }
+            }
+        }
+        let answered = answered.expect("the ledger came back");
+        assert!(answered.is_ok(), "the window is whole: {answered:?}");
+    }
+    s.assert_spent(2 * PRICE).await;
+}
+
 /// A client that leaves a stream after its first delta is counted for what it was sent: the
 /// token window keeps the prompt and the delivered text (refunding all of it let a client read
 /// most of every answer, leave, and never be counted).

@@ -154,10 +154,14 @@ impl RouterService {
                 // Refused for its token (unknown, revoked, expired, not this user's, over its
                 // limit): the request may not be the named user's, so it spends none of their
                 // windows (docs/limits.md). Nor does one whose client left before it was
-                // admitted (`abandoned`): it called no upstream and held nothing.
+                // admitted (`abandoned`), nor one the ledger could not take (down, or refusing
+                // this router): it called no upstream and held nothing, and an outage of the
+                // operator's should not leave users rate limited once it ends.
                 if matches!(
                     e,
-                    RouterError::PermissionDenied(_) | RouterError::Cancelled(_)
+                    RouterError::PermissionDenied(_)
+                        | RouterError::Cancelled(_)
+                        | RouterError::Unavailable(_)
                 ) {
                     if let Some(pass) = t.pass.take() {
                         pass.withdraw().await;
