@@ -67,14 +67,10 @@ fn end_at_a_closed_output() {
             .map(String::as_str)
             .or_else(|| payload.downcast_ref::<&str>().copied())
             .unwrap_or_default();
-        if text.starts_with("failed printing to std") && text.contains("Broken pipe") {
-            // SAFETY: `signal` and `raise` may be called at any time; this sets SIGPIPE's
-            // default action (nothing in this process installs a handler) and raises it, which
-            // ends the process.
-            unsafe {
-                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-                libc::raise(libc::SIGPIPE);
-            }
+        // The text as Rust writes it; the errno too, should the OS say it in other words.
+        let closed = text.contains("Broken pipe") || text.contains("os error 32");
+        if text.starts_with("failed printing to std") && closed {
+            cli::die_of_a_closed_output();
         }
         default(info)
     }));

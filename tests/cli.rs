@@ -502,6 +502,12 @@ fn ledger_cli(
     }
 }
 
+/// `alerts add url rules… --json` as `cli`'s account: the endpoint and its secret.
+fn add_alert(cli: &impl Fn(&[&str]) -> Command, url: &str, rules: &[&str]) -> serde_json::Value {
+    let args = [&["alerts", "add", url], rules, &["--json"]].concat();
+    serde_json::from_str(&run(&mut cli(&args))).expect("alerts add --json")
+}
+
 /// `syft-router alerts`: add (secret shown once), list, test, deliveries, a refused URL, remove;
 /// the receiver gets the balance.low the new rule fires, correctly signed.
 #[tokio::test(flavor = "multi_thread")]
@@ -511,17 +517,11 @@ async fn alerts_commands() {
     let secret = h.account("carol@example.com", 10_000_000).await;
     let rx = WebhookReceiver::start().await;
     let cli = account_cli(h.url(), &secret);
-    let added: serde_json::Value = serde_json::from_str(&run(&mut cli(&[
-        "alerts",
-        "add",
+    let added = add_alert(
+        &cli,
         &rx.url,
-        "--balance-below",
-        "20",
-        "--budget-steps",
-        "50,80",
-        "--json",
-    ])))
-    .unwrap();
+        &["--balance-below", "20", "--budget-steps", "50,80"],
+    );
     let whsec = added["secret"].as_str().unwrap().to_string();
     let id = added["endpoint"]["id"].as_str().unwrap().to_string();
     rx.set_secrets(&[&whsec]);
@@ -832,15 +832,7 @@ async fn dev_has_alerts_on_for_a_local_receiver() {
     let secret = creds["user_secret"].as_str().expect("user secret");
     let rx = syft_testkit::WebhookReceiver::start().await;
     let cli = account_cli(dev.ledger_url.clone(), secret);
-    let added: serde_json::Value = serde_json::from_str(&run(&mut cli(&[
-        "alerts",
-        "add",
-        &rx.url,
-        "--balance-below",
-        "20",
-        "--json",
-    ])))
-    .expect("json");
+    let added = add_alert(&cli, &rx.url, &["--balance-below", "20"]);
     let id = added["endpoint"]["id"].as_str().expect("id").to_string();
     // The dev user's 10 USD are below 20.
     rx.wait_until(Duration::from_secs(15), "balance.low", |r| !r.is_empty())

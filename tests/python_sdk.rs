@@ -47,9 +47,9 @@ fn syft_accounting_sdk_works_with_the_dev_stack_defaults() {
         .arg(data.path().join("dev-credentials.json"))
         .output()
         .expect("run python");
-    dev.stop();
     let stdout = succeeded(&output, "SDK against the dev defaults");
     assert!(stdout.contains("dev defaults: ok"), "{stdout}");
+    dev.stop();
 }
 
 /// The router's syft-llm-router endpoints (`/chat`, `/search`, `/health`) with a Python client

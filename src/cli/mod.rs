@@ -72,6 +72,23 @@ pub enum Command {
 
 /// Whether the command only prints what it asked for (a client), rather than serving or driving
 /// servers: such a command ends quietly when its output is closed (`syft-router usage | head`).
+/// Ends the process as a closed output ends Unix tools: killed by SIGPIPE (exit 141 should
+/// the signal not kill it).
+pub fn die_of_a_closed_output() -> ! {
+    // SAFETY: `signal`, `sigemptyset`, `sigaddset`, `pthread_sigmask` and `raise` may be called
+    // at any time; this sets SIGPIPE's default action (nothing in this process installs a
+    // handler), unblocks it in this thread should the parent have blocked it, and raises it.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGPIPE);
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        libc::raise(libc::SIGPIPE);
+    }
+    std::process::exit(141)
+}
+
 pub fn prints_and_exits(command: &Command) -> bool {
     matches!(
         command,

@@ -303,7 +303,13 @@ pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
         match event.map_err(fail)?.event {
             Some(pb::chat_stream_event::Event::Delta(d)) => {
                 print!("{}", d.content);
-                let _ = std::io::stdout().flush();
+                // A closed output ends the command now (the stream, given up, is not charged),
+                // not once `print!` next fails.
+                if let Err(e) = std::io::stdout().flush() {
+                    if e.kind() == std::io::ErrorKind::BrokenPipe {
+                        super::die_of_a_closed_output();
+                    }
+                }
             }
             Some(pb::chat_stream_event::Event::Final(f)) => {
                 println!();

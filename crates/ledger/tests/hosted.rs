@@ -796,24 +796,14 @@ async fn a_budgeted_router_on_a_hosted_ledger_is_not_ready() {
         config.budgets.per_day_micros = budget;
         RouterHandle::start(config)
     };
-    let wait_owner = |url: String, want: &'static str| async move {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let (code, body) = syft_testkit::readyz(&url).await;
-            if body["owner"] == want {
-                return (code, body);
-            }
-            assert!(tokio::time::Instant::now() < deadline, "{body}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
+    let wait_owner = syft_testkit::wait_readyz;
     let budgeted = router(Some(USD)).await;
-    let (code, body) = wait_owner(budgeted.http_url.clone(), "budgets_unsupported").await;
+    let (code, body) = wait_owner(&budgeted.http_url, "owner", "budgets_unsupported").await;
     assert_eq!(code, 503, "{body}");
     let reason = body["reason"].as_str().unwrap_or_default();
     assert!(reason.contains("remove [budgets]"), "{body}");
     let plain = router(None).await;
-    let (code, body) = wait_owner(plain.http_url.clone(), "verified").await;
+    let (code, body) = wait_owner(&plain.http_url, "owner", "verified").await;
     assert_eq!(code, 200, "{body}");
     p.finish().await;
 }

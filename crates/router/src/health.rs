@@ -280,8 +280,8 @@ pub(crate) async fn run_reporter(mut ready: watch::Receiver<Readiness>, reporter
 }
 
 /// Probes the ledger every `every` and updates `service`'s readiness, forever; checks the
-/// router's credentials while the ledger serves and they are not verified, and every
-/// [`OWNER_RECHECK`] after.
+/// router's credentials while the ledger serves and they are not verified, every
+/// [`OWNER_RECHECK`] once they are, and every [`REJECTED_RECHECK`] while they are rejected.
 pub(crate) async fn run_ledger_probe(service: RouterService, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -297,10 +297,19 @@ pub(crate) async fn run_ledger_probe(service: RouterService, every: Duration) {
             _ => true,
         };
         if state == LedgerState::Serving && due {
-            // `None`: no answer this time; the previous verdict stands.
-            if let Some(owner) = service.check_owner(PROBE_TIMEOUT).await {
-                last = Some((owner, tokio::time::Instant::now()));
-                update_owner(&service, owner);
+            let asked = tokio::time::Instant::now();
+            match service.check_owner(PROBE_TIMEOUT).await {
+                Some(owner) => {
+                    last = Some((owner, asked));
+                    update_owner(&service, owner);
+                }
+                // No answer this time: the previous verdict stands. A rejected secret's next
+                // try still waits from this one (the ledger may have counted it).
+                None => {
+                    if let Some((OwnerCheck::SecretRejected, at)) = &mut last {
+                        *at = asked;
+                    }
+                }
             }
         }
         service.update_readiness(|r| {

@@ -460,30 +460,22 @@ async fn a_router_with_a_rejected_secret_does_not_lock_out_its_neighbours() {
         c.auth_failures_per_address = 3;
     })
     .await;
-    let config = router_config(
-        "bad",
-        &s.owner.email,
-        "not-the-secret-0123456789",
-        &s.ledger.url,
-        Pricing::per_request(PRICE),
-        Some(&s.upstream.base_url),
-    );
-    let bad = RouterHandle::start(config).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, body) = readyz(&bad.http_url).await;
-        if body["owner"] == "secret_rejected" {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{body}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let bad = another_router(&s, "not-the-secret-0123456789").await;
+    wait_readyz(&bad.http_url, "owner", "secret_rejected").await;
     let mut refused = bad.client().await;
     for i in 0..10 {
         let err = refused
             .chat(s.request(&format!("bad {i}")))
             .await
             .expect_err("not ready");
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+        // Nor does asking what a user has left look the token up with the rejected secret.
+        let ask = syft_proto::router::GetLimitsRequest {
+            user_email: s.alice.email.clone(),
+            service: String::new(),
+            transaction_token: s.token.clone(),
+        };
+        let err = refused.get_limits(ask).await.expect_err("not ready");
         assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
     }
     // Past the probe's next ticks too: it does not try the rejected secret every second.
@@ -502,25 +494,22 @@ async fn a_router_whose_address_is_locked_says_so_in_its_readiness() {
     })
     .await;
     lock_the_address(&s, 2).await;
+    let router = another_router(&s, &s.owner.secret).await;
+    let (code, body) = wait_readyz(&router.http_url, "owner", "address_locked").await;
+    assert_eq!(code, 503, "{body}");
+    let reason = body["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("refuses this router's address"), "{body}");
+}
+
+/// Another router of the stack's owner on its ledger and upstream, with `secret`.
+async fn another_router(s: &Stack, secret: &str) -> RouterHandle {
     let config = router_config(
-        "second",
+        "another",
         &s.owner.email,
-        &s.owner.secret,
+        secret,
         &s.ledger.url,
         Pricing::per_request(PRICE),
         Some(&s.upstream.base_url),
     );
-    let router = RouterHandle::start(config).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let (code, body) = readyz(&router.http_url).await;
-        if body["owner"] == "address_locked" {
-            assert_eq!(code, 503, "{body}");
-            let reason = body["reason"].as_str().unwrap_or_default();
-            assert!(reason.contains("refuses this router's address"), "{body}");
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{body}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    RouterHandle::start(config).await
 }

@@ -580,6 +580,8 @@ async fn requests_refused_for_a_ledger_outage_spend_no_window() {
     let mut c = s.client().await;
     let addr = s.ledger.url.clone();
     s.ledger.stop_now().await;
+    // Found down by the router's probe (a ledger that is up but busy keeps the window spent).
+    syft_testkit::wait_readyz(&s.router.http_url, "ledger", "unreachable").await;
     for i in 0..3 {
         let err = c
             .chat(s.request(&format!("down {i}")))

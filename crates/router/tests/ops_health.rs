@@ -138,22 +138,6 @@ async fn wait_owner(http_url: &str, want: &str) -> (u16, Value) {
     wait_readyz(http_url, "owner", want).await
 }
 
-/// Waits until `/readyz` shows `field` = `want`; its status and body then.
-async fn wait_readyz(http_url: &str, field: &str, want: &str) -> (u16, Value) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let (code, body) = readyz(http_url).await;
-        if body[field] == want {
-            return (code, body);
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "want {field} {want}: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Config mistakes show at start, not at the first paid request: a paid router whose secret the
 /// ledger refuses, whose secret is another account's, or whose owner has no account, stays not
 /// ready with the reason in words; with the owner's own secret it becomes ready.

@@ -22,6 +22,17 @@ async fn with_request_time(time: Duration) -> Stack {
     .await
 }
 
+/// `err` is `code` with `reason`, and passes on a wait of `secs` (`RetryInfo`).
+fn told_to_wait(err: &tonic::Status, code: Code, why: &str, secs: u64) {
+    assert_eq!(err.code(), code, "{err:?}");
+    assert_eq!(reason(err).as_deref(), Some(why));
+    assert_eq!(
+        syft_error::retry_after_of(err),
+        Some(Duration::from_secs(secs)),
+        "{err:?}"
+    );
+}
+
 /// Every transfer of the stack was voided and its row says the upstream failed.
 async fn all_voided(s: &Stack, n: usize) {
     let t = s.transfers().await;
@@ -45,13 +56,7 @@ async fn a_long_retry_after_is_passed_on_at_once() {
     let err = c.chat(s.request("hi")).await.expect_err("rate limited");
     // Not the 30 s asked, nor the request's 1.5 s (the ledger's void is in this too).
     assert!(started.elapsed() < Duration::from_millis(1400), "no wait");
-    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
-    assert_eq!(reason(&err).as_deref(), Some("UPSTREAM_RATE_LIMITED"));
-    assert_eq!(
-        syft_error::retry_after_of(&err),
-        Some(Duration::from_secs(30)),
-        "{err:?}"
-    );
+    told_to_wait(&err, Code::ResourceExhausted, "UPSTREAM_RATE_LIMITED", 30);
     assert_eq!(s.upstream.hits(), 1, "not retried");
     // A stream is refused the same way, before its first event.
     let err = c
@@ -122,13 +127,7 @@ async fn an_unavailable_upstreams_retry_after_is_passed_on() {
     let (s, mut c) = Stack::start_with_client(Pricing::per_request(PRICE)).await;
     s.upstream.set_mode(Mode::Unavailable("120".into()));
     let err = c.chat(s.request("hi")).await.expect_err("unavailable");
-    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert_eq!(reason(&err).as_deref(), Some("UNAVAILABLE"));
-    assert_eq!(
-        syft_error::retry_after_of(&err),
-        Some(Duration::from_secs(120)),
-        "{err:?}"
-    );
+    told_to_wait(&err, Code::Unavailable, "UNAVAILABLE", 120);
     assert!(err.message().contains("retry in 120 s"), "{err:?}");
     assert_eq!(s.upstream.hits(), 1, "not retried");
 

@@ -551,6 +551,22 @@ impl Stack {
 }
 
 /// `GET /readyz` of a router: the status code and the JSON body.
+/// Waits (10 s at most) until `/readyz` shows `field` = `want`; its status and body then.
+pub async fn wait_readyz(http_url: &str, field: &str, want: &str) -> (u16, serde_json::Value) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, body) = readyz(http_url).await;
+        if body[field] == want {
+            return (code, body);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "want {field} {want}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 pub async fn readyz(http_url: &str) -> (u16, serde_json::Value) {
     let resp = reqwest::get(format!("{http_url}/readyz"))
         .await

@@ -154,15 +154,18 @@ impl RouterService {
                 // Refused for its token (unknown, revoked, expired, not this user's, over its
                 // limit): the request may not be the named user's, so it spends none of their
                 // windows (docs/limits.md). Nor does one whose client left before it was
-                // admitted (`abandoned`), nor one the ledger could not take (down, or refusing
-                // this router): it called no upstream and held nothing, and an outage of the
-                // operator's should not leave users rate limited once it ends.
-                if matches!(
-                    e,
-                    RouterError::PermissionDenied(_)
-                        | RouterError::Cancelled(_)
-                        | RouterError::Unavailable(_)
-                ) {
+                // admitted (`abandoned`), nor one refused while the ledger is down or refuses this
+                // router: it called no upstream and held nothing, and an outage of the
+                // operator's should not leave users rate limited once it ends. (Other
+                // `UNAVAILABLE`s, a busy or throttled ledger that is up, keep their place: a
+                // user should not be able to bypass the windows by keeping the ledger busy.)
+                let outage = matches!(e, RouterError::Unavailable(_)) && self.ledger_is_out();
+                if outage
+                    || matches!(
+                        e,
+                        RouterError::PermissionDenied(_) | RouterError::Cancelled(_)
+                    )
+                {
                     if let Some(pass) = t.pass.take() {
                         pass.withdraw().await;
                     }
@@ -257,13 +260,7 @@ impl RouterService {
         t: &Ticket,
         presence: &Presence,
     ) -> Result<(Transfer, Option<HoldGuard>), RouterError> {
-        if self.ledger_refuses_us() {
-            return Err(RouterError::Unavailable(
-                "the router's ledger does not accept it now (its operator is told why); \
-                 nothing was charged, retry later"
-                    .into(),
-            ));
-        }
+        self.refused_locally()?;
         let inner = &self.inner;
         let sent = tokio::time::Instant::now();
         let request = AuthorizeRequest {
@@ -440,8 +437,9 @@ impl RouterService {
 
     async fn record_free_usage(&self, usage: Usage) {
         let request_id = usage.request_id.clone();
-        if self.ledger_refuses_us() {
+        if self.ledger_refuses_us() && !self.inner.ledger.has_spool() {
             // Refused anyway, and each wrong secret sent counts against this machine's address.
+            // (A spool keeps the row; its shipper waits while the ledger refuses the router.)
             tracing::warn!(request_id = %request_id, "usage row not recorded: the ledger does not accept this router now");
             return;
         }

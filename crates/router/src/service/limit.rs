@@ -93,6 +93,7 @@ impl RouterService {
                     .into(),
             ));
         }
+        self.refused_locally()?;
         let sender = self.inner.ledger.token_sender(token).await?;
         if !asked.is_empty() && !asked.trim().eq_ignore_ascii_case(&sender) {
             return Err(RouterError::PermissionDenied(
@@ -144,6 +145,7 @@ impl RouterService {
         if budgets.is_empty() {
             return Ok(Vec::new());
         }
+        self.refused_locally()?;
         let used = self.inner.ledger.budget_use(user).await?;
         let now = crate::limits::now_ms();
         let left = |limit: &Limit, used: i64, resets_at_micros: i64| LimitLeft {

@@ -191,15 +191,35 @@ impl RouterService {
     }
 
     /// Whether the ledger is known to refuse this router's own credentials (a rejected or
-    /// missing secret, or its address locked). The router then sends it nothing on a user's
-    /// behalf: each call would be refused, and each wrong secret counted against this machine's
-    /// address, until every router and client on it is locked out of the ledger (docs/ledger.md,
-    /// "Failed authentications"). The owner check goes on (health.rs), and clears it.
+    /// missing secret). The router then sends it nothing on a user's behalf: each call would be
+    /// refused, and each wrong secret counted against this machine's address, until every router
+    /// and client on it is locked out of the ledger (docs/ledger.md, "Failed authentications").
+    /// The owner check goes on (health.rs), and clears it. A locked address is not in this: a
+    /// lock is one ledger replica's (another may take the call), and a locked refusal counts
+    /// nothing.
     pub(crate) fn ledger_refuses_us(&self) -> bool {
         matches!(
             self.inner.readiness.borrow().owner,
-            OwnerCheck::SecretRejected | OwnerCheck::NoSecret | OwnerCheck::AddressLocked
+            OwnerCheck::SecretRejected | OwnerCheck::NoSecret
         )
+    }
+
+    /// Whether the ledger is out for this router: not serving by the last probe, or refusing
+    /// its credentials.
+    pub(crate) fn ledger_is_out(&self) -> bool {
+        self.inner.readiness.borrow().ledger != LedgerState::Serving || self.ledger_refuses_us()
+    }
+
+    /// [`Self::ledger_refuses_us`] as the error a request gets instead of a ledger call.
+    pub(crate) fn refused_locally(&self) -> Result<(), RouterError> {
+        if self.ledger_refuses_us() {
+            return Err(RouterError::Unavailable(
+                "the router's ledger does not accept it now (its operator is told why); \
+                 nothing was charged, retry later"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Asks the ledger's gRPC health service whether it is serving: the best state of any

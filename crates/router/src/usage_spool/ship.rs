@@ -88,9 +88,17 @@ pub(super) async fn ship_forever(spool: Weak<Inner>, wake: Arc<Notify>, calls: C
             }
             Err(e) => {
                 crate::metrics::spool_event("ship_failed");
-                tracing::warn!(rows = n, error = %e, retry_in = ?backoff,
+                // The router's own credential refused, or its address locked: each try would be
+                // a wrong credential counted against this machine's address (20 in 5 minutes
+                // lock every router and client on it), so they wait as the owner check does.
+                let wait = if refuses_us(&e) {
+                    crate::health::REJECTED_RECHECK
+                } else {
+                    backoff
+                };
+                tracing::warn!(rows = n, error = %e, retry_in = ?wait,
                     "usage spool: the ledger did not take the rows; they stay spooled");
-                tokio::time::sleep(backoff).await;
+                tokio::time::sleep(wait).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
@@ -143,6 +151,12 @@ fn set_shipped(spool: &Weak<Inner>, seg: u64, off: u64) {
 /// Sends rows until the ledger acknowledged every one (it answers after their commit). A batch
 /// the ledger refuses as invalid, or a ledger without the batch call, is sent row by row; a row
 /// refused as invalid on its own can never be recorded and is dropped (logged).
+/// Whether the ledger refused the router itself: its credential, or its address.
+fn refuses_us(s: &tonic::Status) -> bool {
+    s.code() == Code::Unauthenticated
+        || syft_error::reason_of(s).as_deref() == Some(syft_error::Reason::AuthLocked.as_str())
+}
+
 async fn ship(calls: &Calls, rows: Vec<Usage>) -> Result<(), tonic::Status> {
     let msg = RecordUsageBatchRequest {
         usages: rows.clone(),
