@@ -195,39 +195,30 @@ impl From<RouterError> for tonic::Status {
         if let RouterError::Internal(detail) = &err {
             tracing::error!(error = %detail, "internal router error");
         }
+        // One builder for every error: `RetryInfo` when the error says when to come back, and a
+        // limit's `QuotaFailure` and rate-limit headers.
+        let details = match &err {
+            RouterError::Quota(q) => q.details.clone(),
+            other => QuotaDetails {
+                retry_after: other.retry_after(),
+                violations: Vec::new(),
+            },
+        };
+        let mut status = syft_error::grpc_status_retry(
+            err.error_code(),
+            err.reason(),
+            ERROR_DOMAIN,
+            err.public_message(),
+            &details,
+        );
         if let RouterError::Quota(q) = &err {
-            let mut status = syft_error::grpc_quota_status(
-                q.reason,
-                ERROR_DOMAIN,
-                q.message.clone(),
-                &q.details,
-            );
             for (name, value) in q.headers.pairs() {
                 if let Ok(v) = value.parse() {
                     status.metadata_mut().insert(name, v);
                 }
             }
-            return status;
         }
-        if let RouterError::UnavailableFor { retry_after, .. } = &err {
-            let details = QuotaDetails {
-                retry_after: Some(*retry_after),
-                violations: Vec::new(),
-            };
-            return syft_error::grpc_status_retry(
-                err.error_code(),
-                err.reason(),
-                ERROR_DOMAIN,
-                err.public_message(),
-                &details,
-            );
-        }
-        syft_error::grpc_status(
-            err.error_code(),
-            err.reason(),
-            ERROR_DOMAIN,
-            err.public_message(),
-        )
+        status
     }
 }
 

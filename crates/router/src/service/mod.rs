@@ -198,16 +198,14 @@ impl RouterService {
     /// lock is one ledger replica's (another may take the call), and a locked refusal counts
     /// nothing.
     pub(crate) fn ledger_refuses_us(&self) -> bool {
-        matches!(
-            self.inner.readiness.borrow().owner,
-            OwnerCheck::SecretRejected | OwnerCheck::NoSecret
-        )
+        refuses_us(self.inner.readiness.borrow().owner)
     }
 
     /// Whether the ledger is out for this router: not serving by the last probe, or refusing
     /// its credentials.
     pub(crate) fn ledger_is_out(&self) -> bool {
-        self.inner.readiness.borrow().ledger != LedgerState::Serving || self.ledger_refuses_us()
+        let now = self.inner.readiness.borrow();
+        now.ledger != LedgerState::Serving || refuses_us(now.owner)
     }
 
     /// [`Self::ledger_refuses_us`] as the error a request gets instead of a ledger call.
@@ -593,4 +591,9 @@ fn at_most_the_limit(p: &Prepared, completion: u64) -> u64 {
         Some(max) => completion.min(u64::from(max)),
         None => completion,
     }
+}
+
+/// The owner check's verdicts under which the ledger refuses this router's own credentials.
+fn refuses_us(owner: OwnerCheck) -> bool {
+    matches!(owner, OwnerCheck::SecretRejected | OwnerCheck::NoSecret)
 }
