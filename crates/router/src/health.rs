@@ -102,6 +102,18 @@ pub enum OwnerCheck {
 }
 
 impl OwnerCheck {
+    /// Whether the ledger authenticated the router's secret in giving this verdict (every
+    /// verdict but a refused or missing secret, and a lock that refused before looking).
+    pub(crate) fn took_the_secret(self) -> bool {
+        !matches!(
+            self,
+            OwnerCheck::Unchecked
+                | OwnerCheck::SecretRejected
+                | OwnerCheck::NoSecret
+                | OwnerCheck::AddressLocked
+        )
+    }
+
     /// What an operator should read, for the log and `/readyz`.
     pub fn problem(self, owner_email: &str) -> Option<String> {
         match self {
@@ -292,6 +304,9 @@ pub(crate) async fn run_ledger_probe(service: RouterService, every: Duration) {
         tick.tick().await;
         let (state, endpoints) = service.probe_ledgers(PROBE_TIMEOUT).await;
         let due = match last {
+            // A request's call was refused for the secret since the last check: ask now, and
+            // say so in the readiness (requests are refused locally meanwhile).
+            Some((owner, _)) if owner.took_the_secret() && service.credential_refused() => true,
             Some((OwnerCheck::Verified, at)) => at.elapsed() >= OWNER_RECHECK,
             Some((OwnerCheck::SecretRejected, at)) => at.elapsed() >= REJECTED_RECHECK,
             _ => true,

@@ -464,11 +464,7 @@ async fn a_router_with_a_rejected_secret_does_not_lock_out_its_neighbours() {
     wait_readyz(&bad.http_url, "owner", "secret_rejected").await;
     let mut refused = bad.client().await;
     for i in 0..10 {
-        let err = refused
-            .chat(s.request(&format!("bad {i}")))
-            .await
-            .expect_err("not ready");
-        assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+        unavailable(&mut refused, s.request(&format!("bad {i}"))).await;
         // Nor does asking what a user has left look the token up with the rejected secret.
         let ask = syft_proto::router::GetLimitsRequest {
             user_email: s.alice.email.clone(),
@@ -499,6 +495,54 @@ async fn a_router_whose_address_is_locked_says_so_in_its_readiness() {
     assert_eq!(code, 503, "{body}");
     let reason = body["reason"].as_str().unwrap_or_default();
     assert!(reason.contains("refuses this router's address"), "{body}");
+}
+
+/// The owner changes their password (the router's secret) while the router runs. The first
+/// request the ledger refuses for it makes the router stop sending it at once, and say so in its
+/// readiness: it used to send every paid request until its owner check a minute later, each a
+/// wrong credential counted against the machine's address, and locked its neighbours out.
+#[tokio::test]
+async fn a_secret_changed_while_the_router_runs_stops_its_calls_at_once() {
+    let s = Stack::start_with_ledger(Pricing::per_request(PRICE), |c| {
+        c.auth_failures_per_address = 5;
+    })
+    .await;
+    wait_readyz(&s.router.http_url, "owner", "verified").await;
+    let new_secret = "the-owner-changed-it-0123456789";
+    // From another address: setting a chosen password counts against its address.
+    let changer = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 9]))
+        .build()
+        .expect("client");
+    let changed = changer
+        .put(format!("{}/user/update-password", s.ledger.http_url))
+        .basic_auth(&s.owner.email, Some(&s.owner.secret))
+        .json(&serde_json::json!({"oldPassword": s.owner.secret, "newPassword": new_secret}))
+        .send()
+        .await
+        .expect("update-password");
+    assert_eq!(changed.status(), 200);
+    let mut c = s.client().await;
+    for i in 0..10 {
+        unavailable(&mut c, s.request(&format!("after {i}"))).await;
+    }
+    let neighbour = another_router(&s, new_secret).await;
+    wait_readyz(&neighbour.http_url, "owner", "verified").await;
+    let mut n = neighbour.client().await;
+    ok(n.chat(s.request("the neighbour")).await);
+    s.assert_captured_once(PRICE).await;
+    // And its readiness says why, without waiting for the minute's check.
+    let (code, _) = wait_readyz(&s.router.http_url, "owner", "secret_rejected").await;
+    assert_eq!(code, 503);
+}
+
+/// Sends `req`, which the router must refuse `UNAVAILABLE`.
+async fn unavailable(
+    c: &mut syft_proto::router::router_client::RouterClient<tonic::transport::Channel>,
+    req: ChatRequest,
+) {
+    let err = c.chat(req).await.expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
 }
 
 /// Another router of the stack's owner on its ledger and upstream, with `secret`.

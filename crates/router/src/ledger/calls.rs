@@ -1,6 +1,7 @@
 //! Calls to the ledger: each fails over between its endpoints ([`Calls::call`]), and a call whose
 //! outcome is unknown is settled by asking again ([`Calls::settled`]).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +24,12 @@ use crate::error::RouterError;
 pub(crate) struct Calls {
     pub(super) members: Arc<Members>,
     auth: AsciiMetadataValue,
+    /// A call was refused for this router's credential (`UNAUTHENTICATED`) since the owner check
+    /// last verified it: a secret changed or revoked while the router runs. The router then
+    /// stops sending it at once, not at the owner check's next minute: each call would be one
+    /// more wrong credential counted against this machine's address (`RouterService::
+    /// ledger_refuses_us`).
+    refused: Arc<AtomicBool>,
 }
 
 /// The ledger RPC `$method` as the closure [`Calls::call`] and its callers take (a client and a
@@ -127,7 +134,18 @@ impl Calls {
         Ok(Calls {
             members: Arc::new(Members::connect(settings)?),
             auth,
+            refused: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// Whether a call was refused for the router's credential since [`Calls::accepted`].
+    pub(crate) fn credential_refused(&self) -> bool {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// The owner check verified the credential: calls may go out again.
+    pub(crate) fn accepted(&self) {
+        self.refused.store(false, Ordering::Relaxed);
     }
 
     fn request<T>(&self, msg: T, timeout: Option<Duration>) -> tonic::Request<T> {
@@ -216,6 +234,9 @@ impl Calls {
                 }
                 Err(s) => {
                     m.mark_up();
+                    if s.code() == Code::Unauthenticated {
+                        self.refused.store(true, Ordering::Relaxed);
+                    }
                     return Err((s, round));
                 }
             }

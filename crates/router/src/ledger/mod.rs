@@ -115,6 +115,12 @@ impl Ledger {
         (overall, endpoints)
     }
 
+    /// Whether a call was refused for the router's credential since the owner check last
+    /// accepted it (see `Calls::credential_refused`).
+    pub(crate) fn credential_refused(&self) -> bool {
+        self.calls.credential_refused()
+    }
+
     /// Reads `owner_email`'s account with the router's secret: only that account (or the admin)
     /// may, so success shows the secret is the owner's. `None` when the ledger did not answer.
     /// `priced_in`: the currencies of the router's paid services, which must be the account's.
@@ -131,7 +137,7 @@ impl Ledger {
         let call = self
             .calls
             .call(Op::GetAccount, Some(timeout), msg, rpc!(get_account));
-        match tokio::time::timeout(timeout, call).await {
+        let verdict = match tokio::time::timeout(timeout, call).await {
             // A ledger that does not say its currency is taken at its word on each hold instead
             // (the authorization compares the hold's currency, `service/admission.rs`).
             Ok(Ok((account, _))) => match priced_in
@@ -159,7 +165,13 @@ impl Ledger {
                 }
             },
             Err(_) => None,
+        };
+        // Any verdict but a refused credential or a locked address means the ledger took the
+        // secret: a request's refusal before it is past.
+        if verdict.is_some_and(|v| v.took_the_secret()) {
+            self.calls.accepted();
         }
+        verdict
     }
 
     /// Places (or finds, for a repeated key) the hold, and says whether another attempt placed

@@ -198,14 +198,21 @@ impl RouterService {
     /// lock is one ledger replica's (another may take the call), and a locked refusal counts
     /// nothing.
     pub(crate) fn ledger_refuses_us(&self) -> bool {
-        refuses_us(self.inner.readiness.borrow().owner)
+        refuses_us(self.inner.readiness.borrow().owner) || self.credential_refused()
+    }
+
+    /// Whether a call was refused for the router's secret since the owner check last took it (a
+    /// secret changed or revoked while the router runs): [`Self::ledger_refuses_us`] at once,
+    /// not at the owner check's next minute.
+    pub(crate) fn credential_refused(&self) -> bool {
+        self.inner.ledger.credential_refused()
     }
 
     /// Whether the ledger is out for this router: not serving by the last probe, or refusing
     /// its credentials.
     pub(crate) fn ledger_is_out(&self) -> bool {
         let now = self.inner.readiness.borrow();
-        now.ledger != LedgerState::Serving || refuses_us(now.owner)
+        now.ledger != LedgerState::Serving || refuses_us(now.owner) || self.credential_refused()
     }
 
     /// [`Self::ledger_refuses_us`] as the error a request gets instead of a ledger call.
