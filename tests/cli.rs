@@ -561,7 +561,32 @@ async fn alerts_commands() {
         "1",
     ]));
     assert!(refused.contains("https"), "{refused}");
-    run(&mut cli(&["alerts", "remove", &id]));
+    // Every action speaks JSON when asked: a rotation job parses the secret it is shown once.
+    let json_of = |args: &[&str]| -> serde_json::Value {
+        let out = run(&mut cli(&[args, &["--json"]].concat()));
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {out}"))
+    };
+    let rotated = json_of(&["alerts", "rotate", &id, "--overlap", "1h"]);
+    assert!(
+        rotated["secret"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("whsec_"),
+        "{rotated}"
+    );
+    assert!(
+        rotated["previous_secret_until_unix_micros"].as_i64() > Some(0),
+        "{rotated}"
+    );
+    let queued = json_of(&["alerts", "test", &id]);
+    assert!(
+        queued["event_id"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("msg_"),
+        "{queued}"
+    );
+    assert_eq!(json_of(&["alerts", "remove", &id])["removed"], id.as_str());
     assert!(run(&mut cli(&["alerts", "list"])).contains("no alert endpoints"));
     h.finish().await;
 }

@@ -230,7 +230,11 @@ pub async fn alerts(args: AlertsArgs) -> anyhow::Result<()> {
                 })
                 .await
                 .map_err(|s| conn.fail(s))?;
-            println!("removed {endpoint_id}");
+            if conn.json {
+                println!("{}", json!({"removed": endpoint_id}));
+            } else {
+                println!("removed {endpoint_id}");
+            }
         }
         AlertsAction::Test { endpoint_id } => {
             let sent = client
@@ -238,7 +242,11 @@ pub async fn alerts(args: AlertsArgs) -> anyhow::Result<()> {
                 .await
                 .map_err(|s| conn.fail(s))?
                 .into_inner();
-            println!("queued test event {}", sent.event_id);
+            if conn.json {
+                println!("{}", json!({"event_id": sent.event_id}));
+            } else {
+                println!("queued test event {}", sent.event_id);
+            }
         }
         AlertsAction::Rotate {
             endpoint_id,
@@ -252,11 +260,21 @@ pub async fn alerts(args: AlertsArgs) -> anyhow::Result<()> {
                 .await
                 .map_err(|s| conn.fail(s))?
                 .into_inner();
-            println!("secret    {}   (shown once)", rotated.secret);
-            println!(
-                "previous secret signs too until {}",
-                format_time(rotated.previous_secret_until_unix_micros)
-            );
+            // The same fields as the REST API's answer: a rotation job parses this, and the
+            // secret is shown once.
+            if conn.json {
+                println!(
+                    "{}",
+                    json!({"secret": rotated.secret,
+                           "previous_secret_until_unix_micros": rotated.previous_secret_until_unix_micros})
+                );
+            } else {
+                println!("secret    {}   (shown once)", rotated.secret);
+                println!(
+                    "previous secret signs too until {}",
+                    format_time(rotated.previous_secret_until_unix_micros)
+                );
+            }
         }
         AlertsAction::Deliveries { endpoint_id, limit } => {
             let log = client

@@ -121,6 +121,26 @@ impl UsageStatus {
                 | Self::Abandoned
         )
     }
+
+    /// The app failed the request: its upstream erred, timed out or answered nonsense. What an
+    /// app's error rate counts; a cancellation is the client's doing, a refusal the router's or
+    /// the ledger's.
+    pub const fn is_failure(self) -> bool {
+        matches!(
+            self,
+            Self::UpstreamError | Self::Timeout | Self::InvalidResponse
+        )
+    }
+
+    /// The statuses for which `pick` holds, as an SQL list: `('a', 'b')`.
+    pub fn sql_list(pick: fn(Self) -> bool) -> String {
+        let names: Vec<String> = Self::ALL
+            .into_iter()
+            .filter(|s| pick(*s))
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect();
+        format!("({})", names.join(", "))
+    }
 }
 
 impl std::fmt::Display for UsageStatus {
@@ -157,6 +177,10 @@ mod tests {
                 "budget_exceeded",
                 "abandoned"
             ]
+        );
+        assert_eq!(
+            UsageStatus::sql_list(UsageStatus::is_failure),
+            "('upstream_error', 'timeout', 'invalid_response')"
         );
     }
 }

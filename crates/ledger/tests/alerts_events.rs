@@ -173,13 +173,19 @@ async fn spend_errors_expiry_and_digest_fire_at_their_thresholds(h: Harness) -> 
         .await;
 
     // errors.spike: three failures are too few requests; a fourth (successful) request makes
-    // 75 % of 4, over 50 %. Bob's endpoint speaks Slack.
+    // 75 % of 4, over 50 %. Refusals before any upstream call are not requests of the app's:
+    // counted, four of them would make it 3 of 8 (a flood of bad tokens muted an outage).
+    // Bob's endpoint speaks Slack.
     let mut bob_client = h.client(&bob);
-    for (i, status) in ["upstream_error", "timeout", "invalid_response", "success"]
-        .iter()
-        .enumerate()
-    {
-        if i == 3 {
+    let refused = [
+        "token_refused",
+        "rate_limited",
+        "insufficient_funds",
+        "budget_exceeded",
+    ];
+    let answered = ["upstream_error", "timeout", "invalid_response", "success"];
+    for (i, status) in refused.iter().chain(&answered).enumerate() {
+        if i == refused.len() + 3 {
             settle().await;
             assert!(rx_bob.received().is_empty(), "fired before min_requests");
         }

@@ -13,11 +13,12 @@
 //! counts), so that is a dip nobody needs to be woken for; docs/alerts.md says so.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::json;
+use syft_error::UsageStatus;
 
 use super::payload::{amount, Fired};
 use super::rules::{EventKind, Format, Rule, SpendSide};
@@ -27,8 +28,11 @@ use crate::store::{now_micros, windowed_use, AccountRow, Store, ACCOUNT_COLUMNS}
 
 const MINUTE: i64 = 60_000_000;
 const DAY: i64 = 86_400_000_000;
-/// Failure statuses of usage rows (the router's `usage_status`); cancellations are not failures.
-const FAILED_STATUSES: &str = "('timeout', 'invalid_response', 'upstream_error')";
+/// Usage statuses the app failed (`UsageStatus::is_failure`), as an SQL list.
+static FAILED: LazyLock<String> = LazyLock::new(|| UsageStatus::sql_list(UsageStatus::is_failure));
+/// Usage statuses refused before the app was asked (a bad token, a limit, funds): not requests
+/// of the app's, or a flood of them would dilute its error rate.
+static REFUSED: LazyLock<String> = LazyLock::new(|| UsageStatus::sql_list(UsageStatus::is_refusal));
 
 /// One value a rule watches, with the level it should move to and what that move fires.
 struct Step {
@@ -244,8 +248,10 @@ async fn measure(
             vec![(day_name(now), Value::DayTotal(total))]
         }
         Rule::ErrorsSpike { window_minutes, .. } => {
+            let (failed, refused) = (&*FAILED, &*REFUSED);
             let sql = format!(
-                "SELECT COUNT(*), COALESCE(CAST(SUM(CASE WHEN status IN {FAILED_STATUSES} \
+                "SELECT COALESCE(CAST(SUM(CASE WHEN status NOT IN {refused} THEN 1 ELSE 0 END) \
+                 AS BIGINT), 0), COALESCE(CAST(SUM(CASE WHEN status IN {failed} \
                  THEN 1 ELSE 0 END) AS BIGINT), 0) FROM usage_records \
                  WHERE recipient_id = $1 AND created_at >= $2"
             );
@@ -329,9 +335,10 @@ async fn budgets(store: &Store, account_id: i64, now: i64) -> Result<Vec<Budget>
 
 async fn digest(store: &Store, account: &AccountRow, now: i64) -> Result<serde_json::Value> {
     let since = now - DAY;
+    let failed = &*FAILED;
     let sql = format!(
         "SELECT COUNT(*), COALESCE(CAST(SUM(cost) AS BIGINT), 0), \
-         COALESCE(CAST(SUM(CASE WHEN status IN {FAILED_STATUSES} THEN 1 ELSE 0 END) AS BIGINT), 0) \
+         COALESCE(CAST(SUM(CASE WHEN status IN {failed} THEN 1 ELSE 0 END) AS BIGINT), 0) \
          FROM usage_records WHERE recipient_id = $1 AND created_at >= $2"
     );
     let (requests, revenue, failed): (i64, i64, i64) = sqlx::query_as(&sql)
