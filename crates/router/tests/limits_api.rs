@@ -270,6 +270,30 @@ async fn limits_that_apply_and_what_is_left() {
         rest["budgets"][0]["remaining_micros"],
         1_000_000 - 2 * PRICE
     );
+    // A slot in use frees when its request ends: no reset or window to show (the store's
+    // crash lease, a quarter of an hour, was shown as both).
+    s.upstream
+        .set_mode(Mode::Delay(Duration::from_millis(1500)));
+    let slow = tokio::spawn({
+        let mut c = c.clone();
+        let req = s.request("in flight");
+        async move { c.chat(req).await }
+    });
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let left = alice_limits("").await.expect("limits").into_inner();
+    let (slot, limit) = (
+        &left.limits[2],
+        left.limits[2].limit.clone().unwrap_or_default(),
+    );
+    assert_eq!((limit.kind.as_str(), slot.remaining), ("concurrent", 2));
+    assert_eq!((slot.reset_ms, limit.window_seconds), (0, 0));
+    let url = format!("{base}/v1/limits?user={}", s.alice.email);
+    let rest = get_json_as(&http, &url, &s.token).await;
+    assert_eq!(rest["limits"][2]["remaining"], 2, "{rest}");
+    assert_eq!(rest["limits"][2]["reset_ms"], 0, "{rest}");
+    assert_eq!(rest["limits"][2]["window_seconds"], 0, "{rest}");
+    // (Its outcome is not the point: the stack's upstream timeout may end it.)
+    let _ = slow.await.expect("join");
     s.check_invariants().await;
 }
 
@@ -314,6 +338,11 @@ async fn grpc_refusals_and_the_budget_reset() {
     assert_eq!(
         quota_refusal(err, "CONCURRENCY_LIMITED"),
         Some(Duration::from_secs(1))
+    );
+    assert!(
+        err.message()
+            .ends_with("retry when a request in flight ends"),
+        "{err:?}"
     );
     let quota = err.get_details_quota_failure().expect("quota failure");
     assert_eq!(

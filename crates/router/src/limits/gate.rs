@@ -324,6 +324,11 @@ fn refusal(
         _ => format!("user:{user}"),
     };
     let message = match (rule.kind, retry_after) {
+        // Its stored window is the slots' crash lease, no wait to tell a client.
+        _ if rule.is_concurrency() => format!(
+            "limit reached ({}); retry when a request in flight ends",
+            rule.describe
+        ),
         (RuleKind::Tokens, None) => format!(
             "this request reserves {} tokens, more than the limit of {}; lower max_tokens",
             rule.cost, rule.describe
@@ -339,9 +344,9 @@ fn refusal(
         ),
     };
     // A slot frees when some request ends: suggest a short wait rather than none.
-    let retry_after = match rule.kind {
-        RuleKind::Concurrency | RuleKind::RouterConcurrency => Some(Duration::from_secs(1)),
-        _ => retry_after,
+    let retry_after = match rule.is_concurrency() {
+        true => Some(Duration::from_secs(1)),
+        false => retry_after,
     };
     RouterError::Quota(Box::new(QuotaRefusal {
         reason,

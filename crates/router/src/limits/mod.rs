@@ -51,6 +51,36 @@ pub struct Rule {
     pub describe: String,
 }
 
+impl Rule {
+    /// Whether this limit counts requests in flight (a slot is held while a request runs).
+    pub const fn is_concurrency(&self) -> bool {
+        matches!(
+            self.kind,
+            RuleKind::Concurrency | RuleKind::RouterConcurrency
+        )
+    }
+
+    /// The window's length as the API shows it: none for a concurrency limit, whose stored
+    /// window is only the slots' crash lease.
+    pub fn window_shown(&self) -> Duration {
+        if self.is_concurrency() {
+            Duration::ZERO
+        } else {
+            self.window
+        }
+    }
+
+    /// When `state` resets, as the API shows it: a concurrency slot frees when its request
+    /// ends, not at its crash lease (which read as a quarter of an hour's wait).
+    pub fn reset_shown(&self, state: &WindowState) -> Duration {
+        if self.is_concurrency() {
+            Duration::ZERO
+        } else {
+            state.reset
+        }
+    }
+}
+
 /// A window after a decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct WindowState {
@@ -159,9 +189,9 @@ pub fn remaining_json(user: &str, windows: &[(Rule, WindowState)]) -> serde_json
                 "scope": r.scope,
                 "limit": s.limit,
                 "remaining": s.remaining,
-                "window_seconds": r.window.as_secs(),
-                "reset": format_reset(s.reset),
-                "reset_ms": u64::try_from(s.reset.as_millis()).unwrap_or(u64::MAX),
+                "window_seconds": r.window_shown().as_secs(),
+                "reset": format_reset(r.reset_shown(s)),
+                "reset_ms": u64::try_from(r.reset_shown(s).as_millis()).unwrap_or(u64::MAX),
                 "description": r.describe,
             })
         })

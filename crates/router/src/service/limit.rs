@@ -9,7 +9,7 @@ use super::admission::Ticket;
 use super::{Prepared, RouterService};
 use crate::config::ServiceKind;
 use crate::error::RouterError;
-use crate::limits::{Pass, RateHeaders, Rule, RuleKind, WindowState, ROUTER_SCOPE};
+use crate::limits::{Pass, RateHeaders, Rule, WindowState, ROUTER_SCOPE};
 use crate::money::format_micros;
 
 impl RouterService {
@@ -118,7 +118,7 @@ impl RouterService {
             .map(|(rule, state)| LimitLeft {
                 limit: Some(rule_proto(rule)),
                 remaining: state.remaining,
-                reset_ms: u64::try_from(state.reset.as_millis()).unwrap_or(u64::MAX),
+                reset_ms: u64::try_from(rule.reset_shown(state).as_millis()).unwrap_or(u64::MAX),
             })
             .collect();
         limits.extend(self.budgets_left(&user, service).await?);
@@ -259,14 +259,10 @@ pub fn parse_service(text: &str) -> Result<ServiceKind, RouterError> {
 /// A window as the API describes it (concurrency windows have no length: they last while the
 /// request runs).
 fn rule_proto(r: &Rule) -> Limit {
-    let window_seconds = match r.kind {
-        RuleKind::Requests | RuleKind::Tokens => r.window.as_secs(),
-        RuleKind::Concurrency | RuleKind::RouterConcurrency => 0,
-    };
     Limit {
         kind: r.kind.as_str().into(),
         limit: r.limit,
-        window_seconds,
+        window_seconds: r.window_shown().as_secs(),
         scope: r.scope.into(),
         description: r.describe.clone(),
     }
