@@ -53,6 +53,11 @@ pub enum RouterError {
     NotFound(String),
     #[error("{0}")]
     AlreadyExists(String),
+    /// The request id is spent: its request is over (charged or not), or the id named another
+    /// request. `ALREADY_EXISTS` like an id in progress, but sending it again cannot change the
+    /// answer, so the SDKs are told not to retry.
+    #[error("{0}")]
+    Processed(String),
     #[error("{0}")]
     ResourceExhausted(String),
     /// A limit refused the request (`RESOURCE_EXHAUSTED` / 429 with retry details).
@@ -89,7 +94,7 @@ impl RouterError {
             RouterError::Unauthenticated(_) => ErrorCode::Unauthenticated,
             RouterError::PermissionDenied(_) => ErrorCode::PermissionDenied,
             RouterError::NotFound(_) => ErrorCode::NotFound,
-            RouterError::AlreadyExists(_) => ErrorCode::AlreadyExists,
+            RouterError::AlreadyExists(_) | RouterError::Processed(_) => ErrorCode::AlreadyExists,
             RouterError::ResourceExhausted(_) | RouterError::Quota(_) => {
                 ErrorCode::ResourceExhausted
             }
@@ -128,7 +133,7 @@ impl RouterError {
             RouterError::FailedPrecondition { .. } => "insufficient_quota",
             RouterError::Unauthenticated(_) => "authentication_error",
             RouterError::PermissionDenied(_) => "permission_error",
-            RouterError::AlreadyExists(_) => "conflict_error",
+            RouterError::AlreadyExists(_) | RouterError::Processed(_) => "conflict_error",
             RouterError::ResourceExhausted(_) => "rate_limit_error",
             // OpenAI's type for a spent quota (not retryable soon), as opposed to a rate.
             RouterError::Quota(_) if self.is_spent_quota() => "insufficient_quota",
@@ -151,12 +156,12 @@ impl RouterError {
 
     /// Whether sending the same request again soon can succeed (`x-should-retry`): not for a
     /// state the user must change (`FAILED_PRECONDITION`: funds, a hold's state, a disabled
-    /// service), a spent quota, a request that never fits its token window, nor a refusal that
-    /// asks for a wait longer than [`SOON`]. Rates, an id still in progress and unavailability
-    /// can.
+    /// service), a request id already spent, a spent quota, a request that never fits its token
+    /// window, nor a refusal that asks for a wait longer than [`SOON`]. Rates, an id still in
+    /// progress and unavailability can.
     pub fn retry_helps(&self) -> bool {
         match self {
-            RouterError::FailedPrecondition { .. } => false,
+            RouterError::FailedPrecondition { .. } | RouterError::Processed(_) => false,
             RouterError::Quota(q) if q.never_fits => false,
             _ if self.retry_after().is_some_and(|after| after > SOON) => false,
             _ => !self.is_spent_quota(),

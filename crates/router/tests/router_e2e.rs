@@ -550,7 +550,7 @@ async fn payment_required_bad_token_and_insufficient_funds_never_call_upstream()
     assert_eq!(
         err.message(),
         "insufficient funds: this request costs 0.01 USD (the router's price per request); add \
-         funds to pay for it"
+         funds, then send it with a new request id (this one's refusal stands)"
     );
     // Over HTTP the OpenAI SDKs would send it twice more: told not to.
     let refused = http
@@ -598,8 +598,8 @@ async fn insufficient_funds_says_what_the_hold_reserves_and_how_to_reserve_less(
         "insufficient funds: this request reserves 0.040984 USD (8 prompt tokens at 3 \
                        USD and up to 4096 completion tokens at 10 USD per million tokens; the \
                        request set no max_tokens, so the router's default applies); send a \
-                       smaller max_tokens to reserve less, or add funds. Only the actual cost is \
-                       charged";
+                       smaller max_tokens to reserve less, or add funds; either way with a new \
+                       request id (this one's refusal stands). Only the actual cost is charged";
     let err = c.chat(bob_req(None)).await.expect_err("insufficient funds");
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert_eq!(reason(&err).as_deref(), Some("INSUFFICIENT_FUNDS"));
@@ -629,7 +629,8 @@ async fn insufficient_funds_says_what_the_hold_reserves_and_how_to_reserve_less(
         body["error"]["message"],
         "insufficient funds: this request reserves 0.020024 USD (8 prompt tokens at 3 USD and up \
          to 2000 completion tokens at 10 USD per million tokens; the request's max_tokens); send \
-         a smaller max_tokens to reserve less, or add funds. Only the actual cost is charged"
+         a smaller max_tokens to reserve less, or add funds; either way with a new request id \
+         (this one's refusal stands). Only the actual cost is charged"
     );
     assert_eq!(s.upstream.hits(), 0);
 
@@ -1343,4 +1344,47 @@ async fn unknown_paths_and_methods_answer_with_an_error_body() {
     let body = openai_error(http.get(s.router.chat_completions_url()), 405).await;
     let message = body["message"].as_str().unwrap_or_default();
     assert!(message.contains("method GET"), "{body}");
+}
+
+/// A request id whose request is over, or that a request with other parameters used, is spent:
+/// a retry with it gets the same 409 whatever happens meanwhile, so the OpenAI SDKs are told not
+/// to spend their retries on it (with an `Idempotency-Key` they resend it twice, and the real
+/// cause, the first answer, is lost behind two 409s).
+#[tokio::test]
+async fn a_spent_request_id_is_not_retried_by_the_sdks() {
+    let s = Stack::start(Pricing::per_request(PRICE)).await;
+    let http = reqwest::Client::new();
+    let send = |key: &str, token: &str| {
+        http.post(s.router.chat_completions_url())
+            .bearer_auth(token)
+            .header("Idempotency-Key", key)
+            .json(
+                &json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}],
+                          "user": s.alice.email}),
+            )
+            .send()
+    };
+    s.upstream.set_mode(Mode::Status(500));
+    let failed = send("failed-once", &s.token).await.expect("http");
+    assert_eq!(failed.status(), 503);
+    assert!(!failed.headers().contains_key("x-should-retry"));
+    s.upstream.set_mode(Mode::Ok);
+    let again = send("failed-once", &s.token).await.expect("http");
+    assert_eq!(again.status(), 409);
+    assert_eq!(again.headers()["x-should-retry"], "false");
+    let body: Value = again.json().await.expect("json");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("cancelled (not charged)"), "{body}");
+
+    // A made-up token, then the right one under the same key: the key is spent on the first.
+    let forged = send("forged-first", "made-up-token").await.expect("http");
+    assert_eq!(forged.status(), 403);
+    let right = send("forged-first", &s.token).await.expect("http");
+    assert_eq!(right.status(), 409);
+    assert_eq!(right.headers()["x-should-retry"], "false");
+    let body: Value = right.json().await.expect("json");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("with a new key"), "{body}");
+    assert_eq!(s.alice_money().await.0, FUNDS, "nothing was charged");
+    s.check_invariants().await;
 }

@@ -6,7 +6,6 @@ use super::remote::{RemoteError, RemoteTx};
 use super::Hosted;
 use crate::error::{LedgerError, Result};
 use crate::store::{new_id, now_micros, sha256_hex, AuthorizeInput, Placed};
-use syft_error::Reason;
 
 impl Hosted {
     /// `input.recipient_*` are not used: every transfer of a hosted ledger is its owner's. The
@@ -109,10 +108,7 @@ impl Hosted {
             .await?
             .ok_or_else(|| LedgerError::Unavailable("concurrent authorization, retry".into()))?;
         if e.request_hash != request_hash {
-            return Err(LedgerError::refused(
-                Reason::IdempotencyConflict,
-                format!("idempotency key {key:?} was already used with different parameters"),
-            ));
+            return Err(crate::store::key_reused(key));
         }
         match e.step {
             // A refusal of the service's: the same refusal again.

@@ -624,10 +624,14 @@ async fn single_authorize(
     Ok(AuthResult::Created)
 }
 
-fn key_reused(key: &str) -> LedgerError {
+/// The refusal of an idempotency key that a request with other parameters used (both backends).
+pub(crate) fn key_reused(key: &str) -> LedgerError {
     LedgerError::refused(
         Reason::IdempotencyConflict,
-        format!("idempotency key {key:?} was already used with different parameters"),
+        format!(
+            "idempotency key {key:?} was already used by a request with other parameters \
+             (amount, token, app or endpoint); send this one with a new key"
+        ),
     )
 }
 

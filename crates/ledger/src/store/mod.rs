@@ -44,6 +44,7 @@ pub use analytics::{
     Dimension, KeyValue, Measures, Percentiles, StatsFilter, StatsGroup, StatsScope, Top, TopBy,
 };
 pub use answer::{AnswerRow, AnswerWrite};
+pub(crate) use authorize::key_reused;
 pub use authorize::{AuthorizeInput, DirectInput};
 pub use budget::budget_use;
 pub(crate) use budget::windowed_use;

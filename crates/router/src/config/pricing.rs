@@ -164,8 +164,8 @@ pub fn insufficient_funds_message(
             format!(
                 "insufficient funds: this request reserves {hold} {cur} ({} prompt tokens at {} \
                  {cur} and up to {} completion tokens at {} {cur} per million tokens; {source}); \
-                 send a smaller max_tokens to reserve less, or add funds. Only the actual cost \
-                 is charged",
+                 send a smaller max_tokens to reserve less, or add funds; either way with a new \
+                 request id (this one's refusal stands). Only the actual cost is charged",
                 b.prompt_tokens,
                 format_micros(input_micros_per_million),
                 b.max_completion_tokens,
@@ -174,7 +174,8 @@ pub fn insufficient_funds_message(
         }
         _ => format!(
             "insufficient funds: this request costs {hold} {cur} (the router's price per \
-             request); add funds to pay for it"
+             request); add funds, then send it with a new request id (this one's refusal \
+             stands)"
         ),
     }
 }

@@ -474,6 +474,10 @@ pub(crate) fn map_status(op: Op, s: tonic::Status) -> RouterError {
         },
         Code::PermissionDenied => RouterError::PermissionDenied(msg),
         Code::NotFound => RouterError::NotFound(msg),
+        // The key was used by a request with other parameters: this one never runs under it.
+        Code::AlreadyExists if ledger_reason(&s) == Some(Reason::IdempotencyConflict) => {
+            RouterError::Processed(msg)
+        }
         Code::AlreadyExists => RouterError::AlreadyExists(msg),
         Code::ResourceExhausted => match ledger_reason(&s) {
             // The ledger refuses this router's address for failed authentications (a router with

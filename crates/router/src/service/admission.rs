@@ -516,7 +516,7 @@ pub(super) fn already_processed(
         TransferStatus::Cancelled => "cancelled (not charged)",
         _ => "resolved",
     };
-    RouterError::AlreadyExists(format!(
+    RouterError::Processed(format!(
         "request {request_id} was already processed: transfer {} is {state}{detail}; use a new \
          request id to send a new request",
         transfer.id
