@@ -53,12 +53,15 @@ pub fn http_router(service: RouterService) -> Router {
         .route("/search", post(crate::syft_http::search))
         .route("/health", get(crate::syft_http::health))
         .route("/v1/models", get(list_models))
+        // Model ids may hold slashes (`org/model`), as the SDKs' `models.retrieve` sends them.
+        .route("/v1/models/{*id}", get(retrieve_model))
         .route("/v1/limits", get(limits_left))
         // Unknown paths and methods answer in the API's error shape (they were empty bodies).
         .fallback(|| async {
             ApiError::from(RouterError::NotFound(
                 "no such endpoint: the router serves POST /v1/chat/completions, /chat and \
-                 /search; GET /v1/models, /v1/limits, /health, /healthz, /readyz and /metrics"
+                 /search; GET /v1/models, /v1/models/<id>, /v1/limits, /health, /healthz, \
+                 /readyz and /metrics"
                     .into(),
             ))
         })
@@ -111,13 +114,32 @@ async fn readyz(State(svc): State<RouterService>) -> Response {
 }
 
 async fn list_models(State(svc): State<RouterService>) -> Json<Value> {
-    let owner = svc.config().name.clone();
+    let owner = &svc.config().name;
     let data: Vec<Value> = svc
         .models()
         .into_iter()
-        .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": owner}))
+        .map(|id| model_json(&id, owner))
         .collect();
     Json(json!({"object": "list", "data": data, "syft_limits": svc.limits_json()}))
+}
+
+/// `GET /v1/models/{id}`: a model a chat may name (any, when the config lists none), or 404 as
+/// OpenAI answers an unknown one.
+async fn retrieve_model(
+    State(svc): State<RouterService>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    if svc.serves_model(&id) {
+        return Ok(Json(model_json(&id, &svc.config().name)));
+    }
+    Err(RouterError::NotFound(format!(
+        "the model {id:?} is not served by this router (GET /v1/models lists them)"
+    ))
+    .into())
+}
+
+fn model_json(id: &str, owner: &str) -> Value {
+    json!({"id": id, "object": "model", "created": 0, "owned_by": owner})
 }
 
 #[derive(Deserialize)]
@@ -276,7 +298,14 @@ fn to_chat_request(body: OaiRequest, headers: &HeaderMap) -> Result<ChatRequest,
     let mut messages = Vec::with_capacity(body.messages.len());
     for (i, m) in body.messages.into_iter().enumerate() {
         let content = match m.content {
-            None => String::new(),
+            // Only an assistant's turn may come without content (OpenAI's rule: its tool calls
+            // stand in for it); a user's empty turn was answered and charged.
+            None if m.role == "assistant" => String::new(),
+            None => {
+                return Err(bad(format!(
+                    "messages[{i}]: content is required (a string or a list of text parts)"
+                )))
+            }
             Some(ContentField::Text(t)) => t,
             Some(ContentField::Parts(parts)) => {
                 let mut text = String::new();

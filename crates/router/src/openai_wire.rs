@@ -70,6 +70,9 @@ pub(crate) struct OaiRequest {
     top_logprobs: Option<Asked>,
     #[serde(default)]
     audio: Option<Asked>,
+    /// `["text"]` asks for what every answer is; `["text", "audio"]` for more.
+    #[serde(default)]
+    modalities: Option<Asked>,
 }
 
 impl OaiRequest {
@@ -88,6 +91,7 @@ impl OaiRequest {
             ("logprobs", asks(&self.logprobs)),
             ("top_logprobs", asks(&self.top_logprobs)),
             ("audio", asks(&self.audio)),
+            ("modalities", asks(&self.modalities)),
         ]
         .into_iter()
         .find_map(|(name, asked)| asked.then_some(name))
@@ -278,10 +282,11 @@ impl<'de> Deserialize<'de> for Asked {
                 })
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Asked, A::Error> {
-                // Elements are skipped, not kept: a long list costs no memory.
+                // A list asks when an element does (`["text"]` does not); elements are judged,
+                // not kept: a long list costs no memory.
                 let mut any = false;
-                while seq.next_element::<de::IgnoredAny>()?.is_some() {
-                    any = true;
+                while let Some(element) = seq.next_element::<Asked>()? {
+                    any |= element.asks;
                 }
                 Ok(Asked::asks(any))
             }
@@ -394,6 +399,11 @@ mod tests {
         assert_eq!(option(r#","logprobs":true"#), Some("logprobs"));
         assert_eq!(option(r#","top_logprobs":3"#), Some("top_logprobs"));
         assert_eq!(option(r#","audio":{"voice":"alloy"}"#), Some("audio"));
+        assert_eq!(option(r#","modalities":["text"]"#), None);
+        assert_eq!(
+            option(r#","modalities":["text","audio"]"#),
+            Some("modalities")
+        );
         // A long list is read without keeping it.
         let many = format!(r#","tools":[{}]"#, vec!["{}"; 100_000].join(","));
         assert_eq!(option(&many), Some("tools"));

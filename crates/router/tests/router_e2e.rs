@@ -1248,6 +1248,13 @@ async fn http_front_speaks_openai_json_and_sse() {
 
     let models = get_json(&http, &format!("{}/v1/models", s.router.http_url)).await;
     assert_eq!(models["object"], "list");
+    // A router that lists no models passes any on, and retrieves any (`one_model_is_retrieved`).
+    let one = get_json(
+        &http,
+        &format!("{}/v1/models/test-model", s.router.http_url),
+    )
+    .await;
+    assert_eq!(one["id"], "test-model");
     let health = http
         .get(format!("{}/healthz", s.router.http_url))
         .send()
@@ -1387,4 +1394,26 @@ async fn a_spent_request_id_is_not_retried_by_the_sdks() {
     assert!(message.contains("with a new key"), "{body}");
     assert_eq!(s.alice_money().await.0, FUNDS, "nothing was charged");
     s.check_invariants().await;
+}
+
+/// `GET /v1/models/{id}`, the SDKs' `models.retrieve`: a model the router lists (ids with slashes
+/// included), else OpenAI's 404 (the route did not exist: every retrieve was a 404).
+#[tokio::test]
+async fn one_model_is_retrieved_as_the_sdks_ask() {
+    let s = Stack::start_tweaked(Pricing::per_request(PRICE), |c| {
+        c.models = vec!["org/test-model".into()];
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let url = |id: &str| format!("{}/v1/models/{id}", s.router.http_url);
+    let one = get_json(&http, &url("org/test-model")).await;
+    assert_eq!(
+        (one["id"].as_str(), one["object"].as_str()),
+        (Some("org/test-model"), Some("model"))
+    );
+    let unknown = http.get(url("test-model")).send().await.expect("models");
+    assert_eq!(unknown.status(), 404);
+    let body: Value = unknown.json().await.expect("json");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("\"test-model\" is not served"), "{body}");
 }

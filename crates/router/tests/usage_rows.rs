@@ -246,9 +246,15 @@ async fn requests_refused_before_they_are_read_leave_rows() {
         "tools": [{"type": "function", "function": {"name": "f"}}]});
     let json_mode = json!({"model": "test-model", "user": s.alice.email, "messages": messages,
         "response_format": {"type": "json_object"}});
+    let audio = json!({"model": "test-model", "user": s.alice.email, "messages": messages,
+        "modalities": ["text", "audio"]});
+    let no_content = json!({"model": "test-model", "user": s.alice.email,
+        "messages": [{"role": "user", "content": null}]});
     for (key, body, option) in [
         ("u-5", tools, "tools"),
         ("u-6", json_mode, "response_format"),
+        ("u-7", audio, "modalities"),
+        ("u-8", no_content, "messages[0]: content is required"),
     ] {
         let r = send("/v1/chat/completions", key, body.to_string())
             .await
@@ -273,6 +279,8 @@ async fn requests_refused_before_they_are_read_leave_rows() {
             row("u-4", "token_refused"),
             row("u-5", "invalid_request"),
             row("u-6", "invalid_request"),
+            row("u-7", "invalid_request"),
+            row("u-8", "invalid_request"),
         ]
     );
     let invalid = all_usage(&s.ledger.url, "invalid_request").await;

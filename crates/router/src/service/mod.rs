@@ -289,6 +289,12 @@ impl RouterService {
         }
     }
 
+    /// Whether a chat may name `model`: any, when the config lists none (it is passed on).
+    pub fn serves_model(&self, model: &str) -> bool {
+        let listed = &self.inner.config.models;
+        listed.is_empty() || listed.iter().any(|m| m == model)
+    }
+
     pub fn metadata(&self) -> Metadata {
         let c = &self.inner.config;
         Metadata {
@@ -436,7 +442,7 @@ impl RouterService {
         } else {
             v.model.clone()
         };
-        if !inner.config.models.is_empty() && !inner.config.models.contains(&model) {
+        if !self.serves_model(&model) {
             return Err(RouterError::NotFound(format!(
                 "model {model:?} is not served by this router"
             )));
