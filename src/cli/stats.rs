@@ -38,7 +38,8 @@ pub struct StatsArgs {
     /// Only requests to this app (a router's name).
     #[arg(long)]
     app: Option<String>,
-    /// Only requests to this endpoint (`/chat`, `/search`, `/v1/chat/completions`, ...).
+    /// Only requests to this service endpoint: `/chat` (every chat, whichever front it came
+    /// through: gRPC, `/chat` or `/v1/chat/completions`) or `/search`.
     #[arg(long)]
     endpoint: Option<String>,
     /// A user's email.

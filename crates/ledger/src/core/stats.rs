@@ -102,7 +102,7 @@ fn check_group_by(group_by: &[Dimension]) -> Result<()> {
     Ok(())
 }
 
-/// `[since, until)` widened to whole minutes and checked against the finest time dimension.
+/// `[since, until)` checked against the finest time dimension, then widened to whole minutes.
 fn range(q: &StatsQuery, now: i64) -> Result<(i64, i64)> {
     let finest = q.group_by.iter().filter_map(|d| d.grain()).min();
     let (max, default) = match finest.map(|g| g.micros()) {
@@ -118,8 +118,8 @@ fn range(q: &StatsQuery, now: i64) -> Result<(i64, i64)> {
     if since >= until {
         return Err(LedgerError::invalid("since must be before until"));
     }
-    let since = since.div_euclid(MINUTE) * MINUTE;
-    let until = until.saturating_add(MINUTE - 1).div_euclid(MINUTE) * MINUTE;
+    // The range as asked is bounded, not as widened: `--since 2d` (now minus two days, mid-minute)
+    // widened to 2 days and a minute, and the widest documented range was always refused.
     if until - since > max {
         let what = match finest.map(|g| g.micros()) {
             Some(MINUTE) => "minute buckets: at most 2 days",
@@ -128,6 +128,8 @@ fn range(q: &StatsQuery, now: i64) -> Result<(i64, i64)> {
         };
         return Err(LedgerError::invalid(format!("range too wide for {what}")));
     }
+    let since = since.div_euclid(MINUTE) * MINUTE;
+    let until = until.saturating_add(MINUTE - 1).div_euclid(MINUTE) * MINUTE;
     Ok((since, until))
 }
 
@@ -233,6 +235,13 @@ mod tests {
         assert!(range(&q(Some(DAY), Some(0), &[]), now).is_err());
         assert!(range(&q(Some(0), Some(3 * DAY), &[Dimension::Minute]), now).is_err());
         assert!(range(&q(Some(0), Some(2 * DAY), &[Dimension::Minute]), now).is_ok());
+        // Two days ending mid-minute (`--since 2d`): whole minutes around them, a minute more.
+        let (mid, minute) = (30_000_000, &[Dimension::Minute][..]);
+        assert_eq!(
+            range(&q(Some(mid), Some(2 * DAY + mid), minute), now).ok(),
+            Some((0, 2 * DAY + MINUTE))
+        );
+        assert!(range(&q(Some(mid), Some(2 * DAY + mid + 1), minute), now).is_err());
         assert!(check_group_by(&[Dimension::Day, Dimension::Hour]).is_err());
         assert!(check_group_by(&[Dimension::App, Dimension::App]).is_err());
         assert!(check_group_by(&[Dimension::Day, Dimension::App]).is_ok());
