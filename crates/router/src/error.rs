@@ -49,6 +49,10 @@ pub enum RouterError {
     Unauthenticated(String),
     #[error("{0}")]
     PermissionDenied(String),
+    /// The token's spend limit cannot cover the hold (`TOKEN_LIMIT_EXCEEDED`): a token refusal
+    /// (403), told apart so that its message can say what sized the hold.
+    #[error("{0}")]
+    TokenSpendLimit(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -92,7 +96,9 @@ impl RouterError {
             RouterError::PaymentRequired(_) => ErrorCode::PaymentRequired,
             RouterError::FailedPrecondition { .. } => ErrorCode::FailedPrecondition,
             RouterError::Unauthenticated(_) => ErrorCode::Unauthenticated,
-            RouterError::PermissionDenied(_) => ErrorCode::PermissionDenied,
+            RouterError::PermissionDenied(_) | RouterError::TokenSpendLimit(_) => {
+                ErrorCode::PermissionDenied
+            }
             RouterError::NotFound(_) => ErrorCode::NotFound,
             RouterError::AlreadyExists(_) | RouterError::Processed(_) => ErrorCode::AlreadyExists,
             RouterError::ResourceExhausted(_) | RouterError::Quota(_) => {
@@ -132,7 +138,9 @@ impl RouterError {
             RouterError::PaymentRequired(_) => "payment_required",
             RouterError::FailedPrecondition { .. } => "insufficient_quota",
             RouterError::Unauthenticated(_) => "authentication_error",
-            RouterError::PermissionDenied(_) => "permission_error",
+            RouterError::PermissionDenied(_) | RouterError::TokenSpendLimit(_) => {
+                "permission_error"
+            }
             RouterError::AlreadyExists(_) | RouterError::Processed(_) => "conflict_error",
             RouterError::ResourceExhausted(_) => "rate_limit_error",
             // OpenAI's type for a spent quota (not retryable soon), as opposed to a rate.

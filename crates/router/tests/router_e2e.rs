@@ -641,6 +641,45 @@ async fn insufficient_funds_says_what_the_hold_reserves_and_how_to_reserve_less(
         account(&s.ledger.url, &bob.email).await.balance_micros,
         10_000 - resp.cost_micros
     );
+
+    // A token's spend limit, and its daily limit, refuse the same hold: they say so too (they
+    // said "requested 0.040984" of a request costing a thousandth of that).
+    let mut alice = syft_ledger::client::connect_lazy(&s.ledger.url, &s.alice.secret).expect("c");
+    for (limit, daily) in [(Some(10_000), None), (None, Some(10_000))] {
+        let token = alice
+            .issue_token(syft_proto::ledger::IssueTokenRequest {
+                recipient_email: s.owner.email.clone(),
+                spend_limit_micros: limit,
+                limit_per_day_micros: daily,
+                ..Default::default()
+            })
+            .await
+            .expect("issue")
+            .into_inner()
+            .token;
+        let req = |max_tokens: Option<u32>| ChatRequest {
+            transaction_token: token.clone(),
+            ..bob_req(max_tokens)
+        };
+        let req = |max_tokens| ChatRequest {
+            user_email: s.alice.email.clone(),
+            ..req(max_tokens)
+        };
+        let err = c.chat(req(None)).await.expect_err("over the token's limit");
+        let code = [Code::PermissionDenied, Code::ResourceExhausted][usize::from(daily.is_some())];
+        assert_eq!(err.code(), code, "{err:?}");
+        assert!(
+            err.message().ends_with(
+                "; this request reserves 0.040984 USD (8 prompt tokens and up to 4096 completion \
+                 tokens: the request set no max_tokens, so the router's default applies); send a \
+                 smaller max_tokens to reserve less (only the actual cost is charged)"
+            ),
+            "{err:?}"
+        );
+        c.chat(req(Some(100)))
+            .await
+            .expect("within the token's limit");
+    }
     s.check_invariants().await;
 }
 

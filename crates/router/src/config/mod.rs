@@ -24,8 +24,8 @@ mod rate;
 mod search;
 
 pub use pricing::{
-    describe_price, insufficient_funds_message, pricing_json, pricing_proto, Pricing, PricingKind,
-    TokenBound,
+    describe_price, hold_sizing, insufficient_funds_message, pricing_json, pricing_proto, Pricing,
+    PricingKind, TokenBound,
 };
 pub use rate::{
     Budgets, LimiterBackend, LimiterConfig, OnFailure, Rate, RateLimits, RateUnit, MAX_CONCURRENCY,

@@ -138,6 +138,35 @@ pub struct TokenBound {
     pub defaulted: bool,
 }
 
+impl TokenBound {
+    /// Where the completion bound came from, as a refusal says it.
+    fn source(&self) -> &'static str {
+        if self.defaulted {
+            "the request set no max_tokens, so the router's default applies"
+        } else {
+            "the request's max_tokens"
+        }
+    }
+}
+
+/// What sized a per-token hold and how to reserve less, for a refusal of its amount: `None` for
+/// a price per request (its hold is its price).
+pub fn hold_sizing(p: &Pricing, hold_micros: i64, bound: Option<TokenBound>) -> Option<String> {
+    let PricingKind::PerToken { .. } = p.kind else {
+        return None;
+    };
+    let b = bound?;
+    let source = b.source();
+    Some(format!(
+        "this request reserves {} {} ({} prompt tokens and up to {} completion tokens: {source}); \
+         send a smaller max_tokens to reserve less (only the actual cost is charged)",
+        format_micros(hold_micros),
+        p.currency,
+        b.prompt_tokens,
+        b.max_completion_tokens,
+    ))
+}
+
 /// The refusal shown when the user's balance cannot cover the hold: the hold in money, what
 /// sized it, and how to reserve less. (The balance itself is not known to the router: the ledger
 /// refuses without it, and the router cannot read the user's account.)
@@ -156,11 +185,7 @@ pub fn insufficient_funds_message(
             },
             Some(b),
         ) => {
-            let source = if b.defaulted {
-                "the request set no max_tokens, so the router's default applies"
-            } else {
-                "the request's max_tokens"
-            };
+            let source = b.source();
             format!(
                 "insufficient funds: this request reserves {hold} {cur} ({} prompt tokens at {} \
                  {cur} and up to {} completion tokens at {} {cur} per million tokens; {source}); \

@@ -472,6 +472,9 @@ pub(crate) fn map_status(op: Op, s: tonic::Status) -> RouterError {
                 .unwrap_or("LEDGER_REJECTED"),
             message: msg,
         },
+        Code::PermissionDenied if ledger_reason(&s) == Some(Reason::TokenLimitExceeded) => {
+            RouterError::TokenSpendLimit(msg)
+        }
         Code::PermissionDenied => RouterError::PermissionDenied(msg),
         Code::NotFound => RouterError::NotFound(msg),
         // The key was used by a request with other parameters: this one never runs under it.

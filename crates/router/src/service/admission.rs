@@ -5,13 +5,15 @@
 
 use std::time::{Duration, Instant};
 
-use syft_error::{UsageStatus, MAX_USAGE_COUNT};
+use syft_error::{Reason, UsageStatus, MAX_USAGE_COUNT};
 use syft_proto::ledger::{AnswerToStore, AuthorizeRequest, Transfer, TransferStatus, Usage};
 
 use super::hold::{self, Claim, HoldGuard};
 use super::refusal::{refusal_status, Attempt};
 use super::{elapsed_ms, RouterService};
-use crate::config::{describe_price, insufficient_funds_message, Pricing, ServiceKind, TokenBound};
+use crate::config::{
+    describe_price, hold_sizing, insufficient_funds_message, Pricing, ServiceKind, TokenBound,
+};
 use crate::error::{RouterError, INSUFFICIENT_FUNDS};
 use crate::limits::{Pass, RateHeaders};
 
@@ -163,7 +165,9 @@ impl RouterService {
                 if outage
                     || matches!(
                         e,
-                        RouterError::PermissionDenied(_) | RouterError::Cancelled(_)
+                        RouterError::PermissionDenied(_)
+                            | RouterError::TokenSpendLimit(_)
+                            | RouterError::Cancelled(_)
                     )
                 {
                     if let Some(pass) = t.pass.take() {
@@ -547,9 +551,19 @@ fn with_window_headers(e: RouterError, t: &Ticket) -> RouterError {
 }
 
 /// Replaces the ledger's insufficient-funds message (a bare amount in micros) with one that says
-/// what the hold is in money, what sized it, and how to reserve less.
+/// what the hold is in money, what sized it, and how to reserve less; adds the same to a token's
+/// spend or daily limit refusal (its "requested" is the hold, far above a cheap answer's cost).
 fn explain_refusal(t: &Ticket, e: RouterError) -> RouterError {
+    let sized = |message: &str| match hold_sizing(&t.pricing, t.hold_micros, t.bound) {
+        Some(sizing) => format!("{message}; {sizing}"),
+        None => message.to_string(),
+    };
     match e {
+        RouterError::TokenSpendLimit(message) => RouterError::TokenSpendLimit(sized(&message)),
+        RouterError::Quota(mut q) if q.reason == Reason::TokenDailyLimitExceeded => {
+            q.message = sized(&q.message);
+            RouterError::Quota(q)
+        }
         RouterError::FailedPrecondition {
             reason: INSUFFICIENT_FUNDS,
             message,

@@ -61,9 +61,9 @@ pub(super) fn refusal_status(e: &RouterError) -> UsageStatus {
         } => UsageStatus::InsufficientFunds,
         // Every token refusal of the ledger (unknown, revoked, expired, over its limit), and a
         // malformed `Authorization` header (the only `Unauthenticated` of the router).
-        RouterError::PermissionDenied(_) | RouterError::Unauthenticated(_) => {
-            UsageStatus::TokenRefused
-        }
+        RouterError::PermissionDenied(_)
+        | RouterError::TokenSpendLimit(_)
+        | RouterError::Unauthenticated(_) => UsageStatus::TokenRefused,
         RouterError::InvalidArgument(_)
         | RouterError::NotFound(_)
         | RouterError::FailedPrecondition { .. } => UsageStatus::InvalidRequest,
