@@ -186,10 +186,10 @@ async fn postgres_refusals_leave_rows_and_free_the_request_id() {
 
 /// A free request whose client gives up while the upstream works leaves a `cancelled` row,
 /// recorded in the background once the request is dropped, as a paid one's hold guard records
-/// its void; and only that row, once the upstream would have answered.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn free_request_the_client_gave_up_on_leaves_a_row() {
-    let s = Stack::start(Pricing::free()).await;
+/// its void; and only that row, once the upstream would have answered. Its latency is how long
+/// the request lasted (both said 0 ms: the row was made at admission).
+async fn a_request_the_client_gave_up_on_leaves_a_row(pricing: Pricing) {
+    let s = Stack::start(pricing).await;
     let mut c = s.client().await;
     s.upstream
         .set_mode(Mode::Delay(Duration::from_millis(1000)));
@@ -201,9 +201,21 @@ async fn free_request_the_client_gave_up_on_leaves_a_row() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     s.assert_one_usage("cancelled").await;
+    let row = s.usage().await.remove(0).usage.unwrap_or_default();
+    assert!(row.latency_ms >= 250, "lasted {} ms", row.latency_ms);
     tokio::time::sleep(Duration::from_millis(1000)).await;
     s.assert_one_usage("cancelled").await;
     s.check_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn free_request_the_client_gave_up_on_leaves_a_row() {
+    a_request_the_client_gave_up_on_leaves_a_row(Pricing::free()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paid_request_the_client_gave_up_on_leaves_a_row() {
+    a_request_the_client_gave_up_on_leaves_a_row(Pricing::per_request(PRICE)).await;
 }
 
 /// Requests the HTTP fronts refuse before they are requests at all leave a row too: a body that is

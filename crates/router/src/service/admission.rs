@@ -228,6 +228,7 @@ impl RouterService {
             key,
             _work: self.inner.drain.enter(),
             unrecorded: None,
+            admitted: tokio::time::Instant::now(),
         })
     }
 
@@ -339,6 +340,7 @@ impl RouterService {
             slowest_call: sent.elapsed(),
             transfer_id: transfer.id.clone(),
             cancel_usage: Some(cancel_usage),
+            admitted: sent,
         });
         Ok((transfer, guard))
     }

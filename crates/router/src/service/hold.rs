@@ -28,6 +28,8 @@ pub(super) struct Claim {
     pub(super) _work: DrainGuard,
     /// A free request's `cancelled` row, until [`Claim::recorded`].
     pub(super) unrecorded: Option<Usage>,
+    /// When the request was claimed: a `cancelled` row made then is given its latency at drop.
+    pub(super) admitted: Instant,
 }
 
 impl Claim {
@@ -42,9 +44,10 @@ impl Drop for Claim {
         if let Ok(mut set) = self.inner.in_flight.lock() {
             set.remove(&self.key);
         }
-        let Some(usage) = self.unrecorded.take() else {
+        let Some(mut usage) = self.unrecorded.take() else {
             return;
         };
+        lasted_until_now(&mut usage, self.admitted);
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -140,6 +143,8 @@ pub(super) struct HoldGuard {
     /// The slowest ledger round trip seen for this hold (authorize, extensions): a loaded ledger
     /// needs that long again to commit the capture, so streams end that much earlier.
     pub(super) slowest_call: Duration,
+    /// When the hold was asked for: the `cancelled` row made then is given its latency at drop.
+    pub(super) admitted: Instant,
 }
 
 impl HoldGuard {
@@ -191,6 +196,14 @@ impl HoldGuard {
     }
 }
 
+/// A row made when the request was admitted, recorded as it ends (dropped): its latency is the
+/// request's whole life (it said 0 ms of a request cancelled after seconds). A row made later
+/// (a void's) keeps its own, measured from the request's start.
+fn lasted_until_now(usage: &mut Usage, admitted: Instant) {
+    let lasted = i64::try_from(admitted.elapsed().as_millis()).unwrap_or(i64::MAX);
+    usage.latency_ms = usage.latency_ms.max(lasted);
+}
+
 impl Drop for HoldGuard {
     fn drop(&mut self) {
         let Some(mut usage) = self.cancel_usage.take() else {
@@ -200,6 +213,7 @@ impl Drop for HoldGuard {
             return;
         };
         usage.status = UsageStatus::Cancelled.as_str().into();
+        lasted_until_now(&mut usage, self.admitted);
         let ledger = self.ledger.clone();
         let transfer_id = std::mem::take(&mut self.transfer_id);
         let work = self.work.take();
@@ -388,6 +402,7 @@ mod tests {
             ttl: Duration::from_secs(60),
             cancel_usage: None,
             slowest_call: Duration::from_millis(10),
+            admitted: Instant::now(),
         };
         assert_eq!(g.capture_by(), expires_at - Duration::from_secs(5));
         g.slowest_call = Duration::from_secs(4);
