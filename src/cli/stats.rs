@@ -78,7 +78,9 @@ fn key_text(k: &pb::StatsKey, csv: bool) -> String {
     match &k.value {
         Some(pb::stats_key::Value::BucketStartUnixMicros(t)) if csv => t.to_string(),
         Some(pb::stats_key::Value::BucketStartUnixMicros(t)) => format_time(*t),
-        Some(pb::stats_key::Value::Text(t)) if t.is_empty() => "-".into(),
+        // An empty key (a row without a user: an unreadable body) is `-` in a table; the CSV
+        // keeps it empty, as the data is ("-" would read as a user of that name).
+        Some(pb::stats_key::Value::Text(t)) if t.is_empty() && !csv => "-".into(),
         Some(pb::stats_key::Value::Text(t)) => t.clone(),
         None => String::new(),
     }

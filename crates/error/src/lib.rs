@@ -207,6 +207,9 @@ pub enum Reason {
     TokenInvalid,
     /// An idempotency key reused with other parameters.
     IdempotencyConflict,
+    /// The router's request id names a request that is over (charged or not): a retry with it
+    /// gets the same answer, never a new run (`ALREADY_EXISTS`, as opposed to one in progress).
+    RequestProcessed,
     /// The operation is not served by this ledger's backend (hosted accounting).
     NotSupported,
     AccountExists,
@@ -228,7 +231,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 16] = [
+    pub const ALL: [Reason; 17] = [
         Self::InsufficientFunds,
         Self::HoldExpired,
         Self::TransferNotPending,
@@ -237,6 +240,7 @@ impl Reason {
         Self::TokenLimitExceeded,
         Self::TokenInvalid,
         Self::IdempotencyConflict,
+        Self::RequestProcessed,
         Self::NotSupported,
         Self::AccountExists,
         Self::RateLimited,
@@ -257,7 +261,9 @@ impl Reason {
             | Self::TokenExpired
             | Self::TokenLimitExceeded
             | Self::TokenInvalid => ErrorCode::PermissionDenied,
-            Self::IdempotencyConflict | Self::AccountExists => ErrorCode::AlreadyExists,
+            Self::IdempotencyConflict | Self::RequestProcessed | Self::AccountExists => {
+                ErrorCode::AlreadyExists
+            }
             Self::RateLimited
             | Self::ConcurrencyLimited
             | Self::BudgetExceeded
@@ -277,6 +283,7 @@ impl Reason {
             Self::TokenLimitExceeded => "TOKEN_LIMIT_EXCEEDED",
             Self::TokenInvalid => "TOKEN_INVALID",
             Self::IdempotencyConflict => "IDEMPOTENCY_CONFLICT",
+            Self::RequestProcessed => "REQUEST_PROCESSED",
             Self::NotSupported => "NOT_SUPPORTED",
             Self::AccountExists => "ACCOUNT_EXISTS",
             Self::RateLimited => "RATE_LIMITED",

@@ -57,11 +57,12 @@ pub enum RouterError {
     NotFound(String),
     #[error("{0}")]
     AlreadyExists(String),
-    /// The request id is spent: its request is over (charged or not), or the id named another
-    /// request. `ALREADY_EXISTS` like an id in progress, but sending it again cannot change the
-    /// answer, so the SDKs are told not to retry.
-    #[error("{0}")]
-    Processed(String),
+    /// The request id is spent: its request is over (charged or not, `REQUEST_PROCESSED`), or
+    /// the key named another request (`IDEMPOTENCY_CONFLICT`). `ALREADY_EXISTS` like an id in
+    /// progress, but sending it again cannot change the answer: its own reason tells gRPC
+    /// clients, and the SDKs are told not to retry.
+    #[error("{message}")]
+    Processed { reason: Reason, message: String },
     #[error("{0}")]
     ResourceExhausted(String),
     /// A limit refused the request (`RESOURCE_EXHAUSTED` / 429 with retry details).
@@ -100,7 +101,9 @@ impl RouterError {
                 ErrorCode::PermissionDenied
             }
             RouterError::NotFound(_) => ErrorCode::NotFound,
-            RouterError::AlreadyExists(_) | RouterError::Processed(_) => ErrorCode::AlreadyExists,
+            RouterError::AlreadyExists(_) | RouterError::Processed { .. } => {
+                ErrorCode::AlreadyExists
+            }
             RouterError::ResourceExhausted(_) | RouterError::Quota(_) => {
                 ErrorCode::ResourceExhausted
             }
@@ -119,6 +122,8 @@ impl RouterError {
         match self {
             RouterError::FailedPrecondition { reason, .. } => reason,
             RouterError::Quota(q) => q.reason.as_str(),
+            RouterError::Processed { reason, .. } => reason.as_str(),
+            RouterError::TokenSpendLimit(_) => Reason::TokenLimitExceeded.as_str(),
             other => other.error_code().as_str(),
         }
     }
@@ -141,7 +146,7 @@ impl RouterError {
             RouterError::PermissionDenied(_) | RouterError::TokenSpendLimit(_) => {
                 "permission_error"
             }
-            RouterError::AlreadyExists(_) | RouterError::Processed(_) => "conflict_error",
+            RouterError::AlreadyExists(_) | RouterError::Processed { .. } => "conflict_error",
             RouterError::ResourceExhausted(_) => "rate_limit_error",
             // OpenAI's type for a spent quota (not retryable soon), as opposed to a rate.
             RouterError::Quota(_) if self.is_spent_quota() => "insufficient_quota",
@@ -169,7 +174,7 @@ impl RouterError {
     /// progress and unavailability can.
     pub fn retry_helps(&self) -> bool {
         match self {
-            RouterError::FailedPrecondition { .. } | RouterError::Processed(_) => false,
+            RouterError::FailedPrecondition { .. } | RouterError::Processed { .. } => false,
             RouterError::Quota(q) if q.never_fits => false,
             _ if self.retry_after().is_some_and(|after| after > SOON) => false,
             _ => !self.is_spent_quota(),

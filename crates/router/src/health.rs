@@ -303,10 +303,14 @@ pub(crate) async fn run_ledger_probe(service: RouterService, every: Duration) {
     loop {
         tick.tick().await;
         let (state, endpoints) = service.probe_ledgers(PROBE_TIMEOUT).await;
+        // A request's call was refused for the secret since the last check: readiness says so at
+        // once (requests are refused locally meanwhile), and the check below asks now, to
+        // confirm it or to clear it. While unanswered, it asks again at every tick.
+        if service.credential_refused() && last.is_none_or(|(owner, _)| owner.took_the_secret()) {
+            update_owner(&service, OwnerCheck::SecretRejected);
+            last = None;
+        }
         let due = match last {
-            // A request's call was refused for the secret since the last check: ask now, and
-            // say so in the readiness (requests are refused locally meanwhile).
-            Some((owner, _)) if owner.took_the_secret() && service.credential_refused() => true,
             Some((OwnerCheck::Verified, at)) => at.elapsed() >= OWNER_RECHECK,
             Some((OwnerCheck::SecretRejected, at)) => at.elapsed() >= REJECTED_RECHECK,
             _ => true,

@@ -1,5 +1,5 @@
 //! OpenAI-compatible HTTP front: `POST /v1/chat/completions` (JSON and SSE),
-//! `GET /v1/models`, `GET /healthz` (liveness), `GET /readyz` (readiness); beside it the
+//! `GET /v1/models` (`discovery.rs`), `GET /healthz` (liveness), `GET /readyz` (readiness); beside it the
 //! syft-llm-router endpoints `POST /chat`, `POST /search`, `GET /health` (`crate::syft_http`).
 //!
 //! `Authorization: Bearer <transaction token>` pays, the body's `user` is the user's email and the
@@ -21,7 +21,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::StreamExt;
-use serde::Deserialize;
 use serde_json::{json, Value};
 use syft_proto::router::{chat_stream_event, ChatOptions, ChatRequest, Message};
 
@@ -31,6 +30,8 @@ use crate::limits::RateHeaders;
 use crate::openai_wire::{ContentField, OaiRequest};
 use crate::service::RouterService;
 use crate::validate::assign_request_id;
+
+mod discovery;
 
 pub const COST_HEADER: &str = "x-syft-cost-micros";
 pub const TRANSFER_HEADER: &str = "x-syft-transfer-id";
@@ -52,10 +53,10 @@ pub fn http_router(service: RouterService) -> Router {
         .route("/chat", post(crate::syft_http::chat))
         .route("/search", post(crate::syft_http::search))
         .route("/health", get(crate::syft_http::health))
-        .route("/v1/models", get(list_models))
+        .route("/v1/models", get(discovery::list_models))
         // Model ids may hold slashes (`org/model`), as the SDKs' `models.retrieve` sends them.
-        .route("/v1/models/{*id}", get(retrieve_model))
-        .route("/v1/limits", get(limits_left))
+        .route("/v1/models/{*id}", get(discovery::retrieve_model))
+        .route("/v1/limits", get(discovery::limits_left))
         // Unknown paths and methods answer in the API's error shape (they were empty bodies).
         .fallback(|| async {
             ApiError::from(RouterError::NotFound(
@@ -111,66 +112,6 @@ async fn readyz(State(svc): State<RouterService>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(readiness)).into_response()
-}
-
-async fn list_models(State(svc): State<RouterService>) -> Json<Value> {
-    let owner = &svc.config().name;
-    let data: Vec<Value> = svc
-        .models()
-        .into_iter()
-        .map(|id| model_json(&id, owner))
-        .collect();
-    Json(json!({"object": "list", "data": data, "syft_limits": svc.limits_json()}))
-}
-
-/// `GET /v1/models/{id}`: a model a chat may name (any, when the config lists none), or 404 as
-/// OpenAI answers an unknown one.
-async fn retrieve_model(
-    State(svc): State<RouterService>,
-    axum::extract::Path(id): axum::extract::Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    if svc.serves_model(&id) {
-        return Ok(Json(model_json(&id, &svc.config().name)));
-    }
-    Err(RouterError::NotFound(format!(
-        "the model {id:?} is not served by this router (GET /v1/models lists them)"
-    ))
-    .into())
-}
-
-fn model_json(id: &str, owner: &str) -> Value {
-    json!({"id": id, "object": "model", "created": 0, "owned_by": owner})
-}
-
-#[derive(Deserialize)]
-struct LimitsQuery {
-    #[serde(default)]
-    user: String,
-    #[serde(default)]
-    service: String,
-}
-
-/// `GET /v1/limits[?user=<email>][&service=chat|search]` with `Authorization: Bearer <token>`:
-/// what is left of each of the token's sender's windows on that service (chat by default).
-async fn limits_left(
-    State(svc): State<RouterService>,
-    headers: HeaderMap,
-    query: Result<axum::extract::Query<LimitsQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
-    let query = query.map_err(|e| bad(format!("expected ?user=<email>: {e}")))?;
-    let service = crate::service::parse_service(&query.service)?;
-    let token = bearer_token(&headers)?;
-    let user = svc.limits_user(&query.user, &token).await?;
-    let windows = svc.remaining_limits(&user, service).await?;
-    let mut body = crate::limits::remaining_json(&user, &windows);
-    let budgets: Vec<Value> = svc
-        .budgets_left(&user, service)
-        .await?
-        .iter()
-        .filter_map(crate::limits::budget_left_json)
-        .collect();
-    body["budgets"] = Value::Array(budgets);
-    Ok(Json(body))
 }
 
 /// A refused request, and the request id its usage row is under when known (`None` for errors
@@ -298,9 +239,10 @@ fn to_chat_request(body: OaiRequest, headers: &HeaderMap) -> Result<ChatRequest,
     let mut messages = Vec::with_capacity(body.messages.len());
     for (i, m) in body.messages.into_iter().enumerate() {
         let content = match m.content {
-            // Only an assistant's turn may come without content (OpenAI's rule: its tool calls
-            // stand in for it); a user's empty turn was answered and charged.
-            None if m.role == "assistant" => String::new(),
+            // A user's, system's or developer's turn needs content (OpenAI's rule; it was
+            // answered and charged). An assistant's may come without (its tool calls stood in
+            // for it); other roles are refused by validation for their role.
+            None if !matches!(m.role.as_str(), "user" | "system" | "developer") => String::new(),
             None => {
                 return Err(bad(format!(
                     "messages[{i}]: content is required (a string or a list of text parts)"

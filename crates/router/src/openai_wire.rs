@@ -72,7 +72,7 @@ pub(crate) struct OaiRequest {
     audio: Option<Asked>,
     /// `["text"]` asks for what every answer is; `["text", "audio"]` for more.
     #[serde(default)]
-    modalities: Option<Asked>,
+    modalities: Option<Modalities>,
 }
 
 impl OaiRequest {
@@ -91,7 +91,7 @@ impl OaiRequest {
             ("logprobs", asks(&self.logprobs)),
             ("top_logprobs", asks(&self.top_logprobs)),
             ("audio", asks(&self.audio)),
-            ("modalities", asks(&self.modalities)),
+            ("modalities", self.modalities.as_ref().is_some_and(|m| m.0)),
         ]
         .into_iter()
         .find_map(|(name, asked)| asked.then_some(name))
@@ -110,6 +110,33 @@ pub(crate) struct Asked {
 impl Asked {
     fn asks(asks: bool) -> Self {
         Asked { asks, none: false }
+    }
+}
+
+/// `modalities`: whether it asks for more than text (`["text"]` and `[]` do not; `null` is
+/// absent). Elements are judged one by one and not kept.
+pub(crate) struct Modalities(bool);
+
+impl<'de> Deserialize<'de> for Modalities {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct ModalitiesVisitor;
+        impl<'de> Visitor<'de> for ModalitiesVisitor {
+            type Value = Modalities;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a list of modalities")
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Modalities, E> {
+                Ok(Modalities(false))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Modalities, A::Error> {
+                let mut more = false;
+                while let Some(m) = seq.next_element::<std::borrow::Cow<'de, str>>()? {
+                    more |= m != "text";
+                }
+                Ok(Modalities(more))
+            }
+        }
+        d.deserialize_any(ModalitiesVisitor)
     }
 }
 
@@ -282,11 +309,10 @@ impl<'de> Deserialize<'de> for Asked {
                 })
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Asked, A::Error> {
-                // A list asks when an element does (`["text"]` does not); elements are judged,
-                // not kept: a long list costs no memory.
+                // Elements are skipped, not kept: a long list costs no memory.
                 let mut any = false;
-                while let Some(element) = seq.next_element::<Asked>()? {
-                    any |= element.asks;
+                while seq.next_element::<de::IgnoredAny>()?.is_some() {
+                    any = true;
                 }
                 Ok(Asked::asks(any))
             }
@@ -400,6 +426,12 @@ mod tests {
         assert_eq!(option(r#","top_logprobs":3"#), Some("top_logprobs"));
         assert_eq!(option(r#","audio":{"voice":"alloy"}"#), Some("audio"));
         assert_eq!(option(r#","modalities":["text"]"#), None);
+        assert_eq!(option(r#","modalities":null"#), None);
+        assert_eq!(
+            option(r#","tools":["text"]"#),
+            Some("tools"),
+            "any tool asks"
+        );
         assert_eq!(
             option(r#","modalities":["text","audio"]"#),
             Some("modalities")

@@ -534,6 +534,25 @@ async fn a_secret_changed_while_the_router_runs_stops_its_calls_at_once() {
     // And its readiness says why, without waiting for the minute's check.
     let (code, _) = wait_readyz(&s.router.http_url, "owner", "secret_rejected").await;
     assert_eq!(code, 503);
+    // The old password back: the next check (30 s on) accepts it, and calls go out again.
+    let restored = changer
+        .put(format!("{}/user/update-password", s.ledger.http_url))
+        .basic_auth(&s.owner.email, Some(new_secret))
+        .json(&serde_json::json!({"oldPassword": new_secret, "newPassword": s.owner.secret}))
+        .send()
+        .await
+        .expect("update-password");
+    assert_eq!(restored.status(), 200);
+    let deadline = tokio::time::Instant::now() + syft_router_svc::health::REJECTED_RECHECK * 2;
+    while readyz(&s.router.http_url).await.1["owner"] != "verified" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never accepted again"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    ok(c.chat(s.request("accepted again")).await);
+    assert_eq!(s.alice_money().await.0, FUNDS - 2 * PRICE);
 }
 
 /// Sends `req`, which the router must refuse `UNAVAILABLE`.

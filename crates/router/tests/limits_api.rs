@@ -320,6 +320,16 @@ async fn grpc_refusals_and_the_budget_reset() {
     })
     .await;
     let mut c = s.client().await;
+    // This router sells no search: asking its limits says so (it showed the chat windows).
+    let err = c
+        .get_limits(GetLimitsRequest {
+            user_email: s.alice.email.clone(),
+            service: "search".into(),
+            transaction_token: s.token.clone(),
+        })
+        .await
+        .expect_err("no search service");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
 
     // Concurrency: one in flight, the second refused with a short retry.
     s.upstream.set_mode(Mode::Delay(Duration::from_millis(500)));

@@ -313,12 +313,18 @@ async fn stream_failures_are_voided() {
         }
         let err = last.unwrap_or_else(|| panic!("{mode:?}: stream must end with an error"));
         assert_eq!(err.code(), code, "{mode:?}: {err:?}");
+        // Said to a client that holds part of an answer: it was not charged for it.
+        assert!(err.message().ends_with("nothing was charged"), "{err:?}");
         assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS), "{mode:?}");
     }
     // A stream that fails before its first byte fails the call itself.
     s.upstream.set_mode(Mode::Status(500));
     let err = c.chat_stream(s.request("hi")).await.expect_err("must fail");
     assert_eq!(err.code(), Code::Unavailable);
+    assert_eq!(
+        err.message(),
+        "upstream error (HTTP 500); nothing was charged"
+    );
     // A JSON answer to a stream request whose body never comes meets the request's timeout (it
     // used to wait for ever, holding the request's slot).
     s.upstream.set_mode(Mode::JsonThenStall);
@@ -669,13 +675,18 @@ async fn insufficient_funds_says_what_the_hold_reserves_and_how_to_reserve_less(
         let code = [Code::PermissionDenied, Code::ResourceExhausted][usize::from(daily.is_some())];
         assert_eq!(err.code(), code, "{err:?}");
         assert!(
-            err.message().ends_with(
+            err.message().contains(
                 "; this request reserves 0.040984 USD (8 prompt tokens and up to 4096 completion \
                  tokens: the request set no max_tokens, so the router's default applies); send a \
                  smaller max_tokens to reserve less (only the actual cost is charged)"
             ),
             "{err:?}"
         );
+        // The ledger keeps a spend limit's refusal under the key, not a daily limit's.
+        let new_id = err
+            .message()
+            .ends_with("with a new request id (this one's refusal stands)");
+        assert_eq!(new_id, limit.is_some(), "{err:?}");
         c.chat(req(Some(100)))
             .await
             .expect("within the token's limit");

@@ -107,7 +107,7 @@ pub fn describe_price(p: &Pricing) -> String {
         return p.description.clone();
     }
     match p.kind {
-        PricingKind::Free => "nothing".into(),
+        PricingKind::Free => "free".into(),
         PricingKind::PerRequest { amount_micros } => {
             format!(
                 "{} {} per request",

@@ -1,7 +1,7 @@
 //! Calls to the ledger: each fails over between its endpoints ([`Calls::call`]), and a call whose
 //! outcome is unknown is settled by asking again ([`Calls::settled`]).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,12 +24,14 @@ use crate::error::RouterError;
 pub(crate) struct Calls {
     pub(super) members: Arc<Members>,
     auth: AsciiMetadataValue,
-    /// A call was refused for this router's credential (`UNAUTHENTICATED`) since the owner check
-    /// last verified it: a secret changed or revoked while the router runs. The router then
-    /// stops sending it at once, not at the owner check's next minute: each call would be one
-    /// more wrong credential counted against this machine's address (`RouterService::
-    /// ledger_refuses_us`).
-    refused: Arc<AtomicBool>,
+    /// Calls refused for this router's credential (`UNAUTHENTICATED`): a secret changed or
+    /// revoked while the router runs. The router stops sending it at the first, not at the owner
+    /// check's next minute: each call would be one more wrong credential counted against this
+    /// machine's address (`RouterService::ledger_refuses_us`).
+    refusals: Arc<AtomicU64>,
+    /// The refusals an owner check that accepted the secret has seen past: only those counted
+    /// before it asked, so a refusal that arrives while it is under way is not cleared by it.
+    accepted_upto: Arc<AtomicU64>,
 }
 
 /// The ledger RPC `$method` as the closure [`Calls::call`] and its callers take (a client and a
@@ -134,18 +136,24 @@ impl Calls {
         Ok(Calls {
             members: Arc::new(Members::connect(settings)?),
             auth,
-            refused: Arc::new(AtomicBool::new(false)),
+            refusals: Arc::new(AtomicU64::new(0)),
+            accepted_upto: Arc::new(AtomicU64::new(0)),
         })
     }
 
-    /// Whether a call was refused for the router's credential since [`Calls::accepted`].
+    /// Whether a call was refused for the router's credential since an owner check accepted it.
     pub(crate) fn credential_refused(&self) -> bool {
-        self.refused.load(Ordering::Relaxed)
+        self.refusals.load(Ordering::Acquire) > self.accepted_upto.load(Ordering::Acquire)
     }
 
-    /// The owner check verified the credential: calls may go out again.
-    pub(crate) fn accepted(&self) {
-        self.refused.store(false, Ordering::Relaxed);
+    /// The refusals so far, read before an owner check asks (see [`Calls::accepted`]).
+    pub(crate) fn refusals_seen(&self) -> u64 {
+        self.refusals.load(Ordering::Acquire)
+    }
+
+    /// An owner check that started after `seen` refusals accepted the credential: those are past.
+    pub(crate) fn accepted(&self, seen: u64) {
+        self.accepted_upto.fetch_max(seen, Ordering::AcqRel);
     }
 
     fn request<T>(&self, msg: T, timeout: Option<Duration>) -> tonic::Request<T> {
@@ -234,8 +242,12 @@ impl Calls {
                 }
                 Err(s) => {
                     m.mark_up();
-                    if s.code() == Code::Unauthenticated {
-                        self.refused.store(true, Ordering::Relaxed);
+                    // Logged once each time the refusals start again.
+                    if s.code() == Code::Unauthenticated
+                        && self.refusals.fetch_add(1, Ordering::AcqRel)
+                            == self.accepted_upto.load(Ordering::Acquire)
+                    {
+                        tracing::error!(?op, "the ledger refused the router's credential; no more calls until it accepts it again");
                     }
                     return Err((s, round));
                 }

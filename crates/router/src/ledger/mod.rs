@@ -134,6 +134,7 @@ impl Ledger {
         let msg = GetAccountRequest {
             email: owner_email.to_string(),
         };
+        let seen = self.calls.refusals_seen();
         let call = self
             .calls
             .call(Op::GetAccount, Some(timeout), msg, rpc!(get_account));
@@ -169,7 +170,7 @@ impl Ledger {
         // Any verdict but a refused credential or a locked address means the ledger took the
         // secret: a request's refusal before it is past.
         if verdict.is_some_and(|v| v.took_the_secret()) {
-            self.calls.accepted();
+            self.calls.accepted(seen);
         }
         verdict
     }
@@ -479,7 +480,10 @@ pub(crate) fn map_status(op: Op, s: tonic::Status) -> RouterError {
         Code::NotFound => RouterError::NotFound(msg),
         // The key was used by a request with other parameters: this one never runs under it.
         Code::AlreadyExists if ledger_reason(&s) == Some(Reason::IdempotencyConflict) => {
-            RouterError::Processed(msg)
+            RouterError::Processed {
+                reason: Reason::IdempotencyConflict,
+                message: msg,
+            }
         }
         Code::AlreadyExists => RouterError::AlreadyExists(msg),
         Code::ResourceExhausted => match ledger_reason(&s) {

@@ -522,11 +522,14 @@ pub(super) fn already_processed(
         TransferStatus::Cancelled => "cancelled (not charged)",
         _ => "resolved",
     };
-    RouterError::Processed(format!(
-        "request {request_id} was already processed: transfer {} is {state}{detail}; use a new \
-         request id to send a new request",
-        transfer.id
-    ))
+    RouterError::Processed {
+        reason: Reason::RequestProcessed,
+        message: format!(
+            "request {request_id} was already processed: transfer {} is {state}{detail}; use a \
+             new request id to send a new request",
+            transfer.id
+        ),
+    }
 }
 
 /// The refusal of a service that is not listed or not enabled.
@@ -561,7 +564,12 @@ fn explain_refusal(t: &Ticket, e: RouterError) -> RouterError {
         None => message.to_string(),
     };
     match e {
-        RouterError::TokenSpendLimit(message) => RouterError::TokenSpendLimit(sized(&message)),
+        // The ledger keeps a spend-limit refusal under the request's key (a daily limit's it
+        // does not): a retry with less reserved needs a new id, or it meets the refusal again.
+        RouterError::TokenSpendLimit(message) => RouterError::TokenSpendLimit(format!(
+            "{}; send it with a new request id (this one's refusal stands)",
+            sized(&message)
+        )),
         RouterError::Quota(mut q) if q.reason == Reason::TokenDailyLimitExceeded => {
             q.message = sized(&q.message);
             RouterError::Quota(q)

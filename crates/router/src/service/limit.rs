@@ -75,6 +75,16 @@ impl RouterService {
         user: &str,
         service: ServiceKind,
     ) -> Result<Vec<(Rule, WindowState)>, RouterError> {
+        // A service the router does not sell has no limits: said, rather than the router-wide
+        // windows shown as if they were the service's.
+        if !self
+            .inner
+            .config
+            .service(service)
+            .is_some_and(|s| s.enabled)
+        {
+            return Err(super::admission::disabled(service));
+        }
         match &self.inner.gate {
             None => Ok(Vec::new()),
             Some(gate) => gate.remaining(user, service).await,

@@ -121,9 +121,13 @@ impl UpstreamError {
 impl From<UpstreamError> for RouterError {
     fn from(e: UpstreamError) -> Self {
         match e {
-            UpstreamError::Timeout => RouterError::DeadlineExceeded("upstream timed out".into()),
+            // A failed request is voided: each says so, as the clients' first question is
+            // whether they paid (a stream's error comes after text they may take for an answer).
+            UpstreamError::Timeout => {
+                RouterError::DeadlineExceeded("upstream timed out; nothing was charged".into())
+            }
             UpstreamError::Unreachable(_) => {
-                RouterError::Unavailable("upstream unavailable".into())
+                RouterError::Unavailable("upstream unavailable; nothing was charged".into())
             }
             UpstreamError::Status {
                 status,
@@ -180,15 +184,17 @@ impl From<UpstreamError> for RouterError {
                             retry_after: Duration::from_secs(secs),
                         }
                     }
-                    None => RouterError::Unavailable(format!("upstream error (HTTP {status})")),
+                    None => RouterError::Unavailable(format!(
+                        "upstream error (HTTP {status}); nothing was charged"
+                    )),
                 },
             },
-            UpstreamError::InvalidResponse(_) => {
-                RouterError::BadGateway("upstream returned an invalid response".into())
-            }
-            UpstreamError::Empty => {
-                RouterError::BadGateway("upstream returned an empty answer".into())
-            }
+            UpstreamError::InvalidResponse(_) => RouterError::BadGateway(
+                "upstream returned an invalid response; nothing was charged".into(),
+            ),
+            UpstreamError::Empty => RouterError::BadGateway(
+                "upstream returned an empty answer; nothing was charged".into(),
+            ),
             UpstreamError::ShuttingDown => RouterError::Unavailable(
                 "the router is shutting down; nothing was charged, retry".into(),
             ),
