@@ -687,6 +687,9 @@ async fn insufficient_funds_says_what_the_hold_reserves_and_how_to_reserve_less(
             .message()
             .ends_with("with a new request id (this one's refusal stands)");
         assert_eq!(new_id, limit.is_some(), "{err:?}");
+        let named =
+            ["TOKEN_LIMIT_EXCEEDED", "TOKEN_DAILY_LIMIT_EXCEEDED"][usize::from(daily.is_some())];
+        assert_eq!(reason(&err).as_deref(), Some(named), "{err:?}");
         c.chat(req(Some(100)))
             .await
             .expect("within the token's limit");
@@ -1429,6 +1432,7 @@ async fn a_spent_request_id_is_not_retried_by_the_sdks() {
     let again = send("failed-once", &s.token).await.expect("http");
     assert_eq!(again.status(), 409);
     assert_eq!(again.headers()["x-should-retry"], "false");
+    assert_eq!(again.headers()["x-syft-error-reason"], "REQUEST_PROCESSED");
     let body: Value = again.json().await.expect("json");
     let message = body["error"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("cancelled (not charged)"), "{body}");
@@ -1439,6 +1443,10 @@ async fn a_spent_request_id_is_not_retried_by_the_sdks() {
     let right = send("forged-first", &s.token).await.expect("http");
     assert_eq!(right.status(), 409);
     assert_eq!(right.headers()["x-should-retry"], "false");
+    assert_eq!(
+        right.headers()["x-syft-error-reason"],
+        "IDEMPOTENCY_CONFLICT"
+    );
     let body: Value = right.json().await.expect("json");
     let message = body["error"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("with a new key"), "{body}");
