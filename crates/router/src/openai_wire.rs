@@ -113,30 +113,14 @@ impl Asked {
     }
 }
 
-/// `modalities`: whether it asks for more than text (`["text"]` and `[]` do not; `null` is
-/// absent). Elements are judged one by one and not kept.
+/// `modalities`: whether it asks for more than text (`["text"]`, `[]` and `null` do not).
 pub(crate) struct Modalities(bool);
 
 impl<'de> Deserialize<'de> for Modalities {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct ModalitiesVisitor;
-        impl<'de> Visitor<'de> for ModalitiesVisitor {
-            type Value = Modalities;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a list of modalities")
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Modalities, E> {
-                Ok(Modalities(false))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Modalities, A::Error> {
-                let mut more = false;
-                while let Some(m) = seq.next_element::<std::borrow::Cow<'de, str>>()? {
-                    more |= m != "text";
-                }
-                Ok(Modalities(more))
-            }
-        }
-        d.deserialize_any(ModalitiesVisitor)
+        // OpenAI knows two; a longer list is refused as it is read.
+        let list: Vec<std::borrow::Cow<'de, str>> = bounded_list(d, 8, "modalities")?;
+        Ok(Modalities(list.iter().any(|m| m != "text")))
     }
 }
 
