@@ -279,8 +279,15 @@ async fn limits_that_apply_and_what_is_left() {
         let req = s.request("in flight");
         async move { c.chat(req).await }
     });
-    tokio::time::sleep(Duration::from_millis(250)).await;
-    let left = alice_limits("").await.expect("limits").into_inner();
+    // Until the request holds its slot (it holds it until the upstream's 1.5 s timeout).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    let left = loop {
+        let left = alice_limits("").await.expect("limits").into_inner();
+        if left.limits[2].remaining == 2 || tokio::time::Instant::now() > deadline {
+            break left;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let (slot, limit) = (
         &left.limits[2],
         left.limits[2].limit.clone().unwrap_or_default(),

@@ -33,6 +33,9 @@ pub(super) struct Ticket {
     /// The request's place in the rate-limit windows, once admitted (frees its in-flight slots
     /// when the request ends; `None` when no limit is configured).
     pub pass: Option<Pass>,
+    /// When the request was validated: a `cancelled` row recorded when the request is dropped
+    /// counts its latency from here.
+    pub started: tokio::time::Instant,
 }
 
 /// Counts of a usage row: tokens for chat; for search, the query's tokens and the results.
@@ -147,7 +150,7 @@ impl RouterService {
     ) -> Result<(Claim, Authorized), RouterError> {
         tracing::Span::current().record("request_id", t.request_id.as_str());
         presence.still_wanted()?;
-        let mut claim = self.claim(&t.user_email, &t.request_id)?;
+        let mut claim = self.claim(t)?;
         t.pass = self.pass_gate(t, reserve_tokens).await?;
         let authorized = match self.authorize(t, presence).await {
             Ok(authorized) => authorized,
@@ -206,7 +209,8 @@ impl RouterService {
     /// refused instead of calling the upstream twice. (Across replicas the ledger's idempotency
     /// still guarantees a single charge.) Request ids are scoped per user, like the ledger's
     /// idempotency keys: two users who send the same id do not collide.
-    fn claim(&self, user_email: &str, request_id: &str) -> Result<Claim, RouterError> {
+    fn claim(&self, t: &Ticket) -> Result<Claim, RouterError> {
+        let (user_email, request_id) = (&t.user_email, &t.request_id);
         if self.inner.drain.is_aborting() {
             return Err(RouterError::Unavailable(
                 "the router is shutting down; retry".into(),
@@ -228,7 +232,7 @@ impl RouterService {
             key,
             _work: self.inner.drain.enter(),
             unrecorded: None,
-            admitted: tokio::time::Instant::now(),
+            admitted: t.started,
         })
     }
 
@@ -340,7 +344,7 @@ impl RouterService {
             slowest_call: sent.elapsed(),
             transfer_id: transfer.id.clone(),
             cancel_usage: Some(cancel_usage),
-            admitted: sent,
+            admitted: t.started,
         });
         Ok((transfer, guard))
     }

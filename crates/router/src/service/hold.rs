@@ -28,7 +28,7 @@ pub(super) struct Claim {
     pub(super) _work: DrainGuard,
     /// A free request's `cancelled` row, until [`Claim::recorded`].
     pub(super) unrecorded: Option<Usage>,
-    /// When the request was claimed: a `cancelled` row made then is given its latency at drop.
+    /// When the request started (its ticket's): a `cancelled` row is given its latency at drop.
     pub(super) admitted: Instant,
 }
 
@@ -143,7 +143,7 @@ pub(super) struct HoldGuard {
     /// The slowest ledger round trip seen for this hold (authorize, extensions): a loaded ledger
     /// needs that long again to commit the capture, so streams end that much earlier.
     pub(super) slowest_call: Duration,
-    /// When the hold was asked for: the `cancelled` row made then is given its latency at drop.
+    /// When the request started (its ticket's): the `cancelled` row is given its latency at drop.
     pub(super) admitted: Instant,
 }
 

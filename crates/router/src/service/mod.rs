@@ -466,6 +466,7 @@ impl RouterService {
             user: v.user_email.clone(),
         };
         let t = Ticket {
+            started: tokio::time::Instant::now(),
             kind: ServiceKind::Chat,
             request_id: v.request_id.clone(),
             user_email: v.user_email.clone(),

@@ -153,6 +153,7 @@ impl RouterService {
         let v = validate_search(req, bounds)?;
         let pricing = self.price_for(ServiceKind::Search, &v.user_email, &v.transaction_token)?;
         let mut t = Ticket {
+            started: tokio::time::Instant::now(),
             kind: ServiceKind::Search,
             request_id: v.request_id.clone(),
             user_email: v.user_email.clone(),
