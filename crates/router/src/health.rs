@@ -303,6 +303,26 @@ pub(crate) async fn run_ledger_probe(service: RouterService, every: Duration) {
     loop {
         tick.tick().await;
         let (state, endpoints) = service.probe_ledgers(PROBE_TIMEOUT).await;
+        // The ledger's state first: an owner verdict below is never shown beside a ledger not
+        // yet probed (a reader between the two saw `secret_rejected` with `ledger: unknown`).
+        service.update_readiness(|r| {
+            for e in &endpoints {
+                let before = r.ledgers.iter().find(|b| b.url == e.url).map(|b| b.state);
+                if before.is_some_and(|b| b != e.state) {
+                    tracing::info!(ledger = %e.url, state = ?e.state, "ledger endpoint changed state");
+                }
+            }
+            let next = r.with_ledger(state, endpoints);
+            if next.ledger != r.ledger {
+                match state {
+                    LedgerState::Serving => tracing::info!(ready = next.ready, "ledger reachable"),
+                    other => {
+                        tracing::warn!(ledger = ?other, ready = next.ready, "ledger not serving")
+                    }
+                }
+            }
+            next
+        });
         // A request's call was refused for the secret since the last check: readiness says so at
         // once (requests are refused locally meanwhile), and the check below asks now, to
         // confirm it or to clear it. While unanswered, it asks again at every tick.
@@ -331,24 +351,6 @@ pub(crate) async fn run_ledger_probe(service: RouterService, every: Duration) {
                 }
             }
         }
-        service.update_readiness(|r| {
-            for e in &endpoints {
-                let before = r.ledgers.iter().find(|b| b.url == e.url).map(|b| b.state);
-                if before.is_some_and(|b| b != e.state) {
-                    tracing::info!(ledger = %e.url, state = ?e.state, "ledger endpoint changed state");
-                }
-            }
-            let next = r.with_ledger(state, endpoints);
-            if next.ledger != r.ledger {
-                match state {
-                    LedgerState::Serving => tracing::info!(ready = next.ready, "ledger reachable"),
-                    other => {
-                        tracing::warn!(ledger = ?other, ready = next.ready, "ledger not serving")
-                    }
-                }
-            }
-            next
-        });
     }
 }
 
