@@ -473,20 +473,47 @@ async fn list_transfers(
     }
 }
 
+/// The request id a ledger key belongs to: a retried request's later tries are keyed
+/// `<id> (attempt N)` (`crates/router/src/service/attempts.rs`).
+fn request_id_of(key: &str) -> &str {
+    match key.rsplit_once(" (attempt ") {
+        Some((id, n))
+            if n.strip_suffix(')')
+                .is_some_and(|n| n.parse::<u32>().is_ok()) =>
+        {
+            id
+        }
+        _ => key,
+    }
+}
+
 /// Compares what the clients got with what the ledger charged.
 fn check(outcomes: &HashMap<String, Outcome>, transfers: &[pb::Transfer], totals: &mut Totals) {
+    // One transfer per ledger key; a request id has one per try (a retry of an uncharged try
+    // places the next under `<id> (attempt N)`), of which at most one is charged.
+    let mut per_key: HashMap<&str, usize> = HashMap::new();
     let mut by_key: HashMap<&str, Vec<&pb::Transfer>> = HashMap::new();
     for t in transfers {
+        *per_key.entry(t.idempotency_key.as_str()).or_default() += 1;
         by_key
-            .entry(t.idempotency_key.as_str())
+            .entry(request_id_of(&t.idempotency_key))
             .or_default()
             .push(t);
     }
+    for (key, n) in per_key {
+        if n > 1 {
+            totals.problems.push(format!("key {key}: {n} transfers"));
+        }
+    }
     for (key, ts) in &by_key {
-        if ts.len() > 1 {
+        let charged = ts
+            .iter()
+            .filter(|t| t.status() == pb::TransferStatus::Completed)
+            .count();
+        if charged > 1 {
             totals
                 .problems
-                .push(format!("key {key}: {} transfers", ts.len()));
+                .push(format!("request {key}: charged {charged} times"));
         }
         if !outcomes.contains_key(*key) {
             totals

@@ -2,8 +2,8 @@
 //! processes (two ledgers on one Postgres, two routers, a faulty upstream), kill -9 and
 //! SIGSTOP/SIGCONT during paid unary and streamed load with client retries on the same key.
 //! After every run the books must hold: `ledger verify`, no PENDING past expiry, one transfer per
-//! key, every charge the price, no key charged whose client never got the answer, and no answer
-//! delivered uncharged. The long version is `syft-router bench chaos --runs 100`.
+//! ledger key and one charge per request id, every charge the price, no key charged whose client
+//! never got the answer, and no answer delivered uncharged. The long version is `syft-router bench chaos --runs 100`.
 
 /// Runs three short chaos runs with `extra` flags and checks what every run must show: the
 /// counts in `must_be_zero` and the problems are zero, faults were injected, answers were given.

@@ -438,7 +438,8 @@ async fn holds_name_the_attempt_that_placed_them(h: Harness) -> Harness {
 /// A request id is unique among a user's free rows and, apart from them, among their paid rows
 /// (migration 0030): a paid request after a free one of the same id (a search, then a chat) is
 /// charged, so its row is written, with its revenue; and a free request after a paid one keeps its
-/// own row too. Each kind still keeps one row per id: a repeated capture or recording adds none.
+/// own row too. A paid row is one per transfer (migration 0032): a failed request's id tried
+/// again keeps each try's row. A repeated capture or recording adds none.
 async fn free_and_paid_rows_of_one_request_id_are_both_kept(h: Harness) -> Harness {
     let (mut router, token) = as_owner(&h, 10 * USD).await;
     let record = |id: &str| pb::RecordUsageRequest {
@@ -478,6 +479,15 @@ async fn free_and_paid_rows_of_one_request_id_are_both_kept(h: Harness) -> Harne
             ..capture_full(&paid.id)
         })
         .await);
+    // A failed request's id tried again under a key of its own (docs/router.md): the try's row
+    // has the same request id and its own transfer, and is written with its revenue.
+    let retried = granted(&mut router, USD, &token, "shared-2 (attempt 2)").await;
+    let retry_capture = pb::CaptureRequest {
+        usage: Some(usage("shared-2", "success")),
+        ..capture_full(&retried.id)
+    };
+    ok(router.capture(retry_capture.clone()).await);
+    ok(router.capture(retry_capture).await);
     let later = ok(router.record_usage(record("shared-3")).await);
     assert!(later.transfer_id.is_empty());
     assert_eq!(later.cost_micros, 0);
@@ -497,13 +507,18 @@ async fn free_and_paid_rows_of_one_request_id_are_both_kept(h: Harness) -> Harne
         of("shared-1"),
         vec![(String::new(), 0), (t.id.clone(), 1_500_000)]
     );
-    assert_eq!(of("shared-2"), vec![(String::new(), 0), (v.id.clone(), 0)]);
+    let mut shared_2 = vec![(String::new(), 0), (v.id.clone(), 0), (retried.id, USD)];
+    shared_2.sort();
+    assert_eq!(of("shared-2"), shared_2);
     assert_eq!(of("shared-3"), vec![(String::new(), 0), (paid.id, USD)]);
     let totals = ok(router.query_usage(pb::QueryUsageRequest::default()).await)
         .totals
         .unwrap();
-    assert_eq!((totals.requests, totals.cost_micros), (6, USD + 1_500_000));
-    assert_eq!(h.balance(OWNER).await.balance_micros, USD + 1_500_000);
+    assert_eq!(
+        (totals.requests, totals.cost_micros),
+        (7, 2 * USD + 1_500_000)
+    );
+    assert_eq!(h.balance(OWNER).await.balance_micros, 2 * USD + 1_500_000);
     h
 }
 
@@ -1499,6 +1514,54 @@ async fn verify_sees_money_booked_between_the_wrong_accounts(h: Harness) -> Harn
     h
 }
 
+/// `verify` sees a transfer with two usage rows, which migration 0032's index keeps from ever
+/// being written: the index is dropped to make one, and put back.
+async fn verify_sees_two_rows_of_one_transfer(h: Harness) -> Harness {
+    let (owner, _alice, token) = setup(&h, 10 * USD).await;
+    let mut router = h.client(&owner);
+    let t = granted(&mut router, USD, &token, "twice").await;
+    ok(router
+        .capture(pb::CaptureRequest {
+            usage: Some(usage("twice", "success")),
+            ..capture_full(&t.id)
+        })
+        .await);
+    h.assert_consistent().await;
+    let pool = h.store.pool();
+    let copy = "INSERT INTO usage_records (id, recipient_id, request_id, transfer_id, app_name, \
+                endpoint, user_email, model, prompt_tokens, completion_tokens, total_tokens, cost, \
+                status, latency_ms, upstream_latency_ms, created_at, refused) \
+                SELECT id || '-copy', recipient_id, request_id || '-copy', transfer_id, app_name, \
+                endpoint, user_email, model, 0, 0, 0, 0, status, latency_ms, upstream_latency_ms, \
+                created_at, refused FROM usage_records WHERE transfer_id = $1";
+    let drop = "DROP INDEX usage_records_transfer";
+    sqlx::query(drop).execute(pool).await.expect(drop);
+    sqlx::query(copy)
+        .bind(&t.id)
+        .execute(pool)
+        .await
+        .expect(copy);
+    let report = h.store.verify().await.expect("verify");
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.contains("1 transfers have more than one usage row")),
+        "{:?}",
+        report.problems
+    );
+    let undo = [
+        "DELETE FROM usage_records WHERE id LIKE '%-copy'",
+        "CREATE UNIQUE INDEX usage_records_transfer ON usage_records (transfer_id) \
+         WHERE NOT refused AND transfer_id IS NOT NULL",
+    ];
+    for sql in undo {
+        sqlx::query(sql).execute(pool).await.expect(sql);
+    }
+    h.assert_consistent().await;
+    h
+}
+
 /// `verify` sees a token whose spent and held money together exceed its spend limit, and a
 /// capture recorded at or after its hold's expiry, though every balance, journal entry and token
 /// counter still agrees with the transfers (it checked neither). Each is made by SQL, seen, and
@@ -1568,6 +1631,7 @@ store_suite!(
     authorize_idempotency,
     holds_name_the_attempt_that_placed_them,
     free_and_paid_rows_of_one_request_id_are_both_kept,
+    verify_sees_two_rows_of_one_transfer,
     concurrent_spend_of_one_balance,
     usage_counts_are_bounded,
     expired_holds_are_swept,

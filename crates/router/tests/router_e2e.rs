@@ -1409,7 +1409,9 @@ async fn unknown_paths_and_methods_answer_with_an_error_body() {
 /// A request id whose request is over, or that a request with other parameters used, is spent:
 /// a retry with it gets the same 409 whatever happens meanwhile, so the OpenAI SDKs are told not
 /// to spend their retries on it (with an `Idempotency-Key` they resend it twice, and the real
-/// cause, the first answer, is lost behind two 409s).
+/// cause, the first answer, is lost behind two 409s). A request that failed is not over: it
+/// charged and answered nothing, so its id is tried again (the SDKs' retries of a 503 with a key
+/// used to end in a 409), under a hold of its own, charged once, and replayed after.
 #[tokio::test]
 async fn a_spent_request_id_is_not_retried_by_the_sdks() {
     let s = Stack::start(Pricing::per_request(PRICE)).await;
@@ -1425,17 +1427,72 @@ async fn a_spent_request_id_is_not_retried_by_the_sdks() {
             .send()
     };
     s.upstream.set_mode(Mode::Status(500));
-    let failed = send("failed-once", &s.token).await.expect("http");
-    assert_eq!(failed.status(), 503);
-    assert!(!failed.headers().contains_key("x-should-retry"));
+    for _ in 0..2 {
+        let failed = send("failed-once", &s.token).await.expect("http");
+        assert_eq!(failed.status(), 503);
+        assert!(!failed.headers().contains_key("x-should-retry"));
+    }
     s.upstream.set_mode(Mode::Ok);
     let again = send("failed-once", &s.token).await.expect("http");
-    assert_eq!(again.status(), 409);
-    assert_eq!(again.headers()["x-should-retry"], "false");
-    assert_eq!(again.headers()["x-syft-error-reason"], "REQUEST_PROCESSED");
-    let body: Value = again.json().await.expect("json");
+    assert_eq!(again.status(), 200, "a failed request's id is tried again");
+    let answered: Value = again.json().await.expect("json");
+    assert_eq!(s.alice_money().await.0, FUNDS - PRICE, "charged once");
+    let replayed = send("failed-once", &s.token).await.expect("http");
+    assert_eq!(replayed.status(), 200);
+    assert_eq!(replayed.headers()["x-syft-replay"], "true");
+    let replayed: Value = replayed.json().await.expect("json");
+    assert_eq!(replayed["choices"], answered["choices"]);
+    assert_eq!(s.upstream.hits(), 3, "two failed tries and one answered");
+    let mut tries: Vec<_> = s
+        .transfers()
+        .await
+        .into_iter()
+        .map(|t| (t.idempotency_key.clone(), t.status()))
+        .collect();
+    tries.sort_by(|x, y| x.0.cmp(&y.0));
+    let (cancelled, completed) = (TransferStatus::Cancelled, TransferStatus::Completed);
+    assert_eq!(
+        tries,
+        [
+            ("failed-once".to_string(), cancelled),
+            ("failed-once (attempt 2)".to_string(), cancelled),
+            ("failed-once (attempt 3)".to_string(), completed)
+        ]
+    );
+    // The answered request's id is spent: other content under it is refused, not retried.
+    let other = http
+        .post(s.router.chat_completions_url())
+        .bearer_auth(&s.token)
+        .header("Idempotency-Key", "failed-once")
+        .json(&json!({"model": "test-model", "user": s.alice.email,
+                      "messages": [{"role": "user", "content": "something else"}]}))
+        .send()
+        .await
+        .expect("http");
+    assert_eq!(other.status(), 409);
+    assert_eq!(other.headers()["x-should-retry"], "false");
+    assert_eq!(other.headers()["x-syft-error-reason"], "REQUEST_PROCESSED");
+    let body: Value = other.json().await.expect("json");
     let message = body["error"]["message"].as_str().unwrap_or_default();
-    assert!(message.contains("cancelled (not charged)"), "{body}");
+    assert!(message.contains("completed (already charged)"), "{body}");
+    // Every try left its row under the request id: two failures and the answer, with its
+    // revenue (and the refusal its own).
+    let mut rows: Vec<_> = s
+        .usage()
+        .await
+        .into_iter()
+        .filter_map(|r| r.usage.map(|u| (u.request_id, u.status, r.cost_micros)))
+        .collect();
+    rows.sort();
+    assert_eq!(
+        rows,
+        [
+            ("failed-once".into(), "duplicate".into(), 0),
+            ("failed-once".into(), "success".into(), PRICE),
+            ("failed-once".into(), "upstream_error".into(), 0),
+            ("failed-once".into(), "upstream_error".into(), 0)
+        ]
+    );
 
     // A made-up token, then the right one under the same key: the key is spent on the first.
     let forged = send("forged-first", "made-up-token").await.expect("http");
@@ -1450,7 +1507,11 @@ async fn a_spent_request_id_is_not_retried_by_the_sdks() {
     let body: Value = right.json().await.expect("json");
     let message = body["error"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("with a new key"), "{body}");
-    assert_eq!(s.alice_money().await.0, FUNDS, "nothing was charged");
+    assert_eq!(
+        s.alice_money().await.0,
+        FUNDS - PRICE,
+        "nothing more was charged"
+    );
     s.check_invariants().await;
 }
 

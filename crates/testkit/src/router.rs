@@ -495,16 +495,25 @@ impl Stack {
         assert_consistent(&self.ledger.store).await;
         let (_, _, available) = self.alice_money().await;
         assert!(available >= 0, "available below zero: {available}");
+        // A free request's row is one per request id; a paid one's one per transfer (a failed
+        // request's id is tried again under a hold of its own).
         let mut ids: Vec<_> = self
             .answered_usage()
             .await
             .into_iter()
-            .filter_map(|r| Some((r.usage?.request_id, r.transfer_id.is_empty())))
+            .filter_map(|r| match r.transfer_id.is_empty() {
+                true => Some((r.usage?.request_id, true)),
+                false => Some((r.transfer_id, false)),
+            })
             .collect();
         let n = ids.len();
         ids.sort();
         ids.dedup();
-        assert_eq!(ids.len(), n, "more than one usage row for a request");
+        assert_eq!(
+            ids.len(),
+            n,
+            "more than one usage row for a request or transfer"
+        );
     }
 
     /// The end of a scenario: the money invariants hold (`check_invariants`), then a Postgres

@@ -7,7 +7,7 @@ use sqlx::{AnyPool, FromRow, Row};
 use super::batch::ResolveJob;
 use super::rollup;
 use super::rollup_fold::QUEUE_INSERTED;
-use super::usage::PAID_REQUEST;
+use super::usage::PAID_TRANSFER;
 use super::{Backend, TransferRow, UsageInput, TRANSFER_COLUMNS, UNRESOLVED};
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
@@ -146,7 +146,7 @@ WITH input AS (
     SELECT in_usage_id, recipient_id, in_request_id, id, in_app, in_endpoint, in_user, in_model, in_pt,
         in_ct, in_tt, captured, in_ustatus, in_lat, in_ulat, in_now, in_ttft, in_refused
     FROM t WHERE in_has_usage
-    ON CONFLICT {PAID_REQUEST} DO NOTHING
+    ON CONFLICT {PAID_TRANSFER} DO NOTHING
     RETURNING id
 ), a AS (
     INSERT INTO answers (transfer_id, recipient_id, body, created_at, expires_at)

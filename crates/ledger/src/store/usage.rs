@@ -121,8 +121,9 @@ pub(crate) async fn late_void_row(
 }
 
 /// Writes a usage row and hands it to the rollups (`rollup_fold.rs`: queued on Postgres, added on
-/// SQLite), in the caller's transaction; a request id already recorded for this recipient and
-/// user is left as it is (and not counted again).
+/// SQLite), in the caller's transaction; a row already recorded (a free request id of this
+/// recipient and user, a transfer's row, a refusal's key) is left as it is (and not counted
+/// again).
 pub(crate) async fn insert_usage(
     conn: &mut AnyConnection,
     w: &UsageWrite<'_>,
@@ -174,23 +175,33 @@ macro_rules! free_row {
 pub(crate) const FREE_ROW: &str = free_row!();
 
 /// The conflict target of a free row without a key: at most one per recipient, user and request
-/// id among the free rows (refusals excepted). Paid rows are unique apart from them (migration
-/// 0030): a paid request after a free one of the same id is charged, so its row must be written.
+/// id among the free rows (refusals excepted). Paid rows are unique apart from them, per transfer
+/// (migrations 0030, 0032): a paid request after a free one of the same id is charged, so its row
+/// must be written.
 pub(crate) const FREE_REQUEST: &str = concat!(
     "(recipient_id, user_email, request_id) WHERE NOT refused AND ",
     free_row!()
 );
 
-/// The conflict target of a paid row (a transfer's, local or hosted): at most one per recipient,
-/// user and request id among the paid rows (the free predicate negated, as the index writes it).
-pub(crate) const PAID_REQUEST: &str = "(recipient_id, user_email, request_id) \
-    WHERE NOT refused AND (transfer_id IS NOT NULL OR hosted_transfer_id IS NOT NULL)";
+/// The conflict target of a paid row of a local transfer: at most one per transfer (migration
+/// 0032). Not one per request id: a request id whose paid request failed may be tried again under
+/// a hold of its own (docs/router.md, "A failed request's id is retried"), and that attempt's row
+/// has the same request id. Written as the index writes it (SQLite matches by predicate text).
+pub(crate) const PAID_TRANSFER: &str =
+    "(transfer_id) WHERE NOT refused AND transfer_id IS NOT NULL";
+
+/// [`PAID_TRANSFER`] of a hosted transfer.
+const PAID_HOSTED: &str =
+    "(hosted_transfer_id) WHERE NOT refused AND hosted_transfer_id IS NOT NULL";
 
 static INSERT_FREE: std::sync::LazyLock<String> =
     std::sync::LazyLock::new(|| insert_usage_sql(FREE_REQUEST));
 
 static INSERT_PAID: std::sync::LazyLock<String> =
-    std::sync::LazyLock::new(|| insert_usage_sql(PAID_REQUEST));
+    std::sync::LazyLock::new(|| insert_usage_sql(PAID_TRANSFER));
+
+static INSERT_HOSTED: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| insert_usage_sql(PAID_HOSTED));
 
 /// A keyed row (a refusal): at most one per recipient and key.
 static INSERT_KEYED: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
@@ -205,10 +216,9 @@ pub(crate) fn row_key(u: &UsageInput) -> Option<&str> {
     Some(u.row_key.as_str()).filter(|k| !k.is_empty() && is_refused(u))
 }
 
-/// Writes a usage row only (the caller hands it to the rollups); `false` when its request id was
-/// already recorded for this recipient and user by a row of its kind (free or paid), or its row
-/// key for this recipient (left as it is). A keyed row is a refusal, which meets only the key's
-/// index.
+/// Writes a usage row only (the caller hands it to the rollups); `false` when it was already
+/// recorded (left as it is): a free row's request id for this recipient and user, a paid row's
+/// transfer, a refusal's row key for this recipient. Each row meets exactly one of those indexes.
 pub(crate) async fn insert_usage_row(
     conn: &mut AnyConnection,
     w: &UsageWrite<'_>,
@@ -228,7 +238,8 @@ pub(crate) async fn insert_usage_row(
     let sql = match (key, w.link) {
         (Some(_), _) => INSERT_KEYED.as_str(),
         (None, UsageLink::None) => INSERT_FREE.as_str(),
-        (None, UsageLink::Transfer(_) | UsageLink::Hosted(_)) => INSERT_PAID.as_str(),
+        (None, UsageLink::Transfer(_)) => INSERT_PAID.as_str(),
+        (None, UsageLink::Hosted(_)) => INSERT_HOSTED.as_str(),
     };
     let inserted = sqlx::query(sql)
         .bind(w.id)

@@ -264,16 +264,29 @@ async fn verify_snapshot(conn: &mut AnyConnection) -> Result<VerifyReport> {
             "{bad_deposits} deposits do not match their journal entries"
         ));
     }
+    // A free row is one per request id; a paid row one per transfer (migrations 0030, 0032).
     let per_request: i64 = sqlx::query_scalar(&format!(
         "SELECT COUNT(*) FROM (SELECT recipient_id, user_email, request_id FROM usage_records \
-             WHERE NOT refused GROUP BY recipient_id, user_email, request_id, {FREE_ROW} \
+             WHERE NOT refused AND {FREE_ROW} GROUP BY recipient_id, user_email, request_id \
              HAVING COUNT(*) > 1) d",
     ))
     .fetch_one(&mut *conn)
     .await?;
+    let per_transfer: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM (SELECT transfer_id, hosted_transfer_id FROM usage_records \
+             WHERE NOT refused AND NOT (transfer_id IS NULL AND hosted_transfer_id IS NULL) \
+             GROUP BY transfer_id, hosted_transfer_id HAVING COUNT(*) > 1) d",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
     if per_request > 0 {
         problems.push(format!(
-            "{per_request} request ids have more than one free or more than one paid usage row (refusals aside)"
+            "{per_request} request ids have more than one free usage row (refusals aside)"
+        ));
+    }
+    if per_transfer > 0 {
+        problems.push(format!(
+            "{per_transfer} transfers have more than one usage row (refusals aside)"
         ));
     }
     hosted_problems(conn, &mut report).await?;

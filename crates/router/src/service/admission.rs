@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use syft_error::{Reason, UsageStatus, MAX_USAGE_COUNT};
 use syft_proto::ledger::{AnswerToStore, AuthorizeRequest, Transfer, TransferStatus, Usage};
 
+use super::attempts;
 use super::hold::{self, Claim, HoldGuard};
 use super::refusal::{refusal_status, Attempt};
 use super::{elapsed_ms, RouterService};
@@ -242,20 +243,39 @@ impl RouterService {
         if t.pricing.kind.is_free() {
             return Ok(Authorized::Free);
         }
-        let (mut transfer, guard) = self
-            .place_hold(t, presence)
-            .await
-            .map_err(|e| explain_refusal(t, e))?;
-        if let Some(guard) = guard {
-            tracing::debug!(request_id = %t.request_id, transfer_id = %guard.transfer_id, hold_micros = t.hold_micros, "hold authorized");
-            return Ok(Authorized::Hold(guard));
+        // The id's tries in order: each earlier one is found resolved (or waited for), and an
+        // uncharged one hands on to the next (`attempts.rs`).
+        for attempt in 1..=attempts::MAX_ATTEMPTS {
+            let key = attempts::attempt_key(&t.request_id, attempt);
+            let (mut transfer, guard) = self
+                .place_hold(t, key, presence)
+                .await
+                .map_err(|e| explain_refusal(t, e))?;
+            if let Some(guard) = guard {
+                tracing::debug!(request_id = %t.request_id, transfer_id = %guard.transfer_id, hold_micros = t.hold_micros, attempt, "hold authorized");
+                return Ok(Authorized::Hold(guard));
+            }
+            if transfer.status() == TransferStatus::Pending {
+                // Another router (or an earlier attempt) holds this key and may be calling its
+                // upstream right now: wait for its outcome rather than call ours a second time.
+                transfer = self.outcome_of(t, transfer, presence).await?;
+            }
+            if !attempts::uncharged(&transfer) {
+                return Ok(Authorized::Resolved(Box::new(transfer)));
+            }
+            tracing::info!(request_id = %t.request_id, transfer_id = %transfer.id, attempt,
+                "an earlier try of this request id charged nothing; trying it again");
+            presence.still_wanted()?;
         }
-        if transfer.status() == TransferStatus::Pending {
-            // Another router (or an earlier attempt) holds this key and may be calling its
-            // upstream right now: wait for its outcome rather than call ours a second time.
-            transfer = self.outcome_of(t, transfer, presence).await?;
-        }
-        Ok(Authorized::Resolved(Box::new(transfer)))
+        Err(RouterError::Processed {
+            reason: Reason::RequestProcessed,
+            message: format!(
+                "request {} was tried {} times without a charge; use a new request id to send \
+                 it again",
+                t.request_id,
+                attempts::MAX_ATTEMPTS
+            ),
+        })
     }
 
     /// Asks the ledger for the request's hold: the key's transfer, with a guard when this call
@@ -267,6 +287,7 @@ impl RouterService {
     async fn place_hold(
         &self,
         t: &Ticket,
+        key: String,
         presence: &Presence,
     ) -> Result<(Transfer, Option<HoldGuard>), RouterError> {
         self.refused_locally()?;
@@ -278,7 +299,7 @@ impl RouterService {
             token: t.transaction_token.clone(),
             app_name: inner.config.name.clone(),
             app_ep_path: t.kind.endpoint().into(),
-            idempotency_key: t.request_id.clone(),
+            idempotency_key: key,
             hold_ttl_seconds: inner.ledger.hold_ttl_seconds,
             budget_per_day_micros: inner.config.budgets.per_day_micros,
             budget_per_month_micros: inner.config.budgets.per_month_micros,
@@ -307,10 +328,10 @@ impl RouterService {
             // confirm it and closed it (a hosted ledger whose service answered the create too
             // late; a hold that expired while its outcome was asked again). Nothing was charged
             // and the id's transfer is settled: said as the ledger trouble it is (a retry of the
-            // id is the duplicate, told it was not charged), not as an earlier request's.
+            // id is tried again under its next key, `attempts.rs`), not as an earlier request's.
             return Err(RouterError::Unavailable(format!(
                 "the ledger could not place the hold (transfer {} is cancelled, not charged); \
-                 send the request again with a new request id",
+                 send the request again",
                 transfer.id
             )));
         }

@@ -26,6 +26,7 @@ use crate::validate::{validate_chat, ValidRequest};
 
 mod admission;
 mod answer;
+mod attempts;
 mod hold;
 mod limit;
 mod refusal;
