@@ -775,7 +775,8 @@ fn two_documents() -> (syft_testkit::TempDir, std::path::PathBuf) {
 
 /// `index build` puts a whole index at `--out` (new or empty) and nothing beside it: it is built
 /// in a sibling directory and renamed into place, so an interrupted build leaves no index that
-/// opens empty. A non-empty `--out` is refused.
+/// opens empty. A non-empty `--out`, one inside the folder, and a folder of no documents are
+/// refused.
 #[test]
 fn index_build_puts_a_whole_index_in_place() {
     let (root, docs) = two_documents();
@@ -804,6 +805,27 @@ fn index_build_puts_a_whole_index_in_place() {
             .arg(root.path().join("idx")),
     );
     assert_contains(&refused, &["is not empty"]);
+    // An index inside its folder (the next build read it back as documents and failed), and a
+    // folder with no documents (an index that answers every search with nothing, free).
+    let nested = fails(
+        syft_router()
+            .args(["index", "build"])
+            .arg(&docs)
+            .arg("--out")
+            .arg(docs.join("index")),
+    );
+    assert_contains(&nested, &["is inside"]);
+    let bare = root.path().join("bare");
+    std::fs::create_dir_all(&bare).expect("bare");
+    std::fs::write(bare.join("scan.pdf"), "%PDF").expect("pdf");
+    let nothing = fails(
+        syft_router()
+            .args(["index", "build"])
+            .arg(&bare)
+            .arg("--out")
+            .arg(root.path().join("idx2")),
+    );
+    assert_contains(&nothing, &["holds no documents"]);
 }
 
 /// A client command whose output is closed before it prints (`… | head`) ends as Unix tools do,

@@ -36,6 +36,19 @@ pub async fn run(args: IndexArgs) -> anyhow::Result<()> {
     }
 }
 
+/// Whether `out` (which may not exist yet) is `dir` or below it.
+fn inside(out: &Path, dir: &Path) -> bool {
+    let Ok(dir) = dir.canonicalize() else {
+        return false;
+    };
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty());
+    let parent = parent.unwrap_or(Path::new(".")).canonicalize();
+    match (parent, out.file_name()) {
+        (Ok(parent), Some(name)) => parent.join(name).starts_with(dir),
+        _ => false,
+    }
+}
+
 fn build(dir: &Path, out: &Path) -> anyhow::Result<(usize, u64)> {
     anyhow::ensure!(dir.is_dir(), "{} is not a directory", dir.display());
     if out.exists() {
@@ -47,8 +60,25 @@ fn build(dir: &Path, out: &Path) -> anyhow::Result<(usize, u64)> {
             out.display()
         );
     }
+    // An index inside its own folder is read back as documents by the next build (its
+    // `meta.json` is not JSON lines), which then fails.
+    anyhow::ensure!(
+        !inside(out, dir),
+        "--out {} is inside {}: the next build would read the index as documents; write it \
+         elsewhere",
+        out.display(),
+        dir.display()
+    );
     let docs = read_folder(dir)?;
     let n = docs.len();
+    // Served, an empty index answers every search with nothing, free: most likely a folder of
+    // other file types, or the wrong folder.
+    anyhow::ensure!(
+        n > 0,
+        "{} holds no documents (.txt, .md, or JSON lines in .jsonl/.json; hidden files are \
+         skipped): nothing to index",
+        dir.display()
+    );
     // Built beside `out` and renamed into place once complete: tantivy writes its metadata
     // first and commits last, so a build interrupted in `out` itself (a kill, a full disk) left
     // an index that opened fine and held nothing, and a router served it as healthy.

@@ -140,7 +140,7 @@ pub fn service_name(command: &Command) -> &'static str {
 /// prints its failures itself (the simulated upstream error), logs only errors.
 pub fn default_log_filter(command: &Command) -> &'static str {
     match command {
-        Command::Ledger(_) | Command::Router(_) => "info,sqlx=warn,h2=warn,tower=warn",
+        Command::Ledger(_) | Command::Router(_) => syft_telemetry::SERVER_FILTER,
         Command::Demo(_) => "error",
         _ => "warn",
     }

@@ -38,20 +38,31 @@ pub const TRANSFER_HEADER: &str = "x-syft-transfer-id";
 pub const REPLAY_HEADER: &str = "x-syft-replay";
 pub const REQUEST_ID_HEADER: &str = "x-syft-request-id";
 
-/// The axum router of the HTTP front.
-pub fn http_router(service: RouterService) -> Router {
-    // Room for JSON framing around the prompt limit; above it the body is refused (400, as
-    // `read_json` answers every body it cannot take).
-    let body_limit = service
-        .config()
-        .limits
+/// The largest body read: room for JSON framing around the prompt limit. Above it a body is
+/// refused (400, as `read_json` answers every body it cannot take).
+fn body_limit(service: &RouterService) -> usize {
+    let limits = &service.config().limits;
+    limits
         .max_prompt_bytes
         .saturating_mul(2)
-        .saturating_add(64 * 1024);
+        .saturating_add(64 * 1024)
+}
+
+/// The axum router of the HTTP front.
+pub fn http_router(service: RouterService) -> Router {
+    let body_limit = body_limit(&service);
     let api = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
-        .route("/chat", post(crate::syft_http::chat))
-        .route("/search", post(crate::syft_http::search))
+        // The Syft endpoints refuse other methods in their own error shape, as their clients
+        // read errors (`{"detail", "code"}`), not in OpenAI's.
+        .route(
+            "/chat",
+            post(crate::syft_http::chat).fallback(not_allowed::<crate::syft_http::DetailBody>),
+        )
+        .route(
+            "/search",
+            post(crate::syft_http::search).fallback(not_allowed::<crate::syft_http::DetailBody>),
+        )
         .route("/health", get(crate::syft_http::health))
         .route("/v1/models", get(discovery::list_models))
         // Model ids may hold slashes (`org/model`), as the SDKs' `models.retrieve` sends them.
@@ -66,7 +77,7 @@ pub fn http_router(service: RouterService) -> Router {
                     .into(),
             ))
         })
-        .method_not_allowed_fallback(not_allowed);
+        .method_not_allowed_fallback(not_allowed::<OpenAiBody>);
     // Before the operator's routes join: pages of an allowed origin read the APIs (errors
     // included), not the metrics or probes.
     let api = match crate::cors::layer(&service.config().cors_origins) {
@@ -80,7 +91,7 @@ pub fn http_router(service: RouterService) -> Router {
             "/metrics",
             get(|| async { syft_telemetry::metrics::response() }),
         )
-        .method_not_allowed_fallback(not_allowed);
+        .method_not_allowed_fallback(not_allowed::<OpenAiBody>);
     api.merge(ops)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(syft_telemetry::RequestLayer(syft_telemetry::Server::Http(
@@ -89,8 +100,8 @@ pub fn http_router(service: RouterService) -> Router {
         .with_state(service)
 }
 
-async fn not_allowed(method: http::Method) -> Response {
-    let mut resp = ApiError::from(RouterError::InvalidArgument(format!(
+async fn not_allowed<B: ErrorBody>(method: http::Method) -> Response {
+    let mut resp = FrontError::<B>::from(RouterError::InvalidArgument(format!(
         "method {method} is not served on this path"
     )))
     .into_response();
@@ -401,13 +412,21 @@ pub(crate) fn read_json<T: serde::de::DeserializeOwned>(
     let body = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             RouterError::InvalidArgument(format!(
-                "request body is larger than the limit ({} bytes of prompt)",
-                svc.config().limits.max_prompt_bytes
+                "request body is larger than the router's limit of {} bytes",
+                body_limit(svc)
             ))
         } else {
             RouterError::InvalidArgument(format!("cannot read request body: {rejection}"))
         }
     })?;
+    // Every request is an object. serde reads a struct from an array too, by position, and its
+    // refusal of one then names our type ("expected struct SyftSearchRequest with 5 elements").
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first.is_some_and(|b| *b != b'{') {
+        return Err(RouterError::InvalidArgument(
+            "invalid JSON body: the request must be a JSON object".into(),
+        ));
+    }
     serde_json::from_slice(&body)
         .map_err(|e| RouterError::InvalidArgument(format!("invalid JSON body: {e}")))
 }

@@ -15,7 +15,10 @@ use crate::validate::{MAX_MESSAGES, MAX_STOP_SEQUENCES};
 /// Content parts of one message (text parts are joined; others are refused by the adapter).
 const MAX_CONTENT_PARTS: usize = 1_000;
 
+// `expecting`: serde names the type in a body of the wrong shape, and its name is ours, not the
+// client's.
 #[derive(Deserialize)]
+#[serde(expecting = "a JSON object (a chat completion request)")]
 pub(crate) struct OaiRequest {
     #[serde(default)]
     pub model: String,
@@ -125,6 +128,7 @@ impl<'de> Deserialize<'de> for Modalities {
 }
 
 #[derive(Deserialize)]
+#[serde(expecting = "a message object")]
 pub(crate) struct OaiMessage {
     pub role: String,
     #[serde(default)]
@@ -134,12 +138,14 @@ pub(crate) struct OaiMessage {
 }
 
 #[derive(Deserialize, Default)]
+#[serde(expecting = "a JSON object (stream_options)")]
 pub(crate) struct StreamOptions {
     #[serde(default)]
     pub include_usage: Option<bool>,
 }
 
 #[derive(Deserialize)]
+#[serde(expecting = "a content part object")]
 pub(crate) struct ContentPart {
     #[serde(rename = "type")]
     pub kind: String,

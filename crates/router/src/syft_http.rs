@@ -45,6 +45,9 @@ impl ErrorBody for DetailBody {
 pub type SyftError = FrontError<DetailBody>;
 
 #[derive(Deserialize)]
+// `expecting`: serde names the type in a body of the wrong shape, and its name is ours, not
+// the client's ("expected struct SyftSearchRequest with 5 elements").
+#[serde(expecting = "a message object")]
 struct SyftMessage {
     role: String,
     #[serde(default)]
@@ -54,6 +57,7 @@ struct SyftMessage {
 }
 
 #[derive(Deserialize, Default)]
+#[serde(expecting = "a JSON object (the chat options)")]
 struct SyftChatOptions {
     #[serde(default, alias = "maxTokens")]
     max_tokens: Option<u64>,
@@ -74,6 +78,7 @@ fn stop_sequences<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<S
 }
 
 #[derive(Deserialize)]
+#[serde(expecting = "a JSON object (the /chat request)")]
 struct SyftChatRequest {
     #[serde(default, alias = "userEmail")]
     user_email: String,
@@ -91,6 +96,7 @@ struct SyftChatRequest {
 }
 
 #[derive(Deserialize, Default)]
+#[serde(expecting = "a JSON object (the search options)")]
 struct SyftSearchOptions {
     #[serde(default)]
     limit: Option<i64>,
@@ -101,6 +107,7 @@ struct SyftSearchOptions {
 }
 
 #[derive(Deserialize)]
+#[serde(expecting = "a JSON object (the /search request)")]
 struct SyftSearchRequest {
     #[serde(default, alias = "userEmail")]
     user_email: String,
@@ -229,15 +236,19 @@ impl SyftBody for SyftSearchRequest {
         let (transaction_token, request_id) =
             payment(headers, self.transaction_token, self.request_id)?;
         let opts = self.options.unwrap_or_default();
-        // A huge one is refused by validation, with the accepted range; a negative one here,
-        // with the value sent (it was reported as 0).
-        let limit = match opts.limit {
-            Some(v) if v < 0 => {
+        // Validation refuses a limit out of the router's range, with the range; one that is not
+        // even a u32 is refused here, with the value sent (a negative one was reported as 0, a
+        // huge one as 4294967295).
+        let limit = match opts.limit.map(u32::try_from) {
+            Some(Err(_)) => {
                 return Err(RouterError::InvalidArgument(format!(
-                    "limit must be a positive number of results (got {v})"
+                    "limit must be a positive number of results, at most the router's max_limit \
+                     (got {})",
+                    opts.limit.unwrap_or_default()
                 )))
             }
-            v => v.map(|v| u32::try_from(v).unwrap_or(u32::MAX)),
+            Some(Ok(v)) => Some(v),
+            None => None,
         };
         Ok(SearchRequest {
             user_email: self.user_email,
@@ -331,6 +342,17 @@ pub async fn search(
     serve::<SyftSearchRequest, _, _>(&svc, &headers, body, call, search_json).await
 }
 
+/// A score as JSON: the f32's shortest decimal (0.9, as the backend said), not its exact f64
+/// widening (0.8999999761581421).
+fn score_json(score: f32) -> Value {
+    score
+        .to_string()
+        .parse::<f64>()
+        .ok()
+        .and_then(serde_json::Number::from_f64)
+        .map_or(Value::Null, Value::Number)
+}
+
 /// A `/search` answer as JSON, and whether it is a replay.
 fn search_json(r: SearchResponse) -> (Value, bool) {
     let results: Vec<Value> = r
@@ -339,7 +361,7 @@ fn search_json(r: SearchResponse) -> (Value, bool) {
         .map(|h| {
             let metadata = serde_json::from_str::<Value>(&h.metadata_json).unwrap_or(Value::Null);
             json!({
-                "id": h.id, "score": h.score, "content": h.content,
+                "id": h.id, "score": score_json(h.score), "content": h.content,
                 "metadata": metadata, "embedding": null,
             })
         })

@@ -214,6 +214,28 @@ async fn same_search_request_id_is_charged_once() {
     let (a, b) = tokio::join!(c.search(req.clone()), c2.search(req));
     assert_searched_once(a, b);
     assert_eq!(s.alice_money().await.0, FUNDS - 2 * PRICE);
+
+    // An empty answer charged nothing and is not stored, so its id is not spent: a retry runs
+    // the search again (it was refused 409 "already processed", an error for an answered request).
+    let mut empty = s.search("zzzqqq");
+    empty.request_id = "search-empty".into();
+    for _ in 0..2 {
+        let answer = ok(c.search(empty.clone()).await);
+        assert_eq!((answer.results.len(), answer.cost_micros), (0, 0));
+    }
+    let keys: Vec<_> = s
+        .transfers()
+        .await
+        .into_iter()
+        .filter(|t| t.idempotency_key.starts_with("search-empty"))
+        .map(|t| (t.idempotency_key.clone(), t.status()))
+        .collect();
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    assert!(
+        keys.iter().all(|k| k.1 == TransferStatus::Cancelled),
+        "{keys:?}"
+    );
+    assert_eq!(s.alice_money().await.0, FUNDS - 2 * PRICE);
     s.check_invariants().await;
 }
 
@@ -320,6 +342,44 @@ async fn an_answer_too_large_to_read_is_cut_or_refused() {
     s.check_invariants().await;
 }
 
+/// A backend may answer in any order: `limit` keeps the best results, not the first ones (the
+/// worst was kept and charged for), and `/search` says a score as the backend did (0.9, not its
+/// f32's widening 0.8999999761581421).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_answering_worst_first_is_cut_to_its_best() {
+    let (up, s, mut c) = paid_http_search().await;
+    up.set_mode(Mode::WorstFirst);
+    let mut one = s.search("best");
+    one.options = Some(SearchOptions {
+        limit: Some(1),
+        ..SearchOptions::default()
+    });
+    let best = ok(c.search(one).await);
+    let ids: Vec<_> = best.results.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids, ["doc-1"]);
+    let both = ok(c.search(s.search("both")).await);
+    let ids: Vec<_> = both.results.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids, ["doc-1", "doc-0"], "best first");
+    let body = json!({"user_email": s.alice.email, "query": "syft", "transaction_token": s.token});
+    let answer: Value = reqwest::Client::new()
+        .post(format!("{}/search", s.router.http_url))
+        .json(&body)
+        .send()
+        .await
+        .expect("http")
+        .json()
+        .await
+        .expect("json");
+    let scores: Vec<_> = answer["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|r| r["score"].to_string())
+        .collect();
+    assert_eq!(scores, ["0.9", "0.8"], "{answer}");
+    s.check_invariants().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_search_input_is_refused_and_nothing_is_charged() {
     let (up, s, mut c) = paid_http_search().await;
@@ -394,20 +454,52 @@ async fn bad_search_input_is_refused_and_nothing_is_charged() {
         ("token_refused", "/search")
     );
     assert_eq!(unread.model, "http");
-    // A negative limit over HTTP is refused naming what was sent (it was reported as 0).
-    let r = reqwest::Client::new()
-        .post(format!("{}/search", s.router.http_url))
-        .json(
-            &serde_json::json!({"userEmail": s.alice.email, "query": "q",
-                                  "transactionToken": s.token, "options": {"limit": -1}}),
-        )
-        .send()
-        .await
-        .expect("http");
-    assert_eq!(r.status(), 400);
-    let body: serde_json::Value = r.json().await.expect("json");
+    // A limit out of u32 over HTTP is refused naming what was sent (a negative one was reported
+    // as 0, a huge one as 4294967295).
+    for limit in [-1, 99_999_999_999_i64] {
+        let r = reqwest::Client::new()
+            .post(format!("{}/search", s.router.http_url))
+            .json(
+                &serde_json::json!({"userEmail": s.alice.email, "query": "q",
+                                  "transactionToken": s.token, "options": {"limit": limit}}),
+            )
+            .send()
+            .await
+            .expect("http");
+        assert_eq!(r.status(), 400);
+        let body: serde_json::Value = r.json().await.expect("json");
+        let detail = body["detail"].as_str().unwrap_or_default();
+        assert!(detail.contains(&format!("(got {limit})")), "{body}");
+    }
+    // A body of the wrong shape is told what was expected in the client's terms (it named our
+    // type, "struct SyftSearchRequest"), and another method in /search's own error shape.
+    let http = reqwest::Client::new();
+    let url = format!("{}/search", s.router.http_url);
+    for wrong in [json!([]), json!([1, 2]), json!("q")] {
+        let r = http.post(&url).json(&wrong).send().await.expect("http");
+        assert_eq!(r.status(), 400);
+        let body: Value = r.json().await.expect("json");
+        let detail = body["detail"].as_str().unwrap_or_default();
+        assert!(detail.contains("must be a JSON object"), "{body}");
+    }
+    let options = json!({"query": "q", "options": "all"});
+    let r = http.post(&url).json(&options).send().await.expect("http");
+    let body: Value = r.json().await.expect("json");
     let detail = body["detail"].as_str().unwrap_or_default();
-    assert!(detail.contains("(got -1)"), "{body}");
+    assert!(
+        detail.contains("expected a JSON object (the search options)"),
+        "{body}"
+    );
+    let r = http.get(&url).send().await.expect("http");
+    assert_eq!(r.status(), 405);
+    let body: Value = r.json().await.expect("json");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("method GET"),
+        "{body}"
+    );
     assert_eq!(up.hits(), 0, "the backend was never called");
     assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));
     // Refusals leave their own rows (`refusal.rs`); nothing was answered or charged.

@@ -118,8 +118,9 @@ fn otlp_configured() -> bool {
 /// The variable that filters exported spans (`RUST_LOG` syntax), apart from the logs.
 pub const TRACE_FILTER_ENV: &str = "SYFT_TRACE_FILTER";
 /// The servers' filter unless `RUST_LOG` (logs) or [`TRACE_FILTER_ENV`] (spans) says otherwise:
-/// the request spans and their children, without the libraries' chatter.
-const SERVER_FILTER: &str = "info,sqlx=warn,h2=warn,tower=warn";
+/// the request spans and their children, without the libraries' chatter (tantivy logs every
+/// commit and merge of a search index at `info`).
+pub const SERVER_FILTER: &str = "info,sqlx=warn,h2=warn,tower=warn,tantivy=warn";
 
 /// Installs the global subscriber: logs to stderr filtered by `RUST_LOG` (default `info`), in
 /// `text` or `json`, plus OpenTelemetry export when an OTLP endpoint is configured, filtered by

@@ -67,6 +67,8 @@ pub enum Mode {
     FinishThenGarbage,
     /// Search: every result's content is this many bytes.
     BigResults(usize),
+    /// Search: the results worst first (scores 0.8, then 0.9).
+    WorstFirst,
     /// `429` with `Retry-After: <.0>` to the next `.1` calls, then good answers.
     RateLimited(String, u32),
     /// `503` with `Retry-After: <.0>` to every call (down for maintenance).
@@ -260,7 +262,11 @@ async fn search_handler(State(state): State<Arc<UpState>>, Json(body): Json<Valu
     };
     let results: Vec<Value> = (0..n)
         .map(|i| {
-            json!({"id": format!("doc-{i}"), "score": 0.9 - i as f64 * 0.1,
+            let score = match mode {
+                Mode::WorstFirst => 0.8 + i as f64 * 0.1,
+                _ => 0.9 - i as f64 * 0.1,
+            };
+            json!({"id": format!("doc-{i}"), "score": score,
                         "content": content(i),
                         "metadata": {"rank": i}, "embedding": null})
         })

@@ -138,7 +138,44 @@ fn default_backend() -> String {
 }
 
 impl RawSearch {
+    /// A setting the chosen backend does not read, if any: it would be ignored, and a file that
+    /// names one (an `index` with `backend = "http"`, say) means something else than it does.
+    fn misplaced(&self) -> Option<&'static str> {
+        let set = match self.backend.as_str() {
+            "embedded" => vec![
+                ("url", self.url.is_some()),
+                ("api_key", self.api_key.is_some()),
+                ("api_key_env", self.api_key_env.is_some()),
+                ("connect_timeout_ms", self.connect_timeout_ms.is_some()),
+                ("timeout_ms", self.timeout_ms.is_some()),
+                (
+                    "rescan_seconds",
+                    self.docs.is_none() && self.rescan_seconds.is_some(),
+                ),
+            ],
+            "http" => vec![
+                ("index", self.index.is_some()),
+                ("docs", self.docs.is_some()),
+                ("rescan_seconds", self.rescan_seconds.is_some()),
+            ],
+            _ => Vec::new(),
+        };
+        set.into_iter().find(|(_, is_set)| *is_set).map(|(k, _)| k)
+    }
+
     pub(super) fn into_config(self) -> Result<SearchConfig, ConfigError> {
+        if let Some(key) = self.misplaced() {
+            let means = match self.backend.as_str() {
+                "http" => "the embedded backend's (`index` or `docs`)",
+                _ if key == "rescan_seconds" => "a watched `docs` folder's",
+                _ => "the http backend's",
+            };
+            return Err(invalid(format!(
+                "search.{key} is {means} setting, and search.backend is {:?}: remove it or set \
+                 the backend it belongs to",
+                self.backend
+            )));
+        }
         let backend = match (self.backend.as_str(), self.index, self.docs) {
             ("embedded", Some(index), None) => SearchBackendConfig::Index(index),
             ("embedded", None, Some(dir)) => SearchBackendConfig::Docs {
@@ -178,5 +215,47 @@ impl RawSearch {
         set(&mut c.max_limit, self.max_limit);
         set(&mut c.max_query_bytes, self.max_query_bytes);
         Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::RouterConfig;
+
+    fn with_search(search: &str) -> Result<RouterConfig, String> {
+        let json = format!(r#"{{"name":"r","owner_email":"o@example.com","search":{search}}}"#);
+        RouterConfig::from_json_str(&json).map_err(|e| e.to_string())
+    }
+
+    /// A setting of the other backend was ignored: `{"backend":"http","url":…,"index":…}`
+    /// started, serving the http backend, as if the index were in use.
+    #[test]
+    fn a_setting_of_the_other_backend_is_refused() {
+        for (search, key) in [
+            (
+                r#"{"backend":"http","url":"http://x","index":"idx"}"#,
+                "search.index",
+            ),
+            (
+                r#"{"backend":"http","url":"http://x","docs":"d"}"#,
+                "search.docs",
+            ),
+            (r#"{"index":"idx","url":"http://x"}"#, "search.url"),
+            (r#"{"docs":"d","timeout_ms":5}"#, "search.timeout_ms"),
+            (
+                r#"{"index":"idx","rescan_seconds":5}"#,
+                "search.rescan_seconds",
+            ),
+        ] {
+            let err = with_search(search).expect_err(search);
+            assert!(err.contains(key), "{search}: {err}");
+        }
+        for fine in [
+            r#"{"backend":"http","url":"http://x","timeout_ms":5}"#,
+            r#"{"docs":"d","rescan_seconds":5}"#,
+            r#"{"index":"idx"}"#,
+        ] {
+            with_search(fine).expect(fine);
+        }
     }
 }

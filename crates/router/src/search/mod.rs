@@ -128,6 +128,10 @@ impl SearchBackend {
             }
             SearchBackend::Http(h) => h.search(q).await?,
         };
+        // Best first (a stable sort: ties keep the backend's order), so `limit`, and the answer's
+        // size cap after it, keep the best results: an HTTP backend may answer in any order, and
+        // its worst results were kept and charged for.
+        hits.sort_by(|a, b| b.score.total_cmp(&a.score));
         hits.retain(|h| h.score >= q.similarity_threshold);
         hits.truncate(q.limit as usize);
         if !q.include_metadata {
