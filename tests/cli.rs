@@ -146,6 +146,18 @@ async fn client_commands_and_verify() {
         .expect("dir")
         .next()
         .is_none());
+    // So is a database with no ledger in it (a mistyped name, an empty restore), and it is left
+    // empty: verify used to give it the schema and report it consistent.
+    let blank = empty.path().join("blank.db");
+    std::fs::write(&blank, b"").expect("an empty SQLite file");
+    let url = format!("sqlite://{}?mode=rw", blank.display());
+    let refused = fails(syft_router().args(["ledger", "verify", "--database-url", &url]));
+    assert_contains(&refused, &["no ledger in that database"]);
+    assert_eq!(
+        std::fs::metadata(&blank).expect("file").len(),
+        0,
+        "left as it was"
+    );
     h.finish().await;
 }
 
@@ -210,6 +222,8 @@ fn ledger_and_router_exit_zero_on_sigterm() {
     );
     assert!(status.success(), "ledger exited {status:?}:\n{log}");
     assert!(log.contains("ledger stopped"), "{log}");
+    // Addresses as addresses, not as Rust options (`addr=Some(127.0.0.1:…)`).
+    assert!(!log.contains("Some("), "{log}");
 
     let (status, log) = sigterm_after(
         &[
@@ -227,6 +241,7 @@ fn ledger_and_router_exit_zero_on_sigterm() {
     );
     assert!(status.success(), "router exited {status:?}:\n{log}");
     assert!(log.contains("router stopped"), "{log}");
+    assert!(!log.contains("Some("), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -923,4 +938,17 @@ fn a_server_closing_mid_write_gets_an_error_line_not_a_silent_death() {
         );
         assert!(err.starts_with("error:"), "{err}");
     }
+}
+
+/// A ledger's currency is a 3-letter code, as routers price in (`EURO` started, and no router
+/// could sell against its accounts); a lower-case one is taken upper-cased.
+#[test]
+fn a_ledger_currency_that_no_router_prices_in_is_refused() {
+    let out = syft_router()
+        .args(["ledger", "--currency", "EURO", "--grpc-addr", "127.0.0.1:0"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not a 3-letter currency code"), "{stderr}");
 }

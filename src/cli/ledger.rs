@@ -114,8 +114,8 @@ pub struct ServeArgs {
     /// How often expired holds are cancelled and expired answers purged.
     #[arg(long, env = "SYFT_LEDGER_SWEEP_INTERVAL", default_value = "1s", value_parser = super::parse_duration)]
     pub sweep_interval: Duration,
-    /// Currency of new accounts.
-    #[arg(long, env = "SYFT_LEDGER_CURRENCY", default_value = "USD")]
+    /// Currency of new accounts: a 3-letter code, as routers price in.
+    #[arg(long, env = "SYFT_LEDGER_CURRENCY", default_value = "USD", value_parser = parse_currency)]
     pub currency: String,
     /// Largest single amount in micros (deposit, hold, spend limit).
     #[arg(
@@ -244,7 +244,7 @@ impl ServeArgs {
             hold_ttl: self.hold_ttl,
             max_hold_ttl: self.max_hold_ttl,
             sweep_interval: self.sweep_interval,
-            currency: self.currency.to_ascii_uppercase(),
+            currency: self.currency.clone(),
             max_amount_micros: self.max_amount_micros,
             max_connections: self.max_connections,
             batch_workers: self.batch_workers,
@@ -278,8 +278,46 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A 3-letter currency code, upper-cased. Anything else (`EURO`) made accounts no router could
+/// sell against: a router prices in a 3-letter code and refuses a ledger holding another.
+fn parse_currency(text: &str) -> Result<String, String> {
+    let code = text.trim().to_ascii_uppercase();
+    match code.len() == 3 && code.bytes().all(|b| b.is_ascii_uppercase()) {
+        true => Ok(code),
+        false => Err(format!(
+            "{text:?} is not a 3-letter currency code (USD, EUR, …), as routers price in"
+        )),
+    }
+}
+
+/// Whether the database at `url` holds a ledger: its migrations table. `verify` connects through
+/// the store, which migrates, so an empty or mistyped database used to be given the schema (a
+/// "verify" that wrote) and reported consistent.
+async fn holds_a_ledger(url: &str) -> anyhow::Result<bool> {
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::any::AnyPoolOptions::new()
+        .max_connections(1)
+        .connect(url)
+        .await
+        .context("cannot open the database")?;
+    let sql = if url.starts_with("sqlite:") {
+        "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'"
+    } else {
+        "SELECT COUNT(*) FROM information_schema.tables \
+         WHERE table_schema = current_schema() AND table_name = '_sqlx_migrations'"
+    };
+    let found: i64 = sqlx::query_scalar(sql).fetch_one(&pool).await?;
+    pool.close().await;
+    Ok(found > 0)
+}
+
 async fn verify(db: &DatabaseArgs, json: bool) -> anyhow::Result<()> {
-    let store = Store::connect(&db.existing_url()?, 2).await?;
+    let url = db.existing_url()?;
+    anyhow::ensure!(
+        holds_a_ledger(&url).await?,
+        "no ledger in that database (it has no migrations table): check --database-url"
+    );
+    let store = Store::connect(&url, 2).await?;
     let report = store.verify().await?;
     if json {
         println!(

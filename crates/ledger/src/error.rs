@@ -194,6 +194,11 @@ impl From<sqlx::Error> for LedgerError {
             _ if classify(&err) == DbErrorClass::ConnectionLost => {
                 LedgerError::Unavailable("database connection lost".into())
             }
+            // Nothing was done; the operator's to put right. Not logged per call (an outage
+            // is thousands of calls): the health ping logs the database's state once a change.
+            _ if classify(&err) == DbErrorClass::Refused => {
+                LedgerError::Unavailable("database unavailable".into())
+            }
             // Rolled back whole: repeating the call is safe (it used to be an internal error).
             _ if classify(&err) == DbErrorClass::Cancelled => {
                 LedgerError::Unavailable("a database statement was cancelled; retry".into())

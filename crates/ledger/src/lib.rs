@@ -199,12 +199,14 @@ pub async fn serve_store(
     ));
     let stopping = health.clone();
     let stop = syft_server::Stop::on(shutdown, move || async move { stopping.shut_down().await });
-    let addr = listeners.grpc.local_addr().ok();
-    let http_addr = listeners.http.as_ref().and_then(|l| l.local_addr().ok());
+    // Written as addresses (`127.0.0.1:50051`), not as options (`Some(127.0.0.1:50051)`).
+    let text = |a: Option<std::net::SocketAddr>| a.map(|a| a.to_string()).unwrap_or_default();
+    let addr = text(listeners.grpc.local_addr().ok());
+    let http_addr = text(listeners.http.as_ref().and_then(|l| l.local_addr().ok()));
     let tls = config.tls.as_ref();
     tracing::info!(
-        ?addr,
-        ?http_addr,
+        %addr,
+        %http_addr,
         database = ?store.backend(),
         hosted = config.hosted.is_some(),
         accounting_api = config.accounting_api,

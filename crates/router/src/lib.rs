@@ -99,8 +99,8 @@ impl RouterService {
         tracing::info!(
             name = %service.config().name,
             provider = service.provider(),
-            grpc = ?grpc_listener.local_addr().ok(),
-            http = ?http_listener.local_addr().ok(),
+            grpc = %addr_text(grpc_listener.local_addr()),
+            http = %addr_text(http_listener.local_addr()),
             tls = service.config().tls.is_some(),
             ledger_tls = service.config().ledger.tls.is_some(),
             "router serving"
@@ -152,3 +152,8 @@ impl RouterService {
 /// Longest wait at shutdown for the usage spool to ship its rows (and never longer than the
 /// shutdown grace).
 const SPOOL_DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A listener's address for the logs: `127.0.0.1:50051`, not `Some(127.0.0.1:50051)`.
+fn addr_text(addr: std::io::Result<std::net::SocketAddr>) -> String {
+    addr.map(|a| a.to_string()).unwrap_or_default()
+}

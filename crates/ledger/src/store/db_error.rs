@@ -14,6 +14,13 @@ const PG_CONNECTION_EXCEPTION_CLASS: &str = "08";
 /// Postgres SQLSTATEs `57P01` (admin shutdown, also `pg_terminate_backend`), `57P02` (crash
 /// shutdown) and `57P03` (cannot connect now): the server ended or refused the session.
 const PG_SESSION_ENDED: [&str; 3] = ["57P01", "57P02", "57P03"];
+/// Postgres SQLSTATEs of a server that refuses new sessions or writes for now: `55000` (the
+/// database does not accept connections: `ALTER DATABASE … ALLOW_CONNECTIONS false`), `3D000` (it
+/// does not exist: dropped or renamed under a running ledger), `25006` (a read-only transaction:
+/// a standby behind the address after a failover). With the classes `53` (no room: too many
+/// connections, disk full, out of memory) and `28` (our credentials refused).
+const PG_REFUSED: [&str; 3] = ["55000", "3D000", "25006"];
+const PG_REFUSED_CLASSES: [&str; 2] = ["53", "28"];
 /// Postgres SQLSTATE `57014`: the statement was cancelled (its `statement_timeout`, or
 /// `pg_cancel_backend`); its transaction rolled back.
 const PG_QUERY_CANCELED: &str = "57014";
@@ -34,6 +41,11 @@ pub(crate) enum DbErrorClass {
     /// the transaction rolled back, or its commit's outcome is unknown. Not retried here; the
     /// caller is told `UNAVAILABLE` (outcome unknown) and repeats the call, which is idempotent.
     ConnectionLost,
+    /// The server refuses sessions or writes for now ([`PG_REFUSED`]): nothing was done, and
+    /// the call succeeds once the operator puts it right. `UNAVAILABLE`, as a lost connection is:
+    /// these were `INTERNAL`, which a router takes as final (a capture withheld its answer, a
+    /// void was given up on and the hold left to expire, the request without a row).
+    Refused,
     /// The statement was cancelled (a timeout or an operator); nothing it did was kept.
     Cancelled,
     /// Anything else.
@@ -57,6 +69,9 @@ pub(crate) fn classify(err: &sqlx::Error) -> DbErrorClass {
         }
         if code == PG_QUERY_CANCELED {
             return DbErrorClass::Cancelled;
+        }
+        if PG_REFUSED.contains(&code) || PG_REFUSED_CLASSES.iter().any(|c| code.starts_with(c)) {
+            return DbErrorClass::Refused;
         }
     }
     DbErrorClass::Other
@@ -132,6 +147,68 @@ mod tests {
         ));
         drop(tx);
         pool.close().await;
+    }
+
+    /// A database that stops taking sessions (`ALLOW_CONNECTIONS false`, then its sessions
+    /// ended) or is dropped under the ledger: `UNAVAILABLE`, so a router repeats its capture or
+    /// void until the operator puts it right. Both were `INTERNAL` (an operator's drill found it:
+    /// holds left to expire, requests without a row).
+    #[tokio::test]
+    async fn a_database_that_refuses_sessions_is_unavailable() {
+        let Ok(url) = std::env::var("DATABASE_URL") else {
+            eprintln!("SKIPPED: no DATABASE_URL");
+            return;
+        };
+        sqlx::any::install_default_drivers();
+        let connect = |url: String| async move {
+            sqlx::any::AnyPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(std::time::Duration::from_secs(5))
+                .connect(&url)
+                .await
+        };
+        let admin = connect(url.clone()).await.expect("postgres");
+        let name = format!("syft_dberr_{}", uuid::Uuid::now_v7().simple());
+        let create = format!("CREATE DATABASE {name}");
+        sqlx::query(&create).execute(&admin).await.expect("create");
+        let (base, _) = url.rsplit_once('/').expect("a database url");
+        let pool = connect(format!("{base}/{name}"))
+            .await
+            .expect("the new database");
+        for sql in [
+            format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false"),
+            format!(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
+            ),
+        ] {
+            sqlx::query(&sql).execute(&admin).await.expect(&sql);
+        }
+        let unavailable = |err: sqlx::Error| {
+            let class = classify(&err);
+            let mapped = crate::error::LedgerError::from(err);
+            assert!(
+                matches!(mapped, crate::error::LedgerError::Unavailable(_)),
+                "{class:?}: {mapped:?}"
+            );
+        };
+        // The terminated session's error first, then the refused reconnection's.
+        for _ in 0..2 {
+            unavailable(error_of("SELECT 1", &pool).await);
+        }
+        let refused = connect(format!("{base}/{name}"))
+            .await
+            .expect_err("refused");
+        assert_eq!(classify(&refused), DbErrorClass::Refused, "{refused}");
+        unavailable(refused);
+        let drop = format!("DROP DATABASE {name} WITH (FORCE)");
+        sqlx::query(&drop).execute(&admin).await.expect("drop");
+        let missing = connect(format!("{base}/{name}"))
+            .await
+            .expect_err("dropped");
+        assert_eq!(classify(&missing), DbErrorClass::Refused, "{missing}");
+        unavailable(missing);
+        pool.close().await;
+        admin.close().await;
     }
 
     /// Real SQLite errors through the `Any` driver, as the store sees them.

@@ -362,6 +362,19 @@ mod tests {
         )
         .expect("comma list");
         assert_eq!(c.ledger.urls(), ["http://a:1", "http://b:2"]);
+        // Not an http(s) endpoint: refused at start (it was taken, and failed at each call).
+        for url in [
+            "not-a-url",
+            "ftp://10.0.0.1:50051",
+            "http://a:1,127.0.0.1:2",
+            ",",
+        ] {
+            let json = format!(
+                r#"{{"name":"r","owner_email":"o@example.com","ledger":{{"url":"{url}"}}}}"#
+            );
+            let err = RouterConfig::from_json_str(&json).expect_err(url);
+            assert!(err.to_string().contains("ledger"), "{url}: {err}");
+        }
     }
 
     #[test]

@@ -467,6 +467,20 @@ impl RouterConfig {
                 }
             }
         }
+        // An endpoint that is not an http(s) URL (`not-a-url`, `ftp://…`) was taken and only
+        // failed at each call, logged as warnings, on a router that had started.
+        let urls = self.ledger.urls();
+        if urls.is_empty() {
+            return Err(invalid("ledger.url names no endpoint"));
+        }
+        for url in urls {
+            let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+            if !matches!(scheme.as_deref(), Some("http" | "https")) {
+                return Err(invalid(format!(
+                    "ledger url {url:?} must start with http:// or https://"
+                )));
+            }
+        }
         let l = &self.limits;
         if l.max_prompt_bytes == 0 || l.max_messages == 0 || l.max_tokens_limit == 0 {
             return Err(invalid("limits must be positive"));

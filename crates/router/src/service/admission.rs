@@ -455,7 +455,17 @@ impl RouterService {
                 "capture failed; the answer is withheld"
             ),
         }
-        result.map(|_| transfer_id)
+        result.map(|_| transfer_id).map_err(|e| match e {
+            // Refused for good (the hold expired or was resolved meanwhile, a ledger away past
+            // its expiry): the guard voided it, nothing was charged. Said as the outage it is,
+            // which sending the request again overcomes (its id too, `attempts.rs`), not as a 409
+            // about the user's state, which the SDKs do not retry.
+            RouterError::FailedPrecondition { message, .. } => RouterError::Unavailable(format!(
+                "the answer could not be charged ({message}), so it is withheld and nothing was \
+                 charged; send the request again"
+            )),
+            e => e,
+        })
     }
 
     /// No charge: void the hold (or record the free request's row).
