@@ -205,43 +205,18 @@ fn sigterm_after(args: &[&str], ready: &str) -> (std::process::ExitStatus, Strin
 fn ledger_and_router_exit_zero_on_sigterm() {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = format!("sqlite://{}/ledger.db?mode=rwc", dir.path().display());
-    let (status, log) = sigterm_after(
-        &[
-            "ledger",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--accounting-api",
-            "--database-url",
-            &db,
-            "--shutdown-grace",
-            "5s",
-        ],
-        "ledger serving",
-    );
-    assert!(status.success(), "ledger exited {status:?}:\n{log}");
-    assert!(log.contains("ledger stopped"), "{log}");
-    // Addresses as addresses, not as Rust options (`addr=Some(127.0.0.1:…)`).
-    assert!(!log.contains("Some("), "{log}");
-
-    let (status, log) = sigterm_after(
-        &[
-            "router",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--owner-email",
-            "owner@example.com",
-            "--shutdown-grace",
-            "5s",
-        ],
-        "router serving",
-    );
-    assert!(status.success(), "router exited {status:?}:\n{log}");
-    assert!(log.contains("router stopped"), "{log}");
-    assert!(!log.contains("Some("), "{log}");
+    let ledger = ["ledger", "--accounting-api", "--database-url", &db];
+    let router = ["router", "--owner-email", "owner@example.com"];
+    for (args, name) in [(&ledger[..], "ledger"), (&router[..], "router")] {
+        let listen = ["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"];
+        let grace = ["--shutdown-grace", "5s"];
+        let args = [args, &listen[..], &grace[..]].concat();
+        let (status, log) = sigterm_after(&args, &format!("{name} serving"));
+        assert!(status.success(), "{name} exited {status:?}:\n{log}");
+        assert!(log.contains(&format!("{name} stopped")), "{log}");
+        // Addresses as addresses, not as Rust options (`addr=Some(127.0.0.1:…)`).
+        assert!(!log.contains("Some("), "{log}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -798,11 +773,7 @@ fn index_build_puts_a_whole_index_in_place() {
     let empty = root.path().join("empty");
     std::fs::create_dir_all(&empty).expect("empty");
     for out in [root.path().join("idx"), empty] {
-        let printed = run(syft_router()
-            .args(["index", "build"])
-            .arg(&docs)
-            .arg("--out")
-            .arg(&out));
+        let printed = run(&mut index_build(&docs, &out));
         assert_contains(&printed, &["indexed 2 documents"]);
         assert!(out.join("meta.json").is_file(), "{out:?}");
     }
@@ -812,35 +783,24 @@ fn index_build_puts_a_whole_index_in_place() {
         .collect();
     left.sort();
     assert_eq!(left, ["docs", "empty", "idx"], "nothing built beside them");
-    let refused = fails(
-        syft_router()
-            .args(["index", "build"])
-            .arg(&docs)
-            .arg("--out")
-            .arg(root.path().join("idx")),
-    );
+    let refused = fails(&mut index_build(&docs, &root.path().join("idx")));
     assert_contains(&refused, &["is not empty"]);
     // An index inside its folder (the next build read it back as documents and failed), and a
     // folder with no documents (an index that answers every search with nothing, free).
-    let nested = fails(
-        syft_router()
-            .args(["index", "build"])
-            .arg(&docs)
-            .arg("--out")
-            .arg(docs.join("index")),
-    );
+    let nested = fails(&mut index_build(&docs, &docs.join("index")));
     assert_contains(&nested, &["is inside"]);
     let bare = root.path().join("bare");
     std::fs::create_dir_all(&bare).expect("bare");
     std::fs::write(bare.join("scan.pdf"), "%PDF").expect("pdf");
-    let nothing = fails(
-        syft_router()
-            .args(["index", "build"])
-            .arg(&bare)
-            .arg("--out")
-            .arg(root.path().join("idx2")),
-    );
+    let nothing = fails(&mut index_build(&bare, &root.path().join("idx2")));
     assert_contains(&nothing, &["holds no documents"]);
+}
+
+/// `syft-router index build DIR --out OUT`.
+fn index_build(dir: &std::path::Path, out: &std::path::Path) -> std::process::Command {
+    let mut c = syft_router();
+    c.args(["index", "build"]).arg(dir).arg("--out").arg(out);
+    c
 }
 
 /// A client command whose output is closed before it prints (`… | head`) ends as Unix tools do,
@@ -849,11 +809,7 @@ fn index_build_puts_a_whole_index_in_place() {
 fn a_closed_output_ends_a_client_command_quietly() {
     use std::os::unix::process::ExitStatusExt;
     let (root, docs) = two_documents();
-    let mut child = syft_router()
-        .args(["index", "build"])
-        .arg(&docs)
-        .arg("--out")
-        .arg(root.path().join("idx"))
+    let mut child = index_build(&docs, &root.path().join("idx"))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -945,7 +901,10 @@ fn a_server_closing_mid_write_gets_an_error_line_not_a_silent_death() {
 #[test]
 fn a_ledger_currency_that_no_router_prices_in_is_refused() {
     let out = syft_router()
+        // An unusable database too, so a ledger that took the currency fails at once (with
+        // another message and exit 1) rather than serve.
         .args(["ledger", "--currency", "EURO", "--grpc-addr", "127.0.0.1:0"])
+        .args(["--database-url", "nowhere://"])
         .output()
         .expect("run");
     assert_eq!(out.status.code(), Some(2), "{out:?}");

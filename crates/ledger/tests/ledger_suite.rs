@@ -29,6 +29,14 @@ fn usage(request_id: &str, status: &str) -> pb::Usage {
     }
 }
 
+/// The full capture of `transfer_id` with a `success` row under `request_id`.
+fn with_row(transfer_id: &str, request_id: &str) -> pb::CaptureRequest {
+    pb::CaptureRequest {
+        usage: Some(usage(request_id, "success")),
+        ..capture_full(transfer_id)
+    }
+}
+
 /// A hold on Alice's funds that the ledger must grant.
 async fn granted(router: &mut LedgerClient, amount: i64, token: &str, key: &str) -> pb::Transfer {
     ok(router.authorize(authorize(ALICE, amount, token, key)).await)
@@ -473,19 +481,11 @@ async fn free_and_paid_rows_of_one_request_id_are_both_kept(h: Harness) -> Harne
         "the free row is found again, not the paid one"
     );
     let paid = granted(&mut router, USD, &token, "shared-3").await;
-    ok(router
-        .capture(pb::CaptureRequest {
-            usage: Some(usage("shared-3", "success")),
-            ..capture_full(&paid.id)
-        })
-        .await);
+    ok(router.capture(with_row(&paid.id, "shared-3")).await);
     // A failed request's id tried again under a key of its own (docs/router.md): the try's row
     // has the same request id and its own transfer, and is written with its revenue.
     let retried = granted(&mut router, USD, &token, "shared-2 (attempt 2)").await;
-    let retry_capture = pb::CaptureRequest {
-        usage: Some(usage("shared-2", "success")),
-        ..capture_full(&retried.id)
-    };
+    let retry_capture = with_row(&retried.id, "shared-2");
     ok(router.capture(retry_capture.clone()).await);
     ok(router.capture(retry_capture).await);
     let later = ok(router.record_usage(record("shared-3")).await);
@@ -1500,12 +1500,7 @@ async fn verify_sees_money_booked_between_the_wrong_accounts(h: Harness) -> Harn
             };
             q.execute(pool).await.expect(sql);
         }
-        let report = h.store.verify().await.expect("verify");
-        assert!(
-            report.problems.iter().any(|p| p.contains(expect)),
-            "{change:?}: {:?}",
-            report.problems
-        );
+        syft_testkit::assert_verify_sees(&h.store, expect, &change).await;
         for sql in &undo {
             sqlx::query(sql).execute(pool).await.expect(sql);
         }
@@ -1520,12 +1515,7 @@ async fn verify_sees_two_rows_of_one_transfer(h: Harness) -> Harness {
     let (owner, _alice, token) = setup(&h, 10 * USD).await;
     let mut router = h.client(&owner);
     let t = granted(&mut router, USD, &token, "twice").await;
-    ok(router
-        .capture(pb::CaptureRequest {
-            usage: Some(usage("twice", "success")),
-            ..capture_full(&t.id)
-        })
-        .await);
+    ok(router.capture(with_row(&t.id, "twice")).await);
     h.assert_consistent().await;
     let pool = h.store.pool();
     let copy = "INSERT INTO usage_records (id, recipient_id, request_id, transfer_id, app_name, \
@@ -1541,15 +1531,8 @@ async fn verify_sees_two_rows_of_one_transfer(h: Harness) -> Harness {
         .execute(pool)
         .await
         .expect(copy);
-    let report = h.store.verify().await.expect("verify");
-    assert!(
-        report
-            .problems
-            .iter()
-            .any(|p| p.contains("1 transfers have more than one usage row")),
-        "{:?}",
-        report.problems
-    );
+    let problem = "1 transfers have more than one usage row";
+    syft_testkit::assert_verify_sees(&h.store, problem, &copy).await;
     let undo = [
         "DELETE FROM usage_records WHERE id LIKE '%-copy'",
         "CREATE UNIQUE INDEX usage_records_transfer ON usage_records (transfer_id) \
@@ -1609,12 +1592,7 @@ async fn verify_sees_a_token_past_its_limit_and_a_capture_after_expiry(h: Harnes
     for (change, undo, expect) in cases {
         let changed = sqlx::query(&change).execute(pool).await.expect(&change);
         assert_eq!(changed.rows_affected(), 1, "{change}");
-        let report = h.store.verify().await.expect("verify");
-        assert!(
-            report.problems.iter().any(|p| p.contains(expect)),
-            "{change}: {:?}",
-            report.problems
-        );
+        syft_testkit::assert_verify_sees(&h.store, expect, &change).await;
         sqlx::query(&undo).execute(pool).await.expect(&undo);
         h.assert_consistent().await;
     }

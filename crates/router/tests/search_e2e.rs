@@ -830,3 +830,40 @@ async fn grpc_stream_and_search_refusals_name_their_row() {
     assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));
     s.finish().await;
 }
+
+/// A search-only router lists no model: it listed the offline upstream's `echo`, which no
+/// request could use (a chat there is refused `SERVICE_DISABLED`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_search_only_router_lists_no_model() {
+    let up = FakeUpstream::start().await;
+    let search = http_backend(&up);
+    let s = Stack::start_with(
+        Db::sqlite(),
+        Pricing::free(),
+        Duration::from_secs(300),
+        |c| {
+            *c = c.clone().with_search(Pricing::per_request(PRICE), search);
+            c.services.retain(|s| s.kind == ServiceKind::Search);
+        },
+    )
+    .await;
+    let mut c = s.client().await;
+    let meta = ok(c.get_metadata(GetMetadataRequest {}).await);
+    assert!(meta.models.is_empty(), "{:?}", meta.models);
+    let listed = get_json(
+        &reqwest::Client::new(),
+        &format!("{}/v1/models", s.router.http_url),
+    )
+    .await;
+    assert_eq!(listed["data"], json!([]), "{listed}");
+    let one = reqwest::get(format!("{}/v1/models/echo", s.router.http_url))
+        .await
+        .expect("http");
+    assert_eq!(one.status(), 404);
+    let chat = c.chat(s.request("hi")).await.expect_err("no chat here");
+    assert_eq!(
+        reason(&chat).as_deref(),
+        Some("SERVICE_DISABLED"),
+        "{chat:?}"
+    );
+}

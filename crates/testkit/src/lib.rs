@@ -204,13 +204,23 @@ pub fn quota_refusal(status: &tonic::Status, want: &str) -> Option<std::time::Du
 }
 
 /// The money invariants `ledger verify` checks: conservation (deposits = balances), held =
-/// pending holds, available >= 0, at most one free and one paid usage row per request id
-/// (refusals aside).
+/// pending holds, available >= 0, at most one free usage row per request id and one row per
+/// transfer (refusals aside).
 pub async fn assert_consistent(store: &Store) {
     let report = store.verify().await.expect("verify");
     assert!(
         report.is_ok(),
         "ledger inconsistent: {:#?}",
+        report.problems
+    );
+}
+
+/// `ledger verify` reports a problem that says `problem` (after `change`, which made it).
+pub async fn assert_verify_sees(store: &Store, problem: &str, change: &dyn std::fmt::Debug) {
+    let report = store.verify().await.expect("verify");
+    assert!(
+        report.problems.iter().any(|p| p.contains(problem)),
+        "{change:?}: want {problem:?} in {:?}",
         report.problems
     );
 }

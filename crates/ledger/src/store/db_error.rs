@@ -94,6 +94,16 @@ fn is_transient(db: &dyn DatabaseError) -> bool {
 mod tests {
     use super::*;
 
+    /// A pool of one connection to `url`.
+    async fn one_connection(url: &str) -> Result<sqlx::AnyPool, sqlx::Error> {
+        sqlx::any::install_default_drivers();
+        sqlx::any::AnyPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(std::time::Duration::from_secs(5))
+            .connect(url)
+            .await
+    }
+
     /// The error of `sql`, which must fail on `pool`.
     async fn error_of(sql: &str, pool: &sqlx::AnyPool) -> sqlx::Error {
         sqlx::query(sql).execute(pool).await.expect_err(sql)
@@ -159,14 +169,7 @@ mod tests {
             eprintln!("SKIPPED: no DATABASE_URL");
             return;
         };
-        sqlx::any::install_default_drivers();
-        let connect = |url: String| async move {
-            sqlx::any::AnyPoolOptions::new()
-                .max_connections(1)
-                .acquire_timeout(std::time::Duration::from_secs(5))
-                .connect(&url)
-                .await
-        };
+        let connect = |url: String| async move { one_connection(&url).await };
         let admin = connect(url.clone()).await.expect("postgres");
         let name = format!("syft_dberr_{}", uuid::Uuid::now_v7().simple());
         let create = format!("CREATE DATABASE {name}");
@@ -183,30 +186,38 @@ mod tests {
         ] {
             sqlx::query(&sql).execute(&admin).await.expect(&sql);
         }
-        let unavailable = |err: sqlx::Error| {
+        // Each error's class and mapping, asserted once the database is dropped: a failed
+        // assertion must not leave it behind.
+        let seen = |err: sqlx::Error| {
             let class = classify(&err);
             let mapped = crate::error::LedgerError::from(err);
-            assert!(
+            (
+                class,
                 matches!(mapped, crate::error::LedgerError::Unavailable(_)),
-                "{class:?}: {mapped:?}"
-            );
+            )
         };
         // The terminated session's error first, then the refused reconnection's.
+        let mut errors = Vec::new();
         for _ in 0..2 {
-            unavailable(error_of("SELECT 1", &pool).await);
+            errors.push(("ended", seen(error_of("SELECT 1", &pool).await)));
         }
-        let refused = connect(format!("{base}/{name}"))
-            .await
-            .expect_err("refused");
-        assert_eq!(classify(&refused), DbErrorClass::Refused, "{refused}");
-        unavailable(refused);
+        let refused = connect(format!("{base}/{name}")).await.map(|_| ());
+        errors.push((
+            "refused",
+            refused.map_or_else(seen, |()| (DbErrorClass::Other, false)),
+        ));
         let drop = format!("DROP DATABASE {name} WITH (FORCE)");
         sqlx::query(&drop).execute(&admin).await.expect("drop");
-        let missing = connect(format!("{base}/{name}"))
-            .await
-            .expect_err("dropped");
-        assert_eq!(classify(&missing), DbErrorClass::Refused, "{missing}");
-        unavailable(missing);
+        let missing = connect(format!("{base}/{name}")).await.map(|_| ());
+        errors.push((
+            "dropped",
+            missing.map_or_else(seen, |()| (DbErrorClass::Other, false)),
+        ));
+        for (what, (class, unavailable)) in &errors {
+            assert!(unavailable, "{what}: {class:?} is not UNAVAILABLE");
+        }
+        assert_eq!(errors[2].1 .0, DbErrorClass::Refused, "refused: {errors:?}");
+        assert_eq!(errors[3].1 .0, DbErrorClass::Refused, "dropped: {errors:?}");
         pool.close().await;
         admin.close().await;
     }
@@ -217,13 +228,7 @@ mod tests {
         sqlx::any::install_default_drivers();
         let path = std::env::temp_dir().join(format!("syft-db-error-{}.db", uuid::Uuid::now_v7()));
         let url = format!("sqlite://{}?mode=rwc", path.display());
-        let pool = |url: String| async move {
-            sqlx::any::AnyPoolOptions::new()
-                .max_connections(1)
-                .connect(&url)
-                .await
-                .expect("sqlite")
-        };
+        let pool = |url: String| async move { one_connection(&url).await.expect("sqlite") };
         let a = pool(url.clone()).await;
         sqlx::query("CREATE TABLE k (id TEXT PRIMARY KEY, v TEXT UNIQUE)")
             .execute(&a)

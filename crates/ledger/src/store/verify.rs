@@ -254,16 +254,6 @@ async fn verify_snapshot(conn: &mut AnyConnection) -> Result<VerifyReport> {
     )
     .fetch_one(&mut *conn)
     .await?;
-    if orphans > 0 {
-        problems.push(format!(
-            "{orphans} journal entries belong to no completed transfer or deposit"
-        ));
-    }
-    if bad_deposits > 0 {
-        problems.push(format!(
-            "{bad_deposits} deposits do not match their journal entries"
-        ));
-    }
     // A free row is one per request id; a paid row one per transfer (migrations 0030, 0032).
     let per_request: i64 = sqlx::query_scalar(&format!(
         "SELECT COUNT(*) FROM (SELECT recipient_id, user_email, request_id FROM usage_records \
@@ -279,15 +269,25 @@ async fn verify_snapshot(conn: &mut AnyConnection) -> Result<VerifyReport> {
     )
     .fetch_one(&mut *conn)
     .await?;
-    if per_request > 0 {
-        problems.push(format!(
-            "{per_request} request ids have more than one free usage row (refusals aside)"
-        ));
-    }
-    if per_transfer > 0 {
-        problems.push(format!(
-            "{per_transfer} transfers have more than one usage row (refusals aside)"
-        ));
+    let counted = [
+        (
+            orphans,
+            "journal entries belong to no completed transfer or deposit",
+        ),
+        (bad_deposits, "deposits do not match their journal entries"),
+        (
+            per_request,
+            "request ids have more than one free usage row (refusals aside)",
+        ),
+        (
+            per_transfer,
+            "transfers have more than one usage row (refusals aside)",
+        ),
+    ];
+    for (n, what) in counted {
+        if n > 0 {
+            problems.push(format!("{n} {what}"));
+        }
     }
     hosted_problems(conn, &mut report).await?;
     // Every settled budget day still says what its transfers count (budget_days.rs).

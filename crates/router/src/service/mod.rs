@@ -283,6 +283,11 @@ impl RouterService {
 
     /// Models offered: the configured list, else what the upstream is known to serve.
     pub fn models(&self) -> Vec<String> {
+        if !self.sells_chat() {
+            // A search-only router listed the offline upstream's `echo`, which no request could
+            // use (a chat there is refused SERVICE_DISABLED).
+            return Vec::new();
+        }
         if self.inner.config.models.is_empty() {
             self.inner.upstream.known_models()
         } else {
@@ -293,7 +298,12 @@ impl RouterService {
     /// Whether a chat may name `model`: any, when the config lists none (it is passed on).
     pub fn serves_model(&self, model: &str) -> bool {
         let listed = &self.inner.config.models;
-        listed.is_empty() || listed.iter().any(|m| m == model)
+        self.sells_chat() && (listed.is_empty() || listed.iter().any(|m| m == model))
+    }
+
+    /// Whether the chat service is listed and enabled.
+    fn sells_chat(&self) -> bool {
+        self.inner.config.chat_service().is_some_and(|s| s.enabled)
     }
 
     pub fn metadata(&self) -> Metadata {
