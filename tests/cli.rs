@@ -158,6 +158,27 @@ async fn client_commands_and_verify() {
         0,
         "left as it was"
     );
+    // A ledger some migrations behind this binary is refused too, not migrated under the older
+    // replicas that may still run on it.
+    let behind = empty.path().join("behind.db");
+    let url = format!("sqlite://{}?mode=rwc", behind.display());
+    let pool = sqlx::SqlitePool::connect(&url).await.expect("sqlite");
+    for sql in [
+        "CREATE TABLE _sqlx_migrations (version BIGINT PRIMARY KEY, description TEXT NOT NULL, \
+         installed_on TEXT, success BOOLEAN NOT NULL, checksum BLOB NOT NULL, \
+         execution_time BIGINT NOT NULL)",
+        "INSERT INTO _sqlx_migrations VALUES (1, 'ledger', NULL, TRUE, x'00', 0)",
+    ] {
+        sqlx::query(sql).execute(&pool).await.expect(sql);
+    }
+    let refused = fails(syft_router().args(["ledger", "verify", "--database-url", &url]));
+    assert_contains(&refused, &["lacks migrations"]);
+    let tables: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(tables, 1, "not migrated");
+    pool.close().await;
     h.finish().await;
 }
 

@@ -3,8 +3,10 @@
 -- places a new hold for it under a key of its own (docs/router.md, "A failed request's id is
 -- retried"): that attempt's row has the same request id and another transfer, and must be
 -- written, with its revenue. A transfer is resolved once and its row written in the resolution's
--- own statement, so no ledger holds two rows of one transfer: these indexes hold wherever 0030's
--- paid index held. Each insert names the index of its link (crates/ledger/src/store/usage.rs).
+-- own statement; the one way to two rows of one transfer was a void repeated through the ledger's
+-- API after the sweep, with usage under another request id or user, which no router sends. Such
+-- rows make this migration fail (the ledger does not start): docs/operations.md has the query
+-- that finds them. Each insert names the index of its link (crates/ledger/src/store/usage.rs).
 DROP INDEX usage_records_request_paid;
 CREATE UNIQUE INDEX usage_records_transfer ON usage_records (transfer_id)
     WHERE NOT refused AND transfer_id IS NOT NULL;

@@ -290,32 +290,24 @@ fn parse_currency(text: &str) -> Result<String, String> {
     }
 }
 
-/// Whether the database at `url` holds a ledger: its migrations table. `verify` connects through
-/// the store, which migrates, so an empty or mistyped database used to be given the schema (a
-/// "verify" that wrote) and reported consistent.
-async fn holds_a_ledger(url: &str) -> anyhow::Result<bool> {
-    sqlx::any::install_default_drivers();
-    let pool = sqlx::any::AnyPoolOptions::new()
-        .max_connections(1)
-        .connect(url)
-        .await
-        .context("cannot open the database")?;
-    let sql = if url.starts_with("sqlite:") {
-        "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'"
-    } else {
-        "SELECT COUNT(*) FROM information_schema.tables \
-         WHERE table_schema = current_schema() AND table_name = '_sqlx_migrations'"
-    };
-    let found: i64 = sqlx::query_scalar(sql).fetch_one(&pool).await?;
-    pool.close().await;
-    Ok(found > 0)
-}
-
 async fn verify(db: &DatabaseArgs, json: bool) -> anyhow::Result<()> {
     let url = db.existing_url()?;
+    // Read as it is: an empty or mistyped database used to be given the schema (a "verify" that
+    // wrote) and reported consistent, and a ledger one migration behind was migrated under the
+    // older replicas still running on it.
+    let missing = syft_ledger::store::missing_migrations(&url)
+        .await
+        .context("cannot open the database")?;
+    let Some(missing) = missing else {
+        anyhow::bail!(
+            "no ledger in that database (it has no migrations table): check --database-url"
+        );
+    };
     anyhow::ensure!(
-        holds_a_ledger(&url).await?,
-        "no ledger in that database (it has no migrations table): check --database-url"
+        missing.is_empty(),
+        "the database lacks migrations {missing:?} of this binary: verify it with the binary its \
+         ledger runs, or start the upgraded ledger first (verify does not migrate; \
+         docs/operations.md, \"Upgrades\")"
     );
     let store = Store::connect(&url, 2).await?;
     let report = store.verify().await?;

@@ -194,9 +194,11 @@ impl From<sqlx::Error> for LedgerError {
             _ if classify(&err) == DbErrorClass::ConnectionLost => {
                 LedgerError::Unavailable("database connection lost".into())
             }
-            // Nothing was done; the operator's to put right. Not logged per call (an outage
-            // is thousands of calls): the health ping logs the database's state once a change.
+            // The operator's to put right: logged with its reason, at most every 10 s (an
+            // outage is thousands of calls, each logged as an internal error before). The health
+            // ping does not see all of these (a read-only standby answers `SELECT 1`).
             _ if classify(&err) == DbErrorClass::Refused => {
+                refused_now_and_then(&err);
                 LedgerError::Unavailable("database unavailable".into())
             }
             // Rolled back whole: repeating the call is safe (it used to be an internal error).
@@ -205,5 +207,22 @@ impl From<sqlx::Error> for LedgerError {
             }
             _ => LedgerError::Internal(err.to_string()),
         }
+    }
+}
+
+/// Logs a database's refusal, at most once per 10 s.
+fn refused_now_and_then(err: &sqlx::Error) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = LAST.load(Ordering::Relaxed);
+    if now >= last + 10
+        && LAST
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(error = %err, "the database refuses the ledger's calls (answered UNAVAILABLE)");
     }
 }

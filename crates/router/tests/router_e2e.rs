@@ -1512,6 +1512,20 @@ async fn a_spent_request_id_is_not_retried_by_the_sdks() {
         FUNDS - PRICE,
         "nothing more was charged"
     );
+    // An id is tried 8 times at most: the 9th is told to use a new one, and never retried.
+    s.upstream.set_mode(Mode::Status(500));
+    for _ in 0..8 {
+        let failed = send("always-fails", &s.token).await.expect("http");
+        assert_eq!(failed.status(), 503);
+    }
+    let spent = send("always-fails", &s.token).await.expect("http");
+    assert_eq!(spent.status(), 409);
+    assert_eq!(spent.headers()["x-should-retry"], "false");
+    assert_eq!(spent.headers()["x-syft-error-reason"], "REQUEST_PROCESSED");
+    let body: Value = spent.json().await.expect("json");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("tried 8 times"), "{body}");
+    assert_eq!(s.alice_money().await.0, FUNDS - PRICE);
     s.check_invariants().await;
 }
 

@@ -467,7 +467,7 @@ impl Journal {
             sqlx::query(
                 "UPDATE hosted_transfers SET step = 'unknown', status = 'CANCELLED', token = '', \
              cancel_reason = 'interrupted while creating', error_kind = 'UNAVAILABLE', \
-             error_message = 'the authorization was interrupted; retry with a new request id', \
+             error_message = 'the authorization was interrupted; send the request again', \
              resolved_by = 'SYSTEM', resolved_at = $1 WHERE step = 'creating' AND created_at < $2",
             )
             .bind(now)

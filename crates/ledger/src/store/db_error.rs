@@ -41,8 +41,10 @@ pub(crate) enum DbErrorClass {
     /// the transaction rolled back, or its commit's outcome is unknown. Not retried here; the
     /// caller is told `UNAVAILABLE` (outcome unknown) and repeats the call, which is idempotent.
     ConnectionLost,
-    /// The server refuses sessions or writes for now ([`PG_REFUSED`]): nothing was done, and
-    /// the call succeeds once the operator puts it right. `UNAVAILABLE`, as a lost connection is:
+    /// The server refuses sessions or writes for now ([`PG_REFUSED`]): the statement did nothing
+    /// (a hosted step's remote call may have moved money before its journal write was refused;
+    /// the steps are idempotent, so the repeat settles it), and the call succeeds once the
+    /// operator puts it right. `UNAVAILABLE`, as a lost connection is:
     /// these were `INTERNAL`, which a router takes as final (a capture withheld its answer, a
     /// void was given up on and the hold left to expire, the request without a row).
     Refused,

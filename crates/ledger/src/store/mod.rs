@@ -79,6 +79,43 @@ pub(crate) fn is_postgres(conn: &AnyConnection) -> bool {
 static PG_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
 static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite");
 
+/// The migrations of this binary that the database at `database_url` lacks; `None` when it holds
+/// no ledger (no migrations table). Read without migrating, unlike [`Store::connect`]: `verify`
+/// must not give an empty database a schema, nor apply a migration that older replicas still
+/// running on it cannot work with (0030, 0032: docs/operations.md).
+pub async fn missing_migrations(database_url: &str) -> Result<Option<Vec<i64>>> {
+    sqlx::any::install_default_drivers();
+    let sqlite = database_url.starts_with("sqlite:");
+    let pool = sqlx::any::AnyPoolOptions::new()
+        .max_connections(1)
+        .connect(database_url)
+        .await?;
+    let table = if sqlite {
+        "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'"
+    } else {
+        "SELECT COUNT(*) FROM information_schema.tables \
+         WHERE table_schema = current_schema() AND table_name = '_sqlx_migrations'"
+    };
+    let missing = match sqlx::query_scalar::<_, i64>(table).fetch_one(&pool).await? {
+        0 => None,
+        _ => {
+            let applied: Vec<i64> =
+                sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                    .fetch_all(&pool)
+                    .await?;
+            let ours = if sqlite {
+                &SQLITE_MIGRATOR
+            } else {
+                &PG_MIGRATOR
+            };
+            let missing = ours.iter().map(|m| m.version);
+            Some(missing.filter(|v| !applied.contains(v)).collect())
+        }
+    };
+    pool.close().await;
+    Ok(missing)
+}
+
 /// How long an authenticated secret stays cached; secrets are never rotated in place, so this only
 /// bounds memory staleness, not security.
 pub(super) const SECRET_CACHE_TTL: Duration = Duration::from_secs(60);

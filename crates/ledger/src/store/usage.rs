@@ -94,7 +94,7 @@ pub(crate) fn is_refused(u: &UsageInput) -> bool {
 /// The row a void brings when it finds its hold already cancelled (by the expiry sweep, which
 /// cancels without one), so that the request still leaves its row: a router's void arriving after
 /// the sweep (its ledger was away, its extension refused) used to leave none. A repeat of such a
-/// void meets that row (same recipient, user and request id) and writes nothing; a refusal's row,
+/// void meets that row (same transfer, migration 0032) and writes nothing; a refusal's row,
 /// which is not unique, is not written (a hold that was placed was not refused).
 pub(crate) async fn late_void_row(
     pool: &sqlx::AnyPool,

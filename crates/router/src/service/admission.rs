@@ -455,17 +455,27 @@ impl RouterService {
                 "capture failed; the answer is withheld"
             ),
         }
-        result.map(|_| transfer_id).map_err(|e| match e {
-            // Refused for good (the hold expired or was resolved meanwhile, a ledger away past
-            // its expiry): the guard voided it, nothing was charged. Said as the outage it is,
-            // which sending the request again overcomes (its id too, `attempts.rs`), not as a 409
-            // about the user's state, which the SDKs do not retry.
-            RouterError::FailedPrecondition { message, .. } => RouterError::Unavailable(format!(
-                "the answer could not be charged ({message}), so it is withheld and nothing was \
-                 charged; send the request again"
-            )),
-            e => e,
-        })
+        let refused = match result {
+            Ok(_) => return Ok(transfer_id),
+            Err(e @ RouterError::FailedPrecondition { .. }) => e,
+            Err(e) => return Err(e),
+        };
+        // Refused for good (the hold expired or was resolved meanwhile: a ledger away past its
+        // expiry). When the transfer is cancelled (the guard's void, or the sweep), nothing was
+        // charged: said as the outage it is, which sending the request again overcomes (its id
+        // too, `attempts.rs`), not as a 409 about the user's state, which the SDKs do not retry.
+        // Anything else (a hosted recovery that found the remote hold confirmed) keeps the
+        // ledger's refusal: "nothing was charged" would be untrue.
+        match self.inner.ledger.transfer(&transfer_id).await {
+            Ok(t) if t.status() == TransferStatus::Cancelled => {
+                Err(RouterError::Unavailable(format!(
+                    "the answer could not be charged ({}), and nothing was charged; send the \
+                     request again",
+                    refused.public_message()
+                )))
+            }
+            _ => Err(refused),
+        }
     }
 
     /// No charge: void the hold (or record the free request's row).

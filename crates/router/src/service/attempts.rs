@@ -3,8 +3,9 @@
 //! A paid request's id is its hold's idempotency key, so a retry after a failure used to find
 //! the voided hold and was refused as already processed: a client that sent an `Idempotency-Key`,
 //! as the docs advise, lost the SDKs' retries of a 503 that the same client without a key got.
-//! Only a charge spends a request id ([`uncharged`]): each try after an uncharged one places its
-//! hold under a key of its own ([`attempt_key`]). The ledger's idempotency then holds per try, so
+//! A try that charged nothing does not spend the id ([`uncharged`]): each try after one places its
+//! hold under a key of its own ([`attempt_key`]). (A charge spends it, and so does a refusal the
+//! ledger keeps under the key, replayed as it stands, and the last try.) The ledger's idempotency then holds per try, so
 //! duplicates of a retry (two replicas, a resend) still call the upstream once and charge once,
 //! and a charged request's id is still answered from the ledger (its stored answer, or the
 //! refusal saying it was charged).
@@ -28,9 +29,9 @@ pub(super) fn attempt_key(request_id: &str, attempt: u32) -> String {
 
 /// Whether a resolved transfer charged nothing: voided (its upstream failed, its client left, its
 /// capture was refused, or its answer cost nothing: all its tokens free, a search that found
-/// nothing) or expired. Its id may be tried again: only a charge spends a request id, since a
-/// charged answer is what a retry must get back (replayed) rather than pay for twice. An
-/// uncharged answer is not stored, and running it again costs the user nothing it did not.
+/// nothing) or expired. Its id may be tried again: a charged answer is what a retry must get back
+/// (replayed) rather than pay for twice, but an uncharged one is not stored, and running it again
+/// charges only if the new answer costs something.
 pub(super) fn uncharged(t: &Transfer) -> bool {
     t.status() == TransferStatus::Cancelled
 }
