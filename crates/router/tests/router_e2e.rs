@@ -1406,6 +1406,16 @@ async fn unknown_paths_and_methods_answer_with_an_error_body() {
     assert!(message.contains("method GET"), "{body}");
 }
 
+/// A 409 for a spent request id: `reason`, a message that `says`, and `x-should-retry: false`.
+async fn spent_id(resp: reqwest::Response, reason: &str, says: &str) {
+    assert_eq!(resp.status(), 409);
+    assert_eq!(resp.headers()["x-should-retry"], "false");
+    assert_eq!(resp.headers()["x-syft-error-reason"], reason);
+    let body: Value = resp.json().await.expect("json");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains(says), "{body}");
+}
+
 /// A request id whose request is over, or that a request with other parameters used, is spent:
 /// a retry with it gets the same 409 whatever happens meanwhile, so the OpenAI SDKs are told not
 /// to spend their retries on it (with an `Idempotency-Key` they resend it twice, and the real
@@ -1469,12 +1479,7 @@ async fn a_spent_request_id_is_not_retried_by_the_sdks() {
         .send()
         .await
         .expect("http");
-    assert_eq!(other.status(), 409);
-    assert_eq!(other.headers()["x-should-retry"], "false");
-    assert_eq!(other.headers()["x-syft-error-reason"], "REQUEST_PROCESSED");
-    let body: Value = other.json().await.expect("json");
-    let message = body["error"]["message"].as_str().unwrap_or_default();
-    assert!(message.contains("completed (already charged)"), "{body}");
+    spent_id(other, "REQUEST_PROCESSED", "completed (already charged)").await;
     // Every try left its row under the request id: two failures and the answer, with its
     // revenue (and the refusal its own).
     let mut rows: Vec<_> = s
@@ -1498,15 +1503,7 @@ async fn a_spent_request_id_is_not_retried_by_the_sdks() {
     let forged = send("forged-first", "made-up-token").await.expect("http");
     assert_eq!(forged.status(), 403);
     let right = send("forged-first", &s.token).await.expect("http");
-    assert_eq!(right.status(), 409);
-    assert_eq!(right.headers()["x-should-retry"], "false");
-    assert_eq!(
-        right.headers()["x-syft-error-reason"],
-        "IDEMPOTENCY_CONFLICT"
-    );
-    let body: Value = right.json().await.expect("json");
-    let message = body["error"]["message"].as_str().unwrap_or_default();
-    assert!(message.contains("with a new key"), "{body}");
+    spent_id(right, "IDEMPOTENCY_CONFLICT", "with a new key").await;
     assert_eq!(
         s.alice_money().await.0,
         FUNDS - PRICE,
@@ -1519,12 +1516,7 @@ async fn a_spent_request_id_is_not_retried_by_the_sdks() {
         assert_eq!(failed.status(), 503);
     }
     let spent = send("always-fails", &s.token).await.expect("http");
-    assert_eq!(spent.status(), 409);
-    assert_eq!(spent.headers()["x-should-retry"], "false");
-    assert_eq!(spent.headers()["x-syft-error-reason"], "REQUEST_PROCESSED");
-    let body: Value = spent.json().await.expect("json");
-    let message = body["error"]["message"].as_str().unwrap_or_default();
-    assert!(message.contains("tried 8 times"), "{body}");
+    spent_id(spent, "REQUEST_PROCESSED", "tried 8 times").await;
     assert_eq!(s.alice_money().await.0, FUNDS - PRICE);
     s.check_invariants().await;
 }
