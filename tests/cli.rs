@@ -158,6 +158,12 @@ async fn client_commands_and_verify() {
         0,
         "left as it was"
     );
+    // A mistyped file name in the URL form the docs show (`mode=rwc`) is not created.
+    let typo = empty.path().join("typo.db");
+    let url = format!("sqlite://{}?mode=rwc", typo.display());
+    let refused = fails(syft_router().args(["ledger", "verify", "--database-url", &url]));
+    assert_contains(&refused, &["no ledger in that database"]);
+    assert!(!typo.exists(), "verify created {}", typo.display());
     // A ledger some migrations behind this binary is refused too, not migrated under the older
     // replicas that may still run on it.
     let behind = empty.path().join("behind.db");

@@ -270,6 +270,12 @@ async fn one_request_is_one_trace_across_router_and_ledger() {
         "syft_ledger_captured_micros_total{app=\"traced-router\"} 10000",
         "syft_ledger_pending_holds 0",
         "syft_ledger_db_connections{state=\"idle\"}",
+        // Counters at zero before their first event: a rule on `increase()` sees nothing of a
+        // series that does not exist yet, so the first failure would not raise it.
+        "syft_ledger_holds_total{event=\"voided\"} 0",
+        "syft_ledger_holds_total{event=\"expired\"} 0",
+        "syft_ledger_sweep_failures_total 0",
+        "syft_ledger_auth_refusals_total{outcome=\"failed\"} 0",
         "syft_grpc_server_request_duration_seconds_bucket",
     ] {
         assert!(ledger_metrics.contains(needle), "ledger /metrics lacks {needle}:\n{ledger_metrics}");
@@ -416,6 +422,25 @@ fn an_unusable_collector_is_a_clear_error() {
     let stderr = start_up_error("OTEL_EXPORTER_OTLP_ENDPOINT", "https://127.0.0.1:1");
     assert!(
         stderr.contains("OTLP exporter") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+}
+
+/// A compression this build leaves out is refused at start, as the docs say, not warned of and
+/// ignored (the exporter library's own behaviour).
+#[test]
+fn an_unsupported_compression_is_refused_at_start() {
+    let out = Command::new(env!("CARGO_BIN_EXE_syft-router"))
+        .args(["ledger", "verify", "--data-dir", "/nonexistent-syft-data"])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:1")
+        .env("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip")
+        .env_remove("DATABASE_URL")
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("OTEL_EXPORTER_OTLP_COMPRESSION=\"gzip\""),
         "{stderr}"
     );
 }

@@ -278,16 +278,11 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A 3-letter currency code, upper-cased. Anything else (`EURO`) made accounts no router could
-/// sell against: a router prices in a 3-letter code and refuses a ledger holding another.
+/// A 3-letter currency code, upper-cased ([`syft_money::currency_code`]).
 fn parse_currency(text: &str) -> Result<String, String> {
-    let code = text.trim().to_ascii_uppercase();
-    match code.len() == 3 && code.bytes().all(|b| b.is_ascii_uppercase()) {
-        true => Ok(code),
-        false => Err(format!(
-            "{text:?} is not a 3-letter currency code (USD, EUR, …), as routers price in"
-        )),
-    }
+    syft_money::currency_code(text.trim()).ok_or_else(|| {
+        format!("{text:?} is not a 3-letter currency code (USD, EUR, …), as routers price in")
+    })
 }
 
 async fn verify(db: &DatabaseArgs, json: bool) -> anyhow::Result<()> {
@@ -309,7 +304,7 @@ async fn verify(db: &DatabaseArgs, json: bool) -> anyhow::Result<()> {
          ledger runs, or start the upgraded ledger first (verify does not migrate; \
          docs/operations.md, \"Upgrades\")"
     );
-    let store = Store::connect(&url, 2).await?;
+    let store = Store::inspect(&url).await?;
     let report = store.verify().await?;
     if json {
         println!(

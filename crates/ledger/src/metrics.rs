@@ -103,8 +103,23 @@ pub fn now() -> i64 {
     now_micros()
 }
 
+/// Shows every counter of a known label set from the first scrape, at zero: a rule on
+/// `increase()` or `rate()` sees nothing of a series that does not exist yet, so the first sweep
+/// failure or wrong credential would not raise an alert. (`CAPTURED` is by app: its labels are
+/// not known before a capture.)
+fn zero_counters() {
+    for event in ["authorized", "captured", "voided", "expired"] {
+        HOLDS.with_label_values(&[event]);
+    }
+    for outcome in ["failed", "locked"] {
+        AUTH_REFUSED.with_label_values(&[outcome]);
+    }
+    std::sync::LazyLock::force(&SWEEP_FAILURES);
+}
+
 /// Refreshes the gauges that are read from the database, then renders every metric.
 pub async fn render(store: &Store) -> axum::response::Response {
+    zero_counters();
     match store.pending_holds().await {
         Ok(n) => PENDING.set(n),
         Err(e) => tracing::warn!(error = %e, "pending holds not counted"),

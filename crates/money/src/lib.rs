@@ -13,6 +13,14 @@ pub use micros::Micros;
 /// Micros in one unit of currency.
 pub const MICROS_PER_UNIT: i64 = 1_000_000;
 
+/// A currency code as ledgers and routers hold it: three ASCII letters, upper-cased (`usd` →
+/// `USD`). `None` for anything else: an account in `EURO` could never be sold against, since a
+/// router prices in a 3-letter code and refuses a ledger whose currency differs.
+pub fn currency_code(text: &str) -> Option<String> {
+    (text.len() == 3 && text.bytes().all(|b| b.is_ascii_alphabetic()))
+        .then(|| text.to_ascii_uppercase())
+}
+
 /// Why a decimal amount was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum AmountError {
@@ -160,6 +168,15 @@ mod tests {
 
     /// The router's default price ceiling: 1,000,000 units of currency.
     const DEFAULT_MAX_AMOUNT_MICROS: i64 = 1_000_000 * MICROS_PER_UNIT;
+
+    #[test]
+    fn a_currency_code_is_three_letters_upper_cased() {
+        assert_eq!(currency_code("usd").as_deref(), Some("USD"));
+        assert_eq!(currency_code("EUR").as_deref(), Some("EUR"));
+        for bad in ["", "US", "EURO", "US1", " US", "ÜSD", "U$D"] {
+            assert_eq!(currency_code(bad), None, "{bad:?}");
+        }
+    }
 
     fn p(s: &str) -> Result<i64, AmountError> {
         parse_decimal_micros(s, DEFAULT_MAX_AMOUNT_MICROS)

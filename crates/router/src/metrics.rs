@@ -51,6 +51,21 @@ pub fn spool_event(event: &'static str) {
     SPOOL.with_label_values(&[event]).inc();
 }
 
+/// Every spool event at zero, once a router has a spool: a rule on `increase()` sees nothing of
+/// a series that does not exist yet, so the first `row_lost` would not raise an alert.
+pub fn spool_opened() {
+    for event in [
+        "ship_failed",
+        "row_dropped",
+        "row_lost",
+        "row_unsynced",
+        "segment_quarantined",
+        "segment_unreadable",
+    ] {
+        SPOOL.with_label_values(&[event]);
+    }
+}
+
 /// Records one finished chat request.
 pub fn observe(provider: &str, mode: &str, outcome: &str, started: Instant, upstream: Duration) {
     let total = started.elapsed();

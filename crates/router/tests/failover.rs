@@ -375,6 +375,49 @@ async fn duplicate_of_a_failed_request_is_not_charged() {
     s.check_invariants().await;
 }
 
+/// The retry of a failed request reaches two routers at once: both read the first try as
+/// cancelled and go for the same next key, `<id> (attempt 2)`. The ledger places that key once,
+/// so one router calls the upstream and the other waits for its outcome and replays it: two
+/// upstream calls in all (the failed try and one answer), one charge, the same answer to both.
+#[tokio::test]
+async fn a_retry_racing_at_two_routers_is_answered_once_and_charged_once() {
+    let (s, others) = replicas(Mode::Status(500), 1).await;
+    let (mut a, mut b) = (s.client().await, others[0].client().await);
+    let mut req = s.request("retried");
+    req.request_id = "race-retry".into();
+    a.chat(req.clone()).await.expect_err("the first try fails");
+    assert_eq!(s.upstream.hits(), 1);
+
+    s.upstream.set_mode(Mode::Delay(Duration::from_millis(600)));
+    let (ra, rb) = tokio::join!(a.chat(req.clone()), b.chat(req));
+    let ra = ra.expect("first router answers").into_inner();
+    let rb = rb.expect("second router answers").into_inner();
+    assert_eq!(s.upstream.hits(), 2, "the retry called the upstream twice");
+    assert_eq!(ra.transfer_id, rb.transfer_id);
+    assert_eq!(ra.message, rb.message);
+    assert_eq!((ra.cost_micros, rb.cost_micros), (PRICE, PRICE));
+    assert!(ra.replay != rb.replay, "exactly one is the replay");
+    let mut keys: Vec<_> = s
+        .wait_no_pending(Duration::from_secs(5))
+        .await
+        .into_iter()
+        .map(|t| (t.idempotency_key.clone(), t.status()))
+        .collect();
+    keys.sort_by(|x, y| x.0.cmp(&y.0));
+    assert_eq!(
+        keys,
+        [
+            ("race-retry".to_string(), TransferStatus::Cancelled),
+            (
+                "race-retry (attempt 2)".to_string(),
+                TransferStatus::Completed
+            )
+        ]
+    );
+    assert_eq!(s.alice_money().await.0, FUNDS - PRICE);
+    s.check_invariants().await;
+}
+
 /// A neighbour behind the router's address sends `limit` wrong secrets: the ledger locks it.
 async fn lock_the_address(s: &Stack, limit: usize) {
     for i in 0..limit {

@@ -91,6 +91,10 @@ async fn paid_success_captures_exactly_the_price() {
     let body = s.upstream.last_body().expect("upstream body");
     assert_eq!(body["model"], "test-model");
     assert_eq!(body["max_tokens"], 100);
+    // The upstream learns who is who by a pseudonym, never the payer's email.
+    let user = body["user"].as_str().expect("user sent");
+    assert!(user.starts_with("syft-") && user.len() == 37, "{user}");
+    assert!(!body.to_string().contains(&s.alice.email), "{body}");
     s.check_invariants().await;
 }
 

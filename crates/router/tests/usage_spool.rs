@@ -96,13 +96,23 @@ async fn rows_spooled_while_the_ledger_is_unreachable_ship_from_the_next_router(
         c.chat(req).await.expect("free answer without a ledger");
         assert!(started.elapsed() < Duration::from_secs(1));
     }
-    // The shipper's failed calls are counted, so a spool that cannot ship can be alerted on.
+    // The shipper's failed calls are counted, so a spool that cannot ship can be alerted on;
+    // every spool event is shown from the start, at zero until it happens (an `increase()` rule
+    // sees nothing of a series that does not exist yet).
     let metrics = format!("{}/metrics", offline.http_url);
-    let line = r#"syft_router_usage_spool_events_total{event="ship_failed"}"#;
+    let count = |text: &str, event: &str| {
+        let series = format!(r#"syft_router_usage_spool_events_total{{event="{event}"}} "#);
+        text.lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    let line = "ship_failed ≥ 1";
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let text = reqwest::get(&metrics).await.expect("metrics").text().await;
-        if text.expect("text").contains(line) {
+        let text = text.expect("text");
+        assert_eq!(count(&text, "row_lost"), Some(0.0), "{text}");
+        if count(&text, "ship_failed").is_some_and(|n| n >= 1.0) {
             break;
         }
         assert!(

@@ -196,6 +196,24 @@ fn otlp_provider(
         .enable_all()
         .build()
         .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+    // The exporter only warns of a compression this build leaves out and sends uncompressed: an
+    // operator who asked for gzip (to fit a collector's limit, or a link's budget) would learn
+    // of it from a log line at best.
+    for name in [
+        "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
+        "OTEL_EXPORTER_OTLP_COMPRESSION",
+    ] {
+        match std::env::var(name) {
+            Ok(v) if !v.trim().is_empty() && !v.trim().eq_ignore_ascii_case("none") => {
+                runtime.shutdown_background();
+                return Err(TelemetryError::Exporter(format!(
+                    "{name}={v:?}: this build exports over plain http:// gRPC, uncompressed \
+                     (unset it, or set it to none)"
+                )));
+            }
+            _ => {}
+        }
+    }
     // The gRPC channel's background work belongs to the exporter's runtime, not the caller's.
     let exporter = {
         let _on_export_runtime = runtime.enter();

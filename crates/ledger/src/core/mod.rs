@@ -592,13 +592,11 @@ fn same_currency(sender: &Identity, recipient: &AccountRow) -> Result<()> {
 }
 
 fn validate_currency(c: &str) -> Result<String> {
-    if c.len() == 3 && c.chars().all(|ch| ch.is_ascii_alphabetic()) {
-        Ok(c.to_ascii_uppercase())
-    } else {
-        Err(LedgerError::invalid(format!(
+    syft_money::currency_code(c).ok_or_else(|| {
+        LedgerError::invalid(format!(
             "currency {c:?} must be a 3-letter code such as USD"
-        )))
-    }
+        ))
+    })
 }
 
 fn non_empty(s: &str) -> Option<String> {

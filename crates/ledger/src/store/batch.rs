@@ -151,16 +151,15 @@ pub(crate) async fn connect(
     workers: usize,
 ) -> Result<AnyPool, sqlx::Error> {
     let connections = u32::try_from(workers.max(1) * 2).unwrap_or(u32::MAX);
-    options
+    let options = options
         .max_connections(connections)
         .after_connect(|conn, _| {
             Box::pin(async move {
                 conn.execute("SET enable_seqscan = off").await?;
                 Ok(())
             })
-        })
-        .connect(database_url)
-        .await
+        });
+    super::open_pool(options, database_url).await
 }
 
 impl Batcher {

@@ -35,7 +35,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sqlx::any::AnyPoolOptions;
-use sqlx::{AnyConnection, AnyPool, Executor};
+use sqlx::{AnyConnection, AnyPool, Connection, Executor};
 
 use crate::error::{is_retryable, LedgerError, Result};
 
@@ -64,16 +64,34 @@ pub use transfer::{CaptureAmount, Resolution, ResolveInput, SweepReport};
 pub(crate) use usage::{insert_usage, late_void_row, UsageLink, UsageWrite};
 pub use verify::VerifyReport;
 
-/// Whether `conn` talks to Postgres (the `Any` driver's backend name), for the steps whose SQL
-/// differs by engine.
 /// A JSON text of `value`: the list parameter of the set-based statements, which the `Any`
 /// driver binds on every engine.
 pub(crate) fn json<T: serde::Serialize + ?Sized>(value: &T) -> Result<String, sqlx::Error> {
     serde_json::to_string(value).map_err(|e| sqlx::Error::Encode(Box::new(e)))
 }
 
+/// Whether `conn` talks to Postgres (the `Any` driver's backend name), for the steps whose SQL
+/// differs by engine.
 pub(crate) fn is_postgres(conn: &AnyConnection) -> bool {
     conn.backend_name() == "PostgreSQL"
+}
+
+/// Opens a pool on `database_url`. sqlx keeps trying a refused connection until the acquire
+/// timeout (a database still starting), then reports only "pool timed out while waiting for an
+/// open connection": an operator with a wrong port or host learnt nothing. After that wait one
+/// direct connection is tried, and its error (refused, unknown host, no such database) is the
+/// one returned.
+pub(crate) async fn open_pool(
+    options: AnyPoolOptions,
+    database_url: &str,
+) -> Result<AnyPool, sqlx::Error> {
+    match options.connect(database_url).await {
+        Err(sqlx::Error::PoolTimedOut) => match AnyConnection::connect(database_url).await {
+            Err(why) => Err(why),
+            Ok(_) => Err(sqlx::Error::PoolTimedOut),
+        },
+        other => other,
+    }
 }
 
 static PG_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
@@ -86,10 +104,14 @@ static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migratio
 pub async fn missing_migrations(database_url: &str) -> Result<Option<Vec<i64>>> {
     sqlx::any::install_default_drivers();
     let sqlite = database_url.starts_with("sqlite:");
-    let pool = sqlx::any::AnyPoolOptions::new()
+    // `mode=rwc` (the form the docs show) would create the file being looked for.
+    if sqlite_file(database_url).is_some_and(|file| !file.exists()) {
+        return Ok(None);
+    }
+    let options = AnyPoolOptions::new()
         .max_connections(1)
-        .connect(database_url)
-        .await?;
+        .acquire_timeout(Duration::from_secs(10));
+    let pool = open_pool(options, database_url).await?;
     let table = if sqlite {
         "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'"
     } else {
@@ -114,6 +136,15 @@ pub async fn missing_migrations(database_url: &str) -> Result<Option<Vec<i64>>> 
     };
     pool.close().await;
     Ok(missing)
+}
+
+/// The file of a `sqlite:` URL (`sqlite://ledger.db?mode=rwc`, `sqlite:ledger.db`); `None` for
+/// other URLs and an in-memory database.
+fn sqlite_file(database_url: &str) -> Option<&std::path::Path> {
+    let rest = database_url.strip_prefix("sqlite:")?;
+    let rest = rest.strip_prefix("//").unwrap_or(rest);
+    let path = rest.split('?').next().unwrap_or_default();
+    (!path.is_empty() && path != ":memory:").then(|| std::path::Path::new(path))
 }
 
 /// How long an authenticated secret stays cached; secrets are never rotated in place, so this only
@@ -221,6 +252,25 @@ impl Store {
         max_connections: u32,
         batch_workers: usize,
     ) -> Result<Self> {
+        Self::open(database_url, max_connections, Some(batch_workers)).await
+    }
+
+    /// Opens an existing ledger to read it (`ledger verify`), writing nothing of its own: no
+    /// migrations (the caller checked that none is missing, [`missing_migrations`]), no rebuild
+    /// of empty rollups (a fresh ledger's rows all queued looked like an upgrade from before the
+    /// rollups, and verify recomputed every rollup under the running ledger), no batch workers
+    /// and no rollup folder. Verify folds the queue itself, as the folder would.
+    pub async fn inspect(database_url: &str) -> Result<Self> {
+        Self::open(database_url, 2, None).await
+    }
+
+    /// `batch_workers`: `Some` to serve (migrate, backfill rollups, start the Postgres batch
+    /// workers and the rollup folder), `None` to [`inspect`](Store::inspect).
+    async fn open(
+        database_url: &str,
+        max_connections: u32,
+        batch_workers: Option<usize>,
+    ) -> Result<Self> {
         sqlx::any::install_default_drivers();
         let backend =
             if database_url.starts_with("postgres:") || database_url.starts_with("postgresql:") {
@@ -244,7 +294,7 @@ impl Store {
         let unreachable = |e: sqlx::Error| {
             LedgerError::Unavailable(format!("cannot connect to the database: {e}"))
         };
-        let pool = match backend {
+        let pool_options = match backend {
             Backend::Postgres => options.clone().max_connections(max_connections.max(1)),
             // One writer connection: SQLite serializes writers anyway, and a single connection
             // can never hit a lock-upgrade deadlock (SQLITE_BUSY) between two of our transactions.
@@ -260,30 +310,33 @@ impl Store {
                     Ok(())
                 })
             }),
-        }
-        .connect(database_url)
-        .await
-        .map_err(unreachable)?;
+        };
+        let pool = open_pool(pool_options, database_url)
+            .await
+            .map_err(unreachable)?;
         let migrator = match backend {
             Backend::Postgres => &PG_MIGRATOR,
             Backend::Sqlite => &SQLITE_MIGRATOR,
         };
-        migrator
-            .run(&pool)
-            .await
-            .map_err(|e| LedgerError::Internal(format!("migration failed: {e}")))?;
-        let batcher = match backend {
-            Backend::Postgres => Some(batch::Batcher::start(
-                batch::connect(options, database_url, batch_workers)
+        let serving = batch_workers.is_some();
+        if serving {
+            migrator
+                .run(&pool)
+                .await
+                .map_err(|e| LedgerError::Internal(format!("migration failed: {e}")))?;
+        }
+        let batcher = match (backend, batch_workers) {
+            (Backend::Postgres, Some(workers)) => Some(batch::Batcher::start(
+                batch::connect(options, database_url, workers)
                     .await
                     .map_err(unreachable)?,
-                batch_workers,
+                workers,
             )),
-            Backend::Sqlite => None,
+            _ => None,
         };
         let usage_writer = usage_batch::UsageWriter::start(pool.clone(), backend);
-        let folder =
-            (backend == Backend::Postgres).then(|| rollup_fold::start_folder(pool.clone()));
+        let folder = (backend == Backend::Postgres && serving)
+            .then(|| rollup_fold::start_folder(pool.clone()));
         let store = Self {
             _folder: folder,
             budgeted: budget_batch::BudgetedHolds::new(pool.clone()),
@@ -301,7 +354,9 @@ impl Store {
                 Backend::Sqlite => 1,
             }),
         };
-        store.backfill_rollups().await?;
+        if serving {
+            store.backfill_rollups().await?;
+        }
         Ok(store)
     }
 
@@ -391,5 +446,26 @@ mod tests {
         );
         let versions = |m: &Migrator| m.iter().map(|m| m.version).collect::<Vec<_>>();
         assert_eq!(versions(&PG_MIGRATOR), versions(&SQLITE_MIGRATOR));
+    }
+
+    /// A database port nobody listens on is reported as refused, after the pool's wait, not as
+    /// sqlx's "pool timed out while waiting for an open connection", which said nothing of why.
+    #[tokio::test]
+    async fn a_closed_database_port_is_reported_as_refused() {
+        sqlx::any::install_default_drivers();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let options = sqlx::any::AnyPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(std::time::Duration::from_millis(300));
+        let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+        let e = super::open_pool(options, &url)
+            .await
+            .expect_err("nothing listens there");
+        let refused =
+            matches!(&e, sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused);
+        assert!(refused, "{e:?}");
     }
 }

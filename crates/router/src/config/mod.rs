@@ -560,8 +560,9 @@ fn validate_origin(origin: &str) -> Result<(), ConfigError> {
     }
 }
 
+/// Written upper-case in the file, as the ledger stores it ([`syft_money::currency_code`]).
 fn validate_currency(c: &str) -> Result<(), ConfigError> {
-    if c.len() == 3 && c.bytes().all(|b| b.is_ascii_uppercase()) {
+    if syft_money::currency_code(c).is_some_and(|code| code == c) {
         Ok(())
     } else {
         Err(invalid(format!(

@@ -66,6 +66,9 @@ impl Ledger {
             .as_deref()
             .map(|dir| UsageSpool::open(dir, owner_email, calls.clone(), sync))
             .transpose()?;
+        if spool.is_some() {
+            crate::metrics::spool_opened();
+        }
         Ok(Ledger {
             usage: UsageSender::start(calls.clone()),
             spool,

@@ -301,6 +301,12 @@ impl RouterService {
         self.sells_chat() && (listed.is_empty() || listed.iter().any(|m| m == model))
     }
 
+    /// The OpenAI `user` sent upstream for `email`: a pseudonym, never the payer's email.
+    fn upstream_user(&self, email: &str) -> String {
+        let c = &self.inner.config;
+        crate::upstream::user_pseudonym(c.ledger.secret.expose(), &c.name, email)
+    }
+
     /// Whether the chat service is listed and enabled.
     fn sells_chat(&self) -> bool {
         self.inner.config.chat_service().is_some_and(|s| s.enabled)
@@ -474,7 +480,7 @@ impl RouterService {
                 max_tokens,
                 ..v.options.clone()
             },
-            user: v.user_email.clone(),
+            user: self.upstream_user(&v.user_email),
         };
         let t = Ticket {
             started: tokio::time::Instant::now(),

@@ -28,7 +28,8 @@ pub struct UpstreamRequest {
     pub messages: Vec<Message>,
     /// Sampling options; `max_tokens` is always set for per-token pricing (the hold bounds it).
     pub options: ChatOptions,
-    /// Forwarded as the OpenAI `user` field (abuse tracking upstream); may be empty.
+    /// Sent as the OpenAI `user` field (abuse tracking upstream): [`user_pseudonym`] of the
+    /// payer; may be empty.
     pub user: String,
 }
 
@@ -267,5 +268,54 @@ impl Upstream {
             Upstream::Echo(e) => e.stream(req),
             Upstream::OpenAi(o) => o.stream(req).await,
         }
+    }
+}
+
+/// A stable pseudonym of a router's user for the upstream's `user` field: `syft-` and 32 hex
+/// digits of SHA-256 over the router's ledger secret, its name and the email. The upstream can
+/// still tell one user's requests from another's (what OpenAI asks the field for), but the
+/// payer's email, which the router used to send as it was, no longer leaves for a third party;
+/// keyed by the secret, it cannot be reversed by hashing guessed emails. The owner maps it back
+/// by computing it for an email (`user_pseudonym_is_stable_and_keyed` shows the recipe). Empty
+/// for an empty email.
+pub fn user_pseudonym(secret: &str, router: &str, email: &str) -> String {
+    use sha2::{Digest, Sha256};
+    if email.is_empty() {
+        return String::new();
+    }
+    let mut h = Sha256::new();
+    for part in [secret, router, email] {
+        h.update(part.as_bytes());
+        h.update([0u8]);
+    }
+    let digest = hex::encode(h.finalize());
+    format!("syft-{}", &digest[..32])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::user_pseudonym;
+
+    #[test]
+    fn user_pseudonym_is_stable_and_keyed() {
+        let a = user_pseudonym("secret", "router", "alice@example.com");
+        assert_eq!(a, user_pseudonym("secret", "router", "alice@example.com"));
+        assert!(a.starts_with("syft-") && a.len() == 37, "{a}");
+        // The recipe, for an owner mapping a pseudonym back to an email.
+        let mut input = Vec::new();
+        for part in ["secret", "router", "alice@example.com"] {
+            input.extend_from_slice(part.as_bytes());
+            input.push(0);
+        }
+        let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&input));
+        assert_eq!(a, format!("syft-{}", &digest[..32]));
+        for other in [
+            user_pseudonym("other secret", "router", "alice@example.com"),
+            user_pseudonym("secret", "other router", "alice@example.com"),
+            user_pseudonym("secret", "router", "bob@example.com"),
+        ] {
+            assert_ne!(a, other);
+        }
+        assert_eq!(user_pseudonym("secret", "router", ""), "");
     }
 }
