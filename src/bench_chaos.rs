@@ -192,7 +192,7 @@ async fn start_processes(
     let secret = create_account(&mut admin, OWNER, 0).await?;
     let upstream = start_faulty_upstream(seed).await?;
     let mut config = serde_json::json!({
-        "name": "chaos", "owner_email": OWNER,
+        "name": "chaos", "owner_email": OWNER, "models": ["*"],
         "services": [{"type": "chat", "pricing": {"pricing_type": "per_request", "amount": "0.01"}}],
         "upstream": {"kind": "openai", "base_url": upstream, "request_timeout_ms": 3000,
                       "idle_timeout_ms": 2000, "max_retries": 2},

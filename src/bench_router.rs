@@ -192,6 +192,9 @@ pub(crate) async fn start_configured(
     config.ledger.url = ledger_url.to_string();
     config.ledger.secret = secret.to_string().into();
     config.upstream = UpstreamConfig::OpenAi(OpenAiConfig::new(upstream_url.to_string()));
+    if config.models.is_empty() {
+        config.models = vec![syft_router_svc::ANY_MODEL.into()];
+    }
     let grpc = TcpListener::bind("127.0.0.1:0").await?;
     let http = TcpListener::bind("127.0.0.1:0").await?;
     let grpc_url = format!("http://{}", grpc.local_addr()?);

@@ -291,6 +291,7 @@ impl Shapes {
         config.upstream = syft_router_svc::UpstreamConfig::OpenAi(
             syft_router_svc::OpenAiConfig::new(self.upstream_url.clone()),
         );
+        config.models = vec![syft_router_svc::ANY_MODEL.into()];
         let service = syft_router_svc::RouterService::new(config)?;
         let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let http = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

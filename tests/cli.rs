@@ -228,6 +228,34 @@ fn sigterm_after(args: &[&str], ready: &str) -> (std::process::ExitStatus, Strin
     (status, log)
 }
 
+/// A router pointed at an OpenAI-compatible upstream is told which models it sells: without,
+/// it used to pass any model a client named (the dearest there is) at its price. With
+/// `--models` it serves.
+#[test]
+fn a_router_on_an_upstream_names_its_models() {
+    let args = [
+        "router",
+        "--owner-email",
+        "owner@example.com",
+        "--upstream-url",
+        "http://127.0.0.1:9/v1",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--http-addr",
+        "127.0.0.1:0",
+    ];
+    let refused = fails(
+        syft_router()
+            .args(args)
+            .env_remove("SYFT_ROUTER_MODELS")
+            .env_remove("SYFT_ROUTER_CONFIG"),
+    );
+    assert_contains(&refused, &["models: list the models this router sells"]);
+    let models = ["--models", "gpt-4o-mini", "--shutdown-grace", "1s"];
+    let (status, log) = sigterm_after(&[&args[..], &models[..]].concat(), "router serving");
+    assert!(status.success(), "{status:?}:\n{log}");
+}
+
 #[test]
 fn ledger_and_router_exit_zero_on_sigterm() {
     let dir = tempfile::tempdir().expect("tempdir");

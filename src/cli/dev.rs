@@ -49,6 +49,10 @@ pub struct DevArgs {
     /// built-in echo model).
     #[arg(long = "upstream-url", env = "OPENAI_BASE_URL")]
     upstream_url: Option<String>,
+    /// The models the router sells, comma-separated (with --upstream-url, unless the config
+    /// file lists them); `*` passes any model a client names to the upstream.
+    #[arg(long, env = "SYFT_ROUTER_MODELS", value_delimiter = ',')]
+    models: Vec<String>,
     /// The upstream's API key.
     #[arg(
         long = "upstream-api-key",
@@ -261,6 +265,7 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
         config: args.config.clone(),
         owner_email: args.config.is_none().then(|| creds.owner_email.clone()),
         upstream_url: args.upstream_url.clone(),
+        models: args.models.clone(),
         upstream_api_key: args.upstream_api_key.clone(),
         ledger_secret_file: None,
         upstream_api_key_file: None,

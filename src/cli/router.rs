@@ -49,6 +49,11 @@ pub struct RouterSetup {
     /// OpenAI-compatible upstream base URL (e.g. http://127.0.0.1:11434/v1); unset: the built-in echo model.
     #[arg(long = "upstream-url", env = "OPENAI_BASE_URL")]
     pub upstream_url: Option<String>,
+    /// The models this router sells, comma-separated, in place of the config file's `models`;
+    /// `*` passes any model a client names to the upstream. With --upstream-url, needed unless
+    /// the config file lists models or a model_map.
+    #[arg(long, env = "SYFT_ROUTER_MODELS", value_delimiter = ',')]
+    pub models: Vec<String>,
     /// Upstream API key.
     #[arg(
         long = "upstream-api-key",
@@ -102,6 +107,9 @@ impl RouterSetup {
         };
         if let Some(owner) = &self.owner_email {
             config.owner_email = owner.clone();
+        }
+        if !self.models.is_empty() {
+            config.models = self.models.clone();
         }
         if !self.ledger_url.is_empty() {
             config.ledger.url = self.ledger_url.join(",");

@@ -36,7 +36,7 @@ use tokio::net::TcpListener;
 pub use config::{
     ConfigError, HttpSearchConfig, LedgerSettings, Limits, MaxTokensField, OpenAiConfig, Pricing,
     PricingKind, ReplaySettings, RouterConfig, SearchBackendConfig, SearchConfig, ServiceConfig,
-    ServiceKind, UpstreamConfig,
+    ServiceKind, UpstreamConfig, ANY_MODEL,
 };
 pub use error::RouterError;
 pub use grpc::GrpcRouter;

@@ -1546,3 +1546,39 @@ async fn one_model_is_retrieved_as_the_sdks_ask() {
     let message = body["error"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("\"test-model\" is not served"), "{body}");
 }
+
+/// A router with a `model_map` and no `models` sells the mapped names only: any other model is
+/// refused before a hold or an upstream call (with an empty list every name was passed to the
+/// upstream at this router's price, the dearest model included), and the listing shows the
+/// mapped names.
+#[tokio::test]
+async fn a_mapped_router_sells_its_mapped_models_only() {
+    let s = Stack::start_tweaked(Pricing::per_request(PRICE), |c| {
+        c.models.clear();
+        if let UpstreamConfig::OpenAi(o) = &mut c.upstream {
+            o.model_map.insert("mini".into(), "test-model".into());
+        }
+    })
+    .await;
+    let mut c = s.client().await;
+    let mut req = s.request("hi");
+    req.model = "o1-pro".into();
+    assert_eq!(code(c.chat(req).await), Code::NotFound);
+    assert_eq!(s.upstream.hits(), 0);
+    let mut req = s.request("hi");
+    req.model = "mini".into();
+    c.chat(req).await.expect("a mapped model");
+    let body = s.upstream.last_body().expect("upstream called");
+    assert_eq!(body["model"], "test-model");
+    let http = reqwest::Client::new();
+    let listed = get_json(&http, &format!("{}/v1/models", s.router.http_url)).await;
+    let ids: Vec<_> = listed["data"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    assert_eq!(ids, ["mini"]);
+    assert_eq!(s.alice_money().await.0, FUNDS - PRICE);
+    s.check_invariants().await;
+}

@@ -294,7 +294,8 @@ impl<N: NumberText> RawConfig<N> {
             http: syft_server::HttpLimits::default(),
             cors_origins: self.cors_origins,
         };
-        config.validate()?;
+        // The models are checked when the router starts: `--models` may still be given.
+        config.validate_settings()?;
         Ok(config)
     }
 }
@@ -428,6 +429,42 @@ mod tests {
                 amount_micros: 10_000
             }
         );
+    }
+
+    /// A router selling chat from an OpenAI-compatible upstream names what it sells: `models`,
+    /// a `model_map`, or `["*"]` for any. With none it passed any model a client named (the
+    /// dearest there is) to the upstream at its prices.
+    #[test]
+    fn an_upstream_router_names_its_models() {
+        let config = |extra: &str| {
+            RouterConfig::from_json_str(&format!(
+                r#"{{"name":"r","owner_email":"o@example.com",
+                    "upstream":{{"kind":"openai","base_url":"http://up/v1"{extra}}}}}"#
+            ))
+            .expect("parses")
+        };
+        let err = config("").validate().expect_err("no models").to_string();
+        assert!(
+            err.contains("models: list the models this router sells"),
+            "{err}"
+        );
+        let mapped = config(r#","model_map":{"mini":"gpt-4o-mini"}"#);
+        assert!(mapped.validate().is_ok());
+        let mut any = config("");
+        any.models = vec!["*".into()];
+        assert!(any.validate().is_ok());
+        any.models.push("gpt-4o".into());
+        let err = any.validate().expect_err("* with names").to_string();
+        assert!(err.contains("stands alone"), "{err}");
+        let mut listed = config("");
+        listed.models = vec!["gpt-4o-mini".into()];
+        assert!(listed.validate().is_ok());
+        // Not selling chat (a search-only router), or on the built-in echo: nothing to name.
+        let mut search_only = config("");
+        search_only.services.retain(|s| s.kind != ServiceKind::Chat);
+        assert!(search_only.validate().is_ok());
+        let echo = RouterConfig::from_json_str(r#"{"name":"r","owner_email":"o@example.com"}"#);
+        assert!(echo.expect("parses").validate().is_ok());
     }
 
     /// An answer cap above what the ledger stores would fail captures after the upstream

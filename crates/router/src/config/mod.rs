@@ -299,8 +299,9 @@ pub struct RouterConfig {
     /// The account that receives payments; must match the ledger secret's account.
     pub owner_email: String,
     pub services: Vec<ServiceConfig>,
-    /// Models offered (`GET /v1/models`, metadata). Empty: any model is passed through and the
-    /// list shows the upstream's mapped names (or `echo`).
+    /// Models offered (`GET /v1/models`, metadata). Empty: the upstream's `model_map` names (or
+    /// any model, on `echo`); `["*"]` ([`ANY_MODEL`]): any model is passed through. An
+    /// OpenAI-compatible upstream selling chat needs one or the other (`validate`).
     pub models: Vec<String>,
     pub upstream: UpstreamConfig,
     /// The search backend of the `search` service; required when that service is listed.
@@ -331,6 +332,9 @@ pub struct RouterConfig {
 }
 
 /// Default [`RouterConfig::max_stream_duration`].
+/// `models = ["*"]`: any model a client names is passed to the upstream.
+pub const ANY_MODEL: &str = "*";
+
 pub const DEFAULT_MAX_STREAM_DURATION: Duration = Duration::from_secs(15 * 60);
 
 /// Default [`RouterConfig::shutdown_grace`].
@@ -428,6 +432,36 @@ impl RouterConfig {
 
     /// Checks everything the service relies on.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_settings()?;
+        self.validate_models()
+    }
+
+    /// Whether a router selling chat from an OpenAI-compatible upstream says what it sells:
+    /// `models`, a `model_map`, or `["*"]`. Apart from [`RouterConfig::validate_settings`]: a
+    /// file is read before `--models` and `--upstream-url` apply.
+    fn validate_models(&self) -> Result<(), ConfigError> {
+        if self.models.len() > 1 && self.models.iter().any(|m| m == ANY_MODEL) {
+            return Err(invalid(
+                "models: \"*\" (any model) stands alone; it cannot be listed with names",
+            ));
+        }
+        let UpstreamConfig::OpenAi(o) = &self.upstream else {
+            return Ok(());
+        };
+        let sells_chat = self.chat_service().is_some_and(|s| s.enabled);
+        if sells_chat && self.models.is_empty() && o.model_map.is_empty() {
+            return Err(invalid(
+                "models: list the models this router sells (models = [\"gpt-4o-mini\"], or \
+                 --models / SYFT_ROUTER_MODELS), or give a model_map; models = [\"*\"] passes \
+                 any model a client names to the upstream at this router's prices (an empty \
+                 list used to, unsaid: a client could ask for the dearest model there is)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Everything [`RouterConfig::validate`] checks but the models.
+    pub(crate) fn validate_settings(&self) -> Result<(), ConfigError> {
         if self.name.trim().is_empty() {
             return Err(invalid("name must not be empty"));
         }

@@ -288,17 +288,32 @@ impl RouterService {
             // use (a chat there is refused SERVICE_DISABLED).
             return Vec::new();
         }
-        if self.inner.config.models.is_empty() {
-            self.inner.upstream.known_models()
-        } else {
-            self.inner.config.models.clone()
+        match self.listed_models() {
+            [] => self.inner.upstream.known_models(),
+            listed => listed.to_vec(),
         }
     }
 
-    /// Whether a chat may name `model`: any, when the config lists none (it is passed on).
+    /// The config's `models`, none for `["*"]`.
+    fn listed_models(&self) -> &[String] {
+        match self.inner.config.models.as_slice() {
+            [any] if any == crate::config::ANY_MODEL => &[],
+            listed => listed,
+        }
+    }
+
+    /// Whether a chat may name `model`: one the config lists; with none listed, any on `echo` or
+    /// with `models = ["*"]` (passed on), else the names of the upstream's `model_map`.
     pub fn serves_model(&self, model: &str) -> bool {
-        let listed = &self.inner.config.models;
-        self.sells_chat() && (listed.is_empty() || listed.iter().any(|m| m == model))
+        let c = &self.inner.config;
+        let any = c.models.iter().any(|m| m == crate::config::ANY_MODEL);
+        self.sells_chat()
+            && match (self.listed_models(), &c.upstream) {
+                _ if any => true,
+                ([], crate::config::UpstreamConfig::OpenAi(o)) => o.model_map.contains_key(model),
+                ([], _) => true,
+                (listed, _) => listed.iter().any(|m| m == model),
+            }
     }
 
     /// The OpenAI `user` sent upstream for `email`: a pseudonym, never the payer's email.
@@ -449,9 +464,7 @@ impl RouterService {
         let v = validate_chat(req, &inner.config.limits)?;
         let pricing = self.price_for(ServiceKind::Chat, &v.user_email, &v.transaction_token)?;
         let model = if v.model.is_empty() {
-            inner
-                .config
-                .models
+            self.listed_models()
                 .first()
                 .cloned()
                 .or_else(|| inner.upstream.default_model())
@@ -541,10 +554,7 @@ impl RouterService {
         if p.v.prompt_bytes <= INLINE_TOKENIZE_BYTES {
             return tokens::count_prompt(&p.v.messages);
         }
-        let messages = p.v.messages.clone();
-        tokio::task::spawn_blocking(move || tokens::count_prompt(&messages))
-            .await
-            .unwrap_or(0)
+        tokens::count_prompt_blocking(p.v.messages.clone(), p.v.prompt_bytes).await
     }
 
     /// Upstream-reported usage where present, each side counted with the tokenizer where it is
