@@ -303,6 +303,38 @@ async fn rest_refuses_bad_input_with_clear_errors(h: Harness) -> Harness {
     assert_eq!(status, StatusCode::NOT_FOUND, "{answer}");
     let (status, _) = call(&h, Method::GET, "/endpoints", Some("wrong-secret"), None).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    // An account has at most 16 endpoints (it has one, `ep`): the 17th is refused, writing
+    // nothing, until one is removed. Without a cap one account kept the ledger's cores busy.
+    let add = || {
+        call(
+            &h,
+            Method::POST,
+            "/endpoints",
+            Some(&alice),
+            Some(with_url(&good)),
+        )
+    };
+    for _ in 1..16 {
+        let (status, answer) = add().await;
+        assert_eq!(status, StatusCode::CREATED, "{answer}");
+    }
+    let (status, answer) = add().await;
+    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+    let detail = answer["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("16 alert endpoints"), "{answer}");
+    assert_eq!(endpoints(&h, &alice).await.len(), 16);
+    let (status, _) = call(
+        &h,
+        Method::DELETE,
+        &format!("/endpoints/{ep}"),
+        Some(&alice),
+        None,
+    )
+    .await;
+    assert!(status.is_success(), "{status}");
+    let (status, answer) = add().await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
     h
 }
 

@@ -34,9 +34,9 @@ use std::future::Future;
 use tokio::net::TcpListener;
 
 pub use config::{
-    ConfigError, HttpSearchConfig, LedgerSettings, Limits, MaxTokensField, OpenAiConfig, Pricing,
-    PricingKind, ReplaySettings, RouterConfig, SearchBackendConfig, SearchConfig, ServiceConfig,
-    ServiceKind, UpstreamConfig, ANY_MODEL,
+    ConfigError, HttpSearchConfig, LedgerSettings, LeftStreams, Limits, MaxTokensField,
+    OpenAiConfig, Pricing, PricingKind, ReplaySettings, RouterConfig, SearchBackendConfig,
+    SearchConfig, ServiceConfig, ServiceKind, UpstreamConfig, ANY_MODEL,
 };
 pub use error::RouterError;
 pub use grpc::GrpcRouter;

@@ -1582,3 +1582,53 @@ async fn a_mapped_router_sells_its_mapped_models_only() {
     assert_eq!(s.alice_money().await.0, FUNDS - PRICE);
     s.check_invariants().await;
 }
+
+/// `left_streams = "charge_delivered"`, the owner's choice: a client that leaves a stream is
+/// charged for the text it took, counted by the router, at the service's price, under the
+/// `cancelled` status; a retry of its id is told it was charged, not given a partial answer.
+/// (By default the hold is voided: `client_cancelling_a_stream_voids_the_hold`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_left_stream_is_charged_for_what_it_took_when_the_owner_says_so() {
+    let pricing = Pricing::per_token(1_000_000, 10_000_000);
+    let s = Stack::start_tweaked(pricing, |c| {
+        c.left_streams = syft_router_svc::LeftStreams::ChargeDelivered;
+    })
+    .await;
+    let mut c = s.client().await;
+    s.upstream
+        .set_mode(Mode::SlowStream(Duration::from_millis(150)));
+    let mut req = s.request("hi");
+    req.request_id = "left-1".into();
+    let mut read = String::new();
+    {
+        let mut stream = ok(c.chat_stream(req.clone()).await);
+        for _ in 0..3 {
+            match stream.next().await.expect("event").expect("ok").event {
+                Some(chat_stream_event::Event::Delta(d)) => read.push_str(&d.content),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    let transfers = s.wait_no_pending(Duration::from_secs(5)).await;
+    assert_eq!(transfers.len(), 1, "{transfers:?}");
+    assert_eq!(transfers[0].status(), TransferStatus::Completed);
+    let prompt = tokens::count_prompt(&req.messages);
+    let completion = tokens::count_text(&read);
+    let cost = i64::try_from(prompt + 10 * completion).expect("small");
+    assert_eq!(transfers[0].captured_micros, cost, "{read:?}");
+    let rows = s.usage().await;
+    let u = rows[0].usage.as_ref().expect("usage");
+    assert_eq!(u.status, "cancelled");
+    assert_eq!(
+        u.completion_tokens,
+        i64::try_from(completion).expect("small")
+    );
+    assert_eq!(rows[0].cost_micros, cost);
+    assert_eq!(s.alice_money().await.0, FUNDS - cost);
+    // Charged: its id is spent, and no partial answer is replayed as if complete.
+    let hits = s.upstream.hits();
+    let retried = c.chat(req).await;
+    assert!(retried.is_err(), "{retried:?}");
+    assert_eq!(s.upstream.hits(), hits);
+    s.check_invariants().await;
+}

@@ -91,10 +91,14 @@ pub(crate) struct PreviousSecret {
     pub until: Option<i64>,
 }
 
-pub(crate) async fn insert_endpoint(pool: &AnyPool, e: &EndpointRecord) -> Result<()> {
-    sqlx::query(
+/// Adds an endpoint unless its account has `max` already: `false` then, nothing written. One
+/// statement, so only adds racing each other can pass the cap, by their number.
+pub(crate) async fn insert_endpoint(pool: &AnyPool, e: &EndpointRecord, max: i64) -> Result<bool> {
+    let done = sqlx::query(
         "INSERT INTO alert_endpoints (id, account_id, url, format, secret_sealed, rules, \
-         rate_per_minute, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+         rate_per_minute, created_at) SELECT $1, $2, $3, $4, $5, $6, $7, $8 \
+         WHERE (SELECT COUNT(*) FROM alert_endpoints \
+                WHERE account_id = $2 AND removed_at IS NULL) < $9",
     )
     .bind(&e.id)
     .bind(e.account_id)
@@ -104,9 +108,10 @@ pub(crate) async fn insert_endpoint(pool: &AnyPool, e: &EndpointRecord) -> Resul
     .bind(&e.rules)
     .bind(e.rate_per_minute)
     .bind(e.created_at)
+    .bind(max)
     .execute(pool)
     .await?;
-    Ok(())
+    Ok(done.rows_affected() == 1)
 }
 
 /// Endpoints not removed: of one account, or (None) of every account.

@@ -114,6 +114,8 @@ struct RawConfig<N> {
     ledger: RawLedger,
     #[serde(default)]
     cors_origins: Vec<String>,
+    #[serde(default)]
+    left_streams: super::LeftStreams,
 }
 
 fn default_services<N>() -> Vec<RawService<N>> {
@@ -293,6 +295,7 @@ impl<N: NumberText> RawConfig<N> {
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             http: syft_server::HttpLimits::default(),
             cors_origins: self.cors_origins,
+            left_streams: self.left_streams,
         };
         // The models are checked when the router starts: `--models` may still be given.
         config.validate_settings()?;
@@ -522,8 +525,8 @@ mod tests {
                 r#""modles":["m"]"#,
                 "invalid JSON config at modles: unknown field `modles`, expected one of `name`, \
                  `description`, `owner_email`, `services`, `models`, `upstream`, `search`, \
-                 `limits`, `rate_limits`, `budgets`, `limiter`, `ledger`, `cors_origins` at line \
-                 1 column 50",
+                 `limits`, `rate_limits`, `budgets`, `limiter`, `ledger`, `cors_origins`, \
+                 `left_streams` at line 1 column 50",
             ),
         ] {
             let err = RouterConfig::from_json_str(&format!("{{{base},{extra}}}")).expect_err(extra);

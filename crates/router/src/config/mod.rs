@@ -24,8 +24,8 @@ mod rate;
 mod search;
 
 pub use pricing::{
-    describe_price, hold_sizing, insufficient_funds_message, pricing_json, pricing_proto, Pricing,
-    PricingKind, TokenBound,
+    describe_price, hold_sizing, insufficient_funds_message, pricing_json, pricing_proto,
+    LeftStreams, Pricing, PricingKind, TokenBound,
 };
 pub use rate::{
     Budgets, LimiterBackend, LimiterConfig, OnFailure, Rate, RateLimits, RateUnit, MAX_CONCURRENCY,
@@ -329,6 +329,8 @@ pub struct RouterConfig {
     /// Web origins (`https://app.example`, or `*` for any) whose pages may call the HTTP APIs from
     /// a browser (CORS). Empty: none, and browsers keep cross-origin pages out.
     pub cors_origins: Vec<String>,
+    /// What a paid stream whose client left before its end is charged (docs/router.md).
+    pub left_streams: LeftStreams,
 }
 
 /// Default [`RouterConfig::max_stream_duration`].
@@ -367,6 +369,7 @@ impl RouterConfig {
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             http: syft_server::HttpLimits::default(),
             cors_origins: Vec::new(),
+            left_streams: LeftStreams::default(),
         }
     }
 

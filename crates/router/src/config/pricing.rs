@@ -8,6 +8,20 @@ use super::{invalid, ConfigError};
 use crate::money::{self, format_micros};
 
 /// What a service charges.
+/// What a paid stream whose client left before its end is charged (`left_streams`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeftStreams {
+    /// Nothing: its hold is voided, as a failed request's (the original contract, "client gone
+    /// → void"), whatever it was sent.
+    #[default]
+    Void,
+    /// The text it was sent, counted by the router, at the service's price (a per-request
+    /// price in full), once any text was sent: a client that reads most of an answer and leaves
+    /// does not get it for free, while the owner pays the upstream for it.
+    ChargeDelivered,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PricingKind {
     /// No charge; a usage row is still recorded.

@@ -2,9 +2,13 @@
 //! arrive, and the capture (or void) happens once the upstream stream ended and the client has
 //! taken every delta, before the final event is sent.
 
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use syft_error::UsageStatus;
 use syft_proto::ledger::Usage;
 use syft_proto::router::{
@@ -17,6 +21,7 @@ use tracing::Instrument;
 use super::hold::HoldGuard;
 use super::replay::{chat_record, final_event};
 use super::{elapsed_ms, Admission, Prepared, RouterService, Units};
+use crate::config::LeftStreams;
 use crate::error::RouterError;
 use crate::metrics;
 use crate::tokens;
@@ -33,7 +38,30 @@ pub struct ChatStreamHandle {
     pub replay: bool,
     /// The rate-limit headers of the answer.
     pub rate_limits: crate::limits::RateHeaders,
-    pub events: ReceiverStream<Result<ChatStreamEvent, RouterError>>,
+    pub events: Events,
+}
+
+/// A stream's events as the front takes them, counting the answer's bytes it took (handed to
+/// the connection): what a client that left was sent (`left_streams = "charge_delivered"`),
+/// without the deltas still queued for it.
+pub struct Events {
+    rx: ReceiverStream<Result<ChatStreamEvent, RouterError>>,
+    taken: Arc<AtomicUsize>,
+}
+
+impl Stream for Events {
+    type Item = Result<ChatStreamEvent, RouterError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let polled = Pin::new(&mut self.rx).poll_next(cx);
+        if let Poll::Ready(Some(Ok(ChatStreamEvent {
+            event: Some(chat_stream_event::Event::Delta(d)),
+        }))) = &polled
+        {
+            self.taken.fetch_add(d.content.len(), Ordering::Relaxed);
+        }
+        polled
+    }
 }
 
 impl RouterService {
@@ -67,20 +95,25 @@ impl RouterService {
             }
         };
         let (tx, rx) = mpsc::channel(32);
+        let taken = Arc::new(AtomicUsize::new(0));
         let handle = ChatStreamHandle {
             request_id: p.v.request_id.clone(),
             transfer_id: hold.as_ref().map(|h| h.transfer_id.clone()),
             model: p.t.model.clone(),
             replay: false,
             rate_limits: Self::rate_headers(&p.t),
-            events: ReceiverStream::new(rx),
+            events: Events {
+                rx: ReceiverStream::new(rx),
+                taken: taken.clone(),
+            },
         };
         let svc = self.clone();
         tokio::spawn(
             async move {
                 let mut claim = claim;
                 // Every way the stream ends records its row (or resolves its hold).
-                svc.drive_stream(p, hold, upstream, tx, started, up_start)
+                let sent = (tx, taken);
+                svc.drive_stream(p, hold, upstream, sent, started, up_start)
                     .await;
                 claim.recorded();
             }
@@ -94,7 +127,10 @@ impl RouterService {
         p: Prepared,
         mut hold: Option<HoldGuard>,
         mut upstream: UpstreamStream,
-        tx: mpsc::Sender<Result<ChatStreamEvent, RouterError>>,
+        (tx, taken): (
+            mpsc::Sender<Result<ChatStreamEvent, RouterError>>,
+            Arc<AtomicUsize>,
+        ),
         started: Instant,
         up_start: Instant,
     ) {
@@ -232,7 +268,29 @@ impl RouterService {
             }
             other => other,
         };
+        let charge_left = self.inner.config.left_streams == LeftStreams::ChargeDelivered;
+        // The answer as far as the client took it (deltas arrive whole and in order).
+        let taken = taken.load(Ordering::Relaxed);
+        let delivered = content.get(..taken).unwrap_or(&content);
         match end {
+            End::Cancelled if charge_left && hold.is_some() && !delivered.trim().is_empty() => {
+                // The owner's choice (`left_streams = "charge_delivered"`): the text sent is
+                // charged, counted by the router (the upstream's count would include what was
+                // not sent), under the `cancelled` status. No answer is stored: a retry of the id
+                // is told it was charged, and is not given a partial answer as if complete.
+                tracing::info!(request_id = %p.v.request_id, "client left the stream; the text it was sent is charged");
+                let charge = self.charge(&p, None, delivered, started, upstream_ms).await;
+                let (input, output) = charge.tokens;
+                let units = Units { input, output };
+                let status = UsageStatus::Cancelled;
+                let usage = self.usage(&p.t, status, units, started, upstream_ms);
+                let usage = Usage { ttft_ms, ..usage };
+                let outcome = match self.settle(&p.t, hold, charge.cost, usage, None).await {
+                    Ok(_) => "cancelled",
+                    Err(_) => "not_settled",
+                };
+                metrics::observe(self.provider(), "stream", outcome, started, upstream_time);
+            }
             End::Cancelled => {
                 tracing::info!(request_id = %p.v.request_id, "client cancelled the stream");
                 let units = Units {
@@ -368,7 +426,10 @@ fn replayed(r: ChatResponse, rate_limits: crate::limits::RateHeaders) -> ChatStr
         model,
         replay: true,
         rate_limits,
-        events: ReceiverStream::new(rx),
+        events: Events {
+            rx: ReceiverStream::new(rx),
+            taken: Arc::default(),
+        },
     }
 }
 
