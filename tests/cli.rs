@@ -254,6 +254,20 @@ fn a_router_on_an_upstream_names_its_models() {
     let models = ["--models", "gpt-4o-mini", "--shutdown-grace", "1s"];
     let (status, log) = sigterm_after(&[&args[..], &models[..]].concat(), "router serving");
     assert!(status.success(), "{status:?}:\n{log}");
+    // A file's model_map names them too, and `--upstream-url` keeps it (it used to replace the
+    // file's whole upstream, dropping the map).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("router.toml");
+    std::fs::write(
+        &file,
+        "name = \"r\"\nowner_email = \"owner@example.com\"\n[upstream]\nkind = \"openai\"\n\
+         base_url = \"http://127.0.0.1:8/v1\"\nmodel_map = { mini = \"gpt-4o-mini\" }\n",
+    )
+    .expect("config");
+    let file = file.display().to_string();
+    let mapped = ["--config", &file, "--shutdown-grace", "1s"];
+    let (status, log) = sigterm_after(&[&args[..], &mapped[..]].concat(), "router serving");
+    assert!(status.success(), "{status:?}:\n{log}");
 }
 
 #[test]

@@ -137,14 +137,26 @@ impl RouterSetup {
             max_bytes: self.answer_max_bytes,
         };
         if let Some(url) = &self.upstream_url {
+            let api_key = super::secret(
+                self.upstream_api_key.as_deref(),
+                self.upstream_api_key_file.as_ref(),
+                "--upstream-api-key",
+            )?
+            .map(Into::into);
+            // The file's OpenAI settings (model_map, timeouts, retries) stay; the flag names the
+            // server. They used to be dropped, the model_map's names then sent unmapped. The
+            // file's key goes only to the server the file named: never to another host.
+            let mut base = match &config.upstream {
+                UpstreamConfig::OpenAi(o) => o.clone(),
+                UpstreamConfig::Echo => OpenAiConfig::new(url.clone()),
+            };
+            if base.base_url != *url {
+                base.api_key = None;
+            }
             config.upstream = UpstreamConfig::OpenAi(OpenAiConfig {
-                api_key: super::secret(
-                    self.upstream_api_key.as_deref(),
-                    self.upstream_api_key_file.as_ref(),
-                    "--upstream-api-key",
-                )?
-                .map(Into::into),
-                ..OpenAiConfig::new(url.clone())
+                base_url: url.clone(),
+                api_key: api_key.or(base.api_key.clone()),
+                ..base
             });
         }
         Ok(config)

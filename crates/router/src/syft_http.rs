@@ -342,17 +342,6 @@ pub async fn search(
     serve::<SyftSearchRequest, _, _>(&svc, &headers, body, call, search_json).await
 }
 
-/// A score as JSON: the f32's shortest decimal (0.9, as the backend said), not its exact f64
-/// widening (0.8999999761581421).
-fn score_json(score: f32) -> Value {
-    score
-        .to_string()
-        .parse::<f64>()
-        .ok()
-        .and_then(serde_json::Number::from_f64)
-        .map_or(Value::Null, Value::Number)
-}
-
 /// A `/search` answer as JSON, and whether it is a replay.
 fn search_json(r: SearchResponse) -> (Value, bool) {
     let results: Vec<Value> = r
@@ -361,7 +350,7 @@ fn search_json(r: SearchResponse) -> (Value, bool) {
         .map(|h| {
             let metadata = serde_json::from_str::<Value>(&h.metadata_json).unwrap_or(Value::Null);
             json!({
-                "id": h.id, "score": score_json(h.score), "content": h.content,
+                "id": h.id, "score": crate::upstream::f32_json(h.score), "content": h.content,
                 "metadata": metadata, "embedding": null,
             })
         })

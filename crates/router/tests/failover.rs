@@ -346,6 +346,18 @@ async fn a_fresh_token_retry_racing_its_original_is_charged_once() {
 /// which did not call its upstream meanwhile, then tries the request itself under the id's next
 /// key (a failed request's id is tried again, docs/router.md): the upstream is called once per
 /// try, one after the other; both fail, both holds are voided, nothing is charged.
+/// Each transfer's ledger key (a request id's tries) and status, by key, once none is pending.
+async fn tries(s: &Stack) -> Vec<(String, TransferStatus)> {
+    let mut keys: Vec<_> = s
+        .wait_no_pending(Duration::from_secs(5))
+        .await
+        .into_iter()
+        .map(|t| (t.idempotency_key.clone(), t.status()))
+        .collect();
+    keys.sort_by(|x, y| x.0.cmp(&y.0));
+    keys
+}
+
 #[tokio::test]
 async fn duplicate_of_a_failed_request_is_not_charged() {
     let (s, others) = replicas(Mode::Status(400), 1).await;
@@ -356,16 +368,9 @@ async fn duplicate_of_a_failed_request_is_not_charged() {
     let codes = [ra.map(|_| ()), rb.map(|_| ())];
     assert!(codes.iter().all(Result::is_err), "{codes:?}");
     assert_eq!(s.upstream.hits(), 2, "one upstream call per try");
-    let mut keys: Vec<_> = s
-        .wait_no_pending(Duration::from_secs(5))
-        .await
-        .into_iter()
-        .map(|t| (t.idempotency_key.clone(), t.status()))
-        .collect();
-    keys.sort_by(|x, y| x.0.cmp(&y.0));
     let cancelled = TransferStatus::Cancelled;
     assert_eq!(
-        keys,
+        tries(&s).await,
         [
             ("dup-failed".to_string(), cancelled),
             ("dup-failed (attempt 2)".to_string(), cancelled)
@@ -397,15 +402,8 @@ async fn a_retry_racing_at_two_routers_is_answered_once_and_charged_once() {
     assert_eq!(ra.message, rb.message);
     assert_eq!((ra.cost_micros, rb.cost_micros), (PRICE, PRICE));
     assert!(ra.replay != rb.replay, "exactly one is the replay");
-    let mut keys: Vec<_> = s
-        .wait_no_pending(Duration::from_secs(5))
-        .await
-        .into_iter()
-        .map(|t| (t.idempotency_key.clone(), t.status()))
-        .collect();
-    keys.sort_by(|x, y| x.0.cmp(&y.0));
     assert_eq!(
-        keys,
+        tries(&s).await,
         [
             ("race-retry".to_string(), TransferStatus::Cancelled),
             (

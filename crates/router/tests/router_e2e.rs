@@ -1229,7 +1229,7 @@ async fn http_front_speaks_openai_json_and_sse() {
         .header("Idempotency-Key", "http-json-1")
         .json(&json!({"model": "test-model", "messages": [{"role": "developer", "content": "be brief"},
                       {"role": "user", "content": [{"type": "text", "text": "hi"}]}],
-                      "user": s.alice.email, "max_tokens": 50, "temperature": 0.5, "stop": "\n\n"}))
+                      "user": s.alice.email, "max_tokens": 50, "temperature": 0.3, "stop": "\n\n"}))
         .send()
         .await
         .expect("http");
@@ -1260,6 +1260,8 @@ async fn http_front_speaks_openai_json_and_sse() {
     let up = s.upstream.last_body().expect("body");
     assert_eq!(up["max_tokens"], 50);
     assert_eq!(up["stop"], json!(["\n\n"]));
+    // As the client wrote it, not widened from f32 (0.30000001192092896).
+    assert_eq!(up["temperature"], json!(0.3));
     // OpenAI's `developer` role is sent on as `system`, which every upstream knows.
     assert_eq!(up["messages"][0]["role"], "system");
 
@@ -1630,5 +1632,52 @@ async fn a_left_stream_is_charged_for_what_it_took_when_the_owner_says_so() {
     let retried = c.chat(req).await;
     assert!(retried.is_err(), "{retried:?}");
     assert_eq!(s.upstream.hits(), hits);
+    s.check_invariants().await;
+}
+
+/// `left_streams = "charge_delivered"` at a per-request price: a client that took some text pays
+/// the price in full; one that left before taking any pays nothing (voided, as by default); one
+/// that reads to the end is answered and charged as ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_left_stream_at_a_per_request_price() {
+    let s = Stack::start_tweaked(Pricing::per_request(PRICE), |c| {
+        c.left_streams = syft_router_svc::LeftStreams::ChargeDelivered;
+    })
+    .await;
+    let mut c = s.client().await;
+    s.upstream
+        .set_mode(Mode::SlowStream(Duration::from_millis(150)));
+    let ask = |id: &str| {
+        let mut req = s.request("hi");
+        req.request_id = id.into();
+        req
+    };
+    {
+        let mut took_one = ok(c.chat_stream(ask("took-one")).await);
+        took_one.next().await.expect("event").expect("ok");
+        let took_none = ok(c.chat_stream(ask("took-none")).await);
+        drop(took_none);
+    }
+    s.upstream.set_mode(Mode::Ok);
+    let mut whole = ok(c.chat_stream(ask("whole")).await);
+    while let Some(event) = whole.next().await {
+        event.expect("ok");
+    }
+    let mut got: Vec<_> = s
+        .wait_no_pending(Duration::from_secs(5))
+        .await
+        .into_iter()
+        .map(|t| (t.idempotency_key.clone(), t.status(), t.captured_micros))
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("took-none".to_string(), TransferStatus::Cancelled, 0),
+            ("took-one".to_string(), TransferStatus::Completed, PRICE),
+            ("whole".to_string(), TransferStatus::Completed, PRICE),
+        ]
+    );
+    assert_eq!(s.alice_money().await.0, FUNDS - 2 * PRICE);
     s.check_invariants().await;
 }

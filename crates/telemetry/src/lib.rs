@@ -199,19 +199,23 @@ fn otlp_provider(
     // The exporter only warns of a compression this build leaves out and sends uncompressed: an
     // operator who asked for gzip (to fit a collector's limit, or a link's budget) would learn
     // of it from a log line at best.
-    for name in [
+    // The traces' own variable wins over the general one, as in the exporter.
+    let compression = [
         "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
         "OTEL_EXPORTER_OTLP_COMPRESSION",
-    ] {
-        match std::env::var(name) {
-            Ok(v) if !v.trim().is_empty() && !v.trim().eq_ignore_ascii_case("none") => {
-                runtime.shutdown_background();
-                return Err(TelemetryError::Exporter(format!(
-                    "{name}={v:?}: this build exports over plain http:// gRPC, uncompressed \
-                     (unset it, or set it to none)"
-                )));
-            }
-            _ => {}
+    ]
+    .into_iter()
+    .find_map(|name| {
+        let v = std::env::var(name).ok()?;
+        (!v.trim().is_empty()).then_some((name, v))
+    });
+    if let Some((name, v)) = compression {
+        if !v.trim().eq_ignore_ascii_case("none") {
+            runtime.shutdown_background();
+            return Err(TelemetryError::Exporter(format!(
+                "{name}={v:?}: this build exports over plain http:// gRPC, uncompressed (unset \
+                 it, or set it to none)"
+            )));
         }
     }
     // The gRPC channel's background work belongs to the exporter's runtime, not the caller's.
@@ -227,7 +231,7 @@ fn otlp_provider(
             // Dropped here, inside the caller's runtime, the exporter's runtime panics ("Cannot
             // drop a runtime in a context where blocking is not allowed"): the process died with
             // that instead of this error (an `https://` collector, which needs a TLS feature this
-            // build leaves out, or `gzip` compression).
+            // build leaves out).
             runtime.shutdown_background();
             return Err(TelemetryError::Exporter(format!(
                 "{e} (this build exports over plain http:// gRPC, uncompressed)"

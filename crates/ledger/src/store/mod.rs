@@ -86,10 +86,15 @@ pub(crate) async fn open_pool(
     database_url: &str,
 ) -> Result<AnyPool, sqlx::Error> {
     match options.connect(database_url).await {
-        Err(sqlx::Error::PoolTimedOut) => match AnyConnection::connect(database_url).await {
-            Err(why) => Err(why),
-            Ok(_) => Err(sqlx::Error::PoolTimedOut),
-        },
+        // Not for SQLite: `mode=rwc` would create the file. Bounded: a host that drops packets
+        // would otherwise add the system's connect timeout (minutes) to the wait.
+        Err(sqlx::Error::PoolTimedOut) if !database_url.starts_with("sqlite:") => {
+            let direct = AnyConnection::connect(database_url);
+            match tokio::time::timeout(Duration::from_secs(5), direct).await {
+                Ok(Err(why)) => Err(why),
+                _ => Err(sqlx::Error::PoolTimedOut),
+            }
+        }
         other => other,
     }
 }
@@ -259,13 +264,15 @@ impl Store {
     /// migrations (the caller checked that none is missing, [`missing_migrations`]), no rebuild
     /// of empty rollups (a fresh ledger's rows all queued looked like an upgrade from before the
     /// rollups, and verify recomputed every rollup under the running ledger), no batch workers
-    /// and no rollup folder. Verify folds the queue itself, as the folder would.
+    /// and no rollup folder (Verify folds the queue itself, as the folder would). One batch
+    /// worker runs on Postgres all the same, idle unless called: the money paths there go
+    /// through it, and without it a store used beyond `verify` would take SQLite's.
     pub async fn inspect(database_url: &str) -> Result<Self> {
         Self::open(database_url, 2, None).await
     }
 
     /// `batch_workers`: `Some` to serve (migrate, backfill rollups, start the Postgres batch
-    /// workers and the rollup folder), `None` to [`inspect`](Store::inspect).
+    /// workers and the rollup folder), `None` to [`inspect`](Store::inspect) (one idle worker).
     async fn open(
         database_url: &str,
         max_connections: u32,
@@ -325,14 +332,17 @@ impl Store {
                 .await
                 .map_err(|e| LedgerError::Internal(format!("migration failed: {e}")))?;
         }
-        let batcher = match (backend, batch_workers) {
-            (Backend::Postgres, Some(workers)) => Some(batch::Batcher::start(
-                batch::connect(options, database_url, workers)
-                    .await
-                    .map_err(unreachable)?,
-                workers,
-            )),
-            _ => None,
+        let batcher = match backend {
+            Backend::Postgres => {
+                let workers = batch_workers.unwrap_or(1);
+                Some(batch::Batcher::start(
+                    batch::connect(options, database_url, workers)
+                        .await
+                        .map_err(unreachable)?,
+                    workers,
+                ))
+            }
+            Backend::Sqlite => None,
         };
         let usage_writer = usage_batch::UsageWriter::start(pool.clone(), backend);
         let folder = (backend == Backend::Postgres && serving)

@@ -462,6 +462,15 @@ mod tests {
         let mut listed = config("");
         listed.models = vec!["gpt-4o-mini".into()];
         assert!(listed.validate().is_ok());
+        for (models, says) in [
+            (vec![""], "is not a model name"),
+            (vec![" b"], "is not a model name"),
+            (vec!["a", "a"], "listed twice"),
+        ] {
+            listed.models = models.into_iter().map(String::from).collect();
+            let err = listed.validate().expect_err(says).to_string();
+            assert!(err.contains(says), "{err}");
+        }
         // Not selling chat (a search-only router), or on the built-in echo: nothing to name.
         let mut search_only = config("");
         search_only.services.retain(|s| s.kind != ServiceKind::Chat);

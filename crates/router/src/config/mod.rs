@@ -333,10 +333,10 @@ pub struct RouterConfig {
     pub left_streams: LeftStreams,
 }
 
-/// Default [`RouterConfig::max_stream_duration`].
 /// `models = ["*"]`: any model a client names is passed to the upstream.
 pub const ANY_MODEL: &str = "*";
 
+/// Default [`RouterConfig::max_stream_duration`].
 pub const DEFAULT_MAX_STREAM_DURATION: Duration = Duration::from_secs(15 * 60);
 
 /// Default [`RouterConfig::shutdown_grace`].
@@ -443,6 +443,18 @@ impl RouterConfig {
     /// `models`, a `model_map`, or `["*"]`. Apart from [`RouterConfig::validate_settings`]: a
     /// file is read before `--models` and `--upstream-url` apply.
     fn validate_models(&self) -> Result<(), ConfigError> {
+        let mut seen = std::collections::HashSet::new();
+        for m in &self.models {
+            if m.trim().is_empty() || m.trim() != m || m.len() > 200 {
+                return Err(invalid(format!(
+                    "models: {m:?} is not a model name (no blank, no spaces around, at most 200 \
+                     bytes)"
+                )));
+            }
+            if !seen.insert(m) {
+                return Err(invalid(format!("models: {m:?} is listed twice")));
+            }
+        }
         if self.models.len() > 1 && self.models.iter().any(|m| m == ANY_MODEL) {
             return Err(invalid(
                 "models: \"*\" (any model) stands alone; it cannot be listed with names",
@@ -456,8 +468,8 @@ impl RouterConfig {
             return Err(invalid(
                 "models: list the models this router sells (models = [\"gpt-4o-mini\"], or \
                  --models / SYFT_ROUTER_MODELS), or give a model_map; models = [\"*\"] passes \
-                 any model a client names to the upstream at this router's prices (an empty \
-                 list used to, unsaid: a client could ask for the dearest model there is)",
+                 any model a client names to the upstream at this router's prices, the dearest \
+                 included",
             ));
         }
         Ok(())

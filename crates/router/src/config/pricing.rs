@@ -7,8 +7,8 @@ use super::file::NumberText;
 use super::{invalid, ConfigError};
 use crate::money::{self, format_micros};
 
-/// What a service charges.
-/// What a paid stream whose client left before its end is charged (`left_streams`).
+/// What a paid stream whose client left before its end is charged (`left_streams`): a billing
+/// rule of the whole router, kept with the prices it applies.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LeftStreams {
@@ -22,6 +22,7 @@ pub enum LeftStreams {
     ChargeDelivered,
 }
 
+/// What a service charges.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PricingKind {
     /// No charge; a usage row is still recorded.

@@ -513,9 +513,14 @@ impl RouterService {
             upstream_req,
             prompt_tokens: None,
         };
+        // Counted here, before the hold, when the hold or a token window needs it: a large
+        // prompt waits its turn, or is refused while too many wait (`tokens.rs`).
+        let per_token = matches!(p.t.pricing.kind, PricingKind::PerToken { .. });
+        if per_token || self.counts_tokens(ServiceKind::Chat) {
+            p.prompt_tokens = Some(self.admission_prompt_tokens(&p).await?);
+        }
         if let PricingKind::PerToken { .. } = p.t.pricing.kind {
             let prompt = self.prompt_tokens(&p).await;
-            p.prompt_tokens = Some(prompt);
             let max_out = u64::from(max_tokens.unwrap_or(0));
             p.t.hold_micros = p.t.pricing.hold_micros(prompt, max_out);
             p.t.bound = Some(TokenBound {
@@ -547,6 +552,8 @@ impl RouterService {
         self.release(hold, &e.to_string(), usage).await;
     }
 
+    /// The prompt's tokens once the request is admitted (its row, its charge): counted at once,
+    /// never queued behind admissions, so a settling request does not wait while its hold runs.
     async fn prompt_tokens(&self, p: &Prepared) -> u64 {
         if let Some(n) = p.prompt_tokens {
             return n;
@@ -554,7 +561,23 @@ impl RouterService {
         if p.v.prompt_bytes <= INLINE_TOKENIZE_BYTES {
             return tokens::count_prompt(&p.v.messages);
         }
-        tokens::count_prompt_blocking(p.v.messages.clone(), p.v.prompt_bytes).await
+        tokens::count_prompt_settling(p.v.messages.clone()).await
+    }
+
+    /// The prompt's tokens before the hold, which anyone may ask for: large prompts are counted
+    /// a core's worth at a time, and refused as busy (503, retryable) while too many wait.
+    async fn admission_prompt_tokens(&self, p: &Prepared) -> Result<u64, RouterError> {
+        if p.v.prompt_bytes <= INLINE_TOKENIZE_BYTES {
+            return Ok(tokens::count_prompt(&p.v.messages));
+        }
+        tokens::count_prompt_admitting(p.v.messages.clone(), p.v.prompt_bytes)
+            .await
+            .ok_or_else(|| {
+                RouterError::Unavailable(
+                    "too many large prompts are being counted; send the request again shortly"
+                        .into(),
+                )
+            })
     }
 
     /// Upstream-reported usage where present, each side counted with the tokenizer where it is

@@ -58,7 +58,8 @@ impl Stream for Events {
             event: Some(chat_stream_event::Event::Delta(d)),
         }))) = &polled
         {
-            self.taken.fetch_add(d.content.len(), Ordering::Relaxed);
+            // Read by the driver after the client's side closed, which the channel orders.
+            self.taken.fetch_add(d.content.len(), Ordering::Release);
         }
         polled
     }
@@ -270,8 +271,10 @@ impl RouterService {
         };
         let charge_left = self.inner.config.left_streams == LeftStreams::ChargeDelivered;
         // The answer as far as the client took it (deltas arrive whole and in order).
-        let taken = taken.load(Ordering::Relaxed);
-        let delivered = content.get(..taken).unwrap_or(&content);
+        let taken = taken.load(Ordering::Acquire);
+        // Out of step (it cannot be: `taken` counts whole deltas of `content`), nothing is taken:
+        // a charge must never exceed what was sent.
+        let delivered = content.get(..taken).unwrap_or_default();
         match end {
             End::Cancelled if charge_left && hold.is_some() && !delivered.trim().is_empty() => {
                 // The owner's choice (`left_streams = "charge_delivered"`): the text sent is

@@ -271,6 +271,16 @@ impl Upstream {
     }
 }
 
+/// An f32 as JSON: its shortest decimal (0.3, as the client sent it, or 0.9 as a search backend
+/// said), not its exact f64 widening (0.30000001192092896). `null` for NaN or infinity.
+pub fn f32_json(v: f32) -> serde_json::Value {
+    v.to_string()
+        .parse::<f64>()
+        .ok()
+        .and_then(serde_json::Number::from_f64)
+        .map_or(serde_json::Value::Null, serde_json::Value::Number)
+}
+
 /// A stable pseudonym of a router's user for the upstream's `user` field: `syft-` and 32 hex
 /// digits of SHA-256 over the router's ledger secret, its name and the email. The upstream can
 /// still tell one user's requests from another's (what OpenAI asks the field for), but the

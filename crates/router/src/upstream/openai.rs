@@ -57,10 +57,10 @@ impl OpenAiUpstream {
             body[self.config.max_tokens_field.as_str()] = json!(v);
         }
         if let Some(v) = o.temperature {
-            body["temperature"] = json!(v);
+            body["temperature"] = super::f32_json(v);
         }
         if let Some(v) = o.top_p {
-            body["top_p"] = json!(v);
+            body["top_p"] = super::f32_json(v);
         }
         if !o.stop_sequences.is_empty() {
             body["stop"] = json!(o.stop_sequences);
