@@ -189,8 +189,7 @@ pub(super) fn random_key() -> String {
 }
 
 pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("cannot create {}", args.data_dir))?;
+    super::create_private_dir(&args.data_dir)?;
     let database_url = args
         .database_url
         .clone()

@@ -43,8 +43,7 @@ impl DatabaseArgs {
         if let Some(url) = &self.database_url {
             return Ok(url.clone());
         }
-        std::fs::create_dir_all(&self.data_dir)
-            .with_context(|| format!("cannot create data dir {}", self.data_dir))?;
+        super::create_private_dir(&self.data_dir)?;
         Ok(format!("sqlite://{}/ledger.db?mode=rwc", self.data_dir))
     }
 

@@ -146,7 +146,20 @@ pub fn default_log_filter(command: &Command) -> &'static str {
     }
 }
 
-/// Parses `90`, `90s`, `5m`, `2h` or `250ms`.
+/// Creates a data directory readable by its owner only (0700 on Unix): the SQLite ledger in it
+/// holds stored answers, usage and secret hashes, and the process' umask left it world-readable
+/// (0755, the files 0644). A directory that already exists keeps its mode: the operator's choice.
+pub fn create_private_dir(dir: &str) -> anyhow::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder
+        .create(dir)
+        .with_context(|| format!("cannot create data dir {dir}"))
+}
+
+/// Parses `90`, `90s`, `5m`, `2h`, `7d` or `250ms`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let d = parse_duration_or_zero(text)?;
     if d.is_zero() {
@@ -165,19 +178,23 @@ pub fn parse_duration_or_zero(text: &str) -> Result<Duration, String> {
     let n: u64 = number
         .parse()
         .map_err(|_| format!("invalid duration {text:?}"))?;
-    let d = match unit {
-        "" | "s" => Duration::from_secs(n),
-        "ms" => Duration::from_millis(n),
-        "us" => Duration::from_micros(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        _ => {
-            return Err(format!(
-                "invalid duration unit in {text:?}: use us, ms, s, m or h"
-            ))
-        }
+    let seconds = |per: u64| {
+        n.checked_mul(per)
+            .map(Duration::from_secs)
+            .ok_or_else(|| format!("duration {text:?} is too long"))
     };
-    Ok(d)
+    match unit {
+        "" | "s" => seconds(1),
+        "ms" => Ok(Duration::from_millis(n)),
+        "us" => Ok(Duration::from_micros(n)),
+        "m" => seconds(60),
+        "h" => seconds(3600),
+        // `--since 7d` takes days, so `token issue --ttl 7d` does too.
+        "d" => seconds(86_400),
+        _ => Err(format!(
+            "invalid duration unit in {text:?}: use us, ms, s, m, h or d"
+        )),
+    }
 }
 
 /// Listener TLS from `--tls-cert`/`--tls-key` (both or neither) and an optional client CA.
@@ -311,11 +328,32 @@ mod tests {
         assert!(secret(None, Some(&dir.path().join("missing")), "--k").is_err());
     }
 
+    #[cfg(unix)]
+    #[test]
+    fn a_new_data_dir_is_its_owners_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data/nested");
+        create_private_dir(&data.display().to_string()).unwrap();
+        let mode = std::fs::metadata(&data).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "{mode:o}");
+        // An existing one keeps its mode.
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o750)).unwrap();
+        create_private_dir(&data.display().to_string()).unwrap();
+        let mode = std::fs::metadata(&data).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o750, "{mode:o}");
+    }
+
     #[test]
     fn durations() {
         assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
         assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(7 * 86_400));
+        let long = parse_duration("99999999999999999999h").unwrap_err();
+        assert!(long.contains("invalid duration"), "{long}");
+        let long = parse_duration("9999999999999999999h").unwrap_err();
+        assert!(long.contains("too long"), "{long}");
         assert!(parse_duration("0").is_err());
         assert!(parse_duration("5 days").is_err());
         assert!(parse_duration("-1s").is_err());

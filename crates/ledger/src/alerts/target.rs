@@ -110,11 +110,12 @@ pub async fn lookup(url: &Url, allowed_hosts: &[String]) -> Resolved {
         return Resolved::Unresolved(format!("{host} resolves to nothing"));
     }
     if !is_allowed(host, allowed_hosts) {
-        if let Some(bad) = addrs.iter().find(|a| !is_public(a.ip())) {
+        // The address itself is not said: any account may add an endpoint, and naming what an
+        // internal name resolves to would map the ledger's network for it.
+        if addrs.iter().any(|a| !is_public(a.ip())) {
             return Resolved::Refused(format!(
-                "{host} resolves to {}, a private, loopback or reserved address (allow the host \
-                 with --alerts-allow-host for local use)",
-                bad.ip()
+                "{host} resolves to a private, loopback or reserved address (allow the host with \
+                 --alerts-allow-host for local use)"
             ));
         }
     }
