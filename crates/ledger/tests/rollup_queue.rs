@@ -231,3 +231,40 @@ async fn analytics_leave_connections_for_usage_rows() {
     }
     h.finish().await;
 }
+
+/// `ledger verify` opens the ledger with `Store::inspect`, which recomputes no rollup. A fresh
+/// ledger whose rows are all still queued has empty rollups, which a serving start takes for an
+/// upgrade from before the rollups: it rebuilt every rollup (and emptied the queue) under the
+/// running ledger. Here the fold lock is held elsewhere, so the running ledger's folder leaves the
+/// rows queued, and a rebuild would wait for the lock: inspecting returns at once and changes
+/// nothing. Verify then folds the queue itself and counts every row once.
+#[tokio::test]
+async fn inspecting_a_ledger_recomputes_no_rollup() {
+    use sqlx::Connection;
+    let Some(h) = Harness::new(true).await else {
+        return;
+    };
+    let url = h.config.database_url.clone();
+    let mut folder_away = sqlx::AnyConnection::connect(&url).await.expect("connect");
+    // The fold lock (`FOLD_LOCK` in `store/rollup_fold.rs`, "SYFTROLL").
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(0x5359_4654_524f_4c4c_i64)
+        .execute(&mut folder_away)
+        .await
+        .expect("fold lock");
+    let (owner, token) = owner_and_token(&h, 10 * USD).await;
+    for i in 0..3 {
+        one_of_each(&h, &owner, &token, i).await;
+    }
+    assert_eq!(counts(&h).await, (6, 0, 6, 0), "every row queued");
+    let inspect = syft_ledger::Store::inspect(&url);
+    let inspected = tokio::time::timeout(std::time::Duration::from_secs(10), inspect)
+        .await
+        .expect("no rebuild waiting for the fold lock")
+        .expect("inspect");
+    assert_eq!(counts(&h).await, (6, 0, 6, 0), "nothing recomputed");
+    folder_away.close().await.expect("unlock");
+    let report = inspected.verify().await.expect("verify");
+    assert!(report.is_ok(), "{report:?}");
+    assert_eq!(counts(&h).await, (6, 6, 0, 3 * 600));
+}
