@@ -267,4 +267,6 @@ async fn inspecting_a_ledger_recomputes_no_rollup() {
     let report = inspected.verify().await.expect("verify");
     assert!(report.is_ok(), "{report:?}");
     assert_eq!(counts(&h).await, (6, 6, 0, 3 * 600));
+    inspected.close().await;
+    h.finish().await;
 }
