@@ -43,26 +43,50 @@ static SPOOL: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("register syft_router_usage_spool_events_total")
 });
 
-/// A spool event: `ship_failed`, `row_dropped`, `row_lost`, `row_unsynced`, `segment_quarantined` or
-/// `segment_unreadable`. A
-/// `ship_failed` that keeps rising
-/// means rows are piling up on disk (the ledger is down, or refuses the router's calls).
-pub fn spool_event(event: &'static str) {
-    SPOOL.with_label_values(&[event]).inc();
+/// Usage spool trouble, one series each (help text of `syft_router_usage_spool_events_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpoolEvent {
+    /// A call the ledger did not take; the rows stay spooled and are retried. One that keeps
+    /// rising means rows are piling up on disk (the ledger is down, or refuses the router).
+    ShipFailed,
+    RowDropped,
+    RowLost,
+    RowUnsynced,
+    SegmentQuarantined,
+    SegmentUnreadable,
+}
+
+impl SpoolEvent {
+    const ALL: [SpoolEvent; 6] = [
+        SpoolEvent::ShipFailed,
+        SpoolEvent::RowDropped,
+        SpoolEvent::RowLost,
+        SpoolEvent::RowUnsynced,
+        SpoolEvent::SegmentQuarantined,
+        SpoolEvent::SegmentUnreadable,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            SpoolEvent::ShipFailed => "ship_failed",
+            SpoolEvent::RowDropped => "row_dropped",
+            SpoolEvent::RowLost => "row_lost",
+            SpoolEvent::RowUnsynced => "row_unsynced",
+            SpoolEvent::SegmentQuarantined => "segment_quarantined",
+            SpoolEvent::SegmentUnreadable => "segment_unreadable",
+        }
+    }
+}
+
+pub fn spool_event(event: SpoolEvent) {
+    SPOOL.with_label_values(&[event.label()]).inc();
 }
 
 /// Every spool event at zero, once a router has a spool: a rule on `increase()` sees nothing of
 /// a series that does not exist yet, so the first `row_lost` would not raise an alert.
 pub fn spool_opened() {
-    for event in [
-        "ship_failed",
-        "row_dropped",
-        "row_lost",
-        "row_unsynced",
-        "segment_quarantined",
-        "segment_unreadable",
-    ] {
-        SPOOL.with_label_values(&[event]);
+    for event in SpoolEvent::ALL {
+        SPOOL.with_label_values(&[event.label()]);
     }
 }
 

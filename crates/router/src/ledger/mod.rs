@@ -20,6 +20,7 @@ use crate::config::LedgerSettings;
 use crate::endpoints::Member;
 use crate::error::RouterError;
 use crate::health::{LedgerEndpoint, LedgerState, OwnerCheck};
+use crate::metrics::SpoolEvent;
 use crate::usage_send::UsageSender;
 use crate::usage_spool::UsageSpool;
 use syft_error::{Reason, UsageStatus};
@@ -404,9 +405,9 @@ impl Ledger {
                         // away): the free answer still goes out, and the row is counted, to
                         // alert on; one written but not synced may still ship.
                         let event = if e.written {
-                            "row_unsynced"
+                            SpoolEvent::RowUnsynced
                         } else {
-                            "row_lost"
+                            SpoolEvent::RowLost
                         };
                         crate::metrics::spool_event(event);
                     }

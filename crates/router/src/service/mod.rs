@@ -516,8 +516,7 @@ impl RouterService {
         if per_token || self.counts_tokens(ServiceKind::Chat) {
             p.prompt_tokens = Some(self.admission_prompt_tokens(&p).await?);
         }
-        if let PricingKind::PerToken { .. } = p.t.pricing.kind {
-            let prompt = self.prompt_tokens(&p).await;
+        if let (true, Some(prompt)) = (per_token, p.prompt_tokens) {
             let max_out = u64::from(max_tokens.unwrap_or(0));
             p.t.hold_micros = p.t.pricing.hold_micros(prompt, max_out);
             p.t.bound = Some(TokenBound {

@@ -10,6 +10,7 @@ use tonic::Code;
 
 use super::{read_rows, segment_path, written, Inner};
 use crate::ledger::{Calls, Op};
+use crate::metrics::SpoolEvent;
 
 /// Rows per `RecordUsageBatch` call: the ledger accepts up to 1,000 (`MAX_USAGE_BATCH`).
 pub(super) const MAX_SHIP: usize = 1_000;
@@ -49,7 +50,7 @@ pub(super) async fn ship_forever(spool: Weak<Inner>, wake: Arc<Notify>, calls: C
             Err(e) => {
                 // Everything after this segment waits for it (its rows go first): counted, so a
                 // spool held back by a file it cannot read (permissions, I/O errors) is seen.
-                crate::metrics::spool_event("segment_unreadable");
+                crate::metrics::spool_event(SpoolEvent::SegmentUnreadable);
                 tracing::error!(path = %path.display(), error = %e, "usage spool: cannot read");
                 tokio::time::sleep(MAX_BACKOFF).await;
                 continue;
@@ -87,7 +88,7 @@ pub(super) async fn ship_forever(spool: Weak<Inner>, wake: Arc<Notify>, calls: C
                 }
             }
             Err(e) => {
-                crate::metrics::spool_event("ship_failed");
+                crate::metrics::spool_event(SpoolEvent::ShipFailed);
                 // The router's own credential refused, or its address locked: each try would be
                 // a wrong credential counted against this machine's address (20 in 5 minutes
                 // lock every router and client on it), so they wait as the owner check does.
@@ -115,7 +116,7 @@ pub(super) fn retire_segment(path: &std::path::Path, end: u64, torn: bool) -> &'
     let size = std::fs::metadata(path).map_or(0, |m| m.len());
     if torn && size.saturating_sub(end) > u64::from(super::MAX_RECORD) + 8 {
         let kept = path.with_extension("spool.corrupt");
-        crate::metrics::spool_event("segment_quarantined");
+        crate::metrics::spool_event(SpoolEvent::SegmentQuarantined);
         tracing::error!(path = %path.display(), offset = end, size, kept = %kept.display(),
             "usage spool: unreadable record inside a segment; rows after it may be lost: kept for \
              inspection");
@@ -184,7 +185,7 @@ async fn ship(calls: &Calls, rows: Vec<Usage>) -> Result<(), tonic::Status> {
         match sent {
             Ok(_) => {}
             Err(s) if s.code() == Code::InvalidArgument => {
-                crate::metrics::spool_event("row_dropped");
+                crate::metrics::spool_event(SpoolEvent::RowDropped);
                 tracing::error!(request_id = %request_id, error = %s.message(),
                     "usage spool: the ledger refuses this row; dropped");
             }
