@@ -434,6 +434,30 @@ mod tests {
         );
     }
 
+    /// `left_streams` is one of its two words; anything else is refused at start, naming them
+    /// (a mistyped policy must not fall back to another way of charging).
+    #[test]
+    fn left_streams_is_void_or_charge_delivered() {
+        let parse = |value: &str| {
+            RouterConfig::from_json_str(&format!(
+                r#"{{"name":"r","owner_email":"o@example.com","left_streams":{value}}}"#
+            ))
+        };
+        assert_eq!(
+            parse(r#""charge_delivered""#).expect("valid").left_streams,
+            super::super::LeftStreams::ChargeDelivered
+        );
+        assert_eq!(
+            parse(r#""void""#).expect("valid").left_streams,
+            super::super::LeftStreams::Void
+        );
+        let err = parse(r#""charge""#).expect_err("unknown").to_string();
+        assert!(
+            err.contains("void") && err.contains("charge_delivered"),
+            "{err}"
+        );
+    }
+
     /// A router selling chat from an OpenAI-compatible upstream names what it sells: `models`,
     /// a `model_map`, or `["*"]` for any. With none it passed any model a client named (the
     /// dearest there is) to the upstream at its prices.
