@@ -47,10 +47,11 @@ pub fn lines_of(pipe: impl std::io::Read + Send + 'static) -> std::sync::mpsc::R
     use std::io::BufRead;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
+        // Read to the end even once nobody listens: a reader that stopped closed the pipe, and
+        // the child's next line (`dev` prints after the banner its callers wait for) killed it
+        // with a broken pipe.
         for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
+            let _ = tx.send(line);
         }
     });
     rx
