@@ -937,6 +937,69 @@ async fn dev_has_alerts_on_for_a_local_receiver() {
     dev.stop();
 }
 
+/// `dev` whose stdout is closed (`syft-router dev | head -3`, a reader that stopped) keeps
+/// serving: its banner is for a person, and printing it into a closed pipe used to panic the
+/// whole process (`failed printing to stdout: Broken pipe`, exit 101) just after it started.
+#[test]
+fn dev_keeps_serving_when_its_stdout_is_closed() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let ports: Vec<String> = (0..4)
+        .map(|_| {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr").to_string()
+        })
+        .collect();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_syft-router"))
+        .arg("dev")
+        .args(["--data-dir", &data.path().display().to_string()])
+        .args([
+            "--ledger-grpc-addr",
+            &ports[0],
+            "--ledger-http-addr",
+            &ports[1],
+        ])
+        .args([
+            "--router-grpc-addr",
+            &ports[2],
+            "--router-http-addr",
+            &ports[3],
+        ])
+        .env("RUST_LOG", "error")
+        .env_remove("DATABASE_URL")
+        .env_remove("SYFT_ROUTER_CONFIG")
+        .env_remove("OPENAI_BASE_URL")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn dev");
+    drop(child.stdout.take());
+    let router_url = format!("http://{}", ports[2]);
+    let serving = || {
+        syft_router()
+            .args(["health", "--url", &router_url, "--timeout", "1s"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !serving() {
+        assert!(std::time::Instant::now() < deadline, "dev never served");
+        assert!(child.try_wait().expect("wait").is_none(), "dev exited");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The banner is written once the router serves: give it time to hit the closed pipe.
+    std::thread::sleep(Duration::from_secs(2));
+    let exited = child.try_wait().expect("wait");
+    let still_serving = serving();
+    let _ = child.kill();
+    let out = child.wait_with_output().expect("output");
+    assert!(
+        exited.is_none(),
+        "dev died of its closed stdout ({exited:?}): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(still_serving, "dev stopped serving");
+}
+
 /// A server that closes the connection while the client writes to it (here it reads the first
 /// bytes, then closes; a TLS ledger asked in plaintext does the like) gets the client's one-line
 /// error. With SIGPIPE restored to its default for client commands, a socket write (`writev`,

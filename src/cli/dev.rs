@@ -294,60 +294,74 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
 
     let ledger_http_url = ledger_http_url.unwrap_or_default();
     let me = self_command();
-    println!("syft-router dev is running (Ctrl-C to stop)");
-    println!("  ledger  gRPC  {ledger_url}   database {database_url}");
-    println!("  ledger  HTTP  {ledger_http_url}   (Syft accounting REST API)");
-    println!("  router  gRPC  http://{grpc_addr}");
-    println!("  router  HTTP  http://{http_addr}/v1/chat/completions   (OpenAI-compatible)");
-    println!("                http://{http_addr}/chat /search /health   (syft-llm-router API)");
-    println!("  dashboard     {ledger_http_url}/dashboard   (sign in with a secret from the credentials file)");
-    println!("  credentials   {}", creds_path.display());
-    println!("  logs          warnings only; RUST_LOG=info shows every request");
-    println!();
-    println!("Try it (in another terminal):");
-    println!(
+    // One write, whose failure is ignored: the banner is for a person at a terminal, and a
+    // closed stdout (`dev | head`, a test that stopped reading) must not stop the servers.
+    let mut banner = String::new();
+    // Writing to a String cannot fail.
+    macro_rules! say {
+        ($($arg:tt)*) => {
+            let _ = std::fmt::Write::write_fmt(&mut banner, format_args!("{}\n", format_args!($($arg)*)));
+        };
+    }
+    say!("syft-router dev is running (Ctrl-C to stop)");
+    say!("  ledger  gRPC  {ledger_url}   database {database_url}");
+    say!("  ledger  HTTP  {ledger_http_url}   (Syft accounting REST API)");
+    say!("  router  gRPC  http://{grpc_addr}");
+    say!("  router  HTTP  http://{http_addr}/v1/chat/completions   (OpenAI-compatible)");
+    say!("                http://{http_addr}/chat /search /health   (syft-llm-router API)");
+    say!("  dashboard     {ledger_http_url}/dashboard   (sign in with a secret from the credentials file)");
+    say!("  credentials   {}", creds_path.display());
+    say!("  logs          warnings only; RUST_LOG=info shows every request");
+    say!("");
+    say!("Try it (in another terminal):");
+    say!(
         "  {me} chat --router-url http://{grpc_addr} --user {} --token {} \"hello\"",
-        creds.user_email, creds.user_token
+        creds.user_email,
+        creds.user_token
     );
-    println!("      prints the echoed answer, then its cost (0.01 USD) on stderr");
-    println!(
+    say!("      prints the echoed answer, then its cost (0.01 USD) on stderr");
+    say!(
         "  curl -s http://{http_addr}/v1/chat/completions -H 'Authorization: Bearer {}' \\\n       -H 'Content-Type: application/json' -d '{{\"model\":\"echo\",\"user\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"hello\"}}]}}'",
         creds.user_token, creds.user_email
     );
     if args.config.is_none() {
-        println!(
+        say!(
             "  curl -s http://{http_addr}/search -H 'Content-Type: application/json' \\\n       -d '{{\"userEmail\":\"{}\",\"transactionToken\":\"{}\",\"query\":\"delegation token\"}}'",
             creds.user_email, creds.user_token
         );
-        println!(
+        say!(
             "      searches {}/docs ($0.01 per query with results; edit the folder, it is re-indexed)",
             args.data_dir
         );
     }
-    println!(
+    say!(
         "  SYFT_LEDGER_URL={ledger_url} SYFT_SECRET={} {me} account show {}",
-        creds.user_secret, creds.user_email
+        creds.user_secret,
+        creds.user_email
     );
-    println!(
+    say!(
         "      {}'s balance: 10 USD at first, 0.01 less per chat",
         creds.user_email
     );
-    println!(
+    say!(
         "  SYFT_LEDGER_URL={ledger_url} SYFT_SECRET={} {me} usage",
         creds.owner_secret
     );
-    println!("      one row per chat the router answered, with its cost");
-    println!(
+    say!("      one row per chat the router answered, with its cost");
+    say!(
         "  curl -s -u {}:{} {ledger_http_url}/user/my-info",
-        creds.user_email, creds.user_secret
+        creds.user_email,
+        creds.user_secret
     );
-    println!(
+    say!(
         "  SYFT_LEDGER_URL={ledger_url} SYFT_SECRET={} {me} alerts add http://127.0.0.1:9000/hook --balance-below 9.99",
         creds.user_secret
     );
-    println!(
+    say!(
         "      webhook alerts to a receiver on this machine (dev allows 127.0.0.1 and localhost over http)"
     );
+    say!("");
+    let _ = std::io::Write::write_all(&mut std::io::stdout(), banner.as_bytes());
     super::shutdown_signal().await;
     running.shutdown().await
 }
