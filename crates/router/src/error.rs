@@ -19,6 +19,11 @@ pub const INSUFFICIENT_FUNDS: &str = Reason::InsufficientFunds.as_str();
 /// and hold, so such a refusal says `x-should-retry: false` and the client waits as told.
 pub const SOON: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// How long a duplicate of a request still in progress is told to wait (`Retry-After`,
+/// `RetryInfo`). The IETF Idempotency-Key draft answers such a duplicate 409; without a wait the
+/// OpenAI SDKs retry after their own half second, twice, and a chat answer takes longer.
+pub const IN_PROGRESS_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A request refused by a rate, concurrency or budget limit: the reason, when to retry, which
 /// quota, and the rate-limit headers of the refusal.
 #[derive(Debug, Clone)]
@@ -57,6 +62,10 @@ pub enum RouterError {
     NotFound(String),
     #[error("{0}")]
     AlreadyExists(String),
+    /// The request id is claimed by a request still running at this router (`ALREADY_EXISTS`
+    /// with [`IN_PROGRESS_RETRY`]): a retry once it is over gets its outcome.
+    #[error("{0}")]
+    InProgress(String),
     /// The request id is spent: its request is over (charged or not, `REQUEST_PROCESSED`), or
     /// the key named another request (`IDEMPOTENCY_CONFLICT`). `ALREADY_EXISTS` like an id in
     /// progress, but sending it again cannot change the answer: its own reason tells gRPC
@@ -101,9 +110,9 @@ impl RouterError {
                 ErrorCode::PermissionDenied
             }
             RouterError::NotFound(_) => ErrorCode::NotFound,
-            RouterError::AlreadyExists(_) | RouterError::Processed { .. } => {
-                ErrorCode::AlreadyExists
-            }
+            RouterError::AlreadyExists(_)
+            | RouterError::InProgress(_)
+            | RouterError::Processed { .. } => ErrorCode::AlreadyExists,
             RouterError::ResourceExhausted(_) | RouterError::Quota(_) => {
                 ErrorCode::ResourceExhausted
             }
@@ -146,7 +155,9 @@ impl RouterError {
             RouterError::PermissionDenied(_) | RouterError::TokenSpendLimit(_) => {
                 "permission_error"
             }
-            RouterError::AlreadyExists(_) | RouterError::Processed { .. } => "conflict_error",
+            RouterError::AlreadyExists(_)
+            | RouterError::InProgress(_)
+            | RouterError::Processed { .. } => "conflict_error",
             RouterError::ResourceExhausted(_) => "rate_limit_error",
             // OpenAI's type for a spent quota (not retryable soon), as opposed to a rate.
             RouterError::Quota(_) if self.is_spent_quota() => "insufficient_quota",
@@ -186,6 +197,7 @@ impl RouterError {
         match self {
             RouterError::Quota(q) => q.details.retry_after,
             RouterError::UnavailableFor { retry_after, .. } => Some(*retry_after),
+            RouterError::InProgress(_) => Some(IN_PROGRESS_RETRY),
             _ => None,
         }
     }

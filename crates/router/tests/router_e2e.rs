@@ -761,6 +761,34 @@ async fn same_request_id_is_charged_once() {
     assert_eq!(second.status().as_u16(), 200);
     assert!(second.headers().get("x-syft-replay").is_some());
     assert_eq!(s.alice_money().await.0, FUNDS - 4 * PRICE);
+
+    // A duplicate while the original runs is told when to come back (a second; without it the
+    // SDKs retried after half a second) and that retrying helps: once the original is over, the
+    // retry gets its stored answer.
+    s.upstream.set_mode(Mode::Delay(Duration::from_millis(500)));
+    let send = || {
+        http.post(s.router.chat_completions_url())
+            .bearer_auth(&s.token)
+            .header("Idempotency-Key", "dup-http-running")
+            .json(&json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}], "user": s.alice.email}))
+            .send()
+    };
+    let hits = s.upstream.hits();
+    let original = tokio::spawn(send());
+    while s.upstream.hits() == hits {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let running = send().await.expect("http");
+    assert_eq!(running.status().as_u16(), 409);
+    assert_eq!(running.headers()["retry-after"], "1");
+    assert!(!running.headers().contains_key("x-should-retry"));
+    let body: Value = running.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "already_exists", "{body}");
+    assert_eq!(original.await.expect("joined").expect("http").status(), 200);
+    let retry = send().await.expect("http");
+    assert_eq!(retry.status().as_u16(), 200);
+    assert!(retry.headers().get("x-syft-replay").is_some());
+    assert_eq!(s.alice_money().await.0, FUNDS - 5 * PRICE);
     s.check_invariants().await;
 }
 

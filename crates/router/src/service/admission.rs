@@ -224,8 +224,8 @@ impl RouterService {
             .map_err(|_| RouterError::Internal("in-flight set poisoned".into()))?;
         let key = (user_email.to_string(), request_id.to_string());
         if !set.insert(key.clone()) {
-            return Err(RouterError::AlreadyExists(format!(
-                "request {request_id} is already in progress"
+            return Err(RouterError::InProgress(format!(
+                "request {request_id} is already in progress; retry once it is over"
             )));
         }
         Ok(Claim {

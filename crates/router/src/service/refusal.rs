@@ -67,7 +67,9 @@ pub(super) fn refusal_status(e: &RouterError) -> UsageStatus {
         RouterError::InvalidArgument(_)
         | RouterError::NotFound(_)
         | RouterError::FailedPrecondition { .. } => UsageStatus::InvalidRequest,
-        RouterError::AlreadyExists(_) | RouterError::Processed { .. } => UsageStatus::Duplicate,
+        RouterError::AlreadyExists(_)
+        | RouterError::InProgress(_)
+        | RouterError::Processed { .. } => UsageStatus::Duplicate,
         // A limit: the router's rate and concurrency windows, or the ledger's spend budgets.
         RouterError::Quota(_) if e.is_spent_quota() => UsageStatus::BudgetExceeded,
         RouterError::Quota(_) => UsageStatus::RateLimited,
