@@ -387,14 +387,15 @@ pub async fn health(State(svc): State<RouterService>) -> Response {
             ServiceKind::Chat => svc.provider(),
             ServiceKind::Search => svc.search_provider().unwrap_or(""),
         };
-        services.insert(
-            kind.as_str().into(),
-            json!({
-                "status": status,
-                "provider": provider,
-                "pricing": crate::config::pricing_json(&s.pricing),
-            }),
-        );
+        let mut entry = json!({
+            "status": status,
+            "provider": provider,
+            "pricing": crate::config::pricing_json(&s.pricing),
+        });
+        if kind == ServiceKind::Chat {
+            entry["left_streams"] = config.left_streams.as_str().into();
+        }
+        services.insert(kind.as_str().into(), entry);
     }
     let (code, status) = if readiness.ready {
         (StatusCode::OK, "healthy")

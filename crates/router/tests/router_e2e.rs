@@ -1374,6 +1374,8 @@ async fn echo_upstream_runs_offline_and_metadata_shows_pricing() {
     let svc = &meta.services[0];
     assert_eq!(svc.r#type, "chat");
     assert!(svc.enabled);
+    // The default: a stream its client leaves costs nothing, and payers are told so.
+    assert_eq!(svc.left_streams, "void");
     let p = svc.pricing.as_ref().expect("pricing");
     assert_eq!(
         (p.pricing_type.as_str(), p.amount_micros),
@@ -1625,6 +1627,19 @@ async fn a_left_stream_is_charged_for_what_it_took_when_the_owner_says_so() {
     })
     .await;
     let mut c = s.client().await;
+    // Payers are told the rule before they pay: GetMetadata and the syft `/health`.
+    let meta = ok(c.get_metadata(GetMetadataRequest {}).await);
+    assert_eq!(meta.services[0].left_streams, "charge_delivered");
+    let health: Value = reqwest::get(format!("{}/health", s.router.http_url))
+        .await
+        .expect("health")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        health["services"]["chat"]["left_streams"], "charge_delivered",
+        "{health}"
+    );
     s.upstream
         .set_mode(Mode::SlowStream(Duration::from_millis(150)));
     let mut req = s.request("hi");

@@ -176,6 +176,7 @@ async fn embedded_search_charges_answers_once_and_voids_empty_ones() {
         search.pricing.as_ref().map(|p| p.amount_micros),
         Some(PRICE)
     );
+    assert_eq!(search.left_streams, "", "a chat rule");
     s.check_invariants().await;
 }
 

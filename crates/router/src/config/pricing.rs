@@ -22,6 +22,16 @@ pub enum LeftStreams {
     ChargeDelivered,
 }
 
+impl LeftStreams {
+    /// The config word, also shown to payers (`GetMetadata`, `/health`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LeftStreams::Void => "void",
+            LeftStreams::ChargeDelivered => "charge_delivered",
+        }
+    }
+}
+
 /// What a service charges.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PricingKind {

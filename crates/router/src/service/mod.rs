@@ -338,6 +338,10 @@ impl RouterService {
                     enabled: s.enabled,
                     pricing: Some(pricing_proto(&s.pricing)),
                     limits: self.service_limits(s.kind),
+                    left_streams: match s.kind {
+                        ServiceKind::Chat => c.left_streams.as_str().into(),
+                        ServiceKind::Search => String::new(),
+                    },
                 })
                 .collect(),
             models: self.models(),
