@@ -246,7 +246,7 @@ async fn stats_match_raw_rows(h: Harness) -> Harness {
     // A free row (no transfer) for owner 1.
     h.client(&owner)
         .record_usage(pb::RecordUsageRequest {
-            usage: Some(usage(11, ALICE, "chat-app", "rejected")),
+            usage: Some(usage(11, ALICE, "chat-app", "upstream_error")),
         })
         .await
         .expect("record usage");

@@ -301,7 +301,7 @@ impl Pair {
                     user_email: ALICE.into(),
                     prompt_tokens: 3,
                     completion_tokens: 4,
-                    status: "ok".into(),
+                    status: "success".into(),
                     ..Default::default()
                 }),
             })

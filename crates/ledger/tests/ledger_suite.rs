@@ -1353,7 +1353,7 @@ async fn idempotency_keys_are_per_sender(h: Harness) -> Harness {
 
     // Both captured with a usage row under the same request id: each charged once, two rows.
     for (t, user) in [(&a, ALICE), (&b, BOB)] {
-        let mut u = usage("req-1", "ok");
+        let mut u = usage("req-1", "success");
         u.user_email = user.into();
         let mut capture = capture_full(&t.id);
         capture.usage = Some(u);
@@ -1385,7 +1385,7 @@ async fn idempotency_keys_are_per_sender(h: Harness) -> Harness {
     assert_eq!(h.balance(OWNER).await.balance_micros, 2 * USD);
     // A free request's usage row is per user too.
     for user in [ALICE, BOB] {
-        let mut u = usage("free-1", "ok");
+        let mut u = usage("free-1", "success");
         u.user_email = user.into();
         let rec = pb::RecordUsageRequest { usage: Some(u) };
         let row = router.record_usage(rec).await.unwrap().into_inner();
@@ -1599,7 +1599,62 @@ async fn verify_sees_a_token_past_its_limit_and_a_capture_after_expiry(h: Harnes
     h
 }
 
+/// A paid request's row names the transfer's payer and app, whatever the recording account
+/// reports: a recipient that named another user put its charges in that user's statistics (800
+/// micros of carol's shown as bob's spend at an app he never paid). A status no analytics know is
+/// refused, and nothing is resolved.
+async fn a_paid_row_names_its_transfers_payer_and_app(h: Harness) -> Harness {
+    const BOB: &str = "bob@example.com";
+    let owner = h.account(OWNER, 0).await;
+    let alice = h.account(ALICE, 3 * USD).await;
+    h.account(BOB, 0).await;
+    let token = h.token(&alice, OWNER).await;
+    let mut router = h.client(&owner);
+    let t = ok(router
+        .authorize(authorize(ALICE, USD, &token, "attr-1"))
+        .await);
+    let mut u = usage("attr-1", "bogus");
+    u.user_email = BOB.into();
+    u.app_name = "other-app".into();
+    let mut capture = capture_full(&t.id);
+    capture.usage = Some(u.clone());
+    let refused = router.capture(capture.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("usage.status"), "{refused:?}");
+    assert_eq!(h.balance(ALICE).await.held_micros, USD, "nothing resolved");
+
+    u.status = "success".into();
+    capture.usage = Some(u.clone());
+    ok(router.capture(capture).await);
+    let t2 = ok(router
+        .authorize(authorize(ALICE, USD, &token, "attr-2"))
+        .await);
+    u.request_id = "attr-2".into();
+    u.status = "upstream_error".into();
+    router
+        .void(pb::VoidRequest {
+            transfer_id: t2.id,
+            reason: "failed".into(),
+            usage: Some(u),
+        })
+        .await
+        .unwrap();
+    let rows = syft_testkit::usage_of(&h.url(), ALICE).await;
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for row in &rows {
+        let u = row.usage.as_ref().unwrap();
+        assert_eq!(
+            (u.user_email.as_str(), u.app_name.as_str()),
+            (ALICE, "chat-app")
+        );
+    }
+    assert!(syft_testkit::usage_of(&h.url(), BOB).await.is_empty());
+    assert_eq!(h.balance(ALICE).await.balance_micros, 2 * USD);
+    h
+}
+
 store_suite!(
+    a_paid_row_names_its_transfers_payer_and_app,
     verify_sees_a_token_past_its_limit_and_a_capture_after_expiry,
     verify_sees_money_booked_between_the_wrong_accounts,
     accounts_and_auth,

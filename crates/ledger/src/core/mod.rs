@@ -558,7 +558,7 @@ pub fn validate_usage(usage: UsageInput) -> Result<UsageInput> {
         prompt_tokens: prompt,
         completion_tokens: completion,
         total_tokens: total,
-        status: validate::text("usage.status", &usage.status, 64, true)?.to_string(),
+        status: usage_status(&usage.status)?.as_str().to_string(),
         latency_ms: validate::count("usage.latency_ms", usage.latency_ms)?,
         upstream_latency_ms: validate::count(
             "usage.upstream_latency_ms",
@@ -569,6 +569,22 @@ pub fn validate_usage(usage: UsageInput) -> Result<UsageInput> {
             .map(|t| validate::count("usage.ttft_ms", t))
             .transpose()?,
         row_key: validate::text("usage.row_key", &usage.row_key, MAX_KEY, false)?.to_string(),
+    })
+}
+
+/// A row's status is one of the statuses the analytics know: any other text was kept as it was
+/// sent, a status no filter or chart could show.
+fn usage_status(status: &str) -> Result<syft_error::UsageStatus> {
+    syft_error::UsageStatus::parse(status).ok_or_else(|| {
+        let known: Vec<&str> = syft_error::UsageStatus::ALL
+            .iter()
+            .map(|s| s.as_str())
+            .collect();
+        LedgerError::invalid(format!(
+            "usage.status {:?} is not one of: {}",
+            status.chars().take(64).collect::<String>(),
+            known.join(", ")
+        ))
     })
 }
 

@@ -377,7 +377,8 @@ impl Journal {
             crate::store::UsageLink::Hosted(&e.id),
             e.amount,
         );
-        crate::store::late_void_row(self.pool(), row, usage).await
+        let usage = usage.of_transfer(&e.sender_email, &e.app_name);
+        crate::store::late_void_row(self.pool(), row, &usage).await
     }
 
     /// Records the final state and the usage row in one local transaction.
@@ -407,7 +408,8 @@ impl Journal {
         let usage: Option<UsageInput> = e
             .pending_usage
             .as_deref()
-            .and_then(|u| serde_json::from_str(u).ok());
+            .and_then(|u| serde_json::from_str::<UsageInput>(u).ok())
+            .map(|u| u.of_transfer(&e.sender_email, &e.app_name));
         let mut tx = self.pool().begin().await?;
         let done = sqlx::query(
             "UPDATE hosted_transfers SET status = $2, captured = $3, step = 'done', token = '', \

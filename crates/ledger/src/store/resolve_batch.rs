@@ -29,8 +29,8 @@ pub(super) async fn resolve_batch(
             json!({"in_answer": answer, "in_answer_expires": answer_expires,"in_n": n, "in_id": j.transfer_id, "in_recipient": j.recipient_id, "in_status": j.status.as_str(),
                    "in_captured": j.captured, "in_resolved_by": j.resolved_by.as_str(), "in_reason": j.reason,
                    "in_now": j.now, "in_guard": j.guard as i32, "in_usage_id": j.usage_id,
-                   "in_has_usage": j.usage.is_some(), "in_refused": super::usage::is_refused(u), "in_request_id": u.request_id, "in_app": u.app_name,
-                   "in_endpoint": u.endpoint, "in_user": u.user_email, "in_model": u.model,
+                   "in_has_usage": j.usage.is_some(), "in_refused": super::usage::is_refused(u), "in_request_id": u.request_id,
+                   "in_endpoint": u.endpoint, "in_model": u.model,
                    "in_pt": u.prompt_tokens, "in_ct": u.completion_tokens, "in_tt": u.total_tokens,
                    "in_ustatus": u.status, "in_lat": u.latency_ms, "in_ulat": u.upstream_latency_ms,
                    "in_ttft": u.ttft_ms})
@@ -50,7 +50,8 @@ pub(super) async fn resolve_batch(
     Ok(results)
 }
 
-/// Captures and voids a batch. Account and token updates are aggregated so several resolutions for
+/// Captures and voids a batch. A usage row names the transfer's payer and app, not the
+/// recording account's word for them (`UsageInput::of_transfer`). Account and token updates are aggregated so several resolutions for
 /// one sender or one recipient in a batch move the right totals. The recipient is credited here,
 /// once per batch: its row lock is held from that update to the commit, so a busy recipient's
 /// batches take turns, and each turn carries every capture that arrived meanwhile. Only captures
@@ -83,8 +84,8 @@ static RESOLVE_BATCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| 
 WITH input AS (
     SELECT * FROM json_to_recordset($1::json) AS i(in_n int, in_id text, in_recipient bigint,
         in_status text, in_captured bigint, in_resolved_by text, in_reason text, in_now bigint,
-        in_guard int, in_usage_id text, in_has_usage boolean, in_refused boolean, in_request_id text, in_app text,
-        in_endpoint text, in_user text, in_model text, in_pt bigint, in_ct bigint, in_tt bigint,
+        in_guard int, in_usage_id text, in_has_usage boolean, in_refused boolean, in_request_id text,
+        in_endpoint text, in_model text, in_pt bigint, in_ct bigint, in_tt bigint,
         in_ustatus text, in_lat bigint, in_ulat bigint, in_ttft bigint, in_answer text,
         in_answer_expires bigint)
 ), lock_transfers AS (
@@ -143,9 +144,10 @@ WITH input AS (
     INSERT INTO usage_records (id, recipient_id, request_id, transfer_id, app_name, endpoint, user_email,
         model, prompt_tokens, completion_tokens, total_tokens, cost, status, latency_ms,
         upstream_latency_ms, created_at, ttft_ms, refused)
-    SELECT in_usage_id, recipient_id, in_request_id, id, in_app, in_endpoint, in_user, in_model, in_pt,
-        in_ct, in_tt, captured, in_ustatus, in_lat, in_ulat, in_now, in_ttft, in_refused
-    FROM t WHERE in_has_usage
+    SELECT in_usage_id, t.recipient_id, in_request_id, t.id, t.app_name, in_endpoint, ua.email,
+        in_model, in_pt, in_ct, in_tt, captured, in_ustatus, in_lat, in_ulat, in_now, in_ttft,
+        in_refused
+    FROM t JOIN accounts ua ON ua.id = t.sender_id WHERE in_has_usage
     ON CONFLICT {PAID_TRANSFER} DO NOTHING
     RETURNING id
 ), a AS (

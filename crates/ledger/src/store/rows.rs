@@ -103,6 +103,19 @@ pub(crate) const TRANSFER_COLUMNS: &str = "t.id, t.sender_id, t.recipient_id, \
 pub(crate) const TRANSFER_JOINS: &str =
     "JOIN accounts sa ON sa.id = t.sender_id JOIN accounts ra ON ra.id = t.recipient_id";
 
+impl UsageInput {
+    /// The row of a transfer's request, named as the transfer is: its payer (the sender the
+    /// ledger checked when it placed the hold) and its app, whatever the recording account
+    /// reported. A recipient could otherwise put its charges in another user's statistics.
+    pub(crate) fn of_transfer(&self, sender_email: &str, app_name: &str) -> UsageInput {
+        UsageInput {
+            user_email: sender_email.to_string(),
+            app_name: app_name.to_string(),
+            ..self.clone()
+        }
+    }
+}
+
 /// A usage row as written; `cost` and `transfer_id` are set by the ledger, not the caller.
 #[derive(
     Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, sqlx::FromRow,

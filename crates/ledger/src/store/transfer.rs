@@ -77,6 +77,7 @@ struct Resolved {
     token_id: Option<String>,
     amount: Micros,
     captured: Micros,
+    app_name: String,
 }
 
 impl Store {
@@ -158,7 +159,8 @@ impl Store {
                     if let Some(usage) = input.usage {
                         let link = UsageLink::Transfer(&current.id);
                         let row = (current.recipient_id, link, current.amount);
-                        super::late_void_row(self.pool(), row, usage).await?;
+                        let usage = usage.of_transfer(&current.sender_email, &current.app_name);
+                        super::late_void_row(self.pool(), row, &usage).await?;
                     }
                     return Ok(current);
                 }
@@ -266,7 +268,7 @@ impl Store {
                 resolved_by = $4, resolved_at = $7, cancel_reason = $5 \
              WHERE t.id = $1 AND ($6 < 0 OR t.recipient_id = $6) AND t.{UNRESOLVED} \
                AND {time_guard} AND $3 <= t.amount AND ({CREATOR_CAPTURES}) \
-             RETURNING sender_id, recipient_id, token_id, amount, captured"
+             RETURNING sender_id, recipient_id, token_id, amount, captured, app_name"
         );
         let resolved: Option<Resolved> = sqlx::query_as(&sql)
             .bind(&job.transfer_id)
@@ -284,6 +286,7 @@ impl Store {
             token_id,
             amount,
             captured,
+            app_name,
         }) = resolved
         else {
             return Ok(None);
@@ -322,6 +325,11 @@ impl Store {
             .await?;
         }
         if let Some(u) = &job.usage {
+            let sender: String = sqlx::query_scalar("SELECT email FROM accounts WHERE id = $1")
+                .bind(sender_id)
+                .fetch_one(&mut *tx)
+                .await?;
+            let u = &u.of_transfer(&sender, &app_name);
             let write = UsageWrite {
                 id: &job.usage_id,
                 recipient_id,
