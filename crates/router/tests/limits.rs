@@ -611,6 +611,69 @@ async fn requests_refused_for_a_ledger_outage_spend_no_window() {
     s.assert_spent(2 * PRICE).await;
 }
 
+/// An upstream that reports far more prompt tokens than the router counted (another tokenizer's
+/// count, a system prompt of its own, a broken count) is believed within an allowance (the
+/// router's count, a quarter more, and 64 tokens), which is what the row shows and the price is
+/// charged on; and the token window never keeps more than the request reserved. It kept the
+/// reported count: 505 tokens settled per request that reserved 39, a window 13 times past its
+/// limit, and per-token rows showing prompts nobody was charged for.
+#[tokio::test]
+async fn an_upstream_overcounting_the_prompt_is_held_to_the_allowance_and_the_reservation() {
+    const LIMIT: u64 = 100_000;
+    let pricing = Pricing::per_token(1_000_000, 10_000_000); // 1 and 10 micros a token
+    let s = Stack::start_tweaked(pricing, |c| c.rate_limits.tokens = vec![per_minute(LIMIT)]).await;
+    s.upstream.set_mode(Mode::Usage(100_000, 5));
+    let mut c = s.client().await;
+    let ask = |max_tokens: u32| {
+        let mut req = s.request("hi");
+        req.options = Some(syft_proto::router::ChatOptions {
+            max_tokens: Some(max_tokens),
+            ..Default::default()
+        });
+        req
+    };
+    let counted = syft_router_svc::tokens::count_prompt(&ask(1).messages);
+    let allowance = counted + counted / 4 + 64;
+    let tokens_left = |c: &mut RouterClient<tonic::transport::Channel>| {
+        let ask = syft_proto::router::GetLimitsRequest {
+            user_email: s.alice.email.clone(),
+            service: String::new(),
+            transaction_token: s.token.clone(),
+        };
+        let mut c = c.clone();
+        async move {
+            let left = c.get_limits(ask).await.expect("limits").into_inner();
+            left.limits
+                .iter()
+                .find(|l| l.limit.as_ref().is_some_and(|r| r.kind == "tokens"))
+                .map(|l| l.remaining)
+                .expect("a token window")
+        }
+    };
+
+    // Room in the hold: charged for the allowance and the answer, and the row says so.
+    let answer = c.chat(ask(1_000)).await.expect("answer").into_inner();
+    let allowance_i = i64::try_from(allowance).expect("small");
+    assert_eq!(answer.cost_micros, allowance_i + 5 * 10);
+    let rows = s.usage().await;
+    let row = rows[0].usage.as_ref().expect("usage");
+    assert_eq!((row.prompt_tokens, row.completion_tokens), (allowance_i, 5));
+    assert_eq!(tokens_left(&mut c).await, LIMIT - allowance - 5);
+
+    // A reservation smaller than that (a prompt of `counted` and 10 tokens of answer): the window
+    // keeps the reservation, and the charge stays within the hold.
+    let answer = c.chat(ask(10)).await.expect("answer").into_inner();
+    assert_eq!(
+        answer.cost_micros,
+        i64::try_from(counted).expect("small") + 10 * 10
+    );
+    assert_eq!(
+        tokens_left(&mut c).await,
+        LIMIT - allowance - 5 - (counted + 10)
+    );
+    s.assert_spent(allowance_i + 50 + answer.cost_micros).await;
+}
+
 /// A client that leaves a stream after its first delta is counted for what it was sent: the
 /// token window keeps the prompt and the delivered text (refunding all of it let a client read
 /// most of every answer, leave, and never be counted).

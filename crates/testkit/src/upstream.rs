@@ -34,6 +34,9 @@ pub enum Mode {
     NoUsage,
     /// A good answer whose usage gives the prompt tokens only (unary).
     PromptUsageOnly,
+    /// A good answer reporting these prompt and completion tokens (unary): an upstream counting
+    /// with another tokenizer, or adding a system prompt of its own.
+    Usage(u64, u64),
     /// An HTTP error status with an OpenAI error body.
     Status(u16),
     /// An HTTP error status with this body, sent as it is (an HTML error page, a long message).
@@ -160,6 +163,9 @@ fn completion_json(model: &str, mode: &Mode) -> Value {
     match mode {
         Mode::NoUsage => {}
         Mode::PromptUsageOnly => v["usage"] = json!({"prompt_tokens": UP_PROMPT}),
+        Mode::Usage(prompt, completion) => {
+            v["usage"] = json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+        }
         _ => {
             v["usage"] = json!({"prompt_tokens": UP_PROMPT, "completion_tokens": UP_COMPLETION, "total_tokens": UP_PROMPT + UP_COMPLETION})
         }

@@ -430,6 +430,8 @@ pub struct Pass {
     /// Request windows: kept unless the request is withdrawn ([`Pass::withdraw`]).
     request_keys: Vec<String>,
     token_keys: Vec<String>,
+    /// What the request reserved in its token windows: it is never settled above it.
+    reserved_tokens: u64,
     slot_keys: Vec<String>,
     settled: AtomicBool,
     pub headers: RateHeaders,
@@ -460,6 +462,12 @@ impl Pass {
             lease,
             request_keys: keys(|k| k == RuleKind::Requests),
             token_keys: keys(|k| k == RuleKind::Tokens),
+            reserved_tokens: rules
+                .iter()
+                .filter(|r| r.kind == RuleKind::Tokens)
+                .map(|r| r.cost)
+                .max()
+                .unwrap_or(0),
             slot_keys: keys(|k| matches!(k, RuleKind::Concurrency | RuleKind::RouterConcurrency)),
             settled: AtomicBool::new(false),
             headers: RateHeaders::from_states(rules, states),
@@ -483,6 +491,7 @@ impl Pass {
             lease: String::new(),
             request_keys: Vec::new(),
             token_keys: Vec::new(),
+            reserved_tokens: 0,
             slot_keys: Vec::new(),
             settled: AtomicBool::new(true),
             headers: RateHeaders::default(),
@@ -491,7 +500,10 @@ impl Pass {
         }
     }
 
-    /// Replaces the reserved tokens with the actual count.
+    /// Replaces the reserved tokens with the actual count, at most the reservation: an upstream
+    /// that counts the prompt above the router's count (another tokenizer, a chat template, a
+    /// system prompt of its own) took a window up to 13 times past its limit, since only the
+    /// answer is bounded (by `max_tokens`). The window's limit is the user's promise.
     pub async fn settle_tokens(&self, actual: u64) {
         let Some(limiter) = &self.limiter else { return };
         if self.token_keys.is_empty() || self.settled.swap(true, Ordering::SeqCst) {
@@ -502,7 +514,7 @@ impl Pass {
         let updates: Vec<(String, u64)> = self
             .token_keys
             .iter()
-            .map(|k| (k.clone(), actual.max(1)))
+            .map(|k| (k.clone(), actual.min(self.reserved_tokens).max(1)))
             .collect();
         // Spawned, then awaited, as `withdraw` is: marked settled already, a settle lost with a
         // dropped future (a client leaving meanwhile) left the whole reservation (prompt and

@@ -54,9 +54,22 @@ impl RouterService {
     ) -> (u64, u64) {
         let (prompt, completion) =
             reported.map_or((0, 0), |u| (u.prompt_tokens, u.completion_tokens));
-        let prompt = match prompt {
-            0 => self.prompt_tokens(p).await,
-            n => n,
+        let prompt = match (prompt, p.prompt_tokens) {
+            (0, _) => self.prompt_tokens(p).await,
+            // Counted before the hold (the request is priced per token or has a token window):
+            // the upstream's count is believed within an allowance for its own tokenizer and
+            // chat template, and counted at the allowance above it (a prompt it added or a
+            // broken count is not the user's, and no hold or window reserved for it).
+            (n, Some(counted)) if n > prompt_allowance(counted) => {
+                tracing::warn!(
+                    request_id = %p.v.request_id,
+                    reported = n,
+                    counted,
+                    "upstream counted far more prompt tokens than the router; counted at the allowance"
+                );
+                prompt_allowance(counted)
+            }
+            (n, _) => n,
         };
         let completion = match completion {
             0 => tokens::count_text(content),
@@ -109,6 +122,13 @@ impl RouterService {
         }
         cost.min(p.t.hold_micros)
     }
+}
+
+/// The most prompt tokens believed of an upstream for a prompt the router counted as `counted`
+/// (cl100k, with OpenAI's framing of each message): a quarter more, for another tokenizer, and
+/// 64 tokens, for a chat template and a short default system prompt.
+pub(super) fn prompt_allowance(counted: u64) -> u64 {
+    counted.saturating_add(counted / 4).saturating_add(64)
 }
 
 /// `completion` tokens, at most the limit the upstream was sent (when one was): it writes no
