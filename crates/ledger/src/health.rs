@@ -67,7 +67,14 @@ impl Health {
 
     /// Publishes `serving`; the caller holds `stopping`.
     async fn publish(&self, serving: bool) {
-        if self.ready.send_replace(serving) != serving {
+        // Receivers wake only on a change: this runs every second, and a wake per probe kept
+        // the dashboard's live streams from ever reaching their session check.
+        let changed = self.ready.send_if_modified(|ready| {
+            let changed = *ready != serving;
+            *ready = serving;
+            changed
+        });
+        if changed {
             if serving {
                 tracing::info!("database reachable: ledger SERVING");
             } else {

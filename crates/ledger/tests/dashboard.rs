@@ -550,6 +550,38 @@ async fn live_usage(h: &Harness) {
     }
 }
 
+/// A page signed out elsewhere (another tab, another replica) while nothing is written has its
+/// live stream ended by the session check every 30 s. The health probe's readiness signal, sent
+/// every second, restarted that wait each time, so the stream of a signed-out or expired session
+/// stayed open until the next usage row.
+async fn a_quiet_stream_of_a_signed_out_page_ends(h: &Harness) {
+    let owner = h.account(OWNER, 0).await;
+    let base = h.http_url();
+    let web = Web::sign_in(&base, OWNER, &owner).await;
+    let resp = web
+        .http
+        .get(format!("{base}/dashboard/events"))
+        .header("cookie", &web.cookie)
+        .send()
+        .await
+        .expect("events");
+    assert_eq!(resp.status(), 200);
+    // Read from now on, so the stream's first look (at once, session alive) is over before the
+    // sign-out: what ends it must be the periodic check.
+    let mut events = Box::pin(resp.bytes_stream());
+    let reader = tokio::spawn(async move { while let Some(Ok(_)) = events.next().await {} });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!reader.is_finished(), "the stream ended while signed in");
+    web.post("/dashboard/logout", json!({})).await;
+    let signed_out = Instant::now();
+    let end = tokio::time::timeout(Duration::from_secs(45), reader).await;
+    assert!(
+        end.is_ok(),
+        "the stream of a signed-out page is still open after {:?}",
+        signed_out.elapsed()
+    );
+}
+
 /// Wrong secrets are counted per account: past the limit, that account's sign-ins are refused
 /// with 429 and `Retry-After` even with the right secret; other accounts sign in; a success under
 /// the limit starts the count again.
@@ -676,7 +708,7 @@ async fn credentials_and_streams(h: &mut Harness) {
 }
 
 async fn suite(postgres: bool) {
-    for scenario in 0..5 {
+    for scenario in 0..6 {
         let Some(mut h) = Harness::with(postgres, |c| {
             alerts_on(c);
             // The per-account throttle's scenario sends 40 wrong secrets from one address: the
@@ -694,6 +726,7 @@ async fn suite(postgres: bool) {
             1 => alerts_panel(&h).await,
             2 => sign_in_throttle(&h).await,
             3 => credentials_and_streams(&mut h).await,
+            4 => a_quiet_stream_of_a_signed_out_page_ends(&h).await,
             _ => live_usage(&h).await,
         }
         h.finish().await;

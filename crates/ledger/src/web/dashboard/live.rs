@@ -173,6 +173,10 @@ struct Tail {
 
 impl Tail {
     async fn next(&mut self) -> Option<Event> {
+        // One deadline for the whole wait: the readiness signal changes every second (health
+        // probes), and a sleep started anew after each change never ended, so an expired or
+        // signed-out page stayed live as long as nothing was written.
+        let mut recheck = tokio::time::Instant::now() + RECHECK;
         loop {
             if !std::mem::take(&mut self.look_now) {
                 tokio::select! {
@@ -181,7 +185,7 @@ impl Tail {
                         Err(RecvError::Closed) => return None,
                     },
                     // Nothing written for a while: look at the session anyway (below).
-                    _ = tokio::time::sleep(RECHECK) => {}
+                    _ = tokio::time::sleep_until(recheck) => {}
                     // Turned not ready (shutting down): the stream ends and the page reconnects,
                     // to another replica or to this one once it is back.
                     changed = self.ready.changed() => {
@@ -204,6 +208,7 @@ impl Tail {
             if !self.session.alive(&self.d).await.unwrap_or(false) {
                 return None;
             }
+            recheck = tokio::time::Instant::now() + RECHECK;
             let rows = match self.fresh().await {
                 Ok(rows) => rows,
                 Err(e) => {
