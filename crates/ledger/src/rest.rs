@@ -492,6 +492,10 @@ struct CreateTransaction {
     app_name: Option<String>,
     #[serde(default)]
     app_ep_path: Option<String>,
+    /// Optional; when given it must be the transfer's currency (the caller's, as both parties
+    /// share one): a hold asked in euros was placed in dollars.
+    #[serde(default)]
+    currency: Option<String>,
 }
 
 /// With a token: a delegated hold created by the recipient (the caller), exactly gRPC `Authorize`.
@@ -511,6 +515,16 @@ async fn create_transaction(
     let app_ep_path = req.app_ep_path.unwrap_or_default();
     if sender_email == recipient_email {
         return Err(LedgerError::invalid("sender and recipient must differ").into());
+    }
+    if let Some(currency) = &req.currency {
+        if !currency.eq_ignore_ascii_case(&account.currency) {
+            return Err(LedgerError::invalid(format!(
+                "currency {:?}: this transaction is in {} (both parties' currency)",
+                currency.chars().take(16).collect::<String>(),
+                account.currency
+            ))
+            .into());
+        }
     }
     let transfer = match req.token {
         Some(token) if !token.is_empty() => {

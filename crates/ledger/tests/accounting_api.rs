@@ -499,6 +499,22 @@ async fn bad_input_changes_nothing(h: Harness) -> Harness {
     );
     let (s, _) = api.delegated(&owner_pw, BOB, "1", &token).await;
     assert_eq!(s, StatusCode::FORBIDDEN, "token of another sender");
+    // A currency other than the transaction's is refused (it was ignored: a hold asked in euros
+    // was placed in dollars); the transaction's own is accepted, in any case.
+    let in_currency = |c: &str| {
+        let body = delegated_body(ALICE, "1", &token);
+        format!(r#"{},"currency":"{c}"}}"#, body.trim_end_matches('}'))
+    };
+    let (s, v) = api
+        .post_raw(
+            "/transaction/create",
+            Auth::Basic(OWNER, &owner_pw),
+            &in_currency("EUR"),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(v.to_string().contains("USD"), "{v}");
+
     let (s, _) = api
         .resolve("confirm", Auth::Basic(OWNER, &owner_pw), "no-such-id")
         .await;
@@ -511,6 +527,18 @@ async fn bad_input_changes_nothing(h: Harness) -> Harness {
     assert_eq!(api.balance(ALICE).await, "2");
     let alice = Auth::Basic(ALICE, &alice_pw);
     assert_eq!(api.history(alice).await, Vec::<String>::new());
+    let (s, v) = api
+        .post_raw(
+            "/transaction/create",
+            Auth::Basic(OWNER, &owner_pw),
+            &in_currency("usd"),
+        )
+        .await;
+    assert_eq!(
+        s,
+        StatusCode::CREATED,
+        "the transaction's own currency: {v}"
+    );
     h
 }
 
