@@ -643,6 +643,49 @@ async fn partial_capture_with_a_token_limit_equal_to_the_hold() {
     p.finish().await;
 }
 
+/// A token revoked on the accounting service while its answer streams: a partial capture there
+/// needs the token (the API confirms whole holds only, so the actual amount is a new charge made
+/// with it), so the capture fails and the hold is released. The row that request leaves says so
+/// (`capture_refused`, nothing charged); it said `success` at a cost of 0. (What it is charged is
+/// a known gap, docs/hosted.md.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_capture_that_ends_cancelled_leaves_a_capture_refused_row() {
+    let p = Pair::sqlite(10 * USD).await;
+    let mut alice = connect_lazy(&p.b.url(), &p.alice_secret).expect("client");
+    let issued = alice
+        .issue_token(pb::IssueTokenRequest {
+            recipient_email: OWNER.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("token")
+        .into_inner();
+    let t = p
+        .router()
+        .authorize(req::hold(ALICE, USD, &issued.token, "k1"))
+        .await
+        .expect("hold")
+        .into_inner();
+    alice
+        .revoke_token(pb::RevokeTokenRequest {
+            token: issued.token_id,
+        })
+        .await
+        .expect("revoke");
+    let refused = p.capture(&t.id, 400_000, "req-1").await;
+    assert!(refused.is_err(), "{refused:?}");
+    p.await_no_hold().await;
+    assert_eq!(p.money().await, ((10 * USD, 0), (0, 0)));
+    let rows = p.usage().await.records;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let usage = rows[0].usage.as_ref().expect("usage");
+    assert_eq!(
+        (usage.status.as_str(), rows[0].cost_micros),
+        ("capture_refused", 0)
+    );
+    p.finish().await;
+}
+
 /// Exact funds again, and the answer to the charge created after the hold's release is lost: the
 /// capture reports UNAVAILABLE. Its retry must use the after-release key again (B honours keys and
 /// hands back the charge it created); the first key would replay the first refusal for good.
@@ -888,6 +931,62 @@ async fn slow_remote_orphan_hold_is_cancelled() {
     // A later request still works end to end.
     let t = p.authorize(USD, "k2").await.expect("authorize");
     p.capture(&t.id, USD, "req-2").await.expect("capture");
+    assert_eq!(p.money().await, ((9 * USD, 0), (USD, 0)));
+    p.finish().await;
+}
+
+/// A capture whose caller gives up while the accounting service is slow (a router's deadline
+/// cancelling its call) runs to its end: the retry finds it captured. The remote steps ran in the
+/// call and stopped with it, their lease kept, so every retry was told "in progress" until the
+/// lease ran out (2 minutes by default) while the service had already charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_capture_whose_caller_gave_up_runs_to_its_end() {
+    let p = Pair::sqlite(10 * USD).await;
+    let t = p.authorize(USD, "k1").await.expect("authorize");
+    p.proxy.set(Fault::Slow(
+        "/transaction/confirm",
+        Duration::from_millis(600),
+    ));
+    let gave_up =
+        tokio::time::timeout(Duration::from_millis(150), p.capture(&t.id, USD, "req-1")).await;
+    assert!(gave_up.is_err(), "{gave_up:?}");
+    p.proxy.set(Fault::Pass);
+    // The confirm lands at 600 ms; the lease (2 s here) is still held by the call that left.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let done = p.capture(&t.id, USD, "req-1").await.expect("captured");
+    assert_eq!(done.captured_micros, USD);
+    assert_eq!(p.money().await, ((9 * USD, 0), (USD, 0)));
+    p.finish().await;
+}
+
+/// A capture whose ledger died mid-way (its journal row left `capturing` under a lease nobody
+/// renews) waits for its caller's retry while its hold runs: recovery leaves it, and the retry
+/// takes the lapsed lease over and charges. Recovery voided it one lease after the crash, while
+/// the router was still retrying a streamed answer's capture, and the answer went uncharged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_capture_whose_ledger_died_waits_for_its_retry_until_the_hold_expires() {
+    let p = Pair::sqlite(10 * USD).await;
+    let t = p.authorize(USD, "k1").await.expect("authorize");
+    // What a process killed between its claim and its confirm leaves: a stale lease.
+    let stale = syft_ledger::store::now_micros() - 10_000_000;
+    sqlx::query(
+        "UPDATE hosted_transfers SET step = 'capturing', capture_amount = $2, updated_at = $3 \
+         WHERE id = $1",
+    )
+    .bind(&t.id)
+    .bind(USD)
+    .bind(stale)
+    .execute(p.a.store.pool())
+    .await
+    .expect("crash");
+    // Several recovery passes (every 200 ms here), the lease (2 s) long over.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(p.money().await.0, (10 * USD, USD), "still held, not voided");
+    let done = p
+        .capture(&t.id, USD, "req-1")
+        .await
+        .expect("the retry captures");
+    assert_eq!(done.captured_micros, USD);
     assert_eq!(p.money().await, ((9 * USD, 0), (USD, 0)));
     p.finish().await;
 }

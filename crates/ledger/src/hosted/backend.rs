@@ -45,7 +45,9 @@ impl TransferBackend for HostedBackend {
                 .await?;
         }
         // Every transfer of a hosted ledger is its one owner's: no recipient to check.
-        self.hosted.capture(c.transfer_id, c.amount, c.usage).await
+        let (hosted, id, amount) = (self.hosted.clone(), c.transfer_id.to_string(), c.amount);
+        let usage = c.usage.cloned();
+        run_to_its_end(async move { hosted.capture(&id, amount, usage.as_ref()).await }).await
     }
 
     /// Every transfer of a hosted ledger is its one owner's: no recipient to check.
@@ -54,9 +56,13 @@ impl TransferBackend for HostedBackend {
             Party::Recipient => "RECIPIENT",
             Party::Sender => "SENDER",
         };
-        self.hosted
-            .void(v.transfer_id, v.reason, actor, v.usage)
-            .await
+        let (hosted, id, reason) = (
+            self.hosted.clone(),
+            v.transfer_id.to_string(),
+            v.reason.to_string(),
+        );
+        let usage = v.usage.cloned();
+        run_to_its_end(async move { hosted.void(&id, &reason, actor, usage.as_ref()).await }).await
     }
 
     async fn transfer(&self, id: &str) -> Result<Option<TransferRow>> {
@@ -89,4 +95,16 @@ impl TransferBackend for HostedBackend {
             ..mirror
         })
     }
+}
+
+/// Runs a resolution in a task of its own. Its remote steps take a lease on the transfer; a caller
+/// that gave up (a router's deadline cancelling its gRPC call while the accounting service was
+/// slow) dropped them half-way with the lease kept, so every retry was told "in progress" until
+/// the lease ran out (12 accounting timeouts, 2 minutes by default), while the service had charged.
+async fn run_to_its_end(
+    resolution: impl std::future::Future<Output = Result<TransferRow>> + Send + 'static,
+) -> Result<TransferRow> {
+    tokio::spawn(resolution)
+        .await
+        .map_err(|e| LedgerError::Internal(format!("hosted resolution task failed: {e}")))?
 }

@@ -18,6 +18,7 @@ use crate::error::{is_unique_violation, LedgerError, Result};
 use crate::store::{
     new_id, now_micros, AuthorizeInput, Store, TransferFilter, TransferRow, UsageInput,
 };
+use syft_error::UsageStatus;
 
 /// A new entry in step `creating`, written before the remote create: the hold as the core
 /// validated it, for this ledger's owner.
@@ -409,7 +410,16 @@ impl Journal {
             .pending_usage
             .as_deref()
             .and_then(|u| serde_json::from_str::<UsageInput>(u).ok())
-            .map(|u| u.of_transfer(&e.sender_email, &e.app_name));
+            .map(|u| u.of_transfer(&e.sender_email, &e.app_name))
+            .map(|mut u| {
+                // A capture's row on a transfer that ended cancelled (its capture failed for
+                // good): its request was not answered as paid, and the router's own
+                // `capture_refused` row would meet this one and be dropped.
+                if outcome == Outcome::Cancelled && u.status == UsageStatus::Success.as_str() {
+                    u.status = UsageStatus::CaptureRefused.as_str().into();
+                }
+                u
+            });
         let mut tx = self.pool().begin().await?;
         let done = sqlx::query(
             "UPDATE hosted_transfers SET status = $2, captured = $3, step = 'done', token = '', \
@@ -446,14 +456,16 @@ impl Journal {
 
     // ---------------------------------------------------------------- recovery
 
-    /// Pending entries recovery must void: expired holds, and resolutions whose lease is older
-    /// than `stale` (a capture given back by its driver, [`RELEASED`], once its hold expired).
+    /// Pending entries recovery must void: expired holds, voids whose lease is older than
+    /// `stale`, and captures whose lease is older than `stale` once their hold expired. Until
+    /// then a capture waits for its caller's retry (which takes the lapsed lease over): a ledger
+    /// killed mid-capture and back at once voided it after one lease, while its router was still
+    /// retrying, and a streamed answer went uncharged.
     pub async fn abandoned(&self, now: i64, stale: i64) -> Result<Vec<Entry>> {
         let sql = format!(
             "SELECT {COLUMNS} FROM hosted_transfers WHERE status = 'PENDING' AND \
              ((step = 'held' AND expires_at <= $1) OR (step = 'voiding' AND updated_at < $2) \
-              OR (step = 'capturing' AND updated_at < $2 \
-                  AND (updated_at <> {RELEASED} OR expires_at <= $1))) \
+              OR (step = 'capturing' AND updated_at < $2 AND expires_at <= $1)) \
              ORDER BY expires_at LIMIT 200"
         );
         Ok(sqlx::query_as(&sql)
