@@ -905,6 +905,23 @@ fn an_unknown_status_is_refused_with_the_known_ones() {
     }
 }
 
+/// `--limit 0` is refused before anything is asked: `usage --limit 0` fetched no page and printed
+/// totals of 0 ("total: 0 requests") where rows matched.
+#[test]
+fn a_limit_of_zero_is_refused() {
+    for command in [
+        &["usage", "--limit", "0"][..],
+        &["transfers", "--limit", "0"],
+        &["account", "list", "--limit", "0"],
+        &["token", "list", "--limit", "0"],
+    ] {
+        let out = syft_router().args(command).output().expect("run");
+        assert_eq!(out.status.code(), Some(2), "{command:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_contains(&stderr, &["--limit", "not in 1.."]);
+    }
+}
+
 /// `dev` has webhook alerts on, for a receiver on this machine, as its dashboard's Alerts tab and
 /// its printed `alerts add` command promise (it had no way to turn them on). Its key is kept in
 /// the data dir, so an endpoint added before a restart is still delivered to after it.

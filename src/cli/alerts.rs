@@ -45,7 +45,7 @@ enum AlertsAction {
     /// An endpoint's delivery log, newest first.
     Deliveries {
         endpoint_id: String,
-        #[arg(long, default_value_t = 50)]
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
         limit: u32,
     },
 }

@@ -134,7 +134,8 @@ enum AccountAction {
     /// List every account with its balance (admin).
     List {
         /// Most accounts to print (pages of up to 500 are fetched as needed).
-        #[arg(long, default_value_t = 100, conflicts_with = "all")]
+        #[arg(long, default_value_t = 100, conflicts_with = "all",
+              value_parser = clap::value_parser!(u32).range(1..))]
         limit: u32,
         /// Every account, however many.
         #[arg(long)]
@@ -194,7 +195,8 @@ enum TokenAction {
         #[arg(long)]
         inactive: bool,
         /// Most tokens to print (pages of up to 500 are fetched as needed).
-        #[arg(long, default_value_t = 100, conflicts_with = "all")]
+        #[arg(long, default_value_t = 100, conflicts_with = "all",
+              value_parser = clap::value_parser!(u32).range(1..))]
         limit: u32,
         /// Every token, however many.
         #[arg(long)]
@@ -213,7 +215,9 @@ pub struct Window {
     #[arg(long, value_parser = parse_time)]
     until: Option<i64>,
     /// Most rows to print, newest first (pages of up to 500 are fetched as needed).
-    #[arg(long, default_value_t = 50, conflicts_with = "all")]
+    // At least 1: `--limit 0` fetched nothing and printed totals of 0 as if nothing matched.
+    #[arg(long, default_value_t = 50, conflicts_with = "all",
+          value_parser = clap::value_parser!(u32).range(1..))]
     limit: u32,
     /// Every matching row, however many (progress on stderr when it is a terminal).
     #[arg(long)]
