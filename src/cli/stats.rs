@@ -189,11 +189,35 @@ pub async fn run(args: StatsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One CSV cell. A text that a spreadsheet would run as a formula (an app or model name, a user's
+/// email starting with `=`, `+`, `-`, `@`, a tab or a return: anyone may name an app or a user)
+/// is kept as text with a leading `'` (OWASP's advice); numbers are left as they are.
 fn csv_cell(c: &str) -> String {
-    if c.contains([',', '"', '\n']) {
-        format!("\"{}\"", c.replace('"', "\"\""))
+    let formula = c.starts_with(['=', '+', '-', '@', '\t', '\r']) && c.parse::<f64>().is_err();
+    let c = if formula {
+        format!("'{c}")
     } else {
         c.to_string()
+    };
+    if c.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", c.replace('"', "\"\""))
+    } else {
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::csv_cell;
+
+    #[test]
+    fn a_cell_is_never_a_formula() {
+        assert_eq!(csv_cell("=HYPERLINK(\"x\")"), "\"'=HYPERLINK(\"\"x\"\")\"");
+        assert_eq!(csv_cell("@SUM(A1)"), "'@SUM(A1)");
+        assert_eq!(csv_cell("+1+2"), "'+1+2");
+        assert_eq!(csv_cell("-12"), "-12");
+        assert_eq!(csv_cell("chat-app"), "chat-app");
+        assert_eq!(csv_cell("a,b"), "\"a,b\"");
     }
 }
 
