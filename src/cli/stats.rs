@@ -206,21 +206,6 @@ fn csv_cell(c: &str) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::csv_cell;
-
-    #[test]
-    fn a_cell_is_never_a_formula() {
-        assert_eq!(csv_cell("=HYPERLINK(\"x\")"), "\"'=HYPERLINK(\"\"x\"\")\"");
-        assert_eq!(csv_cell("@SUM(A1)"), "'@SUM(A1)");
-        assert_eq!(csv_cell("+1+2"), "'+1+2");
-        assert_eq!(csv_cell("-12"), "-12");
-        assert_eq!(csv_cell("chat-app"), "chat-app");
-        assert_eq!(csv_cell("a,b"), "\"a,b\"");
-    }
-}
-
 /// Columns as wide as their widest cell; text left, numbers right.
 fn print_table(header: &[String], rows: &[Vec<String>]) {
     let widths: Vec<usize> = (0..header.len())
@@ -293,4 +278,19 @@ fn stats_json(s: &pb::GetUsageStatsResponse, names: &[String]) -> serde_json::Va
         "since_unix_micros": s.since_unix_micros, "until_unix_micros": s.until_unix_micros,
         "currency": s.currency, "groups": groups,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::csv_cell;
+
+    #[test]
+    fn a_cell_is_never_a_formula() {
+        assert_eq!(csv_cell("=HYPERLINK(\"x\")"), "\"'=HYPERLINK(\"\"x\"\")\"");
+        assert_eq!(csv_cell("@SUM(A1)"), "'@SUM(A1)");
+        assert_eq!(csv_cell("+1+2"), "'+1+2");
+        assert_eq!(csv_cell("-12"), "-12");
+        assert_eq!(csv_cell("chat-app"), "chat-app");
+        assert_eq!(csv_cell("a,b"), "\"a,b\"");
+    }
 }
