@@ -195,7 +195,8 @@ impl Gate {
                 limit: n,
                 window: self.lease,
                 cost: 1,
-                describe: format!("{n} requests in flight on this router"),
+                // Shared by every replica of this router name (one key in the store).
+                describe: format!("{n} requests in flight on this router, all replicas"),
             });
         }
         rules
