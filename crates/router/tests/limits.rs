@@ -611,6 +611,36 @@ async fn requests_refused_for_a_ledger_outage_spend_no_window() {
     s.assert_spent(2 * PRICE).await;
 }
 
+/// Requests that fail because the upstream is out (unreachable or failing with a 5xx) give their
+/// places in the request windows back: a short outage, with the SDKs' two retries of each 5xx,
+/// spent a user's requests and left them refused once it ended. A 429 of the upstream (the
+/// owner's quota there) keeps its place.
+#[tokio::test]
+async fn an_upstream_outage_spends_no_requests() {
+    let s = Stack::start_tweaked(Pricing::per_request(PRICE), |c| {
+        c.rate_limits.requests = vec![per_minute(2)]
+    })
+    .await;
+    let mut c = s.client().await;
+    s.upstream.set_mode(Mode::Status(503));
+    for _ in 0..4 {
+        let err = c
+            .chat(s.request("hi"))
+            .await
+            .expect_err("the upstream is out");
+        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+        // The places go back when the request ends, in the background.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s.upstream.set_mode(Mode::Ok);
+    for _ in 0..2 {
+        c.chat(s.request("hi")).await.expect("the window is whole");
+    }
+    let err = c.chat(s.request("hi")).await.expect_err("2 per minute");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    s.assert_spent(2 * PRICE).await;
+}
+
 /// An upstream that reports far more prompt tokens than the router counted (another tokenizer's
 /// count, a system prompt of its own, a broken count) is believed within an allowance (the
 /// router's count, a quarter more, and 64 tokens), which is what the row shows and the price is

@@ -435,6 +435,8 @@ pub struct Pass {
     reserved_tokens: u64,
     slot_keys: Vec<String>,
     settled: AtomicBool,
+    /// Set when the request failed by the operator's fault ([`Pass::give_back_requests`]).
+    give_back: AtomicBool,
     pub headers: RateHeaders,
     /// Keeps a graceful shutdown waiting until the release of the slots reached the store.
     work: Option<DrainGuard>,
@@ -471,6 +473,7 @@ impl Pass {
                 .unwrap_or(0),
             slot_keys: keys(|k| matches!(k, RuleKind::Concurrency | RuleKind::RouterConcurrency)),
             settled: AtomicBool::new(false),
+            give_back: AtomicBool::new(false),
             headers: RateHeaders::from_states(rules, states),
             work,
             patience,
@@ -495,6 +498,7 @@ impl Pass {
             reserved_tokens: 0,
             slot_keys: Vec::new(),
             settled: AtomicBool::new(true),
+            give_back: AtomicBool::new(false),
             headers: RateHeaders::default(),
             work: None,
             patience: Duration::ZERO,
@@ -534,6 +538,13 @@ impl Pass {
 }
 
 impl Pass {
+    /// The request's places in the request windows go back when it ends (with its slots): it
+    /// failed by the operator's fault (its upstream unreachable or failing), and a short outage,
+    /// with the SDKs' retries, spent users' daily requests and left them refused after it ended.
+    pub fn give_back_requests(&self) {
+        self.give_back.store(true, Ordering::SeqCst);
+    }
+
     /// Takes the request out of every window, as if it had never been admitted. For a request
     /// the ledger refused because its payment credential does not pay for it: the user's email is
     /// only what the request says, so without this anyone could spend a user's room (and have
@@ -632,6 +643,9 @@ impl Drop for Pass {
             return;
         };
         let mut updates: Vec<(String, u64)> = self.slot_keys.drain(..).map(|k| (k, 0)).collect();
+        if *self.give_back.get_mut() {
+            updates.extend(self.request_keys.drain(..).map(|k| (k, 0)));
+        }
         if !*self.settled.get_mut() {
             updates.extend(self.token_keys.drain(..).map(|k| (k, 0)));
         }

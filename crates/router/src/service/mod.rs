@@ -544,6 +544,11 @@ impl RouterService {
         upstream_ms: i64,
     ) {
         tracing::warn!(request_id = %p.v.request_id, error = %e, status = %e.usage_status(), "upstream failed");
+        if e.is_outage() {
+            if let Some(pass) = &p.t.pass {
+                pass.give_back_requests();
+            }
+        }
         let units = Units {
             input: self.prompt_tokens(p).await,
             output: 0,

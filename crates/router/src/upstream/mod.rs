@@ -101,6 +101,16 @@ impl UpstreamError {
         }
     }
 
+    /// The upstream is out (unreachable, or failing with a 5xx): the operator's fault, not the
+    /// user's request (a 429 is the owner's quota at the upstream, which users' windows guard).
+    pub fn is_outage(&self) -> bool {
+        match self {
+            UpstreamError::Unreachable(_) => true,
+            UpstreamError::Status { status, .. } => (500..=599).contains(status),
+            _ => false,
+        }
+    }
+
     /// When the upstream said to come back, if it did.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
