@@ -119,8 +119,39 @@ impl IntoResponse for RestError {
 
 type Reply = std::result::Result<Response, RestError>;
 
-fn ok(status: StatusCode, body: serde_json::Value) -> Reply {
+/// Serialized as it is: amounts are exact decimal text ([`units`]), which a `serde_json::Value`
+/// in between would have read back as a float (`90000000000.000001` answered `90000000000.0`).
+fn ok(status: StatusCode, body: impl Serialize) -> Reply {
     Ok((status, Json(body)).into_response())
+}
+
+#[derive(Serialize)]
+struct UserReply {
+    user: UserJson,
+}
+
+#[derive(Serialize)]
+struct RegisteredReply {
+    user: UserJson,
+    password: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct UsersReply {
+    users: Vec<UserJson>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_page_token: Option<String>,
+}
+
+#[derive(Serialize)]
+struct TransactionReply {
+    transaction: TransactionJson,
+}
+
+#[derive(Serialize)]
+struct TransactionsReply {
+    transactions: Vec<TransactionJson>,
 }
 
 /// Parses a JSON body with a JSON error on failure (axum's own rejection is plain text).
@@ -294,13 +325,15 @@ fn transaction_json(t: &TransferRow) -> TransactionJson {
 }
 
 fn user_reply(status: StatusCode, a: &AccountRow) -> Reply {
-    ok(status, serde_json::json!({ "user": user_json(a) }))
+    ok(status, UserReply { user: user_json(a) })
 }
 
 fn transaction_reply(status: StatusCode, t: &TransferRow) -> Reply {
     ok(
         status,
-        serde_json::json!({ "transaction": transaction_json(t) }),
+        TransactionReply {
+            transaction: transaction_json(t),
+        },
     )
 }
 
@@ -336,7 +369,10 @@ async fn create_user(
         .await?;
     ok(
         StatusCode::CREATED,
-        serde_json::json!({ "user": user_json(&account), "password": password }),
+        RegisteredReply {
+            user: user_json(&account),
+            password,
+        },
     )
 }
 
@@ -394,7 +430,14 @@ async fn list_users(
     if query.limit.is_none() && query.page_token.is_none() {
         let accounts = ledger.list_accounts(&caller).await?;
         let users: Vec<_> = accounts.iter().map(user_json).collect();
-        return ok(StatusCode::OK, serde_json::json!({ "users": users }));
+        let next_page_token = None;
+        return ok(
+            StatusCode::OK,
+            UsersReply {
+                users,
+                next_page_token,
+            },
+        );
     }
     let limit = match query.limit {
         None => 0,
@@ -413,7 +456,10 @@ async fn list_users(
     let (users, next) = page.convert(user_json);
     ok(
         StatusCode::OK,
-        serde_json::json!({ "users": users, "nextPageToken": next }),
+        UsersReply {
+            users,
+            next_page_token: Some(next),
+        },
     )
 }
 
@@ -638,8 +684,5 @@ async fn list_transactions(
     };
     let rows = ledger.history(&caller, status, limit).await?;
     let transactions: Vec<_> = rows.iter().map(transaction_json).collect();
-    ok(
-        StatusCode::OK,
-        serde_json::json!({ "transactions": transactions }),
-    )
+    ok(StatusCode::OK, TransactionsReply { transactions })
 }

@@ -734,7 +734,29 @@ async fn users_are_paged(h: Harness) -> Harness {
     h
 }
 
+/// Amounts are answered as exact decimal text: they went through a float on their way out, so
+/// one micro read `1e-6` and a balance of 90000000000.000001 read `90000000000.0`.
+async fn amounts_are_answered_exactly(h: Harness) -> Harness {
+    let api = Rest::new(&h);
+    api.user(ALICE, "alice-password", "0.000001").await;
+    for path in [format!("/user/{ALICE}"), "/users".to_string()] {
+        let text = api
+            .http
+            .get(format!("{}{path}", api.base))
+            .bearer_auth(ADMIN_KEY)
+            .send()
+            .await
+            .expect("get")
+            .text()
+            .await
+            .expect("text");
+        assert!(text.contains(r#""balance":0.000001"#), "{path}: {text}");
+    }
+    h
+}
+
 store_suite!(
+    amounts_are_answered_exactly,
     users_are_paged,
     errors_before_the_handler_are_json,
     users_and_passwords,
