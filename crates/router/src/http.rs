@@ -571,9 +571,9 @@ async fn chat_stream(
                     let mut last = chunk(json!({}), json!(f.finish_reason));
                     // With `include_usage` the usage comes once, on its own last chunk, as
                     // OpenAI sends it: clients that add up every chunk's usage (LangChain)
-                    // counted it twice when the finish chunk carried it too.
+                    // counted it twice when the finish chunk carried it too. So does the cost
+                    // (`syft`), for clients that add up every chunk's cost.
                     if include_usage {
-                        last["syft"] = syft.clone();
                         out.push(last);
                         let mut u = chunk(json!({}), Value::Null);
                         u["choices"] = json!([]);

@@ -1332,6 +1332,7 @@ async fn http_front_speaks_openai_json_and_sse() {
     // Once: clients that add up every chunk's usage would count a second copy.
     let usages = chunks.iter().filter(|c| c["usage"].is_object()).count();
     assert_eq!(usages, 1, "usage on the last chunk only");
+    assert_eq!(finals.len(), 1, "the cost once, on the last chunk");
 
     let models = get_json(&http, &format!("{}/v1/models", s.router.http_url)).await;
     assert_eq!(models["object"], "list");
