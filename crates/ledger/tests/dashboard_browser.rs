@@ -368,6 +368,47 @@ async fn dashboard_in_chromium() {
     assert!(fits.is_ok(), "wider than a phone: {}", js(&c, wide).await);
     c.set_window_size(1280, 2200).await.expect("resize");
 
+    // A range whose answers fail (the ledger away) empties the charts and says why: they kept
+    // the previous range's lines under the new range's name.
+    js(
+        &c,
+        "window.realFetch = window.fetch; window.fetch = (u, o) => \
+         String(u).includes('/dashboard/api/stats') \
+           ? Promise.reject(new TypeError('Failed to fetch')) : window.realFetch(u, o); \
+         return true",
+    )
+    .await;
+    set_range(&c, "7d").await;
+    until(
+        &c,
+        "return document.querySelectorAll('#chart-requests .uplot').length === 0 && \
+         document.querySelector('#chart-requests').textContent.includes('Not shown')",
+        5,
+        "a failed range empties its charts",
+    )
+    .await;
+    // The live stream back after a drop reads the figures again at once (they stayed '–' until
+    // the next usage row).
+    js(
+        &c,
+        "window.statsAsked = 0; window.fetch = (u, o) => { \
+           if (String(u).includes('/dashboard/api/stats')) window.statsAsked++; \
+           return window.realFetch(u, o); }; \
+         state.source.dispatchEvent(new Event('error')); \
+         state.source.dispatchEvent(new Event('open')); return true",
+    )
+    .await;
+    until(
+        &c,
+        "return window.statsAsked > 0 && \
+         document.querySelectorAll('#chart-requests .uplot').length === 1",
+        5,
+        "the figures read again after a reconnect",
+    )
+    .await;
+    js(&c, "window.fetch = window.realFetch; return true").await;
+    set_range(&c, "24h").await;
+
     // Sign-out: the form is back and the session is gone.
     click(&c, "#signout").await;
     until(&c, SIGN_IN_SHOWN, 5, "signed out").await;

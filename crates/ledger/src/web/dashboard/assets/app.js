@@ -157,7 +157,9 @@ async function refreshOwner() {
   });
   $('#requests-range').textContent = all ? count(total(all).requests) : '–';
   $('#success-range').textContent = all && total(all).requests ? pct(total(all).success_rate) : '–';
-  if (series) drawOwnerCharts(series, range);
+  // A refused or failed answer empties the charts, with the reason: they kept the previous
+  // range's lines under the new range's name.
+  if (series) drawOwnerCharts(series, range); else clearOwnerCharts(refused(answers[3]));
   fill('#by-app', byApp ? byApp.groups.map((g) => row([g.key[0] || '(none)', g.key[1] || '/',
     count(g.measures.requests), pct(g.measures.success_rate), count(g.measures.total_tokens),
     String(g.measures.latency_ms.p95), money(g.measures.revenue_micros, byApp.currency)])) : [],
@@ -194,6 +196,16 @@ function chart(id, labels, data, opts) {
     width: 2, value: opts && opts.value, spanGaps: !!sparse, points: { show: sparse ? true : undefined } })));
   state.charts[id] = new uPlot({ width, height: 200, series, legend: { live: false },
     axes: [{}, { size: 60 }], scales: { x: { time: true }, y: opts && opts.yRange ? { range: opts.yRange } : {} } }, data, el);
+}
+
+const OWNER_CHARTS = ['#chart-requests', '#chart-success', '#chart-tokens', '#chart-latency'];
+
+function clearOwnerCharts(why) {
+  OWNER_CHARTS.forEach((id) => {
+    if (state.charts[id]) state.charts[id].destroy();
+    delete state.charts[id];
+    $(id).textContent = why;
+  });
 }
 
 function drawOwnerCharts(s, range) {
@@ -344,18 +356,31 @@ function connectLive() {
   if (state.source) state.source.close();
   const source = new EventSource('/dashboard/events');
   state.source = source;
-  source.addEventListener('open', () => { $('#live-status').textContent = 'live'; });
+  // Back after a drop (the ledger or its database was away): the figures are read again at once.
+  // They stayed '–' until the next usage row, however long that took.
+  let dropped = false;
+  const refreshAll = () => Promise.all([refreshMoney(), refreshOwner(), loadTransfers()]).catch(report);
+  source.addEventListener('open', () => {
+    $('#live-status').textContent = 'live';
+    if (dropped) { dropped = false; refreshAll(); }
+  });
   source.addEventListener('usage', (e) => {
     addLive(JSON.parse(e.data).rows);
     // The figures follow the rows, at most once a second (the server sends no more often).
     clearTimeout(state.refreshTimer);
-    state.refreshTimer = setTimeout(() => {
-      Promise.all([refreshMoney(), refreshOwner(), loadTransfers()]).catch(report);
-    }, 300);
+    state.refreshTimer = setTimeout(refreshAll, 300);
   });
   source.addEventListener('error', () => {
+    dropped = true;
     $('#live-status').textContent = 'reconnecting';
-    if (source.readyState === EventSource.CLOSED && state.me) api('/dashboard/api/me').then((me) => { if (!me.signed_in) showSignIn(); }).catch(() => {});
+    // Closed for good (the browser gives up on a refusal): signed out, or refused while signed
+    // in, which is the cap on one account's open pages. It said "reconnecting" forever.
+    if (source.readyState === EventSource.CLOSED && state.me) {
+      api('/dashboard/api/me').then((me) => {
+        if (!me.signed_in) showSignIn();
+        else $('#live-status').textContent = 'not live: too many pages of this account are open (8 at most); close one and reload';
+      }).catch(() => {});
+    }
   });
 }
 
