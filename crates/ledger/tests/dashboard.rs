@@ -440,6 +440,19 @@ async fn alerts_panel(h: &Harness) {
     );
 }
 
+/// The page's live stream at `base`, signed in as `web`; answered 200.
+async fn open_events(web: &Web, base: &str) -> reqwest::Response {
+    let resp = web
+        .http
+        .get(format!("{base}/dashboard/events"))
+        .header("cookie", &web.cookie)
+        .send()
+        .await
+        .expect("events");
+    assert_eq!(resp.status(), 200);
+    resp
+}
+
 /// Reads server-sent events until one carries `request_id`; returns how long that took.
 async fn wait_for_row<B: AsRef<[u8]>>(
     events: &mut (impl futures::Stream<Item = reqwest::Result<B>> + Unpin),
@@ -472,14 +485,7 @@ async fn live_usage(h: &Harness) {
         .as_ref()
         .map_or_else(|| h.http_url(), |r| r.http_url.clone());
     let web = Web::sign_in(&base, OWNER, &owner).await;
-    let resp = web
-        .http
-        .get(format!("{base}/dashboard/events"))
-        .header("cookie", &web.cookie)
-        .send()
-        .await
-        .expect("events");
-    assert_eq!(resp.status(), 200);
+    let resp = open_events(&web, &base).await;
     assert!(resp.headers()["content-type"]
         .to_str()
         .unwrap_or_default()
@@ -558,14 +564,7 @@ async fn a_quiet_stream_of_a_signed_out_page_ends(h: &Harness) {
     let owner = h.account(OWNER, 0).await;
     let base = h.http_url();
     let web = Web::sign_in(&base, OWNER, &owner).await;
-    let resp = web
-        .http
-        .get(format!("{base}/dashboard/events"))
-        .header("cookie", &web.cookie)
-        .send()
-        .await
-        .expect("events");
-    assert_eq!(resp.status(), 200);
+    let resp = open_events(&web, &base).await;
     // Read from now on, so the stream's first look (at once, session alive) is over before the
     // sign-out: what ends it must be the periodic check.
     let mut events = Box::pin(resp.bytes_stream());

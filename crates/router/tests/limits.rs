@@ -611,6 +611,26 @@ async fn requests_refused_for_a_ledger_outage_spend_no_window() {
     s.assert_spent(2 * PRICE).await;
 }
 
+/// What `s`'s user has left in the router's token window (`GetLimits` with their token).
+async fn tokens_left(s: &Stack, c: &RouterClient<tonic::transport::Channel>) -> u64 {
+    let ask = syft_proto::router::GetLimitsRequest {
+        user_email: s.alice.email.clone(),
+        service: String::new(),
+        transaction_token: s.token.clone(),
+    };
+    let left = c
+        .clone()
+        .get_limits(ask)
+        .await
+        .expect("limits")
+        .into_inner();
+    left.limits
+        .iter()
+        .find(|l| l.limit.as_ref().is_some_and(|r| r.kind == "tokens"))
+        .map(|l| l.remaining)
+        .expect("a token window")
+}
+
 /// Requests that fail because the upstream is out (unreachable or failing with a 5xx) give their
 /// places in the request windows back: a short outage, with the SDKs' two retries of each 5xx,
 /// spent a user's requests and left them refused once it ended. A 429 of the upstream (the
@@ -664,22 +684,6 @@ async fn an_upstream_overcounting_the_prompt_is_held_to_the_allowance_and_the_re
     };
     let counted = syft_router_svc::tokens::count_prompt(&ask(1).messages);
     let allowance = counted + counted / 4 + 64;
-    let tokens_left = |c: &mut RouterClient<tonic::transport::Channel>| {
-        let ask = syft_proto::router::GetLimitsRequest {
-            user_email: s.alice.email.clone(),
-            service: String::new(),
-            transaction_token: s.token.clone(),
-        };
-        let mut c = c.clone();
-        async move {
-            let left = c.get_limits(ask).await.expect("limits").into_inner();
-            left.limits
-                .iter()
-                .find(|l| l.limit.as_ref().is_some_and(|r| r.kind == "tokens"))
-                .map(|l| l.remaining)
-                .expect("a token window")
-        }
-    };
 
     // Room in the hold: charged for the allowance and the answer, and the row says so.
     let answer = c.chat(ask(1_000)).await.expect("answer").into_inner();
@@ -688,7 +692,7 @@ async fn an_upstream_overcounting_the_prompt_is_held_to_the_allowance_and_the_re
     let rows = s.usage().await;
     let row = rows[0].usage.as_ref().expect("usage");
     assert_eq!((row.prompt_tokens, row.completion_tokens), (allowance_i, 5));
-    assert_eq!(tokens_left(&mut c).await, LIMIT - allowance - 5);
+    assert_eq!(tokens_left(&s, &c).await, LIMIT - allowance - 5);
 
     // A reservation smaller than that (a prompt of `counted` and 10 tokens of answer): the window
     // keeps the reservation, and the charge stays within the hold.
@@ -698,7 +702,7 @@ async fn an_upstream_overcounting_the_prompt_is_held_to_the_allowance_and_the_re
         i64::try_from(counted).expect("small") + 10 * 10
     );
     assert_eq!(
-        tokens_left(&mut c).await,
+        tokens_left(&s, &c).await,
         LIMIT - allowance - 5 - (counted + 10)
     );
     s.assert_spent(allowance_i + 50 + answer.cost_micros).await;
@@ -722,22 +726,7 @@ async fn a_stream_the_client_left_keeps_its_delivered_tokens() {
             .into_inner();
         stream.message().await.expect("first").expect("delta");
     }
-    let tokens_left = || {
-        let mut c = c.clone();
-        let ask = syft_proto::router::GetLimitsRequest {
-            user_email: s.alice.email.clone(),
-            service: String::new(),
-            transaction_token: s.token.clone(),
-        };
-        async move {
-            let left = c.get_limits(ask).await.expect("limits").into_inner();
-            left.limits
-                .iter()
-                .find(|l| l.limit.as_ref().is_some_and(|r| r.kind == "tokens"))
-                .map(|l| l.remaining)
-                .expect("a token window")
-        }
-    };
+    let tokens_left = || tokens_left(&s, &c);
     // The cancellation settles the window in the background: wait for the reservation of 100
     // completion tokens to be replaced by what was delivered.
     let mut left = tokens_left().await;

@@ -749,13 +749,14 @@ async fn same_request_id_is_charged_once() {
     // HTTP: the Idempotency-Key header is the request id.
     s.upstream.set_mode(Mode::Ok);
     let http = reqwest::Client::new();
-    let send = || {
+    let send_as = |key: &'static str| {
         http.post(s.router.chat_completions_url())
             .bearer_auth(&s.token)
-            .header("Idempotency-Key", "dup-http")
+            .header("Idempotency-Key", key)
             .json(&json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}], "user": s.alice.email}))
             .send()
     };
+    let send = || send_as("dup-http");
     assert_eq!(send().await.expect("http").status().as_u16(), 200);
     let second = send().await.expect("http");
     assert_eq!(second.status().as_u16(), 200);
@@ -766,13 +767,7 @@ async fn same_request_id_is_charged_once() {
     // SDKs retried after half a second) and that retrying helps: once the original is over, the
     // retry gets its stored answer.
     s.upstream.set_mode(Mode::Delay(Duration::from_millis(500)));
-    let send = || {
-        http.post(s.router.chat_completions_url())
-            .bearer_auth(&s.token)
-            .header("Idempotency-Key", "dup-http-running")
-            .json(&json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}], "user": s.alice.email}))
-            .send()
-    };
+    let send = || send_as("dup-http-running");
     let hits = s.upstream.hits();
     let original = tokio::spawn(send());
     while s.upstream.hits() == hits {
