@@ -501,17 +501,14 @@ async fn bad_input_changes_nothing(h: Harness) -> Harness {
     assert_eq!(s, StatusCode::FORBIDDEN, "token of another sender");
     // A currency other than the transaction's is refused (it was ignored: a hold asked in euros
     // was placed in dollars); the transaction's own is accepted, in any case.
+    let api = &api;
     let in_currency = |c: &str| {
         let body = delegated_body(ALICE, "1", &token);
-        format!(r#"{},"currency":"{c}"}}"#, body.trim_end_matches('}'))
+        let body = format!(r#"{},"currency":"{c}"}}"#, body.trim_end_matches('}'));
+        let auth = Auth::Basic(OWNER, &owner_pw);
+        async move { api.post_raw("/transaction/create", auth, &body).await }
     };
-    let (s, v) = api
-        .post_raw(
-            "/transaction/create",
-            Auth::Basic(OWNER, &owner_pw),
-            &in_currency("EUR"),
-        )
-        .await;
+    let (s, v) = in_currency("EUR").await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     assert!(v.to_string().contains("USD"), "{v}");
 
@@ -527,13 +524,7 @@ async fn bad_input_changes_nothing(h: Harness) -> Harness {
     assert_eq!(api.balance(ALICE).await, "2");
     let alice = Auth::Basic(ALICE, &alice_pw);
     assert_eq!(api.history(alice).await, Vec::<String>::new());
-    let (s, v) = api
-        .post_raw(
-            "/transaction/create",
-            Auth::Basic(OWNER, &owner_pw),
-            &in_currency("usd"),
-        )
-        .await;
+    let (s, v) = in_currency("usd").await;
     assert_eq!(
         s,
         StatusCode::CREATED,
