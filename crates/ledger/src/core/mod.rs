@@ -1,6 +1,6 @@
 //! The ledger core: authentication, validation and the transfer rules, over a
 //! [`TransferBackend`]. It takes domain inputs and returns store rows; `grpc.rs` (tonic) and
-//! `rest.rs` (the Syft accounting REST API) are thin adapters that translate their protocol to
+//! `rest/` (the Syft accounting REST API) are thin adapters that translate their protocol to
 //! these calls, so both interfaces follow one set of rules.
 
 use std::net::IpAddr;

@@ -15,12 +15,14 @@ use futures::future::BoxFuture;
 use thiserror::Error;
 
 mod gate;
+mod headers;
 mod memory;
 mod redis;
 mod redis_conn;
 mod settle;
 
-pub use gate::{format_reset, Gate, Pass, RateHeaders, ROUTER_SCOPE};
+pub use gate::{Gate, Pass, ROUTER_SCOPE};
+pub use headers::{format_reset, RateHeaders};
 pub use memory::MemoryLimiter;
 pub use redis::RedisLimiter;
 

@@ -21,9 +21,15 @@ use crate::auth::Caller;
 use crate::core::{HoldRequest, Ledger, PartyAction};
 use crate::domain::TransferStatus;
 use crate::error::{LedgerError, Result};
-use crate::money::{check_positive, format_micros};
-use crate::store::{new_id, AccountRow, TransferRow};
+use crate::money::check_positive;
+use crate::store::new_id;
 use crate::validate::{self, MAX_KEY};
+
+mod replies;
+use replies::{
+    transaction_json, transaction_reply, user_json, user_reply, RegisteredReply, TransactionsReply,
+    UsersReply,
+};
 
 /// Most transactions `GET /transactions` returns (newest first) unless `limit` asks for fewer.
 const DEFAULT_HISTORY: i64 = 1000;
@@ -125,35 +131,6 @@ fn ok(status: StatusCode, body: impl Serialize) -> Reply {
     Ok((status, Json(body)).into_response())
 }
 
-#[derive(Serialize)]
-struct UserReply {
-    user: UserJson,
-}
-
-#[derive(Serialize)]
-struct RegisteredReply {
-    user: UserJson,
-    password: String,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct UsersReply {
-    users: Vec<UserJson>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    next_page_token: Option<String>,
-}
-
-#[derive(Serialize)]
-struct TransactionReply {
-    transaction: TransactionJson,
-}
-
-#[derive(Serialize)]
-struct TransactionsReply {
-    transactions: Vec<TransactionJson>,
-}
-
 /// Parses a JSON body with a JSON error on failure (axum's own rejection is plain text).
 fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T> {
     serde_json::from_slice(bytes)
@@ -245,96 +222,6 @@ fn amount_micros(field: &str, raw: &RawValue, max: i64) -> Result<i64> {
 fn is_json_number(s: &str) -> bool {
     s.starts_with(|c: char| c == '-' || c.is_ascii_digit())
         && serde_json::from_str::<&RawValue>(s).is_ok_and(|v| v.get() == s)
-}
-
-/// Currency units as an exact JSON number (`12.5`, not `12.500000000000002`).
-fn units(micros: i64) -> Box<RawValue> {
-    RawValue::from_string(format_micros(micros))
-        .unwrap_or_else(|_| RawValue::from_string("0".into()).expect("literal zero is valid JSON"))
-}
-
-fn iso(micros: i64) -> String {
-    chrono::DateTime::from_timestamp_micros(micros)
-        .unwrap_or_default()
-        .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct UserJson {
-    id: String,
-    email: String,
-    /// What the account can spend now: its balance minus pending holds.
-    balance: Box<RawValue>,
-    organization: String,
-    currency: String,
-    held: Box<RawValue>,
-}
-
-fn user_json(a: &AccountRow) -> UserJson {
-    UserJson {
-        id: a.id.to_string(),
-        email: a.email.clone(),
-        balance: units(a.available().get().max(0)),
-        organization: a.organization.clone(),
-        currency: a.currency.clone(),
-        held: units(a.held.get()),
-    }
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct TransactionJson {
-    id: String,
-    sender_email: String,
-    recipient_email: String,
-    created_by: String,
-    resolved_by: Option<String>,
-    /// The held amount, or once completed the amount that moved.
-    amount: Box<RawValue>,
-    status: String,
-    created_at: String,
-    resolved_at: Option<String>,
-    app_name: Option<String>,
-    app_ep_path: Option<String>,
-    currency: String,
-    expires_at: String,
-}
-
-fn transaction_json(t: &TransferRow) -> TransactionJson {
-    let amount = if t.status == TransferStatus::Completed {
-        t.captured.get()
-    } else {
-        t.amount.get()
-    };
-    TransactionJson {
-        id: t.id.clone(),
-        sender_email: t.sender_email.clone(),
-        recipient_email: t.recipient_email.clone(),
-        created_by: t.created_by.to_string(),
-        resolved_by: t.resolved_by.map(|a| a.to_string()),
-        amount: units(amount),
-        status: t.status.to_string(),
-        created_at: iso(t.created_at),
-        resolved_at: t.resolved_at.map(iso),
-        app_name: (!t.app_name.is_empty()).then(|| t.app_name.clone()),
-        app_ep_path: (!t.app_ep_path.is_empty()).then(|| t.app_ep_path.clone()),
-        currency: t.currency.clone(),
-        expires_at: iso(t.expires_at),
-    }
-}
-
-fn user_reply(status: StatusCode, a: &AccountRow) -> Reply {
-    ok(status, UserReply { user: user_json(a) })
-}
-
-fn transaction_reply(status: StatusCode, t: &TransferRow) -> Reply {
-    ok(
-        status,
-        TransactionReply {
-            transaction: transaction_json(t),
-        },
-    )
 }
 
 #[derive(Deserialize)]
