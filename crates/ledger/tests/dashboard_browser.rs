@@ -332,7 +332,20 @@ async fn dashboard_in_chromium() {
         "the alerts tab",
     )
     .await;
+    // Owner charts redrawn while their tab is hidden (a usage row arrived) take their full width
+    // once it is shown again; they stayed 300 px wide.
+    js(&c, "refreshOwner(); return true").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     click(&c, "#tab-owner").await;
+    until(
+        &c,
+        "const c = document.querySelector('#chart-requests'); \
+         const u = c.querySelector('.uplot'); \
+         return !!u && Math.abs(u.getBoundingClientRect().width - c.clientWidth) <= 2",
+        5,
+        "owner charts at their full width",
+    )
+    .await;
     // The range picker redraws the charts at another grain; the totals stay.
     set_range(&c, "1h").await;
     until(

@@ -474,6 +474,12 @@ function select(tab) {
     $(`#view-${t}`).hidden = t !== tab;
   });
   if (tab === 'user') refreshUser().catch(report);
+  // Charts drawn while their tab was hidden had no width to measure and took 300 px: they take
+  // their container's width once shown.
+  Object.entries(state.charts).forEach(([id, c]) => {
+    const width = $(id).clientWidth;
+    if (width > 0 && Math.abs(c.width - width) > 1) c.setSize({ width, height: 200 });
+  });
 }
 
 function report(e) {
