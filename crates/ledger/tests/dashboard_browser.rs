@@ -414,7 +414,8 @@ async fn dashboard_in_chromium() {
     until(
         &c,
         "return window.statsAsked > 0 && \
-         document.querySelectorAll('#chart-requests .uplot').length === 1",
+         document.querySelectorAll('#chart-requests .uplot').length === 1 && \
+         !document.querySelector('#chart-requests').textContent.includes('Not shown')",
         5,
         "the figures read again after a reconnect",
     )

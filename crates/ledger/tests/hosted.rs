@@ -42,6 +42,8 @@ enum Fault {
     /// Answers 429 `AUTH_LOCKED` without forwarding, `n` times (the service throttling this
     /// ledger's address).
     Throttle(&'static str, u32),
+    /// Answers this 4xx status without forwarding, `n` times (a refusal for good).
+    Refuse(&'static str, u16, u32),
 }
 
 #[derive(Clone)]
@@ -64,7 +66,10 @@ impl Proxy {
         let mut fault = self.fault.lock().expect("lock");
         let plan = fault.clone();
         match &mut *fault {
-            Fault::LoseAnswer(p, n) | Fault::Fail(p, n) | Fault::Throttle(p, n)
+            Fault::LoseAnswer(p, n)
+            | Fault::Fail(p, n)
+            | Fault::Throttle(p, n)
+            | Fault::Refuse(p, _, n)
                 if path.starts_with(*p) =>
             {
                 *n -= 1;
@@ -129,6 +134,10 @@ async fn relay(
         Fault::Throttle(..) => {
             let body = "{\"detail\":\"too many wrong credentials\",\"code\":\"AUTH_LOCKED\"}";
             return (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "1")], body).into_response();
+        }
+        Fault::Refuse(_, status, _) => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
+            return (status, "{\"detail\":\"refused\"}").into_response();
         }
         Fault::Slow(_, d) => tokio::time::sleep(d).await,
         _ => {}
@@ -956,6 +965,23 @@ async fn a_capture_whose_caller_gave_up_runs_to_its_end() {
     let done = p.capture(&t.id, USD, "req-1").await.expect("captured");
     assert_eq!(done.captured_micros, USD);
     assert_eq!(p.money().await, ((9 * USD, 0), (USD, 0)));
+    p.finish().await;
+}
+
+/// A capture refused for good by the service (its charge transaction refused) gives its lease
+/// back: the router's void that follows releases the hold at once. It was told "being captured,
+/// it cannot be voided" until the lease ran out, and, now that recovery leaves captures to their
+/// callers until their hold expires, the payer's money stayed held for the hold's whole life.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_capture_refused_for_good_can_be_voided_at_once() {
+    let p = Pair::sqlite(10 * USD).await;
+    let t = p.authorize(USD, "k1").await.expect("authorize");
+    p.proxy.set(Fault::Refuse("/transaction/create", 422, 1));
+    let refused = p.capture(&t.id, 400_000, "req-1").await;
+    assert!(refused.is_err(), "{refused:?}");
+    let voided = p.void(&t.id).await.expect("voided at once");
+    assert_eq!(voided.status, pb::TransferStatus::Cancelled as i32);
+    assert_eq!(p.money().await, ((10 * USD, 0), (0, 0)));
     p.finish().await;
 }
 

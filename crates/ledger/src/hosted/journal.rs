@@ -406,6 +406,11 @@ impl Journal {
         } else {
             ""
         };
+        let failed_capture = outcome == Outcome::Cancelled
+            && (e.step == Step::Capturing
+                || (e.step == Step::Voiding
+                    && e.resolved_by == Some(Actor::System)
+                    && e.capture_amount.is_some()));
         let usage: Option<UsageInput> = e
             .pending_usage
             .as_deref()
@@ -413,9 +418,10 @@ impl Journal {
             .map(|u| u.of_transfer(&e.sender_email, &e.app_name))
             .map(|mut u| {
                 // A capture's row on a transfer that ended cancelled (its capture failed for
-                // good): its request was not answered as paid, and the router's own
-                // `capture_refused` row would meet this one and be dropped.
-                if outcome == Outcome::Cancelled && u.status == UsageStatus::Success.as_str() {
+                // good, or recovery voided it): its request was not answered as paid, and the
+                // router's own `capture_refused` row would meet this one and be dropped. A row a
+                // void brought is its own, and kept.
+                if failed_capture {
                     u.status = UsageStatus::CaptureRefused.as_str().into();
                 }
                 u
@@ -531,11 +537,11 @@ impl Journal {
     }
 }
 
-/// `updated_at` of a lease its driver gave back after a transient failure: older than any lease,
-/// so the caller's retry takes it over at once. Recovery leaves such a capture alone until its
-/// hold expires: the router retries a capture whose outcome it does not know until then, and a
-/// void from the sweep in between would leave a delivered stream uncharged (a driver that died
-/// keeps its last stamp and is recovered a lease later, as before).
+/// `updated_at` of a lease its driver gave back after a failure: older than any lease, so the
+/// caller's retry (or its void) takes it over at once. Recovery leaves a capture alone until its
+/// hold expires, given back or not (a driver that died keeps its last stamp): the router retries
+/// a capture whose outcome it does not know until then, and a void from the sweep in between
+/// would leave a delivered stream uncharged.
 pub const RELEASED: i64 = 1;
 
 /// A leased step found that another driver took the transfer over (its lease had lapsed).

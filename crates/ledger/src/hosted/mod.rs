@@ -7,8 +7,9 @@
 //! driver at a time through a lease (`updated_at` is the lease stamp): only the holder of the
 //! current stamp may take the next remote step, so two drivers can never both charge.
 //!
-//! Recovery (on start and every sweep) voids expired holds and any resolution whose driver died,
-//! and cancels remote holds this ledger created but lost track of (an unknown create outcome).
+//! Recovery (on start and every sweep) voids expired holds, voids whose driver died, and captures
+//! whose driver died once their hold expired (until then the caller's retry takes it over), and
+//! cancels remote holds this ledger created but lost track of (an unknown create outcome).
 //! Recovery never completes a capture on its own: if the router dies mid-way the user pays nothing,
 //! unless the remote service had already completed the charge, which is then recorded.
 //!

@@ -160,7 +160,10 @@ impl Hosted {
         Err(LedgerError::Unavailable("transfer is busy, retry".into()))
     }
 
-    /// Runs the claimed resolution to its end; on a transient failure gives the lease back.
+    /// Runs the claimed resolution to its end; on a failure gives the lease back (a no-op once
+    /// the transfer is resolved), so a void that follows a refused capture claims it at once
+    /// rather than after the lease, or, now that recovery leaves captures to their callers,
+    /// after the hold's whole life.
     pub(super) async fn drive(&self, mut lease: Lease) -> Result<TransferRow> {
         let e = self.journal.must_entry(&lease.id).await?;
         let result = match e.step {
@@ -168,7 +171,7 @@ impl Hosted {
             Step::Voiding => self.drive_void(e).await,
             _ => Ok(e.transfer()),
         };
-        if let Err(LedgerError::Unavailable(_)) = &result {
+        if result.is_err() {
             self.journal.release(&lease).await;
         }
         result

@@ -163,8 +163,8 @@ pub struct LimiterConfig {
     pub timeout: Duration,
     /// How long an in-flight slot is held at most if its router dies without releasing it.
     pub lease: Duration,
-    /// Requests in flight on this router (every replica of its name), all users together
-    /// (protects the upstream).
+    /// Requests in flight on this router, all users together (protects the upstream); with
+    /// `backend = "redis"`, over every replica of its name.
     pub max_concurrent_requests: Option<u64>,
 }
 

@@ -196,8 +196,8 @@ impl Gate {
                 limit: n,
                 window: self.lease,
                 cost: 1,
-                // Shared by every replica of this router name (one key in the store).
-                describe: format!("{n} requests in flight on this router, all replicas"),
+                // One key in the store: shared by every replica of this router name on Redis.
+                describe: format!("{n} requests in flight on this router"),
             });
         }
         rules

@@ -101,12 +101,14 @@ impl UpstreamError {
         }
     }
 
-    /// The upstream is out (unreachable, or failing with a 5xx): the operator's fault, not the
-    /// user's request (a 429 is the owner's quota at the upstream, which users' windows guard).
+    /// The upstream is out (unreachable, or a 502, 503 or 504): the operator's fault, not the
+    /// user's request. Not a 500, which some servers answer to an input they cannot take (a user
+    /// could then send such requests past the windows), nor a 429, the owner's quota at the
+    /// upstream, which users' windows guard.
     pub fn is_outage(&self) -> bool {
         match self {
             UpstreamError::Unreachable(_) => true,
-            UpstreamError::Status { status, .. } => (500..=599).contains(status),
+            UpstreamError::Status { status, .. } => matches!(status, 502..=504),
             _ => false,
         }
     }

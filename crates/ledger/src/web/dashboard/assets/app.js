@@ -188,6 +188,8 @@ function byTime(s) {
 function chart(id, labels, data, opts) {
   const el = $(id);
   if (state.charts[id]) state.charts[id].destroy();
+  // A reason left by `clearOwnerCharts` goes with the chart that replaces it.
+  el.textContent = '';
   const width = Math.max(200, el.clientWidth || el.parentElement.clientWidth || 300);
   const colors = ['#2563eb', '#dc2626', '#16a34a', '#9333ea', '#ea580c', '#0891b2'];
   // Sparse series (no value in quiet buckets) join their points and show them.
@@ -373,12 +375,12 @@ function connectLive() {
   source.addEventListener('error', () => {
     dropped = true;
     $('#live-status').textContent = 'reconnecting';
-    // Closed for good (the browser gives up on a refusal): signed out, or refused while signed
-    // in, which is the cap on one account's open pages. It said "reconnecting" forever.
+    // Closed for good (the browser gives up on any refusal): signed out, or refused while signed
+    // in, e.g. by the cap on one account's open pages. It said "reconnecting" forever.
     if (source.readyState === EventSource.CLOSED && state.me) {
       api('/dashboard/api/me').then((me) => {
         if (!me.signed_in) showSignIn();
-        else $('#live-status').textContent = 'not live: too many pages of this account are open (8 at most); close one and reload';
+        else $('#live-status').textContent = 'not live: the ledger refused this page\'s updates (at most 8 pages of an account are live); reload to try again';
       }).catch(() => {});
     }
   });
