@@ -499,6 +499,22 @@ async fn bad_input_changes_nothing(h: Harness) -> Harness {
     );
     let (s, _) = api.delegated(&owner_pw, BOB, "1", &token).await;
     assert_eq!(s, StatusCode::FORBIDDEN, "token of another sender");
+    // A bad recipient is named as this API spells the field (it said `recipient_email`).
+    let (s, v) = api
+        .post(
+            "/token/create",
+            Auth::Basic(ALICE, &alice_pw),
+            json!({"recipientEmail": "not an email"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("recipientEmail"),
+        "{v}"
+    );
     // A currency other than the transaction's is refused (it was ignored: a hold asked in euros
     // was placed in dollars); the transaction's own is accepted, in any case.
     let api = &api;

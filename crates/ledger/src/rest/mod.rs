@@ -398,11 +398,13 @@ struct CreateToken {
 
 async fn create_token(State(ledger): State<Ledger>, Authed(caller): Authed, bytes: Bytes) -> Reply {
     let req: CreateToken = body(&bytes)?;
+    // Checked here to name the field as this API spells it (the core says `recipient_email`).
+    let recipient_email = validate::email("recipientEmail", &req.recipient_email)?;
     let (issued, _) = ledger
         .issue_token(
             &caller,
             crate::core::NewToken {
-                recipient_email: req.recipient_email,
+                recipient_email,
                 ..Default::default()
             },
         )
