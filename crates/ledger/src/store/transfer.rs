@@ -78,6 +78,8 @@ struct Resolved {
     amount: Micros,
     captured: Micros,
     app_name: String,
+    /// For the usage row, which names the transfer's payer: read by the update itself.
+    sender_email: String,
 }
 
 impl Store {
@@ -268,7 +270,8 @@ impl Store {
                 resolved_by = $4, resolved_at = $7, cancel_reason = $5 \
              WHERE t.id = $1 AND ($6 < 0 OR t.recipient_id = $6) AND t.{UNRESOLVED} \
                AND {time_guard} AND $3 <= t.amount AND ({CREATOR_CAPTURES}) \
-             RETURNING sender_id, recipient_id, token_id, amount, captured, app_name"
+             RETURNING sender_id, recipient_id, token_id, amount, captured, app_name, \
+                 (SELECT a.email FROM accounts a WHERE a.id = sender_id) AS sender_email"
         );
         let resolved: Option<Resolved> = sqlx::query_as(&sql)
             .bind(&job.transfer_id)
@@ -287,6 +290,7 @@ impl Store {
             amount,
             captured,
             app_name,
+            sender_email,
         }) = resolved
         else {
             return Ok(None);
@@ -325,11 +329,7 @@ impl Store {
             .await?;
         }
         if let Some(u) = &job.usage {
-            let sender: String = sqlx::query_scalar("SELECT email FROM accounts WHERE id = $1")
-                .bind(sender_id)
-                .fetch_one(&mut *tx)
-                .await?;
-            let u = &u.of_transfer(&sender, &app_name);
+            let u = &u.of_transfer(&sender_email, &app_name);
             let write = UsageWrite {
                 id: &job.usage_id,
                 recipient_id,
