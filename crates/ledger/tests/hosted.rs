@@ -993,18 +993,7 @@ async fn a_capture_refused_for_good_can_be_voided_at_once() {
 async fn a_capture_whose_ledger_died_waits_for_its_retry_until_the_hold_expires() {
     let p = Pair::sqlite(10 * USD).await;
     let t = p.authorize(USD, "k1").await.expect("authorize");
-    // What a process killed between its claim and its confirm leaves: a stale lease.
-    let stale = syft_ledger::store::now_micros() - 10_000_000;
-    sqlx::query(
-        "UPDATE hosted_transfers SET step = 'capturing', capture_amount = $2, updated_at = $3 \
-         WHERE id = $1",
-    )
-    .bind(&t.id)
-    .bind(USD)
-    .bind(stale)
-    .execute(p.a.store.pool())
-    .await
-    .expect("crash");
+    died_capturing(&p, &t.id).await;
     // Several recovery passes (every 200 ms here), the lease (2 s) long over.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(p.money().await.0, (10 * USD, USD), "still held, not voided");
@@ -1014,6 +1003,44 @@ async fn a_capture_whose_ledger_died_waits_for_its_retry_until_the_hold_expires(
         .expect("the retry captures");
     assert_eq!(done.captured_micros, USD);
     assert_eq!(p.money().await, ((9 * USD, 0), (USD, 0)));
+    p.finish().await;
+}
+
+/// What a process killed between its capture's claim and its confirm leaves in A's journal: the
+/// transfer `capturing` under a lease nobody renews.
+async fn died_capturing(p: &Pair, id: &str) {
+    let stale = syft_ledger::store::now_micros() - 10_000_000;
+    sqlx::query(
+        "UPDATE hosted_transfers SET step = 'capturing', capture_amount = $2, updated_at = $3 \
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(USD)
+    .bind(stale)
+    .execute(p.a.store.pool())
+    .await
+    .expect("crash");
+}
+
+/// ...and once that hold has expired with no retry (its router died too), recovery voids it:
+/// the payer is charged nothing and the money is released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_capture_whose_ledger_died_is_voided_once_its_hold_expired() {
+    let Some(p) = Pair::with(false, 10 * USD, None, |c| {
+        c.hold_ttl = Duration::from_secs(1)
+    })
+    .await
+    else {
+        return;
+    };
+    let t = p.authorize(USD, "k1").await.expect("authorize");
+    died_capturing(&p, &t.id).await;
+    p.await_no_hold().await;
+    assert_eq!(p.money().await, ((10 * USD, 0), (0, 0)));
+    assert_eq!(
+        code(p.capture(&t.id, USD, "req-1").await),
+        Code::FailedPrecondition
+    );
     p.finish().await;
 }
 
