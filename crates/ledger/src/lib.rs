@@ -171,6 +171,7 @@ pub async fn serve_store(
         ));
         background.spawn(alerts::deliver::Worker::new(store.clone(), alerts_config).run());
     }
+    let resolutions = tokio_util::task::TaskTracker::new();
     let backend: Arc<dyn backend::TransferBackend> = match &config.hosted {
         None => Arc::new(backend::LocalBackend::new(store.clone())),
         Some(hosted_config) => {
@@ -187,7 +188,11 @@ pub async fn serve_store(
                 hosted.clone(),
                 config.sweep_interval.max(Duration::from_secs(1)),
             ));
-            Arc::new(hosted::backend::HostedBackend::new(hosted, store.clone()))
+            Arc::new(hosted::backend::HostedBackend::new(
+                hosted,
+                store.clone(),
+                resolutions.clone(),
+            ))
         }
     };
     let ledger = Ledger::new(store.clone(), backend, config.clone());
@@ -237,7 +242,14 @@ pub async fn serve_store(
             .map_err(|e| LedgerError::Unavailable(format!("HTTP server failed: {e}")))
     };
     let result = tokio::select! {
-        r = async { tokio::try_join!(grpc, http).map(|_| ()) } => r,
+        r = async {
+            let served = tokio::try_join!(grpc, http).map(|_| ());
+            // A hosted capture or void whose caller left runs on in its own task; cut here, it
+            // would keep its lease and leave its retry "in progress" (hosted/backend.rs).
+            resolutions.close();
+            resolutions.wait().await;
+            served
+        } => r,
         _ = stop.deadline(config.shutdown_grace) => Ok(()),
     };
     drop(background);

@@ -968,6 +968,33 @@ async fn a_capture_whose_caller_gave_up_runs_to_its_end() {
     p.finish().await;
 }
 
+/// A ledger stopped gracefully (SIGTERM) while a capture whose caller left is still running waits
+/// for it within its grace: the capture ends charged and recorded, not cut with its lease kept
+/// (in a process the runtime ends when `serve` returns, taking the task with it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopping_ledger_finishes_a_capture_whose_caller_gave_up() {
+    let mut p = Pair::sqlite(10 * USD).await;
+    let t = p.authorize(USD, "k1").await.expect("authorize");
+    p.proxy.set(Fault::Slow(
+        "/transaction/confirm",
+        Duration::from_millis(600),
+    ));
+    let gave_up =
+        tokio::time::timeout(Duration::from_millis(150), p.capture(&t.id, USD, "req-1")).await;
+    assert!(gave_up.is_err(), "{gave_up:?}");
+    p.a.server.take().expect("running").stop().await;
+    let entry: (String, String) =
+        sqlx::query_as("SELECT step, status FROM hosted_transfers WHERE id = $1")
+            .bind(&t.id)
+            .fetch_one(p.a.store.pool())
+            .await
+            .expect("journal");
+    let ended = ("done".to_string(), "COMPLETED".to_string());
+    assert_eq!(entry, ended, "the capture ended before the ledger did");
+    assert_eq!(p.money().await, ((9 * USD, 0), (USD, 0)));
+    p.finish().await;
+}
+
 /// A capture refused for good by the service (its charge transaction refused) gives its lease
 /// back: the router's void that follows releases the hold at once. It was told "being captured,
 /// it cannot be voided" until the lease ran out, and, now that recovery leaves captures to their

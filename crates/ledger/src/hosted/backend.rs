@@ -9,16 +9,40 @@ use crate::backend::{CaptureInput, Party, TransferBackend, VoidInput};
 use crate::error::{LedgerError, Result};
 use crate::store::{AccountRow, AuthorizeInput, Placed, Store, TransferFilter, TransferRow};
 use syft_error::Reason;
+use tokio_util::task::TaskTracker;
 
 pub struct HostedBackend {
     hosted: Arc<Hosted>,
     /// The local mirror of the owner's account (its id and creation time).
     store: Arc<Store>,
+    /// Captures and voids, each in a task of its own ([`Self::run_to_its_end`]); a stopping
+    /// ledger waits for them within its grace (`serve_store`).
+    resolutions: TaskTracker,
 }
 
 impl HostedBackend {
-    pub fn new(hosted: Arc<Hosted>, store: Arc<Store>) -> Self {
-        Self { hosted, store }
+    pub fn new(hosted: Arc<Hosted>, store: Arc<Store>, resolutions: TaskTracker) -> Self {
+        Self {
+            hosted,
+            store,
+            resolutions,
+        }
+    }
+
+    /// Runs a resolution in a task of its own. Its remote steps take a lease on the transfer; a
+    /// caller that gave up (a router's deadline cancelling its gRPC call while the accounting
+    /// service was slow) dropped them half-way with the lease kept, so every retry was told "in
+    /// progress" until the lease ran out (12 accounting timeouts, 2 minutes by default), while
+    /// the service had charged. The task is tracked so that a graceful shutdown does not cut it
+    /// the same way.
+    async fn run_to_its_end(
+        &self,
+        resolution: impl std::future::Future<Output = Result<TransferRow>> + Send + 'static,
+    ) -> Result<TransferRow> {
+        self.resolutions
+            .spawn(resolution)
+            .await
+            .map_err(|e| LedgerError::Internal(format!("hosted resolution task failed: {e}")))?
     }
 }
 
@@ -47,7 +71,8 @@ impl TransferBackend for HostedBackend {
         // Every transfer of a hosted ledger is its one owner's: no recipient to check.
         let (hosted, id, amount) = (self.hosted.clone(), c.transfer_id.to_string(), c.amount);
         let usage = c.usage.cloned();
-        run_to_its_end(async move { hosted.capture(&id, amount, usage.as_ref()).await }).await
+        self.run_to_its_end(async move { hosted.capture(&id, amount, usage.as_ref()).await })
+            .await
     }
 
     /// Every transfer of a hosted ledger is its one owner's: no recipient to check.
@@ -62,7 +87,8 @@ impl TransferBackend for HostedBackend {
             v.reason.to_string(),
         );
         let usage = v.usage.cloned();
-        run_to_its_end(async move { hosted.void(&id, &reason, actor, usage.as_ref()).await }).await
+        self.run_to_its_end(async move { hosted.void(&id, &reason, actor, usage.as_ref()).await })
+            .await
     }
 
     async fn transfer(&self, id: &str) -> Result<Option<TransferRow>> {
@@ -95,16 +121,4 @@ impl TransferBackend for HostedBackend {
             ..mirror
         })
     }
-}
-
-/// Runs a resolution in a task of its own. Its remote steps take a lease on the transfer; a caller
-/// that gave up (a router's deadline cancelling its gRPC call while the accounting service was
-/// slow) dropped them half-way with the lease kept, so every retry was told "in progress" until
-/// the lease ran out (12 accounting timeouts, 2 minutes by default), while the service had charged.
-async fn run_to_its_end(
-    resolution: impl std::future::Future<Output = Result<TransferRow>> + Send + 'static,
-) -> Result<TransferRow> {
-    tokio::spawn(resolution)
-        .await
-        .map_err(|e| LedgerError::Internal(format!("hosted resolution task failed: {e}")))?
 }
