@@ -341,3 +341,32 @@ async fn a_retry_after_a_price_change_gets_the_stored_answer() {
     assert_eq!(s.alice_money().await, (FUNDS - PRICE, 0, FUNDS - PRICE));
     s.check_invariants().await;
 }
+
+/// A request id is the owner's and the payer's, not one service's: the same search sent under one
+/// id to another router of the same owner (another name, corpus or price) is refused as processed
+/// by that service, not answered with the first router's stored answer marked as a replay (which
+/// served another service's results, and left the second router no row of the request).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_id_answered_by_another_service_of_the_owner_is_not_replayed() {
+    let s = Stack::start(Pricing::per_request(PRICE)).await;
+    let first = ok(s.client().await.chat(keyed(&s, "hi", "shared-1")).await);
+    assert!(!first.replay);
+    let mut config = s.router_config(Pricing::per_request(PRICE));
+    config.name = "another-service".into();
+    let other = RouterHandle::start(config).await;
+    let err = other
+        .client()
+        .await
+        .chat(keyed(&s, "hi", "shared-1"))
+        .await
+        .expect_err("another service's answer");
+    assert_conflict_charged_once(&s, &err, "another service of this owner").await;
+    assert!(
+        err.message().contains(&first.transfer_id),
+        "{}",
+        err.message()
+    );
+    // Its own router still replays it.
+    assert!(ok(s.client().await.chat(keyed(&s, "hi", "shared-1")).await).replay);
+    assert_eq!(s.upstream.hits(), 1);
+}

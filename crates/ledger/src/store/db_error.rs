@@ -28,6 +28,12 @@ const PG_QUERY_CANCELED: &str = "57014";
 const SQLITE_BUSY: i32 = 5;
 /// SQLite primary result code `SQLITE_LOCKED`: a conflict inside this connection's shared cache.
 const SQLITE_LOCKED: i32 = 6;
+/// SQLite primary result codes of a database that cannot take writes for now: `SQLITE_NOMEM` (7),
+/// `SQLITE_READONLY` (8: a file or directory the ledger may not write), `SQLITE_IOERR` (10),
+/// `SQLITE_FULL` (13: the disk is full) and `SQLITE_CANTOPEN` (14: a directory taken away).
+/// Nothing was written, and the call succeeds once the operator puts it right: `UNAVAILABLE`, as
+/// Postgres' class `53` is. They were `INTERNAL`, which a router takes as final.
+const SQLITE_REFUSED: [i32; 5] = [7, 8, 10, 13, 14];
 
 /// What a database error means for the ledger.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +82,9 @@ pub(crate) fn classify(err: &sqlx::Error) -> DbErrorClass {
             return DbErrorClass::Refused;
         }
     }
+    if sqlite_primary_code(db.as_ref()).is_some_and(|c| SQLITE_REFUSED.contains(&c)) {
+        return DbErrorClass::Refused;
+    }
     DbErrorClass::Other
 }
 
@@ -83,13 +92,15 @@ fn is_transient(db: &dyn DatabaseError) -> bool {
     if let Some(pg) = db.try_downcast_ref::<PgDatabaseError>() {
         return matches!(pg.code(), PG_SERIALIZATION_FAILURE | PG_DEADLOCK_DETECTED);
     }
-    if let Some(sqlite) = db.try_downcast_ref::<SqliteError>() {
-        // `code()` is the extended result code; its low byte is the primary code
-        // (`SQLITE_BUSY_SNAPSHOT` = 517 is `SQLITE_BUSY` too).
-        let code = sqlite.code().and_then(|c| c.parse::<i32>().ok());
-        return code.is_some_and(|c| matches!(c & 0xff, SQLITE_BUSY | SQLITE_LOCKED));
-    }
-    false
+    sqlite_primary_code(db).is_some_and(|c| matches!(c, SQLITE_BUSY | SQLITE_LOCKED))
+}
+
+/// A SQLite error's primary result code. `code()` is the extended result code; its low byte is
+/// the primary code (`SQLITE_BUSY_SNAPSHOT` = 517 is `SQLITE_BUSY` too).
+fn sqlite_primary_code(db: &dyn DatabaseError) -> Option<i32> {
+    let sqlite = db.try_downcast_ref::<SqliteError>()?;
+    let code = sqlite.code()?.parse::<i32>().ok()?;
+    Some(code & 0xff)
 }
 
 #[cfg(test)]
@@ -267,5 +278,82 @@ mod tests {
         a.close().await;
         b.close().await;
         let _ = std::fs::remove_file(&path);
+    }
+
+    /// SQLite ends a transaction by itself on a full disk (also on an I/O error or out of
+    /// memory); here a `ROLLBACK` sent inside the transaction does what SQLite does. Its commit
+    /// fails, and so does sqlx's rollback, which left the connection counted "in a transaction":
+    /// every later transaction became a savepoint, and once one of them failed (`ROLLBACK TO`
+    /// keeps the transaction open) all later commits nested inside a transaction nobody commits.
+    /// The ledger answered them as committed and lost them at its restart (an operator filled the
+    /// disk under paid load: 6,462 answers charged, 5 left in the file). The pool now closes such
+    /// a connection, and a later commit is in the file, seen by another connection.
+    #[tokio::test]
+    async fn a_transaction_sqlite_ended_by_itself_loses_no_later_commit() {
+        let dir = tempfile::tempdir().expect("dir");
+        let url = format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("ledger.db").display()
+        );
+        let store = crate::store::Store::connect(&url, 1).await.expect("store");
+        let pool = store.pool();
+        sqlx::query("CREATE TABLE probe (x INTEGER PRIMARY KEY)")
+            .execute(pool)
+            .await
+            .expect("table");
+        let insert = |x: i64| sqlx::query("INSERT INTO probe (x) VALUES ($1)").bind(x);
+        let mut ended = pool.begin().await.expect("begin");
+        insert(1).execute(&mut *ended).await.expect("insert");
+        sqlx::query("ROLLBACK")
+            .execute(&mut *ended)
+            .await
+            .expect("SQLite's own rollback");
+        assert!(ended.commit().await.is_err(), "nothing left to commit");
+        let mut failed = pool.begin().await.expect("begin");
+        insert(2).execute(&mut *failed).await.expect("insert");
+        assert!(
+            insert(2).execute(&mut *failed).await.is_err(),
+            "a duplicate"
+        );
+        drop(failed);
+        let mut committed = pool.begin().await.expect("begin");
+        insert(3).execute(&mut *committed).await.expect("insert");
+        committed.commit().await.expect("commit");
+        let other = one_connection(&url).await.expect("another connection");
+        let seen: Vec<i64> = sqlx::query_scalar("SELECT x FROM probe ORDER BY x")
+            .fetch_all(&other)
+            .await
+            .expect("read");
+        assert_eq!(seen, vec![3], "committed, and in the file");
+        other.close().await;
+        store.close().await;
+    }
+
+    /// A full disk (here the file's page cap) refuses the write for now: `UNAVAILABLE`, which a
+    /// router repeats, not `INTERNAL`, which it takes as final.
+    #[tokio::test]
+    async fn a_full_sqlite_disk_is_unavailable() {
+        let dir = tempfile::tempdir().expect("dir");
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("full.db").display());
+        let pool = one_connection(&url).await.expect("sqlite");
+        sqlx::query("CREATE TABLE blobs (b BLOB)")
+            .execute(&pool)
+            .await
+            .expect("table");
+        let pages: i64 = sqlx::query_scalar("PRAGMA page_count")
+            .fetch_one(&pool)
+            .await
+            .expect("pages");
+        sqlx::query(&format!("PRAGMA max_page_count = {}", pages + 2))
+            .execute(&pool)
+            .await
+            .expect("cap");
+        let err = error_of("INSERT INTO blobs VALUES (zeroblob(1000000))", &pool).await;
+        assert_eq!(classify(&err), DbErrorClass::Refused, "{err}");
+        assert!(matches!(
+            crate::error::LedgerError::from(err),
+            crate::error::LedgerError::Unavailable(_)
+        ));
+        pool.close().await;
     }
 }

@@ -76,6 +76,28 @@ pub(crate) fn is_postgres(conn: &AnyConnection) -> bool {
     conn.backend_name() == "PostgreSQL"
 }
 
+/// Whether a SQLite connection given back to the pool may be used again. SQLite ends a
+/// transaction by itself on some errors (`SQLITE_FULL` on a full disk, `SQLITE_IOERR`,
+/// `SQLITE_NOMEM`): sqlx's `ROLLBACK` then fails and its count of open transactions stays at one,
+/// so every later transaction on the connection became a savepoint, and after the first failed
+/// one (`ROLLBACK TO`, which leaves the transaction open) all of them nested inside a transaction
+/// nobody commits: the ledger answered every capture as committed and lost them all at its
+/// restart. Such a connection is closed (SQLite rolls back what it held, which no caller was told
+/// was committed) and the pool opens a fresh one.
+async fn sqlite_connection_is_clean(conn: &mut AnyConnection) -> Result<bool, sqlx::Error> {
+    // The dropped transaction's rollback is queued on the connection's worker; the ping runs
+    // after it, so the count read next is settled.
+    conn.ping().await?;
+    if conn.is_in_transaction() {
+        tracing::error!(
+            "SQLite ended a transaction by itself (disk full, I/O error or out of memory): \
+             closing its connection"
+        );
+        return Ok(false);
+    }
+    Ok(true)
+}
+
 /// Opens a pool on `database_url`. sqlx keeps trying a refused connection until the acquire
 /// timeout (a database still starting), then reports only "pool timed out while waiting for an
 /// open connection": an operator with a wrong port or host learnt nothing. After that wait one
@@ -305,18 +327,22 @@ impl Store {
             Backend::Postgres => options.clone().max_connections(max_connections.max(1)),
             // One writer connection: SQLite serializes writers anyway, and a single connection
             // can never hit a lock-upgrade deadlock (SQLITE_BUSY) between two of our transactions.
-            Backend::Sqlite => options.clone().max_connections(1).after_connect(|conn, _| {
-                Box::pin(async move {
-                    // busy_timeout first: switching to WAL takes a lock another process (a CLI
-                    // reading the same file) may hold; without the timeout that fails at once.
-                    conn.execute(
-                        "PRAGMA busy_timeout = 5000; PRAGMA journal_mode = WAL; \
+            Backend::Sqlite => options
+                .clone()
+                .max_connections(1)
+                .after_connect(|conn, _| {
+                    Box::pin(async move {
+                        // busy_timeout first: switching to WAL takes a lock another process (a CLI
+                        // reading the same file) may hold; without the timeout that fails at once.
+                        conn.execute(
+                            "PRAGMA busy_timeout = 5000; PRAGMA journal_mode = WAL; \
                          PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
-                    )
-                    .await?;
-                    Ok(())
+                        )
+                        .await?;
+                        Ok(())
+                    })
                 })
-            }),
+                .after_release(|conn, _| Box::pin(sqlite_connection_is_clean(conn))),
         };
         let pool = open_pool(pool_options, database_url)
             .await

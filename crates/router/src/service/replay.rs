@@ -148,6 +148,15 @@ impl RouterService {
         if transfer.status() != TransferStatus::Completed || !self.inner.config.replay.enabled() {
             return Err(refused(""));
         }
+        // The ledger scopes a request id to the owner and the payer, not to the service: another
+        // router of this owner (another corpus, backend or price) answered it, and its answer is
+        // not this service's, whatever the fingerprint says.
+        if transfer.app_name != self.inner.config.name {
+            return Err(refused(&format!(
+                " by another service of this owner ({:?})",
+                transfer.app_name
+            )));
+        }
         let Some(body) = self.inner.ledger.answer(&transfer.id).await? else {
             return Err(refused(
                 ", and its answer is not kept (past retention, not stored, or a stream its client \
