@@ -922,6 +922,48 @@ fn a_limit_of_zero_is_refused() {
     }
 }
 
+/// A ledger refuses at start-up a hold too short to capture anything and a pool of no
+/// connections: `--hold-ttl 1us` started, and every paid request called its upstream and then
+/// failed on its expired hold; `--max-connections 0` was taken as 1 without a word.
+#[test]
+fn a_ledger_refuses_a_hold_ttl_under_a_second_and_no_connections() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let dir = data.path().to_str().expect("utf-8 path");
+    for (flags, says) in [
+        (&["--hold-ttl", "1us"][..], "--hold-ttl must be at least 1s"),
+        (&["--max-connections", "0"], "not in 1.."),
+    ] {
+        let mut ledger = syft_router()
+            .args(["ledger", "--data-dir", dir, "--admin-key", "k"])
+            .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .args(flags)
+            .env_remove("DATABASE_URL")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = ledger.try_wait().expect("wait") {
+                break Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = ledger.kill();
+                break None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        assert!(
+            status.is_some_and(|s| !s.success()),
+            "{flags:?} started: {status:?}"
+        );
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut ledger.stderr.take().expect("stderr"), &mut stderr)
+            .expect("stderr");
+        assert_contains(&stderr, &[says]);
+    }
+}
+
 /// `dev` has webhook alerts on, for a receiver on this machine, as its dashboard's Alerts tab and
 /// its printed `alerts add` command promise (it had no way to turn them on). Its key is kept in
 /// the data dir, so an endpoint added before a restart is still delivered to after it.

@@ -124,7 +124,8 @@ pub struct ServeArgs {
     )]
     pub max_amount_micros: i64,
     /// Postgres connection pool size.
-    #[arg(long, env = "SYFT_LEDGER_DB_MAX_CONNECTIONS", default_value_t = 16)]
+    #[arg(long, env = "SYFT_LEDGER_DB_MAX_CONNECTIONS", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
     /// Postgres write batches in flight at once: fewer = bigger batches and fewer commits.
     #[arg(long, env = "SYFT_LEDGER_BATCH_WORKERS", default_value_t = syft_ledger::store::DEFAULT_BATCH_WORKERS)]
@@ -228,6 +229,11 @@ impl ServeArgs {
             }
             _ => None,
         };
+        // A hold shorter than a second expires before any answer can be captured: every paid
+        // request would call its upstream and then fail (a request may ask for 1 s to the max).
+        if self.hold_ttl < Duration::from_secs(1) {
+            anyhow::bail!("--hold-ttl must be at least 1s");
+        }
         if self.hold_ttl > self.max_hold_ttl {
             anyhow::bail!("--hold-ttl must not exceed --max-hold-ttl");
         }

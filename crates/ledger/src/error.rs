@@ -185,10 +185,20 @@ pub(crate) fn is_unique_violation(err: &sqlx::Error) -> bool {
 impl From<sqlx::Error> for LedgerError {
     fn from(err: sqlx::Error) -> Self {
         match &err {
-            sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::Io(_)
-            | sqlx::Error::Tls(_) => LedgerError::Unavailable("database unavailable".into()),
+            // Every connection busy, or the database refusing new sessions (its
+            // `max_connections` taken by others): calls waited the pool's timeout and failed
+            // with nothing in the ledger's log (an operator's drill found it).
+            sqlx::Error::PoolTimedOut => {
+                now_and_then(
+                    &err,
+                    "no database connection within the pool's timeout: every connection busy, \
+                     or the database refuses new sessions (max_connections?)",
+                );
+                LedgerError::Unavailable("database unavailable".into())
+            }
+            sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => {
+                LedgerError::Unavailable("database unavailable".into())
+            }
             sqlx::Error::RowNotFound => LedgerError::NotFound("not found".into()),
             _ if is_retryable(&err) => LedgerError::Unavailable("database busy, retry".into()),
             _ if classify(&err) == DbErrorClass::ConnectionLost => {
@@ -198,7 +208,10 @@ impl From<sqlx::Error> for LedgerError {
             // outage is thousands of calls, each logged as an internal error before). The health
             // ping does not see all of these (a read-only standby answers `SELECT 1`).
             _ if classify(&err) == DbErrorClass::Refused => {
-                refused_now_and_then(&err);
+                now_and_then(
+                    &err,
+                    "the database refuses the ledger's calls (answered UNAVAILABLE)",
+                );
                 LedgerError::Unavailable("database unavailable".into())
             }
             // Rolled back whole: repeating the call is safe (it used to be an internal error).
@@ -211,7 +224,7 @@ impl From<sqlx::Error> for LedgerError {
 }
 
 /// Logs a database's refusal, at most once per 10 s.
-fn refused_now_and_then(err: &sqlx::Error) {
+fn now_and_then(err: &sqlx::Error, what: &str) {
     use std::sync::atomic::{AtomicU64, Ordering};
     static LAST: AtomicU64 = AtomicU64::new(0);
     let now = std::time::SystemTime::now()
@@ -223,6 +236,6 @@ fn refused_now_and_then(err: &sqlx::Error) {
             .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
             .is_ok()
     {
-        tracing::warn!(error = %err, "the database refuses the ledger's calls (answered UNAVAILABLE)");
+        tracing::warn!(error = %err, "{what}");
     }
 }

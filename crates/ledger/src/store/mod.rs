@@ -357,6 +357,20 @@ impl Store {
                 .run(&pool)
                 .await
                 .map_err(|e| LedgerError::Internal(format!("migration failed: {e}")))?;
+            if backend == Backend::Sqlite {
+                // A file (or directory) the ledger may not write migrates without writing once
+                // it is up to date, and then served reads while refusing every hold: refuse it
+                // here. An update of no row still takes the write lock, and writes nothing.
+                sqlx::query("UPDATE _sqlx_migrations SET version = version WHERE 0")
+                    .execute(&pool)
+                    .await
+                    .map_err(|e| {
+                        LedgerError::Unavailable(format!(
+                            "the SQLite database cannot be written ({e}): check the permissions \
+                             of the file and of its directory"
+                        ))
+                    })?;
+            }
         }
         let batcher = match backend {
             Backend::Postgres => {
@@ -449,6 +463,22 @@ pub(super) fn insert_bounded<V>(cache: &RwLock<HashMap<String, V>>, key: String,
 
 #[cfg(test)]
 mod tests {
+    /// A SQLite database the ledger may not write is refused at start-up: it used to start,
+    /// report SERVING, and refuse every hold (an operator's copy of a ledger, read-only).
+    #[tokio::test]
+    async fn a_sqlite_database_it_cannot_write_is_refused_at_start() {
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("ledger.db");
+        let store = super::Store::connect(&format!("sqlite://{}?mode=rwc", file.display()), 1)
+            .await
+            .expect("a new ledger");
+        store.close().await;
+        let read_only = format!("sqlite://{}?mode=ro", file.display());
+        let refused = super::Store::connect(&read_only, 1).await.err();
+        let message = refused.map(|e| e.to_string()).unwrap_or_default();
+        assert!(message.contains("cannot be written"), "{message:?}");
+    }
+
     use sqlx::migrate::Migrator;
 
     use super::{PG_MIGRATOR, SQLITE_MIGRATOR};

@@ -481,6 +481,17 @@ pub(crate) fn map_status(op: Op, s: tonic::Status) -> RouterError {
             RouterError::TokenSpendLimit(msg)
         }
         Code::PermissionDenied => RouterError::PermissionDenied(msg),
+        // This router placed the hold it resolves, so the ledger lost it (a hold committed
+        // asynchronously and lost in a Postgres crash, docs/design.md): nothing was charged, and
+        // a retry of the request places a new one. It was a 404 `invalid_request_error` naming
+        // the transfer, which clients do not retry.
+        Code::NotFound if matches!(op, Op::Capture | Op::Void | Op::ExtendHold) => {
+            tracing::error!(?op, message = %msg, "the ledger lost this router's hold");
+            RouterError::Unavailable(
+                "the ledger lost the hold on your funds; nothing was charged: retry the request"
+                    .into(),
+            )
+        }
         Code::NotFound => RouterError::NotFound(msg),
         // The key was used by a request with other parameters: this one never runs under it.
         Code::AlreadyExists if ledger_reason(&s) == Some(Reason::IdempotencyConflict) => {
@@ -599,5 +610,21 @@ mod tests {
         }
         assert!(placed_by_another(&answer("", true), mine, false));
         assert!(!placed_by_another(&answer("", true), mine, true));
+    }
+
+    /// A hold this router placed and the ledger no longer knows was lost by the ledger: a
+    /// retryable 503, not a 404 naming the transfer (which clients do not retry).
+    #[test]
+    fn a_lost_hold_is_unavailable_not_found_elsewhere() {
+        let lost = || tonic::Status::not_found("transfer 01-x not found");
+        for op in [Op::Capture, Op::Void, Op::ExtendHold] {
+            let e = map_status(op, lost());
+            assert!(
+                matches!(&e, RouterError::Unavailable(m) if m.contains("retry")),
+                "{e:?}"
+            );
+        }
+        let e = map_status(Op::GetAccount, lost());
+        assert!(matches!(e, RouterError::NotFound(_)), "{e:?}");
     }
 }
