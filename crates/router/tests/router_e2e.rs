@@ -1613,7 +1613,8 @@ async fn a_mapped_router_sells_its_mapped_models_only() {
 
 /// `left_streams = "charge_delivered"`, the owner's choice: a client that leaves a stream is
 /// charged for the text it took, counted by the router, at the service's price, under the
-/// `cancelled` status; a retry of its id is told it was charged, not given a partial answer.
+/// `cancelled` status; a retry of its id is given that text, marked as a replay with
+/// `finish_reason = "cancelled"` (it used to be told it was charged, with no way to read it).
 /// (By default the hold is voided: `client_cancelling_a_stream_voids_the_hold`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_left_stream_is_charged_for_what_it_took_when_the_owner_says_so() {
@@ -1666,11 +1667,17 @@ async fn a_left_stream_is_charged_for_what_it_took_when_the_owner_says_so() {
     );
     assert_eq!(rows[0].cost_micros, cost);
     assert_eq!(s.alice_money().await.0, FUNDS - cost);
-    // Charged: its id is spent, and no partial answer is replayed as if complete.
+    // Charged: its id is spent; its retry gets the text it paid for, not as if complete.
     let hits = s.upstream.hits();
-    let retried = c.chat(req).await;
-    assert!(retried.is_err(), "{retried:?}");
+    let retried = ok(c.chat(req).await);
+    assert!(retried.replay);
+    assert_eq!(retried.message.expect("message").content, read);
+    assert_eq!(
+        (retried.finish_reason.as_str(), retried.cost_micros),
+        ("cancelled", cost)
+    );
     assert_eq!(s.upstream.hits(), hits);
+    assert_eq!(s.alice_money().await.0, FUNDS - cost);
     s.check_invariants().await;
 }
 

@@ -279,8 +279,11 @@ impl RouterService {
             End::Cancelled if charge_left && hold.is_some() && !delivered.trim().is_empty() => {
                 // The owner's choice (`left_streams = "charge_delivered"`): the text sent is
                 // charged, counted by the router (the upstream's count would include what was
-                // not sent), under the `cancelled` status. No answer is stored: a retry of the id
-                // is told it was charged, and is not given a partial answer as if complete.
+                // not sent), under the `cancelled` status. That text is stored as the answer, so
+                // the payer can get what it paid for: a retry of the id is given it, marked as a
+                // replay with `finish_reason = "cancelled"` (not as if complete). It used to be
+                // told it was charged, with no way to read the text (bytes in the connection's
+                // buffers count as sent, so a client that read none of it paid for all of it).
                 tracing::info!(request_id = %p.v.request_id, "client left the stream; the text it was sent is charged");
                 let charge = self.charge(&p, None, delivered, started, upstream_ms).await;
                 let (input, output) = charge.tokens;
@@ -288,7 +291,18 @@ impl RouterService {
                 let status = UsageStatus::Cancelled;
                 let usage = self.usage(&p.t, status, units, started, upstream_ms);
                 let usage = Usage { ttft_ms, ..usage };
-                let outcome = match self.settle(&p.t, hold, charge.cost, usage, None).await {
+                let taken_text = Completion {
+                    id: upstream_id,
+                    model: upstream_model,
+                    content: delivered.to_string(),
+                    finish_reason: "cancelled".into(),
+                    usage: None,
+                };
+                let transfer_id = hold.as_ref().map(|h| h.transfer_id.clone());
+                let response =
+                    self.response(&p, taken_text, charge.tokens, charge.cost, transfer_id);
+                let answer = self.answer_to_store(&p.v.request_id, chat_record(&p, &response));
+                let outcome = match self.settle(&p.t, hold, charge.cost, usage, answer).await {
                     Ok(_) => "cancelled",
                     Err(_) => "not_settled",
                 };
