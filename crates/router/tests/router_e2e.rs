@@ -1611,6 +1611,43 @@ async fn a_mapped_router_sells_its_mapped_models_only() {
     s.check_invariants().await;
 }
 
+/// A client that reads every word of a paid stream and leaves before its end (after the last
+/// word, before the upstream's finish and the final event that follows the capture) had the
+/// whole answer: it is charged once, and its retry gets the answer. It was voided: by default, a
+/// whole answer free to a client that knows where its answer ends. (One that leaves with words
+/// still to come is voided: `client_cancelling_a_stream_voids_the_hold`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_after_the_last_word_is_charged_for_the_answer() {
+    let s = Stack::start(Pricing::per_request(PRICE)).await;
+    let mut c = s.client().await;
+    s.upstream
+        .set_mode(Mode::SlowEnd(Duration::from_millis(300)));
+    let mut req = s.request("hi");
+    req.request_id = "at-the-end".into();
+    let mut read = String::new();
+    {
+        let mut stream = ok(c.chat_stream(req.clone()).await);
+        while read != CONTENT {
+            match stream.next().await.expect("event").expect("ok").event {
+                Some(chat_stream_event::Event::Delta(d)) => read.push_str(&d.content),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    let transfers = s.wait_no_pending(Duration::from_secs(5)).await;
+    let got: Vec<_> = transfers
+        .iter()
+        .map(|t| (t.status(), t.captured_micros))
+        .collect();
+    assert_eq!(got, [(TransferStatus::Completed, PRICE)]);
+    let again = ok(c.chat(req).await);
+    assert!(again.replay);
+    assert_eq!(again.message.expect("message").content, CONTENT);
+    assert_eq!(s.upstream.hits(), 1);
+    assert_eq!(s.alice_money().await.0, FUNDS - PRICE);
+    s.check_invariants().await;
+}
+
 /// `left_streams = "charge_delivered"`, the owner's choice: a client that leaves a stream is
 /// charged for the text it took, counted by the router, at the service's price, under the
 /// `cancelled` status; a retry of its id is given that text, marked as a replay with

@@ -68,6 +68,9 @@ pub enum Mode {
     CutShort,
     /// Streams the whole answer and its `finish_reason`, then garbage instead of `[DONE]`.
     FinishThenGarbage,
+    /// Streams every word of the answer at once, then its `finish_reason` and `[DONE]` after
+    /// this long (a model whose end comes a moment after its last word).
+    SlowEnd(Duration),
     /// Search: every result's content is this many bytes.
     BigResults(usize),
     /// Search: the results worst first (scores 0.8, then 0.9).
@@ -356,6 +359,19 @@ async fn upstream_handler(State(state): State<Arc<UpState>>, Json(body): Json<Va
             Ok(sse(&chunk(&model, Some("partial "), None))),
             Ok("data: {not json\n\n".to_string()),
         ])),
+        Mode::SlowEnd(wait) => {
+            let said: Vec<Result<String, Infallible>> = words
+                .iter()
+                .map(|w| Ok(sse(&chunk(&model, Some(w), None))))
+                .collect();
+            let end = vec![
+                Ok(sse(&chunk(&model, None, Some("stop")))),
+                Ok("data: [DONE]\n\n".to_string()),
+            ];
+            let end = futures::stream::once(tokio::time::sleep(wait))
+                .flat_map(move |()| futures::stream::iter(end.clone()));
+            Box::pin(futures::stream::iter(said).chain(end))
+        }
         Mode::FinishThenGarbage => {
             let mut out: Vec<Result<String, Infallible>> = words
                 .iter()

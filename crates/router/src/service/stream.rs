@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
 use syft_error::UsageStatus;
@@ -220,6 +220,29 @@ impl RouterService {
                 }
             }
         };
+        // A paid stream's client that left holding every delta may have left at the very end:
+        // after the last delta, before the upstream's finish and the final event that follows
+        // the capture. Voided, that was a whole answer free (a client that knows where its
+        // answer ends, a marker it asked for or its own `max_tokens`, could do it every time).
+        // The upstream is read on for a moment: if it ends without another word, the client
+        // had the whole answer, which is charged and kept for the id's retry; more text means
+        // the client left mid-way (voided, or charged for what it took, as the owner chose).
+        let left_at_the_end = matches!(end, End::Cancelled)
+            && hold.is_some()
+            && pending.is_none()
+            && !content.trim().is_empty()
+            && taken.load(Ordering::Acquire) == content.len()
+            && {
+                let until = (tokio::time::Instant::now() + LEFT_AT_THE_END).min(max_end);
+                let rest = read_to_the_end(&mut upstream, finish.clone(), until).await;
+                let ended = rest.is_some();
+                if let Some(rest) = rest {
+                    finish = rest.finish.or(finish);
+                    reported = rest.usage.or(reported);
+                }
+                ended
+            };
+        let end = if left_at_the_end { End::Done } else { end };
         drop(upstream);
         let undelivered = pending.is_some();
         if undelivered {
@@ -255,7 +278,7 @@ impl RouterService {
         // that dropped with up to 32 events unread and no final event). A free one moves no money
         // and does not keep its slot for a reader that stalled.
         let end = match end {
-            End::Done if !cut && hold.is_some() => {
+            End::Done if !cut && !left_at_the_end && hold.is_some() => {
                 match self
                     .read_by_client(&tx, &mut hold, &mut keep_alive, max_end)
                     .await
@@ -463,5 +486,42 @@ async fn tick(keep_alive: &mut Option<tokio::time::Interval>) {
             i.tick().await;
         }
         None => std::future::pending().await,
+    }
+}
+
+/// How long the upstream of a stream whose client left holding every delta is read on, to see
+/// whether the client had the whole answer (`drive_stream`).
+const LEFT_AT_THE_END: Duration = Duration::from_secs(2);
+
+/// What the end of an upstream stream said after its client left.
+struct Rest {
+    finish: Option<String>,
+    usage: Option<UpstreamUsage>,
+}
+
+/// Reads `upstream` until it ends, at most until `until`: `None` if it sends more text, fails
+/// before saying it finished (`finish`: what it said before), or is still going.
+async fn read_to_the_end(
+    upstream: &mut UpstreamStream,
+    finish: Option<String>,
+    until: tokio::time::Instant,
+) -> Option<Rest> {
+    let mut rest = Rest {
+        finish,
+        usage: None,
+    };
+    loop {
+        let next = tokio::time::timeout_at(until, upstream.next()).await.ok()?;
+        match next {
+            None => return Some(rest),
+            Some(Err(_)) => return rest.finish.is_some().then_some(rest),
+            Some(Ok(chunk)) => {
+                if chunk.delta.as_deref().is_some_and(|d| !d.is_empty()) {
+                    return None;
+                }
+                rest.finish = chunk.finish_reason.or(rest.finish);
+                rest.usage = chunk.usage.or(rest.usage);
+            }
+        }
     }
 }
