@@ -1,4 +1,4 @@
-//! `syft-router alerts add|list|remove|test|rotate|deliveries`: webhook alerts over the ledger's
+//! `syft-router alerts add|list|remove|enable|test|rotate|deliveries`: webhook alerts over the ledger's
 //! `syft.ledger.v1.Alerts` service (docs/alerts.md). Tables for people, `--json` for scripts.
 
 use std::time::Duration;
@@ -33,6 +33,9 @@ enum AlertsAction {
     },
     /// Remove an endpoint; its undelivered events are dropped with it.
     Remove { endpoint_id: String },
+    /// Enable an endpoint disabled after failing (fix its receiver first): its pending events
+    /// are delivered again.
+    Enable { endpoint_id: String },
     /// Queue a `test` event for an endpoint (see it in `deliveries`).
     Test { endpoint_id: String },
     /// New signing secret; the previous one keeps signing for --overlap.
@@ -234,6 +237,21 @@ pub async fn alerts(args: AlertsArgs) -> anyhow::Result<()> {
                 println!("{}", json!({"removed": endpoint_id}));
             } else {
                 println!("removed {endpoint_id}");
+            }
+        }
+        AlertsAction::Enable { endpoint_id } => {
+            let endpoint = client
+                .enable_alert_endpoint(pb::EnableAlertEndpointRequest { endpoint_id })
+                .await
+                .map_err(|s| conn.fail(s))?
+                .into_inner()
+                .endpoint
+                .unwrap_or_default();
+            if conn.json {
+                println!("{}", endpoint_json(&endpoint));
+            } else {
+                println!("endpoint  {}", endpoint.id);
+                print_endpoint(&endpoint);
             }
         }
         AlertsAction::Test { endpoint_id } => {

@@ -41,6 +41,13 @@ grpc_methods! {
             Ok(pb::RemoveAlertEndpointResponse {})
         }
 
+        fn enable_alert_endpoint(pb::EnableAlertEndpointRequest) -> pb::EnableAlertEndpointResponse {
+            let endpoint = core.enable_alert_endpoint(&caller, &req.endpoint_id).await?;
+            Ok(pb::EnableAlertEndpointResponse {
+                endpoint: Some(endpoint_pb(&endpoint)),
+            })
+        }
+
         fn rotate_alert_secret(pb::RotateAlertSecretRequest) -> pb::RotateAlertSecretResponse {
             let overlap = Duration::from_secs(u64::from(req.overlap_seconds));
             let (secret, until) = core

@@ -56,6 +56,7 @@ alerts_suite!(
     disabling,
     crate::alerts_support::alerts_disable_fast;
     failing_endpoint_is_disabled_and_the_owner_told,
+    a_disabled_endpoint_enabled_again_gets_its_pending_events,
 );
 
 async fn test_event(h: &Harness, secret: &str, endpoint: &str) -> String {
@@ -295,6 +296,71 @@ async fn failing_endpoint_is_disabled_and_the_owner_told(h: Harness) -> Harness 
         })
         .await;
     assert_eq!(code(refused), Code::FailedPrecondition);
+    h
+}
+
+/// An endpoint disabled after failing is enabled again once its receiver works, and the events
+/// pending since are delivered. Nothing could enable one: the only way back was to remove it,
+/// which gave those events up (a receiver down past `--alerts-disable-after` lost its alerts).
+async fn a_disabled_endpoint_enabled_again_gets_its_pending_events(h: Harness) -> Harness {
+    let rx = WebhookReceiver::start().await;
+    rx.set_default(Reply::Status(500));
+    let alice = h.account(ALICE, 10 * USD).await;
+    let ep = add_rule(&h, &alice, &rx, balance_low(USD)).await;
+    let event = test_event(&h, &alice, &ep).await;
+    for _ in 0..100 {
+        let listed = endpoints(&h, &alice).await;
+        if listed
+            .iter()
+            .any(|e| e.id == ep && e.disabled_at_unix_micros.is_some())
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let disabled = endpoints(&h, &alice).await;
+    assert!(
+        disabled[0].disabled_at_unix_micros.is_some(),
+        "{disabled:?}"
+    );
+    assert_eq!(disabled[0].pending_events, 1, "the test event waits");
+    rx.set_default(Reply::Ok);
+    let enabled = alerts(&h, &alice)
+        .enable_alert_endpoint(pb::EnableAlertEndpointRequest {
+            endpoint_id: ep.clone(),
+        })
+        .await
+        .expect("enable")
+        .into_inner()
+        .endpoint
+        .expect("endpoint");
+    assert_eq!(
+        (
+            enabled.disabled_at_unix_micros,
+            enabled.failing_since_unix_micros
+        ),
+        (None, None)
+    );
+    let got = rx
+        .wait_until(WAIT, "the pending event", |r| {
+            r.iter()
+                .any(|d| d.id == event && matches!(d.reply, Reply::Ok))
+        })
+        .await;
+    assert!(got.iter().any(|d| d.id == event && d.valid));
+    for _ in 0..100 {
+        if endpoints(&h, &alice).await[0].pending_events == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(endpoints(&h, &alice).await[0].pending_events, 0);
+    // Another's endpoint is not found, enabled or not.
+    let bob = h.account("bob@example.com", 0).await;
+    let other = alerts(&h, &bob)
+        .enable_alert_endpoint(pb::EnableAlertEndpointRequest { endpoint_id: ep })
+        .await;
+    assert_eq!(code(other), Code::NotFound);
     h
 }
 

@@ -119,9 +119,17 @@ async fn rest_manages_endpoints_end_to_end(h: Harness) -> Harness {
         .await;
     assert!(got[1].valid && got[1].signature.split(' ').count() == 1);
 
+    // Enabling an endpoint that is not disabled changes nothing, and answers it.
+    let enable = format!("/endpoints/{ep}/enable");
+    let (status, enabled) = call(&h, Method::POST, &enable, Some(&alice), None).await;
+    assert_eq!(status, StatusCode::OK, "{enabled}");
+    assert_eq!(enabled["endpoint"]["id"], ep.as_str());
+    assert_eq!(enabled["endpoint"]["disabled"], false, "{enabled}");
+
     // Bob sees nothing of Alice's: not found, not forbidden; the admin names the account.
     for (method, path) in [
         (Method::DELETE, format!("/endpoints/{ep}")),
+        (Method::POST, enable.clone()),
         (Method::POST, test.clone()),
         (Method::POST, format!("/endpoints/{ep}/rotate")),
         (Method::GET, log_path.clone()),

@@ -176,6 +176,20 @@ impl Ledger {
         db::remove_endpoint(self.store().pool(), &endpoint.id, now_micros()).await
     }
 
+    /// Enables an endpoint disabled after failing; its pending events are delivered again.
+    /// Enabling one that is not disabled changes nothing.
+    pub async fn enable_alert_endpoint(&self, caller: &Caller, id: &str) -> Result<AlertEndpoint> {
+        self.alerts_key()?;
+        let endpoint = self.own_endpoint(caller, id).await?;
+        if endpoint.disabled_at.is_some() {
+            db::enable(self.store().pool(), &endpoint.id, now_micros()).await?;
+            tracing::info!(endpoint = %endpoint.id, "alert endpoint enabled");
+        }
+        let enabled = self.own_endpoint(caller, &endpoint.id).await?;
+        let email = db::account_email(self.store().pool(), enabled.account_id).await?;
+        self.endpoint_view(enabled, &email).await
+    }
+
     /// A new signing secret; the previous one keeps signing (second signature) for `overlap`.
     pub async fn rotate_alert_secret(
         &self,
@@ -216,7 +230,7 @@ impl Ledger {
         if endpoint.disabled_at.is_some() {
             // Nothing is delivered to a disabled endpoint: its event would wait for ever.
             return Err(LedgerError::FailedPrecondition(format!(
-                "endpoint {} is disabled after failing; remove it and add a working one",
+                "endpoint {} is disabled after failing; enable it once its receiver works",
                 endpoint.id
             )));
         }

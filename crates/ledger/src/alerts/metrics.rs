@@ -23,7 +23,7 @@ metrics! {
     static RATE_CAPPED: IntCounter = "syft_ledger_alert_rate_capped_total";
     /// Endpoints this process disabled after persistent failure
     static DISABLED_TOTAL: IntCounter = "syft_ledger_alert_endpoints_disabled_total";
-    /// Endpoints disabled now (not removed): their events wait until they are replaced
+    /// Endpoints disabled now (not removed): their events wait until they are enabled
     static DISABLED: IntGauge = "syft_ledger_alert_endpoints_disabled";
     /// Alert events of enabled endpoints not yet delivered nor given up
     static QUEUE: IntGauge = "syft_ledger_alert_queue_depth";

@@ -467,6 +467,42 @@ pub(crate) async fn record_attempt(
     Ok(failing_since)
 }
 
+/// The email of the account an endpoint belongs to.
+pub(crate) async fn account_email(pool: &AnyPool, account_id: i64) -> Result<String> {
+    Ok(
+        sqlx::query_scalar("SELECT email FROM accounts WHERE id = $1")
+            .bind(account_id)
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
+/// Enables an endpoint disabled after failing: the failure clock starts again (else the next
+/// failure would disable it at once) and its pending events are due now. Events first, then the
+/// endpoint, the order `record_attempt` takes them in.
+pub(crate) async fn enable(pool: &AnyPool, id: &str, now: i64) -> Result<()> {
+    retry_transient(|| async {
+        let mut tx = pool.begin().await?;
+        sqlx::query(
+            "UPDATE alert_events SET next_attempt_at = $1 \
+             WHERE endpoint_id = $2 AND status = 'PENDING' AND next_attempt_at > $1",
+        )
+        .bind(now)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE alert_endpoints SET disabled_at = NULL, failing_since = NULL \
+             WHERE id = $1 AND removed_at IS NULL",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await
+    })
+    .await
+}
+
 /// Marks an endpoint disabled, once; true when this call disabled it.
 pub(crate) async fn disable(tx: &mut Transaction<'_, Any>, id: &str, now: i64) -> Result<bool> {
     let result = sqlx::query(

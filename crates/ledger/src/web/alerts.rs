@@ -29,6 +29,7 @@ pub fn router(ledger: Ledger) -> Router {
     Router::new()
         .route("/v1/alerts/endpoints", get(list).post(add))
         .route("/v1/alerts/endpoints/{id}", delete(remove))
+        .route("/v1/alerts/endpoints/{id}/enable", post(enable))
         .route("/v1/alerts/endpoints/{id}/rotate", post(rotate))
         .route("/v1/alerts/endpoints/{id}/test", post(send_test))
         .route("/v1/alerts/endpoints/{id}/deliveries", get(deliveries))
@@ -196,6 +197,18 @@ async fn remove(
 ) -> Reply {
     ledger.remove_alert_endpoint(&caller, &id).await?;
     reply(StatusCode::OK, json!({ "removed": id }))
+}
+
+async fn enable(
+    State(ledger): State<Ledger>,
+    Authed(caller): Authed,
+    Path(id): Path<String>,
+) -> Reply {
+    let endpoint = ledger.enable_alert_endpoint(&caller, &id).await?;
+    reply(
+        StatusCode::OK,
+        json!({ "endpoint": endpoint_json(&endpoint) }),
+    )
 }
 
 #[derive(Deserialize)]
