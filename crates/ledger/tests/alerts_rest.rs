@@ -311,6 +311,17 @@ async fn rest_refuses_bad_input_with_clear_errors(h: Harness) -> Harness {
     assert_eq!(status, StatusCode::NOT_FOUND, "{answer}");
     let (status, _) = call(&h, Method::GET, "/endpoints", Some("wrong-secret"), None).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // axum's own refusals are JSON too (a 9.6 MB body was answered in plain text).
+    let huge = json!({ "url": "x".repeat(10 << 20) });
+    let (status, answer) = call(&h, Method::POST, "/endpoints", Some(&alice), Some(huge)).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{answer}");
+    assert!(
+        answer["detail"].is_string() && answer["code"].is_string(),
+        "{answer}"
+    );
+    let (status, answer) = call(&h, Method::PUT, "/endpoints", Some(&alice), None).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{answer}");
+    assert!(answer["code"].is_string(), "{answer}");
 
     // An account has at most 16 endpoints (it has one, `ep`): the 17th is refused, writing
     // nothing, until one is removed. Without a cap one account kept the ledger's cores busy.

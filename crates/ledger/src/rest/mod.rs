@@ -59,7 +59,7 @@ pub fn router(ledger: Ledger) -> Router {
 /// handler runs: a query or path that does not parse (400), a method the path does not take
 /// (405), a body over the size limit (413). Clients parse a failed response's body as JSON, and a
 /// plain-text one made the SDK fail on decoding instead of showing the API's error.
-async fn json_errors(response: Response) -> Response {
+pub(crate) async fn json_errors(response: Response) -> Response {
     let status = response.status();
     let json = response
         .headers()
