@@ -863,6 +863,12 @@ fn index_build_puts_a_whole_index_in_place() {
     std::fs::write(bare.join("scan.pdf"), "%PDF").expect("pdf");
     let nothing = fails(&mut index_build(&bare, &root.path().join("idx2")));
     assert_contains(&nothing, &["holds no documents"]);
+    // Documents without a word (an empty file, a line with empty content) likewise.
+    std::fs::write(bare.join("a.txt"), "").expect("empty");
+    std::fs::write(bare.join("b.jsonl"), "{\"id\":\"x\",\"content\":\"\"}\n").expect("jsonl");
+    let wordless = fails(&mut index_build(&bare, &root.path().join("idx3")));
+    assert_contains(&wordless, &["hold no text"]);
+    assert!(!root.path().join("idx3").exists());
 }
 
 /// `syft-router index build DIR --out OUT`.

@@ -102,6 +102,15 @@ fn build(dir: &Path, out: &Path) -> anyhow::Result<(usize, u64)> {
             return Err(e.into());
         }
     };
+    // Documents without a word in them index into nothing, served as healthy: refused as a
+    // folder with no documents is (it was built, "indexed 2 documents into 0 chunks").
+    if chunks == 0 {
+        let _ = std::fs::remove_dir_all(&building);
+        anyhow::bail!(
+            "the {n} documents in {} hold no text: nothing to index",
+            dir.display()
+        );
+    }
     if out.exists() {
         std::fs::remove_dir(out).with_context(|| format!("--out {}", out.display()))?;
     }

@@ -39,6 +39,10 @@ pub enum IndexError {
     Open { path: String, message: String },
     #[error("index: {0}")]
     Index(String),
+    /// Documents, but not a word in them: served, the index answers every search with nothing,
+    /// free (most likely the wrong folder, or files emptied by a deploy).
+    #[error("{path} holds no text to index (its documents are empty)")]
+    NoText { path: String },
 }
 
 impl IndexError {

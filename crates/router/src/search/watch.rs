@@ -35,8 +35,20 @@ const SETTLE: Duration = Duration::from_secs(2);
 fn build(dir: &Path) -> Result<(DocIndex, Manifest), IndexError> {
     // The manifest is taken first: a file changed during the build is seen again next scan.
     let m = manifest(dir)?;
+    Ok((index_folder(dir)?, m))
+}
+
+/// The folder's index; one with no text is refused: a router does not start on it, and a
+/// rescan keeps the previous index (it swapped in an empty one, served as healthy, every search
+/// a free `no_results`).
+fn index_folder(dir: &Path) -> Result<DocIndex, IndexError> {
     let index = DocIndex::build(read_folder(dir)?, None)?;
-    Ok((index, m))
+    if index.chunks() == 0 {
+        return Err(IndexError::NoText {
+            path: dir.display().to_string(),
+        });
+    }
+    Ok(index)
 }
 
 /// What one rescan found.
@@ -80,7 +92,7 @@ fn scan(
         }
     };
     *unsettled = 0;
-    let built = read_folder(dir).and_then(|docs| DocIndex::build(docs, None));
+    let built = index_folder(dir);
     *seen = m;
     Ok(match built {
         Ok(index) => Scan::Rebuilt(index),
@@ -162,6 +174,25 @@ mod tests {
         assert!(matches!(scan(&mut seen), Ok(Scan::Unchanged)));
         std::fs::remove_file(dir.join("bad.txt")).expect("remove");
         assert!(matches!(scan(&mut seen), Ok(Scan::Rebuilt(_))));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A folder with no text is not indexed: refused at start, and a rescan that finds it
+    /// emptied keeps the previous index (it swapped in an empty one, served as healthy).
+    #[test]
+    fn a_folder_with_no_text_is_not_indexed() {
+        let dir = std::env::temp_dir().join(format!("syft-watch-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("a.md"), "").expect("write");
+        assert!(matches!(build(&dir), Err(IndexError::NoText { .. })));
+        std::fs::write(dir.join("a.md"), "ledger capture").expect("write");
+        let (_, mut seen) = build(&dir).expect("first index");
+        std::fs::remove_file(dir.join("a.md")).expect("emptied");
+        let emptied = scan(&dir, &mut seen, &mut 0, || ());
+        assert!(matches!(
+            emptied,
+            Ok(Scan::Failed(IndexError::NoText { .. }))
+        ));
         let _ = std::fs::remove_dir_all(&dir);
     }
 
