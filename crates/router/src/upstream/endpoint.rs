@@ -18,9 +18,10 @@ pub(crate) struct HttpEndpoint {
 }
 
 impl HttpEndpoint {
-    /// `path` under `base_url` (a trailing `/` on it is ignored). No Nagle delay: requests are
-    /// small and the router's added latency is what it is judged by. A URL that does not parse
-    /// fails here, at start-up, rather than on every request.
+    /// `path` under `base_url` (a trailing `/` on it is ignored; a base that already ends in
+    /// `path` is taken as the whole URL; its query, e.g. Azure's `api-version`, is kept). No
+    /// Nagle delay: requests are small and the router's added latency is what it is judged by. A
+    /// URL that does not parse fails here, at start-up, rather than on every request.
     pub(crate) fn new(
         builder: reqwest::ClientBuilder,
         connect_timeout: Duration,
@@ -32,9 +33,16 @@ impl HttpEndpoint {
             .tcp_nodelay(true)
             .build()
             .map_err(|e| RouterError::Internal(format!("building HTTP client: {e}")))?;
-        let url = format!("{}{path}", base_url.trim_end_matches('/'));
-        let url = reqwest::Url::parse(&url)
-            .map_err(|e| RouterError::InvalidArgument(format!("upstream URL {url:?}: {e}")))?;
+        let mut url = reqwest::Url::parse(base_url)
+            .map_err(|e| RouterError::InvalidArgument(format!("upstream URL {base_url:?}: {e}")))?;
+        // Joined as text, `/search` landed inside a query (`/api?x=1/search`), and a base
+        // naming the endpoint itself got it twice (`/search/search`).
+        let base = url.path().trim_end_matches('/');
+        if !base.ends_with(path) {
+            let joined = format!("{base}{path}");
+            url.set_path(&joined);
+        }
+        url.set_fragment(None);
         Ok(HttpEndpoint {
             client,
             url: Box::new(url),
@@ -83,6 +91,19 @@ mod tests {
         };
         let ok = new("http://127.0.0.1:8080/v1/").expect("a valid base URL");
         assert_eq!(ok.url.as_str(), "http://127.0.0.1:8080/v1/chat/completions");
+        for (base, url) in [
+            (
+                "http://h:8080/openai/deployments/d?api-version=2024-02-01",
+                "http://h:8080/openai/deployments/d/chat/completions?api-version=2024-02-01",
+            ),
+            (
+                "http://h:8080/v1/chat/completions",
+                "http://h:8080/v1/chat/completions",
+            ),
+            ("http://h:8080", "http://h:8080/chat/completions"),
+        ] {
+            assert_eq!(new(base).expect(base).url.as_str(), url);
+        }
         // Before, such a URL started and then failed every request as "unreachable".
         let err = new("127.0.0.1:8080/v1").expect_err("no scheme");
         assert!(
