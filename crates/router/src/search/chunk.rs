@@ -166,6 +166,9 @@ pub fn read_folder(dir: &Path) -> Result<Vec<SourceDoc>, IndexError> {
 
 fn json_lines(path: &Path, rel: &str, text: &str) -> Result<Vec<SourceDoc>, IndexError> {
     let mut docs = Vec::new();
+    // A byte-order mark (Windows tools and spreadsheet exports write one) is not JSON: the
+    // first line failed with "expected value at line 1 column 1".
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     for (n, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -285,6 +288,18 @@ fn is_document(path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// JSON lines saved with a byte-order mark (Windows tools, spreadsheet exports) are read.
+    #[test]
+    fn json_lines_after_a_byte_order_mark_are_read() {
+        let text = "\u{feff}{\"id\": \"a\", \"content\": \"ledger\"}\n";
+        let docs = json_lines(Path::new("d.jsonl"), "d.jsonl", text).expect("read");
+        assert_eq!(docs.len(), 1);
+        assert_eq!(
+            (docs[0].id.as_str(), docs[0].content.as_str()),
+            ("a", "ledger")
+        );
+    }
 
     #[test]
     fn chunks_are_bounded_overlapping_and_cover_every_word() {
