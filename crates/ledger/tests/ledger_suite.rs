@@ -1461,11 +1461,13 @@ async fn verify_sees_money_booked_between_the_wrong_accounts(h: Harness) -> Harn
     );
     let orphan = "INSERT INTO journal (account_id, amount, kind, ref_id, created_at) VALUES \
                   ($1, -5, 'capture', 'no-such-transfer', 0), ($2, 5, 'capture', 'no-such-transfer', 0)";
+    // The report names the transfer, for the operator to look it up.
+    let mismatch = format!("1 transfers do not match their journal entries: {}", t.id);
     let cases: Vec<(Vec<String>, Vec<String>, &str)> = vec![
         (
             [vec![flip.clone()], moved(o, a, 2 * c)].concat(),
             [vec![flip], moved(a, o, 2 * c)].concat(),
-            "transfers do not match their journal entries",
+            &mismatch,
         ),
         (
             [vec![orphan.to_string()], moved(a, o, 5)].concat(),

@@ -199,8 +199,8 @@ async fn verify_snapshot(conn: &mut AnyConnection) -> Result<VerifyReport> {
     // Transfers: each completed one has exactly its two entries, the captured amount taken from
     // its sender and given to its recipient; others have none. (Entries were checked by count
     // and sums only, so a capture booked the wrong way round, or on other accounts, passed.)
-    let bad: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM transfers t \
+    let bad: Vec<String> = sqlx::query_scalar(
+        "SELECT t.id FROM transfers t \
              LEFT JOIN (SELECT e.ref_id, COUNT(*) AS entries, \
                           CAST(SUM(CASE WHEN e.account_id = x.recipient_id AND e.amount > 0 \
                                    THEN e.amount ELSE 0 END) AS BIGINT) AS credited, \
@@ -212,27 +212,28 @@ async fn verify_snapshot(conn: &mut AnyConnection) -> Result<VerifyReport> {
                       OR COALESCE(j.credited, 0) <> t.captured \
                       OR COALESCE(j.debited, 0) <> t.captured OR t.resolved_at IS NULL)) \
                 OR (t.status <> 'COMPLETED' AND (t.captured <> 0 OR COALESCE(j.entries, 0) <> 0)) \
-                OR (t.status = 'CANCELLED' AND t.resolved_at IS NULL)",
+                OR (t.status = 'CANCELLED' AND t.resolved_at IS NULL) \
+             ORDER BY t.id LIMIT 1001",
     )
-    .fetch_one(&mut *conn)
+    .fetch_all(&mut *conn)
     .await?;
-    if bad > 0 {
-        problems.push(format!(
-            "{bad} transfers do not match their journal entries"
-        ));
+    if !bad.is_empty() {
+        problems.push(named(&bad, "transfers do not match their journal entries"));
     }
     // No capture after its hold's expiry: a capture must find its hold unexpired (by its own
     // clock, which it records as `resolved_at`, and by the database's once it has its locks), and
     // nothing moves a resolved transfer's expiry. A late capture would be money a budget check
     // had already counted as released.
-    let late: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM transfers WHERE status = 'COMPLETED' AND resolved_at >= expires_at",
+    let late: Vec<String> = sqlx::query_scalar(
+        "SELECT id FROM transfers WHERE status = 'COMPLETED' AND resolved_at >= expires_at \
+         ORDER BY id LIMIT 1001",
     )
-    .fetch_one(&mut *conn)
+    .fetch_all(&mut *conn)
     .await?;
-    if late > 0 {
-        problems.push(format!(
-            "{late} transfers were captured at or after their hold's expiry"
+    if !late.is_empty() {
+        problems.push(named(
+            &late,
+            "transfers were captured at or after their hold's expiry",
         ));
     }
     // Entries that no transfer or deposit accounts for, and deposits whose two entries are not
@@ -327,4 +328,24 @@ async fn hosted_problems(conn: &mut AnyConnection, report: &mut VerifyReport) ->
         ));
     }
     Ok(())
+}
+
+/// "`n` `what`: the first ids", for an operator to look the rows up (a count alone said which
+/// kind of row was wrong, not which one). `ids` holds at most 1,001: past 1,000, "more than".
+fn named(ids: &[String], what: &str) -> String {
+    const SHOWN: usize = 5;
+    let count = match ids.len() {
+        n if n > 1000 => "more than 1000".to_string(),
+        n => n.to_string(),
+    };
+    let mut first = ids
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if ids.len() > SHOWN {
+        first.push_str(", …");
+    }
+    format!("{count} {what}: {first}")
 }
