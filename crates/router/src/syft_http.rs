@@ -128,6 +128,15 @@ fn payment(
     request_id: Option<String>,
 ) -> Result<(String, String), RouterError> {
     let token = match token.filter(|t| !t.trim().is_empty()) {
+        // Two tokens in one request: which payer to charge is not the router's guess (the
+        // body's silently won). A header that is no bearer token (a proxy's own) is not one.
+        Some(t) if bearer_token(headers).is_ok_and(|h| !h.is_empty() && h != t.trim()) => {
+            return Err(RouterError::InvalidArgument(
+                "transactionToken in the body and the Authorization header name different \
+                 tokens: send one"
+                    .into(),
+            ))
+        }
         Some(t) => t,
         None => bearer_token(headers)?,
     };

@@ -455,6 +455,20 @@ async fn bad_search_input_is_refused_and_nothing_is_charged() {
         ("token_refused", "/search")
     );
     assert_eq!(unread.model, "http");
+    // A body token and a bearer header naming another are refused, not settled by the body's.
+    let r = reqwest::Client::new()
+        .post(format!("{}/search", s.router.http_url))
+        .bearer_auth("another-token")
+        .json(
+            &serde_json::json!({"userEmail": s.alice.email, "query": "q",
+                                  "transactionToken": s.token}),
+        )
+        .send()
+        .await
+        .expect("http");
+    assert_eq!(r.status(), 400);
+    let body: serde_json::Value = r.json().await.expect("json");
+    assert!(body.to_string().contains("different tokens"), "{body}");
     // A limit out of u32 over HTTP is refused naming what was sent (a negative one was reported
     // as 0, a huge one as 4294967295).
     for limit in [-1, 99_999_999_999_i64] {
