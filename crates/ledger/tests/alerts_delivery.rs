@@ -12,7 +12,7 @@ use alerts_support::*;
 use syft_ledger::alerts::deliver::Worker;
 use syft_proto::ledger as pb;
 use syft_testkit::{
-    code, signature_matches, Harness, LedgerServer, Reply, WebhookReceiver, ADMIN_KEY, USD,
+    code, ok, signature_matches, Harness, LedgerServer, Reply, WebhookReceiver, ADMIN_KEY, USD,
 };
 use tonic::Code;
 
@@ -325,13 +325,7 @@ async fn a_disabled_endpoint_enabled_again_gets_its_pending_events(h: Harness) -
     );
     assert_eq!(disabled[0].pending_events, 1, "the test event waits");
     rx.set_default(Reply::Ok);
-    let enabled = alerts(&h, &alice)
-        .enable_alert_endpoint(pb::EnableAlertEndpointRequest {
-            endpoint_id: ep.clone(),
-        })
-        .await
-        .expect("enable")
-        .into_inner()
+    let enabled = ok(enable(&h, &alice, &ep).await)
         .endpoint
         .expect("endpoint");
     assert_eq!(
@@ -357,11 +351,20 @@ async fn a_disabled_endpoint_enabled_again_gets_its_pending_events(h: Harness) -
     assert_eq!(endpoints(&h, &alice).await[0].pending_events, 0);
     // Another's endpoint is not found, enabled or not.
     let bob = h.account("bob@example.com", 0).await;
-    let other = alerts(&h, &bob)
-        .enable_alert_endpoint(pb::EnableAlertEndpointRequest { endpoint_id: ep })
-        .await;
-    assert_eq!(code(other), Code::NotFound);
+    assert_eq!(code(enable(&h, &bob, &ep).await), Code::NotFound);
     h
+}
+
+/// `EnableAlertEndpoint` of `endpoint` as `secret`.
+async fn enable(
+    h: &Harness,
+    secret: &str,
+    endpoint: &str,
+) -> Result<tonic::Response<pb::EnableAlertEndpointResponse>, tonic::Status> {
+    let request = pb::EnableAlertEndpointRequest {
+        endpoint_id: endpoint.into(),
+    };
+    alerts(h, secret).enable_alert_endpoint(request).await
 }
 
 async fn killed_ledger_delivers_after_restart_with_the_same_id(mut h: Harness) -> Harness {

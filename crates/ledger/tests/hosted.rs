@@ -951,14 +951,7 @@ async fn slow_remote_orphan_hold_is_cancelled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_capture_whose_caller_gave_up_runs_to_its_end() {
     let p = Pair::sqlite(10 * USD).await;
-    let t = p.authorize(USD, "k1").await.expect("authorize");
-    p.proxy.set(Fault::Slow(
-        "/transaction/confirm",
-        Duration::from_millis(600),
-    ));
-    let gave_up =
-        tokio::time::timeout(Duration::from_millis(150), p.capture(&t.id, USD, "req-1")).await;
-    assert!(gave_up.is_err(), "{gave_up:?}");
+    let t = a_capture_given_up_on(&p).await;
     p.proxy.set(Fault::Pass);
     // The confirm lands at 600 ms; the lease (2 s here) is still held by the call that left.
     tokio::time::sleep(Duration::from_millis(900)).await;
@@ -968,12 +961,9 @@ async fn a_capture_whose_caller_gave_up_runs_to_its_end() {
     p.finish().await;
 }
 
-/// A ledger stopped gracefully (SIGTERM) while a capture whose caller left is still running waits
-/// for it within its grace: the capture ends charged and recorded, not cut with its lease kept
-/// (in a process the runtime ends when `serve` returns, taking the task with it).
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_stopping_ledger_finishes_a_capture_whose_caller_gave_up() {
-    let mut p = Pair::sqlite(10 * USD).await;
+/// Alice's hold of 1 USD, whose capture (request `req-1`) its caller gave up on after 150 ms
+/// while the service's confirm takes 600 ms.
+async fn a_capture_given_up_on(p: &Pair) -> pb::Transfer {
     let t = p.authorize(USD, "k1").await.expect("authorize");
     p.proxy.set(Fault::Slow(
         "/transaction/confirm",
@@ -982,6 +972,16 @@ async fn a_stopping_ledger_finishes_a_capture_whose_caller_gave_up() {
     let gave_up =
         tokio::time::timeout(Duration::from_millis(150), p.capture(&t.id, USD, "req-1")).await;
     assert!(gave_up.is_err(), "{gave_up:?}");
+    t
+}
+
+/// A ledger stopped gracefully (SIGTERM) while a capture whose caller left is still running waits
+/// for it within its grace: the capture ends charged and recorded, not cut with its lease kept
+/// (in a process the runtime ends when `serve` returns, taking the task with it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopping_ledger_finishes_a_capture_whose_caller_gave_up() {
+    let mut p = Pair::sqlite(10 * USD).await;
+    let t = a_capture_given_up_on(&p).await;
     p.a.server.take().expect("running").stop().await;
     let entry: (String, String) =
         sqlx::query_as("SELECT step, status FROM hosted_transfers WHERE id = $1")

@@ -348,8 +348,8 @@ async fn a_retry_after_a_price_change_gets_the_stored_answer() {
 /// served another service's results, and left the second router no row of the request).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_id_answered_by_another_service_of_the_owner_is_not_replayed() {
-    let s = Stack::start(Pricing::per_request(PRICE)).await;
-    let first = ok(s.client().await.chat(keyed(&s, "hi", "shared-1")).await);
+    let (s, mut c) = Stack::start_with_client(Pricing::per_request(PRICE)).await;
+    let first = ok(c.chat(keyed(&s, "hi", "shared-1")).await);
     assert!(!first.replay);
     let mut config = s.router_config(Pricing::per_request(PRICE));
     config.name = "another-service".into();
@@ -367,6 +367,6 @@ async fn a_request_id_answered_by_another_service_of_the_owner_is_not_replayed()
         err.message()
     );
     // Its own router still replays it.
-    assert!(ok(s.client().await.chat(keyed(&s, "hi", "shared-1")).await).replay);
+    assert!(ok(c.chat(keyed(&s, "hi", "shared-1")).await).replay);
     assert_eq!(s.upstream.hits(), 1);
 }

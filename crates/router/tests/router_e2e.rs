@@ -1618,22 +1618,22 @@ async fn a_mapped_router_sells_its_mapped_models_only() {
 /// still to come is voided: `client_cancelling_a_stream_voids_the_hold`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_leaving_after_the_last_word_is_charged_for_the_answer() {
-    let s = Stack::start(Pricing::per_request(PRICE)).await;
-    let mut c = s.client().await;
+    let (s, mut c) = Stack::start_with_client(Pricing::per_request(PRICE)).await;
     s.upstream
         .set_mode(Mode::SlowEnd(Duration::from_millis(300)));
-    let mut req = s.request("hi");
-    req.request_id = "at-the-end".into();
+    let req = ChatRequest {
+        request_id: "at-the-end".into(),
+        ..s.request("hi")
+    };
+    let mut stream = ok(c.chat_stream(req.clone()).await);
     let mut read = String::new();
-    {
-        let mut stream = ok(c.chat_stream(req.clone()).await);
-        while read != CONTENT {
-            match stream.next().await.expect("event").expect("ok").event {
-                Some(chat_stream_event::Event::Delta(d)) => read.push_str(&d.content),
-                other => panic!("{other:?}"),
-            }
+    while read != CONTENT {
+        match stream.next().await.expect("event").expect("ok").event {
+            Some(chat_stream_event::Event::Delta(d)) => read.push_str(&d.content),
+            other => panic!("{other:?}"),
         }
     }
+    drop(stream);
     let transfers = s.wait_no_pending(Duration::from_secs(5)).await;
     let got: Vec<_> = transfers
         .iter()
