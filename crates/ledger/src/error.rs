@@ -1,6 +1,7 @@
 //! The ledger's one error type. Each variant says which [`ErrorCode`] it is; the code decides
 //! the gRPC code and the HTTP status (see `syft_error` and docs/design.md, "Errors").
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use syft_error::{ErrorCode, QuotaDetails, Reason, KEYED_TRANSFER};
 use tonic::Status;
 
@@ -189,7 +190,9 @@ impl From<sqlx::Error> for LedgerError {
             // `max_connections` taken by others): calls waited the pool's timeout and failed
             // with nothing in the ledger's log (an operator's drill found it).
             sqlx::Error::PoolTimedOut => {
+                static LAST: AtomicU64 = AtomicU64::new(0);
                 now_and_then(
+                    &LAST,
                     &err,
                     "no database connection within the pool's timeout: every connection busy, \
                      or the database refuses new sessions (max_connections?)",
@@ -208,7 +211,9 @@ impl From<sqlx::Error> for LedgerError {
             // outage is thousands of calls, each logged as an internal error before). The health
             // ping does not see all of these (a read-only standby answers `SELECT 1`).
             _ if classify(&err) == DbErrorClass::Refused => {
+                static LAST: AtomicU64 = AtomicU64::new(0);
                 now_and_then(
+                    &LAST,
                     &err,
                     "the database refuses the ledger's calls (answered UNAVAILABLE)",
                 );
@@ -223,16 +228,15 @@ impl From<sqlx::Error> for LedgerError {
     }
 }
 
-/// Logs a database's refusal, at most once per 10 s.
-fn now_and_then(err: &sqlx::Error, what: &str) {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static LAST: AtomicU64 = AtomicU64::new(0);
+/// Logs a database's refusal, at most once per 10 s per kind (`last_logged`: when its kind was
+/// last logged, so one kind does not hide another).
+fn now_and_then(last_logged: &AtomicU64, err: &sqlx::Error, what: &str) {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let last = LAST.load(Ordering::Relaxed);
+    let last = last_logged.load(Ordering::Relaxed);
     if now >= last + 10
-        && LAST
+        && last_logged
             .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
             .is_ok()
     {

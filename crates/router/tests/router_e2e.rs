@@ -1618,14 +1618,52 @@ async fn a_mapped_router_sells_its_mapped_models_only() {
 /// still to come is voided: `client_cancelling_a_stream_voids_the_hold`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_leaving_after_the_last_word_is_charged_for_the_answer() {
-    let (s, mut c) = Stack::start_with_client(Pricing::per_request(PRICE)).await;
+    let s = Stack::start(Pricing::per_request(PRICE)).await;
+    let req = leave_after_the_last_word(&s, "at-the-end").await;
+    let transfers = s.wait_no_pending(Duration::from_secs(5)).await;
+    let got: Vec<_> = transfers
+        .iter()
+        .map(|t| (t.status(), t.captured_micros))
+        .collect();
+    assert_eq!(got, [(TransferStatus::Completed, PRICE)]);
+    let again = ok(s.client().await.chat(req).await);
+    assert!(again.replay);
+    assert_eq!(again.message.expect("message").content, CONTENT);
+    assert_eq!(s.upstream.hits(), 1);
+    assert_eq!(s.alice_money().await.0, FUNDS - PRICE);
+    s.check_invariants().await;
+}
+
+/// Charged only if its retry can read it: a router that keeps no answers voids a client that
+/// left after the last word, as any client that left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_after_the_last_word_is_not_charged_without_storage() {
+    let no_storage = syft_router_svc::ReplaySettings {
+        retention: Duration::ZERO,
+        ..syft_router_svc::ReplaySettings::default()
+    };
+    let s = Stack::start_tweaked(Pricing::per_request(PRICE), |c| c.replay = no_storage).await;
+    leave_after_the_last_word(&s, "unkept").await;
+    let transfers = s.wait_no_pending(Duration::from_secs(5)).await;
+    let got: Vec<_> = transfers
+        .iter()
+        .map(|t| (t.status(), t.captured_micros))
+        .collect();
+    assert_eq!(got, [(TransferStatus::Cancelled, 0)]);
+    assert_eq!(s.alice_money().await.0, FUNDS);
+    s.check_invariants().await;
+}
+
+/// Streams request `id` from an upstream whose end comes 300 ms after its last word, reads every
+/// word and leaves; returns the request.
+async fn leave_after_the_last_word(s: &Stack, id: &str) -> ChatRequest {
     s.upstream
         .set_mode(Mode::SlowEnd(Duration::from_millis(300)));
     let req = ChatRequest {
-        request_id: "at-the-end".into(),
+        request_id: id.into(),
         ..s.request("hi")
     };
-    let mut stream = ok(c.chat_stream(req.clone()).await);
+    let mut stream = ok(s.client().await.chat_stream(req.clone()).await);
     let mut read = String::new();
     while read != CONTENT {
         match stream.next().await.expect("event").expect("ok").event {
@@ -1633,19 +1671,7 @@ async fn a_client_leaving_after_the_last_word_is_charged_for_the_answer() {
             other => panic!("{other:?}"),
         }
     }
-    drop(stream);
-    let transfers = s.wait_no_pending(Duration::from_secs(5)).await;
-    let got: Vec<_> = transfers
-        .iter()
-        .map(|t| (t.status(), t.captured_micros))
-        .collect();
-    assert_eq!(got, [(TransferStatus::Completed, PRICE)]);
-    let again = ok(c.chat(req).await);
-    assert!(again.replay);
-    assert_eq!(again.message.expect("message").content, CONTENT);
-    assert_eq!(s.upstream.hits(), 1);
-    assert_eq!(s.alice_money().await.0, FUNDS - PRICE);
-    s.check_invariants().await;
+    req
 }
 
 /// `left_streams = "charge_delivered"`, the owner's choice: a client that leaves a stream is

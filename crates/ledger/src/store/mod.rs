@@ -360,16 +360,24 @@ impl Store {
             if backend == Backend::Sqlite {
                 // A file (or directory) the ledger may not write migrates without writing once
                 // it is up to date, and then served reads while refusing every hold: refuse it
-                // here. An update of no row still takes the write lock, and writes nothing.
-                sqlx::query("UPDATE _sqlx_migrations SET version = version WHERE 0")
+                // here. An update of no row still takes the write lock, and writes nothing. A
+                // lock another process holds past the busy timeout (an old ledger still
+                // draining) says nothing of permissions: that one starts.
+                let probe = sqlx::query("UPDATE _sqlx_migrations SET version = version WHERE 0")
                     .execute(&pool)
-                    .await
-                    .map_err(|e| {
-                        LedgerError::Unavailable(format!(
+                    .await;
+                match probe {
+                    Ok(_) => {}
+                    Err(e) if db_error::classify(&e) == db_error::DbErrorClass::Transient => {
+                        tracing::warn!(error = %e, "another process holds the SQLite write lock");
+                    }
+                    Err(e) => {
+                        return Err(LedgerError::Unavailable(format!(
                             "the SQLite database cannot be written ({e}): check the permissions \
                              of the file and of its directory"
-                        ))
-                    })?;
+                        )))
+                    }
+                }
             }
         }
         let batcher = match backend {

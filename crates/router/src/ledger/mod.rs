@@ -485,7 +485,8 @@ pub(crate) fn map_status(op: Op, s: tonic::Status) -> RouterError {
         // asynchronously and lost in a Postgres crash, docs/design.md): nothing was charged, and
         // a retry of the request places a new one. It was a 404 `invalid_request_error` naming
         // the transfer, which clients do not retry.
-        Code::NotFound if matches!(op, Op::Capture | Op::Void | Op::ExtendHold) => {
+        // (A void or an extension of a lost hold keeps its own handling: nothing is held.)
+        Code::NotFound if matches!(op, Op::Capture) => {
             tracing::error!(?op, message = %msg, "the ledger lost this router's hold");
             RouterError::Unavailable(
                 "the ledger lost the hold on your funds; nothing was charged: retry the request"
@@ -612,19 +613,20 @@ mod tests {
         assert!(!placed_by_another(&answer("", true), mine, true));
     }
 
-    /// A hold this router placed and the ledger no longer knows was lost by the ledger: a
-    /// retryable 503, not a 404 naming the transfer (which clients do not retry).
+    /// A capture of a hold this router placed that the ledger no longer knows: the ledger lost
+    /// it, and the client gets a retryable 503, not a 404 naming the transfer (which clients do
+    /// not retry). A lost hold's extension or void keeps its own handling (nothing is held).
     #[test]
     fn a_lost_hold_is_unavailable_not_found_elsewhere() {
         let lost = || tonic::Status::not_found("transfer 01-x not found");
-        for op in [Op::Capture, Op::Void, Op::ExtendHold] {
+        let e = map_status(Op::Capture, lost());
+        assert!(
+            matches!(&e, RouterError::Unavailable(m) if m.contains("retry")),
+            "{e:?}"
+        );
+        for op in [Op::ExtendHold, Op::Void, Op::GetAccount] {
             let e = map_status(op, lost());
-            assert!(
-                matches!(&e, RouterError::Unavailable(m) if m.contains("retry")),
-                "{e:?}"
-            );
+            assert!(matches!(e, RouterError::NotFound(_)), "{op:?}: {e:?}");
         }
-        let e = map_status(Op::GetAccount, lost());
-        assert!(matches!(e, RouterError::NotFound(_)), "{e:?}");
     }
 }

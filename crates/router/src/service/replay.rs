@@ -159,8 +159,7 @@ impl RouterService {
         }
         let Some(body) = self.inner.ledger.answer(&transfer.id).await? else {
             return Err(refused(
-                ", and its answer is not kept (past retention, not stored, or a stream its client \
-                 left, charged for the text it took)",
+                ", and its answer is not kept (past retention, not stored, or above the size kept)",
             ));
         };
         let record = ReplayRecord::decode(body.as_slice()).map_err(|e| {

@@ -216,7 +216,14 @@ impl RouterService {
                         permit.send(Ok(delta_event(delta)));
                     }
                     Err(mpsc::error::TrySendError::Full(())) => pending = Some(delta),
-                    Err(mpsc::error::TrySendError::Closed(())) => break End::Cancelled,
+                    // Not delivered: kept as the delta the client never got, so a client that
+                    // left as it arrived is not taken for one that had the whole answer.
+                    Err(mpsc::error::TrySendError::Closed(())) => {
+                        if !delta.is_empty() {
+                            pending = Some(delta);
+                        }
+                        break End::Cancelled;
+                    }
                 }
             }
         };
@@ -233,7 +240,11 @@ impl RouterService {
             && !content.trim().is_empty()
             && taken.load(Ordering::Acquire) == content.len()
             && {
-                let until = (tokio::time::Instant::now() + LEFT_AT_THE_END).min(max_end);
+                // Within the hold's life too: the capture must still find it.
+                let capture_by = hold
+                    .as_ref()
+                    .map_or(max_end, |h| h.capture_by().min(max_end));
+                let until = (tokio::time::Instant::now() + LEFT_AT_THE_END).min(capture_by);
                 let rest = read_to_the_end(&mut upstream, finish.clone(), until).await;
                 let ended = rest.is_some();
                 if let Some(rest) = rest {
@@ -379,6 +390,30 @@ impl RouterService {
                 let response =
                     self.response(&p, completion, charge.tokens, charge.cost, transfer_id);
                 let answer = self.answer_to_store(&p.v.request_id, chat_record(&p, &response));
+                if left_at_the_end && answer.is_none() {
+                    // A client that left is charged for the whole answer only if its retry can
+                    // read it: without storage (replay off, or an answer above
+                    // `--answer-max-bytes`) it is treated as any client that left.
+                    let (input, output) = charge.tokens;
+                    let units = Units { input, output };
+                    let usage =
+                        self.usage(&p.t, UsageStatus::Cancelled, units, started, upstream_ms);
+                    let usage = Usage { ttft_ms, ..usage };
+                    if charge_left {
+                        let _ = self.settle(&p.t, hold, charge.cost, usage, None).await;
+                    } else {
+                        Self::settle_pass(&p.t, input.saturating_add(output)).await;
+                        self.release(hold, "client cancelled", usage).await;
+                    }
+                    metrics::observe(
+                        self.provider(),
+                        "stream",
+                        "cancelled",
+                        started,
+                        upstream_time,
+                    );
+                    return;
+                }
                 let item = self
                     .settle(&p.t, hold, charge.cost, usage, answer)
                     .await
