@@ -464,10 +464,19 @@ impl RouterService {
         // expiry). When the transfer is cancelled (the guard's void, or the sweep), nothing was
         // charged: said as the outage it is, which sending the request again overcomes (its id
         // too, `attempts.rs`), not as a 409 about the user's state, which the SDKs do not retry.
+        // So is a hold refused as expired and still pending (its sweep not yet run: the
+        // database that kept the capture out keeps the sweep out too): the ledger never
+        // captures a hold past its expiry, so it can only end cancelled. (It was a 409
+        // `hold_expired` typed `insufficient_quota`, which SDKs read as out of credit.)
         // Anything else (a hosted recovery that found the remote hold confirmed) keeps the
         // ledger's refusal: "nothing was charged" would be untrue.
+        let expired = matches!(&refused, RouterError::FailedPrecondition { reason, .. }
+            if *reason == Reason::HoldExpired.as_str());
         match self.inner.ledger.transfer(&transfer_id).await {
-            Ok(t) if t.status() == TransferStatus::Cancelled => {
+            Ok(t)
+                if t.status() == TransferStatus::Cancelled
+                    || (expired && t.status() == TransferStatus::Pending) =>
+            {
                 Err(RouterError::Unavailable(format!(
                     "the answer could not be charged ({}), and nothing was charged; send the \
                      request again",
