@@ -175,11 +175,12 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
         || ip.is_unspecified()
         || ip.is_multicast()
         // Unique local fc00::/7, link-local fe80::/10, the deprecated site-local fec0::/10,
-        // documentation 2001:db8::/32.
+        // documentation 2001:db8::/32, and Teredo 2001::/32, which tunnels to an IPv4 address
+        // (obfuscated inside it) that no webhook receiver needs.
         || (first & 0xfe00) == 0xfc00
         || (first & 0xffc0) == 0xfe80
         || (first & 0xffc0) == 0xfec0
-        || (first == 0x2001 && s[1] == 0x0db8))
+        || (first == 0x2001 && (s[1] == 0x0db8 || s[1] == 0)))
 }
 
 #[cfg(test)]
@@ -213,6 +214,8 @@ mod tests {
             "::ffff:0:7f00:1",
             "fec0::1",
             "192.0.0.8",
+            // Teredo (an IPv4 address inside, obfuscated).
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
         ] {
             assert!(!is_public(ip.parse().unwrap()), "{ip} counted as public");
         }
