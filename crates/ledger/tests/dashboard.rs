@@ -420,18 +420,23 @@ async fn alerts_panel(h: &Harness) {
         assert!(Instant::now() < deadline, "no delivery logged: {log}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // Another account cannot see, test or remove it.
+    // Enabling a healthy endpoint leaves it as it is (a disabled one: alerts_delivery.rs).
+    let enabled = web
+        .post("/dashboard/api/alerts/enable", json!({ "id": id }))
+        .await;
+    assert_eq!(enabled["endpoint"]["disabled"], false, "{enabled}");
+    // Another account cannot see, test, enable or remove it.
     let stranger = Web::sign_in(&base, OWNER2, &other).await;
     assert_eq!(stranger.get_status(&log_path).await.0, 404);
-    let (status, _) = stranger
-        .post_with(
-            "/dashboard/api/alerts/remove",
-            json!({ "id": id }),
-            Some(&stranger.csrf),
-            Some(&base),
-        )
-        .await;
-    assert_eq!(status, 404);
+    for path in [
+        "/dashboard/api/alerts/remove",
+        "/dashboard/api/alerts/enable",
+    ] {
+        let (status, _) = stranger
+            .post_with(path, json!({ "id": id }), Some(&stranger.csrf), Some(&base))
+            .await;
+        assert_eq!(status, 404, "{path}");
+    }
     web.post("/dashboard/api/alerts/remove", json!({ "id": id }))
         .await;
     assert_eq!(

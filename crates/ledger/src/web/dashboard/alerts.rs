@@ -51,6 +51,13 @@ pub(super) async fn remove(State(d): State<Dash>, ForChange(s): ForChange, bytes
     json(json!({ "removed": id }))
 }
 
+/// `POST /dashboard/api/alerts/enable {"id"}`: an endpoint disabled after failing, back on.
+pub(super) async fn enable(State(d): State<Dash>, ForChange(s): ForChange, bytes: Bytes) -> Reply {
+    let id = by_id(&bytes)?;
+    let endpoint = d.ledger.enable_alert_endpoint(&s.caller, &id).await?;
+    json(json!({ "endpoint": endpoint_json(&endpoint) }))
+}
+
 /// `POST /dashboard/api/alerts/test {"id"}`: queues a `test` event; returns its id.
 pub(super) async fn test(State(d): State<Dash>, ForChange(s): ForChange, bytes: Bytes) -> Reply {
     let id = by_id(&bytes)?;

@@ -76,6 +76,7 @@ pub fn router(ledger: Ledger, ready: watch::Receiver<bool>) -> Router {
         .route("/dashboard/api/tokens/revoke", post(api::revoke_token))
         .route("/dashboard/api/alerts", get(alerts::list).post(alerts::add))
         .route("/dashboard/api/alerts/remove", post(alerts::remove))
+        .route("/dashboard/api/alerts/enable", post(alerts::enable))
         .route("/dashboard/api/alerts/test", post(alerts::test))
         .route("/dashboard/api/alerts/deliveries", get(alerts::deliveries))
         .with_state(dash)

@@ -396,7 +396,11 @@ async function loadAlerts() {
   const { endpoints } = await api('/dashboard/api/alerts');
   fill('#alert-endpoints', endpoints.map((e) => {
     const actions = document.createElement('td');
-    [['Test', () => api('/dashboard/api/alerts/test', { id: e.id }).then(() => loadDeliveries(e.id))],
+    // A disabled endpoint is enabled (its pending events kept), not tested: a test to it is refused.
+    const first = e.disabled
+      ? ['Enable', () => api('/dashboard/api/alerts/enable', { id: e.id }).then(loadAlerts)]
+      : ['Test', () => api('/dashboard/api/alerts/test', { id: e.id }).then(() => loadDeliveries(e.id))];
+    [first,
       ['Deliveries', () => loadDeliveries(e.id)],
       ['Remove', () => window.confirm('Remove this endpoint?') && api('/dashboard/api/alerts/remove', { id: e.id }).then(loadAlerts)],
     ].forEach(([label, act]) => {
