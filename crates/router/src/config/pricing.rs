@@ -13,12 +13,14 @@ use crate::money::{self, format_micros};
 #[serde(rename_all = "snake_case")]
 pub enum LeftStreams {
     /// Nothing: its hold is voided, as a failed request's (the original contract, "client gone
-    /// → void"), whatever it was sent.
+    /// → void"), whatever it was sent. (A client that left holding every word of an answer the
+    /// upstream then finished had the whole answer: charged, and the answer kept for its retry.)
     #[default]
     Void,
     /// The text it was sent, counted by the router, at the service's price (a per-request
-    /// price in full), once any text was sent: a client that reads most of an answer and leaves
-    /// does not get it for free, while the owner pays the upstream for it.
+    /// price in full), once any text was sent, and kept as the request id's answer: a client
+    /// that reads most of an answer and leaves does not get it for free, while the owner pays
+    /// the upstream for it.
     ChargeDelivered,
 }
 
