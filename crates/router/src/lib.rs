@@ -98,7 +98,10 @@ impl RouterService {
         });
         tracing::info!(
             name = %service.config().name,
+            // The chat upstream, and the search backend when there is one (a search-only router
+            // said only `provider="echo"`, the unused default upstream).
             provider = service.provider(),
+            search = service.search_provider().unwrap_or("none"),
             grpc = %addr_text(grpc_listener.local_addr()),
             http = %addr_text(http_listener.local_addr()),
             tls = service.config().tls.is_some(),
