@@ -1619,7 +1619,8 @@ async fn a_mapped_router_sells_its_mapped_models_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_leaving_after_the_last_word_is_charged_for_the_answer() {
     let s = Stack::start(Pricing::per_request(PRICE)).await;
-    let req = leave_after_the_last_word(&s, "at-the-end").await;
+    let slow_end = Mode::SlowEnd(Duration::from_millis(300));
+    let req = leave_after_the_last_word(&s, slow_end, "at-the-end").await;
     let transfers = s.wait_no_pending(Duration::from_secs(5)).await;
     let got: Vec<_> = transfers
         .iter()
@@ -1643,7 +1644,7 @@ async fn a_client_leaving_after_the_last_word_is_not_charged_without_storage() {
         ..syft_router_svc::ReplaySettings::default()
     };
     let s = Stack::start_tweaked(Pricing::per_request(PRICE), |c| c.replay = no_storage).await;
-    leave_after_the_last_word(&s, "unkept").await;
+    leave_after_the_last_word(&s, Mode::SlowEnd(Duration::from_millis(300)), "unkept").await;
     let transfers = s.wait_no_pending(Duration::from_secs(5)).await;
     let got: Vec<_> = transfers
         .iter()
@@ -1654,11 +1655,27 @@ async fn a_client_leaving_after_the_last_word_is_not_charged_without_storage() {
     s.check_invariants().await;
 }
 
-/// Streams request `id` from an upstream whose end comes 300 ms after its last word, reads every
-/// word and leaves; returns the request.
-async fn leave_after_the_last_word(s: &Stack, id: &str) -> ChatRequest {
-    s.upstream
-        .set_mode(Mode::SlowEnd(Duration::from_millis(300)));
+/// An upstream that said it finished has nothing more to send: a client that left holding every
+/// word is charged even when `[DONE]` comes later than the router reads on (2 s). It was voided,
+/// a whole answer free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_answer_whose_done_is_late_is_charged() {
+    let s = Stack::start(Pricing::per_request(PRICE)).await;
+    let late = Mode::LateDone(Duration::from_millis(2500));
+    leave_after_the_last_word(&s, late, "late-done").await;
+    let transfers = s.wait_no_pending(Duration::from_secs(8)).await;
+    let got: Vec<_> = transfers
+        .iter()
+        .map(|t| (t.status(), t.captured_micros))
+        .collect();
+    assert_eq!(got, [(TransferStatus::Completed, PRICE)]);
+    s.check_invariants().await;
+}
+
+/// Streams request `id` from an upstream in `mode` (one that sends every word at once), reads
+/// every word and leaves; returns the request.
+async fn leave_after_the_last_word(s: &Stack, mode: Mode, id: &str) -> ChatRequest {
+    s.upstream.set_mode(mode);
     let req = ChatRequest {
         request_id: id.into(),
         ..s.request("hi")

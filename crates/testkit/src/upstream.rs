@@ -71,6 +71,10 @@ pub enum Mode {
     /// Streams every word of the answer at once, then its `finish_reason` and `[DONE]` after
     /// this long (a model whose end comes a moment after its last word).
     SlowEnd(Duration),
+    /// Streams every word and the `finish_reason` at once, then `[DONE]` after this long,
+    /// sending an SSE comment every 200 ms meanwhile (so the router's idle timeout does not end
+    /// the stream first).
+    LateDone(Duration),
     /// Search: every result's content is this many bytes.
     BigResults(usize),
     /// Search: the results worst first (scores 0.8, then 0.9).
@@ -371,6 +375,21 @@ async fn upstream_handler(State(state): State<Arc<UpState>>, Json(body): Json<Va
             let end = futures::stream::once(tokio::time::sleep(wait))
                 .flat_map(move |()| futures::stream::iter(end.clone()));
             Box::pin(futures::stream::iter(said).chain(end))
+        }
+        Mode::LateDone(wait) => {
+            let mut said: Vec<Result<String, Infallible>> = words
+                .iter()
+                .map(|w| Ok(sse(&chunk(&model, Some(w), None))))
+                .collect();
+            said.push(Ok(sse(&chunk(&model, None, Some("stop")))));
+            let every = Duration::from_millis(200);
+            let pings = (wait.as_millis() / every.as_millis()).max(1) as usize;
+            let waiting = futures::stream::iter(0..pings).then(move |_| async move {
+                tokio::time::sleep(every).await;
+                Ok(": waiting\n\n".to_string())
+            });
+            let done = futures::stream::iter(vec![Ok("data: [DONE]\n\n".to_string())]);
+            Box::pin(futures::stream::iter(said).chain(waiting).chain(done))
         }
         Mode::FinishThenGarbage => {
             let mut out: Vec<Result<String, Infallible>> = words

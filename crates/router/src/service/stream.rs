@@ -534,8 +534,9 @@ struct Rest {
     usage: Option<UpstreamUsage>,
 }
 
-/// Reads `upstream` until it ends, at most until `until`: `None` if it sends more text, fails
-/// before saying it finished (`finish`: what it said before), or is still going.
+/// Reads `upstream` until it ends, at most until `until`: `None` if it sends more text, or
+/// fails or is still going before saying it finished (`finish`: what it said before). Once it
+/// said so, nothing more can come: a `[DONE]` late past `until` does not undo the answer.
 async fn read_to_the_end(
     upstream: &mut UpstreamStream,
     finish: Option<String>,
@@ -546,7 +547,9 @@ async fn read_to_the_end(
         usage: None,
     };
     loop {
-        let next = tokio::time::timeout_at(until, upstream.next()).await.ok()?;
+        let Ok(next) = tokio::time::timeout_at(until, upstream.next()).await else {
+            return rest.finish.is_some().then_some(rest);
+        };
         match next {
             None => return Some(rest),
             Some(Err(_)) => return rest.finish.is_some().then_some(rest),
