@@ -1621,12 +1621,7 @@ async fn a_client_leaving_after_the_last_word_is_charged_for_the_answer() {
     let s = Stack::start(Pricing::per_request(PRICE)).await;
     let slow_end = Mode::SlowEnd(Duration::from_millis(300));
     let req = leave_after_the_last_word(&s, slow_end, "at-the-end").await;
-    let transfers = s.wait_no_pending(Duration::from_secs(5)).await;
-    let got: Vec<_> = transfers
-        .iter()
-        .map(|t| (t.status(), t.captured_micros))
-        .collect();
-    assert_eq!(got, [(TransferStatus::Completed, PRICE)]);
+    assert_eq!(outcomes(&s).await, [(TransferStatus::Completed, PRICE)]);
     let again = ok(s.client().await.chat(req).await);
     assert!(again.replay);
     assert_eq!(again.message.expect("message").content, CONTENT);
@@ -1645,12 +1640,7 @@ async fn a_client_leaving_after_the_last_word_is_not_charged_without_storage() {
     };
     let s = Stack::start_tweaked(Pricing::per_request(PRICE), |c| c.replay = no_storage).await;
     leave_after_the_last_word(&s, Mode::SlowEnd(Duration::from_millis(300)), "unkept").await;
-    let transfers = s.wait_no_pending(Duration::from_secs(5)).await;
-    let got: Vec<_> = transfers
-        .iter()
-        .map(|t| (t.status(), t.captured_micros))
-        .collect();
-    assert_eq!(got, [(TransferStatus::Cancelled, 0)]);
+    assert_eq!(outcomes(&s).await, [(TransferStatus::Cancelled, 0)]);
     assert_eq!(s.alice_money().await.0, FUNDS);
     s.check_invariants().await;
 }
@@ -1663,13 +1653,17 @@ async fn a_finished_answer_whose_done_is_late_is_charged() {
     let s = Stack::start(Pricing::per_request(PRICE)).await;
     let late = Mode::LateDone(Duration::from_millis(2500));
     leave_after_the_last_word(&s, late, "late-done").await;
+    assert_eq!(outcomes(&s).await, [(TransferStatus::Completed, PRICE)]);
+    s.check_invariants().await;
+}
+
+/// Each transfer's status and captured amount, once none is pending (within 8 s).
+async fn outcomes(s: &Stack) -> Vec<(TransferStatus, i64)> {
     let transfers = s.wait_no_pending(Duration::from_secs(8)).await;
-    let got: Vec<_> = transfers
+    transfers
         .iter()
         .map(|t| (t.status(), t.captured_micros))
-        .collect();
-    assert_eq!(got, [(TransferStatus::Completed, PRICE)]);
-    s.check_invariants().await;
+        .collect()
 }
 
 /// Streams request `id` from an upstream in `mode` (one that sends every word at once), reads

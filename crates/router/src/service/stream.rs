@@ -348,19 +348,8 @@ impl RouterService {
                     input: self.prompt_tokens(&p).await,
                     output: super::at_most_the_limit(&p, tokens::count_text(&content)),
                 };
-                // The client chose to stop: the token windows keep what it was sent (refunding
-                // all of it let a client read most of an answer, leave, and never be counted).
-                Self::settle_pass(&p.t, units.input.saturating_add(units.output)).await;
-                let usage = self.usage(&p.t, UsageStatus::Cancelled, units, started, upstream_ms);
-                let usage = Usage { ttft_ms, ..usage };
-                self.release(hold, "client cancelled", usage).await;
-                metrics::observe(
-                    self.provider(),
-                    "stream",
-                    "cancelled",
-                    started,
-                    upstream_time,
-                );
+                let times = (started, upstream_ms, upstream_time);
+                self.void_left(&p, hold, units, ttft_ms, times).await;
             }
             End::Failed(e) => {
                 self.fail(&p, hold, &e, started, upstream_ms).await;
@@ -396,22 +385,23 @@ impl RouterService {
                     // `--answer-max-bytes`) it is treated as any client that left.
                     let (input, output) = charge.tokens;
                     let units = Units { input, output };
-                    let usage =
-                        self.usage(&p.t, UsageStatus::Cancelled, units, started, upstream_ms);
-                    let usage = Usage { ttft_ms, ..usage };
                     if charge_left {
+                        let usage =
+                            self.usage(&p.t, UsageStatus::Cancelled, units, started, upstream_ms);
+                        let usage = Usage { ttft_ms, ..usage };
                         let _ = self.settle(&p.t, hold, charge.cost, usage, None).await;
+                        let outcome = "cancelled";
+                        metrics::observe(
+                            self.provider(),
+                            "stream",
+                            outcome,
+                            started,
+                            upstream_time,
+                        );
                     } else {
-                        Self::settle_pass(&p.t, input.saturating_add(output)).await;
-                        self.release(hold, "client cancelled", usage).await;
+                        let times = (started, upstream_ms, upstream_time);
+                        self.void_left(&p, hold, units, ttft_ms, times).await;
                     }
-                    metrics::observe(
-                        self.provider(),
-                        "stream",
-                        "cancelled",
-                        started,
-                        upstream_time,
-                    );
                     return;
                 }
                 let item = self
@@ -433,6 +423,25 @@ impl RouterService {
 }
 
 impl RouterService {
+    /// Voids a stream its client left (`cancelled`). The client chose to stop: the token windows
+    /// keep what it was sent (refunding all of it let a client read most of an answer, leave,
+    /// and never be counted).
+    async fn void_left(
+        &self,
+        p: &Prepared,
+        hold: Option<HoldGuard>,
+        units: Units,
+        ttft_ms: Option<i64>,
+        (started, upstream_ms, upstream_time): (Instant, i64, Duration),
+    ) {
+        Self::settle_pass(&p.t, units.input.saturating_add(units.output)).await;
+        let usage = self.usage(&p.t, UsageStatus::Cancelled, units, started, upstream_ms);
+        let usage = Usage { ttft_ms, ..usage };
+        self.release(hold, "client cancelled", usage).await;
+        let outcome = "cancelled";
+        metrics::observe(self.provider(), "stream", outcome, started, upstream_time);
+    }
+
     /// Waits until the client has taken every event queued for it, keeping the hold alive
     /// meanwhile. A shutdown's abort ends the wait (the connection is closed within seconds, the
     /// answer unread); a stream bound reached while waiting settles the answer as it is (the hold
