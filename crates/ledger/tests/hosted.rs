@@ -261,6 +261,17 @@ impl Pair {
         connect_lazy(&self.a.url(), &self.owner_secret).expect("client")
     }
 
+    /// Alice's hold of 1 USD under key `k1`.
+    async fn hold(&self) -> pb::Transfer {
+        self.authorize(USD, "k1").await.expect("authorize")
+    }
+
+    /// `voided` is cancelled and Alice (10 USD) and the owner are as before her hold.
+    async fn assert_released(&self, voided: &pb::Transfer) {
+        assert_eq!(voided.status, pb::TransferStatus::Cancelled as i32);
+        assert_eq!(self.money().await, ((10 * USD, 0), (0, 0)));
+    }
+
     async fn authorize(&self, amount: i64, key: &str) -> Result<pb::Transfer, tonic::Status> {
         self.authorize_as(amount, key, "").await
     }
@@ -617,7 +628,7 @@ async fn postgres_capture_void_and_replay() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn partial_capture_with_exact_funds() {
     let p = Pair::sqlite(USD).await;
-    let t = p.authorize(USD, "k1").await.expect("authorize");
+    let t = p.hold().await;
     p.captured(&t.id, 400_000, "req-1").await;
     assert_eq!(p.money().await, ((600_000, 0), (400_000, 0)));
     p.finish().await;
@@ -701,7 +712,7 @@ async fn a_capture_that_ends_cancelled_leaves_a_capture_refused_row() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn partial_capture_retried_after_the_hold_was_released() {
     let p = Pair::sqlite(USD).await;
-    let t = p.authorize(USD, "k1").await.expect("authorize");
+    let t = p.hold().await;
     p.proxy
         .set(Fault::LoseAnswerAfter("/transaction/create", 1));
     assert_eq!(
@@ -964,7 +975,7 @@ async fn a_capture_whose_caller_gave_up_runs_to_its_end() {
 /// Alice's hold of 1 USD, whose capture (request `req-1`) its caller gave up on after 150 ms
 /// while the service's confirm takes 600 ms.
 async fn a_capture_given_up_on(p: &Pair) -> pb::Transfer {
-    let t = p.authorize(USD, "k1").await.expect("authorize");
+    let t = p.hold().await;
     p.proxy.set(Fault::Slow(
         "/transaction/confirm",
         Duration::from_millis(600),
@@ -1002,13 +1013,12 @@ async fn a_stopping_ledger_finishes_a_capture_whose_caller_gave_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_capture_refused_for_good_can_be_voided_at_once() {
     let p = Pair::sqlite(10 * USD).await;
-    let t = p.authorize(USD, "k1").await.expect("authorize");
+    let t = p.hold().await;
     p.proxy.set(Fault::Refuse("/transaction/create", 422, 1));
     let refused = p.capture(&t.id, 400_000, "req-1").await;
     assert!(refused.is_err(), "{refused:?}");
     let voided = p.void(&t.id).await.expect("voided at once");
-    assert_eq!(voided.status, pb::TransferStatus::Cancelled as i32);
-    assert_eq!(p.money().await, ((10 * USD, 0), (0, 0)));
+    p.assert_released(&voided).await;
     p.finish().await;
 }
 
@@ -1019,7 +1029,7 @@ async fn a_capture_refused_for_good_can_be_voided_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_capture_whose_ledger_died_waits_for_its_retry_until_the_hold_expires() {
     let p = Pair::sqlite(10 * USD).await;
-    let t = p.authorize(USD, "k1").await.expect("authorize");
+    let t = p.hold().await;
     died_capturing(&p, &t.id).await;
     // Several recovery passes (every 200 ms here), the lease (2 s) long over.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -1060,7 +1070,7 @@ async fn a_capture_whose_ledger_died_is_voided_once_its_hold_expired() {
     else {
         return;
     };
-    let t = p.authorize(USD, "k1").await.expect("authorize");
+    let t = p.hold().await;
     died_capturing(&p, &t.id).await;
     p.await_no_hold().await;
     assert_eq!(p.money().await, ((10 * USD, 0), (0, 0)));
@@ -1127,13 +1137,12 @@ async fn a_throttled_confirm_is_retried_not_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_throttled_cancel_is_retried_not_refused() {
     let p = Pair::sqlite(10 * USD).await;
-    let t = p.authorize(USD, "k1").await.expect("authorize");
+    let t = p.hold().await;
     p.proxy.set(Fault::Throttle("/transaction/cancel", 100));
     assert_eq!(code(p.void(&t.id).await), Code::Unavailable);
     p.proxy.set(Fault::Pass);
     let voided = p.void(&t.id).await.expect("void after the throttle");
-    assert_eq!(voided.status, pb::TransferStatus::Cancelled as i32);
-    assert_eq!(p.money().await, ((10 * USD, 0), (0, 0)));
+    p.assert_released(&voided).await;
     p.finish().await;
 }
 
@@ -1146,7 +1155,7 @@ async fn an_unreadable_transaction_does_not_block_reconciliation() {
     p.proxy
         .unreadable_listing
         .store(true, std::sync::atomic::Ordering::SeqCst);
-    let t = p.authorize(USD, "k1").await.expect("authorize");
+    let t = p.hold().await;
     // Every confirm's answer is lost (the first and both retries): only the listing can tell.
     p.proxy.set(Fault::LoseAnswer("/transaction/confirm", 3));
     p.captured(&t.id, USD, "req-1").await;
@@ -1159,7 +1168,7 @@ async fn an_unreadable_transaction_does_not_block_reconciliation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn remote_500_on_confirm_then_void() {
     let p = Pair::sqlite(10 * USD).await;
-    let t = p.authorize(USD, "k1").await.expect("authorize");
+    let t = p.hold().await;
     p.proxy.set(Fault::Fail("/transaction/confirm", 100));
     assert_eq!(
         code(p.capture(&t.id, USD, "req-1").await),
@@ -1180,8 +1189,7 @@ async fn remote_500_on_confirm_then_void() {
         }
     }
     let voided = voided.expect("void");
-    assert_eq!(voided.status, pb::TransferStatus::Cancelled as i32);
-    assert_eq!(p.money().await, ((10 * USD, 0), (0, 0)));
+    p.assert_released(&voided).await;
     assert_eq!(
         code(p.capture(&t.id, USD, "req-1").await),
         Code::FailedPrecondition
@@ -1201,7 +1209,7 @@ async fn crash_between_create_and_confirm() {
         else {
             continue;
         };
-        let t = p.authorize(USD, "k1").await.expect("authorize");
+        let t = p.hold().await;
         assert_eq!(p.money().await.0, (10 * USD, USD));
         p.a.server.take().expect("server").kill();
         tokio::time::sleep(Duration::from_millis(1200)).await;

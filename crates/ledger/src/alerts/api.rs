@@ -180,14 +180,15 @@ impl Ledger {
     /// Enabling one that is not disabled changes nothing.
     pub async fn enable_alert_endpoint(&self, caller: &Caller, id: &str) -> Result<AlertEndpoint> {
         self.alerts_key()?;
-        let endpoint = self.own_endpoint(caller, id).await?;
+        let mut endpoint = self.own_endpoint(caller, id).await?;
         if endpoint.disabled_at.is_some() {
             db::enable(self.store().pool(), &endpoint.id, now_micros()).await?;
             tracing::info!(endpoint = %endpoint.id, "alert endpoint enabled");
+            // What `enable` wrote; the rest of the record is as read.
+            (endpoint.disabled_at, endpoint.failing_since) = (None, None);
         }
-        let enabled = self.own_endpoint(caller, &endpoint.id).await?;
-        let email = db::account_email(self.store().pool(), enabled.account_id).await?;
-        self.endpoint_view(enabled, &email).await
+        let email = db::account_email(self.store().pool(), endpoint.account_id).await?;
+        self.endpoint_view(endpoint, &email).await
     }
 
     /// A new signing secret; the previous one keeps signing (second signature) for `overlap`.

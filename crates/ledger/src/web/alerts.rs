@@ -33,9 +33,6 @@ pub fn router(ledger: Ledger) -> Router {
         .route("/v1/alerts/endpoints/{id}/rotate", post(rotate))
         .route("/v1/alerts/endpoints/{id}/test", post(send_test))
         .route("/v1/alerts/endpoints/{id}/deliveries", get(deliveries))
-        // axum's own refusals (a body over the limit, a method the path does not take) in this
-        // API's JSON too: a 9.6 MB body was answered in plain text.
-        .layer(axum::middleware::map_response(crate::rest::json_errors))
         .with_state(ledger)
 }
 

@@ -26,6 +26,10 @@ pub fn router(ledger: Ledger, ready: tokio::sync::watch::Receiver<bool>) -> Rout
         .route("/v1/usage/stats", get(stats))
         .with_state(ledger.clone())
         .merge(alerts::router(ledger.clone()))
+        // axum's own refusals (a body over the limit, a method the path does not take, a query
+        // that does not parse) in these APIs' JSON too, as the accounting API's: the alerts API
+        // answered a 9.6 MB body in plain text.
+        .layer(axum::middleware::map_response(crate::rest::json_errors))
         .layer(axum::middleware::from_fn(refuse_cross_site))
         .merge(dashboard::router(ledger, ready))
 }
