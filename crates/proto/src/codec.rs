@@ -93,11 +93,25 @@ impl<U: prost::Message + Default + 'static, const MAX: usize> Decoder for Bounde
                  services do not use): refused before decoding"
             )));
         }
-        self.0.decode(buf)
+        self.0.decode(buf).map_err(undecodable::<U>)
     }
 
     fn buffer_settings(&self) -> BufferSettings {
         self.0.buffer_settings()
+    }
+}
+
+/// A message of type `U` that prost could not decode (a string field that is not UTF-8, a length
+/// past the end): tonic says `INTERNAL`, a fault of the server's. A request that does not decode
+/// is the caller's fault, `INVALID_ARGUMENT` (not retried, not counted as the service failing);
+/// an answer a client cannot decode stays `INTERNAL`. One codec serves both sides, and every
+/// request type of these services, none of their answers, is named `…Request`.
+fn undecodable<U>(status: Status) -> Status {
+    let request = std::any::type_name::<U>().ends_with("Request");
+    if request && status.code() == tonic::Code::Internal {
+        Status::invalid_argument(format!("the request does not decode: {}", status.message()))
+    } else {
+        status
     }
 }
 
@@ -242,6 +256,39 @@ mod tests {
         wire.extend(options);
         assert!(!within_bounds(&wire, 10, CHAT));
         assert!(within_bounds(&wire, 10, None), "not looked into elsewhere");
+    }
+
+    /// A request that is not valid protobuf (here a name that is not UTF-8) is the caller's
+    /// fault; an answer that is not is the server's.
+    #[test]
+    fn an_undecodable_request_is_invalid_and_an_undecodable_answer_internal() {
+        let mut wire = ChatRequest {
+            user_email: "a@b.c".into(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let at = wire.len() - 1;
+        wire[at] = 0xff;
+        let err = ChatRequest::decode(&wire[..]).expect_err("not UTF-8");
+        // What tonic makes of a decode error.
+        let status = Status::internal(err.to_string());
+        let refused = undecodable::<ChatRequest>(status.clone());
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+        assert!(refused.message().contains("does not decode"), "{refused:?}");
+        assert_eq!(
+            undecodable::<crate::router::ChatResponse>(status.clone()).code(),
+            tonic::Code::Internal
+        );
+        assert_eq!(
+            undecodable::<crate::ledger::Transfer>(status).code(),
+            tonic::Code::Internal
+        );
+        // Another code is kept as it is.
+        let other = Status::resource_exhausted("too big");
+        assert_eq!(
+            undecodable::<ChatRequest>(other).code(),
+            tonic::Code::ResourceExhausted
+        );
     }
 
     #[test]

@@ -1105,6 +1105,11 @@ async fn invalid_input_is_rejected_and_nothing_is_charged() {
         opts(|o| o.stop_sequences = vec![String::new(); syft_proto::codec::MAX_NESTED_ENTRIES + 1]);
     let err = c.chat(r).await.expect_err("too many stop sequences");
     assert!(err.message().contains("before decoding"), "{err:?}");
+    // A request that is not protobuf at all for its type (a user email that is not UTF-8) is the
+    // caller's fault: `INVALID_ARGUMENT`, where tonic said `INTERNAL`.
+    let err = undecodable_chat(&s.router.grpc_url).await;
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("does not decode"), "{err:?}");
     let mut r = s.request("hi");
     r.messages = vec![Message::default(); syft_proto::codec::MAX_LIST_ENTRIES];
     let err = c.chat_stream(r).await.expect_err("over max_messages");
@@ -1423,6 +1428,31 @@ async fn postgres_paid_flow() {
         (FUNDS - 2 * PRICE, 0, FUNDS - 2 * PRICE)
     );
     s.finish().await;
+}
+
+/// A `Chat` call whose `user_email` (field 1) holds bytes that are not UTF-8, as no generated
+/// client can send.
+async fn undecodable_chat(grpc_url: &str) -> tonic::Status {
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct Raw {
+        #[prost(bytes = "vec", tag = "1")]
+        user_email: Vec<u8>,
+    }
+    let channel = tonic::transport::Endpoint::from_shared(grpc_url.to_string())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("ready");
+    let codec = syft_proto::codec::RouterCodec::<Raw, syft_proto::router::ChatResponse>::default();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/syft.router.v1.Router/Chat");
+    let raw = Raw {
+        user_email: vec![b'a', 0xff, 0xfe],
+    };
+    grpc.unary(tonic::Request::new(raw), path, codec)
+        .await
+        .expect_err("not UTF-8")
 }
 
 /// An unknown path or method answers in the API's error shape (they were empty bodies).
