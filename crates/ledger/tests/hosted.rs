@@ -463,6 +463,31 @@ async fn postgres_keys_are_per_sender() {
     keys_are_per_sender(true).await;
 }
 
+/// A made-up token naming Alice is refused by the accounting service, and that refusal is not
+/// kept under her key: the token proved nothing about her (anyone could have sent it), so her own
+/// request under the key is held and charged as usual. It was refused 409 for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_made_up_token_does_not_spend_the_key_of_the_user_it_names() {
+    let p = Pair::sqlite(10 * USD).await;
+    let forged = pb::AuthorizeRequest {
+        sender_email: ALICE.into(),
+        amount_micros: USD,
+        token: "syft_tok_made_up".into(),
+        app_name: "chat".into(),
+        app_ep_path: "/chat".into(),
+        idempotency_key: "k1".into(),
+        ..Default::default()
+    };
+    let refused = p.router().authorize(forged).await.expect_err("made up");
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    let held = p.hold().await;
+    assert_eq!(held.status, pb::TransferStatus::Pending as i32);
+    assert!(!held.existing);
+    p.captured(&held.id, USD, "r1").await;
+    assert_eq!(p.money().await, ((9 * USD, 0), (USD, 0)));
+    p.finish().await;
+}
+
 async fn capture_void_and_replay(postgres: bool) {
     let Some(p) = Pair::new(postgres, 10 * USD).await else {
         return;

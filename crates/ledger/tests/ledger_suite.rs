@@ -642,6 +642,47 @@ async fn unusable(router: &mut LedgerClient, sender: &str, token: &str, key: &st
     );
 }
 
+/// A token that does not prove the sender it is sent for (made up, another sender's, issued to
+/// another recipient) is refused before the key is looked at and leaves nothing under it: a
+/// stranger who names a user cannot spend that user's request ids (the user's own request under
+/// one was refused 409 for good), nor learn which ids the user has used (409 for a used key, 403
+/// for a free one).
+async fn a_token_that_is_not_the_senders_never_spends_its_key(h: Harness) -> Harness {
+    const BOB: &str = "bob@example.com";
+    let owner = h.account(OWNER, 0).await;
+    let alice = h.account(ALICE, 10 * USD).await;
+    let bob = h.account(BOB, 10 * USD).await;
+    // The recipient of alice's other token.
+    h.account("other@router.example", 0).await;
+    let mut router = h.client(&owner);
+    let token = h.token(&alice, OWNER).await;
+    let bobs = h.token(&bob, OWNER).await;
+    let alices_elsewhere = h.token(&alice, "other@router.example").await;
+    let used = granted(&mut router, USD, &token, "used-1").await;
+    for stranger in ["syft_tok_made_up", bobs.as_str(), alices_elsewhere.as_str()] {
+        for key in ["used-1", "free-1"] {
+            let refused = router
+                .authorize(authorize(ALICE, USD, stranger, key))
+                .await
+                .expect_err("not alice's token here");
+            assert_eq!(
+                (refused.code(), reason(&refused).as_deref()),
+                (Code::PermissionDenied, Some("TOKEN_INVALID")),
+                "{key}: the same answer for a used key and a free one: {refused:?}"
+            );
+        }
+    }
+    // Alice's own requests: the free key is hers to use, the used one replays her hold.
+    let fresh = granted(&mut router, USD, &token, "free-1").await;
+    assert!(!fresh.existing);
+    let replay = ok(router
+        .authorize(authorize(ALICE, USD, &token, "used-1"))
+        .await);
+    assert!(replay.existing);
+    assert_eq!(replay.id, used.id);
+    h
+}
+
 async fn token_rules(h: Harness) -> Harness {
     let owner = h.account(OWNER, 0).await;
     let alice = h.account(ALICE, 10 * USD).await;
@@ -1671,6 +1712,7 @@ store_suite!(
     usage_counts_are_bounded,
     expired_holds_are_swept,
     token_rules,
+    a_token_that_is_not_the_senders_never_spends_its_key,
     bad_authorize_input_writes_nothing,
     listing_and_usage_visibility,
     received_credits_can_be_spent,

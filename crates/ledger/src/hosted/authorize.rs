@@ -75,6 +75,14 @@ impl Hosted {
             }
             Err(e @ RemoteError::Rejected { .. }) => {
                 let err = e.into_ledger();
+                if !proves_the_sender(&err) {
+                    // The token did not prove the sender (unknown, another's) or the service did
+                    // not say: the sender is only the caller's claim, so the refusal is not the
+                    // key's outcome. Kept, it spent the named user's key for a stranger (as the
+                    // local backends no longer let it, `store/authorize.rs`).
+                    self.journal.forget(&id).await?;
+                    return Err(err);
+                }
                 self.journal
                     .mark_not_held(&id, Step::Failed, "refused by the accounting service", &err)
                     .await?;
@@ -161,4 +169,21 @@ impl Hosted {
             tracing::warn!(remote = %remote_id, error = %e, "not cancelled; the orphan sweep will");
         }
     }
+}
+
+/// Whether the service's refusal of a create says the token was the sender's own, live or once:
+/// only then is the refusal kept as the key's outcome (a replay answers it again).
+fn proves_the_sender(err: &LedgerError) -> bool {
+    use syft_error::Reason;
+    matches!(
+        err.reason(),
+        Some(
+            Reason::InsufficientFunds
+                | Reason::TokenLimitExceeded
+                | Reason::TokenDailyLimitExceeded
+                | Reason::TokenRevoked
+                | Reason::TokenExpired
+                | Reason::BudgetExceeded
+        )
+    )
 }

@@ -141,31 +141,30 @@ impl Store {
         input: &AuthorizeInput<'_>,
         origin: &mut Origin,
     ) -> Result<TransferRow> {
+        // A token that does not prove the sender (unknown, issued to another recipient, another
+        // sender's) is refused before the key is looked at, and the refusal is not recorded
+        // under it: the sender is only the caller's claim. Recorded, it spent the key of the
+        // user it named, whose own request under it then got 409 for good, and the answer
+        // (409 for a key in use, 403 for a free one) told a stranger which ids that user had
+        // used (2026-12-06).
         let Some(token) = self.token_info(input.token).await? else {
-            return self
-                .fail_authorize(
-                    input,
-                    "",
-                    LedgerError::refused(Reason::TokenInvalid, "unknown token"),
-                    origin,
-                )
-                .await;
+            return Err(LedgerError::refused(Reason::TokenInvalid, "unknown token"));
         };
+        if token.recipient_id != input.recipient_id {
+            return Err(LedgerError::refused(
+                Reason::TokenInvalid,
+                "token was not issued to this recipient",
+            ));
+        }
+        if token.sender_email != input.sender_email {
+            return Err(LedgerError::refused(
+                Reason::TokenInvalid,
+                "token does not belong to this sender",
+            ));
+        }
         let request_hash = hold_hash(input, &token.id);
         // Replays are found without a read on the hot path: a reused key makes the insert
         // conflict, and a recorded failure makes the token step refuse (see `try_authorize`).
-        if token.recipient_id != input.recipient_id {
-            let err = LedgerError::refused(
-                Reason::TokenInvalid,
-                "token was not issued to this recipient",
-            );
-            return self.fail_authorize(input, &request_hash, err, origin).await;
-        }
-        if token.sender_email != input.sender_email {
-            let err =
-                LedgerError::refused(Reason::TokenInvalid, "token does not belong to this sender");
-            return self.fail_authorize(input, &request_hash, err, origin).await;
-        }
 
         let now = now_micros();
         let outcome =
@@ -303,12 +302,6 @@ impl Store {
         err: LedgerError,
         origin: &mut Origin,
     ) -> Result<TransferRow> {
-        let hash = if request_hash.is_empty() {
-            // An unknown token has no id; hash its text so a replay with another token differs.
-            sha256_hex(&format!("unknown-token\n{}", input.token))
-        } else {
-            request_hash.to_string()
-        };
         sqlx::query(
             "INSERT INTO authorize_failures (recipient_id, idempotency_key, request_hash, error_kind, \
              error_message, created_at, sender_email) SELECT $1, $2, $3, $4, $5, $6, $7 \
@@ -318,7 +311,7 @@ impl Store {
         )
         .bind(input.recipient_id)
         .bind(input.idempotency_key)
-        .bind(&hash)
+        .bind(request_hash)
         .bind(err.kind())
         .bind(err.to_string())
         .bind(now_micros())
@@ -326,7 +319,10 @@ impl Store {
         .execute(self.pool())
         .await?;
         // A concurrent replay may have recorded a different outcome first; return that one.
-        match self.replay_authorize(input, &hash, false, origin).await? {
+        match self
+            .replay_authorize(input, request_hash, false, origin)
+            .await?
+        {
             Some(outcome) => outcome,
             None => Err(err),
         }
