@@ -143,6 +143,19 @@ pub struct ServeArgs {
     /// proxy share its address. 0: no limit.
     #[arg(long, env = "SYFT_LEDGER_ACCOUNTS_PER_ADDRESS", default_value_t = syft_ledger::DEFAULT_ACCOUNTS_PER_ADDRESS)]
     pub accounts_per_address: u32,
+    /// Bearer token `GET /metrics` asks for (Prometheus: `authorization: {credentials: …}`).
+    /// Unset: open to whoever reaches the HTTP port, which on a ledger shared by several owners
+    /// shows each app's captured money to all of them.
+    #[arg(
+        long,
+        env = "SYFT_LEDGER_METRICS_TOKEN",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub metrics_token: String,
+    /// File holding the metrics token, instead of the value.
+    #[arg(long, env = "SYFT_LEDGER_METRICS_TOKEN_FILE")]
+    pub metrics_token_file: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub alerts: AlertsFlags,
 }
@@ -261,6 +274,13 @@ impl ServeArgs {
             alerts: self.alerts.config()?,
             auth_failures_per_address: self.auth_failures_per_address,
             accounts_per_address: self.accounts_per_address,
+            metrics_token: super::secret(
+                Some(&self.metrics_token),
+                self.metrics_token_file.as_ref(),
+                "--metrics-token",
+            )?
+            .unwrap_or_default()
+            .into(),
         })
     }
 }

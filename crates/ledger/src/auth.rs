@@ -59,6 +59,13 @@ pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
         == 0
 }
 
+/// Whether an `authorization` header carries `Bearer <token>`.
+pub(crate) fn bears(header: Option<&str>, token: &str) -> bool {
+    header
+        .and_then(|h| scheme(h, "Bearer"))
+        .is_some_and(|given| constant_time_eq(given.trim().as_bytes(), token.as_bytes()))
+}
+
 /// The credentials after `name` and a space, the scheme matched without regard to case, as
 /// RFC 9110 has it (`bearer x` was refused, and counted against the address as a wrong one).
 fn scheme<'a>(header: &'a str, name: &str) -> Option<&'a str> {

@@ -10,7 +10,12 @@ use tokio::sync::watch;
 use crate::core::Ledger;
 
 /// `ready` is the gRPC health state: the database answers and the ledger is not shutting down.
-pub fn router(ledger: Ledger, accounting_api: bool, ready: watch::Receiver<bool>) -> Router {
+pub fn router(
+    ledger: Ledger,
+    accounting_api: bool,
+    metrics_token: syft_server::Secret,
+    ready: watch::Receiver<bool>,
+) -> Router {
     let probes = Router::new()
         .route(
             "/healthz",
@@ -19,13 +24,8 @@ pub fn router(ledger: Ledger, accounting_api: bool, ready: watch::Receiver<bool>
         .route("/readyz", get(readyz))
         .with_state(ready.clone());
     let metrics = Router::new()
-        .route(
-            "/metrics",
-            get(|State(ledger): State<Ledger>| async move {
-                crate::metrics::render(ledger.store()).await
-            }),
-        )
-        .with_state(ledger.clone());
+        .route("/metrics", get(metrics))
+        .with_state((ledger.clone(), metrics_token));
     let app = probes
         .merge(metrics)
         .merge(crate::web::router(ledger.clone(), ready));
@@ -71,4 +71,25 @@ async fn readyz(
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(serde_json::json!({ "ready": ready })))
+}
+
+/// Prometheus' scrape, behind `--metrics-token` when one is set: anyone who reaches the port
+/// (a tenant of the accounting API, a dashboard user) would read each app's captured money.
+async fn metrics(
+    State((ledger, token)): State<(Ledger, syft_server::Secret)>,
+    headers: axum::http::HeaderMap,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let header = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if !token.is_empty() && !crate::auth::bears(header, token.expose()) {
+        let body = Json(serde_json::json!({
+            "code": "UNAUTHENTICATED",
+            "detail": "metrics need the ledger's metrics token: Authorization: Bearer <token>",
+        }));
+        let challenge = [(axum::http::header::WWW_AUTHENTICATE, "Bearer")];
+        return (StatusCode::UNAUTHORIZED, challenge, body).into_response();
+    }
+    crate::metrics::render(ledger.store()).await.into_response()
 }

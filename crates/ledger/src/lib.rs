@@ -80,6 +80,9 @@ pub struct LedgerConfig {
     /// Accounts one client address may create through open registration (`POST /user/create`)
     /// per 5 minutes; 0 turns this off.
     pub accounts_per_address: u32,
+    /// Bearer token `GET /metrics` asks for; empty: open. Its counters include each app's
+    /// captured money, which tenants of a shared ledger should not read (docs/operations.md).
+    pub metrics_token: syft_server::Secret,
 }
 
 impl Default for LedgerConfig {
@@ -103,6 +106,7 @@ impl Default for LedgerConfig {
             alerts: alerts::AlertsConfig::default(),
             auth_failures_per_address: DEFAULT_AUTH_FAILURES_PER_ADDRESS,
             accounts_per_address: DEFAULT_ACCOUNTS_PER_ADDRESS,
+            metrics_token: syft_server::Secret::default(),
         }
     }
 }
@@ -236,7 +240,12 @@ pub async fn serve_store(
         let Some(listener) = listeners.http else {
             return Ok(());
         };
-        let app = http::router(ledger.clone(), config.accounting_api, health.readiness());
+        let app = http::router(
+            ledger.clone(),
+            config.accounting_api,
+            config.metrics_token.clone(),
+            health.readiness(),
+        );
         syft_server::serve_http(listener, app, tls, config.http, stop.stopped())
             .await
             .map_err(|e| LedgerError::Unavailable(format!("HTTP server failed: {e}")))

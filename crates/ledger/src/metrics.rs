@@ -90,7 +90,7 @@ pub fn resolved(t: &TransferRow, call_started: i64) {
         TransferStatus::Completed => {
             HOLDS.with_label_values(&["captured"]).inc();
             CAPTURED
-                .with_label_values(&[t.app_name.as_str()])
+                .with_label_values(&[app_label(t)])
                 .inc_by(t.captured.get().max(0) as u64);
         }
         TransferStatus::Cancelled if t.resolved_by == Some(Actor::System) => expired(1),
@@ -98,6 +98,20 @@ pub fn resolved(t: &TransferRow, call_started: i64) {
         TransferStatus::Pending => {}
     }
 }
+
+/// The `app` a capture is counted under: the app name of a hold its recipient placed (a router's
+/// name, its owner's choice), and [`DIRECT_APP`] for a transfer its sender created (the accounting
+/// API's direct transfers), whose app name the payer writes: any funded account could add a
+/// label per micro, or count its payment under another owner's router.
+fn app_label(t: &TransferRow) -> &str {
+    match t.created_by {
+        Actor::Recipient => t.app_name.as_str(),
+        _ => DIRECT_APP,
+    }
+}
+
+/// The `app` label of transfers their sender created.
+pub const DIRECT_APP: &str = "(direct)";
 
 pub fn now() -> i64 {
     now_micros()

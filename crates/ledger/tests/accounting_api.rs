@@ -832,3 +832,68 @@ async fn without_the_api_its_paths_say_how_to_serve_it() {
     }
     h.finish().await;
 }
+
+/// `/metrics` asks for the metrics token when one is set (its counters hold each app's captured
+/// money, which the other tenants of a shared ledger reach the port of); and a payer's direct
+/// transfer is counted under `(direct)`, never under the app name the payer wrote: any funded
+/// account could add a label per micro, or raise another owner's router's figure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_ask_for_their_token_and_count_direct_transfers_apart() {
+    let h = Harness::with(false, |c| c.metrics_token = "scrape-secret".into())
+        .await
+        .expect("harness");
+    let url = format!("{}/metrics", h.http_url());
+    let http = reqwest::Client::new();
+    for auth in [
+        None,
+        Some("Bearer wrong"),
+        Some("Basic c2NyYXBlLXNlY3JldA=="),
+    ] {
+        let mut scrape = http.get(&url);
+        if let Some(auth) = auth {
+            scrape = scrape.header("authorization", auth);
+        }
+        let resp = scrape.send().await.expect("scrape");
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{auth:?}");
+        assert_eq!(resp.headers()["www-authenticate"], "Bearer", "{auth:?}");
+        let v: Value = resp.json().await.expect("json");
+        assert_eq!(v["code"], "UNAUTHENTICATED", "{auth:?}: {v}");
+    }
+    let api = Rest::new(&h);
+    let alice_pw = api.user(ALICE, "alice-password", "5").await;
+    api.user(OWNER, "owner-password", "0").await;
+    let alice = Auth::Basic(ALICE, &alice_pw);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let app = format!("another-owners-router-{nanos}");
+    let direct = format!(
+        r#"{{"senderEmail":"{ALICE}","recipientEmail":"{OWNER}","amount":0.5,"appName":"{app}","appEpPath":"/chat"}}"#
+    );
+    let (s, v) = api.create(alice, &direct, None).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (s, v) = api.resolve("confirm", alice, &id_of(&v)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let text = http
+        .get(&url)
+        .bearer_auth("scrape-secret")
+        .send()
+        .await
+        .expect("scrape")
+        .error_for_status()
+        .expect("200 with the token")
+        .text()
+        .await
+        .expect("text");
+    assert!(text.contains("syft_ledger_holds_total"), "{text}");
+    assert!(
+        !text.contains(&app),
+        "a payer's app name in the labels:\n{text}"
+    );
+    assert!(
+        text.contains("syft_ledger_captured_micros_total{app=\"(direct)\"}"),
+        "{text}"
+    );
+    h.finish().await;
+}
