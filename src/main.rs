@@ -39,6 +39,7 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    let verifying = cli::is_verify(&args.command);
     let result = cli::run(args).await;
     // Spans still buffered are exported before the process exits.
     tokio::task::block_in_place(|| telemetry.shutdown());
@@ -46,7 +47,7 @@ async fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {}", cli::errors::one_line(&err));
-            std::process::ExitCode::FAILURE
+            std::process::ExitCode::from(cli::errors::exit_code(&err, verifying))
         }
     }
 }

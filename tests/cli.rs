@@ -185,6 +185,42 @@ async fn client_commands_and_verify() {
         .expect("count");
     assert_eq!(tables, 1, "not migrated");
     pool.close().await;
+
+    // The exit code tells a nightly job which it was: 2 when the books could not be checked (no
+    // ledger there), 1 when they are wrong (both were 1). A copy of the ledger, one balance moved.
+    let out = syft_router()
+        .args(["ledger", "verify", "--database-url", &url])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2), "could not check: {out:?}");
+    let books = syft_testkit::TempDir::new().expect("temp dir");
+    let copy = books.path().join("copy.db");
+    let live = sqlx::SqlitePool::connect(&db)
+        .await
+        .expect("the ledger's file");
+    sqlx::query(&format!("VACUUM INTO '{}'", copy.display()))
+        .execute(&live)
+        .await
+        .expect("copy");
+    live.close().await;
+    let url = format!("sqlite://{}?mode=rw", copy.display());
+    let tampered = sqlx::SqlitePool::connect(&url).await.expect("copy");
+    let moved =
+        sqlx::query("UPDATE accounts SET balance = balance + 1 WHERE email = 'bob@example.com'")
+            .execute(&tampered)
+            .await
+            .expect("tamper");
+    assert_eq!(moved.rows_affected(), 1);
+    tampered.close().await;
+    let out = syft_router()
+        .args(["ledger", "verify", "--database-url", &url])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1), "wrong books: {out:?}");
+    assert_contains(
+        &String::from_utf8_lossy(&out.stdout),
+        &["LEDGER IS INCONSISTENT"],
+    );
     h.finish().await;
 }
 

@@ -58,6 +58,29 @@ pub fn describe(status: &tonic::Status, server: Server, url: &str) -> String {
     }
 }
 
+/// `ledger verify` found the books wrong: exit 1. Any other failure of `verify` (the database
+/// unreachable, a statement cancelled, no ledger there) is "could not check", exit 2, so that a
+/// nightly job tells broken books from a check that did not run (both were 1).
+#[derive(Debug)]
+pub struct Inconsistent(pub usize);
+
+impl std::fmt::Display for Inconsistent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} problems found", self.0)
+    }
+}
+
+impl std::error::Error for Inconsistent {}
+
+/// The exit code of a failed command: 2 for a `verify` that could not check, 1 otherwise.
+pub fn exit_code(err: &anyhow::Error, verifying: bool) -> u8 {
+    if verifying && !err.is::<Inconsistent>() {
+        2
+    } else {
+        1
+    }
+}
+
 /// [`describe`] as an error.
 pub fn rpc(status: tonic::Status, server: Server, url: &str) -> anyhow::Error {
     anyhow::anyhow!(describe(&status, server, url))

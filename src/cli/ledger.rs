@@ -18,7 +18,9 @@ pub struct LedgerArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum LedgerAction {
-    /// Recompute every balance from the journal and check conservation; exits 1 on any problem.
+    /// Recompute every balance from the journal and check conservation; exits 1 when the books
+    /// are wrong, 2 when they could not be checked (no database, no ledger there, a statement
+    /// cancelled).
     Verify {
         #[command(flatten)]
         db: DatabaseArgs,
@@ -385,7 +387,7 @@ async fn verify(db: &DatabaseArgs, json: bool) -> anyhow::Result<()> {
     }
     store.close().await;
     if !report.is_ok() {
-        anyhow::bail!("{} problems found", report.problems.len());
+        return Err(super::errors::Inconsistent(report.problems.len()).into());
     }
     Ok(())
 }

@@ -89,6 +89,11 @@ pub fn die_of_a_closed_output() -> ! {
     std::process::exit(141)
 }
 
+/// `ledger verify`, whose exit code tells broken books (1) from a check that did not run (2).
+pub fn is_verify(command: &Command) -> bool {
+    matches!(command, Command::Ledger(args) if matches!(args.action, Some(ledger::LedgerAction::Verify { .. })))
+}
+
 pub fn prints_and_exits(command: &Command) -> bool {
     matches!(
         command,
@@ -140,6 +145,9 @@ pub fn service_name(command: &Command) -> &'static str {
 /// prints its failures itself (the simulated upstream error), logs only errors.
 pub fn default_log_filter(command: &Command) -> &'static str {
     match command {
+        // sqlx warns of each statement over a second with its whole text: a verify of a large
+        // ledger printed 18 KB of SQL to stderr around a 156-byte report.
+        command if is_verify(command) => "warn,sqlx=error",
         Command::Ledger(_) | Command::Router(_) => syft_telemetry::SERVER_FILTER,
         Command::Demo(_) => "error",
         _ => "warn",

@@ -220,8 +220,18 @@ impl From<sqlx::Error> for LedgerError {
                 LedgerError::Unavailable("database unavailable".into())
             }
             // Rolled back whole: repeating the call is safe (it used to be an internal error).
-            _ if classify(&err) == DbErrorClass::Cancelled => {
-                LedgerError::Unavailable("a database statement was cancelled; retry".into())
+            _ if classify(&err) == DbErrorClass::Cancelled => LedgerError::Unavailable(
+                "a database statement was cancelled (a statement_timeout, or an \
+                     administrator); retry"
+                    .into(),
+            ),
+            // 42P05 duplicate_prepared_statement: the ledger's prepared statements met another
+            // client's on one server session, which only a pooler in transaction mode does.
+            sqlx::Error::Database(db) if db.code().as_deref() == Some("42P05") => {
+                LedgerError::Internal(format!(
+                    "{err} (a connection pooler in transaction mode? the ledger needs session \
+                     pooling: docs/operations.md, \"Postgres settings\")"
+                ))
             }
             _ => LedgerError::Internal(err.to_string()),
         }

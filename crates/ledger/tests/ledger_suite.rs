@@ -1723,6 +1723,55 @@ store_suite!(
     idempotency_keys_are_per_sender,
 );
 
+/// A `statement_timeout` a DBA sets on the database (for the money paths) does not cancel a
+/// verify, which reads every row: on a large ledger it failed "retry" every time. Here the
+/// timeout is 200 ms and another session holds the accounts table for 1.5 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_verify_outlasts_a_statement_timeout() {
+    use sqlx::Connection;
+    let Some(db) = syft_testkit::Db::postgres().await else {
+        return;
+    };
+    let store = syft_ledger::Store::connect(&db.url, 2)
+        .await
+        .expect("migrated");
+    store.close().await;
+    let mut admin = sqlx::PgConnection::connect(&db.url).await.expect("connect");
+    let name: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&mut admin)
+        .await
+        .expect("name");
+    sqlx::query(&format!(
+        "ALTER DATABASE {name} SET statement_timeout = '200ms'"
+    ))
+    .execute(&mut admin)
+    .await
+    .expect("timeout");
+    let mut holder = sqlx::PgConnection::connect(&db.url).await.expect("connect");
+    let mut lock = holder.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("lock");
+    let verify = tokio::spawn({
+        let url = db.url.clone();
+        async move {
+            let store = syft_ledger::Store::inspect(&url).await.expect("inspect");
+            let report = store.verify().await;
+            store.close().await;
+            report
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    lock.rollback().await.expect("release");
+    let report = verify
+        .await
+        .expect("join")
+        .expect("verify outlasts the timeout");
+    assert!(report.is_ok(), "{:?}", report.problems);
+    db.drop_postgres().await;
+}
+
 /// Migration 0003 (keys per sender) keeps a ledger's existing rows valid: a database at 0002 with
 /// accounts, a deposit, a captured transfer with its usage row, a pending hold, a recorded
 /// failure and a hosted journal entry migrates, still verifies, and the pending hold can still be

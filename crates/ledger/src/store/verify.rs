@@ -70,6 +70,12 @@ impl Store {
             sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                 .execute(&mut *tx)
                 .await?;
+            // Reads every row, for seconds on a large ledger: a `statement_timeout` set on the
+            // role or database for the money paths cancelled it every time ("retry", which never
+            // helped). Read-only, it holds no lock a writer waits for.
+            sqlx::query("SET LOCAL statement_timeout = 0")
+                .execute(&mut *tx)
+                .await?;
         }
         let report = verify_snapshot(&mut tx).await?;
         // Nothing was written; ending the transaction releases the snapshot.

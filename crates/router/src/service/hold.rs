@@ -222,7 +222,7 @@ impl Drop for HoldGuard {
         rt.spawn(async move {
             let _work = work;
             if let Err(e) = ledger.void(&transfer_id, "request cancelled", Some(usage), until).await {
-                tracing::warn!(transfer_id = %transfer_id, error = %e, "void after cancel failed; the hold will expire");
+                tracing::warn!(transfer_id = %transfer_id, error = %e, "void after cancel failed: the hold expires uncharged, unless a capture in flight when the request was dropped committed (its answer is then kept for the id's retry)");
             }
         });
     }
