@@ -99,6 +99,33 @@ async fn window_boundary(l: &dyn Limiter, key: &str) {
     assert!(admitted(l, t0, "dead", &slot).await);
     assert!(!admitted(l, t0 + 599_999, "next", &slot).await);
     assert!(admitted(l, t0 + 600_000, "next", &slot).await);
+    // A slot renewed by its request, still in flight, is counted a lease from its renewal; a
+    // dead router's slot beside it ages out, and renewing a slot no longer there adds nothing.
+    let live_key = format!("{key}:live");
+    let live = [Rule {
+        kind: RuleKind::Concurrency,
+        ..request_rule(&live_key, 2, Duration::from_secs(60))
+    }];
+    let windows = [(live_key, Duration::from_secs(60))];
+    assert!(admitted(l, t0, "running", &live).await);
+    assert!(admitted(l, t0, "dead", &live).await);
+    l.renew(t0 + 50_000, "running", &windows)
+        .await
+        .expect("renew");
+    assert!(
+        admitted(l, t0 + 60_000, "next", &live).await,
+        "the dead one aged out"
+    );
+    assert!(
+        !admitted(l, t0 + 60_000, "more", &live).await,
+        "the renewed one did not"
+    );
+    l.renew(t0 + 60_000, "dead", &windows)
+        .await
+        .expect("renew a slot gone");
+    // "running" ages out a lease after its renewal; "next" holds the other place.
+    assert!(admitted(l, t0 + 110_000, "after", &live).await);
+    assert!(!admitted(l, t0 + 110_000, "over", &live).await);
 }
 
 #[tokio::test]
@@ -1167,4 +1194,90 @@ async fn bad_redis_url_is_refused_at_start() {
         .err()
         .expect("refused");
     assert!(err.to_string().contains("redis_url"), "{err}");
+}
+
+/// Two replicas sharing Redis, one request in flight allowed on the router as a whole, slots
+/// leased for 1 s. A request running at replica A keeps its slot past the lease (it is renewed
+/// while it runs); once A is killed (no release), B admits again within the lease. Until
+/// 2026-12-06 nothing renewed a slot, so the lease was raised to the longest request (18 minutes
+/// by default) and a killed replica's slots refused every user that long, a restart included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replicas_slots_free_within_the_lease_and_a_running_ones_do_not() {
+    if !redis_up(SHARED_REDIS).await {
+        eprintln!("SKIPPED: no Redis at {SHARED_REDIS}");
+        return;
+    }
+    let name = unique_name();
+    let shared = |c: &mut RouterConfig| {
+        c.name = name.clone();
+        c.limiter.backend = LimiterBackend::Redis {
+            url: SHARED_REDIS.into(),
+        };
+        c.limiter.max_concurrent_requests = Some(1);
+        c.limiter.lease = Duration::from_secs(1);
+        if let syft_router_svc::UpstreamConfig::OpenAi(o) = &mut c.upstream {
+            o.request_timeout = Duration::from_secs(60);
+        }
+    };
+    let s = Stack::start_tweaked(Pricing::free(), shared).await;
+    s.upstream.set_mode(Mode::Stall);
+    // Replica A on its own runtime, so that it can be killed without running any cleanup.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let grpc = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let http = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    grpc.set_nonblocking(true).expect("nonblocking");
+    http.set_nonblocking(true).expect("nonblocking");
+    let a_url = format!("http://{}", grpc.local_addr().expect("addr"));
+    let mut config = s.router_config(Pricing::free());
+    shared(&mut config);
+    rt.spawn(async move {
+        let grpc = tokio::net::TcpListener::from_std(grpc).expect("listener");
+        let http = tokio::net::TcpListener::from_std(http).expect("listener");
+        let _ = syft_testkit::serve_router(config, grpc, http, futures::future::pending()).await;
+    });
+    let mut a = RouterClient::connect(a_url).await.expect("connect to A");
+    let running = tokio::spawn({
+        let req = s.request("runs at A");
+        async move { a.chat(req).await }
+    });
+    // B's answer to a probe: refused at once while the slot is taken; admitted, it waits on the
+    // stalled upstream past the probe's deadline.
+    let b = s.client().await;
+    let probe = || {
+        let mut b = b.clone();
+        let mut req = tonic::Request::new(s.request("probe at B"));
+        req.set_timeout(Duration::from_millis(400));
+        async move { b.chat(req).await.map(|_| ()).map_err(|e| e.code()) }
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while probe().await != Err(Code::ResourceExhausted) {
+        assert!(Instant::now() < deadline, "A's request never took the slot");
+    }
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(
+        probe().await,
+        Err(Code::ResourceExhausted),
+        "A's running request kept its slot past the 1-s lease"
+    );
+    rt.shutdown_background(); // A dies: no release
+    assert!(running.await.expect("join").is_err());
+    s.upstream.set_mode(Mode::Ok);
+    let killed = Instant::now();
+    loop {
+        match probe().await {
+            Ok(()) => break,
+            Err(code) => {
+                assert!(
+                    killed.elapsed() < Duration::from_secs(3),
+                    "A's slot still taken {:?} after it died: {code:?}",
+                    killed.elapsed()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
 }

@@ -174,7 +174,8 @@ impl Default for LimiterConfig {
             backend: LimiterBackend::Memory,
             on_failure: OnFailure::FailClosed,
             timeout: Duration::from_millis(250),
-            lease: Duration::from_secs(600),
+            // Renewed by the requests in flight (`limits/renew.rs`): what a dead router holds.
+            lease: Duration::from_secs(60),
             max_concurrent_requests: None,
         }
     }

@@ -11,15 +11,13 @@ use prometheus::{register_int_counter_vec, IntCounterVec};
 use syft_error::{QuotaDetails, Reason};
 
 use super::headers::{format_reset, RateHeaders};
+use super::renew::Renewal;
 use super::settle::{spawn_settle, Change};
 use super::{
     now_ms, Limiter, LimiterError, MemoryLimiter, RedisLimiter, Rule, RuleKind, Verdict,
     WindowState,
 };
-use crate::config::{
-    LimiterBackend, OnFailure, RateLimits, RouterConfig, SearchBackendConfig, ServiceKind,
-    UpstreamConfig,
-};
+use crate::config::{LimiterBackend, OnFailure, RateLimits, RouterConfig, ServiceKind};
 use crate::drain::DrainGuard;
 use crate::error::{QuotaRefusal, RouterError};
 
@@ -106,7 +104,7 @@ impl Gate {
                 .filter(|s| s.pricing.kind.is_free())
                 .map(|s| s.kind)
                 .collect(),
-            lease: slot_lease(c),
+            lease: c.limiter.lease,
             patience: c.limiter.timeout,
         }
     }
@@ -382,6 +380,8 @@ pub struct Pass {
     work: Option<DrainGuard>,
     /// How long a request waits for a change it awaits (the rest goes on in the background).
     patience: Duration,
+    /// Keeps the slots while the request runs (`renew.rs`); stopped before the release.
+    renewal: Option<Renewal>,
 }
 
 impl Pass {
@@ -400,6 +400,12 @@ impl Pass {
                 .map(|r| r.key.clone())
                 .collect::<Vec<_>>()
         };
+        let slots = rules
+            .iter()
+            .filter(|r| r.is_concurrency() && r.cost > 0)
+            .map(|r| (r.key.clone(), r.window))
+            .collect();
+        let renewal = Renewal::start(limiter.clone(), lease.clone(), slots);
         Pass {
             limiter: Some(limiter),
             lease,
@@ -417,6 +423,7 @@ impl Pass {
             headers: RateHeaders::from_states(rules, states),
             work,
             patience,
+            renewal,
         }
     }
 
@@ -442,6 +449,7 @@ impl Pass {
             headers: RateHeaders::default(),
             work: None,
             patience: Duration::ZERO,
+            renewal: None,
         }
     }
 
@@ -558,27 +566,9 @@ impl Drop for Unknown<'_> {
     }
 }
 
-/// How long an in-flight slot lives unless released: the configured lease, but never less than
-/// the longest a request can run (the upstream's answer timeout, then a stream's whole
-/// `max_stream_duration`, plus a minute to settle). Nothing renews a slot, so a shorter lease let
-/// a long stream's slot age out while it ran, and the user's next request took its place: more in
-/// flight than the limit. A dead router's slots are then held that long.
-fn slot_lease(c: &RouterConfig) -> Duration {
-    let answer = match &c.upstream {
-        UpstreamConfig::OpenAi(o) => o.request_timeout,
-        UpstreamConfig::Echo => Duration::ZERO,
-    };
-    // A search over an HTTP backend runs up to its own timeout, which may be the longer.
-    let search = match c.search.as_ref().map(|s| &s.backend) {
-        Some(SearchBackendConfig::Http(h)) => h.timeout,
-        _ => Duration::ZERO,
-    };
-    let longest = answer.max(search) + c.max_stream_duration + Duration::from_secs(60);
-    c.limiter.lease.max(longest)
-}
-
 impl Drop for Pass {
     fn drop(&mut self) {
+        self.renewal.take();
         let Some(limiter) = self.limiter.take() else {
             return;
         };
@@ -616,25 +606,5 @@ mod tests {
         assert_eq!(format_reset(Duration::from_millis(1500)), "1.5s");
         assert_eq!(format_reset(Duration::from_secs(360)), "6m0s");
         assert_eq!(format_reset(Duration::from_secs(3723)), "1h2m3s");
-    }
-
-    /// A slot outlives the longest request: the default 600-s lease is raised to the upstream's
-    /// 120-s answer timeout plus the 900-s stream bound plus a minute; a longer lease is kept.
-    #[test]
-    fn a_slot_outlives_the_longest_request() {
-        let mut c = RouterConfig::new("app", "owner@example.com");
-        c.upstream = UpstreamConfig::OpenAi(crate::config::OpenAiConfig::new("http://up/v1"));
-        assert_eq!(c.limiter.lease, Duration::from_secs(600));
-        assert_eq!(slot_lease(&c), Duration::from_secs(120 + 900 + 60));
-        c.limiter.lease = Duration::from_secs(3_600);
-        assert_eq!(slot_lease(&c), Duration::from_secs(3_600));
-        // An HTTP search backend slower than the chat upstream sets the answer's part.
-        c.limiter.lease = Duration::from_secs(600);
-        let mut h = crate::config::HttpSearchConfig::new("http://search");
-        h.timeout = Duration::from_secs(1_000);
-        c.search = Some(crate::config::SearchConfig::new(SearchBackendConfig::Http(
-            h,
-        )));
-        assert_eq!(slot_lease(&c), Duration::from_secs(1_000 + 900 + 60));
     }
 }

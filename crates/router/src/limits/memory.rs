@@ -135,6 +135,30 @@ impl MemoryLimiter {
         }
         Ok(())
     }
+
+    fn renew_now(
+        &self,
+        now: u64,
+        lease: &str,
+        windows: &[(String, Duration)],
+    ) -> Result<(), LimiterError> {
+        let mut state = self.locked()?;
+        for (key, window) in windows {
+            let Some(w) = state.windows.get_mut(key) else {
+                continue;
+            };
+            w.expire(now, ms(*window));
+            let Some(pos) = w.entries.iter().rposition(|(_, l, _)| l == lease) else {
+                continue;
+            };
+            // Moved to the back, as a new entry: `expire` reads the entries oldest first.
+            if let Some((_, lease, cost)) = w.entries.remove(pos) {
+                w.entries
+                    .push_back((now.max(w.entries.back().map_or(0, |e| e.0)), lease, cost));
+            }
+        }
+        Ok(())
+    }
 }
 
 fn ms(d: Duration) -> u64 {
@@ -167,6 +191,16 @@ impl Limiter for MemoryLimiter {
 
     fn settle<'a>(&'a self, lease: &'a str, updates: &'a [(String, u64)]) -> Reply<'a, ()> {
         let r = self.settle_now(lease, updates);
+        Box::pin(async move { r })
+    }
+
+    fn renew<'a>(
+        &'a self,
+        now_ms: u64,
+        lease: &'a str,
+        windows: &'a [(String, Duration)],
+    ) -> Reply<'a, ()> {
+        let r = self.renew_now(now_ms, lease, windows);
         Box::pin(async move { r })
     }
 

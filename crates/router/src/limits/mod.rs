@@ -19,6 +19,7 @@ mod headers;
 mod memory;
 mod redis;
 mod redis_conn;
+mod renew;
 mod settle;
 
 pub use gate::{Gate, Pass, ROUTER_SCOPE};
@@ -163,6 +164,15 @@ pub trait Limiter: Send + Sync {
 
     /// The windows' states without recording anything.
     fn peek<'a>(&'a self, now_ms: u64, rules: &'a [Rule]) -> Reply<'a, Vec<WindowState>>;
+
+    /// Moves `lease`'s entry in each `(key, window)` window to `now_ms` (its slots', by a
+    /// request still in flight: `renew.rs`); a lease no longer there is left alone.
+    fn renew<'a>(
+        &'a self,
+        now_ms: u64,
+        lease: &'a str,
+        windows: &'a [(String, Duration)],
+    ) -> Reply<'a, ()>;
 
     /// Whether the store answers (the router's readiness); an in-process one always does.
     fn ping(&self) -> Reply<'_, ()> {

@@ -123,6 +123,26 @@ if missing and #KEYS % 3 == 1 then redis.call('SET', KEYS[#KEYS], '1', 'PX', ARG
 return 1
 ";
 
+/// KEYS: three per window (set, costs, total). ARGV: now (ms, or -1 for Redis's own clock),
+/// lease, then each window's length in ms. Moves the lease's entry to now in each window that
+/// still holds it, and the window's keys' expiry with it.
+const RENEW: &str = r"
+local now = tonumber(ARGV[1])
+if now < 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local lease = ARGV[2]
+for i = 1, math.floor(#KEYS / 3) do
+  local z, h, s = KEYS[3*i-2], KEYS[3*i-1], KEYS[3*i]
+  if redis.call('ZSCORE', z, lease) then
+    redis.call('ZADD', z, 'XX', now, lease)
+    for _, k in ipairs({z, h, s}) do redis.call('PEXPIRE', k, tonumber(ARGV[i + 2]) + 1000) end
+  end
+end
+return 1
+";
+
 /// How long a tombstone keeps a late check from recording: longer than a check can wait in a
 /// queue (a paused Redis) or in a closed connection's unsent data (Linux retransmits an orphaned
 /// socket's data for about two minutes at LAN round trips, `tcp_orphan_retries`). Only take-backs
@@ -164,6 +184,7 @@ pub struct RedisLimiter {
     timeout: Duration,
     acquire: redis::Script,
     settle: redis::Script,
+    renew: redis::Script,
     /// Windows age by Redis's clock (`TIME` in the script), one clock for every replica: with
     /// each router's own clock, a replica running ahead aged the others' entries out early and
     /// admitted more than the limit. Tests that move time by hand use the caller's clock.
@@ -181,6 +202,7 @@ impl RedisLimiter {
             timeout,
             acquire: redis::Script::new(ACQUIRE),
             settle: redis::Script::new(SETTLE),
+            renew: redis::Script::new(RENEW),
             server_clock: true,
         })
     }
@@ -265,6 +287,30 @@ impl RedisLimiter {
         })
     }
 
+    /// `RENEW` of `lease` in `windows`, waiting as a settle does.
+    async fn renew_lease(
+        &self,
+        now: u64,
+        lease: &str,
+        windows: &[(String, Duration)],
+    ) -> Result<(), LimiterError> {
+        let now = if self.server_clock {
+            -1
+        } else {
+            i64::try_from(now).unwrap_or(i64::MAX)
+        };
+        let mut inv = self.renew.prepare_invoke();
+        inv.arg(now).arg(lease);
+        for (key, window) in windows {
+            for k in window_keys(key) {
+                inv.key(k);
+            }
+            inv.arg(u64::try_from(window.as_millis()).unwrap_or(u64::MAX));
+        }
+        let patience = SETTLE_PATIENCE.max(self.timeout);
+        self.run::<i64>(inv, patience).await.map(|_| ())
+    }
+
     /// `PING`, within the checks' timeout, on the connection the checks use (so a stuck one is
     /// found and replaced as theirs would be).
     async fn ping(&self) -> Result<(), LimiterError> {
@@ -329,6 +375,15 @@ impl Limiter for RedisLimiter {
 
     fn ping(&self) -> Reply<'_, ()> {
         Box::pin(RedisLimiter::ping(self))
+    }
+
+    fn renew<'a>(
+        &'a self,
+        now_ms: u64,
+        lease: &'a str,
+        windows: &'a [(String, Duration)],
+    ) -> Reply<'a, ()> {
+        Box::pin(self.renew_lease(now_ms, lease, windows))
     }
 
     fn peek<'a>(&'a self, now_ms: u64, rules: &'a [Rule]) -> Reply<'a, Vec<WindowState>> {

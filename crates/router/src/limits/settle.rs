@@ -11,19 +11,21 @@ use prometheus::{register_int_counter_vec, IntCounterVec};
 use super::{Limiter, LimiterError};
 use crate::drain::DrainGuard;
 
-static SETTLES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+pub(super) static SETTLES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "syft_router_limit_settles_total",
         "Changes to rate windows after admission (slot releases, token settlements, take-backs, \
-         withdrawals) the store did not take: retried (an attempt failed, another follows) or \
-         given_up (the slot or reservation stays until it ages out of its window; a slot: its lease)",
+         withdrawals, slot renewals) the store did not take: retried (an attempt failed, another \
+         follows), given_up (the slot or reservation stays until it ages out of its window; a \
+         slot: its lease) or renew_failed (a slot in use not renewed; asked again a third of \
+         the lease later)",
         &["backend", "outcome"]
     )
     .expect("register syft_router_limit_settles_total")
 });
 
 /// How long a change the store did not take is retried. A lost release kept its slot for the
-/// whole lease (18 minutes by default: a user allowed one request in flight could send nothing
+/// whole lease (18 minutes then: a user allowed one request in flight could send nothing
 /// meanwhile). Each change names its own request's lease and the cost it ends at, so a retry that
 /// finds its work done changes nothing. The bound keeps a graceful shutdown with the store down
 /// from waiting longer on releases.

@@ -101,13 +101,14 @@ impl UpstreamError {
         }
     }
 
-    /// The upstream is out (unreachable, or a 502, 503 or 504): the operator's fault, not the
-    /// user's request. Not a 500, which some servers answer to an input they cannot take (a user
-    /// could then send such requests past the windows), nor a 429, the owner's quota at the
-    /// upstream, which users' windows guard.
+    /// The upstream is out (unreachable, or a 502, 503 or 504), or this router cut the request
+    /// at its shutdown: the operator's doing, not the user's request, which gives its place in
+    /// the request windows back (a shutdown's cut kept it). Not a 500, which some servers answer
+    /// to an input they cannot take (a user could then send such requests past the windows), nor
+    /// a 429, the owner's quota at the upstream, which users' windows guard.
     pub fn is_outage(&self) -> bool {
         match self {
-            UpstreamError::Unreachable(_) => true,
+            UpstreamError::Unreachable(_) | UpstreamError::ShuttingDown => true,
             UpstreamError::Status { status, .. } => matches!(status, 502..=504),
             _ => false,
         }
@@ -316,7 +317,25 @@ pub fn user_pseudonym(secret: &str, router: &str, email: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::user_pseudonym;
+    use super::{user_pseudonym, UpstreamError};
+
+    /// What gives a request's place in its windows back: an outage, and a cut at this router's
+    /// shutdown (the user retries elsewhere: it kept the place, a graceful drain spent the
+    /// requests per minute of every user it cut); never what a user's request may cause.
+    #[test]
+    fn an_outage_or_a_shutdown_is_not_the_users_doing() {
+        let status = |status| UpstreamError::Status {
+            status,
+            message: String::new(),
+            retry_after: None,
+        };
+        assert!(UpstreamError::ShuttingDown.is_outage());
+        assert!(UpstreamError::Unreachable("refused".into()).is_outage());
+        assert!(status(503).is_outage());
+        for not in [status(500), status(429), status(400)] {
+            assert!(!not.is_outage(), "{not:?}");
+        }
+    }
 
     #[test]
     fn user_pseudonym_is_stable_and_keyed() {
