@@ -16,7 +16,7 @@ use syft_router_svc::limits::{
 use syft_router_svc::{Pricing, RouterConfig, ServiceKind};
 use syft_testkit::{
     assert_consistent, deposit, get_json, ledger_config, reason, redis_up, Db, FakeUpstream,
-    Funded, LedgerServer, Mode, OwnRedis, RouterHandle, SilentRelay, Stack, PRICE,
+    Funded, KillableRouter, LedgerServer, Mode, OwnRedis, RouterHandle, SilentRelay, Stack, PRICE,
 };
 use tonic::Code;
 use tonic_types::StatusExt;
@@ -1222,23 +1222,10 @@ async fn a_killed_replicas_slots_free_within_the_lease_and_a_running_ones_do_not
     let s = Stack::start_tweaked(Pricing::free(), shared).await;
     s.upstream.set_mode(Mode::Stall);
     // Replica A on its own runtime, so that it can be killed without running any cleanup.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let grpc = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let http = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    grpc.set_nonblocking(true).expect("nonblocking");
-    http.set_nonblocking(true).expect("nonblocking");
-    let a_url = format!("http://{}", grpc.local_addr().expect("addr"));
     let mut config = s.router_config(Pricing::free());
     shared(&mut config);
-    rt.spawn(async move {
-        let grpc = tokio::net::TcpListener::from_std(grpc).expect("listener");
-        let http = tokio::net::TcpListener::from_std(http).expect("listener");
-        let _ = syft_testkit::serve_router(config, grpc, http, futures::future::pending()).await;
-    });
+    let replica_a = KillableRouter::start(config);
+    let a_url = replica_a.grpc_url.clone();
     let mut a = RouterClient::connect(a_url).await.expect("connect to A");
     let running = tokio::spawn({
         let req = s.request("runs at A");
@@ -1263,7 +1250,7 @@ async fn a_killed_replicas_slots_free_within_the_lease_and_a_running_ones_do_not
         Err(Code::ResourceExhausted),
         "A's running request kept its slot past the 1-s lease"
     );
-    rt.shutdown_background(); // A dies: no release
+    replica_a.kill(); // A dies: no release
     assert!(running.await.expect("join").is_err());
     s.upstream.set_mode(Mode::Ok);
     let killed = Instant::now();

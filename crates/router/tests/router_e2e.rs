@@ -862,25 +862,12 @@ async fn router_killed_between_authorize_and_capture_pays_nothing() {
     .await;
     s.upstream.set_mode(Mode::Stall);
     // A router on its own runtime, so that it can be killed without running any cleanup.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let grpc = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let http = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    grpc.set_nonblocking(true).expect("nonblocking");
-    http.set_nonblocking(true).expect("nonblocking");
-    let grpc_url = format!("http://{}", grpc.local_addr().expect("addr"));
     let mut config = s.router_config(Pricing::per_request(PRICE));
     if let syft_router_svc::UpstreamConfig::OpenAi(o) = &mut config.upstream {
         o.request_timeout = Duration::from_secs(60);
     }
-    rt.spawn(async move {
-        let grpc = tokio::net::TcpListener::from_std(grpc).expect("listener");
-        let http = tokio::net::TcpListener::from_std(http).expect("listener");
-        let _ = serve_router(config, grpc, http, futures::future::pending()).await;
-    });
+    let router = KillableRouter::start(config);
+    let grpc_url = router.grpc_url.clone();
     let mut c = syft_proto::router::router_client::RouterClient::connect(grpc_url)
         .await
         .expect("connect");
@@ -901,7 +888,7 @@ async fn router_killed_between_authorize_and_capture_pays_nothing() {
     }
     assert!(pending, "hold authorized");
     assert_eq!(s.alice_money().await.1, PRICE);
-    rt.shutdown_background(); // the router dies: no capture, no void
+    router.kill(); // the router dies: no capture, no void
     assert!(call.await.expect("join").is_err());
 
     let t = s.wait_no_pending(Duration::from_secs(10)).await;

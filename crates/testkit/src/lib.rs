@@ -28,7 +28,7 @@ pub use probe::{get_json, get_json_as, succeeded};
 pub use redis::{exited_ok, redis_up, OwnRedis, SilentRelay};
 pub use router::{
     chat_given_up, chat_request, docs_dir, read_answer, readyz, router_config, search_request,
-    serve_router, wait_readyz, Funded, RouterHandle, Stack, FUNDS, PRICE,
+    serve_router, wait_readyz, Funded, KillableRouter, RouterHandle, Stack, FUNDS, PRICE,
 };
 pub use tempfile::TempDir;
 pub use upstream::{FakeUpstream, Mode, CONTENT, SEARCH_HITS, UP_COMPLETION, UP_PROMPT};

@@ -39,6 +39,40 @@ pub async fn serve_router(
     syft_router_svc::serve(config, grpc, http, shutdown).await
 }
 
+/// A router on a runtime of its own, so that a test can kill it as kill -9 would: no release,
+/// no void, no cleanup of any kind ([`KillableRouter::kill`]).
+pub struct KillableRouter {
+    pub grpc_url: String,
+    rt: tokio::runtime::Runtime,
+}
+
+impl KillableRouter {
+    /// Serves `config` on fresh listeners (blocking binds: callable from any runtime).
+    pub fn start(config: RouterConfig) -> Self {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let grpc = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let http = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        grpc.set_nonblocking(true).expect("nonblocking");
+        http.set_nonblocking(true).expect("nonblocking");
+        let grpc_url = format!("http://{}", grpc.local_addr().expect("addr"));
+        rt.spawn(async move {
+            let grpc = TcpListener::from_std(grpc).expect("listener");
+            let http = TcpListener::from_std(http).expect("listener");
+            let _ = serve_router(config, grpc, http, std::future::pending()).await;
+        });
+        KillableRouter { grpc_url, rt }
+    }
+
+    /// Stops every task of the router where it stands.
+    pub fn kill(self) {
+        self.rt.shutdown_background();
+    }
+}
+
 /// A router served in-process; dropping the handle shuts it down.
 pub struct RouterHandle {
     /// `http://` or, with TLS configured, `https://` addresses.

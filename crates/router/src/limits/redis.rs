@@ -16,17 +16,22 @@ use std::time::Duration;
 use super::redis_conn::Conn;
 use super::{Limiter, LimiterError, Reply, Rule, Verdict, WindowState};
 
+/// The start of the scripts that take a time: `now` is ARGV[1] in ms, or Redis's own clock when
+/// that is -1 (`RedisLimiter::server_clock`).
+const CLOCK: &str = r"
+local now = tonumber(ARGV[1])
+if now < 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+";
+
 /// KEYS: three per rule (set, costs, total), then, when recording, the lease's tombstone
 /// ([`tombstone_key`]). ARGV: now (ms, or -1 for Redis's own clock), lease, record (1) or peek (0), then per rule:
 /// limit, window_ms, cost. Returns `{refused rule (1-based, 0 = none), retry_ms (-1 = none), then
 /// per rule: total, reset_ms}`. A lease with a tombstone is not recorded: it was taken back
 /// before it arrived.
 const ACQUIRE: &str = r"
-local now = tonumber(ARGV[1])
-if now < 0 then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
 local lease = ARGV[2]
 local record = ARGV[3] == '1'
 local n = math.floor(#KEYS / 3)
@@ -127,11 +132,6 @@ return 1
 /// lease, then each window's length in ms. Moves the lease's entry to now in each window that
 /// still holds it, and the window's keys' expiry with it.
 const RENEW: &str = r"
-local now = tonumber(ARGV[1])
-if now < 0 then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
 local lease = ARGV[2]
 for i = 1, math.floor(#KEYS / 3) do
   local z, h, s = KEYS[3*i-2], KEYS[3*i-1], KEYS[3*i]
@@ -200,9 +200,9 @@ impl RedisLimiter {
         Ok(RedisLimiter {
             conn,
             timeout,
-            acquire: redis::Script::new(ACQUIRE),
+            acquire: redis::Script::new(&format!("{CLOCK}{ACQUIRE}")),
             settle: redis::Script::new(SETTLE),
-            renew: redis::Script::new(RENEW),
+            renew: redis::Script::new(&format!("{CLOCK}{RENEW}")),
             server_clock: true,
         })
     }
