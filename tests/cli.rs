@@ -188,10 +188,12 @@ async fn client_commands_and_verify() {
 
     // The exit code tells a nightly job which it was: 2 when the books could not be checked (no
     // ledger there), 1 when they are wrong (both were 1). A copy of the ledger, one balance moved.
-    let out = syft_router()
-        .args(["ledger", "verify", "--database-url", &url])
-        .output()
-        .expect("run");
+    let verify = |url: &str| {
+        let mut cmd = syft_router();
+        cmd.args(["ledger", "verify", "--database-url", url]);
+        cmd.output().expect("run")
+    };
+    let out = verify(&url);
     assert_eq!(out.status.code(), Some(2), "could not check: {out:?}");
     let books = syft_testkit::TempDir::new().expect("temp dir");
     let copy = books.path().join("copy.db");
@@ -212,10 +214,7 @@ async fn client_commands_and_verify() {
             .expect("tamper");
     assert_eq!(moved.rows_affected(), 1);
     tampered.close().await;
-    let out = syft_router()
-        .args(["ledger", "verify", "--database-url", &url])
-        .output()
-        .expect("run");
+    let out = verify(&url);
     assert_eq!(out.status.code(), Some(1), "wrong books: {out:?}");
     assert_contains(
         &String::from_utf8_lossy(&out.stdout),

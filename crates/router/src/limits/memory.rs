@@ -4,7 +4,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use super::{retry_after, Limiter, LimiterError, Reply, Rule, Verdict, WindowState};
+use super::{retry_after, Limiter, LimiterError, Reply, Rule, Slots, Verdict, WindowState};
 
 /// Above this many keys, a sweep drops the windows whose entries have all aged out.
 const SWEEP_ABOVE: usize = 100_000;
@@ -136,14 +136,9 @@ impl MemoryLimiter {
         Ok(())
     }
 
-    fn renew_now(
-        &self,
-        now: u64,
-        lease: &str,
-        windows: &[(String, Duration)],
-    ) -> Result<(), LimiterError> {
+    fn renew_now(&self, now: u64, lease: &str, slots: Slots<'_>) -> Result<(), LimiterError> {
         let mut state = self.locked()?;
-        for (key, window) in windows {
+        for (key, window) in slots {
             let Some(w) = state.windows.get_mut(key) else {
                 continue;
             };
@@ -194,13 +189,8 @@ impl Limiter for MemoryLimiter {
         Box::pin(async move { r })
     }
 
-    fn renew<'a>(
-        &'a self,
-        now_ms: u64,
-        lease: &'a str,
-        windows: &'a [(String, Duration)],
-    ) -> Reply<'a, ()> {
-        let r = self.renew_now(now_ms, lease, windows);
+    fn renew<'a>(&'a self, now_ms: u64, lease: &'a str, slots: Slots<'a>) -> Reply<'a, ()> {
+        let r = self.renew_now(now_ms, lease, slots);
         Box::pin(async move { r })
     }
 

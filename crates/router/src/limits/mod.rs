@@ -136,6 +136,9 @@ impl LimiterError {
     }
 }
 
+/// A request's concurrency windows: each one's key and length.
+pub type Slots<'a> = &'a [(String, Duration)];
+
 /// What a [`Limiter`] answers: boxed so the trait stays object-safe (`Arc<dyn Limiter>`).
 pub type Reply<'a, T> = BoxFuture<'a, Result<T, LimiterError>>;
 
@@ -165,14 +168,9 @@ pub trait Limiter: Send + Sync {
     /// The windows' states without recording anything.
     fn peek<'a>(&'a self, now_ms: u64, rules: &'a [Rule]) -> Reply<'a, Vec<WindowState>>;
 
-    /// Moves `lease`'s entry in each `(key, window)` window to `now_ms` (its slots', by a
-    /// request still in flight: `renew.rs`); a lease no longer there is left alone.
-    fn renew<'a>(
-        &'a self,
-        now_ms: u64,
-        lease: &'a str,
-        windows: &'a [(String, Duration)],
-    ) -> Reply<'a, ()>;
+    /// Moves `lease`'s entry in each of `slots` to `now_ms` (by a request still in flight:
+    /// `renew.rs`); a lease no longer there is left alone.
+    fn renew<'a>(&'a self, now_ms: u64, lease: &'a str, slots: Slots<'a>) -> Reply<'a, ()>;
 
     /// Whether the store answers (the router's readiness); an in-process one always does.
     fn ping(&self) -> Reply<'_, ()> {

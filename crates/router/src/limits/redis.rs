@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::redis_conn::Conn;
-use super::{Limiter, LimiterError, Reply, Rule, Verdict, WindowState};
+use super::{Limiter, LimiterError, Reply, Rule, Slots, Verdict, WindowState};
 
 /// The start of the scripts that take a time: `now` is ARGV[1] in ms, or Redis's own clock when
 /// that is -1 (`RedisLimiter::server_clock`).
@@ -292,7 +292,7 @@ impl RedisLimiter {
         &self,
         now: u64,
         lease: &str,
-        windows: &[(String, Duration)],
+        slots: Slots<'_>,
     ) -> Result<(), LimiterError> {
         let now = if self.server_clock {
             -1
@@ -301,7 +301,7 @@ impl RedisLimiter {
         };
         let mut inv = self.renew.prepare_invoke();
         inv.arg(now).arg(lease);
-        for (key, window) in windows {
+        for (key, window) in slots {
             for k in window_keys(key) {
                 inv.key(k);
             }
@@ -377,13 +377,8 @@ impl Limiter for RedisLimiter {
         Box::pin(RedisLimiter::ping(self))
     }
 
-    fn renew<'a>(
-        &'a self,
-        now_ms: u64,
-        lease: &'a str,
-        windows: &'a [(String, Duration)],
-    ) -> Reply<'a, ()> {
-        Box::pin(self.renew_lease(now_ms, lease, windows))
+    fn renew<'a>(&'a self, now_ms: u64, lease: &'a str, slots: Slots<'a>) -> Reply<'a, ()> {
+        Box::pin(self.renew_lease(now_ms, lease, slots))
     }
 
     fn peek<'a>(&'a self, now_ms: u64, rules: &'a [Rule]) -> Reply<'a, Vec<WindowState>> {
