@@ -90,7 +90,7 @@ pub fn resolved(t: &TransferRow, call_started: i64) {
         TransferStatus::Completed => {
             HOLDS.with_label_values(&["captured"]).inc();
             CAPTURED
-                .with_label_values(&[app_label(t)])
+                .with_label_values(&[app_label(t.created_by, &t.app_name).as_str()])
                 .inc_by(t.captured.get().max(0) as u64);
         }
         TransferStatus::Cancelled if t.resolved_by == Some(Actor::System) => expired(1),
@@ -99,19 +99,36 @@ pub fn resolved(t: &TransferRow, call_started: i64) {
     }
 }
 
-/// The `app` a capture is counted under: the app name of a hold its recipient placed (a router's
-/// name, its owner's choice), and [`DIRECT_APP`] for a transfer its sender created (the accounting
-/// API's direct transfers), whose app name the payer writes: any funded account could add a
-/// label per micro, or count its payment under another owner's router.
-fn app_label(t: &TransferRow) -> &str {
-    match t.created_by {
-        Actor::Recipient => t.app_name.as_str(),
-        _ => DIRECT_APP,
+/// The `app` a capture is counted under: the app name of a hold its recipient placed, among the
+/// first [`MAX_APP_LABELS`] names seen, [`OTHER_APPS`] past them, and [`DIRECT_APP`] for a
+/// transfer its sender created (the accounting API's direct transfers, whose app name the payer
+/// writes). A recipient is any account, and open registration makes one: the names are the
+/// callers' choice, so their number is bounded here (one label per micro captured grew the
+/// scrape without end). On a ledger shared by owners two can use one name: per owner, the
+/// analytics are the figures (docs/operations.md).
+fn app_label(created_by: Actor, app_name: &str) -> String {
+    if created_by != Actor::Recipient {
+        return DIRECT_APP.into();
+    }
+    let Ok(mut seen) = APP_LABELS.lock() else {
+        return OTHER_APPS.into();
+    };
+    if seen.contains(app_name) || seen.len() < MAX_APP_LABELS {
+        seen.insert(app_name.to_string());
+        app_name.to_string()
+    } else {
+        OTHER_APPS.into()
     }
 }
 
 /// The `app` label of transfers their sender created.
 pub const DIRECT_APP: &str = "(direct)";
+/// The `app` label of captures under names past the first [`MAX_APP_LABELS`].
+pub const OTHER_APPS: &str = "(other)";
+/// How many app names get a label of their own.
+pub const MAX_APP_LABELS: usize = 100;
+static APP_LABELS: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<String>>> =
+    std::sync::LazyLock::new(Default::default);
 
 pub fn now() -> i64 {
     now_micros()
@@ -147,4 +164,37 @@ pub async fn render(store: &Store) -> axum::response::Response {
     POOL.with_label_values(&["in_use"])
         .set(i64::from(pool.size()).saturating_sub(idle));
     syft_telemetry::metrics::response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// App names are their callers' choice: past the first hundred seen, captures count under
+    /// `(other)` (a name seen before keeps its label), and a direct transfer's name is never one.
+    #[test]
+    fn app_labels_are_bounded() {
+        let names: Vec<String> = (0..=MAX_APP_LABELS)
+            .map(|i| format!("app-label-test-{i}"))
+            .collect();
+        let labels: Vec<String> = names
+            .iter()
+            .map(|n| app_label(Actor::Recipient, n))
+            .collect();
+        let own = labels
+            .iter()
+            .filter(|l| l.starts_with("app-label-test-"))
+            .count();
+        assert!(own <= MAX_APP_LABELS, "{own} labels of their own");
+        assert_eq!(labels.last().map(String::as_str), Some(OTHER_APPS));
+        let kept = labels.iter().position(|l| l != OTHER_APPS);
+        if let Some(i) = kept {
+            assert_eq!(
+                app_label(Actor::Recipient, &names[i]),
+                names[i],
+                "a known name"
+            );
+        }
+        assert_eq!(app_label(Actor::Sender, "router-a"), DIRECT_APP);
+    }
 }

@@ -1725,7 +1725,7 @@ store_suite!(
 
 /// A `statement_timeout` a DBA sets on the database (for the money paths) does not cancel a
 /// verify, which reads every row: on a large ledger it failed "retry" every time. Here the
-/// timeout is 200 ms and another session holds the accounts table for 1.5 s.
+/// timeout is 200 ms and another session holds the rollup queue and the accounts for 1.5 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_verify_outlasts_a_statement_timeout() {
     use sqlx::Connection;
@@ -1749,7 +1749,9 @@ async fn postgres_verify_outlasts_a_statement_timeout() {
     .expect("timeout");
     let mut holder = sqlx::PgConnection::connect(&db.url).await.expect("connect");
     let mut lock = holder.begin().await.expect("begin");
-    sqlx::query("LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
+    // The rollup queue, which verify folds first (best effort: the fold runs under the timeout),
+    // and a table its snapshot reads.
+    sqlx::query("LOCK TABLE usage_rollup_queue, accounts IN ACCESS EXCLUSIVE MODE")
         .execute(&mut *lock)
         .await
         .expect("lock");

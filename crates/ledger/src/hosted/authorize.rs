@@ -171,8 +171,9 @@ impl Hosted {
     }
 }
 
-/// Whether the service's refusal of a create says the token was the sender's own, live or once:
-/// only then is the refusal kept as the key's outcome (a replay answers it again).
+/// Whether the service's refusal of a create says the token was the sender's own, live or once,
+/// and is one a local ledger keeps as the key's outcome (a replay answers it again). A daily
+/// limit's or a budget's is not kept there either: it may pass once the window has room.
 fn proves_the_sender(err: &LedgerError) -> bool {
     use syft_error::Reason;
     matches!(
@@ -180,10 +181,8 @@ fn proves_the_sender(err: &LedgerError) -> bool {
         Some(
             Reason::InsufficientFunds
                 | Reason::TokenLimitExceeded
-                | Reason::TokenDailyLimitExceeded
                 | Reason::TokenRevoked
                 | Reason::TokenExpired
-                | Reason::BudgetExceeded
         )
     )
 }

@@ -498,6 +498,7 @@ impl Pass {
     /// only what the request says, so without this anyone could spend a user's room (and have
     /// their requests refused) by naming them with a made-up token.
     pub async fn withdraw(mut self) {
+        self.renewal.take();
         let Some(limiter) = self.limiter.take() else {
             return;
         };
