@@ -1818,7 +1818,8 @@ async fn migration_keeps_existing_rows(postgres: bool) {
          upstream_latency_ms, created_at) VALUES ('u1', 1, 'req-1', 't1', 'app', '/chat', \
          'alice@example.com', 'm', 1, 1, 2, 1000000, 'ok', 1, 1, 2)",
         "INSERT INTO authorize_failures (recipient_id, idempotency_key, request_hash, error_kind, \
-         error_message, created_at) VALUES (1, 'req-3', 'h3', 'insufficient_funds', 'poor', 3)",
+         error_message, created_at) VALUES (1, 'req-3', 'h3', 'insufficient_funds', 'poor', 3), \
+         (1, 'req-4', 'h4', 'TOKEN_INVALID', 'unknown token', 4)",
         "INSERT INTO hosted_transfers (id, idempotency_key, request_hash, sender_email, \
          recipient_email, token, amount, currency, status, step, app_name, app_ep_path, \
          created_at, expires_at, updated_at) VALUES ('h1', 'req-1', 'h', 'alice@example.com', \
@@ -1849,6 +1850,7 @@ async fn migration_keeps_existing_rows(postgres: bool) {
         count("SELECT COUNT(*) FROM usage_records WHERE transfer_id = 't1'").await,
         1
     );
+    // The stranger's refusal is released (0033), the user's own is kept.
     assert_eq!(count("SELECT COUNT(*) FROM authorize_failures").await, 1);
     assert_eq!(count("SELECT COUNT(*) FROM hosted_transfers").await, 1);
     if !postgres {
