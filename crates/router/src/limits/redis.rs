@@ -287,7 +287,7 @@ impl RedisLimiter {
         })
     }
 
-    /// `RENEW` of `lease` in `windows`, waiting as a settle does.
+    /// `RENEW` of `lease` in `slots`, waiting as a settle does.
     async fn renew_lease(
         &self,
         now: u64,
