@@ -203,37 +203,37 @@ impl From<sqlx::Error> for LedgerError {
                 LedgerError::Unavailable("database unavailable".into())
             }
             sqlx::Error::RowNotFound => LedgerError::NotFound("not found".into()),
-            _ if is_retryable(&err) => LedgerError::Unavailable("database busy, retry".into()),
-            _ if classify(&err) == DbErrorClass::ConnectionLost => {
-                LedgerError::Unavailable("database connection lost".into())
-            }
-            // The operator's to put right: logged with its reason, at most every 10 s (an
-            // outage is thousands of calls, each logged as an internal error before). The health
-            // ping does not see all of these (a read-only standby answers `SELECT 1`).
-            _ if classify(&err) == DbErrorClass::Refused => {
-                static LAST: AtomicU64 = AtomicU64::new(0);
-                now_and_then(
-                    &LAST,
-                    &err,
-                    "the database refuses the ledger's calls (answered UNAVAILABLE)",
-                );
-                LedgerError::Unavailable("database unavailable".into())
-            }
-            // Rolled back whole: repeating the call is safe (it used to be an internal error).
-            _ if classify(&err) == DbErrorClass::Cancelled => LedgerError::Unavailable(
-                "a database statement was cancelled (a statement_timeout, or an \
+            _ => match classify(&err) {
+                DbErrorClass::Transient => LedgerError::Unavailable("database busy, retry".into()),
+                DbErrorClass::ConnectionLost => {
+                    LedgerError::Unavailable("database connection lost".into())
+                }
+                // The operator's to put right: logged with its reason, at most every 10 s (an
+                // outage is thousands of calls, each logged as an internal error before). The
+                // health ping does not see all of these (a read-only standby answers `SELECT 1`).
+                DbErrorClass::Refused => {
+                    static LAST: AtomicU64 = AtomicU64::new(0);
+                    now_and_then(
+                        &LAST,
+                        &err,
+                        "the database refuses the ledger's calls (answered UNAVAILABLE)",
+                    );
+                    LedgerError::Unavailable("database unavailable".into())
+                }
+                // Rolled back whole: repeating the call is safe (it used to be an internal error).
+                DbErrorClass::Cancelled => LedgerError::Unavailable(
+                    "a database statement was cancelled (a statement_timeout, or an \
                      administrator); retry"
-                    .into(),
-            ),
-            // 42P05 duplicate_prepared_statement: the ledger's prepared statements met another
-            // client's on one server session, which only a pooler in transaction mode does.
-            sqlx::Error::Database(db) if db.code().as_deref() == Some("42P05") => {
-                LedgerError::Internal(format!(
+                        .into(),
+                ),
+                DbErrorClass::SessionShared => LedgerError::Internal(format!(
                     "{err} (a connection pooler in transaction mode? the ledger needs session \
                      pooling: docs/operations.md, \"Postgres settings\")"
-                ))
-            }
-            _ => LedgerError::Internal(err.to_string()),
+                )),
+                DbErrorClass::UniqueViolation | DbErrorClass::Other => {
+                    LedgerError::Internal(err.to_string())
+                }
+            },
         }
     }
 }

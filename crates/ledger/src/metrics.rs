@@ -90,7 +90,7 @@ pub fn resolved(t: &TransferRow, call_started: i64) {
         TransferStatus::Completed => {
             HOLDS.with_label_values(&["captured"]).inc();
             CAPTURED
-                .with_label_values(&[app_label(t.created_by, &t.app_name).as_str()])
+                .with_label_values(&[app_label(t.created_by, &t.app_name)])
                 .inc_by(t.captured.get().max(0) as u64);
         }
         TransferStatus::Cancelled if t.resolved_by == Some(Actor::System) => expired(1),
@@ -106,19 +106,21 @@ pub fn resolved(t: &TransferRow, call_started: i64) {
 /// callers' choice, so their number is bounded here (one label per micro captured grew the
 /// scrape without end). On a ledger shared by owners two can use one name: per owner, the
 /// analytics are the figures (docs/operations.md).
-fn app_label(created_by: Actor, app_name: &str) -> String {
+fn app_label(created_by: Actor, app_name: &str) -> &str {
     if created_by != Actor::Recipient {
-        return DIRECT_APP.into();
+        return DIRECT_APP;
     }
     let Ok(mut seen) = APP_LABELS.lock() else {
-        return OTHER_APPS.into();
+        return OTHER_APPS;
     };
-    if seen.contains(app_name) || seen.len() < MAX_APP_LABELS {
+    // On the capture path: a name seen before costs a lookup, no allocation.
+    if !seen.contains(app_name) {
+        if seen.len() >= MAX_APP_LABELS {
+            return OTHER_APPS;
+        }
         seen.insert(app_name.to_string());
-        app_name.to_string()
-    } else {
-        OTHER_APPS.into()
     }
+    app_name
 }
 
 /// The `app` label of transfers their sender created.
@@ -177,7 +179,7 @@ mod tests {
         let names: Vec<String> = (0..=MAX_APP_LABELS)
             .map(|i| format!("app-label-test-{i}"))
             .collect();
-        let labels: Vec<String> = names
+        let labels: Vec<&str> = names
             .iter()
             .map(|n| app_label(Actor::Recipient, n))
             .collect();
@@ -186,8 +188,8 @@ mod tests {
             .filter(|l| l.starts_with("app-label-test-"))
             .count();
         assert!(own <= MAX_APP_LABELS, "{own} labels of their own");
-        assert_eq!(labels.last().map(String::as_str), Some(OTHER_APPS));
-        let kept = labels.iter().position(|l| l != OTHER_APPS);
+        assert_eq!(labels.last().copied(), Some(OTHER_APPS));
+        let kept = labels.iter().position(|l| *l != OTHER_APPS);
         if let Some(i) = kept {
             assert_eq!(
                 app_label(Actor::Recipient, &names[i]),

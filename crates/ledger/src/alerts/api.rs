@@ -187,8 +187,8 @@ impl Ledger {
             // What `enable` wrote; the rest of the record is as read.
             (endpoint.disabled_at, endpoint.failing_since) = (None, None);
         }
-        let email = db::account_email(self.store().pool(), endpoint.account_id).await?;
-        self.endpoint_view(endpoint, &email).await
+        let account = db::account(self.store().pool(), endpoint.account_id).await?;
+        self.endpoint_view(endpoint, &account.email).await
     }
 
     /// A new signing secret; the previous one keeps signing (second signature) for `overlap`.

@@ -115,7 +115,7 @@ async fn evaluate_endpoint(
     let account = match pass.accounts.get(&endpoint.account_id) {
         Some(account) => account.clone(),
         // Added after the pass read the accounts.
-        None => account_by_id(store, endpoint.account_id).await?,
+        None => db::account(store.pool(), endpoint.account_id).await?,
     };
     let mut written = 0;
     for (index, rule) in rules.iter().enumerate() {
@@ -183,14 +183,6 @@ enum Value {
     },
     Expired(i64),
     Digest(Option<serde_json::Value>),
-}
-
-async fn account_by_id(store: &Store, id: i64) -> Result<AccountRow> {
-    let sql = format!("SELECT {ACCOUNT_COLUMNS} FROM accounts a WHERE a.id = $1");
-    Ok(sqlx::query_as(&sql)
-        .bind(id)
-        .fetch_one(store.pool())
-        .await?)
 }
 
 fn day_start(now: i64) -> i64 {

@@ -5,7 +5,7 @@ use sqlx::{Any, AnyPool, Transaction};
 use super::payload::{body, event_id, Fired};
 use super::rules::Format;
 use crate::error::Result;
-use crate::store::{now_micros, retry_transient, Store};
+use crate::store::{now_micros, retry_transient, AccountRow, Store, ACCOUNT_COLUMNS};
 
 const ENDPOINT_COLUMNS: &str = "id, account_id, url, format, secret_sealed, \
     previous_secret_sealed, previous_secret_until, rules, rate_per_minute, failing_since, \
@@ -467,14 +467,10 @@ pub(crate) async fn record_attempt(
     Ok(failing_since)
 }
 
-/// The email of the account an endpoint belongs to.
-pub(crate) async fn account_email(pool: &AnyPool, account_id: i64) -> Result<String> {
-    Ok(
-        sqlx::query_scalar("SELECT email FROM accounts WHERE id = $1")
-            .bind(account_id)
-            .fetch_one(pool)
-            .await?,
-    )
+/// The account an endpoint belongs to.
+pub(crate) async fn account(pool: &AnyPool, id: i64) -> Result<AccountRow> {
+    let sql = format!("SELECT {ACCOUNT_COLUMNS} FROM accounts a WHERE a.id = $1");
+    Ok(sqlx::query_as(&sql).bind(id).fetch_one(pool).await?)
 }
 
 /// Enables an endpoint disabled after failing: the failure clock starts again (else the next

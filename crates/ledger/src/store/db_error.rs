@@ -24,6 +24,9 @@ const PG_REFUSED_CLASSES: [&str; 2] = ["53", "28"];
 /// Postgres SQLSTATE `57014`: the statement was cancelled (its `statement_timeout`, or
 /// `pg_cancel_backend`); its transaction rolled back.
 const PG_QUERY_CANCELED: &str = "57014";
+/// `duplicate_prepared_statement`: the ledger's prepared statements met another client's on one
+/// server session, which only a pooler in transaction (or statement) mode does.
+const PG_DUPLICATE_PREPARED_STATEMENT: &str = "42P05";
 /// SQLite primary result code `SQLITE_BUSY`: another connection holds the write lock.
 const SQLITE_BUSY: i32 = 5;
 /// SQLite primary result code `SQLITE_LOCKED`: a conflict inside this connection's shared cache.
@@ -56,6 +59,9 @@ pub(crate) enum DbErrorClass {
     Refused,
     /// The statement was cancelled (a timeout or an operator); nothing it did was kept.
     Cancelled,
+    /// The server session is shared with other clients (a pooler in transaction mode): a
+    /// deployment the ledger does not support (docs/operations.md, "Postgres settings").
+    SessionShared,
     /// Anything else.
     Other,
 }
@@ -77,6 +83,9 @@ pub(crate) fn classify(err: &sqlx::Error) -> DbErrorClass {
         }
         if code == PG_QUERY_CANCELED {
             return DbErrorClass::Cancelled;
+        }
+        if code == PG_DUPLICATE_PREPARED_STATEMENT {
+            return DbErrorClass::SessionShared;
         }
         if PG_REFUSED.contains(&code) || PG_REFUSED_CLASSES.iter().any(|c| code.starts_with(c)) {
             return DbErrorClass::Refused;
