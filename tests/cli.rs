@@ -146,6 +146,15 @@ async fn client_commands_and_verify() {
         .expect("dir")
         .next()
         .is_none());
+    // A `--data-dir` beside a `DATABASE_URL` (another project's, left in the environment) is
+    // refused: the URL used to win without a word, and verify checked another ledger.
+    let refused = fails(
+        syft_router()
+            .env("DATABASE_URL", &h.config.database_url)
+            .args(["ledger", "verify", "--data-dir"])
+            .arg(empty.path()),
+    );
+    assert_contains(&refused, &["--data-dir and a database URL", "give one"]);
     // So is a database with no ledger in it (a mistyped name, an empty restore), and it is left
     // empty: verify used to give it the schema and report it consistent.
     let blank = empty.path().join("blank.db");
@@ -965,7 +974,8 @@ fn a_limit_of_zero_is_refused() {
 
 /// A ledger refuses at start-up a hold too short to capture anything and a pool of no
 /// connections: `--hold-ttl 1us` started, and every paid request called its upstream and then
-/// failed on its expired hold; `--max-connections 0` was taken as 1 without a word.
+/// failed on its expired hold; `--max-connections 0` was taken as 1 without a word. So are a
+/// `--max-hold-ttl` over a month and two names of its database.
 #[test]
 fn a_ledger_refuses_a_hold_ttl_under_a_second_and_no_connections() {
     let data = tempfile::tempdir().expect("tempdir");
@@ -973,6 +983,16 @@ fn a_ledger_refuses_a_hold_ttl_under_a_second_and_no_connections() {
     for (flags, says) in [
         (&["--hold-ttl", "1us"][..], "--hold-ttl must be at least 1s"),
         (&["--max-connections", "0"], "not in 1.."),
+        // A ten-digit hour count wrapped the expiry clock; a month bounds every hold.
+        (
+            &["--max-hold-ttl", "721h"],
+            "--max-hold-ttl must be at most 30 days",
+        ),
+        // The URL used to win over the flag without a word.
+        (
+            &["--database-url", "sqlite::memory:"],
+            "--data-dir and a database URL",
+        ),
     ] {
         let mut ledger = syft_router()
             .args(["ledger", "--data-dir", dir, "--admin-key", "k"])

@@ -35,28 +35,67 @@ pub struct DatabaseArgs {
     /// postgres://user@host/db or sqlite://path?mode=rwc (default: a SQLite file in the data dir).
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: Option<String>,
-    /// Directory for the embedded SQLite database.
-    #[arg(long, env = "SYFT_DATA_DIR", default_value = "data")]
-    pub data_dir: String,
+    /// Directory for the embedded SQLite database [env: SYFT_DATA_DIR] [default: data].
+    /// Refused beside a database URL: give one.
+    // The variable is read in `named`, not by clap: an image sets it for the case without a URL
+    // (Dockerfile), so only the flag conflicts with one.
+    #[arg(long)]
+    pub data_dir: Option<String>,
 }
 
+/// The longest `--max-hold-ttl` accepted.
+const MAX_HOLD_TTL_CEILING: Duration = Duration::from_secs(30 * 86_400);
+
+/// The database a ledger command was given.
+enum Named {
+    Url(String),
+    /// The directory of the embedded SQLite database.
+    Dir(String),
+}
+
+/// Where the embedded SQLite database lives when neither flag names one.
+const DEFAULT_DATA_DIR: &str = "data";
+
 impl DatabaseArgs {
-    pub fn url(&self) -> anyhow::Result<String> {
-        if let Some(url) = &self.database_url {
-            return Ok(url.clone());
+    /// The one database the flags name. `--data-dir` beside a URL is refused: the URL used to
+    /// win silently, so a `--data-dir` given with `DATABASE_URL` left in the environment
+    /// (another project's) ran the ledger, or checked one, somewhere else. A URL beside
+    /// `SYFT_DATA_DIR` wins, as the image's default directory is meant to give way to one.
+    fn named(&self) -> anyhow::Result<Named> {
+        match (&self.database_url, &self.data_dir) {
+            (Some(_), Some(_)) => anyhow::bail!(
+                "--data-dir and a database URL (--database-url or DATABASE_URL) both name the \
+                 ledger's database: give one"
+            ),
+            (Some(url), None) => Ok(Named::Url(url.clone())),
+            (None, Some(dir)) => Ok(Named::Dir(dir.clone())),
+            (None, None) => Ok(Named::Dir(
+                std::env::var("SYFT_DATA_DIR")
+                    .ok()
+                    .filter(|d| !d.is_empty())
+                    .unwrap_or_else(|| DEFAULT_DATA_DIR.to_owned()),
+            )),
         }
-        super::create_private_dir(&self.data_dir)?;
-        Ok(format!("sqlite://{}/ledger.db?mode=rwc", self.data_dir))
+    }
+
+    pub fn url(&self) -> anyhow::Result<String> {
+        let dir = match self.named()? {
+            Named::Url(url) => return Ok(url),
+            Named::Dir(dir) => dir,
+        };
+        super::create_private_dir(&dir)?;
+        Ok(format!("sqlite://{dir}/ledger.db?mode=rwc"))
     }
 
     /// [`Self::url`] of a ledger that must already exist: a check of a data directory with no
     /// ledger in it (a typo, the wrong working directory) is refused. It used to create an empty
     /// database there and report it consistent, exit 0.
     pub fn existing_url(&self) -> anyhow::Result<String> {
-        if let Some(url) = &self.database_url {
-            return Ok(url.clone());
-        }
-        let file = std::path::Path::new(&self.data_dir).join("ledger.db");
+        let dir = match self.named()? {
+            Named::Url(url) => return Ok(url),
+            Named::Dir(dir) => dir,
+        };
+        let file = std::path::Path::new(&dir).join("ledger.db");
         anyhow::ensure!(
             file.is_file(),
             "no ledger database at {} (pass the ledger's --data-dir, or --database-url)",
@@ -251,6 +290,11 @@ impl ServeArgs {
         }
         if self.hold_ttl > self.max_hold_ttl {
             anyhow::bail!("--hold-ttl must not exceed --max-hold-ttl");
+        }
+        // Money held for a month is money its payer cannot spend for a month; a bound also keeps
+        // every expiry far inside the micros clock (a ten-digit hour count wrapped it).
+        if self.max_hold_ttl > MAX_HOLD_TTL_CEILING {
+            anyhow::bail!("--max-hold-ttl must be at most 30 days (720h)");
         }
         Ok(LedgerConfig {
             database_url: self.db.url()?,

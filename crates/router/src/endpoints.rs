@@ -39,6 +39,19 @@ struct Health {
     /// Skipped until then.
     down_until: Option<Instant>,
     consecutive_failures: u32,
+    /// The last failure was a connection that could not be made (nothing was sent), not a
+    /// ledger that answered it is unavailable or a call cut off in flight.
+    unreachable: bool,
+}
+
+/// Why an endpoint is backed off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Down {
+    /// No connection could be made: nothing runs there for this router.
+    Unreachable,
+    /// Anything else: a call cut off or timed out, a ledger saying it is unavailable, a probe
+    /// that did not answer serving.
+    Failed,
 }
 
 impl Member {
@@ -51,8 +64,9 @@ impl Member {
     }
 
     /// The endpoint failed in transport (or its probe failed): skip it for a while.
-    pub(crate) fn mark_down(&self) {
+    pub(crate) fn mark_down(&self, why: Down) {
         if let Ok(mut h) = self.health.lock() {
+            h.unreachable = why == Down::Unreachable;
             let shift = h.consecutive_failures.min(4);
             let backoff = (FIRST_BACKOFF * (1u32 << shift)).min(MAX_BACKOFF);
             h.consecutive_failures = h.consecutive_failures.saturating_add(1);
@@ -113,6 +127,16 @@ impl Members {
 
     pub(crate) fn all(&self) -> &[Member] {
         &self.list
+    }
+
+    /// Whether no endpoint can be reached now: each is backed off after a connection that could
+    /// not be made. A call learns this before the next health probe does.
+    pub(crate) fn unreachable(&self) -> bool {
+        self.list.iter().all(|m| {
+            m.health
+                .lock()
+                .is_ok_and(|h| h.unreachable && h.down_until.is_some_and(|t| t > Instant::now()))
+        })
     }
 
     /// The order in which a call tries the endpoints: the healthy ones (starting at a rotating

@@ -638,6 +638,47 @@ async fn requests_refused_for_a_ledger_outage_spend_no_window() {
     s.assert_spent(2 * PRICE).await;
 }
 
+/// The first requests after the ledger dies, before the router's probe has seen it (once a
+/// second), spend no window either: their calls found no ledger to connect to. They kept their
+/// places, and a user could be rate limited by the outage's first second.
+#[tokio::test]
+async fn the_first_requests_after_the_ledger_dies_spend_no_window() {
+    let mut s = Stack::start_tweaked(Pricing::per_request(PRICE), |c| {
+        c.rate_limits.requests = vec![per_minute(2)];
+    })
+    .await;
+    let mut c = s.client().await;
+    c.chat(s.request("before")).await.expect("the ledger is up");
+    let addr = s.ledger.url.clone();
+    s.ledger.stop_now().await;
+    for i in 0..3 {
+        let err = c
+            .chat(s.request(&format!("down {i}")))
+            .await
+            .expect_err("ledger down");
+        assert_eq!(err.code(), Code::Unavailable, "request {i}: {err:?}");
+    }
+    s.ledger =
+        syft_testkit::LedgerServer::start_at(syft_testkit::ledger_config(&s.db.url), &addr).await;
+    let mut answered = None;
+    for _ in 0..50 {
+        match c.chat(s.request("back")).await {
+            Err(e) if e.code() == Code::Unavailable => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => {
+                answered = Some(other);
+                break;
+            }
+        }
+    }
+    let answered = answered.expect("the ledger came back");
+    assert!(answered.is_ok(), "the window's second place: {answered:?}");
+    let err = c.chat(s.request("third")).await.expect_err("2 per minute");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    s.assert_spent(2 * PRICE).await;
+}
+
 /// What `s`'s user has left in the router's token window (`GetLimits` with their token).
 async fn tokens_left(s: &Stack, c: &RouterClient<tonic::transport::Channel>) -> u64 {
     let ask = syft_proto::router::GetLimitsRequest {

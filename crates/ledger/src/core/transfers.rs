@@ -44,7 +44,7 @@ impl Ledger {
         let max_ttl = self.config.max_hold_ttl.as_secs() as i64;
         let ttl_micros = match req.hold_ttl_seconds {
             None => self.config.hold_ttl.as_micros() as i64,
-            Some(s) if (1..=max_ttl).contains(&s) => s * 1_000_000,
+            Some(s) if (1..=max_ttl).contains(&s) => s.saturating_mul(1_000_000),
             Some(s) => {
                 return Err(LedgerError::invalid(format!(
                     "hold_ttl_seconds {s} must be between 1 and {max_ttl}"

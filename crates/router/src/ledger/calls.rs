@@ -15,7 +15,7 @@ use tonic::Code;
 
 use super::map_status;
 use crate::config::LedgerSettings;
-use crate::endpoints::Members;
+use crate::endpoints::{Down, Members};
 use crate::error::RouterError;
 
 /// The ledger endpoints and the router's credential: every call goes through [`Calls::call`],
@@ -232,10 +232,13 @@ impl Calls {
                 }
                 Err(s) if outcome_unknown(s.code()) => {
                     tracing::debug!(ledger = %m.label, ?op, code = ?s.code(), message = %s.message(), "ledger call failed; next endpoint");
-                    m.mark_down();
                     if syft_tls::handshake_failed(&s) {
+                        m.mark_down(Down::Failed);
                         round.refused_tls.push(&m.label);
-                    } else if !never_sent(&s) {
+                    } else if never_sent(&s) {
+                        m.mark_down(Down::Unreachable);
+                    } else {
+                        m.mark_down(Down::Failed);
                         round.maybe_applied.push(&m.label);
                     }
                     last = Some(s);

@@ -17,7 +17,7 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 use crate::config::LedgerSettings;
-use crate::endpoints::Member;
+use crate::endpoints::{Down, Member};
 use crate::error::RouterError;
 use crate::health::{LedgerEndpoint, LedgerState, OwnerCheck};
 use crate::metrics::SpoolEvent;
@@ -100,7 +100,11 @@ impl Ledger {
                 if *state == LedgerState::Serving {
                     m.mark_up();
                 } else {
-                    m.mark_down();
+                    // As the readiness this probe publishes says (`ledger_is_out` reads both).
+                    m.mark_down(match state {
+                        LedgerState::Unreachable => Down::Unreachable,
+                        _ => Down::Failed,
+                    });
                 }
                 LedgerEndpoint {
                     url: m.label.clone(),
@@ -117,6 +121,12 @@ impl Ledger {
         .find(|s| states.contains(s))
         .unwrap_or(LedgerState::Unknown);
         (overall, endpoints)
+    }
+
+    /// Whether no ledger endpoint could be connected to by the latest calls (see
+    /// `Members::unreachable`).
+    pub(crate) fn unreachable(&self) -> bool {
+        self.calls.members.unreachable()
     }
 
     /// Whether a call was refused for the router's credential since the owner check last

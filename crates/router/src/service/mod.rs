@@ -206,11 +206,15 @@ impl RouterService {
         self.inner.ledger.credential_refused()
     }
 
-    /// Whether the ledger is out for this router: not serving by the last probe, or refusing
-    /// its credentials.
+    /// Whether the ledger is out for this router: not serving by the last probe, no endpoint
+    /// connectable by the latest calls (the first requests after a ledger dies learn it before
+    /// the probe does), or refusing its credentials.
     pub(crate) fn ledger_is_out(&self) -> bool {
         let now = self.inner.readiness.borrow();
-        now.ledger != LedgerState::Serving || refuses_us(now.owner) || self.credential_refused()
+        now.ledger != LedgerState::Serving
+            || refuses_us(now.owner)
+            || self.credential_refused()
+            || self.inner.ledger.unreachable()
     }
 
     /// [`Self::ledger_refuses_us`] as the error a request gets instead of a ledger call.
