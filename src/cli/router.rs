@@ -158,6 +158,13 @@ impl RouterSetup {
                 api_key: api_key.or(base.api_key.clone()),
                 ..base
             });
+        } else if self.upstream_api_key.is_some() || self.upstream_api_key_file.is_some() {
+            // Often set for other tools (OPENAI_API_KEY): it was dropped without a word, and an
+            // operator who meant it for the file's server saw its 401s instead.
+            tracing::warn!(
+                "--upstream-api-key (or OPENAI_API_KEY) is set but not used: it goes only with \
+                 --upstream-url (a config file's server takes its own api_key)"
+            );
         }
         Ok(config)
     }

@@ -1723,6 +1723,38 @@ store_suite!(
     idempotency_keys_are_per_sender,
 );
 
+/// A database URL that asks for TLS (`sslmode=require`, what managed Postgres services demand)
+/// gets it. The ledger was built without TLS: such a URL stopped it at start ("SQLx was built
+/// without TLS support"), and every other connection carried the ledger's emails, stored answers
+/// and secret hashes in clear.
+#[tokio::test]
+async fn postgres_over_tls_when_the_url_asks() {
+    use sqlx::Connection;
+    let Some(db) = syft_testkit::Db::postgres().await else {
+        return;
+    };
+    let mut plain = sqlx::PgConnection::connect(&db.url).await.expect("connect");
+    let ssl: String = sqlx::query_scalar("SHOW ssl")
+        .fetch_one(&mut plain)
+        .await
+        .expect("show ssl");
+    if ssl != "on" {
+        eprintln!("SKIPPED: this Postgres serves no TLS (ssl = {ssl})");
+        return;
+    }
+    let sep = if db.url.contains('?') { '&' } else { '?' };
+    let url = format!("{}{sep}sslmode=require", db.url);
+    let store = syft_ledger::Store::connect(&url, 2)
+        .await
+        .expect("a ledger over TLS");
+    let tls: bool = sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        .fetch_one(store.pool())
+        .await
+        .expect("pg_stat_ssl");
+    assert!(tls, "the ledger's connection is not encrypted");
+    store.close().await;
+}
+
 /// A `statement_timeout` a DBA sets on the database (for the money paths) does not cancel a
 /// verify, which reads every row: on a large ledger it failed "retry" every time. Here the
 /// timeout is 200 ms and another session holds the rollup queue and the accounts for 1.5 s.

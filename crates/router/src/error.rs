@@ -54,6 +54,12 @@ pub enum RouterError {
     Unauthenticated(String),
     #[error("{0}")]
     PermissionDenied(String),
+    /// The ledger refused the token as proving nothing about the named user (`TOKEN_INVALID`:
+    /// unknown, another user's, issued to another router). A 403 like
+    /// [`RouterError::PermissionDenied`], told apart so that the refusal's usage row names no
+    /// user: the request proved none.
+    #[error("{0}")]
+    ForeignToken(String),
     /// The token's spend limit cannot cover the hold (`TOKEN_LIMIT_EXCEEDED`): a token refusal
     /// (403), told apart so that its message can say what sized the hold.
     #[error("{0}")]
@@ -106,9 +112,9 @@ impl RouterError {
             RouterError::PaymentRequired(_) => ErrorCode::PaymentRequired,
             RouterError::FailedPrecondition { .. } => ErrorCode::FailedPrecondition,
             RouterError::Unauthenticated(_) => ErrorCode::Unauthenticated,
-            RouterError::PermissionDenied(_) | RouterError::TokenSpendLimit(_) => {
-                ErrorCode::PermissionDenied
-            }
+            RouterError::PermissionDenied(_)
+            | RouterError::ForeignToken(_)
+            | RouterError::TokenSpendLimit(_) => ErrorCode::PermissionDenied,
             RouterError::NotFound(_) => ErrorCode::NotFound,
             RouterError::AlreadyExists(_)
             | RouterError::InProgress(_)
@@ -152,9 +158,9 @@ impl RouterError {
             RouterError::PaymentRequired(_) => "payment_required",
             RouterError::FailedPrecondition { .. } => "insufficient_quota",
             RouterError::Unauthenticated(_) => "authentication_error",
-            RouterError::PermissionDenied(_) | RouterError::TokenSpendLimit(_) => {
-                "permission_error"
-            }
+            RouterError::PermissionDenied(_)
+            | RouterError::ForeignToken(_)
+            | RouterError::TokenSpendLimit(_) => "permission_error",
             RouterError::AlreadyExists(_)
             | RouterError::InProgress(_)
             | RouterError::Processed { .. } => "conflict_error",

@@ -154,7 +154,15 @@ impl UsageSpool {
         calls: Calls,
         sync: bool,
     ) -> Result<Self, RouterError> {
-        std::fs::create_dir_all(dir).map_err(|e| io_err("cannot create", dir, e))?;
+        // Readable by the router's user only: rows name users (an existing directory keeps its
+        // mode, the operator's choice, as the ledger's data directory does).
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder
+            .create(dir)
+            .map_err(|e| io_err("cannot create", dir, e))?;
         if sync {
             // The directory may be new: its own entry must survive a host crash too (the syncer
             // flushes the directory's entries, its parent holds the directory's).
@@ -166,7 +174,7 @@ impl UsageSpool {
                 .and_then(|f| f.sync_all())
                 .map_err(|e| io_err("cannot sync its parent directory", dir, e))?;
         }
-        let lock = OpenOptions::new()
+        let lock = private()
             .create(true)
             .truncate(false)
             .write(true)
@@ -306,8 +314,16 @@ impl UsageSpool {
     }
 }
 
+/// Options for a file the spool creates: its owner's only (0600 on Unix).
+pub(super) fn private() -> OpenOptions {
+    let mut options = OpenOptions::new();
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options
+}
+
 fn create_segment(dir: &Path, seg: u64) -> Result<File, RouterError> {
-    OpenOptions::new()
+    private()
         .create_new(true)
         .append(true)
         .open(segment_path(dir, seg))

@@ -1238,8 +1238,9 @@ async fn bad_redis_url_is_refused_at_start() {
 }
 
 /// Two replicas sharing Redis, one request in flight allowed on the router as a whole, slots
-/// leased for 1 s. A request running at replica A keeps its slot past the lease (it is renewed
-/// while it runs); once A is killed (no release), B admits again within the lease. Until
+/// leased for 2 s (renewed every 667 ms: a loaded machine's late tick must not lose the slot).
+/// A request running at replica A keeps its slot past the lease (it is renewed while it runs);
+/// once A is killed (no release), B admits again within the lease. Until
 /// 2026-12-06 nothing renewed a slot, so the lease was raised to the longest request (18 minutes
 /// by default) and a killed replica's slots refused every user that long, a restart included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1255,7 +1256,7 @@ async fn a_killed_replicas_slots_free_within_the_lease_and_a_running_ones_do_not
             url: SHARED_REDIS.into(),
         };
         c.limiter.max_concurrent_requests = Some(1);
-        c.limiter.lease = Duration::from_secs(1);
+        c.limiter.lease = Duration::from_secs(2);
         if let syft_router_svc::UpstreamConfig::OpenAi(o) = &mut c.upstream {
             o.request_timeout = Duration::from_secs(60);
         }
@@ -1273,23 +1274,32 @@ async fn a_killed_replicas_slots_free_within_the_lease_and_a_running_ones_do_not
         async move { a.chat(req).await }
     });
     // B's answer to a probe: refused at once while the slot is taken; admitted, it waits on the
-    // stalled upstream past the probe's deadline.
+    // stalled upstream past the probe's deadline (`CANCELLED`). The deadline leaves a loaded
+    // machine's admission check time to answer (400 ms did not, and read as "admitted").
     let b = s.client().await;
     let probe = || {
         let mut b = b.clone();
         let mut req = tonic::Request::new(s.request("probe at B"));
-        req.set_timeout(Duration::from_millis(400));
+        req.set_timeout(Duration::from_millis(1_500));
         async move { b.chat(req).await.map(|_| ()).map_err(|e| e.code()) }
     };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while probe().await != Err(Code::ResourceExhausted) {
+    // A's request holds the slot once it reaches the stalled upstream (a probe sent before
+    // could take the slot first and have A's request refused).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.upstream.hits() == 0 {
         assert!(Instant::now() < deadline, "A's request never took the slot");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
     assert_eq!(
         probe().await,
         Err(Code::ResourceExhausted),
-        "A's running request kept its slot past the 1-s lease"
+        "A holds the slot"
+    );
+    tokio::time::sleep(Duration::from_millis(5_000)).await;
+    assert_eq!(
+        probe().await,
+        Err(Code::ResourceExhausted),
+        "A's running request kept its slot past the 2-s lease"
     );
     replica_a.kill(); // A dies: no release
     assert!(running.await.expect("join").is_err());
@@ -1300,7 +1310,7 @@ async fn a_killed_replicas_slots_free_within_the_lease_and_a_running_ones_do_not
             Ok(()) => break,
             Err(code) => {
                 assert!(
-                    killed.elapsed() < Duration::from_secs(3),
+                    killed.elapsed() < Duration::from_secs(5),
                     "A's slot still taken {:?} after it died: {code:?}",
                     killed.elapsed()
                 );

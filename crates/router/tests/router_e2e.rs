@@ -216,6 +216,16 @@ async fn upstream_failures_are_voided_and_recorded() {
             Code::InvalidArgument,
             "upstream_error",
         ),
+        // An error that quotes the prompt, as some servers and proxies write them.
+        (
+            Mode::StatusBody(
+                400,
+                json!({"error": {"message": "could not process input: patient Jane Roe HIV+"}})
+                    .to_string(),
+            ),
+            Code::InvalidArgument,
+            "upstream_error",
+        ),
     ];
     for (mode, code, _) in &cases {
         s.upstream.set_mode(mode.clone());
@@ -224,11 +234,26 @@ async fn upstream_failures_are_voided_and_recorded() {
         // The void is committed before the error is returned.
         assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS), "{mode:?}");
     }
+    // The caller is told what the upstream said (it quotes the caller's own prompt)...
+    let err = c.chat(s.request("hi")).await.expect_err("must fail");
+    assert!(err.message().contains("Jane Roe"), "{err:?}");
     let transfers = s.transfers().await;
-    assert_eq!(transfers.len(), cases.len());
+    assert_eq!(transfers.len(), cases.len() + 1);
     assert!(transfers
         .iter()
         .all(|t| t.status() == TransferStatus::Cancelled && t.captured_micros == 0));
+    // ... but the ledger, which keeps a void's reason for good, is not: only the status.
+    let reasons: Vec<&str> = transfers.iter().map(|t| t.cancel_reason.as_str()).collect();
+    assert!(
+        reasons
+            .iter()
+            .all(|r| !r.contains("Jane Roe") && !r.contains("é")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.contains(&"upstream returned HTTP 400"),
+        "{reasons:?}"
+    );
     let rows = s.usage().await;
     let mut statuses: Vec<String> = rows
         .iter()
@@ -236,6 +261,7 @@ async fn upstream_failures_are_voided_and_recorded() {
         .collect();
     statuses.sort();
     let mut want: Vec<String> = cases.iter().map(|c| c.2.to_string()).collect();
+    want.push("upstream_error".into());
     want.sort();
     assert_eq!(statuses, want);
     assert!(rows.iter().all(|r| r.cost_micros == 0));

@@ -443,7 +443,8 @@ async fn bad_search_input_is_refused_and_nothing_is_charged() {
         }
     }
     // A `/search` refused by the HTTP front before it is a request (a malformed `Authorization`
-    // header) still leaves a row naming alice, with the search backend as its model.
+    // header) still leaves a row, with the search backend as its model, naming no user: the
+    // request proved none (it named alice).
     let r = reqwest::Client::new()
         .post(format!("{}/search", s.router.http_url))
         .header("Idempotency-Key", "unread-1")
@@ -453,11 +454,11 @@ async fn bad_search_input_is_refused_and_nothing_is_charged() {
         .await
         .expect("http");
     assert_eq!(r.status(), 401);
-    let rows = s.usage().await;
+    let rows = all_usage(&s.ledger.url, "token_refused").await;
     let unread = (rows.iter())
-        .filter_map(|r| r.usage.as_ref())
         .find(|u| u.request_id == "unread-1")
         .expect("a row for the unread request");
+    assert_eq!(unread.user_email, "");
     assert_eq!(
         (unread.status.as_str(), unread.endpoint.as_str()),
         ("token_refused", "/search")

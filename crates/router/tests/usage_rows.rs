@@ -106,12 +106,24 @@ async fn refusals_leave_rows_and_free_the_request_id(s: Stack) {
     let row = |id: &str, status: &str, cost: i64| (id.to_string(), status.to_string(), cost);
     assert_eq!(
         statuses,
+        vec![row("r-1", "duplicate", 0), row("r-1", "success", PRICE)]
+    );
+    // A refusal that proved nothing about its user (no token, a token that is not theirs) names
+    // no user: anyone can name anyone, and such rows showed in alice's own history as hers.
+    let mut unnamed: Vec<(String, String)> = all_usage(&s.ledger.url, "")
+        .await
+        .into_iter()
+        .filter(|u| u.user_email.is_empty() && u.status != "invalid_request")
+        .map(|u| (u.request_id, u.status))
+        .collect();
+    unnamed.sort();
+    let row = |id: &str, status: &str| (id.to_string(), status.to_string());
+    assert_eq!(
+        unnamed,
         vec![
-            row("r-1", "duplicate", 0),
-            row("r-1", "payment_required", 0),
-            row("r-1", "success", PRICE),
-            row("r-2", "token_refused", 0),
-            row("r-http", "payment_required", 0),
+            row("r-1", "payment_required"),
+            row("r-2", "token_refused"),
+            row("r-http", "payment_required"),
         ]
     );
     let bob_rows = usage_of(&s.ledger.url, &bob.email).await;
@@ -220,7 +232,8 @@ async fn paid_request_the_client_gave_up_on_leaves_a_row() {
 
 /// Requests the HTTP fronts refuse before they are requests at all leave a row too: a body that is
 /// not JSON (no user known), an option the router does not support and a `maxTokens` out of
-/// range, tools or JSON mode (under the user they name), a malformed `Authorization` header (`token_refused`). None
+/// range, tools or JSON mode (under the user they name), a malformed `Authorization` header
+/// (`token_refused`, under no user: it proved none). None
 /// reaches the upstream or moves money.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_refused_before_they_are_read_leave_rows() {
@@ -288,7 +301,6 @@ async fn requests_refused_before_they_are_read_leave_rows() {
         vec![
             row("u-2", "invalid_request"),
             row("u-3", "invalid_request"),
-            row("u-4", "token_refused"),
             row("u-5", "invalid_request"),
             row("u-6", "invalid_request"),
             row("u-7", "invalid_request"),
@@ -301,6 +313,13 @@ async fn requests_refused_before_they_are_read_leave_rows() {
         .map(|u| u.request_id)
         .collect();
     assert_eq!(unnamed, vec!["u-1".to_string()]);
+    // A malformed `Authorization` header proved nothing about the user the body named.
+    let refused = all_usage(&s.ledger.url, "token_refused").await;
+    let refused: Vec<_> = refused
+        .iter()
+        .map(|u| (&*u.request_id, &*u.user_email))
+        .collect();
+    assert_eq!(refused, [("u-4", "")]);
     assert_eq!(s.upstream.hits(), 0);
     assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));
     s.check_invariants().await;

@@ -61,6 +61,22 @@ async fn rows_reach_the_ledger_once(sync: bool) {
     let rows = rows_once(&s, 20).await;
     assert_eq!(rows.len(), 20, "{rows:?}");
     assert!(rows.iter().all(|(_, n)| *n == 1), "{rows:?}");
+    // Rows name users: the directory and its files are the router's user's only (they were
+    // 0755 and 0644, from the umask).
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode(&spool), 0o700, "the spool directory");
+        let files: Vec<_> = std::fs::read_dir(&spool)
+            .expect("list")
+            .map(|e| e.expect("entry").path())
+            .collect();
+        assert!(files.len() >= 3, "{files:?}"); // LOCK, OWNER and a segment at least
+        for f in files {
+            assert_eq!(mode(&f), 0o600, "{}", f.display());
+        }
+    }
 
     // A second router on the same directory refuses to start.
     let mut config = s.router_config(Pricing::free());

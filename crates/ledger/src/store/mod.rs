@@ -174,6 +174,23 @@ fn sqlite_file(database_url: &str) -> Option<&std::path::Path> {
     (!path.is_empty() && path != ":memory:").then(|| std::path::Path::new(path))
 }
 
+/// Creates a new SQLite database file readable by its owner only (0600 on Unix; SQLite gives its
+/// `-wal` and `-shm` the same mode): it holds stored answers, rows naming users and secret
+/// hashes, and the umask made it 0644 wherever the directory was not the ledger's own. An
+/// existing file keeps its mode: the operator's choice.
+fn create_private_file(database_url: &str) {
+    let Some(file) = sqlite_file(database_url) else {
+        return;
+    };
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    // A file that exists keeps its mode; any other failure is left to SQLite, whose error names
+    // the file and what it could not do.
+    let _ = options.open(file);
+}
+
 /// How long an authenticated secret stays cached; secrets are never rotated in place, so this only
 /// bounds memory staleness, not security.
 pub(super) const SECRET_CACHE_TTL: Duration = Duration::from_secs(60);
@@ -344,6 +361,9 @@ impl Store {
                 })
                 .after_release(|conn, _| Box::pin(sqlite_connection_is_clean(conn))),
         };
+        if backend == Backend::Sqlite && database_url.contains("mode=rwc") {
+            create_private_file(database_url);
+        }
         let pool = open_pool(pool_options, database_url)
             .await
             .map_err(unreachable)?;
@@ -481,6 +501,18 @@ mod tests {
             .await
             .expect("a new ledger");
         store.close().await;
+        // A new file is its owner's only, whatever the directory's mode (it was 0644).
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            for name in ["ledger.db", "ledger.db-wal"] {
+                let meta = std::fs::metadata(dir.path().join(name));
+                let mode = meta.map(|m| m.permissions().mode() & 0o777);
+                assert!(matches!(mode, Ok(0o600) | Err(_)), "{name}: {mode:?}");
+            }
+            let meta = std::fs::metadata(&file).expect("ledger.db");
+            assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        }
         let read_only = format!("sqlite://{}?mode=ro", file.display());
         let refused = super::Store::connect(&read_only, 1).await.err();
         let message = refused.map(|e| e.to_string()).unwrap_or_default();

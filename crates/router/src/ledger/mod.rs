@@ -490,6 +490,9 @@ pub(crate) fn map_status(op: Op, s: tonic::Status) -> RouterError {
         Code::PermissionDenied if ledger_reason(&s) == Some(Reason::TokenLimitExceeded) => {
             RouterError::TokenSpendLimit(msg)
         }
+        Code::PermissionDenied if ledger_reason(&s) == Some(Reason::TokenInvalid) => {
+            RouterError::ForeignToken(msg)
+        }
         Code::PermissionDenied => RouterError::PermissionDenied(msg),
         // This router placed the hold it resolves, so the ledger lost it (a hold committed
         // asynchronously and lost in a Postgres crash, docs/design.md): nothing was charged, and

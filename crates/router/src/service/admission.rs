@@ -99,7 +99,8 @@ impl RouterService {
         let admission = async move {
             let result = run.await;
             if let Err(e) = &result {
-                svc.record_refusal(attempt, refusal_status(e)).await;
+                svc.record_refusal(attempt.naming_for(e), refusal_status(e))
+                    .await;
             }
             result
         };
@@ -170,6 +171,7 @@ impl RouterService {
                     || matches!(
                         e,
                         RouterError::PermissionDenied(_)
+                            | RouterError::ForeignToken(_)
                             | RouterError::TokenSpendLimit(_)
                             | RouterError::Cancelled(_)
                     )

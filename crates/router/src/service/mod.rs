@@ -547,7 +547,8 @@ impl RouterService {
         started: Instant,
         upstream_ms: i64,
     ) {
-        tracing::warn!(request_id = %p.v.request_id, error = %e, status = %e.usage_status(), "upstream failed");
+        tracing::warn!(request_id = %p.v.request_id, error = %e.summary(), status = %e.usage_status(), "upstream failed");
+        tracing::debug!(request_id = %p.v.request_id, error = %e, "upstream failure in its words");
         if e.is_outage() {
             if let Some(pass) = &p.t.pass {
                 pass.give_back_requests();
@@ -558,7 +559,7 @@ impl RouterService {
             output: 0,
         };
         let usage = self.usage(&p.t, e.usage_status(), units, started, upstream_ms);
-        self.release(hold, &e.to_string(), usage).await;
+        self.release(hold, &e.summary(), usage).await;
     }
 }
 

@@ -39,6 +39,15 @@ impl Attempt {
         }
     }
 
+    /// This attempt as its refusal `e` records it: under no user when `e` shows the request
+    /// proved none ([`proves_no_user`]).
+    pub(super) fn naming_for(mut self, e: &RouterError) -> Self {
+        if proves_no_user(e) {
+            self.user_email.clear();
+        }
+        self
+    }
+
     /// `provider`: the search backend, the `model` of search usage rows.
     pub(super) fn search(req: &SearchRequest, provider: &str) -> Self {
         Attempt {
@@ -62,6 +71,7 @@ pub(super) fn refusal_status(e: &RouterError) -> UsageStatus {
         // Every token refusal of the ledger (unknown, revoked, expired, over its limit), and a
         // malformed `Authorization` header (the only `Unauthenticated` of the router).
         RouterError::PermissionDenied(_)
+        | RouterError::ForeignToken(_)
         | RouterError::TokenSpendLimit(_)
         | RouterError::Unauthenticated(_) => UsageStatus::TokenRefused,
         RouterError::InvalidArgument(_)
@@ -82,6 +92,20 @@ pub(super) fn refusal_status(e: &RouterError) -> UsageStatus {
         // The router's own: a request whose client left before it was admitted.
         RouterError::Cancelled(_) => UsageStatus::Abandoned,
     }
+}
+
+/// Whether a refusal shows that the request proved nothing about the user it named: no token,
+/// a malformed one, or one the ledger says is not that user's. Its row then names no user: anyone
+/// can name anyone, and such rows showed in the named person's own history (and a digest's top
+/// users) as theirs, for good. A refusal of the user's own token (revoked, expired, over a limit)
+/// or funds still names them.
+pub(super) fn proves_no_user(e: &RouterError) -> bool {
+    matches!(
+        e,
+        RouterError::PaymentRequired(_)
+            | RouterError::ForeignToken(_)
+            | RouterError::Unauthenticated(_)
+    )
 }
 
 /// A request id the ledger accepts: the client's when it is a valid one, else a fresh id (an
@@ -116,7 +140,8 @@ impl RouterService {
             model,
             kind,
             started: Instant::now(),
-        };
+        }
+        .naming_for(e);
         let (svc, status, work) = (self.clone(), refusal_status(e), self.inner.drain.enter());
         let record = tokio::spawn(async move {
             let _work = work;

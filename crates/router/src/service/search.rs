@@ -94,9 +94,10 @@ impl RouterService {
         response.results = match fitted {
             Ok(results) => results,
             Err(e) => {
-                tracing::warn!(request_id = %t.request_id, error = %e, "search failed");
+                tracing::warn!(request_id = %t.request_id, error = %e.summary(), "search failed");
+                tracing::debug!(request_id = %t.request_id, error = %e, "search failure in its words");
                 let usage = self.usage(&t, e.usage_status(), units(0), started, upstream_ms);
-                self.release(hold, &e.to_string(), usage).await;
+                self.release(hold, &e.summary(), usage).await;
                 claim.recorded();
                 metrics::observe_failure(backend.provider(), "search", &e, started, upstream_time);
                 return Err(e.into());

@@ -273,7 +273,7 @@ impl RouterService {
             // after that (a reset before `[DONE]`, silence, a bad trailing event, shutdown) does
             // not undo a delivered answer, which is charged as if the stream had ended there.
             End::Failed(e) if finish.is_some() && !undelivered && !content.trim().is_empty() => {
-                tracing::warn!(request_id = %p.v.request_id, error = %e, "stream failed after its finish; the delivered answer is charged");
+                tracing::warn!(request_id = %p.v.request_id, error = %e.summary(), "stream failed after its finish; the delivered answer is charged");
                 End::Done
             }
             End::Cut => {

@@ -87,6 +87,19 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// The failure without the upstream's own words: what the ledger keeps as the void's reason
+    /// (for good) and what is logged at the default level. An upstream's error text (and a
+    /// parser's, which quotes what it could not read) often quotes the prompt; it goes back to
+    /// the caller, whose prompt it is, and to the log at debug only (docs/operations.md,
+    /// "Personal data").
+    pub fn summary(&self) -> String {
+        match self {
+            UpstreamError::Status { status, .. } => format!("upstream returned HTTP {status}"),
+            UpstreamError::InvalidResponse(_) => "upstream returned an invalid response".into(),
+            other => other.to_string(),
+        }
+    }
+
     /// The usage row `status` for this failure.
     pub fn usage_status(&self) -> UsageStatus {
         match self {

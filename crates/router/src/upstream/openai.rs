@@ -110,7 +110,7 @@ impl OpenAiUpstream {
             if delay > left / 2 {
                 return Err(err);
             }
-            tracing::warn!(attempt, error = %err, delay_ms = delay.as_millis() as u64, "retrying upstream");
+            tracing::warn!(attempt, error = %err.summary(), delay_ms = delay.as_millis() as u64, "retrying upstream");
             tokio::time::sleep(delay).await;
             attempt += 1;
         }

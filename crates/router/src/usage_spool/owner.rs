@@ -58,5 +58,11 @@ pub(super) fn claim_owner(dir: &Path, owner: &str, has_rows: bool) -> Result<(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err("cannot read OWNER", dir, e)),
     }
-    std::fs::write(&path, owner).map_err(|e| io_err("cannot write OWNER", dir, e))
+    super::private()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, owner.as_bytes()))
+        .map_err(|e| io_err("cannot write OWNER", dir, e))
 }
