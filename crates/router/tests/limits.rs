@@ -679,6 +679,72 @@ async fn the_first_requests_after_the_ledger_dies_spend_no_window() {
     s.assert_spent(2 * PRICE).await;
 }
 
+/// A router never reads the windows an older layout left in Redis: before 2026-12-04 a
+/// window's set was at the bare key and its total at the `:s` the later layout also uses, so a
+/// router upgraded from such a version inherited the total (alice: 4 of 20 left) but could never
+/// age its entries out, and held her below her limit for as long as she kept coming back.
+#[tokio::test]
+async fn windows_of_an_older_layout_are_not_read() {
+    if !redis_up(SHARED_REDIS).await {
+        eprintln!("SKIPPED: no Redis at {SHARED_REDIS}");
+        return;
+    }
+    let name = unique_name();
+    let s = Stack::start_tweaked(Pricing::per_request(PRICE), |c| {
+        c.name = name.clone();
+        c.rate_limits.requests = vec![per_minute(20)];
+        c.limiter.backend = LimiterBackend::Redis {
+            url: SHARED_REDIS.into(),
+        };
+    })
+    .await;
+    // What a router of that layout left: 16 requests in the set at the bare key, their total.
+    let old = format!("syft:rl:{name}:*:req:minute:{}", s.alice.email);
+    let client = redis::Client::open(SHARED_REDIS).expect("url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    for i in 0..16 {
+        let _: () = redis::cmd("ZADD")
+            .arg(&old)
+            .arg(now)
+            .arg(format!("lease-{i}"))
+            .query_async(&mut conn)
+            .await
+            .expect("zadd");
+    }
+    let _: () = redis::cmd("SET")
+        .arg(format!("{old}:s"))
+        .arg(16)
+        .arg("PX")
+        .arg(61_000)
+        .query_async(&mut conn)
+        .await
+        .expect("set");
+    let mut c = s.client().await;
+    for i in 0..20 {
+        let mut req = s.request("hi");
+        req.request_id = format!("after-upgrade-{i}");
+        c.chat(req)
+            .await
+            .unwrap_or_else(|e| panic!("request {i} of 20: {e:?}"));
+    }
+    let err = c.chat(s.request("21st")).await.expect_err("20 per minute");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    s.assert_spent(20 * PRICE).await;
+    let _: () = redis::cmd("DEL")
+        .arg(&old)
+        .arg(format!("{old}:s"))
+        .query_async(&mut conn)
+        .await
+        .expect("del");
+}
+
 /// What `s`'s user has left in the router's token window (`GetLimits` with their token).
 async fn tokens_left(s: &Stack, c: &RouterClient<tonic::transport::Channel>) -> u64 {
     let ask = syft_proto::router::GetLimitsRequest {

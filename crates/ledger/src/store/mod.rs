@@ -139,30 +139,64 @@ pub async fn missing_migrations(database_url: &str) -> Result<Option<Vec<i64>>> 
         .max_connections(1)
         .acquire_timeout(Duration::from_secs(10));
     let pool = open_pool(options, database_url).await?;
+    let missing = pending_migrations(&pool, sqlite).await;
+    pool.close().await;
+    missing
+}
+
+/// The migrations of this binary not applied to `pool`'s database; `None` when it holds no
+/// ledger (no migrations table).
+async fn pending_migrations(pool: &AnyPool, sqlite: bool) -> Result<Option<Vec<i64>>> {
     let table = if sqlite {
         "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'"
     } else {
         "SELECT COUNT(*) FROM information_schema.tables \
          WHERE table_schema = current_schema() AND table_name = '_sqlx_migrations'"
     };
-    let missing = match sqlx::query_scalar::<_, i64>(table).fetch_one(&pool).await? {
-        0 => None,
-        _ => {
-            let applied: Vec<i64> =
-                sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
-                    .fetch_all(&pool)
-                    .await?;
-            let ours = if sqlite {
-                &SQLITE_MIGRATOR
-            } else {
-                &PG_MIGRATOR
-            };
-            let missing = ours.iter().map(|m| m.version);
-            Some(missing.filter(|v| !applied.contains(v)).collect())
-        }
+    if sqlx::query_scalar::<_, i64>(table).fetch_one(pool).await? == 0 {
+        return Ok(None);
+    }
+    let applied: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+            .fetch_all(pool)
+            .await?;
+    let ours = if sqlite {
+        &SQLITE_MIGRATOR
+    } else {
+        &PG_MIGRATOR
     };
-    pool.close().await;
-    Ok(missing)
+    let missing = ours.iter().map(|m| m.version);
+    Ok(Some(missing.filter(|v| !applied.contains(v)).collect()))
+}
+
+/// Applies this binary's migrations, saying which (an upgrade's changes were applied without a
+/// word). A database migrated by a newer binary is refused by name: sqlx's "migration 24 was
+/// previously applied but is missing" read as a fault of the ledger's.
+async fn migrate(pool: &AnyPool, backend: Backend) -> Result<()> {
+    let (migrator, sqlite) = match backend {
+        Backend::Postgres => (&PG_MIGRATOR, false),
+        Backend::Sqlite => (&SQLITE_MIGRATOR, true),
+    };
+    let pending = pending_migrations(pool, sqlite).await?;
+    match &pending {
+        None => tracing::info!("a new ledger database: creating its schema"),
+        Some(v) if !v.is_empty() => {
+            tracing::info!(migrations = ?v, "applying migrations (docs/operations.md, \"Upgrades\")");
+        }
+        Some(_) => {}
+    }
+    migrator.run(pool).await.map_err(|e| match e {
+        sqlx::migrate::MigrateError::VersionMissing(v) => LedgerError::FailedPrecondition(format!(
+            "this database was migrated by a newer syft-router (migration {v} is unknown to this \
+             binary): a ledger cannot go back a version; run the newer binary, or restore the \
+             backup taken before the upgrade (docs/operations.md, \"Upgrades\")"
+        )),
+        e => LedgerError::Internal(format!("migration failed: {e}")),
+    })?;
+    if pending.is_some_and(|v| !v.is_empty()) {
+        tracing::info!("migrations applied");
+    }
+    Ok(())
 }
 
 /// The file of a `sqlite:` URL (`sqlite://ledger.db?mode=rwc`, `sqlite:ledger.db`); `None` for
@@ -367,16 +401,9 @@ impl Store {
         let pool = open_pool(pool_options, database_url)
             .await
             .map_err(unreachable)?;
-        let migrator = match backend {
-            Backend::Postgres => &PG_MIGRATOR,
-            Backend::Sqlite => &SQLITE_MIGRATOR,
-        };
         let serving = batch_workers.is_some();
         if serving {
-            migrator
-                .run(&pool)
-                .await
-                .map_err(|e| LedgerError::Internal(format!("migration failed: {e}")))?;
+            migrate(&pool, backend).await?;
             if backend == Backend::Sqlite {
                 // A file (or directory) the ledger may not write migrates without writing once
                 // it is up to date, and then served reads while refusing every hold: refuse it
@@ -517,6 +544,32 @@ mod tests {
         let refused = super::Store::connect(&read_only, 1).await.err();
         let message = refused.map(|e| e.to_string()).unwrap_or_default();
         assert!(message.contains("cannot be written"), "{message:?}");
+    }
+
+    /// A database a newer binary migrated is refused by name (a downgrade): it was "internal
+    /// error: migration failed: migration 24 was previously applied but is missing".
+    #[tokio::test]
+    async fn a_database_of_a_newer_version_is_refused_by_name() {
+        let dir = tempfile::tempdir().expect("dir");
+        let url = format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("ledger.db").display()
+        );
+        let store = super::Store::connect(&url, 1).await.expect("a new ledger");
+        sqlx::query(
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, \
+             execution_time) VALUES (9999, 'a later version', TRUE, X'00', 0)",
+        )
+        .execute(store.pool())
+        .await
+        .expect("a migration of a later version");
+        store.close().await;
+        let refused = super::Store::connect(&url, 1).await.err();
+        let message = refused.map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            message.contains("migrated by a newer syft-router (migration 9999"),
+            "{message:?}"
+        );
     }
 
     use sqlx::migrate::Migrator;

@@ -21,6 +21,13 @@ use crate::config::{LimiterBackend, OnFailure, RateLimits, RouterConfig, Service
 use crate::drain::DrainGuard;
 use crate::error::{QuotaRefusal, RouterError};
 
+/// The prefix of every window's keys in a shared store. Versions before 2026-12-04 kept a
+/// window's set at the bare key and its costs and total at the `:c` and `:s` this layout also
+/// uses: a router of this layout read an older one's total but never aged out its entries, which
+/// held a user below their limit for as long as they stayed active. So each layout has its own
+/// prefix (`syft:rl:` was the last shared one): an upgrade starts every window afresh.
+const KEY_SPACE: &str = "syft:rl2";
+
 static CHECKS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "syft_router_limit_checks_total",
@@ -155,7 +162,7 @@ impl Gate {
                 .map(|l| (service.as_str(), service.as_str(), l)),
         );
         for (key_scope, scope, limits) in scopes {
-            let base = format!("syft:rl:{}:{key_scope}{side}", self.app);
+            let base = format!("{KEY_SPACE}:{}:{key_scope}{side}", self.app);
             // Request and token windows differ only in these: (kind, key tag, word, cost).
             let windows = [
                 (RuleKind::Requests, "req", "requests", 1, &limits.requests),
@@ -188,7 +195,7 @@ impl Gate {
         }
         if let Some(n) = self.max_concurrent {
             rules.push(Rule {
-                key: format!("syft:rl:{}:inflight", self.app),
+                key: format!("{KEY_SPACE}:{}:inflight", self.app),
                 kind: RuleKind::RouterConcurrency,
                 scope: ROUTER_SCOPE,
                 limit: n,

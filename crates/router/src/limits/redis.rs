@@ -149,7 +149,7 @@ return 1
 /// that found nothing leave one: checks that never arrived, or that were refused.
 const TOMBSTONE_LIFE_MS: u64 = 600_000;
 
-/// The key that says `lease` was taken back. Outside the windows' `syft:rl:` space, and a lease
+/// The key that says `lease` was taken back. Outside the windows' `syft:rl2:` space, and a lease
 /// is a UUID the router made, so no user or app name can spell it.
 fn tombstone_key(lease: &str) -> String {
     format!("syft:rl-gone:{lease}")
