@@ -16,6 +16,9 @@ here=$(cd "$(dirname "$0")" && pwd)
 BIN=${BIN:-$here/../target/release/syft-router}
 PG=${PG:-postgres://postgres@127.0.0.1:5432}
 DURATION=${DURATION:-10s}
+# Appended to the ledger's database URL, e.g. `?sslmode=disable` (the default, `prefer`, speaks
+# TLS to a server that offers it).
+DB_QUERY=${DB_QUERY:-}
 CONNECTIONS=${CONNECTIONS:-32}
 ADMIN=bench-admin-key-0123456789
 OWNER=owner@bench.example
@@ -35,7 +38,7 @@ psql -q "$PG/postgres" -c "CREATE DATABASE $db"
 upstream=$(BENCH_NGINX_DIR=$work/nginx "$here/bench-nginx.sh" start 18181)
 
 export SYFT_LEDGER_URL=http://127.0.0.1:50151 SYFT_LEDGER_ADMIN_KEY=$ADMIN RUST_LOG=error
-"$BIN" ledger --database-url "$PG/$db" --admin-key "$ADMIN" --grpc-addr 127.0.0.1:50151 \
+"$BIN" ledger --database-url "$PG/$db$DB_QUERY" --admin-key "$ADMIN" --grpc-addr 127.0.0.1:50151 \
     --http-addr 127.0.0.1:50152 >"$work/ledger.log" 2>&1 &
 pids+=($!)
 ledger_pid=$!
@@ -102,10 +105,22 @@ sleep 1
 
 # CPU time (clock ticks) a process has used, or every process of a command name together.
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
-ticks_of() { # command name
+ticks_of() { # pids...
     local sum=0 p
-    for p in $(pgrep -x "$1"); do sum=$((sum + $(ticks "$p"))); done
+    for p in "$@"; do sum=$((sum + $(ticks "$p"))); done
     echo "$sum"
+}
+# This benchmark's processes only (every `postgres` and `nginx` of the machine was counted, which
+# inflated the figures on a shared server): the benchmark database's backends with the server's
+# WAL writer, checkpointer and background writer, and the nginx this script started.
+pg_pids() {
+    psql -tAq "$PG/postgres" -c "SELECT pid FROM pg_stat_activity WHERE datname = '$db' \
+        OR backend_type IN ('walwriter', 'checkpointer', 'background writer')"
+}
+nginx_pids() {
+    local master
+    master=$(cat "$work/nginx/nginx.pid" 2>/dev/null) || return 0
+    echo "$master" $(pgrep -P "$master")
 }
 hz=$(getconf CLK_TCK)
 # Transactions committed in the benchmark's database so far (how well the ledger batches).
@@ -121,7 +136,10 @@ run() { # label port connections users...
     local threads=$((conns < 2 ? conns : 2))
     local rp=${router_pid[$port]:-0}
     local r0 l0 p0 n0 c0
-    r0=$(ticks "$rp") l0=$(ticks "$ledger_pid") p0=$(ticks_of postgres) n0=$(ticks_of nginx)
+    local pg ng
+    pg=$(pg_pids) ng=$(nginx_pids)
+    # shellcheck disable=SC2086 # word splitting of the pid lists is intended
+    r0=$(ticks "$rp") l0=$(ticks "$ledger_pid") p0=$(ticks_of $pg) n0=$(ticks_of $ng)
     c0=$(commits)
     out=$(SYFT_USERS=$joined wrk -t"$threads" -c"$conns" -d"$DURATION" --latency \
         -s "$here/wrk-chat.lua" "http://127.0.0.1:$((port + 1))" 2>&1)
@@ -135,8 +153,8 @@ run() { # label port connections users...
     local total cpu
     total=$(awk '/requests in/ {print $1}' <<<"$out")
     cpu=$(awk -v n="${total:-0}" -v hz="$hz" -v r="$(($(ticks "$rp") - r0))" \
-        -v l="$(($(ticks "$ledger_pid") - l0))" -v p="$(($(ticks_of postgres) - p0))" \
-        -v x="$(($(ticks_of nginx) - n0))" -v c="$(($(commits) - c0))" 'BEGIN {
+        -v l="$(($(ticks "$ledger_pid") - l0))" -v p="$(($(ticks_of $pg) - p0))" \
+        -v x="$(($(ticks_of $ng) - n0))" -v c="$(($(commits) - c0))" 'BEGIN {
             if (n == 0) exit
             f = 1e6 / hz / n
             printf "cpu µs/req: router %d ledger %d postgres %d nginx %d; commits/req %.2f", r * f, l * f, p * f, x * f, c / n

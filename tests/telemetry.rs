@@ -276,6 +276,7 @@ async fn one_request_is_one_trace_across_router_and_ledger() {
         "syft_ledger_holds_total{event=\"expired\"} 0",
         "syft_ledger_sweep_failures_total 0",
         "syft_ledger_auth_refusals_total{outcome=\"failed\"} 0",
+        "syft_ledger_database_gauges_stale 0",
         "syft_grpc_server_request_duration_seconds_bucket",
     ] {
         assert!(ledger_metrics.contains(needle), "ledger /metrics lacks {needle}:\n{ledger_metrics}");
@@ -324,6 +325,10 @@ async fn one_request_is_one_trace_across_router_and_ledger() {
         "syft_router_added_latency_seconds_count{mode=\"unary\",outcome=\"success\"} 1",
         "syft_router_upstream_duration_seconds_count{outcome=\"success\",provider=\"echo\"} 1",
         "syft_http_server_requests_total{method=\"GET\",route=\"/readyz\",server=\"router\",status=\"200\"}",
+        // At zero before their first event, and nothing waiting on the upstream now.
+        "syft_router_usage_rows_unconfirmed_total{row=\"free\"} 0",
+        "syft_router_usage_rows_unconfirmed_total{row=\"refusal\"} 0",
+        "syft_router_upstream_waiting{provider=\"echo\"} 0",
     ] {
         assert!(router_metrics.contains(needle), "router /metrics lacks {needle}:\n{router_metrics}");
     }
@@ -452,5 +457,61 @@ fn an_unknown_trace_incoming_mode_is_a_clear_error() {
     assert!(
         stderr.contains("SYFT_TRACE_INCOMING=\"trust-everyone\" is neither follow nor link"),
         "{stderr}"
+    );
+}
+
+/// No log event names a field `message`: the event's own text is written under that key, so a
+/// JSON line (`--log-format json`) carried it twice. Parsers keep one (the event's name was
+/// lost), and Elasticsearch refuses such a document: the router's "ledger call failed" lines,
+/// the only ones naming why the ledger could not be reached (an expired certificate), were
+/// dropped by a log pipeline. A scan of every event in the workspace's sources.
+#[test]
+fn no_log_event_has_a_field_named_message() {
+    fn sources(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).expect("source dir").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                sources(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    sources(&root.join("src"), &mut files);
+    for krate in std::fs::read_dir(root.join("crates"))
+        .expect("crates")
+        .flatten()
+    {
+        sources(&krate.path().join("src"), &mut files);
+    }
+    assert!(files.len() > 100, "{} source files", files.len());
+    let mut found = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file).expect("source");
+        for level in ["trace!(", "debug!(", "info!(", "warn!(", "error!("] {
+            for (at, _) in text.match_indices(&format!("tracing::{level}")) {
+                // The event's arguments: to its closing `);` (no event here nests one).
+                let args = &text[at..];
+                let args = &args[..args.find(");").unwrap_or(args.len())];
+                let named = args.split([',', '(']).any(|part| {
+                    let part = part.trim_start();
+                    part.strip_prefix("message")
+                        .is_some_and(|rest| rest.trim_start().starts_with('='))
+                });
+                if named {
+                    found.push(format!(
+                        "{}: {}",
+                        file.display(),
+                        &args[..args.len().min(80)]
+                    ));
+                }
+            }
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "events with a `message` field: {found:#?}"
     );
 }

@@ -257,6 +257,9 @@ pub struct UsageArgs {
     /// Only rows with this outcome (docs/router.md lists what each means).
     #[arg(long, value_parser = super::usage_statuses())]
     status: Option<String>,
+    /// Only the rows of this request id (its outcome, its transfer): a support lookup.
+    #[arg(long)]
+    request_id: Option<String>,
     #[command(flatten)]
     window: Window,
 }
@@ -508,6 +511,7 @@ pub async fn usage(args: UsageArgs) -> anyhow::Result<()> {
         user_email: args.user.clone().unwrap_or_default(),
         app_name: args.app.clone().unwrap_or_default(),
         status: args.status.clone().unwrap_or_default(),
+        request_id: args.request_id.clone().unwrap_or_default(),
         ..Default::default()
     };
     // Totals cover every matching row, whatever the page; the first page's are kept.

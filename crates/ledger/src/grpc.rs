@@ -314,6 +314,7 @@ impl From<pb::QueryUsageRequest> for UsageQuery {
                 status: req.status,
                 ..Default::default()
             },
+            request_id: req.request_id,
             range: TimeRange {
                 since: req.since_unix_micros,
                 until: req.until_unix_micros,

@@ -17,8 +17,14 @@ use crate::store::Store;
 pub const LEDGER_SERVICE: &str = "syft.ledger.v1.Ledger";
 /// How often the database is pinged.
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
-/// A ping slower than this counts as the database being down.
+/// A ping slower than this is a miss.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Misses in a row that make the ledger NOT_SERVING. A database that answers with an error (it
+/// refuses the connection, it is shutting down) does at once; one that is only slow (a table
+/// lock, every connection of the pool busy) is given this many: one slow ping took every ledger,
+/// and with them every router, out of service together for the rest of a lock that failed no
+/// request by itself. (As the routers' Redis probe does, docs/limits.md.)
+pub const PROBE_MISSES: u32 = 3;
 
 /// The ledger's health state: the gRPC health publisher plus a watch for HTTP probes.
 #[derive(Clone)]
@@ -89,19 +95,29 @@ impl Health {
 pub async fn run_database_probe(store: Arc<Store>, health: Health, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut misses = 0u32;
     loop {
         tick.tick().await;
         let ok = match tokio::time::timeout(PROBE_TIMEOUT, store.ping()).await {
-            Ok(Ok(())) => true,
+            Ok(Ok(())) => {
+                misses = 0;
+                true
+            }
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "database ping failed");
                 false
             }
             Err(_) => {
+                misses += 1;
                 tracing::warn!(
                     timeout_ms = PROBE_TIMEOUT.as_millis() as u64,
+                    misses,
                     "database ping timed out"
                 );
+                // Still serving until the misses add up: the last verdict stands meanwhile.
+                if misses < PROBE_MISSES {
+                    continue;
+                }
                 false
             }
         };

@@ -1,5 +1,7 @@
 //! The ledger's own metrics (request counts and latencies come from `syft_telemetry`).
 
+use std::time::Duration;
+
 use prometheus::core::Collector;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts};
 
@@ -39,6 +41,8 @@ metrics! {
     static PENDING: IntGauge = "syft_ledger_pending_holds";
     /// Database pool connections by state (idle, in_use)
     static POOL: IntGaugeVec["state"] = "syft_ledger_db_connections";
+    /// 1 when this scrape could not read the gauges kept in the database (pending holds, alert queue) in time: they show their last values
+    static STALE: IntGauge = "syft_ledger_database_gauges_stale";
     /// Authentications by outcome where the client's address is known: failed (a wrong credential), locked (refused: the address sent too many)
     static AUTH_REFUSED: IntCounterVec["outcome"] = "syft_ledger_auth_refusals_total";
 }
@@ -150,16 +154,36 @@ fn zero_counters() {
     std::sync::LazyLock::force(&SWEEP_FAILURES);
 }
 
-/// Refreshes the gauges that are read from the database, then renders every metric.
+/// How long a scrape waits for the gauges read from the database. A scrape waited for them
+/// as long as the database did (11 s through a table lock, 20 s while it refused connections):
+/// past Prometheus' 10-s scrape timeout the ledger looked down, its pool gauge missing just
+/// when it said what was wrong.
+const DATABASE_GAUGES_WAIT: Duration = Duration::from_secs(2);
+
+/// Refreshes the gauges that are read from the database (within [`DATABASE_GAUGES_WAIT`]; past
+/// it they keep their last values and `syft_ledger_database_gauges_stale` says so), then renders
+/// every metric.
 pub async fn render(store: &Store) -> axum::response::Response {
     zero_counters();
-    match store.pending_holds().await {
-        Ok(n) => PENDING.set(n),
-        Err(e) => tracing::warn!(error = %e, "pending holds not counted"),
-    }
-    if let Err(e) = crate::alerts::metrics::refresh(store).await {
-        tracing::warn!(error = %e, "alert gauges not refreshed");
-    }
+    let refresh = async {
+        let pending = store.pending_holds().await?;
+        PENDING.set(pending);
+        crate::alerts::metrics::refresh(store).await
+    };
+    let stale = match tokio::time::timeout(DATABASE_GAUGES_WAIT, refresh).await {
+        Ok(Ok(())) => false,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "gauges read from the database not refreshed");
+            true
+        }
+        Err(_) => {
+            tracing::warn!(
+                "gauges read from the database not refreshed: it did not answer in time"
+            );
+            true
+        }
+    };
+    STALE.set(i64::from(stale));
     let pool = store.pool();
     let idle = pool.num_idle() as i64;
     POOL.with_label_values(&["idle"]).set(idle);

@@ -1007,6 +1007,32 @@ async fn listing_and_usage_visibility(h: Harness) -> Harness {
         })
         .await);
     assert_eq!(admin_view.totals.unwrap().total_tokens, 8 * 15);
+    // One request's rows by its id (a support lookup: which transfer, which outcome), and none
+    // of another's; the caller's scope still applies.
+    let some_id = all.records[0]
+        .usage
+        .as_ref()
+        .expect("usage")
+        .request_id
+        .clone();
+    let one = ok(router
+        .query_usage(pb::QueryUsageRequest {
+            request_id: some_id.clone(),
+            ..Default::default()
+        })
+        .await);
+    let ids: Vec<&str> = (one.records.iter())
+        .filter_map(|r| r.usage.as_ref().map(|u| u.request_id.as_str()))
+        .collect();
+    assert_eq!(ids, [some_id.as_str()]);
+    assert_eq!(one.totals.unwrap().requests, 1);
+    let snooped = ok(eve
+        .query_usage(pb::QueryUsageRequest {
+            request_id: some_id,
+            ..Default::default()
+        })
+        .await);
+    assert!(snooped.records.is_empty());
     h
 }
 
@@ -1753,6 +1779,82 @@ async fn postgres_over_tls_when_the_url_asks() {
         .expect("pg_stat_ssl");
     assert!(tls, "the ledger's connection is not encrypted");
     store.close().await;
+}
+
+/// A database that is slow (every pooled connection busy, as under a table lock) keeps the
+/// ledger SERVING for three missed pings, and `/metrics` answers within its wait with the
+/// database's gauges marked stale. One slow ping made it NOT_SERVING, and every router with it
+/// (a fleet out of service for a lock that failed no request), and a scrape waited for the
+/// database as long as it took (past Prometheus' 10-s scrape timeout the ledger looked down).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_database_is_not_an_outage_of_the_ledger() {
+    let Some(db) = syft_testkit::Db::postgres().await else {
+        return;
+    };
+    let mut config = syft_testkit::ledger_config(&db.url);
+    config.max_connections = 2;
+    let ledger = LedgerServer::start(config).await;
+    let ready = |url: String| async move {
+        let r = reqwest::get(format!("{url}/readyz")).await.expect("readyz");
+        r.status().as_u16()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while ready(ledger.http_url.clone()).await != 200 {
+        assert!(tokio::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Every connection of the pool taken: pings and gauge reads wait for one.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(
+            ledger
+                .store
+                .pool()
+                .acquire()
+                .await
+                .expect("a pooled connection"),
+        );
+    }
+    let scrape = tokio::time::Instant::now();
+    let metrics = reqwest::get(format!("{}/metrics", ledger.http_url))
+        .await
+        .expect("metrics");
+    assert_eq!(metrics.status().as_u16(), 200);
+    let body = metrics.text().await.expect("body");
+    assert!(
+        scrape.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        scrape.elapsed()
+    );
+    assert!(
+        body.contains("syft_ledger_database_gauges_stale 1"),
+        "{body}"
+    );
+    // One or two missed pings (each 2 s) by now: still serving.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(ready(ledger.http_url.clone()).await, 200, "one slow ping");
+    // The misses add up: NOT_SERVING.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while ready(ledger.http_url.clone()).await != 503 {
+        assert!(tokio::time::Instant::now() < deadline, "still serving");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(held);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while ready(ledger.http_url.clone()).await != 200 {
+        assert!(tokio::time::Instant::now() < deadline, "not back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let body = reqwest::get(format!("{}/metrics", ledger.http_url))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body");
+    assert!(
+        body.contains("syft_ledger_database_gauges_stale 0"),
+        "{body}"
+    );
 }
 
 /// A `statement_timeout` a DBA sets on the database (for the money paths) does not cancel a

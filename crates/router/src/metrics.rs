@@ -3,7 +3,10 @@
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
-use prometheus::{register_histogram_vec, register_int_counter_vec, HistogramVec, IntCounterVec};
+use prometheus::{
+    register_histogram_vec, register_int_counter_vec, register_int_gauge_vec, HistogramVec,
+    IntCounterVec, IntGauge, IntGaugeVec,
+};
 use syft_telemetry::metrics::LATENCY_BUCKETS;
 
 use crate::upstream::UpstreamError;
@@ -42,6 +45,72 @@ static SPOOL: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
     .expect("register syft_router_usage_spool_events_total")
 });
+
+static WAITING: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "syft_router_upstream_waiting",
+        "Requests waiting for the upstream's answer now (a stream: for its start), by provider",
+        &["provider"]
+    )
+    .expect("register syft_router_upstream_waiting")
+});
+
+/// A request waiting for its upstream, counted in `syft_router_upstream_waiting` until dropped.
+/// The durations are recorded when a call ends: an upstream that hangs showed nowhere until its
+/// timeout (two minutes by default), and with a concurrency limit its users were refused as
+/// over their limit meanwhile.
+pub struct UpstreamWait(IntGauge);
+
+impl UpstreamWait {
+    pub fn start(provider: &str) -> Self {
+        let gauge = WAITING.with_label_values(&[provider]);
+        gauge.inc();
+        UpstreamWait(gauge)
+    }
+}
+
+impl Drop for UpstreamWait {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+static UNCONFIRMED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "syft_router_usage_rows_unconfirmed_total",
+        "Usage rows the router sent and the ledger did not confirm, by row (free, refusal): \
+         lost, unless the ledger committed one after the router stopped waiting for it (a slow \
+         database: compare with the ledger's rows). A usage spool keeps free rows instead \
+         (syft_router_usage_spool_events_total)",
+        &["row"]
+    )
+    .expect("register syft_router_usage_rows_unconfirmed_total")
+});
+
+/// The kind of row [`row_unconfirmed`] counts.
+#[derive(Debug, Clone, Copy)]
+pub enum UnconfirmedRow {
+    Free,
+    Refusal,
+}
+
+/// A usage row the ledger did not confirm: the one count of rows that may be lost (the log line
+/// beside it cannot tell a lost row from a late one).
+pub fn row_unconfirmed(row: UnconfirmedRow) {
+    let label = match row {
+        UnconfirmedRow::Free => "free",
+        UnconfirmedRow::Refusal => "refusal",
+    };
+    UNCONFIRMED.with_label_values(&[label]).inc();
+}
+
+/// The router's own counters at zero, listed before their first event (an `increase()` rule
+/// sees nothing of a series that does not exist yet).
+pub fn at_zero() {
+    for label in ["free", "refusal"] {
+        UNCONFIRMED.with_label_values(&[label]);
+    }
+}
 
 /// Usage spool trouble, one series each (help text of `syft_router_usage_spool_events_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -110,6 +110,8 @@ pub struct TransferQuery {
 #[derive(Debug, Clone, Default)]
 pub struct UsageQuery {
     pub dims: UsageDimsQuery,
+    /// Empty: any. Not a dimension: the analytics' rollups do not keep it.
+    pub request_id: String,
     pub range: TimeRange,
     pub page: PageRequest,
 }
@@ -487,6 +489,7 @@ impl Ledger {
             account: usage_scope(caller),
             range: q.range,
             dims: q.dims.validate()?,
+            request_id: non_empty(validate::text("request_id", &q.request_id, MAX_KEY, false)?),
             page,
         };
         let page = self.store.query_usage(&filter).await?;

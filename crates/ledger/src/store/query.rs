@@ -133,6 +133,9 @@ pub struct UsageFilter {
     pub account: Option<(i64, String)>,
     pub range: TimeRange,
     pub dims: UsageDims,
+    /// Only the rows of this request id. Read within the caller's rows and the range (no index
+    /// of its own: a support lookup, not a hot path).
+    pub request_id: Option<String>,
     pub page: Keyset,
 }
 
@@ -298,6 +301,7 @@ impl Store {
         usage_account(&mut w, &f.account);
         f.range.push_where(&mut w, "u.created_at");
         f.dims.push_where(&mut w, "u");
+        w.opt_text("u.request_id = ?", f.request_id.as_deref());
         let totals_sql = format!(
             "SELECT COUNT(*) AS requests, \
              CAST(COALESCE(SUM(u.prompt_tokens), 0) AS BIGINT) AS prompt_tokens, \

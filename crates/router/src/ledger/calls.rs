@@ -231,7 +231,7 @@ impl Calls {
                     return Ok((r.into_inner(), round));
                 }
                 Err(s) if outcome_unknown(s.code()) => {
-                    tracing::debug!(ledger = %m.label, ?op, code = ?s.code(), message = %s.message(), "ledger call failed; next endpoint");
+                    tracing::debug!(ledger = %m.label, ?op, code = ?s.code(), detail = %s.message(), "ledger call failed; next endpoint");
                     if syft_tls::handshake_failed(&s) {
                         m.mark_down(Down::Failed);
                         round.refused_tls.push(&m.label);

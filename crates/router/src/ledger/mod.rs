@@ -67,6 +67,7 @@ impl Ledger {
             .as_deref()
             .map(|dir| UsageSpool::open(dir, owner_email, calls.clone(), sync))
             .transpose()?;
+        crate::metrics::at_zero();
         if spool.is_some() {
             crate::metrics::spool_opened();
         }
@@ -175,7 +176,7 @@ impl Ledger {
                 }
                 Code::NotFound | Code::InvalidArgument => Some(OwnerCheck::OwnerUnknown),
                 code => {
-                    tracing::debug!(?code, message = %s.message(), "owner check failed");
+                    tracing::debug!(?code, detail = %s.message(), "owner check failed");
                     None
                 }
             },
@@ -361,7 +362,7 @@ impl Ledger {
             // An older ledger without the call: its holds are the judge, as before.
             Ok(Err(s)) if s.code() == Code::Unimplemented => Some(OwnerCheck::Verified),
             Ok(Err(s)) => {
-                tracing::debug!(code = ?s.code(), message = %s.message(), "budget check failed");
+                tracing::debug!(code = ?s.code(), detail = %s.message(), "budget check failed");
                 None
             }
             Err(_) => None,
@@ -500,7 +501,7 @@ pub(crate) fn map_status(op: Op, s: tonic::Status) -> RouterError {
         // the transfer, which clients do not retry.
         // (A void or an extension of a lost hold keeps its own handling: nothing is held.)
         Code::NotFound if matches!(op, Op::Capture) => {
-            tracing::error!(?op, message = %msg, "the ledger lost this router's hold");
+            tracing::error!(?op, detail = %msg, "the ledger lost this router's hold");
             RouterError::Unavailable(
                 "the ledger lost the hold on your funds; nothing was charged: retry the request"
                     .into(),
@@ -520,7 +521,7 @@ pub(crate) fn map_status(op: Op, s: tonic::Status) -> RouterError {
             // a stale secret, or a neighbour behind the same address): a deployment problem, as
             // a refused credential is, not the user's quota.
             Some(Reason::AuthLocked) => {
-                tracing::error!(?op, message = %msg, "the ledger refuses this router's address");
+                tracing::error!(?op, detail = %msg, "the ledger refuses this router's address");
                 RouterError::Unavailable("ledger refuses this router's address".into())
             }
             // A budget or token-window refusal: passed on with the ledger's retry time.
@@ -550,7 +551,7 @@ pub(crate) fn map_status(op: Op, s: tonic::Status) -> RouterError {
             RouterError::Unavailable("ledger rejected the router's credentials".into())
         }
         code => {
-            tracing::warn!(?op, ?code, message = %msg, "ledger call failed");
+            tracing::warn!(?op, ?code, detail = %msg, "ledger call failed");
             RouterError::Unavailable("ledger unavailable".into())
         }
     }
@@ -571,7 +572,7 @@ async fn probe_one(m: &Member, timeout: Duration) -> LedgerState {
         },
         Ok(Err(s)) if s.code() == Code::Unimplemented => LedgerState::Serving,
         Ok(Err(s)) => {
-            tracing::debug!(ledger = %m.label, code = ?s.code(), message = %s.message(), "ledger health check failed");
+            tracing::debug!(ledger = %m.label, code = ?s.code(), detail = %s.message(), "ledger health check failed");
             LedgerState::Unreachable
         }
         Err(_) => LedgerState::Unreachable,

@@ -90,6 +90,21 @@ impl Gate {
                  raise the limit or lower default_max_tokens"
             );
         }
+        // Every series at zero from the start: a rule on `increase()` sees nothing of a series
+        // that does not exist yet, so the first store outage after a restart raised no alert.
+        let backend = limiter.backend();
+        for outcome in [
+            "admitted",
+            "refused",
+            "store_failed_open",
+            "store_failed_closed",
+        ] {
+            CHECKS.with_label_values(&[backend, outcome]);
+        }
+        super::settle::at_zero(backend);
+        if matches!(c.limiter.backend, LimiterBackend::Redis { .. }) {
+            super::redis_conn::at_zero();
+        }
         Ok(Some(Arc::new(Gate::with_limiter(c, limiter, services))))
     }
 

@@ -37,6 +37,11 @@ static REPLACED: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("register syft_router_limit_connections_replaced_total")
 });
 
+/// Lists the counter at zero before its first replacement.
+pub(super) fn at_zero() {
+    LazyLock::force(&REPLACED);
+}
+
 /// How long a fresh connection may take to connect and answer a `PING`. Longer, and Redis itself
 /// is taken to be slow or away: the old connection is kept (its manager reconnects on errors).
 const PROBE_WAIT: Duration = Duration::from_secs(2);

@@ -24,6 +24,13 @@ pub(super) static SETTLES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("register syft_router_limit_settles_total")
 });
 
+/// Every outcome of `backend` at zero (a router with limits lists them before their first event).
+pub(super) fn at_zero(backend: &str) {
+    for outcome in ["retried", "given_up", "renew_failed"] {
+        SETTLES.with_label_values(&[backend, outcome]);
+    }
+}
+
 /// How long a change the store did not take is retried. A lost release kept its slot for the
 /// whole lease (18 minutes then: a user allowed one request in flight could send nothing
 /// meanwhile). Each change names its own request's lease and the cost it ends at, so a retry that

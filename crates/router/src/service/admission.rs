@@ -507,7 +507,8 @@ impl RouterService {
         }
         if let Err(e) = self.inner.ledger.record_free_usage(usage).await {
             // Free answers do not depend on the ledger being up.
-            tracing::warn!(request_id = %request_id, error = %e, "could not record usage");
+            crate::metrics::row_unconfirmed(crate::metrics::UnconfirmedRow::Free);
+            tracing::warn!(request_id = %request_id, error = %e, "usage row not confirmed by the ledger: lost unless it committed late");
         }
     }
 

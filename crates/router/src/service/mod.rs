@@ -386,8 +386,11 @@ impl RouterService {
             }
         };
         let up_start = Instant::now();
+        let waiting = metrics::UpstreamWait::start(self.provider());
         let answer = self.until_shutdown(self.inner.upstream.complete(&p.upstream_req));
-        let result = hold::keeping_alive(&mut hold, answer).await.and_then(|c| {
+        let answer = hold::keeping_alive(&mut hold, answer).await;
+        drop(waiting);
+        let result = answer.and_then(|c| {
             if c.content.trim().is_empty() {
                 Err(UpstreamError::Empty)
             } else {

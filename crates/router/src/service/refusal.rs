@@ -198,6 +198,7 @@ impl RouterService {
                 return;
             }
         }
-        tracing::warn!(status = %status, error = %err, "could not record the usage row of a refusal");
+        crate::metrics::row_unconfirmed(crate::metrics::UnconfirmedRow::Refusal);
+        tracing::warn!(status = %status, error = %err, "a refusal's usage row not confirmed by the ledger: lost unless it committed late");
     }
 }

@@ -64,8 +64,10 @@ impl RouterService {
             .ok_or_else(|| RouterError::Internal("a search admitted without a backend".into()))?;
         let query_tokens = tokens::count_text(&v.query.query);
         let up_start = Instant::now();
+        let waiting = metrics::UpstreamWait::start(backend.provider());
         let searched = self.until_shutdown(backend.search(&v.query));
         let result = super::hold::keeping_alive(&mut hold, searched).await;
+        drop(waiting);
         let upstream_time = up_start.elapsed();
         let upstream_ms = elapsed_ms(up_start);
         let units = |results: usize| Units {

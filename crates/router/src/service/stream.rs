@@ -85,8 +85,11 @@ impl RouterService {
         let up_start = Instant::now();
         // The upstream may take long to start answering (up to its request timeout): the hold is
         // extended meanwhile, as for a unary answer, so the stream starts with its life ahead.
+        let waiting = metrics::UpstreamWait::start(self.provider());
         let opened = self.until_shutdown(self.inner.upstream.stream(&p.upstream_req));
-        let upstream = match super::hold::keeping_alive(&mut hold, opened).await {
+        let opened = super::hold::keeping_alive(&mut hold, opened).await;
+        drop(waiting);
+        let upstream = match opened {
             Ok(s) => s,
             Err(e) => {
                 self.fail(&p, hold, &e, started, elapsed_ms(up_start)).await;
