@@ -158,12 +158,7 @@ pub fn default_log_filter(command: &Command) -> &'static str {
 /// holds stored answers, usage and secret hashes, and the process' umask left it world-readable
 /// (0755, the files 0644). A directory that already exists keeps its mode: the operator's choice.
 pub fn create_private_dir(dir: &str) -> anyhow::Result<()> {
-    let mut builder = std::fs::DirBuilder::new();
-    builder.recursive(true);
-    #[cfg(unix)]
-    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-    builder
-        .create(dir)
+    syft_server::create_private_dir(std::path::Path::new(dir))
         .with_context(|| format!("cannot create data dir {dir}"))
 }
 

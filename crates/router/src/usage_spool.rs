@@ -35,7 +35,7 @@
 //! router always starts a new segment, so a torn tail (a host crash mid-write) is only ever at the
 //! end of an old segment, where the reader stops.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -154,15 +154,8 @@ impl UsageSpool {
         calls: Calls,
         sync: bool,
     ) -> Result<Self, RouterError> {
-        // Readable by the router's user only: rows name users (an existing directory keeps its
-        // mode, the operator's choice, as the ledger's data directory does).
-        let mut builder = std::fs::DirBuilder::new();
-        builder.recursive(true);
-        #[cfg(unix)]
-        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-        builder
-            .create(dir)
-            .map_err(|e| io_err("cannot create", dir, e))?;
+        // Readable by the router's user only: rows name users.
+        syft_server::create_private_dir(dir).map_err(|e| io_err("cannot create", dir, e))?;
         if sync {
             // The directory may be new: its own entry must survive a host crash too (the syncer
             // flushes the directory's entries, its parent holds the directory's).
@@ -174,7 +167,7 @@ impl UsageSpool {
                 .and_then(|f| f.sync_all())
                 .map_err(|e| io_err("cannot sync its parent directory", dir, e))?;
         }
-        let lock = private()
+        let lock = syft_server::private_file()
             .create(true)
             .truncate(false)
             .write(true)
@@ -314,16 +307,8 @@ impl UsageSpool {
     }
 }
 
-/// Options for a file the spool creates: its owner's only (0600 on Unix).
-pub(super) fn private() -> OpenOptions {
-    let mut options = OpenOptions::new();
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    options
-}
-
 fn create_segment(dir: &Path, seg: u64) -> Result<File, RouterError> {
-    private()
+    syft_server::private_file()
         .create_new(true)
         .append(true)
         .open(segment_path(dir, seg))

@@ -616,26 +616,36 @@ async fn requests_refused_for_a_ledger_outage_spend_no_window() {
             .expect_err("ledger down");
         assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     }
-    s.ledger =
-        syft_testkit::LedgerServer::start_at(syft_testkit::ledger_config(&s.db.url), &addr).await;
+    restart_ledger(&mut s, &addr).await;
     for i in 0..2 {
-        let mut answered = None;
-        // The router may take a moment to find the ledger back.
-        for _ in 0..50 {
-            match c.chat(s.request(&format!("back {i}"))).await {
-                Err(e) if e.code() == Code::Unavailable => {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                other => {
-                    answered = Some(other);
-                    break;
-                }
-            }
-        }
-        let answered = answered.expect("the ledger came back");
+        let answered = answer_once_back(&s, &mut c, &format!("back {i}")).await;
         assert!(answered.is_ok(), "the window is whole: {answered:?}");
     }
     s.assert_spent(2 * PRICE).await;
+}
+
+/// Starts `s`'s ledger again at `addr`.
+async fn restart_ledger(s: &mut Stack, addr: &str) {
+    s.ledger =
+        syft_testkit::LedgerServer::start_at(syft_testkit::ledger_config(&s.db.url), addr).await;
+}
+
+/// The first answer to a chat other than `UNAVAILABLE`: the router may take a moment to find its
+/// ledger back (each `UNAVAILABLE` meanwhile is an outage's, and spends no window).
+async fn answer_once_back(
+    s: &Stack,
+    c: &mut RouterClient<tonic::transport::Channel>,
+    content: &str,
+) -> Result<tonic::Response<syft_proto::router::ChatResponse>, tonic::Status> {
+    for _ in 0..50 {
+        match c.chat(s.request(content)).await {
+            Err(e) if e.code() == Code::Unavailable => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => return other,
+        }
+    }
+    panic!("the ledger did not come back");
 }
 
 /// The first requests after the ledger dies, before the router's probe has seen it (once a
@@ -658,21 +668,8 @@ async fn the_first_requests_after_the_ledger_dies_spend_no_window() {
             .expect_err("ledger down");
         assert_eq!(err.code(), Code::Unavailable, "request {i}: {err:?}");
     }
-    s.ledger =
-        syft_testkit::LedgerServer::start_at(syft_testkit::ledger_config(&s.db.url), &addr).await;
-    let mut answered = None;
-    for _ in 0..50 {
-        match c.chat(s.request("back")).await {
-            Err(e) if e.code() == Code::Unavailable => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            other => {
-                answered = Some(other);
-                break;
-            }
-        }
-    }
-    let answered = answered.expect("the ledger came back");
+    restart_ledger(&mut s, &addr).await;
+    let answered = answer_once_back(&s, &mut c, "back").await;
     assert!(answered.is_ok(), "the window's second place: {answered:?}");
     let err = c.chat(s.request("third")).await.expect_err("2 per minute");
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");

@@ -1,9 +1,10 @@
 //! The server bootstrap both services share: listeners with Nagle off, the HTTP port with or
 //! without TLS (idle timeout and connection cap included), gRPC health publishing, one shutdown signal fanned out to every server, the grace
-//! period, and background tasks that end with the server.
+//! period, background tasks that end with the server, and files only their user reads.
 
 mod accepted;
 mod bodies;
+mod files;
 mod grpc;
 mod health;
 mod http;
@@ -11,6 +12,7 @@ mod secret;
 
 pub use accepted::Accepted;
 pub use bodies::{BodyBudgetLayer, BODY_BUDGET_BYTES, BODY_DEADLINE, UNCOUNTED_BYTES};
+pub use files::{create_private_dir, private_file};
 pub use grpc::{grpc_incoming, grpc_router, GrpcLayers, MAX_GRPC_CONNECTIONS};
 pub use http::{HttpLimits, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS};
 pub use secret::Secret;

@@ -216,13 +216,12 @@ fn create_private_file(database_url: &str) {
     let Some(file) = sqlite_file(database_url) else {
         return;
     };
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
     // A file that exists keeps its mode; any other failure is left to SQLite, whose error names
     // the file and what it could not do.
-    let _ = options.open(file);
+    let _ = syft_server::private_file()
+        .write(true)
+        .create_new(true)
+        .open(file);
 }
 
 /// How long an authenticated secret stays cached; secrets are never rotated in place, so this only

@@ -58,7 +58,7 @@ pub(super) fn claim_owner(dir: &Path, owner: &str, has_rows: bool) -> Result<(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err("cannot read OWNER", dir, e)),
     }
-    super::private()
+    syft_server::private_file()
         .create(true)
         .truncate(true)
         .write(true)
