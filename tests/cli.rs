@@ -229,6 +229,27 @@ async fn client_commands_and_verify() {
         &String::from_utf8_lossy(&out.stdout),
         &["LEDGER IS INCONSISTENT"],
     );
+    // A database a newer binary migrated cannot be checked by this one (its tables may hold
+    // what this binary cannot read): exit 2 naming it (it said consistent, exit 0).
+    let newer = sqlx::SqlitePool::connect(&url).await.expect("copy");
+    sqlx::query("UPDATE accounts SET balance = balance - 1 WHERE email = 'bob@example.com'")
+        .execute(&newer)
+        .await
+        .expect("the books back");
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, \
+         execution_time) VALUES (9999, 'a later version', TRUE, x'00', 0)",
+    )
+    .execute(&newer)
+    .await
+    .expect("a newer migration");
+    newer.close().await;
+    let out = verify(&url);
+    assert_eq!(out.status.code(), Some(2), "a newer database: {out:?}");
+    assert_contains(
+        &String::from_utf8_lossy(&out.stderr),
+        &["migrated by a newer syft-router"],
+    );
     h.finish().await;
 }
 

@@ -538,6 +538,19 @@ pub async fn usage(args: UsageArgs) -> anyhow::Result<()> {
         .into_inner()
         .unwrap_or_else(|e| e.into_inner())
         .unwrap_or_default();
+    // A ledger older than the filter ignores it and answers every row: refused, not printed as
+    // the rows of that request (a support lookup would read another request's outcome).
+    if let Some(id) = &args.request_id {
+        let other = rows
+            .iter()
+            .filter_map(|r| r.usage.as_ref())
+            .any(|u| u.request_id != *id);
+        anyhow::ensure!(
+            !other,
+            "this ledger does not filter usage by request id (an older version): upgrade it, or \
+             list the rows and look for {id}"
+        );
+    }
     if conn.json {
         let rows: Vec<_> = rows.iter().map(usage_json).collect();
         println!(

@@ -361,14 +361,19 @@ async fn verify(db: &DatabaseArgs, json: bool) -> anyhow::Result<()> {
     // Read as it is: an empty or mistyped database used to be given the schema (a "verify" that
     // wrote) and reported consistent, and a ledger one migration behind was migrated under the
     // older replicas still running on it.
-    let missing = syft_ledger::store::missing_migrations(&url)
+    let state = syft_ledger::store::migration_state(&url)
         .await
         .context("cannot open the database")?;
-    let Some(missing) = missing else {
+    let Some(state) = state else {
         anyhow::bail!(
             "no ledger in that database (it has no migrations table): check --database-url"
         );
     };
+    // A newer binary's database: tables and columns this one cannot read (it said consistent).
+    if !state.unknown.is_empty() {
+        return Err(syft_ledger::store::newer_database(&state.unknown).into());
+    }
+    let missing = state.missing;
     anyhow::ensure!(
         missing.is_empty(),
         "the database lacks migrations {missing:?} of this binary: verify it with the binary its \

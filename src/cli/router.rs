@@ -158,12 +158,15 @@ impl RouterSetup {
                 api_key: api_key.or(base.api_key.clone()),
                 ..base
             });
-        } else if self.upstream_api_key.is_some() || self.upstream_api_key_file.is_some() {
-            // Often set for other tools (OPENAI_API_KEY): it was dropped without a word, and an
-            // operator who meant it for the file's server saw its 401s instead.
+        } else if (self.upstream_api_key.is_some() || self.upstream_api_key_file.is_some())
+            && matches!(config.upstream, UpstreamConfig::Echo)
+        {
+            // Often set for other tools (OPENAI_API_KEY), and dropped without a word: an operator
+            // who meant an OpenAI-compatible server got the echo model. (A config file's server
+            // takes its own key, which may well be this variable: `api_key_env`.)
             tracing::warn!(
-                "--upstream-api-key (or OPENAI_API_KEY) is set but not used: it goes only with \
-                 --upstream-url (a config file's server takes its own api_key)"
+                "--upstream-api-key (or OPENAI_API_KEY) is set, but no upstream is: the built-in \
+                 echo model answers (give --upstream-url or a config file's upstream)"
             );
         }
         Ok(config)

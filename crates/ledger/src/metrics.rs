@@ -165,15 +165,18 @@ const DATABASE_GAUGES_WAIT: Duration = Duration::from_secs(2);
 /// every metric.
 pub async fn render(store: &Store) -> axum::response::Response {
     zero_counters();
+    // Listed from the first scrape, a stale one included.
+    std::sync::LazyLock::force(&PENDING);
+    // Each read on its own: a failure of one leaves the other's value fresh.
     let refresh = async {
-        let pending = store.pending_holds().await?;
-        PENDING.set(pending);
-        crate::alerts::metrics::refresh(store).await
+        let pending = store.pending_holds().await.map(|n| PENDING.set(n));
+        let alerts = crate::alerts::metrics::refresh(store).await;
+        pending.and(alerts)
     };
     let stale = match tokio::time::timeout(DATABASE_GAUGES_WAIT, refresh).await {
         Ok(Ok(())) => false,
         Ok(Err(e)) => {
-            tracing::warn!(error = %e, "gauges read from the database not refreshed");
+            tracing::warn!(error = %e, "gauges read from the database not all refreshed");
             true
         }
         Err(_) => {

@@ -47,10 +47,11 @@ struct Health {
 /// Why an endpoint is backed off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Down {
-    /// No connection could be made: nothing runs there for this router.
+    /// No connection could be made (a call's), or the health probe found the endpoint
+    /// unreachable (no answer within its timeout included): as the router's readiness says.
     Unreachable,
     /// Anything else: a call cut off or timed out, a ledger saying it is unavailable, a probe
-    /// that did not answer serving.
+    /// answered NOT_SERVING.
     Failed,
 }
 
@@ -63,8 +64,10 @@ impl Member {
             .filter(|t| *t > Instant::now())
     }
 
-    /// The endpoint failed in transport (or its probe failed): skip it for a while.
-    pub(crate) fn mark_down(&self, why: Down) {
+    /// The endpoint failed in transport (or its probe failed): skip it for a while. `detail`:
+    /// what the transport said (a refused connection, an expired certificate), logged once per
+    /// back-off: a router kept out of service by its probe gets no request to log it otherwise.
+    pub(crate) fn mark_down(&self, why: Down, detail: &str) {
         if let Ok(mut h) = self.health.lock() {
             h.unreachable = why == Down::Unreachable;
             let shift = h.consecutive_failures.min(4);
@@ -72,7 +75,7 @@ impl Member {
             h.consecutive_failures = h.consecutive_failures.saturating_add(1);
             if h.down_until.is_none_or(|t| t <= Instant::now()) {
                 tracing::warn!(ledger = %self.label, backoff_ms = backoff.as_millis() as u64,
-                    "ledger endpoint failed; using the others meanwhile");
+                    detail, "ledger endpoint failed; using the others meanwhile");
             }
             h.down_until = Some(Instant::now() + backoff);
         }

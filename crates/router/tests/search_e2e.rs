@@ -284,6 +284,14 @@ async fn http_backend_forwards_the_syft_shape_and_voids_failures() {
         // The backend's refusals of a request the router validated are its own fault.
         (Mode::Status(404), Code::Unavailable),
         (Mode::Status(422), Code::Unavailable),
+        // A refusal quoting the query, as parsers write them.
+        (
+            Mode::StatusBody(
+                400,
+                json!({"error": "cannot parse query: patient Jane Roe"}).to_string(),
+            ),
+            Code::Unavailable,
+        ),
         (Mode::Garbage, Code::Unavailable),
         (Mode::Stall, Code::DeadlineExceeded),
     ] {
@@ -298,13 +306,23 @@ async fn http_backend_forwards_the_syft_shape_and_voids_failures() {
 
     assert_eq!(s.alice_money().await, (FUNDS - PRICE, 0, FUNDS - PRICE));
     let t = s.transfers().await;
-    assert_eq!(t.len(), 7);
+    assert_eq!(t.len(), 8);
     assert_eq!(
         t.iter()
             .filter(|t| t.status() == TransferStatus::Cancelled)
             .count(),
-        6,
+        7,
         "every failure and the empty answer were voided"
+    );
+    // The ledger keeps a void's reason for good: the backend's status, not its words.
+    let reasons: Vec<&str> = t.iter().map(|t| t.cancel_reason.as_str()).collect();
+    assert!(
+        !reasons.iter().any(|r| r.contains("Jane Roe")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.contains(&"upstream unreachable: search backend answered HTTP 400"),
+        "{reasons:?}"
     );
     let statuses = s.usage_statuses().await;
     for want in [

@@ -107,6 +107,7 @@ pub(crate) async fn open_pool(
     options: AnyPoolOptions,
     database_url: &str,
 ) -> Result<AnyPool, sqlx::Error> {
+    let database_url = &*plaintext_on_loopback(database_url);
     match options.connect(database_url).await {
         // Not for SQLite: `mode=rwc` would create the file. Bounded: a host that drops packets
         // would otherwise add the system's connect timeout (minutes) to the wait.
@@ -121,14 +122,54 @@ pub(crate) async fn open_pool(
     }
 }
 
+/// A Postgres URL that names no `sslmode`, for a server on this host, with `sslmode=disable`.
+/// With TLS built in, the driver's default (`prefer`, libpq's) encrypts loopback connections too:
+/// that protects nothing from anyone who could read them (they are on the host already) and cost
+/// 10 – 15 % of paid throughput (docs/benchmarks.md, 2026-12-06). Any other host keeps `prefer`
+/// (TLS when the server offers it), and a URL that names a mode keeps it.
+fn plaintext_on_loopback(database_url: &str) -> std::borrow::Cow<'_, str> {
+    use std::borrow::Cow;
+    let Ok(url) = url::Url::parse(database_url) else {
+        return Cow::Borrowed(database_url);
+    };
+    let named = url
+        .query_pairs()
+        .any(|(k, _)| k == "sslmode" || k == "ssl-mode");
+    let loopback = match url.host() {
+        // A `postgres:` URL's host is opaque to the parser: an IPv4 address comes as a name.
+        Some(url::Host::Domain(d)) => {
+            d.eq_ignore_ascii_case("localhost")
+                || d.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_loopback())
+        }
+        Some(url::Host::Ipv4(a)) => a.is_loopback(),
+        Some(url::Host::Ipv6(a)) => a.is_loopback(),
+        // A Unix socket (`host=` in the query): Postgres speaks no TLS there anyway.
+        None => false,
+    };
+    if !matches!(url.scheme(), "postgres" | "postgresql") || named || !loopback {
+        return Cow::Borrowed(database_url);
+    }
+    let sep = if url.query().is_some() { '&' } else { '?' };
+    Cow::Owned(format!("{database_url}{sep}sslmode=disable"))
+}
+
 static PG_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
 static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite");
 
-/// The migrations of this binary that the database at `database_url` lacks; `None` when it holds
-/// no ledger (no migrations table). Read without migrating, unlike [`Store::connect`]: `verify`
-/// must not give an empty database a schema, nor apply a migration that older replicas still
-/// running on it cannot work with (0030, 0032: docs/operations.md).
-pub async fn missing_migrations(database_url: &str) -> Result<Option<Vec<i64>>> {
+/// How a database's migrations compare with this binary's.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Migrations {
+    /// This binary's migrations the database lacks (an upgrade applies them).
+    pub missing: Vec<i64>,
+    /// Migrations applied to the database that this binary does not know: a newer binary's.
+    pub unknown: Vec<i64>,
+}
+
+/// How the database at `database_url` compares with this binary's migrations; `None` when it
+/// holds no ledger (no migrations table). Read without migrating, unlike [`Store::connect`]:
+/// `verify` must not give an empty database a schema, nor apply a migration that older replicas
+/// still running on it cannot work with (0030, 0032: docs/operations.md).
+pub async fn migration_state(database_url: &str) -> Result<Option<Migrations>> {
     sqlx::any::install_default_drivers();
     let sqlite = database_url.starts_with("sqlite:");
     // `mode=rwc` (the form the docs show) would create the file being looked for.
@@ -139,14 +180,13 @@ pub async fn missing_migrations(database_url: &str) -> Result<Option<Vec<i64>>> 
         .max_connections(1)
         .acquire_timeout(Duration::from_secs(10));
     let pool = open_pool(options, database_url).await?;
-    let missing = pending_migrations(&pool, sqlite).await;
+    let state = compare_migrations(&pool, sqlite).await;
     pool.close().await;
-    missing
+    state
 }
 
-/// The migrations of this binary not applied to `pool`'s database; `None` when it holds no
-/// ledger (no migrations table).
-async fn pending_migrations(pool: &AnyPool, sqlite: bool) -> Result<Option<Vec<i64>>> {
+/// [`migration_state`] of `pool`'s database.
+async fn compare_migrations(pool: &AnyPool, sqlite: bool) -> Result<Option<Migrations>> {
     let table = if sqlite {
         "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'"
     } else {
@@ -160,13 +200,28 @@ async fn pending_migrations(pool: &AnyPool, sqlite: bool) -> Result<Option<Vec<i
         sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
             .fetch_all(pool)
             .await?;
-    let ours = if sqlite {
-        &SQLITE_MIGRATOR
+    let ours: Vec<i64> = if sqlite {
+        SQLITE_MIGRATOR.iter().map(|m| m.version).collect()
     } else {
-        &PG_MIGRATOR
+        PG_MIGRATOR.iter().map(|m| m.version).collect()
     };
-    let missing = ours.iter().map(|m| m.version);
-    Ok(Some(missing.filter(|v| !applied.contains(v)).collect()))
+    Ok(Some(Migrations {
+        missing: ours
+            .iter()
+            .copied()
+            .filter(|v| !applied.contains(v))
+            .collect(),
+        unknown: applied.into_iter().filter(|v| !ours.contains(v)).collect(),
+    }))
+}
+
+/// The refusal of a database a newer binary migrated: a ledger cannot go back a version.
+pub fn newer_database(unknown: &[i64]) -> LedgerError {
+    LedgerError::FailedPrecondition(format!(
+        "this database was migrated by a newer syft-router (migrations {unknown:?} are unknown \
+         to this binary): a ledger cannot go back a version; run the newer binary, or restore \
+         the backup taken before the upgrade (docs/operations.md, \"Upgrades\")"
+    ))
 }
 
 /// Applies this binary's migrations, saying which (an upgrade's changes were applied without a
@@ -177,23 +232,26 @@ async fn migrate(pool: &AnyPool, backend: Backend) -> Result<()> {
         Backend::Postgres => (&PG_MIGRATOR, false),
         Backend::Sqlite => (&SQLITE_MIGRATOR, true),
     };
-    let pending = pending_migrations(pool, sqlite).await?;
-    match &pending {
-        None => tracing::info!("a new ledger database: creating its schema"),
-        Some(v) if !v.is_empty() => {
-            tracing::info!(migrations = ?v, "applying migrations (docs/operations.md, \"Upgrades\")");
+    let state = compare_migrations(pool, sqlite).await?;
+    let pending = match &state {
+        None => {
+            tracing::info!("a new ledger database: creating its schema");
+            false
         }
-        Some(_) => {}
-    }
+        Some(m) if !m.unknown.is_empty() => return Err(newer_database(&m.unknown)),
+        Some(m) if !m.missing.is_empty() => {
+            // Every replica starting says so; the first to take the migration lock applies them.
+            tracing::info!(migrations = ?m.missing, "applying migrations unless another replica has (docs/operations.md, \"Upgrades\")");
+            true
+        }
+        Some(_) => false,
+    };
     migrator.run(pool).await.map_err(|e| match e {
-        sqlx::migrate::MigrateError::VersionMissing(v) => LedgerError::FailedPrecondition(format!(
-            "this database was migrated by a newer syft-router (migration {v} is unknown to this \
-             binary): a ledger cannot go back a version; run the newer binary, or restore the \
-             backup taken before the upgrade (docs/operations.md, \"Upgrades\")"
-        )),
+        // Applied by a newer replica meanwhile.
+        sqlx::migrate::MigrateError::VersionMissing(v) => newer_database(&[v]),
         e => LedgerError::Internal(format!("migration failed: {e}")),
     })?;
-    if pending.is_some_and(|v| !v.is_empty()) {
+    if pending {
         tracing::info!("migrations applied");
     }
     Ok(())
@@ -527,15 +585,11 @@ mod tests {
             .await
             .expect("a new ledger");
         store.close().await;
-        // A new file is its owner's only, whatever the directory's mode (it was 0644).
+        // A new file is its owner's only, whatever the directory's mode (it was 0644; SQLite
+        // gives its `-wal` and `-shm` the file's mode).
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            for name in ["ledger.db", "ledger.db-wal"] {
-                let meta = std::fs::metadata(dir.path().join(name));
-                let mode = meta.map(|m| m.permissions().mode() & 0o777);
-                assert!(matches!(mode, Ok(0o600) | Err(_)), "{name}: {mode:?}");
-            }
             let meta = std::fs::metadata(&file).expect("ledger.db");
             assert_eq!(meta.permissions().mode() & 0o777, 0o600);
         }
@@ -543,6 +597,38 @@ mod tests {
         let refused = super::Store::connect(&read_only, 1).await.err();
         let message = refused.map(|e| e.to_string()).unwrap_or_default();
         assert!(message.contains("cannot be written"), "{message:?}");
+    }
+
+    /// TLS to a database on this host is off unless the URL asks for it; any other host, or a
+    /// mode the URL names, is left to the driver (`prefer`: TLS when offered).
+    #[test]
+    fn loopback_databases_are_plaintext_unless_asked() {
+        for (url, want) in [
+            (
+                "postgres://u@127.0.0.1:5432/db",
+                "postgres://u@127.0.0.1:5432/db?sslmode=disable",
+            ),
+            (
+                "postgres://u@localhost/db?x=1",
+                "postgres://u@localhost/db?x=1&sslmode=disable",
+            ),
+            (
+                "postgresql://u@[::1]/db",
+                "postgresql://u@[::1]/db?sslmode=disable",
+            ),
+            (
+                "postgres://u@127.0.0.1/db?sslmode=require",
+                "postgres://u@127.0.0.1/db?sslmode=require",
+            ),
+            (
+                "postgres://u@db.example.com/db",
+                "postgres://u@db.example.com/db",
+            ),
+            ("postgres://u@10.0.0.5/db", "postgres://u@10.0.0.5/db"),
+            ("sqlite://ledger.db?mode=rwc", "sqlite://ledger.db?mode=rwc"),
+        ] {
+            assert_eq!(super::plaintext_on_loopback(url), want, "{url}");
+        }
     }
 
     /// A database a newer binary migrated is refused by name (a downgrade): it was "internal
@@ -566,7 +652,7 @@ mod tests {
         let refused = super::Store::connect(&url, 1).await.err();
         let message = refused.map(|e| e.to_string()).unwrap_or_default();
         assert!(
-            message.contains("migrated by a newer syft-router (migration 9999"),
+            message.contains("migrated by a newer syft-router (migrations [9999]"),
             "{message:?}"
         );
     }

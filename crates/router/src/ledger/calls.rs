@@ -233,12 +233,12 @@ impl Calls {
                 Err(s) if outcome_unknown(s.code()) => {
                     tracing::debug!(ledger = %m.label, ?op, code = ?s.code(), detail = %s.message(), "ledger call failed; next endpoint");
                     if syft_tls::handshake_failed(&s) {
-                        m.mark_down(Down::Failed);
+                        m.mark_down(Down::Failed, s.message());
                         round.refused_tls.push(&m.label);
                     } else if never_sent(&s) {
-                        m.mark_down(Down::Unreachable);
+                        m.mark_down(Down::Unreachable, s.message());
                     } else {
-                        m.mark_down(Down::Failed);
+                        m.mark_down(Down::Failed, s.message());
                         round.maybe_applied.push(&m.label);
                     }
                     last = Some(s);

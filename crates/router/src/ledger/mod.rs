@@ -97,15 +97,16 @@ impl Ledger {
             .all()
             .iter()
             .zip(&states)
-            .map(|(m, state)| {
+            .map(|(m, (state, detail))| {
                 if *state == LedgerState::Serving {
                     m.mark_up();
                 } else {
                     // As the readiness this probe publishes says (`ledger_is_out` reads both).
-                    m.mark_down(match state {
+                    let why = match state {
                         LedgerState::Unreachable => Down::Unreachable,
                         _ => Down::Failed,
-                    });
+                    };
+                    m.mark_down(why, detail);
                 }
                 LedgerEndpoint {
                     url: m.label.clone(),
@@ -119,7 +120,7 @@ impl Ledger {
             LedgerState::Unreachable,
         ]
         .into_iter()
-        .find(|s| states.contains(s))
+        .find(|s| states.iter().any(|(state, _)| state == s))
         .unwrap_or(LedgerState::Unknown);
         (overall, endpoints)
     }
@@ -557,9 +558,9 @@ pub(crate) fn map_status(op: Op, s: tonic::Status) -> RouterError {
     }
 }
 
-/// One endpoint's own gRPC health status. A ledger without the health service
-/// (`UNIMPLEMENTED`) answered, so it counts as serving.
-async fn probe_one(m: &Member, timeout: Duration) -> LedgerState {
+/// One endpoint's own gRPC health status, and what went wrong when it did not answer serving.
+/// A ledger without the health service (`UNIMPLEMENTED`) answered, so it counts as serving.
+async fn probe_one(m: &Member, timeout: Duration) -> (LedgerState, String) {
     let mut client = HealthClient::new(m.channel.clone());
     let mut req = tonic::Request::new(HealthCheckRequest {
         service: LEDGER_SERVICE.into(),
@@ -567,15 +568,18 @@ async fn probe_one(m: &Member, timeout: Duration) -> LedgerState {
     req.set_timeout(timeout);
     match tokio::time::timeout(timeout, client.check(req)).await {
         Ok(Ok(resp)) => match resp.into_inner().status() {
-            ServingStatus::Serving => LedgerState::Serving,
-            _ => LedgerState::NotServing,
+            ServingStatus::Serving => (LedgerState::Serving, String::new()),
+            _ => (
+                LedgerState::NotServing,
+                "the ledger says NOT_SERVING".into(),
+            ),
         },
-        Ok(Err(s)) if s.code() == Code::Unimplemented => LedgerState::Serving,
-        Ok(Err(s)) => {
-            tracing::debug!(ledger = %m.label, code = ?s.code(), detail = %s.message(), "ledger health check failed");
-            LedgerState::Unreachable
-        }
-        Err(_) => LedgerState::Unreachable,
+        Ok(Err(s)) if s.code() == Code::Unimplemented => (LedgerState::Serving, String::new()),
+        Ok(Err(s)) => (LedgerState::Unreachable, s.message().to_string()),
+        Err(_) => (
+            LedgerState::Unreachable,
+            format!("no health answer within {timeout:?}"),
+        ),
     }
 }
 

@@ -73,7 +73,10 @@ fn backend_status(e: UpstreamError) -> UpstreamError {
         UpstreamError::Status {
             status, message, ..
         } if status != 429 && status < 500 => {
-            UpstreamError::Unreachable(format!("search backend answered HTTP {status}: {message}"))
+            // Without the backend's words, which may quote the user's query: this error becomes
+            // a void's reason, kept for good, and a log line at the default level.
+            tracing::debug!(status, detail = %message, "search backend refusal in its words");
+            UpstreamError::Unreachable(format!("search backend answered HTTP {status}"))
         }
         e => e,
     }

@@ -507,7 +507,10 @@ impl RouterService {
         }
         if let Err(e) = self.inner.ledger.record_free_usage(usage).await {
             // Free answers do not depend on the ledger being up.
-            crate::metrics::row_unconfirmed(crate::metrics::UnconfirmedRow::Free);
+            // With a spool, its own events count a row it could not keep.
+            if !self.inner.ledger.has_spool() {
+                crate::metrics::row_unconfirmed(crate::metrics::UnconfirmedRow::Free);
+            }
             tracing::warn!(request_id = %request_id, error = %e, "usage row not confirmed by the ledger: lost unless it committed late");
         }
     }

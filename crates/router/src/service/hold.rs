@@ -57,7 +57,9 @@ impl Drop for Claim {
         rt.spawn(async move {
             let _work = work;
             if let Err(e) = ledger.record_free_usage(usage).await {
-                crate::metrics::row_unconfirmed(crate::metrics::UnconfirmedRow::Free);
+                if !ledger.has_spool() {
+                    crate::metrics::row_unconfirmed(crate::metrics::UnconfirmedRow::Free);
+                }
                 tracing::warn!(error = %e, "the cancelled request's usage row not confirmed by the ledger: lost unless it committed late");
             }
         });
