@@ -609,19 +609,25 @@ async fn requests_refused_for_a_ledger_outage_spend_no_window() {
     s.ledger.stop_now().await;
     // Found down by the router's probe (a ledger that is up but busy keeps the window spent).
     syft_testkit::wait_readyz(&s.router.http_url, "ledger", "unreachable").await;
-    for i in 0..3 {
-        let err = c
-            .chat(s.request(&format!("down {i}")))
-            .await
-            .expect_err("ledger down");
-        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    }
+    three_refused_while_down(&s, &mut c).await;
     restart_ledger(&mut s, &addr).await;
     for i in 0..2 {
         let answered = answer_once_back(&s, &mut c, &format!("back {i}")).await;
         assert!(answered.is_ok(), "the window is whole: {answered:?}");
     }
     s.assert_spent(2 * PRICE).await;
+}
+
+/// Three chats while the ledger is down, each refused `UNAVAILABLE` (three: one more than the
+/// window holds, so a refusal that kept its place shows as `RESOURCE_EXHAUSTED`).
+async fn three_refused_while_down(s: &Stack, c: &mut RouterClient<tonic::transport::Channel>) {
+    for i in 0..3 {
+        let err = c
+            .chat(s.request(&format!("down {i}")))
+            .await
+            .expect_err("ledger down");
+        assert_eq!(err.code(), Code::Unavailable, "request {i}: {err:?}");
+    }
 }
 
 /// Starts `s`'s ledger again at `addr`.
@@ -661,13 +667,7 @@ async fn the_first_requests_after_the_ledger_dies_spend_no_window() {
     c.chat(s.request("before")).await.expect("the ledger is up");
     let addr = s.ledger.url.clone();
     s.ledger.stop_now().await;
-    for i in 0..3 {
-        let err = c
-            .chat(s.request(&format!("down {i}")))
-            .await
-            .expect_err("ledger down");
-        assert_eq!(err.code(), Code::Unavailable, "request {i}: {err:?}");
-    }
+    three_refused_while_down(&s, &mut c).await;
     restart_ledger(&mut s, &addr).await;
     let answered = answer_once_back(&s, &mut c, "back").await;
     assert!(answered.is_ok(), "the window's second place: {answered:?}");
