@@ -551,6 +551,15 @@ pub(crate) fn map_status(op: Op, s: tonic::Status) -> RouterError {
             tracing::error!(?op, "ledger rejected the router's credentials");
             RouterError::Unavailable("ledger rejected the router's credentials".into())
         }
+        // A ledger older than the call (mixed versions during an upgrade): said as such, where
+        // "ledger unavailable" sent its operator looking for an outage.
+        Code::Unimplemented => {
+            tracing::error!(?op, detail = %msg, "the ledger does not know this call: it is older than this router (upgrade ledgers first, docs/operations.md \"Upgrades\")");
+            RouterError::Unavailable(
+                "the ledger does not support this yet (an older version); nothing was charged"
+                    .into(),
+            )
+        }
         code => {
             tracing::warn!(?op, ?code, detail = %msg, "ledger call failed");
             RouterError::Unavailable("ledger unavailable".into())
@@ -646,5 +655,19 @@ mod tests {
             let e = map_status(op, lost());
             assert!(matches!(e, RouterError::NotFound(_)), "{op:?}: {e:?}");
         }
+    }
+
+    /// A call an older ledger does not know says so (mixed versions during an upgrade): it was
+    /// "ledger unavailable", which sent an operator looking for an outage.
+    #[test]
+    fn a_call_an_older_ledger_lacks_says_so() {
+        let e = map_status(
+            Op::CheckToken,
+            tonic::Status::unimplemented("unknown method"),
+        );
+        assert!(
+            matches!(&e, RouterError::Unavailable(m) if m.contains("older version")),
+            "{e:?}"
+        );
     }
 }

@@ -552,6 +552,13 @@ impl RouterService {
     ) {
         tracing::warn!(request_id = %p.v.request_id, error = %e.summary(), status = %e.usage_status(), "upstream failed");
         tracing::debug!(request_id = %p.v.request_id, error = %e, "upstream failure in its words");
+        if let UpstreamError::Status {
+            status: status @ (401 | 403),
+            ..
+        } = e
+        {
+            crate::upstream::key_refused(*status, self.provider());
+        }
         if e.is_outage() {
             if let Some(pass) = &p.t.pass {
                 pass.give_back_requests();
