@@ -304,7 +304,10 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
         };
     }
     say!("syft-router dev is running (Ctrl-C to stop)");
-    say!("  ledger  gRPC  {ledger_url}   database {database_url}");
+    say!(
+        "  ledger  gRPC  {ledger_url}   database {}",
+        without_password(&database_url)
+    );
     say!("  ledger  HTTP  {ledger_http_url}   (Syft accounting REST API)");
     say!("  router  gRPC  http://{grpc_addr}");
     say!("  router  HTTP  http://{http_addr}/v1/chat/completions   (OpenAI-compatible)");
@@ -366,6 +369,23 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     running.shutdown().await
 }
 
+/// `url` with the password of its user info (`postgres://user:secret@host/db`) masked: the banner
+/// names the database (a `DATABASE_URL` left in the environment is used, and should be seen), not
+/// its credentials.
+fn without_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let host_start = rest.find('/').unwrap_or(rest.len());
+    match rest[..host_start].rfind('@') {
+        Some(at) => match rest[..at].split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***{}", &rest[at..]),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
+}
+
 /// How to run this binary from a shell: `syft-router` when that name on PATH is this very file
 /// (e.g. after `cargo install --path .`), else its path (e.g. `target/release/syft-router` under
 /// `cargo run`), so the printed commands run as pasted.
@@ -417,6 +437,27 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    /// The banner names the database without its password.
+    #[test]
+    fn the_banner_hides_the_database_password() {
+        for (url, shown) in [
+            (
+                "postgres://syft:s3cret@db.example:5432/syft?sslmode=require",
+                "postgres://syft:***@db.example:5432/syft?sslmode=require",
+            ),
+            (
+                "postgres://postgres@127.0.0.1/postgres",
+                "postgres://postgres@127.0.0.1/postgres",
+            ),
+            (
+                "sqlite://data/ledger.db?mode=rwc",
+                "sqlite://data/ledger.db?mode=rwc",
+            ),
+        ] {
+            assert_eq!(super::without_password(url), shown);
+        }
+    }
+
     /// The commands `dev` prints start with something a shell can run as pasted: here (a test
     /// binary, not named `syft-router` nor on PATH) that is this binary's own path, relative to
     /// the working directory when below it.
