@@ -222,8 +222,8 @@ impl From<sqlx::Error> for LedgerError {
                 }
                 // Rolled back whole: repeating the call is safe (it used to be an internal error).
                 DbErrorClass::Cancelled => LedgerError::Unavailable(
-                    "a database statement was cancelled (a statement_timeout, or an \
-                     administrator); retry"
+                    "a database statement was cancelled (a statement_timeout or lock_timeout, \
+                     or an administrator); retry"
                         .into(),
                 ),
                 DbErrorClass::SessionShared => LedgerError::Internal(format!(

@@ -24,6 +24,10 @@ const PG_REFUSED_CLASSES: [&str; 2] = ["53", "28"];
 /// Postgres SQLSTATE `57014`: the statement was cancelled (its `statement_timeout`, or
 /// `pg_cancel_backend`); its transaction rolled back.
 const PG_QUERY_CANCELED: &str = "57014";
+/// Postgres SQLSTATE `55P03`: a lock was not granted within the session's `lock_timeout` (a
+/// DBA's setting on the role or database); the statement did not run and its transaction rolled
+/// back, as a cancelled one's does. It was `INTERNAL`, which a router takes as final.
+const PG_LOCK_NOT_AVAILABLE: &str = "55P03";
 /// `duplicate_prepared_statement`: the ledger's prepared statements met another client's on one
 /// server session, which only a pooler in transaction (or statement) mode does.
 const PG_DUPLICATE_PREPARED_STATEMENT: &str = "42P05";
@@ -81,7 +85,7 @@ pub(crate) fn classify(err: &sqlx::Error) -> DbErrorClass {
         if code.starts_with(PG_CONNECTION_EXCEPTION_CLASS) || PG_SESSION_ENDED.contains(&code) {
             return DbErrorClass::ConnectionLost;
         }
-        if code == PG_QUERY_CANCELED {
+        if code == PG_QUERY_CANCELED || code == PG_LOCK_NOT_AVAILABLE {
             return DbErrorClass::Cancelled;
         }
         if code == PG_DUPLICATE_PREPARED_STATEMENT {
@@ -178,7 +182,37 @@ mod tests {
             crate::error::LedgerError::Unavailable(_)
         ));
         drop(tx);
+        // So is a lock not granted within a `lock_timeout` (a DBA's setting): the statement did
+        // not run (it was `INTERNAL`). Another session holds the lock.
+        let key: i64 = rand_key();
+        let holder = one_connection(&url).await.expect("postgres");
+        sqlx::query(&format!("SELECT pg_advisory_lock({key})"))
+            .execute(&holder)
+            .await
+            .expect("lock");
+        let mut tx = pool.begin().await.expect("begin");
+        sqlx::query("SET LOCAL lock_timeout = 50")
+            .execute(&mut *tx)
+            .await
+            .expect("lock timeout");
+        let err = sqlx::query(&format!("SELECT pg_advisory_lock({key})"))
+            .execute(&mut *tx)
+            .await
+            .expect_err("not granted");
+        assert_eq!(classify(&err), DbErrorClass::Cancelled, "{err}");
+        assert!(matches!(
+            crate::error::LedgerError::from(err),
+            crate::error::LedgerError::Unavailable(_)
+        ));
+        drop(tx);
+        holder.close().await;
         pool.close().await;
+    }
+
+    /// An advisory lock key no other test run uses.
+    fn rand_key() -> i64 {
+        let id = uuid::Uuid::now_v7().as_u128();
+        (id as i64).wrapping_abs()
     }
 
     /// A database that stops taking sessions (`ALLOW_CONNECTIONS false`, then its sessions
