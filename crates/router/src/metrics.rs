@@ -159,18 +159,23 @@ pub fn spool_opened() {
     }
 }
 
-/// Records one finished chat request.
+/// Records one finished chat request. A replay called no upstream: only the router's share is
+/// recorded (it counted as a 0-s upstream call).
 pub fn observe(provider: &str, mode: &str, outcome: &str, started: Instant, upstream: Duration) {
     let total = started.elapsed();
-    UPSTREAM
-        .with_label_values(&[provider, outcome])
-        .observe(upstream.as_secs_f64());
+    if outcome != "replay" {
+        UPSTREAM
+            .with_label_values(&[provider, outcome])
+            .observe(upstream.as_secs_f64());
+    }
     ADDED
         .with_label_values(&[mode, outcome])
         .observe(total.saturating_sub(upstream).as_secs_f64());
 }
 
-/// Records a request whose upstream call failed, under the failure's usage status.
+/// Records a request whose upstream call failed, under the failure's usage status; an upstream's
+/// 429 apart (`upstream_rate_limited`): the owner's quota there, not an upstream fault, which the
+/// usage rows' one `upstream_error` mixed.
 pub fn observe_failure(
     provider: &str,
     mode: &str,
@@ -178,5 +183,43 @@ pub fn observe_failure(
     started: Instant,
     upstream: Duration,
 ) {
-    observe(provider, mode, e.usage_status().as_str(), started, upstream);
+    let outcome = match e {
+        UpstreamError::Status { status: 429, .. } => "upstream_rate_limited",
+        e => e.usage_status().as_str(),
+    };
+    observe(provider, mode, outcome, started, upstream);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An upstream's 429 is labelled apart from its faults, and a replay, which called no
+    /// upstream, records no upstream time.
+    #[test]
+    fn a_429_and_a_replay_are_told_apart() {
+        let provider = "metrics-test-provider";
+        let limited = UpstreamError::Status {
+            status: 429,
+            message: String::new(),
+            retry_after: None,
+        };
+        let failed = UpstreamError::Status {
+            status: 500,
+            message: String::new(),
+            retry_after: None,
+        };
+        let now = Instant::now();
+        observe_failure(provider, "unary", &limited, now, Duration::ZERO);
+        observe_failure(provider, "unary", &failed, now, Duration::ZERO);
+        observe(provider, "unary", "replay", now, Duration::ZERO);
+        let count = |outcome: &str| {
+            UPSTREAM
+                .with_label_values(&[provider, outcome])
+                .get_sample_count()
+        };
+        assert_eq!(count("upstream_rate_limited"), 1);
+        assert_eq!(count("upstream_error"), 1);
+        assert_eq!(count("replay"), 0);
+    }
 }
