@@ -524,8 +524,22 @@ pub async fn usage(args: UsageArgs) -> anyhow::Result<()> {
             ..request.clone()
         };
         let totals = &totals;
+        let wanted = args.request_id.as_deref();
         async move {
             let page = client.query_usage(request).await.or_fail(conn)?;
+            // A ledger older than the filter ignores it and answers every row: refused at its
+            // first page (not after downloading the owner's whole history), not printed as the
+            // rows of that request (a support lookup would read another request's outcome).
+            if let Some(id) = wanted {
+                let other = (page.records.iter())
+                    .filter_map(|r| r.usage.as_ref())
+                    .any(|u| u.request_id != id);
+                anyhow::ensure!(
+                    !other,
+                    "this ledger does not filter usage by request id (an older version): \
+                     upgrade it, or list the rows and look for {id}"
+                );
+            }
             let mut kept = totals.lock().unwrap_or_else(|e| e.into_inner());
             if kept.is_none() {
                 *kept = page.totals;
@@ -538,19 +552,6 @@ pub async fn usage(args: UsageArgs) -> anyhow::Result<()> {
         .into_inner()
         .unwrap_or_else(|e| e.into_inner())
         .unwrap_or_default();
-    // A ledger older than the filter ignores it and answers every row: refused, not printed as
-    // the rows of that request (a support lookup would read another request's outcome).
-    if let Some(id) = &args.request_id {
-        let other = rows
-            .iter()
-            .filter_map(|r| r.usage.as_ref())
-            .any(|u| u.request_id != *id);
-        anyhow::ensure!(
-            !other,
-            "this ledger does not filter usage by request id (an older version): upgrade it, or \
-             list the rows and look for {id}"
-        );
-    }
     if conn.json {
         let rows: Vec<_> = rows.iter().map(usage_json).collect();
         println!(

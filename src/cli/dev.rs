@@ -237,13 +237,15 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
             c
         }
         _ if owner_exists => anyhow::bail!(
-            "{database_url} already has dev accounts but {} is missing; delete the data dir to start over",
+            "{} already has dev accounts but {} is missing; delete the data dir to start over",
+            without_password(&database_url),
             creds_path.display()
         ),
         _ => {
             let owner_secret = create_account(&mut admin, DEV_OWNER, 0).await?;
             let user_secret = create_account(&mut admin, DEV_USER, 10_000_000).await?;
-            let user_token = issue_token(&mut connect_lazy(&ledger_url, &user_secret)?, DEV_OWNER).await?;
+            let user_token =
+                issue_token(&mut connect_lazy(&ledger_url, &user_secret)?, DEV_OWNER).await?;
             let c = DevCredentials {
                 admin_key,
                 owner_email: DEV_OWNER.into(),
@@ -373,17 +375,35 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
 /// names the database (a `DATABASE_URL` left in the environment is used, and should be seen), not
 /// its credentials.
 fn without_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
     };
-    let host_start = rest.find('/').unwrap_or(rest.len());
-    match rest[..host_start].rfind('@') {
-        Some(at) => match rest[..at].split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***{}", &rest[at..]),
-            None => url.to_string(),
-        },
-        None => url.to_string(),
-    }
+    let base = match base.split_once("://") {
+        Some((scheme, rest)) => {
+            let host_start = rest.find('/').unwrap_or(rest.len());
+            match rest[..host_start].rfind('@') {
+                Some(at) => match rest[..at].split_once(':') {
+                    Some((user, _)) => format!("{scheme}://{user}:***{}", &rest[at..]),
+                    None => base.to_string(),
+                },
+                None => base.to_string(),
+            }
+        }
+        None => base.to_string(),
+    };
+    let Some(query) = query else {
+        return base;
+    };
+    // The password may come as a parameter too (`?password=…`).
+    let query: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+            _ => pair.to_string(),
+        })
+        .collect();
+    format!("{base}?{}", query.join("&"))
 }
 
 /// How to run this binary from a shell: `syft-router` when that name on PATH is this very file
@@ -452,6 +472,10 @@ mod tests {
             (
                 "sqlite://data/ledger.db?mode=rwc",
                 "sqlite://data/ledger.db?mode=rwc",
+            ),
+            (
+                "postgres://syft@db/syft?password=s3cret&sslmode=require",
+                "postgres://syft@db/syft?password=***&sslmode=require",
             ),
         ] {
             assert_eq!(super::without_password(url), shown);

@@ -222,9 +222,14 @@ impl From<sqlx::Error> for LedgerError {
                 }
                 // Rolled back whole: repeating the call is safe (it used to be an internal error).
                 DbErrorClass::Cancelled => LedgerError::Unavailable(
-                    "a database statement was cancelled (a statement_timeout or lock_timeout, \
-                     or an administrator); retry"
+                    "a database statement was cancelled (a statement_timeout, or an \
+                     administrator); retry"
                         .into(),
+                ),
+                // The statement did not run (a DBA's `lock_timeout`): it was `INTERNAL`, final to
+                // a router.
+                DbErrorClass::LockNotGranted => LedgerError::Unavailable(
+                    "a database lock was not granted within its lock_timeout; retry".into(),
                 ),
                 DbErrorClass::SessionShared => LedgerError::Internal(format!(
                     "{err} (a connection pooler in transaction mode? the ledger needs session \

@@ -165,12 +165,16 @@ const DATABASE_GAUGES_WAIT: Duration = Duration::from_secs(2);
 /// every metric.
 pub async fn render(store: &Store) -> axum::response::Response {
     zero_counters();
-    // Listed from the first scrape, a stale one included.
+    // Listed from the first scrape, a stale one included (at 0 until a first read).
     std::sync::LazyLock::force(&PENDING);
-    // Each read on its own: a failure of one leaves the other's value fresh.
+    crate::alerts::metrics::at_zero();
+    // Both reads at once, each setting its own gauges: a lock on one table (or an error) leaves
+    // the other's values fresh.
     let refresh = async {
-        let pending = store.pending_holds().await.map(|n| PENDING.set(n));
-        let alerts = crate::alerts::metrics::refresh(store).await;
+        let (pending, alerts) = tokio::join!(
+            async { store.pending_holds().await.map(|n| PENDING.set(n)) },
+            crate::alerts::metrics::refresh(store)
+        );
         pending.and(alerts)
     };
     let stale = match tokio::time::timeout(DATABASE_GAUGES_WAIT, refresh).await {

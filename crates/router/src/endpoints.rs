@@ -132,8 +132,9 @@ impl Members {
         &self.list
     }
 
-    /// Whether no endpoint can be reached now: each is backed off after a connection that could
-    /// not be made. A call learns this before the next health probe does.
+    /// Whether no endpoint can be reached now: each is backed off as [`Down::Unreachable`] (a
+    /// call's connection that could not be made, or a probe that found it unreachable). A call
+    /// learns this before the next health probe does.
     pub(crate) fn unreachable(&self) -> bool {
         self.list.iter().all(|m| {
             m.health

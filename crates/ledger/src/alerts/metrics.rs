@@ -62,6 +62,23 @@ pub(crate) fn disabled() {
     DISABLED_TOTAL.inc();
 }
 
+/// Lists the alert counters and gauges before any event (a rule on `increase()` sees nothing of
+/// a series that does not exist yet), whether or not the database answers the scrape.
+pub fn at_zero() {
+    for kind in EventKind::ALL {
+        EVENTS.with_label_values(&[kind.as_str()]);
+    }
+    for label in ["delivered", "retry", "gave_up"] {
+        DELIVERIES.with_label_values(&[label]);
+    }
+    LazyLock::force(&RETRIES);
+    LazyLock::force(&RATE_CAPPED);
+    LazyLock::force(&DISABLED_TOTAL);
+    LazyLock::force(&QUEUE);
+    LazyLock::force(&OLDEST);
+    LazyLock::force(&DISABLED);
+}
+
 /// Refreshes the gauges read from the database (called by the `/metrics` handler).
 pub async fn refresh(store: &Store) -> Result<()> {
     let (depth, oldest): (i64, Option<i64>) = sqlx::query_as(
@@ -81,15 +98,5 @@ pub async fn refresh(store: &Store) -> Result<()> {
         (now_micros().saturating_sub(at)).max(0) as f64 / 1e6
     }));
     DISABLED.set(disabled);
-    // Registered on first use; touch the counters so a scrape lists them before any event.
-    for kind in EventKind::ALL {
-        EVENTS.with_label_values(&[kind.as_str()]);
-    }
-    for label in ["delivered", "retry", "gave_up"] {
-        DELIVERIES.with_label_values(&[label]);
-    }
-    LazyLock::force(&RETRIES);
-    LazyLock::force(&RATE_CAPPED);
-    LazyLock::force(&DISABLED_TOTAL);
     Ok(())
 }

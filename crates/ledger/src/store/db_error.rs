@@ -63,6 +63,10 @@ pub(crate) enum DbErrorClass {
     Refused,
     /// The statement was cancelled (a timeout or an operator); nothing it did was kept.
     Cancelled,
+    /// A lock was not granted within the session's `lock_timeout` ([`PG_LOCK_NOT_AVAILABLE`]):
+    /// the statement did not run; repeating it may find the lock free. Apart from
+    /// [`DbErrorClass::Cancelled`], which analytics reads as "the query ran too long".
+    LockNotGranted,
     /// The server session is shared with other clients (a pooler in transaction mode): a
     /// deployment the ledger does not support (docs/operations.md, "Postgres settings").
     SessionShared,
@@ -85,8 +89,11 @@ pub(crate) fn classify(err: &sqlx::Error) -> DbErrorClass {
         if code.starts_with(PG_CONNECTION_EXCEPTION_CLASS) || PG_SESSION_ENDED.contains(&code) {
             return DbErrorClass::ConnectionLost;
         }
-        if code == PG_QUERY_CANCELED || code == PG_LOCK_NOT_AVAILABLE {
+        if code == PG_QUERY_CANCELED {
             return DbErrorClass::Cancelled;
+        }
+        if code == PG_LOCK_NOT_AVAILABLE {
+            return DbErrorClass::LockNotGranted;
         }
         if code == PG_DUPLICATE_PREPARED_STATEMENT {
             return DbErrorClass::SessionShared;
@@ -199,7 +206,7 @@ mod tests {
             .execute(&mut *tx)
             .await
             .expect_err("not granted");
-        assert_eq!(classify(&err), DbErrorClass::Cancelled, "{err}");
+        assert_eq!(classify(&err), DbErrorClass::LockNotGranted, "{err}");
         assert!(matches!(
             crate::error::LedgerError::from(err),
             crate::error::LedgerError::Unavailable(_)

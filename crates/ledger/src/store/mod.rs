@@ -125,16 +125,18 @@ pub(crate) async fn open_pool(
 /// A Postgres URL that names no `sslmode`, for a server on this host, with `sslmode=disable`.
 /// With TLS built in, the driver's default (`prefer`, libpq's) encrypts loopback connections too:
 /// that protects nothing from anyone who could read them (they are on the host already) and cost
-/// 10 – 15 % of paid throughput (docs/benchmarks.md, 2026-12-06). Any other host keeps `prefer`
-/// (TLS when the server offers it), and a URL that names a mode keeps it.
+/// 8 – 15 % of paid throughput (docs/benchmarks.md, 2026-12-06). Any other host keeps `prefer`
+/// (TLS when the server offers it), and so does a URL that names a mode, a server by `host=` or
+/// `hostaddr=` (the driver connects there, not to the URL's host), or runs with `PGSSLMODE` set.
 fn plaintext_on_loopback(database_url: &str) -> std::borrow::Cow<'_, str> {
     use std::borrow::Cow;
     let Ok(url) = url::Url::parse(database_url) else {
         return Cow::Borrowed(database_url);
     };
-    let named = url
-        .query_pairs()
-        .any(|(k, _)| k == "sslmode" || k == "ssl-mode");
+    let named = std::env::var_os("PGSSLMODE").is_some()
+        || url.query_pairs().any(|(k, _)| {
+            ["sslmode", "ssl-mode", "host", "hostaddr"].contains(&k.to_ascii_lowercase().as_str())
+        });
     let loopback = match url.host() {
         // A `postgres:` URL's host is opaque to the parser: an IPv4 address comes as a name.
         Some(url::Host::Domain(d)) => {
@@ -391,7 +393,7 @@ impl Store {
     }
 
     /// Opens an existing ledger to read it (`ledger verify`), writing nothing of its own: no
-    /// migrations (the caller checked that none is missing, [`missing_migrations`]), no rebuild
+    /// migrations (the caller checked that none is missing, [`migration_state`]), no rebuild
     /// of empty rollups (a fresh ledger's rows all queued looked like an upgrade from before the
     /// rollups, and verify recomputed every rollup under the running ledger), no batch workers
     /// and no rollup folder (Verify folds the queue itself, as the folder would). One batch
@@ -625,6 +627,15 @@ mod tests {
                 "postgres://u@db.example.com/db",
             ),
             ("postgres://u@10.0.0.5/db", "postgres://u@10.0.0.5/db"),
+            // The driver connects to `hostaddr=`, not to the URL's host.
+            (
+                "postgres://u@localhost/db?hostaddr=10.0.0.5",
+                "postgres://u@localhost/db?hostaddr=10.0.0.5",
+            ),
+            (
+                "postgres://u@/db?host=/run/postgresql",
+                "postgres://u@/db?host=/run/postgresql",
+            ),
             ("sqlite://ledger.db?mode=rwc", "sqlite://ledger.db?mode=rwc"),
         ] {
             assert_eq!(super::plaintext_on_loopback(url), want, "{url}");

@@ -552,12 +552,9 @@ impl RouterService {
     ) {
         tracing::warn!(request_id = %p.v.request_id, error = %e.summary(), status = %e.usage_status(), "upstream failed");
         tracing::debug!(request_id = %p.v.request_id, error = %e, "upstream failure in its words");
-        if let UpstreamError::Status {
-            status: status @ (401 | 403),
-            ..
-        } = e
-        {
-            crate::upstream::key_refused(*status, self.provider());
+        // 401 only: some gateways answer 403 to one user's flagged prompt, not to the key.
+        if let UpstreamError::Status { status: 401, .. } = e {
+            crate::upstream::key_refused(401, self.provider());
         }
         if e.is_outage() {
             if let Some(pass) = &p.t.pass {

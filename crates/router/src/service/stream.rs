@@ -92,6 +92,15 @@ impl RouterService {
         let upstream = match opened {
             Ok(s) => s,
             Err(e) => {
+                // A stream refused before it opened (an upstream's 429 comes here) is counted as
+                // a failed call, as a unary one is.
+                metrics::observe_failure(
+                    self.provider(),
+                    "stream",
+                    &e,
+                    started,
+                    up_start.elapsed(),
+                );
                 self.fail(&p, hold, &e, started, elapsed_ms(up_start)).await;
                 let mut claim = claim;
                 claim.recorded();

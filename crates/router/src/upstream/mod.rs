@@ -90,8 +90,8 @@ pub enum UpstreamError {
 /// epoch); at most once a minute.
 static KEY_REFUSAL_LOGGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// Logs, at most once a minute, an upstream's refusal of the router's own credentials (HTTP 401
-/// or 403: a key revoked, expired, or without access to the model). Each request said so only in
+/// Logs, at most once a minute, an upstream's refusal of the router's own credentials (HTTP 401:
+/// a key revoked or expired). Each request said so only in
 /// its own warning while `/readyz` stayed green, and every user got 503s. Returns whether it
 /// logged.
 pub(crate) fn key_refused(status: u16, provider: &str) -> bool {
@@ -107,7 +107,7 @@ pub(crate) fn key_refused(status: u16, provider: &str) -> bool {
 
 /// Whether a minute has passed since `last` (seconds), which then becomes `now`; one caller of
 /// several at once wins.
-fn once_a_minute(last: &std::sync::atomic::AtomicU64, now: u64) -> bool {
+pub(crate) fn once_a_minute(last: &std::sync::atomic::AtomicU64, now: u64) -> bool {
     use std::sync::atomic::Ordering;
     let seen = last.load(Ordering::Relaxed);
     now >= seen.saturating_add(60)
