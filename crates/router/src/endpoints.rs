@@ -39,8 +39,8 @@ struct Health {
     /// Skipped until then.
     down_until: Option<Instant>,
     consecutive_failures: u32,
-    /// The last failure was a connection that could not be made (nothing was sent), not a
-    /// ledger that answered it is unavailable or a call cut off in flight.
+    /// The last failure was [`Down::Unreachable`] (nothing could be sent), not a ledger that
+    /// answered it is unavailable or a call cut off in flight.
     unreachable: bool,
 }
 
