@@ -215,14 +215,12 @@ async fn client_commands_and_verify() {
         .expect("copy");
     live.close().await;
     let url = format!("sqlite://{}?mode=rw", copy.display());
-    let tampered = sqlx::SqlitePool::connect(&url).await.expect("copy");
-    let moved =
-        sqlx::query("UPDATE accounts SET balance = balance + 1 WHERE email = 'bob@example.com'")
-            .execute(&tampered)
-            .await
-            .expect("tamper");
-    assert_eq!(moved.rows_affected(), 1);
-    tampered.close().await;
+    let moved = on_sqlite(
+        &url,
+        &["UPDATE accounts SET balance = balance + 1 WHERE email = 'bob@example.com'"],
+    )
+    .await;
+    assert_eq!(moved, [1]);
     let out = verify(&url);
     assert_eq!(out.status.code(), Some(1), "wrong books: {out:?}");
     assert_contains(
@@ -231,19 +229,15 @@ async fn client_commands_and_verify() {
     );
     // A database a newer binary migrated cannot be checked by this one (its tables may hold
     // what this binary cannot read): exit 2 naming it (it said consistent, exit 0).
-    let newer = sqlx::SqlitePool::connect(&url).await.expect("copy");
-    sqlx::query("UPDATE accounts SET balance = balance - 1 WHERE email = 'bob@example.com'")
-        .execute(&newer)
-        .await
-        .expect("the books back");
-    sqlx::query(
-        "INSERT INTO _sqlx_migrations (version, description, success, checksum, \
-         execution_time) VALUES (9999, 'a later version', TRUE, x'00', 0)",
+    on_sqlite(
+        &url,
+        &[
+            "UPDATE accounts SET balance = balance - 1 WHERE email = 'bob@example.com'",
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, \
+             execution_time) VALUES (9999, 'a later version', TRUE, x'00', 0)",
+        ],
     )
-    .execute(&newer)
-    .await
-    .expect("a newer migration");
-    newer.close().await;
+    .await;
     let out = verify(&url);
     assert_eq!(out.status.code(), Some(2), "a newer database: {out:?}");
     assert_contains(
@@ -251,6 +245,18 @@ async fn client_commands_and_verify() {
         &["migrated by a newer syft-router"],
     );
     h.finish().await;
+}
+
+/// Runs `statements` on the SQLite database at `url`; the rows each changed.
+async fn on_sqlite(url: &str, statements: &[&str]) -> Vec<u64> {
+    let pool = sqlx::SqlitePool::connect(url).await.expect("sqlite");
+    let mut changed = Vec::new();
+    for sql in statements {
+        let done = sqlx::query(sql).execute(&pool).await.expect(sql);
+        changed.push(done.rows_affected());
+    }
+    pool.close().await;
+    changed
 }
 
 /// Starts `syft-router args…`, waits for `ready` on stderr, sends SIGTERM, and returns the exit

@@ -17,6 +17,7 @@ pub mod health;
 pub mod http;
 mod ledger;
 pub mod limits;
+mod log_throttle;
 mod metrics;
 pub mod money;
 mod openai_wire;

@@ -174,21 +174,12 @@ mod tests {
         );
         // A statement past its `statement_timeout` is cancelled and rolled back: `UNAVAILABLE`,
         // safe to repeat (it used to be `INTERNAL`).
-        let mut tx = pool.begin().await.expect("begin");
-        sqlx::query("SET LOCAL statement_timeout = 50")
-            .execute(&mut *tx)
-            .await
-            .expect("timeout");
-        let err = sqlx::query("SELECT pg_sleep(1)")
-            .execute(&mut *tx)
-            .await
-            .expect_err("cancelled");
+        let err = past_a_timeout(&pool, "statement_timeout", "SELECT pg_sleep(1)").await;
         assert_eq!(classify(&err), DbErrorClass::Cancelled, "{err}");
         assert!(matches!(
             crate::error::LedgerError::from(err),
             crate::error::LedgerError::Unavailable(_)
         ));
-        drop(tx);
         // So is a lock not granted within a `lock_timeout` (a DBA's setting): the statement did
         // not run (it was `INTERNAL`). Another session holds the lock.
         let key: i64 = rand_key();
@@ -197,23 +188,28 @@ mod tests {
             .execute(&holder)
             .await
             .expect("lock");
-        let mut tx = pool.begin().await.expect("begin");
-        sqlx::query("SET LOCAL lock_timeout = 50")
-            .execute(&mut *tx)
-            .await
-            .expect("lock timeout");
-        let err = sqlx::query(&format!("SELECT pg_advisory_lock({key})"))
-            .execute(&mut *tx)
-            .await
-            .expect_err("not granted");
+        let lock = format!("SELECT pg_advisory_lock({key})");
+        let err = past_a_timeout(&pool, "lock_timeout", &lock).await;
         assert_eq!(classify(&err), DbErrorClass::LockNotGranted, "{err}");
         assert!(matches!(
             crate::error::LedgerError::from(err),
             crate::error::LedgerError::Unavailable(_)
         ));
-        drop(tx);
         holder.close().await;
         pool.close().await;
+    }
+
+    /// The error of `statement` in a transaction whose `setting` is 50 ms.
+    async fn past_a_timeout(pool: &sqlx::AnyPool, setting: &str, statement: &str) -> sqlx::Error {
+        let mut tx = pool.begin().await.expect("begin");
+        sqlx::query(&format!("SET LOCAL {setting} = 50"))
+            .execute(&mut *tx)
+            .await
+            .expect(setting);
+        sqlx::query(statement)
+            .execute(&mut *tx)
+            .await
+            .expect_err("past the timeout")
     }
 
     /// An advisory lock key no other test run uses.

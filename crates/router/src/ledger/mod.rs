@@ -554,11 +554,8 @@ pub(crate) fn map_status(op: Op, s: tonic::Status) -> RouterError {
         // A ledger older than the call (mixed versions during an upgrade): said as such, where
         // "ledger unavailable" sent its operator looking for an outage.
         Code::Unimplemented => {
-            static LOGGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            if crate::upstream::once_a_minute(&LOGGED, now) {
+            static LINE: crate::log_throttle::LogThrottle = crate::log_throttle::LogThrottle::new();
+            if LINE.allow() {
                 tracing::error!(?op, detail = %msg, "the ledger does not know this call: an older version (upgrade ledgers first, docs/operations.md \"Upgrades\"), or what answers at its address is not a ledger (a proxy's 404)");
             }
             RouterError::Unavailable(

@@ -554,7 +554,7 @@ impl RouterService {
         tracing::debug!(request_id = %p.v.request_id, error = %e, "upstream failure in its words");
         // 401 only: some gateways answer 403 to one user's flagged prompt, not to the key.
         if let UpstreamError::Status { status: 401, .. } = e {
-            crate::upstream::key_refused(401, self.provider());
+            crate::upstream::key_refused(self.provider());
         }
         if e.is_outage() {
             if let Some(pass) = &p.t.pass {

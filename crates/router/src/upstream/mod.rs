@@ -19,6 +19,7 @@ pub(crate) use openai::{read_limited, status_error};
 
 use crate::config::UpstreamConfig;
 use crate::error::{QuotaRefusal, RouterError};
+use crate::log_throttle::LogThrottle;
 
 /// What the router asks the upstream for.
 #[derive(Debug, Clone)]
@@ -86,34 +87,14 @@ pub enum UpstreamError {
     ShuttingDown,
 }
 
-/// When the upstream last refused the router's own credentials was logged (seconds since the
-/// epoch); at most once a minute.
-static KEY_REFUSAL_LOGGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
 /// Logs, at most once a minute, an upstream's refusal of the router's own credentials (HTTP 401:
-/// a key revoked or expired). Each request said so only in
-/// its own warning while `/readyz` stayed green, and every user got 503s. Returns whether it
-/// logged.
-pub(crate) fn key_refused(status: u16, provider: &str) -> bool {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    if !once_a_minute(&KEY_REFUSAL_LOGGED, now) {
-        return false;
+/// a key revoked or expired). Each request said so only in its own warning while `/readyz`
+/// stayed green, and every user got 503s.
+pub(crate) fn key_refused(provider: &str) {
+    static LINE: LogThrottle = LogThrottle::new();
+    if LINE.allow() {
+        tracing::error!(provider, "the upstream refuses the router's credentials (HTTP 401): every chat fails until they are fixed (--upstream-api-key, or the config file's api_key / api_key_env)");
     }
-    tracing::error!(status, provider, "the upstream refuses the router's credentials: every chat fails until they are fixed (--upstream-api-key, or the config file's api_key / api_key_env)");
-    true
-}
-
-/// Whether a minute has passed since `last` (seconds), which then becomes `now`; one caller of
-/// several at once wins.
-pub(crate) fn once_a_minute(last: &std::sync::atomic::AtomicU64, now: u64) -> bool {
-    use std::sync::atomic::Ordering;
-    let seen = last.load(Ordering::Relaxed);
-    now >= seen.saturating_add(60)
-        && last
-            .compare_exchange(seen, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
 }
 
 impl UpstreamError {
@@ -360,19 +341,7 @@ pub fn user_pseudonym(secret: &str, router: &str, email: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{once_a_minute, user_pseudonym, UpstreamError};
-
-    /// A refused upstream key is logged at once, then not again within the minute (every
-    /// request meets it).
-    #[test]
-    fn a_refused_upstream_key_is_logged_once_a_minute() {
-        let last = std::sync::atomic::AtomicU64::new(0);
-        let t = 1_800_000_000;
-        assert!(once_a_minute(&last, t));
-        assert!(!once_a_minute(&last, t));
-        assert!(!once_a_minute(&last, t + 59));
-        assert!(once_a_minute(&last, t + 60));
-    }
+    use super::{user_pseudonym, UpstreamError};
 
     /// The failure kept for good and logged by default says the status, never the upstream's
     /// words (which may quote the prompt).
