@@ -783,6 +783,18 @@ async fn stats_prints_tables_json_and_csv() {
     // As a user, the owner sent nothing.
     let mine = run(&mut cli(&["stats", "--as", "user"]));
     assert!(mine.contains("no requests"), "{mine}");
+    // Alice's apps are named with their owner: two owners may name an app alike.
+    let alice = h.account("alice@example.com", 0).await;
+    let alice_cli = account_cli(h.url(), &alice);
+    let table = run(&mut alice_cli(&["stats", "--as", "user", "--by", "app"]));
+    let header = table.lines().next().unwrap_or_default();
+    assert!(header.starts_with("app       owner "), "{table}");
+    assert!(table.contains("chat-app  owner@router.example "), "{table}");
+    let json = run(&mut alice_cli(&[
+        "stats", "--as", "user", "--by", "app", "--json",
+    ]));
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(json["groups"][0]["key"]["owner"], "owner@router.example");
     for bad in [
         &["stats", "--by", "weekday"][..],
         &["stats", "--by", "minute", "--since", "30d"][..],

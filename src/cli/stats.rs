@@ -147,6 +147,21 @@ pub async fn run(args: StatsArgs) -> anyhow::Result<()> {
         println!("{}", stats_json(&stats, &names));
         return Ok(());
     }
+    // Apps are told apart by owner (two owners may name an app alike): the owner's column shows
+    // where it can differ, a payer's view or an answer naming several owners.
+    let app_at = names.iter().position(|n| n == "app");
+    let owners: std::collections::BTreeSet<&str> = stats
+        .groups
+        .iter()
+        .map(|g| g.app_owner_email.as_str())
+        .collect();
+    let owner_at = app_at
+        .filter(|_| role == pb::StatsRole::User || owners.len() > 1)
+        .map(|a| a + 1);
+    let mut names = names;
+    if let Some(at) = owner_at {
+        names.insert(at, "owner".into());
+    }
     // CSV keeps exact numbers (micros, unix micros), and its header says so: the table's
     // `revenue` in USD and its readable times would be another unit under the same name.
     let header: Vec<String> = names
@@ -164,11 +179,11 @@ pub async fn run(args: StatsArgs) -> anyhow::Result<()> {
         .groups
         .iter()
         .map(|g| {
-            g.key
-                .iter()
-                .map(|k| key_text(k, args.csv))
-                .chain(cells(g, args.csv))
-                .collect()
+            let mut keys: Vec<String> = g.key.iter().map(|k| key_text(k, args.csv)).collect();
+            if let Some(at) = owner_at {
+                keys.insert(at.min(keys.len()), g.app_owner_email.clone());
+            }
+            keys.into_iter().chain(cells(g, args.csv)).collect()
         })
         .collect();
     if args.csv {
@@ -250,7 +265,7 @@ fn stats_json(s: &pb::GetUsageStatsResponse, names: &[String]) -> serde_json::Va
         .groups
         .iter()
         .map(|g| {
-            let key: serde_json::Map<String, serde_json::Value> = names
+            let mut key: serde_json::Map<String, serde_json::Value> = names
                 .iter()
                 .zip(&g.key)
                 .map(|(n, k)| {
@@ -262,6 +277,9 @@ fn stats_json(s: &pb::GetUsageStatsResponse, names: &[String]) -> serde_json::Va
                     (n.clone(), v)
                 })
                 .collect();
+            if !g.app_owner_email.is_empty() {
+                key.insert("owner".into(), g.app_owner_email.clone().into());
+            }
             serde_json::json!({
                 "key": key, "requests": g.requests, "successes": g.successes,
                 "failures": g.failures, "success_rate": g.success_rate,

@@ -105,6 +105,7 @@ pub(crate) fn stats_pb(s: Stats) -> pb::GetUsageStatsResponse {
                 ttft_ms: m.ttft_ms.as_ref().map(percentiles),
                 streams: m.streams,
                 mean_latency_ms: m.mean_latency_ms,
+                app_owner_email: g.app_owner.unwrap_or_default(),
             }
         })
         .collect();

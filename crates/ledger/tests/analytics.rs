@@ -145,7 +145,11 @@ fn expected(
     let mut out: BTreeMap<Vec<String>, Expected> = BTreeMap::new();
     for r in raw.rows.iter().filter(|r| keep(r)) {
         let u = r.usage.as_ref().expect("usage");
-        let key = by.iter().map(|d| key_of(r, *d)).collect();
+        let mut key: Vec<String> = by.iter().map(|d| key_of(r, *d)).collect();
+        // Grouped by app, apps are told apart by their owner (`app_owner_email`).
+        if by.contains(&D::App) {
+            key.push(r.recipient_email.clone());
+        }
         let e = out.entry(key).or_default();
         e.requests += 1;
         e.successes += i64::from(u.status == "success");
@@ -174,13 +178,24 @@ fn key_text(k: &pb::StatsKey) -> String {
 
 /// The answer equals the raw sums, group by group, and p99 is within the documented 10%.
 fn assert_matches(got: &pb::GetUsageStatsResponse, want: &BTreeMap<Vec<String>, Expected>) {
+    let key = |g: &pb::StatsGroup| -> Vec<String> {
+        let owner = (!g.app_owner_email.is_empty()).then(|| g.app_owner_email.clone());
+        g.key.iter().map(key_text).chain(owner).collect()
+    };
+    // In key order (apps of one name by their owner's account, which `want` cannot sort by).
     let keys: Vec<Vec<String>> = got
         .groups
         .iter()
         .map(|g| g.key.iter().map(key_text).collect())
         .collect();
+    let mut sorted = keys.clone();
+    sorted.sort();
+    assert_eq!(keys, sorted, "groups in key order");
+    let mut groups: Vec<&pb::StatsGroup> = got.groups.iter().collect();
+    groups.sort_by_key(|g| key(g));
+    let keys: Vec<Vec<String>> = groups.iter().map(|g| key(g)).collect();
     assert_eq!(keys, want.keys().cloned().collect::<Vec<_>>());
-    for (g, (_, e)) in got.groups.iter().zip(want) {
+    for (g, (_, e)) in groups.into_iter().zip(want) {
         let fields = (
             g.requests,
             g.successes,
@@ -243,6 +258,11 @@ async fn stats_match_raw_rows(h: Harness) -> Harness {
         let u = usage(n, ALICE, "other-app", "success");
         paid(&h, &owner2, &alice_2, u, Some(900)).await;
     }
+    // Owner 2 names an app as owner 1 does: its figures are its own in every view.
+    for n in 13..15 {
+        let u = usage(n, ALICE, "chat-app", "success");
+        paid(&h, &owner2, &alice_2, u, Some(700)).await;
+    }
     // A free row (no transfer) for owner 1.
     h.client(&owner)
         .record_usage(pb::RecordUsageRequest {
@@ -251,7 +271,7 @@ async fn stats_match_raw_rows(h: Harness) -> Harness {
         .await
         .expect("record usage");
     let raw = raw(&h).await;
-    assert_eq!(raw.rows.len(), 12);
+    assert_eq!(raw.rows.len(), 14);
 
     let owner_of = |email: &'static str| move |r: &pb::UsageRecord| r.recipient_email == email;
     let user_of = |email: &'static str| {
@@ -308,6 +328,32 @@ async fn stats_match_raw_rows(h: Harness) -> Harness {
             assert_eq!(strip(s), strip(f));
         }
     }
+    // A payer who pays two owners' apps of one name sees them apart, each with its owner; an
+    // owner sees its own.
+    let named = |got: pb::GetUsageStatsResponse| -> Vec<(String, String)> {
+        got.groups
+            .iter()
+            .map(|g| (key_text(&g.key[0]), g.app_owner_email.clone()))
+            .collect()
+    };
+    let got = stats_as(&mut h.client(&alice), &[D::App], role_user).await;
+    let want = [
+        ("chat-app", OWNER),
+        ("chat-app", OWNER2),
+        ("other-app", OWNER2),
+    ];
+    assert_eq!(
+        named(got),
+        want.map(|(a, o)| (a.to_string(), o.to_string()))
+    );
+    let got = stats_as(&mut h.client(&owner2), &[D::App], role_owner).await;
+    let want = [("chat-app", OWNER2), ("other-app", OWNER2)];
+    assert_eq!(
+        named(got),
+        want.map(|(a, o)| (a.to_string(), o.to_string()))
+    );
+    let got = stats_as(&mut h.admin(), &[D::User], role_owner).await;
+    assert!(got.groups.iter().all(|g| g.app_owner_email.is_empty()));
     // A filter never widens a scope: Alice asking for Bob's rows, owner 1 for owner 2's app.
     let mut req = stats_req(&[D::User], role_user);
     req.user_email = BOB.into();

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use sqlx::Row;
 
+use super::analytics_keys::{group_keys, group_select, key_of, owner_select, read_hist, GroupKey};
 use super::db_error::{classify, DbErrorClass};
 use super::hll::{estimate, register_columns, REGISTERS};
 use super::query::{Bind, UsageDims, Where};
@@ -233,6 +234,10 @@ pub struct Measures {
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct StatsGroup {
     pub key: Vec<KeyValue>,
+    /// Grouped by app: the app's owner (the account its rows pay). Two owners may name an app
+    /// alike, and a payer's or the admin's figures keep their apps apart.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub app_owner: Option<String>,
     pub measures: Measures,
 }
 
@@ -341,16 +346,6 @@ pub(super) fn keys_within(f: &StatsFilter, dims: &[Dimension]) -> bool {
         && f.dims.status.is_none()
 }
 
-/// The grouped dimensions as select items `k0`, `k1`, … over table alias `t`, time buckets taken
-/// from column `time` (rollups: `bucket_start`; raw rows: `created_at`).
-pub(super) fn group_select(f: &StatsFilter, t: &str, time: &str) -> Vec<String> {
-    f.group_by
-        .iter()
-        .enumerate()
-        .map(|(i, d)| format!("{} AS k{i}", d.column(t, time)))
-        .collect()
-}
-
 /// The scope and the filters other than the user's, on table alias `t`.
 pub(super) fn scope_and_filters(w: &mut Where, f: &StatsFilter, t: &str) {
     match &f.scope {
@@ -381,31 +376,6 @@ pub(super) fn range_clause(w: &mut Where, g: Option<Grain>, a: i64, b: i64) -> S
             format!("(u.created_at >= {pa} AND u.created_at < {pb})")
         }
     }
-}
-
-/// A group's key from the `k0`, `k1` columns of a row.
-pub(super) fn key_of(row: &sqlx::any::AnyRow, f: &StatsFilter) -> Result<Vec<KeyValue>> {
-    let mut key = Vec::with_capacity(f.group_by.len());
-    for (i, d) in f.group_by.iter().enumerate() {
-        let name = format!("k{i}");
-        key.push(match d.grain() {
-            Some(_) => KeyValue::Time(row.try_get(name.as_str())?),
-            None => KeyValue::Text(row.try_get(name.as_str())?),
-        });
-    }
-    Ok(key)
-}
-
-/// The histogram columns of an aggregated row, selected in [`hist_columns`] order from column
-/// index `first` on (NULL sums as 0), into `s`. Read by index: a wide answer has thousands of
-/// groups of ~330 columns, and a lookup by name (a new `String` and a hash per value) cost more
-/// than the query.
-pub(super) fn read_hist(row: &sqlx::any::AnyRow, first: usize, s: &mut Sums) -> Result<()> {
-    for (n, slot) in s.hist.iter_mut().flatten().enumerate() {
-        let v: Option<i64> = row.try_get(first + n)?;
-        *slot = v.unwrap_or(0);
-    }
-    Ok(())
 }
 
 impl Store {
@@ -487,11 +457,11 @@ impl Store {
         }
         // The active-user sketches merge by maximum (`hll.rs`); NULL registers are 0.
         select.extend(register_columns().map(|c| format!("CAST(MAX(r.{c}) AS BIGINT) AS {c}")));
+        select.extend(owner_select(f, "r"));
         let group = if f.group_by.is_empty() {
             String::new()
         } else {
-            let keys = (0..f.group_by.len()).map(|i| format!("k{i}"));
-            let keys = keys.collect::<Vec<_>>().join(", ");
+            let keys = group_keys(f).join(", ");
             match f.top {
                 // The output column (its sum), ranked; ties in key order.
                 Some(t) => format!("GROUP BY {keys} ORDER BY {} DESC, {keys}", t.by.column()),
@@ -527,12 +497,17 @@ impl Store {
                 let v: Option<i64> = row.try_get(regs_at + i)?;
                 *r = v.unwrap_or(0).clamp(0, 255) as u8;
             }
-            out.push(StatsGroup {
-                key: key_of(&row, f)?,
-                measures: measures(&s, estimate(&registers), f.sums_only),
-            });
+            let GroupKey { key, owner } = key_of(&row, f)?;
+            out.push((
+                owner,
+                StatsGroup {
+                    key,
+                    app_owner: None,
+                    measures: measures(&s, estimate(&registers), f.sums_only),
+                },
+            ));
         }
-        Ok(out)
+        self.name_owners(out).await
     }
 
     /// A turn to answer analytics (held until dropped), or `UNAVAILABLE` after

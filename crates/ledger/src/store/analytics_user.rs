@@ -14,9 +14,10 @@ use sqlx::any::AnyRow;
 use sqlx::Row;
 
 use super::analytics::{
-    group_select, key_of, keys_within, measures, range_clause, read_hist, scope_and_filters,
-    segments, Dimension, KeyValue, StatsFilter, StatsGroup,
+    keys_within, measures, range_clause, scope_and_filters, segments, Dimension, StatsFilter,
+    StatsGroup,
 };
+use super::analytics_keys::{group_keys, group_select, key_of, owner_select, read_hist, GroupKey};
 use super::query::Where;
 use super::rollup::{
     bucket_bounds, hist_columns, success_case, Grain, Summed, Sums, HIST_BUCKETS, USER_SUM_COLUMNS,
@@ -24,7 +25,7 @@ use super::rollup::{
 use super::Store;
 use crate::error::Result;
 
-type Groups = BTreeMap<Vec<KeyValue>, (Sums, BTreeSet<String>)>;
+type Groups = BTreeMap<GroupKey, (Sums, BTreeSet<String>)>;
 
 /// SQL of [`super::rollup::bucket_of`] for the value `x`: a binary search over the bucket bounds
 /// (six comparisons), so raw rows land in the same histogram buckets as the writer puts them.
@@ -96,14 +97,23 @@ impl Store {
             // Stable: ties stay in key order.
             groups.sort_by_key(|(_, (s, _))| std::cmp::Reverse(s[top.by.summed()]));
         }
-        Ok(groups
+        let groups = groups
             .into_iter()
             .take(f.max_groups())
-            .map(|(key, (s, users))| StatsGroup {
-                key,
-                measures: measures(&s, users.len() as i64, f.sums_only),
+            .map(|(GroupKey { key, owner }, (s, users))| {
+                let measures = measures(&s, users.len() as i64, f.sums_only);
+                let app_owner = None;
+                (
+                    owner,
+                    StatsGroup {
+                        key,
+                        app_owner,
+                        measures,
+                    },
+                )
             })
-            .collect())
+            .collect();
+        self.name_owners(groups).await
     }
 
     /// Per-user rollups of the whole hours and days of the range, per group and user.
@@ -126,8 +136,9 @@ impl Store {
         if !f.sums_only {
             select.extend(hist_columns().map(|c| format!("CAST(SUM(r.{c}) AS BIGINT) AS {c}")));
         }
-        let group: Vec<String> = (0..f.group_by.len())
-            .map(|i| format!("k{i}"))
+        select.extend(owner_select(f, "r"));
+        let group: Vec<String> = group_keys(f)
+            .into_iter()
             .chain(["uk".to_string()])
             .collect();
         let sql = format!(
@@ -194,8 +205,9 @@ impl Store {
             "CAST(SUM(u.latency_ms) AS BIGINT) AS latency_sum".into(),
             "CAST(COUNT(u.ttft_ms) AS BIGINT) AS ttft_count".into(),
         ]);
-        let group: Vec<String> = (0..f.group_by.len())
-            .map(|i| format!("k{i}"))
+        select.extend(owner_select(f, "u"));
+        let group: Vec<String> = group_keys(f)
+            .into_iter()
             .chain(["uk", "bl", "bu", "bt"].map(String::from))
             .collect();
         let sql = format!(

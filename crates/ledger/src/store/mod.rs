@@ -6,6 +6,7 @@
 
 mod account;
 mod analytics;
+mod analytics_keys;
 mod analytics_user;
 mod answer;
 mod authorize;

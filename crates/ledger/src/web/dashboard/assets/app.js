@@ -160,7 +160,7 @@ async function refreshOwner() {
   // A refused or failed answer empties the charts, with the reason: they kept the previous
   // range's lines under the new range's name.
   if (series) drawOwnerCharts(series, range); else clearOwnerCharts(refused(answers[3]));
-  fill('#by-app', byApp ? byApp.groups.map((g) => row([g.key[0] || '(none)', g.key[1] || '/',
+  fill('#by-app', byApp ? byApp.groups.map((g) => row([appName(byApp, g), g.key[1] || '/',
     count(g.measures.requests), pct(g.measures.success_rate), count(g.measures.total_tokens),
     String(g.measures.latency_ms.p95), money(g.measures.revenue_micros, byApp.currency)])) : [],
   byApp ? undefined : refused(answers[5]));
@@ -170,6 +170,14 @@ async function refreshOwner() {
   fill('#top-spend', top(answers[6], 'revenue_micros', (m) => money(m, bySpend.currency)),
     why(answers[6]));
   fill('#top-requests', top(answers[7], 'requests', count), why(answers[7]));
+}
+
+// An app's name, with its owner where the answer holds apps of several owners (the admin's view):
+// two owners may name an app alike, and the ledger keeps their figures apart.
+function appName(answer, g, at = 0) {
+  const name = g.key[at] || '(none)';
+  const owners = new Set(answer.groups.map((x) => x.app_owner));
+  return owners.size > 1 && g.app_owner ? `${name} (${g.app_owner})` : name;
 }
 
 // Every bucket of the range, so a quiet hour draws as zero instead of a line across it.
@@ -245,8 +253,10 @@ async function refreshSpend() {
   // Only apps this user spent money at are drawn (rows of free requests, or rows recorded in
   // this user's name by others, cost nothing), the biggest first.
   const byApp = new Map();
+  // A payer may pay two owners whose apps share a name: the series are named with the owner.
+  const appOf = (g) => (g.key.length > 1 ? `${g.key[1]} (${g.app_owner})` : 'all apps');
   s.groups.forEach((g) => {
-    const app = g.key.length > 1 ? g.key[1] : 'all apps';
+    const app = appOf(g);
     byApp.set(app, (byApp.get(app) || 0) + g.measures.revenue_micros);
   });
   const ranked = [...byApp].filter(([, v]) => v > 0).sort((a, b) => b[1] - a[1]).map(([a]) => a);
@@ -255,7 +265,7 @@ async function refreshSpend() {
   const seriesOf = (app) => (shown.includes(app) ? app : other);
   const spend = new Map();
   s.groups.forEach((g) => {
-    const series = seriesOf(g.key.length > 1 ? g.key[1] : 'all apps');
+    const series = seriesOf(appOf(g));
     if (!series) return;
     const k = `${g.key[0]}|${series}`;
     spend.set(k, (spend.get(k) || 0) + g.measures.revenue_micros / 1e6);
