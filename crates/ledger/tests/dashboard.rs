@@ -295,6 +295,24 @@ async fn sessions_and_permissions(h: &Harness) {
         vec![format!("{OWNER2}:{ALICE}"), format!("{OWNER}:{ALICE}")]
     );
     assert_eq!(ids(&admin.get("/dashboard/api/usage").await).len(), 3);
+    // A filter these reads do not take is refused, not ignored: `user=` answered every row.
+    for path in [
+        "/dashboard/api/usage?user=bob@example.com",
+        "/dashboard/api/usage?request_id=r-1",
+        "/dashboard/api/transfers?account=bob@example.com",
+        "/dashboard/api/tokens?sender=bob@example.com",
+        "/dashboard/api/alerts/deliveries?id=x&page=2",
+    ] {
+        let (status, body) = admin.get_status(path).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert!(
+            body["detail"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("unknown parameter"),
+            "{body}"
+        );
+    }
     assert_eq!(
         requests(&web.get("/dashboard/api/stats?role=owner").await),
         2

@@ -67,6 +67,7 @@ pub(super) async fn test(State(d): State<Dash>, ForChange(s): ForChange, bytes: 
 
 /// `GET /dashboard/api/alerts/deliveries?id=`: the endpoint's last attempts, newest first.
 pub(super) async fn deliveries(State(d): State<Dash>, params: Params, s: Session) -> Reply {
+    params.only(&["id"])?;
     let id = params.get("id");
     let rows = d.ledger.alert_deliveries(&s.caller, id, 50).await?;
     let rows: Vec<Value> = rows.iter().map(delivery_json).collect();

@@ -81,6 +81,25 @@ impl FromRequestParts<Dash> for Params {
 }
 
 impl Params {
+    /// Refuses a parameter the handler does not read: a filter the caller believed applied (say
+    /// `user=` on the usage rows) must not silently answer every row.
+    pub(super) fn only(&self, known: &[&str]) -> Result<&Self> {
+        let mut unknown: Vec<&str> = self
+            .0
+            .keys()
+            .map(String::as_str)
+            .filter(|k| !known.contains(k))
+            .collect();
+        unknown.sort_unstable();
+        match unknown.first() {
+            None => Ok(self),
+            Some(k) => Err(LedgerError::invalid(format!(
+                "unknown parameter {k:?}: use {}",
+                known.join(", ")
+            ))),
+        }
+    }
+
     pub(super) fn get(&self, key: &str) -> &str {
         self.0.get(key).map(String::as_str).unwrap_or_default()
     }
@@ -174,6 +193,7 @@ fn token_json(t: &TokenRow) -> Value {
 
 /// `GET /dashboard/api/transfers?status=&role=sender|recipient&page_token=`: newest first.
 pub(super) async fn transfers(State(d): State<Dash>, params: Params, s: Session) -> Reply {
+    params.only(&["status", "role", "page_token", "page_size"])?;
     let status = match params.get("status") {
         "" => None,
         text => Some(text.parse::<TransferStatus>().map_err(|_| {
@@ -195,6 +215,7 @@ pub(super) async fn transfers(State(d): State<Dash>, params: Params, s: Session)
 /// `GET /dashboard/api/usage?since=&page_size=`: the newest usage rows the caller may see
 /// (default: of the last 24 hours), by the id range the live tail reads too.
 pub(super) async fn usage(State(d): State<Dash>, params: Params, s: Session) -> Reply {
+    params.only(&["since", "page_size"])?;
     let since = params
         .micros("since")?
         .unwrap_or_else(|| now_micros() - 86_400_000_000);
@@ -208,6 +229,7 @@ pub(super) async fn usage(State(d): State<Dash>, params: Params, s: Session) -> 
 /// `GET /dashboard/api/tokens?role=`: tokens the caller issued (`sender`), received
 /// (`recipient`) or both, revoked and expired too.
 pub(super) async fn tokens(State(d): State<Dash>, params: Params, s: Session) -> Reply {
+    params.only(&["role", "page_token", "page_size"])?;
     let q = TokenQuery {
         role: params.role()?,
         include_inactive: true,
