@@ -127,7 +127,8 @@ pub trait TransferBackend: Send + Sync + 'static {
         Err(not_supported("issuing tokens"))
     }
 
-    async fn revoke_token(&self, _sender_id: i64, _token: &str) -> Result<(String, i64)> {
+    /// Revokes a token its sender or recipient (`by`) names; any token for the admin (`None`).
+    async fn revoke_token(&self, _by: Option<i64>, _token: &str) -> Result<(String, i64)> {
         Err(not_supported("revoking tokens"))
     }
 
@@ -295,8 +296,8 @@ impl TransferBackend for LocalBackend {
         self.store.issue_token(grant).await
     }
 
-    async fn revoke_token(&self, sender_id: i64, token: &str) -> Result<(String, i64)> {
-        self.store.revoke_token(sender_id, token).await
+    async fn revoke_token(&self, by: Option<i64>, token: &str) -> Result<(String, i64)> {
+        self.store.revoke_token(by, token).await
     }
 
     async fn check_token(&self, recipient_id: i64, token: &str) -> Result<(String, String)> {

@@ -749,6 +749,36 @@ async fn token_rules(h: Harness) -> Harness {
         .await
         .unwrap();
     unusable(&mut router, "bob@example.com", &revocable, "t6").await;
+    // Its recipient may revoke it too (an owner stopping a token used against its service), and
+    // the admin any token by its id (support, for a payer whose token was stolen); the admin
+    // revoking an unknown token learns nothing.
+    for (by, what) in [("owner", "the recipient"), ("admin", "the admin")] {
+        let stolen = h.token(&bob, OWNER).await;
+        let id = ok(router.check_token(check(&stolen)).await).token_id;
+        let mut revoker = if by == "admin" {
+            h.admin()
+        } else {
+            router.clone()
+        };
+        let revoked = revoker
+            .revoke_token(pb::RevokeTokenRequest {
+                token: if by == "admin" {
+                    id.clone()
+                } else {
+                    stolen.clone()
+                },
+            })
+            .await;
+        assert_eq!(ok(revoked).token_id, id, "revoked by {what}");
+        unusable(&mut router, "bob@example.com", &stolen, &format!("t6-{by}")).await;
+    }
+    let unknown = h
+        .admin()
+        .revoke_token(pb::RevokeTokenRequest {
+            token: "tok-unknown".into(),
+        })
+        .await;
+    assert_eq!(code(unknown), Code::NotFound);
     // Expired. Usable until then (1.5 s: the issue and the first authorize both commit inside
     // it on a loaded machine), unusable after.
     let expires_at = syft_ledger::store::now_micros() + 1_500_000;

@@ -80,26 +80,34 @@ impl Store {
         Ok(Some(info))
     }
 
-    /// Revokes a token (by string or id) owned by `sender_id`; revoking twice keeps the first time.
-    pub async fn revoke_token(&self, sender_id: i64, token_or_id: &str) -> Result<(String, i64)> {
+    /// Revokes a token (by string or id) that `by` may revoke: its sender, or its recipient (an
+    /// owner stopping a token used against its service); any token when `by` is `None` (the
+    /// admin, for support). Revoking twice keeps the first time; a token the party may not revoke
+    /// is answered as an unknown one.
+    pub async fn revoke_token(&self, by: Option<i64>, token_or_id: &str) -> Result<(String, i64)> {
         let hash = sha256_hex(token_or_id);
         let now = now_micros();
-        sqlx::query(
-            "UPDATE tokens SET revoked_at = $1 WHERE (token_hash = $2 OR id = $3) AND sender_id = $4 \
-             AND revoked_at IS NULL",
-        )
+        let party = match by {
+            Some(_) => "AND (sender_id = $4 OR recipient_id = $4)",
+            None => "AND $4 IS NULL",
+        };
+        sqlx::query(&format!(
+            "UPDATE tokens SET revoked_at = $1 WHERE (token_hash = $2 OR id = $3) {party} \
+             AND revoked_at IS NULL"
+        ))
         .bind(now)
         .bind(&hash)
         .bind(token_or_id)
-        .bind(sender_id)
+        .bind(by)
         .execute(&self.pool)
         .await?;
-        let (id, revoked_at): (String, Option<i64>) = sqlx::query_as(
-            "SELECT id, revoked_at FROM tokens WHERE (token_hash = $1 OR id = $2) AND sender_id = $3",
-        )
+        let party = party.replace("$4", "$3");
+        let (id, revoked_at): (String, Option<i64>) = sqlx::query_as(&format!(
+            "SELECT id, revoked_at FROM tokens WHERE (token_hash = $1 OR id = $2) {party}"
+        ))
         .bind(&hash)
         .bind(token_or_id)
-        .bind(sender_id)
+        .bind(by)
         .fetch_optional(&self.pool)
         .await?
         .ok_or_else(|| LedgerError::NotFound("token not found".into()))?;

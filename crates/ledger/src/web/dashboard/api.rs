@@ -257,7 +257,7 @@ pub(super) fn by_id(bytes: &Bytes) -> Result<String> {
         .map_err(|e| LedgerError::invalid(format!("invalid JSON body: {e}")))
 }
 
-/// `POST /dashboard/api/tokens/revoke {"id"}`: only the token's sender may revoke it.
+/// `POST /dashboard/api/tokens/revoke {"id"}`: by its sender, its recipient or the admin (as `RevokeToken`).
 pub(super) async fn revoke_token(
     State(d): State<Dash>,
     ForChange(s): ForChange,
