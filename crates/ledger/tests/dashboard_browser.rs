@@ -423,9 +423,40 @@ async fn dashboard_in_chromium() {
     js(&c, "window.fetch = window.realFetch; return true").await;
     set_range(&c, "24h").await;
 
-    // Sign-out: the form is back and the session is gone.
+    // A sign-out the ledger did not take (it is away) says so and keeps the page: showing the
+    // form while the session lived on signed the owner back in at the next reload.
+    js(
+        &c,
+        "window.fetch = (u, o) => String(u).includes('/dashboard/logout') \
+           ? Promise.reject(new TypeError('Failed to fetch')) : window.realFetch(u, o); \
+         return true",
+    )
+    .await;
+    click(&c, "#signout").await;
+    until(
+        &c,
+        "return document.querySelector('#signout-error').textContent.startsWith('Not signed out') \
+           && !document.querySelector('#app').hidden",
+        5,
+        "a failed sign-out says so",
+    )
+    .await;
+    js(&c, "window.fetch = window.realFetch; return true").await;
+
+    // Sign-out: the form is back on a fresh page (nothing of this account is left for whoever
+    // signs in next in this tab: its alert endpoints and signing secret stayed in the page) and
+    // the session is gone.
+    js(&c, "window.previousPage = true; return true").await;
     click(&c, "#signout").await;
     until(&c, SIGN_IN_SHOWN, 5, "signed out").await;
+    until(
+        &c,
+        "return window.previousPage === undefined \
+           && document.querySelector('#signin-error').textContent === 'Signed out.'",
+        5,
+        "signed out on a fresh page",
+    )
+    .await;
     c.goto(&page).await.expect("reload");
     until(&c, SIGNED_OUT, 5, "still signed out after a reload").await;
 

@@ -37,6 +37,15 @@ pub const COST_HEADER: &str = "x-syft-cost-micros";
 pub const TRANSFER_HEADER: &str = "x-syft-transfer-id";
 pub const REPLAY_HEADER: &str = "x-syft-replay";
 pub const REQUEST_ID_HEADER: &str = "x-syft-request-id";
+/// The same id under the name the OpenAI SDKs read (`_request_id`, `error.requestID` in
+/// openai-node, `request_id` in openai-python): what a support request should quote.
+pub const OPENAI_REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Names the request's id in an answer's headers, under both names.
+fn name_request(h: &mut axum::http::HeaderMap, id: HeaderValue) {
+    h.insert(OPENAI_REQUEST_ID_HEADER, id.clone());
+    h.insert(REQUEST_ID_HEADER, id);
+}
 
 /// The largest body read: room for JSON framing around the prompt limit. Above it a body is
 /// refused (400, as `read_json` answers every body it cannot take).
@@ -202,7 +211,7 @@ pub(crate) fn with_error_headers(mut resp: Response, refused: &Refused) -> Respo
     let h = resp.headers_mut();
     h.insert(REASON_HEADER, HeaderValue::from_static(e.reason()));
     if let Some(id) = refused.request_id.as_deref().and_then(header) {
-        h.insert(REQUEST_ID_HEADER, id);
+        name_request(h, id);
     }
     if !e.retry_helps() {
         h.insert(SHOULD_RETRY_HEADER, HeaderValue::from_static("false"));
@@ -513,7 +522,7 @@ async fn chat_completions(
         h.insert(TRANSFER_HEADER, v);
     }
     if let Some(v) = header(&resp.id) {
-        h.insert(REQUEST_ID_HEADER, v);
+        name_request(h, v);
     }
     if resp.replay {
         h.insert(REPLAY_HEADER, HeaderValue::from_static("true"));
@@ -609,7 +618,7 @@ async fn chat_stream(
         .into_response();
     let h = resp.headers_mut();
     if let Some(v) = header(&request_id) {
-        h.insert(REQUEST_ID_HEADER, v);
+        name_request(h, v);
     }
     if let Some(v) = transfer_id.as_deref().and_then(header) {
         h.insert(TRANSFER_HEADER, v);

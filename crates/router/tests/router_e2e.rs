@@ -1275,6 +1275,12 @@ async fn http_front_speaks_openai_json_and_sse() {
         .await
         .expect("http");
     assert_eq!(resp.status().as_u16(), 200);
+    // The request id under the OpenAI SDKs' name too (`_request_id` in openai-node).
+    let openai_id = resp.headers().get("x-request-id").cloned();
+    assert_eq!(
+        openai_id.as_ref().map(|v| v.as_bytes()),
+        Some(&b"http-json-1"[..])
+    );
     let cost_header = resp
         .headers()
         .get("x-syft-cost-micros")
@@ -1316,6 +1322,12 @@ async fn http_front_speaks_openai_json_and_sse() {
         .expect("http");
     assert_eq!(resp.status().as_u16(), 200);
     assert!(resp.headers().get("x-syft-transfer-id").is_some());
+    assert_eq!(
+        resp.headers().get("x-request-id"),
+        resp.headers().get("x-syft-request-id"),
+        "a stream names its id under both names"
+    );
+    assert!(resp.headers().get("x-request-id").is_some());
     let text = resp.text().await.expect("sse body");
     let data: Vec<&str> = text
         .lines()

@@ -338,6 +338,8 @@ async fn refusals_name_the_request_id_of_their_row() {
             .headers()
             .get("x-syft-request-id")
             .expect("x-syft-request-id");
+        // Also under the name the OpenAI SDKs read (`_request_id`, `error.requestID`).
+        assert_eq!(r.headers().get("x-request-id"), Some(id), "x-request-id");
         id.to_str().expect("ascii").to_string()
     };
     // Refused while it is read (not JSON), and by the service (no token), both without a key.
@@ -379,6 +381,12 @@ async fn refusals_name_the_request_id_of_their_row() {
         .expect("http");
     assert_eq!(garbled.status(), 400);
     assert!(garbled.headers().get("x-syft-request-id").is_none());
+    assert!(garbled.headers().get("x-request-id").is_none());
+    assert_eq!(
+        named(&unpaid),
+        named(&unpaid),
+        "a refusal without a key is given one"
+    );
     // gRPC: no token, without a request id.
     let mut c = s.client().await;
     let mut req = s.request("hi");

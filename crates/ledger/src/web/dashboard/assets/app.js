@@ -73,12 +73,25 @@ function fill(sel, rows, empty) {
   }
 }
 
+// Why the sign-in form is back, carried over the reload that clears the previous account's page.
+const NOTE = 'syft-dashboard-note';
+
 function showSignIn() {
   if (state.source) { state.source.close(); state.source = null; }
-  state.me = null;
+  if (state.me) {
+    // Signed in until now (the session ended or was refused): a fresh page, so nothing of this
+    // account (its alert endpoints, a signing secret just shown, its tables) is left for whoever
+    // signs in next in this tab.
+    state.me = null;
+    sessionStorage.setItem(NOTE, 'Your session ended: sign in again.');
+    window.location.reload();
+    return;
+  }
   $('#app').hidden = true;
   $('#who').hidden = true;
   $('#signin').hidden = false;
+  $('#signin-error').textContent = sessionStorage.getItem(NOTE) || '';
+  sessionStorage.removeItem(NOTE);
 }
 
 async function start() {
@@ -479,9 +492,20 @@ async function signIn(ev) {
 }
 
 async function signOut() {
-  if (state.source) { state.source.close(); state.source = null; }
-  await api('/dashboard/logout', {}).catch(() => {});
-  showSignIn();
+  $('#signout-error').textContent = '';
+  try {
+    await api('/dashboard/logout', {});
+  } catch (e) {
+    // Signed out only once the ledger ended the session: a page that showed the form while the
+    // session lived on signed its owner back in at the next reload. (401: it had ended already.)
+    if (!(e instanceof HttpError && e.status === 401)) {
+      $('#signout-error').textContent = `Not signed out: ${e.message || 'the ledger did not answer'}. Try again.`;
+      return;
+    }
+  }
+  state.me = null;
+  sessionStorage.setItem(NOTE, 'Signed out.');
+  window.location.reload();
 }
 
 function select(tab) {
