@@ -364,12 +364,12 @@ async fn sessions_and_permissions(h: &Harness) {
             .await;
         assert_eq!(got, status, "{csrf:?} {origin:?}: {body}");
     }
-    // The owner receives the token but did not issue it: not theirs to revoke.
-    let (got, _) = web
+    // Another owner neither issued nor receives the token: not theirs to revoke.
+    let (got, _) = web2
         .post_with(
             "/dashboard/api/tokens/revoke",
             revoke.clone(),
-            Some(&web.csrf),
+            Some(&web2.csrf),
             right,
         )
         .await;
@@ -378,6 +378,20 @@ async fn sessions_and_permissions(h: &Harness) {
     let tokens = alice_web.get("/dashboard/api/tokens").await;
     assert!(tokens["tokens"][0]["revoked_at"].is_i64(), "{tokens}");
     assert!(!token.is_empty());
+    // A token's limit per 24 hours is shown (the page said "none" for it).
+    let daily = pb::IssueTokenRequest {
+        recipient_email: OWNER2.into(),
+        limit_per_day_micros: Some(3 * USD),
+        ..Default::default()
+    };
+    h.client(&alice).issue_token(daily).await.expect("issue");
+    let tokens = alice_web.get("/dashboard/api/tokens").await;
+    let daily: Vec<&Value> = (tokens["tokens"].as_array().into_iter().flatten())
+        .filter(|t| t["recipient_email"] == OWNER2)
+        .collect();
+    assert_eq!(daily.len(), 1, "{tokens}");
+    assert_eq!(daily[0]["limit_per_day_micros"], 3 * USD);
+    assert_eq!(daily[0]["spend_limit_micros"], Value::Null);
 
     // Sign-out ends the session for every replica; an expired session is refused too.
     web.post("/dashboard/logout", json!({})).await;

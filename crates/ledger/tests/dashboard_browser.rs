@@ -346,6 +346,32 @@ async fn dashboard_in_chromium() {
         "owner charts at their full width",
     )
     .await;
+    // A chart tells a screen reader its figures, not only that it is a chart.
+    let label = js(
+        &c,
+        "return document.querySelector('#chart-requests').getAttribute('aria-label')",
+    )
+    .await;
+    let label = label.as_str().unwrap_or_default();
+    assert!(
+        label.starts_with("Requests and failures: from ")
+            && label.contains("requests: latest ")
+            && label.contains(", total 2"),
+        "{label}"
+    );
+    // The tab list is one tab stop; the arrow keys move between its tabs.
+    let moved = js(
+        &c,
+        "document.querySelector('#tab-owner').focus(); \
+         document.querySelector('#tablist').dispatchEvent(new KeyboardEvent('keydown', \
+           { key: 'ArrowRight', bubbles: true })); \
+         const user = document.querySelector('#tab-user'); \
+         const r = [user.getAttribute('aria-selected'), user.tabIndex, \
+           document.querySelector('#tab-owner').tabIndex, document.activeElement.id]; \
+         document.querySelector('#tab-owner').click(); return r",
+    )
+    .await;
+    assert_eq!(moved, json!(["true", 0, -1, "tab-user"]));
     // The range picker redraws the charts at another grain; the totals stay.
     set_range(&c, "1h").await;
     until(
@@ -506,6 +532,28 @@ async fn alerts_panel(c: &Client) {
     c.issue_cmd(BrowserLog).await.expect("browser log");
     click(c, "#tab-alerts").await;
     type_into(c, "#alert-url", &receiver.url).await;
+    // A blank hour is refused with words, not sent as midnight.
+    js(
+        c,
+        "document.querySelector('#alert-event').value = 'digest.daily'; return true",
+    )
+    .await;
+    type_into(c, "#alert-value", " ").await;
+    click(c, "#alert-add").await;
+    until(
+        c,
+        "return document.querySelector('#alert-error').textContent === \
+           'the hour (UTC) must be a whole number from 0 to 23'",
+        5,
+        "a blank hour refused",
+    )
+    .await;
+    js(
+        c,
+        "document.querySelector('#alert-event').value = 'balance.low'; \
+         document.querySelector('#alert-value').value = ''; return true",
+    )
+    .await;
     type_into(c, "#alert-value", "5.00").await;
     click(c, "#alert-add").await;
     until(

@@ -185,6 +185,8 @@ fn token_json(t: &TokenRow) -> Value {
         "created_at": t.created_at,
         "expires_at": t.expires_at,
         "spend_limit_micros": t.spend_limit.map(|m| m.get()),
+        // Any 24 hours (the page showed "none" for a token with only this limit).
+        "limit_per_day_micros": t.limit_per_day,
         "held_micros": t.held.get(),
         "spent_micros": t.spent.get(),
         "revoked_at": t.revoked_at,

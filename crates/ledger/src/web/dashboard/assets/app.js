@@ -41,7 +41,12 @@ function money(micros, currency) {
   return fmt.format((micros || 0) / 1e6);
 }
 const count = (n) => new Intl.NumberFormat().format(n || 0);
-const pct = (r) => `${(100 * (r || 0)).toFixed(1)} %`;
+// Never 100 % with a failure nor 0 % with a success: rounded toward the side it is not on.
+const pct = (r) => {
+  const v = 100 * (r || 0);
+  const shown = v >= 99.95 && v < 100 ? 99.9 : (v > 0 && v < 0.05 ? 0.1 : Math.round(v * 10) / 10);
+  return `${new Intl.NumberFormat(undefined, { minimumFractionDigits: 1, maximumFractionDigits: 1 }).format(shown)} %`;
+};
 const when = (micros) => (micros ? new Date(micros / 1000).toLocaleString() : '–');
 
 function setMoney(sel, micros) {
@@ -219,6 +224,26 @@ function chart(id, labels, data, opts) {
     width: 2, value: opts && opts.value, spanGaps: !!sparse, points: { show: sparse ? true : undefined } })));
   state.charts[id] = new uPlot({ width, height: 200, series, legend: { live: false },
     axes: [{}, { size: 60 }], scales: { x: { time: true }, y: opts && opts.yRange ? { range: opts.yRange } : {} } }, data, el);
+  // A screen reader hears the figures, not only "a chart": each series' latest, highest and,
+  // for counts, total value over the range.
+  el.setAttribute('role', 'img');
+  el.setAttribute('aria-label', `${el.dataset.title}: ${summary(labels, data, opts)}`);
+}
+
+function summary(labels, data, opts) {
+  const show = (v) => (opts && opts.value ? opts.value(null, v) : count(Math.round(v * 10) / 10));
+  const [xs] = data;
+  if (!xs.length) return 'no data in this range';
+  const from = when(xs[0] * 1e6);
+  const parts = labels.map((label, i) => {
+    const ys = data[i + 1].map((v, j) => [v, j]).filter(([v]) => v != null);
+    if (!ys.length) return `${label}: no values`;
+    const [top, at] = ys.reduce((a, b) => (b[0] > a[0] ? b : a));
+    const total = ys.reduce((a, [v]) => a + v, 0);
+    const sum = opts && opts.summed ? `, total ${show(total)}` : '';
+    return `${label}: latest ${show(ys[ys.length - 1][0])}, highest ${show(top)} at ${when(xs[at] * 1e6)}${sum}`;
+  });
+  return `from ${from}. ${parts.join('; ')}`;
 }
 
 const OWNER_CHARTS = ['#chart-requests', '#chart-success', '#chart-tokens', '#chart-latency'];
@@ -227,6 +252,9 @@ function clearOwnerCharts(why) {
   OWNER_CHARTS.forEach((id) => {
     if (state.charts[id]) state.charts[id].destroy();
     delete state.charts[id];
+    // Text, not an image: a screen reader was told a chart was there.
+    $(id).removeAttribute('role');
+    $(id).removeAttribute('aria-label');
     $(id).textContent = why;
   });
 }
@@ -237,9 +265,9 @@ function drawOwnerCharts(s, range) {
   const get = (f) => xs.map((x) => (m.has(x) ? f(m.get(x)) : null));
   const t = xs.map((x) => x / 1e6);
   const zero = (f) => xs.map((x) => (m.has(x) ? f(m.get(x)) : 0));
-  chart('#chart-requests', ['requests', 'failures'], [t, zero((v) => v.requests), zero((v) => v.failures)]);
+  chart('#chart-requests', ['requests', 'failures'], [t, zero((v) => v.requests), zero((v) => v.failures)], { summed: true });
   chart('#chart-success', ['success %'], [t, get((v) => 100 * v.success_rate)], { sparse: true, yRange: [0, 100] });
-  chart('#chart-tokens', ['prompt', 'completion'], [t, zero((v) => v.prompt_tokens), zero((v) => v.completion_tokens)]);
+  chart('#chart-tokens', ['prompt', 'completion'], [t, zero((v) => v.prompt_tokens), zero((v) => v.completion_tokens)], { summed: true });
   chart('#chart-latency', ['p50', 'p95', 'p99'], [t, get((v) => v.latency_ms.p50), get((v) => v.latency_ms.p95), get((v) => v.latency_ms.p99)], { sparse: true });
 }
 
@@ -286,7 +314,7 @@ async function refreshSpend() {
   const labels = other ? shown.concat([other]) : shown;
   const data = [xs.map((x) => x / 1e6)].concat(labels.map((a) => xs.map((x) => spend.get(`${x}|${a}`) || 0)));
   chart('#chart-spend', labels.length ? labels : ['spend'], labels.length ? data : [data[0], xs.map(() => 0)],
-    { value: (u, v) => (v == null ? '–' : money(v * 1e6)) });
+    { value: (u, v) => (v == null ? '–' : money(v * 1e6)), summed: true });
 }
 
 async function loadTokens() {
@@ -311,6 +339,7 @@ async function loadTokens() {
     id.title = t.id;
     return row([id, t.sender_email, t.recipient_email,
       t.spend_limit_micros == null ? 'none' : money(t.spend_limit_micros, t.currency),
+      t.limit_per_day_micros == null ? 'none' : money(t.limit_per_day_micros, t.currency),
       money(t.spent_micros, t.currency), t.expires_at ? when(t.expires_at) : 'never',
       t.revoked_at ? 'revoked' : (active ? 'active' : 'expired'), action]);
   }), 'No tokens');
@@ -448,19 +477,30 @@ async function loadDeliveries(id) {
     d.next_attempt_at_unix_micros ? when(d.next_attempt_at_unix_micros) : '–'])), 'No attempts yet');
 }
 
+// An amount typed as text (`5`, `5.25`, `5,25`), to micros exactly: never through a float.
 function toMicros(text) {
-  const v = Number(text);
-  if (!Number.isFinite(v) || v <= 0) throw new Error('the threshold must be a positive amount');
-  return Math.round(v * 1e6);
+  const m = /^\s*(\d{1,12})(?:[.,](\d{1,6}))?\s*$/.exec(text);
+  const micros = m ? Number(m[1]) * 1e6 + Number((m[2] || '').padEnd(6, '0')) : 0;
+  if (!m || micros <= 0) throw new Error('the threshold must be an amount above 0 with at most 6 decimals, e.g. 5.00');
+  return micros;
+}
+
+// A whole number in [lo, hi] typed as text; `what` names it in the error.
+function whole(text, lo, hi, what) {
+  const t = String(text).trim();
+  if (!/^\d+$/.test(t) || Number(t) < lo || Number(t) > hi) {
+    throw new Error(`${what} must be a whole number from ${lo} to ${hi}`);
+  }
+  return Number(t);
 }
 
 function ruleOf(event, value) {
   switch (event) {
     case 'balance.low': return { event, below_micros: toMicros(value) };
     case 'spend.threshold': return { event, side: 'spend', above_micros: toMicros(value) };
-    case 'budget.threshold': return { event, steps: value.split(',').map((s) => Number(s.trim())) };
-    case 'errors.spike': return { event, percent: Number(value), window_minutes: 5, min_requests: 10 };
-    default: return { event, hour: Number(value) };
+    case 'budget.threshold': return { event, steps: value.split(',').map((s) => whole(s, 1, 100, 'each step (%)')) };
+    case 'errors.spike': return { event, percent: whole(value, 1, 100, 'the error percentage'), window_minutes: 5, min_requests: 10 };
+    default: return { event, hour: whole(value, 0, 23, 'the hour (UTC)') };
   }
 }
 
@@ -511,6 +551,8 @@ async function signOut() {
 function select(tab) {
   ['owner', 'user', 'alerts'].forEach((t) => {
     $(`#tab-${t}`).setAttribute('aria-selected', String(t === tab));
+    // One tab stop for the tab list (ARIA tabs): the arrow keys move between its tabs.
+    $(`#tab-${t}`).tabIndex = t === tab ? 0 : -1;
     $(`#view-${t}`).hidden = t !== tab;
   });
   if (tab === 'user') refreshUser().catch(report);
@@ -531,6 +573,16 @@ function wire() {
   $('#signout').addEventListener('click', () => signOut().catch(report));
   $('#alert-form').addEventListener('submit', addAlert);
   ['owner', 'user', 'alerts'].forEach((t) => $(`#tab-${t}`).addEventListener('click', () => select(t)));
+  $('#tablist').addEventListener('keydown', (ev) => {
+    const tabs = [...document.querySelectorAll('#tablist [role=tab]')].filter((t) => !t.hidden);
+    const at = tabs.indexOf(document.activeElement);
+    const to = { ArrowRight: at + 1, ArrowLeft: at - 1, Home: 0, End: tabs.length - 1 }[ev.key];
+    if (at < 0 || to === undefined) return;
+    ev.preventDefault();
+    const next = tabs[(to + tabs.length) % tabs.length];
+    next.focus();
+    select(next.id.replace('tab-', ''));
+  });
   $('#range').addEventListener('change', () => {
     refreshOwner().catch(report);
     if (!state.me.admin) refreshUser().catch(report);
