@@ -116,6 +116,25 @@ async fn client_commands_and_verify() {
     assert!(caps.contains(&&serde_json::json!(50_000)), "{listed}");
     let table = run(cli(&["token", "list"]).env("SYFT_SECRET", &secret));
     assert_contains(&table, &["per day", "0.05"]);
+    // Support stops a token without its owner: the admin revokes it by its id; what it paid is
+    // listed by it (nothing here).
+    let capped_id = (listed["tokens"].as_array().into_iter().flatten())
+        .find(|t| t["limit_per_day_micros"] == 50_000)
+        .and_then(|t| t["token_id"].as_str())
+        .expect("the capped token's id")
+        .to_string();
+    run(&mut cli(&["token", "revoke", &capped_id]));
+    let listed: serde_json::Value =
+        serde_json::from_str(&run(
+            cli(&["token", "list", "--inactive", "--json"]).env("SYFT_SECRET", &secret)
+        ))
+        .unwrap();
+    let revoked = (listed["tokens"].as_array().into_iter().flatten())
+        .find(|t| t["token_id"] == capped_id.as_str())
+        .map(|t| t["revoked_at_unix_micros"].is_i64());
+    assert_eq!(revoked, Some(true), "{listed}");
+    let paid = run(&mut cli(&["transfers", "--token", &capped_id, "--json"]));
+    assert!(paid.contains("\"transfers\":[]"), "{paid}");
     run(cli(&["token", "revoke", token["token"].as_str().unwrap()]).env("SYFT_SECRET", &secret));
     let transfers = run(&mut cli(&["transfers", "--json"]));
     assert!(transfers.contains("\"transfers\":[]"), "{transfers}");

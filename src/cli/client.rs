@@ -8,6 +8,7 @@ use syft_ledger::money::{format_micros, parse_decimal_micros};
 use syft_proto::ledger as pb;
 
 use super::errors::Server;
+use super::paging::{list_all, print_list};
 pub use super::tables::print_usage_table;
 use super::tables::{
     account_json, fetch_pages, more_hint, print_account, print_accounts, print_tokens,
@@ -240,6 +241,10 @@ pub struct TransfersArgs {
     /// Admin: another account's transfers.
     #[arg(long)]
     account: Option<String>,
+    /// Only the transfers this delegation token paid (its id, as `token list` shows it): what a
+    /// lost or stolen token spent.
+    #[arg(long)]
+    token: Option<String>,
     #[command(flatten)]
     window: Window,
 }
@@ -487,9 +492,17 @@ pub async fn transfers(args: TransfersArgs) -> anyhow::Result<()> {
         until_unix_micros: w.until,
         app_name: args.app.clone().unwrap_or_default(),
         account_email: args.account.clone().unwrap_or_default(),
+        token_id: args.token.clone().unwrap_or_default(),
         ..Default::default()
     };
     let (rows, next) = list_all(conn, &client, request, w.limit()).await?;
+    // A ledger older than the filter ignores it: its answer is not that token's spending.
+    if let Some(token) = args.token.as_deref() {
+        anyhow::ensure!(
+            rows.iter().all(|t| t.token_id == token),
+            "this ledger does not filter transfers by token (an older version): upgrade it"
+        );
+    }
     print_list(
         conn,
         "transfers",
@@ -584,79 +597,5 @@ impl<T> OrFail<T> for Result<tonic::Response<T>, tonic::Status> {
     fn or_fail(self, conn: &Conn) -> anyhow::Result<T> {
         self.map(tonic::Response::into_inner)
             .map_err(|s| conn.fail(s))
-    }
-}
-
-/// A list call of the ledger API, paged by `page_size` and `page_token`.
-trait Paged: Clone {
-    type Item;
-    /// The key of the rows in `--json` output, and their name in messages.
-    const NAME: &'static str;
-    fn page(self, page_size: u32, page_token: String) -> Self;
-    async fn fetch(
-        self,
-        client: &mut LedgerClient,
-    ) -> Result<(Vec<Self::Item>, String), tonic::Status>;
-}
-
-macro_rules! paged {
-    ($request:ty, $call:ident, $rows:ident: $item:ty) => {
-        impl Paged for $request {
-            type Item = $item;
-            const NAME: &'static str = stringify!($rows);
-            // Some requests have no fields but the page ones.
-            #[allow(clippy::needless_update)]
-            fn page(self, page_size: u32, page_token: String) -> Self {
-                Self {
-                    page_size,
-                    page_token,
-                    ..self
-                }
-            }
-            async fn fetch(
-                self,
-                client: &mut LedgerClient,
-            ) -> Result<(Vec<$item>, String), tonic::Status> {
-                let page = client.$call(self).await?.into_inner();
-                Ok((page.$rows, page.next_page_token))
-            }
-        }
-    };
-}
-
-paged!(pb::ListAccountsRequest, list_accounts, accounts: pb::Account);
-paged!(pb::ListTokensRequest, list_tokens, tokens: pb::Token);
-paged!(pb::ListTransfersRequest, list_transfers, transfers: pb::Transfer);
-
-/// Every row of `request` up to `limit` (`None`: all), page by page.
-async fn list_all<R: Paged>(
-    conn: &Conn,
-    client: &LedgerClient,
-    request: R,
-    limit: Option<u32>,
-) -> anyhow::Result<(Vec<R::Item>, String)> {
-    fetch_pages(limit, R::NAME, |page_size, page_token| {
-        let mut client = client.clone();
-        let request = request.clone().page(page_size, page_token);
-        async move { request.fetch(&mut client).await.map_err(|s| conn.fail(s)) }
-    })
-    .await
-}
-
-/// Rows as `{"<name>": [...], "next_page_token": ...}` with `--json`, else as a table.
-fn print_list<T>(
-    conn: &Conn,
-    name: &str,
-    rows: &[T],
-    next: &str,
-    to_json: fn(&T) -> serde_json::Value,
-    table: fn(&[T]),
-) {
-    if conn.json {
-        let rows: Vec<_> = rows.iter().map(to_json).collect();
-        println!("{}", json!({name: rows, "next_page_token": next}));
-    } else {
-        table(rows);
-        more_hint(next, name);
     }
 }

@@ -9,6 +9,7 @@ mod health;
 pub(crate) mod index;
 mod ledger;
 mod limits;
+mod paging;
 mod router;
 mod serve;
 mod stats;

@@ -253,7 +253,8 @@ pub fn transfer_json(t: &pb::Transfer) -> serde_json::Value {
     json!({"id": t.id, "status": status_word(t.status()), "sender": t.sender_email, "recipient": t.recipient_email,
            "amount_micros": t.amount_micros, "captured_micros": t.captured_micros, "currency": t.currency,
            "app_name": t.app_name, "app_ep_path": t.app_ep_path, "created_at_unix_micros": t.created_at_unix_micros,
-           "resolved_at_unix_micros": t.resolved_at_unix_micros, "cancel_reason": t.cancel_reason})
+           "resolved_at_unix_micros": t.resolved_at_unix_micros, "cancel_reason": t.cancel_reason,
+           "request_id": t.idempotency_key, "token_id": t.token_id})
 }
 
 pub fn usage_json(r: &pb::UsageRecord) -> serde_json::Value {

@@ -345,6 +345,7 @@ impl TryFrom<pb::ListTransfersRequest> for TransferQuery {
                 until: req.until_unix_micros,
             },
             app_name: req.app_name,
+            token_id: req.token_id,
             page: PageRequest {
                 page_token: req.page_token,
                 page_size: req.page_size,
@@ -447,6 +448,7 @@ pub fn transfer_pb(t: &TransferRow) -> pb::Transfer {
         idempotency_key: t.idempotency_key.clone(),
         existing: false,
         attempt_id: String::new(),
+        token_id: t.token_id.clone().unwrap_or_default(),
     }
 }
 

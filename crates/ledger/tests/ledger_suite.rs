@@ -1005,6 +1005,54 @@ async fn listing_and_usage_visibility(h: Harness) -> Harness {
     assert_eq!(code(snoop.await), Code::PermissionDenied);
     let usage = ok(eve.query_usage(pb::QueryUsageRequest::default()).await);
     assert!(usage.records.is_empty());
+    // What one token spent: its transfers name it, and a listing by it has only those (a
+    // second token of Alice's pays one more); a stranger asking by it sees nothing.
+    let second = h.token(&alice, OWNER).await;
+    let by_second = ok(router
+        .authorize(authorize(ALICE, USD, &second, "by-second"))
+        .await);
+    let token_id = |t: &str| {
+        let mut router = router.clone();
+        let t = t.to_string();
+        async move {
+            let check = pb::CheckTokenRequest { token: t };
+            ok(router.check_token(check).await).token_id
+        }
+    };
+    let (first_id, second_id) = (token_id(&token).await, token_id(&second).await);
+    assert_eq!(by_second.token_id, second_id);
+    let by_token = |id: &str| pb::ListTransfersRequest {
+        token_id: id.into(),
+        ..Default::default()
+    };
+    let keys = |page: pb::ListTransfersResponse| -> Vec<(String, String)> {
+        (page.transfers.into_iter())
+            .map(|t| (t.idempotency_key, t.token_id))
+            .collect()
+    };
+    let listed = keys(ok(router.list_transfers(by_token(&second_id)).await));
+    assert_eq!(listed, [("by-second".to_string(), second_id.clone())]);
+    let listed = keys(ok(h
+        .client(&alice)
+        .list_transfers(by_token(&first_id))
+        .await));
+    assert_eq!(listed.len(), 7);
+    assert!(listed.iter().all(|(_, id)| id == &first_id));
+    assert!(ok(eve.list_transfers(by_token(&first_id)).await)
+        .transfers
+        .is_empty());
+    assert_eq!(
+        keys(ok(h.admin().list_transfers(by_token(&second_id)).await)).len(),
+        1
+    );
+    router
+        .void(pb::VoidRequest {
+            transfer_id: by_second.id,
+            reason: "not needed".into(),
+            usage: None,
+        })
+        .await
+        .unwrap();
 
     // Usage totals cover every matching row; filters narrow them.
     let all = ok(router

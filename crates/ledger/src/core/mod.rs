@@ -103,6 +103,8 @@ pub struct TransferQuery {
     pub status: Option<TransferStatus>,
     pub range: TimeRange,
     pub app_name: String,
+    /// Only the transfers this delegation token paid (its id); empty: any.
+    pub token_id: String,
     pub page: PageRequest,
 }
 

@@ -194,6 +194,7 @@ impl Ledger {
             status: q.status,
             range: q.range,
             app_name: non_empty(validate::text("app_name", &q.app_name, MAX_NAME, false)?),
+            token_id: non_empty(validate::text("token_id", &q.token_id, MAX_KEY, false)?),
             page,
         };
         let (rows, has_more) = self.backend.list(&filter).await?;

@@ -133,6 +133,7 @@ impl Entry {
             expires_at: self.expires_at,
             resolved_at: self.resolved_at,
             cancel_reason: self.cancel_reason.clone(),
+            token_id: None,
         }
     }
 

@@ -75,6 +75,7 @@ impl AuthJob {
             expires_at: self.expires_at,
             resolved_at: None,
             cancel_reason: String::new(),
+            token_id: Some(self.token_id.clone()).filter(|t| !t.is_empty()),
         }
     }
 }

@@ -97,6 +97,8 @@ pub struct TransferFilter {
     pub status: Option<TransferStatus>,
     pub range: TimeRange,
     pub app_name: Option<String>,
+    /// Paid with this delegation token (its id).
+    pub token_id: Option<String>,
     pub page: Keyset,
 }
 
@@ -286,6 +288,7 @@ impl Store {
         w.opt_text("t.status = ?", f.status.map(|s| s.as_str()));
         f.range.push_where(&mut w, "t.created_at");
         w.opt_text("t.app_name = ?", f.app_name.as_deref());
+        w.opt_text("t.token_id = ?", f.token_id.as_deref());
         w.opt_text("t.id < ?", f.page.before_id.as_deref());
         let sql = format!(
             "SELECT {TRANSFER_COLUMNS} FROM transfers t {TRANSFER_JOINS} {} ORDER BY t.id DESC LIMIT {}",

@@ -93,13 +93,16 @@ pub struct TransferRow {
     pub expires_at: i64,
     pub resolved_at: Option<i64>,
     pub cancel_reason: String,
+    /// The delegation token that paid it (`None`: a hold its sender placed itself, or a hosted
+    /// transfer, whose token the accounting service keeps).
+    pub token_id: Option<String>,
 }
 
 /// `SELECT {TRANSFER_COLUMNS} FROM transfers t {TRANSFER_JOINS}` reads a [`TransferRow`].
 pub(crate) const TRANSFER_COLUMNS: &str = "t.id, t.sender_id, t.recipient_id, \
      sa.email AS sender_email, ra.email AS recipient_email, t.amount, t.captured, t.currency, \
      t.status, t.created_by, t.resolved_by, t.app_name, t.app_ep_path, t.idempotency_key, \
-     t.created_at, t.expires_at, t.resolved_at, t.cancel_reason";
+     t.created_at, t.expires_at, t.resolved_at, t.cancel_reason, t.token_id";
 pub(crate) const TRANSFER_JOINS: &str =
     "JOIN accounts sa ON sa.id = t.sender_id JOIN accounts ra ON ra.id = t.recipient_id";
 

@@ -156,6 +156,7 @@ pub(crate) fn transfer_json(t: &TransferRow) -> Value {
         "endpoint": t.app_ep_path,
         "created_at": t.created_at,
         "resolved_at": t.resolved_at,
+        "token_id": t.token_id,
     })
 }
 
