@@ -321,6 +321,18 @@ impl Backend {
     }
 }
 
+impl Store {
+    /// The database's clock (Postgres; `None` on SQLite, whose clock is this process's): the one
+    /// clock every replica shares, read where a hold's expiry is judged.
+    pub(crate) async fn database_clock(&self) -> Result<Option<i64>> {
+        if self.backend() != Backend::Postgres {
+            return Ok(None);
+        }
+        let sql = format!("SELECT {}", Backend::Postgres.clock_micros_sql());
+        Ok(Some(sqlx::query_scalar(&sql).fetch_one(self.pool()).await?))
+    }
+}
+
 pub fn now_micros() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -130,6 +130,17 @@ impl Store {
                     current.created_by.as_str().to_lowercase()
                 )));
             }
+            // Judged as the capture's guard judges it: by the later of this process's clock and
+            // the database's. Reading only its own, a ledger whose clock is behind its database's
+            // answered "busy, retry" to a refused capture for the hold's whole life (the router
+            // asking all along) instead of "expired" (a time tester, 2026-12-06).
+            let expired = match (&input.resolution, current.status) {
+                (Resolution::Capture(_), TransferStatus::Pending) => {
+                    let (own, database) = (now_micros(), self.database_clock().await?);
+                    current.expires_at <= database.map_or(own, |d| d.max(own))
+                }
+                _ => false,
+            };
             match (&input.resolution, current.status) {
                 (Resolution::Capture(amount), TransferStatus::Completed) => {
                     let same = match amount {
@@ -183,9 +194,7 @@ impl Store {
                         current.amount.get()
                     )))
                 }
-                (Resolution::Capture(_), TransferStatus::Pending)
-                    if current.expires_at <= now_micros() =>
-                {
+                (Resolution::Capture(_), TransferStatus::Pending) if expired => {
                     return Err(LedgerError::refused(
                         Reason::HoldExpired,
                         format!("hold {} expired, it can no longer be captured", current.id),
@@ -377,7 +386,13 @@ impl Store {
     /// last VACUUM.
     pub async fn sweep_expired(&self, limit: i64) -> Result<SweepReport> {
         let start = self.sweep_floor.start();
-        let now = now_micros();
+        // Expired by every clock that judges holds: this process's and, on Postgres, the
+        // database's, which every replica shares. A replica whose clock ran minutes ahead (or
+        // stepped forward) cancelled the other replicas' live holds, their streams then given
+        // away uncharged (a time tester, 2026-12-06); the capture's guard takes the later clock,
+        // so a hold between the two can be neither captured nor swept until both agree.
+        let own = now_micros();
+        let now = self.database_clock().await?.map_or(own, |d| d.min(own));
         let expired: Vec<(String, i64)> = sqlx::query_as(
             "SELECT id, expires_at FROM transfers WHERE status = 'PENDING' AND expires_at <= $1 \
              AND expires_at >= $3 ORDER BY expires_at LIMIT $2",

@@ -47,7 +47,16 @@ const pct = (r) => {
   const shown = v >= 99.95 && v < 100 ? 99.9 : (v > 0 && v < 0.05 ? 0.1 : Math.round(v * 10) / 10);
   return `${new Intl.NumberFormat(undefined, { minimumFractionDigits: 1, maximumFractionDigits: 1 }).format(shown)} %`;
 };
-const when = (micros) => (micros ? new Date(micros / 1000).toLocaleString() : '–');
+// The browser's time, with its zone named: the revenue of "today" is the UTC day's, and a time
+// without a zone could be read as either.
+const when = (micros) => (micros ? new Date(micros / 1000).toLocaleString(undefined,
+  { dateStyle: 'short', timeStyle: 'medium', timeZoneName: 'short' }) : '–');
+// A live row's time: the time alone when it is today's, else with its date.
+const whenLive = (micros) => {
+  const d = new Date(micros / 1000);
+  return d.toDateString() === new Date().toDateString()
+    ? d.toLocaleTimeString(undefined, { timeZoneName: 'short' }) : when(micros);
+};
 
 function setMoney(sel, micros) {
   const el = $(sel);
@@ -383,7 +392,7 @@ async function loadHistory() {
 function usageRow(u) {
   // The owner is the account that recorded the row: one naming this user, recorded by someone
   // else, says so.
-  const tr = row([new Date(u.created_at / 1000).toLocaleTimeString(), u.owner_email || '–', u.app_name || '–',
+  const tr = row([whenLive(u.created_at), u.owner_email || '–', u.app_name || '–',
     u.endpoint || '/', u.user_email || '–', u.status, count(u.total_tokens), String(u.latency_ms),
     money(u.cost_micros)]);
   tr.dataset.id = u.id;
