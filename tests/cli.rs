@@ -610,6 +610,25 @@ async fn listings_page_past_500_rows_with_times_and_currency() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert_contains(&err, &["invalid time", "--since"]);
+    // Out of the calendar's range: an error, not a panic of the subtraction.
+    let out = cli(&["usage", "--since", "100000000d"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_contains(&err, &["invalid time", "--since"]);
+    // A --ttl too long for the clock is refused, not wrapped into another expiry.
+    let out = cli(&[
+        "token",
+        "issue",
+        "owner@router.example",
+        "--ttl",
+        "99999999999999d",
+    ])
+    .env("SYFT_SECRET", "any")
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert_contains(&err, &["--ttl is too long"]);
     h.finish().await;
 }
 

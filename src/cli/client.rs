@@ -397,8 +397,15 @@ pub async fn token(args: TokenArgs) -> anyhow::Result<()> {
                 .as_deref()
                 .map(|l| positive_amount("--limit-per-day", l))
                 .transpose()?;
-            let expires_at_unix_micros =
-                ttl.map(|d| syft_ledger::store::now_micros() + d.as_micros() as i64);
+            // Checked: a huge --ttl wrapped into another expiry (the year 199906).
+            let expires_at_unix_micros = ttl
+                .map(|d| {
+                    i64::try_from(d.as_micros())
+                        .ok()
+                        .and_then(|m| syft_ledger::store::now_micros().checked_add(m))
+                        .context("--ttl is too long")
+                })
+                .transpose()?;
             let mut client = conn.user()?;
             let issued = client
                 .issue_token(pb::IssueTokenRequest {

@@ -38,8 +38,12 @@ fn parse_time_at(text: &str, now: DateTime<Utc>) -> Result<i64, String> {
             .map(|d| std::time::Duration::from_secs(d * 86_400)),
         None => super::parse_duration(text).ok(),
     };
-    match ago.and_then(|d| chrono::Duration::from_std(d).ok()) {
-        Some(d) => Ok((now - d).timestamp_micros()),
+    // Checked: a far-past duration (`100000000d`) panicked in chrono's subtraction.
+    let at = ago
+        .and_then(|d| chrono::Duration::from_std(d).ok())
+        .and_then(|d| now.checked_sub_signed(d));
+    match at {
+        Some(at) => Ok(at.timestamp_micros()),
         None => Err(format!(
             "invalid time {text:?}: use a date (2025-01-31), a UTC time (2025-01-31T12:00:00Z) \
              or a duration ago (90m, 24h, 7d)"

@@ -516,6 +516,24 @@ mod tests {
         assert!(err.to_string().contains("answer max bytes"), "{err}");
     }
 
+    /// A hold life no ledger grants is refused at start, not at every paid request as the
+    /// user's "invalid request".
+    #[test]
+    fn a_hold_life_no_ledger_grants_is_refused() {
+        let with = |ttl: &str| {
+            RouterConfig::from_json_str(&format!(
+                r#"{{"name":"r","owner_email":"o@example.com","ledger":{{"hold_ttl_seconds":{ttl}}}}}"#
+            ))
+        };
+        for ttl in ["1", "300", "2592000"] {
+            assert!(with(ttl).is_ok(), "{ttl}");
+        }
+        for ttl in ["0", "-1", "2592001", "999999999999"] {
+            let err = with(ttl).expect_err(ttl).to_string();
+            assert!(err.contains("ledger.hold_ttl_seconds"), "{ttl}: {err}");
+        }
+    }
+
     #[test]
     fn rejects_bad_config() {
         assert!(RouterConfig::from_json_str(r#"{"name":"r","owner_email":"nope"}"#).is_err());

@@ -339,6 +339,9 @@ pub const ANY_MODEL: &str = "*";
 /// Default [`RouterConfig::max_stream_duration`].
 pub const DEFAULT_MAX_STREAM_DURATION: Duration = Duration::from_secs(15 * 60);
 
+/// The longest hold life any ledger grants (the ceiling of its `--max-hold-ttl`, 30 days).
+pub const MAX_HOLD_TTL_SECONDS: i64 = 30 * 86_400;
+
 /// Default [`RouterConfig::shutdown_grace`].
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = syft_server::DEFAULT_SHUTDOWN_GRACE;
 
@@ -514,6 +517,17 @@ impl RouterConfig {
                         s.kind.as_str()
                     )));
                 }
+            }
+        }
+        // A hold's life the ledger can never grant (0, negative, past the ledger's ceiling of 30
+        // days) was taken, the router reported ready, and every paid request was refused as the
+        // user's "invalid request".
+        if let Some(ttl) = self.ledger.hold_ttl_seconds {
+            if !(1..=MAX_HOLD_TTL_SECONDS).contains(&ttl) {
+                return Err(invalid(format!(
+                    "ledger.hold_ttl_seconds {ttl} must be between 1 and {MAX_HOLD_TTL_SECONDS} \
+                     (and at most the ledger's --max-hold-ttl, 86400 by default)"
+                )));
             }
         }
         // An endpoint that is not an http(s) URL (`not-a-url`, `ftp://…`) was taken and only

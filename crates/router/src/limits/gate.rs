@@ -14,7 +14,7 @@ use super::headers::{format_reset, RateHeaders};
 use super::renew::Renewal;
 use super::settle::{spawn_settle, Change};
 use super::{
-    now_ms, Limiter, LimiterError, MemoryLimiter, RedisLimiter, Rule, RuleKind, Verdict,
+    window_now_ms, Limiter, LimiterError, MemoryLimiter, RedisLimiter, Rule, RuleKind, Verdict,
     WindowState,
 };
 use crate::config::{LimiterBackend, OnFailure, RateLimits, RouterConfig, ServiceKind};
@@ -254,7 +254,7 @@ impl Gate {
             rules: &rules,
             work: work.as_ref(),
         };
-        let verdict = self.limiter.acquire(now_ms(), &lease, &rules).await;
+        let verdict = self.limiter.acquire(window_now_ms(), &lease, &rules).await;
         // Only a check that may have run needs taking back: one that never reached the store
         // (no connection) recorded nothing, and a take-back of it would retry for nothing.
         if !verdict.as_ref().is_err_and(|e| e.maybe_applied) {
@@ -317,7 +317,7 @@ impl Gate {
         let rules = self.rules(user, service, 0);
         let states = self
             .limiter
-            .peek(now_ms(), &rules)
+            .peek(window_now_ms(), &rules)
             .await
             .map_err(|e| RouterError::Unavailable(e.to_string()))?;
         Ok(rules.into_iter().zip(states).collect())

@@ -222,6 +222,18 @@ pub fn budget_left_json(b: &syft_proto::router::LimitLeft) -> Option<serde_json:
     }))
 }
 
+/// The clock of the in-process windows: milliseconds since the Unix epoch as read at the first
+/// call, advanced by the monotonic clock since. A step of the wall clock (NTP correcting a wrong
+/// clock) does not move it: stepped back 10 minutes, a "3 per minute" user was held for 11
+/// (a time tester, 2026-12-06); stepped forward, every window emptied at once. Redis windows use
+/// Redis' clock (`redis.rs`).
+pub fn window_now_ms() -> u64 {
+    static ANCHOR: std::sync::LazyLock<(u64, std::time::Instant)> =
+        std::sync::LazyLock::new(|| (now_ms(), std::time::Instant::now()));
+    let (at, since) = *ANCHOR;
+    at.saturating_add(u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX))
+}
+
 /// Milliseconds since the Unix epoch on this machine's clock.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::settle::SETTLES;
-use super::{now_ms, Limiter};
+use super::{window_now_ms, Limiter};
 
 /// The renewing task of one request; dropping it stops the renewals (the release follows).
 pub(super) struct Renewal(tokio::task::JoinHandle<()>);
@@ -35,7 +35,7 @@ impl Renewal {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                if let Err(e) = limiter.renew(now_ms(), &lease, &windows).await {
+                if let Err(e) = limiter.renew(window_now_ms(), &lease, &windows).await {
                     // Asked again at the next tick; a store away for the whole lease lets the
                     // slot age out while the request runs (one more request admitted then).
                     SETTLES.with_label_values(&[backend, "renew_failed"]).inc();
