@@ -478,6 +478,26 @@ async fn settled_days_count_like_the_transfers(h: Harness) -> Harness {
     assert!(settled_days(&h)
         .await
         .contains(&(day_of(at(2026, 11, 12, 0)), 0)));
+
+    // The clock goes back into a settled day (a ledger's clock corrected by more than the
+    // settling margin): the day's row goes, the transfer dated into it then counts, and the day
+    // settles again once over. Its stale row undercounted the month for good (a user past a
+    // monthly budget) and failed verify.
+    let back = at(2026, 11, 19, 23);
+    use_at(back).await.expect("use");
+    let days = settled_days(&h).await;
+    assert!(!days.iter().any(|(d, _)| *d >= day_of(back)), "{days:?}");
+    let again = ok(c
+        .authorize(hold(&token, "late-again", 2_000, None, 300))
+        .await);
+    ok(c.capture(syft_testkit::req::capture_full(&again.id)).await);
+    place(&h, &again.id, back + 60_000_000, None).await;
+    let u = use_at(noon).await.expect("use");
+    assert_eq!((u.day_used, u.month_used), (3_000, 35_000));
+    assert!(settled_days(&h)
+        .await
+        .contains(&(day_of(at(2026, 11, 19, 0)), 12_000)));
+    h.assert_consistent().await;
     h
 }
 

@@ -72,7 +72,11 @@ pub(crate) type Settled = HashMap<i64, i64>;
 pub(crate) type Pair = (i64, i64);
 
 /// The settled days of each pair from `from_day` (UTC days since the epoch) to before `to_day`:
-/// one statement for them all ([`one_statement`]), else one per pair.
+/// one statement for them all ([`one_statement`]), else one per pair. A settled day from `to_day`
+/// on means this clock went back past it (a ledger's clock corrected by more than the settling
+/// margin, or a replica that far behind): its row is deleted, as the transfers this clock now
+/// dates into it would make it stale, undercounting the month's budget for good and failing
+/// `verify` (a time tester, 2026-12-06). It is settled again once the day has ended anew.
 async fn settled(
     conn: &mut AnyConnection,
     pairs: &[Pair],
@@ -89,32 +93,67 @@ async fn settled(
             "SELECT i.s, i.r, b.day, b.used \
              FROM json_to_recordset($1::json) AS i(s BIGINT, r BIGINT) CROSS JOIN LATERAL \
              (SELECT day, used FROM budget_days WHERE sender_id = i.s AND recipient_id = i.r \
-             AND day >= $2 AND day < $3) b",
+             AND day >= $2) b",
         )
         .bind(json(&input)?)
         .bind(from_day)
-        .bind(to_day)
         .fetch_all(&mut *conn)
         .await?;
+        let mut ahead = Vec::new();
         for (s, r, day, used) in rows {
-            out.entry((s, r)).or_default().insert(day, used);
+            match day < to_day {
+                true => _ = out.entry((s, r)).or_default().insert(day, used),
+                false => ahead.push((s, r)),
+            }
         }
+        ahead.sort_unstable();
+        ahead.dedup();
+        unsettle_from(conn, &ahead, to_day).await?;
         return Ok(out);
     }
+    let mut ahead = Vec::new();
     for (&(s, r), days) in out.iter_mut() {
         let rows: Vec<(i64, i64)> = sqlx::query_as(
             "SELECT day, used FROM budget_days WHERE sender_id = $1 AND recipient_id = $2 \
-             AND day >= $3 AND day < $4",
+             AND day >= $3",
         )
         .bind(s)
         .bind(r)
         .bind(from_day)
-        .bind(to_day)
         .fetch_all(&mut *conn)
         .await?;
-        days.extend(rows);
+        if rows.iter().any(|(day, _)| *day >= to_day) {
+            ahead.push((s, r));
+        }
+        days.extend(rows.into_iter().filter(|(day, _)| *day < to_day));
     }
+    unsettle_from(conn, &ahead, to_day).await?;
     Ok(out)
+}
+
+/// Deletes the pairs' settled days from `day` on (see [`settled`]); rare, so one statement each.
+async fn unsettle_from(
+    conn: &mut AnyConnection,
+    pairs: &[Pair],
+    day: i64,
+) -> Result<(), sqlx::Error> {
+    for &(s, r) in pairs {
+        tracing::warn!(
+            sender_id = s,
+            recipient_id = r,
+            day,
+            "a settled budget day is not over by this clock (it went back): settled again later"
+        );
+        sqlx::query(
+            "DELETE FROM budget_days WHERE sender_id = $1 AND recipient_id = $2 AND day >= $3",
+        )
+        .bind(s)
+        .bind(r)
+        .bind(day)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
 }
 
 /// Whether `n` pairs (tokens) are read or written in one statement: on Postgres, where the ledger
