@@ -402,6 +402,7 @@ async fn bench_ledger(b: &LedgerBench, shape: Shape) -> anyhow::Result<f64> {
                             ttft_ms: None,
                             row_key: String::new(),
                             answered_at_unix_micros: None,
+                            reason: String::new(),
                         }),
                     })
                     .await;

@@ -97,6 +97,12 @@ pub async fn run(b: &UsageBench) -> anyhow::Result<()> {
                     } else {
                         String::new()
                     },
+                    // As a router sends them: a refusal with its reason.
+                    reason: if status.is_refusal() {
+                        "RATE_LIMITED".into()
+                    } else {
+                        String::new()
+                    },
                 };
                 let t0 = Instant::now();
                 let r = store

@@ -262,8 +262,8 @@ pub fn usage_json(r: &pb::UsageRecord) -> serde_json::Value {
     json!({"id": r.id, "request_id": u.request_id, "transfer_id": r.transfer_id, "app_name": u.app_name,
            "endpoint": u.endpoint, "user_email": u.user_email, "model": u.model, "prompt_tokens": u.prompt_tokens,
            "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens, "cost_micros": r.cost_micros,
-           "status": u.status, "latency_ms": u.latency_ms, "upstream_latency_ms": u.upstream_latency_ms,
-           "created_at_unix_micros": r.created_at_unix_micros})
+           "status": u.status, "reason": u.reason, "latency_ms": u.latency_ms,
+           "upstream_latency_ms": u.upstream_latency_ms, "created_at_unix_micros": r.created_at_unix_micros})
 }
 
 pub fn print_transfers(rows: &[pb::Transfer]) {

@@ -410,6 +410,7 @@ fn usage_input(u: pb::Usage) -> UsageInput {
         upstream_latency_ms: u.upstream_latency_ms,
         ttft_ms: u.ttft_ms,
         row_key: u.row_key,
+        reason: u.reason,
     }
 }
 
@@ -471,6 +472,7 @@ pub fn usage_pb(u: &UsageRow) -> pb::UsageRecord {
             ttft_ms: x.ttft_ms,
             row_key: x.row_key.clone(),
             answered_at_unix_micros: None,
+            reason: x.reason.clone(),
         }),
         transfer_id: u.transfer_id.clone().unwrap_or_default(),
         recipient_email: u.recipient_email.clone(),

@@ -64,6 +64,14 @@ pub enum RouterError {
     /// (403), told apart so that its message can say what sized the hold.
     #[error("{0}")]
     TokenSpendLimit(String),
+    /// The user's own token can no longer pay (`TOKEN_REVOKED`, `TOKEN_EXPIRED`): a 403 whose
+    /// reason says which, to the client and in the refusal's usage row (it said
+    /// `PERMISSION_DENIED` for both, and a support agent could not tell them apart).
+    #[error("{message}")]
+    TokenEnded {
+        reason: &'static str,
+        message: String,
+    },
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -114,7 +122,8 @@ impl RouterError {
             RouterError::Unauthenticated(_) => ErrorCode::Unauthenticated,
             RouterError::PermissionDenied(_)
             | RouterError::ForeignToken(_)
-            | RouterError::TokenSpendLimit(_) => ErrorCode::PermissionDenied,
+            | RouterError::TokenSpendLimit(_)
+            | RouterError::TokenEnded { .. } => ErrorCode::PermissionDenied,
             RouterError::NotFound(_) => ErrorCode::NotFound,
             RouterError::AlreadyExists(_)
             | RouterError::InProgress(_)
@@ -139,6 +148,8 @@ impl RouterError {
             RouterError::Quota(q) => q.reason.as_str(),
             RouterError::Processed { reason, .. } => reason.as_str(),
             RouterError::TokenSpendLimit(_) => Reason::TokenLimitExceeded.as_str(),
+            RouterError::ForeignToken(_) => Reason::TokenInvalid.as_str(),
+            RouterError::TokenEnded { reason, .. } => reason,
             other => other.error_code().as_str(),
         }
     }
@@ -160,7 +171,8 @@ impl RouterError {
             RouterError::Unauthenticated(_) => "authentication_error",
             RouterError::PermissionDenied(_)
             | RouterError::ForeignToken(_)
-            | RouterError::TokenSpendLimit(_) => "permission_error",
+            | RouterError::TokenSpendLimit(_)
+            | RouterError::TokenEnded { .. } => "permission_error",
             RouterError::AlreadyExists(_)
             | RouterError::InProgress(_)
             | RouterError::Processed { .. } => "conflict_error",

@@ -540,6 +540,19 @@ async fn limits_are_shown_to_the_holder_of_the_users_token() {
         .await
         .expect_err("revoked");
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    // A paid request with it is refused saying why, and its row keeps the reason.
+    let refused = c
+        .chat(s.request("after revoke"))
+        .await
+        .expect_err("revoked");
+    assert_eq!(
+        (refused.code(), syft_testkit::reason(&refused).as_deref()),
+        (Code::PermissionDenied, Some("TOKEN_REVOKED")),
+        "{refused:?}"
+    );
+    let rows = syft_testkit::all_usage(&s.ledger.url, "token_refused").await;
+    let reasons: Vec<&str> = rows.iter().map(|u| u.reason.as_str()).collect();
+    assert!(reasons.contains(&"TOKEN_REVOKED"), "{reasons:?}");
     s.check_invariants().await;
 }
 

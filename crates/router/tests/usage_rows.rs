@@ -132,6 +132,27 @@ async fn refusals_leave_rows_and_free_the_request_id(s: Stack) {
         bob_rows[0].usage.as_ref().map(|u| u.status.as_str()),
         Some("insufficient_funds")
     );
+    // Each refusal row keeps the reason its client was answered with (a status alone told a
+    // revoked token from an expired one nowhere); the answered request's row has none.
+    let mut reasons: Vec<(String, String)> = all_usage(&s.ledger.url, "")
+        .await
+        .into_iter()
+        .map(|u| (u.status, u.reason))
+        .collect();
+    reasons.sort();
+    reasons.dedup();
+    let reason = |status: &str, reason: &str| (status.to_string(), reason.to_string());
+    assert_eq!(
+        reasons,
+        vec![
+            reason("duplicate", "REQUEST_PROCESSED"),
+            reason("insufficient_funds", "INSUFFICIENT_FUNDS"),
+            reason("invalid_request", "INVALID_ARGUMENT"),
+            reason("payment_required", "PAYMENT_REQUIRED"),
+            reason("success", ""),
+            reason("token_refused", "TOKEN_INVALID"),
+        ]
+    );
     s.finish().await;
 }
 

@@ -579,7 +579,23 @@ pub fn validate_usage(usage: UsageInput) -> Result<UsageInput> {
             .map(|t| validate::count("usage.ttft_ms", t))
             .transpose()?,
         row_key: validate::text("usage.row_key", &usage.row_key, MAX_KEY, false)?.to_string(),
+        reason: usage_reason(&usage.reason)?,
     })
+}
+
+/// A refusal's reason: a machine-readable code (`TOKEN_REVOKED`), never free text.
+fn usage_reason(reason: &str) -> Result<String> {
+    let code = reason.len() <= 64
+        && reason
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+    match code {
+        true => Ok(reason.to_string()),
+        false => Err(LedgerError::invalid(format!(
+            "usage.reason {:?} is not a reason code (at most 64 of A-Z, 0-9 and _)",
+            reason.chars().take(64).collect::<String>()
+        ))),
+    }
 }
 
 /// A row's status is one of the statuses the analytics know: any other text was kept as it was

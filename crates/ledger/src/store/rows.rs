@@ -144,6 +144,11 @@ pub struct UsageInput {
     #[serde(default)]
     #[sqlx(default)]
     pub row_key: String,
+    /// A refusal's machine-readable reason (migration 0034); empty elsewhere. Read only where a
+    /// query selects it (`USAGE_COLUMNS`).
+    #[serde(default)]
+    #[sqlx(default)]
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -163,4 +168,4 @@ pub(crate) const USAGE_COLUMNS: &str = "u.id, r.email AS recipient_email, \
      COALESCE(u.transfer_id, u.hosted_transfer_id) AS transfer_id, u.cost, u.created_at, \
      u.request_id, u.app_name, u.endpoint, u.user_email, u.model, u.prompt_tokens, \
      u.completion_tokens, u.total_tokens, u.status, u.latency_ms, u.upstream_latency_ms, u.ttft_ms, \
-     COALESCE(u.row_key, '') AS row_key";
+     COALESCE(u.row_key, '') AS row_key, u.reason";

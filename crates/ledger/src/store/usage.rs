@@ -154,9 +154,9 @@ fn insert_usage_sql(conflict: &str) -> String {
     format!(
         "INSERT INTO usage_records (id, recipient_id, request_id, transfer_id, app_name, endpoint, \
          user_email, model, prompt_tokens, completion_tokens, total_tokens, cost, status, latency_ms, \
-         upstream_latency_ms, created_at, hosted_transfer_id, refused, ttft_ms, row_key) \
+         upstream_latency_ms, created_at, hosted_transfer_id, refused, ttft_ms, row_key, reason) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, \
-                 $20) \
+                 $20, $21) \
          ON CONFLICT {conflict} DO NOTHING"
     )
 }
@@ -231,9 +231,9 @@ pub(crate) async fn insert_usage_row(
     let u = w.usage;
     // A transfer's row is kept once by its transfer; the key is for rows without money (the
     // batched capture on Postgres does not store it either).
-    let key = match w.link {
-        UsageLink::None => row_key(u),
-        UsageLink::Transfer(_) | UsageLink::Hosted(_) => None,
+    let (key, reason) = match w.link {
+        UsageLink::None => (row_key(u), u.reason.as_str()),
+        UsageLink::Transfer(_) | UsageLink::Hosted(_) => (None, ""),
     };
     let sql = match (key, w.link) {
         (Some(_), _) => INSERT_KEYED.as_str(),
@@ -262,6 +262,7 @@ pub(crate) async fn insert_usage_row(
         .bind(is_refused(u))
         .bind(u.ttft_ms)
         .bind(key)
+        .bind(reason)
         .execute(&mut *conn)
         .await?
         .rows_affected();

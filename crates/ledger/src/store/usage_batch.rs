@@ -195,6 +195,7 @@ struct PgRow<'a> {
     refused: bool,
     ttft: Option<i64>,
     row_key: Option<&'a str>,
+    reason: &'a str,
 }
 
 async fn insert_postgres(
@@ -223,6 +224,7 @@ async fn insert_postgres(
                 refused: is_refused(u),
                 ttft: u.ttft_ms,
                 row_key: row_key(u),
+                reason: &u.reason,
             }
         })
         .collect();
@@ -259,16 +261,16 @@ async fn insert_sqlite(
 static USAGE_BATCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     let columns = "id, recipient_id, request_id, transfer_id, app_name, endpoint, user_email, \
         model, prompt_tokens, completion_tokens, total_tokens, cost, status, latency_ms, \
-        upstream_latency_ms, created_at, refused, ttft_ms, row_key";
+        upstream_latency_ms, created_at, refused, ttft_ms, row_key, reason";
     let values = "id, recipient, request_id, NULL, app, endpoint, user_email, model, pt, ct, tt, \
-        0, status, lat, ulat, now, refused, ttft, row_key";
+        0, status, lat, ulat, now, refused, ttft, row_key, reason";
     format!(
         "\
 WITH i AS (
     SELECT * FROM json_to_recordset($1::json) AS i(id text, recipient bigint, request_id text,
         app text, endpoint text, user_email text, model text, pt bigint, ct bigint, tt bigint,
         status text, lat bigint, ulat bigint, now bigint, refused boolean, ttft bigint,
-        row_key text)
+        row_key text, reason text)
 ), plain AS (
     INSERT INTO usage_records ({columns})
     SELECT {values} FROM i WHERE row_key IS NULL

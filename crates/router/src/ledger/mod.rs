@@ -495,7 +495,13 @@ pub(crate) fn map_status(op: Op, s: tonic::Status) -> RouterError {
         Code::PermissionDenied if ledger_reason(&s) == Some(Reason::TokenInvalid) => {
             RouterError::ForeignToken(msg)
         }
-        Code::PermissionDenied => RouterError::PermissionDenied(msg),
+        Code::PermissionDenied => match ledger_reason(&s) {
+            Some(r @ (Reason::TokenRevoked | Reason::TokenExpired)) => RouterError::TokenEnded {
+                reason: r.as_str(),
+                message: msg,
+            },
+            _ => RouterError::PermissionDenied(msg),
+        },
         // This router placed the hold it resolves, so the ledger lost it (a hold committed
         // asynchronously and lost in a Postgres crash, docs/design.md): nothing was charged, and
         // a retry of the request places a new one. It was a 404 `invalid_request_error` naming

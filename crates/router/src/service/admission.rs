@@ -173,6 +173,7 @@ impl RouterService {
                         RouterError::PermissionDenied(_)
                             | RouterError::ForeignToken(_)
                             | RouterError::TokenSpendLimit(_)
+                            | RouterError::TokenEnded { .. }
                             | RouterError::Cancelled(_)
                     )
                 {
@@ -546,6 +547,7 @@ impl RouterService {
             row_key: row_key(status),
             // A free row's is set when it is recorded (`Ledger::record_free_usage`).
             answered_at_unix_micros: None,
+            reason: String::new(),
         }
     }
 }

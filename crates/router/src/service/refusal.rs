@@ -26,6 +26,8 @@ pub(super) struct Attempt {
     model: String,
     kind: ServiceKind,
     started: Instant,
+    /// The refusal's machine-readable reason, kept on its row (`naming_for`).
+    reason: &'static str,
 }
 
 impl Attempt {
@@ -36,15 +38,18 @@ impl Attempt {
             model: req.model.clone(),
             kind: ServiceKind::Chat,
             started: Instant::now(),
+            reason: "",
         }
     }
 
-    /// This attempt as its refusal `e` records it: under no user when `e` shows the request
-    /// proved none ([`proves_no_user`]).
+    /// This attempt as its refusal `e` records it: with `e`'s reason (what told a revoked token
+    /// from an expired one, a rate limit from a concurrency limit), and under no user when `e`
+    /// shows the request proved none ([`proves_no_user`]).
     pub(super) fn naming_for(mut self, e: &RouterError) -> Self {
         if proves_no_user(e) {
             self.user_email.clear();
         }
+        self.reason = e.reason();
         self
     }
 
@@ -56,6 +61,7 @@ impl Attempt {
             model: provider.to_string(),
             kind: ServiceKind::Search,
             started: Instant::now(),
+            reason: "",
         }
     }
 }
@@ -73,6 +79,7 @@ pub(super) fn refusal_status(e: &RouterError) -> UsageStatus {
         RouterError::PermissionDenied(_)
         | RouterError::ForeignToken(_)
         | RouterError::TokenSpendLimit(_)
+        | RouterError::TokenEnded { .. }
         | RouterError::Unauthenticated(_) => UsageStatus::TokenRefused,
         RouterError::InvalidArgument(_)
         | RouterError::NotFound(_)
@@ -140,6 +147,7 @@ impl RouterService {
             model,
             kind,
             started: Instant::now(),
+            reason: "",
         }
         .naming_for(e);
         let (svc, status, work) = (self.clone(), refusal_status(e), self.inner.drain.enter());
@@ -182,6 +190,7 @@ impl RouterService {
             // Kept by the retries below and by a failed-over call: one row however often sent.
             row_key: row_key(status),
             answered_at_unix_micros: None,
+            reason: attempt.reason.into(),
         };
         let Err(err) = self.inner.ledger.record_usage(usage.clone()).await else {
             return;

@@ -171,6 +171,7 @@ pub(crate) fn usage_json(u: &UsageRow) -> Value {
         "user_email": u.usage.user_email,
         "model": u.usage.model,
         "status": u.usage.status,
+        "reason": u.usage.reason,
         "total_tokens": u.usage.total_tokens,
         "latency_ms": u.usage.latency_ms,
         "cost_micros": u.cost.get(),

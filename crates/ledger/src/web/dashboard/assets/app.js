@@ -393,7 +393,8 @@ function usageRow(u) {
   // The owner is the account that recorded the row: one naming this user, recorded by someone
   // else, says so.
   const tr = row([whenLive(u.created_at), u.owner_email || '–', u.app_name || '–',
-    u.endpoint || '/', u.user_email || '–', u.status, count(u.total_tokens), String(u.latency_ms),
+    u.endpoint || '/', u.user_email || '–', u.reason ? `${u.status} (${u.reason})` : u.status,
+    count(u.total_tokens), String(u.latency_ms),
     money(u.cost_micros)]);
   tr.dataset.id = u.id;
   return tr;
