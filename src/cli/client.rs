@@ -505,8 +505,15 @@ pub async fn transfers(args: TransfersArgs) -> anyhow::Result<()> {
     let (rows, next) = list_all(conn, &client, request, w.limit()).await?;
     // A ledger older than the filter ignores it: its answer is not that token's spending.
     if let Some(token) = args.token.as_deref() {
+        // Named by the token itself, its transfers name its id: one id, whichever.
+        let filtered = match token.starts_with("syft_tok_") {
+            true => rows
+                .iter()
+                .all(|t| !t.token_id.is_empty() && t.token_id == rows[0].token_id),
+            false => rows.iter().all(|t| t.token_id == token),
+        };
         anyhow::ensure!(
-            rows.iter().all(|t| t.token_id == token),
+            filtered,
             "this ledger does not filter transfers by token (an older version): upgrade it"
         );
     }

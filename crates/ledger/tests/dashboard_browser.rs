@@ -272,6 +272,14 @@ async fn dashboard_in_chromium() {
     sign_in(&c, &s.owner.email, &s.owner.secret).await;
     let loaded = "return document.body.dataset.loaded === 'true'";
     until(&c, loaded, 10, "the page loads its data").await;
+    // The keyboard's focus lands on the page that replaced the form, not the document's top.
+    until(
+        &c,
+        "return document.activeElement.id === 'tab-owner'",
+        5,
+        "focus after sign-in",
+    )
+    .await;
     assert_eq!(micros_of(&c, "balance").await, s.owner_balance().await);
     assert_eq!(micros_of(&c, "rev-30d").await, PRICE);
     assert_eq!(micros_of(&c, "rev-today").await, PRICE);

@@ -782,6 +782,21 @@ async fn listing_filters_by_app_and_time(postgres: bool) {
     })
     .await;
     assert_eq!(by_app, std::slice::from_ref(&other.id));
+    // Which token paid is the accounting service's to know: refused, not an empty list (a
+    // support lookup read that as "the token spent nothing").
+    let by_token = p
+        .router()
+        .list_transfers(pb::ListTransfersRequest {
+            token_id: p.token.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("not known here");
+    assert_eq!(
+        by_token.code(),
+        tonic::Code::FailedPrecondition,
+        "{by_token:?}"
+    );
     let before_other = list(pb::ListTransfersRequest {
         until_unix_micros: Some(other.created_at_unix_micros),
         ..Default::default()

@@ -1032,6 +1032,9 @@ async fn listing_and_usage_visibility(h: Harness) -> Harness {
     };
     let listed = keys(ok(router.list_transfers(by_token(&second_id)).await));
     assert_eq!(listed, [("by-second".to_string(), second_id.clone())]);
+    // Named by the token itself too (what `token revoke` takes; it listed nothing).
+    let listed = keys(ok(router.list_transfers(by_token(&second)).await));
+    assert_eq!(listed, [("by-second".to_string(), second_id.clone())]);
     let listed = keys(ok(h
         .client(&alice)
         .list_transfers(by_token(&first_id))

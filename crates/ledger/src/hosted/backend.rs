@@ -96,10 +96,14 @@ impl TransferBackend for HostedBackend {
     }
 
     async fn list(&self, filter: &TransferFilter) -> Result<(Vec<TransferRow>, bool)> {
-        // The accounting service keeps the tokens: no local transfer names one, so a token's
-        // transfers are none here (not every transfer: the filter is never dropped).
+        // The accounting service keeps the tokens: no local transfer names one. Refused, not an
+        // empty list, which a support lookup would read as "that token spent nothing".
         if filter.token_id.is_some() {
-            return Ok((Vec::new(), false));
+            return Err(LedgerError::refused(
+                syft_error::Reason::NotSupported,
+                "which token paid a transfer is known to the hosted accounting service only \
+                 (this ledger runs backend = hosted)",
+            ));
         }
         self.hosted.list(filter).await
     }

@@ -288,7 +288,15 @@ impl Store {
         w.opt_text("t.status = ?", f.status.map(|s| s.as_str()));
         f.range.push_where(&mut w, "t.created_at");
         w.opt_text("t.app_name = ?", f.app_name.as_deref());
-        w.opt_text("t.token_id = ?", f.token_id.as_deref());
+        // By its id, or by the token itself (what `token revoke` takes too, and all a user who
+        // lost one may have): its hash names it, as at its issue.
+        match f.token_id.as_deref() {
+            Some(t) if t.starts_with("syft_tok_") => w.text(
+                "t.token_id = (SELECT id FROM tokens WHERE token_hash = ?)",
+                &super::sha256_hex(t),
+            ),
+            other => w.opt_text("t.token_id = ?", other),
+        }
         w.opt_text("t.id < ?", f.page.before_id.as_deref());
         let sql = format!(
             "SELECT {TRANSFER_COLUMNS} FROM transfers t {TRANSFER_JOINS} {} ORDER BY t.id DESC LIMIT {}",

@@ -369,7 +369,6 @@ impl RouterService {
             transfer_id: transfer.id.clone(),
             cancel_usage: Some(cancel_usage),
             admitted: t.started,
-            placed: (sent, transfer.created_at_unix_micros),
         });
         Ok((transfer, guard))
     }

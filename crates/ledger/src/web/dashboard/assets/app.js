@@ -49,8 +49,10 @@ const pct = (r) => {
 };
 // The browser's time, with its zone named: the revenue of "today" is the UTC day's, and a time
 // without a zone could be read as either.
+// (Named fields: `dateStyle` cannot be combined with `timeZoneName`, Intl throws.)
 const when = (micros) => (micros ? new Date(micros / 1000).toLocaleString(undefined,
-  { dateStyle: 'short', timeStyle: 'medium', timeZoneName: 'short' }) : '–');
+  { year: 'numeric', month: 'numeric', day: 'numeric', hour: 'numeric', minute: '2-digit',
+    second: '2-digit', timeZoneName: 'short' }) : '–');
 // A live row's time: the time alone when it is today's, else with its date.
 const whenLive = (micros) => {
   const d = new Date(micros / 1000);
@@ -358,6 +360,15 @@ async function revoke(id) {
   if (!window.confirm('Revoke this token? Routers holding it can no longer charge it.')) return;
   await api('/dashboard/api/tokens/revoke', { id });
   await loadTokens();
+  // Its button went with its row: focus stays in the table, not back at the page's top.
+  focusTable('#tokens');
+}
+
+// Moves focus to a table a keyboard user acted on (its row or button was replaced).
+function focusTable(sel) {
+  const t = $(sel);
+  t.tabIndex = -1;
+  t.focus();
 }
 
 function transferRow(t, mine) {
@@ -489,7 +500,8 @@ async function loadDeliveries(id) {
 
 // An amount typed as text (`5`, `5.25`, `5,25`), to micros exactly: never through a float.
 function toMicros(text) {
-  const m = /^\s*(\d{1,12})(?:[.,](\d{1,6}))?\s*$/.exec(text);
+  // At most 9 whole digits: micros stay below 2^53, where a JS number is exact.
+  const m = /^\s*(\d{1,9})(?:[.,](\d{1,6}))?\s*$/.exec(text);
   const micros = m ? Number(m[1]) * 1e6 + Number((m[2] || '').padEnd(6, '0')) : 0;
   if (!m || micros <= 0) throw new Error('the threshold must be an amount above 0 with at most 6 decimals, e.g. 5.00');
   return micros;
@@ -536,6 +548,8 @@ async function signIn(ev) {
     state.csrf = res.csrf;
     $('#signin-form').reset();
     await start();
+    // Focus on the page that replaced the form (it fell back to the document's top).
+    $('#tab-owner').focus();
   } catch (e) {
     $('#signin-error').textContent = e.status === 401 ? 'Wrong email or secret.' : e.message;
   }
@@ -601,10 +615,15 @@ function wire() {
     state.transfers = { pages: [''], status: $('#transfer-status').value };
     loadTransfers().catch(report);
   });
-  $('#transfers-next').addEventListener('click', () => { state.transfers.pages.push(state.transfers.next); loadTransfers().catch(report); });
-  $('#transfers-first').addEventListener('click', () => { state.transfers.pages = ['']; loadTransfers().catch(report); });
-  $('#history-next').addEventListener('click', () => { state.history.pages.push(state.history.next); loadHistory().catch(report); });
-  $('#history-first').addEventListener('click', () => { state.history.pages = ['']; loadHistory().catch(report); });
+  // A pager button that disabled itself (the last or first page) would drop the focus: it goes
+  // to the table it paged.
+  const paged = (sel, button) => () => {
+    if ($(button).disabled || document.activeElement === document.body) focusTable(sel);
+  };
+  $('#transfers-next').addEventListener('click', () => { state.transfers.pages.push(state.transfers.next); loadTransfers().then(paged('#transfers', '#transfers-next')).catch(report); });
+  $('#transfers-first').addEventListener('click', () => { state.transfers.pages = ['']; loadTransfers().then(paged('#transfers', '#transfers-first')).catch(report); });
+  $('#history-next').addEventListener('click', () => { state.history.pages.push(state.history.next); loadHistory().then(paged('#history', '#history-next')).catch(report); });
+  $('#history-first').addEventListener('click', () => { state.history.pages = ['']; loadHistory().then(paged('#history', '#history-first')).catch(report); });
   let resize;
   window.addEventListener('resize', () => {
     clearTimeout(resize);
