@@ -1800,6 +1800,34 @@ async fn a_paid_row_names_its_transfers_payer_and_app(h: Harness) -> Harness {
     }
     assert!(syft_testkit::usage_of(&h.url(), BOB).await.is_empty());
     assert_eq!(h.balance(ALICE).await.balance_micros, 2 * USD);
+    // A refusal keeps its reason code; an answered row keeps none (it showed as a refusal), and
+    // free text is refused.
+    let row = |id: &str, status: &str, reason: &str| pb::RecordUsageRequest {
+        usage: Some(pb::Usage {
+            reason: reason.into(),
+            ..usage(id, status)
+        }),
+    };
+    ok(router
+        .record_usage(row("why-1", "token_refused", "TOKEN_REVOKED"))
+        .await);
+    ok(router
+        .record_usage(row("why-2", "success", "TOKEN_REVOKED"))
+        .await);
+    let text = router
+        .record_usage(row("why-3", "rate_limited", "slow down please"))
+        .await;
+    assert_eq!(code(text), Code::InvalidArgument);
+    let kept: Vec<(String, String)> = syft_testkit::all_usage(&h.url(), "")
+        .await
+        .into_iter()
+        .filter(|u| u.request_id.starts_with("why-"))
+        .map(|u| (u.request_id, u.reason))
+        .collect();
+    let mut kept = kept;
+    kept.sort();
+    let want = [("why-1", "TOKEN_REVOKED"), ("why-2", "")];
+    assert_eq!(kept, want.map(|(a, b)| (a.to_string(), b.to_string())));
     h
 }
 

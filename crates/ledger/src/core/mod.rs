@@ -579,7 +579,11 @@ pub fn validate_usage(usage: UsageInput) -> Result<UsageInput> {
             .map(|t| validate::count("usage.ttft_ms", t))
             .transpose()?,
         row_key: validate::text("usage.row_key", &usage.row_key, MAX_KEY, false)?.to_string(),
-        reason: usage_reason(&usage.reason)?,
+        // Kept on refusals only: a reason on an answered row would show as its refusal.
+        reason: match usage_status(&usage.status)?.is_refusal() {
+            true => usage_reason(&usage.reason)?,
+            false => String::new(),
+        },
     })
 }
 

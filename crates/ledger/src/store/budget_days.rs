@@ -65,7 +65,8 @@ const PAIRS_DAY_SUMS: &str = concat!(
 );
 
 /// A pair's settled days: what each counts, by UTC day (days since the epoch). Rows never change
-/// once written, so a set read before a transaction holds inside it too.
+/// once written (a clock set back past one deletes it, [`settled`]), so a set read before a
+/// transaction holds inside it too.
 pub(crate) type Settled = HashMap<i64, i64>;
 
 /// A sender and a recipient (account ids).

@@ -503,7 +503,7 @@ function toMicros(text) {
   // At most 9 whole digits: micros stay below 2^53, where a JS number is exact.
   const m = /^\s*(\d{1,9})(?:[.,](\d{1,6}))?\s*$/.exec(text);
   const micros = m ? Number(m[1]) * 1e6 + Number((m[2] || '').padEnd(6, '0')) : 0;
-  if (!m || micros <= 0) throw new Error('the threshold must be an amount above 0 with at most 6 decimals, e.g. 5.00');
+  if (!m || micros <= 0) throw new Error('the threshold must be an amount above 0 and below 1,000,000,000, with at most 6 decimals, e.g. 5.00');
   return micros;
 }
 
