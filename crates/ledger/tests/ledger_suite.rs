@@ -1875,6 +1875,8 @@ async fn postgres_over_tls_when_the_url_asks() {
         .expect("show ssl");
     if ssl != "on" {
         eprintln!("SKIPPED: this Postgres serves no TLS (ssl = {ssl})");
+        plain.close().await.expect("close");
+        db.drop_postgres().await;
         return;
     }
     let sep = if db.url.contains('?') { '&' } else { '?' };
@@ -1888,6 +1890,8 @@ async fn postgres_over_tls_when_the_url_asks() {
         .expect("pg_stat_ssl");
     assert!(tls, "the ledger's connection is not encrypted");
     store.close().await;
+    plain.close().await.expect("close");
+    db.drop_postgres().await;
 }
 
 /// A database that is slow (every pooled connection busy, as under a table lock) keeps the
@@ -1964,6 +1968,8 @@ async fn a_slow_database_is_not_an_outage_of_the_ledger() {
         body.contains("syft_ledger_database_gauges_stale 0"),
         "{body}"
     );
+    ledger.stop().await;
+    db.drop_postgres().await;
 }
 
 /// A `statement_timeout` a DBA sets on the database (for the money paths) does not cancel a
