@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use syft_ledger::client::{self, connect_lazy, LedgerClient};
 use syft_ledger::store::Store;
 use syft_proto::ledger as pb;
-use syft_testkit::{free_ports, reason, Db, Harness, ADMIN_KEY, USD};
+use syft_testkit::{free_ports, reason, req, Db, Harness, ADMIN_KEY, USD};
 
 const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 const OWNER: &str = "owner@router.example";
@@ -78,25 +78,11 @@ impl Drop for FakeClockLedger {
     }
 }
 
+/// A hold of one dollar from Alice under `key`, living `ttl_seconds` by the ledger's clock.
 fn hold(key: &str, token: &str, ttl_seconds: i64) -> pb::AuthorizeRequest {
     pb::AuthorizeRequest {
-        sender_email: ALICE.into(),
-        amount_micros: USD,
-        token: token.into(),
-        app_name: "app".into(),
-        app_ep_path: "/chat".into(),
-        idempotency_key: key.into(),
         hold_ttl_seconds: Some(ttl_seconds),
-        ..Default::default()
-    }
-}
-
-fn capture(transfer_id: &str) -> pb::CaptureRequest {
-    pb::CaptureRequest {
-        transfer_id: transfer_id.into(),
-        amount: Some(pb::capture_request::Amount::Full(true)),
-        usage: None,
-        answer: None,
+        ..req::hold(ALICE, USD, token, key)
     }
 }
 
@@ -134,7 +120,10 @@ async fn a_replica_whose_clock_runs_ahead_cancels_no_live_hold() {
         pb::TransferStatus::Pending,
         "a live hold cancelled by a replica ahead: {now:?}"
     );
-    let captured = router.capture(capture(&held.id)).await.expect("captured");
+    let captured = router
+        .capture(req::capture_full(&held.id))
+        .await
+        .expect("captured");
     assert_eq!(captured.into_inner().captured_micros, USD);
     drop(ahead);
     // Verifies, then drops the database (it was left behind).
@@ -175,7 +164,7 @@ async fn a_ledger_behind_its_database_says_a_hold_expired_at_once() {
         .into_inner();
     let started = Instant::now();
     let refused = router
-        .capture(capture(&held.id))
+        .capture(req::capture_full(&held.id))
         .await
         .expect_err("expired by the database's clock");
     assert_eq!(

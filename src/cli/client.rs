@@ -506,7 +506,7 @@ pub async fn transfers(args: TransfersArgs) -> anyhow::Result<()> {
     // A ledger older than the filter ignores it: its answer is not that token's spending.
     if let Some(token) = args.token.as_deref() {
         // Named by the token itself, its transfers name its id: one id, whichever.
-        let filtered = match token.starts_with("syft_tok_") {
+        let filtered = match token.starts_with(syft_ledger::store::TOKEN_PREFIX) {
             true => rows
                 .iter()
                 .all(|t| !t.token_id.is_empty() && t.token_id == rows[0].token_id),

@@ -28,7 +28,7 @@ pub enum Party {
     Sender,
 }
 
-fn not_supported(what: &str) -> LedgerError {
+pub(crate) fn not_supported(what: &str) -> LedgerError {
     LedgerError::refused(
         Reason::NotSupported,
         format!(

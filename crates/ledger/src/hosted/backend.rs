@@ -99,11 +99,7 @@ impl TransferBackend for HostedBackend {
         // The accounting service keeps the tokens: no local transfer names one. Refused, not an
         // empty list, which a support lookup would read as "that token spent nothing".
         if filter.token_id.is_some() {
-            return Err(LedgerError::refused(
-                syft_error::Reason::NotSupported,
-                "which token paid a transfer is known to the hosted accounting service only \
-                 (this ledger runs backend = hosted)",
-            ));
+            return Err(crate::backend::not_supported("which token paid a transfer"));
         }
         self.hosted.list(filter).await
     }

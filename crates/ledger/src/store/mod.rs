@@ -60,7 +60,7 @@ pub use authorize::Placed;
 pub(crate) use rows::{
     TokenLimits, ACCOUNT_COLUMNS, TRANSFER_COLUMNS, TRANSFER_JOINS, USAGE_COLUMNS,
 };
-pub use token::TokenGrant;
+pub use token::{TokenGrant, TOKEN_PREFIX};
 pub use transfer::{CaptureAmount, Resolution, ResolveInput, SweepReport};
 pub(crate) use usage::{insert_usage, late_void_row, UsageLink, UsageWrite};
 pub use verify::VerifyReport;

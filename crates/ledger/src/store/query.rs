@@ -291,7 +291,7 @@ impl Store {
         // By its id, or by the token itself (what `token revoke` takes too, and all a user who
         // lost one may have): its hash names it, as at its issue.
         match f.token_id.as_deref() {
-            Some(t) if t.starts_with("syft_tok_") => w.text(
+            Some(t) if t.starts_with(super::token::TOKEN_PREFIX) => w.text(
                 "t.token_id = (SELECT id FROM tokens WHERE token_hash = ?)",
                 &super::sha256_hex(t),
             ),

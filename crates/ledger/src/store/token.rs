@@ -19,6 +19,9 @@ pub struct TokenGrant<'a> {
     pub limit_per_day: Option<Micros>,
 }
 
+/// How every delegation token begins: what tells a token from its id where either is taken.
+pub const TOKEN_PREFIX: &str = "syft_tok_";
+
 impl Store {
     pub async fn issue_token(&self, grant: &TokenGrant<'_>) -> Result<IssuedToken> {
         let TokenGrant {
@@ -33,7 +36,7 @@ impl Store {
         let mut raw = [0u8; 32];
         rand::thread_rng().fill_bytes(&mut raw);
         let token = format!(
-            "syft_tok_{}",
+            "{TOKEN_PREFIX}{}",
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
         );
         let id = new_id();
