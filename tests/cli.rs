@@ -447,6 +447,73 @@ async fn health_command_and_idempotent_owner_setup() {
     h.finish().await;
 }
 
+/// Support gives a user's money back from the command line: the owner refunds part, then the
+/// rest with `all`; the same command run twice refunds once, and nothing is left to refund after
+/// all. The user sees the refunds.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refund_from_the_command_line_is_made_once() {
+    use syft_proto::ledger as pb;
+    let h = Harness::new(false).await.unwrap();
+    let (owner, alice, token) = h
+        .payer("owner@router.example", "alice@example.com", 10_000_000)
+        .await;
+    let mut router = h.client(&owner);
+    let held = router
+        .authorize(syft_testkit::req::hold(
+            "alice@example.com",
+            1_000_000,
+            &token,
+            "k1",
+        ))
+        .await
+        .expect("hold")
+        .into_inner();
+    router
+        .capture(syft_testkit::req::capture_full(&held.id))
+        .await
+        .expect("capture");
+    let as_owner = account_cli(h.url(), &owner);
+    let part = [
+        "refund",
+        &held.id,
+        "0.25",
+        "--reason",
+        "wrong answer",
+        "--json",
+    ];
+    let first: serde_json::Value = serde_json::from_str(&run(&mut as_owner(&part))).unwrap();
+    assert_eq!(first["refunded_micros"], 250_000, "{first}");
+    let again: serde_json::Value = serde_json::from_str(&run(&mut as_owner(&part))).unwrap();
+    assert_eq!(again["refunded_micros"], 250_000, "refunded twice: {again}");
+    assert_eq!(again["refund"]["id"], first["refund"]["id"]);
+    let rest = run(&mut as_owner(&["refund", &held.id, "all"]));
+    assert_contains(&rest, &["refunded 0.75 USD", "1 refunded in all"]);
+    let none = fails(&mut as_owner(&["refund", &held.id, "all"]));
+    assert_contains(&none, &["nothing left to refund"]);
+    let zero = fails(&mut as_owner(&["refund", &held.id, "0"]));
+    assert_contains(&zero, &["must be above 0"]);
+    let seen = run(&mut account_cli(h.url(), &alice)(&["refunds", &held.id]));
+    assert_contains(
+        &seen,
+        &[
+            "0.25",
+            "wrong answer",
+            "0.75",
+            "total: 2 refunds, 1 refunded",
+        ],
+    );
+    let alice_now = h
+        .client(&alice)
+        .get_account(pb::GetAccountRequest {
+            email: "alice@example.com".into(),
+        })
+        .await
+        .expect("alice")
+        .into_inner();
+    assert_eq!(alice_now.balance_micros, 10_000_000);
+    h.finish().await;
+}
+
 /// Runs a command that must fail and returns its stderr, which must be one line.
 fn fails(cmd: &mut Command) -> String {
     let out = cmd.output().expect("run syft-router");

@@ -2,17 +2,18 @@
 //! wall clocks differ from their shared Postgres', run under libfaketime (Debian's `faketime`,
 //! which `.ci/run` installs; without it, or without Postgres, each test prints SKIPPED). The money
 //! rules: a replica whose clock runs ahead never cancels another's live hold (its stream would be
-//! given away uncharged), and a capture the database's clock refuses is answered `HOLD_EXPIRED`
-//! at once (not "busy, retry" for the hold's whole life). Every scenario ends with `verify`.
+//! given away uncharged); a ledger stamps and judges holds by its database's clock, whatever its
+//! own reads; a router counts a hold's life from the time left its ledger says, so its own clock
+//! cuts no stream short. Every scenario ends with `verify`.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use syft_ledger::client::{self, connect_lazy, LedgerClient};
 use syft_ledger::store::Store;
 use syft_proto::ledger as pb;
-use syft_testkit::{free_ports, reason, req, Db, Harness, ADMIN_KEY, USD};
+use syft_testkit::{free_ports, req, Db, Harness, ADMIN_KEY, USD};
 
 const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 const OWNER: &str = "owner@router.example";
@@ -78,6 +79,17 @@ impl Drop for FakeClockLedger {
     }
 }
 
+/// A ledger on Postgres (none, saying why, without libfaketime or Postgres) where Alice pays the
+/// owner with a token: the harness, the owner's secret and the token.
+async fn paying_alice() -> Option<(Harness, String, String)> {
+    if !have_faketime() {
+        return None;
+    }
+    let h = Harness::new(true).await?;
+    let (owner, _alice, token) = h.payer(OWNER, ALICE, 10 * USD).await;
+    Some((h, owner, token))
+}
+
 /// A hold of one dollar from Alice under `key`, living `ttl_seconds` by the ledger's clock.
 fn hold(key: &str, token: &str, ttl_seconds: i64) -> pb::AuthorizeRequest {
     pb::AuthorizeRequest {
@@ -90,15 +102,9 @@ fn hold(key: &str, token: &str, ttl_seconds: i64) -> pb::AuthorizeRequest {
 /// start and every second: it cancelled the other replica's live hold at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_whose_clock_runs_ahead_cancels_no_live_hold() {
-    if !have_faketime() {
-        return;
-    }
-    let Some(h) = Harness::new(true).await else {
+    let Some((h, owner, token)) = paying_alice().await else {
         return;
     };
-    let owner = h.account(OWNER, 0).await;
-    let alice = h.account(ALICE, 10 * USD).await;
-    let token = h.token(&alice, OWNER).await;
     let mut router = h.client(&owner);
     let held = router
         .authorize(hold("live-1", &token, 120))
@@ -130,11 +136,21 @@ async fn a_replica_whose_clock_runs_ahead_cancels_no_live_hold() {
     h.finish().await;
 }
 
-/// A ledger 10 minutes behind its database places a 60-s hold that the database's clock calls
-/// expired: its capture is refused `HOLD_EXPIRED` at once. It answered "transfer is busy, retry"
-/// (UNAVAILABLE), which a router asks again until the hold's end by the ledger's own clock.
+/// Micros since the Unix epoch by this test's clock, which is the database's (one host).
+fn real_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// A ledger 10 minutes behind its database stamped a 60-s hold by its own clock while the
+/// capture's guard also read the database's: the hold was expired when placed, and every paid
+/// request failed (and before that, was answered "busy, retry" for the hold's whole life). The
+/// ledger now stamps and judges by its database's clock: the hold lives its minute and is
+/// captured, and the answer says its time left by that clock.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_ledger_behind_its_database_says_a_hold_expired_at_once() {
+async fn a_ledger_behind_its_database_stamps_holds_by_the_databases_clock() {
     if !have_faketime() {
         return;
     }
@@ -162,27 +178,100 @@ async fn a_ledger_behind_its_database_says_a_hold_expired_at_once() {
         .await
         .expect("hold")
         .into_inner();
-    let started = Instant::now();
-    let refused = router
+    let skew = (held.created_at_unix_micros - real_now()).abs();
+    assert!(
+        skew < 5_000_000,
+        "stamped {skew} micros off the database's clock"
+    );
+    let left = held
+        .expires_in_micros
+        .expect("a pending hold says its time left");
+    assert!((50_000_000..=60_000_000).contains(&left), "{left}");
+    let captured = router
         .capture(req::capture_full(&held.id))
         .await
-        .expect_err("expired by the database's clock");
-    assert_eq!(
-        (refused.code(), reason(&refused).as_deref()),
-        (tonic::Code::FailedPrecondition, Some("HOLD_EXPIRED")),
-        "{refused:?}"
-    );
-    assert!(started.elapsed() < Duration::from_secs(5));
-    // Nothing was charged; the hold is released.
-    router
-        .void(pb::VoidRequest {
-            transfer_id: held.id,
-            reason: "expired".into(),
-            usage: None,
-        })
-        .await
-        .expect("void");
+        .expect("a live hold is captured");
+    assert_eq!(captured.into_inner().captured_micros, USD);
     drop(behind);
     syft_testkit::assert_consistent(&store).await;
     db.drop_postgres().await;
+}
+
+/// A router whose clock runs 10 minutes ahead of its ledger's read every hold's expiry as past:
+/// each stream ended at once. It now counts the hold's life from the time left the ledger says,
+/// on its own monotonic clock: the stream is delivered whole and charged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_whose_clock_runs_ahead_delivers_and_charges_a_stream() {
+    let Some((h, owner, token)) = paying_alice().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("router.json");
+    let price =
+        serde_json::json!({"pricing_type": "per_request", "amount": 0.01, "currency": "USD"});
+    let config_json = serde_json::json!({
+        "name": "ahead",
+        "owner_email": OWNER,
+        "services": [{"type": "chat", "enabled": true, "pricing": price}],
+        "ledger": {"hold_ttl_seconds": 30},
+    });
+    std::fs::write(&config, config_json.to_string()).expect("config");
+    let [grpc, http] = free_ports();
+    let mut router = Command::new(env!("CARGO_BIN_EXE_syft-router"))
+        .arg("router")
+        .env("SYFT_ROUTER_GRPC_ADDR", format!("127.0.0.1:{grpc}"))
+        .env("SYFT_ROUTER_HTTP_ADDR", format!("127.0.0.1:{http}"))
+        .env("SYFT_LEDGER_URL", h.url())
+        .env("SYFT_ROUTER_LEDGER_SECRET", &owner)
+        .env("SYFT_ROUTER_CONFIG", &config)
+        .env("LD_PRELOAD", LIBFAKETIME)
+        .env("FAKETIME", "+600")
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start a router");
+    let base = format!("http://127.0.0.1:{http}");
+    let http_client = reqwest::Client::new();
+    let mut ready = false;
+    for _ in 0..200 {
+        let answer = http_client.get(format!("{base}/readyz")).send().await;
+        if answer.is_ok_and(|r| r.status().is_success()) {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ready, "the router under a fake clock never got ready");
+    let body = serde_json::json!({
+        "model": "echo",
+        "stream": true,
+        "user": ALICE,
+        "messages": [{"role": "user", "content": "count the seconds for me"}],
+    });
+    let streamed = http_client
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(&token)
+        .header("Idempotency-Key", "ahead-1")
+        .json(&body)
+        .send()
+        .await
+        .expect("stream");
+    assert_eq!(streamed.status(), 200);
+    let text = streamed.text().await.expect("the stream's body");
+    let _ = router.kill();
+    let _ = router.wait();
+    assert!(
+        text.trim_end().ends_with("data: [DONE]"),
+        "cut short:\n{text}"
+    );
+    assert!(!text.contains("\"error\""), "ended with an error:\n{text}");
+    let alice_now = h.balance(ALICE).await;
+    assert_eq!(
+        (alice_now.balance_micros, alice_now.held_micros),
+        (10 * USD - 10_000, 0),
+        "charged once, nothing left held"
+    );
+    h.finish().await;
 }

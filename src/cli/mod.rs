@@ -10,6 +10,7 @@ pub(crate) mod index;
 mod ledger;
 mod limits;
 mod paging;
+mod refund;
 mod router;
 mod serve;
 mod stats;
@@ -55,6 +56,10 @@ pub enum Command {
     Token(client::TokenArgs),
     /// List transfers, newest first.
     Transfers(client::TransfersArgs),
+    /// Give back part or all of what a transfer captured (its recipient, or the admin).
+    Refund(refund::RefundArgs),
+    /// A transfer's refunds.
+    Refunds(refund::RefundsArgs),
     /// Usage rows (one per request), newest first, and totals.
     Usage(client::UsageArgs),
     /// Build the embedded search index of a folder of documents.
@@ -102,6 +107,8 @@ pub fn prints_and_exits(command: &Command) -> bool {
             | Command::Account(_)
             | Command::Token(_)
             | Command::Transfers(_)
+            | Command::Refund(_)
+            | Command::Refunds(_)
             | Command::Usage(_)
             | Command::Index(_)
             | Command::Stats(_)
@@ -121,6 +128,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Account(args) => client::account(args).await,
         Command::Token(args) => client::token(args).await,
         Command::Transfers(args) => client::transfers(args).await,
+        Command::Refund(args) => refund::refund(args).await,
+        Command::Refunds(args) => refund::refunds(args).await,
         Command::Usage(args) => client::usage(args).await,
         Command::Index(args) => index::run(args).await,
         Command::Stats(args) => stats::run(args).await,

@@ -15,8 +15,8 @@ use crate::domain::Micros;
 use crate::error::{LedgerError, Result};
 use crate::store::{
     now_micros, AccountRow, AnswerWrite, AuthorizeInput, CaptureAmount, DirectInput, IssuedToken,
-    Placed, Resolution, ResolveInput, Store, TokenFilter, TokenGrant, TokenRow, TransferFilter,
-    TransferRow, UsageInput,
+    Placed, RefundInput, RefundRow, Refunded, Resolution, ResolveInput, Store, TokenFilter,
+    TokenGrant, TokenRow, TransferFilter, TransferRow, UsageInput,
 };
 
 /// Who resolves a transfer.
@@ -86,6 +86,12 @@ pub trait TransferBackend: Send + Sync + 'static {
     /// An account's balances as this backend knows them.
     async fn account(&self, email: &str) -> Result<AccountRow>;
 
+    /// The clock this backend stamps and judges its holds by, in micros since the Unix epoch
+    /// (the hosted journal's: this process's).
+    fn now(&self) -> i64 {
+        now_micros()
+    }
+
     async fn create_account(&self, _new: &NewAccountRow<'_>) -> Result<AccountRow> {
         Err(not_supported("account creation"))
     }
@@ -136,6 +142,16 @@ pub trait TransferBackend: Send + Sync + 'static {
     /// neither revoked nor expired.
     async fn check_token(&self, _recipient_id: i64, _token: &str) -> Result<(String, String)> {
         Err(not_supported("checking tokens"))
+    }
+
+    /// Gives back up to what a completed transfer captured, from its recipient to its sender.
+    async fn refund(&self, _input: &RefundInput<'_>) -> Result<Refunded> {
+        Err(not_supported("refunds"))
+    }
+
+    /// A transfer's refunds, oldest first.
+    async fn refunds_of(&self, _transfer_id: &str) -> Result<Vec<RefundRow>> {
+        Err(not_supported("refunds"))
     }
 
     /// A hold the sender places for the recipient itself, without a token (REST API).
@@ -191,6 +207,10 @@ impl LocalBackend {
 
 #[tonic::async_trait]
 impl TransferBackend for LocalBackend {
+    fn now(&self) -> i64 {
+        self.store.now()
+    }
+
     async fn authorize(&self, input: &AuthorizeInput<'_>) -> Result<Placed> {
         self.store.authorize_keyed(input).await
     }
@@ -300,6 +320,14 @@ impl TransferBackend for LocalBackend {
         self.store.revoke_token(by, token).await
     }
 
+    async fn refund(&self, input: &RefundInput<'_>) -> Result<Refunded> {
+        self.store.refund(input).await
+    }
+
+    async fn refunds_of(&self, transfer_id: &str) -> Result<Vec<RefundRow>> {
+        self.store.refunds_of(transfer_id).await
+    }
+
     async fn check_token(&self, recipient_id: i64, token: &str) -> Result<(String, String)> {
         // Another recipient's token is answered as an unknown one: nothing is learnt of it.
         let info = (self.store.token_info(token).await?)
@@ -307,7 +335,7 @@ impl TransferBackend for LocalBackend {
             .ok_or_else(|| LedgerError::refused(Reason::TokenInvalid, "unknown token"))?;
         // Revoked or expired, read fresh (the cached facts never change); an amount of 0 is
         // never over the token's limit.
-        let now = now_micros();
+        let now = self.store.now();
         if let Some(refusal) = (self.store)
             .token_rejection(&info.id, Micros::ZERO, now)
             .await?

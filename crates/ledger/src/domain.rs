@@ -121,6 +121,15 @@ text_enum! {
     }
 }
 
+text_enum! {
+    /// Who made a refund (`refunds.refunded_by`).
+    pub enum Refunder {
+        /// The transfer's recipient, giving back money it received.
+        Recipient = "RECIPIENT",
+        Admin = "ADMIN",
+    }
+}
+
 impl From<TransferStatus> for pb::TransferStatus {
     fn from(s: TransferStatus) -> Self {
         match s {

@@ -8,13 +8,14 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::Caller;
 use crate::core::{
-    AnswerInput, HoldRequest, Ledger, NewAccount, NewToken, PageRequest, Role, TokenQuery,
-    TransferQuery, UsageDimsQuery, UsageQuery,
+    AnswerInput, HoldRequest, Ledger, NewAccount, NewToken, PageRequest, RefundRequest, Role,
+    TokenQuery, TransferQuery, UsageDimsQuery, UsageQuery,
 };
-use crate::domain::{Micros, TransferStatus};
+use crate::domain::{Micros, Refunder, TransferStatus};
 use crate::error::{LedgerError, Result};
 use crate::store::{
-    AccountRow, CaptureAmount, HoldBudgets, TimeRange, TokenRow, TransferRow, UsageInput, UsageRow,
+    AccountRow, CaptureAmount, HoldBudgets, RefundRow, TimeRange, TokenRow, TransferRow,
+    UsageInput, UsageRow,
 };
 
 #[derive(Clone)]
@@ -131,7 +132,7 @@ grpc_methods! {
 
         fn authorize(pb::AuthorizeRequest) -> pb::Transfer {
             let placed = core.authorize_keyed(&caller, &HoldRequest::from(req)).await?;
-            let mut reply = transfer_pb(&placed.row);
+            let mut reply = transfer_pb(&placed.row, core.expires_in(&placed.row));
             reply.existing = placed.existing;
             reply.attempt_id = placed.attempt_id;
             Ok(reply)
@@ -155,7 +156,7 @@ grpc_methods! {
             let transfer = core
                 .capture(&caller, &req.transfer_id, amount, usage, answer)
                 .await?;
-            Ok(transfer_pb(&transfer))
+            Ok(transfer_pb(&transfer, core.expires_in(&transfer)))
         }
 
         fn void(pb::VoidRequest) -> pb::Transfer {
@@ -163,20 +164,43 @@ grpc_methods! {
             let transfer = core
                 .void(&caller, &req.transfer_id, &req.reason, usage)
                 .await?;
-            Ok(transfer_pb(&transfer))
+            Ok(transfer_pb(&transfer, core.expires_in(&transfer)))
         }
 
         fn get_transfer(pb::GetTransferRequest) -> pb::Transfer {
-            Ok(transfer_pb(
-                &core.transfer(&caller, &req.transfer_id).await?,
-            ))
+            let transfer = core.transfer(&caller, &req.transfer_id).await?;
+            Ok(transfer_pb(&transfer, core.expires_in(&transfer)))
+        }
+
+        fn refund(pb::RefundRequest) -> pb::RefundResponse {
+            let done = core
+                .refund(&caller, &RefundRequest {
+                    transfer_id: req.transfer_id,
+                    amount: req.amount_micros,
+                    reason: req.reason,
+                    idempotency_key: req.idempotency_key,
+                })
+                .await?;
+            Ok(pb::RefundResponse {
+                refund: Some(refund_pb(&done.refund)),
+                transfer: Some(transfer_pb(&done.transfer, None)),
+                refunded_micros: done.refunded.get(),
+            })
+        }
+
+        fn list_refunds(pb::ListRefundsRequest) -> pb::ListRefundsResponse {
+            let refunds = core.refunds(&caller, &req.transfer_id).await?;
+            Ok(pb::ListRefundsResponse {
+                refunded_micros: refunds.iter().map(|r| r.amount.get()).sum(),
+                refunds: refunds.iter().map(refund_pb).collect(),
+            })
         }
 
         fn extend_hold(pb::ExtendHoldRequest) -> pb::Transfer {
             let transfer = core
                 .extend_hold(&caller, &req.transfer_id, req.ttl_seconds)
                 .await?;
-            Ok(transfer_pb(&transfer))
+            Ok(transfer_pb(&transfer, core.expires_in(&transfer)))
         }
 
         fn get_answer(pb::GetAnswerRequest) -> pb::StoredAnswer {
@@ -190,7 +214,7 @@ grpc_methods! {
 
         fn list_transfers(pb::ListTransfersRequest) -> pb::ListTransfersResponse {
             let page = core.list_transfers(&caller, &TransferQuery::try_from(req)?).await?;
-            let (transfers, next_page_token) = page.convert(transfer_pb);
+            let (transfers, next_page_token) = page.convert(|t| transfer_pb(t, core.expires_in(t)));
             Ok(pb::ListTransfersResponse { transfers, next_page_token })
         }
 
@@ -426,7 +450,20 @@ pub fn account_pb(a: &AccountRow) -> pb::Account {
     }
 }
 
-pub fn transfer_pb(t: &TransferRow) -> pb::Transfer {
+fn refund_pb(r: &RefundRow) -> pb::Refund {
+    pb::Refund {
+        id: r.id.clone(),
+        transfer_id: r.transfer_id.clone(),
+        amount_micros: r.amount.get(),
+        reason: r.reason.clone(),
+        by_admin: r.refunded_by == Refunder::Admin,
+        idempotency_key: r.idempotency_key.clone(),
+        created_at_unix_micros: r.created_at,
+    }
+}
+
+/// `expires_in`: [`Ledger::expires_in`](crate::core::Ledger::expires_in) when the answer was made.
+pub fn transfer_pb(t: &TransferRow, expires_in: Option<i64>) -> pb::Transfer {
     pb::Transfer {
         id: t.id.clone(),
         sender_email: t.sender_email.clone(),
@@ -450,6 +487,7 @@ pub fn transfer_pb(t: &TransferRow) -> pb::Transfer {
         existing: false,
         attempt_id: String::new(),
         token_id: t.token_id.clone().unwrap_or_default(),
+        expires_in_micros: expires_in,
     }
 }
 

@@ -66,6 +66,14 @@ async fn extended_holds_outlive_their_first_expiry(h: Harness) -> Harness {
         e.expires_at_unix_micros,
         t2.created_at_unix_micros + max * 1_000_000
     );
+    // Its answer says the time left by the ledger's clock: the cap, less what has passed.
+    let left = e
+        .expires_in_micros
+        .expect("an extended hold says its time left");
+    assert!(
+        (max - 60) * 1_000_000 < left && left <= max * 1_000_000,
+        "{left}"
+    );
     ok(router.void(req::void(&t2.id)).await);
     h
 }

@@ -861,6 +861,15 @@ async fn verify_checks_the_hosted_journal() {
     let p = Pair::sqlite(10 * USD).await;
     let t = p.authorize(2 * USD, "k1").await.expect("authorize");
     p.captured(&t.id, USD, "r1").await;
+    // A refund needs a local ledger: the accounting service keeps the money (docs/hosted.md).
+    let refund = pb::RefundRequest {
+        transfer_id: t.id.clone(),
+        amount_micros: 1,
+        reason: String::new(),
+        idempotency_key: "f1".into(),
+    };
+    let err = syft_testkit::refused(p.router().refund(refund).await, Code::FailedPrecondition);
+    assert_eq!(syft_testkit::reason(&err).as_deref(), Some("NOT_SUPPORTED"));
     let held = p.authorize(USD, "k2").await.expect("authorize");
     let report = p.a.store.verify().await.expect("verify");
     assert_eq!((report.hosted_transfers, report.hosted_pending), (2, 1));

@@ -354,10 +354,17 @@ async fn authorize_idempotency(h: Harness) -> Harness {
     let replay = granted(&mut router, USD, &token, "same").await;
     // The replay is the same transfer, marked as found rather than placed by this call.
     assert!(!t.existing && replay.existing, "{t:?} / {replay:?}");
+    // Its time left is read when each answer is made: no more than the first said.
+    let (first_left, left) = (t.expires_in_micros, replay.expires_in_micros);
+    assert!(
+        left.is_some() && left <= first_left,
+        "{first_left:?} / {left:?}"
+    );
     assert_eq!(
         t,
         pb::Transfer {
             existing: false,
+            expires_in_micros: first_left,
             ..replay
         }
     );
@@ -1481,9 +1488,11 @@ async fn idempotency_keys_are_per_sender(h: Harness) -> Harness {
             .authorize(hold(&first.sender_email, USD, "req-1"))
             .await);
         assert!(replay.existing);
+        assert!(replay.expires_in_micros <= first.expires_in_micros);
         assert_eq!(
             pb::Transfer {
                 existing: false,
+                expires_in_micros: first.expires_in_micros,
                 ..replay
             },
             *first

@@ -24,7 +24,7 @@ use super::payload::{amount, Fired};
 use super::rules::{EventKind, Format, Rule, SpendSide};
 use super::store::{self as db, EndpointRecord};
 use crate::error::Result;
-use crate::store::{now_micros, windowed_use, AccountRow, Store, ACCOUNT_COLUMNS};
+use crate::store::{windowed_use, AccountRow, Store, ACCOUNT_COLUMNS};
 
 const MINUTE: i64 = 60_000_000;
 const DAY: i64 = 86_400_000_000;
@@ -47,7 +47,10 @@ pub async fn run(store: Arc<Store>, every: Duration) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if let Err(e) = evaluate_all(&store, now_micros()).await {
+        // The store's clock (its database's, on Postgres): a budget rule's reading settles budget
+        // days, and by a host clock an hour ahead it settled a day with a live hold in it as
+        // counting nothing, letting a month's budget be exceeded (a reviewer, 2026-12-07).
+        if let Err(e) = evaluate_all(&store, store.now()).await {
             tracing::warn!(error = %e, "alert evaluation failed");
         }
     }

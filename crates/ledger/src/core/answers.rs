@@ -3,7 +3,7 @@
 use crate::auth::Caller;
 use crate::domain::TransferStatus;
 use crate::error::{LedgerError, Result};
-use crate::store::{now_micros, AnswerRow, AnswerWrite};
+use crate::store::{AnswerRow, AnswerWrite};
 use crate::validate::{self, MAX_KEY};
 
 use super::{AnswerInput, Ledger, MAX_ANSWER_BYTES, MAX_ANSWER_RETENTION_SECONDS};
@@ -14,7 +14,7 @@ impl Ledger {
     /// it could not replay. The backend stores it with the capture (the local one in the
     /// capture's transaction); it becomes visible (through [`Ledger::answer`]) only once the
     /// transfer is COMPLETED.
-    pub(super) fn answer_write(answer: AnswerInput) -> Result<AnswerWrite> {
+    pub(super) fn answer_write(&self, answer: AnswerInput) -> Result<AnswerWrite> {
         if answer.body.len() > MAX_ANSWER_BYTES {
             return Err(LedgerError::invalid(format!(
                 "answer of {} bytes is above the ledger's limit of {MAX_ANSWER_BYTES}",
@@ -27,8 +27,10 @@ impl Ledger {
                 answer.retention_seconds
             )));
         }
-        let expires_at =
-            now_micros().saturating_add(answer.retention_seconds.saturating_mul(1_000_000));
+        let expires_at = self
+            .store()
+            .now()
+            .saturating_add(answer.retention_seconds.saturating_mul(1_000_000));
         Ok(AnswerWrite {
             body: answer.body,
             expires_at,

@@ -2,7 +2,7 @@
 
 use crate::auth::Caller;
 use crate::error::{LedgerError, Result};
-use crate::store::{now_micros, AccountRow, Parties, TokenFilter, TokenRow};
+use crate::store::{AccountRow, Parties, TokenFilter, TokenRow};
 use crate::validate;
 
 use super::{keyset_page, page_size, Ledger, Page, PageRequest, Role};
@@ -64,7 +64,7 @@ impl Ledger {
                 .listed_parties(caller, &q.account_email, q.role, "tokens")
                 .await?,
             include_inactive: q.include_inactive,
-            now: now_micros(),
+            now: self.backend.now(),
             page,
         };
         let (rows, has_more) = self.backend.list_tokens(&filter).await?;

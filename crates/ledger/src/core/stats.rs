@@ -4,8 +4,7 @@ use crate::auth::Caller;
 use crate::error::{LedgerError, Result};
 use crate::store::rollup::{DAY, HOUR, MINUTE};
 use crate::store::{
-    budget_use, now_micros, BudgetUse, Dimension, StatsFilter, StatsGroup, StatsScope, TimeRange,
-    Top, TopBy,
+    budget_use, BudgetUse, Dimension, StatsFilter, StatsGroup, StatsScope, TimeRange, Top, TopBy,
 };
 use crate::validate;
 
@@ -152,14 +151,14 @@ impl Ledger {
             return Err(LedgerError::NotFound(format!("account {sender} not found")));
         };
         let pool = self.store().pool();
-        Ok(budget_use(pool, sender_id, recipient.id, now_micros()).await?)
+        Ok(budget_use(pool, sender_id, recipient.id, self.store().now()).await?)
     }
 
     /// Grouped usage measures. An owner reads the rows of the apps it is paid for, a user the rows
     /// of the requests it sent, the admin every row.
     pub async fn usage_stats(&self, caller: &Caller, q: &StatsQuery) -> Result<Stats> {
         check_group_by(&q.group_by)?;
-        let (since, until) = range(q, now_micros())?;
+        let (since, until) = range(q, self.store().now())?;
         let (scope, currency) = match caller {
             Caller::Admin => (StatsScope::All, self.config().currency.clone()),
             Caller::Account(a) => (

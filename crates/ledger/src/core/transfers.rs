@@ -30,6 +30,12 @@ fn budgets(b: HoldBudgets) -> Result<HoldBudgets> {
 }
 
 impl Ledger {
+    /// A pending hold's time left, by the clock its backend stamps and judges holds with.
+    pub fn expires_in(&self, t: &TransferRow) -> Option<i64> {
+        (t.status == TransferStatus::Pending)
+            .then(|| t.expires_at.saturating_sub(self.backend.now()))
+    }
+
     /// Places a hold on the sender's funds for the caller (the recipient), with a delegation
     /// token. Counted in the metrics once, not on replays.
     pub async fn authorize(&self, caller: &Caller, req: &HoldRequest) -> Result<TransferRow> {
@@ -101,7 +107,7 @@ impl Ledger {
             )?),
         };
         let usage = usage.map(validate_usage).transpose()?;
-        let answer = answer.map(Self::answer_write).transpose()?;
+        let answer = answer.map(|a| self.answer_write(a)).transpose()?;
         let capture = CaptureInput {
             recipient_id: recipient.id,
             transfer_id,

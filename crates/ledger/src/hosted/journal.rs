@@ -379,7 +379,7 @@ impl Journal {
             e.amount,
         );
         let usage = usage.of_transfer(&e.sender_email, &e.app_name);
-        crate::store::late_void_row(self.pool(), row, &usage).await
+        crate::store::late_void_row(self.pool(), row, &usage, now_micros()).await
     }
 
     /// Records the final state and the usage row in one local transaction.

@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{
-    insert_bounded, new_id, now_micros, read_lock, retry_transient, write_lock, AccountRow,
-    Identity, Store, ACCOUNT_COLUMNS, SECRET_CACHE_TTL,
+    insert_bounded, new_id, read_lock, retry_transient, write_lock, AccountRow, Identity, Store,
+    ACCOUNT_COLUMNS, SECRET_CACHE_TTL,
 };
 use crate::error::{is_unique_violation, LedgerError, Result};
 use syft_error::Reason;
@@ -18,7 +18,7 @@ impl Store {
         currency: &str,
         secret_hash: &str,
     ) -> Result<AccountRow> {
-        let now = now_micros();
+        let now = self.now();
         let result = sqlx::query(
             "INSERT INTO accounts (email, organization, currency, secret_hash, created_at) \
              VALUES ($1, $2, $3, $4, $5)",
@@ -207,7 +207,7 @@ impl Store {
         let deposit_id = new_id();
         let outcome = retry_transient(|| async {
             let mut tx = self.pool.begin().await?;
-            let now = now_micros();
+            let now = self.now();
             let inserted = sqlx::query(
                 "INSERT INTO deposits (id, account_id, amount, idempotency_key, created_at) \
                  VALUES ($1, $2, $3, $4, $5) ON CONFLICT (idempotency_key) DO NOTHING",

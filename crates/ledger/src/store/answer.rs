@@ -6,7 +6,7 @@
 //! answer is replayable exactly when it was paid for; a row whose capture failed is never served
 //! and is deleted at its expiry.
 
-use super::{now_micros, retry_transient, Store};
+use super::{retry_transient, Store};
 use crate::error::Result;
 
 /// An answer as stored.
@@ -46,7 +46,7 @@ impl Store {
             .bind(transfer_id)
             .bind(recipient_id)
             .bind(body.to_vec())
-            .bind(now_micros())
+            .bind(self.now())
             .bind(expires_at)
             .execute(self.pool())
             .await
@@ -64,7 +64,7 @@ impl Store {
         )
         .bind(transfer_id)
         .bind(recipient_id)
-        .bind(now_micros())
+        .bind(self.now())
         .fetch_optional(self.pool())
         .await?)
     }
@@ -73,7 +73,7 @@ impl Store {
     pub async fn purge_answers(&self, limit: i64) -> Result<u64> {
         // From where the last purge left nothing behind, as the expiry sweep does (`floor.rs`).
         let start = self.answer_floor.start();
-        let now = now_micros();
+        let now = self.now();
         let done = sqlx::query(
             "DELETE FROM answers WHERE transfer_id IN \
              (SELECT transfer_id FROM answers WHERE expires_at <= $1 AND expires_at >= $3 LIMIT $2)",

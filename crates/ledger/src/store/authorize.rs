@@ -8,8 +8,8 @@ use syft_error::Reason;
 use super::batch::{AuthJob, AuthResult};
 use super::budget::{BudgetRefusal, HoldBudgets};
 use super::{
-    new_id, now_micros, retry_transient, sha256_hex, Micros, Store, TokenInfo, TransferRow,
-    TRANSFER_COLUMNS, TRANSFER_JOINS,
+    new_id, retry_transient, sha256_hex, Micros, Store, TokenInfo, TransferRow, TRANSFER_COLUMNS,
+    TRANSFER_JOINS,
 };
 use crate::error::{is_unique_violation, LedgerError, Result};
 
@@ -166,7 +166,7 @@ impl Store {
         // Replays are found without a read on the hot path: a reused key makes the insert
         // conflict, and a recorded failure makes the token step refuse (see `try_authorize`).
 
-        let now = now_micros();
+        let now = self.now();
         let outcome =
             retry_transient(|| self.try_authorize(input, &token, &request_hash, now)).await?;
         match outcome {
@@ -314,7 +314,7 @@ impl Store {
         .bind(request_hash)
         .bind(err.kind())
         .bind(err.to_string())
-        .bind(now_micros())
+        .bind(self.now())
         .bind(input.sender_email)
         .execute(self.pool())
         .await?;
@@ -393,7 +393,7 @@ impl Store {
             return replayed;
         }
         let id = new_id();
-        let now = now_micros();
+        let now = self.now();
         let placed = retry_transient(|| async {
             let mut tx = self.pool().begin().await?;
             let currency: Option<String> = sqlx::query_scalar(

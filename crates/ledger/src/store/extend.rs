@@ -1,8 +1,6 @@
 //! Extending a pending hold's life (a router keeping the hold of a long stream alive).
 
-use super::{
-    now_micros, retry_transient, Actor, Backend, Store, TransferRow, TransferStatus, UNRESOLVED,
-};
+use super::{retry_transient, Actor, Backend, Store, TransferRow, TransferStatus, UNRESOLVED};
 use crate::error::{LedgerError, Result};
 use syft_error::Reason;
 
@@ -19,7 +17,7 @@ impl Store {
         ttl_micros: i64,
         max_life_micros: i64,
     ) -> Result<TransferRow> {
-        let now = now_micros();
+        let now = self.now();
         let wanted = now.saturating_add(ttl_micros);
         // Judged by the database's clock once the row is locked (`Backend::clock_micros_sql`).
         // Postgres evaluates an UPDATE's conditions before it waits for the row, and does not

@@ -14,11 +14,13 @@ mod batch;
 mod budget;
 mod budget_batch;
 mod budget_days;
+mod clock;
 pub(crate) mod db_error;
 mod extend;
 mod floor;
 pub mod hll;
 mod query;
+mod refund;
 mod resolve_batch;
 pub mod rollup;
 mod rollup_fold;
@@ -54,6 +56,7 @@ pub use query::{
     Keyset, Parties, TimeRange, TokenFilter, TokenRow, TransferFilter, UsageDims, UsageFilter,
     UsagePage, UsageTotals,
 };
+pub use refund::{RefundInput, RefundRow, Refunded};
 pub use rows::{AccountRow, Identity, IssuedToken, TokenInfo, TransferRow, UsageInput, UsageRow};
 // An Authorize's transfer and whether it was placed by an earlier call (issue 15).
 pub use authorize::Placed;
@@ -368,6 +371,8 @@ pub struct Store {
     answer_floor: floor::ScanFloor,
     /// Turns for analytics answers (`analytics.rs`): a quarter of the pool's connections.
     analytics: tokio::sync::Semaphore,
+    /// What "now" is for every decision the store makes (`clock.rs`).
+    clock: clock::Clock,
 }
 
 /// Runs `op` again when the database reports a serialization failure or deadlock; those are never
@@ -473,6 +478,12 @@ impl Store {
         let pool = open_pool(pool_options, database_url)
             .await
             .map_err(unreachable)?;
+        let clock = match backend {
+            Backend::Postgres => clock::Clock::database(pool.clone())
+                .await
+                .map_err(unreachable)?,
+            Backend::Sqlite => clock::Clock::system(),
+        };
         let serving = batch_workers.is_some();
         if serving {
             migrate(&pool, backend).await?;
@@ -524,6 +535,7 @@ impl Store {
             tokens: RwLock::default(),
             secrets: RwLock::default(),
             emails: RwLock::default(),
+            clock,
             sweep_floor: floor::ScanFloor::default(),
             answer_floor: floor::ScanFloor::default(),
             analytics: tokio::sync::Semaphore::new(match backend {
@@ -543,6 +555,12 @@ impl Store {
 
     pub fn pool(&self) -> &AnyPool {
         &self.pool
+    }
+
+    /// The ledger's clock in micros since the Unix epoch: on Postgres the database's, which every
+    /// replica shares; on SQLite this process's (`clock.rs`).
+    pub fn now(&self) -> i64 {
+        self.clock.now()
     }
 
     pub async fn ping(&self) -> Result<()> {

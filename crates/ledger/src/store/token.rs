@@ -4,8 +4,8 @@ use std::sync::Arc;
 use syft_error::Reason;
 
 use super::{
-    insert_bounded, new_id, now_micros, read_lock, sha256_hex, AccountRow, Identity, IssuedToken,
-    Micros, Store, TokenInfo, TokenLimits,
+    insert_bounded, new_id, read_lock, sha256_hex, AccountRow, Identity, IssuedToken, Micros,
+    Store, TokenInfo, TokenLimits,
 };
 use crate::error::{LedgerError, Result};
 
@@ -50,7 +50,7 @@ impl Store {
         .bind(recipient.id)
         .bind(expires_at)
         .bind(spend_limit)
-        .bind(now_micros())
+        .bind(self.now())
         .bind(limit_per_day)
         .execute(&self.pool)
         .await?;
@@ -89,7 +89,7 @@ impl Store {
     /// is answered as an unknown one.
     pub async fn revoke_token(&self, by: Option<i64>, token_or_id: &str) -> Result<(String, i64)> {
         let hash = sha256_hex(token_or_id);
-        let now = now_micros();
+        let now = self.now();
         let party = match by {
             Some(_) => "AND (sender_id = $4 OR recipient_id = $4)",
             None => "AND $4 IS NULL",

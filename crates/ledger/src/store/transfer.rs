@@ -13,8 +13,8 @@ use super::batch::{ResolveJob, TimeGuard};
 use super::usage::{insert_usage, UsageLink, UsageWrite};
 use super::AnswerWrite;
 use super::{
-    new_id, now_micros, retry_transient, Actor, Backend, Micros, Store, TransferRow,
-    TransferStatus, UsageInput, TRANSFER_COLUMNS, TRANSFER_JOINS, UNRESOLVED,
+    new_id, retry_transient, Actor, Backend, Micros, Store, TransferRow, TransferStatus,
+    UsageInput, TRANSFER_COLUMNS, TRANSFER_JOINS, UNRESOLVED,
 };
 use crate::error::{LedgerError, Result};
 use syft_error::{ErrorCode, Reason};
@@ -108,7 +108,7 @@ impl Store {
         answer: Option<&AnswerWrite>,
     ) -> Result<TransferRow> {
         for _ in 0..3 {
-            let now = now_micros();
+            let now = self.now();
             if let Some(row) = retry_transient(|| self.try_resolve(input, answer, now)).await? {
                 return Ok(row);
             }
@@ -136,7 +136,7 @@ impl Store {
             // asking all along) instead of "expired" (a time tester, 2026-12-06).
             let expired = match (&input.resolution, current.status) {
                 (Resolution::Capture(_), TransferStatus::Pending) => {
-                    let (own, database) = (now_micros(), self.database_clock().await?);
+                    let (own, database) = (self.now(), self.database_clock().await?);
                     current.expires_at <= database.map_or(own, |d| d.max(own))
                 }
                 _ => false,
@@ -173,7 +173,7 @@ impl Store {
                         let link = UsageLink::Transfer(&current.id);
                         let row = (current.recipient_id, link, current.amount);
                         let usage = usage.of_transfer(&current.sender_email, &current.app_name);
-                        super::late_void_row(self.pool(), row, &usage).await?;
+                        super::late_void_row(self.pool(), row, &usage, self.now()).await?;
                     }
                     return Ok(current);
                 }
@@ -391,7 +391,7 @@ impl Store {
         // stepped forward) cancelled the other replicas' live holds, their streams then given
         // away uncharged (a time tester, 2026-12-06); the capture's guard takes the later clock,
         // so a hold between the two can be neither captured nor swept until both agree.
-        let own = now_micros();
+        let own = self.now();
         let now = self.database_clock().await?.map_or(own, |d| d.min(own));
         let expired: Vec<(String, i64)> = sqlx::query_as(
             "SELECT id, expires_at FROM transfers WHERE status = 'PENDING' AND expires_at <= $1 \

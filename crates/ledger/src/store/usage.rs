@@ -6,7 +6,7 @@ use syft_error::UsageStatus;
 use super::rollup::RollupInput;
 use super::rollup_fold::add_to_rollups;
 use super::usage_batch::UsageJob;
-use super::{new_id, now_micros, Micros, Store, UsageInput, UsageRow};
+use super::{new_id, Micros, Store, UsageInput, UsageRow};
 use crate::error::{LedgerError, Result};
 
 /// How far back a free row may be dated by its recorder: a spool that ships after an outage of
@@ -31,7 +31,7 @@ impl Store {
         usage: &UsageInput,
         answered_at: Option<i64>,
     ) -> Result<UsageRow> {
-        let now = now_micros();
+        let now = self.now();
         let job = UsageJob {
             id: new_id(),
             recipient_id,
@@ -100,6 +100,7 @@ pub(crate) async fn late_void_row(
     pool: &sqlx::AnyPool,
     (recipient_id, link, held): (i64, UsageLink<'_>, Micros),
     usage: &UsageInput,
+    now: i64,
 ) -> Result<()> {
     if is_refused(usage) {
         return Ok(());
@@ -112,7 +113,7 @@ pub(crate) async fn late_void_row(
         cost: Micros::ZERO,
         held,
         usage,
-        now: now_micros(),
+        now,
     };
     let mut tx = pool.begin().await?;
     insert_usage(&mut tx, &w).await?;

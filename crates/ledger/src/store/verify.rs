@@ -247,6 +247,34 @@ async fn verify_snapshot(conn: &mut AnyConnection) -> Result<VerifyReport> {
             "transfers were captured at or after their hold's expiry",
         ));
     }
+    // Refunds: each of a completed transfer, with exactly its two entries (its amount taken from
+    // the transfer's recipient and given to its sender), and none refunding more in all than the
+    // transfer captured (store/refund.rs).
+    let bad_refunds: Vec<String> = sqlx::query_scalar(
+        "SELECT r.id FROM refunds r JOIN transfers t ON t.id = r.transfer_id \
+             LEFT JOIN (SELECT e.ref_id, COUNT(*) AS entries, \
+                          CAST(SUM(CASE WHEN e.account_id = x.sender_id AND e.amount > 0 \
+                                   THEN e.amount ELSE 0 END) AS BIGINT) AS credited, \
+                          CAST(SUM(CASE WHEN e.account_id = x.recipient_id AND e.amount < 0 \
+                                   THEN -e.amount ELSE 0 END) AS BIGINT) AS debited \
+                        FROM journal e JOIN refunds y ON y.id = e.ref_id \
+                        JOIN transfers x ON x.id = y.transfer_id \
+                        WHERE e.kind = 'refund' GROUP BY e.ref_id) j ON j.ref_id = r.id \
+             WHERE t.status <> 'COMPLETED' OR COALESCE(j.entries, 0) <> 2 \
+                OR COALESCE(j.credited, 0) <> r.amount OR COALESCE(j.debited, 0) <> r.amount \
+                OR r.transfer_id IN (SELECT s.transfer_id FROM refunds s \
+                     JOIN transfers u ON u.id = s.transfer_id \
+                     GROUP BY s.transfer_id, u.captured HAVING SUM(s.amount) > u.captured) \
+             ORDER BY r.id LIMIT 1001",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    if !bad_refunds.is_empty() {
+        problems.push(named(
+            &bad_refunds,
+            "refunds do not match their transfer or their journal entries",
+        ));
+    }
     // Entries that no transfer or deposit accounts for, and deposits whose two entries are not
     // the deposit's amount from the system to its account.
     let (orphans, bad_deposits): (i64, i64) = sqlx::query_as(
@@ -255,7 +283,9 @@ async fn verify_snapshot(conn: &mut AnyConnection) -> Result<VerifyReport> {
                       WHERE t.id = e.ref_id AND t.status = 'COMPLETED')) \
                    OR (e.kind = 'deposit' AND NOT EXISTS (SELECT 1 FROM deposits d \
                       WHERE d.id = e.ref_id)) \
-                   OR e.kind NOT IN ('capture', 'deposit')), \
+                   OR (e.kind = 'refund' AND NOT EXISTS (SELECT 1 FROM refunds r \
+                      WHERE r.id = e.ref_id)) \
+                   OR e.kind NOT IN ('capture', 'deposit', 'refund')), \
                 (SELECT COUNT(*) FROM deposits d LEFT JOIN (SELECT ref_id, COUNT(*) AS entries, \
                    CAST(SUM(CASE WHEN account_id IS NULL THEN -amount ELSE 0 END) AS BIGINT) AS paid, \
                    MAX(account_id) AS account_id, \

@@ -389,7 +389,7 @@ impl RouterService {
     ) -> Result<Transfer, RouterError> {
         tracing::info!(request_id = %t.request_id, transfer_id = %pending.id,
             "duplicate of a request in progress elsewhere; waiting for its outcome");
-        let give_up = hold::local_instant(pending.expires_at_unix_micros) + hold::SETTLE_MARGIN;
+        let mut give_up = hold::wait_bound(&pending);
         let mut delay = std::time::Duration::from_millis(25);
         loop {
             // At shutdown's end this request holds nothing to void: it stops waiting (it kept
@@ -411,7 +411,7 @@ impl RouterService {
             delay = (delay * 2).min(std::time::Duration::from_millis(500));
             match self.inner.ledger.transfer(&pending.id).await {
                 Ok(tr) if tr.status() != TransferStatus::Pending => return Ok(tr),
-                Ok(_) => {}
+                Ok(tr) => give_up = give_up.max(hold::wait_bound(&tr)),
                 Err(RouterError::Unavailable(e)) => {
                     tracing::debug!(transfer_id = %pending.id, error = %e, "outcome not readable yet");
                 }

@@ -256,14 +256,35 @@ pub(super) fn local_instant(unix_micros: i64) -> Instant {
     Instant::now() + Duration::from_micros(remaining).min(Duration::from_secs(86_400))
 }
 
-/// When a hold expires, on this process's clock, erring early: the ledger set the expiry from
-/// its own clock at some moment after `sent` (when the call left), so `sent` + the time to live
-/// is a bound that neither a slow answer (a loaded ledger or router) nor a router clock behind
-/// the ledger's can push late. The ledger's own figure is used when it is earlier (its maximum
-/// hold life may have cut an extension short).
+/// When a hold expires, on this process's clock, erring early.
+///
+/// A ledger that says the hold's time left (`expires_in_micros`, by the one clock it stamps and
+/// judges holds with) is taken at its word, counted from `sent` (when the call left: the answer
+/// was made later): no wall clock enters, so a router clock ahead of the ledger's no longer ends
+/// streams early (a time tester, 2026-12-06). A ledger of an earlier version stamps by its own
+/// clock and may judge by its database's: then `sent` + the time to live, or its expiry read on
+/// this process's clock where that is earlier (a router in step with the database catches a
+/// ledger behind it).
 pub(super) fn expiry_estimate(sent: Instant, t: &syft_proto::ledger::Transfer) -> Instant {
-    let by_ttl = sent + hold_ttl(t.created_at_unix_micros, t.expires_at_unix_micros);
-    by_ttl.min(local_instant(t.expires_at_unix_micros))
+    said_expiry(sent, t).unwrap_or_else(|| {
+        let by_ttl = sent + hold_ttl(t.created_at_unix_micros, t.expires_at_unix_micros);
+        by_ttl.min(local_instant(t.expires_at_unix_micros))
+    })
+}
+
+/// How long a duplicate waits for another request's pending hold `t` to be resolved: its expiry
+/// plus [`SETTLE_MARGIN`], erring late (a bound on waiting, not on the hold), read again from
+/// each answer (a stream's hold is extended while it runs).
+pub(super) fn wait_bound(t: &syft_proto::ledger::Transfer) -> Instant {
+    let expiry =
+        said_expiry(Instant::now(), t).unwrap_or_else(|| local_instant(t.expires_at_unix_micros));
+    expiry + SETTLE_MARGIN
+}
+
+/// The expiry a ledger's `expires_in_micros` gives, counted from `at` (a day at most).
+pub(super) fn said_expiry(at: Instant, t: &syft_proto::ledger::Transfer) -> Option<Instant> {
+    let left = u64::try_from(t.expires_in_micros?).unwrap_or(0);
+    Some(at + Duration::from_micros(left).min(Duration::from_secs(86_400)))
 }
 
 /// A hold's time to live, from its creation and expiry (at least a second).
@@ -306,9 +327,12 @@ impl HoldGuard {
         match result {
             Ok(t) => {
                 // The extension moved the expiry to (ledger's now + ttl), capped by the hold's
-                // maximum life: `sent` + ttl errs early, the ledger's figure catches the cap.
-                let by_ttl = sent + Duration::from_secs(u64::try_from(ttl).unwrap_or(0));
-                self.expires_at = by_ttl.min(local_instant(t.expires_at_unix_micros));
+                // maximum life. The time left the ledger says covers both; from an older
+                // ledger, `sent` + ttl errs early and its expiry catches the cap.
+                self.expires_at = said_expiry(sent, &t).unwrap_or_else(|| {
+                    let by_ttl = sent + Duration::from_secs(u64::try_from(ttl).unwrap_or(0));
+                    by_ttl.min(local_instant(t.expires_at_unix_micros))
+                });
                 true
             }
             Err(RouterError::Unavailable(e)) => {
@@ -388,6 +412,30 @@ mod tests {
         };
         let left = expiry_estimate(Instant::now(), &t).saturating_duration_since(Instant::now());
         assert!(left <= Duration::from_secs(1), "{left:?}");
+    }
+
+    /// A ledger that says the time left is taken at its word, counted from when the call left,
+    /// whatever its timestamps read as on this clock: here they read 10 minutes past (a router
+    /// clock ahead), which ended every stream at once.
+    #[tokio::test]
+    async fn the_time_left_a_ledger_says_decides() {
+        let sent = Instant::now() - Duration::from_secs(1);
+        let created = unix_micros_in(Duration::from_secs(600), false);
+        let t = Transfer {
+            created_at_unix_micros: created,
+            expires_at_unix_micros: created + 3_000_000,
+            expires_in_micros: Some(3_000_000),
+            ..Default::default()
+        };
+        let left = expiry_estimate(sent, &t).saturating_duration_since(Instant::now());
+        assert!(left <= Duration::from_secs(2), "{left:?}");
+        assert!(left >= Duration::from_millis(1_900), "{left:?}");
+        // Said expired: expired.
+        let t = Transfer {
+            expires_in_micros: Some(-5),
+            ..t
+        };
+        assert!(expiry_estimate(sent, &t) <= Instant::now());
     }
 
     /// Under load the stream ends earlier: twice the slowest ledger call before the expiry (at

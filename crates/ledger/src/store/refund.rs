@@ -1,0 +1,222 @@
+//! Refunds: money a completed transfer's recipient gives back to its sender, in all at most what
+//! the transfer captured (migration 0036, docs/ledger.md "Refunds").
+//!
+//! One transaction per refund. Its locks follow the capture batch's global order (the transfer,
+//! then the accounts by id: `resolve_batch.rs`), so a refund and a batch never deadlock. The
+//! transfer's row lock is what keeps two refunds of one transfer from both passing the "at most
+//! what was captured" check: each sums the others' after taking it (Postgres; SQLite has one
+//! writer, and a write from another process since this transaction read fails it, to be retried).
+//! The transfer row itself is never changed: what it captured stays what was charged.
+
+use syft_error::Reason;
+
+use super::{new_id, retry_transient, Backend, Micros, Store, TransferRow};
+use crate::domain::{Refunder, TransferStatus};
+use crate::error::{LedgerError, Result};
+
+pub struct RefundInput<'a> {
+    pub transfer_id: &'a str,
+    /// `None`: the admin, any transfer; else only a transfer this account received.
+    pub recipient_id: Option<i64>,
+    pub amount: Micros,
+    pub reason: &'a str,
+    pub idempotency_key: &'a str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct RefundRow {
+    pub id: String,
+    pub transfer_id: String,
+    pub amount: Micros,
+    pub reason: String,
+    pub refunded_by: Refunder,
+    pub idempotency_key: String,
+    pub created_at: i64,
+}
+
+/// A refund as answered: the row, its transfer, and all refunded from that transfer so far.
+#[derive(Debug, Clone)]
+pub struct Refunded {
+    pub refund: RefundRow,
+    pub transfer: TransferRow,
+    pub refunded: Micros,
+}
+
+enum Outcome {
+    Done(RefundRow),
+    /// The key's refund, made before.
+    Replay(RefundRow),
+    Refused(LedgerError),
+}
+
+const REFUND_COLUMNS: &str =
+    "id, transfer_id, amount, reason, refunded_by, idempotency_key, created_at";
+
+impl Store {
+    /// Refunds `amount` of a completed transfer to its sender. The same key again (for the same
+    /// amount) answers the refund it made; for another amount, `IDEMPOTENCY_CONFLICT`.
+    pub async fn refund(&self, input: &RefundInput<'_>) -> Result<Refunded> {
+        let not_found =
+            || LedgerError::NotFound(format!("transfer {} not found", input.transfer_id));
+        let transfer = (self.transfer_by_id(input.transfer_id).await?)
+            .filter(|t| input.recipient_id.is_none_or(|r| r == t.recipient_id))
+            .ok_or_else(not_found)?;
+        let outcome = retry_transient(|| self.try_refund(input, &transfer)).await?;
+        let refund = match outcome {
+            Outcome::Done(row) => row,
+            Outcome::Replay(row) if row.amount == input.amount => row,
+            Outcome::Replay(row) => {
+                return Err(LedgerError::refused(
+                    Reason::IdempotencyConflict,
+                    format!(
+                        "idempotency key {:?} refunded {} micros of this transfer, not {}",
+                        input.idempotency_key,
+                        row.amount.get(),
+                        input.amount.get()
+                    ),
+                ))
+            }
+            Outcome::Refused(e) => return Err(e),
+        };
+        let refunded: i64 = sqlx::query_scalar(
+            "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM refunds WHERE transfer_id = $1",
+        )
+        .bind(&transfer.id)
+        .fetch_one(self.pool())
+        .await?;
+        Ok(Refunded {
+            refund,
+            transfer,
+            refunded: Micros::new(refunded),
+        })
+    }
+
+    async fn try_refund(
+        &self,
+        input: &RefundInput<'_>,
+        t: &TransferRow,
+    ) -> std::result::Result<Outcome, sqlx::Error> {
+        let (lock_transfer, lock_accounts) = match self.backend() {
+            Backend::Postgres => (" FOR UPDATE", " FOR NO KEY UPDATE"),
+            Backend::Sqlite => ("", ""),
+        };
+        let mut tx = self.pool().begin().await?;
+        let (status, captured): (TransferStatus, i64) = sqlx::query_as(&format!(
+            "SELECT status, captured FROM transfers WHERE id = $1{lock_transfer}"
+        ))
+        .bind(&t.id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let before: Option<RefundRow> = sqlx::query_as(&format!(
+            "SELECT {REFUND_COLUMNS} FROM refunds WHERE transfer_id = $1 AND idempotency_key = $2"
+        ))
+        .bind(&t.id)
+        .bind(input.idempotency_key)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(row) = before {
+            return Ok(Outcome::Replay(row));
+        }
+        if status != TransferStatus::Completed {
+            return Ok(Outcome::Refused(LedgerError::FailedPrecondition(format!(
+                "transfer {} is {}: only a captured transfer can be refunded",
+                t.id,
+                status.as_str().to_lowercase()
+            ))));
+        }
+        let refunded: i64 = sqlx::query_scalar(
+            "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM refunds WHERE transfer_id = $1",
+        )
+        .bind(&t.id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let amount = input.amount.get();
+        let left = captured - refunded;
+        if amount > left {
+            return Ok(Outcome::Refused(LedgerError::FailedPrecondition(format!(
+                "transfer {} captured {captured} micros and {refunded} are refunded: at most \
+                 {left} more can be, not {amount}",
+                t.id
+            ))));
+        }
+        // Both parties' rows, in id order as every batch takes them.
+        let _: Vec<i64> = sqlx::query_scalar(&format!(
+            "SELECT id FROM accounts WHERE id = $1 OR id = $2 ORDER BY id{lock_accounts}"
+        ))
+        .bind(t.sender_id)
+        .bind(t.recipient_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        // The recipient must still have the money free (not spent, not held for its own holds).
+        let debited = sqlx::query(
+            "UPDATE accounts SET balance = balance - $1 WHERE id = $2 AND balance - held >= $1",
+        )
+        .bind(amount)
+        .bind(t.recipient_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if debited == 0 {
+            return Ok(Outcome::Refused(LedgerError::refused(
+                Reason::InsufficientFunds,
+                format!(
+                    "{} has less than {amount} micros available to refund",
+                    t.recipient_email
+                ),
+            )));
+        }
+        sqlx::query("UPDATE accounts SET balance = balance + $1 WHERE id = $2")
+            .bind(amount)
+            .bind(t.sender_id)
+            .execute(&mut *tx)
+            .await?;
+        let row = RefundRow {
+            id: new_id(),
+            transfer_id: t.id.clone(),
+            amount: input.amount,
+            reason: input.reason.to_string(),
+            refunded_by: match input.recipient_id {
+                Some(_) => Refunder::Recipient,
+                None => Refunder::Admin,
+            },
+            idempotency_key: input.idempotency_key.to_string(),
+            created_at: self.now(),
+        };
+        sqlx::query(&format!(
+            "INSERT INTO refunds ({REFUND_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+        ))
+        .bind(&row.id)
+        .bind(&row.transfer_id)
+        .bind(amount)
+        .bind(&row.reason)
+        .bind(row.refunded_by)
+        .bind(&row.idempotency_key)
+        .bind(row.created_at)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO journal (account_id, amount, kind, ref_id, created_at) \
+             VALUES ($1, $2, 'refund', $3, $4), ($5, $6, 'refund', $3, $4)",
+        )
+        .bind(t.recipient_id)
+        .bind(-amount)
+        .bind(&row.id)
+        .bind(row.created_at)
+        .bind(t.sender_id)
+        .bind(amount)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Outcome::Done(row))
+    }
+
+    /// The refunds of a transfer, oldest first.
+    pub async fn refunds_of(&self, transfer_id: &str) -> Result<Vec<RefundRow>> {
+        Ok(sqlx::query_as(&format!(
+            "SELECT {REFUND_COLUMNS} FROM refunds WHERE transfer_id = $1 ORDER BY created_at, id"
+        ))
+        .bind(transfer_id)
+        .fetch_all(self.pool())
+        .await?)
+    }
+}

@@ -1,0 +1,223 @@
+//! Refunds (docs/ledger.md, "Refunds"), on SQLite and Postgres: a completed transfer's recipient
+//! (or the admin) gives back at most what it captured, once per key, never more in all however
+//! many refunds race, only from money it still has; nobody else may, and bad input changes
+//! nothing. Every scenario ends with `verify` (the store suite's `finish`).
+
+use syft_proto::ledger as pb;
+use syft_testkit::{code, ok, reason, req, store_suite, Harness, ADMIN_KEY, USD};
+use tonic::Code;
+
+const OWNER: &str = "owner@router.example";
+const OTHER: &str = "other@router.example";
+const ALICE: &str = "alice@example.com";
+
+fn refund(id: &str, amount: i64, key: &str) -> pb::RefundRequest {
+    pb::RefundRequest {
+        transfer_id: id.into(),
+        amount_micros: amount,
+        reason: "the answer was wrong".into(),
+        idempotency_key: key.into(),
+    }
+}
+
+/// Alice pays the owner one dollar through a captured transfer; returns the owner's secret,
+/// Alice's secret and the transfer's id.
+async fn paid(h: &Harness) -> (String, String, String) {
+    let (owner, alice, token) = h.payer(OWNER, ALICE, 10 * USD).await;
+    let mut router = h.client(&owner);
+    let held = ok(router.authorize(req::hold(ALICE, USD, &token, "k1")).await);
+    ok(router.capture(req::capture_full(&held.id)).await);
+    (owner, alice, held.id)
+}
+
+async fn balances(h: &Harness) -> (i64, i64) {
+    (
+        h.balance(ALICE).await.balance_micros,
+        h.balance(OWNER).await.balance_micros,
+    )
+}
+
+async fn refunds_give_back_what_was_captured(h: Harness) -> Harness {
+    let (owner, alice, id) = paid(&h).await;
+    let mut router = h.client(&owner);
+    let first = ok(router.refund(refund(&id, 300_000, "r1")).await);
+    assert_eq!(first.refunded_micros, 300_000);
+    let made = first.refund.clone().expect("the refund");
+    assert!(!made.by_admin);
+    assert_eq!(balances(&h).await, (9 * USD + 300_000, 700_000));
+    // Sent twice: the same refund, nothing moved again.
+    let again = ok(router.refund(refund(&id, 300_000, "r1")).await);
+    assert_eq!(again.refund, first.refund);
+    assert_eq!(again.refunded_micros, 300_000);
+    assert_eq!(balances(&h).await, (9 * USD + 300_000, 700_000));
+    // The key names that refund: another amount under it is a conflict.
+    let conflict = router.refund(refund(&id, 200_000, "r1")).await;
+    assert_eq!(
+        reason(&conflict.expect_err("conflict")).as_deref(),
+        Some("IDEMPOTENCY_CONFLICT")
+    );
+    // The rest, then nothing more.
+    let rest = ok(router.refund(refund(&id, 700_000, "r2")).await);
+    assert_eq!(rest.refunded_micros, USD);
+    let over = router.refund(refund(&id, 1, "r3")).await;
+    assert_eq!(code(over), Code::FailedPrecondition);
+    assert_eq!(balances(&h).await, (10 * USD, 0));
+    // The transfer still says what was charged; both parties see its refunds.
+    let transfer = rest.transfer.expect("the transfer");
+    assert_eq!(transfer.captured_micros, USD);
+    for secret in [&owner, &alice] {
+        let listed = ok(h
+            .client(secret)
+            .list_refunds(pb::ListRefundsRequest {
+                transfer_id: id.clone(),
+            })
+            .await);
+        assert_eq!(listed.refunded_micros, USD);
+        let amounts: Vec<i64> = listed.refunds.iter().map(|r| r.amount_micros).collect();
+        assert_eq!(amounts, [300_000, 700_000]);
+    }
+    h
+}
+
+async fn only_a_captured_transfer_is_refunded_by_its_recipient_or_the_admin(h: Harness) -> Harness {
+    let (owner, alice, id) = paid(&h).await;
+    let other = h.account(OTHER, 0).await;
+    let mut router = h.client(&owner);
+    let before = balances(&h).await;
+    // Neither the sender, nor another owner, nor for an unknown transfer: as if not there.
+    for (secret, transfer) in [(&alice, id.as_str()), (&other, &id), (&owner, "no-such-id")] {
+        let refused = h.client(secret).refund(refund(transfer, 1, "x")).await;
+        assert_eq!(code(refused), Code::NotFound);
+    }
+    let listed = h
+        .client(&other)
+        .list_refunds(pb::ListRefundsRequest {
+            transfer_id: id.clone(),
+        })
+        .await;
+    assert_eq!(code(listed), Code::NotFound);
+    // Bad input, each refused whole.
+    let long = "x".repeat(501);
+    let bad = [
+        refund(&id, 0, "b1"),
+        refund(&id, -5, "b2"),
+        refund(&id, 1, ""),
+        pb::RefundRequest {
+            reason: long,
+            ..refund(&id, 1, "b3")
+        },
+        refund("", 1, "b4"),
+    ];
+    for request in bad {
+        let refused = router.refund(request.clone()).await;
+        assert_eq!(code(refused), Code::InvalidArgument, "{request:?}");
+    }
+    // A pending hold and a voided one have nothing captured to give back.
+    let token = h.token(&alice, OWNER).await;
+    let pending = ok(router.authorize(req::hold(ALICE, USD, &token, "k2")).await);
+    let refused = router.refund(refund(&pending.id, 1, "p1")).await;
+    assert_eq!(code(refused), Code::FailedPrecondition);
+    ok(router.void(req::void(&pending.id)).await);
+    let refused = router.refund(refund(&pending.id, 1, "p2")).await;
+    assert_eq!(code(refused), Code::FailedPrecondition);
+    assert_eq!(balances(&h).await, before);
+    // The admin may, and the refund says so.
+    let by_admin = ok(h.client(ADMIN_KEY).refund(refund(&id, USD, "a1")).await);
+    assert!(by_admin.refund.expect("the refund").by_admin);
+    assert_eq!(balances(&h).await, (10 * USD, 0));
+    h
+}
+
+/// The owner's dollar is held for a payment of its own: it has nothing free to give back.
+async fn a_recipient_without_the_money_cannot_refund(h: Harness) -> Harness {
+    let (owner, _alice, id) = paid(&h).await;
+    let other = h.account(OTHER, 0).await;
+    let owner_token = h.token(&owner, OTHER).await;
+    let mut seller = h.client(&other);
+    let held = ok(seller
+        .authorize(req::hold(OWNER, USD, &owner_token, "o1"))
+        .await);
+    let mut router = h.client(&owner);
+    let refused = router.refund(refund(&id, 1, "r1")).await;
+    assert_eq!(
+        reason(&refused.expect_err("no money")).as_deref(),
+        Some("INSUFFICIENT_FUNDS")
+    );
+    assert_eq!(balances(&h).await, (9 * USD, USD));
+    // Released, the money can go back (the refused key was not spent).
+    ok(seller.void(req::void(&held.id)).await);
+    ok(router.refund(refund(&id, 1, "r1")).await);
+    assert_eq!(balances(&h).await, (9 * USD + 1, USD - 1));
+    h
+}
+
+/// Ten refunds of 0.3 race over one dollar: three are made. Five more under one key: one refund.
+/// The owner has money besides, so only the transfer's bound stops the fourth.
+async fn concurrent_refunds_never_give_back_more_than_was_captured(h: Harness) -> Harness {
+    let (owner, _alice, id) = paid(&h).await;
+    ok(h.admin()
+        .deposit(pb::DepositRequest {
+            email: OWNER.into(),
+            amount_micros: 5 * USD,
+            idempotency_key: "owner-funds".into(),
+        })
+        .await);
+    let tries = (0..10).map(|i| {
+        let mut router = h.client(&owner);
+        let request = refund(&id, 300_000, &format!("c{i}"));
+        async move { router.refund(request).await }
+    });
+    let results = futures::future::join_all(tries).await;
+    let made = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(made, 3, "{results:?}");
+    for refused in results.into_iter().filter_map(Result::err) {
+        assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    }
+    let same = (0..5).map(|_| {
+        let mut router = h.client(&owner);
+        let request = refund(&id, 100_000, "same");
+        async move { router.refund(request).await }
+    });
+    let ids: std::collections::BTreeSet<String> = futures::future::join_all(same)
+        .await
+        .into_iter()
+        .map(|r| ok(r).refund.expect("the refund").id)
+        .collect();
+    assert_eq!(ids.len(), 1, "one key, one refund: {ids:?}");
+    assert_eq!(balances(&h).await, (10 * USD, 5 * USD));
+    h
+}
+
+/// `verify` checks each refund against its entries and its transfer: a refund row that says more
+/// than its entries moved is named (the books are then put right).
+async fn verify_names_a_refund_that_does_not_match_its_entries(h: Harness) -> Harness {
+    let (owner, _alice, id) = paid(&h).await;
+    let made = ok(h.client(&owner).refund(refund(&id, USD, "r1")).await);
+    let change = |sql: &'static str| async {
+        sqlx::query(sql)
+            .execute(h.store.pool())
+            .await
+            .expect("change the refund");
+    };
+    change("UPDATE refunds SET amount = amount + 1").await;
+    let report = h.store.verify().await.expect("verify");
+    let refund_id = made.refund.expect("the refund").id;
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.contains("refunds do not match") && p.contains(&refund_id)),
+        "{:?}",
+        report.problems
+    );
+    change("UPDATE refunds SET amount = amount - 1").await;
+    h
+}
+
+store_suite!(
+    refunds_give_back_what_was_captured,
+    verify_names_a_refund_that_does_not_match_its_entries,
+    only_a_captured_transfer_is_refunded_by_its_recipient_or_the_admin,
+    a_recipient_without_the_money_cannot_refund,
+    concurrent_refunds_never_give_back_more_than_was_captured,
+);

@@ -1,0 +1,172 @@
+//! `refund` and `refunds`: give back what a transfer captured (its recipient, or the admin), and
+//! list what was given back (docs/ledger.md, "Refunds").
+
+use clap::Args;
+use serde_json::json;
+use syft_ledger::money::{format_micros, parse_decimal_micros};
+use syft_proto::ledger as pb;
+
+use super::client::{Conn, OrFail};
+
+#[derive(Args, Debug)]
+pub struct RefundArgs {
+    #[command(flatten)]
+    conn: Conn,
+    /// The transfer to refund (its id, from `transfers`).
+    transfer_id: String,
+    /// Decimal amount in the transfer's currency, or `all` for what is left to refund.
+    amount: String,
+    /// Why, for the record (the sender sees it in `refunds`).
+    #[arg(long, default_value = "")]
+    reason: String,
+    /// Names this refund: the same key again is the same refund. By default one made of the
+    /// amount and the reason, so running the same command twice refunds once; give a key to
+    /// make a second refund of the same amount and reason.
+    #[arg(long)]
+    idempotency_key: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct RefundsArgs {
+    #[command(flatten)]
+    conn: Conn,
+    /// The transfer whose refunds to list.
+    transfer_id: String,
+}
+
+pub async fn refund(args: RefundArgs) -> anyhow::Result<()> {
+    let conn = &args.conn;
+    let mut client = conn.user()?;
+    let amount_micros = if args.amount == "all" {
+        let transfer = client
+            .get_transfer(pb::GetTransferRequest {
+                transfer_id: args.transfer_id.clone(),
+            })
+            .await
+            .or_fail(conn)?;
+        let listed = client
+            .list_refunds(pb::ListRefundsRequest {
+                transfer_id: args.transfer_id.clone(),
+            })
+            .await
+            .or_fail(conn)?;
+        let left = transfer.captured_micros - listed.refunded_micros;
+        anyhow::ensure!(
+            left > 0,
+            "nothing left to refund: transfer {} captured {} and {} is refunded",
+            args.transfer_id,
+            format_micros(transfer.captured_micros),
+            format_micros(listed.refunded_micros)
+        );
+        left
+    } else {
+        let micros = parse_decimal_micros(&args.amount)?;
+        anyhow::ensure!(
+            micros > 0,
+            "the amount must be above 0 (got {})",
+            args.amount
+        );
+        micros
+    };
+    let key = args.idempotency_key.clone().unwrap_or_else(|| {
+        let digest = syft_ledger::store::sha256_hex(&format!("{amount_micros}\0{}", args.reason));
+        format!("cli-{}", &digest[..32])
+    });
+    let done = client
+        .refund(pb::RefundRequest {
+            transfer_id: args.transfer_id.clone(),
+            amount_micros,
+            reason: args.reason.clone(),
+            idempotency_key: key,
+        })
+        .await
+        .or_fail(conn)?;
+    let (refund, transfer) = (
+        done.refund.unwrap_or_default(),
+        done.transfer.unwrap_or_default(),
+    );
+    if conn.json {
+        println!(
+            "{}",
+            json!({
+                "refund": refund_json(&refund),
+                "transfer_id": transfer.id,
+                "sender_email": transfer.sender_email,
+                "recipient_email": transfer.recipient_email,
+                "currency": transfer.currency,
+                "captured_micros": transfer.captured_micros,
+                "refunded_micros": done.refunded_micros,
+            })
+        );
+    } else {
+        println!(
+            "refunded {} {} of transfer {} to {} ({} captured, {} refunded in all; refund {})",
+            format_micros(refund.amount_micros),
+            transfer.currency,
+            transfer.id,
+            transfer.sender_email,
+            format_micros(transfer.captured_micros),
+            format_micros(done.refunded_micros),
+            refund.id
+        );
+    }
+    Ok(())
+}
+
+pub async fn refunds(args: RefundsArgs) -> anyhow::Result<()> {
+    let conn = &args.conn;
+    let listed = conn
+        .user()?
+        .list_refunds(pb::ListRefundsRequest {
+            transfer_id: args.transfer_id.clone(),
+        })
+        .await
+        .or_fail(conn)?;
+    if conn.json {
+        let refunds: Vec<_> = listed.refunds.iter().map(refund_json).collect();
+        println!(
+            "{}",
+            json!({"refunds": refunds, "refunded_micros": listed.refunded_micros})
+        );
+        return Ok(());
+    }
+    use super::tables::{Col, Table};
+    let table = Table {
+        cols: &[
+            Col::Left("created (UTC)", 19),
+            Col::Left("id", 36),
+            Col::Right("amount", 10),
+            Col::Left("by", 5),
+            Col::Left("reason", 0),
+        ],
+        gap: "  ",
+    };
+    table.header();
+    for r in &listed.refunds {
+        table.row(&[
+            &super::time::format_time(r.created_at_unix_micros),
+            &r.id,
+            &format_micros(r.amount_micros),
+            &if r.by_admin { "admin" } else { "owner" },
+            &r.reason,
+        ]);
+    }
+    println!(
+        "total: {} refunds, {} refunded",
+        listed.refunds.len(),
+        format_micros(listed.refunded_micros)
+    );
+    Ok(())
+}
+
+fn refund_json(r: &pb::Refund) -> serde_json::Value {
+    json!({
+        "id": r.id,
+        "transfer_id": r.transfer_id,
+        "amount_micros": r.amount_micros,
+        "reason": r.reason,
+        "by_admin": r.by_admin,
+        "idempotency_key": r.idempotency_key,
+        "created_at_unix_micros": r.created_at_unix_micros,
+    })
+}
