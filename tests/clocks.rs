@@ -27,6 +27,20 @@ fn have_faketime() -> bool {
     found
 }
 
+/// The `syft-router` binary with a wall clock `offset` (libfaketime's form, e.g. "+600" seconds)
+/// off the real one and its monotonic clock left real; warnings to the test's stderr.
+fn under_fake_clock(offset: &str) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_syft-router"));
+    command
+        .env("LD_PRELOAD", LIBFAKETIME)
+        .env("FAKETIME", offset)
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    command
+}
+
 /// A `syft-router ledger` process whose wall clock is `offset` (libfaketime's form, e.g. "+600"
 /// seconds) off the real one; killed when dropped.
 struct FakeClockLedger {
@@ -37,7 +51,7 @@ struct FakeClockLedger {
 impl FakeClockLedger {
     async fn start(offset: &str, database_url: &str) -> Self {
         let [grpc, http] = free_ports();
-        let child = Command::new(env!("CARGO_BIN_EXE_syft-router"))
+        let child = under_fake_clock(offset)
             .args([
                 "ledger",
                 "--database-url",
@@ -48,12 +62,6 @@ impl FakeClockLedger {
             .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])
             .args(["--http-addr", &format!("127.0.0.1:{http}")])
             .args(["--sweep-interval", "1s"])
-            .env("LD_PRELOAD", LIBFAKETIME)
-            .env("FAKETIME", offset)
-            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
             .spawn()
             .expect("start a ledger");
         let ledger = Self {
@@ -217,19 +225,13 @@ async fn a_router_whose_clock_runs_ahead_delivers_and_charges_a_stream() {
     });
     std::fs::write(&config, config_json.to_string()).expect("config");
     let [grpc, http] = free_ports();
-    let mut router = Command::new(env!("CARGO_BIN_EXE_syft-router"))
+    let mut router = under_fake_clock("+600")
         .arg("router")
         .env("SYFT_ROUTER_GRPC_ADDR", format!("127.0.0.1:{grpc}"))
         .env("SYFT_ROUTER_HTTP_ADDR", format!("127.0.0.1:{http}"))
         .env("SYFT_LEDGER_URL", h.url())
         .env("SYFT_ROUTER_LEDGER_SECRET", &owner)
         .env("SYFT_ROUTER_CONFIG", &config)
-        .env("LD_PRELOAD", LIBFAKETIME)
-        .env("FAKETIME", "+600")
-        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
         .spawn()
         .expect("start a router");
     let base = format!("http://127.0.0.1:{http}");

@@ -101,20 +101,15 @@ pub fn is_verify(command: &Command) -> bool {
 }
 
 pub fn prints_and_exits(command: &Command) -> bool {
-    matches!(
+    // Every command but those that serve or drive servers (listed, so a new client command is
+    // one by default).
+    !matches!(
         command,
-        Command::Chat(_)
-            | Command::Account(_)
-            | Command::Token(_)
-            | Command::Transfers(_)
-            | Command::Refund(_)
-            | Command::Refunds(_)
-            | Command::Usage(_)
-            | Command::Index(_)
-            | Command::Stats(_)
-            | Command::Health(_)
-            | Command::Alerts(_)
-            | Command::Limits(_)
+        Command::Ledger(_)
+            | Command::Router(_)
+            | Command::Dev(_)
+            | Command::Demo(_)
+            | Command::Bench(_)
     )
 }
 

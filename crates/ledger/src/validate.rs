@@ -9,6 +9,11 @@ pub const MAX_KEY: usize = 200;
 pub const MAX_REASON: usize = 500;
 pub const MAX_TOKENS: i64 = syft_error::MAX_USAGE_COUNT;
 
+/// A caller's idempotency key: required, at most [`MAX_KEY`] bytes.
+pub fn idempotency_key(value: &str) -> Result<&str> {
+    text("idempotency_key", value, MAX_KEY, true)
+}
+
 /// Lower-cases and checks an email: one `@`, non-empty local part and domain, no spaces.
 pub fn email(field: &str, value: &str) -> Result<String> {
     let value = value.trim();

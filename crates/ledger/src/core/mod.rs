@@ -360,7 +360,7 @@ impl Ledger {
         Self::require_admin(caller)?;
         let email = validate::email("email", email)?;
         let amount = check_positive("amount_micros", amount, self.config.max_amount_micros)?;
-        let key = validate::text("idempotency_key", idempotency_key, MAX_KEY, true)?;
+        let key = validate::idempotency_key(idempotency_key)?;
         let account = self.backend.deposit(&email, amount, key).await?;
         tracing::info!(account = %email, amount, "deposit");
         Ok(account)

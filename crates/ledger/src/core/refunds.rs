@@ -37,12 +37,7 @@ impl Ledger {
                 self.config().max_amount_micros,
             )?),
             reason: validate::text("reason", &req.reason, MAX_REASON, false)?,
-            idempotency_key: validate::text(
-                "idempotency_key",
-                &req.idempotency_key,
-                MAX_KEY,
-                true,
-            )?,
+            idempotency_key: validate::idempotency_key(&req.idempotency_key)?,
         };
         self.backend.refund(&input).await
     }

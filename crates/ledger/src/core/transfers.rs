@@ -65,12 +65,7 @@ impl Ledger {
             token: validate::text("token", &req.token, 512, true)?,
             app_name: validate::text("app_name", &req.app_name, MAX_NAME, false)?,
             app_ep_path: validate::text("app_ep_path", &req.app_ep_path, MAX_PATH, false)?,
-            idempotency_key: validate::text(
-                "idempotency_key",
-                &req.idempotency_key,
-                MAX_KEY,
-                true,
-            )?,
+            idempotency_key: validate::idempotency_key(&req.idempotency_key)?,
             attempt_id: validate::text("attempt_id", &req.attempt_id, MAX_KEY, false)?,
             ttl_micros,
             budgets: budgets(req.budgets)?,

@@ -387,31 +387,36 @@ mod tests {
         }
     }
 
+    /// A 3-s hold created `skew` ahead of (or behind) this clock, saying `said` time left.
+    fn three_second_hold(skew: Duration, ahead: bool, said: Option<i64>) -> Transfer {
+        let created = unix_micros_in(skew, ahead);
+        Transfer {
+            created_at_unix_micros: created,
+            expires_at_unix_micros: created + 3_000_000,
+            expires_in_micros: said,
+            ..Default::default()
+        }
+    }
+
+    /// Time left until `at`.
+    fn left(at: Instant) -> Duration {
+        at.saturating_duration_since(Instant::now())
+    }
+
     /// A slow answer (the call left 2 s ago) from a ledger whose clock runs 5 s ahead: the
     /// ledger's figure alone would place the expiry 8 s away, but the hold was placed after the
     /// call left, so it expires at most `sent + ttl`: 1 s away.
     #[tokio::test]
     async fn expiry_estimate_errs_early() {
         let sent = Instant::now() - Duration::from_secs(2);
-        let created = unix_micros_in(Duration::from_secs(5), true);
-        let t = Transfer {
-            created_at_unix_micros: created,
-            expires_at_unix_micros: created + 3_000_000,
-            ..Default::default()
-        };
-        let at = expiry_estimate(sent, &t);
-        let left = at.saturating_duration_since(Instant::now());
-        assert!(left <= Duration::from_secs(1), "{left:?}");
-        assert!(left >= Duration::from_millis(900), "{left:?}");
+        let t = three_second_hold(Duration::from_secs(5), true, None);
+        let left_then = left(expiry_estimate(sent, &t));
+        assert!(left_then <= Duration::from_secs(1), "{left_then:?}");
+        assert!(left_then >= Duration::from_millis(900), "{left_then:?}");
         // A ledger clock behind: its own figure is the earlier one and wins.
-        let created = unix_micros_in(Duration::from_secs(2), false);
-        let t = Transfer {
-            created_at_unix_micros: created,
-            expires_at_unix_micros: created + 3_000_000,
-            ..Default::default()
-        };
-        let left = expiry_estimate(Instant::now(), &t).saturating_duration_since(Instant::now());
-        assert!(left <= Duration::from_secs(1), "{left:?}");
+        let t = three_second_hold(Duration::from_secs(2), false, None);
+        let left_now = left(expiry_estimate(Instant::now(), &t));
+        assert!(left_now <= Duration::from_secs(1), "{left_now:?}");
     }
 
     /// A ledger that says the time left is taken at its word, counted from when the call left,
@@ -420,16 +425,10 @@ mod tests {
     #[tokio::test]
     async fn the_time_left_a_ledger_says_decides() {
         let sent = Instant::now() - Duration::from_secs(1);
-        let created = unix_micros_in(Duration::from_secs(600), false);
-        let t = Transfer {
-            created_at_unix_micros: created,
-            expires_at_unix_micros: created + 3_000_000,
-            expires_in_micros: Some(3_000_000),
-            ..Default::default()
-        };
-        let left = expiry_estimate(sent, &t).saturating_duration_since(Instant::now());
-        assert!(left <= Duration::from_secs(2), "{left:?}");
-        assert!(left >= Duration::from_millis(1_900), "{left:?}");
+        let t = three_second_hold(Duration::from_secs(600), false, Some(3_000_000));
+        let said = left(expiry_estimate(sent, &t));
+        assert!(said <= Duration::from_secs(2), "{said:?}");
+        assert!(said >= Duration::from_millis(1_900), "{said:?}");
         // Said expired: expired.
         let t = Transfer {
             expires_in_micros: Some(-5),
