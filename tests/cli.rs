@@ -473,34 +473,41 @@ async fn a_refund_from_the_command_line_is_made_once() {
         .await
         .expect("capture");
     let as_owner = account_cli(h.url(), &owner);
-    let part = [
+    let half = [
         "refund",
         &held.id,
-        "0.25",
+        "0.5",
         "--reason",
         "wrong answer",
         "--json",
     ];
-    let first: serde_json::Value = serde_json::from_str(&run(&mut as_owner(&part))).unwrap();
-    assert_eq!(first["refunded_micros"], 250_000, "{first}");
-    let again: serde_json::Value = serde_json::from_str(&run(&mut as_owner(&part))).unwrap();
-    assert_eq!(again["refunded_micros"], 250_000, "refunded twice: {again}");
+    let first: serde_json::Value = serde_json::from_str(&run(&mut as_owner(&half))).unwrap();
+    assert_eq!(first["refunded_micros"], 500_000, "{first}");
+    let again: serde_json::Value = serde_json::from_str(&run(&mut as_owner(&half))).unwrap();
+    assert_eq!(again["refunded_micros"], 500_000, "refunded twice: {again}");
     assert_eq!(again["refund"]["id"], first["refund"]["id"]);
+    assert_eq!(again["existing"], true);
+    // The same amount with a corrected reason is not a second refund.
+    let fixed = fails(&mut as_owner(&[
+        "refund",
+        &held.id,
+        "0.5",
+        "--reason",
+        "a wrong answer",
+    ]));
+    assert_contains(&fixed, &["idempotency key"]);
+    // The rest, of the same size as the first half: a refund of its own (it used to be taken for
+    // the half's repeat, refunding nothing).
     let rest = run(&mut as_owner(&["refund", &held.id, "all"]));
-    assert_contains(&rest, &["refunded 0.75 USD", "1 refunded in all"]);
-    let none = fails(&mut as_owner(&["refund", &held.id, "all"]));
+    assert_contains(&rest, &["refunded 0.5 USD", "1 refunded in all"]);
+    let none = run(&mut as_owner(&["refund", &held.id, "all"]));
     assert_contains(&none, &["nothing left to refund"]);
     let zero = fails(&mut as_owner(&["refund", &held.id, "0"]));
     assert_contains(&zero, &["must be above 0"]);
     let seen = run(&mut account_cli(h.url(), &alice)(&["refunds", &held.id]));
     assert_contains(
         &seen,
-        &[
-            "0.25",
-            "wrong answer",
-            "0.75",
-            "total: 2 refunds, 1 refunded",
-        ],
+        &["0.5", "wrong answer", "total: 2 refunds, 1 refunded"],
     );
     let alice_now = h
         .client(&alice)

@@ -20,8 +20,8 @@ pub struct RefundArgs {
     #[arg(long, default_value = "")]
     reason: String,
     /// Names this refund: the same key again is the same refund. By default one made of the
-    /// amount and the reason, so running the same command twice refunds once; give a key to
-    /// make a second refund of the same amount and reason.
+    /// amount (for `all`, of what was refunded before), so running the same command twice
+    /// refunds once; give a key to make a second refund of the same amount.
     #[arg(long)]
     idempotency_key: Option<String>,
 }
@@ -37,13 +37,24 @@ pub struct RefundsArgs {
 pub async fn refund(args: RefundArgs) -> anyhow::Result<()> {
     let conn = &args.conn;
     let mut client = conn.user()?;
-    let amount_micros = if args.amount == "all" {
+    // A default key names the command's intent, so that running it again refunds once: an
+    // amount by that amount (a second equal refund needs --idempotency-key; the same amount
+    // with a corrected reason is refused as a conflict, not made twice), `all` by what was
+    // refunded before it (named by the amount it comes to, a half then "the rest" of the same
+    // size sent the half's key and refunded nothing: an auditor, 2026-12-07).
+    let (amount_micros, intent) = if args.amount == "all" {
         let transfer = client
             .get_transfer(pb::GetTransferRequest {
                 transfer_id: args.transfer_id.clone(),
             })
             .await
             .or_fail(conn)?;
+        anyhow::ensure!(
+            transfer.status() == pb::TransferStatus::Completed,
+            "transfer {} is {}: only a captured transfer can be refunded",
+            args.transfer_id,
+            super::tables::status_word(transfer.status())
+        );
         let listed = client
             .list_refunds(pb::ListRefundsRequest {
                 transfer_id: args.transfer_id.clone(),
@@ -51,14 +62,16 @@ pub async fn refund(args: RefundArgs) -> anyhow::Result<()> {
             .await
             .or_fail(conn)?;
         let left = transfer.captured_micros - listed.refunded_micros;
-        anyhow::ensure!(
-            left > 0,
-            "nothing left to refund: transfer {} captured {} and {} is refunded",
-            args.transfer_id,
-            format_micros(transfer.captured_micros),
-            format_micros(listed.refunded_micros)
-        );
-        left
+        if left <= 0 {
+            println!(
+                "nothing left to refund: transfer {} captured {} and {} is refunded",
+                args.transfer_id,
+                format_micros(transfer.captured_micros),
+                format_micros(listed.refunded_micros)
+            );
+            return Ok(());
+        }
+        (left, format!("all after {}", listed.refunded_micros))
     } else {
         let micros = parse_decimal_micros(&args.amount)?;
         anyhow::ensure!(
@@ -66,10 +79,10 @@ pub async fn refund(args: RefundArgs) -> anyhow::Result<()> {
             "the amount must be above 0 (got {})",
             args.amount
         );
-        micros
+        (micros, format!("amount {micros}"))
     };
     let key = args.idempotency_key.clone().unwrap_or_else(|| {
-        let digest = syft_ledger::store::sha256_hex(&format!("{amount_micros}\0{}", args.reason));
+        let digest = syft_ledger::store::sha256_hex(&intent);
         format!("cli-{}", &digest[..32])
     });
     let done = client
@@ -82,14 +95,23 @@ pub async fn refund(args: RefundArgs) -> anyhow::Result<()> {
         .await
         .or_fail(conn)?;
     let (refund, transfer) = (
-        done.refund.unwrap_or_default(),
-        done.transfer.unwrap_or_default(),
+        done.refund.clone().unwrap_or_default(),
+        done.transfer.clone().unwrap_or_default(),
     );
+    if args.amount == "all" && done.refunded_micros < transfer.captured_micros {
+        anyhow::bail!(
+            "transfer {} captured {} but {} is refunded: run the command again",
+            transfer.id,
+            format_micros(transfer.captured_micros),
+            format_micros(done.refunded_micros)
+        );
+    }
     if conn.json {
         println!(
             "{}",
             json!({
                 "refund": refund_json(&refund),
+                "existing": done.existing,
                 "transfer_id": transfer.id,
                 "sender_email": transfer.sender_email,
                 "recipient_email": transfer.recipient_email,
@@ -100,7 +122,12 @@ pub async fn refund(args: RefundArgs) -> anyhow::Result<()> {
         );
     } else {
         println!(
-            "refunded {} {} of transfer {} to {} ({} captured, {} refunded in all; refund {})",
+            "{} {} {} of transfer {} to {} ({} captured, {} refunded in all; refund {})",
+            if done.existing {
+                "already refunded (nothing moved now; --idempotency-key makes another):"
+            } else {
+                "refunded"
+            },
             format_micros(refund.amount_micros),
             transfer.currency,
             transfer.id,

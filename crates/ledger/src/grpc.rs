@@ -183,8 +183,9 @@ grpc_methods! {
                 .await?;
             Ok(pb::RefundResponse {
                 refund: Some(refund_pb(&done.refund)),
-                transfer: Some(transfer_pb(&done.transfer, None)),
+                transfer: Some(transfer_pb(&done.transfer, core.expires_in(&done.transfer))),
                 refunded_micros: done.refunded.get(),
+                existing: done.existing,
             })
         }
 

@@ -45,17 +45,25 @@ async fn refunds_give_back_what_was_captured(h: Harness) -> Harness {
     let made = first.refund.clone().expect("the refund");
     assert!(!made.by_admin);
     assert_eq!(balances(&h).await, (9 * USD + 300_000, 700_000));
-    // Sent twice: the same refund, nothing moved again.
+    assert!(!first.existing);
+    // Sent twice: the same refund, said to exist, nothing moved again.
     let again = ok(router.refund(refund(&id, 300_000, "r1")).await);
     assert_eq!(again.refund, first.refund);
+    assert!(again.existing);
     assert_eq!(again.refunded_micros, 300_000);
     assert_eq!(balances(&h).await, (9 * USD + 300_000, 700_000));
-    // The key names that refund: another amount under it is a conflict.
-    let conflict = router.refund(refund(&id, 200_000, "r1")).await;
-    assert_eq!(
-        reason(&conflict.expect_err("conflict")).as_deref(),
-        Some("IDEMPOTENCY_CONFLICT")
-    );
+    // The key names that refund: another amount, or another reason, under it is a conflict.
+    let other_reason = pb::RefundRequest {
+        reason: "a typo, corrected".into(),
+        ..refund(&id, 300_000, "r1")
+    };
+    for changed in [refund(&id, 200_000, "r1"), other_reason] {
+        let conflict = router.refund(changed).await;
+        assert_eq!(
+            reason(&conflict.expect_err("conflict")).as_deref(),
+            Some("IDEMPOTENCY_CONFLICT")
+        );
+    }
     // The rest, then nothing more.
     let rest = ok(router.refund(refund(&id, 700_000, "r2")).await);
     assert_eq!(rest.refunded_micros, USD);
@@ -84,11 +92,14 @@ async fn only_a_captured_transfer_is_refunded_by_its_recipient_or_the_admin(h: H
     let other = h.account(OTHER, 0).await;
     let mut router = h.client(&owner);
     let before = balances(&h).await;
-    // Neither the sender, nor another owner, nor for an unknown transfer: as if not there.
-    for (secret, transfer) in [(&alice, id.as_str()), (&other, &id), (&owner, "no-such-id")] {
+    // Not another owner, nor for an unknown transfer: as if not there. Not its sender, who
+    // sees the transfer: told why.
+    for (secret, transfer) in [(&other, id.as_str()), (&owner, "no-such-id")] {
         let refused = h.client(secret).refund(refund(transfer, 1, "x")).await;
         assert_eq!(code(refused), Code::NotFound);
     }
+    let refused = h.client(&alice).refund(refund(&id, 1, "x")).await;
+    assert_eq!(code(refused), Code::PermissionDenied);
     let listed = h
         .client(&other)
         .list_refunds(pb::ListRefundsRequest {
@@ -214,8 +225,28 @@ async fn verify_names_a_refund_that_does_not_match_its_entries(h: Harness) -> Ha
     h
 }
 
+/// A hundred refunds of one micro each, then no more: a transfer's refunds are listed in one
+/// answer.
+async fn a_transfer_has_at_most_a_hundred_refunds(h: Harness) -> Harness {
+    let (owner, _alice, id) = paid(&h).await;
+    let mut router = h.client(&owner);
+    for i in 0..100 {
+        ok(router.refund(refund(&id, 1, &format!("m{i}"))).await);
+    }
+    let refused = router.refund(refund(&id, 1, "m100")).await;
+    assert_eq!(code(refused), Code::FailedPrecondition);
+    let listed = ok(router
+        .list_refunds(pb::ListRefundsRequest {
+            transfer_id: id.clone(),
+        })
+        .await);
+    assert_eq!((listed.refunds.len(), listed.refunded_micros), (100, 100));
+    h
+}
+
 store_suite!(
     refunds_give_back_what_was_captured,
+    a_transfer_has_at_most_a_hundred_refunds,
     verify_names_a_refund_that_does_not_match_its_entries,
     only_a_captured_transfer_is_refunded_by_its_recipient_or_the_admin,
     a_recipient_without_the_money_cannot_refund,

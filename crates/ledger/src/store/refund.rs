@@ -10,7 +10,9 @@
 
 use syft_error::Reason;
 
-use super::{new_id, retry_transient, Backend, Micros, Store, TransferRow};
+use super::{
+    new_id, retry_transient, Backend, Micros, Store, TransferRow, TRANSFER_COLUMNS, TRANSFER_JOINS,
+};
 use crate::domain::{Refunder, TransferStatus};
 use crate::error::{LedgerError, Result};
 
@@ -34,61 +36,51 @@ pub struct RefundRow {
     pub created_at: i64,
 }
 
-/// A refund as answered: the row, its transfer, and all refunded from that transfer so far.
+/// A refund as answered: the row, its transfer, and all refunded from that transfer so far, read
+/// in the refund's transaction.
 #[derive(Debug, Clone)]
 pub struct Refunded {
     pub refund: RefundRow,
+    /// The key's refund was made before this call (nothing moved now).
+    pub existing: bool,
     pub transfer: TransferRow,
     pub refunded: Micros,
 }
 
-enum Outcome {
-    Done(RefundRow),
-    /// The key's refund, made before.
-    Replay(RefundRow),
-    Refused(LedgerError),
-}
+/// The most refunds one transfer may have: its listing is one answer (a gRPC message has a
+/// bounded number of entries), and a transfer refunded in a hundred parts is a mistake.
+pub const MAX_REFUNDS_PER_TRANSFER: i64 = 100;
+
+/// A refund made (or found made), or why not; the outer error is the database's (retried).
+type Outcome = Result<Refunded>;
 
 const REFUND_COLUMNS: &str =
     "id, transfer_id, amount, reason, refunded_by, idempotency_key, created_at";
 
 impl Store {
     /// Refunds `amount` of a completed transfer to its sender. The same key again (for the same
-    /// amount) answers the refund it made; for another amount, `IDEMPOTENCY_CONFLICT`.
+    /// amount and reason) answers the refund it made; with another amount or reason,
+    /// `IDEMPOTENCY_CONFLICT`. The key is per transfer, the recipient's and the admin's alike.
     pub async fn refund(&self, input: &RefundInput<'_>) -> Result<Refunded> {
-        let not_found =
-            || LedgerError::NotFound(format!("transfer {} not found", input.transfer_id));
-        let transfer = (self.transfer_by_id(input.transfer_id).await?)
-            .filter(|t| input.recipient_id.is_none_or(|r| r == t.recipient_id))
-            .ok_or_else(not_found)?;
-        let outcome = retry_transient(|| self.try_refund(input, &transfer)).await?;
-        let refund = match outcome {
-            Outcome::Done(row) => row,
-            Outcome::Replay(row) if row.amount == input.amount => row,
-            Outcome::Replay(row) => {
-                return Err(LedgerError::refused(
-                    Reason::IdempotencyConflict,
-                    format!(
-                        "idempotency key {:?} refunded {} micros of this transfer, not {}",
-                        input.idempotency_key,
-                        row.amount.get(),
-                        input.amount.get()
-                    ),
-                ))
+        let transfer = self.transfer_by_id(input.transfer_id).await?;
+        let transfer = match (transfer, input.recipient_id) {
+            (Some(t), None) => t,
+            (Some(t), Some(caller)) if caller == t.recipient_id => t,
+            // Its sender sees the transfer (and its refunds): told why, not "not found".
+            (Some(t), Some(caller)) if caller == t.sender_id => {
+                return Err(LedgerError::PermissionDenied(format!(
+                    "only the recipient of transfer {} (or the admin) may refund it",
+                    t.id
+                )))
             }
-            Outcome::Refused(e) => return Err(e),
+            _ => {
+                return Err(LedgerError::NotFound(format!(
+                    "transfer {} not found",
+                    input.transfer_id
+                )))
+            }
         };
-        let refunded: i64 = sqlx::query_scalar(
-            "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM refunds WHERE transfer_id = $1",
-        )
-        .bind(&transfer.id)
-        .fetch_one(self.pool())
-        .await?;
-        Ok(Refunded {
-            refund,
-            transfer,
-            refunded: Micros::new(refunded),
-        })
+        retry_transient(|| self.try_refund(input, &transfer)).await?
     }
 
     async fn try_refund(
@@ -101,9 +93,24 @@ impl Store {
             Backend::Sqlite => ("", ""),
         };
         let mut tx = self.pool().begin().await?;
-        let (status, captured): (TransferStatus, i64) = sqlx::query_as(&format!(
-            "SELECT status, captured FROM transfers WHERE id = $1{lock_transfer}"
+        sqlx::query(&format!(
+            "SELECT id FROM transfers WHERE id = $1{lock_transfer}"
         ))
+        .bind(&t.id)
+        .execute(&mut *tx)
+        .await?;
+        // Read under the lock: the answer says the transfer as it is, not as it was before a
+        // capture that held the lock.
+        let transfer: TransferRow = sqlx::query_as(&format!(
+            "SELECT {TRANSFER_COLUMNS} FROM transfers t {TRANSFER_JOINS} WHERE t.id = $1"
+        ))
+        .bind(&t.id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let (count, refunded): (i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*), CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM refunds \
+             WHERE transfer_id = $1",
+        )
         .bind(&t.id)
         .fetch_one(&mut *tx)
         .await?;
@@ -114,26 +121,47 @@ impl Store {
         .bind(input.idempotency_key)
         .fetch_optional(&mut *tx)
         .await?;
-        if let Some(row) = before {
-            return Ok(Outcome::Replay(row));
+        if let Some(refund) = before {
+            if refund.amount != input.amount || refund.reason != input.reason {
+                return Ok(Err(LedgerError::refused(
+                    Reason::IdempotencyConflict,
+                    format!(
+                        "idempotency key {:?} refunded {} micros of transfer {} ({:?}), not {} \
+                         ({:?})",
+                        input.idempotency_key,
+                        refund.amount.get(),
+                        t.id,
+                        refund.reason,
+                        input.amount.get(),
+                        input.reason
+                    ),
+                )));
+            }
+            return Ok(Ok(Refunded {
+                refund,
+                existing: true,
+                transfer,
+                refunded: Micros::new(refunded),
+            }));
         }
-        if status != TransferStatus::Completed {
-            return Ok(Outcome::Refused(LedgerError::FailedPrecondition(format!(
+        if transfer.status != TransferStatus::Completed {
+            return Ok(Err(LedgerError::FailedPrecondition(format!(
                 "transfer {} is {}: only a captured transfer can be refunded",
                 t.id,
-                status.as_str().to_lowercase()
+                transfer.status.as_str().to_lowercase()
             ))));
         }
-        let refunded: i64 = sqlx::query_scalar(
-            "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM refunds WHERE transfer_id = $1",
-        )
-        .bind(&t.id)
-        .fetch_one(&mut *tx)
-        .await?;
+        if count >= MAX_REFUNDS_PER_TRANSFER {
+            return Ok(Err(LedgerError::FailedPrecondition(format!(
+                "transfer {} has {count} refunds, the most one may have",
+                t.id
+            ))));
+        }
+        let captured = transfer.captured.get();
         let amount = input.amount.get();
         let left = captured - refunded;
         if amount > left {
-            return Ok(Outcome::Refused(LedgerError::FailedPrecondition(format!(
+            return Ok(Err(LedgerError::FailedPrecondition(format!(
                 "transfer {} captured {captured} micros and {refunded} are refunded: at most \
                  {left} more can be, not {amount}",
                 t.id
@@ -157,7 +185,7 @@ impl Store {
         .await?
         .rows_affected();
         if debited == 0 {
-            return Ok(Outcome::Refused(LedgerError::refused(
+            return Ok(Err(LedgerError::refused(
                 Reason::InsufficientFunds,
                 format!(
                     "{} has less than {amount} micros available to refund",
@@ -207,7 +235,12 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(Outcome::Done(row))
+        Ok(Ok(Refunded {
+            refund: row,
+            existing: false,
+            transfer,
+            refunded: Micros::new(refunded + amount),
+        }))
     }
 
     /// The refunds of a transfer, oldest first.
