@@ -509,6 +509,12 @@ async fn a_refund_from_the_command_line_is_made_once() {
         &seen,
         &["0.5", "wrong answer", "total: 2 refunds, 1 refunded"],
     );
+    // Without a transfer: every refund paid to her.
+    let all_hers = run(&mut account_cli(h.url(), &alice)(&["refunds"]));
+    assert_contains(
+        &all_hers,
+        &["alice@example.com", "total: 2 refunds, 1 refunded"],
+    );
     let alice_now = h
         .client(&alice)
         .get_account(pb::GetAccountRequest {

@@ -48,6 +48,7 @@ macro_rules! paged {
 paged!(pb::ListAccountsRequest, list_accounts, accounts: pb::Account);
 paged!(pb::ListTokensRequest, list_tokens, tokens: pb::Token);
 paged!(pb::ListTransfersRequest, list_transfers, transfers: pb::Transfer);
+paged!(pb::ListRefundsRequest, list_refunds, refunds: pb::Refund);
 
 /// Every row of `request` up to `limit` (`None`: all), page by page.
 pub(super) async fn list_all<R: Paged>(

@@ -7,6 +7,7 @@ use syft_ledger::money::{format_micros, parse_decimal_micros};
 use syft_proto::ledger as pb;
 
 use super::client::{Conn, OrFail};
+use super::paging::list_all;
 
 #[derive(Args, Debug)]
 pub struct RefundArgs {
@@ -30,8 +31,16 @@ pub struct RefundArgs {
 pub struct RefundsArgs {
     #[command(flatten)]
     conn: Conn,
-    /// The transfer whose refunds to list.
-    transfer_id: String,
+    /// The transfer whose refunds to list; without one, your refunds (paid to you or by you;
+    /// the admin's: everyone's), newest first.
+    transfer_id: Option<String>,
+    /// Most refunds to print (pages of up to 500 are fetched as needed).
+    #[arg(long, default_value_t = 100, conflicts_with = "all",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    limit: u32,
+    /// Every refund, however many.
+    #[arg(long)]
+    all: bool,
 }
 
 pub async fn refund(args: RefundArgs) -> anyhow::Result<()> {
@@ -58,6 +67,7 @@ pub async fn refund(args: RefundArgs) -> anyhow::Result<()> {
         let listed = client
             .list_refunds(pb::ListRefundsRequest {
                 transfer_id: args.transfer_id.clone(),
+                ..Default::default()
             })
             .await
             .or_fail(conn)?;
@@ -142,18 +152,19 @@ pub async fn refund(args: RefundArgs) -> anyhow::Result<()> {
 
 pub async fn refunds(args: RefundsArgs) -> anyhow::Result<()> {
     let conn = &args.conn;
-    let listed = conn
-        .user()?
-        .list_refunds(pb::ListRefundsRequest {
-            transfer_id: args.transfer_id.clone(),
-        })
-        .await
-        .or_fail(conn)?;
+    let request = pb::ListRefundsRequest {
+        transfer_id: args.transfer_id.clone().unwrap_or_default(),
+        ..Default::default()
+    };
+    let client = conn.user()?;
+    let (refunds, next) =
+        list_all(conn, &client, request, (!args.all).then_some(args.limit)).await?;
+    let total: i64 = refunds.iter().map(|r| r.amount_micros).sum();
     if conn.json {
-        let refunds: Vec<_> = listed.refunds.iter().map(refund_json).collect();
+        let rows: Vec<_> = refunds.iter().map(refund_json).collect();
         println!(
             "{}",
-            json!({"refunds": refunds, "refunded_micros": listed.refunded_micros})
+            json!({"refunds": rows, "refunded_micros": total, "next_page_token": next})
         );
         return Ok(());
     }
@@ -161,28 +172,33 @@ pub async fn refunds(args: RefundsArgs) -> anyhow::Result<()> {
     let table = Table {
         cols: &[
             Col::Left("created (UTC)", 19),
-            Col::Left("id", 36),
+            Col::Left("transfer", 36),
             Col::Right("amount", 10),
+            Col::Left("currency", 8),
+            Col::Left("to (sender)", 24),
             Col::Left("by", 5),
             Col::Left("reason", 0),
         ],
         gap: "  ",
     };
     table.header();
-    for r in &listed.refunds {
+    for r in &refunds {
         table.row(&[
             &super::time::format_time(r.created_at_unix_micros),
-            &r.id,
+            &r.transfer_id,
             &format_micros(r.amount_micros),
+            &r.currency,
+            &r.sender_email,
             &if r.by_admin { "admin" } else { "owner" },
             &r.reason,
         ]);
     }
     println!(
         "total: {} refunds, {} refunded",
-        listed.refunds.len(),
-        format_micros(listed.refunded_micros)
+        refunds.len(),
+        format_micros(total)
     );
+    super::tables::more_hint(&next, "refunds");
     Ok(())
 }
 
@@ -195,5 +211,8 @@ fn refund_json(r: &pb::Refund) -> serde_json::Value {
         "by_admin": r.by_admin,
         "idempotency_key": r.idempotency_key,
         "created_at_unix_micros": r.created_at_unix_micros,
+        "sender_email": r.sender_email,
+        "recipient_email": r.recipient_email,
+        "currency": r.currency,
     })
 }

@@ -15,7 +15,7 @@ use crate::domain::Micros;
 use crate::error::{LedgerError, Result};
 use crate::store::{
     now_micros, AccountRow, AnswerWrite, AuthorizeInput, CaptureAmount, DirectInput, IssuedToken,
-    Placed, RefundInput, RefundRow, Refunded, Resolution, ResolveInput, Store, TokenFilter,
+    Keyset, Placed, RefundInput, RefundRow, Refunded, Resolution, ResolveInput, Store, TokenFilter,
     TokenGrant, TokenRow, TransferFilter, TransferRow, UsageInput,
 };
 
@@ -151,6 +151,15 @@ pub trait TransferBackend: Send + Sync + 'static {
 
     /// A transfer's refunds, oldest first.
     async fn refunds_of(&self, _transfer_id: &str) -> Result<Vec<RefundRow>> {
+        Err(not_supported("refunds"))
+    }
+
+    /// An account's refunds (`None`: everyone's), newest first, a keyset page.
+    async fn refunds_page(
+        &self,
+        _account: Option<i64>,
+        _page: &Keyset,
+    ) -> Result<(Vec<RefundRow>, bool)> {
         Err(not_supported("refunds"))
     }
 
@@ -326,6 +335,14 @@ impl TransferBackend for LocalBackend {
 
     async fn refunds_of(&self, transfer_id: &str) -> Result<Vec<RefundRow>> {
         self.store.refunds_of(transfer_id).await
+    }
+
+    async fn refunds_page(
+        &self,
+        account: Option<i64>,
+        page: &Keyset,
+    ) -> Result<(Vec<RefundRow>, bool)> {
+        self.store.refunds_page(account, page).await
     }
 
     async fn check_token(&self, recipient_id: i64, token: &str) -> Result<(String, String)> {

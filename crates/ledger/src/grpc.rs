@@ -8,8 +8,8 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::Caller;
 use crate::core::{
-    AnswerInput, HoldRequest, Ledger, NewAccount, NewToken, PageRequest, RefundRequest, Role,
-    TokenQuery, TransferQuery, UsageDimsQuery, UsageQuery,
+    AnswerInput, HoldRequest, Ledger, NewAccount, NewToken, PageRequest, RefundQuery,
+    RefundRequest, Role, TokenQuery, TransferQuery, UsageDimsQuery, UsageQuery,
 };
 use crate::domain::{Micros, Refunder, TransferStatus};
 use crate::error::{LedgerError, Result};
@@ -190,10 +190,20 @@ grpc_methods! {
         }
 
         fn list_refunds(pb::ListRefundsRequest) -> pb::ListRefundsResponse {
-            let refunds = core.refunds(&caller, &req.transfer_id).await?;
+            let query = RefundQuery {
+                transfer_id: req.transfer_id,
+                page: PageRequest {
+                    page_token: req.page_token,
+                    page_size: req.page_size,
+                },
+            };
+            let page = core.refunds(&caller, &query).await?;
+            let refunded_micros = page.items.iter().map(|r| r.amount.get()).sum();
+            let (refunds, next_page_token) = page.convert(refund_pb);
             Ok(pb::ListRefundsResponse {
-                refunded_micros: refunds.iter().map(|r| r.amount.get()).sum(),
-                refunds: refunds.iter().map(refund_pb).collect(),
+                refunds,
+                refunded_micros,
+                next_page_token,
             })
         }
 
@@ -460,6 +470,9 @@ fn refund_pb(r: &RefundRow) -> pb::Refund {
         by_admin: r.refunded_by == Refunder::Admin,
         idempotency_key: r.idempotency_key.clone(),
         created_at_unix_micros: r.created_at,
+        sender_email: r.sender_email.clone(),
+        recipient_email: r.recipient_email.clone(),
+        currency: r.currency.clone(),
     }
 }
 

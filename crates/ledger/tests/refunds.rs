@@ -78,12 +78,46 @@ async fn refunds_give_back_what_was_captured(h: Harness) -> Harness {
             .client(secret)
             .list_refunds(pb::ListRefundsRequest {
                 transfer_id: id.clone(),
+                ..Default::default()
             })
             .await);
         assert_eq!(listed.refunded_micros, USD);
         let amounts: Vec<i64> = listed.refunds.iter().map(|r| r.amount_micros).collect();
         assert_eq!(amounts, [300_000, 700_000]);
     }
+    // Without a transfer: the caller's refunds across its transfers, newest first, a page at a
+    // time, naming whom each paid back; another account sees none of them, the admin all.
+    let mine = |secret: String, page_token: String| {
+        let mut client = h.client(&secret);
+        async move {
+            ok(client
+                .list_refunds(pb::ListRefundsRequest {
+                    page_size: 1,
+                    page_token,
+                    ..Default::default()
+                })
+                .await)
+        }
+    };
+    let first_page = mine(alice.clone(), String::new()).await;
+    assert_eq!(first_page.refunds.len(), 1);
+    assert_eq!(first_page.refunds[0].amount_micros, 700_000);
+    assert_eq!(first_page.refunds[0].sender_email, ALICE);
+    assert!(!first_page.next_page_token.is_empty());
+    let second_page = mine(alice.clone(), first_page.next_page_token).await;
+    let amounts: Vec<i64> = second_page
+        .refunds
+        .iter()
+        .map(|r| r.amount_micros)
+        .collect();
+    assert_eq!(amounts, [300_000]);
+    let stranger = h.account(OTHER, 0).await;
+    assert!(mine(stranger, String::new()).await.refunds.is_empty());
+    let everyone = ok(h
+        .client(ADMIN_KEY)
+        .list_refunds(pb::ListRefundsRequest::default())
+        .await);
+    assert_eq!(everyone.refunded_micros, USD);
     h
 }
 
@@ -104,6 +138,7 @@ async fn only_a_captured_transfer_is_refunded_by_its_recipient_or_the_admin(h: H
         .client(&other)
         .list_refunds(pb::ListRefundsRequest {
             transfer_id: id.clone(),
+            ..Default::default()
         })
         .await;
     assert_eq!(code(listed), Code::NotFound);
@@ -238,6 +273,7 @@ async fn a_transfer_has_at_most_a_hundred_refunds(h: Harness) -> Harness {
     let listed = ok(router
         .list_refunds(pb::ListRefundsRequest {
             transfer_id: id.clone(),
+            ..Default::default()
         })
         .await);
     assert_eq!((listed.refunds.len(), listed.refunded_micros), (100, 100));

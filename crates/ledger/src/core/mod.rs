@@ -31,7 +31,7 @@ mod transfers;
 pub use listing::TokenQuery;
 use paging::{encode_page_token, keyset_page, page_size};
 pub use paging::{Page, PageRequest, MAX_PAGE};
-pub use refunds::RefundRequest;
+pub use refunds::{RefundQuery, RefundRequest};
 pub use stats::{parse_dimensions, Stats, StatsQuery, StatsRole, MAX_GROUPS};
 
 /// Rows per `RecordUsageBatch` call (the usage writer batches up to 4,000 rows).

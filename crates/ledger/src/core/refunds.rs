@@ -8,7 +8,14 @@ use crate::money::check_positive;
 use crate::store::{RefundInput, RefundRow, Refunded};
 use crate::validate::{self, MAX_KEY, MAX_REASON};
 
-use super::Ledger;
+use super::{keyset_page, Ledger, Page, PageRequest};
+
+/// Which refunds to list: a transfer's, or (empty id) the caller's, a page at a time.
+#[derive(Debug, Clone, Default)]
+pub struct RefundQuery {
+    pub transfer_id: String,
+    pub page: PageRequest,
+}
 
 /// A refund asked for, not yet validated.
 #[derive(Debug, Clone, Default)]
@@ -42,9 +49,24 @@ impl Ledger {
         self.backend.refund(&input).await
     }
 
-    /// A transfer's refunds, oldest first, for whoever may see the transfer.
-    pub async fn refunds(&self, caller: &Caller, transfer_id: &str) -> Result<Vec<RefundRow>> {
-        let transfer = self.transfer(caller, transfer_id).await?;
-        self.backend.refunds_of(&transfer.id).await
+    /// A transfer's refunds, oldest first, for whoever may see the transfer (one page); without
+    /// a transfer, the caller's refunds as sender or recipient (the admin's: all), newest first.
+    pub async fn refunds(&self, caller: &Caller, q: &RefundQuery) -> Result<Page<Vec<RefundRow>>> {
+        if q.transfer_id.is_empty() {
+            let account = match caller {
+                Caller::Admin => None,
+                Caller::Account(a) => Some(a.id),
+            };
+            let (rows, more) = self
+                .backend
+                .refunds_page(account, &q.page.keyset()?)
+                .await?;
+            return Ok(keyset_page(rows, more, |r| r.id.clone()));
+        }
+        let transfer = self.transfer(caller, &q.transfer_id).await?;
+        Ok(Page {
+            items: self.backend.refunds_of(&transfer.id).await?,
+            next_page_token: String::new(),
+        })
     }
 }

@@ -11,7 +11,8 @@
 use syft_error::Reason;
 
 use super::{
-    new_id, retry_transient, Backend, Micros, Store, TransferRow, TRANSFER_COLUMNS, TRANSFER_JOINS,
+    new_id, retry_transient, Backend, Keyset, Micros, Store, TransferRow, TRANSFER_COLUMNS,
+    TRANSFER_JOINS,
 };
 use crate::domain::{Refunder, TransferStatus};
 use crate::error::{LedgerError, Result};
@@ -34,6 +35,10 @@ pub struct RefundRow {
     pub refunded_by: Refunder,
     pub idempotency_key: String,
     pub created_at: i64,
+    /// The transfer's parties and currency (read with the refund).
+    pub sender_email: String,
+    pub recipient_email: String,
+    pub currency: String,
 }
 
 /// A refund as answered: the row, its transfer, and all refunded from that transfer so far, read
@@ -56,6 +61,12 @@ type Outcome = Result<Refunded>;
 
 const REFUND_COLUMNS: &str =
     "id, transfer_id, amount, reason, refunded_by, idempotency_key, created_at";
+
+/// `SELECT {REFUND_READ} WHERE …` reads a [`RefundRow`] with its transfer's parties.
+const REFUND_READ: &str = "r.id, r.transfer_id, r.amount, r.reason, r.refunded_by, \
+     r.idempotency_key, r.created_at, sa.email AS sender_email, ra.email AS recipient_email, \
+     t.currency FROM refunds r JOIN transfers t ON t.id = r.transfer_id \
+     JOIN accounts sa ON sa.id = t.sender_id JOIN accounts ra ON ra.id = t.recipient_id";
 
 impl Store {
     /// Refunds `amount` of a completed transfer to its sender. The same key again (for the same
@@ -115,7 +126,7 @@ impl Store {
         .fetch_one(&mut *tx)
         .await?;
         let before: Option<RefundRow> = sqlx::query_as(&format!(
-            "SELECT {REFUND_COLUMNS} FROM refunds WHERE transfer_id = $1 AND idempotency_key = $2"
+            "SELECT {REFUND_READ} WHERE r.transfer_id = $1 AND r.idempotency_key = $2"
         ))
         .bind(&t.id)
         .bind(input.idempotency_key)
@@ -209,6 +220,9 @@ impl Store {
             },
             idempotency_key: input.idempotency_key.to_string(),
             created_at: self.now(),
+            sender_email: transfer.sender_email.clone(),
+            recipient_email: transfer.recipient_email.clone(),
+            currency: transfer.currency.clone(),
         };
         sqlx::query(&format!(
             "INSERT INTO refunds ({REFUND_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
@@ -246,10 +260,32 @@ impl Store {
     /// The refunds of a transfer, oldest first.
     pub async fn refunds_of(&self, transfer_id: &str) -> Result<Vec<RefundRow>> {
         Ok(sqlx::query_as(&format!(
-            "SELECT {REFUND_COLUMNS} FROM refunds WHERE transfer_id = $1 ORDER BY created_at, id"
+            "SELECT {REFUND_READ} WHERE r.transfer_id = $1 ORDER BY r.created_at, r.id"
         ))
         .bind(transfer_id)
         .fetch_all(self.pool())
         .await?)
+    }
+
+    /// Refunds of `account`'s transfers, as sender or recipient (`None`: everyone's), newest
+    /// first by id (time-ordered), a page after `page.before_id`; the bool says whether there
+    /// are more.
+    pub async fn refunds_page(
+        &self,
+        account: Option<i64>,
+        page: &Keyset,
+    ) -> Result<(Vec<RefundRow>, bool)> {
+        let mut rows: Vec<RefundRow> = sqlx::query_as(&format!(
+            "SELECT {REFUND_READ} WHERE ($1 IS NULL OR t.sender_id = $1 OR t.recipient_id = $1) \
+             AND ($2 IS NULL OR r.id < $2) ORDER BY r.id DESC LIMIT $3"
+        ))
+        .bind(account)
+        .bind(page.before_id.as_deref())
+        .bind(page.limit + 1)
+        .fetch_all(self.pool())
+        .await?;
+        let more = rows.len() as i64 > page.limit;
+        rows.truncate(page.limit as usize);
+        Ok((rows, more))
     }
 }
