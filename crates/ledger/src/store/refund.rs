@@ -73,51 +73,44 @@ impl Store {
     /// amount and reason) answers the refund it made; with another amount or reason,
     /// `IDEMPOTENCY_CONFLICT`. The key is per transfer, the recipient's and the admin's alike.
     pub async fn refund(&self, input: &RefundInput<'_>) -> Result<Refunded> {
-        let transfer = self.transfer_by_id(input.transfer_id).await?;
-        let transfer = match (transfer, input.recipient_id) {
-            (Some(t), None) => t,
-            (Some(t), Some(caller)) if caller == t.recipient_id => t,
-            // Its sender sees the transfer (and its refunds): told why, not "not found".
-            (Some(t), Some(caller)) if caller == t.sender_id => {
-                return Err(LedgerError::PermissionDenied(format!(
-                    "only the recipient of transfer {} (or the admin) may refund it",
-                    t.id
-                )))
-            }
-            _ => {
-                return Err(LedgerError::NotFound(format!(
-                    "transfer {} not found",
-                    input.transfer_id
-                )))
-            }
-        };
-        retry_transient(|| self.try_refund(input, &transfer)).await?
+        retry_transient(|| self.try_refund(input)).await?
     }
 
     async fn try_refund(
         &self,
         input: &RefundInput<'_>,
-        t: &TransferRow,
     ) -> std::result::Result<Outcome, sqlx::Error> {
         let (lock_transfer, lock_accounts) = match self.backend() {
-            Backend::Postgres => (" FOR UPDATE", " FOR NO KEY UPDATE"),
+            Backend::Postgres => (" FOR UPDATE OF t", " FOR NO KEY UPDATE"),
             Backend::Sqlite => ("", ""),
         };
         let mut tx = self.pool().begin().await?;
-        sqlx::query(&format!(
-            "SELECT id FROM transfers WHERE id = $1{lock_transfer}"
-        ))
-        .bind(&t.id)
-        .execute(&mut *tx)
-        .await?;
-        // Read under the lock: the answer says the transfer as it is, not as it was before a
+        // Read under its lock: the answer says the transfer as it is, not as it was before a
         // capture that held the lock.
-        let transfer: TransferRow = sqlx::query_as(&format!(
-            "SELECT {TRANSFER_COLUMNS} FROM transfers t {TRANSFER_JOINS} WHERE t.id = $1"
+        let transfer: Option<TransferRow> = sqlx::query_as(&format!(
+            "SELECT {TRANSFER_COLUMNS} FROM transfers t {TRANSFER_JOINS} WHERE t.id = $1\
+             {lock_transfer}"
         ))
-        .bind(&t.id)
-        .fetch_one(&mut *tx)
+        .bind(input.transfer_id)
+        .fetch_optional(&mut *tx)
         .await?;
+        let t = match (transfer, input.recipient_id) {
+            (Some(t), None) => t,
+            (Some(t), Some(caller)) if caller == t.recipient_id => t,
+            // Its sender sees the transfer (and its refunds): told why, not "not found".
+            (Some(t), Some(caller)) if caller == t.sender_id => {
+                return Ok(Err(LedgerError::PermissionDenied(format!(
+                    "only the recipient of transfer {} (or the admin) may refund it",
+                    t.id
+                ))))
+            }
+            _ => {
+                return Ok(Err(LedgerError::NotFound(format!(
+                    "transfer {} not found",
+                    input.transfer_id
+                ))))
+            }
+        };
         let (count, refunded): (i64, i64) = sqlx::query_as(
             "SELECT COUNT(*), CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM refunds \
              WHERE transfer_id = $1",
@@ -151,15 +144,15 @@ impl Store {
             return Ok(Ok(Refunded {
                 refund,
                 existing: true,
-                transfer,
+                transfer: t,
                 refunded: Micros::new(refunded),
             }));
         }
-        if transfer.status != TransferStatus::Completed {
+        if t.status != TransferStatus::Completed {
             return Ok(Err(LedgerError::FailedPrecondition(format!(
                 "transfer {} is {}: only a captured transfer can be refunded",
                 t.id,
-                transfer.status.as_str().to_lowercase()
+                t.status.as_str().to_lowercase()
             ))));
         }
         if count >= MAX_REFUNDS_PER_TRANSFER {
@@ -168,7 +161,7 @@ impl Store {
                 t.id
             ))));
         }
-        let captured = transfer.captured.get();
+        let captured = t.captured.get();
         let amount = input.amount.get();
         let left = captured - refunded;
         if amount > left {
@@ -220,9 +213,9 @@ impl Store {
             },
             idempotency_key: input.idempotency_key.to_string(),
             created_at: self.now(),
-            sender_email: transfer.sender_email.clone(),
-            recipient_email: transfer.recipient_email.clone(),
-            currency: transfer.currency.clone(),
+            sender_email: t.sender_email.clone(),
+            recipient_email: t.recipient_email.clone(),
+            currency: t.currency.clone(),
         };
         sqlx::query(&format!(
             "INSERT INTO refunds ({REFUND_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
@@ -252,7 +245,7 @@ impl Store {
         Ok(Ok(Refunded {
             refund: row,
             existing: false,
-            transfer,
+            transfer: t,
             refunded: Micros::new(refunded + amount),
         }))
     }

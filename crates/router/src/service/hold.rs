@@ -247,7 +247,7 @@ pub(super) const AUTHORIZE_SETTLE_LIMIT: Duration = Duration::from_secs(30);
 
 /// A ledger timestamp as an instant of this process's clock (a day ahead at most, whatever the
 /// ledger says).
-pub(super) fn local_instant(unix_micros: i64) -> Instant {
+fn local_instant(unix_micros: i64) -> Instant {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
@@ -282,7 +282,7 @@ pub(super) fn wait_bound(t: &syft_proto::ledger::Transfer) -> Instant {
 }
 
 /// The expiry a ledger's `expires_in_micros` gives, counted from `at` (a day at most).
-pub(super) fn said_expiry(at: Instant, t: &syft_proto::ledger::Transfer) -> Option<Instant> {
+fn said_expiry(at: Instant, t: &syft_proto::ledger::Transfer) -> Option<Instant> {
     let left = u64::try_from(t.expires_in_micros?).unwrap_or(0);
     Some(at + Duration::from_micros(left).min(Duration::from_secs(86_400)))
 }
