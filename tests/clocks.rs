@@ -7,13 +7,13 @@
 //! cuts no stream short. Every scenario ends with `verify`.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use syft_ledger::client::{self, connect_lazy, LedgerClient};
+use syft_ledger::client;
 use syft_ledger::store::Store;
 use syft_proto::ledger as pb;
-use syft_testkit::{free_ports, req, Db, Harness, ADMIN_KEY, USD};
+use syft_testkit::{free_ports, req, Db, Harness, LedgerProcess, ADMIN_KEY, USD};
 
 const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 const OWNER: &str = "owner@router.example";
@@ -39,52 +39,6 @@ fn under_fake_clock(offset: &str) -> Command {
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
     command
-}
-
-/// A `syft-router ledger` process whose wall clock is `offset` (libfaketime's form, e.g. "+600"
-/// seconds) off the real one; killed when dropped.
-struct FakeClockLedger {
-    child: Child,
-    url: String,
-}
-
-impl FakeClockLedger {
-    async fn start(offset: &str, database_url: &str) -> Self {
-        let [grpc, http] = free_ports();
-        let child = under_fake_clock(offset)
-            .args([
-                "ledger",
-                "--database-url",
-                database_url,
-                "--admin-key",
-                ADMIN_KEY,
-            ])
-            .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])
-            .args(["--http-addr", &format!("127.0.0.1:{http}")])
-            .args(["--sweep-interval", "1s"])
-            .spawn()
-            .expect("start a ledger");
-        let ledger = Self {
-            child,
-            url: format!("http://127.0.0.1:{grpc}"),
-        };
-        let mut admin = ledger.client(ADMIN_KEY);
-        client::wait_for_ledger(&mut admin)
-            .await
-            .expect("the ledger under a fake clock starts");
-        ledger
-    }
-
-    fn client(&self, secret: &str) -> LedgerClient {
-        connect_lazy(&self.url, secret).expect("client")
-    }
-}
-
-impl Drop for FakeClockLedger {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// A ledger on Postgres (none, saying why, without libfaketime or Postgres) where Alice pays the
@@ -119,7 +73,7 @@ async fn a_replica_whose_clock_runs_ahead_cancels_no_live_hold() {
         .await
         .expect("hold")
         .into_inner();
-    let ahead = FakeClockLedger::start("+600", &h.config.database_url).await;
+    let ahead = LedgerProcess::start(under_fake_clock("+600"), &h.config.database_url).await;
     // Its start-up sweep and two more.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let now = router
@@ -166,7 +120,7 @@ async fn a_ledger_behind_its_database_stamps_holds_by_the_databases_clock() {
         return;
     };
     let store = Store::connect(&db.url, 2).await.expect("store");
-    let behind = FakeClockLedger::start("-600", &db.url).await;
+    let behind = LedgerProcess::start(under_fake_clock("-600"), &db.url).await;
     let mut admin = behind.client(ADMIN_KEY);
     let owner = client::create_account(&mut admin, OWNER, "test")
         .await

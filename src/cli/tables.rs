@@ -251,8 +251,8 @@ pub fn token_json(t: &pb::Token) -> serde_json::Value {
 
 pub fn transfer_json(t: &pb::Transfer) -> serde_json::Value {
     json!({"id": t.id, "status": status_word(t.status()), "sender": t.sender_email, "recipient": t.recipient_email,
-           "amount_micros": t.amount_micros, "captured_micros": t.captured_micros, "currency": t.currency,
-           "app_name": t.app_name, "app_ep_path": t.app_ep_path, "created_at_unix_micros": t.created_at_unix_micros,
+           "amount_micros": t.amount_micros, "captured_micros": t.captured_micros, "refunded_micros": t.refunded_micros,
+           "currency": t.currency, "app_name": t.app_name, "app_ep_path": t.app_ep_path, "created_at_unix_micros": t.created_at_unix_micros,
            "resolved_at_unix_micros": t.resolved_at_unix_micros, "cancel_reason": t.cancel_reason,
            "request_id": t.idempotency_key, "token_id": t.token_id})
 }
@@ -275,6 +275,7 @@ pub fn print_transfers(rows: &[pb::Transfer]) {
             Left("status", 9),
             Right("held", 10),
             Right("captured", 10),
+            Right("refunded", 10),
             Left("currency", 8),
             Left("sender", 24),
             Left("recipient", 24),
@@ -290,6 +291,7 @@ pub fn print_transfers(rows: &[pb::Transfer]) {
             &status_word(t.status()),
             &format_micros(t.amount_micros),
             &format_micros(t.captured_micros),
+            &format_micros(t.refunded_micros),
             &t.currency,
             &t.sender_email,
             &t.recipient_email,

@@ -228,10 +228,14 @@ pub enum Reason {
     /// The router's upstream (the model provider or search backend) refused for its own rate
     /// limit; nothing was charged. `RetryInfo` says when, if the upstream did.
     UpstreamRateLimited,
+    /// A hold's life asked outside what the ledger grants (1 s to its `--max-hold-ttl`): a
+    /// router's setting, not its user's input. `ErrorInfo.metadata` says the ledger's maximum
+    /// ([`MAX_HOLD_TTL_SECONDS`]), so a router configured above it places holds that long.
+    HoldTtlOutOfRange,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 17] = [
+    pub const ALL: [Reason; 18] = [
         Self::InsufficientFunds,
         Self::HoldExpired,
         Self::TransferNotPending,
@@ -249,6 +253,7 @@ impl Reason {
         Self::TokenDailyLimitExceeded,
         Self::AuthLocked,
         Self::UpstreamRateLimited,
+        Self::HoldTtlOutOfRange,
     ];
 
     pub const fn code(self) -> ErrorCode {
@@ -270,6 +275,7 @@ impl Reason {
             | Self::TokenDailyLimitExceeded
             | Self::AuthLocked
             | Self::UpstreamRateLimited => ErrorCode::ResourceExhausted,
+            Self::HoldTtlOutOfRange => ErrorCode::InvalidArgument,
         }
     }
 
@@ -292,6 +298,7 @@ impl Reason {
             Self::TokenDailyLimitExceeded => "TOKEN_DAILY_LIMIT_EXCEEDED",
             Self::AuthLocked => "AUTH_LOCKED",
             Self::UpstreamRateLimited => "UPSTREAM_RATE_LIMITED",
+            Self::HoldTtlOutOfRange => "HOLD_TTL_OUT_OF_RANGE",
         }
     }
 }
@@ -387,6 +394,10 @@ pub fn retry_after_of(status: &tonic::Status) -> Option<std::time::Duration> {
 /// The `ErrorInfo.metadata` key of the transfer an idempotency key holds, sent with the ledger's
 /// `IDEMPOTENCY_CONFLICT` refusal of an authorization.
 pub const KEYED_TRANSFER: &str = "transfer_id";
+
+/// `ErrorInfo.metadata` of a `HOLD_TTL_OUT_OF_RANGE` refusal: the longest hold, in seconds, the
+/// ledger grants.
+pub const MAX_HOLD_TTL_SECONDS: &str = "max_hold_ttl_seconds";
 
 /// The `ErrorInfo.metadata` entry `key` of a status, if it carries one.
 pub fn info_metadata(status: &tonic::Status, key: &str) -> Option<String> {

@@ -2,7 +2,7 @@
 //! the gRPC code and the HTTP status (see `syft_error` and docs/design.md, "Errors").
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use syft_error::{ErrorCode, QuotaDetails, Reason, KEYED_TRANSFER};
+use syft_error::{ErrorCode, QuotaDetails, Reason, KEYED_TRANSFER, MAX_HOLD_TTL_SECONDS};
 use tonic::Status;
 
 /// `ErrorInfo.domain` of every ledger error.
@@ -44,6 +44,11 @@ pub enum LedgerError {
         message: String,
         transfer_id: String,
     },
+    /// A hold's life asked outside 1 s ..= `max_seconds` (`HOLD_TTL_OUT_OF_RANGE`), sent with the
+    /// maximum in `ErrorInfo.metadata` ([`MAX_HOLD_TTL_SECONDS`]): a router asking longer holds
+    /// than this ledger grants places them that long instead of failing every paid request.
+    #[error("{message}")]
+    TtlOutOfRange { message: String, max_seconds: i64 },
     /// A budget refused a hold: sent with `RetryInfo` (when the window has room again) and
     /// `QuotaFailure`.
     #[error("{message}")]
@@ -83,6 +88,7 @@ impl LedgerError {
             Self::Unavailable(_) => ErrorCode::Unavailable,
             Self::Refused { reason, .. } | Self::Quota { reason, .. } => reason.code(),
             Self::KeyTaken { .. } => Reason::IdempotencyConflict.code(),
+            Self::TtlOutOfRange { .. } => Reason::HoldTtlOutOfRange.code(),
             Self::Internal(_) => ErrorCode::Internal,
         }
     }
@@ -95,6 +101,7 @@ impl LedgerError {
         match self {
             Self::Refused { reason, .. } => Some(*reason),
             Self::KeyTaken { .. } => Some(Reason::IdempotencyConflict),
+            Self::TtlOutOfRange { .. } => Some(Reason::HoldTtlOutOfRange),
             _ => None,
         }
     }
@@ -106,6 +113,7 @@ impl LedgerError {
         match self {
             Self::Refused { reason, .. } | Self::Quota { reason, .. } => reason.as_str(),
             Self::KeyTaken { .. } => Reason::IdempotencyConflict.as_str(),
+            Self::TtlOutOfRange { .. } => Reason::HoldTtlOutOfRange.as_str(),
             other => other.error_code().as_str(),
         }
     }
@@ -158,8 +166,17 @@ impl From<LedgerError> for Status {
         {
             return syft_error::grpc_quota_status(*reason, ERROR_DOMAIN, message.clone(), details);
         }
-        if let LedgerError::KeyTaken { transfer_id, .. } = &err {
-            let metadata = [(KEYED_TRANSFER.to_string(), transfer_id.clone())].into();
+        let metadata = match &err {
+            LedgerError::KeyTaken { transfer_id, .. } => {
+                Some((KEYED_TRANSFER, transfer_id.clone()))
+            }
+            LedgerError::TtlOutOfRange { max_seconds, .. } => {
+                Some((MAX_HOLD_TTL_SECONDS, max_seconds.to_string()))
+            }
+            _ => None,
+        };
+        if let Some((key, value)) = metadata {
+            let metadata = [(key.to_string(), value)].into();
             let (code, reason) = (err.error_code(), err.kind());
             let message = err.public_message();
             return syft_error::grpc_status_with(code, reason, ERROR_DOMAIN, message, metadata);

@@ -502,6 +502,7 @@ pub fn transfer_pb(t: &TransferRow, expires_in: Option<i64>) -> pb::Transfer {
         attempt_id: String::new(),
         token_id: t.token_id.clone().unwrap_or_default(),
         expires_in_micros: expires_in,
+        refunded_micros: t.refunded.get(),
     }
 }
 

@@ -609,7 +609,13 @@ async fn expired_holds_are_swept(h: Harness) -> Harness {
     for ttl in [0, -1, 10_000_000] {
         let mut bad = authorize(ALICE, USD, &token, "bad-ttl");
         bad.hold_ttl_seconds = Some(ttl);
-        assert_eq!(code(router.authorize(bad).await), Code::InvalidArgument);
+        let refused = router.authorize(bad).await.expect_err("refused");
+        assert_eq!(refused.code(), Code::InvalidArgument);
+        // Said as the hold life it is, with the longest the ledger grants (a router configured
+        // above it places holds that long).
+        assert_eq!(reason(&refused).as_deref(), Some("HOLD_TTL_OUT_OF_RANGE"));
+        let max = syft_error::info_metadata(&refused, syft_error::MAX_HOLD_TTL_SECONDS);
+        assert_eq!(max.as_deref(), Some("86400"), "{refused:?}");
     }
     tokio::time::sleep(Duration::from_millis(1_100)).await;
     // Expired: cannot be captured even before the sweep runs.

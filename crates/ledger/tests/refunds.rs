@@ -40,8 +40,12 @@ async fn balances(h: &Harness) -> (i64, i64) {
 async fn refunds_give_back_what_was_captured(h: Harness) -> Harness {
     let (owner, alice, id) = paid(&h).await;
     let mut router = h.client(&owner);
+    let fresh = ok(router.get_transfer(req::get_transfer(&id)).await);
+    assert_eq!(fresh.refunded_micros, 0);
     let first = ok(router.refund(refund(&id, 300_000, "r1")).await);
     assert_eq!(first.refunded_micros, 300_000);
+    let read = ok(router.get_transfer(req::get_transfer(&id)).await);
+    assert_eq!(read.refunded_micros, 300_000);
     let made = first.refund.clone().expect("the refund");
     assert!(!made.by_admin);
     assert_eq!(balances(&h).await, (9 * USD + 300_000, 700_000));
@@ -70,9 +74,36 @@ async fn refunds_give_back_what_was_captured(h: Harness) -> Harness {
     let over = router.refund(refund(&id, 1, "r3")).await;
     assert_eq!(code(over), Code::FailedPrecondition);
     assert_eq!(balances(&h).await, (10 * USD, 0));
-    // The transfer still says what was charged; both parties see its refunds.
+    // The transfer still says what was charged, and what was given back; both parties see its
+    // refunds, and a transfer read or listed says them too (gRPC and the accounting API).
     let transfer = rest.transfer.expect("the transfer");
-    assert_eq!(transfer.captured_micros, USD);
+    assert_eq!(
+        (transfer.captured_micros, transfer.refunded_micros),
+        (USD, USD)
+    );
+    let read = ok(router.get_transfer(req::get_transfer(&id)).await);
+    assert_eq!((read.captured_micros, read.refunded_micros), (USD, USD));
+    let listed = ok(h
+        .client(&alice)
+        .list_transfers(req::transfers_of(ALICE))
+        .await);
+    let refunded: Vec<i64> = listed.transfers.iter().map(|t| t.refunded_micros).collect();
+    assert_eq!(refunded, [USD]);
+    let history: serde_json::Value = reqwest::Client::new()
+        .get(format!("{}/transactions", h.http_url()))
+        .basic_auth(ALICE, Some(&alice))
+        .send()
+        .await
+        .expect("GET /transactions")
+        .json()
+        .await
+        .expect("JSON");
+    let shown = &history["transactions"][0];
+    assert_eq!(
+        (&shown["amount"], &shown["refundedAmount"]),
+        (&1.into(), &1.into()),
+        "{history}"
+    );
     for secret in [&owner, &alice] {
         let listed = ok(h
             .client(secret)

@@ -449,6 +449,35 @@ async fn a_router_whose_address_the_ledger_locked_is_unavailable() {
     assert_consistent(&s.ledger.store).await;
 }
 
+/// A router asking longer holds than its ledger grants (`ledger.hold_ttl_seconds` above the
+/// ledger's `--max-hold-ttl`) failed every paid request as the user's invalid request (400). The
+/// ledger's refusal says its longest (`HOLD_TTL_OUT_OF_RANGE`), and the router places holds that
+/// long, from the first request on: both are served, each charged once.
+#[tokio::test]
+async fn a_router_asking_longer_holds_than_its_ledger_grants_places_the_longest() {
+    let s = Stack::start_with_configs(
+        Pricing::per_request(PRICE),
+        |l| {
+            l.hold_ttl = Duration::from_secs(60);
+            l.max_hold_ttl = Duration::from_secs(120);
+        },
+        |r| r.ledger.hold_ttl_seconds = Some(3_600),
+    )
+    .await;
+    let mut c = s.client().await;
+    ok(c.chat(s.request("first")).await);
+    ok(c.chat(s.request("second")).await);
+    let transfers = s.transfers().await;
+    assert_eq!(transfers.len(), 2, "{transfers:?}");
+    for t in &transfers {
+        assert_eq!(t.status(), TransferStatus::Completed, "{t:?}");
+        let life = t.expires_at_unix_micros - t.created_at_unix_micros;
+        assert_eq!(life, 120_000_000, "{t:?}");
+    }
+    s.assert_spent(2 * PRICE).await;
+    assert_consistent(&s.ledger.store).await;
+}
+
 /// The lock starts between a request's hold and its capture (the upstream is still answering):
 /// the capture is refused, so the answer is withheld and the user gets `UNAVAILABLE`; the router
 /// cannot void either, and the hold runs out at its expiry. The user is charged nothing for it.

@@ -79,3 +79,52 @@ impl Drop for DevProcess {
         let _ = self.child.wait();
     }
 }
+
+/// A `syft-router ledger` process on `database_url` (the test's own command: the binary's path,
+/// and any environment such as a fake clock), on ports picked a moment before; killed with
+/// SIGKILL when dropped or [`LedgerProcess::kill`]ed, as a crash.
+pub struct LedgerProcess {
+    child: Child,
+    pub url: String,
+}
+
+impl LedgerProcess {
+    /// Starts `command ledger …` and waits until its gRPC API answers the admin.
+    pub async fn start(mut command: Command, database_url: &str) -> LedgerProcess {
+        let [grpc, http] = crate::free_ports();
+        let child = command
+            .args(["ledger", "--database-url", database_url])
+            .args(["--admin-key", crate::ADMIN_KEY])
+            .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])
+            .args(["--http-addr", &format!("127.0.0.1:{http}")])
+            .args(["--sweep-interval", "1s"])
+            .spawn()
+            .expect("start a ledger");
+        let ledger = LedgerProcess {
+            child,
+            url: format!("http://127.0.0.1:{grpc}"),
+        };
+        let mut admin = ledger.client(crate::ADMIN_KEY);
+        syft_ledger::client::wait_for_ledger(&mut admin)
+            .await
+            .expect("the ledger process starts");
+        ledger
+    }
+
+    pub fn client(&self, secret: &str) -> syft_ledger::client::LedgerClient {
+        syft_ledger::client::connect_lazy(&self.url, secret).expect("client")
+    }
+
+    /// `kill -9`: whatever it was doing is cut off where it stood.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for LedgerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

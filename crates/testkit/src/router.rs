@@ -382,9 +382,18 @@ impl Stack {
         pricing: Pricing,
         tweak: impl FnOnce(&mut LedgerConfig),
     ) -> Self {
+        Self::start_with_configs(pricing, tweak, |_| {}).await
+    }
+
+    /// [`Stack::start`] with the ledger's and the router's configurations changed.
+    pub async fn start_with_configs(
+        pricing: Pricing,
+        ledger: impl FnOnce(&mut LedgerConfig),
+        router: impl FnOnce(&mut RouterConfig),
+    ) -> Self {
         let db = Db::sqlite();
-        let funded = Funded::start_tweaked(&db, HOLD_TTL, tweak).await;
-        Self::on_funded(db, funded, pricing, |_| {}).await
+        let funded = Funded::start_tweaked(&db, HOLD_TTL, ledger).await;
+        Self::on_funded(db, funded, pricing, router).await
     }
 
     async fn on_funded(

@@ -51,11 +51,7 @@ impl Ledger {
         let ttl_micros = match req.hold_ttl_seconds {
             None => self.config.hold_ttl.as_micros() as i64,
             Some(s) if (1..=max_ttl).contains(&s) => s.saturating_mul(1_000_000),
-            Some(s) => {
-                return Err(LedgerError::invalid(format!(
-                    "hold_ttl_seconds {s} must be between 1 and {max_ttl}"
-                )))
-            }
+            Some(s) => return Err(ttl_out_of_range("hold_ttl_seconds", s, max_ttl)),
         };
         let hold = AuthorizeInput {
             recipient_id: recipient.id,
@@ -127,9 +123,7 @@ impl Ledger {
         let transfer_id = validate::text("transfer_id", transfer_id, MAX_KEY, true)?;
         let max_ttl = self.config.max_hold_ttl.as_secs() as i64;
         if !(1..=max_ttl).contains(&ttl_seconds) {
-            return Err(LedgerError::invalid(format!(
-                "ttl_seconds {ttl_seconds} must be between 1 and {max_ttl}"
-            )));
+            return Err(ttl_out_of_range("ttl_seconds", ttl_seconds, max_ttl));
         }
         self.backend
             .extend_hold(
@@ -331,5 +325,13 @@ impl Ledger {
         };
         metrics::resolved(&resolved, started);
         Ok(resolved)
+    }
+}
+
+/// A hold's life the ledger does not grant, saying the longest it does.
+fn ttl_out_of_range(field: &str, asked: i64, max_seconds: i64) -> LedgerError {
+    LedgerError::TtlOutOfRange {
+        message: format!("{field} {asked} must be between 1 and {max_seconds}"),
+        max_seconds,
     }
 }

@@ -134,6 +134,7 @@ impl Entry {
             resolved_at: self.resolved_at,
             cancel_reason: self.cancel_reason.clone(),
             token_id: None,
+            refunded: Micros::ZERO,
         }
     }
 

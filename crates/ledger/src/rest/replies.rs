@@ -85,6 +85,8 @@ pub(super) struct TransactionJson {
     pub(super) resolved_by: Option<String>,
     /// The held amount, or once completed the amount that moved.
     pub(super) amount: Box<RawValue>,
+    /// Given back by refunds so far (`amount` stays what was charged); 0 for none.
+    pub(super) refunded_amount: Box<RawValue>,
     pub(super) status: String,
     pub(super) created_at: String,
     pub(super) resolved_at: Option<String>,
@@ -107,6 +109,7 @@ pub(super) fn transaction_json(t: &TransferRow) -> TransactionJson {
         created_by: t.created_by.to_string(),
         resolved_by: t.resolved_by.map(|a| a.to_string()),
         amount: units(amount),
+        refunded_amount: units(t.refunded.get()),
         status: t.status.to_string(),
         created_at: iso(t.created_at),
         resolved_at: t.resolved_at.map(iso),

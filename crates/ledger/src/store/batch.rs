@@ -76,6 +76,7 @@ impl AuthJob {
             resolved_at: None,
             cancel_reason: String::new(),
             token_id: Some(self.token_id.clone()).filter(|t| !t.is_empty()),
+            refunded: Micros::ZERO,
         }
     }
 }

@@ -61,7 +61,7 @@ pub use rows::{AccountRow, Identity, IssuedToken, TokenInfo, TransferRow, UsageI
 // An Authorize's transfer and whether it was placed by an earlier call (issue 15).
 pub use authorize::Placed;
 pub(crate) use rows::{
-    TokenLimits, ACCOUNT_COLUMNS, TRANSFER_COLUMNS, TRANSFER_JOINS, USAGE_COLUMNS,
+    TokenLimits, ACCOUNT_COLUMNS, REFUNDED, TRANSFER_COLUMNS, TRANSFER_JOINS, USAGE_COLUMNS,
 };
 pub use token::{TokenGrant, TOKEN_PREFIX};
 pub use transfer::{CaptureAmount, Resolution, ResolveInput, SweepReport};

@@ -6,7 +6,7 @@ use sqlx::{Any, FromRow};
 
 use super::usage::FREE_ROW;
 use super::{
-    AccountRow, Micros, Store, TransferRow, TransferStatus, UsageRow, ACCOUNT_COLUMNS,
+    AccountRow, Micros, Store, TransferRow, TransferStatus, UsageRow, ACCOUNT_COLUMNS, REFUNDED,
     TRANSFER_COLUMNS, TRANSFER_JOINS, USAGE_COLUMNS,
 };
 use crate::error::Result;
@@ -299,7 +299,8 @@ impl Store {
         }
         w.opt_text("t.id < ?", f.page.before_id.as_deref());
         let sql = format!(
-            "SELECT {TRANSFER_COLUMNS} FROM transfers t {TRANSFER_JOINS} {} ORDER BY t.id DESC LIMIT {}",
+            "SELECT {TRANSFER_COLUMNS}{REFUNDED} FROM transfers t {TRANSFER_JOINS} {} \
+             ORDER BY t.id DESC LIMIT {}",
             w.sql(),
             f.page.limit + 1
         );

@@ -6,7 +6,8 @@
 //! transfer's row lock is what keeps two refunds of one transfer from both passing the "at most
 //! what was captured" check: each sums the others' after taking it (Postgres; SQLite has one
 //! writer, and a write from another process since this transaction read fails it, to be retried).
-//! The transfer row itself is never changed: what it captured stays what was charged.
+//! The transfer row itself is never changed: what it captured stays what was charged (what was
+//! refunded is read from the refunds where a transfer is shown, `REFUNDED`).
 
 use syft_error::Reason;
 
@@ -141,11 +142,12 @@ impl Store {
                     ),
                 )));
             }
+            let refunded = Micros::new(refunded);
             return Ok(Ok(Refunded {
                 refund,
                 existing: true,
-                transfer: t,
-                refunded: Micros::new(refunded),
+                transfer: TransferRow { refunded, ..t },
+                refunded,
             }));
         }
         if t.status != TransferStatus::Completed {
@@ -242,11 +244,12 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+        let refunded = Micros::new(refunded + amount);
         Ok(Ok(Refunded {
             refund: row,
             existing: false,
-            transfer: t,
-            refunded: Micros::new(refunded + amount),
+            transfer: TransferRow { refunded, ..t },
+            refunded,
         }))
     }
 

@@ -96,6 +96,10 @@ pub struct TransferRow {
     /// The delegation token that paid it (`None`: a hold its sender placed itself, or a hosted
     /// transfer, whose token the accounting service keeps).
     pub token_id: Option<String>,
+    /// Refunded from it so far (docs/ledger.md "Refunds"): read with [`REFUNDED`] where a
+    /// transfer is shown (get, list), 0 elsewhere (a hold or a capture being made has none).
+    #[sqlx(default)]
+    pub refunded: Micros,
 }
 
 /// `SELECT {TRANSFER_COLUMNS} FROM transfers t {TRANSFER_JOINS}` reads a [`TransferRow`].
@@ -103,6 +107,10 @@ pub(crate) const TRANSFER_COLUMNS: &str = "t.id, t.sender_id, t.recipient_id, \
      sa.email AS sender_email, ra.email AS recipient_email, t.amount, t.captured, t.currency, \
      t.status, t.created_by, t.resolved_by, t.app_name, t.app_ep_path, t.idempotency_key, \
      t.created_at, t.expires_at, t.resolved_at, t.cancel_reason, t.token_id";
+/// Appended to [`TRANSFER_COLUMNS`]: the transfer's refunds in all (an index probe of
+/// `refunds (transfer_id, …)`; a refund leaves the transfer's own row as it was charged).
+pub(crate) const REFUNDED: &str = ", CAST(COALESCE((SELECT SUM(r.amount) FROM refunds r \
+     WHERE r.transfer_id = t.id), 0) AS BIGINT) AS refunded";
 pub(crate) const TRANSFER_JOINS: &str =
     "JOIN accounts sa ON sa.id = t.sender_id JOIN accounts ra ON ra.id = t.recipient_id";
 

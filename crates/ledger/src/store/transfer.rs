@@ -14,7 +14,7 @@ use super::usage::{insert_usage, UsageLink, UsageWrite};
 use super::AnswerWrite;
 use super::{
     new_id, retry_transient, Actor, Backend, Micros, Store, TransferRow, TransferStatus,
-    UsageInput, TRANSFER_COLUMNS, TRANSFER_JOINS, UNRESOLVED,
+    UsageInput, REFUNDED, TRANSFER_COLUMNS, TRANSFER_JOINS, UNRESOLVED,
 };
 use crate::error::{LedgerError, Result};
 use syft_error::{ErrorCode, Reason};
@@ -84,8 +84,9 @@ struct Resolved {
 
 impl Store {
     pub async fn transfer_by_id(&self, id: &str) -> Result<Option<TransferRow>> {
-        let sql =
-            format!("SELECT {TRANSFER_COLUMNS} FROM transfers t {TRANSFER_JOINS} WHERE t.id = $1");
+        let sql = format!(
+            "SELECT {TRANSFER_COLUMNS}{REFUNDED} FROM transfers t {TRANSFER_JOINS} WHERE t.id = $1"
+        );
         Ok(sqlx::query_as(&sql)
             .bind(id)
             .fetch_optional(self.pool())

@@ -1,6 +1,8 @@
 //! The router's ledger client: authenticated calls with deadlines, ledger errors mapped to
 //! router errors.
 
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -24,10 +26,12 @@ use crate::metrics::SpoolEvent;
 use crate::usage_send::UsageSender;
 use crate::usage_spool::UsageSpool;
 use syft_error::{Reason, UsageStatus};
-use tonic_types::StatusExt;
 
 mod calls;
 pub(crate) use calls::{rpc, Calls, Op, Patience};
+mod status;
+pub(crate) use status::map_status;
+use status::{keyed_transfer, ledger_reason};
 
 /// The ledger's gRPC service name, as its health service reports it.
 const LEDGER_SERVICE: &str = "syft.ledger.v1.Ledger";
@@ -40,7 +44,11 @@ pub(crate) struct Ledger {
     /// The local spool of free rows, when configured (`usage_spool.rs`): free answers then wait
     /// for a local append instead of the ledger's commit.
     spool: Option<UsageSpool>,
-    pub(crate) hold_ttl_seconds: Option<i64>,
+    /// `ledger.hold_ttl_seconds`: asked through [`Ledger::hold_ttl_seconds`].
+    hold_ttl_seconds: Option<i64>,
+    /// The longest hold the ledger said it grants when it refused a longer one
+    /// (`HOLD_TTL_OUT_OF_RANGE`); `i64::MAX` until then.
+    hold_ttl_cap: Arc<AtomicI64>,
     /// No `--ledger-secret` was given (a refusal then says so, not that a secret was wrong).
     no_secret: bool,
 }
@@ -76,6 +84,7 @@ impl Ledger {
             spool,
             calls,
             hold_ttl_seconds: settings.hold_ttl_seconds,
+            hold_ttl_cap: Arc::new(AtomicI64::new(i64::MAX)),
             no_secret: settings.secret.is_empty(),
         })
     }
@@ -207,19 +216,29 @@ impl Ledger {
         asker: &tokio::sync::watch::Sender<()>,
     ) -> Result<Authorization, RouterError> {
         let (key, attempt) = (msg.idempotency_key.clone(), msg.attempt_id.clone());
-        let settled = self
-            .calls
-            .settled(
-                Op::Authorize,
-                &key,
-                Patience::Authorization {
-                    until: settle_until,
-                    asker,
-                },
-                rpc!(authorize),
-                msg,
-            )
+        let patience = || Patience::Authorization {
+            until: settle_until,
+            asker,
+        };
+        let asked = msg.hold_ttl_seconds;
+        let again = asked.is_some().then(|| msg.clone());
+        let mut settled = (self.calls)
+            .settled(Op::Authorize, &key, patience(), rpc!(authorize), msg)
             .await;
+        // Asked a longer hold than the ledger grants (the router's setting, not the user's
+        // input): every paid request failed as the user's invalid request. Asked again, once,
+        // for the ledger's longest (nothing was placed), and so from now on.
+        if let (Err(s), Some(again)) = (&settled, again) {
+            if let Some(max) = self.granted_ttl(s, asked) {
+                let msg = AuthorizeRequest {
+                    hold_ttl_seconds: Some(max),
+                    ..again
+                };
+                settled = (self.calls)
+                    .settled(Op::Authorize, &key, patience(), rpc!(authorize), msg)
+                    .await;
+            }
+        }
         let (resp, maybe_ours) = match settled {
             Ok(settled) => settled,
             Err(s) => match keyed_transfer(&s) {
@@ -246,6 +265,34 @@ impl Ledger {
             transfer: resp,
             existing,
         })
+    }
+
+    /// The hold life to ask for: `ledger.hold_ttl_seconds` (`None`: the ledger's default), at most
+    /// what the ledger said it grants.
+    pub(crate) fn hold_ttl_seconds(&self) -> Option<i64> {
+        let cap = self.hold_ttl_cap.load(Ordering::Relaxed);
+        self.hold_ttl_seconds.map(|asked| asked.min(cap))
+    }
+
+    /// The ledger's longest hold, when `s` refused `asked` as longer than that: remembered for
+    /// every later hold, and said once as the configuration error it is.
+    fn granted_ttl(&self, s: &tonic::Status, asked: Option<i64>) -> Option<i64> {
+        if ledger_reason(s) != Some(Reason::HoldTtlOutOfRange) {
+            return None;
+        }
+        let max = syft_error::info_metadata(s, syft_error::MAX_HOLD_TTL_SECONDS)?
+            .parse::<i64>()
+            .ok()
+            .filter(|&max| max >= 1 && asked.is_some_and(|asked| asked > max))?;
+        if self.hold_ttl_cap.swap(max, Ordering::Relaxed) != max {
+            tracing::error!(
+                asked,
+                granted = max,
+                "ledger.hold_ttl_seconds is longer than the ledger grants (its --max-hold-ttl): \
+                 holds are placed for the ledger's longest; lower the setting"
+            );
+        }
+        Some(max)
     }
 
     /// The transfer with that id, failing over.
@@ -453,18 +500,6 @@ impl Ledger {
     }
 }
 
-/// The transfer an idempotency key holds, named by the ledger's `IDEMPOTENCY_CONFLICT` refusal.
-fn keyed_transfer(s: &tonic::Status) -> Option<String> {
-    (ledger_reason(s) == Some(Reason::IdempotencyConflict))
-        .then(|| syft_error::info_metadata(s, syft_error::KEYED_TRANSFER))
-        .flatten()
-}
-
-/// The ledger's machine-readable reason (`ErrorInfo.reason`), if it sent one we know.
-fn ledger_reason(s: &tonic::Status) -> Option<Reason> {
-    syft_error::reason_of(s).and_then(|r| r.parse().ok())
-}
-
 /// Whether the hold an Authorize answered with was placed by another attempt than `attempt` (this
 /// request's). By the attempt the ledger names; a ledger that names none (an older version, a
 /// hold placed before migration 0029, or 0031 on a hosted ledger) says only whether this call
@@ -474,105 +509,6 @@ fn placed_by_another(resp: &Transfer, attempt: &str, maybe_ours: bool) -> bool {
     match resp.attempt_id.as_str() {
         "" => resp.existing && !maybe_ours,
         placed_by => placed_by != attempt,
-    }
-}
-
-/// Ledger status -> router error. The ledger's own messages are client-safe for business
-/// errors; transport and internal failures become a generic `UNAVAILABLE`.
-pub(crate) fn map_status(op: Op, s: tonic::Status) -> RouterError {
-    let msg = s.message().to_string();
-    match s.code() {
-        Code::InvalidArgument => RouterError::InvalidArgument(msg),
-        Code::FailedPrecondition => RouterError::FailedPrecondition {
-            reason: ledger_reason(&s)
-                .map(Reason::as_str)
-                .unwrap_or("LEDGER_REJECTED"),
-            message: msg,
-        },
-        Code::PermissionDenied if ledger_reason(&s) == Some(Reason::TokenLimitExceeded) => {
-            RouterError::TokenSpendLimit(msg)
-        }
-        Code::PermissionDenied if ledger_reason(&s) == Some(Reason::TokenInvalid) => {
-            RouterError::ForeignToken(msg)
-        }
-        Code::PermissionDenied => match ledger_reason(&s) {
-            Some(r @ (Reason::TokenRevoked | Reason::TokenExpired)) => RouterError::TokenEnded {
-                reason: r.as_str(),
-                message: msg,
-            },
-            _ => RouterError::PermissionDenied(msg),
-        },
-        // This router placed the hold it resolves, so the ledger lost it (a hold committed
-        // asynchronously and lost in a Postgres crash, docs/design.md): nothing was charged, and
-        // a retry of the request places a new one. It was a 404 `invalid_request_error` naming
-        // the transfer, which clients do not retry.
-        // (A void or an extension of a lost hold keeps its own handling: nothing is held.)
-        Code::NotFound if matches!(op, Op::Capture) => {
-            tracing::error!(?op, detail = %msg, "the ledger lost this router's hold");
-            RouterError::Unavailable(
-                "the ledger lost the hold on your funds; nothing was charged: retry the request"
-                    .into(),
-            )
-        }
-        Code::NotFound => RouterError::NotFound(msg),
-        // The key was used by a request with other parameters: this one never runs under it.
-        Code::AlreadyExists if ledger_reason(&s) == Some(Reason::IdempotencyConflict) => {
-            RouterError::Processed {
-                reason: Reason::IdempotencyConflict,
-                message: msg,
-            }
-        }
-        Code::AlreadyExists => RouterError::AlreadyExists(msg),
-        Code::ResourceExhausted => match ledger_reason(&s) {
-            // The ledger refuses this router's address for failed authentications (a router with
-            // a stale secret, or a neighbour behind the same address): a deployment problem, as
-            // a refused credential is, not the user's quota.
-            Some(Reason::AuthLocked) => {
-                tracing::error!(?op, detail = %msg, "the ledger refuses this router's address");
-                RouterError::Unavailable("ledger refuses this router's address".into())
-            }
-            // A budget or token-window refusal: passed on with the ledger's retry time.
-            Some(reason) => RouterError::Quota(Box::new(crate::error::QuotaRefusal {
-                reason,
-                details: syft_error::QuotaDetails {
-                    retry_after: syft_error::retry_after_of(&s),
-                    violations: s
-                        .get_details_quota_failure()
-                        .map(|q| {
-                            q.violations
-                                .into_iter()
-                                .map(|v| (v.subject, v.description))
-                                .collect()
-                        })
-                        .unwrap_or_default(),
-                },
-                message: msg,
-                headers: Default::default(),
-                never_fits: false,
-            })),
-            None => RouterError::ResourceExhausted(msg),
-        },
-        Code::Unauthenticated => {
-            // The router's own credential was refused: a deployment problem, not the user's.
-            tracing::error!(?op, "ledger rejected the router's credentials");
-            RouterError::Unavailable("ledger rejected the router's credentials".into())
-        }
-        // A ledger older than the call (mixed versions during an upgrade): said as such, where
-        // "ledger unavailable" sent its operator looking for an outage.
-        Code::Unimplemented => {
-            static LINE: crate::log_throttle::LogThrottle = crate::log_throttle::LogThrottle::new();
-            if LINE.allow() {
-                tracing::error!(?op, detail = %msg, "the ledger does not know this call: an older version (upgrade ledgers first, docs/operations.md \"Upgrades\"), or what answers at its address is not a ledger (a proxy's 404)");
-            }
-            RouterError::Unavailable(
-                "the ledger does not support this yet (an older version); nothing was charged"
-                    .into(),
-            )
-        }
-        code => {
-            tracing::warn!(?op, ?code, detail = %msg, "ledger call failed");
-            RouterError::Unavailable("ledger unavailable".into())
-        }
     }
 }
 
@@ -647,36 +583,5 @@ mod tests {
         }
         assert!(placed_by_another(&answer("", true), mine, false));
         assert!(!placed_by_another(&answer("", true), mine, true));
-    }
-
-    /// A capture of a hold this router placed that the ledger no longer knows: the ledger lost
-    /// it, and the client gets a retryable 503, not a 404 naming the transfer (which clients do
-    /// not retry). A lost hold's extension or void keeps its own handling (nothing is held).
-    #[test]
-    fn a_lost_hold_is_unavailable_not_found_elsewhere() {
-        let lost = || tonic::Status::not_found("transfer 01-x not found");
-        let e = map_status(Op::Capture, lost());
-        assert!(
-            matches!(&e, RouterError::Unavailable(m) if m.contains("retry")),
-            "{e:?}"
-        );
-        for op in [Op::ExtendHold, Op::Void, Op::GetAccount] {
-            let e = map_status(op, lost());
-            assert!(matches!(e, RouterError::NotFound(_)), "{op:?}: {e:?}");
-        }
-    }
-
-    /// A call an older ledger does not know says so (mixed versions during an upgrade): it was
-    /// "ledger unavailable", which sent an operator looking for an outage.
-    #[test]
-    fn a_call_an_older_ledger_lacks_says_so() {
-        let e = map_status(
-            Op::CheckToken,
-            tonic::Status::unimplemented("unknown method"),
-        );
-        assert!(
-            matches!(&e, RouterError::Unavailable(m) if m.contains("older version")),
-            "{e:?}"
-        );
     }
 }

@@ -303,7 +303,7 @@ impl RouterService {
             app_name: inner.config.name.clone(),
             app_ep_path: t.kind.endpoint().into(),
             idempotency_key: key,
-            hold_ttl_seconds: inner.ledger.hold_ttl_seconds,
+            hold_ttl_seconds: inner.ledger.hold_ttl_seconds(),
             budget_per_day_micros: inner.config.budgets.per_day_micros,
             budget_per_month_micros: inner.config.budgets.per_month_micros,
             // This request's own: its hold is told from one another attempt placed under the key
@@ -320,7 +320,7 @@ impl RouterService {
         let (ledger, work) = (&inner.ledger, inner.drain.enter());
         // An attempt whose outcome is unknown is asked again (`Ledger::authorize`) for a while,
         // never past the life of the hold it may have placed, and not once the request is gone.
-        let ttl = (ledger.hold_ttl_seconds)
+        let ttl = (ledger.hold_ttl_seconds())
             .and_then(|s| u64::try_from(s).ok())
             .map_or(hold::LEDGER_DEFAULT_TTL, Duration::from_secs);
         let settle_until = sent + ttl.min(hold::AUTHORIZE_SETTLE_LIMIT);

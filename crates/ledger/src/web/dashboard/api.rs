@@ -150,6 +150,7 @@ pub(crate) fn transfer_json(t: &TransferRow) -> Value {
         "recipient_email": t.recipient_email,
         "amount_micros": t.amount.get(),
         "captured_micros": t.captured.get(),
+        "refunded_micros": t.refunded.get(),
         "currency": t.currency,
         "status": t.status.as_str(),
         "app_name": t.app_name,

@@ -1,0 +1,155 @@
+//! A refund killed mid-flight (docs/ledger.md, "Refunds"): a `syft-router ledger` process on a
+//! real SQLite file, and on Postgres where `DATABASE_URL` names one, is killed with SIGKILL while
+//! support's refunds are streaming in, then restarted on the same database, and every refund is
+//! sent again under its key. A refund is one transaction, so the crash leaves each one made whole
+//! or not at all: made once in the end, an answer the first process gave is the same refund
+//! again (`existing`), the money is where the refunds say, and `verify` passes.
+
+use std::collections::HashMap;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use syft_ledger::store::Store;
+use syft_proto::ledger as pb;
+use syft_testkit::{account, create_account, deposit, issue_token, req, Db, LedgerProcess, USD};
+
+/// Transfers refunded, each of 0.10 refunded 0.04.
+const TRANSFERS: usize = 60;
+const PRICE: i64 = USD / 10;
+const REFUND: i64 = 4 * USD / 100;
+/// The kill comes once this many refunds were answered.
+const KILL_AFTER: usize = 12;
+
+fn ledger_command() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_syft-router"));
+    command
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    command
+}
+
+fn refund(transfer_id: &str, i: usize) -> pb::RefundRequest {
+    pb::RefundRequest {
+        transfer_id: transfer_id.into(),
+        amount_micros: REFUND,
+        reason: "wrong answer".into(),
+        idempotency_key: format!("support-{i}"),
+    }
+}
+
+async fn refunds_survive_kill_9(postgres: bool) {
+    let Some(db) = Db::fresh(postgres).await else {
+        return;
+    };
+    let ledger = LedgerProcess::start(ledger_command(), &db.url).await;
+    let owner = create_account(&ledger.url, "owner").await;
+    let alice = create_account(&ledger.url, "alice").await;
+    deposit(&ledger.url, &alice.email, 10 * USD).await;
+    let token = issue_token(&ledger.url, &alice, &owner.email).await;
+    let mut router = ledger.client(&owner.secret);
+    let mut ids = Vec::new();
+    for i in 0..TRANSFERS {
+        let held = router
+            .authorize(req::hold(&alice.email, PRICE, &token, &format!("k{i}")))
+            .await
+            .expect("hold")
+            .into_inner();
+        router
+            .capture(req::capture_full(&held.id))
+            .await
+            .expect("capture");
+        ids.push(held.id);
+    }
+
+    // Four support agents refund in turn; the ledger dies under them.
+    let answered: Arc<Mutex<HashMap<usize, String>>> = Arc::default();
+    let killed = Arc::new(AtomicBool::new(false));
+    let mut agents = Vec::new();
+    for agent in 0..4 {
+        let (answered, killed, ids) = (answered.clone(), killed.clone(), ids.clone());
+        let mut client = ledger.client(&owner.secret);
+        agents.push(tokio::spawn(async move {
+            for i in (agent..TRANSFERS).step_by(4) {
+                match client.refund(refund(&ids[i], i)).await {
+                    Ok(made) => {
+                        let made = made.into_inner();
+                        let id = made.refund.map(|r| r.id).unwrap_or_default();
+                        answered.lock().expect("lock").insert(i, id);
+                    }
+                    Err(e) => {
+                        assert!(killed.load(Ordering::SeqCst), "refund {i} failed: {e}");
+                        return;
+                    }
+                }
+            }
+        }));
+    }
+    while answered.lock().expect("lock").len() < KILL_AFTER {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    killed.store(true, Ordering::SeqCst);
+    ledger.kill();
+    for agent in agents {
+        agent.await.expect("agent");
+    }
+    let before = answered.lock().expect("lock").clone();
+    assert!(before.len() < TRANSFERS, "the kill came after every refund");
+
+    // The same refunds again, under their keys, on a ledger restarted on the same database.
+    let ledger = LedgerProcess::start(ledger_command(), &db.url).await;
+    let mut support = ledger.client(&owner.secret);
+    let mut made_before_unanswered = 0;
+    for (i, id) in ids.iter().enumerate() {
+        let again = support
+            .refund(refund(id, i))
+            .await
+            .expect("a refund sent again after the crash")
+            .into_inner();
+        let made = again.refund.clone().expect("the refund");
+        match before.get(&i) {
+            Some(first) => {
+                assert!(again.existing, "refund {i} answered before was made again");
+                assert_eq!(&made.id, first, "refund {i} answered as another refund");
+            }
+            None => made_before_unanswered += usize::from(again.existing),
+        }
+        assert_eq!(again.refunded_micros, REFUND, "transfer {i}: {again:?}");
+        let listed = support
+            .list_refunds(pb::ListRefundsRequest {
+                transfer_id: id.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("list refunds")
+            .into_inner();
+        assert_eq!(listed.refunds.len(), 1, "transfer {i}: {listed:?}");
+    }
+    println!(
+        "{} refunds answered before the kill, {made_before_unanswered} made but not answered",
+        before.len()
+    );
+    let n = TRANSFERS as i64;
+    let alice_now = account(&ledger.url, &alice.email).await;
+    assert_eq!(alice_now.balance_micros, 10 * USD - n * PRICE + n * REFUND);
+    assert_eq!(alice_now.held_micros, 0);
+    let owner_now = account(&ledger.url, &owner.email).await;
+    assert_eq!(owner_now.balance_micros, n * (PRICE - REFUND));
+    drop(ledger);
+    let store = Store::connect(&db.url, 2).await.expect("store");
+    syft_testkit::assert_consistent(&store).await;
+    store.close().await;
+    db.drop_postgres().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refunds_survive_kill_9_on_sqlite() {
+    refunds_survive_kill_9(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refunds_survive_kill_9_on_postgres() {
+    refunds_survive_kill_9(true).await;
+}
