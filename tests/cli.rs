@@ -524,6 +524,20 @@ async fn a_refund_from_the_command_line_is_made_once() {
         .expect("alice")
         .into_inner();
     assert_eq!(alice_now.balance_micros, 10_000_000);
+    // The transfer listed says it was refunded; the owner's statistics say what was given back.
+    let listed: serde_json::Value =
+        serde_json::from_str(&run(&mut as_owner(&["transfers", "--json"]))).unwrap();
+    assert_eq!(
+        listed["transfers"][0]["refunded_micros"], 1_000_000,
+        "{listed}"
+    );
+    assert_eq!(
+        listed["transfers"][0]["captured_micros"], 1_000_000,
+        "{listed}"
+    );
+    let stats: serde_json::Value =
+        serde_json::from_str(&run(&mut as_owner(&["stats", "--json"]))).unwrap();
+    assert_eq!(stats["refunded_micros"], 1_000_000, "{stats}");
     h.finish().await;
 }
 

@@ -196,10 +196,11 @@ pub async fn run(args: StatsArgs) -> anyhow::Result<()> {
     }
     print_table(&header, &rows);
     println!(
-        "{} to {} (UTC), money in {}",
+        "{} to {} (UTC), money in {}; refunded in the range: {}",
         format_time(stats.since_unix_micros),
         format_time(stats.until_unix_micros),
-        stats.currency
+        stats.currency,
+        format_micros(stats.refunded_micros)
     );
     Ok(())
 }
@@ -294,7 +295,7 @@ fn stats_json(s: &pb::GetUsageStatsResponse, names: &[String]) -> serde_json::Va
         .collect();
     serde_json::json!({
         "since_unix_micros": s.since_unix_micros, "until_unix_micros": s.until_unix_micros,
-        "currency": s.currency, "groups": groups,
+        "currency": s.currency, "groups": groups, "refunded_micros": s.refunded_micros,
     })
 }
 

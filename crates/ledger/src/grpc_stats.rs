@@ -114,5 +114,6 @@ pub(crate) fn stats_pb(s: Stats) -> pb::GetUsageStatsResponse {
         since_unix_micros: s.since,
         until_unix_micros: s.until,
         currency: s.currency,
+        refunded_micros: s.refunded_micros,
     }
 }

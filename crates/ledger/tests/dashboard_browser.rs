@@ -263,6 +263,17 @@ async fn dashboard_in_chromium() {
     }
     let s = Stack::start(Pricing::per_request(PRICE)).await;
     paid_request(&s, "before sign-in").await;
+    // Support gives back part of it: shown beside the revenue, which still counts the charge.
+    let transfer = s.transfers().await.remove(0);
+    let refund = syft_proto::ledger::RefundRequest {
+        transfer_id: transfer.id,
+        amount_micros: PRICE / 4,
+        reason: "a slow answer".into(),
+        idempotency_key: "support-1".into(),
+    };
+    let mut owner =
+        syft_ledger::client::connect_lazy(&s.ledger.url, &s.owner.secret).expect("client");
+    owner.refund(refund).await.expect("refund");
     let (_driver, port) = start_driver().expect("chromedriver");
     let c = browser(port).await;
     let page = format!("{}/dashboard", s.ledger.http_url);
@@ -283,6 +294,7 @@ async fn dashboard_in_chromium() {
     assert_eq!(micros_of(&c, "balance").await, s.owner_balance().await);
     assert_eq!(micros_of(&c, "rev-30d").await, PRICE);
     assert_eq!(micros_of(&c, "rev-today").await, PRICE);
+    assert_eq!(micros_of(&c, "refunded-30d").await, PRICE / 4);
     let text = js(&c, "return document.querySelector('#balance').textContent").await;
     assert!(
         text.as_str().unwrap_or_default().contains('$'),

@@ -311,8 +311,60 @@ async fn a_transfer_has_at_most_a_hundred_refunds(h: Harness) -> Harness {
     h
 }
 
+/// The owner's statistics say what it gave back (`refunded_micros`) for the transfers the query
+/// covers, by the same role and filters as the groups (model and status by the request's usage
+/// row); the revenue still counts the charge.
+async fn statistics_say_what_was_refunded(h: Harness) -> Harness {
+    let (owner, alice, token) = h.payer(OWNER, ALICE, 10 * USD).await;
+    let mut router = h.client(&owner);
+    let held = ok(router.authorize(req::hold(ALICE, USD, &token, "k1")).await);
+    let capture = pb::CaptureRequest {
+        usage: Some(pb::Usage {
+            model: "gpt-x".into(),
+            ..req::usage("k1", "chat-app", ALICE, "success")
+        }),
+        ..req::capture_full(&held.id)
+    };
+    ok(router.capture(capture).await);
+    ok(router.refund(refund(&held.id, 250_000, "r1")).await);
+    let stats = |secret: &str, tweak: fn(&mut pb::GetUsageStatsRequest)| {
+        let mut client = h.client(secret);
+        let mut q = pb::GetUsageStatsRequest::default();
+        tweak(&mut q);
+        async move { ok(client.get_usage_stats(q).await) }
+    };
+    let as_owner = stats(&owner, |_| {}).await;
+    assert_eq!(as_owner.refunded_micros, 250_000);
+    let revenue: i64 = as_owner.groups.iter().map(|g| g.revenue_micros).sum();
+    assert_eq!(revenue, USD, "the revenue counts the charge");
+    let as_user = stats(&alice, |q| q.role = pb::StatsRole::User.into()).await;
+    assert_eq!(as_user.refunded_micros, 250_000);
+    assert_eq!(stats(ADMIN_KEY, |_| {}).await.refunded_micros, 250_000);
+    // The filters the groups take: matching, then not.
+    let model = stats(&owner, |q| q.model = "gpt-x".into()).await;
+    assert_eq!(model.refunded_micros, 250_000);
+    for other in [
+        stats(&owner, |q| q.model = "gpt-y".into()).await,
+        stats(&owner, |q| q.app_name = "other-app".into()).await,
+        stats(&owner, |q| q.status = "error".into()).await,
+        stats(&owner, |q| q.user_email = "bob@example.com".into()).await,
+        stats(&owner, |q| {
+            q.since_unix_micros = Some(0);
+            q.until_unix_micros = Some(60_000_000);
+        })
+        .await,
+    ] {
+        assert_eq!(other.refunded_micros, 0, "{other:?}");
+    }
+    // As a user, Alice's refunds are hers only: the owner, as a user, paid nothing.
+    let owner_as_user = stats(&owner, |q| q.role = pb::StatsRole::User.into()).await;
+    assert_eq!(owner_as_user.refunded_micros, 0);
+    h
+}
+
 store_suite!(
     refunds_give_back_what_was_captured,
+    statistics_say_what_was_refunded,
     a_transfer_has_at_most_a_hundred_refunds,
     verify_names_a_refund_that_does_not_match_its_entries,
     only_a_captured_transfer_is_refunded_by_its_recipient_or_the_admin,

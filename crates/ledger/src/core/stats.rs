@@ -66,6 +66,9 @@ pub struct Stats {
     pub until: i64,
     pub currency: String,
     pub groups: Vec<StatsGroup>,
+    /// Refunds (`Refund`) made in the range of the transfers the query covers, in all: money
+    /// given back after its capture, which the groups' `revenue_micros` still count.
+    pub refunded_micros: i64,
 }
 
 /// Parses dimension names (`day`, `app`, ...), as adapters receive them.
@@ -185,12 +188,14 @@ impl Ledger {
                 "more than {MAX_GROUPS} groups: narrow the range, the filters or the dimensions"
             )));
         }
+        let refunded_micros = self.store().refunded_in(&filter).await?;
         Ok(Stats {
             group_by: q.group_by.clone(),
             since,
             until,
             currency,
             groups,
+            refunded_micros,
         })
     }
 }

@@ -11,6 +11,8 @@
 
 use syft_error::Reason;
 
+use super::analytics::{StatsFilter, StatsScope};
+use super::query::Where;
 use super::{
     new_id, retry_transient, Backend, Keyset, Micros, Store, TransferRow, TRANSFER_COLUMNS,
     TRANSFER_JOINS,
@@ -253,6 +255,43 @@ impl Store {
         }))
     }
 
+    /// Refunds made in `[since, until)` of the transfers a statistics query covers: its scope
+    /// (an owner's as recipient, a user's as sender) and its filters, endpoint, model and status
+    /// read from the transfer's usage row as the statistics read them (`refunded_micros`,
+    /// docs/analytics.md). Refunds are few: summed from their rows, not from rollups.
+    pub async fn refunded_in(&self, f: &StatsFilter) -> Result<i64> {
+        let mut w = Where::default();
+        w.int("r.created_at >= ?", f.since);
+        w.int("r.created_at < ?", f.until);
+        match &f.scope {
+            StatsScope::All => {}
+            StatsScope::Owner(id) => w.int("t.recipient_id = ?", *id),
+            StatsScope::User(email) => w.text("sa.email = ?", email),
+        }
+        let d = &f.dims;
+        for (template, value) in [
+            ("t.app_name = ?".to_string(), &d.app_name),
+            ("sa.email = ?".to_string(), &d.user_email),
+            (paid_row_says("endpoint"), &d.endpoint),
+            (paid_row_says("model"), &d.model),
+            (paid_row_says("status"), &d.status),
+        ] {
+            if let Some(v) = value {
+                w.text(&template, v);
+            }
+        }
+        let sql = format!(
+            "SELECT CAST(COALESCE(SUM(r.amount), 0) AS BIGINT) FROM refunds r \
+             JOIN transfers t ON t.id = r.transfer_id JOIN accounts sa ON sa.id = t.sender_id {}",
+            w.sql()
+        );
+        let (sum,): (i64,) = w
+            .bind_as(sqlx::query_as(&sql))
+            .fetch_one(self.pool())
+            .await?;
+        Ok(sum)
+    }
+
     /// The refunds of a transfer, oldest first.
     pub async fn refunds_of(&self, transfer_id: &str) -> Result<Vec<RefundRow>> {
         Ok(sqlx::query_as(&format!(
@@ -284,4 +323,9 @@ impl Store {
         rows.truncate(page.limit as usize);
         Ok((rows, more))
     }
+}
+
+/// `{column} = ?` of the transfer's usage row (its paid row: one per transfer).
+fn paid_row_says(column: &str) -> String {
+    format!("EXISTS (SELECT 1 FROM usage_records u WHERE u.transfer_id = t.id AND u.{column} = ?)")
 }

@@ -184,6 +184,8 @@ async function refreshOwner() {
   [['#rev-today', day], ['#rev-7d', week], ['#rev-30d', month]].forEach(([sel, s]) => {
     if (s) setMoney(sel, total(s).revenue_micros); else $(sel).textContent = '–';
   });
+  // Given back after capture (revenue still counts the charge): the owner's refunds.
+  if (month) setMoney('#refunded-30d', month.refunded_micros); else $('#refunded-30d').textContent = '–';
   $('#requests-range').textContent = all ? count(total(all).requests) : '–';
   $('#success-range').textContent = all && total(all).requests ? pct(total(all).success_rate) : '–';
   // A refused or failed answer empties the charts, with the reason: they kept the previous
