@@ -18,6 +18,9 @@ use serde_json::{json, Value};
 use syft_router_svc::Pricing;
 use syft_testkit::{alerts_on, free_port, Harness, Stack, WebhookReceiver, PRICE};
 
+/// Sign-out reloads the page: on this shared 2-core machine, under a build or another test
+/// binary, a reload with its scripts took over 5 s twice (2026-12-07); the wait is for the form,
+/// not a speed target.
 const SIGN_IN_SHOWN: &str = "return !document.querySelector('#signin').hidden";
 const SIGNED_OUT: &str =
     "return !document.querySelector('#signin').hidden && document.querySelector('#app').hidden";
@@ -198,7 +201,7 @@ async fn user_view_with_rows_recorded_by_others(c: &Client, s: &Stack, page: &st
         "rows name who recorded them: {owners:?}"
     );
     click(c, "#signout").await;
-    until(c, SIGN_IN_SHOWN, 5, "signed out").await;
+    until(c, SIGN_IN_SHOWN, 20, "signed out").await;
 }
 
 /// A free router's callers name any user email and any app name is the owner's own to record, so
@@ -235,7 +238,7 @@ async fn owner_view_with_many_users(c: &Client, s: &Stack, page: &str) {
     );
     assert_eq!(micros_of(c, "rev-30d").await, 2 * PRICE);
     click(c, "#signout").await;
-    until(c, SIGN_IN_SHOWN, 5, "signed out").await;
+    until(c, SIGN_IN_SHOWN, 20, "signed out").await;
 }
 
 async fn paid_request(s: &Stack, content: &str) {
@@ -494,7 +497,7 @@ async fn dashboard_in_chromium() {
     // the session is gone.
     js(&c, "window.previousPage = true; return true").await;
     click(&c, "#signout").await;
-    until(&c, SIGN_IN_SHOWN, 5, "signed out").await;
+    until(&c, SIGN_IN_SHOWN, 20, "signed out").await;
     until(
         &c,
         "return window.previousPage === undefined \
