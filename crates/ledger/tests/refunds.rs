@@ -276,18 +276,30 @@ async fn verify_names_a_refund_that_does_not_match_its_entries(h: Harness) -> Ha
             .await
             .expect("change the refund");
     };
-    change("UPDATE refunds SET amount = amount + 1").await;
-    let report = h.store.verify().await.expect("verify");
     let refund_id = made.refund.expect("the refund").id;
-    assert!(
-        report
-            .problems
-            .iter()
-            .any(|p| p.contains("refunds do not match") && p.contains(&refund_id)),
-        "{:?}",
-        report.problems
-    );
-    change("UPDATE refunds SET amount = amount - 1").await;
+    // Its amount, then the parties it names (the statistics read an owner's refunds by them).
+    for (wrong, right) in [
+        (
+            "UPDATE refunds SET amount = amount + 1",
+            "UPDATE refunds SET amount = amount - 1",
+        ),
+        (
+            "UPDATE refunds SET recipient_id = sender_id, sender_id = recipient_id",
+            "UPDATE refunds SET recipient_id = sender_id, sender_id = recipient_id",
+        ),
+    ] {
+        change(wrong).await;
+        let report = h.store.verify().await.expect("verify");
+        assert!(
+            report
+                .problems
+                .iter()
+                .any(|p| p.contains("refunds do not match") && p.contains(&refund_id)),
+            "{wrong}: {:?}",
+            report.problems
+        );
+        change(right).await;
+    }
     h
 }
 

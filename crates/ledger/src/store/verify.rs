@@ -247,9 +247,9 @@ async fn verify_snapshot(conn: &mut AnyConnection) -> Result<VerifyReport> {
             "transfers were captured at or after their hold's expiry",
         ));
     }
-    // Refunds: each of a completed transfer, with exactly its two entries (its amount taken from
-    // the transfer's recipient and given to its sender), and none refunding more in all than the
-    // transfer captured (store/refund.rs).
+    // Refunds: each of a completed transfer, naming its parties, with exactly its two entries
+    // (its amount taken from the transfer's recipient and given to its sender), and none
+    // refunding more in all than the transfer captured (store/refund.rs).
     let bad_refunds: Vec<String> = sqlx::query_scalar(
         "SELECT r.id FROM refunds r JOIN transfers t ON t.id = r.transfer_id \
              LEFT JOIN (SELECT e.ref_id, COUNT(*) AS entries, \
@@ -261,6 +261,7 @@ async fn verify_snapshot(conn: &mut AnyConnection) -> Result<VerifyReport> {
                         JOIN transfers x ON x.id = y.transfer_id \
                         WHERE e.kind = 'refund' GROUP BY e.ref_id) j ON j.ref_id = r.id \
              WHERE t.status <> 'COMPLETED' OR COALESCE(j.entries, 0) <> 2 \
+                OR r.recipient_id <> t.recipient_id OR r.sender_id <> t.sender_id \
                 OR COALESCE(j.credited, 0) <> r.amount OR COALESCE(j.debited, 0) <> r.amount \
                 OR r.transfer_id IN (SELECT s.transfer_id FROM refunds s \
                      JOIN transfers u ON u.id = s.transfer_id \
