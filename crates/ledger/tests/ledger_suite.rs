@@ -2141,9 +2141,7 @@ async fn migration_keeps_existing_rows(postgres: bool) {
         .await
         .expect("capture after the migration");
     assert_eq!(captured.captured.get(), 2_000_000);
-    syft_testkit::assert_consistent(&store).await;
-    store.close().await;
-    db.drop_postgres().await;
+    db.finish(&store).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

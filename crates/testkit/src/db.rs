@@ -112,6 +112,14 @@ impl Db {
         }
     }
 
+    /// A scenario's end: `verify` through `store` (a store of this database's), the store
+    /// closed, the database dropped (Postgres).
+    pub async fn finish(&self, store: &syft_ledger::Store) {
+        crate::assert_consistent(store).await;
+        store.close().await;
+        self.drop_postgres().await;
+    }
+
     /// Drops a Postgres test database (best effort; SQLite files go with the value).
     pub async fn drop_postgres(&self) {
         let Some((base, name)) = &self.pg else { return };
