@@ -16,11 +16,14 @@ use syft_proto::ledger as pb;
 use syft_testkit::{account, create_account, deposit, issue_token, req, Db, LedgerProcess, USD};
 
 /// Transfers refunded, each of 0.10 refunded 0.04.
-const TRANSFERS: usize = 60;
+const TRANSFERS: usize = 160;
+/// Support agents refunding at once: the more in flight, the likelier the kill falls between a
+/// refund's commit and its answer (the case the same key must then answer).
+const AGENTS: usize = 16;
 const PRICE: i64 = USD / 10;
 const REFUND: i64 = 4 * USD / 100;
 /// The kill comes once this many refunds were answered.
-const KILL_AFTER: usize = 12;
+const KILL_AFTER: usize = 40;
 
 fn ledger_command() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_syft-router"));
@@ -47,7 +50,7 @@ async fn refunds_survive_kill_9(postgres: bool) {
     let ledger = LedgerProcess::start(ledger_command(), &db.url).await;
     let owner = create_account(&ledger.url, "owner").await;
     let alice = create_account(&ledger.url, "alice").await;
-    deposit(&ledger.url, &alice.email, 10 * USD).await;
+    deposit(&ledger.url, &alice.email, 20 * USD).await;
     let token = issue_token(&ledger.url, &alice, &owner.email).await;
     let mut router = ledger.client(&owner.secret);
     let mut ids = Vec::new();
@@ -64,15 +67,15 @@ async fn refunds_survive_kill_9(postgres: bool) {
         ids.push(held.id);
     }
 
-    // Four support agents refund in turn; the ledger dies under them.
+    // Support agents refund in turn; the ledger dies under them.
     let answered: Arc<Mutex<HashMap<usize, String>>> = Arc::default();
     let killed = Arc::new(AtomicBool::new(false));
     let mut agents = Vec::new();
-    for agent in 0..4 {
+    for agent in 0..AGENTS {
         let (answered, killed, ids) = (answered.clone(), killed.clone(), ids.clone());
         let mut client = ledger.client(&owner.secret);
         agents.push(tokio::spawn(async move {
-            for i in (agent..TRANSFERS).step_by(4) {
+            for i in (agent..TRANSFERS).step_by(AGENTS) {
                 match client.refund(refund(&ids[i], i)).await {
                     Ok(made) => {
                         let made = made.into_inner();
@@ -125,7 +128,7 @@ async fn refunds_survive_kill_9(postgres: bool) {
     );
     let n = TRANSFERS as i64;
     let alice_now = account(&ledger.url, &alice.email).await;
-    assert_eq!(alice_now.balance_micros, 10 * USD - n * PRICE + n * REFUND);
+    assert_eq!(alice_now.balance_micros, 20 * USD - n * PRICE + n * REFUND);
     assert_eq!(alice_now.held_micros, 0);
     let owner_now = account(&ledger.url, &owner.email).await;
     assert_eq!(owner_now.balance_micros, n * (PRICE - REFUND));

@@ -339,6 +339,11 @@ async fn statistics_say_what_was_refunded(h: Harness) -> Harness {
     };
     ok(router.capture(capture).await);
     ok(router.refund(refund(&held.id, 250_000, "r1")).await);
+    // A charge without a usage row (in no group) refunded too: the owner's refunds count it,
+    // a filter by the request's usage row does not.
+    let bare = ok(router.authorize(req::hold(ALICE, USD, &token, "k2")).await);
+    ok(router.capture(req::capture_full(&bare.id)).await);
+    ok(router.refund(refund(&bare.id, 100_000, "r2")).await);
     let stats = |secret: &str, tweak: fn(&mut pb::GetUsageStatsRequest)| {
         let mut client = h.client(secret);
         let mut q = pb::GetUsageStatsRequest::default();
@@ -346,12 +351,14 @@ async fn statistics_say_what_was_refunded(h: Harness) -> Harness {
         async move { ok(client.get_usage_stats(q).await) }
     };
     let as_owner = stats(&owner, |_| {}).await;
-    assert_eq!(as_owner.refunded_micros, 250_000);
+    assert_eq!(as_owner.refunded_micros, 350_000);
     let revenue: i64 = as_owner.groups.iter().map(|g| g.revenue_micros).sum();
-    assert_eq!(revenue, USD, "the revenue counts the charge");
+    assert_eq!(revenue, USD, "the revenue counts the routed charge");
     let as_user = stats(&alice, |q| q.role = pb::StatsRole::User.into()).await;
-    assert_eq!(as_user.refunded_micros, 250_000);
-    assert_eq!(stats(ADMIN_KEY, |_| {}).await.refunded_micros, 250_000);
+    assert_eq!(as_user.refunded_micros, 350_000);
+    assert_eq!(stats(ADMIN_KEY, |_| {}).await.refunded_micros, 350_000);
+    let app = stats(&owner, |q| q.app_name = "chat-app".into()).await;
+    assert_eq!(app.refunded_micros, 350_000);
     // The filters the groups take: matching, then not.
     let model = stats(&owner, |q| q.model = "gpt-x".into()).await;
     assert_eq!(model.refunded_micros, 250_000);

@@ -221,7 +221,7 @@ impl Where {
         query
     }
 
-    pub(super) fn bind_as<'q, O>(
+    fn bind_as<'q, O>(
         &'q self,
         mut query: QueryAs<'q, Any, O, AnyArguments<'q>>,
     ) -> QueryAs<'q, Any, O, AnyArguments<'q>> {

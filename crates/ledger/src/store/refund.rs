@@ -9,6 +9,7 @@
 //! The transfer row itself is never changed: what it captured stays what was charged (what was
 //! refunded is read from the refunds where a transfer is shown, `REFUNDED`).
 
+use sqlx::Row;
 use syft_error::Reason;
 
 use super::analytics::{StatsFilter, StatsScope};
@@ -295,11 +296,11 @@ impl Store {
             "SELECT CAST(COALESCE(SUM(r.amount), 0) AS BIGINT) FROM refunds r {join} {}",
             w.sql()
         );
-        let (sum,): (i64,) = w
-            .bind_as(sqlx::query_as(&sql))
-            .fetch_one(self.pool())
-            .await?;
-        Ok(sum)
+        // In the analytics' turn and time limit, as every statistics read (analytics.md).
+        let _turn = self.analytics_turn().await?;
+        let rows = self.fetch_stats(&w, &sql, false).await?;
+        let sum = rows.first().map(|r| r.try_get::<i64, _>(0)).transpose()?;
+        Ok(sum.unwrap_or(0))
     }
 
     /// The refunds of a transfer, oldest first.

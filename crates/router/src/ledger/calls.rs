@@ -282,18 +282,37 @@ impl Calls {
         F: Fn(LedgerClient<Channel>, tonic::Request<M>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<Transfer>, tonic::Status>>,
     {
+        self.settled_with(op, id, patience, call, msg, &mut Vec::new())
+            .await
+    }
+
+    /// [`Calls::settled`] continuing an earlier one under the same key: `maybe_applied` holds the
+    /// endpoints at which that one's attempts may have been applied (a call asked again with
+    /// other parameters after a refusal, whose first rounds may have placed the hold it finds).
+    pub(crate) async fn settled_with<M, F, Fut>(
+        &self,
+        op: Op,
+        id: &str,
+        patience: Patience<'_>,
+        call: F,
+        msg: M,
+        maybe_applied: &mut Vec<String>,
+    ) -> Result<(Transfer, bool), tonic::Status>
+    where
+        M: Clone,
+        F: Fn(LedgerClient<Channel>, tonic::Request<M>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<Transfer>, tonic::Status>>,
+    {
         let mut delay = Duration::from_millis(50);
         let mut attempt = 0u32;
-        // The endpoints at which an attempt so far may have been applied.
-        let mut maybe_applied: Vec<String> = Vec::new();
         loop {
             let status = match self.try_call(op, None, msg.clone(), &call).await {
                 Ok((t, round)) => {
-                    round.fold_into(&mut maybe_applied);
+                    round.fold_into(maybe_applied);
                     return Ok((t, !maybe_applied.is_empty()));
                 }
                 Err((s, round)) if outcome_unknown(s.code()) => {
-                    round.fold_into(&mut maybe_applied);
+                    round.fold_into(maybe_applied);
                     s
                 }
                 Err((s, _)) => return Err(s),

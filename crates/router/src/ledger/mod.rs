@@ -33,6 +33,9 @@ mod status;
 pub(crate) use status::map_status;
 use status::{keyed_transfer, ledger_reason};
 
+/// The shortest hold life a router takes from its ledger's refusal (`Ledger::granted_ttl`).
+const MIN_LEARNED_HOLD_TTL: i64 = 10;
+
 /// The ledger's gRPC service name, as its health service reports it.
 const LEDGER_SERVICE: &str = "syft.ledger.v1.Ledger";
 
@@ -216,26 +219,42 @@ impl Ledger {
         asker: &tokio::sync::watch::Sender<()>,
     ) -> Result<Authorization, RouterError> {
         let (key, attempt) = (msg.idempotency_key.clone(), msg.attempt_id.clone());
-        let patience = || Patience::Authorization {
-            until: settle_until,
-            asker,
-        };
+        let patience = |until| Patience::Authorization { until, asker };
         let asked = msg.hold_ttl_seconds;
         let again = asked.is_some().then(|| msg.clone());
+        // Shared by both calls: a round of the first whose outcome was unknown may have placed
+        // the hold the second finds, which is then this request's own.
+        let mut maybe_applied = Vec::new();
         let mut settled = (self.calls)
-            .settled(Op::Authorize, &key, patience(), rpc!(authorize), msg)
+            .settled_with(
+                Op::Authorize,
+                &key,
+                patience(settle_until),
+                rpc!(authorize),
+                msg,
+                &mut maybe_applied,
+            )
             .await;
         // Asked a longer hold than the ledger grants (the router's setting, not the user's
         // input): every paid request failed as the user's invalid request. Asked again, once,
-        // for the ledger's longest (nothing was placed), and so from now on.
+        // for the ledger's longest (the refused call placed nothing), and so from now on.
         if let (Err(s), Some(again)) = (&settled, again) {
             if let Some(max) = self.granted_ttl(s, asked) {
                 let msg = AuthorizeRequest {
                     hold_ttl_seconds: Some(max),
                     ..again
                 };
+                // Never asked again past the life of the hold it may place.
+                let life = Instant::now() + Duration::from_secs(max.unsigned_abs());
                 settled = (self.calls)
-                    .settled(Op::Authorize, &key, patience(), rpc!(authorize), msg)
+                    .settled_with(
+                        Op::Authorize,
+                        &key,
+                        patience(settle_until.min(life)),
+                        rpc!(authorize),
+                        msg,
+                        &mut maybe_applied,
+                    )
                     .await;
             }
         }
@@ -283,8 +302,20 @@ impl Ledger {
         let max = syft_error::info_metadata(s, syft_error::MAX_HOLD_TTL_SECONDS)?
             .parse::<i64>()
             .ok()
-            .filter(|&max| max >= 1 && asked.is_some_and(|asked| asked > max))?;
-        if self.hold_ttl_cap.swap(max, Ordering::Relaxed) != max {
+            .filter(|&max| asked.is_some_and(|asked| asked > max))?;
+        if max < MIN_LEARNED_HOLD_TTL {
+            // A ledger saying 1 s would pin every later hold at that (extended three times a
+            // second, cut at every slow upstream): refused as the deployment problem it is.
+            tracing::error!(
+                asked,
+                granted = max,
+                "the ledger grants holds too short to sell with; raise its --max-hold-ttl"
+            );
+            return None;
+        }
+        // The lowest any replica said: two replicas of different maximums answering at once
+        // must not leave the higher one, refused again by the other.
+        if self.hold_ttl_cap.fetch_min(max, Ordering::Relaxed) > max {
             tracing::error!(
                 asked,
                 granted = max,
@@ -560,6 +591,49 @@ pub(crate) fn void_reason(reason: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The hold life a router takes from its ledger's `HOLD_TTL_OUT_OF_RANGE`: only below what it
+    /// asked, never under 10 s, the lowest any replica said (two replicas of 120 s and 60 s
+    /// answering in either order leave 60), and nothing from another refusal or a maximum that
+    /// does not parse.
+    #[tokio::test]
+    async fn the_hold_life_learnt_is_the_lowest_sane_one_said() {
+        let settings = crate::config::LedgerSettings {
+            hold_ttl_seconds: Some(3_600),
+            ..Default::default()
+        };
+        let ledger = Ledger::connect(&settings, "owner@example.com").expect("lazy");
+        let refusal = |reason: Reason, max: &str| {
+            let metadata = [(
+                syft_error::MAX_HOLD_TTL_SECONDS.to_string(),
+                max.to_string(),
+            )];
+            syft_error::grpc_status_with(
+                reason.code(),
+                reason.as_str(),
+                "syft.ledger",
+                "hold_ttl_seconds 3600 must be between 1 and …".into(),
+                metadata.into(),
+            )
+        };
+        let ttl = Reason::HoldTtlOutOfRange;
+        assert_eq!(ledger.granted_ttl(&refusal(ttl, "5"), Some(3_600)), None);
+        assert_eq!(ledger.granted_ttl(&refusal(ttl, "x"), Some(3_600)), None);
+        let other = refusal(Reason::InsufficientFunds, "60");
+        assert_eq!(ledger.granted_ttl(&other, Some(3_600)), None);
+        assert_eq!(ledger.hold_ttl_seconds(), Some(3_600));
+        assert_eq!(
+            ledger.granted_ttl(&refusal(ttl, "60"), Some(3_600)),
+            Some(60)
+        );
+        assert_eq!(
+            ledger.granted_ttl(&refusal(ttl, "120"), Some(3_600)),
+            Some(120)
+        );
+        assert_eq!(ledger.hold_ttl_seconds(), Some(60));
+        // Not above what was asked: nothing to learn.
+        assert_eq!(ledger.granted_ttl(&refusal(ttl, "90"), Some(60)), None);
+    }
 
     /// The attempt the ledger names decides; without one, `existing` and whether an earlier
     /// round may have placed the hold do.

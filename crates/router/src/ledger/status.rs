@@ -26,8 +26,14 @@ pub(super) fn ledger_reason(s: &tonic::Status) -> Option<Reason> {
 pub(crate) fn map_status(op: Op, s: tonic::Status) -> RouterError {
     let msg = s.message().to_string();
     match s.code() {
-        // The router's hold setting, not the user's input (`Ledger::granted_ttl`).
-        Code::InvalidArgument if ledger_reason(&s) == Some(Reason::HoldTtlOutOfRange) => {
+        // The router's hold setting, not the user's input (`Ledger::granted_ttl`). An extension
+        // refused so stays `INVALID_ARGUMENT`: its guard stops extending (a replica with a lower
+        // maximum than the one that placed the hold), where a retryable error was asked again
+        // at every tick.
+        Code::InvalidArgument
+            if matches!(op, Op::Authorize)
+                && ledger_reason(&s) == Some(Reason::HoldTtlOutOfRange) =>
+        {
             tracing::error!(?op, detail = %msg, "the ledger refuses this router's hold life");
             RouterError::Unavailable("the ledger refuses this router's hold life".into())
         }
