@@ -294,7 +294,8 @@ impl Ledger {
     }
 
     /// The ledger's longest hold, when `s` refused `asked` as longer than that: remembered for
-    /// every later hold, and said once as the configuration error it is.
+    /// every later hold (the lowest said), and logged when it drops as the configuration error
+    /// it is.
     fn granted_ttl(&self, s: &tonic::Status, asked: Option<i64>) -> Option<i64> {
         if ledger_reason(s) != Some(Reason::HoldTtlOutOfRange) {
             return None;
