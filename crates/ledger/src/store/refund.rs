@@ -260,10 +260,10 @@ impl Store {
         }))
     }
 
-    /// Refunds made in `[since, until)` of the transfers a statistics query covers: its scope
-    /// (an owner's as recipient, a user's as sender) and its filters, endpoint, model and status
-    /// read from the transfer's usage row as the statistics read them (`refunded_micros`,
-    /// docs/analytics.md). Refunds are few: summed from their rows, not from rollups.
+    /// Refunds made in `[since, until)` by a statistics query's scope (an owner's as recipient,
+    /// a user's as sender; of any transfer, with a usage row or not) and filters (app and user by
+    /// the transfer; endpoint, model and status by its usage row): `refunded_micros`,
+    /// docs/analytics.md. Refunds are few: summed from their rows, not from rollups.
     pub async fn refunded_in(&self, f: &StatsFilter) -> Result<i64> {
         // By the refund's own parties, time and amount (an index per scope, migration 0037); the
         // transfer is joined only for an app filter (20,000 refunds joined to their transfers
