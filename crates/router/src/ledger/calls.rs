@@ -269,27 +269,10 @@ impl Calls {
     /// margin: past it the ledger answers definitely whenever it answers at all). Each round tries every endpoint (see
     /// [`Calls::call`]), so a retry goes to another ledger when one is down. Also returns whether
     /// an attempt before the answering one may have been applied. Fails with the ledger's status.
+    /// `maybe_applied` carries the endpoints at which an earlier call under the same key may
+    /// have been applied (an Authorize asked again with another hold life after a refusal, whose
+    /// first rounds may have placed the hold it finds); a fresh call passes an empty one.
     pub(crate) async fn settled<M, F, Fut>(
-        &self,
-        op: Op,
-        id: &str,
-        patience: Patience<'_>,
-        call: F,
-        msg: M,
-    ) -> Result<(Transfer, bool), tonic::Status>
-    where
-        M: Clone,
-        F: Fn(LedgerClient<Channel>, tonic::Request<M>) -> Fut,
-        Fut: std::future::Future<Output = Result<tonic::Response<Transfer>, tonic::Status>>,
-    {
-        self.settled_with(op, id, patience, call, msg, &mut Vec::new())
-            .await
-    }
-
-    /// [`Calls::settled`] continuing an earlier one under the same key: `maybe_applied` holds the
-    /// endpoints at which that one's attempts may have been applied (a call asked again with
-    /// other parameters after a refusal, whose first rounds may have placed the hold it finds).
-    pub(crate) async fn settled_with<M, F, Fut>(
         &self,
         op: Op,
         id: &str,

@@ -226,7 +226,7 @@ impl Ledger {
         // the hold the second finds, which is then this request's own.
         let mut maybe_applied = Vec::new();
         let mut settled = (self.calls)
-            .settled_with(
+            .settled(
                 Op::Authorize,
                 &key,
                 patience(settle_until),
@@ -247,7 +247,7 @@ impl Ledger {
                 // Never asked again past the life of the hold it may place.
                 let life = Instant::now() + Duration::from_secs(max.unsigned_abs());
                 settled = (self.calls)
-                    .settled_with(
+                    .settled(
                         Op::Authorize,
                         &key,
                         patience(settle_until.min(life)),
@@ -361,6 +361,7 @@ impl Ledger {
                 },
                 rpc!(capture),
                 msg,
+                &mut Vec::new(),
             )
             .await
             .map(|(t, _)| t)
@@ -389,6 +390,7 @@ impl Ledger {
                 },
                 rpc!(void),
                 msg,
+                &mut Vec::new(),
             )
             .await
             .map(|(t, _)| t)
