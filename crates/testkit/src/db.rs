@@ -1,6 +1,8 @@
 //! A database for one test: a fresh SQLite file, or a fresh database on the Postgres server of
 //! `DATABASE_URL`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use sqlx::Connection;
 
 /// `DATABASE_URL` when it names a Postgres server, or `None` with a `SKIPPED: …` line (which
@@ -60,6 +62,9 @@ pub struct Db {
     _dir: Option<tempfile::TempDir>,
     /// (server URL, database name) of a Postgres database created for the test.
     pg: Option<(String, String)>,
+    /// Set once the Postgres database is dropped; until then dropping the value drops it (a test
+    /// that failed before its `finish` left its database behind on the server).
+    dropped: AtomicBool,
 }
 
 impl Db {
@@ -73,6 +78,7 @@ impl Db {
             url,
             _dir: Some(dir),
             pg: None,
+            dropped: AtomicBool::new(false),
         }
     }
 
@@ -100,6 +106,7 @@ impl Db {
             url: format!("{root}/{name}{query}"),
             _dir: None,
             pg: Some((base, name)),
+            dropped: AtomicBool::new(false),
         })
     }
 
@@ -123,15 +130,70 @@ impl Db {
     /// Drops a Postgres test database (best effort; SQLite files go with the value).
     pub async fn drop_postgres(&self) {
         let Some((base, name)) = &self.pg else { return };
-        let result = match sqlx::PgConnection::connect(base).await {
-            Ok(mut conn) => sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                .execute(&mut conn)
-                .await
-                .map(|_| ()),
-            Err(e) => Err(e),
-        };
-        if let Err(e) = result {
-            eprintln!("could not drop test database {name}: {e}");
+        if self.dropped.swap(true, Ordering::SeqCst) {
+            return;
         }
+        drop_database(base, name).await;
+    }
+}
+
+async fn drop_database(base: &str, name: &str) {
+    let result = match sqlx::PgConnection::connect(base).await {
+        Ok(mut conn) => sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .execute(&mut conn)
+            .await
+            .map(|_| ()),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = result {
+        eprintln!("could not drop test database {name}: {e}");
+    }
+}
+
+impl Drop for Db {
+    /// A test that panicked (or returned) before its `finish`: the database is dropped from a
+    /// thread of its own, since the test's runtime may be the one unwinding.
+    fn drop(&mut self) {
+        let Some((base, name)) = self.pg.clone() else {
+            return;
+        };
+        if self.dropped.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let dropping =
+            std::thread::spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(drop_database(&base, &name)),
+                    Err(e) => eprintln!("could not drop test database {name}: {e}"),
+                }
+            });
+        let _ = dropping.join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A test that ends without `finish` (a failed assertion's unwinding, an early return) leaves
+    /// no database behind on the server.
+    #[tokio::test]
+    async fn a_database_left_without_finish_is_dropped() {
+        let Some(db) = Db::postgres().await else {
+            return;
+        };
+        let (base, name) = db.pg.clone().expect("a Postgres database");
+        let mut conn = sqlx::PgConnection::connect(&base)
+            .await
+            .expect("connect to DATABASE_URL");
+        let exists = "SELECT COUNT(*) FROM pg_database WHERE datname = $1";
+        let count = sqlx::query_scalar::<_, i64>(exists).bind(&name);
+        assert_eq!(count.fetch_one(&mut conn).await.expect("count"), 1);
+        drop(db);
+        let count = sqlx::query_scalar::<_, i64>(exists).bind(&name);
+        assert_eq!(count.fetch_one(&mut conn).await.expect("count"), 0);
     }
 }
