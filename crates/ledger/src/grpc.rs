@@ -192,10 +192,7 @@ grpc_methods! {
         fn list_refunds(pb::ListRefundsRequest) -> pb::ListRefundsResponse {
             let query = RefundQuery {
                 transfer_id: req.transfer_id,
-                page: PageRequest {
-                    page_token: req.page_token,
-                    page_size: req.page_size,
-                },
+                page: PageRequest::new(req.page_token, req.page_size),
             };
             let page = core.refunds(&caller, &query).await?;
             let refunded_micros = page.items.iter().map(|r| r.amount.get()).sum();
@@ -350,14 +347,8 @@ impl From<pb::QueryUsageRequest> for UsageQuery {
                 ..Default::default()
             },
             request_id: req.request_id,
-            range: TimeRange {
-                since: req.since_unix_micros,
-                until: req.until_unix_micros,
-            },
-            page: PageRequest {
-                page_token: req.page_token,
-                page_size: req.page_size,
-            },
+            range: TimeRange::new(req.since_unix_micros, req.until_unix_micros),
+            page: PageRequest::new(req.page_token, req.page_size),
         }
     }
 }
@@ -375,16 +366,10 @@ impl TryFrom<pb::ListTransfersRequest> for TransferQuery {
             account_email: req.account_email,
             role: role(req.role)?,
             status,
-            range: TimeRange {
-                since: req.since_unix_micros,
-                until: req.until_unix_micros,
-            },
+            range: TimeRange::new(req.since_unix_micros, req.until_unix_micros),
             app_name: req.app_name,
             token_id: req.token_id,
-            page: PageRequest {
-                page_token: req.page_token,
-                page_size: req.page_size,
-            },
+            page: PageRequest::new(req.page_token, req.page_size),
         })
     }
 }
@@ -397,10 +382,7 @@ impl TryFrom<pb::ListTokensRequest> for TokenQuery {
             account_email: req.account_email,
             role: role(req.role)?,
             include_inactive: req.include_inactive,
-            page: PageRequest {
-                page_token: req.page_token,
-                page_size: req.page_size,
-            },
+            page: PageRequest::new(req.page_token, req.page_size),
         })
     }
 }

@@ -37,10 +37,7 @@ pub(crate) fn stats_query(req: pb::GetUsageStatsRequest) -> Result<StatsQuery> {
             .iter()
             .map(|d| dimension(*d))
             .collect::<Result<_>>()?,
-        range: TimeRange {
-            since: req.since_unix_micros,
-            until: req.until_unix_micros,
-        },
+        range: TimeRange::new(req.since_unix_micros, req.until_unix_micros),
         role,
         dims: UsageDimsQuery {
             app_name: req.app_name,

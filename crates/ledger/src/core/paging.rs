@@ -19,6 +19,13 @@ pub struct PageRequest {
 }
 
 impl PageRequest {
+    pub fn new(page_token: String, page_size: u32) -> Self {
+        Self {
+            page_token,
+            page_size,
+        }
+    }
+
     /// The size checked and the token decoded into the store's keyset.
     pub(super) fn keyset(&self) -> Result<Keyset> {
         Ok(Keyset {

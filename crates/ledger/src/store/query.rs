@@ -27,6 +27,10 @@ pub struct TimeRange {
 }
 
 impl TimeRange {
+    pub fn new(since: Option<i64>, until: Option<i64>) -> Self {
+        Self { since, until }
+    }
+
     /// The set ends as conditions on `column`.
     fn push_where(&self, w: &mut Where, column: &str) {
         w.opt_int(&format!("{column} >= ?"), self.since);

@@ -132,10 +132,7 @@ pub fn stats_query(params: &HashMap<String, String>) -> Result<StatsQuery> {
         .unwrap_or_default();
     Ok(StatsQuery {
         group_by: parse_dimensions(text("group_by").split(','))?,
-        range: TimeRange {
-            since: micros("since")?,
-            until: micros("until")?,
-        },
+        range: TimeRange::new(micros("since")?, micros("until")?),
         role,
         dims: UsageDimsQuery {
             app_name: text("app"),

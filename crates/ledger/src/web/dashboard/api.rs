@@ -127,10 +127,10 @@ impl Params {
 
     /// `page_token` and `page_size`.
     fn page(&self) -> Result<PageRequest> {
-        Ok(PageRequest {
-            page_token: self.get("page_token").to_string(),
-            page_size: self.page_size()?,
-        })
+        Ok(PageRequest::new(
+            self.get("page_token").to_string(),
+            self.page_size()?,
+        ))
     }
 
     fn micros(&self, key: &str) -> Result<Option<i64>> {
