@@ -11,6 +11,11 @@ pub mod router {
     tonic::include_proto!("syft.router.v1");
 }
 
+/// The longest transaction token the ledger accepts (bytes). The router refuses a longer one (or
+/// one with control characters) itself, as a token that proves nothing, before it counts the
+/// request in anyone's rate-limit windows.
+pub const MAX_TRANSACTION_TOKEN_BYTES: usize = 512;
+
 /// Encoded descriptor sets of the ledger's and the router's services, for gRPC server reflection.
 pub const LEDGER_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("ledger_descriptor");
 pub const ROUTER_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("router_descriptor");

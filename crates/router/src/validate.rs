@@ -164,6 +164,22 @@ pub fn validate_chat(mut req: ChatRequest, limits: &Limits) -> Result<ValidReque
 /// valid. Lowercased here so that one user is one user everywhere: the rate windows and request
 /// ids are keyed by it, and `Alice@…` and `alice@…` were two users' windows (a way around the
 /// limits) while the ledger charged the same account.
+/// Why a token cannot be one the ledger issued: longer than it accepts, or with control
+/// characters (the ledger's rule for the token, `validate::text`).
+pub(crate) fn malformed_token(token: &str) -> Option<String> {
+    if token.len() > syft_proto::MAX_TRANSACTION_TOKEN_BYTES {
+        return Some(format!(
+            "{} bytes, at most {}",
+            token.len(),
+            syft_proto::MAX_TRANSACTION_TOKEN_BYTES
+        ));
+    }
+    if token.chars().any(|c| c.is_control() && c != '\t') {
+        return Some("control characters".into());
+    }
+    None
+}
+
 fn payer_email(email: &str) -> Result<String, RouterError> {
     let user_email = email.trim().to_ascii_lowercase();
     if !user_email.is_empty() && !is_valid_email(&user_email) {

@@ -457,13 +457,20 @@ async fn a_request_refused_for_its_token_spends_no_room() {
     })
     .await;
     let mut c = s.client().await;
-    for i in 0..5 {
+    // Made up, of a plausible length; longer than any the ledger issues; with a control
+    // character (the last two the ledger refuses as invalid before it looks the token up).
+    let made_up = |i: usize| match i % 3 {
+        0 => format!("made-up-{i}"),
+        1 => format!("{i}{}", "x".repeat(600)),
+        _ => format!("made\u{1}up-{i}"),
+    };
+    for i in 0..6 {
         let forged = syft_proto::router::ChatRequest {
-            transaction_token: format!("made-up-{i}"),
+            transaction_token: made_up(i),
             ..s.request("forged")
         };
         let err = c.chat(forged).await.expect_err("a made-up token");
-        assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+        assert_eq!(err.code(), Code::PermissionDenied, "{i}: {err:?}");
     }
     // All three of alice's own requests fit; the fourth is refused by the window.
     for left in ["2", "1", "0"] {
@@ -480,6 +487,36 @@ async fn a_request_refused_for_its_token_spends_no_room() {
 
     let (balance, held, _) = s.alice_money().await;
     assert_eq!((balance, held), (FUNDS - 3 * PRICE, 0));
+    s.check_invariants().await;
+}
+
+/// A request the ledger finds invalid (here a hold over its largest amount, from a huge
+/// `max_tokens`) spends none of the named user's windows either: the ledger checks a request
+/// before its token, so the refusal proves no user, and nothing was held or called.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_ledger_finds_invalid_spends_no_room() {
+    let s = Stack::start_with_configs(
+        Pricing::per_token(1_000_000, 1_000_000),
+        |l| l.max_amount_micros = FUNDS,
+        |c| c.rate_limits.requests = rates(&["3/minute"]),
+    )
+    .await;
+    let mut c = s.client().await;
+    for _ in 0..4 {
+        let mut huge = s.request("forged");
+        huge.transaction_token = "made-up".into();
+        if let Some(o) = huge.options.as_mut() {
+            o.max_tokens = Some(1_000_000);
+        }
+        let err = c.chat(huge).await.expect_err("a hold over the ledger's largest");
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    }
+    for left in ["2", "1", "0"] {
+        let r = c.chat(s.request("own")).await.expect("alice's own request");
+        assert_eq!(meta(r.metadata(), "x-ratelimit-remaining-requests"), left);
+    }
+    let (_, held, _) = s.alice_money().await;
+    assert_eq!(held, 0);
     s.check_invariants().await;
 }
 

@@ -7,6 +7,7 @@ use crate::error::{LedgerError, Result};
 use crate::money::check_positive;
 use crate::store::{IssuedToken, TokenGrant};
 use crate::validate;
+use syft_proto::MAX_TRANSACTION_TOKEN_BYTES;
 
 use super::{same_currency, Ledger, NewToken};
 
@@ -55,7 +56,7 @@ impl Ledger {
             Caller::Admin => None,
             Caller::Account(a) => Some(a.id),
         };
-        let token = validate::text("token", token, 512, true)?;
+        let token = validate::text("token", token, MAX_TRANSACTION_TOKEN_BYTES, true)?;
         self.backend.revoke_token(by, token).await
     }
 
@@ -63,7 +64,7 @@ impl Ledger {
     /// proving a user's identity before it shows their limits.
     pub async fn check_token(&self, caller: &Caller, token: &str) -> Result<(String, String)> {
         let recipient = caller.account()?;
-        let token = validate::text("token", token, 512, true)?;
+        let token = validate::text("token", token, MAX_TRANSACTION_TOKEN_BYTES, true)?;
         self.backend.check_token(recipient.id, token).await
     }
 }

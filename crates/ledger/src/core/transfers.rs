@@ -12,6 +12,7 @@ use crate::store::{
     TransferFilter, TransferRow, UsageInput,
 };
 use crate::validate::{self, MAX_KEY, MAX_NAME, MAX_PATH, MAX_REASON};
+use syft_proto::MAX_TRANSACTION_TOKEN_BYTES;
 
 use super::{
     keyset_page, non_empty, same_currency, validate_usage, AnswerInput, HoldRequest, Ledger, Page,
@@ -58,7 +59,7 @@ impl Ledger {
             recipient_email: &recipient.email,
             sender_email: &sender_email,
             amount: check_positive("amount_micros", req.amount, self.config.max_amount_micros)?,
-            token: validate::text("token", &req.token, 512, true)?,
+            token: validate::text("token", &req.token, MAX_TRANSACTION_TOKEN_BYTES, true)?,
             app_name: validate::text("app_name", &req.app_name, MAX_NAME, false)?,
             app_ep_path: validate::text("app_ep_path", &req.app_ep_path, MAX_PATH, false)?,
             idempotency_key: validate::idempotency_key(&req.idempotency_key)?,

@@ -10,12 +10,10 @@ use syft_proto::ledger::{AnswerToStore, AuthorizeRequest, Transfer, TransferStat
 
 use super::attempts;
 use super::hold::{self, Claim, HoldGuard};
-use super::refusal::{refusal_status, Attempt};
+use super::refusal::{explain_refusal, refusal_status, Attempt};
 use super::{elapsed_ms, RouterService};
-use crate::config::{
-    describe_price, hold_sizing, insufficient_funds_message, Pricing, ServiceKind, TokenBound,
-};
-use crate::error::{RouterError, INSUFFICIENT_FUNDS};
+use crate::config::{describe_price, Pricing, ServiceKind, TokenBound};
+use crate::error::RouterError;
 use crate::limits::{Pass, RateHeaders};
 
 /// What admission needs to know of a request, for any service.
@@ -131,6 +129,14 @@ impl RouterService {
                     config.owner_email
                 )));
             }
+            if let Some(why) = crate::validate::malformed_token(transaction_token) {
+                // Refused here, before the rate limits: the ledger refuses such a token as an
+                // invalid argument before it looks the token up, so the request would have
+                // proved nothing about the user it names yet spent that user's windows.
+                return Err(RouterError::ForeignToken(format!(
+                    "the transaction token is not one the ledger issues ({why})"
+                )));
+            }
             if user_email.is_empty() {
                 return Err(RouterError::InvalidArgument(
                     "the payer's email is required for paid requests (`user` in the OpenAI API, `user_email` over gRPC and in /chat and /search)".into(),
@@ -160,7 +166,9 @@ impl RouterService {
                 let e = with_window_headers(e, t);
                 // Refused for its token (unknown, revoked, expired, not this user's, over its
                 // limit): the request may not be the named user's, so it spends none of their
-                // windows (docs/limits.md). Nor does one whose client left before it was
+                // windows (docs/limits.md). Nor does one the ledger found invalid (say, a hold
+                // over its largest amount): it checks a request before the token, so such a
+                // refusal proves no user either, and nothing was held or called. Nor one whose client left before it was
                 // admitted (`abandoned`), nor one refused while the ledger is down or refuses this
                 // router: it called no upstream and held nothing, and an outage of the
                 // operator's should not leave users rate limited once it ends. (Other
@@ -171,6 +179,7 @@ impl RouterService {
                     || matches!(
                         e,
                         RouterError::PermissionDenied(_)
+                            | RouterError::InvalidArgument(_)
                             | RouterError::ForeignToken(_)
                             | RouterError::TokenSpendLimit(_)
                             | RouterError::TokenEnded { .. }
@@ -612,39 +621,6 @@ fn with_window_headers(e: RouterError, t: &Ticket) -> RouterError {
         RouterError::Quota(mut q) if q.headers == RateHeaders::default() => {
             q.headers = RouterService::rate_headers(t);
             RouterError::Quota(q)
-        }
-        other => other,
-    }
-}
-
-/// Replaces the ledger's insufficient-funds message (a bare amount in micros) with one that says
-/// what the hold is in money, what sized it, and how to reserve less; adds the same to a token's
-/// spend or daily limit refusal (its "requested" is the hold, far above a cheap answer's cost).
-fn explain_refusal(t: &Ticket, e: RouterError) -> RouterError {
-    let sized = |message: &str| match hold_sizing(&t.pricing, t.hold_micros, t.bound) {
-        Some(sizing) => format!("{message}; {sizing}"),
-        None => message.to_string(),
-    };
-    match e {
-        // The ledger keeps a spend-limit refusal under the request's key (a daily limit's it
-        // does not): a retry with less reserved needs a new id, or it meets the refusal again.
-        RouterError::TokenSpendLimit(message) => RouterError::TokenSpendLimit(format!(
-            "{}; send it with a new request id (this one's refusal stands)",
-            sized(&message)
-        )),
-        RouterError::Quota(mut q) if q.reason == Reason::TokenDailyLimitExceeded => {
-            q.message = sized(&q.message);
-            RouterError::Quota(q)
-        }
-        RouterError::FailedPrecondition {
-            reason: INSUFFICIENT_FUNDS,
-            message,
-        } => {
-            tracing::debug!(request_id = %t.request_id, ledger_message = %message, "hold refused");
-            RouterError::FailedPrecondition {
-                reason: INSUFFICIENT_FUNDS,
-                message: insufficient_funds_message(&t.pricing, t.hold_micros, t.bound),
-            }
         }
         other => other,
     }

@@ -10,13 +10,13 @@
 
 use std::time::Instant;
 
-use syft_error::UsageStatus;
+use syft_error::{Reason, UsageStatus};
 use syft_proto::ledger::Usage;
 use syft_proto::router::{ChatRequest, SearchRequest};
 
-use super::admission::row_key;
+use super::admission::{row_key, Ticket};
 use super::{elapsed_ms, RouterService};
-use crate::config::ServiceKind;
+use crate::config::{hold_sizing, insufficient_funds_message, ServiceKind};
 use crate::error::{RouterError, INSUFFICIENT_FUNDS};
 
 /// What a refused request is recorded under, taken before validation (which may be what failed).
@@ -209,5 +209,38 @@ impl RouterService {
         }
         crate::metrics::row_unconfirmed(crate::metrics::UnconfirmedRow::Refusal);
         tracing::warn!(status = %status, error = %err, "a refusal's usage row not confirmed by the ledger: lost unless it committed late");
+    }
+}
+
+/// Replaces the ledger's insufficient-funds message (a bare amount in micros) with one that says
+/// what the hold is in money, what sized it, and how to reserve less; adds the same to a token's
+/// spend or daily limit refusal (its "requested" is the hold, far above a cheap answer's cost).
+pub(super) fn explain_refusal(t: &Ticket, e: RouterError) -> RouterError {
+    let sized = |message: &str| match hold_sizing(&t.pricing, t.hold_micros, t.bound) {
+        Some(sizing) => format!("{message}; {sizing}"),
+        None => message.to_string(),
+    };
+    match e {
+        // The ledger keeps a spend-limit refusal under the request's key (a daily limit's it
+        // does not): a retry with less reserved needs a new id, or it meets the refusal again.
+        RouterError::TokenSpendLimit(message) => RouterError::TokenSpendLimit(format!(
+            "{}; send it with a new request id (this one's refusal stands)",
+            sized(&message)
+        )),
+        RouterError::Quota(mut q) if q.reason == Reason::TokenDailyLimitExceeded => {
+            q.message = sized(&q.message);
+            RouterError::Quota(q)
+        }
+        RouterError::FailedPrecondition {
+            reason: INSUFFICIENT_FUNDS,
+            message,
+        } => {
+            tracing::debug!(request_id = %t.request_id, ledger_message = %message, "hold refused");
+            RouterError::FailedPrecondition {
+                reason: INSUFFICIENT_FUNDS,
+                message: insufficient_funds_message(&t.pricing, t.hold_micros, t.bound),
+            }
+        }
+        other => other,
     }
 }
