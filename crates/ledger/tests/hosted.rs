@@ -2,6 +2,7 @@
 //! mock), through a proxy that can slow down, fail or lose answers. Money is checked on B, which
 //! is the source of truth; A's journal must never charge twice and never leave a hold behind.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -44,6 +45,12 @@ enum Fault {
     Throttle(&'static str, u32),
     /// Answers this 4xx status without forwarding, `n` times (a refusal for good).
     Refuse(&'static str, u16, u32),
+    /// Forwards one request and loses its answer (500), then refuses every later one 409 "not
+    /// pending" without forwarding, as a service that refuses a repeated confirm does.
+    LoseThenRefuse(&'static str),
+    /// Refuses the first request 409 (no room beside the hold, as the service would say of the
+    /// funds) without forwarding, then throttles the next `n` (429 `AUTH_LOCKED`).
+    RefuseThenThrottle(&'static str, u32),
 }
 
 #[derive(Clone)]
@@ -53,6 +60,9 @@ struct Proxy {
     /// Listings (`GET /transactions`) carry one more transaction, whose amount this ledger
     /// cannot read (more than six decimals, as a float-keeping service might store it).
     unreadable_listing: Arc<std::sync::atomic::AtomicBool>,
+    /// Listings come back empty, as from a service whose listing shows only a recent page that
+    /// no longer holds the transaction.
+    hide_listing: Arc<std::sync::atomic::AtomicBool>,
     http: reqwest::Client,
 }
 
@@ -79,6 +89,16 @@ impl Proxy {
                 plan
             }
             Fault::Slow(p, _) if path.starts_with(*p) => plan,
+            Fault::RefuseThenThrottle(p, n) if path.starts_with(*p) => {
+                let (p, n) = (*p, *n);
+                *fault = Fault::Throttle(p, n);
+                Fault::Refuse(p, 409, 1)
+            }
+            Fault::LoseThenRefuse(p) if path.starts_with(*p) => {
+                let p = *p;
+                *fault = Fault::Refuse(p, 409, u32::MAX);
+                Fault::LoseAnswer(p, 1)
+            }
             Fault::DoubleAmount(p) if path.starts_with(*p) => {
                 *fault = Fault::Pass;
                 plan
@@ -169,6 +189,11 @@ async fn relay(
         return (StatusCode::INTERNAL_SERVER_ERROR, "{\"detail\":\"lost\"}").into_response();
     }
     let mut text = text;
+    if proxy.hide_listing.load(std::sync::atomic::Ordering::SeqCst)
+        && path.starts_with("/transactions")
+    {
+        text = "{\"transactions\": []}".to_string();
+    }
     let unreadable = proxy
         .unreadable_listing
         .load(std::sync::atomic::Ordering::SeqCst);
@@ -191,6 +216,7 @@ async fn start_proxy(target: String) -> (Proxy, String) {
         target,
         fault: Arc::new(Mutex::new(Fault::Pass)),
         unreadable_listing: Arc::default(),
+        hide_listing: Arc::default(),
         http: reqwest::Client::new(),
     };
     let app = axum::Router::new()
@@ -1490,6 +1516,87 @@ async fn a_different_remote_transaction_is_cancelled_not_held() {
         .expect_err("the same refusal");
     assert_eq!(again.code(), tonic::Code::FailedPrecondition, "{again:?}");
     assert_eq!(p.money().await, ((USD, 0), (0, 0)));
+    p.finish().await;
+}
+
+/// A partial capture, retried as the router retries `UNAVAILABLE`, until it is answered.
+async fn capture_retried(p: &Pair, id: &str, micros: i64) -> Result<pb::Transfer, tonic::Status> {
+    let mut last = p.capture(id, micros, "req-1").await;
+    for _ in 0..5 {
+        match &last {
+            Err(s) if s.code() == tonic::Code::Unavailable => {
+                last = p.capture(id, micros, "req-1").await;
+            }
+            _ => break,
+        }
+    }
+    last
+}
+
+/// The service throttles this ledger (429 `AUTH_LOCKED`) while a partial capture creates its
+/// charge, before or after the hold was released: the capture is `UNAVAILABLE` and stays open,
+/// and the router's retry charges the actual amount once the throttle lifts. Before, a throttle
+/// was taken for "no room beside the hold", the hold released, and the same throttle on the
+/// second create closed the transfer cancelled: the delivered answer was never charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_throttled_partial_capture_is_retried_not_given_away() {
+    for fault in [
+        Fault::Throttle("/transaction/create", 2),
+        Fault::RefuseThenThrottle("/transaction/create", 2),
+    ] {
+        let p = Pair::sqlite(10 * USD).await;
+        let t = p.hold().await;
+        p.proxy.set(fault.clone());
+        let first = p.capture(&t.id, 400_000, "req-1").await;
+        let first = first.expect_err("throttled");
+        assert_eq!(
+            first.code(),
+            tonic::Code::Unavailable,
+            "{fault:?}: {first:?}"
+        );
+        let done = capture_retried(&p, &t.id, 400_000).await;
+        let done = done.unwrap_or_else(|e| panic!("{fault:?}: the retried capture: {e:?}"));
+        assert_eq!(done.captured_micros, 400_000);
+        assert_eq!(p.money().await, ((10 * USD - 400_000, 0), (400_000, 0)));
+        p.finish().await;
+    }
+}
+
+/// The service creates a partial capture's charge for another amount than asked (twice, here;
+/// one that rounds would do it to cents): it is cancelled, never confirmed, and the capture is
+/// refused, so the router voids and Alice pays nothing. Before, it was confirmed: Alice paid
+/// twice the price while the ledger recorded the price.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_charge_of_another_amount_is_cancelled_not_confirmed() {
+    let p = Pair::sqlite(10 * USD).await;
+    let t = p.hold().await;
+    p.proxy.set(Fault::DoubleAmount("/transaction/create"));
+    let err = p.capture(&t.id, 400_000, "req-1").await;
+    let err = err.expect_err("another charge than asked");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("another charge"), "{err:?}");
+    let voided = p.void(&t.id).await.expect("void");
+    p.assert_released(&voided).await;
+    p.finish().await;
+}
+
+/// A capture's confirm went through but its answer was lost; the repeat is refused "not pending"
+/// and the listing does not show the transaction (a service that lists a recent page only). The
+/// service charged Alice, so the capture is `UNAVAILABLE` (outcome unknown), never a refusal:
+/// the router would void and withhold the answer she paid for. Once the listing shows it, the
+/// retry finds it completed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_charged_capture_the_listing_does_not_show_is_not_refused() {
+    let p = Pair::sqlite(10 * USD).await;
+    let t = p.hold().await;
+    p.proxy.hide_listing.store(true, Ordering::SeqCst);
+    p.proxy.set(Fault::LoseThenRefuse("/transaction/confirm"));
+    let err = p.capture(&t.id, USD, "req-1").await.expect_err("unknown");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert_eq!(p.money().await, ((9 * USD, 0), (USD, 0)), "B charged Alice");
+    p.proxy.hide_listing.store(false, Ordering::SeqCst);
+    p.captured(&t.id, USD, "req-1").await;
+    p.proxy.set(Fault::Pass);
     p.finish().await;
 }
 

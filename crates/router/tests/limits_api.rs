@@ -508,7 +508,10 @@ async fn a_request_the_ledger_finds_invalid_spends_no_room() {
         if let Some(o) = huge.options.as_mut() {
             o.max_tokens = Some(1_000_000);
         }
-        let err = c.chat(huge).await.expect_err("a hold over the ledger's largest");
+        let err = c
+            .chat(huge)
+            .await
+            .expect_err("a hold over the ledger's largest");
         assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     }
     for left in ["2", "1", "0"] {

@@ -76,12 +76,45 @@ impl RemoteError {
 
     /// A refusal that the hold itself may cause when a second transaction is created beside it:
     /// the funds (409, 402), the token's spend limit (403) or its daily limit (429), all of which
-    /// count what the hold reserves.
+    /// count what the hold reserves. Not the service throttling this ledger (429 with
+    /// `AUTH_LOCKED` or `RATE_LIMITED`): releasing the hold for that, then meeting the same
+    /// throttle, gave a delivered answer away.
     pub fn may_be_the_hold(&self) -> bool {
-        matches!(self, RemoteError::Rejected { status, .. }
-            if [StatusCode::CONFLICT, StatusCode::PAYMENT_REQUIRED, StatusCode::FORBIDDEN,
-                StatusCode::TOO_MANY_REQUESTS].contains(status))
+        self.refuses_the_payer()
+            || matches!(self, RemoteError::Rejected { status, reason, .. }
+                if *status == StatusCode::TOO_MANY_REQUESTS && !throttles_this_ledger(*reason))
     }
+
+    /// A refusal that says the payer cannot pay (funds, the token's limits, a revoked or expired
+    /// token): the only one that may close a capture whose hold is already released. Anything
+    /// else (this ledger throttled, its credentials, the service's own trouble) may pass on a
+    /// retry, which the capture's journal row allows.
+    pub fn refuses_the_payer(&self) -> bool {
+        let RemoteError::Rejected { status, reason, .. } = self else {
+            return false;
+        };
+        match reason {
+            Some(
+                Reason::InsufficientFunds
+                | Reason::TokenLimitExceeded
+                | Reason::TokenDailyLimitExceeded
+                | Reason::TokenRevoked
+                | Reason::TokenExpired,
+            ) => true,
+            Some(r) if throttles_this_ledger(Some(*r)) => false,
+            _ => [
+                StatusCode::CONFLICT,
+                StatusCode::PAYMENT_REQUIRED,
+                StatusCode::FORBIDDEN,
+            ]
+            .contains(status),
+        }
+    }
+}
+
+/// The service's reason says it throttles this ledger (its address, its rate), not the payer.
+fn throttles_this_ledger(reason: Option<Reason>) -> bool {
+    matches!(reason, Some(Reason::AuthLocked | Reason::RateLimited))
 }
 
 /// A remote transaction, amounts converted exactly to micros.

@@ -258,27 +258,56 @@ impl Hosted {
         if !e.hold_released {
             self.journal.renew(lease).await?;
             match self.remote_charge(e, target, "capture").await {
+                Ok(tx) => return self.accept_charge(e, tx, target).await,
                 // Not enough room beside the hold (funds, or the token's limits, which count the
                 // hold too): release the hold, then charge.
                 Err(err) if err.may_be_the_hold() => self.release_hold(e, lease).await?,
-                other => return other.map_err(RemoteError::into_ledger),
+                Err(err) => return Err(err.into_ledger()),
             }
         }
         // The hold is gone (just now, or in an earlier attempt of this capture): a key of its
         // own, because a service honouring keys would replay the refusal the first one got.
         self.journal.renew(lease).await?;
         match self.remote_charge(e, target, "capture-after-release").await {
-            Ok(id) => Ok(id),
-            Err(err @ RemoteError::Rejected { .. }) => {
+            Ok(tx) => self.accept_charge(e, tx, target).await,
+            Err(err) if err.refuses_the_payer() => {
                 let err = err.into_ledger();
                 tracing::error!(transfer = %e.id, error = %err, "actual amount could not be charged after releasing the hold");
+                // Still ours to close: a stalled driver must not cancel a capture another one
+                // has since taken over (and perhaps charged).
+                self.journal.renew(lease).await?;
                 self.journal
                     .finish(e, Outcome::Cancelled, Micros::ZERO)
                     .await?;
                 Err(err)
             }
+            // Throttled, this ledger's credentials, the service's trouble: the capture stays
+            // open with its hold released, and a retry charges under the same key.
             Err(err) => Err(err.into_ledger()),
         }
+    }
+
+    /// The charge the service created, if it is the one asked: another amount or payer (a
+    /// service that rounds, a bug) is cancelled, never confirmed, and the capture refused; the
+    /// router then voids, and the user pays nothing rather than what it did not agree to.
+    async fn accept_charge(&self, e: &Entry, tx: RemoteTx, target: Micros) -> Result<String> {
+        if tx.amount == target.get() && tx.sender_email.eq_ignore_ascii_case(&e.sender_email) {
+            return Ok(tx.id);
+        }
+        tracing::error!(transfer = %e.id, remote = %tx.id, asked = target.get(), created = tx.amount,
+            "the accounting service created another charge than asked; cancelling it");
+        if let Err(err) = self.cancel_remote(&tx.id).await {
+            tracing::error!(transfer = %e.id, remote = %tx.id, error = %err,
+                "the wrong charge could not be cancelled; cancel it on the accounting service");
+        }
+        Err(LedgerError::FailedPrecondition(format!(
+            "the accounting service created another charge than asked ({} micros from {}, not {} \
+             from {}); it is cancelled and the capture refused",
+            tx.amount,
+            tx.sender_email,
+            target.get(),
+            e.sender_email
+        )))
     }
 
     /// Creates `target` as a transaction of the entry's sender and token, under the idempotency
@@ -288,7 +317,7 @@ impl Hosted {
         e: &Entry,
         target: Micros,
         suffix: &str,
-    ) -> std::result::Result<String, RemoteError> {
+    ) -> std::result::Result<RemoteTx, RemoteError> {
         let key = format!("{}-{suffix}", e.id);
         self.retry(false, || {
             self.remote.create(
@@ -301,7 +330,6 @@ impl Hosted {
             )
         })
         .await
-        .map(|tx| tx.id)
     }
 
     /// Cancels the remote hold of a partial capture and records that it is gone.
@@ -390,9 +418,23 @@ impl Hosted {
             .retry(true, || self.remote.transactions(None))
             .await
             .map_err(resolution_error)?;
-        match listed.iter().find(|t| t.id == remote_id).and_then(outcome) {
-            Some(outcome) => Ok(outcome),
-            None => Err(resolution_error(err)),
+        match listed.iter().find(|t| t.id == remote_id) {
+            Some(tx) => match outcome(tx) {
+                Some(outcome) => Ok(outcome),
+                // Still pending: the refusal is real (nothing moved), and its caller sees it.
+                None => Err(resolution_error(err)),
+            },
+            // Not in the listing (a service that lists a recent page only, or ignores `limit`):
+            // a repeated confirm's "not pending" may mean it went through, so the outcome is
+            // unknown, never a refusal: a capture answered "refused" while the service charged
+            // the user withheld the answer they paid for.
+            None => {
+                tracing::error!(remote = %remote_id, error = ?err,
+                    "a refused confirm or cancel of a transaction the listing does not show;                      its outcome is unknown until it can be read");
+                Err(LedgerError::Unavailable(format!(
+                    "the accounting service refused the call and does not list transaction                      {remote_id}; its outcome is unknown, retry"
+                )))
+            }
         }
     }
 }
