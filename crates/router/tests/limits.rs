@@ -1223,6 +1223,44 @@ async fn store_killed_mid_test() {
     s.check_invariants().await;
 }
 
+/// A router whose only limit is on search, counted in a Redis that is down (`fail_closed`): a
+/// chat, which no limit applies to, is admitted without asking the store (it was refused
+/// `UNAVAILABLE`, its empty check failing with the store); a search is refused.
+#[tokio::test]
+async fn a_service_without_limits_is_admitted_while_the_store_is_down() {
+    let search = syft_router_svc::SearchConfig::new(syft_router_svc::SearchBackendConfig::Http(
+        syft_router_svc::HttpSearchConfig::new("http://127.0.0.1:9".to_string()),
+    ));
+    let mut config = RouterConfig::new(unique_name(), "owner@example.com")
+        .with_search(Pricing::per_request(PRICE), search);
+    for s in config.services.iter_mut() {
+        if s.kind == ServiceKind::Search {
+            s.rate_limits.requests = vec![per_minute(5)];
+        }
+    }
+    config.limiter.timeout = Duration::from_millis(300);
+    config.limiter.on_failure = OnFailure::FailClosed;
+    // Nothing listens on port 9 (discard): the store is down.
+    config.limiter.backend = LimiterBackend::Redis {
+        url: "redis://127.0.0.1:9".into(),
+    };
+    let gate = Gate::from_config(&config).expect("valid").expect("limited");
+    let user = "alice@example.com";
+    assert!(
+        gate.rules(user, ServiceKind::Chat, 0).is_empty(),
+        "no chat limit"
+    );
+    let chat = gate.admit(user, ServiceKind::Chat, 0).await;
+    assert!(
+        chat.is_ok(),
+        "an unlimited chat was refused: {:?}",
+        chat.err()
+    );
+    let search = gate.admit(user, ServiceKind::Search, 0).await;
+    let refused = search.err().expect("a limited search, the store down");
+    assert_eq!(refused.grpc_code(), Code::Unavailable, "{refused}");
+}
+
 /// Nonsense limits are refused when the config loads, with a message naming the field.
 #[test]
 fn bad_limit_config_is_refused_at_start() {

@@ -246,6 +246,12 @@ impl Gate {
         work: Option<DrainGuard>,
     ) -> Result<Pass, RouterError> {
         let rules = self.rules(user, service, tokens);
+        if rules.is_empty() {
+            // No limit applies (a service without limits, and none router-wide): nothing to
+            // count, so no store call, which under `fail_closed` refused such requests while
+            // Redis was down.
+            return Ok(Pass::unlimited());
+        }
         let lease = uuid::Uuid::now_v7().to_string();
         let backend = self.limiter.backend();
         let mut unknown = Unknown {
