@@ -246,7 +246,10 @@ pub(crate) fn counted_from_day(budgets: HoldBudgets, now: i64) -> i64 {
     from / DAY_MICROS
 }
 
-/// The recipient's calendar budget that refuses `amount` on top of what the pair has used.
+/// The recipient's calendar budget that refuses `amount` on top of what the pair has used: of
+/// both, the one that refuses longest (none fits ever, else the latest reset), so the retry time
+/// said is one at which a retry can pass. The day's was said while the month's refused on: a
+/// client told "tomorrow" retried into the same refusal until the month turned.
 pub(crate) fn calendar_refusal(
     budgets: HoldBudgets,
     used: PairUse,
@@ -264,7 +267,7 @@ pub(crate) fn calendar_refusal(
         ),
     ]
     .into_iter()
-    .find_map(|(window, limit, used, resets)| {
+    .filter_map(|(window, limit, used, resets)| {
         let limit = limit?;
         (used.saturating_add(amount) > limit).then_some(BudgetRefusal {
             window,
@@ -274,6 +277,7 @@ pub(crate) fn calendar_refusal(
             retry_at: (amount <= limit).then_some(resets),
         })
     })
+    .max_by_key(|r| r.retry_at.unwrap_or(i64::MAX))
 }
 
 /// What each token's holds of the 24 hours before its `now` still commit: one statement for
@@ -520,6 +524,41 @@ mod tests {
         };
         assert_eq!((day, next_day), (at(2026, 12, 31), at(2027, 1, 1)));
         assert_eq!((month, next_month), (at(2026, 12, 1), at(2027, 1, 1)));
+    }
+
+    /// Both budgets spent: the refusal names the one that refuses longest (the month's, whose
+    /// reset is later; one the request can never fit, whatever it resets), not the first checked.
+    #[test]
+    fn a_budget_refusal_names_the_budget_that_refuses_longest() {
+        use crate::store::budget_days::PairUse;
+        let now = Utc
+            .with_ymd_and_hms(2026, 12, 7, 12, 0, 0)
+            .single()
+            .map(|d| d.timestamp_micros())
+            .expect("time");
+        let ((_, tomorrow), (_, next_month)) = windows(now);
+        let both = |per_day, per_month| HoldBudgets {
+            per_day: Some(per_day),
+            per_month: Some(per_month),
+        };
+        let used = PairUse {
+            today: 20,
+            since: 100,
+        };
+        let refused = |budgets, amount| calendar_refusal(budgets, used, amount, now);
+        // Both full: the month refuses until the 1st.
+        let r = refused(both(20, 100), 5).expect("refused");
+        assert_eq!(
+            (r.window, r.retry_at),
+            (BudgetWindow::Month, Some(next_month))
+        );
+        // Only the day full: tomorrow.
+        let r = refused(both(20, 1000), 5).expect("refused");
+        assert_eq!((r.window, r.retry_at), (BudgetWindow::Day, Some(tomorrow)));
+        // The day could never hold it, the month is full: never (the day's says so).
+        let r = refused(both(4, 100), 5).expect("refused");
+        assert_eq!((r.window, r.retry_at), (BudgetWindow::Day, None));
+        assert!(refused(both(100, 1000), 5).is_none());
     }
 
     /// A token's use per 24 hours, one token at a time and several in one statement (Postgres'
