@@ -595,6 +595,78 @@ async fn a_wait_past_a_minute_is_not_retried_by_the_sdks() {
     assert_consistent(&s.ledger.store).await;
 }
 
+/// Several windows full: the refusal names the one that refuses longest, in memory and in Redis,
+/// so its `Retry-After` is a time at which a retry passes. A minute's and a day's window both
+/// full say the day (the minute's "retry after 1m" was said, and `x-should-retry` left true:
+/// the SDKs retried into the day's refusal); a minute's window and the concurrency slot both
+/// full say the minute (a slot frees when a request ends, and is named only alone).
+#[tokio::test]
+async fn a_refusal_names_the_window_that_refuses_longest() {
+    let day = Rate {
+        count: 1,
+        unit: RateUnit::Day,
+    };
+    let mut gates = vec![("memory", {
+        let mut config = RouterConfig::new(unique_name(), "owner@example.com");
+        config.rate_limits.requests = vec![per_minute(1), day.clone()];
+        config.rate_limits.concurrent = Some(1);
+        Gate::from_config(&config).expect("valid").expect("limited")
+    })];
+    if redis_up(SHARED_REDIS).await {
+        gates.push((
+            "redis",
+            gate_on(SHARED_REDIS, |c| {
+                c.rate_limits.requests = vec![per_minute(1), day.clone()];
+                c.rate_limits.concurrent = Some(1);
+            }),
+        ));
+    } else {
+        eprintln!("SKIPPED: the Redis half, no Redis at {SHARED_REDIS}");
+    }
+    for (backend, gate) in gates {
+        let user = "alice@example.com";
+        // In flight: its slot is taken, and both request windows are full.
+        let running = gate.admit(user, ServiceKind::Chat, 0).await.expect("first");
+        let err = gate.admit(user, ServiceKind::Chat, 0).await.err();
+        let err = err.expect("refused");
+        let after = err.retry_after().expect("a retry time");
+        assert!(
+            after > Duration::from_secs(3600),
+            "{backend}: {err}, after {after:?}"
+        );
+        assert!(err.to_string().contains("per day"), "{backend}: {err}");
+        assert!(
+            !err.retry_helps(),
+            "{backend}: x-should-retry must be false"
+        );
+        drop(running);
+        // Only the minute's and the slot: the minute's, not the slot's.
+        let mut config = RouterConfig::new(unique_name(), "owner@example.com");
+        config.rate_limits.requests = vec![per_minute(1)];
+        config.rate_limits.concurrent = Some(1);
+        let minute = match backend {
+            "memory" => Gate::from_config(&config).expect("valid").expect("limited"),
+            _ => gate_on(SHARED_REDIS, |c| {
+                c.rate_limits.requests = vec![per_minute(1)];
+                c.rate_limits.concurrent = Some(1);
+            }),
+        };
+        let running = minute
+            .admit(user, ServiceKind::Chat, 0)
+            .await
+            .expect("first");
+        let err = minute.admit(user, ServiceKind::Chat, 0).await.err();
+        let err = err.expect("refused");
+        let after = err.retry_after().expect("a retry time");
+        assert!(
+            after > Duration::from_secs(30),
+            "{backend}: {err}, after {after:?}"
+        );
+        assert!(err.to_string().contains("per minute"), "{backend}: {err}");
+        drop(running);
+    }
+}
+
 /// Requests the ledger could not take (it is down) spend none of the user's request window:
 /// once it is back, the user has their whole window (the operator's outage used to leave them
 /// rate limited after it).

@@ -88,12 +88,19 @@ impl MemoryLimiter {
             let window_ms = ms(r.window);
             w.window_ms = window_ms;
             w.expire(now, window_ms);
-            if refused.is_none() && w.total.saturating_add(r.cost) > r.limit {
+            if w.total.saturating_add(r.cost) > r.limit {
                 let entries = w.entries.iter().map(|(at, _, c)| (*at, *c));
-                refused = Some((
-                    i,
-                    retry_after(entries, w.total, r.cost, r.limit, window_ms, now),
-                ));
+                let retry = retry_after(entries, w.total, r.cost, r.limit, window_ms, now);
+                // The rule that refuses longest, as in Redis: never fitting beats any time, and
+                // a slot (freed when a request ends) counts only when nothing else refuses.
+                let rank = match (r.is_concurrency(), retry) {
+                    (true, _) => 0,
+                    (false, None) => u128::MAX,
+                    (false, Some(after)) => after.as_millis().saturating_add(1),
+                };
+                if refused.is_none_or(|(_, _, best)| rank > best) {
+                    refused = Some((i, retry, rank));
+                }
             }
         }
         if refused.is_none() {
@@ -107,7 +114,7 @@ impl MemoryLimiter {
         let states = states(map, rules, now);
         Ok(match refused {
             None => Verdict::Admitted(states),
-            Some((rule, retry_after)) => Verdict::Refused {
+            Some((rule, retry_after, _)) => Verdict::Refused {
                 rule,
                 retry_after,
                 states,

@@ -28,19 +28,21 @@ end
 
 /// KEYS: three per rule (set, costs, total), then, when recording, the lease's tombstone
 /// ([`tombstone_key`]). ARGV: now (ms, or -1 for Redis's own clock), lease, record (1) or peek (0), then per rule:
-/// limit, window_ms, cost. Returns `{refused rule (1-based, 0 = none), retry_ms (-1 = none), then
-/// per rule: total, reset_ms}`. A lease with a tombstone is not recorded: it was taken back
+/// limit, window_ms, cost, slot (1: a concurrency rule, whose wait is a request ending, not a time). Returns `{refused rule (1-based, 0 = none), retry_ms (-1 = none), then
+/// per rule: total, reset_ms}`; of several refusing rules, the one that refuses longest (one
+/// the cost never fits, else the latest retry, a slot's only when nothing else refuses), so a
+/// client waits once, for a retry that passes. A lease with a tombstone is not recorded: it was taken back
 /// before it arrived.
 const ACQUIRE: &str = r"
 local lease = ARGV[2]
 local record = ARGV[3] == '1'
 local n = math.floor(#KEYS / 3)
 if #KEYS % 3 == 1 and redis.call('EXISTS', KEYS[#KEYS]) == 1 then record = false end
-local refused, retry = 0, -1
+local refused, retry, best = 0, -1, -1
 local totals = {}
 for i = 1, n do
   local z, h, s = KEYS[3*i-2], KEYS[3*i-1], KEYS[3*i]
-  local limit, window, cost = tonumber(ARGV[3*i+1]), tonumber(ARGV[3*i+2]), tonumber(ARGV[3*i+3])
+  local limit, window, cost = tonumber(ARGV[4*i]), tonumber(ARGV[4*i+1]), tonumber(ARGV[4*i+2])
   local cutoff = now - window
   local old = redis.call('ZRANGEBYSCORE', z, '-inf', cutoff)
   if #old > 0 then
@@ -57,29 +59,34 @@ for i = 1, n do
   local total = tonumber(redis.call('GET', s) or '0')
   if total < 0 then total = 0 end
   totals[i] = total
-  if refused == 0 and total + cost > limit then
-    refused = i
+  if total + cost > limit then
+    local r = -1
     if cost <= limit then
       local left, start = total, 0
-      while retry < 0 do
+      while r < 0 do
         local batch = redis.call('ZRANGE', z, start, start + 99, 'WITHSCORES')
         if #batch == 0 then break end
         for k = 1, #batch, 2 do
           left = left - (tonumber(redis.call('HGET', h, batch[k])) or 0)
           if left + cost <= limit then
-            retry = math.max(1, tonumber(batch[k + 1]) + window - now)
+            r = math.max(1, tonumber(batch[k + 1]) + window - now)
             break
           end
         end
         start = start + 100
       end
     end
+    -- The rule that refuses longest is the one to report: never fitting beats any time, and
+    -- a slot (which frees when a request ends) only counts when nothing else refuses.
+    local rank = r
+    if ARGV[4*i+3] == '1' then rank = 0 elseif r < 0 then rank = math.huge end
+    if rank > best then refused, retry, best = i, r, rank end
   end
 end
 if refused == 0 and record then
   for i = 1, n do
     local z, h, s = KEYS[3*i-2], KEYS[3*i-1], KEYS[3*i]
-    local window, cost = tonumber(ARGV[3*i+2]), tonumber(ARGV[3*i+3])
+    local window, cost = tonumber(ARGV[4*i+1]), tonumber(ARGV[4*i+2])
     if cost > 0 then
       redis.call('ZADD', z, now, lease)
       redis.call('HSET', h, lease, cost)
@@ -91,7 +98,7 @@ if refused == 0 and record then
 end
 local out = {refused, retry}
 for i = 1, n do
-  local window = tonumber(ARGV[3*i+2])
+  local window = tonumber(ARGV[4*i+1])
   local newest = redis.call('ZRANGE', KEYS[3*i-2], -1, -1, 'WITHSCORES')
   local reset = 0
   if #newest > 0 then reset = math.max(0, tonumber(newest[2]) + window - now) end
@@ -256,7 +263,8 @@ impl RedisLimiter {
             }
             inv.arg(r.limit)
                 .arg(u64::try_from(r.window.as_millis()).unwrap_or(u64::MAX))
-                .arg(r.cost);
+                .arg(r.cost)
+                .arg(u8::from(r.is_concurrency()));
         }
         if record {
             inv.key(tombstone_key(lease));
