@@ -608,7 +608,7 @@ async fn a_refusal_names_the_window_that_refuses_longest() {
     };
     let mut gates = vec![("memory", {
         let mut config = RouterConfig::new(unique_name(), "owner@example.com");
-        config.rate_limits.requests = vec![per_minute(1), day.clone()];
+        config.rate_limits.requests = vec![per_minute(1), day];
         config.rate_limits.concurrent = Some(1);
         Gate::from_config(&config).expect("valid").expect("limited")
     })];
@@ -616,7 +616,7 @@ async fn a_refusal_names_the_window_that_refuses_longest() {
         gates.push((
             "redis",
             gate_on(SHARED_REDIS, |c| {
-                c.rate_limits.requests = vec![per_minute(1), day.clone()];
+                c.rate_limits.requests = vec![per_minute(1), day];
                 c.rate_limits.concurrent = Some(1);
             }),
         ));
