@@ -1600,6 +1600,60 @@ async fn a_charged_capture_the_listing_does_not_show_is_not_refused() {
     p.finish().await;
 }
 
+/// Recovery reads at most 200 abandoned transfers a sweep, oldest expiry first. 200 voids that
+/// cannot finish (remote ids the service no longer knows, as a void of a transaction the listing
+/// no longer shows would leave) are tried again a lease later, not at every sweep, so an
+/// expired hold behind them is still released. They were given back at once, came first in every
+/// page, and the hold stayed held on the service for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn voids_that_cannot_finish_do_not_starve_recovery() {
+    for postgres in [false, true] {
+        let Some(p) = Pair::with(postgres, 10 * USD, None, |c| {
+            c.hold_ttl = Duration::from_secs(1)
+        })
+        .await
+        else {
+            continue;
+        };
+        let long_ago = syft_ledger::store::now_micros() - 3_600_000_000;
+        for i in 0..200 {
+            sqlx::query(
+                "INSERT INTO hosted_transfers (id, idempotency_key, request_hash, sender_email, \
+                 recipient_email, token, amount, currency, status, step, remote_id, app_name, \
+                 app_ep_path, created_at, expires_at, updated_at) VALUES ($1, $2, 'h', $3, $4, \
+                 '', 1000, 'USD', 'PENDING', 'voiding', $5, 'chat', '/chat', $6, $6, 1)",
+            )
+            .bind(format!("stuck-{i}"))
+            .bind(format!("sk-{i}"))
+            .bind("bob@example.com")
+            .bind(OWNER)
+            .bind(format!("gone-{i}"))
+            .bind(long_ago)
+            .execute(p.a.store.pool())
+            .await
+            .expect("a void that cannot finish");
+        }
+        let _held = p.hold().await;
+        let mut held = USD;
+        for _ in 0..150 {
+            held = p.b.balance(ALICE).await.held_micros;
+            if held == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            held, 0,
+            "postgres {postgres}: the expired hold behind 200 stuck voids"
+        );
+        sqlx::query("DELETE FROM hosted_transfers WHERE id LIKE 'stuck-%'")
+            .execute(p.a.store.pool())
+            .await
+            .expect("the stuck voids gone");
+        p.finish().await;
+    }
+}
+
 /// A void that arrives after recovery cancelled its expired hold still leaves its request's row,
 /// once however often it is sent, as on the local backend (the hosted backend recorded none).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

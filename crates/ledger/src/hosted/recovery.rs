@@ -37,7 +37,7 @@ impl Hosted {
                 only_unexpired: false,
             };
             if let Some(lease) = self.journal.claim(&e.id, &claim).await? {
-                match self.drive(lease).await {
+                match self.drive_kept(lease).await {
                     Ok(t) => {
                         crate::metrics::resolved(&t, now);
                         tracing::info!(transfer = %t.id, status = %t.status, "recovered hosted transfer");

@@ -164,14 +164,26 @@ impl Hosted {
     /// the transfer is resolved), so a void that follows a refused capture claims it at once
     /// rather than after the lease, or, now that recovery leaves captures to their callers,
     /// after the hold's whole life.
-    pub(super) async fn drive(&self, mut lease: Lease) -> Result<TransferRow> {
+    pub(super) async fn drive(&self, lease: Lease) -> Result<TransferRow> {
+        self.drive_then(lease, true).await
+    }
+
+    /// Recovery's [`Hosted::drive`]: a failure keeps the lease's stamp, so the transfer is
+    /// tried again a lease later, not at the next sweep. Given back at once, 200 voids that
+    /// cannot finish (a transaction the listing no longer shows) came first in every sweep's page
+    /// of abandoned transfers, and no expired hold behind them was ever released.
+    pub(super) async fn drive_kept(&self, lease: Lease) -> Result<TransferRow> {
+        self.drive_then(lease, false).await
+    }
+
+    async fn drive_then(&self, mut lease: Lease, give_back: bool) -> Result<TransferRow> {
         let e = self.journal.must_entry(&lease.id).await?;
         let result = match e.step {
             Step::Capturing => self.drive_capture(e, &mut lease).await,
             Step::Voiding => self.drive_void(e).await,
             _ => Ok(e.transfer()),
         };
-        if result.is_err() {
+        if result.is_err() && give_back {
             self.journal.release(&lease).await;
         }
         result
