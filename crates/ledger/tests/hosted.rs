@@ -1600,6 +1600,47 @@ async fn a_charged_capture_the_listing_does_not_show_is_not_refused() {
     p.finish().await;
 }
 
+/// A partial capture's charge is created at capture time, here after the answer streamed longer
+/// than the lease; its create's answer is lost and the transfer then voided, so the charge is
+/// pending on the service and tracked by nothing. The orphan sweep cancels it: it looked only
+/// for creates within a lease of the hold's own, and left this one holding Alice's money.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_orphan_charge_made_late_in_a_stream_is_cancelled() {
+    for postgres in [false, true] {
+        let Some(p) = Pair::new(postgres, 10 * USD).await else {
+            continue;
+        };
+        let t = p.hold().await;
+        // Longer than the lease (2 s): the sweep's window around the hold's create is past.
+        tokio::time::sleep(Duration::from_millis(3500)).await;
+        p.proxy.set(Fault::LoseAnswer("/transaction/create", 1));
+        let lost = p.capture(&t.id, 400_000, "req-1").await.expect_err("lost");
+        assert_eq!(lost.code(), tonic::Code::Unavailable, "{lost:?}");
+        p.proxy.set(Fault::Pass);
+        let voided = p.void(&t.id).await.expect("void");
+        assert_eq!(voided.status, pb::TransferStatus::Cancelled as i32);
+        assert_eq!(
+            p.b.balance(ALICE).await.held_micros,
+            400_000,
+            "the orphan charge"
+        );
+        let mut held = 400_000;
+        for _ in 0..100 {
+            held = p.b.balance(ALICE).await.held_micros;
+            if held == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            held, 0,
+            "postgres {postgres}: the orphan charge is left held"
+        );
+        assert_eq!(p.money().await, ((10 * USD, 0), (0, 0)));
+        p.finish().await;
+    }
+}
+
 /// Recovery reads at most 200 abandoned transfers a sweep, oldest expiry first. 200 voids that
 /// cannot finish (remote ids the service no longer knows, as a void of a transaction the listing
 /// no longer shows would leave) are tried again a lease later, not at every sweep, so an

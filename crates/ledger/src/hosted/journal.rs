@@ -496,11 +496,13 @@ impl Journal {
         .await
     }
 
-    /// How many entries created after `since` may have left an untracked remote hold: an unknown
-    /// create, or a partial capture (its charge transaction).
+    /// How many entries created or resolved after `since` may have left an untracked remote
+    /// hold: an unknown create, or a partial capture (its charge transaction, made at capture
+    /// time, which may be long after the hold was created).
     pub async fn doubtful_since(&self, since: i64) -> Result<i64> {
         Ok(sqlx::query_scalar(
-            "SELECT COUNT(*) FROM hosted_transfers WHERE created_at > $1 AND (step = 'unknown' OR \
+            "SELECT COUNT(*) FROM hosted_transfers WHERE (created_at > $1 OR resolved_at > $1 \
+             OR status = 'PENDING') AND (step = 'unknown' OR \
              (capture_amount IS NOT NULL AND capture_amount < amount))",
         )
         .bind(since)
@@ -522,11 +524,15 @@ impl Journal {
             .collect())
     }
 
-    /// Whether this ledger was charging `sender` between `from` and `to`.
+    /// Whether this ledger was charging `sender` between `from` and `to`: a transfer of theirs
+    /// was pending then (from its create to its resolution, or its expiry while pending). A
+    /// partial capture's charge is created at capture time, any time in the hold's life: only
+    /// creates within a lease of the hold's counted, and a charge whose answer was lost late in a
+    /// long stream stayed held on the service, untouched by the sweep.
     pub async fn charged_between(&self, sender: &str, from: i64, to: i64) -> Result<bool> {
         let ours: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM hosted_transfers WHERE sender_email = $1 \
-             AND created_at BETWEEN $2 AND $3",
+             AND created_at <= $3 AND COALESCE(resolved_at, expires_at) >= $2",
         )
         .bind(sender)
         .bind(from)
