@@ -1371,6 +1371,7 @@ fn bad_limit_config_is_refused_at_start() {
             "needs limiter.redis_url",
         ),
         (r#""limiter":{"on_failure":"sometimes"}"#, "fail_closed"),
+        (r#""limiter":{"lease_seconds":1}"#, "10..=86400"),
         (
             r#""limiter":{"max_concurrent_requests":0}"#,
             "max_concurrent_requests",

@@ -322,8 +322,13 @@ impl RawLimiter {
             c.timeout = Duration::from_millis(ms);
         }
         if let Some(s) = self.lease_seconds {
-            if !(1..=86_400).contains(&s) {
-                return Err(invalid("limiter.lease_seconds must be in 1..=86400"));
+            // A renewal may wait up to 5 s a try (`renew.rs`): a shorter lease lapses in one
+            // slow moment of the store, and the requests then running lose their slots.
+            if !(10..=86_400).contains(&s) {
+                return Err(invalid(
+                    "limiter.lease_seconds must be in 10..=86400 (a request renews its slots every \
+                     third of it, and a renewal may wait up to 5 s)",
+                ));
             }
             c.lease = Duration::from_secs(s);
         }
