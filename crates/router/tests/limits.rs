@@ -944,6 +944,44 @@ async fn a_stream_the_client_left_keeps_its_delivered_tokens() {
     assert_consistent(&s.ledger.store).await;
 }
 
+/// A unary chat whose client leaves while the upstream has its prompt keeps the prompt in its
+/// token windows, as a stream keeps what it was sent: it gave all of it back, so a client could
+/// send large prompts, leave before each answer, and be counted nothing. A unary chat that
+/// failed by the upstream's fault still gives all back.
+#[tokio::test]
+async fn a_unary_chat_the_client_left_keeps_its_prompt() {
+    const LIMIT: u64 = 100_000;
+    let s = free_with_tokens_per_minute(LIMIT).await;
+    s.upstream.set_mode(Mode::Delay(Duration::from_secs(3)));
+    let mut c = s.client().await;
+    let prompt = "word ".repeat(2000);
+    syft_testkit::chat_given_up(&mut c, s.request(&prompt), Duration::from_millis(800)).await;
+    let mut left = tokens_left(&s, &c).await;
+    for _ in 0..60 {
+        if left > LIMIT - 2100 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        left = tokens_left(&s, &c).await;
+    }
+    // The reservation (prompt and 100 completion tokens) settles to the prompt: about 2,000.
+    assert!(
+        (LIMIT - 2100..LIMIT - 1500).contains(&left),
+        "{left} of {LIMIT} left"
+    );
+    s.upstream.set_mode(Mode::Status(500));
+    let before = left;
+    c.chat(s.request(&prompt))
+        .await
+        .expect_err("upstream failed");
+    assert_eq!(
+        tokens_left(&s, &c).await,
+        before,
+        "a failed chat keeps nothing"
+    );
+    assert_consistent(&s.ledger.store).await;
+}
+
 /// Request limits on a free service: 3 per minute, the 4th refused, all without a ledger charge.
 #[tokio::test]
 async fn free_service_request_limit() {

@@ -3,7 +3,7 @@
 //! reservation and frees the in-flight slots when the request ends.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
@@ -401,6 +401,8 @@ pub struct Pass {
     reserved_tokens: u64,
     slot_keys: Vec<String>,
     settled: AtomicBool,
+    /// What the token windows keep if the pass is dropped unsettled ([`Pass::keep_if_dropped`]).
+    kept_if_dropped: AtomicU64,
     /// Set when the request failed by the operator's fault ([`Pass::give_back_requests`]).
     give_back: AtomicBool,
     pub headers: RateHeaders,
@@ -447,6 +449,7 @@ impl Pass {
                 .unwrap_or(0),
             slot_keys: keys(|k| matches!(k, RuleKind::Concurrency | RuleKind::RouterConcurrency)),
             settled: AtomicBool::new(false),
+            kept_if_dropped: AtomicU64::new(0),
             give_back: AtomicBool::new(false),
             headers: RateHeaders::from_states(rules, states),
             work,
@@ -473,6 +476,7 @@ impl Pass {
             reserved_tokens: 0,
             slot_keys: Vec::new(),
             settled: AtomicBool::new(true),
+            kept_if_dropped: AtomicU64::new(0),
             give_back: AtomicBool::new(false),
             headers: RateHeaders::default(),
             work: None,
@@ -519,6 +523,16 @@ impl Pass {
     /// with the SDKs' retries, spent users' daily requests and left them refused after it ended.
     pub fn give_back_requests(&self) {
         self.give_back.store(true, Ordering::SeqCst);
+    }
+
+    /// Once the upstream has the prompt: if the request is then dropped unsettled (a unary
+    /// request whose client left), its token windows keep `tokens` (at most what it reserved)
+    /// rather than giving everything back. 0 again once it failed by the operator's fault.
+    /// Streams keep what they were sent the same way (`void_left`); a unary request refunded
+    /// all, so a client could send large prompts, leave before each answer, and count nothing.
+    pub fn keep_if_dropped(&self, tokens: u64) {
+        let tokens = tokens.min(self.reserved_tokens);
+        self.kept_if_dropped.store(tokens, Ordering::SeqCst);
     }
 
     /// Takes the request out of every window, as if it had never been admitted. For a request
@@ -606,7 +620,8 @@ impl Drop for Pass {
             updates.extend(self.request_keys.drain(..).map(|k| (k, 0)));
         }
         if !*self.settled.get_mut() {
-            updates.extend(self.token_keys.drain(..).map(|k| (k, 0)));
+            let kept = *self.kept_if_dropped.get_mut();
+            updates.extend(self.token_keys.drain(..).map(|k| (k, kept)));
         }
         if updates.is_empty() {
             return;
@@ -622,18 +637,5 @@ impl Drop for Pass {
             self.work.take(),
             Change::Release,
         );
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn resets_read_like_openai() {
-        assert_eq!(format_reset(Duration::from_millis(20)), "20ms");
-        assert_eq!(format_reset(Duration::from_millis(1500)), "1.5s");
-        assert_eq!(format_reset(Duration::from_secs(360)), "6m0s");
-        assert_eq!(format_reset(Duration::from_secs(3723)), "1h2m3s");
     }
 }

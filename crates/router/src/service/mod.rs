@@ -385,6 +385,11 @@ impl RouterService {
                 return Ok((*r, headers));
             }
         };
+        // From here the upstream has the prompt: a client that leaves keeps it in its token
+        // windows, as a stream's does (`void_left`).
+        if let (Some(pass), Some(prompt)) = (&p.t.pass, p.prompt_tokens) {
+            pass.keep_if_dropped(prompt);
+        }
         let up_start = Instant::now();
         let waiting = metrics::UpstreamWait::start(self.provider());
         let answer = self.until_shutdown(self.inner.upstream.complete(&p.upstream_req));
@@ -556,8 +561,10 @@ impl RouterService {
         if let UpstreamError::Status { status: 401, .. } = e {
             crate::upstream::key_refused(self.provider());
         }
-        if e.is_outage() {
-            if let Some(pass) = &p.t.pass {
+        if let Some(pass) = &p.t.pass {
+            // A failed request uses nothing it pays for in the token windows either.
+            pass.keep_if_dropped(0);
+            if e.is_outage() {
                 pass.give_back_requests();
             }
         }
