@@ -48,6 +48,9 @@ enum Fault {
     /// Forwards one request and loses its answer (500), then refuses every later one 409 "not
     /// pending" without forwarding, as a service that refuses a repeated confirm does.
     LoseThenRefuse(&'static str),
+    /// Forwards once and rewrites the answer's `transaction.status` (a service that completes
+    /// a delegated transaction on create).
+    AnswerStatus(&'static str, &'static str),
     /// Refuses the first request 409 (no room beside the hold, as the service would say of the
     /// funds) without forwarding, then throttles the next `n` (429 `AUTH_LOCKED`).
     RefuseThenThrottle(&'static str, u32),
@@ -99,7 +102,7 @@ impl Proxy {
                 *fault = Fault::Refuse(p, 409, u32::MAX);
                 Fault::LoseAnswer(p, 1)
             }
-            Fault::DoubleAmount(p) if path.starts_with(*p) => {
+            Fault::DoubleAmount(p) | Fault::AnswerStatus(p, _) if path.starts_with(*p) => {
                 *fault = Fault::Pass;
                 plan
             }
@@ -189,6 +192,12 @@ async fn relay(
         return (StatusCode::INTERNAL_SERVER_ERROR, "{\"detail\":\"lost\"}").into_response();
     }
     let mut text = text;
+    if let Fault::AnswerStatus(_, status) = plan {
+        if let Ok(mut v) = serde_json::from_str::<serde_json::Value>(&text) {
+            v["transaction"]["status"] = status.into();
+            text = v.to_string();
+        }
+    }
     if proxy.hide_listing.load(std::sync::atomic::Ordering::SeqCst)
         && path.starts_with("/transactions")
     {
@@ -1693,6 +1702,21 @@ async fn voids_that_cannot_finish_do_not_starve_recovery() {
             .expect("the stuck voids gone");
         p.finish().await;
     }
+}
+
+/// The service answers a hold's create with a transaction already completed (a service that
+/// completes delegated transactions on create): it is refused as another transaction than asked
+/// and cancelled, not recorded as a hold, which a partial capture would have charged beside.
+#[tokio::test]
+async fn a_hold_created_completed_is_refused_not_held() {
+    let p = Pair::sqlite(USD).await;
+    p.proxy
+        .set(Fault::AnswerStatus("/transaction/create", "COMPLETED"));
+    let err = p.authorize(USD / 4, "k1").await.expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("another transaction"), "{err:?}");
+    assert_eq!(p.money().await, ((USD, 0), (0, 0)));
+    p.finish().await;
 }
 
 /// A void that arrives after recovery cancelled its expired hold still leaves its request's row,

@@ -4,6 +4,7 @@ use super::entry::Step;
 use super::journal::{Inserted, NewEntry};
 use super::remote::{RemoteError, RemoteTx};
 use super::Hosted;
+use crate::domain::TransferStatus;
 use crate::error::{LedgerError, Result};
 use crate::store::{new_id, now_micros, sha256_hex, AuthorizeInput, Placed};
 
@@ -48,8 +49,16 @@ impl Hosted {
             .await;
         match created {
             Ok(tx) => {
+                // Not what was asked: another amount (a service that rounds), another payer,
+                // another recipient, or one already resolved (a service that completes on
+                // create, whose hold a partial capture would have charged beside).
                 if tx.amount != input.amount
                     || !tx.sender_email.eq_ignore_ascii_case(input.sender_email)
+                    || !tx.recipient_email.eq_ignore_ascii_case(&self.config.email)
+                    || matches!(
+                        tx.status,
+                        Some(TransferStatus::Completed | TransferStatus::Cancelled)
+                    )
                 {
                     return self.refuse_different(&id, &tx, input).await;
                 }
@@ -150,9 +159,14 @@ impl Hosted {
         tracing::error!(transfer = %id, remote = %tx.id, asked = input.amount, created = tx.amount,
             "the accounting service created a different transaction; cancelling it");
         let err = LedgerError::FailedPrecondition(format!(
-            "the accounting service created another transaction than asked ({} micros from {}, \
-             not {} from {}); it is cancelled",
-            tx.amount, tx.sender_email, input.amount, input.sender_email
+            "the accounting service created another transaction than asked ({} micros from {} to \
+             {}, {}; not {} from {}, pending); it is cancelled",
+            tx.amount,
+            tx.sender_email,
+            tx.recipient_email,
+            tx.status.map_or("status unknown", |s| s.as_str()),
+            input.amount,
+            input.sender_email
         ));
         self.cancel_unowned(&tx.id).await;
         let reason = "the accounting service created another transaction";
