@@ -160,10 +160,6 @@ pub fn validate_chat(mut req: ChatRequest, limits: &Limits) -> Result<ValidReque
     })
 }
 
-/// The payer's email, trimmed and lowercased as the ledger keeps it; empty (a free request) or
-/// valid. Lowercased here so that one user is one user everywhere: the rate windows and request
-/// ids are keyed by it, and `Alice@…` and `alice@…` were two users' windows (a way around the
-/// limits) while the ledger charged the same account.
 /// Why a token cannot be one the ledger issued: longer than it accepts, or with control
 /// characters (the ledger's rule for the token, `validate::text`).
 pub(crate) fn malformed_token(token: &str) -> Option<String> {
@@ -180,6 +176,10 @@ pub(crate) fn malformed_token(token: &str) -> Option<String> {
     None
 }
 
+/// The payer's email, trimmed and lowercased as the ledger keeps it; empty (a free request) or
+/// valid. Lowercased here so that one user is one user everywhere: the rate windows and request
+/// ids are keyed by it, and `Alice@…` and `alice@…` were two users' windows (a way around the
+/// limits) while the ledger charged the same account.
 fn payer_email(email: &str) -> Result<String, RouterError> {
     let user_email = email.trim().to_ascii_lowercase();
     if !user_email.is_empty() && !is_valid_email(&user_email) {

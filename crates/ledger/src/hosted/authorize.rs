@@ -1,6 +1,6 @@
 //! Phase one: a hold on the remote service, journalled before the remote create.
 
-use super::entry::Step;
+use super::entry::{Outcome, Step};
 use super::journal::{Inserted, NewEntry};
 use super::remote::{RemoteError, RemoteTx};
 use super::Hosted;
@@ -49,16 +49,13 @@ impl Hosted {
             .await;
         match created {
             Ok(tx) => {
-                // Not what was asked: another amount (a service that rounds), another payer,
-                // another recipient, or one already resolved (a service that completes on
-                // create, whose hold a partial capture would have charged beside).
+                // Not what was asked: another amount (a service that rounds), another payer or
+                // recipient, or one already cancelled. (One completed on create has moved the
+                // money, which no cancel gives back: it is kept as a hold, as it always was.)
                 if tx.amount != input.amount
                     || !tx.sender_email.eq_ignore_ascii_case(input.sender_email)
                     || !tx.recipient_email.eq_ignore_ascii_case(&self.config.email)
-                    || matches!(
-                        tx.status,
-                        Some(TransferStatus::Completed | TransferStatus::Cancelled)
-                    )
+                    || tx.status == Some(TransferStatus::Cancelled)
                 {
                     return self.refuse_different(&id, &tx, input).await;
                 }
@@ -179,8 +176,15 @@ impl Hosted {
     /// Cancels a remote hold no journal entry owns; one that does not go through is left to the
     /// orphan sweep.
     async fn cancel_unowned(&self, remote_id: &str) {
-        if let Err(e) = self.cancel_remote(remote_id).await {
-            tracing::warn!(remote = %remote_id, error = %e, "not cancelled; the orphan sweep will");
+        match self.cancel_remote(remote_id).await {
+            Ok(Outcome::Cancelled) => {}
+            // The money moved and no cancel gives it back: an operator must look.
+            Ok(Outcome::Completed) => {
+                tracing::error!(remote = %remote_id, "a transaction this ledger did not keep was completed on the accounting service; it cannot be cancelled")
+            }
+            Err(e) => {
+                tracing::warn!(remote = %remote_id, error = %e, "not cancelled; the orphan sweep will")
+            }
         }
     }
 }

@@ -265,6 +265,21 @@ impl Journal {
         Ok(self.leased(id, now, done.rows_affected()))
     }
 
+    /// Keeps `usage` as the row a pending transfer's resolution writes, unless one is kept.
+    pub async fn keep_usage(&self, id: &str, usage: &UsageInput) -> Result<()> {
+        let usage =
+            serde_json::to_string(usage).map_err(|e| LedgerError::Internal(e.to_string()))?;
+        sqlx::query(
+            "UPDATE hosted_transfers SET pending_usage = COALESCE(pending_usage, $2) \
+             WHERE id = $1 AND status = 'PENDING'",
+        )
+        .bind(id)
+        .bind(usage)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
     /// Lease stamps older than this are free. A `held` entry has no driver, so any stamp is free.
     fn free_before(&self, step: Step, now: i64) -> i64 {
         if step == Step::Held {
@@ -467,18 +482,33 @@ impl Journal {
     /// then a capture waits for its caller's retry (which takes the lapsed lease over): a ledger
     /// killed mid-capture and back at once voided it after one lease, while its router was still
     /// retrying, and a streamed answer went uncharged.
+    ///
+    /// Expired holds are read apart, first: resolutions that keep failing (a void of a
+    /// transaction the listing no longer shows) have the oldest expiries, and hundreds of them
+    /// filled every page of one query and kept the holds behind them held.
     pub async fn abandoned(&self, now: i64, stale: i64) -> Result<Vec<Entry>> {
-        let sql = format!(
+        let held = format!(
+            "SELECT {COLUMNS} FROM hosted_transfers WHERE status = 'PENDING' AND step = 'held' \
+             AND expires_at <= $1 ORDER BY expires_at LIMIT 200"
+        );
+        let mut entries: Vec<Entry> = sqlx::query_as(&held)
+            .bind(now)
+            .fetch_all(self.pool())
+            .await?;
+        let resolutions = format!(
             "SELECT {COLUMNS} FROM hosted_transfers WHERE status = 'PENDING' AND \
-             ((step = 'held' AND expires_at <= $1) OR (step = 'voiding' AND updated_at < $2) \
+             ((step = 'voiding' AND updated_at < $2) \
               OR (step = 'capturing' AND updated_at < $2 AND expires_at <= $1)) \
              ORDER BY expires_at LIMIT 200"
         );
-        Ok(sqlx::query_as(&sql)
-            .bind(now)
-            .bind(stale)
-            .fetch_all(self.pool())
-            .await?)
+        entries.extend(
+            sqlx::query_as::<_, Entry>(&resolutions)
+                .bind(now)
+                .bind(stale)
+                .fetch_all(self.pool())
+                .await?,
+        );
+        Ok(entries)
     }
 
     /// Closes creates whose process died before the answer: a remote hold, if any, is an orphan.
@@ -522,6 +552,21 @@ impl Journal {
             .flat_map(|(hold, charge)| [hold, charge])
             .flatten()
             .collect())
+    }
+
+    /// Whether a capture of `sender` for `amount` is still open without a recorded charge: an
+    /// untracked charge of that amount may be its own (its create's answer was lost, or the
+    /// process stalled before recording it), which its retry takes up under the same key.
+    pub async fn open_capture_of(&self, sender: &str, amount: i64) -> Result<bool> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM hosted_transfers WHERE sender_email = $1 AND status = 'PENDING' \
+             AND step = 'capturing' AND capture_amount = $2 AND capture_remote_id IS NULL",
+        )
+        .bind(sender)
+        .bind(amount)
+        .fetch_one(self.pool())
+        .await?;
+        Ok(n > 0)
     }
 
     /// Whether this ledger was charging `sender` between `from` and `to`: a transfer of theirs

@@ -117,6 +117,16 @@ impl Hosted {
             {
                 continue;
             }
+            // An open capture's charge whose answer was lost: cancelled, the capture's retry
+            // would get it back cancelled under the same key, and the answer go uncharged. The
+            // capture's own end (or recovery's void once its hold expired) settles it.
+            if self
+                .journal
+                .open_capture_of(&tx.sender_email, tx.amount)
+                .await?
+            {
+                continue;
+            }
             match self.cancel_remote(&tx.id).await {
                 Ok(_) => {
                     tracing::info!(remote = %tx.id, sender = %tx.sender_email, "orphan remote hold cancelled")

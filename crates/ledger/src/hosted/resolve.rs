@@ -149,9 +149,17 @@ impl Hosted {
                 (_, Step::Voiding) => {
                     return match self.journal.take_over(&e).await? {
                         Some(lease) => self.drive(lease).await,
-                        None => Err(LedgerError::Unavailable(
-                            "this transfer's void is in progress, retry".into(),
-                        )),
+                        None => {
+                            // Another driver (recovery, retrying a void that keeps failing once
+                            // a lease) holds it: the caller's row is kept for its end, in case
+                            // the caller gives up first.
+                            if let Some(usage) = usage {
+                                self.journal.keep_usage(id, usage).await?;
+                            }
+                            Err(LedgerError::Unavailable(
+                                "this transfer's void is in progress, retry".into(),
+                            ))
+                        }
                     };
                 }
                 _ => return Ok(e.transfer()),
@@ -442,9 +450,9 @@ impl Hosted {
             // the user withheld the answer they paid for.
             None => {
                 tracing::error!(remote = %remote_id, error = ?err,
-                    "a refused confirm or cancel of a transaction the listing does not show;                      its outcome is unknown until it can be read");
+                    "a refused confirm or cancel of a transaction the listing does not show; its outcome is unknown until it can be read");
                 Err(LedgerError::Unavailable(format!(
-                    "the accounting service refused the call and does not list transaction                      {remote_id}; its outcome is unknown, retry"
+                    "the accounting service refused the call and does not list transaction {remote_id}; its outcome is unknown, retry"
                 )))
             }
         }

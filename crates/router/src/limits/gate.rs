@@ -527,7 +527,7 @@ impl Pass {
 
     /// Once the upstream has the prompt: if the request is then dropped unsettled (a unary
     /// request whose client left), its token windows keep `tokens` (at most what it reserved)
-    /// rather than giving everything back. 0 again once it failed by the operator's fault.
+    /// rather than giving everything back. 0 again once its upstream call failed.
     /// Streams keep what they were sent the same way (`void_left`); a unary request refunded
     /// all, so a client could send large prompts, leave before each answer, and count nothing.
     pub fn keep_if_dropped(&self, tokens: u64) {
