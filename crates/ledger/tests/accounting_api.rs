@@ -762,7 +762,98 @@ async fn amounts_are_answered_exactly(h: Harness) -> Harness {
     h
 }
 
+/// A retried direct create (same key, same body) sent while the first is placing its hold meets
+/// the funds that hold took: it is answered with the key's transfer, never `INSUFFICIENT_FUNDS`
+/// (it was, and the client never learnt the id of the transfer holding its money).
+async fn a_direct_create_retried_in_flight_is_answered_as_the_transfer(h: Harness) -> Harness {
+    let api = Arc::new(Rest::new(&h));
+    let alice_pw = api.user(ALICE, "alice-password", "100").await;
+    api.user(OWNER, "owner-password", "0").await;
+    for round in 0..10 {
+        // Each round 60 of the 100: a second hold never fits.
+        let body = format!(r#"{{"senderEmail":"{ALICE}","recipientEmail":"{OWNER}","amount":60}}"#);
+        let key = format!("retry-{round}");
+        let tasks: Vec<_> = (0..6)
+            .map(|_| {
+                let (api, pw, body, key) =
+                    (api.clone(), alice_pw.clone(), body.clone(), key.clone());
+                tokio::spawn(
+                    async move { api.create(Auth::Basic(ALICE, &pw), &body, Some(&key)).await },
+                )
+            })
+            .collect();
+        let mut ids = std::collections::HashSet::new();
+        for t in tasks {
+            let (s, v) = t.await.expect("join");
+            assert_eq!(s, StatusCode::CREATED, "round {round}: {v}");
+            ids.insert(id_of(&v));
+        }
+        assert_eq!(ids.len(), 1, "round {round}: {ids:?}");
+        let id = ids.into_iter().next().unwrap_or_default();
+        let (s, v) = api
+            .resolve("cancel", Auth::Basic(ALICE, &alice_pw), &id)
+            .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+    }
+    assert_eq!(api.balance(ALICE).await, "100");
+    h
+}
+
+/// A replayed create answers the transfer as it is now, with what was refunded since (it said
+/// 0); and its creator's confirm of a transfer a router captured in part answers it again, as
+/// confirming a completed transaction does (it was refused 409 "already captured").
+async fn replays_and_confirms_answer_the_transfer_as_it_is(h: Harness) -> Harness {
+    let api = Rest::new(&h);
+    let alice_pw = api.user(ALICE, "alice-password", "5").await;
+    let owner_pw = api.user(OWNER, "owner-password", "0").await;
+    let alice = Auth::Basic(ALICE, &alice_pw);
+    let direct = format!(r#"{{"senderEmail":"{ALICE}","recipientEmail":"{OWNER}","amount":1}}"#);
+    let (s, v) = api.create(alice, &direct, Some("k1")).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let id = id_of(&v);
+    let (s, v) = api.resolve("confirm", alice, &id).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let refund = pb::RefundRequest {
+        transfer_id: id.clone(),
+        amount_micros: 250_000,
+        reason: "partial".into(),
+        idempotency_key: "r1".into(),
+    };
+    h.client(&owner_pw).refund(refund).await.expect("refund");
+    let (s, v) = api.create(alice, &direct, Some("k1")).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(id_of(&v), id);
+    assert_eq!(
+        v["transaction"]["refundedAmount"].to_string(),
+        "0.25",
+        "{v}"
+    );
+
+    let token = api.token(ALICE, &alice_pw, OWNER).await;
+    let (s, v) = api.delegated(&owner_pw, ALICE, "1", &token).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let held = id_of(&v);
+    let partial = pb::CaptureRequest {
+        amount: Some(pb::capture_request::Amount::AmountMicros(400_000)),
+        ..req::capture_full(&held)
+    };
+    h.client(&owner_pw)
+        .capture(partial)
+        .await
+        .expect("partial capture");
+    let (s, v) = api
+        .resolve("confirm", Auth::Basic(OWNER, &owner_pw), &held)
+        .await;
+    assert_eq!(s, StatusCode::OK, "confirm of a completed transaction: {v}");
+    // A completed transaction shows what it charged.
+    assert_eq!(v["transaction"]["amount"].to_string(), "0.4", "{v}");
+    assert_eq!(api.balance(ALICE).await, "3.85");
+    h
+}
+
 store_suite!(
+    a_direct_create_retried_in_flight_is_answered_as_the_transfer,
+    replays_and_confirms_answer_the_transfer_as_it_is,
     amounts_are_answered_exactly,
     users_are_paged,
     errors_before_the_handler_are_json,

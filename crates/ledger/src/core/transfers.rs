@@ -283,6 +283,11 @@ impl Ledger {
                         transfer.id
                     )));
                 }
+                // Confirming a completed transaction answers it again, whatever it captured:
+                // one a router captured in part was refused 409 as "already captured".
+                if transfer.status == TransferStatus::Completed {
+                    return Ok(transfer);
+                }
                 if created_by_sender {
                     self.backend
                         .capture_by_sender(transfer.recipient_id, &transfer.id)

@@ -8,8 +8,8 @@ use syft_error::Reason;
 use super::batch::{AuthJob, AuthResult};
 use super::budget::{BudgetRefusal, HoldBudgets};
 use super::{
-    new_id, retry_transient, sha256_hex, Micros, Store, TokenInfo, TransferRow, TRANSFER_COLUMNS,
-    TRANSFER_JOINS,
+    new_id, retry_transient, sha256_hex, Micros, Store, TokenInfo, TransferRow, REFUNDED,
+    TRANSFER_COLUMNS, TRANSFER_JOINS,
 };
 use crate::error::{is_unique_violation, LedgerError, Result};
 
@@ -241,7 +241,7 @@ impl Store {
         origin: &mut Origin,
     ) -> Result<Option<Result<TransferRow>>> {
         let sql = format!(
-            "SELECT {TRANSFER_COLUMNS}, t.request_hash, t.token_id, t.attempt_id \
+            "SELECT {TRANSFER_COLUMNS}{REFUNDED}, t.request_hash, t.token_id, t.attempt_id \
              FROM transfers t {TRANSFER_JOINS} \
              WHERE t.recipient_id = $1 AND t.idempotency_key = $2 \
                AND t.sender_id = (SELECT id FROM accounts WHERE email = $3)"
@@ -447,10 +447,16 @@ impl Store {
                 Some(replayed) => replayed,
                 None => Err(key_reused(input.idempotency_key)),
             },
-            Some(false) => Err(LedgerError::refused(
-                Reason::InsufficientFunds,
-                insufficient(input.amount),
-            )),
+            // A retry of the same request while the first was placing its hold meets the funds
+            // that hold took: the key's transfer is its answer (it was told "insufficient funds"
+            // while its transfer waited, unknown to it, until it expired).
+            Some(false) => match self.replay_direct(input, &key, &request_hash).await? {
+                Some(replayed) => replayed,
+                None => Err(LedgerError::refused(
+                    Reason::InsufficientFunds,
+                    insufficient(input.amount),
+                )),
+            },
         }
     }
 
@@ -464,7 +470,7 @@ impl Store {
         request_hash: &str,
     ) -> Result<Option<Result<TransferRow>>> {
         let sql = format!(
-            "SELECT {TRANSFER_COLUMNS}, t.request_hash FROM transfers t {TRANSFER_JOINS} \
+            "SELECT {TRANSFER_COLUMNS}{REFUNDED}, t.request_hash FROM transfers t {TRANSFER_JOINS} \
              WHERE t.sender_id = $1 AND t.idempotency_key = $2 AND t.created_by = 'SENDER'"
         );
         let keyed: Option<KeyedTransfer> = sqlx::query_as(&sql)
