@@ -427,6 +427,27 @@ impl Pair {
     /// Until the service holds nothing for Alice and A's journal has no step half done: recovery
     /// releases the remote hold a moment before it marks its entry done, and a call meanwhile is
     /// told "in progress, retry" or reads the transfer still pending.
+    /// Alice with 10 USD, holds of one second.
+    async fn short_holds(postgres: bool) -> Option<Self> {
+        Self::with(postgres, 10 * USD, None, |c| {
+            c.hold_ttl = Duration::from_secs(1)
+        })
+        .await
+    }
+
+    /// What Alice has held on the accounting service once it reached 0, or after 15 s.
+    async fn alice_held_settles(&self) -> i64 {
+        let mut held = self.b.balance(ALICE).await.held_micros;
+        for _ in 0..150 {
+            if held == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            held = self.b.balance(ALICE).await.held_micros;
+        }
+        held
+    }
+
     async fn await_no_hold(&self) {
         let busy = "SELECT COUNT(*) FROM hosted_transfers \
                     WHERE step IN ('creating', 'capturing', 'voiding')";
@@ -1171,11 +1192,7 @@ async fn died_capturing(p: &Pair, id: &str) {
 /// the payer is charged nothing and the money is released.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_capture_whose_ledger_died_is_voided_once_its_hold_expired() {
-    let Some(p) = Pair::with(false, 10 * USD, None, |c| {
-        c.hold_ttl = Duration::from_secs(1)
-    })
-    .await
-    else {
+    let Some(p) = Pair::short_holds(false).await else {
         return;
     };
     let t = p.hold().await;
@@ -1310,11 +1327,7 @@ async fn remote_500_on_confirm_then_void() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn crash_between_create_and_confirm() {
     for postgres in [false, true] {
-        let Some(mut p) = Pair::with(postgres, 10 * USD, None, |c| {
-            c.hold_ttl = Duration::from_secs(1)
-        })
-        .await
-        else {
+        let Some(mut p) = Pair::short_holds(postgres).await else {
             continue;
         };
         let t = p.hold().await;
@@ -1552,18 +1565,25 @@ async fn a_different_remote_transaction_is_cancelled_not_held() {
     p.finish().await;
 }
 
-/// A partial capture, retried as the router retries `UNAVAILABLE`, until it is answered.
-async fn capture_retried(p: &Pair, id: &str, micros: i64) -> Result<pb::Transfer, tonic::Status> {
-    let mut last = p.capture(id, micros, "req-1").await;
+/// A partial capture of 0.4 USD, retried as the router retries `UNAVAILABLE` until it is
+/// answered: it must charge Alice 0.4 once, nothing held.
+async fn charged_once_retried(p: &Pair, id: &str, what: &str) {
+    let mut last = p.capture(id, 400_000, "req-1").await;
     for _ in 0..5 {
         match &last {
             Err(s) if s.code() == tonic::Code::Unavailable => {
-                last = p.capture(id, micros, "req-1").await;
+                last = p.capture(id, 400_000, "req-1").await;
             }
             _ => break,
         }
     }
-    last
+    let done = last.unwrap_or_else(|e| panic!("{what}: the retried capture: {e:?}"));
+    assert_eq!(done.captured_micros, 400_000, "{what}");
+    assert_eq!(
+        p.money().await,
+        ((10 * USD - 400_000, 0), (400_000, 0)),
+        "{what}"
+    );
 }
 
 /// The service throttles this ledger (429 `AUTH_LOCKED`) while a partial capture creates its
@@ -1587,10 +1607,7 @@ async fn a_throttled_partial_capture_is_retried_not_given_away() {
             tonic::Code::Unavailable,
             "{fault:?}: {first:?}"
         );
-        let done = capture_retried(&p, &t.id, 400_000).await;
-        let done = done.unwrap_or_else(|e| panic!("{fault:?}: the retried capture: {e:?}"));
-        assert_eq!(done.captured_micros, 400_000);
-        assert_eq!(p.money().await, ((10 * USD - 400_000, 0), (400_000, 0)));
+        charged_once_retried(&p, &t.id, &format!("{fault:?}")).await;
         p.finish().await;
     }
 }
@@ -1657,14 +1674,7 @@ async fn an_orphan_charge_made_late_in_a_stream_is_cancelled() {
             400_000,
             "the orphan charge"
         );
-        let mut held = 400_000;
-        for _ in 0..100 {
-            held = p.b.balance(ALICE).await.held_micros;
-            if held == 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let held = p.alice_held_settles().await;
         assert_eq!(
             held, 0,
             "postgres {postgres}: the orphan charge is left held"
@@ -1682,11 +1692,7 @@ async fn an_orphan_charge_made_late_in_a_stream_is_cancelled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn voids_that_cannot_finish_do_not_starve_recovery() {
     for postgres in [false, true] {
-        let Some(p) = Pair::with(postgres, 10 * USD, None, |c| {
-            c.hold_ttl = Duration::from_secs(1)
-        })
-        .await
-        else {
+        let Some(p) = Pair::short_holds(postgres).await else {
             continue;
         };
         let long_ago = syft_ledger::store::now_micros() - 3_600_000_000;
@@ -1708,14 +1714,7 @@ async fn voids_that_cannot_finish_do_not_starve_recovery() {
             .expect("a void that cannot finish");
         }
         let _held = p.hold().await;
-        let mut held = USD;
-        for _ in 0..150 {
-            held = p.b.balance(ALICE).await.held_micros;
-            if held == 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let held = p.alice_held_settles().await;
         assert_eq!(
             held, 0,
             "postgres {postgres}: the expired hold behind 600 stuck voids"
@@ -1780,10 +1779,7 @@ async fn an_open_captures_lost_charge_is_left_for_its_retry() {
     // Two leases of sweeps before the retry.
     tokio::time::sleep(Duration::from_millis(4500)).await;
     assert_eq!(p.b.balance(ALICE).await.held_micros, USD + 400_000);
-    let done = capture_retried(&p, &t.id, 400_000).await;
-    let done = done.unwrap_or_else(|e| panic!("the retried capture: {e:?}"));
-    assert_eq!(done.captured_micros, 400_000);
-    assert_eq!(p.money().await, ((10 * USD - 400_000, 0), (400_000, 0)));
+    charged_once_retried(&p, &t.id, "after the sweeps").await;
     p.finish().await;
 }
 
@@ -1831,11 +1827,7 @@ async fn a_void_told_to_retry_keeps_its_row() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_void_after_recovery_cancelled_its_hold_leaves_its_row() {
     for postgres in [false, true] {
-        let Some(p) = Pair::with(postgres, 10 * USD, None, |c| {
-            c.hold_ttl = Duration::from_secs(1)
-        })
-        .await
-        else {
+        let Some(p) = Pair::short_holds(postgres).await else {
             continue;
         };
         let t = p.authorize(USD, "late").await.expect("authorize");
