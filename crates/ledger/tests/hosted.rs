@@ -1714,10 +1714,20 @@ async fn voids_that_cannot_finish_do_not_starve_recovery() {
             .expect("a void that cannot finish");
         }
         let _held = p.hold().await;
+        // And a capture whose caller died (its lease given back): voided once its hold expired.
+        let died = p.authorize(USD, "k2").await.expect("authorize");
+        sqlx::query(
+            "UPDATE hosted_transfers SET step = 'capturing', capture_amount = amount, \
+             updated_at = 1 WHERE id = $1",
+        )
+        .bind(&died.id)
+        .execute(p.a.store.pool())
+        .await
+        .expect("a capture whose caller died");
         let held = p.alice_held_settles().await;
         assert_eq!(
             held, 0,
-            "postgres {postgres}: the expired hold behind 600 stuck voids"
+            "postgres {postgres}: the expired hold and the abandoned capture behind 600 stuck voids"
         );
         sqlx::query("DELETE FROM hosted_transfers WHERE id LIKE 'stuck-%'")
             .execute(p.a.store.pool())
@@ -1783,18 +1793,26 @@ async fn an_open_captures_lost_charge_is_left_for_its_retry() {
     p.finish().await;
 }
 
-/// A router's void of a transfer another driver is voiding (recovery, retrying a void that keeps
-/// failing, holds its lease) is told to retry, and its usage row is kept for the void's end: a
-/// router that gave up before then left no row.
+/// A router's void of a transfer another driver is voiding right now (here a void whose cancel
+/// is slow) is told to retry, and its usage row is kept for the void's end: a router that gave
+/// up before then left no row. The running void's end reads the row then, not from the copy it
+/// took before its remote steps (which wiped a row kept meanwhile).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_void_told_to_retry_keeps_its_row() {
     let p = Pair::sqlite(10 * USD).await;
     let t = p.hold().await;
-    let leased = syft_ledger::store::now_micros();
-    let set = "UPDATE hosted_transfers SET step = 'voiding', updated_at = $2 WHERE id = $1";
-    let pool = p.a.store.pool();
-    let q = sqlx::query(set).bind(&t.id).bind(leased);
-    q.execute(pool).await.expect("another driver's lease");
+    p.proxy.set(Fault::Slow(
+        "/transaction/cancel",
+        Duration::from_millis(700),
+    ));
+    let mut first = p.router();
+    let first_req = pb::VoidRequest {
+        transfer_id: t.id.clone(),
+        reason: "expired".into(),
+        usage: None,
+    };
+    let running = tokio::spawn(async move { first.void(first_req).await });
+    tokio::time::sleep(Duration::from_millis(250)).await;
     let void = pb::VoidRequest {
         transfer_id: t.id.clone(),
         reason: "upstream failed".into(),
@@ -1808,17 +1826,57 @@ async fn a_void_told_to_retry_keeps_its_row() {
     };
     let busy = p.router().void(void).await.expect_err("in progress");
     assert_eq!(busy.code(), tonic::Code::Unavailable, "{busy:?}");
-    // The other driver gives its lease back; recovery ends the void.
-    let q = sqlx::query(set).bind(&t.id).bind(1_i64);
-    q.execute(pool).await.expect("lease given back");
+    // The router gives up here; the running void ends.
+    running.await.expect("join").expect("the first void");
+    p.proxy.set(Fault::Pass);
     p.await_no_hold().await;
     let rows = p.usage().await.records;
-    let ids: Vec<_> = rows.iter().filter_map(|r| r.usage.as_ref()).collect();
-    assert!(
-        ids.iter()
-            .any(|u| u.request_id == "req-v" && u.status == "unavailable"),
-        "{ids:?}"
+    let rows: Vec<_> = rows.iter().filter_map(|r| r.usage.as_ref()).collect();
+    let kept = |u: &&pb::Usage| u.request_id == "req-v" && u.status == "unavailable";
+    assert!(rows.iter().any(kept), "the kept row was lost: {rows:?}");
+    p.finish().await;
+}
+
+/// An open *full* capture of the same amount (no charge transaction is ever made for it) does
+/// not shield an orphan hold of that amount from the sweep: only a partial capture makes a
+/// charge, and only after its transfer was created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_open_full_capture_does_not_shield_an_orphan_hold() {
+    let p = Pair::sqlite(10 * USD).await;
+    let now = syft_ledger::store::now_micros();
+    sqlx::query(
+        "INSERT INTO hosted_transfers (id, idempotency_key, request_hash, sender_email, \
+         recipient_email, token, amount, currency, status, step, remote_id, app_name, \
+         app_ep_path, created_at, expires_at, updated_at, capture_amount) VALUES ('open-full', \
+         'of', 'h', $1, $2, '', $3, 'USD', 'PENDING', 'capturing', 'elsewhere', 'chat', '/chat', \
+         $4, $5, $4, $3)",
+    )
+    .bind(ALICE)
+    .bind(OWNER)
+    .bind(USD)
+    .bind(now)
+    .bind(now + 3_600_000_000)
+    .execute(p.a.store.pool())
+    .await
+    .expect("an open full capture");
+    // A create whose answer comes after the ledger gave up: an orphan hold of 1 USD.
+    p.proxy.set(Fault::Slow(
+        "/transaction/create",
+        Duration::from_millis(1200),
+    ));
+    let lost = p.authorize(USD, "k1").await.expect_err("timed out");
+    assert_eq!(lost.code(), tonic::Code::Unavailable, "{lost:?}");
+    p.proxy.set(Fault::Pass);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let held = p.alice_held_settles().await;
+    assert_eq!(
+        held, 0,
+        "the orphan hold is shielded by a full capture of its amount"
     );
+    sqlx::query("DELETE FROM hosted_transfers WHERE id = 'open-full'")
+        .execute(p.a.store.pool())
+        .await
+        .expect("the open capture gone");
     p.finish().await;
 }
 

@@ -91,7 +91,11 @@ impl Router for GrpcRouter {
         let mut req = request.into_inner();
         let id = assign_request_id(&mut req.request_id);
         let (resp, limits) = (self.service.search_with_limits(req).await).map_err(refused(&id))?;
+        let replay = resp.replay;
         let mut resp = Response::new(resp);
+        if replay {
+            mark_replay(&mut resp);
+        }
         limit_metadata(&mut resp, &limits);
         Ok(resp)
     }

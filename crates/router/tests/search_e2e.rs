@@ -191,7 +191,14 @@ async fn same_search_request_id_is_charged_once() {
     assert!(!first.replay);
     // The same search again: the stored answer, not charged again (a retry whose answer was
     // lost gets it; it used to be refused as already processed, charged and answerless).
-    let again = c.search(req.clone()).await.expect("replay").into_inner();
+    let again = c.search(req.clone()).await.expect("replay");
+    // Marked as a replay over gRPC as a chat is (it was in the body only).
+    let marked = again
+        .metadata()
+        .get("x-syft-replay")
+        .map(|v| v.as_bytes().to_vec());
+    assert_eq!(marked.as_deref(), Some(&b"true"[..]));
+    let again = again.into_inner();
     assert!(again.replay);
     assert_eq!(
         (again.results, again.transfer_id),
@@ -237,6 +244,53 @@ async fn same_search_request_id_is_charged_once() {
         "{keys:?}"
     );
     assert_eq!(s.alice_money().await.0, FUNDS - 2 * PRICE);
+    s.check_invariants().await;
+}
+
+/// A paid search whose client leaves once the backend has its query keeps the query in its
+/// token window, as a unary chat keeps its prompt (it gave all back: searches sent and left
+/// before each answer counted nothing); a failed search still gives all back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_search_the_client_left_keeps_its_query_in_the_token_window() {
+    let up = FakeUpstream::start().await;
+    let backend = http_backend(&up);
+    let s = Stack::start_tweaked(Pricing::free(), |c| {
+        *c = c.clone().with_search(Pricing::per_request(PRICE), backend);
+        if let Some(v) = c
+            .services
+            .iter_mut()
+            .find(|v| v.kind == ServiceKind::Search)
+        {
+            v.rate_limits.tokens =
+                vec![syft_router_svc::config::Rate::parse("50/minute").expect("rate")];
+        }
+    })
+    .await;
+    let mut c = s.client().await;
+    // About 20 tokens: two fit in the window, three do not.
+    let query = "ledger ".repeat(20);
+    up.set_mode(Mode::Status(500));
+    c.search(s.search(&query))
+        .await
+        .expect_err("the backend failed");
+    up.set_mode(Mode::Delay(Duration::from_secs(3)));
+    for _ in 0..2 {
+        let mut left = c.clone();
+        let call = left.search(s.search(&query));
+        let _ = tokio::time::timeout(Duration::from_millis(600), call).await;
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        up.hits(),
+        3,
+        "the failed one gave its tokens back; both left ones ran"
+    );
+    up.set_mode(Mode::Ok);
+    let err = c
+        .search(s.search(&query))
+        .await
+        .expect_err("the window is full");
+    assert!(quota_refusal(&err, "RATE_LIMITED").is_some(), "{err:?}");
     s.check_invariants().await;
 }
 

@@ -59,6 +59,12 @@ impl Hosted {
                 {
                     return self.refuse_different(&id, &tx, input).await;
                 }
+                if tx.status == Some(TransferStatus::Completed) {
+                    // The money moved at create: kept as the hold (no cancel gives it back), but
+                    // a partial capture would charge beside it. Such a service is not supported.
+                    tracing::error!(transfer = %id, remote = %tx.id,
+                        "the accounting service completed a hold when creating it; this ledger does not support such a service (a partial capture would charge beside it)");
+                }
                 if !self.journal.mark_held(&id, &tx.id).await? {
                     // Recovery closed the attempt while the create was out (this process stalled
                     // past its lease): the hold it made is nobody's. Cancel it rather than answer

@@ -54,7 +54,6 @@ pub(super) struct Entry {
     pub capture_amount: Option<Micros>,
     pub capture_remote_id: Option<String>,
     pub hold_released: bool,
-    pub pending_usage: Option<String>,
     pub app_name: String,
     pub app_ep_path: String,
     pub resolved_by: Option<Actor>,
@@ -72,7 +71,7 @@ pub(super) struct Entry {
 pub(super) const COLUMNS: &str =
     "id, idempotency_key, request_hash, sender_email, recipient_email, token, \
     amount, captured, currency, status, step, remote_id, capture_amount, capture_remote_id, \
-    CAST(CASE WHEN hold_released THEN 1 ELSE 0 END AS BIGINT) AS hold_released, pending_usage, \
+    CAST(CASE WHEN hold_released THEN 1 ELSE 0 END AS BIGINT) AS hold_released, \
     app_name, app_ep_path, resolved_by, cancel_reason, error_kind, error_message, created_at, \
     expires_at, updated_at, resolved_at, attempt_id";
 
@@ -96,7 +95,6 @@ impl FromRow<'_, AnyRow> for Entry {
             capture_amount: r.try_get("capture_amount")?,
             capture_remote_id: r.try_get("capture_remote_id")?,
             hold_released: r.try_get::<i64, _>("hold_released")? != 0,
-            pending_usage: r.try_get("pending_usage")?,
             app_name: r.try_get("app_name")?,
             app_ep_path: r.try_get("app_ep_path")?,
             resolved_by: r.try_get("resolved_by")?,

@@ -426,8 +426,39 @@ impl Journal {
                 || (e.step == Step::Voiding
                     && e.resolved_by == Some(Actor::System)
                     && e.capture_amount.is_some()));
-        let usage: Option<UsageInput> = e
-            .pending_usage
+        let mut tx = self.pool().begin().await?;
+        let done = sqlx::query(
+            "UPDATE hosted_transfers SET status = $2, captured = $3, step = 'done', token = '', \
+             resolved_by = $4, resolved_at = $5, cancel_reason = $6, updated_at = $5 \
+             WHERE id = $1 AND status = 'PENDING'",
+        )
+        .bind(&e.id)
+        .bind(status)
+        .bind(captured)
+        .bind(resolved_by)
+        .bind(now)
+        .bind(reason)
+        .execute(&mut *tx)
+        .await?;
+        // The row to write is read now, under this transaction's lock, not from `e`: a caller
+        // told "in progress" may have kept one while this driver's remote steps ran
+        // (`keep_usage`), and the copy read before them wiped it.
+        let pending: Option<String> = match done.rows_affected() {
+            1 => {
+                let kept =
+                    sqlx::query_scalar("SELECT pending_usage FROM hosted_transfers WHERE id = $1")
+                        .bind(&e.id)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                sqlx::query("UPDATE hosted_transfers SET pending_usage = NULL WHERE id = $1")
+                    .bind(&e.id)
+                    .execute(&mut *tx)
+                    .await?;
+                kept
+            }
+            _ => None,
+        };
+        let usage: Option<UsageInput> = pending
             .as_deref()
             .and_then(|u| serde_json::from_str::<UsageInput>(u).ok())
             .map(|u| u.of_transfer(&e.sender_email, &e.app_name))
@@ -441,34 +472,18 @@ impl Journal {
                 }
                 u
             });
-        let mut tx = self.pool().begin().await?;
-        let done = sqlx::query(
-            "UPDATE hosted_transfers SET status = $2, captured = $3, step = 'done', token = '', \
-             resolved_by = $4, resolved_at = $5, cancel_reason = $6, pending_usage = NULL, \
-             updated_at = $5 WHERE id = $1 AND status = 'PENDING'",
-        )
-        .bind(&e.id)
-        .bind(status)
-        .bind(captured)
-        .bind(resolved_by)
-        .bind(now)
-        .bind(reason)
-        .execute(&mut *tx)
-        .await?;
-        if done.rows_affected() == 1 {
-            if let Some(u) = &usage {
-                let id = new_id();
-                let write = crate::store::UsageWrite {
-                    id: &id,
-                    recipient_id: self.owner_id,
-                    link: crate::store::UsageLink::Hosted(&e.id),
-                    cost: captured,
-                    held: e.amount,
-                    usage: u,
-                    now,
-                };
-                crate::store::insert_usage(&mut tx, &write).await?;
-            }
+        if let Some(u) = &usage {
+            let id = new_id();
+            let write = crate::store::UsageWrite {
+                id: &id,
+                recipient_id: self.owner_id,
+                link: crate::store::UsageLink::Hosted(&e.id),
+                cost: captured,
+                held: e.amount,
+                usage: u,
+                now,
+            };
+            crate::store::insert_usage(&mut tx, &write).await?;
         }
         tx.commit().await?;
         tracing::info!(transfer = %e.id, %status, captured = captured.get(), "hosted transfer resolved");
@@ -483,9 +498,10 @@ impl Journal {
     /// killed mid-capture and back at once voided it after one lease, while its router was still
     /// retrying, and a streamed answer went uncharged.
     ///
-    /// Expired holds are read apart, first: resolutions that keep failing (a void of a
-    /// transaction the listing no longer shows) have the oldest expiries, and hundreds of them
-    /// filled every page of one query and kept the holds behind them held.
+    /// Expired holds are read apart, first, and resolutions least recently tried first:
+    /// resolutions that keep failing (a void of a transaction the listing no longer shows) have
+    /// the oldest expiries, and hundreds of them filled every page of one query ordered by
+    /// expiry and kept the holds and abandoned captures behind them held.
     pub async fn abandoned(&self, now: i64, stale: i64) -> Result<Vec<Entry>> {
         let held = format!(
             "SELECT {COLUMNS} FROM hosted_transfers WHERE status = 'PENDING' AND step = 'held' \
@@ -499,7 +515,7 @@ impl Journal {
             "SELECT {COLUMNS} FROM hosted_transfers WHERE status = 'PENDING' AND \
              ((step = 'voiding' AND updated_at < $2) \
               OR (step = 'capturing' AND updated_at < $2 AND expires_at <= $1)) \
-             ORDER BY expires_at LIMIT 200"
+             ORDER BY updated_at, expires_at LIMIT 200"
         );
         entries.extend(
             sqlx::query_as::<_, Entry>(&resolutions)
@@ -557,13 +573,21 @@ impl Journal {
     /// Whether a capture of `sender` for `amount` is still open without a recorded charge: an
     /// untracked charge of that amount may be its own (its create's answer was lost, or the
     /// process stalled before recording it), which its retry takes up under the same key.
-    pub async fn open_capture_of(&self, sender: &str, amount: i64) -> Result<bool> {
+    /// Only a partial capture makes a charge, and only after its transfer was created.
+    pub async fn open_capture_of(
+        &self,
+        sender: &str,
+        amount: i64,
+        created_at: i64,
+    ) -> Result<bool> {
         let n: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM hosted_transfers WHERE sender_email = $1 AND status = 'PENDING' \
-             AND step = 'capturing' AND capture_amount = $2 AND capture_remote_id IS NULL",
+             AND step = 'capturing' AND capture_amount = $2 AND capture_amount < amount \
+             AND capture_remote_id IS NULL AND created_at <= $3",
         )
         .bind(sender)
         .bind(amount)
+        .bind(created_at)
         .fetch_one(self.pool())
         .await?;
         Ok(n > 0)

@@ -122,7 +122,7 @@ impl Hosted {
             // capture's own end (or recovery's void once its hold expired) settles it.
             if self
                 .journal
-                .open_capture_of(&tx.sender_email, tx.amount)
+                .open_capture_of(&tx.sender_email, tx.amount, created)
                 .await?
             {
                 continue;

@@ -63,6 +63,12 @@ impl RouterService {
         let backend = (self.inner.search.as_ref())
             .ok_or_else(|| RouterError::Internal("a search admitted without a backend".into()))?;
         let query_tokens = tokens::count_text(&v.query.query);
+        // From here the backend has the query: a client that leaves keeps it in its token
+        // windows, as a unary chat keeps its prompt (it gave all back: searches sent and left
+        // before each answer were counted nothing). A failed or empty search still gives all.
+        if let Some(pass) = &t.pass {
+            pass.keep_if_dropped(query_tokens);
+        }
         let up_start = Instant::now();
         let waiting = metrics::UpstreamWait::start(backend.provider());
         let searched = self.until_shutdown(backend.search(&v.query));
@@ -96,6 +102,9 @@ impl RouterService {
         response.results = match fitted {
             Ok(results) => results,
             Err(e) => {
+                if let Some(pass) = &t.pass {
+                    pass.keep_if_dropped(0);
+                }
                 tracing::warn!(request_id = %t.request_id, error = %e.summary(), "search failed");
                 tracing::debug!(request_id = %t.request_id, error = %e, "search failure in its words");
                 let usage = self.usage(&t, e.usage_status(), units(0), started, upstream_ms);
@@ -112,6 +121,9 @@ impl RouterService {
         };
         response.cost_micros = cost;
         let settled = if found == 0 {
+            if let Some(pass) = &t.pass {
+                pass.keep_if_dropped(0);
+            }
             let usage = self.usage(&t, UsageStatus::NoResults, units(0), started, upstream_ms);
             self.release(hold, "no results", usage).await;
             Ok(transfer_id)
