@@ -526,7 +526,8 @@ async fn group_committed_rows_and_refusals(h: Harness) -> Harness {
     );
     h.store.rebuild_rollups().await.expect("rebuild");
     let rebuilt = stats_as(&mut h.client(&owner), &[], pb::StatsRole::Owner).await;
-    assert_eq!(total, rebuilt);
+    // The groups, not the range: a minute may turn between the two calls (it did in a full run).
+    assert_eq!(total.groups, rebuilt.groups);
     h
 }
 

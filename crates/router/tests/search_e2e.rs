@@ -874,6 +874,39 @@ async fn a_free_search_and_a_paid_chat_of_one_request_id_each_leave_their_row() 
     s.finish().await;
 }
 
+/// A free chat and a free search under one request id (a RAG client that names a turn once):
+/// each leaves its row. The free rows of one id were one in all (migration 0038 makes them one
+/// per endpoint), and the answered search was missing from usage and analytics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_free_chat_and_a_free_search_of_one_request_id_each_leave_their_row() {
+    let (_docs, s) = docs_stack(Pricing::free(), Pricing::free(), |_| {}).await;
+    let mut c = s.client().await;
+    let turn = "turn-free".to_string();
+    let chat = syft_proto::router::ChatRequest {
+        request_id: turn.clone(),
+        transaction_token: String::new(),
+        ..s.request("hi")
+    };
+    c.chat(chat).await.expect("free chat");
+    let search = syft_proto::router::SearchRequest {
+        request_id: turn.clone(),
+        ..search_request(&s.alice.email, "", "ledger capture")
+    };
+    c.search(search).await.expect("free search");
+    let mut rows: Vec<_> = s
+        .answered_usage()
+        .await
+        .into_iter()
+        .filter_map(|r| r.usage)
+        .filter(|u| u.request_id == turn)
+        .map(|u| (u.endpoint, u.status))
+        .collect();
+    rows.sort();
+    let row = |e: &str| (e.to_string(), "success".to_string());
+    assert_eq!(rows, vec![row("/chat"), row("/search")]);
+    s.finish().await;
+}
+
 /// A `search` section is checked whenever it is there, with or without a search service: its
 /// folder is watched either way, and `rescan_seconds = 0` used to pass and then stop the
 /// router's rescan task.

@@ -534,21 +534,22 @@ impl Stack {
         rows
     }
 
-    /// Money invariants: conservation, available >= 0, one free and one paid usage row per
-    /// request id at most (refusals aside: each refused attempt has its own row).
+    /// Money invariants: conservation, available >= 0, one free usage row per request id and
+    /// endpoint and one paid row per transfer at most (refusals aside: each refused attempt has
+    /// its own row).
     pub async fn check_invariants(&self) {
         assert_consistent(&self.ledger.store).await;
         let (_, _, available) = self.alice_money().await;
         assert!(available >= 0, "available below zero: {available}");
-        // A free request's row is one per request id; a paid one's one per transfer (a failed
-        // request's id is tried again under a hold of its own).
+        // A free request's row is one per request id and endpoint; a paid one's one per
+        // transfer (a failed request's id is tried again under a hold of its own).
         let mut ids: Vec<_> = self
             .answered_usage()
             .await
             .into_iter()
             .filter_map(|r| match r.transfer_id.is_empty() {
-                true => Some((r.usage?.request_id, true)),
-                false => Some((r.transfer_id, false)),
+                true => r.usage.map(|u| (u.request_id, u.endpoint)),
+                false => Some((r.transfer_id, String::new())),
             })
             .collect();
         let n = ids.len();

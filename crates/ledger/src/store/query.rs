@@ -387,22 +387,24 @@ impl Store {
             .await?)
     }
 
-    /// The free row (no refusal, no transfer) a user's request id left at a recipient.
+    /// The free row (no refusal, no transfer) a user's request id left at a recipient's endpoint.
     pub async fn free_usage_by_request(
         &self,
         recipient_id: i64,
         user_email: &str,
         request_id: &str,
+        endpoint: &str,
     ) -> Result<Option<UsageRow>> {
         let sql = format!(
             "SELECT {USAGE_COLUMNS} FROM usage_records u JOIN accounts r ON r.id = u.recipient_id \
              WHERE u.recipient_id = $1 AND u.request_id = $2 AND u.user_email = $3 \
-               AND NOT u.refused AND {FREE_ROW}"
+               AND u.endpoint = $4 AND NOT u.refused AND {FREE_ROW}"
         );
         Ok(sqlx::query_as(&sql)
             .bind(recipient_id)
             .bind(request_id)
             .bind(user_email)
+            .bind(endpoint)
             .fetch_optional(self.pool())
             .await?)
     }

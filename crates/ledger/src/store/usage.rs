@@ -54,7 +54,8 @@ impl Store {
         let existing = match row_key(usage) {
             Some(key) => self.usage_by_key(recipient_id, key).await?,
             None => {
-                self.free_usage_by_request(recipient_id, &usage.user_email, &usage.request_id)
+                let (user, id) = (&usage.user_email, &usage.request_id);
+                self.free_usage_by_request(recipient_id, user, id, &usage.endpoint)
                     .await?
             }
         };
@@ -175,12 +176,13 @@ macro_rules! free_row {
 /// of a free row's request id tell apart from paid rows.
 pub(crate) const FREE_ROW: &str = free_row!();
 
-/// The conflict target of a free row without a key: at most one per recipient, user and request
-/// id among the free rows (refusals excepted). Paid rows are unique apart from them, per transfer
+/// The conflict target of a free row without a key: at most one per recipient, user, request id
+/// and endpoint among the free rows (refusals excepted; the endpoint since migration 0038, so a
+/// free chat and a free search of one turn id each keep their row). Paid rows are unique apart from them, per transfer
 /// (migrations 0030, 0032): a paid request after a free one of the same id is charged, so its row
 /// must be written.
 pub(crate) const FREE_REQUEST: &str = concat!(
-    "(recipient_id, user_email, request_id) WHERE NOT refused AND ",
+    "(recipient_id, user_email, request_id, endpoint) WHERE NOT refused AND ",
     free_row!()
 );
 

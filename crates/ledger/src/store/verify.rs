@@ -297,11 +297,12 @@ async fn verify_snapshot(conn: &mut AnyConnection) -> Result<VerifyReport> {
     )
     .fetch_one(&mut *conn)
     .await?;
-    // A free row is one per request id; a paid row one per transfer (migrations 0030, 0032).
+    // A free row is one per request id and endpoint; a paid row one per transfer (migrations
+    // 0030, 0032, 0038).
     let per_request: i64 = sqlx::query_scalar(&format!(
-        "SELECT COUNT(*) FROM (SELECT recipient_id, user_email, request_id FROM usage_records \
-             WHERE NOT refused AND {FREE_ROW} GROUP BY recipient_id, user_email, request_id \
-             HAVING COUNT(*) > 1) d",
+        "SELECT COUNT(*) FROM (SELECT recipient_id, user_email, request_id, endpoint \
+             FROM usage_records WHERE NOT refused AND {FREE_ROW} \
+             GROUP BY recipient_id, user_email, request_id, endpoint HAVING COUNT(*) > 1) d",
     ))
     .fetch_one(&mut *conn)
     .await?;
