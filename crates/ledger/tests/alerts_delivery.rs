@@ -43,6 +43,7 @@ alerts_suite!(
     by_hand,
     crate::alerts_support::alerts_delivered_by_hand;
     a_capped_backlog_waits_for_its_window_out_of_others_way,
+    a_fast_backlog_leaves_other_accounts_their_turn,
 );
 
 alerts_suite!(
@@ -730,6 +731,31 @@ async fn a_capped_backlog_waits_for_its_window_out_of_others_way(h: Harness) -> 
     );
     assert_eq!(other.received().len(), 1);
     assert_eq!(capped.received().len(), 1);
+    h
+}
+
+/// One account's backlog of 300 test events at a receiver that answers at once, with the highest
+/// cap: bob's one alert, due after all of them, goes out in the next claim. A claim read the 256
+/// oldest due events, all alice's, took her share of 2 and found no one else's: bob waited until
+/// her backlog drained (at 2 events a second, 10,000 of them silenced every account for 80
+/// minutes).
+async fn a_fast_backlog_leaves_other_accounts_their_turn(h: Harness) -> Harness {
+    let worker = Worker::new(h.store.clone(), Arc::new(h.config.alerts.clone()));
+    let alice = h.account(ALICE, 10 * USD).await;
+    let bob = h.account(BOB, 10 * USD).await;
+    let (hers, ep) = capped_endpoint(&h, &alice, 600).await;
+    for _ in 0..300 {
+        test_event(&h, &alice, &ep).await;
+    }
+    let (his, bobs) = capped_endpoint(&h, &bob, 600).await;
+    test_event(&h, &bob, &bobs).await;
+    assert_eq!(
+        worker.deliver_due().await.expect("deliver"),
+        3,
+        "two of hers, his"
+    );
+    his.wait_until(WAIT, "bob's alert", |r| r.len() == 1).await;
+    assert!(hers.received().len() <= 2);
     h
 }
 

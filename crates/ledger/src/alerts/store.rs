@@ -296,17 +296,23 @@ pub(crate) async fn claim_due(
     lease_until: i64,
     limit: i64,
 ) -> Result<Vec<ClaimedEvent>> {
+    // Each account's share is taken in the statement (its oldest due events, as many as it has
+    // room for): read by due time alone, 256 events of one account's backlog filled every page,
+    // and no other account's alert was a candidate until that backlog drained.
     let candidates: Vec<(String, i64, i64)> = sqlx::query_as(
         "WITH busy AS (SELECT q.account_id, COUNT(*) AS n FROM alert_events x \
            JOIN alert_endpoints q ON q.id = x.endpoint_id \
-           WHERE x.status = 'PENDING' AND x.lease_until >= $1 GROUP BY q.account_id) \
-         SELECT e.id, p.account_id, COALESCE(b.n, 0) FROM alert_events e \
-         JOIN alert_endpoints p ON p.id = e.endpoint_id \
-         LEFT JOIN busy b ON b.account_id = p.account_id \
-         WHERE e.status = 'PENDING' AND e.next_attempt_at <= $1 \
-           AND (e.lease_until IS NULL OR e.lease_until < $1) \
-           AND p.disabled_at IS NULL AND p.removed_at IS NULL AND COALESCE(b.n, 0) < $2 \
-         ORDER BY e.next_attempt_at LIMIT $3",
+           WHERE x.status = 'PENDING' AND x.lease_until >= $1 GROUP BY q.account_id), \
+         due AS (SELECT e.id, p.account_id, COALESCE(b.n, 0) AS busy, e.next_attempt_at, \
+             ROW_NUMBER() OVER (PARTITION BY p.account_id ORDER BY e.next_attempt_at, e.id) AS nth \
+           FROM alert_events e \
+           JOIN alert_endpoints p ON p.id = e.endpoint_id \
+           LEFT JOIN busy b ON b.account_id = p.account_id \
+           WHERE e.status = 'PENDING' AND e.next_attempt_at <= $1 \
+             AND (e.lease_until IS NULL OR e.lease_until < $1) \
+             AND p.disabled_at IS NULL AND p.removed_at IS NULL AND COALESCE(b.n, 0) < $2) \
+         SELECT id, account_id, busy FROM due WHERE nth <= $2 - busy \
+         ORDER BY next_attempt_at LIMIT $3",
     )
     .bind(now)
     .bind(ACCOUNT_IN_FLIGHT)
