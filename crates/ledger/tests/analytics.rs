@@ -629,6 +629,10 @@ async fn bad_input(h: Harness) -> Harness {
     let mut wide = stats_req(&[D::Minute], pb::StatsRole::Owner);
     wide.since_unix_micros = Some(1_000_000_000_000_000);
     wide.until_unix_micros = Some(1_000_000_000_000_000 + 3 * 86_400_000_000);
+    // Near i64::MAX: widened to whole days, it overflowed (a panic; wrapped, all-time totals).
+    let mut far = stats_req(&[], pb::StatsRole::Owner);
+    far.since_unix_micros = Some(i64::MAX - 36_000_000_000);
+    far.until_unix_micros = Some(i64::MAX - 3_600_000_000);
     let mut bad_user = stats_req(&[], pb::StatsRole::Owner);
     bad_user.user_email = "not an email".into();
     let bad_role = pb::GetUsageStatsRequest {
@@ -641,6 +645,7 @@ async fn bad_input(h: Harness) -> Harness {
         two_times,
         inverted,
         wide,
+        far,
         bad_user,
         bad_role,
     ] {

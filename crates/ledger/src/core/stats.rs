@@ -117,6 +117,13 @@ fn range(q: &StatsQuery, now: i64) -> Result<(i64, i64)> {
     if since < 0 || until < 0 {
         return Err(LedgerError::invalid("since and until must not be negative"));
     }
+    // Widened to whole days downstream: a range near `i64::MAX` overflowed there (a debug build
+    // panicked; a release one wrapped and answered the caller's all-time totals).
+    if since > MAX_INSTANT || until > MAX_INSTANT {
+        return Err(LedgerError::invalid(
+            "since and until must be before the year 10000 (unix microseconds)",
+        ));
+    }
     if since >= until {
         return Err(LedgerError::invalid("since must be before until"));
     }
@@ -134,6 +141,9 @@ fn range(q: &StatsQuery, now: i64) -> Result<(i64, i64)> {
     let until = until.saturating_add(MINUTE - 1).div_euclid(MINUTE) * MINUTE;
     Ok((since, until))
 }
+
+/// 10000-01-01T00:00:00Z in unix microseconds: the latest `since` or `until` a query may name.
+const MAX_INSTANT: i64 = 253_402_300_800_000_000;
 
 impl Ledger {
     /// What `sender_email` has used of the caller's per-user budgets now (`GetBudgetUse`). The

@@ -270,7 +270,7 @@ pub(super) fn segments(since: i64, until: i64, max: Grain) -> Vec<(Grain, i64, i
 }
 
 fn ceil_to(v: i64, g: i64) -> i64 {
-    (v + g - 1).div_euclid(g) * g
+    v.saturating_add(g - 1).div_euclid(g).saturating_mul(g)
 }
 
 pub(super) fn percentiles(hist: &[i64]) -> Percentiles {
