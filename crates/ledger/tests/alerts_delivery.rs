@@ -276,6 +276,10 @@ async fn failing_endpoint_is_disabled_and_the_owner_told(h: Harness) -> Harness 
         .await;
     let notice = &of_type(&got, "endpoint.disabled")[0];
     assert_eq!(notice.json()["data"]["endpoint_id"], ep_bad);
+    // Its scheme and host, not its path (an incoming-webhook URL's path is its credential).
+    let host = bad.url.split('/').take(3).collect::<Vec<_>>().join("/");
+    assert_ne!(host, bad.url, "the receiver's URL has a path");
+    assert_eq!(notice.json()["data"]["url"], host);
     assert!(notice.valid);
     let listed = endpoints(&h, &alice).await;
     let bad_row = listed.iter().find(|e| e.id == ep_bad).expect("listed");

@@ -23,6 +23,7 @@ alerts_suite!(
     windows,
     crate::alerts_support::alerts_evaluated_by_hand;
     windowed_budgets_fire_once_per_step_and_rearm_each_window,
+    an_errors_spike_fires_once_while_its_count_wobbles,
 );
 
 /// Several evaluations (100 ms apart) pass: time for any duplicate to show up.
@@ -362,5 +363,69 @@ async fn windowed_budgets_fire_once_per_step_and_rearm_each_window(h: Harness) -
     days.dedup();
     let subject = |at| format!("budget:{ALICE}>{BOB}:day:{}", day_name(at));
     assert_eq!(days, [subject(yesterday), subject(today)]);
+    h
+}
+
+/// `errors.spike` (50 %, 1 minute, at least 4 requests) during one outage in which every request
+/// fails, while the window's count wobbles 4, 3, 4: one event. The rule re-armed as soon as the
+/// count fell under `min_requests` and fired again 42 s later for the same outage.
+async fn an_errors_spike_fires_once_while_its_count_wobbles(h: Harness) -> Harness {
+    let rx = WebhookReceiver::start().await;
+    let bob = h.account(BOB, 10 * USD).await;
+    let rule = pb::AlertRule {
+        event: pb::AlertEvent::ErrorsSpike as i32,
+        percent: 50,
+        window_minutes: 1,
+        min_requests: 4,
+        ..Default::default()
+    };
+    let ep = add(&h, &bob, &rx, pb::AlertFormat::Json, vec![rule]).await;
+    let base = now_micros() - 600_000_000;
+    let mut client = h.client(&bob);
+    let mut originals: Vec<(String, i64)> = Vec::new();
+    // Failed requests at these seconds; the rule evaluated as the clock passes each `at`.
+    let plan: [(&[i64], i64); 3] = [(&[0, 10, 20, 30], 30), (&[], 62), (&[65, 72], 72)];
+    for (offsets, at) in plan {
+        for off in offsets {
+            let id = format!("f{off}");
+            let usage = pb::Usage {
+                request_id: id.clone(),
+                app_name: "chat-app".into(),
+                endpoint: "/chat".into(),
+                user_email: ALICE.into(),
+                model: "echo".into(),
+                status: "upstream_error".into(),
+                ..Default::default()
+            };
+            let row = client.record_usage(pb::RecordUsageRequest { usage: Some(usage) });
+            let row = row.await.expect("usage").into_inner();
+            originals.push((id.clone(), row.created_at_unix_micros));
+            sqlx::query("UPDATE usage_records SET created_at = $1 WHERE request_id = $2")
+                .bind(base + off * 1_000_000)
+                .bind(&id)
+                .execute(h.store.pool())
+                .await
+                .expect("place the row");
+        }
+        let at = base + at * 1_000_000;
+        evaluate_all(&h.store, at).await.expect("evaluate");
+    }
+    // Back where the rollups have them, for the ledger's verify.
+    for (id, was) in &originals {
+        sqlx::query("UPDATE usage_records SET created_at = $1 WHERE request_id = $2")
+            .bind(*was)
+            .bind(id)
+            .execute(h.store.pool())
+            .await
+            .expect("restore");
+    }
+    let fired: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM alert_events WHERE endpoint_id = $1 AND kind = 'errors.spike'",
+    )
+    .bind(&ep)
+    .fetch_one(h.store.pool())
+    .await
+    .expect("count");
+    assert_eq!(fired, 1, "one outage, {fired} errors.spike events");
     h
 }

@@ -419,17 +419,29 @@ async fn disable(store: &Store, endpoint: &EndpointRecord, failing_since: i64) -
     if !db::disable(&mut tx, &endpoint.id, now).await? {
         return Ok(());
     }
+    // Its scheme and host only: an incoming-webhook URL (Slack's, Discord's) is a credential,
+    // which the notice carried in full to the account's other receivers.
+    let url = match reqwest::Url::parse(&endpoint.url) {
+        Ok(u) => match u.port() {
+            Some(port) => format!(
+                "{}://{}:{port}",
+                u.scheme(),
+                u.host_str().unwrap_or_default()
+            ),
+            None => format!("{}://{}", u.scheme(), u.host_str().unwrap_or_default()),
+        },
+        Err(_) => String::new(),
+    };
     let fired = Fired {
         kind: EventKind::EndpointDisabled,
         data: json!({
             "endpoint_id": endpoint.id,
-            "url": endpoint.url,
+            "url": url,
             "failing_since": super::payload::rfc3339(failing_since),
         }),
         summary: format!(
-            "webhook endpoint {} ({}) was disabled after failing since {}",
+            "webhook endpoint {} ({url}) was disabled after failing since {}",
             endpoint.id,
-            endpoint.url,
             super::payload::rfc3339(failing_since)
         ),
     };

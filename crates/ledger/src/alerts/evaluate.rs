@@ -470,9 +470,11 @@ fn next_step(
                     format!("{} of {total} requests failed in the last {window_minutes} min ({}%)", failed, failed * 100 / (*total).max(1)),
                 ));
             } else if level > 0
-                && (failed * 100 * 5 < p * total * 4 || *total < i64::from(*min_requests))
+                && (failed * 100 * 5 < p * total * 4 || *total * 2 < i64::from(*min_requests))
             {
-                // Re-armed below four fifths of the threshold rate.
+                // Re-armed below four fifths of the threshold rate, or below half the requests it
+                // needs: re-armed just under `min_requests`, a count wobbling around it fired again
+                // and again in one outage.
                 step.new_level = 0;
             }
         }
