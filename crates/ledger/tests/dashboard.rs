@@ -553,6 +553,17 @@ async fn live_usage(h: &Harness) {
             .expect("usage");
     }
     wait_for_row(&mut events, &mut seen, "burst-19", Duration::from_secs(3)).await;
+    // A router's batch of 150 rows, more than a read's page: every one is pushed (the newest
+    // page alone was read, and the 50 under it never were).
+    let batch = (0..150).filter_map(|n| usage(&format!("batch-{n}"), ALICE, "app-one").usage);
+    let batch = pb::RecordUsageBatchRequest {
+        usages: batch.collect(),
+    };
+    o1.record_usage_batch(batch).await.expect("batch");
+    for n in 0..150 {
+        let id = format!("\"batch-{n}\"");
+        wait_for_row(&mut events, &mut seen, &id, Duration::from_secs(3)).await;
+    }
     // A row dated an hour back (a spooled row shipped late) is pushed once, though rows after it
     // keep the stream reading past its id (it was sent again at every read for 10 s).
     let mut late = usage("late-row", ALICE, "app-one");

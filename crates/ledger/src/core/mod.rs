@@ -468,7 +468,24 @@ impl Ledger {
     ) -> Result<Vec<UsageRow>> {
         let limit = page_size(limit)?;
         self.store
-            .usage_after(&usage_scope(caller), &v7_floor(since), limit)
+            .usage_after(&usage_scope(caller), &v7_floor(since), limit, false)
+            .await
+    }
+
+    /// A live tail's next page: the oldest rows (at most `limit`) written from `since` on with an
+    /// id above `after_id` (the last one the tail read, if any), by the same rule.
+    pub async fn usage_tail(
+        &self,
+        caller: &Caller,
+        since: i64,
+        after_id: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<UsageRow>> {
+        let limit = page_size(limit)?;
+        let floor = v7_floor(since);
+        let after = after_id.filter(|a| *a > floor.as_str()).unwrap_or(&floor);
+        self.store
+            .usage_after(&usage_scope(caller), after, limit, true)
             .await
     }
 }

@@ -352,22 +352,25 @@ impl Store {
         })
     }
 
-    /// The newest `limit` usage rows with an id above `after_id` (ids are UUIDv7: time-ordered),
-    /// of this account as in [`UsageFilter::account`]: a range of the primary key, so a live tail
-    /// reads only recent rows however large the table (no totals either).
+    /// The newest (or, `oldest_first`, the oldest) `limit` usage rows with an id above
+    /// `after_id` (ids are UUIDv7: time-ordered), of this account as in [`UsageFilter::account`]:
+    /// a range of the primary key, so a live tail reads only recent rows however large the table
+    /// (no totals either).
     pub async fn usage_after(
         &self,
         account: &Option<(i64, String)>,
         after_id: &str,
         limit: i64,
+        oldest_first: bool,
     ) -> Result<Vec<UsageRow>> {
         let mut w = Where::default();
         usage_account(&mut w, account);
         w.text("u.id > ?", after_id);
         let sql = format!(
             "SELECT {USAGE_COLUMNS} FROM usage_records u JOIN accounts r ON r.id = u.recipient_id {} \
-             ORDER BY u.id DESC LIMIT {limit}",
-            w.sql()
+             ORDER BY u.id {} LIMIT {limit}",
+            w.sql(),
+            if oldest_first { "ASC" } else { "DESC" }
         );
         Ok(w.bind_as(sqlx::query_as(&sql))
             .fetch_all(self.pool())

@@ -34,6 +34,8 @@ const POLL: Duration = Duration::from_millis(500);
 /// later (group commit), and must not be skipped.
 const SLACK_MICROS: i64 = 10_000_000;
 const TAIL_PAGE: u32 = 100;
+/// Pages a stream reads at most per update (rows beyond that, in one second, are not pushed).
+const TAIL_PAGES: usize = 20;
 /// A stream looks at its session at least this often, so one signed out or expired on a quiet
 /// ledger (no row to wake it) still ends.
 const RECHECK: Duration = Duration::from_secs(30);
@@ -164,6 +166,8 @@ struct Tail {
     /// Ids sent with `created_at >= since`.
     seen: HashMap<String, i64>,
     since: i64,
+    /// The newest id read: new rows are read from there on.
+    last_id: Option<String>,
     last_sent: Option<Instant>,
     /// The first call reads at once: rows written between the page's own load and its
     /// subscription raised their signal before this stream listened.
@@ -227,11 +231,30 @@ impl Tail {
         }
     }
 
-    /// Rows not sent yet, newest first, by the core's usage rule (the caller's rows only).
+    /// Rows not sent yet, newest first, by the core's usage rule (the caller's rows only). New
+    /// rows are read oldest first from the newest id read so far, page after page (up to
+    /// [`TAIL_PAGES`]): the newest page alone dropped the rows under it when more than a page
+    /// came between two reads (a router's batch of 150). The last [`SLACK_MICROS`] are read
+    /// again, newest first, for rows that committed after newer ones.
     async fn fresh(&mut self) -> Result<Vec<serde_json::Value>> {
-        let rows = (self.d.ledger)
-            .usage_since(&self.session.caller, self.since, TAIL_PAGE)
-            .await?;
+        let ledger = &self.d.ledger;
+        let caller = &self.session.caller;
+        let mut rows = ledger.usage_since(caller, self.since, TAIL_PAGE).await?;
+        for _ in 0..TAIL_PAGES {
+            let after = self.last_id.as_deref();
+            let page = ledger
+                .usage_tail(caller, self.since, after, TAIL_PAGE)
+                .await?;
+            let full = page.len() == TAIL_PAGE as usize;
+            if let Some(last) = page.last() {
+                self.last_id = Some(last.id.clone());
+            }
+            rows.extend(page);
+            if !full {
+                break;
+            }
+        }
+        rows.sort_by(|a, b| b.id.cmp(&a.id));
         let mut out = Vec::new();
         for row in &rows {
             if self.seen.insert(row.id.clone(), id_micros(row)).is_none() {
@@ -284,6 +307,7 @@ pub(super) async fn events(
         session,
         seen: HashMap::new(),
         since: now_micros() - SLACK_MICROS,
+        last_id: None,
         last_sent: None,
         look_now: true,
         _slot: slot,
