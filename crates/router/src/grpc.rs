@@ -52,12 +52,7 @@ impl Router for GrpcRouter {
         let id = assign_request_id(&mut req.request_id);
         let (resp, limits) = (self.service.chat_with_limits(req).await).map_err(refused(&id))?;
         let replay = resp.replay;
-        let mut resp = Response::new(resp);
-        if replay {
-            mark_replay(&mut resp);
-        }
-        limit_metadata(&mut resp, &limits);
-        Ok(resp)
+        Ok(answered(resp, replay, &limits))
     }
 
     type ChatStreamStream = EventStream;
@@ -92,12 +87,7 @@ impl Router for GrpcRouter {
         let id = assign_request_id(&mut req.request_id);
         let (resp, limits) = (self.service.search_with_limits(req).await).map_err(refused(&id))?;
         let replay = resp.replay;
-        let mut resp = Response::new(resp);
-        if replay {
-            mark_replay(&mut resp);
-        }
-        limit_metadata(&mut resp, &limits);
-        Ok(resp)
+        Ok(answered(resp, replay, &limits))
     }
 
     async fn get_metadata(
@@ -135,6 +125,16 @@ fn limit_metadata<T>(resp: &mut Response<T>, limits: &RateHeaders) {
             resp.metadata_mut().insert(name, v);
         }
     }
+}
+
+/// A unary answer with its replay marker and its rate-limit metadata.
+fn answered<T>(body: T, replay: bool, limits: &RateHeaders) -> Response<T> {
+    let mut resp = Response::new(body);
+    if replay {
+        mark_replay(&mut resp);
+    }
+    limit_metadata(&mut resp, limits);
+    resp
 }
 
 /// The replay marker as metadata (besides the `replay` field), like the HTTP front's header.

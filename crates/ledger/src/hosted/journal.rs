@@ -580,17 +580,9 @@ impl Journal {
         amount: i64,
         created_at: i64,
     ) -> Result<bool> {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM hosted_transfers WHERE sender_email = $1 AND status = 'PENDING' \
-             AND step = 'capturing' AND capture_amount = $2 AND capture_amount < amount \
-             AND capture_remote_id IS NULL AND created_at <= $3",
-        )
-        .bind(sender)
-        .bind(amount)
-        .bind(created_at)
-        .fetch_one(self.pool())
-        .await?;
-        Ok(n > 0)
+        let open = "status = 'PENDING' AND step = 'capturing' AND capture_amount = $2 \
+             AND capture_amount < amount AND capture_remote_id IS NULL AND created_at <= $3";
+        self.sender_has(sender, open, amount, created_at).await
     }
 
     /// Whether this ledger was charging `sender` between `from` and `to`: a transfer of theirs
@@ -599,16 +591,22 @@ impl Journal {
     /// creates within a lease of the hold's counted, and a charge whose answer was lost late in a
     /// long stream stayed held on the service, untouched by the sweep.
     pub async fn charged_between(&self, sender: &str, from: i64, to: i64) -> Result<bool> {
-        let ours: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM hosted_transfers WHERE sender_email = $1 \
-             AND created_at <= $3 AND COALESCE(resolved_at, expires_at) >= $2",
-        )
-        .bind(sender)
-        .bind(from)
-        .bind(to)
-        .fetch_one(self.pool())
-        .await?;
-        Ok(ours > 0)
+        let pending = "created_at <= $3 AND COALESCE(resolved_at, expires_at) >= $2";
+        self.sender_has(sender, pending, from, to).await
+    }
+
+    /// Whether a transfer of `sender` meets `condition` (over `$2` and `$3`).
+    async fn sender_has(&self, sender: &str, condition: &str, a: i64, b: i64) -> Result<bool> {
+        let sql = format!(
+            "SELECT COUNT(*) FROM hosted_transfers WHERE sender_email = $1 AND {condition}"
+        );
+        let n: i64 = sqlx::query_scalar(&sql)
+            .bind(sender)
+            .bind(a)
+            .bind(b)
+            .fetch_one(self.pool())
+            .await?;
+        Ok(n > 0)
     }
 }
 
