@@ -141,13 +141,7 @@ async fn spend_errors_expiry_and_digest_fire_at_their_thresholds(h: Harness) -> 
     };
     let rules = vec![spend_rule, expired_rule];
     add(&h, &alice, &rx_alice, pb::AlertFormat::Json, rules).await;
-    let errors_rule = pb::AlertRule {
-        event: pb::AlertEvent::ErrorsSpike as i32,
-        percent: 50,
-        window_minutes: 5,
-        min_requests: 4,
-        ..Default::default()
-    };
+    let errors_rule = errors_spike(5);
     let digest_rule = pb::AlertRule {
         event: pb::AlertEvent::DigestDaily as i32,
         hour: 0,
@@ -372,14 +366,7 @@ async fn windowed_budgets_fire_once_per_step_and_rearm_each_window(h: Harness) -
 async fn an_errors_spike_fires_once_while_its_count_wobbles(h: Harness) -> Harness {
     let rx = WebhookReceiver::start().await;
     let bob = h.account(BOB, 10 * USD).await;
-    let rule = pb::AlertRule {
-        event: pb::AlertEvent::ErrorsSpike as i32,
-        percent: 50,
-        window_minutes: 1,
-        min_requests: 4,
-        ..Default::default()
-    };
-    let ep = add(&h, &bob, &rx, pb::AlertFormat::Json, vec![rule]).await;
+    let ep = add(&h, &bob, &rx, pb::AlertFormat::Json, vec![errors_spike(1)]).await;
     let base = now_micros() - 600_000_000;
     let mut client = h.client(&bob);
     let mut originals: Vec<(String, i64)> = Vec::new();
@@ -428,4 +415,15 @@ async fn an_errors_spike_fires_once_while_its_count_wobbles(h: Harness) -> Harne
     .expect("count");
     assert_eq!(fired, 1, "one outage, {fired} errors.spike events");
     h
+}
+
+/// `errors.spike` at 50 % of at least 4 requests over `window_minutes`.
+fn errors_spike(window_minutes: u32) -> pb::AlertRule {
+    pb::AlertRule {
+        event: pb::AlertEvent::ErrorsSpike as i32,
+        percent: 50,
+        window_minutes,
+        min_requests: 4,
+        ..Default::default()
+    }
 }

@@ -1141,14 +1141,21 @@ async fn a_stopping_ledger_finishes_a_capture_whose_caller_gave_up() {
 /// callers until their hold expires, the payer's money stayed held for the hold's whole life.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_capture_refused_for_good_can_be_voided_at_once() {
+    refused_capture_then_voided(Fault::Refuse("/transaction/create", 422, 1)).await;
+}
+
+/// A partial capture of Alice's hold refused under `fault`, then the router's void: the hold is
+/// released at once and nothing charged. The refusal, for the caller's own checks.
+async fn refused_capture_then_voided(fault: Fault) -> tonic::Status {
     let p = Pair::sqlite(10 * USD).await;
     let t = p.hold().await;
-    p.proxy.set(Fault::Refuse("/transaction/create", 422, 1));
+    p.proxy.set(fault);
     let refused = p.capture(&t.id, 400_000, "req-1").await;
-    assert!(refused.is_err(), "{refused:?}");
+    let refused = refused.expect_err("the capture is refused");
     let voided = p.void(&t.id).await.expect("voided at once");
     p.assert_released(&voided).await;
     p.finish().await;
+    refused
 }
 
 /// A capture whose ledger died mid-way (its journal row left `capturing` under a lease nobody
@@ -1618,16 +1625,9 @@ async fn a_throttled_partial_capture_is_retried_not_given_away() {
 /// twice the price while the ledger recorded the price.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_charge_of_another_amount_is_cancelled_not_confirmed() {
-    let p = Pair::sqlite(10 * USD).await;
-    let t = p.hold().await;
-    p.proxy.set(Fault::DoubleAmount("/transaction/create"));
-    let err = p.capture(&t.id, 400_000, "req-1").await;
-    let err = err.expect_err("another charge than asked");
+    let err = refused_capture_then_voided(Fault::DoubleAmount("/transaction/create")).await;
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("another charge"), "{err:?}");
-    let voided = p.void(&t.id).await.expect("void");
-    p.assert_released(&voided).await;
-    p.finish().await;
 }
 
 /// A capture's confirm went through but its answer was lost; the repeat is refused "not pending"
