@@ -217,6 +217,46 @@ async fn postgres_refusals_leave_rows_and_free_the_request_id() {
     refusals_leave_rows_and_free_the_request_id(s).await;
 }
 
+/// A free request that failed and is sent again under its id (an SDK's retry of a 5xx) is another
+/// attempt: its row is kept beside the failure's. The ledger kept one free row per request id
+/// and endpoint, so the answered retry's row was dropped, missing from usage and analytics
+/// (migration 0039 keys each attempt). A row sent again (a failover, the spool) is still one.
+async fn a_free_retry_after_a_failure_leaves_its_row(s: Stack) {
+    let mut c = s.client().await;
+    let mut req = s.request("hi");
+    req.request_id = "turn-1".into();
+    req.transaction_token.clear();
+    s.upstream.set_mode(Mode::Status(500));
+    c.chat(req.clone()).await.expect_err("the upstream failed");
+    s.upstream.set_mode(Mode::Ok);
+    c.chat(req.clone()).await.expect("the retry is answered");
+    let rows = usage_of(&s.ledger.url, &s.alice.email).await;
+    let mut got: Vec<(&str, &str)> = rows
+        .iter()
+        .filter_map(|r| r.usage.as_ref())
+        .map(|u| (u.request_id.as_str(), u.status.as_str()))
+        .collect();
+    got.sort_unstable();
+    assert_eq!(got, [("turn-1", "success"), ("turn-1", "upstream_error")]);
+    assert_eq!(s.upstream.hits(), 2);
+    s.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_free_retry_after_a_failure_leaves_its_row() {
+    a_free_retry_after_a_failure_leaves_its_row(Stack::start(Pricing::free()).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_free_retry_after_a_failure_leaves_its_row() {
+    let Some(db) = Db::postgres().await else {
+        println!("SKIPPED: no DATABASE_URL");
+        return;
+    };
+    let s = Stack::start_on(db, Pricing::free()).await;
+    a_free_retry_after_a_failure_leaves_its_row(s).await;
+}
+
 /// A free request whose client gives up while the upstream works leaves a `cancelled` row,
 /// recorded in the background once the request is dropped, as a paid one's hold guard records
 /// its void; and only that row, once the upstream would have answered. Its latency is how long

@@ -534,22 +534,23 @@ impl Stack {
         rows
     }
 
-    /// Money invariants: conservation, available >= 0, one free usage row per request id and
-    /// endpoint and one paid row per transfer at most (refusals aside: each refused attempt has
-    /// its own row).
+    /// Money invariants: conservation, available >= 0, one free usage row per request id,
+    /// endpoint and attempt and one paid row per transfer at most (refusals aside: each refused
+    /// attempt has its own row).
     pub async fn check_invariants(&self) {
         assert_consistent(&self.ledger.store).await;
         let (_, _, available) = self.alice_money().await;
         assert!(available >= 0, "available below zero: {available}");
-        // A free request's row is one per request id and endpoint; a paid one's one per
-        // transfer (a failed request's id is tried again under a hold of its own).
+        // A free request's row is one per request id, endpoint and attempt (its row key: a
+        // retry of a failed one is another attempt); a paid one's one per transfer (a failed
+        // request's id is tried again under a hold of its own).
         let mut ids: Vec<_> = self
             .answered_usage()
             .await
             .into_iter()
             .filter_map(|r| match r.transfer_id.is_empty() {
-                true => r.usage.map(|u| (u.request_id, u.endpoint)),
-                false => Some((r.transfer_id, String::new())),
+                true => r.usage.map(|u| (u.request_id, u.endpoint, u.row_key)),
+                false => Some((r.transfer_id, String::new(), String::new())),
             })
             .collect();
         let n = ids.len();

@@ -50,7 +50,8 @@ impl Store {
                 usage: job.usage,
             });
         }
-        // A keyed row is a refusal, which meets only its key's index; any other, its request id's.
+        // A keyed row (a refusal, a free request's attempt) meets only its key's index; any
+        // other, its request id's.
         let existing = match row_key(usage) {
             Some(key) => self.usage_by_key(recipient_id, key).await?,
             None => {
@@ -178,12 +179,15 @@ pub(crate) const FREE_ROW: &str = free_row!();
 
 /// The conflict target of a free row without a key: at most one per recipient, user, request id
 /// and endpoint among the free rows (refusals excepted; the endpoint since migration 0038, so a
-/// free chat and a free search of one turn id each keep their row). Paid rows are unique apart from them, per transfer
-/// (migrations 0030, 0032): a paid request after a free one of the same id is charged, so its row
-/// must be written.
+/// free chat and a free search of one turn id each keep their row). A keyed free row meets its
+/// key's index instead (migration 0039): a router keys each attempt of a free request, so a retry
+/// of a failed one keeps its row beside the failure's. Paid rows are unique apart from them, per
+/// transfer (migrations 0030, 0032): a paid request after a free one of the same id is charged,
+/// so its row must be written.
 pub(crate) const FREE_REQUEST: &str = concat!(
     "(recipient_id, user_email, request_id, endpoint) WHERE NOT refused AND ",
-    free_row!()
+    free_row!(),
+    " AND row_key IS NULL"
 );
 
 /// The conflict target of a paid row of a local transfer: at most one per transfer (migration
@@ -206,17 +210,21 @@ static INSERT_PAID: std::sync::LazyLock<String> =
 static INSERT_HOSTED: std::sync::LazyLock<String> =
     std::sync::LazyLock::new(|| insert_usage_sql(PAID_HOSTED));
 
-/// A keyed row (a refusal): at most one per recipient and key.
+/// A keyed row (a refusal, or an attempt of a free request): at most one per recipient and key.
 static INSERT_KEYED: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     insert_usage_sql("(recipient_id, row_key) WHERE row_key IS NOT NULL")
 });
 
-/// A row's key as stored: `NULL` for none, so keyless rows never conflict on it. Only refusals
-/// keep one (the rows a request id does not make unique): a keyed row then meets only the key's
-/// index, and the inserts can name it (`ON CONFLICT` with a target probes one index, without one
-/// every unique index of every row).
+/// A row without money's key as stored: `NULL` for none, so keyless rows never conflict on it.
+/// A refusal's key makes it one however often it is sent (a refusal does not take its request
+/// id); a free row's names its request's attempt (migration 0039: the attempt's own row and the
+/// `cancelled` row its router keeps for a client that leaves share it, so one of them is kept,
+/// while a retry of the id is another attempt, with a row of its own). A free row without a key
+/// (from a router before 2026-12-07) is one per request id and endpoint, as before. A keyed row
+/// meets only the key's index, and the inserts can name it (`ON CONFLICT` with a target probes
+/// one index, without one every unique index of every row). A transfer's row is never keyed.
 pub(crate) fn row_key(u: &UsageInput) -> Option<&str> {
-    Some(u.row_key.as_str()).filter(|k| !k.is_empty() && is_refused(u))
+    Some(u.row_key.as_str()).filter(|k| !k.is_empty())
 }
 
 /// Writes a usage row only (the caller hands it to the rollups); `false` when it was already

@@ -254,10 +254,10 @@ async fn insert_sqlite(
 /// the first is inserted, the second skipped by `DO NOTHING` like any other duplicate. The inserted rows are
 /// queued for the rollups by the same statement when `$2` (`rollup_fold.rs`).
 ///
-/// Rows without a key and keyed rows (refusals only, `row_key`) go in by one insert each, each
-/// naming the one unique index it can meet: a conflict clause without a target probes every
-/// unique index of every row (the primary key too), which cost `bench usage` a tenth to a fifth
-/// of its rows per second.
+/// Rows without a key and keyed rows (refusals, free requests' attempts: `row_key`) go in by one
+/// insert each, each naming the one unique index it can meet: a conflict clause without a target
+/// probes every unique index of every row (the primary key too), which cost `bench usage` a tenth
+/// to a fifth of its rows per second.
 static USAGE_BATCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     let columns = "id, recipient_id, request_id, transfer_id, app_name, endpoint, user_email, \
         model, prompt_tokens, completion_tokens, total_tokens, cost, status, latency_ms, \

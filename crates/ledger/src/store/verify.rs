@@ -297,11 +297,12 @@ async fn verify_snapshot(conn: &mut AnyConnection) -> Result<VerifyReport> {
     )
     .fetch_one(&mut *conn)
     .await?;
-    // A free row is one per request id and endpoint; a paid row one per transfer (migrations
-    // 0030, 0032, 0038).
+    // A free row without a key is one per request id and endpoint (a keyed one is one per key,
+    // which its unique index keeps); a paid row one per transfer (migrations 0030, 0032, 0038,
+    // 0039).
     let per_request: i64 = sqlx::query_scalar(&format!(
         "SELECT COUNT(*) FROM (SELECT recipient_id, user_email, request_id, endpoint \
-             FROM usage_records WHERE NOT refused AND {FREE_ROW} \
+             FROM usage_records WHERE NOT refused AND {FREE_ROW} AND row_key IS NULL \
              GROUP BY recipient_id, user_email, request_id, endpoint HAVING COUNT(*) > 1) d",
     ))
     .fetch_one(&mut *conn)

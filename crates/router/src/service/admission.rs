@@ -35,6 +35,11 @@ pub(super) struct Ticket {
     /// When the request was validated: a `cancelled` row recorded when the request is dropped
     /// counts its latency from here.
     pub started: tokio::time::Instant,
+    /// A free request's attempt, once admitted: the key of its row, which the ledger records once
+    /// (its own row and the `cancelled` one its claim keeps for a client that leaves share it),
+    /// while a retry of its id after a failure is another attempt and leaves its own row
+    /// (migration 0039). Empty for a paid request, whose row its transfer makes one.
+    pub free_row_key: String,
 }
 
 /// Counts of a usage row: tokens for chat; for search, the query's tokens and the results.
@@ -210,6 +215,7 @@ impl RouterService {
                 }
             }
             Authorized::Free => {
+                t.free_row_key = uuid::Uuid::now_v7().to_string();
                 let usage = Units::default();
                 let cancelled = self.usage(t, UsageStatus::Cancelled, usage, Instant::now(), 0);
                 claim.unrecorded = Some(cancelled);
@@ -552,7 +558,10 @@ impl RouterService {
             upstream_latency_ms: upstream_ms,
             // Streams set it once the first token arrived.
             ttft_ms: None,
-            row_key: row_key(status),
+            row_key: match status.is_refusal() {
+                true => row_key(status),
+                false => t.free_row_key.clone(),
+            },
             // A free row's is set when it is recorded (`Ledger::record_free_usage`).
             answered_at_unix_micros: None,
             reason: String::new(),
@@ -560,9 +569,9 @@ impl RouterService {
     }
 }
 
-/// The key a usage row is recorded once under: a refusal's own (it does not take its request id,
-/// so a call that fails over after its commit would record it twice); none for the others, which
-/// their request id already makes unique.
+/// The key a refusal's usage row is recorded once under (it does not take its request id, so a
+/// call that fails over after its commit would record it twice); none for the others: a paid
+/// row's transfer makes it one, a free row carries its attempt's ([`Ticket::free_row_key`]).
 pub(super) fn row_key(status: UsageStatus) -> String {
     if status.is_refusal() {
         uuid::Uuid::now_v7().to_string()

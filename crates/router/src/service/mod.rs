@@ -519,6 +519,7 @@ impl RouterService {
             bound: None,
             model,
             pass: None,
+            free_row_key: String::new(),
         };
         let mut p = Prepared {
             t,

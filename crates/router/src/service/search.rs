@@ -178,6 +178,7 @@ impl RouterService {
             bound: None,
             model: backend.provider().into(),
             pass: None,
+            free_row_key: String::new(),
         };
         // A search counts its query's tokens in the token windows (what its usage row reports
         // as `prompt_tokens`).
