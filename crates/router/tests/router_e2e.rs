@@ -325,6 +325,10 @@ async fn stream_failures_are_voided() {
         (Mode::StreamGarbage, Code::Unavailable),
         (Mode::EmptyChoices, Code::Unavailable),
         (Mode::CutShort, Code::Unavailable),
+        // `"finish_reason": ""` is not a finish: such a stream cut short was charged in full,
+        // told "stop", and kept as the id's answer.
+        (Mode::EmptyFinishCutShort, Code::Unavailable),
+        (Mode::EmptyFinishStall, Code::DeadlineExceeded),
     ] {
         s.upstream.set_mode(mode.clone());
         let mut stream = ok(c.chat_stream(s.request("hi")).await);
@@ -365,10 +369,10 @@ async fn stream_failures_are_voided() {
         .expect_err("must fail");
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
     let t = s.wait_no_pending(Duration::from_secs(3)).await;
-    assert_eq!(t.len(), 6);
+    assert_eq!(t.len(), 8);
     assert!(t.iter().all(|t| t.status() == TransferStatus::Cancelled));
     assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));
-    assert_eq!(s.usage().await.len(), 6);
+    assert_eq!(s.usage().await.len(), 8);
     s.check_invariants().await;
 }
 

@@ -68,6 +68,11 @@ pub enum Mode {
     CutShort,
     /// Streams the whole answer and its `finish_reason`, then garbage instead of `[DONE]`.
     FinishThenGarbage,
+    /// Streams two chunks whose `finish_reason` is `""` (not finished: Ollama, SGLang and
+    /// LocalAI send it so on every chunk but the last), then ends the body without `[DONE]`.
+    EmptyFinishCutShort,
+    /// [`Mode::EmptyFinishCutShort`]'s two chunks, then silence (the idle timeout).
+    EmptyFinishStall,
     /// Streams every word of the answer at once, then its `finish_reason` and `[DONE]` after
     /// this long (a model whose end comes a moment after its last word).
     SlowEnd(Duration),
@@ -390,6 +395,19 @@ async fn upstream_handler(State(state): State<Arc<UpState>>, Json(body): Json<Va
             });
             let done = futures::stream::iter(vec![Ok("data: [DONE]\n\n".to_string())]);
             Box::pin(futures::stream::iter(said).chain(waiting).chain(done))
+        }
+        Mode::EmptyFinishCutShort | Mode::EmptyFinishStall => {
+            let part = |c: &str| {
+                let mut v = chunk(&model, Some(c), None);
+                v["choices"][0]["finish_reason"] = json!("");
+                Ok(sse(&v))
+            };
+            let said = futures::stream::iter(vec![part("The answer is "), part("forty")]);
+            if mode == Mode::EmptyFinishStall {
+                Box::pin(said.chain(futures::stream::pending()))
+            } else {
+                Box::pin(said)
+            }
         }
         Mode::FinishThenGarbage => {
             let mut out: Vec<Result<String, Infallible>> = words

@@ -342,7 +342,9 @@ fn parse_chunk(data: &str) -> Result<StreamChunk, UpstreamError> {
             .delta
             .and_then(|d| d.content)
             .filter(|s| !s.is_empty());
-        chunk.finish_reason = choice.finish_reason;
+        // `""` is no finish: Ollama, SGLang and LocalAI send it on every chunk but the last, and
+        // taking it for one charged a stream cut short as a whole answer.
+        chunk.finish_reason = choice.finish_reason.filter(|f| !f.is_empty());
     }
     Ok(chunk)
 }
