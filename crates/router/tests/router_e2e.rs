@@ -376,6 +376,46 @@ async fn stream_failures_are_voided() {
     s.check_invariants().await;
 }
 
+/// An answer above the 4 MiB a standard gRPC client reads in one message (tonic's and grpc-go's
+/// default; a router priced per request sends no `max_tokens`, so only the upstream bounds it):
+/// unary, it was charged and then refused by the client, and its retry refused as charged (the
+/// kept copy is 1 MiB at most); now it is the upstream's failure, voided. Streamed as one event,
+/// it was one delta the client could not read, charged; now it comes in pieces, read and charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_above_a_grpc_message_is_never_charged_unread() {
+    let s = Stack::start(Pricing::per_request(PRICE)).await;
+    s.upstream.set_mode(Mode::BigAnswer(5 * 1024 * 1024));
+    let mut c = syft_proto::router::router_client::RouterClient::connect(s.router.grpc_url.clone())
+        .await
+        .expect("connect with the default message limits");
+    let mut req = s.request("write a lot");
+    req.request_id = "big-1".into();
+    let err = c.chat(req.clone()).await.expect_err("too long to answer");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(
+        err.message(),
+        "upstream returned an invalid response; nothing was charged"
+    );
+    s.wait_no_pending(Duration::from_secs(3)).await;
+    assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));
+    s.assert_one_usage("invalid_response").await;
+    let mut stream = ok(c.chat_stream(s.request("write a lot")).await);
+    let mut text = String::new();
+    let mut last = None;
+    while let Some(ev) = stream.next().await {
+        match ev.expect("every event can be read").event {
+            Some(chat_stream_event::Event::Delta(d)) => text.push_str(&d.content),
+            Some(chat_stream_event::Event::Final(f)) => last = Some(f),
+            None => {}
+        }
+    }
+    assert_eq!(text.len(), 5 * 1024 * 1024 + 3);
+    assert_eq!(last.expect("a final event").cost_micros, PRICE);
+    s.wait_no_pending(Duration::from_secs(3)).await;
+    assert_eq!(s.alice_money().await.0, FUNDS - PRICE);
+    s.check_invariants().await;
+}
+
 /// The upstream sends the whole answer and says it is finished, then fails (here a bad event in
 /// place of `[DONE]`): the client has the whole answer, so it ends normally and is charged once.
 /// Before, the late fault voided the hold: the client had the answer, an error, and no charge.

@@ -73,6 +73,9 @@ pub enum Mode {
     EmptyFinishCutShort,
     /// [`Mode::EmptyFinishCutShort`]'s two chunks, then silence (the idle timeout).
     EmptyFinishStall,
+    /// An answer of this many bytes: unary, one message; streamed, one delta of that size, then
+    /// `"end"` with the finish and `[DONE]`.
+    BigAnswer(usize),
     /// Streams every word of the answer at once, then its `finish_reason` and `[DONE]` after
     /// this long (a model whose end comes a moment after its last word).
     SlowEnd(Duration),
@@ -309,6 +312,11 @@ async fn upstream_handler(State(state): State<Arc<UpState>>, Json(body): Json<Va
     if mode == Mode::EmptyChoices && !stream {
         return Json(json!({"id": "x", "model": model, "choices": []})).into_response();
     }
+    if let (Mode::BigAnswer(n), false) = (&mode, stream) {
+        let mut v = completion_json(&model, &Mode::NoUsage);
+        v["choices"][0]["message"]["content"] = json!("word ".repeat(n / 5));
+        return Json(v).into_response();
+    }
     if !stream {
         return Json(completion_json(&model, &mode)).into_response();
     }
@@ -396,6 +404,11 @@ async fn upstream_handler(State(state): State<Arc<UpState>>, Json(body): Json<Va
             let done = futures::stream::iter(vec![Ok("data: [DONE]\n\n".to_string())]);
             Box::pin(futures::stream::iter(said).chain(waiting).chain(done))
         }
+        Mode::BigAnswer(n) => Box::pin(futures::stream::iter(vec![
+            Ok(sse(&chunk(&model, Some(&"word ".repeat(n / 5)), None))),
+            Ok(sse(&chunk(&model, Some("end"), Some("stop")))),
+            Ok("data: [DONE]\n\n".to_string()),
+        ])),
         Mode::EmptyFinishCutShort | Mode::EmptyFinishStall => {
             let part = |c: &str| {
                 let mut v = chunk(&model, Some(c), None);

@@ -46,6 +46,12 @@ use crate::search::SearchBackend;
 /// `app_ep_path` of chat transfers and `endpoint` of chat usage rows.
 pub const CHAT_ENDPOINT: &str = "/chat";
 
+/// The longest unary chat answer, as for search (`search.rs`): a standard gRPC client reads
+/// messages of up to 4 MiB, and an answer it could not read was charged, while its retry was
+/// refused as charged (the kept copy is smaller). A longer one is the upstream's failure, voided
+/// (a stream passes it on in pieces: `upstream/openai.rs`).
+const MAX_CHAT_ANSWER: usize = syft_error::MAX_ANSWER_BYTES;
+
 /// The router: configuration, upstream and ledger client. Cheap to clone.
 #[derive(Clone)]
 pub struct RouterService {
@@ -398,6 +404,11 @@ impl RouterService {
         let result = answer.and_then(|c| {
             if c.content.trim().is_empty() {
                 Err(UpstreamError::Empty)
+            } else if c.content.len() > MAX_CHAT_ANSWER {
+                Err(UpstreamError::InvalidResponse(format!(
+                    "an answer of {} bytes is more than the {MAX_CHAT_ANSWER} one may hold",
+                    c.content.len()
+                )))
             } else {
                 Ok(c)
             }

@@ -504,7 +504,42 @@ fn parse_events(
         *done = true;
         return;
     }
-    out.push_back(parse_chunk(&data));
+    match parse_chunk(&data) {
+        Ok(chunk) => push_split(out, chunk),
+        Err(e) => out.push_back(Err(e)),
+    }
+}
+
+/// The longest delta passed on whole: a standard gRPC client reads messages of up to 4 MiB, an
+/// upstream may send one event of up to `MAX_BODY_BYTES`, and a delta the client could not read
+/// was handed to its connection, so charged.
+const MAX_DELTA_BYTES: usize = 1024 * 1024;
+
+/// Queues `chunk`, its delta split at character boundaries into pieces of at most
+/// [`MAX_DELTA_BYTES`] (the text is the same; the last piece carries the finish and the usage).
+fn push_split(out: &mut VecDeque<Result<StreamChunk, UpstreamError>>, mut chunk: StreamChunk) {
+    let Some(delta) = chunk.delta.take_if(|d| d.len() > MAX_DELTA_BYTES) else {
+        out.push_back(Ok(chunk));
+        return;
+    };
+    let mut rest = delta.as_str();
+    while rest.len() > MAX_DELTA_BYTES {
+        let mut at = MAX_DELTA_BYTES;
+        while !rest.is_char_boundary(at) {
+            at -= 1;
+        }
+        let (piece, tail) = rest.split_at(at);
+        // The first piece takes the id and the model.
+        out.push_back(Ok(StreamChunk {
+            id: chunk.id.take(),
+            model: chunk.model.take(),
+            delta: Some(piece.to_string()),
+            ..StreamChunk::default()
+        }));
+        rest = tail;
+    }
+    chunk.delta = Some(rest.to_string());
+    out.push_back(Ok(chunk));
 }
 
 #[cfg(test)]

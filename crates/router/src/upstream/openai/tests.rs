@@ -94,6 +94,29 @@ async fn parses_sse() {
     assert_eq!(chunks[2].usage, usage(3, 2));
 }
 
+/// A delta longer than a gRPC client reads in one message is passed on in pieces at character
+/// boundaries (3-byte characters, so a piece's end falls inside one): the same text, the id on
+/// the first piece, the finish on the last.
+#[tokio::test]
+async fn a_long_delta_is_split_at_character_boundaries() {
+    let text = "€".repeat(MAX_DELTA_BYTES * 2 / 3 + 7);
+    let event = serde_json::json!({"id": "a", "choices": [{"delta": {"content": text}, "finish_reason": "stop"}]});
+    let body = format!("data: {event}\n\ndata: [DONE]\n\n");
+    let parts: Vec<reqwest::Result<Bytes>> = vec![Ok(Bytes::from(body))];
+    let s = sse_chunks(futures::stream::iter(parts), Duration::from_secs(1));
+    let chunks: Vec<StreamChunk> = s.map(|c| c.expect("chunk")).collect().await;
+    assert_eq!(chunks.len(), 3);
+    assert!(chunks
+        .iter()
+        .all(|c| c.delta.as_ref().is_some_and(|d| d.len() <= MAX_DELTA_BYTES)));
+    let joined: String = chunks.iter().filter_map(|c| c.delta.clone()).collect();
+    assert_eq!(joined, text);
+    assert_eq!(chunks[0].id.as_deref(), Some("a"));
+    assert_eq!(chunks[1].id, None);
+    let finishes: Vec<_> = chunks.iter().map(|c| c.finish_reason.as_deref()).collect();
+    assert_eq!(finishes, [None, None, Some("stop")]);
+}
+
 /// The same body in pieces of every size from 1 byte up: an event whose separator
 /// (`\n\n` or `\r\n\r\n`) is cut by a piece's end is found however it is cut (the search
 /// resumes where the last one ended, `SseState::scanned`).
