@@ -2,9 +2,14 @@
 //! lost by its asynchronous commit is never charged, and usage rows (refusals included) through
 //! the group-commit writer.
 
+use std::sync::Arc;
+
+use syft_ledger::store::{AuthorizeInput, HoldBudgets, Store, TokenGrant};
 use syft_proto::ledger as pb;
 use syft_testkit::req::capture_full;
-use syft_testkit::{code, ok, reason, req, store_suite, usage_rows_seen_by, Harness, USD};
+use syft_testkit::{
+    assert_consistent, code, ok, reason, req, store_suite, usage_rows_seen_by, Db, Harness, USD,
+};
 use tonic::Code;
 
 const OWNER: &str = "owner@router.example";
@@ -214,3 +219,130 @@ store_suite!(
     lost_hold_is_never_charged,
     usage_rows_refusals_and_bursts,
 );
+
+/// How many transactions placed the holds under keys starting with `prefix` (the rows one
+/// transaction inserted share its `xmin`), and how many holds.
+async fn transactions_of(store: &Store, prefix: &str) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT COUNT(*), COUNT(DISTINCT CAST(CAST(xmin AS TEXT) AS BIGINT)) FROM transfers \
+         WHERE idempotency_key LIKE $1",
+    )
+    .bind(format!("{prefix}%"))
+    .fetch_one(store.pool())
+    .await
+    .expect("count transactions")
+}
+
+/// A router asking Authorize again for a key whose hold is placed (routine after a lost answer)
+/// is answered that hold without breaking up its Postgres batch. The batch's insert failed on the
+/// key's unique index, which aborted the statement, and every other user's hold in it was then
+/// placed alone, one transaction each (59 holds: 2 transactions without the replay, 59 with it;
+/// the batch 8× as long). Found by a reviewer (`crates/ledger/src/store/batch.rs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_replay_does_not_break_up_its_batch() {
+    let Some(db) = Db::postgres().await else {
+        println!("SKIPPED: no DATABASE_URL");
+        return;
+    };
+    let store = Arc::new(Store::connect_with(&db.url, 8, 1).await.expect("store"));
+    let owner = Arc::new(
+        store
+            .create_account(OWNER, "", "USD", "h0")
+            .await
+            .expect("owner"),
+    );
+    const N: usize = 60;
+    let mut tokens = Vec::new();
+    for n in 0..N {
+        let email = format!("u{n}@example.com");
+        let a = store
+            .create_account(&email, "", "USD", &format!("h{n}"))
+            .await
+            .expect("account");
+        store
+            .deposit(&email, 10 * USD, &format!("d{n}"))
+            .await
+            .expect("deposit");
+        let grant = TokenGrant {
+            sender: &a.identity(),
+            recipient: &owner,
+            expires_at: None,
+            spend_limit: None,
+            limit_per_day: None,
+        };
+        let token = store.issue_token(&grant).await.expect("token").token;
+        tokens.push((email, token));
+    }
+    let tokens = Arc::new(tokens);
+    let hold = |n: usize, key: String| {
+        let (store, owner, tokens) = (store.clone(), owner.clone(), tokens.clone());
+        tokio::spawn(async move {
+            let (email, token) = &tokens[n];
+            let input = AuthorizeInput {
+                recipient_id: owner.id,
+                recipient_email: &owner.email,
+                sender_email: email,
+                amount: USD / 100,
+                token,
+                app_name: "app",
+                app_ep_path: "/chat",
+                idempotency_key: &key,
+                attempt_id: "",
+                ttl_micros: 60_000_000,
+                budgets: HoldBudgets::default(),
+            };
+            store.authorize(&input).await.expect("hold").id
+        })
+    };
+    // Warms the token caches; user 0's hold under `replayed` is the one asked again.
+    let mut first = String::new();
+    for n in 0..N {
+        let key = if n == 0 {
+            "replayed".into()
+        } else {
+            format!("warm{n}")
+        };
+        let id = hold(n, key).await.expect("task");
+        if n == 0 {
+            first = id;
+        }
+    }
+    let mut rounds = Vec::new();
+    for (round, replay) in [("plain", false), ("mixed", true)] {
+        let mut tasks = Vec::new();
+        let mut replayed = None;
+        for n in 1..N {
+            tasks.push(hold(n, format!("{round}-{n}")));
+            if replay && n == N - 10 {
+                replayed = Some(hold(0, "replayed".into()));
+            }
+        }
+        for t in tasks {
+            t.await.expect("task");
+        }
+        if let Some(r) = replayed {
+            assert_eq!(
+                r.await.expect("task"),
+                first,
+                "the replay is the hold placed"
+            );
+        }
+        rounds.push(transactions_of(&store, &format!("{round}-")).await);
+    }
+    let ((holds, plain), (_, mixed)) = (rounds[0], rounds[1]);
+    assert!(
+        mixed <= plain + 2,
+        "{holds} holds of {} users: {plain} transactions without a replay, {mixed} with one \
+         replay among them",
+        N - 1
+    );
+    // Each sender holds exactly its holds: the replay held nothing more.
+    let u0 = store
+        .account_by_email("u0@example.com")
+        .await
+        .expect("read");
+    let u0 = u0.expect("u0");
+    assert_eq!((u0.balance.get(), u0.held.get()), (10 * USD, USD / 100));
+    assert_consistent(&store).await;
+    db.drop_postgres().await;
+}

@@ -331,8 +331,11 @@ async fn authorize_batch(
         let funds_ok: bool = row.try_get("funds_ok")?;
         let alone_ok: bool = row.try_get("alone_ok")?;
         let token_alone_ok: bool = row.try_get("token_alone_ok")?;
+        let placed: bool = row.try_get("placed")?;
         results[n as usize] = match (token_ok && funds_ok, alone_ok, token_alone_ok) {
-            (true, _, _) => AuthResult::Created,
+            (true, _, _) if placed => AuthResult::Created,
+            // Its key has a transfer already (a replay, or a duplicate committed meanwhile).
+            (true, _, _) => AuthResult::DuplicateKey,
             // Refused only because of holds of the same sender or token earlier in this batch.
             (false, true, _) => AuthResult::Deferred,
             // Alone, the token would take it and the funds would not: the refusal it gets alone
@@ -344,8 +347,9 @@ async fn authorize_batch(
     Ok(results)
 }
 
-/// Adds what the batch placed (the holds in `funds_ok`) to `held` of the rows of `$table` they
-/// name in `$by`: the token's and the sender's update, one per row however many holds it has.
+/// Adds what the batch placed (the holds its insert wrote, `placed`) to `held` of the rows of
+/// `$table` they name in `$by`: the token's and the sender's update, one per row however many
+/// holds it has.
 macro_rules! held_by_batch {
     ($table:literal, $by:literal) => {
         concat!(
@@ -354,8 +358,7 @@ macro_rules! held_by_batch {
             " t SET held = t.held + x.amount \
              FROM (SELECT ",
             $by,
-            ", CAST(SUM(in_amount) AS BIGINT) AS amount FROM input \
-             WHERE in_n IN (SELECT in_n FROM funds_ok) GROUP BY ",
+            ", CAST(SUM(in_amount) AS BIGINT) AS amount FROM placed GROUP BY ",
             $by,
             ") x \
              WHERE t.id = x.",
@@ -392,10 +395,12 @@ macro_rules! held_by_batch {
 /// "Asynchronous hold commit").
 ///
 /// A key with a recorded failure is refused at the token step; a key that already has a transfer
-/// fails the insert on the unique index, which aborts the statement, splits the batch and sends that
-/// job to the caller's replay lookup. (An explicit existence check here was tried: with one hot
-/// recipient the planner probed it through `transfers_recipient` and scanned all of that
-/// recipient's transfers per job.)
+/// is not inserted (`ON CONFLICT DO NOTHING`, as the single and budgeted holds do), holds nothing,
+/// and goes to the caller's replay lookup (`DuplicateKey`). Until 2026-12-07 it failed the insert,
+/// which aborted the statement and placed every other hold of the batch alone, one transaction
+/// each: one router's routine retry after a lost answer cost up to 256 serial commits. (An
+/// explicit existence check here was tried: with one hot recipient the planner probed it through
+/// `transfers_recipient` and scanned all of that recipient's transfers per job.)
 const AUTHORIZE_BATCH: &str = concat!(
     "WITH input AS (
     SELECT * FROM json_to_recordset($1::json) AS i(in_n int, in_id text, in_sender bigint,
@@ -431,20 +436,24 @@ const AUTHORIZE_BATCH: &str = concat!(
 ), alone_ok AS (
     SELECT u.in_n FROM token_usable u JOIN lock_accounts a ON a.id = u.in_sender
     WHERE (u.headroom IS NULL OR u.in_amount <= u.headroom) AND u.in_amount <= a.available
-), tok AS (",
-    held_by_batch!("tokens", "in_token"),
-    "), snd AS (",
-    held_by_batch!("accounts", "in_sender"),
-    "), ins AS (
+), ins AS (
     INSERT INTO transfers (id, sender_id, recipient_id, token_id, amount, currency, status, created_by,
         app_name, app_ep_path, idempotency_key, request_hash, created_at, expires_at, attempt_id)
     SELECT in_id, in_sender, in_recipient, in_token, in_amount, in_currency, 'PENDING', 'RECIPIENT',
         in_app, in_path, in_key, in_hash, in_now, in_expires, NULLIF(in_attempt, '')
     FROM input WHERE in_n IN (SELECT in_n FROM funds_ok)
+    ON CONFLICT DO NOTHING
     RETURNING id
-)
+), placed AS (
+    SELECT i.in_n, i.in_token, i.in_sender, i.in_amount FROM input i JOIN ins ON ins.id = i.in_id
+), tok AS (",
+    held_by_batch!("tokens", "in_token"),
+    "), snd AS (",
+    held_by_batch!("accounts", "in_sender"),
+    ")
 SELECT i.in_n, i.in_n IN (SELECT in_n FROM token_ok) AS token_ok,
     i.in_n IN (SELECT in_n FROM funds_ok) AS funds_ok,
+    i.in_n IN (SELECT in_n FROM placed) AS placed,
     i.in_n IN (SELECT in_n FROM alone_ok) AS alone_ok,
     i.in_n IN (SELECT in_n FROM token_usable WHERE headroom IS NULL OR in_amount <= headroom)
         AS token_alone_ok
