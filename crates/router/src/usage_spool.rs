@@ -49,6 +49,7 @@ use crate::error::RouterError;
 use crate::ledger::Calls;
 
 mod owner;
+mod resync;
 mod ship;
 mod sync;
 use owner::claim_owner;
@@ -341,29 +342,15 @@ fn read_rows(path: &Path, from: u64, limit: Option<u64>, max: usize) -> std::io:
     let mut buf = Vec::with_capacity(usize::try_from(end - from).unwrap_or(0).min(1 << 20));
     file.take(end - from).read_to_end(&mut buf)?;
     let mut at = 0usize;
-    while out.rows.len() < max {
-        let Some(head) = buf.get(at..at + 8) else {
-            out.torn = at < buf.len();
-            break;
-        };
-        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
-        let sum = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
-        let payload = match usize::try_from(len) {
-            Ok(l) if len <= MAX_RECORD => buf.get(at + 8..at + 8 + l),
-            _ => None,
-        };
-        let Some(payload) = payload.filter(|p| fnv1a(p) == sum) else {
+    while out.rows.len() < max && at < buf.len() {
+        // A record cut by `MAX_READ` is torn here too; the shipper reads on from `end`, where
+        // the next read holds it whole.
+        let Some((row, len)) = resync::record_at(&buf, at) else {
             out.torn = true;
             break;
         };
-        match Usage::decode(payload) {
-            Ok(u) => out.rows.push(u),
-            Err(_) => {
-                out.torn = true;
-                break;
-            }
-        }
-        at += 8 + payload.len();
+        out.rows.push(row);
+        at += len;
         out.end = from + at as u64;
     }
     Ok(out)
@@ -467,7 +454,7 @@ mod tests {
             let r = read_rows(&path, r.end, None, 10).expect("read");
             assert!(r.rows.is_empty());
             assert_eq!(
-                ship::retire_segment(&path, r.end, r.torn),
+                ship::retire_segment(&path, r.end, r.torn, false),
                 want,
                 "segment {seg}"
             );

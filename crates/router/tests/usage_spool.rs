@@ -190,3 +190,61 @@ async fn a_router_started_on_a_spool_in_use_waits_for_it() {
     let rows = rows_once(&s, 2).await;
     assert_eq!(rows, [("after".to_string(), 1), ("before".to_string(), 1)]);
 }
+
+/// Damage inside a spool file (a page a host crash did not write back with sync off, a flipped
+/// bit) loses only the rows it hit: the next router ships every whole row after it, and keeps
+/// the file as `.corrupt` for an operator. Until 2026-12-07 damage within the last 256 KiB of a
+/// file (the largest record allowed; a row is a few hundred bytes) was taken for a torn tail, and
+/// the file deleted with every row after it (here 298 of 300).
+#[tokio::test]
+async fn damage_inside_a_spool_file_loses_only_the_rows_it_hit() {
+    let dir = docs_dir(&[]); // an empty temporary directory
+    let spool = dir.path().join("spool");
+    let s = Stack::start(Pricing::free()).await;
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        format!("http://{}", l.local_addr().expect("addr"))
+    };
+    let mut config = s.router_config(Pricing::free());
+    spooled(&spool, true)(&mut config);
+    config.ledger.url = closed;
+    let mut offline = RouterHandle::start(config).await;
+    let mut c = offline.client().await;
+    for i in 0..300 {
+        let mut req = s.request("hi");
+        req.request_id = format!("offline-{i}");
+        c.chat(req).await.expect("free answer without a ledger");
+    }
+    offline.shutdown();
+    offline.join().await.expect("router stopped");
+    // The second record's checksum, flipped: `[len u32][checksum u32][payload]` per record.
+    let file = std::fs::read_dir(&spool)
+        .expect("spool")
+        .map(|e| e.expect("entry").path())
+        .find(|p| p.extension().is_some_and(|e| e == "spool"))
+        .expect("a segment");
+    let mut bytes = std::fs::read(&file).expect("read");
+    let first = 8 + u32::from_le_bytes(bytes[..4].try_into().expect("len")) as usize;
+    bytes[first + 4] ^= 0xff;
+    std::fs::write(&file, &bytes).expect("damage");
+
+    let mut config = s.router_config(Pricing::free());
+    spooled(&spool, true)(&mut config);
+    let _next = RouterHandle::start(config).await;
+    let rows = rows_once(&s, 299).await;
+    let mut want: Vec<_> = (0..300)
+        .filter(|i| *i != 1)
+        .map(|i| (format!("offline-{i}"), 1))
+        .collect();
+    want.sort();
+    assert_eq!(rows.len(), 299, "rows shipped after the damage");
+    assert_eq!(rows, want);
+    let kept = file.with_extension("spool.corrupt");
+    for _ in 0..100 {
+        if kept.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(kept.exists(), "the damaged file is kept for an operator");
+}

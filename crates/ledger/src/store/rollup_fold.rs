@@ -171,7 +171,9 @@ pub(crate) fn start_folder(pool: AnyPool) -> Folder {
             // Another process folding now: its fold covers this tick's rows or the next one will.
             loop {
                 match fold_page(&pool, false).await {
-                    Ok(Some(n)) if n == FOLD_PAGE => continue,
+                    // A page takes whole queue entries, so a full one is often more than
+                    // `FOLD_PAGE` rows (`==` left a backlog to the next tick).
+                    Ok(Some(n)) if n >= FOLD_PAGE => continue,
                     Ok(_) => break,
                     Err(sqlx::Error::PoolClosed) => return,
                     Err(err) => {

@@ -28,6 +28,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// closes the directory's lock at once; what is left ships at the next start.
 pub(super) async fn ship_forever(spool: Weak<Inner>, wake: Arc<Notify>, calls: Calls, first: u64) {
     let (mut seg, mut off) = (first, 0u64);
+    // The segment being read had a record it could not read, and was read on past it.
+    let mut damaged = false;
     let mut backoff = Duration::from_millis(50);
     loop {
         let Some(inner) = spool.upgrade() else { return };
@@ -58,8 +60,29 @@ pub(super) async fn ship_forever(spool: Weak<Inner>, wake: Arc<Notify>, calls: C
         };
         if read.rows.is_empty() {
             if seg < wseg {
+                if read.torn {
+                    // Damage, or a torn tail: whole rows after damage ship from the next record
+                    // that can be read (the ledger records a row sent twice once).
+                    match super::resync::next_readable(&path, read.end) {
+                        Ok(Some(next)) => {
+                            tracing::error!(path = %path.display(), offset = read.end, next,
+                                "usage spool: unreadable record inside a segment; shipping on \
+                                 from the next readable one (rows in between are lost)");
+                            damaged = true;
+                            off = next;
+                            set_shipped(&spool, seg, off);
+                            continue;
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!(path = %path.display(), error = %e,
+                                "usage spool: cannot search past damage");
+                        }
+                    }
+                }
                 // A finished segment, all acknowledged (or unreadable past its last good record).
-                retire_segment(&path, read.end, read.torn);
+                retire_segment(&path, read.end, read.torn, damaged);
+                damaged = false;
                 seg += 1;
                 off = 0;
                 set_shipped(&spool, seg, off);
@@ -106,19 +129,25 @@ pub(super) async fn ship_forever(spool: Weak<Inner>, wake: Arc<Notify>, calls: C
     }
 }
 
-/// Deletes a finished segment whose rows were all acknowledged, unless it stopped reading before
-/// its end at more than one record's worth: a torn tail (a host crash mid-write) is at most one
-/// record, but damage inside (a page a crash did not write back, a failed sync, a flipped bit)
-/// may have whole records after it. Such a segment is kept as `<name>.corrupt` for an operator
-/// (no longer shipped: its readable rows were) and counted, rather than deleted with its rows.
-/// Returns what was done: `deleted`, `quarantined`, or `kept` (neither worked).
-pub(super) fn retire_segment(path: &std::path::Path, end: u64, torn: bool) -> &'static str {
+/// Deletes a finished segment whose rows were all acknowledged, unless it was `damaged` (read on
+/// past a record it could not read: `resync.rs`) or stopped reading before its end at more than
+/// one record's worth: a torn tail (a host crash mid-write) is at most one record, but damage
+/// inside (a page a crash did not write back, a failed sync, a flipped bit) may have held rows.
+/// Such a segment is kept as `<name>.corrupt` for an operator (no longer shipped: its readable
+/// rows were) and counted, rather than deleted. Returns what was done: `deleted`,
+/// `quarantined`, or `kept` (neither worked).
+pub(super) fn retire_segment(
+    path: &std::path::Path,
+    end: u64,
+    torn: bool,
+    damaged: bool,
+) -> &'static str {
     let size = std::fs::metadata(path).map_or(0, |m| m.len());
-    if torn && size.saturating_sub(end) > u64::from(super::MAX_RECORD) + 8 {
+    if damaged || (torn && size.saturating_sub(end) > u64::from(super::MAX_RECORD) + 8) {
         let kept = path.with_extension("spool.corrupt");
         crate::metrics::spool_event(SpoolEvent::SegmentQuarantined);
         tracing::error!(path = %path.display(), offset = end, size, kept = %kept.display(),
-            "usage spool: unreadable record inside a segment; rows after it may be lost: kept for \
+            "usage spool: unreadable record inside a segment; the rows it held are lost: kept for \
              inspection");
         return match std::fs::rename(path, &kept) {
             Ok(()) => "quarantined",
