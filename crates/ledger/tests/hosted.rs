@@ -1931,3 +1931,80 @@ async fn a_void_after_recovery_cancelled_its_hold_leaves_its_row() {
         p.finish().await;
     }
 }
+
+/// A hosted ledger handed to another owner (same database, a new `SYFT_ACCOUNTING_EMAIL`) keeps
+/// the former owner's mirror account and its password. The hosted backend took every local
+/// account for "the owner", so the former owner listed the new owner's transfers and captured
+/// or voided them on the service, with the new owner's credentials (a reviewer's finding: Alice
+/// charged 1 USD by a capture the new owner never asked for). It now serves its owner only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_former_owner_cannot_touch_the_new_owners_transfers() {
+    const OWNER2: &str = "owner2@router.example";
+    let mut p = Pair::sqlite(10 * USD).await;
+    let owner2_secret = p.b.account(OWNER2, 0).await;
+    let token2 = p.b.token(&p.alice_secret, OWNER2).await;
+    let token_of_former = p.b.token(&p.alice_secret, OWNER).await;
+    p.a.server.take().expect("server").stop().await;
+    let old = p.a.config.hosted.clone().expect("hosted");
+    let mut hosted = HostedConfig::new(&old.url, OWNER2, &owner2_secret);
+    (hosted.timeout, hosted.retries, hosted.lease) = (old.timeout, old.retries, old.lease);
+    p.a.config.hosted = Some(hosted);
+    p.a.server = Some(LedgerServer::start(p.a.config.clone()).await);
+    let mut new_owner = connect_lazy(&p.a.url(), &owner2_secret).expect("client");
+    let hold = |key: &str, token: String| pb::AuthorizeRequest {
+        sender_email: ALICE.into(),
+        amount_micros: USD,
+        token,
+        app_name: "chat".into(),
+        app_ep_path: "/chat".into(),
+        idempotency_key: key.into(),
+        ..Default::default()
+    };
+    let t1 = new_owner
+        .authorize(hold("n1", token2.clone()))
+        .await
+        .expect("hold 1")
+        .into_inner();
+    let t2 = new_owner
+        .authorize(hold("n2", token2))
+        .await
+        .expect("hold 2")
+        .into_inner();
+    // The former owner, with its old password (`p.router()`).
+    let listed = p
+        .router()
+        .list_transfers(pb::ListTransfersRequest::default())
+        .await;
+    let seen: Vec<String> = listed
+        .map(|r| r.into_inner().transfers.into_iter().map(|t| t.id).collect())
+        .unwrap_or_default();
+    let voided = p.void(&t1.id).await;
+    let captured = p
+        .router()
+        .capture(pb::CaptureRequest {
+            transfer_id: t2.id.clone(),
+            amount: Some(pb::capture_request::Amount::Full(true)),
+            ..Default::default()
+        })
+        .await;
+    let alice = p.b.balance(ALICE).await;
+    // And it places no hold of its own there.
+    let mut former = p.router();
+    let placed = former.authorize(hold("o1", token_of_former)).await;
+    assert_eq!(
+        placed.map(|_| ()).map_err(|e| e.code()),
+        Err(tonic::Code::PermissionDenied)
+    );
+    assert!(
+        seen.is_empty() && voided.is_err() && captured.is_err(),
+        "the former owner listed {seen:?} (new owner's: {}, {}), voided: {:?}, captured: {:?}; \
+         Alice on the service: balance {} held {}",
+        t1.id,
+        t2.id,
+        voided.map(|t| t.status),
+        captured.map(|t| t.into_inner().captured_micros),
+        alice.balance_micros,
+        alice.held_micros
+    );
+    p.finish().await;
+}

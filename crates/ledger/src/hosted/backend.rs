@@ -44,6 +44,21 @@ impl HostedBackend {
             .await
             .map_err(|e| LedgerError::Internal(format!("hosted resolution task failed: {e}")))?
     }
+
+    /// Whether `account_id` is the owner's, the one account a hosted ledger serves: every
+    /// transfer is the owner's (the users' accounts live on the accounting service). Another
+    /// local account (a former owner's after the ledger was handed to a new one, one left from a
+    /// local ledger on the same database) was taken for the owner: it listed the owner's
+    /// transfers and captured or voided them on the service with the owner's credentials.
+    fn owners(&self, account_id: i64) -> bool {
+        account_id == self.hosted.owner_id()
+    }
+
+    /// The answer to another account about a transfer of the owner's: as a local ledger's to a
+    /// transfer not the caller's, it does not exist.
+    fn not_theirs(transfer_id: &str) -> LedgerError {
+        LedgerError::NotFound(format!("transaction {transfer_id} not found"))
+    }
 }
 
 #[tonic::async_trait]
@@ -57,10 +72,19 @@ impl TransferBackend for HostedBackend {
                 "spend budgets need a local ledger; this ledger uses hosted accounting",
             ));
         }
+        if !self.owners(input.recipient_id) {
+            return Err(LedgerError::PermissionDenied(format!(
+                "this ledger uses hosted accounting for {} only",
+                self.hosted.owner_email()
+            )));
+        }
         self.hosted.authorize(input).await
     }
 
     async fn capture(&self, c: CaptureInput<'_>) -> Result<TransferRow> {
+        if !self.owners(c.recipient_id) {
+            return Err(Self::not_theirs(c.transfer_id));
+        }
         // The money lives remotely, so the answer cannot share the capture's transaction: it is
         // written (synchronously) first, and served only once the transfer is COMPLETED.
         if let Some(a) = &c.answer {
@@ -68,15 +92,17 @@ impl TransferBackend for HostedBackend {
                 .put_answer(c.transfer_id, c.recipient_id, &a.body, a.expires_at)
                 .await?;
         }
-        // Every transfer of a hosted ledger is its one owner's: no recipient to check.
         let (hosted, id, amount) = (self.hosted.clone(), c.transfer_id.to_string(), c.amount);
         let usage = c.usage.cloned();
         self.run_to_its_end(async move { hosted.capture(&id, amount, usage.as_ref()).await })
             .await
     }
 
-    /// Every transfer of a hosted ledger is its one owner's: no recipient to check.
+    /// Every transfer of a hosted ledger is its one owner's: another account's void finds none.
     async fn void(&self, v: VoidInput<'_>) -> Result<TransferRow> {
+        if !self.owners(v.recipient_id) {
+            return Err(Self::not_theirs(v.transfer_id));
+        }
         let actor = match v.by {
             Party::Recipient => "RECIPIENT",
             Party::Sender => "SENDER",
@@ -100,6 +126,10 @@ impl TransferBackend for HostedBackend {
         // empty list, which a support lookup would read as "that token spent nothing".
         if filter.token_id.is_some() {
             return Err(crate::backend::not_supported("which token paid a transfer"));
+        }
+        // Another account is party to none of them (admin: `None`, every transfer).
+        if filter.parties.account_id.is_some_and(|id| !self.owners(id)) {
+            return Ok((Vec::new(), false));
         }
         self.hosted.list(filter).await
     }

@@ -79,6 +79,10 @@ impl Journal {
         }
     }
 
+    pub fn owner_id(&self) -> i64 {
+        self.owner_id
+    }
+
     pub fn lease_micros(&self) -> i64 {
         self.lease.as_micros() as i64
     }

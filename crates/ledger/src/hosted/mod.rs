@@ -84,6 +84,11 @@ impl Hosted {
         &self.config.email
     }
 
+    /// The owner's local account (the one account this ledger serves).
+    pub fn owner_id(&self) -> i64 {
+        self.journal.owner_id()
+    }
+
     /// Repeats `op` while the remote is unreachable, and after an unknown outcome when `idempotent`.
     async fn retry<T, F, Fut>(&self, idempotent: bool, mut op: F) -> Result<T, RemoteError>
     where
