@@ -163,3 +163,58 @@ async fn an_unavailable_upstream_without_a_wait_has_none_passed_on() {
     let n = s.transfers().await.len();
     all_voided(&s, n).await;
 }
+
+/// An address whose connections time out: a listener with a backlog of one that never accepts,
+/// its queue filled, so the kernel drops further connection requests unanswered. (`None` when
+/// this machine answers them anyway.)
+async fn never_connects() -> Option<(tokio::net::TcpListener, Vec<tokio::net::TcpStream>, String)> {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    let listener = socket.listen(0).expect("listen");
+    let addr = listener.local_addr().expect("addr");
+    let mut queued = Vec::new();
+    for _ in 0..8 {
+        let connect = tokio::net::TcpStream::connect(addr);
+        match tokio::time::timeout(Duration::from_millis(300), connect).await {
+            Ok(Ok(stream)) => queued.push(stream),
+            Ok(Err(_)) => return None,
+            Err(_) => return Some((listener, queued, format!("http://{addr}/v1"))),
+        }
+    }
+    None
+}
+
+/// An upstream that cannot be connected to within `connect_timeout_ms` is a connect error,
+/// retried as docs/router.md says (the request never reached it), then answered `UNAVAILABLE`,
+/// nothing charged. It was taken for the upstream's timeout: not retried, `DEADLINE_EXCEEDED`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_connect_timeout_is_retried_as_a_connect_error() {
+    let Some((_listener, _queued, url)) = never_connects().await else {
+        println!("SKIPPED: this machine answers connections past a listener's backlog");
+        return;
+    };
+    let s = Stack::start_tweaked(Pricing::per_request(PRICE), |c| {
+        if let UpstreamConfig::OpenAi(o) = &mut c.upstream {
+            o.base_url = url;
+            o.connect_timeout = Duration::from_millis(200);
+            o.request_timeout = Duration::from_secs(10);
+            o.max_retries = 2;
+            o.retry_backoff = Duration::from_millis(50);
+        }
+    })
+    .await;
+    let mut c = s.client().await;
+    let started = Instant::now();
+    let err = c.chat(s.request("hi")).await.expect_err("no upstream");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    // Three tries of 200 ms each, and the backoff between them.
+    assert!(started.elapsed() >= Duration::from_millis(600), "retried");
+    let t = s.transfers().await;
+    assert!(t
+        .iter()
+        .all(|t| t.status() == TransferStatus::Cancelled && t.captured_micros == 0));
+    assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));
+    s.check_invariants().await;
+}

@@ -69,7 +69,9 @@ impl HttpEndpoint {
         match rb.send().await {
             Ok(resp) if resp.status().is_success() => Ok(resp),
             Ok(resp) => Err(status_error(resp).await),
-            Err(e) if e.is_timeout() => Err(UpstreamError::Timeout),
+            // A connection not made within `connect_timeout` is a connect error (the request
+            // never reached the upstream: retried), not the upstream's timeout.
+            Err(e) if e.is_timeout() && !e.is_connect() => Err(UpstreamError::Timeout),
             Err(e) => Err(UpstreamError::Unreachable(e.to_string())),
         }
     }
