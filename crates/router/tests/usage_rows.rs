@@ -186,37 +186,6 @@ async fn concurrent_free_requests_each_leave_a_row(s: Stack) {
     s.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_concurrent_free_requests_each_leave_a_row() {
-    concurrent_free_requests_each_leave_a_row(Stack::start(Pricing::free()).await).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_concurrent_free_requests_each_leave_a_row() {
-    let Some(db) = Db::postgres().await else {
-        println!("SKIPPED: no DATABASE_URL");
-        return;
-    };
-    let s = Stack::start_on(db, Pricing::free()).await;
-    concurrent_free_requests_each_leave_a_row(s).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_refusals_leave_rows_and_free_the_request_id() {
-    let s = Stack::start(Pricing::per_request(PRICE)).await;
-    refusals_leave_rows_and_free_the_request_id(s).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_refusals_leave_rows_and_free_the_request_id() {
-    let Some(db) = Db::postgres().await else {
-        println!("SKIPPED: no DATABASE_URL");
-        return;
-    };
-    let s = Stack::start_on(db, Pricing::per_request(PRICE)).await;
-    refusals_leave_rows_and_free_the_request_id(s).await;
-}
-
 /// A free request that failed and is sent again under its id (an SDK's retry of a 5xx) is another
 /// attempt: its row is kept beside the failure's. The ledger kept one free row per request id
 /// and endpoint, so the answered retry's row was dropped, missing from usage and analytics
@@ -240,21 +209,6 @@ async fn a_free_retry_after_a_failure_leaves_its_row(s: Stack) {
     assert_eq!(got, [("turn-1", "success"), ("turn-1", "upstream_error")]);
     assert_eq!(s.upstream.hits(), 2);
     s.finish().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_a_free_retry_after_a_failure_leaves_its_row() {
-    a_free_retry_after_a_failure_leaves_its_row(Stack::start(Pricing::free()).await).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_a_free_retry_after_a_failure_leaves_its_row() {
-    let Some(db) = Db::postgres().await else {
-        println!("SKIPPED: no DATABASE_URL");
-        return;
-    };
-    let s = Stack::start_on(db, Pricing::free()).await;
-    a_free_retry_after_a_failure_leaves_its_row(s).await;
 }
 
 /// A free request whose client gives up while the upstream works leaves a `cancelled` row,
@@ -507,3 +461,9 @@ async fn a_search_on_a_router_without_search_leaves_a_row() {
     assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));
     s.check_invariants().await;
 }
+
+stack_suite!(
+    refusals_leave_rows_and_free_the_request_id: Pricing::per_request(PRICE),
+    concurrent_free_requests_each_leave_a_row: Pricing::free(),
+    a_free_retry_after_a_failure_leaves_its_row: Pricing::free(),
+);

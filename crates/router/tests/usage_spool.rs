@@ -20,6 +20,18 @@ fn spooled(dir: &Path, sync: bool) -> impl FnOnce(&mut syft_router_svc::RouterCo
     }
 }
 
+/// A free router of `s` spooling in `spool` whose ledger is a port nothing listens on.
+async fn offline_router(s: &Stack, spool: &Path) -> RouterHandle {
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        format!("http://{}", l.local_addr().expect("addr"))
+    };
+    let mut config = s.router_config(Pricing::free());
+    spooled(spool, true)(&mut config);
+    config.ledger.url = closed;
+    RouterHandle::start(config).await
+}
+
 /// Alice's free rows, by request id, once `n` of them arrived (10 s at most).
 async fn rows_once(s: &Stack, n: usize) -> Vec<(String, usize)> {
     let mut counts = std::collections::BTreeMap::<String, usize>::new();
@@ -96,14 +108,7 @@ async fn rows_spooled_while_the_ledger_is_unreachable_ship_from_the_next_router(
     let spool = dir.path().join("spool");
     let s = Stack::start(Pricing::free()).await;
     // A router whose ledger is a port nothing listens on: free answers still come at once.
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        format!("http://{}", l.local_addr().expect("addr"))
-    };
-    let mut config = s.router_config(Pricing::free());
-    spooled(&spool, true)(&mut config);
-    config.ledger.url = closed;
-    let offline = RouterHandle::start(config).await;
+    let offline = offline_router(&s, &spool).await;
     let mut c = offline.client().await;
     for i in 0..5 {
         let mut req = s.request("hi");
@@ -201,14 +206,7 @@ async fn damage_inside_a_spool_file_loses_only_the_rows_it_hit() {
     let dir = docs_dir(&[]); // an empty temporary directory
     let spool = dir.path().join("spool");
     let s = Stack::start(Pricing::free()).await;
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        format!("http://{}", l.local_addr().expect("addr"))
-    };
-    let mut config = s.router_config(Pricing::free());
-    spooled(&spool, true)(&mut config);
-    config.ledger.url = closed;
-    let mut offline = RouterHandle::start(config).await;
+    let mut offline = offline_router(&s, &spool).await;
     let mut c = offline.client().await;
     for i in 0..300 {
         let mut req = s.request("hi");

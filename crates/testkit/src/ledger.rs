@@ -300,34 +300,6 @@ pub async fn usage_rows_seen_by(client: &mut LedgerClient) -> Vec<pb::UsageRecor
     crate::ok(client.query_usage(first).await).records
 }
 
-/// Runs each listed `async fn(Harness) -> Harness` against SQLite and Postgres, ending each with
-/// [`Harness::finish`] (the ledger must verify).
-#[macro_export]
-macro_rules! store_suite {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    let h = $crate::Harness::new(false).await.expect("sqlite harness");
-                    let h = super::$name(h).await;
-                    h.finish().await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    let Some(h) = $crate::Harness::new(true).await else { return };
-                    let h = super::$name(h).await;
-                    h.finish().await;
-                }
-            )*
-        }
-    };
-}
-
 // Set-up by ledger URL, acting as the admin (or as the sender, for tokens).
 
 fn admin(ledger: &str) -> LedgerClient {

@@ -13,6 +13,7 @@ mod probe;
 mod redis;
 pub mod req;
 mod router;
+mod suites;
 mod upstream;
 mod webhook;
 
