@@ -44,6 +44,7 @@ alerts_suite!(
     crate::alerts_support::alerts_delivered_by_hand;
     a_capped_backlog_waits_for_its_window_out_of_others_way,
     a_fast_backlog_leaves_other_accounts_their_turn,
+    a_failure_long_after_the_last_attempt_starts_the_clock_again,
 );
 
 alerts_suite!(
@@ -735,6 +736,45 @@ async fn a_capped_backlog_waits_for_its_window_out_of_others_way(h: Harness) -> 
     );
     assert_eq!(other.received().len(), 1);
     assert_eq!(capped.received().len(), 1);
+    h
+}
+
+/// An endpoint whose last attempt failed four days ago, not tried since, and failing once more
+/// now is not disabled: nothing says it kept failing in between (no events came). Its failure
+/// clock starts again. It used to be disabled at once, the old failure starting its clock. One
+/// whose attempts kept failing those four days (the last an hour ago) is disabled.
+async fn a_failure_long_after_the_last_attempt_starts_the_clock_again(h: Harness) -> Harness {
+    let worker = Worker::new(h.store.clone(), Arc::new(h.config.alerts.clone()));
+    let bad = WebhookReceiver::start().await;
+    bad.set_default(Reply::Status(500));
+    let alice = h.account(ALICE, 10 * USD).await;
+    let ep = add_rule(&h, &alice, &bad, balance_low(USD)).await;
+    let hours = |n: i64| n * 3_600_000_000;
+    for (last_attempt_hours_ago, disabled) in [(96, false), (1, true)] {
+        test_event(&h, &alice, &ep).await;
+        worker.deliver_due().await.expect("deliver");
+        // Four days of failure behind the endpoint, its attempts moved back, its events due now.
+        let shift = [
+            "UPDATE alert_endpoints SET failing_since = failing_since - $1 WHERE id = $2",
+            "UPDATE alert_deliveries SET started_at = started_at - $1 WHERE endpoint_id = $2",
+            "UPDATE alert_events SET next_attempt_at = next_attempt_at - $1 WHERE endpoint_id = $2",
+        ];
+        for (sql, by) in shift.into_iter().zip([96, last_attempt_hours_ago, 96]) {
+            sqlx::query(sql)
+                .bind(hours(by))
+                .bind(&ep)
+                .execute(h.store.pool())
+                .await
+                .expect("move back");
+        }
+        worker.deliver_due().await.expect("deliver");
+        let listed = endpoints(&h, &alice).await;
+        assert_eq!(
+            listed[0].disabled_at_unix_micros.is_some(),
+            disabled,
+            "last attempt {last_attempt_hours_ago} h ago: {listed:?}"
+        );
+    }
     h
 }
 

@@ -220,7 +220,8 @@ impl Worker {
             error: &answer.error,
             next_attempt_at: next,
         };
-        let failing_since = db::record_attempt(pool, &attempt, now_micros()).await?;
+        let quiet = longest_retry_gap(&self.config).as_micros() as i64;
+        let failing_since = db::record_attempt(pool, &attempt, now_micros(), quiet).await?;
         super::metrics::attempted(outcome, event.attempts + 1);
         tracing::info!(event = %event.id, endpoint = %endpoint.id, status = ?answer.status,
             outcome = outcome.as_str(), error = %answer.error, "alert delivery attempt");
@@ -272,6 +273,21 @@ fn live_secrets(key: &SealKey, endpoint: &EndpointRecord, now: i64) -> Result<Ve
         }
     }
     Ok(secrets)
+}
+
+/// The longest a failing endpoint waits between two attempts: the schedule's longest delay at its
+/// largest jitter, or the longest `Retry-After` taken, with ten minutes for the rate cap and the
+/// worker's turns. An endpoint not tried for longer (no events, the ledger down) was not seen
+/// failing meanwhile: its failure clock starts again at its next failure.
+fn longest_retry_gap(config: &AlertsConfig) -> Duration {
+    let longest = config
+        .retry_schedule
+        .iter()
+        .max()
+        .copied()
+        .unwrap_or_default();
+    let jittered = longest.saturating_mul(100 + u32::from(config.jitter_percent)) / 100;
+    jittered.max(MAX_RETRY_AFTER) + Duration::from_secs(600)
 }
 
 fn jitter(delay: Duration, percent: u8) -> Duration {

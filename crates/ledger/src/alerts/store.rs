@@ -408,11 +408,15 @@ pub(crate) async fn attempts_since(
 }
 
 /// Records an attempt and moves the event on, only while `worker` still holds its lease; returns
-/// the endpoint's `failing_since` after the attempt (None when it is healthy).
+/// the endpoint's `failing_since` after the attempt (None when it is healthy). A failure after
+/// `quiet_micros` without any attempt at the endpoint starts its failure clock again: it was not
+/// seen failing meanwhile (no events, the ledger down), and one failed attempt long ago and one
+/// blip now used to disable it at once.
 pub(crate) async fn record_attempt(
     pool: &AnyPool,
     a: &Attempt<'_>,
     now: i64,
+    quiet_micros: i64,
 ) -> Result<Option<i64>> {
     let mut tx = pool.begin().await?;
     let status = match a.outcome {
@@ -457,11 +461,15 @@ pub(crate) async fn record_attempt(
     let healthy = a.outcome == Outcome::Delivered;
     sqlx::query(
         "UPDATE alert_endpoints SET failing_since = CASE WHEN $1 THEN NULL \
-         ELSE COALESCE(failing_since, $2) END WHERE id = $3",
+         WHEN failing_since IS NULL OR NOT EXISTS (SELECT 1 FROM alert_deliveries d \
+              WHERE d.endpoint_id = $3 AND d.started_at < $2 AND d.started_at >= $2 - $4) \
+           THEN $2 \
+         ELSE failing_since END WHERE id = $3",
     )
     .bind(healthy)
     .bind(a.started_at)
     .bind(&a.event.endpoint_id)
+    .bind(quiet_micros)
     .execute(&mut *tx)
     .await?;
     let failing_since: Option<i64> =
