@@ -30,7 +30,8 @@ alerts_suite!(
 );
 
 alerts_suite!(patient, crate::alerts_patient;
-    client_errors_are_not_retried, two_replicas_never_send_one_event_in_parallel);
+    client_errors_are_not_retried, two_replicas_never_send_one_event_in_parallel,
+    a_send_in_flight_counts_against_the_cap);
 
 /// [`alerts_on`], and a receiver gets 5 s to answer: for the tests that count attempts, where a
 /// slow answer timing out on a loaded machine would be sent again and counted twice.
@@ -685,6 +686,24 @@ async fn rate_cap_holds_events_back_and_metrics_count_them(h: Harness) -> Harnes
     assert!(metric(&h, &tests).await >= before[0] + 6.0);
     assert!(metric(&h, &retried).await >= before[1] + 1.0);
     assert!(metric(&h, "syft_ledger_alert_retries_total").await >= before[3] + 1.0);
+    h
+}
+
+/// An endpoint capped at one attempt a minute whose first send is still waiting for its answer
+/// gets no second one: the send in flight counts against the cap. It counted for nothing until
+/// its attempt was recorded, so the next claim sent the next event at once.
+async fn a_send_in_flight_counts_against_the_cap(h: Harness) -> Harness {
+    let alice = h.account(ALICE, 10 * USD).await;
+    let (capped, ep) = capped_endpoint(&h, &alice, 1).await;
+    capped.set_default(Reply::Hang);
+    test_event(&h, &alice, &ep).await;
+    capped
+        .wait_until(WAIT, "the first send", |r| !r.is_empty())
+        .await;
+    test_event(&h, &alice, &ep).await;
+    // Many claims meanwhile (one every 50 ms), the first answer still awaited (5 s).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(capped.received().len(), 1, "one attempt a minute");
     h
 }
 

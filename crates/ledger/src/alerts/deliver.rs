@@ -133,7 +133,10 @@ impl Worker {
         let limit = i64::try_from(slots).unwrap_or(i64::MAX);
         let events = db::claim_due(&self.store, &self.id, now, lease_until, limit).await?;
         let claimed = events.len();
-        Ok((claimed, self.within_rate_caps(events, now).await?))
+        Ok((
+            claimed,
+            self.within_rate_caps(events, (now, lease_until)).await?,
+        ))
     }
 
     /// Keeps the claimed events each endpoint's cap (attempts in the last minute) still allows
@@ -149,7 +152,7 @@ impl Worker {
     async fn within_rate_caps(
         &self,
         events: Vec<ClaimedEvent>,
-        now: i64,
+        (now, lease_until): (i64, i64),
     ) -> Result<Vec<ClaimedEvent>> {
         let pool = self.store.pool();
         // Per endpoint: the sends left in its window, and when it has room again.
@@ -165,8 +168,9 @@ impl Worker {
                         None => 0,
                     };
                     let since = now - RATE_WINDOW_MICROS;
+                    let claim = (now, lease_until);
                     let (recent, oldest) =
-                        db::attempts_since(pool, &event.endpoint_id, since).await?;
+                        db::attempts_since(pool, &event.endpoint_id, since, claim).await?;
                     // The window's oldest attempt, or the one this batch is about to make.
                     let free_at = oldest.unwrap_or(now).min(now) + RATE_WINDOW_MICROS + 1;
                     room.entry(event.endpoint_id.clone())

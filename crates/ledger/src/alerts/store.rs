@@ -392,19 +392,29 @@ pub(crate) async fn postpone_backlog(
 }
 
 /// An endpoint's attempts since `since`, and when the oldest of them started.
+/// The attempts at `endpoint_id` since `since`, and the oldest of them: those recorded, and those
+/// in flight, leased by an earlier claim (its lease ends before `claim_lease`, this claim's) and
+/// not yet recorded. A send in flight used to count for nothing, so a claim made while an
+/// earlier one's sends were still waiting for their answers passed the endpoint's cap.
 pub(crate) async fn attempts_since(
     pool: &AnyPool,
     endpoint_id: &str,
     since: i64,
+    (now, claim_lease): (i64, i64),
 ) -> Result<(i64, Option<i64>)> {
-    Ok(sqlx::query_as(
-        "SELECT COUNT(*), MIN(started_at) FROM alert_deliveries \
-         WHERE endpoint_id = $1 AND started_at >= $2",
+    let (recorded, oldest, in_flight): (i64, Option<i64>, i64) = sqlx::query_as(
+        "SELECT COUNT(*), MIN(started_at), \
+                (SELECT COUNT(*) FROM alert_events WHERE endpoint_id = $1 AND status = 'PENDING' \
+                   AND lease_owner IS NOT NULL AND lease_until > $3 AND lease_until < $4) \
+         FROM alert_deliveries WHERE endpoint_id = $1 AND started_at >= $2",
     )
     .bind(endpoint_id)
     .bind(since)
+    .bind(now)
+    .bind(claim_lease)
     .fetch_one(pool)
-    .await?)
+    .await?;
+    Ok((recorded + in_flight, oldest))
 }
 
 /// Records an attempt and moves the event on, only while `worker` still holds its lease; returns
