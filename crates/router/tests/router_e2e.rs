@@ -399,20 +399,34 @@ async fn an_answer_above_a_grpc_message_is_never_charged_unread() {
     s.wait_no_pending(Duration::from_secs(3)).await;
     assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));
     s.assert_one_usage("invalid_response").await;
-    let mut stream = ok(c.chat_stream(s.request("write a lot")).await);
-    let mut text = String::new();
-    let mut last = None;
-    while let Some(ev) = stream.next().await {
-        match ev.expect("every event can be read").event {
-            Some(chat_stream_event::Event::Delta(d)) => text.push_str(&d.content),
-            Some(chat_stream_event::Event::Final(f)) => last = Some(f),
-            None => {}
+    // Streamed: as one event of an SSE stream, and as a JSON answer to the stream request (a
+    // server that ignores `stream: true`), whose id is long too.
+    for (mode, bytes) in [
+        (Mode::BigAnswer(5 << 20), (5 << 20) + 3),
+        (Mode::BigJsonAnswer(5 << 20, 200_000), 5 << 20),
+    ] {
+        s.upstream.set_mode(mode);
+        let mut stream = ok(c.chat_stream(s.request("write a lot")).await);
+        let mut text = String::new();
+        let mut last = None;
+        while let Some(ev) = stream.next().await {
+            match ev.expect("every event can be read").event {
+                Some(chat_stream_event::Event::Delta(d)) => text.push_str(&d.content),
+                Some(chat_stream_event::Event::Final(f)) => last = Some(f),
+                None => {}
+            }
         }
+        assert_eq!(text.len(), bytes);
+        assert_eq!(last.expect("a final event").cost_micros, PRICE);
     }
-    assert_eq!(text.len(), 5 * 1024 * 1024 + 3);
-    assert_eq!(last.expect("a final event").cost_micros, PRICE);
+    // Unary: a text within the limit, with an upstream id of 200,000 bytes (the answer echoes
+    // it, cut to 256).
+    s.upstream.set_mode(Mode::BigJsonAnswer(4_100_000, 200_000));
+    let answer = c.chat(s.request("write a lot")).await.expect("readable");
+    let info = answer.get_ref().provider_info.clone().unwrap_or_default();
+    assert_eq!(info.upstream_id, "i".repeat(256));
     s.wait_no_pending(Duration::from_secs(3)).await;
-    assert_eq!(s.alice_money().await.0, FUNDS - PRICE);
+    assert_eq!(s.alice_money().await.0, FUNDS - 3 * PRICE);
     s.check_invariants().await;
 }
 

@@ -206,8 +206,8 @@ pub fn quota_refusal(status: &tonic::Status, want: &str) -> Option<std::time::Du
 }
 
 /// The money invariants `ledger verify` checks: conservation (deposits = balances), held =
-/// pending holds, available >= 0, at most one free usage row per request id and one row per
-/// transfer (refusals aside).
+/// pending holds, available >= 0, at most one keyless free usage row per request id and
+/// endpoint (a keyed one is one per key) and one row per transfer (refusals aside).
 pub async fn assert_consistent(store: &Store) {
     let report = store.verify().await.expect("verify");
     assert!(

@@ -76,6 +76,9 @@ pub enum Mode {
     /// An answer of this many bytes: unary, one message; streamed, one delta of that size, then
     /// `"end"` with the finish and `[DONE]`.
     BigAnswer(usize),
+    /// A JSON answer of `.0` bytes whose `id` is `.1` bytes long, to a stream request too (a
+    /// server that ignores `stream: true`).
+    BigJsonAnswer(usize, usize),
     /// Streams every word of the answer at once, then its `finish_reason` and `[DONE]` after
     /// this long (a model whose end comes a moment after its last word).
     SlowEnd(Duration),
@@ -311,6 +314,12 @@ async fn upstream_handler(State(state): State<Arc<UpState>>, Json(body): Json<Va
         .unwrap_or(false);
     if mode == Mode::EmptyChoices && !stream {
         return Json(json!({"id": "x", "model": model, "choices": []})).into_response();
+    }
+    if let Mode::BigJsonAnswer(n, id) = &mode {
+        let mut v = completion_json(&model, &Mode::NoUsage);
+        v["choices"][0]["message"]["content"] = json!("word ".repeat(n / 5));
+        v["id"] = json!("i".repeat(*id));
+        return Json(v).into_response();
     }
     if let (Mode::BigAnswer(n), false) = (&mode, stream) {
         let mut v = completion_json(&model, &Mode::NoUsage);

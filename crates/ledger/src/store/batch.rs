@@ -395,7 +395,9 @@ macro_rules! held_by_batch {
 /// "Asynchronous hold commit").
 ///
 /// A key with a recorded failure is refused at the token step; a key that already has a transfer
-/// is not inserted (`ON CONFLICT DO NOTHING`, as the single and budgeted holds do), holds nothing,
+/// is not inserted (`ON CONFLICT … DO NOTHING` on the key's constraint, `transfers_idempotency`,
+/// migration 0003: a clause without a target probes every unique index of every row; the single
+/// and budgeted holds skip a taken key too), holds nothing,
 /// and goes to the caller's replay lookup (`DuplicateKey`). Until 2026-12-07 it failed the insert,
 /// which aborted the statement and placed every other hold of the batch alone, one transaction
 /// each: one router's routine retry after a lost answer cost up to 256 serial commits. (An
@@ -442,7 +444,7 @@ const AUTHORIZE_BATCH: &str = concat!(
     SELECT in_id, in_sender, in_recipient, in_token, in_amount, in_currency, 'PENDING', 'RECIPIENT',
         in_app, in_path, in_key, in_hash, in_now, in_expires, NULLIF(in_attempt, '')
     FROM input WHERE in_n IN (SELECT in_n FROM funds_ok)
-    ON CONFLICT DO NOTHING
+    ON CONFLICT ON CONSTRAINT transfers_idempotency DO NOTHING
     RETURNING id
 ), placed AS (
     SELECT i.in_n, i.in_token, i.in_sender, i.in_amount FROM input i JOIN ins ON ins.id = i.in_id

@@ -154,7 +154,10 @@ impl OpenAiUpstream {
                 finish_reason: Some(c.finish_reason),
                 usage: c.usage,
             };
-            return Ok(Box::pin(futures::stream::iter([Ok(chunk)])));
+            // In pieces a client can read, as a streamed answer's deltas are.
+            let mut chunks = VecDeque::new();
+            push_split(&mut chunks, chunk);
+            return Ok(Box::pin(futures::stream::iter(chunks)));
         }
         Ok(Box::pin(sse_chunks(
             resp.bytes_stream(),
@@ -301,6 +304,24 @@ fn error_in_body(err: &serde_json::Value) -> UpstreamError {
     }
 }
 
+/// The longest upstream `id`, `model` or `finish_reason` passed on (an OpenAI id is 38 bytes):
+/// the answer echoes them, and a longer one (a broken or hostile upstream, up to the body's
+/// 32 MiB) made an answer whose text fits the limit one a standard gRPC client cannot read,
+/// charged all the same.
+const MAX_LABEL_BYTES: usize = 256;
+
+/// `s` cut to [`MAX_LABEL_BYTES`] at a character boundary.
+fn label(mut s: String) -> String {
+    if s.len() > MAX_LABEL_BYTES {
+        let mut at = MAX_LABEL_BYTES;
+        while !s.is_char_boundary(at) {
+            at -= 1;
+        }
+        s.truncate(at);
+    }
+    s
+}
+
 fn parse_completion(bytes: &[u8]) -> Result<Completion, UpstreamError> {
     let wire: WireResponse = serde_json::from_slice(bytes)
         .map_err(|e| UpstreamError::InvalidResponse(format!("not a chat completion: {e}")))?;
@@ -317,10 +338,10 @@ fn parse_completion(bytes: &[u8]) -> Result<Completion, UpstreamError> {
         return Err(UpstreamError::Empty);
     }
     Ok(Completion {
-        id: wire.id,
-        model: wire.model,
+        id: label(wire.id),
+        model: label(wire.model),
         content,
-        finish_reason: choice.finish_reason.unwrap_or_else(|| "stop".into()),
+        finish_reason: label(choice.finish_reason.unwrap_or_else(|| "stop".into())),
         usage: wire.usage.as_ref().and_then(usage_of),
     })
 }
@@ -332,8 +353,8 @@ fn parse_chunk(data: &str) -> Result<StreamChunk, UpstreamError> {
         return Err(error_in_body(&err));
     }
     let mut chunk = StreamChunk {
-        id: (!wire.id.is_empty()).then_some(wire.id),
-        model: (!wire.model.is_empty()).then_some(wire.model),
+        id: (!wire.id.is_empty()).then(|| label(wire.id)),
+        model: (!wire.model.is_empty()).then(|| label(wire.model)),
         usage: wire.usage.as_ref().and_then(usage_of),
         ..StreamChunk::default()
     };
@@ -344,7 +365,7 @@ fn parse_chunk(data: &str) -> Result<StreamChunk, UpstreamError> {
             .filter(|s| !s.is_empty());
         // `""` is no finish: Ollama, SGLang and LocalAI send it on every chunk but the last, and
         // taking it for one charged a stream cut short as a whole answer.
-        chunk.finish_reason = choice.finish_reason.filter(|f| !f.is_empty());
+        chunk.finish_reason = choice.finish_reason.filter(|f| !f.is_empty()).map(label);
     }
     Ok(chunk)
 }
