@@ -1106,6 +1106,72 @@ async fn unary_answer_is_withheld_when_capture_cannot_commit() {
     assert_eq!(s.alice_money().await.0, FUNDS);
 }
 
+/// JSON text of `s` with every non-ASCII character written as `\uXXXX` (surrogate pairs above
+/// the BMP), as Python's `json.dumps` writes it by default (`ensure_ascii=True`: `requests`,
+/// `aiohttp`, httpx before 0.28 and so the openai SDKs built on it).
+fn ascii_json_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_ascii() && !c.is_ascii_control() => out.push(c),
+            c => {
+                let mut buf = [0u16; 2];
+                for unit in c.encode_utf16(&mut buf) {
+                    out.push_str(&format!("\\u{unit:04x}"));
+                }
+            }
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// A prompt within `max_prompt_bytes`, sent as valid JSON that escapes its non-ASCII text (what
+/// every Python client using the standard `json` module sends), is answered. The body limit was
+/// `2 × max_prompt_bytes + 64 KiB`, but `\uXXXX` is 3× a 2-byte character (Cyrillic, Greek,
+/// Arabic, accented Latin) and 3× an emoji (12 bytes for 4): such a prompt from two thirds of the
+/// limit up was refused "larger than the router's limit" (a reviewer's finding with the openai
+/// Python SDK).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_within_the_limit_is_not_refused_for_its_json_escapes() {
+    const MAX_PROMPT: usize = 1_000_000;
+    let s = Stack::start_tweaked(Pricing::per_request(PRICE), |c| {
+        c.limits.max_prompt_bytes = MAX_PROMPT;
+    })
+    .await;
+    // 900,000 bytes of UTF-8 (Russian text): well within the prompt limit.
+    let prompt = "Привет мир ".repeat(900_000 / "Привет мир ".len());
+    assert!(prompt.len() < MAX_PROMPT - 50_000, "{}", prompt.len());
+    let body = format!(
+        r#"{{"model": "test-model", "user": "{}", "messages": [{{"role": "user", "content": {}}}]}}"#,
+        s.alice.email,
+        ascii_json_string(&prompt)
+    );
+    // The same JSON value as the UTF-8 body.
+    let parsed: Value = serde_json::from_str(&body).expect("valid JSON");
+    assert_eq!(parsed["messages"][0]["content"], json!(prompt));
+    let resp = reqwest::Client::new()
+        .post(s.router.chat_completions_url())
+        .bearer_auth(&s.token)
+        .header("content-type", "application/json")
+        .body(body.clone())
+        .send()
+        .await
+        .expect("http");
+    let status = resp.status().as_u16();
+    let text = resp.text().await.expect("body");
+    assert_eq!(
+        status,
+        200,
+        "a {}-byte prompt (limit {MAX_PROMPT}) sent as a {}-byte ASCII-escaped body: {text}",
+        prompt.len(),
+        body.len()
+    );
+    s.check_invariants().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_input_is_rejected_and_nothing_is_charged() {
     let s = Stack::start_tweaked(Pricing::per_request(PRICE), |c: &mut RouterConfig| {
