@@ -379,6 +379,10 @@ pub(crate) async fn read_request<B: serde::de::DeserializeOwned, R>(
     said: impl FnOnce(&B) -> Said,
     convert: impl FnOnce(B) -> Result<R, RouterError>,
 ) -> Result<R, Refused> {
+    // A body that could not be read whole (its client went away mid-upload) said nothing: no
+    // row (docs/router.md). It left a row under its `Idempotency-Key` that nothing had sent.
+    // One above the limit is a refusal of what was sent, and recorded.
+    let unread = matches!(&body, Err(r) if r.status() != StatusCode::PAYLOAD_TOO_LARGE);
     let (said, result) = match read_json::<B>(svc, body) {
         Err(e) => (Said::default(), Err(e)),
         Ok(b) => (said(&b), convert(b)),
@@ -395,8 +399,10 @@ pub(crate) async fn read_request<B: serde::de::DeserializeOwned, R>(
         // A key that is not text: recorded under a fresh `refused-` id, and named nowhere.
         Err(_) => (String::new(), None),
     };
-    let user = said.user.unwrap_or_default();
-    svc.record_unread(kind, &user, &id, &error).await;
+    if !unread {
+        let user = said.user.unwrap_or_default();
+        svc.record_unread(kind, &user, &id, &error).await;
+    }
     Err(Refused { error, request_id })
 }
 

@@ -462,6 +462,45 @@ async fn a_search_on_a_router_without_search_leaves_a_row() {
     s.check_invariants().await;
 }
 
+/// A request dropped while its HTTP body was read has said nothing yet and leaves no row
+/// (docs/router.md, "A request's admission outlives its client"). A client that sent its headers
+/// and part of its body, then closed the connection, left an `invalid_request` row under its
+/// `Idempotency-Key` (a reviewer's finding).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_dropped_while_its_body_is_read_leaves_no_row() {
+    use std::io::Write;
+    let s = Stack::start(Pricing::per_request(PRICE)).await;
+    let addr = s.router.http_url.trim_start_matches("http://").to_string();
+    let mut conn = std::net::TcpStream::connect(&addr).expect("connect");
+    let part = format!(
+        r#"{{"model":"test-model","user":"{}","messages":[{{"role":"user","content":"cut"#,
+        s.alice.email
+    );
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: router\r\nContent-Type: application/json\r\n\
+         Authorization: Bearer {}\r\nIdempotency-Key: dropped-mid-body\r\nContent-Length: 5000\r\n\r\n",
+        s.token
+    );
+    conn.write_all(head.as_bytes()).expect("head");
+    conn.write_all(part.as_bytes()).expect("part of the body");
+    conn.flush().expect("flush");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    drop(conn);
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let rows: Vec<_> = all_usage(&s.ledger.url, "")
+        .await
+        .into_iter()
+        .filter(|u| u.request_id == "dropped-mid-body")
+        .map(|u| (u.request_id, u.status))
+        .collect();
+    assert!(
+        rows.is_empty(),
+        "a request dropped while its body was read left rows: {rows:?}"
+    );
+    assert_eq!(s.upstream.hits(), 0);
+    s.check_invariants().await;
+}
+
 stack_suite!(
     refusals_leave_rows_and_free_the_request_id: Pricing::per_request(PRICE),
     concurrent_free_requests_each_leave_a_row: Pricing::free(),
