@@ -207,7 +207,23 @@ pub async fn serve_store(
         health::PROBE_INTERVAL,
     ));
     let stopping = health.clone();
-    let stop = syft_server::Stop::on(shutdown, move || async move { stopping.shut_down().await });
+    let calls = syft_server::Calls::default();
+    let quiet = calls.clone();
+    let grace = config.shutdown_grace;
+    let (open, clock) = (ledger.open_holds().clone(), store.clone());
+    let stop = syft_server::Stop::on(shutdown, move || async move {
+        stopping.shut_down().await;
+        // Routers stopping beside this ledger still capture what they answered and void what
+        // they did not (README, "Shutdown"): calls are taken (NOT_SERVING is published, so
+        // routers with another replica move to it) while a hold placed here is open or calls
+        // come, until neither for a second, for at most half the grace. It stopped taking calls
+        // at once: a router's capture after its upstream answered was refused, and its voids
+        // went nowhere (holds kept until they expired).
+        let open_here = move || open.any_open(clock.now());
+        quiet
+            .quiet_for(QUIET_BEFORE_STOP, grace / 2, open_here)
+            .await;
+    });
     // Written as addresses (`127.0.0.1:50051`), not as options (`Some(127.0.0.1:50051)`).
     let text = |a: Option<std::net::SocketAddr>| a.map(|a| a.to_string()).unwrap_or_default();
     let addr = text(listeners.grpc.local_addr().ok());
@@ -227,7 +243,7 @@ pub async fn serve_store(
         syft_server::grpc_incoming(listeners.grpc, syft_server::MAX_GRPC_CONNECTIONS, tls)
             .map_err(|e| LedgerError::Internal(format!("gRPC listener: {e}")))?;
     let body_budget = syft_server::BODY_BUDGET_BYTES;
-    let grpc = syft_server::grpc_router(health_service, health::LEDGER_SERVICE, body_budget)
+    let grpc = syft_server::grpc_router(health_service, health::LEDGER_SERVICE, body_budget, calls)
         .map_err(|e| LedgerError::Internal(format!("reflection descriptors: {e}")))?
         .add_service(grpc::GrpcLedger(ledger.clone()).into_server())
         .add_service(grpc::GrpcLedger(ledger.clone()).into_alerts_server())
@@ -259,12 +275,16 @@ pub async fn serve_store(
             resolutions.wait().await;
             served
         } => r,
-        _ = stop.deadline(config.shutdown_grace) => Ok(()),
+        // What is left of the grace after taking calls.
+        _ = stop.deadline(grace - grace / 2) => Ok(()),
     };
     drop(background);
     tracing::info!("ledger stopped");
     result
 }
+
+/// How long a stopping ledger waits without a call before it stops taking them (`serve`).
+const QUIET_BEFORE_STOP: Duration = Duration::from_secs(1);
 
 /// Cancels expired holds, deletes answers past their retention and folds hot-recipient credits into balances, forever.
 pub async fn run_sweeper(store: Arc<Store>, every: Duration) {

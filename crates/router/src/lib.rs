@@ -115,18 +115,23 @@ impl RouterService {
         let tls = service.config().tls.clone();
         // Room for four requests of the largest size the gRPC front takes, whatever the limit.
         let body_budget = GrpcRouter::max_message_bytes(service.config()).saturating_mul(4);
-        let grpc = syft_server::grpc_router(health_service, health::ROUTER_SERVICE, body_budget)
-            .map_err(|e| RouterError::Internal(format!("reflection descriptors: {e}")))?
-            .add_service(GrpcRouter::new(service.clone()).into_server())
-            .serve_with_incoming_shutdown(
-                syft_server::grpc_incoming(
-                    grpc_listener,
-                    syft_server::MAX_GRPC_CONNECTIONS,
-                    tls.as_ref(),
-                )
-                .map_err(ServeError::GrpcListener)?,
-                stop.stopped(),
-            );
+        let grpc = syft_server::grpc_router(
+            health_service,
+            health::ROUTER_SERVICE,
+            body_budget,
+            syft_server::Calls::default(),
+        )
+        .map_err(|e| RouterError::Internal(format!("reflection descriptors: {e}")))?
+        .add_service(GrpcRouter::new(service.clone()).into_server())
+        .serve_with_incoming_shutdown(
+            syft_server::grpc_incoming(
+                grpc_listener,
+                syft_server::MAX_GRPC_CONNECTIONS,
+                tls.as_ref(),
+            )
+            .map_err(ServeError::GrpcListener)?,
+            stop.stopped(),
+        );
         let app = http::http_router(service.clone());
         let http = syft_server::serve_http(
             http_listener,

@@ -250,3 +250,56 @@ async fn a_reader_behind_at_the_shutdown_gets_the_error() {
     assert_eq!(transfers[0].status(), TransferStatus::Cancelled);
     assert_consistent(&ledger.store).await;
 }
+
+/// A ledger signalled while a router's paid request waits for its upstream still takes the
+/// router's capture when the answer arrives 1 s later: a stopping ledger takes calls while they
+/// come (until none came for a second, within half its grace), so routers stopping beside it
+/// capture and void (README, "Shutdown"). It took no new call once signalled: the capture was
+/// refused, the answer withheld, and the hold kept until it expired (an ops reviewer's finding).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ledger_in_its_grace_still_takes_the_captures_of_requests_in_flight() {
+    let db = Db::sqlite();
+    let mut funded = Funded::start_tweaked(&db, Duration::from_secs(300), |c| {
+        c.shutdown_grace = Duration::from_secs(30);
+    })
+    .await;
+    let upstream = FakeUpstream::start().await;
+    let config = funded.router_config(
+        "grace-router",
+        Pricing::per_request(PRICE),
+        Some(&upstream.base_url),
+    );
+    let mut router = RouterHandle::start(config).await;
+    let client = router.client().await;
+    upstream.set_mode(Mode::Delay(Duration::from_millis(1000)));
+    let a = tokio::spawn({
+        let mut c = client.clone();
+        let req = request(&funded.alice, &funded.token, "in-flight-at-ledger-stop");
+        async move { c.chat(req).await }
+    });
+    wait_hits(&upstream, 1).await;
+    let signalled = Instant::now();
+    funded.ledger.signal_stop();
+    let mut ledger_gone_after = None;
+    let mut a = a;
+    let answer = loop {
+        if ledger_gone_after.is_none() && funded.ledger.has_exited() {
+            ledger_gone_after = Some(signalled.elapsed());
+        }
+        if signalled.elapsed() > Duration::from_secs(25) {
+            break None;
+        }
+        if let Ok(done) = tokio::time::timeout(Duration::from_millis(10), &mut a).await {
+            break Some(done.expect("join"));
+        }
+    };
+    let answer = answer.ok_or("no answer within 25 s");
+    router.shutdown();
+    let _ = router.join().await;
+    assert!(
+        matches!(answer, Ok(Ok(_))),
+        "the ledger was {:?} into its 30 s grace (its serve returned after {ledger_gone_after:?}); \
+         the router's capture was refused and the answer withheld: {answer:?}",
+        signalled.elapsed()
+    );
+}

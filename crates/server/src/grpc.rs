@@ -24,6 +24,7 @@ use tower::layer::util::{Identity, Stack};
 
 use crate::accepted::{Accepted, Slots};
 use crate::bodies::BodyBudgetLayer;
+use crate::calls::{Calls, CallsLayer};
 
 /// Connections one gRPC listener serves at once; past this, new ones wait in the listen backlog.
 /// A gRPC client multiplexes its calls over one connection, so this is thousands of clients.
@@ -43,17 +44,20 @@ const PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
 /// and calls past this would queue in it), while bounding what one connection can start.
 const MAX_STREAMS_PER_CONNECTION: u32 = 1_024;
 
-/// The request layers of both services' gRPC servers: telemetry outside, then the body budget.
-pub type GrpcLayers = Stack<BodyBudgetLayer, Stack<RequestLayer, Identity>>;
+/// The request layers of both services' gRPC servers: telemetry outside, then the body budget,
+/// then the count of calls in flight.
+pub type GrpcLayers = Stack<CallsLayer, Stack<BodyBudgetLayer, Stack<RequestLayer, Identity>>>;
 
 /// The tonic server both services run, with the request layers (`body_budget` bytes for the
 /// request bodies being received, at least [`crate::BODY_BUDGET_BYTES`]), the health service
 /// `health`, and reflection advertising `service` (add the service itself). It serves
 /// connections from [`grpc_incoming`], TLS included, so it has no TLS configuration of its own.
+/// Its calls but health checks and reflection are counted in `calls`.
 pub fn grpc_router(
     health: HealthServer<impl Health>,
     service: &'static str,
     body_budget: usize,
+    calls: Calls,
 ) -> Result<Router<GrpcLayers>, tonic_reflection::server::Error> {
     let (reflection_v1, reflection_v1alpha) = syft_proto::reflection(service)?;
     Ok(tonic::transport::Server::builder()
@@ -71,6 +75,7 @@ pub fn grpc_router(
             crate::UNCOUNTED_BYTES,
             crate::BODY_DEADLINE,
         ))
+        .layer(CallsLayer(calls))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha))

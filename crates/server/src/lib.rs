@@ -4,6 +4,7 @@
 
 mod accepted;
 mod bodies;
+mod calls;
 mod files;
 mod grpc;
 mod health;
@@ -12,6 +13,7 @@ mod secret;
 
 pub use accepted::Accepted;
 pub use bodies::{BodyBudgetLayer, BODY_BUDGET_BYTES, BODY_DEADLINE, UNCOUNTED_BYTES};
+pub use calls::{Calls, CallsLayer};
 pub use files::{create_private_dir, private_file};
 pub use grpc::{grpc_incoming, grpc_router, GrpcLayers, MAX_GRPC_CONNECTIONS};
 pub use http::{HttpLimits, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS};

@@ -128,6 +128,18 @@ impl LedgerServer {
         panic!("ledger did not start");
     }
 
+    /// Sends the shutdown signal (SIGTERM) without waiting: the ledger drains within its grace.
+    pub fn signal_stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Whether `serve` has returned (the process would have exited).
+    pub fn has_exited(&self) -> bool {
+        self.task.is_finished()
+    }
+
     /// A graceful shutdown that must end cleanly.
     pub async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {

@@ -22,6 +22,7 @@ use crate::LedgerConfig;
 
 mod answers;
 mod listing;
+mod open_holds;
 mod paging;
 mod refunds;
 mod stats;
@@ -29,6 +30,7 @@ mod tokens;
 mod transfers;
 
 pub use listing::TokenQuery;
+pub use open_holds::OpenHolds;
 use paging::{encode_page_token, keyset_page, page_size};
 pub use paging::{Page, PageRequest, MAX_PAGE};
 pub use refunds::{RefundQuery, RefundRequest};
@@ -160,6 +162,7 @@ pub struct Ledger {
     throttle: Arc<AddressThrottle>,
     /// Accounts created per client address (open registration, `/user/create`).
     signups: Arc<AddressThrottle>,
+    open_holds: OpenHolds,
 }
 
 impl Ledger {
@@ -179,7 +182,13 @@ impl Ledger {
             config,
             throttle,
             signups,
+            open_holds: OpenHolds::default(),
         }
+    }
+
+    /// The holds this process placed and has not seen resolved (a stopping ledger waits for them).
+    pub fn open_holds(&self) -> &OpenHolds {
+        &self.open_holds
     }
 
     pub fn store(&self) -> &Arc<Store> {

@@ -69,6 +69,7 @@ impl Ledger {
         };
         let placed = self.backend.authorize(&hold).await?;
         let transfer = &placed.row;
+        self.open_holds.placed(transfer, self.store.now());
         tracing::debug!(transfer = %transfer.id, sender = %transfer.sender_email, amount = hold.amount, existing = placed.existing, "authorized");
         metrics::authorized(transfer, started);
         Ok(placed)
@@ -108,6 +109,7 @@ impl Ledger {
             answer,
         };
         let transfer = self.backend.capture(capture).await?;
+        self.open_holds.resolved(&transfer.id);
         metrics::resolved(&transfer, started);
         Ok(transfer)
     }
@@ -126,14 +128,17 @@ impl Ledger {
         if !(1..=max_ttl).contains(&ttl_seconds) {
             return Err(ttl_out_of_range("ttl_seconds", ttl_seconds, max_ttl));
         }
-        self.backend
+        let extended = self
+            .backend
             .extend_hold(
                 recipient.id,
                 transfer_id,
                 ttl_seconds * 1_000_000,
                 max_ttl * 1_000_000,
             )
-            .await
+            .await?;
+        self.open_holds.placed(&extended, self.store.now());
+        Ok(extended)
     }
 
     pub async fn void(
@@ -163,6 +168,7 @@ impl Ledger {
                 usage: usage.as_ref(),
             })
             .await?;
+        self.open_holds.resolved(&transfer.id);
         metrics::resolved(&transfer, started);
         Ok(transfer)
     }
@@ -329,6 +335,7 @@ impl Ledger {
                 self.backend.void(void).await?
             }
         };
+        self.open_holds.resolved(&resolved.id);
         metrics::resolved(&resolved, started);
         Ok(resolved)
     }
