@@ -231,3 +231,93 @@ async fn a_router_whose_clock_runs_ahead_delivers_and_charges_a_stream() {
     );
     h.finish().await;
 }
+
+/// The value of one series of a Prometheus text scrape (0 when absent).
+fn series(scrape: &str, name_and_labels: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(name_and_labels).map(str::trim))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A ledger process under `offset` on `db`, with its HTTP port: (gRPC url, HTTP url, child).
+async fn ledger_with_http(offset: &str, db: &str) -> (String, String, std::process::Child) {
+    let [grpc, http] = free_ports();
+    let child = under_fake_clock(offset)
+        .args(["ledger", "--database-url", db, "--admin-key", ADMIN_KEY])
+        .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])
+        .args(["--http-addr", &format!("127.0.0.1:{http}")])
+        .spawn()
+        .expect("start a ledger");
+    let url = format!("http://127.0.0.1:{grpc}");
+    let mut admin = client::connect_lazy(&url, ADMIN_KEY).expect("client");
+    client::wait_for_ledger(&mut admin)
+        .await
+        .expect("ledger up");
+    (url, format!("http://127.0.0.1:{http}"), child)
+}
+
+/// The hold metrics decide "this call placed / resolved it" by comparing the row's stamp with
+/// the call's start, both by the database's clock on Postgres. The start was read from the
+/// ledger process's wall clock (an ops reviewer's finding): a replica 10 s ahead of its database
+/// counted no hold authorized or captured, nor the money captured; one behind counted a replay
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hold_metrics_do_not_depend_on_the_ledgers_wall_clock() {
+    let Some((h, owner, token)) = paying_alice().await else {
+        return;
+    };
+    let db = h.config.database_url.clone();
+    // 10 s ahead of its database: a new hold and its capture.
+    let (url, http, mut ahead) = ledger_with_http("+10", &db).await;
+    let mut router = client::connect_lazy(&url, &owner).expect("client");
+    let held = router
+        .authorize(hold("ahead-metrics-1", &token, 60))
+        .await
+        .expect("hold")
+        .into_inner();
+    router
+        .capture(req::capture_full(&held.id))
+        .await
+        .expect("captured");
+    let scrape = reqwest::get(format!("{http}/metrics"))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("body");
+    let _ = ahead.kill();
+    let _ = ahead.wait();
+    // 10 s behind its database: one hold, authorized twice with its key (a replay).
+    let (url, http, mut behind) = ledger_with_http("-10", &db).await;
+    let mut router = client::connect_lazy(&url, &owner).expect("client");
+    for _ in 0..2 {
+        router
+            .authorize(hold("behind-metrics-1", &token, 60))
+            .await
+            .expect("hold");
+    }
+    let scrape_behind = reqwest::get(format!("{http}/metrics"))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("body");
+    let _ = behind.kill();
+    let _ = behind.wait();
+    let authorized = r#"syft_ledger_holds_total{event="authorized"}"#;
+    let captured = r#"syft_ledger_holds_total{event="captured"}"#;
+    let counted = (
+        series(&scrape, authorized),
+        series(&scrape, captured),
+        series(&scrape_behind, authorized),
+    );
+    h.finish().await;
+    assert_eq!(
+        counted,
+        (1.0, 1.0, 1.0),
+        "(authorized, captured) by a ledger 10 s ahead, authorized by one 10 s behind after a \
+         replay:\n{scrape}"
+    );
+}

@@ -6,7 +6,7 @@ use prometheus::core::Collector;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts};
 
 use crate::domain::{Actor, TransferStatus};
-use crate::store::{now_micros, Store, TransferRow};
+use crate::store::{Store, TransferRow};
 
 /// Declares metrics registered on first use: each one's doc comment is its help text (one line),
 /// its string its name, and `["label", ...]` after a `*Vec` type its label names. One frame for
@@ -80,6 +80,8 @@ pub fn sweep_failed() {
 
 /// Counts a call's outcome once: a replayed call (same idempotency key, or a resolution repeated)
 /// returns a transfer that changed before the call started, and is not counted again.
+/// `call_started` is read from the store's clock (`Store::now`), which stamps the rows: the
+/// process's own clock, off from its database's, counted nothing or every replay again.
 pub fn authorized(t: &TransferRow, call_started: i64) {
     if t.created_at >= call_started {
         HOLDS.with_label_values(&["authorized"]).inc();
@@ -135,10 +137,6 @@ pub const OTHER_APPS: &str = "(other)";
 pub const MAX_APP_LABELS: usize = 100;
 static APP_LABELS: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<String>>> =
     std::sync::LazyLock::new(Default::default);
-
-pub fn now() -> i64 {
-    now_micros()
-}
 
 /// Shows every counter of a known label set from the first scrape, at zero: a rule on
 /// `increase()` or `rate()` sees nothing of a series that does not exist yet, so the first sweep

@@ -45,7 +45,7 @@ impl Ledger {
 
     /// [`Ledger::authorize`], saying whether the hold was placed by an earlier call with the key.
     pub async fn authorize_keyed(&self, caller: &Caller, req: &HoldRequest) -> Result<Placed> {
-        let started = metrics::now();
+        let started = self.store.now();
         let recipient = caller.account()?;
         let sender_email = validate::email("sender_email", &req.sender_email)?;
         let max_ttl = self.config.max_hold_ttl.as_secs() as i64;
@@ -83,7 +83,7 @@ impl Ledger {
         usage: Option<UsageInput>,
         answer: Option<AnswerInput>,
     ) -> Result<TransferRow> {
-        let started = metrics::now();
+        let started = self.store.now();
         let recipient = caller.account()?;
         let transfer_id = validate::text("transfer_id", transfer_id, MAX_KEY, true)?;
         let amount = match amount {
@@ -148,7 +148,7 @@ impl Ledger {
         reason: &str,
         usage: Option<UsageInput>,
     ) -> Result<TransferRow> {
-        let started = metrics::now();
+        let started = self.store.now();
         let recipient = caller.account()?;
         let transfer_id = validate::text("transfer_id", transfer_id, MAX_KEY, true)?;
         let reason = validate::text("reason", reason, MAX_REASON, false)?;
@@ -237,7 +237,7 @@ impl Ledger {
         app_ep_path: &str,
         idempotency_key: &str,
     ) -> Result<TransferRow> {
-        let started = metrics::now();
+        let started = self.store.now();
         let sender = caller.account()?;
         let recipient = self.backend.account(recipient_email).await?;
         same_currency(sender, &recipient)?;
@@ -275,7 +275,7 @@ impl Ledger {
             .filter(|t| t.sender_email == email || t.recipient_email == email)
             .ok_or_else(|| LedgerError::NotFound(format!("transaction {id} not found")))?;
         let created_by_sender = transfer.created_by == Actor::Sender;
-        let started = metrics::now();
+        let started = self.store.now();
         let resolved = match action {
             PartyAction::Confirm => {
                 let creator = if created_by_sender {
