@@ -17,14 +17,14 @@ use crate::{assert_consistent, req, Db, ADMIN_KEY};
 
 /// The ledger configuration of tests: the kit's admin key, sweeps every 200 ms (so expiry tests
 /// are quick), eight database connections, the accounting REST API on the HTTP port, and a
-/// 4 s shutdown grace (a stopping ledger waits up to half its grace for holds still open, and
+/// 2 s shutdown grace (a stopping ledger waits up to half its grace for holds still open, and
 /// many tests stop one with holds their crashed routers left).
 pub fn ledger_config(database_url: &str) -> LedgerConfig {
     LedgerConfig {
         database_url: database_url.into(),
         admin_key: ADMIN_KEY.into(),
         sweep_interval: Duration::from_millis(200),
-        shutdown_grace: Duration::from_secs(4),
+        shutdown_grace: Duration::from_secs(2),
         max_connections: 8,
         accounting_api: true,
         ..LedgerConfig::default()
