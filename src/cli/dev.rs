@@ -132,6 +132,9 @@ impl Running {
             admin_key: admin_key.into(),
             accounting_api: http_listener.is_some(),
             alerts,
+            // Twice the router's: one signal stops both, and a stopping ledger takes calls for at
+            // most half its grace, so the router's requests still capture and void within its own.
+            shutdown_grace: syft_server::DEFAULT_SHUTDOWN_GRACE * 2,
             ..LedgerConfig::default()
         };
         let signal = self.signal();

@@ -84,8 +84,13 @@ pub fn sweep_failed() {
 /// process's own clock, off from its database's, counted nothing or every replay again.
 pub fn authorized(t: &TransferRow, call_started: i64) {
     if t.created_at >= call_started {
-        HOLDS.with_label_values(&["authorized"]).inc();
+        hold_placed();
     }
+}
+
+/// A hold this call placed (a router's Authorize says whether its key found one placed).
+pub fn hold_placed() {
+    HOLDS.with_label_values(&["authorized"]).inc();
 }
 
 pub fn resolved(t: &TransferRow, call_started: i64) {

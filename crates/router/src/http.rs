@@ -379,10 +379,10 @@ pub(crate) async fn read_request<B: serde::de::DeserializeOwned, R>(
     said: impl FnOnce(&B) -> Said,
     convert: impl FnOnce(B) -> Result<R, RouterError>,
 ) -> Result<R, Refused> {
-    // A body that could not be read whole (its client went away mid-upload) said nothing: no
-    // row (docs/router.md). It left a row under its `Idempotency-Key` that nothing had sent.
-    // One above the limit is a refusal of what was sent, and recorded.
-    let unread = matches!(&body, Err(r) if r.status() != StatusCode::PAYLOAD_TOO_LARGE);
+    // A body its client stopped sending (it went away mid-upload) said nothing: no row
+    // (docs/router.md). It left a row under its `Idempotency-Key` that nothing had sent. A body
+    // over the limit or malformed (a live client, answered 400) is a refusal, and recorded.
+    let unread = matches!(&body, Err(r) if client_left(r));
     let (said, result) = match read_json::<B>(svc, body) {
         Err(e) => (Said::default(), Err(e)),
         Ok(b) => (said(&b), convert(b)),
@@ -404,6 +404,29 @@ pub(crate) async fn read_request<B: serde::de::DeserializeOwned, R>(
         svc.record_unread(kind, &user, &id, &error).await;
     }
     Err(Refused { error, request_id })
+}
+
+/// Whether a body could not be read because its client stopped sending it (the connection
+/// closed before the body's end), as opposed to a body that was too large or malformed.
+fn client_left(rejection: &BytesRejection) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(rejection);
+    while let Some(e) = source {
+        // hyper's body error wraps the cause: an end of input before the body's end.
+        if let Some(h) = e.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() || h.is_canceled() {
+                return true;
+            }
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            return matches!(
+                io.kind(),
+                UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+            );
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// What a front's body says of its request before it is converted (for a refusal's row).

@@ -501,6 +501,49 @@ async fn a_request_dropped_while_its_body_is_read_leaves_no_row() {
     s.check_invariants().await;
 }
 
+/// A live client whose chunked body is malformed is answered 400 and leaves its refusal row
+/// (router.md: an unreadable body's refusal row is written); only a client that went away
+/// mid-body leaves none (the test above). The first version of that rule took every body error
+/// for a client gone (a diff reviewer's finding).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_chunked_body_from_a_live_client_leaves_a_row() {
+    use std::io::{Read, Write};
+    let s = Stack::start(Pricing::per_request(PRICE)).await;
+    let addr = s.router.http_url.trim_start_matches("http://").to_string();
+    let answer = tokio::task::spawn_blocking({
+        let token = s.token.clone();
+        move || {
+            let mut conn = std::net::TcpStream::connect(&addr).expect("connect");
+            conn.set_read_timeout(Some(std::time::Duration::from_secs(5))).ok();
+            let head = format!(
+                "POST /v1/chat/completions HTTP/1.1\r\nHost: router\r\nContent-Type: application/json\r\n\
+                 Authorization: Bearer {token}\r\nIdempotency-Key: malformed-chunked\r\n\
+                 Transfer-Encoding: chunked\r\n\r\n"
+            );
+            conn.write_all(head.as_bytes()).expect("head");
+            conn.write_all(b"5\r\n{\"mod\r\nzz-not-a-chunk-size\r\n\r\n").expect("body");
+            conn.flush().expect("flush");
+            let mut out = Vec::new();
+            let _ = conn.read_to_end(&mut out);
+            String::from_utf8_lossy(&out).to_string()
+        }
+    })
+    .await
+    .expect("join");
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let rows: Vec<_> = all_usage(&s.ledger.url, "")
+        .await
+        .into_iter()
+        .filter(|u| u.request_id == "malformed-chunked")
+        .map(|u| (u.request_id, u.status))
+        .collect();
+    let status_line = answer.lines().next().unwrap_or("").to_string();
+    assert!(
+        !rows.is_empty(),
+        "the live client was answered {status_line:?} and left no row: {rows:?}"
+    );
+}
+
 stack_suite!(
     refusals_leave_rows_and_free_the_request_id: Pricing::per_request(PRICE),
     concurrent_free_requests_each_leave_a_row: Pricing::free(),

@@ -45,7 +45,6 @@ impl Ledger {
 
     /// [`Ledger::authorize`], saying whether the hold was placed by an earlier call with the key.
     pub async fn authorize_keyed(&self, caller: &Caller, req: &HoldRequest) -> Result<Placed> {
-        let started = self.store.now();
         let recipient = caller.account()?;
         let sender_email = validate::email("sender_email", &req.sender_email)?;
         let max_ttl = self.config.max_hold_ttl.as_secs() as i64;
@@ -71,7 +70,10 @@ impl Ledger {
         let transfer = &placed.row;
         self.open_holds.placed(transfer, self.store.now());
         tracing::debug!(transfer = %transfer.id, sender = %transfer.sender_email, amount = hold.amount, existing = placed.existing, "authorized");
-        metrics::authorized(transfer, started);
+        // Counted once: a replay found its key's hold placed.
+        if !placed.existing {
+            metrics::hold_placed();
+        }
         Ok(placed)
     }
 
