@@ -232,6 +232,19 @@ async fn a_router_whose_clock_runs_ahead_delivers_and_charges_a_stream() {
     h.finish().await;
 }
 
+/// The `/metrics` of the ledger at `http`, then the ledger killed.
+async fn scrape_and_kill(http: &str, mut ledger: std::process::Child) -> String {
+    let scrape = reqwest::get(format!("{http}/metrics"))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("body");
+    let _ = ledger.kill();
+    let _ = ledger.wait();
+    scrape
+}
+
 /// The value of one series of a Prometheus text scrape (0 when absent).
 fn series(scrape: &str, name_and_labels: &str) -> f64 {
     scrape
@@ -270,7 +283,7 @@ async fn hold_metrics_do_not_depend_on_the_ledgers_wall_clock() {
     };
     let db = h.config.database_url.clone();
     // 10 s ahead of its database: a new hold and its capture.
-    let (url, http, mut ahead) = ledger_with_http("+10", &db).await;
+    let (url, http, ahead) = ledger_with_http("+10", &db).await;
     let mut router = client::connect_lazy(&url, &owner).expect("client");
     let held = router
         .authorize(hold("ahead-metrics-1", &token, 60))
@@ -281,16 +294,9 @@ async fn hold_metrics_do_not_depend_on_the_ledgers_wall_clock() {
         .capture(req::capture_full(&held.id))
         .await
         .expect("captured");
-    let scrape = reqwest::get(format!("{http}/metrics"))
-        .await
-        .expect("scrape")
-        .text()
-        .await
-        .expect("body");
-    let _ = ahead.kill();
-    let _ = ahead.wait();
+    let scrape = scrape_and_kill(&http, ahead).await;
     // 10 s behind its database: one hold, authorized twice with its key (a replay).
-    let (url, http, mut behind) = ledger_with_http("-10", &db).await;
+    let (url, http, behind) = ledger_with_http("-10", &db).await;
     let mut router = client::connect_lazy(&url, &owner).expect("client");
     for _ in 0..2 {
         router
@@ -298,14 +304,7 @@ async fn hold_metrics_do_not_depend_on_the_ledgers_wall_clock() {
             .await
             .expect("hold");
     }
-    let scrape_behind = reqwest::get(format!("{http}/metrics"))
-        .await
-        .expect("scrape")
-        .text()
-        .await
-        .expect("body");
-    let _ = behind.kill();
-    let _ = behind.wait();
+    let scrape_behind = scrape_and_kill(&http, behind).await;
     let authorized = r#"syft_ledger_holds_total{event="authorized"}"#;
     let captured = r#"syft_ledger_holds_total{event="captured"}"#;
     let counted = (

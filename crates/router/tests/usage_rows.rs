@@ -462,6 +462,18 @@ async fn a_search_on_a_router_without_search_leaves_a_row() {
     s.check_invariants().await;
 }
 
+/// The rows recorded under `request_id` (any user or none), 1.5 s on (a row is written after
+/// its refusal is answered).
+async fn rows_of(s: &Stack, request_id: &str) -> Vec<(String, String)> {
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    all_usage(&s.ledger.url, "")
+        .await
+        .into_iter()
+        .filter(|u| u.request_id == request_id)
+        .map(|u| (u.request_id, u.status))
+        .collect()
+}
+
 /// A request dropped while its HTTP body was read has said nothing yet and leaves no row
 /// (docs/router.md, "A request's admission outlives its client"). A client that sent its headers
 /// and part of its body, then closed the connection, left an `invalid_request` row under its
@@ -486,13 +498,7 @@ async fn a_request_dropped_while_its_body_is_read_leaves_no_row() {
     conn.flush().expect("flush");
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     drop(conn);
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
-    let rows: Vec<_> = all_usage(&s.ledger.url, "")
-        .await
-        .into_iter()
-        .filter(|u| u.request_id == "dropped-mid-body")
-        .map(|u| (u.request_id, u.status))
-        .collect();
+    let rows = rows_of(&s, "dropped-mid-body").await;
     assert!(
         rows.is_empty(),
         "a request dropped while its body was read left rows: {rows:?}"
@@ -530,13 +536,7 @@ async fn a_malformed_chunked_body_from_a_live_client_leaves_a_row() {
     })
     .await
     .expect("join");
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
-    let rows: Vec<_> = all_usage(&s.ledger.url, "")
-        .await
-        .into_iter()
-        .filter(|u| u.request_id == "malformed-chunked")
-        .map(|u| (u.request_id, u.status))
-        .collect();
+    let rows = rows_of(&s, "malformed-chunked").await;
     let status_line = answer.lines().next().unwrap_or("").to_string();
     assert!(
         !rows.is_empty(),
