@@ -563,6 +563,62 @@ fn fails(cmd: &mut Command) -> String {
     stderr
 }
 
+/// A deposit whose answer was lost (the ledger's connection dropped after the request went out)
+/// may have been made: run again with a new key, it would be made twice. The error names the
+/// generated key, and the same command with it deposits once; a refusal, or a ledger that could
+/// not be reached, made nothing and does not ask for it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deposit_whose_answer_was_lost_names_the_key_that_retries_it_once() {
+    use std::io::Read;
+    let h = Harness::new(false).await.unwrap();
+    h.account("carol@example.com", 0).await;
+    // A "ledger" that reads the request to its body, then drops the connection unanswered.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dropping = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            conn.set_read_timeout(Some(Duration::from_secs(10))).ok();
+            let (mut seen, mut buf) = (Vec::new(), [0u8; 4096]);
+            while let Ok(n @ 1..) = conn.read(&mut buf) {
+                seen.extend_from_slice(&buf[..n]);
+                if seen.windows(17).any(|w| w == b"carol@example.com") {
+                    break;
+                }
+            }
+        }
+    });
+    let deposit = ["account", "deposit", "carol@example.com", "2"];
+    let err = fails(&mut admin_cli(dropping)(&deposit));
+    let key = err
+        .split("--idempotency-key ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no key to retry with: {err}"));
+    let live = admin_cli(h.url());
+    for _ in 0..2 {
+        run(&mut live(
+            &[&deposit[..], &["--idempotency-key", key]].concat(),
+        ));
+    }
+    assert_eq!(
+        h.balance("carol@example.com").await.balance_micros,
+        2_000_000
+    );
+    // Nothing was made: no key asked for.
+    let refused = fails(&mut live(&[
+        "account",
+        "deposit",
+        "nobody@example.com",
+        "2",
+    ]));
+    let unreachable = fails(&mut admin_cli(closed_url())(&deposit));
+    for err in [refused, unreachable] {
+        assert!(!err.contains("--idempotency-key"), "{err}");
+    }
+    h.finish().await;
+}
+
 #[test]
 fn client_errors_are_one_line_in_the_users_terms() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -13,7 +13,7 @@ use std::time::Duration;
 use syft_ledger::client;
 use syft_ledger::store::Store;
 use syft_proto::ledger as pb;
-use syft_testkit::{free_ports, req, Db, Harness, LedgerProcess, ADMIN_KEY, USD};
+use syft_testkit::{free_ports, paid, req, Db, Harness, LedgerProcess, ADMIN_KEY, USD};
 
 const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 const OWNER: &str = "owner@router.example";
@@ -285,15 +285,7 @@ async fn hold_metrics_do_not_depend_on_the_ledgers_wall_clock() {
     // 10 s ahead of its database: a new hold and its capture.
     let (url, http, ahead) = ledger_with_http("+10", &db).await;
     let mut router = client::connect_lazy(&url, &owner).expect("client");
-    let held = router
-        .authorize(hold("ahead-metrics-1", &token, 60))
-        .await
-        .expect("hold")
-        .into_inner();
-    router
-        .capture(req::capture_full(&held.id))
-        .await
-        .expect("captured");
+    paid(&mut router, hold("ahead-metrics-1", &token, 60)).await;
     let scrape = scrape_and_kill(&http, ahead).await;
     // 10 s behind its database: one hold, authorized twice with its key (a replay).
     let (url, http, behind) = ledger_with_http("-10", &db).await;

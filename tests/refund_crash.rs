@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use syft_ledger::store::Store;
 use syft_proto::ledger as pb;
-use syft_testkit::{account, create_account, deposit, issue_token, req, Db, LedgerProcess, USD};
+use syft_testkit::{
+    account, create_account, deposit, issue_token, paid, req, Db, LedgerProcess, USD,
+};
 
 /// Transfers refunded, each of 0.10 refunded 0.04.
 const TRANSFERS: usize = 160;
@@ -55,16 +57,8 @@ async fn refunds_survive_kill_9(postgres: bool) {
     let mut router = ledger.client(&owner.secret);
     let mut ids = Vec::new();
     for i in 0..TRANSFERS {
-        let held = router
-            .authorize(req::hold(&alice.email, PRICE, &token, &format!("k{i}")))
-            .await
-            .expect("hold")
-            .into_inner();
-        router
-            .capture(req::capture_full(&held.id))
-            .await
-            .expect("capture");
-        ids.push(held.id);
+        let hold = req::hold(&alice.email, PRICE, &token, &format!("k{i}"));
+        ids.push(paid(&mut router, hold).await.id);
     }
 
     // Support agents refund in turn; the ledger dies under them.

@@ -353,15 +353,30 @@ pub async fn account(args: AccountArgs) -> anyhow::Result<()> {
             idempotency_key,
         } => {
             let amount_micros = positive_amount("the amount", &amount)?;
+            let generated = idempotency_key.is_none();
             let key = idempotency_key.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
             conn.admin()?
                 .deposit(pb::DepositRequest {
                     email,
                     amount_micros,
-                    idempotency_key: key,
+                    idempotency_key: key.clone(),
                 })
                 .await
-                .or_fail(conn)?
+                .map(tonic::Response::into_inner)
+                .map_err(|status| {
+                    // A deposit whose answer was lost may have been made: run again with a new
+                    // key, it would be made twice. The generated key is the only safe retry.
+                    let unknown = generated && outcome_unknown(&status);
+                    let err = conn.fail(status);
+                    if unknown {
+                        anyhow::anyhow!(
+                            "{err:#}; the deposit may have been made: to finish it without \
+                             depositing twice, run the same command with --idempotency-key {key}"
+                        )
+                    } else {
+                        err
+                    }
+                })?
         }
     };
     if conn.json {
@@ -370,6 +385,21 @@ pub async fn account(args: AccountArgs) -> anyhow::Result<()> {
         print_account(&account);
     }
     Ok(())
+}
+
+/// Whether a failed call may still have been carried out: its answer was lost or the server
+/// failed after it began. A refusal (e.g. `INVALID_ARGUMENT`) made nothing, nor did a call
+/// whose connection could not be made.
+fn outcome_unknown(status: &tonic::Status) -> bool {
+    use tonic::Code;
+    matches!(
+        status.code(),
+        Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Unknown
+            | Code::Internal
+            | Code::Cancelled
+    ) && !super::errors::never_sent(status)
 }
 
 /// An amount that must be above zero, refused here in the words the user typed (the ledger's

@@ -98,6 +98,15 @@ fn is_transport(status: &tonic::Status) -> bool {
         .any(|m| status.message().contains(m))
 }
 
+/// Whether the call failed while connecting, so the server never saw it.
+pub fn never_sent(status: &tonic::Status) -> bool {
+    let connect =
+        |text: &str| text.contains("error trying to connect") || text.contains("tcp connect error");
+    connect(status.message())
+        || std::iter::successors(status.source(), |e| (*e).source())
+            .any(|e| connect(&e.to_string()))
+}
+
 /// The innermost cause of a transport failure, e.g. `connection refused`; `None` when `err` has
 /// no cause below it.
 pub fn root_cause(err: &(dyn std::error::Error + 'static)) -> Option<String> {

@@ -325,6 +325,31 @@ impl Pair {
         self.authorize(USD, "k1").await.expect("authorize")
     }
 
+    /// A token Alice issues the owner on the accounting service (with `spend_limit`, if any), and
+    /// her hold of 1 USD under key `k1` paid with it.
+    async fn hold_with_new_token(
+        &self,
+        spend_limit: Option<i64>,
+    ) -> (pb::IssueTokenResponse, pb::Transfer) {
+        let issued = connect_lazy(&self.b.url(), &self.alice_secret)
+            .expect("client")
+            .issue_token(pb::IssueTokenRequest {
+                recipient_email: OWNER.into(),
+                spend_limit_micros: spend_limit,
+                ..Default::default()
+            })
+            .await
+            .expect("token")
+            .into_inner();
+        let held = self
+            .router()
+            .authorize(req::hold(ALICE, USD, &issued.token, "k1"))
+            .await
+            .expect("the hold fits the token")
+            .into_inner();
+        (issued, held)
+    }
+
     /// `voided` is cancelled and Alice (10 USD) and the owner are as before her hold.
     async fn assert_released(&self, voided: &pb::Transfer) {
         assert_eq!(voided.status, pb::TransferStatus::Cancelled as i32);
@@ -746,23 +771,7 @@ async fn partial_capture_with_exact_funds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn partial_capture_with_a_token_limit_equal_to_the_hold() {
     let p = Pair::sqlite(10 * USD).await;
-    let mut alice = connect_lazy(&p.b.url(), &p.alice_secret).expect("client");
-    let limited = alice
-        .issue_token(pb::IssueTokenRequest {
-            recipient_email: OWNER.into(),
-            spend_limit_micros: Some(USD),
-            ..Default::default()
-        })
-        .await
-        .expect("token with a limit")
-        .into_inner()
-        .token;
-    let t = p
-        .router()
-        .authorize(req::hold(ALICE, USD, &limited, "k1"))
-        .await
-        .expect("the hold fits the limit")
-        .into_inner();
+    let (_, t) = p.hold_with_new_token(Some(USD)).await;
     p.captured(&t.id, 400_000, "req-1").await;
     assert_eq!(p.money().await, ((10 * USD - 400_000, 0), (400_000, 0)));
     p.finish().await;
@@ -776,22 +785,9 @@ async fn partial_capture_with_a_token_limit_equal_to_the_hold() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_capture_that_ends_cancelled_leaves_a_capture_refused_row() {
     let p = Pair::sqlite(10 * USD).await;
-    let mut alice = connect_lazy(&p.b.url(), &p.alice_secret).expect("client");
-    let issued = alice
-        .issue_token(pb::IssueTokenRequest {
-            recipient_email: OWNER.into(),
-            ..Default::default()
-        })
-        .await
-        .expect("token")
-        .into_inner();
-    let t = p
-        .router()
-        .authorize(req::hold(ALICE, USD, &issued.token, "k1"))
-        .await
-        .expect("hold")
-        .into_inner();
-    alice
+    let (issued, t) = p.hold_with_new_token(None).await;
+    connect_lazy(&p.b.url(), &p.alice_secret)
+        .expect("client")
         .revoke_token(pb::RevokeTokenRequest {
             token: issued.token_id,
         })

@@ -25,9 +25,8 @@ fn refund(id: &str, amount: i64, key: &str) -> pb::RefundRequest {
 async fn paid(h: &Harness) -> (String, String, String) {
     let (owner, alice, token) = h.payer(OWNER, ALICE, 10 * USD).await;
     let mut router = h.client(&owner);
-    let held = ok(router.authorize(req::hold(ALICE, USD, &token, "k1")).await);
-    ok(router.capture(req::capture_full(&held.id)).await);
-    (owner, alice, held.id)
+    let captured = syft_testkit::paid(&mut router, req::hold(ALICE, USD, &token, "k1")).await;
+    (owner, alice, captured.id)
 }
 
 async fn balances(h: &Harness) -> (i64, i64) {

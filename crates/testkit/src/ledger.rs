@@ -359,6 +359,12 @@ pub async fn revoke_token(ledger: &str, sender: &Account, token: &str) {
     crate::ok(c.revoke_token(revoke).await);
 }
 
+/// `hold` placed and captured in full, as a router's paid request is: the captured transfer.
+pub async fn paid(router: &mut LedgerClient, hold: pb::AuthorizeRequest) -> pb::Transfer {
+    let held = crate::ok(router.authorize(hold).await);
+    crate::ok(router.capture(req::capture_full(&held.id)).await)
+}
+
 pub async fn account(ledger: &str, email: &str) -> pb::Account {
     admin(ledger)
         .get_account(req::get_account(email))

@@ -20,7 +20,7 @@ mod webhook;
 pub use db::{assert_no_problems, bench_totals, postgres_url, Db};
 pub use dev::{DevProcess, LedgerProcess};
 pub use ledger::{
-    account, alerts_on, all_usage, create_account, deposit, issue_token, ledger_config,
+    account, alerts_on, all_usage, create_account, deposit, issue_token, ledger_config, paid,
     revoke_token, serve_ledger, transfers_of, usage_of, usage_rows_seen_by, Account, Harness,
     LedgerServer, ALERTS_KEY,
 };

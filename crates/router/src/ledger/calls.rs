@@ -260,6 +260,27 @@ impl Calls {
         Err((last, round))
     }
 
+    /// A capture or void: [`Calls::settled`] until `until`, its refusal in the router's terms.
+    pub(crate) async fn resolved<M, F, Fut>(
+        &self,
+        op: Op,
+        id: &str,
+        until: Instant,
+        call: F,
+        msg: M,
+    ) -> Result<Transfer, RouterError>
+    where
+        M: Clone,
+        F: Fn(LedgerClient<Channel>, tonic::Request<M>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<Transfer>, tonic::Status>>,
+    {
+        let patience = Patience::Resolution { until };
+        self.settled(op, id, patience, call, msg, &mut Vec::new())
+            .await
+            .map(|(t, _)| t)
+            .map_err(|s| map_status(op, s))
+    }
+
     /// Runs a call that places or resolves a hold until its outcome is known. A call whose result
     /// is unknown (connection reset, timeout, `UNKNOWN`, a ledger restarting) may or may not have
     /// committed, so it is sent again: these calls are idempotent (an authorization by its key),

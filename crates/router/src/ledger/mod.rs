@@ -353,19 +353,8 @@ impl Ledger {
             answer,
         };
         self.calls
-            .settled(
-                Op::Capture,
-                transfer_id,
-                Patience::Resolution {
-                    until: settle_until,
-                },
-                rpc!(capture),
-                msg,
-                &mut Vec::new(),
-            )
+            .resolved(Op::Capture, transfer_id, settle_until, rpc!(capture), msg)
             .await
-            .map(|(t, _)| t)
-            .map_err(|s| map_status(Op::Capture, s))
     }
 
     /// Voids; settled like a capture.
@@ -382,19 +371,8 @@ impl Ledger {
             usage,
         };
         self.calls
-            .settled(
-                Op::Void,
-                transfer_id,
-                Patience::Resolution {
-                    until: settle_until,
-                },
-                rpc!(void),
-                msg,
-                &mut Vec::new(),
-            )
+            .resolved(Op::Void, transfer_id, settle_until, rpc!(void), msg)
             .await
-            .map(|(t, _)| t)
-            .map_err(|s| map_status(Op::Void, s))
     }
 
     /// Moves a pending hold's expiry to now + `ttl_seconds`.
