@@ -982,6 +982,39 @@ async fn a_unary_chat_the_client_left_keeps_its_prompt() {
     assert_consistent(&s.ledger.store).await;
 }
 
+/// The same for a stream whose client leaves before the upstream opened it (a limits reviewer's
+/// finding): it gave its whole reservation back, so large prompts sent as streams and left
+/// before their first byte were counted nothing.
+#[tokio::test]
+async fn a_stream_the_client_left_before_it_opened_keeps_its_prompt() {
+    const LIMIT: u64 = 100_000;
+    let s = free_with_tokens_per_minute(LIMIT).await;
+    s.upstream.set_mode(Mode::Delay(Duration::from_secs(3)));
+    let mut c = s.client().await;
+    let prompt = "word ".repeat(2000);
+    let mut request = tonic::Request::new(s.request(&prompt));
+    request.set_timeout(Duration::from_millis(800));
+    let err = c.chat_stream(request).await.expect_err("past its deadline");
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{err:?}"
+    );
+    let mut left = tokens_left(&s, &c).await;
+    for _ in 0..60 {
+        if left > LIMIT - 2100 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        left = tokens_left(&s, &c).await;
+    }
+    assert_eq!(s.upstream.hits(), 1, "the upstream had the prompt");
+    assert!(
+        (LIMIT - 2100..LIMIT - 1500).contains(&left),
+        "{left} of {LIMIT} left"
+    );
+    assert_consistent(&s.ledger.store).await;
+}
+
 /// Request limits on a free service: 3 per minute, the 4th refused, all without a ledger charge.
 #[tokio::test]
 async fn free_service_request_limit() {

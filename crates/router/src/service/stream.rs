@@ -82,6 +82,11 @@ impl RouterService {
                 return Ok(replayed(*r, headers));
             }
         };
+        // From here the upstream has the prompt: a client that leaves before the stream opened
+        // keeps it in its token windows, as a unary chat's does (a failure sets it back to 0).
+        if let (Some(pass), Some(prompt)) = (&p.t.pass, p.prompt_tokens) {
+            pass.keep_if_dropped(prompt);
+        }
         let up_start = Instant::now();
         // The upstream may take long to start answering (up to its request timeout): the hold is
         // extended meanwhile, as for a unary answer, so the stream starts with its life ahead.
