@@ -171,25 +171,32 @@ impl Hosted {
             input.amount,
             input.sender_email
         ));
-        self.cancel_unowned(&tx.id).await;
+        let cancelled = self.cancel_unowned(&tx.id).await;
         let reason = "the accounting service created another transaction";
         self.journal
             .mark_not_held(id, Step::Failed, reason, &err)
             .await?;
+        if !cancelled {
+            // The sweep lists the service only while a doubtful entry is recent: this one names
+            // the transaction left held, or nothing would ever cancel it.
+            self.journal.left_held(id, &tx.id).await?;
+        }
         Err(err)
     }
 
-    /// Cancels a remote hold no journal entry owns; one that does not go through is left to the
-    /// orphan sweep.
-    async fn cancel_unowned(&self, remote_id: &str) {
+    /// Cancels a remote hold no journal entry owns; one that does not go through (`false`) is
+    /// left to the orphan sweep.
+    async fn cancel_unowned(&self, remote_id: &str) -> bool {
         match self.cancel_remote(remote_id).await {
-            Ok(Outcome::Cancelled) => {}
+            Ok(Outcome::Cancelled) => true,
             // The money moved and no cancel gives it back: an operator must look.
             Ok(Outcome::Completed) => {
-                tracing::error!(remote = %remote_id, "a transaction this ledger did not keep was completed on the accounting service; it cannot be cancelled")
+                tracing::error!(remote = %remote_id, "a transaction this ledger did not keep was completed on the accounting service; it cannot be cancelled");
+                true
             }
             Err(e) => {
-                tracing::warn!(remote = %remote_id, error = %e, "not cancelled; the orphan sweep will")
+                tracing::warn!(remote = %remote_id, error = %e, "not cancelled; the orphan sweep will");
+                false
             }
         }
     }

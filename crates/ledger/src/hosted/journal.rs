@@ -236,6 +236,20 @@ impl Journal {
         .await
     }
 
+    /// A failed entry whose service created `remote_id` (another transaction than asked) and
+    /// whose cancel did not go through: the orphan sweep lists the service while it is recent
+    /// ([`Journal::doubtful_since`]) and cancels it.
+    pub async fn left_held(&self, id: &str, remote_id: &str) -> Result<()> {
+        self.run(
+            sqlx::query(
+                "UPDATE hosted_transfers SET remote_id = $2 WHERE id = $1 AND step = 'failed'",
+            )
+            .bind(id)
+            .bind(remote_id),
+        )
+        .await
+    }
+
     // ---------------------------------------------------------------- the lease
 
     /// Moves a pending entry from `claim.from` to `claim.to`, taking the lease; `None` if someone
@@ -547,13 +561,15 @@ impl Journal {
     }
 
     /// How many entries created or resolved after `since` may have left an untracked remote
-    /// hold: an unknown create, or a partial capture (its charge transaction, made at capture
-    /// time, which may be long after the hold was created).
+    /// hold: an unknown create, a partial capture (its charge transaction, made at capture
+    /// time, which may be long after the hold was created), or a different transaction left held
+    /// ([`Journal::left_held`]).
     pub async fn doubtful_since(&self, since: i64) -> Result<i64> {
         Ok(sqlx::query_scalar(
             "SELECT COUNT(*) FROM hosted_transfers WHERE (created_at > $1 OR resolved_at > $1 \
              OR status = 'PENDING') AND (step = 'unknown' OR \
-             (capture_amount IS NOT NULL AND capture_amount < amount))",
+             (capture_amount IS NOT NULL AND capture_amount < amount) OR \
+             (step = 'failed' AND remote_id IS NOT NULL))",
         )
         .bind(since)
         .fetch_one(self.pool())

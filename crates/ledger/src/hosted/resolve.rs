@@ -434,10 +434,20 @@ impl Hosted {
         if matches!(err, RemoteError::Unreachable(_)) || throttled(&err) {
             return Err(resolution_error(err));
         }
+        // The listing's own failure says nothing about the transaction: a refused listing (a
+        // service capping `limit`, a gateway's 403) was the capture's refusal, and the router
+        // voided and withheld an answer the service had charged for.
         let listed = self
             .retry(true, || self.remote.transactions(None))
             .await
-            .map_err(resolution_error)?;
+            .map_err(|listing| {
+                tracing::error!(remote = %remote_id, error = ?err, listing = ?listing,
+                    "a refused confirm or cancel whose transaction cannot be listed; its outcome is unknown until it can be read");
+                LedgerError::Unavailable(format!(
+                    "the accounting service refused the call and its transactions cannot be listed ({}); the outcome of {remote_id} is unknown, retry",
+                    listing.into_ledger()
+                ))
+            })?;
         match listed.iter().find(|t| t.id == remote_id) {
             Some(tx) => match outcome(tx) {
                 Some(outcome) => Ok(outcome),
