@@ -51,6 +51,8 @@ enum Fault {
     /// Forwards once and rewrites the answer's `transaction.status` (a service that completes
     /// a delegated transaction on create).
     AnswerStatus(&'static str, &'static str),
+    /// Forwards once and rewrites the answer's `transaction.currency`.
+    AnswerCurrency(&'static str, &'static str),
     /// Forwards once, then confirms the created transaction on the service before answering (a
     /// service that completes a delegated transaction on create).
     CompleteOnCreate(&'static str),
@@ -116,7 +118,10 @@ impl Proxy {
                 *fault = Fault::Fail(cancel, n);
                 Fault::DoubleAmount(p)
             }
-            Fault::DoubleAmount(p) | Fault::AnswerStatus(p, _) | Fault::CompleteOnCreate(p)
+            Fault::DoubleAmount(p)
+            | Fault::AnswerStatus(p, _)
+            | Fault::AnswerCurrency(p, _)
+            | Fault::CompleteOnCreate(p)
                 if path.starts_with(*p) =>
             {
                 *fault = Fault::Pass;
@@ -235,9 +240,14 @@ async fn relay(
             }
         }
     }
-    if let Fault::AnswerStatus(_, status) = plan {
+    let rewrite = match plan {
+        Fault::AnswerStatus(_, status) => Some(("status", status)),
+        Fault::AnswerCurrency(_, currency) => Some(("currency", currency)),
+        _ => None,
+    };
+    if let Some((field, value)) = rewrite {
         if let Ok(mut v) = serde_json::from_str::<serde_json::Value>(&text) {
-            v["transaction"]["status"] = status.into();
+            v["transaction"][field] = value.into();
             text = v.to_string();
         }
     }
@@ -1585,6 +1595,47 @@ async fn a_different_remote_transaction_is_cancelled_not_held() {
         .expect_err("the same refusal");
     assert_eq!(again.code(), tonic::Code::FailedPrecondition, "{again:?}");
     assert_eq!(p.money().await, ((USD, 0), (0, 0)));
+    p.finish().await;
+}
+
+/// The service keeps its accounts in euros and the hosted ledger was started in dollars (its
+/// default): it answered `GetAccount` in dollars, so a router pricing in dollars took it for its
+/// currency, and a hold of 1 USD took 1 EUR from the payer (a hosted reviewer's finding). Such a
+/// ledger now refuses to start, saying the currency to start it with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_service_in_another_currency_is_refused_at_start() {
+    let b = Harness::with(false, |c| c.currency = "EUR".into())
+        .await
+        .expect("B");
+    let owner_secret = b.account(OWNER, 0).await;
+    let db = syft_testkit::Db::fresh(false).await.expect("db");
+    let store = Arc::new(
+        syft_ledger::Store::connect(&db.url, 2)
+            .await
+            .expect("store"),
+    );
+    let config = HostedConfig::new(&b.http_url(), OWNER, &owner_secret);
+    let start = |currency: &'static str| {
+        syft_ledger::hosted::Hosted::start(store.clone(), config.clone(), currency)
+    };
+    let refused = start("USD").await.err().expect("refused in dollars");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused}");
+    assert!(refused.to_string().contains("--currency EUR"), "{refused}");
+    start("EUR").await.expect("started in euros");
+    b.finish().await;
+}
+
+/// A transaction the service creates in another currency than this ledger's (a service whose
+/// currency changed after the start) is another transaction than asked: refused and cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hold_created_in_another_currency_is_refused_not_held() {
+    let p = Pair::sqlite(10 * USD).await;
+    p.proxy
+        .set(Fault::AnswerCurrency("/transaction/create", "EUR"));
+    let err = p.authorize(USD, "k1").await.expect_err("refused");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("EUR"), "{err:?}");
+    assert_eq!(p.money().await, ((10 * USD, 0), (0, 0)));
     p.finish().await;
 }
 

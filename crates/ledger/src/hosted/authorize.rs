@@ -56,6 +56,7 @@ impl Hosted {
                     || !tx.sender_email.eq_ignore_ascii_case(input.sender_email)
                     || !tx.recipient_email.eq_ignore_ascii_case(&self.config.email)
                     || tx.status == Some(TransferStatus::Cancelled)
+                    || self.foreign(&tx)
                 {
                     return self.refuse_different(&id, &tx, input).await;
                 }
@@ -163,12 +164,14 @@ impl Hosted {
             "the accounting service created a different transaction; cancelling it");
         let err = LedgerError::FailedPrecondition(format!(
             "the accounting service created another transaction than asked ({} micros from {} to \
-             {}, {}; not {} from {}, pending); it is cancelled",
+             {}, {}, {}; not {} {} from {}, pending); it is cancelled",
             tx.amount,
             tx.sender_email,
             tx.recipient_email,
+            tx.currency.as_deref().unwrap_or("currency unnamed"),
             tx.status.map_or("status unknown", |s| s.as_str()),
             input.amount,
+            self.currency,
             input.sender_email
         ));
         let cancelled = self.cancel_unowned(&tx.id).await;

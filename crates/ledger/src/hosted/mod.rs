@@ -67,6 +67,12 @@ impl Hosted {
                 &sha256_hex(config.password.expose()),
             )
             .await?;
+        // A service that keeps its accounts in another currency would take a hold of 1 USD as
+        // 1 EUR: refused at start when the service says so (unreachable now, the first
+        // `GetAccount` and every created transaction are checked).
+        if let Ok(user) = remote.my_info().await {
+            check_currency(user.currency.as_deref(), currency)?;
+        }
         let hosted = Self {
             journal: Journal::new(store, config.lease, owner.id),
             remote,
@@ -116,11 +122,17 @@ impl Hosted {
         }
     }
 
+    /// Whether the service names another currency than this ledger's for `tx`.
+    fn foreign(&self, tx: &remote::RemoteTx) -> bool {
+        check_currency(tx.currency.as_deref(), &self.currency).is_err()
+    }
+
     pub async fn account(&self) -> Result<syft_proto::ledger::Account> {
         let user = self
             .retry(true, || self.remote.my_info())
             .await
             .map_err(RemoteError::into_ledger)?;
+        check_currency(user.currency.as_deref(), &self.currency)?;
         Ok(syft_proto::ledger::Account {
             email: user.email,
             organization: user.organization,
@@ -139,5 +151,18 @@ impl Hosted {
     /// Newest first, like the local store's listing.
     pub async fn list(&self, filter: &TransferFilter) -> Result<(Vec<TransferRow>, bool)> {
         self.journal.list(filter).await
+    }
+}
+
+/// The service's currency, where it names one, must be this ledger's (`--currency`).
+fn check_currency(service: Option<&str>, ours: &str) -> Result<()> {
+    match service {
+        Some(theirs) if !theirs.eq_ignore_ascii_case(ours) => {
+            Err(LedgerError::FailedPrecondition(format!(
+                "the accounting service keeps its accounts in {theirs}, and this ledger's \
+                 currency is {ours}: start it with --currency {theirs}"
+            )))
+        }
+        _ => Ok(()),
     }
 }

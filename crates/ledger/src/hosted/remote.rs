@@ -129,6 +129,8 @@ pub struct RemoteTx {
     pub status: Option<TransferStatus>,
     pub amount: i64,
     pub created_at: Option<i64>,
+    /// `None`: the service did not say (the Syft API's transactions need not).
+    pub currency: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -143,6 +145,8 @@ struct TxJson {
     amount: Box<RawValue>,
     #[serde(default)]
     created_at: Option<String>,
+    #[serde(default)]
+    currency: serde_json::Value,
 }
 
 impl TxJson {
@@ -155,6 +159,7 @@ impl TxJson {
             recipient_email: self.recipient_email.to_ascii_lowercase(),
             created_by: self.created_by.parse().ok(),
             status: self.status.parse().ok(),
+            currency: named(&self.currency),
         })
     }
 }
@@ -183,6 +188,8 @@ struct UserJson {
     email: serde_json::Value,
     #[serde(default)]
     organization: serde_json::Value,
+    #[serde(default)]
+    currency: serde_json::Value,
     balance: Box<RawValue>,
 }
 
@@ -192,6 +199,14 @@ pub struct RemoteUser {
     pub email: String,
     pub organization: String,
     pub balance: i64,
+    /// `None`: the service did not say.
+    pub currency: Option<String>,
+}
+
+/// A currency the service names (a non-empty string), upper-cased; `None` otherwise.
+fn named(currency: &serde_json::Value) -> Option<String> {
+    let code = currency.as_str()?.trim();
+    (!code.is_empty()).then(|| code.to_ascii_uppercase())
 }
 
 fn units_to_micros(raw: &RawValue) -> Result<i64, RemoteError> {
@@ -381,6 +396,7 @@ impl RemoteClient {
             email: user.email.as_str().unwrap_or(&self.email).to_string(),
             organization: user.organization.as_str().unwrap_or_default().to_string(),
             balance: units_to_micros(&user.balance)?,
+            currency: named(&user.currency),
         })
     }
 }

@@ -311,7 +311,10 @@ impl Hosted {
     /// service that rounds, a bug) is cancelled, never confirmed, and the capture refused; the
     /// router then voids, and the user pays nothing rather than what it did not agree to.
     async fn accept_charge(&self, e: &Entry, tx: RemoteTx, target: Micros) -> Result<String> {
-        if tx.amount == target.get() && tx.sender_email.eq_ignore_ascii_case(&e.sender_email) {
+        if tx.amount == target.get()
+            && tx.sender_email.eq_ignore_ascii_case(&e.sender_email)
+            && !self.foreign(&tx)
+        {
             return Ok(tx.id);
         }
         tracing::error!(transfer = %e.id, remote = %tx.id, asked = target.get(), created = tx.amount,
