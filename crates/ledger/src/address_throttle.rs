@@ -268,14 +268,15 @@ pub fn too_many_accounts(addr: IpAddr, wait: Duration, limit: u32) -> LedgerErro
 }
 
 /// Room for one more key in a table of at most `max` windows (both throttles' tables): the
-/// windows `over` says have ended go first, then the oldest that `evictable` allows (it gives a
-/// window's start, or `None` for one that must stay, such as a lock), down to half the table so
-/// that a flood does not sort the table for every new key. `false` when nothing more may go.
-pub(crate) fn make_room<K: Clone + Eq + Hash, W>(
+/// windows `over` says have ended go first, then the least that `evictable` allows (it gives a
+/// window's rank, e.g. its start, or `None` for one that must stay, such as a lock), down to half
+/// the table so that a flood does not sort the table for every new key. `false` when nothing more
+/// may go.
+pub(crate) fn make_room<K: Clone + Eq + Hash, W, R: Ord>(
     table: &mut HashMap<K, W>,
     max: usize,
     over: impl Fn(&W) -> bool,
-    evictable: impl Fn(&W) -> Option<Instant>,
+    evictable: impl Fn(&W) -> Option<R>,
 ) -> bool {
     if table.len() < max {
         return true;
@@ -284,11 +285,11 @@ pub(crate) fn make_room<K: Clone + Eq + Hash, W>(
     if table.len() < max {
         return true;
     }
-    let mut free: Vec<(Instant, K)> = table
+    let mut free: Vec<(R, K)> = table
         .iter()
-        .filter_map(|(k, w)| evictable(w).map(|start| (start, k.clone())))
+        .filter_map(|(k, w)| evictable(w).map(|rank| (rank, k.clone())))
         .collect();
-    free.sort_unstable_by_key(|(start, _)| *start);
+    free.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     let excess = table.len().saturating_sub(max / 2);
     for (_, k) in free.into_iter().take(excess) {
         table.remove(&k);

@@ -918,11 +918,83 @@ async fn postgres_upgrade_rebuilds_the_rollups() {
     upgrade_rebuilds_the_rollups(true).await;
 }
 
+/// The admin on a ledger whose accounts keep two currencies (a web reviewer's finding): 500
+/// micros of USD and 300 of EUR were answered as 800 "USD", refunds too. The admin's answer now
+/// holds the money of owners in the ledger's currency only; each owner reads its own.
+async fn admin_money_is_never_summed_across_currencies(h: Harness) -> Harness {
+    let owner = h.account(OWNER, 0).await;
+    let alice = h.account(ALICE, 10 * USD).await;
+    let token = h.token(&alice, OWNER).await;
+    let eur = |email: &'static str| {
+        let mut admin = h.admin();
+        async move {
+            let created = admin.create_account(pb::CreateAccountRequest {
+                currency: Some("EUR".into()),
+                ..req::create_account(email)
+            });
+            ok(created.await).secret
+        }
+    };
+    let owner_eur = eur(OWNER2).await;
+    let bob = eur(BOB).await;
+    ok(h.admin()
+        .deposit(pb::DepositRequest {
+            email: BOB.into(),
+            amount_micros: 10 * USD,
+            idempotency_key: "d-bob".into(),
+        })
+        .await);
+    let token_eur = h.token(&bob, OWNER2).await;
+    paid(
+        &h,
+        &owner,
+        &token,
+        usage(1, ALICE, "app", "success"),
+        Some(500),
+    )
+    .await;
+    paid(
+        &h,
+        &owner_eur,
+        &token_eur,
+        usage(2, BOB, "app", "success"),
+        Some(300),
+    )
+    .await;
+    for (email, secret, amount) in [(ALICE, &owner, 100), (BOB, &owner_eur, 200)] {
+        let id = syft_testkit::transfers_of(&h.url(), email).await[0]
+            .id
+            .clone();
+        ok(h.client(secret)
+            .refund(pb::RefundRequest {
+                transfer_id: id,
+                amount_micros: amount,
+                reason: "test".into(),
+                idempotency_key: "r1".into(),
+            })
+            .await);
+    }
+    let money = |s: &pb::GetUsageStatsResponse| {
+        let revenue: i64 = s.groups.iter().map(|g| g.revenue_micros).sum();
+        (s.currency.clone(), revenue, s.refunded_micros)
+    };
+    let admin = stats_as(&mut h.admin(), &[], pb::StatsRole::Owner).await;
+    assert_eq!(money(&admin), ("USD".into(), 500, 100), "the admin's");
+    let eur_owner = stats_as(&mut h.client(&owner_eur), &[], pb::StatsRole::Owner).await;
+    assert_eq!(
+        money(&eur_owner),
+        ("EUR".into(), 300, 200),
+        "the EUR owner's"
+    );
+    h
+}
+
 store_suite!(
     stats_match_raw_rows,
     top_groups_are_the_largest,
     group_committed_rows_and_refusals,
     bucket_boundaries,
     bad_input,
-    verify_sees_a_broken_rollup
+    verify_sees_a_broken_rollup,
+    admin_money_is_never_summed_across_currencies
 );

@@ -173,7 +173,17 @@ impl Ledger {
         check_group_by(&q.group_by)?;
         let (since, until) = range(q, self.store().now())?;
         let (scope, currency) = match caller {
-            Caller::Admin => (StatsScope::All, self.config().currency.clone()),
+            // Money of the ledger's currency only, once an account keeps another: it was all
+            // summed and named the ledger's (5 USD and 3 EUR answered "8 USD").
+            Caller::Admin => {
+                let currency = self.config().currency.clone();
+                let scope = if self.store().other_currencies_than(&currency).await? {
+                    StatsScope::Currency(currency.clone())
+                } else {
+                    StatsScope::All
+                };
+                (scope, currency)
+            }
             Caller::Account(a) => (
                 match q.role {
                     StatsRole::Owner => StatsScope::Owner(a.id),

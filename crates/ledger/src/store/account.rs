@@ -113,6 +113,17 @@ impl Store {
     }
 
     /// Account id for an email, cached: ids never change and accounts are never deleted.
+    /// Whether some account keeps another currency than `currency`.
+    pub async fn other_currencies_than(&self, currency: &str) -> Result<bool> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM accounts WHERE currency <> $1 LIMIT 1) x",
+        )
+        .bind(currency)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n > 0)
+    }
+
     pub async fn account_id(&self, email: &str) -> Result<Option<i64>> {
         if let Some(id) = read_lock(&self.emails).get(email) {
             return Ok(Some(*id));

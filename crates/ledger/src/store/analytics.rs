@@ -109,6 +109,9 @@ impl Dimension {
 pub enum StatsScope {
     /// The admin: every row.
     All,
+    /// The admin on a ledger whose accounts keep several currencies: the rows of apps whose
+    /// owner keeps this one (money of two currencies is never summed).
+    Currency(String),
     /// Rows of the apps this account receives money for.
     Owner(i64),
     /// Rows of requests this user sent, across all apps.
@@ -347,9 +350,13 @@ pub(super) fn keys_within(f: &StatsFilter, dims: &[Dimension]) -> bool {
 }
 
 /// The scope and the filters other than the user's, on table alias `t`.
+/// The accounts that keep a currency (bound as `?`).
+pub(super) const OWNERS_IN: &str = "(SELECT id FROM accounts WHERE currency = ?)";
+
 pub(super) fn scope_and_filters(w: &mut Where, f: &StatsFilter, t: &str) {
     match &f.scope {
         StatsScope::All => {}
+        StatsScope::Currency(c) => w.text(&format!("{t}.recipient_id IN {OWNERS_IN}"), c),
         StatsScope::Owner(id) => w.int(&format!("{t}.recipient_id = ?"), *id),
         StatsScope::User(email) => w.text(&format!("{t}.user_email = ?"), email),
     }

@@ -271,6 +271,10 @@ impl Store {
         let mut w = Where::default();
         match &f.scope {
             StatsScope::All => {}
+            StatsScope::Currency(c) => w.text(
+                &format!("r.recipient_id IN {}", super::analytics::OWNERS_IN),
+                c,
+            ),
             StatsScope::Owner(id) => w.int("r.recipient_id = ?", *id),
             StatsScope::User(email) => w.text(SENDER_IS, email),
         }

@@ -3,14 +3,14 @@
 //! refused with 429 until the window ends, whatever secret is sent, so a guess cannot be confirmed
 //! while locked.
 //!
-//! Why per account and in memory. Account secrets are 256-bit random values the ledger generates,
-//! so guessing one is hopeless anyway; what this guards is an operator-chosen admin key and a
-//! flood of wrong guesses. Counting per account (not per client address) works behind a proxy,
+//! Why per account and in memory. What this guards is a chosen secret (the operator's admin
+//! key, or an account's own password: generated secrets are 256-bit random, but accounts may
+//! choose one of 8 characters or more) and a flood of wrong guesses. Counting per account (not per client address) works behind a proxy,
 //! where every browser has the proxy's address. The cost is that a stranger can keep an account
 //! out of the dashboard (never out of the API) for a window; `MAX_FAILURES` per 15 minutes keeps
 //! guessing at 40 tries an hour per replica while letting the owner retry a typo nine times.
-//! Counts are per ledger process: N replicas allow N times the tries, which is still nothing
-//! against a random secret (docs/analytics.md, "Sign-in and sessions").
+//! Counts are per ledger process: N replicas allow N times the tries (docs/analytics.md,
+//! "Sign-in and sessions").
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -23,9 +23,11 @@ pub(crate) const MAX_FAILURES: u32 = 10;
 /// The window's length.
 pub(crate) const WINDOW: Duration = Duration::from_secs(15 * 60);
 /// Accounts tracked at most (a flood of made-up emails must not grow memory without bound).
-/// When full, expired windows go first, then the oldest that are not locked; a locked window is
-/// never dropped to make room (a flood of made-up emails used to push the admin's lock out), and
-/// while every tracked window is locked, accounts not tracked are refused too.
+/// When full, expired windows go first, then those with the fewest failures (the oldest of
+/// them first) that are not locked; a locked window is never dropped to make room (a flood of
+/// made-up emails used to push the admin's lock out, and then its count of nine: oldest first,
+/// ten thousand one-guess emails bought nine more admin-key guesses), and while every tracked
+/// window is locked, accounts not tracked are refused too.
 const MAX_TRACKED: usize = 10_000;
 /// How long a sign-in waits when the account's other attempts in flight fill its window.
 const BUSY: Duration = Duration::from_secs(1);
@@ -106,7 +108,7 @@ impl SignInThrottle {
                 &mut windows,
                 MAX_TRACKED,
                 |w| w.pending == 0 && now >= w.start + WINDOW,
-                |w| (!w.locked(now) && w.pending == 0).then_some(w.start),
+                |w| (!w.locked(now) && w.pending == 0).then_some((w.failures, w.start)),
             );
         if !room {
             return Err(WINDOW);
@@ -224,6 +226,25 @@ mod tests {
             t.check("", t0 + Duration::from_secs(60)).is_err(),
             "the admin's lock outlives a flood of made-up emails"
         );
+    }
+
+    /// A flood of made-up emails with one wrong guess each does not push out a window one short
+    /// of its lock (a web reviewer's finding: oldest first, it did, and the admin key got nine
+    /// more guesses per flood).
+    #[test]
+    fn a_flood_of_single_guesses_does_not_reset_an_almost_locked_window() {
+        let t = SignInThrottle::default();
+        let t0 = Instant::now();
+        fail(&t, "", t0, MAX_FAILURES - 1);
+        for i in 0..3 * MAX_TRACKED {
+            let at = t0 + Duration::from_millis(1 + i as u64);
+            if let Ok(a) = t.check(&format!("u{i}@x.io"), at) {
+                a.failed(at);
+            }
+        }
+        let at = t0 + Duration::from_secs(60);
+        t.check("", at).expect("its last guess").failed(at);
+        assert!(t.check("", at).is_err(), "locked after its tenth guess");
     }
 
     #[test]
