@@ -1116,6 +1116,11 @@ fn index_build_puts_a_whole_index_in_place() {
         let printed = run(&mut index_build(&docs, &out));
         assert_contains(&printed, &["indexed 2 documents"]);
         assert!(out.join("meta.json").is_file(), "{out:?}");
+        // An existing one (perhaps a mount point: built inside it, moved up) keeps nothing else.
+        for entry in std::fs::read_dir(&out).expect("list") {
+            let name = entry.expect("entry").file_name();
+            assert!(!name.to_string_lossy().contains("building"), "{name:?}");
+        }
     }
     let mut left: Vec<String> = std::fs::read_dir(root.path())
         .expect("list")
@@ -1140,6 +1145,18 @@ fn index_build_puts_a_whole_index_in_place() {
     let wordless = fails(&mut index_build(&bare, &root.path().join("idx3")));
     assert_contains(&wordless, &["hold no text"]);
     assert!(!root.path().join("idx3").exists());
+    // Punctuation only, and a word longer than the analyzer keeps (a hash): chunks without a
+    // term, served as healthy and finding nothing (a search reviewer's finding). Refused, and an
+    // existing `--out` is left empty.
+    let symbols = root.path().join("symbols");
+    std::fs::create_dir_all(&symbols).expect("symbols");
+    std::fs::write(symbols.join("a.md"), "--- *** !!! ??? ... ///\n").expect("punctuation");
+    std::fs::write(symbols.join("b.txt"), "f".repeat(64)).expect("hash");
+    let kept = root.path().join("kept");
+    std::fs::create_dir_all(&kept).expect("kept");
+    let termless = fails(&mut index_build(&symbols, &kept));
+    assert_contains(&termless, &["hold no text"]);
+    assert_eq!(std::fs::read_dir(&kept).expect("list").count(), 0);
 }
 
 /// `syft-router index build DIR --out OUT`.

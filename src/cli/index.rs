@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use syft_router_svc::search::{read_folder, DocIndex};
+use syft_router_svc::search::{read_folder, DocIndex, SourceDoc};
 
 #[derive(Args, Debug)]
 pub struct IndexArgs {
@@ -79,44 +79,77 @@ fn build(dir: &Path, out: &Path) -> anyhow::Result<(usize, u64)> {
          skipped): nothing to index",
         dir.display()
     );
-    // Built beside `out` and renamed into place once complete: tantivy writes its metadata
-    // first and commits last, so a build interrupted in `out` itself (a kill, a full disk) left
-    // an index that opened fine and held nothing, and a router served it as healthy.
-    let name = out
-        .file_name()
-        .with_context(|| format!("--out {} names no directory", out.display()))?;
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let building = parent.join(format!(
-        ".{}.building-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&building);
-    let chunks = match DocIndex::build(docs, Some(&building)) {
-        Ok(index) => index.chunks(),
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&building);
-            return Err(e.into());
-        }
+    // Built aside and moved into place once complete: tantivy writes its metadata first and
+    // commits last, so a build interrupted in `out` itself (a kill, a full disk) left an index
+    // that opened fine and held nothing, and a router served it as healthy. A new `out` is built
+    // beside it and renamed; an existing (empty) one is built inside it and its files moved up,
+    // `meta.json` last: it may be a mount point (a container's volume), which cannot be removed
+    // or renamed over, nor reached by a rename from another file system.
+    let exists = out.exists();
+    let building = if exists {
+        out.join(format!(".building-{}", std::process::id()))
+    } else {
+        let name = out
+            .file_name()
+            .with_context(|| format!("--out {} names no directory", out.display()))?;
+        let parent = out
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        parent.join(format!(
+            ".{}.building-{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ))
     };
-    // Documents without a word in them index into nothing, served as healthy: refused as a
-    // folder with no documents is (it was built, "indexed 2 documents into 0 chunks").
-    if chunks == 0 {
-        let _ = std::fs::remove_dir_all(&building);
-        anyhow::bail!(
-            "the {n} documents in {} hold no text: nothing to index",
-            dir.display()
-        );
-    }
-    if out.exists() {
-        std::fs::remove_dir(out).with_context(|| format!("--out {}", out.display()))?;
-    }
-    std::fs::rename(&building, out)
-        .with_context(|| format!("moving the index into {}", out.display()))?;
+    let _ = std::fs::remove_dir_all(&building);
+    let placed = place(docs, dir, &building, out, exists);
+    // Whatever failed, nothing is left behind (each retry, under a new pid, left a whole index).
+    let _ = std::fs::remove_dir_all(&building);
+    let chunks = placed?;
     Ok((n, chunks))
+}
+
+/// Builds the index of `docs` in `building` and moves it to `out` (into it when it `exists`).
+fn place(
+    docs: Vec<SourceDoc>,
+    dir: &Path,
+    building: &Path,
+    out: &Path,
+    exists: bool,
+) -> anyhow::Result<u64> {
+    let n = docs.len();
+    let index = DocIndex::build(docs, Some(building))?;
+    // Documents without a word in them (punctuation only, words longer than the analyzer keeps)
+    // index into nothing, served as healthy: refused as a folder with no documents is (it was
+    // built, "indexed 2 documents into 0 chunks").
+    anyhow::ensure!(
+        index.searchable(),
+        "the {n} documents in {} hold no text (no word a search could find): nothing to index",
+        dir.display()
+    );
+    let chunks = index.chunks();
+    drop(index);
+    let moving = |from: &Path, to: &Path| {
+        std::fs::rename(from, to)
+            .with_context(|| format!("moving the index into {}", out.display()))
+    };
+    if !exists {
+        moving(building, out)?;
+        return Ok(chunks);
+    }
+    let mut meta = None;
+    for entry in std::fs::read_dir(building)? {
+        let entry = entry?;
+        if entry.file_name() == "meta.json" {
+            meta = Some(entry.path());
+        } else {
+            moving(&entry.path(), &out.join(entry.file_name()))?;
+        }
+    }
+    let meta = meta.context("the built index has no meta.json")?;
+    moving(&meta, &out.join("meta.json"))?;
+    Ok(chunks)
 }
 
 /// The documents `demo` and `dev` search (`examples/docs/`), embedded so an installed binary

@@ -996,3 +996,28 @@ async fn a_search_only_router_lists_no_model() {
         "{chat:?}"
     );
 }
+
+/// A prebuilt index without a word a search could find (built before `index build` refused one,
+/// or by other means) is refused as a watched folder without text is: it was served as healthy,
+/// every search a free `no_results` (a search reviewer's finding).
+#[test]
+fn a_prebuilt_index_without_a_word_is_refused() {
+    use syft_router_svc::search::{DocIndex, SearchBackend, SourceDoc};
+    let root = TempDir::new().expect("temp dir");
+    let empty = root.path().join("empty");
+    DocIndex::build(Vec::<SourceDoc>::new(), Some(&empty)).expect("empty build");
+    let symbols = root.path().join("symbols");
+    let doc = SourceDoc {
+        id: "a".into(),
+        content: "--- *** !!! ???".into(),
+        metadata: Default::default(),
+    };
+    DocIndex::build(vec![doc], Some(&symbols)).expect("termless build");
+    for dir in [empty, symbols] {
+        let config = SearchConfig::new(SearchBackendConfig::Index(dir.clone()));
+        match SearchBackend::from_config(&config) {
+            Ok(_) => panic!("{dir:?} served"),
+            Err(e) => assert!(e.to_string().contains("no text"), "{e}"),
+        }
+    }
+}

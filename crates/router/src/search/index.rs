@@ -144,6 +144,17 @@ impl DocIndex {
         self.chunks
     }
 
+    /// Whether any word can be found. Chunks of punctuation only, or of words longer than the
+    /// analyzer keeps (hashes, base64), index into no term: every search would find nothing.
+    pub fn searchable(&self) -> bool {
+        let searcher = self.reader.searcher();
+        searcher.segment_readers().iter().any(|segment| {
+            segment
+                .inverted_index(self.fields.content)
+                .is_ok_and(|terms| terms.terms().num_terms() > 0)
+        })
+    }
+
     /// The best `limit` chunks for `query` with a normalised score of at least `threshold`.
     ///
     /// Every query word is a BM25 term (no query syntax, so user text cannot form operators).

@@ -41,7 +41,7 @@ pub enum IndexError {
     Index(String),
     /// Documents, but not a word in them: served, the index answers every search with nothing,
     /// free (most likely the wrong folder, or files emptied by a deploy).
-    #[error("{path} holds no text to index (its documents are empty)")]
+    #[error("{path} holds no text to index (no word a search could find)")]
     NoText { path: String },
 }
 
@@ -93,6 +93,13 @@ impl SearchBackend {
         Ok(match &config.backend {
             SearchBackendConfig::Index(dir) => {
                 let index = DocIndex::open(dir).map_err(setup)?;
+                // As a watched folder without a word is (an index built before `index build`
+                // refused one, or by other means, was served as healthy and found nothing).
+                if !index.searchable() {
+                    return Err(setup(IndexError::NoText {
+                        path: dir.display().to_string(),
+                    }));
+                }
                 SearchBackend::Embedded(Arc::new(EmbeddedSearch::new(index)))
             }
             SearchBackendConfig::Docs { dir, rescan } => {
