@@ -1070,6 +1070,32 @@ async fn remote_down_fails_fast_and_holds_nothing() {
     p.finish().await;
 }
 
+/// The router gives up on an Authorize (its deadline, 5 s by default, is shorter than the
+/// accounting timeout) while the create is out: the create went on with the call, the hold
+/// landed on the service, and every retry of the key was told "in progress" for a lease while
+/// Alice's money was held (a hosted reviewer's finding). The create now runs to its end: the
+/// retry finds the hold, which is captured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_authorize_whose_caller_gave_up_still_places_its_hold() {
+    let p = Pair::sqlite(10 * USD).await;
+    p.proxy.set(Fault::Slow(
+        "/transaction/create",
+        Duration::from_millis(500),
+    ));
+    let gave_up = tokio::time::timeout(Duration::from_millis(150), p.authorize(USD, "k1")).await;
+    assert!(gave_up.is_err(), "{gave_up:?}");
+    p.proxy.set(Fault::Pass);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let held = p
+        .authorize(USD, "k1")
+        .await
+        .expect("the retry finds the hold");
+    assert_eq!(held.status(), pb::TransferStatus::Pending);
+    p.captured(&held.id, USD, "req-1").await;
+    assert_eq!(p.money().await, ((9 * USD, 0), (USD, 0)));
+    p.finish().await;
+}
+
 /// The create reaches the remote only after ledger A gave up: A reports UNAVAILABLE and later
 /// cancels the orphan hold, so the user's money is not held forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

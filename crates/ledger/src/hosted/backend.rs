@@ -7,7 +7,9 @@ use std::sync::Arc;
 use super::Hosted;
 use crate::backend::{CaptureInput, Party, TransferBackend, VoidInput};
 use crate::error::{LedgerError, Result};
-use crate::store::{AccountRow, AuthorizeInput, Placed, Store, TransferFilter, TransferRow};
+use crate::store::{
+    AccountRow, AuthorizeInput, HoldBudgets, Placed, Store, TransferFilter, TransferRow,
+};
 use syft_error::Reason;
 use tokio_util::task::TaskTracker;
 
@@ -29,16 +31,16 @@ impl HostedBackend {
         }
     }
 
-    /// Runs a resolution in a task of its own. Its remote steps take a lease on the transfer; a
-    /// caller that gave up (a router's deadline cancelling its gRPC call while the accounting
-    /// service was slow) dropped them half-way with the lease kept, so every retry was told "in
-    /// progress" until the lease ran out (12 accounting timeouts, 2 minutes by default), while
-    /// the service had charged. The task is tracked so that a graceful shutdown does not cut it
-    /// the same way.
-    async fn run_to_its_end(
+    /// Runs an authorization or a resolution in a task of its own. Its remote steps take a lease
+    /// on the transfer (an authorization, on its key); a caller that gave up (a router's deadline
+    /// cancelling its gRPC call while the accounting service was slow) dropped them half-way
+    /// with the lease kept, so every retry was told "in progress" until the lease ran out (12
+    /// accounting timeouts, 2 minutes by default), while the service had charged or held. The
+    /// task is tracked so that a graceful shutdown does not cut it the same way.
+    async fn run_to_its_end<T: Send + 'static>(
         &self,
-        resolution: impl std::future::Future<Output = Result<TransferRow>> + Send + 'static,
-    ) -> Result<TransferRow> {
+        resolution: impl std::future::Future<Output = Result<T>> + Send + 'static,
+    ) -> Result<T> {
         self.resolutions
             .spawn(resolution)
             .await
@@ -78,7 +80,40 @@ impl TransferBackend for HostedBackend {
                 self.hosted.owner_email()
             )));
         }
-        self.hosted.authorize(input).await
+        // In a task of its own, as a resolution: a caller that gave up (a router's 5 s deadline,
+        // shorter than the accounting timeout) cut the create after it was sent, the hold landed
+        // on the service, and every retry of the key was told "in progress" for a lease while the
+        // payer's money was held.
+        let hosted = self.hosted.clone();
+        let (recipient_id, amount, ttl_micros) =
+            (input.recipient_id, input.amount, input.ttl_micros);
+        let [recipient_email, sender_email, token, app_name, app_ep_path, key, attempt_id] = [
+            input.recipient_email,
+            input.sender_email,
+            input.token,
+            input.app_name,
+            input.app_ep_path,
+            input.idempotency_key,
+            input.attempt_id,
+        ]
+        .map(str::to_owned);
+        self.run_to_its_end(async move {
+            let input = AuthorizeInput {
+                recipient_id,
+                recipient_email: &recipient_email,
+                sender_email: &sender_email,
+                amount,
+                token: &token,
+                app_name: &app_name,
+                app_ep_path: &app_ep_path,
+                idempotency_key: &key,
+                attempt_id: &attempt_id,
+                ttl_micros,
+                budgets: HoldBudgets::default(),
+            };
+            hosted.authorize(&input).await
+        })
+        .await
     }
 
     async fn capture(&self, c: CaptureInput<'_>) -> Result<TransferRow> {
