@@ -1910,6 +1910,49 @@ async fn a_hold_completed_on_create_is_kept_not_refused() {
     p.finish().await;
 }
 
+/// A partial capture's charge whose create's answer was lost is cancelled on the service before
+/// the retry records it (the orphan sweep racing the retry, the service expiring it, an operator;
+/// here the owner on the service). The retry's create under the same key got that cancelled
+/// charge back from a service honouring keys, for every retry until the hold expired: the answer
+/// was never charged (a hosted reviewer's finding). The key is spent; the next is used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cancelled_charge_does_not_spend_the_capture() {
+    let p = Pair::sqlite(10 * USD).await;
+    let t = p.hold().await;
+    p.proxy.set(Fault::LoseAnswer("/transaction/create", 1));
+    assert_eq!(
+        code(p.capture(&t.id, 400_000, "req-1").await),
+        Code::Unavailable
+    );
+    let http = reqwest::Client::new();
+    let listed: serde_json::Value = http
+        .get(format!("{}/transactions?status=PENDING", p.b.http_url()))
+        .basic_auth(OWNER, Some(&p.owner_secret))
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    let charge = listed["transactions"]
+        .as_array()
+        .and_then(|all| all.iter().find(|t| t["amount"].to_string() == "0.4"))
+        .and_then(|t| t["id"].as_str())
+        .expect("the lost charge")
+        .to_string();
+    let cancelled = http
+        .post(format!("{}/transaction/cancel", p.b.http_url()))
+        .basic_auth(OWNER, Some(&p.owner_secret))
+        .json(&serde_json::json!({ "transactionId": charge }))
+        .send()
+        .await
+        .expect("cancel");
+    assert!(cancelled.status().is_success());
+    p.captured(&t.id, 400_000, "req-1").await;
+    assert_eq!(p.money().await, ((10 * USD - 400_000, 0), (400_000, 0)));
+    p.finish().await;
+}
+
 /// An open capture's charge whose create's answer was lost, retried only after more than a lease
 /// (its ledger slow or restarting): the orphan sweep leaves the untracked charge to the open
 /// capture of its amount, and the retry confirms it under the same key. Cancelled by the sweep,

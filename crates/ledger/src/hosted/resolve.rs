@@ -10,6 +10,10 @@ use crate::error::{LedgerError, Result};
 use crate::store::{now_micros, CaptureAmount, TransferRow, UsageInput};
 use syft_error::Reason;
 
+/// Keys a partial capture's charge may take ([`Hosted::remote_charge`]): past as many cancelled
+/// charges, the capture is refused rather than create more.
+const CHARGE_KEYS: u32 = 4;
+
 impl Hosted {
     pub async fn capture(
         &self,
@@ -314,6 +318,7 @@ impl Hosted {
         if tx.amount == target.get()
             && tx.sender_email.eq_ignore_ascii_case(&e.sender_email)
             && !self.foreign(&tx)
+            && tx.status != Some(TransferStatus::Cancelled)
         {
             return Ok(tx.id);
         }
@@ -334,25 +339,40 @@ impl Hosted {
     }
 
     /// Creates `target` as a transaction of the entry's sender and token, under the idempotency
-    /// key `<transfer id>-<suffix>`.
+    /// key `<transfer id>-<suffix>`. A key whose charge was cancelled before its confirm (the
+    /// orphan sweep racing a retry, the service expiring it, an operator) is spent: a service
+    /// honouring keys answers that cancelled transaction for good, and the capture could never
+    /// charge (each retry got it back until the hold expired). The next key, `<suffix>-2`, `-3`,
+    /// … is then tried, the same sequence on every retry.
     async fn remote_charge(
         &self,
         e: &Entry,
         target: Micros,
         suffix: &str,
     ) -> std::result::Result<RemoteTx, RemoteError> {
-        let key = format!("{}-{suffix}", e.id);
-        self.retry(false, || {
-            self.remote.create(
-                &e.sender_email,
-                target.get(),
-                &e.token,
-                &e.app_name,
-                &e.app_ep_path,
-                &key,
-            )
-        })
-        .await
+        let mut n = 1;
+        loop {
+            let key = match n {
+                1 => format!("{}-{suffix}", e.id),
+                n => format!("{}-{suffix}-{n}", e.id),
+            };
+            let tx = self
+                .retry(false, || {
+                    self.remote.create(
+                        &e.sender_email,
+                        target.get(),
+                        &e.token,
+                        &e.app_name,
+                        &e.app_ep_path,
+                        &key,
+                    )
+                })
+                .await?;
+            if tx.status != Some(TransferStatus::Cancelled) || n == CHARGE_KEYS {
+                return Ok(tx);
+            }
+            n += 1;
+        }
     }
 
     /// Cancels the remote hold of a partial capture and records that it is gone.
