@@ -1936,7 +1936,7 @@ async fn a_cancelled_charge_does_not_spend_the_capture() {
         .expect("json");
     let charge = listed["transactions"]
         .as_array()
-        .and_then(|all| all.iter().find(|t| t["amount"].to_string() == "0.4"))
+        .and_then(|all| all.iter().find(|t| t["amount"] == 0.4))
         .and_then(|t| t["id"].as_str())
         .expect("the lost charge")
         .to_string();
