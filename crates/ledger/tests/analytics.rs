@@ -937,31 +937,16 @@ async fn admin_money_is_never_summed_across_currencies(h: Harness) -> Harness {
     };
     let owner_eur = eur(OWNER2).await;
     let bob = eur(BOB).await;
-    ok(h.admin()
-        .deposit(pb::DepositRequest {
-            email: BOB.into(),
-            amount_micros: 10 * USD,
-            idempotency_key: "d-bob".into(),
-        })
-        .await);
+    syft_testkit::deposit(&h.url(), BOB, 10 * USD).await;
     let token_eur = h.token(&bob, OWNER2).await;
-    paid(
-        &h,
-        &owner,
-        &token,
-        usage(1, ALICE, "app", "success"),
-        Some(500),
-    )
-    .await;
-    paid(
-        &h,
-        &owner_eur,
-        &token_eur,
-        usage(2, BOB, "app", "success"),
-        Some(300),
-    )
-    .await;
-    for (email, secret, amount) in [(ALICE, &owner, 100), (BOB, &owner_eur, 200)] {
+    // Each owner is paid (500 and 300) and refunds (100 and 200).
+    let payers = [
+        (ALICE, &owner, &token, 500, 100),
+        (BOB, &owner_eur, &token_eur, 300, 200),
+    ];
+    for (n, (email, secret, token, captured, amount)) in payers.into_iter().enumerate() {
+        let row = usage(n, email, "app", "success");
+        paid(&h, secret, token, row, Some(captured)).await;
         let id = syft_testkit::transfers_of(&h.url(), email).await[0]
             .id
             .clone();

@@ -1591,13 +1591,7 @@ async fn idempotency_keys_are_per_sender(h: Harness) -> Harness {
 /// count and sums only, and passed all three.)
 async fn verify_sees_money_booked_between_the_wrong_accounts(h: Harness) -> Harness {
     let (owner, _alice, token) = setup(&h, 10 * USD).await;
-    ok(h.admin()
-        .deposit(pb::DepositRequest {
-            email: OWNER.into(),
-            amount_micros: 10 * USD,
-            idempotency_key: "owner-funds".into(),
-        })
-        .await);
+    syft_testkit::deposit(&h.url(), OWNER, 10 * USD).await;
     let mut router = h.client(&owner);
     let t = granted(&mut router, 2 * USD, &token, "wrong-way").await;
     ok(router.capture(capture_full(&t.id)).await);

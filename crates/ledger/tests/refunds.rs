@@ -231,13 +231,7 @@ async fn a_recipient_without_the_money_cannot_refund(h: Harness) -> Harness {
 /// The owner has money besides, so only the transfer's bound stops the fourth.
 async fn concurrent_refunds_never_give_back_more_than_was_captured(h: Harness) -> Harness {
     let (owner, _alice, id) = paid(&h).await;
-    ok(h.admin()
-        .deposit(pb::DepositRequest {
-            email: OWNER.into(),
-            amount_micros: 5 * USD,
-            idempotency_key: "owner-funds".into(),
-        })
-        .await);
+    syft_testkit::deposit(&h.url(), OWNER, 5 * USD).await;
     let tries = (0..10).map(|i| {
         let mut router = h.client(&owner);
         let request = refund(&id, 300_000, &format!("c{i}"));
