@@ -1722,6 +1722,11 @@ async fn verify_sees_a_token_past_its_limit_and_a_capture_after_expiry(h: Harnes
         .fetch_one(pool)
         .await
         .expect("expiry");
+    let owner_id: i64 = sqlx::query_scalar("SELECT recipient_id FROM transfers WHERE id = $1")
+        .bind(&t.id)
+        .fetch_one(pool)
+        .await
+        .expect("owner");
     let cases = [
         (
             format!(
@@ -1746,6 +1751,30 @@ async fn verify_sees_a_token_past_its_limit_and_a_capture_after_expiry(h: Harnes
                 t.id
             ),
             "captured at or after their hold's expiry",
+        ),
+        // A token that expired before its holds were placed, and one of other parties than its
+        // holds' (a tokens reviewer's finding: neither was checked).
+        (
+            format!(
+                "UPDATE tokens SET expires_at = created_at WHERE spend_limit = {}",
+                3 * USD
+            ),
+            format!(
+                "UPDATE tokens SET expires_at = NULL WHERE spend_limit = {}",
+                3 * USD
+            ),
+            "placed after it expired",
+        ),
+        (
+            format!(
+                "UPDATE tokens SET recipient_id = sender_id WHERE spend_limit = {}",
+                3 * USD
+            ),
+            format!(
+                "UPDATE tokens SET recipient_id = {owner_id} WHERE spend_limit = {}",
+                3 * USD
+            ),
+            "paid with a token of other parties",
         ),
     ];
     for (change, undo, expect) in cases {

@@ -207,6 +207,24 @@ async fn verify_snapshot(conn: &mut AnyConnection) -> Result<VerifyReport> {
         }
     }
 
+    // A transfer paid with a token is between the token's own parties, and was placed before the
+    // token expired. (Not "before its revocation": a revocation stamped by a call that then
+    // waited for the token's lock may carry an earlier time than a hold placed meanwhile.)
+    let misused: Vec<String> = sqlx::query_scalar(
+        "SELECT t.id FROM transfers t JOIN tokens k ON k.id = t.token_id \
+         WHERE t.sender_id <> k.sender_id OR t.recipient_id <> k.recipient_id \
+            OR t.created_at >= COALESCE(k.expires_at, t.created_at + 1) \
+         ORDER BY t.id LIMIT 1001",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    if !misused.is_empty() {
+        problems.push(named(
+            &misused,
+            "transfers were paid with a token of other parties, or placed after it expired",
+        ));
+    }
+
     // Transfers: each completed one has exactly its two entries, the captured amount taken from
     // its sender and given to its recipient; others have none. (Entries were checked by count
     // and sums only, so a capture booked the wrong way round, or on other accounts, passed.)
