@@ -1301,6 +1301,94 @@ async fn dev_has_alerts_on_for_a_local_receiver() {
     dev.stop();
 }
 
+/// `dev` stopped (SIGTERM) while a free request waits on its upstream: the router finishes it
+/// and its usage row reaches the ledger, which stops after the router. One signal stopped both:
+/// the ledger, with no hold open and no call for a second, was gone when the row came, and the
+/// answered request left no row.
+#[tokio::test(flavor = "multi_thread")]
+async fn dev_stops_its_router_before_its_ledger() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let upstream = syft_testkit::FakeUpstream::start().await;
+    upstream.set_mode(syft_testkit::Mode::Delay(Duration::from_secs(3)));
+    let config = data.path().join("router.json");
+    let free = serde_json::json!({
+        "name": "dev-free",
+        "owner_email": "owner@example.com",
+        "services": [{"type": "chat", "enabled": true, "pricing": {"pricing_type": "free"}}],
+    });
+    std::fs::write(&config, free.to_string()).expect("config");
+    let ports = syft_testkit::free_ports::<4>().map(|p| format!("127.0.0.1:{p}"));
+    let mut child = syft_router()
+        .arg("dev")
+        .args(["--data-dir", &data.path().display().to_string()])
+        .args([
+            "--ledger-grpc-addr",
+            &ports[0],
+            "--ledger-http-addr",
+            &ports[1],
+        ])
+        .args([
+            "--router-grpc-addr",
+            &ports[2],
+            "--router-http-addr",
+            &ports[3],
+        ])
+        .args([
+            "--upstream-url",
+            &upstream.base_url,
+            "--models",
+            "test-model",
+        ])
+        .arg("--config")
+        .arg(&config)
+        .env_remove("DATABASE_URL")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn dev");
+    let base = format!("http://{}", ports[3]);
+    let http = reqwest::Client::new();
+    let mut ready = false;
+    for _ in 0..600 {
+        let answer = http.get(format!("{base}/readyz")).send().await;
+        if answer.is_ok_and(|r| r.status().is_success()) {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ready, "dev never served");
+    let chat = http
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&serde_json::json!({
+            "model": "test-model",
+            "user": "alice@example.com",
+            "messages": [{"role": "user", "content": "hello"}],
+        }))
+        .send();
+    let chat = tokio::spawn(chat);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(kill.success());
+    let answered = chat.await.expect("task").expect("answered");
+    assert_eq!(answered.status(), 200);
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .expect("task")
+        .expect("wait");
+    assert!(status.success(), "{status:?}");
+    let db = format!("sqlite://{}/ledger.db", data.path().display());
+    let store = syft_ledger::Store::connect(&db, 1).await.expect("store");
+    let rows: Vec<String> = sqlx::query_scalar("SELECT status FROM usage_records")
+        .fetch_all(store.pool())
+        .await
+        .expect("rows");
+    assert_eq!(rows, ["success"], "the answered request's row");
+    syft_testkit::assert_consistent(&store).await;
+}
+
 /// `dev` whose stdout is closed (`syft-router dev | head -3`, a reader that stopped) keeps
 /// serving: its banner is for a person, and printing it into a closed pipe used to panic the
 /// whole process (`failed printing to stdout: Broken pipe`, exit 101) just after it started.

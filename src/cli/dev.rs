@@ -77,14 +77,20 @@ struct DevCredentials {
     alerts_key: Option<String>,
 }
 
-/// A ledger served on an already bound listener, stopped by dropping `stop`.
+/// The servers of one process (a ledger, a router), stopped in order by [`Running::shutdown`].
 pub(super) struct Running {
+    ledgers: Stage,
+    routers: Stage,
+}
+
+/// Servers stopped together: a signal, and their tasks to wait for.
+struct Stage {
     stop: tokio::sync::watch::Sender<bool>,
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
 }
 
-impl Running {
-    pub(super) fn new() -> Self {
+impl Stage {
+    fn new() -> Self {
         Self {
             stop: tokio::sync::watch::channel(false).0,
             tasks: Vec::new(),
@@ -95,6 +101,23 @@ impl Running {
         let mut rx = self.stop.subscribe();
         async move {
             let _ = rx.wait_for(|s| *s).await;
+        }
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            task.await??;
+        }
+        Ok(())
+    }
+}
+
+impl Running {
+    pub(super) fn new() -> Self {
+        Self {
+            ledgers: Stage::new(),
+            routers: Stage::new(),
         }
     }
 
@@ -132,13 +155,10 @@ impl Running {
             admin_key: admin_key.into(),
             accounting_api: http_listener.is_some(),
             alerts,
-            // Twice the router's: one signal stops both, and a stopping ledger takes calls for at
-            // most half its grace, so the router's requests still capture and void within its own.
-            shutdown_grace: syft_server::DEFAULT_SHUTDOWN_GRACE * 2,
             ..LedgerConfig::default()
         };
-        let signal = self.signal();
-        self.tasks.push(tokio::spawn(async move {
+        let signal = self.ledgers.signal();
+        self.ledgers.tasks.push(tokio::spawn(async move {
             let listeners = syft_ledger::Listeners {
                 grpc: listener,
                 http: http_listener,
@@ -156,18 +176,20 @@ impl Running {
         grpc: TcpListener,
         http: TcpListener,
     ) {
-        let signal = self.signal();
-        self.tasks.push(tokio::spawn(async move {
+        let signal = self.routers.signal();
+        self.routers.tasks.push(tokio::spawn(async move {
             Ok(syft_router_svc::serve(config, grpc, http, signal).await?)
         }));
     }
 
+    /// The routers first, then the ledger they record to: a router's requests in flight finish
+    /// (within its grace) with the ledger still there to capture, void and take their usage
+    /// rows. One signal stopped both, and a free request answered after the ledger had stopped
+    /// lost its row (the ledger's drain waits for holds, and a free request has none).
     pub(super) async fn shutdown(self) -> anyhow::Result<()> {
-        let _ = self.stop.send(true);
-        for task in self.tasks {
-            task.await??;
-        }
-        Ok(())
+        let routers = self.routers.stop().await;
+        let ledgers = self.ledgers.stop().await;
+        routers.and(ledgers)
     }
 }
 
