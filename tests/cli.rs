@@ -1301,6 +1301,27 @@ async fn dev_has_alerts_on_for_a_local_receiver() {
     dev.stop();
 }
 
+/// `syft-router dev` on `data`, its ledger's gRPC and HTTP and its router's gRPC and HTTP on
+/// `ports`.
+fn dev_on(data: &std::path::Path, ports: &[String]) -> Command {
+    let mut dev = syft_router();
+    dev.arg("dev")
+        .args(["--data-dir", &data.display().to_string()])
+        .args([
+            "--ledger-grpc-addr",
+            &ports[0],
+            "--ledger-http-addr",
+            &ports[1],
+        ])
+        .args([
+            "--router-grpc-addr",
+            &ports[2],
+            "--router-http-addr",
+            &ports[3],
+        ]);
+    dev
+}
+
 /// `dev` stopped (SIGTERM) while a free request waits on its upstream: the router finishes it
 /// and its usage row reaches the ledger, which stops after the router. One signal stopped both:
 /// the ledger, with no hold open and no call for a second, was gone when the row came, and the
@@ -1318,21 +1339,7 @@ async fn dev_stops_its_router_before_its_ledger() {
     });
     std::fs::write(&config, free.to_string()).expect("config");
     let ports = syft_testkit::free_ports::<4>().map(|p| format!("127.0.0.1:{p}"));
-    let mut child = syft_router()
-        .arg("dev")
-        .args(["--data-dir", &data.path().display().to_string()])
-        .args([
-            "--ledger-grpc-addr",
-            &ports[0],
-            "--ledger-http-addr",
-            &ports[1],
-        ])
-        .args([
-            "--router-grpc-addr",
-            &ports[2],
-            "--router-http-addr",
-            &ports[3],
-        ])
+    let mut child = dev_on(data.path(), &ports)
         .args([
             "--upstream-url",
             &upstream.base_url,
@@ -1395,27 +1402,8 @@ async fn dev_stops_its_router_before_its_ledger() {
 #[test]
 fn dev_keeps_serving_when_its_stdout_is_closed() {
     let data = tempfile::tempdir().expect("tempdir");
-    let ports: Vec<String> = (0..4)
-        .map(|_| {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-            l.local_addr().expect("addr").to_string()
-        })
-        .collect();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_syft-router"))
-        .arg("dev")
-        .args(["--data-dir", &data.path().display().to_string()])
-        .args([
-            "--ledger-grpc-addr",
-            &ports[0],
-            "--ledger-http-addr",
-            &ports[1],
-        ])
-        .args([
-            "--router-grpc-addr",
-            &ports[2],
-            "--router-http-addr",
-            &ports[3],
-        ])
+    let ports = syft_testkit::free_ports::<4>().map(|p| format!("127.0.0.1:{p}"));
+    let mut child = dev_on(data.path(), &ports)
         .env("RUST_LOG", "error")
         .env_remove("DATABASE_URL")
         .env_remove("SYFT_ROUTER_CONFIG")
