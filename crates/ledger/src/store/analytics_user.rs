@@ -9,6 +9,7 @@
 //! active users are exact: the distinct non-empty user emails of the group.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::ControlFlow;
 
 use sqlx::any::AnyRow;
 use sqlx::Row;
@@ -25,7 +26,25 @@ use super::rollup::{
 use super::Store;
 use crate::error::Result;
 
-type Groups = BTreeMap<GroupKey, (Sums, BTreeSet<String>)>;
+/// The groups read so far, and how many of them have requests.
+#[derive(Default)]
+struct Groups {
+    map: BTreeMap<GroupKey, (Sums, BTreeSet<String>)>,
+    with_requests: usize,
+}
+
+impl Groups {
+    /// Whether reading on can change the answer: without a ranking, once more groups have
+    /// requests than an answer may hold, it is refused whatever else is read (one answer over
+    /// tens of thousands of users was read whole first).
+    fn go_on(&self, f: &StatsFilter) -> ControlFlow<()> {
+        if f.top.is_none() && self.with_requests >= f.limit {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    }
+}
 
 /// SQL of [`super::rollup::bucket_of`] for the value `x`: a binary search over the bucket bounds
 /// (six comparisons), so raw rows land in the same histogram buckets as the writer puts them.
@@ -46,16 +65,26 @@ pub(super) fn bucket_sql(x: &str) -> String {
 }
 
 /// Adds the sums of one (group, user) row to its group, and the user to the group's active users.
-fn add_user_row(groups: &mut Groups, row: &AnyRow, f: &StatsFilter, s: &Sums) -> Result<()> {
+fn add_user_row(
+    groups: &mut Groups,
+    row: &AnyRow,
+    f: &StatsFilter,
+    s: &Sums,
+) -> Result<ControlFlow<()>> {
     let user: String = row.try_get("uk")?;
     let (sums, users) = groups
+        .map
         .entry(key_of(row, f)?)
         .or_insert_with(|| (Sums::new(false), BTreeSet::new()));
+    let had_requests = sums[Summed::Requests] > 0;
     sums.merge(s);
+    if !had_requests && sums[Summed::Requests] > 0 {
+        groups.with_requests += 1;
+    }
     if !user.is_empty() {
         users.insert(user);
     }
-    Ok(())
+    Ok(groups.go_on(f))
 }
 
 impl Store {
@@ -69,7 +98,7 @@ impl Store {
                 Dimension::User,
             ],
         );
-        let mut groups = Groups::new();
+        let mut groups = Groups::default();
         let mut raw = Vec::new();
         if rollups_answer {
             let mut ranges = Vec::new();
@@ -86,10 +115,11 @@ impl Store {
         } else {
             raw.push((f.since, f.until));
         }
-        if !raw.is_empty() {
+        if !raw.is_empty() && groups.go_on(f).is_continue() {
             self.raw_groups(f, &raw, &mut groups).await?;
         }
         let mut groups: Vec<_> = groups
+            .map
             .into_iter()
             .filter(|(_, (s, _))| s[Summed::Requests] > 0)
             .collect();
@@ -147,7 +177,7 @@ impl Store {
             w.sql(),
             group.join(", ")
         );
-        for row in self.fetch_stats(&w, &sql, true).await? {
+        self.fetch_stats_each(&w, &sql, true, |row| {
             let mut s = Sums::new(false);
             for c in USER_SUM_COLUMNS {
                 s.set_sum(c, row.try_get(c)?);
@@ -156,9 +186,9 @@ impl Store {
                 // After the keys, `uk` and the sums (`select` order).
                 read_hist(&row, f.group_by.len() + 1 + USER_SUM_COLUMNS.len(), &mut s)?;
             }
-            add_user_row(groups, &row, f, &s)?;
-        }
-        Ok(())
+            add_user_row(groups, &row, f, &s)
+        })
+        .await
     }
 
     /// The usage rows created in `ranges`, per group, user and histogram bucket.
@@ -218,7 +248,7 @@ impl Store {
             group.join(", ")
         );
         let bucket = |v: i64| (v.max(0) as usize).min(HIST_BUCKETS - 1);
-        for row in self.fetch_stats(&w, &sql, false).await? {
+        self.fetch_stats_each(&w, &sql, false, |row| {
             let mut s = Sums::new(false);
             for c in USER_SUM_COLUMNS {
                 s.set_sum(c, row.try_get(c)?);
@@ -228,9 +258,9 @@ impl Store {
             if let Some(bt) = row.try_get::<Option<i64>, _>("bt")? {
                 s.hist[2][bucket(bt)] += s[Summed::TtftCount];
             }
-            add_user_row(groups, &row, f, &s)?;
-        }
-        Ok(())
+            add_user_row(groups, &row, f, &s)
+        })
+        .await
     }
 }
 

@@ -354,6 +354,11 @@ pub fn sha256_hex(data: &str) -> String {
 
 pub struct Store {
     pool: AnyPool,
+    /// SQLite: a read-only connection of its own for analytics (WAL lets it read beside the
+    /// writer), so a long answer does not hold the one connection every hold, capture and row
+    /// waits for (one over 400,000 rows held it 25 s, and holds failed "database unavailable").
+    /// `None` on Postgres and for an in-memory database.
+    reader: Option<AnyPool>,
     backend: Backend,
     tokens: RwLock<HashMap<String, Arc<TokenInfo>>>,
     secrets: RwLock<HashMap<String, (Arc<Identity>, Instant)>>,
@@ -510,6 +515,23 @@ impl Store {
                 }
             }
         }
+        let reader = match backend {
+            Backend::Sqlite if !database_url.contains("memory") => {
+                let read_only = options.clone().max_connections(1).after_connect(|conn, _| {
+                    Box::pin(async move {
+                        conn.execute("PRAGMA busy_timeout = 5000; PRAGMA query_only = ON;")
+                            .await?;
+                        Ok(())
+                    })
+                });
+                Some(
+                    open_pool(read_only, database_url)
+                        .await
+                        .map_err(unreachable)?,
+                )
+            }
+            _ => None,
+        };
         let batcher = match backend {
             Backend::Postgres => {
                 let workers = batch_workers.unwrap_or(1);
@@ -531,6 +553,7 @@ impl Store {
             batcher,
             usage_writer,
             pool,
+            reader,
             backend,
             tokens: RwLock::default(),
             secrets: RwLock::default(),
@@ -555,6 +578,11 @@ impl Store {
 
     pub fn pool(&self) -> &AnyPool {
         &self.pool
+    }
+
+    /// Where analytics read: SQLite's read-only connection, or the pool.
+    pub(super) fn reader(&self) -> &AnyPool {
+        self.reader.as_ref().unwrap_or(&self.pool)
     }
 
     /// The ledger's clock in micros since the Unix epoch: on Postgres the database's, which every
