@@ -541,6 +541,62 @@ async fn a_refund_from_the_command_line_is_made_once() {
     h.finish().await;
 }
 
+/// The admin lists the refunds of owners in two currencies: 0.30 USD and 0.50 EUR were one
+/// total of "0.8 refunded" (and `refunded_micros` 800,000 over gRPC), money of two currencies
+/// summed (a refunds reviewer's finding). Each currency is totalled on its own, in their order.
+#[tokio::test(flavor = "multi_thread")]
+async fn refunds_in_two_currencies_are_totalled_apart() {
+    use syft_proto::ledger as pb;
+    use syft_testkit::{paid, req};
+    let h = Harness::new(false).await.unwrap();
+    let (owner, _, token) = h
+        .payer("owner@router.example", "alice@example.com", 10_000_000)
+        .await;
+    let in_euros = |email: &'static str| {
+        let mut admin = h.admin();
+        async move {
+            let created = admin.create_account(pb::CreateAccountRequest {
+                currency: Some("EUR".into()),
+                ..req::create_account(email)
+            });
+            syft_testkit::ok(created.await).secret
+        }
+    };
+    let owner_eur = in_euros("owner@router.example.eu").await;
+    let bob = in_euros("bob@example.com").await;
+    syft_testkit::deposit(&h.url(), "bob@example.com", 10_000_000).await;
+    let token_eur = h.token(&bob, "owner@router.example.eu").await;
+    let payers = [
+        (&owner, "alice@example.com", &token, 300_000),
+        (&owner_eur, "bob@example.com", &token_eur, 500_000),
+    ];
+    for (secret, payer, token, amount) in payers {
+        let mut router = h.client(secret);
+        let done = paid(&mut router, req::hold(payer, 1_000_000, token, "k1")).await;
+        let refund = pb::RefundRequest {
+            transfer_id: done.id,
+            amount_micros: amount,
+            reason: "test".into(),
+            idempotency_key: "r1".into(),
+        };
+        syft_testkit::ok(router.refund(refund).await);
+    }
+    let listed = syft_testkit::ok(
+        h.admin()
+            .list_refunds(pb::ListRefundsRequest::default())
+            .await,
+    );
+    assert_eq!((listed.refunds.len(), listed.refunded_micros), (2, 0));
+    let cli = admin_cli(h.url());
+    let table = run(&mut cli(&["refunds"]));
+    assert_contains(&table, &["total: 2 refunds, 0.5 EUR + 0.3 USD refunded"]);
+    let json: serde_json::Value =
+        serde_json::from_str(&run(&mut cli(&["refunds", "--json"]))).expect("json");
+    assert_eq!(json["refunded_micros"], serde_json::Value::Null, "{json}");
+    assert_eq!(json["refunded_by_currency"]["EUR"], 500_000, "{json}");
+    h.finish().await;
+}
+
 /// Runs a command that must fail and returns its stderr, which must be one line.
 fn fails(cmd: &mut Command) -> String {
     let out = cmd.output().expect("run syft-router");
@@ -1130,6 +1186,16 @@ fn index_build_puts_a_whole_index_in_place() {
     assert_eq!(left, ["docs", "empty", "idx"], "nothing built beside them");
     let refused = fails(&mut index_build(&docs, &root.path().join("idx")));
     assert_contains(&refused, &["is not empty"]);
+    // A build killed inside an existing `--out` left its `.building-<pid>` there: a retry clears
+    // it (it was refused "not empty" for good, the folder looking empty).
+    let killed = root.path().join("killed");
+    std::fs::create_dir_all(killed.join(".building-4242")).expect("left by a killed build");
+    std::fs::write(killed.join(".building-4242").join("meta.json"), "{}").expect("half");
+    assert_contains(
+        &run(&mut index_build(&docs, &killed)),
+        &["indexed 2 documents"],
+    );
+    assert!(!killed.join(".building-4242").exists());
     // An index inside its folder (the next build read it back as documents and failed), and a
     // folder with no documents (an index that answers every search with nothing, free).
     let nested = fails(&mut index_build(&docs, &docs.join("index")));

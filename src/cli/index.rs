@@ -52,13 +52,26 @@ fn inside(out: &Path, dir: &Path) -> bool {
 fn build(dir: &Path, out: &Path) -> anyhow::Result<(usize, u64)> {
     anyhow::ensure!(dir.is_dir(), "{} is not a directory", dir.display());
     if out.exists() {
-        let mut entries = std::fs::read_dir(out)
+        let entries = std::fs::read_dir(out)
             .with_context(|| format!("--out {} is not a directory", out.display()))?;
-        anyhow::ensure!(
-            entries.next().is_none(),
-            "--out {} is not empty; remove it or choose a new directory",
-            out.display()
-        );
+        for entry in entries {
+            let entry = entry?;
+            // A build killed inside `--out` left its `.building-<pid>` there (and a mount point
+            // cannot be removed): the only thing a retry may clear.
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(".building-")
+            {
+                std::fs::remove_dir_all(entry.path())
+                    .with_context(|| format!("removing {}", entry.path().display()))?;
+                continue;
+            }
+            anyhow::bail!(
+                "--out {} is not empty; remove it or choose a new directory",
+                out.display()
+            );
+        }
     }
     // An index inside its own folder is read back as documents by the next build (its
     // `meta.json` is not JSON lines), which then fails.

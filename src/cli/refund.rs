@@ -159,12 +159,24 @@ pub async fn refunds(args: RefundsArgs) -> anyhow::Result<()> {
     let client = conn.user()?;
     let (refunds, next) =
         list_all(conn, &client, request, (!args.all).then_some(args.limit)).await?;
-    let total: i64 = refunds.iter().map(|r| r.amount_micros).sum();
+    // Per currency: an admin's refunds may be of accounts in several, and money of two
+    // currencies is never summed (0.30 USD and 0.50 EUR were "0.80 refunded").
+    let mut totals = std::collections::BTreeMap::<&str, i64>::new();
+    for r in &refunds {
+        *totals.entry(r.currency.as_str()).or_default() += r.amount_micros;
+    }
     if conn.json {
         let rows: Vec<_> = refunds.iter().map(refund_json).collect();
+        // `refunded_micros` when the refunds share a currency (or there are none), as before.
+        let total = match totals.len() {
+            0 => Some(0),
+            1 => totals.values().next().copied(),
+            _ => None,
+        };
         println!(
             "{}",
-            json!({"refunds": rows, "refunded_micros": total, "next_page_token": next})
+            json!({"refunds": rows, "refunded_micros": total, "refunded_by_currency": totals,
+                   "next_page_token": next})
         );
         return Ok(());
     }
@@ -193,11 +205,16 @@ pub async fn refunds(args: RefundsArgs) -> anyhow::Result<()> {
             &r.reason,
         ]);
     }
-    println!(
-        "total: {} refunds, {} refunded",
-        refunds.len(),
-        format_micros(total)
-    );
+    // One currency (the table's column says which): the amount alone, as before.
+    let refunded = match totals.len() {
+        0 | 1 => format_micros(totals.values().sum()),
+        _ => totals
+            .iter()
+            .map(|(currency, micros)| format!("{} {currency}", format_micros(*micros)))
+            .collect::<Vec<_>>()
+            .join(" + "),
+    };
+    println!("total: {} refunds, {refunded} refunded", refunds.len());
     super::tables::more_hint(&next, "refunds");
     Ok(())
 }

@@ -208,7 +208,7 @@ fn room(table: &mut Table, now: Instant, what: &'static str) -> bool {
         &mut table.windows,
         MAX_TRACKED,
         |w| w.ended(now),
-        |w| (!w.locked(now)).then_some(w.start),
+        |_, w| (!w.locked(now)).then_some(w.start),
     );
     // A scan that freed less than a tenth of the table (it is nearly all locks) is not repeated
     // for each new key until something can end: each would scan 100,000 windows under the
@@ -276,7 +276,7 @@ pub(crate) fn make_room<K: Clone + Eq + Hash, W, R: Ord>(
     table: &mut HashMap<K, W>,
     max: usize,
     over: impl Fn(&W) -> bool,
-    evictable: impl Fn(&W) -> Option<R>,
+    evictable: impl Fn(&K, &W) -> Option<R>,
 ) -> bool {
     if table.len() < max {
         return true;
@@ -287,7 +287,7 @@ pub(crate) fn make_room<K: Clone + Eq + Hash, W, R: Ord>(
     }
     let mut free: Vec<(R, K)> = table
         .iter()
-        .filter_map(|(k, w)| evictable(w).map(|rank| (rank, k.clone())))
+        .filter_map(|(k, w)| evictable(k, w).map(|rank| (rank, k.clone())))
         .collect();
     free.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     let excess = table.len().saturating_sub(max / 2);

@@ -174,32 +174,29 @@ impl Hosted {
             self.currency,
             input.sender_email
         ));
-        let cancelled = self.cancel_unowned(&tx.id).await;
+        // Named on the entry first: the sweep lists the service only while a doubtful entry is
+        // recent, and one naming this transaction is (a cancel that fails below, or a crash
+        // before the entry is closed, left it held and nothing listing for it).
+        self.journal.note_remote(id, &tx.id).await?;
+        self.cancel_unowned(&tx.id).await;
         let reason = "the accounting service created another transaction";
         self.journal
             .mark_not_held(id, Step::Failed, reason, &err)
             .await?;
-        if !cancelled {
-            // The sweep lists the service only while a doubtful entry is recent: this one names
-            // the transaction left held, or nothing would ever cancel it.
-            self.journal.left_held(id, &tx.id).await?;
-        }
         Err(err)
     }
 
-    /// Cancels a remote hold no journal entry owns; one that does not go through (`false`) is
-    /// left to the orphan sweep.
-    async fn cancel_unowned(&self, remote_id: &str) -> bool {
+    /// Cancels a remote hold no journal entry owns; one that does not go through is left to the
+    /// orphan sweep.
+    async fn cancel_unowned(&self, remote_id: &str) {
         match self.cancel_remote(remote_id).await {
-            Ok(Outcome::Cancelled) => true,
+            Ok(Outcome::Cancelled) => {}
             // The money moved and no cancel gives it back: an operator must look.
             Ok(Outcome::Completed) => {
-                tracing::error!(remote = %remote_id, "a transaction this ledger did not keep was completed on the accounting service; it cannot be cancelled");
-                true
+                tracing::error!(remote = %remote_id, "a transaction this ledger did not keep was completed on the accounting service; it cannot be cancelled")
             }
             Err(e) => {
-                tracing::warn!(remote = %remote_id, error = %e, "not cancelled; the orphan sweep will");
-                false
+                tracing::warn!(remote = %remote_id, error = %e, "not cancelled; the orphan sweep will")
             }
         }
     }

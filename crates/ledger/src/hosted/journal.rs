@@ -236,13 +236,14 @@ impl Journal {
         .await
     }
 
-    /// A failed entry whose service created `remote_id` (another transaction than asked) and
-    /// whose cancel did not go through: the orphan sweep lists the service while it is recent
-    /// ([`Journal::doubtful_since`]) and cancels it.
-    pub async fn left_held(&self, id: &str, remote_id: &str) -> Result<()> {
+    /// An entry still creating whose service created `remote_id`, another transaction than
+    /// asked, which it is about to cancel and fail: once failed, it keeps the orphan sweep
+    /// listing the service while it is recent ([`Journal::doubtful_since`]), in case the cancel
+    /// did not go through.
+    pub async fn note_remote(&self, id: &str, remote_id: &str) -> Result<()> {
         self.run(
             sqlx::query(
-                "UPDATE hosted_transfers SET remote_id = $2 WHERE id = $1 AND step = 'failed'",
+                "UPDATE hosted_transfers SET remote_id = $2 WHERE id = $1 AND step = 'creating'",
             )
             .bind(id)
             .bind(remote_id),
@@ -562,8 +563,8 @@ impl Journal {
 
     /// How many entries created or resolved after `since` may have left an untracked remote
     /// hold: an unknown create, a partial capture (its charge transaction, made at capture
-    /// time, which may be long after the hold was created), or a different transaction left held
-    /// ([`Journal::left_held`]).
+    /// time, which may be long after the hold was created), or a different transaction that may be left held
+    /// ([`Journal::note_remote`]).
     pub async fn doubtful_since(&self, since: i64) -> Result<i64> {
         Ok(sqlx::query_scalar(
             "SELECT COUNT(*) FROM hosted_transfers WHERE (created_at > $1 OR resolved_at > $1 \

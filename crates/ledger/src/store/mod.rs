@@ -363,6 +363,8 @@ pub struct Store {
     tokens: RwLock<HashMap<String, Arc<TokenInfo>>>,
     secrets: RwLock<HashMap<String, (Arc<Identity>, Instant)>>,
     emails: RwLock<HashMap<String, i64>>,
+    /// [`Store::other_currencies_than`]'s last answer, and when it was read.
+    currencies: RwLock<Option<(bool, Instant)>>,
     /// Postgres only: the batched write path for holds, captures and voids.
     batcher: Option<batch::Batcher>,
     /// Group commit for usage rows without money (both backends).
@@ -558,6 +560,7 @@ impl Store {
             tokens: RwLock::default(),
             secrets: RwLock::default(),
             emails: RwLock::default(),
+            currencies: RwLock::default(),
             clock,
             sweep_floor: floor::ScanFloor::default(),
             answer_floor: floor::ScanFloor::default(),
