@@ -145,6 +145,11 @@ impl Members {
 
     /// The order in which a call tries the endpoints: the healthy ones (starting at a rotating
     /// one, to spread the load), then the backed-off ones, soonest back first.
+    /// Whether there is more than one endpoint to fail over to.
+    pub(crate) fn several(&self) -> bool {
+        self.list.len() > 1
+    }
+
     pub(crate) fn order(&self) -> Vec<&Member> {
         let n = self.list.len();
         let start = if n > 1 {

@@ -663,3 +663,107 @@ async fn another_router(s: &Stack, secret: &str) -> RouterHandle {
     );
     RouterHandle::start(config).await
 }
+
+/// `n` paid chats of Funded's Alice, one after another: what each refusal said.
+async fn paid_chats(router: &RouterHandle, funded: &Funded, tag: &str, n: usize) -> Vec<String> {
+    let mut c = router.client().await;
+    let mut failures = Vec::new();
+    for i in 0..n {
+        let mut req = chat_request(&funded.alice.email, &funded.token, "hi");
+        req.model = "test-model".into();
+        req.request_id = format!("{tag}-{i}");
+        if let Err(s) = c.chat(req).await {
+            failures.push(format!("#{i}: {:?} {}", s.code(), s.message()));
+        }
+    }
+    failures
+}
+
+/// One replica locked this machine's address (a neighbour sent it wrong secrets; the count is
+/// per ledger process): the other takes the router's calls. The lock was answered to the user at
+/// once (a failover reviewer's finding: 18 of 20 paid requests refused, upstreams already called,
+/// a hold left pending until it expired); it is refused before anything runs, so the call goes
+/// on to the other replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_locked_the_routers_address_is_failed_over() {
+    let Some(db) = Db::postgres().await else {
+        return;
+    };
+    let funded = Funded::start(&db, Duration::from_secs(300)).await;
+    let mut locking = ledger_config(&db.url);
+    locking.auth_failures_per_address = 3;
+    let second = LedgerServer::start(locking).await;
+    for _ in 0..5 {
+        let mut neighbour =
+            syft_ledger::client::connect_lazy(&second.url, "a-wrong-secret-0123456789")
+                .expect("client");
+        let _ = neighbour
+            .get_account(syft_proto::ledger::GetAccountRequest {
+                email: funded.owner.email.clone(),
+            })
+            .await;
+    }
+    let upstream = FakeUpstream::start().await;
+    let config = router_config(
+        "locked",
+        &funded.owner.email,
+        &funded.owner.secret,
+        &format!("{},{}", funded.ledger.url, second.url),
+        Pricing::per_request(PRICE),
+        Some(&upstream.base_url),
+    );
+    let router = RouterHandle::start(config).await;
+    wait_ready_code(&router.http_url, 200).await;
+    let mut failures = paid_chats(&router, &funded, "locked", 8).await;
+    let c = router.client().await;
+    let results = join_all((0..4).map(|j| {
+        let mut c = c.clone();
+        let mut req = chat_request(&funded.alice.email, &funded.token, "hi");
+        req.model = "test-model".into();
+        req.request_id = format!("locked-at-once-{j}");
+        async move { c.chat(req).await }
+    }))
+    .await;
+    failures.extend(
+        results
+            .into_iter()
+            .filter_map(|r| r.err())
+            .map(|s| s.to_string()),
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    let transfers = transfers_of(&funded.ledger.url, &funded.alice.email).await;
+    assert_eq!(transfers.len(), 12);
+    assert!(
+        transfers
+            .iter()
+            .all(|t| t.status() == TransferStatus::Completed),
+        "{transfers:?}"
+    );
+    assert_consistent(&funded.ledger.store).await;
+    db.drop_postgres().await;
+}
+
+/// `--ledger-url` lists, by mistake, a ledger on another database (where the router's owner is
+/// unknown): its refusal of the router's credential was the user's answer, and every request
+/// whose call reached it failed. The call goes on to the endpoints that know the router.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ledger_on_another_database_does_not_refuse_the_routers_requests() {
+    let db = Db::sqlite();
+    let funded = Funded::start(&db, Duration::from_secs(300)).await;
+    let other_db = Db::sqlite();
+    let other = LedgerServer::start(ledger_config(&other_db.url)).await;
+    let upstream = FakeUpstream::start().await;
+    let config = router_config(
+        "misconfigured",
+        &funded.owner.email,
+        &funded.owner.secret,
+        &format!("{},{}", funded.ledger.url, other.url),
+        Pricing::per_request(PRICE),
+        Some(&upstream.base_url),
+    );
+    let router = RouterHandle::start(config).await;
+    wait_ready_code(&router.http_url, 200).await;
+    let failures = paid_chats(&router, &funded, "misconfigured", 8).await;
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert_consistent(&funded.ledger.store).await;
+}

@@ -112,6 +112,13 @@ fn outcome_unknown(code: Code) -> bool {
     )
 }
 
+/// A refusal of the router itself, not of the call: its credential, or its address locked.
+fn refused_here(s: &tonic::Status) -> bool {
+    s.code() == Code::Unauthenticated
+        || (s.code() == Code::ResourceExhausted
+            && super::status::ledger_reason(s) == Some(syft_error::Reason::AuthLocked))
+}
+
 /// Whether a failed call certainly never reached a ledger (the connection could not be made), so
 /// it cannot have been applied. Anything else that failed in flight may have been. The transport
 /// says so only in its message (hyper's connector: "tcp connect error", "error trying to
@@ -243,21 +250,36 @@ impl Calls {
                     }
                     last = Some(s);
                 }
+                // Refused before anything ran, and by this replica alone as far as the router
+                // knows: its lock on the router's address (counted per ledger process), or a
+                // credential it does not know (a replica on another database). Another may take
+                // the call: the refusal was answered at once, so a neighbour's wrong secrets at
+                // one replica failed most paid requests, upstreams already paid and holds left.
+                Err(s) if self.members.several() && refused_here(&s) => {
+                    tracing::warn!(ledger = %m.label, ?op, code = ?s.code(), detail = %s.message(), "ledger endpoint refused the router; next endpoint");
+                    m.mark_down(Down::Failed, s.message());
+                    last = Some(s);
+                }
                 Err(s) => {
                     m.mark_up();
-                    // Logged once each time the refusals start again.
-                    if s.code() == Code::Unauthenticated
-                        && self.refusals.fetch_add(1, Ordering::AcqRel)
-                            == self.accepted_upto.load(Ordering::Acquire)
-                    {
-                        tracing::error!(?op, "the ledger refused the router's credential; no more calls until it accepts it again");
-                    }
+                    self.refused(op, &s);
                     return Err((s, round));
                 }
             }
         }
         let last = last.unwrap_or_else(|| tonic::Status::unavailable("no ledger endpoint"));
+        self.refused(op, &last);
         Err((last, round))
+    }
+
+    /// Logs a refusal of the router's credential once each time the refusals start again.
+    fn refused(&self, op: Op, s: &tonic::Status) {
+        if s.code() == Code::Unauthenticated
+            && self.refusals.fetch_add(1, Ordering::AcqRel)
+                == self.accepted_upto.load(Ordering::Acquire)
+        {
+            tracing::error!(?op, "the ledger refused the router's credential; no more calls until it accepts it again");
+        }
     }
 
     /// A capture or void: [`Calls::settled`] until `until`, its refusal in the router's terms.
