@@ -321,7 +321,28 @@ impl<N: NumberText> RawPricing<N> {
         };
         let currency = self.currency.unwrap_or_else(|| "USD".into());
         let description = self.description.unwrap_or_default();
-        let kind = match self.pricing_type.as_deref().unwrap_or("per_request") {
+        // A price the pricing type does not read was dropped without a word: per-token prices
+        // with no type (or under per_request) made a free service that gave every answer away.
+        // No type names the one its prices are of; a price of another type is refused.
+        let token_prices = self.input_per_million.is_some() || self.output_per_million.is_some();
+        let kind_name = match self.pricing_type.as_deref() {
+            Some(name) => name,
+            None if token_prices => "per_token",
+            None => "per_request",
+        };
+        let stray = match kind_name {
+            "per_request" if token_prices => Some("input_per_million and output_per_million"),
+            "per_token" if self.amount.is_some() => Some("amount"),
+            "free" if token_prices || self.amount.is_some() => Some("a price"),
+            _ => None,
+        };
+        if let Some(stray) = stray {
+            return Err(invalid(format!(
+                "services.{service}.pricing: {kind_name} takes no {stray} (per_request takes \
+                 amount; per_token, input_per_million and/or output_per_million; free, neither)"
+            )));
+        }
+        let kind = match kind_name {
             "free" => PricingKind::Free,
             "per_request" => match amount("amount", self.amount)?.unwrap_or(0) {
                 0 => PricingKind::Free,
@@ -387,6 +408,34 @@ mod tests {
         assert_eq!(s.pricing.currency, "USD");
         assert_eq!(s.pricing.description, "$0.01 per search query");
         assert!(matches!(c.upstream, UpstreamConfig::Echo));
+    }
+
+    /// Per-token prices with no pricing type are per-token (they loaded as a free service, a
+    /// pricing reviewer's finding); a price of another type than the one named is refused.
+    #[test]
+    fn prices_are_read_by_their_type() {
+        let c = RouterConfig::from_json_str(&json_with_pricing(
+            r#"{"input_per_million":3,"output_per_million":15}"#,
+        ))
+        .expect("valid");
+        assert_eq!(
+            chat_pricing(&c),
+            PricingKind::PerToken {
+                input_micros_per_million: 3_000_000,
+                output_micros_per_million: 15_000_000,
+            }
+        );
+        for stray in [
+            r#"{"pricing_type":"per_request","input_per_million":3}"#,
+            r#"{"pricing_type":"per_token","output_per_million":3,"amount":0.01}"#,
+            r#"{"input_per_million":3,"amount":0.01}"#,
+            r#"{"pricing_type":"free","amount":0.01}"#,
+        ] {
+            let err = RouterConfig::from_json_str(&json_with_pricing(stray))
+                .expect_err(stray)
+                .to_string();
+            assert!(err.contains("takes no"), "{stray}: {err}");
+        }
     }
 
     #[test]
