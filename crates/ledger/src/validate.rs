@@ -14,6 +14,22 @@ pub fn idempotency_key(value: &str) -> Result<&str> {
     text("idempotency_key", value, MAX_KEY, true)
 }
 
+/// The prefix under which the accounting API's direct transfers keep their senders' keys.
+pub const DIRECT_KEY_PREFIX: &str = "direct:";
+
+/// A hold's idempotency key ([`idempotency_key`]), outside the direct transfers' namespace: a
+/// recipient that named a hold `direct:<sender id>:<key>` took that sender's next direct payment
+/// key, and the payment was refused `IDEMPOTENCY_CONFLICT`.
+pub fn hold_key(value: &str) -> Result<&str> {
+    let key = idempotency_key(value)?;
+    if key.starts_with(DIRECT_KEY_PREFIX) {
+        return Err(LedgerError::invalid(format!(
+            "idempotency_key: keys starting with {DIRECT_KEY_PREFIX:?} are the accounting API's"
+        )));
+    }
+    Ok(key)
+}
+
 /// Lower-cases and checks an email: one `@`, non-empty local part and domain, no spaces.
 pub fn email(field: &str, value: &str) -> Result<String> {
     let value = value.trim();

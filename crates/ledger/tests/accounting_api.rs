@@ -851,6 +851,41 @@ async fn replays_and_confirms_answer_the_transfer_as_it_is(h: Harness) -> Harnes
     h
 }
 
+/// A recipient's hold named `direct:<sender id>:<key>` took that sender's next direct payment
+/// key, and the payment was refused `IDEMPOTENCY_CONFLICT` (a refunds reviewer's finding). Hold
+/// keys are kept out of the direct transfers' namespace: refused, and the payment goes through.
+async fn a_hold_key_cannot_take_a_direct_payments_key(h: Harness) -> Harness {
+    let (owner, alice, token) = h.payer(OWNER, ALICE, 10 * 1_000_000).await;
+    let http = reqwest::Client::new();
+    let base = h.http_url();
+    let me: Value = http
+        .get(format!("{base}/user/my-info"))
+        .basic_auth(ALICE, Some(&alice))
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    let alice_id = me["user"]["id"].as_str().expect("id").to_string();
+    let squat = format!("direct:{alice_id}:abc");
+    let refused = h
+        .client(&owner)
+        .authorize(req::hold(ALICE, 1, &token, &squat))
+        .await;
+    assert_eq!(syft_testkit::code(refused), tonic::Code::InvalidArgument);
+    let paid = http
+        .post(format!("{base}/transaction/create"))
+        .basic_auth(ALICE, Some(&alice))
+        .header("Idempotency-Key", "abc")
+        .json(&json!({"senderEmail": ALICE, "recipientEmail": OWNER, "amount": 1}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(paid.status(), StatusCode::CREATED);
+    h
+}
+
 store_suite!(
     a_direct_create_retried_in_flight_is_answered_as_the_transfer,
     replays_and_confirms_answer_the_transfer_as_it_is,
@@ -863,6 +898,7 @@ store_suite!(
     bad_input_changes_nothing,
     concurrent_spend_and_idempotency,
     direct_idempotency_and_concurrent_spend,
+    a_hold_key_cannot_take_a_direct_payments_key,
 );
 
 /// A hold that expired cannot be confirmed over REST either, and the sweep returns the money.

@@ -61,7 +61,7 @@ impl Ledger {
             token: validate::text("token", &req.token, MAX_TRANSACTION_TOKEN_BYTES, true)?,
             app_name: validate::text("app_name", &req.app_name, MAX_NAME, false)?,
             app_ep_path: validate::text("app_ep_path", &req.app_ep_path, MAX_PATH, false)?,
-            idempotency_key: validate::idempotency_key(&req.idempotency_key)?,
+            idempotency_key: validate::hold_key(&req.idempotency_key)?,
             attempt_id: validate::text("attempt_id", &req.attempt_id, MAX_KEY, false)?,
             ttl_micros,
             budgets: budgets(req.budgets)?,
