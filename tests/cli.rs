@@ -1196,6 +1196,21 @@ fn index_build_puts_a_whole_index_in_place() {
         &["indexed 2 documents"],
     );
     assert!(!killed.join(".building-4242").exists());
+    // Only that: a folder of the user's named alike is kept, and so is a running build's (this
+    // test's own pid stands for one), and `--out` is refused as not empty, nothing removed.
+    for (name, dir) in [
+        ("notes", root.path().join("notes")),
+        ("running", root.path().join("running")),
+    ] {
+        let kept = match name {
+            "notes" => dir.join(".building-notes"),
+            _ => dir.join(format!(".building-{}", std::process::id())),
+        };
+        std::fs::create_dir_all(&kept).expect("kept");
+        let refused = fails(&mut index_build(&docs, &dir));
+        assert_contains(&refused, &["is not empty"]);
+        assert!(kept.exists(), "{name}: removed");
+    }
     // An index inside its folder (the next build read it back as documents and failed), and a
     // folder with no documents (an index that answers every search with nothing, free).
     let nested = fails(&mut index_build(&docs, &docs.join("index")));

@@ -54,23 +54,27 @@ fn build(dir: &Path, out: &Path) -> anyhow::Result<(usize, u64)> {
     if out.exists() {
         let entries = std::fs::read_dir(out)
             .with_context(|| format!("--out {} is not a directory", out.display()))?;
+        // A build killed inside `--out` left its `.building-<pid>` there (and a mount point
+        // cannot be removed): the only thing a retry clears, once nothing else is there and
+        // that process is gone (a running build's is its own).
+        let mut leftovers = Vec::new();
         for entry in entries {
             let entry = entry?;
-            // A build killed inside `--out` left its `.building-<pid>` there (and a mount point
-            // cannot be removed): the only thing a retry may clear.
-            if entry
-                .file_name()
-                .to_string_lossy()
-                .starts_with(".building-")
-            {
-                std::fs::remove_dir_all(entry.path())
-                    .with_context(|| format!("removing {}", entry.path().display()))?;
-                continue;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let pid = name.strip_prefix(".building-").filter(|p| {
+                !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && entry.path().is_dir()
+            });
+            match pid {
+                Some(pid) if !Path::new("/proc").join(pid).exists() => leftovers.push(entry.path()),
+                _ => anyhow::bail!(
+                    "--out {} is not empty; remove it or choose a new directory",
+                    out.display()
+                ),
             }
-            anyhow::bail!(
-                "--out {} is not empty; remove it or choose a new directory",
-                out.display()
-            );
+        }
+        for leftover in leftovers {
+            std::fs::remove_dir_all(&leftover)
+                .with_context(|| format!("removing {}", leftover.display()))?;
         }
     }
     // An index inside its own folder is read back as documents by the next build (its

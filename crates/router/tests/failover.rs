@@ -767,3 +767,152 @@ async fn a_ledger_on_another_database_does_not_refuse_the_routers_requests() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     assert_consistent(&funded.ledger.store).await;
 }
+
+/// A router with a rejected secret and a second ledger endpoint that is down (a replica in
+/// maintenance): the refusal must stay the call's answer, not the down endpoint's `UNAVAILABLE`
+/// tried after it (a review of the failover fix: the router then went on sending the wrong
+/// secret, and the ledger locked the machine's address for its neighbours).
+#[tokio::test]
+async fn a_rejected_secret_with_one_replica_down_is_still_seen_as_rejected() {
+    let s = Stack::start_with_ledger(Pricing::per_request(PRICE), |c| {
+        c.auth_failures_per_address = 3;
+    })
+    .await;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let config = router_config(
+        "another",
+        &s.owner.email,
+        "not-the-secret-0123456789",
+        &format!("{},http://{dead}", s.ledger.url),
+        Pricing::per_request(PRICE),
+        Some(&s.upstream.base_url),
+    );
+    let bad = RouterHandle::start(config).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let readyz = reqwest::get(format!("{}/readyz", bad.http_url))
+        .await
+        .expect("readyz");
+    let readyz = readyz.text().await.unwrap_or_default();
+    let mut refused = bad.client().await;
+    let mut answers = Vec::new();
+    for i in 0..10 {
+        let r = refused.chat(s.request(&format!("bad {i}"))).await;
+        answers.push(format!(
+            "{:?}",
+            r.err().map(|e| (e.code(), e.message().to_string()))
+        ));
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut c = s.client().await;
+    let healthy = c.chat(s.request("the healthy router")).await;
+    assert!(
+        healthy.is_ok(),
+        "healthy router refused: {:?}\nbad router's readyz: {readyz}\nits answers: {}",
+        healthy.err(),
+        answers.join("\n")
+    );
+}
+
+/// A capture's attempt at one replica times out (it waits on a lock, then commits) and the next
+/// replica refuses the router (its address locked): the round must end on the unknown outcome,
+/// settled by asking again, not on the refusal (a review of the failover fix: the answer was
+/// withheld and the user charged all the same).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capture_that_timed_out_at_one_replica_is_settled_past_a_locked_one() {
+    let Some(db) = Db::postgres().await else {
+        return;
+    };
+    let funded = Funded::start(&db, Duration::from_secs(300)).await;
+    let mut locking = ledger_config(&db.url);
+    locking.auth_failures_per_address = 3;
+    let second = LedgerServer::start(locking).await;
+    for _ in 0..5 {
+        let mut neighbour =
+            syft_ledger::client::connect_lazy(&second.url, "a-wrong-secret-0123456789")
+                .expect("client");
+        let _ = neighbour
+            .get_account(syft_proto::ledger::GetAccountRequest {
+                email: funded.owner.email.clone(),
+            })
+            .await;
+    }
+    let upstream = FakeUpstream::start().await;
+    let mut config = router_config(
+        "capture-slow-then-locked",
+        &funded.owner.email,
+        &funded.owner.secret,
+        &format!("{},{}", funded.ledger.url, second.url),
+        Pricing::per_request(PRICE),
+        Some(&upstream.base_url),
+    );
+    config.ledger.timeout = Duration::from_millis(500);
+    let router = RouterHandle::start(config).await;
+    wait_ready_code(&router.http_url, 200).await;
+    let warm = paid_chats(&router, &funded, "warm", 4).await;
+    assert!(warm.is_empty(), "{}", warm.join("\n"));
+    let mut seen = Vec::new();
+    for i in 0..4 {
+        let hits = upstream.hits();
+        upstream.set_mode(Mode::Delay(Duration::from_millis(1000)));
+        let mut c = router.client().await;
+        let mut req = chat_request(&funded.alice.email, &funded.token, "hi");
+        req.model = "test-model".into();
+        req.request_id = format!("capture-slow-{i}");
+        let call = tokio::spawn(async move { c.chat(req).await });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while upstream.hits() <= hits {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "upstream not called"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The hold is placed and the upstream is answering: the capture will wait on the lock.
+        let unlock = lock_transfers_for(&funded.ledger.store, Duration::from_millis(2500)).await;
+        let r = call.await.expect("task");
+        unlock.await.expect("unlocked");
+        upstream.set_mode(Mode::Ok);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let all = transfers_of(&funded.ledger.url, &funded.alice.email).await;
+        let key = format!("capture-slow-{i}");
+        let mine: Vec<_> = all
+            .iter()
+            .filter(|t| t.idempotency_key.contains(&key))
+            .map(|t| {
+                (
+                    t.id.clone(),
+                    t.idempotency_key.clone(),
+                    t.status(),
+                    t.captured_micros,
+                )
+            })
+            .collect();
+        let alice = funded
+            .ledger
+            .store
+            .account_by_email(&funded.alice.email)
+            .await;
+        let alice = alice.expect("read").expect("alice");
+        seen.push(format!(
+            "alice balance {} held {} (FUNDS {FUNDS}, price {PRICE})",
+            alice.balance.get(),
+            alice.held.get()
+        ));
+        seen.push(format!(
+            "#{i}: {:?} -> {mine:?}",
+            r.as_ref().err().map(|e| e.message().to_string())
+        ));
+        let charged = mine
+            .iter()
+            .any(|(_, _, s, _)| *s == TransferStatus::Completed);
+        assert!(
+            r.is_ok() || !charged,
+            "the answer was withheld ({:?}) and the user charged: {mine:?}\n{}",
+            r.err(),
+            seen.join("\n")
+        );
+    }
+}

@@ -230,7 +230,13 @@ impl Calls {
         Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
     {
         let mut round = Round::default();
-        let mut last = None;
+        // How a round that no endpoint answered ends: an attempt that may have been applied
+        // first (its outcome must be settled: a capture that committed at a slow replica was
+        // reported failed when the next one refused the router), then a refusal of the router
+        // (a rejected secret must be seen as such, not as the unreachable replica tried after
+        // it: the router went on sending it, and the ledger locked its machine's address), then
+        // whatever failed last.
+        let (mut unknown, mut refusal, mut last) = (None, None, None);
         for m in self.members.order() {
             match call(m.client.clone(), self.request(msg.clone(), timeout)).await {
                 Ok(r) => {
@@ -247,6 +253,8 @@ impl Calls {
                     } else {
                         m.mark_down(Down::Failed, s.message());
                         round.maybe_applied.push(&m.label);
+                        unknown = Some(s);
+                        continue;
                     }
                     last = Some(s);
                 }
@@ -258,7 +266,7 @@ impl Calls {
                 Err(s) if self.members.several() && refused_here(&s) => {
                     tracing::warn!(ledger = %m.label, ?op, code = ?s.code(), detail = %s.message(), "ledger endpoint refused the router; next endpoint");
                     m.mark_down(Down::Failed, s.message());
-                    last = Some(s);
+                    refusal = Some(s);
                 }
                 Err(s) => {
                     m.mark_up();
@@ -267,9 +275,10 @@ impl Calls {
                 }
             }
         }
-        let last = last.unwrap_or_else(|| tonic::Status::unavailable("no ledger endpoint"));
-        self.refused(op, &last);
-        Err((last, round))
+        let status = (unknown.or(refusal).or(last))
+            .unwrap_or_else(|| tonic::Status::unavailable("no ledger endpoint"));
+        self.refused(op, &status);
+        Err((status, round))
     }
 
     /// Logs a refusal of the router's credential once each time the refusals start again.
