@@ -384,12 +384,8 @@ impl Store {
     /// path, so it is one short transaction on both backends.
     pub async fn authorize_direct(&self, input: &DirectInput<'_>) -> Result<TransferRow> {
         // Namespaced per sender, and a key of the sender's whatever the recipient (migration 0025).
-        let key = format!(
-            "{}{}:{}",
-            crate::validate::DIRECT_KEY_PREFIX,
-            input.sender_id,
-            input.idempotency_key
-        );
+        let prefix = crate::validate::DIRECT_KEY_PREFIX;
+        let key = format!("{prefix}{}:{}", input.sender_id, input.idempotency_key);
         let request_hash = sha256_hex(&format!(
             "direct\n{}\n{}\n{}\n{}",
             input.recipient_id, input.amount, input.app_name, input.app_ep_path

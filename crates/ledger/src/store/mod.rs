@@ -521,8 +521,14 @@ impl Store {
             Backend::Sqlite if !database_url.contains("memory") => {
                 let read_only = options.clone().max_connections(1).after_connect(|conn, _| {
                     Box::pin(async move {
-                        conn.execute("PRAGMA busy_timeout = 5000; PRAGMA query_only = ON;")
-                            .await?;
+                        // A read now opens the WAL files, as the writer's connection has: a
+                        // file removed under a running ledger (tests' temporary folders) is
+                        // still read by both, as it was by the one.
+                        conn.execute(
+                            "PRAGMA busy_timeout = 5000; PRAGMA query_only = ON; \
+                             SELECT COUNT(*) FROM sqlite_master;",
+                        )
+                        .await?;
                         Ok(())
                     })
                 });
