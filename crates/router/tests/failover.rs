@@ -679,17 +679,10 @@ async fn paid_chats(router: &RouterHandle, funded: &Funded, tag: &str, n: usize)
     failures
 }
 
-/// One replica locked this machine's address (a neighbour sent it wrong secrets; the count is
-/// per ledger process): the other takes the router's calls. The lock was answered to the user at
-/// once (a failover reviewer's finding: 18 of 20 paid requests refused, upstreams already called,
-/// a hold left pending until it expired); it is refused before anything runs, so the call goes
-/// on to the other replica.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replica_that_locked_the_routers_address_is_failed_over() {
-    let Some(db) = Db::postgres().await else {
-        return;
-    };
-    let funded = Funded::start(&db, Duration::from_secs(300)).await;
+/// A funded ledger on `db`, and a second replica of it that has locked this machine's address
+/// (a neighbour sent it five wrong secrets; it locks after three).
+async fn with_a_replica_that_locked_this_address(db: &Db) -> (Funded, LedgerServer) {
+    let funded = Funded::start(db, Duration::from_secs(300)).await;
     let mut locking = ledger_config(&db.url);
     locking.auth_failures_per_address = 3;
     let second = LedgerServer::start(locking).await;
@@ -703,6 +696,20 @@ async fn a_replica_that_locked_the_routers_address_is_failed_over() {
             })
             .await;
     }
+    (funded, second)
+}
+
+/// One replica locked this machine's address (a neighbour sent it wrong secrets; the count is
+/// per ledger process): the other takes the router's calls. The lock was answered to the user at
+/// once (a failover reviewer's finding: 18 of 20 paid requests refused, upstreams already called,
+/// a hold left pending until it expired); it is refused before anything runs, so the call goes
+/// on to the other replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_locked_the_routers_address_is_failed_over() {
+    let Some(db) = Db::postgres().await else {
+        return;
+    };
+    let (funded, second) = with_a_replica_that_locked_this_address(&db).await;
     let upstream = FakeUpstream::start().await;
     let config = router_config(
         "locked",
@@ -825,20 +832,7 @@ async fn a_capture_that_timed_out_at_one_replica_is_settled_past_a_locked_one() 
     let Some(db) = Db::postgres().await else {
         return;
     };
-    let funded = Funded::start(&db, Duration::from_secs(300)).await;
-    let mut locking = ledger_config(&db.url);
-    locking.auth_failures_per_address = 3;
-    let second = LedgerServer::start(locking).await;
-    for _ in 0..5 {
-        let mut neighbour =
-            syft_ledger::client::connect_lazy(&second.url, "a-wrong-secret-0123456789")
-                .expect("client");
-        let _ = neighbour
-            .get_account(syft_proto::ledger::GetAccountRequest {
-                email: funded.owner.email.clone(),
-            })
-            .await;
-    }
+    let (funded, second) = with_a_replica_that_locked_this_address(&db).await;
     let upstream = FakeUpstream::start().await;
     let mut config = router_config(
         "capture-slow-then-locked",
