@@ -502,12 +502,12 @@ async fn dashboard_in_chromium() {
         &c,
         "return window.previousPage === undefined \
            && document.querySelector('#signin-error').textContent === 'Signed out.'",
-        5,
+        20,
         "signed out on a fresh page",
     )
     .await;
     c.goto(&page).await.expect("reload");
-    until(&c, SIGNED_OUT, 5, "still signed out after a reload").await;
+    until(&c, SIGNED_OUT, 20, "still signed out after a reload").await;
 
     // A wrong secret and a forged cookie get the sign-in form, nothing else.
     sign_in(&c, &s.owner.email, "not-the-secret").await;
