@@ -552,19 +552,8 @@ async fn refunds_in_two_currencies_are_totalled_apart() {
     let (owner, _, token) = h
         .payer("owner@router.example", "alice@example.com", 10_000_000)
         .await;
-    let in_euros = |email: &'static str| {
-        let mut admin = h.admin();
-        async move {
-            let created = admin.create_account(pb::CreateAccountRequest {
-                currency: Some("EUR".into()),
-                ..req::create_account(email)
-            });
-            syft_testkit::ok(created.await).secret
-        }
-    };
-    let owner_eur = in_euros("owner@router.example.eu").await;
-    let bob = in_euros("bob@example.com").await;
-    syft_testkit::deposit(&h.url(), "bob@example.com", 10_000_000).await;
+    let owner_eur = h.account_in("owner@router.example.eu", "EUR", 0).await;
+    let bob = h.account_in("bob@example.com", "EUR", 10_000_000).await;
     let token_eur = h.token(&bob, "owner@router.example.eu").await;
     let payers = [
         (&owner, "alice@example.com", &token, 300_000),

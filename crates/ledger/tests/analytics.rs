@@ -926,19 +926,8 @@ async fn admin_money_is_never_summed_across_currencies(h: Harness) -> Harness {
     let owner = h.account(OWNER, 0).await;
     let alice = h.account(ALICE, 10 * USD).await;
     let token = h.token(&alice, OWNER).await;
-    let eur = |email: &'static str| {
-        let mut admin = h.admin();
-        async move {
-            let created = admin.create_account(pb::CreateAccountRequest {
-                currency: Some("EUR".into()),
-                ..req::create_account(email)
-            });
-            ok(created.await).secret
-        }
-    };
-    let owner_eur = eur(OWNER2).await;
-    let bob = eur(BOB).await;
-    syft_testkit::deposit(&h.url(), BOB, 10 * USD).await;
+    let owner_eur = h.account_in(OWNER2, "EUR", 0).await;
+    let bob = h.account_in(BOB, "EUR", 10 * USD).await;
     let token_eur = h.token(&bob, OWNER2).await;
     // Each owner is paid (500 and 300) and refunds (100 and 200).
     let payers = [

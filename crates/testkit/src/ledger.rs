@@ -220,6 +220,19 @@ impl Harness {
     }
 
     /// Creates an account and deposits `micros` (if positive); returns its secret.
+    /// A new account keeping `currency` (not the ledger's), funded with `micros`; its secret.
+    pub async fn account_in(&self, email: &str, currency: &str, micros: i64) -> String {
+        let request = pb::CreateAccountRequest {
+            currency: Some(currency.into()),
+            ..req::create_account(email)
+        };
+        let secret = crate::ok(self.admin().create_account(request).await).secret;
+        if micros > 0 {
+            deposit(&self.url(), email, micros).await;
+        }
+        secret
+    }
+
     pub async fn account(&self, email: &str, micros: i64) -> String {
         let mut admin = self.admin();
         let secret = client::create_account(&mut admin, email, "test")
