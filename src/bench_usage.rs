@@ -67,7 +67,7 @@ pub async fn run(b: &UsageBench) -> anyhow::Result<()> {
             next.clone(),
             latency.clone(),
         );
-        let (recipient_id, refusal_every) = (recipient.id, b.refusal_every);
+        let (recipient, refusal_every) = (recipient.identity(), b.refusal_every);
         producers.push(tokio::spawn(async move {
             // Two significant digits up to 10 minutes: a few kB per producer, not hundreds.
             let mut h = Histogram::<u64>::new_with_bounds(1, 600_000_000, 2).expect("histogram");
@@ -105,9 +105,7 @@ pub async fn run(b: &UsageBench) -> anyhow::Result<()> {
                     },
                 };
                 let t0 = Instant::now();
-                let r = store
-                    .record_usage(recipient_id, "router@bench.example", &usage, None)
-                    .await;
+                let r = store.record_usage(&recipient, &usage, None).await;
                 if r.is_err() {
                     errors.fetch_add(1, Ordering::Relaxed);
                 } else if measuring.load(Ordering::Relaxed) {

@@ -26,6 +26,9 @@ alerts_suite!(
     killed_ledger_delivers_after_restart_with_the_same_id,
     bad_endpoint_configs_are_refused,
     secrets_are_sealed_and_rotate_with_overlap,
+    a_second_rotation_keeps_the_first_rotations_promise,
+    a_rotated_secret_signs_after_a_key_change,
+    test_events_of_an_endpoint_are_bounded,
     rate_cap_holds_events_back_and_metrics_count_them,
 );
 
@@ -468,6 +471,15 @@ async fn bad_endpoint_configs_are_refused(h: Harness) -> Harness {
             "negative threshold",
             request(&good_url, vec![rule(balance, -5)]),
         ),
+        (
+            // 1,421 bytes as sent, 4,221 once each "é" is percent-encoded as stored: it was
+            // accepted, then every event to it was given up ("url is longer than 2048").
+            "a url past the cap once encoded",
+            request(
+                &format!("{good_url}/{}", "é".repeat(700)),
+                vec![balance_low(USD)],
+            ),
+        ),
         ("unknown event", request(&good_url, vec![rule(99, USD)])),
         ("no event", request(&good_url, vec![rule(0, USD)])),
         ("no rules", request(&good_url, vec![])),
@@ -554,6 +566,104 @@ async fn secrets_are_sealed_and_rotate_with_overlap(h: Harness) -> Harness {
     assert!(!got[2].valid, "a rotated-out secret no longer verifies");
     assert_eq!(got[2].signature.split(' ').count(), 1);
     let _ = Instant::now();
+    h
+}
+
+/// A rotation answers that the previous secret signs until the end of its overlap. A second
+/// rotation within it (a retry, a second operator) used to replace that secret at once: receivers
+/// still on it, as promised, refused every event. It is refused now, naming the overlap's end;
+/// the older secret still signs; an overlap of 0 ends every earlier secret, as asked.
+async fn a_second_rotation_keeps_the_first_rotations_promise(h: Harness) -> Harness {
+    let rx = WebhookReceiver::start().await;
+    let alice = h.account(ALICE, 10 * USD).await;
+    let (ep, first) = add_balance_low(&h, &alice, &rx.url).await;
+    let rotated = rotate(&h, &alice, &ep, 3600).await;
+    let again = pb::RotateAlertSecretRequest {
+        endpoint_id: ep.clone(),
+        overlap_seconds: 3600,
+    };
+    let refused = alerts(&h, &alice).rotate_alert_secret(again).await;
+    let refused = refused.expect_err("a rotation within an overlap");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("signs until"), "{refused:?}");
+    rx.set_secrets(&[&first]);
+    test_event(&h, &alice, &ep).await;
+    let got = rx.wait_until(WAIT, "a delivery", |r| !r.is_empty()).await;
+    let r = &got[0];
+    let signs =
+        |s: &str| signature_matches(&[s.to_string()], &r.id, &r.timestamp, &r.body, &r.signature);
+    assert!(signs(&first) && signs(&rotated.secret), "{r:?}");
+    let last = rotate(&h, &alice, &ep, 0).await;
+    rx.set_secrets(&[&first, &rotated.secret]);
+    test_event(&h, &alice, &ep).await;
+    let got = rx
+        .wait_until(WAIT, "a second delivery", |r| r.len() >= 2)
+        .await;
+    assert!(
+        !got[1].valid,
+        "an overlap of 0 ends every earlier secret: {:?}",
+        got[1]
+    );
+    assert!(
+        signature_matches(
+            &[last.secret],
+            &got[1].id,
+            &got[1].timestamp,
+            &got[1].body,
+            &got[1].signature
+        ),
+        "{:?}",
+        got[1]
+    );
+    h
+}
+
+/// After `--alerts-key` changed, the secret cannot be opened; rotating it (what docs/alerts.md
+/// says to do) answered a fresh secret, but the unreadable one was kept for the overlap and made
+/// every attempt fail ("cannot sign the delivery") until its end, 24 h by default. It is not
+/// kept: the new secret signs at once.
+async fn a_rotated_secret_signs_after_a_key_change(mut h: Harness) -> Harness {
+    let rx = WebhookReceiver::start().await;
+    let alice = h.account(ALICE, 10 * USD).await;
+    let (ep, _) = add_balance_low(&h, &alice, &rx.url).await;
+    h.server.take().expect("server").stop().await;
+    let other = syft_ledger::alerts::SealKey::from_passphrase("another-alerts-key-987654321");
+    h.config.alerts.key = Some(std::sync::Arc::new(other.expect("key")));
+    h.server = Some(LedgerServer::start(h.config.clone()).await);
+    let rotated = rotate(&h, &alice, &ep, 3600).await;
+    rx.set_secrets(&[&rotated.secret]);
+    test_event(&h, &alice, &ep).await;
+    let got = rx.wait_until(WAIT, "a delivery", |r| !r.is_empty()).await;
+    assert!(got[0].valid, "{:?}", got[0]);
+    assert_eq!(got[0].signature.split(' ').count(), 1, "{:?}", got[0]);
+    let log = deliveries(&h, &alice, &ep).await;
+    assert!(log.iter().all(|d| d.outcome == "DELIVERED"), "{log:#?}");
+    h
+}
+
+/// Test events check a receiver; each one is an outbox row delivered and retried later, and
+/// 2,000 calls in a row from one account were all queued. At most `max_pending_tests` wait at
+/// once per endpoint (10 by default; the tests' ledgers allow 1,000 for their backlogs, 3 here):
+/// the next is refused (`RESOURCE_EXHAUSTED`) with nothing written.
+async fn test_events_of_an_endpoint_are_bounded(mut h: Harness) -> Harness {
+    h.server.take().expect("server").stop().await;
+    h.config.alerts.max_pending_tests = 3;
+    h.server = Some(LedgerServer::start(h.config.clone()).await);
+    let rx = WebhookReceiver::start().await;
+    // A receiver that answers nothing in time: each event stays pending, to be retried.
+    rx.set_delay(Duration::from_secs(30));
+    let alice = h.account(ALICE, 10 * USD).await;
+    let (ep, _) = add_balance_low(&h, &alice, &rx.url).await;
+    for _ in 0..3 {
+        test_event(&h, &alice, &ep).await;
+    }
+    let more = pb::SendTestAlertRequest {
+        endpoint_id: ep.clone(),
+    };
+    let refused = alerts(&h, &alice).send_test_alert(more).await;
+    assert_eq!(code(refused), Code::ResourceExhausted);
+    let pending = endpoints(&h, &alice).await[0].pending_events;
+    assert_eq!(pending, 3);
     h
 }
 

@@ -393,6 +393,37 @@ async fn sessions_and_permissions(h: &Harness) {
     assert_eq!(daily[0]["limit_per_day_micros"], 3 * USD);
     assert_eq!(daily[0]["spend_limit_micros"], Value::Null);
 
+    // A row of an owner in another currency shows its cost in that currency (the live table
+    // formatted every cost in the ledger's).
+    let (owner_eur, carol) = ("owner-eur@router.example", "carol@example.com");
+    let owner_eur_secret = h.account_in(owner_eur, "EUR", 0).await;
+    let carol_secret = h.account_in(carol, "EUR", 10 * USD).await;
+    let token_eur = h.token(&carol_secret, owner_eur).await;
+    let mut router = h.client(&owner_eur_secret);
+    let held = router.authorize(req::hold(carol, 2 * USD, &token_eur, "eur-1"));
+    let held = held.await.expect("hold").into_inner();
+    let capture = pb::CaptureRequest {
+        usage: Some(req::usage("eur-1", "chat-app", carol, "success")),
+        ..req::capture_full(&held.id)
+    };
+    router.capture(capture).await.expect("capture");
+    let listed = admin.get("/dashboard/api/usage").await;
+    let costs: Vec<(&str, &str, i64)> = (listed["rows"].as_array().into_iter().flatten())
+        .map(|r| {
+            let text = |k: &str| r[k].as_str().unwrap_or_default();
+            (
+                text("owner_email"),
+                text("currency"),
+                r["cost_micros"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect();
+    assert!(costs.contains(&(owner_eur, "EUR", 2 * USD)), "{costs:?}");
+    assert!(
+        (costs.iter()).all(|(o, c, _)| (*o == owner_eur) == (*c == "EUR") && !c.is_empty()),
+        "{costs:?}"
+    );
+
     // Sign-out ends the session for every replica; an expired session is refused too.
     web.post("/dashboard/logout", json!({})).await;
     assert_eq!(web.get_status("/dashboard/api/me").await.0, 401);

@@ -187,7 +187,7 @@ async fn a_refusal_row_of_a_void_leaves_its_request_id_free(db: Db) {
         .await
         .expect("void");
     store
-        .record_usage(owner.id, &owner.email, &alice_row("k2", "success"), None)
+        .record_usage(&owner.identity(), &alice_row("k2", "success"), None)
         .await
         .expect("free row");
     let mut statuses: Vec<String> = sqlx::query_scalar("SELECT status FROM usage_records")

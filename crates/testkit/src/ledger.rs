@@ -47,6 +47,8 @@ pub fn alerts_on(c: &mut LedgerConfig) {
         evaluate_interval: Duration::from_millis(100),
         deliver_interval: Duration::from_millis(50),
         rate_per_minute: 600,
+        // Tests queue backlogs of test events (up to 300 for one endpoint).
+        max_pending_tests: 1_000,
     };
 }
 

@@ -114,7 +114,11 @@ impl Ledger {
         let account = self.alerts_account(caller, &req.account_email).await?;
         let alerts = &self.config().alerts;
         let url = target::parse_url(req.url.trim(), &alerts.allowed_hosts)?;
-        target::resolve(&url, &alerts.allowed_hosts).await?;
+        // Bounded as a delivery's lookup is: a name whose DNS hangs held the call for as long.
+        let resolving = target::resolve(&url, &alerts.allowed_hosts);
+        tokio::time::timeout(alerts.request_timeout, resolving)
+            .await
+            .map_err(|_| LedgerError::invalid(format!("cannot resolve {url}: timed out")))??;
         if req.rules.is_empty() || req.rules.len() > MAX_RULES {
             return Err(LedgerError::invalid(format!(
                 "an endpoint needs 1 to {MAX_RULES} rules"
@@ -203,14 +207,33 @@ impl Ledger {
             return Err(LedgerError::invalid("overlap must be at most 7 days"));
         }
         let endpoint = self.own_endpoint(caller, id).await?;
+        let now = now_micros();
+        // One previous secret is kept: a second rotation within an overlap would end the first
+        // one's at once, and its receivers, promised the older secret until then, would refuse
+        // every event (given up on a 4xx). An overlap of 0 ends every earlier secret, as asked.
+        let previous = &endpoint.previous_secret;
+        if let (Some(_), Some(until), false) = (&previous.sealed, previous.until, overlap.is_zero())
+        {
+            if now < until {
+                return Err(LedgerError::FailedPrecondition(format!(
+                    "endpoint {}'s previous secret signs until {} (unix micros), as its rotation \
+                     promised; rotate again after then, or with an overlap of 0 to end every \
+                     earlier secret now",
+                    endpoint.id, until
+                )));
+            }
+        }
         let secret = generate_secret();
-        let until = now_micros() + overlap.as_micros() as i64;
+        // A current secret this key cannot open (`--alerts-key` changed) signs nothing: it is
+        // not kept for an overlap.
+        let opens = key.open(&endpoint.id, &endpoint.secret_sealed).is_ok();
+        let until = now + if opens { overlap.as_micros() as i64 } else { 0 };
         let rotated = db::rotate_secret(
             self.store().pool(),
             &endpoint.id,
             &key.seal(&endpoint.id, &secret)?,
             &endpoint.secret_sealed,
-            until,
+            opens.then_some(until),
         )
         .await?;
         if !rotated {
@@ -243,6 +266,14 @@ impl Ledger {
         };
         let format = Format::parse(&endpoint.format)?;
         let mut tx = self.store().pool().begin().await?;
+        let most = self.config().alerts.max_pending_tests;
+        if db::lock_pending_tests(&mut tx, &endpoint.id).await? >= most {
+            return Err(LedgerError::ResourceExhausted(format!(
+                "endpoint {} has {most} test events waiting to be delivered; send another once \
+                 one is delivered or given up (its deliveries say which)",
+                endpoint.id
+            )));
+        }
         let event = db::insert_event(&mut tx, &endpoint.id, format, &fired, now).await?;
         tx.commit().await?;
         super::metrics::written(EventKind::Test, 1);

@@ -53,6 +53,10 @@ pub struct AlertsConfig {
     pub deliver_interval: Duration,
     /// Default per-endpoint cap of attempts per minute.
     pub rate_per_minute: u32,
+    /// Test events of one endpoint that may wait at once: a test checks a receiver, and with no
+    /// bound one account's calls filled the outbox (2,000 pending in a reviewer's run), swelling
+    /// the operator's queue alarms and delaying the account's real alerts.
+    pub max_pending_tests: i64,
 }
 
 impl std::fmt::Debug for AlertsConfig {
@@ -67,6 +71,7 @@ impl std::fmt::Debug for AlertsConfig {
             .field("evaluate_interval", &self.evaluate_interval)
             .field("deliver_interval", &self.deliver_interval)
             .field("rate_per_minute", &self.rate_per_minute)
+            .field("max_pending_tests", &self.max_pending_tests)
             .finish()
     }
 }
@@ -94,6 +99,7 @@ impl Default for AlertsConfig {
             evaluate_interval: Duration::from_secs(5),
             deliver_interval: Duration::from_secs(1),
             rate_per_minute: 60,
+            max_pending_tests: 10,
         }
     }
 }

@@ -3,7 +3,7 @@
 use sqlx::{Any, AnyPool, Transaction};
 
 use super::payload::{body, event_id, Fired};
-use super::rules::Format;
+use super::rules::{EventKind, Format};
 use crate::error::Result;
 use crate::store::{now_micros, retry_transient, AccountRow, Store, ACCOUNT_COLUMNS};
 
@@ -165,23 +165,25 @@ pub(crate) async fn remove_endpoint(pool: &AnyPool, id: &str, now: i64) -> Resul
     .await
 }
 
-/// Replaces the signing secret, keeping `previous_sealed` for the overlap, only if it is still
-/// the current one: two rotations of one endpoint at once would otherwise both keep the same old
-/// secret as the previous one, and the first rotation's new secret would sign nothing while its
-/// caller believed it current. `false` when another rotation got there first (nothing changed).
+/// Replaces the signing secret `current` (as read) with `sealed`, keeping `current` as the previous
+/// one until `previous_until` (`None`: no previous secret), only if `current` is still the current
+/// one: two rotations of one endpoint at once would otherwise both keep the same old secret as the
+/// previous one, and the first rotation's new secret would sign nothing while its caller believed
+/// it current. `false` when another rotation got there first (nothing changed).
 pub(crate) async fn rotate_secret(
     pool: &AnyPool,
     id: &str,
     sealed: &str,
-    previous_sealed: &str,
-    previous_until: i64,
+    current: &str,
+    previous_until: Option<i64>,
 ) -> Result<bool> {
     let done = sqlx::query(
-        "UPDATE alert_endpoints SET secret_sealed = $1, previous_secret_sealed = $2, \
+        "UPDATE alert_endpoints SET secret_sealed = $1, \
+         previous_secret_sealed = CASE WHEN $3 IS NULL THEN NULL ELSE $2 END, \
          previous_secret_until = $3 WHERE id = $4 AND secret_sealed = $2",
     )
     .bind(sealed)
-    .bind(previous_sealed)
+    .bind(current)
     .bind(previous_until)
     .bind(id)
     .execute(pool)
@@ -550,6 +552,26 @@ pub(crate) async fn deliveries(
     .bind(endpoint_id)
     .bind(limit)
     .fetch_all(pool)
+    .await?)
+}
+
+/// The endpoint's test events not yet delivered nor given up, its row locked first so that two
+/// tests at once count each other (SQLite's writes are one at a time already).
+pub(crate) async fn lock_pending_tests(
+    tx: &mut Transaction<'_, Any>,
+    endpoint_id: &str,
+) -> Result<i64> {
+    sqlx::query("UPDATE alert_endpoints SET id = id WHERE id = $1")
+        .bind(endpoint_id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(sqlx::query_scalar(
+        "SELECT COUNT(*) FROM alert_events WHERE endpoint_id = $1 AND kind = $2 \
+         AND status = 'PENDING'",
+    )
+    .bind(endpoint_id)
+    .bind(EventKind::Test.as_str())
+    .fetch_one(&mut **tx)
     .await?)
 }
 

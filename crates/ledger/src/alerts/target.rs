@@ -18,6 +18,14 @@ pub fn parse_url(raw: &str, allowed_hosts: &[String]) -> Result<Url> {
         )));
     }
     let url = Url::parse(raw).map_err(|e| LedgerError::invalid(format!("url {raw:?}: {e}")))?;
+    // The URL is stored and checked again at each delivery as parsed, with spaces and non-ASCII
+    // bytes percent-encoded: one that grew past the cap was accepted, then never delivered to.
+    if url.as_str().len() > MAX_URL {
+        return Err(LedgerError::invalid(format!(
+            "url is longer than {MAX_URL} characters once encoded ({})",
+            url.as_str().len()
+        )));
+    }
     let host = url
         .host_str()
         .ok_or_else(|| LedgerError::invalid(format!("url {raw:?} has no host")))?;

@@ -418,7 +418,7 @@ impl Ledger {
     ) -> Result<UsageRow> {
         let (recipient, usage) = (caller.account()?, validate_usage(usage)?);
         (self.store)
-            .record_usage(recipient.id, &recipient.email, &usage, answered_at)
+            .record_usage(recipient, &usage, answered_at)
             .await
     }
 
@@ -440,8 +440,7 @@ impl Ledger {
             .map(|(at, u)| Ok((at, validate_usage(u)?)))
             .collect::<Result<Vec<_>>>()?;
         futures::future::try_join_all(
-            (usages.iter())
-                .map(|(at, u)| (self.store).record_usage(recipient.id, &recipient.email, u, *at)),
+            (usages.iter()).map(|(at, u)| (self.store).record_usage(recipient, u, *at)),
         )
         .await
     }

@@ -19,6 +19,7 @@ pub(crate) mod db_error;
 mod extend;
 mod floor;
 pub mod hll;
+mod migrate;
 mod query;
 mod refund;
 mod resolve_batch;
@@ -52,6 +53,7 @@ pub use authorize::{AuthorizeInput, DirectInput};
 pub use budget::budget_use;
 pub(crate) use budget::windowed_use;
 pub use budget::{BudgetRefusal, BudgetUse, BudgetWindow, HoldBudgets, WindowUse};
+pub use migrate::{migration_state, newer_database, Migrations};
 pub use query::{
     Keyset, Parties, TimeRange, TokenFilter, TokenRow, TransferFilter, UsageDims, UsageFilter,
     UsagePage, UsageTotals,
@@ -157,110 +159,6 @@ fn plaintext_on_loopback(database_url: &str) -> std::borrow::Cow<'_, str> {
     }
     let sep = if url.query().is_some() { '&' } else { '?' };
     Cow::Owned(format!("{database_url}{sep}sslmode=disable"))
-}
-
-static PG_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
-static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite");
-
-/// How a database's migrations compare with this binary's.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Migrations {
-    /// This binary's migrations the database lacks (an upgrade applies them).
-    pub missing: Vec<i64>,
-    /// Migrations applied to the database that this binary does not know: a newer binary's.
-    pub unknown: Vec<i64>,
-}
-
-/// How the database at `database_url` compares with this binary's migrations; `None` when it
-/// holds no ledger (no migrations table). Read without migrating, unlike [`Store::connect`]:
-/// `verify` must not give an empty database a schema, nor apply a migration that older replicas
-/// still running on it cannot work with (0030, 0032: docs/operations.md).
-pub async fn migration_state(database_url: &str) -> Result<Option<Migrations>> {
-    sqlx::any::install_default_drivers();
-    let sqlite = database_url.starts_with("sqlite:");
-    // `mode=rwc` (the form the docs show) would create the file being looked for.
-    if sqlite_file(database_url).is_some_and(|file| !file.exists()) {
-        return Ok(None);
-    }
-    let options = AnyPoolOptions::new()
-        .max_connections(1)
-        .acquire_timeout(Duration::from_secs(10));
-    let pool = open_pool(options, database_url).await?;
-    let state = compare_migrations(&pool, sqlite).await;
-    pool.close().await;
-    state
-}
-
-/// [`migration_state`] of `pool`'s database.
-async fn compare_migrations(pool: &AnyPool, sqlite: bool) -> Result<Option<Migrations>> {
-    let table = if sqlite {
-        "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'"
-    } else {
-        "SELECT COUNT(*) FROM information_schema.tables \
-         WHERE table_schema = current_schema() AND table_name = '_sqlx_migrations'"
-    };
-    if sqlx::query_scalar::<_, i64>(table).fetch_one(pool).await? == 0 {
-        return Ok(None);
-    }
-    let applied: Vec<i64> =
-        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
-            .fetch_all(pool)
-            .await?;
-    let ours: Vec<i64> = if sqlite {
-        SQLITE_MIGRATOR.iter().map(|m| m.version).collect()
-    } else {
-        PG_MIGRATOR.iter().map(|m| m.version).collect()
-    };
-    Ok(Some(Migrations {
-        missing: ours
-            .iter()
-            .copied()
-            .filter(|v| !applied.contains(v))
-            .collect(),
-        unknown: applied.into_iter().filter(|v| !ours.contains(v)).collect(),
-    }))
-}
-
-/// The refusal of a database a newer binary migrated: a ledger cannot go back a version.
-pub fn newer_database(unknown: &[i64]) -> LedgerError {
-    LedgerError::FailedPrecondition(format!(
-        "this database was migrated by a newer syft-router (migrations {unknown:?} are unknown \
-         to this binary): a ledger cannot go back a version; run the newer binary, or restore \
-         the backup taken before the upgrade (docs/operations.md, \"Upgrades\")"
-    ))
-}
-
-/// Applies this binary's migrations, saying which (an upgrade's changes were applied without a
-/// word). A database migrated by a newer binary is refused by name: sqlx's "migration 24 was
-/// previously applied but is missing" read as a fault of the ledger's.
-async fn migrate(pool: &AnyPool, backend: Backend) -> Result<()> {
-    let (migrator, sqlite) = match backend {
-        Backend::Postgres => (&PG_MIGRATOR, false),
-        Backend::Sqlite => (&SQLITE_MIGRATOR, true),
-    };
-    let state = compare_migrations(pool, sqlite).await?;
-    let pending = match &state {
-        None => {
-            tracing::info!("a new ledger database: creating its schema");
-            false
-        }
-        Some(m) if !m.unknown.is_empty() => return Err(newer_database(&m.unknown)),
-        Some(m) if !m.missing.is_empty() => {
-            // Every replica starting says so; the first to take the migration lock applies them.
-            tracing::info!(migrations = ?m.missing, "applying migrations unless another replica has (docs/operations.md, \"Upgrades\")");
-            true
-        }
-        Some(_) => false,
-    };
-    migrator.run(pool).await.map_err(|e| match e {
-        // Applied by a newer replica meanwhile.
-        sqlx::migrate::MigrateError::VersionMissing(v) => newer_database(&[v]),
-        e => LedgerError::Internal(format!("migration failed: {e}")),
-    })?;
-    if pending {
-        tracing::info!("migrations applied");
-    }
-    Ok(())
 }
 
 /// The file of a `sqlite:` URL (`sqlite://ledger.db?mode=rwc`, `sqlite:ledger.db`); `None` for
@@ -493,7 +391,7 @@ impl Store {
         };
         let serving = batch_workers.is_some();
         if serving {
-            migrate(&pool, backend).await?;
+            migrate::migrate(&pool, backend).await?;
             if backend == Backend::Sqlite {
                 // A file (or directory) the ledger may not write migrates without writing once
                 // it is up to date, and then served reads while refusing every hold: refuse it
@@ -738,7 +636,7 @@ mod tests {
 
     use sqlx::migrate::Migrator;
 
-    use super::{PG_MIGRATOR, SQLITE_MIGRATOR};
+    use super::migrate::{PG_MIGRATOR, SQLITE_MIGRATOR};
 
     /// Version and checksum of each migration, so an edited file counts as well as a new one.
     fn listed(m: &Migrator) -> Vec<(i64, Vec<u8>)> {

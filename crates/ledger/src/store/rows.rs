@@ -163,6 +163,8 @@ pub struct UsageInput {
 pub struct UsageRow {
     pub id: String,
     pub recipient_email: String,
+    /// The recipient's currency, the cost's (a transfer's parties keep one currency).
+    pub currency: String,
     pub transfer_id: Option<String>,
     pub cost: Micros,
     pub created_at: i64,
@@ -172,7 +174,7 @@ pub struct UsageRow {
 
 /// `SELECT {USAGE_COLUMNS} FROM usage_records u JOIN accounts r ON r.id = u.recipient_id` reads a
 /// [`UsageRow`].
-pub(crate) const USAGE_COLUMNS: &str = "u.id, r.email AS recipient_email, \
+pub(crate) const USAGE_COLUMNS: &str = "u.id, r.email AS recipient_email, r.currency, \
      COALESCE(u.transfer_id, u.hosted_transfer_id) AS transfer_id, u.cost, u.created_at, \
      u.request_id, u.app_name, u.endpoint, u.user_email, u.model, u.prompt_tokens, \
      u.completion_tokens, u.total_tokens, u.status, u.latency_ms, u.upstream_latency_ms, u.ttft_ms, \

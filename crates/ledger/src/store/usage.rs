@@ -6,7 +6,7 @@ use syft_error::UsageStatus;
 use super::rollup::RollupInput;
 use super::rollup_fold::add_to_rollups;
 use super::usage_batch::UsageJob;
-use super::{new_id, Micros, Store, UsageInput, UsageRow};
+use super::{new_id, Identity, Micros, Store, UsageInput, UsageRow};
 use crate::error::{LedgerError, Result};
 
 /// How far back a free row may be dated by its recorder: a spool that ships after an outage of
@@ -26,15 +26,14 @@ impl Store {
     /// late, and were dated when they shipped). Otherwise, or in the future, the ledger's clock.
     pub async fn record_usage(
         &self,
-        recipient_id: i64,
-        recipient_email: &str,
+        recipient: &Identity,
         usage: &UsageInput,
         answered_at: Option<i64>,
     ) -> Result<UsageRow> {
         let now = self.now();
         let job = UsageJob {
             id: new_id(),
-            recipient_id,
+            recipient_id: recipient.id,
             now: answered_at
                 .filter(|at| (now - MAX_ANSWER_AGE_MICROS..=now).contains(at))
                 .unwrap_or(now),
@@ -43,7 +42,8 @@ impl Store {
         if self.usage_writer.write(job.clone()).await? {
             return Ok(UsageRow {
                 id: job.id,
-                recipient_email: recipient_email.to_string(),
+                recipient_email: recipient.email.clone(),
+                currency: recipient.currency.clone(),
                 transfer_id: None,
                 cost: Micros::ZERO,
                 created_at: job.now,
@@ -53,10 +53,10 @@ impl Store {
         // A keyed row (a refusal, a free request's attempt) meets only its key's index; any
         // other, its request id's.
         let existing = match row_key(usage) {
-            Some(key) => self.usage_by_key(recipient_id, key).await?,
+            Some(key) => self.usage_by_key(recipient.id, key).await?,
             None => {
                 let (user, id) = (&usage.user_email, &usage.request_id);
-                self.free_usage_by_request(recipient_id, user, id, &usage.endpoint)
+                self.free_usage_by_request(recipient.id, user, id, &usage.endpoint)
                     .await?
             }
         };

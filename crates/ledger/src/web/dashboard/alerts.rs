@@ -21,7 +21,9 @@ pub(super) async fn list(State(d): State<Dash>, s: Session) -> Reply {
     json(json!({ "endpoints": endpoints.iter().map(endpoint_json).collect::<Vec<_>>() }))
 }
 
+/// Unknown fields are refused, as the REST API's add refuses them: a misspelt one was dropped.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Add {
     url: String,
     #[serde(default)]

@@ -176,6 +176,7 @@ pub(crate) fn usage_json(u: &UsageRow) -> Value {
         "total_tokens": u.usage.total_tokens,
         "latency_ms": u.usage.latency_ms,
         "cost_micros": u.cost.get(),
+        "currency": u.currency,
     })
 }
 

@@ -408,7 +408,7 @@ function usageRow(u) {
   const tr = row([whenLive(u.created_at), u.owner_email || '–', u.app_name || '–',
     u.endpoint || '/', u.user_email || '–', u.reason ? `${u.status} (${u.reason})` : u.status,
     count(u.total_tokens), String(u.latency_ms),
-    money(u.cost_micros)]);
+    money(u.cost_micros, u.currency)]);
   tr.dataset.id = u.id;
   return tr;
 }
