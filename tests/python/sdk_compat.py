@@ -125,6 +125,8 @@ candidates = [
     f"a-{run}@example", f".a-{run}@example.com", f"a-{run}.@example.com", f"a..{run}@example.com",
     f"a-{run}@-x.example.com", f"a-{run}@x_y.example.com", f"a-{run}@ab--cd.example.com",
     f"{'x' * 60}-{run}@example.com",
+    # Not valid Punycode, or a local part starting with a combining mark: the SDK refuses them.
+    f"y-{run}@xn--zz.com", f"z-{run}@example.xn--zz", f"\u0345w-{run}@example.com",
 ]
 for candidate in candidates:
     try:
@@ -140,5 +142,16 @@ for candidate in candidates:
         check("syft-accounting-sdk" in e.body["detail"], f"{candidate}: the refusal says why: {e.body}")
         ledger_accepts = False
     check(sdk_accepts == ledger_accepts, f"{candidate}: SDK accepts {sdk_accepts}, ledger accepts {ledger_accepts}")
+
+# Stricter than the SDK: a domain outside ASCII is refused. The SDK maps it through IDNA, so
+# `bob@ｅxample.com` (a fullwidth "ｅ") reads back as `bob@example.com`, another account's email.
+lookalike = f"bob-{run}@\uff45xample.com"
+check(email_type.validate_python(lookalike) == f"bob-{run}@example.com", "the SDK maps the domain")
+for candidate in [lookalike, f"a-{run}@b\u00fccher.example"]:
+    try:
+        admin.create_user(email=candidate, organization="emails")
+        check(False, f"{candidate}: accepted")
+    except ServiceException as e:
+        check(e.status_code == 400 and "ASCII" in e.body["detail"], f"{candidate}: {e.body}")
 
 print("syft-accounting-sdk 0.1.1 compatibility: ok")

@@ -97,9 +97,12 @@ pub async fn authenticate(store: &Store, admin_key: &str, header: Option<&str>) 
     if let Some(encoded) = scheme(header, "Basic").map(str::trim) {
         let decoded = base64::engine::general_purpose::STANDARD
             .decode(encoded)
-            .ok()
-            .and_then(|b| String::from_utf8(b).ok())
-            .ok_or_else(bad)?;
+            .map_err(|_| bad())?;
+        // Not UTF-8: Latin-1, as `requests` (the accounting SDK's HTTP client) encodes Basic
+        // credentials, so a password with an "ä" chosen before passwords were kept to ASCII
+        // still signs in through the SDK.
+        let decoded = String::from_utf8(decoded)
+            .unwrap_or_else(|e| e.into_bytes().iter().map(|&b| char::from(b)).collect());
         let (email, secret) = decoded.split_once(':').ok_or_else(bad)?;
         let email = email.trim().to_ascii_lowercase();
         let Some((identity, stored)) = store.identity_and_secret_hash(&email).await? else {

@@ -99,9 +99,30 @@ fn sdk_email_problem(email: &str) -> Option<String> {
                 .into(),
         );
     }
-    let domain_char = |c: char| c == '.' || c == '-' || c.is_alphanumeric();
+    // The SDK reads a local part back in NFC and refuses one starting with a combining mark: a
+    // local part in another form would read as another account's, one starting so not at all.
+    if !unicode_normalization::is_nfc(local)
+        || local
+            .chars()
+            .next()
+            .is_some_and(unicode_normalization::char::is_combining_mark)
+    {
+        return Some(
+            "the part before the @ must be in Unicode normal form C and not start with a \
+             combining mark"
+                .into(),
+        );
+    }
+    // ASCII only: the SDK maps a domain through IDNA (UTS-46), so `ｅxample.com` (a fullwidth
+    // "ｅ") read back as `example.com`, and an open registration could take an email shown as
+    // another account's. An internationalized domain is written in its `xn--` form.
+    let domain_char = |c: char| c == '.' || c == '-' || c.is_ascii_alphanumeric();
     if !dot_atom_ok(domain, &domain_char) {
-        return Some("the domain may hold letters, digits, dashes and dots only".into());
+        return Some(
+            "the domain may hold ASCII letters, digits, dashes and dots only (an \
+             internationalized domain in its xn-- form)"
+                .into(),
+        );
     }
     for label in domain.split('.') {
         if label.starts_with('-') || label.ends_with('-') {
@@ -118,6 +139,10 @@ fn sdk_email_problem(email: &str) -> Option<String> {
             return Some(format!(
                 "the domain label {label:?} has two dashes in third and fourth place"
             ));
+        }
+        // An `xn--` label must decode (Punycode) to a valid IDNA label, as the SDK checks.
+        if label.starts_with("xn--") && idna::domain_to_unicode(label).1.is_err() {
+            return Some(format!("the domain label {label:?} is not valid IDNA"));
         }
     }
     if !domain.contains('.') {
@@ -197,6 +222,7 @@ mod tests {
             "o'neil@router.example",
             "a_b.c-d@xn--bcher-kva.example",
             "x@a-b.co",
+            "\u{e9}lise@example.com",
         ] {
             assert_eq!(new_account_email("e", good).unwrap(), good, "{good}");
         }
@@ -216,6 +242,18 @@ mod tests {
             ("a@-x.example.com", "dash"),
             ("a@x_y.example.com", "domain may hold"),
             ("a@ab--cd.example.com", "two dashes"),
+            // Read back by the SDK as `bob@example.com` (a fullwidth "ｅ").
+            ("bob@\u{ff45}xample.com", "ASCII letters"),
+            ("a@b\u{fc}cher.example", "ASCII letters"),
+            // Not Punycode of a valid label: the SDK refuses the account, and with it
+            // `get_all_users` and its correspondents' histories.
+            ("y@xn--zz.com", "not valid IDNA"),
+            ("z@example.xn--zz", "not valid IDNA"),
+            ("\u{345}w@example.com", "combining mark"),
+            // "é" as e and a combining acute (Hangul jamo below: letters that NFC composes):
+            // the SDK reads each as the composed character, another account's email.
+            ("e\u{301}@example.com", "before the @"),
+            ("\u{1100}\u{1161}@example.com", "normal form C"),
         ] {
             let err = new_account_email("email", bad).unwrap_err().to_string();
             assert!(err.contains(why), "{bad}: {err}");

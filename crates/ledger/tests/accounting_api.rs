@@ -213,6 +213,18 @@ async fn users_and_passwords(h: Harness) -> Harness {
             json!({"email": BOB, "password": "short"}),
             StatusCode::BAD_REQUEST,
         ),
+        // The SDK reads this one back as `bob@example.com` (a fullwidth "ｅ" in the domain),
+        // the next not at all (not valid Punycode), which broke `get_all_users` for good.
+        (
+            json!({"email": "bob@\u{ff45}xample.com"}),
+            StatusCode::BAD_REQUEST,
+        ),
+        (json!({"email": "y@xn--zz.com"}), StatusCode::BAD_REQUEST),
+        // HTTP Basic as the SDK sends it carries an "ä" in Latin-1: the user could never sign in.
+        (
+            json!({"email": BOB, "password": "p\u{e4}ssw\u{f6}rd-1"}),
+            StatusCode::BAD_REQUEST,
+        ),
     ] {
         let (s, v) = api.post("/user/create", Auth::None, body).await;
         assert_eq!(s, want, "{v}");
@@ -272,6 +284,9 @@ async fn users_and_passwords(h: Harness) -> Harness {
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["user"]["organization"], "new-org");
+    let body = json!({"oldPassword": generated, "newPassword": "p\u{e4}ssw\u{f6}rd-1"});
+    let (s, v) = api.put("/user/update-password", alice, body).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     for (old, want) in [
         ("not-the-password", StatusCode::FORBIDDEN),
         (generated.as_str(), StatusCode::OK),
@@ -296,6 +311,28 @@ async fn users_and_passwords(h: Harness) -> Harness {
         .expect("grpc with new password")
         .into_inner();
     assert_eq!(account.balance_micros, 12_500_000);
+    // A password with an "ä" chosen before passwords were kept to ASCII signs in with Basic
+    // credentials in Latin-1, as the SDK's `requests` sends them (it was 401 every time).
+    let legacy = "p\u{e4}ssw\u{f6}rd-1";
+    sqlx::query("UPDATE accounts SET secret_hash = $1 WHERE email = $2")
+        .bind(syft_ledger::store::sha256_hex(legacy))
+        .bind(ALICE)
+        .execute(h.store.pool())
+        .await
+        .expect("a legacy password");
+    let latin1: Vec<u8> = format!("{ALICE}:{legacy}")
+        .chars()
+        .map(|c| c as u8)
+        .collect();
+    use base64::Engine;
+    let basic = base64::engine::general_purpose::STANDARD.encode(latin1);
+    let resp = reqwest::Client::new()
+        .get(format!("{}/user/my-info", h.http_url()))
+        .header("authorization", format!("Basic {basic}"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), StatusCode::OK);
     h
 }
 

@@ -590,10 +590,15 @@ fn usage_status(status: &str) -> Result<syft_error::UsageStatus> {
     })
 }
 
+/// A chosen secret: 8 to 256 printable ASCII characters. HTTP Basic, which the accounting SDK
+/// signs in with, carries other characters in Latin-1 (`requests`) or not at all: an SDK user
+/// whose password had an "ä" could never sign in again, each try counting as a wrong guess.
 fn check_secret(field: &str, secret: &str) -> Result<()> {
-    if secret.len() < 8 || secret.len() > 256 || secret.chars().any(char::is_control) {
+    let printable = |c: char| c.is_ascii_graphic() || c == ' ';
+    if secret.len() < 8 || secret.len() > 256 || !secret.chars().all(printable) {
         return Err(LedgerError::invalid(format!(
-            "{field} must be 8 to 256 printable characters"
+            "{field} must be 8 to 256 printable ASCII characters (HTTP Basic, which the \
+             accounting SDK signs in with, carries no others reliably)"
         )));
     }
     Ok(())
