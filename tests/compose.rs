@@ -265,6 +265,13 @@ fn compose_ports_and_urls_match_listen_addresses() {
         }
         for published in service["ports"].as_sequence().into_iter().flatten() {
             let published = scalar(published);
+            // The file's secrets default to values in the repository: a port published on every
+            // interface let anyone reaching the host use the ledger's admin key.
+            if !published.starts_with("127.0.0.1:") {
+                problems.push(format!(
+                    "{name}: publishes {published:?} beyond the loopback (127.0.0.1:…)"
+                ));
+            }
             let container: u16 = published
                 .rsplit(':')
                 .next()

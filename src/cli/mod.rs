@@ -70,7 +70,7 @@ pub enum Command {
     Bench(crate::bench::BenchArgs),
     /// Check a ledger's or router's gRPC health; exits 0 when SERVING (container healthchecks).
     Health(health::HealthArgs),
-    /// Webhook alerts: add, list, remove, test, rotate, deliveries (docs/alerts.md).
+    /// Webhook alerts: add, list, remove, enable, test, rotate, deliveries (docs/alerts.md).
     Alerts(alerts::AlertsArgs),
     /// How much of each rate, token and concurrency limit a user has left on a router.
     Limits(limits::LimitsArgs),
