@@ -46,6 +46,9 @@ pub(super) fn claim_owner(dir: &Path, owner: &str, has_rows: bool) -> Result<(),
     let path = dir.join("OWNER");
     match std::fs::read_to_string(&path) {
         Ok(found) if found.trim() == owner => return Ok(()),
+        // A claim cut short by a power loss (written, not yet on disk): it was made on an empty
+        // spool, or one of rows naming no owner, so it is made again, as with no file at all.
+        Ok(found) if found.trim().is_empty() => {}
         Ok(found) if has_rows => {
             return Err(RouterError::InvalidArgument(format!(
                 "usage spool {} holds rows of {}, not of this router's owner {owner}: start that \
@@ -63,6 +66,27 @@ pub(super) fn claim_owner(dir: &Path, owner: &str, has_rows: bool) -> Result<(),
         .truncate(true)
         .write(true)
         .open(&path)
-        .and_then(|mut f| std::io::Write::write_all(&mut f, owner.as_bytes()))
+        .and_then(|mut f| {
+            std::io::Write::write_all(&mut f, owner.as_bytes())?;
+            f.sync_all()
+        })
         .map_err(|e| io_err("cannot write OWNER", dir, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::claim_owner;
+
+    /// An `OWNER` left empty by a power loss between its write and the disk (a crash reviewer's
+    /// finding: the router then refused to open its spool of synced rows) is claimed again.
+    #[test]
+    fn an_empty_owner_file_is_claimed_again() {
+        let dir = syft_testkit::TempDir::new().expect("dir");
+        std::fs::write(dir.path().join("OWNER"), "").expect("an empty OWNER");
+        claim_owner(dir.path(), "owner@example.com", true).expect("claimed");
+        let written = std::fs::read_to_string(dir.path().join("OWNER")).expect("read");
+        assert_eq!(written, "owner@example.com");
+        let other = claim_owner(dir.path(), "other@example.com", true);
+        assert!(other.is_err(), "rows of another owner: {other:?}");
+    }
 }
