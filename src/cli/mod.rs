@@ -176,8 +176,24 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// The longest duration a flag takes: a century. Past about 2.9 × 10¹¹ years a duration added to
+/// the clock overflowed: a panic at start (`--shutdown-grace` with a spool) or in every HTTP
+/// connection (`--http-idle-timeout`).
+const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
+
 /// [`parse_duration`], where `0s` means "none" (`--answer-retention 0s`: nothing stored).
 pub fn parse_duration_or_zero(text: &str) -> Result<Duration, String> {
+    let d = parse_any_duration(text)?;
+    if d > MAX_DURATION {
+        return Err(format!(
+            "duration {:?} is too long (at most 36500d)",
+            text.trim()
+        ));
+    }
+    Ok(d)
+}
+
+fn parse_any_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit())
@@ -365,6 +381,12 @@ mod tests {
         assert!(long.contains("invalid duration"), "{long}");
         let long = parse_duration("9999999999999999999h").unwrap_err();
         assert!(long.contains("too long"), "{long}");
+        // Past a century: it overflowed the clock where a flag's duration was added to it.
+        for huge in ["18446744073709551615s", "36501d"] {
+            let long = parse_duration(huge).unwrap_err();
+            assert!(long.contains("too long"), "{huge}: {long}");
+        }
+        assert!(parse_duration("36500d").is_ok());
         assert!(parse_duration("0").is_err());
         assert!(parse_duration("5 days").is_err());
         assert!(parse_duration("-1s").is_err());

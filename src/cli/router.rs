@@ -158,16 +158,25 @@ impl RouterSetup {
                 api_key: api_key.or(base.api_key.clone()),
                 ..base
             });
-        } else if (self.upstream_api_key.is_some() || self.upstream_api_key_file.is_some())
-            && matches!(config.upstream, UpstreamConfig::Echo)
-        {
+        } else if self.upstream_api_key.is_some() || self.upstream_api_key_file.is_some() {
             // Often set for other tools (OPENAI_API_KEY), and dropped without a word: an operator
-            // who meant an OpenAI-compatible server got the echo model. (A config file's server
-            // takes its own key, which may well be this variable: `api_key_env`.)
-            tracing::warn!(
-                "--upstream-api-key (or OPENAI_API_KEY) is set, but no upstream is: the built-in \
-                 echo model answers (give --upstream-url or a config file's upstream)"
-            );
+            // who meant an OpenAI-compatible server got the echo model, or the file's server got
+            // no key. It is not sent to the file's server: a shell's OpenAI key would go to
+            // whatever server the file names. (Its own key may well be this variable:
+            // `api_key_env`.)
+            match &config.upstream {
+                UpstreamConfig::Echo => tracing::warn!(
+                    "--upstream-api-key (or OPENAI_API_KEY) is set, but no upstream is: the \
+                     built-in echo model answers (give --upstream-url or a config file's upstream)"
+                ),
+                UpstreamConfig::OpenAi(o) => tracing::warn!(
+                    upstream = %o.base_url,
+                    has_key = o.api_key.is_some(),
+                    "--upstream-api-key (or OPENAI_API_KEY) is set but not used: it goes to \
+                     --upstream-url only; the config file's upstream takes its own key \
+                     (upstream.api_key or upstream.api_key_env)"
+                ),
+            }
         }
         Ok(config)
     }

@@ -98,17 +98,22 @@ pub async fn authenticate(store: &Store, admin_key: &str, header: Option<&str>) 
         let decoded = base64::engine::general_purpose::STANDARD
             .decode(encoded)
             .map_err(|_| bad())?;
-        // Not UTF-8: Latin-1, as `requests` (the accounting SDK's HTTP client) encodes Basic
-        // credentials, so a password with an "ä" chosen before passwords were kept to ASCII
-        // still signs in through the SDK.
-        let decoded = String::from_utf8(decoded)
-            .unwrap_or_else(|e| e.into_bytes().iter().map(|&b| char::from(b)).collect());
-        let (email, secret) = decoded.split_once(':').ok_or_else(bad)?;
+        let colon = decoded.iter().position(|&b| b == b':').ok_or_else(bad)?;
+        let (email, secret) = (&decoded[..colon], &decoded[colon + 1..]);
+        let email = std::str::from_utf8(email).map_err(|_| bad())?;
         let email = email.trim().to_ascii_lowercase();
         let Some((identity, stored)) = store.identity_and_secret_hash(&email).await? else {
             return Err(bad());
         };
-        if !constant_time_eq(stored.as_bytes(), sha256_hex(secret).as_bytes()) {
+        // The secret as UTF-8, and as Latin-1, which is how `requests` (the accounting SDK's
+        // HTTP client) sends Basic credentials: a password with an "ä" chosen before passwords
+        // were kept to ASCII still signs in through the SDK, even one whose Latin-1 bytes happen
+        // to be valid UTF-8 ("ß°"). Chosen passwords are ASCII now, read alike both ways.
+        let utf8 = std::str::from_utf8(secret).ok().map(str::to_string);
+        let latin1: String = secret.iter().map(|&b| char::from(b)).collect();
+        let matches = |text: &str| constant_time_eq(stored.as_bytes(), sha256_hex(text).as_bytes());
+        let utf8_matches = utf8.as_deref().is_some_and(matches);
+        if !(utf8_matches | matches(&latin1)) {
             return Err(bad());
         }
         return Ok(Caller::Account(Arc::new(identity)));

@@ -312,27 +312,31 @@ async fn users_and_passwords(h: Harness) -> Harness {
         .into_inner();
     assert_eq!(account.balance_micros, 12_500_000);
     // A password with an "ä" chosen before passwords were kept to ASCII signs in with Basic
-    // credentials in Latin-1, as the SDK's `requests` sends them (it was 401 every time).
-    let legacy = "p\u{e4}ssw\u{f6}rd-1";
-    sqlx::query("UPDATE accounts SET secret_hash = $1 WHERE email = $2")
-        .bind(syft_ledger::store::sha256_hex(legacy))
-        .bind(ALICE)
-        .execute(h.store.pool())
-        .await
-        .expect("a legacy password");
-    let latin1: Vec<u8> = format!("{ALICE}:{legacy}")
-        .chars()
-        .map(|c| c as u8)
-        .collect();
-    use base64::Engine;
-    let basic = base64::engine::general_purpose::STANDARD.encode(latin1);
-    let resp = reqwest::Client::new()
-        .get(format!("{}/user/my-info", h.http_url()))
-        .header("authorization", format!("Basic {basic}"))
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(resp.status(), StatusCode::OK);
+    // credentials in Latin-1, as the SDK's `requests` sends them (it was 401 every time), also
+    // one whose Latin-1 bytes happen to be valid UTF-8 ("ß°" is DF B0, U+07F0 in UTF-8).
+    for legacy in ["p\u{e4}ssw\u{f6}rd-1", "Fu\u{df}\u{b0}ball-1"] {
+        sqlx::query("UPDATE accounts SET secret_hash = $1 WHERE email = $2")
+            .bind(syft_ledger::store::sha256_hex(legacy))
+            .bind(ALICE)
+            .execute(h.store.pool())
+            .await
+            .expect("a legacy password");
+        let latin1: Vec<u8> = format!("{ALICE}:{legacy}")
+            .chars()
+            .map(|c| c as u8)
+            .collect();
+        use base64::Engine;
+        let basic = base64::engine::general_purpose::STANDARD.encode(latin1);
+        let resp = reqwest::Client::new()
+            .get(format!("{}/user/my-info", h.http_url()))
+            .header("authorization", format!("Basic {basic}"))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(resp.status(), StatusCode::OK, "{legacy}");
+        let (s, _) = api.get("/user/my-info", Auth::Basic(ALICE, legacy)).await;
+        assert_eq!(s, StatusCode::OK, "{legacy} in UTF-8");
+    }
     h
 }
 

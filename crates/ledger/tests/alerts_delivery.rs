@@ -621,11 +621,13 @@ async fn a_second_rotation_keeps_the_first_rotations_promise(h: Harness) -> Harn
 /// After `--alerts-key` changed, the secret cannot be opened; rotating it (what docs/alerts.md
 /// says to do) answered a fresh secret, but the unreadable one was kept for the overlap and made
 /// every attempt fail ("cannot sign the delivery") until its end, 24 h by default. It is not
-/// kept: the new secret signs at once.
+/// kept: the new secret signs at once. An overlap running from a rotation before the change
+/// does not hold it back (that secret cannot sign either: a diff review's finding).
 async fn a_rotated_secret_signs_after_a_key_change(mut h: Harness) -> Harness {
     let rx = WebhookReceiver::start().await;
     let alice = h.account(ALICE, 10 * USD).await;
     let (ep, _) = add_balance_low(&h, &alice, &rx.url).await;
+    rotate(&h, &alice, &ep, 3600).await;
     h.server.take().expect("server").stop().await;
     let other = syft_ledger::alerts::SealKey::from_passphrase("another-alerts-key-987654321");
     h.config.alerts.key = Some(std::sync::Arc::new(other.expect("key")));

@@ -77,6 +77,27 @@ async fn two_ledgers_starting_together_on_one_sqlite_file_both_start() {
     }
 }
 
+/// A migration that cannot apply is reported at once, not tried again for minutes as if another
+/// ledger were applying it (a diff review of the retry: "duplicate column name" after 574 s).
+#[tokio::test]
+async fn a_migration_that_cannot_apply_is_reported_at_once() {
+    let db = Db::sqlite();
+    let store = Store::connect(&db.url, 2).await.expect("a new ledger");
+    // 0034 adds a column: applied again, it fails.
+    sqlx::query("DELETE FROM _sqlx_migrations WHERE version = 34")
+        .execute(store.pool())
+        .await
+        .expect("0034 to apply again");
+    store.close().await;
+    let started = Instant::now();
+    let failed = tokio::time::timeout(Duration::from_secs(20), Store::connect(&db.url, 2)).await;
+    let Err(failed) = failed.expect("reported within 20 s") else {
+        panic!("0034 applied again");
+    };
+    assert!(failed.to_string().contains("duplicate column"), "{failed}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+}
+
 /// A migration rebuilding an index of `usage_records` (0039) waits for the table behind a long
 /// reader, and every read and write of it queued behind the migration for as long (35 s in a
 /// reviewer's run). The migration now gives up its wait after 5 s and tries again later, so the

@@ -47,7 +47,9 @@ pub use upstream::{ECHO_FAIL_TRIGGER, ECHO_MODEL};
 /// Why [`serve`] stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("router setup failed: {0}")]
+    /// Said in full: an internal error's text, which clients never see, is the operator's only
+    /// clue at start ("router setup failed: internal error" named no key nor flag).
+    #[error("router setup failed: {}", setup_detail(.0))]
     Setup(#[from] RouterError),
     #[error("gRPC server failed: {0}")]
     Grpc(#[from] tonic::transport::Error),
@@ -55,6 +57,13 @@ pub enum ServeError {
     GrpcListener(std::io::Error),
     #[error("HTTP server failed: {0}")]
     Http(#[from] std::io::Error),
+}
+
+fn setup_detail(e: &RouterError) -> String {
+    match e {
+        RouterError::Internal(detail) => detail.clone(),
+        e => e.to_string(),
+    }
 }
 
 /// Serves the gRPC API on `grpc_listener` and the OpenAI-compatible HTTP front (plus `/healthz`,
@@ -68,6 +77,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let mut shutdown = Box::pin(shutdown);
+    // Also checked here: the CLI sets the durations after the file is read.
+    (config.validate_bounds()).map_err(|e| RouterError::InvalidArgument(e.to_string()))?;
     if let Some(dir) = &config.ledger.usage_spool {
         // The router this one replaces may still drain on the same spool (its grace, then its
         // spool's drain): wait for it rather than exit. Past that the start fails, as before.
@@ -165,4 +176,21 @@ const SPOOL_DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(10
 /// A listener's address for the logs: `127.0.0.1:50051`, not `Some(127.0.0.1:50051)`.
 fn addr_text(addr: std::io::Result<std::net::SocketAddr>) -> String {
     addr.map(|a| a.to_string()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    /// A start that failed on an internal error said "router setup failed: internal error" and
+    /// nothing else (a spool directory that could not be created, a ledger secret that is not
+    /// header text): the detail, never sent to clients, is the operator's.
+    #[test]
+    fn a_setup_failure_says_what_failed() {
+        let e = super::ServeError::Setup(super::RouterError::Internal(
+            "cannot create usage spool /proc/nope".into(),
+        ));
+        assert_eq!(
+            e.to_string(),
+            "router setup failed: cannot create usage spool /proc/nope"
+        );
+    }
 }

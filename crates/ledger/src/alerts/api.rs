@@ -212,9 +212,13 @@ impl Ledger {
         // one's at once, and its receivers, promised the older secret until then, would refuse
         // every event (given up on a 4xx). An overlap of 0 ends every earlier secret, as asked.
         let previous = &endpoint.previous_secret;
-        if let (Some(_), Some(until), false) = (&previous.sealed, previous.until, overlap.is_zero())
+        // A previous secret this key cannot open (`--alerts-key` changed) signs nothing, and
+        // promises nothing: its overlap does not hold a rotation back.
+        let signing = |sealed: &String| key.open(&endpoint.id, sealed).is_ok();
+        if let (Some(sealed), Some(until), false) =
+            (&previous.sealed, previous.until, overlap.is_zero())
         {
-            if now < until {
+            if now < until && signing(sealed) {
                 return Err(LedgerError::FailedPrecondition(format!(
                     "endpoint {}'s previous secret signs until {} (unix micros), as its rotation \
                      promised; rotate again after then, or with an overlap of 0 to end every \

@@ -107,10 +107,14 @@ const EDITED: [(Backend, i64, &str); 8] = [
 /// and killing the ledger left its session queued. Past this the migration gives its turn back,
 /// and is tried again a moment later.
 const LOCK_WAIT: &str = "5s";
-/// How many times migrations are tried before the ledger gives up: a lock not granted (see
-/// [`LOCK_WAIT`]; another replica applying them holds the migration lock as long as they take),
-/// or, on SQLite, which has no migration lock, another ledger applying the same one at once.
-const ATTEMPTS: u32 = 120;
+/// How many times migrations are tried on Postgres before the ledger gives up, each waiting up
+/// to [`LOCK_WAIT`] and then up to 5 s: about half an hour, as long as another replica's
+/// migrations (which hold the migration lock while they run) may take on a large ledger.
+const PG_ATTEMPTS: u32 = 180;
+/// On SQLite, which has no migration lock: another ledger starting on the same file at the same
+/// moment may apply a migration first; the next run finds it applied. A migration that cannot
+/// apply fails as many times, and is reported within seconds.
+const SQLITE_ATTEMPTS: u32 = 3;
 
 /// Applies this binary's migrations, saying which (an upgrade's changes were applied without a
 /// word). A database migrated by a newer binary is refused by name: sqlx's "migration 24 was
@@ -137,14 +141,22 @@ pub(super) async fn migrate(pool: &AnyPool, backend: Backend) -> Result<()> {
     if state.is_some() {
         accept_edited(pool, migrator, backend).await?;
     }
+    let attempts = match backend {
+        Backend::Postgres => PG_ATTEMPTS,
+        Backend::Sqlite => SQLITE_ATTEMPTS,
+    };
     let mut attempt = 1;
     loop {
         match apply(pool, migrator, backend).await {
             Ok(()) => break,
             // Applied by a newer replica meanwhile.
             Err(MigrateError::VersionMissing(v)) => return Err(newer_database(&[v])),
-            Err(e) if attempt < ATTEMPTS && worth_again(&e, backend) => {
-                tracing::warn!(attempt, "migrations wait: {e} (another replica applying them, or a long query holding a table: pg_stat_activity shows it)");
+            Err(e) if attempt < attempts && worth_again(&e, backend) => {
+                let why = match backend {
+                    Backend::Postgres => "another replica applying them, or a long query holding a table: pg_stat_activity shows it",
+                    Backend::Sqlite => "another ledger applying them to this file at the same moment?",
+                };
+                tracing::warn!(attempt, "migrations wait: {e} ({why})");
                 tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt.min(10)))).await;
                 attempt += 1;
             }

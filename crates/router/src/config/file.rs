@@ -306,7 +306,28 @@ impl<N: NumberText> RawConfig<N> {
 impl RawUpstream {
     fn into_upstream(self) -> Result<UpstreamConfig, ConfigError> {
         match self.kind.as_str() {
-            "echo" => Ok(UpstreamConfig::Echo),
+            "echo" => {
+                // The built-in model reads none of them: one given was a mistake the owner
+                // should hear of (a search section refuses the other backend's keys the same way).
+                let ignored = [
+                    ("base_url", self.base_url.is_some()),
+                    ("api_key", self.api_key.is_some()),
+                    ("api_key_env", self.api_key_env.is_some()),
+                    ("model_map", !self.model_map.is_empty()),
+                    ("connect_timeout_ms", self.connect_timeout_ms.is_some()),
+                    ("request_timeout_ms", self.request_timeout_ms.is_some()),
+                    ("idle_timeout_ms", self.idle_timeout_ms.is_some()),
+                    ("max_retries", self.max_retries.is_some()),
+                    ("retry_backoff_ms", self.retry_backoff_ms.is_some()),
+                    ("max_tokens_field", self.max_tokens_field.is_some()),
+                ];
+                match ignored.iter().find(|(_, set)| *set) {
+                    Some((key, _)) => Err(invalid(format!(
+                        "upstream.{key} is not read by upstream kind echo (the built-in model)"
+                    ))),
+                    None => Ok(UpstreamConfig::Echo),
+                }
+            }
             "openai" => {
                 let base_url = self
                     .base_url
@@ -314,7 +335,7 @@ impl RawUpstream {
                 let mut o = OpenAiConfig::new(base_url);
                 o.api_key = match (self.api_key, self.api_key_env) {
                     (Some(k), _) => Some(k.into()),
-                    (None, Some(var)) => std::env::var(&var).ok().map(Into::into),
+                    (None, Some(var)) => Some(key_from_env("upstream", &var)?),
                     (None, None) => None,
                 };
                 o.model_map = self.model_map;
@@ -330,6 +351,17 @@ impl RawUpstream {
                 "upstream.kind {other:?}: expected openai or echo"
             ))),
         }
+    }
+}
+
+/// The key in the environment variable an `api_key_env` of `section` names. One that is not set
+/// (a typo, a unit file without it) was taken for no key, and the upstream refused every call.
+pub(super) fn key_from_env(section: &str, var: &str) -> Result<syft_server::Secret, ConfigError> {
+    match std::env::var(var) {
+        Ok(key) if !key.is_empty() => Ok(key.into()),
+        _ => Err(invalid(format!(
+            "{section}.api_key_env names {var}, which is not set"
+        ))),
     }
 }
 
@@ -651,7 +683,18 @@ mod tests {
                 amount_micros: 10_000
             }
         );
-        let toml = RouterConfig::from_file(dir.join("router.example.toml")).expect("toml example");
+        // Its key comes from `OPENAI_API_KEY`, which must be set (an unset one is refused):
+        // read as the owner's environment would give it.
+        let text = std::fs::read_to_string(dir.join("router.example.toml")).expect("toml example");
+        let text = text.replace(
+            "api_key_env = \"OPENAI_API_KEY\"",
+            "api_key = \"sk-from-the-environment\"",
+        );
+        assert!(
+            text.contains("sk-from-the-environment"),
+            "the example reads its key"
+        );
+        let toml = RouterConfig::from_toml_str(&text).expect("toml example");
         assert_eq!(
             chat_pricing(&toml),
             PricingKind::PerToken {

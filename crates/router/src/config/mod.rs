@@ -18,6 +18,7 @@ use thiserror::Error;
 
 use crate::money::{AmountError, DEFAULT_MAX_AMOUNT_MICROS};
 
+mod bounds;
 mod file;
 mod pricing;
 mod rate;
@@ -483,6 +484,7 @@ impl RouterConfig {
         if self.name.trim().is_empty() {
             return Err(invalid("name must not be empty"));
         }
+        self.validate_bounds()?;
         for origin in &self.cors_origins {
             validate_origin(origin)?;
         }
@@ -542,6 +544,12 @@ impl RouterConfig {
                 return Err(invalid(format!(
                     "ledger url {url:?} must start with http:// or https://"
                 )));
+            }
+            // One that does not parse failed the start with "internal error"; one without a
+            // host (`http://:50051`) was taken, and the ledger never reached.
+            match url.parse::<http::Uri>() {
+                Ok(uri) if uri.host().is_some_and(|h| !h.is_empty()) => {}
+                _ => return Err(invalid(format!("ledger url {url:?} names no host"))),
             }
         }
         let l = &self.limits;

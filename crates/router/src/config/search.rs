@@ -197,7 +197,7 @@ impl RawSearch {
                 let mut h = HttpSearchConfig::new(url.trim_end_matches('/'));
                 h.api_key = match (self.api_key, self.api_key_env) {
                     (Some(k), _) => Some(k.into()),
-                    (None, Some(var)) => std::env::var(&var).ok().map(Into::into),
+                    (None, Some(var)) => Some(super::file::key_from_env("search", &var)?),
                     (None, None) => None,
                 };
                 set_ms(&mut h.connect_timeout, self.connect_timeout_ms);
