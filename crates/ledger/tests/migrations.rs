@@ -27,6 +27,17 @@ async fn checksum(store: &Store, version: i64) -> String {
     hex::encode(stored)
 }
 
+/// A new ledger at `db` whose migration `version` a restart applies again (its record removed).
+async fn to_apply_again(db: &Db, version: i64) {
+    let store = Store::connect(&db.url, 2).await.expect("a new ledger");
+    sqlx::query("DELETE FROM _sqlx_migrations WHERE version = $1")
+        .bind(version)
+        .execute(store.pool())
+        .await
+        .expect("its record removed");
+    store.close().await;
+}
+
 /// Migration 0032's text was edited (comments) after a build had applied it, and sqlx refused to
 /// start on a database that build migrated ("migration 32 was previously applied but has been
 /// modified"), so it could never be upgraded. Its record, holding the earlier checksum, is
@@ -82,13 +93,8 @@ async fn two_ledgers_starting_together_on_one_sqlite_file_both_start() {
 #[tokio::test]
 async fn a_migration_that_cannot_apply_is_reported_at_once() {
     let db = Db::sqlite();
-    let store = Store::connect(&db.url, 2).await.expect("a new ledger");
     // 0034 adds a column: applied again, it fails.
-    sqlx::query("DELETE FROM _sqlx_migrations WHERE version = 34")
-        .execute(store.pool())
-        .await
-        .expect("0034 to apply again");
-    store.close().await;
+    to_apply_again(&db, 34).await;
     let started = Instant::now();
     let failed = tokio::time::timeout(Duration::from_secs(20), Store::connect(&db.url, 2)).await;
     let Err(failed) = failed.expect("reported within 20 s") else {
@@ -107,13 +113,8 @@ async fn a_migration_behind_a_long_reader_does_not_stall_the_table() {
     let Some(db) = Db::postgres().await else {
         return;
     };
-    let store = Store::connect(&db.url, 2).await.expect("a new ledger");
     // 0039 drops and creates one index: applied again, it leaves the schema as it was.
-    sqlx::query("DELETE FROM _sqlx_migrations WHERE version = 39")
-        .execute(store.pool())
-        .await
-        .expect("0039 to apply again");
-    store.close().await;
+    to_apply_again(&db, 39).await;
     let admin = sqlx::PgPool::connect(&db.url).await.expect("postgres");
     let mut reader = admin.begin().await.expect("a long reader");
     sqlx::query("LOCK TABLE usage_records IN ACCESS SHARE MODE")
