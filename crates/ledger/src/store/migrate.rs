@@ -201,7 +201,8 @@ async fn apply(
 /// Whether a failed run of the migrator is tried again: a lock not granted in time on Postgres;
 /// on SQLite any failure of a statement, which another ledger applying the same migration at the
 /// same moment causes ("UNIQUE constraint failed: _sqlx_migrations.version", "table accounts
-/// already exists"): the loser's migration rolled back, and the next run finds it applied.
+/// already exists"): the loser's migration rolled back, and the next run finds it applied. A
+/// migration that cannot apply fails its [`SQLITE_ATTEMPTS`] runs within seconds.
 fn worth_again(e: &MigrateError, backend: Backend) -> bool {
     let (MigrateError::Execute(e) | MigrateError::ExecuteMigration(e, _)) = e else {
         return false;
