@@ -109,11 +109,12 @@ pub async fn authenticate(store: &Store, admin_key: &str, header: Option<&str>) 
         // HTTP client) sends Basic credentials: a password with an "ä" chosen before passwords
         // were kept to ASCII still signs in through the SDK, even one whose Latin-1 bytes happen
         // to be valid UTF-8 ("ß°"). Chosen passwords are ASCII now, read alike both ways.
-        let utf8 = std::str::from_utf8(secret).ok().map(str::to_string);
-        let latin1: String = secret.iter().map(|&b| char::from(b)).collect();
+        // An ASCII secret (every one chosen since, every generated one) reads alike both ways:
+        // hashed once, as before.
         let matches = |text: &str| constant_time_eq(stored.as_bytes(), sha256_hex(text).as_bytes());
-        let utf8_matches = utf8.as_deref().is_some_and(matches);
-        if !(utf8_matches | matches(&latin1)) {
+        let utf8_matches = std::str::from_utf8(secret).is_ok_and(matches);
+        let latin1 = || secret.iter().map(|&b| char::from(b)).collect::<String>();
+        if !(utf8_matches || (!secret.is_ascii() && matches(&latin1()))) {
             return Err(bad());
         }
         return Ok(Caller::Account(Arc::new(identity)));
