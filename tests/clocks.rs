@@ -13,7 +13,9 @@ use std::time::Duration;
 use syft_ledger::client;
 use syft_ledger::store::Store;
 use syft_proto::ledger as pb;
-use syft_testkit::{free_ports, paid, req, Db, Harness, LedgerProcess, ADMIN_KEY, USD};
+use syft_testkit::{
+    free_ports, ok, paid, req, wait_http_ok, Db, Harness, LedgerProcess, ADMIN_KEY, USD,
+};
 
 const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 const OWNER: &str = "owner@router.example";
@@ -68,11 +70,7 @@ async fn a_replica_whose_clock_runs_ahead_cancels_no_live_hold() {
         return;
     };
     let mut router = h.client(&owner);
-    let held = router
-        .authorize(hold("live-1", &token, 120))
-        .await
-        .expect("hold")
-        .into_inner();
+    let held = ok(router.authorize(hold("live-1", &token, 120)).await);
     let ahead = LedgerProcess::start(under_fake_clock("+600"), &h.config.database_url).await;
     // Its start-up sweep and two more.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -88,11 +86,8 @@ async fn a_replica_whose_clock_runs_ahead_cancels_no_live_hold() {
         pb::TransferStatus::Pending,
         "a live hold cancelled by a replica ahead: {now:?}"
     );
-    let captured = router
-        .capture(req::capture_full(&held.id))
-        .await
-        .expect("captured");
-    assert_eq!(captured.into_inner().captured_micros, USD);
+    let captured = ok(router.capture(req::capture_full(&held.id)).await);
+    assert_eq!(captured.captured_micros, USD);
     drop(ahead);
     // Verifies, then drops the database (it was left behind).
     h.finish().await;
@@ -135,11 +130,7 @@ async fn a_ledger_behind_its_database_stamps_holds_by_the_databases_clock() {
         .await
         .expect("token");
     let mut router = behind.client(&owner);
-    let held = router
-        .authorize(hold("behind-1", &token, 60))
-        .await
-        .expect("hold")
-        .into_inner();
+    let held = ok(router.authorize(hold("behind-1", &token, 60)).await);
     let skew = (held.created_at_unix_micros - real_now()).abs();
     assert!(
         skew < 5_000_000,
@@ -149,11 +140,8 @@ async fn a_ledger_behind_its_database_stamps_holds_by_the_databases_clock() {
         .expires_in_micros
         .expect("a pending hold says its time left");
     assert!((50_000_000..=60_000_000).contains(&left), "{left}");
-    let captured = router
-        .capture(req::capture_full(&held.id))
-        .await
-        .expect("a live hold is captured");
-    assert_eq!(captured.into_inner().captured_micros, USD);
+    let captured = ok(router.capture(req::capture_full(&held.id)).await);
+    assert_eq!(captured.captured_micros, USD);
     drop(behind);
     syft_testkit::assert_consistent(&store).await;
     db.drop_postgres().await;
@@ -190,16 +178,7 @@ async fn a_router_whose_clock_runs_ahead_delivers_and_charges_a_stream() {
         .expect("start a router");
     let base = format!("http://127.0.0.1:{http}");
     let http_client = reqwest::Client::new();
-    let mut ready = false;
-    for _ in 0..200 {
-        let answer = http_client.get(format!("{base}/readyz")).send().await;
-        if answer.is_ok_and(|r| r.status().is_success()) {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(ready, "the router under a fake clock never got ready");
+    wait_http_ok(&format!("{base}/readyz"), Duration::from_secs(10)).await;
     let body = serde_json::json!({
         "model": "echo",
         "stream": true,

@@ -18,7 +18,7 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use syft_ledger::client::{connect_lazy, create_account, deposit, issue_token};
 use syft_proto::ledger as pb;
 use syft_proto::router as rpb;
-use syft_testkit::{chat_request, free_ports};
+use syft_testkit::{chat_request, free_ports, wait_http_ok};
 
 const ADMIN_KEY: &str = "telemetry-admin-key";
 const OWNER: &str = "owner@router.example";
@@ -26,6 +26,8 @@ const OWNER_SECRET: &str = "owner-secret-0123456789";
 const ALICE: &str = "alice@example.com";
 /// A caller's trace context, not sampled (flags `00`).
 const CALLER_TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+/// How long a service started from the command line is given to come up.
+const READY: Duration = Duration::from_secs(10);
 
 /// Bytes of a hex string.
 fn hex(s: &str) -> Vec<u8> {
@@ -140,19 +142,6 @@ impl Drop for Process {
     }
 }
 
-async fn wait_http(url: &str) {
-    for _ in 0..200 {
-        if reqwest::get(url)
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{url} never became ready");
-}
-
 /// The Prometheus text a service serves on its HTTP `port`.
 async fn metrics(port: u16) -> String {
     let url = format!("http://127.0.0.1:{port}/metrics");
@@ -192,7 +181,7 @@ async fn one_request_is_one_trace_across_router_and_ledger() {
             ("SYFT_LEDGER_ADMIN_KEY", ADMIN_KEY.into()),
         ],
     );
-    wait_http(&format!("http://127.0.0.1:{ledger_http}/readyz")).await;
+    wait_http_ok(&format!("http://127.0.0.1:{ledger_http}/readyz"), READY).await;
 
     let ledger_url = format!("http://127.0.0.1:{ledger_grpc}");
     let mut admin = connect_lazy(&ledger_url, ADMIN_KEY).expect("client");
@@ -241,7 +230,7 @@ async fn one_request_is_one_trace_across_router_and_ledger() {
             ("SYFT_TRACE_INCOMING", "link".into()),
         ],
     );
-    wait_http(&format!("http://127.0.0.1:{router_http}/readyz")).await;
+    wait_http_ok(&format!("http://127.0.0.1:{router_http}/readyz"), READY).await;
 
     let mut chat =
         rpb::router_client::RouterClient::connect(format!("http://127.0.0.1:{router_grpc}"))

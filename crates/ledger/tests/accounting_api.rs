@@ -105,6 +105,12 @@ impl Rest {
         password.to_string()
     }
 
+    /// Alice funded with `units` and the owner with nothing; their passwords.
+    async fn alice_and_owner(&self, units: &str) -> (String, String) {
+        let alice = self.user(ALICE, "alice-password", units).await;
+        (alice, self.user(OWNER, "owner-password", "0").await)
+    }
+
     async fn balance(&self, email: &str) -> String {
         let (s, v) = self.get(&format!("/user/{email}"), Auth::Admin).await;
         assert_eq!(s, StatusCode::OK, "{v}");
@@ -342,8 +348,7 @@ async fn users_and_passwords(h: Harness) -> Harness {
 
 async fn delegated_confirm_and_cancel(h: Harness) -> Harness {
     let api = Rest::new(&h);
-    let alice_pw = api.user(ALICE, "alice-password", "10").await;
-    let owner_pw = api.user(OWNER, "owner-password", "0").await;
+    let (alice_pw, owner_pw) = api.alice_and_owner("10").await;
     let token = api.token(ALICE, &alice_pw, OWNER).await;
     let (alice, owner) = (Auth::Basic(ALICE, &alice_pw), Auth::Basic(OWNER, &owner_pw));
 
@@ -429,8 +434,7 @@ async fn delegated_confirm_and_cancel(h: Harness) -> Harness {
 
 async fn direct_transfers(h: Harness) -> Harness {
     let api = Rest::new(&h);
-    let alice_pw = api.user(ALICE, "alice-password", "5").await;
-    let owner_pw = api.user(OWNER, "owner-password", "0").await;
+    let (alice_pw, owner_pw) = api.alice_and_owner("5").await;
     let (alice, owner) = (Auth::Basic(ALICE, &alice_pw), Auth::Basic(OWNER, &owner_pw));
     let direct = |amount: &str| {
         format!(
@@ -498,8 +502,7 @@ async fn direct_transfers(h: Harness) -> Harness {
 
 async fn bad_input_changes_nothing(h: Harness) -> Harness {
     let api = Rest::new(&h);
-    let alice_pw = api.user(ALICE, "alice-password", "2").await;
-    let owner_pw = api.user(OWNER, "owner-password", "0").await;
+    let (alice_pw, owner_pw) = api.alice_and_owner("2").await;
     api.user(BOB, "bob-password", "0").await;
     let token = api.token(ALICE, &alice_pw, OWNER).await;
     let bob_token = api.token(ALICE, &alice_pw, BOB).await;
@@ -592,8 +595,7 @@ async fn bad_input_changes_nothing(h: Harness) -> Harness {
 
 async fn concurrent_spend_and_idempotency(h: Harness) -> Harness {
     let api = Arc::new(Rest::new(&h));
-    let alice_pw = api.user(ALICE, "alice-password", "1").await;
-    let owner_pw = api.user(OWNER, "owner-password", "0").await;
+    let (alice_pw, owner_pw) = api.alice_and_owner("1").await;
     let token = api.token(ALICE, &alice_pw, OWNER).await;
     let body = delegated_body(ALICE, "0.3", &token);
     let created = created_of_ten_at_once(&api, OWNER, &owner_pw, &body).await;
@@ -620,8 +622,7 @@ async fn concurrent_spend_and_idempotency(h: Harness) -> Harness {
 
 async fn direct_idempotency_and_concurrent_spend(h: Harness) -> Harness {
     let api = Arc::new(Rest::new(&h));
-    let alice_pw = api.user(ALICE, "alice-password", "1").await;
-    api.user(OWNER, "owner-password", "0").await;
+    let (alice_pw, _) = api.alice_and_owner("1").await;
     let direct = |amount: &str| {
         format!(r#"{{"senderEmail":"{ALICE}","recipientEmail":"{OWNER}","amount":{amount}}}"#)
     };
@@ -808,8 +809,7 @@ async fn amounts_are_answered_exactly(h: Harness) -> Harness {
 /// (it was, and the client never learnt the id of the transfer holding its money).
 async fn a_direct_create_retried_in_flight_is_answered_as_the_transfer(h: Harness) -> Harness {
     let api = Arc::new(Rest::new(&h));
-    let alice_pw = api.user(ALICE, "alice-password", "100").await;
-    api.user(OWNER, "owner-password", "0").await;
+    let (alice_pw, _) = api.alice_and_owner("100").await;
     for round in 0..10 {
         // Each round 60 of the 100: a second hold never fits.
         let body = format!(r#"{{"senderEmail":"{ALICE}","recipientEmail":"{OWNER}","amount":60}}"#);
@@ -845,8 +845,7 @@ async fn a_direct_create_retried_in_flight_is_answered_as_the_transfer(h: Harnes
 /// confirming a completed transaction does (it was refused 409 "already captured").
 async fn replays_and_confirms_answer_the_transfer_as_it_is(h: Harness) -> Harness {
     let api = Rest::new(&h);
-    let alice_pw = api.user(ALICE, "alice-password", "5").await;
-    let owner_pw = api.user(OWNER, "owner-password", "0").await;
+    let (alice_pw, owner_pw) = api.alice_and_owner("5").await;
     let alice = Auth::Basic(ALICE, &alice_pw);
     let direct = format!(r#"{{"senderEmail":"{ALICE}","recipientEmail":"{OWNER}","amount":1}}"#);
     let (s, v) = api.create(alice, &direct, Some("k1")).await;
@@ -897,17 +896,9 @@ async fn replays_and_confirms_answer_the_transfer_as_it_is(h: Harness) -> Harnes
 /// keys are kept out of the direct transfers' namespace: refused, and the payment goes through.
 async fn a_hold_key_cannot_take_a_direct_payments_key(h: Harness) -> Harness {
     let (owner, alice, token) = h.payer(OWNER, ALICE, 10 * 1_000_000).await;
-    let http = reqwest::Client::new();
-    let base = h.http_url();
-    let me: Value = http
-        .get(format!("{base}/user/my-info"))
-        .basic_auth(ALICE, Some(&alice))
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let api = Rest::new(&h);
+    let (s, me) = api.get("/user/my-info", Auth::Basic(ALICE, &alice)).await;
+    assert_eq!(s, StatusCode::OK, "{me}");
     let alice_id = me["user"]["id"].as_str().expect("id").to_string();
     let squat = format!("direct:{alice_id}:abc");
     let refused = h
@@ -915,15 +906,11 @@ async fn a_hold_key_cannot_take_a_direct_payments_key(h: Harness) -> Harness {
         .authorize(req::hold(ALICE, 1, &token, &squat))
         .await;
     assert_eq!(syft_testkit::code(refused), tonic::Code::InvalidArgument);
-    let paid = http
-        .post(format!("{base}/transaction/create"))
-        .basic_auth(ALICE, Some(&alice))
-        .header("Idempotency-Key", "abc")
-        .json(&json!({"senderEmail": ALICE, "recipientEmail": OWNER, "amount": 1}))
-        .send()
-        .await
-        .expect("send");
-    assert_eq!(paid.status(), StatusCode::CREATED);
+    let body = json!({"senderEmail": ALICE, "recipientEmail": OWNER, "amount": 1}).to_string();
+    let (s, paid) = api
+        .create(Auth::Basic(ALICE, &alice), &body, Some("abc"))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{paid}");
     h
 }
 
@@ -950,8 +937,7 @@ async fn expired_hold_cannot_be_confirmed() {
             continue;
         };
         let api = Rest::new(&h);
-        let alice_pw = api.user(ALICE, "alice-password", "1").await;
-        let owner_pw = api.user(OWNER, "owner-password", "0").await;
+        let (alice_pw, owner_pw) = api.alice_and_owner("1").await;
         let token = api.token(ALICE, &alice_pw, OWNER).await;
         let (_, v) = api.delegated(&owner_pw, ALICE, "0.4", &token).await;
         let id = v["transaction"]["id"].as_str().expect("id").to_string();
@@ -1028,8 +1014,7 @@ async fn metrics_ask_for_their_token_and_count_direct_transfers_apart() {
         assert_eq!(v["code"], "UNAUTHENTICATED", "{auth:?}: {v}");
     }
     let api = Rest::new(&h);
-    let alice_pw = api.user(ALICE, "alice-password", "5").await;
-    api.user(OWNER, "owner-password", "0").await;
+    let (alice_pw, _) = api.alice_and_owner("5").await;
     let alice = Auth::Basic(ALICE, &alice_pw);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

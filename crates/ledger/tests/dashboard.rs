@@ -94,6 +94,17 @@ impl Web {
         (status, resp.json().await.unwrap_or(Value::Null))
     }
 
+    /// GETs each of `paths`, asserting it answers `want`: the bodies, in order.
+    async fn all_answer(&self, paths: &[&str], want: u16) -> Vec<Value> {
+        let mut bodies = Vec::new();
+        for path in paths {
+            let (status, body) = self.get_status(path).await;
+            assert_eq!(status, want, "{path}: {body}");
+            bodies.push(body);
+        }
+        bodies
+    }
+
     async fn get(&self, path: &str) -> Value {
         let (status, body) = self.get_status(path).await;
         assert_eq!(status, 200, "GET {path}: {body}");
@@ -264,17 +275,15 @@ async fn sessions_and_permissions(h: &Harness) {
         cookie: "syft_session=forged-token".into(),
         ..Web::sign_in(&base, OWNER, &owner).await
     };
-    for path in [
+    let everything = [
         "/dashboard/api/me",
         "/dashboard/api/stats",
         "/dashboard/api/usage",
         "/dashboard/api/transfers",
         "/dashboard/api/tokens",
         "/dashboard/events",
-    ] {
-        let (status, body) = forged.get_status(path).await;
-        assert_eq!(status, 401, "{path}: {body}");
-    }
+    ];
+    forged.all_answer(&everything, 401).await;
     let anonymous = signed_out(&base, "/dashboard/api/usage").await;
     assert_eq!(anonymous.status(), 401);
 
@@ -296,15 +305,14 @@ async fn sessions_and_permissions(h: &Harness) {
     );
     assert_eq!(ids(&admin.get("/dashboard/api/usage").await).len(), 3);
     // A filter these reads do not take is refused, not ignored: `user=` answered every row.
-    for path in [
+    let unknown = [
         "/dashboard/api/usage?user=bob@example.com",
         "/dashboard/api/usage?request_id=r-1",
         "/dashboard/api/transfers?account=bob@example.com",
         "/dashboard/api/tokens?sender=bob@example.com",
         "/dashboard/api/alerts/deliveries?id=x&page=2",
-    ] {
-        let (status, body) = admin.get_status(path).await;
-        assert_eq!(status, 400, "{path}: {body}");
+    ];
+    for body in admin.all_answer(&unknown, 400).await {
         assert!(
             body["detail"]
                 .as_str()

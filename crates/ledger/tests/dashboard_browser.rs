@@ -142,6 +142,19 @@ async fn type_into(c: &Client, css: &str, text: &str) {
     field.send_keys(text).await.expect("type");
 }
 
+/// Makes the page's requests to URLs containing `part` fail as a network error does (the ledger
+/// away); `window.realFetch` keeps the real `fetch`, which `window.fetch = window.realFetch`
+/// puts back.
+async fn fail_fetches(c: &Client, part: &str) {
+    let script = format!(
+        "window.realFetch = window.realFetch || window.fetch; window.fetch = (u, o) => \
+         String(u).includes('{part}') \
+           ? Promise.reject(new TypeError('Failed to fetch')) : window.realFetch(u, o); \
+         return true"
+    );
+    js(c, &script).await;
+}
+
 async fn click(c: &Client, css: &str) {
     let element = c.find(Locator::Css(css)).await.expect(css);
     element.click().await.expect("click");
@@ -432,14 +445,7 @@ async fn dashboard_in_chromium() {
 
     // A range whose answers fail (the ledger away) empties the charts and says why: they kept
     // the previous range's lines under the new range's name.
-    js(
-        &c,
-        "window.realFetch = window.fetch; window.fetch = (u, o) => \
-         String(u).includes('/dashboard/api/stats') \
-           ? Promise.reject(new TypeError('Failed to fetch')) : window.realFetch(u, o); \
-         return true",
-    )
-    .await;
+    fail_fetches(&c, "/dashboard/api/stats").await;
     set_range(&c, "7d").await;
     until(
         &c,
@@ -474,13 +480,7 @@ async fn dashboard_in_chromium() {
 
     // A sign-out the ledger did not take (it is away) says so and keeps the page: showing the
     // form while the session lived on signed the owner back in at the next reload.
-    js(
-        &c,
-        "window.fetch = (u, o) => String(u).includes('/dashboard/logout') \
-           ? Promise.reject(new TypeError('Failed to fetch')) : window.realFetch(u, o); \
-         return true",
-    )
-    .await;
+    fail_fetches(&c, "/dashboard/logout").await;
     click(&c, "#signout").await;
     until(
         &c,

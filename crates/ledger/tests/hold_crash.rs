@@ -20,10 +20,9 @@ use std::sync::Arc;
 
 use syft_error::ErrorCode;
 use syft_ledger::store::{
-    AccountRow, AuthorizeInput, CaptureAmount, Resolution, ResolveInput, Store, TokenGrant,
-    TransferRow,
+    AccountRow, AuthorizeInput, CaptureAmount, Resolution, ResolveInput, Store, TransferRow,
 };
-use syft_testkit::{assert_consistent, USD};
+use syft_testkit::{assert_consistent, store_token, USD};
 
 const OWNER: &str = "owner@example.com";
 const ALICE: &str = "alice@example.com";
@@ -253,17 +252,7 @@ async fn holds_lost_in_a_postgres_crash_are_never_charged() {
         .deposit(ALICE, 10 * USD, "welcome")
         .await
         .expect("deposit");
-    let token = store
-        .issue_token(&TokenGrant {
-            sender: &alice.identity(),
-            recipient: &owner,
-            expires_at: None,
-            spend_limit: None,
-            limit_per_day: None,
-        })
-        .await
-        .expect("token")
-        .token;
+    let token = store_token(&store, &alice, &owner).await;
 
     // A hold captured before the crash: durable with its capture.
     let kept = hold(&store, &owner, &token, "req-0").await;

@@ -8,10 +8,10 @@ use std::time::Duration;
 use sqlx::{AnyConnection, Connection, Executor};
 use syft_error::Reason;
 use syft_ledger::store::{
-    AccountRow, AuthorizeInput, CaptureAmount, Resolution, ResolveInput, Store, TokenGrant,
-    TransferRow, UsageInput,
+    AccountRow, AuthorizeInput, CaptureAmount, Resolution, ResolveInput, Store, TransferRow,
+    UsageInput,
 };
-use syft_testkit::{assert_consistent, Db, USD};
+use syft_testkit::{assert_consistent, store_token, Db, USD};
 
 /// An owner, alice with 1 USD and a token from alice to the owner.
 async fn parties(store: &Store) -> (AccountRow, String) {
@@ -27,15 +27,8 @@ async fn parties(store: &Store) -> (AccountRow, String) {
         .deposit("alice@example.com", USD, "welcome")
         .await
         .expect("deposit");
-    let grant = TokenGrant {
-        sender: &alice.identity(),
-        recipient: &owner,
-        expires_at: None,
-        spend_limit: None,
-        limit_per_day: None,
-    };
-    let token = store.issue_token(&grant).await.expect("token");
-    (owner, token.token)
+    let token = store_token(store, &alice, &owner).await;
+    (owner, token)
 }
 
 /// A hold of `amount` from alice that expires after `ttl_micros`.
@@ -237,14 +230,8 @@ async fn capture_that_waited_past_expiry_is_refused(db: Db) {
         "SELECT id FROM transfers WHERE id = '{}' FOR UPDATE",
         second.id
     );
-    let (s, id) = (store.clone(), second.id.clone());
-    let refused = after_a_wait_past_expiry(&db, &lock, async move {
-        s.extend_hold(&id, owner_id, 60_000_000, 3_600_000_000)
-            .await
-    })
-    .await
-    .expect_err("an extension that took effect after expiry is refused");
-    assert_eq!(refused.reason(), Some(Reason::HoldExpired), "{refused}");
+    let refused = "an extension that took effect after expiry is refused";
+    extension_refused_after(&db, &store, &lock, &second.id, owner_id, refused).await;
     swept_and_whole(&store, db, 2).await;
 }
 
@@ -261,15 +248,33 @@ async fn an_extension_waits_for_its_senders_budget_check(db: Db) {
     let owner_id = owner.id;
     let held = hold(&store, &owner, &token, "k1", USD / 2, 400_000).await;
     let lock = "SELECT id FROM accounts WHERE email = 'alice@example.com' FOR NO KEY UPDATE";
-    let (s, id) = (store.clone(), held.id.clone());
-    let refused = after_a_wait_past_expiry(&db, lock, async move {
+    let refused = "an extension that took effect after a budget check is refused";
+    extension_refused_after(&db, &store, lock, &held.id, owner_id, refused).await;
+    swept_and_whole(&store, db, 1).await;
+}
+
+/// An extension of hold `id` asked while another connection holds `lock` past the hold's
+/// expiry: refused as expired (`what` says after which wait).
+async fn extension_refused_after(
+    db: &Db,
+    store: &Arc<Store>,
+    lock: &str,
+    id: &str,
+    owner_id: i64,
+    what: &str,
+) {
+    let (s, id) = (store.clone(), id.to_string());
+    let refused = after_a_wait_past_expiry(db, lock, async move {
         s.extend_hold(&id, owner_id, 60_000_000, 3_600_000_000)
             .await
     })
     .await
-    .expect_err("an extension that took effect after a budget check is refused");
-    assert_eq!(refused.reason(), Some(Reason::HoldExpired), "{refused}");
-    swept_and_whole(&store, db, 1).await;
+    .expect_err(what);
+    assert_eq!(
+        refused.reason(),
+        Some(Reason::HoldExpired),
+        "{what}: {refused}"
+    );
 }
 
 /// Runs `act` while another connection holds a lock (`pg_lock` on Postgres, the write lock on

@@ -277,10 +277,7 @@ async fn capture_and_void_resolve_exactly_once(h: Harness) -> Harness {
         })
         .await;
     assert_eq!(code(other_amount), Code::FailedPrecondition);
-    let void_after_capture = router.void(pb::VoidRequest {
-        transfer_id: t1.id.clone(),
-        ..Default::default()
-    });
+    let void_after_capture = router.void(req::void(&t1.id));
     assert_eq!(code(void_after_capture.await), Code::FailedPrecondition);
 
     let t2 = granted(&mut router, USD, &token, "k2").await;
@@ -819,13 +816,7 @@ async fn token_rules(h: Harness) -> Harness {
     let b = granted(&mut router, USD, &limited, "l2").await;
     let over = router.authorize(authorize(ALICE, 1, &limited, "l3")).await;
     assert_eq!(code(over), Code::PermissionDenied);
-    router
-        .void(pb::VoidRequest {
-            transfer_id: b.id,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    router.void(req::void(&b.id)).await.unwrap();
     router
         .authorize(authorize(ALICE, USD, &limited, "l4"))
         .await
@@ -1061,14 +1052,7 @@ async fn listing_and_usage_visibility(h: Harness) -> Harness {
         keys(ok(h.admin().list_transfers(by_token(&second_id)).await)).len(),
         1
     );
-    router
-        .void(pb::VoidRequest {
-            transfer_id: by_second.id,
-            reason: "not needed".into(),
-            usage: None,
-        })
-        .await
-        .unwrap();
+    router.void(req::void(&by_second.id)).await.unwrap();
 
     // Usage totals cover every matching row; filters narrow them.
     let all = ok(router
@@ -1561,14 +1545,7 @@ async fn idempotency_keys_are_per_sender(h: Harness) -> Harness {
     let again = router.authorize(hold(CAROL, USD, "req-2")).await;
     assert_eq!(code(again), Code::FailedPrecondition);
     let rich = ok(router.authorize(hold(ALICE, USD, "req-2")).await);
-    router
-        .void(pb::VoidRequest {
-            transfer_id: rich.id,
-            reason: "done".into(),
-            usage: None,
-        })
-        .await
-        .unwrap();
+    router.void(req::void(&rich.id)).await.unwrap();
 
     // Concurrent duplicates from two senders: one hold per sender.
     let burst = (0..20).map(|i| hold(if i % 2 == 0 { ALICE } else { BOB }, USD / 10, "burst"));

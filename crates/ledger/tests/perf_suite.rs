@@ -4,11 +4,12 @@
 
 use std::sync::Arc;
 
-use syft_ledger::store::{AuthorizeInput, HoldBudgets, Store, TokenGrant};
+use syft_ledger::store::{AuthorizeInput, HoldBudgets, Store};
 use syft_proto::ledger as pb;
 use syft_testkit::req::capture_full;
 use syft_testkit::{
-    assert_consistent, code, ok, reason, req, store_suite, usage_rows_seen_by, Db, Harness, USD,
+    assert_consistent, code, ok, reason, req, store_suite, store_token, usage_rows_seen_by, Db,
+    Harness, USD,
 };
 use tonic::Code;
 
@@ -263,14 +264,7 @@ async fn postgres_a_replay_does_not_break_up_its_batch() {
             .deposit(&email, 10 * USD, &format!("d{n}"))
             .await
             .expect("deposit");
-        let grant = TokenGrant {
-            sender: &a.identity(),
-            recipient: &owner,
-            expires_at: None,
-            spend_limit: None,
-            limit_per_day: None,
-        };
-        let token = store.issue_token(&grant).await.expect("token").token;
+        let token = store_token(&store, &a, &owner).await;
         tokens.push((email, token));
     }
     let tokens = Arc::new(tokens);

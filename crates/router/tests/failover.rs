@@ -433,10 +433,7 @@ async fn lock_the_address(s: &Stack, limit: usize) {
 /// passes the lock on as the user's quota. Nothing is held or charged.
 #[tokio::test]
 async fn a_router_whose_address_the_ledger_locked_is_unavailable() {
-    let s = Stack::start_with_ledger(Pricing::per_request(PRICE), |c| {
-        c.auth_failures_per_address = 2;
-    })
-    .await;
+    let s = locking_after(2).await;
     let mut c = s.client().await;
     ok(c.chat(s.request("before")).await);
     lock_the_address(&s, 2).await;
@@ -543,10 +540,7 @@ async fn a_lock_between_hold_and_capture_withholds_the_answer_and_charges_nothin
 /// paid request for five minutes while saying it was ready.
 #[tokio::test]
 async fn a_router_with_a_rejected_secret_does_not_lock_out_its_neighbours() {
-    let s = Stack::start_with_ledger(Pricing::per_request(PRICE), |c| {
-        c.auth_failures_per_address = 3;
-    })
-    .await;
+    let s = locking_after(3).await;
     let bad = another_router(&s, "not-the-secret-0123456789").await;
     wait_readyz(&bad.http_url, "owner", "secret_rejected").await;
     let mut refused = bad.client().await;
@@ -572,10 +566,7 @@ async fn a_router_with_a_rejected_secret_does_not_lock_out_its_neighbours() {
 /// ready, and failed every paid request).
 #[tokio::test]
 async fn a_router_whose_address_is_locked_says_so_in_its_readiness() {
-    let s = Stack::start_with_ledger(Pricing::per_request(PRICE), |c| {
-        c.auth_failures_per_address = 2;
-    })
-    .await;
+    let s = locking_after(2).await;
     lock_the_address(&s, 2).await;
     let router = another_router(&s, &s.owner.secret).await;
     let (code, body) = wait_readyz(&router.http_url, "owner", "address_locked").await;
@@ -590,10 +581,7 @@ async fn a_router_whose_address_is_locked_says_so_in_its_readiness() {
 /// wrong credential counted against the machine's address, and locked its neighbours out.
 #[tokio::test]
 async fn a_secret_changed_while_the_router_runs_stops_its_calls_at_once() {
-    let s = Stack::start_with_ledger(Pricing::per_request(PRICE), |c| {
-        c.auth_failures_per_address = 5;
-    })
-    .await;
+    let s = locking_after(5).await;
     wait_readyz(&s.router.http_url, "owner", "verified").await;
     let new_secret = "the-owner-changed-it-0123456789";
     // From another address: setting a chosen password counts against its address.
@@ -681,6 +669,23 @@ async fn paid_chats(router: &RouterHandle, funded: &Funded, tag: &str, n: usize)
 
 /// A funded ledger on `db`, and a second replica of it that has locked this machine's address
 /// (a neighbour sent it five wrong secrets; it locks after three).
+/// A paid router `name` (its configuration as `tweak` changes it) over `funded`'s ledger and a
+/// replica that locked this machine's address ([`with_a_replica_that_locked_this_address`]), and
+/// ready.
+async fn past_a_locked_replica(
+    db: &Db,
+    name: &str,
+    tweak: impl FnOnce(&mut syft_router_svc::RouterConfig),
+) -> (Funded, LedgerServer, FakeUpstream, RouterHandle) {
+    let (funded, second) = with_a_replica_that_locked_this_address(db).await;
+    let upstream = FakeUpstream::start().await;
+    let mut config = over_two(name, &funded, &second.url, &upstream);
+    tweak(&mut config);
+    let router = RouterHandle::start(config).await;
+    wait_ready_code(&router.http_url, 200).await;
+    (funded, second, upstream, router)
+}
+
 async fn with_a_replica_that_locked_this_address(db: &Db) -> (Funded, LedgerServer) {
     let funded = Funded::start(db, Duration::from_secs(300)).await;
     let mut locking = ledger_config(&db.url);
@@ -709,18 +714,7 @@ async fn a_replica_that_locked_the_routers_address_is_failed_over() {
     let Some(db) = Db::postgres().await else {
         return;
     };
-    let (funded, second) = with_a_replica_that_locked_this_address(&db).await;
-    let upstream = FakeUpstream::start().await;
-    let config = router_config(
-        "locked",
-        &funded.owner.email,
-        &funded.owner.secret,
-        &format!("{},{}", funded.ledger.url, second.url),
-        Pricing::per_request(PRICE),
-        Some(&upstream.base_url),
-    );
-    let router = RouterHandle::start(config).await;
-    wait_ready_code(&router.http_url, 200).await;
+    let (funded, _second, _upstream, router) = past_a_locked_replica(&db, "locked", |_| {}).await;
     let mut failures = paid_chats(&router, &funded, "locked", 8).await;
     let c = router.client().await;
     let results = join_all((0..4).map(|j| {
@@ -760,14 +754,7 @@ async fn a_ledger_on_another_database_does_not_refuse_the_routers_requests() {
     let other_db = Db::sqlite();
     let other = LedgerServer::start(ledger_config(&other_db.url)).await;
     let upstream = FakeUpstream::start().await;
-    let config = router_config(
-        "misconfigured",
-        &funded.owner.email,
-        &funded.owner.secret,
-        &format!("{},{}", funded.ledger.url, other.url),
-        Pricing::per_request(PRICE),
-        Some(&upstream.base_url),
-    );
+    let config = over_two("misconfigured", &funded, &other.url, &upstream);
     let router = RouterHandle::start(config).await;
     wait_ready_code(&router.http_url, 200).await;
     let failures = paid_chats(&router, &funded, "misconfigured", 8).await;
@@ -781,10 +768,7 @@ async fn a_ledger_on_another_database_does_not_refuse_the_routers_requests() {
 /// secret, and the ledger locked the machine's address for its neighbours).
 #[tokio::test]
 async fn a_rejected_secret_with_one_replica_down_is_still_seen_as_rejected() {
-    let s = Stack::start_with_ledger(Pricing::per_request(PRICE), |c| {
-        c.auth_failures_per_address = 3;
-    })
-    .await;
+    let s = locking_after(3).await;
     let dead = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         l.local_addr().expect("addr")
@@ -832,19 +816,11 @@ async fn a_capture_that_timed_out_at_one_replica_is_settled_past_a_locked_one() 
     let Some(db) = Db::postgres().await else {
         return;
     };
-    let (funded, second) = with_a_replica_that_locked_this_address(&db).await;
-    let upstream = FakeUpstream::start().await;
-    let mut config = router_config(
-        "capture-slow-then-locked",
-        &funded.owner.email,
-        &funded.owner.secret,
-        &format!("{},{}", funded.ledger.url, second.url),
-        Pricing::per_request(PRICE),
-        Some(&upstream.base_url),
-    );
-    config.ledger.timeout = Duration::from_millis(500);
-    let router = RouterHandle::start(config).await;
-    wait_ready_code(&router.http_url, 200).await;
+    let (funded, _second, upstream, router) =
+        past_a_locked_replica(&db, "capture-slow-then-locked", |c| {
+            c.ledger.timeout = Duration::from_millis(500);
+        })
+        .await;
     let warm = paid_chats(&router, &funded, "warm", 4).await;
     assert!(warm.is_empty(), "{}", warm.join("\n"));
     let mut seen = Vec::new();
@@ -909,4 +885,30 @@ async fn a_capture_that_timed_out_at_one_replica_is_settled_past_a_locked_one() 
             seen.join("\n")
         );
     }
+}
+
+/// A paid stack whose ledger locks an address out after `failures` wrong credentials.
+async fn locking_after(failures: u32) -> Stack {
+    Stack::start_with_ledger(Pricing::per_request(PRICE), |c| {
+        c.auth_failures_per_address = failures;
+    })
+    .await
+}
+
+/// The configuration of a paid router of `funded`'s owner over two ledger endpoints, `funded`'s
+/// own first, and `upstream`.
+fn over_two(
+    name: &str,
+    funded: &Funded,
+    second_url: &str,
+    upstream: &FakeUpstream,
+) -> syft_router_svc::RouterConfig {
+    router_config(
+        name,
+        &funded.owner.email,
+        &funded.owner.secret,
+        &format!("{},{second_url}", funded.ledger.url),
+        Pricing::per_request(PRICE),
+        Some(&upstream.base_url),
+    )
 }

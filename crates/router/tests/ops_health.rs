@@ -62,7 +62,7 @@ async fn wait_status(ch: &Channel, service: &str, want: ServingStatus) {
     }
 }
 
-async fn ledger_follows_its_database(db: Db) {
+async fn ledger_health_follows_the_database(db: Db) {
     let ledger = LedgerServer::start(ledger_config(&db.url)).await;
     let ch = channel(&ledger.url).await;
     wait_status(&ch, LEDGER, ServingStatus::Serving).await;
@@ -82,18 +82,7 @@ async fn ledger_follows_its_database(db: Db) {
     db.drop_postgres().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ledger_health_follows_the_database_sqlite() {
-    ledger_follows_its_database(Db::sqlite()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ledger_health_follows_the_database_postgres() {
-    let Some(db) = Db::postgres().await else {
-        return;
-    };
-    ledger_follows_its_database(db).await;
-}
+syft_testkit::db_suite!(ledger_health_follows_the_database);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paid_router_is_ready_only_while_its_ledger_serves() {

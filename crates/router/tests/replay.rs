@@ -140,9 +140,7 @@ async fn a_retry_with_a_fresh_token_gets_the_stored_answer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_retries_get_the_stored_answer_with_the_replay_header() {
-    let s = Stack::start(Pricing::per_request(PRICE)).await;
-    let http = reqwest::Client::new();
-    let url = s.router.chat_completions_url();
+    let (s, http, url) = Stack::start_http(Pricing::per_request(PRICE)).await;
     let send = |key: &'static str, stream: bool| {
         http.post(&url)
             .bearer_auth(&s.token)

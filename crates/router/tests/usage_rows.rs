@@ -345,9 +345,7 @@ async fn requests_refused_before_they_are_read_leave_rows() {
 /// `Idempotency-Key` is given one), over gRPC in the status' metadata.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_name_the_request_id_of_their_row() {
-    let s = Stack::start(Pricing::per_request(PRICE)).await;
-    let http = reqwest::Client::new();
-    let url = s.router.chat_completions_url();
+    let (s, http, url) = Stack::start_http(Pricing::per_request(PRICE)).await;
     let named = |r: &reqwest::Response| -> String {
         let id = r
             .headers()

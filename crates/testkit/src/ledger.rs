@@ -7,6 +7,7 @@ use std::time::Duration;
 use syft_ledger::alerts::{parse_schedule, AlertsConfig, SealKey};
 
 use syft_ledger::client::{self, connect_lazy, LedgerClient};
+use syft_ledger::store::{AccountRow, TokenGrant};
 use syft_ledger::{LedgerConfig, Store};
 use syft_proto::ledger as pb;
 use tokio::net::TcpListener;
@@ -437,6 +438,19 @@ pub async fn lock_transfers(store: &Store) -> sqlx::Transaction<'static, sqlx::A
         .await
         .expect("lock");
     lock
+}
+
+/// A delegation token from `sender` to `recipient` issued on the store itself, with no expiry and
+/// no limits: the token of tests that drive the store without a server.
+pub async fn store_token(store: &Store, sender: &AccountRow, recipient: &AccountRow) -> String {
+    let grant = TokenGrant {
+        sender: &sender.identity(),
+        recipient,
+        expires_at: None,
+        spend_limit: None,
+        limit_per_day: None,
+    };
+    store.issue_token(&grant).await.expect("token").token
 }
 
 /// [`lock_transfers`] for `hold`, released by a task of its own (join it to know it ended).

@@ -24,8 +24,8 @@ pub use ledger::{
     revoke_token, serve_ledger, transfers_of, usage_of, usage_rows_seen_by, Account, Harness,
     LedgerServer, ALERTS_KEY,
 };
-pub use ledger::{backdate_transfers, lock_transfers, lock_transfers_for};
-pub use probe::{get_json, get_json_as, succeeded};
+pub use ledger::{backdate_transfers, lock_transfers, lock_transfers_for, store_token};
+pub use probe::{get_json, get_json_as, succeeded, wait_http_ok};
 pub use redis::{exited_ok, redis_up, OwnRedis, SilentRelay};
 pub use router::{
     chat_given_up, chat_request, docs_dir, read_answer, readyz, router_config, search_request,

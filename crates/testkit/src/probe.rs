@@ -1,4 +1,5 @@
-//! Small probes the scenarios repeat: a JSON `GET`, a process's success, waiting for a hold.
+//! Small probes the scenarios repeat: a JSON `GET`, a service coming up, a process's success,
+//! waiting for a hold.
 //! One copy each, so a change of how we probe (a timeout, what a failure prints) is made once.
 
 use std::process::Output;
@@ -26,6 +27,20 @@ async fn json_of(request: reqwest::RequestBuilder, url: &str) -> serde_json::Val
         .json()
         .await
         .unwrap_or_else(|e| panic!("JSON body of {url}: {e}"))
+}
+
+/// Waits until `GET url` answers 2xx (a process started from the command line coming up), at
+/// most `within`; panics naming the URL otherwise.
+pub async fn wait_http_ok(url: &str, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        let answer = reqwest::get(url).await;
+        if answer.is_ok_and(|r| r.status().is_success()) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{url} never answered 2xx within {within:?}");
 }
 
 /// The stdout of a finished process (a Python script, the binary), after asserting it exited 0

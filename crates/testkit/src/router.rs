@@ -350,6 +350,14 @@ impl Stack {
         Self::start_on(Db::sqlite(), pricing).await
     }
 
+    /// [`Stack::start`], an HTTP client and the router's `/v1/chat/completions` URL: the
+    /// OpenAI front's scenarios begin so.
+    pub async fn start_http(pricing: Pricing) -> (Self, reqwest::Client, String) {
+        let stack = Self::start(pricing).await;
+        let url = stack.router.chat_completions_url();
+        (stack, reqwest::Client::new(), url)
+    }
+
     /// [`Stack::start`] and a client of its router, as most scenarios begin.
     pub async fn start_with_client(pricing: Pricing) -> (Self, RouterClient<Channel>) {
         let stack = Self::start(pricing).await;

@@ -58,3 +58,30 @@ macro_rules! stack_suite {
         }
     };
 }
+
+/// Runs each listed `async fn(Db)` on a fresh SQLite database and, where one is available, on a
+/// fresh Postgres one (the scenario starts what it needs on it).
+#[macro_export]
+macro_rules! db_suite {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::Db::sqlite()).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Some(db) = $crate::Db::postgres().await else {
+                        return;
+                    };
+                    super::$name(db).await;
+                }
+            )*
+        }
+    };
+}

@@ -210,74 +210,63 @@ async fn verify_snapshot(conn: &mut AnyConnection) -> Result<VerifyReport> {
     // A transfer paid with a token is between the token's own parties, and was placed before the
     // token expired. (Not "before its revocation": a revocation stamped by a call that then
     // waited for the token's lock may carry an earlier time than a hold placed meanwhile.)
-    let misused: Vec<String> = sqlx::query_scalar(
+    named_ids(
+        conn,
+        problems,
+        "transfers were paid with a token of other parties, or placed after it expired",
         "SELECT t.id FROM transfers t JOIN tokens k ON k.id = t.token_id \
          WHERE t.sender_id <> k.sender_id OR t.recipient_id <> k.recipient_id \
             OR t.created_at >= COALESCE(k.expires_at, t.created_at + 1) \
          ORDER BY t.id LIMIT 1001",
     )
-    .fetch_all(&mut *conn)
     .await?;
-    if !misused.is_empty() {
-        problems.push(named(
-            &misused,
-            "transfers were paid with a token of other parties, or placed after it expired",
-        ));
-    }
 
     // Transfers: each completed one has exactly its two entries, the captured amount taken from
     // its sender and given to its recipient; others have none. (Entries were checked by count
     // and sums only, so a capture booked the wrong way round, or on other accounts, passed.)
-    let bad: Vec<String> = sqlx::query_scalar(
-        "SELECT t.id FROM transfers t \
-             LEFT JOIN (SELECT e.ref_id, COUNT(*) AS entries, \
-                          CAST(SUM(CASE WHEN e.account_id = x.recipient_id AND e.amount > 0 \
-                                   THEN e.amount ELSE 0 END) AS BIGINT) AS credited, \
-                          CAST(SUM(CASE WHEN e.account_id = x.sender_id AND e.amount < 0 \
-                                   THEN -e.amount ELSE 0 END) AS BIGINT) AS debited \
-                        FROM journal e JOIN transfers x ON x.id = e.ref_id \
-                        WHERE e.kind = 'capture' GROUP BY e.ref_id) j ON j.ref_id = t.id \
+    named_ids(
+        conn,
+        problems,
+        "transfers do not match their journal entries",
+        &format!(
+            "SELECT t.id FROM transfers t LEFT JOIN ({}) j ON j.ref_id = t.id \
              WHERE (t.status = 'COMPLETED' AND (t.captured <= 0 OR COALESCE(j.entries, 0) <> 2 \
                       OR COALESCE(j.credited, 0) <> t.captured \
                       OR COALESCE(j.debited, 0) <> t.captured OR t.resolved_at IS NULL)) \
                 OR (t.status <> 'COMPLETED' AND (t.captured <> 0 OR COALESCE(j.entries, 0) <> 0)) \
                 OR (t.status = 'CANCELLED' AND t.resolved_at IS NULL) \
              ORDER BY t.id LIMIT 1001",
+            entry_sums(
+                "capture",
+                "recipient_id",
+                "sender_id",
+                "JOIN transfers x ON x.id = e.ref_id"
+            )
+        ),
     )
-    .fetch_all(&mut *conn)
     .await?;
-    if !bad.is_empty() {
-        problems.push(named(&bad, "transfers do not match their journal entries"));
-    }
     // No capture after its hold's expiry: a capture must find its hold unexpired (by its own
     // clock, which it records as `resolved_at`, and by the database's once it has its locks), and
     // nothing moves a resolved transfer's expiry. A late capture would be money a budget check
     // had already counted as released.
-    let late: Vec<String> = sqlx::query_scalar(
+    named_ids(
+        conn,
+        problems,
+        "transfers were captured at or after their hold's expiry",
         "SELECT id FROM transfers WHERE status = 'COMPLETED' AND resolved_at >= expires_at \
          ORDER BY id LIMIT 1001",
     )
-    .fetch_all(&mut *conn)
     .await?;
-    if !late.is_empty() {
-        problems.push(named(
-            &late,
-            "transfers were captured at or after their hold's expiry",
-        ));
-    }
     // Refunds: each of a completed transfer, naming its parties, with exactly its two entries
     // (its amount taken from the transfer's recipient and given to its sender), and none
     // refunding more in all than the transfer captured (store/refund.rs).
-    let bad_refunds: Vec<String> = sqlx::query_scalar(
-        "SELECT r.id FROM refunds r JOIN transfers t ON t.id = r.transfer_id \
-             LEFT JOIN (SELECT e.ref_id, COUNT(*) AS entries, \
-                          CAST(SUM(CASE WHEN e.account_id = x.sender_id AND e.amount > 0 \
-                                   THEN e.amount ELSE 0 END) AS BIGINT) AS credited, \
-                          CAST(SUM(CASE WHEN e.account_id = x.recipient_id AND e.amount < 0 \
-                                   THEN -e.amount ELSE 0 END) AS BIGINT) AS debited \
-                        FROM journal e JOIN refunds y ON y.id = e.ref_id \
-                        JOIN transfers x ON x.id = y.transfer_id \
-                        WHERE e.kind = 'refund' GROUP BY e.ref_id) j ON j.ref_id = r.id \
+    named_ids(
+        conn,
+        problems,
+        "refunds do not match their transfer or their journal entries",
+        &format!(
+            "SELECT r.id FROM refunds r JOIN transfers t ON t.id = r.transfer_id \
+             LEFT JOIN ({}) j ON j.ref_id = r.id \
              WHERE t.status <> 'COMPLETED' OR COALESCE(j.entries, 0) <> 2 \
                 OR r.recipient_id <> t.recipient_id OR r.sender_id <> t.sender_id \
                 OR COALESCE(j.credited, 0) <> r.amount OR COALESCE(j.debited, 0) <> r.amount \
@@ -285,15 +274,15 @@ async fn verify_snapshot(conn: &mut AnyConnection) -> Result<VerifyReport> {
                      JOIN transfers u ON u.id = s.transfer_id \
                      GROUP BY s.transfer_id, u.captured HAVING SUM(s.amount) > u.captured) \
              ORDER BY r.id LIMIT 1001",
+            entry_sums(
+                "refund",
+                "sender_id",
+                "recipient_id",
+                "JOIN refunds y ON y.id = e.ref_id JOIN transfers x ON x.id = y.transfer_id"
+            )
+        ),
     )
-    .fetch_all(&mut *conn)
     .await?;
-    if !bad_refunds.is_empty() {
-        problems.push(named(
-            &bad_refunds,
-            "refunds do not match their transfer or their journal entries",
-        ));
-    }
     // Entries that no transfer or deposit accounts for, and deposits whose two entries are not
     // the deposit's amount from the system to its account.
     let (orphans, bad_deposits): (i64, i64) = sqlx::query_as(
@@ -388,6 +377,35 @@ async fn hosted_problems(conn: &mut AnyConnection, report: &mut VerifyReport) ->
             "{bad} hosted transfers are in a state that contradicts itself (captured, status, \
              step or a kept token)"
         ));
+    }
+    Ok(())
+}
+
+/// The journal's entries of `kind` per reference (`ref_id`): how many, what they credit to the
+/// transfer's `to` party and what they debit from its `from` party; `joins` lead from an entry
+/// `e` to its transfer `x`. A capture credits the recipient; a refund gives back to the sender.
+fn entry_sums(kind: &str, to: &str, from: &str, joins: &str) -> String {
+    format!(
+        "SELECT e.ref_id, COUNT(*) AS entries, \
+           CAST(SUM(CASE WHEN e.account_id = x.{to} AND e.amount > 0 \
+                    THEN e.amount ELSE 0 END) AS BIGINT) AS credited, \
+           CAST(SUM(CASE WHEN e.account_id = x.{from} AND e.amount < 0 \
+                    THEN -e.amount ELSE 0 END) AS BIGINT) AS debited \
+         FROM journal e {joins} WHERE e.kind = '{kind}' GROUP BY e.ref_id"
+    )
+}
+
+/// Runs `sql`, which selects the ids (at most 1,001) of the rows breaking one rule, and names
+/// them as a problem when there are any.
+async fn named_ids(
+    conn: &mut AnyConnection,
+    problems: &mut Vec<String>,
+    what: &str,
+    sql: &str,
+) -> Result<()> {
+    let ids: Vec<String> = sqlx::query_scalar(sql).fetch_all(&mut *conn).await?;
+    if !ids.is_empty() {
+        problems.push(named(&ids, what));
     }
     Ok(())
 }
