@@ -3,7 +3,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use syft_testkit::{closed_url, Harness, ADMIN_KEY};
+use syft_testkit::{closed_url, wait_http_ok, Harness, ADMIN_KEY};
 
 fn syft_router() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_syft-router"));
@@ -1203,8 +1203,10 @@ fn index_build_puts_a_whole_index_in_place() {
     }
     // An index inside its folder (the next build read it back as documents and failed), and a
     // folder with no documents (an index that answers every search with nothing, free).
-    let nested = fails(&mut index_build(&docs, &docs.join("index")));
-    assert_contains(&nested, &["is inside"]);
+    for out in [docs.join("index"), docs.join("sub").join("index")] {
+        let nested = fails(&mut index_build(&docs, &out));
+        assert_contains(&nested, &["is inside"]);
+    }
     let bare = root.path().join("bare");
     std::fs::create_dir_all(&bare).expect("bare");
     std::fs::write(bare.join("scan.pdf"), "%PDF").expect("pdf");
@@ -1425,16 +1427,7 @@ async fn dev_stops_its_router_before_its_ledger() {
         .expect("spawn dev");
     let base = format!("http://{}", ports[3]);
     let http = reqwest::Client::new();
-    let mut ready = false;
-    for _ in 0..600 {
-        let answer = http.get(format!("{base}/readyz")).send().await;
-        if answer.is_ok_and(|r| r.status().is_success()) {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(ready, "dev never served");
+    wait_http_ok(&format!("{base}/readyz"), Duration::from_secs(60)).await;
     let chat = http
         .post(format!("{base}/v1/chat/completions"))
         .json(&serde_json::json!({

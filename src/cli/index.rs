@@ -36,17 +36,43 @@ pub async fn run(args: IndexArgs) -> anyhow::Result<()> {
     }
 }
 
-/// Whether `out` (which may not exist yet) is `dir` or below it.
+/// Whether `out` (which may not exist yet, nor its parents) is `dir` or below it: its nearest
+/// existing part resolved (links, `..`), the rest as written. (Only the parent was resolved, so
+/// `--out docs/sub/idx` with no `docs/sub` yet was let through.)
 fn inside(out: &Path, dir: &Path) -> bool {
     let Ok(dir) = dir.canonicalize() else {
         return false;
     };
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty());
-    let parent = parent.unwrap_or(Path::new(".")).canonicalize();
-    match (parent, out.file_name()) {
-        (Ok(parent), Some(name)) => parent.join(name).starts_with(dir),
-        _ => false,
+    let mut rest = Vec::new();
+    let mut at = out;
+    loop {
+        let base = if at.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            at
+        };
+        if let Ok(real) = base.canonicalize() {
+            return rest
+                .iter()
+                .rev()
+                .fold(real, |p, c| p.join(c))
+                .starts_with(dir);
+        }
+        match (at.parent(), at.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                at = parent;
+            }
+            _ => return false,
+        }
     }
+}
+
+/// Whether `.building-<pid>` was left by a build that is gone: no such process, or this one
+/// (which has not begun building: a build run as a container's first process is always pid 1,
+/// so its retry found its own pid running and refused `--out` as not empty for good).
+fn stale_build(pid: &str, own: u32) -> bool {
+    pid == own.to_string() || !Path::new("/proc").join(pid).exists()
 }
 
 fn build(dir: &Path, out: &Path) -> anyhow::Result<(usize, u64)> {
@@ -65,7 +91,7 @@ fn build(dir: &Path, out: &Path) -> anyhow::Result<(usize, u64)> {
                 !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && entry.path().is_dir()
             });
             match pid {
-                Some(pid) if !Path::new("/proc").join(pid).exists() => leftovers.push(entry.path()),
+                Some(pid) if stale_build(pid, std::process::id()) => leftovers.push(entry.path()),
                 _ => anyhow::bail!(
                     "--out {} is not empty; remove it or choose a new directory",
                     out.display()
@@ -199,4 +225,19 @@ pub fn write_bundled_docs(dir: &Path) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A build's own pid names a leftover, not a running build: a container's build is pid 1 at
+    /// every try. Another live process's is a running build.
+    #[test]
+    fn a_builds_own_pid_is_a_leftover() {
+        let own = std::process::id();
+        assert!(stale_build(&own.to_string(), own));
+        assert!(!stale_build("1", own), "a live process");
+        assert!(stale_build("999999999", own), "no such process");
+    }
 }

@@ -227,6 +227,10 @@ pub struct ValidSearch {
     pub user_email: String,
     pub transaction_token: String,
     pub query: SearchQuery,
+    /// The `limit` as the request sent it (`None`: the router's `default_limit`, which
+    /// `query.limit` holds): what a retry is compared on, so that a changed default does not
+    /// make a charged search's retry "another request".
+    pub limit_asked: Option<u32>,
 }
 
 /// Validates a search request against the search service's bounds: a non-empty query of at
@@ -269,6 +273,7 @@ pub fn validate_search(req: SearchRequest, c: &SearchConfig) -> Result<ValidSear
         },
         user_email,
         transaction_token: req.transaction_token.trim().to_string(),
+        limit_asked: opts.limit,
     })
 }
 

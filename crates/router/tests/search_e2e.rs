@@ -180,6 +180,43 @@ async fn embedded_search_charges_answers_once_and_voids_empty_ones() {
     s.check_invariants().await;
 }
 
+/// A charged search sent without a `limit`, retried after the owner changed `default_limit`
+/// (its answer lost on the way): the stored answer, not a refusal as "a different request" (the
+/// retry was compared on the limit the router resolved). A retry asking another limit is one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_search_retried_after_the_default_limit_changed_gets_its_answer() {
+    let (docs, s) = priced_docs_stack(Db::sqlite()).await;
+    let mut req = s.search("router");
+    req.request_id = "search-default-1".into();
+    req.options = None;
+    let first = ok(s.client().await.search(req.clone()).await);
+    assert_eq!(first.cost_micros, PRICE);
+    let mut search = embedded(docs.path(), Duration::from_secs(60));
+    search.default_limit = 2;
+    let config = s
+        .router_config(Pricing::free())
+        .with_search(Pricing::per_request(PRICE), search);
+    let changed = RouterHandle::start(config).await;
+    let mut c = changed.client().await;
+    let again = ok(c.search(req.clone()).await);
+    assert!(again.replay);
+    assert_eq!(
+        (again.results, again.transfer_id),
+        (first.results, first.transfer_id)
+    );
+    req.options = Some(SearchOptions {
+        limit: Some(1),
+        ..Default::default()
+    });
+    let refused = c.search(req).await.expect_err("another limit");
+    assert!(
+        refused.message().contains("different request"),
+        "{refused:?}"
+    );
+    s.assert_spent(PRICE).await;
+    s.check_invariants().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_search_request_id_is_charged_once() {
     let (_docs, s) = priced_docs_stack(Db::sqlite()).await;

@@ -42,11 +42,21 @@ impl RouterConfig {
                 ("upstream.idle_timeout_ms", o.idle_timeout),
             ]);
         }
-        if let Some(SearchBackendConfig::Http(h)) = self.search.as_ref().map(|s| &s.backend) {
-            timeouts.extend([
+        match self.search.as_ref().map(|s| &s.backend) {
+            Some(SearchBackendConfig::Http(h)) => timeouts.extend([
                 ("search.connect_timeout_ms", h.connect_timeout),
                 ("search.timeout_ms", h.timeout),
-            ]);
+            ]),
+            // A rescan period past the clock's range panicked the watcher's task at its first
+            // tick: the folder was never looked at again, and nothing said so. (Zero is the
+            // search section's own check.)
+            Some(SearchBackendConfig::Docs { rescan, .. }) if *rescan > MAX_TIMEOUT => {
+                return Err(invalid(format!(
+                    "search.rescan_seconds must be at most a day (86400), not {}",
+                    rescan.as_secs()
+                )));
+            }
+            _ => {}
         }
         for (key, d) in timeouts {
             if d.is_zero() || d > MAX_TIMEOUT {
@@ -125,6 +135,14 @@ mod tests {
             (
                 r#""services":[{"type":"search"}],"search":{"backend":"http","url":"http://s","timeout_ms":0}"#,
                 "search.timeout_ms",
+            ),
+            (
+                r#""search":{"docs":"d","rescan_seconds":18446744073709551615}"#,
+                "search.rescan_seconds",
+            ),
+            (
+                r#""search":{"docs":"d","rescan_seconds":86401}"#,
+                "search.rescan_seconds",
             ),
         ] {
             refused(fields, key);

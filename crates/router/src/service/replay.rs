@@ -106,7 +106,7 @@ impl RouterService {
     ) -> Result<ChatResponse, RouterError> {
         let fingerprint = fingerprint(&p.v, &p.t.model);
         let record = self
-            .stored_record(&p.v.request_id, transfer, &fingerprint)
+            .stored_record(&p.v.request_id, transfer, &[fingerprint])
             .await?;
         let refused = |detail: &str| already_processed(&p.v.request_id, transfer, detail);
         let mut response = record
@@ -123,8 +123,13 @@ impl RouterService {
         v: &ValidSearch,
         transfer: &Transfer,
     ) -> Result<SearchResponse, RouterError> {
+        // Also as it was stored before 2026-12-07, with the limit the router resolved.
+        let fingerprints = [
+            search_fingerprint(v, v.limit_asked),
+            search_fingerprint(v, Some(v.query.limit)),
+        ];
         let record = self
-            .stored_record(&v.request_id, transfer, &search_fingerprint(v))
+            .stored_record(&v.request_id, transfer, &fingerprints)
             .await?;
         let refused = |detail: &str| already_processed(&v.request_id, transfer, detail);
         let mut response = record
@@ -135,13 +140,14 @@ impl RouterService {
         Ok(response)
     }
 
-    /// The stored record of a captured transfer, if the retry (`fingerprint`) is the request it
-    /// answers; else the refusal saying why not, and whether the user was charged.
+    /// The stored record of a captured transfer, if the retry is the request it answers (its
+    /// fingerprint one of `fingerprints`); else the refusal saying why not, and whether the user
+    /// was charged.
     async fn stored_record(
         &self,
         request_id: &str,
         transfer: &Transfer,
-        fingerprint: &str,
+        fingerprints: &[String],
     ) -> Result<ReplayRecord, RouterError> {
         use syft_proto::ledger::TransferStatus;
         let refused = |detail: &str| already_processed(request_id, transfer, detail);
@@ -166,7 +172,7 @@ impl RouterService {
             tracing::error!(transfer_id = %transfer.id, error = %e, "stored answer unreadable");
             refused(", and its stored answer is unreadable")
         })?;
-        if record.request_fingerprint != fingerprint {
+        if !fingerprints.contains(&record.request_fingerprint) {
             return Err(refused(
                 " for a different request (same request id, other content)",
             ));
@@ -187,20 +193,22 @@ pub(super) fn chat_record(p: &Prepared, response: &ChatResponse) -> ReplayRecord
 /// What a paid search's results are stored as (a retry gets them again, marked `replay`).
 pub(super) fn search_record(v: &ValidSearch, response: &SearchResponse) -> ReplayRecord {
     ReplayRecord {
-        request_fingerprint: search_fingerprint(v),
+        request_fingerprint: search_fingerprint(v, v.limit_asked),
         search_response: Some(response.clone()),
         ..ReplayRecord::default()
     }
 }
 
-/// [`fingerprint`] of a search: the payer, the query and its options.
-fn search_fingerprint(v: &ValidSearch) -> String {
+/// [`fingerprint`] of a search: the payer, the query and its options, with `limit` (as asked;
+/// records stored before 2026-12-07 hold the limit the router resolved, which made a retry of a
+/// search without one "another request" once `default_limit` changed).
+fn search_fingerprint(v: &ValidSearch, limit: Option<u32>) -> String {
     let q = &v.query;
     let canonical = SearchRequest {
         user_email: v.user_email.clone(),
         query: q.query.clone(),
         options: Some(SearchOptions {
-            limit: Some(q.limit),
+            limit,
             similarity_threshold: Some(q.similarity_threshold),
             include_metadata: Some(q.include_metadata),
         }),
