@@ -257,6 +257,12 @@ fn to_chat_request(body: OaiRequest, headers: &HeaderMap) -> Result<ChatRequest,
              tier, which its price is set for"
         )));
     }
+    if let Some(v) = body.verbosity.as_deref().filter(|v| *v != "medium") {
+        return Err(bad(format!(
+            "verbosity {v:?} is not supported: this router serves the upstream's default \
+             (medium)"
+        )));
+    }
     if let Some(option) = body.unsupported_option() {
         return Err(bad(format!(
             "{option} is not supported: this router answers with text only"

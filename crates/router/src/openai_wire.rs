@@ -52,6 +52,10 @@ pub(crate) struct OaiRequest {
     /// rather than dropped.
     #[serde(default)]
     pub service_tier: Option<String>,
+    /// Only the upstream's default (`medium`) is served: a `low` dropped on the way gave the
+    /// longer default answer, charged per token; passing it on is not built (`http.rs`).
+    #[serde(default)]
+    pub verbosity: Option<String>,
     /// Options that change what an answer is (tool calls, JSON, log probabilities, audio): the
     /// router answers with text only, so a request asking for one is refused rather than
     /// answered (and charged) without it ([`OaiRequest::unsupported_option`]). Sampling hints
@@ -73,6 +77,9 @@ pub(crate) struct OaiRequest {
     top_logprobs: Option<Asked>,
     #[serde(default)]
     audio: Option<Asked>,
+    /// A web search before the answer: billed to the owner apart, and an answer of another kind.
+    #[serde(default)]
+    web_search_options: Option<Asked>,
     /// `["text"]` asks for what every answer is; `["text", "audio"]` for more.
     #[serde(default)]
     modalities: Option<Modalities>,
@@ -94,6 +101,7 @@ impl OaiRequest {
             ("logprobs", asks(&self.logprobs)),
             ("top_logprobs", asks(&self.top_logprobs)),
             ("audio", asks(&self.audio)),
+            ("web_search_options", asks(&self.web_search_options)),
             ("modalities", self.modalities.as_ref().is_some_and(|m| m.0)),
         ]
         .into_iter()

@@ -185,12 +185,42 @@ async fn per_token_holds_the_maximum_and_captures_the_actual_cost() {
     s.check_invariants().await;
 }
 
+/// An upstream that cannot be reached: the void's reason, which the ledger keeps for good and
+/// shows the payer, says so without the upstream's address (the transport's text named its whole
+/// URL, path and query included, where a gateway may take its key).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_upstreams_address_is_kept_from_the_payer() {
+    let closed = closed_url();
+    let s = Stack::start_tweaked(Pricing::per_request(PRICE), |c| {
+        if let UpstreamConfig::OpenAi(o) = &mut c.upstream {
+            o.base_url = format!("{closed}/gateway-key-sk-hidden/v1");
+        }
+    })
+    .await;
+    let mut c = s.client().await;
+    let err = c.chat(s.request("hi")).await.expect_err("unreachable");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(!err.message().contains("sk-hidden"), "{err:?}");
+    let transfers = s.transfers().await;
+    assert_eq!(transfers.len(), 1, "{transfers:?}");
+    let reason = &transfers[0].cancel_reason;
+    assert!(reason.starts_with("upstream unreachable"), "{reason}");
+    let port = closed.rsplit(':').next().unwrap_or_default();
+    for hidden in ["sk-hidden", "127.0.0.1", port, "url"] {
+        assert!(!reason.contains(hidden), "{hidden} in {reason:?}");
+    }
+    assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));
+    s.check_invariants().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_failures_are_voided_and_recorded() {
     let (s, mut c) = Stack::start_with_client(Pricing::per_request(PRICE)).await;
     let cases = [
         (Mode::Status(500), Code::Unavailable, "upstream_error"),
         (Mode::Status(400), Code::InvalidArgument, "upstream_error"),
+        // A gateway's refusal of the request itself (a moderation flag), not of the router's key.
+        (Mode::Status(403), Code::PermissionDenied, "upstream_error"),
         // An error body that never ends is read no further than its message needs (it used to
         // be read to the request's timeout).
         (Mode::EndlessError(500), Code::Unavailable, "upstream_error"),
@@ -874,7 +904,7 @@ async fn same_request_id_is_charged_once() {
 /// Request ids (idempotency keys) are scoped per paying user: two users of one router who send
 /// the same id at the same time both get their answer, are each charged once, and each get their
 /// own usage row; each user's own retry replays that user's own answer.
-async fn two_users_with_one_request_id(db: Db) {
+async fn two_users_with_one_request_id_are_each_charged_once(db: Db) {
     let s = Stack::start_on(db, Pricing::per_request(PRICE)).await;
     let bob = create_account(&s.ledger.url, "bob").await;
     deposit(&s.ledger.url, &bob.email, FUNDS).await;
@@ -923,17 +953,7 @@ async fn two_users_with_one_request_id(db: Db) {
     s.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_users_with_one_request_id_are_each_charged_once() {
-    two_users_with_one_request_id(Db::sqlite()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_two_users_with_one_request_id_are_each_charged_once() {
-    if let Some(db) = Db::postgres().await {
-        two_users_with_one_request_id(db).await;
-    }
-}
+syft_testkit::db_suite!(two_users_with_one_request_id_are_each_charged_once);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn router_killed_between_authorize_and_capture_pays_nothing() {
@@ -1341,9 +1361,10 @@ async fn reasoning_effort_is_passed_on_and_other_tiers_refused() {
 
     let http = reqwest::Client::new();
     let send = |extra: Value| s.openai_chat(extra).send();
-    let r = send(json!({"reasoning_effort": "minimal", "service_tier": "auto"}))
-        .await
-        .expect("http");
+    let r =
+        send(json!({"reasoning_effort": "minimal", "service_tier": "auto", "verbosity": "medium"}))
+            .await
+            .expect("http");
     assert_eq!(r.status(), 200);
     let up = s.upstream.last_body().expect("body");
     assert_eq!(up["reasoning_effort"], "minimal");
@@ -1371,6 +1392,9 @@ async fn reasoning_effort_is_passed_on_and_other_tiers_refused() {
             "reasoning_effort",
         ),
         (json!({"service_tier": "priority"}), "service_tier"),
+        // Dropped, a shorter answer asked for was answered (and charged) at the default length.
+        (json!({"verbosity": "low"}), "verbosity"),
+        (json!({"web_search_options": {}}), "web_search_options"),
     ] {
         let r = send(extra.clone()).await.expect("http");
         assert_eq!(r.status(), 400, "{extra}");
@@ -1385,9 +1409,7 @@ async fn reasoning_effort_is_passed_on_and_other_tiers_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_front_speaks_openai_json_and_sse() {
-    let s = Stack::start(Pricing::per_request(PRICE)).await;
-    let http = reqwest::Client::new();
-    let url = s.router.chat_completions_url();
+    let (s, http, url) = Stack::start_http(Pricing::per_request(PRICE)).await;
     let resp = http
         .post(&url)
         .bearer_auth(&s.token)

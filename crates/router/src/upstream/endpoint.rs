@@ -72,7 +72,7 @@ impl HttpEndpoint {
             // A connection not made within `connect_timeout` is a connect error (the request
             // never reached the upstream: retried), not the upstream's timeout.
             Err(e) if e.is_timeout() && !e.is_connect() => Err(UpstreamError::Timeout),
-            Err(e) => Err(UpstreamError::Unreachable(e.to_string())),
+            Err(e) => Err(UpstreamError::Unreachable(e.without_url().to_string())),
         }
     }
 }

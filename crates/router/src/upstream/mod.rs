@@ -69,6 +69,9 @@ pub type UpstreamStream = Pin<Box<dyn Stream<Item = Result<StreamChunk, Upstream
 pub enum UpstreamError {
     #[error("upstream timed out")]
     Timeout,
+    /// The transport's words, never its URL (`reqwest::Error::without_url`): the upstream's
+    /// address, path and query (a gateway's key) went into the void's reason, which the ledger
+    /// keeps for good and shows the payer.
     #[error("upstream unreachable: {0}")]
     Unreachable(String),
     #[error("upstream returned HTTP {status}: {message}")]
@@ -206,9 +209,16 @@ impl From<UpstreamError> for RouterError {
                         never_fits: false,
                     }))
                 }
-                401 | 403 => {
+                401 => {
                     RouterError::Unavailable("upstream rejected the router's credentials".into())
                 }
+                // A gateway's refusal of this request (a moderation flag, a model not open to
+                // the key): passed on as it is, not retryable. It was told as the router's
+                // credentials refused, a 503 the SDKs sent twice more, each with a hold, an
+                // upstream call and a row.
+                403 => RouterError::PermissionDenied(format!(
+                    "upstream refused the request: {message}"
+                )),
                 // A 5xx that said when to come back (a 503 in maintenance, an overloaded
                 // provider): passed on, in whole seconds like the 429's.
                 _ => match retry_after.filter(|_| (500..=599).contains(&status)) {

@@ -242,7 +242,7 @@ fn body_error(e: reqwest::Error) -> UpstreamError {
     if e.is_timeout() {
         UpstreamError::Timeout
     } else {
-        UpstreamError::Unreachable(format!("reading upstream body: {e}"))
+        UpstreamError::Unreachable(format!("reading upstream body: {}", e.without_url()))
     }
 }
 
@@ -289,11 +289,23 @@ struct WireResponse {
     error: Option<serde_json::Value>,
 }
 
-/// An `error` object inside a 200 answer (some servers report failures that way): a bad gateway,
-/// with the upstream's message cut to 500 characters so a huge body never reaches a client.
+/// An `error` object inside a 200 answer (some servers report failures that way, a stream's
+/// error as an event): the HTTP status its own `code` gives (OpenRouter and vLLM write one, a
+/// number or a string of one: a 400 for the user's request), else a bad gateway; with the
+/// upstream's message cut to 500 characters so a huge body never reaches a client. (Every such
+/// error was a 502, an outage: its request windows' place given back and the SDKs retrying it,
+/// a refusal of the user's own request included.)
 fn error_in_body(err: &serde_json::Value) -> UpstreamError {
+    let code = match &err["code"] {
+        serde_json::Value::Number(n) => n.as_u64(),
+        serde_json::Value::String(s) => s.parse().ok(),
+        _ => None,
+    };
     UpstreamError::Status {
-        status: 502,
+        status: code
+            .and_then(|c| u16::try_from(c).ok())
+            .filter(|c| (400..=599).contains(c))
+            .unwrap_or(502),
         message: err["message"]
             .as_str()
             .unwrap_or("upstream error")

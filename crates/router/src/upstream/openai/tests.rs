@@ -72,6 +72,22 @@ fn parses_completion_and_errors() {
         parse_completion(br#"{"choices":[]}"#),
         Err(UpstreamError::Empty)
     ));
+    // An error in a 200 answer has the status its own code says, else it is a bad gateway.
+    for (body, want) in [
+        (&br#"{"error":{"code":400,"message":"flagged"}}"#[..], 400),
+        (br#"{"error":{"code":"429","message":"slow down"}}"#, 429),
+        (
+            br#"{"error":{"code":"context_length_exceeded","message":"x"}}"#,
+            502,
+        ),
+        (br#"{"error":{"code":200,"message":"odd"}}"#, 502),
+        (br#"{"error":{"message":"no code"}}"#, 502),
+    ] {
+        match parse_completion(body) {
+            Err(UpstreamError::Status { status, .. }) => assert_eq!(status, want, "{body:?}"),
+            other => panic!("{other:?}"),
+        }
+    }
     assert!(matches!(
         parse_completion(br#"{"choices":[{"message":{"content":""}}]}"#),
         Err(UpstreamError::Empty)
