@@ -13,7 +13,7 @@ use syft_router_svc::config::{LimiterBackend, OnFailure, Rate, RateUnit};
 use syft_router_svc::limits::{
     Gate, Limiter, MemoryLimiter, RedisLimiter, Rule, RuleKind, Verdict,
 };
-use syft_router_svc::{Pricing, RouterConfig, ServiceKind};
+use syft_router_svc::{Pricing, RouterConfig, RouterError, ServiceKind};
 use syft_testkit::{
     assert_consistent, deposit, get_json, ledger_config, reason, redis_up, Db, FakeUpstream,
     Funded, KillableRouter, LedgerServer, Mode, OwnRedis, RouterHandle, SilentRelay, Stack, PRICE,
@@ -181,6 +181,51 @@ async fn a_take_back_that_overtakes_its_check_wins() {
     l.settle("next", &gone).await.expect("a release of nothing");
     assert!(admitted(&l, 0, "next", &slot).await, "the slot was free");
     assert!(!admitted(&l, 0, "after", &slot).await, "and is taken now");
+}
+
+/// A window emptied by a release or a take-back, or by its entries ageing out, leaves no key
+/// in Redis: its running total stayed at 0 for the window's life, about 100 bytes per request of
+/// a stranger naming a new email each time, until a Redis under `noeviction` refused every write.
+#[tokio::test]
+async fn an_emptied_window_leaves_no_key() {
+    let Some((l, key)) = shared_redis(true).await else {
+        return;
+    };
+    let day = [request_rule(&key, 5, Duration::from_secs(86_400))];
+    let gone = [(key.clone(), 0)];
+    let pattern = format!("{key}:*");
+    assert!(admitted(&l, 1_000, "released", &day).await);
+    let keys = keys_like(&pattern).await;
+    assert_eq!(keys.len(), 3, "a window's set, costs and total: {keys:?}");
+    l.settle("released", &gone).await.expect("release");
+    assert_eq!(keys_like(&pattern).await, Vec::<String>::new(), "released");
+    assert!(admitted(&l, 1_000, "taken-back", &day).await);
+    l.take_back("taken-back", &gone).await.expect("take-back");
+    assert_eq!(
+        keys_like(&pattern).await,
+        Vec::<String>::new(),
+        "taken back"
+    );
+    // Aged out: the next check (of a window of a second) finds it empty.
+    let second = [request_rule(&key, 5, Duration::from_secs(1))];
+    assert!(admitted(&l, 1_000, "aged", &second).await);
+    let peeked = l.peek(10_000, &second).await.expect("peek");
+    assert_eq!(peeked[0].remaining, 5);
+    assert_eq!(keys_like(&pattern).await, Vec::<String>::new(), "aged out");
+}
+
+/// The keys of the shared Redis matching `pattern`.
+async fn keys_like(pattern: &str) -> Vec<String> {
+    let client = redis::Client::open(SHARED_REDIS).expect("url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    redis::cmd("KEYS")
+        .arg(pattern)
+        .query_async(&mut conn)
+        .await
+        .expect("keys")
 }
 
 /// Two replicas whose clocks disagree by ten minutes share one Redis window of 3 per minute:
@@ -627,14 +672,7 @@ async fn a_refusal_names_the_window_that_refuses_longest() {
         let user = "alice@example.com";
         // In flight: its slot is taken, and both request windows are full.
         let running = gate.admit(user, ServiceKind::Chat, 0).await.expect("first");
-        let err = gate.admit(user, ServiceKind::Chat, 0).await.err();
-        let err = err.expect("refused");
-        let after = err.retry_after().expect("a retry time");
-        assert!(
-            after > Duration::from_secs(3600),
-            "{backend}: {err}, after {after:?}"
-        );
-        assert!(err.to_string().contains("per day"), "{backend}: {err}");
+        let err = refused_for(&gate, backend, Duration::from_secs(3600), "per day").await;
         assert!(
             !err.retry_helps(),
             "{backend}: x-should-retry must be false"
@@ -655,16 +693,28 @@ async fn a_refusal_names_the_window_that_refuses_longest() {
             .admit(user, ServiceKind::Chat, 0)
             .await
             .expect("first");
-        let err = minute.admit(user, ServiceKind::Chat, 0).await.err();
-        let err = err.expect("refused");
-        let after = err.retry_after().expect("a retry time");
-        assert!(
-            after > Duration::from_secs(30),
-            "{backend}: {err}, after {after:?}"
-        );
-        assert!(err.to_string().contains("per minute"), "{backend}: {err}");
+        refused_for(&minute, backend, Duration::from_secs(30), "per minute").await;
         drop(running);
     }
+}
+
+/// Alice's next request at `gate`: refused, to be retried after more than `longer_than`, naming
+/// the `window` that refuses it.
+async fn refused_for(
+    gate: &Gate,
+    backend: &str,
+    longer_than: Duration,
+    window: &str,
+) -> RouterError {
+    let err = gate
+        .admit("alice@example.com", ServiceKind::Chat, 0)
+        .await
+        .err();
+    let err = err.expect("refused");
+    let after = err.retry_after().expect("a retry time");
+    assert!(after > longer_than, "{backend}: {err}, after {after:?}");
+    assert!(err.to_string().contains(window), "{backend}: {err}");
+    err
 }
 
 /// Requests the ledger could not take (it is down) spend none of the user's request window:
@@ -672,11 +722,7 @@ async fn a_refusal_names_the_window_that_refuses_longest() {
 /// rate limited after it).
 #[tokio::test]
 async fn requests_refused_for_a_ledger_outage_spend_no_window() {
-    let mut s = Stack::start_tweaked(Pricing::per_request(PRICE), |c| {
-        c.rate_limits.requests = vec![per_minute(2)];
-    })
-    .await;
-    let mut c = s.client().await;
+    let (mut s, mut c) = two_a_minute().await;
     let addr = s.ledger.url.clone();
     s.ledger.stop_now().await;
     // Found down by the router's probe (a ledger that is up but busy keeps the window spent).
@@ -688,6 +734,16 @@ async fn requests_refused_for_a_ledger_outage_spend_no_window() {
         assert!(answered.is_ok(), "the window is whole: {answered:?}");
     }
     s.assert_spent(2 * PRICE).await;
+}
+
+/// A paid router that admits two requests of a user a minute, and a client of it.
+async fn two_a_minute() -> (Stack, RouterClient<tonic::transport::Channel>) {
+    let s = Stack::start_tweaked(Pricing::per_request(PRICE), |c| {
+        c.rate_limits.requests = vec![per_minute(2)];
+    })
+    .await;
+    let c = s.client().await;
+    (s, c)
 }
 
 /// Three chats while the ledger is down, each refused `UNAVAILABLE` (three: one more than the
@@ -731,11 +787,7 @@ async fn answer_once_back(
 /// places, and a user could be rate limited by the outage's first second.
 #[tokio::test]
 async fn the_first_requests_after_the_ledger_dies_spend_no_window() {
-    let mut s = Stack::start_tweaked(Pricing::per_request(PRICE), |c| {
-        c.rate_limits.requests = vec![per_minute(2)];
-    })
-    .await;
-    let mut c = s.client().await;
+    let (mut s, mut c) = two_a_minute().await;
     c.chat(s.request("before")).await.expect("the ledger is up");
     let addr = s.ledger.url.clone();
     s.ledger.stop_now().await;
@@ -840,11 +892,7 @@ async fn tokens_left(s: &Stack, c: &RouterClient<tonic::transport::Channel>) -> 
 /// owner's quota there) keeps its place.
 #[tokio::test]
 async fn an_upstream_outage_spends_no_requests() {
-    let s = Stack::start_tweaked(Pricing::per_request(PRICE), |c| {
-        c.rate_limits.requests = vec![per_minute(2)]
-    })
-    .await;
-    let mut c = s.client().await;
+    let (s, mut c) = two_a_minute().await;
     s.upstream.set_mode(Mode::Status(503));
     for _ in 0..4 {
         let err = c

@@ -54,7 +54,7 @@ for i = 1, n do
       redis.call('HDEL', h, unpack(chunk))
     end
     redis.call('ZREMRANGEBYSCORE', z, '-inf', cutoff)
-    redis.call('DECRBY', s, freed)
+    if redis.call('EXISTS', z) == 0 then redis.call('DEL', s) else redis.call('DECRBY', s, freed) end
   end
   local total = tonumber(redis.call('GET', s) or '0')
   if total < 0 then total = 0 end
@@ -126,7 +126,13 @@ for i = 1, math.floor(#KEYS / 3) do
     else
       redis.call('HSET', h, lease, cost)
     end
-    redis.call('INCRBY', s, cost - tonumber(old))
+    -- An emptied window leaves no total behind: a stranger's requests, each naming a new email
+    -- and taken back when the ledger refused its token, left a zero for a window's life apiece.
+    if redis.call('EXISTS', z) == 0 then
+      redis.call('DEL', s)
+    else
+      redis.call('INCRBY', s, cost - tonumber(old))
+    end
   elseif cost == 0 then
     missing = true
   end
