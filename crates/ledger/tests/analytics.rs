@@ -961,6 +961,28 @@ async fn admin_money_is_never_summed_across_currencies(h: Harness) -> Harness {
         ("EUR".into(), 300, 200),
         "the EUR owner's"
     );
+    // The usage list's totals likewise (they said 800 "USD"); its rows are all listed.
+    let listed = ok(h
+        .admin()
+        .query_usage(pb::QueryUsageRequest::default())
+        .await);
+    let totals = listed.totals.expect("totals");
+    assert_eq!(
+        (
+            totals.currency.as_str(),
+            totals.cost_micros,
+            totals.requests
+        ),
+        ("USD", 500, 1),
+        "the admin's usage totals"
+    );
+    assert_eq!(listed.records.len(), 2);
+    let eur = ok(h
+        .client(&owner_eur)
+        .query_usage(pb::QueryUsageRequest::default())
+        .await);
+    let totals = eur.totals.expect("totals");
+    assert_eq!((totals.currency.as_str(), totals.cost_micros), ("EUR", 300));
     h
 }
 

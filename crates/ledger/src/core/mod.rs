@@ -447,20 +447,24 @@ impl Ledger {
 
     pub async fn query_usage(&self, caller: &Caller, q: &UsageQuery) -> Result<Page<UsagePage>> {
         let page = q.page.keyset()?;
+        let currency = &self.config.currency;
+        let mixed =
+            matches!(caller, Caller::Admin) && self.store.other_currencies_than(currency).await?;
         let filter = UsageFilter {
             account: usage_scope(caller),
             range: q.range,
             dims: q.dims.validate()?,
             request_id: non_empty(validate::text("request_id", &q.request_id, MAX_KEY, false)?),
             page,
+            totals_currency: mixed.then(|| currency.clone()),
         };
-        let page = self.store.query_usage(&filter).await?;
-        let next_page_token = match (page.has_more, page.rows.last()) {
+        let items = self.store.query_usage(&filter).await?;
+        let next_page_token = match (items.has_more, items.rows.last()) {
             (true, Some(last)) => encode_page_token(&last.id),
             _ => String::new(),
         };
         Ok(Page {
-            items: page,
+            items,
             next_page_token,
         })
     }

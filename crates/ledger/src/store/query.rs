@@ -143,6 +143,10 @@ pub struct UsageFilter {
     /// of its own: a support lookup, not a hot path).
     pub request_id: Option<String>,
     pub page: Keyset,
+    /// The totals count only the apps whose owners keep this currency (the admin's, once an
+    /// account keeps another than the ledger's: costs of two currencies were summed and named
+    /// the ledger's). The rows are listed whatever their currency.
+    pub totals_currency: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, sqlx::FromRow)]
@@ -318,23 +322,34 @@ impl Store {
         f.range.push_where(&mut w, "u.created_at");
         f.dims.push_where(&mut w, "u");
         w.opt_text("u.request_id = ?", f.request_id.as_deref());
-        let totals_sql = format!(
-            "SELECT COUNT(*) AS requests, \
+        let select_totals = "SELECT COUNT(*) AS requests, \
              CAST(COALESCE(SUM(u.prompt_tokens), 0) AS BIGINT) AS prompt_tokens, \
              CAST(COALESCE(SUM(u.completion_tokens), 0) AS BIGINT) AS completion_tokens, \
              CAST(COALESCE(SUM(u.total_tokens), 0) AS BIGINT) AS total_tokens, \
              CAST(COALESCE(SUM(u.cost), 0) AS BIGINT) AS cost \
-             FROM usage_records u {}",
-            w.sql()
-        );
+             FROM usage_records u";
         // The totals read every row in the range: an analytics answer, with its turn and, on
         // Postgres, its time limit (`analytics.rs`).
         let totals = {
             let _turn = self.analytics_turn().await?;
-            match self.fetch_stats(&w, &totals_sql, false).await?.first() {
+            let scoped = f.totals_currency.as_deref();
+            if let Some(c) = scoped {
+                w.text(
+                    &format!("u.recipient_id IN {}", super::analytics::OWNERS_IN),
+                    c,
+                );
+            }
+            let totals_sql = format!("{select_totals} {}", w.sql());
+            let totals = match self.fetch_stats(&w, &totals_sql, false).await?.first() {
                 Some(row) => UsageTotals::from_row(row)?,
                 None => UsageTotals::default(),
+            };
+            // The currency's condition was the last pushed: the rows are listed without it.
+            if scoped.is_some() {
+                w.clauses.pop();
+                w.binds.pop();
             }
+            totals
         };
         w.opt_text("u.id < ?", f.page.before_id.as_deref());
         let sql = format!(

@@ -53,22 +53,41 @@ fn csrf_of(token: &str) -> String {
     sha256_hex(&format!("csrf:{token}"))
 }
 
-/// The session token of the request's cookie.
-fn cookie_token(headers: &HeaderMap) -> Option<String> {
-    headers
+/// The session tokens of the request's cookies, each once.
+fn cookie_tokens(headers: &HeaderMap) -> Vec<String> {
+    let mut tokens: Vec<String> = headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == COOKIE)
+        .filter(|(name, _)| *name == COOKIE)
         .map(|(_, value)| value.trim().to_string())
         .filter(|v| !v.is_empty() && v.len() <= 128)
+        .collect();
+    tokens.sort();
+    tokens.dedup();
+    tokens
+}
+
+/// The session token of the request's cookie; refused when there are several: another site of
+/// this domain can set one (`Domain=` the parent, a longer `Path`, which browsers send first), and
+/// the first one was taken, so the owner's own calls ran in the other site's session (alert
+/// endpoints added to it) even after the owner signed in again.
+fn cookie_token(headers: &HeaderMap) -> Result<String> {
+    match <[String; 1]>::try_from(cookie_tokens(headers)) {
+        Ok([token]) => Ok(token),
+        Err(tokens) if tokens.is_empty() => Err(unauthenticated()),
+        Err(_) => Err(LedgerError::Unauthenticated(
+            "more than one dashboard session cookie came (another site of this domain may have              set one): clear this site's cookies and sign in again"
+                .into(),
+        )),
+    }
 }
 
 /// Whether the request carries a session cookie at all (valid or not).
 pub(crate) fn has_cookie(headers: &HeaderMap) -> bool {
-    cookie_token(headers).is_some()
+    !cookie_tokens(headers).is_empty()
 }
 
 /// The fingerprint a session keeps of the credential it was opened with: of the account's stored
@@ -112,7 +131,7 @@ async fn lookup(d: &Dash, token_hash: &str) -> Result<Option<(Option<i64>, Optio
 
 /// The caller of a read request, from its session cookie.
 pub(crate) async fn session(d: &Dash, headers: &HeaderMap) -> Result<Session> {
-    let token = cookie_token(headers).ok_or_else(unauthenticated)?;
+    let token = cookie_token(headers)?;
     let token_hash = sha256_hex(&token);
     let caller = match lookup(d, &token_hash).await?.ok_or_else(unauthenticated)? {
         // An admin session outlives no admin key: removing the key signs the admin out.
@@ -357,9 +376,24 @@ mod tests {
             header::COOKIE,
             HeaderValue::from_static("a=1; syft_session=abc ; b=2"),
         );
-        assert_eq!(cookie_token(&h).as_deref(), Some("abc"));
+        assert_eq!(cookie_token(&h).ok().as_deref(), Some("abc"));
         h.insert(header::COOKIE, HeaderValue::from_static("syft_session="));
-        assert_eq!(cookie_token(&h), None);
+        assert!(cookie_token(&h).is_err());
+        assert!(!has_cookie(&h));
+        // Two sessions (one set by a sibling site of the domain): neither is taken.
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("syft_session=theirs; syft_session=mine"),
+        );
+        let refused = cookie_token(&h).expect_err("ambiguous");
+        assert!(refused.to_string().contains("more than one"), "{refused}");
+        assert!(has_cookie(&h));
+        // The same one twice is one.
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("syft_session=mine; syft_session=mine"),
+        );
+        assert_eq!(cookie_token(&h).ok().as_deref(), Some("mine"));
     }
 
     #[test]
