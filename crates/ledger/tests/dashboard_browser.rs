@@ -525,6 +525,38 @@ async fn dashboard_in_chromium() {
     .await;
     c.goto(&page).await.expect("reload");
     until(&c, SIGNED_OUT, 5, "forged cookie refused").await;
+    // A second session cookie with a longer path (as another site of the domain can set one,
+    // sent first): refused, and the form says why after a correct sign-in (it said "Wrong email
+    // or secret", and the first cookie ran the owner's calls in the other session).
+    js(
+        &c,
+        "document.cookie = 'syft_session=sibling; path=/dashboard/api'; return true",
+    )
+    .await;
+    sign_in(&c, &s.owner.email, &s.owner.secret).await;
+    until(
+        &c,
+        "return document.querySelector('#signin-error').textContent.includes('more than one')",
+        10,
+        "two session cookies refused, saying so",
+    )
+    .await;
+    js(
+        &c,
+        "document.cookie = 'syft_session=; path=/dashboard/api; max-age=0'; return true",
+    )
+    .await;
+    // The owner's own session, alone again, is taken; signed out for the next view.
+    c.goto(&page).await.expect("reload");
+    until(
+        &c,
+        "return !document.querySelector('#app').hidden",
+        10,
+        "one cookie again: signed in",
+    )
+    .await;
+    click(&c, "#signout").await;
+    until(&c, SIGN_IN_SHOWN, 20, "signed out again").await;
     user_view_with_rows_recorded_by_others(&c, &s, &page).await;
     owner_view_with_many_users(&c, &s, &page).await;
     alerts_panel(&c).await;

@@ -545,15 +545,23 @@ async function addAlert(ev) {
 async function signIn(ev) {
   ev.preventDefault();
   $('#signin-error').textContent = '';
+  let res;
   try {
-    const res = await api('/dashboard/login', { email: $('#signin-email').value, secret: $('#signin-secret').value });
+    res = await api('/dashboard/login', { email: $('#signin-email').value, secret: $('#signin-secret').value });
+  } catch (e) {
+    $('#signin-error').textContent = e.status === 401 ? 'Wrong email or secret.' : e.message;
+    return;
+  }
+  try {
     state.csrf = res.csrf;
     $('#signin-form').reset();
     await start();
     // Focus on the page that replaced the form (it fell back to the document's top).
     $('#tab-owner').focus();
   } catch (e) {
-    $('#signin-error').textContent = e.status === 401 ? 'Wrong email or secret.' : e.message;
+    // Signed in, and the session still refused: the ledger says why (two session cookies, one
+    // set by another site of this domain), where "Wrong email or secret" was shown.
+    $('#signin-error').textContent = e.message;
   }
 }
 
