@@ -78,10 +78,10 @@ impl Drop for UpstreamWait {
 static UNCONFIRMED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "syft_router_usage_rows_unconfirmed_total",
-        "Usage rows the router sent and the ledger did not confirm, by row (free, refusal): \
-         lost, unless the ledger committed one after the router stopped waiting for it (a slow \
-         database: compare with the ledger's rows). A usage spool keeps free rows instead \
-         (syft_router_usage_spool_events_total)",
+        "Usage rows the ledger did not confirm, by row (free, refusal): lost, unless the \
+         ledger committed one after the router stopped waiting for it (a slow database: compare \
+         with the ledger's rows); also those not sent while the ledger refuses this router's \
+         secret. A usage spool keeps free rows instead (syft_router_usage_spool_events_total)",
         &["row"]
     )
     .expect("register syft_router_usage_rows_unconfirmed_total")

@@ -11,9 +11,9 @@
 //!
 //! What it keeps: a row is in the kernel's page cache before its answer leaves, so a router
 //! process killed at any moment (kill -9, panic, OOM) loses no row: the next router started on
-//! the same directory ships what is left. The ledger inserts usage rows idempotently by
-//! (recipient, user, request id), so rows shipped twice (acknowledged, but their file not yet
-//! deleted when the router died) are recorded once. What it can lose depends on
+//! the same directory ships what is left. The ledger inserts usage rows idempotently by their
+//! row key (fixed when the row is made), so rows shipped twice (acknowledged, but their file not
+//! yet deleted when the router died) are recorded once. What it can lose depends on
 //! `ledger.usage_spool_sync`:
 //!
 //! - on (the default): nothing, host crashes included. An answer is released only after an

@@ -543,6 +543,7 @@ async fn a_router_with_a_rejected_secret_does_not_lock_out_its_neighbours() {
     let s = locking_after(3).await;
     let bad = another_router(&s, "not-the-secret-0123456789").await;
     wait_readyz(&bad.http_url, "owner", "secret_rejected").await;
+    let unconfirmed_before = refusal_rows_unconfirmed(&bad.http_url).await;
     let mut refused = bad.client().await;
     for i in 0..10 {
         unavailable(&mut refused, s.request(&format!("bad {i}"))).await;
@@ -555,11 +556,33 @@ async fn a_router_with_a_rejected_secret_does_not_lock_out_its_neighbours() {
         let err = refused.get_limits(ask).await.expect_err("not ready");
         assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
     }
+    // The refusals' rows, not sent, are counted as rows not confirmed (the count operators watch
+    // for lost rows stayed 0 while none was recorded).
+    let unconfirmed = refusal_rows_unconfirmed(&bad.http_url).await;
+    assert!(
+        unconfirmed >= unconfirmed_before + 10,
+        "{unconfirmed_before} -> {unconfirmed}"
+    );
     // Past the probe's next ticks too: it does not try the rejected secret every second.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let mut c = s.client().await;
     ok(c.chat(s.request("the healthy router")).await);
     s.assert_captured_once(PRICE).await;
+}
+
+/// The router's count of refusal rows the ledger did not confirm (process-wide).
+async fn refusal_rows_unconfirmed(http_url: &str) -> u64 {
+    let text = reqwest::get(format!("{http_url}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let series = r#"syft_router_usage_rows_unconfirmed_total{row="refusal"} "#;
+    text.lines()
+        .find_map(|l| l.strip_prefix(series))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// A router started while the ledger locks its address is not ready, and says why (it said

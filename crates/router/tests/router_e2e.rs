@@ -220,7 +220,7 @@ async fn upstream_failures_are_voided_and_recorded() {
         (Mode::Status(500), Code::Unavailable, "upstream_error"),
         (Mode::Status(400), Code::InvalidArgument, "upstream_error"),
         // A gateway's refusal of the request itself (a moderation flag), not of the router's key.
-        (Mode::Status(403), Code::PermissionDenied, "upstream_error"),
+        (Mode::Status(403), Code::InvalidArgument, "upstream_error"),
         // An error body that never ends is read no further than its message needs (it used to
         // be read to the request's timeout).
         (Mode::EndlessError(500), Code::Unavailable, "upstream_error"),

@@ -518,6 +518,7 @@ impl RouterService {
         if self.ledger_refuses_us() && !self.inner.ledger.has_spool() {
             // Refused anyway, and each wrong secret sent counts against this machine's address.
             // (A spool keeps the row; its shipper waits while the ledger refuses the router.)
+            crate::metrics::row_unconfirmed(crate::metrics::UnconfirmedRow::Free);
             tracing::warn!(request_id = %request_id, "usage row not recorded: the ledger does not accept this router now");
             return;
         }

@@ -570,8 +570,14 @@ impl RouterService {
         tracing::warn!(request_id = %p.v.request_id, error = %e.summary(), status = %e.usage_status(), "upstream failed");
         tracing::debug!(request_id = %p.v.request_id, error = %e, "upstream failure in its words");
         // 401 only: some gateways answer 403 to one user's flagged prompt, not to the key.
-        if let UpstreamError::Status { status: 401, .. } = e {
-            crate::upstream::key_refused(self.provider());
+        match e {
+            UpstreamError::Status { status: 401, .. } => {
+                crate::upstream::key_refused(self.provider())
+            }
+            UpstreamError::Status { status: 403, .. } => {
+                crate::upstream::request_refused(self.provider());
+            }
+            _ => {}
         }
         if let Some(pass) = &p.t.pass {
             // A failed request uses nothing it pays for in the token windows either.

@@ -165,6 +165,8 @@ impl RouterService {
     pub(super) async fn record_refusal(&self, attempt: Attempt, status: UsageStatus) {
         if self.ledger_refuses_us() {
             // Refused anyway, and each wrong secret sent counts against this machine's address.
+            // Counted as a row not confirmed: the metric operators watch for lost rows stayed 0.
+            crate::metrics::row_unconfirmed(crate::metrics::UnconfirmedRow::Refusal);
             tracing::warn!(request_id = %attempt.request_id, ?status, "refusal row not recorded: the ledger does not accept this router now");
             return;
         }

@@ -90,6 +90,15 @@ pub enum UpstreamError {
     ShuttingDown,
 }
 
+/// Logs, at most once a minute, an upstream's 403: one user's flagged prompt, or, when every
+/// request gets it, the router's setup.
+pub(crate) fn request_refused(provider: &str) {
+    static LINE: LogThrottle = LogThrottle::new();
+    if LINE.allow() {
+        tracing::warn!(provider, "the upstream refused a request with HTTP 403: a moderation flag of one user's prompt, or, when every request gets it, the key's access to the model or a firewall in front of the upstream");
+    }
+}
+
 /// Logs, at most once a minute, an upstream's refusal of the router's own credentials (HTTP 401:
 /// a key revoked or expired). Each request said so only in its own warning while `/readyz`
 /// stayed green, and every user got 503s.
@@ -212,12 +221,14 @@ impl From<UpstreamError> for RouterError {
                 401 => {
                     RouterError::Unavailable("upstream rejected the router's credentials".into())
                 }
-                // A gateway's refusal of this request (a moderation flag, a model not open to
-                // the key): passed on as it is, not retryable. It was told as the router's
-                // credentials refused, a 503 the SDKs sent twice more, each with a hold, an
-                // upstream call and a row.
-                403 => RouterError::PermissionDenied(format!(
-                    "upstream refused the request: {message}"
+                // A gateway's refusal of this request (a moderation flag) or of the router's
+                // setup (a model not open to the key, a firewall): said as the upstream's
+                // refusal of the request, not retried (as a 400), and logged for the operator
+                // (`request_refused`). It was told as the router's credentials refused, a 503 the
+                // SDKs sent twice more, each with a hold, an upstream call and a row;
+                // `PERMISSION_DENIED` would read as the user's token refused.
+                403 => RouterError::InvalidArgument(format!(
+                    "upstream refused the request (HTTP 403): {message}"
                 )),
                 // A 5xx that said when to come back (a 503 in maintenance, an overloaded
                 // provider): passed on, in whole seconds like the 429's.

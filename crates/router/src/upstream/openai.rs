@@ -290,11 +290,11 @@ struct WireResponse {
 }
 
 /// An `error` object inside a 200 answer (some servers report failures that way, a stream's
-/// error as an event): the HTTP status its own `code` gives (OpenRouter and vLLM write one, a
-/// number or a string of one: a 400 for the user's request), else a bad gateway; with the
-/// upstream's message cut to 500 characters so a huge body never reaches a client. (Every such
-/// error was a 502, an outage: its request windows' place given back and the SDKs retrying it,
-/// a refusal of the user's own request included.)
+/// error as an event): a bad gateway, or the 429 or 5xx its own `code` names (a number or a
+/// string of one), with the upstream's message cut to 500 characters so a huge body never
+/// reaches a client. A 4xx code other than 429 is not believed: vLLM and SGLang send any failure
+/// caught mid-stream, an engine's crash included, as `code: 400`, which would have told the user
+/// their request was wrong, with the engine's exception text.
 fn error_in_body(err: &serde_json::Value) -> UpstreamError {
     let code = match &err["code"] {
         serde_json::Value::Number(n) => n.as_u64(),
@@ -304,7 +304,7 @@ fn error_in_body(err: &serde_json::Value) -> UpstreamError {
     UpstreamError::Status {
         status: code
             .and_then(|c| u16::try_from(c).ok())
-            .filter(|c| (400..=599).contains(c))
+            .filter(|c| *c == 429 || (500..=599).contains(c))
             .unwrap_or(502),
         message: err["message"]
             .as_str()

@@ -72,10 +72,16 @@ fn parses_completion_and_errors() {
         parse_completion(br#"{"choices":[]}"#),
         Err(UpstreamError::Empty)
     ));
-    // An error in a 200 answer has the status its own code says, else it is a bad gateway.
+    // An error in a 200 answer is a bad gateway, or the 429 or 5xx its own code says (a 400 is
+    // what vLLM calls any failure mid-stream).
     for (body, want) in [
-        (&br#"{"error":{"code":400,"message":"flagged"}}"#[..], 400),
+        (
+            &br#"{"error":{"code":400,"message":"engine died"}}"#[..],
+            502,
+        ),
+        (br#"{"error":{"code":401,"message":"x"}}"#, 502),
         (br#"{"error":{"code":"429","message":"slow down"}}"#, 429),
+        (br#"{"error":{"code":503,"message":"overloaded"}}"#, 503),
         (
             br#"{"error":{"code":"context_length_exceeded","message":"x"}}"#,
             502,
