@@ -213,12 +213,7 @@ async fn a_router_whose_clock_runs_ahead_delivers_and_charges_a_stream() {
 
 /// The `/metrics` of the ledger at `http`, then the ledger killed.
 async fn scrape_and_kill(http: &str, mut ledger: std::process::Child) -> String {
-    let scrape = reqwest::get(format!("{http}/metrics"))
-        .await
-        .expect("scrape")
-        .text()
-        .await
-        .expect("body");
+    let scrape = syft_testkit::get_text(&format!("{http}/metrics")).await;
     let _ = ledger.kill();
     let _ = ledger.wait();
     scrape

@@ -144,9 +144,7 @@ impl Drop for Process {
 
 /// The Prometheus text a service serves on its HTTP `port`.
 async fn metrics(port: u16) -> String {
-    let url = format!("http://127.0.0.1:{port}/metrics");
-    let resp = reqwest::get(&url).await.expect("GET /metrics");
-    resp.text().await.expect("text")
+    syft_testkit::get_text(&format!("http://127.0.0.1:{port}/metrics")).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -142,6 +142,12 @@ async fn type_into(c: &Client, css: &str, text: &str) {
     field.send_keys(text).await.expect("type");
 }
 
+/// Sets `cookie` (`name=value; attributes`) from the page's script, as another site of the
+/// domain, or a forger, could.
+async fn set_cookie(c: &Client, cookie: &str) {
+    js(c, &format!("document.cookie = '{cookie}'; return true")).await;
+}
+
 /// Makes the page's requests to URLs containing `part` fail as a network error does (the ledger
 /// away); `window.realFetch` keeps the real `fetch`, which `window.fetch = window.realFetch`
 /// puts back.
@@ -518,21 +524,13 @@ async fn dashboard_in_chromium() {
         "wrong secret refused",
     )
     .await;
-    js(
-        &c,
-        "document.cookie = 'syft_session=forged; path=/dashboard'; return true",
-    )
-    .await;
+    set_cookie(&c, "syft_session=forged; path=/dashboard").await;
     c.goto(&page).await.expect("reload");
     until(&c, SIGNED_OUT, 5, "forged cookie refused").await;
     // A second session cookie with a longer path (as another site of the domain can set one,
     // sent first): refused, and the form says why after a correct sign-in (it said "Wrong email
     // or secret", and the first cookie ran the owner's calls in the other session).
-    js(
-        &c,
-        "document.cookie = 'syft_session=sibling; path=/dashboard/api'; return true",
-    )
-    .await;
+    set_cookie(&c, "syft_session=sibling; path=/dashboard/api").await;
     sign_in(&c, &s.owner.email, &s.owner.secret).await;
     until(
         &c,
@@ -541,11 +539,7 @@ async fn dashboard_in_chromium() {
         "two session cookies refused, saying so",
     )
     .await;
-    js(
-        &c,
-        "document.cookie = 'syft_session=; path=/dashboard/api; max-age=0'; return true",
-    )
-    .await;
+    set_cookie(&c, "syft_session=; path=/dashboard/api; max-age=0").await;
     // The owner's own session, alone again, is taken; signed out for the next view.
     c.goto(&page).await.expect("reload");
     until(

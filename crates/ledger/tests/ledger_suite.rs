@@ -1418,12 +1418,7 @@ async fn one_failing_hold_does_not_block_the_sweep(h: Harness) -> Harness {
     // A sweep reports the failing hold instead of stopping at it, and so does the metric.
     let report = h.store.sweep_expired(500).await.expect("sweep");
     assert_eq!((report.cancelled, report.failed), (0, 1));
-    let metrics = reqwest::get(format!("{}/metrics", h.http_url()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = syft_testkit::get_text(&format!("{}/metrics", h.http_url())).await;
     let failures = metrics
         .lines()
         .find_map(|l| l.strip_prefix("syft_ledger_sweep_failures_total "))
@@ -1973,12 +1968,7 @@ async fn a_slow_database_is_not_an_outage_of_the_ledger() {
         assert!(tokio::time::Instant::now() < deadline, "not back");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let body = reqwest::get(format!("{}/metrics", ledger.http_url))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("body");
+    let body = syft_testkit::get_text(&format!("{}/metrics", ledger.http_url)).await;
     assert!(
         body.contains("syft_ledger_database_gauges_stale 0"),
         "{body}"

@@ -572,12 +572,7 @@ async fn a_router_with_a_rejected_secret_does_not_lock_out_its_neighbours() {
 
 /// The router's count of refusal rows the ledger did not confirm (process-wide).
 async fn refusal_rows_unconfirmed(http_url: &str) -> u64 {
-    let text = reqwest::get(format!("{http_url}/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let text = syft_testkit::get_text(&format!("{http_url}/metrics")).await;
     let series = r#"syft_router_usage_rows_unconfirmed_total{row="refusal"} "#;
     text.lines()
         .find_map(|l| l.strip_prefix(series))

@@ -14,6 +14,16 @@ pub async fn get_json(http: &reqwest::Client, url: &str) -> serde_json::Value {
     json_of(http.get(url), url).await
 }
 
+/// `GET url`'s body as text (a Prometheus scrape); panics naming the URL otherwise.
+pub async fn get_text(url: &str) -> String {
+    reqwest::get(url)
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        .text()
+        .await
+        .unwrap_or_else(|e| panic!("body of {url}: {e}"))
+}
+
 /// [`get_json`] with `Authorization: Bearer <token>` (a user's transaction token).
 pub async fn get_json_as(http: &reqwest::Client, url: &str, token: &str) -> serde_json::Value {
     json_of(http.get(url).bearer_auth(token), url).await

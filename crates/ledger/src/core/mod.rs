@@ -28,7 +28,6 @@ mod refunds;
 mod stats;
 mod tokens;
 mod transfers;
-mod turns;
 
 pub use listing::TokenQuery;
 pub use open_holds::OpenHolds;
@@ -164,7 +163,6 @@ pub struct Ledger {
     /// Accounts created per client address (open registration, `/user/create`).
     signups: Arc<AddressThrottle>,
     open_holds: OpenHolds,
-    turns: Arc<turns::CallerTurns>,
 }
 
 impl Ledger {
@@ -179,7 +177,6 @@ impl Ledger {
             "accounts created",
         ));
         Self {
-            turns: Arc::new(turns::CallerTurns::new(store.analytics_turns())),
             store,
             backend,
             config,
@@ -449,7 +446,7 @@ impl Ledger {
     }
 
     pub async fn query_usage(&self, caller: &Caller, q: &UsageQuery) -> Result<Page<UsagePage>> {
-        let (page, _turn) = (q.page.keyset()?, self.turns.take(caller).await?);
+        let page = q.page.keyset()?;
         let currency = &self.config.currency;
         let mixed =
             matches!(caller, Caller::Admin) && self.store.other_currencies_than(currency).await?;

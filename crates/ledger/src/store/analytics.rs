@@ -25,7 +25,7 @@ use crate::error::{LedgerError, Result};
 /// How long an analytics answer waits for its turn (a quarter of the pool's connections answer
 /// at once) before it is refused `UNAVAILABLE`: a dashboard refresh asks 8 answers at once, and
 /// on SQLite (one turn) they queue.
-pub(crate) const ANALYTICS_WAIT: Duration = Duration::from_secs(30);
+const ANALYTICS_WAIT: Duration = Duration::from_secs(30);
 
 /// The longest one analytics statement may run on Postgres (`statement_timeout`): the rollups
 /// answer a dashboard in milliseconds, and a raw-row scan of a wide range that runs longer holds
@@ -517,11 +517,6 @@ impl Store {
             ));
         }
         self.name_owners(out).await
-    }
-
-    /// How many analytics answers run at once (`ledger::core::turns` gives each caller half).
-    pub fn analytics_turns(&self) -> usize {
-        self.analytics_turns
     }
 
     /// A turn to answer analytics (held until dropped), or `UNAVAILABLE` after

@@ -44,7 +44,6 @@ use sqlx::{AnyConnection, AnyPool, Connection, Executor};
 use crate::error::{is_retryable, LedgerError, Result};
 
 pub use crate::domain::{Actor, Micros, TransferStatus};
-pub(crate) use analytics::ANALYTICS_WAIT;
 pub use analytics::{
     Dimension, KeyValue, Measures, Percentiles, StatsFilter, StatsGroup, StatsScope, Top, TopBy,
 };
@@ -277,7 +276,6 @@ pub struct Store {
     answer_floor: floor::ScanFloor,
     /// Turns for analytics answers (`analytics.rs`): a quarter of the pool's connections.
     analytics: tokio::sync::Semaphore,
-    analytics_turns: usize,
     /// What "now" is for every decision the store makes (`clock.rs`).
     clock: clock::Clock,
 }
@@ -455,10 +453,6 @@ impl Store {
         let usage_writer = usage_batch::UsageWriter::start(pool.clone(), backend);
         let folder = (backend == Backend::Postgres && serving)
             .then(|| rollup_fold::start_folder(pool.clone()));
-        let analytics_turns = match backend {
-            Backend::Postgres => usize::try_from(max_connections / 4).unwrap_or(1).max(1),
-            Backend::Sqlite => 1,
-        };
         let store = Self {
             _folder: folder,
             budgeted: budget_batch::BudgetedHolds::new(pool.clone()),
@@ -474,8 +468,10 @@ impl Store {
             clock,
             sweep_floor: floor::ScanFloor::default(),
             answer_floor: floor::ScanFloor::default(),
-            analytics: tokio::sync::Semaphore::new(analytics_turns),
-            analytics_turns,
+            analytics: tokio::sync::Semaphore::new(match backend {
+                Backend::Postgres => usize::try_from(max_connections / 4).unwrap_or(1).max(1),
+                Backend::Sqlite => 1,
+            }),
         };
         if serving {
             store.backfill_rollups().await?;

@@ -245,12 +245,7 @@ pub const WAIT: Duration = Duration::from_secs(15);
 /// The value of one series on the ledger's `/metrics`, e.g.
 /// `syft_ledger_alert_deliveries_total{outcome="retry"}` (0 when absent).
 pub async fn metric(h: &Harness, series: &str) -> f64 {
-    let text = reqwest::get(format!("{}/metrics", h.http_url()))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
+    let text = syft_testkit::get_text(&format!("{}/metrics", h.http_url())).await;
     text.lines()
         .filter_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
         .filter_map(|value| value.trim().parse::<f64>().ok())

@@ -290,11 +290,12 @@ struct WireResponse {
 }
 
 /// An `error` object inside a 200 answer (some servers report failures that way, a stream's
-/// error as an event): a bad gateway, or the 429 or 5xx its own `code` names (a number or a
-/// string of one), with the upstream's message cut to 500 characters so a huge body never
-/// reaches a client. A 4xx code other than 429 is not believed: vLLM and SGLang send any failure
-/// caught mid-stream, an engine's crash included, as `code: 400`, which would have told the user
-/// their request was wrong, with the engine's exception text.
+/// error as an event): the 429 or 5xx its own `code` names (a number or a string of one), else a
+/// 500, with the upstream's message cut to 500 characters so a huge body never reaches a client.
+/// A 4xx code other than 429 is not believed: vLLM and SGLang send any failure caught
+/// mid-stream, an engine's crash included, as `code: 400`, which would have told the user their
+/// request was wrong, with the engine's exception text. Nor is it an outage (it was a 502): a
+/// prompt that reliably draws such an error gave its request windows' place back each time.
 fn error_in_body(err: &serde_json::Value) -> UpstreamError {
     let code = match &err["code"] {
         serde_json::Value::Number(n) => n.as_u64(),
@@ -305,7 +306,7 @@ fn error_in_body(err: &serde_json::Value) -> UpstreamError {
         status: code
             .and_then(|c| u16::try_from(c).ok())
             .filter(|c| *c == 429 || (500..=599).contains(c))
-            .unwrap_or(502),
+            .unwrap_or(500),
         message: err["message"]
             .as_str()
             .unwrap_or("upstream error")

@@ -72,22 +72,22 @@ fn parses_completion_and_errors() {
         parse_completion(br#"{"choices":[]}"#),
         Err(UpstreamError::Empty)
     ));
-    // An error in a 200 answer is a bad gateway, or the 429 or 5xx its own code says (a 400 is
-    // what vLLM calls any failure mid-stream).
+    // An error in a 200 answer has the 429 or 5xx its own code says, else it is a 500, not an
+    // outage (a 400 is what vLLM calls any failure mid-stream).
     for (body, want) in [
         (
             &br#"{"error":{"code":400,"message":"engine died"}}"#[..],
-            502,
+            500,
         ),
-        (br#"{"error":{"code":401,"message":"x"}}"#, 502),
+        (br#"{"error":{"code":401,"message":"x"}}"#, 500),
         (br#"{"error":{"code":"429","message":"slow down"}}"#, 429),
         (br#"{"error":{"code":503,"message":"overloaded"}}"#, 503),
         (
             br#"{"error":{"code":"context_length_exceeded","message":"x"}}"#,
-            502,
+            500,
         ),
-        (br#"{"error":{"code":200,"message":"odd"}}"#, 502),
-        (br#"{"error":{"message":"no code"}}"#, 502),
+        (br#"{"error":{"code":200,"message":"odd"}}"#, 500),
+        (br#"{"error":{"message":"no code"}}"#, 500),
     ] {
         match parse_completion(body) {
             Err(UpstreamError::Status { status, .. }) => assert_eq!(status, want, "{body:?}"),
