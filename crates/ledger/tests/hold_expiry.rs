@@ -58,14 +58,6 @@ async fn hold(
         .expect("hold")
 }
 
-/// Runs a scenario on SQLite, then on Postgres where one is available.
-async fn on_both<F: std::future::Future<Output = ()>>(scenario: fn(Db) -> F) {
-    scenario(Db::sqlite()).await;
-    if let Some(db) = Db::postgres().await {
-        scenario(db).await;
-    }
-}
-
 /// Alice has her 1 USD back with nothing held, and the ledger verifies.
 async fn assert_alice_whole(store: &Store) {
     let alice = store
@@ -342,23 +334,12 @@ async fn cancelled(store: &Store, limit: i64) -> u64 {
     store.sweep_expired(limit).await.expect("sweep").cancelled
 }
 
-/// Each scenario as a test of its own, on SQLite, then on Postgres where one is available.
-macro_rules! on_both_backends {
-    ($($scenario:ident => $test:ident),* $(,)?) => {
-        $(
-            #[tokio::test]
-            async fn $test() {
-                on_both($scenario).await;
-            }
-        )*
-    };
-}
-
-on_both_backends! {
-    capture_after_expiry_is_refused => capture_after_expiry_is_refused_on_both_backends,
-    void_after_the_sweep_leaves_its_row => void_after_the_sweep_leaves_its_row_on_both_backends,
-    a_refusal_row_of_a_void_leaves_its_request_id_free => a_refusal_row_of_a_void_leaves_its_request_id_free_on_both_backends,
-    capture_that_waited_past_expiry_is_refused => capture_that_waited_past_expiry_is_refused_on_both_backends,
-    an_extension_waits_for_its_senders_budget_check => an_extension_waits_for_its_senders_budget_check_on_both_backends,
-    sweeps_read_from_a_floor_and_miss_no_hold => sweeps_read_from_a_floor_and_miss_no_hold_on_both_backends,
-}
+// Each scenario as a test of its own on SQLite (`sqlite::…`) and on Postgres (`postgres::…`).
+syft_testkit::db_suite!(
+    capture_after_expiry_is_refused,
+    void_after_the_sweep_leaves_its_row,
+    a_refusal_row_of_a_void_leaves_its_request_id_free,
+    capture_that_waited_past_expiry_is_refused,
+    an_extension_waits_for_its_senders_budget_check,
+    sweeps_read_from_a_floor_and_miss_no_hold,
+);

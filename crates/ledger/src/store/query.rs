@@ -317,40 +317,41 @@ impl Store {
     }
 
     pub async fn query_usage(&self, f: &UsageFilter) -> Result<UsagePage> {
-        let mut w = Where::default();
-        usage_account(&mut w, &f.account);
-        f.range.push_where(&mut w, "u.created_at");
-        f.dims.push_where(&mut w, "u");
-        w.opt_text("u.request_id = ?", f.request_id.as_deref());
-        let select_totals = "SELECT COUNT(*) AS requests, \
-             CAST(COALESCE(SUM(u.prompt_tokens), 0) AS BIGINT) AS prompt_tokens, \
-             CAST(COALESCE(SUM(u.completion_tokens), 0) AS BIGINT) AS completion_tokens, \
-             CAST(COALESCE(SUM(u.total_tokens), 0) AS BIGINT) AS total_tokens, \
-             CAST(COALESCE(SUM(u.cost), 0) AS BIGINT) AS cost \
-             FROM usage_records u";
+        // The caller's rows in the range, as filtered: what the totals and the page read.
+        let filtered = || {
+            let mut w = Where::default();
+            usage_account(&mut w, &f.account);
+            f.range.push_where(&mut w, "u.created_at");
+            f.dims.push_where(&mut w, "u");
+            w.opt_text("u.request_id = ?", f.request_id.as_deref());
+            w
+        };
         // The totals read every row in the range: an analytics answer, with its turn and, on
         // Postgres, its time limit (`analytics.rs`).
         let totals = {
             let _turn = self.analytics_turn().await?;
-            let scoped = f.totals_currency.as_deref();
-            if let Some(c) = scoped {
+            let mut w = filtered();
+            if let Some(c) = &f.totals_currency {
                 w.text(
                     &format!("u.recipient_id IN {}", super::analytics::OWNERS_IN),
                     c,
                 );
             }
-            let totals_sql = format!("{select_totals} {}", w.sql());
-            let totals = match self.fetch_stats(&w, &totals_sql, false).await?.first() {
+            let sql = format!(
+                "SELECT COUNT(*) AS requests, \
+                 CAST(COALESCE(SUM(u.prompt_tokens), 0) AS BIGINT) AS prompt_tokens, \
+                 CAST(COALESCE(SUM(u.completion_tokens), 0) AS BIGINT) AS completion_tokens, \
+                 CAST(COALESCE(SUM(u.total_tokens), 0) AS BIGINT) AS total_tokens, \
+                 CAST(COALESCE(SUM(u.cost), 0) AS BIGINT) AS cost \
+                 FROM usage_records u {}",
+                w.sql()
+            );
+            match self.fetch_stats(&w, &sql, false).await?.first() {
                 Some(row) => UsageTotals::from_row(row)?,
                 None => UsageTotals::default(),
-            };
-            // The currency's condition was the last pushed: the rows are listed without it.
-            if scoped.is_some() {
-                w.clauses.pop();
-                w.binds.pop();
             }
-            totals
         };
+        let mut w = filtered();
         w.opt_text("u.id < ?", f.page.before_id.as_deref());
         let sql = format!(
             "SELECT {USAGE_COLUMNS} FROM usage_records u JOIN accounts r ON r.id = u.recipient_id {} \

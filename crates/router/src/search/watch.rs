@@ -61,8 +61,8 @@ enum Scan {
     Unchanged,
     Rebuilt(DocIndex),
     /// The folder changed and could not be indexed (a file that does not read): the old index
-    /// stays, and the folder is not indexed again until it changes again (it used to be re-read
-    /// at every rescan, with a warning each time).
+    /// stays, and the folder is indexed again when it changes again or its [`Retry`] is due (it
+    /// used to be re-read at every rescan, with a warning each time).
     Failed(IndexError),
 }
 
@@ -96,24 +96,27 @@ fn scan_with(
         *unsettled = 0;
         return Ok(Scan::Unchanged);
     }
+    // Whether a folder that changed again is left for the next rescan (counted), or, the
+    // rescans in a row used up, indexed as it is.
+    let mut put_off = || {
+        let left = *unsettled + 1 < UNSETTLED_SCANS;
+        *unsettled += u32::from(left);
+        left
+    };
     wait();
-    let m = match manifest(dir)? {
-        later if later == m => m,
-        _ if *unsettled + 1 < UNSETTLED_SCANS => {
-            *unsettled += 1;
+    let later = manifest(dir)?;
+    if later != m {
+        if put_off() {
             return Ok(Scan::Unchanged);
         }
-        later => {
-            tracing::warn!(dir = %dir.display(), "the search folder keeps changing; indexing it as it is");
-            later
-        }
-    };
+        tracing::warn!(dir = %dir.display(), "the search folder keeps changing; indexing it as it is");
+    }
+    let m = later;
     let built = index(dir);
     // Changed while it was read (a deploy that began during the build): the index may hold part
     // of either version, so it is dropped and the folder indexed at a later rescan. (The check
     // before the build alone let such an index be served until the next rescan.)
-    if manifest(dir)? != m && *unsettled + 1 < UNSETTLED_SCANS {
-        *unsettled += 1;
+    if manifest(dir)? != m && put_off() {
         return Ok(Scan::Unchanged);
     }
     *unsettled = 0;
