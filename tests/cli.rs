@@ -1203,7 +1203,11 @@ fn index_build_puts_a_whole_index_in_place() {
     }
     // An index inside its folder (the next build read it back as documents and failed), and a
     // folder with no documents (an index that answers every search with nothing, free).
-    for out in [docs.join("index"), docs.join("sub").join("index")] {
+    for out in [
+        docs.join("index"),
+        docs.join("sub").join("index"),
+        docs.join("a").join("..").join("b"),
+    ] {
         let nested = fails(&mut index_build(&docs, &out));
         assert_contains(&nested, &["is inside"]);
     }

@@ -119,8 +119,8 @@ enum AccountAction {
         /// Organization shown with the account.
         #[arg(long, default_value = "")]
         organization: String,
-        /// Use this secret instead of a generated one (8 to 256 characters), e.g. for a
-        /// deployment that provisions the router owner's secret itself.
+        /// Use this secret instead of a generated one (8 to 256 printable ASCII characters),
+        /// e.g. for a deployment that provisions the router owner's secret itself.
         #[arg(long, env = "SYFT_ACCOUNT_SECRET", hide_env_values = true)]
         account_secret: Option<String>,
         /// Succeed without changes when the account already exists (idempotent setup jobs).

@@ -36,36 +36,32 @@ pub async fn run(args: IndexArgs) -> anyhow::Result<()> {
     }
 }
 
-/// Whether `out` (which may not exist yet, nor its parents) is `dir` or below it: its nearest
-/// existing part resolved (links, `..`), the rest as written. (Only the parent was resolved, so
-/// `--out docs/sub/idx` with no `docs/sub` yet was let through.)
+/// Whether `out` (which may not exist yet, nor its parents) is `dir` or below it: its parts
+/// walked from the current directory, resolved (links, `..`) while they exist, and taken as
+/// written once one does not (a part that does not exist is no link). Only the parent was
+/// resolved, so `--out docs/sub/idx` (no `docs/sub` yet) and `docs/a/../b` were let through.
 fn inside(out: &Path, dir: &Path) -> bool {
-    let Ok(dir) = dir.canonicalize() else {
+    use std::path::Component;
+    let (Ok(dir), Ok(mut at)) = (dir.canonicalize(), std::env::current_dir()) else {
         return false;
     };
-    let mut rest = Vec::new();
-    let mut at = out;
-    loop {
-        let base = if at.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            at
-        };
-        if let Ok(real) = base.canonicalize() {
-            return rest
-                .iter()
-                .rev()
-                .fold(real, |p, c| p.join(c))
-                .starts_with(dir);
-        }
-        match (at.parent(), at.file_name()) {
-            (Some(parent), Some(name)) => {
-                rest.push(name.to_os_string());
-                at = parent;
+    let mut exists = true;
+    for part in out.components() {
+        match part {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                at.pop();
             }
-            _ => return false,
+            other => at.push(other),
+        }
+        if exists {
+            match at.canonicalize() {
+                Ok(real) => at = real,
+                Err(_) => exists = false,
+            }
         }
     }
+    at.starts_with(dir)
 }
 
 /// Whether `.building-<pid>` was left by a build that is gone: no such process, or this one

@@ -132,19 +132,19 @@ fn sdk_email_problem(email: &str) -> Option<String> {
                 "the domain label {label:?} is longer than 63 bytes"
             ));
         }
-        if label.get(2..4) == Some("--") && !label.starts_with("xn") {
-            return Some(format!(
-                "the domain label {label:?} has two dashes in third and fourth place"
-            ));
-        }
-        // No `xn--` label: the SDK reads one back in Unicode (`bob@xn--bcher-kva.example` as
-        // `bob@bücher.example`, which may be another, older account's email), and refuses those
-        // its IDNA 2008 rules reject (an emoji's, `xn--zz`), which broke `get_all_users`.
-        if label.starts_with("xn--") {
-            return Some(format!(
-                "the domain label {label:?} is an internationalized one (xn--), which clients \
-                 such as the SDK read back in another form"
-            ));
+        // No dashes in third and fourth place, so no `xn--` label: the SDK reads one back in
+        // Unicode (`bob@xn--bcher-kva.example` as `bob@bücher.example`, which may be another,
+        // older account's email), and refuses those its IDNA 2008 rules reject (an emoji's,
+        // `xn--zz`), which broke `get_all_users`.
+        if label.get(2..4) == Some("--") {
+            return Some(if label.starts_with("xn") {
+                format!(
+                    "the domain label {label:?} is an internationalized one (xn--), which \
+                     clients such as the SDK read back in another form"
+                )
+            } else {
+                format!("the domain label {label:?} has two dashes in third and fourth place")
+            });
         }
     }
     if !domain.contains('.') {

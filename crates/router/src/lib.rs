@@ -77,7 +77,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let mut shutdown = Box::pin(shutdown);
-    // Also checked here: the CLI sets the durations after the file is read.
+    // Before the spool's wait below, whose `grace + …` overflowed on a huge `--shutdown-grace`
+    // (the flags are set after the file is read, and `RouterService::new` checks them too late).
     (config.validate_bounds()).map_err(|e| RouterError::InvalidArgument(e.to_string()))?;
     if let Some(dir) = &config.ledger.usage_spool {
         // The router this one replaces may still drain on the same spool (its grace, then its

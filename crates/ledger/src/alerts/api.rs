@@ -114,11 +114,7 @@ impl Ledger {
         let account = self.alerts_account(caller, &req.account_email).await?;
         let alerts = &self.config().alerts;
         let url = target::parse_url(req.url.trim(), &alerts.allowed_hosts)?;
-        // Bounded as a delivery's lookup is: a name whose DNS hangs held the call for as long.
-        let resolving = target::resolve(&url, &alerts.allowed_hosts);
-        tokio::time::timeout(alerts.request_timeout, resolving)
-            .await
-            .map_err(|_| LedgerError::invalid(format!("cannot resolve {url}: timed out")))??;
+        target::resolve(&url, &alerts.allowed_hosts, alerts.request_timeout).await?;
         if req.rules.is_empty() || req.rules.len() > MAX_RULES {
             return Err(LedgerError::invalid(format!(
                 "an endpoint needs 1 to {MAX_RULES} rules"

@@ -357,12 +357,10 @@ async fn try_send(
     let refused = |e: LedgerError| SendError::Refused(e.to_string());
     let url = target::parse_url(url, &config.allowed_hosts).map_err(refused)?;
     // Checked now, and the connection pinned to the checked addresses (no DNS rebinding).
-    let lookup = target::lookup(&url, &config.allowed_hosts);
-    let addrs = match tokio::time::timeout(config.request_timeout, lookup).await {
-        Ok(target::Resolved::Addrs(addrs)) => addrs,
-        Ok(target::Resolved::Unresolved(e)) => return Err(SendError::Transport(e)),
-        Ok(target::Resolved::Refused(e)) => return Err(SendError::Refused(e)),
-        Err(_) => return Err(SendError::Transport("name lookup timed out".into())),
+    let addrs = match target::lookup(&url, &config.allowed_hosts, config.request_timeout).await {
+        target::Resolved::Addrs(addrs) => addrs,
+        target::Resolved::Unresolved(e) => return Err(SendError::Transport(e)),
+        target::Resolved::Refused(e) => return Err(SendError::Refused(e)),
     };
     let mut client = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())

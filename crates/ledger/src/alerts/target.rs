@@ -3,6 +3,7 @@
 //! and again at every delivery against the address actually connected to (DNS may change).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
 
 use url::Url;
 
@@ -84,8 +85,12 @@ fn is_allowed(host: &str, allowed_hosts: &[String]) -> bool {
 /// resolved address is private (a name that resolves to one public and one private address could
 /// be steered to the private one). Every failure is `INVALID_ARGUMENT` (adding an endpoint); a
 /// delivery tells a failed lookup from a refused address ([`Resolved`]).
-pub async fn resolve(url: &Url, allowed_hosts: &[String]) -> Result<Vec<SocketAddr>> {
-    match lookup(url, allowed_hosts).await {
+pub async fn resolve(
+    url: &Url,
+    allowed_hosts: &[String],
+    within: Duration,
+) -> Result<Vec<SocketAddr>> {
+    match lookup(url, allowed_hosts, within).await {
         Resolved::Addrs(addrs) => Ok(addrs),
         Resolved::Unresolved(e) | Resolved::Refused(e) => Err(LedgerError::invalid(e)),
     }
@@ -102,7 +107,9 @@ pub enum Resolved {
     Refused(String),
 }
 
-pub async fn lookup(url: &Url, allowed_hosts: &[String]) -> Resolved {
+/// The lookup takes at most `within` (the deliveries' request timeout): a name whose DNS hangs
+/// held a delivery, and an endpoint's adding, for as long as it hung.
+pub async fn lookup(url: &Url, allowed_hosts: &[String], within: Duration) -> Resolved {
     let Some(host) = url.host_str() else {
         return Resolved::Refused("url has no host".into());
     };
@@ -110,10 +117,12 @@ pub async fn lookup(url: &Url, allowed_hosts: &[String]) -> Resolved {
         return Resolved::Refused("url has no port".into());
     };
     let bare = host.trim_start_matches('[').trim_end_matches(']');
-    let addrs: Vec<SocketAddr> = match tokio::net::lookup_host((bare, port)).await {
-        Ok(addrs) => addrs.collect(),
-        Err(e) => return Resolved::Unresolved(format!("cannot resolve {host}: {e}")),
-    };
+    let addrs: Vec<SocketAddr> =
+        match tokio::time::timeout(within, tokio::net::lookup_host((bare, port))).await {
+            Ok(Ok(addrs)) => addrs.collect(),
+            Ok(Err(e)) => return Resolved::Unresolved(format!("cannot resolve {host}: {e}")),
+            Err(_) => return Resolved::Unresolved(format!("cannot resolve {host}: timed out")),
+        };
     if addrs.is_empty() {
         return Resolved::Unresolved(format!("{host} resolves to nothing"));
     }
@@ -195,6 +204,9 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
 mod tests {
     use super::*;
 
+    /// Long enough for a lookup here (a name that does not exist answers at once).
+    const LOOKUP_TIME: Duration = Duration::from_secs(5);
+
     #[test]
     fn private_and_reserved_addresses_are_not_public() {
         for ip in [
@@ -244,12 +256,18 @@ mod tests {
     #[tokio::test]
     async fn a_lookup_that_fails_is_not_a_refusal() {
         let gone = Url::parse("https://no-such-host.invalid/hook").expect("url");
-        assert!(matches!(lookup(&gone, &[]).await, Resolved::Unresolved(_)));
+        assert!(matches!(
+            lookup(&gone, &[], LOOKUP_TIME).await,
+            Resolved::Unresolved(_)
+        ));
         let private = Url::parse("https://127.0.0.1:9/hook").expect("url");
-        assert!(matches!(lookup(&private, &[]).await, Resolved::Refused(_)));
+        assert!(matches!(
+            lookup(&private, &[], LOOKUP_TIME).await,
+            Resolved::Refused(_)
+        ));
         let allowed = ["127.0.0.1".to_string()];
         assert!(matches!(
-            lookup(&private, &allowed).await,
+            lookup(&private, &allowed, LOOKUP_TIME).await,
             Resolved::Addrs(_)
         ));
     }
@@ -293,7 +311,9 @@ mod tests {
     #[tokio::test]
     async fn loopback_is_refused_unless_allowed() {
         let url = parse_url("https://127.0.0.1:9/x", &[]).unwrap();
-        assert!(resolve(&url, &[]).await.is_err());
-        assert!(resolve(&url, &["127.0.0.1".into()]).await.is_ok());
+        assert!(resolve(&url, &[], LOOKUP_TIME).await.is_err());
+        assert!(resolve(&url, &["127.0.0.1".into()], LOOKUP_TIME)
+            .await
+            .is_ok());
     }
 }

@@ -4,16 +4,15 @@
 
 use std::time::Duration;
 
+use syft_error::MAX_USAGE_NAME;
+
 use super::{invalid, ConfigError, RouterConfig, SearchBackendConfig, UpstreamConfig};
 
-/// The ledger's longest app name (`MAX_USAGE_NAME`): the router's name is every transfer's and
-/// usage row's `app_name`.
-const MAX_NAME: usize = 200;
 /// The longest timeout taken: a day. (Durations past about 2.9 × 10¹¹ years overflowed the
 /// clock: a panic at start, or in every HTTP connection, or a stream ended with no event.)
 const MAX_TIMEOUT: Duration = Duration::from_secs(86_400);
-/// The longest stream, shutdown grace or idle connection taken: thirty days.
-const MAX_SPAN: Duration = Duration::from_secs(30 * 86_400);
+/// The longest stream, shutdown grace, idle connection or answer retention taken: thirty days.
+pub(super) const MAX_SPAN: Duration = Duration::from_secs(30 * 86_400);
 
 impl RouterConfig {
     /// The name and every duration, from the file or a flag; [`RouterConfig::validate`] and
@@ -22,9 +21,9 @@ impl RouterConfig {
         // A name the ledger refuses (too long, a control character: a TOML "\n") was taken: a
         // paid router refused every request as the user's "invalid argument" while ready, a
         // free one answered and recorded no row.
-        if self.name.len() > MAX_NAME || self.name.chars().any(char::is_control) {
+        if self.name.len() > MAX_USAGE_NAME || self.name.chars().any(char::is_control) {
             return Err(invalid(format!(
-                "name {:?} must be at most {MAX_NAME} bytes without control characters (it is \
+                "name {:?} must be at most {MAX_USAGE_NAME} bytes without control characters (it is \
                  the app_name of every transfer and usage row)",
                 self.name
             )));

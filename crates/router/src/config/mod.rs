@@ -584,8 +584,7 @@ impl RouterConfig {
         if let Some(s) = &self.search {
             s.validate()?;
         }
-        let max_retention = Duration::from_secs(30 * 86_400);
-        if self.replay.retention > max_retention {
+        if self.replay.retention > bounds::MAX_SPAN {
             return Err(invalid("answer retention must be at most 30 days"));
         }
         if self.replay.max_bytes > syft_error::MAX_ANSWER_BYTES {

@@ -79,7 +79,8 @@ fn cookie_token(headers: &HeaderMap) -> Result<String> {
         Ok([token]) => Ok(token),
         Err(tokens) if tokens.is_empty() => Err(unauthenticated()),
         Err(_) => Err(LedgerError::Unauthenticated(
-            "more than one dashboard session cookie came (another site of this domain may have              set one): clear this site's cookies and sign in again"
+            "more than one dashboard session cookie came (another site of this domain may have \
+             set one): clear this site's cookies and sign in again"
                 .into(),
         )),
     }
@@ -387,6 +388,7 @@ mod tests {
         );
         let refused = cookie_token(&h).expect_err("ambiguous");
         assert!(refused.to_string().contains("more than one"), "{refused}");
+        assert!(!refused.to_string().contains("  "), "one line: {refused}");
         assert!(has_cookie(&h));
         // The same one twice is one.
         h.insert(
