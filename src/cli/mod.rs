@@ -176,6 +176,22 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// [`parse_duration`], at most 30 days (the router's config bound, `config/bounds.rs`):
+/// `--http-idle-timeout`, which the router checked and the ledger took unbounded (the README
+/// says 30 days of both).
+pub fn parse_idle_timeout(text: &str) -> Result<Duration, String> {
+    const MAX_IDLE: Duration = Duration::from_secs(30 * 86_400);
+    let d = parse_duration(text)?;
+    if d > MAX_IDLE {
+        return Err(format!(
+            "at most 30 days ({} s); got {} s",
+            MAX_IDLE.as_secs(),
+            d.as_secs()
+        ));
+    }
+    Ok(d)
+}
+
 /// The longest duration a flag takes: a century. Past about 2.9 × 10¹¹ years a duration added to
 /// the clock overflowed: a panic at start (`--shutdown-grace` with a spool) or in every HTTP
 /// connection (`--http-idle-timeout`).
@@ -390,5 +406,16 @@ mod tests {
         assert!(parse_duration("0").is_err());
         assert!(parse_duration("5 days").is_err());
         assert!(parse_duration("-1s").is_err());
+        // The ledger's and the router's --http-idle-timeout: 30 days at most, said with the value.
+        assert_eq!(
+            parse_idle_timeout("30d"),
+            Ok(Duration::from_secs(30 * 86_400))
+        );
+        let long = parse_idle_timeout("40d").unwrap_err();
+        assert!(
+            long.contains("at most 30 days") && long.contains("got 3456000 s"),
+            "{long}"
+        );
+        assert!(parse_idle_timeout("0s").is_err());
     }
 }

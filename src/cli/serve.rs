@@ -47,7 +47,7 @@ macro_rules! serve_flags {
             /// An HTTP connection that sends no complete request head for this long (idle between
             /// HTTP/1 requests, or sending its head slowly) is closed; one silent since it opened
             /// after 30 s. Keep it above the idle timeout of a load balancer in front.
-            #[arg(long, env = concat!($prefix, "_HTTP_IDLE_TIMEOUT"), default_value = "620s", value_parser = super::parse_duration)]
+            #[arg(long, env = concat!($prefix, "_HTTP_IDLE_TIMEOUT"), default_value = "620s", value_parser = super::parse_idle_timeout)]
             pub http_idle_timeout: Duration,
         }
 

@@ -73,6 +73,17 @@ fn scheme<'a>(header: &'a str, name: &str) -> Option<&'a str> {
     given.eq_ignore_ascii_case(name).then_some(rest)
 }
 
+/// Whether a header names credentials at all: a `Bearer` with nothing after it guesses no secret
+/// (a router started without `--ledger-secret` sent one on every probe, and the failures it
+/// counted locked every client of its machine out), so it is refused as missing is, uncounted.
+pub(crate) fn names_credentials(header: Option<&str>) -> bool {
+    header.is_some_and(|h| {
+        let h = h.trim();
+        !(h.eq_ignore_ascii_case("Bearer")
+            || scheme(h, "Bearer").is_some_and(|s| s.trim().is_empty()))
+    })
+}
+
 /// Resolves an `authorization` header value to a caller.
 pub async fn authenticate(store: &Store, admin_key: &str, header: Option<&str>) -> Result<Caller> {
     let header = header.ok_or_else(|| {
@@ -126,7 +137,7 @@ pub async fn authenticate(store: &Store, admin_key: &str, header: Option<&str>) 
 
 #[cfg(test)]
 mod tests {
-    use super::{constant_time_eq, scheme};
+    use super::{constant_time_eq, names_credentials, scheme};
 
     /// `bearer x` and `BASIC x` are `Bearer x` and `Basic x`; a scheme is a whole word.
     #[test]
@@ -137,6 +148,18 @@ mod tests {
         assert_eq!(scheme("Bearerabc", "Bearer"), None);
         assert_eq!(scheme("Bear abc", "Bearer"), None);
         assert_eq!(scheme("Basic abc", "Bearer"), None);
+        for empty in [
+            None,
+            Some("Bearer"),
+            Some("Bearer "),
+            Some("bearer   "),
+            Some(" Bearer"),
+        ] {
+            assert!(!names_credentials(empty), "{empty:?}");
+        }
+        for sent in ["Bearer x", "Basic Og==", "Token x", "Bearerx"] {
+            assert!(names_credentials(Some(sent)), "{sent}");
+        }
     }
 
     #[test]

@@ -464,6 +464,22 @@ async fn settled_days_count_like_the_transfers(h: Harness) -> Harness {
     assert_eq!(use_at(noon).await.expect("use").month_used, 40_001);
     syft_testkit::assert_verify_sees(&h.store, "settled budget day", &"tampered").await;
     tamper(-1).await.expect("restore");
+    // A settled row for a day whose hold can still be captured (a settle that raced a
+    // back-dated hold): the budget reads that day from the row and leaves the hold out, so
+    // verify names it while the hold is pending, not only once it is captured.
+    let nov12 = day_of(at(2026, 11, 12, 0));
+    let early_settle = "INSERT INTO budget_days (sender_id, recipient_id, day, used) \
+                        VALUES ($1, $2, $3, 0)";
+    let q = sqlx::query(early_settle)
+        .bind(alice)
+        .bind(owner)
+        .bind(nov12);
+    q.execute(h.store.pool()).await.expect(early_settle);
+    let open = "still has 1 holds that can be captured";
+    syft_testkit::assert_verify_sees(&h.store, open, &early_settle).await;
+    let undo = "DELETE FROM budget_days WHERE day = $1";
+    let q = sqlx::query(undo).bind(nov12);
+    q.execute(h.store.pool()).await.expect(undo);
 
     // The pending hold expires (an hour and more before noon): it counts nothing, its day settles.
     place(

@@ -1841,7 +1841,79 @@ async fn a_paid_row_names_its_transfers_payer_and_app(h: Harness) -> Harness {
     h
 }
 
+/// `verify` compares a paid usage row with the transfer that paid it (a free row costs nothing),
+/// checks every transfer and token stays in its parties' currency and conservation holds per
+/// currency, and sees a pending transfer stamped as resolved and a pending hosted entry that
+/// captured (a verify reviewer proved each passed, 2026-12-07). Each is made by SQL, seen, and
+/// undone.
+async fn verify_sees_rows_currencies_and_stamps_that_disagree(h: Harness) -> Harness {
+    let (owner, _alice, token) = setup(&h, 10 * USD).await;
+    let mut router = h.client(&owner);
+    let t = granted(&mut router, 2 * USD, &token, "paid").await;
+    ok(router.capture(with_row(&t.id, "paid")).await);
+    let pending = granted(&mut router, USD, &token, "pending").await;
+    h.assert_consistent().await;
+    let pool = h.store.pool();
+    let row: String = sqlx::query_scalar("SELECT id FROM usage_records WHERE transfer_id = $1")
+        .bind(&t.id)
+        .fetch_one(pool)
+        .await
+        .expect("the capture's row");
+    let (paid, pending) = (&t.id, &pending.id);
+    let hosted = "INSERT INTO hosted_transfers (id, idempotency_key, request_hash, sender_email, \
+                  recipient_email, token, amount, currency, status, step, captured, app_name, \
+                  app_ep_path, created_at, expires_at, updated_at) VALUES ('h1', 'k', 'h', \
+                  'alice@example.com', 'owner@router.example', 't', 10, 'USD', 'PENDING', \
+                  'held', 5, 'app', '/chat', 1, 9000000000000000, 1)";
+    let cases = [
+        (
+            format!("UPDATE usage_records SET cost = cost - 1 WHERE id = '{row}'"),
+            format!("UPDATE usage_records SET cost = cost + 1 WHERE id = '{row}'"),
+            "usage rows do not match the transfer that paid them",
+        ),
+        (
+            format!("UPDATE usage_records SET transfer_id = NULL WHERE id = '{row}'"),
+            format!("UPDATE usage_records SET transfer_id = '{paid}' WHERE id = '{row}'"),
+            "usage rows do not match the transfer that paid them",
+        ),
+        (
+            "UPDATE accounts SET currency = 'EUR' WHERE email = 'owner@router.example'".into(),
+            "UPDATE accounts SET currency = 'USD' WHERE email = 'owner@router.example'".into(),
+            "transfers are in another currency than their parties",
+        ),
+        (
+            "UPDATE accounts SET currency = 'EUR' WHERE email = 'owner@router.example'".into(),
+            "UPDATE accounts SET currency = 'USD' WHERE email = 'owner@router.example'".into(),
+            "tokens are between accounts of two currencies",
+        ),
+        (
+            "UPDATE accounts SET currency = 'EUR' WHERE email = 'owner@router.example'".into(),
+            "UPDATE accounts SET currency = 'USD' WHERE email = 'owner@router.example'".into(),
+            "conservation broken in EUR: balances",
+        ),
+        (
+            format!("UPDATE transfers SET resolved_at = created_at WHERE id = '{pending}'"),
+            format!("UPDATE transfers SET resolved_at = NULL WHERE id = '{pending}'"),
+            "1 pending transfers carry a resolution",
+        ),
+        (
+            hosted.to_string(),
+            "DELETE FROM hosted_transfers WHERE id = 'h1'".into(),
+            "hosted transfers are in a state that contradicts itself",
+        ),
+    ];
+    for (change, undo, expect) in cases {
+        let changed = sqlx::query(&change).execute(pool).await.expect(&change);
+        assert_eq!(changed.rows_affected(), 1, "{change}");
+        syft_testkit::assert_verify_sees(&h.store, expect, &change).await;
+        sqlx::query(&undo).execute(pool).await.expect(&undo);
+        h.assert_consistent().await;
+    }
+    h
+}
+
 store_suite!(
+    verify_sees_rows_currencies_and_stamps_that_disagree,
     a_paid_row_names_its_transfers_payer_and_app,
     verify_sees_a_token_past_its_limit_and_a_capture_after_expiry,
     verify_sees_money_booked_between_the_wrong_accounts,

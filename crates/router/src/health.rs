@@ -114,6 +114,11 @@ impl OwnerCheck {
         )
     }
 
+    /// Whether the ledger refuses the router's own credentials (a wrong or missing secret).
+    pub(crate) fn refuses_credentials(self) -> bool {
+        matches!(self, OwnerCheck::SecretRejected | OwnerCheck::NoSecret)
+    }
+
     /// What an operator should read, for the log and `/readyz`.
     pub fn problem(self, owner_email: &str) -> Option<String> {
         match self {
@@ -244,7 +249,13 @@ impl Readiness {
                     .into(),
             })
         } else if !self.ledger_required {
-            None
+            // Free services answer whatever the ledger's state (their rows are best effort), but
+            // not while the ledger refuses the router's credentials: then no row can ever be
+            // recorded, and only readiness tells the operator (a first-hour reviewer's finding).
+            match self.owner.refuses_credentials() {
+                true => self.owner.problem(&self.owner_email),
+                false => None,
+            }
         } else {
             match self.ledger {
                 LedgerState::Unknown => Some("the ledger has not been probed yet".into()),
@@ -332,7 +343,10 @@ pub(crate) async fn run_ledger_probe(service: RouterService, every: Duration) {
         }
         let due = match last {
             Some((OwnerCheck::Verified, at)) => at.elapsed() >= OWNER_RECHECK,
-            Some((OwnerCheck::SecretRejected, at)) => at.elapsed() >= REJECTED_RECHECK,
+            // A missing secret cannot appear without a restart: asked again as rarely.
+            Some((OwnerCheck::SecretRejected | OwnerCheck::NoSecret, at)) => {
+                at.elapsed() >= REJECTED_RECHECK
+            }
             _ => true,
         };
         if state == LedgerState::Serving && due {
@@ -416,6 +430,10 @@ fn update_owner(service: &RouterService, owner: OwnerCheck) {
                 Some(problem) if r.ledger_required => tracing::error!(
                     owner = %email,
                     "{problem}; the router stays not ready (paid requests would fail) until this is fixed"
+                ),
+                Some(problem) if owner.refuses_credentials() => tracing::error!(
+                    owner = %email,
+                    "{problem}; the router stays not ready (no usage row can be recorded) until this is fixed"
                 ),
                 Some(problem) => tracing::warn!(
                     owner = %email,

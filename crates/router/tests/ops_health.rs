@@ -195,6 +195,40 @@ async fn paid_router_is_ready_only_with_its_owners_secret() {
     assert!(body.get("reason").is_none(), "{body}");
 }
 
+/// A router started without a secret sends none: its probe, every second, counted as a wrong
+/// secret from its address, and within 20 s the ledger locked every client of the machine out,
+/// the admin and correctly configured routers included (a first-hour reviewer's finding). A free
+/// router without one is not ready: no usage row of it can be recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_without_a_secret_locks_nobody_out() {
+    let db = Db::sqlite();
+    let mut config = ledger_config(&db.url);
+    config.auth_failures_per_address = 2;
+    let ledger = LedgerServer::start(config).await;
+    let owner = create_account(&ledger.url, "owner").await;
+    let free = router_config("r", &owner.email, "", &ledger.url, Pricing::free(), None);
+    let router = RouterHandle::start(free).await;
+    let (code, body) = wait_owner(&router.http_url, "no_secret").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("has no ledger secret"),
+        "{body}"
+    );
+    // Several of the probe's ticks; two counted failures would lock this address.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // The admin's call goes through (it panics if the address is locked).
+    create_account(&ledger.url, "later").await;
+    let (code, body) = readyz(&router.http_url).await;
+    assert_eq!(
+        (code, &body["owner"]),
+        (503, &Value::from("no_secret")),
+        "{body}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn free_router_without_a_ledger_is_ready() {
     // Nothing listens on the ledger URL.

@@ -210,8 +210,11 @@ impl Ledger {
         };
         self.unlocked(addr)?;
         let result = authenticate(&self.store, admin_key, header).await;
-        // Only a credential that was sent and is wrong counts (not a missing header).
-        if header.is_some() && matches!(result, Err(LedgerError::Unauthenticated(_))) {
+        // Only a credential that was sent and is wrong counts (not a missing header, nor an
+        // empty `Bearer`).
+        if crate::auth::names_credentials(header)
+            && matches!(result, Err(LedgerError::Unauthenticated(_)))
+        {
             crate::metrics::auth_refused("failed");
             self.throttle.failed(addr, Instant::now());
         }

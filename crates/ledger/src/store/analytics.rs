@@ -19,6 +19,7 @@ use super::query::{Bind, UsageDims, Where};
 use super::rollup::{
     bucket_value, hist_columns, success_case, Grain, Summed, Sums, HIST_BUCKETS, SUM_COLUMNS,
 };
+use super::turns::{Caller, Turn};
 use super::{Backend, Store};
 use crate::error::{LedgerError, Result};
 
@@ -118,6 +119,17 @@ pub enum StatsScope {
     Owner(i64),
     /// Rows of requests this user sent, across all apps.
     User(String),
+}
+
+impl StatsScope {
+    /// Whom the analytics turns count this answer for.
+    pub(super) fn caller(&self) -> Caller {
+        match self {
+            StatsScope::All | StatsScope::Currency(_) => Caller::Admin,
+            StatsScope::Owner(id) => Caller::Owner(*id),
+            StatsScope::User(email) => Caller::User(email.clone()),
+        }
+    }
 }
 
 /// A validated analytics query: `since`/`until` are whole minutes, `until > since`.
@@ -394,7 +406,7 @@ impl Store {
         // money and record usage. Without this, dashboards (8 answers per refresh each) or one
         // account sending many wide queries held every connection, each waiting on the fold
         // lock or a long scan, and usage rows and budgeted holds waited for a connection.
-        let _turn = self.analytics_turn().await?;
+        let _turn = self.analytics_turn(f.scope.caller()).await?;
         // Rows still queued for the rollups are folded first, so the answer is exact.
         self.fold_rollups().await?;
         // A range that ends after the last row (the dashboard's "to now") is answered as if it
@@ -519,13 +531,12 @@ impl Store {
         self.name_owners(out).await
     }
 
-    /// A turn to answer analytics (held until dropped), or `UNAVAILABLE` after
-    /// [`ANALYTICS_WAIT`].
-    pub(super) async fn analytics_turn(&self) -> Result<tokio::sync::SemaphorePermit<'_>> {
-        tokio::time::timeout(ANALYTICS_WAIT, self.analytics.acquire())
+    /// A turn to answer analytics for `caller` (held until dropped), or `UNAVAILABLE` after
+    /// [`ANALYTICS_WAIT`]. Waiting callers are served round robin (`turns.rs`).
+    pub(super) async fn analytics_turn(&self, caller: Caller) -> Result<Turn> {
+        self.analytics
+            .take(caller, ANALYTICS_WAIT)
             .await
-            .ok()
-            .and_then(Result::ok)
             .ok_or_else(|| {
                 LedgerError::Unavailable("too many analytics answers in progress; retry".into())
             })

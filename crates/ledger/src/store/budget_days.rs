@@ -330,28 +330,43 @@ pub(crate) async fn pair_uses(
     Ok(uses.collect())
 }
 
-/// Every settled day whose row disagrees with its transfers, for `ledger verify`.
-pub(crate) async fn problems(conn: &mut AnyConnection) -> Result<Vec<String>, sqlx::Error> {
-    let rows: Vec<(i64, i64, i64, i64, i64)> = sqlx::query_as(
+/// Every settled day whose row disagrees with its transfers, or that still has a hold that can be
+/// captured (its amount is then in no budget: the day is read from its row), for `ledger verify`.
+/// `now` is the ledger's clock.
+pub(crate) async fn problems(
+    conn: &mut AnyConnection,
+    now: i64,
+) -> Result<Vec<String>, sqlx::Error> {
+    let rows: Vec<(i64, i64, i64, i64, i64, i64)> = sqlx::query_as(
         "SELECT b.sender_id, b.recipient_id, b.day, b.used, CAST(COALESCE(SUM( \
-             CASE WHEN t.status = 'COMPLETED' THEN t.captured ELSE 0 END), 0) AS BIGINT) \
+             CASE WHEN t.status = 'COMPLETED' THEN t.captured ELSE 0 END), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(CASE WHEN t.status = 'PENDING' AND t.expires_at > $1 \
+                                    THEN 1 ELSE 0 END), 0) AS BIGINT) \
          FROM budget_days b LEFT JOIN transfers t ON t.sender_id = b.sender_id \
              AND t.recipient_id = b.recipient_id AND t.created_at >= b.day * 86400000000 \
              AND t.created_at < (b.day + 1) * 86400000000 \
          GROUP BY b.sender_id, b.recipient_id, b.day, b.used \
          HAVING b.used <> CAST(COALESCE(SUM( \
-             CASE WHEN t.status = 'COMPLETED' THEN t.captured ELSE 0 END), 0) AS BIGINT)",
+             CASE WHEN t.status = 'COMPLETED' THEN t.captured ELSE 0 END), 0) AS BIGINT) \
+             OR SUM(CASE WHEN t.status = 'PENDING' AND t.expires_at > $1 THEN 1 ELSE 0 END) > 0",
     )
+    .bind(now)
     .fetch_all(&mut *conn)
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(sender, recipient, day, stored, counted)| {
-            format!(
-                "settled budget day {day} of accounts {sender} > {recipient}: \
+        .map(
+            |(sender, recipient, day, stored, counted, open)| match open {
+                0 => format!(
+                    "settled budget day {day} of accounts {sender} > {recipient}: \
                  {stored} stored, its transfers count {counted}"
-            )
-        })
+                ),
+                _ => format!(
+                    "settled budget day {day} of accounts {sender} > {recipient} still has {open} \
+                 holds that can be captured"
+                ),
+            },
+        )
         .collect())
 }
 

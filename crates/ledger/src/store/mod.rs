@@ -29,6 +29,7 @@ mod rollup_upsert;
 mod rows;
 mod token;
 mod transfer;
+mod turns;
 mod usage;
 mod usage_batch;
 mod verify;
@@ -274,8 +275,9 @@ pub struct Store {
     /// Where the expiry sweep and the answer purge start reading (`floor.rs`).
     sweep_floor: floor::ScanFloor,
     answer_floor: floor::ScanFloor,
-    /// Turns for analytics answers (`analytics.rs`): a quarter of the pool's connections.
-    analytics: tokio::sync::Semaphore,
+    /// Turns for analytics answers (`analytics.rs`): a quarter of the pool's connections, shared
+    /// out round robin among the callers that wait (`turns.rs`).
+    analytics: turns::FairTurns,
     /// What "now" is for every decision the store makes (`clock.rs`).
     clock: clock::Clock,
 }
@@ -468,7 +470,7 @@ impl Store {
             clock,
             sweep_floor: floor::ScanFloor::default(),
             answer_floor: floor::ScanFloor::default(),
-            analytics: tokio::sync::Semaphore::new(match backend {
+            analytics: turns::FairTurns::new(match backend {
                 Backend::Postgres => usize::try_from(max_connections / 4).unwrap_or(1).max(1),
                 Backend::Sqlite => 1,
             }),

@@ -4,6 +4,7 @@ use sqlx::any::AnyArguments;
 use sqlx::query::QueryAs;
 use sqlx::{Any, FromRow};
 
+use super::turns::Caller;
 use super::usage::FREE_ROW;
 use super::{
     AccountRow, Micros, Store, TransferRow, TransferStatus, UsageRow, ACCOUNT_COLUMNS, REFUNDED,
@@ -329,7 +330,11 @@ impl Store {
         // The totals read every row in the range: an analytics answer, with its turn and, on
         // Postgres, its time limit (`analytics.rs`).
         let totals = {
-            let _turn = self.analytics_turn().await?;
+            let caller = match &f.account {
+                Some((id, _)) => Caller::Owner(*id),
+                None => Caller::Admin,
+            };
+            let _turn = self.analytics_turn(caller).await?;
             let mut w = filtered();
             if let Some(c) = &f.totals_currency {
                 w.text(

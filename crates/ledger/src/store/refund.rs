@@ -301,7 +301,7 @@ impl Store {
             w.sql()
         );
         // In the analytics' turn and time limit, as every statistics read (analytics.md).
-        let _turn = self.analytics_turn().await?;
+        let _turn = self.analytics_turn(f.scope.caller()).await?;
         let rows = self.fetch_stats(&w, &sql, false).await?;
         let sum = rows.first().map(|r| r.try_get::<i64, _>(0)).transpose()?;
         Ok(sum.unwrap_or(0))

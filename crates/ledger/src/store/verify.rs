@@ -82,15 +82,16 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
         }
-        let report = verify_snapshot(&mut tx).await?;
+        let report = verify_snapshot(&mut tx, self.now()).await?;
         // Nothing was written; ending the transaction releases the snapshot.
         tx.rollback().await?;
         Ok(report)
     }
 }
 
-/// Every check of [`Store::verify`], each statement on `conn` (one transaction).
-async fn verify_snapshot(conn: &mut AnyConnection) -> Result<VerifyReport> {
+/// Every check of [`Store::verify`], each statement on `conn` (one transaction); `now` is the
+/// ledger's clock.
+async fn verify_snapshot(conn: &mut AnyConnection, now: i64) -> Result<VerifyReport> {
     let (accounts, transfers, pending_transfers, total_deposits, total_held, stored_balances) =
         sqlx::query_as::<_, (i64, i64, i64, i64, i64, i64)>(
             "SELECT (SELECT COUNT(*) FROM accounts), (SELECT COUNT(*) FROM transfers), \
@@ -137,6 +138,25 @@ async fn verify_snapshot(conn: &mut AnyConnection) -> Result<VerifyReport> {
             "conservation broken: balances {} != deposits {}",
             report.total_balances, report.total_deposits
         ));
+    }
+    // The same per currency: money of two currencies summed could balance while USD micros sat
+    // in EUR accounts (a verify reviewer's finding, 2026-12-07). Deposits count in their
+    // account's currency, as every transfer stays within one (`transfers_in_one_currency`).
+    let per_currency: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT a.currency, CAST(SUM(a.balance) AS BIGINT), \
+             CAST(COALESCE(SUM(d.amount), 0) AS BIGINT) \
+         FROM accounts a LEFT JOIN (SELECT account_id, CAST(SUM(amount) AS BIGINT) AS amount \
+                                    FROM deposits GROUP BY account_id) d ON d.account_id = a.id \
+         GROUP BY a.currency ORDER BY a.currency",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    for (currency, balances, deposits) in per_currency {
+        if balances != deposits {
+            problems.push(format!(
+                "conservation broken in {currency}: balances {balances} != deposits {deposits}"
+            ));
+        }
     }
 
     // Each account's balance equals its journal; held equals its pending transfers.
@@ -245,6 +265,55 @@ async fn verify_snapshot(conn: &mut AnyConnection) -> Result<VerifyReport> {
         ),
     )
     .await?;
+    // A pending transfer carries no resolution: a token's 24-hour use counts a pending hold only
+    // while `resolved_at` is empty, so one stamped but pending would count nowhere.
+    named_ids(
+        conn,
+        problems,
+        "pending transfers carry a resolution",
+        "SELECT id FROM transfers WHERE status = 'PENDING' \
+           AND (resolved_at IS NOT NULL OR resolved_by IS NOT NULL) ORDER BY id LIMIT 1001",
+    )
+    .await?;
+    // A transfer never mixes currencies (design.md §2): it is in its parties' currency, and a
+    // token is between accounts of one currency (`same_currency` when it is issued).
+    named_ids(
+        conn,
+        problems,
+        "transfers are in another currency than their parties",
+        "SELECT t.id FROM transfers t JOIN accounts s ON s.id = t.sender_id \
+           JOIN accounts r ON r.id = t.recipient_id \
+         WHERE t.currency <> s.currency OR t.currency <> r.currency ORDER BY t.id LIMIT 1001",
+    )
+    .await?;
+    named_ids(
+        conn,
+        problems,
+        "tokens are between accounts of two currencies",
+        "SELECT k.id FROM tokens k JOIN accounts s ON s.id = k.sender_id \
+           JOIN accounts r ON r.id = k.recipient_id \
+         WHERE s.currency <> r.currency ORDER BY k.id LIMIT 1001",
+    )
+    .await?;
+    // A paid row says what its transfer captured, for its transfer's recipient, once the transfer
+    // is resolved; a free row costs nothing. The rollups take revenue from the rows, so a row
+    // that disagreed with the money was "verified" against itself. (Its payer and app are not
+    // compared: rows recorded before the ledger named them from the transfer hold the router's.)
+    named_ids(
+        conn,
+        problems,
+        "usage rows do not match the transfer that paid them",
+        "SELECT u.id FROM usage_records u LEFT JOIN transfers t ON t.id = u.transfer_id \
+           LEFT JOIN hosted_transfers h ON h.id = u.hosted_transfer_id \
+         WHERE (u.transfer_id IS NULL AND u.hosted_transfer_id IS NULL AND u.cost <> 0) \
+            OR (u.transfer_id IS NOT NULL AND (u.hosted_transfer_id IS NOT NULL OR t.id IS NULL \
+                OR t.status = 'PENDING' OR u.cost <> t.captured \
+                OR u.recipient_id <> t.recipient_id)) \
+            OR (u.hosted_transfer_id IS NOT NULL \
+                AND (h.id IS NULL OR h.status = 'PENDING' OR u.cost <> h.captured)) \
+         ORDER BY u.id LIMIT 1001",
+    )
+    .await?;
     // No capture after its hold's expiry: a capture must find its hold unexpired (by its own
     // clock, which it records as `resolved_at`, and by the database's once it has its locks), and
     // nothing moves a resolved transfer's expiry. A late capture would be money a budget check
@@ -343,7 +412,7 @@ async fn verify_snapshot(conn: &mut AnyConnection) -> Result<VerifyReport> {
     }
     hosted_problems(conn, &mut report).await?;
     // Every settled budget day still says what its transfers count (budget_days.rs).
-    let settled = super::budget_days::problems(conn).await?;
+    let settled = super::budget_days::problems(conn, now).await?;
     report.problems.extend(settled);
     // The rollups the analytics read equal the rows they count (verify_rollups.rs).
     let rollups = super::verify_rollups::rollup_problems(conn).await?;
@@ -363,8 +432,8 @@ async fn hosted_problems(conn: &mut AnyConnection, report: &mut VerifyReport) ->
                    OR (status = 'COMPLETED' AND (captured = 0 OR step <> 'done')) \
                    OR (status = 'CANCELLED' AND (captured <> 0 \
                        OR step NOT IN ('done', 'failed', 'unknown'))) \
-                   OR (status = 'PENDING' \
-                       AND step NOT IN ('creating', 'held', 'capturing', 'voiding')) \
+                   OR (status = 'PENDING' AND (captured <> 0 \
+                       OR step NOT IN ('creating', 'held', 'capturing', 'voiding'))) \
                    OR (status <> 'PENDING' AND token <> '') THEN 1 ELSE 0 END), 0) \
          FROM hosted_transfers",
     )

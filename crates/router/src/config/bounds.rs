@@ -72,8 +72,9 @@ impl RouterConfig {
         ] {
             if (d.is_zero() && !zero_ok) || d > MAX_SPAN {
                 return Err(invalid(format!(
-                    "{what} must be {}at most 30 days ({} s)",
+                    "{what} must be {}at most 30 days ({} s); got {} s",
                     if zero_ok { "" } else { "more than 0 and " },
+                    MAX_SPAN.as_secs(),
                     d.as_secs()
                 )));
             }

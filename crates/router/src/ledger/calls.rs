@@ -23,7 +23,10 @@ use crate::error::RouterError;
 #[derive(Clone)]
 pub(crate) struct Calls {
     pub(super) members: Arc<Members>,
-    auth: AsciiMetadataValue,
+    /// `None` without a secret: no header at all, which the ledger does not count against this
+    /// machine's address (an empty `Bearer` was counted as a wrong secret, and a router started
+    /// without one locked every client on its machine out of the ledger within 20 s).
+    auth: Option<AsciiMetadataValue>,
     /// Calls refused for this router's credential (`UNAUTHENTICATED`): a secret changed or
     /// revoked while the router runs. The router stops sending it at the first, not at the owner
     /// check's next minute: each call would be one more wrong credential counted against this
@@ -136,10 +139,14 @@ fn never_sent(s: &tonic::Status) -> bool {
 impl Calls {
     /// Connects lazily to every endpoint of `settings` (the first call dials).
     pub(crate) fn connect(settings: &LedgerSettings) -> Result<Self, RouterError> {
-        let auth: AsciiMetadataValue =
-            MetadataValue::try_from(format!("Bearer {}", settings.secret.expose())).map_err(
-                |_| RouterError::Internal("ledger secret is not valid header text".into()),
-            )?;
+        let secret = settings.secret.expose();
+        let auth =
+            match secret.is_empty() {
+                true => None,
+                false => Some(MetadataValue::try_from(format!("Bearer {secret}")).map_err(
+                    |_| RouterError::Internal("ledger secret is not valid header text".into()),
+                )?),
+            };
         Ok(Calls {
             members: Arc::new(Members::connect(settings)?),
             auth,
@@ -165,8 +172,9 @@ impl Calls {
 
     fn request<T>(&self, msg: T, timeout: Option<Duration>) -> tonic::Request<T> {
         let mut req = tonic::Request::new(msg);
-        req.metadata_mut()
-            .insert("authorization", self.auth.clone());
+        if let Some(auth) = &self.auth {
+            req.metadata_mut().insert("authorization", auth.clone());
+        }
         if let Some(t) = timeout {
             req.set_timeout(t);
         }

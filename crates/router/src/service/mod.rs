@@ -202,7 +202,8 @@ impl RouterService {
     /// lock is one ledger replica's (another may take the call), and a locked refusal counts
     /// nothing.
     pub(crate) fn ledger_refuses_us(&self) -> bool {
-        refuses_us(self.inner.readiness.borrow().owner) || self.credential_refused()
+        OwnerCheck::refuses_credentials(self.inner.readiness.borrow().owner)
+            || self.credential_refused()
     }
 
     /// Whether a call was refused for the router's secret since the owner check last took it (a
@@ -218,7 +219,7 @@ impl RouterService {
     pub(crate) fn ledger_is_out(&self) -> bool {
         let now = self.inner.readiness.borrow();
         now.ledger != LedgerState::Serving
-            || refuses_us(now.owner)
+            || OwnerCheck::refuses_credentials(now.owner)
             || self.credential_refused()
             || self.inner.ledger.unreachable()
     }
@@ -593,9 +594,4 @@ impl RouterService {
         let usage = self.usage(&p.t, e.usage_status(), units, started, upstream_ms);
         self.release(hold, &e.summary(), usage).await;
     }
-}
-
-/// The owner check's verdicts under which the ledger refuses this router's own credentials.
-fn refuses_us(owner: OwnerCheck) -> bool {
-    matches!(owner, OwnerCheck::SecretRejected | OwnerCheck::NoSecret)
 }
