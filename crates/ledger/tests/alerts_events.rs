@@ -24,6 +24,7 @@ alerts_suite!(
     crate::alerts_support::alerts_evaluated_by_hand;
     windowed_budgets_fire_once_per_step_and_rearm_each_window,
     an_errors_spike_fires_once_while_its_count_wobbles,
+    a_full_endpoint_gets_no_more_events,
 );
 
 /// Several evaluations (100 ms apart) pass: time for any duplicate to show up.
@@ -426,4 +427,51 @@ fn errors_spike(window_minutes: u32) -> pb::AlertRule {
         min_requests: 4,
         ..Default::default()
     }
+}
+
+/// An endpoint with `MAX_PENDING_EVENTS` waiting gets no more from its rules: holds of one micro
+/// placed and voided in a loop re-armed a budget's steps at every cycle and wrote thousands of
+/// events into the outbox the money paths share a database with (an alerts reviewer's finding).
+/// Its level still moves, so the rule does not fire again at the next pass.
+async fn a_full_endpoint_gets_no_more_events(h: Harness) -> Harness {
+    use syft_ledger::alerts::evaluate::MAX_PENDING_EVENTS;
+    let rx = WebhookReceiver::start().await;
+    let limits = pb::IssueTokenRequest {
+        spend_limit_micros: Some(USD),
+        ..Default::default()
+    };
+    let (alice, bob, token) = budget_watch(&h, &rx, 10 * USD, limits).await;
+    let endpoint = endpoints(&h, &alice).await.remove(0).id;
+    // Events waiting (due in a year, so not sent meanwhile) leave room for one more.
+    let fill = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < $2) \
+                INSERT INTO alert_events (id, endpoint_id, kind, payload, status, \
+                next_attempt_at, created_at) SELECT 'waiting-' || i, $1, 'budget.threshold', \
+                '{}', 'PENDING', $3, 0 FROM n";
+    sqlx::query(fill)
+        .bind(&endpoint)
+        .bind(MAX_PENDING_EVENTS - 1)
+        .bind(now_micros() + 365 * 86_400_000_000)
+        .execute(h.store.pool())
+        .await
+        .expect(fill);
+    // Every step crossed at once: three events fired, one written.
+    spend(&h, &bob, &token, USD, "all").await;
+    let store = &h.store;
+    let evaluate = || async move { evaluate_all(store, now_micros()).await.expect("evaluate") };
+    assert_eq!(evaluate().await, 1, "room for one");
+    assert_eq!(evaluate().await, 0, "the level moved: nothing fires again");
+    let got = rx
+        .wait_until(WAIT, "the one event", |r| {
+            !of_type(r, "budget.threshold").is_empty()
+        })
+        .await;
+    assert_eq!(
+        of_type(&got, "budget.threshold")[0].json()["data"]["step_percent"],
+        50
+    );
+    sqlx::query("DELETE FROM alert_events WHERE id LIKE 'waiting-%'")
+        .execute(h.store.pool())
+        .await
+        .expect("empty");
+    h
 }

@@ -989,9 +989,15 @@ async fn verify_checks_the_hosted_journal() {
     };
     corrupt(3 * USD).await.expect("corrupt");
     let report = p.a.store.verify().await.expect("verify");
-    assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+    // The entry, and the capture's usage row, which no longer says what its transfer captured.
+    assert_eq!(report.problems.len(), 2, "{:?}", report.problems);
     assert!(
-        report.problems[0].contains("1 hosted transfers"),
+        report.problems[0].contains("1 usage rows do not match the transfer that paid them"),
+        "{:?}",
+        report.problems
+    );
+    assert!(
+        report.problems[1].contains("1 hosted transfers"),
         "{:?}",
         report.problems
     );

@@ -146,7 +146,16 @@ async fn evaluate_endpoint(
     Ok(written)
 }
 
+/// The most events of one endpoint waiting for delivery before rules stop adding to it. A rule
+/// may have 100 steps, an endpoint 16 rules, an account 16 endpoints, and a budget re-arms when a
+/// hold is voided: holds of one micro, placed and voided in a loop, wrote thousands of events a
+/// cycle into the outbox the money paths share a database with, which the per-minute cap only
+/// delays (an alerts reviewer's finding). Past this, a level still moves (the rule does not fire
+/// again at every pass) but writes no event; `syft_ledger_alert_events_dropped_total` counts them.
+pub const MAX_PENDING_EVENTS: i64 = 1_000;
+
 /// The level move and its events in one transaction; nothing when another replica moved first.
+/// Events past the endpoint's [`MAX_PENDING_EVENTS`] are dropped, the lowest steps kept.
 async fn commit_step(
     store: &Store,
     endpoint: &EndpointRecord,
@@ -160,14 +169,21 @@ async fn commit_step(
     if !db::compare_and_set_level(&mut tx, key, old, step.new_level, now).await? {
         return Ok(0);
     }
-    for fired in &step.fired {
+    let waiting = db::pending_events(&mut *tx, &endpoint.id).await?;
+    let room = usize::try_from(MAX_PENDING_EVENTS.saturating_sub(waiting)).unwrap_or(0);
+    let (kept, dropped) = step.fired.split_at(step.fired.len().min(room));
+    for fired in kept {
         db::insert_event(&mut tx, &endpoint.id, format, fired, now).await?;
     }
     tx.commit().await?;
-    for fired in &step.fired {
+    for fired in kept {
         super::metrics::written(fired.kind, 1);
     }
-    Ok(step.fired.len())
+    if !dropped.is_empty() {
+        super::metrics::dropped(dropped.len());
+        tracing::warn!(endpoint = %endpoint.id, dropped = dropped.len(), waiting, "alert events dropped: the endpoint has {MAX_PENDING_EVENTS} waiting for delivery");
+    }
+    Ok(kept.len())
 }
 
 /// What a rule reads: one value per subject.
@@ -427,8 +443,12 @@ fn next_step(
                     ));
                 }
             }
-            // Re-armed (to the highest step still passed) once usage is 5 points under a step.
-            if level > 0 && percent + BUDGET_HYSTERESIS_POINTS < level {
+            // Re-armed (to the highest step still passed) once usage is 5 points under a step:
+            // 75 % exactly under a step of 80, read unrounded (the whole percent's floor needed
+            // 6 points: 75.9 % is 75, and `75 + 5 < 80` did not hold at 75 either).
+            let under = i128::from(*used) * 100
+                <= i128::from(level - BUDGET_HYSTERESIS_POINTS) * i128::from((*limit).max(1));
+            if level > 0 && under {
                 step.new_level = steps
                     .iter()
                     .map(|s| i64::from(*s))
@@ -568,5 +588,8 @@ mod tests {
         assert!(s.fired.is_empty() && s.new_level == 80);
         let s = next_step(&rule, &a, "t".into(), 80, &v(700));
         assert_eq!(s.new_level, 50, "re-armed to the step still passed");
+        // Five points under a step re-arms it (docs/alerts.md); four do not.
+        assert_eq!(next_step(&rule, &a, "t".into(), 80, &v(759)).new_level, 80);
+        assert_eq!(next_step(&rule, &a, "t".into(), 80, &v(750)).new_level, 50);
     }
 }

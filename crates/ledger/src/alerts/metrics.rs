@@ -19,6 +19,8 @@ metrics! {
     static DELIVERIES: IntCounterVec["outcome"] = "syft_ledger_alert_deliveries_total";
     /// Webhook delivery attempts that were retries (not an event's first attempt)
     static RETRIES: IntCounter = "syft_ledger_alert_retries_total";
+    /// Alert events not written: their endpoint had `MAX_PENDING_EVENTS` waiting (evaluate.rs)
+    static DROPPED: IntCounter = "syft_ledger_alert_events_dropped_total";
     /// Sends put off by an endpoint's per-minute cap (no attempt spent)
     static RATE_CAPPED: IntCounter = "syft_ledger_alert_rate_capped_total";
     /// Endpoints this process disabled after persistent failure
@@ -34,6 +36,11 @@ metrics! {
 /// Events committed (call after the transaction that wrote them commits).
 pub(crate) fn written(kind: EventKind, n: usize) {
     EVENTS.with_label_values(&[kind.as_str()]).inc_by(n as u64);
+}
+
+/// Events a rule fired that were not written (their endpoint's queue was full).
+pub(crate) fn dropped(n: usize) {
+    DROPPED.inc_by(n as u64);
 }
 
 /// One recorded attempt; `attempt` counts from 1.

@@ -576,12 +576,15 @@ pub(crate) async fn lock_pending_tests(
 }
 
 /// Events of an endpoint not yet delivered nor given up.
-pub(crate) async fn pending_events(pool: &AnyPool, endpoint_id: &str) -> Result<i64> {
+pub(crate) async fn pending_events<'c, E>(conn: E, endpoint_id: &str) -> Result<i64>
+where
+    E: sqlx::Executor<'c, Database = Any>,
+{
     Ok(sqlx::query_scalar(
         "SELECT COUNT(*) FROM alert_events WHERE endpoint_id = $1 AND status = 'PENDING'",
     )
     .bind(endpoint_id)
-    .fetch_one(pool)
+    .fetch_one(conn)
     .await?)
 }
 

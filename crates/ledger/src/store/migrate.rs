@@ -180,6 +180,12 @@ async fn apply(
     let mut conn = pool.acquire().await?;
     let postgres = backend == Backend::Postgres;
     if postgres {
+        // No statement time limit: one set on the role or the database for the money paths
+        // (operations.md, "Postgres settings") cancelled a migration that builds an index or
+        // analyzes a large table, and every restart failed the same way, while the migrations
+        // before it stayed applied and the older binary refused the database (an upgrades
+        // reviewer's finding). The lock wait keeps its own bound.
+        conn.execute("SET statement_timeout = 0").await?;
         conn.execute(format!("SET lock_timeout = '{LOCK_WAIT}'").as_str())
             .await?;
     }
@@ -187,7 +193,8 @@ async fn apply(
     // caller not `Send` (sqlx's "implementation of `Acquire` is not general enough").
     match migrator.run_direct(&mut *conn).await {
         Ok(()) if postgres => {
-            conn.execute("RESET lock_timeout").await?;
+            conn.execute("RESET lock_timeout; RESET statement_timeout")
+                .await?;
             Ok(())
         }
         Ok(()) => Ok(()),
@@ -242,7 +249,43 @@ async fn accept_edited(pool: &AnyPool, migrator: &Migrator, backend: Backend) ->
 
 #[cfg(test)]
 mod tests {
-    use super::{Migrator, EDITED, PG_MIGRATOR, SQLITE_MIGRATOR};
+    use super::{apply, Migrator, EDITED, PG_MIGRATOR, SQLITE_MIGRATOR};
+    use crate::store::Backend;
+    use sqlx::Executor;
+
+    /// A `statement_timeout` on the database (here 2 ms, which creating the first migration's
+    /// tables outlasts) does not cancel the migrations, and is in force again afterwards.
+    #[tokio::test]
+    async fn migrations_run_past_the_databases_statement_timeout() {
+        let Some(db) = syft_testkit::Db::postgres().await else {
+            return;
+        };
+        let set = |pool: sqlx::AnyPool, sql: String| async move {
+            pool.execute(sql.as_str()).await.expect("set");
+        };
+        sqlx::any::install_default_drivers();
+        let options = sqlx::any::AnyPoolOptions::new().max_connections(1);
+        let pool = options.connect(&db.url).await.expect("connect");
+        let name: String = sqlx::query_scalar("SELECT CAST(current_database() AS TEXT)")
+            .fetch_one(&pool)
+            .await
+            .expect("name");
+        let limit = format!("ALTER DATABASE \"{name}\" SET statement_timeout = '2ms'");
+        set(pool.clone(), limit).await;
+        pool.close().await;
+        let options = sqlx::any::AnyPoolOptions::new().max_connections(1);
+        let pool = options.connect(&db.url).await.expect("connect");
+        apply(&pool, &PG_MIGRATOR, Backend::Postgres)
+            .await
+            .expect("migrations under a 2 ms statement_timeout");
+        let now: String = sqlx::query_scalar("SHOW statement_timeout")
+            .fetch_one(&pool)
+            .await
+            .expect("show");
+        assert_eq!(now, "2ms");
+        pool.close().await;
+        db.drop_postgres().await;
+    }
 
     /// Every migration is released once it is on the main line: a database some build migrated
     /// keeps its checksum, and sqlx refuses to start on one whose file changed since. So each

@@ -212,6 +212,11 @@ impl Store {
     pub async fn rebuild_rollups(&self) -> Result<u64> {
         let mut tx = self.pool().begin().await?;
         if self.backend() == Backend::Postgres {
+            // It reads every usage row, at start after an upgrade: a `statement_timeout` on the
+            // role or database for the money paths would cancel it at every start.
+            sqlx::query("SET LOCAL statement_timeout = 0")
+                .execute(&mut *tx)
+                .await?;
             sqlx::query("SELECT pg_advisory_xact_lock($1)")
                 .bind(FOLD_LOCK)
                 .execute(&mut *tx)
