@@ -1676,6 +1676,19 @@ async fn verify_sees_two_rows_of_one_transfer(h: Harness) -> Harness {
     h
 }
 
+/// Makes each change (of one row), sees `verify` name it, undoes it, and sees the ledger
+/// consistent again.
+async fn verify_sees_each(h: &Harness, cases: &[(String, String, &str)]) {
+    let pool = h.store.pool();
+    for (change, undo, expect) in cases {
+        let changed = sqlx::query(change).execute(pool).await.expect(change);
+        assert_eq!(changed.rows_affected(), 1, "{change}");
+        syft_testkit::assert_verify_sees(&h.store, expect, change).await;
+        sqlx::query(undo).execute(pool).await.expect(undo);
+        h.assert_consistent().await;
+    }
+}
+
 /// `verify` sees a token whose spent and held money together exceed its spend limit, and a
 /// capture recorded at or after its hold's expiry, though every balance, journal entry and token
 /// counter still agrees with the transfers (it checked neither). Each is made by SQL, seen, and
@@ -1749,13 +1762,7 @@ async fn verify_sees_a_token_past_its_limit_and_a_capture_after_expiry(h: Harnes
             "paid with a token of other parties",
         ),
     ];
-    for (change, undo, expect) in cases {
-        let changed = sqlx::query(&change).execute(pool).await.expect(&change);
-        assert_eq!(changed.rows_affected(), 1, "{change}");
-        syft_testkit::assert_verify_sees(&h.store, expect, &change).await;
-        sqlx::query(&undo).execute(pool).await.expect(&undo);
-        h.assert_consistent().await;
-    }
+    verify_sees_each(&h, &cases).await;
     h
 }
 
@@ -1902,13 +1909,7 @@ async fn verify_sees_rows_currencies_and_stamps_that_disagree(h: Harness) -> Har
             "hosted transfers are in a state that contradicts itself",
         ),
     ];
-    for (change, undo, expect) in cases {
-        let changed = sqlx::query(&change).execute(pool).await.expect(&change);
-        assert_eq!(changed.rows_affected(), 1, "{change}");
-        syft_testkit::assert_verify_sees(&h.store, expect, &change).await;
-        sqlx::query(&undo).execute(pool).await.expect(&undo);
-        h.assert_consistent().await;
-    }
+    verify_sees_each(&h, &cases).await;
     h
 }
 

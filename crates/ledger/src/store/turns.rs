@@ -4,8 +4,8 @@
 //! A plain semaphore served waiters in arrival order, so one account keeping ~20 wide queries
 //! queued made every other account wait behind all of them and time out (`UNAVAILABLE`). Here a
 //! freed turn goes to the next *caller* in a round robin over the callers that wait, each caller's
-//! own waiters in arrival order: a newcomer is served at the next freed turn, however long a busy
-//! account's queue. It is work-conserving (no turn idles while anyone waits, so a lone dashboard
+//! own waiters in arrival order: a newcomer waits for one freed turn per caller ahead of it in the
+//! round, however long a busy account's queue. It is work-conserving (no turn idles while anyone waits, so a lone dashboard
 //! still runs on every turn), which a hard cap per account was not (design.md §7).
 
 use std::collections::{HashMap, VecDeque};
@@ -109,6 +109,11 @@ impl State {
             let Some(queue) = self.waiting.get_mut(&caller) else {
                 continue;
             };
+            // Waiters that gave up first: a caller whose first waiter timed out would otherwise
+            // go to the back of the ring with its next waiter still unserved.
+            while queue.front().is_some_and(oneshot::Sender::is_closed) {
+                queue.pop_front();
+            }
             let next = queue.pop_front();
             if queue.is_empty() {
                 self.waiting.remove(&caller);
@@ -235,6 +240,28 @@ mod tests {
         drop(turn);
         let s = lock(&turns.state);
         assert_eq!((s.free, s.ring.len(), s.waiting.len()), (1, 0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_caller_whose_first_waiter_gave_up_keeps_its_place() {
+        let turns = FairTurns::new(1);
+        let held = turns.take(Caller::Admin, LONG).await.expect("free turn");
+        let a1 = turns.take(Caller::Owner(1), Duration::from_millis(10));
+        let a2 = turns.take(Caller::Owner(1), LONG);
+        let b1 = tokio::spawn(turns.take(Caller::Owner(2), LONG));
+        assert!(a1.await.is_none());
+        drop(held);
+        // Owner 1 was first in the round: its next waiter is served, not the caller behind it.
+        let turn = tokio::time::timeout(Duration::from_secs(5), a2)
+            .await
+            .expect("a2 served first")
+            .expect("a turn");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!b1.is_finished(), "one turn, held by a2");
+        drop(turn);
+        let turn = b1.await.expect("task").expect("b1 served");
+        drop(turn);
+        assert_eq!(lock(&turns.state).free, 1);
     }
 
     #[tokio::test]
