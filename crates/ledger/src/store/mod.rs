@@ -246,6 +246,20 @@ pub fn new_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }
 
+/// The smallest id [`new_id`] gives at `micros` (unix) or later: ids are UUIDv7, whose text sorts
+/// by their millisecond first. A usage query of a recent window adds `id >= first_id_at(since -
+/// margin)` to be read through `usage_recipient (recipient_id, id)` as a range, not the owner's
+/// whole history (alerts). The margin covers a row whose `created_at` (the ledger's clock, its
+/// database's on Postgres) is ahead of its id (this host's clock).
+pub(crate) fn first_id_at(micros: i64) -> String {
+    let ms = u64::try_from(micros / 1000).unwrap_or(0);
+    format!(
+        "{:08x}-{:04x}-0000-0000-000000000000",
+        (ms >> 16) & 0xffff_ffff,
+        ms & 0xffff
+    )
+}
+
 pub fn sha256_hex(data: &str) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(data.as_bytes()))
@@ -545,6 +559,18 @@ pub(super) fn insert_bounded<V>(cache: &RwLock<HashMap<String, V>>, key: String,
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn ids_sort_after_the_first_id_of_their_time() {
+        let now = super::now_micros();
+        let id = super::new_id();
+        assert!(super::first_id_at(now - 1_000) <= id, "{id}");
+        assert!(super::first_id_at(now + 1_000_000) > id, "{id}");
+        assert_eq!(
+            super::first_id_at(-5),
+            "00000000-0000-0000-0000-000000000000"
+        );
+    }
+
     /// A SQLite database the ledger may not write is refused at start-up: it used to start,
     /// report SERVING, and refuse every hold (an operator's copy of a ledger, read-only).
     #[tokio::test]
