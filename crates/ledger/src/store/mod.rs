@@ -246,11 +246,29 @@ pub fn new_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }
 
+/// A new id dated `micros` (unix) rather than by this host's clock: a usage row's id is dated by
+/// the ledger's clock (its database's on Postgres), as its `created_at` is, so that a replica
+/// whose own clock is behind its database's does not write rows that [`first_id_at`] bounds
+/// leave out (a diff reviewer's finding).
+pub(crate) fn new_id_at(micros: i64) -> String {
+    let (secs, nanos) = (
+        micros.div_euclid(1_000_000),
+        micros.rem_euclid(1_000_000) * 1_000,
+    );
+    let ts = uuid::Timestamp::from_unix(
+        uuid::NoContext,
+        u64::try_from(secs).unwrap_or(0),
+        u32::try_from(nanos).unwrap_or(0),
+    );
+    uuid::Uuid::new_v7(ts).to_string()
+}
+
 /// The smallest id [`new_id`] gives at `micros` (unix) or later: ids are UUIDv7, whose text sorts
 /// by their millisecond first. A usage query of a recent window adds `id >= first_id_at(since -
 /// margin)` to be read through `usage_recipient (recipient_id, id)` as a range, not the owner's
-/// whole history (alerts). The margin covers a row whose `created_at` (the ledger's clock, its
-/// database's on Postgres) is ahead of its id (this host's clock).
+/// whole history (alerts). Usage rows' ids are dated by the clock of their `created_at` or later
+/// ([`new_id_at`]); the margin covers a row the ledger's clock, refreshed every few seconds,
+/// dated a little early.
 pub(crate) fn first_id_at(micros: i64) -> String {
     let ms = u64::try_from(micros / 1000).unwrap_or(0);
     format!(
@@ -569,6 +587,10 @@ mod tests {
             super::first_id_at(-5),
             "00000000-0000-0000-0000-000000000000"
         );
+        // Dated by the clock given, not this host's: two hours back sorts two hours back.
+        let early = super::new_id_at(now - 7_200_000_000);
+        assert!(early >= super::first_id_at(now - 7_200_000_000), "{early}");
+        assert!(early < super::first_id_at(now - 7_199_000_000), "{early}");
     }
 
     /// A SQLite database the ledger may not write is refused at start-up: it used to start,

@@ -13,7 +13,7 @@ use super::batch::{ResolveJob, TimeGuard};
 use super::usage::{insert_usage, UsageLink, UsageWrite};
 use super::AnswerWrite;
 use super::{
-    new_id, retry_transient, Actor, Backend, Micros, Store, TransferRow, TransferStatus,
+    new_id_at, retry_transient, Actor, Backend, Micros, Store, TransferRow, TransferStatus,
     UsageInput, REFUNDED, TRANSFER_COLUMNS, TRANSFER_JOINS, UNRESOLVED,
 };
 use crate::error::{LedgerError, Result};
@@ -249,7 +249,7 @@ impl Store {
             reason: reason.to_string(),
             now,
             guard,
-            usage_id: new_id(),
+            usage_id: new_id_at(now),
             usage: input.usage.cloned(),
             answer: answer.filter(|_| status == Completed).cloned(),
         };

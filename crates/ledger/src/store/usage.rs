@@ -6,7 +6,7 @@ use syft_error::UsageStatus;
 use super::rollup::RollupInput;
 use super::rollup_fold::add_to_rollups;
 use super::usage_batch::UsageJob;
-use super::{new_id, Identity, Micros, Store, UsageInput, UsageRow};
+use super::{new_id_at, Identity, Micros, Store, UsageInput, UsageRow};
 use crate::error::{LedgerError, Result};
 
 /// How far back a free row may be dated by its recorder: a spool that ships after an outage of
@@ -32,7 +32,7 @@ impl Store {
     ) -> Result<UsageRow> {
         let now = self.now();
         let job = UsageJob {
-            id: new_id(),
+            id: new_id_at(now),
             recipient_id: recipient.id,
             now: answered_at
                 .filter(|at| (now - MAX_ANSWER_AGE_MICROS..=now).contains(at))
@@ -107,7 +107,7 @@ pub(crate) async fn late_void_row(
     if is_refused(usage) {
         return Ok(());
     }
-    let id = new_id();
+    let id = new_id_at(now);
     let w = UsageWrite {
         id: &id,
         recipient_id,
