@@ -150,8 +150,8 @@ async fn evaluate_endpoint(
 /// window (`errors.spike`, the digest) also bound the id, so that they read the owner's rows of
 /// the window through `usage_recipient (recipient_id, id)` rather than every row the owner ever
 /// had (an alerts reviewer measured 0.3 s a query over a million rows on SQLite, on the one
-/// connection payments use). `created_at` is the ledger's clock (its database's on Postgres), the
-/// id this host's.
+/// connection payments use). Both are dated by the ledger's clock (`store::new_id_at`); the
+/// margin is for rows of other writers (hosted ones take the host's clock for both) and slack.
 const ID_CLOCK_MARGIN: i64 = 3_600_000_000;
 
 /// The most events of one endpoint waiting for delivery before rules stop adding to it. A rule
