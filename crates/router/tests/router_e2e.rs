@@ -98,6 +98,23 @@ async fn paid_success_captures_exactly_the_price() {
     s.check_invariants().await;
 }
 
+/// A request without `max_tokens` is bounded upstream by `limits.default_max_tokens` whatever the
+/// price: per request (or free), the owner pays the upstream for the answer's length, which was
+/// left to the user (a router priced per request sent no bound at all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_is_bounded_upstream_whatever_its_price() {
+    for pricing in [Pricing::per_request(PRICE), Pricing::free()] {
+        let (s, mut c) = Stack::start_with_client(pricing).await;
+        let mut req = s.request("hi");
+        req.options = None;
+        c.chat(req).await.expect("chat");
+        let body = s.upstream.last_body().expect("upstream body");
+        let default = syft_router_svc::Limits::default().default_max_tokens;
+        assert_eq!(body["max_tokens"], default, "{body}");
+        s.check_invariants().await;
+    }
+}
+
 /// An upstream that counts more completion tokens than the limit it was sent (5 for a limit of 2)
 /// is counted at the limit, in the answer's usage and in the usage row. The row used to keep
 /// whatever it said (a billion tokens, in a new owner's trial) while the charge was capped at the
@@ -407,7 +424,7 @@ async fn stream_failures_are_voided() {
 }
 
 /// An answer above the 4 MiB a standard gRPC client reads in one message (tonic's and grpc-go's
-/// default; a router priced per request sends no `max_tokens`, so only the upstream bounds it):
+/// default; here an upstream that ignores the `max_tokens` it is sent):
 /// unary, it was charged and then refused by the client, and its retry refused as charged (the
 /// kept copy is 1 MiB at most); now it is the upstream's failure, voided. Streamed as one event,
 /// it was one delta the client could not read, charged; now it comes in pieces, read and charged.

@@ -502,15 +502,15 @@ impl RouterService {
                 "model {model:?} is not served by this router"
             )));
         }
-        // The hold must bound the answer, and so must a token window's reservation (a free
-        // answer of any length would settle far above what was reserved): the bound is then
-        // always sent upstream.
-        let bounded = matches!(pricing.kind, PricingKind::PerToken { .. })
-            || self.counts_tokens(ServiceKind::Chat);
-        let max_tokens = match v.options.max_tokens {
-            None if bounded => Some(inner.config.limits.default_max_tokens),
-            given => given,
-        };
+        // Every answer is bounded upstream: a per-token hold and a token window's reservation
+        // are sized by the bound, and an owner pricing per request (or serving free) pays the
+        // upstream for the answer's length, which a request without `max_tokens` would leave to
+        // the user.
+        let max_tokens = Some(
+            v.options
+                .max_tokens
+                .unwrap_or(inner.config.limits.default_max_tokens),
+        );
         let upstream_req = UpstreamRequest {
             model: inner.upstream.upstream_model(&model),
             messages: v.messages.clone(),
