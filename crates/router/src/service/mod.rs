@@ -506,16 +506,15 @@ impl RouterService {
         // are sized by the bound, and an owner pricing per request (or serving free) pays the
         // upstream for the answer's length, which a request without `max_tokens` would leave to
         // the user.
-        let max_tokens = Some(
-            v.options
-                .max_tokens
-                .unwrap_or(inner.config.limits.default_max_tokens),
-        );
+        let max_tokens = v
+            .options
+            .max_tokens
+            .unwrap_or(inner.config.limits.default_max_tokens);
         let upstream_req = UpstreamRequest {
             model: inner.upstream.upstream_model(&model),
             messages: v.messages.clone(),
             options: ChatOptions {
-                max_tokens,
+                max_tokens: Some(max_tokens),
                 ..v.options.clone()
             },
             user: self.upstream_user(&v.user_email),
@@ -546,7 +545,7 @@ impl RouterService {
             p.prompt_tokens = Some(self.admission_prompt_tokens(&p).await?);
         }
         if let (true, Some(prompt)) = (per_token, p.prompt_tokens) {
-            let max_out = u64::from(max_tokens.unwrap_or(0));
+            let max_out = u64::from(max_tokens);
             p.t.hold_micros = p.t.pricing.hold_micros(prompt, max_out);
             p.t.bound = Some(TokenBound {
                 prompt_tokens: prompt,
