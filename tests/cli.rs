@@ -1296,7 +1296,8 @@ fn a_limit_of_zero_is_refused() {
 /// A ledger refuses at start-up a hold too short to capture anything and a pool of no
 /// connections: `--hold-ttl 1us` started, and every paid request called its upstream and then
 /// failed on its expired hold; `--max-connections 0` was taken as 1 without a word. So are a
-/// `--max-hold-ttl` over a month and two names of its database.
+/// `--max-hold-ttl` over a month, two names of its database, a largest amount below 1 micro and
+/// hosted accounting's settings under the local backend.
 #[test]
 fn a_ledger_refuses_a_hold_ttl_under_a_second_and_no_connections() {
     let data = tempfile::tempdir().expect("tempdir");
@@ -1313,6 +1314,13 @@ fn a_ledger_refuses_a_hold_ttl_under_a_second_and_no_connections() {
         (
             &["--database-url", "sqlite::memory:"],
             "--data-dir and a database URL",
+        ),
+        // A ledger that refused every amount said it was serving.
+        (&["--max-amount-micros", "0"], "not in 1.."),
+        // Hosted settings under the local backend were dropped: an empty local ledger.
+        (
+            &["--accounting-url", "https://accounting.example"],
+            "SYFT_ACCOUNTING_URL (or its flag) is set but the backend is \"local\"",
         ),
     ] {
         let mut ledger = syft_router()

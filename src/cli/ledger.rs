@@ -161,7 +161,8 @@ pub struct ServeArgs {
     #[arg(
         long,
         env = "SYFT_LEDGER_MAX_AMOUNT_MICROS",
-        default_value_t = 1_000_000_000_000
+        default_value_t = 1_000_000_000_000,
+        value_parser = clap::value_parser!(i64).range(1..)
     )]
     pub max_amount_micros: i64,
     /// Postgres connection pool size.
@@ -281,7 +282,31 @@ impl ServeArgs {
                 hosted.lease = (self.accounting_timeout * 12).max(Duration::from_secs(30));
                 Some(hosted)
             }
-            _ => None,
+            _ => {
+                // Set for a hosted ledger and left under the local backend, they were dropped
+                // without a word: the operator got an empty local ledger.
+                let set = [
+                    ("SYFT_ACCOUNTING_URL", self.accounting_url.is_some()),
+                    ("SYFT_ACCOUNTING_EMAIL", self.accounting_email.is_some()),
+                    (
+                        "SYFT_ACCOUNTING_PASSWORD",
+                        self.accounting_password.is_some(),
+                    ),
+                    (
+                        "SYFT_ACCOUNTING_PASSWORD_FILE",
+                        self.accounting_password_file.is_some(),
+                    ),
+                ];
+                if let Some((name, _)) = set.iter().find(|(_, given)| *given) {
+                    anyhow::bail!(
+                        "{name} (or its flag) is set but the backend is {:?}: hosted accounting \
+                         needs --backend hosted (SYFT_LEDGER_BACKEND=hosted); unset it for a \
+                         local ledger",
+                        self.backend
+                    );
+                }
+                None
+            }
         };
         // A hold shorter than a second expires before any answer can be captured: every paid
         // request would call its upstream and then fail (a request may ask for 1 s to the max).

@@ -150,7 +150,13 @@ impl RouterSetup {
                 UpstreamConfig::OpenAi(o) => o.clone(),
                 UpstreamConfig::Echo => OpenAiConfig::new(url.clone()),
             };
-            if base.base_url != *url {
+            if base.api_key.is_some() && !same_server(&base.base_url, url) {
+                tracing::warn!(
+                    file = %base.base_url,
+                    flag = %url,
+                    "--upstream-url names another server than the config file's base_url: the \
+                     file's api_key is not sent to it (give --upstream-api-key)"
+                );
                 base.api_key = None;
             }
             config.upstream = UpstreamConfig::OpenAi(OpenAiConfig {
@@ -395,6 +401,29 @@ fn print_cost(
     );
 }
 
+/// Whether two upstream URLs name one server and path: `http://h/v1/` and `HTTP://H:80/v1` do.
+/// A byte comparison dropped the file's key for a trailing slash, and every request then failed
+/// with the upstream's 401 on a router that said it was ready.
+fn same_server(a: &str, b: &str) -> bool {
+    let key = |u: &str| {
+        reqwest::Url::parse(u).ok().map(|u| {
+            let path = u.path().trim_end_matches('/').to_string();
+            let host = u.host_str().map(str::to_ascii_lowercase);
+            (
+                u.scheme().to_string(),
+                host,
+                u.port_or_known_default(),
+                path,
+                u.query().map(str::to_string),
+            )
+        })
+    };
+    match (key(a), key(b)) {
+        (Some(a), Some(b)) => a == b,
+        _ => a == b,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser;
@@ -413,5 +442,55 @@ mod tests {
         assert!(args.setup.answer_retention.is_zero());
         let bad = Cli::try_parse_from(["syft-router", "router", "--answer-retention", "soon"]);
         assert!(bad.is_err());
+    }
+
+    /// The file's upstream key goes to the file's server however `--upstream-url` writes it (a
+    /// trailing slash, upper case, the default port), and never to another server.
+    #[test]
+    fn the_files_key_follows_its_server_not_its_spelling() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("router.toml");
+        std::fs::write(
+            &file,
+            "name = \"r\"\nowner_email = \"o@example.com\"\nmodels = [\"m\"]\n\
+             [upstream]\nkind = \"openai\"\nbase_url = \"http://up.example/v1\"\n\
+             api_key = \"sk-file\"\n",
+        )
+        .expect("write");
+        let key_for = |url: &str| {
+            let path = file.to_str().expect("utf-8");
+            let argv = [
+                "syft-router",
+                "router",
+                "--config",
+                path,
+                "--upstream-url",
+                url,
+            ];
+            let cli = Cli::try_parse_from(argv).expect("parses");
+            let Command::Router(args) = cli.command else {
+                panic!("not the router command");
+            };
+            match args.setup.config().expect("config").upstream {
+                syft_router_svc::UpstreamConfig::OpenAi(o) => {
+                    o.api_key.map(|k| k.expose().to_string())
+                }
+                other => panic!("{other:?}"),
+            }
+        };
+        for same in [
+            "http://up.example/v1",
+            "http://up.example/v1/",
+            "HTTP://UP.EXAMPLE:80/v1",
+        ] {
+            assert_eq!(key_for(same).as_deref(), Some("sk-file"), "{same}");
+        }
+        for other in [
+            "http://other.example/v1",
+            "https://up.example/v1",
+            "http://up.example/v2",
+        ] {
+            assert_eq!(key_for(other), None, "{other}");
+        }
     }
 }

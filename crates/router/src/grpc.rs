@@ -27,9 +27,10 @@ impl GrpcRouter {
         GrpcRouter { service }
     }
 
-    /// The largest message the gRPC front takes: the prompt limit and 1 MiB for the rest.
+    /// The largest message the gRPC front takes: the longest prompt or query and 1 MiB for the
+    /// rest.
     pub fn max_message_bytes(config: &RouterConfig) -> usize {
-        config.limits.max_prompt_bytes.saturating_add(1024 * 1024)
+        config.largest_text_bytes().saturating_add(1024 * 1024)
     }
 
     /// The tonic service, with message size limits derived from the prompt limit (larger

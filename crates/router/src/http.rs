@@ -50,15 +50,15 @@ fn name_request(h: &mut axum::http::HeaderMap, id: HeaderValue) {
     h.insert(REQUEST_ID_HEADER, id);
 }
 
-/// The largest body read: room for JSON framing around the prompt limit, its text written as
+/// The largest body read: room for JSON framing around the longest prompt or query, written as
 /// `\uXXXX` escapes (3× a 2-byte character or an emoji: Python's `json` module writes every
 /// non-ASCII character so; twice the limit refused such a prompt from two thirds of it up).
 /// Above it a body is refused (400, as `read_json` answers every body it cannot take); the
 /// prompt's own limit is checked on its text.
 fn body_limit(service: &RouterService) -> usize {
-    let limits = &service.config().limits;
-    limits
-        .max_prompt_bytes
+    service
+        .config()
+        .largest_text_bytes()
         .saturating_mul(3)
         .saturating_add(64 * 1024)
 }

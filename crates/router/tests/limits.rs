@@ -1518,18 +1518,25 @@ fn bad_limit_config_is_refused_at_start() {
     assert_eq!(ok.limiter.on_failure, OnFailure::FailOpen);
 }
 
-/// A Redis URL that cannot be parsed stops the router from starting.
+/// A Redis URL that cannot be used (it does not parse, or asks for TLS) stops the router from
+/// starting, with limits or without (without, it was taken until a limit was added).
 #[tokio::test]
 async fn bad_redis_url_is_refused_at_start() {
-    let mut c = RouterConfig::new("r", "o@example.com");
-    c.rate_limits.requests = vec![per_minute(1)];
-    c.limiter.backend = LimiterBackend::Redis {
-        url: "not a url".into(),
-    };
-    let err = syft_router_svc::RouterService::new(c)
-        .err()
-        .expect("refused");
-    assert!(err.to_string().contains("redis_url"), "{err}");
+    for (url, limited) in [
+        ("not a url", true),
+        ("not a url", false),
+        ("rediss://127.0.0.1:6379", false),
+    ] {
+        let mut c = RouterConfig::new("r", "o@example.com");
+        if limited {
+            c.rate_limits.requests = vec![per_minute(1)];
+        }
+        c.limiter.backend = LimiterBackend::Redis { url: url.into() };
+        let err = syft_router_svc::RouterService::new(c)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("redis_url"), "{url}: {err}");
+    }
 }
 
 /// Two replicas sharing Redis, one request in flight allowed on the router as a whole, slots

@@ -641,6 +641,33 @@ async fn bad_search_input_is_refused_and_nothing_is_charged() {
     s.check_invariants().await;
 }
 
+/// A query within `search.max_query_bytes` is read over HTTP and gRPC when the prompt limit is
+/// lower: the fronts sized bodies by the prompt limit alone, and `/search` refused it (400).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_query_is_read_whatever_the_prompt_limit() {
+    let (_docs, s) = docs_stack(Pricing::free(), Pricing::free(), |c| {
+        c.limits.max_prompt_bytes = 100;
+        if let Some(search) = &mut c.search {
+            search.max_query_bytes = 2 << 20;
+        }
+    })
+    .await;
+    let query = format!("ledger {}", "word ".repeat(300_000));
+    let body = json!({"user_email": s.alice.email, "query": query});
+    let r = reqwest::Client::new()
+        .post(format!("{}/search", s.router.http_url))
+        .json(&body)
+        .send()
+        .await
+        .expect("http");
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    let mut req = s.search(&query);
+    req.transaction_token.clear();
+    let mut c = s.client().await;
+    c.search(req).await.expect("read over gRPC");
+    s.check_invariants().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watched_folder_is_reindexed_and_a_free_search_costs_nothing() {
     let docs = docs_dir(DOCS);
@@ -749,7 +776,7 @@ async fn the_per_query_price_comes_from_the_config_files_pricing_object() {
     let v: Value = serde_json::from_str(&text).expect("json");
     let mut per_token = v.clone();
     per_token["services"][1]["pricing"] =
-        json!({"pricing_type": "per_token", "input_per_million": 1});
+        json!({"pricing_type": "per_token", "input_per_million": 1, "output_per_million": 1});
     let err = RouterConfig::from_json_str(&per_token.to_string()).expect_err("per token");
     assert!(err.to_string().contains("per request"), "{err}");
     let mut no_backend = v.clone();

@@ -158,6 +158,15 @@ mod tests {
             r#""services":[{"type":"search"}],"search":{"backend":"http","url":"http://s","api_key_env":"SYFT_TEST_SURELY_UNSET_KEY"}"#,
             "search.api_key_env",
         );
+        // Both forms of a key: the literal one won without a word.
+        refused(
+            r#""upstream":{"base_url":"http://up/v1","api_key":"sk-x","api_key_env":"PATH"}"#,
+            "upstream: give api_key or api_key_env, not both",
+        );
+        refused(
+            r#""services":[{"type":"search"}],"search":{"backend":"http","url":"http://s","api_key":"k","api_key_env":"PATH"}"#,
+            "search: give api_key or api_key_env, not both",
+        );
         // The built-in model reads none of an OpenAI-compatible server's settings.
         refused(
             r#""upstream":{"kind":"echo","base_url":"http://up/v1"}"#,
@@ -169,6 +178,11 @@ mod tests {
         );
         // A ledger URL without a host (or that does not parse) was taken, or failed the start
         // with "internal error".
+        // A URL of the wrong type named serde's internal enum and no expected form.
+        refused(
+            r#""ledger":{"url":5}"#,
+            "ledger.url: a URL, a comma-separated list of URLs, or an array of URLs",
+        );
         for url in ["http://:50051", "https://", "http://ledger host:50051"] {
             refused(&format!(r#""ledger":{{"url":"{url}"}}"#), "names no host");
         }

@@ -188,7 +188,10 @@ struct RawLimits {
 
 /// The ledger's URL(s): a string or a list of strings.
 #[derive(Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "a URL, a comma-separated list of URLs, or an array of URLs"
+)]
 enum RawUrls {
     One(String),
     Many(Vec<String>),
@@ -333,11 +336,7 @@ impl RawUpstream {
                     .base_url
                     .ok_or_else(|| invalid("upstream.base_url is required for kind openai"))?;
                 let mut o = OpenAiConfig::new(base_url);
-                o.api_key = match (self.api_key, self.api_key_env) {
-                    (Some(k), _) => Some(k.into()),
-                    (None, Some(var)) => Some(key_from_env("upstream", &var)?),
-                    (None, None) => None,
-                };
+                o.api_key = api_key("upstream", self.api_key, self.api_key_env)?;
                 o.model_map = self.model_map;
                 set_ms(&mut o.connect_timeout, self.connect_timeout_ms);
                 set_ms(&mut o.request_timeout, self.request_timeout_ms);
@@ -354,14 +353,27 @@ impl RawUpstream {
     }
 }
 
-/// The key in the environment variable an `api_key_env` of `section` names. One that is not set
-/// (a typo, a unit file without it) was taken for no key, and the upstream refused every call.
-pub(super) fn key_from_env(section: &str, var: &str) -> Result<syft_server::Secret, ConfigError> {
-    match std::env::var(var) {
-        Ok(key) if !key.is_empty() => Ok(key.into()),
-        _ => Err(invalid(format!(
-            "{section}.api_key_env names {var}, which is not set"
+/// The key `section` gives: its `api_key`, or the environment variable its `api_key_env` names.
+/// One that is not set (a typo, a unit file without it) was taken for no key, and the upstream
+/// refused every call; both given, `api_key` won without a word (a placeholder left beside the
+/// variable was sent).
+pub(super) fn api_key(
+    section: &str,
+    key: Option<String>,
+    env: Option<String>,
+) -> Result<Option<syft_server::Secret>, ConfigError> {
+    match (key, env) {
+        (Some(_), Some(_)) => Err(invalid(format!(
+            "{section}: give api_key or api_key_env, not both"
         ))),
+        (Some(k), None) => Ok(Some(k.into())),
+        (None, Some(var)) => match std::env::var(&var) {
+            Ok(key) if !key.is_empty() => Ok(Some(key.into())),
+            _ => Err(invalid(format!(
+                "{section}.api_key_env names {var}, which is not set"
+            ))),
+        },
+        (None, None) => Ok(None),
     }
 }
 

@@ -521,6 +521,7 @@ impl RouterConfig {
                 }
             }
         }
+        self.validate_budgets()?;
         // A hold's life the ledger can never grant (0, negative, past the ledger's ceiling of 30
         // days) was taken, the router reported ready, and every paid request was refused as the
         // user's "invalid request".
@@ -553,8 +554,13 @@ impl RouterConfig {
             }
         }
         let l = &self.limits;
-        if l.max_prompt_bytes == 0 || l.max_messages == 0 || l.max_tokens_limit == 0 {
-            return Err(invalid("limits must be positive"));
+        let zero = [
+            ("max_prompt_bytes", l.max_prompt_bytes == 0),
+            ("max_messages", l.max_messages == 0),
+            ("max_tokens_limit", l.max_tokens_limit == 0),
+        ];
+        if let Some((key, _)) = zero.iter().find(|(_, is_zero)| *is_zero) {
+            return Err(invalid(format!("limits.{key} must be above zero")));
         }
         if l.max_messages > crate::validate::MAX_MESSAGES {
             return Err(invalid(format!(

@@ -339,25 +339,31 @@ impl<N: NumberText> RawPricing<N> {
         if let Some(stray) = stray {
             return Err(invalid(format!(
                 "services.{service}.pricing: {kind_name} takes no {stray} (per_request takes \
-                 amount; per_token, input_per_million and/or output_per_million; free, neither)"
+                 amount; per_token, input_per_million and output_per_million; free, neither)"
             )));
         }
+        // A price left out is refused, not read as 0: `{pricing_type = "per_request"}` (or a
+        // description and currency alone) loaded as a free service quoting a price, and a
+        // per-token price without its output side gave every answer's text away. Free is said.
+        let missing = |field: &str| {
+            invalid(format!(
+                "services.{service}.pricing: {kind_name} needs {field} (write {field} = 0 for a \
+                 side that is free, or pricing_type = \"free\" for a free service)"
+            ))
+        };
         let kind = match kind_name {
             "free" => PricingKind::Free,
-            "per_request" => match amount("amount", self.amount)?.unwrap_or(0) {
-                0 => PricingKind::Free,
-                amount_micros => PricingKind::PerRequest { amount_micros },
+            "per_request" => match amount("amount", self.amount)? {
+                None => return Err(missing("amount")),
+                Some(0) => PricingKind::Free,
+                Some(amount_micros) => PricingKind::PerRequest { amount_micros },
             },
             "per_token" => {
-                let input = amount("input_per_million", self.input_per_million)?;
-                let output = amount("output_per_million", self.output_per_million)?;
-                if input.is_none() && output.is_none() {
-                    return Err(invalid(format!(
-                        "services.{service}.pricing: per_token needs input_per_million and/or \
-                         output_per_million"
-                    )));
-                }
-                match (input.unwrap_or(0), output.unwrap_or(0)) {
+                let input = amount("input_per_million", self.input_per_million)?
+                    .ok_or_else(|| missing("input_per_million"))?;
+                let output = amount("output_per_million", self.output_per_million)?
+                    .ok_or_else(|| missing("output_per_million"))?;
+                match (input, output) {
                     (0, 0) => PricingKind::Free,
                     (i, o) => PricingKind::PerToken {
                         input_micros_per_million: i,
@@ -436,6 +442,45 @@ mod tests {
                 .to_string();
             assert!(err.contains("takes no"), "{stray}: {err}");
         }
+    }
+
+    /// A price left out is not a price of 0: each of these loaded as a free service (or gave
+    /// the output side away) without a word.
+    #[test]
+    fn a_price_left_out_is_refused() {
+        for (pricing, field) in [
+            (r#"{"pricing_type":"per_request"}"#, "needs amount"),
+            (
+                r#"{"pricing_type":"per_request","amount":null}"#,
+                "needs amount",
+            ),
+            (
+                r#"{"currency":"USD","description":"$0.05 per request"}"#,
+                "needs amount",
+            ),
+            (r#"{"pricing_type":"per_token"}"#, "needs input_per_million"),
+            (r#"{"input_per_million":3}"#, "needs output_per_million"),
+            (
+                r#"{"pricing_type":"per_token","output_per_million":3}"#,
+                "needs input_per_million",
+            ),
+        ] {
+            let err = RouterConfig::from_json_str(&json_with_pricing(pricing))
+                .expect_err(pricing)
+                .to_string();
+            assert!(err.contains(field), "{pricing}: {err}");
+        }
+        let c = RouterConfig::from_json_str(&json_with_pricing(
+            r#"{"input_per_million":0,"output_per_million":2}"#,
+        ))
+        .expect("a free side said as 0");
+        assert_eq!(
+            chat_pricing(&c),
+            PricingKind::PerToken {
+                input_micros_per_million: 0,
+                output_micros_per_million: 2_000_000,
+            }
+        );
     }
 
     #[test]

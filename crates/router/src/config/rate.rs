@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{invalid, ConfigError, RouterConfig, ServiceKind};
+use super::{invalid, ConfigError, PricingKind, RouterConfig, ServiceKind};
 use crate::money;
 
 /// The largest count a rate may allow in one window; above it a limit is almost surely a typo
@@ -341,6 +341,33 @@ impl RawLimiter {
 }
 
 impl RouterConfig {
+    /// A budget below an enabled service's price per request admits none of its requests: the
+    /// router started, said it was ready, and refused every paid request `BUDGET_EXCEEDED`
+    /// every day. (A per-token hold depends on the request, so only per-request prices tell.)
+    pub(super) fn validate_budgets(&self) -> Result<(), ConfigError> {
+        let budgets = [
+            ("budgets.per_day", self.budgets.per_day_micros),
+            ("budgets.per_month", self.budgets.per_month_micros),
+        ];
+        for s in self.services.iter().filter(|s| s.enabled) {
+            let PricingKind::PerRequest { amount_micros } = s.pricing.kind else {
+                continue;
+            };
+            for (key, budget) in budgets {
+                if let Some(b) = budget.filter(|b| *b < amount_micros) {
+                    return Err(invalid(format!(
+                        "{key} ({}) is below the {} service's price of {} per request: no \
+                         request could be admitted; raise the budget or remove it",
+                        money::format_micros(b),
+                        s.kind.as_str(),
+                        money::format_micros(amount_micros)
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The token windows (scope, rate) no chat without `max_tokens` fits in: it reserves its
     /// prompt and `limits.default_max_tokens`, so a window of at most that refuses every one (a
     /// new owner otherwise finds out at the first request). The router's and the chat
@@ -365,6 +392,37 @@ impl RouterConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_budget_below_a_price_per_request_is_refused() {
+        let mut c = RouterConfig::new("r", "o@example.com");
+        c.services[0].pricing = crate::config::Pricing::per_request(50_000);
+        c.budgets.per_day_micros = Some(10_000);
+        let err = c.validate_settings().expect_err("below").to_string();
+        assert!(
+            err.contains("budgets.per_day (0.01) is below the chat service's price of 0.05"),
+            "{err}"
+        );
+        c.budgets.per_day_micros = Some(50_000);
+        c.validate_settings().expect("a budget of one request");
+        c.budgets.per_month_micros = Some(49_999);
+        let err = c.validate_settings().expect_err("below").to_string();
+        assert!(err.contains("budgets.per_month"), "{err}");
+        // Not sold: nothing to admit.
+        c.services[0].enabled = false;
+        c.validate_settings().expect("chat is not sold");
+    }
+
+    #[test]
+    fn a_limit_of_zero_is_named() {
+        let mut c = RouterConfig::new("r", "o@example.com");
+        c.limits.max_messages = 0;
+        let err = c.validate_settings().expect_err("zero").to_string();
+        assert!(
+            err.contains("limits.max_messages must be above zero"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn token_limits_no_chat_without_max_tokens_fits_are_found() {

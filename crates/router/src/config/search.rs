@@ -16,7 +16,17 @@ use serde::Deserialize;
 use syft_server::Secret;
 
 use super::file::{set, set_ms};
-use super::{invalid, ConfigError};
+use super::{invalid, ConfigError, RouterConfig};
+
+impl RouterConfig {
+    /// The longest text one request may carry: a chat's prompt or, where search is configured,
+    /// a query. The fronts size the bodies they read by it: sized by the prompt alone, a query
+    /// within `search.max_query_bytes` was refused over HTTP when the prompt limit was lower.
+    pub fn largest_text_bytes(&self) -> usize {
+        let query = self.search.as_ref().map_or(0, |s| s.max_query_bytes);
+        self.limits.max_prompt_bytes.max(query)
+    }
+}
 
 /// How often a watched `docs` folder is checked for changes, by default.
 pub const DEFAULT_RESCAN: Duration = Duration::from_secs(30);
@@ -195,11 +205,7 @@ impl RawSearch {
                     .url
                     .ok_or_else(|| invalid("search.url is required for backend http"))?;
                 let mut h = HttpSearchConfig::new(url.trim_end_matches('/'));
-                h.api_key = match (self.api_key, self.api_key_env) {
-                    (Some(k), _) => Some(k.into()),
-                    (None, Some(var)) => Some(super::file::key_from_env("search", &var)?),
-                    (None, None) => None,
-                };
+                h.api_key = super::file::api_key("search", self.api_key, self.api_key_env)?;
                 set_ms(&mut h.connect_timeout, self.connect_timeout_ms);
                 set_ms(&mut h.timeout, self.timeout_ms);
                 SearchBackendConfig::Http(h)

@@ -71,6 +71,12 @@ impl Gate {
             && services.is_empty()
             && c.limiter.max_concurrent_requests.is_none()
         {
+            // Refused as docs/limits.md says, limits or not: a URL that cannot be used was
+            // taken until a limit was added, and only then refused.
+            if let LimiterBackend::Redis { url } = &c.limiter.backend {
+                super::redis_conn::Conn::client(url)
+                    .map_err(|e| RouterError::InvalidArgument(e.message))?;
+            }
             return Ok(None);
         }
         let limiter: Arc<dyn Limiter> = match &c.limiter.backend {

@@ -76,11 +76,17 @@ pub(super) struct Conn {
 impl Conn {
     /// Parses `url` now (a bad one is refused at start) and connects lazily. Must be called
     /// inside a Tokio runtime.
-    pub(super) fn new(url: &str, connect_timeout: Duration) -> Result<Arc<Self>, LimiterError> {
+    /// The client of `url`, or why the URL cannot be used (it does not parse, or asks for TLS).
+    /// Connects to nothing.
+    pub(super) fn client(url: &str) -> Result<redis::Client, LimiterError> {
         let bad =
             |e: redis::RedisError| LimiterError::not_applied(format!("bad limiter.redis_url: {e}"));
         let info = url.into_connection_info().map_err(bad)?;
-        let client = redis::Client::open(info.set_tcp_settings(tcp_settings())).map_err(bad)?;
+        redis::Client::open(info.set_tcp_settings(tcp_settings())).map_err(bad)
+    }
+
+    pub(super) fn new(url: &str, connect_timeout: Duration) -> Result<Arc<Self>, LimiterError> {
+        let client = Self::client(url)?;
         // No response timeout on the connection: each call sets its own (`redis.rs`), so that a
         // settle can wait longer than a check on the same connection.
         let config = ConnectionManagerConfig::new()
