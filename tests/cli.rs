@@ -375,6 +375,20 @@ fn ledger_and_router_exit_zero_on_sigterm() {
         assert!(log.contains(&format!("{name} stopped")), "{log}");
         // Addresses as addresses, not as Rust options (`addr=Some(127.0.0.1:…)`).
         assert!(!log.contains("Some("), "{log}");
+        if name == "ledger" {
+            // Its connections closed on the way out, so SQLite folded its write-ahead log into
+            // `ledger.db`: the file alone is the whole ledger (a backup copied over it is not
+            // overwritten by a stale log). A stopped ledger used to leave the log, and a copy of
+            // the file alone held no migrations.
+            let wal = dir.path().join("ledger.db-wal");
+            assert!(!wal.exists(), "{} left behind", wal.display());
+            let copy = tempfile::tempdir().expect("tempdir");
+            std::fs::copy(dir.path().join("ledger.db"), copy.path().join("ledger.db"))
+                .expect("copy");
+            let url = format!("sqlite://{}/ledger.db", copy.path().display());
+            let out = run(syft_router().args(["ledger", "verify", "--database-url", &url]));
+            assert_contains(&out, &["consistent"]);
+        }
     }
 }
 
@@ -439,6 +453,13 @@ async fn health_command_and_idempotent_owner_setup() {
     assert!(!json.contains("second-secret-0123456789"), "{json}");
     let again = run(&mut setup());
     assert!(again.contains("already exists"), "{again}");
+    // Run again with another secret (the README's "set it before publishing", after a first
+    // run): it said "nothing to do" and exited 0, and the router given the new secret was
+    // refused by the ledger for good. Another account's secret does not open it either.
+    for other in ["a-new-owner-secret-0123456789", "second-secret-0123456789"] {
+        let refused = fails(setup().env("SYFT_ACCOUNT_SECRET", other));
+        assert_contains(&refused, &["the secret given does not open it"]);
+    }
     let shown = run(syft_router()
         .args(["account", "show", "owner@example.com", "--json"])
         .env("SYFT_LEDGER_URL", &url)
@@ -1558,4 +1579,79 @@ fn a_ledger_currency_that_no_router_prices_in_is_refused() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("not a 3-letter currency code"), "{stderr}");
+}
+
+/// A Kubernetes exec probe dials its own pod (`https://127.0.0.1:…`) while the certificate names
+/// the Service: `health --server-name` checks the certificate against that name. Without it the
+/// README's probe failed on every pod whose certificate did not also carry `IP:127.0.0.1`.
+#[test]
+fn health_checks_a_tls_server_by_the_name_its_certificate_carries() {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().expect("key")).expect("CA");
+    let key = KeyPair::generate().expect("key");
+    let leaf = CertificateParams::new(vec!["ledger.syft.example".to_string()])
+        .expect("params")
+        .signed_by(&key, &ca)
+        .expect("sign");
+    let path = |name: &str, pem: String| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, pem).expect("write");
+        p.display().to_string()
+    };
+    let (ca_pem, cert, key) = (
+        path("ca.pem", ca.pem()),
+        path("cert.pem", leaf.pem()),
+        path("key.pem", key.serialize_pem()),
+    );
+    let [grpc] = syft_testkit::free_ports::<1>();
+    let data = dir.path().join("data").display().to_string();
+    let mut ledger = syft_router()
+        .args(["ledger", "--data-dir", &data, "--admin-key", "k"])
+        .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])
+        .args([
+            "--http-addr",
+            "127.0.0.1:0",
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+        ])
+        .env_remove("DATABASE_URL")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start a ledger");
+    let url = format!("https://127.0.0.1:{grpc}");
+    let health = |extra: &[&str]| {
+        syft_router()
+            .args(["health", "--url", &url, "--ca", &ca_pem, "--timeout", "2s"])
+            .args(extra)
+            .output()
+            .expect("run health")
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let named = loop {
+        let out = health(&["--server-name", "ledger.syft.example"]);
+        if out.status.success() || std::time::Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let by_address = health(&[]);
+    let _ = ledger.kill();
+    let _ = ledger.wait();
+    assert!(
+        named.status.success(),
+        "{}",
+        String::from_utf8_lossy(&named.stderr)
+    );
+    assert_contains(&String::from_utf8_lossy(&named.stdout), &["SERVING"]);
+    assert!(!by_address.status.success());
+    assert_contains(
+        &String::from_utf8_lossy(&by_address.stderr),
+        &["not valid for name"],
+    );
 }

@@ -168,7 +168,7 @@ pub async fn demo(_args: DemoArgs) -> anyhow::Result<()> {
         .await?
         .into_inner();
     println!("\nUsage rows (one per request, failures included, nothing charged for them)");
-    super::client::print_usage_table(&usage.records);
+    super::tables::print_usage_table(&usage.records);
 
     running.shutdown().await?;
     verify_ledger(&database_url).await?;

@@ -30,10 +30,18 @@ pub struct HealthArgs {
     /// PEM private key of --cert.
     #[arg(long)]
     pub key: Option<PathBuf>,
+    /// The name the server's certificate is checked against instead of the URL's host: a
+    /// Kubernetes exec probe dials `https://127.0.0.1:…` (its own pod) and checks the Service's
+    /// name, which the certificate carries.
+    #[arg(long)]
+    pub server_name: Option<String>,
 }
 
 pub async fn run(args: HealthArgs) -> anyhow::Result<()> {
-    let tls = super::client_tls(args.ca.as_ref(), args.cert.as_ref(), args.key.as_ref())?;
+    let mut tls = super::client_tls(args.ca.as_ref(), args.cert.as_ref(), args.key.as_ref())?;
+    if let Some(name) = &args.server_name {
+        tls = Some(tls.unwrap_or_default().with_domain(name));
+    }
     let endpoint = tonic::transport::Endpoint::from_shared(args.url.clone())
         .with_context(|| format!("invalid url {:?}", args.url))?
         .connect_timeout(args.timeout)

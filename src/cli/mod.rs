@@ -9,6 +9,7 @@ mod health;
 pub(crate) mod index;
 mod ledger;
 mod limits;
+mod listings;
 mod paging;
 mod refund;
 mod router;
@@ -55,13 +56,13 @@ pub enum Command {
     /// Delegation tokens (issue, revoke, list).
     Token(client::TokenArgs),
     /// List transfers, newest first.
-    Transfers(client::TransfersArgs),
+    Transfers(listings::TransfersArgs),
     /// Give back part or all of what a transfer captured (its recipient, or the admin).
     Refund(refund::RefundArgs),
     /// A transfer's refunds.
     Refunds(refund::RefundsArgs),
     /// Usage rows (one per request), newest first, and totals.
-    Usage(client::UsageArgs),
+    Usage(listings::UsageArgs),
     /// Build the embedded search index of a folder of documents.
     Index(index::IndexArgs),
     /// Usage analytics: requests, tokens, money and latency grouped by time, app, user, ...
@@ -122,10 +123,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Chat(args) => router::chat(args).await,
         Command::Account(args) => client::account(args).await,
         Command::Token(args) => client::token(args).await,
-        Command::Transfers(args) => client::transfers(args).await,
+        Command::Transfers(args) => listings::transfers(args).await,
         Command::Refund(args) => refund::refund(args).await,
         Command::Refunds(args) => refund::refunds(args).await,
-        Command::Usage(args) => client::usage(args).await,
+        Command::Usage(args) => listings::usage(args).await,
         Command::Index(args) => index::run(args).await,
         Command::Stats(args) => stats::run(args).await,
         Command::Bench(args) => crate::bench::run(args).await,

@@ -152,8 +152,23 @@ pub async fn serve(
         )
         .await?,
     );
-    serve_store(store, config, listeners, shutdown).await
+    let served = serve_store(store.clone(), config, listeners, shutdown).await;
+    // Closed, not left to the process's exit: SQLite checkpoints its write-ahead log into the
+    // database file and removes it only when the last connection closes, so a stopped ledger
+    // left `ledger.db-wal` behind, and a backup copied over `ledger.db` then had that stale log
+    // replayed over it (nothing restored, or a malformed database). Bounded: a connection still
+    // held by a task being cut must not hold the exit.
+    if tokio::time::timeout(CLOSE_WAIT, store.close())
+        .await
+        .is_err()
+    {
+        tracing::warn!("the database connections did not close within {CLOSE_WAIT:?}");
+    }
+    served
 }
+
+/// How long a stopped ledger waits for its database connections to close.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// [`serve`] over an already connected store (tests that take the database away under a running
 /// ledger use it); `config.database_url` is not used.

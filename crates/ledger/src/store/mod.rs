@@ -550,9 +550,14 @@ impl Store {
         Ok(local + hosted)
     }
 
+    /// Closes every connection: on SQLite the last one to close folds the write-ahead log into
+    /// the database file and removes it (`serve`), so the analytics reader is closed too.
     pub async fn close(&self) {
         if let Some(batcher) = &self.batcher {
             batcher.close().await;
+        }
+        if let Some(reader) = &self.reader {
+            reader.close().await;
         }
         self.pool.close().await;
     }
