@@ -20,6 +20,10 @@ DURATION=${DURATION:-10s}
 # TLS to a server that offers it).
 DB_QUERY=${DB_QUERY:-}
 CONNECTIONS=${CONNECTIONS:-32}
+# The services listen on BASE+51 to BASE+112: below Linux's ephemeral range (32768 and up), where
+# a port can be taken by any outgoing connection at any time (the script then stopped half-way,
+# its closing `ledger verify` never run).
+BASE=${BENCH_PORT_BASE:-21100}
 ADMIN=bench-admin-key-0123456789
 OWNER=owner@bench.example
 work=$(mktemp -d)
@@ -37,9 +41,9 @@ trap cleanup EXIT
 psql -q "$PG/postgres" -c "CREATE DATABASE $db"
 upstream=$(BENCH_NGINX_DIR=$work/nginx "$here/bench-nginx.sh" start 18181)
 
-export SYFT_LEDGER_URL=http://127.0.0.1:50151 SYFT_LEDGER_ADMIN_KEY=$ADMIN RUST_LOG=error
-"$BIN" ledger --database-url "$PG/$db$DB_QUERY" --admin-key "$ADMIN" --grpc-addr 127.0.0.1:50151 \
-    --http-addr 127.0.0.1:50152 >"$work/ledger.log" 2>&1 &
+export SYFT_LEDGER_URL=http://127.0.0.1:$((BASE + 51)) SYFT_LEDGER_ADMIN_KEY=$ADMIN RUST_LOG=error
+"$BIN" ledger --database-url "$PG/$db$DB_QUERY" --admin-key "$ADMIN" --grpc-addr 127.0.0.1:$((BASE + 51)) \
+    --http-addr 127.0.0.1:$((BASE + 52)) >"$work/ledger.log" 2>&1 &
 pids+=($!)
 ledger_pid=$!
 for _ in $(seq 100); do "$BIN" health --url "$SYFT_LEDGER_URL" >/dev/null 2>&1 && break; sleep 0.1; done
@@ -67,15 +71,15 @@ CONF
     router_pid[$2]=$!
 }
 declare -A router_pid
-router paid 50161 '{"pricing_type": "per_request", "amount": "0.01"}' "$SYFT_LEDGER_URL"
-router free 50171 '{"pricing_type": "free"}' "$SYFT_LEDGER_URL"
+router paid $((BASE + 61)) '{"pricing_type": "per_request", "amount": "0.01"}' "$SYFT_LEDGER_URL"
+router free $((BASE + 71)) '{"pricing_type": "free"}' "$SYFT_LEDGER_URL"
 # The same free service with a local usage spool: answers released after a local append (synced
 # to disk by default, or not: --usage-spool-sync false), rows shipped to the ledger in the
 # background (docs/design.md, "Usage rows").
-router freespool 50201 '{"pricing_type": "free"}' "$SYFT_LEDGER_URL" --usage-spool "$work/spool"
-router freespoolnosync 50211 '{"pricing_type": "free"}' "$SYFT_LEDGER_URL" \
+router freespool $((BASE + 101)) '{"pricing_type": "free"}' "$SYFT_LEDGER_URL" --usage-spool "$work/spool"
+router freespoolnosync $((BASE + 111)) '{"pricing_type": "free"}' "$SYFT_LEDGER_URL" \
     --usage-spool "$work/spool-nosync" --usage-spool-sync false
-router noledger 50181 '{"pricing_type": "free"}' http://127.0.0.1:9
+router noledger $((BASE + 81)) '{"pricing_type": "free"}' http://127.0.0.1:9
 if [ -n "${LITELLM:-}" ]; then
     cat >"$work/litellm.yaml" <<CONF
 model_list:
@@ -85,14 +89,14 @@ CONF
     # No master key: the proxy runs with no auth (and no database, no accounting), which recent
     # LiteLLM versions refuse to start without this switch.
     LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY=true \
-    "$LITELLM" --config "$work/litellm.yaml" --host 127.0.0.1 --port 50192 --num_workers 2 \
+    "$LITELLM" --config "$work/litellm.yaml" --host 127.0.0.1 --port $((BASE + 92)) --num_workers 2 \
         >"$work/litellm.log" 2>&1 &
     pids+=($!)
     # LiteLLM takes 10 – 15 s to start on a quiet machine, and more while the ledger and routers
     # start beside it: wait up to 3 minutes, and say so if it never answered.
     litellm_up=false
     for _ in $(seq 360); do
-        curl -sf http://127.0.0.1:50192/health/liveliness >/dev/null && { litellm_up=true; break; }
+        curl -sf http://127.0.0.1:$((BASE + 92))/health/liveliness >/dev/null && { litellm_up=true; break; }
         sleep 0.5
     done
     if ! $litellm_up; then
@@ -101,6 +105,23 @@ CONF
         LITELLM=
     fi
 fi
+# Every router must answer before any shape runs: one that could not start (its port taken) is
+# named with its log, instead of a shape measuring refused connections.
+for port in "${!router_pid[@]}"; do
+    # The router with no ledger is never ready (its ledger is unreachable on purpose).
+    [ "$port" = "$((BASE + 81))" ] && continue
+    up=false
+    for _ in $(seq 100); do
+        "$BIN" health --url "http://127.0.0.1:$port" >/dev/null 2>&1 && { up=true; break; }
+        kill -0 "${router_pid[$port]}" 2>/dev/null || break
+        sleep 0.1
+    done
+    if ! $up; then
+        echo "the router on port $port did not start; its log ends with:" >&2
+        tail -5 "$work"/*.log >&2
+        exit 1
+    fi
+done
 sleep 1
 
 # CPU time (clock ticks) a process has used, or every process of a command name together.
@@ -165,19 +186,19 @@ run() { # label port connections users...
 free_users=()
 for u in "${users[@]}"; do free_users+=("${u%%:*}:"); done
 echo "wrk shapes over the HTTP front (c=$CONNECTIONS, $DURATION each; nginx upstream):"
-run "paid-64" 50161 "$CONNECTIONS" "${users[@]}"
-run "paid-1" 50161 "$CONNECTIONS" "${users[0]}"
-run "free" 50171 "$CONNECTIONS" "${free_users[@]}"
-run "free-spool" 50201 "$CONNECTIONS" "${free_users[@]}"
+run "paid-64" $((BASE + 61)) "$CONNECTIONS" "${users[@]}"
+run "paid-1" $((BASE + 61)) "$CONNECTIONS" "${users[0]}"
+run "free" $((BASE + 71)) "$CONNECTIONS" "${free_users[@]}"
+run "free-spool" $((BASE + 101)) "$CONNECTIONS" "${free_users[@]}"
 # Let the spool ship its backlog before the next shape is measured.
 sleep 2
-run "free-spool-nosync" 50211 "$CONNECTIONS" "${free_users[@]}"
+run "free-spool-nosync" $((BASE + 111)) "$CONNECTIONS" "${free_users[@]}"
 sleep 2
-run "free-noledger" 50181 "$CONNECTIONS" "${free_users[@]}"
-run "paid-c1" 50161 1 "${users[@]}"
-run "free-c1" 50171 1 "${free_users[@]}"
+run "free-noledger" $((BASE + 81)) "$CONNECTIONS" "${free_users[@]}"
+run "paid-c1" $((BASE + 61)) 1 "${users[@]}"
+run "free-c1" $((BASE + 71)) 1 "${free_users[@]}"
 if [ -n "${LITELLM:-}" ]; then
-    run "litellm" 50191 "$CONNECTIONS" "${free_users[@]}"
+    run "litellm" $((BASE + 91)) "$CONNECTIONS" "${free_users[@]}"
 fi
 # A shape without a figure (wrk failed against it) gives "n/a", not a division by zero.
 ratio() {

@@ -62,6 +62,8 @@ struct Span {
     /// The trace ids of the spans it links to.
     links: Vec<Vec<u8>>,
     attributes: HashMap<String, String>,
+    /// The span status code: 0 unset, 1 ok, 2 error.
+    status: i32,
 }
 
 impl Collector {
@@ -102,6 +104,7 @@ impl Collector {
                             parent: s.parent_span_id.clone(),
                             links: s.links.iter().map(|l| l.trace_id.clone()).collect(),
                             attributes,
+                            status: s.status.as_ref().map_or(0, |st| st.code),
                         });
                     }
                 }
@@ -376,6 +379,14 @@ async fn one_request_is_one_trace_across_router_and_ledger() {
         .find(|s| s.service == "syft-router" && s.name == "syft.router.v1.Router/Chat")
         .unwrap_or_else(|| panic!("the router's server span is in the trace: {trace:#?}"));
     assert!(server_span.parent.is_empty(), "and is its root");
+    assert_eq!(server_span.status, 0, "a success leaves the status unset");
+    // A server fault marks its span as an error, as OpenTelemetry's conventions say (UNIMPLEMENTED
+    // here): every span's status was left unset, so trace backends showed no failures.
+    let made_up = spans
+        .iter()
+        .find(|s| s.service == "syft-router" && s.name == "made.up.Service/Method7")
+        .unwrap_or_else(|| panic!("no span of the made-up path: {spans:#?}"));
+    assert_eq!(made_up.status, 2, "{made_up:?}");
     let caller_trace = hex(&CALLER_TRACEPARENT[3..35]);
     assert_ne!(server_span.trace_id, caller_trace, "a trace of its own");
     assert_eq!(

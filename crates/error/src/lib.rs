@@ -232,10 +232,12 @@ pub enum Reason {
     /// router's setting, not its user's input. `ErrorInfo.metadata` says the ledger's maximum
     /// ([`MAX_HOLD_TTL_SECONDS`]), so a router configured above it places holds that long.
     HoldTtlOutOfRange,
+    /// The router does not serve the service asked for (not listed, or not enabled).
+    ServiceDisabled,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 18] = [
+    pub const ALL: [Reason; 19] = [
         Self::InsufficientFunds,
         Self::HoldExpired,
         Self::TransferNotPending,
@@ -254,6 +256,7 @@ impl Reason {
         Self::AuthLocked,
         Self::UpstreamRateLimited,
         Self::HoldTtlOutOfRange,
+        Self::ServiceDisabled,
     ];
 
     pub const fn code(self) -> ErrorCode {
@@ -261,7 +264,8 @@ impl Reason {
             Self::InsufficientFunds
             | Self::HoldExpired
             | Self::TransferNotPending
-            | Self::NotSupported => ErrorCode::FailedPrecondition,
+            | Self::NotSupported
+            | Self::ServiceDisabled => ErrorCode::FailedPrecondition,
             Self::TokenRevoked
             | Self::TokenExpired
             | Self::TokenLimitExceeded
@@ -299,6 +303,7 @@ impl Reason {
             Self::AuthLocked => "AUTH_LOCKED",
             Self::UpstreamRateLimited => "UPSTREAM_RATE_LIMITED",
             Self::HoldTtlOutOfRange => "HOLD_TTL_OUT_OF_RANGE",
+            Self::ServiceDisabled => "SERVICE_DISABLED",
         }
     }
 }

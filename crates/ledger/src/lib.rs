@@ -311,7 +311,6 @@ pub async fn run_sweeper(store: Arc<Store>, every: Duration) {
         match store.sweep_expired(500).await {
             Ok(store::SweepReport { cancelled: 0, .. }) => {}
             Ok(store::SweepReport { cancelled, .. }) => {
-                metrics::expired(cancelled);
                 tracing::info!(cancelled, "expired holds cancelled");
             }
             Err(e) => tracing::warn!(error = %e, "expiry sweep failed"),

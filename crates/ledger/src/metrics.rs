@@ -78,25 +78,16 @@ pub fn sweep_failed() {
     SWEEP_FAILURES.inc();
 }
 
-/// Counts a call's outcome once: a replayed call (same idempotency key, or a resolution repeated)
-/// returns a transfer that changed before the call started, and is not counted again.
-/// `call_started` is read from the store's clock (`Store::now`), which stamps the rows: the
-/// process's own clock, off from its database's, counted nothing or every replay again.
-pub fn authorized(t: &TransferRow, call_started: i64) {
-    if t.created_at >= call_started {
-        hold_placed();
-    }
-}
-
-/// A hold this call placed (a router's Authorize says whether its key found one placed).
+/// A hold this call placed (a router's Authorize says whether its key found one placed; a direct
+/// transfer is counted where its insert committed).
 pub fn hold_placed() {
     HOLDS.with_label_values(&["authorized"]).inc();
 }
 
-pub fn resolved(t: &TransferRow, call_started: i64) {
-    if t.resolved_at.is_none_or(|at| at < call_started) {
-        return;
-    }
+/// A transfer this call resolved: called only where the resolving statement is known to have
+/// won (`Store::resolve_answered`, the hosted journal's `finish`), so a replay, a concurrent
+/// repeat or another replica's sweep of the same hold is not counted again.
+pub fn resolved(t: &TransferRow) {
     match t.status {
         TransferStatus::Completed => {
             HOLDS.with_label_values(&["captured"]).inc();

@@ -399,6 +399,16 @@ async fn delegated_confirm_and_cancel(h: Harness) -> Harness {
 
     // History, newest first, and the same transfers over gRPC.
     assert_eq!(api.history(alice).await, vec![cancel_id, id.clone()]);
+    // It does not page: a page token is refused, not ignored (the first page came back again,
+    // as if it were the next).
+    let (s, v) = api.get("/transactions?limit=1&pageToken=zz", alice).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("does not page")),
+        "{v}"
+    );
     let grpc = h
         .client(&alice_pw)
         .get_transfer(req::get_transfer(&id))

@@ -90,18 +90,32 @@ async fn expired_hold(db: &Db) -> (Arc<Store>, AccountRow, TransferRow) {
 
 async fn capture_after_expiry_is_refused(db: Db) {
     let (store, owner, hold) = expired_hold(&db).await;
+    let capture = ResolveInput {
+        transfer_id: &hold.id,
+        recipient_id: Some(owner.id),
+        resolution: Resolution::Capture(CaptureAmount::Full),
+        usage: None,
+        by_sender: false,
+    };
     let refused = store
-        .resolve(&ResolveInput {
-            transfer_id: &hold.id,
-            recipient_id: Some(owner.id),
-            resolution: Resolution::Capture(CaptureAmount::Full),
-            usage: None,
-            by_sender: false,
-        })
+        .resolve(&capture)
         .await
         .expect_err("a capture after expiry is refused");
     assert_eq!(refused.reason(), Some(Reason::HoldExpired), "{refused}");
-    swept_and_whole(&store, db, 1).await;
+    // And after the sweep cancelled it, for the same reason (it said TRANSFER_NOT_PENDING then,
+    // as for a hold a party voided, from a second after the expiry on).
+    assert_eq!(store.sweep_expired(10).await.expect("sweep").cancelled, 1);
+    let refused = store
+        .resolve(&capture)
+        .await
+        .expect_err("a capture of the swept hold is refused");
+    assert_eq!(refused.reason(), Some(Reason::HoldExpired), "{refused}");
+    let refused = store
+        .extend_hold(&hold.id, owner.id, 60_000_000, 86_400_000_000)
+        .await
+        .expect_err("an extension of the swept hold is refused");
+    assert_eq!(refused.reason(), Some(Reason::HoldExpired), "{refused}");
+    swept_and_whole(&store, db, 0).await;
 }
 
 /// A usage row of alice's request `request_id` to the owner's `/chat`, ending in `status`.

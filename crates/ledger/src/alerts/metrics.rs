@@ -79,6 +79,7 @@ pub fn at_zero() {
         DELIVERIES.with_label_values(&[label]);
     }
     LazyLock::force(&RETRIES);
+    LazyLock::force(&DROPPED);
     LazyLock::force(&RATE_CAPPED);
     LazyLock::force(&DISABLED_TOTAL);
     LazyLock::force(&QUEUE);

@@ -212,16 +212,26 @@ impl Ledger {
         let result = authenticate(&self.store, admin_key, header).await;
         // Only a credential that was sent and is wrong counts (not a missing header, nor an
         // empty `Bearer`).
-        if crate::auth::names_credentials(header)
-            && matches!(result, Err(LedgerError::Unauthenticated(_)))
-        {
+        let failed = crate::auth::names_credentials(header)
+            && matches!(result, Err(LedgerError::Unauthenticated(_)));
+        if failed {
             crate::metrics::auth_refused("failed");
             self.throttle.failed(addr, Instant::now());
         }
         // Whatever the outcome, an attempt that finished after its address got locked (a burst
         // of concurrent guesses, or the failure that reached the limit) is refused like the rest,
-        // so a burst gets no more telling answers than the limit.
-        self.unlocked(addr)?;
+        // so a burst gets no more telling answers than the limit. Counted once: a failure that
+        // reached the limit is `failed` only (it was `locked` too, one attempt in both series).
+        if let Err(wait) = self.throttle.check(addr, Instant::now()) {
+            if !failed {
+                crate::metrics::auth_refused("locked");
+            }
+            return Err(locked_out(
+                addr,
+                wait,
+                self.config.auth_failures_per_address,
+            ));
+        }
         result
     }
 

@@ -85,7 +85,6 @@ impl Ledger {
         usage: Option<UsageInput>,
         answer: Option<AnswerInput>,
     ) -> Result<TransferRow> {
-        let started = self.store.now();
         let recipient = caller.account()?;
         let transfer_id = validate::text("transfer_id", transfer_id, MAX_KEY, true)?;
         let amount = match amount {
@@ -112,7 +111,6 @@ impl Ledger {
         };
         let transfer = self.backend.capture(capture).await?;
         self.open_holds.resolved(&transfer.id);
-        metrics::resolved(&transfer, started);
         Ok(transfer)
     }
 
@@ -150,7 +148,6 @@ impl Ledger {
         reason: &str,
         usage: Option<UsageInput>,
     ) -> Result<TransferRow> {
-        let started = self.store.now();
         let recipient = caller.account()?;
         let transfer_id = validate::text("transfer_id", transfer_id, MAX_KEY, true)?;
         let reason = validate::text("reason", reason, MAX_REASON, false)?;
@@ -171,7 +168,6 @@ impl Ledger {
             })
             .await?;
         self.open_holds.resolved(&transfer.id);
-        metrics::resolved(&transfer, started);
         Ok(transfer)
     }
 
@@ -239,7 +235,6 @@ impl Ledger {
         app_ep_path: &str,
         idempotency_key: &str,
     ) -> Result<TransferRow> {
-        let started = self.store.now();
         let sender = caller.account()?;
         let recipient = self.backend.account(recipient_email).await?;
         same_currency(sender, &recipient)?;
@@ -255,7 +250,6 @@ impl Ledger {
                 idempotency_key: validate::text("Idempotency-Key", idempotency_key, MAX_KEY, true)?,
             })
             .await?;
-        metrics::authorized(&transfer, started);
         Ok(transfer)
     }
 
@@ -277,7 +271,6 @@ impl Ledger {
             .filter(|t| t.sender_email == email || t.recipient_email == email)
             .ok_or_else(|| LedgerError::NotFound(format!("transaction {id} not found")))?;
         let created_by_sender = transfer.created_by == Actor::Sender;
-        let started = self.store.now();
         let resolved = match action {
             PartyAction::Confirm => {
                 let creator = if created_by_sender {
@@ -338,7 +331,6 @@ impl Ledger {
             }
         };
         self.open_holds.resolved(&resolved.id);
-        metrics::resolved(&resolved, started);
         Ok(resolved)
     }
 }

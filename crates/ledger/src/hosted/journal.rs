@@ -506,7 +506,12 @@ impl Journal {
         }
         tx.commit().await?;
         tracing::info!(transfer = %e.id, %status, captured = captured.get(), "hosted transfer resolved");
-        Ok(self.must_entry(&e.id).await?.transfer())
+        let row = self.must_entry(&e.id).await?.transfer();
+        // Counted by the statement that resolved it, as local transfers are (metrics.rs).
+        if done.rows_affected() == 1 {
+            crate::metrics::resolved(&row);
+        }
+        Ok(row)
     }
 
     // ---------------------------------------------------------------- recovery

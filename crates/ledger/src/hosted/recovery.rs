@@ -23,7 +23,7 @@ impl Hosted {
             let reason = if e.step == Step::Voiding && !e.cancel_reason.is_empty() {
                 e.cancel_reason.clone()
             } else if e.step == Step::Held {
-                "hold expired".to_string()
+                crate::store::CANCEL_EXPIRED.to_string()
             } else {
                 "abandoned by its driver".to_string()
             };
@@ -39,7 +39,6 @@ impl Hosted {
             if let Some(lease) = self.journal.claim(&e.id, &claim).await? {
                 match self.drive_kept(lease).await {
                     Ok(t) => {
-                        crate::metrics::resolved(&t, now);
                         tracing::info!(transfer = %t.id, status = %t.status, "recovered hosted transfer");
                     }
                     Err(m) if m.error_code() == ErrorCode::FailedPrecondition => {

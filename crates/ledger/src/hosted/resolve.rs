@@ -46,7 +46,7 @@ impl Hosted {
                 }
                 (TransferStatus::Cancelled, _) => {
                     return Err(LedgerError::refused(
-                        Reason::TransferNotPending,
+                        crate::store::cancelled_reason(&e.cancel_reason, e.resolved_by),
                         format!(
                             "transfer {id} is cancelled ({}), it cannot be captured",
                             e.cancel_reason

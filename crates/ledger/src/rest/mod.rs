@@ -543,9 +543,13 @@ async fn cancel_transaction(
 }
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct HistoryQuery {
     status: Option<String>,
     limit: Option<i64>,
+    /// Not read: this listing does not page, and a token was ignored without a word (the first
+    /// page came back again, as if it were the next).
+    page_token: Option<String>,
 }
 
 async fn list_transactions(
@@ -554,6 +558,13 @@ async fn list_transactions(
     Query(query): Query<HistoryQuery>,
 ) -> Reply {
     caller.account()?;
+    if query.page_token.is_some() {
+        return Err(LedgerError::invalid(format!(
+            "GET /transactions does not page: it answers the newest {MAX_HISTORY} at most \
+             (limit)"
+        ))
+        .into());
+    }
     let status = match query.status.as_deref() {
         None | Some("") => None,
         Some(other) => match other.parse::<TransferStatus>() {

@@ -438,10 +438,14 @@ impl Store {
         })
         .await?;
         match placed {
-            Some(true) => self
-                .transfer_by_id(&id)
-                .await?
-                .ok_or_else(|| LedgerError::Internal("transfer vanished".into())),
+            Some(true) => {
+                // Counted where the hold is known to be this call's: by the row's time, a replay
+                // that started before the first call committed was counted again.
+                crate::metrics::hold_placed();
+                self.transfer_by_id(&id)
+                    .await?
+                    .ok_or_else(|| LedgerError::Internal("transfer vanished".into()))
+            }
             // The key's row committed first (a unique index waits for it): its answer. None
             // left to find means the key is a recipient's own key of this form, so it is taken.
             None => match self.replay_direct(input, &key, &request_hash).await? {

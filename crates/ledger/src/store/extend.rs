@@ -78,13 +78,20 @@ impl Store {
                  placed can be extended"
             )));
         }
-        Err(match row.status {
-            TransferStatus::Pending => LedgerError::refused(
+        let reason = match row.status {
+            TransferStatus::Pending => Reason::HoldExpired,
+            TransferStatus::Cancelled => {
+                super::cancelled_reason(&row.cancel_reason, row.resolved_by)
+            }
+            TransferStatus::Completed => Reason::TransferNotPending,
+        };
+        Err(match (row.status, reason) {
+            (TransferStatus::Pending, _) | (_, Reason::HoldExpired) => LedgerError::refused(
                 Reason::HoldExpired,
                 format!("hold {transfer_id} expired, it can no longer be extended"),
             ),
             _ => LedgerError::refused(
-                Reason::TransferNotPending,
+                reason,
                 format!(
                     "transfer {transfer_id} is {}, only a pending hold can be extended",
                     row.status.as_str().to_lowercase()

@@ -67,6 +67,7 @@ pub(crate) use rows::{
     TokenLimits, ACCOUNT_COLUMNS, REFUNDED, TRANSFER_COLUMNS, TRANSFER_JOINS, USAGE_COLUMNS,
 };
 pub use token::{TokenGrant, TOKEN_PREFIX};
+pub(crate) use transfer::{cancelled_reason, CANCEL_EXPIRED};
 pub use transfer::{CaptureAmount, Resolution, ResolveInput, SweepReport};
 pub(crate) use usage::{insert_usage, late_void_row, UsageLink, UsageWrite};
 pub use verify::VerifyReport;

@@ -42,7 +42,18 @@ pub struct ResolveInput<'a> {
     pub by_sender: bool,
 }
 
-const CANCEL_EXPIRED: &str = "hold expired";
+pub(crate) const CANCEL_EXPIRED: &str = "hold expired";
+
+/// Why a cancelled transfer cannot be captured: `HOLD_EXPIRED` for a hold its sweep cancelled at
+/// expiry, as before the sweep came (a client branching on it saw it for a second at most, then
+/// `TRANSFER_NOT_PENDING`, as for a hold a party voided), `TRANSFER_NOT_PENDING` otherwise.
+pub(crate) fn cancelled_reason(cancel_reason: &str, resolved_by: Option<Actor>) -> Reason {
+    if resolved_by == Some(Actor::System) && cancel_reason == CANCEL_EXPIRED {
+        Reason::HoldExpired
+    } else {
+        Reason::TransferNotPending
+    }
+}
 
 /// A capture is made by the party that created the transfer: the recipient captures the holds it
 /// placed with the sender's token, and only the sender confirms a direct transfer it created (the
@@ -111,22 +122,40 @@ impl Store {
         for _ in 0..3 {
             let now = self.now();
             if let Some(row) = retry_transient(|| self.try_resolve(input, answer, now)).await? {
+                // This call's statement resolved it: counted here, once. (Judged by the row's
+                // time, replays and other replicas' sweeps of one hold counted it again.)
+                crate::metrics::resolved(&row);
                 return Ok(row);
             }
+            let not_found =
+                || LedgerError::NotFound(format!("transfer {} not found", input.transfer_id));
             let current = self
                 .transfer_by_id(input.transfer_id)
                 .await?
-                .filter(|t| input.recipient_id.is_none_or(|r| r == t.recipient_id))
-                .ok_or_else(|| {
-                    LedgerError::NotFound(format!("transfer {} not found", input.transfer_id))
-                })?;
+                .ok_or_else(not_found)?;
+            match input.recipient_id {
+                Some(r) if r == current.recipient_id => {}
+                // Its sender sees it (`GetTransfer`), so it is not told the transfer does not
+                // exist (it was, `NOT_FOUND`), but that this is not its to do.
+                Some(r) if r == current.sender_id => {
+                    return Err(LedgerError::PermissionDenied(format!(
+                        "transfer {} is resolved by its recipient, not its sender (a direct \
+                         transfer its sender created is confirmed or cancelled through the \
+                         accounting API)",
+                        current.id
+                    )))
+                }
+                Some(_) => return Err(not_found()),
+                None => {}
+            }
             // Before the status: the other party's capture must not read as an idempotent
             // repeat of the creator's.
             if matches!(input.resolution, Resolution::Capture(_))
                 && current.created_by != capturer(input)
             {
                 return Err(LedgerError::PermissionDenied(format!(
-                    "transfer {} was created by its {}; only that party may capture it",
+                    "transfer {} was created by its {}; only that party may capture it (a \
+                     direct transfer is confirmed through the accounting API)",
                     current.id,
                     current.created_by.as_str().to_lowercase()
                 )));
@@ -162,7 +191,7 @@ impl Store {
                 }
                 (Resolution::Capture(_), TransferStatus::Cancelled) => {
                     return Err(LedgerError::refused(
-                        Reason::TransferNotPending,
+                        cancelled_reason(&current.cancel_reason, current.resolved_by),
                         format!(
                             "transfer {} is cancelled ({}), it cannot be captured",
                             current.id, current.cancel_reason

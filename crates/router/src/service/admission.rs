@@ -616,7 +616,7 @@ pub(super) fn already_processed(
 /// The refusal of a service that is not listed or not enabled.
 pub(super) fn disabled(kind: ServiceKind) -> RouterError {
     RouterError::FailedPrecondition {
-        reason: "SERVICE_DISABLED",
+        reason: Reason::ServiceDisabled.as_str(),
         message: format!(
             "the {} service is not enabled on this router",
             kind.as_str()
