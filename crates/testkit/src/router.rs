@@ -436,6 +436,16 @@ impl Stack {
         }
     }
 
+    /// Sends a chat that sets no `max_tokens` and answers the `max_tokens` the upstream was sent
+    /// for it (`Null` for none).
+    pub async fn max_tokens_sent_for_a_chat_without_one(&self) -> serde_json::Value {
+        let mut req = self.request("hi");
+        req.options = None;
+        self.client().await.chat(req).await.expect("answered");
+        let body = self.upstream.last_body().expect("upstream called");
+        body["max_tokens"].clone()
+    }
+
     /// `POST /v1/chat/completions` of "hi" from alice for `test-model`, paid with her token, with
     /// `extra` fields merged into the body (add headers, or send it, as the test needs).
     pub fn openai_chat(&self, extra: serde_json::Value) -> reqwest::RequestBuilder {

@@ -417,38 +417,41 @@ mod tests {
     }
 
     /// Per-token prices with no pricing type are per-token (they loaded as a free service, a
-    /// pricing reviewer's finding); a price of another type than the one named is refused.
+    /// pricing reviewer's finding); a price of another type than the one named is refused, and so
+    /// is a price left out: not a price of 0 (each loaded as a free service, or gave the output
+    /// side away, without a word). A side that is free is said as 0.
     #[test]
     fn prices_are_read_by_their_type() {
-        let c = RouterConfig::from_json_str(&json_with_pricing(
-            r#"{"input_per_million":3,"output_per_million":15}"#,
-        ))
-        .expect("valid");
-        assert_eq!(
-            chat_pricing(&c),
-            PricingKind::PerToken {
-                input_micros_per_million: 3_000_000,
-                output_micros_per_million: 15_000_000,
-            }
-        );
-        for stray in [
-            r#"{"pricing_type":"per_request","input_per_million":3}"#,
-            r#"{"pricing_type":"per_token","output_per_million":3,"amount":0.01}"#,
-            r#"{"input_per_million":3,"amount":0.01}"#,
-            r#"{"pricing_type":"free","amount":0.01}"#,
+        for (pricing, input, output) in [
+            (
+                r#"{"input_per_million":3,"output_per_million":15}"#,
+                3_000_000,
+                15_000_000,
+            ),
+            (
+                r#"{"input_per_million":0,"output_per_million":2}"#,
+                0,
+                2_000_000,
+            ),
         ] {
-            let err = RouterConfig::from_json_str(&json_with_pricing(stray))
-                .expect_err(stray)
-                .to_string();
-            assert!(err.contains("takes no"), "{stray}: {err}");
+            let c = RouterConfig::from_json_str(&json_with_pricing(pricing)).expect(pricing);
+            let want = PricingKind::PerToken {
+                input_micros_per_million: input,
+                output_micros_per_million: output,
+            };
+            assert_eq!(chat_pricing(&c), want, "{pricing}");
         }
-    }
-
-    /// A price left out is not a price of 0: each of these loaded as a free service (or gave
-    /// the output side away) without a word.
-    #[test]
-    fn a_price_left_out_is_refused() {
-        for (pricing, field) in [
+        for (refused, says) in [
+            (
+                r#"{"pricing_type":"per_request","input_per_million":3}"#,
+                "takes no",
+            ),
+            (
+                r#"{"pricing_type":"per_token","output_per_million":3,"amount":0.01}"#,
+                "takes no",
+            ),
+            (r#"{"input_per_million":3,"amount":0.01}"#, "takes no"),
+            (r#"{"pricing_type":"free","amount":0.01}"#, "takes no"),
             (r#"{"pricing_type":"per_request"}"#, "needs amount"),
             (
                 r#"{"pricing_type":"per_request","amount":null}"#,
@@ -465,22 +468,11 @@ mod tests {
                 "needs input_per_million",
             ),
         ] {
-            let err = RouterConfig::from_json_str(&json_with_pricing(pricing))
-                .expect_err(pricing)
+            let err = RouterConfig::from_json_str(&json_with_pricing(refused))
+                .expect_err(refused)
                 .to_string();
-            assert!(err.contains(field), "{pricing}: {err}");
+            assert!(err.contains(says), "{refused}: {err}");
         }
-        let c = RouterConfig::from_json_str(&json_with_pricing(
-            r#"{"input_per_million":0,"output_per_million":2}"#,
-        ))
-        .expect("a free side said as 0");
-        assert_eq!(
-            chat_pricing(&c),
-            PricingKind::PerToken {
-                input_micros_per_million: 0,
-                output_micros_per_million: 2_000_000,
-            }
-        );
     }
 
     #[test]
