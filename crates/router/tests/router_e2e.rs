@@ -98,15 +98,25 @@ async fn paid_success_captures_exactly_the_price() {
     s.check_invariants().await;
 }
 
-/// A request without `max_tokens` is bounded upstream by `limits.default_max_tokens` whatever the
-/// price: per request (or free), the owner pays the upstream for the answer's length, which was
-/// left to the user (a router priced per request sent no bound at all).
+/// Priced per request (or free), a chat without `max_tokens` is sent none unless the owner set
+/// `limits.default_max_tokens` (`bound_every_chat`): then that bound goes upstream, so the owner
+/// does not pay the upstream for any length a user asks. Sent unasked, it broke upstreams that
+/// refuse `max_tokens` or whose context is smaller than a prompt and 4,096 tokens.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_answer_is_bounded_upstream_whatever_its_price() {
-    let default = syft_router_svc::Limits::default().default_max_tokens;
+async fn an_owner_may_bound_every_answer_whatever_its_price() {
     for pricing in [Pricing::per_request(PRICE), Pricing::free()] {
-        let s = Stack::start(pricing).await;
-        assert_eq!(s.max_tokens_sent_for_a_chat_without_one().await, default);
+        let s = Stack::start(pricing.clone()).await;
+        assert_eq!(
+            s.max_tokens_sent_for_a_chat_without_one().await,
+            Value::Null
+        );
+        s.check_invariants().await;
+        let s = Stack::start_tweaked(pricing, |c| {
+            c.limits.default_max_tokens = 300;
+            c.limits.bound_every_chat = true;
+        })
+        .await;
+        assert_eq!(s.max_tokens_sent_for_a_chat_without_one().await, 300);
         s.check_invariants().await;
     }
 }

@@ -220,6 +220,7 @@ impl<N: NumberText> RawConfig<N> {
         set(&mut limits.max_tokens_limit, rl.max_tokens_limit);
         if let Some(v) = rl.default_max_tokens {
             limits.default_max_tokens = v;
+            limits.bound_every_chat = true;
         } else if limits.default_max_tokens > limits.max_tokens_limit {
             limits.default_max_tokens = limits.max_tokens_limit;
         }
@@ -467,6 +468,13 @@ mod tests {
             Some("upstream-mini")
         );
         assert_eq!(c.limits.max_prompt_bytes, 1000);
+        // The default bound goes to every chat only when the file sets it.
+        assert!(!c.limits.bound_every_chat);
+        let bounded =
+            r#"{"name":"r","owner_email":"o@example.com","limits":{"default_max_tokens":512}}"#;
+        let c = RouterConfig::from_json_str(bounded).expect("bounded");
+        assert_eq!(c.limits.default_max_tokens, 512);
+        assert!(c.limits.bound_every_chat);
         let toml =
             super::super::toml_with_pricing(r#"{ pricing_type = "per_request", amount = 0.01 }"#);
         let c = RouterConfig::from_toml_str(&toml).expect("toml float amount");

@@ -195,6 +195,10 @@ pub struct Limits {
     pub max_tokens_limit: u32,
     /// `max_tokens` used for per-token holds (and sent upstream) when a request gives none.
     pub default_max_tokens: u32,
+    /// Send `default_max_tokens` upstream for every chat that names none, whatever its price
+    /// (set by a file that gives `limits.default_max_tokens`): by default only per-token prices
+    /// and token windows, which are sized by it, send it (service/mod.rs says why).
+    pub bound_every_chat: bool,
     /// Upper bound for configured prices.
     pub max_amount_micros: i64,
 }
@@ -206,6 +210,7 @@ impl Default for Limits {
             max_messages: 10_000,
             max_tokens_limit: 1_000_000,
             default_max_tokens: 4096,
+            bound_every_chat: false,
             max_amount_micros: DEFAULT_MAX_AMOUNT_MICROS,
         }
     }

@@ -502,19 +502,24 @@ impl RouterService {
                 "model {model:?} is not served by this router"
             )));
         }
-        // Every answer is bounded upstream: a per-token hold and a token window's reservation
-        // are sized by the bound, and an owner pricing per request (or serving free) pays the
-        // upstream for the answer's length, which a request without `max_tokens` would leave to
-        // the user.
-        let max_tokens = v
-            .options
-            .max_tokens
-            .unwrap_or(inner.config.limits.default_max_tokens);
+        // The hold must bound the answer, and so must a token window's reservation (a free
+        // answer of any length would settle far above what was reserved): the bound is then
+        // always sent upstream. Otherwise only where the owner set `limits.default_max_tokens`:
+        // an owner pricing per request pays the upstream for the answer's length, but a bound
+        // sent unasked broke upstreams that refuse `max_tokens` (OpenAI's reasoning models) or
+        // a prompt plus 4,096 over a small model's context (vLLM), every request refused.
+        let bounded = matches!(pricing.kind, PricingKind::PerToken { .. })
+            || self.counts_tokens(ServiceKind::Chat)
+            || inner.config.limits.bound_every_chat;
+        let max_tokens = match v.options.max_tokens {
+            None if bounded => Some(inner.config.limits.default_max_tokens),
+            given => given,
+        };
         let upstream_req = UpstreamRequest {
             model: inner.upstream.upstream_model(&model),
             messages: v.messages.clone(),
             options: ChatOptions {
-                max_tokens: Some(max_tokens),
+                max_tokens,
                 ..v.options.clone()
             },
             user: self.upstream_user(&v.user_email),
@@ -545,7 +550,7 @@ impl RouterService {
             p.prompt_tokens = Some(self.admission_prompt_tokens(&p).await?);
         }
         if let (true, Some(prompt)) = (per_token, p.prompt_tokens) {
-            let max_out = u64::from(max_tokens);
+            let max_out = u64::from(max_tokens.unwrap_or(0));
             p.t.hold_micros = p.t.pricing.hold_micros(prompt, max_out);
             p.t.bound = Some(TokenBound {
                 prompt_tokens: prompt,
