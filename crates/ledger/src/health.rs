@@ -15,6 +15,8 @@ use crate::store::Store;
 
 /// The fully-qualified name of the ledger's gRPC service.
 pub const LEDGER_SERVICE: &str = "syft.ledger.v1.Ledger";
+/// The alerts service the ledger serves beside it (advertised by reflection).
+pub const ALERTS_SERVICE: &str = "syft.ledger.v1.Alerts";
 /// How often the database is pinged.
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// A ping slower than this is a miss.

@@ -258,7 +258,9 @@ pub async fn serve_store(
         syft_server::grpc_incoming(listeners.grpc, syft_server::MAX_GRPC_CONNECTIONS, tls)
             .map_err(|e| LedgerError::Internal(format!("gRPC listener: {e}")))?;
     let body_budget = syft_server::BODY_BUDGET_BYTES;
-    let grpc = syft_server::grpc_router(health_service, health::LEDGER_SERVICE, body_budget, calls)
+    // Both services advertised: `grpcurl list` showed the Ledger only, though Alerts is served.
+    let services = [health::LEDGER_SERVICE, health::ALERTS_SERVICE];
+    let grpc = syft_server::grpc_router(health_service, &services, body_budget, calls)
         .map_err(|e| LedgerError::Internal(format!("reflection descriptors: {e}")))?
         .add_service(grpc::GrpcLedger(ledger.clone()).into_server())
         .add_service(grpc::GrpcLedger(ledger.clone()).into_alerts_server())

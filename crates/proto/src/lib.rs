@@ -20,11 +20,11 @@ pub const MAX_TRANSACTION_TOKEN_BYTES: usize = 512;
 pub const LEDGER_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("ledger_descriptor");
 pub const ROUTER_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("router_descriptor");
 
-/// gRPC server reflection, v1 and v1alpha (for older `grpcurl`s), advertising `service`, the
+/// gRPC server reflection, v1 and v1alpha (for older `grpcurl`s), advertising `services`, the
 /// health service and reflection itself.
 #[allow(clippy::type_complexity)]
 pub fn reflection(
-    service: &'static str,
+    services: &[&'static str],
 ) -> Result<
     (
         tonic_reflection::server::v1::ServerReflectionServer<
@@ -37,13 +37,15 @@ pub fn reflection(
     tonic_reflection::server::Error,
 > {
     let builder = || {
-        tonic_reflection::server::Builder::configure()
+        let builder = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(LEDGER_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(ROUTER_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .with_service_name(service)
             .with_service_name("grpc.health.v1.Health")
-            .with_service_name("grpc.reflection.v1.ServerReflection")
+            .with_service_name("grpc.reflection.v1.ServerReflection");
+        services
+            .iter()
+            .fold(builder, |b, service| b.with_service_name(*service))
     };
     Ok((
         builder().build_v1()?,

@@ -129,7 +129,7 @@ impl RouterService {
         let body_budget = GrpcRouter::max_message_bytes(service.config()).saturating_mul(4);
         let grpc = syft_server::grpc_router(
             health_service,
-            health::ROUTER_SERVICE,
+            &[health::ROUTER_SERVICE],
             body_budget,
             syft_server::Calls::default(),
         )

@@ -50,16 +50,16 @@ pub type GrpcLayers = Stack<CallsLayer, Stack<BodyBudgetLayer, Stack<RequestLaye
 
 /// The tonic server both services run, with the request layers (`body_budget` bytes for the
 /// request bodies being received, at least [`crate::BODY_BUDGET_BYTES`]), the health service
-/// `health`, and reflection advertising `service` (add the service itself). It serves
+/// `health`, and reflection advertising `services` (add the services themselves). It serves
 /// connections from [`grpc_incoming`], TLS included, so it has no TLS configuration of its own.
 /// Its calls but health checks and reflection are counted in `calls`.
 pub fn grpc_router(
     health: HealthServer<impl Health>,
-    service: &'static str,
+    services: &[&'static str],
     body_budget: usize,
     calls: Calls,
 ) -> Result<Router<GrpcLayers>, tonic_reflection::server::Error> {
-    let (reflection_v1, reflection_v1alpha) = syft_proto::reflection(service)?;
+    let (reflection_v1, reflection_v1alpha) = syft_proto::reflection(services)?;
     Ok(tonic::transport::Server::builder()
         // HTTP/2 pings find dead peers behind load balancers and NATs that drop idle connections
         // silently (TCP keepalive is set in `grpc_incoming`: tonic applies its builder's TCP
