@@ -78,6 +78,7 @@ impl Store {
                  placed can be extended"
             )));
         }
+        // Still pending here is expired; cancelled by the sweep at expiry is expired too.
         let reason = match row.status {
             TransferStatus::Pending => Reason::HoldExpired,
             TransferStatus::Cancelled => {
@@ -85,9 +86,9 @@ impl Store {
             }
             TransferStatus::Completed => Reason::TransferNotPending,
         };
-        Err(match (row.status, reason) {
-            (TransferStatus::Pending, _) | (_, Reason::HoldExpired) => LedgerError::refused(
-                Reason::HoldExpired,
+        Err(match reason {
+            Reason::HoldExpired => LedgerError::refused(
+                reason,
                 format!("hold {transfer_id} expired, it can no longer be extended"),
             ),
             _ => LedgerError::refused(

@@ -74,8 +74,6 @@ pub(super) struct Conn {
 }
 
 impl Conn {
-    /// Parses `url` now (a bad one is refused at start) and connects lazily. Must be called
-    /// inside a Tokio runtime.
     /// The client of `url`, or why the URL cannot be used (it does not parse, or asks for TLS).
     /// Connects to nothing.
     pub(super) fn client(url: &str) -> Result<redis::Client, LimiterError> {
@@ -85,6 +83,8 @@ impl Conn {
         redis::Client::open(info.set_tcp_settings(tcp_settings())).map_err(bad)
     }
 
+    /// Parses `url` now (a bad one is refused at start) and connects lazily. Must be called
+    /// inside a Tokio runtime.
     pub(super) fn new(url: &str, connect_timeout: Duration) -> Result<Arc<Self>, LimiterError> {
         let client = Self::client(url)?;
         // No response timeout on the connection: each call sets its own (`redis.rs`), so that a
