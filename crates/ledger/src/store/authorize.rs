@@ -439,9 +439,7 @@ impl Store {
         .await?;
         match placed {
             Some(true) => {
-                // Counted where the hold is known to be this call's: by the row's time, a replay
-                // that started before the first call committed was counted again.
-                crate::metrics::hold_placed();
+                crate::metrics::hold_placed(); // this call's hold, so counted once (metrics.rs)
                 self.transfer_by_id(&id)
                     .await?
                     .ok_or_else(|| LedgerError::Internal("transfer vanished".into()))

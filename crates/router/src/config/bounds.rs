@@ -15,6 +15,31 @@ const MAX_TIMEOUT: Duration = Duration::from_secs(86_400);
 pub(super) const MAX_SPAN: Duration = Duration::from_secs(30 * 86_400);
 
 impl RouterConfig {
+    /// The `limits` section: every size above zero, each key named.
+    pub(super) fn validate_limits(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let zero = [
+            ("max_prompt_bytes", l.max_prompt_bytes == 0),
+            ("max_messages", l.max_messages == 0),
+            ("max_tokens_limit", l.max_tokens_limit == 0),
+        ];
+        if let Some((key, _)) = zero.iter().find(|(_, is_zero)| *is_zero) {
+            return Err(invalid(format!("limits.{key} must be above zero")));
+        }
+        if l.max_messages > crate::validate::MAX_MESSAGES {
+            return Err(invalid(format!(
+                "limits.max_messages must be at most {}",
+                crate::validate::MAX_MESSAGES
+            )));
+        }
+        if l.default_max_tokens == 0 || l.default_max_tokens > l.max_tokens_limit {
+            return Err(invalid(
+                "limits.default_max_tokens must be in 1..=max_tokens_limit",
+            ));
+        }
+        Ok(())
+    }
+
     /// The name and every duration, from the file or a flag; [`RouterConfig::validate`] and
     /// [`crate::serve`] check them.
     pub fn validate_bounds(&self) -> Result<(), ConfigError> {

@@ -558,26 +558,7 @@ impl RouterConfig {
                 _ => return Err(invalid(format!("ledger url {url:?} names no host"))),
             }
         }
-        let l = &self.limits;
-        let zero = [
-            ("max_prompt_bytes", l.max_prompt_bytes == 0),
-            ("max_messages", l.max_messages == 0),
-            ("max_tokens_limit", l.max_tokens_limit == 0),
-        ];
-        if let Some((key, _)) = zero.iter().find(|(_, is_zero)| *is_zero) {
-            return Err(invalid(format!("limits.{key} must be above zero")));
-        }
-        if l.max_messages > crate::validate::MAX_MESSAGES {
-            return Err(invalid(format!(
-                "limits.max_messages must be at most {}",
-                crate::validate::MAX_MESSAGES
-            )));
-        }
-        if l.default_max_tokens == 0 || l.default_max_tokens > l.max_tokens_limit {
-            return Err(invalid(
-                "limits.default_max_tokens must be in 1..=max_tokens_limit",
-            ));
-        }
+        self.validate_limits()?;
         if let Some(s) = self.service(ServiceKind::Search) {
             if let PricingKind::PerToken { .. } = s.pricing.kind {
                 return Err(invalid(
