@@ -273,6 +273,102 @@ async fn token_reservations_settle_to_the_actual_count() {
     }
 }
 
+/// A token window full of reservations of requests still running (each reserved its
+/// `max_tokens` and is settled to its real count when it ends) refuses with a wait for one to
+/// end, not for the window: an hour on a `/hour` window, though the request it waits for settled
+/// a second later (an SDK reviewer's finding). Only a request that would fit without them waits
+/// so; once they are settled the wait is the window's again. Memory and Redis alike.
+async fn a_wait_for_running_reservations(l: &dyn Limiter, key: &str) {
+    let hour = Duration::from_secs(3_600);
+    let rule = |cost| Rule {
+        key: key.into(),
+        kind: RuleKind::Tokens,
+        scope: "router",
+        limit: 1_000,
+        window: hour,
+        cost,
+        describe: "1000 tokens per hour".into(),
+    };
+    let refusal = |v: Verdict| match v {
+        Verdict::Refused {
+            retry_after,
+            awaits_running,
+            ..
+        } => (retry_after, awaits_running),
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let t0 = 1_000_000_000u64;
+    assert!(admitted(l, t0, "a", &[rule(600)]).await);
+    let b = l.acquire(t0 + 1, "b", &[rule(600)]).await.expect("limiter");
+    let (after, awaits) = refusal(b);
+    assert!(awaits, "a is running: b waits for it to end");
+    assert_eq!(after, Some(Duration::from_millis(3_600_000 - 1)));
+    // `a` ends having used 500 of its 600: settled, it ages out with the window.
+    l.settle("a", &[(key.into(), 500)]).await.expect("settle");
+    let b = l.acquire(t0 + 2, "b", &[rule(600)]).await.expect("limiter");
+    assert_eq!(refusal(b), (Some(Duration::from_millis(3_599_998)), false));
+    // `c` runs with 300 reserved: `d` (600) does not fit even if `c` used nothing (500 settled),
+    // so it waits for the window, not for `c`.
+    assert!(admitted(l, t0 + 3, "c", &[rule(300)]).await);
+    let d = l.acquire(t0 + 4, "d", &[rule(600)]).await.expect("limiter");
+    assert_eq!(refusal(d), (Some(Duration::from_millis(3_599_996)), false));
+    // `e` (400) would fit once `c` is settled: it waits for `c`.
+    let e = l.acquire(t0 + 5, "e", &[rule(400)]).await.expect("limiter");
+    assert!(refusal(e).1, "c is running: e waits for it");
+    // `c` failed (a refund, cost 0): `e` fits.
+    l.settle("c", &[(key.into(), 0)]).await.expect("settle");
+    assert!(admitted(l, t0 + 6, "e", &[rule(400)]).await);
+}
+
+#[tokio::test]
+async fn a_token_refusal_by_running_requests_waits_for_one_memory() {
+    a_wait_for_running_reservations(&MemoryLimiter::new(), "running").await;
+}
+
+#[tokio::test]
+async fn a_token_refusal_by_running_requests_waits_for_one_redis() {
+    if let Some((l, key)) = shared_redis(true).await {
+        a_wait_for_running_reservations(&l, &key).await;
+    }
+}
+
+/// Over HTTP: two concurrent chats without `max_tokens` on a 6,000 tokens an hour window (each
+/// reserves the router's default bound, 4,096): the second is told to come back in a second,
+/// and the SDKs may retry it (`x-should-retry` is not false). It used to be told an hour, and
+/// not to retry. Once the first is answered (settled at its few tokens) the next one passes.
+#[tokio::test]
+async fn a_chat_refused_for_a_running_ones_reservation_is_retried_soon() {
+    let s = Stack::start_tweaked(Pricing::free(), |c| {
+        c.rate_limits.tokens = vec![Rate {
+            count: 6_000,
+            unit: RateUnit::Hour,
+        }]
+    })
+    .await;
+    // Within the stack's request timeout (1.5 s).
+    s.upstream.set_mode(Mode::Delay(Duration::from_millis(700)));
+    let running = tokio::spawn(s.openai_chat(json!({})).send());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let refused = s.openai_chat(json!({})).send().await.expect("http");
+    assert_eq!(refused.status(), 429);
+    let h = refused.headers().clone();
+    assert_eq!(h["retry-after"], "1", "{h:?}");
+    assert_ne!(
+        h.get("x-should-retry").map(|v| v.as_bytes()),
+        Some(&b"false"[..]),
+        "{h:?}"
+    );
+    let body: Value = refused.json().await.expect("json");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("requests still running"), "{body}");
+    let first = running.await.expect("task").expect("http");
+    assert_eq!(first.status(), 200);
+    s.upstream.set_mode(Mode::Ok);
+    let next = s.openai_chat(json!({})).send().await.expect("http");
+    assert_eq!(next.status(), 200);
+    assert_consistent(&s.ledger.store).await;
+}
+
 /// One router, in-process limiter: 30 concurrent HTTP requests at 10/minute, exactly 10 answered;
 /// the refusals are 429 with Retry-After and OpenAI's headers, cost nothing and leave usage rows.
 #[tokio::test]

@@ -8,9 +8,9 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use prometheus::{register_int_counter_vec, IntCounterVec};
-use syft_error::{QuotaDetails, Reason};
 
-use super::headers::{format_reset, RateHeaders};
+use super::headers::RateHeaders;
+use super::refusal::{refusal, Wait};
 use super::renew::Renewal;
 use super::settle::{spawn_settle, Change};
 use super::{
@@ -19,7 +19,7 @@ use super::{
 };
 use crate::config::{LimiterBackend, OnFailure, RateLimits, RouterConfig, ServiceKind};
 use crate::drain::DrainGuard;
-use crate::error::{QuotaRefusal, RouterError};
+use crate::error::RouterError;
 
 /// The prefix of every window's keys in a shared store. Versions before 2026-12-04 kept a
 /// window's set at the bare key and its costs and total at the `:c` and `:s` this layout also
@@ -289,10 +289,12 @@ impl Gate {
             Ok(Verdict::Refused {
                 rule,
                 retry_after,
+                awaits_running,
                 states,
             }) => {
                 CHECKS.with_label_values(&[backend, "refused"]).inc();
-                Err(refusal(user, &rules, rule, retry_after, &states))
+                let wait = Wait::of(retry_after, awaits_running);
+                Err(refusal(user, &rules, rule, wait, &states))
             }
             Err(e) => self.store_failed(user, e),
         }
@@ -339,59 +341,6 @@ impl Gate {
     pub fn limiter(&self) -> Arc<dyn Limiter> {
         self.limiter.clone()
     }
-}
-
-fn refusal(
-    user: &str,
-    rules: &[Rule],
-    idx: usize,
-    retry_after: Option<Duration>,
-    states: &[WindowState],
-) -> RouterError {
-    let rule = &rules[idx];
-    let reason = match rule.kind {
-        RuleKind::Requests | RuleKind::Tokens => Reason::RateLimited,
-        RuleKind::Concurrency | RuleKind::RouterConcurrency => Reason::ConcurrencyLimited,
-    };
-    let subject = match rule.kind {
-        RuleKind::RouterConcurrency => "router".to_string(),
-        _ => format!("user:{user}"),
-    };
-    let message = match (rule.kind, retry_after) {
-        // Its stored window is the slots' crash lease, no wait to tell a client.
-        _ if rule.is_concurrency() => format!(
-            "limit reached ({}); retry when a request in flight ends",
-            rule.describe
-        ),
-        (RuleKind::Tokens, None) => format!(
-            "this request reserves {} tokens, more than the limit of {}; lower max_tokens",
-            rule.cost, rule.describe
-        ),
-        (_, Some(after)) => format!(
-            "rate limit reached ({}); retry after {}",
-            rule.describe,
-            format_reset(after)
-        ),
-        (_, None) => format!(
-            "limit reached ({}); retry when a request ends",
-            rule.describe
-        ),
-    };
-    // A slot frees when some request ends: suggest a short wait rather than none.
-    let retry_after = match rule.is_concurrency() {
-        true => Some(Duration::from_secs(1)),
-        false => retry_after,
-    };
-    RouterError::Quota(Box::new(QuotaRefusal {
-        reason,
-        message,
-        details: QuotaDetails {
-            retry_after,
-            violations: vec![(subject, rule.describe.clone())],
-        },
-        headers: RateHeaders::from_states(rules, states),
-        never_fits: rule.kind == RuleKind::Tokens && retry_after.is_none(),
-    }))
 }
 
 /// An admitted request's place in its windows. Settle the tokens once the answer's count is

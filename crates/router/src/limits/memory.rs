@@ -4,15 +4,25 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use super::{retry_after, Limiter, LimiterError, Reply, Rule, Slots, Verdict, WindowState};
+use super::{
+    refusal_rank, retry_after, Limiter, LimiterError, Reply, Rule, Slots, Verdict, WindowState,
+};
 
 /// Above this many keys, a sweep drops the windows whose entries have all aged out.
 const SWEEP_ABOVE: usize = 100_000;
 
+struct Entry {
+    added_ms: u64,
+    lease: String,
+    cost: u64,
+    /// A token reservation not settled yet: its request is still running.
+    running: bool,
+}
+
 #[derive(Default)]
 struct Window {
-    /// `(added_ms, lease, cost)`, oldest first.
-    entries: VecDeque<(u64, String, u64)>,
+    /// Oldest first.
+    entries: VecDeque<Entry>,
     total: u64,
     /// The window's length, as its rule last said: the sweep ages entries out with it.
     window_ms: u64,
@@ -20,11 +30,11 @@ struct Window {
 
 impl Window {
     fn expire(&mut self, now_ms: u64, window_ms: u64) {
-        while let Some((at, _, cost)) = self.entries.front() {
-            if at.saturating_add(window_ms) > now_ms {
+        while let Some(e) = self.entries.front() {
+            if e.added_ms.saturating_add(window_ms) > now_ms {
                 break;
             }
-            self.total = self.total.saturating_sub(*cost);
+            self.total = self.total.saturating_sub(e.cost);
             self.entries.pop_front();
         }
     }
@@ -33,7 +43,7 @@ impl Window {
         let reset = self
             .entries
             .back()
-            .map(|(at, _, _)| at.saturating_add(window_ms).saturating_sub(now_ms))
+            .map(|e| e.added_ms.saturating_add(window_ms).saturating_sub(now_ms))
             .unwrap_or(0);
         WindowState {
             limit,
@@ -89,24 +99,27 @@ impl MemoryLimiter {
             w.window_ms = window_ms;
             w.expire(now, window_ms);
             if w.total.saturating_add(r.cost) > r.limit {
-                let entries = w.entries.iter().map(|(at, _, c)| (*at, *c));
+                let entries = w.entries.iter().map(|e| (e.added_ms, e.cost));
                 let retry = retry_after(entries, w.total, r.cost, r.limit, window_ms, now);
-                // The rule that refuses longest, as in Redis: never fitting beats any time, and
-                // a slot (freed when a request ends) counts only when nothing else refuses.
-                let rank = match (r.is_concurrency(), retry) {
-                    (true, _) => 0,
-                    (false, None) => u128::MAX,
-                    (false, Some(after)) => after.as_millis().saturating_add(1),
-                };
-                if refused.is_none_or(|(_, _, best)| rank > best) {
-                    refused = Some((i, retry, rank));
+                let running: u64 = w.entries.iter().filter(|e| e.running).map(|e| e.cost).sum();
+                let awaits_running = running > 0
+                    && w.total.saturating_sub(running).saturating_add(r.cost) <= r.limit;
+                // The rule that refuses longest, as in Redis (`refusal_rank`).
+                let rank = refusal_rank(r, retry, awaits_running);
+                if refused.is_none_or(|(_, _, _, best)| rank > best) {
+                    refused = Some((i, retry, awaits_running, rank));
                 }
             }
         }
         if refused.is_none() {
             for r in rules.iter().filter(|r| r.cost > 0) {
                 if let Some(w) = map.get_mut(&r.key) {
-                    w.entries.push_back((now, lease.to_string(), r.cost));
+                    w.entries.push_back(Entry {
+                        added_ms: now,
+                        lease: lease.to_string(),
+                        cost: r.cost,
+                        running: r.reserves(),
+                    });
                     w.total = w.total.saturating_add(r.cost);
                 }
             }
@@ -114,9 +127,10 @@ impl MemoryLimiter {
         let states = states(map, rules, now);
         Ok(match refused {
             None => Verdict::Admitted(states),
-            Some((rule, retry_after, _)) => Verdict::Refused {
+            Some((rule, retry_after, awaits_running, _)) => Verdict::Refused {
                 rule,
                 retry_after,
+                awaits_running,
                 states,
             },
         })
@@ -129,15 +143,16 @@ impl MemoryLimiter {
                 continue;
             };
             // Settlements follow admissions closely, so the lease is near the back.
-            let Some(pos) = w.entries.iter().rposition(|(_, l, _)| l == lease) else {
+            let Some(pos) = w.entries.iter().rposition(|e| e.lease == lease) else {
                 continue;
             };
-            let old = w.entries[pos].2;
+            let old = w.entries[pos].cost;
             w.total = w.total.saturating_sub(old).saturating_add(*cost);
             if *cost == 0 {
                 w.entries.remove(pos);
             } else {
-                w.entries[pos].2 = *cost;
+                w.entries[pos].cost = *cost;
+                w.entries[pos].running = false;
             }
         }
         Ok(())
@@ -150,13 +165,13 @@ impl MemoryLimiter {
                 continue;
             };
             w.expire(now, ms(*window));
-            let Some(pos) = w.entries.iter().rposition(|(_, l, _)| l == lease) else {
+            let Some(pos) = w.entries.iter().rposition(|e| e.lease == lease) else {
                 continue;
             };
             // Moved to the back, as a new entry: `expire` reads the entries oldest first.
-            if let Some((_, lease, cost)) = w.entries.remove(pos) {
-                w.entries
-                    .push_back((now.max(w.entries.back().map_or(0, |e| e.0)), lease, cost));
+            if let Some(mut e) = w.entries.remove(pos) {
+                e.added_ms = now.max(w.entries.back().map_or(0, |b| b.added_ms));
+                w.entries.push_back(e);
             }
         }
         Ok(())

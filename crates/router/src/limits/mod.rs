@@ -19,6 +19,7 @@ mod headers;
 mod memory;
 mod redis;
 mod redis_conn;
+mod refusal;
 mod renew;
 mod settle;
 
@@ -98,14 +99,38 @@ pub struct WindowState {
 pub enum Verdict {
     /// Recorded in every window; states in rule order.
     Admitted(Vec<WindowState>),
-    /// Recorded nowhere. `rule` is the index of the first window that refused; `retry_after` is
-    /// when enough of it ages out (`None`: the cost can never fit, or a slot frees when another
-    /// request ends).
+    /// Recorded nowhere. `rule` is the index of the window that refuses longest; `retry_after`
+    /// is when enough of it ages out (`None`: the cost can never fit, or a slot frees when
+    /// another request ends).
     Refused {
         rule: usize,
         retry_after: Option<Duration>,
+        /// The refusing window is a token window that would admit the request once the requests
+        /// still running in it are settled: they reserved the most they may use and are settled
+        /// to their real count when they end, so the wait is for one to end, not for `retry_after`
+        /// (which may be the whole window).
+        awaits_running: bool,
         states: Vec<WindowState>,
     },
+}
+
+impl Rule {
+    /// Whether this window's entries are reservations settled when their request ends (a token
+    /// window) rather than exact from the start (requests) or slots (concurrency).
+    pub const fn reserves(&self) -> bool {
+        matches!(self.kind, RuleKind::Tokens)
+    }
+}
+
+/// How long a refusal by `rule` makes a client wait, to pick the longest of several: a window the
+/// cost never fits beats any time, and a wait for a request to end (a slot, or a reservation still
+/// running) only counts when nothing else refuses.
+pub(crate) fn refusal_rank(rule: &Rule, retry: Option<Duration>, awaits_running: bool) -> u128 {
+    match (rule.is_concurrency() || awaits_running, retry) {
+        (true, _) => 0,
+        (false, None) => u128::MAX,
+        (false, Some(after)) => after.as_millis().saturating_add(1),
+    }
 }
 
 /// The shared store could not answer (down, timed out, bad reply).

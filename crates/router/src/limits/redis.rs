@@ -1,8 +1,10 @@
 //! The Redis limiter: the windows live in one Redis shared by every router replica; each check is
 //! one Lua script, which Redis runs atomically, so replicas never admit more than the limit.
 //!
-//! A window is three keys: a sorted set of leases scored by the time they were added
-//! (`<key>:z`), a hash of their costs (`<key>:c`) and their running total (`<key>:s`). The three
+//! A window is four keys: a sorted set of leases scored by the time they were added
+//! (`<key>:z`), a hash of their costs (`<key>:c`), their running total (`<key>:s`) and, in a token
+//! window, the set of leases whose reservation is not settled yet (`<key>:r`, their requests still
+//! running; a refusal they cause waits for one to end, not for the window). The four
 //! suffixes have one length, so no user's key (which ends in their email, `gate.rs`) plus a
 //! suffix can spell another user's: with the set at bare `<key>`, the email `a@x.io:s` named the
 //! total of `a@x.io`, and its first request made that user's every check fail (`WRONGTYPE`).
@@ -26,22 +28,25 @@ if now < 0 then
 end
 ";
 
-/// KEYS: three per rule (set, costs, total), then, when recording, the lease's tombstone
-/// ([`tombstone_key`]). ARGV: now (ms, or -1 for Redis's own clock), lease, record (1) or peek (0), then per rule:
-/// limit, window_ms, cost, slot (1: a concurrency rule, whose wait is a request ending, not a time). Returns `{refused rule (1-based, 0 = none), retry_ms (-1 = none), then
-/// per rule: total, reset_ms}`; of several refusing rules, the one that refuses longest (one
-/// the cost never fits, else the latest retry, a slot's only when nothing else refuses), so a
-/// client waits once, for a retry that passes. A lease with a tombstone is not recorded: it was taken back
+/// KEYS: four per rule (set, costs, total, running), then, when recording, the lease's tombstone
+/// ([`tombstone_key`]). ARGV: now (ms, or -1 for Redis's own clock), lease, record (1) or peek
+/// (0), then per rule: limit, window_ms, cost, kind (1: a concurrency rule, whose wait is a
+/// request ending, not a time; 2: a token window, whose entries are reservations running until
+/// settled; 0: neither). Returns `{refused rule (1-based, 0 = none), retry_ms (-1 = none),
+/// awaits running (1 or 0), then per rule: total, reset_ms}`; of several refusing rules, the one
+/// that refuses longest (one the cost never fits, else the latest retry; a slot's, or a token
+/// window's that running reservations fill, only when nothing else refuses), so a client waits
+/// once, for a retry that passes. A lease with a tombstone is not recorded: it was taken back
 /// before it arrived.
 const ACQUIRE: &str = r"
 local lease = ARGV[2]
 local record = ARGV[3] == '1'
-local n = math.floor(#KEYS / 3)
-if #KEYS % 3 == 1 and redis.call('EXISTS', KEYS[#KEYS]) == 1 then record = false end
-local refused, retry, best = 0, -1, -1
+local n = math.floor(#KEYS / 4)
+if #KEYS % 4 == 1 and redis.call('EXISTS', KEYS[#KEYS]) == 1 then record = false end
+local refused, retry, awaits, best = 0, -1, 0, -1
 local totals = {}
 for i = 1, n do
-  local z, h, s = KEYS[3*i-2], KEYS[3*i-1], KEYS[3*i]
+  local z, h, s, run = KEYS[4*i-3], KEYS[4*i-2], KEYS[4*i-1], KEYS[4*i]
   local limit, window, cost = tonumber(ARGV[4*i]), tonumber(ARGV[4*i+1]), tonumber(ARGV[4*i+2])
   local cutoff = now - window
   local old = redis.call('ZRANGEBYSCORE', z, '-inf', cutoff)
@@ -52,9 +57,10 @@ for i = 1, n do
       for k = j, math.min(j + 499, #old) do chunk[#chunk + 1] = old[k] end
       for _, c in ipairs(redis.call('HMGET', h, unpack(chunk))) do freed = freed + (tonumber(c) or 0) end
       redis.call('HDEL', h, unpack(chunk))
+      redis.call('SREM', run, unpack(chunk))
     end
     redis.call('ZREMRANGEBYSCORE', z, '-inf', cutoff)
-    if redis.call('EXISTS', z) == 0 then redis.call('DEL', s) else redis.call('DECRBY', s, freed) end
+    if redis.call('EXISTS', z) == 0 then redis.call('DEL', s, run) else redis.call('DECRBY', s, freed) end
   end
   local total = tonumber(redis.call('GET', s) or '0')
   if total < 0 then total = 0 end
@@ -76,30 +82,49 @@ for i = 1, n do
         start = start + 100
       end
     end
+    -- Reservations of requests still running are settled to their real count when they end:
+    -- if the request fits without them, its wait is for one to end.
+    local waits = 0
+    if ARGV[4*i+3] == '2' then
+      local running = 0
+      local leases = redis.call('SMEMBERS', run)
+      for j = 1, #leases, 500 do
+        local chunk = {}
+        for k = j, math.min(j + 499, #leases) do chunk[#chunk + 1] = leases[k] end
+        for _, c in ipairs(redis.call('HMGET', h, unpack(chunk))) do running = running + (tonumber(c) or 0) end
+      end
+      if running > 0 and total - running + cost <= limit then waits = 1 end
+    end
     -- The rule that refuses longest is the one to report: never fitting beats any time, and
-    -- a slot (which frees when a request ends) only counts when nothing else refuses.
+    -- a wait for a request to end (a slot, a running reservation) only counts when nothing
+    -- else refuses (`refusal_rank` in mod.rs).
     local rank = r
-    if ARGV[4*i+3] == '1' then rank = 0 elseif r < 0 then rank = math.huge end
-    if rank > best then refused, retry, best = i, r, rank end
+    if ARGV[4*i+3] == '1' or waits == 1 then rank = 0 elseif r < 0 then rank = math.huge end
+    if rank > best then refused, retry, awaits, best = i, r, waits, rank end
   end
 end
 if refused == 0 and record then
   for i = 1, n do
-    local z, h, s = KEYS[3*i-2], KEYS[3*i-1], KEYS[3*i]
+    local z, h, s, run = KEYS[4*i-3], KEYS[4*i-2], KEYS[4*i-1], KEYS[4*i]
     local window, cost = tonumber(ARGV[4*i+1]), tonumber(ARGV[4*i+2])
     if cost > 0 then
       redis.call('ZADD', z, now, lease)
       redis.call('HSET', h, lease, cost)
       redis.call('INCRBY', s, cost)
       totals[i] = totals[i] + cost
-      for _, k in ipairs({z, h, s}) do redis.call('PEXPIRE', k, window + 1000) end
+      local keys = {z, h, s}
+      if ARGV[4*i+3] == '2' then
+        redis.call('SADD', run, lease)
+        keys[4] = run
+      end
+      for _, k in ipairs(keys) do redis.call('PEXPIRE', k, window + 1000) end
     end
   end
 end
-local out = {refused, retry}
+local out = {refused, retry, awaits}
 for i = 1, n do
   local window = tonumber(ARGV[4*i+1])
-  local newest = redis.call('ZRANGE', KEYS[3*i-2], -1, -1, 'WITHSCORES')
+  local newest = redis.call('ZRANGE', KEYS[4*i-3], -1, -1, 'WITHSCORES')
   local reset = 0
   if #newest > 0 then reset = math.max(0, tonumber(newest[2]) + window - now) end
   out[#out + 1] = totals[i]
@@ -108,17 +133,19 @@ end
 return out
 ";
 
-/// KEYS: three per window (set, costs, total), then, for a take-back only, the lease's tombstone.
-/// ARGV: lease, the tombstone's life in ms, then the new cost per window.
-/// A take-back of a lease no window holds leaves the tombstone: if the lease's check is still on
-/// its way (it overtook the check, on another connection), the check then records nothing.
+/// KEYS: four per window (set, costs, total, running), then, for a take-back only, the lease's
+/// tombstone. ARGV: lease, the tombstone's life in ms, then the new cost per window. A settled
+/// lease is no longer running. A take-back of a lease no window holds leaves the tombstone: if
+/// the lease's check is still on its way (it overtook the check, on another connection), the
+/// check then records nothing.
 const SETTLE: &str = r"
 local lease = ARGV[1]
 local missing = false
-for i = 1, math.floor(#KEYS / 3) do
-  local z, h, s = KEYS[3*i-2], KEYS[3*i-1], KEYS[3*i]
+for i = 1, math.floor(#KEYS / 4) do
+  local z, h, s, run = KEYS[4*i-3], KEYS[4*i-2], KEYS[4*i-1], KEYS[4*i]
   local cost = tonumber(ARGV[i + 2])
   local old = redis.call('HGET', h, lease)
+  redis.call('SREM', run, lease)
   if old then
     if cost == 0 then
       redis.call('ZREM', z, lease)
@@ -129,7 +156,7 @@ for i = 1, math.floor(#KEYS / 3) do
     -- An emptied window leaves no total behind: a stranger's requests, each naming a new email
     -- and taken back when the ledger refused its token, left a zero for a window's life apiece.
     if redis.call('EXISTS', z) == 0 then
-      redis.call('DEL', s)
+      redis.call('DEL', s, run)
     else
       redis.call('INCRBY', s, cost - tonumber(old))
     end
@@ -137,20 +164,20 @@ for i = 1, math.floor(#KEYS / 3) do
     missing = true
   end
 end
-if missing and #KEYS % 3 == 1 then redis.call('SET', KEYS[#KEYS], '1', 'PX', ARGV[2]) end
+if missing and #KEYS % 4 == 1 then redis.call('SET', KEYS[#KEYS], '1', 'PX', ARGV[2]) end
 return 1
 ";
 
-/// KEYS: three per window (set, costs, total). ARGV: now (ms, or -1 for Redis's own clock),
-/// lease, then each window's length in ms. Moves the lease's entry to now in each window that
-/// still holds it, and the window's keys' expiry with it.
+/// KEYS: four per window (set, costs, total, running). ARGV: now (ms, or -1 for Redis's own
+/// clock), lease, then each window's length in ms. Moves the lease's entry to now in each window
+/// that still holds it, and the window's keys' expiry with it.
 const RENEW: &str = r"
 local lease = ARGV[2]
-for i = 1, math.floor(#KEYS / 3) do
-  local z, h, s = KEYS[3*i-2], KEYS[3*i-1], KEYS[3*i]
+for i = 1, math.floor(#KEYS / 4) do
+  local z, h, s, run = KEYS[4*i-3], KEYS[4*i-2], KEYS[4*i-1], KEYS[4*i]
   if redis.call('ZSCORE', z, lease) then
     redis.call('ZADD', z, 'XX', now, lease)
-    for _, k in ipairs({z, h, s}) do redis.call('PEXPIRE', k, tonumber(ARGV[i + 2]) + 1000) end
+    for _, k in ipairs({z, h, s, run}) do redis.call('PEXPIRE', k, tonumber(ARGV[i + 2]) + 1000) end
   end
 end
 return 1
@@ -175,10 +202,15 @@ fn never_sent(e: &redis::RedisError) -> bool {
     e.is_connection_refusal() || e.is_timeout()
 }
 
-/// The three keys of a window, in the scripts' order: set, costs, total (the module docs say why
-/// each has a suffix).
-fn window_keys(key: &str) -> [String; 3] {
-    [format!("{key}:z"), format!("{key}:c"), format!("{key}:s")]
+/// The four keys of a window, in the scripts' order: set, costs, total, running (the module docs
+/// say why each has a suffix).
+fn window_keys(key: &str) -> [String; 4] {
+    [
+        format!("{key}:z"),
+        format!("{key}:c"),
+        format!("{key}:s"),
+        format!("{key}:r"),
+    ]
 }
 
 /// How long a settle waits for Redis (or the checks' `limiter.timeout`, if longer): settles run
@@ -270,18 +302,22 @@ impl RedisLimiter {
             inv.arg(r.limit)
                 .arg(u64::try_from(r.window.as_millis()).unwrap_or(u64::MAX))
                 .arg(r.cost)
-                .arg(u8::from(r.is_concurrency()));
+                .arg(match (r.is_concurrency(), r.reserves()) {
+                    (true, _) => 1u8,
+                    (false, true) => 2,
+                    (false, false) => 0,
+                });
         }
         if record {
             inv.key(tombstone_key(lease));
         }
         let out: Vec<i64> = self.run(inv, self.timeout).await?;
-        if out.len() != 2 + 2 * rules.len() {
+        if out.len() != 3 + 2 * rules.len() {
             return Err(LimiterError::unknown("redis: unexpected script reply"));
         }
         let states = rules
             .iter()
-            .zip(out[2..].chunks(2))
+            .zip(out[3..].chunks(2))
             .map(|(r, pair)| {
                 let total = u64::try_from(pair[0]).unwrap_or(0);
                 WindowState {
@@ -296,6 +332,7 @@ impl RedisLimiter {
             n => Verdict::Refused {
                 rule: n - 1,
                 retry_after: u64::try_from(out[1]).ok().map(Duration::from_millis),
+                awaits_running: out[2] == 1,
                 states,
             },
         })
