@@ -1083,6 +1083,46 @@ async fn a_stream_the_client_left_keeps_its_delivered_tokens() {
     assert_consistent(&s.ledger.store).await;
 }
 
+/// A stream that fails after its client was sent text is voided (nothing charged) but keeps
+/// its prompt and that text in the token windows, as a stream its client left does. It gave the
+/// whole reservation back, so the text it delivered counted in no window (a known gap until
+/// 2026-12-08).
+#[tokio::test]
+async fn a_stream_that_failed_after_text_keeps_its_delivered_tokens() {
+    const LIMIT: u64 = 100_000;
+    let s = free_with_tokens_per_minute(LIMIT).await;
+    s.upstream.set_mode(Mode::StreamGarbage);
+    let mut c = s.client().await;
+    let mut stream = c
+        .chat_stream(s.request("hi"))
+        .await
+        .expect("stream")
+        .into_inner();
+    stream.message().await.expect("first").expect("delta");
+    loop {
+        match stream.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream was to fail"),
+            Err(_) => break,
+        }
+    }
+    let tokens_left = || tokens_left(&s, &c);
+    // Settled in the background: wait for the reservation (100 completion tokens) to be
+    // replaced by what was kept.
+    let mut left = tokens_left().await;
+    for _ in 0..50 {
+        if left > LIMIT - 100 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        left = tokens_left().await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let left = tokens_left().await;
+    assert!(left > LIMIT - 100 && left < LIMIT, "{left} of {LIMIT} left");
+    assert_consistent(&s.ledger.store).await;
+}
+
 /// The tokens left in the window once a request the client left has settled (its reservation
 /// given back down to what it keeps: more than `settled` left), or after 3 s.
 async fn tokens_left_once_settled(

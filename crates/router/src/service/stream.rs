@@ -369,6 +369,14 @@ impl RouterService {
                 self.void_left(&p, hold, units, ttft_ms, times).await;
             }
             End::Failed(e) => {
+                // The money is voided (the contract), but the text the client was sent counts
+                // in its token windows, as a stream it left does (`void_left`): refunded, a
+                // stream that failed after most of its answer counted in no window.
+                if !delivered.trim().is_empty() {
+                    let input = self.prompt_tokens(&p).await;
+                    let output = super::at_most_the_limit(&p, tokens::count_text(delivered));
+                    Self::settle_pass(&p.t, input.saturating_add(output)).await;
+                }
                 self.fail(&p, hold, &e, started, upstream_ms).await;
                 metrics::observe_failure(self.provider(), "stream", &e, started, upstream_time);
                 if let Some(last) = last {
