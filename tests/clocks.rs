@@ -24,7 +24,10 @@ const ALICE: &str = "alice@example.com";
 fn have_faketime() -> bool {
     let found = Path::new(LIBFAKETIME).exists();
     if !found {
-        println!("SKIPPED: {LIBFAKETIME} not found (Debian package faketime)");
+        syft_testkit::skipped(
+            syft_testkit::Need::Faketime,
+            format!("{LIBFAKETIME} not found (Debian package faketime)"),
+        );
     }
     found
 }

@@ -596,11 +596,17 @@ fn docker_image_builds_when_an_engine_runs() {
     match engine {
         Ok(out) if out.status.success() => {}
         Ok(_) => {
-            eprintln!("SKIPPED: no Docker engine answers (`docker info` failed); image not built");
+            syft_testkit::skipped(
+                syft_testkit::Need::Docker,
+                "no Docker engine answers (`docker info` failed); image not built",
+            );
             return;
         }
         Err(e) => {
-            eprintln!("SKIPPED: no docker command ({e}); image not built");
+            syft_testkit::skipped(
+                syft_testkit::Need::Docker,
+                format!("no docker command ({e}); image not built"),
+            );
             return;
         }
     }

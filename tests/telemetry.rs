@@ -271,6 +271,26 @@ async fn one_request_is_one_trace_across_router_and_ledger() {
     ] {
         assert!(ledger_metrics.contains(needle), "ledger /metrics lacks {needle}:\n{ledger_metrics}");
     }
+    // The pool as each scrape found it, before its own reads: never a negative count, and an idle
+    // ledger reads as idle. It was read after them, so the scrape's own connection (still on
+    // its way back) was in use: an idle SQLite ledger read `idle -1, in_use 2` or `0, 1`.
+    let mut in_use_seen = Vec::new();
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let scraped = metrics(ledger_http).await;
+        let gauge = |state: &str| -> i64 {
+            let name = format!("syft_ledger_db_connections{{state=\"{state}\"}} ");
+            scraped
+                .lines()
+                .find_map(|l| l.strip_prefix(name.as_str()))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(-100)
+        };
+        let (idle, in_use) = (gauge("idle"), gauge("in_use"));
+        assert!(idle >= 0 && in_use >= 0, "idle {idle}, in use {in_use}");
+        in_use_seen.push(in_use);
+    }
+    assert!(in_use_seen.contains(&0), "an idle ledger: {in_use_seen:?}");
     // Made-up gRPC paths and HTTP methods, which anyone can send: counted under one label each,
     // never as new series named by the caller.
     {

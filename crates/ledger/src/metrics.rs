@@ -162,6 +162,17 @@ pub async fn render(store: &Store) -> axum::response::Response {
     // Listed from the first scrape, a stale one included (at 0 until a first read).
     std::sync::LazyLock::force(&PENDING);
     crate::alerts::metrics::at_zero();
+    // The pool as the scrape found it, before its own reads take connections (read after them,
+    // they were still on their way back: an idle SQLite ledger read `idle -1, in_use 2`).
+    let pool = store.pool();
+    let size = i64::from(pool.size());
+    // sqlx's idle count can wrap below zero for a moment while a connection changes hands.
+    let idle = i64::try_from(pool.num_idle())
+        .ok()
+        .filter(|n| *n <= size)
+        .unwrap_or(0);
+    POOL.with_label_values(&["idle"]).set(idle);
+    POOL.with_label_values(&["in_use"]).set(size - idle);
     // Both reads at once, each setting its own gauges: a lock on one table (or an error) leaves
     // the other's values fresh.
     let refresh = async {
@@ -185,11 +196,6 @@ pub async fn render(store: &Store) -> axum::response::Response {
         }
     };
     STALE.set(i64::from(stale));
-    let pool = store.pool();
-    let idle = pool.num_idle() as i64;
-    POOL.with_label_values(&["idle"]).set(idle);
-    POOL.with_label_values(&["in_use"])
-        .set(i64::from(pool.size()).saturating_sub(idle));
     syft_telemetry::metrics::response()
 }
 

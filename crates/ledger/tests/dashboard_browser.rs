@@ -278,8 +278,9 @@ async fn dashboard_in_chromium() {
         .output()
         .is_err()
     {
-        println!(
-            "SKIPPED: chromedriver is not installed (apt-get install chromium chromium-driver)"
+        syft_testkit::skipped(
+            syft_testkit::Need::Chromedriver,
+            "chromedriver is not installed (apt-get install chromium chromium-driver)",
         );
         return;
     }

@@ -100,7 +100,10 @@ impl Cluster {
             "initdb",
             &["-D", data, "-A", "trust", "-U", "postgres", "--no-sync"],
         ) {
-            eprintln!("SKIPPED: initdb failed: {e}");
+            syft_testkit::skipped(
+                syft_testkit::Need::PostgresCluster,
+                format!("initdb failed: {e}"),
+            );
             return None;
         }
         c.start().ok()?;
@@ -236,7 +239,10 @@ fn capture<'a>(id: &'a str, owner: &AccountRow) -> ResolveInput<'a> {
 #[tokio::test]
 async fn holds_lost_in_a_postgres_crash_are_never_charged() {
     let Some(cluster) = Cluster::create() else {
-        eprintln!("SKIPPED: no initdb/pg_ctl to run a private Postgres cluster");
+        syft_testkit::skipped(
+            syft_testkit::Need::PostgresCluster,
+            "no initdb/pg_ctl to run a private Postgres cluster",
+        );
         return;
     };
     let store = connect(&cluster).await;

@@ -1741,6 +1741,92 @@ async fn verify_sees_each(h: &Harness, cases: &[(String, String, &str)]) {
     }
 }
 
+/// Each of `verify`'s first checks (the journal, conservation, an account's balance and held
+/// money, a token's counters) reports the books it is given wrong on its own: made by SQL one row
+/// at a time, seen, and undone. They were only ever run on sound books, or on a change that
+/// tripped three of them at once, so any one could have been loosened unseen (a tests reviewer's
+/// finding, 2026-12-08). (Negative available money is refused by the database itself, the
+/// `held_within_balance` constraint, so its check cannot be made to fire by SQL.)
+async fn verify_sees_each_basic_check_fire(h: Harness) -> Harness {
+    let (owner, alice, token) = setup(&h, 10 * USD).await;
+    let mut router = h.client(&owner);
+    let t = granted(&mut router, 2 * USD, &token, "captured").await;
+    ok(router.capture(capture_full(&t.id)).await);
+    granted(&mut router, USD, &token, "pending").await;
+    drop(alice);
+    h.assert_consistent().await;
+    let pool = h.store.pool();
+    let token_id: String = sqlx::query_scalar("SELECT id FROM tokens")
+        .fetch_one(pool)
+        .await
+        .expect("the token");
+    let alice = format!("email = '{ALICE}'");
+    let account_entry =
+        "id = (SELECT MIN(id) FROM journal WHERE account_id IS NOT NULL)".to_string();
+    let deposit = "id = (SELECT MIN(id) FROM deposits)".to_string();
+    let case = |table: &str, set: &str, undo: &str, at: &str, expect: &'static str| {
+        (
+            format!("UPDATE {table} SET {set} WHERE {at}"),
+            format!("UPDATE {table} SET {undo} WHERE {at}"),
+            expect,
+        )
+    };
+    let cases = [
+        case(
+            "journal",
+            "amount = amount + 1",
+            "amount = amount - 1",
+            &account_entry,
+            "journal does not balance",
+        ),
+        case(
+            "deposits",
+            "amount = amount + 1",
+            "amount = amount - 1",
+            &deposit,
+            "system journal side",
+        ),
+        case(
+            "deposits",
+            "amount = amount + 1",
+            "amount = amount - 1",
+            &deposit,
+            "conservation broken: balances",
+        ),
+        case(
+            "accounts",
+            "balance = balance + 1",
+            "balance = balance - 1",
+            &alice,
+            "!= journal",
+        ),
+        case(
+            "accounts",
+            "held = held + 1",
+            "held = held - 1",
+            &alice,
+            "!= pending transfers",
+        ),
+        case(
+            "tokens",
+            "held = held + 1",
+            "held = held - 1",
+            &format!("id = '{token_id}'"),
+            "/spent",
+        ),
+        case(
+            "tokens",
+            "spent = spent + 1",
+            "spent = spent - 1",
+            &format!("id = '{token_id}'"),
+            "/spent",
+        ),
+    ];
+    let cases: Vec<(String, String, &str)> = cases.into_iter().collect();
+    verify_sees_each(&h, &cases).await;
+    h
+}
+
 /// `verify` sees a token whose spent and held money together exceed its spend limit, and a
 /// capture recorded at or after its hold's expiry, though every balance, journal entry and token
 /// counter still agrees with the transfers (it checked neither). Each is made by SQL, seen, and
@@ -1966,6 +2052,7 @@ async fn verify_sees_rows_currencies_and_stamps_that_disagree(h: Harness) -> Har
 }
 
 store_suite!(
+    verify_sees_each_basic_check_fire,
     verify_sees_rows_currencies_and_stamps_that_disagree,
     a_paid_row_names_its_transfers_payer_and_app,
     verify_sees_a_token_past_its_limit_and_a_capture_after_expiry,
@@ -2011,7 +2098,10 @@ async fn postgres_over_tls_when_the_url_asks() {
         .await
         .expect("show ssl");
     if ssl != "on" {
-        eprintln!("SKIPPED: this Postgres serves no TLS (ssl = {ssl})");
+        syft_testkit::skipped(
+            syft_testkit::Need::PostgresTls,
+            format!("this Postgres serves no TLS (ssl = {ssl})"),
+        );
         plain.close().await.expect("close");
         db.drop_postgres().await;
         return;

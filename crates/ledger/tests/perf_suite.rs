@@ -242,7 +242,7 @@ async fn transactions_of(store: &Store, prefix: &str) -> (i64, i64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_a_replay_does_not_break_up_its_batch() {
     let Some(db) = Db::postgres().await else {
-        println!("SKIPPED: no DATABASE_URL");
+        // `Db::postgres` said it skipped.
         return;
     };
     let store = Arc::new(Store::connect_with(&db.url, 8, 1).await.expect("store"));

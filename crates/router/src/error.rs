@@ -167,7 +167,14 @@ impl RouterError {
         match self {
             RouterError::InvalidArgument(_) | RouterError::NotFound(_) => "invalid_request_error",
             RouterError::PaymentRequired(_) => "payment_required",
-            RouterError::FailedPrecondition { .. } => "insufficient_quota",
+            // Only money the user lacks is a quota: the SDKs read `insufficient_quota` as "out
+            // of credit", which a disabled service or a hold's state is not.
+            RouterError::FailedPrecondition { reason, .. }
+                if *reason == Reason::InsufficientFunds.as_str() =>
+            {
+                "insufficient_quota"
+            }
+            RouterError::FailedPrecondition { .. } => "invalid_request_error",
             RouterError::Unauthenticated(_) => "authentication_error",
             RouterError::PermissionDenied(_)
             | RouterError::ForeignToken(_)

@@ -15,8 +15,9 @@ use syft_router_svc::limits::{
 };
 use syft_router_svc::{Pricing, RouterConfig, RouterError, ServiceKind};
 use syft_testkit::{
-    assert_consistent, deposit, get_json, ledger_config, reason, redis_up, Db, FakeUpstream,
-    Funded, KillableRouter, LedgerServer, Mode, OwnRedis, RouterHandle, SilentRelay, Stack, PRICE,
+    assert_consistent, deposit, get_json, ledger_config, reason, redis_up, skipped, Db,
+    FakeUpstream, Funded, KillableRouter, LedgerServer, Mode, Need, OwnRedis, RouterHandle,
+    SilentRelay, Stack, PRICE,
 };
 use tonic::Code;
 use tonic_types::StatusExt;
@@ -137,7 +138,7 @@ async fn sliding_window_boundary_memory() {
 /// `None` (SKIPPED printed) without a Redis.
 async fn shared_redis(caller_clock: bool) -> Option<(RedisLimiter, String)> {
     if !redis_up(SHARED_REDIS).await {
-        eprintln!("SKIPPED: no Redis at {SHARED_REDIS}");
+        skipped(Need::Redis, format!("no Redis at {SHARED_REDIS}"));
         return None;
     }
     let timeout = Duration::from_secs(2);
@@ -165,7 +166,7 @@ async fn sliding_window_boundary_redis() {
 #[tokio::test]
 async fn a_take_back_that_overtakes_its_check_wins() {
     let Some(redis) = OwnRedis::start().await else {
-        eprintln!("SKIPPED: cannot start redis-server");
+        skipped(Need::RedisServer, "cannot start redis-server");
         return;
     };
     let l = RedisLimiter::new(&redis.url, Duration::from_secs(2)).expect("limiter");
@@ -506,7 +507,7 @@ impl Replicas {
 #[tokio::test]
 async fn budget_exact_across_replicas() {
     let Some(db) = Db::postgres().await else {
-        eprintln!("SKIPPED: no DATABASE_URL");
+        // `Db::postgres` said it skipped.
         return;
     };
     let r = Replicas::start(&db, 30_000, |c| c.budgets.per_day_micros = Some(1_000_000)).await;
@@ -546,11 +547,11 @@ async fn budget_exact_across_replicas() {
 #[tokio::test]
 async fn exact_across_replicas() {
     let Some(db) = Db::postgres().await else {
-        eprintln!("SKIPPED: no DATABASE_URL");
+        // `Db::postgres` said it skipped.
         return;
     };
     if !redis_up(SHARED_REDIS).await {
-        eprintln!("SKIPPED: no Redis at {SHARED_REDIS}");
+        skipped(Need::Redis, format!("no Redis at {SHARED_REDIS}"));
         db.drop_postgres().await;
         return;
     }
@@ -605,7 +606,7 @@ async fn exact_across_replicas() {
 #[tokio::test]
 async fn an_email_ending_like_a_window_key_leaves_other_windows_alone() {
     if !redis_up(SHARED_REDIS).await {
-        eprintln!("SKIPPED: no Redis at {SHARED_REDIS}");
+        skipped(Need::Redis, format!("no Redis at {SHARED_REDIS}"));
         return;
     }
     let s = Stack::start_tweaked(Pricing::free(), |c| {
@@ -757,7 +758,10 @@ async fn a_refusal_names_the_window_that_refuses_longest() {
             }),
         ));
     } else {
-        eprintln!("SKIPPED: the Redis half, no Redis at {SHARED_REDIS}");
+        skipped(
+            Need::Redis,
+            format!("the Redis half, no Redis at {SHARED_REDIS}"),
+        );
     }
     for (backend, gate) in gates {
         let user = "alice@example.com";
@@ -898,7 +902,7 @@ async fn the_first_requests_after_the_ledger_dies_spend_no_window() {
 #[tokio::test]
 async fn windows_of_an_older_layout_are_not_read() {
     if !redis_up(SHARED_REDIS).await {
-        eprintln!("SKIPPED: no Redis at {SHARED_REDIS}");
+        skipped(Need::Redis, format!("no Redis at {SHARED_REDIS}"));
         return;
     }
     let name = unique_name();
@@ -1245,7 +1249,7 @@ impl LateCheck {
     /// Checks wait `timeout`. `None` (SKIPPED printed) without `redis-server` or `redis-cli`.
     async fn run(timeout: Duration) -> Option<Self> {
         let Some(redis) = OwnRedis::start().await else {
-            eprintln!("SKIPPED: cannot start redis-server");
+            skipped(Need::RedisServer, "cannot start redis-server");
             return None;
         };
         let s = Stack::start_tweaked(Pricing::free(), |c| {
@@ -1266,7 +1270,7 @@ impl LateCheck {
         }
         let paused = Instant::now();
         if !redis.pause(LATE_PAUSE.as_millis() as u64).await {
-            eprintln!("SKIPPED: no redis-cli");
+            skipped(Need::RedisCli, "no redis-cli");
             return None;
         }
         let err = c.chat(s.request("late")).await.expect_err("fail closed");
@@ -1360,7 +1364,7 @@ async fn a_shutdown_waits_for_a_take_back() {
 #[tokio::test]
 async fn a_release_that_meets_a_slow_store_is_retried() {
     let Some(redis) = OwnRedis::start().await else {
-        eprintln!("SKIPPED: cannot start redis-server");
+        skipped(Need::RedisServer, "cannot start redis-server");
         return;
     };
     let gate = gate_on(&redis.url, |c| c.rate_limits.concurrent = Some(1));
@@ -1394,7 +1398,7 @@ async fn a_release_that_meets_a_slow_store_is_retried() {
 #[tokio::test]
 async fn a_connection_that_went_silent_is_replaced() {
     let Some(redis) = OwnRedis::start().await else {
-        eprintln!("SKIPPED: cannot start redis-server");
+        skipped(Need::RedisServer, "cannot start redis-server");
         return;
     };
     let relay = SilentRelay::start(([127, 0, 0, 1], redis.port).into()).await;
@@ -1457,7 +1461,7 @@ async fn a_connection_that_went_silent_is_replaced() {
 #[tokio::test]
 async fn a_token_settlement_outlives_its_client_and_a_slow_store() {
     let Some(redis) = OwnRedis::start().await else {
-        eprintln!("SKIPPED: cannot start redis-server");
+        skipped(Need::RedisServer, "cannot start redis-server");
         return;
     };
     let gate = gate_on(&redis.url, |c| {
@@ -1505,7 +1509,7 @@ async fn a_token_settlement_outlives_its_client_and_a_slow_store() {
 #[tokio::test]
 async fn store_killed_mid_test() {
     let Some(mut redis) = OwnRedis::start().await else {
-        eprintln!("SKIPPED: cannot start redis-server");
+        skipped(Need::RedisServer, "cannot start redis-server");
         return;
     };
     let s = Stack::start_tweaked(Pricing::per_request(PRICE), |c| {
@@ -1679,7 +1683,7 @@ async fn bad_redis_url_is_refused_at_start() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_replicas_slots_free_within_the_lease_and_a_running_ones_do_not() {
     if !redis_up(SHARED_REDIS).await {
-        eprintln!("SKIPPED: no Redis at {SHARED_REDIS}");
+        skipped(Need::Redis, format!("no Redis at {SHARED_REDIS}"));
         return;
     }
     let name = unique_name();

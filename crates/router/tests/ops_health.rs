@@ -260,7 +260,7 @@ async fn free_router_without_a_ledger_is_ready() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_router_whose_limiter_store_is_down_fails_closed_not_ready() {
     let Some(mut redis) = OwnRedis::start().await else {
-        eprintln!("SKIPPED: cannot start redis-server");
+        syft_testkit::skipped(syft_testkit::Need::RedisServer, "cannot start redis-server");
         return;
     };
     let router = |url: &str, on_failure: OnFailure| {

@@ -778,6 +778,7 @@ async fn insufficient_funds_says_what_the_hold_reserves_and_how_to_reserve_less(
     assert_eq!(resp.status().as_u16(), 409);
     let body: Value = resp.json().await.expect("json");
     assert_eq!(body["error"]["code"], "insufficient_funds");
+    assert_eq!(body["error"]["type"], "insufficient_quota");
     assert_eq!(body["error"]["message"], default_msg);
 
     // The request's own max_tokens sizes it: 8 x 3 + 2000 x 10 = 20,024 micros.

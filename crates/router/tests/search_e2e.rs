@@ -1059,6 +1059,13 @@ async fn a_search_only_router_lists_no_model() {
         Some("SERVICE_DISABLED"),
         "{chat:?}"
     );
+    // Over the OpenAI front it is a request error, not `insufficient_quota`, which the SDKs
+    // read as out of credit (every 409 was typed so).
+    let http = s.openai_chat(json!({})).send().await.expect("http");
+    assert_eq!(http.status(), 409);
+    let body: serde_json::Value = http.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "service_disabled", "{body}");
+    assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
 }
 
 /// A prebuilt index without a word a search could find (built before `index build` refused one,

@@ -192,7 +192,10 @@ async fn never_connects() -> Option<(tokio::net::TcpListener, Vec<tokio::net::Tc
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_connect_timeout_is_retried_as_a_connect_error() {
     let Some((_listener, _queued, url)) = never_connects().await else {
-        println!("SKIPPED: this machine answers connections past a listener's backlog");
+        syft_testkit::skipped(
+            syft_testkit::Need::Backlog,
+            "this machine answers connections past a listener's backlog",
+        );
         return;
     };
     let s = Stack::start_tweaked(Pricing::per_request(PRICE), |c| {

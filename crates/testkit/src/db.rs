@@ -5,19 +5,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use sqlx::Connection;
 
-/// `DATABASE_URL` when it names a Postgres server, or `None` with a `SKIPPED: …` line (which
-/// `.ci/run` counts).
+/// `DATABASE_URL` when it names a Postgres server, or `None` with a `SKIPPED` line
+/// ([`crate::skipped`]).
 pub fn postgres_url() -> Option<String> {
-    let test = std::thread::current()
-        .name()
-        .map(|n| format!(" {n}:"))
-        .unwrap_or_default();
     let Ok(url) = std::env::var("DATABASE_URL") else {
-        eprintln!("SKIPPED:{test} DATABASE_URL is not set, Postgres test not run");
+        crate::skipped(crate::Need::Postgres, "DATABASE_URL is not set");
         return None;
     };
     if !url.starts_with("postgres") {
-        eprintln!("SKIPPED:{test} DATABASE_URL is not a Postgres URL, Postgres test not run");
+        crate::skipped(crate::Need::Postgres, "DATABASE_URL is not a Postgres URL");
         return None;
     }
     Some(url)
@@ -82,7 +78,7 @@ impl Db {
         }
     }
 
-    /// A fresh Postgres database, or `None` with a `SKIPPED: …` line (which `.ci/run` counts)
+    /// A fresh Postgres database, or `None` with a `SKIPPED: …` line ([`crate::skipped`])
     /// when `DATABASE_URL` does not name a Postgres server.
     pub async fn postgres() -> Option<Self> {
         let base = postgres_url()?;

@@ -13,6 +13,7 @@ mod probe;
 mod redis;
 pub mod req;
 mod router;
+mod skip;
 mod suites;
 mod upstream;
 mod webhook;
@@ -31,6 +32,7 @@ pub use router::{
     chat_given_up, chat_request, docs_dir, read_answer, readyz, router_config, search_request,
     serve_router, wait_readyz, Funded, KillableRouter, RouterHandle, Stack, FUNDS, PRICE,
 };
+pub use skip::{required, skipped, Need};
 pub use tempfile::TempDir;
 pub use upstream::{FakeUpstream, Mode, CONTENT, SEARCH_HITS, UP_COMPLETION, UP_PROMPT};
 pub use webhook::{signature_matches, Received, Reply, WebhookReceiver};
@@ -102,7 +104,10 @@ pub fn python_venv(repo: &std::path::Path) -> Option<std::path::PathBuf> {
                 std::env::var("SYFT_SDK_REQUIRED").is_err(),
                 "cannot create the Python test virtualenv: {other:?}"
             );
-            eprintln!("SKIPPED: cannot create the Python test virtualenv ({other:?})");
+            crate::skipped(
+                crate::Need::Python,
+                format!("cannot create the Python test virtualenv ({other:?})"),
+            );
             None
         }
     }

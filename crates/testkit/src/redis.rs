@@ -95,7 +95,7 @@ impl OwnRedis {
     pub async fn restarted_and_paused(&self) -> bool {
         let done = self.cli(&["SCRIPT", "FLUSH"]).await && self.pause(2_000).await;
         if !done {
-            eprintln!("SKIPPED: no redis-cli");
+            crate::skipped(crate::Need::RedisCli, "no redis-cli");
         }
         done
     }

@@ -154,7 +154,7 @@ mod tests {
     #[tokio::test]
     async fn a_session_postgres_ends_is_a_lost_connection() {
         let Ok(url) = std::env::var("DATABASE_URL") else {
-            eprintln!("SKIPPED: no DATABASE_URL");
+            syft_testkit::skipped(syft_testkit::Need::Postgres, "no DATABASE_URL");
             return;
         };
         sqlx::any::install_default_drivers();
@@ -225,7 +225,7 @@ mod tests {
     #[tokio::test]
     async fn a_database_that_refuses_sessions_is_unavailable() {
         let Ok(url) = std::env::var("DATABASE_URL") else {
-            eprintln!("SKIPPED: no DATABASE_URL");
+            syft_testkit::skipped(syft_testkit::Need::Postgres, "no DATABASE_URL");
             return;
         };
         let connect = |url: String| async move { one_connection(&url).await };

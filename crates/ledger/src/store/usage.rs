@@ -228,8 +228,9 @@ pub(crate) fn row_key(u: &UsageInput) -> Option<&str> {
 }
 
 /// Writes a usage row only (the caller hands it to the rollups); `false` when it was already
-/// recorded (left as it is): a free row's request id for this recipient and user, a paid row's
-/// transfer, a refusal's row key for this recipient. Each row meets exactly one of those indexes.
+/// recorded (left as it is): a keyed row's key for this recipient (refusals and free rows, since
+/// migration 0039), a keyless free row's request id for this recipient, user and endpoint, a paid
+/// row's transfer. Each row meets exactly one of those indexes.
 pub(crate) async fn insert_usage_row(
     conn: &mut AnyConnection,
     w: &UsageWrite<'_>,
