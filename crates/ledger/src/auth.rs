@@ -113,6 +113,12 @@ pub async fn authenticate(store: &Store, admin_key: &str, header: Option<&str>) 
         let (email, secret) = (&decoded[..colon], &decoded[colon + 1..]);
         let email = std::str::from_utf8(email).map_err(|_| bad())?;
         let email = email.trim().to_ascii_lowercase();
+        // No account's email holds a control character (`validate::email`): a wrong credential,
+        // refused before the database (Postgres cannot take a NUL, and answered INTERNAL,
+        // uncounted by the failed-authentication limit).
+        if email.is_empty() || email.len() > 512 || email.chars().any(char::is_control) {
+            return Err(bad());
+        }
         let Some((identity, stored)) = store.identity_and_secret_hash(&email).await? else {
             return Err(bad());
         };

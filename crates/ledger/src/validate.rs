@@ -54,6 +54,27 @@ pub fn email(field: &str, value: &str) -> Result<String> {
     Ok(value.to_ascii_lowercase())
 }
 
+/// A chosen secret: 8 to 256 printable ASCII characters. HTTP Basic, which the accounting SDK
+/// signs in with, carries other characters in Latin-1 (`requests`) or not at all: an SDK user
+/// whose password had an "ä" could never sign in again, each try counting as a wrong guess.
+pub fn secret(field: &str, secret: &str) -> Result<()> {
+    let printable = |c: char| c.is_ascii_graphic() || c == ' ';
+    if secret.len() < 8 || secret.len() > 256 || !secret.chars().all(printable) {
+        return Err(LedgerError::invalid(format!(
+            "{field} must be 8 to 256 printable ASCII characters (HTTP Basic, which the \
+             accounting SDK signs in with, carries no others reliably)"
+        )));
+    }
+    // A `Bearer` credential is read trimmed (a header's value has no edges), so a secret with a
+    // space at either end worked over Basic only, and each try elsewhere counted as a wrong one.
+    if secret.trim() != secret {
+        return Err(LedgerError::invalid(format!(
+            "{field} must not start or end with a space (a Bearer credential cannot carry one)"
+        )));
+    }
+    Ok(())
+}
+
 /// Domains that `email-validator` (behind pydantic's `EmailStr`, which `syft-accounting-sdk`
 /// uses for every email it reads) refuses as special-use or reserved, with their subdomains.
 const SPECIAL_USE_DOMAINS: [&str; 6] = ["arpa", "invalid", "local", "localhost", "onion", "test"];
@@ -91,6 +112,15 @@ fn sdk_email_problem(email: &str) -> Option<String> {
     let dot_atom_ok = |s: &str, allowed: &dyn Fn(char) -> bool| {
         !s.starts_with('.') && !s.ends_with('.') && !s.contains("..") && s.chars().all(allowed)
     };
+    // Emails are compared with ASCII letters folded (lookups keep that, so accounts made before
+    // this rule stay reachable): a capital outside ASCII stayed, so `Ünal@` was another account
+    // than `ünal@`, and money sent to `ÜNAL@` went to whoever registered `Ünal@` first.
+    if local.chars().any(char::is_uppercase) {
+        return Some(
+            "the part before the @ holds a capital letter outside ASCII; write it in lower case"
+                .into(),
+        );
+    }
     // No 64-byte limit on the local part: email-validator applies it only in strict mode.
     let local_char = |c: char| c == '.' || c.is_alphanumeric() || ATEXT_SYMBOLS.contains(c);
     if !dot_atom_ok(local, &local_char) {

@@ -231,6 +231,17 @@ async fn users_and_passwords(h: Harness) -> Harness {
             json!({"email": BOB, "password": "p\u{e4}ssw\u{f6}rd-1"}),
             StatusCode::BAD_REQUEST,
         ),
+        // A capital outside ASCII is not folded when emails are compared: `Ünal@` would be
+        // another account than `ünal@`, and money sent to `ÜNAL@` would land there.
+        (
+            json!({"email": "\u{dc}nal@example.com"}),
+            StatusCode::BAD_REQUEST,
+        ),
+        // A Bearer credential is read trimmed: this password would work over Basic only.
+        (
+            json!({"email": BOB, "password": " spaced-pass "}),
+            StatusCode::BAD_REQUEST,
+        ),
     ] {
         let (s, v) = api.post("/user/create", Auth::None, body).await;
         assert_eq!(s, want, "{v}");
@@ -258,6 +269,11 @@ async fn users_and_passwords(h: Harness) -> Harness {
 
     let (s, v) = api.get("/user/my-info", alice).await;
     assert_eq!(s, StatusCode::OK, "{v}");
+    // A NUL in a Basic email is a wrong credential (401), not a database error: Postgres
+    // cannot take one, and it answered 500, uncounted by the failed-authentication limit.
+    let nul = Auth::Basic("ali\0ce@example.com", "whatever-1");
+    let (nul_status, nul_body) = api.get("/user/my-info", nul).await;
+    assert_eq!(nul_status, StatusCode::UNAUTHORIZED, "{nul_body}");
     assert_eq!(v["user"]["organization"], "acme");
     let (s, v) = api.get("/users", Auth::Admin).await;
     assert_eq!(s, StatusCode::OK);

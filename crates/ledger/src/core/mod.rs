@@ -331,7 +331,7 @@ impl Ledger {
         };
         let secret = match req.secret {
             Some(s) => {
-                check_secret("secret", &s)?;
+                validate::secret("secret", &s)?;
                 s
             }
             None => generate_secret(),
@@ -356,7 +356,7 @@ impl Ledger {
         organization: String,
     ) -> Result<(AccountRow, String)> {
         if let Some(p) = &password {
-            check_secret("password", p)?;
+            validate::secret("password", p)?;
         }
         let req = NewAccount {
             email,
@@ -391,7 +391,7 @@ impl Ledger {
     /// Changes the caller's secret, given the current one.
     pub async fn change_secret(&self, caller: &Caller, old: &str, new: &str) -> Result<AccountRow> {
         let account = self.me(caller).await?;
-        check_secret("newPassword", new)?;
+        validate::secret("newPassword", new)?;
         let stored = self
             .backend
             .secret_hash(&account.email)
@@ -605,20 +605,6 @@ fn usage_status(status: &str) -> Result<syft_error::UsageStatus> {
             known.join(", ")
         ))
     })
-}
-
-/// A chosen secret: 8 to 256 printable ASCII characters. HTTP Basic, which the accounting SDK
-/// signs in with, carries other characters in Latin-1 (`requests`) or not at all: an SDK user
-/// whose password had an "ä" could never sign in again, each try counting as a wrong guess.
-fn check_secret(field: &str, secret: &str) -> Result<()> {
-    let printable = |c: char| c.is_ascii_graphic() || c == ' ';
-    if secret.len() < 8 || secret.len() > 256 || !secret.chars().all(printable) {
-        return Err(LedgerError::invalid(format!(
-            "{field} must be 8 to 256 printable ASCII characters (HTTP Basic, which the \
-             accounting SDK signs in with, carries no others reliably)"
-        )));
-    }
-    Ok(())
 }
 
 fn same_currency(sender: &Identity, recipient: &AccountRow) -> Result<()> {
