@@ -40,6 +40,18 @@ pub enum AmountError {
     TooLarge { text: String, max_micros: i64 },
 }
 
+/// At most this many characters of a refused amount are said back: the whole text made a 1.5 MB
+/// amount a 1.5 MB error.
+const SHOWN_CHARS: usize = 40;
+
+/// `text` as an error says it: cut after [`SHOWN_CHARS`] characters, with its length.
+fn shown(text: &str) -> String {
+    match text.char_indices().nth(SHOWN_CHARS) {
+        None => text.to_string(),
+        Some((at, _)) => format!("{}… ({} bytes)", &text[..at], text.len()),
+    }
+}
+
 /// Parses a non-negative decimal (`"0.01"`, `"15"`, `"1.5e-3"`) into micros, exactly.
 ///
 /// Rejects negative values, more than 6 decimal places, NaN/infinity (anything that is not a
@@ -49,7 +61,7 @@ pub fn parse_decimal_micros(text: &str, max_micros: i64) -> Result<i64, AmountEr
     if t.is_empty() {
         return Err(AmountError::Empty);
     }
-    let nan = || AmountError::NotANumber(text.to_string());
+    let nan = || AmountError::NotANumber(shown(text));
     let (negative, body) = match t.as_bytes()[0] {
         b'-' => (true, &t[1..]),
         b'+' => (false, &t[1..]),
@@ -82,10 +94,10 @@ pub fn parse_decimal_micros(text: &str, max_micros: i64) -> Result<i64, AmountEr
         return Ok(0); // zero in any spelling, including "-0"
     }
     if negative {
-        return Err(AmountError::Negative(text.to_string()));
+        return Err(AmountError::Negative(shown(text)));
     }
     let too_large = || AmountError::TooLarge {
-        text: text.to_string(),
+        text: shown(text),
         max_micros,
     };
     // Trailing zeros may absorb a negative scale ("0.0100000").
@@ -93,7 +105,7 @@ pub fn parse_decimal_micros(text: &str, max_micros: i64) -> Result<i64, AmountEr
     let trailing = (digits.len() - trimmed.len()) as i64;
     let (significant, scale) = if scale < 0 {
         if trailing + scale < 0 {
-            return Err(AmountError::TooPrecise(text.to_string()));
+            return Err(AmountError::TooPrecise(shown(text)));
         }
         (&digits[..(digits.len() as i64 + scale) as usize], 0)
     } else {
@@ -123,7 +135,7 @@ pub fn parse_plain_decimal_micros(text: &str, max_micros: i64) -> Result<i64, Am
         return Err(AmountError::Empty);
     }
     if t.starts_with('-') {
-        return Err(AmountError::Negative(text.to_string()));
+        return Err(AmountError::Negative(shown(text)));
     }
     let (int_part, frac_part) = t.split_once('.').unwrap_or((t, ""));
     if (int_part.is_empty() && frac_part.is_empty())
@@ -131,10 +143,10 @@ pub fn parse_plain_decimal_micros(text: &str, max_micros: i64) -> Result<i64, Am
         || !int_part.bytes().all(|b| b.is_ascii_digit())
         || !frac_part.bytes().all(|b| b.is_ascii_digit())
     {
-        return Err(AmountError::NotANumber(text.to_string()));
+        return Err(AmountError::NotANumber(shown(text)));
     }
     if frac_part.len() > 6 {
-        return Err(AmountError::TooPrecise(text.to_string()));
+        return Err(AmountError::TooPrecise(shown(text)));
     }
     parse_decimal_micros(text, max_micros)
 }
@@ -215,6 +227,11 @@ mod tests {
             Err(AmountError::TooLarge { .. })
         ));
         assert!(matches!(p("1e300"), Err(AmountError::TooLarge { .. })));
+        // A long refused amount is said back cut, not whole.
+        let long = "1".repeat(100_000) + "x";
+        let said = p(&long).expect_err("not a number").to_string();
+        assert!(said.len() < 100, "{said}");
+        assert!(said.contains("(100001 bytes)"), "{said}");
         // In the units the amount was written in (the micros too, for the gRPC's users).
         assert_eq!(
             p("1e300").map_err(|e| e.to_string()),

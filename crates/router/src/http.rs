@@ -281,6 +281,12 @@ fn to_chat_request(body: OaiRequest, headers: &HeaderMap) -> Result<ChatRequest,
                 )))
             }
             Some(ContentField::Text(t)) => t,
+            // OpenAI refuses both; read as "", they were answered and charged.
+            Some(ContentField::Parts(parts)) if parts.is_empty() => {
+                return Err(bad(format!(
+                    "messages[{i}]: content is an empty list (a string or text parts)"
+                )))
+            }
             Some(ContentField::Parts(parts)) => {
                 let mut text = String::new();
                 for part in parts {
@@ -290,7 +296,10 @@ fn to_chat_request(body: OaiRequest, headers: &HeaderMap) -> Result<ChatRequest,
                             part.kind
                         )));
                     }
-                    text.push_str(part.text.as_deref().unwrap_or(""));
+                    let Some(part_text) = part.text else {
+                        return Err(bad(format!("messages[{i}]: a text part without its text")));
+                    };
+                    text.push_str(&part_text);
                 }
                 text
             }

@@ -51,7 +51,7 @@ pub type SyftError = FrontError<DetailBody>;
 struct SyftMessage {
     role: String,
     #[serde(default)]
-    content: String,
+    content: Option<String>,
     #[serde(default)]
     name: Option<String>,
 }
@@ -204,18 +204,31 @@ impl SyftBody for SyftChatRequest {
                 RouterError::InvalidArgument(format!("maxTokens {v} is too large"))
             })?),
         };
+        let mut messages = Vec::with_capacity(self.messages.len());
+        for (i, m) in self.messages.into_iter().enumerate() {
+            // A user's, system's or developer's turn needs content, as on the OpenAI front (it
+            // was read as "" and answered and charged); other roles are judged by validation.
+            let content = match m.content {
+                Some(text) => text,
+                None if !matches!(m.role.as_str(), "user" | "system" | "developer") => {
+                    String::new()
+                }
+                None => {
+                    return Err(RouterError::InvalidArgument(format!(
+                        "messages[{i}]: content is required"
+                    )))
+                }
+            };
+            messages.push(Message {
+                role: m.role,
+                content,
+                name: m.name,
+            });
+        }
         Ok(ChatRequest {
             user_email: self.user_email,
             model: self.model,
-            messages: self
-                .messages
-                .into_iter()
-                .map(|m| Message {
-                    role: m.role,
-                    content: m.content,
-                    name: m.name,
-                })
-                .collect(),
+            messages,
             options: Some(ChatOptions {
                 max_tokens,
                 temperature: float(opts.temperature),

@@ -1812,6 +1812,11 @@ async fn one_model_is_retrieved_as_the_sdks_ask() {
     let body: Value = unknown.json().await.expect("json");
     let message = body["error"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("\"test-model\" is not served"), "{body}");
+    // An id that is not UTF-8 is refused in OpenAI's shape too (it was axum's plain text).
+    let garbled = http.get(url("%ff")).send().await.expect("models");
+    assert_eq!(garbled.status(), 400);
+    let body: Value = garbled.json().await.expect("an OpenAI error body");
+    assert_eq!(body["error"]["code"], "invalid_argument", "{body}");
 }
 
 /// A router with a `model_map` and no `models` sells the mapped names only: any other model is

@@ -290,11 +290,18 @@ async fn requests_refused_before_they_are_read_leave_rows() {
         "modalities": ["text", "audio"]});
     let no_content = json!({"model": "test-model", "user": s.alice.email,
         "messages": [{"role": "user", "content": null}]});
+    // Neither is content (OpenAI refuses both); read as "", they were answered and charged.
+    let no_parts = json!({"model": "test-model", "user": s.alice.email,
+        "messages": [{"role": "user", "content": []}]});
+    let no_text = json!({"model": "test-model", "user": s.alice.email,
+        "messages": [{"role": "user", "content": [{"type": "text"}]}]});
     for (key, body, option) in [
         ("u-5", tools, "tools"),
         ("u-6", json_mode, "response_format"),
         ("u-7", audio, "modalities"),
         ("u-8", no_content, "messages[0]: content is required"),
+        ("u-9", no_parts, "messages[0]: content is an empty list"),
+        ("u-10", no_text, "messages[0]: a text part without its text"),
     ] {
         let r = send("/v1/chat/completions", key, body.to_string())
             .await
@@ -304,6 +311,17 @@ async fn requests_refused_before_they_are_read_leave_rows() {
         let message = error["error"]["message"].as_str().unwrap_or_default();
         assert!(message.starts_with(option), "{error}");
     }
+    // The same on `/chat`, which read a message without content as "".
+    let syft = json!({"userEmail": s.alice.email, "model": "test-model",
+        "messages": [{"role": "user"}]});
+    let r = send("/chat", "u-11", syft.to_string()).await.expect("http");
+    assert_eq!(r.status(), 400);
+    let error: serde_json::Value = r.json().await.expect("json");
+    let detail = error["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("messages[0]: content is required"),
+        "{error}"
+    );
 
     let mut alice: Vec<(String, String, String)> = (s.usage().await.into_iter())
         .filter_map(|r| r.usage)
@@ -314,12 +332,15 @@ async fn requests_refused_before_they_are_read_leave_rows() {
     assert_eq!(
         alice,
         vec![
+            row("u-10", "invalid_request"),
+            row("u-11", "invalid_request"),
             row("u-2", "invalid_request"),
             row("u-3", "invalid_request"),
             row("u-5", "invalid_request"),
             row("u-6", "invalid_request"),
             row("u-7", "invalid_request"),
             row("u-8", "invalid_request"),
+            row("u-9", "invalid_request"),
         ]
     );
     let invalid = all_usage(&s.ledger.url, "invalid_request").await;

@@ -25,8 +25,11 @@ pub(super) async fn list_models(State(svc): State<RouterService>) -> Json<Value>
 /// OpenAI answers an unknown one.
 pub(super) async fn retrieve_model(
     State(svc): State<RouterService>,
-    axum::extract::Path(id): axum::extract::Path<String>,
+    id: Result<axum::extract::Path<String>, axum::extract::rejection::PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    // An id that is not UTF-8 (`%ff`) is refused in OpenAI's shape, not axum's plain text.
+    let axum::extract::Path(id) =
+        id.map_err(|e| RouterError::InvalidArgument(format!("the model id: {}", e.body_text())))?;
     if svc.serves_model(&id) {
         return Ok(Json(model_json(&id, &svc.config().name)));
     }
