@@ -1384,6 +1384,16 @@ async fn remote_500_on_confirm_then_void() {
         code(p.capture(&t.id, USD, "req-1").await),
         Code::FailedPrecondition
     );
+    // The answer the capture stored before its confirm is kept, and never served for a transfer
+    // that ended voided (only the hosted backend stores one before its capture lands).
+    let stored: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM answers WHERE transfer_id = $1")
+        .bind(&t.id)
+        .fetch_one(p.a.store.pool())
+        .await
+        .expect("answers");
+    assert_eq!(stored, 1, "the answer written before the confirm");
+    let served = p.router().get_answer(req::get_answer(&t.id)).await;
+    assert_eq!(code(served), Code::NotFound);
     p.finish().await;
 }
 

@@ -1322,10 +1322,12 @@ async fn refusals_carry_machine_readable_reasons(h: Harness) -> Harness {
     h
 }
 
-/// `verify` reads one snapshot: run again and again while holds are placed, captured, voided and
-/// left to expire (by the server's sweeper), it never reports a problem. Read in separate
-/// statements, a capture committed between two reads was counted zero times or twice
-/// ("conservation broken").
+/// `verify` reads one snapshot: run again and again while holds are placed, captured (with and
+/// without usage rows), voided and left to expire (by the server's sweeper), and while the admin
+/// deposits, it never reports a problem. Read in separate statements, a capture committed between
+/// two reads was counted zero times or twice ("conservation broken"), and a deposit between its
+/// first two statements set the deposits against the journal's system side (a tests reviewer
+/// found the load made no deposit, so that read could have lost its snapshot unseen).
 async fn verify_is_consistent_under_load(h: Harness) -> Harness {
     let owner = h.account(OWNER, 0).await;
     let mut tokens = Vec::new();
@@ -1348,7 +1350,11 @@ async fn verify_is_consistent_under_load(h: Harness) -> Harness {
                 }
                 let t = c.authorize(req).await.expect("authorize").into_inner();
                 match i % 5 {
-                    0 | 1 => drop(c.capture(capture_full(&t.id)).await.expect("capture")),
+                    0 => drop(c.capture(capture_full(&t.id)).await.expect("capture")),
+                    1 => drop(
+                        (c.capture(with_row(&t.id, &format!("w{w}-{i}"))).await)
+                            .expect("capture with its row"),
+                    ),
                     2 => {
                         let part = pb::CaptureRequest {
                             answer: None,
@@ -1387,6 +1393,22 @@ async fn verify_is_consistent_under_load(h: Harness) -> Harness {
             runs
         })
     };
+    let depositor = {
+        let (mut admin, done) = (h.admin(), done.clone());
+        tokio::spawn(async move {
+            let mut made = 0u32;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let deposit = pb::DepositRequest {
+                    email: [ALICE, "bob@example.com"][made as usize % 2].into(),
+                    amount_micros: 1,
+                    idempotency_key: format!("load-{made}"),
+                };
+                admin.deposit(deposit).await.expect("deposit");
+                made += 1;
+            }
+            made
+        })
+    };
     for w in workers {
         w.await.expect("worker");
     }
@@ -1405,6 +1427,8 @@ async fn verify_is_consistent_under_load(h: Harness) -> Harness {
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let runs = verifier.await.expect("verifier");
     assert!(runs >= 5, "verify ran only {runs} times during the load");
+    let deposits = depositor.await.expect("depositor");
+    assert!(deposits >= 5, "only {deposits} deposits during the load");
     assert_eq!(held, (0, 0), "expired holds not swept");
     h
 }
