@@ -15,7 +15,58 @@ alerts_suite!(
     rest_manages_endpoints_end_to_end,
     rest_refuses_bad_input_with_clear_errors,
     cross_site_browser_requests_are_refused,
+    endpoints_are_capped_live_and_added_and_removed,
 );
+
+/// An account has at most 16 endpoints, and adds at most 32 an hour counting those it removed:
+/// removed endpoints are kept (their deliveries are listed), and one account added and removed
+/// 250 a second, every row kept (a growth reviewer's finding, 2026-12-08).
+async fn endpoints_are_capped_live_and_added_and_removed(h: Harness) -> Harness {
+    use syft_ledger::alerts::api::MAX_ENDPOINTS_PER_ACCOUNT as MAX;
+    let alice = h.account(ALICE, 10 * USD).await;
+    let url = WebhookReceiver::start().await.url;
+    let body = || json!({"url": url, "rules": [balance_rule()]});
+    let add = || call(&h, Method::POST, "/endpoints", Some(&alice), Some(body()));
+    let mut live = Vec::new();
+    for _ in 0..MAX {
+        let (status, ep) = add().await;
+        assert_eq!(status, StatusCode::CREATED, "{ep}");
+        live.push(ep["endpoint"]["id"].as_str().expect("id").to_string());
+    }
+    let (status, refused) = add().await;
+    assert_eq!(status, StatusCode::CONFLICT, "{refused}");
+    // Replacing one at a time works until the hour's allowance (32 added) is spent.
+    for _ in MAX..2 * MAX {
+        let gone = live.pop().expect("an endpoint");
+        let (status, v) = call(
+            &h,
+            Method::DELETE,
+            &format!("/endpoints/{gone}"),
+            Some(&alice),
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        let (status, ep) = add().await;
+        assert_eq!(status, StatusCode::CREATED, "{ep}");
+        live.push(ep["endpoint"]["id"].as_str().expect("id").to_string());
+    }
+    let gone = live.pop().expect("an endpoint");
+    let (status, v) = call(
+        &h,
+        Method::DELETE,
+        &format!("/endpoints/{gone}"),
+        Some(&alice),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let (status, refused) = add().await;
+    assert_eq!(status, StatusCode::CONFLICT, "{refused}");
+    let detail = refused["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("within the last hour"), "{refused}");
+    h
+}
 
 /// One call of the alerts REST API: its status and JSON body.
 async fn call(

@@ -793,8 +793,47 @@ async fn credentials_and_streams(h: &mut Harness) {
     h.server = Some(LedgerServer::start_at(h.config.clone(), &url).await);
 }
 
+/// An account keeps at most 20 live sessions: a sign-in past them ends the oldest. Successful
+/// sign-ins are not throttled, and one account opened 730 sessions a second, each a row for 12
+/// hours (a growth reviewer's finding, 2026-12-08). The admin's count as one account's.
+async fn sessions_per_account_are_capped(h: &Harness) {
+    let base = h.http_url();
+    let alice = h.account(ALICE, 0).await;
+    let first = Web::sign_in(&base, ALICE, &alice).await;
+    assert_eq!(first.get_status("/dashboard/api/me").await.0, 200);
+    let mut latest = Vec::new();
+    for _ in 0..20 {
+        latest.push(Web::sign_in(&base, ALICE, &alice).await);
+    }
+    for _ in 0..22 {
+        Web::sign_in(&base, "", ADMIN_KEY).await;
+    }
+    let count = |whose: &'static str| {
+        let pool = h.store.pool().clone();
+        async move {
+            let n: i64 = sqlx::query_scalar(&format!(
+                "SELECT COUNT(*) FROM dashboard_sessions WHERE {whose}"
+            ))
+            .fetch_one(&pool)
+            .await
+            .expect("sessions");
+            n
+        }
+    };
+    assert_eq!(count("account_id IS NOT NULL").await, 20);
+    assert_eq!(count("account_id IS NULL").await, 20);
+    assert_eq!(
+        first.get_status("/dashboard/api/me").await.0,
+        401,
+        "the oldest ended"
+    );
+    for web in &latest {
+        assert_eq!(web.get_status("/dashboard/api/me").await.0, 200);
+    }
+}
+
 async fn suite(postgres: bool) {
-    for scenario in 0..6 {
+    for scenario in 0..7 {
         let Some(mut h) = Harness::with(postgres, |c| {
             alerts_on(c);
             // The per-account throttle's scenario sends 40 wrong secrets from one address: the
@@ -813,6 +852,7 @@ async fn suite(postgres: bool) {
             2 => sign_in_throttle(&h).await,
             3 => credentials_and_streams(&mut h).await,
             4 => a_quiet_stream_of_a_signed_out_page_ends(&h).await,
+            5 => sessions_per_account_are_capped(&h).await,
             _ => live_usage(&h).await,
         }
         h.finish().await;

@@ -1063,6 +1063,27 @@ async fn concurrent_captures_charge_once() {
     }
 }
 
+/// A refusal the service answers without a code is said by its status: a 402 is the payer's
+/// funds (`INSUFFICIENT_FUNDS`, which a router tells its user as such; it reached the router
+/// without a reason, told as `LEDGER_REJECTED`), a proxy's 408 a retry (it was final).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn codeless_refusals_are_said_by_their_status() {
+    let p = Pair::sqlite(10 * USD).await;
+    p.proxy.set(Fault::Refuse("/transaction/create", 402, 1));
+    let refused = p.authorize(USD, "k1").await.expect_err("no funds");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert_eq!(
+        syft_testkit::reason(&refused).as_deref(),
+        Some("INSUFFICIENT_FUNDS")
+    );
+    p.proxy.set(Fault::Refuse("/transaction/create", 408, 1));
+    let refused = p.authorize(USD, "k2").await.expect_err("timed out");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    p.proxy.set(Fault::Pass);
+    assert_eq!(p.money().await, ((10 * USD, 0), (0, 0)));
+    p.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn remote_down_fails_fast_and_holds_nothing() {
     let Some(p) = Pair::with(false, 10 * USD, Some(closed_url()), |_| {}).await else {

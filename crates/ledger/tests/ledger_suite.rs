@@ -1765,6 +1765,49 @@ async fn verify_sees_each(h: &Harness, cases: &[(String, String, &str)]) {
     }
 }
 
+/// A hold this process placed and then finds resolved (its void refused `TRANSFER_NOT_PENDING`:
+/// resolved by a call whose caller was cut after its commit, or by another replica) is no longer
+/// one a stopping ledger waits for. It stayed open until its expiry, and a SIGTERM kept the
+/// ledger serving half its grace for nothing (a cancellation reviewer's finding, 2026-12-08).
+async fn a_hold_found_resolved_is_no_longer_open(h: Harness) -> Harness {
+    use std::sync::Arc;
+    use syft_ledger::core::HoldRequest;
+    use syft_ledger::store::sha256_hex;
+    let (owner, _alice, token) = setup(&h, 10 * USD).await;
+    let here = syft_ledger::Ledger::new(
+        h.store.clone(),
+        Arc::new(syft_ledger::backend::LocalBackend::new(h.store.clone())),
+        Arc::new(h.config.clone()),
+    );
+    let identity = h.store.identity_by_secret_hash(&sha256_hex(&owner)).await;
+    let caller = syft_ledger::auth::Caller::Account(identity.expect("read").expect("the owner"));
+    let request = HoldRequest {
+        sender_email: ALICE.into(),
+        amount: USD,
+        token,
+        app_name: "chat-app".into(),
+        app_ep_path: "/chat".into(),
+        idempotency_key: "open-1".into(),
+        ..Default::default()
+    };
+    let hold = here
+        .authorize(&caller, &request)
+        .await
+        .expect("placed here");
+    assert!(here.open_holds().any_open(h.store.now()));
+    // Captured through the server (another process, as far as `here` knows).
+    ok(h.client(&owner).capture(capture_full(&hold.id)).await);
+    // The router's void of a request whose capture it could not confirm: refused, captured.
+    let again = here.void(&caller, &hold.id, "client went away", None).await;
+    let refused = again.expect_err("captured already");
+    assert_eq!(
+        refused.reason(),
+        Some(syft_error::Reason::TransferNotPending)
+    );
+    assert!(!here.open_holds().any_open(h.store.now()), "forgotten");
+    h
+}
+
 /// Each of `verify`'s first checks (the journal, conservation, an account's balance and held
 /// money, a token's counters) reports the books it is given wrong on its own: made by SQL one row
 /// at a time, seen, and undone. They were only ever run on sound books, or on a change that
@@ -2076,6 +2119,7 @@ async fn verify_sees_rows_currencies_and_stamps_that_disagree(h: Harness) -> Har
 }
 
 store_suite!(
+    a_hold_found_resolved_is_no_longer_open,
     verify_sees_each_basic_check_fire,
     verify_sees_rows_currencies_and_stamps_that_disagree,
     a_paid_row_names_its_transfers_payer_and_app,

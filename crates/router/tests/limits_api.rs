@@ -525,7 +525,8 @@ async fn a_request_the_ledger_finds_invalid_spends_no_room() {
 
 /// What a user has left is shown only to the holder of one of their tokens for this router: no
 /// token is `UNAUTHENTICATED` (401), another user's token or a made-up or revoked one is
-/// `PERMISSION_DENIED` (403); the token alone names its user.
+/// `PERMISSION_DENIED` (403; another user's with the reason `TOKEN_INVALID`); the token alone
+/// names its user.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_are_shown_to_the_holder_of_the_users_token() {
     let s = Stack::start_tweaked(Pricing::per_request(PRICE), |c| {
@@ -543,14 +544,22 @@ async fn limits_are_shown_to_the_holder_of_the_users_token() {
     let bob = syft_testkit::create_account(&s.ledger.url, "bob").await;
     let bob_token = syft_testkit::issue_token(&s.ledger.url, &bob, &s.owner.email).await;
     let alice = s.alice.email.as_str();
+    // Another user's token is `TOKEN_INVALID`, as a chat with it is (it was `PERMISSION_DENIED`).
     let refused = [
-        (ask(alice, ""), Code::Unauthenticated),
-        (ask(alice, &bob_token), Code::PermissionDenied),
-        (ask(alice, "made-up"), Code::PermissionDenied),
+        (ask(alice, ""), Code::Unauthenticated, None),
+        (
+            ask(alice, &bob_token),
+            Code::PermissionDenied,
+            Some("TOKEN_INVALID"),
+        ),
+        (ask(alice, "made-up"), Code::PermissionDenied, None),
     ];
-    for (req, want) in refused {
+    for (req, want, why) in refused {
         let err = c.get_limits(req).await.expect_err("refused");
         assert_eq!(err.code(), want, "{err:?}");
+        if let Some(why) = why {
+            assert_eq!(syft_testkit::reason(&err).as_deref(), Some(why), "{err:?}");
+        }
     }
     // Alice's own token, with or without her email: her windows (one request made) and budget.
     for user in [alice, ""] {

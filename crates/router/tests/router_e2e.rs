@@ -584,6 +584,46 @@ async fn a_refusal_decided_after_its_client_gave_up_leaves_its_row() {
     s.finish().await;
 }
 
+/// A failed request's void cut short by its client's deadline (the ledger away meanwhile) is
+/// finished in the background with the failure's own row once the ledger is back. It was
+/// rewritten `cancelled`, "request cancelled", which takes a failure out of the owner's error
+/// rates during exactly such an incident (a cancellation reviewer's finding, 2026-12-08).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failures_void_cut_by_its_client_keeps_the_failures_row() {
+    let mut s = Stack::start(Pricing::per_request(PRICE)).await;
+    // The upstream never answers: the request fails at its 1.5 s timeout, then voids.
+    s.upstream.set_mode(Mode::Stall);
+    let given_up = {
+        let (mut c, req) = (s.client().await, s.request("stalls"));
+        tokio::spawn(async move { chat_given_up(&mut c, req, Duration::from_millis(2_500)).await })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while s.transfers().await.is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "no hold placed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The ledger goes away before the void: it is asked again until the client gives up, then
+    // in the background.
+    let addr = s.ledger.url.clone();
+    s.ledger.stop_now().await;
+    given_up.await.expect("client");
+    s.ledger = LedgerServer::start_at(ledger_config(&s.db.url), &addr).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let statuses = loop {
+        let statuses = s.usage_statuses().await;
+        if !statuses.is_empty() {
+            break statuses;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no row");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(statuses, ["timeout"]);
+    let t = s.transfers().await;
+    assert_eq!(t[0].status(), TransferStatus::Cancelled, "{t:?}");
+    assert_eq!(s.alice_money().await, (FUNDS, 0, FUNDS));
+    s.finish().await;
+}
+
 /// An authorization whose outcome is unknown to the router (its call timed out while the ledger's
 /// writes waited on a table lock, and the hold committed afterwards) is asked again until the
 /// ledger answers: the request then runs on the hold it placed and is charged once. Before, the

@@ -82,6 +82,35 @@ async fn a_long_retry_after_is_passed_on_at_once() {
     all_voided(&s, 3).await;
 }
 
+/// OpenAI's "out of credit" (a 429 whose code is `insufficient_quota`: the router's account, not
+/// a rate) and a 402 are not retried, and are told as the operator's outage with a wait past the
+/// SDKs' patience: the router retried it three times and told it as a rate limit the SDKs
+/// retried, nine upstream calls and three holds for one request (an errors reviewer's finding).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_out_of_credit_is_not_retried() {
+    let (s, mut c) = Stack::start_with_client(Pricing::per_request(PRICE)).await;
+    let quota = json!({"error": {"message": "You exceeded your current quota",
+        "type": "insufficient_quota", "code": "insufficient_quota"}});
+    s.upstream
+        .set_mode(Mode::StatusBody(429, quota.to_string()));
+    let err = c.chat(s.request("hi")).await.expect_err("out of credit");
+    told_to_wait(&err, Code::Unavailable, "UNAVAILABLE", 300);
+    assert_eq!(s.upstream.hits(), 1, "not retried");
+    let refused = s.openai_chat(json!({})).send().await.expect("http");
+    assert_eq!(refused.status(), 503);
+    assert_eq!(refused.headers()["x-should-retry"], "false");
+    assert_eq!(refused.headers()["retry-after"], "300");
+    assert_eq!(s.upstream.hits(), 2, "not retried");
+    s.upstream.set_mode(Mode::Status(402));
+    let err = c
+        .chat(s.request("hi"))
+        .await
+        .expect_err("payment required upstream");
+    told_to_wait(&err, Code::Unavailable, "UNAVAILABLE", 300);
+    assert_eq!(s.upstream.hits(), 3, "not retried");
+    all_voided(&s, 3).await;
+}
+
 /// The upstream asks for 1 s once: the router waits that long (not its 20-ms backoff), retries
 /// within the request's time and the answer is charged once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -119,8 +119,10 @@ fn otlp_configured() -> bool {
 pub const TRACE_FILTER_ENV: &str = "SYFT_TRACE_FILTER";
 /// The servers' filter unless `RUST_LOG` (logs) or [`TRACE_FILTER_ENV`] (spans) says otherwise:
 /// the request spans and their children, without the libraries' chatter (tantivy logs every
-/// commit and merge of a search index at `info`).
-pub const SERVER_FILTER: &str = "info,sqlx=warn,h2=warn,tower=warn,tantivy=warn";
+/// commit and merge of a search index at `info`; sqlx warns of each statement over a second with
+/// its whole text, and a rollup fold's upserts are ~35 KB each: on a slow database they were most
+/// of the log, exactly when an operator reads it).
+pub const SERVER_FILTER: &str = "info,sqlx=warn,sqlx::query=error,h2=warn,tower=warn,tantivy=warn";
 
 /// Installs the global subscriber: logs to stderr filtered by `RUST_LOG` (default `info`), in
 /// `text` or `json`, plus OpenTelemetry export when an OTLP endpoint is configured, filtered by

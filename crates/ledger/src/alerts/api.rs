@@ -148,8 +148,10 @@ impl Ledger {
         if !db::insert_endpoint(self.store().pool(), &record, MAX_ENDPOINTS_PER_ACCOUNT).await? {
             return Err(LedgerError::FailedPrecondition(format!(
                 "{} has {MAX_ENDPOINTS_PER_ACCOUNT} alert endpoints, the most an account may \
-                 have: remove one first",
-                account.email
+                 have (remove one first), or has added and removed {} within the last hour \
+                 (try again later)",
+                account.email,
+                2 * MAX_ENDPOINTS_PER_ACCOUNT
             )));
         }
         tracing::info!(endpoint = %record.id, account = %account.email, "alert endpoint added");

@@ -96,7 +96,7 @@ impl Worker {
         }
     }
 
-    /// Deletes the events finished longer ago than the retention (`store::RETENTION_MICROS`),
+    /// Deletes the events finished longer ago than the retention (`purge::RETENTION_MICROS`),
     /// with their attempts; returns how many events.
     pub async fn purge_finished(&self) -> Result<u64> {
         db::purge_finished(self.store.pool(), now_micros()).await

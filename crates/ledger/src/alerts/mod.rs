@@ -19,6 +19,7 @@ pub mod deliver;
 pub mod evaluate;
 pub mod metrics;
 mod payload;
+mod purge;
 pub mod rules;
 pub mod seal;
 mod store;

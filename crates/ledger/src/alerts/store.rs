@@ -91,14 +91,23 @@ pub(crate) struct PreviousSecret {
     pub until: Option<i64>,
 }
 
-/// Adds an endpoint unless its account has `max` already: `false` then, nothing written. One
-/// statement, so only adds racing each other can pass the cap, by their number.
+/// How long a removed endpoint counts against its account's churn allowance
+/// ([`insert_endpoint`]).
+const CHURN_WINDOW_MICROS: i64 = 3_600 * 1_000_000;
+
+/// Adds an endpoint unless its account has `max` already, or has had `2 × max` (those it has
+/// and those it removed in the last hour): `false` then, nothing written. Removed endpoints are
+/// kept (their deliveries are listed), so without the second bound one account added and
+/// removed 250 a second, every row kept for good. One statement, so only adds racing each other
+/// can pass the caps, by their number.
 pub(crate) async fn insert_endpoint(pool: &AnyPool, e: &EndpointRecord, max: i64) -> Result<bool> {
     let done = sqlx::query(
         "INSERT INTO alert_endpoints (id, account_id, url, format, secret_sealed, rules, \
          rate_per_minute, created_at) SELECT $1, $2, $3, $4, $5, $6, $7, $8 \
          WHERE (SELECT COUNT(*) FROM alert_endpoints \
-                WHERE account_id = $2 AND removed_at IS NULL) < $9",
+                WHERE account_id = $2 AND removed_at IS NULL) < $9 \
+           AND (SELECT COUNT(*) FROM alert_endpoints \
+                WHERE account_id = $2 AND (removed_at IS NULL OR removed_at > $10)) < 2 * $9",
     )
     .bind(&e.id)
     .bind(e.account_id)
@@ -109,6 +118,7 @@ pub(crate) async fn insert_endpoint(pool: &AnyPool, e: &EndpointRecord, max: i64
     .bind(e.rate_per_minute)
     .bind(e.created_at)
     .bind(max)
+    .bind(e.created_at - CHURN_WINDOW_MICROS)
     .execute(pool)
     .await?;
     Ok(done.rows_affected() == 1)
@@ -598,55 +608,4 @@ fn printable(text: &str) -> String {
         .collect()
 }
 
-/// How long a finished event (delivered or given up) and its attempts are kept: the delivery log
-/// (`ListAlertDeliveries`) shows them that long.
-pub const RETENTION_MICROS: i64 = 30 * 86_400 * 1_000_000;
-/// Events deleted per statement.
-const PURGE_BATCH: i64 = 1_000;
-
-/// Gives up the pending events of removed endpoints, then deletes the events that finished before
-/// `now - RETENTION_MICROS`, with their attempts, a batch at a time; returns how many events were
-/// deleted. Pending events are never deleted.
-pub(crate) async fn purge_finished(pool: &AnyPool, now: i64) -> Result<u64> {
-    // An event written while its endpoint was being removed (the removal's statement did not
-    // see it yet) would stay pending for ever: never claimed, never finished. It is given up
-    // here, as the removal gives up its endpoint's events.
-    sqlx::query(
-        "UPDATE alert_events SET status = 'FAILED', finished_at = $1, lease_owner = NULL, \
-         lease_until = NULL WHERE status = 'PENDING' AND endpoint_id IN \
-         (SELECT id FROM alert_endpoints WHERE removed_at IS NOT NULL)",
-    )
-    .bind(now)
-    .execute(pool)
-    .await?;
-    let before = now - RETENTION_MICROS;
-    let mut purged = 0;
-    loop {
-        let mut tx = pool.begin().await?;
-        let ids: Vec<String> = sqlx::query_scalar(
-            "SELECT id FROM alert_events WHERE status <> 'PENDING' AND finished_at < $1 LIMIT $2",
-        )
-        .bind(before)
-        .bind(PURGE_BATCH)
-        .fetch_all(&mut *tx)
-        .await?;
-        if ids.is_empty() {
-            return Ok(purged);
-        }
-        let marks: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
-        let list = marks.join(", ");
-        for table_key in ["alert_deliveries WHERE event_id", "alert_events WHERE id"] {
-            let sql = format!("DELETE FROM {table_key} IN ({list})");
-            let mut q = sqlx::query(&sql);
-            for id in &ids {
-                q = q.bind(id);
-            }
-            q.execute(&mut *tx).await?;
-        }
-        tx.commit().await?;
-        purged += ids.len() as u64;
-        if (ids.len() as i64) < PURGE_BATCH {
-            return Ok(purged);
-        }
-    }
-}
+pub(crate) use super::purge::purge_finished;

@@ -109,7 +109,8 @@ impl Ledger {
             usage: usage.as_ref(),
             answer,
         };
-        let transfer = self.backend.capture(capture).await?;
+        let transfer = self.backend.capture(capture).await;
+        let transfer = self.forget_if_settled(transfer_id, transfer)?;
         self.open_holds.resolved(&transfer.id);
         Ok(transfer)
     }
@@ -166,9 +167,30 @@ impl Ledger {
                 by: Party::Recipient,
                 usage: usage.as_ref(),
             })
-            .await?;
+            .await;
+        let transfer = self.forget_if_settled(transfer_id, transfer)?;
         self.open_holds.resolved(&transfer.id);
         Ok(transfer)
+    }
+
+    /// A resolution refused because the hold is no longer pending (resolved by a call whose
+    /// caller was cut after its commit, or expired) also takes it out of the holds a stopping
+    /// ledger waits for: it stayed there until its expiry, and a SIGTERM kept the ledger serving
+    /// half its grace for nothing.
+    fn forget_if_settled(
+        &self,
+        transfer_id: &str,
+        outcome: Result<TransferRow>,
+    ) -> Result<TransferRow> {
+        if let Err(e) = &outcome {
+            if matches!(
+                e.reason(),
+                Some(syft_error::Reason::TransferNotPending | syft_error::Reason::HoldExpired)
+            ) {
+                self.open_holds.resolved(transfer_id);
+            }
+        }
+        outcome
     }
 
     /// A transfer the caller is a party to (to anyone else it does not exist).

@@ -54,6 +54,17 @@ impl RemoteError {
                     _ => {}
                 }
                 match ErrorCode::from_http(status.as_u16()) {
+                    // Without a code, a 402 can only be the payer's funds (hosted.md): said so,
+                    // so a router tells its user "insufficient funds" (it was a reason in no
+                    // table, `LEDGER_REJECTED`, with the service's text).
+                    _ if status == StatusCode::PAYMENT_REQUIRED => {
+                        LedgerError::refused(Reason::InsufficientFunds, message)
+                    }
+                    // A proxy's request timeout: nothing ran there, and a retry may pass (it was
+                    // a final refusal, `x-should-retry: false`).
+                    _ if status == StatusCode::REQUEST_TIMEOUT => {
+                        LedgerError::Unavailable(format!("{message}; retry"))
+                    }
                     // The remote refused this ledger's own credentials: a deployment problem,
                     // not the caller's.
                     ErrorCode::Unauthenticated => LedgerError::Unavailable(

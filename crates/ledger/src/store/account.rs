@@ -64,14 +64,22 @@ impl Store {
     /// Replaces an account's secret. Cached Bearer lookups of the old secret are dropped here; other
     /// ledger replicas drop theirs within the cache TTL.
     pub async fn update_secret_hash(&self, account_id: i64, secret_hash: &str) -> Result<()> {
+        // Cleared however this call ends: a caller that gives up while the UPDATE waits on a
+        // lock drops this future, the statement commits all the same, and the old secret was
+        // served from the cache for its whole minute.
+        struct ClearOnDrop<'a>(&'a Store);
+        impl Drop for ClearOnDrop<'_> {
+            fn drop(&mut self) {
+                write_lock(&self.0.secrets).clear();
+            }
+        }
+        let _clear = ClearOnDrop(self);
         self.update_text(
             "UPDATE accounts SET secret_hash = $1 WHERE id = $2",
             account_id,
             secret_hash,
         )
-        .await?;
-        write_lock(&self.secrets).clear();
-        Ok(())
+        .await
     }
 
     pub async fn update_organization(&self, account_id: i64, organization: &str) -> Result<()> {

@@ -39,9 +39,11 @@ pub(crate) fn map_status(op: Op, s: tonic::Status) -> RouterError {
         }
         Code::InvalidArgument => RouterError::InvalidArgument(msg),
         Code::FailedPrecondition => RouterError::FailedPrecondition {
+            // Without a reason the router knows, the code's own name (in the error table), not
+            // one of its own making (`LEDGER_REJECTED` was in none).
             reason: ledger_reason(&s)
                 .map(Reason::as_str)
-                .unwrap_or("LEDGER_REJECTED"),
+                .unwrap_or(syft_error::ErrorCode::FailedPrecondition.as_str()),
             message: msg,
         },
         Code::PermissionDenied if ledger_reason(&s) == Some(Reason::TokenLimitExceeded) => {

@@ -10,6 +10,8 @@ use super::{
 
 /// Above this many keys, a sweep drops the windows whose entries have all aged out.
 const SWEEP_ABOVE: usize = 100_000;
+/// Above [`SWEEP_ABOVE`] keys, a sweep runs at least this often, whatever the map's growth.
+const SWEEP_EVERY_MS: u64 = 60_000;
 
 struct Entry {
     added_ms: u64,
@@ -65,6 +67,8 @@ struct State {
     windows: HashMap<String, Window>,
     /// The size at which the next sweep runs.
     sweep_above: usize,
+    /// When the next sweep runs at the latest (window clock, ms).
+    sweep_at_ms: u64,
 }
 
 impl MemoryLimiter {
@@ -80,7 +84,8 @@ impl MemoryLimiter {
 
     fn acquire_now(&self, now: u64, lease: &str, rules: &[Rule]) -> Result<Verdict, LimiterError> {
         let mut state = self.locked()?;
-        if state.windows.len() > state.sweep_above.max(SWEEP_ABOVE) {
+        let len = state.windows.len();
+        if len > SWEEP_ABOVE && (len > state.sweep_above || now >= state.sweep_at_ms) {
             // Entries age out only when their key is checked again, so without this every user
             // ever seen (free users may send any email) would keep a window for good.
             state.windows.retain(|_, w| {
@@ -88,8 +93,11 @@ impl MemoryLimiter {
                 !w.entries.is_empty()
             });
             // The windows left are live: sweep again once the map has doubled, not on every
-            // check of a router with that many active users.
+            // check of a router with that many active users, or a minute from now. Only on
+            // doubling, windows that aged out after a sweep found them live stayed until the map
+            // doubled again (a day window's users, months on a steady router).
             state.sweep_above = state.windows.len().saturating_mul(2);
+            state.sweep_at_ms = now.saturating_add(SWEEP_EVERY_MS);
         }
         let map = &mut state.windows;
         let mut refused = None;
@@ -266,5 +274,30 @@ mod tests {
         let peeked = limiter.peek(2_700, std::slice::from_ref(&live));
         let states = futures::executor::block_on(peeked).expect("peek");
         assert_eq!(states[0].remaining, 8, "the live window kept its count");
+    }
+
+    /// Windows a sweep found live and that aged out since are dropped within a minute, not when
+    /// the map has doubled again (they stayed until then: a day window's users, for months).
+    #[test]
+    fn windows_found_live_are_swept_once_they_age_out() {
+        let limiter = MemoryLimiter::new();
+        let admit = |now: u64, r: &Rule| {
+            let verdict = limiter.acquire_now(now, "lease", std::slice::from_ref(r));
+            assert!(matches!(verdict, Ok(Verdict::Admitted(_))));
+        };
+        let long = |key: String| Rule {
+            window: Duration::from_secs(30),
+            ..rule(key)
+        };
+        for i in 0..=SWEEP_ABOVE {
+            admit(1_000, &long(format!("user-{i}")));
+        }
+        // Past the sweep size: the sweep finds every window live (30 s windows) and keeps them.
+        admit(2_000, &long("one-more".into()));
+        let windows = |l: &MemoryLimiter| l.locked().map(|s| s.windows.len()).unwrap_or(0);
+        assert_eq!(windows(&limiter), SWEEP_ABOVE + 2);
+        // They age out at 31 s; a check a minute after that sweep drops them.
+        admit(62_000, &rule("late".into()));
+        assert_eq!(windows(&limiter), 1, "only the new window is left");
     }
 }

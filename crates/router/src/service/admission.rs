@@ -383,6 +383,7 @@ impl RouterService {
             slowest_call: sent.elapsed(),
             transfer_id: transfer.id.clone(),
             cancel_usage: Some(cancel_usage),
+            void_reason: None,
             admitted: t.started,
         });
         Ok((transfer, guard))

@@ -143,6 +143,9 @@ pub(super) struct HoldGuard {
     pub(super) ttl: Duration,
     /// Present while the hold is unresolved.
     pub(super) cancel_usage: Option<Usage>,
+    /// Set while a void of the router's own runs (a failure's): `cancel_usage` is then that
+    /// void's row, which a drop keeps as it is, with this reason.
+    pub(super) void_reason: Option<String>,
     /// The slowest ledger round trip seen for this hold (authorize, extensions): a loaded ledger
     /// needs that long again to commit the capture, so streams end that much earlier.
     pub(super) slowest_call: Duration,
@@ -186,6 +189,7 @@ impl HoldGuard {
         // request future is dropped meanwhile (the client's deadline), `Drop` voids again in the
         // background. Resolutions are idempotent, so a void that did commit is not repeated.
         self.cancel_usage = Some(usage.clone());
+        self.void_reason = Some(reason.to_string());
         let until = self.settle_until();
         let result = self
             .ledger
@@ -215,8 +219,17 @@ impl Drop for HoldGuard {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        usage.status = UsageStatus::Cancelled.as_str().into();
-        lasted_until_now(&mut usage, self.admitted);
+        // A void of the router's own cut short (its client's deadline, while the ledger was slow)
+        // keeps its row: the failure's status, not `cancelled`, which took it out of the
+        // owner's error rates during exactly such an incident.
+        let reason = match self.void_reason.take() {
+            Some(reason) => reason,
+            None => {
+                usage.status = UsageStatus::Cancelled.as_str().into();
+                lasted_until_now(&mut usage, self.admitted);
+                "request cancelled".to_string()
+            }
+        };
         let ledger = self.ledger.clone();
         let transfer_id = std::mem::take(&mut self.transfer_id);
         let work = self.work.take();
@@ -224,7 +237,7 @@ impl Drop for HoldGuard {
         tracing::info!(transfer_id = %transfer_id, "request dropped before resolution; voiding");
         rt.spawn(async move {
             let _work = work;
-            if let Err(e) = ledger.void(&transfer_id, "request cancelled", Some(usage), until).await {
+            if let Err(e) = ledger.void(&transfer_id, &reason, Some(usage), until).await {
                 tracing::warn!(transfer_id = %transfer_id, error = %e, "void after cancel failed: the hold expires uncharged, unless a capture in flight when the request was dropped committed (its answer is then kept for the id's retry)");
             }
         });
@@ -451,6 +464,7 @@ mod tests {
             expires_at,
             ttl: Duration::from_secs(60),
             cancel_usage: None,
+            void_reason: None,
             slowest_call: Duration::from_millis(10),
             admitted: Instant::now(),
         };

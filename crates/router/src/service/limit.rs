@@ -106,7 +106,8 @@ impl RouterService {
         self.refused_locally()?;
         let sender = self.inner.ledger.token_sender(token).await?;
         if !asked.is_empty() && !asked.trim().eq_ignore_ascii_case(&sender) {
-            return Err(RouterError::PermissionDenied(
+            // As a chat with another user's token is refused: `TOKEN_INVALID`.
+            return Err(RouterError::ForeignToken(
                 "the transaction token is not this user's".into(),
             ));
         }

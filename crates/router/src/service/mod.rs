@@ -582,6 +582,9 @@ impl RouterService {
             UpstreamError::Status { status: 403, .. } => {
                 crate::upstream::request_refused(self.provider());
             }
+            UpstreamError::Status { status: 402, .. } => {
+                tracing::error!(request_id = %p.v.request_id, "the upstream refuses this router's account for billing (out of credit): top it up");
+            }
             _ => {}
         }
         if let Some(pass) = &p.t.pass {

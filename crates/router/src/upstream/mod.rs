@@ -145,7 +145,7 @@ impl UpstreamError {
     pub fn is_outage(&self) -> bool {
         match self {
             UpstreamError::Unreachable(_) | UpstreamError::ShuttingDown => true,
-            UpstreamError::Status { status, .. } => matches!(status, 502..=504),
+            UpstreamError::Status { status, .. } => matches!(status, 402 | 502..=504),
             _ => false,
         }
     }
@@ -167,6 +167,10 @@ impl UpstreamError {
         }
     }
 }
+
+/// How long clients are told to wait when the upstream refuses the router's account for billing:
+/// an operator tops it up in minutes, not seconds.
+const UPSTREAM_BILLING_WAIT: Duration = Duration::from_secs(300);
 
 impl From<UpstreamError> for RouterError {
     fn from(e: UpstreamError) -> Self {
@@ -221,6 +225,15 @@ impl From<UpstreamError> for RouterError {
                 401 => {
                     RouterError::Unavailable("upstream rejected the router's credentials".into())
                 }
+                // The router's upstream account is out of credit (a 402, or OpenAI's 429
+                // `insufficient_quota`): the operator's to fix, so clients are told to wait
+                // minutes, past the SDKs' patience (`x-should-retry: false`), not to retry.
+                402 => RouterError::UnavailableFor {
+                    message: "the upstream refuses the router's account for billing (out of \
+                              credit); nothing was charged"
+                        .into(),
+                    retry_after: UPSTREAM_BILLING_WAIT,
+                },
                 // A gateway's refusal of this request (a moderation flag) or of the router's
                 // setup (a model not open to the key, a firewall): said as the upstream's
                 // refusal of the request, not retried (as a 400), and logged for the operator

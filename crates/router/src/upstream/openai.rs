@@ -183,13 +183,25 @@ pub(crate) async fn status_error(resp: reqwest::Response) -> UpstreamError {
     }
     buf.truncate(MAX_ERROR_BODY);
     let text = String::from_utf8_lossy(&buf);
-    let message = serde_json::from_str::<serde_json::Value>(&text)
-        .ok()
+    let json = serde_json::from_str::<serde_json::Value>(&text).ok();
+    let message = (json.as_ref())
         .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
         .unwrap_or_else(|| text.chars().take(200).collect());
     let message: String = message.chars().take(500).collect();
+    // OpenAI says an account out of credit with a 429 whose code is `insufficient_quota`: not a
+    // rate, which no wait clears. Read as the 402 other providers send, it is not retried, and
+    // told as the operator's outage (it was retried three times, then told as a rate limit the
+    // SDKs retried: nine upstream calls and three holds for one request).
+    let out_of_credit = json.as_ref().is_some_and(|v| {
+        let e = &v["error"];
+        e["code"] == "insufficient_quota" || e["type"] == "insufficient_quota"
+    });
     UpstreamError::Status {
-        status,
+        status: if status == 429 && out_of_credit {
+            402
+        } else {
+            status
+        },
         message,
         retry_after,
     }
