@@ -36,31 +36,22 @@ async fn endpoints_are_capped_live_and_added_and_removed(h: Harness) -> Harness 
     let (status, refused) = add().await;
     assert_eq!(status, StatusCode::CONFLICT, "{refused}");
     // Replacing one at a time works until the hour's allowance (32 added) is spent.
+    let remove = |id: String| {
+        let path = format!("/endpoints/{id}");
+        let h = &h;
+        let alice = &alice;
+        async move {
+            let (status, v) = call(h, Method::DELETE, &path, Some(alice), None).await;
+            assert_eq!(status, StatusCode::OK, "{v}");
+        }
+    };
     for _ in MAX..2 * MAX {
-        let gone = live.pop().expect("an endpoint");
-        let (status, v) = call(
-            &h,
-            Method::DELETE,
-            &format!("/endpoints/{gone}"),
-            Some(&alice),
-            None,
-        )
-        .await;
-        assert_eq!(status, StatusCode::OK, "{v}");
+        remove(live.pop().expect("an endpoint")).await;
         let (status, ep) = add().await;
         assert_eq!(status, StatusCode::CREATED, "{ep}");
         live.push(ep["endpoint"]["id"].as_str().expect("id").to_string());
     }
-    let gone = live.pop().expect("an endpoint");
-    let (status, v) = call(
-        &h,
-        Method::DELETE,
-        &format!("/endpoints/{gone}"),
-        Some(&alice),
-        None,
-    )
-    .await;
-    assert_eq!(status, StatusCode::OK, "{v}");
+    remove(live.pop().expect("an endpoint")).await;
     let (status, refused) = add().await;
     assert_eq!(status, StatusCode::CONFLICT, "{refused}");
     let detail = refused["detail"].as_str().unwrap_or_default();

@@ -36,6 +36,13 @@ fn per_minute(n: u64) -> Rate {
     }
 }
 
+fn per_hour(n: u64) -> Rate {
+    Rate {
+        count: n,
+        unit: RateUnit::Hour,
+    }
+}
+
 fn request_rule(key: &str, limit: u64, window: Duration) -> Rule {
     Rule {
         key: key.into(),
@@ -129,10 +136,29 @@ async fn window_boundary(l: &dyn Limiter, key: &str) {
     assert!(!admitted(l, t0 + 110_000, "over", &live).await);
 }
 
-#[tokio::test]
-async fn sliding_window_boundary_memory() {
-    window_boundary(&MemoryLimiter::new(), "boundary").await;
+/// One scenario run on each limiter backend: in memory, and on the shared Redis (on the caller's
+/// clock), each with a key of its own.
+macro_rules! on_both_limiters {
+    ($memory:ident, $redis:ident, $scenario:ident) => {
+        #[tokio::test]
+        async fn $memory() {
+            $scenario(&MemoryLimiter::new(), stringify!($scenario)).await;
+        }
+
+        #[tokio::test]
+        async fn $redis() {
+            if let Some((l, key)) = shared_redis(true).await {
+                $scenario(&l, &key).await;
+            }
+        }
+    };
 }
+
+on_both_limiters!(
+    sliding_window_boundary_memory,
+    sliding_window_boundary_redis,
+    window_boundary
+);
 
 /// A limiter on the shared Redis (on the caller's clock or Redis's) and a key of the test's own;
 /// `None` (SKIPPED printed) without a Redis.
@@ -150,13 +176,6 @@ async fn shared_redis(caller_clock: bool) -> Option<(RedisLimiter, String)> {
         limiter.expect("redis"),
         format!("syft:test:{}", unique_name()),
     ))
-}
-
-#[tokio::test]
-async fn sliding_window_boundary_redis() {
-    if let Some((l, key)) = shared_redis(true).await {
-        window_boundary(&l, &key).await;
-    }
 }
 
 /// A take-back that reaches Redis before the check it takes back (sent on a new connection while
@@ -321,17 +340,11 @@ async fn a_wait_for_running_reservations(l: &dyn Limiter, key: &str) {
     assert!(admitted(l, t0 + 6, "e", &[rule(400)]).await);
 }
 
-#[tokio::test]
-async fn a_token_refusal_by_running_requests_waits_for_one_memory() {
-    a_wait_for_running_reservations(&MemoryLimiter::new(), "running").await;
-}
-
-#[tokio::test]
-async fn a_token_refusal_by_running_requests_waits_for_one_redis() {
-    if let Some((l, key)) = shared_redis(true).await {
-        a_wait_for_running_reservations(&l, &key).await;
-    }
-}
+on_both_limiters!(
+    a_token_refusal_by_running_requests_waits_for_one_memory,
+    a_token_refusal_by_running_requests_waits_for_one_redis,
+    a_wait_for_running_reservations
+);
 
 /// Over HTTP: two concurrent chats without `max_tokens` on a 6,000 tokens an hour window (each
 /// reserves the router's default bound, 4,096): the second is told to come back in a second,
@@ -340,10 +353,7 @@ async fn a_token_refusal_by_running_requests_waits_for_one_redis() {
 #[tokio::test]
 async fn a_chat_refused_for_a_running_ones_reservation_is_retried_soon() {
     let s = Stack::start_tweaked(Pricing::free(), |c| {
-        c.rate_limits.tokens = vec![Rate {
-            count: 6_000,
-            unit: RateUnit::Hour,
-        }]
+        c.rate_limits.tokens = vec![per_hour(6_000)]
     })
     .await;
     // Within the stack's request timeout (1.5 s).
@@ -707,10 +717,7 @@ async fn a_request_that_never_fits_its_token_window_is_not_retried() {
 #[tokio::test]
 async fn a_wait_past_a_minute_is_not_retried_by_the_sdks() {
     let s = Stack::start_tweaked(Pricing::free(), |c| {
-        c.rate_limits.requests = vec![Rate {
-            count: 1,
-            unit: RateUnit::Hour,
-        }]
+        c.rate_limits.requests = vec![per_hour(1)]
     })
     .await;
     let first = s.openai_chat(json!({"max_tokens": 5})).send().await;
@@ -1059,32 +1066,7 @@ async fn an_upstream_overcounting_the_prompt_is_held_to_the_allowance_and_the_re
 /// most of every answer, leave, and never be counted).
 #[tokio::test]
 async fn a_stream_the_client_left_keeps_its_delivered_tokens() {
-    const LIMIT: u64 = 100_000;
-    let s = free_with_tokens_per_minute(LIMIT).await;
-    s.upstream
-        .set_mode(Mode::SlowStream(Duration::from_millis(100)));
-    let mut c = s.client().await;
-    {
-        let mut stream = c
-            .chat_stream(s.request("hi"))
-            .await
-            .expect("stream")
-            .into_inner();
-        stream.message().await.expect("first").expect("delta");
-    }
-    let tokens_left = || tokens_left(&s, &c);
-    // The cancellation settles the window in the background: wait for the reservation of 100
-    // completion tokens to be replaced by what was delivered.
-    let mut left = tokens_left().await;
-    for _ in 0..50 {
-        if left > LIMIT - 100 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        left = tokens_left().await;
-    }
-    assert!(left > LIMIT - 100 && left < LIMIT, "{left} of {LIMIT} left");
-    assert_consistent(&s.ledger.store).await;
+    delivered_tokens_are_kept(Mode::SlowStream(Duration::from_millis(100)), false).await;
 }
 
 /// A stream that fails after its client was sent text is voided (nothing charged) but keeps
@@ -1093,36 +1075,36 @@ async fn a_stream_the_client_left_keeps_its_delivered_tokens() {
 /// 2026-12-08).
 #[tokio::test]
 async fn a_stream_that_failed_after_text_keeps_its_delivered_tokens() {
+    delivered_tokens_are_kept(Mode::StreamGarbage, true).await;
+}
+
+/// A stream from `mode` whose first delta is read, then left (`to_its_end` false) or read to its
+/// failure: its token window keeps more than nothing and less than its reservation.
+async fn delivered_tokens_are_kept(mode: Mode, to_its_end: bool) {
     const LIMIT: u64 = 100_000;
     let s = free_with_tokens_per_minute(LIMIT).await;
-    s.upstream.set_mode(Mode::StreamGarbage);
+    s.upstream.set_mode(mode);
     let mut c = s.client().await;
-    let mut stream = c
-        .chat_stream(s.request("hi"))
-        .await
-        .expect("stream")
-        .into_inner();
-    stream.message().await.expect("first").expect("delta");
-    loop {
-        match stream.message().await {
-            Ok(Some(_)) => continue,
-            Ok(None) => panic!("the stream was to fail"),
-            Err(_) => break,
+    {
+        let mut stream = c
+            .chat_stream(s.request("hi"))
+            .await
+            .expect("stream")
+            .into_inner();
+        stream.message().await.expect("first").expect("delta");
+        while to_its_end {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the stream was to fail"),
+                Err(_) => break,
+            }
         }
     }
-    let tokens_left = || tokens_left(&s, &c);
     // Settled in the background: wait for the reservation (100 completion tokens) to be
-    // replaced by what was kept.
-    let mut left = tokens_left().await;
-    for _ in 0..50 {
-        if left > LIMIT - 100 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        left = tokens_left().await;
-    }
+    // replaced by what was kept, and a moment more (a give-back of all would come after).
+    tokens_left_once_settled(&s, &c, LIMIT - 100).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let left = tokens_left().await;
+    let left = tokens_left(&s, &c).await;
     assert!(left > LIMIT - 100 && left < LIMIT, "{left} of {LIMIT} left");
     assert_consistent(&s.ledger.store).await;
 }
