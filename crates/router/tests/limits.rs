@@ -1092,11 +1092,13 @@ async fn delivered_tokens_are_kept(mode: Mode, to_its_end: bool) {
             .expect("stream")
             .into_inner();
         stream.message().await.expect("first").expect("delta");
-        while to_its_end {
-            match stream.message().await {
-                Ok(Some(_)) => continue,
-                Ok(None) => panic!("the stream was to fail"),
-                Err(_) => break,
+        if to_its_end {
+            loop {
+                match stream.message().await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => panic!("the stream was to fail"),
+                    Err(_) => break,
+                }
             }
         }
     }
