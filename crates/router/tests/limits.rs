@@ -671,6 +671,11 @@ async fn concurrency_limit_on_a_free_service() {
     assert_consistent(&s.ledger.store).await;
 }
 
+/// A free chat service with a per-user request window of `rate`.
+async fn free_with_requests(rate: Rate) -> Stack {
+    Stack::start_tweaked(Pricing::free(), |c| c.rate_limits.requests = vec![rate]).await
+}
+
 /// A free chat service with a per-user token window of `limit` a minute.
 async fn free_with_tokens_per_minute(limit: u64) -> Stack {
     Stack::start_tweaked(Pricing::free(), |c| {
@@ -716,10 +721,7 @@ async fn a_request_that_never_fits_its_token_window_is_not_retried() {
 /// a new request) into the same refusal.
 #[tokio::test]
 async fn a_wait_past_a_minute_is_not_retried_by_the_sdks() {
-    let s = Stack::start_tweaked(Pricing::free(), |c| {
-        c.rate_limits.requests = vec![per_hour(1)]
-    })
-    .await;
+    let s = free_with_requests(per_hour(1)).await;
     let first = s.openai_chat(json!({"max_tokens": 5})).send().await;
     assert_eq!(first.expect("http").status(), 200);
     let refused = s
@@ -1187,10 +1189,7 @@ async fn the_client_left_keeps_its_prompt(stream: bool) {
 /// Request limits on a free service: 3 per minute, the 4th refused, all without a ledger charge.
 #[tokio::test]
 async fn free_service_request_limit() {
-    let s = Stack::start_tweaked(Pricing::free(), |c| {
-        c.rate_limits.requests = vec![per_minute(3)]
-    })
-    .await;
+    let s = free_with_requests(per_minute(3)).await;
     let mut c = s.client().await;
     for _ in 0..3 {
         c.chat(s.request("hi")).await.expect("admitted");
