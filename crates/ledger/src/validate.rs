@@ -115,7 +115,11 @@ fn sdk_email_problem(email: &str) -> Option<String> {
     // Emails are compared with ASCII letters folded (lookups keep that, so accounts made before
     // this rule stay reachable): a capital outside ASCII stayed, so `Ünal@` was another account
     // than `ünal@`, and money sent to `ÜNAL@` went to whoever registered `Ünal@` first.
-    if local.chars().any(char::is_uppercase) {
+    // Any letter with a lower-case form of its own: capitals, and title-case letters (`ǅ`).
+    if local
+        .chars()
+        .any(|c| c.to_lowercase().ne(std::iter::once(c)))
+    {
         return Some(
             "the part before the @ holds a capital letter outside ASCII; write it in lower case"
                 .into(),

@@ -237,6 +237,11 @@ async fn users_and_passwords(h: Harness) -> Harness {
             json!({"email": "\u{dc}nal@example.com"}),
             StatusCode::BAD_REQUEST,
         ),
+        // A title-case letter (`ǅ`, whose lower case is `ǆ`) likewise.
+        (
+            json!({"email": "\u{1c5}emal@example.com"}),
+            StatusCode::BAD_REQUEST,
+        ),
         // A Bearer credential is read trimmed: this password would work over Basic only.
         (
             json!({"email": BOB, "password": " spaced-pass "}),

@@ -338,6 +338,16 @@ async fn a_wait_for_running_reservations(l: &dyn Limiter, key: &str) {
     // `c` failed (a refund, cost 0): `e` fits.
     l.settle("c", &[(key.into(), 0)]).await.expect("settle");
     assert!(admitted(l, t0 + 6, "e", &[rule(400)]).await);
+    // `e` and `f` running fill the window: `g` waits for one to end...
+    assert!(admitted(l, t0 + 7, "f", &[rule(100)]).await);
+    let g = l.acquire(t0 + 8, "g", &[rule(100)]).await.expect("limiter");
+    assert!(refusal(g).1, "e and f are running");
+    // ...but not for a reservation admitted longer ago than a request runs (a replica that died
+    // mid-request never settles it; it was "retry when one ends" for the whole window).
+    let later = t0 + 60_008;
+    let g = l.acquire(later, "g", &[rule(100)]).await.expect("limiter");
+    let wait = Duration::from_millis(t0 + 3_600_000 - later);
+    assert_eq!(refusal(g), (Some(wait), false));
 }
 
 on_both_limiters!(

@@ -80,10 +80,11 @@ impl Gate {
             return Ok(None);
         }
         let limiter: Arc<dyn Limiter> = match &c.limiter.backend {
-            LimiterBackend::Memory => Arc::new(MemoryLimiter::new()),
+            LimiterBackend::Memory => Arc::new(MemoryLimiter::new().running_for(c.limiter.lease)),
             LimiterBackend::Redis { url } => Arc::new(
                 RedisLimiter::new(url, c.limiter.timeout)
-                    .map_err(|e| RouterError::InvalidArgument(e.message))?,
+                    .map_err(|e| RouterError::InvalidArgument(e.message))?
+                    .running_for(c.limiter.lease),
             ),
         };
         for (scope, rate) in c.chat_token_limits_below_default() {

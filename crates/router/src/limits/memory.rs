@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use super::{
     refusal_rank, retry_after, Limiter, LimiterError, Reply, Rule, Slots, Verdict, WindowState,
+    DEFAULT_RUNNING_FOR,
 };
 
 /// Above this many keys, a sweep drops the windows whose entries have all aged out.
@@ -57,9 +58,19 @@ impl Window {
 
 /// Sliding windows in a map behind one mutex: a check is a few hash lookups, far below the cost
 /// of anything else a request does, so one lock does not limit throughput.
-#[derive(Default)]
 pub struct MemoryLimiter {
     state: Mutex<State>,
+    /// How long a reservation counts as running after its admission ([`DEFAULT_RUNNING_FOR`]).
+    running_ms: u64,
+}
+
+impl Default for MemoryLimiter {
+    fn default() -> Self {
+        MemoryLimiter {
+            state: Mutex::default(),
+            running_ms: ms(DEFAULT_RUNNING_FOR),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -74,6 +85,14 @@ struct State {
 impl MemoryLimiter {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Reservations count as running for `running_for` after their admission.
+    pub fn running_for(self, running_for: Duration) -> Self {
+        MemoryLimiter {
+            running_ms: ms(running_for),
+            ..self
+        }
     }
 
     fn locked(&self) -> Result<std::sync::MutexGuard<'_, State>, LimiterError> {
@@ -109,7 +128,10 @@ impl MemoryLimiter {
             if w.total.saturating_add(r.cost) > r.limit {
                 let entries = w.entries.iter().map(|e| (e.added_ms, e.cost));
                 let retry = retry_after(entries, w.total, r.cost, r.limit, window_ms, now);
-                let running: u64 = w.entries.iter().filter(|e| e.running).map(|e| e.cost).sum();
+                let running: u64 = (w.entries.iter())
+                    .filter(|e| e.running && now.saturating_sub(e.added_ms) < self.running_ms)
+                    .map(|e| e.cost)
+                    .sum();
                 let awaits_running = running > 0
                     && w.total.saturating_sub(running).saturating_add(r.cost) <= r.limit;
                 // The rule that refuses longest, as in Redis (`refusal_rank`).

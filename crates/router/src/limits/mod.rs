@@ -122,6 +122,12 @@ impl Rule {
     }
 }
 
+/// How long after its admission a token reservation not settled yet counts as running (the
+/// limiter's lease by default, `limiter.lease_seconds`): a replica that died mid-request never
+/// settles its reservations, and they were told "retry when one ends" for the whole window; a
+/// request running longer is told as settled at its reservation (the window's wait).
+pub const DEFAULT_RUNNING_FOR: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// How long a refusal by `rule` makes a client wait, to pick the longest of several: a window the
 /// cost never fits beats any time, and a wait for a request to end (a slot, or a reservation still
 /// running) only counts when nothing else refuses.

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::redis_conn::Conn;
-use super::{Limiter, LimiterError, Reply, Rule, Slots, Verdict, WindowState};
+use super::{Limiter, LimiterError, Reply, Rule, Slots, Verdict, WindowState, DEFAULT_RUNNING_FOR};
 
 /// The start of the scripts that take a time: `now` is ARGV[1] in ms, or Redis's own clock when
 /// that is -1 (`RedisLimiter::server_clock`).
@@ -30,7 +30,8 @@ end
 
 /// KEYS: four per rule (set, costs, total, running), then, when recording, the lease's tombstone
 /// ([`tombstone_key`]). ARGV: now (ms, or -1 for Redis's own clock), lease, record (1) or peek
-/// (0), then per rule: limit, window_ms, cost, kind (1: a concurrency rule, whose wait is a
+/// (0), how long a reservation counts as running after its admission (ms), then per rule: limit,
+/// window_ms, cost, kind (1: a concurrency rule, whose wait is a
 /// request ending, not a time; 2: a token window, whose entries are reservations running until
 /// settled; 0: neither). Returns `{refused rule (1-based, 0 = none), retry_ms (-1 = none),
 /// awaits running (1 or 0), then per rule: total, reset_ms}`; of several refusing rules, the one
@@ -41,13 +42,14 @@ end
 const ACQUIRE: &str = r"
 local lease = ARGV[2]
 local record = ARGV[3] == '1'
+local running_ms = tonumber(ARGV[4])
 local n = math.floor(#KEYS / 4)
 if #KEYS % 4 == 1 and redis.call('EXISTS', KEYS[#KEYS]) == 1 then record = false end
 local refused, retry, awaits, best = 0, -1, 0, -1
 local totals = {}
 for i = 1, n do
   local z, h, s, run = KEYS[4*i-3], KEYS[4*i-2], KEYS[4*i-1], KEYS[4*i]
-  local limit, window, cost = tonumber(ARGV[4*i]), tonumber(ARGV[4*i+1]), tonumber(ARGV[4*i+2])
+  local limit, window, cost = tonumber(ARGV[4*i+1]), tonumber(ARGV[4*i+2]), tonumber(ARGV[4*i+3])
   local cutoff = now - window
   local old = redis.call('ZRANGEBYSCORE', z, '-inf', cutoff)
   if #old > 0 then
@@ -85,13 +87,17 @@ for i = 1, n do
     -- Reservations of requests still running are settled to their real count when they end:
     -- if the request fits without them, its wait is for one to end.
     local waits = 0
-    if ARGV[4*i+3] == '2' then
+    if ARGV[4*i+4] == '2' then
+      -- Running: admitted within `running_ms` (a dead replica's never settle).
       local running = 0
       local leases = redis.call('SMEMBERS', run)
       for j = 1, #leases, 500 do
         local chunk = {}
         for k = j, math.min(j + 499, #leases) do chunk[#chunk + 1] = leases[k] end
-        for _, c in ipairs(redis.call('HMGET', h, unpack(chunk))) do running = running + (tonumber(c) or 0) end
+        for k, c in ipairs(redis.call('HMGET', h, unpack(chunk))) do
+          local at = tonumber(redis.call('ZSCORE', z, chunk[k]) or '0')
+          if at > now - running_ms then running = running + (tonumber(c) or 0) end
+        end
       end
       if running > 0 and total - running + cost <= limit then waits = 1 end
     end
@@ -99,21 +105,21 @@ for i = 1, n do
     -- a wait for a request to end (a slot, a running reservation) only counts when nothing
     -- else refuses (`refusal_rank` in mod.rs).
     local rank = r
-    if ARGV[4*i+3] == '1' or waits == 1 then rank = 0 elseif r < 0 then rank = math.huge end
+    if ARGV[4*i+4] == '1' or waits == 1 then rank = 0 elseif r < 0 then rank = math.huge end
     if rank > best then refused, retry, awaits, best = i, r, waits, rank end
   end
 end
 if refused == 0 and record then
   for i = 1, n do
     local z, h, s, run = KEYS[4*i-3], KEYS[4*i-2], KEYS[4*i-1], KEYS[4*i]
-    local window, cost = tonumber(ARGV[4*i+1]), tonumber(ARGV[4*i+2])
+    local window, cost = tonumber(ARGV[4*i+2]), tonumber(ARGV[4*i+3])
     if cost > 0 then
       redis.call('ZADD', z, now, lease)
       redis.call('HSET', h, lease, cost)
       redis.call('INCRBY', s, cost)
       totals[i] = totals[i] + cost
       local keys = {z, h, s}
-      if ARGV[4*i+3] == '2' then
+      if ARGV[4*i+4] == '2' then
         redis.call('SADD', run, lease)
         keys[4] = run
       end
@@ -123,7 +129,7 @@ if refused == 0 and record then
 end
 local out = {refused, retry, awaits}
 for i = 1, n do
-  local window = tonumber(ARGV[4*i+1])
+  local window = tonumber(ARGV[4*i+2])
   local newest = redis.call('ZRANGE', KEYS[4*i-3], -1, -1, 'WITHSCORES')
   local reset = 0
   if #newest > 0 then reset = math.max(0, tonumber(newest[2]) + window - now) end
@@ -234,6 +240,8 @@ pub struct RedisLimiter {
     /// each router's own clock, a replica running ahead aged the others' entries out early and
     /// admitted more than the limit. Tests that move time by hand use the caller's clock.
     server_clock: bool,
+    /// How long a reservation counts as running after its admission ([`DEFAULT_RUNNING_FOR`]).
+    running_for: Duration,
 }
 
 impl RedisLimiter {
@@ -249,7 +257,16 @@ impl RedisLimiter {
             settle: redis::Script::new(SETTLE),
             renew: redis::Script::new(&format!("{CLOCK}{RENEW}")),
             server_clock: true,
+            running_for: DEFAULT_RUNNING_FOR,
         })
+    }
+
+    /// Reservations count as running for `running_for` after their admission.
+    pub fn running_for(self, running_for: Duration) -> Self {
+        RedisLimiter {
+            running_for,
+            ..self
+        }
     }
 
     /// [`RedisLimiter::new`] whose windows age by the `now` each call passes instead of by
@@ -294,7 +311,10 @@ impl RedisLimiter {
             i64::try_from(now).unwrap_or(i64::MAX)
         };
         let mut inv = self.acquire.prepare_invoke();
-        inv.arg(now).arg(lease).arg(if record { 1 } else { 0 });
+        inv.arg(now)
+            .arg(lease)
+            .arg(if record { 1 } else { 0 })
+            .arg(u64::try_from(self.running_for.as_millis()).unwrap_or(u64::MAX));
         for r in rules {
             for k in window_keys(&r.key) {
                 inv.key(k);
