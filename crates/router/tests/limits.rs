@@ -15,7 +15,7 @@ use syft_router_svc::limits::{
 };
 use syft_router_svc::{Pricing, RouterConfig, RouterError, ServiceKind};
 use syft_testkit::{
-    assert_consistent, deposit, get_json, ledger_config, reason, redis_up, skipped, Db,
+    assert_consistent, deposit, get_json, ledger_config, reason, shared_redis_answers, skipped, Db,
     FakeUpstream, Funded, KillableRouter, LedgerServer, Mode, Need, OwnRedis, RouterHandle,
     SilentRelay, Stack, PRICE,
 };
@@ -163,7 +163,7 @@ on_both_limiters!(
 /// A limiter on the shared Redis (on the caller's clock or Redis's) and a key of the test's own;
 /// `None` (SKIPPED printed) without a Redis.
 async fn shared_redis(caller_clock: bool) -> Option<(RedisLimiter, String)> {
-    if !redis_up(SHARED_REDIS).await {
+    if !shared_redis_answers(SHARED_REDIS).await {
         skipped(Need::Redis, format!("no Redis at {SHARED_REDIS}"));
         return None;
     }
@@ -570,7 +570,7 @@ async fn exact_across_replicas() {
         // `Db::postgres` said it skipped.
         return;
     };
-    if !redis_up(SHARED_REDIS).await {
+    if !shared_redis_answers(SHARED_REDIS).await {
         skipped(Need::Redis, format!("no Redis at {SHARED_REDIS}"));
         db.drop_postgres().await;
         return;
@@ -625,7 +625,7 @@ async fn exact_across_replicas() {
 /// (they used to make her every check fail, `UNAVAILABLE` under `fail_closed`).
 #[tokio::test]
 async fn an_email_ending_like_a_window_key_leaves_other_windows_alone() {
-    if !redis_up(SHARED_REDIS).await {
+    if !shared_redis_answers(SHARED_REDIS).await {
         skipped(Need::Redis, format!("no Redis at {SHARED_REDIS}"));
         return;
     }
@@ -768,7 +768,7 @@ async fn a_refusal_names_the_window_that_refuses_longest() {
         config.rate_limits.concurrent = Some(1);
         Gate::from_config(&config).expect("valid").expect("limited")
     })];
-    if redis_up(SHARED_REDIS).await {
+    if shared_redis_answers(SHARED_REDIS).await {
         gates.push((
             "redis",
             gate_on(SHARED_REDIS, |c| {
@@ -920,7 +920,7 @@ async fn the_first_requests_after_the_ledger_dies_spend_no_window() {
 /// age its entries out, and held her below her limit for as long as she kept coming back.
 #[tokio::test]
 async fn windows_of_an_older_layout_are_not_read() {
-    if !redis_up(SHARED_REDIS).await {
+    if !shared_redis_answers(SHARED_REDIS).await {
         skipped(Need::Redis, format!("no Redis at {SHARED_REDIS}"));
         return;
     }
@@ -1675,7 +1675,7 @@ async fn bad_redis_url_is_refused_at_start() {
 /// by default) and a killed replica's slots refused every user that long, a restart included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_replicas_slots_free_within_the_lease_and_a_running_ones_do_not() {
-    if !redis_up(SHARED_REDIS).await {
+    if !shared_redis_answers(SHARED_REDIS).await {
         skipped(Need::Redis, format!("no Redis at {SHARED_REDIS}"));
         return;
     }

@@ -27,7 +27,7 @@ pub use ledger::{
 };
 pub use ledger::{backdate_transfers, lock_transfers, lock_transfers_for, store_token};
 pub use probe::{get_json, get_json_as, get_text, succeeded, wait_http_ok};
-pub use redis::{exited_ok, redis_up, OwnRedis, SilentRelay};
+pub use redis::{exited_ok, redis_up, shared_redis_answers, OwnRedis, SilentRelay};
 pub use router::{
     chat_given_up, chat_request, docs_dir, read_answer, readyz, router_config, search_request,
     serve_router, wait_readyz, Funded, KillableRouter, RouterHandle, Stack, FUNDS, PRICE,
