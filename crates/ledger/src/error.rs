@@ -199,6 +199,11 @@ pub(crate) fn is_unique_violation(err: &sqlx::Error) -> bool {
     classify(err) == DbErrorClass::UniqueViolation
 }
 
+/// A CHECK constraint refused a row (`held_within_balance`, a token's bounds).
+pub(crate) fn is_check_violation(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(db) if db.kind() == sqlx::error::ErrorKind::CheckViolation)
+}
+
 /// The one place database errors become ledger errors.
 impl From<sqlx::Error> for LedgerError {
     fn from(err: sqlx::Error) -> Self {

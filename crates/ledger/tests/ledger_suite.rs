@@ -2154,6 +2154,57 @@ store_suite!(
 /// gets it. The ledger was built without TLS: such a URL stopped it at start ("SQLx was built
 /// without TLS support"), and every other connection carried the ledger's emails, stored answers
 /// and secret hashes in clear.
+/// A hold that fits only because a void of the same sender commits while it waits for the
+/// sender's row is placed. The statement decided the funds on the locked, fresh row, but Postgres
+/// checked `held_within_balance` on the version the statement started with (the voided hold's
+/// money still held), and the caller was answered `INTERNAL` (a model-based reviewer's finding,
+/// 2026-12-08). The void here is made by SQL and held open while the hold is asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_hold_that_fits_after_a_concurrent_void_is_placed() {
+    let Some(h) = Harness::new(true).await else {
+        return;
+    };
+    let (owner, _alice, token) = setup(&h, 10 * USD).await;
+    let mut router = h.client(&owner);
+    let first = granted(&mut router, 6 * USD, &token, "first").await;
+    let pool = h.store.pool();
+    let mut void = pool.begin().await.expect("begin");
+    for sql in [
+        format!(
+            "UPDATE transfers SET status = 'CANCELLED', resolved_by = 'RECIPIENT', \
+             resolved_at = created_at + 1, cancel_reason = 'voided by recipient' \
+             WHERE id = '{}'",
+            first.id
+        ),
+        format!(
+            "UPDATE accounts SET held = held - {} WHERE email = '{ALICE}'",
+            6 * USD
+        ),
+        format!("UPDATE tokens SET held = held - {} WHERE held > 0", 6 * USD),
+    ] {
+        sqlx::query(&sql).execute(&mut *void).await.expect(&sql);
+    }
+    let second = {
+        let mut router = router.clone();
+        let token = token.clone();
+        tokio::spawn(async move {
+            router
+                .authorize(authorize(ALICE, 6 * USD, &token, "second"))
+                .await
+        })
+    };
+    // The hold's statement starts, then waits for the rows the void holds.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    void.commit().await.expect("the void commits");
+    let placed = second
+        .await
+        .expect("task")
+        .expect("a hold that fits is placed");
+    assert_eq!(placed.into_inner().status(), pb::TransferStatus::Pending);
+    assert_eq!(h.balance(ALICE).await.held_micros, 6 * USD);
+    h.assert_consistent().await;
+}
+
 #[tokio::test]
 async fn postgres_over_tls_when_the_url_asks() {
     use sqlx::Connection;

@@ -25,7 +25,7 @@ use super::resolve_batch::resolve_batch;
 use super::{
     Actor, AnswerWrite, BudgetRefusal, HoldBudgets, Micros, TransferRow, TransferStatus, UsageInput,
 };
-use crate::error::{is_retryable, is_unique_violation};
+use crate::error::{is_check_violation, is_retryable, is_unique_violation};
 
 const MAX_BATCH: usize = 256;
 
@@ -305,6 +305,10 @@ async fn retried<J, R>(
     }
 }
 
+/// How often a batch of holds is run again for a constraint checked on a stale row version
+/// (`authorize_batch`): each run starts after the resolutions the last one waited for.
+const MAX_STALE_RERUNS: u32 = 8;
+
 async fn authorize_batch(
     pool: &AnyPool,
     auths: &[&AuthJob],
@@ -321,19 +325,33 @@ async fn authorize_batch(
         })
         .collect();
     let input = serde_json::Value::Array(input).to_string();
-    let rows = match sqlx::query(AUTHORIZE_BATCH)
-        .bind(&input)
-        .fetch_all(pool)
-        .await
-    {
-        // A key placed already (a replay): the batch again, skipping it, in one statement.
-        Err(e) if is_unique_violation(&e) => {
-            sqlx::query(AUTHORIZE_BATCH_SKIPPING)
-                .bind(&input)
-                .fetch_all(pool)
-                .await?
+    let mut stale = 0;
+    let rows = loop {
+        let rows = match sqlx::query(AUTHORIZE_BATCH)
+            .bind(&input)
+            .fetch_all(pool)
+            .await
+        {
+            // A key placed already (a replay): the batch again, skipping it, in one statement.
+            Err(e) if is_unique_violation(&e) => {
+                sqlx::query(AUTHORIZE_BATCH_SKIPPING)
+                    .bind(&input)
+                    .fetch_all(pool)
+                    .await
+            }
+            other => other,
+        };
+        match rows {
+            // A resolution of the same sender (or token) committed while the statement waited
+            // for its lock: the checks read the locked row, fresh, but Postgres checks the
+            // constraints of `held = t.held + x.amount` on the version the statement started
+            // with, before it finds the newer one and computes again. That first check can fail
+            // (a hold that fits only because of the resolution): nothing was written, and the
+            // statement run again starts after the resolution. It was `INTERNAL` to the caller
+            // (a model-based reviewer's finding, 2026-12-08).
+            Err(e) if is_check_violation(&e) && stale < MAX_STALE_RERUNS => stale += 1,
+            other => break other?,
         }
-        other => other?,
     };
     let mut results = vec![AuthResult::TokenRejected; auths.len()];
     for row in rows {

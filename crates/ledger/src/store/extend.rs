@@ -68,7 +68,10 @@ impl Store {
             .await?
             .filter(|t| t.recipient_id == recipient_id)
             .ok_or_else(|| LedgerError::NotFound(format!("transfer {transfer_id} not found")))?;
-        if updated == 1 {
+        // Extended, and still pending when read back: a capture or void that committed in
+        // between makes the answer its refusal, as the contract says for a resolved transfer
+        // (it was OK with the resolved transfer).
+        if updated == 1 && row.status == TransferStatus::Pending {
             return Ok(row);
         }
         // A direct transfer is the sender's to confirm: its recipient cannot keep it pending.
