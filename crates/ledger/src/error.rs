@@ -199,9 +199,8 @@ pub(crate) fn is_unique_violation(err: &sqlx::Error) -> bool {
     classify(err) == DbErrorClass::UniqueViolation
 }
 
-/// A CHECK constraint refused a row (`held_within_balance`, a token's bounds).
 pub(crate) fn is_check_violation(err: &sqlx::Error) -> bool {
-    matches!(err, sqlx::Error::Database(db) if db.kind() == sqlx::error::ErrorKind::CheckViolation)
+    classify(err) == DbErrorClass::CheckViolation
 }
 
 /// The one place database errors become ledger errors.
@@ -257,9 +256,9 @@ impl From<sqlx::Error> for LedgerError {
                     "{err} (a connection pooler in transaction mode? the ledger needs session \
                      pooling: docs/operations.md, \"Postgres settings\")"
                 )),
-                DbErrorClass::UniqueViolation | DbErrorClass::Other => {
-                    LedgerError::Internal(err.to_string())
-                }
+                DbErrorClass::UniqueViolation
+                | DbErrorClass::CheckViolation
+                | DbErrorClass::Other => LedgerError::Internal(err.to_string()),
             },
         }
     }

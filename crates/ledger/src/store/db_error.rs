@@ -47,6 +47,10 @@ const SQLITE_REFUSED: [i32; 5] = [7, 8, 10, 13, 14];
 pub(crate) enum DbErrorClass {
     /// A unique index refused the row: an idempotency key or an email already taken.
     UniqueViolation,
+    /// A CHECK constraint refused the row (`held_within_balance`, a token's bounds): a bug, or a
+    /// statement that checked a row version older than the one it then updates (the hold batch,
+    /// `batch.rs`, which runs again).
+    CheckViolation,
     /// Lost a race that repeating the same statements can win (serialization failure, deadlock,
     /// a busy or locked SQLite database).
     Transient,
@@ -78,8 +82,10 @@ pub(crate) fn classify(err: &sqlx::Error) -> DbErrorClass {
     let sqlx::Error::Database(db) = err else {
         return DbErrorClass::Other;
     };
-    if db.kind() == ErrorKind::UniqueViolation {
-        return DbErrorClass::UniqueViolation;
+    match db.kind() {
+        ErrorKind::UniqueViolation => return DbErrorClass::UniqueViolation,
+        ErrorKind::CheckViolation => return DbErrorClass::CheckViolation,
+        _ => {}
     }
     if is_transient(db.as_ref()) {
         return DbErrorClass::Transient;
